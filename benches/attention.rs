@@ -1,0 +1,186 @@
+//! Attention: our flash kernel against the materialised reference, causal bf16 at
+//! B=8 H=16 S=2048 D=128 and B=16 H=32 S=1024 D=64 (DESIGN.md §4 has PyTorch's figures for
+//! the same shapes; scripts/bench_peers.py measures them on the same machine).
+//!
+//! FLOPs (DESIGN.md §4): forward 4·B·H·S²·D, halved under the causal mask; forward+backward
+//! 3.5x that. Times are medians of CUDA-event timings after warm-up. The backward is driven
+//! as `(y * dy).sum_all().backward()` with a fixed random dy, so fwd+bwd includes one
+//! elementwise product and one reduction over y, the same for every implementation.
+//! Every line is also printed as JSON (`{"bench":"attention",...}`) for scripts/bench-all.sh.
+//!
+//! Run: `cargo bench --features cuda --bench attention` (or the packed binary from
+//! scripts/gpu-build.sh). Without feature `cuda` (or a device) it times the reference on a
+//! tiny CPU shape.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use temper::kernels::attention::{attention_reference, AttnMask};
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs[xs.len() / 2]
+}
+
+fn main() -> candle_core::Result<()> {
+    #[cfg(feature = "cuda")]
+    if temper::kernels::cuda::cuda_available() {
+        return cuda::run();
+    }
+    if cfg!(feature = "cuda") {
+        println!("attention bench: no CUDA device found; timing the reference on the CPU only");
+    } else {
+        println!(
+            "attention bench: our kernel needs `--features cuda` (and a GPU); timing the \
+             reference on a tiny CPU shape"
+        );
+    }
+    let dev = Device::Cpu;
+    let (b, h, s, d) = (1, 2, 128, 32);
+    let q = Tensor::randn(0f32, 1.0, (b, h, s, d), &dev)?;
+    let k = Tensor::randn(0f32, 1.0, (b, h, s, d), &dev)?;
+    let v = Tensor::randn(0f32, 1.0, (b, h, s, d), &dev)?;
+    let mask = AttnMask {
+        causal_offset: Some(0),
+        key_valid: None,
+    };
+    let scale = 1.0 / (d as f64).sqrt();
+    attention_reference(&q, &k, &v, &mask, scale)?;
+    let mut times = Vec::new();
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        attention_reference(&q, &k, &v, &mask, scale)?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    let t = median(times);
+    let flops = 4.0 * (b * h * s * s * d) as f64 / 2.0;
+    println!(
+        "reference (CPU, f32) B={b} H={h} S={s} D={d} causal: {:.3} ms, {:.2} GFLOP/s",
+        t * 1e3,
+        flops / t / 1e9
+    );
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{DType, Var};
+    use temper::kernels::cuda::attention::{attention_with, AttnImpl};
+
+    /// Median milliseconds of `f` between CUDA events on candle's stream.
+    fn time_ms(
+        dev: &Device,
+        reps: usize,
+        mut f: impl FnMut() -> candle_core::Result<()>,
+    ) -> candle_core::Result<f64> {
+        let cdev = dev.as_cuda_device()?;
+        let stream = cdev.cuda_stream();
+        let ctx = stream.context().clone();
+        for _ in 0..2 {
+            f()?; // warm-up: module load, JIT, allocator pools
+        }
+        dev.synchronize()?;
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
+            let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
+            start.record(&stream).w()?;
+            f()?;
+            end.record(&stream).w()?;
+            end.synchronize().w()?;
+            times.push(start.elapsed_ms(&end).w()? as f64);
+        }
+        Ok(median(times))
+    }
+
+    #[derive(Clone, Copy)]
+    enum Which {
+        Ours(AttnImpl),
+        Reference,
+    }
+
+    impl Which {
+        fn name(&self) -> &'static str {
+            match self {
+                Which::Ours(AttnImpl::Mma) => "ours-mma",
+                Which::Ours(AttnImpl::Simple) => "ours-simple",
+                Which::Ours(AttnImpl::Auto) => "ours",
+                Which::Reference => "reference",
+            }
+        }
+
+        fn run(
+            &self,
+            q: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+            scale: f64,
+        ) -> candle_core::Result<Tensor> {
+            let mask = AttnMask {
+                causal_offset: Some(0),
+                key_valid: None,
+            };
+            match self {
+                Which::Ours(imp) => attention_with(q, k, v, &mask, scale, *imp)?
+                    .ok_or_else(|| candle_core::Error::Msg("no kernel for this shape".into())),
+                Which::Reference => attention_reference(q, k, v, &mask, scale),
+            }
+        }
+    }
+
+    fn report(shape: &str, which: &str, pass: &str, ms: f64, flops: f64) {
+        let tflops = flops / (ms * 1e-3) / 1e12;
+        println!("{shape:<24} {which:<12} {pass:<8} {ms:>10.3} ms {tflops:>8.1} TFLOP/s");
+        println!(
+            "{{\"bench\":\"attention\",\"shape\":\"{shape}\",\"impl\":\"{which}\",\"pass\":\"{pass}\",\"ms\":{ms:.4},\"tflops\":{tflops:.2}}}"
+        );
+    }
+
+    pub fn run() -> candle_core::Result<()> {
+        let dev = Device::new_cuda(0)?;
+        println!(
+            "attention, causal bf16 (medians of CUDA-event timings; peers: DESIGN.md §4 / \
+             scripts/bench_peers.py)"
+        );
+        for (b, h, s, d) in [(8usize, 16usize, 2048usize, 128usize), (16, 32, 1024, 64)] {
+            let shape = format!("B{b} H{h} S{s} D{d}");
+            let fwd_flops = 4.0 * (b * h * s * s * d) as f64 / 2.0;
+            let scale = 1.0 / (d as f64).sqrt();
+            let mk = |seed: f64| -> candle_core::Result<Tensor> {
+                // Fresh random data (never zeros: they can run faster than real inputs).
+                (Tensor::randn(0f32, 1.0, (b, h, s, d), &dev)? + seed)?.to_dtype(DType::BF16)
+            };
+            let (q, k, v) = (mk(0.0)?, mk(0.01)?, mk(-0.01)?);
+            let dy = mk(0.0)?;
+            let variants = [
+                Which::Ours(AttnImpl::Mma),
+                Which::Ours(AttnImpl::Simple),
+                Which::Reference,
+            ];
+            for which in variants {
+                // The CUDA-core and materialised versions are far slower: fewer repeats.
+                let reps = if matches!(which, Which::Ours(AttnImpl::Mma)) {
+                    20
+                } else {
+                    3
+                };
+                let fwd = time_ms(&dev, reps, || which.run(&q, &k, &v, scale).map(|_| ()))?;
+                report(&shape, which.name(), "fwd", fwd, fwd_flops);
+                let (qv, kv, vv) = (
+                    Var::from_tensor(&q)?,
+                    Var::from_tensor(&k)?,
+                    Var::from_tensor(&v)?,
+                );
+                let both = time_ms(&dev, reps, || {
+                    let y = which.run(&qv, &kv, &vv, scale)?;
+                    (y * &dy)?.sum_all()?.backward().map(|_| ())
+                })?;
+                report(&shape, which.name(), "fwd+bwd", both, 3.5 * fwd_flops);
+            }
+        }
+        Ok(())
+    }
+}

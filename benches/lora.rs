@@ -1,0 +1,201 @@
+//! LoRA linear layer: our fused op and the unfused reference, each as a multiple of the plain
+//! GEMM `x W^T` of the same shape, at r=16 M=8192 K=N=4096 and r=8 M=4096 K=N=768 (bf16).
+//!
+//! fwd: `y` only. fwd+bwd: `(y * dy).sum_all().backward()` with W frozen, so the plain GEMM's
+//! backward is one product (dx) and the LoRA ones add dA and dB; the elementwise product and
+//! the reduction that drive the backward are the same for every variant. Times are medians of
+//! CUDA-event timings after warm-up; PyTorch's ratios for the same shapes are in DESIGN.md §4
+//! and come from scripts/bench_peers.py. Every line is also printed as JSON
+//! (`{"bench":"lora",...}`) for scripts/bench-all.sh.
+//!
+//! Run: `cargo bench --features cuda --bench lora`. Without feature `cuda` (or a device) it
+//! times the reference on a tiny CPU shape.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use temper::kernels::lora::{linear, lora_linear_reference, LoraArgs};
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs[xs.len() / 2]
+}
+
+fn main() -> candle_core::Result<()> {
+    #[cfg(feature = "cuda")]
+    if temper::kernels::cuda::cuda_available() {
+        return cuda::run();
+    }
+    if cfg!(feature = "cuda") {
+        println!("lora bench: no CUDA device found; timing the reference on the CPU only");
+    } else {
+        println!(
+            "lora bench: the fused kernel needs `--features cuda` (and a GPU); timing the \
+             reference on a tiny CPU shape"
+        );
+    }
+    let dev = Device::Cpu;
+    let (m, k, n, r) = (256, 128, 128, 8);
+    let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+    let w = Tensor::randn(0f32, 0.1, (n, k), &dev)?;
+    let a = Tensor::randn(0f32, 0.1, (r, k), &dev)?;
+    let b = Tensor::randn(0f32, 0.1, (n, r), &dev)?;
+    let args = LoraArgs {
+        w: &w,
+        bias: None,
+        a: &a,
+        b: &b,
+        scale: 2.0,
+    };
+    let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> candle_core::Result<f64> {
+        f()?;
+        let mut times = Vec::new();
+        for _ in 0..20 {
+            let t0 = Instant::now();
+            f()?;
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        Ok(median(times))
+    };
+    let plain = time(&|| linear(&x, &w, None))?;
+    let refr = time(&|| lora_linear_reference(&x, &x, &args))?;
+    println!(
+        "CPU f32 r={r} M={m} K={k} N={n}: plain GEMM {:.3} ms, reference LoRA {:.3} ms ({:.2}x)",
+        plain * 1e3,
+        refr * 1e3,
+        refr / plain
+    );
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{DType, Var};
+    use temper::kernels::cuda::lora::{lora_linear_with, DyPath};
+
+    fn time_ms(
+        dev: &Device,
+        reps: usize,
+        mut f: impl FnMut() -> candle_core::Result<()>,
+    ) -> candle_core::Result<f64> {
+        let cdev = dev.as_cuda_device()?;
+        let stream = cdev.cuda_stream();
+        let ctx = stream.context().clone();
+        for _ in 0..3 {
+            f()?; // warm-up: module load, cuBLAS heuristics, allocator pools
+        }
+        dev.synchronize()?;
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
+            let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
+            start.record(&stream).w()?;
+            f()?;
+            end.record(&stream).w()?;
+            end.synchronize().w()?;
+            times.push(start.elapsed_ms(&end).w()? as f64);
+        }
+        Ok(median(times))
+    }
+
+    #[derive(Clone, Copy)]
+    enum Which {
+        Plain,
+        Fused(DyPath),
+        Reference,
+    }
+
+    impl Which {
+        fn name(&self) -> &'static str {
+            match self {
+                Which::Plain => "plain",
+                Which::Fused(DyPath::Auto) => "fused",
+                Which::Fused(DyPath::Fused) => "fused-dy-once",
+                Which::Fused(DyPath::Cublas) => "fused-dy-cublas",
+                Which::Reference => "reference",
+            }
+        }
+
+        fn run(&self, x: &Tensor, args: &LoraArgs) -> candle_core::Result<Tensor> {
+            match self {
+                Which::Plain => linear(x, args.w, None),
+                Which::Fused(path) => lora_linear_with(x, args, *path)?
+                    .ok_or_else(|| candle_core::Error::Msg("no fused kernel here".into())),
+                Which::Reference => lora_linear_reference(x, x, args),
+            }
+        }
+    }
+
+    pub fn run() -> candle_core::Result<()> {
+        let dev = Device::new_cuda(0)?;
+        println!("lora, bf16, time over the plain GEMM x W^T (medians of CUDA-event timings)");
+        println!(
+            "{:<26} {:<16} {:>10} {:>7} {:>12} {:>7}",
+            "shape", "impl", "fwd ms", "x", "fwd+bwd ms", "x"
+        );
+        for (r, m, k, n) in [
+            (16usize, 8192usize, 4096usize, 4096usize),
+            (8, 4096, 768, 768),
+        ] {
+            let shape = format!("r{r} M{m} K{k} N{n}");
+            let rnd = |dims: (usize, usize), std: f64| -> candle_core::Result<Tensor> {
+                Tensor::randn(0f32, std as f32, dims, &dev)?.to_dtype(DType::BF16)
+            };
+            let x = rnd((m, k), 1.0)?;
+            let w = rnd((n, k), 1.0 / (k as f64).sqrt())?;
+            let a = rnd((r, k), 1.0 / (k as f64).sqrt())?;
+            let b = rnd((n, r), 0.1)?;
+            let dy = rnd((m, n), 1.0)?;
+            let (xv, av, bv) = (
+                Var::from_tensor(&x)?,
+                Var::from_tensor(&a)?,
+                Var::from_tensor(&b)?,
+            );
+            let mut base = (0.0, 0.0);
+            let variants = [
+                Which::Plain,
+                Which::Fused(DyPath::Auto),
+                Which::Fused(DyPath::Fused),
+                Which::Fused(DyPath::Cublas),
+                Which::Reference,
+            ];
+            for which in variants {
+                let args = LoraArgs {
+                    w: &w,
+                    bias: None,
+                    a: &a,
+                    b: &b,
+                    scale: 2.0,
+                };
+                let fwd = time_ms(&dev, 20, || which.run(&x, &args).map(|_| ()))?;
+                let args_v = LoraArgs {
+                    w: &w,
+                    bias: None,
+                    a: &av,
+                    b: &bv,
+                    scale: 2.0,
+                };
+                let both = time_ms(&dev, 20, || {
+                    let y = which.run(&xv, &args_v)?;
+                    (y * &dy)?.sum_all()?.backward().map(|_| ())
+                })?;
+                if matches!(which, Which::Plain) {
+                    base = (fwd, both);
+                }
+                let (rf, rb) = (fwd / base.0, both / base.1);
+                println!(
+                    "{shape:<26} {:<16} {fwd:>10.3} {rf:>6.2}x {both:>12.3} {rb:>6.2}x",
+                    which.name()
+                );
+                println!(
+                    "{{\"bench\":\"lora\",\"shape\":\"{shape}\",\"impl\":\"{}\",\"fwd_ms\":{fwd:.4},\"fwd_bwd_ms\":{both:.4},\"fwd_x\":{rf:.3},\"fwd_bwd_x\":{rb:.3}}}",
+                    which.name()
+                );
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,118 @@
+//! One pretraining step (forward, backward, AdamW) with our kernels against the same step
+//! with the reference implementations, in one run. On CUDA it uses the GPT-2-small shape
+//! (12 layers, 768 wide, context 1024, batch 16, bf16 compute, f32 master weights); on a CPU
+//! a tiny shape, so the harness itself stays checked.
+//!
+//! `cargo bench --bench train_step [-- --steps N --batch B --seq T]`
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use temper::config::{ModelConfig, TrainConfig};
+use temper::kernels::KernelSet;
+use temper::model::linear::Ctx;
+use temper::model::{Fwd, Transformer};
+use temper::train::loss::{cross_entropy, scalar};
+use temper::train::optimizer::AdamW;
+use temper::train::params::ParamStore;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Median step time in seconds and the losses of every step.
+fn run(
+    dev: &Device,
+    cfg: &ModelConfig,
+    kernels: KernelSet,
+    dtype: DType,
+    b: usize,
+    t: usize,
+    steps: usize,
+) -> Result<(f64, Vec<f64>)> {
+    let mut store = ParamStore::new(dev.clone(), 7);
+    let net = Transformer::new(&mut store, "model", cfg, None)?;
+    let tc = TrainConfig::default();
+    let mut opt = AdamW::new(&store, &|_| true, &tc)?;
+    let ctx = Ctx {
+        dtype,
+        kernels,
+        use_lora: false,
+        dropout_seed: None,
+    };
+    let data: Vec<u32> = (0..b * (t + 1))
+        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32)
+        .collect();
+    let all = Tensor::from_vec(data, (b, t + 1), dev)?;
+    let x = all.narrow(1, 0, t)?.contiguous()?;
+    let y = all.narrow(1, 1, t)?.contiguous()?;
+    let mask = Tensor::ones((b, t), DType::F32, dev)?;
+    let mut times = vec![];
+    let mut losses = vec![];
+    for i in 0..steps + 2 {
+        let t0 = Instant::now();
+        let f = Fwd {
+            ctx,
+            positions: None,
+            key_valid: None,
+        };
+        let loss = cross_entropy(&net.forward(&x, &f, None)?, &y, &mask)?;
+        let mut grads = opt.collect(&loss.backward()?)?;
+        AdamW::clip(&mut grads, 1.0)?;
+        opt.step(&grads, 3e-4)?;
+        losses.push(scalar(&loss)?); // forces a device sync
+        if i >= 2 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], losses))
+}
+
+fn main() -> Result<()> {
+    let (dev, mut cfg, dtype, b, t) = match Device::new_cuda(0) {
+        Ok(d) => (d, ModelConfig::preset("gpt2")?, DType::BF16, 16, 1024),
+        Err(_) => {
+            println!("train_step: no CUDA device; timing the tiny shape on the CPU (the GPU comparison needs --features cuda and a GPU)");
+            (Device::Cpu, ModelConfig::preset("tiny")?, DType::F32, 8, 64)
+        }
+    };
+    let b = arg("--batch", b);
+    let t = arg("--seq", t);
+    let steps = arg("--steps", 5);
+    cfg.max_position_embeddings = cfg.max_position_embeddings.max(t);
+    let tokens = (b * t) as f64;
+    let (ours, l_ours) = run(&dev, &cfg, KernelSet::default(), dtype, b, t, steps)?;
+    let (refr, l_ref) = run(&dev, &cfg, KernelSet::reference(), dtype, b, t, steps)?;
+    let max_dev = l_ours
+        .iter()
+        .zip(&l_ref)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    println!(
+        "shape: layers {} hidden {} batch {b} seq {t} dtype {dtype:?}",
+        cfg.num_hidden_layers, cfg.hidden_size
+    );
+    println!(
+        "ours      {:>9.1} ms/step {:>10.0} tokens/s",
+        ours * 1e3,
+        tokens / ours
+    );
+    println!(
+        "reference {:>9.1} ms/step {:>10.0} tokens/s",
+        refr * 1e3,
+        tokens / refr
+    );
+    println!(
+        "speed-up {:.2}x; largest loss difference over {} steps {max_dev:.2e}",
+        refr / ours,
+        l_ours.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,275 @@
+// RMSNorm forward and backward over the last dimension of a row-major [rows, cols] tensor.
+//
+//   forward:  r = 1 / sqrt(mean_j x_j^2 + eps)          (saved per row, f32)
+//             y_j = (x_j * r) * w_j
+//   backward: dx_j = r * dy_j * w_j - x_j * r^3 / cols * sum_k dy_k * w_k * x_k
+//             dw_j = sum_rows dy_j * (x_j * r)
+//
+// Arithmetic is f32 for every storage dtype (f32, bf16, f16), in the same order as the
+// reference composite (`src/kernels/rmsnorm.rs`) so the two differ only by summation order.
+//
+// Work split. Forward: one block per row. Backward: a grid of G blocks (a few per SM), block b
+// taking rows b, b+G, ...; each block keeps its share of dw in registers across its rows and
+// writes one f32 partial row, `dw_partial[b, :]`; a second small kernel sums the G partials
+// into dw. This keeps the cross-row reduction free of atomics (deterministic) and reads dy and
+// x exactly once.
+//
+// Template choices, picked on the Rust side (src/kernels/cuda/rmsnorm.rs) per call:
+// - V: elements per access, 1 or 16 bytes' worth (4 f32, 8 bf16/f16) when the row length and
+//   every base offset keep 16-byte alignment;
+// - K: accesses per thread kept in registers, so a row is read from memory once (K*V <= 16
+//   values per thread, up to 512 threads: rows up to 8192 wide). K = 0 is the generic path for
+//   wider rows: the row is read twice (second read mostly from L2) and the backward keeps dw in
+//   its (block-private) partial row instead of registers.
+// Names: rmsnorm_{fwd,bwd}_{f32,bf16,f16}_v{V}_k{K}, rmsnorm_dw_reduce_{f32,bf16,f16}.
+
+#include "common.cuh"
+
+using namespace temper;
+
+namespace {
+
+constexpr int kMaxThreads = 512;
+
+// Loads V consecutive values of chunk `c` (element offset c*V) into f32 registers.
+template <typename T, int V>
+__device__ __forceinline__ void load_chunk(const T *row, int c, float (&out)[V]) {
+  if constexpr (V == 1) {
+    out[0] = to_f32(row[c]);
+  } else {
+    static_assert(V == Vec16<T>::N, "vector width is 16 bytes");
+    const Vec16<T> p = reinterpret_cast<const Vec16<T> *>(row)[c];
+#pragma unroll
+    for (int i = 0; i < V; ++i) out[i] = to_f32(p.v[i]);
+  }
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_chunk(T *row, int c, const float (&in)[V]) {
+  if constexpr (V == 1) {
+    row[c] = from_f32<T>(in[0]);
+  } else {
+    Vec16<T> p;
+#pragma unroll
+    for (int i = 0; i < V; ++i) p.v[i] = from_f32<T>(in[i]);
+    reinterpret_cast<Vec16<T> *>(row)[c] = p;
+  }
+}
+
+template <typename T, int V, int K>
+__device__ __forceinline__ void fwd_body(const T *__restrict__ x, const T *__restrict__ w,
+                                         T *__restrict__ y, float *__restrict__ rstd, int cols,
+                                         float eps) {
+  __shared__ float scratch[32];
+  const int row = blockIdx.x;
+  const int nchunks = cols / V;
+  const T *xr = x + (size_t)row * cols;
+  T *yr = y + (size_t)row * cols;
+  float ss = 0.f;
+  if constexpr (K > 0) {
+    float xv[K][V];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int c = threadIdx.x + k * blockDim.x;
+      if (c < nchunks) {
+        load_chunk<T, V>(xr, c, xv[k]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) xv[k][i] = 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < V; ++i) ss += xv[k][i] * xv[k][i];
+    }
+    const float r = 1.f / sqrtf(block_sum(ss, scratch) / (float)cols + eps);
+    if (threadIdx.x == 0) rstd[row] = r;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int c = threadIdx.x + k * blockDim.x;
+      if (c < nchunks) {
+        float wv[V], out[V];
+        load_chunk<T, V>(w, c, wv);
+#pragma unroll
+        for (int i = 0; i < V; ++i) out[i] = (xv[k][i] * r) * wv[i];
+        store_chunk<T, V>(yr, c, out);
+      }
+    }
+  } else {
+    for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
+      float xv[V];
+      load_chunk<T, V>(xr, c, xv);
+#pragma unroll
+      for (int i = 0; i < V; ++i) ss += xv[i] * xv[i];
+    }
+    const float r = 1.f / sqrtf(block_sum(ss, scratch) / (float)cols + eps);
+    if (threadIdx.x == 0) rstd[row] = r;
+    for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
+      float xv[V], wv[V], out[V];
+      load_chunk<T, V>(xr, c, xv);
+      load_chunk<T, V>(w, c, wv);
+#pragma unroll
+      for (int i = 0; i < V; ++i) out[i] = (xv[i] * r) * wv[i];
+      store_chunk<T, V>(yr, c, out);
+    }
+  }
+}
+
+template <typename T, int V, int K>
+__device__ __forceinline__ void bwd_body(const T *__restrict__ x, const T *__restrict__ w,
+                                         const T *__restrict__ dy,
+                                         const float *__restrict__ rstd, T *__restrict__ dx,
+                                         float *__restrict__ dw_partial, int rows, int cols) {
+  __shared__ float scratch[32];
+  const int nchunks = cols / V;
+  const float inv_cols = 1.f / (float)cols;
+  float *part = dw_partial + (size_t)blockIdx.x * cols;
+  if constexpr (K > 0) {
+    float wv[K][V], acc[K][V];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int c = threadIdx.x + k * blockDim.x;
+      if (c < nchunks) {
+        load_chunk<T, V>(w, c, wv[k]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) wv[k][i] = 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[k][i] = 0.f;
+    }
+    for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+      const T *xr = x + (size_t)row * cols;
+      const T *dyr = dy + (size_t)row * cols;
+      T *dxr = dx + (size_t)row * cols;
+      float xv[K][V], gv[K][V];
+      float dot = 0.f;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int c = threadIdx.x + k * blockDim.x;
+        if (c < nchunks) {
+          load_chunk<T, V>(xr, c, xv[k]);
+          load_chunk<T, V>(dyr, c, gv[k]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < V; ++i) xv[k][i] = gv[k][i] = 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < V; ++i) dot += gv[k][i] * wv[k][i] * xv[k][i];
+      }
+      dot = block_sum(dot, scratch);
+      const float r = rstd[row];
+      const float coef = r * r * r * dot * inv_cols;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int c = threadIdx.x + k * blockDim.x;
+        if (c < nchunks) {
+          float out[V];
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            out[i] = r * gv[k][i] * wv[k][i] - coef * xv[k][i];
+            acc[k][i] += gv[k][i] * (xv[k][i] * r);
+          }
+          store_chunk<T, V>(dxr, c, out);
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int c = threadIdx.x + k * blockDim.x;
+      if (c < nchunks) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) part[c * V + i] = acc[k][i];
+      }
+    }
+  } else {
+    // Each thread owns the same columns of `part` for every row, so the read-modify-write
+    // below needs no synchronisation.
+    for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) part[c * V + i] = 0.f;
+    }
+    for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+      const T *xr = x + (size_t)row * cols;
+      const T *dyr = dy + (size_t)row * cols;
+      T *dxr = dx + (size_t)row * cols;
+      float dot = 0.f;
+      for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
+        float xv[V], gv[V], wv[V];
+        load_chunk<T, V>(xr, c, xv);
+        load_chunk<T, V>(dyr, c, gv);
+        load_chunk<T, V>(w, c, wv);
+#pragma unroll
+        for (int i = 0; i < V; ++i) dot += gv[i] * wv[i] * xv[i];
+      }
+      dot = block_sum(dot, scratch);
+      const float r = rstd[row];
+      const float coef = r * r * r * dot * inv_cols;
+      for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
+        float xv[V], gv[V], wv[V], out[V];
+        load_chunk<T, V>(xr, c, xv);
+        load_chunk<T, V>(dyr, c, gv);
+        load_chunk<T, V>(w, c, wv);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          out[i] = r * gv[i] * wv[i] - coef * xv[i];
+          part[c * V + i] += gv[i] * (xv[i] * r);
+        }
+        store_chunk<T, V>(dxr, c, out);
+      }
+    }
+  }
+}
+
+// dw[j] = sum_g partial[g, j]: one thread per column, coalesced across the warp.
+template <typename T>
+__device__ __forceinline__ void dw_reduce_body(const float *__restrict__ partial,
+                                               T *__restrict__ dw, int groups, int cols) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= cols) return;
+  float s = 0.f;
+  for (int g = 0; g < groups; ++g) s += partial[(size_t)g * cols + j];
+  dw[j] = from_f32<T>(s);
+}
+
+}  // namespace
+
+#define RMS_INST(T, NAME, V, K)                                                              \
+  extern "C" __global__ void __launch_bounds__(kMaxThreads)                                  \
+      rmsnorm_fwd_##NAME##_v##V##_k##K(const T *x, const T *w, T *y, float *rstd, int rows,  \
+                                       int cols, float eps) {                                \
+    (void)rows;                                                                              \
+    fwd_body<T, V, K>(x, w, y, rstd, cols, eps);                                             \
+  }                                                                                          \
+  extern "C" __global__ void __launch_bounds__(kMaxThreads)                                  \
+      rmsnorm_bwd_##NAME##_v##V##_k##K(const T *x, const T *w, const T *dy,                  \
+                                       const float *rstd, T *dx, float *dw_partial, int rows, \
+                                       int cols) {                                           \
+    bwd_body<T, V, K>(x, w, dy, rstd, dx, dw_partial, rows, cols);                           \
+  }
+
+#define RMS_SCALAR(T, NAME) \
+  RMS_INST(T, NAME, 1, 0)   \
+  RMS_INST(T, NAME, 1, 1)   \
+  RMS_INST(T, NAME, 1, 2)   \
+  RMS_INST(T, NAME, 1, 4)   \
+  RMS_INST(T, NAME, 1, 8)   \
+  RMS_INST(T, NAME, 1, 16)  \
+  extern "C" __global__ void rmsnorm_dw_reduce_##NAME(const float *partial, T *dw, int groups, \
+                                                      int cols) {                              \
+    dw_reduce_body<T>(partial, dw, groups, cols);                                              \
+  }
+
+RMS_SCALAR(float, f32)
+RMS_SCALAR(__nv_bfloat16, bf16)
+RMS_SCALAR(__half, f16)
+
+// 16-byte variants: K * V <= 16 values per thread.
+RMS_INST(float, f32, 4, 0)
+RMS_INST(float, f32, 4, 1)
+RMS_INST(float, f32, 4, 2)
+RMS_INST(float, f32, 4, 4)
+RMS_INST(__nv_bfloat16, bf16, 8, 0)
+RMS_INST(__nv_bfloat16, bf16, 8, 1)
+RMS_INST(__nv_bfloat16, bf16, 8, 2)
+RMS_INST(__half, f16, 8, 0)
+RMS_INST(__half, f16, 8, 1)
+RMS_INST(__half, f16, 8, 2)

@@ -1,0 +1,313 @@
+//! The command line: one subcommand per stage plus generate, eval, export, tokenizer and
+//! pipeline. Every hyperparameter comes from the stage defaults, then `--config FILE`, then
+//! the flags below.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::ModelConfig;
+use crate::model::LoraConfig;
+use crate::stages::RunConfig;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "temper",
+    version,
+    about = "Pretrain, fine-tune (LoRA), reward-model and align (PPO, DPO, GRPO) a GPT-style model"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Next-token pretraining on a text corpus (or the built-in task).
+    Pretrain(StageArgs),
+    /// Supervised fine-tuning on prompt/response or chat data, full or LoRA.
+    Sft(StageArgs),
+    /// Train a reward model on preference pairs (Bradley-Terry).
+    Reward(StageArgs),
+    /// RLHF with PPO against reward models or the task's checker.
+    Ppo(StageArgs),
+    /// Direct preference optimisation against a frozen reference.
+    Dpo(StageArgs),
+    /// Group relative policy optimisation.
+    Grpo(StageArgs),
+    /// pretrain -> sft -> reward -> ppo (and optionally dpo, grpo) on the built-in task.
+    Pipeline(PipelineArgs),
+    /// Sample from a checkpoint.
+    Generate(GenerateArgs),
+    /// Task accuracy of a checkpoint on held-out prompts.
+    Eval(EvalArgs),
+    /// Write a checkpoint with its LoRA adapters merged into the base weights.
+    Export(ExportArgs),
+    /// Tokenizer tools.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCmd),
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct StageArgs {
+    /// TOML file with [model], [train], [lora], [data], [sft], [reward], [ppo], [dpo], [grpo].
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Run directory (config.toml, metrics.jsonl, checkpoints/, final/).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue the run in DIR from its latest checkpoint.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+    /// Checkpoint or run directory to start from (not for pretrain).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Data file or directory; the built-in task when absent.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Held-out data file.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// A tokenizer.json (pretrain only; later stages use their checkpoint's).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// cpu, cuda or auto.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// auto, f32 or bf16.
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// e.g. attention=flash,lora=fused,gae=cuda or all=reference.
+    #[arg(long)]
+    pub kernels: Option<String>,
+    /// Model preset: tiny, small, llama-tiny, gpt2 (pretrain only).
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long)]
+    pub steps: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    #[arg(long)]
+    pub log_every: Option<usize>,
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// q,k,v,o,gate,up,down (or GPT-2's c_attn,c_proj,c_fc).
+    #[arg(long)]
+    pub lora_targets: Option<String>,
+    /// PPO/GRPO reward: `task` (the checker) or `PATH[:WEIGHT]` of a reward model; repeatable.
+    #[arg(long = "reward")]
+    pub rewards: Vec<String>,
+    /// KL coefficient (PPO's beta, DPO's beta, GRPO's beta).
+    #[arg(long)]
+    pub beta: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+pub struct PipelineArgs {
+    #[arg(long, default_value = "runs/pipeline")]
+    pub out: PathBuf,
+    /// Extra stages after SFT: dpo, grpo.
+    #[arg(long, value_delimiter = ',')]
+    pub with: Vec<String>,
+    #[arg(long)]
+    pub device: Option<String>,
+    #[arg(long)]
+    pub kernels: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Scale every stage's step count (0.25 for a quick smoke run).
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// TOML with per-stage tables: [pretrain.train], [sft.lora], [ppo.ppo], ...
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    /// JSONL file of {"prompt": ...} records.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long)]
+    pub stop: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value = "")]
+    pub kernels: String,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// JSONL of {"prompt", "answer"}; the built-in task's held-out prompts when absent.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value_t = 0)]
+    pub task_seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Merge LoRA adapters into the base weights (the only export format so far).
+    #[arg(long, default_value_t = true)]
+    pub merge: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenizerCmd {
+    /// Train a byte-level BPE tokenizer on text files.
+    Train {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long, default_value_t = 4096)]
+        vocab_size: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+impl StageArgs {
+    /// Stage defaults, then the config file (or the resumed run's config.toml), then flags.
+    pub fn resolve(&self, stage: &str) -> Result<(RunConfig, PathBuf, bool)> {
+        let (file, out, resume) = match &self.resume {
+            Some(dir) => {
+                let saved = dir.join("config.toml");
+                if !saved.exists() {
+                    bail!(
+                        "--resume {}: no config.toml there (not a run directory)",
+                        dir.display()
+                    );
+                }
+                (
+                    Some(self.config.clone().unwrap_or(saved)),
+                    dir.clone(),
+                    true,
+                )
+            }
+            None => (
+                self.config.clone(),
+                self.out
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(format!("runs/{stage}"))),
+                false,
+            ),
+        };
+        let mut cfg = RunConfig::load(stage, file.as_deref())?;
+        self.apply(&mut cfg)?;
+        Ok((cfg, out, resume))
+    }
+
+    pub fn apply(&self, cfg: &mut RunConfig) -> Result<()> {
+        if let Some(p) = &self.model {
+            cfg.model = ModelConfig::preset(p)?;
+        }
+        macro_rules! set {
+            ($src:expr, $dst:expr) => {
+                if let Some(v) = $src.clone() {
+                    $dst = v;
+                }
+            };
+        }
+        set!(self.device, cfg.device);
+        set!(self.kernels, cfg.kernels);
+        set!(self.steps, cfg.train.steps);
+        set!(self.seed, cfg.train.seed);
+        set!(self.batch_size, cfg.train.batch_size);
+        set!(self.grad_accum, cfg.train.grad_accum);
+        set!(self.seq_len, cfg.train.seq_len);
+        set!(self.lr, cfg.train.lr);
+        set!(self.eval_every, cfg.train.eval_every);
+        set!(self.checkpoint_every, cfg.train.checkpoint_every);
+        set!(self.log_every, cfg.train.log_every);
+        set!(self.lora_rank, cfg.lora.rank);
+        set!(self.lora_alpha, cfg.lora.alpha);
+        set!(self.lora_dropout, cfg.lora.dropout);
+        if let Some(d) = &self.dtype {
+            cfg.train.dtype = match d.as_str() {
+                "auto" => crate::config::DTypeChoice::Auto,
+                "f32" => crate::config::DTypeChoice::F32,
+                "bf16" => crate::config::DTypeChoice::Bf16,
+                o => bail!("--dtype: unknown dtype `{o}` (auto, f32, bf16)"),
+            };
+        }
+        if let Some(t) = &self.lora_targets {
+            cfg.lora.targets = LoraConfig::parse_targets(t)?;
+        }
+        if self.data.is_some() {
+            cfg.data.path = self.data.clone();
+        }
+        if self.eval_data.is_some() {
+            cfg.data.eval_path = self.eval_data.clone();
+        }
+        if self.tokenizer.is_some() {
+            cfg.data.tokenizer = self.tokenizer.clone();
+        }
+        if self.init.is_some() {
+            cfg.init = self.init.clone();
+        }
+        if !self.rewards.is_empty() {
+            cfg.ppo.rewards = self.rewards.clone();
+            cfg.grpo.rewards = self.rewards.clone();
+        }
+        if let Some(b) = self.beta {
+            cfg.ppo.kl_coef = b;
+            cfg.dpo.beta = b;
+            cfg.grpo.beta = b;
+        }
+        Ok(())
+    }
+}
+
+pub fn parse_reward_spec(spec: &str) -> Result<(String, f64)> {
+    match spec.rsplit_once(':') {
+        Some((path, w)) if w.parse::<f64>().is_ok() => Ok((path.to_string(), w.parse()?)),
+        _ => Ok((spec.to_string(), 1.0)),
+    }
+    .and_then(|(p, w): (String, f64)| {
+        if !w.is_finite() {
+            bail!("--reward {spec}: weight must be finite");
+        }
+        Ok((p, w))
+    })
+    .with_context(|| format!("--reward {spec}"))
+}

@@ -1,0 +1,509 @@
+//! Pretraining corpora: reading documents from files or directory trees, and packing them
+//! into train / validation token streams.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use super::records::{kind, parse_jsonl, read_text, Loc};
+use super::tokenizer::Tokenizer;
+
+/// File endings read from a corpus directory; anything else there (images, configs, ...) is
+/// skipped so that a dataset folder can be pointed at as it is.
+const CORPUS_EXTS: [&str; 4] = [".txt", ".md", ".text", ".jsonl"];
+
+/// Reads a corpus: a text file (one document; a file whose name ends .jsonl is JSONL with a
+/// string field "text", one document per line, blank lines skipped), or a directory
+/// (recursively; files ending .txt, .md, .text, .jsonl in sorted path order; others
+/// ignored). Empty documents are dropped; a corpus left with none is an error.
+pub fn load_documents(path: &Path) -> Result<Vec<String>> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("{}: cannot read corpus", path.display()))?;
+    let mut docs = Vec::new();
+    if meta.is_dir() {
+        let mut files = Vec::new();
+        let mut seen = HashSet::new();
+        collect_files(path, &mut files, &mut seen)?;
+        files.sort();
+        for f in &files {
+            read_file_documents(f, &mut docs)?;
+        }
+    } else {
+        read_file_documents(path, &mut docs)?;
+    }
+    docs.retain(|d| !d.is_empty());
+    if docs.is_empty() {
+        let what = if meta.is_dir() {
+            " (no non-empty .txt, .md, .text or .jsonl file under it)"
+        } else {
+            ""
+        };
+        bail!("{}: corpus is empty{what}", path.display());
+    }
+    Ok(docs)
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut HashSet<PathBuf>) -> Result<()> {
+    // Symlinked directories are followed, so a link back up the tree must not loop forever.
+    let canonical = dir
+        .canonicalize()
+        .with_context(|| format!("{}: cannot read directory", dir.display()))?;
+    if !seen.insert(canonical) {
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot read directory", dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("{}: cannot read directory", dir.display()))?;
+        let p = entry.path();
+        let meta =
+            std::fs::metadata(&p).with_context(|| format!("{}: cannot read", p.display()))?;
+        if meta.is_dir() {
+            collect_files(&p, out, seen)?;
+        } else if is_corpus_file(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+fn is_corpus_file(p: &Path) -> bool {
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    CORPUS_EXTS.iter().any(|e| name.ends_with(e))
+}
+
+fn read_file_documents(path: &Path, docs: &mut Vec<String>) -> Result<()> {
+    let text = read_text(path)?;
+    let is_jsonl = path
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().ends_with(".jsonl"));
+    if !is_jsonl {
+        docs.push(text);
+        return Ok(());
+    }
+    for (line, obj) in parse_jsonl(path, &text)? {
+        let at = Loc { path, line };
+        match obj.get("text") {
+            Some(Value::String(s)) => docs.push(s.clone()),
+            None => return Err(at.field("text", "missing")),
+            Some(v) => return Err(at.field("text", &format!("expected a string, got {}", kind(v)))),
+        }
+    }
+    Ok(())
+}
+
+pub struct PackedCorpus {
+    pub train: Vec<u32>,
+    pub val: Vec<u32>,
+}
+
+/// Below this many documents a whole-document split gives too coarse (or empty) a
+/// validation set, so blocks are split instead.
+const MIN_DOCS_FOR_DOC_SPLIT: usize = 20;
+
+/// Tokenises each document, appends EOS after each, and splits deterministically by `seed`.
+///
+/// With at least 20 documents whole documents go to validation with probability
+/// `val_fraction` (a seeded hash of the document index, so the split is stable). Otherwise,
+/// or when that leaves a split shorter than one block, the joined token stream is cut into
+/// blocks of `block` tokens and a seeded choice of `val_fraction` of them (at least one, and
+/// never all) goes to validation. Each split holds at least `block` tokens or it errors.
+pub fn pack_documents(
+    docs: &[String],
+    tok: &Tokenizer,
+    val_fraction: f64,
+    block: usize,
+    seed: u64,
+) -> Result<PackedCorpus> {
+    if !(val_fraction > 0.0 && val_fraction < 1.0) {
+        bail!("val_fraction must be between 0 and 1 (exclusive), got {val_fraction}: pretraining needs both a training and a validation split");
+    }
+    if block == 0 {
+        bail!("pack_documents: block length must be at least 1");
+    }
+    let eos = tok.eos_id();
+    let mut streams = Vec::with_capacity(docs.len());
+    for (i, d) in docs.iter().enumerate() {
+        let mut ids = tok
+            .encode(d)
+            .with_context(|| format!("document {}", i + 1))?;
+        ids.push(eos);
+        streams.push(ids);
+    }
+
+    if streams.len() >= MIN_DOCS_FOR_DOC_SPLIT {
+        if let Some(p) = split_documents(&streams, val_fraction, block, seed) {
+            return Ok(p);
+        }
+    }
+    split_blocks(&streams.concat(), val_fraction, block, seed)
+}
+
+/// Whole-document split, or None when a side would be shorter than one block.
+fn split_documents(
+    streams: &[Vec<u32>],
+    val_fraction: f64,
+    block: usize,
+    seed: u64,
+) -> Option<PackedCorpus> {
+    let u: Vec<f64> = (0..streams.len())
+        .map(|i| unit(seed, DOC_STREAM, i as u64))
+        .collect();
+    let mut to_val: Vec<bool> = u.iter().map(|&x| x < val_fraction).collect();
+    // With a small fraction the coin flips can pick nothing (or everything); the document
+    // that came closest joins the empty side, which keeps the split a function of the seed.
+    if !to_val.iter().any(|&v| v) {
+        to_val[argmin(&u)] = true;
+    }
+    if to_val.iter().all(|&v| v) {
+        let neg: Vec<f64> = u.iter().map(|x| -x).collect();
+        to_val[argmin(&neg)] = false;
+    }
+    let mut p = PackedCorpus {
+        train: Vec::new(),
+        val: Vec::new(),
+    };
+    for (s, v) in streams.iter().zip(&to_val) {
+        if *v {
+            p.val.extend_from_slice(s);
+        } else {
+            p.train.extend_from_slice(s);
+        }
+    }
+    (p.train.len() >= block && p.val.len() >= block).then_some(p)
+}
+
+fn split_blocks(
+    stream: &[u32],
+    val_fraction: f64,
+    block: usize,
+    seed: u64,
+) -> Result<PackedCorpus> {
+    let n_blocks = stream.len() / block;
+    if n_blocks < 2 {
+        bail!(
+            "the corpus is too small for a context of {block} tokens: it has {} tokens, and at least {} (one block for training and one for validation) are needed; use more text or a shorter context",
+            stream.len(),
+            2 * block
+        );
+    }
+    let n_val = ((val_fraction * n_blocks as f64).round() as usize).clamp(1, n_blocks - 1);
+    let mut order: Vec<(u64, usize)> = (0..n_blocks)
+        .map(|b| (mix(seed, BLOCK_STREAM, b as u64), b))
+        .collect();
+    order.sort_unstable();
+    let mut to_val = vec![false; n_blocks];
+    for &(_, b) in &order[..n_val] {
+        to_val[b] = true;
+    }
+    let mut p = PackedCorpus {
+        train: Vec::new(),
+        val: Vec::new(),
+    };
+    for (b, chunk) in stream.chunks(block).enumerate() {
+        // The partial block at the end (b == n_blocks) stays with training.
+        if to_val.get(b).copied().unwrap_or(false) {
+            p.val.extend_from_slice(chunk);
+        } else {
+            p.train.extend_from_slice(chunk);
+        }
+    }
+    Ok(p)
+}
+
+/// Separate hash streams, so the document and block splits of one seed are unrelated.
+const DOC_STREAM: u64 = 0x646f_6373;
+const BLOCK_STREAM: u64 = 0x626c_6f63;
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn mix(seed: u64, stream: u64, index: u64) -> u64 {
+    splitmix64(splitmix64(seed ^ stream) ^ index)
+}
+
+/// A uniform number in [0, 1) from the top 53 bits of the hash.
+fn unit(seed: u64, stream: u64, index: u64) -> f64 {
+    (mix(seed, stream, index) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn argmin(xs: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x < xs[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::tokenizer::BYTE_EOS;
+
+    fn err<T>(r: Result<T>) -> String {
+        let e = format!("{:#}", r.err().expect("expected an error"));
+        assert!(!e.contains('\n'), "multi-line error: {e}");
+        e
+    }
+
+    #[test]
+    fn text_file_is_one_document() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("book.txt");
+        std::fs::write(&p, "line one\n\nline two\n").unwrap();
+        assert_eq!(load_documents(&p).unwrap(), vec!["line one\n\nline two\n"]);
+        // Any name is a text file when given directly.
+        let p = d.path().join("README");
+        std::fs::write(&p, "x").unwrap();
+        assert_eq!(load_documents(&p).unwrap(), vec!["x"]);
+    }
+
+    #[test]
+    fn jsonl_documents() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.jsonl");
+        std::fs::write(
+            &p,
+            "{\"text\": \"a\\nb\", \"id\": 1}\n\n{\"text\": \"\"}\n{\"text\": \"c\"}\n",
+        )
+        .unwrap();
+        assert_eq!(load_documents(&p).unwrap(), vec!["a\nb", "c"]);
+    }
+
+    #[test]
+    fn directory_recursive_sorted_filtered() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::create_dir_all(root.join("b/deep")).unwrap();
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        std::fs::write(root.join("b/deep/z.md"), "md").unwrap();
+        std::fs::write(root.join("b/1.text"), "text").unwrap();
+        std::fs::write(
+            root.join("a/x.jsonl"),
+            "{\"text\": \"j1\"}\n{\"text\": \"j2\"}\n",
+        )
+        .unwrap();
+        std::fs::write(root.join("c.txt"), "txt").unwrap();
+        std::fs::write(root.join("c.json"), "{ignored").unwrap();
+        std::fs::write(root.join("img.png"), [0xffu8, 0x00]).unwrap();
+        std::fs::write(root.join("empty.txt"), "").unwrap();
+        assert_eq!(
+            load_documents(root).unwrap(),
+            vec!["j1", "j2", "text", "md", "txt"]
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn directory_symlink_loop_terminates() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        std::fs::write(d.path().join("sub/a.txt"), "a").unwrap();
+        std::os::unix::fs::symlink(d.path(), d.path().join("sub/up")).unwrap();
+        assert_eq!(load_documents(d.path()).unwrap(), vec!["a"]);
+    }
+
+    #[test]
+    fn load_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let missing = d.path().join("gone");
+        let e = err(load_documents(&missing));
+        assert!(
+            e.starts_with(&format!("{}: cannot read corpus", missing.display())),
+            "{e}"
+        );
+
+        let p = d.path().join("c.jsonl");
+        let cases: &[(&str, &str)] = &[
+            (
+                "{\"text\": \"ok\"}\n\nnope\n",
+                "c.jsonl:3: not valid JSON: expected ident at column 2",
+            ),
+            (
+                "x\n",
+                "c.jsonl:1: not valid JSON: expected value at column 1",
+            ),
+            ("{\"body\": \"x\"}\n", "c.jsonl:1: field \"text\": missing"),
+            (
+                "{\"text\": 7}\n",
+                "c.jsonl:1: field \"text\": expected a string, got a number",
+            ),
+            (
+                "{\"text\": null}\n",
+                "c.jsonl:1: field \"text\": expected a string, got null",
+            ),
+            (
+                "\"text\"\n",
+                "c.jsonl:1: expected a JSON object, got a string",
+            ),
+        ];
+        for (body, want) in cases {
+            std::fs::write(&p, body).unwrap();
+            let e = err(load_documents(&p));
+            assert!(e.ends_with(want), "{body:?}: got {e}");
+        }
+
+        // Errors inside a directory name the file inside it.
+        let dir = d.path().join("corpus");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("bad.jsonl"), "{\"text\": 1}\n").unwrap();
+        assert!(err(load_documents(&dir)).contains("bad.jsonl:1: field \"text\""));
+
+        let bin = d.path().join("bin.txt");
+        std::fs::write(&bin, b"ok\n\xff\xfe").unwrap();
+        assert!(err(load_documents(&bin)).ends_with("bin.txt:2: not valid UTF-8 text"));
+    }
+
+    #[test]
+    fn empty_corpora() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("e.txt");
+        std::fs::write(&f, "").unwrap();
+        assert_eq!(
+            err(load_documents(&f)),
+            format!("{}: corpus is empty", f.display())
+        );
+        let j = d.path().join("e.jsonl");
+        std::fs::write(&j, "\n{\"text\": \"\"}\n").unwrap();
+        assert!(err(load_documents(&j)).ends_with("e.jsonl: corpus is empty"));
+        let dir = d.path().join("dir");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("notes.csv"), "a,b").unwrap();
+        assert!(err(load_documents(&dir)).contains("dir: corpus is empty"));
+    }
+
+    fn docs(n: usize, len: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{i:>len$}")).collect()
+    }
+
+    #[test]
+    fn eos_after_each_document() {
+        let tok = Tokenizer::bytes();
+        let ds = vec!["ab".to_string(), "c".to_string()];
+        let p = pack_documents(&ds, &tok, 0.5, 2, 0).unwrap();
+        // Stream "a b EOS c EOS" makes blocks [a b] [EOS c] + tail [EOS]: one block each way.
+        let mut all = [p.train.clone(), p.val.clone()].concat();
+        all.sort_unstable();
+        let mut want = vec![b'a' as u32, b'b' as u32, BYTE_EOS, b'c' as u32, BYTE_EOS];
+        want.sort_unstable();
+        assert_eq!(all, want);
+        assert_eq!(
+            *p.train.last().unwrap(),
+            BYTE_EOS,
+            "the tail stays with training"
+        );
+
+        // Whole-document split: every document ends with EOS in whichever split it went.
+        let ds = docs(40, 5);
+        let p = pack_documents(&ds, &tok, 0.25, 4, 3).unwrap();
+        for s in [&p.train, &p.val] {
+            assert_eq!(s.len() % 6, 0);
+            assert!(s
+                .chunks(6)
+                .all(|c| c[5] == BYTE_EOS && !c[..5].contains(&BYTE_EOS)));
+        }
+        assert_eq!(p.train.len() + p.val.len(), 40 * 6);
+    }
+
+    #[test]
+    fn document_split_is_deterministic_and_seeded() {
+        let tok = Tokenizer::bytes();
+        let ds = docs(200, 8);
+        let a = pack_documents(&ds, &tok, 0.1, 16, 7).unwrap();
+        let b = pack_documents(&ds, &tok, 0.1, 16, 7).unwrap();
+        assert_eq!((&a.train, &a.val), (&b.train, &b.val));
+        let c = pack_documents(&ds, &tok, 0.1, 16, 8).unwrap();
+        assert_ne!(a.val, c.val);
+        // Roughly the requested fraction of the 200 documents went to validation.
+        let n_val = a.val.len() / 9;
+        assert!((8..=35).contains(&n_val), "{n_val}");
+        // The split is per document: adding documents at the end does not move earlier ones.
+        let more = docs(220, 8);
+        let d = pack_documents(&more, &tok, 0.1, 16, 7).unwrap();
+        assert!(d.val.starts_with(&a.val));
+    }
+
+    #[test]
+    fn tiny_fraction_still_gets_a_validation_document() {
+        let tok = Tokenizer::bytes();
+        let ds = docs(25, 30);
+        for seed in 0..20 {
+            let p = pack_documents(&ds, &tok, 1e-9, 8, seed).unwrap();
+            assert_eq!(p.val.len(), 31, "seed {seed}");
+            let p = pack_documents(&ds, &tok, 1.0 - 1e-9, 8, seed).unwrap();
+            assert_eq!(p.train.len(), 31, "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn block_split_for_few_documents() {
+        let tok = Tokenizer::bytes();
+        let ds = vec!["x".repeat(999)]; // 1000 tokens with EOS
+        let a = pack_documents(&ds, &tok, 0.1, 10, 1).unwrap();
+        assert_eq!(a.val.len(), 100);
+        assert_eq!(a.train.len(), 900);
+        let b = pack_documents(&ds, &tok, 0.1, 10, 1).unwrap();
+        assert_eq!(a.val, b.val);
+
+        // Which blocks go is seeded: mark each block with its own index to see them.
+        let text: String = (0..100u8)
+            .map(|i| char::from(b'!' + (i % 90)))
+            .flat_map(|c| std::iter::repeat_n(c, 10))
+            .collect();
+        let ds = vec![text];
+        let pick = |seed| {
+            let p = pack_documents(&ds, &tok, 0.05, 10, seed).unwrap();
+            assert_eq!(p.val.len(), 50);
+            p.val
+        };
+        assert_eq!(pick(3), pick(3));
+        assert_ne!(pick(3), pick(4));
+
+        // Two blocks: one each way, even with a fraction that rounds to zero or to all.
+        let ds = vec!["y".repeat(19)];
+        for vf in [0.01, 0.99] {
+            let p = pack_documents(&ds, &tok, vf, 10, 0).unwrap();
+            assert_eq!((p.train.len(), p.val.len()), (10, 10));
+        }
+    }
+
+    #[test]
+    fn few_documents_with_tiny_val_fall_back_to_blocks() {
+        // 20 short documents, but a context longer than any validation pick.
+        let tok = Tokenizer::bytes();
+        let ds = docs(20, 9);
+        let p = pack_documents(&ds, &tok, 0.1, 40, 0).unwrap();
+        assert!(p.val.len() >= 40 && p.train.len() >= 40);
+        assert_eq!(p.train.len() + p.val.len(), 200);
+    }
+
+    #[test]
+    fn pack_errors() {
+        let tok = Tokenizer::bytes();
+        let ds = vec!["short".to_string()];
+        let e = err(pack_documents(&ds, &tok, 0.1, 257, 0));
+        assert!(
+            e.contains("too small for a context of 257 tokens")
+                && e.contains("6 tokens")
+                && e.contains("514"),
+            "{e}"
+        );
+        for vf in [0.0, 1.0, -0.5, f64::NAN] {
+            let e = err(pack_documents(&ds, &tok, vf, 2, 0));
+            assert!(e.contains("val_fraction"), "{e}");
+        }
+        assert!(err(pack_documents(&ds, &tok, 0.1, 0, 0)).contains("block"));
+        assert!(err(pack_documents(&[], &tok, 0.1, 4, 0)).contains("too small"));
+    }
+}

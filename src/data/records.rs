@@ -1,0 +1,643 @@
+//! The JSONL datasets of the post-training stages: SFT conversations, preference pairs and
+//! prompts, plus the built-in chat template.
+//!
+//! Every error names the file, the 1-based line and the offending field, so that a bad
+//! record in a large dataset can be found and fixed without guessing.
+
+use std::fmt;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{Map, Value};
+
+/// One training conversation as text segments; `train` marks the segments whose tokens carry
+/// loss (responses / assistant turns). The tokenising code appends one trained EOS after
+/// every trained segment, which is how the model learns where a turn ends.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Segment {
+    pub text: String,
+    pub train: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SftExample {
+    pub segments: Vec<Segment>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreferencePair {
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptRecord {
+    pub prompt: String,
+    pub answer: Option<String>,
+    /// The whole record, "prompt" and "answer" included, for programmatic rewards that need
+    /// more than the answer.
+    pub fields: Map<String, Value>,
+}
+
+const ROLES: [&str; 3] = ["system", "user", "assistant"];
+
+/// Header that opens a message of `role` in the built-in chat template.
+fn role_header(role: &str) -> String {
+    format!("<|{role}|>\n")
+}
+
+/// Renders a conversation with the built-in template and opens an assistant turn, ready for
+/// generation. A single-turn prompt matches training exactly; earlier assistant turns end
+/// with "\n" here because a string cannot hold the EOS token they end with in training.
+pub fn render_chat_prompt(messages: &[(String, String)]) -> String {
+    let mut out = String::new();
+    for (role, content) in messages {
+        out.push_str(&role_header(role));
+        out.push_str(content);
+        out.push('\n');
+    }
+    out.push_str(&role_header("assistant"));
+    out
+}
+
+/// Reads an SFT dataset: one record per line, either `{"prompt": P, "response": R}` (the
+/// prompt used verbatim, no template) or `{"messages": [{"role", "content"}, ...]}` rendered
+/// with the built-in chat template.
+pub fn load_sft(path: &Path) -> Result<Vec<SftExample>> {
+    let lines = read_records(path)?;
+    lines
+        .iter()
+        .map(|(line, obj)| {
+            let at = Loc { path, line: *line };
+            sft_example(&at, obj)
+        })
+        .collect()
+}
+
+fn sft_example(at: &Loc, obj: &Map<String, Value>) -> Result<SftExample> {
+    let plain = obj.contains_key("prompt") || obj.contains_key("response");
+    match (obj.get("messages"), plain) {
+        (Some(_), true) => Err(at.field(
+            "messages",
+            "give either \"messages\" or \"prompt\" and \"response\", not both",
+        )),
+        (Some(msgs), false) => chat_example(at, msgs),
+        (None, false) => Err(at.field(
+            "prompt",
+            "missing (a record needs \"prompt\" and \"response\", or \"messages\")",
+        )),
+        (None, true) => {
+            let prompt = at.non_empty_str(obj, "prompt")?;
+            let response = at.non_empty_str(obj, "response")?;
+            Ok(SftExample {
+                segments: vec![
+                    Segment {
+                        text: prompt.to_string(),
+                        train: false,
+                    },
+                    Segment {
+                        text: response.to_string(),
+                        train: true,
+                    },
+                ],
+            })
+        }
+    }
+}
+
+fn chat_example(at: &Loc, msgs: &Value) -> Result<SftExample> {
+    let Value::Array(msgs) = msgs else {
+        return Err(at.field(
+            "messages",
+            &format!("expected an array, got {}", kind(msgs)),
+        ));
+    };
+    if msgs.is_empty() {
+        return Err(at.field("messages", "empty"));
+    }
+    let mut segments: Vec<Segment> = Vec::new();
+    let mut assistant_turns = 0;
+    for (i, m) in msgs.iter().enumerate() {
+        let name = format!("messages[{i}]");
+        let Value::Object(m) = m else {
+            return Err(at.field(&name, &format!("expected an object, got {}", kind(m))));
+        };
+        let role = at.str_field(m, "role", &format!("{name}.role"))?;
+        let content = at.str_field(m, "content", &format!("{name}.content"))?;
+        match role {
+            "assistant" => {
+                if content.is_empty() {
+                    return Err(at.field(&format!("{name}.content"), "empty"));
+                }
+                assistant_turns += 1;
+                push_segment(&mut segments, &role_header(role), false);
+                push_segment(&mut segments, content, true);
+            }
+            "system" | "user" => {
+                push_segment(
+                    &mut segments,
+                    &format!("{}{content}\n", role_header(role)),
+                    false,
+                );
+            }
+            other => {
+                return Err(at.field(
+                    &format!("{name}.role"),
+                    &format!(
+                        "unknown role \"{other}\" (expected {})",
+                        ROLES.map(|r| format!("\"{r}\"")).join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    if assistant_turns == 0 {
+        return Err(at.field("messages", "no assistant message"));
+    }
+    Ok(SftExample { segments })
+}
+
+/// Appends a segment, merging untrained text into a preceding untrained segment. Trained
+/// segments are never merged: each one is followed by its own EOS.
+fn push_segment(segments: &mut Vec<Segment>, text: &str, train: bool) {
+    match segments.last_mut() {
+        Some(last) if !train && !last.train => last.text.push_str(text),
+        _ => segments.push(Segment {
+            text: text.to_string(),
+            train,
+        }),
+    }
+}
+
+/// Reads preference pairs `{"prompt", "chosen", "rejected"}`, all non-empty strings (chosen
+/// and rejected may be equal).
+pub fn load_preferences(path: &Path) -> Result<Vec<PreferencePair>> {
+    let lines = read_records(path)?;
+    lines
+        .iter()
+        .map(|(line, obj)| {
+            let at = Loc { path, line: *line };
+            Ok(PreferencePair {
+                prompt: at.non_empty_str(obj, "prompt")?.to_string(),
+                chosen: at.non_empty_str(obj, "chosen")?.to_string(),
+                rejected: at.non_empty_str(obj, "rejected")?.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Reads prompts `{"prompt"}` with an optional string "answer"; every field is kept.
+pub fn load_prompts(path: &Path) -> Result<Vec<PromptRecord>> {
+    let lines = read_records(path)?;
+    lines
+        .into_iter()
+        .map(|(line, obj)| {
+            let at = Loc { path, line };
+            let prompt = at.non_empty_str(&obj, "prompt")?.to_string();
+            let answer = match obj.get("answer") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(v) => {
+                    return Err(at.field("answer", &format!("expected a string, got {}", kind(v))))
+                }
+            };
+            Ok(PromptRecord {
+                prompt,
+                answer,
+                fields: obj,
+            })
+        })
+        .collect()
+}
+
+/// A place in a JSONL file, printed as `path:line`.
+pub(crate) struct Loc<'a> {
+    pub path: &'a Path,
+    pub line: usize,
+}
+
+impl fmt::Display for Loc<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.path.display(), self.line)
+    }
+}
+
+impl Loc<'_> {
+    pub(crate) fn field(&self, field: &str, msg: &str) -> anyhow::Error {
+        anyhow!("{self}: field \"{field}\": {msg}")
+    }
+
+    /// The string at `key` of `obj`, reported as `name` in errors (nested fields have longer
+    /// names than their key).
+    fn str_field<'o>(&self, obj: &'o Map<String, Value>, key: &str, name: &str) -> Result<&'o str> {
+        match obj.get(key) {
+            None => Err(self.field(name, "missing")),
+            Some(Value::String(s)) => Ok(s),
+            Some(v) => Err(self.field(name, &format!("expected a string, got {}", kind(v)))),
+        }
+    }
+
+    pub(crate) fn string<'o>(&self, obj: &'o Map<String, Value>, key: &str) -> Result<&'o str> {
+        self.str_field(obj, key, key)
+    }
+
+    fn non_empty_str<'o>(&self, obj: &'o Map<String, Value>, key: &str) -> Result<&'o str> {
+        let s = self.string(obj, key)?;
+        if s.is_empty() {
+            return Err(self.field(key, "empty"));
+        }
+        Ok(s)
+    }
+}
+
+/// How a JSON value is described in errors ("got a number").
+pub(crate) fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Reads a whole UTF-8 text file; errors name the file, and for invalid UTF-8 the line too.
+pub(crate) fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    match String::from_utf8(bytes) {
+        Ok(mut s) => {
+            // Editors on Windows like to start files with a byte-order mark; it is not text.
+            if s.starts_with('\u{feff}') {
+                s.drain(..'\u{feff}'.len_utf8());
+            }
+            Ok(s)
+        }
+        Err(e) => {
+            let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
+            bail!("{}:{line}: not valid UTF-8 text", path.display())
+        }
+    }
+}
+
+/// Parses JSONL text into `(line number, object)` pairs, skipping blank lines.
+pub(crate) fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<(usize, Map<String, Value>)>> {
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let at = Loc { path, line: i + 1 };
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let value: Value = serde_json::from_str(raw)
+            .map_err(|e| anyhow!("{at}: not valid JSON: {}", json_error(&e)))?;
+        match value {
+            Value::Object(obj) => out.push((at.line, obj)),
+            other => bail!("{at}: expected a JSON object, got {}", kind(&other)),
+        }
+    }
+    Ok(out)
+}
+
+/// serde_json's message without its "at line 1" part: each record is one line, and the
+/// file's own line number is already in the error.
+fn json_error(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    let pos = format!(" at line {} column {}", e.line(), e.column());
+    match msg.strip_suffix(&pos) {
+        Some(head) => format!("{head} at column {}", e.column()),
+        None => msg,
+    }
+}
+
+/// The records of a stage dataset; a file with none is an error.
+fn read_records(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>> {
+    let text = read_text(path)?;
+    let records = parse_jsonl(path, &text)?;
+    if records.is_empty() {
+        bail!("{}: empty file: no records", path.display());
+    }
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(dir: &tempfile::TempDir, name: &str, body: &str) -> std::path::PathBuf {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    fn seg(text: &str, train: bool) -> Segment {
+        Segment {
+            text: text.into(),
+            train,
+        }
+    }
+
+    /// The `{:#}` form of a loader's error, checked to be a single line.
+    fn err<T: fmt::Debug>(r: Result<T>) -> String {
+        let e = format!("{:#}", r.unwrap_err());
+        assert!(!e.contains('\n'), "multi-line error: {e}");
+        e
+    }
+
+    #[test]
+    fn sft_plain_and_chat() {
+        let d = tempfile::tempdir().unwrap();
+        let p = file(
+            &d,
+            "sft.jsonl",
+            concat!(
+                "{\"prompt\": \"Q: 2+3\\nA: \", \"response\": \"5\"}\n",
+                "\n",
+                "   \n",
+                "{\"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"},",
+                " {\"role\": \"user\", \"content\": \"Hi\"},",
+                " {\"role\": \"assistant\", \"content\": \"Hello!\"},",
+                " {\"role\": \"user\", \"content\": \"Bye\"},",
+                " {\"role\": \"assistant\", \"content\": \"Bye!\", \"name\": \"x\"}]}\n",
+            ),
+        );
+        let xs = load_sft(&p).unwrap();
+        assert_eq!(xs.len(), 2);
+        assert_eq!(
+            xs[0].segments,
+            vec![seg("Q: 2+3\nA: ", false), seg("5", true)]
+        );
+        assert_eq!(
+            xs[1].segments,
+            vec![
+                seg(
+                    "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n",
+                    false
+                ),
+                seg("Hello!", true),
+                seg("<|user|>\nBye\n<|assistant|>\n", false),
+                seg("Bye!", true),
+            ]
+        );
+    }
+
+    #[test]
+    fn consecutive_assistant_turns_stay_separate() {
+        let d = tempfile::tempdir().unwrap();
+        let p = file(
+            &d,
+            "a.jsonl",
+            r#"{"messages": [{"role": "assistant", "content": "A"}, {"role": "assistant", "content": "B"}]}"#,
+        );
+        assert_eq!(
+            load_sft(&p).unwrap()[0].segments,
+            vec![
+                seg("<|assistant|>\n", false),
+                seg("A", true),
+                seg("<|assistant|>\n", false),
+                seg("B", true)
+            ]
+        );
+    }
+
+    #[test]
+    fn chat_prompt_matches_training_render() {
+        let msgs = vec![
+            ("system".to_string(), "Be brief.".to_string()),
+            ("user".to_string(), "Hi".to_string()),
+        ];
+        let prompt = render_chat_prompt(&msgs);
+        assert_eq!(
+            prompt,
+            "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n"
+        );
+        // The generation prompt is exactly the untrained prefix SFT trains after.
+        let d = tempfile::tempdir().unwrap();
+        let p = file(
+            &d,
+            "c.jsonl",
+            r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}"#,
+        );
+        assert_eq!(load_sft(&p).unwrap()[0].segments[0].text, prompt);
+        assert_eq!(render_chat_prompt(&[]), "<|assistant|>\n");
+    }
+
+    #[test]
+    fn sft_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let cases: &[(&str, &str)] = &[
+            (
+                r#"{"prompt": "x"}"#,
+                "f.jsonl:1: field \"response\": missing",
+            ),
+            (
+                r#"{"response": "x"}"#,
+                "f.jsonl:1: field \"prompt\": missing",
+            ),
+            (
+                r#"{"prompt": "", "response": "y"}"#,
+                "f.jsonl:1: field \"prompt\": empty",
+            ),
+            (
+                r#"{"prompt": "x", "response": ""}"#,
+                "f.jsonl:1: field \"response\": empty",
+            ),
+            (
+                r#"{"prompt": "x", "response": 3}"#,
+                "f.jsonl:1: field \"response\": expected a string, got a number",
+            ),
+            (r#"{"text": "x"}"#, "f.jsonl:1: field \"prompt\": missing"),
+            (
+                r#"{"prompt": "x", "messages": []}"#,
+                "f.jsonl:1: field \"messages\": give either",
+            ),
+            (
+                r#"{"messages": {}}"#,
+                "f.jsonl:1: field \"messages\": expected an array, got an object",
+            ),
+            (
+                r#"{"messages": []}"#,
+                "f.jsonl:1: field \"messages\": empty",
+            ),
+            (
+                r#"{"messages": ["hi"]}"#,
+                "f.jsonl:1: field \"messages[0]\": expected an object, got a string",
+            ),
+            (
+                r#"{"messages": [{"content": "hi"}]}"#,
+                "f.jsonl:1: field \"messages[0].role\": missing",
+            ),
+            (
+                r#"{"messages": [{"role": "user"}]}"#,
+                "f.jsonl:1: field \"messages[0].content\": missing",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": null}]}"#,
+                "f.jsonl:1: field \"messages[0].content\": expected a string, got null",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "bot", "content": "c"}]}"#,
+                "f.jsonl:1: field \"messages[2].role\": unknown role \"bot\"",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}"#,
+                "f.jsonl:1: field \"messages[1].content\": empty",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "a"}]}"#,
+                "f.jsonl:1: field \"messages\": no assistant message",
+            ),
+        ];
+        for (body, want) in cases {
+            let p = file(&d, "f.jsonl", body);
+            let e = err(load_sft(&p));
+            assert!(e.contains(want), "{body}: got {e}, want {want}");
+        }
+    }
+
+    #[test]
+    fn line_numbers_and_json_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let ok = r#"{"prompt": "a", "response": "b"}"#;
+        let p = file(&d, "x.jsonl", &format!("{ok}\n\n{ok}\n\n\n\nnot json\n"));
+        assert!(
+            err(load_sft(&p)).ends_with("x.jsonl:7: not valid JSON: expected ident at column 2")
+        );
+        let p = file(
+            &d,
+            "x.jsonl",
+            &format!("{ok}\r\n\r\n{{\"prompt\": \"a\"}}\r\n"),
+        );
+        assert!(err(load_sft(&p)).ends_with("x.jsonl:3: field \"response\": missing"));
+        let p = file(&d, "x.jsonl", &format!("{ok}\n[1, 2]\n"));
+        assert!(err(load_sft(&p)).ends_with("x.jsonl:2: expected a JSON object, got an array"));
+        let p = file(&d, "x.jsonl", &format!("{ok} trailing\n"));
+        assert!(err(load_sft(&p)).contains("x.jsonl:1: not valid JSON: trailing characters"));
+        let p = file(&d, "x.jsonl", "");
+        assert!(err(load_sft(&p)).ends_with("x.jsonl: empty file: no records"));
+        let p = file(&d, "x.jsonl", "\n  \n");
+        assert!(err(load_prompts(&p)).ends_with("x.jsonl: empty file: no records"));
+        let p = d.path().join("x.jsonl");
+        std::fs::write(
+            &p,
+            b"{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"\xff\"}\n",
+        )
+        .unwrap();
+        assert!(err(load_sft(&p)).ends_with("x.jsonl:2: not valid UTF-8 text"));
+        // A byte-order mark does not break the first record.
+        let p = file(&d, "x.jsonl", &format!("\u{feff}{ok}\n"));
+        assert_eq!(load_sft(&p).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn missing_files_name_the_path() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("nope.jsonl");
+        let shown = p.display().to_string();
+        assert!(err(load_sft(&p)).starts_with(&format!("{shown}: cannot read")));
+        assert!(err(load_preferences(&p)).starts_with(&shown));
+        assert!(err(load_prompts(&p)).starts_with(&shown));
+    }
+
+    #[test]
+    fn preferences() {
+        let d = tempfile::tempdir().unwrap();
+        let p = file(
+            &d,
+            "p.jsonl",
+            "{\"prompt\": \"Q\", \"chosen\": \"good\", \"rejected\": \"bad\"}\n{\"prompt\": \"Q\", \"chosen\": \"same\", \"rejected\": \"same\"}\n",
+        );
+        let xs = load_preferences(&p).unwrap();
+        assert_eq!(
+            xs[0],
+            PreferencePair {
+                prompt: "Q".into(),
+                chosen: "good".into(),
+                rejected: "bad".into()
+            }
+        );
+        assert_eq!(xs.len(), 2);
+
+        let cases: &[(&str, &str)] = &[
+            (
+                r#"{"chosen": "a", "rejected": "b"}"#,
+                "field \"prompt\": missing",
+            ),
+            (
+                r#"{"prompt": "", "chosen": "a", "rejected": "b"}"#,
+                "field \"prompt\": empty",
+            ),
+            (
+                r#"{"prompt": "q", "rejected": "b"}"#,
+                "field \"chosen\": missing",
+            ),
+            (
+                r#"{"prompt": "q", "chosen": "", "rejected": "b"}"#,
+                "field \"chosen\": empty",
+            ),
+            (
+                r#"{"prompt": "q", "chosen": "a"}"#,
+                "field \"rejected\": missing",
+            ),
+            (
+                r#"{"prompt": "q", "chosen": "a", "rejected": ""}"#,
+                "field \"rejected\": empty",
+            ),
+            (
+                r#"{"prompt": "q", "chosen": "a", "rejected": ["b"]}"#,
+                "field \"rejected\": expected a string, got an array",
+            ),
+        ];
+        for (body, want) in cases {
+            let p = file(&d, "p.jsonl", &format!("\n{body}\n"));
+            let e = err(load_preferences(&p));
+            assert!(
+                e.ends_with(&format!("p.jsonl:2: {want}")),
+                "{body}: got {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn prompts() {
+        let d = tempfile::tempdir().unwrap();
+        let p = file(
+            &d,
+            "q.jsonl",
+            "{\"prompt\": \"Q: 2+3\\nA: \", \"answer\": \"5\", \"level\": 2}\n{\"prompt\": \"hi\"}\n{\"prompt\": \"x\", \"answer\": null}\n",
+        );
+        let xs = load_prompts(&p).unwrap();
+        assert_eq!(xs.len(), 3);
+        assert_eq!(xs[0].prompt, "Q: 2+3\nA: ");
+        assert_eq!(xs[0].answer.as_deref(), Some("5"));
+        assert_eq!(xs[0].fields.get("level"), Some(&Value::from(2)));
+        assert_eq!(
+            xs[0].fields.get("prompt"),
+            Some(&Value::from("Q: 2+3\nA: "))
+        );
+        assert_eq!(xs[1].answer, None);
+        assert_eq!(xs[2].answer, None);
+
+        let cases: &[(&str, &str)] = &[
+            (r#"{"answer": "5"}"#, "field \"prompt\": missing"),
+            (r#"{"prompt": ""}"#, "field \"prompt\": empty"),
+            (
+                r#"{"prompt": 1}"#,
+                "field \"prompt\": expected a string, got a number",
+            ),
+            (
+                r#"{"prompt": "q", "answer": 5}"#,
+                "field \"answer\": expected a string, got a number",
+            ),
+        ];
+        for (body, want) in cases {
+            let p = file(&d, "q.jsonl", body);
+            let e = err(load_prompts(&p));
+            assert!(
+                e.ends_with(&format!("q.jsonl:1: {want}")),
+                "{body}: got {e}"
+            );
+        }
+    }
+}

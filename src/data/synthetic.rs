@@ -1,0 +1,227 @@
+//! The built-in task, used whenever no data is named: addition of small numbers. It is a
+//! small world with a programmatic checker, so every stage has something real to learn and a
+//! ground truth to be judged by:
+//! - pretraining: a noisy corpus of `a+b=c` lines (some sums wrong, some lines truncated);
+//! - SFT: clean pairs `"Q: a+b\nA: "` -> `"c"`, a format the base model never saw;
+//! - reward: chosen = the right sum, rejected = a plausible wrong one;
+//! - RL: prompts with their expected answer, scored by [`exact_match`].
+//!
+//! Operand pairs are split by a seeded hash, so held-out prompts never occur in any training
+//! data, pretraining included. Everything is generated from the seed; no files are needed.
+
+use super::records::{PreferencePair, PromptRecord, Segment, SftExample};
+use crate::train::rng::{splitmix64, Rng};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Eval,
+}
+
+#[derive(Clone, Debug)]
+pub struct Synthetic {
+    /// Operands are drawn from `0..=max_operand`.
+    pub max_operand: u32,
+    pub seed: u64,
+    /// Fraction of pretraining lines whose sum is wrong.
+    pub noise: f64,
+}
+
+impl Default for Synthetic {
+    fn default() -> Self {
+        Self {
+            max_operand: 49,
+            seed: 0,
+            noise: 0.2,
+        }
+    }
+}
+
+pub fn prompt_text(a: u32, b: u32) -> String {
+    format!("Q: {a}+{b}\nA: ")
+}
+
+/// The response up to the end of its first line, trimmed, equals the expected answer.
+pub fn exact_match(response: &str, answer: &str) -> bool {
+    response.lines().next().unwrap_or("").trim() == answer.trim()
+}
+
+impl Synthetic {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            ..Self::default()
+        }
+    }
+
+    /// One pair in ten is held out for evaluation.
+    pub fn split_of(&self, a: u32, b: u32) -> Split {
+        let h = splitmix64(self.seed ^ 0xADD ^ ((a as u64) << 32 | b as u64));
+        if h.is_multiple_of(10) {
+            Split::Eval
+        } else {
+            Split::Train
+        }
+    }
+
+    pub fn pairs(&self, split: Split) -> Vec<(u32, u32)> {
+        let n = self.max_operand;
+        (0..=n)
+            .flat_map(|a| (0..=n).map(move |b| (a, b)))
+            .filter(|&(a, b)| self.split_of(a, b) == split)
+            .collect()
+    }
+
+    fn sample(&self, split: Split, n: usize, tag: u64) -> Vec<(u32, u32)> {
+        let pairs = self.pairs(split);
+        let mut rng = Rng::new(self.seed ^ tag);
+        (0..n).map(|_| pairs[rng.below(pairs.len())]).collect()
+    }
+
+    /// A plausible wrong sum: off by one or ten, digits swapped, or random.
+    fn wrong_sum(&self, a: u32, b: u32, rng: &mut Rng) -> u32 {
+        let c = a + b;
+        loop {
+            let w = match rng.below(5) {
+                0 => c + 1,
+                1 => c.saturating_sub(1),
+                2 => c + 10,
+                3 => c.saturating_sub(10),
+                _ => rng.below(2 * self.max_operand as usize + 1) as u32,
+            };
+            if w != c {
+                return w;
+            }
+        }
+    }
+
+    /// Documents of 8-24 lines of `a+b=c`, with `noise` of the sums wrong and a few lines cut.
+    pub fn pretrain_documents(&self, n_docs: usize) -> Vec<String> {
+        let pairs = self.pairs(Split::Train);
+        let mut rng = Rng::new(self.seed ^ 0x9E7);
+        (0..n_docs)
+            .map(|_| {
+                let lines = 8 + rng.below(17);
+                let mut doc = String::new();
+                for _ in 0..lines {
+                    let (a, b) = pairs[rng.below(pairs.len())];
+                    let c = if rng.f64() < self.noise {
+                        self.wrong_sum(a, b, &mut rng)
+                    } else {
+                        a + b
+                    };
+                    if rng.f64() < 0.05 {
+                        doc.push_str(&format!("{a}+{b}\n"));
+                    } else {
+                        doc.push_str(&format!("{a}+{b}={c}\n"));
+                    }
+                }
+                doc
+            })
+            .collect()
+    }
+
+    pub fn sft_examples(&self, split: Split, n: usize) -> Vec<SftExample> {
+        self.sample(split, n, 0x5F7)
+            .into_iter()
+            .map(|(a, b)| SftExample {
+                segments: vec![
+                    Segment {
+                        text: prompt_text(a, b),
+                        train: false,
+                    },
+                    Segment {
+                        text: (a + b).to_string(),
+                        train: true,
+                    },
+                ],
+            })
+            .collect()
+    }
+
+    pub fn preference_pairs(&self, split: Split, n: usize) -> Vec<PreferencePair> {
+        let mut rng = Rng::new(self.seed ^ 0x9EF);
+        self.sample(split, n, 0x9E0)
+            .into_iter()
+            .map(|(a, b)| PreferencePair {
+                prompt: prompt_text(a, b),
+                chosen: (a + b).to_string(),
+                rejected: self.wrong_sum(a, b, &mut rng).to_string(),
+            })
+            .collect()
+    }
+
+    /// RL / evaluation prompts with their expected answer. For `Split::Eval` with `n` at least
+    /// the number of held-out pairs, every held-out pair appears once, in order.
+    pub fn prompts(&self, split: Split, n: usize) -> Vec<PromptRecord> {
+        let pairs = match split {
+            Split::Eval if n >= self.pairs(Split::Eval).len() => self.pairs(Split::Eval),
+            _ => self.sample(split, n, 0x960),
+        };
+        pairs
+            .into_iter()
+            .map(|(a, b)| {
+                let answer = (a + b).to_string();
+                let mut fields = serde_json::Map::new();
+                fields.insert("prompt".into(), prompt_text(a, b).into());
+                fields.insert("answer".into(), answer.clone().into());
+                PromptRecord {
+                    prompt: prompt_text(a, b),
+                    answer: Some(answer),
+                    fields,
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_out_pairs_never_reach_training_data() {
+        let s = Synthetic::new(3);
+        let eval = s.pairs(Split::Eval);
+        let train = s.pairs(Split::Train);
+        assert!(!eval.is_empty() && train.len() > 5 * eval.len());
+        let docs = s.pretrain_documents(200).join("");
+        for (a, b) in &eval {
+            assert!(!docs
+                .lines()
+                .any(|l| l == format!("{a}+{b}={}", a + b) || l.starts_with(&format!("{a}+{b}="))));
+        }
+        let sft = s.sft_examples(Split::Train, 500);
+        for ex in &sft {
+            assert!(!eval
+                .iter()
+                .any(|(a, b)| ex.segments[0].text == prompt_text(*a, *b)));
+        }
+        // Deterministic by seed.
+        assert_eq!(
+            s.pretrain_documents(3),
+            Synthetic::new(3).pretrain_documents(3)
+        );
+        assert_ne!(
+            s.pretrain_documents(3),
+            Synthetic::new(4).pretrain_documents(3)
+        );
+    }
+
+    #[test]
+    fn checker_and_preferences_are_consistent() {
+        let s = Synthetic::new(1);
+        for p in s.preference_pairs(Split::Train, 100) {
+            assert_ne!(p.chosen, p.rejected);
+        }
+        let pr = &s.prompts(Split::Eval, 10_000)[0];
+        let ans = pr.answer.clone().unwrap();
+        assert!(exact_match(&format!("{ans}\nmore"), &ans));
+        assert!(exact_match(&format!(" {ans} "), &ans));
+        assert!(!exact_match(&format!("{ans}1"), &ans));
+        assert_eq!(
+            s.prompts(Split::Eval, 10_000).len(),
+            s.pairs(Split::Eval).len()
+        );
+    }
+}

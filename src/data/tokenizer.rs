@@ -1,0 +1,441 @@
+//! Tokenizers: a byte-level one that needs no training (the default, so that every stage
+//! works out of the box) and any Hugging Face `tokenizer.json`, plus a BPE trainer.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::AddedToken;
+
+use super::corpus::load_documents;
+
+/// End-of-sequence id of the byte tokenizer: the first id after the 256 byte values.
+pub const BYTE_EOS: u32 = 256;
+/// Padding id of the byte tokenizer.
+pub const BYTE_PAD: u32 = 257;
+/// Vocabulary size of the byte tokenizer: 256 bytes + EOS + PAD.
+pub const BYTE_VOCAB: usize = 258;
+
+/// Names tried, in order, for the end-of-sequence token of a `tokenizer.json`; they cover
+/// GPT-2, Llama/Mistral, Gemma and Llama 3 style vocabularies.
+const EOS_NAMES: [&str; 5] = [
+    "<|endoftext|>",
+    "</s>",
+    "<eos>",
+    "<|eos|>",
+    "<|end_of_text|>",
+];
+const PAD_NAMES: [&str; 2] = ["<|pad|>", "<pad>"];
+
+/// Special tokens given to a BPE trained by [`train_bpe`]; the first must be an EOS name
+/// and the second a PAD name so that [`Tokenizer::from_file`] finds them again.
+const TRAINED_SPECIALS: [&str; 2] = ["<|endoftext|>", "<|pad|>"];
+
+/// File name of a saved tokenizer inside a run or checkpoint directory.
+const FILE_NAME: &str = "tokenizer.json";
+
+#[derive(Clone)]
+pub enum Tokenizer {
+    Bytes,
+    Hf {
+        inner: Arc<tokenizers::Tokenizer>,
+        eos: u32,
+        pad: u32,
+    },
+}
+
+impl std::fmt::Debug for Tokenizer {
+    // The HF tokenizer's own Debug dumps the whole vocabulary; the summary is enough.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokenizer({})", self.describe())
+    }
+}
+
+impl Tokenizer {
+    pub fn bytes() -> Self {
+        Tokenizer::Bytes
+    }
+
+    /// Loads any Hugging Face `tokenizer.json`, finding its EOS and PAD tokens by name.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read tokenizer", path.display()))?;
+        let inner: tokenizers::Tokenizer = text.parse().map_err(|e| {
+            anyhow!(
+                "{}: not a valid Hugging Face tokenizer.json: {e}",
+                path.display()
+            )
+        })?;
+        Self::from_hf(inner).with_context(|| path.display().to_string())
+    }
+
+    fn from_hf(inner: tokenizers::Tokenizer) -> Result<Self> {
+        let Some(eos) = EOS_NAMES.iter().find_map(|t| inner.token_to_id(t)) else {
+            bail!(
+                "no end-of-sequence token (looked for {})",
+                EOS_NAMES
+                    .iter()
+                    .map(|t| format!("\"{t}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        };
+        // Without a dedicated pad token EOS doubles as padding; padded positions are masked
+        // out of every loss, so the choice only has to be a valid id.
+        let pad = PAD_NAMES
+            .iter()
+            .find_map(|t| inner.token_to_id(t))
+            .unwrap_or(eos);
+        Ok(Tokenizer::Hf {
+            inner: Arc::new(inner),
+            eos,
+            pad,
+        })
+    }
+
+    /// The tokenizer saved in a run directory, or the byte tokenizer when none was saved
+    /// (byte-level runs save nothing, see [`Tokenizer::save_dir`]).
+    pub fn load_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join(FILE_NAME);
+        if path.is_file() {
+            Self::from_file(&path)
+        } else {
+            Ok(Tokenizer::Bytes)
+        }
+    }
+
+    pub fn save_dir(&self, dir: &Path) -> Result<()> {
+        match self {
+            Tokenizer::Bytes => Ok(()),
+            Tokenizer::Hf { inner, .. } => write_hf(inner, &dir.join(FILE_NAME)),
+        }
+    }
+
+    /// Token ids of `text`, without BOS/EOS or any other added special token.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Tokenizer::Bytes => Ok(text.bytes().map(u32::from).collect()),
+            Tokenizer::Hf { inner, .. } => {
+                let enc = inner
+                    .encode_fast(text, false)
+                    .map_err(|e| anyhow!("tokenizer failed to encode text: {e}"))?;
+                Ok(enc.get_ids().to_vec())
+            }
+        }
+    }
+
+    /// Text of `ids` with EOS and PAD left out. Ids the tokenizer does not know (a model
+    /// whose vocabulary was rounded up can sample them) never fail the call: the byte
+    /// tokenizer shows them as U+FFFD, a Hugging Face tokenizer drops them.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let (eos, pad) = (self.eos_id(), self.pad_id());
+        let kept = ids.iter().copied().filter(|&i| i != eos && i != pad);
+        match self {
+            Tokenizer::Bytes => {
+                let mut out = String::new();
+                let mut run = Vec::new();
+                for id in kept {
+                    match u8::try_from(id) {
+                        Ok(b) => run.push(b),
+                        Err(_) => {
+                            out.push_str(&String::from_utf8_lossy(&run));
+                            run.clear();
+                            out.push(char::REPLACEMENT_CHARACTER);
+                        }
+                    }
+                }
+                out.push_str(&String::from_utf8_lossy(&run));
+                Ok(out)
+            }
+            Tokenizer::Hf { inner, .. } => {
+                let kept: Vec<u32> = kept.collect();
+                // Other special tokens (chat markers, say) stay visible: only EOS and PAD
+                // are bookkeeping.
+                inner
+                    .decode(&kept, false)
+                    .map_err(|e| anyhow!("tokenizer failed to decode ids: {e}"))
+            }
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Tokenizer::Bytes => BYTE_VOCAB,
+            Tokenizer::Hf { inner, .. } => {
+                let vocab = inner.get_vocab(true);
+                // Sparse added-token ids can lie past the count; the model's embedding must
+                // still cover them.
+                let past_max = vocab.values().map(|&i| i as usize + 1).max().unwrap_or(0);
+                vocab.len().max(past_max)
+            }
+        }
+    }
+
+    pub fn eos_id(&self) -> u32 {
+        match self {
+            Tokenizer::Bytes => BYTE_EOS,
+            Tokenizer::Hf { eos, .. } => *eos,
+        }
+    }
+
+    pub fn pad_id(&self) -> u32 {
+        match self {
+            Tokenizer::Bytes => BYTE_PAD,
+            Tokenizer::Hf { pad, .. } => *pad,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Tokenizer::Bytes => "bytes".to_string(),
+            Tokenizer::Hf { .. } => format!("bpe(vocab={})", self.vocab_size()),
+        }
+    }
+}
+
+/// Writes through a temporary file in the same directory and renames it, so that a crash
+/// never leaves a truncated tokenizer.json that a later run would fail to parse.
+fn write_hf(tok: &tokenizers::Tokenizer, path: &Path) -> Result<()> {
+    let json = tok
+        .to_string(true)
+        .map_err(|e| anyhow!("{}: cannot serialise tokenizer: {e}", path.display()))?;
+    write_atomic(path, json.as_bytes())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("{}: cannot create directory", dir.display()))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("{}: not a file path", path.display()))?;
+    let mut tmp_name = name.to_os_string();
+    tmp_name.push(format!(".tmp{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow!("{}: cannot write: {e}", path.display())
+    })
+}
+
+/// Trains a byte-level BPE of `vocab_size` tokens on `files` and writes it to `out`.
+///
+/// Each entry of `files` is read as a corpus by [`load_documents`], so directories and
+/// `.jsonl` files (their "text" fields) work as they do for pretraining.
+pub fn train_bpe(files: &[PathBuf], vocab_size: usize, out: &Path) -> Result<Tokenizer> {
+    // The byte alphabet and the special tokens are always in the vocabulary, so a smaller
+    // size could not be honoured.
+    let min = 256 + TRAINED_SPECIALS.len();
+    if vocab_size < min {
+        bail!("tokenizer vocab_size {vocab_size} is too small: a byte-level BPE needs at least {min} (256 bytes + {} special tokens)", TRAINED_SPECIALS.len());
+    }
+    if files.is_empty() {
+        bail!("train_bpe: no training files given");
+    }
+    let mut docs = Vec::new();
+    for f in files {
+        docs.extend(load_documents(f)?);
+    }
+
+    let mut tok = tokenizers::Tokenizer::new(BPE::default());
+    // No prefix space: encode then decode must give back exactly the input text.
+    tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    tok.with_decoder(Some(ByteLevel::new(false, true, true)));
+    let specials = TRAINED_SPECIALS
+        .iter()
+        .map(|t| AddedToken::from(*t, true))
+        .collect();
+    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(0)
+        .show_progress(false)
+        .special_tokens(specials)
+        // Every byte gets a token even if the corpus lacks it, so no input is ever unknown.
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build()
+        .into();
+    tok.train(&mut trainer, docs.iter())
+        .map_err(|e| anyhow!("BPE training failed: {e}"))?;
+
+    write_hf(&tok, out)?;
+    Tokenizer::from_hf(tok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_text() -> String {
+        let mut s = String::new();
+        for i in 0..200 {
+            s.push_str(&format!(
+                "The quick brown fox jumps over the lazy dog {i} times.\nQ: {i}+{}\nA: {}\n",
+                i % 7,
+                i + i % 7
+            ));
+        }
+        s
+    }
+
+    #[test]
+    fn bytes_round_trip_non_ascii() {
+        let t = Tokenizer::bytes();
+        let text = "héllo wörld — 日本語 🦀\n";
+        let ids = t.encode(text).unwrap();
+        assert_eq!(ids.len(), text.len());
+        assert!(ids.iter().all(|&i| i < 256));
+        assert_eq!(t.decode(&ids).unwrap(), text);
+        assert_eq!(t.vocab_size(), BYTE_VOCAB);
+        assert_eq!(t.describe(), "bytes");
+    }
+
+    #[test]
+    fn bytes_decode_skips_eos_pad_and_is_lossy() {
+        let t = Tokenizer::bytes();
+        let mut ids = t.encode("ab").unwrap();
+        ids.push(BYTE_EOS);
+        ids.push(BYTE_PAD);
+        ids.push(0xff); // a lone invalid UTF-8 byte
+        ids.push(999); // past the vocabulary
+        ids.extend(t.encode("c").unwrap());
+        assert_eq!(t.decode(&ids).unwrap(), "ab\u{FFFD}\u{FFFD}c");
+    }
+
+    #[test]
+    fn train_bpe_round_trips_and_saves() {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = dir.path().join("c.txt");
+        std::fs::write(&corpus, sample_text()).unwrap();
+        let out = dir.path().join("sub/tok.json");
+        let t = train_bpe(&[corpus], 300, &out).unwrap();
+        assert!(out.is_file());
+        assert!(t.vocab_size() > BYTE_VOCAB && t.vocab_size() <= 300);
+        assert_eq!(t.describe(), format!("bpe(vocab={})", t.vocab_size()));
+
+        let text = "The quick brown fox: 12+5 — naïve 🦀\n\n  spaces ";
+        let ids = t.encode(text).unwrap();
+        // Merges were learnt, so common words take fewer tokens than bytes.
+        let fox = t.encode("The quick brown fox").unwrap();
+        assert!(fox.len() < "The quick brown fox".len());
+        assert_eq!(t.decode(&ids).unwrap(), text);
+
+        // EOS and PAD are the trained specials and decode skips them.
+        let Tokenizer::Hf { inner, eos, pad } = &t else {
+            panic!("expected an HF tokenizer")
+        };
+        assert_eq!(Some(*eos), inner.token_to_id("<|endoftext|>"));
+        assert_eq!(Some(*pad), inner.token_to_id("<|pad|>"));
+        assert_ne!(eos, pad);
+        let mut with = ids.clone();
+        with.push(*eos);
+        with.push(*pad);
+        assert_eq!(t.decode(&with).unwrap(), text);
+
+        // The written file loads back to the same tokenizer.
+        let again = Tokenizer::from_file(&out).unwrap();
+        assert_eq!(again.encode(text).unwrap(), ids);
+        assert_eq!(again.eos_id(), t.eos_id());
+        assert_eq!(again.pad_id(), t.pad_id());
+    }
+
+    #[test]
+    fn save_and_load_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        // No tokenizer.json means bytes; saving bytes writes nothing.
+        assert!(matches!(
+            Tokenizer::load_dir(dir.path()).unwrap(),
+            Tokenizer::Bytes
+        ));
+        Tokenizer::bytes().save_dir(dir.path()).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+        let corpus = dir.path().join("c.txt");
+        std::fs::write(&corpus, sample_text()).unwrap();
+        let t = train_bpe(&[corpus], 280, &dir.path().join("a.json")).unwrap();
+        let run = dir.path().join("run");
+        t.save_dir(&run).unwrap();
+        let names: Vec<_> = std::fs::read_dir(&run)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("tokenizer.json")]);
+        let back = Tokenizer::load_dir(&run).unwrap();
+        assert_eq!(back.vocab_size(), t.vocab_size());
+        assert_eq!(back.encode("fox 42").unwrap(), t.encode("fox 42").unwrap());
+    }
+
+    /// A minimal WordLevel tokenizer.json with the given extra vocabulary entries.
+    fn word_level_json(extra: &[&str]) -> String {
+        let mut vocab = vec![("\"a\"".to_string(), 0), ("\"b\"".to_string(), 1)];
+        for (i, t) in extra.iter().enumerate() {
+            vocab.push((format!("\"{t}\""), i + 2));
+        }
+        let vocab: Vec<String> = vocab.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        format!(
+            r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+            "normalizer":null,"pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,
+            "decoder":null,"model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"a"}}}}"#,
+            vocab.join(", ")
+        )
+    }
+
+    #[test]
+    fn eos_and_pad_detection() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.json");
+
+        std::fs::write(&p, word_level_json(&["<pad>", "</s>", "<eos>"])).unwrap();
+        let t = Tokenizer::from_file(&p).unwrap();
+        // "</s>" comes before "<eos>" in the preference order.
+        assert_eq!(t.eos_id(), 3);
+        assert_eq!(t.pad_id(), 2);
+        assert_eq!(t.vocab_size(), 5);
+
+        std::fs::write(&p, word_level_json(&["<|end_of_text|>"])).unwrap();
+        let t = Tokenizer::from_file(&p).unwrap();
+        assert_eq!(t.eos_id(), 2);
+        assert_eq!(t.pad_id(), 2, "pad falls back to eos");
+
+        std::fs::write(&p, word_level_json(&["<unk>"])).unwrap();
+        let e = format!("{:#}", Tokenizer::from_file(&p).unwrap_err());
+        assert!(e.contains("t.json"), "{e}");
+        assert!(e.contains("no end-of-sequence token"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn file_errors_name_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope/tokenizer.json");
+        let e = format!("{:#}", Tokenizer::from_file(&missing).unwrap_err());
+        assert!(e.contains(&missing.display().to_string()), "{e}");
+
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "{not json").unwrap();
+        let e = format!("{:#}", Tokenizer::from_file(&bad).unwrap_err());
+        assert!(e.contains("bad.json") && e.contains("not a valid"), "{e}");
+
+        let e = format!(
+            "{:#}",
+            train_bpe(
+                std::slice::from_ref(&missing),
+                300,
+                &dir.path().join("o.json")
+            )
+            .unwrap_err()
+        );
+        assert!(e.contains(&missing.display().to_string()), "{e}");
+        let e = format!(
+            "{:#}",
+            train_bpe(&[bad], 10, &dir.path().join("o.json")).unwrap_err()
+        );
+        assert!(e.contains("vocab_size 10"), "{e}");
+    }
+}

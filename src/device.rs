@@ -1,0 +1,51 @@
+//! Picks the device (`--device cpu|cuda|auto`) and the compute dtype.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+
+use crate::config::DTypeChoice;
+
+pub fn select(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" | "gpu" => cuda(true),
+        "auto" => cuda(false),
+        other => bail!("--device: unknown device `{other}` (use cpu, cuda or auto)"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(required: bool) -> Result<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Ok(d),
+        Err(e) if required => bail!("--device cuda: no usable CUDA device: {e}"),
+        Err(_) => Ok(Device::Cpu),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(required: bool) -> Result<Device> {
+    if required {
+        bail!("--device cuda: this temper was built without CUDA (rebuild with --features cuda)");
+    }
+    Ok(Device::Cpu)
+}
+
+/// bf16 compute on CUDA by default (master weights and optimizer state stay f32); f32 on CPU,
+/// where bf16 matmuls are slow.
+pub fn compute_dtype(choice: DTypeChoice, device: &Device) -> DType {
+    match choice {
+        DTypeChoice::F32 => DType::F32,
+        DTypeChoice::Bf16 => DType::BF16,
+        DTypeChoice::Auto if device.is_cuda() => DType::BF16,
+        DTypeChoice::Auto => DType::F32,
+    }
+}
+
+pub fn describe(device: &Device) -> &'static str {
+    if device.is_cuda() {
+        "cuda:0"
+    } else {
+        "cpu"
+    }
+}

@@ -1,0 +1,208 @@
+//! Scaled-dot-product attention over `[batch, heads, time, head_dim]` tensors, with causal
+//! masking (a query offset for the KV-cache decode path), per-sequence key padding and GQA.
+//!
+//! Contract shared by the reference and the CUDA kernel: query `i` sits at absolute position
+//! `offset + i` and may see key `j` when `j <= offset + i` (if causal) and key `j` is valid; a
+//! query row that can see no key at all (a left-padding position) outputs zeros.
+
+use candle_core::{DType, Result, Tensor, D};
+
+use super::registry::{warn_fallback, KernelChoice};
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttnMask<'a> {
+    /// `Some(offset)` for causal attention; `offset` is the number of cached keys before the
+    /// first query (0 for a full forward pass).
+    pub causal_offset: Option<usize>,
+    /// `[batch, keys]`, 1.0 where a key is a real token and 0.0 where it is padding.
+    pub key_valid: Option<&'a Tensor>,
+}
+
+/// q: `[B, Hq, Tq, D]`, k and v: `[B, Hkv, Tk, D]` with `Hq % Hkv == 0`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+    choice: KernelChoice,
+) -> Result<Tensor> {
+    if choice == KernelChoice::Custom {
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            if let Some(y) = super::cuda::attention::attention(q, k, v, mask, scale)? {
+                return Ok(y);
+            }
+            warn_fallback(
+                "attention",
+                &format!("no flash kernel for {:?} head_dim {}", q.dtype(), q.dim(3)?),
+            );
+            return attention_reference(q, k, v, mask, scale);
+        }
+        if !q.device().is_cpu() || cfg!(feature = "cuda") {
+            warn_fallback("attention", "the flash kernel runs on CUDA only");
+        }
+    }
+    attention_reference(q, k, v, mask, scale)
+}
+
+/// Repeats each KV head `groups` times so that GQA reduces to ordinary multi-head attention.
+pub fn repeat_kv(x: &Tensor, groups: usize) -> Result<Tensor> {
+    if groups == 1 {
+        return Ok(x.clone());
+    }
+    let (b, h, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, h, groups, t, d))?
+        .reshape((b, h * groups, t, d))
+}
+
+/// `[B, 1, Tq, Tk]` of 1.0 (may attend) / 0.0, in f32.
+pub fn allowed_mask(
+    mask: &AttnMask,
+    b: usize,
+    tq: usize,
+    tk: usize,
+    dev: &candle_core::Device,
+) -> Result<Option<Tensor>> {
+    let causal = match mask.causal_offset {
+        Some(offset) => {
+            let rows: Vec<f32> = (0..tq)
+                .flat_map(|i| (0..tk).map(move |j| if j <= offset + i { 1.0 } else { 0.0 }))
+                .collect();
+            Some(Tensor::from_vec(rows, (1, 1, tq, tk), dev)?)
+        }
+        None => None,
+    };
+    let keys = match mask.key_valid {
+        Some(kv) => Some(kv.to_dtype(DType::F32)?.reshape((b, 1, 1, tk))?),
+        None => None,
+    };
+    Ok(match (causal, keys) {
+        (Some(c), Some(k)) => Some(c.broadcast_mul(&k)?),
+        (Some(c), None) => Some(c),
+        (None, Some(k)) => Some(k),
+        (None, None) => None,
+    })
+}
+
+pub fn attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, hq, tq, _) = q.dims4()?;
+    let (_, hkv, tk, _) = k.dims4()?;
+    if hq % hkv != 0 {
+        candle_core::bail!("attention: {hq} query heads is not a multiple of {hkv} kv heads");
+    }
+    let dtype = q.dtype();
+    let k = repeat_kv(&k.to_dtype(DType::F32)?, hq / hkv)?;
+    let v = repeat_kv(&v.to_dtype(DType::F32)?, hq / hkv)?;
+    let q = q.to_dtype(DType::F32)?;
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let probs = match allowed_mask(mask, b, tq, tk, q.device())? {
+        Some(allowed) => {
+            // Masked scores get a large negative bias rather than -inf so that a row with no
+            // visible key stays finite; multiplying by `allowed` then turns that row into zeros.
+            let bias = ((allowed.clone() - 1.0)? * 1e30)?;
+            let p = softmax_last(&scores.broadcast_add(&bias)?)?;
+            p.broadcast_mul(&allowed)?
+        }
+        None => softmax_last(&scores)?,
+    };
+    probs.matmul(&v.contiguous()?)?.to_dtype(dtype)
+}
+
+/// Differentiable softmax over the last dimension (candle-nn's fused one has no backward).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn single_query_is_softmax_weighted_values() {
+        let dev = Device::Cpu;
+        // One head, head_dim 1, two keys: scores q*k = [0, ln 3] -> weights [1/4, 3/4].
+        let q = Tensor::new(&[1.0f32], &dev)
+            .unwrap()
+            .reshape((1, 1, 1, 1))
+            .unwrap();
+        let k = Tensor::new(&[0.0f32, 3f32.ln()], &dev)
+            .unwrap()
+            .reshape((1, 1, 2, 1))
+            .unwrap();
+        let v = Tensor::new(&[4.0f32, 8.0], &dev)
+            .unwrap()
+            .reshape((1, 1, 2, 1))
+            .unwrap();
+        let y = attention_reference(&q, &k, &v, &AttnMask::default(), 1.0).unwrap();
+        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!((y[0] - 7.0).abs() < 1e-5, "{y:?}");
+        // Causal at position 0 sees only the first key.
+        let m = AttnMask {
+            causal_offset: Some(0),
+            key_valid: None,
+        };
+        let y = attention_reference(&q, &k, &v, &m, 1.0).unwrap();
+        assert!((y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] - 4.0).abs() < 1e-6);
+        // A padded first key leaves only the second; a row with no key gives zero.
+        let valid = Tensor::new(&[[0.0f32, 1.0]], &dev).unwrap();
+        let m = AttnMask {
+            causal_offset: None,
+            key_valid: Some(&valid),
+        };
+        let y = attention_reference(&q, &k, &v, &m, 1.0).unwrap();
+        assert!((y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] - 8.0).abs() < 1e-6);
+        let m = AttnMask {
+            causal_offset: Some(0),
+            key_valid: Some(&valid),
+        };
+        let y = attention_reference(&q, &k, &v, &m, 1.0).unwrap();
+        assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0], 0.0);
+    }
+
+    #[test]
+    fn gqa_equals_repeated_heads() {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 4, 3, 8), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (2, 2, 3, 8), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (2, 2, 3, 8), &dev).unwrap();
+        let m = AttnMask {
+            causal_offset: Some(0),
+            key_valid: None,
+        };
+        let a = attention_reference(&q, &k, &v, &m, 0.3).unwrap();
+        let k2 = repeat_kv(&k, 2).unwrap();
+        let v2 = repeat_kv(&v, 2).unwrap();
+        let b = attention_reference(&q, &k2, &v2, &m, 0.3).unwrap();
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+        // Head 1 of q uses kv head 0, head 2 uses kv head 1.
+        let q1 = q.narrow(1, 2, 1).unwrap();
+        let single = attention_reference(
+            &q1,
+            &k.narrow(1, 1, 1).unwrap(),
+            &v.narrow(1, 1, 1).unwrap(),
+            &m,
+            0.3,
+        )
+        .unwrap();
+        let full = attention_reference(&q, &k, &v, &m, 0.3).unwrap();
+        let d = (single - full.narrow(1, 2, 1).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+    }
+}

@@ -1,0 +1,660 @@
+//! Flash attention (`kernels/attention.cu`) as a differentiable candle op.
+//!
+//! The forward is a [`CustomOp3`] on `(q, k, v)`; the mask, the scale and the kernel choice
+//! live in the op, which also keeps what the backward needs: the per-row log-sum-exp and the
+//! per-sequence key range (first valid key, end of the valid keys, whether there are holes),
+//! computed once per call from `key_valid` by `attn_key_range`. The backward recomputes the
+//! scores tile by tile from the saved log-sum-exp (FlashAttention-2), with `D = rowsum(dO*O)`
+//! precomputed; under GQA the dK/dV kernels loop over every query head of their kv head, so
+//! the group's gradients are summed without atomics.
+//!
+//! Two implementations (see the comment on top of the .cu file): `Simple` (CUDA cores, any
+//! dtype, head dim up to 128, with a split-K decode mode for a few queries against a long
+//! cache) and `Mma` (tensor cores, bf16/f16, head dim 64 or 128). `Auto` takes `Mma` where it
+//! applies and the query block is more than [`DECODE_MAX_TQ`] rows. `TEMPER_ATTN_IMPL=simple`
+//! (or `mma`, `auto`) overrides the choice for the dispatcher.
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchArgs};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{
+    CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+};
+
+use super::super::attention::AttnMask;
+use super::{
+    after_launch, alloc_out, compute_capability, contiguous_view, cuda_storage, grid_stride,
+    load_func, sm_count, tensor_from_slice, to_i32, LaunchConfig, PushKernelArg,
+};
+
+/// Query blocks up to this many rows take the decode path (simple kernel, split over keys)
+/// under [`AttnImpl::Auto`]: a 64-row tensor-core tile would be mostly empty.
+pub const DECODE_MAX_TQ: usize = 16;
+/// Largest head dim of the simple kernels (instantiated for 32, 64, 96 and 128 lanes' worth).
+pub const MAX_HEAD_DIM: usize = 128;
+
+/// Which kernels run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnImpl {
+    Auto,
+    Simple,
+    Mma,
+}
+
+impl AttnImpl {
+    /// `TEMPER_ATTN_IMPL` (`auto` when unset or unknown).
+    pub fn from_env() -> Self {
+        match std::env::var("TEMPER_ATTN_IMPL").as_deref() {
+            Ok("simple") => Self::Simple,
+            Ok("mma") => Self::Mma,
+            _ => Self::Auto,
+        }
+    }
+}
+
+/// Our kernel for a CUDA tensor, or `None` where it does not apply (dtype, head dim > 128,
+/// empty tensors, a GPU older than sm_80): the caller then falls back to the reference.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    attention_with(q, k, v, mask, scale, AttnImpl::from_env())
+}
+
+/// [`attention`] with an explicit implementation (tests and benches compare them). `Mma`
+/// where it does not apply runs `Simple`.
+pub fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+    imp: AttnImpl,
+) -> Result<Option<Tensor>> {
+    let dtype = q.dtype();
+    if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+        || k.dtype() != dtype
+        || v.dtype() != dtype
+    {
+        return Ok(None);
+    }
+    let (b, hq, tq, d) = q.dims4()?;
+    let (bk, hkv, tk, dk) = k.dims4()?;
+    if v.dims() != k.dims() || bk != b || dk != d || hkv == 0 || hq % hkv != 0 {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit [B, H, T, D] with Hq % Hkv == 0",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if d == 0 || d > MAX_HEAD_DIM || b * hq * tq == 0 || tk == 0 {
+        return Ok(None);
+    }
+    let Ok(dev) = q.device().as_cuda_device() else {
+        return Ok(None);
+    };
+    if compute_capability(dev)? < (8, 0) {
+        return Ok(None);
+    }
+    let offset = mask.causal_offset;
+    if let Some(off) = offset {
+        to_i32(off + tq, "causal offset + query length")?;
+    }
+    to_i32(b * hq * tq.max(tk), "rows")?;
+    let key_valid = match mask.key_valid {
+        Some(kv) => {
+            if kv.dims() != [b, tk] {
+                candle_core::bail!(
+                    "attention: key_valid {:?} is not [batch {b}, keys {tk}]",
+                    kv.dims()
+                );
+            }
+            Some(
+                kv.to_device(q.device())?
+                    .to_dtype(DType::F32)?
+                    .contiguous()?,
+            )
+        }
+        None => None,
+    };
+    let op = FlashAttn {
+        scale,
+        causal: offset,
+        key_valid,
+        imp,
+        saved: Mutex::new(None),
+    };
+    let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
+    Ok(Some(q.apply_op3(&k, &v, op)?))
+}
+
+/// Contiguous, starting on a 16-byte boundary (the tensor-core kernels load 16-byte chunks).
+fn aligned(t: &Tensor) -> Result<Tensor> {
+    let t = t.contiguous()?;
+    if (t.layout().start_offset() * t.dtype().size_in_bytes()) % 16 == 0 {
+        Ok(t)
+    } else {
+        t.copy()
+    }
+}
+
+fn mma_applies(dtype: DType, d: usize) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && (d == 64 || d == 128)
+}
+
+struct FlashAttn {
+    scale: f64,
+    causal: Option<usize>,
+    /// `[B, Tk]` f32 on the device.
+    key_valid: Option<Tensor>,
+    imp: AttnImpl,
+    saved: Mutex<Option<Saved>>,
+}
+
+/// Written by the forward for the backward.
+struct Saved {
+    /// `[B, Hq, Tq]` natural-log log-sum-exp of the scaled scores (+inf: row sees no key).
+    lse: CudaSlice<f32>,
+    /// `[B, 3]`: first valid key, last valid key + 1, no holes in between (1/0).
+    krange: Option<CudaSlice<i32>>,
+}
+
+/// Problem sizes as the kernels take them.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    b: usize,
+    hq: usize,
+    hkv: usize,
+    tq: usize,
+    tk: usize,
+    d: usize,
+}
+
+impl Dims {
+    fn new(lq: &Layout, lk: &Layout) -> Result<Self> {
+        let (b, hq, tq, d) = lq.shape().dims4()?;
+        let (_, hkv, tk, _) = lk.shape().dims4()?;
+        Ok(Self {
+            b,
+            hq,
+            hkv,
+            tq,
+            tk,
+            d,
+        })
+    }
+    fn groups(&self) -> usize {
+        self.hq / self.hkv
+    }
+    fn q_rows(&self) -> usize {
+        self.b * self.hq * self.tq
+    }
+}
+
+/// The int/float scalars every attention kernel takes after its pointers.
+struct Scalars {
+    hq: i32,
+    hkv: i32,
+    tq: i32,
+    tk: i32,
+    d: i32,
+    causal: i32,
+    offset: i32,
+    scale_log2: f32,
+    scale: f32,
+}
+
+static NULL_PTR: u64 = 0;
+
+/// Pushes an optional device buffer; the kernels read a null pointer as "absent".
+fn push_opt<'a, T>(b: &mut LaunchArgs<'a>, view: &'a Option<CudaView<'a, T>>) {
+    match view {
+        Some(v) => b.arg(v),
+        None => b.arg(&NULL_PTR),
+    };
+}
+
+/// Grows a kernel's dynamic shared-memory limit past the 48 KiB default.
+fn allow_smem(dev: &CudaDevice, func: &super::CudaFunction, bytes: usize) -> Result<()> {
+    dev.cuda_stream().context().bind_to_thread().w()?;
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .w()
+}
+
+fn fwd_mma_smem(d: usize) -> usize {
+    (64 + 4 * 64) * d * 2 + 2 * 64 * 4
+}
+
+/// Query rows per step of the tensor-core backward (see `bwd_mma` in the .cu file).
+fn bwd_mma_bq(d: usize) -> usize {
+    if d == 128 {
+        32
+    } else {
+        64
+    }
+}
+
+fn bwd_mma_smem(d: usize) -> usize {
+    let bq = bwd_mma_bq(d);
+    (2 * 64 + 4 * bq) * d * 2 + 64 * (bq + 8) * 2 + 4 * bq * 4
+}
+
+impl FlashAttn {
+    fn use_mma(&self, dtype: DType, dims: &Dims) -> bool {
+        mma_applies(dtype, dims.d)
+            && match self.imp {
+                AttnImpl::Mma => true,
+                AttnImpl::Simple => false,
+                AttnImpl::Auto => dims.tq > DECODE_MAX_TQ,
+            }
+    }
+
+    fn scalars(&self, dims: &Dims) -> Result<Scalars> {
+        Ok(Scalars {
+            hq: to_i32(dims.hq, "query heads")?,
+            hkv: to_i32(dims.hkv, "kv heads")?,
+            tq: to_i32(dims.tq, "queries")?,
+            tk: to_i32(dims.tk, "keys")?,
+            d: to_i32(dims.d, "head dim")?,
+            causal: i32::from(self.causal.is_some()),
+            offset: to_i32(self.causal.unwrap_or(0), "causal offset")?,
+            scale_log2: (self.scale * std::f64::consts::LOG2_E) as f32,
+            scale: self.scale as f32,
+        })
+    }
+
+    fn saved(&self) -> MutexGuard<'_, Option<Saved>> {
+        self.saved.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `attn_key_range` over `key_valid` (None without a key mask).
+    fn key_range(&self, dev: &CudaDevice, dims: &Dims) -> Result<Option<CudaSlice<i32>>> {
+        let Some(kv) = &self.key_valid else {
+            return Ok(None);
+        };
+        let (guard, layout) = kv.storage_and_layout();
+        let valid = contiguous_view::<f32>(cuda_storage(&guard)?, layout)?;
+        // SAFETY: one block per sequence writes its three ints.
+        let mut out = unsafe { alloc_out::<i32>(dev, dims.b * 3)? };
+        let func = load_func(dev, "attention", "attn_key_range")?;
+        let tk = to_i32(dims.tk, "keys")?;
+        let cfg = LaunchConfig {
+            grid_dim: (dims.b as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
+        b.arg(&valid).arg(&mut out).arg(&tk);
+        // SAFETY: matches `attn_key_range(const float*, int*, int)`; valid is [B, Tk].
+        unsafe { b.launch(cfg) }.w()?;
+        after_launch(dev, "attn_key_range")?;
+        Ok(Some(out))
+    }
+
+    fn forward<T: CudaDType + DeviceRepr + WithDType>(
+        &self,
+        (sq, lq): (&CudaStorage, &Layout),
+        (sk, lk): (&CudaStorage, &Layout),
+        (sv, lv): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = sq.device();
+        let dims = Dims::new(lq, lk)?;
+        let sc = self.scalars(&dims)?;
+        let q = contiguous_view::<T>(sq, lq)?;
+        let k = contiguous_view::<T>(sk, lk)?;
+        let v = contiguous_view::<T>(sv, lv)?;
+        let krange = self.key_range(dev, &dims)?;
+        let kv_guard = self.key_valid.as_ref().map(|t| t.storage_and_layout());
+        let kvalid = match &kv_guard {
+            Some((g, l)) => Some(contiguous_view::<f32>(cuda_storage(g)?, l)?),
+            None => None,
+        };
+        let krange_view = krange.as_ref().map(|s| s.slice(..));
+        let nrows = dims.q_rows();
+        // SAFETY: every query row is written by exactly one warp (simple) or one block
+        // (mma), zeros and lse = +inf included for rows that see no key; with a split, the
+        // combine kernel writes every row from partials that every split writes.
+        let mut o = unsafe { alloc_out::<T>(dev, nrows * dims.d)? };
+        let mut lse = unsafe { alloc_out::<f32>(dev, nrows)? };
+        let stream = dev.cuda_stream();
+        let dt = T::DTYPE.as_str();
+
+        if self.use_mma(T::DTYPE, &dims) {
+            let name = format!("attn_fwd_mma_{dt}_h{}", dims.d);
+            let func = load_func(dev, "attention", &name)?;
+            let smem = fwd_mma_smem(dims.d);
+            allow_smem(dev, &func, smem)?;
+            let cfg = LaunchConfig {
+                grid_dim: ((dims.b * dims.hq) as u32, dims.tq.div_ceil(64) as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            let mut b = stream.launch_builder(&func);
+            b.arg(&q).arg(&k).arg(&v).arg(&mut o).arg(&mut lse);
+            push_opt(&mut b, &kvalid);
+            push_opt(&mut b, &krange_view);
+            b.arg(&sc.hq).arg(&sc.hkv).arg(&sc.tq).arg(&sc.tk);
+            b.arg(&sc.causal).arg(&sc.offset).arg(&sc.scale_log2);
+            // SAFETY: matches `attn_fwd_mma_*` in kernels/attention.cu; sizes checked.
+            unsafe { b.launch(cfg) }.w()?;
+            after_launch(dev, &name)?;
+        } else {
+            let dpl = dims.d.div_ceil(32);
+            let name = format!("attn_fwd_simple_{dt}_d{dpl}");
+            let func = load_func(dev, "attention", &name)?;
+            let rows = dims.groups() * dims.tq;
+            let nw = rows.min(8);
+            let row_blocks = rows.div_ceil(nw);
+            let base = row_blocks * dims.b * dims.hkv;
+            // Decode: too few blocks to fill the GPU, so split the keys (>= 128 per split).
+            let target = 2 * sm_count(dev)? as usize;
+            let nsplit = if base < target && dims.tk > 256 {
+                target.div_ceil(base).min(dims.tk.div_ceil(128)).min(64)
+            } else {
+                1
+            };
+            let cfg = LaunchConfig {
+                grid_dim: ((dims.b * dims.hkv) as u32, row_blocks as u32, nsplit as u32),
+                block_dim: (32 * nw as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: with a split every (split, row) pair is written by one warp.
+            let mut part: Option<(CudaSlice<f32>, CudaSlice<f32>)> = if nsplit > 1 {
+                unsafe {
+                    Some((
+                        alloc_out::<f32>(dev, nsplit * nrows * dims.d)?,
+                        alloc_out::<f32>(dev, nsplit * nrows)?,
+                    ))
+                }
+            } else {
+                None
+            };
+            {
+                let mut b = stream.launch_builder(&func);
+                b.arg(&q).arg(&k).arg(&v).arg(&mut o).arg(&mut lse);
+                push_opt(&mut b, &kvalid);
+                push_opt(&mut b, &krange_view);
+                match &mut part {
+                    Some((op, lp)) => b.arg(op).arg(lp),
+                    None => b.arg(&NULL_PTR).arg(&NULL_PTR),
+                };
+                b.arg(&sc.hq)
+                    .arg(&sc.hkv)
+                    .arg(&sc.tq)
+                    .arg(&sc.tk)
+                    .arg(&sc.d);
+                b.arg(&sc.causal).arg(&sc.offset).arg(&sc.scale_log2);
+                // SAFETY: matches `attn_fwd_simple_*`; D <= 32 * dpl; sizes checked.
+                unsafe { b.launch(cfg) }.w()?;
+                after_launch(dev, &name)?;
+            }
+            if let Some((opart, lpart)) = &part {
+                let name = format!("attn_combine_{dt}");
+                let func = load_func(dev, "attention", &name)?;
+                let (nrows_i, ns) = (to_i32(nrows, "rows")?, nsplit as i32);
+                let cfg = LaunchConfig {
+                    grid_dim: (nrows.div_ceil(8) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let mut b = stream.launch_builder(&func);
+                b.arg(opart).arg(lpart).arg(&mut o).arg(&mut lse);
+                b.arg(&nrows_i).arg(&sc.d).arg(&ns);
+                // SAFETY: matches `attn_combine_*`; partials hold nsplit * nrows rows.
+                unsafe { b.launch(cfg) }.w()?;
+                after_launch(dev, &name)?;
+            }
+        }
+        // The views above borrow `krange` and the mask's storage; they end here.
+        drop(kv_guard);
+        *self.saved() = Some(Saved { lse, krange });
+        Ok((
+            CudaStorage::wrap_cuda_slice(o, dev.clone()),
+            lq.shape().clone(),
+        ))
+    }
+
+    /// dq, dk, dv from the saved log-sum-exp.
+    fn backward<T: CudaDType + DeviceRepr + WithDType>(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let saved = self.saved();
+        let Some(saved) = saved.as_ref() else {
+            candle_core::bail!("attention backward: the forward saved no log-sum-exp");
+        };
+        let (gq, lq) = q.storage_and_layout();
+        let (gk, lk) = k.storage_and_layout();
+        let (gv, lv) = v.storage_and_layout();
+        let (go, lo) = o.storage_and_layout();
+        let (gd, ld) = dout.storage_and_layout();
+        let sq = cuda_storage(&gq)?;
+        let dev = sq.device().clone();
+        let qv = contiguous_view::<T>(sq, lq)?;
+        let kv = contiguous_view::<T>(cuda_storage(&gk)?, lk)?;
+        let vv = contiguous_view::<T>(cuda_storage(&gv)?, lv)?;
+        let ov = contiguous_view::<T>(cuda_storage(&go)?, lo)?;
+        let dov = contiguous_view::<T>(cuda_storage(&gd)?, ld)?;
+        let kv_guard = self.key_valid.as_ref().map(|t| t.storage_and_layout());
+        let kvalid = match &kv_guard {
+            Some((g, l)) => Some(contiguous_view::<f32>(cuda_storage(g)?, l)?),
+            None => None,
+        };
+        let krange_view = saved.krange.as_ref().map(|s| s.slice(..));
+        let lse = saved.lse.slice(..);
+
+        let dims = Dims::new(lq, lk)?;
+        let sc = self.scalars(&dims)?;
+        let nrows = dims.q_rows();
+        let nkv = dims.b * dims.hkv * dims.tk * dims.d;
+        let stream = dev.cuda_stream();
+        let dt = T::DTYPE.as_str();
+
+        // D = rowsum(dO * O), one warp per row.
+        // SAFETY: one warp per row writes it.
+        let mut dvec = unsafe { alloc_out::<f32>(&dev, nrows)? };
+        {
+            let name = format!("attn_bwd_dot_{dt}");
+            let func = load_func(&dev, "attention", &name)?;
+            let nrows_i = to_i32(nrows, "rows")?;
+            let cfg = LaunchConfig {
+                grid_dim: (nrows.div_ceil(8) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = stream.launch_builder(&func);
+            b.arg(&ov).arg(&dov).arg(&mut dvec).arg(&nrows_i).arg(&sc.d);
+            // SAFETY: matches `attn_bwd_dot_*`.
+            unsafe { b.launch(cfg) }.w()?;
+            after_launch(&dev, &name)?;
+        }
+
+        // SAFETY (all three): dk/dv rows are written by the block or warp that owns the key,
+        // zeros included; dq by the dQ kernel (simple) or the conversion of the accumulator.
+        let mut dq = unsafe { alloc_out::<T>(&dev, nrows * dims.d)? };
+        let mut dk = unsafe { alloc_out::<T>(&dev, nkv)? };
+        let mut dv = unsafe { alloc_out::<T>(&dev, nkv)? };
+
+        if self.use_mma(T::DTYPE, &dims) {
+            let mut acc = dev.alloc_zeros::<f32>(nrows * dims.d)?;
+            let name = format!("attn_bwd_mma_{dt}_h{}", dims.d);
+            let func = load_func(&dev, "attention", &name)?;
+            let smem = bwd_mma_smem(dims.d);
+            allow_smem(&dev, &func, smem)?;
+            let cfg = LaunchConfig {
+                grid_dim: ((dims.b * dims.hkv) as u32, dims.tk.div_ceil(64) as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            let mut b = stream.launch_builder(&func);
+            b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lse).arg(&dvec);
+            push_opt(&mut b, &kvalid);
+            push_opt(&mut b, &krange_view);
+            b.arg(&mut dk).arg(&mut dv).arg(&mut acc);
+            b.arg(&sc.hq).arg(&sc.hkv).arg(&sc.tq).arg(&sc.tk);
+            b.arg(&sc.causal)
+                .arg(&sc.offset)
+                .arg(&sc.scale_log2)
+                .arg(&sc.scale);
+            // SAFETY: matches `attn_bwd_mma_*`; acc is zeroed, [B, Hq, Tq, D] f32.
+            unsafe { b.launch(cfg) }.w()?;
+            after_launch(&dev, &name)?;
+
+            let name = format!("attn_dq_convert_{dt}");
+            let func = load_func(&dev, "attention", &name)?;
+            let n = (nrows * dims.d) as u64;
+            let cfg = grid_stride(&dev, nrows * dims.d, 256)?;
+            let mut b = stream.launch_builder(&func);
+            b.arg(&acc).arg(&mut dq).arg(&n).arg(&sc.scale);
+            // SAFETY: matches `attn_dq_convert_*`; both buffers hold n elements.
+            unsafe { b.launch(cfg) }.w()?;
+            after_launch(&dev, &name)?;
+        } else {
+            let dpl = dims.d.div_ceil(32);
+            let rows = dims.groups() * dims.tq;
+            let nw = rows.min(8);
+            let name = format!("attn_bwd_dq_simple_{dt}_d{dpl}");
+            let func = load_func(&dev, "attention", &name)?;
+            let cfg = LaunchConfig {
+                grid_dim: ((dims.b * dims.hkv) as u32, rows.div_ceil(nw) as u32, 1),
+                block_dim: (32 * nw as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            {
+                let mut b = stream.launch_builder(&func);
+                b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lse).arg(&dvec);
+                push_opt(&mut b, &kvalid);
+                push_opt(&mut b, &krange_view);
+                b.arg(&mut dq);
+                b.arg(&sc.hq)
+                    .arg(&sc.hkv)
+                    .arg(&sc.tq)
+                    .arg(&sc.tk)
+                    .arg(&sc.d);
+                b.arg(&sc.causal)
+                    .arg(&sc.offset)
+                    .arg(&sc.scale_log2)
+                    .arg(&sc.scale);
+                // SAFETY: matches `attn_bwd_dq_simple_*`.
+                unsafe { b.launch(cfg) }.w()?;
+                after_launch(&dev, &name)?;
+            }
+            let name = format!("attn_bwd_dkdv_simple_{dt}_d{dpl}");
+            let func = load_func(&dev, "attention", &name)?;
+            let cfg = LaunchConfig {
+                grid_dim: ((dims.b * dims.hkv) as u32, dims.tk.div_ceil(8) as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = stream.launch_builder(&func);
+            b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lse).arg(&dvec);
+            push_opt(&mut b, &kvalid);
+            push_opt(&mut b, &krange_view);
+            b.arg(&mut dk).arg(&mut dv);
+            b.arg(&sc.hq)
+                .arg(&sc.hkv)
+                .arg(&sc.tq)
+                .arg(&sc.tk)
+                .arg(&sc.d);
+            b.arg(&sc.causal)
+                .arg(&sc.offset)
+                .arg(&sc.scale_log2)
+                .arg(&sc.scale);
+            // SAFETY: matches `attn_bwd_dkdv_simple_*`.
+            unsafe { b.launch(cfg) }.w()?;
+            after_launch(&dev, &name)?;
+        }
+        Ok((
+            tensor_from_slice(dq, &dev, q.shape()),
+            tensor_from_slice(dk, &dev, k.shape()),
+            tensor_from_slice(dv, &dev, v.shape()),
+        ))
+    }
+}
+
+impl CustomOp3 for FlashAttn {
+    fn name(&self) -> &'static str {
+        "temper-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the flash attention op runs on CUDA only (use attention_reference)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        sq: &CudaStorage,
+        lq: &Layout,
+        sk: &CudaStorage,
+        lk: &Layout,
+        sv: &CudaStorage,
+        lv: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let args = ((sq, lq), (sk, lk), (sv, lv));
+        match sq.dtype() {
+            DType::F32 => self.forward::<f32>(args.0, args.1, args.2),
+            DType::BF16 => self.forward::<half::bf16>(args.0, args.1, args.2),
+            DType::F16 => self.forward::<half::f16>(args.0, args.1, args.2),
+            dt => candle_core::bail!("flash attention: no kernel for {dt:?}"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dout = aligned(grad)?;
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => self.backward::<f32>(q, k, v, o, &dout)?,
+            DType::BF16 => self.backward::<half::bf16>(q, k, v, o, &dout)?,
+            DType::F16 => self.backward::<half::f16>(q, k, v, o, &dout)?,
+            dt => candle_core::bail!("flash attention backward: no kernel for {dt:?}"),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_memory_plans_fit_an_sm80_block() {
+        // A100 allows 163 KiB of dynamic shared memory per block, H100 227 KiB.
+        for d in [64, 128] {
+            assert!(fwd_mma_smem(d) <= 163 * 1024, "fwd d={d}");
+            assert!(bwd_mma_smem(d) <= 163 * 1024, "bwd d={d}");
+        }
+        assert_eq!(fwd_mma_smem(128), 82_432);
+        assert_eq!(bwd_mma_smem(128), 70_144);
+        assert!(mma_applies(DType::BF16, 64) && !mma_applies(DType::F32, 64));
+        assert!(!mma_applies(DType::F16, 96));
+    }
+}

@@ -1,0 +1,661 @@
+//! Fused LoRA linear layer as a differentiable candle op: `y = x W^T + bias + s (x A^T) B^T`,
+//! gradients for x, A and B (W and the bias are frozen: none for them).
+//!
+//! How the fusion works (details on top of kernels/lora.cu): the rank-r product and the bias
+//! ride in the accumulator of the base GEMM instead of taking passes of their own, as the
+//! product `[x | s x A^T | 1] [W | B | bias]^T` would, without copying x:
+//!
+//! - forward: `u_ext = [s x A^T | 1 | 0]` (cuBLAS, written into a padded `[M, r8]` buffer)
+//!   and `B_ext = [B | bias | 0]` (`lora_pack`); `y = u_ext B_ext^T` (K = r8), then
+//!   `y += x W^T` with beta = 1. Passes over `[M, N]`: one write, one read-modify-write
+//!   (the unfused composite makes six: base, bias, up-projection, scale, add).
+//! - backward: `lora_dy` reads dY once for both `g = s dY B` ("dS") and `dB = dY^T u_s`
+//!   (falls back to two cuBLAS calls where that moves fewer bytes, or for f32); then
+//!   `dx = g A` and `dx += dY W` (beta = 1), `dA = g^T x`.
+//!
+//! All big products are cuBLAS (through candle's handle, on candle's stream) with f32
+//! accumulation; `TEMPER_LORA_DY=fused|cublas` forces the backward's choice for dY.
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublas::{result as cublas, sys as cublas_sys};
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{
+    CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+};
+
+use super::super::lora::LoraArgs;
+use super::{
+    after_launch, alloc_out, compute_capability, contiguous_view, cuda_storage, grid_stride,
+    load_func, sm_count, tensor_from_slice, to_i32, LaunchConfig, PushKernelArg,
+};
+
+/// How the backward computes `g = s dY B` and `dB = dY^T u_s`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DyPath {
+    /// `lora_dy` where it applies and moves fewer bytes than two cuBLAS calls.
+    Auto,
+    /// `lora_dy` whenever it applies (bf16/f16, rank <= 64, N % 8 == 0).
+    Fused,
+    /// Two cuBLAS calls, each reading dY.
+    Cublas,
+}
+
+impl DyPath {
+    /// `TEMPER_LORA_DY` (`auto` when unset or unknown).
+    pub fn from_env() -> Self {
+        match std::env::var("TEMPER_LORA_DY").as_deref() {
+            Ok("fused") => Self::Fused,
+            Ok("cublas") => Self::Cublas,
+            _ => Self::Auto,
+        }
+    }
+}
+
+/// Our op for a CUDA input, or `None` where it does not apply (dtype, a GPU older than sm_80):
+/// the caller then falls back to the reference.
+pub fn lora_linear(x: &Tensor, args: &LoraArgs) -> Result<Option<Tensor>> {
+    lora_linear_with(x, args, DyPath::from_env())
+}
+
+/// [`lora_linear`] with an explicit backward path (tests and benches compare them).
+pub fn lora_linear_with(x: &Tensor, args: &LoraArgs, dy: DyPath) -> Result<Option<Tensor>> {
+    let dtype = x.dtype();
+    let same = [args.w, args.a, args.b]
+        .into_iter()
+        .chain(args.bias)
+        .all(|t| t.dtype() == dtype);
+    if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) || !same {
+        return Ok(None);
+    }
+    let Ok(dev) = x.device().as_cuda_device() else {
+        return Ok(None);
+    };
+    let k = x.dim(candle_core::D::Minus1)?;
+    let (n, kw) = args.w.dims2()?;
+    let (r, ka) = args.a.dims2()?;
+    if kw != k || ka != k || args.b.dims() != [n, r] {
+        candle_core::bail!(
+            "lora: x [.., {k}], W {:?}, A {:?}, B {:?} do not fit W [N, K], A [r, K], B [N, r]",
+            args.w.dims(),
+            args.a.dims(),
+            args.b.dims()
+        );
+    }
+    if let Some(bias) = args.bias {
+        if bias.dims() != [n] {
+            candle_core::bail!("lora: bias {:?} is not [{n}]", bias.dims());
+        }
+    }
+    let m = x.elem_count() / k.max(1);
+    if m == 0 || n == 0 || k == 0 || r == 0 || compute_capability(dev)? < (8, 0) {
+        return Ok(None);
+    }
+    for (v, what) in [(m * k.max(n), "rows x cols"), (n * k, "weight size")] {
+        to_i32(v, what)?;
+    }
+    let op = LoraOp {
+        w: args.w.detach().contiguous()?,
+        bias: args.bias.map(|b| b.detach().contiguous()).transpose()?,
+        scale: args.scale,
+        dy,
+        saved: Mutex::new(None),
+    };
+    let x2 = x.reshape((m, k))?.contiguous()?;
+    let y = x2.apply_op3(&args.a.contiguous()?, &args.b.contiguous()?, op)?;
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("x has a last dim") = n;
+    Ok(Some(y.reshape(out_dims)?))
+}
+
+struct LoraOp {
+    /// `[N, K]`, frozen.
+    w: Tensor,
+    /// `[N]`, frozen.
+    bias: Option<Tensor>,
+    scale: f64,
+    dy: DyPath,
+    saved: Mutex<Option<Saved>>,
+}
+
+/// Written by the forward for the backward.
+struct Saved {
+    /// `[M, r8]`: `s x A^T` in the first r columns.
+    u_ext: Tensor,
+    /// `[N, r8]`: B in the first r columns.
+    b_ext: Tensor,
+}
+
+/// `r + 1` (room for the bias column) rounded up to a multiple of 8, so the packed rows stay
+/// 16-byte aligned for cuBLAS and cp.async.
+fn padded_rank(r: usize, has_bias: bool) -> usize {
+    (r + usize::from(has_bias)).div_ceil(8) * 8
+}
+
+fn cuda_dtype(dtype: DType) -> Result<cublas_sys::cudaDataType> {
+    Ok(match dtype {
+        DType::F32 => cublas_sys::cudaDataType::CUDA_R_32F,
+        DType::BF16 => cublas_sys::cudaDataType::CUDA_R_16BF,
+        DType::F16 => cublas_sys::cudaDataType::CUDA_R_16F,
+        dt => candle_core::bail!("lora: no cuBLAS type for {dt:?}"),
+    })
+}
+
+/// Row-major `C[m, n] = alpha op(A) op(B) + beta C` on candle's cuBLAS handle, where
+/// `op(X) = X^T` when its flag is set and every matrix is given by a device pointer and its
+/// row stride. cuBLAS is column-major, so this computes `C^T = op(B)^T op(A)^T` there.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    dev: &CudaDevice,
+    dtype: DType,
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    (a, lda, ta): (u64, usize, bool),
+    (b, ldb, tb): (u64, usize, bool),
+    beta: f32,
+    (c, ldc): (u64, usize),
+) -> Result<()> {
+    use cublas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+    let ty = cuda_dtype(dtype)?;
+    let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+    let blas = dev.cublas_handle();
+    // SAFETY: the pointers come from live device buffers of the sizes the callers checked;
+    // alpha and beta are f32 as CUBLAS_COMPUTE_32F requires for every data type here.
+    unsafe {
+        cublas::gemm_ex(
+            *blas.handle(),
+            op(tb),
+            op(ta),
+            to_i32(n, "gemm n")?,
+            to_i32(m, "gemm m")?,
+            to_i32(k, "gemm k")?,
+            (&alpha) as *const f32 as *const _,
+            b as *const _,
+            ty,
+            to_i32(ldb, "gemm ldb")?,
+            a as *const _,
+            ty,
+            to_i32(lda, "gemm lda")?,
+            (&beta) as *const f32 as *const _,
+            c as *mut _,
+            ty,
+            to_i32(ldc, "gemm ldc")?,
+            cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+        )
+    }
+    .map_err(|e| candle_core::Error::Msg(format!("lora: cuBLAS gemm failed: {e:?}")))
+}
+
+/// The region plan of `lora_dy`: each block owns `mc` rows x `nc` columns of dY.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DyPlan {
+    rp: usize,
+    mc: usize,
+    nc: usize,
+    nbx: usize,
+    nby: usize,
+}
+
+/// Shared-memory budget of one `lora_dy` block (pipeline stages plus f32 accumulators): two
+/// blocks fit an A100 or H100 SM.
+const DY_SMEM_BYTES: usize = 96 * 1024;
+
+impl DyPlan {
+    /// About two blocks per SM, with the regions' aspect chosen so that the partial sums
+    /// (`nbx` copies of g, `nby` of dB) are as small as they can be for that many blocks.
+    fn new(m: usize, n: usize, r: usize, sms: usize) -> Option<Self> {
+        // The ranks `lora_dy` is instantiated for (kernels/lora.cu).
+        let rp = [16, 32, 64].into_iter().find(|&rp| r <= rp)?;
+        let p = (2 * sms).max(1) as f64;
+        let round64 = |v: f64| ((v.max(1.0) / 64.0).ceil() as usize).max(1) * 64;
+        let nbx_f = (p * n as f64 / m as f64).sqrt().max(1.0);
+        let mut nc = round64(n as f64 / nbx_f);
+        let nbx = n.div_ceil(nc);
+        let nby_f = (p / nbx as f64).max(1.0);
+        let mut mc = round64(m as f64 / nby_f);
+        let acc_budget = DY_SMEM_BYTES - Self::stage_bytes(rp);
+        while (mc + nc) * rp * 4 > acc_budget && mc + nc > 128 {
+            if mc >= nc {
+                mc = (mc / 2).div_ceil(64) * 64;
+            } else {
+                nc = (nc / 2).div_ceil(64) * 64;
+            }
+        }
+        Some(Self {
+            rp,
+            mc,
+            nc,
+            nbx: n.div_ceil(nc),
+            nby: m.div_ceil(mc),
+        })
+    }
+
+    /// Two stages of a 64 x 64 dY tile plus 64-row tiles of B_ext and u_ext (rows padded
+    /// by 8 elements), 2-byte elements.
+    fn stage_bytes(rp: usize) -> usize {
+        2 * (64 * 64 + 2 * 64 * (rp + 8)) * 2
+    }
+
+    fn smem_bytes(&self) -> usize {
+        Self::stage_bytes(self.rp) + (self.mc + self.nc) * self.rp * 4
+    }
+
+    /// Bytes the fused pass moves beyond reading dY: partials written and read back.
+    fn partial_bytes(&self, m: usize, n: usize) -> usize {
+        2 * 4 * self.rp * (self.nbx * m + self.nby * n)
+    }
+}
+
+impl LoraOp {
+    fn saved(&self) -> MutexGuard<'_, Option<Saved>> {
+        self.saved.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn forward<T: CudaDType + DeviceRepr + WithDType>(
+        &self,
+        (sx, lx): (&CudaStorage, &Layout),
+        (sa, la): (&CudaStorage, &Layout),
+        (sb, lb): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = sx.device();
+        let (m, k) = lx.shape().dims2()?;
+        let (r, _) = la.shape().dims2()?;
+        let n = self.w.dim(0)?;
+        let has_bias = self.bias.is_some();
+        let r8 = padded_rank(r, has_bias);
+        let x = contiguous_view::<T>(sx, lx)?;
+        let a = contiguous_view::<T>(sa, la)?;
+        let bm = contiguous_view::<T>(sb, lb)?;
+        let (wg, wl) = self.w.storage_and_layout();
+        let w = contiguous_view::<T>(cuda_storage(&wg)?, wl)?;
+        let bias_guard = self.bias.as_ref().map(|t| t.storage_and_layout());
+        let bias = match &bias_guard {
+            Some((g, l)) => Some(contiguous_view::<T>(cuda_storage(g)?, l)?),
+            None => None,
+        };
+
+        // SAFETY: cuBLAS writes the first r columns of u_ext, lora_pack the rest and all of
+        // b_ext; y is written by the beta = 0 product before the beta = 1 one reads it.
+        let mut u_ext = unsafe { alloc_out::<T>(dev, m * r8)? };
+        let mut b_ext = unsafe { alloc_out::<T>(dev, n * r8)? };
+        let mut y = unsafe { alloc_out::<T>(dev, m * n)? };
+
+        let name = format!("lora_pack_{}", T::DTYPE.as_str());
+        let func = load_func(dev, "lora", &name)?;
+        let total = m * (r8 - r) + n * r8;
+        let (mi, ni, ri, r8i) = (
+            to_i32(m, "rows")?,
+            to_i32(n, "out features")?,
+            to_i32(r, "rank")?,
+            to_i32(r8, "padded rank")?,
+        );
+        {
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&func);
+            b.arg(&mut u_ext).arg(&mut b_ext).arg(&bm);
+            static NULL_PTR: u64 = 0;
+            match &bias {
+                Some(v) => b.arg(v),
+                None => b.arg(&NULL_PTR),
+            };
+            b.arg(&mi).arg(&ni).arg(&ri).arg(&r8i);
+            // SAFETY: matches `lora_pack_*` in kernels/lora.cu.
+            unsafe { b.launch(grid_stride(dev, total, 256)?) }.w()?;
+            after_launch(dev, &name)?;
+        }
+
+        let dt = T::DTYPE;
+        {
+            // Raw pointers for cuBLAS; the guards keep cudarc's stream ordering until the
+            // products are enqueued.
+            let stream = dev.cuda_stream();
+            let (px, _gx) = x.device_ptr(&stream);
+            let (pa, _ga) = a.device_ptr(&stream);
+            let (pw, _gw) = w.device_ptr(&stream);
+            let (pu, _gu) = u_ext.device_ptr_mut(&stream);
+            let (pbe, _gb) = b_ext.device_ptr_mut(&stream);
+            let (py, _gy) = y.device_ptr_mut(&stream);
+            let s = self.scale as f32;
+            // u_ext[:, :r] = s x A^T
+            gemm(
+                dev,
+                dt,
+                (m, r, k),
+                s,
+                (px, k, false),
+                (pa, k, true),
+                0.0,
+                (pu, r8),
+            )?;
+            // y = u_ext B_ext^T = s (x A^T) B^T + bias
+            gemm(
+                dev,
+                dt,
+                (m, n, r8),
+                1.0,
+                (pu, r8, false),
+                (pbe, r8, true),
+                0.0,
+                (py, n),
+            )?;
+            // y += x W^T, inside the base GEMM's accumulator
+            gemm(
+                dev,
+                dt,
+                (m, n, k),
+                1.0,
+                (px, k, false),
+                (pw, k, true),
+                1.0,
+                (py, n),
+            )?;
+        }
+        drop(bias_guard);
+        *self.saved() = Some(Saved {
+            u_ext: tensor_from_slice(u_ext, dev, (m, r8)),
+            b_ext: tensor_from_slice(b_ext, dev, (n, r8)),
+        });
+        Ok((
+            CudaStorage::wrap_cuda_slice(y, dev.clone()),
+            Shape::from((m, n)),
+        ))
+    }
+
+    fn backward<T: CudaDType + DeviceRepr + WithDType>(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let saved = self.saved();
+        let Some(saved) = saved.as_ref() else {
+            candle_core::bail!("lora backward: the forward saved nothing");
+        };
+        let (m, k) = x.dims2()?;
+        let r = a.dim(0)?;
+        let n = self.w.dim(0)?;
+        let r8 = saved.u_ext.dim(1)?;
+        let (gx, lx) = x.storage_and_layout();
+        let (ga, la) = a.storage_and_layout();
+        let (gd, ld) = dy.storage_and_layout();
+        let (gw, lw) = self.w.storage_and_layout();
+        let (gu, lu) = saved.u_ext.storage_and_layout();
+        let (gb, lb) = saved.b_ext.storage_and_layout();
+        let sx = cuda_storage(&gx)?;
+        let dev = sx.device().clone();
+        let xv = contiguous_view::<T>(sx, lx)?;
+        let av = contiguous_view::<T>(cuda_storage(&ga)?, la)?;
+        let dyv = contiguous_view::<T>(cuda_storage(&gd)?, ld)?;
+        let wv = contiguous_view::<T>(cuda_storage(&gw)?, lw)?;
+        let uv = contiguous_view::<T>(cuda_storage(&gu)?, lu)?;
+        let bv = contiguous_view::<T>(cuda_storage(&gb)?, lb)?;
+        let dt = T::DTYPE;
+        let s = self.scale as f32;
+
+        // SAFETY: every element of each is written below (by lora_dy_reduce or cuBLAS with
+        // beta = 0, before any beta = 1 product reads it).
+        let mut g = unsafe { alloc_out::<T>(&dev, m * r)? };
+        let mut db = unsafe { alloc_out::<T>(&dev, n * r)? };
+        let mut dx = unsafe { alloc_out::<T>(&dev, m * k)? };
+        let mut da = unsafe { alloc_out::<T>(&dev, r * k)? };
+
+        let plan = match (dt, self.dy) {
+            (DType::F32, _) | (_, DyPath::Cublas) => None,
+            _ if n % 8 != 0 => None,
+            _ => DyPlan::new(m, n, r, sm_count(&dev)? as usize).filter(|p| {
+                self.dy == DyPath::Fused
+                    || m * n * dt.size_in_bytes() + p.partial_bytes(m, n)
+                        < 2 * m * n * dt.size_in_bytes()
+            }),
+        };
+        match plan {
+            Some(p) => {
+                self.dy_fused::<T>(&dev, &p, (m, n, r, r8), &dyv, &bv, &uv, &mut g, &mut db)?
+            }
+            None => {
+                let stream = dev.cuda_stream();
+                let (pd, _g1) = dyv.device_ptr(&stream);
+                let (pb, _g2) = bv.device_ptr(&stream);
+                let (pu, _g3) = uv.device_ptr(&stream);
+                let (pg, _g4) = g.device_ptr_mut(&stream);
+                let (pdb, _g5) = db.device_ptr_mut(&stream);
+                // g = s dY B
+                gemm(
+                    &dev,
+                    dt,
+                    (m, r, n),
+                    s,
+                    (pd, n, false),
+                    (pb, r8, false),
+                    0.0,
+                    (pg, r),
+                )?;
+                // dB = dY^T u_s
+                gemm(
+                    &dev,
+                    dt,
+                    (n, r, m),
+                    1.0,
+                    (pd, n, true),
+                    (pu, r8, false),
+                    0.0,
+                    (pdb, r),
+                )?;
+            }
+        }
+        {
+            let stream = dev.cuda_stream();
+            let (pg, _g1) = g.device_ptr(&stream);
+            let (pa, _g2) = av.device_ptr(&stream);
+            let (pd, _g3) = dyv.device_ptr(&stream);
+            let (pw, _g4) = wv.device_ptr(&stream);
+            let (px, _g5) = xv.device_ptr(&stream);
+            let (pdx, _g6) = dx.device_ptr_mut(&stream);
+            let (pda, _g7) = da.device_ptr_mut(&stream);
+            // dx = g A, then dx += dY W inside the base GEMM's accumulator
+            gemm(
+                &dev,
+                dt,
+                (m, k, r),
+                1.0,
+                (pg, r, false),
+                (pa, k, false),
+                0.0,
+                (pdx, k),
+            )?;
+            gemm(
+                &dev,
+                dt,
+                (m, k, n),
+                1.0,
+                (pd, n, false),
+                (pw, k, false),
+                1.0,
+                (pdx, k),
+            )?;
+            // dA = g^T x
+            gemm(
+                &dev,
+                dt,
+                (r, k, m),
+                1.0,
+                (pg, r, true),
+                (px, k, false),
+                0.0,
+                (pda, k),
+            )?;
+        }
+        Ok((
+            tensor_from_slice(dx, &dev, (m, k)),
+            tensor_from_slice(da, &dev, (r, k)),
+            tensor_from_slice(db, &dev, (n, r)),
+        ))
+    }
+
+    /// `lora_dy` then `lora_dy_reduce`: g = s dY B and dB = dY^T u_s from one read of dY.
+    #[allow(clippy::too_many_arguments)]
+    fn dy_fused<T: CudaDType + DeviceRepr + WithDType>(
+        &self,
+        dev: &CudaDevice,
+        p: &DyPlan,
+        (m, n, r, r8): (usize, usize, usize, usize),
+        dyv: &CudaView<'_, T>,
+        bv: &CudaView<'_, T>,
+        uv: &CudaView<'_, T>,
+        g: &mut CudaSlice<T>,
+        db: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        let dt = T::DTYPE.as_str();
+        // SAFETY: block (x, y) writes rows [y*mc, ..) of part_g[x] and [x*nc, ..) of
+        // part_b[y]; the regions tile [M] and [N] exactly, so every partial is written.
+        let mut part_g = unsafe { alloc_out::<f32>(dev, p.nbx * m * p.rp)? };
+        let mut part_b = unsafe { alloc_out::<f32>(dev, p.nby * n * p.rp)? };
+        let stream = dev.cuda_stream();
+        let (mi, ni, ri, r8i) = (
+            to_i32(m, "rows")?,
+            to_i32(n, "out features")?,
+            to_i32(r, "rank")?,
+            to_i32(r8, "padded rank")?,
+        );
+        let (mci, nci) = (p.mc as i32, p.nc as i32);
+
+        let name = format!("lora_dy_{dt}_r{}", p.rp);
+        let func = load_func(dev, "lora", &name)?;
+        let smem = p.smem_bytes();
+        dev.cuda_stream().context().bind_to_thread().w()?;
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .w()?;
+        let cfg = LaunchConfig {
+            grid_dim: (p.nbx as u32, p.nby as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        {
+            let mut b = stream.launch_builder(&func);
+            b.arg(dyv).arg(bv).arg(uv).arg(&mut part_g).arg(&mut part_b);
+            b.arg(&mi).arg(&ni).arg(&r8i).arg(&mci).arg(&nci);
+            // SAFETY: matches `lora_dy_*_r*`; N % 8 == 0 and rows of u_ext/B_ext are r8 wide.
+            unsafe { b.launch(cfg) }.w()?;
+            after_launch(dev, &name)?;
+        }
+        let name = format!("lora_dy_reduce_{dt}");
+        let func = load_func(dev, "lora", &name)?;
+        let (rpi, nbx, nby, s) = (p.rp as i32, p.nbx as i32, p.nby as i32, self.scale as f32);
+        let mut b = stream.launch_builder(&func);
+        b.arg(&part_g).arg(&part_b).arg(g).arg(db);
+        b.arg(&mi)
+            .arg(&ni)
+            .arg(&ri)
+            .arg(&rpi)
+            .arg(&nbx)
+            .arg(&nby)
+            .arg(&s);
+        // SAFETY: matches `lora_dy_reduce_*`; g is [M, r], db is [N, r].
+        unsafe { b.launch(grid_stride(dev, (m + n) * r, 256)?) }.w()?;
+        after_launch(dev, &name)
+    }
+}
+
+/// Contiguous, starting on a 16-byte boundary (lora_dy loads dY in 16-byte chunks).
+fn aligned(t: &Tensor) -> Result<Tensor> {
+    let t = t.contiguous()?;
+    if (t.layout().start_offset() * t.dtype().size_in_bytes()) % 16 == 0 {
+        Ok(t)
+    } else {
+        t.copy()
+    }
+}
+
+impl CustomOp3 for LoraOp {
+    fn name(&self) -> &'static str {
+        "temper-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the fused LoRA op runs on CUDA only (use lora_linear_reference)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        sx: &CudaStorage,
+        lx: &Layout,
+        sa: &CudaStorage,
+        la: &Layout,
+        sb: &CudaStorage,
+        lb: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let args = ((sx, lx), (sa, la), (sb, lb));
+        match sx.dtype() {
+            DType::F32 => self.forward::<f32>(args.0, args.1, args.2),
+            DType::BF16 => self.forward::<half::bf16>(args.0, args.1, args.2),
+            DType::F16 => self.forward::<half::f16>(args.0, args.1, args.2),
+            dt => candle_core::bail!("lora: no kernel for {dt:?}"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = aligned(grad)?;
+        let (dx, da, db) = match x.dtype() {
+            DType::F32 => self.backward::<f32>(x, a, &dy)?,
+            DType::BF16 => self.backward::<half::bf16>(x, a, &dy)?,
+            DType::F16 => self.backward::<half::f16>(x, a, &dy)?,
+            dt => candle_core::bail!("lora backward: no kernel for {dt:?}"),
+        };
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dy_plans_tile_the_matrix_and_fit_shared_memory() {
+        for (m, n, r) in [
+            (8192usize, 4096usize, 16usize),
+            (4096, 768, 8),
+            (1, 8, 4),
+            (37, 1000, 64),
+            (100_000, 64, 33),
+            (300, 1000, 17),
+        ] {
+            let p = DyPlan::new(m, n, r, 132).expect("rank <= 64");
+            assert!(p.mc.is_multiple_of(64) && p.nc.is_multiple_of(64), "{p:?}");
+            assert!(p.nbx * p.nc >= n && (p.nbx - 1) * p.nc < n, "{p:?}");
+            assert!(p.nby * p.mc >= m && (p.nby - 1) * p.mc < m, "{p:?}");
+            assert!(p.smem_bytes() <= DY_SMEM_BYTES, "{p:?}");
+            assert!(p.rp >= r && [16, 32, 64].contains(&p.rp));
+        }
+        assert!(DyPlan::new(64, 64, 65, 132).is_none());
+        // The large shape must win over two reads of dY.
+        let p = DyPlan::new(8192, 4096, 16, 132).unwrap();
+        assert!(p.partial_bytes(8192, 4096) < 8192 * 4096 * 2, "{p:?}");
+        assert_eq!(padded_rank(16, true), 24);
+        assert_eq!(padded_rank(16, false), 16);
+        assert_eq!(padded_rank(5, false), 8);
+    }
+}

@@ -1,0 +1,279 @@
+//! Our CUDA kernels as candle ops, and the plumbing they share (compiled only with feature
+//! `cuda`).
+//!
+//! # How a kernel gets from `kernels/*.cu` to a launch
+//!
+//! `build.rs` compiles every `kernels/<stem>.cu` to PTX once per target arch
+//! (`TEMPER_CUDA_ARCHS`, default `80,90`) and embeds the lot as [`KERNELS_PTX`]
+//! (`(stem, arch, ptx)`). At run time [`load_func`] picks, for the device at hand, the PTX of
+//! the highest arch not above its compute capability (the driver JIT-compiles it for the real
+//! chip once; candle's per-device module cache keeps the module, one module name per PTX).
+//!
+//! # API for kernel modules (attention.rs, lora.rs, rmsnorm.rs, gae.rs)
+//!
+//! - [`load_func`]`(dev, "attention", "flash_fwd_bf16")` -> [`CudaFunction`]. Launch it on
+//!   candle's stream so ordering with candle's own kernels holds:
+//!   ```ignore
+//!   let func = load_func(dev, "gae", "gae_scan_f32")?;
+//!   let stream = dev.cuda_stream();
+//!   let mut b = stream.launch_builder(&func);
+//!   b.arg(&input_view).arg(&mut out).arg(&n_i32);
+//!   unsafe { b.launch(cfg) }.w()?;       // `.w()`: candle's WrapErr
+//!   after_launch(dev, "gae_scan_f32")?;  // optional synchronous error check
+//!   ```
+//! - Inputs: [`cuda_storage`] (a tensor's storage as CUDA) and [`contiguous_view`] (a typed view
+//!   at the layout's offset, or an error for strided layouts — call `.contiguous()` first).
+//! - Outputs: [`alloc_out`] (uninitialised, or poisoned with NaN bytes while
+//!   [`set_poison`]`(true)` / `TEMPER_POISON_OUTPUTS=1`, so a test sees any element a kernel
+//!   failed to write), then [`tensor_from_slice`] outside a custom op, or
+//!   `CudaStorage::wrap_cuda_slice` inside `cuda_fwd`.
+//! - Launch shapes: [`launch_1d`] (one thread per element), [`grid_stride`] (capped grid for
+//!   grid-stride loops), [`sm_count`], [`compute_capability`]; [`to_i32`] for checked
+//!   size arguments (kernels take `int`).
+//! - Tests and benches: [`cuda_available`] says whether a CUDA device can be opened at all;
+//!   without one they print `SKIPPED (no CUDA device): <name>` and return.
+//! - `TEMPER_CUDA_SYNC_CHECK=1` makes [`after_launch`] synchronise and report the first
+//!   asynchronous fault against the kernel that caused it (slow; for debugging).
+
+pub mod attention;
+pub mod gae;
+pub mod lora;
+pub mod rmsnorm;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    self, CudaContext, CudaSlice, CudaView, DevicePtrMut, DeviceRepr,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, Storage, Tensor};
+
+pub use candle_core::cuda_backend::cudarc;
+pub use driver::{CudaFunction, LaunchConfig, PushKernelArg};
+
+include!(concat!(env!("OUT_DIR"), "/kernels_ptx.rs"));
+
+/// Whether a CUDA device can be opened (driver present, at least one device). Cached: the
+/// driver is initialised once per process.
+pub fn cuda_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| CudaContext::device_count().is_ok_and(|n| n > 0))
+}
+
+/// `(major, minor)` of the device behind `dev`.
+pub fn compute_capability(dev: &CudaDevice) -> Result<(u32, u32)> {
+    let (major, minor) = dev.cuda_stream().context().compute_capability().w()?;
+    Ok((major as u32, minor as u32))
+}
+
+/// Number of streaming multiprocessors, for sizing persistent and grid-stride launches.
+pub fn sm_count(dev: &CudaDevice) -> Result<u32> {
+    let n = dev
+        .cuda_stream()
+        .context()
+        .attribute(driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    Ok(n.max(1) as u32)
+}
+
+/// `"90"` -> (90, false), `"90a"` -> (90, true).
+fn parse_arch(arch: &str) -> Option<(u32, bool)> {
+    let specific = arch.ends_with('a');
+    arch.trim_end_matches('a')
+        .parse()
+        .ok()
+        .map(|n| (n, specific))
+}
+
+/// The embedded PTX of kernel file `stem` for a device of compute capability `cc`: the
+/// highest arch not above it. An arch-specific entry (`90a`) only matches that exact chip, and
+/// wins over the portable one of the same number there.
+pub fn select_ptx(stem: &str, cc: (u32, u32)) -> Option<(&'static str, &'static str)> {
+    let dev = cc.0 * 10 + cc.1;
+    KERNELS_PTX
+        .iter()
+        .filter(|(s, _, _)| *s == stem)
+        .filter_map(|&(_, arch, ptx)| {
+            let (n, specific) = parse_arch(arch)?;
+            let fits = if specific { n == dev } else { n <= dev };
+            fits.then_some(((n, specific), arch, ptx))
+        })
+        .max_by_key(|(key, _, _)| *key)
+        .map(|(_, arch, ptx)| (arch, ptx))
+}
+
+/// Loads `func` from `kernels/<stem>.cu`, compiled for the best arch this device can run.
+pub fn load_func(dev: &CudaDevice, stem: &str, func: &str) -> Result<CudaFunction> {
+    let cc = compute_capability(dev)?;
+    let Some((arch, ptx)) = select_ptx(stem, cc) else {
+        let built: Vec<&str> = KERNELS_PTX
+            .iter()
+            .filter(|(s, _, _)| *s == stem)
+            .map(|(_, a, _)| *a)
+            .collect();
+        candle_core::bail!(
+            "no PTX of kernels/{stem}.cu fits compute capability {}.{} (built for {built:?}; \
+             rebuild with TEMPER_CUDA_ARCHS including {}{})",
+            cc.0,
+            cc.1,
+            cc.0,
+            cc.1
+        );
+    };
+    let module = format!("temper_{stem}_sm{arch}");
+    Ok(dev
+        .get_or_load_custom_func(func, &module, ptx)?
+        .into_cuda_function())
+}
+
+/// One thread per element, `threads` per block (a multiple of 32).
+pub fn launch_1d(n: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u64).div_ceil(threads as u64).max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// For grid-stride loops: enough blocks to fill the device a few times over, no more.
+pub fn grid_stride(dev: &CudaDevice, n: usize, threads: u32) -> Result<LaunchConfig> {
+    let mut cfg = launch_1d(n, threads);
+    let cap = sm_count(dev)? * (2048 / threads.max(1)).max(1);
+    cfg.grid_dim.0 = cfg.grid_dim.0.min(cap);
+    Ok(cfg)
+}
+
+/// Kernels take sizes as `int`; refuse what does not fit rather than wrap.
+pub fn to_i32(n: usize, what: &str) -> Result<i32> {
+    i32::try_from(n).map_err(|_| {
+        candle_core::Error::Msg(format!(
+            "{what} = {n} does not fit the kernel's int argument"
+        ))
+    })
+}
+
+static POISON: OnceLock<AtomicBool> = OnceLock::new();
+
+fn poison_flag() -> &'static AtomicBool {
+    POISON.get_or_init(|| {
+        let on = std::env::var("TEMPER_POISON_OUTPUTS").is_ok_and(|v| !v.is_empty() && v != "0");
+        AtomicBool::new(on)
+    })
+}
+
+/// Fill every freshly allocated kernel output with 0xFF bytes (NaN in f32, bf16 and f16)
+/// before the launch. Tests turn this on; a NaN that survives means an unwritten element.
+pub fn set_poison(on: bool) {
+    poison_flag().store(on, Ordering::Relaxed);
+}
+
+pub fn poison_enabled() -> bool {
+    poison_flag().load(Ordering::Relaxed)
+}
+
+/// An output buffer of `len` elements on candle's stream, poisoned when [`poison_enabled`].
+///
+/// # Safety
+/// Unless poisoned the contents are uninitialised: the caller's kernel must write every
+/// element before anything reads it.
+pub unsafe fn alloc_out<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
+    // Zero-byte allocations are an error in the driver; an empty tensor gets one spare element.
+    let mut out = dev.alloc::<T>(len.max(1))?;
+    if poison_enabled() && len > 0 {
+        let stream = dev.cuda_stream();
+        let bytes = out.num_bytes();
+        let (ptr, _record) = out.device_ptr_mut(&stream);
+        driver::result::memset_d8_async(ptr, 0xff, bytes, stream.cu_stream()).w()?;
+    }
+    Ok(out)
+}
+
+/// With `TEMPER_CUDA_SYNC_CHECK=1`, waits for the stream and names the kernel if it faulted;
+/// otherwise free. Launch errors themselves are already returned by `launch`.
+pub fn after_launch(dev: &CudaDevice, kernel: &str) -> Result<()> {
+    static CHECK: OnceLock<bool> = OnceLock::new();
+    let check = *CHECK.get_or_init(|| {
+        std::env::var("TEMPER_CUDA_SYNC_CHECK").is_ok_and(|v| !v.is_empty() && v != "0")
+    });
+    if check {
+        dev.cuda_stream()
+            .synchronize()
+            .map_err(|e| candle_core::Error::Msg(format!("kernel {kernel} failed: {e:?}")))?;
+    }
+    Ok(())
+}
+
+/// A tensor's storage as CUDA storage.
+pub fn cuda_storage(storage: &Storage) -> Result<&CudaStorage> {
+    match storage {
+        Storage::Cuda(s) => Ok(s),
+        other => candle_core::bail!(
+            "expected a CUDA tensor, got one on {:?}",
+            other.device().location()
+        ),
+    }
+}
+
+/// A typed view of a contiguous layout (offset applied); strided layouts are an error.
+pub fn contiguous_view<'a, T: CudaDType>(
+    storage: &'a CudaStorage,
+    layout: &Layout,
+) -> Result<CudaView<'a, T>> {
+    let slice = storage.as_cuda_slice::<T>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(slice.slice(start..end)),
+        None => candle_core::bail!("kernel input must be contiguous (layout {layout:?})"),
+    }
+}
+
+/// Wraps a kernel's output as a tensor with no autograd history.
+pub fn tensor_from_slice<T: CudaDType, S: Into<Shape>>(
+    slice: CudaSlice<T>,
+    dev: &CudaDevice,
+    shape: S,
+) -> Tensor {
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
+    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_file_is_embedded_for_every_arch() {
+        let stems = ["gae", "rmsnorm"];
+        for stem in stems {
+            assert!(
+                KERNELS_PTX.iter().any(|(s, _, _)| *s == stem),
+                "{stem} missing"
+            );
+        }
+        for (stem, arch, ptx) in KERNELS_PTX {
+            assert!(parse_arch(arch).is_some(), "{stem}: bad arch {arch}");
+            assert!(ptx.contains(".version"), "{stem} sm{arch}: not PTX");
+        }
+    }
+
+    #[test]
+    fn ptx_selection_prefers_the_highest_fitting_arch() {
+        // Only meaningful for the archs actually built; check the rule on whatever is there.
+        let archs: Vec<(u32, bool)> = KERNELS_PTX
+            .iter()
+            .filter(|(s, _, _)| *s == "gae")
+            .filter_map(|(_, a, _)| parse_arch(a))
+            .collect();
+        for cc in [(7, 5), (8, 0), (8, 6), (9, 0), (10, 0), (12, 0)] {
+            let dev = cc.0 * 10 + cc.1;
+            let best = archs
+                .iter()
+                .filter(|(n, specific)| if *specific { *n == dev } else { *n <= dev })
+                .max();
+            let got = select_ptx("gae", cc).map(|(a, _)| parse_arch(a).unwrap());
+            assert_eq!(got.as_ref(), best, "cc {cc:?}");
+        }
+        assert!(select_ptx("no_such_kernel", (9, 0)).is_none());
+    }
+}

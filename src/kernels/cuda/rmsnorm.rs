@@ -1,0 +1,516 @@
+//! RMSNorm as a candle custom op with a backward: `kernels/rmsnorm.cu` on CUDA, plain Rust on
+//! the CPU (so the op, and its gradients, can be checked anywhere).
+//!
+//! The forward saves the per-row inverse rms (f32) inside the op object, which candle keeps in
+//! the graph, so the backward reuses it instead of re-reducing every row. The backward is a
+//! second custom op whose single output packs `[dx (rows*cols) | dw (cols)]`; the two
+//! gradients are views into it.
+
+use std::sync::{Mutex, PoisonError};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
+    WithDType, D,
+};
+
+use super::{after_launch, alloc_out, contiguous_view, cuda_storage, launch_1d, load_func};
+use super::{sm_count, tensor_from_slice, to_i32, LaunchConfig, PushKernelArg};
+
+/// Our op on a CUDA tensor; `None` for dtypes the kernel does not cover (the caller falls
+/// back to the reference).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) || w.dtype() != x.dtype() {
+        return Ok(None);
+    }
+    rms_norm_op(x, w, eps).map(Some)
+}
+
+/// The custom op on any device (CPU included), differentiable in `x` and `w`.
+/// `x: [..., cols]`, `w: [cols]`, same dtype (f32, bf16 or f16).
+pub fn rms_norm_op(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let cols = x.dim(D::Minus1)?;
+    if w.dims() != [cols] {
+        candle_core::bail!(
+            "rms_norm: weight {:?} does not match rows of {cols}",
+            w.dims()
+        );
+    }
+    if w.dtype() != x.dtype() {
+        candle_core::bail!("rms_norm: x is {:?} but w is {:?}", x.dtype(), w.dtype());
+    }
+    let op = RmsNorm {
+        eps: eps as f32,
+        rstd: Mutex::new(None),
+    };
+    x.contiguous()?.apply_op2(&w.contiguous()?, op)
+}
+
+struct RmsNorm {
+    eps: f32,
+    /// `[rows]` f32, written by the forward for the backward.
+    rstd: Mutex<Option<Tensor>>,
+}
+
+impl RmsNorm {
+    fn save(&self, rstd: Tensor) {
+        *self.rstd.lock().unwrap_or_else(PoisonError::into_inner) = Some(rstd);
+    }
+}
+
+/// `(rows, cols)` of a `[..., cols]` layout.
+fn rows_cols(l: &Layout) -> Result<(usize, usize)> {
+    let dims = l.dims();
+    let Some((&cols, lead)) = dims.split_last() else {
+        candle_core::bail!("rms_norm needs at least one dimension");
+    };
+    Ok((lead.iter().product(), cols))
+}
+
+fn contiguous_cpu<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => candle_core::bail!("rms_norm: input must be contiguous"),
+    }
+}
+
+fn cpu_forward<T: WithDType>(
+    x: &[T],
+    w: &[T],
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> (Vec<T>, Vec<f32>) {
+    let mut y = Vec::with_capacity(rows * cols);
+    let mut rstd = Vec::with_capacity(rows);
+    let w: Vec<f32> = w.iter().map(|v| v.to_f64() as f32).collect();
+    for row in x.chunks(cols.max(1)).take(rows) {
+        let xf: Vec<f32> = row.iter().map(|v| v.to_f64() as f32).collect();
+        let ss: f32 = xf.iter().map(|v| v * v).sum();
+        let r = 1.0 / (ss / cols as f32 + eps).sqrt();
+        rstd.push(r);
+        y.extend(
+            xf.iter()
+                .zip(&w)
+                .map(|(&v, &wv)| T::from_f64(((v * r) * wv) as f64)),
+        );
+    }
+    (y, rstd)
+}
+
+/// dx and dw (packed `[dx | dw]`) from the saved inverse rms; formulas in kernels/rmsnorm.cu.
+fn cpu_backward<T: WithDType>(x: &[T], w: &[T], dy: &[T], rstd: &[f32], cols: usize) -> Vec<T> {
+    let w: Vec<f32> = w.iter().map(|v| v.to_f64() as f32).collect();
+    let mut dw = vec![0f32; cols];
+    let mut out = Vec::with_capacity(x.len() + cols);
+    if cols > 0 {
+        for ((xr, gr), &r) in x.chunks(cols).zip(dy.chunks(cols)).zip(rstd) {
+            let xf: Vec<f32> = xr.iter().map(|v| v.to_f64() as f32).collect();
+            let gf: Vec<f32> = gr.iter().map(|v| v.to_f64() as f32).collect();
+            let dot: f32 = (0..cols).map(|j| gf[j] * w[j] * xf[j]).sum();
+            let coef = r * r * r * dot / cols as f32;
+            for j in 0..cols {
+                out.push(T::from_f64((r * gf[j] * w[j] - coef * xf[j]) as f64));
+                dw[j] += gf[j] * (xf[j] * r);
+            }
+        }
+    }
+    out.extend(dw.into_iter().map(|v| T::from_f64(v as f64)));
+    out
+}
+
+/// Which compiled variant to launch: V values per access, K accesses per thread held in
+/// registers (0: the generic loop), `threads` per block. Mirrors the instantiation list at the
+/// bottom of kernels/rmsnorm.cu.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Plan {
+    v: usize,
+    k: usize,
+    threads: u32,
+}
+
+impl Plan {
+    /// `vec_width`: values per 16 bytes; `aligned`: every base offset is 16-byte aligned.
+    fn new(cols: usize, vec_width: usize, aligned: bool) -> Self {
+        let v = if aligned && vec_width > 1 && cols.is_multiple_of(vec_width) {
+            vec_width
+        } else {
+            1
+        };
+        let chunks = cols.div_ceil(v).max(1);
+        // At most 16 values per thread so a whole row stays in registers without spilling
+        // (ptxas: <= 123 registers for the backward at 512 threads).
+        let ks = [1usize, 2, 4, 8, 16].into_iter().filter(|&k| k * v <= 16);
+        // Prefer blocks of up to 256 threads (more blocks per SM), then up to 512.
+        for limit in [256usize, 512] {
+            if let Some(k) = ks.clone().find(|&k| chunks <= limit * k) {
+                let threads = chunks.div_ceil(k).div_ceil(32) * 32;
+                return Self {
+                    v,
+                    k,
+                    threads: threads as u32,
+                };
+            }
+        }
+        Self {
+            v,
+            k: 0,
+            threads: 512,
+        }
+    }
+
+    fn kernel(&self, pass: &str, dtype: DType) -> String {
+        format!("rmsnorm_{pass}_{}_v{}_k{}", dtype.as_str(), self.v, self.k)
+    }
+}
+
+fn aligned16<T>(offsets: &[usize]) -> bool {
+    offsets
+        .iter()
+        .all(|o| (o * std::mem::size_of::<T>()).is_multiple_of(16))
+}
+
+fn cuda_forward<T: CudaDType + DeviceRepr + WithDType>(
+    op: &RmsNorm,
+    sx: &CudaStorage,
+    lx: &Layout,
+    sw: &CudaStorage,
+    lw: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = sx.device();
+    let (rows, cols) = rows_cols(lx)?;
+    let n = rows * cols;
+    let x = contiguous_view::<T>(sx, lx)?;
+    let w = contiguous_view::<T>(sw, lw)?;
+    // SAFETY: the kernel writes every y element and every rstd entry (one block per row).
+    let mut y = unsafe { alloc_out::<T>(dev, n)? };
+    let mut rstd = unsafe { alloc_out::<f32>(dev, rows)? };
+    if n > 0 {
+        let aligned = aligned16::<T>(&[lx.start_offset(), lw.start_offset()]);
+        let plan = Plan::new(cols, 16 / std::mem::size_of::<T>(), aligned);
+        let name = plan.kernel("fwd", T::DTYPE);
+        let func = load_func(dev, "rmsnorm", &name)?;
+        let (rows_i, cols_i, eps) = (to_i32(rows, "rows")?, to_i32(cols, "cols")?, op.eps);
+        let cfg = LaunchConfig {
+            grid_dim: (rows_i as u32, 1, 1),
+            block_dim: (plan.threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
+        b.arg(&x).arg(&w).arg(&mut y).arg(&mut rstd);
+        b.arg(&rows_i).arg(&cols_i).arg(&eps);
+        // SAFETY: argument list matches `rmsnorm_fwd_*` in kernels/rmsnorm.cu; sizes checked.
+        unsafe { b.launch(cfg) }.w()?;
+        after_launch(dev, &name)?;
+    }
+    op.save(tensor_from_slice(rstd, dev, rows));
+    Ok((
+        CudaStorage::wrap_cuda_slice(y, dev.clone()),
+        lx.shape().clone(),
+    ))
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "temper-rmsnorm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, cols) = rows_cols(lx)?;
+        fn run<T: WithDType>(
+            op: &RmsNorm,
+            sx: &CpuStorage,
+            lx: &Layout,
+            sw: &CpuStorage,
+            lw: &Layout,
+            rows: usize,
+            cols: usize,
+        ) -> Result<CpuStorage> {
+            let (y, rstd) = cpu_forward(
+                contiguous_cpu::<T>(sx, lx)?,
+                contiguous_cpu::<T>(sw, lw)?,
+                rows,
+                cols,
+                op.eps,
+            );
+            op.save(Tensor::from_vec(rstd, rows, &Device::Cpu)?);
+            Ok(T::to_cpu_storage_owned(y))
+        }
+        let out = match sx.dtype() {
+            DType::F32 => run::<f32>(self, sx, lx, sw, lw, rows, cols)?,
+            DType::BF16 => run::<half::bf16>(self, sx, lx, sw, lw, rows, cols)?,
+            DType::F16 => run::<half::f16>(self, sx, lx, sw, lw, rows, cols)?,
+            dt => candle_core::bail!("rms_norm: unsupported dtype {dt:?}"),
+        };
+        Ok((out, lx.shape().clone()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        sx: &CudaStorage,
+        lx: &Layout,
+        sw: &CudaStorage,
+        lw: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        match sx.dtype() {
+            DType::F32 => cuda_forward::<f32>(self, sx, lx, sw, lw),
+            DType::BF16 => cuda_forward::<half::bf16>(self, sx, lx, sw, lw),
+            DType::F16 => cuda_forward::<half::f16>(self, sx, lx, sw, lw),
+            dt => candle_core::bail!("rms_norm: no CUDA kernel for {dt:?}"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let saved = self
+            .rstd
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let rstd = match saved {
+            Some(r) => r,
+            // Only if the forward never ran through our code (it always does); recompute.
+            None => (x.to_dtype(DType::F32)?.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?
+                .sqrt()?
+                .recip()?
+                .flatten_all()?,
+        };
+        let cols = w.elem_count();
+        let n = x.elem_count();
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormBwd { rstd })?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, cols)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// Backward of [`RmsNorm`]: `(x, w, dy) -> [dx | dw]`, reading the saved inverse rms.
+struct RmsNormBwd {
+    rstd: Tensor,
+}
+
+fn cuda_backward<T: CudaDType + DeviceRepr + WithDType>(
+    op: &RmsNormBwd,
+    (sx, lx): (&CudaStorage, &Layout),
+    (sw, lw): (&CudaStorage, &Layout),
+    (sg, lg): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    let dev = sx.device();
+    let (rows, cols) = rows_cols(lx)?;
+    let n = rows * cols;
+    let x = contiguous_view::<T>(sx, lx)?;
+    let w = contiguous_view::<T>(sw, lw)?;
+    let g = contiguous_view::<T>(sg, lg)?;
+    let (rs_guard, rs_layout) = op.rstd.storage_and_layout();
+    let rstd = contiguous_view::<f32>(cuda_storage(&rs_guard)?, rs_layout)?;
+
+    let aligned = aligned16::<T>(&[lx.start_offset(), lw.start_offset(), lg.start_offset()]);
+    let plan = Plan::new(cols, 16 / std::mem::size_of::<T>(), aligned);
+    // A few blocks per SM, each folding its rows' dw into one partial row.
+    let per_sm = (2048 / plan.threads).max(1) as usize;
+    let groups = rows.min(sm_count(dev)? as usize * per_sm);
+    // SAFETY: the backward kernel writes all of dx and every column of its partial row; the
+    // reduce kernel writes every dw entry (zeros when there are no rows).
+    let mut packed = unsafe { alloc_out::<T>(dev, n + cols)? };
+    let mut partial = unsafe { alloc_out::<f32>(dev, groups * cols)? };
+    let stream = dev.cuda_stream();
+    let (rows_i, cols_i, groups_i) = (
+        to_i32(rows, "rows")?,
+        to_i32(cols, "cols")?,
+        to_i32(groups, "groups")?,
+    );
+    if n > 0 {
+        let name = plan.kernel("bwd", T::DTYPE);
+        let func = load_func(dev, "rmsnorm", &name)?;
+        let cfg = LaunchConfig {
+            grid_dim: (groups_i as u32, 1, 1),
+            block_dim: (plan.threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = stream.launch_builder(&func);
+        b.arg(&x)
+            .arg(&w)
+            .arg(&g)
+            .arg(&rstd)
+            .arg(&mut packed)
+            .arg(&mut partial);
+        b.arg(&rows_i).arg(&cols_i);
+        // SAFETY: matches `rmsnorm_bwd_*`; dx is the first n elements of `packed`.
+        unsafe { b.launch(cfg) }.w()?;
+        after_launch(dev, &name)?;
+    }
+    if cols > 0 {
+        let name = format!("rmsnorm_dw_reduce_{}", T::DTYPE.as_str());
+        let func = load_func(dev, "rmsnorm", &name)?;
+        let mut dw = packed.slice_mut(n..);
+        let mut b = stream.launch_builder(&func);
+        b.arg(&partial).arg(&mut dw).arg(&groups_i).arg(&cols_i);
+        // SAFETY: matches `rmsnorm_dw_reduce_*`; `partial` holds groups * cols values.
+        unsafe { b.launch(launch_1d(cols, 256)) }.w()?;
+        after_launch(dev, &name)?;
+    }
+    drop(rs_guard);
+    Ok((
+        CudaStorage::wrap_cuda_slice(packed, dev.clone()),
+        Shape::from(n + cols),
+    ))
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "temper-rmsnorm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, cols) = rows_cols(lx)?;
+        let rstd = self
+            .rstd
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if rstd.len() != rows {
+            candle_core::bail!("rms_norm backward: {} saved rows for {rows}", rstd.len());
+        }
+        fn run<T: WithDType>(
+            (sx, lx): (&CpuStorage, &Layout),
+            (sw, lw): (&CpuStorage, &Layout),
+            (sg, lg): (&CpuStorage, &Layout),
+            rstd: &[f32],
+            cols: usize,
+        ) -> Result<CpuStorage> {
+            let out = cpu_backward(
+                contiguous_cpu::<T>(sx, lx)?,
+                contiguous_cpu::<T>(sw, lw)?,
+                contiguous_cpu::<T>(sg, lg)?,
+                rstd,
+                cols,
+            );
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        let args = ((sx, lx), (sw, lw), (sg, lg));
+        let out = match sx.dtype() {
+            DType::F32 => run::<f32>(args.0, args.1, args.2, &rstd, cols)?,
+            DType::BF16 => run::<half::bf16>(args.0, args.1, args.2, &rstd, cols)?,
+            DType::F16 => run::<half::f16>(args.0, args.1, args.2, &rstd, cols)?,
+            dt => candle_core::bail!("rms_norm backward: unsupported dtype {dt:?}"),
+        };
+        Ok((out, Shape::from(rows * cols + cols)))
+    }
+
+    fn cuda_fwd(
+        &self,
+        sx: &CudaStorage,
+        lx: &Layout,
+        sw: &CudaStorage,
+        lw: &Layout,
+        sg: &CudaStorage,
+        lg: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let args = ((sx, lx), (sw, lw), (sg, lg));
+        match sx.dtype() {
+            DType::F32 => cuda_backward::<f32>(self, args.0, args.1, args.2),
+            DType::BF16 => cuda_backward::<half::bf16>(self, args.0, args.1, args.2),
+            DType::F16 => cuda_backward::<half::f16>(self, args.0, args.1, args.2),
+            dt => candle_core::bail!("rms_norm backward: no CUDA kernel for {dt:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::rmsnorm::rms_norm_reference;
+
+    #[test]
+    fn plans_cover_the_row_within_register_budget() {
+        for cols in [
+            1usize, 7, 31, 32, 96, 100, 768, 1000, 1024, 4096, 8192, 8193, 20000,
+        ] {
+            for (width, aligned) in [(4usize, true), (8, true), (4, false)] {
+                let p = Plan::new(cols, width, aligned);
+                assert!(
+                    p.threads.is_multiple_of(32) && p.threads <= 512,
+                    "{cols}: {p:?}"
+                );
+                if p.k > 0 {
+                    assert!(p.k * p.v <= 16);
+                    assert!(p.threads as usize * p.k * p.v >= cols, "{cols}: {p:?}");
+                }
+                if p.v > 1 {
+                    assert_eq!(cols % p.v, 0);
+                }
+            }
+        }
+        assert_eq!(Plan::new(8193, 4, true).k, 0);
+        assert_eq!(
+            Plan::new(768, 4, true),
+            Plan {
+                v: 4,
+                k: 1,
+                threads: 192
+            }
+        );
+    }
+
+    fn rand(shape: &[usize], seed: u64) -> Vec<f32> {
+        let n: usize = shape.iter().product();
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The CPU path of the op (forward and the backward op) against the reference's autograd.
+    #[test]
+    fn cpu_op_matches_reference_values_and_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        for (rows, cols) in [(3usize, 5usize), (2, 3), (7, 33)] {
+            let x = candle_core::Var::from_vec(rand(&[rows, cols], 1), (rows, cols), &dev)?;
+            let w = candle_core::Var::from_vec(rand(&[cols], 2), cols, &dev)?;
+            let dy = Tensor::from_vec(rand(&[rows, cols], 3), (rows, cols), &dev)?;
+            let ours = rms_norm_op(&x, &w, 1e-5)?;
+            let refr = rms_norm_reference(&x, &w, 1e-5)?;
+            let g_ours = (&ours * &dy)?.sum_all()?.backward()?;
+            let g_ref = (&refr * &dy)?.sum_all()?.backward()?;
+            let close = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                let num = (a - b)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+                let den = b.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt().max(1e-30);
+                Ok(num / den)
+            };
+            assert!(close(&ours, &refr)? < 1e-6);
+            for v in [x.as_tensor(), w.as_tensor()] {
+                let (a, b) = (g_ours.get(v).unwrap(), g_ref.get(v).unwrap());
+                let e = close(a, b)?;
+                assert!(e < 1e-5, "{rows}x{cols}: grad error {e}");
+            }
+        }
+        Ok(())
+    }
+}

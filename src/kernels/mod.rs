@@ -1,0 +1,12 @@
+//! One module per op; each exposes one function that dispatches between the reference
+//! implementation and our CUDA kernel according to the [`registry`].
+
+pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod gae;
+pub mod lora;
+pub mod registry;
+pub mod rmsnorm;
+
+pub use registry::{KernelChoice, KernelSet};

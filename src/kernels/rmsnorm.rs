@@ -1,0 +1,86 @@
+//! RMSNorm: `y = x / sqrt(mean(x^2) + eps) * w`, computed in f32 whatever the input dtype.
+//!
+//! candle-nn's fused `rms_norm` has no backward, so training needs either this differentiable
+//! composite or our CUDA op (forward and backward kernels).
+
+use candle_core::{DType, Result, Tensor, D};
+
+use super::registry::{warn_fallback, KernelChoice};
+
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, choice: KernelChoice) -> Result<Tensor> {
+    if choice == KernelChoice::Custom {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            if let Some(y) = super::cuda::rmsnorm::rms_norm(x, w, eps)? {
+                return Ok(y);
+            }
+            warn_fallback("rmsnorm", &format!("no CUDA kernel for {:?}", x.dtype()));
+            return rms_norm_reference(x, w, eps);
+        }
+        if !x.device().is_cpu() || cfg!(feature = "cuda") {
+            warn_fallback("rmsnorm", "the fused kernel runs on CUDA only");
+        }
+    }
+    rms_norm_reference(x, w, eps)
+}
+
+pub fn rms_norm_reference(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    xf.broadcast_mul(&inv)?
+        .broadcast_mul(&w.to_dtype(DType::F32)?)?
+        .to_dtype(dtype)
+}
+
+/// LayerNorm for the GPT-2 shape, differentiable (candle-nn's fused one is not).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let centred = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
+    let inv = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    centred
+        .broadcast_mul(&inv)?
+        .broadcast_mul(&w.to_dtype(DType::F32)?)?
+        .broadcast_add(&b.to_dtype(DType::F32)?)?
+        .to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn rms_norm_matches_hand_computation() {
+        let x = Tensor::new(&[[3.0f32, 4.0], [1.0, -1.0]], &Device::Cpu).unwrap();
+        let w = Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+        let y = rms_norm_reference(&x, &w, 0.0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        // row 0: rms = sqrt((9 + 16) / 2) = 3.5355
+        let r = (12.5f32).sqrt();
+        assert!((y[0][0] - 3.0 / r).abs() < 1e-6);
+        assert!((y[0][1] - 8.0 / r).abs() < 1e-6);
+        assert!((y[1][0] - 1.0).abs() < 1e-6);
+        assert!((y[1][1] + 2.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn layer_norm_matches_hand_computation() {
+        let x = Tensor::new(&[[1.0f32, 3.0]], &Device::Cpu).unwrap();
+        let w = Tensor::new(&[2.0f32, 1.0], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[0.5f32, 0.0], &Device::Cpu).unwrap();
+        let y = layer_norm(&x, &w, &b, 0.0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert!((y[0][0] - (-2.0 + 0.5)).abs() < 1e-6);
+        assert!((y[0][1] - 1.0).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,12 @@
+//! temper: one crate that trains a decoder-only language model through pretraining, SFT (with
+//! LoRA), reward modelling, PPO, DPO and GRPO, with swappable CUDA kernels for the hot paths.
+
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod generate;
+pub mod kernels;
+pub mod model;
+pub mod stages;
+pub mod train;

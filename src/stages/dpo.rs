@@ -1,0 +1,281 @@
+//! Direct preference optimisation: `-log sigmoid(beta * ((logp_c - logp_ref_c) -
+//! (logp_r - logp_ref_r)))`, with log-probabilities summed over response tokens (TRL's
+//! `sigmoid` loss). The reference is the base with adapters off under LoRA, else a frozen copy.
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::batch::lm_batch;
+use super::eval::accuracy;
+use super::loader::{policy_from, read_checkpoint};
+use super::ppo::{prompt_sets, PolicyResult};
+use super::pretrain::WindowSampler;
+use super::Env;
+use crate::data::records::{load_preferences, PreferencePair, Segment, SftExample};
+use crate::data::synthetic::Split;
+use crate::data::tokenizer::Tokenizer;
+use crate::model::linear::Ctx;
+use crate::model::{Fwd, Transformer};
+use crate::train::checkpoint::CheckpointMeta;
+use crate::train::loss::{log_sigmoid, scalar, token_logprobs};
+use crate::train::params::ParamStore;
+use crate::train::runner::{self, get, is_adapter, RunOpts, Saved, StepOut, Task};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DpoConfig {
+    pub beta: f64,
+    pub task_pairs: usize,
+    pub eval_pairs: usize,
+    pub eval_prompts: usize,
+    pub eval_max_new_tokens: usize,
+}
+
+impl Default for DpoConfig {
+    fn default() -> Self {
+        Self {
+            beta: 0.1,
+            task_pairs: 4000,
+            eval_pairs: 200,
+            eval_prompts: 1000,
+            eval_max_new_tokens: 6,
+        }
+    }
+}
+
+/// The DPO loss of summed log-probabilities (each `[B]`); also the implicit-reward accuracy.
+pub fn dpo_loss(
+    pc: &Tensor,
+    pr: &Tensor,
+    rc: &Tensor,
+    rr: &Tensor,
+    beta: f64,
+) -> Result<(Tensor, f64)> {
+    let margin = (((pc - rc)? - (pr - rr)?)? * beta)?;
+    let loss = log_sigmoid(&margin)?.mean_all()?.neg()?;
+    let m = margin.to_vec1::<f32>()?;
+    let acc = m.iter().filter(|&&x| x > 0.0).count() as f64 / m.len().max(1) as f64;
+    Ok((loss, acc))
+}
+
+fn as_example(prompt: &str, response: &str) -> SftExample {
+    SftExample {
+        segments: vec![
+            Segment {
+                text: prompt.to_string(),
+                train: false,
+            },
+            Segment {
+                text: response.to_string(),
+                train: true,
+            },
+        ],
+    }
+}
+
+struct DpoTask<'a> {
+    env: &'a Env,
+    policy: Transformer,
+    reference: Option<(Transformer, ParamStore)>,
+    tok: Tokenizer,
+    train: Vec<PreferencePair>,
+    eval: Vec<PreferencePair>,
+    eval_prompts: Vec<crate::data::records::PromptRecord>,
+    sampler: WindowSampler,
+}
+
+impl DpoTask<'_> {
+    /// Summed response log-probabilities `[B]` of chosen then rejected sequences.
+    fn seq_logps(
+        &self,
+        net: &Transformer,
+        ctx: Ctx,
+        pairs: &[PreferencePair],
+    ) -> Result<(Tensor, usize)> {
+        let mut seqs = Vec::with_capacity(2 * pairs.len());
+        for p in pairs {
+            seqs.push(crate::stages::batch::encode_example(
+                &self.tok,
+                &as_example(&p.prompt, &p.chosen),
+            )?);
+        }
+        for p in pairs {
+            seqs.push(crate::stages::batch::encode_example(
+                &self.tok,
+                &as_example(&p.prompt, &p.rejected),
+            )?);
+        }
+        let b = lm_batch(
+            &seqs,
+            self.tok.pad_id(),
+            net.cfg.max_position_embeddings,
+            &self.env.device,
+        )?;
+        let f = Fwd {
+            ctx,
+            positions: None,
+            key_valid: None,
+        };
+        let lp = token_logprobs(&net.forward(&b.inputs, &f, None)?, &b.targets)?;
+        Ok(((lp * b.loss_mask)?.sum(1)?, b.tokens))
+    }
+
+    fn loss(&self, pairs: &[PreferencePair]) -> Result<(Tensor, f64, usize)> {
+        let n = pairs.len();
+        let (pol, tokens) = self.seq_logps(&self.policy, self.env.ctx(true, None), pairs)?;
+        let (refp, _) = match &self.reference {
+            Some((r, _)) => self.seq_logps(r, self.env.ctx(false, None), pairs)?,
+            None => self.seq_logps(&self.policy, self.env.ctx(false, None), pairs)?,
+        };
+        let refp = refp.detach();
+        let (loss, acc) = dpo_loss(
+            &pol.narrow(0, 0, n)?,
+            &pol.narrow(0, n, n)?,
+            &refp.narrow(0, 0, n)?,
+            &refp.narrow(0, n, n)?,
+            self.env.cfg.dpo.beta,
+        )?;
+        Ok((loss, acc, tokens))
+    }
+}
+
+impl Task for DpoTask<'_> {
+    fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
+        let pairs: Vec<_> = (0..self.env.cfg.train.batch_size)
+            .map(|_| self.train[self.sampler.next_index()].clone())
+            .collect();
+        let (loss, acc, tokens) = self.loss(&pairs)?;
+        Ok(StepOut {
+            loss,
+            tokens,
+            metrics: vec![("reward_accuracy".into(), acc)],
+        })
+    }
+
+    fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
+        let (mut l, mut a, mut n) = (0.0, 0.0, 0.0);
+        for c in self.eval.chunks(self.env.cfg.train.batch_size) {
+            let (loss, acc, _) = self.loss(c)?;
+            l += scalar(&loss)? * c.len() as f64;
+            a += acc * c.len() as f64;
+            n += c.len() as f64;
+        }
+        let mut out = vec![
+            ("loss".to_string(), l / n),
+            ("reward_accuracy".to_string(), a / n),
+        ];
+        if !self.eval_prompts.is_empty() && self.eval_prompts.iter().all(|p| p.answer.is_some()) {
+            let acc = accuracy(
+                &self.policy,
+                self.env.ctx(true, None),
+                &self.tok,
+                &self.eval_prompts,
+                self.env.cfg.dpo.eval_max_new_tokens,
+                64,
+            )?;
+            out.push(("accuracy".into(), acc.accuracy));
+        }
+        Ok(out)
+    }
+
+    fn state(&self) -> serde_json::Value {
+        let (e, c) = self.sampler.position();
+        serde_json::json!({"epoch": e, "cursor": c})
+    }
+
+    fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
+        let get = |k: &str| s.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        self.sampler.seek(get("epoch"), get("cursor") as usize);
+        Ok(())
+    }
+}
+
+pub fn run(env: &Env) -> Result<PolicyResult> {
+    let cfg = &env.cfg;
+    let init = cfg
+        .init
+        .as_ref()
+        .context("dpo needs --init CHECKPOINT (an SFT model)")?;
+    let loaded = read_checkpoint(init, &env.device)?;
+    let lora = cfg.lora.enabled().then_some(&cfg.lora);
+    let mut store = ParamStore::new(env.device.clone(), cfg.train.seed);
+    let policy = policy_from(&loaded, &mut store, "model", lora)?;
+    let reference = match lora {
+        Some(_) => None,
+        None => {
+            let mut rs = ParamStore::new(env.device.clone(), 0);
+            let net = policy_from(&loaded, &mut rs, "model", None)?;
+            Some((net, rs))
+        }
+    };
+    let tok = loaded.tokenizer.clone();
+    let (train, eval, eval_prompts) = match &cfg.data.path {
+        None => {
+            let s = super::sft::synthetic(env);
+            let (_, prompts) = prompt_sets(env, 1, cfg.dpo.eval_prompts)?;
+            (
+                s.preference_pairs(Split::Train, cfg.dpo.task_pairs),
+                s.preference_pairs(Split::Eval, cfg.dpo.eval_pairs),
+                prompts,
+            )
+        }
+        Some(p) => {
+            let mut all = load_preferences(p)?;
+            let eval = match &cfg.data.eval_path {
+                Some(e) => load_preferences(e)?,
+                None => {
+                    let n = ((all.len() as f64 * cfg.data.val_fraction).round() as usize).max(1);
+                    all.split_off(all.len().saturating_sub(n))
+                }
+            };
+            (all, eval, vec![])
+        }
+    };
+    if train.is_empty() || eval.is_empty() {
+        anyhow::bail!("dpo needs non-empty training and held-out preference sets");
+    }
+    let meta = CheckpointMeta {
+        stage: "dpo".into(),
+        kind: "policy".into(),
+        model: policy.cfg.clone(),
+        lora: lora.cloned(),
+        step: 0,
+    };
+    let mut task = DpoTask {
+        env,
+        policy,
+        reference,
+        tok: tok.clone(),
+        sampler: WindowSampler::new(train.len(), cfg.train.seed),
+        train,
+        eval,
+        eval_prompts,
+    };
+    let saved = Saved {
+        store: &store,
+        meta,
+        tokenizer: &tok,
+    };
+    let trainable = |n: &str| lora.is_none() || is_adapter(n);
+    let summary = runner::train(
+        &mut task,
+        &saved,
+        &trainable,
+        &RunOpts {
+            cfg: &cfg.train,
+            run_dir: &env.run_dir,
+            resume: env.resume,
+            label: "dpo",
+            eval_at_start: true,
+        },
+    )?;
+    Ok(PolicyResult {
+        stage: "dpo",
+        accuracy: get(&summary.last_eval, "accuracy").unwrap_or(f64::NAN),
+        start_accuracy: get(&summary.first_eval, "accuracy").unwrap_or(f64::NAN),
+        mean_reward: get(&summary.last_eval, "reward_accuracy").unwrap_or(f64::NAN),
+        start_mean_reward: get(&summary.first_eval, "reward_accuracy").unwrap_or(f64::NAN),
+        kl: f64::NAN,
+    })
+}

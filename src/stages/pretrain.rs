@@ -1,0 +1,259 @@
+//! Pretraining: next-token cross-entropy over packed token streams (documents joined with
+//! EOS), with held-out loss and perplexity.
+
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use serde_json::json;
+
+use super::Env;
+use crate::data::corpus::{load_documents, pack_documents};
+use crate::data::synthetic::Synthetic;
+use crate::data::tokenizer::Tokenizer;
+use crate::model::{Fwd, Transformer};
+use crate::train::checkpoint::CheckpointMeta;
+use crate::train::loss::{cross_entropy, scalar};
+use crate::train::params::ParamStore;
+use crate::train::rng::{splitmix64, Rng};
+use crate::train::runner::{self, get, RunOpts, Saved, StepOut, Task};
+
+/// Windows of `len + 1` tokens at stride `len`, visited in a seeded random order per epoch;
+/// `(epoch, cursor)` is the data position a checkpoint records.
+pub struct WindowSampler {
+    n: usize,
+    seed: u64,
+    epoch: u64,
+    cursor: usize,
+    order: Vec<usize>,
+}
+
+impl WindowSampler {
+    pub fn new(n: usize, seed: u64) -> Self {
+        let mut s = Self {
+            n,
+            seed,
+            epoch: 0,
+            cursor: 0,
+            order: vec![],
+        };
+        s.shuffle();
+        s
+    }
+
+    fn shuffle(&mut self) {
+        self.order = (0..self.n).collect();
+        Rng::new(self.seed ^ splitmix64(self.epoch)).shuffle(&mut self.order);
+    }
+
+    pub fn position(&self) -> (u64, usize) {
+        (self.epoch, self.cursor)
+    }
+
+    pub fn seek(&mut self, epoch: u64, cursor: usize) {
+        self.epoch = epoch;
+        self.shuffle();
+        self.cursor = cursor.min(self.n);
+    }
+
+    pub fn next_index(&mut self) -> usize {
+        if self.cursor == self.n {
+            self.epoch += 1;
+            self.cursor = 0;
+            self.shuffle();
+        }
+        self.cursor += 1;
+        self.order[self.cursor - 1]
+    }
+}
+
+struct PretrainTask<'a> {
+    env: &'a Env,
+    net: Transformer,
+    train: Vec<u32>,
+    val: Vec<u32>,
+    sampler: WindowSampler,
+    micro: u64,
+}
+
+impl PretrainTask<'_> {
+    fn batch(&self, stream: &[u32], starts: &[usize]) -> Result<(Tensor, Tensor)> {
+        let t = self.env.cfg.train.seq_len;
+        let mut x = Vec::with_capacity(starts.len() * t);
+        let mut y = Vec::with_capacity(starts.len() * t);
+        for &s in starts {
+            x.extend_from_slice(&stream[s..s + t]);
+            y.extend_from_slice(&stream[s + 1..s + t + 1]);
+        }
+        let dev = &self.env.device;
+        Ok((
+            Tensor::from_vec(x, (starts.len(), t), dev)?,
+            Tensor::from_vec(y, (starts.len(), t), dev)?,
+        ))
+    }
+
+    fn loss(&self, x: &Tensor, y: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        let f = Fwd {
+            ctx: self.env.ctx(true, dropout_seed),
+            positions: None,
+            key_valid: None,
+        };
+        let logits = self.net.forward(x, &f, None)?;
+        let mask = y.ones_like()?.to_dtype(candle_core::DType::F32)?;
+        cross_entropy(&logits, y, &mask)
+    }
+}
+
+impl Task for PretrainTask<'_> {
+    fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
+        let t = self.env.cfg.train.seq_len;
+        let starts: Vec<usize> = (0..self.env.cfg.train.batch_size)
+            .map(|_| self.sampler.next_index() * t)
+            .collect();
+        let (x, y) = self.batch(&self.train, &starts)?;
+        self.micro += 1;
+        let seed =
+            (self.net.cfg.dropout > 0.0).then(|| splitmix64(self.env.cfg.train.seed ^ self.micro));
+        let loss = self.loss(&x, &y, seed)?;
+        Ok(StepOut {
+            loss,
+            tokens: starts.len() * t,
+            metrics: vec![],
+        })
+    }
+
+    fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
+        let cfg = &self.env.cfg.train;
+        let t = cfg.seq_len;
+        let windows = (self.val.len() - 1) / t;
+        let n = windows.min(cfg.eval_batches * cfg.batch_size);
+        let mut total = 0.0;
+        let mut batches = 0;
+        for chunk in (0..n).collect::<Vec<_>>().chunks(cfg.batch_size) {
+            let starts: Vec<usize> = chunk.iter().map(|w| w * t).collect();
+            let (x, y) = self.batch(&self.val, &starts)?;
+            total += scalar(&self.loss(&x, &y, None)?)? * starts.len() as f64;
+            batches += starts.len();
+        }
+        let loss = total / batches.max(1) as f64;
+        Ok(vec![
+            ("loss".into(), loss),
+            ("perplexity".into(), loss.exp()),
+        ])
+    }
+
+    fn state(&self) -> serde_json::Value {
+        let (epoch, cursor) = self.sampler.position();
+        json!({"epoch": epoch, "cursor": cursor, "micro": self.micro})
+    }
+
+    fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
+        let get = |k: &str| s.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        self.sampler.seek(get("epoch"), get("cursor") as usize);
+        self.micro = get("micro");
+        Ok(())
+    }
+}
+
+pub struct PretrainResult {
+    pub first_val_loss: Option<f64>,
+    pub val_loss: f64,
+    pub train_loss: f64,
+}
+
+/// Documents of the named corpus, or of the built-in task.
+fn documents(env: &Env) -> Result<Vec<String>> {
+    match &env.cfg.data.path {
+        Some(p) => load_documents(p),
+        None => {
+            let mut s = Synthetic::new(env.cfg.data.task_seed);
+            s.max_operand = env.cfg.data.task_max_operand;
+            Ok(s.pretrain_documents(4000))
+        }
+    }
+}
+
+pub fn tokenizer(env: &Env) -> Result<Tokenizer> {
+    match &env.cfg.data.tokenizer {
+        Some(p) => Tokenizer::from_file(p),
+        None => Ok(Tokenizer::bytes()),
+    }
+}
+
+pub fn run(env: &Env) -> Result<PretrainResult> {
+    let cfg = &env.cfg;
+    let tok = tokenizer(env)?;
+    let mut model_cfg = cfg.model.clone();
+    if model_cfg.vocab_size < tok.vocab_size() {
+        model_cfg.vocab_size = tok.vocab_size();
+    }
+    if cfg.train.seq_len > model_cfg.max_position_embeddings {
+        bail!(
+            "train.seq_len ({}) exceeds model.max_position_embeddings ({})",
+            cfg.train.seq_len,
+            model_cfg.max_position_embeddings
+        );
+    }
+    let docs = documents(env)?;
+    let packed = pack_documents(
+        &docs,
+        &tok,
+        cfg.data.val_fraction,
+        cfg.train.seq_len + 1,
+        cfg.train.seed,
+    )?;
+    let t = cfg.train.seq_len;
+    let windows = packed.train.len().saturating_sub(1) / t;
+    if windows == 0 || packed.val.len() <= t {
+        bail!(
+            "the corpus is too small for seq_len {t}: {} training and {} validation tokens",
+            packed.train.len(),
+            packed.val.len()
+        );
+    }
+    eprintln!(
+        "[pretrain] tokenizer {}, {} documents, {} train / {} val tokens",
+        tok.describe(),
+        docs.len(),
+        packed.train.len(),
+        packed.val.len()
+    );
+    let mut store = ParamStore::new(env.device.clone(), cfg.train.seed);
+    let net = Transformer::new(&mut store, "model", &model_cfg, None)?;
+    let meta = CheckpointMeta {
+        stage: "pretrain".into(),
+        kind: "policy".into(),
+        model: model_cfg,
+        lora: None,
+        step: 0,
+    };
+    let mut task = PretrainTask {
+        env,
+        net,
+        train: packed.train,
+        val: packed.val,
+        sampler: WindowSampler::new(windows, cfg.train.seed),
+        micro: 0,
+    };
+    let saved = Saved {
+        store: &store,
+        meta,
+        tokenizer: &tok,
+    };
+    let summary = runner::train(
+        &mut task,
+        &saved,
+        &|_| true,
+        &RunOpts {
+            cfg: &cfg.train,
+            run_dir: &env.run_dir,
+            resume: env.resume,
+            label: "pretrain",
+            eval_at_start: true,
+        },
+    )?;
+    let val_loss = get(&summary.last_eval, "loss").unwrap_or(f64::NAN);
+    Ok(PretrainResult {
+        first_val_loss: get(&summary.first_eval, "loss"),
+        val_loss,
+        train_loss: summary.last_train_loss,
+    })
+}

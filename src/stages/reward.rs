@@ -1,0 +1,256 @@
+//! Reward modelling: a transformer with a scalar head read at the last real token of
+//! prompt + response (+ EOS), trained with the Bradley-Terry loss
+//! `-log sigmoid(r_chosen - r_rejected - margin)`; evaluated by pairwise accuracy.
+
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::batch::padded;
+use super::loader::{read_checkpoint, scored_from};
+use super::pretrain::WindowSampler;
+use super::sft::synthetic;
+use super::Env;
+use crate::data::records::{load_preferences, PreferencePair};
+use crate::data::synthetic::Split;
+use crate::data::tokenizer::Tokenizer;
+use crate::model::heads::gather_last;
+use crate::model::{Fwd, ScalarHead, Transformer};
+use crate::train::checkpoint::CheckpointMeta;
+use crate::train::loss::{log_sigmoid, scalar};
+use crate::train::params::ParamStore;
+use crate::train::runner::{self, get, is_adapter, RunOpts, Saved, StepOut, Task};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewardConfig {
+    /// Subtracted from `r_chosen - r_rejected` inside the loss (0 = plain Bradley-Terry).
+    pub margin: f64,
+    pub task_pairs: usize,
+    pub eval_pairs: usize,
+}
+
+impl Default for RewardConfig {
+    fn default() -> Self {
+        Self {
+            margin: 0.0,
+            task_pairs: 4000,
+            eval_pairs: 400,
+        }
+    }
+}
+
+/// A transformer with a scalar head: the reward model, and PPO's value model.
+pub struct Scorer {
+    pub net: Transformer,
+    pub head: ScalarHead,
+}
+
+impl Scorer {
+    /// Per-token scores `[B, T]` of right-padded ids.
+    pub fn per_token(
+        &self,
+        ids: &Tensor,
+        key_valid: Option<&Tensor>,
+        ctx: crate::model::linear::Ctx,
+    ) -> Result<Tensor> {
+        let f = Fwd {
+            ctx,
+            positions: None,
+            key_valid,
+        };
+        self.head.forward(&self.net.hidden(ids, &f, None)?)
+    }
+
+    /// One score per sequence, read at its last real token.
+    pub fn score(
+        &self,
+        seqs: &[Vec<u32>],
+        pad: u32,
+        ctx: crate::model::linear::Ctx,
+    ) -> Result<Tensor> {
+        let dev = self.net.device().clone();
+        let (ids, _, last) = padded(seqs, pad, self.net.cfg.max_position_embeddings, &dev)?;
+        gather_last(&self.per_token(&ids, None, ctx)?, &last)
+    }
+}
+
+pub fn encode_pair(tok: &Tokenizer, p: &PreferencePair) -> Result<(Vec<u32>, Vec<u32>)> {
+    let prompt = tok.encode(&p.prompt)?;
+    let mut c = prompt.clone();
+    c.extend(tok.encode(&p.chosen)?);
+    c.push(tok.eos_id());
+    let mut r = prompt;
+    r.extend(tok.encode(&p.rejected)?);
+    r.push(tok.eos_id());
+    Ok((c, r))
+}
+
+struct RewardTask<'a> {
+    env: &'a Env,
+    model: Scorer,
+    tok: Tokenizer,
+    train: Vec<(Vec<u32>, Vec<u32>)>,
+    eval: Vec<(Vec<u32>, Vec<u32>)>,
+    sampler: WindowSampler,
+}
+
+impl RewardTask<'_> {
+    /// Loss and accuracy of a batch of pairs.
+    fn pairs(&self, pairs: &[(Vec<u32>, Vec<u32>)]) -> Result<(Tensor, f64, usize)> {
+        let mut seqs: Vec<Vec<u32>> = pairs.iter().map(|p| p.0.clone()).collect();
+        seqs.extend(pairs.iter().map(|p| p.1.clone()));
+        let tokens = seqs.iter().map(Vec::len).sum();
+        let scores = self
+            .model
+            .score(&seqs, self.tok.pad_id(), self.env.ctx(true, None))?;
+        let n = pairs.len();
+        let diff = (scores.narrow(0, 0, n)? - scores.narrow(0, n, n)?)?;
+        let loss = log_sigmoid(&(&diff - self.env.cfg.reward.margin)?)?
+            .mean_all()?
+            .neg()?;
+        let acc = diff.to_vec1::<f32>()?.iter().filter(|&&d| d > 0.0).count() as f64 / n as f64;
+        Ok((loss, acc, tokens))
+    }
+}
+
+impl Task for RewardTask<'_> {
+    fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
+        let batch: Vec<_> = (0..self.env.cfg.train.batch_size)
+            .map(|_| self.train[self.sampler.next_index()].clone())
+            .collect();
+        let (loss, acc, tokens) = self.pairs(&batch)?;
+        Ok(StepOut {
+            loss,
+            tokens,
+            metrics: vec![("accuracy".into(), acc)],
+        })
+    }
+
+    fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
+        let (mut loss, mut acc, mut n) = (0.0, 0.0, 0.0);
+        for c in self.eval.chunks(self.env.cfg.train.batch_size) {
+            let (l, a, _) = self.pairs(c)?;
+            loss += scalar(&l)? * c.len() as f64;
+            acc += a * c.len() as f64;
+            n += c.len() as f64;
+        }
+        Ok(vec![
+            ("loss".into(), loss / n),
+            ("accuracy".into(), acc / n),
+        ])
+    }
+
+    fn state(&self) -> serde_json::Value {
+        let (e, c) = self.sampler.position();
+        serde_json::json!({"epoch": e, "cursor": c})
+    }
+
+    fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
+        let get = |k: &str| s.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        self.sampler.seek(get("epoch"), get("cursor") as usize);
+        Ok(())
+    }
+}
+
+pub struct RewardResult {
+    pub accuracy: f64,
+    pub first_accuracy: Option<f64>,
+}
+
+fn datasets(env: &Env) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>)> {
+    let cfg = &env.cfg;
+    match &cfg.data.path {
+        None => {
+            let s = synthetic(env);
+            Ok((
+                s.preference_pairs(Split::Train, cfg.reward.task_pairs),
+                s.preference_pairs(Split::Eval, cfg.reward.eval_pairs),
+            ))
+        }
+        Some(p) => {
+            let mut all = load_preferences(p)?;
+            match &cfg.data.eval_path {
+                Some(e) => Ok((all, load_preferences(e)?)),
+                None => {
+                    if all.len() < 2 {
+                        bail!("{}: needs at least 2 pairs to hold one out", p.display());
+                    }
+                    let n = ((all.len() as f64 * cfg.data.val_fraction).round() as usize).max(1);
+                    let eval = all.split_off(all.len() - n);
+                    Ok((all, eval))
+                }
+            }
+        }
+    }
+}
+
+pub fn run(env: &Env) -> Result<RewardResult> {
+    let cfg = &env.cfg;
+    let init = cfg
+        .init
+        .as_ref()
+        .context("reward needs --init CHECKPOINT (an SFT or pretrained model)")?;
+    let loaded = read_checkpoint(init, &env.device)?;
+    let lora = cfg.lora.enabled().then_some(&cfg.lora);
+    let mut store = ParamStore::new(env.device.clone(), cfg.train.seed);
+    let from_policy = loaded.meta.kind == "policy";
+    let (net, head) = scored_from(&loaded, &mut store, "", lora, from_policy)?;
+    let tok = loaded.tokenizer.clone();
+    let (train, eval) = datasets(env)?;
+    let ctx = net.cfg.max_position_embeddings;
+    let enc = |xs: &[PreferencePair]| -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+        xs.iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let e = encode_pair(&tok, p)?;
+                if e.0.len().max(e.1.len()) > ctx {
+                    bail!(
+                        "preference pair {}: longer than the model's context of {ctx} tokens",
+                        i + 1
+                    );
+                }
+                Ok(e)
+            })
+            .collect()
+    };
+    let (train, eval) = (enc(&train)?, enc(&eval)?);
+    let meta = CheckpointMeta {
+        stage: "reward".into(),
+        kind: "reward".into(),
+        model: net.cfg.clone(),
+        lora: lora.cloned(),
+        step: 0,
+    };
+    let mut task = RewardTask {
+        env,
+        model: Scorer { net, head },
+        tok: tok.clone(),
+        sampler: WindowSampler::new(train.len(), cfg.train.seed),
+        train,
+        eval,
+    };
+    let saved = Saved {
+        store: &store,
+        meta,
+        tokenizer: &tok,
+    };
+    // The head is always trained, with or without LoRA.
+    let trainable = |n: &str| lora.is_none() || is_adapter(n) || n.starts_with("score.");
+    let summary = runner::train(
+        &mut task,
+        &saved,
+        &trainable,
+        &RunOpts {
+            cfg: &cfg.train,
+            run_dir: &env.run_dir,
+            resume: env.resume,
+            label: "reward",
+            eval_at_start: true,
+        },
+    )?;
+    Ok(RewardResult {
+        accuracy: get(&summary.last_eval, "accuracy").unwrap_or(f64::NAN),
+        first_accuracy: get(&summary.first_eval, "accuracy"),
+    })
+}

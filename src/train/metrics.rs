@@ -1,0 +1,78 @@
+//! `metrics.jsonl`: one JSON object per line (`step`, `split`, `loss`, ...), appended and
+//! flushed as it goes so a killed run keeps everything it logged.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde_json::{Map, Value};
+
+pub struct MetricsLog {
+    path: PathBuf,
+    file: File,
+}
+
+impl MetricsLog {
+    /// Opens `run_dir/metrics.jsonl` for appending. When resuming from `keep_upto`, lines of
+    /// later steps (written after that checkpoint by the interrupted run) are dropped, so the
+    /// file shows one curve.
+    pub fn open(run_dir: &Path, keep_upto: Option<usize>) -> Result<Self> {
+        let path = run_dir.join("metrics.jsonl");
+        if let (Some(upto), true) = (keep_upto, path.exists()) {
+            let kept: Vec<String> = BufReader::new(File::open(&path)?)
+                .lines()
+                .map_while(|l| l.ok())
+                .filter(|l| {
+                    serde_json::from_str::<Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(Value::as_u64))
+                        .is_some_and(|s| s as usize <= upto)
+                })
+                .collect();
+            let mut text = kept.join("\n");
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            super::checkpoint::write_atomic(&path, text.as_bytes())?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("{}: cannot open", path.display()))?;
+        Ok(Self { path, file })
+    }
+
+    pub fn log(&mut self, step: usize, split: &str, fields: &[(String, f64)]) -> Result<()> {
+        let mut m = Map::new();
+        m.insert("step".into(), step.into());
+        m.insert("split".into(), split.into());
+        for (k, v) in fields {
+            let v = if v.is_finite() {
+                Value::from(*v)
+            } else {
+                Value::Null
+            };
+            m.insert(k.clone(), v);
+        }
+        writeln!(self.file, "{}", Value::Object(m))
+            .with_context(|| format!("{}: cannot write", self.path.display()))?;
+        self.file.flush()?;
+        Ok(())
+    }
+}
+
+/// Reads back every record of a metrics file (tests and the pipeline summary use it).
+pub fn read(path: &Path) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))
+        })
+        .collect()
+}

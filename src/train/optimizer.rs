@@ -1,0 +1,147 @@
+//! AdamW with decoupled weight decay over f32 master weights, global-norm gradient clipping,
+//! and state that saves to and loads from safetensors.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{backprop::GradStore, Tensor, Var};
+
+use super::params::{save_tensors, ParamStore};
+use crate::config::TrainConfig;
+
+pub struct AdamW {
+    names: Vec<String>,
+    vars: Vec<Var>,
+    decay: Vec<bool>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    pub t: usize,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+}
+
+/// Norms, biases and embeddings get no weight decay (the GPT-2 / nanoGPT convention).
+pub fn decays(name: &str) -> bool {
+    !(name.contains("norm") || name.ends_with(".bias") || name.contains("embed"))
+}
+
+impl AdamW {
+    pub fn new(
+        store: &ParamStore,
+        trainable: &dyn Fn(&str) -> bool,
+        cfg: &TrainConfig,
+    ) -> Result<Self> {
+        let mut s = Self {
+            names: vec![],
+            vars: vec![],
+            decay: vec![],
+            m: vec![],
+            v: vec![],
+            t: 0,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.adam_eps,
+            weight_decay: cfg.weight_decay,
+        };
+        for (name, var) in store.iter().filter(|(n, _)| trainable(n)) {
+            s.names.push(name.clone());
+            s.vars.push(var.clone());
+            s.decay.push(decays(name));
+            s.m.push(var.zeros_like()?);
+            s.v.push(var.zeros_like()?);
+        }
+        if s.vars.is_empty() {
+            bail!("no trainable parameters");
+        }
+        Ok(s)
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.vars.iter().map(|v| v.elem_count()).sum()
+    }
+
+    /// The gradient of every trainable parameter (zeros for one the loss did not reach).
+    pub fn collect(&self, grads: &GradStore) -> Result<Vec<Tensor>> {
+        self.vars
+            .iter()
+            .map(|v| match grads.get(v.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => Ok(v.zeros_like()?),
+            })
+            .collect()
+    }
+
+    /// Clips `grads` in place to global norm `max_norm` (0 = no clipping); returns the norm
+    /// before clipping.
+    pub fn clip(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+        let mut sq = 0f64;
+        for g in grads.iter() {
+            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        let norm = sq.sqrt();
+        if max_norm > 0.0 && norm > max_norm {
+            let s = max_norm / (norm + 1e-6);
+            for g in grads.iter_mut() {
+                *g = (&*g * s)?;
+            }
+        }
+        Ok(norm)
+    }
+
+    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.t += 1;
+        let (b1, b2) = (self.beta1, self.beta2);
+        let bc1 = 1.0 - b1.powi(self.t as i32);
+        let bc2 = 1.0 - b2.powi(self.t as i32);
+        for (i, g) in grads.iter().enumerate().take(self.vars.len()) {
+            self.m[i] = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
+            self.v[i] = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let mhat = (&self.m[i] / bc1)?;
+            let denom = ((&self.v[i] / bc2)?.sqrt()? + self.eps)?;
+            let mut update = (mhat / denom)?;
+            let p = self.vars[i].as_tensor();
+            if self.decay[i] && self.weight_decay > 0.0 {
+                update = (update + (p * self.weight_decay)?)?;
+            }
+            self.vars[i].set(&(p - (update * lr)?)?)?;
+        }
+        Ok(())
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut map = HashMap::new();
+        for (i, n) in self.names.iter().enumerate() {
+            map.insert(format!("m.{n}"), self.m[i].clone());
+            map.insert(format!("v.{n}"), self.v[i].clone());
+        }
+        save_tensors(path, &map)
+    }
+
+    pub fn load(&mut self, path: &Path, t: usize) -> Result<()> {
+        let dev = self.vars[0].device().clone();
+        let map = candle_core::safetensors::load(path, &dev)
+            .with_context(|| format!("{}: cannot read optimizer state", path.display()))?;
+        for (i, n) in self.names.iter().enumerate() {
+            for (slot, key) in [
+                (&mut self.m[i], format!("m.{n}")),
+                (&mut self.v[i], format!("v.{n}")),
+            ] {
+                let Some(x) = map.get(&key) else {
+                    bail!("{}: optimizer state for {n} is missing", path.display());
+                };
+                if x.dims() != slot.dims() {
+                    bail!(
+                        "{}: optimizer state for {n} has the wrong shape",
+                        path.display()
+                    );
+                }
+                *slot = x.clone();
+            }
+        }
+        self.t = t;
+        Ok(())
+    }
+}

@@ -1,0 +1,72 @@
+#![allow(dead_code)]
+//! Helpers for the integration tests: running the CLI and reading what it wrote.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn temper() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_temper"));
+    c.env("TEMPER_NO_BAR", "1");
+    c.env("CANDLE_NUM_THREADS", "1");
+    c
+}
+
+pub fn run_ok(args: &[&str]) -> Output {
+    let out = temper().args(args).output().expect("spawn temper");
+    assert!(
+        out.status.success(),
+        "temper {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs temper expecting failure; returns stderr.
+pub fn run_err(args: &[&str]) -> String {
+    let out = temper().args(args).output().expect("spawn temper");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "temper {args:?} should fail; stderr:\n{err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "panic: {err}"
+    );
+    err
+}
+
+pub fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    temper::train::metrics::read(&dir.join("metrics.jsonl")).unwrap()
+}
+
+pub fn series(m: &[serde_json::Value], split: &str, key: &str) -> Vec<(u64, f64)> {
+    m.iter()
+        .filter(|v| v["split"] == split)
+        .filter_map(|v| Some((v["step"].as_u64()?, v[key].as_f64()?)))
+        .collect()
+}
+
+pub fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+pub fn p(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+/// A small, fast model config for tests.
+pub const TINY_TOML: &str = r#"
+[model]
+hidden_size = 64
+intermediate_size = 160
+num_hidden_layers = 2
+num_attention_heads = 4
+num_key_value_heads = 2
+max_position_embeddings = 64
+
+[train]
+batch_size = 16
+seq_len = 48
+eval_batches = 2
+"#;
