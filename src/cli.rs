@@ -72,6 +72,10 @@ pub struct StageArgs {
     /// A tokenizer.json (pretrain only; later stages use their checkpoint's).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// A tokenizer_config.json with a `chat_template`, or a .jinja file, to render SFT
+    /// `messages` with instead of the built-in template.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
     /// cpu, cuda or auto.
     #[arg(long)]
     pub device: Option<String>,
@@ -234,6 +238,9 @@ impl StageArgs {
         };
         let mut cfg = RunConfig::load(stage, file.as_deref())?;
         self.apply(&mut cfg)?;
+        if !resume {
+            crate::stages::inherit_task_world(&mut cfg, file.as_deref())?;
+        }
         Ok((cfg, out, resume))
     }
 
@@ -281,6 +288,9 @@ impl StageArgs {
         }
         if self.tokenizer.is_some() {
             cfg.data.tokenizer = self.tokenizer.clone();
+        }
+        if self.chat_template.is_some() {
+            cfg.data.chat_template = self.chat_template.clone();
         }
         if self.init.is_some() {
             cfg.init = self.init.clone();

@@ -1,6 +1,7 @@
-//! `temper pipeline` at a reduced scale: every stage runs in one directory and does its job
-//! on held-out data (the full-scale margins, PPO over SFT included, are recorded in
-//! BENCHMARKS.md from `cargo run --release -- pipeline`).
+//! `temper pipeline` at its default scale, the README's main job: every stage runs in one
+//! directory and does its job on held-out data. What holds on every seed we measured
+//! (BENCHMARKS.md: seeds 0, 1, 2) is asserted here; PPO's margin over SFT depends on the seed
+//! and is recorded there rather than asserted.
 
 mod common;
 
@@ -14,8 +15,6 @@ fn pipeline_runs_every_stage_and_each_learns() {
         "pipeline",
         "--out",
         out.to_str().unwrap(),
-        "--scale",
-        "0.4",
         "--with",
         "dpo,grpo",
         "--device",
@@ -33,14 +32,23 @@ fn pipeline_runs_every_stage_and_each_learns() {
         "{text}"
     );
     assert!(f("sft", "accuracy") > f("sft", "base_accuracy"), "{text}");
-    assert!(f("reward", "accuracy") > 0.6, "{text}");
+    let rm = f("reward", "accuracy");
+    assert!(
+        rm > 0.5 && rm > f("reward", "initial_accuracy"),
+        "reward model at chance: {text}"
+    );
     for stage in ["ppo", "grpo"] {
         let kl = f(stage, "kl");
         assert!(kl.is_finite() && kl >= 0.0, "{stage} KL {kl}: {text}");
-        f(stage, "accuracy");
-        f(stage, "sft_accuracy");
+        for key in ["accuracy", "sft_accuracy", "mean_reward", "sft_mean_reward"] {
+            f(stage, key);
+        }
+        // The task reward is exact match, so the greedy mean reward is the accuracy.
+        assert!(
+            (f(stage, "mean_reward") - f(stage, "accuracy")).abs() < 1e-9,
+            "{text}"
+        );
     }
-    f("ppo", "mean_reward");
     f("dpo", "accuracy");
     for stage in ["pretrain", "sft", "reward", "ppo", "dpo", "grpo"] {
         assert!(

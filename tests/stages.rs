@@ -345,3 +345,128 @@ fn malformed_stage_data_and_long_prompts_fail_clearly() {
     ]);
     assert!(e.contains("--init"), "{e}");
 }
+
+#[test]
+fn sft_learns_chat_data_rendered_by_a_tokenizer_config_template() {
+    let d = tmp();
+    let dir = d.path();
+    let cfg = p(dir, "c.toml");
+    std::fs::write(&cfg, TINY_TOML).unwrap();
+    let c = cfg.to_str().unwrap();
+    let tpl = p(dir, "tokenizer_config.json");
+    // ChatML's shape with one-letter markers: the tiny test model's context is 64 tokens.
+    let chatml = "{% for m in messages %}{{ '<' + m['role'][0] + '>' + m['content'].strip() + '</>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<a>' }}{% endif %}";
+    std::fs::write(
+        &tpl,
+        serde_json::json!({"eos_token": "</>", "chat_template": chatml}).to_string(),
+    )
+    .unwrap();
+    let data = p(dir, "chat.jsonl");
+    let lines: Vec<String> = (0..240u32)
+        .map(|i| {
+            let (a, b) = (i % 17, (i * 7) % 23);
+            serde_json::json!({"messages": [
+                {"role": "system", "content": "add"},
+                {"role": "user", "content": format!(" {a}+{b} ")},
+                {"role": "assistant", "content": format!("{}", a + b)},
+            ]})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let pre = p(dir, "pre");
+    run_ok(&[
+        "pretrain",
+        "--config",
+        c,
+        "--out",
+        pre.to_str().unwrap(),
+        "--steps",
+        "20",
+        "--device",
+        "cpu",
+    ]);
+    let sft = p(dir, "sft");
+    let base = [
+        "sft",
+        "--config",
+        c,
+        "--init",
+        pre.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ];
+    let args = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    run_ok(&strs(&args(&[
+        "--chat-template",
+        tpl.to_str().unwrap(),
+        "--out",
+        sft.to_str().unwrap(),
+        "--steps",
+        "60",
+        "--eval-every",
+        "20",
+    ])));
+    let val = series(&metrics(&sft), "val", "loss");
+    let (first, last) = (val[0].1, val[val.len() - 1].1);
+    assert!(
+        last < 0.6 * first,
+        "held-out assistant loss {first} -> {last}"
+    );
+    let written = std::fs::read_to_string(sft.join("config.toml")).unwrap();
+    assert!(written.contains("chat_template"), "{written}");
+
+    // A config without a template, and a template that raises, fail naming what is wrong.
+    let empty = p(dir, "plain_config.json");
+    std::fs::write(&empty, r#"{"eos_token": "</s>"}"#).unwrap();
+    let e = run_err(&strs(&args(&[
+        "--chat-template",
+        empty.to_str().unwrap(),
+        "--out",
+        p(dir, "x").to_str().unwrap(),
+    ])));
+    assert!(
+        e.contains("plain_config.json") && e.contains("chat_template"),
+        "{e}"
+    );
+    let strict = p(dir, "strict.jinja");
+    std::fs::write(&strict, "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}{{ m['content'] }}{% endfor %}").unwrap();
+    let e = run_err(&strs(&args(&[
+        "--chat-template",
+        strict.to_str().unwrap(),
+        "--out",
+        p(dir, "y").to_str().unwrap(),
+    ])));
+    assert!(
+        e.contains("chat.jsonl:1") && e.contains("no system role"),
+        "{e}"
+    );
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn later_stages_inherit_the_task_world_of_their_init() {
+    let d = tmp();
+    let dir = d.path();
+    let cfg = p(dir, "c.toml");
+    std::fs::write(&cfg, format!("{TINY_TOML}\n[data]\ntask_seed = 3\n")).unwrap();
+    let plain = p(dir, "plain.toml");
+    std::fs::write(&plain, format!("{TINY_TOML}\n[sft]\neval_prompts = 8\n")).unwrap();
+    let pre = p(dir, "pre");
+    let sft = p(dir, "sft");
+    #[rustfmt::skip]
+    run_ok(&["pretrain", "--config", cfg.to_str().unwrap(), "--out", pre.to_str().unwrap(),
+             "--steps", "2", "--device", "cpu"]);
+    #[rustfmt::skip]
+    run_ok(&["sft", "--config", plain.to_str().unwrap(), "--init", pre.to_str().unwrap(),
+             "--out", sft.to_str().unwrap(), "--steps", "1", "--device", "cpu"]);
+    let written = std::fs::read_to_string(sft.join("config.toml")).unwrap();
+    assert!(written.contains("task_seed = 3"), "{written}");
+}

@@ -10,6 +10,8 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
 
+use super::chat_template::ChatTemplate;
+
 /// One training conversation as text segments; `train` marks the segments whose tokens carry
 /// loss (responses / assistant turns). The tokenising code appends one trained EOS after
 /// every trained segment, which is how the model learns where a turn ends.
@@ -22,6 +24,9 @@ pub struct Segment {
 #[derive(Clone, Debug, PartialEq)]
 pub struct SftExample {
     pub segments: Vec<Segment>,
+    /// Whether an EOS follows each trained segment. A Jinja chat template writes its own
+    /// end-of-turn marker into the assistant's text, so its examples need none.
+    pub append_eos: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -65,24 +70,36 @@ pub fn render_chat_prompt(messages: &[(String, String)]) -> String {
 /// prompt used verbatim, no template) or `{"messages": [{"role", "content"}, ...]}` rendered
 /// with the built-in chat template.
 pub fn load_sft(path: &Path) -> Result<Vec<SftExample>> {
+    load_sft_templated(path, None)
+}
+
+/// [`load_sft`] with `messages` rendered by a Hugging Face chat template when one is given.
+pub fn load_sft_templated(path: &Path, template: Option<&ChatTemplate>) -> Result<Vec<SftExample>> {
     let lines = read_records(path)?;
     lines
         .iter()
         .map(|(line, obj)| {
             let at = Loc { path, line: *line };
-            sft_example(&at, obj)
+            sft_example(&at, obj, template)
         })
         .collect()
 }
 
-fn sft_example(at: &Loc, obj: &Map<String, Value>) -> Result<SftExample> {
+fn sft_example(
+    at: &Loc,
+    obj: &Map<String, Value>,
+    template: Option<&ChatTemplate>,
+) -> Result<SftExample> {
     let plain = obj.contains_key("prompt") || obj.contains_key("response");
     match (obj.get("messages"), plain) {
         (Some(_), true) => Err(at.field(
             "messages",
             "give either \"messages\" or \"prompt\" and \"response\", not both",
         )),
-        (Some(msgs), false) => chat_example(at, msgs),
+        (Some(msgs), false) => match template {
+            None => chat_example(at, msgs),
+            Some(t) => templated_example(at, msgs, t),
+        },
         (None, false) => Err(at.field(
             "prompt",
             "missing (a record needs \"prompt\" and \"response\", or \"messages\")",
@@ -101,6 +118,7 @@ fn sft_example(at: &Loc, obj: &Map<String, Value>) -> Result<SftExample> {
                         train: true,
                     },
                 ],
+                append_eos: true,
             })
         }
     }
@@ -155,7 +173,45 @@ fn chat_example(at: &Loc, msgs: &Value) -> Result<SftExample> {
     if assistant_turns == 0 {
         return Err(at.field("messages", "no assistant message"));
     }
-    Ok(SftExample { segments })
+    Ok(SftExample {
+        segments,
+        append_eos: true,
+    })
+}
+
+/// A conversation rendered by a Jinja chat template. Roles are the template's business (it
+/// may accept "tool" or refuse "system"); each message still needs string role and content.
+fn templated_example(at: &Loc, msgs: &Value, template: &ChatTemplate) -> Result<SftExample> {
+    let Value::Array(list) = msgs else {
+        return Err(at.field(
+            "messages",
+            &format!("expected an array, got {}", kind(msgs)),
+        ));
+    };
+    let mut assistant_turns = 0;
+    for (i, m) in list.iter().enumerate() {
+        let name = format!("messages[{i}]");
+        let Value::Object(m) = m else {
+            return Err(at.field(&name, &format!("expected an object, got {}", kind(m))));
+        };
+        let role = at.str_field(m, "role", &format!("{name}.role"))?;
+        at.str_field(m, "content", &format!("{name}.content"))?;
+        assistant_turns += usize::from(role == "assistant");
+    }
+    if assistant_turns == 0 {
+        return Err(at.field("messages", "no assistant message"));
+    }
+    let spans = template
+        .spans(list)
+        .map_err(|e| at.field("messages", &format!("{e:#}")))?;
+    let mut segments = Vec::new();
+    for (text, train) in spans {
+        push_segment(&mut segments, &text, train);
+    }
+    Ok(SftExample {
+        segments,
+        append_eos: false,
+    })
 }
 
 /// Appends a segment, merging untrained text into a preceding untrained segment. Trained

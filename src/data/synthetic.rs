@@ -135,6 +135,7 @@ impl Synthetic {
                         train: true,
                     },
                 ],
+                append_eos: true,
             })
             .collect()
     }

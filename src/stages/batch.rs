@@ -16,7 +16,7 @@ pub fn encode_example(tok: &Tokenizer, ex: &SftExample) -> Result<(Vec<u32>, Vec
         let t = tok.encode(&seg.text)?;
         train.extend(std::iter::repeat_n(seg.train, t.len()));
         ids.extend(t);
-        if seg.train {
+        if seg.train && ex.append_eos {
             ids.push(tok.eos_id());
             train.push(true);
         }

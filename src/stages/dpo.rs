@@ -71,6 +71,7 @@ fn as_example(prompt: &str, response: &str) -> SftExample {
                 train: true,
             },
         ],
+        append_eos: true,
     }
 }
 

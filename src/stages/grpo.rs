@@ -9,7 +9,6 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::eval::accuracy;
 use super::loader::{policy_from, read_checkpoint};
 use super::ppo::{
     check_prompt_lengths, kl_estimate, policy_loss, prompt_sets, KlEstimator, PolicyResult,
@@ -196,16 +195,21 @@ impl Task for GrpoTask<'_> {
     }
 
     fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
-        let acc = accuracy(
+        let c = &self.env.cfg.grpo;
+        let (acc, reward) = rollout::greedy_eval(
             &self.policy,
             self.env.ctx(true, None),
             &self.tok,
             &self.eval_prompts,
-            self.env.cfg.grpo.max_new_tokens,
-            64,
+            &self.rewards,
+            &SampleCfg {
+                max_new_tokens: c.max_new_tokens,
+                ..Default::default()
+            },
         )?;
         Ok(vec![
-            ("accuracy".into(), acc.accuracy),
+            ("accuracy".into(), acc),
+            ("mean_reward".into(), reward),
             ("kl".into(), self.last_kl),
         ])
     }
@@ -291,8 +295,8 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         stage: "grpo",
         accuracy: get(&summary.last_eval, "accuracy").unwrap_or(f64::NAN),
         start_accuracy: get(&summary.first_eval, "accuracy").unwrap_or(f64::NAN),
-        mean_reward: f64::NAN,
-        start_mean_reward: f64::NAN,
+        mean_reward: get(&summary.last_eval, "mean_reward").unwrap_or(f64::NAN),
+        start_mean_reward: get(&summary.first_eval, "mean_reward").unwrap_or(f64::NAN),
         kl: get(&summary.last_eval, "kl").unwrap_or(f64::NAN),
     })
 }

@@ -31,6 +31,9 @@ pub struct DataConfig {
     pub path: Option<PathBuf>,
     /// A `tokenizer.json`; none means the byte-level tokenizer.
     pub tokenizer: Option<PathBuf>,
+    /// A Hugging Face chat template (a tokenizer_config.json or a .jinja file) for SFT
+    /// `messages`; none means the built-in template.
+    pub chat_template: Option<PathBuf>,
     pub val_fraction: f64,
     /// Held-out file for the alignment stages (SFT, preferences, prompts); none splits off
     /// `val_fraction` of `path`.
@@ -46,6 +49,7 @@ impl Default for DataConfig {
         Self {
             path: None,
             tokenizer: None,
+            chat_template: None,
             val_fraction: 0.1,
             eval_path: None,
             task_seed: 0,
@@ -173,6 +177,57 @@ impl RunConfig {
     pub fn save(&self, run_dir: &Path) -> Result<()> {
         write_toml(&run_dir.join("config.toml"), self)
     }
+}
+
+/// Later stages on the built-in task use the world their init was trained in: a different
+/// task seed would put the new stage's held-out pairs into the init's training data. The world
+/// comes from the init run's `config.toml` unless the user's config file names it.
+pub fn inherit_task_world(cfg: &mut RunConfig, user_file: Option<&Path>) -> Result<()> {
+    let Some(init) = &cfg.init else {
+        return Ok(());
+    };
+    if cfg.data.path.is_some() {
+        return Ok(());
+    }
+    let user_sets = match user_file {
+        Some(f) => {
+            let v: toml::Value = toml::from_str(&std::fs::read_to_string(f)?)?;
+            let data = v.get("data");
+            data.is_some_and(|d| {
+                d.get("task_seed").is_some() || d.get("task_max_operand").is_some()
+            })
+        }
+        None => false,
+    };
+    if user_sets {
+        return Ok(());
+    }
+    let ckpt = crate::train::checkpoint::resolve_checkpoint(init)?;
+    let Some(run_cfg) = ckpt
+        .ancestors()
+        .take(3)
+        .map(|d| d.join("config.toml"))
+        .find(|p| p.is_file())
+    else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(&run_cfg)?;
+    let v: toml::Value = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", run_cfg.display(), e.message()))?;
+    let Some(data) = v.get("data") else {
+        return Ok(());
+    };
+    if data.get("path").is_some() {
+        return Ok(());
+    }
+    let int = |key: &str| data.get(key).and_then(toml::Value::as_integer);
+    if let Some(seed) = int("task_seed") {
+        cfg.data.task_seed = seed as u64;
+    }
+    if let Some(max) = int("task_max_operand") {
+        cfg.data.task_max_operand = max as u32;
+    }
+    Ok(())
 }
 
 pub(crate) fn overlay(base: &mut toml::Value, user: toml::Value) {

@@ -13,7 +13,6 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::eval::accuracy;
 use super::loader::{policy_from, read_checkpoint, scored_from};
 use super::pretrain::WindowSampler;
 use super::reward::Scorer;
@@ -25,7 +24,7 @@ use super::Env;
 use crate::data::records::{load_prompts, PromptRecord};
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
-use crate::generate::{generate, SampleCfg};
+use crate::generate::SampleCfg;
 use crate::kernels::gae::{gae, masked_mean_var, whiten};
 use crate::model::Transformer;
 use crate::train::checkpoint::CheckpointMeta;
@@ -321,45 +320,14 @@ impl PpoTask<'_> {
     }
 
     fn greedy_eval(&self) -> Result<(f64, f64)> {
-        let ctx = self.env.ctx(true, None);
-        let has_answers = self.eval_prompts.iter().all(|p| p.answer.is_some());
-        let acc = if has_answers {
-            accuracy(
-                &self.policy,
-                ctx,
-                &self.tok,
-                &self.eval_prompts,
-                self.env.cfg.ppo.max_new_tokens,
-                64,
-            )?
-            .accuracy
-        } else {
-            f64::NAN
-        };
-        // Mean reward of the greedy responses.
-        let cfg = SampleCfg {
-            temperature: 0.0,
-            ..self.sample_cfg()
-        };
-        let mut total = 0.0;
-        for chunk in self.eval_prompts.chunks(64) {
-            let ids: Vec<Vec<u32>> = chunk
-                .iter()
-                .map(|r| self.tok.encode(&r.prompt))
-                .collect::<Result<_>>()?;
-            let g = generate(&self.policy, ctx, &self.tok, &ids, &cfg, &mut Rng::new(0))?;
-            let seqs: Vec<Vec<u32>> = ids
-                .iter()
-                .zip(&g.tokens)
-                .map(|(p, t)| p.iter().chain(t).copied().collect())
-                .collect();
-            total += self
-                .rewards
-                .score(chunk, &seqs, &g.texts, self.tok.pad_id(), ctx)?
-                .iter()
-                .sum::<f64>();
-        }
-        Ok((acc, total / self.eval_prompts.len() as f64))
+        rollout::greedy_eval(
+            &self.policy,
+            self.env.ctx(true, None),
+            &self.tok,
+            &self.eval_prompts,
+            &self.rewards,
+            &self.sample_cfg(),
+        )
     }
 }
 

@@ -8,6 +8,7 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 
+use super::eval::accuracy;
 use super::loader::{read_checkpoint, scored_from};
 use super::reward::Scorer;
 use crate::cli::parse_reward_spec;
@@ -133,6 +134,46 @@ pub struct Sampled {
     pub gen_tokens: Vec<Vec<u32>>,
     pub texts: Vec<String>,
     pub finished: Vec<bool>,
+}
+
+/// Greedy accuracy on prompts with answers (NaN when some have none) and the mean reward of
+/// the greedy responses, as PPO and GRPO report them before and after training.
+pub fn greedy_eval(
+    policy: &Transformer,
+    ctx: Ctx,
+    tok: &Tokenizer,
+    prompts: &[PromptRecord],
+    rewards: &RewardFn,
+    sampling: &SampleCfg,
+) -> Result<(f64, f64)> {
+    let has_answers = prompts.iter().all(|p| p.answer.is_some());
+    let acc = if has_answers {
+        accuracy(policy, ctx, tok, prompts, sampling.max_new_tokens, 64)?.accuracy
+    } else {
+        f64::NAN
+    };
+    let cfg = SampleCfg {
+        temperature: 0.0,
+        ..sampling.clone()
+    };
+    let mut total = 0.0;
+    for chunk in prompts.chunks(64) {
+        let ids: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|r| tok.encode(&r.prompt))
+            .collect::<Result<_>>()?;
+        let g = generate(policy, ctx, tok, &ids, &cfg, &mut Rng::new(0))?;
+        let seqs: Vec<Vec<u32>> = ids
+            .iter()
+            .zip(&g.tokens)
+            .map(|(p, t)| p.iter().chain(t).copied().collect())
+            .collect();
+        total += rewards
+            .score(chunk, &seqs, &g.texts, tok.pad_id(), ctx)?
+            .iter()
+            .sum::<f64>();
+    }
+    Ok((acc, total / prompts.len().max(1) as f64))
 }
 
 /// Samples a response for every prompt and lays prompt + response out as described above.

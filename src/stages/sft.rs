@@ -1,6 +1,8 @@
 //! Supervised fine-tuning: prompt/response pairs or chat conversations, loss on the response
 //! (assistant) tokens only; full fine-tuning or LoRA with the base frozen.
 
+use std::path::Path;
+
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -9,7 +11,8 @@ use super::eval::accuracy;
 use super::loader::{policy_from, read_checkpoint};
 use super::pretrain::WindowSampler;
 use super::Env;
-use crate::data::records::{load_sft, PromptRecord, SftExample};
+use crate::data::chat_template::ChatTemplate;
+use crate::data::records::{load_sft_templated, PromptRecord, SftExample};
 use crate::data::synthetic::{Split, Synthetic};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::{Fwd, Transformer};
@@ -60,9 +63,14 @@ fn datasets(env: &Env) -> Result<(Vec<SftExample>, Vec<SftExample>, Vec<PromptRe
             ))
         }
         Some(p) => {
-            let all = load_sft(p)?;
+            let template = match &cfg.data.chat_template {
+                Some(t) => Some(ChatTemplate::load(t)?),
+                None => None,
+            };
+            let load = |path: &Path| load_sft_templated(path, template.as_ref());
+            let all = load(p)?;
             let (train, eval) = match &cfg.data.eval_path {
-                Some(e) => (all, load_sft(e)?),
+                Some(e) => (all, load(e)?),
                 None => {
                     let n_eval =
                         ((all.len() as f64 * cfg.data.val_fraction).round() as usize).max(1);

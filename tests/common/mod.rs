@@ -1,6 +1,9 @@
 #![allow(dead_code)]
 //! Helpers for the integration tests: running the CLI and reading what it wrote.
 
+#[cfg(feature = "cuda")]
+pub mod gpu;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

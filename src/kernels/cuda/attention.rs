@@ -35,6 +35,9 @@ use super::{
 pub const DECODE_MAX_TQ: usize = 16;
 /// Largest head dim of the simple kernels (instantiated for 32, 64, 96 and 128 lanes' worth).
 pub const MAX_HEAD_DIM: usize = 128;
+/// CUDA's limit on `gridDim.y`. The kernels put query-row or key blocks on y, so a long enough
+/// sequence would not fit; the launches are checked against this before anything runs.
+const MAX_GRID_Y: usize = 65_535;
 
 /// Which kernels run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,6 +134,16 @@ pub fn attention_with(
         imp,
         saved: Mutex::new(None),
     };
+    let dims = Dims {
+        b,
+        hq,
+        hkv,
+        tq,
+        tk,
+        d,
+    };
+    // Before any allocation or launch; the backward checks its own grids when it runs.
+    op.check_grid_y(dtype, &dims, false)?;
     let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
     Ok(Some(q.apply_op3(&k, &v, op)?))
 }
@@ -195,6 +208,13 @@ impl Dims {
     }
     fn q_rows(&self) -> usize {
         self.b * self.hq * self.tq
+    }
+    /// The simple kernels' query-row blocking: (warps per block, blocks along grid y). A
+    /// block's warps take rows of all `G` query heads of one kv head.
+    fn simple_row_blocks(&self) -> (usize, usize) {
+        let rows = self.groups() * self.tq;
+        let nw = rows.clamp(1, 8);
+        (nw, rows.div_ceil(nw))
     }
 }
 
@@ -271,6 +291,38 @@ impl FlashAttn {
             scale_log2: (self.scale * std::f64::consts::LOG2_E) as f32,
             scale: self.scale as f32,
         })
+    }
+
+    /// `gridDim.y` of every launch of the forward (or of the backward) against CUDA's limit
+    /// of 65535: the simple kernels put blocks of 8 query rows (all `G` heads of a kv head)
+    /// or 8 keys on y, the tensor-core ones blocks of 64, so a very long sequence does not
+    /// fit. A clear error before anything runs beats a launch failure halfway through.
+    fn check_grid_y(&self, dtype: DType, dims: &Dims, backward: bool) -> Result<()> {
+        let launches: Vec<(&str, usize)> = match (self.use_mma(dtype, dims), backward) {
+            (true, false) => vec![("attn_fwd_mma", dims.tq.div_ceil(64))],
+            (true, true) => vec![("attn_bwd_mma", dims.tk.div_ceil(64))],
+            (false, false) => vec![("attn_fwd_simple", dims.simple_row_blocks().1)],
+            (false, true) => vec![
+                ("attn_bwd_dq_simple", dims.simple_row_blocks().1),
+                ("attn_bwd_dkdv_simple", dims.tk.div_ceil(8)),
+            ],
+        };
+        for (kernel, blocks) in launches {
+            if blocks > MAX_GRID_Y {
+                candle_core::bail!(
+                    "attention: sequence too long for {kernel}: it would launch {blocks} blocks \
+                     along grid y, CUDA allows {MAX_GRID_Y} (batch {}, {} query heads over {} kv \
+                     heads, {} queries, {} keys); split the sequence or use the reference \
+                     (--kernels attention=reference)",
+                    dims.b,
+                    dims.hq,
+                    dims.hkv,
+                    dims.tq,
+                    dims.tk
+                );
+            }
+        }
+        Ok(())
     }
 
     fn saved(&self) -> MutexGuard<'_, Option<Saved>> {
@@ -353,9 +405,7 @@ impl FlashAttn {
             let dpl = dims.d.div_ceil(32);
             let name = format!("attn_fwd_simple_{dt}_d{dpl}");
             let func = load_func(dev, "attention", &name)?;
-            let rows = dims.groups() * dims.tq;
-            let nw = rows.min(8);
-            let row_blocks = rows.div_ceil(nw);
+            let (nw, row_blocks) = dims.simple_row_blocks();
             let base = row_blocks * dims.b * dims.hkv;
             // Decode: too few blocks to fill the GPU, so split the keys (>= 128 per split).
             let target = 2 * sm_count(dev)? as usize;
@@ -459,6 +509,7 @@ impl FlashAttn {
         let lse = saved.lse.slice(..);
 
         let dims = Dims::new(lq, lk)?;
+        self.check_grid_y(T::DTYPE, &dims, true)?;
         let sc = self.scalars(&dims)?;
         let nrows = dims.q_rows();
         let nkv = dims.b * dims.hkv * dims.tk * dims.d;
@@ -526,12 +577,11 @@ impl FlashAttn {
             after_launch(&dev, &name)?;
         } else {
             let dpl = dims.d.div_ceil(32);
-            let rows = dims.groups() * dims.tq;
-            let nw = rows.min(8);
+            let (nw, row_blocks) = dims.simple_row_blocks();
             let name = format!("attn_bwd_dq_simple_{dt}_d{dpl}");
             let func = load_func(&dev, "attention", &name)?;
             let cfg = LaunchConfig {
-                grid_dim: ((dims.b * dims.hkv) as u32, rows.div_ceil(nw) as u32, 1),
+                grid_dim: ((dims.b * dims.hkv) as u32, row_blocks as u32, 1),
                 block_dim: (32 * nw as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -652,9 +702,74 @@ mod tests {
             assert!(fwd_mma_smem(d) <= 163 * 1024, "fwd d={d}");
             assert!(bwd_mma_smem(d) <= 163 * 1024, "bwd d={d}");
         }
+        // fwd: sQ [64][D] + two stages of sK and sV [64][D] (2-byte elements), then two
+        // stages of 64 f32 key flags.
+        assert_eq!(fwd_mma_smem(128), (64 + 4 * 64) * 128 * 2 + 2 * 64 * 4);
         assert_eq!(fwd_mma_smem(128), 82_432);
-        assert_eq!(bwd_mma_smem(128), 70_144);
+        // bwd (`bwd_mma` in the .cu file), BQ = 32 for D = 128 and 64 for D = 64: sK and sV
+        // [64][D], two stages each of sQ and sdO [BQ][D], sdS [64][BQ + 8] (2-byte elements),
+        // then two stages each of sL and sDv [BQ] f32.
+        // D = 128: (2*64 + 4*32)*128*2 + 64*40*2 + 4*32*4 = 65_536 + 5_120 + 512.
+        assert_eq!(bwd_mma_smem(128), 71_168);
+        // D = 64: (2*64 + 4*64)*64*2 + 64*72*2 + 4*64*4 = 49_152 + 9_216 + 1_024.
+        assert_eq!(bwd_mma_smem(64), 59_392);
         assert!(mma_applies(DType::BF16, 64) && !mma_applies(DType::F32, 64));
         assert!(!mma_applies(DType::F16, 96));
+    }
+
+    fn op(imp: AttnImpl) -> FlashAttn {
+        FlashAttn {
+            scale: 0.125,
+            causal: Some(0),
+            key_valid: None,
+            imp,
+            saved: Mutex::new(None),
+        }
+    }
+
+    fn dims(g: usize, tq: usize, tk: usize, d: usize) -> Dims {
+        Dims {
+            b: 1,
+            hq: 2 * g,
+            hkv: 2,
+            tq,
+            tk,
+            d,
+        }
+    }
+
+    #[test]
+    fn launches_past_the_grid_y_limit_are_refused_up_front() {
+        let simple = op(AttnImpl::Simple);
+        // Simple forward and dQ: ceil(G * Tq / 8) blocks on y; 8 * 65535 rows fit, one more not.
+        let fits = dims(4, 2 * 65_535, 16, 64);
+        assert!(simple.check_grid_y(DType::F32, &fits, false).is_ok());
+        assert!(simple.check_grid_y(DType::F32, &fits, true).is_ok());
+        let over = dims(4, 2 * 65_535 + 1, 16, 64);
+        let err = simple
+            .check_grid_y(DType::F32, &over, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("attn_fwd_simple") && err.contains("65535"),
+            "{err}"
+        );
+        assert!(simple.check_grid_y(DType::F32, &over, true).is_err());
+        // Simple dK/dV: ceil(Tk / 8) blocks; only the backward launches it.
+        let long_cache = dims(1, 1, 8 * 65_535 + 1, 64);
+        assert!(simple.check_grid_y(DType::F32, &long_cache, false).is_ok());
+        let err = simple
+            .check_grid_y(DType::F32, &long_cache, true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("attn_bwd_dkdv_simple"), "{err}");
+        // Tensor cores: 64 rows (forward) or keys (backward) per block.
+        let mma = op(AttnImpl::Mma);
+        let ok = dims(4, 64 * 65_535, 64 * 65_535, 128);
+        assert!(mma.check_grid_y(DType::BF16, &ok, false).is_ok());
+        assert!(mma.check_grid_y(DType::BF16, &ok, true).is_ok());
+        let over = dims(4, 64 * 65_535 + 1, 64 * 65_535 + 1, 128);
+        assert!(mma.check_grid_y(DType::BF16, &over, false).is_err());
+        assert!(mma.check_grid_y(DType::BF16, &over, true).is_err());
     }
 }

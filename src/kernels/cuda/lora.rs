@@ -202,8 +202,12 @@ struct DyPlan {
     nby: usize,
 }
 
-/// Shared-memory budget of one `lora_dy` block (pipeline stages plus f32 accumulators): two
-/// blocks fit an A100 or H100 SM.
+/// Shared-memory budget of one `lora_dy` block (pipeline stages plus f32 accumulators). Two
+/// blocks of up to this size fit an H100 SM (228 KB), but not always an A100 SM (164 KB, and
+/// the driver reserves 1 KB per block): every rank-64 plan takes 86,016 B (53,248 B of
+/// stages plus 64 + 64 accumulator rows x 64 x 4 B, all the budget leaves room for), so two
+/// need 172,032 B and an A100 runs one such block per SM (the grid's ~2 blocks per SM then
+/// run in two waves); rank-16/32 plans fit two only while they stay under about 81 KiB.
 const DY_SMEM_BYTES: usize = 96 * 1024;
 
 impl DyPlan {

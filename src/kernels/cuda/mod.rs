@@ -31,7 +31,8 @@
 //!   grid-stride loops), [`sm_count`], [`compute_capability`]; [`to_i32`] for checked
 //!   size arguments (kernels take `int`).
 //! - Tests and benches: [`cuda_available`] says whether a CUDA device can be opened at all;
-//!   without one they print `SKIPPED (no CUDA device): <name>` and return.
+//!   without one they print `SKIPPED (no CUDA device): <name>` and return (built without
+//!   feature `cuda`, the GPU tests print `SKIPPED (built without feature cuda): <name>`).
 //! - `TEMPER_CUDA_SYNC_CHECK=1` makes [`after_launch`] synchronise and report the first
 //!   asynchronous fault against the kernel that caused it (slow; for debugging).
 
@@ -244,12 +245,33 @@ mod tests {
 
     #[test]
     fn every_kernel_file_is_embedded_for_every_arch() {
-        let stems = ["gae", "rmsnorm"];
-        for stem in stems {
-            assert!(
-                KERNELS_PTX.iter().any(|(s, _, _)| *s == stem),
-                "{stem} missing"
-            );
+        let archs = |stem: &str| -> Vec<&str> {
+            let mut v: Vec<&str> = KERNELS_PTX
+                .iter()
+                .filter(|(s, _, _)| *s == stem)
+                .map(|(_, a, _)| *a)
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        // The modules above load these; and any other kernels/*.cu must be there as well.
+        let mut stems: Vec<String> = ["attention", "gae", "lora", "rmsnorm"]
+            .map(String::from)
+            .to_vec();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+        for entry in std::fs::read_dir(&dir).expect("kernels/ is readable") {
+            let path = entry.expect("kernels/ entry").path();
+            if path.extension().is_some_and(|e| e == "cu") {
+                let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+                if !stems.contains(&stem) {
+                    stems.push(stem);
+                }
+            }
+        }
+        let expected = archs("gae");
+        assert!(!expected.is_empty(), "gae missing");
+        for stem in &stems {
+            assert_eq!(archs(stem), expected, "{stem}: not built for every arch");
         }
         for (stem, arch, ptx) in KERNELS_PTX {
             assert!(parse_arch(arch).is_some(), "{stem}: bad arch {arch}");

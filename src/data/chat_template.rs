@@ -1,0 +1,296 @@
+//! Hugging Face chat templates: the Jinja `chat_template` of a `tokenizer_config.json` (or a
+//! bare `.jinja` file), rendered the way transformers renders it (trim_blocks, lstrip_blocks,
+//! Python string methods, `raise_exception`, `bos_token`/`eos_token`).
+//!
+//! A template renders whole conversations, so it does not say which characters belong to the
+//! assistant. As TRL does for templates without `{% generation %}` markers, we render each
+//! prefix of the conversation: the text an assistant message adds after its generation prompt
+//! is what carries loss, end-of-turn marker included.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Result};
+use minijinja::{context, Environment, ErrorKind};
+use serde_json::{Map, Value};
+
+use super::records::{kind, read_text};
+
+const NAME: &str = "chat_template";
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos: String,
+    eos: String,
+    origin: PathBuf,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChatTemplate({})", self.origin.display())
+    }
+}
+
+impl ChatTemplate {
+    /// Reads a template from a `tokenizer_config.json` (its `chat_template`, `bos_token` and
+    /// `eos_token`) or, for any other file name, from the file's text as Jinja source.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = read_text(path)?;
+        let is_json = path.extension().is_some_and(|e| e == "json");
+        let (source, bos, eos) = if is_json {
+            from_tokenizer_config(path, &text)?
+        } else {
+            (text, String::new(), String::new())
+        };
+        Self::from_source(source, bos, eos, path)
+    }
+
+    pub fn from_source(source: String, bos: String, eos: String, origin: &Path) -> Result<Self> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<String, _> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template_owned(NAME, source)
+            .map_err(|e| anyhow!("{}: chat template does not parse: {e}", origin.display()))?;
+        Ok(Self {
+            env,
+            bos,
+            eos,
+            origin: origin.to_path_buf(),
+        })
+    }
+
+    pub fn origin(&self) -> &Path {
+        &self.origin
+    }
+
+    /// Renders `messages` (the JSON objects as given, so a template may read any field).
+    pub fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String> {
+        let tmpl = self.env.get_template(NAME)?;
+        tmpl.render(context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => &self.bos,
+            eos_token => &self.eos,
+        })
+        .map_err(|e| anyhow!("chat template {}: {}", self.origin.display(), describe(&e)))
+    }
+
+    /// Splits a rendered conversation into `(text, trained)` spans: the text each assistant
+    /// message adds after the generation prompt is trained, everything else is context.
+    pub fn spans(&self, messages: &[Value]) -> Result<Vec<(String, bool)>> {
+        let full = self.render(messages, false)?;
+        let mut spans = Vec::new();
+        let mut pos = 0;
+        for (i, m) in messages.iter().enumerate() {
+            if m.get("role").and_then(Value::as_str) != Some("assistant") {
+                continue;
+            }
+            let prompt = self.render(&messages[..i], true)?;
+            let upto = self.render(&messages[..=i], false)?;
+            if prompt.len() < pos || !upto.starts_with(&prompt) || !full.starts_with(&upto) {
+                bail!(
+                    "chat template {} does not render a conversation as the start of its \
+                     continuation (at messages[{i}]), so the assistant's tokens cannot be \
+                     told apart",
+                    self.origin.display()
+                );
+            }
+            if upto.len() == prompt.len() {
+                bail!(
+                    "chat template {} renders messages[{i}] (assistant) as nothing",
+                    self.origin.display()
+                );
+            }
+            if prompt.len() > pos {
+                spans.push((full[pos..prompt.len()].to_string(), false));
+            }
+            spans.push((full[prompt.len()..upto.len()].to_string(), true));
+            pos = upto.len();
+        }
+        if pos < full.len() {
+            spans.push((full[pos..].to_string(), false));
+        }
+        Ok(spans)
+    }
+}
+
+/// minijinja's message with the template line it points at.
+fn describe(e: &minijinja::Error) -> String {
+    let mut msg = e.to_string();
+    if let Some(src) = std::error::Error::source(e) {
+        msg.push_str(&format!(": {src}"));
+    }
+    msg
+}
+
+/// The template and special tokens of a tokenizer config. `chat_template` is a string or, in
+/// configs with several, a list of `{"name", "template"}` of which "default" is used.
+fn from_tokenizer_config(path: &Path, text: &str) -> Result<(String, String, String)> {
+    let at = |field: &str, msg: &str| anyhow!("{}: field \"{field}\": {msg}", path.display());
+    let cfg: Map<String, Value> = serde_json::from_str(text).map_err(|e| {
+        anyhow!(
+            "{}:{}: not valid JSON: {e}",
+            path.display(),
+            e.line().max(1)
+        )
+    })?;
+    let source = match cfg.get("chat_template") {
+        None | Some(Value::Null) => {
+            return Err(at(
+                "chat_template",
+                "missing (this tokenizer config has no chat template)",
+            ))
+        }
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(list)) => {
+            let named = |want: Option<&str>| {
+                list.iter().find_map(|t| {
+                    let name = t.get("name").and_then(Value::as_str);
+                    let body = t.get("template").and_then(Value::as_str)?;
+                    (want.is_none() || name == want).then(|| body.to_string())
+                })
+            };
+            named(Some("default"))
+                .or_else(|| named(None))
+                .ok_or_else(|| at("chat_template", "a list with no {\"name\", \"template\"}"))?
+        }
+        Some(v) => {
+            return Err(at(
+                "chat_template",
+                &format!("expected a string or a list, got {}", kind(v)),
+            ))
+        }
+    };
+    let token = |field: &str| -> Result<String> {
+        match cfg.get(field) {
+            None | Some(Value::Null) => Ok(String::new()),
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(Value::Object(o)) => match o.get("content") {
+                Some(Value::String(s)) => Ok(s.clone()),
+                _ => Err(at(field, "an object without a string \"content\"")),
+            },
+            Some(v) => Err(at(
+                field,
+                &format!("expected a string or an object, got {}", kind(v)),
+            )),
+        }
+    };
+    Ok((source, token("bos_token")?, token("eos_token")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+    fn chatml() -> ChatTemplate {
+        ChatTemplate::from_source(CHATML.into(), "".into(), "".into(), Path::new("t.jinja"))
+            .unwrap()
+    }
+
+    fn msgs(v: Value) -> Vec<Value> {
+        v.as_array().unwrap().clone()
+    }
+
+    #[test]
+    fn chatml_renders_with_a_generation_prompt() {
+        let m = msgs(json!([{"role": "user", "content": "hi"}]));
+        assert_eq!(
+            chatml().render(&m, true).unwrap(),
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn assistant_turns_and_their_end_markers_are_the_trained_spans() {
+        let m = msgs(json!([
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "2+2"},
+            {"role": "assistant", "content": "4"},
+        ]));
+        let spans = chatml().spans(&m).unwrap();
+        let expect = [
+            ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", false),
+            ("hello<|im_end|>\n", true),
+            ("<|im_start|>user\n2+2<|im_end|>\n<|im_start|>assistant\n", false),
+            ("4<|im_end|>\n", true),
+        ];
+        let got: Vec<(&str, bool)> = spans.iter().map(|(s, t)| (s.as_str(), *t)).collect();
+        assert_eq!(got, expect);
+    }
+
+    #[test]
+    fn tokenizer_config_gives_template_and_special_tokens() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("tokenizer_config.json");
+        let tpl = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'].strip() }} [/INST]{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}{% else %}{{ raise_exception('only user and assistant roles') }}{% endif %}{% endfor %}";
+        let cfg = json!({
+            "bos_token": {"content": "<s>", "lstrip": false},
+            "eos_token": "</s>",
+            "chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": tpl}],
+        });
+        std::fs::write(&p, cfg.to_string()).unwrap();
+        let t = ChatTemplate::load(&p).unwrap();
+        let m = msgs(json!([
+            {"role": "user", "content": "  hi "},
+            {"role": "assistant", "content": "yo"},
+        ]));
+        let spans = t.spans(&m).unwrap();
+        assert_eq!(spans[0], ("<s>[INST] hi [/INST]".to_string(), false));
+        assert_eq!(spans[1], (" yo</s>".to_string(), true));
+        let bad = msgs(json!([{"role": "system", "content": "x"}]));
+        let e = t.render(&bad, false).unwrap_err().to_string();
+        assert!(e.contains("only user and assistant roles"), "{e}");
+    }
+
+    #[test]
+    fn config_without_a_template_names_the_field() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("tokenizer_config.json");
+        std::fs::write(&p, r#"{"eos_token": "</s>"}"#).unwrap();
+        let e = ChatTemplate::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("tokenizer_config.json") && e.contains("chat_template"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_template_that_rewrites_history_is_refused() {
+        // Drops every assistant turn but the last, as some reasoning templates do.
+        let src = "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}<{{ m['role'] }}>{{ m['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+        let t = ChatTemplate::from_source(src.into(), "".into(), "".into(), Path::new("r.jinja"))
+            .unwrap();
+        let m = msgs(json!([
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"},
+        ]));
+        let e = t.spans(&m).unwrap_err().to_string();
+        assert!(
+            e.contains("r.jinja") && e.contains("cannot be told apart"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_template_that_does_not_parse_names_the_file() {
+        let e = ChatTemplate::from_source(
+            "{% for %}".into(),
+            "".into(),
+            "".into(),
+            Path::new("x.jinja"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("x.jinja") && e.contains("does not parse"), "{e}");
+    }
+}
