@@ -53,7 +53,7 @@ impl Default for DataConfig {
             val_fraction: 0.1,
             eval_path: None,
             task_seed: 0,
-            task_max_operand: 49,
+            task_max_operand: 19,
         }
     }
 }
