@@ -88,17 +88,7 @@ fn stages_chain_with_lora_and_keep_their_promises() {
     std::fs::write(&cfg, format!("{TINY_TOML}\n[sft]\neval_prompts = 40\n[ppo]\neval_prompts = 40\nrollout_batch = 16\nminibatch_size = 8\n[dpo]\neval_prompts = 20\neval_pairs = 16\n")).unwrap();
     let c = cfg.to_str().unwrap();
     let pre = p(dir, "pre");
-    run_ok(&[
-        "pretrain",
-        "--config",
-        c,
-        "--out",
-        pre.to_str().unwrap(),
-        "--steps",
-        "30",
-        "--device",
-        "cpu",
-    ]);
+    pretrain_on_cpu(c, &pre, 30);
     let sft = p(dir, "sft");
     run_ok(&[
         "sft",
@@ -274,17 +264,7 @@ fn malformed_stage_data_and_long_prompts_fail_clearly() {
     std::fs::write(&cfg, TINY_TOML).unwrap();
     let c = cfg.to_str().unwrap();
     let pre = p(dir, "pre");
-    run_ok(&[
-        "pretrain",
-        "--config",
-        c,
-        "--out",
-        pre.to_str().unwrap(),
-        "--steps",
-        "2",
-        "--device",
-        "cpu",
-    ]);
+    pretrain_on_cpu(c, &pre, 2);
     let bad = p(dir, "sft.jsonl");
     std::fs::write(
         &bad,
@@ -375,17 +355,7 @@ fn sft_learns_chat_data_rendered_by_a_tokenizer_config_template() {
         .collect();
     std::fs::write(&data, lines.join("\n")).unwrap();
     let pre = p(dir, "pre");
-    run_ok(&[
-        "pretrain",
-        "--config",
-        c,
-        "--out",
-        pre.to_str().unwrap(),
-        "--steps",
-        "20",
-        "--device",
-        "cpu",
-    ]);
+    pretrain_on_cpu(c, &pre, 20);
     let sft = p(dir, "sft");
     let base = [
         "sft",
@@ -461,9 +431,7 @@ fn later_stages_inherit_the_task_world_of_their_init() {
     std::fs::write(&plain, format!("{TINY_TOML}\n[sft]\neval_prompts = 8\n")).unwrap();
     let pre = p(dir, "pre");
     let sft = p(dir, "sft");
-    #[rustfmt::skip]
-    run_ok(&["pretrain", "--config", cfg.to_str().unwrap(), "--out", pre.to_str().unwrap(),
-             "--steps", "2", "--device", "cpu"]);
+    pretrain_on_cpu(cfg.to_str().unwrap(), &pre, 2);
     #[rustfmt::skip]
     run_ok(&["sft", "--config", plain.to_str().unwrap(), "--init", pre.to_str().unwrap(),
              "--out", sft.to_str().unwrap(), "--steps", "1", "--device", "cpu"]);

@@ -24,6 +24,22 @@ pub fn run_ok(args: &[&str]) -> Output {
     out
 }
 
+/// A short CPU pretraining run with config file `config` into `out`, as later stages' init.
+pub fn pretrain_on_cpu(config: &str, out: &Path, steps: u32) {
+    let steps = steps.to_string();
+    run_ok(&[
+        "pretrain",
+        "--config",
+        config,
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        &steps,
+        "--device",
+        "cpu",
+    ]);
+}
+
 /// Runs temper expecting failure; returns stderr.
 pub fn run_err(args: &[&str]) -> String {
     let out = temper().args(args).output().expect("spawn temper");
