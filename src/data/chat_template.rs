@@ -62,10 +62,6 @@ impl ChatTemplate {
         })
     }
 
-    pub fn origin(&self) -> &Path {
-        &self.origin
-    }
-
     /// Renders `messages` (the JSON objects as given, so a template may read any field).
     pub fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String> {
         let tmpl = self.env.get_template(NAME)?;

@@ -124,25 +124,41 @@ fn sft_example(
     }
 }
 
-fn chat_example(at: &Loc, msgs: &Value) -> Result<SftExample> {
-    let Value::Array(msgs) = msgs else {
+/// A `messages` array and, per message, its `(role, content)`.
+type Messages<'v> = (&'v [Value], Vec<(&'v str, &'v str)>);
+
+/// Checks that `messages` is an array of objects with string `role` and `content`; errors
+/// name the offending message.
+fn message_fields<'v>(at: &Loc, msgs: &'v Value) -> Result<Messages<'v>> {
+    let Value::Array(list) = msgs else {
         return Err(at.field(
             "messages",
             &format!("expected an array, got {}", kind(msgs)),
         ));
     };
-    if msgs.is_empty() {
-        return Err(at.field("messages", "empty"));
-    }
-    let mut segments: Vec<Segment> = Vec::new();
-    let mut assistant_turns = 0;
-    for (i, m) in msgs.iter().enumerate() {
+    let mut fields = Vec::with_capacity(list.len());
+    for (i, m) in list.iter().enumerate() {
         let name = format!("messages[{i}]");
         let Value::Object(m) = m else {
             return Err(at.field(&name, &format!("expected an object, got {}", kind(m))));
         };
-        let role = at.str_field(m, "role", &format!("{name}.role"))?;
-        let content = at.str_field(m, "content", &format!("{name}.content"))?;
+        fields.push((
+            at.str_field(m, "role", &format!("{name}.role"))?,
+            at.str_field(m, "content", &format!("{name}.content"))?,
+        ));
+    }
+    Ok((list, fields))
+}
+
+fn chat_example(at: &Loc, msgs: &Value) -> Result<SftExample> {
+    let (_, fields) = message_fields(at, msgs)?;
+    if fields.is_empty() {
+        return Err(at.field("messages", "empty"));
+    }
+    let mut segments: Vec<Segment> = Vec::new();
+    let mut assistant_turns = 0;
+    for (i, (role, content)) in fields.into_iter().enumerate() {
+        let name = format!("messages[{i}]");
         match role {
             "assistant" => {
                 if content.is_empty() {
@@ -182,23 +198,8 @@ fn chat_example(at: &Loc, msgs: &Value) -> Result<SftExample> {
 /// A conversation rendered by a Jinja chat template. Roles are the template's business (it
 /// may accept "tool" or refuse "system"); each message still needs string role and content.
 fn templated_example(at: &Loc, msgs: &Value, template: &ChatTemplate) -> Result<SftExample> {
-    let Value::Array(list) = msgs else {
-        return Err(at.field(
-            "messages",
-            &format!("expected an array, got {}", kind(msgs)),
-        ));
-    };
-    let mut assistant_turns = 0;
-    for (i, m) in list.iter().enumerate() {
-        let name = format!("messages[{i}]");
-        let Value::Object(m) = m else {
-            return Err(at.field(&name, &format!("expected an object, got {}", kind(m))));
-        };
-        let role = at.str_field(m, "role", &format!("{name}.role"))?;
-        at.str_field(m, "content", &format!("{name}.content"))?;
-        assistant_turns += usize::from(role == "assistant");
-    }
-    if assistant_turns == 0 {
+    let (list, fields) = message_fields(at, msgs)?;
+    if !fields.iter().any(|(role, _)| *role == "assistant") {
         return Err(at.field("messages", "no assistant message"));
     }
     let spans = template

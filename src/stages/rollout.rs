@@ -8,7 +8,6 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::eval::accuracy;
 use super::loader::{read_checkpoint, scored_from};
 use super::reward::Scorer;
 use crate::cli::parse_reward_spec;
@@ -137,7 +136,8 @@ pub struct Sampled {
 }
 
 /// Greedy accuracy on prompts with answers (NaN when some have none) and the mean reward of
-/// the greedy responses, as PPO and GRPO report them before and after training.
+/// the greedy responses, as PPO and GRPO report them before and after training. One greedy
+/// generation serves both: exact match reads only the first line of each response.
 pub fn greedy_eval(
     policy: &Transformer,
     ctx: Ctx,
@@ -146,23 +146,23 @@ pub fn greedy_eval(
     rewards: &RewardFn,
     sampling: &SampleCfg,
 ) -> Result<(f64, f64)> {
-    let has_answers = prompts.iter().all(|p| p.answer.is_some());
-    let acc = if has_answers {
-        accuracy(policy, ctx, tok, prompts, sampling.max_new_tokens, 64)?.accuracy
-    } else {
-        f64::NAN
-    };
     let cfg = SampleCfg {
         temperature: 0.0,
         ..sampling.clone()
     };
-    let mut total = 0.0;
+    let has_answers = prompts.iter().all(|p| p.answer.is_some());
+    let (mut correct, mut total) = (0usize, 0.0);
     for chunk in prompts.chunks(64) {
         let ids: Vec<Vec<u32>> = chunk
             .iter()
             .map(|r| tok.encode(&r.prompt))
             .collect::<Result<_>>()?;
         let g = generate(policy, ctx, tok, &ids, &cfg, &mut Rng::new(0))?;
+        correct += chunk
+            .iter()
+            .zip(&g.texts)
+            .filter(|(p, text)| p.answer.as_ref().is_some_and(|a| exact_match(text, a)))
+            .count();
         let seqs: Vec<Vec<u32>> = ids
             .iter()
             .zip(&g.tokens)
@@ -173,7 +173,13 @@ pub fn greedy_eval(
             .iter()
             .sum::<f64>();
     }
-    Ok((acc, total / prompts.len().max(1) as f64))
+    let n = prompts.len().max(1) as f64;
+    let acc = if has_answers {
+        correct as f64 / n
+    } else {
+        f64::NAN
+    };
+    Ok((acc, total / n))
 }
 
 /// Samples a response for every prompt and lays prompt + response out as described above.
