@@ -236,10 +236,10 @@ impl StageArgs {
                 false,
             ),
         };
-        let mut cfg = RunConfig::load(stage, file.as_deref())?;
+        let (mut cfg, user) = RunConfig::load(stage, file.as_deref())?;
         self.apply(&mut cfg)?;
         if !resume {
-            crate::stages::inherit_task_world(&mut cfg, file.as_deref())?;
+            crate::stages::inherit_task_world(&mut cfg, user.as_ref())?;
         }
         Ok((cfg, out, resume))
     }

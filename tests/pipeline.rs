@@ -1,7 +1,7 @@
 //! `temper pipeline` at its default scale, the README's main job: every stage runs in one
-//! directory and does its job on held-out data. What holds on every seed we measured
-//! (BENCHMARKS.md: seeds 0, 1, 2) is asserted here; PPO's margin over SFT depends on the seed
-//! and is recorded there rather than asserted.
+//! directory and does its job on held-out data. The thresholds hold with room on every seed
+//! we measured (BENCHMARKS.md: seeds 0, 1, 2; the smallest RL margin over SFT was 14 points,
+//! on 63 held-out prompts; seed 0's are 35 to 40); this test runs seed 0.
 
 mod common;
 
@@ -34,9 +34,17 @@ fn pipeline_runs_every_stage_and_each_learns() {
     assert!(f("sft", "accuracy") > f("sft", "base_accuracy"), "{text}");
     let rm = f("reward", "accuracy");
     assert!(
-        rm > 0.5 && rm > f("reward", "initial_accuracy"),
-        "reward model at chance: {text}"
+        rm > 0.65 && rm > f("reward", "initial_accuracy"),
+        "reward model near chance: {text}"
     );
+    // The SFT model imitates the demonstrator's carry slips; the checker and the preference
+    // labels do not, so each RL stage must beat SFT clearly.
+    for stage in ["ppo", "dpo", "grpo"] {
+        assert!(
+            f(stage, "accuracy") > f(stage, "sft_accuracy") + 0.12,
+            "{stage} not clearly above SFT: {text}"
+        );
+    }
     for stage in ["ppo", "grpo"] {
         let kl = f(stage, "kl");
         assert!(kl.is_finite() && kl >= 0.0, "{stage} KL {kl}: {text}");
@@ -49,7 +57,6 @@ fn pipeline_runs_every_stage_and_each_learns() {
             "{text}"
         );
     }
-    f("dpo", "accuracy");
     for stage in ["pretrain", "sft", "reward", "ppo", "dpo", "grpo"] {
         assert!(
             out.join(stage).join("final/meta.json").exists(),

@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use temper::stages::dpo::dpo_loss;
+use temper::stages::dpo::{dpo_loss, with_chosen_nll};
 use temper::stages::ppo::{kl_estimate, policy_loss, value_loss, KlEstimator};
 
 fn t(v: &[f32]) -> Tensor {
@@ -28,6 +28,17 @@ fn dpo_loss_is_log2_when_policy_equals_reference() {
     let (loss, acc) = dpo_loss(&z, &z, &m1, &z, 0.5).unwrap();
     assert!((s(&loss) - (1.0 + (-0.5f64).exp()).ln()).abs() < 1e-6);
     assert_eq!(acc, 1.0);
+}
+
+#[test]
+fn rpo_term_is_the_chosen_nll_per_token() {
+    // Chosen responses of 2 and 3 tokens with summed log-probs -1 and -4: NLL 5/5 = 1 per
+    // token, so alpha 0.5 adds 0.5.
+    let loss = Tensor::new(0.25f32, &Device::Cpu).unwrap();
+    let lp = t(&[-1.0, -4.0]);
+    let n = t(&[2.0, 3.0]);
+    assert!((s(&with_chosen_nll(&loss, &lp, &n, 0.5).unwrap()) - 0.75).abs() < 1e-6);
+    assert_eq!(s(&with_chosen_nll(&loss, &lp, &n, 0.0).unwrap()), 0.25);
 }
 
 #[test]
@@ -315,7 +326,31 @@ fn malformed_stage_data_and_long_prompts_fail_clearly() {
         "--out",
         p(dir, "p").to_str().unwrap(),
     ]);
-    assert!(e.contains("context"), "{e}");
+    assert!(
+        e.contains("prompts.jsonl:1") && e.contains("\"prompt\"") && e.contains("context"),
+        "{e}"
+    );
+    let sft_long = p(dir, "long_sft.jsonl");
+    std::fs::write(
+        &sft_long,
+        format!("{{\"prompt\": \"a\", \"response\": \"b\"}}\n{{\"prompt\": \"{long}\", \"response\": \"1\"}}\n"),
+    )
+    .unwrap();
+    let e = run_err(&[
+        "sft",
+        "--config",
+        c,
+        "--init",
+        pre.to_str().unwrap(),
+        "--data",
+        sft_long.to_str().unwrap(),
+        "--out",
+        p(dir, "s3").to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("long_sft.jsonl:2") && e.contains("context"),
+        "{e}"
+    );
     let e = run_err(&[
         "sft",
         "--config",

@@ -27,6 +27,8 @@ pub struct SftExample {
     /// Whether an EOS follows each trained segment. A Jinja chat template writes its own
     /// end-of-turn marker into the assistant's text, so its examples need none.
     pub append_eos: bool,
+    /// `path:line` of the record it came from; none for the built-in task.
+    pub origin: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -34,6 +36,8 @@ pub struct PreferencePair {
     pub prompt: String,
     pub chosen: String,
     pub rejected: String,
+    /// `path:line` of the record it came from; none for the built-in task.
+    pub origin: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -43,6 +47,8 @@ pub struct PromptRecord {
     /// The whole record, "prompt" and "answer" included, for programmatic rewards that need
     /// more than the answer.
     pub fields: Map<String, Value>,
+    /// `path:line` of the record it came from; none for the built-in task.
+    pub origin: Option<String>,
 }
 
 const ROLES: [&str; 3] = ["system", "user", "assistant"];
@@ -119,6 +125,7 @@ fn sft_example(
                     },
                 ],
                 append_eos: true,
+                origin: Some(at.to_string()),
             })
         }
     }
@@ -192,6 +199,7 @@ fn chat_example(at: &Loc, msgs: &Value) -> Result<SftExample> {
     Ok(SftExample {
         segments,
         append_eos: true,
+        origin: Some(at.to_string()),
     })
 }
 
@@ -212,6 +220,7 @@ fn templated_example(at: &Loc, msgs: &Value, template: &ChatTemplate) -> Result<
     Ok(SftExample {
         segments,
         append_eos: false,
+        origin: Some(at.to_string()),
     })
 }
 
@@ -239,6 +248,7 @@ pub fn load_preferences(path: &Path) -> Result<Vec<PreferencePair>> {
                 prompt: at.non_empty_str(obj, "prompt")?.to_string(),
                 chosen: at.non_empty_str(obj, "chosen")?.to_string(),
                 rejected: at.non_empty_str(obj, "rejected")?.to_string(),
+                origin: Some(at.to_string()),
             })
         })
         .collect()
@@ -263,6 +273,7 @@ pub fn load_prompts(path: &Path) -> Result<Vec<PromptRecord>> {
                 prompt,
                 answer,
                 fields: obj,
+                origin: Some(at.to_string()),
             })
         })
         .collect()
@@ -611,7 +622,8 @@ mod tests {
             PreferencePair {
                 prompt: "Q".into(),
                 chosen: "good".into(),
-                rejected: "bad".into()
+                rejected: "bad".into(),
+                origin: Some(format!("{}:1", p.display())),
             }
         );
         assert_eq!(xs.len(), 2);

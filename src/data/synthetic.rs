@@ -2,9 +2,16 @@
 //! small world with a programmatic checker, so every stage has something real to learn and a
 //! ground truth to be judged by:
 //! - pretraining: a noisy corpus of `a+b=c` lines (some sums wrong, some lines truncated);
-//! - SFT: clean pairs `"Q: a+b\nA: "` -> `"c"`, a format the base model never saw;
-//! - reward: chosen = the right sum, rejected = a plausible wrong one;
+//! - SFT: pairs `"Q: a+b\nA: "` -> `"c"`, a format the base model never saw, written by a
+//!   fallible demonstrator who forgets the carry on `carry_slip` of the sums that have one;
+//! - reward: chosen = the right sum, rejected = the demonstrator's slip where it would make
+//!   one, else a plausible wrong sum;
 //! - RL: prompts with their expected answer, scored by [`exact_match`].
+//!
+//! The slipping demonstrator is what makes the pipeline worth running: judging a sum is easier
+//! than writing it, as with human demonstrations and preferences. Imitation learns the slip
+//! (greedy decoding picks it whenever it is the likelier answer); the checker and the
+//! preference labels are always right, so the RL stages can remove it.
 //!
 //! Operand pairs are split by a seeded hash, so held-out prompts never occur in any training
 //! data, pretraining included. Everything is generated from the seed; no files are needed.
@@ -25,6 +32,8 @@ pub struct Synthetic {
     pub seed: u64,
     /// Fraction of pretraining lines whose sum is wrong.
     pub noise: f64,
+    /// Probability that the SFT demonstrator drops the carry on a sum that has one.
+    pub carry_slip: f64,
 }
 
 impl Default for Synthetic {
@@ -33,8 +42,13 @@ impl Default for Synthetic {
             max_operand: 19,
             seed: 0,
             noise: 0.2,
+            carry_slip: 0.6,
         }
     }
+}
+
+pub fn has_carry(a: u32, b: u32) -> bool {
+    a % 10 + b % 10 >= 10
 }
 
 pub fn prompt_text(a: u32, b: u32) -> String {
@@ -54,10 +68,11 @@ impl Synthetic {
         }
     }
 
-    /// One pair in ten is held out for evaluation (about 40 of the 400 pairs).
+    /// One pair in five is held out for evaluation (about 80 of the 400 pairs): enough
+    /// prompts that one flipped answer moves accuracy by little more than a point.
     pub fn split_of(&self, a: u32, b: u32) -> Split {
         let h = splitmix64(self.seed ^ 0xADD ^ ((a as u64) << 32 | b as u64));
-        if h.is_multiple_of(10) {
+        if h.is_multiple_of(5) {
             Split::Eval
         } else {
             Split::Train
@@ -122,32 +137,57 @@ impl Synthetic {
     }
 
     pub fn sft_examples(&self, split: Split, n: usize) -> Vec<SftExample> {
+        let mut rng = Rng::new(self.seed ^ 0x511);
         self.sample(split, n, 0x5F7)
             .into_iter()
-            .map(|(a, b)| SftExample {
+            .map(|(a, b)| (a, b, self.demonstrated_sum(a, b, &mut rng)))
+            .map(|(a, b, c)| SftExample {
                 segments: vec![
                     Segment {
                         text: prompt_text(a, b),
                         train: false,
                     },
                     Segment {
-                        text: (a + b).to_string(),
+                        text: c.to_string(),
                         train: true,
                     },
                 ],
                 append_eos: true,
+                origin: None,
             })
             .collect()
     }
 
+    /// What the demonstrator writes: the sum, except that with probability `carry_slip` a
+    /// carry out of the units column is forgotten (7+5 -> 2).
+    fn demonstrated_sum(&self, a: u32, b: u32, rng: &mut Rng) -> u32 {
+        let c = a + b;
+        if has_carry(a, b) && rng.f64() < self.carry_slip {
+            c - 10
+        } else {
+            c
+        }
+    }
+
+    /// Pairs as a judge would label two answers in the demonstrator's hand: the right sum
+    /// against the demonstrator's slip where it makes one, else against a plausible wrong sum.
     pub fn preference_pairs(&self, split: Split, n: usize) -> Vec<PreferencePair> {
         let mut rng = Rng::new(self.seed ^ 0x9EF);
         self.sample(split, n, 0x9E0)
             .into_iter()
-            .map(|(a, b)| PreferencePair {
-                prompt: prompt_text(a, b),
-                chosen: (a + b).to_string(),
-                rejected: self.wrong_sum(a, b, &mut rng).to_string(),
+            .map(|(a, b)| {
+                let slip = self.demonstrated_sum(a, b, &mut rng);
+                let rejected = if slip != a + b {
+                    slip
+                } else {
+                    self.wrong_sum(a, b, &mut rng)
+                };
+                PreferencePair {
+                    prompt: prompt_text(a, b),
+                    chosen: (a + b).to_string(),
+                    rejected: rejected.to_string(),
+                    origin: None,
+                }
             })
             .collect()
     }
@@ -170,6 +210,7 @@ impl Synthetic {
                     prompt: prompt_text(a, b),
                     answer: Some(answer),
                     fields,
+                    origin: None,
                 }
             })
             .collect()
@@ -185,7 +226,7 @@ mod tests {
         let s = Synthetic::new(3);
         let eval = s.pairs(Split::Eval);
         let train = s.pairs(Split::Train);
-        assert!(!eval.is_empty() && train.len() > 5 * eval.len());
+        assert!(!eval.is_empty() && train.len() > 3 * eval.len());
         let docs = s.pretrain_documents(200).join("");
         for (a, b) in &eval {
             assert!(!docs
@@ -224,5 +265,55 @@ mod tests {
             s.prompts(Split::Eval, 10_000).len(),
             s.pairs(Split::Eval).len()
         );
+    }
+
+    /// Parses `Q: a+b\nA: ` back into its operands.
+    fn operands(prompt: &str) -> (u32, u32) {
+        let sum = prompt.trim_start_matches("Q: ").trim_end_matches("\nA: ");
+        let (a, b) = sum.split_once('+').unwrap();
+        (a.parse().unwrap(), b.parse().unwrap())
+    }
+
+    #[test]
+    fn demonstrator_slips_only_on_carries_and_preferences_catch_it() {
+        let s = Synthetic::new(2);
+        let (mut carries, mut slips) = (0, 0);
+        for ex in s.sft_examples(Split::Train, 4000) {
+            let (a, b) = operands(&ex.segments[0].text);
+            let c: u32 = ex.segments[1].text.parse().unwrap();
+            if has_carry(a, b) {
+                carries += 1;
+                assert!(c == a + b || c + 10 == a + b, "{a}+{b} -> {c}");
+                slips += usize::from(c != a + b);
+            } else {
+                assert_eq!(c, a + b, "slip without a carry: {a}+{b}");
+            }
+        }
+        let rate = slips as f64 / carries as f64;
+        assert!((rate - s.carry_slip).abs() < 0.05, "slip rate {rate}");
+        let (mut slip_rejected, mut carry_pairs) = (0, 0);
+        for p in s.preference_pairs(Split::Train, 2000) {
+            let (a, b) = operands(&p.prompt);
+            assert_eq!(p.chosen, (a + b).to_string());
+            if has_carry(a, b) {
+                carry_pairs += 1;
+                slip_rejected += usize::from(p.rejected == (a + b - 10).to_string());
+            }
+        }
+        // The judge sees the slip wherever the demonstrator makes it, plus the odd c-10 from
+        // the plausible wrong sums.
+        let rate = slip_rejected as f64 / carry_pairs as f64;
+        assert!(
+            rate > s.carry_slip - 0.05,
+            "slip rejected in {rate} of carry pairs"
+        );
+        let clean = Synthetic {
+            carry_slip: 0.0,
+            ..Synthetic::new(2)
+        };
+        for ex in clean.sft_examples(Split::Train, 500) {
+            let (a, b) = operands(&ex.segments[0].text);
+            assert_eq!(ex.segments[1].text, (a + b).to_string());
+        }
     }
 }

@@ -42,6 +42,8 @@ pub struct DataConfig {
     pub task_seed: u64,
     /// Operands of the built-in task are drawn from 0..=task_max_operand.
     pub task_max_operand: u32,
+    /// Probability that a built-in SFT demonstration drops the carry of a sum that has one.
+    pub task_carry_slip: f64,
 }
 
 impl Default for DataConfig {
@@ -54,6 +56,7 @@ impl Default for DataConfig {
             eval_path: None,
             task_seed: 0,
             task_max_operand: 19,
+            task_carry_slip: 0.6,
         }
     }
 }
@@ -89,12 +92,14 @@ impl RunConfig {
     pub fn for_stage(stage: &str) -> Self {
         let mut train = TrainConfig::default();
         match stage {
+            // Measured on the built-in task: at 500 steps the model had not yet learnt the
+            // sums it does get right at 1500 (non-carry accuracy 0.31 -> 1.00).
             "sft" => {
-                train.steps = 500;
+                train.steps = 1500;
                 train.lr = 2e-3;
                 train.warmup_steps = 10;
-                train.eval_every = 100;
-                train.checkpoint_every = 250;
+                train.eval_every = 250;
+                train.checkpoint_every = 500;
             }
             "reward" => {
                 train.steps = 200;
@@ -116,7 +121,7 @@ impl RunConfig {
             }
             "dpo" => {
                 train.steps = 100;
-                train.lr = 5e-5;
+                train.lr = 5e-4;
                 train.warmup_steps = 5;
                 train.eval_every = 50;
                 train.weight_decay = 0.0;
@@ -140,23 +145,24 @@ impl RunConfig {
         }
     }
 
-    /// Stage defaults overlaid with a TOML file: only the keys the file sets change.
-    pub fn load(stage: &str, file: Option<&Path>) -> Result<Self> {
+    /// Stage defaults overlaid with a TOML file: only the keys the file sets change. Also
+    /// returns the file's own table, for callers that need to know what the user set.
+    pub fn load(stage: &str, file: Option<&Path>) -> Result<(Self, Option<toml::Value>)> {
         let defaults = Self::for_stage(stage);
         let Some(file) = file else {
-            return Ok(defaults);
+            return Ok((defaults, None));
         };
         // Parse once on its own for errors that name the file, line and field.
         let _: RunConfig = read_toml(file)?;
         let text = std::fs::read_to_string(file)?;
         let user: toml::Value = toml::from_str(&text)?;
         let mut base = toml::Value::try_from(&defaults)?;
-        overlay(&mut base, user);
+        overlay(&mut base, user.clone());
         let mut cfg: RunConfig = base
             .try_into()
             .with_context(|| format!("{}: invalid config", file.display()))?;
         cfg.stage = stage.to_string();
-        Ok(cfg)
+        Ok((cfg, Some(user)))
     }
 
     pub fn kernel_set(&self) -> Result<KernelSet> {
@@ -181,24 +187,18 @@ impl RunConfig {
 
 /// Later stages on the built-in task use the world their init was trained in: a different
 /// task seed would put the new stage's held-out pairs into the init's training data. The world
-/// comes from the init run's `config.toml` unless the user's config file names it.
-pub fn inherit_task_world(cfg: &mut RunConfig, user_file: Option<&Path>) -> Result<()> {
+/// comes from the init run's `config.toml` unless the user's config (`user`, the file's table)
+/// names it.
+pub fn inherit_task_world(cfg: &mut RunConfig, user: Option<&toml::Value>) -> Result<()> {
     let Some(init) = &cfg.init else {
         return Ok(());
     };
     if cfg.data.path.is_some() {
         return Ok(());
     }
-    let user_sets = match user_file {
-        Some(f) => {
-            let v: toml::Value = toml::from_str(&std::fs::read_to_string(f)?)?;
-            let data = v.get("data");
-            data.is_some_and(|d| {
-                d.get("task_seed").is_some() || d.get("task_max_operand").is_some()
-            })
-        }
-        None => false,
-    };
+    let user_sets = user
+        .and_then(|v| v.get("data"))
+        .is_some_and(|d| d.get("task_seed").is_some() || d.get("task_max_operand").is_some());
     if user_sets {
         return Ok(());
     }

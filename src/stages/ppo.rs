@@ -65,6 +65,9 @@ pub struct PpoConfig {
     pub cliprange: f64,
     pub cliprange_value: f64,
     pub vf_coef: f64,
+    /// The value model's learning rate as a multiple of the policy's (OpenRLHF gives its
+    /// critic its own learning rate too).
+    pub value_lr_scale: f64,
     pub entropy_coef: f64,
     pub gamma: f64,
     pub lam: f64,
@@ -97,6 +100,7 @@ impl Default for PpoConfig {
             cliprange: 0.2,
             cliprange_value: 0.2,
             vf_coef: 0.1,
+            value_lr_scale: 1.0,
             entropy_coef: 0.0,
             gamma: 1.0,
             lam: 0.95,
@@ -397,6 +401,14 @@ impl Task for PpoTask<'_> {
         serde_json::json!({"epoch": e, "cursor": c, "rng": self.rng.state, "beta": self.beta})
     }
 
+    fn lr_scale(&self, name: &str) -> f64 {
+        if name.starts_with("value.") {
+            self.env.cfg.ppo.value_lr_scale
+        } else {
+            1.0
+        }
+    }
+
     fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
         let get = |k: &str| s.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
         self.sampler.seek(get("epoch"), get("cursor") as usize);
@@ -467,13 +479,16 @@ pub fn check_prompt_lengths(
 ) -> Result<()> {
     for (i, p) in prompts.iter().enumerate() {
         let n = tok.encode(&p.prompt)?.len();
+        let place = p
+            .origin
+            .clone()
+            .unwrap_or_else(|| format!("prompt {}", i + 1));
         if n == 0 {
-            bail!("prompt {}: empty after tokenisation", i + 1);
+            bail!("{place}: field \"prompt\": empty after tokenisation");
         }
         if n + new_tokens > ctx {
             bail!(
-                "prompt {}: {n} tokens plus {new_tokens} new tokens exceed the model's context of {ctx} tokens",
-                i + 1
+                "{place}: field \"prompt\": {n} tokens plus {new_tokens} new tokens exceed the model's context of {ctx} tokens"
             );
         }
     }

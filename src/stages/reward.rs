@@ -75,6 +75,31 @@ impl Scorer {
     }
 }
 
+/// Every pair as (chosen, rejected) token ids; a pair longer than the context is an error
+/// naming its record.
+pub fn encode_pairs(
+    tok: &Tokenizer,
+    pairs: &[PreferencePair],
+    ctx: usize,
+) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+    pairs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let e = encode_pair(tok, p)?;
+            let n = e.0.len().max(e.1.len());
+            if n > ctx {
+                let place = p
+                    .origin
+                    .clone()
+                    .unwrap_or_else(|| format!("preference pair {}", i + 1));
+                bail!("{place}: {n} tokens exceed the model's context of {ctx}");
+            }
+            Ok(e)
+        })
+        .collect()
+}
+
 pub fn encode_pair(tok: &Tokenizer, p: &PreferencePair) -> Result<(Vec<u32>, Vec<u32>)> {
     let prompt = tok.encode(&p.prompt)?;
     let mut c = prompt.clone();
@@ -199,22 +224,10 @@ pub fn run(env: &Env) -> Result<RewardResult> {
     let tok = loaded.tokenizer.clone();
     let (train, eval) = datasets(env)?;
     let ctx = net.cfg.max_position_embeddings;
-    let enc = |xs: &[PreferencePair]| -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
-        xs.iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let e = encode_pair(&tok, p)?;
-                if e.0.len().max(e.1.len()) > ctx {
-                    bail!(
-                        "preference pair {}: longer than the model's context of {ctx} tokens",
-                        i + 1
-                    );
-                }
-                Ok(e)
-            })
-            .collect()
-    };
-    let (train, eval) = (enc(&train)?, enc(&eval)?);
+    let (train, eval) = (
+        encode_pairs(&tok, &train, ctx)?,
+        encode_pairs(&tok, &eval, ctx)?,
+    );
     let meta = CheckpointMeta {
         stage: "reward".into(),
         kind: "reward".into(),

@@ -46,6 +46,7 @@ impl Default for SftConfig {
 pub fn synthetic(env: &Env) -> Synthetic {
     let mut s = Synthetic::new(env.cfg.data.task_seed);
     s.max_operand = env.cfg.data.task_max_operand;
+    s.carry_slip = env.cfg.data.task_carry_slip;
     s
 }
 
@@ -202,9 +203,12 @@ pub fn encode_all(
         .map(|(i, ex)| {
             let e = encode_example(tok, ex)?;
             if e.0.len() > max_len + 1 {
+                let place = ex
+                    .origin
+                    .clone()
+                    .unwrap_or_else(|| format!("{what} example {}", i + 1));
                 bail!(
-                    "{what} example {}: {} tokens exceed the model's context of {max_len}",
-                    i + 1,
+                    "{place}: {} tokens exceed the model's context of {max_len}",
                     e.0.len()
                 );
             }

@@ -14,6 +14,7 @@ pub struct AdamW {
     names: Vec<String>,
     vars: Vec<Var>,
     decay: Vec<bool>,
+    lr_scale: Vec<f64>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     pub t: usize,
@@ -38,6 +39,7 @@ impl AdamW {
             names: vec![],
             vars: vec![],
             decay: vec![],
+            lr_scale: vec![],
             m: vec![],
             v: vec![],
             t: 0,
@@ -50,6 +52,7 @@ impl AdamW {
             s.names.push(name.clone());
             s.vars.push(var.clone());
             s.decay.push(decays(name));
+            s.lr_scale.push(1.0);
             s.m.push(var.zeros_like()?);
             s.v.push(var.zeros_like()?);
         }
@@ -57,6 +60,13 @@ impl AdamW {
             bail!("no trainable parameters");
         }
         Ok(s)
+    }
+
+    /// Sets each parameter's learning-rate multiplier.
+    pub fn scale_lr(&mut self, scale: &dyn Fn(&str) -> f64) {
+        for (s, name) in self.lr_scale.iter_mut().zip(&self.names) {
+            *s = scale(name);
+        }
     }
 
     pub fn num_params(&self) -> usize {
@@ -106,7 +116,7 @@ impl AdamW {
             if self.decay[i] && self.weight_decay > 0.0 {
                 update = (update + (p * self.weight_decay)?)?;
             }
-            self.vars[i].set(&(p - (update * lr)?)?)?;
+            self.vars[i].set(&(p - (update * (lr * self.lr_scale[i]))?)?)?;
         }
         Ok(())
     }

@@ -35,6 +35,11 @@ pub trait Task {
     /// Everything needed to continue exactly: data position, RNG state.
     fn state(&self) -> serde_json::Value;
     fn restore(&mut self, state: &serde_json::Value) -> Result<()>;
+    /// Multiplier of the scheduled learning rate for parameter `name` (PPO's critic learns
+    /// faster than its policy).
+    fn lr_scale(&self, _name: &str) -> f64 {
+        1.0
+    }
 }
 
 /// The model a checkpoint holds: which parameters, and what to call it.
@@ -112,6 +117,7 @@ pub fn train(
 ) -> Result<TrainSummary> {
     let cfg = opts.cfg;
     let mut opt = AdamW::new(saved.store, trainable, cfg)?;
+    opt.scale_lr(&|n| task.lr_scale(n));
     let ckpts = Checkpoints::new(opts.run_dir, cfg.keep_checkpoints)?;
     let mut start = 0;
     if opts.resume {
