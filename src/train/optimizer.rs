@@ -155,3 +155,33 @@ impl AdamW {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::params::Init;
+    use candle_core::Device;
+
+    /// Adam's first step moves every parameter by lr (times its scale) against its gradient's
+    /// sign, whatever the gradient's size.
+    #[test]
+    fn learning_rate_scale_is_per_parameter() {
+        let mut store = ParamStore::new(Device::Cpu, 0);
+        store.create("policy.w", &[3], Init::Zeros).unwrap();
+        store.create("value.w", &[3], Init::Zeros).unwrap();
+        let cfg = TrainConfig {
+            weight_decay: 0.0,
+            ..TrainConfig::default()
+        };
+        let mut opt = AdamW::new(&store, &|_| true, &cfg).unwrap();
+        opt.scale_lr(&|n| if n.starts_with("value.") { 10.0 } else { 1.0 });
+        let g = Tensor::new(&[0.5f32, -2.0, 1e-3], &Device::Cpu).unwrap();
+        opt.step(&[g.clone(), g], 0.01).unwrap();
+        let read = |n: &str| store.get(n).unwrap().as_tensor().to_vec1::<f32>().unwrap();
+        let (p, v) = (read("policy.w"), read("value.w"));
+        for (i, sign) in [-1.0f32, 1.0, -1.0].into_iter().enumerate() {
+            assert!((p[i] - sign * 0.01).abs() < 1e-4, "{p:?}");
+            assert!((v[i] - sign * 0.1).abs() < 1e-3, "{v:?}");
+        }
+    }
+}
