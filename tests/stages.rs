@@ -351,6 +351,29 @@ fn malformed_stage_data_and_long_prompts_fail_clearly() {
         e.contains("long_sft.jsonl:2") && e.contains("context"),
         "{e}"
     );
+    let long_prefs = p(dir, "long_prefs.jsonl");
+    std::fs::write(
+        &long_prefs,
+        format!("{{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}}\n{{\"prompt\": \"q\", \"chosen\": \"{long}\", \"rejected\": \"c\"}}\n{{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"d\"}}\n"),
+    )
+    .unwrap();
+    for stage in ["reward", "dpo"] {
+        let e = run_err(&[
+            stage,
+            "--config",
+            c,
+            "--init",
+            pre.to_str().unwrap(),
+            "--data",
+            long_prefs.to_str().unwrap(),
+            "--out",
+            p(dir, &format!("{stage}_long")).to_str().unwrap(),
+        ]);
+        assert!(
+            e.contains("long_prefs.jsonl:2") && e.contains("context"),
+            "{stage}: {e}"
+        );
+    }
     let e = run_err(&[
         "sft",
         "--config",
