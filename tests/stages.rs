@@ -276,23 +276,27 @@ fn malformed_stage_data_and_long_prompts_fail_clearly() {
     let c = cfg.to_str().unwrap();
     let pre = p(dir, "pre");
     pretrain_on_cpu(c, &pre, 2);
+    // Runs `stage` from `pre` on `data`, which must fail; returns the error.
+    let stage_fails = |stage: &str, data: &std::path::Path, out: &str| {
+        run_err(&[
+            stage,
+            "--config",
+            c,
+            "--init",
+            pre.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            p(dir, out).to_str().unwrap(),
+        ])
+    };
     let bad = p(dir, "sft.jsonl");
     std::fs::write(
         &bad,
         "{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"a\"}\n",
     )
     .unwrap();
-    let e = run_err(&[
-        "sft",
-        "--config",
-        c,
-        "--init",
-        pre.to_str().unwrap(),
-        "--data",
-        bad.to_str().unwrap(),
-        "--out",
-        p(dir, "s").to_str().unwrap(),
-    ]);
+    let e = stage_fails("sft", &bad, "s");
     assert!(e.contains("sft.jsonl:2") && e.contains("response"), "{e}");
     let prefs = p(dir, "prefs.jsonl");
     std::fs::write(
@@ -300,32 +304,12 @@ fn malformed_stage_data_and_long_prompts_fail_clearly() {
         "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": 3}\n",
     )
     .unwrap();
-    let e = run_err(&[
-        "reward",
-        "--config",
-        c,
-        "--init",
-        pre.to_str().unwrap(),
-        "--data",
-        prefs.to_str().unwrap(),
-        "--out",
-        p(dir, "r").to_str().unwrap(),
-    ]);
+    let e = stage_fails("reward", &prefs, "r");
     assert!(e.contains("prefs.jsonl:1") && e.contains("rejected"), "{e}");
     let prompts = p(dir, "prompts.jsonl");
     let long = "x".repeat(200);
     std::fs::write(&prompts, format!("{{\"prompt\": \"{long}\", \"answer\": \"1\"}}\n{{\"prompt\": \"y\", \"answer\": \"1\"}}\n")).unwrap();
-    let e = run_err(&[
-        "ppo",
-        "--config",
-        c,
-        "--init",
-        pre.to_str().unwrap(),
-        "--data",
-        prompts.to_str().unwrap(),
-        "--out",
-        p(dir, "p").to_str().unwrap(),
-    ]);
+    let e = stage_fails("ppo", &prompts, "p");
     assert!(
         e.contains("prompts.jsonl:1") && e.contains("\"prompt\"") && e.contains("context"),
         "{e}"
@@ -336,17 +320,7 @@ fn malformed_stage_data_and_long_prompts_fail_clearly() {
         format!("{{\"prompt\": \"a\", \"response\": \"b\"}}\n{{\"prompt\": \"{long}\", \"response\": \"1\"}}\n"),
     )
     .unwrap();
-    let e = run_err(&[
-        "sft",
-        "--config",
-        c,
-        "--init",
-        pre.to_str().unwrap(),
-        "--data",
-        sft_long.to_str().unwrap(),
-        "--out",
-        p(dir, "s3").to_str().unwrap(),
-    ]);
+    let e = stage_fails("sft", &sft_long, "s3");
     assert!(
         e.contains("long_sft.jsonl:2") && e.contains("context"),
         "{e}"
@@ -358,17 +332,7 @@ fn malformed_stage_data_and_long_prompts_fail_clearly() {
     )
     .unwrap();
     for stage in ["reward", "dpo"] {
-        let e = run_err(&[
-            stage,
-            "--config",
-            c,
-            "--init",
-            pre.to_str().unwrap(),
-            "--data",
-            long_prefs.to_str().unwrap(),
-            "--out",
-            p(dir, &format!("{stage}_long")).to_str().unwrap(),
-        ]);
+        let e = stage_fails(stage, &long_prefs, &format!("{stage}_long"));
         assert!(
             e.contains("long_prefs.jsonl:2") && e.contains("context"),
             "{stage}: {e}"

@@ -51,6 +51,14 @@ pub struct PromptRecord {
     pub origin: Option<String>,
 }
 
+/// Where a record came from, for errors: its `path:line`, else `fallback` and its 1-based
+/// position (built-in records have no file).
+pub fn place(origin: &Option<String>, fallback: &str, index: usize) -> String {
+    origin
+        .clone()
+        .unwrap_or_else(|| format!("{fallback} {}", index + 1))
+}
+
 const ROLES: [&str; 3] = ["system", "user", "assistant"];
 
 /// Header that opens a message of `role` in the built-in chat template.

@@ -140,15 +140,14 @@ impl Synthetic {
         let mut rng = Rng::new(self.seed ^ 0x511);
         self.sample(split, n, 0x5F7)
             .into_iter()
-            .map(|(a, b)| (a, b, self.demonstrated_sum(a, b, &mut rng)))
-            .map(|(a, b, c)| SftExample {
+            .map(|(a, b)| SftExample {
                 segments: vec![
                     Segment {
                         text: prompt_text(a, b),
                         train: false,
                     },
                     Segment {
-                        text: c.to_string(),
+                        text: self.demonstrated_sum(a, b, &mut rng).to_string(),
                         train: true,
                     },
                 ],

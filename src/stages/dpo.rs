@@ -6,11 +6,12 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::batch::lm_batch;
+use super::batch::{lm_batch, LmBatch};
 use super::eval::accuracy;
 use super::loader::{policy_from, read_checkpoint};
 use super::ppo::{prompt_sets, PolicyResult};
 use super::pretrain::WindowSampler;
+use super::sft::encode_all;
 use super::Env;
 use crate::data::records::{load_preferences, PreferencePair, Segment, SftExample};
 use crate::data::synthetic::Split;
@@ -80,7 +81,7 @@ pub fn with_chosen_nll(
     Ok((loss - (mean_logp * alpha)?)?)
 }
 
-fn as_example(prompt: &str, response: &str) -> SftExample {
+fn as_example(prompt: &str, response: &str, origin: Option<String>) -> SftExample {
     SftExample {
         segments: vec![
             Segment {
@@ -93,8 +94,29 @@ fn as_example(prompt: &str, response: &str) -> SftExample {
             },
         ],
         append_eos: true,
-        origin: None,
+        origin,
     }
+}
+
+/// A preference pair as token ids with their loss masks: chosen, then rejected.
+type EncodedPair = [(Vec<u32>, Vec<bool>); 2];
+
+/// Encodes every pair once, with SFT's check that each sequence fits the context (errors name
+/// the record).
+fn encode_pairs(tok: &Tokenizer, pairs: &[PreferencePair], ctx: usize) -> Result<Vec<EncodedPair>> {
+    let side = |response: fn(&PreferencePair) -> &str| -> Vec<SftExample> {
+        pairs
+            .iter()
+            .map(|p| as_example(&p.prompt, response(p), p.origin.clone()))
+            .collect()
+    };
+    let chosen = encode_all(tok, &side(|p| &p.chosen), ctx, "chosen")?;
+    let rejected = encode_all(tok, &side(|p| &p.rejected), ctx, "rejected")?;
+    Ok(chosen
+        .into_iter()
+        .zip(rejected)
+        .map(|(c, r)| [c, r])
+        .collect())
 }
 
 struct DpoTask<'a> {
@@ -102,58 +124,42 @@ struct DpoTask<'a> {
     policy: Transformer,
     reference: Option<(Transformer, ParamStore)>,
     tok: Tokenizer,
-    train: Vec<PreferencePair>,
-    eval: Vec<PreferencePair>,
+    train: Vec<EncodedPair>,
+    eval: Vec<EncodedPair>,
     eval_prompts: Vec<crate::data::records::PromptRecord>,
     sampler: WindowSampler,
 }
 
 impl DpoTask<'_> {
-    /// Summed response log-probabilities `[B]` of chosen then rejected sequences, the
-    /// response token counts `[B]`, and the batch's token count.
-    fn seq_logps(
-        &self,
-        net: &Transformer,
-        ctx: Ctx,
-        pairs: &[PreferencePair],
-    ) -> Result<(Tensor, Tensor, usize)> {
-        let mut seqs = Vec::with_capacity(2 * pairs.len());
-        for p in pairs {
-            seqs.push(crate::stages::batch::encode_example(
-                &self.tok,
-                &as_example(&p.prompt, &p.chosen),
-            )?);
-        }
-        for p in pairs {
-            seqs.push(crate::stages::batch::encode_example(
-                &self.tok,
-                &as_example(&p.prompt, &p.rejected),
-            )?);
-        }
-        let b = lm_batch(
-            &seqs,
-            self.tok.pad_id(),
-            net.cfg.max_position_embeddings,
-            &self.env.device,
-        )?;
+    /// Summed response log-probabilities `[B]` of the batch's sequences under `net`.
+    fn seq_logps(&self, net: &Transformer, ctx: Ctx, b: &LmBatch) -> Result<Tensor> {
         let f = Fwd {
             ctx,
             positions: None,
             key_valid: None,
         };
         let lp = token_logprobs(&net.forward(&b.inputs, &f, None)?, &b.targets)?;
-        Ok(((lp * &b.loss_mask)?.sum(1)?, b.loss_mask.sum(1)?, b.tokens))
+        Ok((lp * &b.loss_mask)?.sum(1)?)
     }
 
     /// The objective (DPO plus the RPO term), the DPO loss alone, the implicit-reward
     /// accuracy and the token count.
-    fn loss(&self, pairs: &[PreferencePair]) -> Result<(Tensor, Tensor, f64, usize)> {
+    fn loss(&self, pairs: &[&EncodedPair]) -> Result<(Tensor, Tensor, f64, usize)> {
         let n = pairs.len();
-        let (pol, counts, tokens) =
-            self.seq_logps(&self.policy, self.env.ctx(true, None), pairs)?;
-        let (refp, _, _) = match &self.reference {
-            Some((r, _)) => self.seq_logps(r, self.env.ctx(false, None), pairs)?,
-            None => self.seq_logps(&self.policy, self.env.ctx(false, None), pairs)?,
+        // Chosen sequences in the first n rows, rejected in the last n.
+        let seqs: Vec<_> = (0..2)
+            .flat_map(|side| pairs.iter().map(move |p| p[side].clone()))
+            .collect();
+        let b = lm_batch(
+            &seqs,
+            self.tok.pad_id(),
+            self.policy.cfg.max_position_embeddings,
+            &self.env.device,
+        )?;
+        let pol = self.seq_logps(&self.policy, self.env.ctx(true, None), &b)?;
+        let refp = match &self.reference {
+            Some((r, _)) => self.seq_logps(r, self.env.ctx(false, None), &b)?,
+            None => self.seq_logps(&self.policy, self.env.ctx(false, None), &b)?,
         };
         let refp = refp.detach();
         let (loss, acc) = dpo_loss(
@@ -166,17 +172,17 @@ impl DpoTask<'_> {
         let objective = with_chosen_nll(
             &loss,
             &pol.narrow(0, 0, n)?,
-            &counts.narrow(0, 0, n)?,
+            &b.loss_mask.sum(1)?.narrow(0, 0, n)?,
             self.env.cfg.dpo.rpo_alpha,
         )?;
-        Ok((objective, loss, acc, tokens))
+        Ok((objective, loss, acc, b.tokens))
     }
 }
 
 impl Task for DpoTask<'_> {
     fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
         let pairs: Vec<_> = (0..self.env.cfg.train.batch_size)
-            .map(|_| self.train[self.sampler.next_index()].clone())
+            .map(|_| &self.train[self.sampler.next_index()])
             .collect();
         let (objective, dpo, acc, tokens) = self.loss(&pairs)?;
         Ok(StepOut {
@@ -193,7 +199,7 @@ impl Task for DpoTask<'_> {
         let (mut l, mut a, mut n) = (0.0, 0.0, 0.0);
         for c in self.eval.chunks(self.env.cfg.train.batch_size) {
             // The held-out loss is DPO's alone: log 2 where policy and reference agree.
-            let (_, loss, acc, _) = self.loss(c)?;
+            let (_, loss, acc, _) = self.loss(&c.iter().collect::<Vec<_>>())?;
             l += scalar(&loss)? * c.len() as f64;
             a += acc * c.len() as f64;
             n += c.len() as f64;
@@ -272,10 +278,12 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
     if train.is_empty() || eval.is_empty() {
         anyhow::bail!("dpo needs non-empty training and held-out preference sets");
     }
-    // Checked up front so that a pair too long for the context fails before training starts.
+    // Encoded once, up front, so that a pair too long for the context fails before training.
     let ctx = policy.cfg.max_position_embeddings;
-    super::reward::encode_pairs(&tok, &train, ctx)?;
-    super::reward::encode_pairs(&tok, &eval, ctx)?;
+    let (train, eval) = (
+        encode_pairs(&tok, &train, ctx)?,
+        encode_pairs(&tok, &eval, ctx)?,
+    );
     let meta = CheckpointMeta {
         stage: "dpo".into(),
         kind: "policy".into(),

@@ -21,7 +21,7 @@ use super::rollout::{
 };
 use super::sft::synthetic;
 use super::Env;
-use crate::data::records::{load_prompts, PromptRecord};
+use crate::data::records::{load_prompts, place, PromptRecord};
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
 use crate::generate::SampleCfg;
@@ -479,10 +479,7 @@ pub fn check_prompt_lengths(
 ) -> Result<()> {
     for (i, p) in prompts.iter().enumerate() {
         let n = tok.encode(&p.prompt)?.len();
-        let place = p
-            .origin
-            .clone()
-            .unwrap_or_else(|| format!("prompt {}", i + 1));
+        let place = place(&p.origin, "prompt", i);
         if n == 0 {
             bail!("{place}: field \"prompt\": empty after tokenisation");
         }

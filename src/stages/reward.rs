@@ -11,7 +11,7 @@ use super::loader::{read_checkpoint, scored_from};
 use super::pretrain::WindowSampler;
 use super::sft::synthetic;
 use super::Env;
-use crate::data::records::{load_preferences, PreferencePair};
+use crate::data::records::{load_preferences, place, PreferencePair};
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
 use crate::model::heads::gather_last;
@@ -89,10 +89,7 @@ pub fn encode_pairs(
             let e = encode_pair(tok, p)?;
             let n = e.0.len().max(e.1.len());
             if n > ctx {
-                let place = p
-                    .origin
-                    .clone()
-                    .unwrap_or_else(|| format!("preference pair {}", i + 1));
+                let place = place(&p.origin, "preference pair", i);
                 bail!("{place}: {n} tokens exceed the model's context of {ctx}");
             }
             Ok(e)

@@ -12,7 +12,7 @@ use super::loader::{policy_from, read_checkpoint};
 use super::pretrain::WindowSampler;
 use super::Env;
 use crate::data::chat_template::ChatTemplate;
-use crate::data::records::{load_sft_templated, PromptRecord, SftExample};
+use crate::data::records::{load_sft_templated, place, PromptRecord, SftExample};
 use crate::data::synthetic::{Split, Synthetic};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::{Fwd, Transformer};
@@ -203,10 +203,7 @@ pub fn encode_all(
         .map(|(i, ex)| {
             let e = encode_example(tok, ex)?;
             if e.0.len() > max_len + 1 {
-                let place = ex
-                    .origin
-                    .clone()
-                    .unwrap_or_else(|| format!("{what} example {}", i + 1));
+                let place = place(&ex.origin, &format!("{what} example"), i);
                 bail!(
                     "{place}: {} tokens exceed the model's context of {max_len}",
                     e.0.len()
