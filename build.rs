@@ -3,19 +3,21 @@
 //! Every kernel file is compiled once per target arch (`TEMPER_CUDA_ARCHS`, default `80,90`;
 //! an entry like `90a` targets the arch-specific ISA, loaded only on exactly that chip). The
 //! PTX lands in `OUT_DIR` and `OUT_DIR/kernels_ptx.rs` embeds it as a table
-//! `(stem, arch, ptx)` that `src/kernels/cuda/mod.rs` picks from at run time: the highest arch
-//! not above the device's compute capability, which the driver JIT-compiles to the real chip.
+//! `(stem, arch, ptx)` that `src/kernels/cuda/mod.rs` picks from at run time (the highest
+//! arch not above the device's compute capability, which the driver JIT-compiles to the real
+//! chip), plus `KERNEL_STEMS`, the stem of every `.cu` compiled.
 //!
 //! PTX rather than cubin because candle's module cache takes PTX text; so that a PTX error
 //! shows at build time instead of on the device, each PTX is also assembled with `ptxas`
 //! (output discarded). `TEMPER_PTXAS_VERBOSE=1` prints ptxas's register/spill report as cargo
-//! warnings — the cheap first look METHOD.md asks for before any device time is spent.
+//! warnings — the cheap first look before any device time is spent (scripts/ptxas-report.sh
+//! prints the same per kernel and arch, and fails on spills).
 
 use std::env;
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command};
 
 const DEFAULT_ARCHS: &str = "80,90";
 
@@ -35,60 +37,99 @@ fn main() {
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
+    let opts = Options::from_env();
+    let cu = kernel_sources(&opts.kernel_dir);
+    let jobs = spawn_nvcc(&opts, &cu);
+    write_table(&opts, jobs, &cu);
+}
 
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets this"));
-    let kernel_dir = manifest.join("kernels");
-    // A directory entry makes cargo rerun on any file added, removed or touched inside it.
+/// What the build reads from its environment.
+struct Options {
+    kernel_dir: PathBuf,
+    out_dir: PathBuf,
+    archs: Vec<String>,
+    nvcc: PathBuf,
+    ptxas: PathBuf,
+    extra: Vec<String>,
+    verbose: bool,
+}
+
+impl Options {
+    fn from_env() -> Self {
+        let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets this"));
+        Self {
+            kernel_dir: manifest.join("kernels"),
+            out_dir: PathBuf::from(env::var("OUT_DIR").expect("cargo sets this")),
+            archs: parse_archs(
+                &env::var("TEMPER_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.into()),
+            ),
+            nvcc: find_tool("nvcc"),
+            ptxas: find_tool("ptxas"),
+            extra: env::var("TEMPER_NVCC_FLAGS")
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(String::from)
+                .collect(),
+            verbose: env::var("TEMPER_PTXAS_VERBOSE").is_ok_and(|v| v != "0" && !v.is_empty()),
+        }
+    }
+}
+
+/// Every `kernels/*.cu`, sorted; cargo reruns the build when anything in `kernels/` changes.
+fn kernel_sources(kernel_dir: &Path) -> Vec<PathBuf> {
+    // A directory entry makes cargo rerun on any file added, removed or touched inside it;
+    // every file in it (the .cuh headers included) is also listed.
     println!("cargo:rerun-if-changed={}", kernel_dir.display());
-    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets this"));
-
-    let archs =
-        parse_archs(&env::var("TEMPER_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.into()));
-    let nvcc = find_tool("nvcc");
-    let ptxas = find_tool("ptxas");
-    let extra: Vec<String> = env::var("TEMPER_NVCC_FLAGS")
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(String::from)
-        .collect();
-    let verbose = env::var("TEMPER_PTXAS_VERBOSE").is_ok_and(|v| v != "0" && !v.is_empty());
-
-    let mut sources: Vec<PathBuf> = fs::read_dir(&kernel_dir)
+    let mut sources: Vec<PathBuf> = fs::read_dir(kernel_dir)
         .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default();
     sources.sort();
     for p in &sources {
         println!("cargo:rerun-if-changed={}", p.display());
     }
-    let cu: Vec<&PathBuf> = sources
-        .iter()
+    sources
+        .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "cu"))
-        .collect();
+        .collect()
+}
 
-    // One nvcc per (file, arch), run concurrently: the machines that build this have few cores
-    // but nvcc spends much of its time in separate front-end and back-end processes.
+fn stem(p: &Path) -> String {
+    p.file_stem().unwrap().to_string_lossy().into_owned()
+}
+
+/// One running nvcc: (stem, arch, PTX path, process, command line for errors).
+type Job = (String, String, PathBuf, Child, String);
+
+/// One nvcc per (file, arch), run concurrently: the machines that build this have few cores
+/// but nvcc spends much of its time in separate front-end and back-end processes.
+fn spawn_nvcc(opts: &Options, cu: &[PathBuf]) -> Vec<Job> {
     let mut jobs = Vec::new();
-    for src in &cu {
-        let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
-        for arch in &archs {
-            let ptx = out_dir.join(format!("{stem}_sm{arch}.ptx"));
-            let mut cmd = Command::new(&nvcc);
+    for src in cu {
+        let stem = stem(src);
+        for arch in &opts.archs {
+            let ptx = opts.out_dir.join(format!("{stem}_sm{arch}.ptx"));
+            let mut cmd = Command::new(&opts.nvcc);
             cmd.arg("--ptx")
                 .arg(format!("-arch=compute_{arch}"))
                 .args(["-O3", "-std=c++17", "-lineinfo"])
                 .arg("-I")
-                .arg(&kernel_dir)
-                .args(&extra)
+                .arg(&opts.kernel_dir)
+                .args(&opts.extra)
                 .arg("-o")
                 .arg(&ptx)
                 .arg(src);
             let child = cmd.spawn().unwrap_or_else(|e| {
-                panic!("failed to start {}: {e}", nvcc.display());
+                panic!("failed to start {}: {e}", opts.nvcc.display());
             });
             jobs.push((stem.clone(), arch.clone(), ptx, child, format!("{cmd:?}")));
         }
     }
+    jobs
+}
 
+/// Waits for every nvcc, checks its PTX with ptxas, and writes `kernels_ptx.rs`: the embedded
+/// PTX table and the list of kernel stems.
+fn write_table(opts: &Options, jobs: Vec<Job>, cu: &[PathBuf]) {
     let mut table = String::from(
         "// @generated by build.rs: (kernel file stem, target arch, PTX text).\n\
          pub const KERNELS_PTX: &[(&str, &str, &str)] = &[\n",
@@ -98,7 +139,7 @@ fn main() {
         if !status.success() {
             panic!("nvcc failed ({status}) compiling {stem}.cu for compute_{arch}:\n  {shown}");
         }
-        check_with_ptxas(&ptxas, &ptx, arch.as_str(), verbose);
+        check_with_ptxas(&opts.ptxas, &ptx, arch.as_str(), opts.verbose);
         writeln!(
             table,
             "    ({stem:?}, {arch:?}, include_str!({:?})),",
@@ -107,7 +148,14 @@ fn main() {
         .unwrap();
     }
     table.push_str("];\n");
-    fs::write(out_dir.join("kernels_ptx.rs"), table).expect("writing kernels_ptx.rs");
+    let stems: Vec<String> = cu.iter().map(|p| stem(p)).collect();
+    writeln!(
+        table,
+        "/// Stems of every `kernels/*.cu` that build.rs compiled and embedded.\n\
+         pub const KERNEL_STEMS: &[&str] = &{stems:?};"
+    )
+    .unwrap();
+    fs::write(opts.out_dir.join("kernels_ptx.rs"), table).expect("writing kernels_ptx.rs");
 }
 
 /// `80,90a` -> ["80", "90a"]; rejects anything that is not digits with an optional `a`.

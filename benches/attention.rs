@@ -1,8 +1,8 @@
 //! Attention: our flash kernel against the materialised reference, causal bf16 at
-//! B=8 H=16 S=2048 D=128 and B=16 H=32 S=1024 D=64 (DESIGN.md §4 has PyTorch's figures for
+//! B=8 H=16 S=2048 D=128 and B=16 H=32 S=1024 D=64 (BENCHMARKS.md has PyTorch's figures for
 //! the same shapes; scripts/bench_peers.py measures them on the same machine).
 //!
-//! FLOPs (DESIGN.md §4): forward 4·B·H·S²·D, halved under the causal mask; forward+backward
+//! FLOPs (as scripts/bench_peers.py counts them): forward 4·B·H·S²·D, halved under the causal mask; forward+backward
 //! 3.5x that. Times are medians of CUDA-event timings after warm-up. The backward is driven
 //! as `(y * dy).sum_all().backward()` with a fixed random dy, so fwd+bwd includes one
 //! elementwise product and one reduction over y, the same for every implementation.
@@ -142,7 +142,7 @@ mod cuda {
     pub fn run() -> candle_core::Result<()> {
         let dev = Device::new_cuda(0)?;
         println!(
-            "attention, causal bf16 (medians of CUDA-event timings; peers: DESIGN.md §4 / \
+            "attention, causal bf16 (medians of CUDA-event timings; peers: BENCHMARKS.md / \
              scripts/bench_peers.py)"
         );
         for (b, h, s, d) in [(8usize, 16usize, 2048usize, 128usize), (16, 32, 1024, 64)] {

@@ -4,7 +4,7 @@
 //! rotating among enough input sets that they do not all sit in L2. GB/s counts the fewest
 //! bytes the op must move: three f32 inputs read and two f32 outputs written. The floor
 //! printed beside it is those bytes at the 2.9 TB/s device-to-device copy rate measured on the
-//! H100 (DESIGN.md §4). `gae` (with the statistics read back to the host) and the reference
+//! H100. `gae` (with the statistics read back to the host) and the reference
 //! (host loop, as the dispatcher runs it for `gae=reference`) are timed by synchronised wall
 //! clock. Without feature `cuda` (or without a device) only the reference runs, at a small shape.
 //!
@@ -85,7 +85,7 @@ mod cuda {
     use candle_core::cuda_backend::WrapErr;
     use temper::kernels::cuda::gae::{gae, gae_device};
 
-    const COPY_RATE: f64 = 2.9e12; // bytes/s, read + write, DESIGN.md §4
+    const COPY_RATE: f64 = 2.9e12; // bytes/s, read + write, the H100 copy rate above
 
     pub fn run() -> candle_core::Result<()> {
         let dev = Device::new_cuda(0)?;

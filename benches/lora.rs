@@ -4,7 +4,7 @@
 //! fwd: `y` only. fwd+bwd: `(y * dy).sum_all().backward()` with W frozen, so the plain GEMM's
 //! backward is one product (dx) and the LoRA ones add dA and dB; the elementwise product and
 //! the reduction that drive the backward are the same for every variant. Times are medians of
-//! CUDA-event timings after warm-up; PyTorch's ratios for the same shapes are in DESIGN.md §4
+//! CUDA-event timings after warm-up; PyTorch's ratios for the same shapes are in BENCHMARKS.md
 //! and come from scripts/bench_peers.py. Every line is also printed as JSON
 //! (`{"bench":"lora",...}`) for scripts/bench-all.sh.
 //!

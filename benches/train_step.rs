@@ -15,7 +15,7 @@ use temper::model::linear::Ctx;
 use temper::model::{Fwd, Transformer};
 use temper::train::loss::{cross_entropy, scalar};
 use temper::train::optimizer::AdamW;
-use temper::train::params::ParamStore;
+use temper::train::params::{Net, ParamStore};
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -37,7 +37,7 @@ fn run(
     steps: usize,
 ) -> Result<(f64, Vec<f64>)> {
     let mut store = ParamStore::new(dev.clone(), 7);
-    let net = Transformer::new(&mut store, "model", cfg, None)?;
+    let net = Transformer::new(&mut store.scope(Net::Policy), cfg, None)?;
     let tc = TrainConfig::default();
     let mut opt = AdamW::new(&store, &|_| true, &tc)?;
     let ctx = Ctx {

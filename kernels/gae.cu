@@ -32,7 +32,7 @@
 // Group normalisation: one warp per group of G rewards, two passes in f64 over the group
 // (mean, then sum of squared deviations), out = (r - mean) / (sqrt(var_unbiased) + eps).
 
-#include "common.cuh"
+#include "gae.cuh"
 
 using namespace temper;
 
@@ -218,26 +218,28 @@ __device__ __forceinline__ void gae_body(const float *__restrict__ rewards,
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------
+// Entry points: gae_scan_f32, gae_scan_f32_vec4, grpo_group_norm_f32. Each takes one
+// GaeParams by value (gae.cuh).
+// ---------------------------------------------------------------------------------------
 // Grid: B blocks (one row each); block: a multiple of 32 threads, at most 256.
 // VEC variant: T % 4 == 0 and 16-byte-aligned row starts for all three inputs.
-extern "C" __global__ void __launch_bounds__(kMaxThreads)
-    gae_scan_f32(const float *rewards, const float *values, const float *mask, float *adv,
-                 float *ret, double *partials, unsigned int *counter, double *stats, int T,
-                 float gamma, float gl) {
-  gae_body<false>(rewards, values, mask, adv, ret, partials, counter, stats, T, gamma, gl);
+extern "C" __global__ void __launch_bounds__(kMaxThreads) gae_scan_f32(const GaeParams p) {
+  gae_body<false>(p.rewards, p.values, p.mask, p.adv, p.ret, p.partials, p.counter, p.stats,
+                  p.t, p.gamma, p.gl);
 }
 
-extern "C" __global__ void __launch_bounds__(kMaxThreads)
-    gae_scan_f32_vec4(const float *rewards, const float *values, const float *mask, float *adv,
-                      float *ret, double *partials, unsigned int *counter, double *stats, int T,
-                      float gamma, float gl) {
-  gae_body<true>(rewards, values, mask, adv, ret, partials, counter, stats, T, gamma, gl);
+extern "C" __global__ void __launch_bounds__(kMaxThreads) gae_scan_f32_vec4(const GaeParams p) {
+  gae_body<true>(p.rewards, p.values, p.mask, p.adv, p.ret, p.partials, p.counter, p.stats,
+                 p.t, p.gamma, p.gl);
 }
 
 // rewards/out: [n_groups * group]; one warp per group.
-extern "C" __global__ void grpo_group_norm_f32(const float *__restrict__ rewards,
-                                               float *__restrict__ out, int n_groups, int group,
-                                               double eps) {
+extern "C" __global__ void grpo_group_norm_f32(const GaeParams p) {
+  const float *__restrict__ rewards = p.rewards;
+  float *__restrict__ out = p.out;
+  const int n_groups = p.n_groups, group = p.group;
+  const double eps = p.eps;
   const int lane = threadIdx.x & 31;
   const int g = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (g >= n_groups) return;  // whole warps leave together, so the shuffles stay full

@@ -26,11 +26,15 @@
 // to per-region partial buffers that `lora_dy_reduce` sums in a fixed order, so the result
 // is deterministic. Regions are sized on the host so the partials stay small next to dY.
 
-#include "common.cuh"
+#include "lora.cuh"
+#include "mma.cuh"
 
 namespace temper {
 namespace lora {
 
+// ---------------------------------------------------------------------------------------
+// lora_pack: the constant columns of u_ext and all of B_ext (forward).
+// ---------------------------------------------------------------------------------------
 // u_ext[:, r..r8) = (1 at column r if has_bias, else 0); B_ext = [B | bias | 0].
 template <typename T>
 static __device__ void pack(T *__restrict__ uext, T *__restrict__ bext, const T *__restrict__ bm,
@@ -61,61 +65,9 @@ static __device__ void pack(T *__restrict__ uext, T *__restrict__ bext, const T 
 // ---------------------------------------------------------------------------------------
 // lora_dy: one pass over dY for g = dY B and dB = dY^T u_s (tensor cores, bf16/f16).
 // ---------------------------------------------------------------------------------------
-static __device__ __forceinline__ uint32_t smem_addr(const void *p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-static __device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, bool valid) {
-  const int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-}
-static __device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::);
-}
-template <int N> static __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-static __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-static __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// m16n8k16, f32 accumulators; fragment layouts as documented in attention.cu.
-template <typename T> struct Mma;
-template <> struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-template <> struct Mma<__half> {
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-constexpr int kTile = 64;  // dY tile edge
-constexpr int kThreads = 128;
-
 // dY tile [64][64], 16-byte chunks XOR-swizzled by row & 7 so ldmatrix (plain and .trans)
-// reads 8 rows of one logical chunk from 8 different bank groups.
-static __device__ __forceinline__ int swz64(int row, int col) {
-  return row * kTile + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
-}
+// reads 8 rows of one logical chunk from 8 different bank groups (swz in mma.cuh).
+static __device__ __forceinline__ int swz64(int row, int col) { return swz<kTile>(row, col); }
 
 // Shared memory (dynamic): two stages of {dY tile, B tile [64][RP+8], u tile [64][RP+8]},
 // then the f32 accumulators gacc [MC][RP] and bacc [NC][RP].
@@ -124,9 +76,10 @@ static __device__ void dy_once(const T *__restrict__ dy, const T *__restrict__ b
                                const T *__restrict__ uext, float *__restrict__ part_g,
                                float *__restrict__ part_b, int M, int N, int r8, int MC,
                                int NC) {
-  constexpr int RS = RP + 8;  // 16 bytes of padding: conflict-free ldmatrix on narrow rows
+  using Tiles = DyTraits<RP>;
+  constexpr int RS = Tiles::kRowStride;
   constexpr int NBR = RP / 8;
-  constexpr int STAGE = kTile * kTile + 2 * kTile * RS;  // elements per stage
+  constexpr int STAGE = Tiles::kStageElems;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T *stages = reinterpret_cast<T *>(smem_raw);
   float *gacc = reinterpret_cast<float *>(stages + 2 * STAGE);
@@ -240,6 +193,9 @@ static __device__ void dy_once(const T *__restrict__ dy, const T *__restrict__ b
   for (int i = threadIdx.x; i < ncols * RP; i += kThreads) pb[i] = bacc[i];
 }
 
+// ---------------------------------------------------------------------------------------
+// lora_dy_reduce: the per-region partials of lora_dy summed in a fixed order.
+// ---------------------------------------------------------------------------------------
 // g[m][c] = scale * sum_x part_g[x][m][c], dB[n][c] = sum_y part_b[y][n][c], for c < r.
 template <typename T>
 static __device__ void dy_reduce(const float *__restrict__ part_g, const float *__restrict__ part_b,
@@ -270,15 +226,18 @@ static __device__ void dy_reduce(const float *__restrict__ part_g, const float *
 
 using namespace temper::lora;
 
+// ---------------------------------------------------------------------------------------
+// Entry points: lora_pack_<dtype>, lora_dy_reduce_<dtype>, lora_dy_<dtype>_r<RP>. Each takes
+// one LoraParams by value (lora.cuh).
+// ---------------------------------------------------------------------------------------
 #define PACK_ENTRY(T, SUF)                                                                     \
-  extern "C" __global__ void lora_pack_##SUF(T *uext, T *bext, const T *bm, const T *bias,     \
-                                             int M, int N, int r, int r8) {                    \
-    pack<T>(uext, bext, bm, bias, M, N, r, r8);                                                \
+  extern "C" __global__ void lora_pack_##SUF(const LoraParams p) {                             \
+    pack<T>(static_cast<T *>(p.uext), static_cast<T *>(p.bext), static_cast<const T *>(p.bm),  \
+            static_cast<const T *>(p.bias), p.m, p.n, p.r, p.r8);                              \
   }                                                                                            \
-  extern "C" __global__ void lora_dy_reduce_##SUF(const float *part_g, const float *part_b,    \
-                                                  T *gout, T *dbout, int M, int N, int r,      \
-                                                  int RP, int nbx, int nby, float scale) {     \
-    dy_reduce<T>(part_g, part_b, gout, dbout, M, N, r, RP, nbx, nby, scale);                   \
+  extern "C" __global__ void lora_dy_reduce_##SUF(const LoraParams p) {                        \
+    dy_reduce<T>(p.part_g, p.part_b, static_cast<T *>(p.g), static_cast<T *>(p.db), p.m, p.n,  \
+                 p.r, p.rp, p.nbx, p.nby, p.scale);                                            \
   }
 
 PACK_ENTRY(float, f32)
@@ -286,10 +245,11 @@ PACK_ENTRY(__nv_bfloat16, bf16)
 PACK_ENTRY(__half, f16)
 
 #define DY_ENTRY(T, SUF, RP)                                                                   \
-  extern "C" __global__ void __launch_bounds__(128)                                            \
-      lora_dy_##SUF##_r##RP(const T *dy, const T *bext, const T *uext, float *part_g,          \
-                            float *part_b, int M, int N, int r8, int MC, int NC) {             \
-    dy_once<T, RP>(dy, bext, uext, part_g, part_b, M, N, r8, MC, NC);                          \
+  extern "C" __global__ void __launch_bounds__(DyTraits<RP>::kThreads)                         \
+      lora_dy_##SUF##_r##RP(const LoraParams p) {                                              \
+    dy_once<T, RP>(static_cast<const T *>(p.dy), static_cast<const T *>(p.bext),               \
+                   static_cast<const T *>(p.uext), p.part_g, p.part_b, p.m, p.n, p.r8, p.mc,   \
+                   p.nc);                                                                      \
   }
 
 DY_ENTRY(__nv_bfloat16, bf16, 16)

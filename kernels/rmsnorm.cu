@@ -23,13 +23,17 @@
 //   its (block-private) partial row instead of registers.
 // Names: rmsnorm_{fwd,bwd}_{f32,bf16,f16}_v{V}_k{K}, rmsnorm_dw_reduce_{f32,bf16,f16}.
 
-#include "common.cuh"
+#include "rmsnorm.cuh"
 
 using namespace temper;
 
 namespace {
 
 constexpr int kMaxThreads = 512;
+
+// ---------------------------------------------------------------------------------------
+// Kernel bodies.
+// ---------------------------------------------------------------------------------------
 
 // Loads V consecutive values of chunk `c` (element offset c*V) into f32 registers.
 template <typename T, int V>
@@ -232,30 +236,32 @@ __device__ __forceinline__ void dw_reduce_body(const float *__restrict__ partial
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------
+// Entry points: rmsnorm_{fwd,bwd}_<dtype>_v<V>_k<K>, rmsnorm_dw_reduce_<dtype>. Each takes one
+// RmsNormParams by value (rmsnorm.cuh).
+// ---------------------------------------------------------------------------------------
 #define RMS_INST(T, NAME, V, K)                                                              \
   extern "C" __global__ void __launch_bounds__(kMaxThreads)                                  \
-      rmsnorm_fwd_##NAME##_v##V##_k##K(const T *x, const T *w, T *y, float *rstd, int rows,  \
-                                       int cols, float eps) {                                \
-    (void)rows;                                                                              \
-    fwd_body<T, V, K>(x, w, y, rstd, cols, eps);                                             \
+      rmsnorm_fwd_##NAME##_v##V##_k##K(const RmsNormParams p) {                              \
+    fwd_body<T, V, K>(static_cast<const T *>(p.x), static_cast<const T *>(p.w),              \
+                      static_cast<T *>(p.y), p.rstd, p.cols, p.eps);                         \
   }                                                                                          \
   extern "C" __global__ void __launch_bounds__(kMaxThreads)                                  \
-      rmsnorm_bwd_##NAME##_v##V##_k##K(const T *x, const T *w, const T *dy,                  \
-                                       const float *rstd, T *dx, float *dw_partial, int rows, \
-                                       int cols) {                                           \
-    bwd_body<T, V, K>(x, w, dy, rstd, dx, dw_partial, rows, cols);                           \
+      rmsnorm_bwd_##NAME##_v##V##_k##K(const RmsNormParams p) {                              \
+    bwd_body<T, V, K>(static_cast<const T *>(p.x), static_cast<const T *>(p.w),              \
+                      static_cast<const T *>(p.dy), p.rstd, static_cast<T *>(p.dx),          \
+                      p.dw_partial, p.rows, p.cols);                                         \
   }
 
-#define RMS_SCALAR(T, NAME) \
-  RMS_INST(T, NAME, 1, 0)   \
-  RMS_INST(T, NAME, 1, 1)   \
-  RMS_INST(T, NAME, 1, 2)   \
-  RMS_INST(T, NAME, 1, 4)   \
-  RMS_INST(T, NAME, 1, 8)   \
-  RMS_INST(T, NAME, 1, 16)  \
-  extern "C" __global__ void rmsnorm_dw_reduce_##NAME(const float *partial, T *dw, int groups, \
-                                                      int cols) {                              \
-    dw_reduce_body<T>(partial, dw, groups, cols);                                              \
+#define RMS_SCALAR(T, NAME)                                                                  \
+  RMS_INST(T, NAME, 1, 0)                                                                    \
+  RMS_INST(T, NAME, 1, 1)                                                                    \
+  RMS_INST(T, NAME, 1, 2)                                                                    \
+  RMS_INST(T, NAME, 1, 4)                                                                    \
+  RMS_INST(T, NAME, 1, 8)                                                                    \
+  RMS_INST(T, NAME, 1, 16)                                                                   \
+  extern "C" __global__ void rmsnorm_dw_reduce_##NAME(const RmsNormParams p) {               \
+    dw_reduce_body<T>(p.dw_partial, static_cast<T *>(p.dw), p.groups, p.cols);               \
   }
 
 RMS_SCALAR(float, f32)

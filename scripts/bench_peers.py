@@ -6,7 +6,7 @@ so scripts/bench-all.sh can put ours and theirs in one table:
 
 - attention: SDPA, causal bf16, B=8 H=16 S=2048 D=128 and B=16 H=32 S=1024 D=64, with the
   flash (FA2) and cuDNN backends, plus the materialised version (matmul, mask, softmax,
-  matmul) at the first shape: fwd and fwd+bwd TFLOP/s (FLOPs as DESIGN.md §4: 4·B·H·S²·D,
+  matmul) at the first shape: fwd and fwd+bwd TFLOP/s (FLOPs as benches/attention.rs: 4·B·H·S²·D,
   halved when causal; fwd+bwd = 3.5x).
 - lora: unfused LoRA (x W^T + s (x A^T) B^T, W frozen) over the plain GEMM x W^T, fwd and
   fwd+bwd, r=16 M=8192 K=N=4096 and r=8 M=4096 K=N=768.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds a link directory that lets `cargo build --features cuda` produce binaries on a machine
-# with the CUDA toolkit wheels but no GPU driver (DESIGN.md §6).
+# with the CUDA toolkit wheels but no GPU driver (scripts/gpu-build.sh uses it).
 #
 # Why: candle links the CUDA libraries dynamically (cudarc's `dynamic-linking`), so the linker
 # wants libcuda.so, libcublas.so, libcublasLt.so, libcurand.so, libnvrtc.so and libcudart.so.

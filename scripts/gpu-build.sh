@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds temper's GPU binaries on this GPU-less machine and packs them for the device machine
-# (DESIGN.md §6): the `temper` binary, the test executables and the bench executables, built
-# with feature `cuda`, stripped, and packed into one xz-compressed tar under .gpu/, with
-# .gpu/run-on-device.sh to unpack and run them there.
+# so that the device machine only runs them: the `temper` binary, the test executables and
+# the bench executables, built with feature `cuda`, stripped, and packed into one
+# xz-compressed tar under .gpu/, with .gpu/run-on-device.sh to unpack and run them there.
 #
 #   scripts/gpu-build.sh              # temper + tests named gpu_* + every bench
 #   TEMPER_GPU_TESTS='*' scripts/gpu-build.sh   # every test executable (lib/bin unit tests too)

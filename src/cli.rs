@@ -4,12 +4,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::ModelConfig;
-use crate::model::LoraConfig;
-use crate::stages::RunConfig;
+use crate::config::{
+    DTypeChoice, DeviceChoice, LoraConfig, ModelConfig, RewardSpec, RunConfig, Stage,
+};
+use crate::stages::pipeline::PipelineOptions;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -76,12 +77,10 @@ pub struct StageArgs {
     /// `messages` with instead of the built-in template.
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<PathBuf>,
-    /// cpu, cuda or auto.
-    #[arg(long)]
-    pub device: Option<String>,
-    /// auto, f32 or bf16.
-    #[arg(long)]
-    pub dtype: Option<String>,
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceChoice>,
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeChoice>,
     /// e.g. attention=flash,lora=fused,gae=cuda or all=reference.
     #[arg(long)]
     pub kernels: Option<String>,
@@ -117,7 +116,7 @@ pub struct StageArgs {
     pub lora_targets: Option<String>,
     /// PPO/GRPO reward: `task` (the checker) or `PATH[:WEIGHT]` of a reward model; repeatable.
     #[arg(long = "reward")]
-    pub rewards: Vec<String>,
+    pub rewards: Vec<RewardSpec>,
     /// KL coefficient (PPO's beta, DPO's beta, GRPO's beta).
     #[arg(long)]
     pub beta: Option<f64>,
@@ -128,10 +127,10 @@ pub struct PipelineArgs {
     #[arg(long, default_value = "runs/pipeline")]
     pub out: PathBuf,
     /// Extra stages after SFT: dpo, grpo.
-    #[arg(long, value_delimiter = ',')]
-    pub with: Vec<String>,
-    #[arg(long)]
-    pub device: Option<String>,
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub with: Vec<Stage>,
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceChoice>,
     #[arg(long)]
     pub kernels: Option<String>,
     #[arg(long, default_value_t = 0)]
@@ -165,8 +164,8 @@ pub struct GenerateArgs {
     pub stop: Vec<String>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[arg(long, value_enum, default_value_t)]
+    pub device: DeviceChoice,
     #[arg(long, default_value = "")]
     pub kernels: String,
 }
@@ -180,8 +179,8 @@ pub struct EvalArgs {
     pub prompts: Option<PathBuf>,
     #[arg(long, default_value_t = 8)]
     pub max_new_tokens: usize,
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[arg(long, value_enum, default_value_t)]
+    pub device: DeviceChoice,
     #[arg(long, default_value_t = 0)]
     pub task_seed: u64,
 }
@@ -212,7 +211,7 @@ pub enum TokenizerCmd {
 
 impl StageArgs {
     /// Stage defaults, then the config file (or the resumed run's config.toml), then flags.
-    pub fn resolve(&self, stage: &str) -> Result<(RunConfig, PathBuf, bool)> {
+    pub fn resolve(&self, stage: Stage) -> Result<(RunConfig, PathBuf, bool)> {
         let (file, out, resume) = match &self.resume {
             Some(dir) => {
                 let saved = dir.join("config.toml");
@@ -239,7 +238,7 @@ impl StageArgs {
         let (mut cfg, user) = RunConfig::load(stage, file.as_deref())?;
         self.apply(&mut cfg)?;
         if !resume {
-            crate::stages::inherit_task_world(&mut cfg, user.as_ref())?;
+            crate::stages::setup::inherit_task_world(&mut cfg, user.as_ref())?;
         }
         Ok((cfg, out, resume))
     }
@@ -256,6 +255,7 @@ impl StageArgs {
             };
         }
         set!(self.device, cfg.device);
+        set!(self.dtype, cfg.train.dtype);
         set!(self.kernels, cfg.kernels);
         set!(self.steps, cfg.train.steps);
         set!(self.seed, cfg.train.seed);
@@ -269,14 +269,6 @@ impl StageArgs {
         set!(self.lora_rank, cfg.lora.rank);
         set!(self.lora_alpha, cfg.lora.alpha);
         set!(self.lora_dropout, cfg.lora.dropout);
-        if let Some(d) = &self.dtype {
-            cfg.train.dtype = match d.as_str() {
-                "auto" => crate::config::DTypeChoice::Auto,
-                "f32" => crate::config::DTypeChoice::F32,
-                "bf16" => crate::config::DTypeChoice::Bf16,
-                o => bail!("--dtype: unknown dtype `{o}` (auto, f32, bf16)"),
-            };
-        }
         if let Some(t) = &self.lora_targets {
             cfg.lora.targets = LoraConfig::parse_targets(t)?;
         }
@@ -308,16 +300,16 @@ impl StageArgs {
     }
 }
 
-pub fn parse_reward_spec(spec: &str) -> Result<(String, f64)> {
-    match spec.rsplit_once(':') {
-        Some((path, w)) if w.parse::<f64>().is_ok() => Ok((path.to_string(), w.parse()?)),
-        _ => Ok((spec.to_string(), 1.0)),
-    }
-    .and_then(|(p, w): (String, f64)| {
-        if !w.is_finite() {
-            bail!("--reward {spec}: weight must be finite");
+impl PipelineArgs {
+    pub fn options(&self) -> PipelineOptions {
+        PipelineOptions {
+            out: self.out.clone(),
+            with: self.with.clone(),
+            device: self.device,
+            kernels: self.kernels.clone(),
+            seed: self.seed,
+            scale: self.scale,
+            config: self.config.clone(),
         }
-        Ok((p, w))
-    })
-    .with_context(|| format!("--reward {spec}"))
+    }
 }

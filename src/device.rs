@@ -3,14 +3,13 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 
-use crate::config::DTypeChoice;
+use crate::config::{DTypeChoice, DeviceChoice};
 
-pub fn select(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" | "gpu" => cuda(true),
-        "auto" => cuda(false),
-        other => bail!("--device: unknown device `{other}` (use cpu, cuda or auto)"),
+pub fn select(choice: DeviceChoice) -> Result<Device> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda => cuda(true),
+        DeviceChoice::Auto => cuda(false),
     }
 }
 

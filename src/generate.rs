@@ -68,6 +68,75 @@ pub fn left_pad(prompts: &[Vec<u32>], pad: u32, dev: &Device) -> Result<(Tensor,
     ))
 }
 
+/// Responses in progress: their tokens, and which have ended (EOS or a stop string).
+struct Responses {
+    tokens: Vec<Vec<u32>>,
+    texts: Vec<String>,
+    finished: Vec<bool>,
+}
+
+impl Responses {
+    fn new(b: usize) -> Self {
+        Self {
+            tokens: vec![Vec::new(); b],
+            texts: vec![String::new(); b],
+            finished: vec![false; b],
+        }
+    }
+
+    fn all_finished(&self) -> bool {
+        self.finished.iter().all(|&f| f)
+    }
+
+    /// Samples the next token of every unfinished row from `logits` (`[B, V]`), row by row;
+    /// returns the ids to feed back (padding for finished rows).
+    fn step(
+        &mut self,
+        logits: &Tensor,
+        tok: &Tokenizer,
+        cfg: &SampleCfg,
+        rng: &mut Rng,
+    ) -> Result<Vec<u32>> {
+        let rows = logits.to_vec2::<f32>()?;
+        let mut step_ids = Vec::with_capacity(rows.len());
+        for (i, row) in rows.iter().enumerate() {
+            if self.finished[i] {
+                step_ids.push(tok.pad_id());
+                continue;
+            }
+            let t = sample(row, cfg, rng);
+            self.tokens[i].push(t);
+            step_ids.push(t);
+            if t == tok.eos_id() {
+                self.finished[i] = true;
+                self.texts[i] = tok.decode(&self.tokens[i])?;
+            } else if !cfg.stop.is_empty() {
+                let text = tok.decode(&self.tokens[i])?;
+                if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                    self.finished[i] = true;
+                    self.texts[i] = text[..cut].to_string();
+                }
+            }
+        }
+        Ok(step_ids)
+    }
+
+    fn finish(mut self, tok: &Tokenizer) -> Result<Generation> {
+        for i in 0..self.tokens.len() {
+            if !self.finished[i] {
+                self.texts[i] = tok.decode(&self.tokens[i])?;
+            }
+        }
+        Ok(Generation {
+            tokens: self.tokens,
+            texts: self.texts,
+            finished: self.finished,
+        })
+    }
+}
+
+/// Samples up to `cfg.max_new_tokens` for every prompt: one prefill of the left-padded batch,
+/// then one cached decode step per token.
 pub fn generate(
     net: &Transformer,
     ctx: Ctx,
@@ -98,45 +167,18 @@ pub fn generate(
     };
     let logits = net.forward(&ids, &f, Some(&mut cache))?;
     let mut last = logits.narrow(1, longest - 1, 1)?.squeeze(1)?;
-    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
-    let mut texts = vec![String::new(); b];
-    let mut finished = vec![false; b];
+    let mut resp = Responses::new(b);
     let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
     for _ in 0..cfg.max_new_tokens {
-        let rows = last.to_vec2::<f32>()?;
-        let mut step_ids = Vec::with_capacity(b);
-        for (i, row) in rows.iter().enumerate() {
-            if finished[i] {
-                step_ids.push(tok.pad_id());
-                continue;
-            }
-            let t = sample(row, cfg, rng);
-            out[i].push(t);
-            step_ids.push(t);
-            if t == tok.eos_id() {
-                finished[i] = true;
-                texts[i] = tok.decode(&out[i])?;
-            } else if !cfg.stop.is_empty() {
-                let text = tok.decode(&out[i])?;
-                if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                    finished[i] = true;
-                    texts[i] = text[..cut].to_string();
-                }
-            }
-        }
-        if finished.iter().all(|&f| f) {
+        let step_ids = resp.step(&last, tok, cfg, rng)?;
+        if resp.all_finished() {
             break;
         }
         let step = Tensor::from_vec(step_ids, (b, 1), &dev)?;
         let pos = Tensor::from_vec(next_pos.clone(), (b, 1), &dev)?;
         next_pos.iter_mut().for_each(|p| *p += 1);
-        valid = Tensor::cat(
-            &[
-                &valid,
-                &Tensor::ones((b, 1), candle_core::DType::F32, &dev)?,
-            ],
-            1,
-        )?;
+        let ones = Tensor::ones((b, 1), candle_core::DType::F32, &dev)?;
+        valid = Tensor::cat(&[&valid, &ones], 1)?;
         let f = Fwd {
             ctx,
             positions: Some(&pos),
@@ -144,16 +186,23 @@ pub fn generate(
         };
         last = net.forward(&step, &f, Some(&mut cache))?.squeeze(1)?;
     }
-    for i in 0..b {
-        if !finished[i] {
-            texts[i] = tok.decode(&out[i])?;
-        }
+    resp.finish(tok)
+}
+
+/// Each prompt followed by its response.
+pub fn concat(prompts: &[Vec<u32>], responses: &[Vec<u32>]) -> Vec<Vec<u32>> {
+    prompts
+        .iter()
+        .zip(responses)
+        .map(|(p, r)| p.iter().chain(r).copied().collect())
+        .collect()
+}
+
+impl Generation {
+    /// Each of `prompts` followed by its generated tokens.
+    pub fn sequences(&self, prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
+        concat(prompts, &self.tokens)
     }
-    Ok(Generation {
-        tokens: out,
-        texts,
-        finished,
-    })
 }
 
 /// Samples one token id from a row of logits under temperature, top-k and top-p.

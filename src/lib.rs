@@ -6,6 +6,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod generate;
+pub mod io;
 pub mod kernels;
 pub mod model;
 pub mod stages;

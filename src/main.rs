@@ -4,6 +4,7 @@ use anyhow::{bail, Result};
 use clap::Parser;
 
 use temper::cli::{Cli, Command, EvalArgs, ExportArgs, GenerateArgs, StageArgs, TokenizerCmd};
+use temper::config::Stage;
 use temper::data::records::load_prompts;
 use temper::data::tokenizer::train_bpe;
 use temper::generate::{generate, SampleCfg};
@@ -35,9 +36,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn stage_env(args: &StageArgs, stage: &str) -> Result<Env> {
+fn stage_env(args: &StageArgs, stage: Stage) -> Result<Env> {
     let (cfg, out, resume) = args.resolve(stage)?;
-    if stage == "pretrain" && cfg.init.is_some() {
+    if stage == Stage::Pretrain && cfg.init.is_some() {
         bail!("pretrain starts from scratch; use --resume DIR to continue a run");
     }
     Env::prepare(cfg, &out, resume)
@@ -46,7 +47,7 @@ fn stage_env(args: &StageArgs, stage: &str) -> Result<Env> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Pretrain(a) => {
-            let r = stages::pretrain::run(&stage_env(&a, "pretrain")?)?;
+            let r = stages::pretrain::run(&stage_env(&a, Stage::Pretrain)?)?;
             println!(
                 "pretrain: val loss {:.4} (perplexity {:.2})",
                 r.val_loss,
@@ -54,29 +55,29 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Sft(a) => {
-            let r = stages::sft::run(&stage_env(&a, "sft")?)?;
+            let r = stages::sft::run(&stage_env(&a, Stage::Sft)?)?;
             println!("sft: held-out loss {:.4}", r.eval_loss);
             if let (Some(b), Some(acc)) = (r.base_accuracy, r.accuracy) {
                 println!("sft: accuracy {acc:.3} (base model {b:.3})");
             }
         }
         Command::Reward(a) => {
-            let r = stages::reward::run(&stage_env(&a, "reward")?)?;
+            let r = stages::reward::run(&stage_env(&a, Stage::Reward)?)?;
             println!("reward: held-out pairwise accuracy {:.3}", r.accuracy);
         }
         Command::Ppo(a) => {
-            let r = stages::ppo::run(&stage_env(&a, "ppo")?)?;
+            let r = stages::ppo::run(&stage_env(&a, Stage::Ppo)?)?;
             println!("{}", r.describe());
         }
         Command::Dpo(a) => {
-            let r = stages::dpo::run(&stage_env(&a, "dpo")?)?;
+            let r = stages::dpo::run(&stage_env(&a, Stage::Dpo)?)?;
             println!("{}", r.describe());
         }
         Command::Grpo(a) => {
-            let r = stages::grpo::run(&stage_env(&a, "grpo")?)?;
+            let r = stages::grpo::run(&stage_env(&a, Stage::Grpo)?)?;
             println!("{}", r.describe());
         }
-        Command::Pipeline(a) => stages::pipeline::run(&a)?,
+        Command::Pipeline(a) => stages::pipeline::run(&a.options())?,
         Command::Generate(a) => generate_cmd(&a)?,
         Command::Eval(a) => eval_cmd(&a)?,
         Command::Export(a) => export_cmd(&a)?,
@@ -93,10 +94,10 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn generate_cmd(a: &GenerateArgs) -> Result<()> {
-    let device = temper::device::select(&a.device)?;
+    let device = temper::device::select(a.device)?;
     let loaded = read_checkpoint(&a.checkpoint, &device)?;
     let mut store = ParamStore::new(device.clone(), 0);
-    let net = policy_from(&loaded, &mut store, "model", None)?;
+    let net = policy_from(&loaded, &mut store, None)?;
     let tok = &loaded.tokenizer;
     let mut prompts = a.prompt.clone();
     if let Some(p) = &a.prompts {
@@ -130,10 +131,10 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
 }
 
 fn eval_cmd(a: &EvalArgs) -> Result<()> {
-    let device = temper::device::select(&a.device)?;
+    let device = temper::device::select(a.device)?;
     let loaded = read_checkpoint(&a.checkpoint, &device)?;
     let mut store = ParamStore::new(device.clone(), 0);
-    let net = policy_from(&loaded, &mut store, "model", None)?;
+    let net = policy_from(&loaded, &mut store, None)?;
     let prompts = match &a.prompts {
         Some(p) => load_prompts(p)?,
         None => temper::data::synthetic::Synthetic::new(a.task_seed)

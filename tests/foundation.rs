@@ -12,7 +12,7 @@ use temper::config::ModelConfig;
 use temper::kernels::KernelSet;
 use temper::model::linear::Ctx;
 use temper::model::{Fwd, KvCache, Transformer};
-use temper::train::params::ParamStore;
+use temper::train::params::{Net, ParamStore};
 
 fn ctx() -> Ctx {
     Ctx {
@@ -215,7 +215,7 @@ fn tiny(cfg: &mut ModelConfig) -> (ParamStore, Transformer) {
     cfg.num_key_value_heads = 2;
     cfg.max_position_embeddings = 32;
     let mut store = ParamStore::new(Device::Cpu, 3);
-    let net = Transformer::new(&mut store, "model", cfg, None).unwrap();
+    let net = Transformer::new(&mut store.scope(Net::Policy), cfg, None).unwrap();
     (store, net)
 }
 
@@ -300,7 +300,7 @@ fn every_parameter_receives_a_gradient() {
             temper::train::loss::cross_entropy(&logits, &ids.narrow(1, 1, 5).unwrap(), &mask)
                 .unwrap();
         let grads = loss.backward().unwrap();
-        for (name, var) in store.iter() {
+        for (name, var, _) in store.iter() {
             let g = grads
                 .get(var.as_tensor())
                 .unwrap_or_else(|| panic!("{preset}: {name} has no gradient"));

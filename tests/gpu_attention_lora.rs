@@ -5,7 +5,7 @@
 //! Needs feature `cuda` and a CUDA device; otherwise every test prints
 //! `SKIPPED (built without feature cuda): <name>` or `SKIPPED (no CUDA device): <name>` on
 //! stderr (past cargo's output capture) and passes.
-//! Tolerances (device library METHOD.md): ‖out − ref‖ / ‖ref‖ under 1e-5 for f32, 1e-2 for bf16,
+//! Tolerances (the values of `tol`, `elem_tol` and `grad_tol` in tests/common/gpu.rs): ‖out − ref‖ / ‖ref‖ under 1e-5 for f32, 1e-2 for bf16,
 //! 5e-3 for f16, twice that for gradients; and, so that a local error cannot hide in the
 //! global norm, every element within `atol · max(1, max|ref|) + rtol · |ref|` with
 //! (atol, rtol) = (1e-4, 1e-4) for f32, (2e-2, 2e-2) for bf16, (1e-2, 1e-2) for f16, twice
@@ -14,27 +14,20 @@
 
 mod common;
 
-use std::io::Write;
-
-/// Says why a test did not run. Straight to the stderr handle: `eprintln!` would be captured
-/// and hidden.
-#[allow(dead_code)]
-fn skipped(reason: &str, name: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED ({reason}): {name}");
-}
-
-/// One test per kernel check: runs the body on the GPU when there is one, else says so.
+/// One test per kernel check: runs the body on the GPU when there is one, else says why not
+/// (tests/common/gpu.rs).
 macro_rules! gpu_test {
     ($name:ident) => {
         #[test]
         fn $name() {
             #[cfg(feature = "cuda")]
-            match common::gpu::device() {
-                Some(dev) => gpu::$name(&dev),
-                None => skipped("no CUDA device", stringify!($name)),
-            }
+            common::gpu::run(stringify!($name), gpu::$name);
             #[cfg(not(feature = "cuda"))]
-            skipped("built without feature cuda", stringify!($name));
+            {
+                use std::io::Write;
+                let reason = "SKIPPED (built without feature cuda)";
+                let _ = writeln!(std::io::stderr(), "{reason}: {}", stringify!($name));
+            }
         }
     };
 }
@@ -71,12 +64,7 @@ mod gpu {
         dtype: DType,
         dev: &Device,
     ) -> (Tensor, Tensor) {
-        let n: usize = dims.iter().product();
-        let cpu = Tensor::from_vec(rng.vec(n, lo, hi), dims, &Device::Cpu)
-            .and_then(|t| t.to_dtype(dtype))
-            .unwrap();
-        let gpu = cpu.to_device(dev).unwrap();
-        (gpu, cpu.to_dtype(DType::F32).unwrap())
+        gpu_and_cpu(rng, dims, (lo, hi), dtype, dev, 0)
     }
 
     #[derive(Clone, Copy, Debug)]

@@ -1,270 +1,369 @@
-//! The alignment stages on a tiny model: the maths on hand-computed cases, LoRA leaving the
-//! base bitwise unchanged, PPO's first-minibatch ratio of 1, and clear errors for bad input.
+//! The alignment stages on a tiny model through the CLI: LoRA leaving the base bitwise
+//! unchanged, PPO's first-minibatch ratio of 1, DPO starting at log 2, and clear errors for bad
+//! input. (The losses' maths on hand-computed cases is tested beside the code.)
 
 mod common;
 
-use candle_core::{Device, Tensor};
 use common::*;
-use temper::stages::dpo::{dpo_loss, with_chosen_nll};
-use temper::stages::ppo::{kl_estimate, policy_loss, value_loss, KlEstimator};
 
-fn t(v: &[f32]) -> Tensor {
-    Tensor::new(v, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
-}
+/// The chain pretrain -> sft (LoRA) -> export --merge, reward -> ppo (LoRA), dpo (LoRA) on a
+/// tiny model, run once per test binary and shared by the tests in here, each of which checks
+/// one promise a stage keeps besides learning (which the pipeline test checks). Their names,
+/// `stage_chain::*`, sort after the other tests', which libtest starts first: the slowest of
+/// those then runs beside the chain instead of after it.
+mod stage_chain {
+    use super::common::*;
+    use candle_core::Device;
+    use std::collections::HashMap;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    use std::path::{Path, PathBuf};
+    use std::sync::OnceLock;
+    use std::time::{Duration, SystemTime};
 
-fn s(x: &Tensor) -> f64 {
-    x.to_scalar::<f32>().unwrap() as f64
-}
+    /// A run shared by this binary's tests: the first test that needs it builds it, the others
+    /// wait for it. A build that panics is recorded, not retried, so each test that needs it
+    /// then fails at once with the failure, and no half-built run is read or built again.
+    type Shared<T> = OnceLock<Result<T, String>>;
 
-#[test]
-fn dpo_loss_is_log2_when_policy_equals_reference() {
-    let lp = Tensor::new(&[-3.0f32, -1.5, -7.0], &Device::Cpu).unwrap();
-    let lr = Tensor::new(&[-2.0f32, -4.0, -0.5], &Device::Cpu).unwrap();
-    let (loss, _) = dpo_loss(&lp, &lr, &lp, &lr, 0.1).unwrap();
-    assert!((s(&loss) - 2f64.ln()).abs() < 1e-6);
-    // margin beta*((0 - -1) - (0 - 0)) = 0.5 -> -log sigmoid(0.5)
-    let z = Tensor::new(&[0.0f32], &Device::Cpu).unwrap();
-    let m1 = Tensor::new(&[-1.0f32], &Device::Cpu).unwrap();
-    let (loss, acc) = dpo_loss(&z, &z, &m1, &z, 0.5).unwrap();
-    assert!((s(&loss) - (1.0 + (-0.5f64).exp()).ln()).abs() < 1e-6);
-    assert_eq!(acc, 1.0);
-}
-
-#[test]
-fn rpo_term_is_the_chosen_nll_per_token() {
-    // Chosen responses of 2 and 3 tokens with summed log-probs -1 and -4: NLL 5/5 = 1 per
-    // token, so alpha 0.5 adds 0.5.
-    let loss = Tensor::new(0.25f32, &Device::Cpu).unwrap();
-    let lp = t(&[-1.0, -4.0]);
-    let n = t(&[2.0, 3.0]);
-    assert!((s(&with_chosen_nll(&loss, &lp, &n, 0.5).unwrap()) - 0.75).abs() < 1e-6);
-    assert_eq!(s(&with_chosen_nll(&loss, &lp, &n, 0.0).unwrap()), 0.25);
-}
-
-#[test]
-fn ppo_losses_match_hand_computation() {
-    // Token 0: ratio e^0.5 = 1.6487 > 1.2 with A = 1 -> clipped objective 1.2 (loss -1.2).
-    // Token 1: ratio 1, A = -2 -> loss 2. Token 2 is padding.
-    let old = t(&[0.0, 0.0, 0.0]);
-    let new = t(&[0.5, 0.0, 9.0]);
-    let adv = t(&[1.0, -2.0, 5.0]);
-    let mask = t(&[1.0, 1.0, 0.0]);
-    let (loss, clipfrac, approx_kl, _) = policy_loss(&new, &old, &adv, &mask, 0.2).unwrap();
-    assert!((s(&loss) - (-1.2 + 2.0) / 2.0).abs() < 1e-6, "{}", s(&loss));
-    assert!((clipfrac - 0.5).abs() < 1e-9);
-    assert!((approx_kl - 0.5 * 0.25 / 2.0).abs() < 1e-7);
-    // A negative advantage with a ratio below 1 - eps takes the unclipped, larger loss.
-    let (loss, _, _, _) =
-        policy_loss(&t(&[-1.0]), &t(&[0.0]), &t(&[-1.0]), &t(&[1.0]), 0.2).unwrap();
-    assert!((s(&loss) - (-1.0f64).exp()).abs() > 0.0 && (s(&loss) - 0.8).abs() < 1e-6);
-    // Value: v = 2, v_old = 0, R = 1, clip 0.5 -> vclip 0.5; max((1)^2, (0.5)^2) = 1 -> 0.5.
-    let vl = value_loss(&t(&[2.0]), &t(&[0.0]), &t(&[1.0]), &t(&[1.0]), 0.5).unwrap();
-    assert!((s(&vl) - 0.5).abs() < 1e-6);
-    // v = 0.2, v_old = 0, R = 3: vclip = 0.2; 0.5 * 2.8^2.
-    let vl = value_loss(&t(&[0.2]), &t(&[0.0]), &t(&[3.0]), &t(&[1.0]), 0.5).unwrap();
-    assert!((s(&vl) - 0.5 * 2.8f64.powi(2)).abs() < 1e-5);
-}
-
-#[test]
-fn kl_estimators_match_their_formulas() {
-    let lp = t(&[-1.0, -2.0]);
-    let lr = t(&[-1.5, -1.0]);
-    let k1 = kl_estimate(&lp, &lr, KlEstimator::K1)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    assert_eq!(k1, vec![0.5, -1.0]);
-    let k3 = kl_estimate(&lp, &lr, KlEstimator::K3)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    for (k, d) in k3.iter().zip([0.5f64, -1.0]) {
-        // k3 = e^{-d} + d - 1 with d = logp - logp_ref
-        assert!((*k as f64 - ((-d).exp() + d - 1.0)).abs() < 1e-6);
-        assert!(*k >= 0.0);
-    }
-}
-
-/// pretrain -> sft (LoRA) -> reward -> ppo (LoRA) -> dpo on a tiny model, checking what each
-/// stage promises besides learning (which the pipeline test checks).
-#[test]
-fn stages_chain_with_lora_and_keep_their_promises() {
-    let d = tmp();
-    let dir = d.path();
-    let cfg = p(dir, "c.toml");
-    std::fs::write(&cfg, format!("{TINY_TOML}\n[sft]\neval_prompts = 40\n[ppo]\neval_prompts = 40\nrollout_batch = 16\nminibatch_size = 8\n[dpo]\neval_prompts = 20\neval_pairs = 16\n")).unwrap();
-    let c = cfg.to_str().unwrap();
-    let pre = p(dir, "pre");
-    pretrain_on_cpu(c, &pre, 30);
-    let sft = p(dir, "sft");
-    run_ok(&[
-        "sft",
-        "--config",
-        c,
-        "--init",
-        pre.to_str().unwrap(),
-        "--out",
-        sft.to_str().unwrap(),
-        "--steps",
-        "20",
-        "--lora-rank",
-        "4",
-        "--lora-targets",
-        "q,v,up",
-        "--device",
-        "cpu",
-    ]);
-    // LoRA: base tensors byte-identical, adapters saved on their own.
-    let base =
-        candle_core::safetensors::load(pre.join("final/model.safetensors"), &Device::Cpu).unwrap();
-    let after =
-        candle_core::safetensors::load(sft.join("final/model.safetensors"), &Device::Cpu).unwrap();
-    assert_eq!(base.len(), after.len());
-    for (name, a) in &base {
-        let b = &after[name];
-        assert_eq!(
-            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            "{name} changed"
-        );
-    }
-    let adapters =
-        candle_core::safetensors::load(sft.join("final/adapter.safetensors"), &Device::Cpu)
-            .unwrap();
-    assert!(adapters.keys().all(|k| k.contains(".lora_")) && adapters.len() == 2 * 3 * 2);
-    // export --merge writes a plain checkpoint that evaluates.
-    let merged = p(dir, "merged");
-    run_ok(&[
-        "export",
-        "--checkpoint",
-        sft.to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-        "--merge",
-    ]);
-    assert!(!merged.join("adapter.safetensors").exists());
-
-    let rm = p(dir, "rm");
-    run_ok(&[
-        "reward",
-        "--config",
-        c,
-        "--init",
-        sft.to_str().unwrap(),
-        "--out",
-        rm.to_str().unwrap(),
-        "--steps",
-        "10",
-        "--device",
-        "cpu",
-    ]);
-    // A policy where a reward model is expected is refused clearly.
-    let e = run_err(&[
-        "ppo",
-        "--config",
-        c,
-        "--init",
-        sft.to_str().unwrap(),
-        "--reward",
-        sft.to_str().unwrap(),
-        "--out",
-        p(dir, "x").to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
-    assert!(e.contains("policy") && e.contains("reward"), "{e}");
-
-    let ppo = p(dir, "ppo");
-    let out = temper()
-        .args([
-            "ppo",
-            "--config",
-            c,
-            "--init",
-            sft.to_str().unwrap(),
-            "--out",
-            ppo.to_str().unwrap(),
-            "--steps",
-            "8",
-            "--log-every",
-            "1",
-            "--reward",
-            "task",
-            "--reward",
-            &format!("{}:0.5", rm.display()),
-            "--lora-rank",
-            "4",
-            "--device",
-            "cpu",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    assert!(err.contains("adapters off"), "{err}");
-    let m = metrics(&ppo);
-    let first: Vec<_> = m
-        .iter()
-        .filter(|v| v["split"] == "train" && v["rollout"] == 1.0)
-        .collect();
-    assert!(!first.is_empty());
-    for v in first {
-        assert!(
-            (v["ratio"].as_f64().unwrap() - 1.0).abs() < 1e-5,
-            "ratio in the first minibatch: {v}"
-        );
-        for k in [
-            "score",
-            "kl",
-            "entropy",
-            "clipfrac",
-            "approx_kl",
-            "value_loss",
-            "explained_variance",
-            "response_length",
-            "gen_time_s",
-        ] {
-            assert!(v.get(k).is_some(), "{k} not logged: {v}");
+    fn shared<T>(cell: &'static Shared<T>, what: &str, build: impl FnOnce() -> T) -> &'static T {
+        let built = cell.get_or_init(|| {
+            catch_unwind(AssertUnwindSafe(build)).map_err(|e| {
+                e.downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "a panic without a message".into())
+            })
+        });
+        match built {
+            Ok(t) => t,
+            Err(e) => {
+                panic!(
+                    "the shared {what} failed to build (once, for every test that needs it):\n{e}"
+                )
+            }
         }
     }
-    // PPO with LoRA leaves the (merged SFT) base untouched.
-    let ppo_w =
-        candle_core::safetensors::load(ppo.join("final/model.safetensors"), &Device::Cpu).unwrap();
-    let merged_w =
-        candle_core::safetensors::load(merged.join("model.safetensors"), &Device::Cpu).unwrap();
-    for (name, a) in &merged_w {
-        assert_eq!(
-            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            ppo_w[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            "{name}"
+
+    /// A fresh directory for the chain's runs, and their config file.
+    struct Base {
+        dir: tempfile::TempDir,
+        config: String,
+    }
+
+    fn base() -> &'static Base {
+        static BASE: Shared<Base> = OnceLock::new();
+        shared(&BASE, "chain directory", || {
+            let parent = Path::new(env!("CARGO_TARGET_TMPDIR"));
+            std::fs::create_dir_all(parent).unwrap();
+            remove_stale_chains(parent);
+            let dir = tempfile::Builder::new()
+                .prefix(CHAIN_PREFIX)
+                .tempdir_in(parent)
+                .unwrap();
+            let cfg = p(dir.path(), "c.toml");
+            std::fs::write(&cfg, format!("{TINY_TOML}\n[sft]\neval_prompts = 40\n[ppo]\neval_prompts = 40\nrollout_batch = 16\nminibatch_size = 8\n[dpo]\neval_prompts = 20\neval_pairs = 16\n")).unwrap();
+            let config = cfg.to_str().unwrap().to_string();
+            Base { dir, config }
+        })
+    }
+
+    const CHAIN_PREFIX: &str = "stages-chain-";
+
+    /// A static is never dropped, so each process's chain directory (8 MB) outlives it, in the
+    /// target directory; those of earlier processes are removed here once an hour old, long after
+    /// their tests ended. (A directory's time is that of its last new entry.)
+    fn remove_stale_chains(parent: &Path) {
+        let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+            let stale = entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(CHAIN_PREFIX)
+                && entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t < hour_ago);
+            if stale {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+
+    fn config() -> &'static str {
+        &base().config
+    }
+
+    /// Where the chain's run `name` goes.
+    fn run_dir(name: &str) -> PathBuf {
+        p(base().dir.path(), name)
+    }
+
+    fn arg(path: &Path) -> &str {
+        path.to_str().unwrap()
+    }
+
+    fn pre() -> &'static Path {
+        static PRE: Shared<PathBuf> = OnceLock::new();
+        shared(&PRE, "pretraining run", || {
+            let pre = run_dir("pre");
+            pretrain_on_cpu(config(), &pre, 30);
+            pre
+        })
+        .as_path()
+    }
+
+    /// SFT from `pre` with LoRA of rank 4 on q, v and up.
+    fn sft() -> &'static Path {
+        static SFT: Shared<PathBuf> = OnceLock::new();
+        shared(&SFT, "LoRA SFT run", || {
+            let sft = run_dir("sft");
+            run_ok(&[
+                "sft",
+                "--config",
+                config(),
+                "--init",
+                arg(pre()),
+                "--out",
+                arg(&sft),
+                "--steps",
+                "20",
+                "--lora-rank",
+                "4",
+                "--lora-targets",
+                "q,v,up",
+                "--device",
+                "cpu",
+            ]);
+            sft
+        })
+        .as_path()
+    }
+
+    /// `export --merge` of the LoRA SFT run.
+    fn merged() -> &'static Path {
+        static MERGED: Shared<PathBuf> = OnceLock::new();
+        shared(&MERGED, "merged export of the SFT run", || {
+            let merged = run_dir("merged");
+            run_ok(&[
+                "export",
+                "--checkpoint",
+                arg(sft()),
+                "--out",
+                arg(&merged),
+                "--merge",
+            ]);
+            merged
+        })
+        .as_path()
+    }
+
+    /// A reward model from the SFT run.
+    fn rm() -> &'static Path {
+        static RM: Shared<PathBuf> = OnceLock::new();
+        shared(&RM, "reward model run", || {
+            let rm = run_dir("rm");
+            run_ok(&[
+                "reward",
+                "--config",
+                config(),
+                "--init",
+                arg(sft()),
+                "--out",
+                arg(&rm),
+                "--steps",
+                "10",
+                "--device",
+                "cpu",
+            ]);
+            rm
+        })
+        .as_path()
+    }
+
+    struct PpoRun {
+        dir: PathBuf,
+        stderr: String,
+    }
+
+    /// PPO with LoRA from the SFT run, rewarded by the task's checker and the reward model at 0.5,
+    /// logging every step.
+    fn ppo() -> &'static PpoRun {
+        static PPO: Shared<PpoRun> = OnceLock::new();
+        shared(&PPO, "LoRA PPO run", || {
+            let dir = run_dir("ppo");
+            let out = temper()
+                .args([
+                    "ppo",
+                    "--config",
+                    config(),
+                    "--init",
+                    arg(sft()),
+                    "--out",
+                    arg(&dir),
+                    "--steps",
+                    "8",
+                    "--log-every",
+                    "1",
+                    "--reward",
+                    "task",
+                    "--reward",
+                    &format!("{}:0.5", rm().display()),
+                    "--lora-rank",
+                    "4",
+                    "--device",
+                    "cpu",
+                ])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+            assert!(out.status.success(), "{stderr}");
+            PpoRun { dir, stderr }
+        })
+    }
+
+    /// DPO with LoRA from the SFT run.
+    fn dpo() -> &'static Path {
+        static DPO: Shared<PathBuf> = OnceLock::new();
+        shared(&DPO, "LoRA DPO run", || {
+            let dpo = run_dir("dpo");
+            run_ok(&[
+                "dpo",
+                "--config",
+                config(),
+                "--init",
+                arg(sft()),
+                "--out",
+                arg(&dpo),
+                "--steps",
+                "4",
+                "--lora-rank",
+                "4",
+                "--device",
+                "cpu",
+            ]);
+            dpo
+        })
+        .as_path()
+    }
+
+    /// A checkpoint's tensors, flattened.
+    fn weights(file: &Path) -> HashMap<String, Vec<f32>> {
+        candle_core::safetensors::load(file, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(name, t)| (name, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn lora_sft_leaves_the_base_weights_bitwise_unchanged() {
+        let base = weights(&pre().join("final/model.safetensors"));
+        let after = weights(&sft().join("final/model.safetensors"));
+        assert_eq!(base.len(), after.len());
+        for (name, a) in &base {
+            assert_eq!(a, &after[name], "{name} changed");
+        }
+    }
+
+    #[test]
+    fn lora_sft_saves_only_the_adapters_in_their_own_file() {
+        let adapters =
+            candle_core::safetensors::load(sft().join("final/adapter.safetensors"), &Device::Cpu)
+                .unwrap();
+        // An A and a B for each of q, v and up in each of the 2 layers.
+        assert!(
+            adapters.keys().all(|k| k.contains(".lora_")) && adapters.len() == 2 * 3 * 2,
+            "{:?}",
+            adapters.keys()
         );
     }
 
-    let dpo = p(dir, "dpo");
-    run_ok(&[
-        "dpo",
-        "--config",
-        c,
-        "--init",
-        sft.to_str().unwrap(),
-        "--out",
-        dpo.to_str().unwrap(),
-        "--steps",
-        "4",
-        "--lora-rank",
-        "4",
-        "--device",
-        "cpu",
-    ]);
-    let first_val = series(&metrics(&dpo), "val", "loss")[0].1;
-    assert!(
-        (first_val - 2f64.ln()).abs() < 1e-4,
-        "DPO starts at log 2, got {first_val}"
-    );
+    #[test]
+    fn export_merge_writes_a_checkpoint_without_adapters() {
+        assert!(!merged().join("adapter.safetensors").exists());
+    }
+
+    #[test]
+    fn ppo_refuses_a_policy_where_a_reward_model_is_expected() {
+        let e = run_err(&[
+            "ppo",
+            "--config",
+            config(),
+            "--init",
+            arg(sft()),
+            "--reward",
+            arg(sft()),
+            "--out",
+            arg(&run_dir("x")),
+            "--device",
+            "cpu",
+        ]);
+        assert!(e.contains("policy") && e.contains("reward"), "{e}");
+    }
+
+    #[test]
+    fn lora_ppo_says_its_reference_is_the_base_with_adapters_off() {
+        let err = &ppo().stderr;
+        assert!(err.contains("adapters off"), "{err}");
+    }
+
+    /// PPO's training records of the steps that sampled a rollout (the step of each rollout's
+    /// first minibatch); there must be some.
+    fn ppo_rollout_steps() -> Vec<serde_json::Value> {
+        let first: Vec<_> = metrics(&ppo().dir)
+            .into_iter()
+            .filter(|v| v["split"] == "train" && v["rollout"] == 1.0)
+            .collect();
+        assert!(!first.is_empty());
+        first
+    }
+
+    #[test]
+    fn ppo_ratio_is_one_in_each_rollouts_first_minibatch() {
+        for v in ppo_rollout_steps() {
+            assert!(
+                (v["ratio"].as_f64().unwrap() - 1.0).abs() < 1e-5,
+                "ratio in the first minibatch: {v}"
+            );
+        }
+    }
+
+    #[test]
+    fn ppo_logs_its_rollout_and_minibatch_diagnostics() {
+        for v in ppo_rollout_steps() {
+            for k in [
+                "score",
+                "kl",
+                "entropy",
+                "clipfrac",
+                "approx_kl",
+                "value_loss",
+                "explained_variance",
+                "response_length",
+                "gen_time_s",
+            ] {
+                assert!(v.get(k).is_some(), "{k} not logged: {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn lora_ppo_leaves_the_merged_sft_base_untouched() {
+        let ppo_w = weights(&ppo().dir.join("final/model.safetensors"));
+        let merged_w = weights(&merged().join("model.safetensors"));
+        for (name, a) in &merged_w {
+            assert_eq!(a, &ppo_w[name], "{name}");
+        }
+    }
+
+    #[test]
+    fn lora_dpo_starts_at_log_2() {
+        let first_val = series(&metrics(dpo()), "val", "loss")[0].1;
+        assert!(
+            (first_val - 2f64.ln()).abs() < 1e-4,
+            "DPO starts at log 2, got {first_val}"
+        );
+    }
 }
 
 #[test]

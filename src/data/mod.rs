@@ -1,7 +1,9 @@
-//! Tokenizers, corpora, the record formats of each stage, and the built-in synthetic task.
+//! Tokenizers, corpora, the record formats of each stage, the built-in synthetic task, and the
+//! sampler that orders training data.
 
 pub mod chat_template;
 pub mod corpus;
 pub mod records;
+pub mod sampler;
 pub mod synthetic;
 pub mod tokenizer;

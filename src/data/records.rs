@@ -31,6 +31,26 @@ pub struct SftExample {
     pub origin: Option<String>,
 }
 
+impl SftExample {
+    /// A prompt (no loss) followed by its response (loss) and EOS.
+    pub fn prompt_response(prompt: &str, response: &str, origin: Option<String>) -> Self {
+        Self {
+            segments: vec![
+                Segment {
+                    text: prompt.to_string(),
+                    train: false,
+                },
+                Segment {
+                    text: response.to_string(),
+                    train: true,
+                },
+            ],
+            append_eos: true,
+            origin,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct PreferencePair {
     pub prompt: String,
@@ -121,20 +141,11 @@ fn sft_example(
         (None, true) => {
             let prompt = at.non_empty_str(obj, "prompt")?;
             let response = at.non_empty_str(obj, "response")?;
-            Ok(SftExample {
-                segments: vec![
-                    Segment {
-                        text: prompt.to_string(),
-                        train: false,
-                    },
-                    Segment {
-                        text: response.to_string(),
-                        train: true,
-                    },
-                ],
-                append_eos: true,
-                origin: Some(at.to_string()),
-            })
+            Ok(SftExample::prompt_response(
+                prompt,
+                response,
+                Some(at.to_string()),
+            ))
         }
     }
 }

@@ -202,27 +202,7 @@ fn write_hf(tok: &tokenizers::Tokenizer, path: &Path) -> Result<()> {
     let json = tok
         .to_string(true)
         .map_err(|e| anyhow!("{}: cannot serialise tokenizer: {e}", path.display()))?;
-    write_atomic(path, json.as_bytes())
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("{}: cannot create directory", dir.display()))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("{}: not a file path", path.display()))?;
-    let mut tmp_name = name.to_os_string();
-    tmp_name.push(format!(".tmp{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow!("{}: cannot write: {e}", path.display())
-    })
+    crate::io::write_atomic(path, json.as_bytes())
 }
 
 /// Trains a byte-level BPE of `vocab_size` tokens on `files` and writes it to `out`.

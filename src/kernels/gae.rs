@@ -1,7 +1,7 @@
 //! Generalised advantage estimation over a batch of variable-length responses, and GRPO's
 //! group normalisation.
 //!
-//! Contract (DESIGN.md §2, TRL's convention): `delta_t = r_t + gamma * V_{t+1} - V_t`,
+//! Contract (TRL's convention): `delta_t = r_t + gamma * V_{t+1} - V_t`,
 //! `A_t = delta_t + gamma * lambda * A_{t+1}`, returns `R_t = A_t + V_t`. A position whose mask
 //! is 0 is padding: its advantage and return are 0 and it ends the episode, so the last valid
 //! token sees `V_{t+1} = 0` and `A_{t+1} = 0`. The whitening statistics are the mean and the

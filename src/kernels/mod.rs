@@ -9,4 +9,4 @@ pub mod lora;
 pub mod registry;
 pub mod rmsnorm;
 
-pub use registry::{KernelChoice, KernelSet};
+pub use registry::{KernelChoice, KernelOp, KernelSet};

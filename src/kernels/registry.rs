@@ -18,7 +18,54 @@ pub enum KernelChoice {
     Reference,
 }
 
-/// The ops that have a swappable implementation, with the name a user types for the custom one.
+/// The ops that have a swappable implementation. Strings are parsed into this only at the
+/// edge ([`KernelSet::apply_spec`]); everything inside matches on it exhaustively.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KernelOp {
+    Attention,
+    Lora,
+    Gae,
+    RmsNorm,
+}
+
+impl KernelOp {
+    /// Every op, in the order `Display` lists them.
+    pub const ALL: [KernelOp; 4] = [Self::Attention, Self::Lora, Self::Gae, Self::RmsNorm];
+
+    /// The name a user types (`--kernels attention=...`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Attention => "attention",
+            Self::Lora => "lora",
+            Self::Gae => "gae",
+            Self::RmsNorm => "rmsnorm",
+        }
+    }
+
+    /// The name of our (custom) implementation (`--kernels attention=flash`).
+    pub fn custom_name(self) -> &'static str {
+        match self {
+            Self::Attention => "flash",
+            Self::Lora => "fused",
+            Self::Gae => "cuda",
+            Self::RmsNorm => "fused",
+        }
+    }
+
+    /// The op a user-facing name stands for.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|op| op.name() == name)
+    }
+}
+
+impl fmt::Display for KernelOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The ops that have a swappable implementation, with the name a user types for the custom
+/// one (the same table as [`KernelOp::name`] and [`KernelOp::custom_name`]).
 pub const OPS: [(&str, &str); 4] = [
     ("attention", "flash"),
     ("lora", "fused"),
@@ -44,22 +91,23 @@ impl KernelSet {
         }
     }
 
-    fn slot(&mut self, op: &str) -> Option<&mut KernelChoice> {
+    /// The choice for `op`, to change.
+    pub fn slot(&mut self, op: KernelOp) -> &mut KernelChoice {
         match op {
-            "attention" => Some(&mut self.attention),
-            "lora" => Some(&mut self.lora),
-            "gae" => Some(&mut self.gae),
-            "rmsnorm" => Some(&mut self.rmsnorm),
-            _ => None,
+            KernelOp::Attention => &mut self.attention,
+            KernelOp::Lora => &mut self.lora,
+            KernelOp::Gae => &mut self.gae,
+            KernelOp::RmsNorm => &mut self.rmsnorm,
         }
     }
 
-    fn get(&self, op: &str) -> KernelChoice {
+    /// The choice for `op`.
+    pub fn get(&self, op: KernelOp) -> KernelChoice {
         match op {
-            "attention" => self.attention,
-            "lora" => self.lora,
-            "gae" => self.gae,
-            _ => self.rmsnorm,
+            KernelOp::Attention => self.attention,
+            KernelOp::Lora => self.lora,
+            KernelOp::Gae => self.gae,
+            KernelOp::RmsNorm => self.rmsnorm,
         }
     }
 
@@ -70,16 +118,19 @@ impl KernelSet {
                 bail!("--kernels: `{entry}` is not of the form op=impl (e.g. attention=flash)");
             };
             let (op, name) = (op.trim(), name.trim());
-            let ops: Vec<&str> = if op == "all" {
-                OPS.iter().map(|(o, _)| *o).collect()
+            let ops: Vec<KernelOp> = if op == "all" {
+                KernelOp::ALL.to_vec()
             } else {
-                vec![op]
+                match KernelOp::parse(op) {
+                    Some(op) => vec![op],
+                    None => {
+                        let known: Vec<_> = KernelOp::ALL.map(KernelOp::name).to_vec();
+                        bail!("--kernels: unknown op `{op}` (known: {})", known.join(", "));
+                    }
+                }
             };
             for op in ops {
-                let Some(&(_, custom)) = OPS.iter().find(|(o, _)| *o == op) else {
-                    let known: Vec<_> = OPS.iter().map(|(o, _)| *o).collect();
-                    bail!("--kernels: unknown op `{op}` (known: {})", known.join(", "));
-                };
+                let custom = op.custom_name();
                 let choice = match name {
                     "reference" | "ref" => KernelChoice::Reference,
                     n if n == custom || n == "custom" => KernelChoice::Custom,
@@ -87,7 +138,7 @@ impl KernelSet {
                         "--kernels: `{op}` has no implementation `{n}` (use {custom} or reference)"
                     ),
                 };
-                *self.slot(op).expect("op listed in OPS") = choice;
+                *self.slot(op) = choice;
             }
         }
         Ok(self)
@@ -96,11 +147,11 @@ impl KernelSet {
 
 impl fmt::Display for KernelSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let parts: Vec<String> = OPS
+        let parts: Vec<String> = KernelOp::ALL
             .iter()
-            .map(|(op, custom)| {
+            .map(|&op| {
                 let name = match self.get(op) {
-                    KernelChoice::Custom => *custom,
+                    KernelChoice::Custom => op.custom_name(),
                     KernelChoice::Reference => "reference",
                 };
                 format!("{op}={name}")
@@ -145,5 +196,32 @@ mod tests {
         assert!(KernelSet::default().apply_spec("attn=flash").is_err());
         assert!(KernelSet::default().apply_spec("lora=flash").is_err());
         assert!(KernelSet::default().apply_spec("lora").is_err());
+    }
+
+    #[test]
+    fn every_op_round_trips() {
+        for op in KernelOp::ALL {
+            assert_eq!(KernelOp::parse(op.name()), Some(op));
+            assert_eq!(op.to_string(), op.name());
+            assert!(OPS.contains(&(op.name(), op.custom_name())), "{op}");
+            for choice in [KernelChoice::Reference, KernelChoice::Custom] {
+                let mut k = KernelSet::default();
+                *k.slot(op) = choice;
+                assert_eq!(k.get(op), choice);
+                for other in KernelOp::ALL.into_iter().filter(|&o| o != op) {
+                    assert_eq!(k.get(other), KernelChoice::Custom, "{op} moved {other}");
+                }
+                let spec = k.to_string();
+                assert_eq!(KernelSet::default().apply_spec(&spec).unwrap(), k, "{spec}");
+                let impl_name = match choice {
+                    KernelChoice::Reference => "reference",
+                    KernelChoice::Custom => op.custom_name(),
+                };
+                let one = format!("{}={impl_name}", op.name());
+                assert_eq!(KernelSet::default().apply_spec(&one).unwrap(), k, "{one}");
+            }
+        }
+        assert_eq!(OPS.len(), KernelOp::ALL.len());
+        assert_eq!(KernelOp::parse("attn"), None);
     }
 }

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 
-use crate::train::params::{Init, ParamStore};
+use crate::train::params::{Init, Scope};
 
 pub struct ScalarHead {
     w: Tensor,
@@ -14,15 +14,16 @@ pub struct ScalarHead {
 impl ScalarHead {
     /// A fresh reward head starts small and random; a fresh value head starts at zero, so the
     /// first advantages are the returns themselves rather than returns minus noise.
-    pub fn new(store: &mut ParamStore, name: &str, hidden: usize, zero: bool) -> Result<Self> {
+    /// `weight` and `bias` in `scope` (a network's `score`).
+    pub fn load(mut scope: Scope, hidden: usize, zero: bool) -> Result<Self> {
         let init = if zero {
             Init::Zeros
         } else {
             Init::Normal(1.0 / (hidden as f64 + 1.0).sqrt())
         };
         Ok(Self {
-            w: store.create(&format!("{name}.weight"), &[hidden], init)?,
-            b: store.create(&format!("{name}.bias"), &[1], Init::Zeros)?,
+            w: scope.head("weight", &[hidden], init, true)?,
+            b: scope.head("bias", &[1], Init::Zeros, false)?,
         })
     }
 

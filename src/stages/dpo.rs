@@ -2,54 +2,24 @@
 //! (logp_r - logp_ref_r)))`, with log-probabilities summed over response tokens (TRL's
 //! `sigmoid` loss). The reference is the base with adapters off under LoRA, else a frozen copy.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Result};
 use candle_core::Tensor;
-use serde::{Deserialize, Serialize};
 
 use super::batch::{lm_batch, LmBatch};
 use super::eval::accuracy;
-use super::loader::{policy_from, read_checkpoint};
-use super::ppo::{prompt_sets, PolicyResult};
-use super::pretrain::WindowSampler;
+use super::rollout::Reference;
+use super::setup::{self, prompt_sets, split_holdout, FrozenReference, Plan, PolicyPair};
 use super::sft::encode_all;
 use super::Env;
-use crate::data::records::{load_preferences, PreferencePair, Segment, SftExample};
+use crate::data::records::{load_preferences, PreferencePair, PromptRecord, SftExample};
+use crate::data::sampler::WindowSampler;
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
 use crate::model::linear::Ctx;
 use crate::model::{Fwd, Transformer};
-use crate::train::checkpoint::CheckpointMeta;
 use crate::train::loss::{log_sigmoid, scalar, token_logprobs};
-use crate::train::params::ParamStore;
-use crate::train::runner::{self, get, is_adapter, RunOpts, Saved, StepOut, Task};
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DpoConfig {
-    pub beta: f64,
-    /// Weight of the chosen responses' per-token negative log-likelihood added to the loss
-    /// (TRL's `rpo_alpha`, off there; 1.0 here, as Pang et al. use it). Measured on the
-    /// built-in task: without it DPO lowered the chosen answers along with the rejected ones
-    /// and lost sums SFT had right (seed 1: 0.35 -> 0.38 held-out; with it 0.59).
-    pub rpo_alpha: f64,
-    pub task_pairs: usize,
-    pub eval_pairs: usize,
-    pub eval_prompts: usize,
-    pub eval_max_new_tokens: usize,
-}
-
-impl Default for DpoConfig {
-    fn default() -> Self {
-        Self {
-            beta: 0.1,
-            rpo_alpha: 1.0,
-            task_pairs: 4000,
-            eval_pairs: 200,
-            eval_prompts: 1000,
-            eval_max_new_tokens: 6,
-        }
-    }
-}
+use crate::train::params::{ParamInfo, Role};
+use crate::train::runner::{Report, StepOut, Task};
 
 /// The DPO loss of summed log-probabilities (each `[B]`); also the implicit-reward accuracy.
 pub fn dpo_loss(
@@ -81,23 +51,6 @@ pub fn with_chosen_nll(
     Ok((loss - (mean_logp * alpha)?)?)
 }
 
-fn as_example(prompt: &str, response: &str, origin: Option<String>) -> SftExample {
-    SftExample {
-        segments: vec![
-            Segment {
-                text: prompt.to_string(),
-                train: false,
-            },
-            Segment {
-                text: response.to_string(),
-                train: true,
-            },
-        ],
-        append_eos: true,
-        origin,
-    }
-}
-
 /// A preference pair as token ids with their loss masks: chosen, then rejected.
 type EncodedPair = [(Vec<u32>, Vec<bool>); 2];
 
@@ -107,7 +60,7 @@ fn encode_pairs(tok: &Tokenizer, pairs: &[PreferencePair], ctx: usize) -> Result
     let side = |response: fn(&PreferencePair) -> &str| -> Vec<SftExample> {
         pairs
             .iter()
-            .map(|p| as_example(&p.prompt, response(p), p.origin.clone()))
+            .map(|p| SftExample::prompt_response(&p.prompt, response(p), p.origin.clone()))
             .collect()
     };
     let chosen = encode_all(tok, &side(|p| &p.chosen), ctx, "chosen")?;
@@ -122,11 +75,11 @@ fn encode_pairs(tok: &Tokenizer, pairs: &[PreferencePair], ctx: usize) -> Result
 struct DpoTask<'a> {
     env: &'a Env,
     policy: Transformer,
-    reference: Option<(Transformer, ParamStore)>,
+    reference: FrozenReference,
     tok: Tokenizer,
     train: Vec<EncodedPair>,
     eval: Vec<EncodedPair>,
-    eval_prompts: Vec<crate::data::records::PromptRecord>,
+    eval_prompts: Vec<PromptRecord>,
     sampler: WindowSampler,
 }
 
@@ -157,9 +110,11 @@ impl DpoTask<'_> {
             &self.env.device,
         )?;
         let pol = self.seq_logps(&self.policy, self.env.ctx(true, None), &b)?;
-        let refp = match &self.reference {
-            Some((r, _)) => self.seq_logps(r, self.env.ctx(false, None), &b)?,
-            None => self.seq_logps(&self.policy, self.env.ctx(false, None), &b)?,
+        let refp = match self.reference.get() {
+            Reference::Separate(r) => self.seq_logps(r, self.env.ctx(false, None), &b)?,
+            Reference::AdaptersOff => {
+                self.seq_logps(&self.policy, self.env.ctx(false, None), &b)?
+            }
         };
         let refp = refp.detach();
         let (loss, acc) = dpo_loss(
@@ -179,7 +134,30 @@ impl DpoTask<'_> {
     }
 }
 
+/// DPO's held-out numbers: its loss (log 2 where policy and reference agree), how often the
+/// implicit reward ranks the chosen response first, and task accuracy where prompts have
+/// answers.
+#[derive(Clone, Debug)]
+pub struct DpoEval {
+    pub loss: f64,
+    pub reward_accuracy: f64,
+    pub accuracy: Option<f64>,
+}
+
+impl Report for DpoEval {
+    fn fields(&self) -> Vec<(&'static str, f64)> {
+        let mut f = vec![
+            ("loss", self.loss),
+            ("reward_accuracy", self.reward_accuracy),
+        ];
+        f.extend(self.accuracy.map(|a| ("accuracy", a)));
+        f
+    }
+}
+
 impl Task for DpoTask<'_> {
+    type Eval = DpoEval;
+
     fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
         let pairs: Vec<_> = (0..self.env.cfg.train.batch_size)
             .map(|_| &self.train[self.sampler.next_index()])
@@ -188,14 +166,11 @@ impl Task for DpoTask<'_> {
         Ok(StepOut {
             loss: objective,
             tokens,
-            metrics: vec![
-                ("dpo_loss".into(), scalar(&dpo)?),
-                ("reward_accuracy".into(), acc),
-            ],
+            metrics: vec![("dpo_loss", scalar(&dpo)?), ("reward_accuracy", acc)],
         })
     }
 
-    fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
+    fn evaluate(&mut self) -> Result<DpoEval> {
         let (mut l, mut a, mut n) = (0.0, 0.0, 0.0);
         for c in self.eval.chunks(self.env.cfg.train.batch_size) {
             // The held-out loss is DPO's alone: log 2 where policy and reference agree.
@@ -204,10 +179,11 @@ impl Task for DpoTask<'_> {
             a += acc * c.len() as f64;
             n += c.len() as f64;
         }
-        let mut out = vec![
-            ("loss".to_string(), l / n),
-            ("reward_accuracy".to_string(), a / n),
-        ];
+        let mut out = DpoEval {
+            loss: l / n,
+            reward_accuracy: a / n,
+            accuracy: None,
+        };
         if !self.eval_prompts.is_empty() && self.eval_prompts.iter().all(|p| p.answer.is_some()) {
             let acc = accuracy(
                 &self.policy,
@@ -217,66 +193,71 @@ impl Task for DpoTask<'_> {
                 self.env.cfg.dpo.eval_max_new_tokens,
                 64,
             )?;
-            out.push(("accuracy".into(), acc.accuracy));
+            out.accuracy = Some(acc.accuracy);
         }
         Ok(out)
     }
 
     fn state(&self) -> serde_json::Value {
-        let (e, c) = self.sampler.position();
-        serde_json::json!({"epoch": e, "cursor": c})
+        self.sampler.state()
     }
 
     fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
-        let get = |k: &str| s.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-        self.sampler.seek(get("epoch"), get("cursor") as usize);
+        self.sampler.restore(s);
         Ok(())
     }
 }
 
-pub fn run(env: &Env) -> Result<PolicyResult> {
-    let cfg = &env.cfg;
-    let init = cfg
-        .init
-        .as_ref()
-        .context("dpo needs --init CHECKPOINT (an SFT model)")?;
-    let loaded = read_checkpoint(init, &env.device)?;
-    let lora = cfg.lora.enabled().then_some(&cfg.lora);
-    let mut store = ParamStore::new(env.device.clone(), cfg.train.seed);
-    let policy = policy_from(&loaded, &mut store, "model", lora)?;
-    let reference = match lora {
-        Some(_) => None,
+/// DPO's outcome against the SFT model it started from.
+pub struct DpoResult {
+    pub accuracy: f64,
+    pub start_accuracy: f64,
+    pub reward_accuracy: f64,
+    pub start_reward_accuracy: f64,
+}
+
+impl DpoResult {
+    pub fn describe(&self) -> String {
+        format!(
+            "dpo: accuracy {:.3} (from {:.3}), implicit-reward accuracy {:.3} (from {:.3})",
+            self.accuracy, self.start_accuracy, self.reward_accuracy, self.start_reward_accuracy
+        )
+    }
+}
+
+/// Training pairs, held-out pairs, and held-out prompts with answers (built-in task only).
+fn datasets(env: &Env) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>, Vec<PromptRecord>)> {
+    let c = &env.cfg.dpo;
+    Ok(match &env.cfg.data.path {
         None => {
-            let mut rs = ParamStore::new(env.device.clone(), 0);
-            let net = policy_from(&loaded, &mut rs, "model", None)?;
-            Some((net, rs))
-        }
-    };
-    let tok = loaded.tokenizer.clone();
-    let (train, eval, eval_prompts) = match &cfg.data.path {
-        None => {
-            let s = super::sft::synthetic(env);
-            let (_, prompts) = prompt_sets(env, 1, cfg.dpo.eval_prompts)?;
+            let s = setup::synthetic(env);
+            let (_, prompts) = prompt_sets(env, 1, c.eval_prompts)?;
             (
-                s.preference_pairs(Split::Train, cfg.dpo.task_pairs),
-                s.preference_pairs(Split::Eval, cfg.dpo.eval_pairs),
+                s.preference_pairs(Split::Train, c.task_pairs),
+                s.preference_pairs(Split::Eval, c.eval_pairs),
                 prompts,
             )
         }
         Some(p) => {
-            let mut all = load_preferences(p)?;
-            let eval = match &cfg.data.eval_path {
-                Some(e) => load_preferences(e)?,
-                None => {
-                    let n = ((all.len() as f64 * cfg.data.val_fraction).round() as usize).max(1);
-                    all.split_off(all.len().saturating_sub(n))
-                }
-            };
-            (all, eval, vec![])
+            let (train, eval) = split_holdout(env, p, load_preferences, "preference pairs")?;
+            (train, eval, vec![])
         }
-    };
+    })
+}
+
+pub fn run(env: &Env) -> Result<DpoResult> {
+    let cfg = &env.cfg;
+    let lora = setup::lora(cfg);
+    let PolicyPair {
+        store,
+        policy,
+        reference,
+        loaded,
+    } = PolicyPair::load(env)?;
+    let tok = loaded.tokenizer.clone();
+    let (train, eval, eval_prompts) = datasets(env)?;
     if train.is_empty() || eval.is_empty() {
-        anyhow::bail!("dpo needs non-empty training and held-out preference sets");
+        bail!("dpo needs non-empty training and held-out preference sets");
     }
     // Encoded once, up front, so that a pair too long for the context fails before training.
     let ctx = policy.cfg.max_position_embeddings;
@@ -284,13 +265,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         encode_pairs(&tok, &train, ctx)?,
         encode_pairs(&tok, &eval, ctx)?,
     );
-    let meta = CheckpointMeta {
-        stage: "dpo".into(),
-        kind: "policy".into(),
-        model: policy.cfg.clone(),
-        lora: lora.cloned(),
-        step: 0,
-    };
+    let model = policy.cfg.clone();
     let mut task = DpoTask {
         env,
         policy,
@@ -301,30 +276,53 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         eval,
         eval_prompts,
     };
-    let saved = Saved {
-        store: &store,
-        meta,
-        tokenizer: &tok,
-    };
-    let trainable = |n: &str| lora.is_none() || is_adapter(n);
-    let summary = runner::train(
+    let trainable = |p: ParamInfo| lora.is_none() || p.role == Role::Adapter;
+    let summary = setup::train(
+        env,
         &mut task,
-        &saved,
+        &store,
+        Plan::policy(&model, lora, &tok),
         &trainable,
-        &RunOpts {
-            cfg: &cfg.train,
-            run_dir: &env.run_dir,
-            resume: env.resume,
-            label: "dpo",
-            eval_at_start: true,
-        },
     )?;
-    Ok(PolicyResult {
-        stage: "dpo",
-        accuracy: get(&summary.last_eval, "accuracy").unwrap_or(f64::NAN),
-        start_accuracy: get(&summary.first_eval, "accuracy").unwrap_or(f64::NAN),
-        mean_reward: get(&summary.last_eval, "reward_accuracy").unwrap_or(f64::NAN),
-        start_mean_reward: get(&summary.first_eval, "reward_accuracy").unwrap_or(f64::NAN),
-        kl: f64::NAN,
+    let (first, last) = (summary.first_eval.as_ref(), summary.last_eval.as_ref());
+    let acc = |e: Option<&DpoEval>| e.and_then(|e| e.accuracy).unwrap_or(f64::NAN);
+    let racc = |e: Option<&DpoEval>| e.map_or(f64::NAN, |e| e.reward_accuracy);
+    Ok(DpoResult {
+        accuracy: acc(last),
+        start_accuracy: acc(first),
+        reward_accuracy: racc(last),
+        start_reward_accuracy: racc(first),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stages::rl::test_tensors::{s, t};
+    use candle_core::Device;
+
+    #[test]
+    fn dpo_loss_is_log2_when_policy_equals_reference() {
+        let lp = Tensor::new(&[-3.0f32, -1.5, -7.0], &Device::Cpu).unwrap();
+        let lr = Tensor::new(&[-2.0f32, -4.0, -0.5], &Device::Cpu).unwrap();
+        let (loss, _) = dpo_loss(&lp, &lr, &lp, &lr, 0.1).unwrap();
+        assert!((s(&loss) - 2f64.ln()).abs() < 1e-6);
+        // margin beta*((0 - -1) - (0 - 0)) = 0.5 -> -log sigmoid(0.5)
+        let z = Tensor::new(&[0.0f32], &Device::Cpu).unwrap();
+        let m1 = Tensor::new(&[-1.0f32], &Device::Cpu).unwrap();
+        let (loss, acc) = dpo_loss(&z, &z, &m1, &z, 0.5).unwrap();
+        assert!((s(&loss) - (1.0 + (-0.5f64).exp()).ln()).abs() < 1e-6);
+        assert_eq!(acc, 1.0);
+    }
+
+    #[test]
+    fn rpo_term_is_the_chosen_nll_per_token() {
+        // Chosen responses of 2 and 3 tokens with summed log-probs -1 and -4: NLL 5/5 = 1 per
+        // token, so alpha 0.5 adds 0.5.
+        let loss = Tensor::new(0.25f32, &Device::Cpu).unwrap();
+        let lp = t(&[-1.0, -4.0]);
+        let n = t(&[2.0, 3.0]);
+        assert!((s(&with_chosen_nll(&loss, &lp, &n, 0.5).unwrap()) - 0.75).abs() < 1e-6);
+        assert_eq!(s(&with_chosen_nll(&loss, &lp, &n, 0.0).unwrap()), 0.25);
+    }
 }

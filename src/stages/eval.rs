@@ -1,8 +1,9 @@
 //! Task accuracy: greedy answers to held-out prompts, judged by the programmatic checker
-//! (exact match against each prompt's `answer`), and the mean reward.
+//! (exact match against each prompt's `answer`), and what the RL stages report.
 
 use anyhow::{bail, Result};
 
+use crate::config::Stage;
 use crate::data::records::PromptRecord;
 use crate::data::synthetic::exact_match;
 use crate::data::tokenizer::Tokenizer;
@@ -10,6 +11,7 @@ use crate::generate::{generate, SampleCfg};
 use crate::model::linear::Ctx;
 use crate::model::Transformer;
 use crate::train::rng::Rng;
+use crate::train::runner::{Report, TrainSummary};
 
 pub struct Accuracy {
     pub accuracy: f64,
@@ -60,4 +62,58 @@ pub fn accuracy(
         n: prompts.len(),
         samples,
     })
+}
+
+/// What PPO and GRPO report on held-out prompts: greedy accuracy and mean reward, with the
+/// last rollout's KL to the reference (and PPO's KL coefficient).
+#[derive(Clone, Debug)]
+pub struct PolicyEval {
+    pub accuracy: f64,
+    pub mean_reward: f64,
+    pub kl: f64,
+    pub beta: Option<f64>,
+}
+
+impl Report for PolicyEval {
+    fn fields(&self) -> Vec<(&'static str, f64)> {
+        let mut f = vec![
+            ("accuracy", self.accuracy),
+            ("mean_reward", self.mean_reward),
+            ("kl", self.kl),
+        ];
+        f.extend(self.beta.map(|b| ("beta", b)));
+        f
+    }
+}
+
+/// An RL stage's outcome: where the policy ended, against where it started.
+pub struct PolicyResult {
+    pub stage: Stage,
+    pub accuracy: f64,
+    pub start_accuracy: f64,
+    pub mean_reward: f64,
+    pub start_mean_reward: f64,
+    pub kl: f64,
+}
+
+impl PolicyResult {
+    pub fn from_summary(stage: Stage, s: &TrainSummary<PolicyEval>) -> Self {
+        let last = s.last_eval.as_ref();
+        let first = s.first_eval.as_ref();
+        Self {
+            stage,
+            accuracy: last.map_or(f64::NAN, |e| e.accuracy),
+            start_accuracy: first.map_or(f64::NAN, |e| e.accuracy),
+            mean_reward: last.map_or(f64::NAN, |e| e.mean_reward),
+            start_mean_reward: first.map_or(f64::NAN, |e| e.mean_reward),
+            kl: last.map_or(f64::NAN, |e| e.kl),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{}: accuracy {:.3} (from {:.3}), mean reward {:.3} (from {:.3}), KL to reference {:.4}",
+            self.stage, self.accuracy, self.start_accuracy, self.mean_reward, self.start_mean_reward, self.kl
+        )
+    }
 }

@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
+use super::reward::Scorer;
+use crate::config::LoraConfig;
 use crate::data::tokenizer::Tokenizer;
-use crate::model::{LoraConfig, ScalarHead, Transformer};
-use crate::train::checkpoint::{resolve_checkpoint, CheckpointMeta};
-use crate::train::params::ParamStore;
-use crate::train::runner::is_adapter;
+use crate::model::{ScalarHead, Transformer};
+use crate::train::checkpoint::{resolve_checkpoint, CheckpointKind, CheckpointMeta};
+use crate::train::params::{set_checked, Net, ParamStore, Role};
 
 pub struct Loaded {
     pub dir: PathBuf,
@@ -72,36 +73,27 @@ pub fn merge_adapters(
     Ok(())
 }
 
-/// Sets every non-adapter parameter of `store` under `store_prefix` from `tensors` (names
-/// without the prefix), checking that each exists with the right shape.
+/// Sets every base and head parameter of network `net` in `store` from `tensors` (named as
+/// inside the network), checking that each exists with the right shape. With `skip_heads`, the
+/// heads keep their fresh init (a value model started from a policy).
 pub fn fill_store(
     store: &ParamStore,
-    store_prefix: &str,
+    net: Net,
     tensors: &HashMap<String, Tensor>,
     dir: &Path,
+    skip_heads: bool,
 ) -> Result<()> {
-    for (name, var) in store.iter() {
-        if is_adapter(name) {
+    for (name, var, info) in store.net(net) {
+        if info.role == Role::Adapter || (skip_heads && info.role == Role::Head) {
             continue;
         }
-        let Some(src) = name.strip_prefix(store_prefix) else {
-            continue;
-        };
-        let Some(t) = tensors.get(src) else {
+        let Some(t) = tensors.get(name) else {
             bail!(
-                "{}: has no tensor {src} (a checkpoint of a different model or kind?)",
+                "{}: has no tensor {name} (a checkpoint of a different model or kind?)",
                 dir.display()
             );
         };
-        if t.dims() != var.dims() {
-            bail!(
-                "{}: tensor {src} has shape {:?}, expected {:?} (a checkpoint of a different model?)",
-                dir.display(),
-                t.dims(),
-                var.dims()
-            );
-        }
-        var.set(&t.to_dtype(DType::F32)?)?;
+        set_checked(var, t, name, dir)?;
     }
     Ok(())
 }
@@ -111,59 +103,36 @@ pub fn fill_store(
 pub fn policy_from(
     loaded: &Loaded,
     store: &mut ParamStore,
-    prefix: &str,
     lora: Option<&LoraConfig>,
 ) -> Result<Transformer> {
-    loaded.meta.expect_kind(&loaded.dir, "policy")?;
-    let net = Transformer::new(store, prefix, &loaded.meta.model, lora)?;
-    fill_store(store, "", &loaded.tensors, &loaded.dir)?;
+    loaded
+        .meta
+        .expect_kind(&loaded.dir, CheckpointKind::Policy)?;
+    let net = Transformer::new(&mut store.scope(Net::Policy), &loaded.meta.model, lora)?;
+    fill_store(store, Net::Policy, &loaded.tensors, &loaded.dir, false)?;
     Ok(net)
 }
 
 /// A transformer + scalar head from a `reward` checkpoint, or (with `from_policy`) from a
-/// policy checkpoint with a fresh head. Parameters live under `store_prefix` (e.g. `value.`).
+/// policy checkpoint with a fresh head, as network `net` of `store`.
 pub fn scored_from(
     loaded: &Loaded,
     store: &mut ParamStore,
-    store_prefix: &str,
+    net: Net,
     lora: Option<&LoraConfig>,
     from_policy: bool,
-) -> Result<(Transformer, ScalarHead)> {
-    let want = if from_policy { "policy" } else { "reward" };
-    loaded.meta.expect_kind(&loaded.dir, want)?;
-    let net = Transformer::new(
-        store,
-        &format!("{store_prefix}model"),
-        &loaded.meta.model,
-        lora,
-    )?;
-    let zero_head = from_policy && store_prefix == "value.";
-    let head = ScalarHead::new(
-        store,
-        &format!("{store_prefix}score"),
-        loaded.meta.model.hidden_size,
-        zero_head,
-    )?;
-    if from_policy {
-        // The fresh head keeps its init; everything else comes from the policy.
-        for (name, var) in store.iter() {
-            let Some(src) = name.strip_prefix(store_prefix) else {
-                continue;
-            };
-            if is_adapter(name) || src.starts_with("score.") {
-                continue;
-            }
-            let t = loaded
-                .tensors
-                .get(src)
-                .with_context(|| format!("{}: has no tensor {src}", loaded.dir.display()))?;
-            if t.dims() != var.dims() {
-                bail!("{}: tensor {src} has the wrong shape", loaded.dir.display());
-            }
-            var.set(&t.to_dtype(DType::F32)?)?;
-        }
+) -> Result<Scorer> {
+    let want = if from_policy {
+        CheckpointKind::Policy
     } else {
-        fill_store(store, store_prefix, &loaded.tensors, &loaded.dir)?;
-    }
-    Ok((net, head))
+        CheckpointKind::Reward
+    };
+    loaded.meta.expect_kind(&loaded.dir, want)?;
+    let mut scope = store.scope(net);
+    let body = Transformer::new(&mut scope, &loaded.meta.model, lora)?;
+    // A fresh value head starts at zero, so the first advantages are the returns themselves.
+    let zero_head = from_policy && net == Net::Value;
+    let head = ScalarHead::load(scope.pp("score"), loaded.meta.model.hidden_size, zero_head)?;
+    fill_store(store, net, &loaded.tensors, &loaded.dir, from_policy)?;
+    Ok(Scorer { net: body, head })
 }

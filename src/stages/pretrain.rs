@@ -3,67 +3,17 @@
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
-use serde_json::json;
 
+use super::setup::{self, Plan};
 use super::Env;
 use crate::data::corpus::{load_documents, pack_documents};
-use crate::data::synthetic::Synthetic;
+use crate::data::sampler::{state_u64, WindowSampler};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::{Fwd, Transformer};
-use crate::train::checkpoint::CheckpointMeta;
 use crate::train::loss::{cross_entropy, scalar};
-use crate::train::params::ParamStore;
-use crate::train::rng::{splitmix64, Rng};
-use crate::train::runner::{self, get, RunOpts, Saved, StepOut, Task};
-
-/// Windows of `len + 1` tokens at stride `len`, visited in a seeded random order per epoch;
-/// `(epoch, cursor)` is the data position a checkpoint records.
-pub struct WindowSampler {
-    n: usize,
-    seed: u64,
-    epoch: u64,
-    cursor: usize,
-    order: Vec<usize>,
-}
-
-impl WindowSampler {
-    pub fn new(n: usize, seed: u64) -> Self {
-        let mut s = Self {
-            n,
-            seed,
-            epoch: 0,
-            cursor: 0,
-            order: vec![],
-        };
-        s.shuffle();
-        s
-    }
-
-    fn shuffle(&mut self) {
-        self.order = (0..self.n).collect();
-        Rng::new(self.seed ^ splitmix64(self.epoch)).shuffle(&mut self.order);
-    }
-
-    pub fn position(&self) -> (u64, usize) {
-        (self.epoch, self.cursor)
-    }
-
-    pub fn seek(&mut self, epoch: u64, cursor: usize) {
-        self.epoch = epoch;
-        self.shuffle();
-        self.cursor = cursor.min(self.n);
-    }
-
-    pub fn next_index(&mut self) -> usize {
-        if self.cursor == self.n {
-            self.epoch += 1;
-            self.cursor = 0;
-            self.shuffle();
-        }
-        self.cursor += 1;
-        self.order[self.cursor - 1]
-    }
-}
+use crate::train::params::{Net, ParamStore};
+use crate::train::rng::splitmix64;
+use crate::train::runner::{Report, StepOut, Task};
 
 struct PretrainTask<'a> {
     env: &'a Env,
@@ -102,7 +52,21 @@ impl PretrainTask<'_> {
     }
 }
 
+/// Held-out next-token loss and its perplexity.
+#[derive(Clone, Debug)]
+pub struct PretrainEval {
+    pub loss: f64,
+}
+
+impl Report for PretrainEval {
+    fn fields(&self) -> Vec<(&'static str, f64)> {
+        vec![("loss", self.loss), ("perplexity", self.loss.exp())]
+    }
+}
+
 impl Task for PretrainTask<'_> {
+    type Eval = PretrainEval;
+
     fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
         let t = self.env.cfg.train.seq_len;
         let starts: Vec<usize> = (0..self.env.cfg.train.batch_size)
@@ -120,7 +84,7 @@ impl Task for PretrainTask<'_> {
         })
     }
 
-    fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
+    fn evaluate(&mut self) -> Result<PretrainEval> {
         let cfg = &self.env.cfg.train;
         let t = cfg.seq_len;
         let windows = (self.val.len() - 1) / t;
@@ -133,22 +97,20 @@ impl Task for PretrainTask<'_> {
             total += scalar(&self.loss(&x, &y, None)?)? * starts.len() as f64;
             batches += starts.len();
         }
-        let loss = total / batches.max(1) as f64;
-        Ok(vec![
-            ("loss".into(), loss),
-            ("perplexity".into(), loss.exp()),
-        ])
+        Ok(PretrainEval {
+            loss: total / batches.max(1) as f64,
+        })
     }
 
     fn state(&self) -> serde_json::Value {
-        let (epoch, cursor) = self.sampler.position();
-        json!({"epoch": epoch, "cursor": cursor, "micro": self.micro})
+        let mut s = self.sampler.state();
+        s["micro"] = self.micro.into();
+        s
     }
 
     fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
-        let get = |k: &str| s.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-        self.sampler.seek(get("epoch"), get("cursor") as usize);
-        self.micro = get("micro");
+        self.sampler.restore(s);
+        self.micro = state_u64(s, "micro");
         Ok(())
     }
 }
@@ -163,11 +125,7 @@ pub struct PretrainResult {
 fn documents(env: &Env) -> Result<Vec<String>> {
     match &env.cfg.data.path {
         Some(p) => load_documents(p),
-        None => {
-            let mut s = Synthetic::new(env.cfg.data.task_seed);
-            s.max_operand = env.cfg.data.task_max_operand;
-            Ok(s.pretrain_documents(4000))
-        }
+        None => Ok(setup::synthetic(env).pretrain_documents(4000)),
     }
 }
 
@@ -217,14 +175,7 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
         packed.val.len()
     );
     let mut store = ParamStore::new(env.device.clone(), cfg.train.seed);
-    let net = Transformer::new(&mut store, "model", &model_cfg, None)?;
-    let meta = CheckpointMeta {
-        stage: "pretrain".into(),
-        kind: "policy".into(),
-        model: model_cfg,
-        lora: None,
-        step: 0,
-    };
+    let net = Transformer::new(&mut store.scope(Net::Policy), &model_cfg, None)?;
     let mut task = PretrainTask {
         env,
         net,
@@ -233,27 +184,16 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
         sampler: WindowSampler::new(windows, cfg.train.seed),
         micro: 0,
     };
-    let saved = Saved {
-        store: &store,
-        meta,
-        tokenizer: &tok,
-    };
-    let summary = runner::train(
+    let summary = setup::train(
+        env,
         &mut task,
-        &saved,
+        &store,
+        Plan::policy(&model_cfg, None, &tok),
         &|_| true,
-        &RunOpts {
-            cfg: &cfg.train,
-            run_dir: &env.run_dir,
-            resume: env.resume,
-            label: "pretrain",
-            eval_at_start: true,
-        },
     )?;
-    let val_loss = get(&summary.last_eval, "loss").unwrap_or(f64::NAN);
     Ok(PretrainResult {
-        first_val_loss: get(&summary.first_eval, "loss"),
-        val_loss,
+        first_val_loss: summary.first_eval.map(|e| e.loss),
+        val_loss: summary.last_eval.map_or(f64::NAN, |e| e.loss),
         train_loss: summary.last_train_loss,
     })
 }

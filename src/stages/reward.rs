@@ -2,43 +2,23 @@
 //! prompt + response (+ EOS), trained with the Bradley-Terry loss
 //! `-log sigmoid(r_chosen - r_rejected - margin)`; evaluated by pairwise accuracy.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::Tensor;
-use serde::{Deserialize, Serialize};
 
 use super::batch::padded;
-use super::loader::{read_checkpoint, scored_from};
-use super::pretrain::WindowSampler;
-use super::sft::synthetic;
+use super::loader::scored_from;
+use super::setup::{self, init_checkpoint, split_holdout, Plan};
 use super::Env;
 use crate::data::records::{load_preferences, place, PreferencePair};
+use crate::data::sampler::WindowSampler;
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
 use crate::model::heads::gather_last;
 use crate::model::{Fwd, ScalarHead, Transformer};
-use crate::train::checkpoint::CheckpointMeta;
+use crate::train::checkpoint::CheckpointKind;
 use crate::train::loss::{log_sigmoid, scalar};
-use crate::train::params::ParamStore;
-use crate::train::runner::{self, get, is_adapter, RunOpts, Saved, StepOut, Task};
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RewardConfig {
-    /// Subtracted from `r_chosen - r_rejected` inside the loss (0 = plain Bradley-Terry).
-    pub margin: f64,
-    pub task_pairs: usize,
-    pub eval_pairs: usize,
-}
-
-impl Default for RewardConfig {
-    fn default() -> Self {
-        Self {
-            margin: 0.0,
-            task_pairs: 4000,
-            eval_pairs: 400,
-        }
-    }
-}
+use crate::train::params::{Net, ParamInfo, ParamStore, Role};
+use crate::train::runner::{Report, StepOut, Task};
 
 /// A transformer with a scalar head: the reward model, and PPO's value model.
 pub struct Scorer {
@@ -136,7 +116,22 @@ impl RewardTask<'_> {
     }
 }
 
+/// The reward model's held-out numbers: Bradley-Terry loss and pairwise accuracy.
+#[derive(Clone, Debug)]
+pub struct RewardEval {
+    pub loss: f64,
+    pub accuracy: f64,
+}
+
+impl Report for RewardEval {
+    fn fields(&self) -> Vec<(&'static str, f64)> {
+        vec![("loss", self.loss), ("accuracy", self.accuracy)]
+    }
+}
+
 impl Task for RewardTask<'_> {
+    type Eval = RewardEval;
+
     fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
         let batch: Vec<_> = (0..self.env.cfg.train.batch_size)
             .map(|_| self.train[self.sampler.next_index()].clone())
@@ -145,11 +140,11 @@ impl Task for RewardTask<'_> {
         Ok(StepOut {
             loss,
             tokens,
-            metrics: vec![("accuracy".into(), acc)],
+            metrics: vec![("accuracy", acc)],
         })
     }
 
-    fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
+    fn evaluate(&mut self) -> Result<RewardEval> {
         let (mut loss, mut acc, mut n) = (0.0, 0.0, 0.0);
         for c in self.eval.chunks(self.env.cfg.train.batch_size) {
             let (l, a, _) = self.pairs(c)?;
@@ -157,20 +152,18 @@ impl Task for RewardTask<'_> {
             acc += a * c.len() as f64;
             n += c.len() as f64;
         }
-        Ok(vec![
-            ("loss".into(), loss / n),
-            ("accuracy".into(), acc / n),
-        ])
+        Ok(RewardEval {
+            loss: loss / n,
+            accuracy: acc / n,
+        })
     }
 
     fn state(&self) -> serde_json::Value {
-        let (e, c) = self.sampler.position();
-        serde_json::json!({"epoch": e, "cursor": c})
+        self.sampler.state()
     }
 
     fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
-        let get = |k: &str| s.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-        self.sampler.seek(get("epoch"), get("cursor") as usize);
+        self.sampler.restore(s);
         Ok(())
     }
 }
@@ -184,83 +177,56 @@ fn datasets(env: &Env) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>)> {
     let cfg = &env.cfg;
     match &cfg.data.path {
         None => {
-            let s = synthetic(env);
+            let s = setup::synthetic(env);
             Ok((
                 s.preference_pairs(Split::Train, cfg.reward.task_pairs),
                 s.preference_pairs(Split::Eval, cfg.reward.eval_pairs),
             ))
         }
-        Some(p) => {
-            let mut all = load_preferences(p)?;
-            match &cfg.data.eval_path {
-                Some(e) => Ok((all, load_preferences(e)?)),
-                None => {
-                    if all.len() < 2 {
-                        bail!("{}: needs at least 2 pairs to hold one out", p.display());
-                    }
-                    let n = ((all.len() as f64 * cfg.data.val_fraction).round() as usize).max(1);
-                    let eval = all.split_off(all.len() - n);
-                    Ok((all, eval))
-                }
-            }
-        }
+        Some(p) => split_holdout(env, p, load_preferences, "pairs"),
     }
 }
 
 pub fn run(env: &Env) -> Result<RewardResult> {
     let cfg = &env.cfg;
-    let init = cfg
-        .init
-        .as_ref()
-        .context("reward needs --init CHECKPOINT (an SFT or pretrained model)")?;
-    let loaded = read_checkpoint(init, &env.device)?;
-    let lora = cfg.lora.enabled().then_some(&cfg.lora);
+    let loaded = init_checkpoint(env, "an SFT or pretrained model")?;
+    let lora = setup::lora(cfg);
     let mut store = ParamStore::new(env.device.clone(), cfg.train.seed);
-    let from_policy = loaded.meta.kind == "policy";
-    let (net, head) = scored_from(&loaded, &mut store, "", lora, from_policy)?;
+    let from_policy = loaded.meta.kind == CheckpointKind::Policy;
+    let model = scored_from(&loaded, &mut store, Net::Policy, lora, from_policy)?;
     let tok = loaded.tokenizer.clone();
     let (train, eval) = datasets(env)?;
-    let ctx = net.cfg.max_position_embeddings;
+    let ctx = model.net.cfg.max_position_embeddings;
     let (train, eval) = (
         encode_pairs(&tok, &train, ctx)?,
         encode_pairs(&tok, &eval, ctx)?,
     );
-    let meta = CheckpointMeta {
-        stage: "reward".into(),
-        kind: "reward".into(),
-        model: net.cfg.clone(),
-        lora: lora.cloned(),
-        step: 0,
-    };
+    let model_cfg = model.net.cfg.clone();
     let mut task = RewardTask {
         env,
-        model: Scorer { net, head },
+        model,
         tok: tok.clone(),
         sampler: WindowSampler::new(train.len(), cfg.train.seed),
         train,
         eval,
     };
-    let saved = Saved {
-        store: &store,
-        meta,
-        tokenizer: &tok,
-    };
     // The head is always trained, with or without LoRA.
-    let trainable = |n: &str| lora.is_none() || is_adapter(n) || n.starts_with("score.");
-    let summary = runner::train(
+    let trainable = |p: ParamInfo| lora.is_none() || p.role != Role::Base;
+    let summary = setup::train(
+        env,
         &mut task,
-        &saved,
-        &trainable,
-        &RunOpts {
-            cfg: &cfg.train,
-            run_dir: &env.run_dir,
-            resume: env.resume,
-            label: "reward",
+        &store,
+        Plan {
+            kind: CheckpointKind::Reward,
+            model: &model_cfg,
+            lora,
+            tokenizer: &tok,
             eval_at_start: true,
         },
+        &trainable,
     )?;
     Ok(RewardResult {
-        accuracy: get(&summary.last_eval, "accuracy").unwrap_or(f64::NAN),
-        first_accuracy: get(&summary.first_eval, "accuracy"),
+        accuracy: summary.last_eval.map_or(f64::NAN, |e| e.accuracy),
+        first_accuracy: summary.first_eval.map(|e| e.accuracy),
     })
 }

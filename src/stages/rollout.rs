@@ -5,20 +5,23 @@
 //! Layout: prompts are left-padded to `L` columns and responses right-padded to `R`, so every
 //! response starts at column `L`; the logits at column `L - 1 + t` predict response token `t`.
 
+use std::collections::VecDeque;
+
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 
 use super::loader::{read_checkpoint, scored_from};
 use super::reward::Scorer;
-use crate::cli::parse_reward_spec;
+use super::rl::policy_loss;
+use crate::config::{RewardSource, RewardSpec};
 use crate::data::records::PromptRecord;
 use crate::data::synthetic::exact_match;
 use crate::data::tokenizer::Tokenizer;
 use crate::generate::{generate, left_pad, SampleCfg};
 use crate::model::linear::Ctx;
 use crate::model::{Fwd, Transformer};
-use crate::train::loss::{entropy, token_logprobs};
-use crate::train::params::ParamStore;
+use crate::train::loss::{entropy, scalar, token_logprobs};
+use crate::train::params::{Net, ParamStore};
 use crate::train::rng::Rng;
 
 /// The sequence score: a weighted sum of frozen reward models and/or the task's checker
@@ -30,8 +33,8 @@ pub struct RewardFn {
 }
 
 impl RewardFn {
-    /// `specs`: `task[:W]` or `PATH[:W]` of a reward checkpoint (run directory or checkpoint).
-    pub fn load(specs: &[String], device: &Device, tok: &Tokenizer) -> Result<Self> {
+    /// Loads every reward model `specs` names (each into its own frozen store).
+    pub fn load(specs: &[RewardSpec], device: &Device, tok: &Tokenizer) -> Result<Self> {
         if specs.is_empty() {
             bail!("no reward named: use --reward task or --reward PATH[:WEIGHT]");
         }
@@ -41,30 +44,26 @@ impl RewardFn {
             names: vec![],
         };
         for spec in specs {
-            let (path, w) = parse_reward_spec(spec)?;
-            r.names.push(format!("{path}:{w}"));
-            if path == "task" {
-                r.task_weight += w;
-                continue;
-            }
-            let loaded = read_checkpoint(std::path::Path::new(&path), device)?;
+            r.names.push(spec.to_string());
+            let path = match &spec.source {
+                RewardSource::Task => {
+                    r.task_weight += spec.weight;
+                    continue;
+                }
+                RewardSource::Model(p) => p,
+            };
+            let loaded = read_checkpoint(path, device)?;
             if loaded.tokenizer.vocab_size() != tok.vocab_size() {
-                bail!("{path}: the reward model's tokenizer differs from the policy's");
+                bail!(
+                    "{}: the reward model's tokenizer differs from the policy's",
+                    path.display()
+                );
             }
             let mut store = ParamStore::new(device.clone(), 0);
-            let (net, head) = scored_from(&loaded, &mut store, "", None, false)?;
-            r.models.push((Scorer { net, head }, w, store));
+            let scorer = scored_from(&loaded, &mut store, Net::Policy, None, false)?;
+            r.models.push((scorer, spec.weight, store));
         }
         Ok(r)
-    }
-
-    /// The first reward model, from which PPO's value model is initialised.
-    pub fn first_model_path(specs: &[String]) -> Option<String> {
-        specs
-            .iter()
-            .filter_map(|s| parse_reward_spec(s).ok())
-            .map(|(p, _)| p)
-            .find(|p| p != "task")
     }
 
     pub fn uses_task(&self) -> bool {
@@ -163,11 +162,7 @@ pub fn greedy_eval(
             .zip(&g.texts)
             .filter(|(p, text)| p.answer.as_ref().is_some_and(|a| exact_match(text, a)))
             .count();
-        let seqs: Vec<Vec<u32>> = ids
-            .iter()
-            .zip(&g.tokens)
-            .map(|(p, t)| p.iter().chain(t).copied().collect())
-            .collect();
+        let seqs = g.sequences(&ids);
         total += rewards
             .score(chunk, &seqs, &g.texts, tok.pad_id(), ctx)?
             .iter()
@@ -199,6 +194,48 @@ pub fn sample(
     })
 }
 
+/// Lays prompts (left-padded to `L`) and their responses (right-padded to `R`) out as the
+/// module doc describes; log-probabilities and scores are left empty.
+fn layout(prompts: &[Vec<u32>], s: &Sampled, pad: u32, dev: &Device) -> Result<Rollout> {
+    let b = prompts.len();
+    let l = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let r = s.gen_tokens.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let (p_ids, p_valid, p_pos) = left_pad(prompts, pad, dev)?;
+    let mut resp = vec![pad; b * r];
+    let mut mask = vec![0f32; b * r];
+    let mut pos = vec![0u32; b * r];
+    for (i, toks) in s.gen_tokens.iter().enumerate() {
+        for (j, &t) in toks.iter().enumerate() {
+            resp[i * r + j] = t;
+            mask[i * r + j] = 1.0;
+        }
+        for j in 0..r {
+            pos[i * r + j] = (prompts[i].len() + j) as u32;
+        }
+    }
+    let resp_tokens = Tensor::from_vec(resp, (b, r), dev)?;
+    let mask = Tensor::from_vec(mask, (b, r), dev)?;
+    let ids = Tensor::cat(&[&p_ids, &resp_tokens], 1)?;
+    // Response padding sits after every real token, so it needs no key mask; prompt padding
+    // on the left does.
+    let key_valid = Tensor::cat(&[&p_valid, &Tensor::ones((b, r), DType::F32, dev)?], 1)?;
+    let positions = Tensor::cat(&[&p_pos, &Tensor::from_vec(pos, (b, r), dev)?], 1)?;
+    Ok(Rollout {
+        ids,
+        key_valid,
+        positions,
+        prompt_cols: l,
+        resp_len: r,
+        resp_tokens,
+        mask,
+        old_logprobs: Tensor::zeros((b, r), DType::F32, dev)?,
+        ref_logprobs: Tensor::zeros((b, r), DType::F32, dev)?,
+        scores: vec![],
+        finished: s.finished.clone(),
+        lengths: s.gen_tokens.iter().map(Vec::len).collect(),
+    })
+}
+
 /// Builds the rollout tensors of `prompts` and their sampled responses, with old and
 /// reference log-probabilities (no gradients) and scores.
 #[allow(clippy::too_many_arguments)]
@@ -212,88 +249,113 @@ pub fn build(
     s: Sampled,
     rewards: &RewardFn,
 ) -> Result<Rollout> {
-    let dev = net.device().clone();
-    let b = prompts.len();
-    let l = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let r = s.gen_tokens.iter().map(Vec::len).max().unwrap_or(0).max(1);
-    let (p_ids, p_valid, p_pos) = left_pad(prompts, tok.pad_id(), &dev)?;
-    let mut resp = vec![tok.pad_id(); b * r];
-    let mut mask = vec![0f32; b * r];
-    let mut pos = vec![0u32; b * r];
-    for (i, toks) in s.gen_tokens.iter().enumerate() {
-        for (j, &t) in toks.iter().enumerate() {
-            resp[i * r + j] = t;
-            mask[i * r + j] = 1.0;
-        }
-        for j in 0..r {
-            pos[i * r + j] = (prompts[i].len() + j) as u32;
-        }
-    }
-    let resp_tokens = Tensor::from_vec(resp, (b, r), &dev)?;
-    let mask = Tensor::from_vec(mask, (b, r), &dev)?;
-    let ids = Tensor::cat(&[&p_ids, &resp_tokens], 1)?;
-    // Response padding sits after every real token, so it needs no key mask; prompt padding
-    // on the left does.
-    let key_valid = Tensor::cat(&[&p_valid, &Tensor::ones((b, r), DType::F32, &dev)?], 1)?;
-    let positions = Tensor::cat(&[&p_pos, &Tensor::from_vec(pos, (b, r), &dev)?], 1)?;
-    let mut ro = Rollout {
-        ids,
-        key_valid,
-        positions,
-        prompt_cols: l,
-        resp_len: r,
-        resp_tokens,
-        mask,
-        old_logprobs: Tensor::zeros((b, r), DType::F32, &dev)?,
-        ref_logprobs: Tensor::zeros((b, r), DType::F32, &dev)?,
-        scores: vec![],
-        finished: s.finished.clone(),
-        lengths: s.gen_tokens.iter().map(Vec::len).collect(),
-    };
-    let all: Vec<usize> = (0..b).collect();
+    let mut ro = layout(prompts, &s, tok.pad_id(), net.device())?;
+    let all: Vec<usize> = (0..prompts.len()).collect();
     ro.old_logprobs = response_logprobs(net, ctx, &ro, &all, false)?.0.detach();
-    ro.ref_logprobs = match reference {
-        Reference::AdaptersOff => {
-            response_logprobs(
-                net,
-                Ctx {
-                    use_lora: false,
-                    ..ctx
-                },
-                &ro,
-                &all,
-                false,
-            )?
-            .0
-        }
-        Reference::Separate(r) => {
-            response_logprobs(
-                r,
-                Ctx {
-                    use_lora: false,
-                    ..ctx
-                },
-                &ro,
-                &all,
-                false,
-            )?
-            .0
-        }
-    }
-    .detach();
-    let seqs: Vec<Vec<u32>> = prompts
-        .iter()
-        .zip(&s.gen_tokens)
-        .map(|(p, g)| p.iter().chain(g.iter()).copied().collect())
-        .collect();
+    let ref_net = match reference {
+        Reference::AdaptersOff => net,
+        Reference::Separate(r) => r,
+    };
+    let ref_ctx = Ctx {
+        use_lora: false,
+        ..ctx
+    };
+    ro.ref_logprobs = response_logprobs(ref_net, ref_ctx, &ro, &all, false)?
+        .0
+        .detach();
+    let seqs = crate::generate::concat(prompts, &s.gen_tokens);
     ro.scores = rewards.score(records, &seqs, &s.texts, tok.pad_id(), ctx)?;
     Ok(ro)
+}
+
+/// A rollout's minibatches: `epochs` shuffled passes over its `n` rows, `size` rows each.
+pub fn minibatches(n: usize, epochs: usize, size: usize, rng: &mut Rng) -> VecDeque<Vec<usize>> {
+    let mut batches = VecDeque::new();
+    for _ in 0..epochs {
+        let mut order: Vec<usize> = (0..n).collect();
+        rng.shuffle(&mut order);
+        for chunk in order.chunks(size.max(1)) {
+            batches.push_back(chunk.to_vec());
+        }
+    }
+    batches
+}
+
+/// The policy half of one minibatch: the current policy's log-probabilities on the rollout's
+/// responses and the clipped surrogate against the rollout's own.
+pub struct PolicyStep {
+    pub loss: Tensor,
+    pub logp: Tensor,
+    /// `[b, R]` valid response tokens of the minibatch.
+    pub mask: Tensor,
+    pub entropy: Option<Tensor>,
+    pub clipfrac: f64,
+    pub approx_kl: f64,
+    pub ratio: f64,
+}
+
+impl PolicyStep {
+    /// Rows `idx` of `ro`, with advantages `adv` (`[B, R]`) and clip range `eps`.
+    pub fn compute(
+        policy: &Transformer,
+        ctx: Ctx,
+        ro: &Rollout,
+        adv: &Tensor,
+        idx: &[usize],
+        eps: f64,
+        want_entropy: bool,
+    ) -> Result<Self> {
+        let mask = rows(&ro.mask, idx)?;
+        let (logp, entropy) = response_logprobs(policy, ctx, ro, idx, want_entropy)?;
+        let (loss, clipfrac, approx_kl, ratio) = policy_loss(
+            &logp,
+            &rows(&ro.old_logprobs, idx)?,
+            &rows(adv, idx)?,
+            &mask,
+            eps,
+        )?;
+        Ok(Self {
+            loss,
+            logp,
+            mask,
+            entropy,
+            clipfrac,
+            approx_kl,
+            ratio,
+        })
+    }
+
+    /// What every policy-gradient stage logs per minibatch.
+    pub fn metrics(&self) -> Result<[(&'static str, f64); 4]> {
+        Ok([
+            ("policy_loss", scalar(&self.loss)?),
+            ("clipfrac", self.clipfrac),
+            ("approx_kl", self.approx_kl),
+            ("ratio", self.ratio),
+        ])
+    }
 }
 
 /// Selected rows of a rollout tensor.
 pub fn rows(t: &Tensor, idx: &[usize]) -> Result<Tensor> {
     let i: Vec<u32> = idx.iter().map(|&x| x as u32).collect();
     Ok(t.index_select(&Tensor::from_vec(i, idx.len(), t.device())?, 0)?)
+}
+
+/// Hidden states `[b, R, H]` of the selected rows at the positions that predict each response
+/// token (column `L - 1 + t` predicts token `t`).
+fn response_hidden(net: &Transformer, ctx: Ctx, ro: &Rollout, idx: &[usize]) -> Result<Tensor> {
+    let ids = rows(&ro.ids, idx)?;
+    let kv = rows(&ro.key_valid, idx)?;
+    let pos = rows(&ro.positions, idx)?;
+    let f = Fwd {
+        ctx,
+        positions: Some(&pos),
+        key_valid: Some(&kv),
+    };
+    let hidden = net.hidden(&ids, &f, None)?;
+    let h = hidden.narrow(1, ro.prompt_cols - 1, ro.resp_len)?;
+    Ok(h.contiguous()?)
 }
 
 /// Log-probabilities `[b, R]` of the response tokens of the selected rows (and, with
@@ -305,17 +367,8 @@ pub fn response_logprobs(
     idx: &[usize],
     want_entropy: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let ids = rows(&ro.ids, idx)?;
-    let kv = rows(&ro.key_valid, idx)?;
-    let pos = rows(&ro.positions, idx)?;
-    let f = Fwd {
-        ctx,
-        positions: Some(&pos),
-        key_valid: Some(&kv),
-    };
-    let hidden = net.hidden(&ids, &f, None)?;
-    let h = hidden.narrow(1, ro.prompt_cols - 1, ro.resp_len)?;
-    let logits = net.logits(&h.contiguous()?)?;
+    let h = response_hidden(net, ctx, ro, idx)?;
+    let logits = net.logits(&h)?;
     let targets = rows(&ro.resp_tokens, idx)?;
     let lp = token_logprobs(&logits, &targets)?;
     let ent = if want_entropy {
@@ -328,15 +381,7 @@ pub fn response_logprobs(
 
 /// Values `[b, R]`: the value model's output at the position before each response token.
 pub fn response_values(value: &Scorer, ctx: Ctx, ro: &Rollout, idx: &[usize]) -> Result<Tensor> {
-    let ids = rows(&ro.ids, idx)?;
-    let kv = rows(&ro.key_valid, idx)?;
-    let pos = rows(&ro.positions, idx)?;
-    let f = Fwd {
-        ctx,
-        positions: Some(&pos),
-        key_valid: Some(&kv),
-    };
-    let hidden = value.net.hidden(&ids, &f, None)?;
-    let h = hidden.narrow(1, ro.prompt_cols - 1, ro.resp_len)?;
-    value.head.forward(&h.contiguous()?)
+    value
+        .head
+        .forward(&response_hidden(&value.net, ctx, ro, idx)?)
 }

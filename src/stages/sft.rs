@@ -3,52 +3,23 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use anyhow::{bail, Result};
 
 use super::batch::{encode_example, lm_batch};
 use super::eval::accuracy;
-use super::loader::{policy_from, read_checkpoint};
-use super::pretrain::WindowSampler;
+use super::loader::policy_from;
+use super::setup::{self, init_checkpoint, split_holdout, Plan};
 use super::Env;
 use crate::data::chat_template::ChatTemplate;
 use crate::data::records::{load_sft_templated, place, PromptRecord, SftExample};
-use crate::data::synthetic::{Split, Synthetic};
+use crate::data::sampler::{state_u64, WindowSampler};
+use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
 use crate::model::{Fwd, Transformer};
-use crate::train::checkpoint::CheckpointMeta;
 use crate::train::loss::{cross_entropy, scalar};
-use crate::train::params::ParamStore;
+use crate::train::params::{ParamInfo, ParamStore, Role};
 use crate::train::rng::splitmix64;
-use crate::train::runner::{self, get, is_adapter, RunOpts, Saved, StepOut, Task};
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SftConfig {
-    /// Examples drawn from the built-in task when no data is named.
-    pub task_examples: usize,
-    /// New tokens allowed when answering held-out prompts for accuracy.
-    pub eval_max_new_tokens: usize,
-    /// Held-out prompts used for accuracy (all of the task's held-out pairs by default).
-    pub eval_prompts: usize,
-}
-
-impl Default for SftConfig {
-    fn default() -> Self {
-        Self {
-            task_examples: 4000,
-            eval_max_new_tokens: 6,
-            eval_prompts: 1000,
-        }
-    }
-}
-
-pub fn synthetic(env: &Env) -> Synthetic {
-    let mut s = Synthetic::new(env.cfg.data.task_seed);
-    s.max_operand = env.cfg.data.task_max_operand;
-    s.carry_slip = env.cfg.data.task_carry_slip;
-    s
-}
+use crate::train::runner::{Report, StepOut, Task};
 
 /// Training examples, held-out examples (for the loss) and held-out prompts with answers (for
 /// accuracy; empty when the data has none).
@@ -56,7 +27,7 @@ fn datasets(env: &Env) -> Result<(Vec<SftExample>, Vec<SftExample>, Vec<PromptRe
     let cfg = &env.cfg;
     match &cfg.data.path {
         None => {
-            let s = synthetic(env);
+            let s = setup::synthetic(env);
             Ok((
                 s.sft_examples(Split::Train, cfg.sft.task_examples),
                 s.sft_examples(Split::Eval, 200),
@@ -69,20 +40,7 @@ fn datasets(env: &Env) -> Result<(Vec<SftExample>, Vec<SftExample>, Vec<PromptRe
                 None => None,
             };
             let load = |path: &Path| load_sft_templated(path, template.as_ref());
-            let all = load(p)?;
-            let (train, eval) = match &cfg.data.eval_path {
-                Some(e) => (all, load(e)?),
-                None => {
-                    let n_eval =
-                        ((all.len() as f64 * cfg.data.val_fraction).round() as usize).max(1);
-                    if all.len() < 2 {
-                        bail!("{}: needs at least 2 examples to hold one out", p.display());
-                    }
-                    let mut all = all;
-                    let eval = all.split_off(all.len() - n_eval);
-                    (all, eval)
-                }
-            };
+            let (train, eval) = split_holdout(env, p, load, "examples")?;
             // Task accuracy needs answers, which SFT files do not carry: with user data the
             // held-out loss is the measure.
             Ok((train, eval, vec![]))
@@ -140,7 +98,25 @@ impl SftTask<'_> {
     }
 }
 
+/// SFT's held-out numbers: the loss on response tokens, and task accuracy where prompts have
+/// answers.
+#[derive(Clone, Debug)]
+pub struct SftEval {
+    pub loss: f64,
+    pub accuracy: Option<f64>,
+}
+
+impl Report for SftEval {
+    fn fields(&self) -> Vec<(&'static str, f64)> {
+        let mut f = vec![("loss", self.loss)];
+        f.extend(self.accuracy.map(|a| ("accuracy", a)));
+        f
+    }
+}
+
 impl Task for SftTask<'_> {
+    type Eval = SftEval;
+
     fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
         let seqs: Vec<_> = (0..self.env.cfg.train.batch_size)
             .map(|_| self.train[self.sampler.next_index()].clone())
@@ -156,7 +132,7 @@ impl Task for SftTask<'_> {
         })
     }
 
-    fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
+    fn evaluate(&mut self) -> Result<SftEval> {
         let mut total = 0.0;
         let chunks: Vec<_> = self
             .eval
@@ -166,22 +142,21 @@ impl Task for SftTask<'_> {
         for c in &chunks {
             total += scalar(&self.loss(c, None)?.0)?;
         }
-        let mut out = vec![("loss".to_string(), total / chunks.len().max(1) as f64)];
-        if let Some(a) = self.accuracy()? {
-            out.push(("accuracy".into(), a));
-        }
-        Ok(out)
+        Ok(SftEval {
+            loss: total / chunks.len().max(1) as f64,
+            accuracy: self.accuracy()?,
+        })
     }
 
     fn state(&self) -> serde_json::Value {
-        let (epoch, cursor) = self.sampler.position();
-        serde_json::json!({"epoch": epoch, "cursor": cursor, "micro": self.micro})
+        let mut s = self.sampler.state();
+        s["micro"] = self.micro.into();
+        s
     }
 
     fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
-        let get = |k: &str| s.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-        self.sampler.seek(get("epoch"), get("cursor") as usize);
-        self.micro = get("micro");
+        self.sampler.restore(s);
+        self.micro = state_u64(s, "micro");
         Ok(())
     }
 }
@@ -216,14 +191,10 @@ pub fn encode_all(
 
 pub fn run(env: &Env) -> Result<SftResult> {
     let cfg = &env.cfg;
-    let init = cfg
-        .init
-        .as_ref()
-        .context("sft needs --init CHECKPOINT (a pretrained model or run directory)")?;
-    let loaded = read_checkpoint(init, &env.device)?;
-    let lora = cfg.lora.enabled().then_some(&cfg.lora);
+    let loaded = init_checkpoint(env, "a pretrained model or run directory")?;
+    let lora = setup::lora(cfg);
     let mut store = ParamStore::new(env.device.clone(), cfg.train.seed);
-    let net = policy_from(&loaded, &mut store, "model", lora)?;
+    let net = policy_from(&loaded, &mut store, lora)?;
     let tok = loaded.tokenizer.clone();
     let (train, eval, prompts) = datasets(env)?;
     let ctx_len = net.cfg.max_position_embeddings;
@@ -232,13 +203,7 @@ pub fn run(env: &Env) -> Result<SftResult> {
     if train.is_empty() || eval.is_empty() {
         bail!("sft needs non-empty training and held-out sets");
     }
-    let meta = CheckpointMeta {
-        stage: "sft".into(),
-        kind: "policy".into(),
-        model: net.cfg.clone(),
-        lora: lora.cloned(),
-        step: 0,
-    };
+    let model = net.cfg.clone();
     let mut task = SftTask {
         env,
         net,
@@ -253,27 +218,21 @@ pub fn run(env: &Env) -> Result<SftResult> {
     if let Some(a) = base_accuracy {
         eprintln!("[sft] base model accuracy on held-out prompts: {a:.3}");
     }
-    let saved = Saved {
-        store: &store,
-        meta,
-        tokenizer: &tok,
-    };
-    let trainable = |n: &str| if lora.is_some() { is_adapter(n) } else { true };
-    let summary = runner::train(
+    let trainable = |p: ParamInfo| lora.is_none() || p.role == Role::Adapter;
+    let summary = setup::train(
+        env,
         &mut task,
-        &saved,
-        &trainable,
-        &RunOpts {
-            cfg: &cfg.train,
-            run_dir: &env.run_dir,
-            resume: env.resume,
-            label: "sft",
+        &store,
+        Plan {
             eval_at_start: false,
+            ..Plan::policy(&model, lora, &tok)
         },
+        &trainable,
     )?;
+    let last = summary.last_eval.as_ref();
     Ok(SftResult {
         base_accuracy,
-        accuracy: get(&summary.last_eval, "accuracy"),
-        eval_loss: get(&summary.last_eval, "loss").unwrap_or(f64::NAN),
+        accuracy: last.and_then(|e| e.accuracy),
+        eval_loss: last.map_or(f64::NAN, |e| e.loss),
     })
 }

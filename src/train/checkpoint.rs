@@ -7,30 +7,34 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::config::ModelConfig;
-use crate::model::LoraConfig;
+use crate::config::{LoraConfig, ModelConfig, Stage};
+use crate::io::{write_atomic, write_dir_atomic};
 
-pub fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp{}", std::process::id()));
-    path.with_file_name(name)
+/// What a checkpoint's weights are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointKind {
+    /// A transformer with its LM head (PPO's also holds its critic under `value.`).
+    Policy,
+    /// A transformer with a scalar score head.
+    Reward,
 }
 
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))?;
-    Ok(())
+impl std::fmt::Display for CheckpointKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CheckpointKind::Policy => "policy",
+            CheckpointKind::Reward => "reward",
+        })
+    }
 }
 
 /// What a checkpoint holds, so a later stage can rebuild the model without its run's config.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CheckpointMeta {
-    /// The stage that wrote it: pretrain, sft, reward, ppo, dpo, grpo.
-    pub stage: String,
-    /// What the weights are: `policy` (transformer + LM head) or `reward` (transformer + score
-    /// head); the value model of PPO is saved as `value`.
-    pub kind: String,
+    /// The stage that wrote it.
+    pub stage: Stage,
+    pub kind: CheckpointKind,
     pub model: ModelConfig,
     pub lora: Option<LoraConfig>,
     pub step: usize,
@@ -55,7 +59,7 @@ impl CheckpointMeta {
         )
     }
 
-    pub fn expect_kind(&self, dir: &Path, kind: &str) -> Result<()> {
+    pub fn expect_kind(&self, dir: &Path, kind: CheckpointKind) -> Result<()> {
         if self.kind != kind {
             bail!(
                 "{}: holds a {} model (from stage {}), but a {kind} model is needed here",
@@ -85,16 +89,7 @@ impl Checkpoints {
     pub fn save(&self, step: usize, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
         let name = format!("step-{step:07}");
         let fin = self.dir.join(&name);
-        let tmp = self.dir.join(format!("{name}.partial"));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
-        }
-        std::fs::create_dir_all(&tmp)?;
-        write(&tmp)?;
-        if fin.exists() {
-            std::fs::remove_dir_all(&fin)?;
-        }
-        std::fs::rename(&tmp, &fin)?;
+        write_dir_atomic(&fin, write)?;
         write_atomic(&self.dir.join("latest"), name.as_bytes())?;
         self.prune()?;
         Ok(fin)

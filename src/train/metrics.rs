@@ -34,7 +34,7 @@ impl MetricsLog {
             if !text.is_empty() {
                 text.push('\n');
             }
-            super::checkpoint::write_atomic(&path, text.as_bytes())?;
+            crate::io::write_atomic(&path, text.as_bytes())?;
         }
         let file = OpenOptions::new()
             .create(true)
@@ -44,7 +44,7 @@ impl MetricsLog {
         Ok(Self { path, file })
     }
 
-    pub fn log(&mut self, step: usize, split: &str, fields: &[(String, f64)]) -> Result<()> {
+    pub fn log(&mut self, step: usize, split: &str, fields: &[(&str, f64)]) -> Result<()> {
         let mut m = Map::new();
         m.insert("step".into(), step.into());
         m.insert("split".into(), split.into());
@@ -54,7 +54,7 @@ impl MetricsLog {
             } else {
                 Value::Null
             };
-            m.insert(k.clone(), v);
+            m.insert(k.to_string(), v);
         }
         writeln!(self.file, "{}", Value::Object(m))
             .with_context(|| format!("{}: cannot write", self.path.display()))?;

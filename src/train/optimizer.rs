@@ -7,11 +7,12 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{backprop::GradStore, Tensor, Var};
 
-use super::params::{save_tensors, ParamStore};
+use super::params::{save_tensors, ParamInfo, ParamStore};
 use crate::config::TrainConfig;
 
 pub struct AdamW {
     names: Vec<String>,
+    infos: Vec<ParamInfo>,
     vars: Vec<Var>,
     decay: Vec<bool>,
     lr_scale: Vec<f64>,
@@ -24,19 +25,15 @@ pub struct AdamW {
     weight_decay: f64,
 }
 
-/// Norms, biases and embeddings get no weight decay (the GPT-2 / nanoGPT convention).
-pub fn decays(name: &str) -> bool {
-    !(name.contains("norm") || name.ends_with(".bias") || name.contains("embed"))
-}
-
 impl AdamW {
     pub fn new(
         store: &ParamStore,
-        trainable: &dyn Fn(&str) -> bool,
+        trainable: &dyn Fn(ParamInfo) -> bool,
         cfg: &TrainConfig,
     ) -> Result<Self> {
         let mut s = Self {
             names: vec![],
+            infos: vec![],
             vars: vec![],
             decay: vec![],
             lr_scale: vec![],
@@ -48,11 +45,12 @@ impl AdamW {
             eps: cfg.adam_eps,
             weight_decay: cfg.weight_decay,
         };
-        for (name, var) in store.iter().filter(|(n, _)| trainable(n)) {
+        for (name, var, info) in store.iter().filter(|(_, _, i)| trainable(*i)) {
             s.names.push(name.clone());
             s.vars.push(var.clone());
-            s.decay.push(decays(name));
+            s.decay.push(info.decay);
             s.lr_scale.push(1.0);
+            s.infos.push(info);
             s.m.push(var.zeros_like()?);
             s.v.push(var.zeros_like()?);
         }
@@ -63,9 +61,9 @@ impl AdamW {
     }
 
     /// Sets each parameter's learning-rate multiplier.
-    pub fn scale_lr(&mut self, scale: &dyn Fn(&str) -> f64) {
-        for (s, name) in self.lr_scale.iter_mut().zip(&self.names) {
-            *s = scale(name);
+    pub fn scale_lr(&mut self, scale: &dyn Fn(ParamInfo) -> f64) {
+        for (s, info) in self.lr_scale.iter_mut().zip(&self.infos) {
+            *s = scale(*info);
         }
     }
 
@@ -159,7 +157,7 @@ impl AdamW {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::params::Init;
+    use crate::train::params::{Init, Net};
     use candle_core::Device;
 
     /// Adam's first step moves every parameter by lr (times its scale) against its gradient's
@@ -167,18 +165,24 @@ mod tests {
     #[test]
     fn learning_rate_scale_is_per_parameter() {
         let mut store = ParamStore::new(Device::Cpu, 0);
-        store.create("policy.w", &[3], Init::Zeros).unwrap();
-        store.create("value.w", &[3], Init::Zeros).unwrap();
+        store
+            .scope(Net::Policy)
+            .weight("w", &[3], Init::Zeros)
+            .unwrap();
+        store
+            .scope(Net::Value)
+            .weight("w", &[3], Init::Zeros)
+            .unwrap();
         let cfg = TrainConfig {
             weight_decay: 0.0,
             ..TrainConfig::default()
         };
         let mut opt = AdamW::new(&store, &|_| true, &cfg).unwrap();
-        opt.scale_lr(&|n| if n.starts_with("value.") { 10.0 } else { 1.0 });
+        opt.scale_lr(&|p| if p.net == Net::Value { 10.0 } else { 1.0 });
         let g = Tensor::new(&[0.5f32, -2.0, 1e-3], &Device::Cpu).unwrap();
         opt.step(&[g.clone(), g], 0.01).unwrap();
         let read = |n: &str| store.get(n).unwrap().as_tensor().to_vec1::<f32>().unwrap();
-        let (p, v) = (read("policy.w"), read("value.w"));
+        let (p, v) = (read("w"), read("value.w"));
         for (i, sign) in [-1.0f32, 1.0, -1.0].into_iter().enumerate() {
             assert!((p[i] - sign * 0.01).abs() < 1e-4, "{p:?}");
             assert!((v[i] - sign * 0.1).abs() < 1e-3, "{v:?}");

@@ -1,6 +1,9 @@
 //! Named parameters: every weight of a model is an f32 `Var` under a dotted name
-//! (`layers.3.attn.q.weight`), so that safetensors files, optimizer state and the
-//! trainable/frozen split all speak the same names.
+//! (`model.layers.3.attn.q.weight`), so that safetensors files, optimizer state and the
+//! trainable/frozen split all speak the same names. Models create their parameters through a
+//! [`Scope`] (candle's `VarBuilder::pp` pattern), which also records what each parameter is
+//! ([`Role`], weight decay) and which network of the stage owns it ([`Net`]), so that stages
+//! choose trainable sets, learning rates and files by type rather than by name.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -16,9 +19,52 @@ pub enum Init {
     Ones,
 }
 
+/// What a parameter is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A weight of the transformer (embedding, projection, norm, LM head).
+    Base,
+    /// A LoRA factor: the only thing trained when LoRA is on, saved in its own file.
+    Adapter,
+    /// A scalar head (reward score or value) on top of the transformer.
+    Head,
+}
+
+/// Which network of a stage owns a parameter: PPO keeps its policy and its critic in one
+/// store (and one checkpoint), the critic's names under `value.`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Net {
+    Policy,
+    Value,
+}
+
+impl Net {
+    /// The name prefix of the network's parameters in a store and its checkpoint files.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Net::Policy => "",
+            Net::Value => "value.",
+        }
+    }
+}
+
+/// Everything known about one parameter besides its values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParamInfo {
+    pub role: Role,
+    pub net: Net,
+    /// Norm gains, biases and embeddings get no weight decay (the GPT-2 / nanoGPT convention).
+    pub decay: bool,
+}
+
+struct Entry {
+    var: Var,
+    info: ParamInfo,
+}
+
 pub struct ParamStore {
     pub device: Device,
-    vars: BTreeMap<String, Var>,
+    vars: BTreeMap<String, Entry>,
     rng: Rng,
 }
 
@@ -31,10 +77,25 @@ impl ParamStore {
         }
     }
 
+    /// The root scope of network `net`: names start with `net.prefix()`.
+    pub fn scope(&mut self, net: Net) -> Scope<'_> {
+        Scope {
+            prefix: net.prefix().trim_end_matches('.').to_string(),
+            net,
+            store: self,
+        }
+    }
+
     /// Creates `name` with the given init (drawn on the host from the store's seeded RNG, so
     /// the same seed gives the same model on any device).
-    pub fn create(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
-        if self.vars.contains_key(name) {
+    fn create(
+        &mut self,
+        name: String,
+        shape: &[usize],
+        init: Init,
+        info: ParamInfo,
+    ) -> Result<Tensor> {
+        if self.vars.contains_key(&name) {
             bail!("parameter {name} defined twice");
         }
         let n: usize = shape.iter().product();
@@ -46,64 +107,75 @@ impl ParamStore {
         let t = Tensor::from_vec(data, shape, &self.device)?;
         let var = Var::from_tensor(&t)?;
         let out = var.as_tensor().clone();
-        self.vars.insert(name.to_string(), var);
+        self.vars.insert(name, Entry { var, info });
         Ok(out)
     }
 
     pub fn get(&self, name: &str) -> Option<&Var> {
-        self.vars.get(name)
+        self.vars.get(name).map(|e| &e.var)
+    }
+
+    pub fn info(&self, name: &str) -> Option<ParamInfo> {
+        self.vars.get(name).map(|e| e.info)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.vars.keys()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &Var)> {
-        self.vars.iter()
+    /// Every parameter in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Var, ParamInfo)> {
+        self.vars.iter().map(|(n, e)| (n, &e.var, e.info))
     }
 
-    pub fn num_params(&self, filter: impl Fn(&str) -> bool) -> usize {
-        self.vars
-            .iter()
-            .filter(|(n, _)| filter(n))
-            .map(|(_, v)| v.elem_count())
+    /// The parameters of network `net`, with their names inside the network (the prefix
+    /// stripped), as its checkpoint files name them.
+    pub fn net(&self, net: Net) -> impl Iterator<Item = (&str, &Var, ParamInfo)> {
+        self.iter()
+            .filter(move |(_, _, i)| i.net == net)
+            .map(move |(n, v, i)| {
+                let local = n.strip_prefix(net.prefix()).unwrap_or(n);
+                (local, v, i)
+            })
+    }
+
+    pub fn has_adapters(&self) -> bool {
+        self.iter().any(|(_, _, i)| i.role == Role::Adapter)
+    }
+
+    pub fn num_params(&self, filter: impl Fn(ParamInfo) -> bool) -> usize {
+        self.iter()
+            .filter(|(_, _, i)| filter(*i))
+            .map(|(_, v, _)| v.elem_count())
             .sum()
     }
 
     /// Writes the selected tensors to a safetensors file atomically.
-    pub fn save(&self, path: &Path, filter: impl Fn(&str) -> bool) -> Result<()> {
+    pub fn save(&self, path: &Path, filter: impl Fn(ParamInfo) -> bool) -> Result<()> {
         let map: HashMap<String, Tensor> = self
-            .vars
             .iter()
-            .filter(|(n, _)| filter(n))
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .filter(|(_, _, i)| filter(*i))
+            .map(|(n, v, _)| (n.clone(), v.as_tensor().clone()))
             .collect();
         save_tensors(path, &map)
     }
 
-    /// Loads every tensor of `path` whose name `filter` accepts into the existing parameters,
-    /// checking shapes. With `require_all`, every accepted parameter of the store must be found.
+    /// Loads every tensor of `path` whose parameter `filter` accepts into the existing
+    /// parameters, checking shapes. With `require_all`, every accepted parameter of the store
+    /// must be found.
     pub fn load(
         &self,
         path: &Path,
-        filter: impl Fn(&str) -> bool,
+        filter: impl Fn(ParamInfo) -> bool,
         require_all: bool,
     ) -> Result<usize> {
         let tensors = candle_core::safetensors::load(path, &self.device)
             .with_context(|| format!("{}: cannot read safetensors", path.display()))?;
         let mut loaded = 0;
-        for (name, var) in self.vars.iter().filter(|(n, _)| filter(n)) {
+        for (name, var, _) in self.iter().filter(|(_, _, i)| filter(*i)) {
             match tensors.get(name) {
                 Some(t) => {
-                    if t.dims() != var.dims() {
-                        bail!(
-                            "{}: tensor {name} has shape {:?}, the model expects {:?} (a checkpoint of a different model?)",
-                            path.display(),
-                            t.dims(),
-                            var.dims()
-                        );
-                    }
-                    var.set(&t.to_dtype(DType::F32)?)?;
+                    set_checked(var, t, name, path)?;
                     loaded += 1;
                 }
                 None if require_all => bail!(
@@ -117,10 +189,137 @@ impl ParamStore {
     }
 }
 
+/// Sets `var` from `t` (any float dtype), refusing a shape mismatch with a message naming the
+/// tensor and the file it came from.
+pub fn set_checked(var: &Var, t: &Tensor, name: &str, file: &Path) -> Result<()> {
+    if t.dims() != var.dims() {
+        bail!(
+            "{}: tensor {name} has shape {:?}, the model expects {:?} (a checkpoint of a different model?)",
+            file.display(),
+            t.dims(),
+            var.dims()
+        );
+    }
+    var.set(&t.to_dtype(DType::F32)?)?;
+    Ok(())
+}
+
+/// A view of a [`ParamStore`] under a name prefix, for one network: `scope.pp("layers.0")`
+/// names what it creates `layers.0.*`.
+pub struct Scope<'a> {
+    store: &'a mut ParamStore,
+    prefix: String,
+    net: Net,
+}
+
+impl Scope<'_> {
+    /// A sub-scope: names gain `.name`.
+    pub fn pp(&mut self, name: &str) -> Scope<'_> {
+        Scope {
+            prefix: self.join(name),
+            net: self.net,
+            store: &mut *self.store,
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.store.device
+    }
+
+    /// The scope's own full name (its prefix).
+    pub fn name(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The full name `name` gets in this scope.
+    pub fn join(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    fn make(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        init: Init,
+        role: Role,
+        decay: bool,
+    ) -> Result<Tensor> {
+        let info = ParamInfo {
+            role,
+            net: self.net,
+            decay,
+        };
+        let full = self.join(name);
+        self.store.create(full, shape, init, info)
+    }
+
+    /// A matrix of the network, trained with weight decay.
+    pub fn weight(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        self.make(name, shape, init, Role::Base, true)
+    }
+
+    /// A norm gain, bias or embedding: no weight decay.
+    pub fn gain(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        self.make(name, shape, init, Role::Base, false)
+    }
+
+    /// A LoRA factor.
+    pub fn adapter(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        self.make(name, shape, init, Role::Adapter, true)
+    }
+
+    /// A scalar head's weight (`decay`) or bias.
+    pub fn head(&mut self, name: &str, shape: &[usize], init: Init, decay: bool) -> Result<Tensor> {
+        self.make(name, shape, init, Role::Head, decay)
+    }
+}
+
 pub fn save_tensors(path: &Path, map: &HashMap<String, Tensor>) -> Result<()> {
-    let tmp = super::checkpoint::tmp_path(path);
+    let tmp = crate::io::tmp_path(path);
     candle_core::safetensors::save(map, &tmp)
         .with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))?;
-    Ok(())
+    crate::io::rename_into_place(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_name_and_tag_parameters() {
+        let mut store = ParamStore::new(Device::Cpu, 0);
+        {
+            let mut root = store.scope(Net::Policy);
+            let mut model = root.pp("model");
+            let mut blk = model.pp("layers.0");
+            blk.weight("q.weight", &[2, 2], Init::Zeros).unwrap();
+            blk.adapter("q.lora_a", &[1, 2], Init::Zeros).unwrap();
+        }
+        {
+            let mut v = store.scope(Net::Value);
+            v.head("score.bias", &[1], Init::Zeros, false).unwrap();
+            assert!(v.head("score.bias", &[1], Init::Zeros, false).is_err());
+        }
+        let names: Vec<_> = store.names().cloned().collect();
+        assert_eq!(
+            names,
+            [
+                "model.layers.0.q.lora_a",
+                "model.layers.0.q.weight",
+                "value.score.bias"
+            ]
+        );
+        let info = store.info("model.layers.0.q.lora_a").unwrap();
+        assert_eq!((info.role, info.net), (Role::Adapter, Net::Policy));
+        let local: Vec<_> = store
+            .net(Net::Value)
+            .map(|(n, _, _)| n.to_string())
+            .collect();
+        assert_eq!(local, ["score.bias"]);
+        assert!(store.has_adapters());
+    }
 }

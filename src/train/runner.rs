@@ -9,35 +9,42 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::{write_atomic, CheckpointMeta, Checkpoints};
+use super::checkpoint::{CheckpointMeta, Checkpoints};
 use super::loss::scalar;
 use super::metrics::MetricsLog;
 use super::optimizer::AdamW;
-use super::params::ParamStore;
+use super::params::{ParamInfo, ParamStore, Role};
 use super::progress::Progress;
 use super::schedule::lr_at;
 use crate::config::TrainConfig;
 use crate::data::tokenizer::Tokenizer;
+use crate::io::{write_atomic, write_dir_atomic};
 
 pub struct StepOut {
     pub loss: Tensor,
     /// Tokens processed by this micro-batch (for tokens/s).
     pub tokens: usize,
-    /// Extra per-step numbers to log (averaged over micro-batches).
-    pub metrics: Vec<(String, f64)>,
+    /// Extra numbers to log, each averaged over the micro-batches that reported it.
+    pub metrics: Vec<(&'static str, f64)>,
+}
+
+/// A stage's held-out evaluation: typed for the stage that reads it, flattened for the log.
+pub trait Report: Clone {
+    /// Name and value of every number, for `metrics.jsonl` (`loss` first where there is one).
+    fn fields(&self) -> Vec<(&'static str, f64)>;
 }
 
 pub trait Task {
+    type Eval: Report;
     /// The loss of the next micro-batch of optimizer step `step` (0-based).
     fn micro_batch(&mut self, step: usize) -> Result<StepOut>;
-    /// Held-out metrics; the first entry should be `loss` where a loss is defined.
-    fn evaluate(&mut self) -> Result<Vec<(String, f64)>>;
+    fn evaluate(&mut self) -> Result<Self::Eval>;
     /// Everything needed to continue exactly: data position, RNG state.
     fn state(&self) -> serde_json::Value;
     fn restore(&mut self, state: &serde_json::Value) -> Result<()>;
-    /// Multiplier of the scheduled learning rate for parameter `name` (PPO's critic learns
-    /// faster than its policy).
-    fn lr_scale(&self, _name: &str) -> f64 {
+    /// Multiplier of the scheduled learning rate for a parameter (PPO's critic learns faster
+    /// than its policy).
+    fn lr_scale(&self, _param: ParamInfo) -> f64 {
         1.0
     }
 }
@@ -49,16 +56,16 @@ pub struct Saved<'a> {
     pub tokenizer: &'a Tokenizer,
 }
 
-pub fn is_adapter(name: &str) -> bool {
-    name.contains(".lora_")
+fn is_adapter(p: ParamInfo) -> bool {
+    p.role == Role::Adapter
 }
 
 impl Saved<'_> {
     /// Weights (adapters in their own file), meta.json and the tokenizer.
     pub fn write_model(&self, dir: &Path, step: usize) -> Result<()> {
         self.store
-            .save(&dir.join("model.safetensors"), |n| !is_adapter(n))?;
-        if self.store.names().any(|n| is_adapter(n)) {
+            .save(&dir.join("model.safetensors"), |p| !is_adapter(p))?;
+        if self.store.has_adapters() {
             self.store
                 .save(&dir.join("adapter.safetensors"), is_adapter)?;
         }
@@ -70,17 +77,17 @@ impl Saved<'_> {
 
     /// Writes `run_dir/final` atomically (complete or absent).
     pub fn write_final(&self, run_dir: &Path, step: usize) -> Result<()> {
-        let fin = run_dir.join("final");
-        let tmp = run_dir.join("final.partial");
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
+        write_dir_atomic(&run_dir.join("final"), |dir| self.write_model(dir, step))
+    }
+
+    /// Restores weights from checkpoint `dir` (adapters from their own file).
+    fn load_model(&self, dir: &Path) -> Result<()> {
+        self.store
+            .load(&dir.join("model.safetensors"), |p| !is_adapter(p), true)?;
+        if dir.join("adapter.safetensors").exists() {
+            self.store
+                .load(&dir.join("adapter.safetensors"), is_adapter, true)?;
         }
-        std::fs::create_dir_all(&tmp)?;
-        self.write_model(&tmp, step)?;
-        if fin.exists() {
-            std::fs::remove_dir_all(&fin)?;
-        }
-        std::fs::rename(&tmp, &fin).with_context(|| format!("{}: cannot write", fin.display()))?;
         Ok(())
     }
 }
@@ -92,12 +99,13 @@ struct LoopState {
     task: serde_json::Value,
 }
 
-#[derive(Clone, Debug, Default)]
-pub struct TrainSummary {
+#[derive(Clone, Debug)]
+pub struct TrainSummary<E> {
     pub steps: usize,
     pub last_train_loss: f64,
-    pub first_eval: Vec<(String, f64)>,
-    pub last_eval: Vec<(String, f64)>,
+    /// The evaluation before the first step (with `eval_at_start`, on a fresh run).
+    pub first_eval: Option<E>,
+    pub last_eval: Option<E>,
 }
 
 pub struct RunOpts<'a> {
@@ -109,49 +117,65 @@ pub struct RunOpts<'a> {
     pub eval_at_start: bool,
 }
 
-pub fn train(
-    task: &mut dyn Task,
-    saved: &Saved,
-    trainable: &dyn Fn(&str) -> bool,
-    opts: &RunOpts,
-) -> Result<TrainSummary> {
-    let cfg = opts.cfg;
-    let mut opt = AdamW::new(saved.store, trainable, cfg)?;
-    opt.scale_lr(&|n| task.lr_scale(n));
-    let ckpts = Checkpoints::new(opts.run_dir, cfg.keep_checkpoints)?;
-    let mut start = 0;
-    if opts.resume {
-        if let Some(dir) = Checkpoints::latest(opts.run_dir)? {
-            saved
-                .store
-                .load(&dir.join("model.safetensors"), |n| !is_adapter(n), true)?;
-            if dir.join("adapter.safetensors").exists() {
-                saved
-                    .store
-                    .load(&dir.join("adapter.safetensors"), is_adapter, true)?;
+/// Sums of the extra metrics over one step's micro-batches or one logging window, each with
+/// the number of reports, so that a number reported once (a PPO rollout's statistics) is not
+/// diluted by the micro-batches that did not report it.
+#[derive(Default)]
+struct Averages(Vec<(&'static str, f64, usize)>);
+
+impl Averages {
+    fn add(&mut self, key: &'static str, v: f64) {
+        match self.0.iter_mut().find(|(k, _, _)| *k == key) {
+            Some((_, s, c)) => {
+                *s += v;
+                *c += 1;
             }
-            let text = std::fs::read_to_string(dir.join("state.json"))
-                .with_context(|| format!("{}: state.json missing", dir.display()))?;
-            let st: LoopState = serde_json::from_str(&text)
-                .with_context(|| format!("{}/state.json: malformed", dir.display()))?;
-            opt.load(&dir.join("optimizer.safetensors"), st.adam_t)?;
-            task.restore(&st.task)?;
-            start = st.step;
-            eprintln!(
-                "[{}] resumed from {} at step {start}",
-                opts.label,
-                dir.display()
-            );
-        } else {
-            eprintln!(
-                "[{}] nothing to resume in {}; starting fresh",
-                opts.label,
-                opts.run_dir.display()
-            );
+            None => self.0.push((key, v, 1)),
         }
     }
-    let mut metrics = MetricsLog::open(opts.run_dir, opts.resume.then_some(start))?;
-    let mut summary = TrainSummary::default();
+
+    fn drain(&mut self) -> Vec<(&'static str, f64)> {
+        self.0
+            .drain(..)
+            .map(|(k, s, c)| (k, s / c as f64))
+            .collect()
+    }
+}
+
+/// One optimizer step's outcome.
+struct Stepped {
+    loss: f64,
+    grad_norm: f64,
+    tokens: usize,
+    extras: Vec<(&'static str, f64)>,
+}
+
+/// Everything the loop carries between steps.
+struct Loop<'a, T: Task> {
+    task: &'a mut T,
+    saved: &'a Saved<'a>,
+    opts: &'a RunOpts<'a>,
+    opt: AdamW,
+    ckpts: Checkpoints,
+    metrics: MetricsLog,
+}
+
+pub fn train<T: Task>(
+    task: &mut T,
+    saved: &Saved,
+    trainable: &dyn Fn(ParamInfo) -> bool,
+    opts: &RunOpts,
+) -> Result<TrainSummary<T::Eval>> {
+    let cfg = opts.cfg;
+    let mut opt = AdamW::new(saved.store, trainable, cfg)?;
+    opt.scale_lr(&|p| task.lr_scale(p));
+    let ckpts = Checkpoints::new(opts.run_dir, cfg.keep_checkpoints)?;
+    let start = if opts.resume {
+        resume(task, saved, &mut opt, opts)?
+    } else {
+        0
+    };
+    let metrics = MetricsLog::open(opts.run_dir, opts.resume.then_some(start))?;
     eprintln!(
         "[{}] {} trainable parameters, steps {}..{}",
         opts.label,
@@ -159,37 +183,127 @@ pub fn train(
         start,
         cfg.steps
     );
-    if opts.eval_at_start && start == 0 {
-        let ev = task.evaluate()?;
-        metrics.log(0, "val", &ev)?;
-        eprintln!("[{}] step 0 val {}", opts.label, fmt_metrics(&ev));
-        summary.first_eval = ev;
+    let mut lp = Loop {
+        task,
+        saved,
+        opts,
+        opt,
+        ckpts,
+        metrics,
+    };
+    lp.run(start)
+}
+
+/// Restores weights, optimizer, data position and RNG from the run's latest checkpoint;
+/// returns the step to continue from.
+fn resume<T: Task>(task: &mut T, saved: &Saved, opt: &mut AdamW, opts: &RunOpts) -> Result<usize> {
+    let Some(dir) = Checkpoints::latest(opts.run_dir)? else {
+        eprintln!(
+            "[{}] nothing to resume in {}; starting fresh",
+            opts.label,
+            opts.run_dir.display()
+        );
+        return Ok(0);
+    };
+    saved.load_model(&dir)?;
+    let text = std::fs::read_to_string(dir.join("state.json"))
+        .with_context(|| format!("{}: state.json missing", dir.display()))?;
+    let st: LoopState = serde_json::from_str(&text)
+        .with_context(|| format!("{}/state.json: malformed", dir.display()))?;
+    opt.load(&dir.join("optimizer.safetensors"), st.adam_t)?;
+    task.restore(&st.task)?;
+    eprintln!(
+        "[{}] resumed from {} at step {}",
+        opts.label,
+        dir.display(),
+        st.step
+    );
+    Ok(st.step)
+}
+
+impl<T: Task> Loop<'_, T> {
+    fn run(&mut self, start: usize) -> Result<TrainSummary<T::Eval>> {
+        let cfg = self.opts.cfg;
+        let label = self.opts.label;
+        let mut summary = TrainSummary {
+            steps: cfg.steps,
+            last_train_loss: f64::NAN,
+            first_eval: None,
+            last_eval: None,
+        };
+        if self.opts.eval_at_start && start == 0 {
+            let ev = self.task.evaluate()?;
+            let fields = ev.fields();
+            self.metrics.log(0, "val", &fields)?;
+            eprintln!("[{label}] step 0 val {}", fmt_metrics(&fields));
+            summary.first_eval = Some(ev);
+        }
+        let progress = Progress::new(label, start, cfg.steps);
+        let mut window_tokens = 0usize;
+        let mut window_start = Instant::now();
+        let mut window = Averages::default();
+        for step in start..cfg.steps {
+            let lr = lr_at(cfg, step);
+            let out = self.step(step, lr)?;
+            window_tokens += out.tokens;
+            for (k, v) in out.extras {
+                window.add(k, v);
+            }
+            let s = step + 1;
+            summary.last_train_loss = out.loss;
+            if s % cfg.log_every == 0 || s == cfg.steps {
+                let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+                let tps = window_tokens as f64 / secs;
+                let mut fields = vec![
+                    ("loss", out.loss),
+                    ("lr", lr),
+                    ("grad_norm", out.grad_norm),
+                    ("tokens_per_s", tps),
+                ];
+                fields.extend(window.drain());
+                self.metrics.log(s, "train", &fields)?;
+                let loss = out.loss;
+                progress.update(s, &format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
+                window_tokens = 0;
+                window_start = Instant::now();
+            }
+            if s % cfg.eval_every == 0 || s == cfg.steps {
+                let ev = self.task.evaluate()?;
+                let fields = ev.fields();
+                self.metrics.log(s, "val", &fields)?;
+                progress.println(&format!("[{label}] step {s} val {}", fmt_metrics(&fields)));
+                summary.last_eval = Some(ev);
+            }
+            if s % cfg.checkpoint_every == 0 || s == cfg.steps {
+                self.checkpoint(s)?;
+            }
+        }
+        progress.finish();
+        self.saved.write_final(self.opts.run_dir, cfg.steps)?;
+        Ok(summary)
     }
-    let progress = Progress::new(opts.label, start, cfg.steps);
-    let mut window_tokens = 0usize;
-    let mut window_start = Instant::now();
-    // Extra numbers are averaged over the logging window, each over the steps that reported
-    // it (a PPO rollout's statistics appear once per rollout).
-    let mut window_extras: Vec<(String, f64, usize)> = Vec::new();
-    for step in start..cfg.steps {
-        let lr = lr_at(cfg, step);
+
+    /// Accumulates the gradients of `grad_accum` micro-batches, clips them and steps AdamW.
+    fn step(&mut self, step: usize, lr: f64) -> Result<Stepped> {
+        let accum = self.opts.cfg.grad_accum;
         let mut acc: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0.0;
-        let mut extras: Vec<(String, f64)> = Vec::new();
-        for _ in 0..cfg.grad_accum {
-            let out = task.micro_batch(step)?;
+        let mut tokens = 0;
+        let mut extras = Averages::default();
+        for _ in 0..accum {
+            let out = self.task.micro_batch(step)?;
             let l = scalar(&out.loss)?;
             if !l.is_finite() {
                 bail!(
                     "[{}] loss is {l} at step {step}; stopping (the last good checkpoint is in {})",
-                    opts.label,
-                    ckpts.dir.display()
+                    self.opts.label,
+                    self.ckpts.dir.display()
                 );
             }
             loss_sum += l;
-            window_tokens += out.tokens;
-            let grads = (out.loss / cfg.grad_accum as f64)?.backward()?;
-            let g = opt.collect(&grads)?;
+            tokens += out.tokens;
+            let grads = (out.loss / accum as f64)?.backward()?;
+            let g = self.opt.collect(&grads)?;
             acc = Some(match acc {
                 None => g,
                 Some(a) => a
@@ -199,81 +313,57 @@ pub fn train(
                     .collect::<candle_core::Result<_>>()?,
             });
             for (k, v) in out.metrics {
-                match extras.iter_mut().find(|(n, _)| *n == k) {
-                    Some((_, s)) => *s += v / cfg.grad_accum as f64,
-                    None => extras.push((k, v / cfg.grad_accum as f64)),
-                }
-            }
-        }
-        for (k, v) in extras {
-            match window_extras.iter_mut().find(|(n, _, _)| *n == k) {
-                Some((_, s, c)) => {
-                    *s += v;
-                    *c += 1;
-                }
-                None => window_extras.push((k, v, 1)),
+                extras.add(k, v);
             }
         }
         let mut grads = acc.expect("grad_accum >= 1");
-        let norm = AdamW::clip(&mut grads, cfg.grad_clip)?;
-        opt.step(&grads, lr)?;
-        let s = step + 1;
-        let loss = loss_sum / cfg.grad_accum as f64;
-        summary.last_train_loss = loss;
-        if s % cfg.log_every == 0 || s == cfg.steps {
-            let secs = window_start.elapsed().as_secs_f64().max(1e-9);
-            let tps = window_tokens as f64 / secs;
-            let mut fields = vec![
-                ("loss".to_string(), loss),
-                ("lr".to_string(), lr),
-                ("grad_norm".to_string(), norm),
-                ("tokens_per_s".to_string(), tps),
-            ];
-            fields.extend(window_extras.drain(..).map(|(k, s, c)| (k, s / c as f64)));
-            metrics.log(s, "train", &fields)?;
-            progress.update(s, &format!("loss {loss:.4} lr {lr:.2e} {:.0} tok/s", tps));
-            window_tokens = 0;
-            window_start = Instant::now();
-        }
-        if s % cfg.eval_every == 0 || s == cfg.steps {
-            let ev = task.evaluate()?;
-            metrics.log(s, "val", &ev)?;
-            progress.println(&format!(
-                "[{}] step {s} val {}",
-                opts.label,
-                fmt_metrics(&ev)
-            ));
-            summary.last_eval = ev;
-        }
-        if s % cfg.checkpoint_every == 0 || s == cfg.steps {
-            ckpts.save(s, |dir| {
-                saved.write_model(dir, s)?;
-                opt.save(&dir.join("optimizer.safetensors"))?;
-                let st = LoopState {
-                    step: s,
-                    adam_t: opt.t,
-                    task: task.state(),
-                };
-                write_atomic(
-                    &dir.join("state.json"),
-                    serde_json::to_string(&st)?.as_bytes(),
-                )
-            })?;
-        }
+        let grad_norm = AdamW::clip(&mut grads, self.opts.cfg.grad_clip)?;
+        self.opt.step(&grads, lr)?;
+        Ok(Stepped {
+            loss: loss_sum / accum as f64,
+            grad_norm,
+            tokens,
+            extras: extras.drain(),
+        })
     }
-    progress.finish();
-    saved.write_final(opts.run_dir, cfg.steps)?;
-    summary.steps = cfg.steps;
-    Ok(summary)
+
+    fn checkpoint(&mut self, s: usize) -> Result<()> {
+        let (saved, opt, task) = (self.saved, &self.opt, &*self.task);
+        self.ckpts.save(s, |dir| {
+            saved.write_model(dir, s)?;
+            opt.save(&dir.join("optimizer.safetensors"))?;
+            let st = LoopState {
+                step: s,
+                adam_t: opt.t,
+                task: task.state(),
+            };
+            write_atomic(
+                &dir.join("state.json"),
+                serde_json::to_string(&st)?.as_bytes(),
+            )
+        })?;
+        Ok(())
+    }
 }
 
-pub fn fmt_metrics(m: &[(String, f64)]) -> String {
+pub fn fmt_metrics(m: &[(&str, f64)]) -> String {
     m.iter()
         .map(|(k, v)| format!("{k} {v:.4}"))
         .collect::<Vec<_>>()
         .join(" ")
 }
 
-pub fn get(m: &[(String, f64)], key: &str) -> Option<f64> {
-    m.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_metric_is_averaged_over_the_reports_it_has() {
+        let mut a = Averages::default();
+        a.add("kl", 0.4);
+        a.add("loss", 1.0);
+        a.add("loss", 3.0);
+        assert_eq!(a.drain(), [("kl", 0.4), ("loss", 2.0)]);
+        assert!(a.drain().is_empty());
+    }
 }

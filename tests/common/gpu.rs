@@ -1,6 +1,12 @@
-//! What the GPU kernel tests share: the device (with kernel outputs poisoned), a seeded
-//! generator that `TEMPER_TEST_SEED` replays, and the global and element-wise comparisons
+//! What the GPU kernel tests share: running a test body on the device (with kernel outputs
+//! poisoned) or saying visibly why not, a seeded generator that `TEMPER_TEST_SEED` replays,
+//! inputs on the GPU with their CPU twins, and the global and element-wise comparisons
 //! against a reference.
+//!
+//! Compiled only with feature `cuda` (tests/common/mod.rs); without it each test file's
+//! `gpu_test!` prints `SKIPPED (built without feature cuda): <name>` itself.
+
+use std::io::Write;
 
 use candle_core::{DType, Device, Tensor};
 use temper::kernels::cuda as kc;
@@ -11,6 +17,48 @@ pub fn device() -> Option<Device> {
     }
     kc::set_poison(true);
     Device::new_cuda(0).ok()
+}
+
+/// Says why a test did not run. Straight to the stderr handle: `eprintln!` would be captured
+/// and hidden.
+pub fn skipped(reason: &str, name: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIPPED ({reason}): {name}");
+}
+
+/// Runs `body` on the GPU when there is one, else prints `SKIPPED (no CUDA device): <name>`.
+pub fn run(name: &str, body: impl FnOnce(&Device)) {
+    match device() {
+        Some(dev) => body(&dev),
+        None => skipped("no CUDA device", name),
+    }
+}
+
+/// `n + pad` random values in `dtype`: on the GPU narrowed past the first `pad` (an offset
+/// that defeats 16-byte loads when `pad` is odd) and reshaped to `dims`, and the same values
+/// (already rounded to `dtype`) as f32 on the CPU.
+pub fn gpu_and_cpu(
+    rng: &mut Rng,
+    dims: &[usize],
+    (lo, hi): (f32, f32),
+    dtype: DType,
+    dev: &Device,
+    pad: usize,
+) -> (Tensor, Tensor) {
+    let n: usize = dims.iter().product();
+    let cpu = Tensor::from_vec(rng.vec(n + pad, lo, hi), n + pad, &Device::Cpu)
+        .and_then(|t| t.to_dtype(dtype))
+        .unwrap();
+    let gpu = cpu
+        .to_device(dev)
+        .and_then(|t| t.narrow(0, pad, n))
+        .and_then(|t| t.reshape(dims))
+        .unwrap();
+    let cpu32 = cpu
+        .narrow(0, pad, n)
+        .and_then(|t| t.reshape(dims))
+        .and_then(|t| t.to_dtype(DType::F32))
+        .unwrap();
+    (gpu, cpu32)
 }
 
 /// xorshift64*: fresh inputs every run, reproducible from the printed seed.
@@ -51,8 +99,16 @@ impl Rng {
     }
 }
 
+/// The values as f64 on the host. Copied first and converted on the CPU: candle's CUDA cast
+/// of an empty tensor launches a kernel with a zero-block grid, which the driver refuses
+/// with CUDA_ERROR_INVALID_VALUE (the failure the `(0, 64)` RMSNorm shapes hit here); an
+/// empty tensor is not copied at all.
 pub fn host(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
+    if t.elem_count() == 0 {
+        return Vec::new();
+    }
+    t.to_device(&Device::Cpu)
+        .and_then(|t| t.to_dtype(DType::F64))
         .and_then(|t| t.flatten_all())
         .and_then(|t| t.to_vec1::<f64>())
         .expect("copy to host")

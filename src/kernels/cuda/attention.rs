@@ -1,4 +1,4 @@
-//! Flash attention (`kernels/attention.cu`) as a differentiable candle op.
+//! Flash attention (`kernels/attention_{prep,fwd,decode,bwd}.cu`) as a differentiable candle op.
 //!
 //! The forward is a [`CustomOp3`] on `(q, k, v)`; the mask, the scale and the kernel choice
 //! live in the op, which also keeps what the backward needs: the per-row log-sum-exp and the
@@ -8,7 +8,7 @@
 //! precomputed; under GQA the dK/dV kernels loop over every query head of their kv head, so
 //! the group's gradients are summed without atomics.
 //!
-//! Two implementations (see the comment on top of the .cu file): `Simple` (CUDA cores, any
+//! Two implementations (see the comments on top of the .cu files): `Simple` (CUDA cores, any
 //! dtype, head dim up to 128, with a split-K decode mode for a few queries against a long
 //! cache) and `Mma` (tensor cores, bf16/f16, head dim 64 or 128). `Auto` takes `Mma` where it
 //! applies and the query block is more than [`DECODE_MAX_TQ`] rows. `TEMPER_ATTN_IMPL=simple`
@@ -18,7 +18,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchArgs};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
@@ -26,8 +26,8 @@ use candle_core::{
 
 use super::super::attention::AttnMask;
 use super::{
-    after_launch, alloc_out, compute_capability, contiguous_view, cuda_storage, grid_stride,
-    load_func, sm_count, tensor_from_slice, to_i32, LaunchConfig, PushKernelArg,
+    alloc_out, compute_capability, contiguous_view, cuda_storage, grid_stride, launch, load_func,
+    sm_count, tensor_from_slice, to_i32, DevPtrs, LaunchConfig,
 };
 
 /// Query blocks up to this many rows take the decode path (simple kernel, split over keys)
@@ -218,8 +218,28 @@ impl Dims {
     }
 }
 
-/// The int/float scalars every attention kernel takes after its pointers.
-struct Scalars {
+/// The one argument of every attention kernel: the Rust mirror of `struct AttnParams` in
+/// kernels/attention.cuh (field comments there). Same fields, same order, same types
+/// (device pointers as `u64`, 0 = null); the size asserts on both sides catch a mismatch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct AttnParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    dout: u64,
+    dq: u64,
+    dk: u64,
+    dv: u64,
+    lse: u64,
+    dvec: u64,
+    kvalid: u64,
+    krange: u64,
+    opart: u64,
+    lsepart: u64,
+    dq_acc: u64,
+    b: i32,
     hq: i32,
     hkv: i32,
     tq: i32,
@@ -227,28 +247,29 @@ struct Scalars {
     d: i32,
     causal: i32,
     offset: i32,
+    nrows: i32,
+    nsplit: i32,
     scale_log2: f32,
     scale: f32,
 }
+const _: () = assert!(std::mem::size_of::<AttnParams>() == 168);
+const _: () = assert!(std::mem::align_of::<AttnParams>() == 8);
+// SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
+unsafe impl DeviceRepr for AttnParams {}
 
-static NULL_PTR: u64 = 0;
+/// The kernel files (one PTX module each) of the attention family.
+const PREP: &str = "attention_prep";
+const FWD: &str = "attention_fwd";
+const DECODE: &str = "attention_decode";
+const BWD: &str = "attention_bwd";
 
-/// Pushes an optional device buffer; the kernels read a null pointer as "absent".
-fn push_opt<'a, T>(b: &mut LaunchArgs<'a>, view: &'a Option<CudaView<'a, T>>) {
-    match view {
-        Some(v) => b.arg(v),
-        None => b.arg(&NULL_PTR),
-    };
-}
-
-/// Grows a kernel's dynamic shared-memory limit past the 48 KiB default.
-fn allow_smem(dev: &CudaDevice, func: &super::CudaFunction, bytes: usize) -> Result<()> {
-    dev.cuda_stream().context().bind_to_thread().w()?;
-    func.set_attribute(
-        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        bytes as i32,
-    )
-    .w()
+/// One warp per row, 8 rows per 256-thread block.
+fn warp_per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 fn fwd_mma_smem(d: usize) -> usize {
@@ -269,6 +290,26 @@ fn bwd_mma_smem(d: usize) -> usize {
     (2 * 64 + 4 * bq) * d * 2 + 64 * (bq + 8) * 2 + 4 * bq * 4
 }
 
+/// Grows a kernel's dynamic shared-memory limit past the 48 KiB default.
+fn allow_smem(dev: &CudaDevice, func: &super::CudaFunction, bytes: usize) -> Result<()> {
+    dev.cuda_stream().context().bind_to_thread().w()?;
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .w()
+}
+
+/// A device view of an optional f32 tensor behind its storage guard (the key mask).
+type Guarded<'a> = Option<(candle_core::StorageRef<'a>, &'a Layout)>;
+
+fn opt_view<'a>(guard: &'a Guarded<'_>) -> Result<Option<CudaView<'a, f32>>> {
+    match guard {
+        Some((g, l)) => Ok(Some(contiguous_view::<f32>(cuda_storage(g)?, l)?)),
+        None => Ok(None),
+    }
+}
+
 impl FlashAttn {
     fn use_mma(&self, dtype: DType, dims: &Dims) -> bool {
         mma_applies(dtype, dims.d)
@@ -279,8 +320,11 @@ impl FlashAttn {
             }
     }
 
-    fn scalars(&self, dims: &Dims) -> Result<Scalars> {
-        Ok(Scalars {
+    /// Sizes and options of a call, every pointer null: the part of [`AttnParams`] that
+    /// does not depend on the buffers.
+    fn params(&self, dims: &Dims) -> Result<AttnParams> {
+        Ok(AttnParams {
+            b: to_i32(dims.b, "batch")?,
             hq: to_i32(dims.hq, "query heads")?,
             hkv: to_i32(dims.hkv, "kv heads")?,
             tq: to_i32(dims.tq, "queries")?,
@@ -288,8 +332,11 @@ impl FlashAttn {
             d: to_i32(dims.d, "head dim")?,
             causal: i32::from(self.causal.is_some()),
             offset: to_i32(self.causal.unwrap_or(0), "causal offset")?,
+            nrows: to_i32(dims.q_rows(), "rows")?,
+            nsplit: 1,
             scale_log2: (self.scale * std::f64::consts::LOG2_E) as f32,
             scale: self.scale as f32,
+            ..AttnParams::default()
         })
     }
 
@@ -338,22 +385,29 @@ impl FlashAttn {
         let valid = contiguous_view::<f32>(cuda_storage(&guard)?, layout)?;
         // SAFETY: one block per sequence writes its three ints.
         let mut out = unsafe { alloc_out::<i32>(dev, dims.b * 3)? };
-        let func = load_func(dev, "attention", "attn_key_range")?;
-        let tk = to_i32(dims.tk, "keys")?;
+        let func = load_func(dev, PREP, "attn_key_range")?;
         let cfg = LaunchConfig {
             grid_dim: (dims.b as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&func);
-        b.arg(&valid).arg(&mut out).arg(&tk);
-        // SAFETY: matches `attn_key_range(const float*, int*, int)`; valid is [B, Tk].
-        unsafe { b.launch(cfg) }.w()?;
-        after_launch(dev, "attn_key_range")?;
+        {
+            let stream = dev.cuda_stream();
+            let mut ptrs = DevPtrs::new(&stream);
+            let p = AttnParams {
+                kvalid: ptrs.read(&valid),
+                krange: ptrs.write(&mut out),
+                tk: to_i32(dims.tk, "keys")?,
+                ..AttnParams::default()
+            };
+            // SAFETY: reads kvalid [B, Tk], writes krange [B, 3]; guards held by `ptrs`.
+            unsafe { launch(dev, &func, "attn_key_range", cfg, &p) }?;
+        }
         Ok(Some(out))
     }
 
+    /// The forward: validate and build the parameters, compute the key range, allocate o and
+    /// lse, launch the tensor-core or the simple kernels, save lse and the range.
     fn forward<T: CudaDType + DeviceRepr + WithDType>(
         &self,
         (sq, lq): (&CudaStorage, &Layout),
@@ -362,111 +416,37 @@ impl FlashAttn {
     ) -> Result<(CudaStorage, Shape)> {
         let dev = sq.device();
         let dims = Dims::new(lq, lk)?;
-        let sc = self.scalars(&dims)?;
+        let mut p = self.params(&dims)?;
         let q = contiguous_view::<T>(sq, lq)?;
         let k = contiguous_view::<T>(sk, lk)?;
         let v = contiguous_view::<T>(sv, lv)?;
         let krange = self.key_range(dev, &dims)?;
-        let kv_guard = self.key_valid.as_ref().map(|t| t.storage_and_layout());
-        let kvalid = match &kv_guard {
-            Some((g, l)) => Some(contiguous_view::<f32>(cuda_storage(g)?, l)?),
-            None => None,
-        };
-        let krange_view = krange.as_ref().map(|s| s.slice(..));
+        let kv_guard: Guarded = self.key_valid.as_ref().map(|t| t.storage_and_layout());
+        let kvalid = opt_view(&kv_guard)?;
         let nrows = dims.q_rows();
         // SAFETY: every query row is written by exactly one warp (simple) or one block
         // (mma), zeros and lse = +inf included for rows that see no key; with a split, the
         // combine kernel writes every row from partials that every split writes.
         let mut o = unsafe { alloc_out::<T>(dev, nrows * dims.d)? };
         let mut lse = unsafe { alloc_out::<f32>(dev, nrows)? };
-        let stream = dev.cuda_stream();
-        let dt = T::DTYPE.as_str();
-
-        if self.use_mma(T::DTYPE, &dims) {
-            let name = format!("attn_fwd_mma_{dt}_h{}", dims.d);
-            let func = load_func(dev, "attention", &name)?;
-            let smem = fwd_mma_smem(dims.d);
-            allow_smem(dev, &func, smem)?;
-            let cfg = LaunchConfig {
-                grid_dim: ((dims.b * dims.hq) as u32, dims.tq.div_ceil(64) as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: smem as u32,
-            };
-            let mut b = stream.launch_builder(&func);
-            b.arg(&q).arg(&k).arg(&v).arg(&mut o).arg(&mut lse);
-            push_opt(&mut b, &kvalid);
-            push_opt(&mut b, &krange_view);
-            b.arg(&sc.hq).arg(&sc.hkv).arg(&sc.tq).arg(&sc.tk);
-            b.arg(&sc.causal).arg(&sc.offset).arg(&sc.scale_log2);
-            // SAFETY: matches `attn_fwd_mma_*` in kernels/attention.cu; sizes checked.
-            unsafe { b.launch(cfg) }.w()?;
-            after_launch(dev, &name)?;
-        } else {
-            let dpl = dims.d.div_ceil(32);
-            let name = format!("attn_fwd_simple_{dt}_d{dpl}");
-            let func = load_func(dev, "attention", &name)?;
-            let (nw, row_blocks) = dims.simple_row_blocks();
-            let base = row_blocks * dims.b * dims.hkv;
-            // Decode: too few blocks to fill the GPU, so split the keys (>= 128 per split).
-            let target = 2 * sm_count(dev)? as usize;
-            let nsplit = if base < target && dims.tk > 256 {
-                target.div_ceil(base).min(dims.tk.div_ceil(128)).min(64)
+        {
+            let stream = dev.cuda_stream();
+            let mut ptrs = DevPtrs::new(&stream);
+            p.q = ptrs.read(&q);
+            p.k = ptrs.read(&k);
+            p.v = ptrs.read(&v);
+            p.kvalid = ptrs.read_opt(kvalid.as_ref());
+            p.krange = ptrs.read_opt(krange.as_ref());
+            p.o = ptrs.write(&mut o);
+            p.lse = ptrs.write(&mut lse);
+            if self.use_mma(T::DTYPE, &dims) {
+                launch_fwd_mma(dev, T::DTYPE, &dims, &p)?;
             } else {
-                1
-            };
-            let cfg = LaunchConfig {
-                grid_dim: ((dims.b * dims.hkv) as u32, row_blocks as u32, nsplit as u32),
-                block_dim: (32 * nw as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: with a split every (split, row) pair is written by one warp.
-            let mut part: Option<(CudaSlice<f32>, CudaSlice<f32>)> = if nsplit > 1 {
-                unsafe {
-                    Some((
-                        alloc_out::<f32>(dev, nsplit * nrows * dims.d)?,
-                        alloc_out::<f32>(dev, nsplit * nrows)?,
-                    ))
-                }
-            } else {
-                None
-            };
-            {
-                let mut b = stream.launch_builder(&func);
-                b.arg(&q).arg(&k).arg(&v).arg(&mut o).arg(&mut lse);
-                push_opt(&mut b, &kvalid);
-                push_opt(&mut b, &krange_view);
-                match &mut part {
-                    Some((op, lp)) => b.arg(op).arg(lp),
-                    None => b.arg(&NULL_PTR).arg(&NULL_PTR),
-                };
-                b.arg(&sc.hq)
-                    .arg(&sc.hkv)
-                    .arg(&sc.tq)
-                    .arg(&sc.tk)
-                    .arg(&sc.d);
-                b.arg(&sc.causal).arg(&sc.offset).arg(&sc.scale_log2);
-                // SAFETY: matches `attn_fwd_simple_*`; D <= 32 * dpl; sizes checked.
-                unsafe { b.launch(cfg) }.w()?;
-                after_launch(dev, &name)?;
-            }
-            if let Some((opart, lpart)) = &part {
-                let name = format!("attn_combine_{dt}");
-                let func = load_func(dev, "attention", &name)?;
-                let (nrows_i, ns) = (to_i32(nrows, "rows")?, nsplit as i32);
-                let cfg = LaunchConfig {
-                    grid_dim: (nrows.div_ceil(8) as u32, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                let mut b = stream.launch_builder(&func);
-                b.arg(opart).arg(lpart).arg(&mut o).arg(&mut lse);
-                b.arg(&nrows_i).arg(&sc.d).arg(&ns);
-                // SAFETY: matches `attn_combine_*`; partials hold nsplit * nrows rows.
-                unsafe { b.launch(cfg) }.w()?;
-                after_launch(dev, &name)?;
+                launch_fwd_simple(dev, T::DTYPE, &dims, p)?;
             }
         }
-        // The views above borrow `krange` and the mask's storage; they end here.
+        // The views above borrow the mask's storage; they end here.
+        drop(kvalid);
         drop(kv_guard);
         *self.saved() = Some(Saved { lse, krange });
         Ok((
@@ -475,7 +455,8 @@ impl FlashAttn {
         ))
     }
 
-    /// dq, dk, dv from the saved log-sum-exp.
+    /// dq, dk, dv from the saved log-sum-exp: views of the inputs, then D = rowsum(dO * O),
+    /// then the tensor-core or the simple kernels.
     fn backward<T: CudaDType + DeviceRepr + WithDType>(
         &self,
         q: &Tensor,
@@ -500,134 +481,40 @@ impl FlashAttn {
         let vv = contiguous_view::<T>(cuda_storage(&gv)?, lv)?;
         let ov = contiguous_view::<T>(cuda_storage(&go)?, lo)?;
         let dov = contiguous_view::<T>(cuda_storage(&gd)?, ld)?;
-        let kv_guard = self.key_valid.as_ref().map(|t| t.storage_and_layout());
-        let kvalid = match &kv_guard {
-            Some((g, l)) => Some(contiguous_view::<f32>(cuda_storage(g)?, l)?),
-            None => None,
-        };
-        let krange_view = saved.krange.as_ref().map(|s| s.slice(..));
-        let lse = saved.lse.slice(..);
+        let kv_guard: Guarded = self.key_valid.as_ref().map(|t| t.storage_and_layout());
+        let kvalid = opt_view(&kv_guard)?;
 
         let dims = Dims::new(lq, lk)?;
         self.check_grid_y(T::DTYPE, &dims, true)?;
-        let sc = self.scalars(&dims)?;
-        let nrows = dims.q_rows();
-        let nkv = dims.b * dims.hkv * dims.tk * dims.d;
-        let stream = dev.cuda_stream();
-        let dt = T::DTYPE.as_str();
-
-        // D = rowsum(dO * O), one warp per row.
-        // SAFETY: one warp per row writes it.
+        let mut p = self.params(&dims)?;
+        let (nrows, nkv) = (dims.q_rows(), dims.b * dims.hkv * dims.tk * dims.d);
+        // SAFETY (all four): dvec rows are written by one warp each; dk/dv rows by the block
+        // or warp that owns the key, zeros included; dq by the dQ kernel (simple) or the
+        // conversion of the accumulator.
         let mut dvec = unsafe { alloc_out::<f32>(&dev, nrows)? };
-        {
-            let name = format!("attn_bwd_dot_{dt}");
-            let func = load_func(&dev, "attention", &name)?;
-            let nrows_i = to_i32(nrows, "rows")?;
-            let cfg = LaunchConfig {
-                grid_dim: (nrows.div_ceil(8) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut b = stream.launch_builder(&func);
-            b.arg(&ov).arg(&dov).arg(&mut dvec).arg(&nrows_i).arg(&sc.d);
-            // SAFETY: matches `attn_bwd_dot_*`.
-            unsafe { b.launch(cfg) }.w()?;
-            after_launch(&dev, &name)?;
-        }
-
-        // SAFETY (all three): dk/dv rows are written by the block or warp that owns the key,
-        // zeros included; dq by the dQ kernel (simple) or the conversion of the accumulator.
         let mut dq = unsafe { alloc_out::<T>(&dev, nrows * dims.d)? };
         let mut dk = unsafe { alloc_out::<T>(&dev, nkv)? };
         let mut dv = unsafe { alloc_out::<T>(&dev, nkv)? };
-
-        if self.use_mma(T::DTYPE, &dims) {
-            let mut acc = dev.alloc_zeros::<f32>(nrows * dims.d)?;
-            let name = format!("attn_bwd_mma_{dt}_h{}", dims.d);
-            let func = load_func(&dev, "attention", &name)?;
-            let smem = bwd_mma_smem(dims.d);
-            allow_smem(&dev, &func, smem)?;
-            let cfg = LaunchConfig {
-                grid_dim: ((dims.b * dims.hkv) as u32, dims.tk.div_ceil(64) as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: smem as u32,
-            };
-            let mut b = stream.launch_builder(&func);
-            b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lse).arg(&dvec);
-            push_opt(&mut b, &kvalid);
-            push_opt(&mut b, &krange_view);
-            b.arg(&mut dk).arg(&mut dv).arg(&mut acc);
-            b.arg(&sc.hq).arg(&sc.hkv).arg(&sc.tq).arg(&sc.tk);
-            b.arg(&sc.causal)
-                .arg(&sc.offset)
-                .arg(&sc.scale_log2)
-                .arg(&sc.scale);
-            // SAFETY: matches `attn_bwd_mma_*`; acc is zeroed, [B, Hq, Tq, D] f32.
-            unsafe { b.launch(cfg) }.w()?;
-            after_launch(&dev, &name)?;
-
-            let name = format!("attn_dq_convert_{dt}");
-            let func = load_func(&dev, "attention", &name)?;
-            let n = (nrows * dims.d) as u64;
-            let cfg = grid_stride(&dev, nrows * dims.d, 256)?;
-            let mut b = stream.launch_builder(&func);
-            b.arg(&acc).arg(&mut dq).arg(&n).arg(&sc.scale);
-            // SAFETY: matches `attn_dq_convert_*`; both buffers hold n elements.
-            unsafe { b.launch(cfg) }.w()?;
-            after_launch(&dev, &name)?;
-        } else {
-            let dpl = dims.d.div_ceil(32);
-            let (nw, row_blocks) = dims.simple_row_blocks();
-            let name = format!("attn_bwd_dq_simple_{dt}_d{dpl}");
-            let func = load_func(&dev, "attention", &name)?;
-            let cfg = LaunchConfig {
-                grid_dim: ((dims.b * dims.hkv) as u32, row_blocks as u32, 1),
-                block_dim: (32 * nw as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            {
-                let mut b = stream.launch_builder(&func);
-                b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lse).arg(&dvec);
-                push_opt(&mut b, &kvalid);
-                push_opt(&mut b, &krange_view);
-                b.arg(&mut dq);
-                b.arg(&sc.hq)
-                    .arg(&sc.hkv)
-                    .arg(&sc.tq)
-                    .arg(&sc.tk)
-                    .arg(&sc.d);
-                b.arg(&sc.causal)
-                    .arg(&sc.offset)
-                    .arg(&sc.scale_log2)
-                    .arg(&sc.scale);
-                // SAFETY: matches `attn_bwd_dq_simple_*`.
-                unsafe { b.launch(cfg) }.w()?;
-                after_launch(&dev, &name)?;
+        {
+            let stream = dev.cuda_stream();
+            let mut ptrs = DevPtrs::new(&stream);
+            (p.q, p.k, p.v) = (ptrs.read(&qv), ptrs.read(&kv), ptrs.read(&vv));
+            (p.o, p.dout) = (ptrs.read(&ov), ptrs.read(&dov));
+            p.lse = ptrs.read(&saved.lse);
+            p.kvalid = ptrs.read_opt(kvalid.as_ref());
+            p.krange = ptrs.read_opt(saved.krange.as_ref());
+            p.dvec = ptrs.write(&mut dvec);
+            (p.dq, p.dk, p.dv) = (
+                ptrs.write(&mut dq),
+                ptrs.write(&mut dk),
+                ptrs.write(&mut dv),
+            );
+            launch_bwd_dot(&dev, T::DTYPE, &dims, &p)?;
+            if self.use_mma(T::DTYPE, &dims) {
+                launch_bwd_mma(&dev, T::DTYPE, &dims, p)?;
+            } else {
+                launch_bwd_simple(&dev, T::DTYPE, &dims, &p)?;
             }
-            let name = format!("attn_bwd_dkdv_simple_{dt}_d{dpl}");
-            let func = load_func(&dev, "attention", &name)?;
-            let cfg = LaunchConfig {
-                grid_dim: ((dims.b * dims.hkv) as u32, dims.tk.div_ceil(8) as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut b = stream.launch_builder(&func);
-            b.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lse).arg(&dvec);
-            push_opt(&mut b, &kvalid);
-            push_opt(&mut b, &krange_view);
-            b.arg(&mut dk).arg(&mut dv);
-            b.arg(&sc.hq)
-                .arg(&sc.hkv)
-                .arg(&sc.tq)
-                .arg(&sc.tk)
-                .arg(&sc.d);
-            b.arg(&sc.causal)
-                .arg(&sc.offset)
-                .arg(&sc.scale_log2)
-                .arg(&sc.scale);
-            // SAFETY: matches `attn_bwd_dkdv_simple_*`.
-            unsafe { b.launch(cfg) }.w()?;
-            after_launch(&dev, &name)?;
         }
         Ok((
             tensor_from_slice(dq, &dev, q.shape()),
@@ -635,6 +522,122 @@ impl FlashAttn {
             tensor_from_slice(dv, &dev, v.shape()),
         ))
     }
+}
+
+/// `attn_fwd_mma_*`: one block per 64 query rows of one head, heaviest causal blocks first.
+fn launch_fwd_mma(dev: &CudaDevice, dt: DType, dims: &Dims, p: &AttnParams) -> Result<()> {
+    let name = format!("attn_fwd_mma_{}_h{}", dt.as_str(), dims.d);
+    let func = load_func(dev, FWD, &name)?;
+    let smem = fwd_mma_smem(dims.d);
+    allow_smem(dev, &func, smem)?;
+    let cfg = LaunchConfig {
+        grid_dim: ((dims.b * dims.hq) as u32, dims.tq.div_ceil(64) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: q, k, v, o, lse (and the optional mask and range) are set and sized by the
+    // caller for `dims`; grid y was checked against CUDA's limit.
+    unsafe { launch(dev, &func, &name, cfg, p) }
+}
+
+/// How many slices of the key range the simple forward takes: more than one only when the
+/// query rows alone are too few blocks to fill the GPU (decode), each slice >= 128 keys.
+fn decode_splits(dev: &CudaDevice, dims: &Dims) -> Result<usize> {
+    let base = dims.simple_row_blocks().1 * dims.b * dims.hkv;
+    let target = 2 * sm_count(dev)? as usize;
+    Ok(if base < target && dims.tk > 256 {
+        target.div_ceil(base).min(dims.tk.div_ceil(128)).min(64)
+    } else {
+        1
+    })
+}
+
+/// `attn_fwd_simple_*`, split over the keys for decode and then merged by `attn_combine_*`.
+fn launch_fwd_simple(dev: &CudaDevice, dt: DType, dims: &Dims, mut p: AttnParams) -> Result<()> {
+    let name = format!("attn_fwd_simple_{}_d{}", dt.as_str(), dims.d.div_ceil(32));
+    let func = load_func(dev, FWD, &name)?;
+    let (nw, row_blocks) = dims.simple_row_blocks();
+    let nsplit = decode_splits(dev, dims)?;
+    let cfg = LaunchConfig {
+        grid_dim: ((dims.b * dims.hkv) as u32, row_blocks as u32, nsplit as u32),
+        block_dim: (32 * nw as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    if nsplit == 1 {
+        // SAFETY: as in launch_fwd_mma; D <= 32 * DPL; no partials without a split.
+        return unsafe { launch(dev, &func, &name, cfg, &p) };
+    }
+    let nrows = dims.q_rows();
+    // SAFETY: with a split every (split, row) pair is written by one warp.
+    let mut opart = unsafe { alloc_out::<f32>(dev, nsplit * nrows * dims.d)? };
+    let mut lpart = unsafe { alloc_out::<f32>(dev, nsplit * nrows)? };
+    let stream = dev.cuda_stream();
+    let mut ptrs = DevPtrs::new(&stream);
+    p.opart = ptrs.write(&mut opart);
+    p.lsepart = ptrs.write(&mut lpart);
+    p.nsplit = nsplit as i32;
+    // SAFETY: as above; the partials hold nsplit * nrows rows.
+    unsafe { launch(dev, &func, &name, cfg, &p) }?;
+    let name = format!("attn_combine_{}", dt.as_str());
+    let func = load_func(dev, DECODE, &name)?;
+    // SAFETY: reads the partials just written, writes every row of o and lse.
+    unsafe { launch(dev, &func, &name, warp_per_row(nrows), &p) }
+}
+
+/// `attn_bwd_dot_*`: D = rowsum(dO * O), one warp per row.
+fn launch_bwd_dot(dev: &CudaDevice, dt: DType, dims: &Dims, p: &AttnParams) -> Result<()> {
+    let name = format!("attn_bwd_dot_{}", dt.as_str());
+    let func = load_func(dev, BWD, &name)?;
+    // SAFETY: o, dout and dvec hold q_rows rows.
+    unsafe { launch(dev, &func, &name, warp_per_row(dims.q_rows()), p) }
+}
+
+/// `attn_bwd_mma_*` (dK, dV and an f32 dQ accumulator), then `attn_dq_convert_*`.
+fn launch_bwd_mma(dev: &CudaDevice, dt: DType, dims: &Dims, mut p: AttnParams) -> Result<()> {
+    let n = dims.q_rows() * dims.d;
+    let mut acc = dev.alloc_zeros::<f32>(n)?;
+    let stream = dev.cuda_stream();
+    let mut ptrs = DevPtrs::new(&stream);
+    p.dq_acc = ptrs.write(&mut acc);
+    let name = format!("attn_bwd_mma_{}_h{}", dt.as_str(), dims.d);
+    let func = load_func(dev, BWD, &name)?;
+    let smem = bwd_mma_smem(dims.d);
+    allow_smem(dev, &func, smem)?;
+    let cfg = LaunchConfig {
+        grid_dim: ((dims.b * dims.hkv) as u32, dims.tk.div_ceil(64) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: inputs and dk/dv set by the caller; acc is zeroed, [B, Hq, Tq, D] f32.
+    unsafe { launch(dev, &func, &name, cfg, &p) }?;
+    let name = format!("attn_dq_convert_{}", dt.as_str());
+    let func = load_func(dev, BWD, &name)?;
+    // SAFETY: acc and dq both hold nrows * D elements.
+    unsafe { launch(dev, &func, &name, grid_stride(dev, n, 256)?, &p) }
+}
+
+/// `attn_bwd_dq_simple_*` (warp per query row), then `attn_bwd_dkdv_simple_*` (warp per key).
+fn launch_bwd_simple(dev: &CudaDevice, dt: DType, dims: &Dims, p: &AttnParams) -> Result<()> {
+    let dpl = dims.d.div_ceil(32);
+    let (nw, row_blocks) = dims.simple_row_blocks();
+    let name = format!("attn_bwd_dq_simple_{}_d{dpl}", dt.as_str());
+    let func = load_func(dev, BWD, &name)?;
+    let cfg = LaunchConfig {
+        grid_dim: ((dims.b * dims.hkv) as u32, row_blocks as u32, 1),
+        block_dim: (32 * nw as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: inputs, dvec and dq set by the caller for `dims`.
+    unsafe { launch(dev, &func, &name, cfg, p) }?;
+    let name = format!("attn_bwd_dkdv_simple_{}_d{dpl}", dt.as_str());
+    let func = load_func(dev, BWD, &name)?;
+    let cfg = LaunchConfig {
+        grid_dim: ((dims.b * dims.hkv) as u32, dims.tk.div_ceil(8) as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: inputs, dk and dv set by the caller for `dims`.
+    unsafe { launch(dev, &func, &name, cfg, p) }
 }
 
 impl CustomOp3 for FlashAttn {

@@ -5,12 +5,40 @@
 //! before that copy and leaves `[count, mean, var]` on the device, for callers that whiten on
 //! the GPU and for timing the kernel alone.
 
-use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::{DType, Result, Tensor};
 
 use super::super::gae::GaeOutput;
-use super::{after_launch, alloc_out, contiguous_view, cuda_storage, launch_1d, load_func};
-use super::{tensor_from_slice, to_i32, LaunchConfig, PushKernelArg};
+use super::{alloc_out, contiguous_view, cuda_storage, launch, launch_1d, load_func};
+use super::{tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
+
+/// The one argument of every kernel in kernels/gae.cu: the Rust mirror of `struct GaeParams`
+/// in kernels/gae.cuh (field comments there). Same fields, order and types (device pointers
+/// as `u64`, 0 = null); the size asserts on both sides catch a mismatch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct GaeParams {
+    rewards: u64,
+    values: u64,
+    mask: u64,
+    adv: u64,
+    ret: u64,
+    partials: u64,
+    counter: u64,
+    stats: u64,
+    out: u64,
+    eps: f64,
+    t: i32,
+    n_groups: i32,
+    group: i32,
+    gamma: f32,
+    gl: f32,
+    pad_: i32,
+}
+const _: () = assert!(std::mem::size_of::<GaeParams>() == 104);
+const _: () = assert!(std::mem::align_of::<GaeParams>() == 8);
+// SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
+unsafe impl DeviceRepr for GaeParams {}
 
 /// Steps per thread in `gae_scan_f32*` (`E` in the kernel).
 const STEPS_PER_THREAD: usize = 8;
@@ -56,48 +84,59 @@ pub fn gae_device(
         let rv = contiguous_view::<f32>(cuda_storage(&rs)?, rl)?;
         let vv = contiguous_view::<f32>(cuda_storage(&vs)?, vl)?;
         let mv = contiguous_view::<f32>(cuda_storage(&ms)?, ml)?;
-        // float4 loads need every row start 16-byte aligned (allocations are 256-aligned).
-        let vec4 = t.is_multiple_of(4)
-            && [rl, vl, ml]
-                .iter()
-                .all(|l| l.start_offset().is_multiple_of(4));
-        let threads = t
-            .div_ceil(STEPS_PER_THREAD)
-            .div_ceil(32)
-            .clamp(1, MAX_THREADS / 32)
-            * 32;
+        let (name, threads) = scan_kernel(t, [rl, vl, ml]);
         let mut partials = unsafe { alloc_out::<f64>(dev, 3 * b)? };
         let mut counter = dev.alloc_zeros::<u32>(1)?;
-        let name = if vec4 {
-            "gae_scan_f32_vec4"
-        } else {
-            "gae_scan_f32"
-        };
         let func = load_func(dev, "gae", name)?;
-        let t_i = to_i32(t, "T")?;
         let grid = to_i32(b, "B")? as u32;
         let gamma32 = gamma as f32;
-        // Same rounding as the reference's `gamma * lambda * next_a` (f32, left to right).
-        let gl = gamma32 * lambda as f32;
         let cfg = LaunchConfig {
             grid_dim: (grid, 1, 1),
             block_dim: (threads as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         let stream = dev.cuda_stream();
-        let mut bld = stream.launch_builder(&func);
-        bld.arg(&rv).arg(&vv).arg(&mv).arg(&mut adv).arg(&mut ret);
-        bld.arg(&mut partials).arg(&mut counter).arg(&mut stats);
-        bld.arg(&t_i).arg(&gamma32).arg(&gl);
-        // SAFETY: argument list matches `gae_scan_f32*` in kernels/gae.cu; the counter is zeroed.
-        unsafe { bld.launch(cfg) }.w()?;
-        after_launch(dev, name)?;
+        let mut ptrs = DevPtrs::new(&stream);
+        let p = GaeParams {
+            rewards: ptrs.read(&rv),
+            values: ptrs.read(&vv),
+            mask: ptrs.read(&mv),
+            adv: ptrs.write(&mut adv),
+            ret: ptrs.write(&mut ret),
+            partials: ptrs.write(&mut partials),
+            counter: ptrs.write(&mut counter),
+            stats: ptrs.write(&mut stats),
+            t: to_i32(t, "T")?,
+            gamma: gamma32,
+            // Same rounding as the reference's `gamma * lambda * next_a` (f32, left to right).
+            gl: gamma32 * lambda as f32,
+            ..GaeParams::default()
+        };
+        // SAFETY: inputs and outputs hold B * T, partials 3 * B; the counter is zeroed.
+        unsafe { launch(dev, &func, name, cfg, &p) }?;
     }
     Ok((
         tensor_from_slice(adv, dev, (b, t)),
         tensor_from_slice(ret, dev, (b, t)),
         tensor_from_slice(stats, dev, 3),
     ))
+}
+
+/// The scan kernel for rows of `t` steps and its threads per row (one block per row).
+fn scan_kernel(t: usize, layouts: [&candle_core::Layout; 3]) -> (&'static str, usize) {
+    // float4 loads need every row start 16-byte aligned (allocations are 256-aligned).
+    let vec4 = t.is_multiple_of(4) && layouts.iter().all(|l| l.start_offset().is_multiple_of(4));
+    let threads = t
+        .div_ceil(STEPS_PER_THREAD)
+        .div_ceil(32)
+        .clamp(1, MAX_THREADS / 32)
+        * 32;
+    let name = if vec4 {
+        "gae_scan_f32_vec4"
+    } else {
+        "gae_scan_f32"
+    };
+    (name, threads)
 }
 
 /// The dispatcher's entry point (contract in `src/kernels/gae.rs`).
@@ -133,20 +172,21 @@ pub fn group_normalize(rewards: &Tensor, group: usize, eps: f64) -> Result<Optio
         let (rs, rl) = r.storage_and_layout();
         let rv = contiguous_view::<f32>(cuda_storage(&rs)?, rl)?;
         let groups = n / group;
-        let (groups_i, group_i) = (to_i32(groups, "groups")?, to_i32(group, "group")?);
         const THREADS: u32 = 256;
         let cfg = launch_1d(groups * 32, THREADS);
         let func = load_func(dev, "gae", "grpo_group_norm_f32")?;
         let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&func);
-        b.arg(&rv)
-            .arg(&mut out)
-            .arg(&groups_i)
-            .arg(&group_i)
-            .arg(&eps);
-        // SAFETY: matches `grpo_group_norm_f32`; one warp per group, grid covers all groups.
-        unsafe { b.launch(cfg) }.w()?;
-        after_launch(dev, "grpo_group_norm_f32")?;
+        let mut ptrs = DevPtrs::new(&stream);
+        let p = GaeParams {
+            rewards: ptrs.read(&rv),
+            out: ptrs.write(&mut out),
+            n_groups: to_i32(groups, "groups")?,
+            group: to_i32(group, "group")?,
+            eps,
+            ..GaeParams::default()
+        };
+        // SAFETY: rewards and out hold n = groups * group; one warp per group.
+        unsafe { launch(dev, &func, "grpo_group_norm_f32", cfg, &p) }?;
     }
     Ok(Some(tensor_from_slice(out, dev, n)))
 }

@@ -21,9 +21,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{result as cublas, sys as cublas_sys};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr,
-};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
@@ -31,9 +29,52 @@ use candle_core::{
 
 use super::super::lora::LoraArgs;
 use super::{
-    after_launch, alloc_out, compute_capability, contiguous_view, cuda_storage, grid_stride,
-    load_func, sm_count, tensor_from_slice, to_i32, LaunchConfig, PushKernelArg,
+    alloc_out, compute_capability, contiguous_view, cuda_storage, grid_stride, launch, load_func,
+    sm_count, tensor_from_slice, to_i32, DevPtrs, LaunchConfig,
 };
+
+/// The one argument of every kernel in kernels/lora.cu: the Rust mirror of `struct
+/// LoraParams` in kernels/lora.cuh (field comments there). Same fields, order and types
+/// (device pointers as `u64`, 0 = null); the size asserts on both sides catch a mismatch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct LoraParams {
+    bm: u64,
+    bias: u64,
+    uext: u64,
+    bext: u64,
+    dy: u64,
+    part_g: u64,
+    part_b: u64,
+    g: u64,
+    db: u64,
+    m: i32,
+    n: i32,
+    r: i32,
+    r8: i32,
+    rp: i32,
+    mc: i32,
+    nc: i32,
+    nbx: i32,
+    nby: i32,
+    scale: f32,
+}
+const _: () = assert!(std::mem::size_of::<LoraParams>() == 112);
+const _: () = assert!(std::mem::align_of::<LoraParams>() == 8);
+// SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
+unsafe impl DeviceRepr for LoraParams {}
+
+/// Sizes of one call, every pointer null.
+fn lora_params(m: usize, n: usize, r: usize, r8: usize, scale: f64) -> Result<LoraParams> {
+    Ok(LoraParams {
+        m: to_i32(m, "rows")?,
+        n: to_i32(n, "out features")?,
+        r: to_i32(r, "rank")?,
+        r8: to_i32(r8, "padded rank")?,
+        scale: scale as f32,
+        ..LoraParams::default()
+    })
+}
 
 /// How the backward computes `g = s dY B` and `dB = dY^T u_s`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -290,76 +331,29 @@ impl LoraOp {
         let mut b_ext = unsafe { alloc_out::<T>(dev, n * r8)? };
         let mut y = unsafe { alloc_out::<T>(dev, m * n)? };
 
-        let name = format!("lora_pack_{}", T::DTYPE.as_str());
-        let func = load_func(dev, "lora", &name)?;
-        let total = m * (r8 - r) + n * r8;
-        let (mi, ni, ri, r8i) = (
-            to_i32(m, "rows")?,
-            to_i32(n, "out features")?,
-            to_i32(r, "rank")?,
-            to_i32(r8, "padded rank")?,
-        );
+        let mut p = lora_params(m, n, r, r8, self.scale)?;
         {
             let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&func);
-            b.arg(&mut u_ext).arg(&mut b_ext).arg(&bm);
-            static NULL_PTR: u64 = 0;
-            match &bias {
-                Some(v) => b.arg(v),
-                None => b.arg(&NULL_PTR),
-            };
-            b.arg(&mi).arg(&ni).arg(&ri).arg(&r8i);
-            // SAFETY: matches `lora_pack_*` in kernels/lora.cu.
-            unsafe { b.launch(grid_stride(dev, total, 256)?) }.w()?;
-            after_launch(dev, &name)?;
+            let mut ptrs = DevPtrs::new(&stream);
+            p.bm = ptrs.read(&bm);
+            p.bias = ptrs.read_opt(bias.as_ref());
+            p.uext = ptrs.write(&mut u_ext);
+            p.bext = ptrs.write(&mut b_ext);
+            let name = format!("lora_pack_{}", T::DTYPE.as_str());
+            let func = load_func(dev, "lora", &name)?;
+            let cfg = grid_stride(dev, m * (r8 - r) + n * r8, 256)?;
+            // SAFETY: u_ext [M, r8], b_ext [N, r8], B [N, r], bias [N] or null.
+            unsafe { launch(dev, &func, &name, cfg, &p) }?;
         }
-
-        let dt = T::DTYPE;
-        {
-            // Raw pointers for cuBLAS; the guards keep cudarc's stream ordering until the
-            // products are enqueued.
-            let stream = dev.cuda_stream();
-            let (px, _gx) = x.device_ptr(&stream);
-            let (pa, _ga) = a.device_ptr(&stream);
-            let (pw, _gw) = w.device_ptr(&stream);
-            let (pu, _gu) = u_ext.device_ptr_mut(&stream);
-            let (pbe, _gb) = b_ext.device_ptr_mut(&stream);
-            let (py, _gy) = y.device_ptr_mut(&stream);
-            let s = self.scale as f32;
-            // u_ext[:, :r] = s x A^T
-            gemm(
-                dev,
-                dt,
-                (m, r, k),
-                s,
-                (px, k, false),
-                (pa, k, true),
-                0.0,
-                (pu, r8),
-            )?;
-            // y = u_ext B_ext^T = s (x A^T) B^T + bias
-            gemm(
-                dev,
-                dt,
-                (m, n, r8),
-                1.0,
-                (pu, r8, false),
-                (pbe, r8, true),
-                0.0,
-                (py, n),
-            )?;
-            // y += x W^T, inside the base GEMM's accumulator
-            gemm(
-                dev,
-                dt,
-                (m, n, k),
-                1.0,
-                (px, k, false),
-                (pw, k, true),
-                1.0,
-                (py, n),
-            )?;
-        }
+        self.forward_gemms(
+            dev,
+            T::DTYPE,
+            (m, n, k, r, r8),
+            (&x, &a, &w),
+            &mut u_ext,
+            &b_ext,
+            &mut y,
+        )?;
         drop(bias_guard);
         *self.saved() = Some(Saved {
             u_ext: tensor_from_slice(u_ext, dev, (m, r8)),
@@ -369,6 +363,58 @@ impl LoraOp {
             CudaStorage::wrap_cuda_slice(y, dev.clone()),
             Shape::from((m, n)),
         ))
+    }
+
+    /// `u_ext[:, :r] = s x A^T`, `y = u_ext B_ext^T` (the rank-r term and the bias), then
+    /// `y += x W^T` inside the base GEMM's accumulator.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_gemms<T: CudaDType + DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        dt: DType,
+        (m, n, k, r, r8): (usize, usize, usize, usize, usize),
+        (x, a, w): (&CudaView<'_, T>, &CudaView<'_, T>, &CudaView<'_, T>),
+        u_ext: &mut CudaSlice<T>,
+        b_ext: &CudaSlice<T>,
+        y: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        // Raw pointers for cuBLAS; the guards keep cudarc's stream ordering until the
+        // products are enqueued (cuBLAS runs on candle's stream, like the kernels).
+        let stream = dev.cuda_stream();
+        let mut ptrs = DevPtrs::new(&stream);
+        let (px, pa, pw) = (ptrs.read(x), ptrs.read(a), ptrs.read(w));
+        let (pu, pbe, py) = (ptrs.write(u_ext), ptrs.read(b_ext), ptrs.write(y));
+        let s = self.scale as f32;
+        gemm(
+            dev,
+            dt,
+            (m, r, k),
+            s,
+            (px, k, false),
+            (pa, k, true),
+            0.0,
+            (pu, r8),
+        )?;
+        gemm(
+            dev,
+            dt,
+            (m, n, r8),
+            1.0,
+            (pu, r8, false),
+            (pbe, r8, true),
+            0.0,
+            (py, n),
+        )?;
+        gemm(
+            dev,
+            dt,
+            (m, n, k),
+            1.0,
+            (px, k, false),
+            (pw, k, true),
+            1.0,
+            (py, n),
+        )
     }
 
     fn backward<T: CudaDType + DeviceRepr + WithDType>(
@@ -400,7 +446,6 @@ impl LoraOp {
         let uv = contiguous_view::<T>(cuda_storage(&gu)?, lu)?;
         let bv = contiguous_view::<T>(cuda_storage(&gb)?, lb)?;
         let dt = T::DTYPE;
-        let s = self.scale as f32;
 
         // SAFETY: every element of each is written below (by lora_dy_reduce or cuBLAS with
         // beta = 0, before any beta = 1 product reads it).
@@ -419,82 +464,16 @@ impl LoraOp {
             }),
         };
         match plan {
-            Some(p) => {
-                self.dy_fused::<T>(&dev, &p, (m, n, r, r8), &dyv, &bv, &uv, &mut g, &mut db)?
-            }
-            None => {
-                let stream = dev.cuda_stream();
-                let (pd, _g1) = dyv.device_ptr(&stream);
-                let (pb, _g2) = bv.device_ptr(&stream);
-                let (pu, _g3) = uv.device_ptr(&stream);
-                let (pg, _g4) = g.device_ptr_mut(&stream);
-                let (pdb, _g5) = db.device_ptr_mut(&stream);
-                // g = s dY B
-                gemm(
-                    &dev,
-                    dt,
-                    (m, r, n),
-                    s,
-                    (pd, n, false),
-                    (pb, r8, false),
-                    0.0,
-                    (pg, r),
-                )?;
-                // dB = dY^T u_s
-                gemm(
-                    &dev,
-                    dt,
-                    (n, r, m),
-                    1.0,
-                    (pd, n, true),
-                    (pu, r8, false),
-                    0.0,
-                    (pdb, r),
-                )?;
-            }
+            Some(p) => self.dy_fused(&dev, &p, (m, n, r, r8), (&dyv, &bv, &uv), &mut g, &mut db)?,
+            None => self.dy_cublas(&dev, (m, n, r, r8), (&dyv, &bv, &uv), &mut g, &mut db)?,
         }
-        {
-            let stream = dev.cuda_stream();
-            let (pg, _g1) = g.device_ptr(&stream);
-            let (pa, _g2) = av.device_ptr(&stream);
-            let (pd, _g3) = dyv.device_ptr(&stream);
-            let (pw, _g4) = wv.device_ptr(&stream);
-            let (px, _g5) = xv.device_ptr(&stream);
-            let (pdx, _g6) = dx.device_ptr_mut(&stream);
-            let (pda, _g7) = da.device_ptr_mut(&stream);
-            // dx = g A, then dx += dY W inside the base GEMM's accumulator
-            gemm(
-                &dev,
-                dt,
-                (m, k, r),
-                1.0,
-                (pg, r, false),
-                (pa, k, false),
-                0.0,
-                (pdx, k),
-            )?;
-            gemm(
-                &dev,
-                dt,
-                (m, k, n),
-                1.0,
-                (pd, n, false),
-                (pw, k, false),
-                1.0,
-                (pdx, k),
-            )?;
-            // dA = g^T x
-            gemm(
-                &dev,
-                dt,
-                (r, k, m),
-                1.0,
-                (pg, r, true),
-                (px, k, false),
-                0.0,
-                (pda, k),
-            )?;
-        }
+        dx_da_gemms(
+            &dev,
+            (m, n, k, r),
+            (&g, &av, &dyv, &wv, &xv),
+            &mut dx,
+            &mut da,
+        )?;
         Ok((
             tensor_from_slice(dx, &dev, (m, k)),
             tensor_from_slice(da, &dev, (r, k)),
@@ -502,36 +481,82 @@ impl LoraOp {
         ))
     }
 
-    /// `lora_dy` then `lora_dy_reduce`: g = s dY B and dB = dY^T u_s from one read of dY.
-    #[allow(clippy::too_many_arguments)]
-    fn dy_fused<T: CudaDType + DeviceRepr + WithDType>(
+    /// g = s dY B and dB = dY^T u_s as two cuBLAS products, each reading dY.
+    #[allow(clippy::type_complexity)]
+    fn dy_cublas<T: CudaDType + DeviceRepr>(
         &self,
         dev: &CudaDevice,
-        p: &DyPlan,
         (m, n, r, r8): (usize, usize, usize, usize),
-        dyv: &CudaView<'_, T>,
-        bv: &CudaView<'_, T>,
-        uv: &CudaView<'_, T>,
+        (dyv, bv, uv): (&CudaView<'_, T>, &CudaView<'_, T>, &CudaView<'_, T>),
+        g: &mut CudaSlice<T>,
+        db: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        let dt = T::DTYPE;
+        let stream = dev.cuda_stream();
+        let mut ptrs = DevPtrs::new(&stream);
+        let (pd, pb, pu) = (ptrs.read(dyv), ptrs.read(bv), ptrs.read(uv));
+        let (pg, pdb) = (ptrs.write(g), ptrs.write(db));
+        let s = self.scale as f32;
+        // g = s dY B
+        gemm(
+            dev,
+            dt,
+            (m, r, n),
+            s,
+            (pd, n, false),
+            (pb, r8, false),
+            0.0,
+            (pg, r),
+        )?;
+        // dB = dY^T u_s
+        gemm(
+            dev,
+            dt,
+            (n, r, m),
+            1.0,
+            (pd, n, true),
+            (pu, r8, false),
+            0.0,
+            (pdb, r),
+        )
+    }
+
+    /// `lora_dy` then `lora_dy_reduce`: g = s dY B and dB = dY^T u_s from one read of dY.
+    #[allow(clippy::type_complexity)]
+    fn dy_fused<T: CudaDType + DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        plan: &DyPlan,
+        (m, n, r, r8): (usize, usize, usize, usize),
+        (dyv, bv, uv): (&CudaView<'_, T>, &CudaView<'_, T>, &CudaView<'_, T>),
         g: &mut CudaSlice<T>,
         db: &mut CudaSlice<T>,
     ) -> Result<()> {
         let dt = T::DTYPE.as_str();
         // SAFETY: block (x, y) writes rows [y*mc, ..) of part_g[x] and [x*nc, ..) of
         // part_b[y]; the regions tile [M] and [N] exactly, so every partial is written.
-        let mut part_g = unsafe { alloc_out::<f32>(dev, p.nbx * m * p.rp)? };
-        let mut part_b = unsafe { alloc_out::<f32>(dev, p.nby * n * p.rp)? };
+        let mut part_g = unsafe { alloc_out::<f32>(dev, plan.nbx * m * plan.rp)? };
+        let mut part_b = unsafe { alloc_out::<f32>(dev, plan.nby * n * plan.rp)? };
         let stream = dev.cuda_stream();
-        let (mi, ni, ri, r8i) = (
-            to_i32(m, "rows")?,
-            to_i32(n, "out features")?,
-            to_i32(r, "rank")?,
-            to_i32(r8, "padded rank")?,
-        );
-        let (mci, nci) = (p.mc as i32, p.nc as i32);
-
-        let name = format!("lora_dy_{dt}_r{}", p.rp);
+        let mut ptrs = DevPtrs::new(&stream);
+        let p = LoraParams {
+            dy: ptrs.read(dyv),
+            bext: ptrs.read(bv),
+            uext: ptrs.read(uv),
+            part_g: ptrs.write(&mut part_g),
+            part_b: ptrs.write(&mut part_b),
+            g: ptrs.write(g),
+            db: ptrs.write(db),
+            rp: plan.rp as i32,
+            mc: plan.mc as i32,
+            nc: plan.nc as i32,
+            nbx: plan.nbx as i32,
+            nby: plan.nby as i32,
+            ..lora_params(m, n, r, r8, self.scale)?
+        };
+        let name = format!("lora_dy_{dt}_r{}", plan.rp);
         let func = load_func(dev, "lora", &name)?;
-        let smem = p.smem_bytes();
+        let smem = plan.smem_bytes();
         dev.cuda_stream().context().bind_to_thread().w()?;
         func.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -539,34 +564,71 @@ impl LoraOp {
         )
         .w()?;
         let cfg = LaunchConfig {
-            grid_dim: (p.nbx as u32, p.nby as u32, 1),
+            grid_dim: (plan.nbx as u32, plan.nby as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        {
-            let mut b = stream.launch_builder(&func);
-            b.arg(dyv).arg(bv).arg(uv).arg(&mut part_g).arg(&mut part_b);
-            b.arg(&mi).arg(&ni).arg(&r8i).arg(&mci).arg(&nci);
-            // SAFETY: matches `lora_dy_*_r*`; N % 8 == 0 and rows of u_ext/B_ext are r8 wide.
-            unsafe { b.launch(cfg) }.w()?;
-            after_launch(dev, &name)?;
-        }
+        // SAFETY: N % 8 == 0 and rows of u_ext/B_ext are r8 wide; partials sized by the plan.
+        unsafe { launch(dev, &func, &name, cfg, &p) }?;
         let name = format!("lora_dy_reduce_{dt}");
         let func = load_func(dev, "lora", &name)?;
-        let (rpi, nbx, nby, s) = (p.rp as i32, p.nbx as i32, p.nby as i32, self.scale as f32);
-        let mut b = stream.launch_builder(&func);
-        b.arg(&part_g).arg(&part_b).arg(g).arg(db);
-        b.arg(&mi)
-            .arg(&ni)
-            .arg(&ri)
-            .arg(&rpi)
-            .arg(&nbx)
-            .arg(&nby)
-            .arg(&s);
-        // SAFETY: matches `lora_dy_reduce_*`; g is [M, r], db is [N, r].
-        unsafe { b.launch(grid_stride(dev, (m + n) * r, 256)?) }.w()?;
-        after_launch(dev, &name)
+        let cfg = grid_stride(dev, (m + n) * r, 256)?;
+        // SAFETY: g is [M, r], db is [N, r]; the partials were written just above.
+        unsafe { launch(dev, &func, &name, cfg, &p) }
     }
+}
+
+/// `dx = g A`, then `dx += dY W` inside the base GEMM's accumulator; `dA = g^T x`.
+#[allow(clippy::type_complexity)]
+fn dx_da_gemms<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    (m, n, k, r): (usize, usize, usize, usize),
+    (g, av, dyv, wv, xv): (
+        &CudaSlice<T>,
+        &CudaView<'_, T>,
+        &CudaView<'_, T>,
+        &CudaView<'_, T>,
+        &CudaView<'_, T>,
+    ),
+    dx: &mut CudaSlice<T>,
+    da: &mut CudaSlice<T>,
+) -> Result<()> {
+    let dt = T::DTYPE;
+    let stream = dev.cuda_stream();
+    let mut ptrs = DevPtrs::new(&stream);
+    let (pg, pa, pd) = (ptrs.read(g), ptrs.read(av), ptrs.read(dyv));
+    let (pw, px) = (ptrs.read(wv), ptrs.read(xv));
+    let (pdx, pda) = (ptrs.write(dx), ptrs.write(da));
+    gemm(
+        dev,
+        dt,
+        (m, k, r),
+        1.0,
+        (pg, r, false),
+        (pa, k, false),
+        0.0,
+        (pdx, k),
+    )?;
+    gemm(
+        dev,
+        dt,
+        (m, k, n),
+        1.0,
+        (pd, n, false),
+        (pw, k, false),
+        1.0,
+        (pdx, k),
+    )?;
+    gemm(
+        dev,
+        dt,
+        (r, k, m),
+        1.0,
+        (pg, r, true),
+        (px, k, false),
+        0.0,
+        (pda, k),
+    )
 }
 
 /// Contiguous, starting on a 16-byte boundary (lora_dy loads dY in 16-byte chunks).

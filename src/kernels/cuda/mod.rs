@@ -11,15 +11,18 @@
 //!
 //! # API for kernel modules (attention.rs, lora.rs, rmsnorm.rs, gae.rs)
 //!
-//! - [`load_func`]`(dev, "attention", "flash_fwd_bf16")` -> [`CudaFunction`]. Launch it on
-//!   candle's stream so ordering with candle's own kernels holds:
+//! - Every kernel takes one argument, its family's params struct (`AttnParams`, `LoraParams`,
+//!   `RmsNormParams`, `GaeParams`): a `#[repr(C)]` mirror of the struct in the family's
+//!   `kernels/*.cuh`, with a size assert on both sides. Fill its device pointers through
+//!   [`DevPtrs`] (which keeps cudarc's stream-ordering guards alive until it is dropped, after
+//!   the launch), then [`launch`] on candle's stream:
 //!   ```ignore
 //!   let func = load_func(dev, "gae", "gae_scan_f32")?;
 //!   let stream = dev.cuda_stream();
-//!   let mut b = stream.launch_builder(&func);
-//!   b.arg(&input_view).arg(&mut out).arg(&n_i32);
-//!   unsafe { b.launch(cfg) }.w()?;       // `.w()`: candle's WrapErr
-//!   after_launch(dev, "gae_scan_f32")?;  // optional synchronous error check
+//!   let mut ptrs = DevPtrs::new(&stream);
+//!   let p = GaeParams { rewards: ptrs.read(&input_view), adv: ptrs.write(&mut out), ..Default::default() };
+//!   unsafe { launch(dev, &func, "gae_scan_f32", cfg, &p) }?;  // checks as after_launch
+//!   drop(ptrs);                                               // after the launch
 //!   ```
 //! - Inputs: [`cuda_storage`] (a tensor's storage as CUDA) and [`contiguous_view`] (a typed view
 //!   at the layout's offset, or an error for strided layouts — call `.contiguous()` first).
@@ -45,7 +48,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    self, CudaContext, CudaSlice, CudaView, DevicePtrMut, DeviceRepr,
+    self, CudaContext, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr,
+    SyncOnDrop,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
@@ -191,6 +195,64 @@ pub unsafe fn alloc_out<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<C
     Ok(out)
 }
 
+/// Raw device pointers for a kernel's params struct. cudarc hands out a raw pointer with a
+/// guard that records the stream's work on the buffer when dropped; this keeps every guard
+/// until it is itself dropped, which must happen after the launch that uses the pointers.
+pub struct DevPtrs<'a> {
+    stream: &'a CudaStream,
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> DevPtrs<'a> {
+    pub fn new(stream: &'a CudaStream) -> Self {
+        Self {
+            stream,
+            guards: Vec::new(),
+        }
+    }
+
+    /// A buffer the kernel reads.
+    pub fn read<T, B: DevicePtr<T>>(&mut self, buf: &'a B) -> u64 {
+        let (ptr, guard) = buf.device_ptr(self.stream);
+        self.guards.push(guard);
+        ptr
+    }
+
+    /// A buffer the kernel writes (or reads and writes).
+    pub fn write<T, B: DevicePtrMut<T>>(&mut self, buf: &'a mut B) -> u64 {
+        let (ptr, guard) = buf.device_ptr_mut(self.stream);
+        self.guards.push(guard);
+        ptr
+    }
+
+    /// An optional input: null when absent, which the kernels read as "none".
+    pub fn read_opt<T, B: DevicePtr<T>>(&mut self, buf: Option<&'a B>) -> u64 {
+        buf.map_or(0, |b| self.read(b))
+    }
+}
+
+/// Launches `func` on candle's stream with `params` (its family's params struct) as the only
+/// argument, then [`after_launch`].
+///
+/// # Safety
+/// `P` must be the `#[repr(C)]` mirror of the kernel's params struct, every pointer in it
+/// live (held by a [`DevPtrs`] that outlives this call) and large enough for what the kernel
+/// reads and writes under `cfg`.
+pub unsafe fn launch<P: DeviceRepr>(
+    dev: &CudaDevice,
+    func: &CudaFunction,
+    name: &str,
+    cfg: LaunchConfig,
+    params: &P,
+) -> Result<()> {
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(func);
+    b.arg(params);
+    // SAFETY: the caller's contract above.
+    unsafe { b.launch(cfg) }.w()?;
+    after_launch(dev, name)
+}
+
 /// With `TEMPER_CUDA_SYNC_CHECK=1`, waits for the stream and names the kernel if it faulted;
 /// otherwise free. Launch errors themselves are already returned by `launch`.
 pub fn after_launch(dev: &CudaDevice, kernel: &str) -> Result<()> {
@@ -254,20 +316,27 @@ mod tests {
             v.sort_unstable();
             v
         };
-        // The modules above load these; and any other kernels/*.cu must be there as well.
-        let mut stems: Vec<String> = ["attention", "gae", "lora", "rmsnorm"]
-            .map(String::from)
-            .to_vec();
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
-        for entry in std::fs::read_dir(&dir).expect("kernels/ is readable") {
-            let path = entry.expect("kernels/ entry").path();
-            if path.extension().is_some_and(|e| e == "cu") {
-                let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
-                if !stems.contains(&stem) {
-                    stems.push(stem);
-                }
+        // The modules above load these; and every kernels/*.cu build.rs found (its list is
+        // embedded, so this does not read the source tree at run time) must be there as well.
+        let mut stems: Vec<&str> = vec![
+            "attention_prep",
+            "attention_fwd",
+            "attention_decode",
+            "attention_bwd",
+            "gae",
+            "lora",
+            "rmsnorm",
+        ];
+        for stem in KERNEL_STEMS {
+            if !stems.contains(stem) {
+                stems.push(stem);
             }
         }
+        assert_eq!(
+            KERNEL_STEMS.len(),
+            stems.len(),
+            "a loaded module has no kernels/*.cu"
+        );
         let expected = archs("gae");
         assert!(!expected.is_empty(), "gae missing");
         for stem in &stems {

@@ -9,15 +9,40 @@
 use std::sync::{Mutex, PoisonError};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
+use candle_core::cuda_backend::cudarc::driver::{DevicePtrMut, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
     WithDType, D,
 };
 
-use super::{after_launch, alloc_out, contiguous_view, cuda_storage, launch_1d, load_func};
-use super::{sm_count, tensor_from_slice, to_i32, LaunchConfig, PushKernelArg};
+use super::{alloc_out, contiguous_view, cuda_storage, launch, launch_1d, load_func};
+use super::{sm_count, tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
+
+/// The one argument of every kernel in kernels/rmsnorm.cu: the Rust mirror of `struct
+/// RmsNormParams` in kernels/rmsnorm.cuh (field comments there). Same fields, order and
+/// types (device pointers as `u64`, 0 = null); the size asserts on both sides catch a
+/// mismatch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct RmsNormParams {
+    x: u64,
+    w: u64,
+    y: u64,
+    rstd: u64,
+    dy: u64,
+    dx: u64,
+    dw_partial: u64,
+    dw: u64,
+    rows: i32,
+    cols: i32,
+    groups: i32,
+    eps: f32,
+}
+const _: () = assert!(std::mem::size_of::<RmsNormParams>() == 80);
+const _: () = assert!(std::mem::align_of::<RmsNormParams>() == 8);
+// SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
+unsafe impl DeviceRepr for RmsNormParams {}
 
 /// Our op on a CUDA tensor; `None` for dtypes the kernel does not cover (the caller falls
 /// back to the reference).
@@ -192,19 +217,25 @@ fn cuda_forward<T: CudaDType + DeviceRepr + WithDType>(
         let plan = Plan::new(cols, 16 / std::mem::size_of::<T>(), aligned);
         let name = plan.kernel("fwd", T::DTYPE);
         let func = load_func(dev, "rmsnorm", &name)?;
-        let (rows_i, cols_i, eps) = (to_i32(rows, "rows")?, to_i32(cols, "cols")?, op.eps);
         let cfg = LaunchConfig {
-            grid_dim: (rows_i as u32, 1, 1),
+            grid_dim: (to_i32(rows, "rows")? as u32, 1, 1),
             block_dim: (plan.threads, 1, 1),
             shared_mem_bytes: 0,
         };
         let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&func);
-        b.arg(&x).arg(&w).arg(&mut y).arg(&mut rstd);
-        b.arg(&rows_i).arg(&cols_i).arg(&eps);
-        // SAFETY: argument list matches `rmsnorm_fwd_*` in kernels/rmsnorm.cu; sizes checked.
-        unsafe { b.launch(cfg) }.w()?;
-        after_launch(dev, &name)?;
+        let mut ptrs = DevPtrs::new(&stream);
+        let p = RmsNormParams {
+            x: ptrs.read(&x),
+            w: ptrs.read(&w),
+            y: ptrs.write(&mut y),
+            rstd: ptrs.write(&mut rstd),
+            rows: to_i32(rows, "rows")?,
+            cols: to_i32(cols, "cols")?,
+            eps: op.eps,
+            ..RmsNormParams::default()
+        };
+        // SAFETY: x, y hold rows * cols, w cols, rstd rows elements; sizes checked.
+        unsafe { launch(dev, &func, &name, cfg, &p) }?;
     }
     op.save(tensor_from_slice(rstd, dev, rows));
     Ok((
@@ -328,41 +359,41 @@ fn cuda_backward<T: CudaDType + DeviceRepr + WithDType>(
     let mut packed = unsafe { alloc_out::<T>(dev, n + cols)? };
     let mut partial = unsafe { alloc_out::<f32>(dev, groups * cols)? };
     let stream = dev.cuda_stream();
-    let (rows_i, cols_i, groups_i) = (
-        to_i32(rows, "rows")?,
-        to_i32(cols, "cols")?,
-        to_i32(groups, "groups")?,
-    );
+    let mut ptrs = DevPtrs::new(&stream);
+    let mut p = RmsNormParams {
+        x: ptrs.read(&x),
+        w: ptrs.read(&w),
+        dy: ptrs.read(&g),
+        rstd: ptrs.read(&rstd),
+        dw_partial: ptrs.write(&mut partial),
+        rows: to_i32(rows, "rows")?,
+        cols: to_i32(cols, "cols")?,
+        groups: to_i32(groups, "groups")?,
+        ..RmsNormParams::default()
+    };
+    // dx is the first n elements of `packed`, dw the last cols.
+    let (packed_ptr, packed_guard) = packed.device_ptr_mut(&stream);
+    p.dx = packed_ptr;
+    p.dw = packed_ptr + (n * std::mem::size_of::<T>()) as u64;
     if n > 0 {
         let name = plan.kernel("bwd", T::DTYPE);
         let func = load_func(dev, "rmsnorm", &name)?;
         let cfg = LaunchConfig {
-            grid_dim: (groups_i as u32, 1, 1),
+            grid_dim: (p.groups as u32, 1, 1),
             block_dim: (plan.threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = stream.launch_builder(&func);
-        b.arg(&x)
-            .arg(&w)
-            .arg(&g)
-            .arg(&rstd)
-            .arg(&mut packed)
-            .arg(&mut partial);
-        b.arg(&rows_i).arg(&cols_i);
-        // SAFETY: matches `rmsnorm_bwd_*`; dx is the first n elements of `packed`.
-        unsafe { b.launch(cfg) }.w()?;
-        after_launch(dev, &name)?;
+        // SAFETY: x, dy, dx hold n elements, w cols, rstd rows, dw_partial groups * cols.
+        unsafe { launch(dev, &func, &name, cfg, &p) }?;
     }
     if cols > 0 {
         let name = format!("rmsnorm_dw_reduce_{}", T::DTYPE.as_str());
         let func = load_func(dev, "rmsnorm", &name)?;
-        let mut dw = packed.slice_mut(n..);
-        let mut b = stream.launch_builder(&func);
-        b.arg(&partial).arg(&mut dw).arg(&groups_i).arg(&cols_i);
-        // SAFETY: matches `rmsnorm_dw_reduce_*`; `partial` holds groups * cols values.
-        unsafe { b.launch(launch_1d(cols, 256)) }.w()?;
-        after_launch(dev, &name)?;
+        // SAFETY: `partial` holds groups * cols values, dw (inside `packed`) cols.
+        unsafe { launch(dev, &func, &name, launch_1d(cols, 256), &p) }?;
     }
+    drop(packed_guard);
+    drop(ptrs);
     drop(rs_guard);
     Ok((
         CudaStorage::wrap_cuda_slice(packed, dev.clone()),

@@ -1,9 +1,6 @@
-//! Model and training configuration: serde structs read from a TOML file (`--config`), then
-//! overridden by CLI flags, then validated with errors that name the offending field.
+//! The model's shape: Hugging Face `LlamaConfig` field names plus the GPT-2 variants.
 
-use std::path::{Path, PathBuf};
-
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,131 +150,6 @@ impl ModelConfig {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DTypeChoice {
-    /// bf16 compute on CUDA (with f32 master weights), f32 on CPU.
-    #[default]
-    Auto,
-    F32,
-    Bf16,
-}
-
-/// The one training loop's knobs, shared by every stage.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TrainConfig {
-    pub steps: usize,
-    pub batch_size: usize,
-    pub grad_accum: usize,
-    pub seq_len: usize,
-    pub lr: f64,
-    pub min_lr_ratio: f64,
-    pub warmup_steps: usize,
-    pub weight_decay: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub adam_eps: f64,
-    pub grad_clip: f64,
-    pub eval_every: usize,
-    pub eval_batches: usize,
-    pub checkpoint_every: usize,
-    pub keep_checkpoints: usize,
-    pub log_every: usize,
-    pub seed: u64,
-    pub dtype: DTypeChoice,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            steps: 300,
-            batch_size: 32,
-            grad_accum: 1,
-            seq_len: 64,
-            lr: 3e-3,
-            min_lr_ratio: 0.1,
-            warmup_steps: 20,
-            weight_decay: 0.1,
-            beta1: 0.9,
-            beta2: 0.95,
-            adam_eps: 1e-8,
-            grad_clip: 1.0,
-            eval_every: 50,
-            eval_batches: 4,
-            checkpoint_every: 100,
-            keep_checkpoints: 2,
-            log_every: 10,
-            seed: 1234,
-            dtype: DTypeChoice::Auto,
-        }
-    }
-}
-
-impl TrainConfig {
-    pub fn validate(&self) -> Result<()> {
-        for (name, v) in [
-            ("steps", self.steps),
-            ("batch_size", self.batch_size),
-            ("grad_accum", self.grad_accum),
-            ("seq_len", self.seq_len),
-            ("eval_every", self.eval_every),
-            ("eval_batches", self.eval_batches),
-            ("checkpoint_every", self.checkpoint_every),
-            ("keep_checkpoints", self.keep_checkpoints),
-            ("log_every", self.log_every),
-        ] {
-            if v == 0 {
-                bail!("train.{name} must be positive");
-            }
-        }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            bail!("train.lr must be a positive number, got {}", self.lr);
-        }
-        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
-            bail!(
-                "train.min_lr_ratio must be in [0, 1], got {}",
-                self.min_lr_ratio
-            );
-        }
-        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
-            bail!("train.beta1 and train.beta2 must be in [0, 1)");
-        }
-        if self.grad_clip < 0.0 || self.weight_decay < 0.0 {
-            bail!("train.grad_clip and train.weight_decay must not be negative");
-        }
-        Ok(())
-    }
-}
-
-/// Reads a TOML file into `T`, naming the file (and TOML's line/column and field) on error.
-pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read config", path.display()))?;
-    toml::from_str(&text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| text[..s.start].matches('\n').count() + 1)
-            .map(|l| format!(":{l}"))
-            .unwrap_or_default();
-        anyhow::anyhow!("{}{line}: {}", path.display(), e.message())
-    })
-}
-
-/// Writes `value` as TOML to `path` atomically.
-pub fn write_toml<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let text = toml::to_string_pretty(value).context("serialising config")?;
-    crate::train::checkpoint::write_atomic(path, text.as_bytes())
-}
-
-pub fn resolve(path: &Path, base: &Path) -> PathBuf {
-    if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        base.join(path)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,14 +178,5 @@ mod tests {
             .to_string()
             .contains("num_key_value_heads"));
         assert!(ModelConfig::preset("nope").is_err());
-    }
-
-    #[test]
-    fn toml_errors_name_file_line_and_field() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("c.toml");
-        std::fs::write(&p, "hidden_size = 64\nnum_layers = 3\n").unwrap();
-        let e = read_toml::<ModelConfig>(&p).unwrap_err().to_string();
-        assert!(e.contains("c.toml:2") && e.contains("num_layers"), "{e}");
     }
 }

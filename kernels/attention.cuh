@@ -1,0 +1,146 @@
+// What every attention kernel shares (included by attention_prep.cu, attention_fwd.cu,
+// attention_decode.cu and attention_bwd.cu):
+//   AttnParams      the one kernel argument of every attention entry point (the ABI),
+//                   mirrored field for field by `AttnParams` in src/kernels/cuda/attention.rs
+//   SimpleTiles     tile sizes of the CUDA-core ("simple") kernels
+//   MmaFwdTraits<D> / MmaBwdTraits<D>   tile choices of the tensor-core kernels, with the
+//                   shared-memory size each launch asks for
+//   KeyRange, key_range, block_key_end, warp_max, pos_inf, neg_inf, kLog2e, kLn2
+//
+// Conventions (all kernels): q, o, dq `[B, Hq, Tq, D]`; k, v, dk, dv `[B, Hkv, Tk, D]`
+// (contiguous); lse, dvec `[B, Hq, Tq]` f32; GQA: query head hq reads kv head hq / (Hq / Hkv).
+// Query i sits at absolute position offset + i and sees key j when (not causal or
+// j <= offset + i) and key j is valid; a row that sees no key outputs zeros and lse = +inf.
+// Softmax runs in the log2 domain: x = (q.k) * scale * log2(e), p = exp2(x - m).
+#pragma once
+
+#include "common.cuh"
+
+namespace temper {
+namespace attn {
+
+// The single argument of every attention kernel, passed by value (flash-attention's
+// `Flash_fwd_params` idea): one struct per family instead of ~20 positional arguments, so
+// the Rust side fills named fields and a field mismatch fails the build (the size asserts
+// here and in src/kernels/cuda/attention.rs). Pointers to tensors of the storage dtype are
+// `void *` (the dtype is the entry point's suffix); a kernel reads only the fields its
+// comment names, the rest may be null / zero. Field order and types must match the Rust
+// `#[repr(C)] struct AttnParams` exactly.
+struct AttnParams {
+  // Tensors in the storage dtype T.
+  const void *q;     // [B, Hq, Tq, D]   fwd, bwd
+  const void *k;     // [B, Hkv, Tk, D]  fwd, bwd
+  const void *v;     // [B, Hkv, Tk, D]  fwd, bwd
+  void *o;           // [B, Hq, Tq, D]   written by fwd / combine, read by bwd_dot
+  const void *dout;  // [B, Hq, Tq, D]   bwd: gradient of o
+  void *dq;          // [B, Hq, Tq, D]   written by bwd_dq_simple / dq_convert
+  void *dk;          // [B, Hkv, Tk, D]  written by bwd_dkdv_simple / bwd_mma
+  void *dv;          // [B, Hkv, Tk, D]  written by bwd_dkdv_simple / bwd_mma
+  // f32 / int side buffers.
+  float *lse;         // [B, Hq, Tq] natural-log log-sum-exp: written by fwd, read by bwd
+  float *dvec;        // [B, Hq, Tq] rowsum(dO * O): written by bwd_dot, read by bwd
+  const float *kvalid;  // [B, Tk] key mask (nonzero = real token), or null: no key mask
+  int *krange;        // [B, 3] first valid key, last + 1, dense (1/0): written by
+                      // attn_key_range, read by everything else; null without a key mask
+  float *opart;       // [nsplit, B*Hq*Tq, D] split-K partial outputs (decode), else null
+  float *lsepart;     // [nsplit, B*Hq*Tq] their log-sum-exps (-inf: split saw no key)
+  float *dq_acc;      // [B, Hq, Tq, D] f32 dQ accumulator of bwd_mma (zeroed), else null
+  // Sizes and options.
+  int b;        // batch (informational: kernels derive it from the grid)
+  int hq;       // query heads
+  int hkv;      // kv heads, hq % hkv == 0
+  int tq;       // queries per sequence
+  int tk;       // keys per sequence
+  int d;        // head dim (the mma kernels take it from their template instead)
+  int causal;   // 1: causal mask with `offset`, 0: none
+  int offset;   // absolute position of query 0
+  int nrows;    // B * Hq * Tq: rows of combine, bwd_dot and dq_convert
+  int nsplit;   // key splits of the decode forward (gridDim.z); combine merges them
+  float scale_log2;  // softmax scale * log2(e)
+  float scale;       // softmax scale
+};
+static_assert(sizeof(AttnParams) == 168, "AttnParams: keep in step with the Rust mirror");
+static_assert(alignof(AttnParams) == 8, "AttnParams: keep in step with the Rust mirror");
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+static __device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
+static __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+static __device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+// Key range of sequence b: [lo, hi) holds every valid key; dense says no invalid key sits
+// inside it. Without a mask the whole cache is valid.
+struct KeyRange {
+  int lo, hi, dense;
+};
+
+static __device__ __forceinline__ KeyRange key_range(const int *krange, int b, int Tk) {
+  KeyRange r{0, Tk, 1};
+  if (krange != nullptr) {
+    r.lo = krange[3 * b];
+    r.hi = krange[3 * b + 1];
+    r.dense = krange[3 * b + 2];
+  }
+  return r;
+}
+
+// Block-level visible key range for `nrows` consecutive rows starting at flattened row r0 of
+// the G * Tq rows that share one kv head: the largest query index among them bounds the
+// causal horizon of the whole block.
+static __device__ __forceinline__ int block_key_end(const KeyRange &kr, int r0, int nrows,
+                                                    int Tq, int causal, int offset) {
+  const int r_last = r0 + nrows - 1;
+  const int i_max = (r0 / Tq != r_last / Tq) ? Tq - 1 : r_last % Tq;
+  return causal ? min(kr.hi, offset + i_max + 1) : kr.hi;
+}
+
+// ---------------------------------------------------------------------------------------
+// Tile choices.
+// ---------------------------------------------------------------------------------------
+
+// Simple path (CUDA cores, f32 arithmetic, any dtype, D <= 32 * DPL): one warp per row.
+constexpr int kSimpleWarps = 8;  // rows per block at most (blockDim.x = 32 * rows)
+constexpr int kSimpleKT = 32;    // keys (or queries) per shared-memory tile: one per lane
+static_assert(kSimpleKT == 32, "lane j scores key j of a tile");
+static_assert(kSimpleWarps * 32 <= 256, "__launch_bounds__(256) of the simple kernels");
+
+// Tensor-core forward: 4 warps own 64 query rows (16 each); K/V tiles of 64 keys in two
+// cp.async stages. Dynamic shared memory: sQ [BQ][D] + 2 stages of sK, sV [BK][D] (2-byte
+// elements) + 2 stages of BK f32 key flags.
+template <int D> struct MmaFwdTraits {
+  static constexpr int kBlockQ = 64;   // query rows per block
+  static constexpr int kBlockK = 64;   // keys per pipeline stage
+  static constexpr int kThreads = 128;  // 4 warps
+  static constexpr int kSmemBytes = (kBlockQ + 4 * kBlockK) * D * 2 + 2 * kBlockK * 4;
+  static_assert(D == 64 || D == 128, "head dims the mma kernels are instantiated for");
+  static_assert(kBlockQ == 16 * (kThreads / 32), "one 16-row mma tile per warp");
+  static_assert(kBlockK % 16 == 0, "k-steps of P V");
+};
+static_assert(MmaFwdTraits<128>::kSmemBytes == 82432, "fwd_mma_smem in attention.rs");
+
+// Tensor-core backward: one block per 64 keys of one kv head (16 per warp); query tiles of
+// BQ rows stream through two stages. BQ is 64 for D = 64 and 32 for D = 128, which keeps dK,
+// dV (in registers for the whole kernel) plus S^T and dP^T under the register budget.
+// Dynamic shared memory: sK, sV [BK][D] + 2 stages of sQ, sdO [BQ][D] + sdS [BK][BQ + 8]
+// (2-byte elements) + 2 stages of sL, sDv [BQ] f32.
+template <int D> struct MmaBwdTraits {
+  static constexpr int kBlockK = 64;
+  static constexpr int kBlockQ = D == 128 ? 32 : 64;
+  static constexpr int kThreads = 128;
+  static constexpr int kSmemBytes =
+      (2 * kBlockK + 4 * kBlockQ) * D * 2 + kBlockK * (kBlockQ + 8) * 2 + 4 * kBlockQ * 4;
+  static_assert(D == 64 || D == 128, "head dims the mma kernels are instantiated for");
+  static_assert(kBlockK == 16 * (kThreads / 32), "one 16-key mma tile per warp");
+  static_assert(kBlockQ % 16 == 0, "dQ m-blocks");
+};
+static_assert(MmaBwdTraits<128>::kSmemBytes == 71168, "bwd_mma_smem in attention.rs");
+static_assert(MmaBwdTraits<64>::kSmemBytes == 59392, "bwd_mma_smem in attention.rs");
+
+}  // namespace attn
+}  // namespace temper

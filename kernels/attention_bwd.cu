@@ -1,0 +1,543 @@
+// Scaled-dot-product attention, backward (FlashAttention-2): dQ, dK, dV from the saved
+// per-row log-sum-exp, recomputing the scores tile by tile.
+//
+// Shared conventions are in attention.cuh. With P = exp(S - lse) recomputed per tile:
+//   D_i = rowsum(dO * O)_i (attn_bwd_dot, first), dP = dO V^T, dS = P (dP - D),
+//   dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO.
+//
+// Two implementations, chosen by src/kernels/cuda/attention.rs like the forward's:
+//
+// 1. "simple" (any dtype, D <= 128): two kernels with no atomics: dQ (warp per query row,
+//    loop over key tiles) and dK/dV (warp per key row, loop over the query rows of every head
+//    in its GQA group, which sums the group's contributions for free).
+//
+// 2. "mma" (bf16/f16, D = 64 or 128; tiles in MmaBwdTraits): one block per 64 keys of one kv
+//    head keeps K, V in shared memory and dK, dV in registers, and walks the query tiles of
+//    every head in the GQA group: S^T = K Q^T, P^T = exp2(S^T - lse), dV += P^T dO,
+//    dP^T = V dO^T, dS^T = P^T (dP^T - D), dK += dS^T Q, all with the key as the row so the
+//    accumulators are the warp's own rows. dQ += dS K needs the query as the row: dS^T goes
+//    through shared memory (read back transposed by ldmatrix.trans) and each block adds its
+//    share into an f32 dQ accumulator with atomics; attn_dq_convert scales and rounds it.
+//
+// Every entry point is `extern "C"`, takes one AttnParams by value, and carries its dtype in
+// its name: attn_bwd_dot_<dtype>, attn_bwd_dq_simple_<dtype>_d<DPL>,
+// attn_bwd_dkdv_simple_<dtype>_d<DPL>, attn_bwd_mma_<dtype>_h<D>, attn_dq_convert_<dtype>.
+
+#include "attention.cuh"
+#include "mma.cuh"
+
+namespace temper {
+namespace attn {
+
+// ---------------------------------------------------------------------------------------
+// Simple path (CUDA cores, f32 arithmetic, any dtype, D <= 32 * DPL).
+// ---------------------------------------------------------------------------------------
+// dvec[row] = sum_d dO[row, d] * O[row, d]. One warp per row.
+template <typename T>
+static __device__ void bwd_dot(const T *__restrict__ o, const T *__restrict__ dout,
+                               float *__restrict__ dvec, int nrows, int D) {
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= nrows) return;
+  float acc = 0.f;
+  for (int d = lane; d < D; d += 32)
+    acc = fmaf(to_f32(o[(size_t)row * D + d]), to_f32(dout[(size_t)row * D + d]), acc);
+  acc = warp_sum(acc);
+  if (lane == 0) dvec[row] = acc;
+}
+
+// dQ, simple: warp per query row, loop over key tiles. grid/block as fwd_simple (nsplit 1).
+// dq = scale * sum_j p_ij (dp_ij - D_i) k_j with p recomputed from the saved lse.
+template <typename T, int DPL>
+static __device__ void bwd_dq_simple(const T *__restrict__ q, const T *__restrict__ k,
+                                     const T *__restrict__ v, const T *__restrict__ dout,
+                                     const float *__restrict__ lse, const float *__restrict__ dvec,
+                                     const float *__restrict__ kvalid,
+                                     const int *__restrict__ krange, T *__restrict__ dq, int Hq,
+                                     int Hkv, int Tq, int Tk, int D, int causal, int offset,
+                                     float scale_log2, float scale) {
+  constexpr int DMAX = 32 * DPL;
+  __shared__ float ks[kSimpleKT * (DMAX + 1)];
+  __shared__ float vs[kSimpleKT * (DMAX + 1)];
+  __shared__ float qs[kSimpleWarps * DMAX];
+  __shared__ float dos[kSimpleWarps * DMAX];
+
+  const int nw = blockDim.x >> 5;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int G = Hq / Hkv;
+  const int b = blockIdx.x / Hkv, hkv = blockIdx.x % Hkv;
+  const int rows = G * Tq;
+  const int r0 = blockIdx.y * nw;
+  const int r = r0 + warp;
+  const bool active = r < rows;
+  const int g = active ? r / Tq : 0, i = active ? r % Tq : 0;
+  const size_t qrow = ((size_t)b * Hq + hkv * G + g) * Tq + i;
+
+  const KeyRange kr = key_range(krange, b, Tk);
+  const int row_hi = causal ? min(kr.hi, offset + i + 1) : kr.hi;
+  const int blk_hi = block_key_end(kr, r0, min(nw, rows - r0), Tq, causal, offset);
+  const int ntiles = blk_hi > kr.lo ? (blk_hi - kr.lo + kSimpleKT - 1) / kSimpleKT : 0;
+
+  float *qw = qs + warp * DMAX;
+  float *dow = dos + warp * DMAX;
+  float lse2 = 0.f, dr = 0.f;
+  if (active) {
+    for (int d = lane; d < D; d += 32) {
+      qw[d] = to_f32(q[qrow * D + d]) * scale_log2;
+      dow[d] = to_f32(dout[qrow * D + d]);
+    }
+    lse2 = lse[qrow] * kLog2e;
+    dr = dvec[qrow];
+  }
+  const size_t kvbase = ((size_t)b * Hkv + hkv) * Tk;
+  float acc[DPL];
+#pragma unroll
+  for (int t = 0; t < DPL; ++t) acc[t] = 0.f;
+
+  for (int t = 0; t < ntiles; ++t) {
+    const int k0 = kr.lo + t * kSimpleKT;
+    __syncthreads();
+    for (int e = threadIdx.x; e < kSimpleKT * D; e += blockDim.x) {
+      const int jj = e / D, d = e - jj * D;
+      const int j = k0 + jj;
+      float kk = 0.f, vv = 0.f;
+      if (j < Tk) {
+        kk = to_f32(k[(kvbase + j) * D + d]);
+        vv = to_f32(v[(kvbase + j) * D + d]);
+      }
+      ks[jj * (DMAX + 1) + d] = kk;
+      vs[jj * (DMAX + 1) + d] = vv;
+    }
+    __syncthreads();
+    if (active) {
+      const int j = k0 + lane;
+      const bool vis = j < row_hi && (kr.dense || kvalid[(size_t)b * Tk + j] != 0.f);
+      float ds = 0.f;
+      if (vis) {
+        float s = 0.f, dp = 0.f;
+        const float *kr_ = ks + lane * (DMAX + 1);
+        const float *vr_ = vs + lane * (DMAX + 1);
+        for (int d = 0; d < D; ++d) {
+          s = fmaf(qw[d], kr_[d], s);
+          dp = fmaf(dow[d], vr_[d], dp);
+        }
+        const float p = exp2f(s - lse2);
+        ds = p * (dp - dr);
+      }
+      for (int jj = 0; jj < kSimpleKT; ++jj) {
+        const float dsj = __shfl_sync(0xffffffffu, ds, jj);
+        if (dsj != 0.f) {
+#pragma unroll
+          for (int t2 = 0; t2 < DPL; ++t2)
+            acc[t2] = fmaf(dsj, ks[jj * (DMAX + 1) + lane + 32 * t2], acc[t2]);
+        }
+      }
+    }
+  }
+  if (!active) return;
+#pragma unroll
+  for (int t = 0; t < DPL; ++t) {
+    const int d = lane + 32 * t;
+    if (d < D) dq[qrow * D + d] = from_f32<T>(acc[t] * scale);
+  }
+}
+
+// dK and dV, simple: warp per key row j of one kv head; loops over the query rows of every
+// head of the GQA group (tiles of 32), so the group's contributions add up in registers.
+// grid (B*Hkv, ceil(Tk / 8)), block 256.
+template <typename T, int DPL>
+static __device__ void bwd_dkdv_simple(const T *__restrict__ q, const T *__restrict__ k,
+                                       const T *__restrict__ v, const T *__restrict__ dout,
+                                       const float *__restrict__ lse,
+                                       const float *__restrict__ dvec,
+                                       const float *__restrict__ kvalid,
+                                       const int *__restrict__ krange, T *__restrict__ dk,
+                                       T *__restrict__ dv, int Hq, int Hkv, int Tq, int Tk, int D,
+                                       int causal, int offset, float scale_log2, float scale) {
+  constexpr int DMAX = 32 * DPL;
+  __shared__ float qs[kSimpleKT * (DMAX + 1)];
+  __shared__ float dos[kSimpleKT * (DMAX + 1)];
+  __shared__ float lse2s[kSimpleKT], dvs[kSimpleKT];
+  __shared__ float kw[kSimpleWarps * DMAX], vw[kSimpleWarps * DMAX];
+
+  const int nw = blockDim.x >> 5;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int G = Hq / Hkv;
+  const int b = blockIdx.x / Hkv, hkv = blockIdx.x % Hkv;
+  const int j0 = blockIdx.y * nw;
+  const int j = j0 + warp;
+  const KeyRange kr = key_range(krange, b, Tk);
+  const bool kvis = j < Tk && j >= kr.lo && j < kr.hi &&
+                    (kr.dense || kvalid[(size_t)b * Tk + j] != 0.f);
+  const size_t krow = ((size_t)b * Hkv + hkv) * Tk + j;
+
+  float *kwr = kw + warp * DMAX;
+  float *vwr = vw + warp * DMAX;
+  if (j < Tk) {
+    for (int d = lane; d < D; d += 32) {
+      kwr[d] = to_f32(k[krow * D + d]);
+      vwr[d] = to_f32(v[krow * D + d]);
+    }
+  }
+  float dka[DPL], dva[DPL];
+#pragma unroll
+  for (int t = 0; t < DPL; ++t) dka[t] = dva[t] = 0.f;
+
+  // Whole block outside the valid keys: nothing to accumulate (uniform branch).
+  const bool any = j0 < kr.hi && j0 + nw > kr.lo;
+  // The first query that can see the block's first key.
+  const int i_start = causal ? max(0, j0 - offset) : 0;
+  const int nqt = (any && Tq > i_start) ? (Tq - i_start + kSimpleKT - 1) / kSimpleKT : 0;
+
+  for (int g = 0; g < G; ++g) {
+    const size_t qbase = ((size_t)b * Hq + hkv * G + g) * Tq;
+    for (int t = 0; t < nqt; ++t) {
+      const int i0 = i_start + t * kSimpleKT;
+      __syncthreads();
+      for (int e = threadIdx.x; e < kSimpleKT * D; e += blockDim.x) {
+        const int ii = e / D, d = e - ii * D;
+        const int i = i0 + ii;
+        float qq = 0.f, gg = 0.f;
+        if (i < Tq) {
+          qq = to_f32(q[(qbase + i) * D + d]);
+          gg = to_f32(dout[(qbase + i) * D + d]);
+        }
+        qs[ii * (DMAX + 1) + d] = qq;
+        dos[ii * (DMAX + 1) + d] = gg;
+      }
+      for (int ii = threadIdx.x; ii < kSimpleKT; ii += blockDim.x) {
+        const int i = i0 + ii;
+        lse2s[ii] = i < Tq ? lse[qbase + i] * kLog2e : pos_inf();
+        dvs[ii] = i < Tq ? dvec[qbase + i] : 0.f;
+      }
+      __syncthreads();
+      const int i = i0 + lane;
+      const bool vis = kvis && i < Tq && (!causal || j <= offset + i);
+      float p = 0.f, ds = 0.f;
+      if (vis) {
+        float s = 0.f, dp = 0.f;
+        const float *qr_ = qs + lane * (DMAX + 1);
+        const float *gr_ = dos + lane * (DMAX + 1);
+        for (int d = 0; d < D; ++d) {
+          s = fmaf(qr_[d], kwr[d], s);
+          dp = fmaf(gr_[d], vwr[d], dp);
+        }
+        p = exp2f(s * scale_log2 - lse2s[lane]);
+        ds = p * (dp - dvs[lane]);
+      }
+      for (int ii = 0; ii < kSimpleKT; ++ii) {
+        const float pi = __shfl_sync(0xffffffffu, p, ii);
+        const float dsi = __shfl_sync(0xffffffffu, ds, ii);
+        if (pi != 0.f || dsi != 0.f) {
+#pragma unroll
+          for (int t2 = 0; t2 < DPL; ++t2) {
+            const int d = lane + 32 * t2;
+            dva[t2] = fmaf(pi, dos[ii * (DMAX + 1) + d], dva[t2]);
+            dka[t2] = fmaf(dsi, qs[ii * (DMAX + 1) + d], dka[t2]);
+          }
+        }
+      }
+    }
+  }
+  if (j >= Tk) return;
+#pragma unroll
+  for (int t = 0; t < DPL; ++t) {
+    const int d = lane + 32 * t;
+    if (d < D) {
+      dk[krow * D + d] = from_f32<T>(dka[t] * scale);
+      dv[krow * D + d] = from_f32<T>(dva[t]);
+    }
+  }
+}
+
+template <typename T>
+static __device__ void dq_convert(const float *__restrict__ acc, T *__restrict__ dq, size_t n,
+                                  float scale) {
+  for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
+       idx += (size_t)gridDim.x * blockDim.x)
+    dq[idx] = from_f32<T>(acc[idx] * scale);
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensor-core path (bf16 / f16, D in {64, 128}), sm_80+.
+// ---------------------------------------------------------------------------------------
+// dK, dV (and dQ through f32 atomics). grid (B*Hkv, ceil(Tk / 64)), block 128, dynamic
+// shared memory (2 * 64 + 4 * BQ) * D * sizeof(T) + 64 * (BQ + 8) * sizeof(T) + 4 * BQ * 4.
+// BQ (query rows per step) is 64 for D = 64 and 32 for D = 128, which keeps dK, dV (in
+// registers for the whole kernel) plus S^T and dP^T under the register budget.
+template <typename T, int D>
+static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
+                               const T *__restrict__ v, const T *__restrict__ dout,
+                               const float *__restrict__ lse, const float *__restrict__ dvec,
+                               const float *__restrict__ kvalid, const int *__restrict__ krange,
+                               T *__restrict__ dk, T *__restrict__ dv, float *__restrict__ dq_acc,
+                               int Hq, int Hkv, int Tq, int Tk, int causal, int offset,
+                               float scale_log2, float scale) {
+  using Tiles = MmaBwdTraits<D>;
+  constexpr int BQ = Tiles::kBlockQ, BK = Tiles::kBlockK, NT = Tiles::kThreads;
+  constexpr int KSD = D / 16;  // k-steps over the head dim
+  constexpr int NBQ = BQ / 8;  // n-blocks over the query tile
+  constexpr int NBD = D / 8;   // n-blocks over the head dim
+  constexpr int DSS = BQ + 8;  // dS^T row stride: 16 bytes of padding keep ldmatrix conflict-free
+  constexpr int MB = BQ / 16;  // m-blocks of the dQ tile
+  constexpr int WPM = 4 / MB;  // warps per m-block in the dQ step
+  constexpr int NBW = NBD / WPM;  // dQ n-blocks per warp
+  static_assert(MB * WPM == 4 && NBW % 2 == 0, "dQ work split");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T *sK = reinterpret_cast<T *>(smem_raw);
+  T *sV = sK + BK * D;
+  T *sQ = sV + BK * D;       // two stages
+  T *sdO = sQ + 2 * BQ * D;  // two stages
+  T *sdS = sdO + 2 * BQ * D;
+  float *sL = reinterpret_cast<float *>(sdS + BK * DSS);  // two stages: lse * log2(e)
+  float *sDv = sL + 2 * BQ;                               // two stages: rowsum(dO * O)
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, c4 = lane & 3;
+  const int G = Hq / Hkv;
+  const int k0 = blockIdx.y * BK;
+  const int b = blockIdx.x / Hkv, hkv = blockIdx.x % Hkv;
+  const size_t kvbase = ((size_t)b * Hkv + hkv) * Tk;
+  const KeyRange kr = key_range(krange, b, Tk);
+
+  const int jA = k0 + warp * 16 + g, jB = jA + 8;
+  const bool validA = jA >= kr.lo && jA < kr.hi && (kr.dense || kvalid[(size_t)b * Tk + jA] != 0.f);
+  const bool validB = jB >= kr.lo && jB < kr.hi && (kr.dense || kvalid[(size_t)b * Tk + jB] != 0.f);
+
+  const bool any = k0 < kr.hi && k0 + BK > kr.lo;
+  const int i_start = causal ? max(0, k0 - offset) : 0;
+  const int nqt = (any && Tq > i_start) ? (Tq - i_start + BQ - 1) / BQ : 0;
+  const int niter = G * nqt;
+
+  auto load_q = [&](int it, int st) {
+    const int gq = it / nqt, qt = it - gq * nqt;
+    const int i0 = i_start + qt * BQ;
+    const size_t qbase = ((size_t)b * Hq + hkv * G + gq) * Tq;
+    load_tile<T, BQ, D, NT>(sQ + st * BQ * D, q + (qbase + i0) * D, Tq - i0, q);
+    load_tile<T, BQ, D, NT>(sdO + st * BQ * D, dout + (qbase + i0) * D, Tq - i0, dout);
+    for (int x = threadIdx.x; x < BQ; x += NT) {
+      const int i = i0 + x;
+      sL[st * BQ + x] = i < Tq ? lse[qbase + i] * kLog2e : pos_inf();
+      sDv[st * BQ + x] = i < Tq ? dvec[qbase + i] : 0.f;
+    }
+  };
+
+  float dKa[NBD][4], dVa[NBD][4];
+#pragma unroll
+  for (int n = 0; n < NBD; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dKa[n][e] = dVa[n][e] = 0.f;
+
+  if (niter > 0) {
+    load_tile<T, BK, D, NT>(sK, k + (kvbase + k0) * D, Tk - k0, k);
+    load_tile<T, BK, D, NT>(sV, v + (kvbase + k0) * D, Tk - k0, v);
+    load_q(0, 0);
+  }
+  cp_async_commit();
+
+  for (int it = 0; it < niter; ++it) {
+    const int st = it & 1;
+    if (it + 1 < niter) {
+      load_q(it + 1, st ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int gq = it / nqt, qt = it - gq * nqt;
+    const int i0 = i_start + qt * BQ;
+    const size_t qbase = ((size_t)b * Hq + hkv * G + gq) * Tq;
+    const T *sQs = sQ + st * BQ * D;
+    const T *sdOs = sdO + st * BQ * D;
+    const float *sLs = sL + st * BQ;
+    const float *sDvs = sDv + st * BQ;
+
+    // S^T = K_w Q^T and dP^T = V_w dO^T: rows are this warp's 16 keys, columns the BQ queries.
+    float sT[NBQ][4], dpT[NBQ][4];
+#pragma unroll
+    for (int n = 0; n < NBQ; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sT[n][e] = dpT[n][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KSD; ++ks) {
+      uint32_t ka[4], va[4];
+      const int arow = warp * 16 + (lane & 15), acol = ks * 16 + (lane >> 4) * 8;
+      ldsm_x4(ka, smem_addr(sK + swz<D>(arow, acol)));
+      ldsm_x4(va, smem_addr(sV + swz<D>(arow, acol)));
+#pragma unroll
+      for (int n2 = 0; n2 < NBQ / 2; ++n2) {
+        const int qrow = n2 * 16 + (lane & 7) + ((lane >> 4) << 3);
+        const int col = ks * 16 + ((lane >> 3) & 1) * 8;
+        uint32_t bq[4], bo[4];
+        ldsm_x4(bq, smem_addr(sQs + swz<D>(qrow, col)));
+        ldsm_x4(bo, smem_addr(sdOs + swz<D>(qrow, col)));
+        Mma<T>::run(sT[2 * n2], ka, bq[0], bq[1]);
+        Mma<T>::run(sT[2 * n2 + 1], ka, bq[2], bq[3]);
+        Mma<T>::run(dpT[2 * n2], va, bo[0], bo[1]);
+        Mma<T>::run(dpT[2 * n2 + 1], va, bo[2], bo[3]);
+      }
+    }
+
+    // P^T = exp2(S^T * scale_log2 - lse), zero where the key is invisible to the query;
+    // then dS^T = P^T (dP^T - D). sT holds P^T, dpT becomes dS^T.
+#pragma unroll
+    for (int n = 0; n < NBQ; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = n * 8 + c4 * 2 + (e & 1);
+        const int i = i0 + col;
+        const int j = e < 2 ? jA : jB;
+        const bool vis = (e < 2 ? validA : validB) && i < Tq && (!causal || j <= offset + i);
+        const float p = vis ? exp2f(sT[n][e] * scale_log2 - sLs[col]) : 0.f;
+        sT[n][e] = p;
+        dpT[n][e] = p * (dpT[n][e] - sDvs[col]);
+      }
+    }
+
+    // dS^T to shared memory for the dQ step (rows = keys, columns = queries).
+#pragma unroll
+    for (int n = 0; n < NBQ; ++n) {
+      store_pair(sdS + (warp * 16 + g) * DSS + n * 8 + c4 * 2, dpT[n][0], dpT[n][1]);
+      store_pair(sdS + (warp * 16 + g + 8) * DSS + n * 8 + c4 * 2, dpT[n][2], dpT[n][3]);
+    }
+
+    // dV += P^T dO and dK += dS^T Q: A from registers, B = dO / Q via ldmatrix.trans.
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk) {
+      const uint32_t ap[4] = {Mma<T>::pack(sT[2 * kk][0], sT[2 * kk][1]),
+                              Mma<T>::pack(sT[2 * kk][2], sT[2 * kk][3]),
+                              Mma<T>::pack(sT[2 * kk + 1][0], sT[2 * kk + 1][1]),
+                              Mma<T>::pack(sT[2 * kk + 1][2], sT[2 * kk + 1][3])};
+      const uint32_t ad[4] = {Mma<T>::pack(dpT[2 * kk][0], dpT[2 * kk][1]),
+                              Mma<T>::pack(dpT[2 * kk][2], dpT[2 * kk][3]),
+                              Mma<T>::pack(dpT[2 * kk + 1][0], dpT[2 * kk + 1][1]),
+                              Mma<T>::pack(dpT[2 * kk + 1][2], dpT[2 * kk + 1][3])};
+#pragma unroll
+      for (int n2 = 0; n2 < NBD / 2; ++n2) {
+        const int row = kk * 16 + (lane & 15), col = n2 * 16 + (lane >> 4) * 8;
+        uint32_t bo[4], bq[4];
+        ldsm_x4_t(bo, smem_addr(sdOs + swz<D>(row, col)));
+        ldsm_x4_t(bq, smem_addr(sQs + swz<D>(row, col)));
+        Mma<T>::run(dVa[2 * n2], ap, bo[0], bo[1]);
+        Mma<T>::run(dVa[2 * n2 + 1], ap, bo[2], bo[3]);
+        Mma<T>::run(dKa[2 * n2], ad, bq[0], bq[1]);
+        Mma<T>::run(dKa[2 * n2 + 1], ad, bq[2], bq[3]);
+      }
+    }
+    __syncthreads();  // all of dS^T is in shared memory
+
+    // dQ[i0 + BQ rows] += dS K over this block's 64 keys. A = dS (query rows) read from the
+    // transposed dS^T with ldmatrix.trans; B = K (k = key) likewise.
+    {
+      const int mb = warp % MB;
+      const int nbase = (warp / MB) * NBW;
+#pragma unroll
+      for (int n2 = 0; n2 < NBW / 2; ++n2) {
+        float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+          uint32_t a[4], bf[4];
+          const int key = kk * 16 + (lane & 7) + ((lane >> 4) << 3);
+          const int qcol = mb * 16 + ((lane >> 3) & 1) * 8;
+          ldsm_x4_t(a, smem_addr(sdS + key * DSS + qcol));
+          ldsm_x4_t(bf, smem_addr(sK + swz<D>(kk * 16 + (lane & 15),
+                                             (nbase + 2 * n2) * 8 + (lane >> 4) * 8)));
+          Mma<T>::run(c0, a, bf[0], bf[1]);
+          Mma<T>::run(c1, a, bf[2], bf[3]);
+        }
+        const int iA = i0 + mb * 16 + g, iB = iA + 8;
+        const int d0 = (nbase + 2 * n2) * 8 + c4 * 2;
+        if (iA < Tq) {
+          float *row = dq_acc + (qbase + iA) * D;
+          atomic_add2(row + d0, c0[0], c0[1]);
+          atomic_add2(row + d0 + 8, c1[0], c1[1]);
+        }
+        if (iB < Tq) {
+          float *row = dq_acc + (qbase + iB) * D;
+          atomic_add2(row + d0, c0[2], c0[3]);
+          atomic_add2(row + d0 + 8, c1[2], c1[3]);
+        }
+      }
+    }
+    __syncthreads();  // dS^T and this Q/dO stage are free for the next step
+  }
+  cp_async_wait<0>();
+
+  if (jA < Tk) {
+    T *rk = dk + (kvbase + jA) * D;
+    T *rv = dv + (kvbase + jA) * D;
+#pragma unroll
+    for (int n = 0; n < NBD; ++n) {
+      store_pair(rk + n * 8 + c4 * 2, dKa[n][0] * scale, dKa[n][1] * scale);
+      store_pair(rv + n * 8 + c4 * 2, dVa[n][0], dVa[n][1]);
+    }
+  }
+  if (jB < Tk) {
+    T *rk = dk + (kvbase + jB) * D;
+    T *rv = dv + (kvbase + jB) * D;
+#pragma unroll
+    for (int n = 0; n < NBD; ++n) {
+      store_pair(rk + n * 8 + c4 * 2, dKa[n][2] * scale, dKa[n][3] * scale);
+      store_pair(rv + n * 8 + c4 * 2, dVa[n][2], dVa[n][3]);
+    }
+  }
+}
+
+}  // namespace attn
+}  // namespace temper
+
+using namespace temper::attn;
+
+// ---------------------------------------------------------------------------------------
+// Entry points.
+// ---------------------------------------------------------------------------------------
+#define BWD_SIMPLE_ENTRY(T, SUF, DPL)                                                          \
+  extern "C" __global__ void __launch_bounds__(256)                                            \
+      attn_bwd_dq_simple_##SUF##_d##DPL(const AttnParams p) {                                  \
+    bwd_dq_simple<T, DPL>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),            \
+                          static_cast<const T *>(p.v), static_cast<const T *>(p.dout), p.lse,  \
+                          p.dvec, p.kvalid, p.krange, static_cast<T *>(p.dq), p.hq, p.hkv,     \
+                          p.tq, p.tk, p.d, p.causal, p.offset, p.scale_log2, p.scale);         \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(256)                                            \
+      attn_bwd_dkdv_simple_##SUF##_d##DPL(const AttnParams p) {                                \
+    bwd_dkdv_simple<T, DPL>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),          \
+                            static_cast<const T *>(p.v), static_cast<const T *>(p.dout),       \
+                            p.lse, p.dvec, p.kvalid, p.krange, static_cast<T *>(p.dk),         \
+                            static_cast<T *>(p.dv), p.hq, p.hkv, p.tq, p.tk, p.d, p.causal,    \
+                            p.offset, p.scale_log2, p.scale);                                  \
+  }
+
+#define BWD_DTYPE(T, SUF)                                                                      \
+  BWD_SIMPLE_ENTRY(T, SUF, 1)                                                                  \
+  BWD_SIMPLE_ENTRY(T, SUF, 2)                                                                  \
+  BWD_SIMPLE_ENTRY(T, SUF, 3)                                                                  \
+  BWD_SIMPLE_ENTRY(T, SUF, 4)                                                                  \
+  extern "C" __global__ void attn_bwd_dot_##SUF(const AttnParams p) {                          \
+    bwd_dot<T>(static_cast<const T *>(p.o), static_cast<const T *>(p.dout), p.dvec, p.nrows,   \
+               p.d);                                                                           \
+  }                                                                                            \
+  extern "C" __global__ void attn_dq_convert_##SUF(const AttnParams p) {                       \
+    dq_convert<T>(p.dq_acc, static_cast<T *>(p.dq), (size_t)p.nrows * p.d, p.scale);           \
+  }
+
+BWD_DTYPE(float, f32)
+BWD_DTYPE(__nv_bfloat16, bf16)
+BWD_DTYPE(__half, f16)
+
+#define BWD_MMA_ENTRY(T, SUF, D)                                                               \
+  extern "C" __global__ void __launch_bounds__(MmaBwdTraits<D>::kThreads)                      \
+      attn_bwd_mma_##SUF##_h##D(const AttnParams p) {                                          \
+    bwd_mma<T, D>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),                    \
+                  static_cast<const T *>(p.v), static_cast<const T *>(p.dout), p.lse, p.dvec,  \
+                  p.kvalid, p.krange, static_cast<T *>(p.dk), static_cast<T *>(p.dv),          \
+                  p.dq_acc, p.hq, p.hkv, p.tq, p.tk, p.causal, p.offset, p.scale_log2,         \
+                  p.scale);                                                                    \
+  }
+
+BWD_MMA_ENTRY(__nv_bfloat16, bf16, 64)
+BWD_MMA_ENTRY(__nv_bfloat16, bf16, 128)
+BWD_MMA_ENTRY(__half, f16, 64)
+BWD_MMA_ENTRY(__half, f16, 128)

@@ -1,0 +1,385 @@
+// Scaled-dot-product attention, forward, never materialising the Tq x Tk scores.
+//
+// Shared conventions (layouts, mask contract, the log2-domain softmax) are in attention.cuh;
+// the key range comes from attn_key_range (attention_prep.cu). The forward saves the
+// natural-log log-sum-exp of the scaled scores per row, lse = (m + log2 l) * ln 2, or +inf for
+// a row with no visible key (so that the backward's exp(s - lse) is exactly 0 there without
+// a special case).
+//
+// Two implementations, chosen by src/kernels/cuda/attention.rs:
+//
+// 1. "simple" (any dtype, D <= 128): CUDA-core f32 arithmetic, one warp per query row. Key
+//    tiles of 32 are staged in shared memory as f32 and shared by the block's 8 rows; lane j
+//    scores key j of the tile, the warp does the online softmax update with one
+//    max-reduction, then each lane accumulates its D/32 output dimensions by broadcasting the
+//    32 probabilities. A split over the key range (grid z) turns the same kernel into the
+//    decode path: one or a few queries against a long KV cache fill the GPU by splitting the
+//    keys; the splits write partials that attn_combine (attention_decode.cu) merges.
+//
+// 2. "mma" (bf16/f16, D = 64 or 128): tensor cores through `mma.sync.m16n8k16` with f32
+//    accumulation, FlashAttention-2 style (helpers in mma.cuh, tiles in MmaFwdTraits). A
+//    block of 4 warps owns 64 query rows (16 per warp, Q fragments held in registers); K/V
+//    tiles of 64 keys stream through a two-stage cp.async pipeline into XOR-swizzled shared
+//    memory (16-byte chunk index ^ (row & 7): conflict-free ldmatrix without padding).
+//    S = Q K^T lands in registers in the mma accumulator layout, which is also the A-operand
+//    layout of the next mma, so P never leaves registers for O += P V. Causal blocks are
+//    launched heaviest first.
+//
+// Every entry point is `extern "C"`, takes one AttnParams by value, and carries its dtype in
+// its name: attn_fwd_simple_<dtype>_d<DPL>, attn_fwd_mma_<dtype>_h<D>.
+
+#include "attention.cuh"
+#include "mma.cuh"
+
+namespace temper {
+namespace attn {
+
+// ---------------------------------------------------------------------------------------
+// Simple path (CUDA cores, f32 arithmetic, any dtype, D <= 32 * DPL).
+// ---------------------------------------------------------------------------------------
+// Forward. grid (B*Hkv, ceil(G*Tq / rows), nsplit), block 32 * rows threads. With nsplit > 1
+// each z-slice handles a contiguous share of the key tiles and writes normalised partial
+// outputs and their lse (-inf when empty) for attn_combine.
+template <typename T, int DPL>
+static __device__ void fwd_simple(const T *__restrict__ q, const T *__restrict__ k,
+                                  const T *__restrict__ v, T *__restrict__ o,
+                                  float *__restrict__ lse, const float *__restrict__ kvalid,
+                                  const int *__restrict__ krange, float *__restrict__ opart,
+                                  float *__restrict__ lsepart, int Hq, int Hkv, int Tq, int Tk,
+                                  int D, int causal, int offset, float scale_log2) {
+  constexpr int DMAX = 32 * DPL;
+  // +1 word per key row: lane j reads row j at the same d, which would otherwise be a
+  // 32-way bank conflict when DMAX is a multiple of 32.
+  __shared__ float ks[kSimpleKT * (DMAX + 1)];
+  __shared__ float vs[kSimpleKT * DMAX];
+  __shared__ float qs[kSimpleWarps * DMAX];
+
+  const int nw = blockDim.x >> 5;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int G = Hq / Hkv;
+  const int b = blockIdx.x / Hkv, hkv = blockIdx.x % Hkv;
+  const int B = gridDim.x / Hkv;
+  const int rows = G * Tq;
+  const int r0 = blockIdx.y * nw;
+  const int r = r0 + warp;
+  const bool active = r < rows;
+  const int g = active ? r / Tq : 0, i = active ? r % Tq : 0;
+  const size_t qrow = ((size_t)b * Hq + hkv * G + g) * Tq + i;
+
+  const KeyRange kr = key_range(krange, b, Tk);
+  const int row_hi = causal ? min(kr.hi, offset + i + 1) : kr.hi;
+  const int blk_hi = block_key_end(kr, r0, min(nw, rows - r0), Tq, causal, offset);
+  const int ntiles = blk_hi > kr.lo ? (blk_hi - kr.lo + kSimpleKT - 1) / kSimpleKT : 0;
+  const int per = (ntiles + gridDim.z - 1) / gridDim.z;
+  const int t_begin = blockIdx.z * per, t_end = min(ntiles, t_begin + per);
+
+  float *qw = qs + warp * DMAX;
+  if (active)
+    for (int d = lane; d < D; d += 32) qw[d] = to_f32(q[qrow * D + d]) * scale_log2;
+
+  const size_t kvbase = ((size_t)b * Hkv + hkv) * Tk;
+  float m = neg_inf(), l = 0.f;
+  float acc[DPL];
+#pragma unroll
+  for (int t = 0; t < DPL; ++t) acc[t] = 0.f;
+
+  for (int t = t_begin; t < t_end; ++t) {
+    const int k0 = kr.lo + t * kSimpleKT;
+    __syncthreads();  // the previous tile (and qs on the first pass) is consumed / written
+    for (int e = threadIdx.x; e < kSimpleKT * D; e += blockDim.x) {
+      const int jj = e / D, d = e - jj * D;
+      const int j = k0 + jj;
+      float kk = 0.f, vv = 0.f;
+      if (j < Tk) {
+        kk = to_f32(k[(kvbase + j) * D + d]);
+        vv = to_f32(v[(kvbase + j) * D + d]);
+      }
+      ks[jj * (DMAX + 1) + d] = kk;
+      vs[jj * DMAX + d] = vv;
+    }
+    __syncthreads();
+    if (active) {
+      const int j = k0 + lane;
+      // j >= lo holds because tiles start there; j < row_hi <= hi <= Tk keeps the mask read
+      // in bounds.
+      const bool vis = j < row_hi && (kr.dense || kvalid[(size_t)b * Tk + j] != 0.f);
+      float s = neg_inf();
+      if (vis) {
+        s = 0.f;
+        const float *kr_ = ks + lane * (DMAX + 1);
+        for (int d = 0; d < D; ++d) s = fmaf(qw[d], kr_[d], s);
+      }
+      const float m_new = fmaxf(m, warp_max(s));
+      // All keys so far masked: keep the reference at 0 so that -inf - -inf never appears.
+      const float ref = m_new == neg_inf() ? 0.f : m_new;
+      const float alpha = exp2f(m - ref);
+      const float p = exp2f(s - ref);
+      l = l * alpha + p;  // per-lane partial sum, reduced once at the end
+#pragma unroll
+      for (int t2 = 0; t2 < DPL; ++t2) acc[t2] *= alpha;
+      for (int jj = 0; jj < kSimpleKT; ++jj) {
+        const float pj = __shfl_sync(0xffffffffu, p, jj);
+        if (pj != 0.f) {  // uniform across the warp
+#pragma unroll
+          for (int t2 = 0; t2 < DPL; ++t2) acc[t2] = fmaf(pj, vs[jj * DMAX + lane + 32 * t2], acc[t2]);
+        }
+      }
+      m = m_new;
+    }
+  }
+  if (!active) return;
+  const float lsum = warp_sum(l);
+  const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+  if (gridDim.z == 1) {
+#pragma unroll
+    for (int t = 0; t < DPL; ++t) {
+      const int d = lane + 32 * t;
+      if (d < D) o[qrow * D + d] = from_f32<T>(acc[t] * inv);
+    }
+    if (lane == 0) lse[qrow] = lsum > 0.f ? (m + log2f(lsum)) * kLn2 : pos_inf();
+  } else {
+    const size_t nrows_total = (size_t)B * Hq * Tq;
+    const size_t prow = (size_t)blockIdx.z * nrows_total + qrow;
+#pragma unroll
+    for (int t = 0; t < DPL; ++t) {
+      const int d = lane + 32 * t;
+      if (d < D) opart[prow * D + d] = acc[t] * inv;
+    }
+    if (lane == 0) lsepart[prow] = lsum > 0.f ? (m + log2f(lsum)) * kLn2 : neg_inf();
+  }
+}
+
+
+// ---------------------------------------------------------------------------------------
+// Tensor-core path (bf16 / f16, D in {64, 128}), sm_80+.
+// ---------------------------------------------------------------------------------------
+// Forward. grid (B*Hq, ceil(Tq / 64)), block 128, dynamic shared memory
+// (64 + 4 * 64) * D * sizeof(T) + 2 * 64 * 4 bytes.
+template <typename T, int D>
+static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
+                               const T *__restrict__ v, T *__restrict__ o,
+                               float *__restrict__ lse, const float *__restrict__ kvalid,
+                               const int *__restrict__ krange, int Hq, int Hkv, int Tq, int Tk,
+                               int causal, int offset, float scale_log2) {
+  using Tiles = MmaFwdTraits<D>;
+  constexpr int BQ = Tiles::kBlockQ, BK = Tiles::kBlockK, NT = Tiles::kThreads;
+  constexpr int KSTEPS = D / 16;  // k-steps of S = Q K^T
+  constexpr int NBD = D / 8;      // n-blocks of O
+  constexpr int NBK = BK / 8;     // n-blocks of S
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T *sQ = reinterpret_cast<T *>(smem_raw);
+  T *sK = sQ + BQ * D;      // two stages
+  T *sV = sK + 2 * BK * D;  // two stages
+  float *sM = reinterpret_cast<float *>(sV + 2 * BK * D);  // two stages of BK key flags
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, c4 = lane & 3;
+  // Under a causal mask later query tiles see more keys: launch them first so that the
+  // longest blocks do not trail at the end of the grid.
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * BQ;
+  const int bh = blockIdx.x;
+  const int b = bh / Hq, hq = bh % Hq;
+  const int hkv = hq / (Hq / Hkv);
+  const T *qg = q + (size_t)bh * Tq * D;
+  const T *kg = k + ((size_t)b * Hkv + hkv) * Tk * D;
+  const T *vg = v + ((size_t)b * Hkv + hkv) * Tk * D;
+
+  const KeyRange kr = key_range(krange, b, Tk);
+  const int q_last = min(q0 + BQ, Tq) - 1;
+  const int kend = causal ? min(kr.hi, offset + q_last + 1) : kr.hi;
+  // Keys below kfull are visible to every row of the tile (given a dense range).
+  const int kfull = causal ? min(kr.hi, offset + q0 + 1) : kr.hi;
+  const int ntiles = kend > kr.lo ? (kend - kr.lo + BK - 1) / BK : 0;
+
+  const int rA = q0 + warp * 16 + g, rB = rA + 8;
+  const int hiA = causal ? min(kr.hi, offset + rA + 1) : kr.hi;
+  const int hiB = causal ? min(kr.hi, offset + rB + 1) : kr.hi;
+
+  auto load_kv = [&](int t, int st) {
+    const int k0 = kr.lo + t * BK;
+    load_tile<T, BK, D, NT>(sK + st * BK * D, kg + (size_t)k0 * D, Tk - k0, k);
+    load_tile<T, BK, D, NT>(sV + st * BK * D, vg + (size_t)k0 * D, Tk - k0, v);
+    if (!kr.dense)
+      for (int jj = threadIdx.x; jj < BK; jj += NT)
+        sM[st * BK + jj] = k0 + jj < Tk ? kvalid[(size_t)b * Tk + k0 + jj] : 0.f;
+  };
+
+  float acc[NBD][4];
+#pragma unroll
+  for (int n = 0; n < NBD; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  float mA = neg_inf(), mB = neg_inf(), lA = 0.f, lB = 0.f;
+  uint32_t qf[KSTEPS][4];
+
+  load_tile<T, BQ, D, NT>(sQ, qg + (size_t)q0 * D, Tq - q0, q);
+  if (ntiles > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  for (int t = 0; t < ntiles; ++t) {
+    const int st = t & 1;
+    if (t + 1 < ntiles) {
+      load_kv(t + 1, st ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (t == 0) {
+#pragma unroll
+      for (int ks = 0; ks < KSTEPS; ++ks)
+        ldsm_x4(qf[ks], smem_addr(sQ + swz<D>(warp * 16 + (lane & 15), ks * 16 + (lane >> 4) * 8)));
+    }
+    const T *sKs = sK + st * BK * D;
+    const T *sVs = sV + st * BK * D;
+    const int k0 = kr.lo + t * BK;
+
+    // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
+    float s[NBK][4];
+#pragma unroll
+    for (int n = 0; n < NBK; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+#pragma unroll
+      for (int n2 = 0; n2 < NBK / 2; ++n2) {
+        uint32_t bf[4];
+        const int key = n2 * 16 + (lane & 7) + ((lane >> 4) << 3);
+        const int col = ks * 16 + ((lane >> 3) & 1) * 8;
+        ldsm_x4(bf, smem_addr(sKs + swz<D>(key, col)));
+        Mma<T>::run(s[2 * n2], qf[ks], bf[0], bf[1]);
+        Mma<T>::run(s[2 * n2 + 1], qf[ks], bf[2], bf[3]);
+      }
+    }
+
+    // Scale to the log2 domain; mask only tiles that straddle a boundary or have holes.
+    const bool need_mask = !kr.dense || k0 + BK > kfull;
+#pragma unroll
+    for (int n = 0; n < NBK; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[n][e] * scale_log2;
+        if (need_mask) {
+          const int jj = n * 8 + c4 * 2 + (e & 1);
+          const int j = k0 + jj;
+          const bool ok = j < (e < 2 ? hiA : hiB) && (kr.dense || sM[st * BK + jj] != 0.f);
+          if (!ok) x = neg_inf();
+        }
+        s[n][e] = x;
+      }
+    }
+
+    // Online softmax: rows A (g) and B (g + 8); the 4 lanes of a quad share a row.
+    float mxA = neg_inf(), mxB = neg_inf();
+#pragma unroll
+    for (int n = 0; n < NBK; ++n) {
+      mxA = fmaxf(mxA, fmaxf(s[n][0], s[n][1]));
+      mxB = fmaxf(mxB, fmaxf(s[n][2], s[n][3]));
+    }
+    mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, 1));
+    mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, 2));
+    mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, 1));
+    mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, 2));
+    const float mnA = fmaxf(mA, mxA), mnB = fmaxf(mB, mxB);
+    const float refA = mnA == neg_inf() ? 0.f : mnA;
+    const float refB = mnB == neg_inf() ? 0.f : mnB;
+    const float alA = exp2f(mA - refA), alB = exp2f(mB - refB);
+    mA = mnA;
+    mB = mnB;
+    float sumA = 0.f, sumB = 0.f;
+#pragma unroll
+    for (int n = 0; n < NBK; ++n) {
+      s[n][0] = exp2f(s[n][0] - refA);
+      s[n][1] = exp2f(s[n][1] - refA);
+      s[n][2] = exp2f(s[n][2] - refB);
+      s[n][3] = exp2f(s[n][3] - refB);
+      sumA += s[n][0] + s[n][1];
+      sumB += s[n][2] + s[n][3];
+    }
+    lA = lA * alA + sumA;  // per-lane partial; the quad is reduced once at the end
+    lB = lB * alB + sumB;
+#pragma unroll
+    for (int n = 0; n < NBD; ++n) {
+      acc[n][0] *= alA;
+      acc[n][1] *= alA;
+      acc[n][2] *= alB;
+      acc[n][3] *= alB;
+    }
+
+    // O += P V: P straight from the S accumulators (C layout == A layout), V via
+    // ldmatrix.trans because V is stored [key][d] and the B operand wants k = key.
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      const uint32_t a[4] = {Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]),
+                             Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]),
+                             Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                             Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int n2 = 0; n2 < NBD / 2; ++n2) {
+        uint32_t bf[4];
+        ldsm_x4_t(bf, smem_addr(sVs + swz<D>(kk * 16 + (lane & 15), n2 * 16 + (lane >> 4) * 8)));
+        Mma<T>::run(acc[2 * n2], a, bf[0], bf[1]);
+        Mma<T>::run(acc[2 * n2 + 1], a, bf[2], bf[3]);
+      }
+    }
+    __syncthreads();  // this stage is read by every warp before the next prefetch reuses it
+  }
+  cp_async_wait<0>();  // no copy may still target shared memory when the block exits
+
+  lA += __shfl_xor_sync(0xffffffffu, lA, 1);
+  lA += __shfl_xor_sync(0xffffffffu, lA, 2);
+  lB += __shfl_xor_sync(0xffffffffu, lB, 1);
+  lB += __shfl_xor_sync(0xffffffffu, lB, 2);
+  const float invA = lA > 0.f ? 1.f / lA : 0.f;
+  const float invB = lB > 0.f ? 1.f / lB : 0.f;
+  T *og = o + (size_t)bh * Tq * D;
+  if (rA < Tq) {
+#pragma unroll
+    for (int n = 0; n < NBD; ++n)
+      store_pair(og + (size_t)rA * D + n * 8 + c4 * 2, acc[n][0] * invA, acc[n][1] * invA);
+    if (c4 == 0) lse[(size_t)bh * Tq + rA] = lA > 0.f ? (mA + log2f(lA)) * kLn2 : pos_inf();
+  }
+  if (rB < Tq) {
+#pragma unroll
+    for (int n = 0; n < NBD; ++n)
+      store_pair(og + (size_t)rB * D + n * 8 + c4 * 2, acc[n][2] * invB, acc[n][3] * invB);
+    if (c4 == 0) lse[(size_t)bh * Tq + rB] = lB > 0.f ? (mB + log2f(lB)) * kLn2 : pos_inf();
+  }
+}
+}  // namespace attn
+}  // namespace temper
+
+using namespace temper::attn;
+
+// ---------------------------------------------------------------------------------------
+// Entry points. Names: attn_fwd_simple_<dtype>_d<DPL>, attn_fwd_mma_<dtype>_h<D>.
+// ---------------------------------------------------------------------------------------
+#define FWD_SIMPLE_ENTRY(T, SUF, DPL)                                                         \
+  extern "C" __global__ void __launch_bounds__(256)                                           \
+      attn_fwd_simple_##SUF##_d##DPL(const AttnParams p) {                                    \
+    fwd_simple<T, DPL>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),              \
+                       static_cast<const T *>(p.v), static_cast<T *>(p.o), p.lse, p.kvalid,   \
+                       p.krange, p.opart, p.lsepart, p.hq, p.hkv, p.tq, p.tk, p.d, p.causal,  \
+                       p.offset, p.scale_log2);                                               \
+  }
+
+#define FWD_SIMPLE_DTYPE(T, SUF) \
+  FWD_SIMPLE_ENTRY(T, SUF, 1)    \
+  FWD_SIMPLE_ENTRY(T, SUF, 2)    \
+  FWD_SIMPLE_ENTRY(T, SUF, 3)    \
+  FWD_SIMPLE_ENTRY(T, SUF, 4)
+
+FWD_SIMPLE_DTYPE(float, f32)
+FWD_SIMPLE_DTYPE(__nv_bfloat16, bf16)
+FWD_SIMPLE_DTYPE(__half, f16)
+
+#define FWD_MMA_ENTRY(T, SUF, D)                                                               \
+  extern "C" __global__ void __launch_bounds__(MmaFwdTraits<D>::kThreads)                      \
+      attn_fwd_mma_##SUF##_h##D(const AttnParams p) {                                          \
+    fwd_mma<T, D>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),                    \
+                  static_cast<const T *>(p.v), static_cast<T *>(p.o), p.lse, p.kvalid,         \
+                  p.krange, p.hq, p.hkv, p.tq, p.tk, p.causal, p.offset, p.scale_log2);        \
+  }
+
+FWD_MMA_ENTRY(__nv_bfloat16, bf16, 64)
+FWD_MMA_ENTRY(__nv_bfloat16, bf16, 128)
+FWD_MMA_ENTRY(__half, f16, 64)
+FWD_MMA_ENTRY(__half, f16, 128)

@@ -1,0 +1,88 @@
+//! LoRA: which projections get adapters, their rank, alpha and dropout.
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+/// The projections LoRA can attach to, by their Llama names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraTarget {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub targets: Vec<LoraTarget>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 0,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: vec![LoraTarget::Q, LoraTarget::K, LoraTarget::V, LoraTarget::O],
+        }
+    }
+}
+
+impl LoraConfig {
+    pub fn enabled(&self) -> bool {
+        self.rank > 0
+    }
+
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank.max(1) as f64
+    }
+
+    /// Parses `q,k,v,o,gate,up,down`, also accepting GPT-2's names (`c_attn` = q,k,v;
+    /// `c_proj` = o and down; `c_fc` = up), and `all`.
+    pub fn parse_targets(spec: &str) -> Result<Vec<LoraTarget>> {
+        use LoraTarget::*;
+        let mut out = Vec::new();
+        for t in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match t {
+                "q" | "q_proj" => out.push(Q),
+                "k" | "k_proj" => out.push(K),
+                "v" | "v_proj" => out.push(V),
+                "o" | "o_proj" => out.push(O),
+                "gate" | "gate_proj" => out.push(Gate),
+                "up" | "up_proj" => out.push(Up),
+                "down" | "down_proj" => out.push(Down),
+                "c_attn" => out.extend([Q, K, V]),
+                "c_proj" => out.extend([O, Down]),
+                "c_fc" => out.push(Up),
+                "all" => out.extend([Q, K, V, O, Gate, Up, Down]),
+                other => bail!(
+                    "--lora-targets: unknown module `{other}` (use q,k,v,o,gate,up,down or c_attn,c_proj,c_fc)"
+                ),
+            }
+        }
+        out.sort();
+        out.dedup();
+        if out.is_empty() {
+            bail!("--lora-targets: no module named");
+        }
+        Ok(out)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.enabled() && self.alpha.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
+            bail!("lora.alpha must be positive");
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("lora.dropout must be in [0, 1)");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,66 @@
+//! Every configuration a run reads: serde structs from a TOML file (`--config`), overridden by
+//! CLI flags, validated with errors that name the offending field, and written back to the run
+//! directory as `config.toml`. Nothing here depends on the rest of the crate except the
+//! atomic file writes, so every other layer can read its configuration from here.
+
+mod lora;
+mod model;
+mod run;
+mod stages;
+mod train;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+pub use lora::{LoraConfig, LoraTarget};
+pub use model::{MlpKind, ModelConfig, NormKind, PositionKind};
+pub use run::{overlay, DataConfig, DeviceChoice, RunConfig, Stage};
+pub use stages::{
+    DpoConfig, GrpoConfig, KlEstimator, PpoConfig, RewardConfig, RewardSource, RewardSpec,
+    SftConfig,
+};
+pub use train::{DTypeChoice, TrainConfig};
+
+/// Reads a TOML file into `T`, naming the file (and TOML's line/column and field) on error.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read config", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| text[..s.start].matches('\n').count() + 1)
+            .map(|l| format!(":{l}"))
+            .unwrap_or_default();
+        anyhow::anyhow!("{}{line}: {}", path.display(), e.message())
+    })
+}
+
+/// Writes `value` as TOML to `path` atomically.
+pub fn write_toml<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text = toml::to_string_pretty(value).context("serialising config")?;
+    crate::io::write_atomic(path, text.as_bytes())
+}
+
+pub fn resolve(path: &Path, base: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_errors_name_file_line_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "hidden_size = 64\nnum_layers = 3\n").unwrap();
+        let e = read_toml::<ModelConfig>(&p).unwrap_err().to_string();
+        assert!(e.contains("c.toml:2") && e.contains("num_layers"), "{e}");
+    }
+}

@@ -1,0 +1,235 @@
+//! The resolved configuration of one stage run (`config.toml` in its run directory): which
+//! stage, device and kernels, and one table per concern.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    read_toml, write_toml, DpoConfig, GrpoConfig, LoraConfig, ModelConfig, PpoConfig, RewardConfig,
+    SftConfig, TrainConfig,
+};
+use crate::kernels::KernelSet;
+
+/// The training stages, in pipeline order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Pretrain,
+    Sft,
+    Reward,
+    Ppo,
+    Dpo,
+    Grpo,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Pretrain => "pretrain",
+            Stage::Sft => "sft",
+            Stage::Reward => "reward",
+            Stage::Ppo => "ppo",
+            Stage::Dpo => "dpo",
+            Stage::Grpo => "grpo",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+/// `--device`: where a run computes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// The first CUDA device if there is one, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    #[value(alias = "gpu")]
+    Cuda,
+}
+
+/// Where the data comes from; `path = None` means the built-in synthetic task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    pub path: Option<PathBuf>,
+    /// A `tokenizer.json`; none means the byte-level tokenizer.
+    pub tokenizer: Option<PathBuf>,
+    /// A Hugging Face chat template (a tokenizer_config.json or a .jinja file) for SFT
+    /// `messages`; none means the built-in template.
+    pub chat_template: Option<PathBuf>,
+    pub val_fraction: f64,
+    /// Held-out file for the alignment stages (SFT, preferences, prompts); none splits off
+    /// `val_fraction` of `path`.
+    pub eval_path: Option<PathBuf>,
+    /// Seed of the built-in task's world.
+    pub task_seed: u64,
+    /// Operands of the built-in task are drawn from 0..=task_max_operand.
+    pub task_max_operand: u32,
+    /// Probability that a built-in SFT demonstration drops the carry of a sum that has one.
+    pub task_carry_slip: f64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            tokenizer: None,
+            chat_template: None,
+            val_fraction: 0.1,
+            eval_path: None,
+            task_seed: 0,
+            task_max_operand: 19,
+            task_carry_slip: 0.6,
+        }
+    }
+}
+
+/// Everything a stage needs, as written to `run_dir/config.toml`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    pub stage: Stage,
+    pub device: DeviceChoice,
+    pub kernels: String,
+    /// The checkpoint (or run directory) a stage starts from; pretraining starts from scratch.
+    pub init: Option<PathBuf>,
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    pub lora: LoraConfig,
+    pub data: DataConfig,
+    pub sft: SftConfig,
+    pub reward: RewardConfig,
+    pub ppo: PpoConfig,
+    pub dpo: DpoConfig,
+    pub grpo: GrpoConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self::for_stage(Stage::Pretrain)
+    }
+}
+
+impl RunConfig {
+    /// Stage-specific defaults: what works on the built-in task on a CPU.
+    pub fn for_stage(stage: Stage) -> Self {
+        let mut train = TrainConfig::default();
+        match stage {
+            // Measured on the built-in task: at 500 steps the model had not yet learnt the
+            // sums it does get right at 1500 (non-carry accuracy 0.31 -> 1.00).
+            Stage::Sft => {
+                train.steps = 1500;
+                train.lr = 2e-3;
+                train.warmup_steps = 10;
+                train.eval_every = 250;
+                train.checkpoint_every = 500;
+            }
+            Stage::Reward => {
+                train.steps = 200;
+                train.lr = 1e-3;
+                train.warmup_steps = 10;
+                train.eval_every = 50;
+            }
+            // Measured on the built-in task: 5e-4 collapses the policy within one rollout
+            // (approx KL 0.3 after a single step), 1e-4 with 256-sample rollouts improves it.
+            Stage::Ppo | Stage::Grpo => {
+                train.steps = if stage == Stage::Ppo { 240 } else { 120 };
+                train.lr = 1e-4;
+                train.warmup_steps = 0;
+                train.min_lr_ratio = 1.0;
+                train.eval_every = if stage == Stage::Ppo { 80 } else { 40 };
+                train.weight_decay = 0.0;
+                train.checkpoint_every = 80;
+                train.log_every = 4;
+            }
+            Stage::Dpo => {
+                train.steps = 100;
+                train.lr = 5e-4;
+                train.warmup_steps = 5;
+                train.eval_every = 50;
+                train.weight_decay = 0.0;
+            }
+            Stage::Pretrain => {}
+        }
+        Self {
+            stage,
+            device: DeviceChoice::Auto,
+            kernels: String::new(),
+            init: None,
+            model: ModelConfig::default(),
+            train,
+            lora: LoraConfig::default(),
+            data: DataConfig::default(),
+            sft: Default::default(),
+            reward: Default::default(),
+            ppo: Default::default(),
+            dpo: Default::default(),
+            grpo: Default::default(),
+        }
+    }
+
+    /// Stage defaults overlaid with a TOML file: only the keys the file sets change. Also
+    /// returns the file's own table, for callers that need to know what the user set.
+    pub fn load(stage: Stage, file: Option<&Path>) -> Result<(Self, Option<toml::Value>)> {
+        let defaults = Self::for_stage(stage);
+        let Some(file) = file else {
+            return Ok((defaults, None));
+        };
+        // Parse once on its own for errors that name the file, line and field.
+        let _: RunConfig = read_toml(file)?;
+        let text = std::fs::read_to_string(file)?;
+        let user: toml::Value = toml::from_str(&text)?;
+        let mut base = toml::Value::try_from(&defaults)?;
+        overlay(&mut base, user.clone());
+        let mut cfg: RunConfig = base
+            .try_into()
+            .with_context(|| format!("{}: invalid config", file.display()))?;
+        cfg.stage = stage;
+        Ok((cfg, Some(user)))
+    }
+
+    pub fn kernel_set(&self) -> Result<KernelSet> {
+        KernelSet::default().apply_spec(&self.kernels)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        self.train.validate()?;
+        self.lora.validate()?;
+        self.kernel_set()?;
+        if !(0.0..1.0).contains(&self.data.val_fraction) {
+            anyhow::bail!("data.val_fraction must be in [0, 1)");
+        }
+        Ok(())
+    }
+
+    pub fn save(&self, run_dir: &Path) -> Result<()> {
+        write_toml(&run_dir.join("config.toml"), self)
+    }
+}
+
+/// Overlays `user`'s keys on `base`, table by table.
+pub fn overlay(base: &mut toml::Value, user: toml::Value) {
+    match (base, user) {
+        (toml::Value::Table(b), toml::Value::Table(u)) => {
+            for (k, v) in u {
+                match b.get_mut(&k) {
+                    Some(slot) => overlay(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}

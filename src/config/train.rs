@@ -1,0 +1,101 @@
+//! The one training loop's knobs, shared by every stage.
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DTypeChoice {
+    /// bf16 compute on CUDA (with f32 master weights), f32 on CPU.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+/// The one training loop's knobs, shared by every stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub seq_len: usize,
+    pub lr: f64,
+    pub min_lr_ratio: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub adam_eps: f64,
+    pub grad_clip: f64,
+    pub eval_every: usize,
+    pub eval_batches: usize,
+    pub checkpoint_every: usize,
+    pub keep_checkpoints: usize,
+    pub log_every: usize,
+    pub seed: u64,
+    pub dtype: DTypeChoice,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 300,
+            batch_size: 32,
+            grad_accum: 1,
+            seq_len: 64,
+            lr: 3e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 20,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            adam_eps: 1e-8,
+            grad_clip: 1.0,
+            eval_every: 50,
+            eval_batches: 4,
+            checkpoint_every: 100,
+            keep_checkpoints: 2,
+            log_every: 10,
+            seed: 1234,
+            dtype: DTypeChoice::Auto,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("steps", self.steps),
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+            ("seq_len", self.seq_len),
+            ("eval_every", self.eval_every),
+            ("eval_batches", self.eval_batches),
+            ("checkpoint_every", self.checkpoint_every),
+            ("keep_checkpoints", self.keep_checkpoints),
+            ("log_every", self.log_every),
+        ] {
+            if v == 0 {
+                bail!("train.{name} must be positive");
+            }
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            bail!("train.lr must be a positive number, got {}", self.lr);
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            bail!(
+                "train.min_lr_ratio must be in [0, 1], got {}",
+                self.min_lr_ratio
+            );
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            bail!("train.beta1 and train.beta2 must be in [0, 1)");
+        }
+        if self.grad_clip < 0.0 || self.weight_decay < 0.0 {
+            bail!("train.grad_clip and train.weight_decay must not be negative");
+        }
+        Ok(())
+    }
+}

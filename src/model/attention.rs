@@ -1,0 +1,93 @@
+//! The attention half of a block: q, k, v projections (grouped-query: k and v may have fewer
+//! heads), rotary positions, the KV cache, the attention kernel and the output projection.
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+use super::kv_cache::KvCache;
+use super::linear::{Ctx, Linear};
+use super::rope::RopeAt;
+use crate::config::ModelConfig;
+use crate::config::{LoraConfig, LoraTarget};
+use crate::kernels::attention::{attention, AttnMask};
+use crate::train::params::Scope;
+
+pub struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// What attention needs besides the hidden states: positions (as rope tables), the cache of
+/// earlier tokens and which keys are padding.
+pub struct AttnInputs<'a> {
+    pub rope: Option<&'a RopeAt>,
+    /// Tokens already in the cache: the causal mask is offset by this much.
+    pub offset: usize,
+    /// `[B, offset + T]` f32, 1.0 for real tokens.
+    pub key_valid: Option<&'a Tensor>,
+}
+
+impl Attention {
+    /// `q`, `k`, `v`, `o` in `scope`; `resid_std` is the init of `o`, which writes into the
+    /// residual stream.
+    pub fn load(
+        mut scope: Scope,
+        cfg: &ModelConfig,
+        lora: Option<&LoraConfig>,
+        std: f64,
+        resid_std: f64,
+    ) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let kv = cfg.num_key_value_heads * hd;
+        let target = |t: LoraTarget| lora.filter(|l| l.targets.contains(&t));
+        let bias = cfg.bias;
+        Ok(Self {
+            q: Linear::load(scope.pp("q"), h, h, bias, std, target(LoraTarget::Q))?,
+            k: Linear::load(scope.pp("k"), h, kv, bias, std, target(LoraTarget::K))?,
+            v: Linear::load(scope.pp("v"), h, kv, bias, std, target(LoraTarget::V))?,
+            o: Linear::load(scope.pp("o"), h, h, bias, resid_std, target(LoraTarget::O))?,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: hd,
+        })
+    }
+
+    /// `x` `[B, T, H]` -> `[B, T, H]`; appends this layer's keys and values to `cache`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &Ctx,
+        inp: &AttnInputs,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let hd = self.head_dim;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let mut q = heads(self.q.forward(x, ctx)?, self.heads)?;
+        let mut k = heads(self.k.forward(x, ctx)?, self.kv_heads)?;
+        let v = heads(self.v.forward(x, ctx)?, self.kv_heads)?;
+        if let Some(r) = inp.rope {
+            q = r.apply(&q)?;
+            k = r.apply(&k)?;
+        }
+        let (k, v) = match cache {
+            Some((c, layer)) => c.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let mask = AttnMask {
+            causal_offset: Some(inp.offset),
+            key_valid: inp.key_valid,
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let y = attention(&q, &k, &v, &mask, scale, ctx.kernels.attention)?;
+        let y = y.transpose(1, 2)?.reshape((b, t, h))?;
+        self.o.forward(&y, ctx)
+    }
+}

@@ -1,0 +1,264 @@
+//! What every stage does before and after its own part: load the `--init` checkpoint, build
+//! the policy and its frozen reference, split data into train and held-out sets, check prompts
+//! against the context, and hand the task to the shared loop with its checkpoint identity.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use super::loader::{policy_from, read_checkpoint, Loaded};
+use super::rollout::Reference;
+use super::Env;
+use crate::config::{LoraConfig, ModelConfig, RunConfig};
+use crate::data::records::{load_prompts, place, PromptRecord};
+use crate::data::synthetic::{Split, Synthetic};
+use crate::data::tokenizer::Tokenizer;
+use crate::model::Transformer;
+use crate::train::checkpoint::{resolve_checkpoint, CheckpointKind, CheckpointMeta};
+use crate::train::params::{ParamInfo, ParamStore};
+use crate::train::runner::{self, RunOpts, Saved, Task, TrainSummary};
+
+/// The built-in task's world, as this run's config describes it.
+pub fn synthetic(env: &Env) -> Synthetic {
+    let mut s = Synthetic::new(env.cfg.data.task_seed);
+    s.max_operand = env.cfg.data.task_max_operand;
+    s.carry_slip = env.cfg.data.task_carry_slip;
+    s
+}
+
+/// The checkpoint named by `--init`, with adapters merged; `what` says what the stage needs.
+pub fn init_checkpoint(env: &Env, what: &str) -> Result<Loaded> {
+    let init =
+        env.cfg.init.as_ref().with_context(|| {
+            format!("{} needs --init CHECKPOINT ({what})", env.cfg.stage.name())
+        })?;
+    read_checkpoint(init, &env.device)
+}
+
+/// The LoRA config when adapters are on.
+pub fn lora(cfg: &RunConfig) -> Option<&LoraConfig> {
+    cfg.lora.enabled().then_some(&cfg.lora)
+}
+
+/// The frozen reference a policy is held to: a copy of the init, or none under LoRA, where
+/// the reference is the policy with its adapters off (one copy of the base weights).
+pub struct FrozenReference(Option<(Transformer, ParamStore)>);
+
+impl FrozenReference {
+    pub fn get(&self) -> Reference<'_> {
+        match &self.0 {
+            Some((r, _)) => Reference::Separate(r),
+            None => Reference::AdaptersOff,
+        }
+    }
+
+    pub fn describe(&self) -> &'static str {
+        match self.0 {
+            Some(_) => "a frozen copy",
+            None => "the base with adapters off",
+        }
+    }
+}
+
+/// A policy to train and the frozen reference it is held to (PPO, DPO, GRPO).
+pub struct PolicyPair {
+    /// The policy's parameters (and, for PPO, its critic's).
+    pub store: ParamStore,
+    pub policy: Transformer,
+    pub reference: FrozenReference,
+    pub loaded: Loaded,
+}
+
+impl PolicyPair {
+    /// Loads the `--init` policy, with fresh adapters when LoRA is on, and its reference.
+    pub fn load(env: &Env) -> Result<Self> {
+        let loaded = init_checkpoint(env, "an SFT model")?;
+        let lora = lora(&env.cfg);
+        let mut store = ParamStore::new(env.device.clone(), env.cfg.train.seed);
+        let policy = policy_from(&loaded, &mut store, lora)?;
+        let reference = match lora {
+            Some(_) => None,
+            None => {
+                let mut rs = ParamStore::new(env.device.clone(), 0);
+                let net = policy_from(&loaded, &mut rs, None)?;
+                Some((net, rs))
+            }
+        };
+        Ok(Self {
+            store,
+            policy,
+            reference: FrozenReference(reference),
+            loaded,
+        })
+    }
+}
+
+/// `(train, held-out)`: the held-out file when one is named, else the last `val_fraction` of
+/// the data (at least one record).
+pub fn split_holdout<T>(
+    env: &Env,
+    path: &Path,
+    load: impl Fn(&Path) -> Result<Vec<T>>,
+    what: &str,
+) -> Result<(Vec<T>, Vec<T>)> {
+    let mut all = load(path)?;
+    if let Some(e) = &env.cfg.data.eval_path {
+        return Ok((all, load(e)?));
+    }
+    if all.len() < 2 {
+        bail!(
+            "{}: needs at least 2 {what} to hold one out",
+            path.display()
+        );
+    }
+    let n = ((all.len() as f64 * env.cfg.data.val_fraction).round() as usize).max(1);
+    let eval = all.split_off(all.len() - n);
+    Ok((all, eval))
+}
+
+/// Training and held-out prompts: the built-in task's, or the prompt files named.
+pub fn prompt_sets(
+    env: &Env,
+    n_train: usize,
+    n_eval: usize,
+) -> Result<(Vec<PromptRecord>, Vec<PromptRecord>)> {
+    match &env.cfg.data.path {
+        None => {
+            let s = synthetic(env);
+            Ok((
+                s.prompts(Split::Train, n_train),
+                s.prompts(Split::Eval, n_eval),
+            ))
+        }
+        Some(p) => split_holdout(env, p, load_prompts, "prompts"),
+    }
+}
+
+/// Encodes every prompt once to check it fits the context with room for the response.
+pub fn check_prompt_lengths(
+    tok: &Tokenizer,
+    prompts: &[PromptRecord],
+    new_tokens: usize,
+    ctx: usize,
+) -> Result<()> {
+    for (i, p) in prompts.iter().enumerate() {
+        let n = tok.encode(&p.prompt)?.len();
+        let place = place(&p.origin, "prompt", i);
+        if n == 0 {
+            bail!("{place}: field \"prompt\": empty after tokenisation");
+        }
+        if n + new_tokens > ctx {
+            bail!(
+                "{place}: field \"prompt\": {n} tokens plus {new_tokens} new tokens exceed the model's context of {ctx} tokens"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// How a stage runs the shared loop: what its checkpoints hold, and whether to evaluate
+/// before the first step.
+pub struct Plan<'a> {
+    pub kind: CheckpointKind,
+    pub model: &'a ModelConfig,
+    pub lora: Option<&'a LoraConfig>,
+    pub tokenizer: &'a Tokenizer,
+    pub eval_at_start: bool,
+}
+
+impl<'a> Plan<'a> {
+    /// A policy's plan (transformer + LM head), evaluated before the first step.
+    pub fn policy(
+        model: &'a ModelConfig,
+        lora: Option<&'a LoraConfig>,
+        tokenizer: &'a Tokenizer,
+    ) -> Self {
+        Self {
+            kind: CheckpointKind::Policy,
+            model,
+            lora,
+            tokenizer,
+            eval_at_start: true,
+        }
+    }
+}
+
+/// Runs the shared loop on `task` over the parameters of `store` that `trainable` accepts,
+/// as `plan` says.
+pub fn train<T: Task>(
+    env: &Env,
+    task: &mut T,
+    store: &ParamStore,
+    plan: Plan,
+    trainable: &dyn Fn(ParamInfo) -> bool,
+) -> Result<TrainSummary<T::Eval>> {
+    let cfg = &env.cfg;
+    let saved = Saved {
+        store,
+        meta: CheckpointMeta {
+            stage: cfg.stage,
+            kind: plan.kind,
+            model: plan.model.clone(),
+            lora: plan.lora.cloned(),
+            step: 0,
+        },
+        tokenizer: plan.tokenizer,
+    };
+    runner::train(
+        task,
+        &saved,
+        trainable,
+        &RunOpts {
+            cfg: &cfg.train,
+            run_dir: &env.run_dir,
+            resume: env.resume,
+            label: cfg.stage.name(),
+            eval_at_start: plan.eval_at_start,
+        },
+    )
+}
+
+/// Later stages on the built-in task use the world their init was trained in: a different
+/// task seed would put the new stage's held-out pairs into the init's training data. The world
+/// comes from the init run's `config.toml` unless the user's config (`user`, the file's table)
+/// names it.
+pub fn inherit_task_world(cfg: &mut RunConfig, user: Option<&toml::Value>) -> Result<()> {
+    let Some(init) = &cfg.init else {
+        return Ok(());
+    };
+    if cfg.data.path.is_some() {
+        return Ok(());
+    }
+    let user_sets = user
+        .and_then(|v| v.get("data"))
+        .is_some_and(|d| d.get("task_seed").is_some() || d.get("task_max_operand").is_some());
+    if user_sets {
+        return Ok(());
+    }
+    let ckpt = resolve_checkpoint(init)?;
+    let Some(run_cfg) = ckpt
+        .ancestors()
+        .take(3)
+        .map(|d| d.join("config.toml"))
+        .find(|p| p.is_file())
+    else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(&run_cfg)?;
+    let v: toml::Value = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", run_cfg.display(), e.message()))?;
+    let Some(data) = v.get("data") else {
+        return Ok(());
+    };
+    if data.get("path").is_some() {
+        return Ok(());
+    }
+    let int = |key: &str| data.get(key).and_then(toml::Value::as_integer);
+    if let Some(seed) = int("task_seed") {
+        cfg.data.task_seed = seed as u64;
+    }
+    if let Some(max) = int("task_max_operand") {
+        cfg.data.task_max_operand = max as u32;
+    }
+    Ok(())
+}
