@@ -8,9 +8,10 @@ use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    DTypeChoice, DeviceChoice, LoraConfig, ModelConfig, RewardSpec, RunConfig, Stage,
+    AdvantageEstimator, DTypeChoice, DeviceChoice, LoraConfig, ModelConfig, RewardSpec, RunConfig,
+    Stage,
 };
-use crate::stages::pipeline::PipelineOptions;
+use crate::stages::pipeline::{Extra, PipelineOptions};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -120,15 +121,18 @@ pub struct StageArgs {
     /// KL coefficient (PPO's beta, DPO's beta, GRPO's beta).
     #[arg(long)]
     pub beta: Option<f64>,
+    /// GRPO's advantage estimator: group_norm (GRPO), rloo, reinforce_plus_plus.
+    #[arg(long, value_enum)]
+    pub advantage_estimator: Option<AdvantageEstimator>,
 }
 
 #[derive(Args, Debug)]
 pub struct PipelineArgs {
     #[arg(long, default_value = "runs/pipeline")]
     pub out: PathBuf,
-    /// Extra stages after SFT: dpo, grpo.
+    /// Extra stages after PPO, each from the SFT model: dpo, grpo, rloo, reinforce_pp.
     #[arg(long, value_delimiter = ',', value_enum)]
-    pub with: Vec<Stage>,
+    pub with: Vec<Extra>,
     #[arg(long, value_enum)]
     pub device: Option<DeviceChoice>,
     #[arg(long)]
@@ -290,6 +294,9 @@ impl StageArgs {
         if !self.rewards.is_empty() {
             cfg.ppo.rewards = self.rewards.clone();
             cfg.grpo.rewards = self.rewards.clone();
+        }
+        if let Some(e) = self.advantage_estimator {
+            cfg.grpo.advantage_estimator = e;
         }
         if let Some(b) = self.beta {
             cfg.ppo.kl_coef = b;

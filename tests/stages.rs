@@ -15,34 +15,9 @@ mod stage_chain {
     use super::common::*;
     use candle_core::Device;
     use std::collections::HashMap;
-    use std::panic::{catch_unwind, AssertUnwindSafe};
+
     use std::path::{Path, PathBuf};
     use std::sync::OnceLock;
-    use std::time::{Duration, SystemTime};
-
-    /// A run shared by this binary's tests: the first test that needs it builds it, the others
-    /// wait for it. A build that panics is recorded, not retried, so each test that needs it
-    /// then fails at once with the failure, and no half-built run is read or built again.
-    type Shared<T> = OnceLock<Result<T, String>>;
-
-    fn shared<T>(cell: &'static Shared<T>, what: &str, build: impl FnOnce() -> T) -> &'static T {
-        let built = cell.get_or_init(|| {
-            catch_unwind(AssertUnwindSafe(build)).map_err(|e| {
-                e.downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "a panic without a message".into())
-            })
-        });
-        match built {
-            Ok(t) => t,
-            Err(e) => {
-                panic!(
-                    "the shared {what} failed to build (once, for every test that needs it):\n{e}"
-                )
-            }
-        }
-    }
 
     /// A fresh directory for the chain's runs, and their config file.
     struct Base {
@@ -53,40 +28,12 @@ mod stage_chain {
     fn base() -> &'static Base {
         static BASE: Shared<Base> = OnceLock::new();
         shared(&BASE, "chain directory", || {
-            let parent = Path::new(env!("CARGO_TARGET_TMPDIR"));
-            std::fs::create_dir_all(parent).unwrap();
-            remove_stale_chains(parent);
-            let dir = tempfile::Builder::new()
-                .prefix(CHAIN_PREFIX)
-                .tempdir_in(parent)
-                .unwrap();
+            let dir = chain_dir(env!("CARGO_TARGET_TMPDIR"), "stages-chain-");
             let cfg = p(dir.path(), "c.toml");
             std::fs::write(&cfg, format!("{TINY_TOML}\n[sft]\neval_prompts = 40\n[ppo]\neval_prompts = 40\nrollout_batch = 16\nminibatch_size = 8\n[dpo]\neval_prompts = 20\neval_pairs = 16\n")).unwrap();
             let config = cfg.to_str().unwrap().to_string();
             Base { dir, config }
         })
-    }
-
-    const CHAIN_PREFIX: &str = "stages-chain-";
-
-    /// A static is never dropped, so each process's chain directory (8 MB) outlives it, in the
-    /// target directory; those of earlier processes are removed here once an hour old, long after
-    /// their tests ended. (A directory's time is that of its last new entry.)
-    fn remove_stale_chains(parent: &Path) {
-        let hour_ago = SystemTime::now() - Duration::from_secs(3600);
-        for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
-            let stale = entry
-                .file_name()
-                .to_string_lossy()
-                .starts_with(CHAIN_PREFIX)
-                && entry
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|t| t < hour_ago);
-            if stale {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
     }
 
     fn config() -> &'static str {

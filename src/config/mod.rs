@@ -18,8 +18,8 @@ pub use lora::{LoraConfig, LoraTarget};
 pub use model::{MlpKind, ModelConfig, NormKind, PositionKind};
 pub use run::{overlay, DataConfig, DeviceChoice, RunConfig, Stage};
 pub use stages::{
-    DpoConfig, GrpoConfig, KlEstimator, PpoConfig, RewardConfig, RewardSource, RewardSpec,
-    SftConfig,
+    AdvantageEstimator, DpoConfig, ExternalRewardConfig, GrpoConfig, KlEstimator, LossType,
+    PpoConfig, RewardConfig, RewardSource, RewardSpec, ScaleRewards, SftConfig,
 };
 pub use train::{DTypeChoice, TrainConfig};
 

@@ -7,9 +7,10 @@ use anyhow::{Context, Result};
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
+use super::stages::positive;
 use super::{
-    read_toml, write_toml, DpoConfig, GrpoConfig, LoraConfig, ModelConfig, PpoConfig, RewardConfig,
-    SftConfig, TrainConfig,
+    read_toml, write_toml, DpoConfig, ExternalRewardConfig, GrpoConfig, LoraConfig, ModelConfig,
+    PpoConfig, RewardConfig, SftConfig, TrainConfig,
 };
 use crate::kernels::KernelSet;
 
@@ -111,6 +112,7 @@ pub struct RunConfig {
     pub ppo: PpoConfig,
     pub dpo: DpoConfig,
     pub grpo: GrpoConfig,
+    pub external_reward: ExternalRewardConfig,
 }
 
 impl Default for RunConfig {
@@ -174,6 +176,7 @@ impl RunConfig {
             ppo: Default::default(),
             dpo: Default::default(),
             grpo: Default::default(),
+            external_reward: Default::default(),
         }
     }
 
@@ -208,6 +211,14 @@ impl RunConfig {
         self.kernel_set()?;
         if !(0.0..1.0).contains(&self.data.val_fraction) {
             anyhow::bail!("data.val_fraction must be in [0, 1)");
+        }
+        match self.stage {
+            Stage::Ppo => self.ppo.validate()?,
+            Stage::Grpo => self.grpo.validate()?,
+            Stage::Pretrain | Stage::Sft | Stage::Reward | Stage::Dpo => {}
+        }
+        if !positive(self.external_reward.timeout_s) {
+            anyhow::bail!("external_reward.timeout_s must be positive");
         }
         Ok(())
     }

@@ -76,6 +76,9 @@ pub struct PpoConfig {
     pub target_kl: f64,
     pub kl_horizon: f64,
     pub cliprange: f64,
+    /// Upper clip range of the ratio when it differs from `cliprange` (DAPO's clip-higher;
+    /// TRL's `epsilon_high`).
+    pub epsilon_high: Option<f64>,
     pub cliprange_value: f64,
     pub vf_coef: f64,
     /// The value model's learning rate as a multiple of the policy's (OpenRLHF gives its
@@ -89,8 +92,49 @@ pub struct PpoConfig {
     pub score_clip: Option<f64>,
     /// Subtracted from the score of a response that did not end with EOS.
     pub missing_eos_penalty: Option<f64>,
+    pub loss_type: LossType,
+    /// Responses cut off by `max_new_tokens` carry no policy loss (TRL's
+    /// `mask_truncated_completions`).
+    pub mask_truncated_completions: bool,
+    /// Completions written to `completions.jsonl` per rollout.
+    pub log_completions: usize,
     pub task_prompts: usize,
     pub eval_prompts: usize,
+}
+
+impl PpoConfig {
+    pub fn validate(&self) -> Result<()> {
+        // Sampling and scoring must see one distribution: log-probabilities are computed from
+        // the full softmax at the sampling temperature, which top-k / top-p would truncate.
+        if self.top_k != 0 || self.top_p != 1.0 {
+            bail!(
+                "ppo.top_k / ppo.top_p: PPO scores sampled tokens under the full tempered softmax, so it needs top_k = 0 and top_p = 1 (got {} and {})",
+                self.top_k,
+                self.top_p
+            );
+        }
+        check_sampling("ppo", self.temperature, self.cliprange, self.epsilon_high)?;
+        if self.rollout_batch == 0 || self.minibatch_size == 0 || self.ppo_epochs == 0 {
+            bail!("ppo.rollout_batch, ppo.minibatch_size and ppo.ppo_epochs must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// A finite number above zero (NaN is not).
+pub(crate) fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}
+
+/// Checks shared by the RL stages' sampling and clipping knobs.
+fn check_sampling(stage: &str, temperature: f64, clip: f64, clip_high: Option<f64>) -> Result<()> {
+    if !positive(temperature) {
+        bail!("{stage}.temperature must be positive, got {temperature}");
+    }
+    if !positive(clip) || clip_high.is_some_and(|h| !positive(h)) {
+        bail!("{stage}.cliprange and {stage}.epsilon_high must be positive");
+    }
+    Ok(())
 }
 
 impl Default for PpoConfig {
@@ -111,6 +155,7 @@ impl Default for PpoConfig {
             target_kl: 6.0,
             kl_horizon: 10000.0,
             cliprange: 0.2,
+            epsilon_high: None,
             cliprange_value: 0.2,
             vf_coef: 0.1,
             value_lr_scale: 1.0,
@@ -120,6 +165,9 @@ impl Default for PpoConfig {
             whiten_advantages: true,
             score_clip: None,
             missing_eos_penalty: None,
+            loss_type: LossType::Bnpo,
+            mask_truncated_completions: false,
+            log_completions: 8,
             task_prompts: 4000,
             eval_prompts: 1000,
         }
@@ -162,13 +210,85 @@ pub struct GrpoConfig {
     pub prompts_per_rollout: usize,
     pub epochs: usize,
     pub minibatch_size: usize,
+    /// How the group's scores become advantages.
+    pub advantage_estimator: AdvantageEstimator,
+    /// What `group_norm` divides by (TRL's `scale_rewards`).
+    pub scale_rewards: ScaleRewards,
+    /// The KL coefficient: a k3 term in the loss (GRPO, RLOO), or for REINFORCE++ a k1
+    /// penalty in the per-token reward.
     pub beta: f64,
     pub cliprange: f64,
+    /// Upper clip range of the ratio (DAPO's clip-higher; TRL's `epsilon_high`).
+    pub epsilon_high: Option<f64>,
     pub temperature: f64,
     pub max_new_tokens: usize,
     pub eps: f64,
+    pub loss_type: LossType,
+    /// Responses cut off by `max_new_tokens` carry no loss (TRL's
+    /// `mask_truncated_completions`).
+    pub mask_truncated_completions: bool,
+    /// Completions written to `completions.jsonl` per rollout.
+    pub log_completions: usize,
     pub task_prompts: usize,
     pub eval_prompts: usize,
+}
+
+/// Critic-free advantage estimators over the `group_size` samples of each prompt, named as
+/// OpenRLHF's `--advantage_estimator` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum AdvantageEstimator {
+    /// GRPO: `(r - mean_group) / scale`, the same for every token of the response.
+    GroupNorm,
+    /// RLOO: `r - mean of the other samples of the group` (leave-one-out baseline).
+    Rloo,
+    /// REINFORCE++: per-token reward `-beta * KL_t` plus the score at the last token,
+    /// reward-to-go, whitened over the whole batch; no group baseline.
+    #[serde(alias = "reinforce++")]
+    ReinforcePlusPlus,
+}
+
+/// What GRPO's group-normalised advantage is divided by (TRL's `scale_rewards`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScaleRewards {
+    /// The group's standard deviation (GRPO).
+    Group,
+    /// The whole batch's standard deviation.
+    Batch,
+    /// Nothing: `r - mean_group` (Dr. GRPO).
+    None,
+}
+
+/// How per-token policy losses are averaged (TRL's `loss_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossType {
+    /// Over the minibatch's valid tokens.
+    #[serde(alias = "token")]
+    Bnpo,
+    /// Over each response's tokens, then over responses.
+    #[serde(alias = "sequence")]
+    Grpo,
+    /// Over all valid tokens of the optimizer step (every accumulated minibatch).
+    Dapo,
+}
+
+impl GrpoConfig {
+    pub fn validate(&self) -> Result<()> {
+        check_sampling("grpo", self.temperature, self.cliprange, self.epsilon_high)?;
+        if self.group_size < 2 {
+            bail!(
+                "grpo.group_size must be at least 2 (a group baseline needs two samples), got {}",
+                self.group_size
+            );
+        }
+        if self.prompts_per_rollout == 0 || self.minibatch_size == 0 {
+            bail!("grpo.prompts_per_rollout and grpo.minibatch_size must be positive");
+        }
+        Ok(())
+    }
 }
 
 impl Default for GrpoConfig {
@@ -179,11 +299,17 @@ impl Default for GrpoConfig {
             prompts_per_rollout: 32,
             epochs: 1,
             minibatch_size: 64,
+            advantage_estimator: AdvantageEstimator::GroupNorm,
+            scale_rewards: ScaleRewards::Group,
             beta: 0.04,
             cliprange: 0.2,
+            epsilon_high: None,
             temperature: 1.0,
             max_new_tokens: 6,
             eps: 1e-4,
+            loss_type: LossType::Bnpo,
+            mask_truncated_completions: false,
+            log_completions: 8,
             task_prompts: 4000,
             eval_prompts: 1000,
         }
@@ -197,6 +323,30 @@ pub enum RewardSource {
     Task,
     /// A reward-model checkpoint or run directory.
     Model(PathBuf),
+    /// A long-lived process (`sh -c` of the command line) answering JSON lines.
+    Command(String),
+    /// An HTTP endpoint answering the same payloads, POSTed as a JSON array per batch.
+    Http(String),
+}
+
+/// How temper treats user-defined reward processes and endpoints (`[external_reward]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExternalRewardConfig {
+    /// Seconds a batch may take before the reward counts as hung.
+    pub timeout_s: f64,
+    /// How often a process that died or hung is restarted (the batch is retried) before the
+    /// run stops.
+    pub max_restarts: usize,
+}
+
+impl Default for ExternalRewardConfig {
+    fn default() -> Self {
+        Self {
+            timeout_s: 60.0,
+            max_restarts: 2,
+        }
+    }
 }
 
 /// One weighted term of the sequence score, written `task[:W]` or `PATH[:W]` on the command
@@ -220,7 +370,7 @@ impl RewardSpec {
     pub fn first_model(specs: &[RewardSpec]) -> Option<&PathBuf> {
         specs.iter().find_map(|s| match &s.source {
             RewardSource::Model(p) => Some(p),
-            RewardSource::Task => None,
+            _ => None,
         })
     }
 }
@@ -229,21 +379,48 @@ impl std::str::FromStr for RewardSpec {
     type Err = anyhow::Error;
 
     fn from_str(spec: &str) -> Result<Self> {
-        let (name, weight) = match spec.rsplit_once(':') {
-            Some((path, w)) if w.parse::<f64>().is_ok() => (path, w.parse::<f64>()?),
-            _ => (spec, 1.0),
-        };
+        let (name, weight) = split_weight(spec);
         if !weight.is_finite() {
             bail!("--reward {spec}: weight must be finite");
         }
         if name.is_empty() {
-            bail!("--reward {spec}: names no reward (use task or a reward model's directory)");
+            bail!("--reward {spec}: names no reward (use task, cmd:PROGRAM, http://HOST:PORT/PATH or a reward model's directory)");
         }
-        let source = match name {
-            "task" => RewardSource::Task,
-            path => RewardSource::Model(PathBuf::from(path)),
+        let source = if name == "task" {
+            RewardSource::Task
+        } else if let Some(cmd) = name.strip_prefix("cmd:") {
+            if cmd.trim().is_empty() {
+                bail!("--reward {spec}: cmd: names no program");
+            }
+            RewardSource::Command(cmd.to_string())
+        } else if name.starts_with("http://") {
+            RewardSource::Http(name.to_string())
+        } else if name.starts_with("https://") {
+            bail!("--reward {spec}: https is not supported; serve the reward over http on this machine (or a proxy to it)");
+        } else {
+            RewardSource::Model(PathBuf::from(name))
         };
         Ok(Self { source, weight })
+    }
+}
+
+/// `NAME[:W]` -> (NAME, W), W = 1 when absent. In a URL, a number after the last colon is the
+/// port unless a path follows the host (`http://h:8000` is a port, `http://h:8000/r:2` a
+/// weight).
+fn split_weight(spec: &str) -> (&str, f64) {
+    let Some((name, w)) = spec.rsplit_once(':') else {
+        return (spec, 1.0);
+    };
+    let Ok(weight) = w.parse::<f64>() else {
+        return (spec, 1.0);
+    };
+    let is_port = name
+        .strip_prefix("http://")
+        .is_some_and(|rest| !rest.contains('/'));
+    if is_port {
+        (spec, 1.0)
+    } else {
+        (name, weight)
     }
 }
 
@@ -266,6 +443,8 @@ impl std::fmt::Display for RewardSpec {
         match &self.source {
             RewardSource::Task => write!(f, "task:{}", self.weight),
             RewardSource::Model(p) => write!(f, "{}:{}", p.display(), self.weight),
+            RewardSource::Command(c) => write!(f, "cmd:{c}:{}", self.weight),
+            RewardSource::Http(u) => write!(f, "{u}:{}", self.weight),
         }
     }
 }
@@ -289,6 +468,27 @@ mod tests {
             (RewardSource::Model("c:/rm".into()), 1.0)
         );
         assert!("task:inf".parse::<RewardSpec>().is_err());
+        let c: RewardSpec = "cmd:python3 v.py --strict:0.5".parse().unwrap();
+        assert_eq!(
+            c.source,
+            RewardSource::Command("python3 v.py --strict".into())
+        );
+        assert_eq!(c.weight, 0.5);
+        assert_eq!(c.to_string().parse::<RewardSpec>().unwrap(), c);
+        let h: RewardSpec = "http://127.0.0.1:8000".parse().unwrap();
+        assert_eq!(
+            (h.source, h.weight),
+            (RewardSource::Http("http://127.0.0.1:8000".into()), 1.0)
+        );
+        let h: RewardSpec = "http://127.0.0.1:8000/score:2".parse().unwrap();
+        assert_eq!(
+            (h.source, h.weight),
+            (
+                RewardSource::Http("http://127.0.0.1:8000/score".into()),
+                2.0
+            )
+        );
+        assert!("https://x/score".parse::<RewardSpec>().is_err());
         assert_eq!(
             RewardSpec::first_model(&[r, m.clone()]),
             Some(&PathBuf::from("runs/rm"))

@@ -7,8 +7,8 @@ use candle_core::Tensor;
 
 use super::batch::{lm_batch, LmBatch};
 use super::eval::accuracy;
-use super::rollout::Reference;
-use super::setup::{self, prompt_sets, split_holdout, FrozenReference, Plan, PolicyPair};
+use super::rollout::{FrozenReference, Reference};
+use super::setup::{self, prompt_sets, split_holdout, Plan, PolicyPair};
 use super::sft::encode_all;
 use super::Env;
 use crate::data::records::{load_preferences, PreferencePair, PromptRecord, SftExample};

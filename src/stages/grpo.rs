@@ -1,102 +1,112 @@
-//! GRPO: `group_size` samples per prompt, the advantage of each response is its score
-//! normalised within its group, `(r - mean) / (std + eps)`, for every one of its tokens; no
-//! value model; the loss is the clipped surrogate plus `beta` times the k3 KL estimate to the
-//! reference, averaged over the valid tokens of each minibatch. That aggregation is TRL's
-//! `bnpo` (normalised by the minibatch's token count), which equals `dapo` (normalised by the
-//! whole accumulated batch's) only at `grad_accum = 1`. The maths lives in [`super::rl`].
-
-use std::collections::VecDeque;
+//! The critic-free policy-gradient stage: `group_size` samples per prompt, advantages from
+//! the group (no value model), the clipped surrogate, and a KL to the reference. Its
+//! `advantage_estimator` (named as OpenRLHF names them) picks the algorithm:
+//! - `group_norm` (GRPO): `(r - mean_group) / scale` for every token of the response, where
+//!   `scale_rewards` (TRL's knob) is the group's std, the batch's std, or 1 (Dr. GRPO); KL as
+//!   a k3 term `beta * KL` in the loss;
+//! - `rloo`: `r - mean of the other samples of its group`; KL in the loss as GRPO;
+//! - `reinforce_plus_plus`: per-token reward `-beta * KL_t` (k1) plus the score at the last
+//!   token, reward-to-go, whitened over the batch; no KL term in the loss.
+//!
+//! Per-token losses are averaged per `loss_type` (TRL's names): `bnpo` over each minibatch's
+//! tokens (the default, which equals `dapo` only at `grad_accum = 1`), `grpo` per response
+//! then over responses, `dapo` over every token of the optimizer step. The maths lives in
+//! [`super::rl`].
 
 use anyhow::Result;
 use candle_core::Tensor;
 
+use super::completions::CompletionLog;
 use super::eval::{PolicyEval, PolicyResult};
-use super::rl::{group_advantages, kl_estimate};
-use super::rollout::{self, minibatches, rows, PolicyStep, RewardFn, Rollout};
-use super::setup::{self, check_prompt_lengths, prompt_sets, FrozenReference, Plan, PolicyPair};
+use super::rewards::{check_prompts, RewardFn};
+use super::rl::{
+    group_advantages, kl_estimate, reinforce_pp_advantages, row_sums, sequence_advantages, Clip,
+};
+use super::rollout::{
+    rollout_stats, rows, surrogate, Actors, Buffer, PolicyStep, Rollout, Schedule,
+};
+use super::setup::{self, check_prompt_lengths, prompt_sets, Plan, PolicyPair};
 use super::Env;
-use crate::config::KlEstimator;
+use crate::config::{AdvantageEstimator, GrpoConfig, KlEstimator, ScaleRewards};
 use crate::data::records::PromptRecord;
 use crate::data::sampler::{state_u64, WindowSampler};
-use crate::data::tokenizer::Tokenizer;
 use crate::generate::SampleCfg;
-use crate::model::Transformer;
 use crate::train::loss::{masked_mean, scalar};
 use crate::train::params::{ParamInfo, Role};
 use crate::train::rng::Rng;
 use crate::train::runner::{StepOut, Task};
 
-struct Buffer {
-    ro: Rollout,
-    adv: Tensor,
-    batches: VecDeque<Vec<usize>>,
-}
-
 struct GrpoTask<'a> {
     env: &'a Env,
-    policy: Transformer,
-    reference: FrozenReference,
-    tok: Tokenizer,
-    rewards: RewardFn,
+    actors: Actors,
     prompts: Vec<PromptRecord>,
     eval_prompts: Vec<PromptRecord>,
     sampler: WindowSampler,
     rng: Rng,
-    buffer: Option<Buffer>,
+    buffer: Option<Buffer<()>>,
     last_kl: f64,
 }
 
 impl GrpoTask<'_> {
-    fn rollout(&mut self) -> Result<Vec<(&'static str, f64)>> {
-        let c = self.env.cfg.grpo.clone();
-        let ctx = self.env.ctx(true, None);
+    fn cfg(&self) -> &GrpoConfig {
+        &self.env.cfg.grpo
+    }
+
+    /// The advantages `[B, R]` of a rollout under the configured estimator.
+    fn advantages(&self, ro: &Rollout) -> Result<Tensor> {
+        let c = self.cfg();
+        let kernel = self.env.kernels.gae;
+        let dev = ro.mask.device();
+        match (c.advantage_estimator, c.scale_rewards) {
+            (AdvantageEstimator::GroupNorm, ScaleRewards::Group) => {
+                group_advantages(&ro.scores, c.group_size, c.eps, ro.resp_len, kernel, dev)
+            }
+            (AdvantageEstimator::ReinforcePlusPlus, _) => {
+                let kl =
+                    (kl_estimate(&ro.old_logprobs, &ro.ref_logprobs, KlEstimator::K1)? * &ro.mask)?;
+                reinforce_pp_advantages(&kl, &ro.scores, &ro.lengths, &ro.mask, c.beta, kernel)
+            }
+            (est, scale) => {
+                let a = sequence_advantages(&ro.scores, c.group_size, est, scale, c.eps);
+                let b = a.len();
+                let a = Tensor::from_vec(a.iter().map(|&x| x as f32).collect(), (b, 1), dev)?;
+                Ok(a.broadcast_as((b, ro.resp_len))?.contiguous()?)
+            }
+        }
+    }
+
+    /// One rollout for optimizer step `step`: `group_size` samples of each of
+    /// `prompts_per_rollout` prompts, their advantages, the minibatch schedule and the
+    /// completion log; returns the rollout's statistics.
+    fn rollout(&mut self, step: usize) -> Result<Vec<(&'static str, f64)>> {
+        let c = self.cfg().clone();
         let mut records = Vec::with_capacity(c.prompts_per_rollout * c.group_size);
         for _ in 0..c.prompts_per_rollout {
             let p = self.prompts[self.sampler.next_index()].clone();
             records.extend(std::iter::repeat_n(p, c.group_size));
         }
-        let ids: Vec<Vec<u32>> = records
-            .iter()
-            .map(|r| self.tok.encode(&r.prompt))
-            .collect::<Result<_>>()?;
         let cfg = SampleCfg {
             max_new_tokens: c.max_new_tokens,
             temperature: c.temperature,
             ..Default::default()
         };
-        let sampled = rollout::sample(&self.policy, ctx, &self.tok, &ids, &cfg, &mut self.rng)?;
-        let ro = rollout::build(
-            &self.policy,
-            ctx,
-            &self.reference.get(),
-            &self.tok,
-            &records,
-            &ids,
-            sampled,
-            &self.rewards,
-        )?;
-        let b = records.len();
-        let adv = group_advantages(
-            &ro.scores,
-            c.group_size,
-            c.eps,
-            ro.resp_len,
-            self.env.kernels.gae,
-            ro.mask.device(),
-        )?;
+        let (ro, _) =
+            self.actors
+                .collect(self.env.ctx(true, None), &records, &cfg, &mut self.rng)?;
+        let adv = self.advantages(&ro)?;
         let kl = (kl_estimate(&ro.old_logprobs, &ro.ref_logprobs, KlEstimator::K3)? * &ro.mask)?;
-        self.last_kl = scalar(&kl.sum_all()?)? / b as f64;
-        let batches = minibatches(b, c.epochs.max(1), c.minibatch_size, &mut self.rng);
-        let stats = vec![
-            ("score", ro.scores.iter().sum::<f64>() / b as f64),
-            ("kl", self.last_kl),
-            (
-                "response_length",
-                ro.lengths.iter().sum::<usize>() as f64 / b as f64,
-            ),
-            ("rollout", 1.0),
-        ];
-        self.buffer = Some(Buffer { ro, adv, batches });
+        self.last_kl = scalar(&kl.sum_all()?)? / records.len() as f64;
+        self.actors
+            .completions
+            .write(step + 1, &records, &ro, &row_sums(&kl)?)?;
+        let stats = rollout_stats(&ro, self.last_kl);
+        let plan = Schedule {
+            epochs: c.epochs.max(1),
+            minibatch_size: c.minibatch_size,
+            grad_accum: self.env.cfg.train.grad_accum,
+            mask_truncated: c.mask_truncated_completions,
+        };
+        self.buffer = Some(Buffer::new(ro, adv, (), &plan, &mut self.rng)?);
         Ok(stats)
     }
 }
@@ -104,24 +114,37 @@ impl GrpoTask<'_> {
 impl Task for GrpoTask<'_> {
     type Eval = PolicyEval;
 
-    fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
+    fn micro_batch(&mut self, step: usize) -> Result<StepOut> {
         let mut metrics = vec![];
-        if self.buffer.as_ref().is_none_or(|b| b.batches.is_empty()) {
-            metrics = self.rollout()?;
+        if self.buffer.as_ref().is_none_or(Buffer::is_spent) {
+            metrics = self.rollout(step)?;
         }
         let c = &self.env.cfg.grpo;
         let ctx = self.env.ctx(true, None);
         let buf = self.buffer.as_mut().expect("rollout just filled it");
-        let idx = buf.batches.pop_front().expect("non-empty");
+        let (idx, norm) = buf.next_batch().expect("non-empty");
+        let sur = surrogate(c.loss_type, Clip::new(c.cliprange, c.epsilon_high), norm);
         let ro = &buf.ro;
-        let pol = PolicyStep::compute(&self.policy, ctx, ro, &buf.adv, &idx, c.cliprange, false)?;
-        let kl = masked_mean(
-            &kl_estimate(&pol.logp, &rows(&ro.ref_logprobs, &idx)?, KlEstimator::K3)?,
-            &pol.mask,
+        let pol = PolicyStep::compute(
+            &self.actors.policy,
+            ctx,
+            ro,
+            &buf.minibatch(&idx),
+            sur,
+            false,
         )?;
-        let loss = (&pol.loss + (&kl * c.beta)?)?;
         metrics.extend(pol.metrics()?);
-        metrics.push(("kl_token", scalar(&kl)?));
+        let mut loss = pol.loss;
+        // REINFORCE++ has its KL in the reward; the others hold the policy near the reference
+        // with a k3 term in the loss.
+        if c.advantage_estimator != AdvantageEstimator::ReinforcePlusPlus {
+            let kl = masked_mean(
+                &kl_estimate(&pol.logp, &rows(&ro.ref_logprobs, &idx)?, KlEstimator::K3)?,
+                &pol.mask,
+            )?;
+            loss = (&loss + (&kl * c.beta)?)?;
+            metrics.push(("kl_token", scalar(&kl)?));
+        }
         Ok(StepOut {
             loss,
             tokens: idx.len() * (ro.prompt_cols + ro.resp_len),
@@ -130,24 +153,12 @@ impl Task for GrpoTask<'_> {
     }
 
     fn evaluate(&mut self) -> Result<PolicyEval> {
-        let c = &self.env.cfg.grpo;
-        let (accuracy, mean_reward) = rollout::greedy_eval(
-            &self.policy,
+        self.actors.evaluate(
             self.env.ctx(true, None),
-            &self.tok,
             &self.eval_prompts,
-            &self.rewards,
-            &SampleCfg {
-                max_new_tokens: c.max_new_tokens,
-                ..Default::default()
-            },
-        )?;
-        Ok(PolicyEval {
-            accuracy,
-            mean_reward,
-            kl: self.last_kl,
-            beta: None,
-        })
+            self.env.cfg.grpo.max_new_tokens,
+            (self.last_kl, None),
+        )
     }
 
     fn state(&self) -> serde_json::Value {
@@ -175,18 +186,29 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         loaded,
     } = PolicyPair::load(env)?;
     let tok = loaded.tokenizer.clone();
-    let rewards = RewardFn::load(&c.rewards, &env.device, &tok)?;
+    let rewards = RewardFn::load(&c.rewards, &env.device, &tok, &cfg.external_reward)?;
     let (prompts, eval_prompts) = prompt_sets(env, c.task_prompts, c.eval_prompts)?;
     let ctx_len = policy.cfg.max_position_embeddings;
-    check_prompt_lengths(&tok, &prompts, c.max_new_tokens, ctx_len)?;
-    check_prompt_lengths(&tok, &eval_prompts, c.max_new_tokens, ctx_len)?;
+    for set in [&prompts, &eval_prompts] {
+        check_prompt_lengths(&tok, set, c.max_new_tokens, ctx_len)?;
+        check_prompts(&rewards, set)?;
+    }
+    eprintln!(
+        "[{}] advantage estimator {:?}, reward {}",
+        cfg.stage,
+        c.advantage_estimator,
+        rewards.names.join(" + ")
+    );
     let model = policy.cfg.clone();
     let mut task = GrpoTask {
         env,
-        policy,
-        reference,
-        tok: tok.clone(),
-        rewards,
+        actors: Actors {
+            policy,
+            reference,
+            tok: tok.clone(),
+            rewards,
+            completions: CompletionLog::new(&env.run_dir, c.log_completions),
+        },
         sampler: WindowSampler::new(prompts.len(), cfg.train.seed),
         prompts,
         eval_prompts,

@@ -5,6 +5,7 @@
 //! A stage module is its task (`micro_batch`, `evaluate`) and a `run(env)` that assembles it.
 
 pub mod batch;
+pub mod completions;
 pub mod dpo;
 pub mod eval;
 pub mod grpo;
@@ -13,6 +14,7 @@ pub mod pipeline;
 pub mod ppo;
 pub mod pretrain;
 pub mod reward;
+pub mod rewards;
 pub mod rl;
 pub mod rollout;
 pub mod setup;

@@ -9,13 +9,59 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 
 use super::Env;
-use crate::config::{overlay, DeviceChoice, RunConfig, Stage};
+use crate::config::{overlay, AdvantageEstimator, DeviceChoice, RunConfig, Stage};
+
+/// The stages `--with` can add after PPO, each from the SFT model. `rloo` and
+/// `reinforce_pp` are the grpo stage with another advantage estimator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Extra {
+    Dpo,
+    Grpo,
+    Rloo,
+    #[value(name = "reinforce_pp", alias = "reinforce++")]
+    ReinforcePp,
+}
+
+/// One step of the pipeline: a stage, the directory it writes, and (for the grpo stage) the
+/// advantage estimator it runs with.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Step {
+    stage: Stage,
+    name: &'static str,
+    estimator: Option<AdvantageEstimator>,
+}
+
+impl Step {
+    fn plain(stage: Stage) -> Self {
+        Self {
+            stage,
+            name: stage.name(),
+            estimator: None,
+        }
+    }
+}
+
+impl From<Extra> for Step {
+    fn from(e: Extra) -> Self {
+        let grpo = |name, est| Step {
+            stage: Stage::Grpo,
+            name,
+            estimator: Some(est),
+        };
+        match e {
+            Extra::Dpo => Step::plain(Stage::Dpo),
+            Extra::Grpo => grpo("grpo", AdvantageEstimator::GroupNorm),
+            Extra::Rloo => grpo("rloo", AdvantageEstimator::Rloo),
+            Extra::ReinforcePp => grpo("reinforce_pp", AdvantageEstimator::ReinforcePlusPlus),
+        }
+    }
+}
 
 /// What the pipeline is asked to do.
 pub struct PipelineOptions {
     pub out: PathBuf,
-    /// Extra stages after PPO, each from the SFT model: dpo, grpo.
-    pub with: Vec<Stage>,
+    /// Extra stages after PPO, each from the SFT model.
+    pub with: Vec<Extra>,
     pub device: Option<DeviceChoice>,
     pub kernels: Option<String>,
     pub seed: u64,
@@ -25,15 +71,19 @@ pub struct PipelineOptions {
     pub config: Option<PathBuf>,
 }
 
-/// One stage's configuration inside the pipeline: its defaults, the pipeline's choices, then
-/// the user's `[stage]` table from `--config`.
+/// One step's configuration inside the pipeline: its stage's defaults, the pipeline's
+/// choices, then the user's table for the step (`[pretrain]`, ..., `[rloo]`) from `--config`.
 fn stage_config(
-    stage: Stage,
+    step: Step,
     opts: &PipelineOptions,
     user: Option<&toml::Value>,
 ) -> Result<RunConfig> {
     let dir = &opts.out;
+    let stage = step.stage;
     let mut cfg = RunConfig::for_stage(stage);
+    if let Some(est) = step.estimator {
+        cfg.grpo.advantage_estimator = est;
+    }
     if let Some(d) = opts.device {
         cfg.device = d;
     }
@@ -51,12 +101,12 @@ fn stage_config(
             cfg.ppo.value_init = Some(dir.join("reward"));
         }
     }
-    if let Some(table) = user.and_then(|u| u.get(stage.name())) {
+    if let Some(table) = user.and_then(|u| u.get(step.name)) {
         let mut base = toml::Value::try_from(&cfg)?;
         overlay(&mut base, table.clone());
         cfg = base
             .try_into()
-            .with_context(|| format!("pipeline config: invalid [{stage}] table"))?;
+            .with_context(|| format!("pipeline config: invalid [{}] table", step.name))?;
     }
     let scaled = ((cfg.train.steps as f64) * opts.scale).round().max(1.0) as usize;
     cfg.train.steps = scaled;
@@ -113,11 +163,6 @@ fn run_stage(stage: Stage, env: &Env) -> Result<Value> {
 }
 
 pub fn run(opts: &PipelineOptions) -> Result<()> {
-    for s in &opts.with {
-        if !matches!(s, Stage::Dpo | Stage::Grpo) {
-            bail!("--with: `{s}` is not an extra stage (dpo, grpo)");
-        }
-    }
     let user: Option<toml::Value> = match &opts.config {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -134,19 +179,28 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
     let mut summary = Map::new();
     let mut seconds = Map::new();
     let started = Instant::now();
-    let mut stages = vec![Stage::Pretrain, Stage::Sft, Stage::Reward, Stage::Ppo];
-    stages.extend(opts.with.iter().copied());
-    for &stage in &stages {
+    let mut steps: Vec<Step> = [Stage::Pretrain, Stage::Sft, Stage::Reward, Stage::Ppo]
+        .into_iter()
+        .map(Step::plain)
+        .collect();
+    for e in &opts.with {
+        let step = Step::from(*e);
+        if steps.iter().any(|s| s.name == step.name) {
+            bail!("--with: `{}` is named twice", step.name);
+        }
+        steps.push(step);
+    }
+    for &step in &steps {
         let t0 = Instant::now();
-        let cfg = stage_config(stage, opts, user.as_ref())?;
-        let env = Env::prepare(cfg, &dir.join(stage.name()), false)?;
-        summary.insert(stage.name().to_string(), run_stage(stage, &env)?);
-        seconds.insert(stage.name().to_string(), json!(t0.elapsed().as_secs_f64()));
+        let cfg = stage_config(step, opts, user.as_ref())?;
+        let env = Env::prepare(cfg, &dir.join(step.name), false)?;
+        summary.insert(step.name.to_string(), run_stage(step.stage, &env)?);
+        seconds.insert(step.name.to_string(), json!(t0.elapsed().as_secs_f64()));
         write_summary(dir, &summary, &seconds)?;
     }
     seconds.insert("total".into(), json!(started.elapsed().as_secs_f64()));
     write_summary(dir, &summary, &seconds)?;
-    print_table(&stages, &summary);
+    print_table(&steps, &summary);
     println!("summary: {}", dir.join("summary.json").display());
     Ok(())
 }
@@ -164,15 +218,15 @@ fn write_summary(
     )
 }
 
-fn print_table(stages: &[Stage], summary: &Map<String, Value>) {
+fn print_table(steps: &[Step], summary: &Map<String, Value>) {
     let f = |v: Option<&Value>| {
         v.and_then(Value::as_f64)
             .map_or("-".to_string(), |x| format!("{x:.3}"))
     };
-    println!("{:<9} {:<28} compared with", "stage", "held-out result");
-    for &stage in stages {
-        let v = &summary[stage.name()];
-        let (what, base) = match stage {
+    println!("{:<12} {:<28} compared with", "stage", "held-out result");
+    for step in steps {
+        let v = &summary[step.name];
+        let (what, base) = match step.stage {
             Stage::Pretrain => (
                 format!("val loss {}", f(v.get("val_loss"))),
                 format!("initial val loss {}", f(v.get("first_val_loss"))),
@@ -200,6 +254,6 @@ fn print_table(stages: &[Stage], summary: &Map<String, Value>) {
                 ),
             ),
         };
-        println!("{stage:<9} {what:<28} {base}");
+        println!("{:<12} {what:<28} {base}", step.name);
     }
 }

@@ -5,59 +5,58 @@
 //! adaptive KL controller runs when `adaptive_kl` is on. The maths lives in [`super::rl`].
 //!
 //! One PPO iteration, as the code below is ordered:
-//! 1. sample a response for each of `rollout_batch` prompts ([`PpoTask::sample`]);
-//! 2. score them and take the policy's and reference's log-probabilities (`rollout::build`);
+//! 1. sample a response for each of `rollout_batch` prompts at `temperature` (`sample`);
+//! 2. score them and take the policy's and reference's log-probabilities at that temperature
+//!    (`Actors::collect`);
 //! 3. values, per-token rewards `-beta KL_t` plus the score, GAE, whitening
-//!    ([`PpoTask::advantages`]);
+//!    (`advantages`);
 //! 4. `ppo_epochs` epochs of shuffled minibatches, each one optimizer step of the shared loop:
-//!    clipped policy loss + `vf_coef` x clipped value loss (`micro_batch`).
+//!    clipped policy loss (`loss_type`, `epsilon_high`) + `vf_coef` x clipped value loss
+//!    (`micro_batch`).
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::Tensor;
 
+use super::completions::CompletionLog;
 use super::eval::{PolicyEval, PolicyResult};
 use super::loader::{read_checkpoint, scored_from};
 use super::reward::Scorer;
-use super::rl::{explained_variance, gae_advantages, kl_estimate, token_rewards, value_loss};
-use super::rollout::{self, minibatches, response_values, rows, PolicyStep, RewardFn, Rollout};
-use super::setup::{self, check_prompt_lengths, prompt_sets, FrozenReference, Plan, PolicyPair};
+use super::rewards::{check_prompts, RewardFn};
+use super::rl::{
+    explained_variance, gae_advantages, kl_estimate, row_sums, token_rewards, value_loss, Clip,
+};
+use super::rollout::{
+    response_values, rollout_stats, rows, surrogate, Actors, Buffer, PolicyStep, Rollout, Schedule,
+};
+use super::setup::{self, check_prompt_lengths, prompt_sets, Plan, PolicyPair};
 use super::Env;
 use crate::config::{PpoConfig, RewardSpec};
 use crate::data::records::PromptRecord;
 use crate::data::sampler::{state_u64, WindowSampler};
-use crate::data::tokenizer::Tokenizer;
 use crate::generate::SampleCfg;
-use crate::model::Transformer;
 use crate::train::loss::{masked_mean, scalar};
 use crate::train::params::{Net, ParamInfo, Role};
 use crate::train::rng::Rng;
 use crate::train::runner::{StepOut, Task};
 
-/// One rollout with everything its minibatches need.
-struct Buffer {
-    ro: Rollout,
-    adv: Tensor,
-    ret: Tensor,
+/// What PPO keeps per rollout besides the advantages: the critic's values and the returns.
+struct Critic {
     values: Tensor,
-    batches: VecDeque<Vec<usize>>,
+    ret: Tensor,
 }
 
 struct PpoTask<'a> {
     env: &'a Env,
-    policy: Transformer,
+    actors: Actors,
     value: Scorer,
-    reference: FrozenReference,
-    tok: Tokenizer,
-    rewards: RewardFn,
     prompts: Vec<PromptRecord>,
     eval_prompts: Vec<PromptRecord>,
     sampler: WindowSampler,
     rng: Rng,
-    buffer: Option<Buffer>,
+    buffer: Option<Buffer<Critic>>,
     beta: f64,
     last_kl: f64,
     gen_secs: f64,
@@ -67,8 +66,9 @@ struct PpoTask<'a> {
 /// Step 3's outputs besides the buffer: what the rollout looked like.
 struct Advantages {
     adv: Tensor,
-    ret: Tensor,
-    values: Tensor,
+    critic: Critic,
+    /// Each response's summed per-token KL, and their mean.
+    kl_rows: Vec<f64>,
     kl_seq: f64,
     explained: f64,
 }
@@ -90,45 +90,23 @@ impl PpoTask<'_> {
     }
 
     /// Steps 1 and 2: a batch of prompts, their sampled responses, scores and log-probs.
-    fn sample(&mut self) -> Result<(Rollout, f64)> {
-        let ctx = self.env.ctx(true, None);
+    fn sample(&mut self) -> Result<(Vec<PromptRecord>, Rollout, f64)> {
         let records: Vec<PromptRecord> = (0..self.cfg().rollout_batch)
             .map(|_| self.prompts[self.sampler.next_index()].clone())
             .collect();
-        let ids: Vec<Vec<u32>> = records
-            .iter()
-            .map(|r| self.tok.encode(&r.prompt))
-            .collect::<Result<_>>()?;
-        let t0 = Instant::now();
-        let sampled = rollout::sample(
-            &self.policy,
-            ctx,
-            &self.tok,
-            &ids,
-            &self.sample_cfg(),
-            &mut self.rng,
-        )?;
-        let gen = t0.elapsed().as_secs_f64();
+        let cfg = self.sample_cfg();
+        let (ro, gen) =
+            self.actors
+                .collect(self.env.ctx(true, None), &records, &cfg, &mut self.rng)?;
         self.gen_secs += gen;
-        let ro = rollout::build(
-            &self.policy,
-            ctx,
-            &self.reference.get(),
-            &self.tok,
-            &records,
-            &ids,
-            sampled,
-            &self.rewards,
-        )?;
-        Ok((ro, gen))
+        Ok((records, ro, gen))
     }
 
     /// Step 3: values, per-token rewards, GAE and whitening.
     fn advantages(&self, ro: &Rollout) -> Result<Advantages> {
         let c = self.cfg();
         let ctx = self.env.ctx(true, None);
-        let b = ro.lengths.len();
-        let all: Vec<usize> = (0..b).collect();
+        let all: Vec<usize> = (0..ro.lengths.len()).collect();
         let values = (response_values(&self.value, ctx, ro, &all)?.detach() * &ro.mask)?;
         let kl = (kl_estimate(&ro.old_logprobs, &ro.ref_logprobs, c.kl_estimator)? * &ro.mask)?;
         let scores: Vec<f64> = ro
@@ -153,58 +131,49 @@ impl PpoTask<'_> {
             self.env.kernels.gae,
         )?;
         Ok(Advantages {
-            kl_seq: scalar(&kl.sum_all()?)? / b as f64,
+            kl_rows: row_sums(&kl)?,
+            kl_seq: scalar(&kl.sum_all()?)? / ro.lengths.len() as f64,
             explained: explained_variance(&g.returns, &values, &ro.mask)?,
             adv: g.advantages,
-            ret: g.returns,
-            values,
+            critic: Critic {
+                values,
+                ret: g.returns,
+            },
         })
     }
 
-    /// One rollout: steps 1-3, the minibatch schedule for step 4, and the rollout's
-    /// statistics (logged with the step that sampled it).
-    fn rollout(&mut self) -> Result<Vec<(&'static str, f64)>> {
-        let (ro, gen) = self.sample()?;
+    /// One rollout for optimizer step `step`: steps 1-3, the minibatch schedule for step 4,
+    /// the completion log, and the rollout's statistics (logged with that step).
+    fn rollout(&mut self, step: usize) -> Result<Vec<(&'static str, f64)>> {
+        let (records, ro, gen) = self.sample()?;
         let a = self.advantages(&ro)?;
-        self.last_kl = a.kl_seq;
         let b = ro.lengths.len() as f64;
-        let stats = vec![
-            ("score", ro.scores.iter().sum::<f64>() / b),
-            ("kl", a.kl_seq),
+        let kl_seq = a.kl_seq;
+        self.last_kl = kl_seq;
+        self.actors
+            .completions
+            .write(step + 1, &records, &ro, &a.kl_rows)?;
+        let mut stats = rollout_stats(&ro, kl_seq);
+        stats.extend([
             ("beta", self.beta),
             ("explained_variance", a.explained),
-            (
-                "response_length",
-                ro.lengths.iter().sum::<usize>() as f64 / b,
-            ),
-            (
-                "eos_fraction",
-                ro.finished.iter().filter(|&&f| f).count() as f64 / b,
-            ),
             ("gen_time_s", gen),
             ("gen_time_total_s", self.gen_secs),
             ("train_time_total_s", self.train_secs),
-            ("rollout", 1.0),
-        ];
+        ]);
         let c = self.cfg().clone();
         if c.adaptive_kl {
             // Ziegler et al.: move beta proportionally to how far the KL is from its target.
-            let err = (a.kl_seq / c.target_kl - 1.0).clamp(-0.2, 0.2);
+            let err = (kl_seq / c.target_kl - 1.0).clamp(-0.2, 0.2);
             self.beta *= 1.0 + err * b / c.kl_horizon;
         }
-        let batches = minibatches(
-            ro.lengths.len(),
-            c.ppo_epochs,
-            c.minibatch_size,
-            &mut self.rng,
-        );
-        self.buffer = Some(Buffer {
-            ro,
-            adv: a.adv,
-            ret: a.ret,
-            values: a.values,
-            batches,
-        });
+        let plan = Schedule {
+            epochs: c.ppo_epochs,
+            minibatch_size: c.minibatch_size,
+            grad_accum: self.env.cfg.train.grad_accum,
+            mask_truncated: c.mask_truncated_completions,
+        };
+        self.buffer = Some(Buffer::new(ro, a.adv, a.critic, &plan, &mut self.rng)?);
         Ok(stats)
     }
 }
@@ -213,33 +182,40 @@ impl Task for PpoTask<'_> {
     type Eval = PolicyEval;
 
     /// Step 4: one minibatch of the current rollout (sampling a new one when it is used up).
-    fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
+    fn micro_batch(&mut self, step: usize) -> Result<StepOut> {
         let mut metrics = vec![];
-        if self.buffer.as_ref().is_none_or(|b| b.batches.is_empty()) {
-            metrics = self.rollout()?;
+        if self.buffer.as_ref().is_none_or(Buffer::is_spent) {
+            metrics = self.rollout(step)?;
         }
         let t0 = Instant::now();
         let c = &self.env.cfg.ppo;
         let ctx = self.env.ctx(true, None);
         let buf = self.buffer.as_mut().expect("rollout just filled it");
-        let idx = buf.batches.pop_front().expect("non-empty");
-        let ro = &buf.ro;
-        let pol = PolicyStep::compute(&self.policy, ctx, ro, &buf.adv, &idx, c.cliprange, true)?;
-        let mask = &pol.mask;
-        let v = response_values(&self.value, ctx, ro, &idx)?;
+        let (idx, norm) = buf.next_batch().expect("non-empty");
+        let sur = surrogate(c.loss_type, Clip::new(c.cliprange, c.epsilon_high), norm);
+        let pol = PolicyStep::compute(
+            &self.actors.policy,
+            ctx,
+            &buf.ro,
+            &buf.minibatch(&idx),
+            sur,
+            true,
+        )?;
+        let mask = rows(&buf.ro.mask, &idx)?;
+        let v = response_values(&self.value, ctx, &buf.ro, &idx)?;
         let vf = value_loss(
             &v,
-            &rows(&buf.values, &idx)?,
-            &rows(&buf.ret, &idx)?,
-            mask,
+            &rows(&buf.extra.values, &idx)?,
+            &rows(&buf.extra.ret, &idx)?,
+            &mask,
             c.cliprange_value,
         )?;
-        let ent = masked_mean(pol.entropy.as_ref().expect("asked for entropy"), mask)?;
+        let ent = masked_mean(pol.entropy.as_ref().expect("asked for entropy"), &mask)?;
         let mut loss = (&pol.loss + (&vf * c.vf_coef)?)?;
         if c.entropy_coef != 0.0 {
             loss = (loss - (&ent * c.entropy_coef)?)?;
         }
-        let tokens = idx.len() * (ro.prompt_cols + ro.resp_len);
+        let tokens = idx.len() * (buf.ro.prompt_cols + buf.ro.resp_len);
         metrics.extend(pol.metrics()?);
         metrics.extend([("value_loss", scalar(&vf)?), ("entropy", scalar(&ent)?)]);
         self.train_secs += t0.elapsed().as_secs_f64();
@@ -251,20 +227,12 @@ impl Task for PpoTask<'_> {
     }
 
     fn evaluate(&mut self) -> Result<PolicyEval> {
-        let (accuracy, mean_reward) = rollout::greedy_eval(
-            &self.policy,
+        self.actors.evaluate(
             self.env.ctx(true, None),
-            &self.tok,
             &self.eval_prompts,
-            &self.rewards,
-            &self.sample_cfg(),
-        )?;
-        Ok(PolicyEval {
-            accuracy,
-            mean_reward,
-            kl: self.last_kl,
-            beta: Some(self.beta),
-        })
+            self.env.cfg.ppo.max_new_tokens,
+            (self.last_kl, Some(self.beta)),
+        )
     }
 
     fn state(&self) -> serde_json::Value {
@@ -329,11 +297,13 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
     let mut pair = PolicyPair::load(env)?;
     let (value, value_src) = value_model(c, &mut pair, env)?;
     let tok = pair.loaded.tokenizer.clone();
-    let rewards = RewardFn::load(&c.rewards, &env.device, &tok)?;
+    let rewards = RewardFn::load(&c.rewards, &env.device, &tok, &cfg.external_reward)?;
     let (prompts, eval_prompts) = prompt_sets(env, c.task_prompts, c.eval_prompts)?;
     let ctx_len = pair.policy.cfg.max_position_embeddings;
-    check_prompt_lengths(&tok, &prompts, c.max_new_tokens, ctx_len)?;
-    check_prompt_lengths(&tok, &eval_prompts, c.max_new_tokens, ctx_len)?;
+    for set in [&prompts, &eval_prompts] {
+        check_prompt_lengths(&tok, set, c.max_new_tokens, ctx_len)?;
+        check_prompts(&rewards, set)?;
+    }
     eprintln!(
         "[ppo] reward {}, value model from {}, reference: {}",
         rewards.names.join(" + "),
@@ -353,11 +323,14 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
     let model = policy.cfg.clone();
     let mut task = PpoTask {
         env,
-        policy,
+        actors: Actors {
+            policy,
+            reference,
+            tok: tok.clone(),
+            rewards,
+            completions: CompletionLog::new(&env.run_dir, c.log_completions),
+        },
         value,
-        reference,
-        tok: tok.clone(),
-        rewards,
         sampler: WindowSampler::new(prompts.len(), cfg.train.seed),
         prompts,
         eval_prompts,

@@ -6,7 +6,7 @@
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 
-use crate::config::KlEstimator;
+use crate::config::{AdvantageEstimator, KlEstimator, ScaleRewards};
 use crate::kernels::gae::{gae, group_normalize, masked_mean_var, whiten};
 use crate::kernels::KernelChoice;
 use crate::train::loss::{masked_mean, scalar};
@@ -23,26 +23,91 @@ pub fn kl_estimate(logp: &Tensor, logp_ref: &Tensor, kind: KlEstimator) -> Resul
     })
 }
 
-/// Clipped surrogate: `mean(max(-A r, -A clip(r, 1-eps, 1+eps)))` over valid tokens; also the
-/// clip fraction and approximate KL `0.5 * mean((logp - logp_old)^2)` (TRL's `approxkl`).
+/// The ratio's clip range `[1 - low, 1 + high]`; `high > low` is DAPO's clip-higher
+/// (`epsilon_high` in TRL).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Clip {
+    pub low: f64,
+    pub high: f64,
+}
+
+impl Clip {
+    pub fn new(eps: f64, eps_high: Option<f64>) -> Self {
+        Self {
+            low: eps,
+            high: eps_high.unwrap_or(eps),
+        }
+    }
+}
+
+/// How per-token losses `[b, R]` become one number (TRL's `loss_type`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Aggregation {
+    /// Mean over the minibatch's valid tokens (TRL's `bnpo`).
+    Token,
+    /// Mean over each response's tokens, then over responses (TRL's `grpo`).
+    Sequence,
+    /// Sum over the minibatch's tokens divided by this many tokens: the valid tokens of the
+    /// whole optimizer step (all its accumulated minibatches) over `grad_accum`, so that after
+    /// the loop divides by `grad_accum` every token of the step weighs the same (TRL's `dapo`).
+    Dapo { tokens_per_micro: f64 },
+}
+
+/// Aggregates per-token values `x` over the valid tokens `mask`.
+pub fn aggregate(x: &Tensor, mask: &Tensor, agg: Aggregation) -> Result<Tensor> {
+    Ok(match agg {
+        Aggregation::Token => masked_mean(x, mask)?,
+        Aggregation::Sequence => {
+            let per_seq = (x * mask)?.sum(1)?;
+            let len = mask.sum(1)?.clamp(1.0, f64::INFINITY)?;
+            (per_seq / len)?.mean_all()?
+        }
+        Aggregation::Dapo { tokens_per_micro } => {
+            ((x * mask)?.sum_all()? / tokens_per_micro.max(1.0))?
+        }
+    })
+}
+
+/// How the clipped surrogate is formed: the clip range and the token aggregation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Surrogate {
+    pub clip: Clip,
+    pub agg: Aggregation,
+}
+
+/// The clipped surrogate and its diagnostics.
+pub struct PolicyLoss {
+    /// `max(-A r, -A clip(r, 1-low, 1+high))`, aggregated over valid tokens.
+    pub loss: Tensor,
+    /// Fraction of valid tokens where the clipped branch is the active one (so the token
+    /// gives no gradient), as TRL and OpenRLHF count it.
+    pub clipfrac: f64,
+    /// `0.5 * mean((logp - logp_old)^2)` (TRL's `approxkl`).
+    pub approx_kl: f64,
+    pub ratio: f64,
+}
+
 pub fn policy_loss(
     logp: &Tensor,
     logp_old: &Tensor,
     adv: &Tensor,
     mask: &Tensor,
-    eps: f64,
-) -> Result<(Tensor, f64, f64, f64)> {
+    sur: Surrogate,
+) -> Result<PolicyLoss> {
+    let Surrogate { clip, agg } = sur;
     let diff = (logp - logp_old)?;
     let ratio = diff.exp()?;
     let l1 = (adv.neg()? * &ratio)?;
-    let l2 = (adv.neg()? * ratio.clamp(1.0 - eps, 1.0 + eps)?)?;
-    let loss = masked_mean(&l1.maximum(&l2)?, mask)?;
-    let clipped = ((&ratio - 1.0)?.abs()?.gt(eps)?.to_dtype(DType::F32)? * mask)?;
+    let l2 = (adv.neg()? * ratio.clamp(1.0 - clip.low, 1.0 + clip.high)?)?;
+    let loss = aggregate(&l1.maximum(&l2)?, mask, agg)?;
+    let clipped = (l2.gt(&l1)?.to_dtype(DType::F32)? * mask)?;
     let n = scalar(&mask.sum_all()?)?.max(1.0);
-    let clipfrac = scalar(&clipped.sum_all()?)? / n;
-    let approx_kl = 0.5 * scalar(&(diff.sqr()? * mask)?.sum_all()?)? / n;
-    let ratio_mean = scalar(&(ratio.detach() * mask)?.sum_all()?)? / n;
-    Ok((loss, clipfrac, approx_kl, ratio_mean))
+    Ok(PolicyLoss {
+        loss,
+        clipfrac: scalar(&clipped.sum_all()?)? / n,
+        approx_kl: 0.5 * scalar(&(diff.sqr()? * mask)?.sum_all()?)? / n,
+        ratio: scalar(&(ratio.detach() * mask)?.sum_all()?)? / n,
+    })
 }
 
 /// Clipped value loss: `0.5 * mean(max((V - R)^2, (V_old + clip(V - V_old) - R)^2))`.
@@ -124,6 +189,94 @@ pub fn group_advantages(
         .contiguous()?)
 }
 
+/// Sequence advantages of critic-free estimators computed on the host, from scores laid out
+/// group after group (`group` samples of each prompt):
+/// - `GroupNorm` with `scale`: `r - mean_group`, divided by the group's std (`Group`, GRPO),
+///   the whole batch's std (`Batch`) or nothing (`None`, Dr. GRPO); stds unbiased, plus `eps`;
+/// - `Rloo`: `r_i - mean of the other G - 1 scores of its group`.
+///
+/// (`GroupNorm` with `Group` also has a kernel, [`group_advantages`], which the stages use.)
+pub fn sequence_advantages(
+    scores: &[f64],
+    group: usize,
+    est: AdvantageEstimator,
+    scale: ScaleRewards,
+    eps: f64,
+) -> Vec<f64> {
+    let all: Vec<f32> = scores.iter().map(|&x| x as f32).collect();
+    let (_, batch_var) = masked_mean_var(&all, &vec![1.0; all.len()]);
+    let mut out = Vec::with_capacity(scores.len());
+    for g in scores.chunks(group) {
+        let n = g.len() as f64;
+        let sum: f64 = g.iter().sum();
+        let mean = sum / n;
+        match est {
+            AdvantageEstimator::Rloo => {
+                out.extend(g.iter().map(|&r| r - (sum - r) / (n - 1.0).max(1.0)));
+            }
+            AdvantageEstimator::GroupNorm | AdvantageEstimator::ReinforcePlusPlus => {
+                let gf: Vec<f32> = g.iter().map(|&x| x as f32).collect();
+                let denom = match scale {
+                    ScaleRewards::Group => masked_mean_var(&gf, &vec![1.0; g.len()]).1.sqrt() + eps,
+                    ScaleRewards::Batch => batch_var.sqrt() + eps,
+                    ScaleRewards::None => 1.0,
+                };
+                out.extend(g.iter().map(|&r| (r - mean) / denom));
+            }
+        }
+    }
+    out
+}
+
+/// REINFORCE++ advantages `[B, R]`: per-token reward `-beta * KL_t` plus the score at the last
+/// token, summed to go (gamma 1, no critic), then whitened over the whole batch's valid tokens.
+pub fn reinforce_pp_advantages(
+    kl: &Tensor,
+    scores: &[f64],
+    lengths: &[usize],
+    mask: &Tensor,
+    beta: f64,
+    kernel: KernelChoice,
+) -> Result<Tensor> {
+    let rewards = token_rewards(kl, scores, lengths, beta)?;
+    let zeros = rewards.zeros_like()?;
+    Ok(gae_advantages(&rewards, &zeros, mask, (1.0, 1.0), true, kernel)?.advantages)
+}
+
+/// `mask` with the rows of unfinished (truncated) responses zeroed.
+pub fn without_truncated(mask: &Tensor, finished: &[bool]) -> Result<Tensor> {
+    let keep: Vec<f32> = finished.iter().map(|&f| f32::from(u8::from(f))).collect();
+    let keep = Tensor::from_vec(keep, (finished.len(), 1), mask.device())?;
+    Ok(mask.broadcast_mul(&keep)?)
+}
+
+/// For DAPO's aggregation: each minibatch's normaliser, the valid tokens of the optimizer
+/// step it belongs to over `grad_accum` (consecutive runs of `grad_accum` minibatches form a
+/// step). `tokens[i]` is row `i`'s count of loss-carrying tokens.
+pub fn dapo_normalisers(batches: &[Vec<usize>], tokens: &[f64], grad_accum: usize) -> Vec<f64> {
+    let per_batch: Vec<f64> = batches
+        .iter()
+        .map(|b| b.iter().map(|&i| tokens[i]).sum())
+        .collect();
+    let accum = grad_accum.max(1);
+    per_batch
+        .chunks(accum)
+        .flat_map(|step| {
+            let n = step.iter().sum::<f64>() / accum as f64;
+            std::iter::repeat_n(n, step.len())
+        })
+        .collect()
+}
+
+/// Each row's sum of `[B, R]` `x`.
+pub fn row_sums(x: &Tensor) -> Result<Vec<f64>> {
+    Ok(x.sum(1)?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f64::from)
+        .collect())
+}
+
 /// `1 - Var(R - V) / Var(R)` over valid tokens: how much of the returns the critic explains.
 pub fn explained_variance(returns: &Tensor, values: &Tensor, mask: &Tensor) -> Result<f64> {
     let mask_v = mask.flatten_all()?.to_vec1::<f32>()?;
@@ -158,6 +311,13 @@ mod tests {
     use super::test_tensors::{s, t};
     use super::*;
 
+    fn token(clip: Clip) -> Surrogate {
+        Surrogate {
+            clip,
+            agg: Aggregation::Token,
+        }
+    }
+
     #[test]
     fn ppo_losses_match_hand_computation() {
         // Token 0: ratio e^0.5 = 1.6487 > 1.2 with A = 1 -> clipped objective 1.2 (loss -1.2).
@@ -166,20 +326,74 @@ mod tests {
         let new = t(&[0.5, 0.0, 9.0]);
         let adv = t(&[1.0, -2.0, 5.0]);
         let mask = t(&[1.0, 1.0, 0.0]);
-        let (loss, clipfrac, approx_kl, _) = policy_loss(&new, &old, &adv, &mask, 0.2).unwrap();
+        let clip = Clip::new(0.2, None);
+        let PolicyLoss {
+            loss,
+            clipfrac,
+            approx_kl,
+            ..
+        } = policy_loss(&new, &old, &adv, &mask, token(clip)).unwrap();
         assert!((s(&loss) - (-1.2 + 2.0) / 2.0).abs() < 1e-6, "{}", s(&loss));
         assert!((clipfrac - 0.5).abs() < 1e-9);
         assert!((approx_kl - 0.5 * 0.25 / 2.0).abs() < 1e-7);
-        // A negative advantage with a ratio below 1 - eps takes the unclipped, larger loss.
-        let (loss, _, _, _) =
-            policy_loss(&t(&[-1.0]), &t(&[0.0]), &t(&[-1.0]), &t(&[1.0]), 0.2).unwrap();
-        assert!((s(&loss) - (-1.0f64).exp()).abs() > 0.0 && (s(&loss) - 0.8).abs() < 1e-6);
+        // A negative advantage with a ratio below 1 - eps: the clipped term (0.8) is the larger
+        // loss, so it is the active one and the token counts as clipped.
+        let pl = policy_loss(
+            &t(&[-1.0]),
+            &t(&[0.0]),
+            &t(&[-1.0]),
+            &t(&[1.0]),
+            token(clip),
+        )
+        .unwrap();
+        assert!((s(&pl.loss) - 0.8).abs() < 1e-6);
+        assert_eq!(pl.clipfrac, 1.0);
         // Value: v = 2, v_old = 0, R = 1, clip 0.5 -> vclip 0.5; max((1)^2, (0.5)^2) = 1 -> 0.5.
         let vl = value_loss(&t(&[2.0]), &t(&[0.0]), &t(&[1.0]), &t(&[1.0]), 0.5).unwrap();
         assert!((s(&vl) - 0.5).abs() < 1e-6);
         // v = 0.2, v_old = 0, R = 3: vclip = 0.2; 0.5 * 2.8^2.
         let vl = value_loss(&t(&[0.2]), &t(&[0.0]), &t(&[3.0]), &t(&[1.0]), 0.5).unwrap();
         assert!((s(&vl) - 0.5 * 2.8f64.powi(2)).abs() < 1e-5);
+    }
+
+    /// A ratio outside the range counts as clipped only where the clipped branch is active:
+    /// above 1 + eps with a positive advantage, or below 1 - eps with a negative one. The old
+    /// count, |r - 1| > eps whatever the sign, said 1.0 here.
+    #[test]
+    fn clip_fraction_counts_only_active_clipping() {
+        let old = t(&[0.0, 0.0, 0.0, 0.0]);
+        // ratios e^0.5 = 1.65, e^0.5, e^-0.5 = 0.61, e^-0.5
+        let new = t(&[0.5, 0.5, -0.5, -0.5]);
+        let adv = t(&[1.0, -1.0, 1.0, -1.0]);
+        let mask = t(&[1.0, 1.0, 1.0, 1.0]);
+        let pl = policy_loss(&new, &old, &adv, &mask, token(Clip::new(0.2, None))).unwrap();
+        assert_eq!(pl.clipfrac, 0.5);
+        // Clip-higher: with epsilon_high 0.7 the upper bound is 1.7, so the first token is no
+        // longer clipped.
+        let pl = policy_loss(&new, &old, &adv, &mask, token(Clip::new(0.2, Some(0.7)))).unwrap();
+        assert_eq!(pl.clipfrac, 0.25);
+    }
+
+    #[test]
+    fn aggregations_weigh_tokens_as_trl_names_them() {
+        // Two responses: 3 tokens of loss 1 and 1 token of loss 5.
+        let x = Tensor::new(
+            &[[1.0f32, 1.0, 1.0], [5.0, 0.0, 0.0]],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let m = Tensor::new(
+            &[[1.0f32, 1.0, 1.0], [1.0, 0.0, 0.0]],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let get = |a| s(&aggregate(&x, &m, a).unwrap());
+        assert!((get(Aggregation::Token) - 8.0 / 4.0).abs() < 1e-6);
+        assert!((get(Aggregation::Sequence) - (1.0 + 5.0) / 2.0).abs() < 1e-6);
+        let dapo = Aggregation::Dapo {
+            tokens_per_micro: 8.0,
+        };
+        assert!((get(dapo) - 8.0 / 8.0).abs() < 1e-6);
     }
 
     #[test]
@@ -222,6 +436,56 @@ mod tests {
                 assert!((x - y).abs() < 1e-6, "{r:?}");
             }
         }
+    }
+
+    #[test]
+    fn group_estimators_match_hand_computation() {
+        use AdvantageEstimator::*;
+        // Two groups of three: [1, 0, 0] and [2, 2, 5].
+        let r = [1.0, 0.0, 0.0, 2.0, 2.0, 5.0];
+        let rloo = sequence_advantages(&r, 3, Rloo, ScaleRewards::Group, 0.0);
+        // 1 - (0+0)/2 = 1; 0 - (1+0)/2 = -0.5; 2 - (2+5)/2 = -1.5; 5 - (2+2)/2 = 3
+        let want = [1.0, -0.5, -0.5, -1.5, -1.5, 3.0];
+        for (a, w) in rloo.iter().zip(want) {
+            assert!((a - w).abs() < 1e-12, "{rloo:?}");
+        }
+        // Dr. GRPO: r - mean_group.
+        let none = sequence_advantages(&r, 3, GroupNorm, ScaleRewards::None, 1e-4);
+        assert!((none[0] - 2.0 / 3.0).abs() < 1e-12 && (none[5] - 2.0).abs() < 1e-12);
+        // Group scale: group 1 has unbiased std sqrt(1/3).
+        let grp = sequence_advantages(&r, 3, GroupNorm, ScaleRewards::Group, 0.0);
+        assert!((grp[0] - (2.0 / 3.0) / (1.0f64 / 3.0).sqrt()).abs() < 1e-6);
+        // Batch scale: every group divided by the same std.
+        let bat = sequence_advantages(&r, 3, GroupNorm, ScaleRewards::Batch, 0.0);
+        assert!((bat[0] / none[0] - bat[5] / none[5]).abs() < 1e-9);
+    }
+
+    #[test]
+    fn reinforce_pp_sums_rewards_to_go_and_whitens() {
+        // One row, 3 tokens, KL 0: rewards [0, 0, 1] -> to-go [1, 1, 1]; a second row scored 0
+        // -> [0, 0, 0]. Whitened over the 6 tokens: +c and -c.
+        let kl = Tensor::zeros((2, 3), DType::F32, &candle_core::Device::Cpu).unwrap();
+        let m = Tensor::ones((2, 3), DType::F32, &candle_core::Device::Cpu).unwrap();
+        let a =
+            reinforce_pp_advantages(&kl, &[1.0, 0.0], &[3, 3], &m, 0.1, KernelChoice::Reference)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+        assert!(
+            a[0].iter().all(|&x| (x - a[0][0]).abs() < 1e-6 && x > 0.0),
+            "{a:?}"
+        );
+        assert!(a[1].iter().all(|&x| (x + a[0][0]).abs() < 1e-6), "{a:?}");
+    }
+
+    #[test]
+    fn truncated_rows_are_masked_and_dapo_counts_the_step() {
+        let m = Tensor::ones((2, 2), DType::F32, &candle_core::Device::Cpu).unwrap();
+        let k = without_truncated(&m, &[true, false]).unwrap();
+        assert_eq!(k.to_vec2::<f32>().unwrap(), [[1.0, 1.0], [0.0, 0.0]]);
+        // Rows with 1, 2, 3, 4 tokens; minibatches [0], [1], [2, 3]; two per step.
+        let n = dapo_normalisers(&[vec![0], vec![1], vec![2, 3]], &[1.0, 2.0, 3.0, 4.0], 2);
+        assert_eq!(n, [1.5, 1.5, 3.5]);
     }
 
     #[test]

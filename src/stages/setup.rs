@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 
 use super::loader::{policy_from, read_checkpoint, Loaded};
-use super::rollout::Reference;
+use super::rollout::FrozenReference;
 use super::Env;
 use crate::config::{LoraConfig, ModelConfig, RunConfig};
 use crate::data::records::{load_prompts, place, PromptRecord};
@@ -40,26 +40,6 @@ pub fn lora(cfg: &RunConfig) -> Option<&LoraConfig> {
     cfg.lora.enabled().then_some(&cfg.lora)
 }
 
-/// The frozen reference a policy is held to: a copy of the init, or none under LoRA, where
-/// the reference is the policy with its adapters off (one copy of the base weights).
-pub struct FrozenReference(Option<(Transformer, ParamStore)>);
-
-impl FrozenReference {
-    pub fn get(&self) -> Reference<'_> {
-        match &self.0 {
-            Some((r, _)) => Reference::Separate(r),
-            None => Reference::AdaptersOff,
-        }
-    }
-
-    pub fn describe(&self) -> &'static str {
-        match self.0 {
-            Some(_) => "a frozen copy",
-            None => "the base with adapters off",
-        }
-    }
-}
-
 /// A policy to train and the frozen reference it is held to (PPO, DPO, GRPO).
 pub struct PolicyPair {
     /// The policy's parameters (and, for PPO, its critic's).
@@ -87,7 +67,7 @@ impl PolicyPair {
         Ok(Self {
             store,
             policy,
-            reference: FrozenReference(reference),
+            reference: FrozenReference::new(reference),
             loaded,
         })
     }

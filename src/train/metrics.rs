@@ -19,22 +19,8 @@ impl MetricsLog {
     /// file shows one curve.
     pub fn open(run_dir: &Path, keep_upto: Option<usize>) -> Result<Self> {
         let path = run_dir.join("metrics.jsonl");
-        if let (Some(upto), true) = (keep_upto, path.exists()) {
-            let kept: Vec<String> = BufReader::new(File::open(&path)?)
-                .lines()
-                .map_while(|l| l.ok())
-                .filter(|l| {
-                    serde_json::from_str::<Value>(l)
-                        .ok()
-                        .and_then(|v| v.get("step").and_then(Value::as_u64))
-                        .is_some_and(|s| s as usize <= upto)
-                })
-                .collect();
-            let mut text = kept.join("\n");
-            if !text.is_empty() {
-                text.push('\n');
-            }
-            crate::io::write_atomic(&path, text.as_bytes())?;
+        if let Some(upto) = keep_upto {
+            keep_steps_upto(&path, upto)?;
         }
         let file = OpenOptions::new()
             .create(true)
@@ -61,6 +47,27 @@ impl MetricsLog {
         self.file.flush()?;
         Ok(())
     }
+}
+
+/// Rewrites a JSONL log (if it exists) keeping only the records whose `step` is at most
+/// `upto`: what a run resumed from step `upto` logged already, without what the interrupted
+/// run logged after its checkpoint.
+pub fn keep_steps_upto(path: &Path, upto: usize) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let kept: Vec<String> = BufReader::new(File::open(path)?)
+        .lines()
+        .map_while(|l| l.ok())
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(Value::as_u64))
+                .is_some_and(|s| s as usize <= upto)
+        })
+        .collect();
+    let text: String = kept.iter().map(|l| format!("{l}\n")).collect();
+    crate::io::write_atomic(path, text.as_bytes())
 }
 
 /// Reads back every record of a metrics file (tests and the pipeline summary use it).

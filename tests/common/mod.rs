@@ -3,6 +3,10 @@
 
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod shared;
+
+#[allow(unused_imports)]
+pub use shared::{chain_dir, shared, Shared};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -445,8 +445,7 @@ impl FlashAttn {
                 launch_fwd_simple(dev, T::DTYPE, &dims, p)?;
             }
         }
-        // The views above borrow the mask's storage; they end here.
-        drop(kvalid);
+        // The views above borrow the mask's storage guard, which is released here.
         drop(kv_guard);
         *self.saved() = Some(Saved { lse, krange });
         Ok((

@@ -483,7 +483,7 @@ impl LoraOp {
 
     /// g = s dY B and dB = dY^T u_s as two cuBLAS products, each reading dY.
     #[allow(clippy::type_complexity)]
-    fn dy_cublas<T: CudaDType + DeviceRepr>(
+    fn dy_cublas<T: CudaDType + DeviceRepr + WithDType>(
         &self,
         dev: &CudaDevice,
         (m, n, r, r8): (usize, usize, usize, usize),
@@ -523,7 +523,7 @@ impl LoraOp {
 
     /// `lora_dy` then `lora_dy_reduce`: g = s dY B and dB = dY^T u_s from one read of dY.
     #[allow(clippy::type_complexity)]
-    fn dy_fused<T: CudaDType + DeviceRepr>(
+    fn dy_fused<T: CudaDType + DeviceRepr + WithDType>(
         &self,
         dev: &CudaDevice,
         plan: &DyPlan,
@@ -580,7 +580,7 @@ impl LoraOp {
 
 /// `dx = g A`, then `dx += dY W` inside the base GEMM's accumulator; `dA = g^T x`.
 #[allow(clippy::type_complexity)]
-fn dx_da_gemms<T: CudaDType + DeviceRepr>(
+fn dx_da_gemms<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
     (m, n, k, r): (usize, usize, usize, usize),
     (g, av, dyv, wv, xv): (

@@ -10,7 +10,7 @@ use std::sync::{Mutex, PoisonError};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtrMut, DeviceRepr};
-use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::cuda_backend::CudaDType;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
     WithDType, D,

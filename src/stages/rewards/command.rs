@@ -1,0 +1,197 @@
+//! `--reward cmd:PROGRAM`: a long-lived process, started with `sh -c PROGRAM`, that reads one
+//! JSON request per line on stdin and writes one `{"reward": number}` per line on stdout, in
+//! order. A batch is written whole and then read back, so the process may batch internally.
+//! A process that dies or hangs (no reply within `timeout_s`) is restarted and the batch
+//! retried, at most `max_restarts` times in a run; a reply that is not a reward stops the run
+//! at once (retrying a program's bug would only hide it).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+use super::{clip, parse_reply, External};
+use crate::config::ExternalRewardConfig;
+
+pub struct CommandReward {
+    cmd: String,
+    timeout: Duration,
+    max_restarts: usize,
+    restarts: usize,
+    proc: Option<Proc>,
+}
+
+struct Proc {
+    child: Child,
+    stdin: ChildStdin,
+    /// Lines of the process's stdout, read by a thread so a hung process cannot block us.
+    lines: Receiver<std::io::Result<String>>,
+}
+
+/// Why a batch failed.
+enum Failure {
+    /// Died or hung: worth a restart.
+    Lost(String),
+    /// Answered something that is not a reward: a bug in the program.
+    Garbage(anyhow::Error),
+}
+
+impl CommandReward {
+    pub fn start(cmd: &str, cfg: &ExternalRewardConfig) -> Result<Self> {
+        let mut r = Self {
+            cmd: cmd.to_string(),
+            timeout: Duration::from_secs_f64(cfg.timeout_s),
+            max_restarts: cfg.max_restarts,
+            restarts: 0,
+            proc: None,
+        };
+        r.proc = Some(r.spawn()?);
+        Ok(r)
+    }
+
+    fn spawn(&self) -> Result<Proc> {
+        // Its own process group, so that killing it reaches whatever `sh -c` started.
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(&self.cmd)
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start `{}`", self.cmd))?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Proc {
+            child,
+            stdin,
+            lines,
+        })
+    }
+
+    fn try_batch(&mut self, requests: &[Value]) -> std::result::Result<Vec<f64>, Failure> {
+        let proc = self.proc.as_mut().expect("started");
+        let mut text = String::new();
+        for r in requests {
+            text.push_str(&r.to_string());
+            text.push('\n');
+        }
+        if let Err(e) = proc
+            .stdin
+            .write_all(text.as_bytes())
+            .and_then(|_| proc.stdin.flush())
+        {
+            return Err(Failure::Lost(format!(
+                "cannot write to it ({e}){}",
+                exit_note(proc)
+            )));
+        }
+        let deadline = Instant::now() + self.timeout;
+        let mut out = Vec::with_capacity(requests.len());
+        for i in 0..requests.len() {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let line = match proc.lines.recv_timeout(wait) {
+                Ok(Ok(line)) => line,
+                Ok(Err(e)) => return Err(Failure::Lost(format!("reading its reply: {e}"))),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(Failure::Lost(format!(
+                        "no reply to request {} of {} within {:.0} s",
+                        i + 1,
+                        requests.len(),
+                        self.timeout.as_secs_f64()
+                    )))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Failure::Lost(format!(
+                        "it closed its output after {i} of {} replies{}",
+                        requests.len(),
+                        exit_note(proc)
+                    )))
+                }
+            };
+            let what = format!("reply {} of {}", i + 1, requests.len());
+            let v: Value = serde_json::from_str(&line).map_err(|e| {
+                Failure::Garbage(anyhow!("{what} is not JSON ({e}): {}", clip(&line)))
+            })?;
+            out.push(parse_reply(&v, &what).map_err(Failure::Garbage)?);
+        }
+        Ok(out)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            // The group's id is the shell's pid (process_group(0) above).
+            if let Ok(pgid) = i32::try_from(p.child.id()) {
+                // SAFETY: kill(2) with a negative pid signals that process group; no memory
+                // is involved.
+                unsafe {
+                    libc::kill(-pgid, libc::SIGKILL);
+                }
+            }
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+}
+
+/// ", exited with STATUS" when the process has ended.
+fn exit_note(proc: &mut Proc) -> String {
+    // A process that just closed its pipes may need a moment to be reaped.
+    for _ in 0..20 {
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            return format!("; it exited with {status}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    String::new()
+}
+
+impl External for CommandReward {
+    fn score(&mut self, requests: &[Value]) -> Result<Vec<f64>> {
+        loop {
+            if self.proc.is_none() {
+                self.proc = Some(self.spawn()?);
+            }
+            match self.try_batch(requests) {
+                Ok(v) => return Ok(v),
+                Err(Failure::Garbage(e)) => {
+                    self.kill();
+                    return Err(e.context(format!("`{}` answered garbage", self.cmd)));
+                }
+                Err(Failure::Lost(why)) => {
+                    self.kill();
+                    if self.restarts >= self.max_restarts {
+                        bail!(
+                            "`{}`: {why}; gave up after {} restart(s) ([external_reward] max_restarts)",
+                            self.cmd,
+                            self.restarts
+                        );
+                    }
+                    self.restarts += 1;
+                    eprintln!(
+                        "warning: reward process `{}`: {why}; restarting it ({} of {})",
+                        self.cmd, self.restarts, self.max_restarts
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl Drop for CommandReward {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,227 @@
+//! The sequence score of PPO and GRPO: a weighted sum of sources, each of which is the task's
+//! checker, a frozen reward model, a user's process (`cmd:PROGRAM`) or a user's HTTP endpoint
+//! (`http://HOST:PORT/PATH`). Every source's scores are kept apart as well as summed, so a
+//! completion log can show which source gave what. A source that cannot score a batch stops
+//! the run with an error naming it: a rollout is never silently scored 0.
+
+mod command;
+mod http;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use serde_json::{Map, Value};
+
+use super::loader::{read_checkpoint, scored_from};
+use super::reward::Scorer;
+use crate::config::{ExternalRewardConfig, RewardSource, RewardSpec};
+use crate::data::records::{place, PromptRecord};
+use crate::data::synthetic::exact_match;
+use crate::data::tokenizer::Tokenizer;
+use crate::model::linear::Ctx;
+use crate::train::params::{Net, ParamStore};
+
+pub use command::CommandReward;
+pub use http::HttpReward;
+
+/// A user-defined reward: scores a batch of `{prompt, response, ...record fields}` requests.
+pub trait External {
+    fn score(&mut self, requests: &[Value]) -> Result<Vec<f64>>;
+}
+
+enum Kind {
+    Task,
+    /// A frozen reward model (its tensors outlive the store that created them).
+    Model(Box<Scorer>),
+    External(Box<dyn External>),
+}
+
+struct Source {
+    name: String,
+    weight: f64,
+    kind: Kind,
+}
+
+pub struct RewardFn {
+    sources: Vec<Source>,
+    pub names: Vec<String>,
+}
+
+/// One batch's scores: the weighted total, and each source's unweighted scores.
+pub struct Scores {
+    pub total: Vec<f64>,
+    pub by_source: Vec<(String, Vec<f64>)>,
+}
+
+/// What a batch of responses is scored on.
+pub struct Batch<'a> {
+    pub records: &'a [PromptRecord],
+    /// Prompt + response token ids (for reward models).
+    pub seqs: &'a [Vec<u32>],
+    /// Decoded responses (for the checker and external rewards).
+    pub texts: &'a [String],
+}
+
+impl RewardFn {
+    /// Loads every source `specs` names: reward models into their own frozen stores, external
+    /// processes started.
+    pub fn load(
+        specs: &[RewardSpec],
+        device: &Device,
+        tok: &Tokenizer,
+        ext: &ExternalRewardConfig,
+    ) -> Result<Self> {
+        if specs.is_empty() {
+            bail!("no reward named: use --reward task, --reward PATH[:WEIGHT], --reward cmd:PROGRAM or --reward http://HOST:PORT/PATH");
+        }
+        let mut sources = Vec::new();
+        for spec in specs {
+            let name = spec.to_string();
+            let kind = match &spec.source {
+                RewardSource::Task => Kind::Task,
+                RewardSource::Model(path) => {
+                    let loaded = read_checkpoint(path, device)?;
+                    if loaded.tokenizer.vocab_size() != tok.vocab_size() {
+                        bail!(
+                            "{}: the reward model's tokenizer differs from the policy's",
+                            path.display()
+                        );
+                    }
+                    let mut store = ParamStore::new(device.clone(), 0);
+                    let scorer = scored_from(&loaded, &mut store, Net::Policy, None, false)?;
+                    Kind::Model(Box::new(scorer))
+                }
+                RewardSource::Command(cmd) => {
+                    Kind::External(Box::new(CommandReward::start(cmd, ext)?))
+                }
+                RewardSource::Http(url) => Kind::External(Box::new(HttpReward::new(url, ext)?)),
+            };
+            sources.push(Source {
+                name,
+                weight: spec.weight,
+                kind,
+            });
+        }
+        let names = sources.iter().map(|s| s.name.clone()).collect();
+        Ok(Self { sources, names })
+    }
+
+    /// Whether the checker is a source, so every prompt needs an `answer`.
+    pub fn uses_task(&self) -> bool {
+        self.sources.iter().any(|s| matches!(s.kind, Kind::Task))
+    }
+
+    pub fn score(&mut self, batch: &Batch, pad: u32, ctx: Ctx) -> Result<Scores> {
+        let n = batch.seqs.len();
+        let mut total = vec![0f64; n];
+        let mut by_source = Vec::with_capacity(self.sources.len());
+        for src in &mut self.sources {
+            let s = match &mut src.kind {
+                Kind::Task => task_scores(batch)?,
+                Kind::Model(m) => {
+                    let ctx = Ctx {
+                        use_lora: false,
+                        dropout_seed: None,
+                        ..ctx
+                    };
+                    let s = m.score(batch.seqs, pad, ctx)?.to_dtype(DType::F32)?;
+                    s.to_vec1::<f32>()?.into_iter().map(f64::from).collect()
+                }
+                Kind::External(e) => {
+                    let s = e
+                        .score(&requests(batch))
+                        .with_context(|| format!("reward {}", src.name))?;
+                    if s.len() != n {
+                        bail!(
+                            "reward {}: answered {} scores for {n} responses",
+                            src.name,
+                            s.len()
+                        );
+                    }
+                    s
+                }
+            };
+            for (t, x) in total.iter_mut().zip(&s) {
+                *t += src.weight * x;
+            }
+            by_source.push((src.name.clone(), s));
+        }
+        Ok(Scores { total, by_source })
+    }
+}
+
+/// The checker: 1 for a response whose first line is the answer, else 0.
+fn task_scores(batch: &Batch) -> Result<Vec<f64>> {
+    batch
+        .records
+        .iter()
+        .zip(batch.texts)
+        .enumerate()
+        .map(|(i, (p, t))| {
+            let Some(answer) = &p.answer else {
+                bail!(
+                    "{}: the task reward needs an \"answer\" field",
+                    place(&p.origin, "prompt", i)
+                );
+            };
+            Ok(f64::from(u8::from(exact_match(t, answer))))
+        })
+        .collect()
+}
+
+/// The payload an external reward sees per response: the prompt record's fields (its
+/// `answer` included), with `prompt` and `response`.
+fn requests(batch: &Batch) -> Vec<Value> {
+    batch
+        .records
+        .iter()
+        .zip(batch.texts)
+        .map(|(p, t)| {
+            let mut m: Map<String, Value> = p.fields.clone();
+            if let Some(a) = &p.answer {
+                m.entry("answer").or_insert_with(|| Value::from(a.clone()));
+            }
+            m.insert("prompt".into(), Value::from(p.prompt.clone()));
+            m.insert("response".into(), Value::from(t.clone()));
+            Value::Object(m)
+        })
+        .collect()
+}
+
+/// Reads a reward from one reply object `{"reward": number}`; `what` says where it came from.
+pub(crate) fn parse_reply(v: &Value, what: &str) -> Result<f64> {
+    let r = v.get("reward").and_then(Value::as_f64).with_context(|| {
+        format!(
+            "{what}: expected {{\"reward\": number}}, got {}",
+            clip(&v.to_string())
+        )
+    })?;
+    if !r.is_finite() {
+        bail!("{what}: reward {r} is not finite");
+    }
+    Ok(r)
+}
+
+/// At most 200 characters of a reply, for error messages.
+pub(crate) fn clip(s: &str) -> String {
+    let mut out: String = s.chars().take(200).collect();
+    if out.len() < s.len() {
+        out.push_str("...");
+    }
+    out
+}
+
+/// Checks before training that every prompt has what the sources need.
+pub fn check_prompts(rewards: &RewardFn, prompts: &[PromptRecord]) -> Result<()> {
+    if !rewards.uses_task() {
+        return Ok(());
+    }
+    for (i, p) in prompts.iter().enumerate() {
+        if p.answer.is_none() {
+            bail!(
+                "{}: the task reward needs an \"answer\" field in every prompt record",
+                place(&p.origin, "prompt", i)
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,310 @@
+//! The RL stages' promises besides learning (which the pipeline test checks): user-defined
+//! rewards over a process or HTTP, clear failures of those rewards with the last checkpoint
+//! kept, the completion log, the advantage estimators' runs, and refusals of settings that
+//! would make the maths wrong.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+
+use common::*;
+
+/// A tiny pretrained + SFT'd model on the built-in task, shared by every test here.
+struct Chain {
+    dir: tempfile::TempDir,
+    config: String,
+}
+
+fn chain() -> &'static Chain {
+    static CHAIN: Shared<Chain> = OnceLock::new();
+    shared(&CHAIN, "pretrain + SFT chain", || {
+        let dir = chain_dir(env!("CARGO_TARGET_TMPDIR"), "rl-chain-");
+        let cfg = p(dir.path(), "c.toml");
+        // Small rollouts and few held-out prompts keep each RL run to seconds; one minibatch
+        // per rollout makes every step sample a new rollout.
+        std::fs::write(
+            &cfg,
+            format!(
+                "{TINY_TOML}\n[sft]\neval_prompts = 8\n[ppo]\neval_prompts = 4\nrollout_batch = 8\nminibatch_size = 8\nppo_epochs = 1\n[grpo]\neval_prompts = 4\nprompts_per_rollout = 4\ngroup_size = 2\nminibatch_size = 8\nlog_completions = 3\n"
+            ),
+        )
+        .unwrap();
+        let config = cfg.to_str().unwrap().to_string();
+        let pre = p(dir.path(), "pre");
+        pretrain_on_cpu(&config, &pre, 20);
+        run_ok(&[
+            "sft",
+            "--config",
+            &config,
+            "--init",
+            s(&pre),
+            "--out",
+            s(&p(dir.path(), "sft")),
+            "--steps",
+            "20",
+            "--device",
+            "cpu",
+        ]);
+        Chain { dir, config }
+    })
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn sft() -> PathBuf {
+    p(chain().dir.path(), "sft")
+}
+
+/// `temper grpo` from the shared SFT model into a fresh directory, with `extra` flags.
+fn grpo_args(out: &Path, steps: &str, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "grpo",
+        "--config",
+        &chain().config,
+        "--init",
+        s(&sft()),
+        "--out",
+        s(out),
+        "--steps",
+        steps,
+        "--checkpoint-every",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
+}
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn verifier() -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/verifiers/math_verifier.py");
+    format!("python3 {}", script.display())
+}
+
+fn completions(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("completions.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_command_reward_scores_rollouts_beside_the_checker() {
+    let dir = tmp();
+    let out = p(dir.path(), "g");
+    let cmd = format!("cmd:{}:0.5", verifier());
+    run_ok(&args(&grpo_args(
+        &out,
+        "2",
+        &["--reward", "task", "--reward", &cmd],
+    )));
+    let lines = completions(&out);
+    // Two rollouts, three completions each, every source's score beside the total.
+    assert_eq!(lines.len(), 6, "{lines:?}");
+    for l in &lines {
+        let by = l["rewards"].as_object().unwrap();
+        assert_eq!(by.len(), 2, "{l}");
+        let task = by["task:1"].as_f64().unwrap();
+        let verified = by[&format!("cmd:{}:0.5", verifier())].as_f64().unwrap();
+        let total = l["reward"].as_f64().unwrap();
+        assert!((total - (task + 0.5 * verified)).abs() < 1e-9, "{l}");
+        for key in ["prompt", "response", "kl", "length", "step"] {
+            assert!(!l[key].is_null(), "{key} missing: {l}");
+        }
+    }
+    assert_eq!(lines[0]["step"], 1);
+    assert_eq!(lines[5]["step"], 2);
+}
+
+/// The verifier script in HTTP mode, on a free port of 127.0.0.1; killed when dropped.
+struct Server(Child, u16);
+
+impl Server {
+    fn start() -> Self {
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/verifiers/math_verifier.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .args(["--http", "0"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .trim_start_matches("listening on ")
+            .parse()
+            .unwrap();
+        Server(child, port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn an_http_reward_scores_rollouts() {
+    let server = Server::start();
+    let dir = tmp();
+    let out = p(dir.path(), "g");
+    let url = format!("http://127.0.0.1:{}/score", server.1);
+    run_ok(&args(&grpo_args(&out, "1", &["--reward", &url])));
+    let lines = completions(&out);
+    assert_eq!(lines.len(), 3);
+    for l in &lines {
+        let r = l["rewards"][&format!("{url}:1")].as_f64().unwrap();
+        assert!(r == 0.0 || r == 1.0, "{l}");
+    }
+    let m = metrics(&out);
+    assert!(!series(&m, "val", "mean_reward").is_empty());
+}
+
+/// A reward process that fails after `after` requests, under `[external_reward]` settings.
+fn failing_run(
+    mode: &str,
+    after: usize,
+    restarts: usize,
+) -> (PathBuf, tempfile::TempDir, Result<(), String>) {
+    let dir = tmp();
+    let out = p(dir.path(), "g");
+    let cfg = p(dir.path(), "c.toml");
+    let base = std::fs::read_to_string(&chain().config).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("{base}\n[external_reward]\ntimeout_s = 1.0\nmax_restarts = {restarts}\n"),
+    )
+    .unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bad_reward.py");
+    let cmd = format!("cmd:python3 {} {mode} {after}", script.display());
+    let mut a = grpo_args(&out, "3", &["--reward", &cmd]);
+    a[2] = cfg.to_str().unwrap().to_string();
+    let o = temper().args(args(&a)).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    let res = if o.status.success() { Ok(()) } else { Err(err) };
+    (out, dir, res)
+}
+
+/// Start evaluation asks for 4 rewards and each rollout for 8: after 12 the reward fails
+/// during step 2's rollout, once step 1's checkpoint is written.
+#[test]
+fn a_reward_process_that_dies_hangs_or_answers_garbage_stops_clearly_and_keeps_the_checkpoint() {
+    for mode in ["die", "hang", "garbage"] {
+        let (out, _dir, res) = failing_run(mode, 12, 0);
+        let err = res.expect_err(mode);
+        let last = err.lines().last().unwrap_or("");
+        assert!(
+            last.starts_with("error: ") && last.contains("reward cmd:"),
+            "{mode}: {err}"
+        );
+        let why = match mode {
+            "die" => "closed its output",
+            "hang" => "no reply",
+            _ => "not JSON",
+        };
+        assert!(last.contains(why), "{mode}: {err}");
+        let latest = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
+        assert_eq!(latest.trim(), "step-0000001", "{mode}");
+        assert!(out.join("checkpoints/step-0000001/meta.json").exists());
+        // The checkpoint resumes: a run with a working reward continues from it.
+        run_ok(&[
+            "grpo",
+            "--resume",
+            s(&out),
+            "--reward",
+            "task",
+            "--steps",
+            "2",
+        ]);
+    }
+}
+
+#[test]
+fn a_reward_process_that_dies_is_restarted_within_its_limit() {
+    let (out, _dir, res) = failing_run("die", 12, 2);
+    res.unwrap();
+    assert!(out.join("final/meta.json").exists());
+}
+
+#[test]
+fn every_estimator_runs_and_logs_its_rollouts() {
+    for est in ["rloo", "reinforce_plus_plus", "group_norm"] {
+        let dir = tmp();
+        let out = p(dir.path(), est);
+        let extra = ["--advantage-estimator", est];
+        run_ok(&args(&grpo_args(&out, "2", &extra)));
+        let m = metrics(&out);
+        let scores = series(&m, "train", "score");
+        assert!(!scores.is_empty(), "{est}");
+        assert_eq!(completions(&out).len(), 6, "{est}");
+        let cfg = std::fs::read_to_string(out.join("config.toml")).unwrap();
+        assert!(
+            cfg.contains(&format!("advantage_estimator = \"{est}\"")),
+            "{cfg}"
+        );
+    }
+}
+
+#[test]
+fn ppo_refuses_top_k_and_prompts_without_answers_name_their_line() {
+    let dir = tmp();
+    let cfg = p(dir.path(), "k.toml");
+    let base = std::fs::read_to_string(&chain().config).unwrap();
+    std::fs::write(&cfg, base.replace("[ppo]\n", "[ppo]\ntop_k = 5\n")).unwrap();
+    let e = run_err(&[
+        "ppo",
+        "--config",
+        s(&cfg),
+        "--init",
+        s(&sft()),
+        "--out",
+        s(&p(dir.path(), "k")),
+        "--device",
+        "cpu",
+    ]);
+    assert!(e.contains("ppo.top_k"), "{e}");
+    let prompts = p(dir.path(), "prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"1+1=\", \"answer\": \"2\"}\n{\"prompt\": \"2+2=\"}\n",
+    )
+    .unwrap();
+    let e = run_err(&[
+        "grpo",
+        "--config",
+        &chain().config,
+        "--init",
+        s(&sft()),
+        "--out",
+        s(&p(dir.path(), "a")),
+        "--data",
+        s(&prompts),
+        "--eval-data",
+        s(&prompts),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        e.contains("prompts.jsonl:2") && e.contains("\"answer\""),
+        "{e}"
+    );
+}
