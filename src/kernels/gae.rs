@@ -1,10 +1,11 @@
 //! Generalised advantage estimation over a batch of variable-length responses, and GRPO's
 //! group normalisation.
 //!
-//! Contract (TRL's convention): `delta_t = r_t + gamma * V_{t+1} - V_t`,
+//! Contract: `delta_t = r_t + gamma * V_{t+1} - V_t`,
 //! `A_t = delta_t + gamma * lambda * A_{t+1}`, returns `R_t = A_t + V_t`. A position whose mask
 //! is 0 is padding: its advantage and return are 0 and it ends the episode, so the last valid
-//! token sees `V_{t+1} = 0` and `A_{t+1} = 0`. The whitening statistics are the mean and the
+//! token sees `V_{t+1} = 0` and `A_{t+1} = 0` (OpenRLHF's convention, with the score on the
+//! last response token; TRL scores one position past EOS). The whitening statistics are the mean and the
 //! unbiased variance of the advantages over valid tokens.
 
 use candle_core::{DType, Result, Tensor};
