@@ -11,6 +11,7 @@ use crate::config::{
     AdvantageEstimator, DTypeChoice, DeviceChoice, LoraConfig, ModelConfig, RewardSpec, RunConfig,
     Stage,
 };
+use crate::stages::export::Format;
 use crate::stages::pipeline::{Extra, PipelineOptions};
 
 #[derive(Parser, Debug)]
@@ -62,7 +63,8 @@ pub struct StageArgs {
     /// Continue the run in DIR from its latest checkpoint.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
-    /// Checkpoint or run directory to start from (not for pretrain).
+    /// Checkpoint, run directory, Hugging Face model directory or PEFT adapter directory to
+    /// start from (pretrain: continued pretraining).
     #[arg(long)]
     pub init: Option<PathBuf>,
     /// Data file or directory; the built-in task when absent.
@@ -195,7 +197,11 @@ pub struct ExportArgs {
     pub checkpoint: PathBuf,
     #[arg(long)]
     pub out: PathBuf,
-    /// Merge LoRA adapters into the base weights (the only export format so far).
+    /// temper (a checkpoint, adapters merged), hf (a Hugging Face model directory, adapters
+    /// merged) or peft (the adapters alone, for PeftModel on the exported base).
+    #[arg(long, value_enum, default_value = "temper")]
+    pub format: Format,
+    /// Merge LoRA adapters into the base weights (what temper and hf always do).
     #[arg(long, default_value_t = true)]
     pub merge: bool,
 }
@@ -243,6 +249,10 @@ impl StageArgs {
         self.apply(&mut cfg)?;
         if !resume {
             crate::stages::setup::inherit_task_world(&mut cfg, user.as_ref())?;
+        }
+        // A value the file set that fails validation is named by the file and line.
+        if let (Err(e), Some(f)) = (cfg.validate(), &file) {
+            bail!("{}: {e}", crate::config::locate(f, &e.to_string()));
         }
         Ok((cfg, out, resume))
     }

@@ -48,3 +48,28 @@ pub fn describe(device: &Device) -> &'static str {
         "cpu"
     }
 }
+
+/// Host memory the kernel says is available (`MemAvailable` of /proc/meminfo), if known.
+pub fn host_available_bytes() -> Option<u128> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Refuses a model whose f32 weights alone exceed the host's available memory, before any
+/// of it is allocated (every weight is drawn on the host first).
+pub fn ensure_fits(cfg: &crate::config::ModelConfig) -> Result<()> {
+    let params = cfg.num_params();
+    let bytes = params.saturating_mul(4);
+    if let Some(avail) = host_available_bytes() {
+        if bytes > avail {
+            bail!(
+                "the model has {params} parameters and needs {:.1} GB for its f32 weights alone; this machine has {:.1} GB available",
+                bytes as f64 / 1e9,
+                avail as f64 / 1e9
+            );
+        }
+    }
+    Ok(())
+}

@@ -107,7 +107,7 @@ impl Responses {
             let t = sample(row, cfg, rng);
             self.tokens[i].push(t);
             step_ids.push(t);
-            if t == tok.eos_id() {
+            if tok.is_stop(t) {
                 self.finished[i] = true;
                 self.texts[i] = tok.decode(&self.tokens[i])?;
             } else if !cfg.stop.is_empty() {

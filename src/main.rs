@@ -38,9 +38,6 @@ fn main() -> ExitCode {
 
 fn stage_env(args: &StageArgs, stage: Stage) -> Result<Env> {
     let (cfg, out, resume) = args.resolve(stage)?;
-    if stage == Stage::Pretrain && cfg.init.is_some() {
-        bail!("pretrain starts from scratch; use --resume DIR to continue a run");
-    }
     Env::prepare(cfg, &out, resume)
 }
 
@@ -155,16 +152,7 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
 }
 
 fn export_cmd(a: &ExportArgs) -> Result<()> {
-    if !a.merge {
-        bail!("export: only --merge is supported");
-    }
-    let loaded = read_checkpoint(&a.checkpoint, &candle_core::Device::Cpu)?;
-    std::fs::create_dir_all(&a.out)?;
-    temper::train::params::save_tensors(&a.out.join("model.safetensors"), &loaded.tensors)?;
-    let mut meta = loaded.meta.clone();
-    meta.lora = None;
-    meta.write(&a.out)?;
-    loaded.tokenizer.save_dir(&a.out)?;
-    println!("wrote {} (adapters merged)", a.out.display());
+    stages::export::export(&a.checkpoint, &a.out, a.format)?;
+    println!("wrote {} ({:?})", a.out.display(), a.format);
     Ok(())
 }

@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 pub use lora::{LoraConfig, LoraTarget};
-pub use model::{MlpKind, ModelConfig, NormKind, PositionKind};
+pub use model::{HfFamily, MlpKind, ModelConfig, NormKind, PositionKind, RopeScaling};
 pub use run::{overlay, DataConfig, DeviceChoice, RunConfig, Stage};
 pub use stages::{
     AdvantageEstimator, DpoConfig, ExternalRewardConfig, GrpoConfig, KlEstimator, LossType,
@@ -37,6 +37,33 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     })
 }
 
+/// `file:line` of the key a validation message starts with (`model.num_hidden_layers must
+/// ...` -> the `num_hidden_layers` line of the file's `[model]` table), else `file`.
+pub fn locate(file: &Path, message: &str) -> String {
+    let shown = file.display().to_string();
+    let Some((table, key)) = message
+        .split_whitespace()
+        .next()
+        .map(|w| w.trim_end_matches(':'))
+        .and_then(|w| w.split_once('.'))
+    else {
+        return shown;
+    };
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return shown;
+    };
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if let Some(h) = l.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            current = h.trim().to_string();
+        } else if current == table && l.split('=').next().map(str::trim) == Some(key) {
+            return format!("{shown}:{}", i + 1);
+        }
+    }
+    shown
+}
+
 /// Writes `value` as TOML to `path` atomically.
 pub fn write_toml<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let text = toml::to_string_pretty(value).context("serialising config")?;
@@ -54,6 +81,20 @@ pub fn resolve(path: &Path, base: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn validation_errors_point_at_the_line_that_set_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[train]\nsteps = 3\n\n[model]\nhidden_size = 64\nnum_hidden_layers = 0\n",
+        )
+        .unwrap();
+        let at = locate(&p, "model.num_hidden_layers must be positive");
+        assert!(at.ends_with("c.toml:6"), "{at}");
+        assert!(locate(&p, "nothing to find").ends_with("c.toml"));
+    }
 
     #[test]
     fn toml_errors_name_file_line_and_field() {

@@ -43,7 +43,84 @@ pub struct ModelConfig {
     pub position: PositionKind,
     pub mlp: MlpKind,
     pub bias: bool,
+    /// Bias on the q, k and v projections even where `bias` is off (Qwen2).
+    pub qkv_bias: bool,
+    /// Width of one attention head; none means `hidden_size / num_attention_heads`.
+    pub head_dim: Option<usize>,
+    /// Rotary frequency scaling for long contexts (Llama 3's `rope_scaling`).
+    pub rope_scaling: Option<RopeScaling>,
     pub dropout: f64,
+    /// The Hugging Face family the model was imported as; `export --format hf` writes it
+    /// back as that family.
+    pub hf_family: Option<HfFamily>,
+}
+
+/// The model families temper reads and writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HfFamily {
+    Llama,
+    Qwen2,
+    Mistral,
+    Gpt2,
+}
+
+impl HfFamily {
+    pub fn name(self) -> &'static str {
+        match self {
+            HfFamily::Llama => "llama",
+            HfFamily::Qwen2 => "qwen2",
+            HfFamily::Mistral => "mistral",
+            HfFamily::Gpt2 => "gpt2",
+        }
+    }
+
+    /// The family `cfg` was imported as, else the one whose layout it has (for exporting
+    /// temper's own models).
+    pub fn of(cfg: &ModelConfig) -> Self {
+        if let Some(f) = cfg.hf_family {
+            return f;
+        }
+        if cfg.norm == NormKind::LayerNorm
+            && cfg.position == PositionKind::Learned
+            && cfg.mlp == MlpKind::Gelu
+        {
+            HfFamily::Gpt2
+        } else if cfg.qkv_bias && !cfg.bias {
+            HfFamily::Qwen2
+        } else {
+            HfFamily::Llama
+        }
+    }
+}
+
+/// Llama 3's frequency-dependent rotary scaling (`rope_type = "llama3"` in `config.json`):
+/// wavelengths longer than `original_max_position_embeddings / low_freq_factor` are stretched
+/// by `factor`, shorter than `.. / high_freq_factor` kept, and those between blended.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+impl RopeScaling {
+    /// Scales the inverse frequency `inv_freq` of one rotary pair.
+    pub fn apply(&self, inv_freq: f64) -> f64 {
+        let old = self.original_max_position_embeddings as f64;
+        let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+        if wavelen < old / self.high_freq_factor {
+            inv_freq
+        } else if wavelen > old / self.low_freq_factor {
+            inv_freq / self.factor
+        } else {
+            let smooth = (old / wavelen - self.low_freq_factor)
+                / (self.high_freq_factor - self.low_freq_factor);
+            (1.0 - smooth) * inv_freq / self.factor + smooth * inv_freq
+        }
+    }
 }
 
 impl Default for ModelConfig {
@@ -71,7 +148,11 @@ impl ModelConfig {
             position: PositionKind::Rope,
             mlp: MlpKind::SwiGlu,
             bias: false,
+            qkv_bias: false,
+            head_dim: None,
+            rope_scaling: None,
             dropout: 0.0,
+            hf_family: None,
         };
         Ok(match name {
             "tiny" => llama(128, 4, 4, 2, 64),
@@ -92,14 +173,51 @@ impl ModelConfig {
                 position: PositionKind::Learned,
                 mlp: MlpKind::Gelu,
                 bias: true,
+                qkv_bias: false,
+                head_dim: None,
+                rope_scaling: None,
                 dropout: 0.0,
+                hf_family: None,
             },
             other => bail!("unknown model preset `{other}` (known: tiny, small, llama-tiny, gpt2)"),
         })
     }
 
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Number of parameters of the model (as u128: a mistyped size must not overflow).
+    pub fn num_params(&self) -> u128 {
+        let u = |x: usize| x as u128;
+        let (h, v, i) = (
+            u(self.hidden_size),
+            u(self.vocab_size),
+            u(self.intermediate_size),
+        );
+        let (aw, kvw) = (
+            u(self.attn_width()),
+            u(self.num_key_value_heads * self.head_dim()),
+        );
+        let b = |on: bool, n: u128| if on { n } else { 0 };
+        let norm = h + b(self.norm == NormKind::LayerNorm, h);
+        let qkv_bias = self.bias || self.qkv_bias;
+        let attn = h * aw + 2 * h * kvw + aw * h + b(qkv_bias, aw + 2 * kvw) + b(self.bias, h);
+        let gates = if self.mlp == MlpKind::SwiGlu { 2 } else { 1 };
+        let mlp = gates * h * i + i * h + b(self.bias, gates * i + h);
+        let layer = 2 * norm + attn + mlp;
+        let pos = b(
+            self.position == PositionKind::Learned,
+            u(self.max_position_embeddings) * h,
+        );
+        let head = b(!self.tie_word_embeddings, v * h);
+        v * h + pos + u(self.num_hidden_layers) * layer + norm + head
+    }
+
+    /// Width of the concatenated attention heads (the q and o projections' inner size).
+    pub fn attn_width(&self) -> usize {
+        self.num_attention_heads * self.head_dim()
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -117,7 +235,10 @@ impl ModelConfig {
                 bail!("model.{name} must be positive");
             }
         }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+        if self.head_dim == Some(0) {
+            bail!("model.head_dim must be positive");
+        }
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             bail!(
                 "model.num_attention_heads ({}) must divide model.hidden_size ({})",
                 self.num_attention_heads,
@@ -153,6 +274,21 @@ impl ModelConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parameter_counts_match_known_models() {
+        // GPT-2 small with its padded vocabulary: 124M (nanoGPT counts 124,475,904 with the
+        // 50304-token embedding).
+        assert_eq!(
+            ModelConfig::preset("gpt2").unwrap().num_params(),
+            124_475_904
+        );
+        let huge = ModelConfig {
+            vocab_size: 99_999_999_999,
+            ..ModelConfig::default()
+        };
+        assert!(huge.num_params() > 1_000_000_000_000);
+    }
 
     #[test]
     fn presets_validate_and_bad_shapes_are_named() {

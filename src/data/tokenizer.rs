@@ -44,7 +44,52 @@ pub enum Tokenizer {
         inner: Arc<tokenizers::Tokenizer>,
         eos: u32,
         pad: u32,
+        specials: Arc<Specials>,
     },
+}
+
+/// What a model directory says about special tokens besides `tokenizer.json`: the stop ids of
+/// `generation_config.json` (`eos_token_id`, one id or a list: Llama 3 stops on both
+/// `<|end_of_text|>` and `<|eot_id|>`), and the two files themselves, kept to write back.
+#[derive(Clone, Debug, Default)]
+pub struct Specials {
+    /// Every id that ends a generation, EOS included.
+    pub stops: Vec<u32>,
+    pub bos: Option<u32>,
+    /// `(file name, text)` of `tokenizer_config.json` and `generation_config.json`.
+    pub files: Vec<(String, String)>,
+}
+
+/// `"<tok>"` or `{"content": "<tok>", ...}` (both appear in tokenizer_config.json files).
+fn token_field(v: &serde_json::Value, key: &str) -> Option<String> {
+    let f = v.get(key)?;
+    f.as_str()
+        .or_else(|| f.get("content").and_then(|c| c.as_str()))
+        .map(str::to_string)
+}
+
+/// One id or a list of ids.
+fn ids_field(v: &serde_json::Value, key: &str) -> Vec<u32> {
+    match v.get(key) {
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
+        Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        None => vec![],
+    }
+}
+
+fn read_json(path: &Path) -> Result<Option<(String, serde_json::Value)>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let v =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}: {e}", path.display(), e.line()))?;
+    Ok(Some((text, v)))
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -93,7 +138,86 @@ impl Tokenizer {
             inner: Arc::new(inner),
             eos,
             pad,
+            specials: Arc::new(Specials {
+                stops: vec![eos],
+                ..Specials::default()
+            }),
         })
+    }
+
+    /// Applies a model directory's `tokenizer_config.json` (BOS, EOS and PAD by name) and
+    /// `generation_config.json` (the stop ids) to a tokenizer loaded from its
+    /// `tokenizer.json`.
+    fn with_model_files(self, dir: &Path) -> Result<Self> {
+        let Tokenizer::Hf {
+            inner,
+            mut eos,
+            mut pad,
+            ..
+        } = self
+        else {
+            return Ok(self);
+        };
+        let mut specials = Specials::default();
+        let id_of = |path: &Path, key: &str, name: &str| -> Result<u32> {
+            inner.token_to_id(name).with_context(|| {
+                format!(
+                    "{}: field \"{key}\": token {name:?} is not in tokenizer.json",
+                    path.display()
+                )
+            })
+        };
+        let tc_path = dir.join("tokenizer_config.json");
+        if let Some((text, v)) = read_json(&tc_path)? {
+            if let Some(t) = token_field(&v, "eos_token") {
+                eos = id_of(&tc_path, "eos_token", &t)?;
+            }
+            pad = match token_field(&v, "pad_token") {
+                Some(t) => id_of(&tc_path, "pad_token", &t)?,
+                None => pad,
+            };
+            if let Some(t) = token_field(&v, "bos_token") {
+                specials.bos = Some(id_of(&tc_path, "bos_token", &t)?);
+            }
+            specials.files.push(("tokenizer_config.json".into(), text));
+        }
+        specials.stops.push(eos);
+        if let Some((text, v)) = read_json(&dir.join("generation_config.json"))? {
+            specials.stops.extend(ids_field(&v, "eos_token_id"));
+            specials.files.push(("generation_config.json".into(), text));
+        }
+        specials.stops.sort_unstable();
+        specials.stops.dedup();
+        Ok(Tokenizer::Hf {
+            inner,
+            eos,
+            pad,
+            specials: Arc::new(specials),
+        })
+    }
+
+    /// Whether `id` ends a generation (EOS, or another stop id of the model's
+    /// `generation_config.json`).
+    pub fn is_stop(&self, id: u32) -> bool {
+        match self {
+            Tokenizer::Bytes => id == BYTE_EOS,
+            Tokenizer::Hf { specials, .. } => specials.stops.contains(&id),
+        }
+    }
+
+    /// The ids that end a generation.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        match self {
+            Tokenizer::Bytes => vec![BYTE_EOS],
+            Tokenizer::Hf { specials, .. } => specials.stops.clone(),
+        }
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        match self {
+            Tokenizer::Bytes => None,
+            Tokenizer::Hf { specials, .. } => specials.bos,
+        }
     }
 
     /// The tokenizer saved in a run directory, or the byte tokenizer when none was saved
@@ -101,7 +225,7 @@ impl Tokenizer {
     pub fn load_dir(dir: &Path) -> Result<Self> {
         let path = dir.join(FILE_NAME);
         if path.is_file() {
-            Self::from_file(&path)
+            Self::from_file(&path)?.with_model_files(dir)
         } else {
             Ok(Tokenizer::Bytes)
         }
@@ -110,7 +234,15 @@ impl Tokenizer {
     pub fn save_dir(&self, dir: &Path) -> Result<()> {
         match self {
             Tokenizer::Bytes => Ok(()),
-            Tokenizer::Hf { inner, .. } => write_hf(inner, &dir.join(FILE_NAME)),
+            Tokenizer::Hf {
+                inner, specials, ..
+            } => {
+                write_hf(inner, &dir.join(FILE_NAME))?;
+                for (name, text) in &specials.files {
+                    crate::io::write_atomic(&dir.join(name), text.as_bytes())?;
+                }
+                Ok(())
+            }
         }
     }
 
@@ -127,12 +259,15 @@ impl Tokenizer {
         }
     }
 
-    /// Text of `ids` with EOS and PAD left out. Ids the tokenizer does not know (a model
+    /// Text of `ids` with stop ids (EOS) and PAD left out. Ids the tokenizer does not know (a model
     /// whose vocabulary was rounded up can sample them) never fail the call: the byte
     /// tokenizer shows them as U+FFFD, a Hugging Face tokenizer drops them.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        let (eos, pad) = (self.eos_id(), self.pad_id());
-        let kept = ids.iter().copied().filter(|&i| i != eos && i != pad);
+        let pad = self.pad_id();
+        let kept = ids
+            .iter()
+            .copied()
+            .filter(|&i| !self.is_stop(i) && i != pad);
         match self {
             Tokenizer::Bytes => {
                 let mut out = String::new();
@@ -307,7 +442,10 @@ mod tests {
         assert_eq!(t.decode(&ids).unwrap(), text);
 
         // EOS and PAD are the trained specials and decode skips them.
-        let Tokenizer::Hf { inner, eos, pad } = &t else {
+        let Tokenizer::Hf {
+            inner, eos, pad, ..
+        } = &t
+        else {
             panic!("expected an HF tokenizer")
         };
         assert_eq!(Some(*eos), inner.token_to_id("<|endoftext|>"));

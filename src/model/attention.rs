@@ -43,14 +43,14 @@ impl Attention {
         resid_std: f64,
     ) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
-        let kv = cfg.num_key_value_heads * hd;
+        let (qw, kv) = (cfg.attn_width(), cfg.num_key_value_heads * hd);
         let target = |t: LoraTarget| lora.filter(|l| l.targets.contains(&t));
-        let bias = cfg.bias;
+        let (bias, qkv) = (cfg.bias, cfg.bias || cfg.qkv_bias);
         Ok(Self {
-            q: Linear::load(scope.pp("q"), h, h, bias, std, target(LoraTarget::Q))?,
-            k: Linear::load(scope.pp("k"), h, kv, bias, std, target(LoraTarget::K))?,
-            v: Linear::load(scope.pp("v"), h, kv, bias, std, target(LoraTarget::V))?,
-            o: Linear::load(scope.pp("o"), h, h, bias, resid_std, target(LoraTarget::O))?,
+            q: Linear::load(scope.pp("q"), h, qw, qkv, std, target(LoraTarget::Q))?,
+            k: Linear::load(scope.pp("k"), h, kv, qkv, std, target(LoraTarget::K))?,
+            v: Linear::load(scope.pp("v"), h, kv, qkv, std, target(LoraTarget::V))?,
+            o: Linear::load(scope.pp("o"), qw, h, bias, resid_std, target(LoraTarget::O))?,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
             head_dim: hd,
@@ -65,7 +65,7 @@ impl Attention {
         inp: &AttnInputs,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
-        let (b, t, h) = x.dims3()?;
+        let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
@@ -87,7 +87,7 @@ impl Attention {
         };
         let scale = 1.0 / (hd as f64).sqrt();
         let y = attention(&q, &k, &v, &mask, scale, ctx.kernels.attention)?;
-        let y = y.transpose(1, 2)?.reshape((b, t, h))?;
+        let y = y.transpose(1, 2)?.reshape((b, t, self.heads * hd))?;
         self.o.forward(&y, ctx)
     }
 }

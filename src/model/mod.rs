@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod block;
 pub mod heads;
+pub mod hf;
 pub mod kv_cache;
 pub mod linear;
 pub mod mlp;

@@ -24,9 +24,14 @@ impl Rope {
         let p = cfg.max_position_embeddings;
         let mut cos = Vec::with_capacity(p * half);
         let mut sin = Vec::with_capacity(p * half);
+        let freqs: Vec<f64> = (0..half)
+            .map(|i| {
+                let f = 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim() as f64);
+                cfg.rope_scaling.as_ref().map_or(f, |s| s.apply(f))
+            })
+            .collect();
         for pos in 0..p {
-            for i in 0..half {
-                let freq = 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim() as f64);
+            for &freq in &freqs {
                 let a = pos as f64 * freq;
                 cos.push(a.cos() as f32);
                 sin.push(a.sin() as f32);

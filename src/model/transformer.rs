@@ -43,6 +43,7 @@ impl Transformer {
     /// embedding is not tied, `lm_head.weight` beside it.
     pub fn new(scope: &mut Scope, cfg: &ModelConfig, lora: Option<&LoraConfig>) -> Result<Self> {
         cfg.validate()?;
+        crate::device::ensure_fits(cfg)?;
         let lora = lora.filter(|l| l.enabled());
         let h = cfg.hidden_size;
         let std = 0.02;

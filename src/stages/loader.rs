@@ -9,9 +9,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use super::reward::Scorer;
-use crate::config::LoraConfig;
+use crate::config::{LoraConfig, Stage};
 use crate::data::tokenizer::Tokenizer;
-use crate::model::{ScalarHead, Transformer};
+use crate::model::{hf, ScalarHead, Transformer};
 use crate::train::checkpoint::{resolve_checkpoint, CheckpointKind, CheckpointMeta};
 use crate::train::params::{set_checked, Net, ParamStore, Role};
 
@@ -22,8 +22,15 @@ pub struct Loaded {
     pub tokenizer: Tokenizer,
 }
 
-/// Reads a checkpoint (or a run directory's final/latest one) with adapters merged.
+/// Reads a checkpoint (or a run directory's final/latest one) with adapters merged, or a
+/// Hugging Face model directory (imported as a pretrained policy).
 pub fn read_checkpoint(path: &Path, device: &Device) -> Result<Loaded> {
+    if hf::is_model_dir(path) {
+        return import_hf(path, device);
+    }
+    if hf::is_peft_dir(path) {
+        return import_peft(path, device);
+    }
     let dir = resolve_checkpoint(path)?;
     let meta = CheckpointMeta::read(&dir)?;
     let file = dir.join("model.safetensors");
@@ -49,6 +56,57 @@ pub fn read_checkpoint(path: &Path, device: &Device) -> Result<Loaded> {
         tensors,
         tokenizer,
     })
+}
+
+fn import_hf(dir: &Path, device: &Device) -> Result<Loaded> {
+    let imp = hf::import(dir, device)?;
+    let tokenizer = Tokenizer::load_dir(dir)?;
+    if tokenizer.vocab_size() > imp.config.vocab_size {
+        bail!(
+            "{}: the tokenizer has {} tokens but the model's vocab_size is {}",
+            dir.display(),
+            tokenizer.vocab_size(),
+            imp.config.vocab_size
+        );
+    }
+    Ok(Loaded {
+        dir: dir.to_path_buf(),
+        meta: CheckpointMeta {
+            stage: Stage::Pretrain,
+            kind: CheckpointKind::Policy,
+            model: imp.config,
+            lora: None,
+            step: 0,
+        },
+        tensors: imp.tensors,
+        tokenizer,
+    })
+}
+
+/// A PEFT adapter on its Hugging Face base (`base_model_name_or_path`, relative to the
+/// current directory or to the adapter's), merged: the adapted model as a pretrained policy.
+fn import_peft(dir: &Path, device: &Device) -> Result<Loaded> {
+    let adapter = hf::read_peft(dir, device)?;
+    let base = [adapter.base.clone(), dir.join(&adapter.base)]
+        .into_iter()
+        .find(|p| hf::is_model_dir(p))
+        .with_context(|| {
+            format!(
+                "{}/adapter_config.json: field \"base_model_name_or_path\": {} is not a Hugging Face model directory",
+                dir.display(),
+                adapter.base.display()
+            )
+        })?;
+    let mut loaded = import_hf(&base, device)?;
+    merge_adapters(&mut loaded.tensors, &adapter.tensors, adapter.scale).with_context(|| {
+        format!(
+            "{}: cannot merge the adapter into {}",
+            dir.display(),
+            base.display()
+        )
+    })?;
+    loaded.dir = dir.to_path_buf();
+    Ok(loaded)
 }
 
 /// `W <- W + scale * B A` for every `X.lora_a` / `X.lora_b` pair.
@@ -110,6 +168,21 @@ pub fn policy_from(
         .expect_kind(&loaded.dir, CheckpointKind::Policy)?;
     let net = Transformer::new(&mut store.scope(Net::Policy), &loaded.meta.model, lora)?;
     fill_store(store, Net::Policy, &loaded.tensors, &loaded.dir, false)?;
+    // A tensor the model has no place for means the file is of another shape of model
+    // (PPO's checkpoints also hold their critic, under `value.`).
+    let mut extra: Vec<&String> = loaded
+        .tensors
+        .keys()
+        .filter(|n| !n.starts_with(Net::Value.prefix()) && store.get(n).is_none())
+        .collect();
+    extra.sort();
+    if let Some(n) = extra.first() {
+        bail!(
+            "{}: tensor {n} has no place in a model of this config ({} such tensors)",
+            loaded.dir.display(),
+            extra.len()
+        );
+    }
     Ok(net)
 }
 

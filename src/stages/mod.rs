@@ -8,6 +8,7 @@ pub mod batch;
 pub mod completions;
 pub mod dpo;
 pub mod eval;
+pub mod export;
 pub mod grpo;
 pub mod loader;
 pub mod pipeline;

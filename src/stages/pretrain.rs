@@ -4,6 +4,7 @@
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
+use super::loader::{policy_from, read_checkpoint};
 use super::setup::{self, Plan};
 use super::Env;
 use crate::data::corpus::{load_documents, pack_documents};
@@ -138,8 +139,20 @@ pub fn tokenizer(env: &Env) -> Result<Tokenizer> {
 
 pub fn run(env: &Env) -> Result<PretrainResult> {
     let cfg = &env.cfg;
-    let tok = tokenizer(env)?;
-    let mut model_cfg = cfg.model.clone();
+    // Continued pretraining starts from `--init` (a temper checkpoint or a Hugging Face
+    // model) with its own shape and tokenizer.
+    let init = match &cfg.init {
+        Some(p) => Some(read_checkpoint(p, &env.device)?),
+        None => None,
+    };
+    let tok = match &init {
+        Some(l) => l.tokenizer.clone(),
+        None => tokenizer(env)?,
+    };
+    let mut model_cfg = match &init {
+        Some(l) => l.meta.model.clone(),
+        None => cfg.model.clone(),
+    };
     if model_cfg.vocab_size < tok.vocab_size() {
         model_cfg.vocab_size = tok.vocab_size();
     }
@@ -175,7 +188,10 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
         packed.val.len()
     );
     let mut store = ParamStore::new(env.device.clone(), cfg.train.seed);
-    let net = Transformer::new(&mut store.scope(Net::Policy), &model_cfg, None)?;
+    let net = match &init {
+        Some(l) => policy_from(l, &mut store, None)?,
+        None => Transformer::new(&mut store.scope(Net::Policy), &model_cfg, None)?,
+    };
     let mut task = PretrainTask {
         env,
         net,

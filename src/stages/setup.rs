@@ -13,7 +13,7 @@ use crate::config::{LoraConfig, ModelConfig, RunConfig};
 use crate::data::records::{load_prompts, place, PromptRecord};
 use crate::data::synthetic::{Split, Synthetic};
 use crate::data::tokenizer::Tokenizer;
-use crate::model::Transformer;
+use crate::model::{hf, Transformer};
 use crate::train::checkpoint::{resolve_checkpoint, CheckpointKind, CheckpointMeta};
 use crate::train::params::{ParamInfo, ParamStore};
 use crate::train::runner::{self, RunOpts, Saved, Task, TrainSummary};
@@ -206,7 +206,8 @@ pub fn inherit_task_world(cfg: &mut RunConfig, user: Option<&toml::Value>) -> Re
     let Some(init) = &cfg.init else {
         return Ok(());
     };
-    if cfg.data.path.is_some() {
+    // A Hugging Face model was never trained on the built-in task: no world to inherit.
+    if cfg.data.path.is_some() || hf::is_model_dir(init) || hf::is_peft_dir(init) {
         return Ok(());
     }
     let user_sets = user

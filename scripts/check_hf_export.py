@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Checks temper's Hugging Face exports with transformers and PEFT themselves.
+
+    python scripts/check_hf_export.py OUT_DIR
+
+Exports each fixture of tests/fixtures/hf with `temper export --format hf` into OUT_DIR, loads
+it with `AutoModelForCausalLM.from_pretrained`, and compares its logits with the fixture's
+expected.json (recorded from the original model). Then it fine-tunes the llama fixture with
+LoRA for a few steps, exports the merged model and the adapter (`--format peft`), and checks
+that `PeftModel.from_pretrained(base, adapter)` gives the merged model's logits. Needs the
+venv of scripts/make_hf_fixtures.py and a built temper (`cargo build`); CI does not run it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEMPER = os.environ.get("TEMPER", os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "debug", "temper"))
+
+
+def temper(*args):
+    subprocess.run([TEMPER, *args], check=True, stdout=subprocess.DEVNULL)
+
+
+def logits(model_dir, ids):
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return m(torch.tensor([ids])).logits[0]
+
+
+def main(out):
+    worst = 0.0
+    for fam in ["llama", "qwen2", "mistral", "gpt2"]:
+        src = os.path.join(ROOT, "tests/fixtures/hf", fam)
+        dst = os.path.join(out, fam)
+        temper("export", "--checkpoint", src, "--out", dst, "--format", "hf")
+        exp = json.load(open(os.path.join(src, "expected.json")))
+        d = (logits(dst, exp["input_ids"][0]) - torch.tensor(exp["logits"][0])).abs().max().item()
+        print(f"{fam}: transformers on temper's export vs the original: max |diff| {d:.2e}")
+        worst = max(worst, d)
+    data = os.path.join(out, "sft.jsonl")
+    with open(data, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) + "\n")
+    sft = os.path.join(out, "sft")
+    temper("sft", "--init", os.path.join(ROOT, "tests/fixtures/hf/llama"), "--data", data, "--out", sft,
+           "--steps", "30", "--lora-rank", "4", "--lora-targets", "q,v", "--device", "cpu")
+    temper("export", "--checkpoint", sft, "--out", os.path.join(out, "merged"), "--format", "hf")
+    temper("export", "--checkpoint", sft, "--out", os.path.join(out, "adapter"), "--format", "peft")
+    ids = torch.tensor([[17, 200, 3, 99, 45, 128, 255]])
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(out, "llama"), dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(base, os.path.join(out, "adapter")).eval()
+    with torch.no_grad():
+        d = (peft(ids).logits[0] - logits(os.path.join(out, "merged"), ids[0].tolist())).abs().max().item()
+    print(f"PEFT adapter on the exported base vs temper's merged export: max |diff| {d:.2e}")
+    worst = max(worst, d)
+    sys.exit(0 if worst <= 1e-4 else 1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,712 @@
+//! Hugging Face model directories in and out: `config.json` (read through its own serde
+//! struct, then converted to [`ModelConfig`]), `model.safetensors` or shards listed in
+//! `model.safetensors.index.json` (memory-mapped, read tensor by tensor), for the families
+//! `llama` (Llama 3's `rope_scaling` included), `qwen2` (bias on q/k/v), `mistral` and `gpt2`
+//! (Conv1D weights stored `[in, out]`, q/k/v fused in `c_attn`, learned positions). Names are
+//! translated both ways, so `export --format hf` writes back exactly what was read.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+pub use crate::config::HfFamily as Family;
+use crate::config::{MlpKind, ModelConfig, NormKind, PositionKind, RopeScaling};
+
+/// The fields of a `config.json` temper reads; everything else in the file is ignored unless
+/// it changes the architecture (checked in [`HfConfig::to_model`]).
+#[derive(Debug, Deserialize)]
+pub struct HfConfig {
+    model_type: Option<String>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    max_position_embeddings: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<serde_json::Value>,
+    /// transformers 5 writes the rotary settings (theta included) here instead.
+    rope_parameters: Option<serde_json::Value>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    hidden_act: Option<String>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    // GPT-2's names.
+    n_embd: Option<usize>,
+    n_layer: Option<usize>,
+    n_head: Option<usize>,
+    n_inner: Option<usize>,
+    n_positions: Option<usize>,
+    layer_norm_epsilon: Option<f64>,
+    activation_function: Option<String>,
+}
+
+/// `file: field ...` errors for one `config.json`.
+struct At<'a>(&'a Path);
+
+impl At<'_> {
+    fn need<T: Copy>(&self, v: Option<T>, field: &str) -> Result<T> {
+        v.with_context(|| format!("{}: field \"{field}\" is missing", self.0.display()))
+    }
+
+    fn refuse(&self, field: &str, why: impl std::fmt::Display) -> anyhow::Error {
+        anyhow::anyhow!("{}: field \"{field}\": {why}", self.0.display())
+    }
+}
+
+impl HfConfig {
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), e.line()))
+    }
+
+    pub fn family(&self, path: &Path) -> Result<Family> {
+        let at = At(path);
+        let t = self
+            .model_type
+            .as_deref()
+            .ok_or_else(|| at.refuse("model_type", "missing"))?;
+        Ok(match t {
+            "llama" => Family::Llama,
+            "qwen2" => Family::Qwen2,
+            "mistral" => Family::Mistral,
+            "gpt2" => Family::Gpt2,
+            other => {
+                return Err(at.refuse(
+                    "model_type",
+                    format!("`{other}` is not a family temper reads (llama, qwen2, mistral, gpt2)"),
+                ))
+            }
+        })
+    }
+
+    /// The temper model this config describes; features temper does not implement are
+    /// refused naming the field.
+    pub fn to_model(&self, path: &Path) -> Result<(Family, ModelConfig)> {
+        let family = self.family(path)?;
+        let cfg = match family {
+            Family::Gpt2 => self.gpt2(path)?,
+            _ => self.llama_like(path, family)?,
+        };
+        cfg.validate()
+            .with_context(|| format!("{}: unusable model shape", path.display()))?;
+        Ok((family, cfg))
+    }
+
+    fn llama_like(&self, path: &Path, family: Family) -> Result<ModelConfig> {
+        let at = At(path);
+        if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
+            return Err(at.refuse(
+                "hidden_act",
+                format!("`{act}`: only silu (SwiGLU) is implemented"),
+            ));
+        }
+        if self.attention_bias == Some(true) && family != Family::Qwen2 {
+            return Err(at.refuse("attention_bias", "a bias on o_proj is not implemented"));
+        }
+        if self.mlp_bias == Some(true) {
+            return Err(at.refuse("mlp_bias", "MLP biases are not implemented"));
+        }
+        let ctx = at.need(self.max_position_embeddings, "max_position_embeddings")?;
+        let window = match family {
+            Family::Qwen2 => self
+                .sliding_window
+                .filter(|_| self.use_sliding_window == Some(true)),
+            _ => self.sliding_window,
+        };
+        if let Some(w) = window.filter(|&w| w < ctx) {
+            return Err(at.refuse(
+                "sliding_window",
+                format!(
+                    "a window of {w} tokens, shorter than the context of {ctx}, is not implemented"
+                ),
+            ));
+        }
+        let heads = at.need(self.num_attention_heads, "num_attention_heads")?;
+        Ok(ModelConfig {
+            vocab_size: at.need(self.vocab_size, "vocab_size")?,
+            hidden_size: at.need(self.hidden_size, "hidden_size")?,
+            intermediate_size: at.need(self.intermediate_size, "intermediate_size")?,
+            num_hidden_layers: at.need(self.num_hidden_layers, "num_hidden_layers")?,
+            num_attention_heads: heads,
+            num_key_value_heads: self.num_key_value_heads.unwrap_or(heads),
+            max_position_embeddings: ctx,
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta: self.theta(),
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            norm: NormKind::RmsNorm,
+            position: PositionKind::Rope,
+            mlp: MlpKind::SwiGlu,
+            bias: false,
+            qkv_bias: family == Family::Qwen2,
+            head_dim: self.head_dim,
+            rope_scaling: self.rope_scaling(path)?,
+            dropout: 0.0,
+            hf_family: Some(family),
+        })
+    }
+
+    fn theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(|t| t.as_f64())
+            .or(self.rope_theta)
+            .unwrap_or(10000.0)
+    }
+
+    fn rope_scaling(&self, path: &Path) -> Result<Option<RopeScaling>> {
+        let at = At(path);
+        let Some(v) = self
+            .rope_scaling
+            .as_ref()
+            .or(self.rope_parameters.as_ref())
+            .filter(|v| !v.is_null())
+        else {
+            return Ok(None);
+        };
+        let kind = v
+            .get("rope_type")
+            .or_else(|| v.get("type"))
+            .and_then(|t| t.as_str())
+            .unwrap_or("");
+        match kind {
+            "default" => Ok(None),
+            "llama3" => {
+                let num = |k: &str| -> Result<f64> {
+                    v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| {
+                        at.refuse("rope_scaling", format!("llama3 scaling needs {k}"))
+                    })
+                };
+                Ok(Some(RopeScaling {
+                    factor: num("factor")?,
+                    low_freq_factor: num("low_freq_factor")?,
+                    high_freq_factor: num("high_freq_factor")?,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?
+                        as usize,
+                }))
+            }
+            other => Err(at.refuse(
+                "rope_scaling",
+                format!("rope_type `{other}` is not implemented (llama3 is)"),
+            )),
+        }
+    }
+
+    fn gpt2(&self, path: &Path) -> Result<ModelConfig> {
+        let at = At(path);
+        if let Some(act) = self
+            .activation_function
+            .as_deref()
+            .filter(|a| !matches!(*a, "gelu_new" | "gelu_pytorch_tanh"))
+        {
+            return Err(at.refuse(
+                "activation_function",
+                format!("`{act}`: only the tanh GELU (gelu_new) is implemented"),
+            ));
+        }
+        let hidden = at.need(self.n_embd, "n_embd")?;
+        let heads = at.need(self.n_head, "n_head")?;
+        Ok(ModelConfig {
+            vocab_size: at.need(self.vocab_size, "vocab_size")?,
+            hidden_size: hidden,
+            intermediate_size: self.n_inner.unwrap_or(4 * hidden),
+            num_hidden_layers: at.need(self.n_layer, "n_layer")?,
+            num_attention_heads: heads,
+            num_key_value_heads: heads,
+            max_position_embeddings: at.need(self.n_positions, "n_positions")?,
+            rms_norm_eps: self.layer_norm_epsilon.unwrap_or(1e-5),
+            rope_theta: 10000.0,
+            tie_word_embeddings: true,
+            norm: NormKind::LayerNorm,
+            position: PositionKind::Learned,
+            mlp: MlpKind::Gelu,
+            bias: true,
+            qkv_bias: false,
+            head_dim: None,
+            rope_scaling: None,
+            dropout: 0.0,
+            hf_family: Some(Family::Gpt2),
+        })
+    }
+}
+
+/// Whether `dir` is a Hugging Face model directory (and not a temper checkpoint).
+pub fn is_model_dir(dir: &Path) -> bool {
+    dir.join("config.json").is_file()
+        && !dir.join("meta.json").exists()
+        && (dir.join("model.safetensors").is_file()
+            || dir.join("model.safetensors.index.json").is_file())
+}
+
+/// The safetensors files of a model directory: the single file, or the shards its index
+/// names.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index)
+        .with_context(|| format!("{}: cannot read", index.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}:{}: {e}", index.display(), e.line()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{}: field \"weight_map\" is missing", index.display()))?;
+    let mut files: Vec<PathBuf> = map
+        .values()
+        .filter_map(|f| f.as_str())
+        .map(|f| dir.join(f))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// A Hugging Face model read into temper's names: its family, shape and tensors (f32).
+pub struct Imported {
+    pub family: Family,
+    pub config: ModelConfig,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+/// Reads a model directory: its config, then every tensor (memory-mapped, one at a time),
+/// renamed to temper's names. A tensor of no known name is an error naming it and its file.
+pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
+    let cfg_path = dir.join("config.json");
+    let (family, config) = HfConfig::read(&cfg_path)?.to_model(&cfg_path)?;
+    let mut tensors = HashMap::new();
+    for file in weight_files(dir)? {
+        // SAFETY: the file is memory-mapped read-only and each tensor copied out of it at
+        // once; temper never writes a file it has mapped.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&file) }
+            .with_context(|| format!("{}: cannot map weights", file.display()))?;
+        for (name, _) in st.tensors() {
+            let t = st
+                .load(&name, device)
+                .with_context(|| format!("{}: cannot read tensor {name}", file.display()))?
+                .to_dtype(DType::F32)?;
+            for (ours, part) in to_temper(family, &name, &t, &config)
+                .with_context(|| format!("{}: tensor {name}", file.display()))?
+            {
+                tensors.insert(ours, part);
+            }
+        }
+    }
+    Ok(Imported {
+        family,
+        config,
+        tensors,
+    })
+}
+
+/// GPT-2 buffers saved by older checkpoints: the causal mask, not weights.
+fn is_buffer(family: Family, name: &str) -> bool {
+    match family {
+        Family::Gpt2 => name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias"),
+        _ => name.ends_with(".rotary_emb.inv_freq"),
+    }
+}
+
+/// One HF tensor as temper's tensor(s): renamed, and for GPT-2 transposed (Conv1D) and
+/// split (`c_attn` into q, k, v). Buffers and a tied head's copy map to nothing.
+fn to_temper(
+    family: Family,
+    name: &str,
+    t: &Tensor,
+    cfg: &ModelConfig,
+) -> Result<Vec<(String, Tensor)>> {
+    if is_buffer(family, name) || (name == "lm_head.weight" && cfg.tie_word_embeddings) {
+        return Ok(vec![]);
+    }
+    match family {
+        Family::Gpt2 => gpt2_to_temper(name, t, cfg),
+        _ => Ok(vec![(llama_to_temper(name)?, t.clone())]),
+    }
+}
+
+const LLAMA_LAYER: [(&str, &str); 11] = [
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("post_attention_layernorm.weight", "mlp_norm.weight"),
+    ("self_attn.q_proj.weight", "attn.q.weight"),
+    ("self_attn.k_proj.weight", "attn.k.weight"),
+    ("self_attn.v_proj.weight", "attn.v.weight"),
+    ("self_attn.o_proj.weight", "attn.o.weight"),
+    ("self_attn.q_proj.bias", "attn.q.bias"),
+    ("self_attn.k_proj.bias", "attn.k.bias"),
+    ("self_attn.v_proj.bias", "attn.v.bias"),
+    ("mlp.gate_proj.weight", "mlp.gate.weight"),
+    ("mlp.up_proj.weight", "mlp.up.weight"),
+];
+const LLAMA_LAYER_MORE: [(&str, &str); 1] = [("mlp.down_proj.weight", "mlp.down.weight")];
+const LLAMA_TOP: [(&str, &str); 3] = [
+    ("model.embed_tokens.weight", "model.embed.weight"),
+    ("model.norm.weight", "model.final_norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+];
+
+fn layer_of<'a>(name: &'a str, prefix: &str) -> Option<(usize, &'a str)> {
+    let rest = name.strip_prefix(prefix)?;
+    let (i, tail) = rest.split_once('.')?;
+    Some((i.parse().ok()?, tail))
+}
+
+fn llama_to_temper(name: &str) -> Result<String> {
+    if let Some((_, ours)) = LLAMA_TOP.iter().find(|(hf, _)| *hf == name) {
+        return Ok(ours.to_string());
+    }
+    if let Some((i, tail)) = layer_of(name, "model.layers.") {
+        if let Some((_, ours)) = LLAMA_LAYER
+            .iter()
+            .chain(&LLAMA_LAYER_MORE)
+            .find(|(hf, _)| *hf == tail)
+        {
+            return Ok(format!("model.layers.{i}.{ours}"));
+        }
+    }
+    bail!("not a weight of this model family (an unexpected extra tensor)")
+}
+
+/// The Hugging Face name of temper tensor `name` in a llama-like `family`.
+pub fn hf_name(family: Family, name: &str) -> Result<String> {
+    match family {
+        Family::Gpt2 => bail!("GPT-2 fuses q, k and v: its tensors have no one-to-one names"),
+        _ => temper_to_llama(name),
+    }
+}
+
+fn temper_to_llama(name: &str) -> Result<String> {
+    if let Some((hf, _)) = LLAMA_TOP.iter().find(|(_, ours)| *ours == name) {
+        return Ok(hf.to_string());
+    }
+    if let Some((i, tail)) = layer_of(name, "model.layers.") {
+        if let Some((hf, _)) = LLAMA_LAYER
+            .iter()
+            .chain(&LLAMA_LAYER_MORE)
+            .find(|(_, ours)| *ours == tail)
+        {
+            return Ok(format!("model.layers.{i}.{hf}"));
+        }
+    }
+    bail!("temper tensor {name} has no Hugging Face name")
+}
+
+/// GPT-2's per-layer tensors that are renamed without reshaping.
+const GPT2_LAYER: [(&str, &str); 4] = [
+    ("ln_1.weight", "attn_norm.weight"),
+    ("ln_1.bias", "attn_norm.bias"),
+    ("ln_2.weight", "mlp_norm.weight"),
+    ("ln_2.bias", "mlp_norm.bias"),
+];
+/// GPT-2's Conv1D layers (weights stored `[in, out]`) and temper's linear for each.
+const GPT2_CONV: [(&str, &str); 3] = [
+    ("attn.c_proj", "attn.o"),
+    ("mlp.c_fc", "mlp.up"),
+    ("mlp.c_proj", "mlp.down"),
+];
+const GPT2_TOP: [(&str, &str); 4] = [
+    ("wte.weight", "model.embed.weight"),
+    ("wpe.weight", "model.pos_embed.weight"),
+    ("ln_f.weight", "model.final_norm.weight"),
+    ("ln_f.bias", "model.final_norm.bias"),
+];
+
+fn gpt2_to_temper(name: &str, t: &Tensor, cfg: &ModelConfig) -> Result<Vec<(String, Tensor)>> {
+    // `save_pretrained` of GPT2LMHeadModel prefixes `transformer.`; the original hub files
+    // do not.
+    let name = name.strip_prefix("transformer.").unwrap_or(name);
+    if let Some((_, ours)) = GPT2_TOP.iter().find(|(hf, _)| *hf == name) {
+        return Ok(vec![(ours.to_string(), t.clone())]);
+    }
+    let Some((i, tail)) = layer_of(name, "h.") else {
+        bail!("not a weight of this model family (an unexpected extra tensor)");
+    };
+    let pre = format!("model.layers.{i}");
+    if let Some((_, ours)) = GPT2_LAYER.iter().find(|(hf, _)| *hf == tail) {
+        return Ok(vec![(format!("{pre}.{ours}"), t.clone())]);
+    }
+    let (module, param) = tail
+        .rsplit_once('.')
+        .context("not a weight of this model family")?;
+    let is_weight = param == "weight";
+    // Conv1D keeps `[in, out]`; temper's linear is `[out, in]`.
+    let t = if is_weight {
+        t.t()?.contiguous()?
+    } else {
+        t.clone()
+    };
+    if module == "attn.c_attn" {
+        let h = cfg.hidden_size;
+        return ["q", "k", "v"]
+            .iter()
+            .enumerate()
+            .map(|(j, which)| {
+                Ok((
+                    format!("{pre}.attn.{which}.{param}"),
+                    t.narrow(0, j * h, h)?.contiguous()?,
+                ))
+            })
+            .collect();
+    }
+    match GPT2_CONV.iter().find(|(hf, _)| *hf == module) {
+        Some((_, ours)) => Ok(vec![(format!("{pre}.{ours}.{param}"), t)]),
+        None => bail!("not a weight of this model family (an unexpected extra tensor)"),
+    }
+}
+
+/// Temper's tensors under Hugging Face names (GPT-2: transposed back and q/k/v fused).
+pub fn export_tensors(
+    family: Family,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    match family {
+        Family::Gpt2 => {
+            for (name, t) in tensors {
+                if let Some((hf, t)) = temper_to_gpt2(name, t, tensors)? {
+                    out.insert(hf, t);
+                }
+            }
+        }
+        _ => {
+            for (name, t) in tensors {
+                out.insert(temper_to_llama(name)?, t.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn temper_to_gpt2(
+    name: &str,
+    t: &Tensor,
+    all: &HashMap<String, Tensor>,
+) -> Result<Option<(String, Tensor)>> {
+    if let Some((hf, _)) = GPT2_TOP.iter().find(|(_, ours)| *ours == name) {
+        return Ok(Some((format!("transformer.{hf}"), t.clone())));
+    }
+    let (i, tail) = layer_of(name, "model.layers.")
+        .with_context(|| format!("temper tensor {name} has no GPT-2 name"))?;
+    let pre = format!("transformer.h.{i}");
+    if let Some((hf, _)) = GPT2_LAYER.iter().find(|(_, ours)| *ours == tail) {
+        return Ok(Some((format!("{pre}.{hf}"), t.clone())));
+    }
+    let (module, param) = tail
+        .rsplit_once('.')
+        .with_context(|| format!("temper tensor {name} has no GPT-2 name"))?;
+    let conv = |t: &Tensor| -> Result<Tensor> {
+        Ok(if param == "weight" {
+            t.t()?.contiguous()?
+        } else {
+            t.clone()
+        })
+    };
+    match module {
+        // k and v join q in c_attn.
+        "attn.k" | "attn.v" => Ok(None),
+        "attn.q" => {
+            let part = |w: &str| {
+                all.get(&format!("model.layers.{i}.attn.{w}.{param}"))
+                    .with_context(|| format!("model.layers.{i}.attn.{w}.{param} missing"))
+            };
+            let fused = Tensor::cat(&[part("q")?, part("k")?, part("v")?], 0)?;
+            Ok(Some((format!("{pre}.attn.c_attn.{param}"), conv(&fused)?)))
+        }
+        _ => match GPT2_CONV.iter().find(|(_, ours)| *ours == module) {
+            Some((hf, _)) => Ok(Some((format!("{pre}.{hf}.{param}"), conv(t)?))),
+            None => bail!("temper tensor {name} has no GPT-2 name"),
+        },
+    }
+}
+
+/// `config.json` for `cfg` as `family` writes it.
+pub fn config_json(
+    family: Family,
+    cfg: &ModelConfig,
+    eos: &[u32],
+    bos: Option<u32>,
+) -> serde_json::Value {
+    use serde_json::json;
+    let eos_v = match eos {
+        [one] => json!(one),
+        many => json!(many),
+    };
+    match family {
+        Family::Gpt2 => json!({
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size,
+            "n_embd": cfg.hidden_size,
+            "n_layer": cfg.num_hidden_layers,
+            "n_head": cfg.num_attention_heads,
+            "n_inner": cfg.intermediate_size,
+            "n_positions": cfg.max_position_embeddings,
+            "layer_norm_epsilon": cfg.rms_norm_eps,
+            "activation_function": "gelu_new",
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "tie_word_embeddings": true,
+            "bos_token_id": bos,
+            "eos_token_id": eos_v,
+            "torch_dtype": "float32",
+        }),
+        _ => {
+            let (arch, ty) = match family {
+                Family::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+                Family::Mistral => ("MistralForCausalLM", "mistral"),
+                _ => ("LlamaForCausalLM", "llama"),
+            };
+            let scaling = cfg.rope_scaling.as_ref().map(|s| {
+                json!({
+                    "rope_type": "llama3",
+                    "factor": s.factor,
+                    "low_freq_factor": s.low_freq_factor,
+                    "high_freq_factor": s.high_freq_factor,
+                    "original_max_position_embeddings": s.original_max_position_embeddings,
+                })
+            });
+            let mut v = json!({
+                "architectures": [arch],
+                "model_type": ty,
+                "vocab_size": cfg.vocab_size,
+                "hidden_size": cfg.hidden_size,
+                "intermediate_size": cfg.intermediate_size,
+                "num_hidden_layers": cfg.num_hidden_layers,
+                "num_attention_heads": cfg.num_attention_heads,
+                "num_key_value_heads": cfg.num_key_value_heads,
+                "head_dim": cfg.head_dim(),
+                "max_position_embeddings": cfg.max_position_embeddings,
+                "rms_norm_eps": cfg.rms_norm_eps,
+                "rope_theta": cfg.rope_theta,
+                "rope_scaling": scaling,
+                "tie_word_embeddings": cfg.tie_word_embeddings,
+                "hidden_act": "silu",
+                "attention_bias": false,
+                "bos_token_id": bos,
+                "eos_token_id": eos_v,
+                "torch_dtype": "float32",
+            });
+            if family == Family::Qwen2 {
+                v["use_sliding_window"] = json!(false);
+            }
+            if family == Family::Mistral {
+                v["sliding_window"] = serde_json::Value::Null;
+            }
+            v
+        }
+    }
+}
+
+/// Writes `tensors` (HF names) as `model.safetensors` with the `{"format": "pt"}` metadata
+/// transformers expects.
+pub fn write_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut data = Vec::with_capacity(names.len());
+    for n in &names {
+        let t = tensors[*n].to_dtype(DType::F32)?.contiguous()?;
+        let v = t.flatten_all()?.to_vec1::<f32>()?;
+        data.push((n.to_string(), t.dims().to_vec(), v));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+        .iter()
+        .map(|(n, shape, v)| {
+            let bytes: &[u8] = bytemuck::cast_slice(v);
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                shape.clone(),
+                bytes,
+            )?;
+            Ok((n.clone(), view))
+        })
+        .collect::<Result<_>>()?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::serialize(views, Some(meta))
+        .with_context(|| format!("{}: cannot serialise", path.display()))?;
+    crate::io::write_atomic(path, &bytes)
+}
+
+/// A PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`):
+/// its base model's path, its scale `lora_alpha / r`, and its factors under temper's names
+/// (`model.layers.0.attn.q.lora_a` `[r, in]`, `..lora_b` `[out, r]`).
+pub struct PeftAdapter {
+    pub base: PathBuf,
+    pub scale: f64,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+/// Whether `dir` is a PEFT adapter directory.
+pub fn is_peft_dir(dir: &Path) -> bool {
+    dir.join("adapter_config.json").is_file() && dir.join("adapter_model.safetensors").is_file()
+}
+
+pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("{}: cannot read", cfg_path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}:{}: {e}", cfg_path.display(), e.line()))?;
+    let at = At(&cfg_path);
+    if v.get("peft_type").and_then(|t| t.as_str()) != Some("LORA") {
+        return Err(at.refuse("peft_type", "only LORA adapters are read"));
+    }
+    for (flag, what) in [("use_dora", "DoRA"), ("use_rslora", "rsLoRA scaling")] {
+        if v.get(flag).and_then(|f| f.as_bool()) == Some(true) {
+            return Err(at.refuse(flag, format!("{what} is not implemented")));
+        }
+    }
+    let r = at.need(v.get("r").and_then(|x| x.as_f64()), "r")?;
+    let alpha = at.need(v.get("lora_alpha").and_then(|x| x.as_f64()), "lora_alpha")?;
+    let base = v
+        .get("base_model_name_or_path")
+        .and_then(|b| b.as_str())
+        .map(PathBuf::from)
+        .ok_or_else(|| {
+            at.refuse(
+                "base_model_name_or_path",
+                "missing: the base model's directory is needed",
+            )
+        })?;
+    let file = dir.join("adapter_model.safetensors");
+    let raw = candle_core::safetensors::load(&file, device)
+        .with_context(|| format!("{}: cannot read", file.display()))?;
+    let mut tensors = HashMap::new();
+    for (name, t) in raw {
+        let ours =
+            peft_to_temper(&name).with_context(|| format!("{}: tensor {name}", file.display()))?;
+        tensors.insert(ours, t.to_dtype(DType::F32)?);
+    }
+    Ok(PeftAdapter {
+        base,
+        scale: alpha / r,
+        tensors,
+    })
+}
+
+/// `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` ->
+/// `model.layers.0.attn.q.lora_a`.
+fn peft_to_temper(name: &str) -> Result<String> {
+    let rest = name
+        .strip_prefix("base_model.model.")
+        .context("not a PEFT LoRA tensor name")?;
+    let (module, factor) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
+        (m, "lora_a")
+    } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
+        (m, "lora_b")
+    } else {
+        bail!("not a LoRA factor (lora_A / lora_B)");
+    };
+    let ours = llama_to_temper(&format!("{module}.weight"))?;
+    Ok(format!("{}.{factor}", ours.trim_end_matches(".weight")))
+}

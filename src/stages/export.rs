@@ -1,0 +1,147 @@
+//! `temper export`: a checkpoint (or run directory) written as a temper checkpoint with its
+//! adapters merged, as a Hugging Face model directory that
+//! `transformers.AutoModelForCausalLM.from_pretrained` loads as it is, or as a PEFT adapter
+//! directory for `PeftModel.from_pretrained` on the exported base.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde_json::json;
+
+use super::loader::{read_checkpoint, Loaded};
+use crate::config::HfFamily;
+use crate::model::hf;
+use crate::train::checkpoint::{resolve_checkpoint, CheckpointKind};
+use crate::train::params::Net;
+
+/// What `export` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A temper checkpoint, adapters merged into the base weights.
+    Temper,
+    /// A Hugging Face model directory (adapters merged).
+    Hf,
+    /// The LoRA adapters alone, with PEFT's names and `adapter_config.json`.
+    Peft,
+}
+
+pub fn export(checkpoint: &Path, out: &Path, format: Format) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    match format {
+        Format::Temper => temper(checkpoint, out),
+        Format::Hf => hf_dir(checkpoint, out),
+        Format::Peft => peft(checkpoint, out),
+    }
+}
+
+fn temper(checkpoint: &Path, out: &Path) -> Result<()> {
+    let loaded = read_checkpoint(checkpoint, &Device::Cpu)?;
+    crate::train::params::save_tensors(&out.join("model.safetensors"), &loaded.tensors)?;
+    let mut meta = loaded.meta.clone();
+    meta.lora = None;
+    meta.write(out)?;
+    loaded.tokenizer.save_dir(out)
+}
+
+/// The policy's own tensors (a PPO checkpoint also holds its critic).
+fn policy_tensors(loaded: &Loaded) -> Result<HashMap<String, Tensor>> {
+    loaded
+        .meta
+        .expect_kind(&loaded.dir, CheckpointKind::Policy)?;
+    Ok(loaded
+        .tensors
+        .iter()
+        .filter(|(n, _)| !n.starts_with(Net::Value.prefix()))
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect())
+}
+
+fn hf_dir(checkpoint: &Path, out: &Path) -> Result<()> {
+    let loaded = read_checkpoint(checkpoint, &Device::Cpu)?;
+    let cfg = &loaded.meta.model;
+    let family = HfFamily::of(cfg);
+    let tensors = hf::export_tensors(family, &policy_tensors(&loaded)?)?;
+    hf::write_safetensors(&out.join("model.safetensors"), &tensors)?;
+    let tok = &loaded.tokenizer;
+    let stops = tok.stop_ids();
+    let config = hf::config_json(family, cfg, &stops, tok.bos_id());
+    crate::io::write_atomic(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )?;
+    // An imported model's own tokenizer files (and generation config) go back as they came.
+    tok.save_dir(out)?;
+    if !out.join("generation_config.json").exists() {
+        let gen = json!({"bos_token_id": tok.bos_id(), "eos_token_id": stops});
+        crate::io::write_atomic(
+            &out.join("generation_config.json"),
+            serde_json::to_string_pretty(&gen)?.as_bytes(),
+        )?;
+    }
+    Ok(())
+}
+
+/// PEFT's name of temper's LoRA factor `name` (`model.layers.0.attn.q.lora_a`).
+fn peft_name(name: &str, family: HfFamily) -> Result<String> {
+    let (module, factor) = name
+        .rsplit_once('.')
+        .with_context(|| format!("{name}: not an adapter"))?;
+    let which = match factor {
+        "lora_a" => "lora_A",
+        "lora_b" => "lora_B",
+        _ => bail!("{name}: not an adapter"),
+    };
+    if family == HfFamily::Gpt2 {
+        bail!("PEFT export of GPT-2 adapters is not supported (its q, k, v share one c_attn): use --format hf, which merges them");
+    }
+    let hf_weight = hf::hf_name(family, &format!("{module}.weight"))?;
+    let hf_module = hf_weight.trim_end_matches(".weight");
+    Ok(format!("base_model.model.{hf_module}.{which}.weight"))
+}
+
+fn peft(checkpoint: &Path, out: &Path) -> Result<()> {
+    let dir = resolve_checkpoint(checkpoint)?;
+    let meta = crate::train::checkpoint::CheckpointMeta::read(&dir)?;
+    let Some(lora) = &meta.lora else {
+        bail!(
+            "{}: holds no LoRA adapters (meta.json names no lora config)",
+            dir.display()
+        );
+    };
+    let file = dir.join("adapter.safetensors");
+    let adapters = candle_core::safetensors::load(&file, &Device::Cpu)
+        .with_context(|| format!("{}: cannot read adapters", file.display()))?;
+    let family = HfFamily::of(&meta.model);
+    let mut tensors = HashMap::new();
+    let mut modules = Vec::new();
+    for (name, t) in adapters
+        .iter()
+        .filter(|(n, _)| !n.starts_with(Net::Value.prefix()))
+    {
+        let p = peft_name(name, family)?;
+        let module = p.rsplit('.').nth(2).context("adapter name")?.to_string();
+        modules.push(module);
+        tensors.insert(p, t.clone());
+    }
+    modules.sort();
+    modules.dedup();
+    hf::write_safetensors(&out.join("adapter_model.safetensors"), &tensors)?;
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": modules,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "base_model_name_or_path": null,
+    });
+    crate::io::write_atomic(
+        &out.join("adapter_config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )
+}

@@ -1,0 +1,387 @@
+//! Real models in and out, on the tiny random Hugging Face fixtures that
+//! `scripts/make_hf_fixtures.py` built with transformers (tests/fixtures/hf/): each family's
+//! logits match transformers' to 1e-4, greedy decoding gives transformers' tokens, exporting
+//! an import writes back the same tensors bit for bit, a PEFT adapter merges to PEFT's
+//! logits, and bad configs or tensors fail with one line naming the file.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use temper::generate::{generate, SampleCfg};
+use temper::kernels::KernelSet;
+use temper::model::linear::Ctx;
+use temper::model::{Fwd, Transformer};
+use temper::stages::loader::{policy_from, read_checkpoint};
+use temper::train::params::ParamStore;
+use temper::train::rng::Rng;
+
+const FAMILIES: [&str; 4] = ["llama", "qwen2", "mistral", "gpt2"];
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(name)
+}
+
+fn expected(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap()
+}
+
+fn ctx() -> Ctx {
+    Ctx {
+        dtype: DType::F32,
+        kernels: KernelSet::default(),
+        use_lora: false,
+        dropout_seed: None,
+    }
+}
+
+fn load(dir: &Path) -> (Transformer, temper::data::tokenizer::Tokenizer) {
+    let loaded = read_checkpoint(dir, &Device::Cpu).unwrap();
+    let mut store = ParamStore::new(Device::Cpu, 0);
+    let net = policy_from(&loaded, &mut store, None).unwrap();
+    (net, loaded.tokenizer)
+}
+
+/// Largest absolute difference between temper's logits for `ids` and `want` (`[T][V]`).
+fn max_diff(net: &Transformer, ids: &[u32], want: &serde_json::Value) -> f64 {
+    let x = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let f = Fwd {
+        ctx: ctx(),
+        positions: None,
+        key_valid: None,
+    };
+    let got = net.forward(&x, &f, None).unwrap().squeeze(0).unwrap();
+    let got = got.to_vec2::<f32>().unwrap();
+    let mut worst = 0f64;
+    for (row, w) in got.iter().zip(want.as_array().unwrap()) {
+        for (a, b) in row.iter().zip(w.as_array().unwrap()) {
+            worst = worst.max((*a as f64 - b.as_f64().unwrap()).abs());
+        }
+    }
+    worst
+}
+
+fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn every_family_matches_transformers_logits_and_greedy_tokens() {
+    for fam in FAMILIES {
+        let dir = fixture(fam);
+        let e = expected(&dir);
+        let (net, tok) = load(&dir);
+        for (i, ids) in e["input_ids"].as_array().unwrap().iter().enumerate() {
+            let d = max_diff(&net, &ids_of(ids), &e["logits"][i]);
+            assert!(d <= 1e-4, "{fam}: sequence {i} logits differ by {d}");
+        }
+        let prompt = ids_of(&e["input_ids"][0]);
+        let cfg = SampleCfg {
+            max_new_tokens: 8,
+            temperature: 0.0,
+            ..Default::default()
+        };
+        let g = generate(&net, ctx(), &tok, &[prompt], &cfg, &mut Rng::new(0)).unwrap();
+        assert_eq!(g.tokens[0], ids_of(&e["greedy"]), "{fam}: greedy tokens");
+    }
+}
+
+fn safetensors_map(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn exporting_an_import_writes_back_the_same_tensors_bit_for_bit() {
+    let d = tmp();
+    for fam in FAMILIES {
+        let out = p(d.path(), fam);
+        run_ok(&[
+            "export",
+            "--checkpoint",
+            fixture(fam).to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--format",
+            "hf",
+        ]);
+        let a = safetensors_map(&fixture(fam).join("model.safetensors"));
+        let b = safetensors_map(&out.join("model.safetensors"));
+        let mut names: Vec<_> = a.keys().collect();
+        names.sort();
+        let mut got: Vec<_> = b.keys().collect();
+        got.sort();
+        assert_eq!(names, got, "{fam}: tensor names");
+        for n in names {
+            let (x, y) = (&a[n], &b[n]);
+            assert_eq!(x.dims(), y.dims(), "{fam}: {n}");
+            let x = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(
+                x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{fam}: {n} changed"
+            );
+        }
+        // The export is a model directory temper (like transformers) reads again.
+        let e = expected(&fixture(fam));
+        let (net, _) = load(&out);
+        assert!(max_diff(&net, &ids_of(&e["input_ids"][0]), &e["logits"][0]) <= 1e-4);
+        for f in ["config.json", "generation_config.json", "tokenizer.json"] {
+            assert!(out.join(f).is_file(), "{fam}: {f} missing");
+        }
+        let header = std::fs::read(out.join("model.safetensors")).unwrap();
+        let text = String::from_utf8_lossy(&header[8..header.len().min(4096)]);
+        assert!(text.contains(r#""format":"pt""#), "{fam}: no pt metadata");
+    }
+}
+
+#[test]
+fn a_peft_adapter_merges_onto_its_base_as_peft_does() {
+    let dir = fixture("llama_lora");
+    let e = expected(&dir);
+    // The adapter's config names its base relative to the repository root, where cargo
+    // runs integration tests.
+    let (net, _) = load(&dir);
+    let d = max_diff(&net, &ids_of(&e["input_ids"][0]), &e["merged_logits"][0]);
+    assert!(d <= 1e-4, "merged logits differ by {d}");
+}
+
+#[test]
+fn llama3_stop_ids_come_from_the_generation_config() {
+    let (_, tok) = load(&fixture("llama"));
+    // <|end_of_text|> = 301 and <|eot_id|> = 302 both end a rollout.
+    assert!(tok.is_stop(301) && tok.is_stop(302), "{:?}", tok.stop_ids());
+    assert_eq!(
+        tok.eos_id(),
+        302,
+        "tokenizer_config.json names <|eot_id|> as EOS"
+    );
+    assert_eq!(tok.bos_id(), Some(300));
+    let (_, q) = load(&fixture("qwen2"));
+    assert!(
+        q.is_stop(302),
+        "qwen2 stops on <|im_end|>: {:?}",
+        q.stop_ids()
+    );
+}
+
+/// A copy of fixture `fam` with `edit` applied to its config and tensors.
+fn broken(
+    fam: &str,
+    root: &Path,
+    edit: impl Fn(&mut serde_json::Value, &mut HashMap<String, Tensor>),
+) -> PathBuf {
+    let out = p(root, &format!("{fam}-broken"));
+    std::fs::create_dir_all(&out).unwrap();
+    for f in std::fs::read_dir(fixture(fam)).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, out.join(f.file_name().unwrap())).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let mut t = safetensors_map(&out.join("model.safetensors"));
+    edit(&mut cfg, &mut t);
+    std::fs::write(out.join("config.json"), cfg.to_string()).unwrap();
+    candle_core::safetensors::save(&t, out.join("model.safetensors")).unwrap();
+    out
+}
+
+fn sft_err(init: &Path, root: &Path) -> String {
+    run_err(&[
+        "sft",
+        "--init",
+        init.to_str().unwrap(),
+        "--out",
+        p(root, "out").to_str().unwrap(),
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+    ])
+}
+
+#[test]
+fn bad_configs_and_tensors_fail_naming_the_file() {
+    let d = tmp();
+    let unknown = broken("llama", &p(d.path(), "a"), |c, _| {
+        c["model_type"] = "bert".into()
+    });
+    let e = sft_err(&unknown, d.path());
+    assert!(
+        e.contains("config.json") && e.contains("model_type") && e.contains("bert"),
+        "{e}"
+    );
+    let window = broken("mistral", &p(d.path(), "b"), |c, _| {
+        c["sliding_window"] = 16.into()
+    });
+    let e = sft_err(&window, d.path());
+    assert!(
+        e.contains("config.json") && e.contains("sliding_window"),
+        "{e}"
+    );
+    let missing = broken("llama", &p(d.path(), "c"), |_, t| {
+        t.remove("model.layers.1.mlp.up_proj.weight");
+    });
+    let e = sft_err(&missing, d.path());
+    assert!(e.contains("model.layers.1.mlp.up.weight"), "{e}");
+    let extra = broken("llama", &p(d.path(), "d"), |_, t| {
+        let x = t["model.norm.weight"].clone();
+        t.insert("model.extra.weight".into(), x);
+    });
+    let e = sft_err(&extra, d.path());
+    assert!(
+        e.contains("model.safetensors") && e.contains("model.extra.weight"),
+        "{e}"
+    );
+    let shape = broken("qwen2", &p(d.path(), "e"), |_, t| {
+        let x = Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap();
+        t.insert("model.layers.0.self_attn.q_proj.bias".into(), x);
+    });
+    let e = sft_err(&shape, d.path());
+    assert!(e.contains("q.bias") && e.contains("[7]"), "{e}");
+    let errors: Vec<&str> = e.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "one error line: {e}");
+}
+
+#[test]
+fn a_model_too_large_or_misshapen_is_refused_naming_its_file() {
+    let d = tmp();
+    let big = p(d.path(), "big.toml");
+    std::fs::write(&big, "[model]\nvocab_size = 99999999999\n").unwrap();
+    let out = p(d.path(), "r");
+    let e = run_err(&[
+        "pretrain",
+        "--config",
+        big.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        e.contains("12800000738304 parameters") && e.contains("GB"),
+        "{e}"
+    );
+    let zero = p(d.path(), "zero.toml");
+    std::fs::write(
+        &zero,
+        "[train]\nsteps = 2\n\n[model]\nnum_hidden_layers = 0\n",
+    )
+    .unwrap();
+    let e = run_err(&[
+        "pretrain",
+        "--config",
+        zero.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        e.contains("zero.toml:5: model.num_hidden_layers must be positive"),
+        "{e}"
+    );
+}
+
+#[test]
+fn continued_pretraining_and_lora_sft_start_from_a_hugging_face_model_and_export_back() {
+    let d = tmp();
+    let corpus = p(d.path(), "corpus.txt");
+    std::fs::write(&corpus, "3+4=7\nthe cat sat on the mat\n".repeat(200)).unwrap();
+    let pre = p(d.path(), "pre");
+    let init = fixture("qwen2");
+    run_ok(&[
+        "pretrain",
+        "--init",
+        init.to_str().unwrap(),
+        "--data",
+        corpus.to_str().unwrap(),
+        "--out",
+        pre.to_str().unwrap(),
+        "--steps",
+        "30",
+        "--seq-len",
+        "32",
+        "--lr",
+        "3e-3",
+        "--device",
+        "cpu",
+    ]);
+    let val = series(&metrics(&pre), "val", "loss");
+    assert!(
+        val.last().unwrap().1 < 0.8 * val[0].1,
+        "continued pretraining learns: {val:?}"
+    );
+    // The checkpoint keeps the imported family and tokenizer files, so it exports as Qwen2.
+    let out = p(d.path(), "hf");
+    run_ok(&[
+        "export",
+        "--checkpoint",
+        pre.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--format",
+        "hf",
+    ]);
+    let cfg = std::fs::read_to_string(out.join("config.json")).unwrap();
+    assert!(cfg.contains("\"qwen2\""), "{cfg}");
+    assert!(out.join("tokenizer_config.json").is_file());
+    // LoRA SFT on the Llama fixture, its adapter written with PEFT's names.
+    let data = p(d.path(), "sft.jsonl");
+    let lines: String = (0..40)
+        .map(|i| format!("{{\"prompt\": \"{i}+1=\", \"response\": \"{}\"}}\n", i + 1))
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let sft = p(d.path(), "sft");
+    run_ok(&[
+        "sft",
+        "--init",
+        fixture("llama").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        sft.to_str().unwrap(),
+        "--steps",
+        "10",
+        "--lora-rank",
+        "4",
+        "--lora-targets",
+        "q,v",
+        "--device",
+        "cpu",
+    ]);
+    let peft = p(d.path(), "peft");
+    run_ok(&[
+        "export",
+        "--checkpoint",
+        sft.to_str().unwrap(),
+        "--out",
+        peft.to_str().unwrap(),
+        "--format",
+        "peft",
+    ]);
+    let a = safetensors_map(&peft.join("adapter_model.safetensors"));
+    let mut names: Vec<_> = a.keys().cloned().collect();
+    names.sort();
+    assert_eq!(names.len(), 8, "{names:?}");
+    assert_eq!(
+        names[0],
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    );
+    let cfg = std::fs::read_to_string(peft.join("adapter_config.json")).unwrap();
+    assert!(
+        cfg.contains("\"q_proj\"") && cfg.contains("\"LORA\""),
+        "{cfg}"
+    );
+}
