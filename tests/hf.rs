@@ -385,3 +385,94 @@ fn continued_pretraining_and_lora_sft_start_from_a_hugging_face_model_and_export
         "{cfg}"
     );
 }
+
+#[test]
+fn a_sharded_checkpoint_loads_through_its_index() {
+    let d = tmp();
+    let out = p(d.path(), "sharded");
+    std::fs::create_dir_all(&out).unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(fixture("llama").join(f), out.join(f)).unwrap();
+    }
+    let all = safetensors_map(&fixture("llama").join("model.safetensors"));
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (k, part) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", k + 1);
+        let shard: HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), all[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&shard, out.join(&file)).unwrap();
+        for n in part {
+            weight_map.insert((*n).clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(out.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let e = expected(&fixture("llama"));
+    let (net, _) = load(&out);
+    assert!(max_diff(&net, &ids_of(&e["input_ids"][1]), &e["logits"][1]) <= 1e-4);
+}
+
+/// Conversational records (TRL's format) are rendered with the model's own chat template in
+/// every stage that reads them; here DPO and GRPO on the Llama-3-style fixture.
+#[test]
+fn conversational_preferences_and_prompts_use_the_models_chat_template() {
+    let d = tmp();
+    let prefs = p(d.path(), "prefs.jsonl");
+    let prompts = p(d.path(), "prompts.jsonl");
+    let (mut a, mut b) = (String::new(), String::new());
+    for i in 0..12 {
+        let user = format!(r#"[{{"role": "user", "content": "{i}+1?"}}]"#);
+        let reply = |c: usize| format!(r#"[{{"role": "assistant", "content": "{c}"}}]"#);
+        a.push_str(&format!(
+            "{{\"prompt\": {user}, \"chosen\": {}, \"rejected\": {}}}\n",
+            reply(i + 1),
+            reply(i + 2)
+        ));
+        b.push_str(&format!(
+            "{{\"prompt\": {user}, \"answer\": \"{}\"}}\n",
+            i + 1
+        ));
+    }
+    std::fs::write(&prefs, a).unwrap();
+    std::fs::write(&prompts, b).unwrap();
+    let init = fixture("llama");
+    let cfg = p(d.path(), "c.toml");
+    std::fs::write(&cfg, "[grpo]\nprompts_per_rollout = 2\ngroup_size = 2\nminibatch_size = 4\nlog_completions = 2\n").unwrap();
+    for stage in ["dpo", "grpo"] {
+        let data = if stage == "dpo" { &prefs } else { &prompts };
+        let out = p(d.path(), stage);
+        run_ok(&[
+            stage,
+            "--config",
+            cfg.to_str().unwrap(),
+            "--init",
+            init.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+        ]);
+        if stage == "grpo" {
+            let log = std::fs::read_to_string(out.join("completions.jsonl")).unwrap();
+            assert!(
+                log.contains("<|start_header_id|>user<|end_header_id|>"),
+                "{log}"
+            );
+        }
+    }
+}

@@ -308,3 +308,63 @@ fn ppo_refuses_top_k_and_prompts_without_answers_name_their_line() {
         "{e}"
     );
 }
+
+/// Under LoRA, PPO and DPO keep one copy of the base (the reference is the base with the
+/// adapters off), and on a bf16 run that copy is bf16: only the adapters (and PPO's critic)
+/// carry f32.
+#[test]
+fn lora_ppo_and_dpo_on_a_bf16_base_keep_one_bf16_copy() {
+    for stage in ["ppo", "dpo"] {
+        let dir = tmp();
+        let out = p(dir.path(), stage);
+        let o = run_ok(&[
+            stage,
+            "--config",
+            &chain().config,
+            "--init",
+            s(&sft()),
+            "--out",
+            s(&out),
+            "--steps",
+            "1",
+            "--lora-rank",
+            "4",
+            "--dtype",
+            "bf16",
+            "--device",
+            "cpu",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        if stage == "ppo" {
+            assert!(err.contains("the base with adapters off"), "{err}");
+        }
+        let fin = out.join("final");
+        let base = candle_core::safetensors::load(
+            fin.join("model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let w = &base["model.layers.0.attn.q.weight"];
+        assert_eq!(
+            w.dtype(),
+            candle_core::DType::BF16,
+            "{stage}: the frozen base"
+        );
+        if let Some(v) = base.get("value.model.layers.0.attn.q.weight") {
+            assert_eq!(
+                v.dtype(),
+                candle_core::DType::F32,
+                "{stage}: the critic trains in f32"
+            );
+        }
+        let ad = candle_core::safetensors::load(
+            fin.join("adapter.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert!(
+            ad.values().all(|t| t.dtype() == candle_core::DType::F32),
+            "{stage}: adapters"
+        );
+    }
+}

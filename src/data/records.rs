@@ -56,6 +56,9 @@ pub struct PreferencePair {
     pub prompt: String,
     pub chosen: String,
     pub rejected: String,
+    /// Whether an EOS follows each response: not when a Jinja chat template wrote its own
+    /// end-of-turn marker into it.
+    pub append_eos: bool,
     /// `path:line` of the record it came from; none for the built-in task.
     pub origin: Option<String>,
 }
@@ -256,31 +259,129 @@ fn push_segment(segments: &mut Vec<Segment>, text: &str, train: bool) {
 }
 
 /// Reads preference pairs `{"prompt", "chosen", "rejected"}`, all non-empty strings (chosen
-/// and rejected may be equal).
+/// and rejected may be equal), or in TRL's conversational form: `prompt` a list of messages,
+/// `chosen` and `rejected` each a list holding the one assistant message.
 pub fn load_preferences(path: &Path) -> Result<Vec<PreferencePair>> {
+    load_preferences_templated(path, None)
+}
+
+/// [`load_preferences`] with conversations rendered by a Hugging Face chat template when
+/// one is given (else the built-in template).
+pub fn load_preferences_templated(
+    path: &Path,
+    template: Option<&ChatTemplate>,
+) -> Result<Vec<PreferencePair>> {
     let lines = read_records(path)?;
     lines
         .iter()
         .map(|(line, obj)| {
             let at = Loc { path, line: *line };
+            if obj.get("prompt").is_some_and(Value::is_array) {
+                return conversational_pair(&at, obj, template);
+            }
             Ok(PreferencePair {
                 prompt: at.non_empty_str(obj, "prompt")?.to_string(),
                 chosen: at.non_empty_str(obj, "chosen")?.to_string(),
                 rejected: at.non_empty_str(obj, "rejected")?.to_string(),
+                append_eos: true,
                 origin: Some(at.to_string()),
             })
         })
         .collect()
 }
 
+/// A conversational prompt rendered ready for the assistant's reply.
+fn render_prompt(at: &Loc, msgs: &Value, template: Option<&ChatTemplate>) -> Result<String> {
+    let (list, fields) = message_fields(at, msgs)?;
+    if fields.is_empty() {
+        return Err(at.field("prompt", "empty"));
+    }
+    match template {
+        Some(t) => t
+            .render(list, true)
+            .map_err(|e| at.field("prompt", &format!("{e:#}"))),
+        None => Ok(render_chat_prompt(
+            &fields
+                .iter()
+                .map(|(r, c)| (r.to_string(), c.to_string()))
+                .collect::<Vec<_>>(),
+        )),
+    }
+}
+
+/// The text an assistant reply (`field`: a one-message list) adds after the rendered prompt.
+fn render_reply(
+    at: &Loc,
+    obj: &Map<String, Value>,
+    field: &str,
+    prompt: (&Value, &str),
+    template: Option<&ChatTemplate>,
+) -> Result<String> {
+    let reply = obj.get(field).ok_or_else(|| at.field(field, "missing"))?;
+    let (rlist, rfields) = message_fields(at, reply)?;
+    let [(role, content)] = rfields.as_slice() else {
+        return Err(at.field(field, "expected a list holding one assistant message"));
+    };
+    if *role != "assistant" || content.is_empty() {
+        return Err(at.field(field, "expected one non-empty assistant message"));
+    }
+    let Some(t) = template else {
+        return Ok(content.to_string());
+    };
+    let mut all: Vec<Value> = prompt.0.as_array().cloned().unwrap_or_default();
+    all.extend(rlist.iter().cloned());
+    let full = t
+        .render(&all, false)
+        .map_err(|e| at.field(field, &format!("{e:#}")))?;
+    full.strip_prefix(prompt.1)
+        .map(str::to_string)
+        .ok_or_else(|| {
+            at.field(
+                field,
+                "the chat template renders the prompt differently once a reply follows (it rewrites earlier turns)",
+            )
+        })
+}
+
+fn conversational_pair(
+    at: &Loc,
+    obj: &Map<String, Value>,
+    template: Option<&ChatTemplate>,
+) -> Result<PreferencePair> {
+    let msgs = &obj["prompt"];
+    let prompt = render_prompt(at, msgs, template)?;
+    let chosen = render_reply(at, obj, "chosen", (msgs, &prompt), template)?;
+    let rejected = render_reply(at, obj, "rejected", (msgs, &prompt), template)?;
+    Ok(PreferencePair {
+        prompt,
+        chosen,
+        rejected,
+        append_eos: template.is_none(),
+        origin: Some(at.to_string()),
+    })
+}
+
 /// Reads prompts `{"prompt"}` with an optional string "answer"; every field is kept.
 pub fn load_prompts(path: &Path) -> Result<Vec<PromptRecord>> {
+    load_prompts_templated(path, None)
+}
+
+/// [`load_prompts`], where a `prompt` may also be a list of messages, rendered by a Hugging
+/// Face chat template when one is given (else the built-in template) and opened for the
+/// assistant's reply.
+pub fn load_prompts_templated(
+    path: &Path,
+    template: Option<&ChatTemplate>,
+) -> Result<Vec<PromptRecord>> {
     let lines = read_records(path)?;
     lines
         .into_iter()
         .map(|(line, obj)| {
             let at = Loc { path, line };
-            let prompt = at.non_empty_str(&obj, "prompt")?.to_string();
+            let prompt = match obj.get("prompt") {
+                Some(msgs @ Value::Array(_)) => render_prompt(&at, msgs, template)?,
+                _ => at.non_empty_str(&obj, "prompt")?.to_string(),
+            };
             let answer = match obj.get("answer") {
                 None | Some(Value::Null) => None,
                 Some(Value::String(s)) => Some(s.clone()),
@@ -642,6 +743,7 @@ mod tests {
                 prompt: "Q".into(),
                 chosen: "good".into(),
                 rejected: "bad".into(),
+                append_eos: true,
                 origin: Some(format!("{}:1", p.display())),
             }
         );
@@ -727,5 +829,51 @@ mod tests {
                 "{body}: got {e}"
             );
         }
+    }
+
+    #[test]
+    fn conversational_prompts_and_pairs_render_with_the_template() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("prefs.jsonl");
+        let user = r#"[{"role": "user", "content": "2+2?"}]"#;
+        let reply = |c: &str| format!(r#"[{{"role": "assistant", "content": "{c}"}}]"#);
+        std::fs::write(
+            &p,
+            format!(
+                "{{\"prompt\": {user}, \"chosen\": {}, \"rejected\": {}}}\n",
+                reply("4"),
+                reply("5")
+            ),
+        )
+        .unwrap();
+        // The built-in template: the prompt opens the assistant's turn, replies are bare.
+        let x = &load_preferences(&p).unwrap()[0];
+        assert_eq!(
+            (x.prompt.as_str(), x.chosen.as_str()),
+            ("<|user|>\n2+2?\n<|assistant|>\n", "4")
+        );
+        assert!(x.append_eos);
+        // A Jinja template: each reply is what it adds after the generation prompt.
+        let t = ChatTemplate::from_source(
+            "{% for m in messages %}[{{ m.role }}]{{ m.content }}<end>{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}".into(),
+            String::new(),
+            String::new(),
+            Path::new("t.jinja"),
+        )
+        .unwrap();
+        let x = &load_preferences_templated(&p, Some(&t)).unwrap()[0];
+        assert_eq!(x.prompt, "[user]2+2?<end>[assistant]");
+        assert_eq!(
+            (x.chosen.as_str(), x.rejected.as_str()),
+            ("4<end>", "5<end>")
+        );
+        assert!(!x.append_eos);
+        let q = dir.path().join("prompts.jsonl");
+        std::fs::write(&q, format!("{{\"prompt\": {user}, \"answer\": \"4\"}}\n")).unwrap();
+        let r = &load_prompts_templated(&q, Some(&t)).unwrap()[0];
+        assert_eq!(
+            (r.prompt.as_str(), r.answer.as_deref()),
+            ("[user]2+2?<end>[assistant]", Some("4"))
+        );
     }
 }

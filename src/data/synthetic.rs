@@ -185,6 +185,7 @@ impl Synthetic {
                     prompt: prompt_text(a, b),
                     chosen: (a + b).to_string(),
                     rejected: rejected.to_string(),
+                    append_eos: true,
                     origin: None,
                 }
             })

@@ -2,6 +2,8 @@
 //! (logp_r - logp_ref_r)))`, with log-probabilities summed over response tokens (TRL's
 //! `sigmoid` loss). The reference is the base with adapters off under LoRA, else a frozen copy.
 
+use std::path::Path;
+
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -11,7 +13,7 @@ use super::rollout::{FrozenReference, Reference};
 use super::setup::{self, prompt_sets, split_holdout, Plan, PolicyPair};
 use super::sft::encode_all;
 use super::Env;
-use crate::data::records::{load_preferences, PreferencePair, PromptRecord, SftExample};
+use crate::data::records::{load_preferences_templated, PreferencePair, PromptRecord, SftExample};
 use crate::data::sampler::WindowSampler;
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
@@ -60,7 +62,10 @@ fn encode_pairs(tok: &Tokenizer, pairs: &[PreferencePair], ctx: usize) -> Result
     let side = |response: fn(&PreferencePair) -> &str| -> Vec<SftExample> {
         pairs
             .iter()
-            .map(|p| SftExample::prompt_response(&p.prompt, response(p), p.origin.clone()))
+            .map(|p| SftExample {
+                append_eos: p.append_eos,
+                ..SftExample::prompt_response(&p.prompt, response(p), p.origin.clone())
+            })
             .collect()
     };
     let chosen = encode_all(tok, &side(|p| &p.chosen), ctx, "chosen")?;
@@ -239,7 +244,9 @@ fn datasets(env: &Env) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>, Vec<
             )
         }
         Some(p) => {
-            let (train, eval) = split_holdout(env, p, load_preferences, "preference pairs")?;
+            let template = setup::chat_template(env)?;
+            let load = |f: &Path| load_preferences_templated(f, template.as_ref());
+            let (train, eval) = split_holdout(env, p, load, "preference pairs")?;
             (train, eval, vec![])
         }
     })

@@ -186,7 +186,12 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         loaded,
     } = PolicyPair::load(env)?;
     let tok = loaded.tokenizer.clone();
-    let rewards = RewardFn::load(&c.rewards, &env.device, &tok, &cfg.external_reward)?;
+    let rewards = RewardFn::load(
+        &c.rewards,
+        (&env.device, env.dtype()),
+        &tok,
+        &cfg.external_reward,
+    )?;
     let (prompts, eval_prompts) = prompt_sets(env, c.task_prompts, c.eval_prompts)?;
     let ctx_len = policy.cfg.max_position_embeddings;
     for set in [&prompts, &eval_prompts] {

@@ -297,7 +297,12 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
     let mut pair = PolicyPair::load(env)?;
     let (value, value_src) = value_model(c, &mut pair, env)?;
     let tok = pair.loaded.tokenizer.clone();
-    let rewards = RewardFn::load(&c.rewards, &env.device, &tok, &cfg.external_reward)?;
+    let rewards = RewardFn::load(
+        &c.rewards,
+        (&env.device, env.dtype()),
+        &tok,
+        &cfg.external_reward,
+    )?;
     let (prompts, eval_prompts) = prompt_sets(env, c.task_prompts, c.eval_prompts)?;
     let ctx_len = pair.policy.cfg.max_position_embeddings;
     for set in [&prompts, &eval_prompts] {

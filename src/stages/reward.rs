@@ -2,6 +2,8 @@
 //! prompt + response (+ EOS), trained with the Bradley-Terry loss
 //! `-log sigmoid(r_chosen - r_rejected - margin)`; evaluated by pairwise accuracy.
 
+use std::path::Path;
+
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -9,7 +11,7 @@ use super::batch::padded;
 use super::loader::scored_from;
 use super::setup::{self, init_checkpoint, split_holdout, Plan};
 use super::Env;
-use crate::data::records::{load_preferences, place, PreferencePair};
+use crate::data::records::{load_preferences_templated, place, PreferencePair};
 use crate::data::sampler::WindowSampler;
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
@@ -79,13 +81,16 @@ pub fn encode_pairs(
 
 pub fn encode_pair(tok: &Tokenizer, p: &PreferencePair) -> Result<(Vec<u32>, Vec<u32>)> {
     let prompt = tok.encode(&p.prompt)?;
-    let mut c = prompt.clone();
-    c.extend(tok.encode(&p.chosen)?);
-    c.push(tok.eos_id());
-    let mut r = prompt;
-    r.extend(tok.encode(&p.rejected)?);
-    r.push(tok.eos_id());
-    Ok((c, r))
+    let side = |reply: &str| -> Result<Vec<u32>> {
+        let mut s = prompt.clone();
+        s.extend(tok.encode(reply)?);
+        // A chat template already ended the turn with its own marker.
+        if p.append_eos {
+            s.push(tok.eos_id());
+        }
+        Ok(s)
+    };
+    Ok((side(&p.chosen)?, side(&p.rejected)?))
 }
 
 struct RewardTask<'a> {
@@ -183,7 +188,11 @@ fn datasets(env: &Env) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>)> {
                 s.preference_pairs(Split::Eval, cfg.reward.eval_pairs),
             ))
         }
-        Some(p) => split_holdout(env, p, load_preferences, "pairs"),
+        Some(p) => {
+            let template = setup::chat_template(env)?;
+            let load = |f: &Path| load_preferences_templated(f, template.as_ref());
+            split_holdout(env, p, load, "pairs")
+        }
     }
 }
 
@@ -192,6 +201,10 @@ pub fn run(env: &Env) -> Result<RewardResult> {
     let loaded = init_checkpoint(env, "an SFT or pretrained model")?;
     let lora = setup::lora(cfg);
     let mut store = ParamStore::new(env.device.clone(), cfg.train.seed);
+    // Under LoRA the transformer is frozen; its head always trains.
+    if lora.is_some() {
+        store.freeze(Net::Policy, &[Role::Base], env.dtype());
+    }
     let from_policy = loaded.meta.kind == CheckpointKind::Policy;
     let model = scored_from(&loaded, &mut store, Net::Policy, lora, from_policy)?;
     let tok = loaded.tokenizer.clone();

@@ -10,12 +10,13 @@ use super::loader::{policy_from, read_checkpoint, Loaded};
 use super::rollout::FrozenReference;
 use super::Env;
 use crate::config::{LoraConfig, ModelConfig, RunConfig};
-use crate::data::records::{load_prompts, place, PromptRecord};
+use crate::data::chat_template::ChatTemplate;
+use crate::data::records::{load_prompts_templated, place, PromptRecord};
 use crate::data::synthetic::{Split, Synthetic};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::{hf, Transformer};
 use crate::train::checkpoint::{resolve_checkpoint, CheckpointKind, CheckpointMeta};
-use crate::train::params::{ParamInfo, ParamStore};
+use crate::train::params::{Net, ParamInfo, ParamStore, Role};
 use crate::train::runner::{self, RunOpts, Saved, Task, TrainSummary};
 
 /// The built-in task's world, as this run's config describes it.
@@ -55,11 +56,17 @@ impl PolicyPair {
         let loaded = init_checkpoint(env, "an SFT model")?;
         let lora = lora(&env.cfg);
         let mut store = ParamStore::new(env.device.clone(), env.cfg.train.seed);
+        // Under LoRA the base is frozen: one copy, in the compute dtype, shared with the
+        // reference (the same weights with the adapters off).
+        if lora.is_some() {
+            store.freeze(Net::Policy, &[Role::Base], env.dtype());
+        }
         let policy = policy_from(&loaded, &mut store, lora)?;
         let reference = match lora {
             Some(_) => None,
             None => {
                 let mut rs = ParamStore::new(env.device.clone(), 0);
+                rs.freeze(Net::Policy, &[Role::Base, Role::Head], env.dtype());
                 let net = policy_from(&loaded, &mut rs, None)?;
                 Some((net, rs))
             }
@@ -71,6 +78,36 @@ impl PolicyPair {
             loaded,
         })
     }
+}
+
+/// The chat template conversational records are rendered with: `--chat-template` (or
+/// `[data] chat_template`), else the one in the `--init` model's `tokenizer_config.json`,
+/// else none (the built-in template).
+pub fn chat_template(env: &Env) -> Result<Option<ChatTemplate>> {
+    if let Some(t) = &env.cfg.data.chat_template {
+        return Ok(Some(ChatTemplate::load(t)?));
+    }
+    let Some(init) = &env.cfg.init else {
+        return Ok(None);
+    };
+    let dir = if hf::is_model_dir(init) {
+        init.clone()
+    } else {
+        match resolve_checkpoint(init) {
+            Ok(d) => d,
+            Err(_) => return Ok(None),
+        }
+    };
+    let tc = dir.join("tokenizer_config.json");
+    let has_template = std::fs::read_to_string(&tc)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v.get("chat_template").is_some());
+    Ok(if has_template {
+        Some(ChatTemplate::load(&tc)?)
+    } else {
+        None
+    })
 }
 
 /// `(train, held-out)`: the held-out file when one is named, else the last `val_fraction` of
@@ -110,7 +147,11 @@ pub fn prompt_sets(
                 s.prompts(Split::Eval, n_eval),
             ))
         }
-        Some(p) => split_holdout(env, p, load_prompts, "prompts"),
+        Some(p) => {
+            let template = chat_template(env)?;
+            let load = |f: &Path| load_prompts_templated(f, template.as_ref());
+            split_holdout(env, p, load, "prompts")
+        }
     }
 }
 

@@ -10,14 +10,13 @@ use super::eval::accuracy;
 use super::loader::policy_from;
 use super::setup::{self, init_checkpoint, split_holdout, Plan};
 use super::Env;
-use crate::data::chat_template::ChatTemplate;
 use crate::data::records::{load_sft_templated, place, PromptRecord, SftExample};
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
 use crate::model::{Fwd, Transformer};
 use crate::train::loss::{cross_entropy, scalar};
-use crate::train::params::{ParamInfo, ParamStore, Role};
+use crate::train::params::{Net, ParamInfo, ParamStore, Role};
 use crate::train::rng::splitmix64;
 use crate::train::runner::{Report, StepOut, Task};
 
@@ -35,10 +34,7 @@ fn datasets(env: &Env) -> Result<(Vec<SftExample>, Vec<SftExample>, Vec<PromptRe
             ))
         }
         Some(p) => {
-            let template = match &cfg.data.chat_template {
-                Some(t) => Some(ChatTemplate::load(t)?),
-                None => None,
-            };
+            let template = setup::chat_template(env)?;
             let load = |path: &Path| load_sft_templated(path, template.as_ref());
             let (train, eval) = split_holdout(env, p, load, "examples")?;
             // Task accuracy needs answers, which SFT files do not carry: with user data the
@@ -194,6 +190,9 @@ pub fn run(env: &Env) -> Result<SftResult> {
     let loaded = init_checkpoint(env, "a pretrained model or run directory")?;
     let lora = setup::lora(cfg);
     let mut store = ParamStore::new(env.device.clone(), cfg.train.seed);
+    if lora.is_some() {
+        store.freeze(Net::Policy, &[Role::Base], env.dtype());
+    }
     let net = policy_from(&loaded, &mut store, lora)?;
     let tok = loaded.tokenizer.clone();
     let (train, eval, prompts) = datasets(env)?;

@@ -45,7 +45,7 @@ impl AdamW {
             eps: cfg.adam_eps,
             weight_decay: cfg.weight_decay,
         };
-        for (name, var, info) in store.iter().filter(|(_, _, i)| trainable(*i)) {
+        for (name, var, info) in store.iter().filter(|(_, _, i)| trainable(*i) && !i.frozen) {
             s.names.push(name.clone());
             s.vars.push(var.clone());
             s.decay.push(info.decay);

@@ -55,6 +55,9 @@ pub struct ParamInfo {
     pub net: Net,
     /// Norm gains, biases and embeddings get no weight decay (the GPT-2 / nanoGPT convention).
     pub decay: bool,
+    /// Never trained: stored in the compute dtype (bf16 on a GPU, so a frozen base costs half
+    /// an f32 copy) and handed to the model detached, so autograd computes no gradient for it.
+    pub frozen: bool,
 }
 
 struct Entry {
@@ -66,6 +69,8 @@ pub struct ParamStore {
     pub device: Device,
     vars: BTreeMap<String, Entry>,
     rng: Rng,
+    /// Which parameters are created frozen, and in which dtype.
+    frozen: Vec<(Net, Role, DType)>,
 }
 
 impl ParamStore {
@@ -74,7 +79,15 @@ impl ParamStore {
             device,
             vars: BTreeMap::new(),
             rng: Rng::new(seed ^ 0x1417),
+            frozen: vec![],
         }
+    }
+
+    /// Parameters of `net` with one of `roles` created from now on are frozen, stored in
+    /// `dtype` (see [`ParamInfo::frozen`]). Their random init is still drawn, so freezing
+    /// changes no other parameter's init.
+    pub fn freeze(&mut self, net: Net, roles: &[Role], dtype: DType) {
+        self.frozen.extend(roles.iter().map(|&r| (net, r, dtype)));
     }
 
     /// The root scope of network `net`: names start with `net.prefix()`.
@@ -93,7 +106,7 @@ impl ParamStore {
         name: String,
         shape: &[usize],
         init: Init,
-        info: ParamInfo,
+        mut info: ParamInfo,
     ) -> Result<Tensor> {
         if self.vars.contains_key(&name) {
             bail!("parameter {name} defined twice");
@@ -105,8 +118,19 @@ impl ParamStore {
             Init::Normal(std) => (0..n).map(|_| (self.rng.normal() * std) as f32).collect(),
         };
         let t = Tensor::from_vec(data, shape, &self.device)?;
-        let var = Var::from_tensor(&t)?;
-        let out = var.as_tensor().clone();
+        let frozen = self
+            .frozen
+            .iter()
+            .find(|(n, r, _)| *n == info.net && *r == info.role)
+            .map(|&(_, _, dt)| dt);
+        info.frozen = frozen.is_some();
+        let var = Var::from_tensor(&t.to_dtype(frozen.unwrap_or(DType::F32))?)?;
+        // A detached tensor shares the variable's storage, so loading weights into the
+        // variable later still reaches the model.
+        let out = match frozen {
+            Some(_) => var.as_tensor().detach(),
+            None => var.as_tensor().clone(),
+        };
         self.vars.insert(name, Entry { var, info });
         Ok(out)
     }
@@ -200,7 +224,7 @@ pub fn set_checked(var: &Var, t: &Tensor, name: &str, file: &Path) -> Result<()>
             var.dims()
         );
     }
-    var.set(&t.to_dtype(DType::F32)?)?;
+    var.set(&t.to_dtype(var.dtype())?)?;
     Ok(())
 }
 
@@ -252,6 +276,7 @@ impl Scope<'_> {
             role,
             net: self.net,
             decay,
+            frozen: false,
         };
         let full = self.join(name);
         self.store.create(full, shape, init, info)
@@ -321,5 +346,28 @@ mod tests {
             .collect();
         assert_eq!(local, ["score.bias"]);
         assert!(store.has_adapters());
+    }
+
+    #[test]
+    fn a_frozen_base_is_stored_in_its_dtype_and_untracked_but_loadable() {
+        let mut store = ParamStore::new(Device::Cpu, 0);
+        store.freeze(Net::Policy, &[Role::Base], DType::BF16);
+        let mut root = store.scope(Net::Policy);
+        let w = root.weight("w", &[2], Init::Ones).unwrap();
+        let a = root.adapter("a", &[2], Init::Ones).unwrap();
+        assert_eq!((w.dtype(), a.dtype()), (DType::BF16, DType::F32));
+        assert!(store.info("w").unwrap().frozen && !store.info("a").unwrap().frozen);
+        // Gradients reach the adapter only.
+        let y = (w.to_dtype(DType::F32).unwrap() * &a)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let g = y.backward().unwrap();
+        assert!(g.get(&w).is_none() && g.get(&a).is_some());
+        // Weights loaded into the frozen variable reach the tensor the model holds.
+        let src = Tensor::new(&[3f32, 4.0], &Device::Cpu).unwrap();
+        set_checked(store.get("w").unwrap(), &src, "w", Path::new("f")).unwrap();
+        let got = w.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(got, [3.0, 4.0]);
     }
 }

@@ -18,7 +18,7 @@ use crate::data::records::{place, PromptRecord};
 use crate::data::synthetic::exact_match;
 use crate::data::tokenizer::Tokenizer;
 use crate::model::linear::Ctx;
-use crate::train::params::{Net, ParamStore};
+use crate::train::params::{Net, ParamStore, Role};
 
 pub use command::CommandReward;
 pub use http::HttpReward;
@@ -64,9 +64,10 @@ pub struct Batch<'a> {
 impl RewardFn {
     /// Loads every source `specs` names: reward models into their own frozen stores, external
     /// processes started.
+    /// Reward models are frozen in `dtype` (the compute dtype).
     pub fn load(
         specs: &[RewardSpec],
-        device: &Device,
+        (device, dtype): (&Device, DType),
         tok: &Tokenizer,
         ext: &ExternalRewardConfig,
     ) -> Result<Self> {
@@ -87,6 +88,7 @@ impl RewardFn {
                         );
                     }
                     let mut store = ParamStore::new(device.clone(), 0);
+                    store.freeze(Net::Policy, &[Role::Base, Role::Head], dtype);
                     let scorer = scored_from(&loaded, &mut store, Net::Policy, None, false)?;
                     Kind::Model(Box::new(scorer))
                 }
