@@ -41,6 +41,8 @@ pub enum Command {
     Grpo(StageArgs),
     /// pretrain -> sft -> reward -> ppo (and optionally dpo, grpo) on the built-in task.
     Pipeline(PipelineArgs),
+    /// Run a training stage data-parallel over N ranks: `launch --nproc-per-node 2 -- pretrain ...`.
+    Launch(LaunchArgs),
     /// Sample from a checkpoint.
     Generate(GenerateArgs),
     /// Task accuracy of a checkpoint on held-out prompts.
@@ -147,6 +149,19 @@ pub struct PipelineArgs {
     /// TOML with per-stage tables: [pretrain.train], [sft.lora], [ppo.ppo], ...
     #[arg(long)]
     pub config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct LaunchArgs {
+    /// Ranks on this machine (threads on a CPU).
+    #[arg(long, default_value_t = 1)]
+    pub nproc_per_node: usize,
+    /// Machines in the job (more than one needs the NCCL backend).
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+    /// The stage and its arguments, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(Args, Debug)]

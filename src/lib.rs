@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod generate;
 pub mod io;
 pub mod kernels;

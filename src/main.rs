@@ -1,12 +1,17 @@
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use clap::Parser;
 
-use temper::cli::{Cli, Command, EvalArgs, ExportArgs, GenerateArgs, StageArgs, TokenizerCmd};
+use temper::cli::{
+    Cli, Command, EvalArgs, ExportArgs, GenerateArgs, LaunchArgs, StageArgs, TokenizerCmd,
+};
 use temper::config::Stage;
 use temper::data::records::load_prompts;
 use temper::data::tokenizer::train_bpe;
+use temper::dist::preempt::{self, Preempted, EXIT_PREEMPTED};
+use temper::dist::{Communicator, Rank, ThreadGroup};
 use temper::generate::{generate, SampleCfg};
 use temper::kernels::KernelSet;
 use temper::model::linear::Ctx;
@@ -29,6 +34,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<Preempted>().is_some() => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_PREEMPTED)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -36,44 +45,72 @@ fn main() -> ExitCode {
     }
 }
 
-fn stage_env(args: &StageArgs, stage: Stage) -> Result<Env> {
-    let (cfg, out, resume) = args.resolve(stage)?;
-    Env::prepare(cfg, &out, resume)
+/// The training stage a command runs, with its arguments.
+fn training_stage(c: &Command) -> Option<(Stage, &StageArgs)> {
+    Some(match c {
+        Command::Pretrain(a) => (Stage::Pretrain, a),
+        Command::Sft(a) => (Stage::Sft, a),
+        Command::Reward(a) => (Stage::Reward, a),
+        Command::Ppo(a) => (Stage::Ppo, a),
+        Command::Dpo(a) => (Stage::Dpo, a),
+        Command::Grpo(a) => (Stage::Grpo, a),
+        _ => return None,
+    })
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Pretrain(a) => {
-            let r = stages::pretrain::run(&stage_env(&a, Stage::Pretrain)?)?;
-            println!(
+/// Runs a training stage in `env` and returns what it achieved, as a line for the user.
+fn run_stage(stage: Stage, env: &Env) -> Result<String> {
+    Ok(match stage {
+        Stage::Pretrain => {
+            let r = stages::pretrain::run(env)?;
+            format!(
                 "pretrain: val loss {:.4} (perplexity {:.2})",
                 r.val_loss,
                 r.val_loss.exp()
+            )
+        }
+        Stage::Sft => {
+            let r = stages::sft::run(env)?;
+            let mut line = format!("sft: held-out loss {:.4}", r.eval_loss);
+            if let (Some(b), Some(acc)) = (r.base_accuracy, r.accuracy) {
+                line.push_str(&format!("\nsft: accuracy {acc:.3} (base model {b:.3})"));
+            }
+            line
+        }
+        Stage::Reward => {
+            let r = stages::reward::run(env)?;
+            format!("reward: held-out pairwise accuracy {:.3}", r.accuracy)
+        }
+        Stage::Ppo => stages::ppo::run(env)?.describe(),
+        Stage::Dpo => stages::dpo::run(env)?.describe(),
+        Stage::Grpo => stages::grpo::run(env)?.describe(),
+    })
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some((stage, a)) = training_stage(&cli.command) {
+        let rank = Rank::from_env(|k| std::env::var(k).ok())?;
+        if rank.world > 1 {
+            bail!(
+                "this process is rank {} of {} (from RANK/WORLD_SIZE or SLURM): data parallelism across processes needs the NCCL backend, which this temper does not have yet; `temper launch --nproc-per-node N -- {stage} ...` runs N ranks as threads on one machine",
+                rank.rank,
+                rank.world
             );
         }
-        Command::Sft(a) => {
-            let r = stages::sft::run(&stage_env(&a, Stage::Sft)?)?;
-            println!("sft: held-out loss {:.4}", r.eval_loss);
-            if let (Some(b), Some(acc)) = (r.base_accuracy, r.accuracy) {
-                println!("sft: accuracy {acc:.3} (base model {b:.3})");
-            }
-        }
-        Command::Reward(a) => {
-            let r = stages::reward::run(&stage_env(&a, Stage::Reward)?)?;
-            println!("reward: held-out pairwise accuracy {:.3}", r.accuracy);
-        }
-        Command::Ppo(a) => {
-            let r = stages::ppo::run(&stage_env(&a, Stage::Ppo)?)?;
-            println!("{}", r.describe());
-        }
-        Command::Dpo(a) => {
-            let r = stages::dpo::run(&stage_env(&a, Stage::Dpo)?)?;
-            println!("{}", r.describe());
-        }
-        Command::Grpo(a) => {
-            let r = stages::grpo::run(&stage_env(&a, Stage::Grpo)?)?;
-            println!("{}", r.describe());
-        }
+        preempt::install()?;
+        let (cfg, out, resume) = a.resolve(stage)?;
+        println!("{}", run_stage(stage, &Env::prepare(cfg, &out, resume)?)?);
+        return Ok(());
+    }
+    match cli.command {
+        // Run above.
+        Command::Pretrain(_)
+        | Command::Sft(_)
+        | Command::Reward(_)
+        | Command::Ppo(_)
+        | Command::Dpo(_)
+        | Command::Grpo(_) => {}
+        Command::Launch(a) => launch_cmd(&a)?,
         Command::Pipeline(a) => stages::pipeline::run(&a.options())?,
         Command::Generate(a) => generate_cmd(&a)?,
         Command::Eval(a) => eval_cmd(&a)?,
@@ -155,4 +192,66 @@ fn export_cmd(a: &ExportArgs) -> Result<()> {
     stages::export::export(&a.checkpoint, &a.out, a.format)?;
     println!("wrote {} ({:?})", a.out.display(), a.format);
     Ok(())
+}
+
+/// `temper launch --nproc-per-node N -- STAGE ARGS`: N data-parallel ranks of one training
+/// stage, as threads of this process (CPU). A rank that fails stops the others, and the run
+/// fails with its error.
+fn launch_cmd(a: &LaunchArgs) -> Result<()> {
+    let inner = Cli::try_parse_from(std::iter::once("temper".to_string()).chain(a.command.clone()))
+        .map_err(|e| anyhow::anyhow!("launch: {e}"))?;
+    let Some((stage, args)) = training_stage(&inner.command) else {
+        bail!("launch runs a training stage (pretrain, sft, reward, ppo, dpo, grpo)");
+    };
+    if a.nnodes != 1 {
+        bail!("launch: --nnodes {} needs the NCCL backend across machines, which this temper does not have yet", a.nnodes);
+    }
+    preempt::install()?;
+    let (cfg, out, resume) = args.resolve(stage)?;
+    let group: Vec<Arc<ThreadGroup>> = ThreadGroup::new(a.nproc_per_node)
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let results: Vec<Result<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .iter()
+            .map(|comm| {
+                let (cfg, out) = (cfg.clone(), out.clone());
+                s.spawn(move || {
+                    let c: Arc<dyn Communicator> = comm.clone();
+                    let r = Env::prepare_in(cfg, &out, resume, c)
+                        .and_then(|env| run_stage(stage, &env));
+                    if r.is_err() {
+                        comm.abort();
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a rank panicked")))
+            })
+            .collect()
+    });
+    // The first rank's own error, not the "another rank failed" of those it stopped.
+    let mut first_err = None;
+    for (rank, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(line) if rank == 0 => println!("{line}"),
+            Ok(_) => {}
+            Err(e) => {
+                let own = !e.to_string().contains("another rank failed");
+                if first_err.is_none() || own {
+                    first_err = Some((own, e.context(format!("rank {rank}"))));
+                }
+            }
+        }
+    }
+    match first_err {
+        Some((_, e)) => Err(e),
+        None => Ok(()),
+    }
 }

@@ -76,20 +76,29 @@ impl HfFamily {
     }
 
     /// The family `cfg` was imported as, else the one whose layout it has (for exporting
-    /// temper's own models).
-    pub fn of(cfg: &ModelConfig) -> Self {
+    /// temper's own models); none for a layout no family has.
+    pub fn of(cfg: &ModelConfig) -> Option<Self> {
         if let Some(f) = cfg.hf_family {
-            return f;
+            return Some(f);
         }
+        let llama_like = cfg.norm == NormKind::RmsNorm
+            && cfg.position == PositionKind::Rope
+            && cfg.mlp == MlpKind::SwiGlu
+            && !cfg.bias;
         if cfg.norm == NormKind::LayerNorm
             && cfg.position == PositionKind::Learned
             && cfg.mlp == MlpKind::Gelu
+            && cfg.bias
+            && !cfg.qkv_bias
+            && cfg.tie_word_embeddings
         {
-            HfFamily::Gpt2
-        } else if cfg.qkv_bias && !cfg.bias {
-            HfFamily::Qwen2
+            Some(HfFamily::Gpt2)
+        } else if llama_like && cfg.qkv_bias {
+            Some(HfFamily::Qwen2)
+        } else if llama_like {
+            Some(HfFamily::Llama)
         } else {
-            HfFamily::Llama
+            None
         }
     }
 }

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::stages::positive;
 use super::{
-    read_toml, write_toml, DpoConfig, ExternalRewardConfig, GrpoConfig, LoraConfig, ModelConfig,
-    PpoConfig, RewardConfig, SftConfig, TrainConfig,
+    read_toml, write_toml, DpoConfig, ExternalRewardConfig, GrpoConfig, LoraConfig, LossType,
+    ModelConfig, PpoConfig, RewardConfig, SftConfig, TrainConfig,
 };
 use crate::kernels::KernelSet;
 
@@ -217,8 +217,39 @@ impl RunConfig {
             Stage::Grpo => self.grpo.validate()?,
             Stage::Pretrain | Stage::Sft | Stage::Reward | Stage::Dpo => {}
         }
+        self.check_dapo_steps()?;
         if !positive(self.external_reward.timeout_s) {
             anyhow::bail!("external_reward.timeout_s must be positive");
+        }
+        Ok(())
+    }
+
+    /// DAPO normalises by the tokens of a whole optimizer step, which it can count only when
+    /// every step's `grad_accum` minibatches come from one rollout.
+    fn check_dapo_steps(&self) -> Result<()> {
+        let (loss, batches, table) = match self.stage {
+            Stage::Ppo => (
+                self.ppo.loss_type,
+                self.ppo
+                    .rollout_batch
+                    .div_ceil(self.ppo.minibatch_size.max(1))
+                    * self.ppo.ppo_epochs,
+                "ppo",
+            ),
+            Stage::Grpo => (
+                self.grpo.loss_type,
+                (self.grpo.prompts_per_rollout * self.grpo.group_size)
+                    .div_ceil(self.grpo.minibatch_size.max(1))
+                    * self.grpo.epochs.max(1),
+                "grpo",
+            ),
+            _ => return Ok(()),
+        };
+        if loss == LossType::Dapo && !batches.is_multiple_of(self.train.grad_accum) {
+            anyhow::bail!(
+                "{table}.loss_type = \"dapo\": a rollout makes {batches} minibatches, not a multiple of train.grad_accum = {}, so an optimizer step would mix two rollouts",
+                self.train.grad_accum
+            );
         }
         Ok(())
     }

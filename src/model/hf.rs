@@ -47,6 +47,7 @@ pub struct HfConfig {
     n_positions: Option<usize>,
     layer_norm_epsilon: Option<f64>,
     activation_function: Option<String>,
+    scale_attn_by_inverse_layer_idx: Option<bool>,
 }
 
 /// `file: field ...` errors for one `config.json`.
@@ -213,6 +214,12 @@ impl HfConfig {
             return Err(at.refuse(
                 "activation_function",
                 format!("`{act}`: only the tanh GELU (gelu_new) is implemented"),
+            ));
+        }
+        if self.scale_attn_by_inverse_layer_idx == Some(true) {
+            return Err(at.refuse(
+                "scale_attn_by_inverse_layer_idx",
+                "scaling attention by the layer index is not implemented",
             ));
         }
         let hidden = at.need(self.n_embd, "n_embd")?;
@@ -664,6 +671,14 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     for (flag, what) in [("use_dora", "DoRA"), ("use_rslora", "rsLoRA scaling")] {
         if v.get(flag).and_then(|f| f.as_bool()) == Some(true) {
             return Err(at.refuse(flag, format!("{what} is not implemented")));
+        }
+    }
+    for field in ["rank_pattern", "alpha_pattern"] {
+        if v.get(field)
+            .and_then(|p| p.as_object())
+            .is_some_and(|m| !m.is_empty())
+        {
+            return Err(at.refuse(field, "per-module ranks and alphas are not implemented"));
         }
     }
     let r = at.need(v.get("r").and_then(|x| x.as_f64()), "r")?;

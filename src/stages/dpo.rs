@@ -261,7 +261,9 @@ pub fn run(env: &Env) -> Result<DpoResult> {
         reference,
         loaded,
     } = PolicyPair::load(env)?;
+    // The weights now live in the stores; the loaded copy would double the memory.
     let tok = loaded.tokenizer.clone();
+    drop(loaded);
     let (train, eval, eval_prompts) = datasets(env)?;
     if train.is_empty() || eval.is_empty() {
         bail!("dpo needs non-empty training and held-out preference sets");

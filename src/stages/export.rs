@@ -61,7 +61,7 @@ fn policy_tensors(loaded: &Loaded) -> Result<HashMap<String, Tensor>> {
 fn hf_dir(checkpoint: &Path, out: &Path) -> Result<()> {
     let loaded = read_checkpoint(checkpoint, &Device::Cpu)?;
     let cfg = &loaded.meta.model;
-    let family = HfFamily::of(cfg);
+    let family = family_of(cfg)?;
     let tensors = hf::export_tensors(family, &policy_tensors(&loaded)?)?;
     hf::write_safetensors(&out.join("model.safetensors"), &tensors)?;
     let tok = &loaded.tokenizer;
@@ -81,6 +81,12 @@ fn hf_dir(checkpoint: &Path, out: &Path) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+fn family_of(cfg: &crate::config::ModelConfig) -> Result<HfFamily> {
+    HfFamily::of(cfg).context(
+        "this model's layout (norm, positions, MLP, biases) matches no Hugging Face family temper writes (llama, qwen2, mistral, gpt2)",
+    )
 }
 
 /// PEFT's name of temper's LoRA factor `name` (`model.layers.0.attn.q.lora_a`).
@@ -113,7 +119,7 @@ fn peft(checkpoint: &Path, out: &Path) -> Result<()> {
     let file = dir.join("adapter.safetensors");
     let adapters = candle_core::safetensors::load(&file, &Device::Cpu)
         .with_context(|| format!("{}: cannot read adapters", file.display()))?;
-    let family = HfFamily::of(&meta.model);
+    let family = family_of(&meta.model)?;
     let mut tensors = HashMap::new();
     let mut modules = Vec::new();
     for (name, t) in adapters

@@ -20,7 +20,8 @@ use super::completions::CompletionLog;
 use super::eval::{PolicyEval, PolicyResult};
 use super::rewards::{check_prompts, RewardFn};
 use super::rl::{
-    group_advantages, kl_estimate, reinforce_pp_advantages, row_sums, sequence_advantages, Clip,
+    aggregate, group_advantages, kl_estimate, reinforce_pp_advantages, row_sums,
+    sequence_advantages, Clip,
 };
 use super::rollout::{
     rollout_stats, rows, surrogate, Actors, Buffer, PolicyStep, Rollout, Schedule,
@@ -31,7 +32,7 @@ use crate::config::{AdvantageEstimator, GrpoConfig, KlEstimator, ScaleRewards};
 use crate::data::records::PromptRecord;
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::generate::SampleCfg;
-use crate::train::loss::{masked_mean, scalar};
+use crate::train::loss::scalar;
 use crate::train::params::{ParamInfo, Role};
 use crate::train::rng::Rng;
 use crate::train::runner::{StepOut, Task};
@@ -138,9 +139,11 @@ impl Task for GrpoTask<'_> {
         // REINFORCE++ has its KL in the reward; the others hold the policy near the reference
         // with a k3 term in the loss.
         if c.advantage_estimator != AdvantageEstimator::ReinforcePlusPlus {
-            let kl = masked_mean(
+            // Averaged as the policy loss is (TRL adds beta * KL to each token's loss).
+            let kl = aggregate(
                 &kl_estimate(&pol.logp, &rows(&ro.ref_logprobs, &idx)?, KlEstimator::K3)?,
                 &pol.mask,
+                sur.agg,
             )?;
             loss = (&loss + (&kl * c.beta)?)?;
             metrics.push(("kl_token", scalar(&kl)?));
@@ -185,7 +188,9 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         reference,
         loaded,
     } = PolicyPair::load(env)?;
+    // The weights now live in the stores; the loaded copy would double the memory.
     let tok = loaded.tokenizer.clone();
+    drop(loaded);
     let rewards = RewardFn::load(
         &c.rewards,
         (&env.device, env.dtype()),

@@ -22,11 +22,13 @@ pub mod setup;
 pub mod sft;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use candle_core::Device;
 
 use crate::config::RunConfig;
+use crate::dist::{Communicator, Solo};
 use crate::kernels::KernelSet;
 
 /// What every stage is handed by the CLI.
@@ -36,15 +38,38 @@ pub struct Env {
     pub kernels: KernelSet,
     pub run_dir: PathBuf,
     pub resume: bool,
+    /// The data-parallel group this process (or thread) trains in.
+    pub comm: Arc<dyn Communicator>,
 }
 
 impl Env {
     /// Validates the config, creates the run directory, writes `config.toml` and the run's
     /// metadata (device, kernels), and prints them.
     pub fn prepare(cfg: RunConfig, run_dir: &Path, resume: bool) -> Result<Self> {
+        Self::prepare_in(cfg, run_dir, resume, Arc::new(Solo))
+    }
+
+    /// [`Env::prepare`] for one rank of a data-parallel group: only rank 0 writes the run
+    /// directory's files and prints.
+    pub fn prepare_in(
+        cfg: RunConfig,
+        run_dir: &Path,
+        resume: bool,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
         cfg.validate()?;
         let device = crate::device::select(cfg.device)?;
         let kernels = cfg.kernel_set()?;
+        if comm.rank() != 0 {
+            return Ok(Self {
+                cfg,
+                device,
+                kernels,
+                run_dir: run_dir.to_path_buf(),
+                resume,
+                comm,
+            });
+        }
         std::fs::create_dir_all(run_dir)
             .with_context(|| format!("{}: cannot create run directory", run_dir.display()))?;
         cfg.save(run_dir)?;
@@ -73,6 +98,7 @@ impl Env {
             kernels,
             run_dir: run_dir.to_path_buf(),
             resume,
+            comm,
         })
     }
 

@@ -297,6 +297,8 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
     let mut pair = PolicyPair::load(env)?;
     let (value, value_src) = value_model(c, &mut pair, env)?;
     let tok = pair.loaded.tokenizer.clone();
+    // The weights now live in the stores; the loaded copy would double the memory.
+    pair.loaded.tensors.clear();
     let rewards = RewardFn::load(
         &c.rewards,
         (&env.device, env.dtype()),

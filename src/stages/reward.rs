@@ -208,6 +208,7 @@ pub fn run(env: &Env) -> Result<RewardResult> {
     let from_policy = loaded.meta.kind == CheckpointKind::Policy;
     let model = scored_from(&loaded, &mut store, Net::Policy, lora, from_policy)?;
     let tok = loaded.tokenizer.clone();
+    drop(loaded);
     let (train, eval) = datasets(env)?;
     let ctx = model.net.cfg.max_position_embeddings;
     let (train, eval) = (

@@ -139,6 +139,23 @@ pub fn prompt_sets(
     n_train: usize,
     n_eval: usize,
 ) -> Result<(Vec<PromptRecord>, Vec<PromptRecord>)> {
+    let (train, eval) = prompt_sets_unchecked(env, n_train, n_eval)?;
+    if train.is_empty() || eval.is_empty() {
+        bail!(
+            "{}: needs training and held-out prompts ({} and {} here)",
+            env.cfg.stage,
+            train.len(),
+            eval.len()
+        );
+    }
+    Ok((train, eval))
+}
+
+fn prompt_sets_unchecked(
+    env: &Env,
+    n_train: usize,
+    n_eval: usize,
+) -> Result<(Vec<PromptRecord>, Vec<PromptRecord>)> {
     match &env.cfg.data.path {
         None => {
             let s = synthetic(env);
@@ -231,6 +248,7 @@ pub fn train<T: Task>(
         trainable,
         &RunOpts {
             cfg: &cfg.train,
+            comm: env.comm.as_ref(),
             run_dir: &env.run_dir,
             resume: env.resume,
             label: cfg.stage.name(),

@@ -195,6 +195,7 @@ pub fn run(env: &Env) -> Result<SftResult> {
     }
     let net = policy_from(&loaded, &mut store, lora)?;
     let tok = loaded.tokenizer.clone();
+    drop(loaded);
     let (train, eval, prompts) = datasets(env)?;
     let ctx_len = net.cfg.max_position_embeddings;
     let train = encode_all(&tok, &train, ctx_len, "training")?;

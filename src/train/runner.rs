@@ -18,6 +18,8 @@ use super::progress::Progress;
 use super::schedule::lr_at;
 use crate::config::TrainConfig;
 use crate::data::tokenizer::Tokenizer;
+use crate::dist::preempt::{self, Preempted};
+use crate::dist::Communicator;
 use crate::io::{write_atomic, write_dir_atomic};
 
 pub struct StepOut {
@@ -110,6 +112,9 @@ pub struct TrainSummary<E> {
 
 pub struct RunOpts<'a> {
     pub cfg: &'a TrainConfig,
+    /// The data-parallel group: gradients, losses and metrics are averaged over it, and only
+    /// its rank 0 writes logs and checkpoints.
+    pub comm: &'a dyn Communicator,
     pub run_dir: &'a Path,
     pub resume: bool,
     pub label: &'a str,
@@ -157,7 +162,8 @@ struct Loop<'a, T: Task> {
     opts: &'a RunOpts<'a>,
     opt: AdamW,
     ckpts: Checkpoints,
-    metrics: MetricsLog,
+    /// Rank 0's log; none on the other ranks.
+    metrics: Option<MetricsLog>,
 }
 
 pub fn train<T: Task>(
@@ -175,14 +181,27 @@ pub fn train<T: Task>(
     } else {
         0
     };
-    let metrics = MetricsLog::open(opts.run_dir, opts.resume.then_some(start))?;
-    eprintln!(
-        "[{}] {} trainable parameters, steps {}..{}",
-        opts.label,
-        opt.num_params(),
-        start,
-        cfg.steps
-    );
+    let main = opts.comm.rank() == 0;
+    let metrics = match main {
+        true => Some(MetricsLog::open(
+            opts.run_dir,
+            opts.resume.then_some(start),
+        )?),
+        false => None,
+    };
+    if main {
+        eprintln!(
+            "[{}] {} trainable parameters, steps {}..{}{}",
+            opts.label,
+            opt.num_params(),
+            start,
+            cfg.steps,
+            match opts.comm.world() {
+                1 => String::new(),
+                n => format!(", data parallel over {n} ranks"),
+            }
+        );
+    }
     let mut lp = Loop {
         task,
         saved,
@@ -222,6 +241,34 @@ fn resume<T: Task>(task: &mut T, saved: &Saved, opt: &mut AdamW, opts: &RunOpts)
 }
 
 impl<T: Task> Loop<'_, T> {
+    fn main(&self) -> bool {
+        self.opts.comm.rank() == 0
+    }
+
+    /// Rank 0 logs; the other ranks have no log.
+    fn log(&mut self, step: usize, split: &str, fields: &[(&str, f64)]) -> Result<()> {
+        match &mut self.metrics {
+            Some(m) => m.log(step, split, fields),
+            None => Ok(()),
+        }
+    }
+
+    /// Held-out evaluation on rank 0 (every rank holds the same weights).
+    fn evaluate(&mut self, s: usize) -> Result<Option<T::Eval>> {
+        if !self.main() {
+            return Ok(None);
+        }
+        let ev = self.task.evaluate()?;
+        let fields = ev.fields();
+        self.log(s, "val", &fields)?;
+        eprintln!(
+            "[{}] step {s} val {}",
+            self.opts.label,
+            fmt_metrics(&fields)
+        );
+        Ok(Some(ev))
+    }
+
     fn run(&mut self, start: usize) -> Result<TrainSummary<T::Eval>> {
         let cfg = self.opts.cfg;
         let label = self.opts.label;
@@ -232,13 +279,9 @@ impl<T: Task> Loop<'_, T> {
             last_eval: None,
         };
         if self.opts.eval_at_start && start == 0 {
-            let ev = self.task.evaluate()?;
-            let fields = ev.fields();
-            self.metrics.log(0, "val", &fields)?;
-            eprintln!("[{label}] step 0 val {}", fmt_metrics(&fields));
-            summary.first_eval = Some(ev);
+            summary.first_eval = self.evaluate(0)?;
         }
-        let progress = Progress::new(label, start, cfg.steps);
+        let progress = self.main().then(|| Progress::new(label, start, cfg.steps));
         let mut window_tokens = 0usize;
         let mut window_start = Instant::now();
         let mut window = Averages::default();
@@ -261,29 +304,74 @@ impl<T: Task> Loop<'_, T> {
                     ("tokens_per_s", tps),
                 ];
                 fields.extend(window.drain());
-                self.metrics.log(s, "train", &fields)?;
+                self.log(s, "train", &fields)?;
                 let loss = out.loss;
-                progress.update(s, &format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
+                if let Some(p) = &progress {
+                    p.update(s, &format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
+                }
                 window_tokens = 0;
                 window_start = Instant::now();
             }
             if s % cfg.eval_every == 0 || s == cfg.steps {
-                let ev = self.task.evaluate()?;
-                let fields = ev.fields();
-                self.metrics.log(s, "val", &fields)?;
-                progress.println(&format!("[{label}] step {s} val {}", fmt_metrics(&fields)));
-                summary.last_eval = Some(ev);
+                if let Some(ev) = self.evaluate(s)? {
+                    summary.last_eval = Some(ev);
+                }
             }
-            if s % cfg.checkpoint_every == 0 || s == cfg.steps {
+            let checkpointed = s % cfg.checkpoint_every == 0 || s == cfg.steps;
+            if checkpointed {
                 self.checkpoint(s)?;
             }
+            if self.stop_requested()? {
+                if !checkpointed {
+                    self.checkpoint(s)?;
+                }
+                return Err(Preempted { step: s }.into());
+            }
         }
-        progress.finish();
-        self.saved.write_final(self.opts.run_dir, cfg.steps)?;
+        if let Some(p) = &progress {
+            p.finish();
+        }
+        if self.main() {
+            self.saved.write_final(self.opts.run_dir, cfg.steps)?;
+        }
         Ok(summary)
     }
 
-    /// Accumulates the gradients of `grad_accum` micro-batches, clips them and steps AdamW.
+    /// Whether any rank saw SIGTERM or SIGUSR1: every rank must stop after the same step.
+    fn stop_requested(&self) -> Result<bool> {
+        let mut flag = [f32::from(u8::from(preempt::requested()))];
+        self.opts.comm.all_reduce_mean(&mut flag)?;
+        Ok(flag[0] > 0.0)
+    }
+
+    /// Averages gradients, loss, tokens and extra metrics over the data-parallel group.
+    fn all_reduce(&self, grads: &mut [Tensor], out: &mut Stepped) -> Result<()> {
+        let comm = self.opts.comm;
+        let world = comm.world();
+        if world == 1 {
+            return Ok(());
+        }
+        for g in grads.iter_mut() {
+            let mut v = g
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1::<f32>()?;
+            comm.all_reduce_mean(&mut v)?;
+            *g = Tensor::from_vec(v, g.shape(), g.device())?.to_dtype(g.dtype())?;
+        }
+        let mut numbers: Vec<f32> = vec![out.loss as f32, out.tokens as f32];
+        numbers.extend(out.extras.iter().map(|(_, v)| *v as f32));
+        comm.all_reduce_mean(&mut numbers)?;
+        out.loss = f64::from(numbers[0]);
+        out.tokens = (f64::from(numbers[1]) * world as f64).round() as usize;
+        for ((_, v), x) in out.extras.iter_mut().zip(&numbers[2..]) {
+            *v = f64::from(*x);
+        }
+        Ok(())
+    }
+
+    /// Accumulates the gradients of `grad_accum` micro-batches, averages them over the
+    /// data-parallel group, clips them and steps AdamW.
     fn step(&mut self, step: usize, lr: f64) -> Result<Stepped> {
         let accum = self.opts.cfg.grad_accum;
         let mut acc: Option<Vec<Tensor>> = None;
@@ -317,17 +405,22 @@ impl<T: Task> Loop<'_, T> {
             }
         }
         let mut grads = acc.expect("grad_accum >= 1");
-        let grad_norm = AdamW::clip(&mut grads, self.opts.cfg.grad_clip)?;
-        self.opt.step(&grads, lr)?;
-        Ok(Stepped {
+        let mut out = Stepped {
             loss: loss_sum / accum as f64,
-            grad_norm,
+            grad_norm: 0.0,
             tokens,
             extras: extras.drain(),
-        })
+        };
+        self.all_reduce(&mut grads, &mut out)?;
+        out.grad_norm = AdamW::clip(&mut grads, self.opts.cfg.grad_clip)?;
+        self.opt.step(&grads, lr)?;
+        Ok(out)
     }
 
     fn checkpoint(&mut self, s: usize) -> Result<()> {
+        if !self.main() {
+            return Ok(());
+        }
         let (saved, opt, task) = (self.saved, &self.opt, &*self.task);
         self.ckpts.save(s, |dir| {
             saved.write_model(dir, s)?;

@@ -27,7 +27,8 @@ pub struct CommandReward {
 
 struct Proc {
     child: Child,
-    stdin: ChildStdin,
+    /// Taken by the writer thread of a batch and given back when it is done.
+    stdin: Option<ChildStdin>,
     /// Lines of the process's stdout, read by a thread so a hung process cannot block us.
     lines: Receiver<std::io::Result<String>>,
 }
@@ -76,7 +77,7 @@ impl CommandReward {
         });
         Ok(Proc {
             child,
-            stdin,
+            stdin: Some(stdin),
             lines,
         })
     }
@@ -88,16 +89,15 @@ impl CommandReward {
             text.push_str(&r.to_string());
             text.push('\n');
         }
-        if let Err(e) = proc
-            .stdin
-            .write_all(text.as_bytes())
-            .and_then(|_| proc.stdin.flush())
-        {
-            return Err(Failure::Lost(format!(
-                "cannot write to it ({e}){}",
-                exit_note(proc)
-            )));
-        }
+        // Written from a thread: a process that stops reading would otherwise block the
+        // write (a batch outgrows the pipe's buffer) before the deadline starts.
+        let Some(mut stdin) = proc.stdin.take() else {
+            return Err(Failure::Lost("its input is closed".into()));
+        };
+        let writer = std::thread::spawn(move || {
+            let r = stdin.write_all(text.as_bytes()).and_then(|_| stdin.flush());
+            (stdin, r)
+        });
         let deadline = Instant::now() + self.timeout;
         let mut out = Vec::with_capacity(requests.len());
         for i in 0..requests.len() {
@@ -126,6 +126,19 @@ impl CommandReward {
                 Failure::Garbage(anyhow!("{what} is not JSON ({e}): {}", clip(&line)))
             })?;
             out.push(parse_reply(&v, &what).map_err(Failure::Garbage)?);
+        }
+        // Every reply came, so the process read the whole batch and the writer is done.
+        match writer.join() {
+            Ok((stdin, Ok(()))) => proc.stdin = Some(stdin),
+            Ok((_, Err(e))) => return Err(Failure::Lost(format!("cannot write to it ({e})"))),
+            Err(_) => return Err(Failure::Lost("its writer thread panicked".into())),
+        }
+        // A line more than was asked for would be taken as the next batch's first reply.
+        if let Ok(Ok(extra)) = proc.lines.try_recv() {
+            return Err(Failure::Garbage(anyhow!(
+                "answered more lines than requests: {}",
+                clip(&extra)
+            )));
         }
         Ok(out)
     }

@@ -6,7 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
@@ -67,7 +67,8 @@ impl HttpReward {
         let (status, reply) = self.post(&body).map_err(Failure::Lost)?;
         if status != 200 {
             let e = anyhow!("HTTP {status}: {}", clip(&String::from_utf8_lossy(&reply)));
-            return Err(if status >= 500 {
+            // Overloaded or failing servers may recover; a 4xx other than 429 will not.
+            return Err(if status >= 500 || status == 429 {
                 Failure::Lost(e)
             } else {
                 Failure::Garbage(e)
@@ -102,7 +103,6 @@ impl HttpReward {
     fn post(&self, body: &str) -> Result<(u16, Vec<u8>)> {
         let mut s = TcpStream::connect_timeout(&self.addr, self.timeout)
             .with_context(|| format!("cannot connect to {}", self.addr))?;
-        s.set_read_timeout(Some(self.timeout))?;
         s.set_write_timeout(Some(self.timeout))?;
         let head = format!(
             "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -112,15 +112,48 @@ impl HttpReward {
         );
         s.write_all(head.as_bytes())?;
         s.write_all(body.as_bytes())?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).with_context(|| {
-            format!(
-                "no complete reply within {:.0} s",
-                self.timeout.as_secs_f64()
-            )
-        })?;
-        parse_response(&raw)
+        read_reply(&mut s, Instant::now() + self.timeout)
     }
+}
+
+/// Reads a response until it is complete (its Content-Length, its last chunk, or the end of
+/// the stream), within `deadline` overall: a server that trickles bytes times out too.
+fn read_reply(s: &mut TcpStream, deadline: Instant) -> Result<(u16, Vec<u8>)> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Ok(reply) = parse_response(&raw) {
+            if complete(&raw) {
+                return Ok(reply);
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("no complete reply within the timeout");
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf) {
+            Ok(0) => return parse_response(&raw),
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(e).context("no complete reply within the timeout"),
+        }
+    }
+}
+
+/// Whether `raw` holds a whole response by its own framing (Content-Length or chunked).
+fn complete(raw: &[u8]) -> bool {
+    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    let body = &raw[end + 4..];
+    if head.contains("transfer-encoding: chunked") {
+        return body.ends_with(b"0\r\n\r\n");
+    }
+    head.split("\r\n")
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .is_some_and(|n| body.len() >= n)
 }
 
 /// Status code and body of a raw HTTP/1.x response (Content-Length, chunked, or to EOF).

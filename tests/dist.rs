@@ -1,0 +1,179 @@
+//! Data parallelism and preemption on the CPU: thread ranks give one rank's curve with the
+//! doubled batch, a SIGTERM checkpoints and stops the run with its own exit status and
+//! `--resume` continues on the same curve, and a rank from the environment without a
+//! backend for it fails clearly.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    series(&metrics(run), "train", "loss")
+}
+
+#[test]
+fn two_thread_ranks_follow_one_rank_with_the_doubled_batch() {
+    let d = tmp();
+    let cfg = p(d.path(), "c.toml");
+    std::fs::write(
+        &cfg,
+        TINY_TOML.replace("batch_size = 16", "batch_size = 8\nlog_every = 1"),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let one = p(d.path(), "one");
+    let two = p(d.path(), "two");
+    let common = ["--steps", "8", "--eval-every", "8", "--device", "cpu"];
+    let mut a = vec![
+        "pretrain",
+        "--config",
+        cfg,
+        "--out",
+        one.to_str().unwrap(),
+        "--batch-size",
+        "16",
+    ];
+    a.extend(common);
+    run_ok(&a);
+    let mut b = vec![
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--",
+        "pretrain",
+        "--config",
+        cfg,
+        "--out",
+        two.to_str().unwrap(),
+        "--batch-size",
+        "8",
+    ];
+    b.extend(common);
+    run_ok(&b);
+    let (x, y) = (losses(&one), losses(&two));
+    assert_eq!(x.len(), 8, "{x:?}");
+    assert_eq!(x.len(), y.len());
+    for ((s, l1), (_, l2)) in x.iter().zip(&y) {
+        // Equal up to the order of float sums (two means of 8 against one of 16).
+        assert!((l1 - l2).abs() <= 1e-4 * l1.abs(), "step {s}: {l1} vs {l2}");
+    }
+    // The held-out loss differs (its set is eval_batches per-rank batches), but the weights
+    // after 8 steps agree to float reassociation.
+    let load = |r: &Path| {
+        candle_core::safetensors::load(r.join("final/model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap()
+    };
+    let (w1, w2) = (load(&one), load(&two));
+    assert_eq!(w1.len(), w2.len());
+    for (n, t) in &w1 {
+        let d = (t - &w2[n])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-3, "{n} differs by {d}");
+    }
+    assert!(two.join("final/meta.json").exists());
+}
+
+#[test]
+fn sigterm_checkpoints_stops_and_resume_continues_the_same_curve() {
+    let d = tmp();
+    let cfg = p(d.path(), "c.toml");
+    std::fs::write(
+        &cfg,
+        TINY_TOML.replace("batch_size = 16", "batch_size = 16\nlog_every = 1"),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let steps = [
+        "--steps",
+        "40",
+        "--checkpoint-every",
+        "1000",
+        "--eval-every",
+        "1000",
+        "--device",
+        "cpu",
+    ];
+    let full = p(d.path(), "full");
+    let mut a = vec!["pretrain", "--config", cfg, "--out", full.to_str().unwrap()];
+    a.extend(steps);
+    run_ok(&a);
+    let cut = p(d.path(), "cut");
+    let mut b = vec!["pretrain", "--config", cfg, "--out", cut.to_str().unwrap()];
+    b.extend(steps);
+    let child = temper()
+        .args(&b)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while losses_if_any(&cut).len() < 5 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the run logged nothing"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(err.contains("stopped by a signal after step"), "{err}");
+    let at = std::fs::read_to_string(cut.join("checkpoints/latest")).unwrap();
+    let step: u64 = at.trim().trim_start_matches("step-").parse().unwrap();
+    assert!((5..40).contains(&step), "checkpoint at {step}");
+    run_ok(&["pretrain", "--resume", cut.to_str().unwrap()]);
+    let (x, y) = (losses(&full), losses(&cut));
+    assert_eq!(x.len(), y.len(), "{y:?}");
+    for ((s, l1), (_, l2)) in x.iter().zip(&y) {
+        assert_eq!(l1, l2, "step {s} differs after resuming from step {step}");
+    }
+}
+
+fn losses_if_any(run: &Path) -> Vec<(u64, f64)> {
+    match std::fs::read_to_string(run.join("metrics.jsonl")) {
+        Ok(t) => t
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["split"] == "train")
+            .filter_map(|v| Some((v["step"].as_u64()?, v["loss"].as_f64()?)))
+            .collect(),
+        Err(_) => vec![],
+    }
+}
+
+#[test]
+fn a_rank_from_the_environment_without_a_backend_fails_clearly() {
+    let d = tmp();
+    let out = temper()
+        .args([
+            "pretrain",
+            "--out",
+            p(d.path(), "r").to_str().unwrap(),
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+        ])
+        .env("RANK", "1")
+        .env("WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("rank 1 of 2") && err.contains("launch"),
+        "{err}"
+    );
+}
