@@ -275,6 +275,15 @@ impl StageArgs {
     pub fn apply(&self, cfg: &mut RunConfig) -> Result<()> {
         if let Some(p) = &self.model {
             cfg.model = ModelConfig::preset(p)?;
+            // GPT-2 small diverged at the tiny model's lr 3e-3 (loss 18-21 within 8 steps on
+            // the H200); it gets llm.c's / nanoGPT's schedule unless the config set its own.
+            let stage_default = RunConfig::for_stage(cfg.stage).train;
+            if p == "gpt2" && cfg.train.lr == stage_default.lr {
+                cfg.train.lr = 6e-4;
+            }
+            if p == "gpt2" && cfg.train.warmup_steps == stage_default.warmup_steps {
+                cfg.train.warmup_steps = 700;
+            }
         }
         macro_rules! set {
             ($src:expr, $dst:expr) => {
@@ -343,5 +352,29 @@ impl PipelineArgs {
             scale: self.scale,
             config: self.config.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gpt2_preset_brings_its_own_schedule_and_flags_still_win() {
+        let mut cfg = RunConfig::for_stage(Stage::Pretrain);
+        let args = StageArgs {
+            model: Some("gpt2".into()),
+            ..Default::default()
+        };
+        args.apply(&mut cfg).unwrap();
+        assert_eq!((cfg.train.lr, cfg.train.warmup_steps), (6e-4, 700));
+        let mut cfg = RunConfig::for_stage(Stage::Pretrain);
+        let args = StageArgs {
+            model: Some("gpt2".into()),
+            lr: Some(1e-4),
+            ..Default::default()
+        };
+        args.apply(&mut cfg).unwrap();
+        assert_eq!(cfg.train.lr, 1e-4);
     }
 }

@@ -224,6 +224,8 @@ impl HfConfig {
         }
         let hidden = at.need(self.n_embd, "n_embd")?;
         let heads = at.need(self.n_head, "n_head")?;
+        // GPT-2's layout is temper's `gpt2` preset; the sizes come from the file.
+        let preset = ModelConfig::preset("gpt2")?;
         Ok(ModelConfig {
             vocab_size: at.need(self.vocab_size, "vocab_size")?,
             hidden_size: hidden,
@@ -233,17 +235,8 @@ impl HfConfig {
             num_key_value_heads: heads,
             max_position_embeddings: at.need(self.n_positions, "n_positions")?,
             rms_norm_eps: self.layer_norm_epsilon.unwrap_or(1e-5),
-            rope_theta: 10000.0,
-            tie_word_embeddings: true,
-            norm: NormKind::LayerNorm,
-            position: PositionKind::Learned,
-            mlp: MlpKind::Gelu,
-            bias: true,
-            qkv_bias: false,
-            head_dim: None,
-            rope_scaling: None,
-            dropout: 0.0,
             hf_family: Some(Family::Gpt2),
+            ..preset
         })
     }
 }

@@ -58,48 +58,46 @@ impl Env {
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
         cfg.validate()?;
-        let device = crate::device::select(cfg.device)?;
-        let kernels = cfg.kernel_set()?;
-        if comm.rank() != 0 {
-            return Ok(Self {
-                cfg,
-                device,
-                kernels,
-                run_dir: run_dir.to_path_buf(),
-                resume,
-                comm,
-            });
-        }
-        std::fs::create_dir_all(run_dir)
-            .with_context(|| format!("{}: cannot create run directory", run_dir.display()))?;
-        cfg.save(run_dir)?;
-        let meta = serde_json::json!({
-            "stage": cfg.stage,
-            "device": crate::device::describe(&device),
-            "kernels": kernels.to_string(),
-            "dtype": format!("{:?}", crate::device::compute_dtype(cfg.train.dtype, &device)),
-            "temper_version": env!("CARGO_PKG_VERSION"),
-        });
-        crate::io::write_atomic(
-            &run_dir.join("run.json"),
-            serde_json::to_string_pretty(&meta)?.as_bytes(),
-        )?;
-        eprintln!(
-            "[{}] device {} dtype {:?} kernels {} -> {}",
-            cfg.stage,
-            crate::device::describe(&device),
-            crate::device::compute_dtype(cfg.train.dtype, &device),
-            kernels,
-            run_dir.display()
-        );
-        Ok(Self {
+        let env = Self {
+            device: crate::device::select(cfg.device)?,
+            kernels: cfg.kernel_set()?,
             cfg,
-            device,
-            kernels,
             run_dir: run_dir.to_path_buf(),
             resume,
             comm,
-        })
+        };
+        if env.comm.rank() == 0 {
+            env.write_run_files()?;
+        }
+        Ok(env)
+    }
+
+    /// The run directory with `config.toml` and `run.json`, announced on stderr.
+    fn write_run_files(&self) -> Result<()> {
+        let (cfg, dir) = (&self.cfg, &self.run_dir);
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create run directory", dir.display()))?;
+        cfg.save(dir)?;
+        let device = crate::device::describe(&self.device);
+        let meta = serde_json::json!({
+            "stage": cfg.stage,
+            "device": device,
+            "kernels": self.kernels.to_string(),
+            "dtype": format!("{:?}", self.dtype()),
+            "temper_version": env!("CARGO_PKG_VERSION"),
+        });
+        crate::io::write_atomic(
+            &dir.join("run.json"),
+            serde_json::to_string_pretty(&meta)?.as_bytes(),
+        )?;
+        eprintln!(
+            "[{}] device {device} dtype {:?} kernels {} -> {}",
+            cfg.stage,
+            self.dtype(),
+            self.kernels,
+            dir.display()
+        );
+        Ok(())
     }
 
     pub fn dtype(&self) -> candle_core::DType {
