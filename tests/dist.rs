@@ -177,3 +177,78 @@ fn a_rank_from_the_environment_without_a_backend_fails_clearly() {
         "{err}"
     );
 }
+
+/// LoRA SFT over two thread ranks follows one rank with the doubled batch (every response
+/// token weighs the same across ranks), and a data-parallel run resumed at another step
+/// continues its own curve.
+#[test]
+fn lora_sft_over_two_ranks_follows_one_rank_and_resumes_exactly() {
+    let d = tmp();
+    let cfg = p(d.path(), "c.toml");
+    std::fs::write(
+        &cfg,
+        TINY_TOML.replace("batch_size = 16", "batch_size = 8\nlog_every = 1"),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let pre = p(d.path(), "pre");
+    pretrain_on_cpu(cfg, &pre, 20);
+    let sft = |out: &Path, launch: bool, extra: &[&str]| {
+        let mut a: Vec<String> = if launch {
+            ["launch", "--nproc-per-node", "2", "--"]
+                .map(String::from)
+                .to_vec()
+        } else {
+            vec![]
+        };
+        let base = [
+            "sft",
+            "--config",
+            cfg,
+            "--init",
+            pre.to_str().unwrap(),
+            "--lora-rank",
+            "4",
+            "--eval-every",
+            "100",
+            "--device",
+            "cpu",
+        ];
+        a.extend(base.map(String::from));
+        a.extend(["--out".to_string(), out.to_str().unwrap().to_string()]);
+        a.extend(extra.iter().map(|x| x.to_string()));
+        run_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    };
+    let (one, two, cut) = (p(d.path(), "one"), p(d.path(), "two"), p(d.path(), "cut"));
+    sft(&one, false, &["--steps", "6", "--batch-size", "16"]);
+    sft(&two, true, &["--steps", "6", "--batch-size", "8"]);
+    let (x, y) = (losses(&one), losses(&two));
+    assert_eq!(x.len(), 6);
+    for ((s, l1), (_, l2)) in x.iter().zip(&y) {
+        assert!((l1 - l2).abs() <= 1e-4 * l1.abs(), "step {s}: {l1} vs {l2}");
+    }
+    // A run "interrupted" after step 3: its later checkpoint and final model removed.
+    sft(
+        &cut,
+        true,
+        &[
+            "--steps",
+            "6",
+            "--batch-size",
+            "8",
+            "--checkpoint-every",
+            "3",
+        ],
+    );
+    std::fs::remove_dir_all(cut.join("checkpoints/step-0000006")).unwrap();
+    std::fs::remove_dir_all(cut.join("final")).unwrap();
+    std::fs::write(cut.join("checkpoints/latest"), "step-0000003").unwrap();
+    let mut resume = vec!["launch", "--nproc-per-node", "2", "--", "sft", "--resume"];
+    resume.push(cut.to_str().unwrap());
+    run_ok(&resume);
+    assert_eq!(
+        losses(&cut),
+        y,
+        "the resumed data-parallel run left its curve"
+    );
+}

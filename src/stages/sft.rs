@@ -60,7 +60,7 @@ impl SftTask<'_> {
         &self,
         seqs: &[(Vec<u32>, Vec<bool>)],
         dropout_seed: Option<u64>,
-    ) -> Result<(candle_core::Tensor, usize)> {
+    ) -> Result<(candle_core::Tensor, usize, f64)> {
         let b = lm_batch(
             seqs,
             self.tok.pad_id(),
@@ -75,7 +75,12 @@ impl SftTask<'_> {
             key_valid: None,
         };
         let logits = self.net.forward(&b.inputs, &f, None)?;
-        Ok((cross_entropy(&logits, &b.targets, &b.loss_mask)?, b.tokens))
+        let counted = scalar(&b.loss_mask.sum_all()?)?;
+        Ok((
+            cross_entropy(&logits, &b.targets, &b.loss_mask)?,
+            b.tokens,
+            counted,
+        ))
     }
 
     fn accuracy(&self) -> Result<Option<f64>> {
@@ -114,13 +119,27 @@ impl Task for SftTask<'_> {
     type Eval = SftEval;
 
     fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
-        let seqs: Vec<_> = (0..self.env.cfg.train.batch_size)
-            .map(|_| self.train[self.sampler.next_index()].clone())
+        // Every rank draws the whole global batch from the same seeded order and keeps its
+        // own slice.
+        let comm = self.env.comm.as_ref();
+        let (rank, world, bs) = (comm.rank(), comm.world(), self.env.cfg.train.batch_size);
+        let global: Vec<usize> = (0..bs * world).map(|_| self.sampler.next_index()).collect();
+        let seqs: Vec<_> = global[rank * bs..(rank + 1) * bs]
+            .iter()
+            .map(|&i| self.train[i].clone())
             .collect();
         self.micro += 1;
         let seed = (self.env.cfg.lora.dropout > 0.0 || self.net.cfg.dropout > 0.0)
             .then(|| splitmix64(self.env.cfg.train.seed ^ self.micro));
-        let (loss, tokens) = self.loss(&seqs, seed)?;
+        let (mut loss, tokens, counted) = self.loss(&seqs, seed)?;
+        if world > 1 {
+            // The loop averages ranks' losses; each is its mean over its own response tokens,
+            // so it is reweighted by its share of the global batch's response tokens: every
+            // token then counts once, as in one process with the global batch.
+            let mut mean = [counted as f32];
+            comm.all_reduce_mean(&mut mean)?;
+            loss = (loss * (counted / f64::from(mean[0]).max(1.0)))?;
+        }
         Ok(StepOut {
             loss,
             tokens,
