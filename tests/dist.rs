@@ -252,3 +252,58 @@ fn lora_sft_over_two_ranks_follows_one_rank_and_resumes_exactly() {
         "the resumed data-parallel run left its curve"
     );
 }
+
+/// The reward model over two thread ranks follows one rank with the doubled batch.
+#[test]
+fn reward_modelling_over_two_ranks_follows_one_rank() {
+    let d = tmp();
+    let cfg = p(d.path(), "c.toml");
+    std::fs::write(
+        &cfg,
+        TINY_TOML.replace("batch_size = 16", "batch_size = 8\nlog_every = 1"),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let pre = p(d.path(), "pre");
+    pretrain_on_cpu(cfg, &pre, 20);
+    let (one, two) = (p(d.path(), "one"), p(d.path(), "two"));
+    let common = [
+        "--config",
+        cfg,
+        "--init",
+        pre.to_str().unwrap(),
+        "--steps",
+        "5",
+        "--eval-every",
+        "100",
+        "--device",
+        "cpu",
+    ];
+    let mut a = vec![
+        "reward",
+        "--out",
+        one.to_str().unwrap(),
+        "--batch-size",
+        "16",
+    ];
+    a.extend(common);
+    run_ok(&a);
+    let mut b = vec![
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--",
+        "reward",
+        "--out",
+        two.to_str().unwrap(),
+        "--batch-size",
+        "8",
+    ];
+    b.extend(common);
+    run_ok(&b);
+    let (x, y) = (losses(&one), losses(&two));
+    assert_eq!(x.len(), 5);
+    for ((s, l1), (_, l2)) in x.iter().zip(&y) {
+        assert!((l1 - l2).abs() <= 1e-4 * l1.abs(), "step {s}: {l1} vs {l2}");
+    }
+}

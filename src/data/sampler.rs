@@ -55,6 +55,15 @@ impl WindowSampler {
         );
     }
 
+    /// This rank's `per_rank` indices of the next global batch: every rank draws all
+    /// `per_rank * world` indices from the same seeded order and keeps its own slice, so the
+    /// ranks together see what one process with the global batch would, and each rank's
+    /// position stays the one a checkpoint records.
+    pub fn next_slice(&mut self, per_rank: usize, rank: usize, world: usize) -> Vec<usize> {
+        let global: Vec<usize> = (0..per_rank * world).map(|_| self.next_index()).collect();
+        global[rank * per_rank..(rank + 1) * per_rank].to_vec()
+    }
+
     pub fn next_index(&mut self) -> usize {
         if self.cursor == self.n {
             self.epoch += 1;

@@ -70,14 +70,13 @@ impl Task for PretrainTask<'_> {
 
     fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
         let t = self.env.cfg.train.seq_len;
-        // Every rank draws the whole global batch from the same seeded order and keeps its
-        // own slice: the ranks together see what one process with the global batch would.
-        let (rank, world) = (self.env.comm.rank(), self.env.comm.world());
-        let bs = self.env.cfg.train.batch_size;
-        let global: Vec<usize> = (0..bs * world)
-            .map(|_| self.sampler.next_index() * t)
+        let comm = self.env.comm.as_ref();
+        let starts: Vec<usize> = self
+            .sampler
+            .next_slice(self.env.cfg.train.batch_size, comm.rank(), comm.world())
+            .into_iter()
+            .map(|w| w * t)
             .collect();
-        let starts = global[rank * bs..(rank + 1) * bs].to_vec();
         let (x, y) = self.batch(&self.train, &starts)?;
         self.micro += 1;
         let seed =

@@ -138,8 +138,13 @@ impl Task for RewardTask<'_> {
     type Eval = RewardEval;
 
     fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
-        let batch: Vec<_> = (0..self.env.cfg.train.batch_size)
-            .map(|_| self.train[self.sampler.next_index()].clone())
+        // Each rank scores its slice of the global batch; every pair weighs the same.
+        let comm = self.env.comm.as_ref();
+        let batch: Vec<_> = self
+            .sampler
+            .next_slice(self.env.cfg.train.batch_size, comm.rank(), comm.world())
+            .into_iter()
+            .map(|i| self.train[i].clone())
             .collect();
         let (loss, acc, tokens) = self.pairs(&batch)?;
         Ok(StepOut {

@@ -119,14 +119,13 @@ impl Task for SftTask<'_> {
     type Eval = SftEval;
 
     fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
-        // Every rank draws the whole global batch from the same seeded order and keeps its
-        // own slice.
         let comm = self.env.comm.as_ref();
-        let (rank, world, bs) = (comm.rank(), comm.world(), self.env.cfg.train.batch_size);
-        let global: Vec<usize> = (0..bs * world).map(|_| self.sampler.next_index()).collect();
-        let seqs: Vec<_> = global[rank * bs..(rank + 1) * bs]
-            .iter()
-            .map(|&i| self.train[i].clone())
+        let (rank, world) = (comm.rank(), comm.world());
+        let seqs: Vec<_> = self
+            .sampler
+            .next_slice(self.env.cfg.train.batch_size, rank, world)
+            .into_iter()
+            .map(|i| self.train[i].clone())
             .collect();
         self.micro += 1;
         let seed = (self.env.cfg.lora.dropout > 0.0 || self.net.cfg.dropout > 0.0)
