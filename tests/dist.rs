@@ -178,21 +178,34 @@ fn a_rank_from_the_environment_without_a_backend_fails_clearly() {
     );
 }
 
+/// A tiny config logging every step, at per-rank batch 8, and a short pretraining run in
+/// `dir` to start later stages from.
+fn pretrained(dir: &Path) -> (String, std::path::PathBuf) {
+    let cfg = p(dir, "c.toml");
+    let text = TINY_TOML.replace("batch_size = 16", "batch_size = 8\nlog_every = 1");
+    std::fs::write(&cfg, text).unwrap();
+    let cfg = cfg.to_str().unwrap().to_string();
+    let pre = p(dir, "pre");
+    pretrain_on_cpu(&cfg, &pre, 20);
+    (cfg, pre)
+}
+
+/// The losses of two runs are equal up to the order of float sums.
+fn assert_same_curve(x: &[(u64, f64)], y: &[(u64, f64)]) {
+    assert_eq!(x.len(), y.len(), "{x:?} vs {y:?}");
+    for ((s, l1), (_, l2)) in x.iter().zip(y) {
+        assert!((l1 - l2).abs() <= 1e-4 * l1.abs(), "step {s}: {l1} vs {l2}");
+    }
+}
+
 /// LoRA SFT over two thread ranks follows one rank with the doubled batch (every response
 /// token weighs the same across ranks), and a data-parallel run resumed at another step
 /// continues its own curve.
 #[test]
 fn lora_sft_over_two_ranks_follows_one_rank_and_resumes_exactly() {
     let d = tmp();
-    let cfg = p(d.path(), "c.toml");
-    std::fs::write(
-        &cfg,
-        TINY_TOML.replace("batch_size = 16", "batch_size = 8\nlog_every = 1"),
-    )
-    .unwrap();
-    let cfg = cfg.to_str().unwrap();
-    let pre = p(d.path(), "pre");
-    pretrain_on_cpu(cfg, &pre, 20);
+    let (cfg, pre) = pretrained(d.path());
+    let cfg = cfg.as_str();
     let sft = |out: &Path, launch: bool, extra: &[&str]| {
         let mut a: Vec<String> = if launch {
             ["launch", "--nproc-per-node", "2", "--"]
@@ -224,9 +237,7 @@ fn lora_sft_over_two_ranks_follows_one_rank_and_resumes_exactly() {
     sft(&two, true, &["--steps", "6", "--batch-size", "8"]);
     let (x, y) = (losses(&one), losses(&two));
     assert_eq!(x.len(), 6);
-    for ((s, l1), (_, l2)) in x.iter().zip(&y) {
-        assert!((l1 - l2).abs() <= 1e-4 * l1.abs(), "step {s}: {l1} vs {l2}");
-    }
+    assert_same_curve(&x, &y);
     // A run "interrupted" after step 3: its later checkpoint and final model removed.
     sft(
         &cut,
@@ -257,15 +268,8 @@ fn lora_sft_over_two_ranks_follows_one_rank_and_resumes_exactly() {
 #[test]
 fn reward_modelling_over_two_ranks_follows_one_rank() {
     let d = tmp();
-    let cfg = p(d.path(), "c.toml");
-    std::fs::write(
-        &cfg,
-        TINY_TOML.replace("batch_size = 16", "batch_size = 8\nlog_every = 1"),
-    )
-    .unwrap();
-    let cfg = cfg.to_str().unwrap();
-    let pre = p(d.path(), "pre");
-    pretrain_on_cpu(cfg, &pre, 20);
+    let (cfg, pre) = pretrained(d.path());
+    let cfg = cfg.as_str();
     let (one, two) = (p(d.path(), "one"), p(d.path(), "two"));
     let common = [
         "--config",
@@ -303,7 +307,5 @@ fn reward_modelling_over_two_ranks_follows_one_rank() {
     run_ok(&b);
     let (x, y) = (losses(&one), losses(&two));
     assert_eq!(x.len(), 5);
-    for ((s, l1), (_, l2)) in x.iter().zip(&y) {
-        assert!((l1 - l2).abs() <= 1e-4 * l1.abs(), "step {s}: {l1} vs {l2}");
-    }
+    assert_same_curve(&x, &y);
 }
