@@ -18,48 +18,23 @@ fn losses(run: &Path) -> Vec<(u64, f64)> {
 fn two_thread_ranks_follow_one_rank_with_the_doubled_batch() {
     let d = tmp();
     let cfg = p(d.path(), "c.toml");
-    std::fs::write(
-        &cfg,
-        TINY_TOML.replace("batch_size = 16", "batch_size = 8\nlog_every = 1"),
-    )
-    .unwrap();
-    let cfg = cfg.to_str().unwrap();
-    let one = p(d.path(), "one");
-    let two = p(d.path(), "two");
-    let common = ["--steps", "8", "--eval-every", "8", "--device", "cpu"];
-    let mut a = vec![
-        "pretrain",
+    let text = TINY_TOML.replace("batch_size = 16", "batch_size = 8\nlog_every = 1");
+    std::fs::write(&cfg, text).unwrap();
+    let (one, two) = (p(d.path(), "one"), p(d.path(), "two"));
+    let args = [
         "--config",
-        cfg,
-        "--out",
-        one.to_str().unwrap(),
-        "--batch-size",
-        "16",
-    ];
-    a.extend(common);
-    run_ok(&a);
-    let mut b = vec![
-        "launch",
-        "--nproc-per-node",
-        "2",
-        "--",
-        "pretrain",
-        "--config",
-        cfg,
-        "--out",
-        two.to_str().unwrap(),
-        "--batch-size",
+        cfg.to_str().unwrap(),
+        "--steps",
         "8",
+        "--eval-every",
+        "8",
+        "--device",
+        "cpu",
     ];
-    b.extend(common);
-    run_ok(&b);
+    one_rank_and_two(&["pretrain"], &args, &one, &two);
     let (x, y) = (losses(&one), losses(&two));
     assert_eq!(x.len(), 8, "{x:?}");
-    assert_eq!(x.len(), y.len());
-    for ((s, l1), (_, l2)) in x.iter().zip(&y) {
-        // Equal up to the order of float sums (two means of 8 against one of 16).
-        assert!((l1 - l2).abs() <= 1e-4 * l1.abs(), "step {s}: {l1} vs {l2}");
-    }
+    assert_same_curve(&x, &y);
     // The held-out loss differs (its set is eval_batches per-rank batches), but the weights
     // after 8 steps agree to float reassociation.
     let load = |r: &Path| {
@@ -190,6 +165,20 @@ fn pretrained(dir: &Path) -> (String, std::path::PathBuf) {
     (cfg, pre)
 }
 
+/// Runs `stage ARGS` in one process with batch 16 into `one`, and over two thread ranks with
+/// batch 8 each into `two`.
+fn one_rank_and_two(stage: &[&str], args: &[&str], one: &Path, two: &Path) {
+    let run = |prefix: &[&str], out: &Path, batch: &str| {
+        let mut a = prefix.to_vec();
+        a.extend(stage);
+        a.extend(["--out", out.to_str().unwrap(), "--batch-size", batch]);
+        a.extend(args);
+        run_ok(&a);
+    };
+    run(&[], one, "16");
+    run(&["launch", "--nproc-per-node", "2", "--"], two, "8");
+}
+
 /// The losses of two runs are equal up to the order of float sums.
 fn assert_same_curve(x: &[(u64, f64)], y: &[(u64, f64)]) {
     assert_eq!(x.len(), y.len(), "{x:?} vs {y:?}");
@@ -206,51 +195,41 @@ fn lora_sft_over_two_ranks_follows_one_rank_and_resumes_exactly() {
     let d = tmp();
     let (cfg, pre) = pretrained(d.path());
     let cfg = cfg.as_str();
-    let sft = |out: &Path, launch: bool, extra: &[&str]| {
-        let mut a: Vec<String> = if launch {
-            ["launch", "--nproc-per-node", "2", "--"]
-                .map(String::from)
-                .to_vec()
-        } else {
-            vec![]
-        };
-        let base = [
-            "sft",
-            "--config",
-            cfg,
-            "--init",
-            pre.to_str().unwrap(),
-            "--lora-rank",
-            "4",
-            "--eval-every",
-            "100",
-            "--device",
-            "cpu",
-        ];
-        a.extend(base.map(String::from));
-        a.extend(["--out".to_string(), out.to_str().unwrap().to_string()]);
-        a.extend(extra.iter().map(|x| x.to_string()));
-        run_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    };
+    let pre = pre.to_str().unwrap();
+    let args = [
+        "--config",
+        cfg,
+        "--init",
+        pre,
+        "--lora-rank",
+        "4",
+        "--eval-every",
+        "100",
+        "--device",
+        "cpu",
+    ];
     let (one, two, cut) = (p(d.path(), "one"), p(d.path(), "two"), p(d.path(), "cut"));
-    sft(&one, false, &["--steps", "6", "--batch-size", "16"]);
-    sft(&two, true, &["--steps", "6", "--batch-size", "8"]);
+    let six: Vec<&str> = args.iter().copied().chain(["--steps", "6"]).collect();
+    one_rank_and_two(&["sft"], &six, &one, &two);
     let (x, y) = (losses(&one), losses(&two));
     assert_eq!(x.len(), 6);
     assert_same_curve(&x, &y);
     // A run "interrupted" after step 3: its later checkpoint and final model removed.
-    sft(
-        &cut,
-        true,
-        &[
-            "--steps",
-            "6",
-            "--batch-size",
-            "8",
-            "--checkpoint-every",
-            "3",
-        ],
+    let mut a = vec![
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--",
+        "sft",
+        "--out",
+        cut.to_str().unwrap(),
+    ];
+    a.extend(
+        six.iter()
+            .copied()
+            .chain(["--batch-size", "8", "--checkpoint-every", "3"]),
     );
+    run_ok(&a);
     std::fs::remove_dir_all(cut.join("checkpoints/step-0000006")).unwrap();
     std::fs::remove_dir_all(cut.join("final")).unwrap();
     std::fs::write(cut.join("checkpoints/latest"), "step-0000003").unwrap();
@@ -283,28 +262,7 @@ fn reward_modelling_over_two_ranks_follows_one_rank() {
         "--device",
         "cpu",
     ];
-    let mut a = vec![
-        "reward",
-        "--out",
-        one.to_str().unwrap(),
-        "--batch-size",
-        "16",
-    ];
-    a.extend(common);
-    run_ok(&a);
-    let mut b = vec![
-        "launch",
-        "--nproc-per-node",
-        "2",
-        "--",
-        "reward",
-        "--out",
-        two.to_str().unwrap(),
-        "--batch-size",
-        "8",
-    ];
-    b.extend(common);
-    run_ok(&b);
+    one_rank_and_two(&["reward"], &common, &one, &two);
     let (x, y) = (losses(&one), losses(&two));
     assert_eq!(x.len(), 5);
     assert_same_curve(&x, &y);
