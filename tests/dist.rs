@@ -44,14 +44,7 @@ fn two_thread_ranks_follow_one_rank_with_the_doubled_batch() {
     let (w1, w2) = (load(&one), load(&two));
     assert_eq!(w1.len(), w2.len());
     for (n, t) in &w1 {
-        let d = (t - &w2[n])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(t, &w2[n]);
         assert!(d < 1e-3, "{n} differs by {d}");
     }
     assert!(two.join("final/meta.json").exists());

@@ -247,14 +247,7 @@ fn kv_cache_gives_the_logits_of_a_full_forward() {
             );
         }
         let inc = Tensor::cat(&parts, 1).unwrap();
-        let diff = (full - inc)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&full, &inc);
         assert!(diff < 1e-4, "{preset}: KV-cache logits differ by {diff}");
     }
 }

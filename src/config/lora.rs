@@ -37,6 +37,11 @@ impl Default for LoraConfig {
 }
 
 impl LoraConfig {
+    /// The config of an adapter on projection `t`, if `lora` puts one there.
+    pub fn on(lora: Option<&LoraConfig>, t: LoraTarget) -> Option<&LoraConfig> {
+        lora.filter(|l| l.targets.contains(&t))
+    }
+
     pub fn enabled(&self) -> bool {
         self.rank > 0
     }

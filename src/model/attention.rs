@@ -44,7 +44,7 @@ impl Attention {
     ) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         let (qw, kv) = (cfg.attn_width(), cfg.num_key_value_heads * hd);
-        let target = |t: LoraTarget| lora.filter(|l| l.targets.contains(&t));
+        let target = |t: LoraTarget| LoraConfig::on(lora, t);
         let (bias, qkv) = (cfg.bias, cfg.bias || cfg.qkv_bias);
         Ok(Self {
             q: Linear::load(scope.pp("q"), h, qw, qkv, std, target(LoraTarget::Q))?,

@@ -26,7 +26,7 @@ impl Mlp {
         resid_std: f64,
     ) -> Result<Self> {
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
-        let target = |t: LoraTarget| lora.filter(|l| l.targets.contains(&t));
+        let target = |t: LoraTarget| LoraConfig::on(lora, t);
         let gate = match cfg.mlp {
             MlpKind::SwiGlu => Some(Linear::load(
                 scope.pp("gate"),

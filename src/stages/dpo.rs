@@ -255,15 +255,7 @@ fn datasets(env: &Env) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>, Vec<
 pub fn run(env: &Env) -> Result<DpoResult> {
     let cfg = &env.cfg;
     let lora = setup::lora(cfg);
-    let PolicyPair {
-        store,
-        policy,
-        reference,
-        loaded,
-    } = PolicyPair::load(env)?;
-    // The weights now live in the stores; the loaded copy would double the memory.
-    let tok = loaded.tokenizer.clone();
-    drop(loaded);
+    let (store, policy, reference, tok) = PolicyPair::load(env)?.into_parts();
     let (train, eval, eval_prompts) = datasets(env)?;
     if train.is_empty() || eval.is_empty() {
         bail!("dpo needs non-empty training and held-out preference sets");

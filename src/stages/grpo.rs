@@ -182,15 +182,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
     let cfg = &env.cfg;
     let c = &cfg.grpo;
     let lora = setup::lora(cfg);
-    let PolicyPair {
-        store,
-        policy,
-        reference,
-        loaded,
-    } = PolicyPair::load(env)?;
-    // The weights now live in the stores; the loaded copy would double the memory.
-    let tok = loaded.tokenizer.clone();
-    drop(loaded);
+    let (store, policy, reference, tok) = PolicyPair::load(env)?.into_parts();
     let rewards = RewardFn::load(
         &c.rewards,
         (&env.device, env.dtype()),

@@ -51,6 +51,17 @@ pub struct PolicyPair {
 }
 
 impl PolicyPair {
+    /// The store, policy, reference and tokenizer, with the loaded copy of the weights
+    /// dropped: the stores hold them now, and the copy would double the memory.
+    pub fn into_parts(self) -> (ParamStore, Transformer, FrozenReference, Tokenizer) {
+        (
+            self.store,
+            self.policy,
+            self.reference,
+            self.loaded.tokenizer,
+        )
+    }
+
     /// Loads the `--init` policy, with fresh adapters when LoRA is on, and its reference.
     pub fn load(env: &Env) -> Result<Self> {
         let loaded = init_checkpoint(env, "an SFT model")?;

@@ -70,6 +70,18 @@ pub fn series(m: &[serde_json::Value], split: &str, key: &str) -> Vec<(u64, f64)
         .collect()
 }
 
+/// Largest absolute element-wise difference of two tensors of one shape.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 pub fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
