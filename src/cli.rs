@@ -41,7 +41,7 @@ pub enum Command {
     Grpo(StageArgs),
     /// pretrain -> sft -> reward -> ppo (and optionally dpo, grpo) on the built-in task.
     Pipeline(PipelineArgs),
-    /// Run a training stage data-parallel over N ranks: `launch --nproc-per-node 2 -- pretrain ...`.
+    /// Run a training stage data-parallel, one process per rank: `launch --nproc-per-node 2 -- pretrain ...`.
     Launch(LaunchArgs),
     /// Sample from a checkpoint.
     Generate(GenerateArgs),
@@ -153,12 +153,24 @@ pub struct PipelineArgs {
 
 #[derive(Args, Debug)]
 pub struct LaunchArgs {
-    /// Ranks on this machine (threads on a CPU).
+    /// Ranks on this machine: one process each (one per GPU), or threads with `--threads`.
     #[arg(long, default_value_t = 1)]
     pub nproc_per_node: usize,
-    /// Machines in the job (more than one needs the NCCL backend).
+    /// Machines in the job; run the same command on each with its own `--node-rank`.
     #[arg(long, default_value_t = 1)]
     pub nnodes: usize,
+    /// This machine's place among the `--nnodes` (0 runs rank 0).
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// Where rank 0 listens (the first node's address); 127.0.0.1 on a single node.
+    #[arg(long)]
+    pub master_addr: Option<String>,
+    /// Rank 0's port; a free one on a single node, 29500 across nodes.
+    #[arg(long)]
+    pub master_port: Option<u16>,
+    /// Run the ranks as threads of this process (CPU only, one node): for debugging.
+    #[arg(long)]
+    pub threads: bool,
     /// The stage and its arguments, after `--`.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,

@@ -6,24 +6,29 @@ use candle_core::{DType, Device};
 use crate::config::{DTypeChoice, DeviceChoice};
 
 pub fn select(choice: DeviceChoice) -> Result<Device> {
+    select_ordinal(choice, 0)
+}
+
+/// The device of a data-parallel rank: GPU `ordinal` (its `LOCAL_RANK`) when on CUDA.
+pub fn select_ordinal(choice: DeviceChoice, ordinal: usize) -> Result<Device> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Cuda => cuda(true),
-        DeviceChoice::Auto => cuda(false),
+        DeviceChoice::Cuda => cuda(ordinal, true),
+        DeviceChoice::Auto => cuda(ordinal, false),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(required: bool) -> Result<Device> {
-    match Device::new_cuda(0) {
+fn cuda(ordinal: usize, required: bool) -> Result<Device> {
+    match Device::new_cuda(ordinal) {
         Ok(d) => Ok(d),
-        Err(e) if required => bail!("--device cuda: no usable CUDA device: {e}"),
+        Err(e) if required => bail!("--device cuda: no usable CUDA device {ordinal}: {e}"),
         Err(_) => Ok(Device::Cpu),
     }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(required: bool) -> Result<Device> {
+fn cuda(_ordinal: usize, required: bool) -> Result<Device> {
     if required {
         bail!("--device cuda: this temper was built without CUDA (rebuild with --features cuda)");
     }
@@ -41,11 +46,10 @@ pub fn compute_dtype(choice: DTypeChoice, device: &Device) -> DType {
     }
 }
 
-pub fn describe(device: &Device) -> &'static str {
-    if device.is_cuda() {
-        "cuda:0"
-    } else {
-        "cpu"
+pub fn describe(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        _ => "cpu".into(),
     }
 }
 

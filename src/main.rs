@@ -11,7 +11,7 @@ use temper::config::Stage;
 use temper::data::records::load_prompts;
 use temper::data::tokenizer::train_bpe;
 use temper::dist::preempt::{self, Preempted, EXIT_PREEMPTED};
-use temper::dist::{Communicator, Rank, ThreadGroup};
+use temper::dist::{launch, Communicator, Rank, ThreadGroup};
 use temper::generate::{generate, SampleCfg};
 use temper::kernels::KernelSet;
 use temper::model::linear::Ctx;
@@ -90,16 +90,13 @@ fn run_stage(stage: Stage, env: &Env) -> Result<String> {
 fn run(cli: Cli) -> Result<()> {
     if let Some((stage, a)) = training_stage(&cli.command) {
         let rank = Rank::from_env(|k| std::env::var(k).ok())?;
-        if rank.world > 1 {
-            bail!(
-                "this process is rank {} of {} (from RANK/WORLD_SIZE or SLURM): data parallelism across processes needs the NCCL backend, which this temper does not have yet; `temper launch --nproc-per-node N -- {stage} ...` runs N ranks as threads on one machine",
-                rank.rank,
-                rank.world
-            );
-        }
         preempt::install()?;
         let (cfg, out, resume) = a.resolve(stage)?;
-        println!("{}", run_stage(stage, &Env::prepare(cfg, &out, resume)?)?);
+        let env = Env::join(cfg, &out, resume, &rank)?;
+        let line = run_stage(stage, &env)?;
+        if rank.is_main() {
+            println!("{line}");
+        }
         return Ok(());
     }
     match cli.command {
@@ -194,24 +191,50 @@ fn export_cmd(a: &ExportArgs) -> Result<()> {
     Ok(())
 }
 
-/// `temper launch --nproc-per-node N -- STAGE ARGS`: N data-parallel ranks of one training
-/// stage, as threads of this process (CPU). A rank that fails stops the others, and the run
-/// fails with its error.
+/// `temper launch --nproc-per-node N [--nnodes M --node-rank R --master-addr A
+/// --master-port P] -- STAGE ARGS`: this node's data-parallel ranks of one training stage,
+/// as child processes (or, with `--threads`, as threads of this process). A rank that fails
+/// stops the others, and the launch fails with its error.
 fn launch_cmd(a: &LaunchArgs) -> Result<()> {
     let inner = Cli::try_parse_from(std::iter::once("temper".to_string()).chain(a.command.clone()))
         .map_err(|e| anyhow::anyhow!("launch: {e}"))?;
     let Some((stage, args)) = training_stage(&inner.command) else {
         bail!("launch runs a training stage (pretrain, sft, reward, ppo, dpo, grpo)");
     };
-    if a.nnodes != 1 {
-        bail!("launch: --nnodes {} needs the NCCL backend across machines, which this temper does not have yet", a.nnodes);
-    }
     preempt::install()?;
+    if a.threads {
+        if a.nnodes != 1 {
+            bail!("launch: --threads runs ranks inside one process, on one node");
+        }
+        return launch_threads(a.nproc_per_node, stage, args);
+    }
+    let single = a.nnodes == 1;
+    let layout = launch::Layout {
+        nproc_per_node: a.nproc_per_node,
+        nnodes: a.nnodes,
+        node_rank: a.node_rank,
+        master_addr: match (&a.master_addr, single) {
+            (Some(h), _) => h.clone(),
+            (None, true) => "127.0.0.1".into(),
+            (None, false) => bail!("launch: --nnodes {} needs --master-addr (the address of the node with --node-rank 0)", a.nnodes),
+        },
+        master_port: match (a.master_port, single) {
+            (Some(p), _) => p,
+            (None, true) => launch::free_port()?,
+            (None, false) => 29500,
+        },
+    };
+    let exe = std::env::current_exe()?;
+    match launch::run(&layout, &exe, &a.command)? {
+        launch::Ended::Done => Ok(()),
+        launch::Ended::Preempted => Err(Preempted { step: None }.into()),
+    }
+}
+
+/// Ranks as threads of this process, sharing nothing but a [`ThreadGroup`].
+fn launch_threads(n: usize, stage: Stage, args: &StageArgs) -> Result<()> {
     let (cfg, out, resume) = args.resolve(stage)?;
-    let group: Vec<Arc<ThreadGroup>> = ThreadGroup::new(a.nproc_per_node)
-        .into_iter()
-        .map(Arc::new)
-        .collect();
+    let group: Vec<Arc<ThreadGroup>> = ThreadGroup::new(n).into_iter().map(Arc::new).collect();
     let results: Vec<Result<String>> = std::thread::scope(|s| {
         let handles: Vec<_> = group
             .iter()

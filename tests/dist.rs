@@ -1,7 +1,8 @@
-//! Data parallelism and preemption on the CPU: thread ranks give one rank's curve with the
-//! doubled batch, a SIGTERM checkpoints and stops the run with its own exit status and
-//! `--resume` continues on the same curve, and a rank from the environment without a
-//! backend for it fails clearly.
+//! Data parallelism and preemption on the CPU: two ranks (launched processes, torchrun-style
+//! processes, or threads) give one rank's curve with the doubled batch, sharded and unsharded
+//! optimizer state give the same weights, a SIGTERM (to a run or to a launch) checkpoints and
+//! stops with its own exit status and `--resume` continues on the same curve, and a rank that
+//! cannot reach rank 0 fails within its timeout.
 
 mod common;
 
@@ -15,7 +16,7 @@ fn losses(run: &Path) -> Vec<(u64, f64)> {
 }
 
 #[test]
-fn two_thread_ranks_follow_one_rank_with_the_doubled_batch() {
+fn two_ranks_follow_one_rank_with_the_doubled_batch() {
     let d = tmp();
     let cfg = p(d.path(), "c.toml");
     let text = TINY_TOML.replace("batch_size = 16", "batch_size = 8\nlog_every = 1");
@@ -121,9 +122,13 @@ fn losses_if_any(run: &Path) -> Vec<(u64, f64)> {
     }
 }
 
+/// A rank started by torchrun's variables whose rank 0 never listens fails within
+/// `TEMPER_DIST_TIMEOUT_S`, naming the address it tried.
 #[test]
-fn a_rank_from_the_environment_without_a_backend_fails_clearly() {
+fn a_rank_that_cannot_reach_master_addr_fails_within_its_timeout() {
     let d = tmp();
+    let port = free_port().to_string();
+    let t0 = Instant::now();
     let out = temper()
         .args([
             "pretrain",
@@ -136,14 +141,195 @@ fn a_rank_from_the_environment_without_a_backend_fails_clearly() {
         ])
         .env("RANK", "1")
         .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", &port)
+        .env("TEMPER_DIST_TIMEOUT_S", "2")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("rank 1 of 2") && err.contains("launch"),
+        t0.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        err.contains("rank 1: could not reach rank 0")
+            && err.contains(&format!("127.0.0.1:{port}"))
+            && err.contains("within 2 s"),
         "{err}"
     );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Two processes started with torchrun's variables (TCP, optimizer state sharded) end with
+/// the weights of two thread ranks of one process (optimizer unsharded), bit for bit.
+#[test]
+fn torchrun_style_processes_match_thread_ranks_bit_for_bit() {
+    let d = tmp();
+    let write = |name: &str, shard: &str| {
+        let cfg = p(d.path(), name);
+        let text = TINY_TOML.replace(
+            "batch_size = 16",
+            &format!("batch_size = 8\nlog_every = 1\nshard_optimizer = \"{shard}\""),
+        );
+        std::fs::write(&cfg, text).unwrap();
+        cfg.to_str().unwrap().to_string()
+    };
+    let (sharded, plain) = (write("on.toml", "on"), write("off.toml", "off"));
+    let (procs, threads) = (p(d.path(), "procs"), p(d.path(), "threads"));
+    let args = |cfg: &str, out: &Path| -> Vec<String> {
+        [
+            "pretrain",
+            "--config",
+            cfg,
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "6",
+            "--eval-every",
+            "6",
+            "--device",
+            "cpu",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let port = free_port().to_string();
+    let log = |r: usize| p(d.path(), &format!("rank{r}.log"));
+    let mut children: Vec<_> = (0..2)
+        .map(|r| {
+            temper()
+                .args(args(&sharded, &procs))
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("LOCAL_RANK", r.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .env("TEMPER_DIST_TIMEOUT_S", "60")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(log(r)).unwrap())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (r, c) in children.iter_mut().enumerate() {
+        let st = c.wait().unwrap();
+        assert!(st.success(), "{}", std::fs::read_to_string(log(r)).unwrap());
+    }
+    let mut t = vec!["launch", "--threads", "--nproc-per-node", "2", "--"];
+    let targs = args(&plain, &threads);
+    t.extend(targs.iter().map(String::as_str));
+    run_ok(&t);
+    assert_eq!(losses(&procs), losses(&threads));
+    let load = |r: &Path| std::fs::read(r.join("final/model.safetensors")).unwrap();
+    assert!(load(&procs) == load(&threads), "final weights differ");
+}
+
+/// SIGTERM to `temper launch` reaches every rank: they finish the step, rank 0 checkpoints,
+/// the launcher exits with the preemption status, and `--resume` continues the curve.
+#[test]
+fn sigterm_to_a_launch_checkpoints_every_rank_and_resumes_the_curve() {
+    let d = tmp();
+    let cfg = p(d.path(), "c.toml");
+    let text = TINY_TOML.replace("batch_size = 16", "batch_size = 8\nlog_every = 1");
+    std::fs::write(&cfg, text).unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let (full, cut) = (p(d.path(), "full"), p(d.path(), "cut"));
+    let run = |out: &Path| -> Vec<String> {
+        [
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--",
+            "pretrain",
+            "--config",
+            cfg,
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "40",
+            "--checkpoint-every",
+            "1000",
+            "--eval-every",
+            "1000",
+            "--device",
+            "cpu",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let a = run(&full);
+    run_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let child = temper()
+        .args(run(&cut))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while losses_if_any(&cut).len() < 5 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the run logged nothing"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    let at = std::fs::read_to_string(cut.join("checkpoints/latest")).unwrap();
+    let step: u64 = at.trim().trim_start_matches("step-").parse().unwrap();
+    assert!((5..40).contains(&step), "checkpoint at {step}");
+    run_ok(&[
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--",
+        "pretrain",
+        "--resume",
+        cut.to_str().unwrap(),
+    ]);
+    let (x, y) = (losses(&full), losses(&cut));
+    assert_eq!(x.len(), y.len(), "{y:?}");
+    for ((s, l1), (_, l2)) in x.iter().zip(&y) {
+        assert_eq!(l1, l2, "step {s} differs after resuming from step {step}");
+    }
+}
+
+/// DPO over two ranks follows one rank with the doubled batch, RPO's per-token NLL term
+/// (on by default) included.
+#[test]
+fn dpo_over_two_ranks_follows_one_rank() {
+    let d = tmp();
+    let (cfg, pre) = pretrained(d.path());
+    let (one, two) = (p(d.path(), "one"), p(d.path(), "two"));
+    let common = [
+        "--config",
+        cfg.as_str(),
+        "--init",
+        pre.to_str().unwrap(),
+        "--steps",
+        "4",
+        "--eval-every",
+        "100",
+        "--device",
+        "cpu",
+    ];
+    one_rank_and_two(&["dpo"], &common, &one, &two);
+    let (x, y) = (losses(&one), losses(&two));
+    assert_eq!(x.len(), 4);
+    assert_same_curve(&x, &y);
 }
 
 /// A tiny config logging every step, at per-rank batch 8, and a short pretraining run in
@@ -158,8 +344,8 @@ fn pretrained(dir: &Path) -> (String, std::path::PathBuf) {
     (cfg, pre)
 }
 
-/// Runs `stage ARGS` in one process with batch 16 into `one`, and over two thread ranks with
-/// batch 8 each into `two`.
+/// Runs `stage ARGS` in one process with batch 16 into `one`, and as two launched processes
+/// with batch 8 each into `two`.
 fn one_rank_and_two(stage: &[&str], args: &[&str], one: &Path, two: &Path) {
     let run = |prefix: &[&str], out: &Path, batch: &str| {
         let mut a = prefix.to_vec();

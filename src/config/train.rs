@@ -13,7 +13,31 @@ pub enum DTypeChoice {
     Bf16,
 }
 
+/// ZeRO stage 1: whether each data-parallel rank keeps only its share of AdamW's moments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardOptimizer {
+    /// On whenever there is more than one rank, where it saves memory.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl ShardOptimizer {
+    pub fn enabled(self, world: usize) -> bool {
+        match self {
+            Self::Auto => world > 1,
+            Self::On => true,
+            Self::Off => false,
+        }
+    }
+}
+
 /// The one training loop's knobs, shared by every stage.
+///
+/// `batch_size` is per rank: a step sees `batch_size × grad_accum × world size` sequences
+/// (examples, pairs, prompts), which the run prints at its start.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
@@ -36,6 +60,8 @@ pub struct TrainConfig {
     pub log_every: usize,
     pub seed: u64,
     pub dtype: DTypeChoice,
+    /// Shard AdamW's state across data-parallel ranks (ZeRO-1).
+    pub shard_optimizer: ShardOptimizer,
 }
 
 impl Default for TrainConfig {
@@ -60,6 +86,7 @@ impl Default for TrainConfig {
             log_every: 10,
             seed: 1234,
             dtype: DTypeChoice::Auto,
+            shard_optimizer: ShardOptimizer::Auto,
         }
     }
 }

@@ -45,16 +45,22 @@ pub fn requested() -> bool {
 /// The error a preempted run returns, so `main` exits with [`EXIT_PREEMPTED`].
 #[derive(Debug)]
 pub struct Preempted {
-    pub step: usize,
+    /// The step the checkpoint holds; unknown to a launcher, which only sees its ranks exit.
+    pub step: Option<usize>,
 }
 
 impl std::fmt::Display for Preempted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "stopped by a signal after step {}, with a checkpoint there; continue with --resume",
-            self.step
-        )
+        match self.step {
+            Some(s) => write!(
+                f,
+                "stopped by a signal after step {s}, with a checkpoint there; continue with --resume"
+            ),
+            None => write!(
+                f,
+                "stopped by a signal; every rank wrote its checkpoint; continue with --resume"
+            ),
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::batch::{lm_batch, LmBatch};
 use super::eval::accuracy;
@@ -17,6 +17,7 @@ use crate::data::records::{load_preferences_templated, PreferencePair, PromptRec
 use crate::data::sampler::WindowSampler;
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
+use crate::dist::Communicator;
 use crate::model::linear::Ctx;
 use crate::model::{Fwd, Transformer};
 use crate::train::loss::{log_sigmoid, scalar, token_logprobs};
@@ -43,13 +44,13 @@ pub fn dpo_loss(
 pub fn with_chosen_nll(
     loss: &Tensor,
     chosen_logps: &Tensor,
-    chosen_tokens: &Tensor,
+    chosen_tokens: f64,
     alpha: f64,
 ) -> Result<Tensor> {
     if alpha == 0.0 {
         return Ok(loss.clone());
     }
-    let mean_logp = (chosen_logps.sum_all()? / chosen_tokens.sum_all()?)?;
+    let mean_logp = (chosen_logps.sum_all()? / chosen_tokens.max(1.0))?;
     Ok((loss - (mean_logp * alpha)?)?)
 }
 
@@ -102,7 +103,14 @@ impl DpoTask<'_> {
 
     /// The objective (DPO plus the RPO term), the DPO loss alone, the implicit-reward
     /// accuracy and the token count.
-    fn loss(&self, pairs: &[&EncodedPair]) -> Result<(Tensor, Tensor, f64, usize)> {
+    /// The objective, DPO's loss, the reward accuracy and the token count of `pairs`. In
+    /// training, `comm` is the data-parallel group: RPO's NLL term is a mean over the global
+    /// batch's chosen tokens, so each rank divides by the ranks' mean count.
+    fn loss(
+        &self,
+        pairs: &[&EncodedPair],
+        comm: Option<&dyn Communicator>,
+    ) -> Result<(Tensor, Tensor, f64, usize)> {
         let n = pairs.len();
         // Chosen sequences in the first n rows, rejected in the last n.
         let seqs: Vec<_> = (0..2)
@@ -129,10 +137,19 @@ impl DpoTask<'_> {
             &refp.narrow(0, n, n)?,
             self.env.cfg.dpo.beta,
         )?;
+        let mut chosen_tokens = [b
+            .loss_mask
+            .narrow(0, 0, n)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()?];
+        if let Some(c) = comm {
+            c.all_reduce_mean(&mut chosen_tokens)?;
+        }
         let objective = with_chosen_nll(
             &loss,
             &pol.narrow(0, 0, n)?,
-            &b.loss_mask.sum(1)?.narrow(0, 0, n)?,
+            f64::from(chosen_tokens[0]),
             self.env.cfg.dpo.rpo_alpha,
         )?;
         Ok((objective, loss, acc, b.tokens))
@@ -164,10 +181,16 @@ impl Task for DpoTask<'_> {
     type Eval = DpoEval;
 
     fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
-        let pairs: Vec<_> = (0..self.env.cfg.train.batch_size)
-            .map(|_| &self.train[self.sampler.next_index()])
+        // Each rank takes its slice of the global batch; the loss is a mean over pairs, so
+        // the ranks' average is the global batch's.
+        let comm = self.env.comm.as_ref();
+        let pairs: Vec<_> = self
+            .sampler
+            .next_slice(self.env.cfg.train.batch_size, comm.rank(), comm.world())
+            .into_iter()
+            .map(|i| &self.train[i])
             .collect();
-        let (objective, dpo, acc, tokens) = self.loss(&pairs)?;
+        let (objective, dpo, acc, tokens) = self.loss(&pairs, Some(comm))?;
         Ok(StepOut {
             loss: objective,
             tokens,
@@ -179,7 +202,7 @@ impl Task for DpoTask<'_> {
         let (mut l, mut a, mut n) = (0.0, 0.0, 0.0);
         for c in self.eval.chunks(self.env.cfg.train.batch_size) {
             // The held-out loss is DPO's alone: log 2 where policy and reference agree.
-            let (_, loss, acc, _) = self.loss(&c.iter().collect::<Vec<_>>())?;
+            let (_, loss, acc, _) = self.loss(&c.iter().collect::<Vec<_>>(), None)?;
             l += scalar(&loss)? * c.len() as f64;
             a += acc * c.len() as f64;
             n += c.len() as f64;
@@ -322,8 +345,7 @@ mod tests {
         // token, so alpha 0.5 adds 0.5.
         let loss = Tensor::new(0.25f32, &Device::Cpu).unwrap();
         let lp = t(&[-1.0, -4.0]);
-        let n = t(&[2.0, 3.0]);
-        assert!((s(&with_chosen_nll(&loss, &lp, &n, 0.5).unwrap()) - 0.75).abs() < 1e-6);
-        assert_eq!(s(&with_chosen_nll(&loss, &lp, &n, 0.0).unwrap()), 0.25);
+        assert!((s(&with_chosen_nll(&loss, &lp, 5.0, 0.5).unwrap()) - 0.75).abs() < 1e-6);
+        assert_eq!(s(&with_chosen_nll(&loss, &lp, 5.0, 0.0).unwrap()), 0.25);
     }
 }

@@ -28,7 +28,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 
 use crate::config::RunConfig;
-use crate::dist::{Communicator, Solo};
+use crate::dist::{Communicator, Rank, Solo};
 use crate::kernels::KernelSet;
 
 /// What every stage is handed by the CLI.
@@ -58,8 +58,29 @@ impl Env {
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
         cfg.validate()?;
+        let device = crate::device::select(cfg.device)?;
+        Self::assemble(cfg, run_dir, resume, device, comm)
+    }
+
+    /// [`Env::prepare`] for the process `rank` places in a job (torchrun, SLURM, `temper
+    /// launch`): its own GPU, and a communicator connected to the other ranks. The config is
+    /// checked before connecting, so a bad one fails every rank at once.
+    pub fn join(cfg: RunConfig, run_dir: &Path, resume: bool, rank: &Rank) -> Result<Self> {
+        cfg.validate()?;
+        let device = crate::device::select_ordinal(cfg.device, rank.local_rank)?;
+        let comm = crate::dist::connect(rank, &device)?;
+        Self::assemble(cfg, run_dir, resume, device, comm)
+    }
+
+    fn assemble(
+        cfg: RunConfig,
+        run_dir: &Path,
+        resume: bool,
+        device: Device,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
         let env = Self {
-            device: crate::device::select(cfg.device)?,
+            device,
             kernels: cfg.kernel_set()?,
             cfg,
             run_dir: run_dir.to_path_buf(),

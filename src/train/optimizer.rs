@@ -1,5 +1,7 @@
 //! AdamW with decoupled weight decay over f32 master weights, global-norm gradient clipping,
-//! and state that saves to and loads from safetensors.
+//! and state that saves to and loads from safetensors. Under data parallelism the moments
+//! can be sharded (ZeRO stage 1): each parameter has one owning rank, which alone keeps its
+//! moments and updates it, and then sends the new weights to the others.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,6 +11,7 @@ use candle_core::{backprop::GradStore, Tensor, Var};
 
 use super::params::{save_tensors, ParamInfo, ParamStore};
 use crate::config::TrainConfig;
+use crate::dist::Communicator;
 
 pub struct AdamW {
     names: Vec<String>,
@@ -16,8 +19,13 @@ pub struct AdamW {
     vars: Vec<Var>,
     decay: Vec<bool>,
     lr_scale: Vec<f64>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    /// The moments, on the rank that owns the parameter (all of them when unsharded).
+    m: Vec<Option<Tensor>>,
+    v: Vec<Option<Tensor>>,
+    /// Each parameter's owning rank; all 0 when unsharded.
+    owner: Vec<usize>,
+    rank: usize,
+    world: usize,
     pub t: usize,
     beta1: f64,
     beta2: f64,
@@ -39,6 +47,9 @@ impl AdamW {
             lr_scale: vec![],
             m: vec![],
             v: vec![],
+            owner: vec![],
+            rank: 0,
+            world: 1,
             t: 0,
             beta1: cfg.beta1,
             beta2: cfg.beta2,
@@ -51,8 +62,9 @@ impl AdamW {
             s.decay.push(info.decay);
             s.lr_scale.push(1.0);
             s.infos.push(info);
-            s.m.push(var.zeros_like()?);
-            s.v.push(var.zeros_like()?);
+            s.m.push(Some(var.zeros_like()?));
+            s.v.push(Some(var.zeros_like()?));
+            s.owner.push(0);
         }
         if s.vars.is_empty() {
             bail!("no trainable parameters");
@@ -71,6 +83,64 @@ impl AdamW {
         self.vars.iter().map(|v| v.elem_count()).sum()
     }
 
+    /// Keeps only this rank's share of the moments: whole parameters, each given to the rank
+    /// with the fewest elements so far, largest first, so the shares come out even.
+    pub fn shard(&mut self, rank: usize, world: usize) {
+        let mut order: Vec<usize> = (0..self.vars.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(self.vars[i].elem_count()));
+        let mut load = vec![0usize; world];
+        for i in order {
+            let r = (0..world).min_by_key(|&r| load[r]).unwrap_or(0);
+            load[r] += self.vars[i].elem_count();
+            self.owner[i] = r;
+        }
+        (self.rank, self.world) = (rank, world);
+        for i in 0..self.vars.len() {
+            if self.owner[i] != rank {
+                self.m[i] = None;
+                self.v[i] = None;
+            }
+        }
+    }
+
+    pub fn sharded(&self) -> bool {
+        self.world > 1
+    }
+
+    /// Parameters whose moments this rank keeps.
+    pub fn owned_params(&self) -> usize {
+        (0..self.vars.len())
+            .filter(|&i| self.m[i].is_some())
+            .map(|i| self.vars[i].elem_count())
+            .sum()
+    }
+
+    fn owned_by(&self, rank: usize) -> Vec<usize> {
+        (0..self.vars.len())
+            .filter(|&i| self.owner[i] == rank)
+            .collect()
+    }
+
+    /// After a sharded step, every rank gets the weights their owners updated.
+    pub fn sync_weights(&self, comm: &dyn Communicator) -> Result<()> {
+        if !self.sharded() {
+            return Ok(());
+        }
+        for r in 0..self.world {
+            let idx = self.owned_by(r);
+            let mut ts: Vec<Tensor> = idx
+                .iter()
+                .map(|&i| self.vars[i].as_tensor().clone())
+                .collect();
+            comm.broadcast_tensors(r, &mut ts)?;
+            if r != self.rank {
+                for (&i, t) in idx.iter().zip(&ts) {
+                    self.vars[i].set(t)?;
+                }
+            }
+        }
+        Ok(())
+    }
     /// The gradient of every trainable parameter (zeros for one the loss did not reach).
     pub fn collect(&self, grads: &GradStore) -> Result<Vec<Tensor>> {
         self.vars
@@ -99,40 +169,77 @@ impl AdamW {
         Ok(norm)
     }
 
+    /// One AdamW step on the parameters this rank owns (all of them when unsharded).
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         self.t += 1;
         let (b1, b2) = (self.beta1, self.beta2);
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
         for (i, g) in grads.iter().enumerate().take(self.vars.len()) {
-            self.m[i] = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
-            self.v[i] = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let mhat = (&self.m[i] / bc1)?;
-            let denom = ((&self.v[i] / bc2)?.sqrt()? + self.eps)?;
+            let (Some(m), Some(v)) = (&self.m[i], &self.v[i]) else {
+                continue;
+            };
+            let m = ((m * b1)? + (g * (1.0 - b1))?)?;
+            let v = ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let mhat = (&m / bc1)?;
+            let denom = ((&v / bc2)?.sqrt()? + self.eps)?;
             let mut update = (mhat / denom)?;
             let p = self.vars[i].as_tensor();
             if self.decay[i] && self.weight_decay > 0.0 {
                 update = (update + (p * self.weight_decay)?)?;
             }
             self.vars[i].set(&(p - (update * (lr * self.lr_scale[i]))?)?)?;
+            self.m[i] = Some(m);
+            self.v[i] = Some(v);
         }
         Ok(())
     }
 
-    pub fn save(&self, path: &Path) -> Result<()> {
+    /// Every moment, by name, gathered on rank 0 (`None` on the others); every rank must
+    /// call it. A checkpoint holds the whole state whatever the sharding, so it resumes on
+    /// any number of ranks.
+    pub fn gather_state(&self, comm: &dyn Communicator) -> Result<Option<HashMap<String, Tensor>>> {
+        let main = comm.rank() == 0;
         let mut map = HashMap::new();
-        for (i, n) in self.names.iter().enumerate() {
-            map.insert(format!("m.{n}"), self.m[i].clone());
-            map.insert(format!("v.{n}"), self.v[i].clone());
+        for r in 0..self.world {
+            let idx = self.owned_by(r);
+            let mut ts = vec![];
+            for &i in &idx {
+                for slot in [&self.m[i], &self.v[i]] {
+                    ts.push(match slot {
+                        Some(t) => t.clone(),
+                        None => self.vars[i].zeros_like()?,
+                    });
+                }
+            }
+            if r != 0 && self.sharded() {
+                comm.broadcast_tensors(r, &mut ts)?;
+            }
+            if main {
+                for (k, &i) in idx.iter().enumerate() {
+                    let n = &self.names[i];
+                    map.insert(format!("m.{n}"), ts[2 * k].clone());
+                    map.insert(format!("v.{n}"), ts[2 * k + 1].clone());
+                }
+            }
         }
-        save_tensors(path, &map)
+        Ok(main.then_some(map))
     }
 
+    /// Writes the state [`gather_state`](Self::gather_state) returned.
+    pub fn save(state: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+        save_tensors(path, state)
+    }
+
+    /// Loads a saved state, keeping this rank's share of it.
     pub fn load(&mut self, path: &Path, t: usize) -> Result<()> {
         let dev = self.vars[0].device().clone();
         let map = candle_core::safetensors::load(path, &dev)
             .with_context(|| format!("{}: cannot read optimizer state", path.display()))?;
         for (i, n) in self.names.iter().enumerate() {
+            if self.owner[i] != self.rank {
+                continue;
+            }
             for (slot, key) in [
                 (&mut self.m[i], format!("m.{n}")),
                 (&mut self.v[i], format!("v.{n}")),
@@ -140,13 +247,13 @@ impl AdamW {
                 let Some(x) = map.get(&key) else {
                     bail!("{}: optimizer state for {n} is missing", path.display());
                 };
-                if x.dims() != slot.dims() {
+                if x.dims() != self.vars[i].dims() {
                     bail!(
                         "{}: optimizer state for {n} has the wrong shape",
                         path.display()
                     );
                 }
-                *slot = x.clone();
+                *slot = Some(x.clone());
             }
         }
         self.t = t;
@@ -186,6 +293,74 @@ mod tests {
         for (i, sign) in [-1.0f32, 1.0, -1.0].into_iter().enumerate() {
             assert!((p[i] - sign * 0.01).abs() < 1e-4, "{p:?}");
             assert!((v[i] - sign * 0.1).abs() < 1e-3, "{v:?}");
+        }
+    }
+
+    /// Two ranks each stepping their share and exchanging weights end where one unsharded
+    /// optimizer does, bit for bit, and the gathered state is the unsharded one.
+    #[test]
+    fn sharded_steps_match_unsharded_ones() {
+        let make = || {
+            let mut store = ParamStore::new(Device::Cpu, 3);
+            let mut sc = store.scope(Net::Policy);
+            for (n, len) in [("a", 5), ("b", 9), ("c", 2), ("d", 7)] {
+                sc.weight(n, &[len], Init::Normal(1.0)).unwrap();
+            }
+            store
+        };
+        let cfg = TrainConfig::default();
+        let grads = |store: &ParamStore, k: usize| -> Vec<Tensor> {
+            store
+                .iter()
+                .map(|(_, v, _)| ((v.as_tensor() * (k as f64 + 1.0)).unwrap().sin()).unwrap())
+                .collect()
+        };
+        let one = make();
+        let mut plain = AdamW::new(&one, &|_| true, &cfg).unwrap();
+        for k in 0..3 {
+            plain.step(&grads(&one, k), 0.01).unwrap();
+        }
+        let plain_state = plain.gather_state(&crate::dist::Solo).unwrap().unwrap();
+        let group = crate::dist::ThreadGroup::new(2);
+        let results: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = group
+                .iter()
+                .map(|c| {
+                    let cfg = &cfg;
+                    s.spawn(move || {
+                        let store = make();
+                        let mut opt = AdamW::new(&store, &|_| true, cfg).unwrap();
+                        opt.shard(c.rank(), 2);
+                        assert!(opt.owned_params() < opt.num_params());
+                        for k in 0..3 {
+                            opt.step(&grads(&store, k), 0.01).unwrap();
+                            opt.sync_weights(c).unwrap();
+                        }
+                        let w: Vec<Vec<f32>> = store
+                            .iter()
+                            .map(|(_, v, _)| v.as_tensor().to_vec1::<f32>().unwrap())
+                            .collect();
+                        (w, opt.gather_state(c).unwrap())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let want: Vec<Vec<f32>> = one
+            .iter()
+            .map(|(_, v, _)| v.as_tensor().to_vec1::<f32>().unwrap())
+            .collect();
+        for (w, _) in &results {
+            assert_eq!(w, &want);
+        }
+        let state = results[0].1.as_ref().unwrap();
+        assert!(results[1].1.is_none());
+        for (k, t) in &plain_state {
+            assert_eq!(
+                t.to_vec1::<f32>().unwrap(),
+                state[k].to_vec1::<f32>().unwrap(),
+                "{k}"
+            );
         }
     }
 }

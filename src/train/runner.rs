@@ -175,6 +175,10 @@ pub fn train<T: Task>(
     let cfg = opts.cfg;
     let mut opt = AdamW::new(saved.store, trainable, cfg)?;
     opt.scale_lr(&|p| task.lr_scale(p));
+    let world = opts.comm.world();
+    if cfg.shard_optimizer.enabled(world) {
+        opt.shard(opts.comm.rank(), world);
+    }
     let ckpts = Checkpoints::new(opts.run_dir, cfg.keep_checkpoints)?;
     let start = if opts.resume {
         resume(task, saved, &mut opt, opts)?
@@ -196,9 +200,21 @@ pub fn train<T: Task>(
             opt.num_params(),
             start,
             cfg.steps,
-            match opts.comm.world() {
+            match world {
                 1 => String::new(),
-                n => format!(", data parallel over {n} ranks"),
+                n => format!(
+                    ", data parallel over {n} ranks (global batch {} = {} per rank x {} accumulated x {n}){}",
+                    cfg.batch_size * cfg.grad_accum * n,
+                    cfg.batch_size,
+                    cfg.grad_accum,
+                    match opt.sharded() {
+                        true => format!(
+                            ", AdamW state sharded: {} parameters' moments on rank 0",
+                            opt.owned_params()
+                        ),
+                        false => String::new(),
+                    }
+                ),
             }
         );
     }
@@ -325,7 +341,7 @@ impl<T: Task> Loop<'_, T> {
                 if !checkpointed {
                     self.checkpoint(s)?;
                 }
-                return Err(Preempted { step: s }.into());
+                return Err(Preempted { step: Some(s) }.into());
             }
         }
         if let Some(p) = &progress {
@@ -351,14 +367,9 @@ impl<T: Task> Loop<'_, T> {
         if world == 1 {
             return Ok(());
         }
-        for g in grads.iter_mut() {
-            let mut v = g
-                .flatten_all()?
-                .to_dtype(candle_core::DType::F32)?
-                .to_vec1::<f32>()?;
-            comm.all_reduce_mean(&mut v)?;
-            *g = Tensor::from_vec(v, g.shape(), g.device())?.to_dtype(g.dtype())?;
-        }
+        // candle's backward hands back every gradient at once, so the buckets cannot
+        // overlap it; they do keep the collectives few and large.
+        comm.all_reduce_mean_tensors(grads)?;
         let mut numbers: Vec<f32> = vec![out.loss as f32, out.tokens as f32];
         numbers.extend(out.extras.iter().map(|(_, v)| *v as f32));
         comm.all_reduce_mean(&mut numbers)?;
@@ -414,17 +425,20 @@ impl<T: Task> Loop<'_, T> {
         self.all_reduce(&mut grads, &mut out)?;
         out.grad_norm = AdamW::clip(&mut grads, self.opts.cfg.grad_clip)?;
         self.opt.step(&grads, lr)?;
+        self.opt.sync_weights(self.opts.comm)?;
         Ok(out)
     }
 
+    /// Rank 0 writes the checkpoint; with a sharded optimizer every rank first sends it its
+    /// share of the state.
     fn checkpoint(&mut self, s: usize) -> Result<()> {
-        if !self.main() {
+        let Some(state) = self.opt.gather_state(self.opts.comm)? else {
             return Ok(());
-        }
+        };
         let (saved, opt, task) = (self.saved, &self.opt, &*self.task);
         self.ckpts.save(s, |dir| {
             saved.write_model(dir, s)?;
-            opt.save(&dir.join("optimizer.safetensors"))?;
+            AdamW::save(&state, &dir.join("optimizer.safetensors"))?;
             let st = LoopState {
                 step: s,
                 adam_t: opt.t,

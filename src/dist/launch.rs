@@ -1,0 +1,195 @@
+//! `temper launch`: starts this node's ranks as child processes with torchrun's environment
+//! (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`),
+//! watches them, and stops them all when one fails, so that a job never hangs on a dead rank.
+//! SIGTERM and SIGUSR1 sent to the launcher are passed on to every rank, which then
+//! checkpoint and stop together.
+
+use std::process::{Child, Command, ExitStatus};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use super::preempt::{self, EXIT_PREEMPTED};
+
+/// Where this node's ranks sit in the job.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub nproc_per_node: usize,
+    pub nnodes: usize,
+    pub node_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+}
+
+impl Layout {
+    pub fn world(&self) -> usize {
+        self.nproc_per_node * self.nnodes
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.nproc_per_node == 0 || self.nnodes == 0 {
+            bail!("launch: --nproc-per-node and --nnodes must be at least 1");
+        }
+        if self.node_rank >= self.nnodes {
+            bail!(
+                "launch: --node-rank {} is not below --nnodes {}",
+                self.node_rank,
+                self.nnodes
+            );
+        }
+        Ok(())
+    }
+
+    /// The torchrun environment of local rank `local`.
+    pub fn env(&self, local: usize) -> Vec<(&'static str, String)> {
+        vec![
+            (
+                "RANK",
+                (self.node_rank * self.nproc_per_node + local).to_string(),
+            ),
+            ("WORLD_SIZE", self.world().to_string()),
+            ("LOCAL_RANK", local.to_string()),
+            ("LOCAL_WORLD_SIZE", self.nproc_per_node.to_string()),
+            ("MASTER_ADDR", self.master_addr.clone()),
+            ("MASTER_PORT", self.master_port.to_string()),
+        ]
+    }
+}
+
+/// How the ranks of a launch ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Every rank finished.
+    Done,
+    /// A signal stopped the job and every rank checkpointed: `--resume` continues it.
+    Preempted,
+}
+
+/// A port on this machine that nothing listens on now, for a single-node job.
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("launch: finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Runs `program args` once per local rank and waits for all of them.
+pub fn run(layout: &Layout, program: &std::path::Path, args: &[String]) -> Result<Ended> {
+    layout.check()?;
+    let mut children: Vec<(usize, Child)> = vec![];
+    for local in 0..layout.nproc_per_node {
+        let mut cmd = Command::new(program);
+        cmd.args(args).envs(layout.env(local));
+        // SLURM's variables would otherwise compete with ours in the child.
+        for k in ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"] {
+            cmd.env_remove(k);
+        }
+        match cmd.spawn() {
+            Ok(c) => children.push((local, c)),
+            Err(e) => {
+                kill_all(&mut children);
+                return Err(e)
+                    .with_context(|| format!("launch: cannot start {}", program.display()));
+            }
+        }
+    }
+    let rank_of = |local: usize| layout.node_rank * layout.nproc_per_node + local;
+    let mut forwarded = false;
+    let mut statuses: Vec<Option<ExitStatus>> = vec![None; children.len()];
+    loop {
+        if preempt::requested() && !forwarded {
+            forwarded = true;
+            for (_, c) in &children {
+                // SAFETY: kill(2) on our own child's pid.
+                unsafe {
+                    libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+                }
+            }
+        }
+        for (i, (local, c)) in children.iter_mut().enumerate() {
+            if statuses[i].is_some() {
+                continue;
+            }
+            if let Some(st) = c.try_wait()? {
+                statuses[i] = Some(st);
+                let failed = !st.success() && st.code() != Some(i32::from(EXIT_PREEMPTED));
+                if failed {
+                    let who = rank_of(*local);
+                    kill_all(&mut children);
+                    bail!(
+                        "launch: rank {who} failed ({}); stopped the other ranks on this node",
+                        describe(st)
+                    );
+                }
+            }
+        }
+        if statuses.iter().all(Option::is_some) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let preempted = statuses
+        .iter()
+        .any(|s| s.and_then(|s| s.code()) == Some(i32::from(EXIT_PREEMPTED)));
+    Ok(if preempted {
+        Ended::Preempted
+    } else {
+        Ended::Done
+    })
+}
+
+fn kill_all(children: &mut [(usize, Child)]) {
+    for (_, c) in children.iter_mut() {
+        let _ = c.kill();
+    }
+    for (_, c) in children.iter_mut() {
+        let _ = c.wait();
+    }
+}
+
+fn describe(st: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => "unknown status".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_are_numbered_node_by_node() {
+        let l = Layout {
+            nproc_per_node: 4,
+            nnodes: 2,
+            node_rank: 1,
+            master_addr: "n0".into(),
+            master_port: 29500,
+        };
+        let env = l.env(2);
+        let get = |k: &str| env.iter().find(|(n, _)| *n == k).unwrap().1.clone();
+        assert_eq!(get("RANK"), "6");
+        assert_eq!(get("WORLD_SIZE"), "8");
+        assert_eq!(get("LOCAL_RANK"), "2");
+        assert_eq!(get("MASTER_ADDR"), "n0");
+    }
+
+    #[test]
+    fn a_failing_rank_brings_the_others_down() {
+        let l = Layout {
+            nproc_per_node: 2,
+            nnodes: 1,
+            node_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: 1,
+        };
+        // Rank 0 sleeps "forever"; rank 1 fails at once.
+        let script = "if [ \"$RANK\" = 1 ]; then exit 3; fi; sleep 60".to_string();
+        let start = std::time::Instant::now();
+        let e = run(&l, std::path::Path::new("sh"), &["-c".into(), script]).unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(20));
+        let msg = e.to_string();
+        assert!(msg.contains("rank 1 failed (exit status 3)"), "{msg}");
+    }
+}
