@@ -37,6 +37,12 @@ pub trait Communicator: Send + Sync {
     /// Replaces `data` on every rank by rank `root`'s.
     fn broadcast(&self, root: usize, data: &mut [f32]) -> Result<()>;
 
+    /// Whether the training loop may skip averaging gradients: true for a group of one,
+    /// except a backend that is being exercised at world size 1 (NCCL on one GPU).
+    fn skips_collectives(&self) -> bool {
+        self.world() == 1
+    }
+
     /// Averages tensors over ranks, a bucket of about [`buckets::BUCKET_ELEMS`] values per
     /// collective rather than one collective per tensor. The default goes through the host;
     /// a GPU backend overrides it to stay on the device.

@@ -109,6 +109,13 @@ impl NcclGroup {
             &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
         ) -> Result<()>,
     ) -> Result<()> {
+        if let Some(t) = ts.iter().find(|t| !t.device().same_device(&self.device)) {
+            // Another device means another stream: NCCL would race the kernels that wrote it.
+            bail!(
+                "NCCL collective on a tensor of {:?}, not this rank's device",
+                t.device().location()
+            );
+        }
         let sizes: Vec<usize> = ts.iter().map(Tensor::elem_count).collect();
         let cuda = self.device.as_cuda_device()?;
         for range in buckets::plan(&sizes, buckets::BUCKET_ELEMS) {
@@ -139,6 +146,10 @@ impl Communicator for NcclGroup {
 
     fn world(&self) -> usize {
         self.world
+    }
+
+    fn skips_collectives(&self) -> bool {
+        false
     }
 
     fn all_reduce_mean(&self, data: &mut [f32]) -> Result<()> {

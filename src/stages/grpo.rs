@@ -24,7 +24,8 @@ use super::rl::{
     sequence_advantages, Clip,
 };
 use super::rollout::{
-    rollout_stats, rows, surrogate, Actors, Buffer, PolicyStep, Rollout, Schedule,
+    main_only, rollout_stats, rows, surrogate, token_share, Actors, Buffer, PolicyStep, Rollout,
+    Schedule,
 };
 use super::setup::{self, check_prompt_lengths, prompt_sets, Plan, PolicyPair};
 use super::Env;
@@ -65,10 +66,20 @@ impl GrpoTask<'_> {
             (AdvantageEstimator::ReinforcePlusPlus, _) => {
                 let kl =
                     (kl_estimate(&ro.old_logprobs, &ro.ref_logprobs, KlEstimator::K1)? * &ro.mask)?;
-                reinforce_pp_advantages(&kl, &ro.scores, &ro.lengths, &ro.mask, c.beta, kernel)
+                let comm = self.env.comm.as_ref();
+                reinforce_pp_advantages(
+                    &kl,
+                    &ro.scores,
+                    &ro.lengths,
+                    &ro.mask,
+                    c.beta,
+                    kernel,
+                    comm,
+                )
             }
             (est, scale) => {
-                let a = sequence_advantages(&ro.scores, c.group_size, est, scale, c.eps);
+                let comm = self.env.comm.as_ref();
+                let a = sequence_advantages(&ro.scores, c.group_size, est, scale, c.eps, comm)?;
                 let b = a.len();
                 let a = Tensor::from_vec(a.iter().map(|&x| x as f32).collect(), (b, 1), dev)?;
                 Ok(a.broadcast_as((b, ro.resp_len))?.contiguous()?)
@@ -81,10 +92,15 @@ impl GrpoTask<'_> {
     /// completion log; returns the rollout's statistics.
     fn rollout(&mut self, step: usize) -> Result<Vec<(&'static str, f64)>> {
         let c = self.cfg().clone();
+        // Each rank generates and scores its slice of the global rollout's prompts, whole
+        // groups each, so group statistics stay on one rank.
+        let comm = self.env.comm.as_ref();
         let mut records = Vec::with_capacity(c.prompts_per_rollout * c.group_size);
-        for _ in 0..c.prompts_per_rollout {
-            let p = self.prompts[self.sampler.next_index()].clone();
-            records.extend(std::iter::repeat_n(p, c.group_size));
+        for i in self
+            .sampler
+            .next_slice(c.prompts_per_rollout, comm.rank(), comm.world())
+        {
+            records.extend(std::iter::repeat_n(self.prompts[i].clone(), c.group_size));
         }
         let cfg = SampleCfg {
             max_new_tokens: c.max_new_tokens,
@@ -107,7 +123,9 @@ impl GrpoTask<'_> {
             grad_accum: self.env.cfg.train.grad_accum,
             mask_truncated: c.mask_truncated_completions,
         };
-        self.buffer = Some(Buffer::new(ro, adv, (), &plan, &mut self.rng)?);
+        let mut buffer = Buffer::new(ro, adv, (), &plan, &mut self.rng)?;
+        buffer.share_normalisers(comm)?;
+        self.buffer = Some(buffer);
         Ok(stats)
     }
 }
@@ -136,6 +154,7 @@ impl Task for GrpoTask<'_> {
         )?;
         metrics.extend(pol.metrics()?);
         let mut loss = pol.loss;
+        let token_weight = token_share(self.env.comm.as_ref(), sur.agg, &pol.mask)?;
         // REINFORCE++ has its KL in the reward; the others hold the policy near the reference
         // with a k3 term in the loss.
         if c.advantage_estimator != AdvantageEstimator::ReinforcePlusPlus {
@@ -148,6 +167,7 @@ impl Task for GrpoTask<'_> {
             loss = (&loss + (&kl * c.beta)?)?;
             metrics.push(("kl_token", scalar(&kl)?));
         }
+        let loss = (loss * token_weight)?;
         Ok(StepOut {
             loss,
             tokens: idx.len() * (ro.prompt_cols + ro.resp_len),
@@ -209,7 +229,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
             reference,
             tok: tok.clone(),
             rewards,
-            completions: CompletionLog::new(&env.run_dir, c.log_completions),
+            completions: CompletionLog::new(&env.run_dir, main_only(env, c.log_completions)),
         },
         sampler: WindowSampler::new(prompts.len(), cfg.train.seed),
         prompts,

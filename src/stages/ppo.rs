@@ -26,10 +26,12 @@ use super::loader::{read_checkpoint, scored_from};
 use super::reward::Scorer;
 use super::rewards::{check_prompts, RewardFn};
 use super::rl::{
-    explained_variance, gae_advantages, kl_estimate, row_sums, token_rewards, value_loss, Clip,
+    explained_variance, gae_advantages, kl_estimate, row_sums, token_rewards, value_loss,
+    Aggregation, Clip,
 };
 use super::rollout::{
-    response_values, rollout_stats, rows, surrogate, Actors, Buffer, PolicyStep, Rollout, Schedule,
+    main_only, response_values, rollout_stats, rows, surrogate, token_share, Actors, Buffer,
+    PolicyStep, Rollout, Schedule,
 };
 use super::setup::{self, check_prompt_lengths, prompt_sets, Plan, PolicyPair};
 use super::Env;
@@ -91,8 +93,13 @@ impl PpoTask<'_> {
 
     /// Steps 1 and 2: a batch of prompts, their sampled responses, scores and log-probs.
     fn sample(&mut self) -> Result<(Vec<PromptRecord>, Rollout, f64)> {
-        let records: Vec<PromptRecord> = (0..self.cfg().rollout_batch)
-            .map(|_| self.prompts[self.sampler.next_index()].clone())
+        // Each rank generates and scores its slice of the global rollout.
+        let comm = self.env.comm.as_ref();
+        let records: Vec<PromptRecord> = self
+            .sampler
+            .next_slice(self.cfg().rollout_batch, comm.rank(), comm.world())
+            .into_iter()
+            .map(|i| self.prompts[i].clone())
             .collect();
         let cfg = self.sample_cfg();
         let (ro, gen) =
@@ -129,6 +136,7 @@ impl PpoTask<'_> {
             (c.gamma, c.lam),
             c.whiten_advantages,
             self.env.kernels.gae,
+            self.env.comm.as_ref(),
         )?;
         Ok(Advantages {
             kl_rows: row_sums(&kl)?,
@@ -147,8 +155,18 @@ impl PpoTask<'_> {
     fn rollout(&mut self, step: usize) -> Result<Vec<(&'static str, f64)>> {
         let (records, ro, gen) = self.sample()?;
         let a = self.advantages(&ro)?;
-        let b = ro.lengths.len() as f64;
-        let kl_seq = a.kl_seq;
+        let comm = self.env.comm.as_ref();
+        let b = (ro.lengths.len() * comm.world()) as f64;
+        // The adaptive controller must move beta alike on every rank: it reads the global
+        // rollout's KL (ranks hold equal shares, so the mean of their means).
+        let mut kl = [a.kl_seq as f32];
+        if comm.world() > 1 {
+            comm.all_reduce_mean(&mut kl)?;
+        }
+        let kl_seq = match comm.world() {
+            1 => a.kl_seq,
+            _ => f64::from(kl[0]),
+        };
         self.last_kl = kl_seq;
         self.actors
             .completions
@@ -173,7 +191,9 @@ impl PpoTask<'_> {
             grad_accum: self.env.cfg.train.grad_accum,
             mask_truncated: c.mask_truncated_completions,
         };
-        self.buffer = Some(Buffer::new(ro, a.adv, a.critic, &plan, &mut self.rng)?);
+        let mut buffer = Buffer::new(ro, a.adv, a.critic, &plan, &mut self.rng)?;
+        buffer.share_normalisers(comm)?;
+        self.buffer = Some(buffer);
         Ok(stats)
     }
 }
@@ -211,9 +231,13 @@ impl Task for PpoTask<'_> {
             c.cliprange_value,
         )?;
         let ent = masked_mean(pol.entropy.as_ref().expect("asked for entropy"), &mask)?;
-        let mut loss = (&pol.loss + (&vf * c.vf_coef)?)?;
+        // Under data parallelism each token-mean term weighs by its rank's share of tokens.
+        let comm = self.env.comm.as_ref();
+        let w_pol = token_share(comm, sur.agg, &pol.mask)?;
+        let w_tok = token_share(comm, Aggregation::Token, &mask)?;
+        let mut loss = ((&pol.loss * w_pol)? + (&vf * (c.vf_coef * w_tok))?)?;
         if c.entropy_coef != 0.0 {
-            loss = (loss - (&ent * c.entropy_coef)?)?;
+            loss = (loss - (&ent * (c.entropy_coef * w_tok))?)?;
         }
         let tokens = idx.len() * (buf.ro.prompt_cols + buf.ro.resp_len);
         metrics.extend(pol.metrics()?);
@@ -335,7 +359,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
             reference,
             tok: tok.clone(),
             rewards,
-            completions: CompletionLog::new(&env.run_dir, c.log_completions),
+            completions: CompletionLog::new(&env.run_dir, main_only(env, c.log_completions)),
         },
         value,
         sampler: WindowSampler::new(prompts.len(), cfg.train.seed),

@@ -7,6 +7,7 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 
 use crate::config::{AdvantageEstimator, KlEstimator, ScaleRewards};
+use crate::dist::Communicator;
 use crate::kernels::gae::{gae, group_normalize, masked_mean_var, whiten};
 use crate::kernels::KernelChoice;
 use crate::train::loss::{masked_mean, scalar};
@@ -153,10 +154,13 @@ pub fn gae_advantages(
     (gamma, lam): (f64, f64),
     whiten_adv: bool,
     kernel: KernelChoice,
+    comm: &dyn Communicator,
 ) -> Result<Gae> {
     let g = gae(rewards, values, mask, gamma, lam, kernel)?;
     let advantages = if whiten_adv {
-        whiten(&g.advantages, mask, g.mean, g.var)?
+        let n = scalar(&mask.to_dtype(DType::F32)?.sum_all()?)?;
+        let (mean, var) = global_mean_var(comm, n, g.mean, g.var)?;
+        whiten(&g.advantages, mask, mean, var)?
     } else {
         g.advantages.clone()
     };
@@ -164,6 +168,31 @@ pub fn gae_advantages(
         advantages,
         returns: g.returns,
     })
+}
+
+/// The mean and unbiased variance over every rank's values, from each rank's count, mean and
+/// unbiased variance of its own: whitening and batch scaling under data parallelism use the
+/// whole rollout's statistics, so the result does not depend on the number of ranks. Two
+/// small all-reduces (the mean first, then squares about it) keep it free of cancellation.
+pub fn global_mean_var(comm: &dyn Communicator, n: f64, mean: f64, var: f64) -> Result<(f64, f64)> {
+    if comm.world() == 1 {
+        return Ok((mean, var));
+    }
+    let w = comm.world() as f64;
+    let mut first = [n as f32, (n * mean) as f32];
+    comm.all_reduce_mean(&mut first)?;
+    let total = f64::from(first[0]) * w;
+    if total == 0.0 {
+        return Ok((0.0, 0.0));
+    }
+    let gmean = f64::from(first[1]) * w / total;
+    let mut ss = [((n - 1.0).max(0.0) * var + n * (mean - gmean).powi(2)) as f32];
+    comm.all_reduce_mean(&mut ss)?;
+    let gvar = match total > 1.0 {
+        true => f64::from(ss[0]) * w / (total - 1.0),
+        false => 0.0,
+    };
+    Ok((gmean, gvar))
 }
 
 /// GRPO's advantage `[B, R]`: each score normalised within its group of `group` samples of one
@@ -202,9 +231,16 @@ pub fn sequence_advantages(
     est: AdvantageEstimator,
     scale: ScaleRewards,
     eps: f64,
-) -> Vec<f64> {
+    comm: &dyn Communicator,
+) -> Result<Vec<f64>> {
     let all: Vec<f32> = scores.iter().map(|&x| x as f32).collect();
-    let (_, batch_var) = masked_mean_var(&all, &vec![1.0; all.len()]);
+    let batch_var = match scale {
+        ScaleRewards::Batch => {
+            let (mean, var) = masked_mean_var(&all, &vec![1.0; all.len()]);
+            global_mean_var(comm, all.len() as f64, mean, var)?.1
+        }
+        _ => 0.0,
+    };
     let mut out = Vec::with_capacity(scores.len());
     for g in scores.chunks(group) {
         let n = g.len() as f64;
@@ -225,7 +261,7 @@ pub fn sequence_advantages(
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// REINFORCE++ advantages `[B, R]`: per-token reward `-beta * KL_t` plus the score at the last
@@ -237,10 +273,11 @@ pub fn reinforce_pp_advantages(
     mask: &Tensor,
     beta: f64,
     kernel: KernelChoice,
+    comm: &dyn Communicator,
 ) -> Result<Tensor> {
     let rewards = token_rewards(kl, scores, lengths, beta)?;
     let zeros = rewards.zeros_like()?;
-    Ok(gae_advantages(&rewards, &zeros, mask, (1.0, 1.0), true, kernel)?.advantages)
+    Ok(gae_advantages(&rewards, &zeros, mask, (1.0, 1.0), true, kernel, comm)?.advantages)
 }
 
 /// `mask` with the rows of unfinished (truncated) responses zeroed.
@@ -310,6 +347,36 @@ pub(crate) mod test_tensors {
 mod tests {
     use super::test_tensors::{s, t};
     use super::*;
+    use crate::dist::{Solo, ThreadGroup};
+
+    /// Whitening statistics gathered over ranks holding unequal shares equal the whole
+    /// batch's.
+    #[test]
+    fn global_statistics_do_not_depend_on_the_split() {
+        let x: Vec<f32> = (0..11)
+            .map(|i| ((i * 37 % 11) as f32).powf(1.5) - 4.0)
+            .collect();
+        let whole = masked_mean_var(&x, &[1.0; 11]);
+        let parts = [&x[..4], &x[4..]];
+        let group = ThreadGroup::new(2);
+        let got: Vec<(f64, f64)> = std::thread::scope(|sc| {
+            let hs: Vec<_> = group
+                .iter()
+                .zip(parts)
+                .map(|(c, part)| {
+                    sc.spawn(move || {
+                        let (m, v) = masked_mean_var(part, &vec![1.0; part.len()]);
+                        global_mean_var(c, part.len() as f64, m, v).unwrap()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (m, v) in got {
+            assert!((m - whole.0).abs() < 1e-5, "{m} vs {}", whole.0);
+            assert!((v - whole.1).abs() < 1e-4 * whole.1, "{v} vs {}", whole.1);
+        }
+    }
 
     fn token(clip: Clip) -> Surrogate {
         Surrogate {
@@ -443,20 +510,20 @@ mod tests {
         use AdvantageEstimator::*;
         // Two groups of three: [1, 0, 0] and [2, 2, 5].
         let r = [1.0, 0.0, 0.0, 2.0, 2.0, 5.0];
-        let rloo = sequence_advantages(&r, 3, Rloo, ScaleRewards::Group, 0.0);
+        let rloo = sequence_advantages(&r, 3, Rloo, ScaleRewards::Group, 0.0, &Solo).unwrap();
         // 1 - (0+0)/2 = 1; 0 - (1+0)/2 = -0.5; 2 - (2+5)/2 = -1.5; 5 - (2+2)/2 = 3
         let want = [1.0, -0.5, -0.5, -1.5, -1.5, 3.0];
         for (a, w) in rloo.iter().zip(want) {
             assert!((a - w).abs() < 1e-12, "{rloo:?}");
         }
         // Dr. GRPO: r - mean_group.
-        let none = sequence_advantages(&r, 3, GroupNorm, ScaleRewards::None, 1e-4);
+        let none = sequence_advantages(&r, 3, GroupNorm, ScaleRewards::None, 1e-4, &Solo).unwrap();
         assert!((none[0] - 2.0 / 3.0).abs() < 1e-12 && (none[5] - 2.0).abs() < 1e-12);
         // Group scale: group 1 has unbiased std sqrt(1/3).
-        let grp = sequence_advantages(&r, 3, GroupNorm, ScaleRewards::Group, 0.0);
+        let grp = sequence_advantages(&r, 3, GroupNorm, ScaleRewards::Group, 0.0, &Solo).unwrap();
         assert!((grp[0] - (2.0 / 3.0) / (1.0f64 / 3.0).sqrt()).abs() < 1e-6);
         // Batch scale: every group divided by the same std.
-        let bat = sequence_advantages(&r, 3, GroupNorm, ScaleRewards::Batch, 0.0);
+        let bat = sequence_advantages(&r, 3, GroupNorm, ScaleRewards::Batch, 0.0, &Solo).unwrap();
         assert!((bat[0] / none[0] - bat[5] / none[5]).abs() < 1e-9);
     }
 
@@ -466,11 +533,18 @@ mod tests {
         // -> [0, 0, 0]. Whitened over the 6 tokens: +c and -c.
         let kl = Tensor::zeros((2, 3), DType::F32, &candle_core::Device::Cpu).unwrap();
         let m = Tensor::ones((2, 3), DType::F32, &candle_core::Device::Cpu).unwrap();
-        let a =
-            reinforce_pp_advantages(&kl, &[1.0, 0.0], &[3, 3], &m, 0.1, KernelChoice::Reference)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
+        let a = reinforce_pp_advantages(
+            &kl,
+            &[1.0, 0.0],
+            &[3, 3],
+            &m,
+            0.1,
+            KernelChoice::Reference,
+            &Solo,
+        )
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
         assert!(
             a[0].iter().all(|&x| (x - a[0][0]).abs() < 1e-6 && x > 0.0),
             "{a:?}"

@@ -21,6 +21,7 @@ use crate::config::LossType;
 use crate::data::records::PromptRecord;
 use crate::data::synthetic::exact_match;
 use crate::data::tokenizer::Tokenizer;
+use crate::dist::Communicator;
 use crate::generate::{generate, left_pad, SampleCfg};
 use crate::model::linear::Ctx;
 use crate::model::{Fwd, Transformer};
@@ -205,6 +206,21 @@ impl<X> Buffer<X> {
         self.batches.is_empty()
     }
 
+    /// Under data parallelism, DAPO's normaliser of each step becomes the ranks' mean: every
+    /// rank's loss is its token sum over it, and the loop's mean over ranks then weighs every
+    /// token of the global step alike.
+    pub fn share_normalisers(&mut self, comm: &dyn Communicator) -> Result<()> {
+        if comm.world() == 1 {
+            return Ok(());
+        }
+        let mut norms: Vec<f32> = self.batches.iter().map(|(_, n)| *n as f32).collect();
+        comm.all_reduce_mean(&mut norms)?;
+        for ((_, n), g) in self.batches.iter_mut().zip(norms) {
+            *n = f64::from(g);
+        }
+        Ok(())
+    }
+
     /// The next minibatch's rows and its DAPO normaliser.
     pub fn next_batch(&mut self) -> Option<(Vec<usize>, f64)> {
         self.batches.pop_front()
@@ -236,6 +252,27 @@ pub fn rollout_stats(ro: &Rollout, kl_seq: f64) -> Vec<(&'static str, f64)> {
         ),
         ("rollout", 1.0),
     ]
+}
+
+/// The factor a rank's token-mean loss is multiplied by under data parallelism: its share of
+/// the ranks' loss-carrying tokens (1 alone, and for the other aggregations, whose ranks
+/// already weigh alike). The loop's mean over ranks then weighs every token alike.
+pub fn token_share(comm: &dyn Communicator, agg: Aggregation, mask: &Tensor) -> Result<f64> {
+    if comm.world() == 1 || agg != Aggregation::Token {
+        return Ok(1.0);
+    }
+    let mine = scalar(&mask.to_dtype(DType::F32)?.sum_all()?)?;
+    let mut mean = [mine as f32];
+    comm.all_reduce_mean(&mut mean)?;
+    Ok(mine / f64::from(mean[0]).max(1.0))
+}
+
+/// Logs on rank 0 only: `n` there, 0 (nothing) on the other ranks.
+pub fn main_only(env: &super::Env, n: usize) -> usize {
+    match env.comm.rank() {
+        0 => n,
+        _ => 0,
+    }
 }
 
 /// The surrogate a stage's knobs describe, for a minibatch whose DAPO normaliser is `norm`.

@@ -364,7 +364,7 @@ impl<T: Task> Loop<'_, T> {
     fn all_reduce(&self, grads: &mut [Tensor], out: &mut Stepped) -> Result<()> {
         let comm = self.opts.comm;
         let world = comm.world();
-        if world == 1 {
+        if comm.skips_collectives() {
             return Ok(());
         }
         // candle's backward hands back every gradient at once, so the buckets cannot
