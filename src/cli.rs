@@ -110,6 +110,10 @@ pub struct StageArgs {
     pub checkpoint_every: Option<usize>,
     #[arg(long)]
     pub log_every: Option<usize>,
+    /// Time N steps (after 2 warm-up steps) by region, print the table and write
+    /// profile.json; the run stops after them.
+    #[arg(long, value_name = "N")]
+    pub profile: Option<usize>,
     #[arg(long)]
     pub lora_rank: Option<usize>,
     #[arg(long)]
@@ -316,6 +320,14 @@ impl StageArgs {
         set!(self.eval_every, cfg.train.eval_every);
         set!(self.checkpoint_every, cfg.train.checkpoint_every);
         set!(self.log_every, cfg.train.log_every);
+        if let Some(n) = self.profile {
+            // Only the timed steps and their warm-up; no evaluation or checkpoint between.
+            let steps = n + crate::train::profile::WARMUP_STEPS;
+            cfg.train.profile = n;
+            cfg.train.steps = steps;
+            cfg.train.eval_every = steps;
+            cfg.train.checkpoint_every = steps;
+        }
         set!(self.lora_rank, cfg.lora.rank);
         set!(self.lora_alpha, cfg.lora.alpha);
         set!(self.lora_dropout, cfg.lora.dropout);

@@ -62,6 +62,8 @@ pub struct TrainConfig {
     pub dtype: DTypeChoice,
     /// Shard AdamW's state across data-parallel ranks (ZeRO-1).
     pub shard_optimizer: ShardOptimizer,
+    /// Time this many steps by region after a warm-up and print the table (0: off).
+    pub profile: usize,
 }
 
 impl Default for TrainConfig {
@@ -87,6 +89,7 @@ impl Default for TrainConfig {
             seed: 1234,
             dtype: DTypeChoice::Auto,
             shard_optimizer: ShardOptimizer::Auto,
+            profile: 0,
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod loss;
 pub mod metrics;
 pub mod optimizer;
 pub mod params;
+pub mod profile;
 pub mod progress;
 pub mod rng;
 pub mod runner;

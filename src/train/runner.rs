@@ -14,6 +14,7 @@ use super::loss::scalar;
 use super::metrics::MetricsLog;
 use super::optimizer::AdamW;
 use super::params::{ParamInfo, ParamStore, Role};
+use super::profile::{Mark, Profiler, Region, WARMUP_STEPS};
 use super::progress::Progress;
 use super::schedule::lr_at;
 use crate::config::TrainConfig;
@@ -164,6 +165,9 @@ struct Loop<'a, T: Task> {
     ckpts: Checkpoints,
     /// Rank 0's log; none on the other ranks.
     metrics: Option<MetricsLog>,
+    /// `--profile`: region times of the steps after the warm-up.
+    prof: Option<Profiler>,
+    prof_tokens: usize,
 }
 
 pub fn train<T: Task>(
@@ -218,6 +222,7 @@ pub fn train<T: Task>(
             }
         );
     }
+    let prof = (cfg.profile > 0).then(|| Profiler::new(&saved.store.device));
     let mut lp = Loop {
         task,
         saved,
@@ -225,6 +230,8 @@ pub fn train<T: Task>(
         opt,
         ckpts,
         metrics,
+        prof,
+        prof_tokens: 0,
     };
     lp.run(start)
 }
@@ -303,7 +310,12 @@ impl<T: Task> Loop<'_, T> {
         let mut window = Averages::default();
         for step in start..cfg.steps {
             let lr = lr_at(cfg, step);
-            let out = self.step(step, lr)?;
+            let timed = step >= start + WARMUP_STEPS;
+            let out = self.step(step, lr, timed)?;
+            if let (true, Some(p)) = (timed, &mut self.prof) {
+                p.step_done();
+                self.prof_tokens += out.tokens;
+            }
             window_tokens += out.tokens;
             for (k, v) in out.extras {
                 window.add(k, v);
@@ -349,6 +361,11 @@ impl<T: Task> Loop<'_, T> {
         }
         if self.main() {
             self.saved.write_final(self.opts.run_dir, cfg.steps)?;
+            if let Some(p) = self.prof.as_ref().filter(|p| p.steps() > 0) {
+                let per_step = self.prof_tokens as f64 / p.steps() as f64;
+                eprint!("[{label}] {}", p.table(per_step)?);
+                p.write(self.opts.run_dir, per_step)?;
+            }
         }
         Ok(summary)
     }
@@ -383,14 +400,29 @@ impl<T: Task> Loop<'_, T> {
 
     /// Accumulates the gradients of `grad_accum` micro-batches, averages them over the
     /// data-parallel group, clips them and steps AdamW.
-    fn step(&mut self, step: usize, lr: f64) -> Result<Stepped> {
+    fn step(&mut self, step: usize, lr: f64, timed: bool) -> Result<Stepped> {
         let accum = self.opts.cfg.grad_accum;
         let mut acc: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0.0;
         let mut tokens = 0;
         let mut extras = Averages::default();
+        let prof = |lp: &Self| -> Result<Option<Mark>> {
+            match (&lp.prof, timed) {
+                (Some(p), true) => Ok(Some(p.mark()?)),
+                _ => Ok(None),
+            }
+        };
+        let span = |lp: &mut Self, region: Region, m: Option<Mark>| -> Result<()> {
+            match (&mut lp.prof, m) {
+                (Some(p), Some(m)) => p.span(region, m),
+                _ => Ok(()),
+            }
+        };
         for _ in 0..accum {
+            let m = prof(self)?;
             let out = self.task.micro_batch(step)?;
+            span(self, Region::Forward, m)?;
+            let m = prof(self)?;
             let l = scalar(&out.loss)?;
             if !l.is_finite() {
                 bail!(
@@ -411,6 +443,7 @@ impl<T: Task> Loop<'_, T> {
                     .map(|(x, y)| x + y)
                     .collect::<candle_core::Result<_>>()?,
             });
+            span(self, Region::Backward, m)?;
             for (k, v) in out.metrics {
                 extras.add(k, v);
             }
@@ -422,10 +455,20 @@ impl<T: Task> Loop<'_, T> {
             tokens,
             extras: extras.drain(),
         };
+        let m = prof(self)?;
         self.all_reduce(&mut grads, &mut out)?;
+        span(self, Region::GradSync, m)?;
+        let m = prof(self)?;
         out.grad_norm = AdamW::clip(&mut grads, self.opts.cfg.grad_clip)?;
+        span(self, Region::Clip, m)?;
+        let m = prof(self)?;
         self.opt.step(&grads, lr)?;
-        self.opt.sync_weights(self.opts.comm)?;
+        span(self, Region::Optimizer, m)?;
+        if self.opt.sharded() {
+            let m = prof(self)?;
+            self.opt.sync_weights(self.opts.comm)?;
+            span(self, Region::WeightSync, m)?;
+        }
         Ok(out)
     }
 

@@ -1,0 +1,42 @@
+//! `--profile N`: N timed steps after the warm-up, a region table on the terminal and
+//! `profile.json` in the run directory whose regions account for the whole step.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn profile_times_the_step_by_region() {
+    let d = tmp();
+    let cfg = p(d.path(), "c.toml");
+    std::fs::write(&cfg, TINY_TOML).unwrap();
+    let run = p(d.path(), "run");
+    let out = run_ok(&[
+        "pretrain",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--profile",
+        "3",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("profile: 3 steps after 2 warm-up"), "{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("profile.json")).unwrap()).unwrap();
+    assert_eq!(v["steps"], 3);
+    let regions = v["regions"].as_array().unwrap();
+    let names: Vec<&str> = regions.iter().map(|r| r["region"].as_str().unwrap()).collect();
+    for want in ["forward", "backward", "clip", "optimizer"] {
+        assert!(names.contains(&want), "{names:?}");
+    }
+    let share: f64 = regions.iter().map(|r| r["share"].as_f64().unwrap()).sum();
+    assert!((share - 1.0).abs() < 1e-6);
+    for r in regions {
+        assert!(r["ms_per_step"].as_f64().unwrap() >= 0.0);
+    }
+    // The run stops after warm-up + timed steps.
+    assert_eq!(series(&metrics(&run), "train", "loss").last().unwrap().0, 5);
+}
