@@ -137,6 +137,44 @@ mod cuda {
         }
     }
 
+    /// The direct backward must give autograd's gradients: the same kernels, though the
+    /// tensor-core dQ adds with atomics, so not always bit for bit. Printed as a JSON line
+    /// with `"bench":"check"` for scripts/gpu-check.sh.
+    fn check_direct(
+        shape: &str,
+        name: &str,
+        direct: &AttentionDirect,
+        [q, k, v]: [&Tensor; 3],
+        dy: &Tensor,
+        scale: f64,
+        imp: AttnImpl,
+    ) -> candle_core::Result<()> {
+        let vars = [
+            Var::from_tensor(q)?,
+            Var::from_tensor(k)?,
+            Var::from_tensor(v)?,
+        ];
+        let y = attention_with(&vars[0], &vars[1], &vars[2], &mask(), scale, imp)?
+            .ok_or_else(|| candle_core::Error::Msg("no kernel for this shape".into()))?;
+        let grads = (y * dy)?.backward()?;
+        let yd = direct.forward()?;
+        let (dq, dk, dv) = direct.backward(&yd, dy)?;
+        let mut worst = 0f64;
+        for (var, g) in vars.iter().zip([dq, dk, dv]) {
+            let a = grads
+                .get(var.as_tensor())
+                .ok_or_else(|| candle_core::Error::Msg("autograd gave no gradient".into()))?
+                .to_dtype(DType::F32)?;
+            let diff = (&a - g.to_dtype(DType::F32)?)?.abs()?.max_all()?;
+            let scale = a.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-30);
+            worst = worst.max((diff.to_scalar::<f32>()? / scale) as f64);
+        }
+        println!(
+            "{{\"bench\":\"check\",\"of\":\"attention\",\"shape\":\"{shape}\",\"impl\":\"{name}\",\"what\":\"direct backward vs autograd\",\"max_rel_diff\":{worst:.3e}}}"
+        );
+        Ok(())
+    }
+
     fn report(shape: &str, which: &str, pass: &str, ms: f64, flops: f64) {
         let tflops = flops / (ms * 1e-3) / 1e12;
         println!("{shape:<24} {which:<12} {pass:<8} {ms:>10.3} ms {tflops:>8.1} TFLOP/s");
@@ -180,6 +218,8 @@ mod cuda {
                             .ok_or_else(|| {
                                 candle_core::Error::Msg("no kernel for this shape".into())
                             })?;
+                        let qkv = [&q, &k, &v];
+                        check_direct(&shape, which.name(), &direct, qkv, &dy, scale, imp)?;
                         time_ms(&dev, reps, || {
                             let y = direct.forward()?;
                             direct.backward(&y, &dy).map(|_| ())

@@ -148,6 +148,7 @@ mod cuda {
                 Which::Fused(path) => {
                     let direct = LoraDirect::new(&x, args, path)?
                         .ok_or_else(|| candle_core::Error::Msg("no fused kernel here".into()))?;
+                    check_direct(self.name(), &direct, &x, args, &dy, path)?;
                     Box::new(move || {
                         let y = direct.forward()?;
                         direct.backward(&y, &dy).map(|_| ())
@@ -173,6 +174,51 @@ mod cuda {
                 }
             })
         }
+    }
+
+    /// The direct backward must give autograd's gradients (the same kernels). Printed as a
+    /// JSON line with `"bench":"check"` for scripts/gpu-check.sh.
+    fn check_direct(
+        name: &str,
+        direct: &LoraDirect,
+        x: &Tensor,
+        args: &LoraArgs,
+        dy: &Tensor,
+        path: DyPath,
+    ) -> candle_core::Result<()> {
+        let vars = [
+            Var::from_tensor(x)?,
+            Var::from_tensor(args.a)?,
+            Var::from_tensor(args.b)?,
+        ];
+        let args_v = LoraArgs {
+            w: args.w,
+            bias: None,
+            a: &vars[1],
+            b: &vars[2],
+            scale: args.scale,
+        };
+        let y = lora_linear_with(&vars[0], &args_v, path)?
+            .ok_or_else(|| candle_core::Error::Msg("no fused kernel here".into()))?;
+        let grads = (y * dy)?.backward()?;
+        let yd = direct.forward()?;
+        let (dx, da, db) = direct.backward(&yd, dy)?;
+        let mut worst = 0f64;
+        for (var, g) in vars.iter().zip([dx, da, db]) {
+            let a = grads
+                .get(var.as_tensor())
+                .ok_or_else(|| candle_core::Error::Msg("autograd gave no gradient".into()))?
+                .to_dtype(DType::F32)?;
+            let diff = (&a - g.to_dtype(DType::F32)?)?.abs()?.max_all()?;
+            let scale = a.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-30);
+            worst = worst.max((diff.to_scalar::<f32>()? / scale) as f64);
+        }
+        let (m, k) = x.dims2()?;
+        let (n, r) = args.b.dims2()?;
+        println!(
+            "{{\"bench\":\"check\",\"of\":\"lora\",\"shape\":\"r{r} M{m} K{k} N{n}\",\"impl\":\"{name}\",\"what\":\"direct backward vs autograd\",\"max_rel_diff\":{worst:.3e}}}"
+        );
+        Ok(())
     }
 
     pub fn run() -> candle_core::Result<()> {

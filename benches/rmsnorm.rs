@@ -81,6 +81,36 @@ mod cuda {
         Ok(median(times))
     }
 
+    /// The direct backward must give autograd's gradients (the same kernels). Printed as a
+    /// JSON line with `"bench":"check"` for scripts/gpu-check.sh.
+    fn check_direct(
+        shape: &str,
+        direct: &RmsNormDirect,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        eps: f64,
+    ) -> candle_core::Result<()> {
+        let vars = [Var::from_tensor(x)?, Var::from_tensor(w)?];
+        let grads = (rms_norm_op(&vars[0], &vars[1], eps)? * dy)?.backward()?;
+        let yd = direct.forward()?;
+        let (dx, dw) = direct.backward(&yd, dy)?;
+        let mut worst = 0f64;
+        for (var, g) in vars.iter().zip([dx, dw]) {
+            let a = grads
+                .get(var.as_tensor())
+                .ok_or_else(|| candle_core::Error::Msg("autograd gave no gradient".into()))?
+                .to_dtype(DType::F32)?;
+            let diff = (&a - g.to_dtype(DType::F32)?)?.abs()?.max_all()?;
+            let scale = a.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-30);
+            worst = worst.max((diff.to_scalar::<f32>()? / scale) as f64);
+        }
+        println!(
+            "{{\"bench\":\"check\",\"of\":\"rmsnorm\",\"shape\":\"{shape}\",\"impl\":\"ours\",\"what\":\"direct backward vs autograd\",\"max_rel_diff\":{worst:.3e}}}"
+        );
+        Ok(())
+    }
+
     pub fn run() -> candle_core::Result<()> {
         let dev = Device::new_cuda(0)?;
         let eps = 1e-5;
@@ -99,6 +129,7 @@ mod cuda {
             let (fwd_bytes, both_bytes) = (2.0 * elem, 5.0 * elem);
 
             let direct = RmsNormDirect::new(&x, &w, eps)?;
+            check_direct(&shape, &direct, &x, &w, &dy, eps)?;
             let ours_fwd = time_ms(&dev, 50, || rms_norm_op(&x, &w, eps).map(|_| ()))?;
             let ours_both = time_ms(&dev, 50, || {
                 let y = direct.forward()?;

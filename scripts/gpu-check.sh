@@ -274,6 +274,14 @@ for shape in sorted({r.get("shape", "") for r in meas if r.get("bench") == "gene
         row("generate", shape, "tokens/s", o.get("tokens_per_s"), p["impl"], p.get("tokens_per_s"),
             sec_state("bench-generate", "peer-generate"))
 
+# The benches' own checks: each direct backward entry point against candle's autograd.
+checks = [r for r in meas if r.get("bench") == "check"]
+if checks:
+    out.append("\n| check | shape | impl | max relative difference |")
+    out.append("| --- | --- | --- | --- |")
+    for r in checks:
+        out.append(f"| {r.get('of')}: {r.get('what')} | {r.get('shape')} | {r.get('impl')} | {num(r.get('max_rel_diff'), '.2e')} |")
+
 # Tests.
 out.append("\n| test executable | passed | failed | skipped | status |")
 out.append("| --- | --- | --- | --- | --- |")
