@@ -1,12 +1,15 @@
 //! Attention: our flash kernel against the materialised reference, causal bf16 at
-//! B=8 H=16 S=2048 D=128 and B=16 H=32 S=1024 D=64 (BENCHMARKS.md has PyTorch's figures for
-//! the same shapes; scripts/bench_peers.py measures them on the same machine).
+//! B=8 H=16 S=2048 D=128 and B=16 H=32 S=1024 D=64. The PyTorch peers (SDPA flash and cuDNN)
+//! for the same shapes come from scripts/bench_peers.py, run in the same device call by
+//! scripts/gpu-check.sh, which divides one by the other.
 //!
-//! FLOPs (as scripts/bench_peers.py counts them): forward 4·B·H·S²·D, halved under the causal mask; forward+backward
-//! 3.5x that. Times are medians of CUDA-event timings after warm-up. The backward is driven
-//! as `(y * dy).sum_all().backward()` with a fixed random dy, so fwd+bwd includes one
-//! elementwise product and one reduction over y, the same for every implementation.
-//! Every line is also printed as JSON (`{"bench":"attention",...}`) for scripts/bench-all.sh.
+//! FLOPs (as scripts/bench_peers.py counts them): forward 4·B·H·S²·D, halved under the causal
+//! mask; forward+backward 3.5x that. Times are medians of CUDA-event timings after warm-up.
+//! fwd+bwd for our kernels is the forward and then the backward kernels called directly with a
+//! fixed random dO (`AttentionDirect`), as PyTorch's `autograd.grad(y, (q, k, v), dy)` does: no
+//! scalar loss, no reduction. The reference has no such entry point; its backward runs through
+//! candle's autograd seeded through `y * dy` (one elementwise product each way, no reduction).
+//! Every measurement is also printed as one JSON line (`{"bench":"attention",...}`).
 //!
 //! Run: `cargo bench --features cuda --bench attention` (or the packed binary from
 //! scripts/gpu-build.sh). Without feature `cuda` (or a device) it times the reference on a
@@ -68,7 +71,7 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{DType, Var};
-    use temper::kernels::cuda::attention::{attention_with, AttnImpl};
+    use temper::kernels::cuda::attention::{attention_with, AttentionDirect, AttnImpl};
 
     /// Median milliseconds of `f` between CUDA events on candle's stream.
     fn time_ms(
@@ -96,6 +99,13 @@ mod cuda {
         Ok(median(times))
     }
 
+    fn mask() -> AttnMask<'static> {
+        AttnMask {
+            causal_offset: Some(0),
+            key_valid: None,
+        }
+    }
+
     #[derive(Clone, Copy)]
     enum Which {
         Ours(AttnImpl),
@@ -119,16 +129,50 @@ mod cuda {
             v: &Tensor,
             scale: f64,
         ) -> candle_core::Result<Tensor> {
-            let mask = AttnMask {
-                causal_offset: Some(0),
-                key_valid: None,
-            };
             match self {
-                Which::Ours(imp) => attention_with(q, k, v, &mask, scale, *imp)?
+                Which::Ours(imp) => attention_with(q, k, v, &mask(), scale, *imp)?
                     .ok_or_else(|| candle_core::Error::Msg("no kernel for this shape".into())),
-                Which::Reference => attention_reference(q, k, v, &mask, scale),
+                Which::Reference => attention_reference(q, k, v, &mask(), scale),
             }
         }
+    }
+
+    /// The direct backward must give autograd's gradients: the same kernels, though the
+    /// tensor-core dQ adds with atomics, so not always bit for bit. Printed as a JSON line
+    /// with `"bench":"check"` for scripts/gpu-check.sh.
+    fn check_direct(
+        shape: &str,
+        name: &str,
+        direct: &AttentionDirect,
+        [q, k, v]: [&Tensor; 3],
+        dy: &Tensor,
+        scale: f64,
+        imp: AttnImpl,
+    ) -> candle_core::Result<()> {
+        let vars = [
+            Var::from_tensor(q)?,
+            Var::from_tensor(k)?,
+            Var::from_tensor(v)?,
+        ];
+        let y = attention_with(&vars[0], &vars[1], &vars[2], &mask(), scale, imp)?
+            .ok_or_else(|| candle_core::Error::Msg("no kernel for this shape".into()))?;
+        let grads = (y * dy)?.backward()?;
+        let yd = direct.forward()?;
+        let (dq, dk, dv) = direct.backward(&yd, dy)?;
+        let mut worst = 0f64;
+        for (var, g) in vars.iter().zip([dq, dk, dv]) {
+            let a = grads
+                .get(var.as_tensor())
+                .ok_or_else(|| candle_core::Error::Msg("autograd gave no gradient".into()))?
+                .to_dtype(DType::F32)?;
+            let diff = (&a - g.to_dtype(DType::F32)?)?.abs()?.max_all()?;
+            let scale = a.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-30);
+            worst = worst.max((diff.to_scalar::<f32>()? / scale) as f64);
+        }
+        println!(
+            "{{\"bench\":\"check\",\"of\":\"attention\",\"shape\":\"{shape}\",\"impl\":\"{name}\",\"what\":\"direct backward vs autograd\",\"max_rel_diff\":{worst:.3e}}}"
+        );
+        Ok(())
     }
 
     fn report(shape: &str, which: &str, pass: &str, ms: f64, flops: f64) {
@@ -142,8 +186,7 @@ mod cuda {
     pub fn run() -> candle_core::Result<()> {
         let dev = Device::new_cuda(0)?;
         println!(
-            "attention, causal bf16 (medians of CUDA-event timings; peers: BENCHMARKS.md / \
-             scripts/bench_peers.py)"
+            "attention, causal bf16 (medians of CUDA-event timings; peers: scripts/bench_peers.py)"
         );
         for (b, h, s, d) in [(8usize, 16usize, 2048usize, 128usize), (16, 32, 1024, 64)] {
             let shape = format!("B{b} H{h} S{s} D{d}");
@@ -169,15 +212,32 @@ mod cuda {
                 };
                 let fwd = time_ms(&dev, reps, || which.run(&q, &k, &v, scale).map(|_| ()))?;
                 report(&shape, which.name(), "fwd", fwd, fwd_flops);
-                let (qv, kv, vv) = (
-                    Var::from_tensor(&q)?,
-                    Var::from_tensor(&k)?,
-                    Var::from_tensor(&v)?,
-                );
-                let both = time_ms(&dev, reps, || {
-                    let y = which.run(&qv, &kv, &vv, scale)?;
-                    (y * &dy)?.sum_all()?.backward().map(|_| ())
-                })?;
+                let both = match which {
+                    Which::Ours(imp) => {
+                        let direct = AttentionDirect::new(&q, &k, &v, &mask(), scale, imp)?
+                            .ok_or_else(|| {
+                                candle_core::Error::Msg("no kernel for this shape".into())
+                            })?;
+                        let qkv = [&q, &k, &v];
+                        check_direct(&shape, which.name(), &direct, qkv, &dy, scale, imp)?;
+                        time_ms(&dev, reps, || {
+                            let y = direct.forward()?;
+                            direct.backward(&y, &dy).map(|_| ())
+                        })?
+                    }
+                    Which::Reference => {
+                        let (qv, kv, vv) = (
+                            Var::from_tensor(&q)?,
+                            Var::from_tensor(&k)?,
+                            Var::from_tensor(&v)?,
+                        );
+                        time_ms(&dev, reps, || {
+                            let y = which.run(&qv, &kv, &vv, scale)?;
+                            // backward() seeds a non-scalar root with ones: dL/dy = dy.
+                            (y * &dy)?.backward().map(|_| ())
+                        })?
+                    }
+                };
                 report(&shape, which.name(), "fwd+bwd", both, 3.5 * fwd_flops);
             }
         }

@@ -2,9 +2,10 @@
 //!
 //! Kernel time is the median of CUDA-event timings around single launches (after warm-up),
 //! rotating among enough input sets that they do not all sit in L2. GB/s counts the fewest
-//! bytes the op must move: three f32 inputs read and two f32 outputs written. The floor
-//! printed beside it is those bytes at the 2.9 TB/s device-to-device copy rate measured on the
-//! H100. `gae` (with the statistics read back to the host) and the reference
+//! bytes the op must move: three f32 inputs read and two f32 outputs written; the ceiling to
+//! hold it against is the device-to-device copy rate that scripts/bench_peers.py measures in
+//! the same device call (scripts/gpu-check.sh puts the two side by side, with PyTorch's
+//! TRL-style loop). `gae` (with the statistics read back to the host) and the reference
 //! (host loop, as the dispatcher runs it for `gae=reference`) are timed by synchronised wall
 //! clock. Without feature `cuda` (or without a device) only the reference runs, at a small shape.
 //!
@@ -85,16 +86,14 @@ mod cuda {
     use candle_core::cuda_backend::WrapErr;
     use temper::kernels::cuda::gae::{gae, gae_device};
 
-    const COPY_RATE: f64 = 2.9e12; // bytes/s, read + write, the H100 copy rate above
-
     pub fn run() -> candle_core::Result<()> {
         let dev = Device::new_cuda(0)?;
         let cdev = dev.as_cuda_device()?.clone();
         let stream = cdev.cuda_stream();
         let ctx = stream.context().clone();
         println!(
-            "{:>12} {:>11} {:>9} {:>10} {:>12} {:>13} {:>9}",
-            "B x T", "kernel us", "GB/s", "floor us", "gae+read us", "reference ms", "speedup"
+            "{:>12} {:>11} {:>9} {:>12} {:>13} {:>9}",
+            "B x T", "kernel us", "GB/s", "gae+read us", "reference ms", "speedup"
         );
         for (b, t) in [(512usize, 1024usize), (4096, 4096)] {
             let bytes = (5 * 4 * b * t) as f64;
@@ -137,15 +136,26 @@ mod cuda {
             let ref_reps = if b * t > 4_000_000 { 3 } else { 7 };
             let reference = time_reference(b, t, &dev, ref_reps)?;
             println!(
-                "{:>12} {:>11.1} {:>9.0} {:>10.1} {:>12.1} {:>13.2} {:>8.0}x",
+                "{:>12} {:>11.1} {:>9.0} {:>12.1} {:>13.2} {:>8.0}x",
                 format!("{b}x{t}"),
                 kernel * 1e6,
                 bytes / kernel / 1e9,
-                bytes / COPY_RATE * 1e6,
                 full * 1e6,
                 reference * 1e3,
                 reference / kernel
             );
+            let shape = format!("B{b} T{t}");
+            for (name, secs) in [
+                ("ours-kernel", kernel),
+                ("ours-gae+read", full),
+                ("reference", reference),
+            ] {
+                println!(
+                    "{{\"bench\":\"gae\",\"shape\":\"{shape}\",\"impl\":\"{name}\",\"ms\":{:.5},\"gbps\":{:.1}}}",
+                    secs * 1e3,
+                    bytes / secs / 1e9
+                );
+            }
         }
         Ok(())
     }

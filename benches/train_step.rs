@@ -3,7 +3,12 @@
 //! (12 layers, 768 wide, context 1024, batch 16, bf16 compute, f32 master weights); on a CPU
 //! a tiny shape, so the harness itself stays checked.
 //!
-//! `cargo bench --bench train_step [-- --steps N --batch B --seq T]`
+//! `cargo bench --bench train_step [-- --steps N --batch B --seq T --impl ours|reference|both]`
+//!
+//! Besides the human lines it prints one JSON line per implementation
+//! (`{"bench":"train_step",...}`, tokens/s from the median step) for scripts/gpu-check.sh,
+//! which runs each implementation in its own process so that the GPU's peak memory it reads
+//! belongs to one of them.
 
 use std::time::Instant;
 
@@ -88,31 +93,51 @@ fn main() -> Result<()> {
     let steps = arg("--steps", 5);
     cfg.max_position_embeddings = cfg.max_position_embeddings.max(t);
     let tokens = (b * t) as f64;
-    let (ours, l_ours) = run(&dev, &cfg, KernelSet::default(), dtype, b, t, steps)?;
-    let (refr, l_ref) = run(&dev, &cfg, KernelSet::reference(), dtype, b, t, steps)?;
-    let max_dev = l_ours
-        .iter()
-        .zip(&l_ref)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
+    let which = std::env::args()
+        .skip_while(|a| a != "--impl")
+        .nth(1)
+        .unwrap_or_else(|| "both".into());
+    if !matches!(which.as_str(), "ours" | "reference" | "both") {
+        anyhow::bail!("--impl {which}: expected ours, reference or both");
+    }
     println!(
         "shape: layers {} hidden {} batch {b} seq {t} dtype {dtype:?}",
         cfg.num_hidden_layers, cfg.hidden_size
     );
-    println!(
-        "ours      {:>9.1} ms/step {:>10.0} tokens/s",
-        ours * 1e3,
-        tokens / ours
-    );
-    println!(
-        "reference {:>9.1} ms/step {:>10.0} tokens/s",
-        refr * 1e3,
-        tokens / refr
-    );
-    println!(
-        "speed-up {:.2}x; largest loss difference over {} steps {max_dev:.2e}",
-        refr / ours,
-        l_ours.len()
-    );
+    let mut results = vec![];
+    for (name, kernels) in [
+        ("ours", KernelSet::default()),
+        ("reference", KernelSet::reference()),
+    ] {
+        if which != "both" && which != name {
+            continue;
+        }
+        let (secs, losses) = run(&dev, &cfg, kernels, dtype, b, t, steps)?;
+        println!(
+            "{name:<9} {:>9.1} ms/step {:>10.0} tokens/s",
+            secs * 1e3,
+            tokens / secs
+        );
+        println!(
+            "{{\"bench\":\"train_step\",\"impl\":\"{name}\",\"batch\":{b},\"seq\":{t},\"ms\":{:.3},\"tokens_per_s\":{:.1},\"first_loss\":{:.5},\"last_loss\":{:.5}}}",
+            secs * 1e3,
+            tokens / secs,
+            losses.first().copied().unwrap_or(f64::NAN),
+            losses.last().copied().unwrap_or(f64::NAN)
+        );
+        results.push((secs, losses));
+    }
+    if let [(ours, l_ours), (refr, l_ref)] = results.as_slice() {
+        let max_dev = l_ours
+            .iter()
+            .zip(l_ref)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        println!(
+            "speed-up {:.2}x; largest loss difference over {} steps {max_dev:.2e}",
+            refr / ours,
+            l_ours.len()
+        );
+    }
     Ok(())
 }

@@ -2,20 +2,28 @@
 """PyTorch peers for temper's kernel benches, at the same shapes, on the same GPU.
 
 Prints one JSON object per line (the format benches/attention.rs and benches/lora.rs print),
-so scripts/bench-all.sh can put ours and theirs in one table:
+so scripts/gpu-check.sh can put ours and theirs in one table:
 
 - attention: SDPA, causal bf16, B=8 H=16 S=2048 D=128 and B=16 H=32 S=1024 D=64, with the
   flash (FA2) and cuDNN backends, plus the materialised version (matmul, mask, softmax,
   matmul) at the first shape: fwd and fwd+bwd TFLOP/s (FLOPs as benches/attention.rs: 4·B·H·S²·D,
   halved when causal; fwd+bwd = 3.5x).
-- lora: unfused LoRA (x W^T + s (x A^T) B^T, W frozen) over the plain GEMM x W^T, fwd and
-  fwd+bwd, r=16 M=8192 K=N=4096 and r=8 M=4096 K=N=768.
+- lora: the plain GEMM x W^T and unfused LoRA (x W^T + s (x A^T) B^T, W frozen), fwd and
+  fwd+bwd milliseconds, r=16 M=8192 K=N=4096 and r=8 M=4096 K=N=768: the two yardsticks
+  scripts/gpu-check.sh divides temper's fused LoRA by.
+- rmsnorm: F.rms_norm, bf16, 16384x768 and 8192x4096, fwd and fwd+bwd (dx and dw).
 - gae: the TRL-style loop `for t in reversed(range(T))` on the GPU at B=512,T=1024 and
   B=4096,T=4096.
 - copy: device-to-device copy bandwidth (bytes read + written), the memory ceiling.
 
 Times are medians of CUDA-event timings after warm-up, on random (never zero) inputs.
-Usage: python3 scripts/bench_peers.py [--quick]
+Backward passes are `torch.autograd.grad(y, inputs, dy)` with a given dy, as temper's benches
+call their backward kernels: no scalar loss, and no `.grad` accumulation (which would add an
+elementwise pass per input to every repeat after the first).
+
+Usage: python3 scripts/bench_peers.py [--quick] [SECTION ...]   (sections: device copy
+attention lora rmsnorm gae; default all). scripts/gpu-check.sh runs one section per process, each under
+its own timeout.
 """
 
 import json
@@ -57,6 +65,7 @@ def attention():
         fwd_flops = 4 * b * h * s * s * d / 2
         q, k, v, dy = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+        inputs = (qg, kg, vg)
         backends = [("torch-flash", SDPBackend.FLASH_ATTENTION), ("torch-cudnn", SDPBackend.CUDNN_ATTENTION)]
         for name, backend in backends:
             try:
@@ -65,7 +74,7 @@ def attention():
 
                     def both():
                         y = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
-                        y.backward(dy)
+                        torch.autograd.grad(y, inputs, dy)
 
                     fb = time_ms(both)
             except RuntimeError as e:  # backend unavailable for this shape or build
@@ -102,15 +111,32 @@ def lora():
         def unfused():
             return x @ w.t() + s * ((x @ a.t()) @ bm.t())
 
-        times = {}
-        for name, f in [("torch-plain", plain), ("torch-unfused", unfused)]:
+        # What each variant's backward must produce with W frozen: dx, and dA, dB for LoRA.
+        for name, f, wrt in [("torch-plain", plain, (x,)), ("torch-unfused", unfused, (x, a, bm))]:
             with torch.no_grad():
                 fwd = time_ms(f)
-            fb = time_ms(lambda: f().backward(dy))
-            times[name] = (fwd, fb)
-        base = times["torch-plain"]
-        for name, (fwd, fb) in times.items():
-            emit(bench="lora", shape=shape, impl=name, fwd_ms=fwd, fwd_bwd_ms=fb, fwd_x=fwd / base[0], fwd_bwd_x=fb / base[1])
+            fb = time_ms(lambda: torch.autograd.grad(f(), wrt, dy))
+            emit(bench="lora", shape=shape, impl=name, fwd_ms=fwd, fwd_bwd_ms=fb)
+
+
+def rmsnorm():
+    # F.rms_norm (PyTorch's own; under torch.compile it would be fused differently, but eager
+    # is what a plain trainer runs) at benches/rmsnorm.rs's shapes.
+    for rows, cols in [(16384, 768), (8192, 4096)]:
+        dt = torch.bfloat16
+        x = torch.randn(rows, cols, device="cuda", dtype=dt, requires_grad=True)
+        w = (1 + 0.1 * torch.randn(cols, device="cuda")).to(dt).requires_grad_(True)
+        dy = torch.randn(rows, cols, device="cuda", dtype=dt)
+
+        def f():
+            return F.rms_norm(x, (cols,), w, eps=1e-5)
+
+        with torch.no_grad():
+            fwd = time_ms(f, reps=50)
+        fb = time_ms(lambda: torch.autograd.grad(f(), (x, w), dy), reps=50)
+        elem = rows * cols * 2
+        emit(bench="rmsnorm", shape=f"{rows}x{cols}", impl="torch", fwd_ms=fwd, fwd_bwd_ms=fb,
+             fwd_gbps=2 * elem / fwd / 1e6, fwd_bwd_gbps=5 * elem / fb / 1e6)
 
 
 def gae():
@@ -147,11 +173,23 @@ def main():
     if not torch.cuda.is_available():
         print("bench_peers: no CUDA device", file=sys.stderr)
         sys.exit(1)
-    emit(bench="device", name=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda)
-    copy_bandwidth()
-    attention()
-    lora()
-    gae()
+    sections = {
+        "device": lambda: emit(
+            bench="device", name=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda
+        ),
+        "copy": copy_bandwidth,
+        "attention": attention,
+        "lora": lora,
+        "rmsnorm": rmsnorm,
+        "gae": gae,
+    }
+    wanted = [a for a in sys.argv[1:] if not a.startswith("--")] or list(sections)
+    unknown = [w for w in wanted if w not in sections]
+    if unknown:
+        print(f"bench_peers: unknown section(s) {unknown}; known: {list(sections)}", file=sys.stderr)
+        sys.exit(2)
+    for name in wanted:
+        sections[name]()
 
 
 if __name__ == "__main__":

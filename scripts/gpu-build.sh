@@ -4,7 +4,8 @@
 # the bench executables, built with feature `cuda`, stripped, and packed into one
 # xz-compressed tar under .gpu/, with .gpu/run-on-device.sh to unpack and run them there.
 #
-#   scripts/gpu-build.sh              # temper + tests named gpu_* + every bench
+#   scripts/gpu-build.sh              # temper + tests named gpu_* + every bench: what
+#                                     # scripts/gpu-check.sh runs (benches as bench-NAME)
 #   TEMPER_GPU_TESTS='*' scripts/gpu-build.sh   # every test executable (lib/bin unit tests too)
 #   TEMPER_GPU_BENCHES='gae lora' scripts/gpu-build.sh
 #
@@ -141,4 +142,4 @@ if ((size_mb > ${TEMPER_GPU_MAX_MB:-48})); then
   echo "error: the bundle is over ${TEMPER_GPU_MAX_MB:-48} MiB; narrow TEMPER_GPU_TESTS / TEMPER_GPU_BENCHES" >&2
   exit 1
 fi
-echo "on the device: .gpu/run-on-device.sh tests   (carry .gpu if it is git-ignored)" >&2
+echo "on the device (carry .gpu: it is git-ignored): scripts/gpu-check.sh   (docs/GPU.md)" >&2

@@ -28,6 +28,11 @@ for cu in "$dir"/*.cu; do
       }' "$log"
   done
 done | sort -k2,2 -k1,1 | tee "$tmp/report"
+# An empty report means nvcc or the parsing failed, not that nothing spills.
+if [[ ! -s "$tmp/report" ]]; then
+  echo "error: ptxas reported no kernels (see nvcc's messages above)" >&2
+  exit 1
+fi
 if awk '{ split($4, s, "="); split($5, l, "="); if (s[2] + l[2] > 0) bad = 1 } END { exit !bad }' "$tmp/report"; then
   echo "error: some kernel spills registers" >&2
   exit 1

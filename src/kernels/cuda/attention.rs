@@ -80,6 +80,63 @@ pub fn attention_with(
     scale: f64,
     imp: AttnImpl,
 ) -> Result<Option<Tensor>> {
+    Ok(match prepare(q, k, v, mask, scale, imp)? {
+        Some((op, q, k, v)) => Some(q.apply_op3(&k, &v, op)?),
+        None => None,
+    })
+}
+
+/// The forward and backward kernels of [`attention_with`] called directly, outside candle's
+/// autograd, so a bench can drive the backward with a given dO: going through `backward()`
+/// needs a scalar, and the `(y * dy).sum_all()` that makes one adds an elementwise pass,
+/// candle's one-block reduction and its broadcast back to the timing.
+pub struct AttentionDirect {
+    op: FlashAttn,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+}
+
+impl AttentionDirect {
+    /// `None` where [`attention_with`] would fall back to the reference.
+    pub fn new(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &AttnMask,
+        scale: f64,
+        imp: AttnImpl,
+    ) -> Result<Option<Self>> {
+        Ok(prepare(q, k, v, mask, scale, imp)?.map(|(op, q, k, v)| Self { op, q, k, v }))
+    }
+
+    /// Runs the forward kernels (the same launches as [`attention_with`]) and keeps the
+    /// log-sum-exp for [`Self::backward`].
+    pub fn forward(&self) -> Result<Tensor> {
+        self.q.apply_op3_no_bwd(&self.k, &self.v, &self.op)
+    }
+
+    /// `(dq, dk, dv)` for output `o` (from the latest [`Self::forward`]) and its gradient:
+    /// exactly what candle's autograd calls for this op.
+    pub fn backward(&self, o: &Tensor, dout: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (dq, dk, dv) = self.op.bwd(&self.q, &self.k, &self.v, o, dout)?;
+        let some = |t: Option<Tensor>| {
+            t.ok_or_else(|| candle_core::Error::Msg("attention backward: missing grad".into()))
+        };
+        Ok((some(dq)?, some(dk)?, some(dv)?))
+    }
+}
+
+/// Checks shared by [`attention_with`] and [`AttentionDirect`]: the op and the aligned inputs,
+/// or `None` where the kernels do not apply.
+fn prepare(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+    imp: AttnImpl,
+) -> Result<Option<(FlashAttn, Tensor, Tensor, Tensor)>> {
     let dtype = q.dtype();
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
         || k.dtype() != dtype
@@ -144,8 +201,7 @@ pub fn attention_with(
     };
     // Before any allocation or launch; the backward checks its own grids when it runs.
     op.check_grid_y(dtype, &dims, false)?;
-    let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
-    Ok(Some(q.apply_op3(&k, &v, op)?))
+    Ok(Some((op, aligned(q)?, aligned(k)?, aligned(v)?)))
 }
 
 /// Contiguous, starting on a 16-byte boundary (the tensor-core kernels load 16-byte chunks).

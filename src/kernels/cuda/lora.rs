@@ -106,6 +106,51 @@ pub fn lora_linear(x: &Tensor, args: &LoraArgs) -> Result<Option<Tensor>> {
 
 /// [`lora_linear`] with an explicit backward path (tests and benches compare them).
 pub fn lora_linear_with(x: &Tensor, args: &LoraArgs, dy: DyPath) -> Result<Option<Tensor>> {
+    let Some(LoraDirect { op, x2, a, b, dims }) = LoraDirect::new(x, args, dy)? else {
+        return Ok(None);
+    };
+    let y = x2.apply_op3(&a, &b, op)?;
+    Ok(Some(y.reshape(dims)?))
+}
+
+/// The forward and backward of [`lora_linear_with`] called directly, outside candle's
+/// autograd, so a bench can drive the backward with a given dY: going through `backward()`
+/// needs a scalar, and the `(y * dy).sum_all()` that makes one adds an elementwise pass,
+/// candle's one-block reduction and its broadcast back to the timing.
+pub struct LoraDirect {
+    op: LoraOp,
+    /// x as `[M, K]`, contiguous.
+    x2: Tensor,
+    a: Tensor,
+    b: Tensor,
+    /// The output's dims: x's with the last one N.
+    dims: Vec<usize>,
+}
+
+impl LoraDirect {
+    /// `None` where [`lora_linear_with`] would fall back to the reference.
+    pub fn new(x: &Tensor, args: &LoraArgs, dy: DyPath) -> Result<Option<Self>> {
+        prepare(x, args, dy)
+    }
+
+    /// `y` as `[M, N]`, by the same launches as [`lora_linear_with`]; keeps what
+    /// [`Self::backward`] needs.
+    pub fn forward(&self) -> Result<Tensor> {
+        self.x2.apply_op3_no_bwd(&self.a, &self.b, &self.op)
+    }
+
+    /// `(dx, dA, dB)` for `dy: [M, N]` after [`Self::forward`]: exactly what candle's
+    /// autograd calls for this op (W is frozen).
+    pub fn backward(&self, y: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (dx, da, db) = self.op.bwd(&self.x2, &self.a, &self.b, y, dy)?;
+        let some = |t: Option<Tensor>| {
+            t.ok_or_else(|| candle_core::Error::Msg("lora backward: missing grad".into()))
+        };
+        Ok((some(dx)?, some(da)?, some(db)?))
+    }
+}
+
+fn prepare(x: &Tensor, args: &LoraArgs, dy: DyPath) -> Result<Option<LoraDirect>> {
     let dtype = x.dtype();
     let same = [args.w, args.a, args.b]
         .into_iter()
@@ -148,10 +193,15 @@ pub fn lora_linear_with(x: &Tensor, args: &LoraArgs, dy: DyPath) -> Result<Optio
         saved: Mutex::new(None),
     };
     let x2 = x.reshape((m, k))?.contiguous()?;
-    let y = x2.apply_op3(&args.a.contiguous()?, &args.b.contiguous()?, op)?;
-    let mut out_dims = x.dims().to_vec();
-    *out_dims.last_mut().expect("x has a last dim") = n;
-    Ok(Some(y.reshape(out_dims)?))
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("x has a last dim") = n;
+    Ok(Some(LoraDirect {
+        op,
+        x2,
+        a: args.a.contiguous()?,
+        b: args.b.contiguous()?,
+        dims,
+    }))
 }
 
 struct LoraOp {

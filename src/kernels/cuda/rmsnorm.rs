@@ -56,6 +56,15 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<Tensor>> {
 /// The custom op on any device (CPU included), differentiable in `x` and `w`.
 /// `x: [..., cols]`, `w: [cols]`, same dtype (f32, bf16 or f16).
 pub fn rms_norm_op(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    check(x, w)?;
+    let op = RmsNorm {
+        eps: eps as f32,
+        rstd: Mutex::new(None),
+    };
+    x.contiguous()?.apply_op2(&w.contiguous()?, op)
+}
+
+fn check(x: &Tensor, w: &Tensor) -> Result<()> {
     let cols = x.dim(D::Minus1)?;
     if w.dims() != [cols] {
         candle_core::bail!(
@@ -66,11 +75,46 @@ pub fn rms_norm_op(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if w.dtype() != x.dtype() {
         candle_core::bail!("rms_norm: x is {:?} but w is {:?}", x.dtype(), w.dtype());
     }
-    let op = RmsNorm {
-        eps: eps as f32,
-        rstd: Mutex::new(None),
-    };
-    x.contiguous()?.apply_op2(&w.contiguous()?, op)
+    Ok(())
+}
+
+/// The forward and backward of [`rms_norm_op`] called directly, outside candle's autograd, so
+/// a bench can drive the backward with a given dY: going through `backward()` needs a scalar,
+/// and the `(y * dy).sum_all()` that makes one adds an elementwise pass, candle's one-block
+/// reduction and its broadcast back to the timing.
+pub struct RmsNormDirect {
+    op: RmsNorm,
+    x: Tensor,
+    w: Tensor,
+}
+
+impl RmsNormDirect {
+    /// `x: [..., cols]`, `w: [cols]`, as [`rms_norm_op`] takes them.
+    pub fn new(x: &Tensor, w: &Tensor, eps: f64) -> Result<Self> {
+        check(x, w)?;
+        Ok(Self {
+            op: RmsNorm {
+                eps: eps as f32,
+                rstd: Mutex::new(None),
+            },
+            x: x.contiguous()?,
+            w: w.contiguous()?,
+        })
+    }
+
+    /// `y`, by the same launch as [`rms_norm_op`]; keeps the inverse rms for the backward.
+    pub fn forward(&self) -> Result<Tensor> {
+        self.x.apply_op2_no_bwd(&self.w, &self.op)
+    }
+
+    /// `(dx, dw)` for `dy` after [`Self::forward`]: what candle's autograd calls for this op.
+    pub fn backward(&self, y: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (dx, dw) = self.op.bwd(&self.x, &self.w, y, dy)?;
+        let some = |t: Option<Tensor>| {
+            t.ok_or_else(|| candle_core::Error::Msg("rms_norm backward: missing grad".into()))
+        };
+        Ok((some(dx)?, some(dw)?))
+    }
 }
 
 struct RmsNorm {

@@ -1,0 +1,304 @@
+#!/usr/bin/env bash
+# Every GPU check of temper in one device call, under 8 minutes: the GPU test executables, each
+# kernel bench beside its PyTorch peer, and the GPT-2 124M training step (B16 T1024 bf16)
+# beside PyTorch eager (SDPA, fused AdamW) and torch.compile, with tokens/s and peak memory.
+# It ends with one table of ratios, temper over its peer measured in this same run.
+#
+# On the build machine (no GPU needed):   scripts/gpu-build.sh      # packs .gpu/
+# On the device, from the repository root, .gpu carried (it is git-ignored):
+#   scripts/gpu-check.sh
+# docs/GPU.md has the whole recipe; BENCHMARKS.md, how each comparison is made fair.
+#
+# Each section runs under its own timeout and inside an overall budget
+# (TEMPER_CHECK_BUDGET_S, default 450 s), so one hang costs one section; a failed or timed-out
+# section is a row in the table, not the end of the run. Sections run in order of how much
+# their figure matters, so a short budget drops the least useful ones.
+#
+# Output: the table last on stdout; under $OUT when set (else a temp dir; the path is printed):
+#   gpu-check.md   the table, the device, and each section's status: paste into BENCHMARKS.md
+#   results.jsonl  every raw measurement, one JSON object a line, and one line per section
+#   logs.txt       every section's full output
+# (three files: the device tool returns at most 8.)
+set -u
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 1
+DEST="${OUT:-$(mktemp -d /tmp/gpu-check.XXXXXX)}"
+mkdir -p "$DEST"
+WORK="$(mktemp -d /tmp/gpu-check-work.XXXXXX)"
+RESULTS="$WORK/results.jsonl"
+: >"$RESULTS"
+BUDGET="${TEMPER_CHECK_BUDGET_S:-450}"
+START=$SECONDS
+BUNDLE=.gpu/run-on-device.sh
+export PYTHONUNBUFFERED=1
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+if [[ ! -x "$BUNDLE" || ! -f .gpu/bundle.tar.xz ]]; then
+  cat >&2 <<'EOF'
+gpu-check: no .gpu/ bundle here. Build it on a machine with Rust (no GPU needed):
+    scripts/gpu-build.sh
+then carry it to the device: .gpu is git-ignored, so name it in the device call's `carry`.
+EOF
+  exit 2
+fi
+
+# Seconds left in the budget, less a reserve for the table.
+left() { echo $((BUDGET - (SECONDS - START) - 15)); }
+
+# GPU memory in use (MiB), or nothing if nvidia-smi cannot say.
+mem_used() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -n 1 | tr -d ' '; }
+
+# section NAME TIMEOUT_S CMD...: runs CMD with its own timeout (cut to what the budget has
+# left), keeps its output, copies its JSON lines into results.jsonl and records its status.
+# With MEM=1 in the environment it also samples nvidia-smi every 100 ms and records the peak
+# GPU memory of the run over what was in use before it (the process's context included), the
+# one yardstick that means the same for candle's and PyTorch's allocators.
+section() {
+  local name="$1" limit="$2"
+  shift 2
+  local remaining
+  remaining=$(left)
+  if ((remaining < 20)); then
+    echo "== $name: skipped, the ${BUDGET} s budget is spent" >&2
+    printf '{"section":"%s","status":"skipped (budget)"}\n' "$name" >>"$RESULTS"
+    return 0
+  fi
+  ((limit > remaining)) && limit=$remaining
+  echo "== $name (timeout ${limit} s)" >&2
+  local log="$WORK/$name.log" t0=$SECONDS poller="" base=""
+  if [[ "${MEM:-0}" == 1 ]] && command -v nvidia-smi >/dev/null; then
+    base=$(mem_used)
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$WORK/$name.mem" 2>/dev/null &
+    poller=$!
+  fi
+  timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+  local rc=$?
+  if [[ -n "$poller" ]]; then
+    kill "$poller" 2>/dev/null
+    wait "$poller" 2>/dev/null
+  fi
+  local secs=$((SECONDS - t0)) status=ok
+  if ((rc == 124 || rc == 137)); then
+    status="timeout after ${limit} s"
+  elif ((rc != 0)); then
+    status="failed (exit $rc)"
+  fi
+  echo "   $status in ${secs} s" >&2
+  grep -v '^{' "$log" | tail -n 25 | sed 's/^/   | /' >&2
+  grep '^{' "$log" | sed "s/^{/{\"section\":\"$name\",/" >>"$RESULTS"
+  local peak=""
+  if [[ -n "$poller" && -s "$WORK/$name.mem" && -n "$base" ]]; then
+    peak=$(sort -n "$WORK/$name.mem" | tail -n 1 | tr -d ' ')
+    peak=$((peak - base))
+  fi
+  printf '{"section":"%s","status":"%s","seconds":%d%s}\n' "$name" "$status" "$secs" \
+    "${peak:+,\"peak_mib\":$peak}" >>"$RESULTS"
+  {
+    echo "===== $name: $status in ${secs} s: $*"
+    cat "$log"
+  } >>"$WORK/logs.txt"
+}
+
+# has NAME: the bundle holds executable NAME.
+has() { [[ -n "${LISTING:-}" ]] && grep -qx "$1" <<<"$LISTING"; }
+
+# --- the device and the bundle -----------------------------------------------------------
+section device 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv; python3 scripts/bench_peers.py device'
+section unpack 120 "$BUNDLE" list
+LISTING="$(cat "$WORK/unpack.log" 2>/dev/null)"
+
+# --- tests: every packed test executable, one section each --------------------------------
+for t in $(grep '^test-' <<<"$LISTING"); do
+  section "$t" 150 "$BUNDLE" "$t"
+  # Counts for the table: cargo's summary lines and the visible skips.
+  python3 - "$WORK/$t.log" "$t" >>"$RESULTS" <<'PY'
+import json, re, sys
+text = open(sys.argv[1], errors="replace").read()
+count = lambda key: sum(int(n) for n in re.findall(r"(\d+) " + key, text))
+print(json.dumps({"bench": "tests", "impl": sys.argv[2], "passed": count("passed"),
+                  "failed": count("failed"), "skipped": text.count("SKIPPED")}))
+PY
+done
+
+# --- the training step: temper, then PyTorch eager, in separate processes for memory -------
+if has bench-train_step; then
+  MEM=1 section train-ours 150 "$BUNDLE" bench-train_step --bench --impl ours --steps 8
+else
+  echo "== train-ours: bench-train_step is not in .gpu (scripts/gpu-build.sh packs it)" >&2
+fi
+MEM=1 section train-torch-eager 120 python3 scripts/gpt2_peer.py --steps 10
+
+# --- kernel benches and their peers ----------------------------------------------------------
+section peer-copy 60 python3 scripts/bench_peers.py copy
+for b in attention lora rmsnorm gae; do
+  if has "bench-$b"; then
+    section "bench-$b" 150 "$BUNDLE" "bench-$b" --bench
+  else
+    echo "== bench-$b: not in .gpu (scripts/gpu-build.sh packs it)" >&2
+    printf '{"section":"bench-%s","status":"missing from .gpu"}\n' "$b" >>"$RESULTS"
+  fi
+  section "peer-$b" 120 python3 scripts/bench_peers.py "$b"
+done
+
+# --- HOOK: generation (benches/generate.rs and its transformers peer) ------------------------
+# Runs when gpu-build.sh has packed bench-generate; skipped visibly otherwise. Contract for the
+# table: both sides print JSON lines {"bench":"generate","shape":S,"impl":I,"tokens_per_s":X},
+# temper's with impl "temper" (or starting with "ours"), the peer's with impl starting with
+# "transformers" or "torch". The peer is scripts/generate_peer.py when it exists
+# (TEMPER_GENERATE_PEER overrides the command).
+if has bench-generate; then
+  section bench-generate 120 "$BUNDLE" bench-generate --bench
+  peer_cmd="${TEMPER_GENERATE_PEER:-}"
+  [[ -z "$peer_cmd" && -f scripts/generate_peer.py ]] && peer_cmd="python3 scripts/generate_peer.py"
+  if [[ -n "$peer_cmd" ]]; then
+    # shellcheck disable=SC2086
+    section peer-generate 120 $peer_cmd
+  else
+    echo "== peer-generate: no scripts/generate_peer.py; skipped" >&2
+    printf '{"section":"peer-generate","status":"skipped (no peer script)"}\n' >>"$RESULTS"
+  fi
+else
+  echo "== bench-generate: not in .gpu yet; skipped" >&2
+  printf '{"section":"bench-generate","status":"skipped (not in .gpu)"}\n' >>"$RESULTS"
+fi
+
+# --- the rest, as time allows: torch.compile (its compilation takes a minute or more) and the
+# step with temper's reference kernels ---------------------------------------------------------
+MEM=1 section train-torch-compile 240 python3 scripts/gpt2_peer.py --compile --steps 10
+if has bench-train_step; then
+  MEM=1 section train-reference 120 "$BUNDLE" bench-train_step --bench --impl reference --steps 4
+fi
+
+# --- the table --------------------------------------------------------------------------------
+cp "$RESULTS" "$DEST/results.jsonl"
+cp "$WORK/logs.txt" "$DEST/logs.txt" 2>/dev/null || : >"$DEST/logs.txt"
+python3 - "$RESULTS" "$((SECONDS - START))" >"$DEST/gpu-check.md" <<'PY'
+import json, sys
+
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+status = {r["section"]: r for r in rows if "status" in r}
+meas = [r for r in rows if "bench" in r]
+
+
+def pick(**kw):
+    for r in meas:
+        if all(r.get(k) == v for k, v in kw.items()):
+            return r
+    return {}
+
+
+def num(x, spec=None):
+    if not isinstance(x, (int, float)):
+        return "-"
+    if spec:
+        return format(x, spec)
+    return format(x, ",.0f") if abs(x) >= 1000 else format(x, ".4g")
+
+
+def sec_state(*names):
+    bad = [f"{n}: {status[n]['status']}" for n in names if n in status and status[n]["status"] != "ok"]
+    return "; ".join(bad)
+
+
+out = []
+out.append(f"# gpu-check ({sys.argv[2]} s)")
+dev = pick(bench="device")
+if dev:
+    out.append(f"\ndevice: {dev.get('name')}, torch {dev.get('torch')}, CUDA {dev.get('cuda')}")
+copy = pick(bench="copy").get("gbps")
+out.append("\nratio = temper / peer, both measured in this run. For times (ms) below 1 is "
+           "better for temper; for rates (TFLOP/s, tokens/s, GB/s) above 1 is; for memory below 1.\n")
+out.append("| what | shape | metric | temper | peer | peer value | ratio | note |")
+out.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def row(what, shape, metric, ours, peer, theirs, note=""):
+    ratio = ours / theirs if isinstance(ours, (int, float)) and isinstance(theirs, (int, float)) and theirs else None
+    out.append(f"| {what} | {shape} | {metric} | {num(ours)} | {peer} | {num(theirs)} | {num(ratio, '.2f')} | {note} |")
+
+
+# The training step.
+ours = pick(bench="train_step", impl="ours")
+note = sec_state("train-ours", "train-torch-eager", "train-torch-compile")
+for peer in ["torch-eager", "torch-compile"]:
+    p = pick(bench="train_step", impl=peer)
+    row("GPT-2 124M train step", "B16 T1024 bf16", "tokens/s", ours.get("tokens_per_s"), peer, p.get("tokens_per_s"), note)
+    sec = "train-torch-eager" if peer == "torch-eager" else "train-torch-compile"
+    row("GPT-2 124M train step", "B16 T1024 bf16", "peak GPU MiB (nvidia-smi)",
+        status.get("train-ours", {}).get("peak_mib"), peer, status.get(sec, {}).get("peak_mib"),
+        f"torch's own peak: {num(p.get('peak_reserved_gib'))} GiB reserved, {num(p.get('peak_alloc_gib'))} allocated")
+refr = pick(bench="train_step", impl="reference")
+if refr:
+    row("GPT-2 124M train step", "B16 T1024 bf16", "tokens/s", refr.get("tokens_per_s"), "temper reference kernels",
+        ours.get("tokens_per_s"), "reference over ours, not a peer")
+
+# Attention.
+for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention"}):
+    note = sec_state("bench-attention", "peer-attention")
+    for p in ["fwd", "fwd+bwd"]:
+        o = pick(bench="attention", shape=shape, impl="ours-mma", **{"pass": p}).get("tflops")
+        for peer in ["torch-flash", "torch-cudnn"]:
+            row("attention causal", shape, f"{p} TFLOP/s", o, peer,
+                pick(bench="attention", shape=shape, impl=peer, **{"pass": p}).get("tflops"), note)
+
+# LoRA: the fused op over PyTorch's plain GEMM and over PyTorch's unfused LoRA.
+for shape in sorted({r["shape"] for r in meas if r.get("bench") == "lora"}):
+    note = sec_state("bench-lora", "peer-lora")
+    for key, label in [("fwd_ms", "fwd ms"), ("fwd_bwd_ms", "fwd+bwd ms")]:
+        o = pick(bench="lora", shape=shape, impl="fused").get(key)
+        for peer in ["torch-plain", "torch-unfused"]:
+            row("LoRA fused", shape, label, o, peer, pick(bench="lora", shape=shape, impl=peer).get(key), note)
+        row("candle plain GEMM", shape, label, pick(bench="lora", shape=shape, impl="candle-plain").get(key),
+            "torch-plain", pick(bench="lora", shape=shape, impl="torch-plain").get(key), "what candle's own GEMM costs")
+
+# RMSNorm.
+for shape in sorted({r["shape"] for r in meas if r.get("bench") == "rmsnorm"}):
+    note = sec_state("bench-rmsnorm", "peer-rmsnorm")
+    for key, label in [("fwd_ms", "fwd ms"), ("fwd_bwd_ms", "fwd+bwd ms")]:
+        row("RMSNorm", shape, label, pick(bench="rmsnorm", shape=shape, impl="ours").get(key), "torch",
+            pick(bench="rmsnorm", shape=shape, impl="torch").get(key), note)
+
+# GAE.
+for shape in sorted({r["shape"] for r in meas if r.get("bench") == "gae"}):
+    note = sec_state("bench-gae", "peer-gae")
+    k = pick(bench="gae", shape=shape, impl="ours-kernel")
+    row("GAE", shape, "ms", k.get("ms"), "torch-trl-loop", pick(bench="gae", shape=shape, impl="torch-trl-loop").get("ms"), note)
+    row("GAE", shape, "GB/s", k.get("gbps"), "torch copy", copy, "kernel over the copy ceiling")
+
+# Generation (the hook).
+for shape in sorted({r.get("shape", "") for r in meas if r.get("bench") == "generate"}):
+    gen = [r for r in meas if r.get("bench") == "generate" and r.get("shape", "") == shape]
+    o = next((r for r in gen if r.get("impl") == "temper" or str(r.get("impl", "")).startswith("ours")), {})
+    for p in [r for r in gen if str(r.get("impl", "")).startswith(("transformers", "torch"))]:
+        row("generate", shape, "tokens/s", o.get("tokens_per_s"), p["impl"], p.get("tokens_per_s"),
+            sec_state("bench-generate", "peer-generate"))
+
+# The benches' own checks: each direct backward entry point against candle's autograd.
+checks = [r for r in meas if r.get("bench") == "check"]
+if checks:
+    out.append("\n| check | shape | impl | max relative difference |")
+    out.append("| --- | --- | --- | --- |")
+    for r in checks:
+        out.append(f"| {r.get('of')}: {r.get('what')} | {r.get('shape')} | {r.get('impl')} | {num(r.get('max_rel_diff'), '.2e')} |")
+
+# Tests.
+out.append("\n| test executable | passed | failed | skipped | status |")
+out.append("| --- | --- | --- | --- | --- |")
+for r in meas:
+    if r.get("bench") == "tests":
+        st = status.get(r["impl"], {}).get("status", "?")
+        out.append(f"| {r['impl']} | {r['passed']} | {r['failed']} | {r['skipped']} | {st} |")
+
+out.append("\n| section | status | seconds |")
+out.append("| --- | --- | --- |")
+for name, r in status.items():
+    out.append(f"| {name} | {r['status']} | {r.get('seconds', '-')} |")
+print("\n".join(out))
+PY
+echo >&2
+echo "raw numbers and logs: $DEST (gpu-check.md, results.jsonl, logs.txt)" >&2
+cat "$DEST/gpu-check.md"
+rm -rf "$WORK"
+# Non-zero when any section did not pass, so a caller can tell; the table says which.
+! grep -q '"status":"\(failed\|timeout\)' "$DEST/results.jsonl"
