@@ -80,15 +80,21 @@ fn main() -> anyhow::Result<()> {
         Ok(())
     })?;
     let bytes = (n * DType::F32.size_in_bytes()) as f64;
-    println!(
-        "allreduce world={} tensors={} values={n} bucketed_ms={:.3} bucketed_GBps={:.1} one_buffer_ms={:.3} one_buffer_GBps={:.1}",
-        comm.world(),
-        shapes.len(),
-        bucketed * 1e3,
-        bytes / bucketed / 1e9,
-        raw * 1e3,
-        bytes / raw / 1e9
-    );
+    // One JSON line per measurement, as scripts/gpu-check.sh reads them.
+    for (imp, secs) in [("ours-bucketed", bucketed), ("ours-one-buffer", raw)] {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "allreduce",
+                "shape": format!("gpt2-124m world{}", comm.world()),
+                "impl": imp,
+                "tensors": shapes.len(),
+                "values": n,
+                "ms": secs * 1e3,
+                "gbps": bytes / secs / 1e9,
+            })
+        );
+    }
     Ok(())
 }
 

@@ -169,6 +169,31 @@ def copy_bandwidth():
     emit(bench="copy", impl="torch", ms=ms, gbps=2 * src.numel() * 4 / ms / 1e6)
 
 
+def allreduce():
+    # PyTorch DDP's gradient all-reduce at world size 1 over NCCL, for GPT-2 124M's parameter
+    # count: one flat buffer, and DDP's 25 MB buckets. temper's bench-allreduce is the same.
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda:0"))
+    n = 124_439_808
+    flat = torch.randn(n, device="cuda")
+    bucket = 25 * 1024 * 1024 // 4
+    chunks = list(flat.split(bucket))
+    ms_flat = time_ms(lambda: dist.all_reduce(flat, op=dist.ReduceOp.AVG))
+    ms_buckets = time_ms(lambda: [dist.all_reduce(c, op=dist.ReduceOp.AVG) for c in chunks])
+    for impl, ms in [("torch-one-buffer", ms_flat), ("torch-buckets", ms_buckets)]:
+        emit(bench="allreduce", shape="gpt2-124m world1", impl=impl, ms=ms, gbps=n * 4 / ms / 1e6)
+    dist.destroy_process_group()
+
+
 def main():
     if not torch.cuda.is_available():
         print("bench_peers: no CUDA device", file=sys.stderr)
@@ -182,6 +207,7 @@ def main():
         "lora": lora,
         "rmsnorm": rmsnorm,
         "gae": gae,
+        "allreduce": allreduce,
     }
     wanted = [a for a in sys.argv[1:] if not a.startswith("--")] or list(sections)
     unknown = [w for w in wanted if w not in sections]

@@ -41,9 +41,9 @@ echo "building into $CARGO_TARGET_DIR (release, feature cuda, CUDA_COMPUTE_CAP=$
 
 ARTIFACTS="$(mktemp)"
 trap 'rm -f "$ARTIFACTS"' EXIT
-cargo build --release --features cuda --bin temper --message-format=json-render-diagnostics >>"$ARTIFACTS"
-cargo test --release --features cuda --no-run --message-format=json-render-diagnostics >>"$ARTIFACTS"
-cargo bench --features cuda --no-run --message-format=json-render-diagnostics >>"$ARTIFACTS"
+cargo build --release --features nccl --bin temper --message-format=json-render-diagnostics >>"$ARTIFACTS"
+cargo test --release --features nccl --no-run --message-format=json-render-diagnostics >>"$ARTIFACTS"
+cargo bench --features nccl --no-run --message-format=json-render-diagnostics >>"$ARTIFACTS"
 
 # 4. Pick the executables: name on the device <- path here.
 STAGE="$(mktemp -d)"

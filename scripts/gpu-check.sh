@@ -131,7 +131,7 @@ MEM=1 section train-torch-eager 120 python3 scripts/gpt2_peer.py --steps 10
 
 # --- kernel benches and their peers ----------------------------------------------------------
 section peer-copy 60 python3 scripts/bench_peers.py copy
-for b in attention lora rmsnorm gae; do
+for b in attention lora rmsnorm gae allreduce; do
   if has "bench-$b"; then
     section "bench-$b" 150 "$BUNDLE" "bench-$b" --bench
   else
@@ -265,6 +265,13 @@ for shape in sorted({r["shape"] for r in meas if r.get("bench") == "gae"}):
     k = pick(bench="gae", shape=shape, impl="ours-kernel")
     row("GAE", shape, "ms", k.get("ms"), "torch-trl-loop", pick(bench="gae", shape=shape, impl="torch-trl-loop").get("ms"), note)
     row("GAE", shape, "GB/s", k.get("gbps"), "torch copy", copy, "kernel over the copy ceiling")
+
+# The data-parallel gradient all-reduce (NCCL, world size 1 on this one GPU).
+for shape in sorted({r["shape"] for r in meas if r.get("bench") == "allreduce"}):
+    note = sec_state("bench-allreduce", "peer-allreduce")
+    for o, p in [("ours-bucketed", "torch-buckets"), ("ours-one-buffer", "torch-one-buffer")]:
+        row("all-reduce (NCCL)", shape, f"{o} ms", pick(bench="allreduce", shape=shape, impl=o).get("ms"), p,
+            pick(bench="allreduce", shape=shape, impl=p).get("ms"), note)
 
 # Generation (the hook).
 for shape in sorted({r.get("shape", "") for r in meas if r.get("bench") == "generate"}):

@@ -28,7 +28,10 @@ fn profile_times_the_step_by_region() {
         serde_json::from_str(&std::fs::read_to_string(run.join("profile.json")).unwrap()).unwrap();
     assert_eq!(v["steps"], 3);
     let regions = v["regions"].as_array().unwrap();
-    let names: Vec<&str> = regions.iter().map(|r| r["region"].as_str().unwrap()).collect();
+    let names: Vec<&str> = regions
+        .iter()
+        .map(|r| r["region"].as_str().unwrap())
+        .collect();
     for want in ["forward", "backward", "clip", "optimizer"] {
         assert!(names.contains(&want), "{names:?}");
     }
