@@ -68,9 +68,8 @@ fn run(
             key_valid: None,
         };
         let loss = cross_entropy(&net.forward(&x, &f, None)?, &y, &mask)?;
-        let mut grads = opt.collect(&loss.backward()?)?;
-        AdamW::clip(&mut grads, 1.0)?;
-        opt.step(&grads, 3e-4)?;
+        let grads = opt.collect(&loss.backward()?)?;
+        opt.update(&grads, 3e-4, 1.0, kernels.adamw)?;
         losses.push(scalar(&loss)?); // forces a device sync
         if i >= 2 {
             times.push(t0.elapsed().as_secs_f64());

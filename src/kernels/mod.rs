@@ -1,6 +1,7 @@
 //! One module per op; each exposes one function that dispatches between the reference
 //! implementation and our CUDA kernel according to the [`registry`].
 
+pub mod adamw;
 pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -264,6 +264,7 @@ pub fn train<T: Task>(
             resume: env.resume,
             label: cfg.stage.name(),
             eval_at_start: plan.eval_at_start,
+            optimizer: env.kernels.adamw,
         },
     )
 }

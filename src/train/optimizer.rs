@@ -12,6 +12,8 @@ use candle_core::{backprop::GradStore, Tensor, Var};
 use super::params::{save_tensors, ParamInfo, ParamStore};
 use crate::config::TrainConfig;
 use crate::dist::Communicator;
+use crate::kernels::adamw::{self, Hyper, Slot};
+use crate::kernels::KernelChoice;
 
 pub struct AdamW {
     names: Vec<String>,
@@ -152,47 +154,48 @@ impl AdamW {
             .collect()
     }
 
-    /// Clips `grads` in place to global norm `max_norm` (0 = no clipping); returns the norm
-    /// before clipping.
-    pub fn clip(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
-        let mut sq = 0f64;
-        for g in grads.iter() {
-            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        }
-        let norm = sq.sqrt();
-        if max_norm > 0.0 && norm > max_norm {
-            let s = max_norm / (norm + 1e-6);
-            for g in grads.iter_mut() {
-                *g = (&*g * s)?;
-            }
-        }
-        Ok(norm)
-    }
-
-    /// One AdamW step on the parameters this rank owns (all of them when unsharded).
-    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+    /// One step: the global norm of `grads` (every parameter's, owned or not), clipping to
+    /// `max_norm` (0: none), and AdamW on the parameters this rank owns (all of them when
+    /// unsharded), by `kernel`'s implementation. Returns the norm before clipping.
+    pub fn update(
+        &mut self,
+        grads: &[Tensor],
+        lr: f64,
+        max_norm: f64,
+        kernel: KernelChoice,
+    ) -> Result<f64> {
         self.t += 1;
-        let (b1, b2) = (self.beta1, self.beta2);
-        let bc1 = 1.0 - b1.powi(self.t as i32);
-        let bc2 = 1.0 - b2.powi(self.t as i32);
-        for (i, g) in grads.iter().enumerate().take(self.vars.len()) {
-            let (Some(m), Some(v)) = (&self.m[i], &self.v[i]) else {
+        let h = Hyper {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            t: self.t,
+            max_norm,
+        };
+        let mut slots = vec![];
+        for (i, (m, v)) in self.m.iter_mut().zip(self.v.iter_mut()).enumerate() {
+            let (Some(m), Some(v)) = (m.as_mut(), v.as_mut()) else {
                 continue;
             };
-            let m = ((m * b1)? + (g * (1.0 - b1))?)?;
-            let v = ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let mhat = (&m / bc1)?;
-            let denom = ((&v / bc2)?.sqrt()? + self.eps)?;
-            let mut update = (mhat / denom)?;
-            let p = self.vars[i].as_tensor();
-            if self.decay[i] && self.weight_decay > 0.0 {
-                update = (update + (p * self.weight_decay)?)?;
-            }
-            self.vars[i].set(&(p - (update * (lr * self.lr_scale[i]))?)?)?;
-            self.m[i] = Some(m);
-            self.v[i] = Some(v);
+            slots.push(Slot {
+                param: &self.vars[i],
+                m,
+                v,
+                grad: &grads[i],
+                lr: lr * self.lr_scale[i],
+                weight_decay: match self.decay[i] {
+                    true => self.weight_decay,
+                    false => 0.0,
+                },
+            });
         }
-        Ok(())
+        adamw::update(grads, &mut slots, &h, kernel)
+    }
+
+    /// [`update`](Self::update) without clipping, by the reference.
+    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.update(grads, lr, 0.0, KernelChoice::Reference)
+            .map(|_| ())
     }
 
     /// Every moment, by name, gathered on rank 0 (`None` on the others); every rank must

@@ -22,19 +22,17 @@ pub enum Region {
     Backward,
     /// Averaging the gradients over data-parallel ranks.
     GradSync,
-    /// The global gradient norm and clipping.
-    Clip,
+    /// The global gradient norm, clipping and AdamW.
     Optimizer,
     /// ZeRO-1: weights broadcast from the ranks that own them.
     WeightSync,
 }
 
 impl Region {
-    pub const ALL: [Region; 6] = [
+    pub const ALL: [Region; 5] = [
         Region::Forward,
         Region::Backward,
         Region::GradSync,
-        Region::Clip,
         Region::Optimizer,
         Region::WeightSync,
     ];
@@ -44,8 +42,7 @@ impl Region {
             Region::Forward => "forward (+ data, rollout)",
             Region::Backward => "backward",
             Region::GradSync => "gradient all-reduce",
-            Region::Clip => "grad norm + clip",
-            Region::Optimizer => "optimizer",
+            Region::Optimizer => "grad norm, clip, AdamW",
             Region::WeightSync => "weight broadcast (ZeRO-1)",
         }
     }
@@ -227,6 +224,6 @@ mod tests {
         assert!(r[0].ms_per_step > r[1].ms_per_step);
         assert!((r.iter().map(|x| x.share).sum::<f64>() - 1.0).abs() < 1e-9);
         let t = p.table(1000.0).unwrap();
-        assert!(t.contains("optimizer") && t.contains("3 steps"), "{t}");
+        assert!(t.contains("AdamW") && t.contains("3 steps"), "{t}");
     }
 }

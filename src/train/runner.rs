@@ -22,6 +22,7 @@ use crate::data::tokenizer::Tokenizer;
 use crate::dist::preempt::{self, Preempted};
 use crate::dist::Communicator;
 use crate::io::{write_atomic, write_dir_atomic};
+use crate::kernels::KernelChoice;
 
 pub struct StepOut {
     pub loss: Tensor,
@@ -121,6 +122,8 @@ pub struct RunOpts<'a> {
     pub label: &'a str,
     /// Evaluate before the first step too (a baseline for the curve).
     pub eval_at_start: bool,
+    /// The optimizer step's implementation (`--kernels adamw=...`).
+    pub optimizer: KernelChoice,
 }
 
 /// Sums of the extra metrics over one step's micro-batches or one logging window, each with
@@ -459,10 +462,8 @@ impl<T: Task> Loop<'_, T> {
         self.all_reduce(&mut grads, &mut out)?;
         span(self, Region::GradSync, m)?;
         let m = prof(self)?;
-        out.grad_norm = AdamW::clip(&mut grads, self.opts.cfg.grad_clip)?;
-        span(self, Region::Clip, m)?;
-        let m = prof(self)?;
-        self.opt.step(&grads, lr)?;
+        let clip = self.opts.cfg.grad_clip;
+        out.grad_norm = self.opt.update(&grads, lr, clip, self.opts.optimizer)?;
         span(self, Region::Optimizer, m)?;
         if self.opt.sharded() {
             let m = prof(self)?;

@@ -39,6 +39,7 @@
 //! - `TEMPER_CUDA_SYNC_CHECK=1` makes [`after_launch`] synchronise and report the first
 //!   asynchronous fault against the kernel that caused it (slow; for debugging).
 
+pub mod adamw;
 pub mod attention;
 pub mod gae;
 pub mod lora;
