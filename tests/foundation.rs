@@ -289,9 +289,13 @@ fn every_parameter_receives_a_gradient() {
             .forward(&ids.narrow(1, 0, 5).unwrap(), &f, None)
             .unwrap();
         let mask = Tensor::ones((1, 5), DType::F32, &Device::Cpu).unwrap();
-        let loss =
-            temper::train::loss::cross_entropy(&logits, &ids.narrow(1, 1, 5).unwrap(), &mask)
-                .unwrap();
+        let loss = temper::train::loss::cross_entropy(
+            &logits,
+            &ids.narrow(1, 1, 5).unwrap(),
+            &mask,
+            temper::kernels::KernelChoice::Custom,
+        )
+        .unwrap();
         let grads = loss.backward().unwrap();
         for (name, var, _) in store.iter() {
             let g = grads

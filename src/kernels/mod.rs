@@ -6,6 +6,7 @@ pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod gae;
+pub mod logprobs;
 pub mod lora;
 pub mod registry;
 pub mod rmsnorm;

@@ -28,16 +28,19 @@ pub enum KernelOp {
     RmsNorm,
     /// The optimizer step: gradient norm, clipping and AdamW.
     Adamw,
+    /// The loss head: the targets' log-probabilities and their gradient.
+    Logprobs,
 }
 
 impl KernelOp {
     /// Every op, in the order `Display` lists them.
-    pub const ALL: [KernelOp; 5] = [
+    pub const ALL: [KernelOp; 6] = [
         Self::Attention,
         Self::Lora,
         Self::Gae,
         Self::RmsNorm,
         Self::Adamw,
+        Self::Logprobs,
     ];
 
     /// The name a user types (`--kernels attention=...`).
@@ -48,6 +51,7 @@ impl KernelOp {
             Self::Gae => "gae",
             Self::RmsNorm => "rmsnorm",
             Self::Adamw => "adamw",
+            Self::Logprobs => "logprobs",
         }
     }
 
@@ -59,6 +63,7 @@ impl KernelOp {
             Self::Gae => "cuda",
             Self::RmsNorm => "fused",
             Self::Adamw => "fused",
+            Self::Logprobs => "fused",
         }
     }
 
@@ -76,12 +81,13 @@ impl fmt::Display for KernelOp {
 
 /// The ops that have a swappable implementation, with the name a user types for the custom
 /// one (the same table as [`KernelOp::name`] and [`KernelOp::custom_name`]).
-pub const OPS: [(&str, &str); 5] = [
+pub const OPS: [(&str, &str); 6] = [
     ("attention", "flash"),
     ("lora", "fused"),
     ("gae", "cuda"),
     ("rmsnorm", "fused"),
     ("adamw", "fused"),
+    ("logprobs", "fused"),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -92,6 +98,7 @@ pub struct KernelSet {
     pub gae: KernelChoice,
     pub rmsnorm: KernelChoice,
     pub adamw: KernelChoice,
+    pub logprobs: KernelChoice,
 }
 
 impl KernelSet {
@@ -102,6 +109,7 @@ impl KernelSet {
             gae: KernelChoice::Reference,
             rmsnorm: KernelChoice::Reference,
             adamw: KernelChoice::Reference,
+            logprobs: KernelChoice::Reference,
         }
     }
 
@@ -113,6 +121,7 @@ impl KernelSet {
             KernelOp::Gae => &mut self.gae,
             KernelOp::RmsNorm => &mut self.rmsnorm,
             KernelOp::Adamw => &mut self.adamw,
+            KernelOp::Logprobs => &mut self.logprobs,
         }
     }
 
@@ -124,6 +133,7 @@ impl KernelSet {
             KernelOp::Gae => self.gae,
             KernelOp::RmsNorm => self.rmsnorm,
             KernelOp::Adamw => self.adamw,
+            KernelOp::Logprobs => self.logprobs,
         }
     }
 
@@ -202,7 +212,7 @@ mod tests {
         assert_eq!(k.gae, KernelChoice::Custom);
         assert_eq!(
             k.to_string(),
-            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused"
+            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused"
         );
         assert_eq!(KernelSet::default().apply_spec(&k.to_string()).unwrap(), k);
         assert_eq!(

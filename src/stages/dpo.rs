@@ -97,7 +97,11 @@ impl DpoTask<'_> {
             positions: None,
             key_valid: None,
         };
-        let lp = token_logprobs(&net.forward(&b.inputs, &f, None)?, &b.targets)?;
+        let lp = token_logprobs(
+            &net.forward(&b.inputs, &f, None)?,
+            &b.targets,
+            ctx.kernels.logprobs,
+        )?;
         Ok((lp * &b.loss_mask)?.sum(1)?)
     }
 

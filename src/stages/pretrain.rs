@@ -49,7 +49,7 @@ impl PretrainTask<'_> {
         };
         let logits = self.net.forward(x, &f, None)?;
         let mask = y.ones_like()?.to_dtype(candle_core::DType::F32)?;
-        cross_entropy(&logits, y, &mask)
+        cross_entropy(&logits, y, &mask, f.ctx.kernels.logprobs)
     }
 }
 

@@ -553,7 +553,7 @@ pub fn response_logprobs(
         logits = (logits / ro.temperature)?;
     }
     let targets = rows(&ro.resp_tokens, idx)?;
-    let lp = token_logprobs(&logits, &targets)?;
+    let lp = token_logprobs(&logits, &targets, ctx.kernels.logprobs)?;
     let ent = if want_entropy {
         Some(entropy(&logits)?)
     } else {

@@ -77,7 +77,7 @@ impl SftTask<'_> {
         let logits = self.net.forward(&b.inputs, &f, None)?;
         let counted = scalar(&b.loss_mask.sum_all()?)?;
         Ok((
-            cross_entropy(&logits, &b.targets, &b.loss_mask)?,
+            cross_entropy(&logits, &b.targets, &b.loss_mask, f.ctx.kernels.logprobs)?,
             b.tokens,
             counted,
         ))

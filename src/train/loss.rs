@@ -4,6 +4,8 @@
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 
+use crate::kernels::KernelChoice;
+
 pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
@@ -11,12 +13,12 @@ pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
     Ok(shifted.broadcast_sub(&lse)?)
 }
 
-/// `[B, T, V]` logits and `[B, T]` u32 targets -> `[B, T]` log p(target).
-pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let lp = log_softmax(&logits.to_dtype(DType::F32)?)?;
-    Ok(lp
-        .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
-        .squeeze(D::Minus1)?)
+/// `[B, T, V]` logits and `[B, T]` u32 targets -> `[B, T]` log p(target), by `kernel`'s
+/// implementation (`--kernels logprobs=...`; src/kernels/logprobs.rs).
+pub fn token_logprobs(logits: &Tensor, targets: &Tensor, kernel: KernelChoice) -> Result<Tensor> {
+    Ok(crate::kernels::logprobs::token_logprobs(
+        logits, targets, kernel,
+    )?)
 }
 
 /// Entropy of the softmax over the last dimension, `[B, T]`.
@@ -32,8 +34,13 @@ pub fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
 }
 
 /// Mean next-token cross-entropy over the positions where `mask` is 1.
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    masked_mean(&token_logprobs(logits, targets)?.neg()?, mask)
+pub fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    mask: &Tensor,
+    kernel: KernelChoice,
+) -> Result<Tensor> {
+    masked_mean(&token_logprobs(logits, targets, kernel)?.neg()?, mask)
 }
 
 /// `log(sigmoid(x))` computed stably as `-softplus(-x)`.
@@ -58,7 +65,8 @@ mod tests {
         let logits = Tensor::zeros((2, 3, 5), DType::F32, &Device::Cpu).unwrap();
         let targets = Tensor::new(&[[0u32, 1, 2], [3, 4, 0]], &Device::Cpu).unwrap();
         let mask = Tensor::new(&[[1f32, 1., 0.], [1., 0., 0.]], &Device::Cpu).unwrap();
-        let l = scalar(&cross_entropy(&logits, &targets, &mask).unwrap()).unwrap();
+        let l = scalar(&cross_entropy(&logits, &targets, &mask, KernelChoice::Reference).unwrap())
+            .unwrap();
         assert!((l - 5f64.ln()).abs() < 1e-6);
         let h = entropy(&logits).unwrap().to_vec2::<f32>().unwrap();
         assert!((h[0][0] as f64 - 5f64.ln()).abs() < 1e-6);

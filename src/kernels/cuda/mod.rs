@@ -42,6 +42,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod gae;
+pub mod logprobs;
 pub mod lora;
 pub mod rmsnorm;
 

@@ -1,0 +1,21 @@
+// What the log-probability kernels (logprobs.cu) share with their launcher,
+// src/kernels/cuda/logprobs.rs: LogprobsParams, the one kernel argument of every entry point
+// in logprobs.cu (the ABI), mirrored field for field there.
+#pragma once
+
+#include "common.cuh"
+
+// Logits are [rows, vocab] row-major in the entry point's dtype; everything else is f32
+// except the u32 targets.
+struct LogprobsParams {
+  const void *logits;            // [rows, vocab]
+  const unsigned int *targets;   // [rows]
+  float *logp;                   // [rows] forward writes log softmax(logits)[target]
+  float *lse;                    // [rows] forward writes, backward reads: log sum exp
+  const float *dlogp;            // [rows] backward: the gradient of logp
+  void *dlogits;                 // [rows, vocab] backward writes, logits' dtype
+  int rows;
+  int vocab;
+};
+static_assert(sizeof(LogprobsParams) == 56, "LogprobsParams: keep in step with the Rust mirror");
+static_assert(alignof(LogprobsParams) == 8, "LogprobsParams: keep in step with the Rust mirror");

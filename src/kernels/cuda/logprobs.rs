@@ -1,0 +1,143 @@
+//! Launchers of `kernels/logprobs.cu` for the op in `src/kernels/logprobs.rs`: one block per
+//! row for the forward (log-probabilities and the saved log-sum-exp) and for the backward.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CudaStorage, DType, Layout, Result, Tensor, WithDType};
+
+use super::super::logprobs::rows_vocab;
+use super::{alloc_out, contiguous_view, cuda_storage, launch, load_func};
+use super::{tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
+
+/// The Rust mirror of `struct LogprobsParams` in kernels/logprobs.cuh (field comments there).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct LogprobsParams {
+    logits: u64,
+    targets: u64,
+    logp: u64,
+    lse: u64,
+    dlogp: u64,
+    dlogits: u64,
+    rows: i32,
+    vocab: i32,
+}
+const _: () = assert!(std::mem::size_of::<LogprobsParams>() == 56);
+const _: () = assert!(std::mem::align_of::<LogprobsParams>() == 8);
+// SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
+unsafe impl DeviceRepr for LogprobsParams {}
+
+/// Threads per block (`kThreads` in the kernel).
+const THREADS: u32 = 256;
+
+fn config(rows: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (to_i32(rows, "rows")? as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// `(logp [rows] f32, lse [rows] f32)` of contiguous logits and u32 targets.
+pub fn forward(
+    sx: &CudaStorage,
+    lx: &Layout,
+    st: &CudaStorage,
+    lt: &Layout,
+) -> Result<(CudaStorage, Tensor)> {
+    match sx.dtype() {
+        DType::F32 => forward_t::<f32>(sx, lx, st, lt),
+        DType::BF16 => forward_t::<half::bf16>(sx, lx, st, lt),
+        DType::F16 => forward_t::<half::f16>(sx, lx, st, lt),
+        dt => candle_core::bail!("logprobs: no CUDA kernel for {dt:?}"),
+    }
+}
+
+fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
+    sx: &CudaStorage,
+    lx: &Layout,
+    st: &CudaStorage,
+    lt: &Layout,
+) -> Result<(CudaStorage, Tensor)> {
+    let dev = sx.device();
+    let (rows, vocab) = rows_vocab(lx)?;
+    let x = contiguous_view::<T>(sx, lx)?;
+    let t = contiguous_view::<u32>(st, lt)?;
+    // SAFETY: one block per row writes its logp and lse.
+    let mut logp = unsafe { alloc_out::<f32>(dev, rows)? };
+    let mut lse = unsafe { alloc_out::<f32>(dev, rows)? };
+    if rows > 0 {
+        let name = format!("logprobs_fwd_{}", T::DTYPE.as_str());
+        let func = load_func(dev, "logprobs", &name)?;
+        let stream = dev.cuda_stream();
+        let mut ptrs = DevPtrs::new(&stream);
+        let p = LogprobsParams {
+            logits: ptrs.read(&x),
+            targets: ptrs.read(&t),
+            logp: ptrs.write(&mut logp),
+            lse: ptrs.write(&mut lse),
+            rows: to_i32(rows, "rows")?,
+            vocab: to_i32(vocab, "vocab")?,
+            ..LogprobsParams::default()
+        };
+        // SAFETY: logits hold rows * vocab, targets, logp and lse rows elements.
+        unsafe { launch(dev, &func, &name, config(rows)?, &p) }?;
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(logp, dev.clone()),
+        tensor_from_slice(lse, dev, rows),
+    ))
+}
+
+/// `dlogits` (the logits' dtype) from the logits, targets, upstream f32 gradient and saved lse.
+pub fn backward(
+    (sx, lx): (&CudaStorage, &Layout),
+    (st, lt): (&CudaStorage, &Layout),
+    (sg, lg): (&CudaStorage, &Layout),
+    lse: &Tensor,
+) -> Result<CudaStorage> {
+    match sx.dtype() {
+        DType::F32 => backward_t::<f32>((sx, lx), (st, lt), (sg, lg), lse),
+        DType::BF16 => backward_t::<half::bf16>((sx, lx), (st, lt), (sg, lg), lse),
+        DType::F16 => backward_t::<half::f16>((sx, lx), (st, lt), (sg, lg), lse),
+        dt => candle_core::bail!("logprobs backward: no CUDA kernel for {dt:?}"),
+    }
+}
+
+fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
+    (sx, lx): (&CudaStorage, &Layout),
+    (st, lt): (&CudaStorage, &Layout),
+    (sg, lg): (&CudaStorage, &Layout),
+    lse: &Tensor,
+) -> Result<CudaStorage> {
+    let dev = sx.device();
+    let (rows, vocab) = rows_vocab(lx)?;
+    let x = contiguous_view::<T>(sx, lx)?;
+    let t = contiguous_view::<u32>(st, lt)?;
+    let g = contiguous_view::<f32>(sg, lg)?;
+    let lse = lse.to_dtype(DType::F32)?.contiguous()?;
+    let (ls, ll) = lse.storage_and_layout();
+    let lv = contiguous_view::<f32>(cuda_storage(&ls)?, ll)?;
+    // SAFETY: one block per row writes all of its row of dlogits.
+    let mut dx = unsafe { alloc_out::<T>(dev, rows * vocab)? };
+    if rows > 0 && vocab > 0 {
+        let name = format!("logprobs_bwd_{}", T::DTYPE.as_str());
+        let func = load_func(dev, "logprobs", &name)?;
+        let stream = dev.cuda_stream();
+        let mut ptrs = DevPtrs::new(&stream);
+        let p = LogprobsParams {
+            logits: ptrs.read(&x),
+            targets: ptrs.read(&t),
+            lse: ptrs.read(&lv),
+            dlogp: ptrs.read(&g),
+            dlogits: ptrs.write(&mut dx),
+            rows: to_i32(rows, "rows")?,
+            vocab: to_i32(vocab, "vocab")?,
+            ..LogprobsParams::default()
+        };
+        // SAFETY: logits and dlogits hold rows * vocab, the rest rows elements.
+        unsafe { launch(dev, &func, &name, config(rows)?, &p) }?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+}

@@ -1,0 +1,311 @@
+//! Per-token log-probabilities of the targets, `log softmax(logits)[target]`, and their
+//! gradient: the loss head of every stage (cross-entropy is their masked mean; DPO and the RL
+//! stages use them directly).
+//!
+//! Contract: `logits [..., V]` (f32, bf16 or f16) and `targets [...]` (u32) give f32 `[...]`;
+//! the gradient with respect to the logits is `g * (onehot(target) - softmax(logits))`, in the
+//! logits' dtype. The reference is candle's composite, which materialises an f32 log-softmax
+//! of the whole `[..., V]` tensor (and its gradient); [`fused`] is one custom op that never
+//! does: on CUDA `kernels/logprobs.cu`, on the CPU the same maths in Rust, so its forward and
+//! backward are checked against the reference without a GPU.
+
+use std::sync::{Mutex, PoisonError};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, WithDType, D,
+};
+
+use super::registry::{warn_fallback, KernelChoice};
+
+type Result<T> = candle_core::Result<T>;
+
+pub fn token_logprobs(logits: &Tensor, targets: &Tensor, choice: KernelChoice) -> Result<Tensor> {
+    if choice == KernelChoice::Custom && logits.device().is_cuda() {
+        if matches!(logits.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+            return fused(logits, targets);
+        }
+        warn_fallback(
+            "logprobs",
+            &format!("no kernel for {:?} logits", logits.dtype()),
+        );
+    }
+    reference(logits, targets)
+}
+
+/// candle's composite: an f32 log-softmax over the last dimension, then a gather.
+pub fn reference(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let x = logits.to_dtype(DType::F32)?;
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted
+        .broadcast_sub(&lse)?
+        .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
+        .squeeze(D::Minus1)
+}
+
+/// The fused op on any device, differentiable in the logits.
+pub fn fused(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let lead = &logits.dims()[..logits.rank().saturating_sub(1)];
+    if logits.rank() == 0 || targets.dims() != lead {
+        candle_core::bail!(
+            "logprobs: logits {:?} and targets {:?} do not match",
+            logits.dims(),
+            targets.dims()
+        );
+    }
+    let op = Logprobs {
+        lse: Mutex::new(None),
+    };
+    logits
+        .contiguous()?
+        .apply_op2(&targets.to_dtype(DType::U32)?.contiguous()?, op)
+}
+
+/// `(rows, vocab)` of a `[..., vocab]` layout.
+pub(crate) fn rows_vocab(l: &Layout) -> Result<(usize, usize)> {
+    let dims = l.dims();
+    let Some((&v, lead)) = dims.split_last() else {
+        candle_core::bail!("logprobs needs at least one dimension");
+    };
+    Ok((lead.iter().product(), v))
+}
+
+struct Logprobs {
+    /// `[rows]` f32 log-sum-exp of each row, written by the forward for the backward.
+    lse: Mutex<Option<Tensor>>,
+}
+
+impl Logprobs {
+    fn save(&self, lse: Tensor) {
+        *self.lse.lock().unwrap_or_else(PoisonError::into_inner) = Some(lse);
+    }
+}
+
+fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => candle_core::bail!("logprobs: inputs must be contiguous"),
+    }
+}
+
+/// Per row: the log-sum-exp and the target's log-probability (NaN for a target outside the
+/// vocabulary), in f32 as the kernel computes them.
+fn cpu_forward<T: WithDType>(x: &[T], t: &[u32], vocab: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut logp = Vec::with_capacity(t.len());
+    let mut lses = Vec::with_capacity(t.len());
+    for (row, &tgt) in x.chunks(vocab.max(1)).zip(t) {
+        let xf: Vec<f32> = row.iter().map(|v| v.to_f64() as f32).collect();
+        let m = xf.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let s: f32 = xf.iter().map(|v| (v - m).exp()).sum();
+        let lse = m + s.ln();
+        lses.push(lse);
+        logp.push(match xf.get(tgt as usize) {
+            Some(v) => v - lse,
+            None => f32::NAN,
+        });
+    }
+    (logp, lses)
+}
+
+fn cpu_backward<T: WithDType>(x: &[T], t: &[u32], g: &[f32], lse: &[f32], vocab: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(x.len());
+    for (((row, &tgt), &g), &lse) in x.chunks(vocab.max(1)).zip(t).zip(g).zip(lse) {
+        for (j, v) in row.iter().enumerate() {
+            let d = match g {
+                0.0 => 0.0,
+                _ => g * (f32::from(u8::from(j == tgt as usize)) - (v.to_f64() as f32 - lse).exp()),
+            };
+            out.push(T::from_f64(d as f64));
+        }
+    }
+    out
+}
+
+impl CustomOp2 for Logprobs {
+    fn name(&self) -> &'static str {
+        "temper-logprobs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        st: &CpuStorage,
+        lt: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = rows_vocab(lx)?;
+        let t = cpu_slice::<u32>(st, lt)?;
+        let (logp, lse) = match sx.dtype() {
+            DType::F32 => cpu_forward(cpu_slice::<f32>(sx, lx)?, t, vocab),
+            DType::BF16 => cpu_forward(cpu_slice::<half::bf16>(sx, lx)?, t, vocab),
+            DType::F16 => cpu_forward(cpu_slice::<half::f16>(sx, lx)?, t, vocab),
+            dt => candle_core::bail!("logprobs: unsupported dtype {dt:?}"),
+        };
+        self.save(Tensor::from_vec(lse, rows, &Device::Cpu)?);
+        let lead = &lx.dims()[..lx.dims().len() - 1];
+        Ok((CpuStorage::F32(logp), Shape::from(lead)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        st: &candle_core::CudaStorage,
+        lt: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (logp, lse) = super::cuda::logprobs::forward(sx, lx, st, lt)?;
+        self.save(lse);
+        let lead = &lx.dims()[..lx.dims().len() - 1];
+        Ok((logp, Shape::from(lead)))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let saved = self
+            .lse
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let lse = match saved {
+            Some(l) => l,
+            // Only if the forward never ran through this op (it always does); recompute.
+            None => {
+                let x = logits.to_dtype(DType::F32)?;
+                let m = x.max_keepdim(D::Minus1)?;
+                (x.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + m)?.flatten_all()?
+            }
+        };
+        let g = grad.to_dtype(DType::F32)?.contiguous()?;
+        let dx = logits.apply_op3_no_bwd(targets, &g, &LogprobsBwd { lse })?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// Backward of [`Logprobs`]: `(logits, targets, dlogp) -> dlogits`, from the saved lse.
+struct LogprobsBwd {
+    lse: Tensor,
+}
+
+impl CustomOp3 for LogprobsBwd {
+    fn name(&self) -> &'static str {
+        "temper-logprobs-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        st: &CpuStorage,
+        lt: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, vocab) = rows_vocab(lx)?;
+        let t = cpu_slice::<u32>(st, lt)?;
+        let g = cpu_slice::<f32>(sg, lg)?;
+        let lse = self
+            .lse
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let out = match sx.dtype() {
+            DType::F32 => CpuStorage::F32(cpu_backward(cpu_slice(sx, lx)?, t, g, &lse, vocab)),
+            DType::BF16 => CpuStorage::BF16(cpu_backward(cpu_slice(sx, lx)?, t, g, &lse, vocab)),
+            DType::F16 => CpuStorage::F16(cpu_backward(cpu_slice(sx, lx)?, t, g, &lse, vocab)),
+            dt => candle_core::bail!("logprobs backward: unsupported dtype {dt:?}"),
+        };
+        Ok((out, lx.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        st: &candle_core::CudaStorage,
+        lt: &Layout,
+        sg: &candle_core::CudaStorage,
+        lg: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dx = super::cuda::logprobs::backward((sx, lx), (st, lt), (sg, lg), &self.lse)?;
+        Ok((dx, lx.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs(dtype: DType) -> (Tensor, Tensor) {
+        let dev = Device::Cpu;
+        // Awkward: 3 x 5 rows of 37 logits, large and small values.
+        let x: Vec<f32> = (0..3 * 5 * 37)
+            .map(|i| ((i * 7919 % 101) as f32 - 50.0) * 0.37)
+            .collect();
+        let logits = Tensor::from_vec(x, (3, 5, 37), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let t: Vec<u32> = (0..15).map(|i| (i * 11 % 37) as u32).collect();
+        (logits, Tensor::from_vec(t, (3, 5), &dev).unwrap())
+    }
+
+    /// The fused op's forward and its gradient (driven by an uneven upstream gradient, zeros
+    /// included) equal the reference composite's under candle's autograd.
+    #[test]
+    fn fused_op_matches_the_reference_and_its_gradient() {
+        for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 1e-2)] {
+            let (logits, t) = inputs(dtype);
+            let var = candle_core::Var::from_tensor(&logits).unwrap();
+            let w: Vec<f32> = (0..15).map(|i| [0.0, 1.0, -0.5][i % 3]).collect();
+            let w = Tensor::from_vec(w, (3, 5), &Device::Cpu).unwrap();
+            let run = |f: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>| {
+                let lp = f(var.as_tensor(), &t).unwrap();
+                let loss = (&lp * &w).unwrap().sum_all().unwrap();
+                let g = loss.backward().unwrap();
+                let dx = g
+                    .get(var.as_tensor())
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap();
+                (lp, dx)
+            };
+            let (lp_f, dx_f) = run(&fused);
+            let (lp_r, dx_r) = run(&reference);
+            assert_eq!(lp_f.dims(), &[3, 5]);
+            assert_eq!(lp_f.dtype(), DType::F32);
+            let diff = |a: &Tensor, b: &Tensor| -> f32 {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap()
+            };
+            assert!(diff(&lp_f, &lp_r) < tol * 50.0, "{dtype:?} logp");
+            assert!(diff(&dx_f, &dx_r) < tol, "{dtype:?} dlogits");
+        }
+    }
+
+    #[test]
+    fn a_target_outside_the_vocabulary_gives_nan() {
+        let logits = Tensor::zeros((1, 4), DType::F32, &Device::Cpu).unwrap();
+        let t = Tensor::new(&[9u32], &Device::Cpu).unwrap();
+        let lp = fused(&logits, &t).unwrap().to_vec1::<f32>().unwrap();
+        assert!(lp[0].is_nan());
+        let ok = fused(&logits, &Tensor::new(&[2u32], &Device::Cpu).unwrap()).unwrap();
+        assert!((ok.to_vec1::<f32>().unwrap()[0] + 4f32.ln()).abs() < 1e-6);
+    }
+}
