@@ -67,7 +67,7 @@ fn run(
             positions: None,
             key_valid: None,
         };
-        let loss = cross_entropy(&net.forward(&x, &f, None)?, &y, &mask, kernels.logprobs)?;
+        let loss = cross_entropy(&net.loss_logits(&x, &f)?, &y, &mask, kernels.logprobs)?;
         let grads = opt.collect(&loss.backward()?)?;
         opt.update(&grads, 3e-4, 1.0, kernels.adamw)?;
         losses.push(scalar(&loss)?); // forces a device sync

@@ -98,7 +98,7 @@ impl DpoTask<'_> {
             key_valid: None,
         };
         let lp = token_logprobs(
-            &net.forward(&b.inputs, &f, None)?,
+            &net.loss_logits(&b.inputs, &f)?,
             &b.targets,
             ctx.kernels.logprobs,
         )?;

@@ -47,7 +47,7 @@ impl PretrainTask<'_> {
             positions: None,
             key_valid: None,
         };
-        let logits = self.net.forward(x, &f, None)?;
+        let logits = self.net.loss_logits(x, &f)?;
         let mask = y.ones_like()?.to_dtype(candle_core::DType::F32)?;
         cross_entropy(&logits, y, &mask, f.ctx.kernels.logprobs)
     }

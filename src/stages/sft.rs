@@ -74,7 +74,7 @@ impl SftTask<'_> {
             positions: None,
             key_valid: None,
         };
-        let logits = self.net.forward(&b.inputs, &f, None)?;
+        let logits = self.net.loss_logits(&b.inputs, &f)?;
         let counted = scalar(&b.loss_mask.sum_all()?)?;
         Ok((
             cross_entropy(&logits, &b.targets, &b.loss_mask, f.ctx.kernels.logprobs)?,
