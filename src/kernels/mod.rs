@@ -5,6 +5,7 @@ pub mod adamw;
 pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod embedding;
 pub mod gae;
 pub mod logprobs;
 pub mod lora;

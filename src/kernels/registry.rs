@@ -30,17 +30,20 @@ pub enum KernelOp {
     Adamw,
     /// The loss head: the targets' log-probabilities and their gradient.
     Logprobs,
+    /// Token and position embedding lookups and their gradient.
+    Embedding,
 }
 
 impl KernelOp {
     /// Every op, in the order `Display` lists them.
-    pub const ALL: [KernelOp; 6] = [
+    pub const ALL: [KernelOp; 7] = [
         Self::Attention,
         Self::Lora,
         Self::Gae,
         Self::RmsNorm,
         Self::Adamw,
         Self::Logprobs,
+        Self::Embedding,
     ];
 
     /// The name a user types (`--kernels attention=...`).
@@ -52,6 +55,7 @@ impl KernelOp {
             Self::RmsNorm => "rmsnorm",
             Self::Adamw => "adamw",
             Self::Logprobs => "logprobs",
+            Self::Embedding => "embedding",
         }
     }
 
@@ -64,6 +68,7 @@ impl KernelOp {
             Self::RmsNorm => "fused",
             Self::Adamw => "fused",
             Self::Logprobs => "fused",
+            Self::Embedding => "fused",
         }
     }
 
@@ -81,13 +86,14 @@ impl fmt::Display for KernelOp {
 
 /// The ops that have a swappable implementation, with the name a user types for the custom
 /// one (the same table as [`KernelOp::name`] and [`KernelOp::custom_name`]).
-pub const OPS: [(&str, &str); 6] = [
+pub const OPS: [(&str, &str); 7] = [
     ("attention", "flash"),
     ("lora", "fused"),
     ("gae", "cuda"),
     ("rmsnorm", "fused"),
     ("adamw", "fused"),
     ("logprobs", "fused"),
+    ("embedding", "fused"),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -99,6 +105,7 @@ pub struct KernelSet {
     pub rmsnorm: KernelChoice,
     pub adamw: KernelChoice,
     pub logprobs: KernelChoice,
+    pub embedding: KernelChoice,
 }
 
 impl KernelSet {
@@ -110,6 +117,7 @@ impl KernelSet {
             rmsnorm: KernelChoice::Reference,
             adamw: KernelChoice::Reference,
             logprobs: KernelChoice::Reference,
+            embedding: KernelChoice::Reference,
         }
     }
 
@@ -122,6 +130,7 @@ impl KernelSet {
             KernelOp::RmsNorm => &mut self.rmsnorm,
             KernelOp::Adamw => &mut self.adamw,
             KernelOp::Logprobs => &mut self.logprobs,
+            KernelOp::Embedding => &mut self.embedding,
         }
     }
 
@@ -134,6 +143,7 @@ impl KernelSet {
             KernelOp::RmsNorm => self.rmsnorm,
             KernelOp::Adamw => self.adamw,
             KernelOp::Logprobs => self.logprobs,
+            KernelOp::Embedding => self.embedding,
         }
     }
 
@@ -212,7 +222,7 @@ mod tests {
         assert_eq!(k.gae, KernelChoice::Custom);
         assert_eq!(
             k.to_string(),
-            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused"
+            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused,embedding=fused"
         );
         assert_eq!(KernelSet::default().apply_spec(&k.to_string()).unwrap(), k);
         assert_eq!(

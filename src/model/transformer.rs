@@ -130,10 +130,9 @@ impl Transformer {
         let (b, t) = ids.dims2()?;
         let h = self.cfg.hidden_size;
         let lookup = |table: &Tensor, idx: &Tensor| -> Result<Tensor> {
-            Ok(table
-                .to_dtype(ctx.dtype)?
-                .index_select(&idx.flatten_all()?, 0)?
-                .reshape((b, t, h))?)
+            let rows =
+                crate::kernels::embedding::embedding(table, idx, ctx.dtype, ctx.kernels.embedding)?;
+            Ok(rows.reshape((b, t, h))?)
         };
         let mut x = lookup(&self.embed, ids)?;
         if let Some(pe) = &self.pos_embed {

@@ -41,6 +41,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod embedding;
 pub mod gae;
 pub mod logprobs;
 pub mod lora;
