@@ -8,5 +8,6 @@ pub mod gae;
 pub mod lora;
 pub mod registry;
 pub mod rmsnorm;
+pub mod sample;
 
 pub use registry::{KernelChoice, KernelOp, KernelSet};

@@ -26,11 +26,18 @@ pub enum KernelOp {
     Lora,
     Gae,
     RmsNorm,
+    Sample,
 }
 
 impl KernelOp {
     /// Every op, in the order `Display` lists them.
-    pub const ALL: [KernelOp; 4] = [Self::Attention, Self::Lora, Self::Gae, Self::RmsNorm];
+    pub const ALL: [KernelOp; 5] = [
+        Self::Attention,
+        Self::Lora,
+        Self::Gae,
+        Self::RmsNorm,
+        Self::Sample,
+    ];
 
     /// The name a user types (`--kernels attention=...`).
     pub fn name(self) -> &'static str {
@@ -39,6 +46,7 @@ impl KernelOp {
             Self::Lora => "lora",
             Self::Gae => "gae",
             Self::RmsNorm => "rmsnorm",
+            Self::Sample => "sample",
         }
     }
 
@@ -49,6 +57,7 @@ impl KernelOp {
             Self::Lora => "fused",
             Self::Gae => "cuda",
             Self::RmsNorm => "fused",
+            Self::Sample => "cuda",
         }
     }
 
@@ -66,11 +75,12 @@ impl fmt::Display for KernelOp {
 
 /// The ops that have a swappable implementation, with the name a user types for the custom
 /// one (the same table as [`KernelOp::name`] and [`KernelOp::custom_name`]).
-pub const OPS: [(&str, &str); 4] = [
+pub const OPS: [(&str, &str); 5] = [
     ("attention", "flash"),
     ("lora", "fused"),
     ("gae", "cuda"),
     ("rmsnorm", "fused"),
+    ("sample", "cuda"),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -79,6 +89,9 @@ pub struct KernelSet {
     pub lora: KernelChoice,
     pub gae: KernelChoice,
     pub rmsnorm: KernelChoice,
+    /// Runs saved before the sampling kernel existed have no entry: they get the default.
+    #[serde(default)]
+    pub sample: KernelChoice,
 }
 
 impl KernelSet {
@@ -88,6 +101,7 @@ impl KernelSet {
             lora: KernelChoice::Reference,
             gae: KernelChoice::Reference,
             rmsnorm: KernelChoice::Reference,
+            sample: KernelChoice::Reference,
         }
     }
 
@@ -98,6 +112,7 @@ impl KernelSet {
             KernelOp::Lora => &mut self.lora,
             KernelOp::Gae => &mut self.gae,
             KernelOp::RmsNorm => &mut self.rmsnorm,
+            KernelOp::Sample => &mut self.sample,
         }
     }
 
@@ -108,6 +123,7 @@ impl KernelSet {
             KernelOp::Lora => self.lora,
             KernelOp::Gae => self.gae,
             KernelOp::RmsNorm => self.rmsnorm,
+            KernelOp::Sample => self.sample,
         }
     }
 
@@ -186,7 +202,7 @@ mod tests {
         assert_eq!(k.gae, KernelChoice::Custom);
         assert_eq!(
             k.to_string(),
-            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused"
+            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,sample=cuda"
         );
         assert_eq!(KernelSet::default().apply_spec(&k.to_string()).unwrap(), k);
         assert_eq!(

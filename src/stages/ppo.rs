@@ -29,14 +29,15 @@ use super::rl::{
     explained_variance, gae_advantages, kl_estimate, row_sums, token_rewards, value_loss, Clip,
 };
 use super::rollout::{
-    response_values, rollout_stats, rows, surrogate, Actors, Buffer, PolicyStep, Rollout, Schedule,
+    response_values, rollout_stats, rows, surrogate, Actors, Buffer, CollectTimes, PolicyStep,
+    Rollout, RolloutClock, Schedule,
 };
 use super::setup::{self, check_prompt_lengths, prompt_sets, Plan, PolicyPair};
 use super::Env;
 use crate::config::{PpoConfig, RewardSpec};
 use crate::data::records::PromptRecord;
 use crate::data::sampler::{state_u64, WindowSampler};
-use crate::generate::SampleCfg;
+use crate::generate::{RowKeys, SampleCfg};
 use crate::train::loss::{masked_mean, scalar};
 use crate::train::params::{Net, ParamInfo, Role};
 use crate::train::rng::Rng;
@@ -61,6 +62,7 @@ struct PpoTask<'a> {
     last_kl: f64,
     gen_secs: f64,
     train_secs: f64,
+    clock: RolloutClock,
 }
 
 /// Step 3's outputs besides the buffer: what the rollout looked like.
@@ -85,21 +87,24 @@ impl PpoTask<'_> {
             temperature: c.temperature,
             top_k: c.top_k,
             top_p: c.top_p,
-            stop: vec![],
+            ..Default::default()
         }
     }
 
     /// Steps 1 and 2: a batch of prompts, their sampled responses, scores and log-probs.
-    fn sample(&mut self) -> Result<(Vec<PromptRecord>, Rollout, f64)> {
+    /// Each rollout samples from its own seed, drawn from the stage's stream, so a resumed
+    /// run draws the same tokens.
+    fn sample(&mut self) -> Result<(Vec<PromptRecord>, Rollout, CollectTimes)> {
         let records: Vec<PromptRecord> = (0..self.cfg().rollout_batch)
             .map(|_| self.prompts[self.sampler.next_index()].clone())
             .collect();
         let cfg = self.sample_cfg();
-        let (ro, gen) =
-            self.actors
-                .collect(self.env.ctx(true, None), &records, &cfg, &mut self.rng)?;
-        self.gen_secs += gen;
-        Ok((records, ro, gen))
+        let keys = RowKeys::range(self.rng.next_u64(), 0, records.len());
+        let (ro, times) = self
+            .actors
+            .collect(self.env.ctx(true, None), &records, &cfg, &keys)?;
+        self.gen_secs += times.gen.seconds;
+        Ok((records, ro, times))
     }
 
     /// Step 3: values, per-token rewards, GAE and whitening.
@@ -145,7 +150,7 @@ impl PpoTask<'_> {
     /// One rollout for optimizer step `step`: steps 1-3, the minibatch schedule for step 4,
     /// the completion log, and the rollout's statistics (logged with that step).
     fn rollout(&mut self, step: usize) -> Result<Vec<(&'static str, f64)>> {
-        let (records, ro, gen) = self.sample()?;
+        let (records, ro, times) = self.sample()?;
         let a = self.advantages(&ro)?;
         let b = ro.lengths.len() as f64;
         let kl_seq = a.kl_seq;
@@ -157,10 +162,10 @@ impl PpoTask<'_> {
         stats.extend([
             ("beta", self.beta),
             ("explained_variance", a.explained),
-            ("gen_time_s", gen),
             ("gen_time_total_s", self.gen_secs),
             ("train_time_total_s", self.train_secs),
         ]);
+        stats.extend(self.clock.metrics(&times));
         let c = self.cfg().clone();
         if c.adaptive_kl {
             // Ziegler et al.: move beta proportionally to how far the KL is from its target.
@@ -347,6 +352,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         last_kl: 0.0,
         gen_secs: 0.0,
         train_secs: 0.0,
+        clock: RolloutClock::default(),
     };
     // The critic always trains; the policy fully, or only its adapters under LoRA.
     let trainable = |p: ParamInfo| p.net == Net::Value || lora.is_none() || p.role == Role::Adapter;
