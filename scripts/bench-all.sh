@@ -6,7 +6,8 @@
 #   scripts/bench-all.sh            # full logs and the JSON lines go under $OUT (or a temp dir)
 #
 # Each bench prints human-readable lines and one JSON object per measurement
-# ({"bench": "attention" | "lora" | "gae" | "copy", ...}); the table is built from those.
+# ({"bench": "attention" | "lora" | "gae" | "copy" | "generate", ...}); the table is built
+# from those.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,7 +30,7 @@ run() {
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv >&2 || true
 if [[ -x .gpu/run-on-device.sh ]]; then
-  for b in attention lora gae; do
+  for b in attention lora gae generate; do
     if .gpu/run-on-device.sh list | grep -qx "bench-$b"; then
       run "bench-$b" .gpu/run-on-device.sh "bench-$b" --bench
     else
@@ -41,6 +42,7 @@ else
   status=1
 fi
 run peers python3 scripts/bench_peers.py
+run peer-generate python3 scripts/bench_generate.py
 
 cat "$LOGDIR"/*.txt | grep '^{' >"$LOGDIR/all.jsonl" || true
 python3 - "$LOGDIR/all.jsonl" <<'PY'
@@ -81,6 +83,17 @@ print("gae: milliseconds")
 for r in rows:
     if r.get("bench") == "gae":
         print(f"  {r.get('shape', ''):<14} {r.get('impl', ''):<18} {fmt(r.get('ms'), '9.3f')} ms")
+
+print()
+print("generate, GPT-2 small bf16, 64 prompts x 256 tokens, 128 new at T=0.7: tokens/s")
+ours = pick(bench="generate", impl="temper") or {}
+hf = pick(bench="generate", impl="hf-transformers") or {}
+t, h = ours.get("tokens_per_s"), hf.get("tokens_per_s")
+print(f"  temper {fmt(t, '10.0f')}   transformers {fmt(h, '10.0f')}   ratio {fmt(t / h if t and h else None, '.2f')}x")
+print(f"  decode step: temper {fmt(ours.get('ms_decode_step'), '.3f')} ms, transformers {fmt(hf.get('ms_decode_step'), '.3f')} ms, "
+      f"bandwidth floor {fmt(ours.get('ms_floor_step'), '.3f')} ms ({fmt(ours.get('floor_tokens_per_s'), '.0f')} tokens/s)")
+if hf.get("error"):
+    print(f"  transformers peer: {hf['error']}")
 for r in rows:
     if r.get("bench") == "copy":
         print(f"device-to-device copy: {fmt(r.get('gbps'), '.0f')} GB/s (read + write)")

@@ -43,6 +43,7 @@ pub mod attention;
 pub mod gae;
 pub mod lora;
 pub mod rmsnorm;
+pub mod sample;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
