@@ -10,6 +10,7 @@ use super::prefill::PrefillPlan;
 use super::{left_pad, GenStats, Generation, RowKeys, SampleCfg};
 use crate::data::tokenizer::Tokenizer;
 use crate::kernels::sample::{keys_tensor, sample};
+use crate::model::cast::FrozenWeights;
 use crate::model::linear::Ctx;
 use crate::model::{Fwd, KvCache, Transformer};
 
@@ -44,6 +45,8 @@ pub fn generate(
             cfg.max_new_tokens
         );
     }
+    // Weights are constant for the whole call: cast to the compute dtype once, not per token.
+    let _frozen = FrozenWeights::enter();
     let mut resp = Responses::new(b);
     let mut stats = GenStats::default();
     if cfg.max_new_tokens == 0 {

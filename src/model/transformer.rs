@@ -130,8 +130,7 @@ impl Transformer {
         let (b, t) = ids.dims2()?;
         let h = self.cfg.hidden_size;
         let lookup = |table: &Tensor, idx: &Tensor| -> Result<Tensor> {
-            Ok(table
-                .to_dtype(ctx.dtype)?
+            Ok(super::cast::weight(table, ctx.dtype)?
                 .index_select(&idx.flatten_all()?, 0)?
                 .reshape((b, t, h))?)
         };
@@ -149,7 +148,7 @@ impl Transformer {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let w = self.lm_head.as_ref().unwrap_or(&self.embed);
         let (b, t, h) = hidden.dims3()?;
-        let w = w.to_dtype(hidden.dtype())?;
+        let w = super::cast::weight(w, hidden.dtype())?;
         Ok(hidden
             .reshape((b * t, h))?
             .matmul(&w.t()?)?
