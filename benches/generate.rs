@@ -6,7 +6,9 @@
 //! the card's copy bandwidth (4.1 TB/s on the H200, DESIGN.md section 4). On a CPU it runs a
 //! tiny shape, so the harness itself stays checked.
 //!
-//! `cargo bench --bench generate [-- --batch B --prompt L --new N --reps R]`
+//! `cargo bench --bench generate [-- --batch B --prompt L --new N --reps R --group G --plain 1]`
+//! `--group G` repeats each prompt G times back to back (a GRPO group: one shared prefill per
+//! group); `--plain 1` switches the engine's savings off (no shared prefill, no compaction).
 
 use std::time::Instant;
 
@@ -14,7 +16,7 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use temper::config::ModelConfig;
 use temper::data::tokenizer::Tokenizer;
-use temper::generate::{generate, RowKeys, SampleCfg};
+use temper::generate::{generate, EngineOpts, RowKeys, SampleCfg};
 use temper::kernels::KernelSet;
 use temper::model::linear::Ctx;
 use temper::model::Transformer;
@@ -62,6 +64,11 @@ fn main() -> Result<()> {
     let l = arg("--prompt", l);
     let n = arg("--new", n);
     let reps = arg("--reps", 3).max(1);
+    let group = arg("--group", 1).max(1);
+    let engine = EngineOpts {
+        compact: arg("--plain", 0) == 0,
+        share_prefill: arg("--plain", 0) == 0,
+    };
     cfg.max_position_embeddings = cfg.max_position_embeddings.max(l + n);
     let mut store = ParamStore::new(dev.clone(), 11);
     let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None)?;
@@ -75,6 +82,7 @@ fn main() -> Result<()> {
     };
     let vocab = cfg.vocab_size as u64;
     let prompts: Vec<Vec<u32>> = (0..b as u64)
+        .map(|r| r / group as u64)
         .map(|r| {
             (0..l as u64)
                 .map(|j| (temper::train::rng::splitmix64(r * 1_000_003 + j) % vocab) as u32)
@@ -90,6 +98,7 @@ fn main() -> Result<()> {
             max_new_tokens: new,
             min_new_tokens: new,
             temperature: 0.7,
+            engine,
             ..Default::default()
         };
         let t0 = Instant::now();
@@ -109,7 +118,7 @@ fn main() -> Result<()> {
     // The floor of the decode steps at their mean cache length.
     let floor_step = step_bytes(&cfg, params, b, l + n / 2, dtype) / COPY_BYTES_PER_S;
     println!(
-        "shape: layers {} hidden {} vocab {} ({:.0}M parameters), {b} prompts x {l} tokens, {n} new, T=0.7, {dtype:?}",
+        "shape: layers {} hidden {} vocab {} ({:.0}M parameters), {b} prompts x {l} tokens (groups of {group}), {n} new, T=0.7, {dtype:?}, {engine:?}",
         cfg.num_hidden_layers,
         cfg.hidden_size,
         cfg.vocab_size,
@@ -130,7 +139,7 @@ fn main() -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "bench": "generate", "impl": "temper", "shape": format!("B{b} L{l} N{n}"),
+            "bench": "generate", "impl": "temper", "shape": format!("B{b} L{l} N{n} G{group}"),
             "tokens_per_s": tokens_per_s, "ms_total": total * 1e3, "ms_prefill": prefill * 1e3,
             "ms_decode_step": step * 1e3, "ms_floor_step": floor_step * 1e3,
             "floor_tokens_per_s": b as f64 / floor_step,
