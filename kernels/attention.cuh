@@ -58,8 +58,10 @@ struct AttnParams {
   int nsplit;   // key splits of the decode forward (gridDim.z); combine merges them
   float scale_log2;  // softmax scale * log2(e)
   float scale;       // softmax scale
+  int kv_cap;   // positions per (batch, kv head) row of k and v: a KV cache's capacity when
+                // k, v are views of its first tk positions; 0 means tk. Read by fwd_simple only
 };
-static_assert(sizeof(AttnParams) == 168, "AttnParams: keep in step with the Rust mirror");
+static_assert(sizeof(AttnParams) == 176, "AttnParams: keep in step with the Rust mirror");
 static_assert(alignof(AttnParams) == 8, "AttnParams: keep in step with the Rust mirror");
 
 constexpr float kLog2e = 1.4426950408889634f;

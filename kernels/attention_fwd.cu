@@ -46,7 +46,7 @@ static __device__ void fwd_simple(const T *__restrict__ q, const T *__restrict__
                                   float *__restrict__ lse, const float *__restrict__ kvalid,
                                   const int *__restrict__ krange, float *__restrict__ opart,
                                   float *__restrict__ lsepart, int Hq, int Hkv, int Tq, int Tk,
-                                  int D, int causal, int offset, float scale_log2) {
+                                  int KvCap, int D, int causal, int offset, float scale_log2) {
   constexpr int DMAX = 32 * DPL;
   // +1 word per key row: lane j reads row j at the same d, which would otherwise be a
   // 32-way bank conflict when DMAX is a multiple of 32.
@@ -77,7 +77,9 @@ static __device__ void fwd_simple(const T *__restrict__ q, const T *__restrict__
   if (active)
     for (int d = lane; d < D; d += 32) qw[d] = to_f32(q[qrow * D + d]) * scale_log2;
 
-  const size_t kvbase = ((size_t)b * Hkv + hkv) * Tk;
+  // Decode reads the KV cache in place: each (batch, head) row of k and v holds KvCap
+  // positions, of which the first Tk are keys.
+  const size_t kvbase = ((size_t)b * Hkv + hkv) * KvCap;
   float m = neg_inf(), l = 0.f;
   float acc[DPL];
 #pragma unroll
@@ -357,8 +359,8 @@ using namespace temper::attn;
       attn_fwd_simple_##SUF##_d##DPL(const AttnParams p) {                                    \
     fwd_simple<T, DPL>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),              \
                        static_cast<const T *>(p.v), static_cast<T *>(p.o), p.lse, p.kvalid,   \
-                       p.krange, p.opart, p.lsepart, p.hq, p.hkv, p.tq, p.tk, p.d, p.causal,  \
-                       p.offset, p.scale_log2);                                               \
+                       p.krange, p.opart, p.lsepart, p.hq, p.hkv, p.tq, p.tk,                 \
+                       p.kv_cap > 0 ? p.kv_cap : p.tk, p.d, p.causal, p.offset, p.scale_log2); \
   }
 
 #define FWD_SIMPLE_DTYPE(T, SUF) \

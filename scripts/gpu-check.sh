@@ -145,12 +145,12 @@ done
 # Runs when gpu-build.sh has packed bench-generate; skipped visibly otherwise. Contract for the
 # table: both sides print JSON lines {"bench":"generate","shape":S,"impl":I,"tokens_per_s":X},
 # temper's with impl "temper" (or starting with "ours"), the peer's with impl starting with
-# "transformers" or "torch". The peer is scripts/generate_peer.py when it exists
+# "transformers" or "torch". The peer is scripts/bench_generate.py when it exists
 # (TEMPER_GENERATE_PEER overrides the command).
 if has bench-generate; then
   section bench-generate 120 "$BUNDLE" bench-generate --bench
   peer_cmd="${TEMPER_GENERATE_PEER:-}"
-  [[ -z "$peer_cmd" && -f scripts/generate_peer.py ]] && peer_cmd="python3 scripts/generate_peer.py"
+  [[ -z "$peer_cmd" && -f scripts/bench_generate.py ]] && peer_cmd="python3 scripts/bench_generate.py"
   if [[ -n "$peer_cmd" ]]; then
     # shellcheck disable=SC2086
     section peer-generate 120 $peer_cmd
@@ -280,6 +280,9 @@ for shape in sorted({r.get("shape", "") for r in meas if r.get("bench") == "gene
     for p in [r for r in gen if str(r.get("impl", "")).startswith(("transformers", "torch"))]:
         row("generate", shape, "tokens/s", o.get("tokens_per_s"), p["impl"], p.get("tokens_per_s"),
             sec_state("bench-generate", "peer-generate"))
+    if o.get("ms_floor_step"):
+        row("generate decode step", shape, "ms", o.get("ms_decode_step"), "bandwidth floor (4.1 TB/s)",
+            o.get("ms_floor_step"), "weights + KV cache bytes per step over copy bandwidth; goal <= 2")
 
 # The benches' own checks: each direct backward entry point against candle's autograd.
 checks = [r for r in meas if r.get("bench") == "check"]

@@ -12,13 +12,12 @@ use temper::data::records::load_prompts;
 use temper::data::tokenizer::train_bpe;
 use temper::dist::preempt::{self, Preempted, EXIT_PREEMPTED};
 use temper::dist::{launch, Communicator, Rank, ThreadGroup};
-use temper::generate::{generate, SampleCfg};
+use temper::generate::{generate, RowKeys, SampleCfg};
 use temper::kernels::KernelSet;
 use temper::model::linear::Ctx;
 use temper::stages::loader::{policy_from, read_checkpoint};
 use temper::stages::{self, Env};
 use temper::train::params::ParamStore;
-use temper::train::rng::Rng;
 
 fn main() -> ExitCode {
     // A bug should still end with one readable line, not a backtrace.
@@ -147,6 +146,7 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         top_k: a.top_k,
         top_p: a.top_p,
         stop: a.stop.clone(),
+        ..Default::default()
     };
     let ctx = Ctx {
         dtype: temper::device::compute_dtype(Default::default(), &device),
@@ -154,10 +154,23 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         use_lora: false,
         dropout_seed: None,
     };
-    let g = generate(&net, ctx, tok, &ids, &cfg, &mut Rng::new(a.seed))?;
+    let g = generate(
+        &net,
+        ctx,
+        tok,
+        &ids,
+        &cfg,
+        &RowKeys::range(a.seed, 0, ids.len()),
+    )?;
     for (p, t) in prompts.iter().zip(&g.texts) {
         println!("{}", serde_json::json!({"prompt": p, "completion": t}));
     }
+    eprintln!(
+        "generated {} tokens in {:.2}s ({:.1} tokens/s)",
+        g.stats.new_tokens,
+        g.stats.seconds,
+        g.stats.tokens_per_s()
+    );
     Ok(())
 }
 

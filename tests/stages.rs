@@ -287,7 +287,10 @@ mod stage_chain {
                 "value_loss",
                 "explained_variance",
                 "response_length",
-                "gen_time_s",
+                "gen_s",
+                "gen_tokens_per_s",
+                "score_s",
+                "train_s",
             ] {
                 assert!(v.get(k).is_some(), "{k} not logged: {v}");
             }

@@ -11,5 +11,6 @@ pub mod logprobs;
 pub mod lora;
 pub mod registry;
 pub mod rmsnorm;
+pub mod sample;
 
 pub use registry::{KernelChoice, KernelOp, KernelSet};

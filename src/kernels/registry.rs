@@ -32,11 +32,13 @@ pub enum KernelOp {
     Logprobs,
     /// Token and position embedding lookups and their gradient.
     Embedding,
+    /// Sampling the next token: temperature, top-k, top-p.
+    Sample,
 }
 
 impl KernelOp {
     /// Every op, in the order `Display` lists them.
-    pub const ALL: [KernelOp; 7] = [
+    pub const ALL: [KernelOp; 8] = [
         Self::Attention,
         Self::Lora,
         Self::Gae,
@@ -44,6 +46,7 @@ impl KernelOp {
         Self::Adamw,
         Self::Logprobs,
         Self::Embedding,
+        Self::Sample,
     ];
 
     /// The name a user types (`--kernels attention=...`).
@@ -56,6 +59,7 @@ impl KernelOp {
             Self::Adamw => "adamw",
             Self::Logprobs => "logprobs",
             Self::Embedding => "embedding",
+            Self::Sample => "sample",
         }
     }
 
@@ -69,6 +73,7 @@ impl KernelOp {
             Self::Adamw => "fused",
             Self::Logprobs => "fused",
             Self::Embedding => "fused",
+            Self::Sample => "cuda",
         }
     }
 
@@ -86,7 +91,7 @@ impl fmt::Display for KernelOp {
 
 /// The ops that have a swappable implementation, with the name a user types for the custom
 /// one (the same table as [`KernelOp::name`] and [`KernelOp::custom_name`]).
-pub const OPS: [(&str, &str); 7] = [
+pub const OPS: [(&str, &str); 8] = [
     ("attention", "flash"),
     ("lora", "fused"),
     ("gae", "cuda"),
@@ -94,6 +99,7 @@ pub const OPS: [(&str, &str); 7] = [
     ("adamw", "fused"),
     ("logprobs", "fused"),
     ("embedding", "fused"),
+    ("sample", "cuda"),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -106,6 +112,9 @@ pub struct KernelSet {
     pub adamw: KernelChoice,
     pub logprobs: KernelChoice,
     pub embedding: KernelChoice,
+    /// Runs saved before the sampling kernel existed have no entry: they get the default.
+    #[serde(default)]
+    pub sample: KernelChoice,
 }
 
 impl KernelSet {
@@ -118,6 +127,7 @@ impl KernelSet {
             adamw: KernelChoice::Reference,
             logprobs: KernelChoice::Reference,
             embedding: KernelChoice::Reference,
+            sample: KernelChoice::Reference,
         }
     }
 
@@ -131,6 +141,7 @@ impl KernelSet {
             KernelOp::Adamw => &mut self.adamw,
             KernelOp::Logprobs => &mut self.logprobs,
             KernelOp::Embedding => &mut self.embedding,
+            KernelOp::Sample => &mut self.sample,
         }
     }
 
@@ -144,6 +155,7 @@ impl KernelSet {
             KernelOp::Adamw => self.adamw,
             KernelOp::Logprobs => self.logprobs,
             KernelOp::Embedding => self.embedding,
+            KernelOp::Sample => self.sample,
         }
     }
 
@@ -222,7 +234,7 @@ mod tests {
         assert_eq!(k.gae, KernelChoice::Custom);
         assert_eq!(
             k.to_string(),
-            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused,embedding=fused"
+            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused,embedding=fused,sample=cuda"
         );
         assert_eq!(KernelSet::default().apply_spec(&k.to_string()).unwrap(), k);
         assert_eq!(

@@ -1,19 +1,35 @@
 //! Keys and values of the tokens seen so far, per layer, so that each generated token costs
 //! one query against the cache instead of a forward pass over the whole prefix.
+//!
+//! Each layer's keys and values live in one buffer `[B, Hkv, capacity, D]`, allocated once
+//! and written in place (`slice_set`); attention reads the first `len` positions as a narrow
+//! view. Appending by concatenation would copy the whole cache every token.
 
 use candle_core::{Result, Tensor};
 
 #[derive(Default)]
 pub struct KvCache {
+    /// Per layer: the key and value buffers, `[B, Hkv, capacity, D]`.
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
+    /// Positions to allocate on the first append; a cache made with [`KvCache::new`] starts
+    /// at what the first append needs and doubles when full.
+    capacity: usize,
 }
 
 impl KvCache {
+    /// A cache that grows as needed (doubling, so appends stay amortised O(1) per token).
     pub fn new(num_layers: usize) -> Self {
+        Self::with_capacity(num_layers, 0)
+    }
+
+    /// A cache whose buffers hold `capacity` positions from the start: generation knows its
+    /// longest sequence up front, so nothing is ever reallocated.
+    pub fn with_capacity(num_layers: usize, capacity: usize) -> Self {
         Self {
             layers: vec![None; num_layers],
             len: 0,
+            capacity,
         }
     }
 
@@ -26,25 +42,109 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Appends `k`, `v` (`[B, Hkv, T, D]`) for `layer` and returns the full cached k, v.
-    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match &self.layers[layer] {
-            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
-            None => (k.clone(), v.clone()),
-        };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        if layer + 1 == self.layers.len() {
-            self.len = k.dim(2)?;
-        }
-        Ok((k, v))
+    /// Positions the buffers hold before they must grow.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
-    /// Keeps only the given batch rows (generation drops finished sequences).
+    /// Writes `k`, `v` (`[B, Hkv, T, D]`) for `layer` after the cached positions and returns
+    /// views of every cached position (`[B, Hkv, len + T, D]`, strided along the positions).
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let need = self.len + t;
+        let grow = match &self.layers[layer] {
+            Some((bk, _)) => bk.dim(2)? < need,
+            None => true,
+        };
+        if grow {
+            let cap = need.max(self.capacity).max(2 * self.len);
+            let old = self.layers[layer].take();
+            let nk = self.alloc(k, cap, old.as_ref().map(|o| &o.0))?;
+            let nv = self.alloc(v, cap, old.as_ref().map(|o| &o.1))?;
+            self.layers[layer] = Some((nk, nv));
+            if layer + 1 == self.layers.len() {
+                self.capacity = cap;
+            }
+        }
+        let (bk, bv) = self.layers[layer].as_ref().expect("allocated above");
+        bk.slice_set(&k.contiguous()?, 2, self.len)?;
+        bv.slice_set(&v.contiguous()?, 2, self.len)?;
+        let out = (bk.narrow(2, 0, need)?, bv.narrow(2, 0, need)?);
+        if layer + 1 == self.layers.len() {
+            self.len = need;
+        }
+        Ok(out)
+    }
+
+    /// A zeroed buffer shaped like `like` with `cap` positions, holding the cached positions
+    /// of `old` when there is one.
+    fn alloc(&self, like: &Tensor, cap: usize, old: Option<&Tensor>) -> Result<Tensor> {
+        let (b, h, _, d) = like.dims4()?;
+        let buf = Tensor::zeros((b, h, cap, d), like.dtype(), like.device())?;
+        if let Some(old) = old {
+            if self.len > 0 {
+                buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Keeps only the given batch rows, in that order (`rows` `[B']` u32; a row may repeat):
+    /// generation drops finished rows, and copies a shared prompt's rows to its group.
     pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
         for (k, v) in self.layers.iter_mut().flatten() {
             *k = k.index_select(rows, 0)?;
             *v = v.index_select(rows, 0)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn appends_in_place_and_reads_every_cached_position() {
+        let dev = Device::Cpu;
+        let full = Tensor::arange(0f32, 2.0 * 3.0 * 7.0 * 4.0, &dev)
+            .unwrap()
+            .reshape((2, 3, 7, 4))
+            .unwrap();
+        for capacity in [0, 7, 9] {
+            let mut c = KvCache::with_capacity(2, capacity);
+            let mut seen = None;
+            for (start, len) in [(0, 3), (3, 1), (4, 1), (5, 2)] {
+                let part = full.narrow(2, start, len).unwrap();
+                for layer in 0..2 {
+                    seen = Some(c.append(layer, &part, &(&part * 2.0).unwrap()).unwrap());
+                }
+                assert_eq!(c.len(), start + len);
+            }
+            let (k, v) = seen.unwrap();
+            let dk = (k - &full).unwrap().abs().unwrap().max_all().unwrap();
+            let dv = (v - (&full * 2.0).unwrap()).unwrap().abs().unwrap();
+            assert_eq!(dk.to_scalar::<f32>().unwrap(), 0.0, "capacity {capacity}");
+            assert_eq!(dv.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+            assert!(c.capacity() >= 7);
+            if capacity == 9 {
+                assert_eq!(c.capacity(), 9, "a preallocated cache never grows");
+            }
+        }
+        // Row selection keeps the cached positions of the chosen rows.
+        let mut c = KvCache::with_capacity(1, 8);
+        c.append(0, &full, &full).unwrap();
+        c.select_rows(&Tensor::new(&[1u32, 1, 0], &dev).unwrap())
+            .unwrap();
+        let part = Tensor::zeros((3, 3, 1, 4), DType::F32, &dev).unwrap();
+        let (k, _) = c.append(0, &part, &part).unwrap();
+        assert_eq!(k.dims(), [3, 3, 8, 4]);
+        let want = full.index_select(&Tensor::new(&[1u32, 1, 0], &dev).unwrap(), 0);
+        let d = (k.narrow(2, 0, 7).unwrap() - want.unwrap())
+            .unwrap()
+            .abs()
+            .unwrap();
+        assert_eq!(d.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
     }
 }

@@ -82,15 +82,15 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let w = self.w.to_dtype(ctx.dtype)?;
+        let w = super::cast::weight(&self.w, ctx.dtype)?;
         let b = match &self.b {
-            Some(b) => Some(b.to_dtype(ctx.dtype)?),
+            Some(b) => Some(super::cast::weight(b, ctx.dtype)?),
             None => None,
         };
         let y = match (&self.adapter, ctx.use_lora) {
             (Some(ad), true) => {
-                let a = ad.a.to_dtype(ctx.dtype)?;
-                let bb = ad.b.to_dtype(ctx.dtype)?;
+                let a = super::cast::weight(&ad.a, ctx.dtype)?;
+                let bb = super::cast::weight(&ad.b, ctx.dtype)?;
                 let args = LoraArgs {
                     w: &w,
                     bias: b.as_ref(),

@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod block;
+pub mod cast;
 pub mod heads;
 pub mod hf;
 pub mod kv_cache;

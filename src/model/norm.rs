@@ -35,7 +35,7 @@ impl Norm {
             Some(b) => layer_norm(x, &self.w, b, self.eps)?,
             None => rms_norm(
                 x,
-                &self.w.to_dtype(x.dtype())?,
+                &super::cast::weight(&self.w, x.dtype())?,
                 self.eps,
                 ctx.kernels.rmsnorm,
             )?,

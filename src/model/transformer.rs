@@ -154,7 +154,7 @@ impl Transformer {
     pub fn compute_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let w = self.lm_head.as_ref().unwrap_or(&self.embed);
         let (b, t, h) = hidden.dims3()?;
-        let w = w.to_dtype(hidden.dtype())?;
+        let w = super::cast::weight(w, hidden.dtype())?;
         Ok(hidden
             .reshape((b * t, h))?
             .matmul(&w.t()?)?

@@ -7,10 +7,9 @@ use crate::config::Stage;
 use crate::data::records::PromptRecord;
 use crate::data::synthetic::exact_match;
 use crate::data::tokenizer::Tokenizer;
-use crate::generate::{generate, SampleCfg};
+use crate::generate::{generate, RowKeys, SampleCfg};
 use crate::model::linear::Ctx;
 use crate::model::Transformer;
-use crate::train::rng::Rng;
 use crate::train::runner::{Report, TrainSummary};
 
 pub struct Accuracy {
@@ -37,15 +36,15 @@ pub fn accuracy(
         stop: vec!["\n".into()],
         ..Default::default()
     };
-    let mut rng = Rng::new(0);
     let mut correct = 0;
     let mut samples = Vec::new();
-    for chunk in prompts.chunks(batch.max(1)) {
+    for (c, chunk) in prompts.chunks(batch.max(1)).enumerate() {
         let ids: Vec<Vec<u32>> = chunk
             .iter()
             .map(|p| tok.encode(&p.prompt))
             .collect::<Result<_>>()?;
-        let g = generate(net, ctx, tok, &ids, &cfg, &mut rng)?;
+        let keys = RowKeys::range(0, (c * batch.max(1)) as u64, ids.len());
+        let g = generate(net, ctx, tok, &ids, &cfg, &keys)?;
         for (p, text) in chunk.iter().zip(g.texts) {
             let Some(answer) = &p.answer else {
                 bail!("prompt {:?} has no `answer` to check against", p.prompt);

@@ -25,14 +25,14 @@ use super::rl::{
 };
 use super::rollout::{
     main_only, rollout_stats, rows, surrogate, token_share, Actors, Buffer, PolicyStep, Rollout,
-    Schedule,
+    RolloutClock, Schedule,
 };
 use super::setup::{self, check_prompt_lengths, prompt_sets, Plan, PolicyPair};
 use super::Env;
 use crate::config::{AdvantageEstimator, GrpoConfig, KlEstimator, ScaleRewards};
 use crate::data::records::PromptRecord;
 use crate::data::sampler::{state_u64, WindowSampler};
-use crate::generate::SampleCfg;
+use crate::generate::{RowKeys, SampleCfg};
 use crate::train::loss::scalar;
 use crate::train::params::{ParamInfo, Role};
 use crate::train::rng::Rng;
@@ -47,6 +47,7 @@ struct GrpoTask<'a> {
     rng: Rng,
     buffer: Option<Buffer<()>>,
     last_kl: f64,
+    clock: RolloutClock,
 }
 
 impl GrpoTask<'_> {
@@ -107,16 +108,25 @@ impl GrpoTask<'_> {
             temperature: c.temperature,
             ..Default::default()
         };
-        let (ro, _) =
-            self.actors
-                .collect(self.env.ctx(true, None), &records, &cfg, &mut self.rng)?;
+        // Each rollout samples from its own seed, drawn from the stage's stream, so a resumed
+        // run draws the same tokens; a group's members are rows of their own, numbered in the
+        // global rollout so a row samples the same tokens whichever rank holds it.
+        let keys = RowKeys::range(
+            self.rng.next_u64(),
+            (comm.rank() * records.len()) as u64,
+            records.len(),
+        );
+        let (ro, times) = self
+            .actors
+            .collect(self.env.ctx(true, None), &records, &cfg, &keys)?;
         let adv = self.advantages(&ro)?;
         let kl = (kl_estimate(&ro.old_logprobs, &ro.ref_logprobs, KlEstimator::K3)? * &ro.mask)?;
         self.last_kl = scalar(&kl.sum_all()?)? / records.len() as f64;
         self.actors
             .completions
             .write(step + 1, &records, &ro, &row_sums(&kl)?)?;
-        let stats = rollout_stats(&ro, self.last_kl);
+        let mut stats = rollout_stats(&ro, self.last_kl);
+        stats.extend(self.clock.metrics(&times));
         let plan = Schedule {
             epochs: c.epochs.max(1),
             minibatch_size: c.minibatch_size,
@@ -237,6 +247,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         rng: Rng::new(cfg.train.seed ^ 0x6290),
         buffer: None,
         last_kl: 0.0,
+        clock: RolloutClock::default(),
     };
     let trainable = |p: ParamInfo| lora.is_none() || p.role == Role::Adapter;
     let summary = setup::train(

@@ -31,14 +31,14 @@ use super::rl::{
 };
 use super::rollout::{
     main_only, response_values, rollout_stats, rows, surrogate, token_share, Actors, Buffer,
-    PolicyStep, Rollout, Schedule,
+    CollectTimes, PolicyStep, Rollout, RolloutClock, Schedule,
 };
 use super::setup::{self, check_prompt_lengths, prompt_sets, Plan, PolicyPair};
 use super::Env;
 use crate::config::{PpoConfig, RewardSpec};
 use crate::data::records::PromptRecord;
 use crate::data::sampler::{state_u64, WindowSampler};
-use crate::generate::SampleCfg;
+use crate::generate::{RowKeys, SampleCfg};
 use crate::train::loss::{masked_mean, scalar};
 use crate::train::params::{Net, ParamInfo, Role};
 use crate::train::rng::Rng;
@@ -63,6 +63,7 @@ struct PpoTask<'a> {
     last_kl: f64,
     gen_secs: f64,
     train_secs: f64,
+    clock: RolloutClock,
 }
 
 /// Step 3's outputs besides the buffer: what the rollout looked like.
@@ -87,13 +88,15 @@ impl PpoTask<'_> {
             temperature: c.temperature,
             top_k: c.top_k,
             top_p: c.top_p,
-            stop: vec![],
+            ..Default::default()
         }
     }
 
     /// Steps 1 and 2: a batch of prompts, their sampled responses, scores and log-probs.
-    fn sample(&mut self) -> Result<(Vec<PromptRecord>, Rollout, f64)> {
-        // Each rank generates and scores its slice of the global rollout.
+    /// Each rollout samples from its own seed, drawn from the stage's stream, so a resumed
+    /// run draws the same tokens. Each rank generates and scores its slice of the global
+    /// rollout.
+    fn sample(&mut self) -> Result<(Vec<PromptRecord>, Rollout, CollectTimes)> {
         let comm = self.env.comm.as_ref();
         let records: Vec<PromptRecord> = self
             .sampler
@@ -102,11 +105,17 @@ impl PpoTask<'_> {
             .map(|i| self.prompts[i].clone())
             .collect();
         let cfg = self.sample_cfg();
-        let (ro, gen) =
-            self.actors
-                .collect(self.env.ctx(true, None), &records, &cfg, &mut self.rng)?;
-        self.gen_secs += gen;
-        Ok((records, ro, gen))
+        // Global row ids: a row samples the same tokens whichever rank holds it.
+        let keys = RowKeys::range(
+            self.rng.next_u64(),
+            (comm.rank() * records.len()) as u64,
+            records.len(),
+        );
+        let (ro, times) = self
+            .actors
+            .collect(self.env.ctx(true, None), &records, &cfg, &keys)?;
+        self.gen_secs += times.gen.seconds;
+        Ok((records, ro, times))
     }
 
     /// Step 3: values, per-token rewards, GAE and whitening.
@@ -153,7 +162,7 @@ impl PpoTask<'_> {
     /// One rollout for optimizer step `step`: steps 1-3, the minibatch schedule for step 4,
     /// the completion log, and the rollout's statistics (logged with that step).
     fn rollout(&mut self, step: usize) -> Result<Vec<(&'static str, f64)>> {
-        let (records, ro, gen) = self.sample()?;
+        let (records, ro, times) = self.sample()?;
         let a = self.advantages(&ro)?;
         let comm = self.env.comm.as_ref();
         let b = (ro.lengths.len() * comm.world()) as f64;
@@ -175,10 +184,10 @@ impl PpoTask<'_> {
         stats.extend([
             ("beta", self.beta),
             ("explained_variance", a.explained),
-            ("gen_time_s", gen),
             ("gen_time_total_s", self.gen_secs),
             ("train_time_total_s", self.train_secs),
         ]);
+        stats.extend(self.clock.metrics(&times));
         let c = self.cfg().clone();
         if c.adaptive_kl {
             // Ziegler et al.: move beta proportionally to how far the KL is from its target.
@@ -371,6 +380,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         last_kl: 0.0,
         gen_secs: 0.0,
         train_secs: 0.0,
+        clock: RolloutClock::default(),
     };
     // The critic always trains; the policy fully, or only its adapters under LoRA.
     let trainable = |p: ParamInfo| p.net == Net::Value || lora.is_none() || p.role == Role::Adapter;

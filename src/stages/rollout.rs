@@ -8,6 +8,7 @@
 //! response starts at column `L`; the logits at column `L - 1 + t` predict response token `t`.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -22,12 +23,11 @@ use crate::data::records::PromptRecord;
 use crate::data::synthetic::exact_match;
 use crate::data::tokenizer::Tokenizer;
 use crate::dist::Communicator;
-use crate::generate::{generate, left_pad, SampleCfg};
+use crate::generate::{generate, left_pad, GenStats, RowKeys, SampleCfg};
 use crate::model::linear::Ctx;
 use crate::model::{Fwd, Transformer};
 use crate::train::loss::{entropy, scalar, token_logprobs};
 use crate::train::params::ParamStore;
-
 use crate::train::rng::Rng;
 
 pub struct Rollout {
@@ -101,23 +101,22 @@ pub struct Actors {
 }
 
 impl Actors {
-    /// Steps 1 and 2 of an iteration: samples a response to each record under `cfg`, scores
-    /// it, and takes the policy's and reference's log-probabilities. Returns the rollout and
-    /// the seconds spent generating.
+    /// Steps 1 and 2 of an iteration: samples a response to each record under `cfg` (record
+    /// `i` from the stream of `keys.rows[i]`), scores it, and takes the policy's and
+    /// reference's log-probabilities. Returns the rollout and where its time went.
     pub fn collect(
         &mut self,
         ctx: Ctx,
         records: &[PromptRecord],
         cfg: &SampleCfg,
-        rng: &mut Rng,
-    ) -> Result<(Rollout, f64)> {
+        keys: &RowKeys,
+    ) -> Result<(Rollout, CollectTimes)> {
         let ids: Vec<Vec<u32>> = records
             .iter()
             .map(|r| self.tok.encode(&r.prompt))
             .collect::<Result<_>>()?;
-        let t0 = std::time::Instant::now();
-        let sampled = sample(&self.policy, ctx, &self.tok, &ids, cfg, rng)?;
-        let gen = t0.elapsed().as_secs_f64();
+        let (sampled, gen) = sample(&self.policy, ctx, &self.tok, &ids, cfg, keys)?;
+        let t0 = Instant::now();
         let ro = build(
             &self.policy,
             ctx,
@@ -128,7 +127,8 @@ impl Actors {
             sampled,
             &mut self.rewards,
         )?;
-        Ok((ro, gen))
+        let score_s = t0.elapsed().as_secs_f64();
+        Ok((ro, CollectTimes { gen, score_s }))
     }
 
     /// Greedy accuracy and mean reward on held-out prompts, with `kl` and `beta` as the
@@ -235,6 +235,36 @@ impl<X> Buffer<X> {
     }
 }
 
+/// Where a rollout's time went: generation, then scoring (log-probabilities and rewards).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CollectTimes {
+    pub gen: GenStats,
+    pub score_s: f64,
+}
+
+/// The time split an RL stage logs per rollout: `gen_s`, `gen_tokens_per_s`, `score_s`, and
+/// `train_s`, the wall time since the previous rollout was collected (the updates on it).
+#[derive(Default)]
+pub struct RolloutClock {
+    last: Option<Instant>,
+}
+
+impl RolloutClock {
+    pub fn metrics(&mut self, t: &CollectTimes) -> Vec<(&'static str, f64)> {
+        let now = Instant::now();
+        let since = self
+            .last
+            .map_or(0.0, |l| now.duration_since(l).as_secs_f64());
+        self.last = Some(now);
+        vec![
+            ("gen_s", t.gen.seconds),
+            ("gen_tokens_per_s", t.gen.tokens_per_s()),
+            ("score_s", t.score_s),
+            ("train_s", (since - t.gen.seconds - t.score_s).max(0.0)),
+        ]
+    }
+}
+
 /// What every RL stage logs per rollout: mean score, mean summed KL `kl_seq`, response
 /// length, the fraction that ended with EOS, and a `rollout` marker.
 pub fn rollout_stats(ro: &Rollout, kl_seq: f64) -> Vec<(&'static str, f64)> {
@@ -310,7 +340,8 @@ pub fn greedy_eval(
             .iter()
             .map(|r| tok.encode(&r.prompt))
             .collect::<Result<_>>()?;
-        let g = generate(policy, ctx, tok, &ids, &cfg, &mut Rng::new(0))?;
+        let keys = RowKeys::range(0, 0, ids.len());
+        let g = generate(policy, ctx, tok, &ids, &cfg, &keys)?;
         correct += chunk
             .iter()
             .zip(&g.texts)
@@ -336,22 +367,23 @@ pub fn greedy_eval(
     Ok((acc, total / n))
 }
 
-/// Samples a response for every prompt and lays prompt + response out as described above.
+/// Samples a response for every prompt (prompt `i` from the stream of `keys.rows[i]`).
 pub fn sample(
     net: &Transformer,
     ctx: Ctx,
     tok: &Tokenizer,
     prompts: &[Vec<u32>],
     cfg: &SampleCfg,
-    rng: &mut Rng,
-) -> Result<Sampled> {
-    let g = generate(net, ctx, tok, prompts, cfg, rng)?;
-    Ok(Sampled {
+    keys: &RowKeys,
+) -> Result<(Sampled, GenStats)> {
+    let g = generate(net, ctx, tok, prompts, cfg, keys)?;
+    let s = Sampled {
         gen_tokens: g.tokens,
         texts: g.texts,
         finished: g.finished,
         temperature: cfg.temperature,
-    })
+    };
+    Ok((s, g.stats))
 }
 
 /// Lays prompts (left-padded to `L`) and their responses (right-padded to `R`) out as the

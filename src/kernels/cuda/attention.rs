@@ -201,7 +201,40 @@ fn prepare(
     };
     // Before any allocation or launch; the backward checks its own grids when it runs.
     op.check_grid_y(dtype, &dims, false)?;
-    Ok(Some((op, aligned(q)?, aligned(k)?, aligned(v)?)))
+    let q = aligned(q)?;
+    // The simple forward reads a KV cache in place (a view of its first positions); anything
+    // else is made contiguous.
+    let in_place = !op.use_mma(dtype, &dims)
+        && cache_capacity(k.layout()).is_some()
+        && cache_capacity(k.layout()) == cache_capacity(v.layout());
+    let (k, v) = match in_place {
+        true => (k.clone(), v.clone()),
+        false => (aligned(k)?, aligned(v)?),
+    };
+    Ok(Some((op, q, k, v)))
+}
+
+/// The capacity `cap` when `l` is the first `Tk` positions of a contiguous `[B, H, cap, D]`
+/// buffer (a KV cache view, `cap > Tk`); `None` otherwise. The simple forward loads element
+/// by element, so the view needs no alignment.
+fn cache_capacity(l: &Layout) -> Option<usize> {
+    let &[_, h, tk, d] = l.dims() else {
+        return None;
+    };
+    let st = l.stride();
+    let cap = st[1] / d.max(1);
+    let strided = st[3] == 1 && st[2] == d && st[1] == cap * d && st[0] == h * cap * d;
+    (strided && cap > tk).then_some(cap)
+}
+
+/// A device view of `k` or `v`: contiguous, or a KV cache view ([`cache_capacity`]), whose
+/// view runs from its first element to the end of the buffer.
+fn kv_view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    if cache_capacity(l).is_none() {
+        return contiguous_view::<T>(s, l);
+    }
+    let slice = s.as_cuda_slice::<T>()?;
+    Ok(slice.slice(l.start_offset()..))
 }
 
 /// Contiguous, starting on a 16-byte boundary (the tensor-core kernels load 16-byte chunks).
@@ -307,8 +340,9 @@ struct AttnParams {
     nsplit: i32,
     scale_log2: f32,
     scale: f32,
+    kv_cap: i32,
 }
-const _: () = assert!(std::mem::size_of::<AttnParams>() == 168);
+const _: () = assert!(std::mem::size_of::<AttnParams>() == 176);
 const _: () = assert!(std::mem::align_of::<AttnParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for AttnParams {}
@@ -474,8 +508,14 @@ impl FlashAttn {
         let dims = Dims::new(lq, lk)?;
         let mut p = self.params(&dims)?;
         let q = contiguous_view::<T>(sq, lq)?;
-        let k = contiguous_view::<T>(sk, lk)?;
-        let v = contiguous_view::<T>(sv, lv)?;
+        let k = kv_view::<T>(sk, lk)?;
+        let v = kv_view::<T>(sv, lv)?;
+        if let Some(cap) = cache_capacity(lk) {
+            if self.use_mma(T::DTYPE, &dims) {
+                candle_core::bail!("attention: the tensor-core forward reads contiguous k, v only");
+            }
+            p.kv_cap = to_i32(cap, "KV cache capacity")?;
+        }
         let krange = self.key_range(dev, &dims)?;
         let kv_guard: Guarded = self.key_valid.as_ref().map(|t| t.storage_and_layout());
         let kvalid = opt_view(&kv_guard)?;
@@ -739,6 +779,8 @@ impl CustomOp3 for FlashAttn {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dout = aligned(grad)?;
+        // The backward kernels read contiguous k and v; a KV cache view is copied here.
+        let (k, v) = (&aligned(k)?, &aligned(v)?);
         let (dq, dk, dv) = match q.dtype() {
             DType::F32 => self.backward::<f32>(q, k, v, o, &dout)?,
             DType::BF16 => self.backward::<half::bf16>(q, k, v, o, &dout)?,

@@ -46,6 +46,7 @@ pub mod gae;
 pub mod logprobs;
 pub mod lora;
 pub mod rmsnorm;
+pub mod sample;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;

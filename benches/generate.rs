@@ -1,0 +1,152 @@
+//! The rollout engine's throughput: a GPT-2-small-shaped policy (random weights), 64 prompts
+//! of 256 tokens, 128 new tokens each at temperature 0.7 (every row runs all 128: stops are
+//! ignored, as `min_new_tokens` does in the Hugging Face peer, scripts/bench_generate.py).
+//! Prints tokens/s, the time per decode step, and the memory-bandwidth floor of a decode
+//! step: the bytes it must read (weights in the compute dtype plus the KV cache so far) over
+//! the card's copy bandwidth (4.1 TB/s on the H200, DESIGN.md section 4). On a CPU it runs a
+//! tiny shape, so the harness itself stays checked.
+//!
+//! `cargo bench --bench generate [-- --batch B --prompt L --new N --reps R --group G --plain 1]`
+//! `--group G` repeats each prompt G times back to back (a GRPO group: one shared prefill per
+//! group); `--plain 1` switches the engine's savings off (no shared prefill, no compaction).
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Device};
+use temper::config::ModelConfig;
+use temper::data::tokenizer::Tokenizer;
+use temper::generate::{generate, EngineOpts, RowKeys, SampleCfg};
+use temper::kernels::KernelSet;
+use temper::model::linear::Ctx;
+use temper::model::Transformer;
+use temper::train::params::{Net, ParamStore};
+
+/// Device-to-device copy bandwidth of the H200 in bytes/s (DESIGN.md section 4).
+const COPY_BYTES_PER_S: f64 = 4.1e12;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Bytes one decode step must read at cache length `t`: every weight once in the compute
+/// dtype, and the keys and values of every layer for every row.
+fn step_bytes(cfg: &ModelConfig, params: usize, b: usize, t: usize, dtype: DType) -> f64 {
+    let e = dtype.size_in_bytes() as f64;
+    let kv = 2 * cfg.num_hidden_layers * b * cfg.num_key_value_heads * cfg.head_dim() * t;
+    (params as f64 + kv as f64) * e
+}
+
+fn main() -> Result<()> {
+    let (dev, mut cfg, dtype, b, l, n) = match Device::new_cuda(0) {
+        Ok(d) => (d, ModelConfig::preset("gpt2")?, DType::BF16, 64, 256, 128),
+        Err(_) => {
+            println!("generate: no CUDA device; timing a tiny shape on the CPU (the GPU comparison needs --features cuda and a GPU)");
+            (
+                Device::Cpu,
+                ModelConfig::preset("tiny")?,
+                DType::F32,
+                4,
+                16,
+                8,
+            )
+        }
+    };
+    if dev.is_cuda() {
+        cfg.vocab_size = 50257; // GPT-2's, as the peer's GPT2Config
+    }
+    let b = arg("--batch", b);
+    let l = arg("--prompt", l);
+    let n = arg("--new", n);
+    let reps = arg("--reps", 3).max(1);
+    let group = arg("--group", 1).max(1);
+    let engine = EngineOpts {
+        compact: arg("--plain", 0) == 0,
+        share_prefill: arg("--plain", 0) == 0,
+    };
+    cfg.max_position_embeddings = cfg.max_position_embeddings.max(l + n);
+    let mut store = ParamStore::new(dev.clone(), 11);
+    let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None)?;
+    let params = store.num_params(|_| true);
+    let tok = Tokenizer::bytes();
+    let ctx = Ctx {
+        dtype,
+        kernels: KernelSet::default(),
+        use_lora: false,
+        dropout_seed: None,
+    };
+    let vocab = cfg.vocab_size as u64;
+    let prompts: Vec<Vec<u32>> = (0..b as u64)
+        .map(|r| r / group as u64)
+        .map(|r| {
+            (0..l as u64)
+                .map(|j| (temper::train::rng::splitmix64(r * 1_000_003 + j) % vocab) as u32)
+                .map(|id| match tok.is_stop(id) || id == tok.pad_id() {
+                    true => 1,
+                    false => id,
+                })
+                .collect()
+        })
+        .collect();
+    let run = |new: usize, seed: u64| -> Result<f64> {
+        let sc = SampleCfg {
+            max_new_tokens: new,
+            min_new_tokens: new,
+            temperature: 0.7,
+            engine,
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let g = generate(&net, ctx, &tok, &prompts, &sc, &RowKeys::range(seed, 0, b))?;
+        assert!(g.tokens.iter().all(|t| t.len() == new));
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    run(2, 0)?; // loads the kernels
+    let median = |mut xs: Vec<f64>| {
+        xs.sort_by(f64::total_cmp);
+        xs[xs.len() / 2]
+    };
+    let prefill = median((0..reps).map(|r| run(1, r as u64)).collect::<Result<_>>()?);
+    let total = median((0..reps).map(|r| run(n, r as u64)).collect::<Result<_>>()?);
+    let step = (total - prefill) / (n - 1).max(1) as f64;
+    let tokens_per_s = (b * n) as f64 / total;
+    // The floor of the decode steps at their mean cache length.
+    let floor_step = step_bytes(&cfg, params, b, l + n / 2, dtype) / COPY_BYTES_PER_S;
+    println!(
+        "shape: layers {} hidden {} vocab {} ({:.0}M parameters), {b} prompts x {l} tokens (groups of {group}), {n} new, T=0.7, {dtype:?}, {engine:?}",
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.vocab_size,
+        params as f64 / 1e6
+    );
+    println!(
+        "temper: {tokens_per_s:>10.0} tokens/s ({:.1} ms total, prefill {:.1} ms, decode step {:.3} ms)",
+        total * 1e3,
+        prefill * 1e3,
+        step * 1e3
+    );
+    println!(
+        "bandwidth floor of a decode step: {:.3} ms ({:.1} MB at 4.1 TB/s): the decode runs at {:.2}x the floor",
+        floor_step * 1e3,
+        step_bytes(&cfg, params, b, l + n / 2, dtype) / 1e6,
+        step / floor_step
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "generate", "impl": "temper", "shape": match group {
+                1 => format!("B{b} L{l} N{n}"),
+                g => format!("B{b} L{l} N{n} G{g}"),
+            },
+            "tokens_per_s": tokens_per_s, "ms_total": total * 1e3, "ms_prefill": prefill * 1e3,
+            "ms_decode_step": step * 1e3, "ms_floor_step": floor_step * 1e3,
+            "floor_tokens_per_s": b as f64 / floor_step,
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,200 @@
+// Next-token sampling: temperature, top-k, top-p and the draw, one block per row of logits.
+//
+// The maths is the reference's (src/kernels/sample.rs, module doc), step for step:
+// 1. m = max z (block argmax, ties to the lowest index; greedy stops here and writes it);
+//    w_i = exp((z_i - m) / T), recomputed from the logits on every pass instead of stored
+//    (a 50k-entry row does not fit shared memory; the row stays in L1/L2 across passes).
+// 2. top-k: the largest threshold t with #{w_i >= t} >= k, bisected over the bit patterns of
+//    f32 in [0, 1] (non-negative floats order like their bits), ~30 block reductions; no sort.
+// 3. top-p: the largest t' >= t whose kept mass reaches top_p times the top-k mass, the same way.
+// 4. target = u * (kept mass), u from the counter-based hash of (row key, pos); the token is
+//    the first index, in vocabulary order, whose running kept mass exceeds target: a block
+//    prefix scan over chunks of blockDim.x entries, stopping at the chunk that contains it.
+// Sums are f32 trees here and sequential f64 in the reference, so a draw whose u falls within
+// rounding of a bucket edge may pick the neighbour; greedy is exact.
+//
+// Launch: grid (B), block kThreads; reads p.logits [B, V] f32 (rows contiguous), p.keys [B],
+// writes p.out [B] u32.
+
+#include "common.cuh"
+
+struct SampleParams {
+  const float *logits;       // [B, V] f32
+  const long long *keys;     // [B] row keys (row_key(seed, row) of the reference)
+  unsigned int *out;         // [B] chosen token ids
+  unsigned long long pos;    // draw index of this step (the same for every row)
+  int b;                     // rows (informational: the grid is B blocks)
+  int v;                     // vocabulary
+  int top_k;                 // 0 or >= v: no top-k filter
+  float inv_temp;            // 1 / temperature (unused when greedy)
+  float top_p;               // >= 1: no nucleus filter
+  int greedy;                // 1: argmax, no draw
+};
+static_assert(sizeof(SampleParams) == 56, "SampleParams: keep in step with the Rust mirror");
+static_assert(alignof(SampleParams) == 8, "SampleParams: keep in step with the Rust mirror");
+
+namespace temper {
+namespace sample {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+
+static __device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// The reference's `uniform`: 24 random bits, exact in f32.
+static __device__ __forceinline__ float uniform(unsigned long long key, unsigned long long pos) {
+  const unsigned long long bits = splitmix64(key ^ splitmix64(pos + 0x5A3Bull));
+  return (float)(bits >> 40) * (1.0f / 16777216.0f);
+}
+
+// Largest value and its lowest index over the block, returned to every thread.
+static __device__ __forceinline__ void block_argmax(float &val, int &idx, float *sval,
+                                                    int *sidx) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, val, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+    if (ov > val || (ov == val && oi < idx)) val = ov, idx = oi;
+  }
+  __syncthreads();
+  if (lane == 0) sval[warp] = val, sidx[warp] = idx;
+  __syncthreads();
+  val = sval[0], idx = sidx[0];
+  for (int w = 1; w < kWarps; ++w) {
+    if (sval[w] > val || (sval[w] == val && sidx[w] < idx)) val = sval[w], idx = sidx[w];
+  }
+}
+
+// Inclusive prefix sum over the block; `total` gets the block's sum.
+static __device__ __forceinline__ float block_scan(float x, float &total, float *scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const float y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  __syncthreads();
+  if (lane == 31) scratch[warp] = x;
+  __syncthreads();
+  float before = 0.f;
+  total = 0.f;
+  for (int w = 0; w < kWarps; ++w) {
+    if (w < warp) before += scratch[w];
+    total += scratch[w];
+  }
+  return x + before;
+}
+
+static __device__ __forceinline__ int block_min_int(int x, int *scratch) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = min(x, __shfl_xor_sync(0xffffffffu, x, o));
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = x;
+  __syncthreads();
+  x = scratch[0];
+  for (int w = 1; w < kWarps; ++w) x = min(x, scratch[w]);
+  return x;
+}
+
+struct Row {
+  const float *z;
+  int v;
+  float m, inv_temp;
+  __device__ __forceinline__ float w(int i) const { return expf((z[i] - m) * inv_temp); }
+};
+
+// #{w_i >= t} over the block (exact in f32 for V < 2^24).
+static __device__ __forceinline__ float count_at_least(const Row &r, float t, float *scratch) {
+  float c = 0.f;
+  for (int i = threadIdx.x; i < r.v; i += kThreads) c += r.w(i) >= t ? 1.f : 0.f;
+  return block_sum(c, scratch);
+}
+
+// Mass of the w_i >= t over the block.
+static __device__ __forceinline__ float mass_at_least(const Row &r, float t, float *scratch) {
+  float s = 0.f;
+  for (int i = threadIdx.x; i < r.v; i += kThreads) {
+    const float x = r.w(i);
+    s += x >= t ? x : 0.f;
+  }
+  return block_sum(s, scratch);
+}
+
+// The reference's `largest_threshold` for "at least k kept" (top-k) or "mass at least goal,
+// above floor" (top-p): bisection over the bits of f32 in [0, 1].
+static __device__ float threshold(const Row &r, bool by_count, float k_or_goal, float floor,
+                                  float *scratch) {
+  unsigned int lo = 0u, hi = __float_as_uint(1.0f) + 1u;
+  while (hi - lo > 1u) {
+    const unsigned int mid = lo + (hi - lo) / 2u;
+    const float t = fmaxf(__uint_as_float(mid), floor);
+    const bool holds = by_count ? count_at_least(r, t, scratch) >= k_or_goal
+                                : mass_at_least(r, t, scratch) >= k_or_goal;
+    if (holds) lo = mid; else hi = mid;
+  }
+  return fmaxf(__uint_as_float(lo), floor);
+}
+
+static __device__ void sample_row(const SampleParams &p) {
+  __shared__ float sval[kWarps];
+  __shared__ int sidx[kWarps];
+  __shared__ float scratch[32];
+  const int row = blockIdx.x;
+  Row r{p.logits + (size_t)row * p.v, p.v, 0.f, p.inv_temp};
+
+  float best = __int_as_float(0xff800000);  // -inf
+  int arg = 0x7fffffff;
+  for (int i = threadIdx.x; i < r.v; i += kThreads) {
+    if (r.z[i] > best) best = r.z[i], arg = i;
+  }
+  block_argmax(best, arg, sval, sidx);
+  if (p.greedy) {
+    if (threadIdx.x == 0) p.out[row] = (unsigned int)(arg == 0x7fffffff ? 0 : arg);
+    return;
+  }
+  r.m = best;
+
+  float t = 0.f;
+  if (p.top_k > 0 && p.top_k < p.v) t = threshold(r, true, (float)p.top_k, 0.f, scratch);
+  if (p.top_p < 1.f) {
+    const float goal = p.top_p * mass_at_least(r, t, scratch);
+    t = threshold(r, false, goal, t, scratch);
+  }
+  const float target = uniform((unsigned long long)p.keys[row], p.pos) *
+                       mass_at_least(r, t, scratch);
+
+  float running = 0.f;
+  int my_last = -1;  // this thread's last kept index
+  for (int base = 0; base < r.v; base += kThreads) {
+    const int i = base + threadIdx.x;
+    const float x = i < r.v ? r.w(i) : 0.f;
+    const bool kept = i < r.v && x >= t;
+    const float mine = kept ? x : 0.f;
+    float chunk = 0.f;
+    const float incl = block_scan(mine, chunk, scratch);
+    const int hit = block_min_int(kept && running + incl > target ? i : 0x7fffffff, sidx);
+    if (hit != 0x7fffffff) {
+      if (threadIdx.x == 0) p.out[row] = (unsigned int)hit;
+      return;
+    }
+    if (kept) my_last = i;
+    running += chunk;
+  }
+  // Rounding left the target at or past the kept mass: the last kept token, as the reference.
+  const int last_kept = -block_min_int(-my_last, sidx);
+  if (threadIdx.x == 0) p.out[row] = (unsigned int)max(last_kept, 0);
+}
+
+}  // namespace sample
+}  // namespace temper
+
+extern "C" __global__ void __launch_bounds__(temper::sample::kThreads)
+    sample_f32(const SampleParams p) {
+  temper::sample::sample_row(p);
+}

@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Hugging Face transformers' `generate`, the peer of benches/generate.rs, same shapes, same GPU.
+
+A GPT2LMHeadModel from a default GPT2Config (GPT-2 small: 12 layers, 768 wide, vocab 50257)
+with random weights, in bf16; 64 prompts of 256 random tokens; 128 new tokens each, sampled at
+temperature 0.7 with no top-k or top-p filter (transformers' default top_k=50 is switched off,
+as temper's engine applies none), and `min_new_tokens=max_new_tokens=128` so every row runs all
+128 steps, as the temper bench does. Prints tokens/s (prompts x new tokens over the median
+wall time of `generate`, CUDA-synchronised) and one JSON line in benches/generate.rs's format.
+
+Usage: python3 scripts/bench_generate.py [--reps N] [--quick]
+"""
+
+import json
+import statistics
+import sys
+import time
+
+B, L, N = 64, 256, 128
+
+
+def arg(name, default):
+    if name in sys.argv:
+        return int(sys.argv[sys.argv.index(name) + 1])
+    return default
+
+
+def main():
+    import torch
+
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError as e:
+        print(json.dumps({"bench": "generate", "impl": "transformers-generate", "error": str(e)}))
+        print(f"transformers is not installed here ({e}); no peer number")
+        return 0
+    reps = 1 if "--quick" in sys.argv else arg("--reps", 3)
+    torch.manual_seed(0)
+    cfg = GPT2Config()
+    model = GPT2LMHeadModel(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, cfg.vocab_size, (B, L), device="cuda")
+    mask = torch.ones_like(ids)
+
+    def run(new):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=0.7,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                pad_token_id=cfg.eos_token_id,
+            )
+        torch.cuda.synchronize()
+        assert out.shape == (B, L + new), out.shape
+        return time.perf_counter() - t0
+
+    run(2)  # warm-up: kernels, allocator
+    prefill = statistics.median(run(1) for _ in range(reps))
+    total = statistics.median(run(N) for _ in range(reps))
+    step = (total - prefill) / (N - 1)
+    tps = B * N / total
+    print(f"hf-transformers: {tps:10.0f} tokens/s ({total * 1e3:.1f} ms total, prefill {prefill * 1e3:.1f} ms, "
+          f"decode step {step * 1e3:.3f} ms); torch {torch.__version__}")
+    print(json.dumps({
+        "bench": "generate", "impl": "transformers-generate", "shape": f"B{B} L{L} N{N}",
+        "tokens_per_s": tps, "ms_total": total * 1e3, "ms_prefill": prefill * 1e3,
+        "ms_decode_step": step * 1e3,
+    }), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

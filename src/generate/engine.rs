@@ -1,0 +1,218 @@
+//! The decode loop: one prefill, then per token one cached forward pass of the active rows,
+//! one sampling launch, and `B` ids copied to the host.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+
+use super::prefill::PrefillPlan;
+use super::{left_pad, GenStats, Generation, RowKeys, SampleCfg};
+use crate::data::tokenizer::Tokenizer;
+use crate::kernels::sample::{keys_tensor, sample};
+use crate::model::cast::FrozenWeights;
+use crate::model::linear::Ctx;
+use crate::model::{Fwd, KvCache, Transformer};
+
+/// Samples up to `cfg.max_new_tokens` for every prompt; prompt `i` draws from the stream of
+/// `keys.rows[i]`.
+pub fn generate(
+    net: &Transformer,
+    ctx: Ctx,
+    tok: &Tokenizer,
+    prompts: &[Vec<u32>],
+    cfg: &SampleCfg,
+    keys: &RowKeys,
+) -> Result<Generation> {
+    let start = Instant::now();
+    if prompts.is_empty() {
+        bail!("generation needs at least one prompt");
+    }
+    if keys.rows.len() != prompts.len() {
+        bail!(
+            "generation: {} row keys for {} prompts",
+            keys.rows.len(),
+            prompts.len()
+        );
+    }
+    let dev = net.device().clone();
+    let b = prompts.len();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let limit = net.cfg.max_position_embeddings;
+    if longest + cfg.max_new_tokens > limit {
+        bail!(
+            "a prompt of {longest} tokens plus {} new tokens exceeds the model's context of {limit} tokens",
+            cfg.max_new_tokens
+        );
+    }
+    // Weights are constant for the whole call: cast to the compute dtype once, not per token.
+    let _frozen = FrozenWeights::enter();
+    let mut resp = Responses::new(b);
+    let mut stats = GenStats::default();
+    if cfg.max_new_tokens == 0 {
+        return resp.finish(tok, stats, start);
+    }
+
+    // Prefill: the distinct prompts only, logits at the last column only.
+    let plan = PrefillPlan::new(prompts, cfg.engine.share_prefill);
+    let firsts: Vec<Vec<u32>> = plan.firsts.iter().map(|&i| prompts[i].clone()).collect();
+    stats.prefill_rows = firsts.len();
+    let (ids, prompt_valid, positions) = left_pad(&firsts, tok.pad_id(), &dev)?;
+    let mut cache = KvCache::with_capacity(net.num_layers(), longest + cfg.max_new_tokens);
+    let f = Fwd {
+        ctx,
+        positions: Some(&positions),
+        key_valid: Some(&prompt_valid),
+    };
+    let hidden = net.hidden(&ids, &f, Some(&mut cache))?;
+    let mut last = net
+        .logits(&hidden.narrow(1, longest - 1, 1)?)?
+        .squeeze(1)?
+        .detach();
+    drop(hidden);
+    // Every generated position is a real key (finished rows too, until they leave).
+    let ones = Tensor::ones((firsts.len(), cfg.max_new_tokens), DType::F32, &dev)?;
+    let mut valid = Tensor::cat(&[&prompt_valid, &ones], 1)?;
+    if let Some(rows) = plan.expansion(&dev)? {
+        cache.select_rows(&rows)?;
+        last = last.index_select(&rows, 0)?;
+        valid = valid.index_select(&rows, 0)?;
+    }
+
+    let mut active = Active::new(prompts, keys, &dev)?;
+    let params = cfg.params();
+    for t in 0..cfg.max_new_tokens {
+        let mut next = sample(&last, &active.keys, t as u64, &params, ctx.kernels.sample)?;
+        for (&row, &id) in active.rows.iter().zip(&next.to_vec1::<u32>()?) {
+            resp.push(row, id, tok, cfg)?;
+        }
+        let done = active.rows.iter().filter(|&&r| resp.finished[r]).count();
+        if done == active.len() || t + 1 == cfg.max_new_tokens {
+            break;
+        }
+        if cfg.engine.compact && done > 0 && 4 * done >= active.len() {
+            let keep = active.keep_unfinished(&resp.finished, &dev)?;
+            cache.select_rows(&keep)?;
+            valid = valid.index_select(&keep, 0)?;
+            next = next.index_select(&keep, 0)?;
+            stats.compactions += 1;
+        }
+        let n = active.len();
+        let key_valid = valid.narrow(1, 0, cache.len() + 1)?;
+        let f = Fwd {
+            ctx,
+            positions: Some(&active.positions),
+            key_valid: Some(&key_valid),
+        };
+        last = net
+            .forward(&next.reshape((n, 1))?, &f, Some(&mut cache))?
+            .squeeze(1)?
+            .detach();
+        active.positions = active.positions.affine(1.0, 1.0)?;
+        stats.decode_steps += 1;
+    }
+    resp.finish(tok, stats, start)
+}
+
+/// The rows still in the batch: which prompt each slot holds, its sampling key, and the
+/// position its next token is fed at.
+struct Active {
+    rows: Vec<usize>,
+    /// `[n]` i64 row keys ([`crate::kernels::sample::row_key`]).
+    keys: Tensor,
+    /// `[n, 1]` u32.
+    positions: Tensor,
+}
+
+impl Active {
+    fn new(prompts: &[Vec<u32>], keys: &RowKeys, dev: &candle_core::Device) -> Result<Self> {
+        let b = prompts.len();
+        let pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
+        Ok(Self {
+            rows: (0..b).collect(),
+            keys: keys_tensor(keys.seed, &keys.rows, dev)?,
+            positions: Tensor::from_vec(pos, (b, 1), dev)?,
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Drops the finished rows; returns the slots kept (`[n']` u32), for the caller to select
+    /// the same rows of the cache and of whatever else it holds per slot.
+    fn keep_unfinished(&mut self, finished: &[bool], dev: &candle_core::Device) -> Result<Tensor> {
+        let slots: Vec<u32> = (0..self.rows.len() as u32)
+            .filter(|&s| !finished[self.rows[s as usize]])
+            .collect();
+        let keep = Tensor::from_vec(slots.clone(), slots.len(), dev)?;
+        self.rows = slots.iter().map(|&s| self.rows[s as usize]).collect();
+        self.keys = self.keys.index_select(&keep, 0)?;
+        self.positions = self.positions.index_select(&keep, 0)?;
+        Ok(keep)
+    }
+}
+
+/// Responses in progress: their tokens, and which have ended (EOS or a stop string).
+struct Responses {
+    tokens: Vec<Vec<u32>>,
+    texts: Vec<String>,
+    finished: Vec<bool>,
+}
+
+impl Responses {
+    fn new(b: usize) -> Self {
+        Self {
+            tokens: vec![Vec::new(); b],
+            texts: vec![String::new(); b],
+            finished: vec![false; b],
+        }
+    }
+
+    /// Appends `id` to row `row` unless it has ended, and ends it at a stop token or string.
+    fn push(&mut self, row: usize, id: u32, tok: &Tokenizer, cfg: &SampleCfg) -> Result<()> {
+        if self.finished[row] {
+            return Ok(());
+        }
+        let toks = &mut self.tokens[row];
+        toks.push(id);
+        if toks.len() < cfg.min_new_tokens {
+            return Ok(());
+        }
+        if tok.is_stop(id) {
+            self.finished[row] = true;
+            self.texts[row] = tok.decode(toks)?;
+        } else if !cfg.stop.is_empty() {
+            let text = tok.decode(toks)?;
+            if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                self.finished[row] = true;
+                self.texts[row] = text[..cut].to_string();
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(
+        mut self,
+        tok: &Tokenizer,
+        mut stats: GenStats,
+        start: Instant,
+    ) -> Result<Generation> {
+        for i in 0..self.tokens.len() {
+            if !self.finished[i] {
+                self.texts[i] = tok.decode(&self.tokens[i])?;
+            }
+        }
+        stats.new_tokens = self.tokens.iter().map(Vec::len).sum();
+        stats.seconds = start.elapsed().as_secs_f64();
+        Ok(Generation {
+            tokens: self.tokens,
+            texts: self.texts,
+            finished: self.finished,
+            stats,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,195 @@
+//! The engine against a naive loop, and its savings against themselves switched off.
+
+use candle_core::{Device, Tensor};
+
+use super::*;
+use crate::config::ModelConfig;
+use crate::generate::EngineOpts;
+use crate::kernels::sample::argmax;
+use crate::kernels::KernelSet;
+use crate::train::params::{Net, ParamStore};
+
+fn ctx() -> Ctx {
+    Ctx {
+        dtype: DType::F32,
+        kernels: KernelSet::default(),
+        use_lora: false,
+        dropout_seed: None,
+    }
+}
+
+/// A small random model over the byte vocabulary; `gpt2` picks learned positions, LayerNorm
+/// and GELU instead of RoPE, RMSNorm and SwiGLU.
+fn net(preset: &str) -> (ParamStore, Transformer) {
+    let mut cfg = ModelConfig::preset(preset).unwrap();
+    cfg.vocab_size = Tokenizer::bytes().vocab_size();
+    cfg.hidden_size = 32;
+    cfg.intermediate_size = 64;
+    cfg.num_hidden_layers = 2;
+    cfg.num_attention_heads = 4;
+    cfg.num_key_value_heads = 2;
+    cfg.max_position_embeddings = 48;
+    let mut store = ParamStore::new(Device::Cpu, 5);
+    let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
+    (store, net)
+}
+
+fn prompts(tok: &Tokenizer, texts: &[&str]) -> Vec<Vec<u32>> {
+    texts.iter().map(|t| tok.encode(t).unwrap()).collect()
+}
+
+/// Greedy decoding of one prompt with a full forward pass over the whole sequence per token.
+fn naive_greedy(net: &Transformer, tok: &Tokenizer, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut seq = prompt.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let ids = Tensor::new(seq.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let f = Fwd {
+            ctx: ctx(),
+            positions: None,
+            key_valid: None,
+        };
+        let logits = net.forward(&ids, &f, None).unwrap();
+        let last = logits.narrow(1, seq.len() - 1, 1).unwrap();
+        let id = argmax(&last.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        out.push(id);
+        seq.push(id);
+        if tok.is_stop(id) {
+            break;
+        }
+    }
+    out
+}
+
+#[test]
+fn greedy_equals_a_full_recompute_loop() {
+    let tok = Tokenizer::bytes();
+    let texts = ["ab", "hello there", "hello there", "q", "xyz!"];
+    for preset in ["tiny", "gpt2"] {
+        let (_s, net) = net(preset);
+        let ps = prompts(&tok, &texts);
+        let cfg = SampleCfg {
+            max_new_tokens: 12,
+            temperature: 0.0,
+            ..Default::default()
+        };
+        let g = generate(
+            &net,
+            ctx(),
+            &tok,
+            &ps,
+            &cfg,
+            &RowKeys::range(0, 0, ps.len()),
+        )
+        .unwrap();
+        for (i, p) in ps.iter().enumerate() {
+            let want = naive_greedy(&net, &tok, p, cfg.max_new_tokens);
+            assert_eq!(g.tokens[i], want, "{preset}: prompt {i} {:?}", texts[i]);
+        }
+        assert_eq!(
+            g.stats.prefill_rows, 4,
+            "the repeated prompt is not prefilled twice"
+        );
+        assert_eq!(
+            g.stats.new_tokens,
+            g.tokens.iter().map(Vec::len).sum::<usize>()
+        );
+    }
+}
+
+/// Sampling that ends rows at different steps: any lowercase letter is a stop string, about
+/// one chance in ten per token under a near-uniform random model.
+fn sampled(max_new_tokens: usize, engine: EngineOpts) -> SampleCfg {
+    SampleCfg {
+        max_new_tokens,
+        temperature: 1.0,
+        top_k: 200,
+        top_p: 0.97,
+        stop: ('a'..='z').map(String::from).collect(),
+        engine,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn compaction_and_shared_prefill_leave_the_tokens_unchanged() {
+    let tok = Tokenizer::bytes();
+    let texts = [
+        "G1", "G1", "G1", "G1", "two", "two", "Z", "four!", "four!", "four!",
+    ];
+    let (_s, net) = net("tiny");
+    let ps = prompts(&tok, &texts);
+    let keys = RowKeys::range(17, 100, ps.len());
+    let mut runs = Vec::new();
+    for temperature in [0.0, 1.0] {
+        for (compact, share_prefill) in [(false, false), (true, false), (false, true), (true, true)]
+        {
+            let mut cfg = sampled(
+                24,
+                EngineOpts {
+                    compact,
+                    share_prefill,
+                },
+            );
+            cfg.temperature = temperature;
+            let g = generate(&net, ctx(), &tok, &ps, &cfg, &keys).unwrap();
+            let prefilled = if share_prefill { 4 } else { ps.len() };
+            assert_eq!(g.stats.prefill_rows, prefilled);
+            if !compact {
+                assert_eq!(g.stats.compactions, 0);
+            } else if temperature > 0.0 {
+                assert!(g.stats.compactions > 0, "{:?}", g.stats);
+            }
+            runs.push(((temperature, compact, share_prefill), g));
+        }
+    }
+    for pair in runs.chunks(4) {
+        let (base_opts, base) = &pair[0];
+        let lengths: Vec<usize> = base.tokens.iter().map(Vec::len).collect();
+        assert!(
+            lengths.iter().min() < lengths.iter().max(),
+            "rows must end at different steps for compaction to matter: {lengths:?}"
+        );
+        for (opts, g) in &pair[1..] {
+            assert_eq!(g.tokens, base.tokens, "{opts:?} vs {base_opts:?}");
+            assert_eq!(g.texts, base.texts, "{opts:?}");
+            assert_eq!(g.finished, base.finished, "{opts:?}");
+        }
+    }
+    // Members of a group draw their own continuations.
+    let (_, sampled_run) = &runs[7];
+    let group: Vec<&Vec<u32>> = sampled_run.tokens[..4].iter().collect();
+    assert!(group.windows(2).any(|w| w[0] != w[1]), "{group:?}");
+}
+
+#[test]
+fn a_rows_tokens_do_not_depend_on_its_batch() {
+    let tok = Tokenizer::bytes();
+    let texts = ["a1", "bb22", "a1", "c", "dddd4", "e5", "e5", "f"];
+    let (_s, net) = net("tiny");
+    let ps = prompts(&tok, &texts);
+    let cfg = sampled(16, EngineOpts::default());
+    let whole = generate(&net, ctx(), &tok, &ps, &cfg, &RowKeys::range(3, 0, 8)).unwrap();
+    let front = generate(&net, ctx(), &tok, &ps[..4], &cfg, &RowKeys::range(3, 0, 4)).unwrap();
+    let back = generate(&net, ctx(), &tok, &ps[4..], &cfg, &RowKeys::range(3, 4, 4)).unwrap();
+    let split: Vec<Vec<u32>> = front.tokens.into_iter().chain(back.tokens).collect();
+    assert_eq!(whole.tokens, split);
+    // Another seed is another stream.
+    let other = generate(&net, ctx(), &tok, &ps, &cfg, &RowKeys::range(4, 0, 8)).unwrap();
+    assert_ne!(whole.tokens, other.tokens);
+}
+
+#[test]
+fn min_new_tokens_runs_past_stops() {
+    let tok = Tokenizer::bytes();
+    let (_s, net) = net("tiny");
+    let ps = prompts(&tok, &["hi", "there"]);
+    let mut cfg = sampled(10, EngineOpts::default());
+    cfg.min_new_tokens = 10;
+    let g = generate(&net, ctx(), &tok, &ps, &cfg, &RowKeys::range(0, 0, 2)).unwrap();
+    assert!(g.tokens.iter().all(|t| t.len() == 10), "{:?}", g.tokens);
+    assert_eq!(g.stats.decode_steps, 9);
+}

@@ -1,0 +1,89 @@
+//! Next-token sampling on CUDA (`kernels/sample.cu`): one block per row, only the chosen ids
+//! written. The contract and the maths are the reference's (`src/kernels/sample.rs`).
+
+use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
+use candle_core::{DType, Result, Tensor};
+
+use super::super::sample::SampleParams as Params;
+use super::{alloc_out, contiguous_view, cuda_storage, launch, load_func, tensor_from_slice};
+use super::{to_i32, DevPtrs, LaunchConfig};
+
+/// The Rust mirror of `struct SampleParams` in kernels/sample.cu (field comments there).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct SampleParams {
+    logits: u64,
+    keys: u64,
+    out: u64,
+    pos: u64,
+    b: i32,
+    v: i32,
+    top_k: i32,
+    inv_temp: f32,
+    top_p: f32,
+    greedy: i32,
+}
+const _: () = assert!(std::mem::size_of::<SampleParams>() == 56);
+const _: () = assert!(std::mem::align_of::<SampleParams>() == 8);
+// SAFETY: plain old data with the C layout of the kernel's struct (asserted above).
+unsafe impl DeviceRepr for SampleParams {}
+
+/// Threads per block (`kThreads` in the kernel).
+const THREADS: u32 = 512;
+
+/// `[B]` u32 ids sampled from `logits` (`[B, V]`, any float dtype: converted to f32 first)
+/// with the uniforms of `keys` (`[B]` i64) at draw `pos`.
+pub fn sample(logits: &Tensor, keys: &Tensor, pos: u64, params: &Params) -> Result<Tensor> {
+    let (b, v) = logits.dims2()?;
+    if keys.dims() != [b] || keys.dtype() != DType::I64 {
+        candle_core::bail!(
+            "sample: keys {:?} {:?} are not [{b}] i64",
+            keys.dims(),
+            keys.dtype()
+        );
+    }
+    let dev = logits.device().as_cuda_device()?;
+    if b == 0 {
+        return Tensor::zeros(0, DType::U32, logits.device());
+    }
+    if v == 0 {
+        candle_core::bail!("sample: empty vocabulary");
+    }
+    let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+    let keys = keys.to_device(logits.device())?.contiguous()?;
+    // SAFETY: one block per row writes its id.
+    let mut out = unsafe { alloc_out::<u32>(dev, b)? };
+    {
+        let (ls, ll) = logits.storage_and_layout();
+        let (ks, kl) = keys.storage_and_layout();
+        let lv = contiguous_view::<f32>(cuda_storage(&ls)?, ll)?;
+        let kv = contiguous_view::<i64>(cuda_storage(&ks)?, kl)?;
+        let func = load_func(dev, "sample", "sample_f32")?;
+        let cfg = LaunchConfig {
+            grid_dim: (to_i32(b, "rows")? as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let stream = dev.cuda_stream();
+        let mut ptrs = DevPtrs::new(&stream);
+        let p = SampleParams {
+            logits: ptrs.read(&lv),
+            keys: ptrs.read(&kv),
+            out: ptrs.write(&mut out),
+            pos,
+            b: to_i32(b, "rows")?,
+            v: to_i32(v, "vocabulary")?,
+            top_k: to_i32(params.top_k.min(v), "top_k")?,
+            inv_temp: if params.is_greedy() {
+                0.0
+            } else {
+                1.0 / params.temperature
+            },
+            top_p: params.top_p,
+            greedy: i32::from(params.is_greedy()),
+        };
+        // SAFETY: logits hold B * V f32, keys B i64, out B u32; the guards live in `ptrs`.
+        unsafe { launch(dev, &func, "sample_f32", cfg, &p) }?;
+    }
+    Ok(tensor_from_slice(out, dev, b))
+}
