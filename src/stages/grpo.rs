@@ -24,8 +24,8 @@ use super::rl::{
     sequence_advantages, Clip,
 };
 use super::rollout::{
-    main_only, rollout_stats, rows, surrogate, token_share, Actors, Buffer, PolicyStep, Rollout,
-    RolloutClock, Schedule,
+    main_only, rollout_seed, rollout_stats, rows, surrogate, token_share, Actors, Buffer,
+    PolicyStep, Rollout, RolloutClock, Schedule,
 };
 use super::setup::{self, check_prompt_lengths, prompt_sets, Plan, PolicyPair};
 use super::Env;
@@ -108,11 +108,12 @@ impl GrpoTask<'_> {
             temperature: c.temperature,
             ..Default::default()
         };
-        // Each rollout samples from its own seed, drawn from the stage's stream, so a resumed
-        // run draws the same tokens; a group's members are rows of their own, numbered in the
-        // global rollout so a row samples the same tokens whichever rank holds it.
+        // Each rollout samples from its own seed, a function of the run's seed and the step,
+        // so a resumed run (or one on another number of ranks, whose shuffles use the stage's
+        // stream differently) draws the same tokens; a group's members are rows of their own,
+        // numbered in the global rollout so a row samples the same tokens on any rank.
         let keys = RowKeys::range(
-            self.rng.next_u64(),
+            rollout_seed(self.env.cfg.train.seed, step),
             (comm.rank() * records.len()) as u64,
             records.len(),
         );

@@ -30,8 +30,8 @@ use super::rl::{
     Aggregation, Clip,
 };
 use super::rollout::{
-    main_only, response_values, rollout_stats, rows, surrogate, token_share, Actors, Buffer,
-    CollectTimes, PolicyStep, Rollout, RolloutClock, Schedule,
+    main_only, response_values, rollout_seed, rollout_stats, rows, surrogate, token_share, Actors,
+    Buffer, CollectTimes, PolicyStep, Rollout, RolloutClock, Schedule,
 };
 use super::setup::{self, check_prompt_lengths, prompt_sets, Plan, PolicyPair};
 use super::Env;
@@ -93,10 +93,11 @@ impl PpoTask<'_> {
     }
 
     /// Steps 1 and 2: a batch of prompts, their sampled responses, scores and log-probs.
-    /// Each rollout samples from its own seed, drawn from the stage's stream, so a resumed
-    /// run draws the same tokens. Each rank generates and scores its slice of the global
-    /// rollout.
-    fn sample(&mut self) -> Result<(Vec<PromptRecord>, Rollout, CollectTimes)> {
+    /// Each rollout samples from its own seed, a function of the run's seed and the step it
+    /// starts, so a resumed run draws the same tokens, and so does a run on another number of
+    /// ranks (whose minibatch shuffles draw from the stage's stream differently). Each rank
+    /// generates and scores its slice of the global rollout.
+    fn sample(&mut self, step: usize) -> Result<(Vec<PromptRecord>, Rollout, CollectTimes)> {
         let comm = self.env.comm.as_ref();
         let records: Vec<PromptRecord> = self
             .sampler
@@ -107,7 +108,7 @@ impl PpoTask<'_> {
         let cfg = self.sample_cfg();
         // Global row ids: a row samples the same tokens whichever rank holds it.
         let keys = RowKeys::range(
-            self.rng.next_u64(),
+            rollout_seed(self.env.cfg.train.seed, step),
             (comm.rank() * records.len()) as u64,
             records.len(),
         );
@@ -162,7 +163,7 @@ impl PpoTask<'_> {
     /// One rollout for optimizer step `step`: steps 1-3, the minibatch schedule for step 4,
     /// the completion log, and the rollout's statistics (logged with that step).
     fn rollout(&mut self, step: usize) -> Result<Vec<(&'static str, f64)>> {
-        let (records, ro, times) = self.sample()?;
+        let (records, ro, times) = self.sample(step)?;
         let a = self.advantages(&ro)?;
         let comm = self.env.comm.as_ref();
         let b = (ro.lengths.len() * comm.world()) as f64;

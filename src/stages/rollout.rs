@@ -297,6 +297,12 @@ pub fn token_share(comm: &dyn Communicator, agg: Aggregation, mask: &Tensor) -> 
     Ok(mine / f64::from(mean[0]).max(1.0))
 }
 
+/// The sampling seed of the rollout that starts at optimizer step `step`.
+pub fn rollout_seed(run_seed: u64, step: usize) -> u64 {
+    use crate::train::rng::splitmix64;
+    splitmix64(run_seed ^ 0x0ea1_5eed ^ splitmix64(step as u64))
+}
+
 /// Logs on rank 0 only: `n` there, 0 (nothing) on the other ranks.
 pub fn main_only(env: &super::Env, n: usize) -> usize {
     match env.comm.rank() {
