@@ -456,64 +456,63 @@ fn reward_modelling_over_two_ranks_follows_one_rank() {
 /// whole rollout, and a data-parallel run resumed at another step continues its curve.
 #[test]
 fn grpo_over_two_ranks_follows_one_rank_and_resumes_exactly() {
+    rl_over_two_ranks("grpo", &|prompts| {
+        format!("[grpo]\nprompts_per_rollout = {prompts}\ngroup_size = 2\nminibatch_size = {}\neval_prompts = 4\nlog_completions = 2\n", 2 * prompts)
+    });
+}
+
+/// PPO over two ranks (whitening over the global rollout, the value loss weighted by each
+/// rank's tokens, the adaptive KL reading the global KL) follows one rank, and resumes.
+#[test]
+fn ppo_over_two_ranks_follows_one_rank_and_resumes_exactly() {
+    rl_over_two_ranks("ppo", &|prompts| {
+        format!("[ppo]\nrollout_batch = {prompts}\nminibatch_size = {prompts}\nppo_epochs = 1\neval_prompts = 4\nlog_completions = 2\n")
+    });
+}
+
+/// Runs RL `stage` for 4 steps from a short pretraining, once with `table(4)` (4 prompts per
+/// rollout) and once over two launched ranks with `table(2)` each, and checks that loss,
+/// score and gradient norm agree (and are not all zero); then interrupts a two-rank run after
+/// step 2 and checks that `--resume` continues its curve. The table gives one optimizer step
+/// per rollout: the step's gradient is then the whole rollout's on one rank and on two alike
+/// (several minibatches per rollout shuffle each rank's rows apart).
+fn rl_over_two_ranks(stage: &str, table: &dyn Fn(usize) -> String) {
     let d = tmp();
     let (cfg, pre) = pretrained(d.path());
     let base = std::fs::read_to_string(&cfg).unwrap();
-    // One optimizer step per rollout: the step's gradient is the whole rollout's on one rank
-    // and on two alike (several minibatches per rollout shuffle each rank's rows apart).
-    let write = |name: &str, prompts: usize, minibatch: usize| {
+    let write = |name: &str, prompts: usize| {
         let f = p(d.path(), name);
-        let grpo = format!(
-            "\n[grpo]\nprompts_per_rollout = {prompts}\ngroup_size = 2\nminibatch_size = {minibatch}\neval_prompts = 4\nlog_completions = 2\n"
-        );
-        std::fs::write(&f, base.clone() + &grpo).unwrap();
+        std::fs::write(&f, format!("{base}\n{}", table(prompts))).unwrap();
         f.to_str().unwrap().to_string()
     };
-    let (c1, c2) = (write("one.toml", 4, 8), write("two.toml", 2, 4));
+    let (c1, c2) = (write("one.toml", 4), write("two.toml", 2));
     let (one, two, cut) = (p(d.path(), "one"), p(d.path(), "two"), p(d.path(), "cut"));
     let pre = pre.to_str().unwrap();
     // The untrained model never solves the task: a reward that differs between samples gives
     // the advantages (and so the gradients) something to be.
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/varied_reward.py");
     let reward = format!("cmd:python3 {}", script.display());
-    let args = |c: &str, out: &Path, extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = [
-            "grpo",
+    let run = |launched: bool, c: &str, out: &Path, extra: &[&str]| {
+        let mut a: Vec<&str> = match launched {
+            true => vec!["launch", "--nproc-per-node", "2", "--"],
+            false => vec![],
+        };
+        a.extend([
+            stage,
             "--config",
             c,
             "--init",
             pre,
             "--out",
             out.to_str().unwrap(),
-            "--steps",
-            "4",
-            "--eval-every",
-            "100",
-            "--device",
-            "cpu",
-            "--reward",
-            &reward,
-        ]
-        .map(String::from)
-        .to_vec();
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
-    };
-    let strs = |v: &[String]| {
-        v.iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .join("\u{1}")
-    };
-    let run = |prefix: &[&str], v: Vec<String>| {
-        let joined = strs(&v);
-        let mut a: Vec<&str> = prefix.to_vec();
-        a.extend(joined.split('\u{1}'));
+        ]);
+        a.extend(["--steps", "4", "--eval-every", "100", "--device", "cpu"]);
+        a.extend(["--reward", reward.as_str()]);
+        a.extend(extra);
         run_ok(&a);
     };
-    run(&[], args(&c1, &one, &[]));
-    let launch = ["launch", "--nproc-per-node", "2", "--"];
-    run(&launch, args(&c2, &two, &[]));
+    run(false, &c1, &one, &[]);
+    run(true, &c2, &two, &[]);
     let (x, y) = (losses(&one), losses(&two));
     assert_eq!(x.len(), 4, "{x:?}");
     assert!(
@@ -531,19 +530,14 @@ fn grpo_over_two_ranks_follows_one_rank_and_resumes_exactly() {
         assert_same_curve(&a, &b);
     }
     // Interrupted after step 2: its later checkpoint and final model removed.
-    run(&launch, args(&c2, &cut, &["--checkpoint-every", "2"]));
+    run(true, &c2, &cut, &["--checkpoint-every", "2"]);
     std::fs::remove_dir_all(cut.join("checkpoints/step-0000004")).unwrap();
     std::fs::remove_dir_all(cut.join("final")).unwrap();
     std::fs::write(cut.join("checkpoints/latest"), "step-0000002").unwrap();
-    run_ok(&[
-        "launch",
-        "--nproc-per-node",
-        "2",
-        "--",
-        "grpo",
-        "--resume",
-        cut.to_str().unwrap(),
-    ]);
+    let resume = ["launch", "--nproc-per-node", "2", "--", stage, "--resume"];
+    let mut a = resume.to_vec();
+    a.push(cut.to_str().unwrap());
+    run_ok(&a);
     assert_eq!(
         losses(&cut),
         y,
