@@ -163,6 +163,42 @@ else
   printf '{"section":"bench-generate","status":"skipped (not in .gpu)"}\n' >>"$RESULTS"
 fi
 
+# --- one PPO update at GPT-2 small: where an RL step's time goes --------------------------------
+# A GPT-2-shaped policy (random weights from one pretraining step), 64 prompts of 256 tokens,
+# 128 new tokens at T=0.7, a programmatic reward; the PPO log splits each rollout into
+# generation, scoring and training (gen_s, score_s, train_s). Goal: generation under half.
+if has temper; then
+  python3 - "$WORK" <<'PY'
+import json, sys
+work = sys.argv[1]
+words = "the quick brown fox jumps over a lazy dog while seven wise owls count stars".split()
+with open(f"{work}/ppo-prompts.jsonl", "w") as f:
+    for i in range(80):
+        text = " ".join(words[(i + k) % len(words)] for k in range(64))[:256]
+        f.write(json.dumps({"prompt": text}) + "\n")
+with open(f"{work}/ppo.toml", "w") as f:
+    f.write("[train]\nlog_every = 1\n[ppo]\nrollout_batch = 64\nminibatch_size = 64\n"
+            "ppo_epochs = 1\nmax_new_tokens = 128\ntemperature = 0.7\neval_prompts = 4\n"
+            "log_completions = 0\n")
+PY
+  section ppo-init 120 "$BUNDLE" temper pretrain --model gpt2 --steps 1 --batch-size 1 \
+    --seq-len 64 --device cuda --out "$WORK/gpt2-init"
+  MEM=1 section ppo-update 240 "$BUNDLE" temper ppo --init "$WORK/gpt2-init" \
+    --data "$WORK/ppo-prompts.jsonl" --config "$WORK/ppo.toml" --device cuda --steps 2 \
+    --eval-every 1000 --reward "cmd:python3 $ROOT/tests/fixtures/varied_reward.py" --out "$WORK/ppo"
+  if [[ -s "$WORK/ppo/metrics.jsonl" ]]; then
+    python3 - "$WORK/ppo/metrics.jsonl" >>"$RESULTS" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"gen_s"' in l]
+for r in rows:
+    split = {k: r.get(k) for k in ["gen_s", "score_s", "train_s", "gen_tokens_per_s"]}
+    total = sum(v for k, v in split.items() if k != "gen_tokens_per_s" and isinstance(v, (int, float)))
+    print(json.dumps({"section": "ppo-update", "bench": "ppo_update", "step": r.get("step"),
+                      "gen_share": (split["gen_s"] or 0) / total if total else None, **split}))
+PY
+  fi
+fi
+
 # --- the rest, as time allows: torch.compile (its compilation takes a minute or more) and the
 # step with temper's reference kernels ---------------------------------------------------------
 MEM=1 section train-torch-compile 240 python3 scripts/gpt2_peer.py --compile --steps 10
@@ -283,6 +319,13 @@ for shape in sorted({r.get("shape", "") for r in meas if r.get("bench") == "gene
     if o.get("ms_floor_step"):
         row("generate decode step", shape, "ms", o.get("ms_decode_step"), "bandwidth floor (4.1 TB/s)",
             o.get("ms_floor_step"), "weights + KV cache bytes per step over copy bandwidth; goal <= 2")
+
+# One PPO update (temper alone: the goal is a share, generation under half of the update).
+for r in [m for m in meas if m.get("bench") == "ppo_update"]:
+    out.append(f"\nPPO update at GPT-2 small, step {r.get('step')}: generation {num(r.get('gen_s'))} s "
+               f"({num(r.get('gen_tokens_per_s'))} tokens/s), scoring {num(r.get('score_s'))} s, training "
+               f"{num(r.get('train_s'))} s; generation share {num(r.get('gen_share'), '.2f')} (goal < 0.5); "
+               f"peak GPU {status.get('ppo-update', {}).get('peak_mib', '-')} MiB")
 
 # The benches' own checks: each direct backward entry point against candle's autograd.
 checks = [r for r in meas if r.get("bench") == "check"]
