@@ -2,8 +2,9 @@
 //! tensors, 124.4M f32 values): temper's bucketed path (pack each 25 MB bucket, one NCCL
 //! all-reduce, unpack) against one raw NCCL all-reduce of the same bytes in one buffer. Both
 //! run at the world size this process is given (1 on a single GPU, where NCCL's all-reduce is
-//! a device copy; under `temper launch`/torchrun across GPUs, the real thing). GB/s is
-//! algorithm bandwidth: the buffer's bytes over the time.
+//! a device copy; under torchrun's variables, one process per GPU (`cuda:LOCAL_RANK`), the
+//! real thing). GB/s is algorithm bandwidth: the buffer's bytes over the time (NCCL's bus
+//! bandwidth is that times 2 (n - 1) / n).
 //!
 //! Run: `cargo bench --features nccl --bench allreduce` (or the packed binary from
 //! gpu-build.sh). Without feature `nccl`, or without a GPU, it says so and exits.
@@ -15,16 +16,16 @@ fn main() -> anyhow::Result<()> {
     use candle_core::{DType, Device, Tensor};
     use temper::dist::{nccl::NcclGroup, Communicator, Rank};
 
-    let Ok(dev) = Device::new_cuda(0) else {
-        eprintln!("SKIPPED (no CUDA device): allreduce");
-        return Ok(());
-    };
     let rank = match Rank::from_env(|k| std::env::var(k).ok())? {
         r if r.world > 1 => r,
         _ => Rank {
             master: Some(("127.0.0.1".into(), free_port()?)),
             ..Rank::single()
         },
+    };
+    let Ok(dev) = Device::new_cuda(rank.local_rank) else {
+        eprintln!("SKIPPED (no CUDA device {}): allreduce", rank.local_rank);
+        return Ok(());
     };
     let comm = NcclGroup::connect(&rank, &dev, std::time::Duration::from_secs(60))?;
     let (d, v, l, ctx) = (768usize, 50257usize, 12usize, 1024usize);

@@ -3,7 +3,8 @@
 //   adamw_sumsq_f32       one block per chunk: the chunk's sum of squared gradients
 //   adamw_norm_finish_f32 one block: sqrt of the sum of the partials (in double) -> norm
 //   adamw_step_f32        one block per chunk: clip by the norm on the device, update m, v, p
-// The host reads the norm back once, for the log; nothing in the step waits for it.
+// Clipping reads the norm on the device, so no launch waits for the host; the host reads the
+// norm back once at the end of the step, for the log (the step's one synchronisation).
 //
 // The update repeats the reference's f32 operations in its order, each rounded on its own
 // (__fmul_rn / __fadd_rn stop nvcc from fusing them into FMAs), so that it matches the CPU

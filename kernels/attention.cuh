@@ -8,7 +8,8 @@
 //   KeyRange, key_range, block_key_end, warp_max, pos_inf, neg_inf, kLog2e, kLn2
 //
 // Conventions (all kernels): q, o, dq `[B, Hq, Tq, D]`; k, v, dk, dv `[B, Hkv, Tk, D]`
-// (contiguous); lse, dvec `[B, Hq, Tq]` f32; GQA: query head hq reads kv head hq / (Hq / Hkv).
+// (contiguous, except that the simple forward reads k and v as the first Tk positions of a
+// KV cache of kv_cap positions); lse, dvec `[B, Hq, Tq]` f32; GQA: query head hq reads kv head hq / (Hq / Hkv).
 // Query i sits at absolute position offset + i and sees key j when (not causal or
 // j <= offset + i) and key j is valid; a row that sees no key outputs zeros and lse = +inf.
 // Softmax runs in the log2 domain: x = (q.k) * scale * log2(e), p = exp2(x - m).

@@ -35,6 +35,8 @@ template <typename T> __device__ void forward(const LogprobsParams &p) {
   float m = -INFINITY, s = 0.f;
   for (int j = threadIdx.x; j < p.vocab; j += blockDim.x) {
     const float v = to_f32(x[j]);
+    // A -inf logit adds nothing, and exp(-inf - -inf) would be NaN.
+    if (v == -INFINITY) continue;
     if (v > m) {
       s = s * expf(m - v) + 1.f;
       m = v;

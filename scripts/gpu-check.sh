@@ -155,7 +155,7 @@ if has bench-generate; then
     # shellcheck disable=SC2086
     section peer-generate 120 $peer_cmd
   else
-    echo "== peer-generate: no scripts/generate_peer.py; skipped" >&2
+    echo "== peer-generate: no scripts/bench_generate.py; skipped" >&2
     printf '{"section":"peer-generate","status":"skipped (no peer script)"}\n' >>"$RESULTS"
   fi
 else

@@ -18,6 +18,16 @@ pub fn select_ordinal(choice: DeviceChoice, ordinal: usize) -> Result<Device> {
     }
 }
 
+/// The GPU a rank uses: `cuda:LOCAL_RANK`, unless the scheduler already gave each task its own
+/// single GPU (`srun --gpus-per-task=1` sets `CUDA_VISIBLE_DEVICES` to one id), which is then
+/// `cuda:0`.
+pub fn rank_ordinal(local_rank: usize, visible: Option<&str>) -> usize {
+    match visible.map(|v| v.split(',').filter(|s| !s.trim().is_empty()).count()) {
+        Some(1) => 0,
+        _ => local_rank,
+    }
+}
+
 #[cfg(feature = "cuda")]
 fn cuda(ordinal: usize, required: bool) -> Result<Device> {
     match Device::new_cuda(ordinal) {
@@ -76,4 +86,16 @@ pub fn ensure_fits(cfg: &crate::config::ModelConfig) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_with_one_visible_gpu_uses_it() {
+        assert_eq!(rank_ordinal(3, None), 3);
+        assert_eq!(rank_ordinal(3, Some("0,1,2,3")), 3);
+        assert_eq!(rank_ordinal(3, Some("5")), 0);
+    }
 }

@@ -11,7 +11,7 @@ use temper::config::Stage;
 use temper::data::records::load_prompts;
 use temper::data::tokenizer::train_bpe;
 use temper::dist::preempt::{self, Preempted, EXIT_PREEMPTED};
-use temper::dist::{launch, Communicator, Rank, ThreadGroup};
+use temper::dist::{launch, Communicator, PeerFailed, Rank, ThreadGroup};
 use temper::generate::{generate, RowKeys, SampleCfg};
 use temper::kernels::KernelSet;
 use temper::model::linear::Ctx;
@@ -272,22 +272,24 @@ fn launch_threads(n: usize, stage: Stage, args: &StageArgs) -> Result<()> {
             })
             .collect()
     });
-    // The first rank's own error, not the "another rank failed" of those it stopped.
-    let mut first_err = None;
+    // The first rank's own error, not the `PeerFailed` of the ranks it stopped.
+    let mut own: Option<anyhow::Error> = None;
+    let mut stopped: Option<anyhow::Error> = None;
     for (rank, r) in results.into_iter().enumerate() {
         match r {
             Ok(line) if rank == 0 => println!("{line}"),
             Ok(_) => {}
             Err(e) => {
-                let own = !e.to_string().contains("another rank failed");
-                if first_err.is_none() || own {
-                    first_err = Some((own, e.context(format!("rank {rank}"))));
-                }
+                let slot = match e.downcast_ref::<PeerFailed>() {
+                    Some(_) => &mut stopped,
+                    None => &mut own,
+                };
+                slot.get_or_insert(e.context(format!("rank {rank}")));
             }
         }
     }
-    match first_err {
-        Some((_, e)) => Err(e),
+    match own.or(stopped) {
+        Some(e) => Err(e),
         None => Ok(()),
     }
 }

@@ -91,9 +91,14 @@ fn sigterm_checkpoints_stops_and_resume_continues_the_same_curve() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    // SAFETY: kill(2) on our own child.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
+    // Twice, as SLURM and a launcher together deliver it: the repeat within the grace period
+    // must not kill the run before its checkpoint.
+    for _ in 0..2 {
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -370,7 +375,7 @@ fn assert_same_curve(x: &[(u64, f64)], y: &[(u64, f64)]) {
     }
 }
 
-/// LoRA SFT over two thread ranks follows one rank with the doubled batch (every response
+/// LoRA SFT over two launched ranks follows one rank with the doubled batch (every response
 /// token weighs the same across ranks), and a data-parallel run resumed at another step
 /// continues its own curve.
 #[test]
@@ -426,7 +431,7 @@ fn lora_sft_over_two_ranks_follows_one_rank_and_resumes_exactly() {
     );
 }
 
-/// The reward model over two thread ranks follows one rank with the doubled batch.
+/// The reward model over two launched ranks follows one rank with the doubled batch.
 #[test]
 fn reward_modelling_over_two_ranks_follows_one_rank() {
     let d = tmp();

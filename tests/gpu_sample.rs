@@ -71,7 +71,8 @@ mod gpu {
             .collect();
         let t = keep_threshold(&w, p);
         let rounding = 1e-5 * f64::from(t.max(1e-30));
-        if f64::from((w[got] - t).abs()) <= rounding.max(1e-6) {
+        let filtered = p.filters_top_k(row.len()) || p.filters_top_p();
+        if filtered && f64::from((w[got] - t).abs()) <= rounding.max(1e-6) {
             return Ok(()); // at the threshold: kept on one side, dropped on the other
         }
         if w[got] < t {

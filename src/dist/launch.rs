@@ -1,8 +1,9 @@
 //! `temper launch`: starts this node's ranks as child processes with torchrun's environment
 //! (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`),
-//! watches them, and stops them all when one fails, so that a job never hangs on a dead rank.
-//! SIGTERM and SIGUSR1 sent to the launcher are passed on to every rank, which then
-//! checkpoint and stop together.
+//! watches them, and stops this node's ranks when one of them fails, so that they never hang
+//! on a dead local rank. (A whole node that vanishes is the scheduler's to clean up: NCCL has
+//! no timeout of its own.) SIGTERM or SIGUSR1 sent to the launcher is passed on to every rank,
+//! which then checkpoint and stop together.
 
 use std::process::{Child, Command, ExitStatus};
 use std::time::Duration;
@@ -97,10 +98,13 @@ pub fn run(layout: &Layout, program: &std::path::Path, args: &[String]) -> Resul
     loop {
         if preempt::requested() && !forwarded {
             forwarded = true;
-            for (_, c) in &children {
-                // SAFETY: kill(2) on our own child's pid.
-                unsafe {
-                    libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+            for (i, (_, c)) in children.iter().enumerate() {
+                // A reaped child's pid may already belong to another process.
+                if statuses[i].is_none() {
+                    // SAFETY: kill(2) on our own, not yet reaped, child's pid.
+                    unsafe {
+                        libc::kill(c.id() as libc::pid_t, preempt::signal());
+                    }
                 }
             }
         }
@@ -108,7 +112,12 @@ pub fn run(layout: &Layout, program: &std::path::Path, args: &[String]) -> Resul
             if statuses[i].is_some() {
                 continue;
             }
-            if let Some(st) = c.try_wait()? {
+            let waited = c.try_wait();
+            let Ok(waited) = waited else {
+                kill_all(&mut children);
+                return Err(waited.unwrap_err()).context("launch: waiting for a rank");
+            };
+            if let Some(st) = waited {
                 statuses[i] = Some(st);
                 let failed = !st.success() && st.code() != Some(i32::from(EXIT_PREEMPTED));
                 if failed {

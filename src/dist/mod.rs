@@ -56,6 +56,19 @@ pub trait Communicator: Send + Sync {
     }
 }
 
+/// What a rank waiting in a collective gets when another rank of its group failed: the
+/// failure to report is that rank's own.
+#[derive(Debug)]
+pub struct PeerFailed;
+
+impl std::fmt::Display for PeerFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("another rank failed")
+    }
+}
+
+impl std::error::Error for PeerFailed {}
+
 /// A single process: every collective is the identity.
 pub struct Solo;
 

@@ -1,11 +1,14 @@
 //! Preemption: SLURM warns a job before killing it (`--signal=USR1@90`) and schedulers send
 //! SIGTERM. The first SIGTERM or SIGUSR1 sets a flag that the training loop reads after each
 //! step: every rank finishes the step, rank 0 writes a checkpoint, and the run exits with
-//! [`EXIT_PREEMPTED`], so `--resume` continues on the exact curve. A second signal kills the
-//! process at once (the default action is restored); checkpoints are written atomically, so
-//! the last complete one stays readable.
+//! [`EXIT_PREEMPTED`], so `--resume` continues on the exact curve.
+//!
+//! The same signal often arrives twice at once (SLURM signals every process of the step, and
+//! `temper launch` passes its own on to its ranks), so repeats within [`GRACE_S`] seconds of
+//! the first are ignored; a signal after that ends the process at once (the default action).
+//! Checkpoints are written atomically, so the last complete one stays readable.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
 
 use anyhow::Result;
 
@@ -13,22 +16,47 @@ use anyhow::Result;
 /// "try again", which is what `--resume` does).
 pub const EXIT_PREEMPTED: u8 = 75;
 
+/// Seconds after the first signal during which another one is taken as the same request.
+pub const GRACE_S: i64 = 5;
+
 static REQUESTED: AtomicBool = AtomicBool::new(false);
+/// The first signal's number and time (CLOCK_MONOTONIC seconds).
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+static FIRST_AT: AtomicI64 = AtomicI64::new(0);
+
+fn monotonic_s() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime(2) is async-signal-safe and writes only `ts`.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    ts.tv_sec
+}
 
 extern "C" fn on_signal(sig: libc::c_int) {
-    // Only async-signal-safe work here: a store, and restoring the default action so that a
-    // second signal ends the process.
-    REQUESTED.store(true, Ordering::SeqCst);
-    // SAFETY: signal(2) is async-signal-safe.
-    unsafe {
-        libc::signal(sig, libc::SIG_DFL);
+    // Only async-signal-safe work here: atomics, clock_gettime, signal and raise.
+    let now = monotonic_s();
+    if !REQUESTED.swap(true, Ordering::SeqCst) {
+        SIGNAL.store(sig, Ordering::SeqCst);
+        FIRST_AT.store(now, Ordering::SeqCst);
+        return;
+    }
+    if now - FIRST_AT.load(Ordering::SeqCst) > GRACE_S {
+        // SAFETY: signal(2) and raise(3) are async-signal-safe.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
     }
 }
 
 /// Installs the handler for SIGTERM and SIGUSR1.
 pub fn install() -> Result<()> {
     for sig in [libc::SIGTERM, libc::SIGUSR1] {
-        // SAFETY: the handler only touches an atomic and calls signal(2).
+        // SAFETY: the handler does only async-signal-safe work.
         let prev = unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
         if prev == libc::SIG_ERR {
             anyhow::bail!("cannot install the handler for signal {sig}");
@@ -40,6 +68,11 @@ pub fn install() -> Result<()> {
 /// Whether a stop was asked for.
 pub fn requested() -> bool {
     REQUESTED.load(Ordering::SeqCst)
+}
+
+/// The signal that asked for the stop (0 before one came).
+pub fn signal() -> i32 {
+    SIGNAL.load(Ordering::SeqCst)
 }
 
 /// The error a preempted run returns, so `main` exits with [`EXIT_PREEMPTED`].
@@ -58,7 +91,7 @@ impl std::fmt::Display for Preempted {
             ),
             None => write!(
                 f,
-                "stopped by a signal; every rank wrote its checkpoint; continue with --resume"
+                "stopped by a signal after a checkpoint; continue with --resume"
             ),
         }
     }

@@ -50,7 +50,13 @@ impl Rank {
             bail!("rank {rank} is not below the world size {world}");
         }
         let addr = get("MASTER_ADDR").or_else(|| get("SLURM_JOB_NODELIST").map(|l| first_host(&l)));
-        let port = num("MASTER_PORT")?.map(|p| p as u16).unwrap_or(29500);
+        let port = match num("MASTER_PORT")? {
+            None => 29500,
+            Some(p) => u16::try_from(p)
+                .ok()
+                .filter(|&p| p > 0)
+                .with_context(|| format!("MASTER_PORT={p} is not a port (1-65535)"))?,
+        };
         Ok(Self {
             rank,
             world,
@@ -64,13 +70,29 @@ impl Rank {
     }
 }
 
-/// The first host of a SLURM node list: `gpu[01-04],cpu7` -> `gpu01`.
+/// The first host of a SLURM node list: `gpu[01-04],cpu7` -> `gpu01`,
+/// `node[1-2]-ib` -> `node1-ib`.
 pub fn first_host(list: &str) -> String {
-    let first = list.split(',').next().unwrap_or("").trim();
+    let list = list.trim();
+    // The first entry ends at a comma outside brackets.
+    let mut depth = 0;
+    let end = list
+        .char_indices()
+        .find(|&(_, c)| {
+            match c {
+                '[' => depth += 1,
+                ']' => depth -= 1,
+                _ => {}
+            }
+            c == ',' && depth == 0
+        })
+        .map_or(list.len(), |(i, _)| i);
+    let first = &list[..end];
     match first.split_once('[') {
         Some((prefix, rest)) => {
             let n = rest.split(['-', ',', ']']).next().unwrap_or("");
-            format!("{prefix}{n}")
+            let suffix = rest.split_once(']').map_or("", |(_, s)| s);
+            format!("{prefix}{n}{suffix}")
         }
         None => first.to_string(),
     }
@@ -109,6 +131,14 @@ mod tests {
         .unwrap();
         assert_eq!((s.rank, s.world, s.local_rank), (5, 16, 1));
         assert_eq!(s.master, Some(("gpu07".into(), 29500)));
+        assert_eq!(first_host("node[1-2,5]-ib,login3"), "node1-ib");
+        assert_eq!(first_host("cpu7"), "cpu7");
+        assert!(Rank::from_env(env(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_PORT", "70000")
+        ]))
+        .is_err());
         assert_eq!(Rank::from_env(env(&[])).unwrap(), Rank::single());
         assert!(Rank::from_env(env(&[("RANK", "4"), ("WORLD_SIZE", "4")])).is_err());
         assert!(Rank::from_env(env(&[("RANK", "x"), ("WORLD_SIZE", "4")])).is_err());

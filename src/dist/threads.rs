@@ -5,7 +5,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::{bail, Result};
 
-use super::Communicator;
+use super::{Communicator, PeerFailed};
 
 /// Ranks as threads of one process, for CPU data parallelism and its tests. The sum is taken
 /// in rank order, so every rank gets bit-identical results. A rank that fails calls
@@ -29,7 +29,7 @@ impl Shared {
     fn barrier(&self) -> Result<()> {
         let mut g = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         if g.2 {
-            bail!("another rank failed");
+            return Err(PeerFailed.into());
         }
         let gen = g.1;
         g.0 += 1;
@@ -43,7 +43,7 @@ impl Shared {
             g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
         if g.2 {
-            bail!("another rank failed");
+            return Err(PeerFailed.into());
         }
         Ok(())
     }

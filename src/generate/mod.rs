@@ -5,8 +5,11 @@
 //! cache rows copied on the device ([`prefill`]); each step samples every active row on the
 //! device ([`crate::kernels::sample`]) and only the chosen ids come to the host; rows that have
 //! finished leave the batch once enough of them have ([`engine`]). Each row's uniforms are
-//! keyed by (seed, global row id, position), so its tokens do not depend on the batch, the
-//! rank, or whether compaction and shared prefill are on.
+//! keyed by (seed, global row id, position), so the random stream a row sees does not depend
+//! on the batch, the rank, or whether compaction and shared prefill are on. On the CPU its
+//! tokens are then bit-identical too (tested); on a GPU the logits themselves round
+//! differently with the batch's shape (cuBLAS algorithms, the decode kernel's split), so a
+//! greedy near-tie or a draw at a bucket edge may go the other way.
 
 mod engine;
 mod prefill;
@@ -22,7 +25,8 @@ pub use engine::generate;
 pub struct SampleCfg {
     pub max_new_tokens: usize,
     /// Stop tokens and strings before this many new tokens do not end a response (benches
-    /// that need every row to run `max_new_tokens`).
+    /// that need every row to run `max_new_tokens`). Unlike Hugging Face's, a stop token
+    /// sampled earlier is kept and generation goes on past it, rather than being masked out.
     pub min_new_tokens: usize,
     /// 0 means greedy.
     pub temperature: f64,
@@ -58,8 +62,8 @@ impl SampleCfg {
     }
 }
 
-/// The engine's savings, each of which leaves the tokens unchanged (tests switch them off to
-/// check that).
+/// The engine's savings, each of which leaves the tokens unchanged on the CPU (tests switch
+/// them off to check that; on a GPU, up to the rounding that batch shapes change).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EngineOpts {
     /// Drop finished rows from the batch once a quarter of the active rows have finished.

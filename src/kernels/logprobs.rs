@@ -174,14 +174,9 @@ impl CustomOp2 for Logprobs {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let lse = match saved {
-            Some(l) => l,
-            // Only if the forward never ran through this op (it always does); recompute.
-            None => {
-                let x = logits.to_dtype(DType::F32)?;
-                let m = x.max_keepdim(D::Minus1)?;
-                (x.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + m)?.flatten_all()?
-            }
+        // candle runs the forward of every op it differentiates, so the lse is always there.
+        let Some(lse) = saved else {
+            candle_core::bail!("logprobs: backward before its forward");
         };
         let g = grad.to_dtype(DType::F32)?.contiguous()?;
         let dx = logits.apply_op3_no_bwd(targets, &g, &LogprobsBwd { lse })?;

@@ -24,8 +24,8 @@ use super::rl::{
     sequence_advantages, Clip,
 };
 use super::rollout::{
-    main_only, rollout_seed, rollout_stats, rows, surrogate, token_share, Actors, Buffer,
-    PolicyStep, Rollout, RolloutClock, Schedule,
+    main_only, mean_over_ranks, rollout_seed, rollout_stats, rows, surrogate, token_share, Actors,
+    Buffer, PolicyStep, Rollout, RolloutClock, Schedule,
 };
 use super::setup::{self, check_prompt_lengths, prompt_sets, Plan, PolicyPair};
 use super::Env;
@@ -122,7 +122,8 @@ impl GrpoTask<'_> {
             .collect(self.env.ctx(true, None), &records, &cfg, &keys)?;
         let adv = self.advantages(&ro)?;
         let kl = (kl_estimate(&ro.old_logprobs, &ro.ref_logprobs, KlEstimator::K3)? * &ro.mask)?;
-        self.last_kl = scalar(&kl.sum_all()?)? / records.len() as f64;
+        // The whole rollout's, as evaluation reports it.
+        self.last_kl = mean_over_ranks(comm, scalar(&kl.sum_all()?)? / records.len() as f64)?;
         self.actors
             .completions
             .write(step + 1, &records, &ro, &row_sums(&kl)?)?;

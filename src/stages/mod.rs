@@ -67,7 +67,11 @@ impl Env {
     /// checked before connecting, so a bad one fails every rank at once.
     pub fn join(cfg: RunConfig, run_dir: &Path, resume: bool, rank: &Rank) -> Result<Self> {
         cfg.validate()?;
-        let device = crate::device::select_ordinal(cfg.device, rank.local_rank)?;
+        let ordinal = crate::device::rank_ordinal(
+            rank.local_rank,
+            std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(),
+        );
+        let device = crate::device::select_ordinal(cfg.device, ordinal)?;
         let comm = crate::dist::connect(rank, &device)?;
         Self::assemble(cfg, run_dir, resume, device, comm)
     }

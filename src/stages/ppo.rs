@@ -30,8 +30,8 @@ use super::rl::{
     Aggregation, Clip,
 };
 use super::rollout::{
-    main_only, response_values, rollout_seed, rollout_stats, rows, surrogate, token_share, Actors,
-    Buffer, CollectTimes, PolicyStep, Rollout, RolloutClock, Schedule,
+    main_only, mean_over_ranks, response_values, rollout_seed, rollout_stats, rows, surrogate,
+    token_share, Actors, Buffer, CollectTimes, PolicyStep, Rollout, RolloutClock, Schedule,
 };
 use super::setup::{self, check_prompt_lengths, prompt_sets, Plan, PolicyPair};
 use super::Env;
@@ -168,15 +168,8 @@ impl PpoTask<'_> {
         let comm = self.env.comm.as_ref();
         let b = (ro.lengths.len() * comm.world()) as f64;
         // The adaptive controller must move beta alike on every rank: it reads the global
-        // rollout's KL (ranks hold equal shares, so the mean of their means).
-        let mut kl = [a.kl_seq as f32];
-        if comm.world() > 1 {
-            comm.all_reduce_mean(&mut kl)?;
-        }
-        let kl_seq = match comm.world() {
-            1 => a.kl_seq,
-            _ => f64::from(kl[0]),
-        };
+        // rollout's KL.
+        let kl_seq = mean_over_ranks(comm, a.kl_seq)?;
         self.last_kl = kl_seq;
         self.actors
             .completions

@@ -294,13 +294,25 @@ pub fn token_share(comm: &dyn Communicator, agg: Aggregation, mask: &Tensor) -> 
     let mine = scalar(&mask.to_dtype(DType::F32)?.sum_all()?)?;
     let mut mean = [mine as f32];
     comm.all_reduce_mean(&mut mean)?;
-    Ok(mine / f64::from(mean[0]).max(1.0))
+    let mean = f64::from(mean[0]);
+    Ok(if mean > 0.0 { mine / mean } else { 0.0 })
 }
 
 /// The sampling seed of the rollout that starts at optimizer step `step`.
 pub fn rollout_seed(run_seed: u64, step: usize) -> u64 {
     use crate::train::rng::splitmix64;
     splitmix64(run_seed ^ 0x0ea1_5eed ^ splitmix64(step as u64))
+}
+
+/// The mean of a per-rank mean over the ranks: the global rollout's, since ranks hold equal
+/// shares of it (the value itself alone).
+pub fn mean_over_ranks(comm: &dyn Communicator, x: f64) -> Result<f64> {
+    if comm.world() == 1 {
+        return Ok(x);
+    }
+    let mut v = [x as f32];
+    comm.all_reduce_mean(&mut v)?;
+    Ok(f64::from(v[0]))
 }
 
 /// Logs on rank 0 only: `n` there, 0 (nothing) on the other ranks.

@@ -137,7 +137,8 @@ impl Task for SftTask<'_> {
             // token then counts once, as in one process with the global batch.
             let mut mean = [counted as f32];
             comm.all_reduce_mean(&mut mean)?;
-            loss = (loss * (counted / f64::from(mean[0]).max(1.0)))?;
+            let mean = f64::from(mean[0]);
+            loss = (loss * if mean > 0.0 { counted / mean } else { 0.0 })?;
         }
         Ok(StepOut {
             loss,

@@ -234,10 +234,11 @@ impl AdamW {
         save_tensors(path, state)
     }
 
-    /// Loads a saved state, keeping this rank's share of it.
+    /// Loads a saved state, keeping this rank's share of it: read on the host and only the
+    /// owned moments moved to the device, so a sharded run resumes within its sharded memory.
     pub fn load(&mut self, path: &Path, t: usize) -> Result<()> {
         let dev = self.vars[0].device().clone();
-        let map = candle_core::safetensors::load(path, &dev)
+        let map = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
             .with_context(|| format!("{}: cannot read optimizer state", path.display()))?;
         for (i, n) in self.names.iter().enumerate() {
             if self.owner[i] != self.rank {
@@ -256,7 +257,7 @@ impl AdamW {
                         path.display()
                     );
                 }
-                *slot = Some(x.clone());
+                *slot = Some(x.to_device(&dev)?);
             }
         }
         self.t = t;

@@ -427,13 +427,6 @@ impl<T: Task> Loop<'_, T> {
             span(self, Region::Forward, m)?;
             let m = prof(self)?;
             let l = scalar(&out.loss)?;
-            if !l.is_finite() {
-                bail!(
-                    "[{}] loss is {l} at step {step}; stopping (the last good checkpoint is in {})",
-                    self.opts.label,
-                    self.ckpts.dir.display()
-                );
-            }
             loss_sum += l;
             tokens += out.tokens;
             let grads = (out.loss / accum as f64)?.backward()?;
@@ -461,6 +454,16 @@ impl<T: Task> Loop<'_, T> {
         let m = prof(self)?;
         self.all_reduce(&mut grads, &mut out)?;
         span(self, Region::GradSync, m)?;
+        // Checked after the average, which carries a NaN from any rank: every rank stops after
+        // the same step, none waits in a collective for one that left.
+        if !out.loss.is_finite() {
+            bail!(
+                "[{}] loss is {} at step {step}; stopping (the last good checkpoint is in {})",
+                self.opts.label,
+                out.loss,
+                self.ckpts.dir.display()
+            );
+        }
         let m = prof(self)?;
         let clip = self.opts.cfg.grad_clip;
         out.grad_norm = self.opt.update(&grads, lr, clip, self.opts.optimizer)?;

@@ -96,11 +96,10 @@ pub fn update(grads: &[Tensor], slots: &mut [Slot], h: &Hyper) -> Result<Option<
 
     // Every storage stays borrowed (and every pointer live) until the launches are queued.
     let params: Vec<Tensor> = slots.iter().map(|s| s.param.as_tensor().clone()).collect();
-    let moments: Vec<(Tensor, Tensor)> = slots.iter().map(|s| (s.m.clone(), s.v.clone())).collect();
     let step_grads: Vec<Tensor> = slots.iter().map(|s| s.grad.clone()).collect();
     let (pg, gg, sg) = (guards(&params), guards(grads), guards(&step_grads));
-    let ms: Vec<Tensor> = moments.iter().map(|(m, _)| m.clone()).collect();
-    let vs: Vec<Tensor> = moments.iter().map(|(_, v)| v.clone()).collect();
+    let ms: Vec<Tensor> = slots.iter().map(|s| s.m.clone()).collect();
+    let vs: Vec<Tensor> = slots.iter().map(|s| s.v.clone()).collect();
     let (mg, vg) = (guards(&ms), guards(&vs));
     let (pv, gv, sv, mv, vv) = (
         views(&pg)?,

@@ -127,8 +127,9 @@ impl AttentionDirect {
     }
 }
 
-/// Checks shared by [`attention_with`] and [`AttentionDirect`]: the op and the aligned inputs,
-/// or `None` where the kernels do not apply.
+/// Checks shared by [`attention_with`] and [`AttentionDirect`]: the op and its inputs (q
+/// aligned; k and v aligned, or a KV cache view for the simple forward), or `None` where the
+/// kernels do not apply.
 fn prepare(
     q: &Tensor,
     k: &Tensor,
