@@ -34,11 +34,13 @@ pub enum KernelOp {
     Embedding,
     /// Sampling the next token: temperature, top-k, top-p.
     Sample,
+    /// LayerNorm (GPT-2's norm), forward and backward.
+    LayerNorm,
 }
 
 impl KernelOp {
     /// Every op, in the order `Display` lists them.
-    pub const ALL: [KernelOp; 8] = [
+    pub const ALL: [KernelOp; 9] = [
         Self::Attention,
         Self::Lora,
         Self::Gae,
@@ -47,6 +49,7 @@ impl KernelOp {
         Self::Logprobs,
         Self::Embedding,
         Self::Sample,
+        Self::LayerNorm,
     ];
 
     /// The name a user types (`--kernels attention=...`).
@@ -60,6 +63,7 @@ impl KernelOp {
             Self::Logprobs => "logprobs",
             Self::Embedding => "embedding",
             Self::Sample => "sample",
+            Self::LayerNorm => "layernorm",
         }
     }
 
@@ -74,6 +78,7 @@ impl KernelOp {
             Self::Logprobs => "fused",
             Self::Embedding => "fused",
             Self::Sample => "cuda",
+            Self::LayerNorm => "fused",
         }
     }
 
@@ -91,7 +96,7 @@ impl fmt::Display for KernelOp {
 
 /// The ops that have a swappable implementation, with the name a user types for the custom
 /// one (the same table as [`KernelOp::name`] and [`KernelOp::custom_name`]).
-pub const OPS: [(&str, &str); 8] = [
+pub const OPS: [(&str, &str); 9] = [
     ("attention", "flash"),
     ("lora", "fused"),
     ("gae", "cuda"),
@@ -100,6 +105,7 @@ pub const OPS: [(&str, &str); 8] = [
     ("logprobs", "fused"),
     ("embedding", "fused"),
     ("sample", "cuda"),
+    ("layernorm", "fused"),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -115,6 +121,7 @@ pub struct KernelSet {
     /// Runs saved before the sampling kernel existed have no entry: they get the default.
     #[serde(default)]
     pub sample: KernelChoice,
+    pub layernorm: KernelChoice,
 }
 
 impl KernelSet {
@@ -128,6 +135,7 @@ impl KernelSet {
             logprobs: KernelChoice::Reference,
             embedding: KernelChoice::Reference,
             sample: KernelChoice::Reference,
+            layernorm: KernelChoice::Reference,
         }
     }
 
@@ -142,6 +150,7 @@ impl KernelSet {
             KernelOp::Logprobs => &mut self.logprobs,
             KernelOp::Embedding => &mut self.embedding,
             KernelOp::Sample => &mut self.sample,
+            KernelOp::LayerNorm => &mut self.layernorm,
         }
     }
 
@@ -156,6 +165,7 @@ impl KernelSet {
             KernelOp::Logprobs => self.logprobs,
             KernelOp::Embedding => self.embedding,
             KernelOp::Sample => self.sample,
+            KernelOp::LayerNorm => self.layernorm,
         }
     }
 
@@ -234,7 +244,7 @@ mod tests {
         assert_eq!(k.gae, KernelChoice::Custom);
         assert_eq!(
             k.to_string(),
-            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused,embedding=fused,sample=cuda"
+            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused,embedding=fused,sample=cuda,layernorm=fused"
         );
         assert_eq!(KernelSet::default().apply_spec(&k.to_string()).unwrap(), k);
         assert_eq!(

@@ -35,21 +35,6 @@ pub fn rms_norm_reference(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         .to_dtype(dtype)
 }
 
-/// LayerNorm for the GPT-2 shape, differentiable (candle-nn's fused one is not).
-pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
-    let centred = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
-    let inv = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-        .sqrt()?
-        .recip()?;
-    centred
-        .broadcast_mul(&inv)?
-        .broadcast_mul(&w.to_dtype(DType::F32)?)?
-        .broadcast_add(&b.to_dtype(DType::F32)?)?
-        .to_dtype(dtype)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,18 +54,5 @@ mod tests {
         assert!((y[0][1] - 8.0 / r).abs() < 1e-6);
         assert!((y[1][0] - 1.0).abs() < 1e-6);
         assert!((y[1][1] + 2.0).abs() < 1e-6);
-    }
-
-    #[test]
-    fn layer_norm_matches_hand_computation() {
-        let x = Tensor::new(&[[1.0f32, 3.0]], &Device::Cpu).unwrap();
-        let w = Tensor::new(&[2.0f32, 1.0], &Device::Cpu).unwrap();
-        let b = Tensor::new(&[0.5f32, 0.0], &Device::Cpu).unwrap();
-        let y = layer_norm(&x, &w, &b, 0.0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        assert!((y[0][0] - (-2.0 + 0.5)).abs() < 1e-6);
-        assert!((y[0][1] - 1.0).abs() < 1e-6);
     }
 }

@@ -5,7 +5,8 @@ use candle_core::Tensor;
 
 use super::linear::Ctx;
 use crate::config::{ModelConfig, NormKind};
-use crate::kernels::rmsnorm::{layer_norm, rms_norm};
+use crate::kernels::layernorm::layer_norm;
+use crate::kernels::rmsnorm::rms_norm;
 use crate::train::params::{Init, Scope};
 
 pub struct Norm {
@@ -32,7 +33,7 @@ impl Norm {
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         Ok(match &self.b {
-            Some(b) => layer_norm(x, &self.w, b, self.eps)?,
+            Some(b) => layer_norm(x, &self.w, b, self.eps, ctx.kernels.layernorm)?,
             None => rms_norm(
                 x,
                 &super::cast::weight(&self.w, x.dtype())?,

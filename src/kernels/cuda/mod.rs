@@ -43,6 +43,7 @@ pub mod adamw;
 pub mod attention;
 pub mod embedding;
 pub mod gae;
+pub mod layernorm;
 pub mod logprobs;
 pub mod lora;
 pub mod rmsnorm;

@@ -1,0 +1,180 @@
+//! Launchers of `kernels/layernorm.cu` for the op in `src/kernels/layernorm.rs`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CudaStorage, DType, Layout, Result, Tensor, WithDType};
+
+use super::super::layernorm::rows_cols;
+use super::{alloc_out, contiguous_view, cuda_storage, launch, launch_1d, load_func, sm_count};
+use super::{tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
+
+/// The Rust mirror of `struct LayerNormParams` in kernels/layernorm.cuh (field comments there).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct LayerNormParams {
+    x: u64,
+    w: u64,
+    b: u64,
+    y: u64,
+    mean: u64,
+    rstd: u64,
+    dy: u64,
+    dx: u64,
+    partial: u64,
+    dw: u64,
+    db: u64,
+    rows: i32,
+    cols: i32,
+    groups: i32,
+    eps: f32,
+}
+const _: () = assert!(std::mem::size_of::<LayerNormParams>() == 104);
+const _: () = assert!(std::mem::align_of::<LayerNormParams>() == 8);
+// SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
+unsafe impl DeviceRepr for LayerNormParams {}
+
+/// Threads per block (`kThreads` in the kernel).
+const THREADS: u32 = 256;
+
+fn blocks(n: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (to_i32(n, "blocks")? as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+type Arg<'a> = (&'a CudaStorage, &'a Layout);
+
+/// `(y, mean, rstd)`.
+pub fn forward(x: Arg, w: Arg, b: Arg, eps: f32) -> Result<(CudaStorage, Tensor, Tensor)> {
+    match x.0.dtype() {
+        DType::F32 => forward_t::<f32>(x, w, b, eps),
+        DType::BF16 => forward_t::<half::bf16>(x, w, b, eps),
+        DType::F16 => forward_t::<half::f16>(x, w, b, eps),
+        dt => candle_core::bail!("layer_norm: no CUDA kernel for {dt:?}"),
+    }
+}
+
+fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
+    (sx, lx): Arg,
+    (sw, lw): Arg,
+    (sb, lb): Arg,
+    eps: f32,
+) -> Result<(CudaStorage, Tensor, Tensor)> {
+    let dev = sx.device();
+    let (rows, cols) = rows_cols(lx)?;
+    let x = contiguous_view::<T>(sx, lx)?;
+    let w = contiguous_view::<f32>(sw, lw)?;
+    let b = contiguous_view::<f32>(sb, lb)?;
+    // SAFETY: one block per row writes its row of y, its mean and rstd.
+    let mut y = unsafe { alloc_out::<T>(dev, rows * cols)? };
+    let mut mean = unsafe { alloc_out::<f32>(dev, rows)? };
+    let mut rstd = unsafe { alloc_out::<f32>(dev, rows)? };
+    if rows > 0 && cols > 0 {
+        let name = format!("layernorm_fwd_{}", T::DTYPE.as_str());
+        let func = load_func(dev, "layernorm", &name)?;
+        let stream = dev.cuda_stream();
+        let mut ptrs = DevPtrs::new(&stream);
+        let p = LayerNormParams {
+            x: ptrs.read(&x),
+            w: ptrs.read(&w),
+            b: ptrs.read(&b),
+            y: ptrs.write(&mut y),
+            mean: ptrs.write(&mut mean),
+            rstd: ptrs.write(&mut rstd),
+            rows: to_i32(rows, "rows")?,
+            cols: to_i32(cols, "cols")?,
+            eps,
+            ..LayerNormParams::default()
+        };
+        // SAFETY: x, y hold rows * cols, w and b cols, mean and rstd rows elements.
+        unsafe { launch(dev, &func, &name, blocks(rows)?, &p) }?;
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(y, dev.clone()),
+        tensor_from_slice(mean, dev, rows),
+        tensor_from_slice(rstd, dev, rows),
+    ))
+}
+
+/// `(dx, dw, db)` from x, w, dy and the forward's statistics.
+pub fn backward(
+    x: Arg,
+    w: Arg,
+    dy: Arg,
+    stats: (&Tensor, &Tensor),
+) -> Result<(CudaStorage, Tensor, Tensor)> {
+    match x.0.dtype() {
+        DType::F32 => backward_t::<f32>(x, w, dy, stats),
+        DType::BF16 => backward_t::<half::bf16>(x, w, dy, stats),
+        DType::F16 => backward_t::<half::f16>(x, w, dy, stats),
+        dt => candle_core::bail!("layer_norm backward: no CUDA kernel for {dt:?}"),
+    }
+}
+
+fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
+    (sx, lx): Arg,
+    (sw, lw): Arg,
+    (sg, lg): Arg,
+    (mean, rstd): (&Tensor, &Tensor),
+) -> Result<(CudaStorage, Tensor, Tensor)> {
+    let dev = sx.device();
+    let (rows, cols) = rows_cols(lx)?;
+    let x = contiguous_view::<T>(sx, lx)?;
+    let w = contiguous_view::<f32>(sw, lw)?;
+    let g = contiguous_view::<T>(sg, lg)?;
+    let (ms, ml) = mean.storage_and_layout();
+    let (rs, rl) = rstd.storage_and_layout();
+    let mv = contiguous_view::<f32>(cuda_storage(&ms)?, ml)?;
+    let rv = contiguous_view::<f32>(cuda_storage(&rs)?, rl)?;
+    // A few blocks per SM, each folding its rows' dw and db into one partial row pair.
+    let groups = rows.clamp(1, sm_count(dev)? as usize * 4);
+    // SAFETY: the backward writes every dx element; the reduce every dw and db column.
+    let mut dx = unsafe { alloc_out::<T>(dev, rows * cols)? };
+    let mut dw = unsafe { alloc_out::<f32>(dev, cols)? };
+    let mut db = unsafe { alloc_out::<f32>(dev, cols)? };
+    let mut partial = dev.alloc_zeros::<f32>((groups * 2 * cols).max(1))?;
+    if cols > 0 {
+        let stream = dev.cuda_stream();
+        let mut ptrs = DevPtrs::new(&stream);
+        let p = LayerNormParams {
+            x: ptrs.read(&x),
+            w: ptrs.read(&w),
+            dy: ptrs.read(&g),
+            mean: ptrs.read(&mv),
+            rstd: ptrs.read(&rv),
+            dx: ptrs.write(&mut dx),
+            partial: ptrs.write(&mut partial),
+            dw: ptrs.write(&mut dw),
+            db: ptrs.write(&mut db),
+            rows: to_i32(rows, "rows")?,
+            cols: to_i32(cols, "cols")?,
+            groups: to_i32(groups, "groups")?,
+            ..LayerNormParams::default()
+        };
+        if rows > 0 {
+            let name = format!("layernorm_bwd_{}", T::DTYPE.as_str());
+            let func = load_func(dev, "layernorm", &name)?;
+            // SAFETY: x, dy, dx hold rows * cols, w cols, stats rows, partial groups * 2 * cols.
+            unsafe { launch(dev, &func, &name, blocks(groups)?, &p) }?;
+        }
+        let func = load_func(dev, "layernorm", "layernorm_dwdb_reduce")?;
+        // SAFETY: one thread per column reads groups partial pairs and writes dw and db.
+        unsafe {
+            launch(
+                dev,
+                &func,
+                "layernorm_dwdb_reduce",
+                launch_1d(cols, THREADS),
+                &p,
+            )
+        }?;
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(dx, dev.clone()),
+        tensor_from_slice(dw, dev, cols),
+        tensor_from_slice(db, dev, cols),
+    ))
+}

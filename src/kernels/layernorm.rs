@@ -1,0 +1,404 @@
+//! LayerNorm (GPT-2's norm): `y = (x - mean) / sqrt(var + eps) * w + b` over the last
+//! dimension, in f32 whatever the input dtype; `w` and `b` are the f32 master weights.
+//!
+//! The reference is candle's composite (differentiable, a dozen launches each way on a GPU);
+//! [`fused`] is one custom op with a hand-written backward: `kernels/layernorm.cu` on CUDA,
+//! the same maths in Rust on the CPU, so its forward and gradients are checked against the
+//! reference without a GPU. Its weight and bias gradients are column sums taken in a fixed
+//! order (per-group partials, then one reduction), so they are the same on every run.
+
+use std::sync::{Mutex, PoisonError};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, WithDType, D};
+
+use super::registry::{warn_fallback, KernelChoice};
+
+type Result<T> = candle_core::Result<T>;
+
+pub fn layer_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    choice: KernelChoice,
+) -> Result<Tensor> {
+    if choice == KernelChoice::Custom && x.device().is_cuda() {
+        if matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+            // A frozen base may store its norm in bf16; the kernel reads f32 (a no-op cast
+            // for the master weights).
+            return fused(x, &w.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?, eps);
+        }
+        warn_fallback(
+            "layernorm",
+            &format!("no kernel for {:?} inputs", x.dtype()),
+        );
+    }
+    reference(x, w, b, eps)
+}
+
+/// candle's composite, differentiable in all three.
+pub fn reference(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let centred = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
+    let inv = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    centred
+        .broadcast_mul(&inv)?
+        .broadcast_mul(&w.to_dtype(DType::F32)?)?
+        .broadcast_add(&b.to_dtype(DType::F32)?)?
+        .to_dtype(dtype)
+}
+
+/// The fused op on any device: `x [..., C]`, `w` and `b` f32 `[C]`.
+pub fn fused(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let c = x.dim(D::Minus1)?;
+    if w.dims() != [c] || b.dims() != [c] || w.dtype() != DType::F32 || b.dtype() != DType::F32 {
+        candle_core::bail!("layer_norm: weight and bias must be f32 [{c}]");
+    }
+    let op = LayerNorm {
+        eps: eps as f32,
+        stats: Mutex::new(None),
+    };
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)
+}
+
+/// `(rows, cols)` of a `[..., cols]` layout.
+pub(crate) fn rows_cols(l: &Layout) -> Result<(usize, usize)> {
+    let dims = l.dims();
+    let Some((&c, lead)) = dims.split_last() else {
+        candle_core::bail!("layer_norm needs at least one dimension");
+    };
+    Ok((lead.iter().product(), c))
+}
+
+struct LayerNorm {
+    eps: f32,
+    /// `(mean, rstd)`, f32 `[rows]` each, written by the forward for the backward.
+    stats: Mutex<Option<(Tensor, Tensor)>>,
+}
+
+fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => candle_core::bail!("layer_norm: inputs must be contiguous"),
+    }
+}
+
+/// `(y, mean, rstd)` in the kernel's order of operations.
+fn cpu_forward<T: WithDType>(
+    x: &[T],
+    w: &[f32],
+    b: &[f32],
+    cols: usize,
+    eps: f32,
+) -> (Vec<T>, Vec<f32>, Vec<f32>) {
+    let mut y = Vec::with_capacity(x.len());
+    let (mut means, mut rstds) = (vec![], vec![]);
+    for row in x.chunks(cols.max(1)) {
+        let xf: Vec<f32> = row.iter().map(|v| v.to_f64() as f32).collect();
+        let mean = xf.iter().sum::<f32>() / cols as f32;
+        let var = xf.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / cols as f32;
+        let rstd = 1.0 / (var + eps).sqrt();
+        y.extend((0..cols).map(|c| T::from_f64(((xf[c] - mean) * rstd * w[c] + b[c]) as f64)));
+        means.push(mean);
+        rstds.push(rstd);
+    }
+    (y, means, rstds)
+}
+
+/// `(dx, dw, db)`; dw and db summed over rows in order.
+fn cpu_backward<T: WithDType>(
+    x: &[T],
+    w: &[f32],
+    dy: &[T],
+    (mean, rstd): (&[f32], &[f32]),
+    cols: usize,
+) -> (Vec<T>, Vec<f32>, Vec<f32>) {
+    let mut dx = Vec::with_capacity(x.len());
+    let (mut dw, mut db) = (vec![0f32; cols], vec![0f32; cols]);
+    if cols == 0 {
+        return (dx, dw, db);
+    }
+    for (r, (xr, gr)) in x.chunks(cols).zip(dy.chunks(cols)).enumerate() {
+        let xhat: Vec<f32> = xr
+            .iter()
+            .map(|v| (v.to_f64() as f32 - mean[r]) * rstd[r])
+            .collect();
+        let g: Vec<f32> = gr.iter().map(|v| v.to_f64() as f32).collect();
+        let ma = (0..cols).map(|c| g[c] * w[c]).sum::<f32>() / cols as f32;
+        let mb = (0..cols).map(|c| g[c] * w[c] * xhat[c]).sum::<f32>() / cols as f32;
+        for c in 0..cols {
+            dx.push(T::from_f64(
+                (rstd[r] * (g[c] * w[c] - ma - xhat[c] * mb)) as f64,
+            ));
+            dw[c] += g[c] * xhat[c];
+            db[c] += g[c];
+        }
+    }
+    (dx, dw, db)
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "temper-layernorm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, cols) = rows_cols(lx)?;
+        let (w, b) = (cpu_slice::<f32>(sw, lw)?, cpu_slice::<f32>(sb, lb)?);
+        let (y, mean, rstd) = match sx.dtype() {
+            DType::F32 => {
+                let (y, m, r) = cpu_forward(cpu_slice::<f32>(sx, lx)?, w, b, cols, self.eps);
+                (CpuStorage::F32(y), m, r)
+            }
+            DType::BF16 => {
+                let (y, m, r) = cpu_forward(cpu_slice::<half::bf16>(sx, lx)?, w, b, cols, self.eps);
+                (CpuStorage::BF16(y), m, r)
+            }
+            DType::F16 => {
+                let (y, m, r) = cpu_forward(cpu_slice::<half::f16>(sx, lx)?, w, b, cols, self.eps);
+                (CpuStorage::F16(y), m, r)
+            }
+            dt => candle_core::bail!("layer_norm: unsupported dtype {dt:?}"),
+        };
+        let t = |v: Vec<f32>| Tensor::from_vec(v, rows, &Device::Cpu);
+        *self.stats.lock().unwrap_or_else(PoisonError::into_inner) = Some((t(mean)?, t(rstd)?));
+        Ok((y, lx.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sw: &candle_core::CudaStorage,
+        lw: &Layout,
+        sb: &candle_core::CudaStorage,
+        lb: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (y, mean, rstd) =
+            super::cuda::layernorm::forward((sx, lx), (sw, lw), (sb, lb), self.eps)?;
+        *self.stats.lock().unwrap_or_else(PoisonError::into_inner) = Some((mean, rstd));
+        Ok((y, lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = self
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        // candle runs the forward of every op it differentiates, so the stats are there.
+        let Some((mean, rstd)) = saved else {
+            candle_core::bail!("layer_norm: backward before its forward");
+        };
+        let op = LayerNormBwd {
+            mean,
+            rstd,
+            dwdb: Mutex::new(None),
+        };
+        let dx = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
+        let dwdb = op
+            .dwdb
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some((dw, db)) = dwdb else {
+            candle_core::bail!("layer_norm backward: no weight gradient");
+        };
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Backward of [`LayerNorm`]: `(x, w, dy) -> dx`, with `(dw, db)` left in `dwdb`.
+struct LayerNormBwd {
+    mean: Tensor,
+    rstd: Tensor,
+    dwdb: Mutex<Option<(Tensor, Tensor)>>,
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "temper-layernorm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, cols) = rows_cols(lx)?;
+        let w = cpu_slice::<f32>(sw, lw)?;
+        let mean = self.mean.to_vec1::<f32>()?;
+        let rstd = self.rstd.to_vec1::<f32>()?;
+        let stats = (mean.as_slice(), rstd.as_slice());
+        let (dx, dw, db) = match sx.dtype() {
+            DType::F32 => {
+                let (dx, dw, db) = cpu_backward(
+                    cpu_slice::<f32>(sx, lx)?,
+                    w,
+                    cpu_slice(sg, lg)?,
+                    stats,
+                    cols,
+                );
+                (CpuStorage::F32(dx), dw, db)
+            }
+            DType::BF16 => {
+                let (dx, dw, db) = cpu_backward(
+                    cpu_slice::<half::bf16>(sx, lx)?,
+                    w,
+                    cpu_slice(sg, lg)?,
+                    stats,
+                    cols,
+                );
+                (CpuStorage::BF16(dx), dw, db)
+            }
+            DType::F16 => {
+                let (dx, dw, db) = cpu_backward(
+                    cpu_slice::<half::f16>(sx, lx)?,
+                    w,
+                    cpu_slice(sg, lg)?,
+                    stats,
+                    cols,
+                );
+                (CpuStorage::F16(dx), dw, db)
+            }
+            dt => candle_core::bail!("layer_norm backward: unsupported dtype {dt:?}"),
+        };
+        let t = |v: Vec<f32>| Tensor::from_vec(v, cols, &Device::Cpu);
+        *self.dwdb.lock().unwrap_or_else(PoisonError::into_inner) = Some((t(dw)?, t(db)?));
+        Ok((dx, lx.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sw: &candle_core::CudaStorage,
+        lw: &Layout,
+        sg: &candle_core::CudaStorage,
+        lg: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (dx, dw, db) = super::cuda::layernorm::backward(
+            (sx, lx),
+            (sw, lw),
+            (sg, lg),
+            (&self.mean, &self.rstd),
+        )?;
+        *self.dwdb.lock().unwrap_or_else(PoisonError::into_inner) = Some((dw, db));
+        Ok((dx, lx.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    #[test]
+    fn reference_matches_hand_computation() {
+        let x = Tensor::new(&[[1.0f32, 3.0]], &Device::Cpu).unwrap();
+        let w = Tensor::new(&[2.0f32, 1.0], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[0.5f32, 0.0], &Device::Cpu).unwrap();
+        let y = reference(&x, &w, &b, 0.0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert!((y[0][0] - (-2.0 + 0.5)).abs() < 1e-6);
+        assert!((y[0][1] - 1.0).abs() < 1e-6);
+    }
+
+    /// The fused op's output and its three gradients (an uneven upstream gradient, an odd
+    /// width, rows of different scales) equal the reference's under candle's autograd.
+    #[test]
+    fn fused_op_matches_the_reference_and_its_gradients() {
+        let dev = Device::Cpu;
+        let (rows, cols) = (6, 37);
+        let xs: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 97) as f32 - 48.0) * 0.05 * (1 + i / cols) as f32)
+            .collect();
+        let ws: Vec<f32> = (0..cols).map(|i| 0.5 + (i % 7) as f32 * 0.1).collect();
+        let bs: Vec<f32> = (0..cols).map(|i| (i % 5) as f32 * 0.2 - 0.4).collect();
+        let gs: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 31 % 11) as f32 - 5.0) * 0.3)
+            .collect();
+        for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 3e-2)] {
+            let x = Var::from_tensor(
+                &Tensor::from_vec(xs.clone(), (2, 3, cols), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let w = Var::from_vec(ws.clone(), cols, &dev).unwrap();
+            let b = Var::from_vec(bs.clone(), cols, &dev).unwrap();
+            let g = Tensor::from_vec(gs.clone(), (2, 3, cols), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor, f64) -> Result<Tensor>| {
+                let y = f(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+                let gr = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                let get = |v: &Var| gr.get(v.as_tensor()).unwrap().to_dtype(DType::F32).unwrap();
+                (y.to_dtype(DType::F32).unwrap(), get(&x), get(&w), get(&b))
+            };
+            let ours = run(&fused);
+            let refs = run(&reference);
+            let diff = |a: &Tensor, b: &Tensor| -> f32 {
+                let scale = b
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .max(1.0);
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    / scale
+            };
+            for (what, a, b) in [
+                ("y", &ours.0, &refs.0),
+                ("dx", &ours.1, &refs.1),
+                ("dw", &ours.2, &refs.2),
+                ("db", &ours.3, &refs.3),
+            ] {
+                assert!(diff(a, b) < tol, "{dtype:?} {what}: {}", diff(a, b));
+            }
+        }
+    }
+}
