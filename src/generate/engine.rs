@@ -98,7 +98,11 @@ pub fn generate(
             stats.compactions += 1;
         }
         let n = active.len();
-        let key_valid = valid.narrow(1, 0, cache.len() + 1)?;
+        // Contiguous f32 once per step, not once per layer inside attention.
+        let key_valid = valid
+            .narrow(1, 0, cache.len() + 1)?
+            .to_dtype(candle_core::DType::F32)?
+            .contiguous()?;
         let f = Fwd {
             ctx,
             positions: Some(&active.positions),

@@ -31,7 +31,7 @@ use super::rl::{
 };
 use super::rollout::{
     main_only, mean_over_ranks, response_values, rollout_seed, rollout_stats, rows, surrogate,
-    token_share, Actors, Buffer, CollectTimes, PolicyStep, Rollout, RolloutClock, Schedule,
+    token_shares, Actors, Buffer, CollectTimes, PolicyStep, Rollout, RolloutClock, Schedule,
 };
 use super::setup::{self, check_prompt_lengths, prompt_sets, Plan, PolicyPair};
 use super::Env;
@@ -236,8 +236,8 @@ impl Task for PpoTask<'_> {
         let ent = masked_mean(pol.entropy.as_ref().expect("asked for entropy"), &mask)?;
         // Under data parallelism each token-mean term weighs by its rank's share of tokens.
         let comm = self.env.comm.as_ref();
-        let w_pol = token_share(comm, sur.agg, &pol.mask)?;
-        let w_tok = token_share(comm, Aggregation::Token, &mask)?;
+        let w = token_shares(comm, &[(sur.agg, &pol.mask), (Aggregation::Token, &mask)])?;
+        let (w_pol, w_tok) = (w[0], w[1]);
         let mut loss = ((&pol.loss * w_pol)? + (&vf * (c.vf_coef * w_tok))?)?;
         if c.entropy_coef != 0.0 {
             loss = (loss - (&ent * (c.entropy_coef * w_tok))?)?;

@@ -288,14 +288,34 @@ pub fn rollout_stats(ro: &Rollout, kl_seq: f64) -> Vec<(&'static str, f64)> {
 /// the ranks' loss-carrying tokens (1 alone, and for the other aggregations, whose ranks
 /// already weigh alike). The loop's mean over ranks then weighs every token alike.
 pub fn token_share(comm: &dyn Communicator, agg: Aggregation, mask: &Tensor) -> Result<f64> {
-    if comm.world() == 1 || agg != Aggregation::Token {
-        return Ok(1.0);
+    Ok(token_shares(comm, &[(agg, mask)])?[0])
+}
+
+/// [`token_share`] of several loss terms at once, in one all-reduce.
+pub fn token_shares(comm: &dyn Communicator, terms: &[(Aggregation, &Tensor)]) -> Result<Vec<f64>> {
+    let counted: Vec<bool> = terms
+        .iter()
+        .map(|(agg, _)| comm.world() > 1 && *agg == Aggregation::Token)
+        .collect();
+    if !counted.contains(&true) {
+        return Ok(vec![1.0; terms.len()]);
     }
-    let mine = scalar(&mask.to_dtype(DType::F32)?.sum_all()?)?;
-    let mut mean = [mine as f32];
+    let mine: Vec<f64> = terms
+        .iter()
+        .map(|(_, m)| scalar(&m.to_dtype(DType::F32)?.sum_all()?))
+        .collect::<Result<_>>()?;
+    let mut mean: Vec<f32> = mine.iter().map(|&x| x as f32).collect();
     comm.all_reduce_mean(&mut mean)?;
-    let mean = f64::from(mean[0]);
-    Ok(if mean > 0.0 { mine / mean } else { 0.0 })
+    Ok(mine
+        .iter()
+        .zip(mean)
+        .zip(counted)
+        .map(|((&m, mean), counted)| match (counted, f64::from(mean)) {
+            (false, _) => 1.0,
+            (true, mean) if mean > 0.0 => m / mean,
+            (true, _) => 0.0,
+        })
+        .collect())
 }
 
 /// The sampling seed of the rollout that starts at optimizer step `step`.
