@@ -7,6 +7,7 @@ pub mod attention;
 pub mod cuda;
 pub mod embedding;
 pub mod gae;
+pub mod gelu;
 pub mod layernorm;
 pub mod logprobs;
 pub mod lora;

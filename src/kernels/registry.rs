@@ -36,11 +36,13 @@ pub enum KernelOp {
     Sample,
     /// LayerNorm (GPT-2's norm), forward and backward.
     LayerNorm,
+    /// GPT-2's tanh GELU, forward and backward.
+    Gelu,
 }
 
 impl KernelOp {
     /// Every op, in the order `Display` lists them.
-    pub const ALL: [KernelOp; 9] = [
+    pub const ALL: [KernelOp; 10] = [
         Self::Attention,
         Self::Lora,
         Self::Gae,
@@ -50,6 +52,7 @@ impl KernelOp {
         Self::Embedding,
         Self::Sample,
         Self::LayerNorm,
+        Self::Gelu,
     ];
 
     /// The name a user types (`--kernels attention=...`).
@@ -64,6 +67,7 @@ impl KernelOp {
             Self::Embedding => "embedding",
             Self::Sample => "sample",
             Self::LayerNorm => "layernorm",
+            Self::Gelu => "gelu",
         }
     }
 
@@ -79,6 +83,7 @@ impl KernelOp {
             Self::Embedding => "fused",
             Self::Sample => "cuda",
             Self::LayerNorm => "fused",
+            Self::Gelu => "fused",
         }
     }
 
@@ -96,7 +101,7 @@ impl fmt::Display for KernelOp {
 
 /// The ops that have a swappable implementation, with the name a user types for the custom
 /// one (the same table as [`KernelOp::name`] and [`KernelOp::custom_name`]).
-pub const OPS: [(&str, &str); 9] = [
+pub const OPS: [(&str, &str); 10] = [
     ("attention", "flash"),
     ("lora", "fused"),
     ("gae", "cuda"),
@@ -106,6 +111,7 @@ pub const OPS: [(&str, &str); 9] = [
     ("embedding", "fused"),
     ("sample", "cuda"),
     ("layernorm", "fused"),
+    ("gelu", "fused"),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -122,6 +128,7 @@ pub struct KernelSet {
     #[serde(default)]
     pub sample: KernelChoice,
     pub layernorm: KernelChoice,
+    pub gelu: KernelChoice,
 }
 
 impl KernelSet {
@@ -136,6 +143,7 @@ impl KernelSet {
             embedding: KernelChoice::Reference,
             sample: KernelChoice::Reference,
             layernorm: KernelChoice::Reference,
+            gelu: KernelChoice::Reference,
         }
     }
 
@@ -151,6 +159,7 @@ impl KernelSet {
             KernelOp::Embedding => &mut self.embedding,
             KernelOp::Sample => &mut self.sample,
             KernelOp::LayerNorm => &mut self.layernorm,
+            KernelOp::Gelu => &mut self.gelu,
         }
     }
 
@@ -166,6 +175,7 @@ impl KernelSet {
             KernelOp::Embedding => self.embedding,
             KernelOp::Sample => self.sample,
             KernelOp::LayerNorm => self.layernorm,
+            KernelOp::Gelu => self.gelu,
         }
     }
 
@@ -244,7 +254,7 @@ mod tests {
         assert_eq!(k.gae, KernelChoice::Custom);
         assert_eq!(
             k.to_string(),
-            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused,embedding=fused,sample=cuda,layernorm=fused"
+            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused,embedding=fused,sample=cuda,layernorm=fused,gelu=fused"
         );
         assert_eq!(KernelSet::default().apply_spec(&k.to_string()).unwrap(), k);
         assert_eq!(

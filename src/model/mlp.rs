@@ -7,6 +7,7 @@ use candle_core::Tensor;
 use super::linear::{Ctx, Linear};
 use crate::config::{LoraConfig, LoraTarget};
 use crate::config::{MlpKind, ModelConfig};
+use crate::kernels::gelu::gelu;
 use crate::train::params::Scope;
 
 pub struct Mlp {
@@ -60,15 +61,8 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let hmid = match &self.gate {
             Some(g) => (g.forward(x, ctx)?.silu()? * self.up.forward(x, ctx)?)?,
-            None => gelu(&self.up.forward(x, ctx)?)?,
+            None => gelu(&self.up.forward(x, ctx)?, ctx.kernels.gelu)?,
         };
         self.down.forward(&hmid, ctx)
     }
-}
-
-/// GPT-2's tanh approximation, composed of differentiable ops.
-fn gelu(x: &Tensor) -> Result<Tensor> {
-    let c = (2.0f64 / std::f64::consts::PI).sqrt();
-    let inner = ((x + (x.powf(3.0)? * 0.044715)?)? * c)?;
-    Ok(((x * 0.5)? * (inner.tanh()? + 1.0)?)?)
 }

@@ -43,6 +43,7 @@ pub mod adamw;
 pub mod attention;
 pub mod embedding;
 pub mod gae;
+pub mod gelu;
 pub mod layernorm;
 pub mod logprobs;
 pub mod lora;

@@ -1,0 +1,398 @@
+//! The kernels of the training step that each replace a candle composite, against their
+//! references on fresh random inputs of awkward sizes, in one file so that the GPU bundle
+//! carries one test binary for them. Tolerances are those of tests/common/gpu.rs unless a
+//! test says otherwise; each failure message names its seed (`TEMPER_TEST_SEED` replays it).
+//! - `adamw` (`kernels/adamw.cu`: gradient norm, clipping, AdamW): parameters of one element,
+//!   one past a 65536-element chunk and odd 2-D shapes, three steps with clipping on in some,
+//!   with and without weight decay, per-parameter learning rates and a parameter owned by
+//!   another rank; every weight and moment within 1e-5 relative (the update repeats the
+//!   reference's f32 operations one by one; only the norm's summation order differs).
+//! - `logprobs` (`kernels/logprobs.cu`): vocabularies of 1, 37 and 50257, odd row counts, f32,
+//!   bf16 and f16, an upstream gradient that is zero on some rows (masked tokens).
+//! - `embedding` (`kernels/embedding.cu`): many repeats of a few ids, a width not a multiple of
+//!   32, f32, bf16 and f16 outputs; the table's gradient bit-identical on two runs.
+//! - `layernorm` (`kernels/layernorm.cu`): one column, 768 and 1031 columns, one and many rows,
+//!   f32, bf16 and f16, the output and all three gradients; the weight gradients
+//!   bit-identical on two runs.
+//! - `gelu` (`kernels/gelu.cu`): one element, an odd count and a GPT-2 MLP activation of
+//!   3 x 1021 x 3072, f32, bf16 and f16, the output and its gradient.
+//!
+//! Each needs feature `cuda` and a CUDA device; otherwise it prints why it did not run on
+//! stderr and passes.
+
+mod common;
+
+#[test]
+fn adamw_kernel_matches_reference() {
+    #[cfg(feature = "cuda")]
+    common::gpu::run(
+        "adamw_kernel_matches_reference",
+        adamw::adamw_kernel_matches_reference,
+    );
+    #[cfg(not(feature = "cuda"))]
+    {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED (built without feature cuda): adamw_kernel_matches_reference"
+        );
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod adamw {
+    use candle_core::{Device, Tensor, Var};
+    use temper::kernels::adamw::{update, Hyper, Slot};
+    use temper::kernels::KernelChoice;
+
+    use super::common::gpu::{assert_close, Rng};
+
+    pub fn adamw_kernel_matches_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0xada3);
+        let shapes: [&[usize]; 5] = [&[1], &[65537], &[3, 70001], &[129, 33], &[7]];
+        let cpu = Device::Cpu;
+        let make = |rng: &mut Rng, s: &[usize], lo: f32, hi: f32| {
+            let n = s.iter().product();
+            Tensor::from_vec(rng.vec(n, lo, hi), s, &cpu).unwrap()
+        };
+        let p0: Vec<Tensor> = shapes
+            .iter()
+            .map(|s| make(&mut rng, s, -1.0, 1.0))
+            .collect();
+        let m0: Vec<Tensor> = shapes
+            .iter()
+            .map(|s| make(&mut rng, s, -0.1, 0.1))
+            .collect();
+        let v0: Vec<Tensor> = shapes
+            .iter()
+            .map(|s| make(&mut rng, s, 0.0, 0.01))
+            .collect();
+        let on = |ts: &[Tensor], d: &Device| -> Vec<Tensor> {
+            ts.iter().map(|t| t.to_device(d).unwrap()).collect()
+        };
+        let vars = |d: &Device| -> Vec<Var> {
+            p0.iter()
+                .map(|t| Var::from_tensor(&t.to_device(d).unwrap()).unwrap())
+                .collect()
+        };
+        let (pg, pc) = (vars(dev), vars(&cpu));
+        let (mut mg, mut vg) = (on(&m0, dev), on(&v0, dev));
+        let (mut mc, mut vc) = (m0.clone(), v0.clone());
+        for (t, max_norm) in [(1usize, 1.0), (2, 1e9), (3, 0.5)] {
+            let grads: Vec<Tensor> = shapes
+                .iter()
+                .map(|s| make(&mut rng, s, -0.05, 0.05))
+                .collect();
+            let h = Hyper {
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                t,
+                max_norm,
+            };
+            let gg = on(&grads, dev);
+            let run = |vars: &[Var], ms: &mut [Tensor], vs: &mut [Tensor], gs: &[Tensor], k| {
+                let mut slots: Vec<Slot> = vars
+                    .iter()
+                    .zip(ms.iter_mut().zip(vs.iter_mut()))
+                    .zip(gs)
+                    .enumerate()
+                    // The last parameter is another rank's (ZeRO-1): in the norm, not updated.
+                    .filter(|(i, _)| *i + 1 < vars.len())
+                    .map(|(i, ((param, (m, v)), grad))| Slot {
+                        param,
+                        m,
+                        v,
+                        grad,
+                        lr: 1e-3 * (1.0 + i as f64),
+                        weight_decay: if i % 2 == 0 { 0.1 } else { 0.0 },
+                    })
+                    .collect();
+                update(gs, &mut slots, &h, k).unwrap()
+            };
+            let n_gpu = run(&pg, &mut mg, &mut vg, &gg, KernelChoice::Custom);
+            let n_cpu = run(&pc, &mut mc, &mut vc, &grads, KernelChoice::Reference);
+            assert!(
+                (n_gpu - n_cpu).abs() <= 1e-5 * n_cpu,
+                "seed {seed:#x} step {t}: norm {n_gpu} vs {n_cpu}"
+            );
+            for i in 0..shapes.len() {
+                let what = |x: &str| format!("seed {seed:#x} step {t} param {i} {x}");
+                assert_close(
+                    &what("weight"),
+                    pg[i].as_tensor(),
+                    pc[i].as_tensor(),
+                    1e-5,
+                    (1e-6, 1e-5),
+                );
+                assert_close(&what("m"), &mg[i], &mc[i], 1e-5, (1e-7, 1e-5));
+                assert_close(&what("v"), &vg[i], &vc[i], 1e-5, (1e-9, 1e-5));
+            }
+        }
+    }
+}
+
+#[test]
+fn logprobs_kernel_matches_reference() {
+    #[cfg(feature = "cuda")]
+    common::gpu::run(
+        "logprobs_kernel_matches_reference",
+        logprobs::logprobs_kernel_matches_reference,
+    );
+    #[cfg(not(feature = "cuda"))]
+    {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED (built without feature cuda): logprobs_kernel_matches_reference"
+        );
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod logprobs {
+    use candle_core::{DType, Device, Tensor, Var};
+    use temper::kernels::logprobs::{fused, reference};
+
+    use super::common::gpu::{assert_close, grad_tol, tol, Rng};
+
+    pub fn logprobs_kernel_matches_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0x10b5);
+        for &(rows, vocab) in &[(3usize, 1usize), (17, 37), (5, 50257), (1, 50257)] {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let x = Tensor::from_vec(rng.vec(rows * vocab, -8.0, 8.0), (rows, vocab), dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let t: Vec<u32> = (0..rows).map(|_| rng.below(vocab) as u32).collect();
+                let t = Tensor::from_vec(t, rows, dev).unwrap();
+                let w: Vec<f32> = (0..rows)
+                    .map(|i| {
+                        if i % 3 == 1 {
+                            0.0
+                        } else {
+                            rng.uniform(-1.0, 1.0)
+                        }
+                    })
+                    .collect();
+                let w = Tensor::from_vec(w, rows, dev).unwrap();
+                let run = |f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>| {
+                    let v = Var::from_tensor(&x).unwrap();
+                    let lp = f(v.as_tensor(), &t).unwrap();
+                    let g = (&lp * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                    (lp, g.get(v.as_tensor()).unwrap().clone())
+                };
+                let (lp_k, dx_k) = run(&fused);
+                let (lp_r, dx_r) = run(&reference);
+                let what = |s: &str| format!("seed {seed:#x} {rows}x{vocab} {dtype:?} {s}");
+                assert_eq!(dx_k.dtype(), dtype, "{}", what("gradient dtype"));
+                assert_close(
+                    &what("logp"),
+                    &lp_k,
+                    &lp_r,
+                    tol(DType::F32) * 10.0,
+                    (1e-4, 1e-4),
+                );
+                assert_close(
+                    &what("dlogits"),
+                    &dx_k,
+                    &dx_r.to_dtype(dtype).unwrap(),
+                    tol(dtype),
+                    grad_tol(dtype),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn embedding_kernel_matches_reference() {
+    #[cfg(feature = "cuda")]
+    common::gpu::run(
+        "embedding_kernel_matches_reference",
+        embedding::embedding_kernel_matches_reference,
+    );
+    #[cfg(not(feature = "cuda"))]
+    {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED (built without feature cuda): embedding_kernel_matches_reference"
+        );
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod embedding {
+    use candle_core::{DType, Device, Tensor, Var};
+    use temper::kernels::embedding::{fused, reference};
+
+    use super::common::gpu::{assert_close, grad_tol, host, tol, Rng};
+
+    pub fn embedding_kernel_matches_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0xe3b);
+        for &(vocab, h, n, distinct) in &[
+            (50257usize, 771usize, 1031usize, 7usize),
+            (13, 5, 64, 13),
+            (1, 33, 3, 1),
+        ] {
+            let table = Var::from_tensor(
+                &Tensor::from_vec(rng.vec(vocab * h, -1.0, 1.0), (vocab, h), dev).unwrap(),
+            )
+            .unwrap();
+            let pool: Vec<u32> = (0..distinct).map(|_| rng.below(vocab) as u32).collect();
+            let ids: Vec<u32> = (0..n).map(|_| pool[rng.below(distinct)]).collect();
+            let ids = Tensor::from_vec(ids, n, dev).unwrap();
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let dy = Tensor::from_vec(rng.vec(n * h, -1.0, 1.0), (n, h), dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let run = |f: &dyn Fn(&Tensor, &Tensor, DType) -> candle_core::Result<Tensor>| {
+                    let y = f(table.as_tensor(), &ids, dtype).unwrap();
+                    let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+                    (y, g.get(table.as_tensor()).unwrap().clone())
+                };
+                let (yk, gk) = run(&fused);
+                let (yr, gr) = run(&reference);
+                let what = |s: &str| format!("seed {seed:#x} V{vocab} H{h} n{n} {dtype:?} {s}");
+                assert_eq!(host(&yk), host(&yr), "{}", what("rows"));
+                assert_close(
+                    &what("table gradient"),
+                    &gk,
+                    &gr,
+                    tol(dtype),
+                    grad_tol(dtype),
+                );
+                let (_, again) = run(&fused);
+                assert_eq!(
+                    host(&gk),
+                    host(&again),
+                    "{}",
+                    what("gradient differs between runs")
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn layernorm_kernel_matches_reference() {
+    #[cfg(feature = "cuda")]
+    common::gpu::run(
+        "layernorm_kernel_matches_reference",
+        layernorm::layernorm_kernel_matches_reference,
+    );
+    #[cfg(not(feature = "cuda"))]
+    {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED (built without feature cuda): layernorm_kernel_matches_reference"
+        );
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod layernorm {
+    use candle_core::{DType, Device, Tensor, Var};
+    use temper::kernels::layernorm::{fused, reference};
+
+    use super::common::gpu::{assert_close, elem_tol, grad_tol, host, tol, Rng};
+
+    pub fn layernorm_kernel_matches_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0x1a7e);
+        for &(rows, cols) in &[(1usize, 768usize), (513, 768), (7, 1031), (33, 1)] {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let t = |n: usize, lo: f32, hi: f32, shape: &[usize], rng: &mut Rng| {
+                    Tensor::from_vec(rng.vec(n, lo, hi), shape, dev).unwrap()
+                };
+                let x = Var::from_tensor(
+                    &t(rows * cols, -3.0, 3.0, &[rows, cols], &mut rng)
+                        .to_dtype(dtype)
+                        .unwrap(),
+                )
+                .unwrap();
+                let w = Var::from_tensor(&t(cols, 0.5, 1.5, &[cols], &mut rng)).unwrap();
+                let b = Var::from_tensor(&t(cols, -0.5, 0.5, &[cols], &mut rng)).unwrap();
+                let dy = t(rows * cols, -1.0, 1.0, &[rows, cols], &mut rng)
+                    .to_dtype(dtype)
+                    .unwrap();
+                let run =
+                    |f: &dyn Fn(&Tensor, &Tensor, &Tensor, f64) -> candle_core::Result<Tensor>| {
+                        let y = f(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+                        let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+                        let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+                        (y, get(&x), get(&w), get(&b))
+                    };
+                let ours = run(&fused);
+                let refs = run(&reference);
+                let what = |s: &str| format!("seed {seed:#x} {rows}x{cols} {dtype:?} {s}");
+                assert_close(&what("y"), &ours.0, &refs.0, tol(dtype), elem_tol(dtype));
+                assert_close(&what("dx"), &ours.1, &refs.1, tol(dtype), grad_tol(dtype));
+                assert_close(&what("dw"), &ours.2, &refs.2, tol(dtype), grad_tol(dtype));
+                assert_close(&what("db"), &ours.3, &refs.3, tol(dtype), grad_tol(dtype));
+                let again = run(&fused);
+                assert_eq!(
+                    host(&ours.2),
+                    host(&again.2),
+                    "{}",
+                    what("dw differs between runs")
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gelu_kernel_matches_reference() {
+    #[cfg(feature = "cuda")]
+    common::gpu::run(
+        "gelu_kernel_matches_reference",
+        gelu::gelu_kernel_matches_reference,
+    );
+    #[cfg(not(feature = "cuda"))]
+    {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED (built without feature cuda): gelu_kernel_matches_reference"
+        );
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gelu {
+    use candle_core::{DType, Device, Tensor, Var};
+    use temper::kernels::gelu::{fused, reference};
+
+    use super::common::gpu::{assert_close, elem_tol, grad_tol, tol, Rng};
+
+    pub fn gelu_kernel_matches_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0x6e1);
+        for shape in [vec![1usize], vec![1031], vec![3, 1021, 3072]] {
+            let n: usize = shape.iter().product();
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let x = Tensor::from_vec(rng.vec(n, -6.0, 6.0), shape.as_slice(), dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let x = Var::from_tensor(&x).unwrap();
+                let dy = Tensor::from_vec(rng.vec(n, -1.0, 1.0), shape.as_slice(), dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let run = |f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>| {
+                    let y = f(x.as_tensor()).unwrap();
+                    let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+                    (y, g.get(x.as_tensor()).unwrap().clone())
+                };
+                let (yk, dk) = run(&fused);
+                let (yr, dr) = run(&reference);
+                let what = |s: &str| format!("seed {seed:#x} {shape:?} {dtype:?} {s}");
+                assert_close(&what("y"), &yk, &yr, tol(dtype), elem_tol(dtype));
+                assert_close(&what("dx"), &dk, &dr, tol(dtype), grad_tol(dtype));
+            }
+        }
+    }
+}
