@@ -112,10 +112,12 @@ pub fn run(layout: &Layout, program: &std::path::Path, args: &[String]) -> Resul
             if statuses[i].is_some() {
                 continue;
             }
-            let waited = c.try_wait();
-            let Ok(waited) = waited else {
-                kill_all(&mut children);
-                return Err(waited.unwrap_err()).context("launch: waiting for a rank");
+            let waited = match c.try_wait() {
+                Ok(w) => w,
+                Err(e) => {
+                    kill_all(&mut children);
+                    return Err(e).context("launch: waiting for a rank");
+                }
             };
             if let Some(st) = waited {
                 statuses[i] = Some(st);
@@ -145,6 +147,7 @@ pub fn run(layout: &Layout, program: &std::path::Path, args: &[String]) -> Resul
     })
 }
 
+/// Kills and reaps every child (std refuses to signal one already reaped).
 fn kill_all(children: &mut [(usize, Child)]) {
     for (_, c) in children.iter_mut() {
         let _ = c.kill();
