@@ -13,6 +13,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType};
 
+use super::host::slice;
 use super::registry::{warn_fallback, KernelChoice};
 
 type Result<T> = candle_core::Result<T>;
@@ -117,13 +118,6 @@ fn cpu_grad<T: WithDType>(dy: &[T], ids: &[u32], vocab: usize, h: usize) -> Vec<
     d
 }
 
-fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("embedding: inputs must be contiguous"),
-    }
-}
-
 impl CustomOp1 for Embedding {
     fn name(&self) -> &'static str {
         "temper-embedding"
@@ -131,7 +125,7 @@ impl CustomOp1 for Embedding {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, h) = l.shape().dims2()?;
-        let table = contiguous::<f32>(s, l)?;
+        let table = slice::<f32>(s, l)?;
         let ids = self.ids.to_vec1::<u32>()?;
         let out = match self.dtype {
             DType::F32 => CpuStorage::F32(cpu_rows(table, &ids, h)),
@@ -175,9 +169,9 @@ impl CustomOp1 for EmbeddingBwd {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, h) = l.shape().dims2()?;
         let d = match s.dtype() {
-            DType::F32 => cpu_grad(contiguous::<f32>(s, l)?, &self.ids, self.vocab, h),
-            DType::BF16 => cpu_grad(contiguous::<half::bf16>(s, l)?, &self.ids, self.vocab, h),
-            DType::F16 => cpu_grad(contiguous::<half::f16>(s, l)?, &self.ids, self.vocab, h),
+            DType::F32 => cpu_grad(slice::<f32>(s, l)?, &self.ids, self.vocab, h),
+            DType::BF16 => cpu_grad(slice::<half::bf16>(s, l)?, &self.ids, self.vocab, h),
+            DType::F16 => cpu_grad(slice::<half::f16>(s, l)?, &self.ids, self.vocab, h),
             dt => candle_core::bail!("embedding backward: unsupported dtype {dt:?}"),
         };
         Ok((CpuStorage::F32(d), Shape::from((self.vocab, h))))

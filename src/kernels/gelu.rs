@@ -8,6 +8,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 
+use super::host::slice;
 use super::registry::{warn_fallback, KernelChoice};
 
 type Result<T> = candle_core::Result<T>;
@@ -46,13 +47,6 @@ fn slope(v: f32) -> f32 {
     0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * C * (1.0 + 3.0 * A * v * v)
 }
 
-fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("gelu: input must be contiguous"),
-    }
-}
-
 fn map<T: WithDType>(x: &[T], dy: Option<&[T]>) -> Vec<T> {
     let f = |v: &T| v.to_f64() as f32;
     match dy {
@@ -69,10 +63,10 @@ fn cpu_run(x: (&CpuStorage, &Layout), dy: Option<(&CpuStorage, &Layout)>) -> Res
     macro_rules! go {
         ($t:ty, $v:ident) => {{
             let g = match dy {
-                Some((s, l)) => Some(cpu_slice::<$t>(s, l)?),
+                Some((s, l)) => Some(slice::<$t>(s, l)?),
                 None => None,
             };
-            CpuStorage::$v(map(cpu_slice::<$t>(x.0, x.1)?, g))
+            CpuStorage::$v(map(slice::<$t>(x.0, x.1)?, g))
         }};
     }
     Ok(match x.0.dtype() {

@@ -12,6 +12,7 @@ use std::sync::{Mutex, PoisonError};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, WithDType, D};
 
+use super::host::{rows_cols, slice};
 use super::registry::{warn_fallback, KernelChoice};
 
 type Result<T> = candle_core::Result<T>;
@@ -66,26 +67,10 @@ pub fn fused(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
         .apply_op3(&w.contiguous()?, &b.contiguous()?, op)
 }
 
-/// `(rows, cols)` of a `[..., cols]` layout.
-pub(crate) fn rows_cols(l: &Layout) -> Result<(usize, usize)> {
-    let dims = l.dims();
-    let Some((&c, lead)) = dims.split_last() else {
-        candle_core::bail!("layer_norm needs at least one dimension");
-    };
-    Ok((lead.iter().product(), c))
-}
-
 struct LayerNorm {
     eps: f32,
     /// `(mean, rstd)`, f32 `[rows]` each, written by the forward for the backward.
     stats: Mutex<Option<(Tensor, Tensor)>>,
-}
-
-fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("layer_norm: inputs must be contiguous"),
-    }
 }
 
 /// `(y, mean, rstd)` in the kernel's order of operations.
@@ -157,18 +142,18 @@ impl CustomOp3 for LayerNorm {
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, cols) = rows_cols(lx)?;
-        let (w, b) = (cpu_slice::<f32>(sw, lw)?, cpu_slice::<f32>(sb, lb)?);
+        let (w, b) = (slice::<f32>(sw, lw)?, slice::<f32>(sb, lb)?);
         let (y, mean, rstd) = match sx.dtype() {
             DType::F32 => {
-                let (y, m, r) = cpu_forward(cpu_slice::<f32>(sx, lx)?, w, b, cols, self.eps);
+                let (y, m, r) = cpu_forward(slice::<f32>(sx, lx)?, w, b, cols, self.eps);
                 (CpuStorage::F32(y), m, r)
             }
             DType::BF16 => {
-                let (y, m, r) = cpu_forward(cpu_slice::<half::bf16>(sx, lx)?, w, b, cols, self.eps);
+                let (y, m, r) = cpu_forward(slice::<half::bf16>(sx, lx)?, w, b, cols, self.eps);
                 (CpuStorage::BF16(y), m, r)
             }
             DType::F16 => {
-                let (y, m, r) = cpu_forward(cpu_slice::<half::f16>(sx, lx)?, w, b, cols, self.eps);
+                let (y, m, r) = cpu_forward(slice::<half::f16>(sx, lx)?, w, b, cols, self.eps);
                 (CpuStorage::F16(y), m, r)
             }
             dt => candle_core::bail!("layer_norm: unsupported dtype {dt:?}"),
@@ -251,39 +236,24 @@ impl CustomOp3 for LayerNormBwd {
         lg: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, cols) = rows_cols(lx)?;
-        let w = cpu_slice::<f32>(sw, lw)?;
+        let w = slice::<f32>(sw, lw)?;
         let mean = self.mean.to_vec1::<f32>()?;
         let rstd = self.rstd.to_vec1::<f32>()?;
         let stats = (mean.as_slice(), rstd.as_slice());
         let (dx, dw, db) = match sx.dtype() {
             DType::F32 => {
-                let (dx, dw, db) = cpu_backward(
-                    cpu_slice::<f32>(sx, lx)?,
-                    w,
-                    cpu_slice(sg, lg)?,
-                    stats,
-                    cols,
-                );
+                let (dx, dw, db) =
+                    cpu_backward(slice::<f32>(sx, lx)?, w, slice(sg, lg)?, stats, cols);
                 (CpuStorage::F32(dx), dw, db)
             }
             DType::BF16 => {
-                let (dx, dw, db) = cpu_backward(
-                    cpu_slice::<half::bf16>(sx, lx)?,
-                    w,
-                    cpu_slice(sg, lg)?,
-                    stats,
-                    cols,
-                );
+                let (dx, dw, db) =
+                    cpu_backward(slice::<half::bf16>(sx, lx)?, w, slice(sg, lg)?, stats, cols);
                 (CpuStorage::BF16(dx), dw, db)
             }
             DType::F16 => {
-                let (dx, dw, db) = cpu_backward(
-                    cpu_slice::<half::f16>(sx, lx)?,
-                    w,
-                    cpu_slice(sg, lg)?,
-                    stats,
-                    cols,
-                );
+                let (dx, dw, db) =
+                    cpu_backward(slice::<half::f16>(sx, lx)?, w, slice(sg, lg)?, stats, cols);
                 (CpuStorage::F16(dx), dw, db)
             }
             dt => candle_core::bail!("layer_norm backward: unsupported dtype {dt:?}"),

@@ -16,6 +16,7 @@ use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, WithDType, D,
 };
 
+use super::host::{rows_cols, slice};
 use super::registry::{warn_fallback, KernelChoice};
 
 type Result<T> = candle_core::Result<T>;
@@ -63,15 +64,6 @@ pub fn fused(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         .apply_op2(&targets.to_dtype(DType::U32)?.contiguous()?, op)
 }
 
-/// `(rows, vocab)` of a `[..., vocab]` layout.
-pub(crate) fn rows_vocab(l: &Layout) -> Result<(usize, usize)> {
-    let dims = l.dims();
-    let Some((&v, lead)) = dims.split_last() else {
-        candle_core::bail!("logprobs needs at least one dimension");
-    };
-    Ok((lead.iter().product(), v))
-}
-
 struct Logprobs {
     /// `[rows]` f32 log-sum-exp of each row, written by the forward for the backward.
     lse: Mutex<Option<Tensor>>,
@@ -80,13 +72,6 @@ struct Logprobs {
 impl Logprobs {
     fn save(&self, lse: Tensor) {
         *self.lse.lock().unwrap_or_else(PoisonError::into_inner) = Some(lse);
-    }
-}
-
-fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("logprobs: inputs must be contiguous"),
     }
 }
 
@@ -135,12 +120,12 @@ impl CustomOp2 for Logprobs {
         st: &CpuStorage,
         lt: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (rows, vocab) = rows_vocab(lx)?;
-        let t = cpu_slice::<u32>(st, lt)?;
+        let (rows, vocab) = rows_cols(lx)?;
+        let t = slice::<u32>(st, lt)?;
         let (logp, lse) = match sx.dtype() {
-            DType::F32 => cpu_forward(cpu_slice::<f32>(sx, lx)?, t, vocab),
-            DType::BF16 => cpu_forward(cpu_slice::<half::bf16>(sx, lx)?, t, vocab),
-            DType::F16 => cpu_forward(cpu_slice::<half::f16>(sx, lx)?, t, vocab),
+            DType::F32 => cpu_forward(slice::<f32>(sx, lx)?, t, vocab),
+            DType::BF16 => cpu_forward(slice::<half::bf16>(sx, lx)?, t, vocab),
+            DType::F16 => cpu_forward(slice::<half::f16>(sx, lx)?, t, vocab),
             dt => candle_core::bail!("logprobs: unsupported dtype {dt:?}"),
         };
         self.save(Tensor::from_vec(lse, rows, &Device::Cpu)?);
@@ -203,18 +188,18 @@ impl CustomOp3 for LogprobsBwd {
         sg: &CpuStorage,
         lg: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, vocab) = rows_vocab(lx)?;
-        let t = cpu_slice::<u32>(st, lt)?;
-        let g = cpu_slice::<f32>(sg, lg)?;
+        let (_, vocab) = rows_cols(lx)?;
+        let t = slice::<u32>(st, lt)?;
+        let g = slice::<f32>(sg, lg)?;
         let lse = self
             .lse
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         let out = match sx.dtype() {
-            DType::F32 => CpuStorage::F32(cpu_backward(cpu_slice(sx, lx)?, t, g, &lse, vocab)),
-            DType::BF16 => CpuStorage::BF16(cpu_backward(cpu_slice(sx, lx)?, t, g, &lse, vocab)),
-            DType::F16 => CpuStorage::F16(cpu_backward(cpu_slice(sx, lx)?, t, g, &lse, vocab)),
+            DType::F32 => CpuStorage::F32(cpu_backward(slice(sx, lx)?, t, g, &lse, vocab)),
+            DType::BF16 => CpuStorage::BF16(cpu_backward(slice(sx, lx)?, t, g, &lse, vocab)),
+            DType::F16 => CpuStorage::F16(cpu_backward(slice(sx, lx)?, t, g, &lse, vocab)),
             dt => candle_core::bail!("logprobs backward: unsupported dtype {dt:?}"),
         };
         Ok((out, lx.shape().clone()))

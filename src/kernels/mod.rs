@@ -8,6 +8,7 @@ pub mod cuda;
 pub mod embedding;
 pub mod gae;
 pub mod gelu;
+pub mod host;
 pub mod layernorm;
 pub mod logprobs;
 pub mod lora;

@@ -5,7 +5,7 @@ use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, Tensor, WithDType};
 
-use super::super::layernorm::rows_cols;
+use super::super::host::rows_cols;
 use super::{alloc_out, contiguous_view, cuda_storage, launch, launch_1d, load_func, sm_count};
 use super::{tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
 

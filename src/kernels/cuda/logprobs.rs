@@ -6,7 +6,7 @@ use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, Tensor, WithDType};
 
-use super::super::logprobs::rows_vocab;
+use super::super::host::rows_cols;
 use super::{alloc_out, contiguous_view, cuda_storage, launch, load_func};
 use super::{tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
 
@@ -61,7 +61,7 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
     lt: &Layout,
 ) -> Result<(CudaStorage, Tensor)> {
     let dev = sx.device();
-    let (rows, vocab) = rows_vocab(lx)?;
+    let (rows, vocab) = rows_cols(lx)?;
     let x = contiguous_view::<T>(sx, lx)?;
     let t = contiguous_view::<u32>(st, lt)?;
     // SAFETY: one block per row writes its logp and lse.
@@ -112,7 +112,7 @@ fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
     lse: &Tensor,
 ) -> Result<CudaStorage> {
     let dev = sx.device();
-    let (rows, vocab) = rows_vocab(lx)?;
+    let (rows, vocab) = rows_cols(lx)?;
     let x = contiguous_view::<T>(sx, lx)?;
     let t = contiguous_view::<u32>(st, lt)?;
     let g = contiguous_view::<f32>(sg, lg)?;

@@ -16,6 +16,7 @@ use candle_core::{
     WithDType, D,
 };
 
+use super::super::host::{rows_cols, slice};
 use super::{alloc_out, contiguous_view, cuda_storage, launch, launch_1d, load_func};
 use super::{sm_count, tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
 
@@ -126,22 +127,6 @@ struct RmsNorm {
 impl RmsNorm {
     fn save(&self, rstd: Tensor) {
         *self.rstd.lock().unwrap_or_else(PoisonError::into_inner) = Some(rstd);
-    }
-}
-
-/// `(rows, cols)` of a `[..., cols]` layout.
-fn rows_cols(l: &Layout) -> Result<(usize, usize)> {
-    let dims = l.dims();
-    let Some((&cols, lead)) = dims.split_last() else {
-        candle_core::bail!("rms_norm needs at least one dimension");
-    };
-    Ok((lead.iter().product(), cols))
-}
-
-fn contiguous_cpu<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("rms_norm: input must be contiguous"),
     }
 }
 
@@ -310,13 +295,8 @@ impl CustomOp2 for RmsNorm {
             rows: usize,
             cols: usize,
         ) -> Result<CpuStorage> {
-            let (y, rstd) = cpu_forward(
-                contiguous_cpu::<T>(sx, lx)?,
-                contiguous_cpu::<T>(sw, lw)?,
-                rows,
-                cols,
-                op.eps,
-            );
+            let (y, rstd) =
+                cpu_forward(slice::<T>(sx, lx)?, slice::<T>(sw, lw)?, rows, cols, op.eps);
             op.save(Tensor::from_vec(rstd, rows, &Device::Cpu)?);
             Ok(T::to_cpu_storage_owned(y))
         }
@@ -476,9 +456,9 @@ impl CustomOp3 for RmsNormBwd {
             cols: usize,
         ) -> Result<CpuStorage> {
             let out = cpu_backward(
-                contiguous_cpu::<T>(sx, lx)?,
-                contiguous_cpu::<T>(sw, lw)?,
-                contiguous_cpu::<T>(sg, lg)?,
+                slice::<T>(sx, lx)?,
+                slice::<T>(sw, lw)?,
+                slice::<T>(sg, lg)?,
                 rstd,
                 cols,
             );
