@@ -20,10 +20,9 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use temper::kernels::attention::{attention_reference, AttnMask};
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    xs[xs.len() / 2]
-}
+#[path = "common/timing.rs"]
+mod timing;
+use timing::median;
 
 fn main() -> candle_core::Result<()> {
     #[cfg(feature = "cuda")]
@@ -67,37 +66,13 @@ fn main() -> candle_core::Result<()> {
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use super::timing::cuda_time_ms;
     use super::*;
-    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-    use candle_core::cuda_backend::WrapErr;
     use candle_core::{DType, Var};
     use temper::kernels::cuda::attention::{attention_with, AttentionDirect, AttnImpl};
 
-    /// Median milliseconds of `f` between CUDA events on candle's stream.
-    fn time_ms(
-        dev: &Device,
-        reps: usize,
-        mut f: impl FnMut() -> candle_core::Result<()>,
-    ) -> candle_core::Result<f64> {
-        let cdev = dev.as_cuda_device()?;
-        let stream = cdev.cuda_stream();
-        let ctx = stream.context().clone();
-        for _ in 0..2 {
-            f()?; // warm-up: module load, JIT, allocator pools
-        }
-        dev.synchronize()?;
-        let mut times = Vec::with_capacity(reps);
-        for _ in 0..reps {
-            let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
-            let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
-            start.record(&stream).w()?;
-            f()?;
-            end.record(&stream).w()?;
-            end.synchronize().w()?;
-            times.push(start.elapsed_ms(&end).w()? as f64);
-        }
-        Ok(median(times))
-    }
+    /// Untimed calls before timing: module loads, cuBLAS heuristics, allocator pools.
+    const WARMUP: usize = 2;
 
     fn mask() -> AttnMask<'static> {
         AttnMask {
@@ -210,7 +185,9 @@ mod cuda {
                 } else {
                     3
                 };
-                let fwd = time_ms(&dev, reps, || which.run(&q, &k, &v, scale).map(|_| ()))?;
+                let fwd = cuda_time_ms(&dev, WARMUP, reps, || {
+                    which.run(&q, &k, &v, scale).map(|_| ())
+                })?;
                 report(&shape, which.name(), "fwd", fwd, fwd_flops);
                 let both = match which {
                     Which::Ours(imp) => {
@@ -220,7 +197,7 @@ mod cuda {
                             })?;
                         let qkv = [&q, &k, &v];
                         check_direct(&shape, which.name(), &direct, qkv, &dy, scale, imp)?;
-                        time_ms(&dev, reps, || {
+                        cuda_time_ms(&dev, WARMUP, reps, || {
                             let y = direct.forward()?;
                             direct.backward(&y, &dy).map(|_| ())
                         })?
@@ -231,7 +208,7 @@ mod cuda {
                             Var::from_tensor(&k)?,
                             Var::from_tensor(&v)?,
                         );
-                        time_ms(&dev, reps, || {
+                        cuda_time_ms(&dev, WARMUP, reps, || {
                             let y = which.run(&qv, &kv, &vv, scale)?;
                             // backward() seeds a non-scalar root with ones: dL/dy = dy.
                             (y * &dy)?.backward().map(|_| ())

@@ -44,10 +44,9 @@ fn inputs(b: usize, t: usize, seed: u64, dev: &Device) -> candle_core::Result<[T
     ])
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    xs[xs.len() / 2]
-}
+#[path = "common/timing.rs"]
+mod timing;
+use timing::median;
 
 fn time_reference(b: usize, t: usize, dev: &Device, reps: usize) -> candle_core::Result<f64> {
     let [r, v, m] = inputs(b, t, 7, dev)?;

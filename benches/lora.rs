@@ -20,10 +20,9 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use temper::kernels::lora::{linear, lora_linear_reference, LoraArgs};
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    xs[xs.len() / 2]
-}
+#[path = "common/timing.rs"]
+mod timing;
+use timing::median;
 
 fn main() -> candle_core::Result<()> {
     #[cfg(feature = "cuda")]
@@ -74,36 +73,13 @@ fn main() -> candle_core::Result<()> {
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use super::timing::cuda_time_ms;
     use super::*;
-    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-    use candle_core::cuda_backend::WrapErr;
     use candle_core::{DType, Var};
     use temper::kernels::cuda::lora::{lora_linear_with, DyPath, LoraDirect};
 
-    fn time_ms(
-        dev: &Device,
-        reps: usize,
-        mut f: impl FnMut() -> candle_core::Result<()>,
-    ) -> candle_core::Result<f64> {
-        let cdev = dev.as_cuda_device()?;
-        let stream = cdev.cuda_stream();
-        let ctx = stream.context().clone();
-        for _ in 0..3 {
-            f()?; // warm-up: module load, cuBLAS heuristics, allocator pools
-        }
-        dev.synchronize()?;
-        let mut times = Vec::with_capacity(reps);
-        for _ in 0..reps {
-            let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
-            let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
-            start.record(&stream).w()?;
-            f()?;
-            end.record(&stream).w()?;
-            end.synchronize().w()?;
-            times.push(start.elapsed_ms(&end).w()? as f64);
-        }
-        Ok(median(times))
-    }
+    /// Untimed calls before timing: module loads, cuBLAS heuristics, allocator pools.
+    const WARMUP: usize = 3;
 
     #[derive(Clone, Copy)]
     enum Which {
@@ -256,8 +232,8 @@ mod cuda {
                 Which::Reference,
             ];
             for which in variants {
-                let fwd = time_ms(&dev, 20, || which.fwd(&x, &args).map(|_| ()))?;
-                let both = time_ms(&dev, 20, which.fwd_bwd(&x, &args, &dy)?)?;
+                let fwd = cuda_time_ms(&dev, WARMUP, 20, || which.fwd(&x, &args).map(|_| ()))?;
+                let both = cuda_time_ms(&dev, WARMUP, 20, which.fwd_bwd(&x, &args, &dy)?)?;
                 println!("{shape:<22} {:<16} {fwd:>10.3} {both:>12.3}", which.name());
                 println!(
                     "{{\"bench\":\"lora\",\"shape\":\"{shape}\",\"impl\":\"{}\",\"fwd_ms\":{fwd:.4},\"fwd_bwd_ms\":{both:.4}}}",

@@ -20,10 +20,9 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use temper::kernels::rmsnorm::rms_norm_reference;
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    xs[xs.len() / 2]
-}
+#[path = "common/timing.rs"]
+mod timing;
+use timing::median;
 
 fn main() -> candle_core::Result<()> {
     #[cfg(feature = "cuda")]
@@ -50,36 +49,13 @@ fn main() -> candle_core::Result<()> {
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use super::timing::cuda_time_ms;
     use super::*;
-    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-    use candle_core::cuda_backend::WrapErr;
     use candle_core::{DType, Var};
     use temper::kernels::cuda::rmsnorm::{rms_norm_op, RmsNormDirect};
 
-    fn time_ms(
-        dev: &Device,
-        reps: usize,
-        mut f: impl FnMut() -> candle_core::Result<()>,
-    ) -> candle_core::Result<f64> {
-        let cdev = dev.as_cuda_device()?;
-        let stream = cdev.cuda_stream();
-        let ctx = stream.context().clone();
-        for _ in 0..3 {
-            f()?; // warm-up: module load, allocator pools
-        }
-        dev.synchronize()?;
-        let mut times = Vec::with_capacity(reps);
-        for _ in 0..reps {
-            let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
-            let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
-            start.record(&stream).w()?;
-            f()?;
-            end.record(&stream).w()?;
-            end.synchronize().w()?;
-            times.push(start.elapsed_ms(&end).w()? as f64);
-        }
-        Ok(median(times))
-    }
+    /// Untimed calls before timing: module loads, cuBLAS heuristics, allocator pools.
+    const WARMUP: usize = 3;
 
     /// The direct backward must give autograd's gradients (the same kernels). Printed as a
     /// JSON line with `"bench":"check"` for scripts/gpu-check.sh.
@@ -130,15 +106,17 @@ mod cuda {
 
             let direct = RmsNormDirect::new(&x, &w, eps)?;
             check_direct(&shape, &direct, &x, &w, &dy, eps)?;
-            let ours_fwd = time_ms(&dev, 50, || rms_norm_op(&x, &w, eps).map(|_| ()))?;
-            let ours_both = time_ms(&dev, 50, || {
+            let ours_fwd = cuda_time_ms(&dev, WARMUP, 50, || rms_norm_op(&x, &w, eps).map(|_| ()))?;
+            let ours_both = cuda_time_ms(&dev, WARMUP, 50, || {
                 let y = direct.forward()?;
                 direct.backward(&y, &dy).map(|_| ())
             })?;
 
-            let ref_fwd = time_ms(&dev, 20, || rms_norm_reference(&x, &w, eps).map(|_| ()))?;
+            let ref_fwd = cuda_time_ms(&dev, WARMUP, 20, || {
+                rms_norm_reference(&x, &w, eps).map(|_| ())
+            })?;
             let (xv, wv) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?);
-            let ref_both = time_ms(&dev, 20, || {
+            let ref_both = cuda_time_ms(&dev, WARMUP, 20, || {
                 let y = rms_norm_reference(&xv, &wv, eps)?;
                 // backward() seeds a non-scalar root with ones: dL/dy = dy.
                 (y * &dy)?.backward().map(|_| ())
