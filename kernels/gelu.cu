@@ -6,19 +6,16 @@
 namespace {
 
 using temper::from_f32;
+using temper::gelu_tanh;
+using temper::gelu_tanh_slope;
 using temper::to_f32;
-
-constexpr float kC = 0.7978845608028654f;  // sqrt(2 / pi)
-constexpr float kA = 0.044715f;
 
 template <typename T> __device__ void forward(const GeluParams &p) {
   const T *x = static_cast<const T *>(p.x);
   T *y = static_cast<T *>(p.out);
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < p.n;
        i += (long long)gridDim.x * blockDim.x) {
-    const float v = to_f32(x[i]);
-    const float t = tanhf(kC * (v + kA * v * v * v));
-    y[i] = from_f32<T>(0.5f * v * (1.f + t));
+    y[i] = from_f32<T>(gelu_tanh(to_f32(x[i])));
   }
 }
 
@@ -28,10 +25,7 @@ template <typename T> __device__ void backward(const GeluParams &p) {
   T *dx = static_cast<T *>(p.out);
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < p.n;
        i += (long long)gridDim.x * blockDim.x) {
-    const float v = to_f32(x[i]);
-    const float t = tanhf(kC * (v + kA * v * v * v));
-    const float d = 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * kC * (1.f + 3.f * kA * v * v);
-    dx[i] = from_f32<T>(to_f32(dy[i]) * d);
+    dx[i] = from_f32<T>(to_f32(dy[i]) * gelu_tanh_slope(to_f32(x[i])));
   }
 }
 

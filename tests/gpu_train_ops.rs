@@ -16,6 +16,10 @@
 //!   bit-identical on two runs.
 //! - `gelu` (`kernels/gelu.cu`): one element, an odd count and a GPT-2 MLP activation of
 //!   3 x 1021 x 3072, f32, bf16 and f16, the output and its gradient.
+//! - `bias` (`kernels/bias.cu`): the bias alone and with GELU after it; one element, 130 rows
+//!   of 768 (a partial last row group), 1031 columns and the GPT-2 MLP activation, f32, bf16
+//!   and f16; the output, both gradients (the bias gradient against an f32 reference, since
+//!   ours sums in f32), and the bias gradient bit-identical on two runs.
 //!
 //! Each needs feature `cuda` and a CUDA device; otherwise it prints why it did not run on
 //! stderr and passes.
@@ -392,6 +396,88 @@ mod gelu {
                 let what = |s: &str| format!("seed {seed:#x} {shape:?} {dtype:?} {s}");
                 assert_close(&what("y"), &yk, &yr, tol(dtype), elem_tol(dtype));
                 assert_close(&what("dx"), &dk, &dr, tol(dtype), grad_tol(dtype));
+            }
+        }
+    }
+}
+
+#[test]
+fn bias_kernel_matches_reference() {
+    #[cfg(feature = "cuda")]
+    common::gpu::run(
+        "bias_kernel_matches_reference",
+        bias::bias_kernel_matches_reference,
+    );
+    #[cfg(not(feature = "cuda"))]
+    {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED (built without feature cuda): bias_kernel_matches_reference"
+        );
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod bias {
+    use candle_core::{DType, Device, Tensor, Var};
+    use temper::kernels::bias::{fused, reference, BiasAct};
+
+    use super::common::gpu::{assert_close, elem_tol, grad_tol, tol, Rng};
+
+    type Op = dyn Fn(&Tensor, &Tensor, BiasAct) -> candle_core::Result<Tensor>;
+
+    /// `(out, dL/dy, db)` of `f` at `y`, `b` under the upstream gradient `dy`.
+    fn run(f: &Op, y: &Tensor, b: &Tensor, dy: &Tensor, act: BiasAct) -> [Tensor; 3] {
+        let (y, b) = (Var::from_tensor(y).unwrap(), Var::from_tensor(b).unwrap());
+        let out = f(y.as_tensor(), b.as_tensor(), act).unwrap();
+        let g = (&out * dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+        [out, get(&y), get(&b)]
+    }
+
+    pub fn bias_kernel_matches_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0xb1a5);
+        for shape in [
+            vec![1usize, 1],
+            vec![130, 768],
+            vec![5, 1031],
+            vec![3, 1021, 3072],
+        ] {
+            let cols = *shape.last().unwrap();
+            let n: usize = shape.iter().product();
+            let b = Tensor::from_vec(rng.vec(cols, -2.0, 2.0), cols, dev).unwrap();
+            let y32 = Tensor::from_vec(rng.vec(n, -4.0, 4.0), shape.as_slice(), dev).unwrap();
+            let dy32 = Tensor::from_vec(rng.vec(n, -1.0, 1.0), shape.as_slice(), dev).unwrap();
+            for act in [BiasAct::Identity, BiasAct::GeluTanh] {
+                for dtype in [DType::F32, DType::BF16, DType::F16] {
+                    let y = y32.to_dtype(dtype).unwrap();
+                    let dy = dy32.to_dtype(dtype).unwrap();
+                    let ours = run(&fused, &y, &b, &dy, act);
+                    let refs = run(&reference, &y, &b, &dy, act);
+                    // The bias gradient is an f32 sum of f32 terms: its reference is the
+                    // same maths on the rounded inputs, upcast.
+                    let up = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                    let ref_db = run(&reference, &up(&y), &b, &up(&dy), act)[2].clone();
+                    let what = |s: &str| format!("seed {seed:#x} {shape:?} {act:?} {dtype:?} {s}");
+                    assert_close(
+                        &what("out"),
+                        &ours[0],
+                        &refs[0],
+                        tol(dtype),
+                        elem_tol(dtype),
+                    );
+                    assert_close(&what("dy"), &ours[1], &refs[1], tol(dtype), grad_tol(dtype));
+                    assert_close(&what("db"), &ours[2], &ref_db, tol(dtype), grad_tol(dtype));
+                    let again = run(&fused, &y, &b, &dy, act);
+                    let bits = |t: &Tensor| t.to_vec1::<f32>().unwrap();
+                    assert_eq!(
+                        bits(&ours[2]),
+                        bits(&again[2]),
+                        "{}",
+                        what("db differs between runs")
+                    );
+                }
             }
         }
     }

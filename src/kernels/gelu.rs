@@ -38,11 +38,13 @@ pub fn fused(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Gelu)
 }
 
-fn value(v: f32) -> f32 {
+/// GELU at `v`, in f32 (shared with the fused bias + GELU of `bias.rs`).
+pub(crate) fn value(v: f32) -> f32 {
     0.5 * v * (1.0 + (C * (v + A * v * v * v)).tanh())
 }
 
-fn slope(v: f32) -> f32 {
+/// GELU's derivative at `v`, in f32.
+pub(crate) fn slope(v: f32) -> f32 {
     let t = (C * (v + A * v * v * v)).tanh();
     0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * C * (1.0 + 3.0 * A * v * v)
 }

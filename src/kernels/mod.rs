@@ -3,6 +3,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod bias;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod embedding;

@@ -38,11 +38,13 @@ pub enum KernelOp {
     LayerNorm,
     /// GPT-2's tanh GELU, forward and backward.
     Gelu,
+    /// A linear layer's bias, with the GELU after it fused in; its gradient as a column sum.
+    Bias,
 }
 
 impl KernelOp {
     /// Every op, in the order `Display` lists them.
-    pub const ALL: [KernelOp; 10] = [
+    pub const ALL: [KernelOp; 11] = [
         Self::Attention,
         Self::Lora,
         Self::Gae,
@@ -53,6 +55,7 @@ impl KernelOp {
         Self::Sample,
         Self::LayerNorm,
         Self::Gelu,
+        Self::Bias,
     ];
 
     /// The name a user types (`--kernels attention=...`).
@@ -68,6 +71,7 @@ impl KernelOp {
             Self::Sample => "sample",
             Self::LayerNorm => "layernorm",
             Self::Gelu => "gelu",
+            Self::Bias => "bias",
         }
     }
 
@@ -84,6 +88,7 @@ impl KernelOp {
             Self::Sample => "cuda",
             Self::LayerNorm => "fused",
             Self::Gelu => "fused",
+            Self::Bias => "fused",
         }
     }
 
@@ -101,7 +106,7 @@ impl fmt::Display for KernelOp {
 
 /// The ops that have a swappable implementation, with the name a user types for the custom
 /// one (the same table as [`KernelOp::name`] and [`KernelOp::custom_name`]).
-pub const OPS: [(&str, &str); 10] = [
+pub const OPS: [(&str, &str); 11] = [
     ("attention", "flash"),
     ("lora", "fused"),
     ("gae", "cuda"),
@@ -112,6 +117,7 @@ pub const OPS: [(&str, &str); 10] = [
     ("sample", "cuda"),
     ("layernorm", "fused"),
     ("gelu", "fused"),
+    ("bias", "fused"),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -129,6 +135,9 @@ pub struct KernelSet {
     pub sample: KernelChoice,
     pub layernorm: KernelChoice,
     pub gelu: KernelChoice,
+    /// Runs saved before the bias kernel existed have no entry: they get the default.
+    #[serde(default)]
+    pub bias: KernelChoice,
 }
 
 impl KernelSet {
@@ -144,6 +153,7 @@ impl KernelSet {
             sample: KernelChoice::Reference,
             layernorm: KernelChoice::Reference,
             gelu: KernelChoice::Reference,
+            bias: KernelChoice::Reference,
         }
     }
 
@@ -160,6 +170,7 @@ impl KernelSet {
             KernelOp::Sample => &mut self.sample,
             KernelOp::LayerNorm => &mut self.layernorm,
             KernelOp::Gelu => &mut self.gelu,
+            KernelOp::Bias => &mut self.bias,
         }
     }
 
@@ -176,6 +187,7 @@ impl KernelSet {
             KernelOp::Sample => self.sample,
             KernelOp::LayerNorm => self.layernorm,
             KernelOp::Gelu => self.gelu,
+            KernelOp::Bias => self.bias,
         }
     }
 
@@ -254,7 +266,7 @@ mod tests {
         assert_eq!(k.gae, KernelChoice::Custom);
         assert_eq!(
             k.to_string(),
-            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused,embedding=fused,sample=cuda,layernorm=fused,gelu=fused"
+            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused,embedding=fused,sample=cuda,layernorm=fused,gelu=fused,bias=fused"
         );
         assert_eq!(KernelSet::default().apply_spec(&k.to_string()).unwrap(), k);
         assert_eq!(

@@ -6,8 +6,10 @@ use candle_core::{DType, Tensor};
 
 use crate::config::LoraConfig;
 
+use crate::kernels::bias::{self, BiasAct};
+use crate::kernels::gelu::gelu;
 use crate::kernels::lora::{lora_linear, lora_linear_reference, LoraArgs};
-use crate::kernels::{lora::linear, KernelSet};
+use crate::kernels::{lora::linear, KernelChoice, KernelSet};
 use crate::train::params::{Init, Scope};
 use crate::train::rng::{splitmix64, Rng};
 
@@ -82,6 +84,37 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        self.forward_act(x, ctx, BiasAct::Identity)
+    }
+
+    /// `act(x W^T + b)`. Without an active adapter, the bias and the activation run as one
+    /// pass over the GEMM's output where the `bias` kernel serves (`kernels::bias`).
+    pub fn forward_act(&self, x: &Tensor, ctx: &Ctx, act: BiasAct) -> Result<Tensor> {
+        let adapter_on = self.adapter.is_some() && ctx.use_lora;
+        if let (Some(b), false) = (&self.b, adapter_on) {
+            if bias::fuses(x, ctx.kernels.bias) {
+                let w = super::cast::weight(&self.w, ctx.dtype)?;
+                let y = linear(x, &w, None)?;
+                // An ablation of the GELU kernel keeps the reference GELU: only the bias fuses.
+                return match (act, ctx.kernels.gelu) {
+                    (BiasAct::GeluTanh, KernelChoice::Reference) => gelu(
+                        &bias::fused(&y, b, BiasAct::Identity)?,
+                        KernelChoice::Reference,
+                    ),
+                    _ => bias::fused(&y, b, act),
+                }
+                .map_err(Into::into);
+            }
+        }
+        let y = self.forward_unfused(x, ctx)?;
+        Ok(match act {
+            BiasAct::Identity => y,
+            BiasAct::GeluTanh => gelu(&y, ctx.kernels.gelu)?,
+        })
+    }
+
+    /// `x W^T + b` (+ the adapter) with candle's bias add.
+    fn forward_unfused(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let w = super::cast::weight(&self.w, ctx.dtype)?;
         let b = match &self.b {
             Some(b) => Some(super::cast::weight(b, ctx.dtype)?),

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use super::linear::{Ctx, Linear};
 use crate::config::{LoraConfig, LoraTarget};
 use crate::config::{MlpKind, ModelConfig};
-use crate::kernels::gelu::gelu;
+use crate::kernels::bias::BiasAct;
 use crate::train::params::Scope;
 
 pub struct Mlp {
@@ -61,7 +61,7 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let hmid = match &self.gate {
             Some(g) => (g.forward(x, ctx)?.silu()? * self.up.forward(x, ctx)?)?,
-            None => gelu(&self.up.forward(x, ctx)?, ctx.kernels.gelu)?,
+            None => self.up.forward_act(x, ctx, BiasAct::GeluTanh)?,
         };
         self.down.forward(&hmid, ctx)
     }

@@ -41,6 +41,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod bias;
 pub mod embedding;
 pub mod gae;
 pub mod gelu;
@@ -295,6 +296,12 @@ pub fn contiguous_view<'a, T: CudaDType>(
         Some((start, end)) => Ok(slice.slice(start..end)),
         None => candle_core::bail!("kernel input must be contiguous (layout {layout:?})"),
     }
+}
+
+/// Wraps a kernel's output storage (a side output of a custom op) as a tensor with no
+/// autograd history.
+pub fn tensor_from_storage(storage: CudaStorage, shape: Shape) -> Tensor {
+    Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
 }
 
 /// Wraps a kernel's output as a tensor with no autograd history.
