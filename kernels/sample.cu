@@ -13,13 +13,14 @@
 // Sums are f32 trees here and sequential f64 in the reference, so a draw whose u falls within
 // rounding of a bucket edge may pick the neighbour; greedy is exact.
 //
-// Launch: grid (B), block kThreads; reads p.logits [B, V] f32 (rows contiguous), p.keys [B],
-// writes p.out [B] u32.
+// Launch: grid (B), block kThreads; reads p.logits [B, V] in the model's dtype (rows
+// contiguous; converted to f32 as they are read, exactly as the reference's cast does), p.keys
+// [B], writes p.out [B] u32.
 
 #include "common.cuh"
 
 struct SampleParams {
-  const float *logits;       // [B, V] f32
+  const void *logits;        // [B, V] in the entry point's dtype
   const long long *keys;     // [B] row keys (row_key(seed, row) of the reference)
   unsigned int *out;         // [B] chosen token ids
   unsigned long long pos;    // draw index of this step (the same for every row)
@@ -102,22 +103,25 @@ static __device__ __forceinline__ int block_min_int(int x, int *scratch) {
   return x;
 }
 
-struct Row {
-  const float *z;
+template <typename T> struct Row {
+  const T *z;
   int v;
   float m, inv_temp;
-  __device__ __forceinline__ float w(int i) const { return expf((z[i] - m) * inv_temp); }
+  __device__ __forceinline__ float logit(int i) const { return to_f32(z[i]); }
+  __device__ __forceinline__ float w(int i) const { return expf((logit(i) - m) * inv_temp); }
 };
 
 // #{w_i >= t} over the block (exact in f32 for V < 2^24).
-static __device__ __forceinline__ float count_at_least(const Row &r, float t, float *scratch) {
+template <typename T>
+static __device__ __forceinline__ float count_at_least(const Row<T> &r, float t, float *scratch) {
   float c = 0.f;
   for (int i = threadIdx.x; i < r.v; i += kThreads) c += r.w(i) >= t ? 1.f : 0.f;
   return block_sum(c, scratch);
 }
 
 // Mass of the w_i >= t over the block.
-static __device__ __forceinline__ float mass_at_least(const Row &r, float t, float *scratch) {
+template <typename T>
+static __device__ __forceinline__ float mass_at_least(const Row<T> &r, float t, float *scratch) {
   float s = 0.f;
   for (int i = threadIdx.x; i < r.v; i += kThreads) {
     const float x = r.w(i);
@@ -128,7 +132,8 @@ static __device__ __forceinline__ float mass_at_least(const Row &r, float t, flo
 
 // The reference's `largest_threshold` for "at least k kept" (top-k) or "mass at least goal,
 // above floor" (top-p): bisection over the bits of f32 in [0, 1].
-static __device__ float threshold(const Row &r, bool by_count, float k_or_goal, float floor,
+template <typename T>
+static __device__ float threshold(const Row<T> &r, bool by_count, float k_or_goal, float floor,
                                   float *scratch) {
   unsigned int lo = 0u, hi = __float_as_uint(1.0f) + 1u;
   while (hi - lo > 1u) {
@@ -141,17 +146,18 @@ static __device__ float threshold(const Row &r, bool by_count, float k_or_goal, 
   return fmaxf(__uint_as_float(lo), floor);
 }
 
-static __device__ void sample_row(const SampleParams &p) {
+template <typename T> static __device__ void sample_row(const SampleParams &p) {
   __shared__ float sval[kWarps];
   __shared__ int sidx[kWarps];
   __shared__ float scratch[32];
   const int row = blockIdx.x;
-  Row r{p.logits + (size_t)row * p.v, p.v, 0.f, p.inv_temp};
+  Row<T> r{static_cast<const T *>(p.logits) + (size_t)row * p.v, p.v, 0.f, p.inv_temp};
 
   float best = __int_as_float(0xff800000);  // -inf
   int arg = 0x7fffffff;
   for (int i = threadIdx.x; i < r.v; i += kThreads) {
-    if (r.z[i] > best) best = r.z[i], arg = i;
+    const float z = r.logit(i);
+    if (z > best) best = z, arg = i;
   }
   block_argmax(best, arg, sval, sidx);
   if (p.greedy) {
@@ -194,7 +200,12 @@ static __device__ void sample_row(const SampleParams &p) {
 }  // namespace sample
 }  // namespace temper
 
-extern "C" __global__ void __launch_bounds__(temper::sample::kThreads)
-    sample_f32(const SampleParams p) {
-  temper::sample::sample_row(p);
-}
+#define SAMPLE_ENTRY(SUFFIX, T)                                                                \
+  extern "C" __global__ void __launch_bounds__(temper::sample::kThreads)                       \
+      sample_##SUFFIX(const SampleParams p) {                                                  \
+    temper::sample::sample_row<T>(p);                                                          \
+  }
+
+SAMPLE_ENTRY(f32, float)
+SAMPLE_ENTRY(bf16, __nv_bfloat16)
+SAMPLE_ENTRY(f16, __half)

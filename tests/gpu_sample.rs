@@ -109,39 +109,51 @@ mod gpu {
             params(0.5, 50, 0.8),
             params(2.0, 1, 1.0),
         ];
+        // The kernel reads the model's dtype directly: bf16 logits must choose as their f32
+        // conversion does in the reference.
         for &(b, v) in SHAPES {
             for p in &settings {
-                let logits = rng.vec(b * v, -6.0, 6.0);
-                let cpu = Tensor::from_vec(logits.clone(), (b, v), &Device::Cpu).unwrap();
-                let rows: Vec<u64> = (0..b as u64).map(|r| r * 7 + 3).collect();
-                let draw_seed = rng.next();
-                let pos = rng.below(1000) as u64;
-                let keys = keys_tensor(draw_seed, &rows, &Device::Cpu).unwrap();
-                let want = sample_reference(&cpu, &keys, pos, p)
+                for dtype in [DType::F32, DType::BF16, DType::F16] {
+                    let raw = rng.vec(b * v, -6.0, 6.0);
+                    let cpu = Tensor::from_vec(raw, (b, v), &Device::Cpu)
+                        .and_then(|t| t.to_dtype(dtype))
+                        .unwrap();
+                    let logits = cpu
+                        .to_dtype(DType::F32)
+                        .and_then(|t| t.flatten_all())
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .unwrap();
+                    let rows: Vec<u64> = (0..b as u64).map(|r| r * 7 + 3).collect();
+                    let draw_seed = rng.next();
+                    let pos = rng.below(1000) as u64;
+                    let keys = keys_tensor(draw_seed, &rows, &Device::Cpu).unwrap();
+                    let want = sample_reference(&cpu, &keys, pos, p)
+                        .unwrap()
+                        .to_vec1::<u32>()
+                        .unwrap();
+                    let got = sample(
+                        &cpu.to_device(dev).unwrap(),
+                        &keys.to_device(dev).unwrap(),
+                        pos,
+                        p,
+                        KernelChoice::Custom,
+                    )
                     .unwrap()
                     .to_vec1::<u32>()
                     .unwrap();
-                let got = sample(
-                    &cpu.to_device(dev).unwrap(),
-                    &keys.to_device(dev).unwrap(),
-                    pos,
-                    p,
-                    KernelChoice::Custom,
-                )
-                .unwrap()
-                .to_vec1::<u32>()
-                .unwrap();
-                for i in 0..b {
-                    let ctx = format!("seed {seed:#x}, B {b}, V {v}, {p:?}, row {i}");
-                    assert!((got[i] as usize) < v, "{ctx}: id {} out of range", got[i]);
-                    if got[i] == want[i] {
-                        continue;
-                    }
-                    assert!(!p.is_greedy(), "{ctx}: greedy {} vs {}", got[i], want[i]);
-                    let row = &logits[i * v..(i + 1) * v];
-                    let u = uniform(row_key(draw_seed, rows[i]), pos);
-                    if let Err(why) = explained(row, p, u, got[i] as usize) {
-                        panic!("{ctx}: kernel {} vs reference {}: {why}", got[i], want[i]);
+                    for i in 0..b {
+                        let ctx =
+                            format!("seed {seed:#x}, {dtype:?}, B {b}, V {v}, {p:?}, row {i}");
+                        assert!((got[i] as usize) < v, "{ctx}: id {} out of range", got[i]);
+                        if got[i] == want[i] {
+                            continue;
+                        }
+                        assert!(!p.is_greedy(), "{ctx}: greedy {} vs {}", got[i], want[i]);
+                        let row = &logits[i * v..(i + 1) * v];
+                        let u = uniform(row_key(draw_seed, rows[i]), pos);
+                        if let Err(why) = explained(row, p, u, got[i] as usize) {
+                            panic!("{ctx}: kernel {} vs reference {}: {why}", got[i], want[i]);
+                        }
                     }
                 }
             }

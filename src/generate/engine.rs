@@ -65,8 +65,9 @@ pub fn generate(
         key_valid: Some(&prompt_valid),
     };
     let hidden = net.hidden(&ids, &f, Some(&mut cache))?;
+    // Logits stay in the compute dtype: the sampling kernel reads bf16 as it is.
     let mut last = net
-        .logits(&hidden.narrow(1, longest - 1, 1)?)?
+        .compute_logits(&hidden.narrow(1, longest - 1, 1)?)?
         .squeeze(1)?
         .detach();
     drop(hidden);
@@ -108,10 +109,8 @@ pub fn generate(
             positions: Some(&active.positions),
             key_valid: Some(&key_valid),
         };
-        last = net
-            .forward(&next.reshape((n, 1))?, &f, Some(&mut cache))?
-            .squeeze(1)?
-            .detach();
+        let hidden = net.hidden(&next.reshape((n, 1))?, &f, Some(&mut cache))?;
+        last = net.compute_logits(&hidden)?.squeeze(1)?.detach();
         active.positions = active.positions.affine(1.0, 1.0)?;
         stats.decode_steps += 1;
     }

@@ -148,7 +148,7 @@ pub fn sample_row(logits: &[f32], params: &SampleParams, u: f32) -> u32 {
     last as u32
 }
 
-/// The next token of every row of `logits` (`[B, V]`, f32): `keys` (`[B]` i64, the bits of
+/// The next token of every row of `logits` (`[B, V]`, any float dtype): `keys` (`[B]` i64, the bits of
 /// [`row_key`]) and `pos` give each row's uniform. Returns `[B]` u32 on the logits' device.
 pub fn sample(
     logits: &Tensor,

@@ -3,7 +3,8 @@
 //! The forward is a [`CustomOp3`] on `(q, k, v)`; the mask, the scale and the kernel choice
 //! live in the op, which also keeps what the backward needs: the per-row log-sum-exp and the
 //! per-sequence key range (first valid key, end of the valid keys, whether there are holes),
-//! computed once per call from `key_valid` by `attn_key_range`. The backward recomputes the
+//! computed from `key_valid` by `attn_key_range` once per mask tensor (every layer of a pass
+//! shares it; `LAST_RANGE`). The backward recomputes the
 //! scores tile by tile from the saved log-sum-exp (FlashAttention-2), with `D = rowsum(dO*O)`
 //! precomputed; under GQA the dK/dV kernels loop over every query head of their kv head, so
 //! the group's gradients are summed without atomics.
@@ -14,7 +15,8 @@
 //! applies and the query block is more than [`DECODE_MAX_TQ`] rows. `TEMPER_ATTN_IMPL=simple`
 //! (or `mma`, `auto`) overrides the choice for the dispatcher.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
@@ -266,7 +268,19 @@ struct Saved {
     /// `[B, Hq, Tq]` natural-log log-sum-exp of the scaled scores (+inf: row sees no key).
     lse: CudaSlice<f32>,
     /// `[B, 3]`: first valid key, last valid key + 1, no holes in between (1/0).
-    krange: Option<CudaSlice<i32>>,
+    krange: Option<Arc<CudaSlice<i32>>>,
+}
+
+/// A `[B, Tk]` key mask as (tensor id, B, Tk): a tensor's id is never reused and its
+/// contents never change, so this names one key range.
+type RangeKey = (candle_core::TensorId, usize, usize);
+
+thread_local! {
+    /// The key range last computed on this thread. Every layer of a forward pass (and every
+    /// layer of a decode step) attends under the same mask tensor, so the range is computed
+    /// once per pass rather than once per layer.
+    static LAST_RANGE: RefCell<Option<(RangeKey, Arc<CudaSlice<i32>>)>> =
+        const { RefCell::new(None) };
 }
 
 /// Problem sizes as the kernels take them.
@@ -467,11 +481,32 @@ impl FlashAttn {
         self.saved.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Runs `attn_key_range` over `key_valid` (None without a key mask).
-    fn key_range(&self, dev: &CudaDevice, dims: &Dims) -> Result<Option<CudaSlice<i32>>> {
+    /// `attn_key_range` over `key_valid` (None without a key mask), or the range already
+    /// computed for this mask on this thread.
+    fn key_range(&self, dev: &CudaDevice, dims: &Dims) -> Result<Option<Arc<CudaSlice<i32>>>> {
         let Some(kv) = &self.key_valid else {
             return Ok(None);
         };
+        let key = (kv.id(), dims.b, dims.tk);
+        let hit = LAST_RANGE.with_borrow(|last| {
+            last.as_ref()
+                .filter(|(k, _)| *k == key)
+                .map(|(_, r)| r.clone())
+        });
+        if let Some(r) = hit {
+            return Ok(Some(r));
+        }
+        let r = Arc::new(self.launch_key_range(dev, dims, kv)?);
+        LAST_RANGE.with_borrow_mut(|last| *last = Some((key, r.clone())));
+        Ok(Some(r))
+    }
+
+    fn launch_key_range(
+        &self,
+        dev: &CudaDevice,
+        dims: &Dims,
+        kv: &Tensor,
+    ) -> Result<CudaSlice<i32>> {
         let (guard, layout) = kv.storage_and_layout();
         let valid = contiguous_view::<f32>(cuda_storage(&guard)?, layout)?;
         // SAFETY: one block per sequence writes its three ints.
@@ -494,7 +529,7 @@ impl FlashAttn {
             // SAFETY: reads kvalid [B, Tk], writes krange [B, 3]; guards held by `ptrs`.
             unsafe { launch(dev, &func, "attn_key_range", cfg, &p) }?;
         }
-        Ok(Some(out))
+        Ok(out)
     }
 
     /// The forward: validate and build the parameters, compute the key range, allocate o and
@@ -533,7 +568,7 @@ impl FlashAttn {
             p.k = ptrs.read(&k);
             p.v = ptrs.read(&v);
             p.kvalid = ptrs.read_opt(kvalid.as_ref());
-            p.krange = ptrs.read_opt(krange.as_ref());
+            p.krange = ptrs.read_opt(krange.as_deref());
             p.o = ptrs.write(&mut o);
             p.lse = ptrs.write(&mut lse);
             if self.use_mma(T::DTYPE, &dims) {
@@ -598,7 +633,7 @@ impl FlashAttn {
             (p.o, p.dout) = (ptrs.read(&ov), ptrs.read(&dov));
             p.lse = ptrs.read(&saved.lse);
             p.kvalid = ptrs.read_opt(kvalid.as_ref());
-            p.krange = ptrs.read_opt(saved.krange.as_ref());
+            p.krange = ptrs.read_opt(saved.krange.as_deref());
             p.dvec = ptrs.write(&mut dvec);
             (p.dq, p.dk, p.dv) = (
                 ptrs.write(&mut dq),

@@ -2,7 +2,8 @@
 //! written. The contract and the maths are the reference's (`src/kernels/sample.rs`).
 
 use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
-use candle_core::{DType, Result, Tensor};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{DType, Result, Tensor, WithDType};
 
 use super::super::sample::SampleParams as Params;
 use super::{alloc_out, contiguous_view, cuda_storage, launch, load_func, tensor_from_slice};
@@ -31,8 +32,9 @@ unsafe impl DeviceRepr for SampleParams {}
 /// Threads per block (`kThreads` in the kernel).
 const THREADS: u32 = 512;
 
-/// `[B]` u32 ids sampled from `logits` (`[B, V]`, any float dtype: converted to f32 first)
-/// with the uniforms of `keys` (`[B]` i64) at draw `pos`.
+/// `[B]` u32 ids sampled from `logits` (`[B, V]`: f32, bf16 and f16 are read as they are and
+/// converted in registers, so no f32 copy of the logits is made per decode step; other
+/// dtypes are converted to f32 first) with the uniforms of `keys` (`[B]` i64) at draw `pos`.
 pub fn sample(logits: &Tensor, keys: &Tensor, pos: u64, params: &Params) -> Result<Tensor> {
     let (b, v) = logits.dims2()?;
     if keys.dims() != [b] || keys.dtype() != DType::I64 {
@@ -42,23 +44,42 @@ pub fn sample(logits: &Tensor, keys: &Tensor, pos: u64, params: &Params) -> Resu
             keys.dtype()
         );
     }
-    let dev = logits.device().as_cuda_device()?;
+    logits.device().as_cuda_device()?;
     if b == 0 {
         return Tensor::zeros(0, DType::U32, logits.device());
     }
     if v == 0 {
         candle_core::bail!("sample: empty vocabulary");
     }
-    let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+    let logits = match logits.dtype() {
+        DType::F32 | DType::BF16 | DType::F16 => logits.contiguous()?,
+        _ => logits.to_dtype(DType::F32)?.contiguous()?,
+    };
     let keys = keys.to_device(logits.device())?.contiguous()?;
+    match logits.dtype() {
+        DType::BF16 => launch_t::<half::bf16>(&logits, &keys, pos, params),
+        DType::F16 => launch_t::<half::f16>(&logits, &keys, pos, params),
+        _ => launch_t::<f32>(&logits, &keys, pos, params),
+    }
+}
+
+fn launch_t<T: CudaDType + DeviceRepr + WithDType>(
+    logits: &Tensor,
+    keys: &Tensor,
+    pos: u64,
+    params: &Params,
+) -> Result<Tensor> {
+    let (b, v) = logits.dims2()?;
+    let dev = logits.device().as_cuda_device()?;
     // SAFETY: one block per row writes its id.
     let mut out = unsafe { alloc_out::<u32>(dev, b)? };
     {
         let (ls, ll) = logits.storage_and_layout();
         let (ks, kl) = keys.storage_and_layout();
-        let lv = contiguous_view::<f32>(cuda_storage(&ls)?, ll)?;
+        let lv = contiguous_view::<T>(cuda_storage(&ls)?, ll)?;
         let kv = contiguous_view::<i64>(cuda_storage(&ks)?, kl)?;
-        let func = load_func(dev, "sample", "sample_f32")?;
+        let name = format!("sample_{}", T::DTYPE.as_str());
+        let func = load_func(dev, "sample", &name)?;
         let cfg = LaunchConfig {
             grid_dim: (to_i32(b, "rows")? as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
@@ -82,8 +103,9 @@ pub fn sample(logits: &Tensor, keys: &Tensor, pos: u64, params: &Params) -> Resu
             top_p: params.top_p,
             greedy: i32::from(params.is_greedy()),
         };
-        // SAFETY: logits hold B * V f32, keys B i64, out B u32; the guards live in `ptrs`.
-        unsafe { launch(dev, &func, "sample_f32", cfg, &p) }?;
+        // SAFETY: logits hold B * V elements of T, keys B i64, out B u32; the guards live in
+        // `ptrs`.
+        unsafe { launch(dev, &func, &name, cfg, &p) }?;
     }
     Ok(tensor_from_slice(out, dev, b))
 }
