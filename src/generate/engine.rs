@@ -186,10 +186,17 @@ impl Responses {
             self.finished[row] = true;
             self.texts[row] = tok.decode(toks)?;
         } else if !cfg.stop.is_empty() {
-            let text = tok.decode(toks)?;
-            if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                self.finished[row] = true;
-                self.texts[row] = text[..cut].to_string();
+            // A stop string new at this step ends in its last few tokens (each token is at
+            // least one byte): decode that tail every step, and the whole response only once
+            // a stop string shows up there, so the check is linear in the response's length.
+            let longest = cfg.stop.iter().map(String::len).max().unwrap_or(0);
+            let tail = tok.decode(&toks[toks.len().saturating_sub(4 * longest + 8)..])?;
+            if cfg.stop.iter().any(|s| tail.contains(s.as_str())) {
+                let text = tok.decode(toks)?;
+                if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                    self.finished[row] = true;
+                    self.texts[row] = text[..cut].to_string();
+                }
             }
         }
         Ok(())

@@ -193,3 +193,36 @@ fn min_new_tokens_runs_past_stops() {
     assert!(g.tokens.iter().all(|t| t.len() == 10), "{:?}", g.tokens);
     assert_eq!(g.stats.decode_steps, 9);
 }
+
+/// The stop-string check decodes only a response's tail each step: a stop string is still
+/// found where it first ends (multi-byte characters and several stop strings included), the
+/// text is cut before its first occurrence, and a response without one runs on.
+#[test]
+fn stop_strings_are_found_from_the_tail() {
+    let tok = Tokenizer::bytes();
+    let cfg = SampleCfg {
+        stop: vec!["END".into(), "é!".into()],
+        ..SampleCfg::default()
+    };
+    let long = "x".repeat(200);
+    for (text, ends_at, kept) in [
+        (format!("{long}abcENDxyz"), 206, format!("{long}abc")),
+        (format!("{long}ééé!tail"), 207, format!("{long}éé")),
+        (format!("{long}EN D"), usize::MAX, String::new()),
+    ] {
+        let ids = tok.encode(&text).unwrap();
+        let mut resp = Responses::new(1);
+        let mut ended = usize::MAX;
+        for (i, &id) in ids.iter().enumerate() {
+            resp.push(0, id, &tok, &cfg).unwrap();
+            if resp.finished[0] && ended == usize::MAX {
+                ended = i + 1;
+            }
+        }
+        assert_eq!(ended, ends_at, "{text}");
+        if ended != usize::MAX {
+            assert_eq!(resp.texts[0], kept);
+            assert_eq!(resp.tokens[0].len(), ends_at, "no tokens after the stop");
+        }
+    }
+}
