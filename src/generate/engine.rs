@@ -82,8 +82,13 @@ pub fn generate(
 
     let mut active = Active::new(prompts, keys, &dev)?;
     let params = cfg.params();
+    let early = stop_mask(tok, &last, cfg.min_new_tokens)?;
     for t in 0..cfg.max_new_tokens {
-        let mut next = sample(&last, &active.keys, t as u64, &params, ctx.kernels.sample)?;
+        let logits = match &early {
+            Some(mask) if t < cfg.min_new_tokens => last.broadcast_add(mask)?,
+            _ => last.clone(),
+        };
+        let mut next = sample(&logits, &active.keys, t as u64, &params, ctx.kernels.sample)?;
         for (&row, &id) in active.rows.iter().zip(&next.to_vec1::<u32>()?) {
             resp.push(row, id, tok, cfg)?;
         }
@@ -115,6 +120,25 @@ pub fn generate(
         stats.decode_steps += 1;
     }
     resp.finish(tok, stats, start)
+}
+
+/// `[V]` in the logits' dtype: -inf at the stop ids, 0 elsewhere, added to the logits of the
+/// first `min_new_tokens` draws so that none of them can end a response (as Hugging Face's
+/// `min_new_tokens` does); `None` when there is no such draw.
+fn stop_mask(tok: &Tokenizer, logits: &Tensor, min_new_tokens: usize) -> Result<Option<Tensor>> {
+    if min_new_tokens == 0 {
+        return Ok(None);
+    }
+    let v = logits.dim(1)?;
+    let mut mask = vec![0f32; v];
+    for id in tok.stop_ids() {
+        if let Some(m) = mask.get_mut(id as usize) {
+            *m = f32::NEG_INFINITY;
+        }
+    }
+    Ok(Some(
+        Tensor::from_vec(mask, v, logits.device())?.to_dtype(logits.dtype())?,
+    ))
 }
 
 /// The rows still in the batch: which prompt each slot holds, its sampling key, and the

@@ -24,9 +24,9 @@ pub use engine::generate;
 #[derive(Clone, Debug)]
 pub struct SampleCfg {
     pub max_new_tokens: usize,
-    /// Stop tokens and strings before this many new tokens do not end a response (benches
-    /// that need every row to run `max_new_tokens`). Unlike Hugging Face's, a stop token
-    /// sampled earlier is kept and generation goes on past it, rather than being masked out.
+    /// The first this many new tokens are never stop tokens (their logits are masked, as
+    /// Hugging Face's `min_new_tokens` does), and a stop string in them does not end the
+    /// response (benches that need every row to run `max_new_tokens`).
     pub min_new_tokens: usize,
     /// 0 means greedy.
     pub temperature: f64,

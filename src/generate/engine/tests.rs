@@ -194,6 +194,31 @@ fn min_new_tokens_runs_past_stops() {
     assert_eq!(g.stats.decode_steps, 9);
 }
 
+/// Before `min_new_tokens`, a stop token cannot be drawn; after it, it can. Draws from a
+/// nearly flat distribution (a high temperature) over 200 rows make a stop token in the first
+/// five draws all but certain without the mask.
+#[test]
+fn min_new_tokens_masks_stop_tokens_then_lets_them_end() {
+    let tok = Tokenizer::bytes();
+    let (_s, net) = net("tiny");
+    let texts: Vec<String> = (0..200).map(|i| format!("p{i}")).collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let ps = prompts(&tok, &refs);
+    let cfg = SampleCfg {
+        max_new_tokens: 12,
+        min_new_tokens: 5,
+        temperature: 1000.0,
+        ..Default::default()
+    };
+    let g = generate(&net, ctx(), &tok, &ps, &cfg, &RowKeys::range(3, 0, 200)).unwrap();
+    for t in &g.tokens {
+        assert!(t.len() >= 5, "{t:?}");
+        assert!(t[..5].iter().all(|&id| !tok.is_stop(id)), "{t:?}");
+    }
+    let ended = g.tokens.iter().filter(|t| t.len() < 12).count();
+    assert!(ended > 0, "no row drew a stop token after the first five");
+}
+
 /// The stop-string check decodes only a response's tail each step: a stop string is still
 /// found where it first ends (multi-byte characters and several stop strings included), the
 /// text is cut before its first occurrence, and a response without one runs on.
