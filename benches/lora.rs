@@ -1,4 +1,5 @@
-//! LoRA linear layer: our fused op, candle's plain GEMM `x W^T` and the unfused reference, at
+//! LoRA linear layer: our fused op, candle's plain GEMM `x W^T`, our cuBLASLt GEMM (the
+//! `gemm` kernel op every linear layer uses) and the unfused reference, at
 //! r=16 M=8192 K=N=4096 and r=8 M=4096 K=N=768 (bf16), in milliseconds. The bench prints no
 //! ratios: scripts/gpu-check.sh divides these times by PyTorch's plain GEMM and PyTorch's
 //! unfused LoRA, measured by scripts/bench_peers.py in the same device call. (Candle's own
@@ -8,7 +9,7 @@
 //! fwd: `y` only. fwd+bwd: W frozen, the backward driven by a fixed random dY, as PyTorch's
 //! `autograd.grad(y, inputs, dy)` is: the fused op's forward and then its backward called
 //! directly (`LoraDirect`: dx, dA, dB); for the plain GEMM, `x W^T` and then `dY W` (dx, all
-//! its backward computes); the reference through candle's autograd seeded through `y * dy`
+//! its backward computes), the same for the cuBLASLt GEMM; the reference through candle's autograd seeded through `y * dy`
 //! (one elementwise product each way, no reduction). Times are medians of CUDA-event timings
 //! after warm-up. Every measurement is also printed as one JSON line (`{"bench":"lora",...}`).
 //!
@@ -76,7 +77,10 @@ mod cuda {
     use super::timing::cuda_time_ms;
     use super::*;
     use candle_core::{DType, Var};
+    use temper::kernels::cuda::gemm::matmul_nn;
     use temper::kernels::cuda::lora::{lora_linear_with, DyPath, LoraDirect};
+    use temper::kernels::gemm::matmul_nt;
+    use temper::kernels::KernelChoice;
 
     /// Untimed calls before timing: module loads, cuBLAS heuristics, allocator pools.
     const WARMUP: usize = 3;
@@ -84,6 +88,7 @@ mod cuda {
     #[derive(Clone, Copy)]
     enum Which {
         Plain,
+        Lt,
         Fused(DyPath),
         Reference,
     }
@@ -92,6 +97,8 @@ mod cuda {
         fn name(&self) -> &'static str {
             match self {
                 Which::Plain => "candle-plain",
+                Which::Lt => "ours-gemm",
+
                 Which::Fused(DyPath::Auto) => "fused",
                 Which::Fused(DyPath::Fused) => "fused-dy-once",
                 Which::Fused(DyPath::Cublas) => "fused-dy-cublas",
@@ -102,6 +109,7 @@ mod cuda {
         fn fwd(&self, x: &Tensor, args: &LoraArgs) -> candle_core::Result<Tensor> {
             match self {
                 Which::Plain => linear(x, args.w, None),
+                Which::Lt => matmul_nt(x, args.w, KernelChoice::Custom),
                 Which::Fused(path) => lora_linear_with(x, args, *path)?
                     .ok_or_else(|| candle_core::Error::Msg("no fused kernel here".into())),
                 Which::Reference => lora_linear_reference(x, x, args),
@@ -120,6 +128,12 @@ mod cuda {
                 Which::Plain => Box::new(move || {
                     linear(&x, &w, None)?;
                     dy.matmul(&w).map(|_| ())
+                }),
+                Which::Lt => Box::new(move || {
+                    matmul_nt(&x, &w, KernelChoice::Custom)?;
+                    matmul_nn(&dy, &w)?
+                        .ok_or_else(|| candle_core::Error::Msg("no cuBLASLt path here".into()))
+                        .map(|_| ())
                 }),
                 Which::Fused(path) => {
                     let direct = LoraDirect::new(&x, args, path)?
@@ -226,6 +240,7 @@ mod cuda {
             };
             let variants = [
                 Which::Plain,
+                Which::Lt,
                 Which::Fused(DyPath::Auto),
                 Which::Fused(DyPath::Fused),
                 Which::Fused(DyPath::Cublas),

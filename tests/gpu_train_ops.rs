@@ -20,6 +20,10 @@
 //!   of 768 (a partial last row group), 1031 columns and the GPT-2 MLP activation, f32, bf16
 //!   and f16; the output, both gradients (the bias gradient against an f32 reference, since
 //!   ours sums in f32), and the bias gradient bit-identical on two runs.
+//! - `gemm` (cuBLASLt, `src/kernels/cuda/gemm.rs`): `x W^T` and both gradients against
+//!   candle's matmul, bf16 and f16, one row, GPT-2's projections and LM head widths, an input
+//!   view at an unaligned offset (copied before the call); f32 and rows that are not a
+//!   multiple of 16 bytes stay on the reference.
 //!
 //! Each needs feature `cuda` and a CUDA device; otherwise it prints why it did not run on
 //! stderr and passes.
@@ -480,5 +484,91 @@ mod bias {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn gemm_matches_reference() {
+    #[cfg(feature = "cuda")]
+    common::gpu::run("gemm_matches_reference", gemm::gemm_matches_reference);
+    #[cfg(not(feature = "cuda"))]
+    {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED (built without feature cuda): gemm_matches_reference"
+        );
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gemm {
+    use candle_core::{DType, Device, Tensor, Var};
+    use temper::kernels::gemm::{matmul_nt, reference};
+    use temper::kernels::KernelChoice;
+
+    use super::common::gpu::{assert_close, elem_tol, grad_tol, tol, Rng};
+
+    /// `(y, dx, dw)` of `x W^T` under the upstream gradient `dy`.
+    fn run(choice: KernelChoice, x: &Tensor, w: &Tensor, dy: &Tensor) -> [Tensor; 3] {
+        let (x, w) = (Var::from_tensor(x).unwrap(), Var::from_tensor(w).unwrap());
+        let y = match choice {
+            KernelChoice::Custom => matmul_nt(x.as_tensor(), w.as_tensor(), choice),
+            KernelChoice::Reference => reference(x.as_tensor(), w.as_tensor()),
+        }
+        .unwrap();
+        let g = (&y * dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+        [y, get(&x), get(&w)]
+    }
+
+    pub fn gemm_matches_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0x6e33);
+        // (M, K, N): one row; GPT-2's attention, MLP and LM head shapes at odd row counts.
+        for (m, k, n) in [
+            (1, 8, 8),
+            (37, 768, 2304),
+            (513, 3072, 768),
+            (129, 768, 50304),
+        ] {
+            for dtype in [DType::BF16, DType::F16] {
+                let mk = |rng: &mut Rng, r: usize, c: usize| {
+                    Tensor::from_vec(rng.vec(r * c, -1.0, 1.0), (r, c), dev)
+                        .and_then(|t| t.to_dtype(dtype))
+                        .unwrap()
+                };
+                let w = mk(&mut rng, n, k);
+                // A view one row into a bigger buffer: not 256-byte aligned unless K is.
+                let x = mk(&mut rng, m + 1, k).narrow(0, 1, m).unwrap();
+                let dy = mk(&mut rng, m, n);
+                let what = |s: &str| format!("seed {seed:#x} {m}x{k}x{n} {dtype:?} {s}");
+                assert!(
+                    temper::kernels::cuda::gemm::matmul_nt(&x, &w)
+                        .unwrap()
+                        .is_some(),
+                    "{}",
+                    what("cuBLASLt did not take the call")
+                );
+                let ours = run(KernelChoice::Custom, &x, &w, &dy);
+                let refs = run(KernelChoice::Reference, &x, &w, &dy);
+                assert_close(&what("y"), &ours[0], &refs[0], tol(dtype), elem_tol(dtype));
+                assert_close(&what("dx"), &ours[1], &refs[1], tol(dtype), grad_tol(dtype));
+                assert_close(&what("dw"), &ours[2], &refs[2], tol(dtype), grad_tol(dtype));
+            }
+        }
+        // What stays on candle's matmul: f32 (cuBLASLt would run it as TF32) and rows that
+        // are not a multiple of 16 bytes.
+        let f32x = Tensor::ones((4, 16), DType::F32, dev).unwrap();
+        let f32w = Tensor::ones((8, 16), DType::F32, dev).unwrap();
+        assert!(temper::kernels::cuda::gemm::matmul_nt(&f32x, &f32w)
+            .unwrap()
+            .is_none());
+        let odd = Tensor::ones((4, 12), DType::BF16, dev).unwrap();
+        let oddw = Tensor::ones((8, 12), DType::BF16, dev).unwrap();
+        assert!(temper::kernels::cuda::gemm::matmul_nt(&odd, &oddw)
+            .unwrap()
+            .is_none());
+        let y = matmul_nt(&odd, &oddw, KernelChoice::Custom).unwrap();
+        assert_eq!(y.dims(), [4, 8]);
     }
 }

@@ -67,7 +67,7 @@ pub fn generate(
     let hidden = net.hidden(&ids, &f, Some(&mut cache))?;
     // Logits stay in the compute dtype: the sampling kernel reads bf16 as it is.
     let mut last = net
-        .compute_logits(&hidden.narrow(1, longest - 1, 1)?)?
+        .compute_logits(&hidden.narrow(1, longest - 1, 1)?, ctx.kernels.gemm)?
         .squeeze(1)?
         .detach();
     drop(hidden);
@@ -115,7 +115,10 @@ pub fn generate(
             key_valid: Some(&key_valid),
         };
         let hidden = net.hidden(&next.reshape((n, 1))?, &f, Some(&mut cache))?;
-        last = net.compute_logits(&hidden)?.squeeze(1)?.detach();
+        last = net
+            .compute_logits(&hidden, ctx.kernels.gemm)?
+            .squeeze(1)?
+            .detach();
         active.positions = active.positions.affine(1.0, 1.0)?;
         stats.decode_steps += 1;
     }

@@ -9,6 +9,7 @@ pub mod cuda;
 pub mod embedding;
 pub mod gae;
 pub mod gelu;
+pub mod gemm;
 pub mod host;
 pub mod layernorm;
 pub mod logprobs;

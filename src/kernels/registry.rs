@@ -40,11 +40,13 @@ pub enum KernelOp {
     Gelu,
     /// A linear layer's bias, with the GELU after it fused in; its gradient as a column sum.
     Bias,
+    /// The linear layers' and the LM head's GEMMs (cuBLASLt) and their backward.
+    Gemm,
 }
 
 impl KernelOp {
     /// Every op, in the order `Display` lists them.
-    pub const ALL: [KernelOp; 11] = [
+    pub const ALL: [KernelOp; 12] = [
         Self::Attention,
         Self::Lora,
         Self::Gae,
@@ -56,6 +58,7 @@ impl KernelOp {
         Self::LayerNorm,
         Self::Gelu,
         Self::Bias,
+        Self::Gemm,
     ];
 
     /// The name a user types (`--kernels attention=...`).
@@ -72,6 +75,7 @@ impl KernelOp {
             Self::LayerNorm => "layernorm",
             Self::Gelu => "gelu",
             Self::Bias => "bias",
+            Self::Gemm => "gemm",
         }
     }
 
@@ -89,6 +93,7 @@ impl KernelOp {
             Self::LayerNorm => "fused",
             Self::Gelu => "fused",
             Self::Bias => "fused",
+            Self::Gemm => "cublaslt",
         }
     }
 
@@ -106,7 +111,7 @@ impl fmt::Display for KernelOp {
 
 /// The ops that have a swappable implementation, with the name a user types for the custom
 /// one (the same table as [`KernelOp::name`] and [`KernelOp::custom_name`]).
-pub const OPS: [(&str, &str); 11] = [
+pub const OPS: [(&str, &str); 12] = [
     ("attention", "flash"),
     ("lora", "fused"),
     ("gae", "cuda"),
@@ -118,6 +123,7 @@ pub const OPS: [(&str, &str); 11] = [
     ("layernorm", "fused"),
     ("gelu", "fused"),
     ("bias", "fused"),
+    ("gemm", "cublaslt"),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -138,6 +144,9 @@ pub struct KernelSet {
     /// Runs saved before the bias kernel existed have no entry: they get the default.
     #[serde(default)]
     pub bias: KernelChoice,
+    /// Runs saved before the cuBLASLt GEMM existed have no entry: they get the default.
+    #[serde(default)]
+    pub gemm: KernelChoice,
 }
 
 impl KernelSet {
@@ -154,6 +163,7 @@ impl KernelSet {
             layernorm: KernelChoice::Reference,
             gelu: KernelChoice::Reference,
             bias: KernelChoice::Reference,
+            gemm: KernelChoice::Reference,
         }
     }
 
@@ -171,6 +181,7 @@ impl KernelSet {
             KernelOp::LayerNorm => &mut self.layernorm,
             KernelOp::Gelu => &mut self.gelu,
             KernelOp::Bias => &mut self.bias,
+            KernelOp::Gemm => &mut self.gemm,
         }
     }
 
@@ -188,6 +199,7 @@ impl KernelSet {
             KernelOp::LayerNorm => self.layernorm,
             KernelOp::Gelu => self.gelu,
             KernelOp::Bias => self.bias,
+            KernelOp::Gemm => self.gemm,
         }
     }
 
@@ -266,7 +278,7 @@ mod tests {
         assert_eq!(k.gae, KernelChoice::Custom);
         assert_eq!(
             k.to_string(),
-            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused,embedding=fused,sample=cuda,layernorm=fused,gelu=fused,bias=fused"
+            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused,embedding=fused,sample=cuda,layernorm=fused,gelu=fused,bias=fused,gemm=cublaslt"
         );
         assert_eq!(KernelSet::default().apply_spec(&k.to_string()).unwrap(), k);
         assert_eq!(

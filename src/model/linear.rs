@@ -8,8 +8,9 @@ use crate::config::LoraConfig;
 
 use crate::kernels::bias::{self, BiasAct};
 use crate::kernels::gelu::gelu;
+use crate::kernels::gemm::linear;
 use crate::kernels::lora::{lora_linear, lora_linear_reference, LoraArgs};
-use crate::kernels::{lora::linear, KernelChoice, KernelSet};
+use crate::kernels::{KernelChoice, KernelSet};
 use crate::train::params::{Init, Scope};
 use crate::train::rng::{splitmix64, Rng};
 
@@ -94,7 +95,7 @@ impl Linear {
         if let (Some(b), false) = (&self.b, adapter_on) {
             if bias::fuses(x, ctx.kernels.bias) {
                 let w = super::cast::weight(&self.w, ctx.dtype)?;
-                let y = linear(x, &w, None)?;
+                let y = linear(x, &w, None, ctx.kernels.gemm)?;
                 // An ablation of the GELU kernel keeps the reference GELU: only the bias fuses.
                 return match (act, ctx.kernels.gelu) {
                     (BiasAct::GeluTanh, KernelChoice::Reference) => gelu(
@@ -139,7 +140,7 @@ impl Linear {
                     _ => lora_linear(x, &args, ctx.kernels.lora)?,
                 }
             }
-            _ => linear(x, &w, b.as_ref())?,
+            _ => linear(x, &w, b.as_ref(), ctx.kernels.gemm)?,
         };
         Ok(y)
     }

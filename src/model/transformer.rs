@@ -14,6 +14,7 @@ use super::norm::Norm;
 use super::rope::Rope;
 use crate::config::LoraConfig;
 use crate::config::{ModelConfig, PositionKind};
+use crate::kernels::KernelChoice;
 use crate::train::params::{Init, Scope};
 use crate::train::rng::splitmix64;
 
@@ -145,30 +146,26 @@ impl Transformer {
     }
 
     /// `[B, T, H]` hidden -> `[B, T, V]` f32 logits.
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.compute_logits(hidden)?.to_dtype(DType::F32)?)
+    pub fn logits(&self, hidden: &Tensor, gemm: KernelChoice) -> Result<Tensor> {
+        Ok(self.compute_logits(hidden, gemm)?.to_dtype(DType::F32)?)
     }
 
     /// `[B, T, H]` hidden -> `[B, T, V]` logits in the compute dtype (bf16 on a GPU): what
     /// the loss head reads, so that no f32 copy of the largest activation exists.
-    pub fn compute_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+    pub fn compute_logits(&self, hidden: &Tensor, gemm: KernelChoice) -> Result<Tensor> {
         let w = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let (b, t, h) = hidden.dims3()?;
         let w = super::cast::weight(w, hidden.dtype())?;
-        Ok(hidden
-            .reshape((b * t, h))?
-            .matmul(&w.t()?)?
-            .reshape((b, t, self.cfg.vocab_size))?)
+        Ok(crate::kernels::gemm::linear(hidden, &w, None, gemm)?)
     }
 
     /// f32 logits of `ids`.
     pub fn forward(&self, ids: &Tensor, f: &Fwd, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.logits(&self.hidden(ids, f, cache)?)
+        self.logits(&self.hidden(ids, f, cache)?, f.ctx.kernels.gemm)
     }
 
     /// Logits of `ids` in the compute dtype, for a training loss
     /// ([`crate::train::loss::token_logprobs`] reads any float dtype).
     pub fn loss_logits(&self, ids: &Tensor, f: &Fwd) -> Result<Tensor> {
-        self.compute_logits(&self.hidden(ids, f, None)?)
+        self.compute_logits(&self.hidden(ids, f, None)?, f.ctx.kernels.gemm)
     }
 }

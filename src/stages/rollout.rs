@@ -618,7 +618,7 @@ pub fn response_logprobs(
     want_entropy: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let h = response_hidden(net, ctx, ro, idx)?;
-    let mut logits = net.logits(&h)?;
+    let mut logits = net.logits(&h, ctx.kernels.gemm)?;
     if ro.temperature != 1.0 {
         logits = (logits / ro.temperature)?;
     }

@@ -45,6 +45,7 @@ pub mod bias;
 pub mod embedding;
 pub mod gae;
 pub mod gelu;
+pub mod gemm;
 pub mod layernorm;
 pub mod logprobs;
 pub mod lora;

@@ -1,0 +1,241 @@
+//! cuBLASLt GEMMs for `src/kernels/gemm.rs`: one handle and workspace per CUDA stream, the
+//! algorithm chosen by cuBLASLt's heuristic per call, as PyTorch's `addmm` does.
+//!
+//! Row-major `C [M, N] = op(A) op(B)` is column-major `C^T = op(B)^T op(A)^T`, so each form
+//! hands cuBLASLt its operands swapped (B first) with `m = N`, `n = M`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, ValidAsZeroBits};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CudaDevice, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
+
+use super::{alloc_out, contiguous_view, cuda_storage};
+
+type Result<T> = candle_core::Result<T>;
+
+/// Which operands are transposed, in row-major terms (`a [M, K]` or `[K, M]`, `b [N, K]` or
+/// `[K, N]`, `C [M, N]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Form {
+    /// `a [M, K] · b[N, K]^T`: the forward `x W^T`.
+    Nt,
+    /// `a [M, K] · b [K, N]`: `dx = dy W`.
+    Nn,
+    /// `a[K, M]^T · b [K, N]`: `dW = dy^T x`.
+    Tn,
+}
+
+impl Form {
+    /// `(M, N, K)` from the operands' `(rows, cols)`.
+    fn mnk(
+        self,
+        (ar, ac): (usize, usize),
+        (br, bc): (usize, usize),
+    ) -> Result<(usize, usize, usize)> {
+        let (m, k, n, kb) = match self {
+            Form::Nt => (ar, ac, br, bc),
+            Form::Nn => (ar, ac, bc, br),
+            Form::Tn => (ac, ar, bc, br),
+        };
+        if k != kb {
+            candle_core::bail!("gemm {self:?}: inner sizes {k} and {kb} differ");
+        }
+        Ok((m, n, k))
+    }
+
+    /// cuBLASLt's view: A is our `b`, B our `a`.
+    fn config(self, m: usize, n: usize, k: usize) -> MatmulConfig {
+        let (transa, lda) = match self {
+            Form::Nt => (true, k),
+            Form::Nn | Form::Tn => (false, n),
+        };
+        let (transb, ldb) = match self {
+            Form::Nt | Form::Nn => (false, k),
+            Form::Tn => (true, m),
+        };
+        MatmulConfig {
+            transa,
+            transb,
+            transc: false,
+            m: n as u64,
+            n: m as u64,
+            k: k as u64,
+            alpha: 1.0,
+            lda: lda as i64,
+            ldb: ldb as i64,
+            beta: 0.0,
+            ldc: n as i64,
+            stride_a: None,
+            stride_b: None,
+            stride_c: None,
+            stride_bias: None,
+            batch_size: None,
+        }
+    }
+}
+
+/// One cuBLASLt handle (and its workspace) per stream: candle runs a device's work on one
+/// stream, so this is one per device and thread rank.
+fn handle(dev: &CudaDevice) -> Result<Arc<CudaBlasLT>> {
+    static HANDLES: OnceLock<Mutex<HashMap<usize, Arc<CudaBlasLT>>>> = OnceLock::new();
+    let stream = dev.cuda_stream();
+    let key = Arc::as_ptr(&stream) as usize;
+    let mut map = HANDLES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(h) = map.get(&key) {
+        return Ok(h.clone());
+    }
+    let h = Arc::new(CudaBlasLT::new(stream).map_err(lt_error)?);
+    map.insert(key, h.clone());
+    Ok(h)
+}
+
+fn lt_error(
+    e: candle_core::cuda_backend::cudarc::cublaslt::result::CublasError,
+) -> candle_core::Error {
+    candle_core::Error::Msg(format!("cuBLASLt: {e:?}"))
+}
+
+/// cuBLASLt's heuristic assumes 256-byte aligned operands unless told otherwise; fresh
+/// allocations are, views at an offset may not be.
+const ALIGN: u64 = 256;
+
+fn aligned(t: &Tensor) -> Result<bool> {
+    let (s, l) = t.storage_and_layout();
+    let s = cuda_storage(&s)?;
+    let stream = s.device().cuda_stream();
+    let ptr = match t.dtype() {
+        DType::BF16 => contiguous_view::<half::bf16>(s, l)?.device_ptr(&stream).0,
+        DType::F16 => contiguous_view::<half::f16>(s, l)?.device_ptr(&stream).0,
+        _ => return Ok(false),
+    };
+    Ok(ptr % ALIGN == 0)
+}
+
+/// `t` contiguous and 256-byte aligned: itself, or a fresh copy.
+fn prepared(t: &Tensor) -> Result<Tensor> {
+    let t = t.contiguous()?;
+    if aligned(&t)? {
+        Ok(t)
+    } else {
+        t.copy()
+    }
+}
+
+/// `x W^T` through cuBLASLt, or `None` where it does not apply (f32, mixed dtypes, rows not
+/// a multiple of 16 bytes, fewer than two dimensions).
+pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let (Ok((_, k)), Ok((n, kw))) = (x.dims2(), w.dims2()) else {
+        return Ok(None);
+    };
+    let half = matches!(x.dtype(), DType::BF16 | DType::F16);
+    let rows_fit = k > 0 && n > 0 && k % 8 == 0 && n % 8 == 0;
+    if !half || w.dtype() != x.dtype() || k != kw || !rows_fit {
+        return Ok(None);
+    }
+    Ok(Some(prepared(x)?.apply_op2(&prepared(w)?, Gemm(Form::Nt))?))
+}
+
+/// `dy W` through cuBLASLt (`dy [M, N]`, `W [N, K]`): the input gradient of [`matmul_nt`],
+/// for benches that time a backward without autograd. `None` where cuBLASLt does not apply.
+pub fn matmul_nn(dy: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let (Ok((_, n)), Ok((nw, k))) = (dy.dims2(), w.dims2()) else {
+        return Ok(None);
+    };
+    let half = matches!(dy.dtype(), DType::BF16 | DType::F16);
+    let rows_fit = k > 0 && n > 0 && k % 8 == 0 && n % 8 == 0;
+    if !half || w.dtype() != dy.dtype() || n != nw || !rows_fit {
+        return Ok(None);
+    }
+    Ok(Some(
+        prepared(dy)?.apply_op2_no_bwd(&prepared(w)?, &Gemm(Form::Nn))?,
+    ))
+}
+
+struct Gemm(Form);
+
+impl CustomOp2 for Gemm {
+    fn name(&self) -> &'static str {
+        "temper-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("the cuBLASLt GEMM runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        sa: &CudaStorage,
+        la: &Layout,
+        sb: &CudaStorage,
+        lb: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        match sa.dtype() {
+            DType::BF16 => run::<half::bf16>(self.0, (sa, la), (sb, lb)),
+            DType::F16 => run::<half::f16>(self.0, (sa, la), (sb, lb)),
+            dt => candle_core::bail!("gemm: no cuBLASLt path for {dt:?}"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.0 != Form::Nt {
+            candle_core::bail!("gemm: only the forward form is differentiated");
+        }
+        let g = prepared(&grad.to_dtype(x.dtype())?)?;
+        let dx = g.apply_op2_no_bwd(w, &Gemm(Form::Nn))?;
+        let dw = g.apply_op2_no_bwd(x, &Gemm(Form::Tn))?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+fn run<T>(
+    form: Form,
+    (sa, la): (&CudaStorage, &Layout),
+    (sb, lb): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)>
+where
+    T: CudaDType + WithDType + DeviceRepr + ValidAsZeroBits,
+    CudaBlasLT: Matmul<T>,
+{
+    let dev = sa.device();
+    let (m, n, k) = form.mnk(la.shape().dims2()?, lb.shape().dims2()?)?;
+    let a = contiguous_view::<T>(sa, la)?;
+    let b = contiguous_view::<T>(sb, lb)?;
+    // SAFETY: beta = 0: the GEMM writes every element of C. An empty K (the backward of an
+    // empty batch) leaves C unwritten, so it is zeroed.
+    if k == 0 {
+        let c = dev.alloc_zeros::<T>((m * n).max(1))?;
+        return Ok((
+            CudaStorage::wrap_cuda_slice(c, dev.clone()),
+            Shape::from((m, n)),
+        ));
+    }
+    let mut c = unsafe { alloc_out::<T>(dev, m * n)? };
+    if m > 0 && n > 0 && k > 0 {
+        let lt = handle(dev)?;
+        // SAFETY: a, b hold M*K and K*N elements in the layouts `config` describes, c M*N.
+        unsafe { lt.matmul(form.config(m, n, k), &b, &a, &mut c, None, None) }.map_err(lt_error)?;
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(c, dev.clone()),
+        Shape::from((m, n)),
+    ))
+}

@@ -1,0 +1,51 @@
+//! The GEMMs of the linear layers and the LM head: `y = x W^T` forward, `dx = dy W` and
+//! `dW = dy^T x` backward, `x [M, K]`, `W [N, K]`.
+//!
+//! The reference is candle's matmul (cuBLAS `gemmStridedBatchedEx` with its default
+//! workspace); the custom one calls cuBLASLt directly as PyTorch does for bf16 and f16: the
+//! algorithm from cuBLASLt's heuristic with a 32 MiB workspace on Hopper, f32 accumulation.
+//! f32 inputs stay on the reference (cuBLASLt would run them as TF32, which changes results),
+//! as do rows whose length is not a multiple of 16 bytes. The maths is one GEMM either way,
+//! so there is no CPU implementation to test: the GPU test compares the two.
+
+use candle_core::{Result, Tensor};
+
+use super::registry::KernelChoice;
+
+/// `x W^T` for `x [M, K]` and `W [N, K]`, differentiable in both.
+pub fn matmul_nt(x: &Tensor, w: &Tensor, choice: KernelChoice) -> Result<Tensor> {
+    if choice == KernelChoice::Custom && x.device().is_cuda() {
+        #[cfg(feature = "cuda")]
+        if let Some(y) = super::cuda::gemm::matmul_nt(x, w)? {
+            return Ok(y);
+        }
+    }
+    reference(x, w)
+}
+
+/// candle's matmul.
+pub fn reference(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.matmul(&w.t()?)
+}
+
+/// `x W^T (+ bias)` for `x` of any rank (`[..., K]`), `W [N, K]`.
+pub fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    choice: KernelChoice,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    let Some((&k, lead)) = dims.split_last() else {
+        candle_core::bail!("linear: a scalar input");
+    };
+    let rows = lead.iter().product::<usize>();
+    let y = matmul_nt(&x.reshape((rows, k))?, w, choice)?;
+    let mut out = lead.to_vec();
+    out.push(w.dim(0)?);
+    let y = y.reshape(out)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
