@@ -38,11 +38,15 @@ pub enum KernelOp {
     LayerNorm,
     /// GPT-2's tanh GELU, forward and backward.
     Gelu,
+    /// Llama's SwiGLU gating `silu(gate) * up`, forward and both gradients.
+    SwiGlu,
+    /// Rotary position embeddings of queries and keys, forward and backward.
+    Rope,
 }
 
 impl KernelOp {
     /// Every op, in the order `Display` lists them.
-    pub const ALL: [KernelOp; 10] = [
+    pub const ALL: [KernelOp; 12] = [
         Self::Attention,
         Self::Lora,
         Self::Gae,
@@ -53,6 +57,8 @@ impl KernelOp {
         Self::Sample,
         Self::LayerNorm,
         Self::Gelu,
+        Self::SwiGlu,
+        Self::Rope,
     ];
 
     /// The name a user types (`--kernels attention=...`).
@@ -68,6 +74,8 @@ impl KernelOp {
             Self::Sample => "sample",
             Self::LayerNorm => "layernorm",
             Self::Gelu => "gelu",
+            Self::SwiGlu => "swiglu",
+            Self::Rope => "rope",
         }
     }
 
@@ -84,6 +92,8 @@ impl KernelOp {
             Self::Sample => "cuda",
             Self::LayerNorm => "fused",
             Self::Gelu => "fused",
+            Self::SwiGlu => "fused",
+            Self::Rope => "fused",
         }
     }
 
@@ -101,7 +111,7 @@ impl fmt::Display for KernelOp {
 
 /// The ops that have a swappable implementation, with the name a user types for the custom
 /// one (the same table as [`KernelOp::name`] and [`KernelOp::custom_name`]).
-pub const OPS: [(&str, &str); 10] = [
+pub const OPS: [(&str, &str); 12] = [
     ("attention", "flash"),
     ("lora", "fused"),
     ("gae", "cuda"),
@@ -112,6 +122,8 @@ pub const OPS: [(&str, &str); 10] = [
     ("sample", "cuda"),
     ("layernorm", "fused"),
     ("gelu", "fused"),
+    ("swiglu", "fused"),
+    ("rope", "fused"),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -129,6 +141,11 @@ pub struct KernelSet {
     pub sample: KernelChoice,
     pub layernorm: KernelChoice,
     pub gelu: KernelChoice,
+    /// Runs saved before the SwiGLU and RoPE kernels existed have no entry: the default.
+    #[serde(default)]
+    pub swiglu: KernelChoice,
+    #[serde(default)]
+    pub rope: KernelChoice,
 }
 
 impl KernelSet {
@@ -144,6 +161,8 @@ impl KernelSet {
             sample: KernelChoice::Reference,
             layernorm: KernelChoice::Reference,
             gelu: KernelChoice::Reference,
+            swiglu: KernelChoice::Reference,
+            rope: KernelChoice::Reference,
         }
     }
 
@@ -160,6 +179,8 @@ impl KernelSet {
             KernelOp::Sample => &mut self.sample,
             KernelOp::LayerNorm => &mut self.layernorm,
             KernelOp::Gelu => &mut self.gelu,
+            KernelOp::SwiGlu => &mut self.swiglu,
+            KernelOp::Rope => &mut self.rope,
         }
     }
 
@@ -176,6 +197,8 @@ impl KernelSet {
             KernelOp::Sample => self.sample,
             KernelOp::LayerNorm => self.layernorm,
             KernelOp::Gelu => self.gelu,
+            KernelOp::SwiGlu => self.swiglu,
+            KernelOp::Rope => self.rope,
         }
     }
 
@@ -254,7 +277,7 @@ mod tests {
         assert_eq!(k.gae, KernelChoice::Custom);
         assert_eq!(
             k.to_string(),
-            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused,embedding=fused,sample=cuda,layernorm=fused,gelu=fused"
+            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused,embedding=fused,sample=cuda,layernorm=fused,gelu=fused,swiglu=fused,rope=fused"
         );
         assert_eq!(KernelSet::default().apply_spec(&k.to_string()).unwrap(), k);
         assert_eq!(
@@ -264,6 +287,17 @@ mod tests {
         assert!(KernelSet::default().apply_spec("attn=flash").is_err());
         assert!(KernelSet::default().apply_spec("lora=flash").is_err());
         assert!(KernelSet::default().apply_spec("lora").is_err());
+    }
+
+    /// A run saved before an op existed reads back with that op at its default.
+    #[test]
+    fn saved_sets_without_newer_ops_load() {
+        let old = r#"{"attention":"reference","gelu":"reference"}"#;
+        let k: KernelSet = serde_json::from_str(old).unwrap();
+        assert_eq!(k.attention, KernelChoice::Reference);
+        assert_eq!(k.gelu, KernelChoice::Reference);
+        assert_eq!(k.swiglu, KernelChoice::Custom);
+        assert_eq!(k.rope, KernelChoice::Custom);
     }
 
     #[test]
