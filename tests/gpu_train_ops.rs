@@ -16,6 +16,11 @@
 //!   bit-identical on two runs.
 //! - `gelu` (`kernels/gelu.cu`): one element, an odd count and a GPT-2 MLP activation of
 //!   3 x 1021 x 3072, f32, bf16 and f16, the output and its gradient.
+//! - `swiglu` (`kernels/swiglu.cu`): one element, an odd count and a Llama MLP activation of
+//!   3 x 1021 x 2752, gates out to +-12, f32, bf16 and f16, the output and both gradients.
+//! - `rope` (`kernels/rope.cu`): head dims 2, 10 and 128, one and many heads (query and
+//!   grouped key head counts), odd lengths, each batch row at its own position offset (as in
+//!   decoding), f32, bf16 and f16, the output and its gradient.
 //! - `bias` (`kernels/bias.cu`): the bias alone and with GELU after it; one element, 130 rows
 //!   of 768 (a partial last row group), 1031 columns and the GPT-2 MLP activation, f32, bf16
 //!   and f16; the output, both gradients (the bias gradient against an f32 reference, since
@@ -398,6 +403,144 @@ mod gelu {
                 let (yk, dk) = run(&fused);
                 let (yr, dr) = run(&reference);
                 let what = |s: &str| format!("seed {seed:#x} {shape:?} {dtype:?} {s}");
+                assert_close(&what("y"), &yk, &yr, tol(dtype), elem_tol(dtype));
+                assert_close(&what("dx"), &dk, &dr, tol(dtype), grad_tol(dtype));
+            }
+        }
+    }
+}
+
+#[test]
+fn swiglu_kernel_matches_reference() {
+    #[cfg(feature = "cuda")]
+    common::gpu::run(
+        "swiglu_kernel_matches_reference",
+        swiglu::swiglu_kernel_matches_reference,
+    );
+    #[cfg(not(feature = "cuda"))]
+    {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED (built without feature cuda): swiglu_kernel_matches_reference"
+        );
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod swiglu {
+    use candle_core::{DType, Device, Tensor, Var};
+    use temper::kernels::swiglu::{fused, reference};
+
+    use super::common::gpu::{assert_close, elem_tol, grad_tol, tol, Rng};
+
+    pub fn swiglu_kernel_matches_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0x5e1a);
+        for shape in [vec![1usize], vec![1031], vec![3, 1021, 2752]] {
+            let n: usize = shape.iter().product();
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let mut input = |lo: f32, hi: f32| {
+                    Tensor::from_vec(rng.vec(n, lo, hi), shape.as_slice(), dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap()
+                };
+                let g = Var::from_tensor(&input(-12.0, 12.0)).unwrap();
+                let u = Var::from_tensor(&input(-3.0, 3.0)).unwrap();
+                let dy = input(-1.0, 1.0);
+                let run = |f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>| {
+                    let y = f(g.as_tensor(), u.as_tensor()).unwrap();
+                    let grads = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+                    let get = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+                    (y, get(&g), get(&u))
+                };
+                let ours = run(&fused);
+                let refs = run(&reference);
+                let what = |s: &str| format!("seed {seed:#x} {shape:?} {dtype:?} {s}");
+                assert_close(&what("y"), &ours.0, &refs.0, tol(dtype), elem_tol(dtype));
+                assert_close(&what("dg"), &ours.1, &refs.1, tol(dtype), grad_tol(dtype));
+                assert_close(&what("du"), &ours.2, &refs.2, tol(dtype), grad_tol(dtype));
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_kernel_matches_reference() {
+    #[cfg(feature = "cuda")]
+    common::gpu::run(
+        "rope_kernel_matches_reference",
+        rope::rope_kernel_matches_reference,
+    );
+    #[cfg(not(feature = "cuda"))]
+    {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED (built without feature cuda): rope_kernel_matches_reference"
+        );
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod rope {
+    use candle_core::{DType, Device, Tensor, Var};
+    use temper::kernels::rope::{fused, reference};
+
+    use super::common::gpu::{assert_close, elem_tol, grad_tol, tol, Rng};
+
+    /// `[b, 1, t, half]` cos and sin tables (f32 angles, then `dtype`, as the model makes
+    /// them) of row `r`'s positions `starts[r] + 0..t`.
+    fn tables(starts: &[usize], t: usize, half: usize, dtype: DType, dev: &Device) -> [Tensor; 2] {
+        let angles: Vec<f32> = starts
+            .iter()
+            .flat_map(|&s| s..s + t)
+            .flat_map(|pos| {
+                (0..half).map(move |j| {
+                    let freq = 1.0 / 10000f64.powf(j as f64 / half as f64);
+                    (pos as f64 * freq) as f32
+                })
+            })
+            .collect();
+        [f32::cos, f32::sin].map(|f| {
+            let v: Vec<f32> = angles.iter().map(|&a| f(a)).collect();
+            Tensor::from_vec(v, (starts.len(), 1, t, half), dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        })
+    }
+
+    pub fn rope_kernel_matches_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0x207e);
+        for &(b, h, t, d) in &[
+            (1usize, 1usize, 1usize, 2usize),
+            (2, 3, 37, 10),
+            (3, 32, 1023, 128),
+            (3, 8, 1023, 128),
+        ] {
+            let n = b * h * t * d;
+            let starts: Vec<usize> = (0..b).map(|_| rng.below(4096)).collect();
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let [cos, sin] = tables(&starts, t, d / 2, dtype, dev);
+                let mut input = || {
+                    Tensor::from_vec(rng.vec(n, -2.0, 2.0), (b, h, t, d), dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap()
+                };
+                let x = Var::from_tensor(&input()).unwrap();
+                let dy = input();
+                let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>| {
+                    let y = f(x.as_tensor(), &cos, &sin).unwrap();
+                    let grads = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+                    (y, grads.get(x.as_tensor()).unwrap().clone())
+                };
+                let (yk, dk) = run(&fused);
+                let (yr, dr) = run(&reference);
+                let what = |s: &str| {
+                    format!("seed {seed:#x} {b}x{h}x{t}x{d} from {starts:?} {dtype:?} {s}")
+                };
                 assert_close(&what("y"), &yk, &yr, tol(dtype), elem_tol(dtype));
                 assert_close(&what("dx"), &dk, &dr, tol(dtype), grad_tol(dtype));
             }

@@ -16,6 +16,8 @@ pub mod logprobs;
 pub mod lora;
 pub mod registry;
 pub mod rmsnorm;
+pub mod rope;
 pub mod sample;
+pub mod swiglu;
 
 pub use registry::{KernelChoice, KernelOp, KernelSet};

@@ -42,11 +42,15 @@ pub enum KernelOp {
     Bias,
     /// The linear layers' and the LM head's GEMMs (cuBLASLt) and their backward.
     Gemm,
+    /// Llama's SwiGLU gating `silu(gate) * up`, forward and both gradients.
+    SwiGlu,
+    /// Rotary position embeddings of queries and keys, forward and backward.
+    Rope,
 }
 
 impl KernelOp {
     /// Every op, in the order `Display` lists them.
-    pub const ALL: [KernelOp; 12] = [
+    pub const ALL: [KernelOp; 14] = [
         Self::Attention,
         Self::Lora,
         Self::Gae,
@@ -59,6 +63,8 @@ impl KernelOp {
         Self::Gelu,
         Self::Bias,
         Self::Gemm,
+        Self::SwiGlu,
+        Self::Rope,
     ];
 
     /// The name a user types (`--kernels attention=...`).
@@ -76,6 +82,8 @@ impl KernelOp {
             Self::Gelu => "gelu",
             Self::Bias => "bias",
             Self::Gemm => "gemm",
+            Self::SwiGlu => "swiglu",
+            Self::Rope => "rope",
         }
     }
 
@@ -94,6 +102,8 @@ impl KernelOp {
             Self::Gelu => "fused",
             Self::Bias => "fused",
             Self::Gemm => "cublaslt",
+            Self::SwiGlu => "fused",
+            Self::Rope => "fused",
         }
     }
 
@@ -111,7 +121,7 @@ impl fmt::Display for KernelOp {
 
 /// The ops that have a swappable implementation, with the name a user types for the custom
 /// one (the same table as [`KernelOp::name`] and [`KernelOp::custom_name`]).
-pub const OPS: [(&str, &str); 12] = [
+pub const OPS: [(&str, &str); 14] = [
     ("attention", "flash"),
     ("lora", "fused"),
     ("gae", "cuda"),
@@ -124,6 +134,8 @@ pub const OPS: [(&str, &str); 12] = [
     ("gelu", "fused"),
     ("bias", "fused"),
     ("gemm", "cublaslt"),
+    ("swiglu", "fused"),
+    ("rope", "fused"),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -147,6 +159,11 @@ pub struct KernelSet {
     /// Runs saved before the cuBLASLt GEMM existed have no entry: they get the default.
     #[serde(default)]
     pub gemm: KernelChoice,
+    /// Runs saved before the SwiGLU and RoPE kernels existed have no entry: the default.
+    #[serde(default)]
+    pub swiglu: KernelChoice,
+    #[serde(default)]
+    pub rope: KernelChoice,
 }
 
 impl KernelSet {
@@ -164,6 +181,8 @@ impl KernelSet {
             gelu: KernelChoice::Reference,
             bias: KernelChoice::Reference,
             gemm: KernelChoice::Reference,
+            swiglu: KernelChoice::Reference,
+            rope: KernelChoice::Reference,
         }
     }
 
@@ -182,6 +201,8 @@ impl KernelSet {
             KernelOp::Gelu => &mut self.gelu,
             KernelOp::Bias => &mut self.bias,
             KernelOp::Gemm => &mut self.gemm,
+            KernelOp::SwiGlu => &mut self.swiglu,
+            KernelOp::Rope => &mut self.rope,
         }
     }
 
@@ -200,6 +221,8 @@ impl KernelSet {
             KernelOp::Gelu => self.gelu,
             KernelOp::Bias => self.bias,
             KernelOp::Gemm => self.gemm,
+            KernelOp::SwiGlu => self.swiglu,
+            KernelOp::Rope => self.rope,
         }
     }
 
@@ -278,7 +301,7 @@ mod tests {
         assert_eq!(k.gae, KernelChoice::Custom);
         assert_eq!(
             k.to_string(),
-            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused,embedding=fused,sample=cuda,layernorm=fused,gelu=fused,bias=fused,gemm=cublaslt"
+            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused,embedding=fused,sample=cuda,layernorm=fused,gelu=fused,bias=fused,gemm=cublaslt,swiglu=fused,rope=fused"
         );
         assert_eq!(KernelSet::default().apply_spec(&k.to_string()).unwrap(), k);
         assert_eq!(
@@ -288,6 +311,17 @@ mod tests {
         assert!(KernelSet::default().apply_spec("attn=flash").is_err());
         assert!(KernelSet::default().apply_spec("lora=flash").is_err());
         assert!(KernelSet::default().apply_spec("lora").is_err());
+    }
+
+    /// A run saved before an op existed reads back with that op at its default.
+    #[test]
+    fn saved_sets_without_newer_ops_load() {
+        let old = r#"{"attention":"reference","gelu":"reference"}"#;
+        let k: KernelSet = serde_json::from_str(old).unwrap();
+        assert_eq!(k.attention, KernelChoice::Reference);
+        assert_eq!(k.gelu, KernelChoice::Reference);
+        assert_eq!(k.swiglu, KernelChoice::Custom);
+        assert_eq!(k.rope, KernelChoice::Custom);
     }
 
     #[test]

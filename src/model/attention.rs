@@ -74,8 +74,8 @@ impl Attention {
         let mut k = heads(self.k.forward(x, ctx)?, self.kv_heads)?;
         let v = heads(self.v.forward(x, ctx)?, self.kv_heads)?;
         if let Some(r) = inp.rope {
-            q = r.apply(&q)?;
-            k = r.apply(&k)?;
+            q = r.apply(&q, ctx.kernels.rope)?;
+            k = r.apply(&k, ctx.kernels.rope)?;
         }
         let (k, v) = match cache {
             Some((c, layer)) => c.append(layer, &k, &v)?,

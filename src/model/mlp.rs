@@ -8,6 +8,7 @@ use super::linear::{Ctx, Linear};
 use crate::config::{LoraConfig, LoraTarget};
 use crate::config::{MlpKind, ModelConfig};
 use crate::kernels::bias::BiasAct;
+use crate::kernels::swiglu::swiglu;
 use crate::train::params::Scope;
 
 pub struct Mlp {
@@ -60,7 +61,11 @@ impl Mlp {
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let hmid = match &self.gate {
-            Some(g) => (g.forward(x, ctx)?.silu()? * self.up.forward(x, ctx)?)?,
+            Some(g) => swiglu(
+                &g.forward(x, ctx)?,
+                &self.up.forward(x, ctx)?,
+                ctx.kernels.swiglu,
+            )?,
             None => self.up.forward_act(x, ctx, BiasAct::GeluTanh)?,
         };
         self.down.forward(&hmid, ctx)

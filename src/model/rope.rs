@@ -1,10 +1,12 @@
 //! Rotary position embeddings in the Llama / GPT-NeoX layout (the two halves of each head
-//! rotate together), composed of differentiable ops.
+//! rotate together): the tables here, the rotation in `src/kernels/rope.rs`.
 
 use anyhow::Result;
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 use crate::config::ModelConfig;
+use crate::kernels::rope::rope;
+use crate::kernels::KernelChoice;
 
 /// cos and sin `[max_positions, head_dim / 2]` tables, computed once per model.
 pub struct Rope {
@@ -62,14 +64,48 @@ impl Rope {
 }
 
 impl RopeAt {
-    /// Rotates `x` (`[B, H, T, D]`).
-    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let (cos, sin) = (&self.cos, &self.sin);
-        let d = x.dim(D::Minus1)?;
-        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-        let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-        let r2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
-        Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
+    /// Rotates `x` (`[B, H, T, D]`, any number of heads).
+    pub fn apply(&self, x: &Tensor, choice: KernelChoice) -> Result<Tensor> {
+        Ok(rope(x, &self.cos, &self.sin, choice)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::rope::{fused, reference};
+    use candle_core::DType;
+
+    /// The tables `at` picks (per-row positions past the start, as in decoding) have the
+    /// layout the fused op reads: it agrees with the reference on them.
+    #[test]
+    fn fused_op_reads_the_tables_at_their_positions() {
+        let cfg = ModelConfig::preset("tiny").unwrap();
+        let dev = Device::Cpu;
+        let rope = Rope::new(&cfg, &dev).unwrap();
+        let (b, h, t, d) = (2, 3, 5, cfg.head_dim());
+        let pos: Vec<u32> = (0..b as u32)
+            .flat_map(|r| (0..t as u32).map(move |i| 37 - 30 * r + i))
+            .collect();
+        let at = rope
+            .at(&Tensor::from_vec(pos, (b, t), &dev).unwrap(), DType::F32)
+            .unwrap();
+        let xs: Vec<f32> = (0..b * h * t * d)
+            .map(|i| ((i * 29 % 17) as f32 - 8.0) * 0.1)
+            .collect();
+        let x = Tensor::from_vec(xs, (b, h, t, d), &dev).unwrap();
+        let ours = fused(&x, &at.cos, &at.sin).unwrap();
+        let refs = reference(&x, &at.cos, &at.sin).unwrap();
+        let diff = (ours - refs)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
     }
 }

@@ -50,7 +50,9 @@ pub mod layernorm;
 pub mod logprobs;
 pub mod lora;
 pub mod rmsnorm;
+pub mod rope;
 pub mod sample;
+pub mod swiglu;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;

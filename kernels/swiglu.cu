@@ -1,0 +1,52 @@
+// SwiGLU's gating, y = silu(g) * u with silu(g) = g sigmoid(g), and both its gradients, one
+// grid-stride pass each in f32 arithmetic: candle's composite is two launches forward and
+// about ten backward over the [B, T, intermediate] activations.
+//
+// sigmoid is 1 / (1 + exp(-g)): for g very negative exp overflows to inf and sigmoid is 0,
+// for g very positive exp underflows to 0 and sigmoid is 1, so no input yields a NaN.
+#include "swiglu.cuh"
+
+namespace {
+
+using temper::from_f32;
+using temper::to_f32;
+
+__device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + expf(-g)); }
+
+template <typename T> __device__ void forward(const SwiGluParams &p) {
+  const T *g = static_cast<const T *>(p.g);
+  const T *u = static_cast<const T *>(p.u);
+  T *y = static_cast<T *>(p.out);
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < p.n;
+       i += (long long)gridDim.x * blockDim.x) {
+    const float v = to_f32(g[i]);
+    y[i] = from_f32<T>(v * sigmoid(v) * to_f32(u[i]));
+  }
+}
+
+// One pass writes both gradients, so g, u and dy are read once.
+template <typename T> __device__ void backward(const SwiGluParams &p) {
+  const T *g = static_cast<const T *>(p.g);
+  const T *u = static_cast<const T *>(p.u);
+  const T *dy = static_cast<const T *>(p.dy);
+  T *dg = static_cast<T *>(p.out);
+  T *du = dg + p.n;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < p.n;
+       i += (long long)gridDim.x * blockDim.x) {
+    const float v = to_f32(g[i]);
+    const float s = sigmoid(v);
+    const float d = to_f32(dy[i]);
+    dg[i] = from_f32<T>(d * to_f32(u[i]) * s * (1.f + v * (1.f - s)));
+    du[i] = from_f32<T>(d * v * s);
+  }
+}
+
+}  // namespace
+
+#define SWIGLU_ENTRY(SUFFIX, T)                                                                \
+  extern "C" __global__ void swiglu_fwd_##SUFFIX(const SwiGluParams p) { forward<T>(p); }      \
+  extern "C" __global__ void swiglu_bwd_##SUFFIX(const SwiGluParams p) { backward<T>(p); }
+
+SWIGLU_ENTRY(f32, float)
+SWIGLU_ENTRY(bf16, __nv_bfloat16)
+SWIGLU_ENTRY(f16, __half)
