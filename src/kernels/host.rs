@@ -18,3 +18,29 @@ pub fn rows_cols(l: &Layout) -> Result<(usize, usize)> {
     };
     Ok((lead.iter().product(), cols))
 }
+
+/// What the custom ops' CPU tests share: a tensor's values, and the elementwise comparison of
+/// a fused op's output (or gradient) with its reference's.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::{DType, Tensor};
+
+    /// `t`'s values as f32, flattened.
+    pub fn values(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("a float tensor")
+    }
+
+    /// Every element of `ours` finite and within `tol * max(1, |reference|)` of `reference`.
+    pub fn assert_close(what: &str, ours: &Tensor, reference: &Tensor, tol: f32) {
+        assert_eq!(ours.dims(), reference.dims(), "{what}: shapes");
+        for (i, (x, r)) in values(ours).iter().zip(values(reference)).enumerate() {
+            assert!(
+                x.is_finite() && (x - r).abs() <= tol * r.abs().max(1.0),
+                "{what}: element {i}: {x} vs {r}"
+            );
+        }
+    }
+}
