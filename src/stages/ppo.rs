@@ -151,7 +151,7 @@ impl PpoTask<'_> {
         Ok(Advantages {
             kl_rows: row_sums(&kl)?,
             kl_seq: scalar(&kl.sum_all()?)? / ro.lengths.len() as f64,
-            explained: explained_variance(&g.returns, &values, &ro.mask)?,
+            explained: explained_variance(&g.returns, &values, &ro.mask, self.env.comm.as_ref())?,
             adv: g.advantages,
             critic: Critic {
                 values,

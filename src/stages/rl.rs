@@ -314,14 +314,24 @@ pub fn row_sums(x: &Tensor) -> Result<Vec<f64>> {
         .collect())
 }
 
-/// `1 - Var(R - V) / Var(R)` over valid tokens: how much of the returns the critic explains.
-pub fn explained_variance(returns: &Tensor, values: &Tensor, mask: &Tensor) -> Result<f64> {
+/// `1 - Var(R - V) / Var(R)` over every rank's valid tokens: how much of the returns the
+/// critic explains.
+pub fn explained_variance(
+    returns: &Tensor,
+    values: &Tensor,
+    mask: &Tensor,
+    comm: &dyn Communicator,
+) -> Result<f64> {
     let mask_v = mask.flatten_all()?.to_vec1::<f32>()?;
     let ret_v = returns.flatten_all()?.to_vec1::<f32>()?;
     let val_v = values.flatten_all()?.to_vec1::<f32>()?;
     let resid: Vec<f32> = ret_v.iter().zip(&val_v).map(|(a, b)| a - b).collect();
-    let (_, var_ret) = masked_mean_var(&ret_v, &mask_v);
-    let (_, var_res) = masked_mean_var(&resid, &mask_v);
+    let n = mask_v.iter().filter(|&&m| m != 0.0).count() as f64;
+    let global = |x: &[f32]| -> Result<f64> {
+        let (mean, var) = masked_mean_var(x, &mask_v);
+        Ok(global_mean_var(comm, n, mean, var)?.1)
+    };
+    let (var_ret, var_res) = (global(&ret_v)?, global(&resid)?);
     Ok(if var_ret > 0.0 {
         1.0 - var_res / var_ret
     } else {
@@ -375,6 +385,51 @@ mod tests {
         for (m, v) in got {
             assert!((m - whole.0).abs() < 1e-5, "{m} vs {}", whole.0);
             assert!((v - whole.1).abs() < 1e-4 * whole.1, "{v} vs {}", whole.1);
+        }
+    }
+
+    /// The critic's explained variance over two ranks, with padding in one of them, is the
+    /// whole batch's, not the mean of each rank's.
+    #[test]
+    fn explained_variance_is_over_every_rank() {
+        let ret: Vec<f32> = (0..12).map(|i| ((i * 5 % 7) as f32) - 2.0).collect();
+        let val: Vec<f32> = (0..12).map(|i| (i % 3) as f32 * 0.5).collect();
+        let mask: Vec<f32> = (0..12).map(|i| if i == 5 { 0.0 } else { 1.0 }).collect();
+        let rows = |v: &[f32], r: std::ops::Range<usize>| {
+            Tensor::from_slice(&v[r.clone()], (1, r.len()), &candle_core::Device::Cpu).unwrap()
+        };
+        let whole = explained_variance(
+            &rows(&ret, 0..12),
+            &rows(&val, 0..12),
+            &rows(&mask, 0..12),
+            &Solo,
+        )
+        .unwrap();
+        let group = ThreadGroup::new(2);
+        let got: Vec<f64> = std::thread::scope(|sc| {
+            let hs: Vec<_> = group
+                .iter()
+                .zip([0..3, 3..12])
+                .map(|(c, r)| {
+                    let (ret, val, mask) = (&ret, &val, &mask);
+                    sc.spawn(move || {
+                        let (a, b, m) = (rows(ret, r.clone()), rows(val, r.clone()), rows(mask, r));
+                        explained_variance(&a, &b, &m, c).unwrap()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let alone = explained_variance(
+            &rows(&ret, 0..3),
+            &rows(&val, 0..3),
+            &rows(&mask, 0..3),
+            &Solo,
+        )
+        .unwrap();
+        assert!((alone - whole).abs() > 1e-3, "a split that shows nothing");
+        for ev in got {
+            assert!((ev - whole).abs() < 1e-5, "{ev} vs {whole}");
         }
     }
 
@@ -566,8 +621,8 @@ mod tests {
     fn explained_variance_is_one_for_a_perfect_critic() {
         let ret = t(&[1.0, 2.0, 4.0]);
         let m = t(&[1.0, 1.0, 1.0]);
-        assert!((explained_variance(&ret, &ret, &m).unwrap() - 1.0).abs() < 1e-9);
+        assert!((explained_variance(&ret, &ret, &m, &Solo).unwrap() - 1.0).abs() < 1e-9);
         let zero = t(&[0.0, 0.0, 0.0]);
-        assert!(explained_variance(&ret, &zero, &m).unwrap().abs() < 1e-9);
+        assert!(explained_variance(&ret, &zero, &m, &Solo).unwrap().abs() < 1e-9);
     }
 }
