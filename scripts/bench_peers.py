@@ -15,6 +15,12 @@ so scripts/gpu-check.sh can put ours and theirs in one table:
 - gae: the TRL-style loop `for t in reversed(range(T))` on the GPU at B=512,T=1024 and
   B=4096,T=4096.
 - copy: device-to-device copy bandwidth (bytes read + written), the memory ceiling.
+- train_ops: the training step's kernel ops at benches/train_ops.rs's GPT-2 124M B16 T1024
+  bf16 shapes, fwd and fwd+bwd ms: F.layer_norm, F.gelu(approximate="tanh"), the bias add and
+  bias + GELU, token + position F.embedding (backward to both tables), the loss head
+  (F.cross_entropy per token over the bf16 logits upcast to f32, backward to the logits), and
+  one torch.optim.AdamW(fused=True) step with clip_grad_norm_ over GPT-2's f32 parameters
+  (fwd_ms = one step).
 
 Times are medians of CUDA-event timings after warm-up, on random (never zero) inputs.
 Backward passes are `torch.autograd.grad(y, inputs, dy)` with a given dy, as temper's benches
@@ -22,7 +28,7 @@ call their backward kernels: no scalar loss, and no `.grad` accumulation (which 
 elementwise pass per input to every repeat after the first).
 
 Usage: python3 scripts/bench_peers.py [--quick] [SECTION ...]   (sections: device copy
-attention lora rmsnorm gae; default all). scripts/gpu-check.sh runs one section per process, each under
+attention lora rmsnorm gae allreduce train_ops; default all). scripts/gpu-check.sh runs one section per process, each under
 its own timeout.
 """
 
@@ -161,6 +167,127 @@ def gae():
         emit(bench="gae", shape=f"B{b} T{t}", impl="torch-trl-loop", ms=ms)
 
 
+def gpt2_params(vocab=50304, hidden=768, mlp=3072, layers=12, ctx=1024):
+    # GPT-2's parameters as temper's model holds them (benches/train_ops.rs's gpt2_params):
+    # (shape, weight decay). The q, k, v and output projections are apart, as in temper.
+    norm = [((hidden,), False), ((hidden,), False)]
+    p = [((vocab, hidden), False), ((ctx, hidden), False)]
+    for _ in range(layers):
+        p += norm
+        for _ in range(4):
+            p += [((hidden, hidden), True), ((hidden,), False)]
+        p += norm
+        p += [((mlp, hidden), True), ((mlp,), False), ((hidden, mlp), True), ((hidden,), False)]
+    return p + norm
+
+
+def train_ops():
+    # PyTorch eager as a plain trainer runs each op, at benches/train_ops.rs's shapes; GB/s
+    # from that bench's byte counts (the fewest bytes each forward moves), so both sides'
+    # GB/s are the same bytes over each one's time. Each op's tensors are freed before the
+    # next op's are made (the loss head's take several GB).
+    dt, e = torch.bfloat16, 2
+    batch, seq, hidden, mlp, vocab = 16, 1024, 768, 3072, 50304
+    rows = batch * seq
+
+    def randn(*shape, dtype=dt, std=1.0, grad=False):
+        return (std * torch.randn(*shape, device="cuda")).to(dtype).requires_grad_(grad)
+
+    def measure(op, shape, f, inputs, dy, nbytes):
+        with torch.no_grad():
+            fwd = time_ms(f)
+        fb = time_ms(lambda: torch.autograd.grad(f(), inputs, dy))
+        emit(bench="train_ops", op=op, shape=shape, impl="torch", drive="autograd.grad", fwd_ms=fwd,
+             fwd_bwd_ms=fb, gbps=nbytes / fwd / 1e6)
+
+    def layernorm():
+        # Weight and bias in the input's dtype, one dtype throughout as F.layer_norm is called
+        # outside autocast (temper's kernel reads the f32 masters: 6 KB either way).
+        x = randn(rows, hidden, grad=True)
+        w = (1 + randn(hidden, dtype=torch.float32, std=0.1)).to(dt).requires_grad_(True)
+        b = randn(hidden, std=0.1, grad=True)
+        measure("layernorm", f"{rows}x{hidden}", lambda: F.layer_norm(x, (hidden,), w, b, eps=1e-5),
+                (x, w, b), randn(rows, hidden), 2 * rows * hidden * e + 8 * hidden)
+
+    def gelu():
+        x = randn(rows, mlp, grad=True)
+        measure("gelu", f"{rows}x{mlp}", lambda: F.gelu(x, approximate="tanh"), (x,), randn(rows, mlp),
+                2 * rows * mlp * e)
+
+    def bias(op, cols, act):
+        # The f32 master bias cast to the activation's dtype, as autocast casts it for a
+        # GEMM's epilogue; its gradient flows back through the cast to f32.
+        y = randn(rows, cols, grad=True)
+        b = randn(cols, dtype=torch.float32, std=0.1, grad=True)
+        measure(op, f"{rows}x{cols}", lambda: act(y + b.to(dt)), (y, b), randn(rows, cols),
+                2 * rows * cols * e + 4 * cols)
+
+    def swiglu():
+        g, u = randn(rows, mlp, grad=True), randn(rows, mlp, grad=True)
+        measure("swiglu", f"{rows}x{mlp}", lambda: F.silu(g) * u, (g, u), randn(rows, mlp),
+                3 * rows * mlp * e)
+
+    def rope():
+        # transformers' apply_rotary_pos_emb on the queries: x cos + rotate_half(x) sin, with
+        # the tables at full head width as it builds them.
+        heads, hd = 12, hidden // 12
+        x = randn(batch, heads, seq, hd, grad=True)
+        cos, sin = randn(batch, 1, seq, hd), randn(batch, 1, seq, hd)
+
+        def rotate_half(z):
+            return torch.cat((-z[..., hd // 2:], z[..., : hd // 2]), dim=-1)
+
+        measure("rope", f"B{batch} H{heads} T{seq} D{hd}", lambda: x * cos + rotate_half(x) * sin, (x,),
+                randn(batch, heads, seq, hd), (2 * batch * heads * seq * hd + batch * seq * hd) * e)
+
+    def embedding():
+        # Token rows plus position rows broadcast over the batch, as GPT-2 trainers write it,
+        # from f32 tables; cast to bf16, the dtype temper's lookup gives.
+        ids = torch.randint(0, vocab, (batch, seq), device="cuda")
+        pos = torch.arange(seq, device="cuda")
+        wte = randn(vocab, hidden, dtype=torch.float32, std=0.02, grad=True)
+        wpe = randn(seq, hidden, dtype=torch.float32, std=0.01, grad=True)
+        measure("embedding", f"B{batch} T{seq} V{vocab} H{hidden}",
+                lambda: (F.embedding(ids, wte) + F.embedding(pos, wpe)).to(dt), (wte, wpe),
+                randn(batch, seq, hidden), 4 * rows + 4 * rows * hidden + 4 * seq * hidden + e * rows * hidden)
+
+    def logprobs():
+        # Per-token cross-entropy (minus the log-probability temper's op gives) over the bf16
+        # logits upcast to f32, as autocast runs cross_entropy; backward to the bf16 logits.
+        logits = randn(rows, vocab, grad=True)
+        targets = torch.randint(0, vocab, (rows,), device="cuda")
+        measure("logprobs", f"{rows}x{vocab}",
+                lambda: F.cross_entropy(logits.float(), targets, reduction="none"), (logits,),
+                randn(rows, dtype=torch.float32), e * rows * vocab + 8 * rows)
+
+    def adamw():
+        # One optimizer step as scripts/gpt2_peer.py takes it: clipping to norm 1.0, then fused
+        # AdamW; weight decay on the matrices only, as temper. Gradients stay set between
+        # steps (clipping rescales them in place, as it would each step).
+        shapes = gpt2_params(vocab, hidden, mlp, 12, seq)
+        params = [randn(*s, dtype=torch.float32, std=0.02, grad=True) for s, _ in shapes]
+        for p in params:
+            p.grad = 1e-3 * torch.randn_like(p)
+        groups = [{"params": [p for p, (_, d) in zip(params, shapes) if d], "weight_decay": 0.1},
+                  {"params": [p for p, (_, d) in zip(params, shapes) if not d], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+
+        def step():
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+
+        ms = time_ms(step)
+        n = sum(p.numel() for p in params)
+        emit(bench="train_ops", op="adamw", shape=f"{n} f32 params", impl="torch", drive=None, fwd_ms=ms,
+             fwd_bwd_ms=None, gbps=32 * n / ms / 1e6)
+
+    tanh_gelu = lambda z: F.gelu(z, approximate="tanh")  # noqa: E731
+    for f in [layernorm, gelu, lambda: bias("bias", hidden, lambda z: z),
+              lambda: bias("bias_gelu", mlp, tanh_gelu), swiglu, rope, embedding, logprobs, adamw]:
+        f()
+        torch.cuda.empty_cache()
+
+
 def copy_bandwidth():
     n = 1 << 28  # 1 GiB of f32
     src = torch.randn(n, device="cuda")
@@ -208,6 +335,7 @@ def main():
         "rmsnorm": rmsnorm,
         "gae": gae,
         "allreduce": allreduce,
+        "train_ops": train_ops,
     }
     wanted = [a for a in sys.argv[1:] if not a.startswith("--")] or list(sections)
     unknown = [w for w in wanted if w not in sections]

@@ -2,6 +2,10 @@
 # Every GPU check of temper in one device call, under 8 minutes: the GPU test executables, each
 # kernel bench beside its PyTorch peer, and the GPT-2 124M training step (B16 T1024 bf16)
 # beside PyTorch eager (SDPA, fused AdamW) and torch.compile, with tokens/s and peak memory.
+# The kernel benches: attention, LoRA, RMSNorm, GAE, the gradient all-reduce, and the
+# training step's ops (bench-train_ops: LayerNorm, GELU, bias and bias + GELU, SwiGLU, RoPE,
+# token + position embedding, the loss head's log-probabilities, fwd and fwd+bwd; one AdamW
+# step) at GPT-2 124M B16 T1024 bf16 shapes; the LoRA bench also times our cuBLASLt GEMM.
 # It ends with one table of ratios, temper over its peer measured in this same run.
 #
 # On the build machine (no GPU needed):   scripts/gpu-build.sh      # packs .gpu/
@@ -131,14 +135,18 @@ MEM=1 section train-torch-eager 120 python3 scripts/gpt2_peer.py --steps 10
 
 # --- kernel benches and their peers ----------------------------------------------------------
 section peer-copy 60 python3 scripts/bench_peers.py copy
-for b in attention lora rmsnorm gae allreduce; do
+# NAME:BENCH_TIMEOUT_S:PEER_TIMEOUT_S. train_ops' bench and peer each take well under their
+# 90 s (modest repetitions); the tight limit keeps a hang from eating the later sections.
+for spec in attention:150:120 lora:150:120 rmsnorm:150:120 gae:150:120 allreduce:150:120 \
+  train_ops:90:90; do
+  IFS=: read -r b bench_s peer_s <<<"$spec"
   if has "bench-$b"; then
-    section "bench-$b" 150 "$BUNDLE" "bench-$b" --bench
+    section "bench-$b" "$bench_s" "$BUNDLE" "bench-$b" --bench
   else
     echo "== bench-$b: not in .gpu (scripts/gpu-build.sh packs it)" >&2
     printf '{"section":"bench-%s","status":"missing from .gpu"}\n' "$b" >>"$RESULTS"
   fi
-  section "peer-$b" 120 python3 scripts/bench_peers.py "$b"
+  section "peer-$b" "$peer_s" python3 scripts/bench_peers.py "$b"
 done
 
 # --- HOOK: generation (benches/generate.rs and its transformers peer) ------------------------
@@ -287,6 +295,8 @@ for shape in sorted({r["shape"] for r in meas if r.get("bench") == "lora"}):
             row("LoRA fused", shape, label, o, peer, pick(bench="lora", shape=shape, impl=peer).get(key), note)
         row("candle plain GEMM", shape, label, pick(bench="lora", shape=shape, impl="candle-plain").get(key),
             "torch-plain", pick(bench="lora", shape=shape, impl="torch-plain").get(key), "what candle's own GEMM costs")
+        row("our cuBLASLt GEMM (gemm)", shape, label, pick(bench="lora", shape=shape, impl="ours-gemm").get(key),
+            "torch-plain", pick(bench="lora", shape=shape, impl="torch-plain").get(key), "every linear layer's GEMM")
 
 # RMSNorm.
 for shape in sorted({r["shape"] for r in meas if r.get("bench") == "rmsnorm"}):
@@ -294,6 +304,23 @@ for shape in sorted({r["shape"] for r in meas if r.get("bench") == "rmsnorm"}):
     for key, label in [("fwd_ms", "fwd ms"), ("fwd_bwd_ms", "fwd+bwd ms")]:
         row("RMSNorm", shape, label, pick(bench="rmsnorm", shape=shape, impl="ours").get(key), "torch",
             pick(bench="rmsnorm", shape=shape, impl="torch").get(key), note)
+
+# The training step's ops (benches/train_ops.rs): ours over PyTorch eager. AdamW's figure is
+# one optimizer step (clipping included) and it has no fwd+bwd. An op added to the bench and
+# its peer gets its rows here by its name.
+op_names = {"layernorm": "LayerNorm", "gelu": "GELU (tanh)", "bias": "bias add", "bias_gelu": "bias + GELU",
+            "swiglu": "SwiGLU", "rope": "RoPE (queries)",
+            "embedding": "embedding (token + position)", "logprobs": "loss head log-probs",
+            "adamw": "AdamW step (clipped)"}
+train_ops = [r for r in meas if r.get("bench") == "train_ops"]
+for op, shape in dict.fromkeys((r.get("op"), r.get("shape")) for r in train_ops):
+    note = sec_state("bench-train_ops", "peer-train_ops")
+    o = pick(bench="train_ops", op=op, shape=shape, impl="ours")
+    t = pick(bench="train_ops", op=op, shape=shape, impl="torch")
+    for key, label in [("fwd_ms", "step ms" if op == "adamw" else "fwd ms"), ("fwd_bwd_ms", "fwd+bwd ms")]:
+        if o.get(key) is None and t.get(key) is None:
+            continue
+        row(op_names.get(op, op), shape, label, o.get(key), "torch", t.get(key), note)
 
 # GAE.
 for shape in sorted({r["shape"] for r in meas if r.get("bench") == "gae"}):

@@ -153,20 +153,39 @@ impl CustomOp2 for Bias {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = grad.to_dtype(y.dtype())?.contiguous()?;
-        let op = BiasBwd {
-            act: self.act,
-            dz: Mutex::new(None),
-        };
-        let db = y.apply_op3_no_bwd(b, &g, &op)?;
-        let dz = op.dz.lock().unwrap_or_else(PoisonError::into_inner).take();
-        let dy = match (self.act, dz) {
-            (BiasAct::Identity, _) => g,
-            (BiasAct::GeluTanh, Some(dz)) => dz,
-            (BiasAct::GeluTanh, None) => candle_core::bail!("bias backward: no input gradient"),
-        };
+        let (dy, db) = backward(y, b, grad, self.act)?;
         Ok((Some(dy), Some(db)))
     }
+}
+
+/// The fused op's backward for a given `dy` (the gradient of `act(y + b)`): `(dL/dy, db)`,
+/// `db` in f32. What candle's autograd calls for [`fused`], here without a graph
+/// (benches/train_ops.rs times it so).
+pub fn backward(y: &Tensor, b: &Tensor, dy: &Tensor, act: BiasAct) -> Result<(Tensor, Tensor)> {
+    let c = y.dim(D::Minus1)?;
+    if b.dims() != [c] || dy.shape() != y.shape() {
+        candle_core::bail!(
+            "bias backward: y {:?}, b {:?}, dy {:?}",
+            y.dims(),
+            b.dims(),
+            dy.dims()
+        );
+    }
+    let y = y.contiguous()?;
+    let b = b.to_dtype(DType::F32)?.contiguous()?;
+    let g = dy.to_dtype(y.dtype())?.contiguous()?;
+    let op = BiasBwd {
+        act,
+        dz: Mutex::new(None),
+    };
+    let db = y.apply_op3_no_bwd(&b, &g, &op)?;
+    let dz = op.dz.lock().unwrap_or_else(PoisonError::into_inner).take();
+    let dy = match (act, dz) {
+        (BiasAct::Identity, _) => g,
+        (BiasAct::GeluTanh, Some(dz)) => dz,
+        (BiasAct::GeluTanh, None) => candle_core::bail!("bias backward: no input gradient"),
+    };
+    Ok((dy, db))
 }
 
 /// Backward of [`Bias`]: `(y, b, dy) -> db`, with `dL/dy` left in `dz` when the activation
@@ -292,6 +311,32 @@ mod tests {
                     assert_close(&format!("{act:?} {dtype:?} {what}"), a, r, tol);
                 }
             }
+        }
+    }
+
+    /// The direct backward gives autograd's gradients (the same op, without a graph), with
+    /// autograd seeded through `out * dy` as benches/train_ops.rs drives the reference.
+    #[test]
+    fn direct_backward_is_autograds_gradients() {
+        let dev = Device::Cpu;
+        let (rows, cols) = (5, 13);
+        let ys: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 17 % 23) as f32 - 11.0) * 0.2)
+            .collect();
+        let gs: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i % 7) as f32 - 3.0) * 0.5)
+            .collect();
+        let bs: Vec<f32> = (0..cols).map(|i| (i % 4) as f32 * 0.25 - 0.5).collect();
+        for act in [BiasAct::Identity, BiasAct::GeluTanh] {
+            let y = Var::from_vec(ys.clone(), (rows, cols), &dev).unwrap();
+            let b = Var::from_vec(bs.clone(), cols, &dev).unwrap();
+            let dy = Tensor::from_vec(gs.clone(), (rows, cols), &dev).unwrap();
+            let out = fused(y.as_tensor(), b.as_tensor(), act).unwrap();
+            let grads = (&out * &dy).unwrap().backward().unwrap();
+            let (dyd, dbd) = backward(y.as_tensor(), b.as_tensor(), &dy, act).unwrap();
+            let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(v(&dyd), v(grads.get(y.as_tensor()).unwrap()), "{act:?} dy");
+            assert_eq!(v(&dbd), v(grads.get(b.as_tensor()).unwrap()), "{act:?} db");
         }
     }
 

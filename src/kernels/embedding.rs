@@ -11,7 +11,7 @@
 //! deterministic. Its CPU implementation is the same maths, tested against the reference.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType, D};
 
 use super::host::slice;
 use super::registry::{warn_fallback, KernelChoice};
@@ -150,9 +150,24 @@ impl CustomOp1 for Embedding {
         // forward alone (generation) never waits for the device.
         let ids = self.ids.to_vec1::<u32>()?;
         let (vocab, _) = table.dims2()?;
-        let op = EmbeddingBwd { ids, vocab };
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&op)?))
+        table_grad(grad, ids, vocab).map(Some)
     }
+}
+
+/// The fused op's backward for a given `dy` `[..., H]` of the rows `ids` `[...]` read: the
+/// f32 gradient of a `[vocab, H]` table. What candle's autograd calls for [`fused`], here
+/// without a graph (benches/train_ops.rs times it so); it reads the ids on the host, as the
+/// op's own backward does.
+pub fn backward(dy: &Tensor, ids: &Tensor, vocab: usize) -> Result<Tensor> {
+    let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    let h = dy.dim(D::Minus1)?;
+    table_grad(&dy.reshape((ids.len(), h))?, ids, vocab)
+}
+
+/// `dy [n, H]` of the rows `ids` (`n` of them) read -> the table's gradient.
+fn table_grad(dy: &Tensor, ids: Vec<u32>, vocab: usize) -> Result<Tensor> {
+    dy.contiguous()?
+        .apply_op1_no_bwd(&EmbeddingBwd { ids, vocab })
 }
 
 /// Backward of [`Embedding`]: `dy [n, H] -> dtable [V, H]` f32.
@@ -191,6 +206,31 @@ impl CustomOp1 for EmbeddingBwd {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// The direct backward is the table gradient autograd gives (the same op, without a
+    /// graph), with autograd seeded through `y * dy` as benches/train_ops.rs drives the
+    /// reference; ids in a leading batch dimension, repeated.
+    #[test]
+    fn direct_backward_is_autograds_gradient() {
+        let dev = Device::Cpu;
+        let (v, h) = (9, 5);
+        let data: Vec<f32> = (0..v * h).map(|i| (i % 11) as f32 * 0.1 - 0.5).collect();
+        let table = Var::from_vec(data, (v, h), &dev).unwrap();
+        let ids = Tensor::new(&[[2u32, 8, 2], [0, 2, 8]], &dev).unwrap();
+        let dy: Vec<f32> = (0..6 * h)
+            .map(|i| ((i * 3 % 7) as f32 - 3.0) * 0.5)
+            .collect();
+        let dy = Tensor::from_vec(dy, (2, 3, h), &dev).unwrap();
+        let y = fused(table.as_tensor(), &ids, DType::F32).unwrap();
+        let grads = (&y * &dy).unwrap().backward().unwrap();
+        let auto = grads
+            .get(table.as_tensor())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let direct = backward(&dy, &ids, v).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(direct, auto);
+    }
 
     #[test]
     fn rows_are_grouped_in_position_order() {

@@ -38,6 +38,16 @@ pub fn fused(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Gelu)
 }
 
+/// The fused op's backward for a given `dy`: `dx = dy * gelu'(x)`, what candle's autograd
+/// calls for [`fused`], here without a graph (benches/train_ops.rs times it so).
+pub fn backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    if dy.shape() != x.shape() {
+        candle_core::bail!("gelu backward: dy {:?} for x {:?}", dy.dims(), x.dims());
+    }
+    let g = dy.to_dtype(x.dtype())?.contiguous()?;
+    x.contiguous()?.apply_op2_no_bwd(&g, &GeluBwd)
+}
+
 /// GELU at `v`, in f32 (shared with the fused bias + GELU of `bias.rs`).
 pub(crate) fn value(v: f32) -> f32 {
     0.5 * v * (1.0 + (C * (v + A * v * v * v)).tanh())
@@ -100,8 +110,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = grad.to_dtype(x.dtype())?.contiguous()?;
-        Ok(Some(x.apply_op2_no_bwd(&g, &GeluBwd)?))
+        backward(x, grad).map(Some)
     }
 }
 
@@ -175,5 +184,24 @@ mod tests {
                 assert_close(&format!("{dtype:?} {what}"), a, b, tol);
             }
         }
+    }
+
+    /// The direct backward is the gradient autograd gives (the same op, without a graph),
+    /// with autograd seeded through `y * dy` as benches/train_ops.rs drives the reference.
+    #[test]
+    fn direct_backward_is_autograds_gradient() {
+        let dev = Device::Cpu;
+        let x: Vec<f32> = (0..37).map(|i| (i as f32 - 18.0) * 0.3).collect();
+        let dy: Vec<f32> = (0..37).map(|i| ((i * 7 % 5) as f32 - 2.0) * 0.4).collect();
+        let x = Var::from_tensor(&Tensor::new(x.as_slice(), &dev).unwrap()).unwrap();
+        let dy = Tensor::new(dy.as_slice(), &dev).unwrap();
+        let y = fused(x.as_tensor()).unwrap();
+        let grads = (&y * &dy).unwrap().backward().unwrap();
+        let auto = grads.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        let direct = backward(x.as_tensor(), &dy)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(direct, auto);
     }
 }

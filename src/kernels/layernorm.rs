@@ -55,22 +55,76 @@ pub fn reference(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor>
 
 /// The fused op on any device: `x [..., C]`, `w` and `b` f32 `[C]`.
 pub fn fused(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    check(x, w, b)?;
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm::new(eps))
+}
+
+fn check(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<()> {
     let c = x.dim(D::Minus1)?;
     if w.dims() != [c] || b.dims() != [c] || w.dtype() != DType::F32 || b.dtype() != DType::F32 {
         candle_core::bail!("layer_norm: weight and bias must be f32 [{c}]");
     }
-    let op = LayerNorm {
-        eps: eps as f32,
-        stats: Mutex::new(None),
-    };
-    x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)
+    Ok(())
+}
+
+/// [`fused`] with its backward called directly for a given `dy`, without candle's autograd
+/// (benches/train_ops.rs times it so): the same launches, the forward keeping the per-row
+/// statistics for the backward as the op in a graph does.
+pub struct LayerNormDirect {
+    op: LayerNorm,
+    x: Tensor,
+    w: Tensor,
+    b: Tensor,
+}
+
+impl LayerNormDirect {
+    /// `x [..., C]`, `w` and `b` f32 `[C]`, as [`fused`] takes them.
+    pub fn new(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Self> {
+        check(x, w, b)?;
+        Ok(Self {
+            op: LayerNorm::new(eps),
+            x: x.contiguous()?,
+            w: w.contiguous()?,
+            b: b.contiguous()?,
+        })
+    }
+
+    /// `y`, by the same launch as [`fused`].
+    pub fn forward(&self) -> Result<Tensor> {
+        self.x.apply_op3_no_bwd(&self.w, &self.b, &self.op)
+    }
+
+    /// `(dx, dw, db)` for `dy` after [`Self::forward`]: what candle's autograd calls.
+    pub fn backward(&self, y: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        if dy.shape() != self.x.shape() {
+            candle_core::bail!(
+                "layer_norm backward: dy {:?} for x {:?}",
+                dy.dims(),
+                self.x.dims()
+            );
+        }
+        let dy = dy.to_dtype(self.x.dtype())?;
+        match self.op.bwd(&self.x, &self.w, &self.b, y, &dy)? {
+            (Some(dx), Some(dw), Some(db)) => Ok((dx, dw, db)),
+            _ => candle_core::bail!("layer_norm backward: a gradient is missing"),
+        }
+    }
 }
 
 struct LayerNorm {
     eps: f32,
     /// `(mean, rstd)`, f32 `[rows]` each, written by the forward for the backward.
     stats: Mutex<Option<(Tensor, Tensor)>>,
+}
+
+impl LayerNorm {
+    fn new(eps: f64) -> Self {
+        Self {
+            eps: eps as f32,
+            stats: Mutex::new(None),
+        }
+    }
 }
 
 /// `(y, mean, rstd)` in the kernel's order of operations.
@@ -288,6 +342,45 @@ impl CustomOp3 for LayerNormBwd {
 mod tests {
     use super::*;
     use candle_core::Var;
+
+    /// The direct backward gives autograd's gradients (the same op, without a graph), with
+    /// autograd seeded through `y * dy` as benches/train_ops.rs drives the reference.
+    #[test]
+    fn direct_backward_is_autograds_gradients() {
+        let dev = Device::Cpu;
+        let (rows, cols) = (4, 11);
+        let xs: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.3)
+            .collect();
+        let gs: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i % 5) as f32 - 2.0) * 0.7)
+            .collect();
+        let x = Var::from_vec(xs, (rows, cols), &dev).unwrap();
+        let w = Var::from_vec(
+            (0..cols).map(|i| 1.0 + i as f32 * 0.05).collect(),
+            cols,
+            &dev,
+        )
+        .unwrap();
+        let b = Var::from_vec(
+            (0..cols).map(|i| i as f32 * 0.1 - 0.3).collect(),
+            cols,
+            &dev,
+        )
+        .unwrap();
+        let dy = Tensor::from_vec(gs, (rows, cols), &dev).unwrap();
+        let y = fused(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+        let grads = (&y * &dy).unwrap().backward().unwrap();
+        let direct =
+            LayerNormDirect::new(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+        let yd = direct.forward().unwrap();
+        let (dx, dw, db) = direct.backward(&yd, &dy).unwrap();
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v(&yd), v(&y));
+        for (what, d, var) in [("dx", &dx, &x), ("dw", &dw, &w), ("db", &db, &b)] {
+            assert_eq!(v(d), v(grads.get(var.as_tensor()).unwrap()), "{what}");
+        }
+    }
 
     #[test]
     fn reference_matches_hand_computation() {

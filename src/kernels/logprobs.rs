@@ -48,6 +48,14 @@ pub fn reference(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 
 /// The fused op on any device, differentiable in the logits.
 pub fn fused(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    check(logits, targets)?;
+    logits.contiguous()?.apply_op2(
+        &targets.to_dtype(DType::U32)?.contiguous()?,
+        Logprobs::new(),
+    )
+}
+
+fn check(logits: &Tensor, targets: &Tensor) -> Result<()> {
     let lead = &logits.dims()[..logits.rank().saturating_sub(1)];
     if logits.rank() == 0 || targets.dims() != lead {
         candle_core::bail!(
@@ -56,12 +64,49 @@ pub fn fused(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             targets.dims()
         );
     }
-    let op = Logprobs {
-        lse: Mutex::new(None),
-    };
-    logits
-        .contiguous()?
-        .apply_op2(&targets.to_dtype(DType::U32)?.contiguous()?, op)
+    Ok(())
+}
+
+/// [`fused`] with its backward called directly for a given upstream gradient, without
+/// candle's autograd (benches/train_ops.rs times it so): the same launches, the forward
+/// keeping each row's log-sum-exp for the backward as the op in a graph does.
+pub struct LogprobsDirect {
+    op: Logprobs,
+    logits: Tensor,
+    targets: Tensor,
+}
+
+impl LogprobsDirect {
+    /// `logits [..., V]`, `targets [...]`, as [`fused`] takes them.
+    pub fn new(logits: &Tensor, targets: &Tensor) -> Result<Self> {
+        check(logits, targets)?;
+        Ok(Self {
+            op: Logprobs::new(),
+            logits: logits.contiguous()?,
+            targets: targets.to_dtype(DType::U32)?.contiguous()?,
+        })
+    }
+
+    /// The f32 log-probabilities of the targets, by the same launch as [`fused`].
+    pub fn forward(&self) -> Result<Tensor> {
+        self.logits.apply_op2_no_bwd(&self.targets, &self.op)
+    }
+
+    /// The logits' gradient for `dlogp` (the gradient of [`Self::forward`]'s output) after
+    /// [`Self::forward`]: what candle's autograd calls.
+    pub fn backward(&self, logp: &Tensor, dlogp: &Tensor) -> Result<Tensor> {
+        if dlogp.dims() != self.targets.dims() {
+            candle_core::bail!(
+                "logprobs backward: gradient {:?} for targets {:?}",
+                dlogp.dims(),
+                self.targets.dims()
+            );
+        }
+        match self.op.bwd(&self.logits, &self.targets, logp, dlogp)? {
+            (Some(dx), _) => Ok(dx),
+            (None, _) => candle_core::bail!("logprobs backward: no gradient"),
+        }
+    }
 }
 
 struct Logprobs {
@@ -70,6 +115,12 @@ struct Logprobs {
 }
 
 impl Logprobs {
+    fn new() -> Self {
+        Self {
+            lse: Mutex::new(None),
+        }
+    }
+
     fn save(&self, lse: Tensor) {
         *self.lse.lock().unwrap_or_else(PoisonError::into_inner) = Some(lse);
     }
@@ -277,6 +328,24 @@ mod tests {
             assert!(diff(&lp_f, &lp_r) < tol * 50.0, "{dtype:?} logp");
             assert!(diff(&dx_f, &dx_r) < tol, "{dtype:?} dlogits");
         }
+    }
+
+    /// The direct backward is the gradient autograd gives (the same op, without a graph),
+    /// with autograd seeded through `logp * g` as benches/train_ops.rs drives the reference.
+    #[test]
+    fn direct_backward_is_autograds_gradient() {
+        let (logits, t) = inputs(DType::F32);
+        let var = candle_core::Var::from_tensor(&logits).unwrap();
+        let g: Vec<f32> = (0..15).map(|i| [0.0, 1.0, -0.5][i % 3]).collect();
+        let g = Tensor::from_vec(g, (3, 5), &Device::Cpu).unwrap();
+        let lp = fused(var.as_tensor(), &t).unwrap();
+        let grads = (&lp * &g).unwrap().backward().unwrap();
+        let direct = LogprobsDirect::new(var.as_tensor(), &t).unwrap();
+        let lpd = direct.forward().unwrap();
+        let dx = direct.backward(&lpd, &g).unwrap();
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v(&lpd), v(&lp));
+        assert_eq!(v(&dx), v(grads.get(var.as_tensor()).unwrap()));
     }
 
     #[test]

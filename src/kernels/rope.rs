@@ -68,6 +68,14 @@ pub fn fused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         .apply_op3(&cos, &sin, Rope { inverse: false })
 }
 
+/// The fused op's backward for a given `dy` (the inverse rotation), what candle's autograd
+/// calls for [`fused`], here without a graph (benches/train_ops.rs times it so).
+pub fn backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+    dy.contiguous()?
+        .apply_op3_no_bwd(&cos, &sin, &Rope { inverse: true })
+}
+
 /// The rotation by the tables' angles, or by minus them (`inverse`, the backward).
 struct Rope {
     inverse: bool,
@@ -162,11 +170,11 @@ impl CustomOp3 for Rope {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = grad.to_dtype(x.dtype())?.contiguous()?;
-        let inverse = Rope {
-            inverse: !self.inverse,
-        };
-        Ok((Some(dy.apply_op3_no_bwd(cos, sin, &inverse)?), None, None))
+        if self.inverse {
+            candle_core::bail!("rope: the inverse rotation is not differentiated");
+        }
+        let dy = grad.to_dtype(x.dtype())?;
+        Ok((Some(backward(&dy, cos, sin)?), None, None))
     }
 }
 

@@ -46,6 +46,20 @@ pub fn fused(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
 }
 
+/// The fused op's backward for a given `dy`: `(dg, du)`, what candle's autograd calls for
+/// [`fused`], here without a graph (benches/train_ops.rs times it so). Both are views of one
+/// `[2, ...]` buffer.
+pub fn backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    if dy.shape() != g.shape() || u.shape() != g.shape() {
+        candle_core::bail!("swiglu backward: dy {:?} for g {:?}", dy.dims(), g.dims());
+    }
+    let dy = dy.to_dtype(g.dtype())?.contiguous()?;
+    let both = g
+        .contiguous()?
+        .apply_op3_no_bwd(&u.contiguous()?, &dy, &SwiGluBwd)?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
 /// Overflow-safe in f32: `exp(-g)` is inf for very negative `g` (sigmoid 0) and 0 for very
 /// positive `g` (sigmoid 1), never NaN.
 fn sigmoid(g: f32) -> f32 {
@@ -63,7 +77,7 @@ fn forward<T: WithDType>(g: &[T], u: &[T]) -> Vec<T> {
 }
 
 /// `[dg (n) | du (n)]`, the layout of the CUDA kernel's output.
-fn backward<T: WithDType>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
+fn cpu_backward<T: WithDType>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
     let mut dg = Vec::with_capacity(2 * g.len());
     let mut du = Vec::with_capacity(g.len());
     for ((g, u), d) in g.iter().zip(u).zip(dy) {
@@ -83,7 +97,7 @@ fn cpu_run(g: CpuArg, u: CpuArg, dy: Option<CpuArg>) -> Result<CpuStorage> {
         ($t:ty, $v:ident) => {{
             let (g, u) = (slice::<$t>(g.0, g.1)?, slice::<$t>(u.0, u.1)?);
             CpuStorage::$v(match dy {
-                Some((s, l)) => backward(g, u, slice::<$t>(s, l)?),
+                Some((s, l)) => cpu_backward(g, u, slice::<$t>(s, l)?),
                 None => forward(g, u),
             })
         }};
@@ -132,10 +146,8 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = grad.to_dtype(g.dtype())?.contiguous()?;
-        let both = g.apply_op3_no_bwd(u, &dy, &SwiGluBwd)?;
-        // Views of the contiguous [2, ...] buffer: no copy.
-        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+        let (dg, du) = backward(g, u, grad)?;
+        Ok((Some(dg), Some(du)))
     }
 }
 
