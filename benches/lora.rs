@@ -79,8 +79,6 @@ mod cuda {
     use candle_core::{DType, Var};
     use temper::kernels::cuda::gemm::matmul_nn;
     use temper::kernels::cuda::lora::{lora_linear_with, DyPath, LoraDirect};
-    use temper::kernels::gemm::matmul_nt;
-    use temper::kernels::KernelChoice;
 
     /// Untimed calls before timing: module loads, cuBLAS heuristics, allocator pools.
     const WARMUP: usize = 3;
@@ -109,7 +107,8 @@ mod cuda {
         fn fwd(&self, x: &Tensor, args: &LoraArgs) -> candle_core::Result<Tensor> {
             match self {
                 Which::Plain => linear(x, args.w, None),
-                Which::Lt => matmul_nt(x, args.w, KernelChoice::Custom),
+                Which::Lt => temper::kernels::cuda::gemm::matmul_nt(x, args.w)?
+                    .ok_or_else(|| candle_core::Error::Msg("no cuBLASLt path here".into())),
                 Which::Fused(path) => lora_linear_with(x, args, *path)?
                     .ok_or_else(|| candle_core::Error::Msg("no fused kernel here".into())),
                 Which::Reference => lora_linear_reference(x, x, args),
@@ -130,7 +129,8 @@ mod cuda {
                     dy.matmul(&w).map(|_| ())
                 }),
                 Which::Lt => Box::new(move || {
-                    matmul_nt(&x, &w, KernelChoice::Custom)?;
+                    temper::kernels::cuda::gemm::matmul_nt(&x, &w)?
+                        .ok_or_else(|| candle_core::Error::Msg("no cuBLASLt path here".into()))?;
                     matmul_nn(&dy, &w)?
                         .ok_or_else(|| candle_core::Error::Msg("no cuBLASLt path here".into()))
                         .map(|_| ())

@@ -180,7 +180,9 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
   for (int base = 0; base < r.v; base += kThreads) {
     const int i = base + threadIdx.x;
     const float x = i < r.v ? r.w(i) : 0.f;
-    const bool kept = i < r.v && x >= t;
+    // A zero weight (a logit masked to -inf, or one that underflows) is never kept: with no
+    // top-k threshold (t = 0) it would otherwise count, and the fallback below could pick it.
+    const bool kept = i < r.v && x >= t && x > 0.f;
     const float mine = kept ? x : 0.f;
     float chunk = 0.f;
     const float incl = block_scan(mine, chunk, scratch);

@@ -30,6 +30,7 @@ macro_rules! gpu_test {
 }
 
 gpu_test!(sample_kernel_matches_reference);
+gpu_test!(masked_tokens_are_never_drawn);
 gpu_test!(decode_attention_reads_the_cache_in_place);
 gpu_test!(engine_on_the_gpu_agrees_with_the_cpu);
 
@@ -154,6 +155,46 @@ mod gpu {
                         if let Err(why) = explained(row, p, u, got[i] as usize) {
                             panic!("{ctx}: kernel {} vs reference {}: {why}", got[i], want[i]);
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Logits masked to -inf (the stop ids under `min_new_tokens`), the last id among them,
+    /// are never drawn, in any dtype, with or without top-k and top-p: not even where
+    /// rounding sends the draw past the kept mass (u near 1, many draws).
+    pub fn masked_tokens_are_never_drawn(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0x3A5);
+        let (b, v) = (257, 50257);
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for p in [
+                params(1.0, 0, 1.0),
+                params(0.7, 40, 0.95),
+                params(3.0, 0, 0.999),
+            ] {
+                let mut logits = rng.vec(b * v, -3.0, 3.0);
+                let masked = |i: usize| i % v == v - 1 || i % v % 97 == 5;
+                for (i, z) in logits.iter_mut().enumerate() {
+                    if masked(i) {
+                        *z = f32::NEG_INFINITY;
+                    }
+                }
+                let t = Tensor::from_vec(logits, (b, v), dev)
+                    .and_then(|t| t.to_dtype(dtype))
+                    .unwrap();
+                let rows: Vec<u64> = (0..b as u64).collect();
+                for pos in 0..4 {
+                    let keys = keys_tensor(rng.next(), &rows, dev).unwrap();
+                    let got = sample(&t, &keys, pos, &p, KernelChoice::Custom)
+                        .unwrap()
+                        .to_vec1::<u32>()
+                        .unwrap();
+                    for (r, &id) in got.iter().enumerate() {
+                        assert!(
+                            !masked(id as usize),
+                            "seed {seed:#x} {dtype:?} {p:?} row {r}: drew masked id {id}"
+                        );
                     }
                 }
             }

@@ -651,6 +651,7 @@ fn gemm_matches_reference() {
 #[cfg(feature = "cuda")]
 mod gemm {
     use candle_core::{DType, Device, Tensor, Var};
+    use temper::kernels::cuda::gemm::{aligned, prepared};
     use temper::kernels::gemm::{matmul_nt, reference};
     use temper::kernels::KernelChoice;
 
@@ -685,10 +686,22 @@ mod gemm {
                         .unwrap()
                 };
                 let w = mk(&mut rng, n, k);
-                // A view one row into a bigger buffer: not 256-byte aligned unless K is.
-                let x = mk(&mut rng, m + 1, k).narrow(0, 1, m).unwrap();
+                // x a view 8 elements (16 bytes) into a fresh buffer: never 256-byte aligned,
+                // so the GEMM must be handed an aligned copy.
+                let x = mk(&mut rng, 1, m * k + 8)
+                    .flatten_all()
+                    .and_then(|t| t.narrow(0, 8, m * k))
+                    .and_then(|t| t.reshape((m, k)))
+                    .unwrap();
                 let dy = mk(&mut rng, m, n);
                 let what = |s: &str| format!("seed {seed:#x} {m}x{k}x{n} {dtype:?} {s}");
+                assert!(!aligned(&x).unwrap(), "{}", what("the view is aligned"));
+                let handed = prepared(&x).unwrap();
+                assert!(
+                    aligned(&handed).unwrap(),
+                    "{}",
+                    what("the copy is not aligned")
+                );
                 assert!(
                     temper::kernels::cuda::gemm::matmul_nt(&x, &w)
                         .unwrap()
@@ -801,7 +814,8 @@ mod curves {
     pub fn training_curves_match_the_reference_kernels(dev: &Device) {
         for preset in ["gpt2", "llama-tiny"] {
             let mut cfg = ModelConfig::preset(preset).unwrap();
-            cfg.vocab_size = 509;
+            // A multiple of 8, so the LM head's GEMM takes cuBLASLt too.
+            cfg.vocab_size = 512;
             cfg.hidden_size = 256;
             cfg.intermediate_size = if preset == "gpt2" { 1024 } else { 688 };
             cfg.num_hidden_layers = 2;

@@ -206,9 +206,6 @@ impl Responses {
         }
         let toks = &mut self.tokens[row];
         toks.push(id);
-        if toks.len() < cfg.min_new_tokens {
-            return Ok(());
-        }
         if tok.is_stop(id) {
             self.finished[row] = true;
             self.texts[row] = tok.decode(toks)?;

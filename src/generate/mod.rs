@@ -24,9 +24,10 @@ pub use engine::generate;
 #[derive(Clone, Debug)]
 pub struct SampleCfg {
     pub max_new_tokens: usize,
-    /// The first this many new tokens are never stop tokens (their logits are masked, as
-    /// Hugging Face's `min_new_tokens` does), and a stop string in them does not end the
-    /// response (benches that need every row to run `max_new_tokens`).
+    /// The first this many new tokens are never stop tokens: their logits are masked, as
+    /// Hugging Face's `min_new_tokens` does (benches that need every row to run
+    /// `max_new_tokens`). Stop strings, as Hugging Face's `stop_strings`, apply from the first
+    /// token.
     pub min_new_tokens: usize,
     /// 0 means greedy.
     pub temperature: f64,

@@ -137,7 +137,8 @@ pub fn sample_row(logits: &[f32], params: &SampleParams, u: f32) -> u32 {
     let mut acc = 0.0f64;
     let mut last = 0;
     for (i, &x) in p.iter().enumerate() {
-        if x >= t {
+        // As the kernel: a zero weight (a logit masked to -inf) is never kept.
+        if x >= t && x > 0.0 {
             acc += f64::from(x);
             last = i;
             if acc > target {
@@ -303,6 +304,23 @@ mod tests {
             })
             .sum();
         assert!(chi2 < 22.5, "chi2 {chi2}: {counts:?}");
+    }
+
+    /// A logit masked to -inf, the last one included, is never drawn, however close to 1 the
+    /// uniform is and whatever the filters.
+    #[test]
+    fn masked_logits_are_never_drawn() {
+        let row = [1.0f32, f32::NEG_INFINITY, 2.0, 0.5, f32::NEG_INFINITY];
+        for params in [
+            sampled(1.0, 0, 1.0),
+            sampled(0.5, 3, 0.9),
+            sampled(4.0, 0, 0.99),
+        ] {
+            for u in [0.0f32, 0.3, 0.999_999_9, 1.0 - f32::EPSILON] {
+                let id = sample_row(&row, &params, u);
+                assert!(row[id as usize].is_finite(), "{params:?} u {u}: drew {id}");
+            }
+        }
     }
 
     #[test]

@@ -182,16 +182,27 @@ fn a_rows_tokens_do_not_depend_on_its_batch() {
     assert_ne!(whole.tokens, other.tokens);
 }
 
+/// `min_new_tokens` holds back stop tokens only: every row runs the full length when only
+/// stop tokens could end it, and stop strings still end rows early (as Hugging Face's
+/// `stop_strings` do under its `min_new_tokens`).
 #[test]
-fn min_new_tokens_runs_past_stops() {
+fn min_new_tokens_holds_back_stop_tokens_not_stop_strings() {
     let tok = Tokenizer::bytes();
     let (_s, net) = net("tiny");
-    let ps = prompts(&tok, &["hi", "there"]);
+    let ps = prompts(&tok, &["hi", "there", "a", "b", "c", "d"]);
     let mut cfg = sampled(10, EngineOpts::default());
     cfg.min_new_tokens = 10;
-    let g = generate(&net, ctx(), &tok, &ps, &cfg, &RowKeys::range(0, 0, 2)).unwrap();
+    let strings = cfg.stop.clone();
+    cfg.stop.clear();
+    let g = generate(&net, ctx(), &tok, &ps, &cfg, &RowKeys::range(0, 0, 6)).unwrap();
     assert!(g.tokens.iter().all(|t| t.len() == 10), "{:?}", g.tokens);
     assert_eq!(g.stats.decode_steps, 9);
+    cfg.stop = strings;
+    let g = generate(&net, ctx(), &tok, &ps, &cfg, &RowKeys::range(0, 0, 6)).unwrap();
+    assert!(g.tokens.iter().any(|t| t.len() < 10), "{:?}", g.tokens);
+    for text in &g.texts {
+        assert!(!text.contains(|c: char| c.is_ascii_lowercase()), "{text:?}");
+    }
 }
 
 /// Before `min_new_tokens`, a stop token cannot be drawn; after it, it can. Draws from a

@@ -106,7 +106,8 @@ fn lt_error(
 /// allocations are, views at an offset may not be.
 const ALIGN: u64 = 256;
 
-fn aligned(t: &Tensor) -> Result<bool> {
+/// Whether `t` (bf16 or f16, contiguous) starts on a 256-byte boundary.
+pub fn aligned(t: &Tensor) -> Result<bool> {
     let (s, l) = t.storage_and_layout();
     let s = cuda_storage(&s)?;
     let stream = s.device().cuda_stream();
@@ -118,13 +119,14 @@ fn aligned(t: &Tensor) -> Result<bool> {
     Ok(ptr % ALIGN == 0)
 }
 
-/// `t` contiguous and 256-byte aligned: itself, or a fresh copy.
-fn prepared(t: &Tensor) -> Result<Tensor> {
+/// `t` contiguous and 256-byte aligned, as it is handed to cuBLASLt: itself, or a copy into
+/// fresh storage (`force_contiguous`: `copy` would keep the view's offset), differentiable.
+pub fn prepared(t: &Tensor) -> Result<Tensor> {
     let t = t.contiguous()?;
     if aligned(&t)? {
         Ok(t)
     } else {
-        t.copy()
+        t.force_contiguous()
     }
 }
 
