@@ -30,7 +30,13 @@ pub fn attention(
     if choice == KernelChoice::Custom {
         #[cfg(feature = "cuda")]
         if q.device().is_cuda() {
-            if let Some(y) = super::cuda::attention::attention(q, k, v, mask, scale)? {
+            let y = super::spans::timed(
+                super::KernelOp::Attention,
+                super::spans::Pass::Forward,
+                q.device(),
+                || super::cuda::attention::attention(q, k, v, mask, scale),
+            )?;
+            if let Some(y) = y {
                 return Ok(y);
             }
             warn_fallback(

@@ -18,6 +18,8 @@ use candle_core::{
 use super::gelu;
 use super::host::{rows_cols, slice};
 use super::registry::{warn_fallback, KernelChoice};
+use super::spans::{self, Pass};
+use super::KernelOp;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -53,12 +55,14 @@ pub fn reference(y: &Tensor, b: &Tensor, act: BiasAct) -> Result<Tensor> {
 
 /// The fused op on any device: `y [..., C]`, `b [C]` (cast to f32 if it is not).
 pub fn fused(y: &Tensor, b: &Tensor, act: BiasAct) -> Result<Tensor> {
-    let c = y.dim(D::Minus1)?;
-    if b.dims() != [c] {
-        candle_core::bail!("bias: expected a bias of [{c}], got {:?}", b.dims());
-    }
-    y.contiguous()?
-        .apply_op2(&b.to_dtype(DType::F32)?.contiguous()?, Bias { act })
+    spans::timed(KernelOp::Bias, Pass::Forward, y.device(), || {
+        let c = y.dim(D::Minus1)?;
+        if b.dims() != [c] {
+            candle_core::bail!("bias: expected a bias of [{c}], got {:?}", b.dims());
+        }
+        y.contiguous()?
+            .apply_op2(&b.to_dtype(DType::F32)?.contiguous()?, Bias { act })
+    })
 }
 
 struct Bias {
@@ -153,8 +157,10 @@ impl CustomOp2 for Bias {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dy, db) = backward(y, b, grad, self.act)?;
-        Ok((Some(dy), Some(db)))
+        spans::timed(KernelOp::Bias, Pass::Backward, y.device(), || {
+            let (dy, db) = backward(y, b, grad, self.act)?;
+            Ok((Some(dy), Some(db)))
+        })
     }
 }
 

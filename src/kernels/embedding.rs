@@ -15,6 +15,8 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType
 
 use super::host::slice;
 use super::registry::{warn_fallback, KernelChoice};
+use super::spans::{self, Pass};
+use super::KernelOp;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -49,21 +51,23 @@ pub fn reference(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Tensor> {
 
 /// The fused op on any device, differentiable in the table.
 pub fn fused(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Tensor> {
-    if table.rank() != 2 || table.dtype() != DType::F32 {
-        candle_core::bail!(
-            "embedding: the table must be an f32 [V, H], got {:?} {:?}",
-            table.dtype(),
-            table.dims()
-        );
-    }
-    let h = table.dim(1)?;
-    let mut shape = ids.dims().to_vec();
-    shape.push(h);
-    let op = Embedding {
-        ids: ids.flatten_all()?.to_dtype(DType::U32)?.contiguous()?,
-        dtype,
-    };
-    table.contiguous()?.apply_op1(op)?.reshape(shape)
+    spans::timed(KernelOp::Embedding, Pass::Forward, table.device(), || {
+        if table.rank() != 2 || table.dtype() != DType::F32 {
+            candle_core::bail!(
+                "embedding: the table must be an f32 [V, H], got {:?} {:?}",
+                table.dtype(),
+                table.dims()
+            );
+        }
+        let h = table.dim(1)?;
+        let mut shape = ids.dims().to_vec();
+        shape.push(h);
+        let op = Embedding {
+            ids: ids.flatten_all()?.to_dtype(DType::U32)?.contiguous()?,
+            dtype,
+        };
+        table.contiguous()?.apply_op1(op)?.reshape(shape)
+    })
 }
 
 struct Embedding {
@@ -146,11 +150,13 @@ impl CustomOp1 for Embedding {
     }
 
     fn bwd(&self, table: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        // The grouping needs the ids on the host: read here, in the backward, so that a
-        // forward alone (generation) never waits for the device.
-        let ids = self.ids.to_vec1::<u32>()?;
-        let (vocab, _) = table.dims2()?;
-        table_grad(grad, ids, vocab).map(Some)
+        spans::timed(KernelOp::Embedding, Pass::Backward, table.device(), || {
+            // The grouping needs the ids on the host: read here, in the backward, so that a
+            // forward alone (generation) never waits for the device.
+            let ids = self.ids.to_vec1::<u32>()?;
+            let (vocab, _) = table.dims2()?;
+            table_grad(grad, ids, vocab).map(Some)
+        })
     }
 }
 

@@ -10,6 +10,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor
 
 use super::host::slice;
 use super::registry::{warn_fallback, KernelChoice};
+use super::spans::{self, Pass};
+use super::KernelOp;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -35,7 +37,9 @@ pub fn reference(x: &Tensor) -> Result<Tensor> {
 
 /// The fused op on any device, differentiable.
 pub fn fused(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Gelu)
+    spans::timed(KernelOp::Gelu, Pass::Forward, x.device(), || {
+        x.contiguous()?.apply_op1(Gelu)
+    })
 }
 
 /// The fused op's backward for a given `dy`: `dx = dy * gelu'(x)`, what candle's autograd
@@ -110,7 +114,9 @@ impl CustomOp1 for Gelu {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        backward(x, grad).map(Some)
+        spans::timed(KernelOp::Gelu, Pass::Backward, x.device(), || {
+            backward(x, grad).map(Some)
+        })
     }
 }
 

@@ -16,8 +16,16 @@ use super::registry::KernelChoice;
 pub fn matmul_nt(x: &Tensor, w: &Tensor, choice: KernelChoice) -> Result<Tensor> {
     if choice == KernelChoice::Custom && x.device().is_cuda() {
         #[cfg(feature = "cuda")]
-        if let Some(y) = super::cuda::gemm::matmul_nt(x, w)? {
-            return Ok(y);
+        {
+            let y = super::spans::timed(
+                super::KernelOp::Gemm,
+                super::spans::Pass::Forward,
+                x.device(),
+                || super::cuda::gemm::matmul_nt(x, w),
+            )?;
+            if let Some(y) = y {
+                return Ok(y);
+            }
         }
     }
     reference(x, w)

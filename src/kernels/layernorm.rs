@@ -14,6 +14,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, W
 
 use super::host::{rows_cols, slice};
 use super::registry::{warn_fallback, KernelChoice};
+use super::spans::{self, Pass};
+use super::KernelOp;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -55,9 +57,11 @@ pub fn reference(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor>
 
 /// The fused op on any device: `x [..., C]`, `w` and `b` f32 `[C]`.
 pub fn fused(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    check(x, w, b)?;
-    x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm::new(eps))
+    spans::timed(KernelOp::LayerNorm, Pass::Forward, x.device(), || {
+        check(x, w, b)?;
+        x.contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm::new(eps))
+    })
 }
 
 fn check(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<()> {
@@ -241,30 +245,32 @@ impl CustomOp3 for LayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let saved = self
-            .stats
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        // candle runs the forward of every op it differentiates, so the stats are there.
-        let Some((mean, rstd)) = saved else {
-            candle_core::bail!("layer_norm: backward before its forward");
-        };
-        let op = LayerNormBwd {
-            mean,
-            rstd,
-            dwdb: Mutex::new(None),
-        };
-        let dx = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
-        let dwdb = op
-            .dwdb
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let Some((dw, db)) = dwdb else {
-            candle_core::bail!("layer_norm backward: no weight gradient");
-        };
-        Ok((Some(dx), Some(dw), Some(db)))
+        spans::timed(KernelOp::LayerNorm, Pass::Backward, x.device(), || {
+            let saved = self
+                .stats
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            // candle runs the forward of every op it differentiates, so the stats are there.
+            let Some((mean, rstd)) = saved else {
+                candle_core::bail!("layer_norm: backward before its forward");
+            };
+            let op = LayerNormBwd {
+                mean,
+                rstd,
+                dwdb: Mutex::new(None),
+            };
+            let dx = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
+            let dwdb = op
+                .dwdb
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            let Some((dw, db)) = dwdb else {
+                candle_core::bail!("layer_norm backward: no weight gradient");
+            };
+            Ok((Some(dx), Some(dw), Some(db)))
+        })
     }
 }
 

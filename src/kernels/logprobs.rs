@@ -18,6 +18,8 @@ use candle_core::{
 
 use super::host::{rows_cols, slice};
 use super::registry::{warn_fallback, KernelChoice};
+use super::spans::{self, Pass};
+use super::KernelOp;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -48,11 +50,13 @@ pub fn reference(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 
 /// The fused op on any device, differentiable in the logits.
 pub fn fused(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    check(logits, targets)?;
-    logits.contiguous()?.apply_op2(
-        &targets.to_dtype(DType::U32)?.contiguous()?,
-        Logprobs::new(),
-    )
+    spans::timed(KernelOp::Logprobs, Pass::Forward, logits.device(), || {
+        check(logits, targets)?;
+        logits.contiguous()?.apply_op2(
+            &targets.to_dtype(DType::U32)?.contiguous()?,
+            Logprobs::new(),
+        )
+    })
 }
 
 fn check(logits: &Tensor, targets: &Tensor) -> Result<()> {
@@ -205,18 +209,20 @@ impl CustomOp2 for Logprobs {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let saved = self
-            .lse
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        // candle runs the forward of every op it differentiates, so the lse is always there.
-        let Some(lse) = saved else {
-            candle_core::bail!("logprobs: backward before its forward");
-        };
-        let g = grad.to_dtype(DType::F32)?.contiguous()?;
-        let dx = logits.apply_op3_no_bwd(targets, &g, &LogprobsBwd { lse })?;
-        Ok((Some(dx), None))
+        spans::timed(KernelOp::Logprobs, Pass::Backward, logits.device(), || {
+            let saved = self
+                .lse
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            // candle runs the forward of every op it differentiates, so the lse is always there.
+            let Some(lse) = saved else {
+                candle_core::bail!("logprobs: backward before its forward");
+            };
+            let g = grad.to_dtype(DType::F32)?.contiguous()?;
+            let dx = logits.apply_op3_no_bwd(targets, &g, &LogprobsBwd { lse })?;
+            Ok((Some(dx), None))
+        })
     }
 }
 

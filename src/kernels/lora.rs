@@ -18,7 +18,13 @@ pub fn lora_linear(x: &Tensor, args: &LoraArgs, choice: KernelChoice) -> Result<
     if choice == KernelChoice::Custom {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            if let Some(y) = super::cuda::lora::lora_linear(x, args)? {
+            let y = super::spans::timed(
+                super::KernelOp::Lora,
+                super::spans::Pass::Forward,
+                x.device(),
+                || super::cuda::lora::lora_linear(x, args),
+            )?;
+            if let Some(y) = y {
                 return Ok(y);
             }
             warn_fallback(

@@ -18,6 +18,7 @@ pub mod registry;
 pub mod rmsnorm;
 pub mod rope;
 pub mod sample;
+pub mod spans;
 pub mod swiglu;
 
 pub use registry::{KernelChoice, KernelOp, KernelSet};

@@ -11,7 +11,13 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, choice: KernelChoice) -> Resul
     if choice == KernelChoice::Custom {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            if let Some(y) = super::cuda::rmsnorm::rms_norm(x, w, eps)? {
+            let y = super::spans::timed(
+                super::KernelOp::RmsNorm,
+                super::spans::Pass::Forward,
+                x.device(),
+                || super::cuda::rmsnorm::rms_norm(x, w, eps),
+            )?;
+            if let Some(y) = y {
                 return Ok(y);
             }
             warn_fallback("rmsnorm", &format!("no CUDA kernel for {:?}", x.dtype()));

@@ -15,6 +15,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType
 
 use super::host::slice;
 use super::registry::{warn_fallback, KernelChoice};
+use super::spans::{self, Pass};
+use super::KernelOp;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -46,26 +48,28 @@ pub fn reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// The fused op on any device, differentiable in `x`: `x` `[B, H, T, D]` with `D` even,
 /// `cos` and `sin` `[B, 1, T, D/2]`, all three of one dtype.
 pub fn fused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (b, _, t, d) = x.dims4()?;
-    let table = [b, 1, t, d / 2];
-    if d == 0 || d % 2 != 0 || cos.dims() != table || sin.dims() != table {
-        candle_core::bail!(
-            "rope: x {:?} needs an even head_dim and tables {table:?}, got {:?} and {:?}",
-            x.dims(),
-            cos.dims(),
-            sin.dims()
-        );
-    }
-    if cos.dtype() != x.dtype() || sin.dtype() != x.dtype() {
-        candle_core::bail!(
-            "rope: tables {:?} must be in x's dtype {:?}",
-            cos.dtype(),
-            x.dtype()
-        );
-    }
-    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
-    x.contiguous()?
-        .apply_op3(&cos, &sin, Rope { inverse: false })
+    spans::timed(KernelOp::Rope, Pass::Forward, x.device(), || {
+        let (b, _, t, d) = x.dims4()?;
+        let table = [b, 1, t, d / 2];
+        if d == 0 || d % 2 != 0 || cos.dims() != table || sin.dims() != table {
+            candle_core::bail!(
+                "rope: x {:?} needs an even head_dim and tables {table:?}, got {:?} and {:?}",
+                x.dims(),
+                cos.dims(),
+                sin.dims()
+            );
+        }
+        if cos.dtype() != x.dtype() || sin.dtype() != x.dtype() {
+            candle_core::bail!(
+                "rope: tables {:?} must be in x's dtype {:?}",
+                cos.dtype(),
+                x.dtype()
+            );
+        }
+        let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+        x.contiguous()?
+            .apply_op3(&cos, &sin, Rope { inverse: false })
+    })
 }
 
 /// The fused op's backward for a given `dy` (the inverse rotation), what candle's autograd
@@ -170,11 +174,13 @@ impl CustomOp3 for Rope {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if self.inverse {
-            candle_core::bail!("rope: the inverse rotation is not differentiated");
-        }
-        let dy = grad.to_dtype(x.dtype())?;
-        Ok((Some(backward(&dy, cos, sin)?), None, None))
+        spans::timed(KernelOp::Rope, Pass::Backward, x.device(), || {
+            if self.inverse {
+                candle_core::bail!("rope: the inverse rotation is not differentiated");
+            }
+            let dy = grad.to_dtype(x.dtype())?;
+            Ok((Some(backward(&dy, cos, sin)?), None, None))
+        })
     }
 }
 

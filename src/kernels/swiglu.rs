@@ -13,6 +13,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor
 
 use super::host::slice;
 use super::registry::{warn_fallback, KernelChoice};
+use super::spans::{self, Pass};
+use super::KernelOp;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -34,16 +36,18 @@ pub fn reference(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 
 /// The fused op on any device: `g` and `u` of one shape and dtype, differentiable in both.
 pub fn fused(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    if g.shape() != u.shape() || g.dtype() != u.dtype() {
-        candle_core::bail!(
-            "swiglu: gate {:?} {:?} and up {:?} {:?} differ",
-            g.shape(),
-            g.dtype(),
-            u.shape(),
-            u.dtype()
-        );
-    }
-    g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
+    spans::timed(KernelOp::SwiGlu, Pass::Forward, g.device(), || {
+        if g.shape() != u.shape() || g.dtype() != u.dtype() {
+            candle_core::bail!(
+                "swiglu: gate {:?} {:?} and up {:?} {:?} differ",
+                g.shape(),
+                g.dtype(),
+                u.shape(),
+                u.dtype()
+            );
+        }
+        g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
+    })
 }
 
 /// The fused op's backward for a given `dy`: `(dg, du)`, what candle's autograd calls for
@@ -146,8 +150,10 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dg, du) = backward(g, u, grad)?;
-        Ok((Some(dg), Some(du)))
+        spans::timed(KernelOp::SwiGlu, Pass::Backward, g.device(), || {
+            let (dg, du) = backward(g, u, grad)?;
+            Ok((Some(dg), Some(du)))
+        })
     }
 }
 

@@ -1,13 +1,20 @@
-//! `--profile N`: where a training step's time goes, by region, without ncu. Each region of
-//! the timed steps is bracketed by two CUDA events on the compute stream (on a GPU: device
-//! time, no host synchronisation inside the step) or by the host clock (on a CPU). The table
-//! is printed at the end of the run and written to `profile.json` in the run directory.
+//! `--profile N`: where a training step's time goes, by region and by kernel op, without ncu.
+//! Each region of the timed steps, and each of our kernel ops' forward and backward inside
+//! them (`kernels::spans`), is bracketed by two CUDA events on the compute stream (on a GPU:
+//! device time, no host synchronisation inside the step) or by the host clock (on a CPU).
+//! What the ops do not cover is everything else: candle's own ops (the references, residual
+//! adds, casts, copies) and autograd's bookkeeping. The tables are printed at the end of the
+//! run and written to `profile.json` in the run directory.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::Device;
+
+pub use crate::kernels::spans::Mark;
+use crate::kernels::spans::{self, OpSpan, Pass};
+use crate::kernels::KernelOp;
 
 /// Steps run before timing starts: the first steps allocate, load kernels and tune cuBLAS.
 pub const WARMUP_STEPS: usize = 2;
@@ -48,26 +55,6 @@ impl Region {
     }
 }
 
-/// A point in time on the stream (GPU) or the host clock (CPU).
-pub enum Mark {
-    Host(Instant),
-    #[cfg(feature = "cuda")]
-    Cuda(
-        candle_core::cuda_backend::cudarc::driver::CudaEvent,
-        Instant,
-    ),
-}
-
-impl Mark {
-    fn host(&self) -> Instant {
-        match self {
-            Mark::Host(t) => *t,
-            #[cfg(feature = "cuda")]
-            Mark::Cuda(_, t) => *t,
-        }
-    }
-}
-
 /// Per-region time of the timed steps.
 #[derive(Debug, serde::Serialize)]
 pub struct RegionTime {
@@ -79,9 +66,21 @@ pub struct RegionTime {
     pub share: f64,
 }
 
+/// Per-step time of one kernel op's forward or backward.
+#[derive(Debug, serde::Serialize)]
+pub struct OpTime {
+    pub op: String,
+    pub pass: &'static str,
+    pub calls_per_step: f64,
+    pub ms_per_step: f64,
+    /// Of the whole step.
+    pub share: f64,
+}
+
 pub struct Profiler {
     device: Device,
     spans: Vec<(Region, Mark, Mark)>,
+    ops: Vec<OpSpan>,
     steps: usize,
 }
 
@@ -90,22 +89,18 @@ impl Profiler {
         Self {
             device: device.clone(),
             spans: vec![],
+            ops: vec![],
             steps: 0,
         }
     }
 
     pub fn mark(&self) -> Result<Mark> {
-        #[cfg(feature = "cuda")]
-        if let Device::Cuda(d) = &self.device {
-            use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-            let e = d
-                .cuda_stream()
-                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(|e| anyhow::anyhow!("profile: recording a CUDA event: {e:?}"))?;
-            return Ok(Mark::Cuda(e, Instant::now()));
-        }
-        let _ = &self.device;
-        Ok(Mark::Host(Instant::now()))
+        Ok(Mark::now(&self.device)?)
+    }
+
+    /// Starts recording the kernel ops' spans of a timed step on this thread.
+    pub fn step_started(&self) {
+        spans::start();
     }
 
     /// Records that `region` ran from `start` to now.
@@ -116,6 +111,7 @@ impl Profiler {
     }
 
     pub fn step_done(&mut self) {
+        self.ops.extend(spans::take());
         self.steps += 1;
     }
 
@@ -133,14 +129,7 @@ impl Profiler {
             let i = Region::ALL.iter().position(|r| r == region).unwrap_or(0);
             seen[i] = true;
             host[i] += (b.host() - a.host()).as_secs_f64() * 1e3;
-            dev[i] += match (a, b) {
-                #[cfg(feature = "cuda")]
-                (Mark::Cuda(ea, _), Mark::Cuda(eb, _)) => f64::from(
-                    ea.elapsed_ms(eb)
-                        .map_err(|e| anyhow::anyhow!("profile: reading CUDA events: {e:?}"))?,
-                ),
-                _ => (b.host() - a.host()).as_secs_f64() * 1e3,
-            };
+            dev[i] += a.ms_until(b)?;
         }
         let total: f64 = dev.iter().sum::<f64>().max(1e-12);
         Ok(Region::ALL
@@ -154,6 +143,30 @@ impl Profiler {
                 share: dev[i] / total,
             })
             .collect())
+    }
+
+    /// Milliseconds per timed step of each kernel op's forward and backward, largest first;
+    /// shares are of `step_ms`.
+    pub fn report_ops(&self, step_ms: f64) -> Result<Vec<OpTime>> {
+        let steps = self.steps.max(1) as f64;
+        let mut by: BTreeMap<(KernelOp, Pass), (usize, f64)> = BTreeMap::new();
+        for s in &self.ops {
+            let e = by.entry((s.op, s.pass)).or_default();
+            e.0 += 1;
+            e.1 += s.start.ms_until(&s.end)?;
+        }
+        let mut rows: Vec<OpTime> = by
+            .into_iter()
+            .map(|((op, pass), (n, ms))| OpTime {
+                op: op.name().to_string(),
+                pass: pass.name(),
+                calls_per_step: n as f64 / steps,
+                ms_per_step: ms / steps,
+                share: ms / steps / step_ms.max(1e-12),
+            })
+            .collect();
+        rows.sort_by(|a, b| b.ms_per_step.total_cmp(&a.ms_per_step));
+        Ok(rows)
     }
 
     /// The table for the terminal.
@@ -182,17 +195,45 @@ impl Profiler {
                 r.share * 100.0
             ));
         }
+        let ops = self.report_ops(step_ms)?;
+        if !ops.is_empty() {
+            out.push_str(&format!(
+                "{:<28} {:>24} {:>10} {:>8}\n",
+                "kernel op (inside the above)", "ms", "calls", "share"
+            ));
+            for r in &ops {
+                out.push_str(&format!(
+                    "{:<28} {:>24.3} {:>10.0} {:>7.1}%\n",
+                    format!("{} {}", r.op, r.pass),
+                    r.ms_per_step,
+                    r.calls_per_step,
+                    r.share * 100.0
+                ));
+            }
+            let in_ops: f64 = ops.iter().map(|r| r.ms_per_step).sum();
+            let rest = (step_ms - in_ops).max(0.0);
+            out.push_str(&format!(
+                "{:<28} {:>24.3} {:>10} {:>7.1}%\n",
+                "not in a kernel op",
+                rest,
+                "",
+                rest / step_ms.max(1e-12) * 100.0
+            ));
+        }
         Ok(out)
     }
 
     /// Writes `profile.json` (the rows, steps and tokens per step) into `run_dir`.
     pub fn write(&self, run_dir: &Path, tokens_per_step: f64) -> Result<()> {
+        let regions = self.report()?;
+        let step_ms: f64 = regions.iter().map(|r| r.ms_per_step).sum();
         let v = serde_json::json!({
             "steps": self.steps,
             "warmup_steps": WARMUP_STEPS,
             "device": crate::device::describe(&self.device),
             "tokens_per_step": tokens_per_step,
-            "regions": self.report()?,
+            "regions": regions,
+            "ops": self.report_ops(step_ms)?,
         });
         crate::io::write_atomic(
             &run_dir.join("profile.json"),
@@ -225,5 +266,47 @@ mod tests {
         assert!((r.iter().map(|x| x.share).sum::<f64>() - 1.0).abs() < 1e-9);
         let t = p.table(1000.0).unwrap();
         assert!(t.contains("AdamW") && t.contains("3 steps"), "{t}");
+        assert!(!t.contains("kernel op"), "no op ran: no op table\n{t}");
+    }
+
+    /// The ops' spans recorded during the timed steps are summed per op and pass, averaged per
+    /// step, and what they leave of the step is reported as the rest.
+    #[test]
+    fn kernel_ops_are_timed_inside_the_step() {
+        let dev = Device::Cpu;
+        let mut p = Profiler::new(&dev);
+        let nap = |ms| {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            Ok(())
+        };
+        for _ in 0..2 {
+            p.step_started();
+            let a = p.mark().unwrap();
+            spans::timed(KernelOp::Gemm, Pass::Forward, &dev, || nap(3)).unwrap();
+            spans::timed(KernelOp::Gemm, Pass::Forward, &dev, || nap(3)).unwrap();
+            spans::timed(KernelOp::Bias, Pass::Backward, &dev, || nap(2)).unwrap();
+            nap(4).unwrap();
+            p.span(Region::Forward, a).unwrap();
+            p.step_done();
+        }
+        // Outside a timed step nothing is recorded.
+        spans::timed(KernelOp::Gelu, Pass::Forward, &dev, || nap(1)).unwrap();
+        let step_ms = p.report().unwrap()[0].ms_per_step;
+        let ops = p.report_ops(step_ms).unwrap();
+        let names: Vec<(&str, &str, f64)> = ops
+            .iter()
+            .map(|o| (o.op.as_str(), o.pass, o.calls_per_step))
+            .collect();
+        assert_eq!(names, [("gemm", "fwd", 2.0), ("bias", "bwd", 1.0)]);
+        assert!(
+            ops[0].ms_per_step >= 6.0 && ops[1].ms_per_step >= 2.0,
+            "{ops:?}"
+        );
+        assert!(ops.iter().map(|o| o.share).sum::<f64>() < 1.0);
+        let t = p.table(100.0).unwrap();
+        assert!(
+            t.contains("gemm fwd") && t.contains("not in a kernel op"),
+            "{t}"
+        );
     }
 }

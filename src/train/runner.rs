@@ -409,6 +409,9 @@ impl<T: Task> Loop<'_, T> {
         let mut loss_sum = 0.0;
         let mut tokens = 0;
         let mut extras = Averages::default();
+        if let (Some(p), true) = (&self.prof, timed) {
+            p.step_started();
+        }
         let prof = |lp: &Self| -> Result<Option<Mark>> {
             match (&lp.prof, timed) {
                 (Some(p), true) => Ok(Some(p.mark()?)),

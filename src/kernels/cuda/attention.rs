@@ -27,6 +27,8 @@ use candle_core::{
 };
 
 use super::super::attention::AttnMask;
+use super::super::spans::{self, Pass};
+use super::super::KernelOp;
 use super::{
     alloc_out, compute_capability, contiguous_view, cuda_storage, grid_stride, launch, load_func,
     sm_count, tensor_from_slice, to_i32, DevPtrs, LaunchConfig,
@@ -814,16 +816,18 @@ impl CustomOp3 for FlashAttn {
         o: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dout = aligned(grad)?;
-        // The backward kernels read contiguous k and v; a KV cache view is copied here.
-        let (k, v) = (&aligned(k)?, &aligned(v)?);
-        let (dq, dk, dv) = match q.dtype() {
-            DType::F32 => self.backward::<f32>(q, k, v, o, &dout)?,
-            DType::BF16 => self.backward::<half::bf16>(q, k, v, o, &dout)?,
-            DType::F16 => self.backward::<half::f16>(q, k, v, o, &dout)?,
-            dt => candle_core::bail!("flash attention backward: no kernel for {dt:?}"),
-        };
-        Ok((Some(dq), Some(dk), Some(dv)))
+        spans::timed(KernelOp::Attention, Pass::Backward, q.device(), || {
+            let dout = aligned(grad)?;
+            // The backward kernels read contiguous k and v; a KV cache view is copied here.
+            let (k, v) = (&aligned(k)?, &aligned(v)?);
+            let (dq, dk, dv) = match q.dtype() {
+                DType::F32 => self.backward::<f32>(q, k, v, o, &dout)?,
+                DType::BF16 => self.backward::<half::bf16>(q, k, v, o, &dout)?,
+                DType::F16 => self.backward::<half::f16>(q, k, v, o, &dout)?,
+                dt => candle_core::bail!("flash attention backward: no kernel for {dt:?}"),
+            };
+            Ok((Some(dq), Some(dk), Some(dv)))
+        })
     }
 }
 

@@ -13,6 +13,8 @@ use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, ValidAsZe
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 
+use super::super::spans::{self, Pass};
+use super::super::KernelOp;
 use super::{alloc_out, contiguous_view, cuda_storage};
 
 type Result<T> = candle_core::Result<T>;
@@ -198,13 +200,15 @@ impl CustomOp2 for Gemm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if self.0 != Form::Nt {
-            candle_core::bail!("gemm: only the forward form is differentiated");
-        }
-        let g = prepared(&grad.to_dtype(x.dtype())?)?;
-        let dx = g.apply_op2_no_bwd(w, &Gemm(Form::Nn))?;
-        let dw = g.apply_op2_no_bwd(x, &Gemm(Form::Tn))?;
-        Ok((Some(dx), Some(dw)))
+        spans::timed(KernelOp::Gemm, Pass::Backward, x.device(), || {
+            if self.0 != Form::Nt {
+                candle_core::bail!("gemm: only the forward form is differentiated");
+            }
+            let g = prepared(&grad.to_dtype(x.dtype())?)?;
+            let dx = g.apply_op2_no_bwd(w, &Gemm(Form::Nn))?;
+            let dw = g.apply_op2_no_bwd(x, &Gemm(Form::Tn))?;
+            Ok((Some(dx), Some(dw)))
+        })
     }
 }
 

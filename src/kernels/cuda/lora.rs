@@ -28,6 +28,8 @@ use candle_core::{
 };
 
 use super::super::lora::LoraArgs;
+use super::super::spans::{self, Pass};
+use super::super::KernelOp;
 use super::{
     alloc_out, compute_capability, contiguous_view, cuda_storage, grid_stride, launch, load_func,
     sm_count, tensor_from_slice, to_i32, DevPtrs, LaunchConfig,
@@ -734,14 +736,16 @@ impl CustomOp3 for LoraOp {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = aligned(grad)?;
-        let (dx, da, db) = match x.dtype() {
-            DType::F32 => self.backward::<f32>(x, a, &dy)?,
-            DType::BF16 => self.backward::<half::bf16>(x, a, &dy)?,
-            DType::F16 => self.backward::<half::f16>(x, a, &dy)?,
-            dt => candle_core::bail!("lora backward: no kernel for {dt:?}"),
-        };
-        Ok((Some(dx), Some(da), Some(db)))
+        spans::timed(KernelOp::Lora, Pass::Backward, x.device(), || {
+            let dy = aligned(grad)?;
+            let (dx, da, db) = match x.dtype() {
+                DType::F32 => self.backward::<f32>(x, a, &dy)?,
+                DType::BF16 => self.backward::<half::bf16>(x, a, &dy)?,
+                DType::F16 => self.backward::<half::f16>(x, a, &dy)?,
+                dt => candle_core::bail!("lora backward: no kernel for {dt:?}"),
+            };
+            Ok((Some(dx), Some(da), Some(db)))
+        })
     }
 }
 

@@ -17,6 +17,8 @@ use candle_core::{
 };
 
 use super::super::host::{rows_cols, slice};
+use super::super::spans::{self, Pass};
+use super::super::KernelOp;
 use super::{alloc_out, contiguous_view, cuda_storage, launch, launch_1d, load_func};
 use super::{sm_count, tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
 
@@ -331,25 +333,28 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let saved = self
-            .rstd
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let rstd = match saved {
-            Some(r) => r,
-            // Only if the forward never ran through our code (it always does); recompute.
-            None => (x.to_dtype(DType::F32)?.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?
-                .sqrt()?
-                .recip()?
-                .flatten_all()?,
-        };
-        let cols = w.elem_count();
-        let n = x.elem_count();
-        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormBwd { rstd })?;
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, n, cols)?;
-        Ok((Some(dx), Some(dw)))
+        spans::timed(KernelOp::RmsNorm, Pass::Backward, x.device(), || {
+            let saved = self
+                .rstd
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let rstd = match saved {
+                Some(r) => r,
+                // Only if the forward never ran through our code (it always does); recompute.
+                None => (x.to_dtype(DType::F32)?.sqr()?.mean_keepdim(D::Minus1)?
+                    + self.eps as f64)?
+                    .sqrt()?
+                    .recip()?
+                    .flatten_all()?,
+            };
+            let cols = w.elem_count();
+            let n = x.elem_count();
+            let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormBwd { rstd })?;
+            let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+            let dw = packed.narrow(0, n, cols)?;
+            Ok((Some(dx), Some(dw)))
+        })
     }
 }
 
