@@ -95,7 +95,8 @@ cat >"$OUTDIR/run-on-device.sh" <<'SH'
 #!/usr/bin/env bash
 # Unpacks the bundle built by scripts/gpu-build.sh and runs its executables against the
 # device machine's CUDA (libraries in /usr/local/cuda/lib64; the driver's libcuda.so.1 is
-# found by default). Run from the repository root, where tests expect to be.
+# found by default; NCCL's libnccl.so.2 from PyTorch's nvidia-nccl wheel). Run from the
+# repository root, where tests expect to be.
 #   .gpu/run-on-device.sh list                # what is in the bundle
 #   .gpu/run-on-device.sh tests [filter]      # every test-* executable
 #   .gpu/run-on-device.sh benches             # every bench-* executable
@@ -109,7 +110,8 @@ if [[ ! -f "$DEST/.unpacked" || "$HERE/bundle.tar.xz" -nt "$DEST/.unpacked" ]]; 
   xz -dc "$HERE/bundle.tar.xz" | tar -x -C "$DEST"
   touch "$DEST/.unpacked"
 fi
-export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+NCCL_LIB="$(python3 -c 'import os, nvidia.nccl as m; print(os.path.join(list(m.__path__)[0], "lib"))' 2>/dev/null || true)"
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64${NCCL_LIB:+:$NCCL_LIB}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cmd="${1:-list}"
 shift || true
 case "$cmd" in
