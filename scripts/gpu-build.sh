@@ -139,7 +139,7 @@ chmod +x "$OUTDIR/run-on-device.sh"
 
 size_mb=$(( $(stat -c %s "$OUTDIR/bundle.tar.xz") / 1048576 ))
 echo "packed $(wc -l <"$STAGE/list") executables into .gpu/bundle.tar.xz (${size_mb} MiB):" >&2
-sed 's/^/  /; s/ .*//' "$STAGE/list" >&2
+sed 's/ .*//; s/^/  /' "$STAGE/list" >&2
 if ((size_mb > ${TEMPER_GPU_MAX_MB:-48})); then
   echo "error: the bundle is over ${TEMPER_GPU_MAX_MB:-48} MiB; narrow TEMPER_GPU_TESTS / TEMPER_GPU_BENCHES" >&2
   exit 1
