@@ -26,6 +26,14 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor, choice: KernelChoice) -> Result<Tensor>
             if let Some(y) = y {
                 return Ok(y);
             }
+            let why = match (x.dtype(), x.dims().last(), w.dims().first()) {
+                (candle_core::DType::F32, _, _) => "f32 (cuBLASLt would run it as TF32)".into(),
+                (dt, Some(k), Some(n)) => {
+                    format!("{dt:?} with K {k}, N {n} (rows not a multiple of 16 bytes)")
+                }
+                (dt, _, _) => format!("{dt:?}"),
+            };
+            super::registry::warn_fallback("gemm", &why);
         }
     }
     reference(x, w)
