@@ -19,11 +19,17 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use temper::kernels::lora::{linear, lora_linear_reference, LoraArgs};
+use temper::kernels::lora::{lora_linear_reference, LoraArgs};
+use temper::kernels::KernelChoice;
 
 #[path = "common/timing.rs"]
 mod timing;
 use timing::median;
+
+/// candle's plain GEMM `x W^T`: the reference of the `gemm` op.
+fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    temper::kernels::gemm::linear(x, w, bias, KernelChoice::Reference)
+}
 
 fn main() -> candle_core::Result<()> {
     #[cfg(feature = "cuda")]

@@ -46,25 +46,13 @@ pub fn lora_linear(x: &Tensor, args: &LoraArgs, choice: KernelChoice) -> Result<
 
 /// `x_lora` is the input of the adapter branch: `x` itself, or `x` after LoRA dropout.
 pub fn lora_linear_reference(x: &Tensor, x_lora: &Tensor, args: &LoraArgs) -> Result<Tensor> {
+    let linear = |x: &Tensor, w: &Tensor, b: Option<&Tensor>| {
+        super::gemm::linear(x, w, b, KernelChoice::Reference)
+    };
     let base = linear(x, args.w, args.bias)?;
     let down = linear(x_lora, args.a, None)?;
     let up = (linear(&down, args.b, None)? * args.scale)?;
     base + up
-}
-
-/// `x W^T (+ bias)` for `x` of any rank, `W: [N, K]`.
-pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let dims = x.dims();
-    let k = dims[dims.len() - 1];
-    let rows = x.elem_count() / k.max(1);
-    let y = x.reshape((rows, k))?.matmul(&w.t()?)?;
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("x has at least one dim") = w.dim(0)?;
-    let y = y.reshape(out_dims)?;
-    match bias {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
 }
 
 #[cfg(test)]

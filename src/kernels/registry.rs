@@ -168,22 +168,11 @@ pub struct KernelSet {
 
 impl KernelSet {
     pub fn reference() -> Self {
-        Self {
-            attention: KernelChoice::Reference,
-            lora: KernelChoice::Reference,
-            gae: KernelChoice::Reference,
-            rmsnorm: KernelChoice::Reference,
-            adamw: KernelChoice::Reference,
-            logprobs: KernelChoice::Reference,
-            embedding: KernelChoice::Reference,
-            sample: KernelChoice::Reference,
-            layernorm: KernelChoice::Reference,
-            gelu: KernelChoice::Reference,
-            bias: KernelChoice::Reference,
-            gemm: KernelChoice::Reference,
-            swiglu: KernelChoice::Reference,
-            rope: KernelChoice::Reference,
+        let mut k = Self::default();
+        for op in KernelOp::ALL {
+            *k.slot(op) = KernelChoice::Reference;
         }
+        k
     }
 
     /// The choice for `op`, to change.
@@ -206,24 +195,10 @@ impl KernelSet {
         }
     }
 
-    /// The choice for `op`.
+    /// The choice for `op` (read through [`KernelSet::slot`], the one map of ops to fields).
     pub fn get(&self, op: KernelOp) -> KernelChoice {
-        match op {
-            KernelOp::Attention => self.attention,
-            KernelOp::Lora => self.lora,
-            KernelOp::Gae => self.gae,
-            KernelOp::RmsNorm => self.rmsnorm,
-            KernelOp::Adamw => self.adamw,
-            KernelOp::Logprobs => self.logprobs,
-            KernelOp::Embedding => self.embedding,
-            KernelOp::Sample => self.sample,
-            KernelOp::LayerNorm => self.layernorm,
-            KernelOp::Gelu => self.gelu,
-            KernelOp::Bias => self.bias,
-            KernelOp::Gemm => self.gemm,
-            KernelOp::SwiGlu => self.swiglu,
-            KernelOp::Rope => self.rope,
-        }
+        let mut k = *self;
+        *k.slot(op)
     }
 
     /// Applies `op=impl,op=impl` on top of `self`; `all=reference` switches every op.

@@ -132,15 +132,22 @@ pub fn prepared(t: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Whether cuBLASLt serves `a` and `b`, whose last dimensions the GEMM contracts or writes as
+/// rows (`k`, `n`; `inner` pairs the two sizes that must agree): both bf16 or both f16, 2-D,
+/// the inner sizes equal, and every row a non-empty multiple of 16 bytes.
+fn takes(a: &Tensor, b: &Tensor, inner: (usize, usize), (k, n): (usize, usize)) -> bool {
+    let half = matches!(a.dtype(), DType::BF16 | DType::F16);
+    let rows_fit = k > 0 && n > 0 && k % 8 == 0 && n % 8 == 0;
+    half && b.dtype() == a.dtype() && inner.0 == inner.1 && rows_fit
+}
+
 /// `x W^T` through cuBLASLt, or `None` where it does not apply (f32, mixed dtypes, rows not
 /// a multiple of 16 bytes, fewer than two dimensions).
 pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let (Ok((_, k)), Ok((n, kw))) = (x.dims2(), w.dims2()) else {
         return Ok(None);
     };
-    let half = matches!(x.dtype(), DType::BF16 | DType::F16);
-    let rows_fit = k > 0 && n > 0 && k % 8 == 0 && n % 8 == 0;
-    if !half || w.dtype() != x.dtype() || k != kw || !rows_fit {
+    if !takes(x, w, (k, kw), (k, n)) {
         return Ok(None);
     }
     Ok(Some(prepared(x)?.apply_op2(&prepared(w)?, Gemm(Form::Nt))?))
@@ -152,9 +159,7 @@ pub fn matmul_nn(dy: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let (Ok((_, n)), Ok((nw, k))) = (dy.dims2(), w.dims2()) else {
         return Ok(None);
     };
-    let half = matches!(dy.dtype(), DType::BF16 | DType::F16);
-    let rows_fit = k > 0 && n > 0 && k % 8 == 0 && n % 8 == 0;
-    if !half || w.dtype() != dy.dtype() || n != nw || !rows_fit {
+    if !takes(dy, w, (n, nw), (k, n)) {
         return Ok(None);
     }
     Ok(Some(
