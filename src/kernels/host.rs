@@ -33,6 +33,16 @@ pub(crate) mod testing {
             .expect("a float tensor")
     }
 
+    /// The largest absolute value in `t`.
+    pub fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.max(0))
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.to_scalar::<f32>())
+            .expect("a float tensor")
+    }
+
     /// Every element of `ours` finite and within `tol * max(1, |reference|)` of `reference`.
     pub fn assert_close(what: &str, ours: &Tensor, reference: &Tensor, tol: f32) {
         assert_eq!(ours.dims(), reference.dims(), "{what}: shapes");

@@ -346,6 +346,7 @@ impl CustomOp3 for LayerNormBwd {
 
 #[cfg(test)]
 mod tests {
+    use super::super::host::testing::max_abs;
     use super::*;
     use candle_core::Var;
 
@@ -437,29 +438,7 @@ mod tests {
             };
             let ours = run(&fused);
             let refs = run(&reference);
-            let diff = |a: &Tensor, b: &Tensor| -> f32 {
-                let scale = b
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    .max(1.0);
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    / scale
-            };
+            let diff = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap()) / max_abs(b).max(1.0);
             for (what, a, b) in [
                 ("y", &ours.0, &refs.0),
                 ("dx", &ours.1, &refs.1),

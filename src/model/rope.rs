@@ -73,6 +73,7 @@ impl RopeAt {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::host::testing::max_abs;
     use crate::kernels::rope::{fused, reference};
     use candle_core::DType;
 
@@ -96,16 +97,7 @@ mod tests {
         let x = Tensor::from_vec(xs, (b, h, t, d), &dev).unwrap();
         let ours = fused(&x, &at.cos, &at.sin).unwrap();
         let refs = reference(&x, &at.cos, &at.sin).unwrap();
-        let diff = (ours - refs)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs(&(ours - refs).unwrap());
         assert!(diff < 1e-5, "{diff}");
     }
 }
