@@ -1,7 +1,8 @@
 //! The GPU training step's kernel ops, each ours (the fused custom op) against its reference
 //! (candle's composite), bf16 at GPT-2 124M B16 T1024 shapes (src/config/model.rs's `gpt2`:
 //! R = 16384 rows, hidden 768, MLP 3072, vocabulary 50304): LayerNorm, GELU, the bias add,
-//! bias + GELU, Llama's SwiGLU and RoPE (at GPT-2's widths), the token + position embedding,
+//! bias + GELU, Llama's SwiGLU and RoPE (at GPT-2's widths), attention's head split, the token +
+//! position embedding,
 //! the loss head's log-probabilities, and one
 //! AdamW step over GPT-2's 124M f32 parameters. PyTorch eager at the same shapes comes from
 //! scripts/bench_peers.py (`train_ops`), run in the same device call by scripts/gpu-check.sh,
@@ -24,6 +25,7 @@
 //! - swiglu (C = MLP): the gate and up projections in, the output out: 3·R·C·e
 //! - rope (the queries `[B, heads, T, D]`): x in and out, the cos and sin tables
 //!   `[B, 1, T, D/2]` in: (2·B·heads·T·D + B·T·D)·e
+//! - heads (C = hidden): the `[B, T, C]` projection in, its `[B, heads, T, D]` copy out: 2·R·C·e
 //! - embedding (H = hidden, T positions): the token ids, the token rows they read (f32 table),
 //!   the position table once (positions follow from the row), y out: 4·R + 4·R·H + 4·T·H + e·R·H
 //! - logprobs (V = vocabulary): the logits and targets in, the f32 log-probabilities out:
@@ -54,7 +56,7 @@ use temper::kernels::adamw::{self, Hyper, Slot};
 use temper::kernels::bias::{self, BiasAct};
 use temper::kernels::layernorm::{self, LayerNormDirect};
 use temper::kernels::logprobs::{self, LogprobsDirect};
-use temper::kernels::{embedding, gelu, rope, swiglu, KernelChoice};
+use temper::kernels::{embedding, gelu, heads, rope, swiglu, KernelChoice};
 
 #[path = "common/timing.rs"]
 mod timing;
@@ -72,13 +74,14 @@ const DIRECT: &str = "direct";
 const AUTOGRAD: &str = "autograd y*dy";
 
 /// The ops, in the order they are run. See [`Case`] for what a row needs.
-const CASES: [(&str, Build); 9] = [
+const CASES: [(&str, Build); 10] = [
     ("layernorm", layernorm),
     ("gelu", gelu),
     ("bias", bias),
     ("bias_gelu", bias_gelu),
     ("swiglu", swiglu),
     ("rope", rope),
+    ("heads", heads_split),
     ("embedding", embedding),
     ("logprobs", logprobs),
     ("adamw", adamw),
@@ -350,6 +353,39 @@ fn swiglu(d: &Dims) -> Result<Case> {
         compares: "y, dg, du",
         ours: Impl::new(ours_fwd, ours_both, DIRECT),
         reference: Impl::new(call(move || swiglu::reference(&g, &u)), ref_both, AUTOGRAD),
+    })
+}
+
+/// The queries' projection `[B, T, hidden]` into heads `[B, heads, T, head_dim]`; the
+/// backward is the inverse permutation of dY (`heads::fused` the other way).
+fn heads_split(d: &Dims) -> Result<Case> {
+    let (b, t, c) = (d.batch, d.seq, d.cfg.hidden_size);
+    let (h, hd) = (d.cfg.num_attention_heads, d.cfg.head_dim());
+    let x = d.act(&[b, t, c])?;
+    let dy = d.act(&[b, h, t, hd])?;
+    let ours_fwd = {
+        let x = x.clone();
+        call(move || heads::fused(&x, (b, t, h, hd), false))
+    };
+    let ours_both: Run = {
+        let (x, dy) = (x.clone(), dy.clone());
+        Box::new(move || {
+            let y = heads::fused(&x, (b, t, h, hd), false)?;
+            let dx = heads::fused(&dy, (b, h, t, hd), true)?;
+            Ok(vec![y, dx])
+        })
+    };
+    let ref_both = autograd(&[&x], &dy, move |v| heads::split_reference(&v[0], h))?;
+    Ok(Case {
+        shape: format!("B{b} T{t} H{h} D{hd}"),
+        fwd_bytes: (2 * b * t * c * d.elem()) as f64,
+        compares: "y, dx",
+        ours: Impl::new(ours_fwd, ours_both, DIRECT),
+        reference: Impl::new(
+            call(move || heads::split_reference(&x, h)),
+            ref_both,
+            AUTOGRAD,
+        ),
     })
 }
 

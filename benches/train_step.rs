@@ -18,7 +18,7 @@ use temper::config::{ModelConfig, TrainConfig};
 use temper::kernels::KernelSet;
 use temper::model::linear::Ctx;
 use temper::model::{Fwd, Transformer};
-use temper::train::loss::{cross_entropy, scalar};
+use temper::train::loss::scalar;
 use temper::train::optimizer::AdamW;
 use temper::train::params::{Net, ParamStore};
 
@@ -57,7 +57,6 @@ fn run(
     let all = Tensor::from_vec(data, (b, t + 1), dev)?;
     let x = all.narrow(1, 0, t)?.contiguous()?;
     let y = all.narrow(1, 1, t)?.contiguous()?;
-    let mask = Tensor::ones((b, t), DType::F32, dev)?;
     let mut times = vec![];
     let mut losses = vec![];
     for i in 0..steps + 2 {
@@ -67,7 +66,7 @@ fn run(
             positions: None,
             key_valid: None,
         };
-        let loss = cross_entropy(&net.loss_logits(&x, &f)?, &y, &mask, kernels.logprobs)?;
+        let loss = net.target_logprobs(&x, &y, &f)?.neg()?.mean_all()?;
         let grads = opt.collect(&loss.backward()?)?;
         opt.update(&grads, 3e-4, 1.0, kernels.adamw)?;
         losses.push(scalar(&loss)?); // forces a device sync

@@ -17,7 +17,8 @@ so scripts/gpu-check.sh can put ours and theirs in one table:
 - copy: device-to-device copy bandwidth (bytes read + written), the memory ceiling.
 - train_ops: the training step's kernel ops at benches/train_ops.rs's GPT-2 124M B16 T1024
   bf16 shapes, fwd and fwd+bwd ms: F.layer_norm, F.gelu(approximate="tanh"), the bias add and
-  bias + GELU, token + position F.embedding (backward to both tables), the loss head
+  bias + GELU, SwiGLU, RoPE, the head split (view, transpose, contiguous), token + position
+  F.embedding (backward to both tables), the loss head
   (F.cross_entropy per token over the bf16 logits upcast to f32, backward to the logits), and
   one torch.optim.AdamW(fused=True) step with clip_grad_norm_ over GPT-2's f32 parameters
   (fwd_ms = one step).
@@ -240,6 +241,15 @@ def train_ops():
         measure("rope", f"B{batch} H{heads} T{seq} D{hd}", lambda: x * cos + rotate_half(x) * sin, (x,),
                 randn(batch, heads, seq, hd), (2 * batch * heads * seq * hd + batch * seq * hd) * e)
 
+    def heads():
+        # The queries' projection into heads, as GPT-2 trainers write it: view, transpose,
+        # contiguous (what SDPA is handed).
+        h, hd = 12, hidden // 12
+        x = randn(batch, seq, hidden, grad=True)
+        measure("heads", f"B{batch} T{seq} H{h} D{hd}",
+                lambda: x.view(batch, seq, h, hd).transpose(1, 2).contiguous(), (x,),
+                randn(batch, h, seq, hd), 2 * rows * hidden * e)
+
     def embedding():
         # Token rows plus position rows broadcast over the batch, as GPT-2 trainers write it,
         # from f32 tables; cast to bf16, the dtype temper's lookup gives.
@@ -283,7 +293,7 @@ def train_ops():
 
     tanh_gelu = lambda z: F.gelu(z, approximate="tanh")  # noqa: E731
     for f in [layernorm, gelu, lambda: bias("bias", hidden, lambda z: z),
-              lambda: bias("bias_gelu", mlp, tanh_gelu), swiglu, rope, embedding, logprobs, adamw]:
+              lambda: bias("bias_gelu", mlp, tanh_gelu), swiglu, rope, heads, embedding, logprobs, adamw]:
         f()
         torch.cuda.empty_cache()
 

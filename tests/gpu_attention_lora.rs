@@ -12,26 +12,11 @@
 //! that for gradients; NaN never passes. Each run draws a new seed, printed in any failure
 //! message; `TEMPER_TEST_SEED=<seed>` replays it (every test then uses that seed).
 
+#[macro_use]
 mod common;
 
-/// One test per kernel check: runs the body on the GPU when there is one, else says why not
-/// (tests/common/gpu.rs).
-macro_rules! gpu_test {
-    ($name:ident) => {
-        #[test]
-        fn $name() {
-            #[cfg(feature = "cuda")]
-            common::gpu::run(stringify!($name), gpu::$name);
-            #[cfg(not(feature = "cuda"))]
-            {
-                use std::io::Write;
-                let reason = "SKIPPED (built without feature cuda)";
-                let _ = writeln!(std::io::stderr(), "{reason}: {}", stringify!($name));
-            }
-        }
-    };
-}
-
+// One test per kernel check: runs the body on the GPU when there is one, else says why not
+// (`gpu_test!`, tests/common/mod.rs).
 gpu_test!(attention_forward_matches_reference);
 gpu_test!(attention_gradients_match_reference_autograd);
 gpu_test!(attention_dispatcher_uses_the_kernel);

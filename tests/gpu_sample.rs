@@ -11,23 +11,8 @@
 //! `SKIPPED (built without feature cuda): <name>` or `SKIPPED (no CUDA device): <name>` on
 //! stderr and passes. `TEMPER_TEST_SEED=<seed>` replays a failure's inputs.
 
+#[macro_use]
 mod common;
-
-macro_rules! gpu_test {
-    ($name:ident) => {
-        #[test]
-        fn $name() {
-            #[cfg(feature = "cuda")]
-            common::gpu::run(stringify!($name), gpu::$name);
-            #[cfg(not(feature = "cuda"))]
-            {
-                use std::io::Write;
-                let reason = "SKIPPED (built without feature cuda)";
-                let _ = writeln!(std::io::stderr(), "{reason}: {}", stringify!($name));
-            }
-        }
-    };
-}
 
 gpu_test!(sample_kernel_matches_reference);
 gpu_test!(masked_tokens_are_never_drawn);

@@ -27,8 +27,20 @@
 //!   ours sums in f32), and the bias gradient bit-identical on two runs.
 //! - `gemm` (cuBLASLt, `src/kernels/cuda/gemm.rs`): `x W^T` and both gradients against
 //!   candle's matmul, bf16 and f16, one row, GPT-2's projections and LM head widths, an input
-//!   view at an unaligned offset (copied before the call); f32 and rows that are not a
-//!   multiple of 16 bytes stay on the reference.
+//!   view at an unaligned offset (copied before the call); `[B, T, K]` inputs, a frozen weight
+//!   (no gradient), and the bias in cuBLASLt's epilogue with its f32 column-sum gradient; f32
+//!   and rows that are not a multiple of 16 bytes stay on the reference.
+//! - `heads` (`kernels/heads.cu`): attention's head split and merge against candle's reshape,
+//!   transpose and copy, bit for bit with both gradients; GPT-2's head width, rows of 14, 24
+//!   and 28 bytes and inputs one and four elements off alignment (every unit size), f32,
+//!   bf16, f16.
+//! - the loss head (`src/kernels/cuda/loss_head.rs`: the LM head's GEMM and the
+//!   log-probabilities as one node, the gradient written over the logits): against the GEMM
+//!   and the loss head's references apart, GPT-2's width and vocabulary at an odd length and a
+//!   single row, bf16 and f16, rows whose upstream gradient is zero, and a frozen head weight.
+//! - `dropout` (`kernels/dropout.cu`): one element, an odd count and a GPT-2 activation at
+//!   three rates, f32, bf16 and f16: the output and the gradient equal the reference's (and
+//!   the CPU's mask) bit for bit.
 //! - all of them together: 50 bf16 training steps of a small GPT-2 (LayerNorm, learned
 //!   positions, bias + GELU) and a small Llama (RMSNorm, RoPE, SwiGLU, grouped-query
 //!   attention) with every kernel op against every reference: the two loss curves agree step
@@ -37,24 +49,10 @@
 //! Each needs feature `cuda` and a CUDA device; otherwise it prints why it did not run on
 //! stderr and passes.
 
+#[macro_use]
 mod common;
 
-#[test]
-fn adamw_kernel_matches_reference() {
-    #[cfg(feature = "cuda")]
-    common::gpu::run(
-        "adamw_kernel_matches_reference",
-        adamw::adamw_kernel_matches_reference,
-    );
-    #[cfg(not(feature = "cuda"))]
-    {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED (built without feature cuda): adamw_kernel_matches_reference"
-        );
-    }
-}
+gpu_test!(adamw::adamw_kernel_matches_reference);
 
 #[cfg(feature = "cuda")]
 mod adamw {
@@ -149,22 +147,7 @@ mod adamw {
     }
 }
 
-#[test]
-fn logprobs_kernel_matches_reference() {
-    #[cfg(feature = "cuda")]
-    common::gpu::run(
-        "logprobs_kernel_matches_reference",
-        logprobs::logprobs_kernel_matches_reference,
-    );
-    #[cfg(not(feature = "cuda"))]
-    {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED (built without feature cuda): logprobs_kernel_matches_reference"
-        );
-    }
-}
+gpu_test!(logprobs::logprobs_kernel_matches_reference);
 
 #[cfg(feature = "cuda")]
 mod logprobs {
@@ -222,22 +205,7 @@ mod logprobs {
     }
 }
 
-#[test]
-fn embedding_kernel_matches_reference() {
-    #[cfg(feature = "cuda")]
-    common::gpu::run(
-        "embedding_kernel_matches_reference",
-        embedding::embedding_kernel_matches_reference,
-    );
-    #[cfg(not(feature = "cuda"))]
-    {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED (built without feature cuda): embedding_kernel_matches_reference"
-        );
-    }
-}
+gpu_test!(embedding::embedding_kernel_matches_reference);
 
 #[cfg(feature = "cuda")]
 mod embedding {
@@ -259,9 +227,13 @@ mod embedding {
             .unwrap();
             let pool: Vec<u32> = (0..distinct).map(|_| rng.below(vocab) as u32).collect();
             let ids: Vec<u32> = (0..n).map(|_| pool[rng.below(distinct)]).collect();
-            let ids = Tensor::from_vec(ids, n, dev).unwrap();
+            // One case takes `[B, T]` ids, as the model does: the rows come back `[B, T, H]`.
+            let lead = if n == 64 { vec![4, 16] } else { vec![n] };
+            let ids = Tensor::from_vec(ids, lead.as_slice(), dev).unwrap();
+            let mut out = lead.clone();
+            out.push(h);
             for dtype in [DType::F32, DType::BF16, DType::F16] {
-                let dy = Tensor::from_vec(rng.vec(n * h, -1.0, 1.0), (n, h), dev)
+                let dy = Tensor::from_vec(rng.vec(n * h, -1.0, 1.0), out.as_slice(), dev)
                     .unwrap()
                     .to_dtype(dtype)
                     .unwrap();
@@ -293,22 +265,7 @@ mod embedding {
     }
 }
 
-#[test]
-fn layernorm_kernel_matches_reference() {
-    #[cfg(feature = "cuda")]
-    common::gpu::run(
-        "layernorm_kernel_matches_reference",
-        layernorm::layernorm_kernel_matches_reference,
-    );
-    #[cfg(not(feature = "cuda"))]
-    {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED (built without feature cuda): layernorm_kernel_matches_reference"
-        );
-    }
-}
+gpu_test!(layernorm::layernorm_kernel_matches_reference);
 
 #[cfg(feature = "cuda")]
 mod layernorm {
@@ -361,22 +318,7 @@ mod layernorm {
     }
 }
 
-#[test]
-fn gelu_kernel_matches_reference() {
-    #[cfg(feature = "cuda")]
-    common::gpu::run(
-        "gelu_kernel_matches_reference",
-        gelu::gelu_kernel_matches_reference,
-    );
-    #[cfg(not(feature = "cuda"))]
-    {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED (built without feature cuda): gelu_kernel_matches_reference"
-        );
-    }
-}
+gpu_test!(gelu::gelu_kernel_matches_reference);
 
 #[cfg(feature = "cuda")]
 mod gelu {
@@ -414,22 +356,7 @@ mod gelu {
     }
 }
 
-#[test]
-fn swiglu_kernel_matches_reference() {
-    #[cfg(feature = "cuda")]
-    common::gpu::run(
-        "swiglu_kernel_matches_reference",
-        swiglu::swiglu_kernel_matches_reference,
-    );
-    #[cfg(not(feature = "cuda"))]
-    {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED (built without feature cuda): swiglu_kernel_matches_reference"
-        );
-    }
-}
+gpu_test!(swiglu::swiglu_kernel_matches_reference);
 
 #[cfg(feature = "cuda")]
 mod swiglu {
@@ -469,22 +396,7 @@ mod swiglu {
     }
 }
 
-#[test]
-fn rope_kernel_matches_reference() {
-    #[cfg(feature = "cuda")]
-    common::gpu::run(
-        "rope_kernel_matches_reference",
-        rope::rope_kernel_matches_reference,
-    );
-    #[cfg(not(feature = "cuda"))]
-    {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED (built without feature cuda): rope_kernel_matches_reference"
-        );
-    }
-}
+gpu_test!(rope::rope_kernel_matches_reference);
 
 #[cfg(feature = "cuda")]
 mod rope {
@@ -552,22 +464,7 @@ mod rope {
     }
 }
 
-#[test]
-fn bias_kernel_matches_reference() {
-    #[cfg(feature = "cuda")]
-    common::gpu::run(
-        "bias_kernel_matches_reference",
-        bias::bias_kernel_matches_reference,
-    );
-    #[cfg(not(feature = "cuda"))]
-    {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED (built without feature cuda): bias_kernel_matches_reference"
-        );
-    }
-}
+gpu_test!(bias::bias_kernel_matches_reference);
 
 #[cfg(feature = "cuda")]
 mod bias {
@@ -634,25 +531,13 @@ mod bias {
     }
 }
 
-#[test]
-fn gemm_matches_reference() {
-    #[cfg(feature = "cuda")]
-    common::gpu::run("gemm_matches_reference", gemm::gemm_matches_reference);
-    #[cfg(not(feature = "cuda"))]
-    {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED (built without feature cuda): gemm_matches_reference"
-        );
-    }
-}
+gpu_test!(gemm::gemm_matches_reference);
 
 #[cfg(feature = "cuda")]
 mod gemm {
     use candle_core::{DType, Device, Tensor, Var};
     use temper::kernels::cuda::gemm::{aligned, prepared};
-    use temper::kernels::gemm::{matmul_nt, reference};
+    use temper::kernels::gemm::{linear_bias_epilogue, matmul_nt, reference};
     use temper::kernels::KernelChoice;
 
     use super::common::gpu::{assert_close, elem_tol, grad_tol, tol, Rng};
@@ -716,6 +601,97 @@ mod gemm {
                 assert_close(&what("dw"), &ours[2], &refs[2], tol(dtype), grad_tol(dtype));
             }
         }
+        // `[B, T, K]` inputs go in as they are (no reshape nodes), and a frozen (untracked)
+        // weight gets no gradient; one row as well (a decode step, with the bias epilogue).
+        for (dtype, (b, t)) in [DType::BF16, DType::F16]
+            .into_iter()
+            .flat_map(|d| [(d, (3, 43)), (d, (1, 1))])
+        {
+            let (k, n) = (256, 200);
+            let mk = |rng: &mut Rng, dims: &[usize]| {
+                let len = dims.iter().product();
+                Tensor::from_vec(rng.vec(len, -1.0, 1.0), dims, dev)
+                    .and_then(|t| t.to_dtype(dtype))
+                    .unwrap()
+            };
+            let (x, w, dy) = (
+                mk(&mut rng, &[b, t, k]),
+                mk(&mut rng, &[n, k]),
+                mk(&mut rng, &[b, t, n]),
+            );
+            let what = |s: &str| format!("seed {seed:#x} [{b},{t},{k}]x{n} {dtype:?} {s}");
+            assert!(
+                temper::kernels::cuda::gemm::matmul_nt(&x, &w)
+                    .unwrap()
+                    .is_some(),
+                "{}",
+                what("cuBLASLt did not take the call")
+            );
+            let ours = run(KernelChoice::Custom, &x, &w, &dy);
+            let refs = run(KernelChoice::Reference, &x, &w, &dy);
+            assert_eq!(ours[0].dims(), [b, t, n], "{}", what("y's shape"));
+            assert_eq!(ours[1].dims(), [b, t, k], "{}", what("dx's shape"));
+            assert_close(&what("y"), &ours[0], &refs[0], tol(dtype), elem_tol(dtype));
+            assert_close(&what("dx"), &ours[1], &refs[1], tol(dtype), grad_tol(dtype));
+            assert_close(&what("dw"), &ours[2], &refs[2], tol(dtype), grad_tol(dtype));
+            // The bias in cuBLASLt's epilogue, from the f32 master, against the reference GEMM
+            // and candle's broadcast add; its gradient is an f32 column sum.
+            let bias = Var::from_tensor(&Tensor::from_vec(rng.vec(n, -1.0, 1.0), n, dev).unwrap())
+                .unwrap();
+            let with_bias = |ours: bool| {
+                let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+                let y = match ours {
+                    true => linear_bias_epilogue(xv.as_tensor(), wv.as_tensor(), &bias)
+                        .unwrap()
+                        .expect("cuBLASLt did not take the bias GEMM"),
+                    false => reference(xv.as_tensor(), wv.as_tensor())
+                        .unwrap()
+                        .broadcast_add(&bias.to_dtype(dtype).unwrap())
+                        .unwrap(),
+                };
+                let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+                let get = |t: &Tensor| g.get(t).unwrap().to_dtype(DType::F32).unwrap();
+                [
+                    y,
+                    get(xv.as_tensor()),
+                    get(wv.as_tensor()),
+                    get(bias.as_tensor()),
+                ]
+            };
+            let (ob, rb) = (with_bias(true), with_bias(false));
+            assert_close(&what("y + b"), &ob[0], &rb[0], tol(dtype), elem_tol(dtype));
+            assert_close(
+                &what("dx (bias)"),
+                &ob[1],
+                &rb[1],
+                tol(dtype),
+                grad_tol(dtype),
+            );
+            assert_close(
+                &what("dw (bias)"),
+                &ob[2],
+                &rb[2],
+                tol(dtype),
+                grad_tol(dtype),
+            );
+            assert_close(&what("db"), &ob[3], &rb[3], tol(dtype), grad_tol(dtype));
+            let xv = Var::from_tensor(&x).unwrap();
+            let y = matmul_nt(xv.as_tensor(), &w, KernelChoice::Custom).unwrap();
+            let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(
+                g.get(&w).is_none(),
+                "{}",
+                what("a frozen weight got a gradient")
+            );
+            let dx = g.get(xv.as_tensor()).unwrap();
+            assert_close(
+                &what("dx, frozen w"),
+                dx,
+                &refs[1],
+                tol(dtype),
+                grad_tol(dtype),
+            );
+        }
         // What stays on candle's matmul: f32 (cuBLASLt would run it as TF32) and rows that
         // are not a multiple of 16 bytes.
         let f32x = Tensor::ones((4, 16), DType::F32, dev).unwrap();
@@ -733,22 +709,220 @@ mod gemm {
     }
 }
 
-#[test]
-fn training_curves_match_the_reference_kernels() {
-    #[cfg(feature = "cuda")]
-    common::gpu::run(
-        "training_curves_match_the_reference_kernels",
-        curves::training_curves_match_the_reference_kernels,
-    );
-    #[cfg(not(feature = "cuda"))]
-    {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED (built without feature cuda): training_curves_match_the_reference_kernels"
-        );
+gpu_test!(heads::heads_kernel_matches_reference);
+
+#[cfg(feature = "cuda")]
+mod heads {
+    use candle_core::{DType, Device, Tensor, Var};
+    use temper::kernels::heads::{fused, merge_reference, split_reference};
+
+    use super::common::gpu::{host, Rng};
+
+    /// A permutation is exact: the values and gradients must equal the reference's bit for bit.
+    fn same(what: &str, ours: &Tensor, refs: &Tensor) {
+        assert_eq!(ours.dims(), refs.dims(), "{what}: shapes");
+        assert!(host(ours) == host(refs), "{what}: values differ");
+    }
+
+    pub fn heads_kernel_matches_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0x4ead);
+        // (B, T, n, d, skew): GPT-2's heads at an odd length (16-byte units); rows of 24 bytes
+        // in bf16 (8-byte units), of 14 in bf16 and 28 in f32 (2- and 4-byte units); inputs one
+        // and four elements into their buffer (the unit shrinks to what the offset allows:
+        // 2 or 4 bytes, then 8 in bf16).
+        for (b, t, n, d, skew) in [
+            (3, 37, 12, 64, 0),
+            (2, 19, 6, 12, 0),
+            (1, 17, 3, 7, 0),
+            (2, 33, 4, 64, 1),
+            (2, 33, 4, 64, 4),
+        ] {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let len = b * t * n * d;
+                let what =
+                    |s: &str| format!("seed {seed:#x} [{b},{t},{n},{d}]+{skew} {dtype:?} {s}");
+                // The variable is the whole buffer; the op reads a view `skew` elements in,
+                // which stays misaligned (a Var of the view itself would be a fresh copy).
+                let buf = Tensor::from_vec(rng.vec(len + skew, -1.0, 1.0), len + skew, dev)
+                    .and_then(|y| y.to_dtype(dtype))
+                    .unwrap();
+                let buf = Var::from_tensor(&buf).unwrap();
+                let y = buf
+                    .as_tensor()
+                    .narrow(0, skew, len)
+                    .and_then(|y| y.reshape((b, t, n * d)))
+                    .unwrap();
+                let rand = |rng: &mut Rng, dims: &[usize]| {
+                    Tensor::from_vec(rng.vec(len, -1.0, 1.0), dims, dev)
+                        .and_then(|t| t.to_dtype(dtype))
+                        .unwrap()
+                };
+                let dy = rand(&mut rng, &[b, n, t, d]);
+                let dm = rand(&mut rng, &[b, t, n * d]);
+                let grad_of = |out: &Tensor, dy: &Tensor, v: &Var| {
+                    let g = (out * dy).unwrap().sum_all().unwrap().backward().unwrap();
+                    g.get(v.as_tensor()).unwrap().clone()
+                };
+                let ours = fused(&y, (b, t, n, d), false).unwrap();
+                let refs = split_reference(&y, n).unwrap();
+                same(&what("split"), &ours, &refs);
+                same(
+                    &what("split's gradient"),
+                    &grad_of(&ours, &dy, &buf),
+                    &grad_of(&refs, &dy, &buf),
+                );
+                // The merge, on a variable of its own, forward and backward.
+                let z = Var::from_tensor(&refs).unwrap();
+                let merged = fused(z.as_tensor(), (b, n, t, d), true).unwrap();
+                let merged_ref = merge_reference(z.as_tensor()).unwrap();
+                same(&what("merge"), &merged, &merged_ref);
+                same(&what("round trip"), &merged, &y);
+                same(
+                    &what("merge's gradient"),
+                    &grad_of(&merged, &dm, &z),
+                    &grad_of(&merged_ref, &dm, &z),
+                );
+            }
+        }
     }
 }
+
+gpu_test!(loss_head::loss_head_matches_reference);
+
+#[cfg(feature = "cuda")]
+mod loss_head {
+    use candle_core::{DType, Device, Tensor, Var};
+    use temper::kernels::logprobs::head_logprobs;
+    use temper::kernels::KernelChoice;
+
+    use super::common::gpu::{assert_close, grad_tol, Rng};
+
+    pub fn loss_head_matches_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0x10ad);
+        // (B, T, K, V): GPT-2's width and padded vocabulary at an odd length; a small odd
+        // vocabulary (a multiple of 8, as cuBLASLt needs) with one row.
+        for (b, t, k, v) in [(3, 37, 768, 50304), (1, 1, 64, 1000)] {
+            for dtype in [DType::BF16, DType::F16] {
+                let mk = |rng: &mut Rng, dims: &[usize], scale: f32| {
+                    let n = dims.iter().product();
+                    Tensor::from_vec(rng.vec(n, -scale, scale), dims, dev)
+                        .and_then(|t| t.to_dtype(dtype))
+                        .unwrap()
+                };
+                let h = mk(&mut rng, &[b, t, k], 1.0);
+                let w = mk(&mut rng, &[v, k], 0.1);
+                let ids: Vec<u32> = (0..b * t).map(|_| rng.below(v) as u32).collect();
+                let targets = Tensor::from_vec(ids, (b, t), dev).unwrap();
+                // Some rows' upstream gradient is zero, as a loss mask makes it.
+                let dy: Vec<f32> = (0..b * t)
+                    .map(|i| {
+                        if i % 5 == 3 {
+                            0.0
+                        } else {
+                            rng.uniform(-1.0, 1.0)
+                        }
+                    })
+                    .collect();
+                let dy = Tensor::from_vec(dy, (b, t), dev).unwrap();
+                let what = |s: &str| format!("seed {seed:#x} [{b},{t},{k}]x{v} {dtype:?} {s}");
+                let run = |choice: KernelChoice, frozen: bool| {
+                    let hv = Var::from_tensor(&h).unwrap();
+                    let wv = Var::from_tensor(&w).unwrap();
+                    let wt = if frozen {
+                        w.clone()
+                    } else {
+                        wv.as_tensor().clone()
+                    };
+                    let lp = head_logprobs(hv.as_tensor(), &wt, &targets, choice, choice).unwrap();
+                    let g = (&lp * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+                    // The weight the op was handed: the variable, or the frozen tensor itself
+                    // (a gradient the op returned for it would be stored under its id).
+                    let dw = g.get(&wt).cloned();
+                    (lp, g.get(hv.as_tensor()).unwrap().clone(), dw)
+                };
+                assert!(
+                    temper::kernels::cuda::loss_head::token_logprobs(&h, &w, &targets)
+                        .unwrap()
+                        .is_some(),
+                    "{}",
+                    what("the fused head did not take the call")
+                );
+                let ours = run(KernelChoice::Custom, false);
+                let refs = run(KernelChoice::Reference, false);
+                // f32 log-probabilities of bf16 logits: the two GEMMs may round a logit an ulp
+                // apart (4e-3 at magnitude 1), against log-probabilities near -11.
+                assert_close(&what("logp"), &ours.0, &refs.0, 2e-3, (2e-3, 0.0));
+                assert_close(&what("dh"), &ours.1, &refs.1, 3e-2, grad_tol(dtype));
+                let (dw, dw_ref) = (ours.2.unwrap(), refs.2.unwrap());
+                assert_close(&what("dW"), &dw, &dw_ref, 3e-2, grad_tol(dtype));
+                let frozen = run(KernelChoice::Custom, true);
+                assert!(
+                    frozen.2.is_none(),
+                    "{}",
+                    what("a frozen head got a gradient")
+                );
+                assert_close(
+                    &what("dh, frozen W"),
+                    &frozen.1,
+                    &refs.1,
+                    3e-2,
+                    grad_tol(dtype),
+                );
+            }
+        }
+    }
+}
+
+gpu_test!(dropout::dropout_kernel_matches_reference);
+
+#[cfg(feature = "cuda")]
+mod dropout {
+    use candle_core::{DType, Device, Tensor, Var};
+    use temper::kernels::dropout::{fused, reference, Mask};
+
+    use super::common::gpu::{host, Rng};
+
+    /// The mask is integer hashing and the scale is rounded to the dtype on both sides: the
+    /// kernel must equal the reference bit for bit, forward and backward, and the CPU's mask.
+    pub fn dropout_kernel_matches_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0xd4);
+        for (shape, p) in [
+            (vec![1usize], 0.5),
+            (vec![1031], 0.1),
+            (vec![3, 1021, 768], 0.37),
+        ] {
+            let n: usize = shape.iter().product();
+            let mask = Mask::new(p, rng.next()).unwrap();
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let what = |s: &str| format!("seed {seed:#x} {shape:?} p {p} {dtype:?} {s}");
+                let x = Tensor::from_vec(rng.vec(n, -2.0, 2.0), shape.as_slice(), dev)
+                    .and_then(|t| t.to_dtype(dtype))
+                    .unwrap();
+                let dy = Tensor::from_vec(rng.vec(n, -1.0, 1.0), shape.as_slice(), dev)
+                    .and_then(|t| t.to_dtype(dtype))
+                    .unwrap();
+                let run = |f: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>| {
+                    let v = Var::from_tensor(&x).unwrap();
+                    let y = f(v.as_tensor()).unwrap();
+                    let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+                    (host(&y), host(g.get(v.as_tensor()).unwrap()))
+                };
+                let ours = run(&|x| fused(x, mask));
+                let refs = run(&|x| reference(x, &mask));
+                assert!(ours.0 == refs.0, "{}", what("forward differs"));
+                assert!(ours.1 == refs.1, "{}", what("backward differs"));
+                let on_cpu = reference(&x.to_device(&Device::Cpu).unwrap(), &mask).unwrap();
+                assert!(
+                    ours.0 == host(&on_cpu),
+                    "{}",
+                    what("differs from the CPU's mask")
+                );
+            }
+        }
+    }
+}
+
+gpu_test!(curves::training_curves_match_the_reference_kernels);
 
 #[cfg(feature = "cuda")]
 mod curves {
@@ -757,7 +931,7 @@ mod curves {
     use temper::kernels::KernelSet;
     use temper::model::linear::Ctx;
     use temper::model::{Fwd, Transformer};
-    use temper::train::loss::{cross_entropy, scalar};
+    use temper::train::loss::scalar;
     use temper::train::optimizer::AdamW;
     use temper::train::params::{Net, ParamStore};
 
@@ -793,7 +967,6 @@ mod curves {
                 (x, y)
             })
             .collect();
-        let mask = Tensor::ones((b, t), DType::F32, dev).unwrap();
         let f = Fwd {
             ctx,
             positions: None,
@@ -802,8 +975,8 @@ mod curves {
         (0..STEPS)
             .map(|i| {
                 let (x, y) = &batches[i % batches.len()];
-                let logits = net.loss_logits(x, &f).unwrap();
-                let loss = cross_entropy(&logits, y, &mask, kernels.logprobs).unwrap();
+                let loss = net.target_logprobs(x, y, &f).unwrap();
+                let loss = loss.neg().unwrap().mean_all().unwrap();
                 let grads = opt.collect(&loss.backward().unwrap()).unwrap();
                 opt.update(&grads, 2e-3, 1.0, kernels.adamw).unwrap();
                 scalar(&loss).unwrap()

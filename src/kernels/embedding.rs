@@ -62,17 +62,22 @@ pub fn fused(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Tensor> {
         let h = table.dim(1)?;
         let mut shape = ids.dims().to_vec();
         shape.push(h);
+        // The op returns `[..., H]` itself: a reshape after it would be one more autograd node
+        // of the activation's size.
         let op = Embedding {
             ids: ids.flatten_all()?.to_dtype(DType::U32)?.contiguous()?,
             dtype,
+            shape: Shape::from(shape),
         };
-        table.contiguous()?.apply_op1(op)?.reshape(shape)
+        table.contiguous()?.apply_op1(op)
     })
 }
 
 struct Embedding {
     ids: Tensor,
     dtype: DType,
+    /// The output's shape, `[..., H]` for ids `[...]`.
+    shape: Shape,
 }
 
 /// Positions grouped by the row they read: `(rows used, offsets into order, order)`, each
@@ -137,7 +142,7 @@ impl CustomOp1 for Embedding {
             DType::F16 => CpuStorage::F16(cpu_rows(table, &ids, h)),
             dt => candle_core::bail!("embedding: unsupported dtype {dt:?}"),
         };
-        Ok((out, Shape::from((ids.len(), h))))
+        Ok((out, self.shape.clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -146,7 +151,8 @@ impl CustomOp1 for Embedding {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::embedding::forward(s, l, &self.ids, self.dtype)
+        let (out, _rows) = super::cuda::embedding::forward(s, l, &self.ids, self.dtype)?;
+        Ok((out, self.shape.clone()))
     }
 
     fn bwd(&self, table: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -154,8 +160,8 @@ impl CustomOp1 for Embedding {
             // The grouping needs the ids on the host: read here, in the backward, so that a
             // forward alone (generation) never waits for the device.
             let ids = self.ids.to_vec1::<u32>()?;
-            let (vocab, _) = table.dims2()?;
-            table_grad(grad, ids, vocab).map(Some)
+            let (vocab, h) = table.dims2()?;
+            table_grad(&grad.reshape((ids.len(), h))?, ids, vocab).map(Some)
         })
     }
 }

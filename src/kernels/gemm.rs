@@ -1,5 +1,5 @@
 //! The GEMMs of the linear layers and the LM head: `y = x W^T` forward, `dx = dy W` and
-//! `dW = dy^T x` backward, `x [M, K]`, `W [N, K]`.
+//! `dW = dy^T x` backward, `x [..., K]` (its leading dimensions the rows), `W [N, K]`.
 //!
 //! The reference is candle's matmul (cuBLAS `gemmStridedBatchedEx` with its default
 //! workspace); the custom one calls cuBLASLt directly as PyTorch does for bf16 and f16: the
@@ -12,7 +12,7 @@ use candle_core::{Result, Tensor};
 
 use super::registry::KernelChoice;
 
-/// `x W^T` for `x [M, K]` and `W [N, K]`, differentiable in both.
+/// `x W^T` for `x [..., K]` and `W [N, K]`, giving `[..., N]`, differentiable in both.
 pub fn matmul_nt(x: &Tensor, w: &Tensor, choice: KernelChoice) -> Result<Tensor> {
     if choice == KernelChoice::Custom && x.device().is_cuda() {
         #[cfg(feature = "cuda")]
@@ -39,9 +39,43 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor, choice: KernelChoice) -> Result<Tensor>
     reference(x, w)
 }
 
-/// candle's matmul.
+/// candle's matmul, the leading dimensions of `x` flattened into its rows.
 pub fn reference(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.matmul(&w.t()?)
+    let dims = x.dims();
+    let Some((&k, lead)) = dims.split_last() else {
+        candle_core::bail!("linear: a scalar input");
+    };
+    if lead.len() == 1 {
+        return x.matmul(&w.t()?);
+    }
+    let rows = lead.iter().product::<usize>();
+    let y = x.reshape((rows, k))?.matmul(&w.t()?)?;
+    let mut out = lead.to_vec();
+    out.push(w.dim(0)?);
+    y.reshape(out)
+}
+
+/// `x W^T + b` with the bias added in our cuBLASLt GEMM's epilogue (`b` `[N]`, the f32 master
+/// or any float dtype): `None` off CUDA or where cuBLASLt does not take the GEMM, and then
+/// the caller adds the bias its own way.
+pub fn linear_bias_epilogue(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    if !x.device().is_cuda() {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        super::spans::timed(
+            super::KernelOp::Gemm,
+            super::spans::Pass::Forward,
+            x.device(),
+            || super::cuda::gemm::matmul_nt_bias(x, w, b),
+        )
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (w, b);
+        Ok(None)
+    }
 }
 
 /// `x W^T (+ bias)` for `x` of any rank (`[..., K]`), `W [N, K]`.
@@ -51,15 +85,7 @@ pub fn linear(
     bias: Option<&Tensor>,
     choice: KernelChoice,
 ) -> Result<Tensor> {
-    let dims = x.dims();
-    let Some((&k, lead)) = dims.split_last() else {
-        candle_core::bail!("linear: a scalar input");
-    };
-    let rows = lead.iter().product::<usize>();
-    let y = matmul_nt(&x.reshape((rows, k))?, w, choice)?;
-    let mut out = lead.to_vec();
-    out.push(w.dim(0)?);
-    let y = y.reshape(out)?;
+    let y = matmul_nt(x, w, choice)?;
     match bias {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),

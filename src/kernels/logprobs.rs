@@ -36,6 +36,28 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor, choice: KernelChoice) -
     reference(logits, targets)
 }
 
+/// `log softmax(hidden W^T)[target]`: the LM head (`hidden [..., K]`, `W [V, K]`) and the
+/// loss head together. With both `gemm` and `logprobs` ours, on CUDA, the two are one autograd
+/// node whose logits never enter candle's graph (`cuda::loss_head`); otherwise the GEMM's
+/// logits go to [`token_logprobs`].
+pub fn head_logprobs(
+    hidden: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    gemm: KernelChoice,
+    logprobs: KernelChoice,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if gemm == KernelChoice::Custom && logprobs == KernelChoice::Custom && hidden.device().is_cuda()
+    {
+        if let Some(lp) = super::cuda::loss_head::token_logprobs(hidden, w, targets)? {
+            return Ok(lp);
+        }
+    }
+    let logits = super::gemm::linear(hidden, w, None, gemm)?;
+    token_logprobs(&logits, targets, logprobs)
+}
+
 /// candle's composite: an f32 log-softmax over the last dimension, then a gather.
 pub fn reference(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let x = logits.to_dtype(DType::F32)?;

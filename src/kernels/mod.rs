@@ -6,10 +6,12 @@ pub mod attention;
 pub mod bias;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod dropout;
 pub mod embedding;
 pub mod gae;
 pub mod gelu;
 pub mod gemm;
+pub mod heads;
 pub mod host;
 pub mod layernorm;
 pub mod logprobs;

@@ -46,11 +46,15 @@ pub enum KernelOp {
     SwiGlu,
     /// Rotary position embeddings of queries and keys, forward and backward.
     Rope,
+    /// Attention's head layout: projections into heads and the output back, one copy each.
+    Heads,
+    /// Dropout with a mask hashed from (seed, index) where it is used, forward and backward.
+    Dropout,
 }
 
 impl KernelOp {
     /// Every op, in the order `Display` lists them.
-    pub const ALL: [KernelOp; 14] = [
+    pub const ALL: [KernelOp; 16] = [
         Self::Attention,
         Self::Lora,
         Self::Gae,
@@ -65,6 +69,8 @@ impl KernelOp {
         Self::Gemm,
         Self::SwiGlu,
         Self::Rope,
+        Self::Heads,
+        Self::Dropout,
     ];
 
     /// The name a user types (`--kernels attention=...`).
@@ -84,6 +90,8 @@ impl KernelOp {
             Self::Gemm => "gemm",
             Self::SwiGlu => "swiglu",
             Self::Rope => "rope",
+            Self::Heads => "heads",
+            Self::Dropout => "dropout",
         }
     }
 
@@ -104,6 +112,8 @@ impl KernelOp {
             Self::Gemm => "cublaslt",
             Self::SwiGlu => "fused",
             Self::Rope => "fused",
+            Self::Heads => "cuda",
+            Self::Dropout => "cuda",
         }
     }
 
@@ -121,7 +131,7 @@ impl fmt::Display for KernelOp {
 
 /// The ops that have a swappable implementation, with the name a user types for the custom
 /// one (the same table as [`KernelOp::name`] and [`KernelOp::custom_name`]).
-pub const OPS: [(&str, &str); 14] = [
+pub const OPS: [(&str, &str); 16] = [
     ("attention", "flash"),
     ("lora", "fused"),
     ("gae", "cuda"),
@@ -136,6 +146,8 @@ pub const OPS: [(&str, &str); 14] = [
     ("gemm", "cublaslt"),
     ("swiglu", "fused"),
     ("rope", "fused"),
+    ("heads", "cuda"),
+    ("dropout", "cuda"),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -164,6 +176,12 @@ pub struct KernelSet {
     pub swiglu: KernelChoice,
     #[serde(default)]
     pub rope: KernelChoice,
+    /// Runs saved before the head-layout and dropout kernels existed have no entry: the
+    /// default.
+    #[serde(default)]
+    pub heads: KernelChoice,
+    #[serde(default)]
+    pub dropout: KernelChoice,
 }
 
 impl KernelSet {
@@ -192,6 +210,8 @@ impl KernelSet {
             KernelOp::Gemm => &mut self.gemm,
             KernelOp::SwiGlu => &mut self.swiglu,
             KernelOp::Rope => &mut self.rope,
+            KernelOp::Heads => &mut self.heads,
+            KernelOp::Dropout => &mut self.dropout,
         }
     }
 
@@ -276,7 +296,7 @@ mod tests {
         assert_eq!(k.gae, KernelChoice::Custom);
         assert_eq!(
             k.to_string(),
-            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused,embedding=fused,sample=cuda,layernorm=fused,gelu=fused,bias=fused,gemm=cublaslt,swiglu=fused,rope=fused"
+            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused,embedding=fused,sample=cuda,layernorm=fused,gelu=fused,bias=fused,gemm=cublaslt,swiglu=fused,rope=fused,heads=cuda,dropout=cuda"
         );
         assert_eq!(KernelSet::default().apply_spec(&k.to_string()).unwrap(), k);
         assert_eq!(
@@ -297,6 +317,8 @@ mod tests {
         assert_eq!(k.gelu, KernelChoice::Reference);
         assert_eq!(k.swiglu, KernelChoice::Custom);
         assert_eq!(k.rope, KernelChoice::Custom);
+        assert_eq!(k.heads, KernelChoice::Custom);
+        assert_eq!(k.dropout, KernelChoice::Custom);
     }
 
     #[test]

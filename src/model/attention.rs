@@ -10,6 +10,7 @@ use super::rope::RopeAt;
 use crate::config::ModelConfig;
 use crate::config::{LoraConfig, LoraTarget};
 use crate::kernels::attention::{attention, AttnMask};
+use crate::kernels::heads;
 use crate::train::params::Scope;
 
 pub struct Attention {
@@ -65,14 +66,11 @@ impl Attention {
         inp: &AttnInputs,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let mut q = heads(self.q.forward(x, ctx)?, self.heads)?;
-        let mut k = heads(self.k.forward(x, ctx)?, self.kv_heads)?;
-        let v = heads(self.v.forward(x, ctx)?, self.kv_heads)?;
+        let split = |y: Tensor, n: usize| heads::split(&y, n, ctx.kernels.heads);
+        let mut q = split(self.q.forward(x, ctx)?, self.heads)?;
+        let mut k = split(self.k.forward(x, ctx)?, self.kv_heads)?;
+        let v = split(self.v.forward(x, ctx)?, self.kv_heads)?;
         if let Some(r) = inp.rope {
             q = r.apply(&q, ctx.kernels.rope)?;
             k = r.apply(&k, ctx.kernels.rope)?;
@@ -87,7 +85,7 @@ impl Attention {
         };
         let scale = 1.0 / (hd as f64).sqrt();
         let y = attention(&q, &k, &v, &mask, scale, ctx.kernels.attention)?;
-        let y = y.transpose(1, 2)?.reshape((b, t, self.heads * hd))?;
+        let y = heads::merge(&y, ctx.kernels.heads)?;
         self.o.forward(&y, ctx)
     }
 }

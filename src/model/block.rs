@@ -67,7 +67,7 @@ impl Block {
 
     fn drop(&self, y: Tensor, ctx: &Ctx, site: u64) -> Result<Tensor> {
         match ctx.dropout_seed {
-            Some(s) => dropout(&y, self.dropout, splitmix64(s ^ site)),
+            Some(s) => dropout(&y, self.dropout, splitmix64(s ^ site), ctx),
             None => Ok(y),
         }
     }

@@ -12,7 +12,7 @@ use crate::kernels::gemm::linear;
 use crate::kernels::lora::{lora_linear, lora_linear_reference, LoraArgs};
 use crate::kernels::{KernelChoice, KernelSet};
 use crate::train::params::{Init, Scope};
-use crate::train::rng::{splitmix64, Rng};
+use crate::train::rng::splitmix64;
 
 /// What one forward pass needs to know besides its inputs.
 #[derive(Clone, Copy, Debug)]
@@ -88,10 +88,21 @@ impl Linear {
         self.forward_act(x, ctx, BiasAct::Identity)
     }
 
-    /// `act(x W^T + b)`. Without an active adapter, the bias and the activation run as one
-    /// pass over the GEMM's output where the `bias` kernel serves (`kernels::bias`).
+    /// `act(x W^T + b)`. Without an active adapter: a bias alone is our cuBLASLt GEMM's
+    /// epilogue where both the `gemm` and `bias` kernels serve; otherwise the bias and the
+    /// activation run as one pass over the GEMM's output where the `bias` kernel serves
+    /// (`kernels::bias`).
     pub fn forward_act(&self, x: &Tensor, ctx: &Ctx, act: BiasAct) -> Result<Tensor> {
         let adapter_on = self.adapter.is_some() && ctx.use_lora;
+        let (k, custom) = (ctx.kernels, KernelChoice::Custom);
+        if let (Some(b), false, BiasAct::Identity) = (&self.b, adapter_on, act) {
+            if k.gemm == custom && k.bias == custom {
+                let w = super::cast::weight(&self.w, ctx.dtype)?;
+                if let Some(y) = crate::kernels::gemm::linear_bias_epilogue(x, &w, b)? {
+                    return Ok(y);
+                }
+            }
+        }
         if let (Some(b), false) = (&self.b, adapter_on) {
             if bias::fuses(x, ctx.kernels.bias) {
                 let w = super::cast::weight(&self.w, ctx.dtype)?;
@@ -134,7 +145,7 @@ impl Linear {
                 };
                 match ctx.dropout_seed {
                     Some(seed) if ad.dropout > 0.0 => {
-                        let xd = dropout(x, ad.dropout, seed ^ self.site)?;
+                        let xd = dropout(x, ad.dropout, seed ^ self.site, ctx)?;
                         lora_linear_reference(x, &xd, &args)?
                     }
                     _ => lora_linear(x, &args, ctx.kernels.lora)?,
@@ -146,17 +157,13 @@ impl Linear {
     }
 }
 
-/// Inverted dropout with a mask drawn on the host from `seed`, so runs are reproducible and
-/// resumable; `p == 0` is the identity.
-pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
-    if p <= 0.0 {
-        return Ok(x.clone());
-    }
-    let mut rng = Rng::new(seed);
-    let keep = (1.0 / (1.0 - p)) as f32;
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if rng.f64() < p { 0.0 } else { keep })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    Ok(x.mul(&mask)?)
+/// Inverted dropout whose mask is a function of `seed` and each element's index, so runs are
+/// reproducible and resumable (`kernels::dropout`); `p == 0` is the identity.
+pub fn dropout(x: &Tensor, p: f64, seed: u64, ctx: &Ctx) -> Result<Tensor> {
+    Ok(crate::kernels::dropout::dropout(
+        x,
+        p,
+        seed,
+        ctx.kernels.dropout,
+    )?)
 }

@@ -128,19 +128,21 @@ impl Transformer {
 
     /// Token (plus learned position) embeddings of `ids` `[B, T]`, with embedding dropout.
     fn embed_tokens(&self, ids: &Tensor, positions: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let h = self.cfg.hidden_size;
+        // Both implementations return `[B, T, H]` for `[B, T]` ids.
         let lookup = |table: &Tensor, idx: &Tensor| -> Result<Tensor> {
-            let rows =
-                crate::kernels::embedding::embedding(table, idx, ctx.dtype, ctx.kernels.embedding)?;
-            Ok(rows.reshape((b, t, h))?)
+            Ok(crate::kernels::embedding::embedding(
+                table,
+                idx,
+                ctx.dtype,
+                ctx.kernels.embedding,
+            )?)
         };
         let mut x = lookup(&self.embed, ids)?;
         if let Some(pe) = &self.pos_embed {
             x = (x + lookup(pe, positions)?)?;
         }
         if let Some(s) = ctx.dropout_seed {
-            x = dropout(&x, self.cfg.dropout, splitmix64(s ^ 0xE))?;
+            x = dropout(&x, self.cfg.dropout, splitmix64(s ^ 0xE), ctx)?;
         }
         Ok(x)
     }
@@ -153,9 +155,18 @@ impl Transformer {
     /// `[B, T, H]` hidden -> `[B, T, V]` logits in the compute dtype (bf16 on a GPU): what
     /// the loss head reads, so that no f32 copy of the largest activation exists.
     pub fn compute_logits(&self, hidden: &Tensor, gemm: KernelChoice) -> Result<Tensor> {
+        Ok(crate::kernels::gemm::linear(
+            hidden,
+            &self.head_weight(hidden)?,
+            None,
+            gemm,
+        )?)
+    }
+
+    /// The LM head's `[V, H]` weight (the embedding when tied) in `hidden`'s dtype.
+    fn head_weight(&self, hidden: &Tensor) -> Result<Tensor> {
         let w = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let w = super::cast::weight(w, hidden.dtype())?;
-        Ok(crate::kernels::gemm::linear(hidden, &w, None, gemm)?)
+        Ok(super::cast::weight(w, hidden.dtype())?)
     }
 
     /// f32 logits of `ids`.
@@ -163,9 +174,18 @@ impl Transformer {
         self.logits(&self.hidden(ids, f, cache)?, f.ctx.kernels.gemm)
     }
 
-    /// Logits of `ids` in the compute dtype, for a training loss
-    /// ([`crate::train::loss::token_logprobs`] reads any float dtype).
-    pub fn loss_logits(&self, ids: &Tensor, f: &Fwd) -> Result<Tensor> {
-        self.compute_logits(&self.hidden(ids, f, None)?, f.ctx.kernels.gemm)
+    /// `[B, T]` f32 log-probabilities of `targets` after `ids`: what every training loss
+    /// reads. The logits stay in the compute dtype, and on CUDA with our GEMM and loss kernels
+    /// they never become a node of the autograd graph (`kernels::logprobs::head_logprobs`).
+    pub fn target_logprobs(&self, ids: &Tensor, targets: &Tensor, f: &Fwd) -> Result<Tensor> {
+        let hidden = self.hidden(ids, f, None)?;
+        let k = f.ctx.kernels;
+        Ok(crate::kernels::logprobs::head_logprobs(
+            &hidden,
+            &self.head_weight(&hidden)?,
+            targets,
+            k.gemm,
+            k.logprobs,
+        )?)
     }
 }

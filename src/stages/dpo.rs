@@ -20,7 +20,7 @@ use crate::data::tokenizer::Tokenizer;
 use crate::dist::Communicator;
 use crate::model::linear::Ctx;
 use crate::model::{Fwd, Transformer};
-use crate::train::loss::{log_sigmoid, scalar, token_logprobs};
+use crate::train::loss::{log_sigmoid, scalar};
 use crate::train::params::{ParamInfo, Role};
 use crate::train::runner::{Report, StepOut, Task};
 
@@ -97,11 +97,7 @@ impl DpoTask<'_> {
             positions: None,
             key_valid: None,
         };
-        let lp = token_logprobs(
-            &net.loss_logits(&b.inputs, &f)?,
-            &b.targets,
-            ctx.kernels.logprobs,
-        )?;
+        let lp = net.target_logprobs(&b.inputs, &b.targets, &f)?;
         Ok((lp * &b.loss_mask)?.sum(1)?)
     }
 

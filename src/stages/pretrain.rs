@@ -11,7 +11,7 @@ use crate::data::corpus::{load_documents, pack_documents};
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::{Fwd, Transformer};
-use crate::train::loss::{cross_entropy, scalar};
+use crate::train::loss::scalar;
 use crate::train::params::{Net, ParamStore};
 use crate::train::rng::splitmix64;
 use crate::train::runner::{Report, StepOut, Task};
@@ -47,9 +47,8 @@ impl PretrainTask<'_> {
             positions: None,
             key_valid: None,
         };
-        let logits = self.net.loss_logits(x, &f)?;
-        let mask = y.ones_like()?.to_dtype(candle_core::DType::F32)?;
-        cross_entropy(&logits, y, &mask, f.ctx.kernels.logprobs)
+        let logp = self.net.target_logprobs(x, y, &f)?;
+        Ok(logp.neg()?.mean_all()?)
     }
 }
 

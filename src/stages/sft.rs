@@ -15,7 +15,7 @@ use crate::data::sampler::{state_u64, WindowSampler};
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
 use crate::model::{Fwd, Transformer};
-use crate::train::loss::{cross_entropy, scalar};
+use crate::train::loss::{masked_mean, scalar};
 use crate::train::params::{Net, ParamInfo, ParamStore, Role};
 use crate::train::rng::splitmix64;
 use crate::train::runner::{Report, StepOut, Task};
@@ -74,13 +74,9 @@ impl SftTask<'_> {
             positions: None,
             key_valid: None,
         };
-        let logits = self.net.loss_logits(&b.inputs, &f)?;
+        let logp = self.net.target_logprobs(&b.inputs, &b.targets, &f)?;
         let counted = scalar(&b.loss_mask.sum_all()?)?;
-        Ok((
-            cross_entropy(&logits, &b.targets, &b.loss_mask, f.ctx.kernels.logprobs)?,
-            b.tokens,
-            counted,
-        ))
+        Ok((masked_mean(&logp.neg()?, &b.loss_mask)?, b.tokens, counted))
     }
 
     fn accuracy(&self) -> Result<Option<f64>> {

@@ -3,10 +3,8 @@
 //! inputs on the GPU with their CPU twins, and the global and element-wise comparisons
 //! against a reference.
 //!
-//! Compiled only with feature `cuda` (tests/common/mod.rs); without it each test file's
-//! `gpu_test!` prints `SKIPPED (built without feature cuda): <name>` itself.
-
-use std::io::Write;
+//! Compiled only with feature `cuda` (tests/common/mod.rs); without it `gpu_test!`
+//! (tests/common/mod.rs) prints `SKIPPED (built without feature cuda): <name>` instead.
 
 use candle_core::{DType, Device, Tensor};
 use temper::kernels::cuda as kc;
@@ -19,17 +17,11 @@ pub fn device() -> Option<Device> {
     Device::new_cuda(0).ok()
 }
 
-/// Says why a test did not run. Straight to the stderr handle: `eprintln!` would be captured
-/// and hidden.
-pub fn skipped(reason: &str, name: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED ({reason}): {name}");
-}
-
 /// Runs `body` on the GPU when there is one, else prints `SKIPPED (no CUDA device): <name>`.
 pub fn run(name: &str, body: impl FnOnce(&Device)) {
     match device() {
         Some(dev) => body(&dev),
-        None => skipped("no CUDA device", name),
+        None => super::skipped("no CUDA device", name),
     }
 }
 

@@ -8,6 +8,32 @@ pub mod shared;
 #[allow(unused_imports)]
 pub use shared::{chain_dir, shared, Shared};
 
+/// A GPU test: `gpu_test!(name)` runs `gpu::name`, `gpu_test!(module::name)` runs
+/// `module::name`, on the device (`common::gpu::run`, which says visibly when there is none).
+/// Built without feature `cuda` it prints `SKIPPED (built without feature cuda): <name>`.
+#[macro_export]
+macro_rules! gpu_test {
+    ($name:ident) => {
+        $crate::gpu_test!(gpu::$name);
+    };
+    ($module:ident :: $name:ident) => {
+        #[test]
+        fn $name() {
+            #[cfg(feature = "cuda")]
+            $crate::common::gpu::run(stringify!($name), $module::$name);
+            #[cfg(not(feature = "cuda"))]
+            $crate::common::skipped("built without feature cuda", stringify!($name));
+        }
+    };
+}
+
+/// Says why a test did not run. Straight to the stderr handle: `eprintln!` would be captured
+/// and hidden.
+pub fn skipped(reason: &str, name: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED ({reason}): {name}");
+}
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

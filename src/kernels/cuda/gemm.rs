@@ -11,8 +11,11 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, ValidAsZeroBits};
 use candle_core::cuda_backend::CudaDType;
-use candle_core::{CudaDevice, CudaStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{
+    CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType,
+};
 
+use super::super::bias::BiasAct;
 use super::super::spans::{self, Pass};
 use super::super::KernelOp;
 use super::{alloc_out, contiguous_view, cuda_storage};
@@ -133,20 +136,26 @@ pub fn prepared(t: &Tensor) -> Result<Tensor> {
 }
 
 /// Whether cuBLASLt serves `a` and `b`, whose last dimensions the GEMM contracts or writes as
-/// rows (`k`, `n`; `inner` pairs the two sizes that must agree): both bf16 or both f16, 2-D,
-/// the inner sizes equal, and every row a non-empty multiple of 16 bytes.
-fn takes(a: &Tensor, b: &Tensor, inner: (usize, usize), (k, n): (usize, usize)) -> bool {
+/// rows (`k`, `n`; `inner` pairs the two sizes that must agree): both bf16 or both f16, the
+/// inner sizes equal, and every row a non-empty multiple of 16 bytes.
+pub(crate) fn takes(a: &Tensor, b: &Tensor, inner: (usize, usize), (k, n): (usize, usize)) -> bool {
     let half = matches!(a.dtype(), DType::BF16 | DType::F16);
     let rows_fit = k > 0 && n > 0 && k % 8 == 0 && n % 8 == 0;
     half && b.dtype() == a.dtype() && inner.0 == inner.1 && rows_fit
 }
 
-/// `x W^T` through cuBLASLt, or `None` where it does not apply (f32, mixed dtypes, rows not
-/// a multiple of 16 bytes, fewer than two dimensions).
+/// `x W^T` through cuBLASLt for `x [..., K]` (any number of leading dimensions, taken as the
+/// rows) and `W [N, K]`, giving `[..., N]`; `None` where it does not apply (f32, mixed dtypes,
+/// rows not a multiple of 16 bytes, a scalar `x`). Taking the leading dimensions as they are
+/// keeps reshapes out of the autograd graph: candle's backward costs every graph node a
+/// zero-filled buffer and an add of its full size, and the LM head's output is the largest.
 pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    let (Ok((_, k)), Ok((n, kw))) = (x.dims2(), w.dims2()) else {
+    let (Some(&k), Ok((n, kw))) = (x.dims().last(), w.dims2()) else {
         return Ok(None);
     };
+    if x.rank() < 2 {
+        return Ok(None);
+    }
     if !takes(x, w, (k, kw), (k, n)) {
         return Ok(None);
     }
@@ -192,8 +201,8 @@ impl CustomOp2 for Gemm {
         lb: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         match sa.dtype() {
-            DType::BF16 => run::<half::bf16>(self.0, (sa, la), (sb, lb)),
-            DType::F16 => run::<half::f16>(self.0, (sa, la), (sb, lb)),
+            DType::BF16 => run::<half::bf16>(self.0, (sa, la), (sb, lb), None),
+            DType::F16 => run::<half::f16>(self.0, (sa, la), (sb, lb), None),
             dt => candle_core::bail!("gemm: no cuBLASLt path for {dt:?}"),
         }
     }
@@ -209,44 +218,187 @@ impl CustomOp2 for Gemm {
             if self.0 != Form::Nt {
                 candle_core::bail!("gemm: only the forward form is differentiated");
             }
-            let g = prepared(&grad.to_dtype(x.dtype())?)?;
-            let dx = g.apply_op2_no_bwd(w, &Gemm(Form::Nn))?;
-            let dw = g.apply_op2_no_bwd(x, &Gemm(Form::Tn))?;
-            Ok((Some(dx), Some(dw)))
+            grads(grad, x, w)
         })
     }
 }
 
+/// The gradients of `y = x W^T` for `dy` (`[..., N]`): `(dy W, dy^T x)`, each `None` where its
+/// operand does not track a gradient. A frozen operand (a LoRA base weight, handed over
+/// detached) gets none: its GEMM would be a third of the layer's work, spent on nothing.
+pub(crate) fn grads(
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let g = prepared(&dy.to_dtype(x.dtype())?)?;
+    let dx = match x.track_op() {
+        true => Some(g.apply_op2_no_bwd(w, &Gemm(Form::Nn))?),
+        false => None,
+    };
+    let dw = match w.track_op() {
+        true => Some(g.apply_op2_no_bwd(x, &Gemm(Form::Tn))?),
+        false => None,
+    };
+    Ok((dx, dw))
+}
+
+/// `x W^T + b` through cuBLASLt, the bias added in the GEMM's epilogue as PyTorch's `addmm`
+/// adds it: `x [..., K]`, `W [N, K]`, `b [N]` (the f32 master; cast to the matrices' dtype
+/// inside the op, a vector of N). `None` where cuBLASLt does not take the GEMM. One autograd
+/// node where the GEMM and the bias op were two; its backward adds the bias gradient as the
+/// bias kernel's fixed-order column sum, in f32.
+pub fn matmul_nt_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    let (Some(&k), Ok((n, kw))) = (x.dims().last(), w.dims2()) else {
+        return Ok(None);
+    };
+    if x.rank() < 2 || !takes(x, w, (k, kw), (k, n)) || b.dims() != [n] {
+        return Ok(None);
+    }
+    let b = b.contiguous()?;
+    Ok(Some(prepared(x)?.apply_op3(&prepared(w)?, &b, GemmBias)?))
+}
+
+/// `x W^T + b`, `b` in any float dtype, added by the epilogue.
+struct GemmBias;
+
+impl CustomOp3 for GemmBias {
+    fn name(&self) -> &'static str {
+        "temper-gemm-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        candle_core::bail!("the cuBLASLt GEMM runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        sa: &CudaStorage,
+        la: &Layout,
+        sb: &CudaStorage,
+        lb: &Layout,
+        sbias: &CudaStorage,
+        lbias: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let bias = sbias.to_dtype(lbias, sa.dtype())?;
+        match sa.dtype() {
+            DType::BF16 => run::<half::bf16>(Form::Nt, (sa, la), (sb, lb), Some(&bias)),
+            DType::F16 => run::<half::f16>(Form::Nt, (sa, la), (sb, lb), Some(&bias)),
+            dt => candle_core::bail!("gemm: no cuBLASLt path for {dt:?}"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = spans::timed(KernelOp::Gemm, Pass::Backward, x.device(), || {
+            grads(grad, x, w)
+        })?;
+        let db = match b.track_op() {
+            true => Some(spans::timed(
+                KernelOp::Bias,
+                Pass::Backward,
+                x.device(),
+                || {
+                    // The identity's backward reads only dy; dy stands in for the pre-bias output.
+                    let g = grad.to_dtype(x.dtype())?;
+                    let (_, db) = super::super::bias::backward(&g, b, &g, BiasAct::Identity)?;
+                    db.to_dtype(b.dtype())
+                },
+            )?),
+            false => None,
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+/// `x W^T` on storages, for an op that runs the GEMM inside its own forward
+/// (`cuda::loss_head`): `x [..., K]` and `W [N, K]`, both contiguous and 256-byte aligned
+/// ([`prepared`]), bf16 or f16; `[..., N]`.
+pub(crate) fn nt_storage(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    match x.0.dtype() {
+        DType::BF16 => run::<half::bf16>(Form::Nt, x, w, None),
+        DType::F16 => run::<half::f16>(Form::Nt, x, w, None),
+        dt => candle_core::bail!("gemm: no cuBLASLt path for {dt:?}"),
+    }
+}
+
+/// `C = op(a) op(b)` in `form`, plus `bias` (`[N]`, the matrices' dtype) on every row of C as
+/// cuBLASLt's epilogue when given.
 fn run<T>(
     form: Form,
     (sa, la): (&CudaStorage, &Layout),
     (sb, lb): (&CudaStorage, &Layout),
+    bias: Option<&CudaStorage>,
 ) -> Result<(CudaStorage, Shape)>
 where
     T: CudaDType + WithDType + DeviceRepr + ValidAsZeroBits,
     CudaBlasLT: Matmul<T>,
 {
     let dev = sa.device();
-    let (m, n, k) = form.mnk(la.shape().dims2()?, lb.shape().dims2()?)?;
+    let (m, n, k) = form.mnk(rows_cols(la)?, rows_cols(lb)?)?;
+    // `C`'s shape: `a`'s leading dimensions are its rows, except in `dy^T x`, whose rows are
+    // `a`'s columns.
+    let out = match form {
+        Form::Nt | Form::Nn => {
+            let mut d = la.shape().dims().to_vec();
+            d.pop();
+            d.push(n);
+            Shape::from(d)
+        }
+        Form::Tn => Shape::from((m, n)),
+    };
     let a = contiguous_view::<T>(sa, la)?;
     let b = contiguous_view::<T>(sb, lb)?;
+    let bias = match bias {
+        Some(s) => {
+            let v = s.as_cuda_slice::<T>()?;
+            if v.len() != n {
+                candle_core::bail!("gemm: a bias of {} for {n} columns", v.len());
+            }
+            Some(v.slice(..))
+        }
+        None => None,
+    };
     // SAFETY: beta = 0: the GEMM writes every element of C. An empty K (the backward of an
     // empty batch) leaves C unwritten, so it is zeroed.
     if k == 0 {
+        if bias.is_some() {
+            candle_core::bail!("gemm: a bias epilogue with an empty inner dimension");
+        }
         let c = dev.alloc_zeros::<T>((m * n).max(1))?;
-        return Ok((
-            CudaStorage::wrap_cuda_slice(c, dev.clone()),
-            Shape::from((m, n)),
-        ));
+        return Ok((CudaStorage::wrap_cuda_slice(c, dev.clone()), out));
     }
     let mut c = unsafe { alloc_out::<T>(dev, m * n)? };
     if m > 0 && n > 0 && k > 0 {
         let lt = handle(dev)?;
         // SAFETY: a, b hold M*K and K*N elements in the layouts `config` describes, c M*N.
-        unsafe { lt.matmul(form.config(m, n, k), &b, &a, &mut c, None, None) }.map_err(lt_error)?;
+        unsafe { lt.matmul(form.config(m, n, k), &b, &a, &mut c, bias.as_ref(), None) }
+            .map_err(lt_error)?;
     }
-    Ok((
-        CudaStorage::wrap_cuda_slice(c, dev.clone()),
-        Shape::from((m, n)),
-    ))
+    Ok((CudaStorage::wrap_cuda_slice(c, dev.clone()), out))
+}
+
+/// A contiguous operand as a matrix: its last dimension the columns, the rest the rows.
+fn rows_cols(l: &Layout) -> Result<(usize, usize)> {
+    match l.shape().dims().split_last() {
+        Some((&cols, lead)) if !lead.is_empty() => Ok((lead.iter().product(), cols)),
+        _ => candle_core::bail!("gemm: an operand of shape {:?}", l.shape()),
+    }
 }

@@ -4,7 +4,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
-use candle_core::{CudaStorage, DType, Layout, Result, Tensor, WithDType};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Tensor, WithDType};
 
 use super::super::host::rows_cols;
 use super::{alloc_out, contiguous_view, cuda_storage, launch, load_func};
@@ -114,30 +114,89 @@ fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
     let dev = sx.device();
     let (rows, vocab) = rows_cols(lx)?;
     let x = contiguous_view::<T>(sx, lx)?;
+    // SAFETY: one block per row writes all of its row of dlogits.
+    let mut dx = unsafe { alloc_out::<T>(dev, rows * vocab)? };
+    if rows > 0 && vocab > 0 {
+        let stream = dev.cuda_stream();
+        let mut ptrs = DevPtrs::new(&stream);
+        let (x, dx) = (ptrs.read(&x), ptrs.write(&mut dx));
+        launch_backward::<T>(dev, (rows, vocab), (x, dx), (st, lt), (sg, lg), lse)?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+}
+
+/// The backward written over the logits themselves (`logits` `[rows, vocab]`, contiguous, its
+/// own storage): each element is read once, by the thread that then writes its gradient, so
+/// the two may share a buffer. The loss head uses it to keep one `[rows, vocab]` buffer
+/// instead of two.
+pub fn backward_in_place(
+    logits: &mut CudaStorage,
+    (rows, vocab): (usize, usize),
+    targets: (&CudaStorage, &Layout),
+    dlogp: (&CudaStorage, &Layout),
+    lse: &Tensor,
+) -> Result<()> {
+    fn go<T: CudaDType + DeviceRepr + WithDType>(
+        logits: &mut CudaStorage,
+        (rows, vocab): (usize, usize),
+        targets: (&CudaStorage, &Layout),
+        dlogp: (&CudaStorage, &Layout),
+        lse: &Tensor,
+    ) -> Result<()> {
+        let dev = logits.device().clone();
+        let x = logits.as_cuda_slice_mut::<T>()?;
+        if x.len() < rows * vocab {
+            candle_core::bail!("logprobs backward: {} logits for {rows} x {vocab}", x.len());
+        }
+        if rows > 0 && vocab > 0 {
+            let stream = dev.cuda_stream();
+            let mut ptrs = DevPtrs::new(&stream);
+            let x = ptrs.write(x);
+            launch_backward::<T>(&dev, (rows, vocab), (x, x), targets, dlogp, lse)?;
+        }
+        Ok(())
+    }
+    match logits.dtype() {
+        DType::F32 => go::<f32>(logits, (rows, vocab), targets, dlogp, lse),
+        DType::BF16 => go::<half::bf16>(logits, (rows, vocab), targets, dlogp, lse),
+        DType::F16 => go::<half::f16>(logits, (rows, vocab), targets, dlogp, lse),
+        dt => candle_core::bail!("logprobs backward: no CUDA kernel for {dt:?}"),
+    }
+}
+
+/// Launches the backward over `rows x vocab` logits at device address `x`, writing the
+/// gradient at `dx` (which may be `x`).
+fn launch_backward<T: CudaDType + WithDType>(
+    dev: &CudaDevice,
+    (rows, vocab): (usize, usize),
+    (x, dx): (u64, u64),
+    (st, lt): (&CudaStorage, &Layout),
+    (sg, lg): (&CudaStorage, &Layout),
+    lse: &Tensor,
+) -> Result<()> {
     let t = contiguous_view::<u32>(st, lt)?;
     let g = contiguous_view::<f32>(sg, lg)?;
     let lse = lse.to_dtype(DType::F32)?.contiguous()?;
     let (ls, ll) = lse.storage_and_layout();
     let lv = contiguous_view::<f32>(cuda_storage(&ls)?, ll)?;
-    // SAFETY: one block per row writes all of its row of dlogits.
-    let mut dx = unsafe { alloc_out::<T>(dev, rows * vocab)? };
-    if rows > 0 && vocab > 0 {
-        let name = format!("logprobs_bwd_{}", T::DTYPE.as_str());
-        let func = load_func(dev, "logprobs", &name)?;
-        let stream = dev.cuda_stream();
-        let mut ptrs = DevPtrs::new(&stream);
-        let p = LogprobsParams {
-            logits: ptrs.read(&x),
-            targets: ptrs.read(&t),
-            lse: ptrs.read(&lv),
-            dlogp: ptrs.read(&g),
-            dlogits: ptrs.write(&mut dx),
-            rows: to_i32(rows, "rows")?,
-            vocab: to_i32(vocab, "vocab")?,
-            ..LogprobsParams::default()
-        };
-        // SAFETY: logits and dlogits hold rows * vocab, the rest rows elements.
-        unsafe { launch(dev, &func, &name, config(rows)?, &p) }?;
+    if t.len() != rows || g.len() != rows || lv.len() != rows {
+        candle_core::bail!("logprobs backward: per-row inputs do not have {rows} rows");
     }
-    Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+    let name = format!("logprobs_bwd_{}", T::DTYPE.as_str());
+    let func = load_func(dev, "logprobs", &name)?;
+    let stream = dev.cuda_stream();
+    let mut ptrs = DevPtrs::new(&stream);
+    let p = LogprobsParams {
+        logits: x,
+        targets: ptrs.read(&t),
+        lse: ptrs.read(&lv),
+        dlogp: ptrs.read(&g),
+        dlogits: dx,
+        rows: to_i32(rows, "rows")?,
+        vocab: to_i32(vocab, "vocab")?,
+        ..LogprobsParams::default()
+    };
+    // SAFETY: the caller's buffers at x and dx hold rows * vocab elements (and outlive the
+    // launch: their guards are held by the caller), the rest rows elements.
+    unsafe { launch(dev, &func, &name, config(rows)?, &p) }
 }

@@ -42,13 +42,16 @@
 pub mod adamw;
 pub mod attention;
 pub mod bias;
+pub mod dropout;
 pub mod embedding;
 pub mod gae;
 pub mod gelu;
 pub mod gemm;
+pub mod heads;
 pub mod layernorm;
 pub mod logprobs;
 pub mod lora;
+pub mod loss_head;
 pub mod rmsnorm;
 pub mod rope;
 pub mod sample;
