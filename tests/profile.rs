@@ -37,6 +37,15 @@ fn profile_times_the_step_by_region() {
     }
     // Per-op rows appear for our kernel ops; on a CPU every op takes its reference, so none.
     assert!(v["ops"].is_array(), "{v}");
+    // The graph's shape: a transformer's loss has many nodes holding its activations.
+    let g = &v["graph"];
+    assert!(g["nodes"].as_u64().unwrap() > 20, "{g}");
+    let (held, zeroed) = (
+        g["held_bytes"].as_u64().unwrap(),
+        g["zero_filled_bytes"].as_u64().unwrap(),
+    );
+    assert!(held > 0 && zeroed >= held / 2, "{g}");
+    assert!(err.contains("autograd graph of a micro-batch"), "{err}");
     let share: f64 = regions.iter().map(|r| r["share"].as_f64().unwrap()).sum();
     assert!((share - 1.0).abs() < 1e-6);
     for r in regions {

@@ -3,14 +3,16 @@
 //! them (`kernels::spans`), is bracketed by two CUDA events on the compute stream (on a GPU:
 //! device time, no host synchronisation inside the step) or by the host clock (on a CPU).
 //! What the ops do not cover is everything else: candle's own ops (the references, residual
-//! adds, casts, copies) and autograd's bookkeeping. The tables are printed at the end of the
-//! run and written to `profile.json` in the run directory.
+//! adds, casts, copies) and autograd's bookkeeping. The shape of the autograd graph is
+//! reported beside them ([`GraphStats`]): its nodes, the activations they hold and the bytes
+//! the backward zero-fills. The tables are printed at the end of the run and written to
+//! `profile.json` in the run directory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::Result;
-use candle_core::Device;
+use candle_core::{Device, Storage, Tensor};
 
 pub use crate::kernels::spans::Mark;
 use crate::kernels::spans::{self, OpSpan, Pass};
@@ -77,11 +79,51 @@ pub struct OpTime {
     pub share: f64,
 }
 
+/// The autograd graph of one micro-batch's loss as its backward starts. candle-core keeps
+/// every node's output until the backward ends, and gives every node that is not a variable a
+/// zero-filled gradient buffer into which it adds what arrives: both costs follow from the
+/// graph's shape, whatever the kernels. Variables (the parameters) are counted as nodes only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GraphStats {
+    pub nodes: usize,
+    /// Bytes of the distinct storages behind the non-variable nodes (a view shares its
+    /// source's storage and is counted once).
+    pub held_bytes: u64,
+    /// Bytes of the gradient buffers the backward zero-fills, then adds into: one per
+    /// non-variable node, views included.
+    pub zero_filled_bytes: u64,
+}
+
+impl GraphStats {
+    pub fn of(loss: &Tensor) -> Self {
+        let nodes = loss.sorted_nodes();
+        let mut storages: HashMap<usize, u64> = HashMap::new();
+        let mut zero_filled_bytes = 0u64;
+        for t in nodes.iter().filter(|t| !t.is_variable()) {
+            let size = t.dtype().size_in_bytes() as u64;
+            zero_filled_bytes += t.elem_count() as u64 * size;
+            let (storage, layout) = t.storage_and_layout();
+            // A storage's identity is its address; its size at least the furthest element a
+            // view of it reaches.
+            let key = &*storage as *const Storage as usize;
+            let end = (layout.start_offset() + t.elem_count()) as u64 * size;
+            let held = storages.entry(key).or_default();
+            *held = (*held).max(end);
+        }
+        Self {
+            nodes: nodes.len(),
+            held_bytes: storages.values().sum(),
+            zero_filled_bytes,
+        }
+    }
+}
+
 pub struct Profiler {
     device: Device,
     spans: Vec<(Region, Mark, Mark)>,
     ops: Vec<OpSpan>,
     steps: usize,
+    graph: Option<GraphStats>,
 }
 
 impl Profiler {
@@ -91,6 +133,14 @@ impl Profiler {
             spans: vec![],
             ops: vec![],
             steps: 0,
+            graph: None,
+        }
+    }
+
+    /// Records the shape of the first timed micro-batch's graph (`loss` before its backward).
+    pub fn note_graph(&mut self, loss: &Tensor) {
+        if self.graph.is_none() {
+            self.graph = Some(GraphStats::of(loss));
         }
     }
 
@@ -220,6 +270,15 @@ impl Profiler {
                 rest / step_ms.max(1e-12) * 100.0
             ));
         }
+        if let Some(g) = self.graph {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            out.push_str(&format!(
+                "autograd graph of a micro-batch: {} nodes, {:.3} GiB of activations held to the end of the backward, {:.3} GiB of gradient buffers zero-filled and added into\n",
+                g.nodes,
+                gib(g.held_bytes),
+                gib(g.zero_filled_bytes)
+            ));
+        }
         Ok(out)
     }
 
@@ -234,6 +293,7 @@ impl Profiler {
             "tokens_per_step": tokens_per_step,
             "regions": regions,
             "ops": self.report_ops(step_ms)?,
+            "graph": self.graph,
         });
         crate::io::write_atomic(
             &run_dir.join("profile.json"),
@@ -267,6 +327,28 @@ mod tests {
         let t = p.table(1000.0).unwrap();
         assert!(t.contains("AdamW") && t.contains("3 steps"), "{t}");
         assert!(!t.contains("kernel op"), "no op ran: no op table\n{t}");
+    }
+
+    /// Nodes, the distinct storages they hold (a view counted once, the variable not at all)
+    /// and one zero-filled buffer per non-variable node.
+    #[test]
+    fn graph_stats_count_nodes_storages_and_gradient_buffers() {
+        let x = candle_core::Var::ones(1000, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let a = x.as_tensor().affine(2.0, 0.0).unwrap();
+        let b = a.reshape((10, 100)).unwrap();
+        let c = b.exp().unwrap();
+        let loss = c.sum_all().unwrap();
+        let g = GraphStats::of(&loss);
+        // x, a, b (a view of a), c, and sum_all's sum and squeeze (a view of the sum).
+        assert_eq!(g.nodes, 6);
+        assert_eq!(g.held_bytes, 4000 + 4000 + 4);
+        assert_eq!(g.zero_filled_bytes, 4000 * 3 + 4 + 4);
+        let mut p = Profiler::new(&Device::Cpu);
+        p.note_graph(&loss);
+        p.note_graph(&x.as_tensor().sum_all().unwrap());
+        assert_eq!(p.graph, Some(g), "the first micro-batch's graph is kept");
+        p.step_done();
+        assert!(p.table(1.0).unwrap().contains("6 nodes"));
     }
 
     /// The ops' spans recorded during the timed steps are summed per op and pass, averaged per

@@ -406,7 +406,7 @@ impl<T: Task> Loop<'_, T> {
     fn step(&mut self, step: usize, lr: f64, timed: bool) -> Result<Stepped> {
         let accum = self.opts.cfg.grad_accum;
         let mut acc: Option<Vec<Tensor>> = None;
-        let mut loss_sum = 0.0;
+        let mut losses = Vec::with_capacity(accum);
         let mut tokens = 0;
         let mut extras = Averages::default();
         if let (Some(p), true) = (&self.prof, timed) {
@@ -428,11 +428,16 @@ impl<T: Task> Loop<'_, T> {
             let m = prof(self)?;
             let out = self.task.micro_batch(step)?;
             span(self, Region::Forward, m)?;
+            if let (Some(p), true) = (&mut self.prof, timed) {
+                p.note_graph(&out.loss);
+            }
             let m = prof(self)?;
-            let l = scalar(&out.loss)?;
-            loss_sum += l;
             tokens += out.tokens;
-            let grads = (out.loss / accum as f64)?.backward()?;
+            let grads = (&out.loss / accum as f64)?.backward()?;
+            // Read after the backward is queued, not before: reading the loss waits for the
+            // device, and a wait between the forward and the backward leaves the GPU idle while
+            // the host issues the first backward kernels. Detached, so the graph goes now.
+            losses.push(out.loss.detach());
             let g = self.opt.collect(&grads)?;
             acc = Some(match acc {
                 None => g,
@@ -448,6 +453,10 @@ impl<T: Task> Loop<'_, T> {
             }
         }
         let mut grads = acc.expect("grad_accum >= 1");
+        let mut loss_sum = 0.0;
+        for l in &losses {
+            loss_sum += scalar(l)?;
+        }
         let mut out = Stepped {
             loss: loss_sum / accum as f64,
             grad_norm: 0.0,
