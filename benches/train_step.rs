@@ -8,7 +8,10 @@
 //! Besides the human lines it prints one JSON line per implementation
 //! (`{"bench":"train_step",...}`, tokens/s from the median step) for scripts/gpu-check.sh,
 //! which runs each implementation in its own process so that the GPU's peak memory it reads
-//! belongs to one of them.
+//! belongs to one of them. After the timed steps, one more step runs under `--profile`'s
+//! profiler (src/train/profile.rs) and is not timed with them: its region and kernel-op table
+//! and the autograd graph's size are printed, and the graph as one JSON line
+//! (`{"bench":"train_step_graph",...}`).
 
 use std::time::Instant;
 
@@ -21,6 +24,7 @@ use temper::model::{Fwd, Transformer};
 use temper::train::loss::scalar;
 use temper::train::optimizer::AdamW;
 use temper::train::params::{Net, ParamStore};
+use temper::train::profile::{Profiler, Region};
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -31,7 +35,7 @@ fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// Median step time in seconds and the losses of every step.
+/// Median step time in seconds, the losses of every step, and the profile of one more step.
 fn run(
     dev: &Device,
     cfg: &ModelConfig,
@@ -40,7 +44,7 @@ fn run(
     b: usize,
     t: usize,
     steps: usize,
-) -> Result<(f64, Vec<f64>)> {
+) -> Result<(f64, Vec<f64>, Profiler)> {
     let mut store = ParamStore::new(dev.clone(), 7);
     let net = Transformer::new(&mut store.scope(Net::Policy), cfg, None)?;
     let tc = TrainConfig::default();
@@ -59,23 +63,49 @@ fn run(
     let y = all.narrow(1, 1, t)?.contiguous()?;
     let mut times = vec![];
     let mut losses = vec![];
-    for i in 0..steps + 2 {
+    let mut prof = Profiler::new(dev);
+    // Two warm-up steps, the timed ones, then one profiled step outside the timing.
+    for i in 0..steps + 3 {
+        let profiled = i == steps + 2;
+        if profiled {
+            prof.step_started();
+        }
         let t0 = Instant::now();
+        let m = prof.mark()?;
         let f = Fwd {
             ctx,
             positions: None,
             key_valid: None,
         };
         let loss = net.target_logprobs(&x, &y, &f)?.neg()?.mean_all()?;
+        let m = match profiled {
+            true => {
+                prof.note_graph(&loss);
+                prof.span(Region::Forward, m)?;
+                prof.mark()?
+            }
+            false => m,
+        };
         let grads = opt.collect(&loss.backward()?)?;
+        let m = match profiled {
+            true => {
+                prof.span(Region::Backward, m)?;
+                prof.mark()?
+            }
+            false => m,
+        };
         opt.update(&grads, 3e-4, 1.0, kernels.adamw)?;
+        if profiled {
+            prof.span(Region::Optimizer, m)?;
+            prof.step_done();
+        }
         losses.push(scalar(&loss)?); // forces a device sync
-        if i >= 2 {
+        if i >= 2 && !profiled {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
     times.sort_by(f64::total_cmp);
-    Ok((times[times.len() / 2], losses))
+    Ok((times[times.len() / 2], losses, prof))
 }
 
 fn main() -> Result<()> {
@@ -110,7 +140,7 @@ fn main() -> Result<()> {
         if which != "both" && which != name {
             continue;
         }
-        let (secs, losses) = run(&dev, &cfg, kernels, dtype, b, t, steps)?;
+        let (secs, losses, prof) = run(&dev, &cfg, kernels, dtype, b, t, steps)?;
         println!(
             "{name:<9} {:>9.1} ms/step {:>10.0} tokens/s",
             secs * 1e3,
@@ -123,6 +153,13 @@ fn main() -> Result<()> {
             losses.first().copied().unwrap_or(f64::NAN),
             losses.last().copied().unwrap_or(f64::NAN)
         );
+        print!("{name}: {}", prof.table(tokens)?);
+        if let Some(g) = prof.graph() {
+            println!(
+                "{{\"bench\":\"train_step_graph\",\"impl\":\"{name}\",\"nodes\":{},\"held_bytes\":{},\"zero_filled_bytes\":{}}}",
+                g.nodes, g.held_bytes, g.zero_filled_bytes
+            );
+        }
         results.push((secs, losses));
     }
     if let [(ours, l_ours), (refr, l_ref)] = results.as_slice() {

@@ -137,6 +137,11 @@ impl Profiler {
         }
     }
 
+    /// The graph recorded by [`Profiler::note_graph`], if any.
+    pub fn graph(&self) -> Option<GraphStats> {
+        self.graph
+    }
+
     /// Records the shape of the first timed micro-batch's graph (`loss` before its backward).
     pub fn note_graph(&mut self, loss: &Tensor) {
         if self.graph.is_none() {
