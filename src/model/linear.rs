@@ -94,28 +94,31 @@ impl Linear {
     /// (`kernels::bias`).
     pub fn forward_act(&self, x: &Tensor, ctx: &Ctx, act: BiasAct) -> Result<Tensor> {
         let adapter_on = self.adapter.is_some() && ctx.use_lora;
-        let (k, custom) = (ctx.kernels, KernelChoice::Custom);
-        if let (Some(b), false, BiasAct::Identity) = (&self.b, adapter_on, act) {
-            if k.gemm == custom && k.bias == custom {
-                let w = super::cast::weight(&self.w, ctx.dtype)?;
-                if let Some(y) = crate::kernels::gemm::linear_bias_epilogue(x, &w, b)? {
-                    return Ok(y);
-                }
-            }
-        }
         if let (Some(b), false) = (&self.b, adapter_on) {
-            if bias::fuses(x, ctx.kernels.bias) {
+            let (k, custom) = (ctx.kernels, KernelChoice::Custom);
+            let epilogue = act == BiasAct::Identity && k.gemm == custom && k.bias == custom;
+            let fuses = bias::fuses(x, k.bias);
+            // The weight is cast once, for whichever fused path takes the call.
+            if epilogue || fuses {
                 let w = super::cast::weight(&self.w, ctx.dtype)?;
-                let y = linear(x, &w, None, ctx.kernels.gemm)?;
-                // An ablation of the GELU kernel keeps the reference GELU: only the bias fuses.
-                return match (act, ctx.kernels.gelu) {
-                    (BiasAct::GeluTanh, KernelChoice::Reference) => gelu(
-                        &bias::fused(&y, b, BiasAct::Identity)?,
-                        KernelChoice::Reference,
-                    ),
-                    _ => bias::fused(&y, b, act),
+                if epilogue {
+                    if let Some(y) = crate::kernels::gemm::linear_bias_epilogue(x, &w, b)? {
+                        return Ok(y);
+                    }
                 }
-                .map_err(Into::into);
+                if fuses {
+                    let y = linear(x, &w, None, ctx.kernels.gemm)?;
+                    // An ablation of the GELU kernel keeps the reference GELU: only the bias
+                    // fuses.
+                    return match (act, ctx.kernels.gelu) {
+                        (BiasAct::GeluTanh, KernelChoice::Reference) => gelu(
+                            &bias::fused(&y, b, BiasAct::Identity)?,
+                            KernelChoice::Reference,
+                        ),
+                        _ => bias::fused(&y, b, act),
+                    }
+                    .map_err(Into::into);
+                }
             }
         }
         let y = self.forward_unfused(x, ctx)?;

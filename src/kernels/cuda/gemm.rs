@@ -138,10 +138,20 @@ pub fn prepared(t: &Tensor) -> Result<Tensor> {
 /// Whether cuBLASLt serves `a` and `b`, whose last dimensions the GEMM contracts or writes as
 /// rows (`k`, `n`; `inner` pairs the two sizes that must agree): both bf16 or both f16, the
 /// inner sizes equal, and every row a non-empty multiple of 16 bytes.
-pub(crate) fn takes(a: &Tensor, b: &Tensor, inner: (usize, usize), (k, n): (usize, usize)) -> bool {
+fn takes(a: &Tensor, b: &Tensor, inner: (usize, usize), (k, n): (usize, usize)) -> bool {
     let half = matches!(a.dtype(), DType::BF16 | DType::F16);
     let rows_fit = k > 0 && n > 0 && k % 8 == 0 && n % 8 == 0;
     half && b.dtype() == a.dtype() && inner.0 == inner.1 && rows_fit
+}
+
+/// `N` where cuBLASLt takes the forward form `x W^T` (`x [..., K]` of at least two dimensions,
+/// `W [N, K]`, see [`takes`]); `None` where it does not. The one eligibility check of every op
+/// built on that form (the plain GEMM, the bias epilogue, the loss head).
+pub(crate) fn takes_nt(x: &Tensor, w: &Tensor) -> Option<usize> {
+    let (Some(&k), Ok((n, kw))) = (x.dims().last(), w.dims2()) else {
+        return None;
+    };
+    (x.rank() >= 2 && takes(x, w, (k, kw), (k, n))).then_some(n)
 }
 
 /// `x W^T` through cuBLASLt for `x [..., K]` (any number of leading dimensions, taken as the
@@ -150,13 +160,7 @@ pub(crate) fn takes(a: &Tensor, b: &Tensor, inner: (usize, usize), (k, n): (usiz
 /// keeps reshapes out of the autograd graph: candle's backward costs every graph node a
 /// zero-filled buffer and an add of its full size, and the LM head's output is the largest.
 pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    let (Some(&k), Ok((n, kw))) = (x.dims().last(), w.dims2()) else {
-        return Ok(None);
-    };
-    if x.rank() < 2 {
-        return Ok(None);
-    }
-    if !takes(x, w, (k, kw), (k, n)) {
+    if takes_nt(x, w).is_none() {
         return Ok(None);
     }
     Ok(Some(prepared(x)?.apply_op2(&prepared(w)?, Gemm(Form::Nt))?))
@@ -249,11 +253,9 @@ pub(crate) fn grads(
 /// node where the GEMM and the bias op were two; its backward adds the bias gradient as the
 /// bias kernel's fixed-order column sum, in f32.
 pub fn matmul_nt_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
-    let (Some(&k), Ok((n, kw))) = (x.dims().last(), w.dims2()) else {
-        return Ok(None);
-    };
-    if x.rank() < 2 || !takes(x, w, (k, kw), (k, n)) || b.dims() != [n] {
-        return Ok(None);
+    match takes_nt(x, w) {
+        Some(n) if b.dims() == [n] => {}
+        _ => return Ok(None),
     }
     let b = b.contiguous()?;
     Ok(Some(prepared(x)?.apply_op3(&prepared(w)?, &b, GemmBias)?))

@@ -25,10 +25,7 @@ type Result<T> = candle_core::Result<T>;
 /// `[...]` f32 log-probabilities of `targets [...]` under `hidden [..., K] W^T`, or `None`
 /// where cuBLASLt does not take the GEMM (f32, mixed dtypes, rows not a multiple of 16 bytes).
 pub fn token_logprobs(hidden: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Option<Tensor>> {
-    let (Some(&k), Ok((v, kw))) = (hidden.dims().last(), w.dims2()) else {
-        return Ok(None);
-    };
-    if hidden.rank() < 2 || !gemm::takes(hidden, w, (k, kw), (k, v)) {
+    if gemm::takes_nt(hidden, w).is_none() {
         return Ok(None);
     }
     if targets.dims() != &hidden.dims()[..hidden.rank() - 1] {
