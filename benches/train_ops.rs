@@ -30,8 +30,10 @@
 //!   the position table once (positions follow from the row), y out: 4·R + 4·R·H + 4·T·H + e·R·H
 //! - logprobs (V = vocabulary): the logits and targets in, the f32 log-probabilities out:
 //!   e·R·V + 8·R
-//! - adamw (P parameters): the gradients twice (the global norm must be complete before any
-//!   update), the parameters and both moments read and written: 32·P
+//! - adamw (P parameters, as temper trains with bf16 compute: every weight has a bf16 compute
+//!   copy, and the matrices' gradients are the copies' bf16 ones): the gradients twice (the
+//!   global norm must be complete before any update), the f32 parameters and both moments read
+//!   and written, the copies written: 26·P + 2·(bytes of the gradients)
 //!
 //! Before timing an op, ours is checked once against the reference (the output and every
 //! gradient; for AdamW the parameters and moments after one step from the same state) and the
@@ -548,8 +550,8 @@ fn gpt2_params(cfg: &ModelConfig) -> Vec<(Vec<usize>, bool)> {
     p
 }
 
-/// One AdamW step over GPT-2's f32 parameters: the global gradient norm, clipping to 1.0 and
-/// the update (what temper's optimizer runs once per step).
+/// One AdamW step over GPT-2's parameters: the global gradient norm, clipping to 1.0 and the
+/// update, with bf16 compute copies (what temper's optimizer runs once per step).
 fn adamw(d: &Dims) -> Result<Case> {
     let shapes = gpt2_params(&d.cfg);
     let n: usize = shapes
@@ -567,16 +569,32 @@ fn adamw(d: &Dims) -> Result<Case> {
         .iter()
         .map(|(s, _)| d.randn(s, 0.0, 0.02))
         .collect::<Result<Vec<_>>>()?;
+    // A matrix's gradient is its compute copy's, in bf16; a vector's (bias, norm gain) comes
+    // from an op that reads the f32 master.
     let grads = shapes
         .iter()
-        .map(|(s, _)| d.randn(s, 0.0, 1e-3))
+        .map(|(s, _)| {
+            let g = d.randn(s, 0.0, 1e-3)?;
+            match s.len() {
+                2 => g.to_dtype(DType::BF16),
+                _ => Ok(g),
+            }
+        })
         .collect::<Result<Vec<_>>>()?;
+    let grad_bytes: usize = grads
+        .iter()
+        .map(|g| g.elem_count() * g.dtype().size_in_bytes())
+        .sum();
     let decay: Vec<bool> = shapes.iter().map(|(_, wd)| *wd).collect();
     let step = |choice: KernelChoice| -> Result<Run> {
         // Each side its own weights and moments: the kernel updates them in place.
         let params = init
             .iter()
             .map(Var::from_tensor)
+            .collect::<Result<Vec<_>>>()?;
+        let copies = init
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_dtype(DType::BF16)?))
             .collect::<Result<Vec<_>>>()?;
         let mut ms = init
             .iter()
@@ -598,12 +616,13 @@ fn adamw(d: &Dims) -> Result<Case> {
             let mut slots: Vec<Slot> = params
                 .iter()
                 .zip(ms.iter_mut().zip(vs.iter_mut()))
-                .zip(grads.iter().zip(&decay))
-                .map(|((param, (m, v)), (grad, &wd))| Slot {
+                .zip(grads.iter().zip(&decay).zip(&copies))
+                .map(|((param, (m, v)), ((grad, &wd), copy))| Slot {
                     param,
                     m,
                     v,
                     grad,
+                    copy: Some(copy),
                     lr: 6e-4,
                     weight_decay: if wd { 0.1 } else { 0.0 },
                 })
@@ -616,6 +635,7 @@ fn adamw(d: &Dims) -> Result<Case> {
                 .map(|p| p.as_tensor().clone())
                 .chain(ms.iter().cloned())
                 .chain(vs.iter().cloned())
+                .chain(copies.iter().map(|c| c.as_tensor().clone()))
                 .collect())
         }))
     };
@@ -627,9 +647,9 @@ fn adamw(d: &Dims) -> Result<Case> {
         })
     };
     Ok(Case {
-        shape: format!("{n} f32 params"),
-        fwd_bytes: (32 * n) as f64,
-        compares: "parameters, m, v after one step",
+        shape: format!("{n} params"),
+        fwd_bytes: (26 * n + 2 * grad_bytes) as f64,
+        compares: "parameters, m, v and compute copies after one step",
         ours: one_step(KernelChoice::Custom)?,
         reference: one_step(KernelChoice::Reference)?,
     })

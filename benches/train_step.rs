@@ -49,6 +49,8 @@ fn run(
     let net = Transformer::new(&mut store.scope(Net::Policy), cfg, None)?;
     let tc = TrainConfig::default();
     let mut opt = AdamW::new(&store, &|_| true, &tc)?;
+    // As the training loop does (`train.compute_copies`, on by default).
+    opt.keep_compute_copies(dtype)?;
     let ctx = Ctx {
         dtype,
         kernels,

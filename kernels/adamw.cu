@@ -2,7 +2,8 @@
 // elementwise launches and one single-block sum per parameter tensor:
 //   adamw_sumsq_f32       one block per chunk: the chunk's sum of squared gradients
 //   adamw_norm_finish_f32 one block: sqrt of the sum of the partials (in double) -> norm
-//   adamw_step_f32        one block per chunk: clip by the norm on the device, update m, v, p
+//   adamw_step_f32        one block per chunk: clip by the norm on the device, update m, v, p,
+//                         and write p's bf16 compute copy where it has one
 // Clipping reads the norm on the device, so no launch waits for the host; the host reads the
 // norm back once at the end of the step, for the log (the step's one synchronisation).
 //
@@ -18,7 +19,7 @@ extern "C" __global__ void adamw_sumsq_f32(const AdamwParams p) {
   const AdamwChunk c = p.chunks[blockIdx.x];
   float acc = 0.f;
   for (unsigned int i = threadIdx.x; i < c.len; i += blockDim.x) {
-    const float g = c.g[c.start + i];
+    const float g = adamw_grad(c, c.start + i);
     acc = fmaf(g, g, acc);
   }
   const float total = block_sum(acc, scratch);
@@ -41,7 +42,7 @@ extern "C" __global__ void adamw_step_f32(const AdamwParams p) {
   const float scale = clip ? (float)((double)p.max_norm / ((double)norm + 1e-6)) : 1.f;
   for (unsigned int i = threadIdx.x; i < c.len; i += blockDim.x) {
     const unsigned int k = c.start + i;
-    float g = c.g[k];
+    float g = adamw_grad(c, k);
     if (clip) g = __fmul_rn(g, scale);
     const float m = __fadd_rn(__fmul_rn(c.m[k], p.beta1), __fmul_rn(g, p.one_minus_beta1));
     const float v =
@@ -51,7 +52,10 @@ extern "C" __global__ void adamw_step_f32(const AdamwParams p) {
     float upd = __fdiv_rn(mhat, denom);
     const float w = c.p[k];
     if (c.wd != 0.f) upd = __fadd_rn(upd, __fmul_rn(w, c.wd));
-    c.p[k] = __fsub_rn(w, __fmul_rn(upd, c.lr));
+    const float w_new = __fsub_rn(w, __fmul_rn(upd, c.lr));
+    c.p[k] = w_new;
+    // Round to nearest even, as a cast of the master would.
+    if (c.copy) c.copy[k] = __float2bfloat16_rn(w_new);
     c.m[k] = m;
     c.v[k] = v;
   }

@@ -7,18 +7,27 @@
 
 // One chunk of one parameter tensor: elements [start, start + len) of it. Every parameter is
 // cut into chunks of at most kChunk elements, so that one launch covers every tensor with
-// blocks of even size. All tensors are f32 and contiguous.
+// blocks of even size. All tensors are contiguous; weights and moments are f32.
 struct AdamwChunk {
-  float *p;          // master weights, updated in place
-  float *m;          // first moment, in place
-  float *v;          // second moment, in place
-  const float *g;    // gradient
+  float *p;              // master weights, updated in place
+  float *m;              // first moment, in place
+  float *v;              // second moment, in place
+  const void *g;         // gradient: f32, or bf16 (a compute copy's) when g_bf16
+  __nv_bfloat16 *copy;   // the weight's bf16 compute copy, rewritten from p; null: none
   unsigned int start;
   unsigned int len;
-  float lr;          // learning rate times the parameter's scale
-  float wd;          // weight decay (0 for a parameter without)
+  float lr;              // learning rate times the parameter's scale
+  float wd;              // weight decay (0 for a parameter without)
+  int g_bf16;            // 1: g is bf16
+  int pad;
 };
-static_assert(sizeof(AdamwChunk) == 48, "AdamwChunk: keep in step with the Rust mirror");
+static_assert(sizeof(AdamwChunk) == 64, "AdamwChunk: keep in step with the Rust mirror");
+
+// Element k of the chunk's gradient, as f32.
+__device__ __forceinline__ float adamw_grad(const AdamwChunk &c, unsigned int k) {
+  return c.g_bf16 ? __bfloat162float(static_cast<const __nv_bfloat16 *>(c.g)[k])
+                  : static_cast<const float *>(c.g)[k];
+}
 
 struct AdamwParams {
   const AdamwChunk *chunks;  // [n_chunks], the update's table (or the norm's)

@@ -272,8 +272,10 @@ def train_ops():
 
     def adamw():
         # One optimizer step as scripts/gpt2_peer.py takes it: clipping to norm 1.0, then fused
-        # AdamW; weight decay on the matrices only, as temper. Gradients stay set between
-        # steps (clipping rescales them in place, as it would each step).
+        # AdamW over f32 parameters and f32 gradients (autocast's layout; temper's side reads
+        # the matrices' gradients in bf16 and writes bf16 compute copies); weight decay on the
+        # matrices only, as temper. Gradients stay set between steps (clipping rescales them
+        # in place, as it would each step).
         shapes = gpt2_params(vocab, hidden, mlp, 12, seq)
         params = [randn(*s, dtype=torch.float32, std=0.02, grad=True) for s, _ in shapes]
         for p in params:
@@ -288,7 +290,7 @@ def train_ops():
 
         ms = time_ms(step)
         n = sum(p.numel() for p in params)
-        emit(bench="train_ops", op="adamw", shape=f"{n} f32 params", impl="torch", drive=None, fwd_ms=ms,
+        emit(bench="train_ops", op="adamw", shape=f"{n} params", impl="torch", drive=None, fwd_ms=ms,
              fwd_bwd_ms=None, gbps=32 * n / ms / 1e6)
 
     tanh_gelu = lambda z: F.gelu(z, approximate="tanh")  # noqa: E731

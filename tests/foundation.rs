@@ -78,6 +78,108 @@ fn pretrain_learns_the_builtin_task() {
     );
 }
 
+/// Starts `temper args` writing its run to `out` and SIGKILLs it once a checkpoint of step
+/// `step` or later is in place.
+fn kill_at_checkpoint(args: &[String], out: &std::path::Path, step: usize) {
+    let mut child = temper().args(args).spawn().unwrap();
+    let latest = out.join("checkpoints/latest");
+    let want = format!("step-{step:07}");
+    let t0 = Instant::now();
+    loop {
+        if std::fs::read_to_string(&latest).is_ok_and(|s| s.trim() >= want.as_str()) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
+/// bf16 compute trains the f32 masters through bf16 compute copies that AdamW rewrites
+/// (`train.compute_copies`, on by default): the curve is the one of casting every master in
+/// every step, to the last bits the tied embedding's two gradients may sum in another order
+/// in, over accumulated micro-batches too; and a run killed and resumed rebuilds its copies from
+/// the checkpoint's masters and continues the same curve exactly.
+#[test]
+fn bf16_compute_copies_follow_the_casts_and_resume_exactly() {
+    let d = tmp();
+    let write = |name: &str, extra: &str| {
+        let cfg = p(d.path(), name);
+        std::fs::write(&cfg, format!("{TINY_TOML}grad_accum = 2\n{extra}")).unwrap();
+        cfg
+    };
+    let (copies, casts) = (
+        write("c.toml", ""),
+        write("n.toml", "compute_copies = false\n"),
+    );
+    let args = |cfg: &std::path::Path, out: &std::path::Path| -> Vec<String> {
+        [
+            "pretrain",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "12",
+            "--checkpoint-every",
+            "4",
+            "--eval-every",
+            "4",
+            "--log-every",
+            "1",
+            "--dtype",
+            "bf16",
+            "--device",
+            "cpu",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    // The losses, and how many weights the forward read as copies (from the run's report).
+    let run = |cfg: &std::path::Path, name: &str| {
+        let out = p(d.path(), name);
+        let a = args(cfg, &out);
+        let o = run_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        let read: usize = err
+            .lines()
+            .find(|l| l.contains("parameter tensors are read as bf16 compute copies"))
+            .and_then(|l| l.split(']').nth(1)?.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        (series(&metrics(&out), "train", "loss"), read)
+    };
+    let (with, read) = run(&copies, "copies");
+    let (without, none) = run(&casts, "casts");
+    assert!(
+        read > 0 && none == 0,
+        "{read} weights read as copies, {none} with them off"
+    );
+    assert_eq!(with.len(), 12);
+    for ((s, a), (_, b)) in with.iter().zip(&without) {
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs(),
+            "step {s}: {a} with copies, {b} without"
+        );
+    }
+    assert!(
+        with[11].1 < with[0].1 - 0.5,
+        "bf16 training did not learn: {with:?}"
+    );
+
+    let cut = p(d.path(), "cut");
+    kill_at_checkpoint(&args(&copies, &cut), &cut, 4);
+    run_ok(&["pretrain", "--resume", cut.to_str().unwrap()]);
+    assert_eq!(
+        series(&metrics(&cut), "train", "loss"),
+        with,
+        "the resumed curve differs from the uninterrupted one"
+    );
+}
+
 #[test]
 fn sigkill_then_resume_continues_the_same_curve() {
     let d = tmp();
@@ -111,21 +213,7 @@ fn sigkill_then_resume_continues_the_same_curve() {
     );
 
     let cut = p(d.path(), "cut");
-    let mut child = temper().args(args(cut.to_str().unwrap())).spawn().unwrap();
-    let latest = cut.join("checkpoints/latest");
-    let t0 = Instant::now();
-    loop {
-        if std::fs::read_to_string(&latest).is_ok_and(|s| s.trim() >= "step-0000010") {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_at_checkpoint(&args(cut.to_str().unwrap()), &cut, 10);
     run_ok(&["pretrain", "--resume", cut.to_str().unwrap()]);
     let a = series(&metrics(&full), "train", "loss");
     let b = series(&metrics(&cut), "train", "loss");

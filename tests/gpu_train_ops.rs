@@ -4,9 +4,10 @@
 //! test says otherwise; each failure message names its seed (`TEMPER_TEST_SEED` replays it).
 //! - `adamw` (`kernels/adamw.cu`: gradient norm, clipping, AdamW): parameters of one element,
 //!   one past a 65536-element chunk and odd 2-D shapes, three steps with clipping on in some,
-//!   with and without weight decay, per-parameter learning rates and a parameter owned by
-//!   another rank; every weight and moment within 1e-5 relative (the update repeats the
-//!   reference's f32 operations one by one; only the norm's summation order differs).
+//!   with and without weight decay, per-parameter learning rates, a parameter owned by
+//!   another rank, bf16 gradients and bf16 compute copies on some; every weight and moment
+//!   within 1e-5 relative (the update repeats the reference's f32 operations one by one; only
+//!   the norm's summation order differs), every copy the weight rounded to bf16.
 //! - `logprobs` (`kernels/logprobs.cu`): vocabularies of 1, 37 and 50257, odd row counts, f32,
 //!   bf16 and f16, an upstream gradient that is zero on some rows (masked tokens).
 //! - `embedding` (`kernels/embedding.cu`): many repeats of a few ids, a width not a multiple of
@@ -44,7 +45,8 @@
 //! - all of them together: 50 bf16 training steps of a small GPT-2 (LayerNorm, learned
 //!   positions, bias + GELU) and a small Llama (RMSNorm, RoPE, SwiGLU, grouped-query
 //!   attention) with every kernel op against every reference: the two loss curves agree step
-//!   by step within bf16 tolerance, and both fall.
+//!   by step within bf16 tolerance, and both fall; and the curve with the optimizer's bf16
+//!   compute copies is the one of casting every master, within 1%.
 //!
 //! Each needs feature `cuda` and a CUDA device; otherwise it prints why it did not run on
 //! stderr and passes.
@@ -56,7 +58,7 @@ gpu_test!(adamw::adamw_kernel_matches_reference);
 
 #[cfg(feature = "cuda")]
 mod adamw {
-    use candle_core::{Device, Tensor, Var};
+    use candle_core::{DType, Device, Tensor, Var};
     use temper::kernels::adamw::{update, Hyper, Slot};
     use temper::kernels::KernelChoice;
 
@@ -91,12 +93,33 @@ mod adamw {
                 .collect()
         };
         let (pg, pc) = (vars(dev), vars(&cpu));
+        // Compute copies on all but the second parameter, as the training loop keeps them.
+        let copies = |d: &Device| -> Vec<Option<Var>> {
+            p0.iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    (i != 1).then(|| {
+                        let c = t.to_device(d).unwrap().to_dtype(DType::BF16).unwrap();
+                        Var::from_tensor(&c).unwrap()
+                    })
+                })
+                .collect()
+        };
+        let (cg, cc) = (copies(dev), copies(&cpu));
         let (mut mg, mut vg) = (on(&m0, dev), on(&v0, dev));
         let (mut mc, mut vc) = (m0.clone(), v0.clone());
         for (t, max_norm) in [(1usize, 1.0), (2, 1e9), (3, 0.5)] {
+            // The even parameters' gradients are a compute copy's, in bf16.
             let grads: Vec<Tensor> = shapes
                 .iter()
-                .map(|s| make(&mut rng, s, -0.05, 0.05))
+                .enumerate()
+                .map(|(i, s)| {
+                    let g = make(&mut rng, s, -0.05, 0.05);
+                    match i % 2 {
+                        0 => g.to_dtype(DType::BF16).unwrap(),
+                        _ => g,
+                    }
+                })
                 .collect();
             let h = Hyper {
                 beta1: 0.9,
@@ -106,27 +129,33 @@ mod adamw {
                 max_norm,
             };
             let gg = on(&grads, dev);
-            let run = |vars: &[Var], ms: &mut [Tensor], vs: &mut [Tensor], gs: &[Tensor], k| {
+            let run = |vars: &[Var],
+                       cs: &[Option<Var>],
+                       ms: &mut [Tensor],
+                       vs: &mut [Tensor],
+                       gs: &[Tensor],
+                       k| {
                 let mut slots: Vec<Slot> = vars
                     .iter()
                     .zip(ms.iter_mut().zip(vs.iter_mut()))
-                    .zip(gs)
+                    .zip(gs.iter().zip(cs))
                     .enumerate()
                     // The last parameter is another rank's (ZeRO-1): in the norm, not updated.
                     .filter(|(i, _)| *i + 1 < vars.len())
-                    .map(|(i, ((param, (m, v)), grad))| Slot {
+                    .map(|(i, ((param, (m, v)), (grad, copy)))| Slot {
                         param,
                         m,
                         v,
                         grad,
+                        copy: copy.as_ref(),
                         lr: 1e-3 * (1.0 + i as f64),
                         weight_decay: if i % 2 == 0 { 0.1 } else { 0.0 },
                     })
                     .collect();
                 update(gs, &mut slots, &h, k).unwrap()
             };
-            let n_gpu = run(&pg, &mut mg, &mut vg, &gg, KernelChoice::Custom);
-            let n_cpu = run(&pc, &mut mc, &mut vc, &grads, KernelChoice::Reference);
+            let n_gpu = run(&pg, &cg, &mut mg, &mut vg, &gg, KernelChoice::Custom);
+            let n_cpu = run(&pc, &cc, &mut mc, &mut vc, &grads, KernelChoice::Reference);
             assert!(
                 (n_gpu - n_cpu).abs() <= 1e-5 * n_cpu,
                 "seed {seed:#x} step {t}: norm {n_gpu} vs {n_cpu}"
@@ -142,6 +171,19 @@ mod adamw {
                 );
                 assert_close(&what("m"), &mg[i], &mc[i], 1e-5, (1e-7, 1e-5));
                 assert_close(&what("v"), &vg[i], &vc[i], 1e-5, (1e-9, 1e-5));
+                if let (Some(g), Some(c)) = (&cg[i], &cc[i]) {
+                    // Exactly the updated master cast to bf16 on the device (round to nearest
+                    // even, as candle's cast), and so within a bf16 step of the CPU's copy.
+                    let cast = pg[i].as_tensor().to_dtype(DType::BF16).unwrap();
+                    assert_close(&what("copy vs cast"), g.as_tensor(), &cast, 0.0, (0.0, 0.0));
+                    assert_close(
+                        &what("copy"),
+                        g.as_tensor(),
+                        c.as_tensor(),
+                        1e-5,
+                        (1e-6, 8e-3),
+                    );
+                }
             }
         }
     }
@@ -939,11 +981,16 @@ mod curves {
 
     /// Losses of `STEPS` bf16 steps on sequences that follow `x' = 5x + 3 mod V` from random
     /// starts (learnable, so the loss falls), four batches in turn, the same init every call.
-    fn losses(dev: &Device, cfg: &ModelConfig, kernels: KernelSet) -> Vec<f64> {
+    /// With `copies`, the forward reads the optimizer's bf16 compute copies, as the training
+    /// loop does; without, it casts each f32 master.
+    fn losses(dev: &Device, cfg: &ModelConfig, kernels: KernelSet, copies: bool) -> Vec<f64> {
         let (b, t) = (8, 96);
         let mut store = ParamStore::new(dev.clone(), 11);
         let net = Transformer::new(&mut store.scope(Net::Policy), cfg, None).unwrap();
         let mut opt = AdamW::new(&store, &|_| true, &TrainConfig::default()).unwrap();
+        if copies {
+            opt.keep_compute_copies(DType::BF16).unwrap();
+        }
         let ctx = Ctx {
             dtype: DType::BF16,
             kernels,
@@ -995,13 +1042,22 @@ mod curves {
             cfg.num_attention_heads = 4;
             cfg.num_key_value_heads = if preset == "gpt2" { 4 } else { 2 };
             cfg.max_position_embeddings = 128;
-            let ours = losses(dev, &cfg, KernelSet::default());
-            let refs = losses(dev, &cfg, KernelSet::reference());
+            let ours = losses(dev, &cfg, KernelSet::default(), true);
+            let refs = losses(dev, &cfg, KernelSet::reference(), true);
+            let casts = losses(dev, &cfg, KernelSet::default(), false);
             for (i, (a, r)) in ours.iter().zip(&refs).enumerate() {
                 assert!(
                     a.is_finite() && (a - r).abs() <= 0.05 * r.abs().max(0.5),
                     "{preset} step {i}: loss {a} with our kernels, {r} with the references\n\
                      ours {ours:?}\nrefs {refs:?}"
+                );
+            }
+            // The same values up to the order the tied embedding's gradients are summed in.
+            for (i, (a, c)) in ours.iter().zip(&casts).enumerate() {
+                assert!(
+                    (a - c).abs() <= 0.01 * c.abs().max(0.5),
+                    "{preset} step {i}: loss {a} with compute copies, {c} casting the masters\n\
+                     copies {ours:?}\ncasts {casts:?}"
                 );
             }
             for (name, l) in [("ours", &ours), ("reference", &refs)] {

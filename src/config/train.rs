@@ -60,6 +60,10 @@ pub struct TrainConfig {
     pub log_every: usize,
     pub seed: u64,
     pub dtype: DTypeChoice,
+    /// With bf16 compute, keep a bf16 copy of every trainable weight that AdamW rewrites in
+    /// the pass that updates the f32 master, and let the forward read it, instead of casting
+    /// each master in every step (and carrying its gradient back through the cast).
+    pub compute_copies: bool,
     /// Shard AdamW's state across data-parallel ranks (ZeRO-1).
     pub shard_optimizer: ShardOptimizer,
     /// Time this many steps by region after a warm-up and print the table (0: off).
@@ -88,6 +92,7 @@ impl Default for TrainConfig {
             log_every: 10,
             seed: 1234,
             dtype: DTypeChoice::Auto,
+            compute_copies: true,
             shard_optimizer: ShardOptimizer::Auto,
             profile: 0,
         }

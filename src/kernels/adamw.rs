@@ -1,17 +1,20 @@
 //! The optimizer step: the global gradient norm, clipping to it, and AdamW with decoupled
-//! weight decay over f32 master weights.
+//! weight decay over f32 master weights, writing each weight's compute copy (bf16) in the same
+//! pass where it has one.
 //!
 //! Contract: `norm = sqrt(sum of g^2 over every gradient)`; when `max_norm > 0` and
 //! `norm > max_norm` each gradient is scaled by `max_norm / (norm + 1e-6)`; then for each
 //! parameter `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2`,
-//! `p -= lr * (m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd p)`.
+//! `p -= lr * (m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd p)`, then `copy = p`
+//! rounded to the copy's dtype. A gradient is f32, or bf16 when it is a compute copy's; it is
+//! read as f32 either way.
 //!
 //! The reference is candle's elementwise ops, a dozen launches and a one-block sum per
 //! tensor on a GPU; the kernel (`kernels/adamw.cu`) does the whole step in three launches
 //! with one read-back of the norm.
 
 use anyhow::Result;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use super::KernelChoice;
 
@@ -21,6 +24,8 @@ pub struct Slot<'a> {
     pub m: &'a mut Tensor,
     pub v: &'a mut Tensor,
     pub grad: &'a Tensor,
+    /// The weight's compute copy, rewritten from the updated master.
+    pub copy: Option<&'a Var>,
     /// The learning rate times the parameter's scale.
     pub lr: f64,
     /// Its weight decay (0 for a parameter without).
@@ -54,7 +59,8 @@ pub fn update(
                 Some(norm) => return Ok(norm),
                 None => super::registry::warn_fallback(
                     "adamw",
-                    "a parameter, moment or gradient is not contiguous f32",
+                    "a parameter, moment or gradient is not contiguous f32 (bf16 for a \
+                     gradient or compute copy)",
                 ),
             }
         }
@@ -65,7 +71,11 @@ pub fn update(
 pub fn update_reference(grads: &[Tensor], slots: &mut [Slot], h: &Hyper) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads {
-        sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        sq += g
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
     }
     let norm = sq.sqrt();
     let clip = (h.max_norm > 0.0 && norm > h.max_norm).then(|| h.max_norm / (norm + 1e-6));
@@ -73,9 +83,10 @@ pub fn update_reference(grads: &[Tensor], slots: &mut [Slot], h: &Hyper) -> Resu
     let bc1 = 1.0 - b1.powi(h.t as i32);
     let bc2 = 1.0 - b2.powi(h.t as i32);
     for s in slots.iter_mut() {
+        let g = s.grad.to_dtype(DType::F32)?;
         let g = match clip {
-            Some(c) => (s.grad * c)?,
-            None => s.grad.clone(),
+            Some(c) => (g * c)?,
+            None => g,
         };
         *s.m = ((&*s.m * b1)? + (&g * (1.0 - b1))?)?;
         *s.v = ((&*s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
@@ -86,7 +97,11 @@ pub fn update_reference(grads: &[Tensor], slots: &mut [Slot], h: &Hyper) -> Resu
         if s.weight_decay > 0.0 {
             upd = (upd + (p * s.weight_decay)?)?;
         }
-        s.param.set(&(p - (upd * s.lr)?)?)?;
+        let new = (p - (upd * s.lr)?)?;
+        if let Some(c) = s.copy {
+            c.set(&new.to_dtype(c.dtype())?)?;
+        }
+        s.param.set(&new)?;
     }
     Ok(norm)
 }
@@ -117,6 +132,7 @@ mod tests {
             m: &mut m,
             v: &mut v,
             grad: &g,
+            copy: None,
             lr: 0.1,
             weight_decay: 0.0,
         }];

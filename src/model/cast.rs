@@ -1,11 +1,17 @@
-//! Weights in the compute dtype. Parameters are f32 master copies cast in every forward pass,
-//! which training needs (the cast carries the gradient back to f32). Generation runs hundreds
-//! of forward passes over unchanging weights, and per decode step the casts would move ~4x the
-//! bytes of the weights themselves; inside [`FrozenWeights`] each weight is cast once and the
-//! copy reused.
+//! Weights in the compute dtype. Parameters are f32 master copies; [`weight`] hands a layer
+//! its weight in the compute dtype, in one of three ways:
+//! - a **compute copy** registered by the optimizer ([`register_copy`]): a persistent bf16
+//!   variable that AdamW rewrites in the pass that updates the master. The forward reads it
+//!   and the backward leaves its gradient on it, so the step has no cast node: no cast in the
+//!   forward, and no zero-filled f32 gradient plus cast and add per weight in the backward;
+//! - inside [`FrozenWeights`] (generation): each weight cast once and the copy reused, since
+//!   hundreds of decode steps over unchanging weights would otherwise each move ~4x the bytes
+//!   of the weights in casts;
+//! - otherwise a cast in the graph, which carries the gradient back to the f32 master.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
 
 use candle_core::{DType, Result, Tensor, TensorId};
 
@@ -14,10 +20,50 @@ thread_local! {
     static FROZEN: RefCell<Option<HashMap<(TensorId, DType), Tensor>>> = const { RefCell::new(None) };
 }
 
-/// `w` in `dtype`: cast once per [`FrozenWeights`] scope, or every call outside one.
+/// Compute copies by their master's id. Global rather than per thread: tensor ids are unique
+/// in the process, and a rank's optimizer and forward may run on different threads.
+static COPIES: Mutex<Option<HashMap<TensorId, Tensor>>> = Mutex::new(None);
+
+fn copies() -> MutexGuard<'static, Option<HashMap<TensorId, Tensor>>> {
+    // A panic elsewhere cannot leave the map half-written: every access is one insert,
+    // remove or lookup.
+    COPIES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// From now on [`weight`] hands out `copy` (tracked: gradients land on it) for `master` in
+/// `copy`'s dtype. The caller keeps `copy` equal to `master` rounded, and unregisters it
+/// before it stops doing so.
+pub fn register_copy(master: &Tensor, copy: &Tensor) {
+    let before = copies()
+        .get_or_insert_with(HashMap::new)
+        .insert(master.id(), copy.clone());
+    // Two owners would each rewrite the copy the other registered.
+    debug_assert!(before.is_none(), "a second compute copy of one master");
+}
+
+/// Undoes [`register_copy`] if `copy` is still the one registered for `master`.
+pub fn unregister_copy(master: &Tensor, copy: &Tensor) {
+    let mut map = copies();
+    if let Some(m) = map.as_mut() {
+        if m.get(&master.id()).is_some_and(|c| c.id() == copy.id()) {
+            m.remove(&master.id());
+        }
+    }
+}
+
+/// `w` in `dtype`: its compute copy if one is registered, else cast once per
+/// [`FrozenWeights`] scope, or every call outside one.
 pub fn weight(w: &Tensor, dtype: DType) -> Result<Tensor> {
     if w.dtype() == dtype {
         return Ok(w.clone());
+    }
+    let copy = copies()
+        .as_ref()
+        .and_then(|m| m.get(&w.id()).filter(|c| c.dtype() == dtype).cloned());
+    let frozen = FROZEN.with_borrow(|m| m.is_some());
+    if let Some(c) = copy {
+        // Generation records no graph: the same storage, untracked.
+        return Ok(if frozen { c.detach() } else { c });
     }
     let key = (w.id(), dtype);
     if let Some(hit) = FROZEN.with_borrow(|m| m.as_ref().and_then(|m| m.get(&key).cloned())) {
@@ -85,5 +131,39 @@ mod tests {
         let d = weight(&w, DType::BF16).unwrap();
         assert_ne!(d.id(), weight(&w, DType::BF16).unwrap().id());
         assert_eq!(weight(&w, DType::F32).unwrap().id(), w.id());
+    }
+
+    #[test]
+    fn a_registered_copy_is_handed_out_in_its_dtype_until_unregistered() {
+        let w = Tensor::new(&[1.5f32, -2.0], &Device::Cpu).unwrap();
+        let copy = candle_core::Var::from_tensor(&w.to_dtype(DType::BF16).unwrap()).unwrap();
+        register_copy(&w, copy.as_tensor());
+        assert_eq!(weight(&w, DType::BF16).unwrap().id(), copy.as_tensor().id());
+        assert!(weight(&w, DType::BF16).unwrap().is_variable());
+        // Another dtype is still a cast.
+        assert_eq!(weight(&w, DType::F16).unwrap().dtype(), DType::F16);
+        // A stale copy's owner cannot unregister its successor.
+        let other = Tensor::new(&[0f32], &Device::Cpu).unwrap();
+        unregister_copy(&w, &other);
+        assert_eq!(weight(&w, DType::BF16).unwrap().id(), copy.as_tensor().id());
+        {
+            let _gen = FrozenWeights::enter();
+            let g = weight(&w, DType::BF16).unwrap();
+            assert!(!g.track_op());
+            copy.set(
+                &Tensor::new(&[0.5f32, 4.0], &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap(),
+            )
+            .unwrap();
+            assert_eq!(
+                g.to_vec1::<half::bf16>().unwrap()[1].to_f32(),
+                4.0,
+                "shares the storage"
+            );
+        }
+        unregister_copy(&w, copy.as_tensor());
+        assert_ne!(weight(&w, DType::BF16).unwrap().id(), copy.as_tensor().id());
     }
 }

@@ -2,12 +2,18 @@
 //! and state that saves to and loads from safetensors. Under data parallelism the moments
 //! can be sharded (ZeRO stage 1): each parameter has one owning rank, which alone keeps its
 //! moments and updates it, and then sends the new weights to the others.
+//!
+//! With a bf16 compute dtype the optimizer can keep each weight's **compute copy**
+//! ([`AdamW::keep_compute_copies`]): a persistent bf16 variable that the forward reads in place
+//! of casting the master (see `model::cast`), that the backward leaves the gradient on, and
+//! that the update rewrites in the same pass as the master. This is the mixed-precision layout
+//! of apex's O2 and DeepSpeed: f32 masters in the optimizer, bf16 weights in the model.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{backprop::GradStore, Tensor, Var};
+use candle_core::{backprop::GradStore, DType, Tensor, Var};
 
 use super::params::{save_tensors, ParamInfo, ParamStore};
 use crate::config::TrainConfig;
@@ -21,6 +27,9 @@ pub struct AdamW {
     vars: Vec<Var>,
     decay: Vec<bool>,
     lr_scale: Vec<f64>,
+    /// Each parameter's compute copy, when [`keep_compute_copies`](Self::keep_compute_copies)
+    /// made them (on every rank: the forward reads them all).
+    copies: Vec<Option<Var>>,
     /// The moments, on the rank that owns the parameter (all of them when unsharded).
     m: Vec<Option<Tensor>>,
     v: Vec<Option<Tensor>>,
@@ -47,6 +56,7 @@ impl AdamW {
             vars: vec![],
             decay: vec![],
             lr_scale: vec![],
+            copies: vec![],
             m: vec![],
             v: vec![],
             owner: vec![],
@@ -64,6 +74,7 @@ impl AdamW {
             s.decay.push(info.decay);
             s.lr_scale.push(1.0);
             s.infos.push(info);
+            s.copies.push(None);
             s.m.push(Some(var.zeros_like()?));
             s.v.push(Some(var.zeros_like()?));
             s.owner.push(0);
@@ -72,6 +83,40 @@ impl AdamW {
             bail!("no trainable parameters");
         }
         Ok(s)
+    }
+
+    /// From now on the forward reads each trainable weight as a persistent copy in `dtype`
+    /// (bf16) that every update rewrites, rather than casting the f32 master in every step.
+    /// Call it after the masters are loaded: a master changed by anything but this
+    /// optimizer afterwards needs [`refresh_copies`](Self::refresh_copies). Other dtypes
+    /// keep the cast.
+    pub fn keep_compute_copies(&mut self, dtype: DType) -> Result<()> {
+        if dtype != DType::BF16 {
+            return Ok(());
+        }
+        for (slot, var) in self.copies.iter_mut().zip(&self.vars) {
+            if slot.is_none() {
+                let copy = Var::from_tensor(&var.as_tensor().to_dtype(dtype)?)?;
+                crate::model::cast::register_copy(var.as_tensor(), copy.as_tensor());
+                *slot = Some(copy);
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites every compute copy from its master.
+    pub fn refresh_copies(&self) -> Result<()> {
+        for i in 0..self.vars.len() {
+            self.refresh_copy(i)?;
+        }
+        Ok(())
+    }
+
+    fn refresh_copy(&self, i: usize) -> Result<()> {
+        if let Some(c) = &self.copies[i] {
+            c.set(&self.vars[i].as_tensor().to_dtype(c.dtype())?)?;
+        }
+        Ok(())
     }
 
     /// Sets each parameter's learning-rate multiplier.
@@ -138,20 +183,48 @@ impl AdamW {
             if r != self.rank {
                 for (&i, t) in idx.iter().zip(&ts) {
                     self.vars[i].set(t)?;
+                    self.refresh_copy(i)?;
                 }
             }
         }
         Ok(())
     }
-    /// The gradient of every trainable parameter (zeros for one the loss did not reach).
-    pub fn collect(&self, grads: &GradStore) -> Result<Vec<Tensor>> {
-        self.vars
-            .iter()
-            .map(|v| match grads.get(v.as_tensor()) {
-                Some(g) => Ok(g.clone()),
-                None => Ok(v.zeros_like()?),
-            })
-            .collect()
+    /// The gradient of every trainable parameter (zeros for one the loss did not reach): its
+    /// compute copy's in bf16 when only the copy got one (the update reads it as it is), the
+    /// master's in f32 when only the master did (an op that reads the f32 master itself: the
+    /// embedding lookup, LayerNorm, the bias kernels), and their sum in f32 when both did (a
+    /// tied embedding).
+    ///
+    /// A copy that got no gradient was not read, and is dropped: the forward reads those
+    /// weights as f32 masters, and keeping their copies would cost a rewrite every step and
+    /// their memory (an untied embedding table, in bf16) for nothing. Should a dropped weight
+    /// be read through `model::cast::weight` later, it is cast there, as without copies.
+    pub fn collect(&mut self, grads: &GradStore) -> Result<Vec<Tensor>> {
+        let mut out = Vec::with_capacity(self.vars.len());
+        for (v, c) in self.vars.iter().zip(self.copies.iter_mut()) {
+            let master = grads.get(v.as_tensor());
+            let copy = c.as_ref().and_then(|c| grads.get(c.as_tensor()));
+            if let (Some(unread), None) = (c.as_ref(), copy) {
+                crate::model::cast::unregister_copy(v.as_tensor(), unread.as_tensor());
+                *c = None;
+            }
+            out.push(match (master, copy) {
+                (Some(g), None) | (None, Some(g)) => g.clone(),
+                (Some(g), Some(gc)) => (g + gc.to_dtype(DType::F32)?)?,
+                (None, None) => v.zeros_like()?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// How many parameter tensors this optimizer trains.
+    pub fn num_tensors(&self) -> usize {
+        self.vars.len()
+    }
+
+    /// How many weights the forward reads as compute copies.
+    pub fn compute_copies(&self) -> usize {
+        self.copies.iter().flatten().count()
     }
 
     /// One step: the global norm of `grads` (every parameter's, owned or not), clipping to
@@ -182,6 +255,7 @@ impl AdamW {
                 m,
                 v,
                 grad: &grads[i],
+                copy: self.copies[i].as_ref(),
                 lr: lr * self.lr_scale[i],
                 weight_decay: match self.decay[i] {
                     true => self.weight_decay,
@@ -265,6 +339,16 @@ impl AdamW {
     }
 }
 
+impl Drop for AdamW {
+    fn drop(&mut self) {
+        for (v, c) in self.vars.iter().zip(&self.copies) {
+            if let Some(c) = c {
+                crate::model::cast::unregister_copy(v.as_tensor(), c.as_tensor());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,6 +381,97 @@ mod tests {
         for (i, sign) in [-1.0f32, 1.0, -1.0].into_iter().enumerate() {
             assert!((p[i] - sign * 0.01).abs() < 1e-4, "{p:?}");
             assert!((v[i] - sign * 0.1).abs() < 1e-3, "{v:?}");
+        }
+    }
+
+    /// With bf16 compute, training through compute copies ends on the same f32 masters, bit
+    /// for bit, as casting every master in every forward (GPT-2 and Llama shapes, untied: a
+    /// tied embedding's lookup and head gradients may sum in another order); each copy stays
+    /// its master rounded; and the weights' cast nodes are gone from the graph.
+    #[test]
+    fn compute_copies_train_exactly_as_casting_the_masters() {
+        use crate::config::ModelConfig;
+        use crate::kernels::KernelSet;
+        use crate::model::linear::Ctx;
+        use crate::model::{Fwd, Transformer};
+
+        let run = |preset: &str, copies: bool| -> (Vec<Vec<f32>>, Vec<usize>) {
+            let mut cfg = ModelConfig::preset(preset).unwrap();
+            (
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                cfg.num_hidden_layers,
+            ) = (48, 96, 2);
+            cfg.num_attention_heads = 4;
+            cfg.num_key_value_heads = cfg.num_key_value_heads.min(4);
+            (cfg.vocab_size, cfg.max_position_embeddings) = (61, 32);
+            cfg.tie_word_embeddings = false;
+            let mut store = ParamStore::new(Device::Cpu, 5);
+            let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
+            let mut opt = AdamW::new(&store, &|_| true, &TrainConfig::default()).unwrap();
+            if copies {
+                opt.keep_compute_copies(DType::BF16).unwrap();
+            }
+            let f = Fwd {
+                ctx: Ctx {
+                    dtype: DType::BF16,
+                    kernels: KernelSet::default(),
+                    use_lora: false,
+                    dropout_seed: None,
+                },
+                positions: None,
+                key_valid: None,
+            };
+            let ids: Vec<u32> = (0..3 * 13).map(|i| (i * 7 + 3) % 61).collect();
+            let all = Tensor::from_vec(ids, (3, 13), &Device::Cpu).unwrap();
+            let x = all.narrow(1, 0, 12).unwrap().contiguous().unwrap();
+            let y = all.narrow(1, 1, 12).unwrap().contiguous().unwrap();
+            let mut nodes = vec![];
+            for _ in 0..3 {
+                let loss = net.target_logprobs(&x, &y, &f).unwrap();
+                let loss = loss.neg().unwrap().mean_all().unwrap();
+                nodes.push(loss.sorted_nodes().len());
+                let grads = opt.collect(&loss.backward().unwrap()).unwrap();
+                opt.update(&grads, 1e-2, 1.0, KernelChoice::Reference)
+                    .unwrap();
+            }
+            if copies {
+                // The embedding lookups read the f32 tables (and GPT-2's LayerNorm its f32
+                // weight and bias): those copies got no gradient and were dropped.
+                let kept = opt.compute_copies();
+                assert!(kept > 0 && kept < opt.num_tensors(), "{kept} copies kept");
+            }
+            for (v, c) in opt.vars.iter().zip(&opt.copies) {
+                if let Some(c) = c {
+                    let want = v.as_tensor().to_dtype(DType::BF16).unwrap();
+                    let diff = (c.as_tensor().to_dtype(DType::F32).unwrap()
+                        - want.to_dtype(DType::F32).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                    assert_eq!(diff, 0.0, "a copy drifted from its master");
+                }
+            }
+            let masters = store
+                .iter()
+                .map(|(_, v, _)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+                .collect();
+            (masters, nodes)
+        };
+        for preset in ["tiny", "gpt2"] {
+            let (cast, cast_nodes) = run(preset, false);
+            let (copied, copy_nodes) = run(preset, true);
+            assert_eq!(cast, copied, "{preset}: masters differ");
+            // One node fewer per weight read through a cast: the matrices, biases and RMSNorm
+            // weights (the embeddings and LayerNorm read the f32 masters).
+            assert!(
+                copy_nodes[0] < cast_nodes[0],
+                "{preset}: {copy_nodes:?} nodes with copies, {cast_nodes:?} without"
+            );
         }
     }
 
@@ -335,10 +510,20 @@ mod tests {
                         let store = make();
                         let mut opt = AdamW::new(&store, &|_| true, cfg).unwrap();
                         opt.shard(c.rank(), 2);
+                        opt.keep_compute_copies(DType::BF16).unwrap();
                         assert!(opt.owned_params() < opt.num_params());
                         for k in 0..3 {
                             opt.step(&grads(&store, k), 0.01).unwrap();
                             opt.sync_weights(c).unwrap();
+                        }
+                        // Every copy is its master's, the owner's update or the broadcast's.
+                        for (v, cp) in opt.vars.iter().zip(&opt.copies) {
+                            let want = v.as_tensor().to_dtype(DType::BF16).unwrap();
+                            let got = cp.as_ref().unwrap().as_tensor();
+                            assert_eq!(
+                                got.to_vec1::<half::bf16>().unwrap(),
+                                want.to_vec1::<half::bf16>().unwrap()
+                            );
                         }
                         let w: Vec<Vec<f32>> = store
                             .iter()

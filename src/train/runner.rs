@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{CheckpointMeta, Checkpoints};
@@ -192,6 +192,10 @@ pub fn train<T: Task>(
     } else {
         0
     };
+    // After the resume, which rewrites the masters the copies start from.
+    if cfg.compute_copies {
+        opt.keep_compute_copies(crate::device::compute_dtype(cfg.dtype, &saved.store.device))?;
+    }
     let main = opts.comm.rank() == 0;
     let metrics = match main {
         true => Some(MetricsLog::open(
@@ -237,6 +241,26 @@ pub fn train<T: Task>(
         prof_tokens: 0,
     };
     lp.run(start)
+}
+
+/// Replaces each gradient by its mean over the group, in f32: a compute copy's bf16 gradient
+/// is widened first, as PyTorch's DDP averages the f32 gradients of an autocast model.
+fn average_gradients(comm: &dyn Communicator, grads: &mut [Tensor]) -> Result<()> {
+    for g in grads.iter_mut() {
+        if g.dtype() != DType::F32 {
+            *g = g.to_dtype(DType::F32)?;
+        }
+    }
+    // candle's backward hands back every gradient at once, so the buckets cannot overlap it;
+    // they do keep the collectives few and large.
+    comm.all_reduce_mean_tensors(grads)
+}
+
+/// `acc + g` over micro-batches, in f32: a compute copy's gradient comes in bf16, and a sum
+/// of bf16 gradients would round at every micro-batch.
+fn accumulate(acc: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+    let up = |t: &Tensor| t.to_dtype(DType::F32);
+    up(acc)? + up(g)?
 }
 
 /// Restores weights, optimizer, data position and RNG from the run's latest checkpoint;
@@ -315,6 +339,15 @@ impl<T: Task> Loop<'_, T> {
             let lr = lr_at(cfg, step);
             let timed = step >= start + WARMUP_STEPS;
             let out = self.step(step, lr, timed)?;
+            if step == start && self.main() && self.opt.compute_copies() > 0 {
+                // After the first step, which dropped the copies the forward does not read.
+                eprintln!(
+                    "[{label}] {} of {} parameter tensors are read as bf16 compute copies, the \
+                     others as f32 masters",
+                    self.opt.compute_copies(),
+                    self.opt.num_tensors()
+                );
+            }
             if let (true, Some(p)) = (timed, &mut self.prof) {
                 p.step_done();
                 self.prof_tokens += out.tokens;
@@ -387,9 +420,7 @@ impl<T: Task> Loop<'_, T> {
         if comm.skips_collectives() {
             return Ok(());
         }
-        // candle's backward hands back every gradient at once, so the buckets cannot
-        // overlap it; they do keep the collectives few and large.
-        comm.all_reduce_mean_tensors(grads)?;
+        average_gradients(comm, grads)?;
         let mut numbers: Vec<f32> = vec![out.loss as f32, out.tokens as f32];
         numbers.extend(out.extras.iter().map(|(_, v)| *v as f32));
         comm.all_reduce_mean(&mut numbers)?;
@@ -444,7 +475,7 @@ impl<T: Task> Loop<'_, T> {
                 Some(a) => a
                     .iter()
                     .zip(&g)
-                    .map(|(x, y)| x + y)
+                    .map(|(x, y)| accumulate(x, y))
                     .collect::<candle_core::Result<_>>()?,
             });
             span(self, Region::Backward, m)?;
@@ -531,5 +562,42 @@ mod tests {
         a.add("loss", 3.0);
         assert_eq!(a.drain(), [("kl", 0.4), ("loss", 2.0)]);
         assert!(a.drain().is_empty());
+    }
+
+    /// Two ranks' bf16 gradients 1 and 1 + 2^-7 average to 1 + 2^-8, which bf16 cannot hold:
+    /// the mean comes back in f32, exact; and micro-batches sum in f32 the same way.
+    #[test]
+    fn bf16_gradients_average_and_accumulate_in_f32() {
+        let dev = candle_core::Device::Cpu;
+        let bf = |x: f32| {
+            Tensor::new(&[x, -x], &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        let group = crate::dist::ThreadGroup::new(2);
+        let means: Vec<Vec<f32>> = std::thread::scope(|s| {
+            let hs: Vec<_> = group
+                .iter()
+                .map(|c| {
+                    let g = bf(1.0 + c.rank() as f32 / 128.0);
+                    s.spawn(move || {
+                        let mut gs = [g];
+                        average_gradients(c, &mut gs).unwrap();
+                        assert_eq!(gs[0].dtype(), DType::F32);
+                        gs[0].to_vec1::<f32>().unwrap()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for m in &means {
+            assert_eq!(m, &[1.0 + 1.0 / 256.0, -1.0 - 1.0 / 256.0]);
+        }
+        let sum = accumulate(&bf(1.0), &bf(1.0 / 256.0)).unwrap();
+        assert_eq!(
+            sum.to_vec1::<f32>().unwrap(),
+            [1.0 + 1.0 / 256.0, -1.0 - 1.0 / 256.0]
+        );
     }
 }

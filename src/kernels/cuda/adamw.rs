@@ -1,10 +1,11 @@
 //! The optimizer step on CUDA (`kernels/adamw.cu`): a table of chunks of every tensor, one
-//! launch for the per-chunk sums of squares, one for the norm, one for the update. Weights and
-//! moments are updated in place: the optimizer owns the moments, and a parameter's storage is
-//! what `Var::set` would overwrite anyway.
+//! launch for the per-chunk sums of squares, one for the norm, one for the update. Weights,
+//! moments and compute copies are updated in place: the optimizer owns the moments and the
+//! copies, and a parameter's storage is what `Var::set` would overwrite anyway.
 
 use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr};
 use candle_core::{DType, Layout, Result, Storage, Tensor};
+use half::bf16;
 
 use super::super::adamw::{Hyper, Slot};
 use super::{alloc_out, contiguous_view, cuda_storage, launch, load_func, to_i32};
@@ -18,12 +19,15 @@ struct AdamwChunk {
     m: u64,
     v: u64,
     g: u64,
+    copy: u64,
     start: u32,
     len: u32,
     lr: f32,
     wd: f32,
+    g_bf16: i32,
+    pad: i32,
 }
-const _: () = assert!(std::mem::size_of::<AdamwChunk>() == 48);
+const _: () = assert!(std::mem::size_of::<AdamwChunk>() == 64);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for AdamwChunk {}
 
@@ -69,6 +73,44 @@ fn views<'a, G: std::ops::Deref<Target = Storage>>(
         .collect()
 }
 
+/// A borrowed gradient: f32, or bf16 (a compute copy's).
+enum GradView<'a> {
+    F32(CudaView<'a, f32>),
+    Bf16(CudaView<'a, bf16>),
+}
+
+impl<'a> GradView<'a> {
+    fn len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::Bf16(v) => v.len(),
+        }
+    }
+
+    /// The device pointer and whether it is bf16.
+    fn ptr(&'a self, ptrs: &mut DevPtrs<'a>) -> (u64, i32) {
+        match self {
+            Self::F32(v) => (ptrs.read(v), 0),
+            Self::Bf16(v) => (ptrs.read(v), 1),
+        }
+    }
+}
+
+fn grad_views<'a, G: std::ops::Deref<Target = Storage>>(
+    gs: &'a [(G, &'a Layout)],
+) -> Result<Vec<GradView<'a>>> {
+    gs.iter()
+        .map(|(s, l)| {
+            let dtype = s.dtype();
+            let s = cuda_storage(s)?;
+            Ok(match dtype {
+                DType::BF16 => GradView::Bf16(contiguous_view::<bf16>(s, l)?),
+                _ => GradView::F32(contiguous_view::<f32>(s, l)?),
+            })
+        })
+        .collect()
+}
+
 fn chunks(n: usize) -> impl Iterator<Item = (u32, u32)> {
     (0..n.div_ceil(CHUNK)).map(move |c| {
         let start = c * CHUNK;
@@ -76,14 +118,21 @@ fn chunks(n: usize) -> impl Iterator<Item = (u32, u32)> {
     })
 }
 
-/// The whole step; `None` when some tensor is not contiguous f32 (the dispatcher then uses
-/// the reference).
+/// The whole step; `None` when some weight or moment is not contiguous f32, or some gradient
+/// or copy not contiguous f32 or bf16 as it may be (the dispatcher then uses the reference).
 pub fn update(grads: &[Tensor], slots: &mut [Slot], h: &Hyper) -> Result<Option<f64>> {
     let f32c = |t: &Tensor| t.dtype() == DType::F32 && t.is_contiguous();
-    let fits = grads.iter().all(f32c)
-        && slots
-            .iter()
-            .all(|s| f32c(s.param.as_tensor()) && f32c(s.m) && f32c(s.v) && f32c(s.grad))
+    let bf16c = |t: &Tensor| t.dtype() == DType::BF16 && t.is_contiguous();
+    let gradc = |t: &Tensor| f32c(t) || bf16c(t);
+    let fits = grads.iter().all(gradc)
+        && slots.iter().all(|s| {
+            f32c(s.param.as_tensor())
+                && f32c(s.m)
+                && f32c(s.v)
+                && gradc(s.grad)
+                && s.copy
+                    .is_none_or(|c| bf16c(c.as_tensor()) && c.elem_count() == s.param.elem_count())
+        })
         && grads
             .iter()
             .chain(slots.iter().map(|s| s.grad))
@@ -101,10 +150,25 @@ pub fn update(grads: &[Tensor], slots: &mut [Slot], h: &Hyper) -> Result<Option<
     let ms: Vec<Tensor> = slots.iter().map(|s| s.m.clone()).collect();
     let vs: Vec<Tensor> = slots.iter().map(|s| s.v.clone()).collect();
     let (mg, vg) = (guards(&ms), guards(&vs));
+    let copies: Vec<Option<Tensor>> = slots
+        .iter()
+        .map(|s| s.copy.map(|c| c.as_tensor().clone()))
+        .collect();
+    let cg: Vec<_> = copies
+        .iter()
+        .map(|c| c.as_ref().map(|c| c.storage_and_layout()))
+        .collect();
+    let cv = cg
+        .iter()
+        .map(|c| match c {
+            Some((s, l)) => contiguous_view::<bf16>(cuda_storage(s)?, l).map(Some),
+            None => Ok(None),
+        })
+        .collect::<Result<Vec<_>>>()?;
     let (pv, gv, sv, mv, vv) = (
         views(&pg)?,
-        views(&gg)?,
-        views(&sg)?,
+        grad_views(&gg)?,
+        grad_views(&sg)?,
         views(&mg)?,
         views(&vg)?,
     );
@@ -112,10 +176,11 @@ pub fn update(grads: &[Tensor], slots: &mut [Slot], h: &Hyper) -> Result<Option<
 
     let mut norm_table = vec![];
     for g in &gv {
-        let gp = ptrs.read(g);
+        let (gp, g_bf16) = g.ptr(&mut ptrs);
         for (start, len) in chunks(g.len()) {
             norm_table.push(AdamwChunk {
                 g: gp,
+                g_bf16,
                 start,
                 len,
                 ..AdamwChunk::default()
@@ -127,22 +192,27 @@ pub fn update(grads: &[Tensor], slots: &mut [Slot], h: &Hyper) -> Result<Option<
         // The kernel writes weights and moments through these read pointers: the optimizer
         // holds the only reference to each moment, and a parameter is written in place as
         // `Var::set` would.
-        let (p, m, v, g) = (
+        let (p, m, v, (g, g_bf16)) = (
             ptrs.read(&pv[i]),
             ptrs.read(&mv[i]),
             ptrs.read(&vv[i]),
-            ptrs.read(&sv[i]),
+            sv[i].ptr(&mut ptrs),
         );
+        // Written through a read pointer too: the optimizer holds the only other reference.
+        let copy = ptrs.read_opt(cv[i].as_ref());
         for (start, len) in chunks(sv[i].len()) {
             step_table.push(AdamwChunk {
                 p,
                 m,
                 v,
                 g,
+                copy,
                 start,
                 len,
                 lr: s.lr as f32,
                 wd: s.weight_decay as f32,
+                g_bf16,
+                pad: 0,
             });
         }
     }
