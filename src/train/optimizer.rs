@@ -87,9 +87,8 @@ impl AdamW {
 
     /// From now on the forward reads each trainable weight as a persistent copy in `dtype`
     /// (bf16) that every update rewrites, rather than casting the f32 master in every step.
-    /// Call it after the masters are loaded: a master changed by anything but this
-    /// optimizer afterwards needs [`refresh_copies`](Self::refresh_copies). Other dtypes
-    /// keep the cast.
+    /// Call it after the masters are loaded: from then on nothing but this optimizer may
+    /// write them, or the forward would read stale copies. Other dtypes keep the cast.
     pub fn keep_compute_copies(&mut self, dtype: DType) -> Result<()> {
         if dtype != DType::BF16 {
             return Ok(());
@@ -104,14 +103,7 @@ impl AdamW {
         Ok(())
     }
 
-    /// Rewrites every compute copy from its master.
-    pub fn refresh_copies(&self) -> Result<()> {
-        for i in 0..self.vars.len() {
-            self.refresh_copy(i)?;
-        }
-        Ok(())
-    }
-
+    /// Rewrites parameter `i`'s compute copy from its master.
     fn refresh_copy(&self, i: usize) -> Result<()> {
         if let Some(c) = &self.copies[i] {
             c.set(&self.vars[i].as_tensor().to_dtype(c.dtype())?)?;
