@@ -3,7 +3,10 @@
 //! (12 layers, 768 wide, context 1024, batch 16, bf16 compute, f32 master weights); on a CPU
 //! a tiny shape, so the harness itself stays checked.
 //!
-//! `cargo bench --bench train_step [-- --steps N --batch B --seq T --impl ours|reference|both]`
+//! `cargo bench --bench train_step [-- --steps N --batch B --seq T --impl ours|reference|both|ours-casts]`
+//!
+//! `ours-casts` is an ablation: our kernels with `[train] compute_copies = false`, each f32
+//! master cast in every step instead of AdamW's bf16 compute copies.
 //!
 //! Besides the human lines it prints one JSON line per implementation
 //! (`{"bench":"train_step",...}`, tokens/s from the median step) for scripts/gpu-check.sh,
@@ -35,22 +38,34 @@ fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// One implementation of the step: its kernels, and whether AdamW keeps bf16 compute copies
+/// (`[train] compute_copies`) or the forward casts each master.
+#[derive(Clone, Copy)]
+struct Impl {
+    name: &'static str,
+    kernels: KernelSet,
+    copies: bool,
+}
+
 /// Median step time in seconds, the losses of every step, and the profile of one more step.
 fn run(
     dev: &Device,
     cfg: &ModelConfig,
-    kernels: KernelSet,
+    imp: Impl,
     dtype: DType,
     b: usize,
     t: usize,
     steps: usize,
 ) -> Result<(f64, Vec<f64>, Profiler)> {
+    let kernels = imp.kernels;
     let mut store = ParamStore::new(dev.clone(), 7);
     let net = Transformer::new(&mut store.scope(Net::Policy), cfg, None)?;
     let tc = TrainConfig::default();
     let mut opt = AdamW::new(&store, &|_| true, &tc)?;
     // As the training loop does (`train.compute_copies`, on by default).
-    opt.keep_compute_copies(dtype)?;
+    if imp.copies {
+        opt.keep_compute_copies(dtype)?;
+    }
     let ctx = Ctx {
         dtype,
         kernels,
@@ -127,22 +142,34 @@ fn main() -> Result<()> {
         .skip_while(|a| a != "--impl")
         .nth(1)
         .unwrap_or_else(|| "both".into());
-    if !matches!(which.as_str(), "ours" | "reference" | "both") {
-        anyhow::bail!("--impl {which}: expected ours, reference or both");
+    if !matches!(which.as_str(), "ours" | "reference" | "both" | "ours-casts") {
+        anyhow::bail!("--impl {which}: expected ours, reference, both or ours-casts");
     }
     println!(
         "shape: layers {} hidden {} batch {b} seq {t} dtype {dtype:?}",
         cfg.num_hidden_layers, cfg.hidden_size
     );
     let mut results = vec![];
-    for (name, kernels) in [
-        ("ours", KernelSet::default()),
-        ("reference", KernelSet::reference()),
-    ] {
-        if which != "both" && which != name {
+    let imps = [
+        ("ours", KernelSet::default(), true),
+        ("reference", KernelSet::reference(), true),
+        ("ours-casts", KernelSet::default(), false),
+    ]
+    .map(|(name, kernels, copies)| Impl {
+        name,
+        kernels,
+        copies,
+    });
+    for imp in imps {
+        let name = imp.name;
+        let picked = match which.as_str() {
+            "both" => name != "ours-casts",
+            w => w == name,
+        };
+        if !picked {
             continue;
         }
-        let (secs, losses, prof) = run(&dev, &cfg, kernels, dtype, b, t, steps)?;
+        let (secs, losses, prof) = run(&dev, &cfg, imp, dtype, b, t, steps)?;
         println!(
             "{name:<9} {:>9.1} ms/step {:>10.0} tokens/s",
             secs * 1e3,

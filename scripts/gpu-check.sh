@@ -212,6 +212,8 @@ fi
 MEM=1 section train-torch-compile 240 python3 scripts/gpt2_peer.py --compile --steps 10
 if has bench-train_step; then
   MEM=1 section train-reference 120 "$BUNDLE" bench-train_step --bench --impl reference --steps 4
+  # Ablation: each f32 master cast in every step instead of AdamW's bf16 compute copies.
+  MEM=1 section train-casts 90 "$BUNDLE" bench-train_step --bench --impl ours-casts --steps 4
 fi
 
 # --- the table --------------------------------------------------------------------------------
@@ -276,6 +278,13 @@ refr = pick(bench="train_step", impl="reference")
 if refr:
     row("GPT-2 124M train step", "B16 T1024 bf16", "tokens/s", refr.get("tokens_per_s"), "temper reference kernels",
         ours.get("tokens_per_s"), "reference over ours, not a peer")
+casts = pick(bench="train_step", impl="ours-casts")
+if casts:
+    row("GPT-2 124M train step", "B16 T1024 bf16", "tokens/s", casts.get("tokens_per_s"), "temper with compute copies",
+        ours.get("tokens_per_s"), "ablation: masters cast every step, over ours; not a peer")
+    row("GPT-2 124M train step", "B16 T1024 bf16", "peak GPU MiB (nvidia-smi)",
+        status.get("train-casts", {}).get("peak_mib"), "temper with compute copies",
+        status.get("train-ours", {}).get("peak_mib"), "ablation, as above")
 
 # Attention.
 for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention"}):
