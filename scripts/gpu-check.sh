@@ -207,8 +207,8 @@ PY
   fi
 fi
 
-# --- the rest, as time allows: torch.compile (its compilation takes a minute or more) and the
-# step with temper's reference kernels ---------------------------------------------------------
+# --- the rest, as time allows: torch.compile (its compilation takes a minute or more), the
+# step with temper's reference kernels, and the compute-copies ablation ------------------------
 MEM=1 section train-torch-compile 240 python3 scripts/gpt2_peer.py --compile --steps 10
 if has bench-train_step; then
   MEM=1 section train-reference 120 "$BUNDLE" bench-train_step --bench --impl reference --steps 4
