@@ -79,6 +79,7 @@ fn main() -> Result<()> {
         kernels: KernelSet::default(),
         use_lora: false,
         dropout_seed: None,
+        tape: false,
     };
     let vocab = cfg.vocab_size as u64;
     let prompts: Vec<Vec<u32>> = (0..b as u64)

@@ -3,10 +3,13 @@
 //! (12 layers, 768 wide, context 1024, batch 16, bf16 compute, f32 master weights); on a CPU
 //! a tiny shape, so the harness itself stays checked.
 //!
-//! `cargo bench --bench train_step [-- --steps N --batch B --seq T --impl ours|reference|both|ours-casts]`
+//! `cargo bench --bench train_step [-- --steps N --batch B --seq T --impl ours|reference|both|ours-casts|ours-graph]`
 //!
-//! `ours-casts` is an ablation: our kernels with `[train] compute_copies = false`, each f32
-//! master cast in every step instead of AdamW's bf16 compute copies.
+//! Two ablations of `ours`: `ours-casts`, our kernels with `[train] compute_copies = false`,
+//! each f32 master cast in every step instead of AdamW's bf16 compute copies (and so the
+//! blocks in candle's graph: the tape needs the copies); and `ours-graph`, with
+//! `[train] tape = "off"`, the blocks recorded in candle's autograd graph instead of our tape
+//! (src/tape/mod.rs). `reference` runs candle's graph too.
 //!
 //! Besides the human lines it prints one JSON line per implementation
 //! (`{"bench":"train_step",...}`, tokens/s from the median step) for scripts/gpu-check.sh,
@@ -38,13 +41,15 @@ fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// One implementation of the step: its kernels, and whether AdamW keeps bf16 compute copies
-/// (`[train] compute_copies`) or the forward casts each master.
+/// One implementation of the step: its kernels, whether AdamW keeps bf16 compute copies
+/// (`[train] compute_copies`) or the forward casts each master, and whether the blocks are
+/// recorded on our tape (`[train] tape`).
 #[derive(Clone, Copy)]
 struct Impl {
     name: &'static str,
     kernels: KernelSet,
     copies: bool,
+    tape: bool,
 }
 
 /// Median step time in seconds, the losses of every step, and the profile of one more step.
@@ -71,6 +76,7 @@ fn run(
         kernels,
         use_lora: false,
         dropout_seed: None,
+        tape: imp.tape,
     };
     let data: Vec<u32> = (0..b * (t + 1))
         .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32)
@@ -107,7 +113,7 @@ fn run(
             prof.span(Region::Forward, m)?;
         }
         let m = mark(&prof)?;
-        let grads = opt.collect(&loss.backward()?)?;
+        let grads = opt.collect(&temper::tape::backward(&loss)?)?;
         if let Some(m) = m {
             prof.span(Region::Backward, m)?;
         }
@@ -143,8 +149,11 @@ fn main() -> Result<()> {
         .skip_while(|a| a != "--impl")
         .nth(1)
         .unwrap_or_else(|| "both".into());
-    if !matches!(which.as_str(), "ours" | "reference" | "both" | "ours-casts") {
-        anyhow::bail!("--impl {which}: expected ours, reference, both or ours-casts");
+    if !matches!(
+        which.as_str(),
+        "ours" | "reference" | "both" | "ours-casts" | "ours-graph"
+    ) {
+        anyhow::bail!("--impl {which}: expected ours, reference, both, ours-casts or ours-graph");
     }
     println!(
         "shape: layers {} hidden {} batch {b} seq {t} dtype {dtype:?}",
@@ -152,19 +161,21 @@ fn main() -> Result<()> {
     );
     let mut results = vec![];
     let imps = [
-        ("ours", KernelSet::default(), true),
-        ("reference", KernelSet::reference(), true),
-        ("ours-casts", KernelSet::default(), false),
+        ("ours", KernelSet::default(), true, true),
+        ("reference", KernelSet::reference(), true, false),
+        ("ours-casts", KernelSet::default(), false, false),
+        ("ours-graph", KernelSet::default(), true, false),
     ]
-    .map(|(name, kernels, copies)| Impl {
+    .map(|(name, kernels, copies, tape)| Impl {
         name,
         kernels,
         copies,
+        tape,
     });
     for imp in imps {
         let name = imp.name;
         let picked = match which.as_str() {
-            "both" => name != "ours-casts",
+            "both" => matches!(name, "ours" | "reference"),
             w => w == name,
         };
         if !picked {
@@ -186,8 +197,8 @@ fn main() -> Result<()> {
         print!("{name}: {}", prof.table(tokens)?);
         if let Some(g) = prof.graph() {
             println!(
-                "{{\"bench\":\"train_step_graph\",\"impl\":\"{name}\",\"nodes\":{},\"held_bytes\":{},\"zero_filled_bytes\":{}}}",
-                g.nodes, g.held_bytes, g.zero_filled_bytes
+                "{{\"bench\":\"train_step_graph\",\"impl\":\"{name}\",\"nodes\":{},\"held_bytes\":{},\"zero_filled_bytes\":{},\"tape_ops\":{},\"tape_output_bytes\":{}}}",
+                g.nodes, g.held_bytes, g.zero_filled_bytes, g.tape_ops, g.tape_output_bytes
             );
         }
         results.push((secs, losses));

@@ -128,6 +128,8 @@ done
 # --- the training step: temper, then PyTorch eager, in separate processes for memory -------
 if has bench-train_step; then
   MEM=1 section train-ours 150 "$BUNDLE" bench-train_step --bench --impl ours --steps 8
+  # Ablation: the blocks in candle's autograd graph instead of our tape ([train] tape = "off").
+  MEM=1 section train-graph 120 "$BUNDLE" bench-train_step --bench --impl ours-graph --steps 4
 else
   echo "== train-ours: bench-train_step is not in .gpu (scripts/gpu-build.sh packs it)" >&2
 fi
@@ -278,6 +280,13 @@ refr = pick(bench="train_step", impl="reference")
 if refr:
     row("GPT-2 124M train step", "B16 T1024 bf16", "tokens/s", refr.get("tokens_per_s"), "temper reference kernels",
         ours.get("tokens_per_s"), "reference over ours, not a peer")
+graph = pick(bench="train_step", impl="ours-graph")
+if graph:
+    row("GPT-2 124M train step", "B16 T1024 bf16", "tokens/s", graph.get("tokens_per_s"), "temper with the tape",
+        ours.get("tokens_per_s"), "ablation: blocks in candle's graph, over ours; not a peer")
+    row("GPT-2 124M train step", "B16 T1024 bf16", "peak GPU MiB (nvidia-smi)",
+        status.get("train-graph", {}).get("peak_mib"), "temper with the tape",
+        status.get("train-ours", {}).get("peak_mib"), "ablation, as above")
 casts = pick(bench="train_step", impl="ours-casts")
 if casts:
     row("GPT-2 124M train step", "B16 T1024 bf16", "tokens/s", casts.get("tokens_per_s"), "temper with compute copies",

@@ -11,4 +11,5 @@ pub mod io;
 pub mod kernels;
 pub mod model;
 pub mod stages;
+pub mod tape;
 pub mod train;

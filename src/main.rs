@@ -153,6 +153,7 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         kernels: KernelSet::default().apply_spec(&a.kernels)?,
         use_lora: false,
         dropout_seed: None,
+        tape: false,
     };
     let g = generate(
         &net,
@@ -189,6 +190,7 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
         kernels: KernelSet::default(),
         use_lora: false,
         dropout_seed: None,
+        tape: false,
     };
     let r = stages::eval::accuracy(&net, ctx, &loaded.tokenizer, &prompts, a.max_new_tokens, 64)?;
     for (p, t, ok) in &r.samples {

@@ -1,6 +1,6 @@
 //! The foundation end to end: pretraining learns, a SIGKILLed run resumes onto the same
-//! curve, bad input fails with one clear line, the KV cache agrees with a full forward, and
-//! every parameter receives a gradient.
+//! curve, the blocks' tape trains as candle's graph does, bad input fails with one clear line,
+//! the KV cache agrees with a full forward, and every parameter receives a gradient.
 
 mod common;
 
@@ -20,6 +20,7 @@ fn ctx() -> Ctx {
         kernels: KernelSet::default(),
         use_lora: true,
         dropout_seed: None,
+        tape: false,
     }
 }
 
@@ -76,6 +77,58 @@ fn pretrain_learns_the_builtin_task() {
         v["completion"].as_str().unwrap().contains('\n')
             || v["completion"].as_str().unwrap().starts_with('=')
     );
+}
+
+/// The training loop with the blocks on temper's tape (`[train] tape = "on"`, which the CPU
+/// does not pick by itself) follows the curve of candle's graph: in f32 to rounding, in bf16
+/// with compute copies to bf16 rounding (a tensor's several gradients may be summed in another
+/// order), over accumulated micro-batches; and the tape was not set aside.
+#[test]
+fn the_block_tape_trains_as_candles_graph() {
+    let d = tmp();
+    let run = |name: &str, dtype: &str, tape: &str| {
+        let cfg = p(d.path(), &format!("{name}.toml"));
+        let toml = format!("{TINY_TOML}grad_accum = 2\ntape = \"{tape}\"\n");
+        std::fs::write(&cfg, toml).unwrap();
+        let out = p(d.path(), name);
+        let o = run_ok(&[
+            "pretrain",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "10",
+            "--eval-every",
+            "10",
+            "--log-every",
+            "1",
+            "--dtype",
+            dtype,
+            "--device",
+            "cpu",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!err.contains("tape is off"), "{name}: {err}");
+        let on = err.contains("the blocks run on temper's tape");
+        assert_eq!(on, tape == "on", "{name}: whether the tape ran\n{err}");
+        series(&metrics(&out), "train", "loss")
+    };
+    for (dtype, tol) in [("f32", 1e-4), ("bf16", 1e-2)] {
+        let taped = run(&format!("{dtype}-tape"), dtype, "on");
+        let graph = run(&format!("{dtype}-graph"), dtype, "off");
+        assert_eq!(taped.len(), 10);
+        for ((s, a), (_, b)) in taped.iter().zip(&graph) {
+            assert!(
+                (a - b).abs() <= tol * b.abs(),
+                "{dtype} step {s}: {a} on the tape, {b} in candle's graph"
+            );
+        }
+        assert!(
+            taped[9].1 < taped[0].1 - 0.3,
+            "{dtype}: no learning on the tape: {taped:?}"
+        );
+    }
 }
 
 /// Starts `temper args` writing its run to `out` and SIGKILLs it once a checkpoint of step

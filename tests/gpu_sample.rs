@@ -264,6 +264,7 @@ mod gpu {
                 kernels: KernelSet::default(),
                 use_lora: false,
                 dropout_seed: None,
+                tape: false,
             };
             let keys = RowKeys::range(5, 0, prompts.len());
             generate(&net, ctx, &tok, &prompts, &sc, &keys).unwrap()

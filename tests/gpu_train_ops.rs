@@ -45,8 +45,12 @@
 //! - all of them together: 50 bf16 training steps of a small GPT-2 (LayerNorm, learned
 //!   positions, bias + GELU) and a small Llama (RMSNorm, RoPE, SwiGLU, grouped-query
 //!   attention) with every kernel op against every reference: the two loss curves agree step
-//!   by step within bf16 tolerance, and both fall; and the curve with the optimizer's bf16
-//!   compute copies is the one of casting every master, within 1%.
+//!   by step within bf16 tolerance, and both fall; the curve with the optimizer's bf16
+//!   compute copies is the one of casting every master, within 1%; and the curve with the
+//!   blocks on our tape (`src/tape/`) is the one in candle's graph, within 1%.
+//! - the tape: one step of small GPT-2 and Llama models, with and without LoRA (the fused
+//!   LoRA op), with dropout: the same loss, and every parameter's gradient candle's graph's
+//!   within bf16 tolerance.
 //!
 //! Each needs feature `cuda` and a CUDA device; otherwise it prints why it did not run on
 //! stderr and passes.
@@ -982,8 +986,15 @@ mod curves {
     /// Losses of `STEPS` bf16 steps on sequences that follow `x' = 5x + 3 mod V` from random
     /// starts (learnable, so the loss falls), four batches in turn, the same init every call.
     /// With `copies`, the forward reads the optimizer's bf16 compute copies, as the training
-    /// loop does; without, it casts each f32 master.
-    fn losses(dev: &Device, cfg: &ModelConfig, kernels: KernelSet, copies: bool) -> Vec<f64> {
+    /// loop does; without, it casts each f32 master. With `tape`, the blocks are recorded on
+    /// our tape (`temper::tape`), as the training loop does on CUDA.
+    fn losses(
+        dev: &Device,
+        cfg: &ModelConfig,
+        kernels: KernelSet,
+        copies: bool,
+        tape: bool,
+    ) -> Vec<f64> {
         let (b, t) = (8, 96);
         let mut store = ParamStore::new(dev.clone(), 11);
         let net = Transformer::new(&mut store.scope(Net::Policy), cfg, None).unwrap();
@@ -996,6 +1007,7 @@ mod curves {
             kernels,
             use_lora: false,
             dropout_seed: None,
+            tape,
         };
         let v = cfg.vocab_size;
         let batches: Vec<(Tensor, Tensor)> = (0..4)
@@ -1024,7 +1036,9 @@ mod curves {
                 let (x, y) = &batches[i % batches.len()];
                 let loss = net.target_logprobs(x, y, &f).unwrap();
                 let loss = loss.neg().unwrap().mean_all().unwrap();
-                let grads = opt.collect(&loss.backward().unwrap()).unwrap();
+                let grads = opt
+                    .collect(&temper::tape::backward(&loss).unwrap())
+                    .unwrap();
                 opt.update(&grads, 2e-3, 1.0, kernels.adamw).unwrap();
                 scalar(&loss).unwrap()
             })
@@ -1042,9 +1056,10 @@ mod curves {
             cfg.num_attention_heads = 4;
             cfg.num_key_value_heads = if preset == "gpt2" { 4 } else { 2 };
             cfg.max_position_embeddings = 128;
-            let ours = losses(dev, &cfg, KernelSet::default(), true);
-            let refs = losses(dev, &cfg, KernelSet::reference(), true);
-            let casts = losses(dev, &cfg, KernelSet::default(), false);
+            let ours = losses(dev, &cfg, KernelSet::default(), true, true);
+            let refs = losses(dev, &cfg, KernelSet::reference(), true, false);
+            let casts = losses(dev, &cfg, KernelSet::default(), false, false);
+            let graph = losses(dev, &cfg, KernelSet::default(), true, false);
             for (i, (a, r)) in ours.iter().zip(&refs).enumerate() {
                 assert!(
                     a.is_finite() && (a - r).abs() <= 0.05 * r.abs().max(0.5),
@@ -1060,11 +1075,132 @@ mod curves {
                      copies {ours:?}\ncasts {casts:?}"
                 );
             }
+            // The same ops; only the order in which a tensor's several gradients are summed.
+            for (i, (a, g)) in ours.iter().zip(&graph).enumerate() {
+                assert!(
+                    (a - g).abs() <= 0.01 * g.abs().max(0.5),
+                    "{preset} step {i}: loss {a} on the tape, {g} in candle's graph\n\
+                     tape {ours:?}\ngraph {graph:?}"
+                );
+            }
             for (name, l) in [("ours", &ours), ("reference", &refs)] {
                 assert!(
                     l[STEPS - 1] < 0.7 * l[0],
                     "{preset} {name}: the loss did not fall: {l:?}"
                 );
+            }
+        }
+    }
+}
+
+gpu_test!(tape::model_gradients_on_the_tape_match_candles_graph);
+
+#[cfg(feature = "cuda")]
+mod tape {
+    use candle_core::{DType, Device, Tensor};
+    use temper::config::{LoraConfig, LoraTarget, ModelConfig, TrainConfig};
+    use temper::kernels::KernelSet;
+    use temper::model::linear::Ctx;
+    use temper::model::{Fwd, Transformer};
+    use temper::train::optimizer::AdamW;
+    use temper::train::params::{Net, ParamStore, Role};
+
+    /// One step's loss and gradients (f32, one per trainable parameter) of a small model in
+    /// bf16 with compute copies and dropout, its blocks on the tape or in candle's graph.
+    fn grads(dev: &Device, preset: &str, lora: bool, tape: bool) -> (f32, Vec<Tensor>) {
+        let mut cfg = ModelConfig::preset(preset).unwrap();
+        cfg.vocab_size = 512;
+        cfg.hidden_size = 256;
+        cfg.intermediate_size = if preset == "gpt2" { 1024 } else { 688 };
+        cfg.num_hidden_layers = 2;
+        cfg.num_attention_heads = 4;
+        cfg.num_key_value_heads = if preset == "gpt2" { 4 } else { 2 };
+        cfg.max_position_embeddings = 128;
+        cfg.dropout = 0.1;
+        let adapters = LoraConfig {
+            rank: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            targets: vec![
+                LoraTarget::Q,
+                LoraTarget::K,
+                LoraTarget::V,
+                LoraTarget::O,
+                LoraTarget::Gate,
+                LoraTarget::Up,
+                LoraTarget::Down,
+            ],
+        };
+        let mut store = ParamStore::new(dev.clone(), 3);
+        if lora {
+            store.freeze(Net::Policy, &[Role::Base], DType::BF16);
+        }
+        let net = Transformer::new(
+            &mut store.scope(Net::Policy),
+            &cfg,
+            lora.then_some(&adapters),
+        )
+        .unwrap();
+        let mut opt = AdamW::new(&store, &|_| true, &TrainConfig::default()).unwrap();
+        opt.keep_compute_copies(DType::BF16).unwrap();
+        let f = Fwd {
+            ctx: Ctx {
+                dtype: DType::BF16,
+                kernels: KernelSet::default(),
+                use_lora: lora,
+                dropout_seed: Some(9),
+                tape,
+            },
+            positions: None,
+            key_valid: None,
+        };
+        let (b, t) = (3, 77);
+        let ids: Vec<u32> = (0..b * (t + 1))
+            .map(|i| ((i * 37 + 11) % 512) as u32)
+            .collect();
+        let all = Tensor::from_vec(ids, (b, t + 1), dev).unwrap();
+        let x = all.narrow(1, 0, t).unwrap().contiguous().unwrap();
+        let y = all.narrow(1, 1, t).unwrap().contiguous().unwrap();
+        let loss = net.target_logprobs(&x, &y, &f).unwrap();
+        let loss = loss.neg().unwrap().mean_all().unwrap();
+        let g = opt
+            .collect(&temper::tape::backward(&loss).unwrap())
+            .unwrap();
+        let g = g
+            .iter()
+            .map(|g| g.to_device(&Device::Cpu).unwrap())
+            .collect();
+        (loss.to_scalar::<f32>().unwrap(), g)
+    }
+
+    /// The tape records every kernel op of a block on CUDA with the op's own backward (the
+    /// GEMMs and the bias epilogue with the gradients their operands want, the fused LoRA op
+    /// around its reshapes): with and without LoRA, for GPT-2 and Llama shapes, the loss is
+    /// the same and every parameter's gradient is candle's graph's within bf16 tolerance
+    /// (only the order in which a tensor's several gradients are summed differs).
+    pub fn model_gradients_on_the_tape_match_candles_graph(dev: &Device) {
+        for preset in ["gpt2", "llama-tiny"] {
+            for lora in [false, true] {
+                let (l1, g1) = grads(dev, preset, lora, true);
+                let (l0, g0) = grads(dev, preset, lora, false);
+                assert_eq!(l1, l0, "{preset} lora {lora}: the loss differs");
+                for (i, (a, b)) in g1.iter().zip(&g0).enumerate() {
+                    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+                    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+                    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let diff = a
+                        .iter()
+                        .zip(&b)
+                        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                    assert!(
+                        scale > 0.0 || !lora,
+                        "{preset} lora {lora}: parameter {i} got no gradient"
+                    );
+                    assert!(
+                        diff <= 2e-2 * scale.max(1e-6),
+                        "{preset} lora {lora}: parameter {i} off by {diff} at scale {scale}"
+                    );
+                }
             }
         }
     }

@@ -21,7 +21,7 @@ pub use stages::{
     AdvantageEstimator, DpoConfig, ExternalRewardConfig, GrpoConfig, KlEstimator, LossType,
     PpoConfig, RewardConfig, RewardSource, RewardSpec, ScaleRewards, SftConfig,
 };
-pub use train::{DTypeChoice, ShardOptimizer, TrainConfig};
+pub use train::{DTypeChoice, ShardOptimizer, TapeChoice, TrainConfig};
 
 /// Reads a TOML file into `T`, naming the file (and TOML's line/column and field) on error.
 pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {

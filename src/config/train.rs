@@ -34,6 +34,30 @@ impl ShardOptimizer {
     }
 }
 
+/// Whether a training forward records the transformer blocks on temper's own tape
+/// (`crate::tape`) instead of candle's autograd graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TapeChoice {
+    /// On CUDA, where the blocks are our kernels and the tape saves candle's per-node passes;
+    /// off on the CPU, where the blocks are candle's reference composites and the tape would
+    /// only wrap them.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl TapeChoice {
+    pub fn enabled(self, device: &candle_core::Device) -> bool {
+        match self {
+            Self::Auto => device.is_cuda(),
+            Self::On => true,
+            Self::Off => false,
+        }
+    }
+}
+
 /// The one training loop's knobs, shared by every stage.
 ///
 /// `batch_size` is per rank: a step sees `batch_size × grad_accum × world size` sequences
@@ -64,6 +88,9 @@ pub struct TrainConfig {
     /// the pass that updates the f32 master, and let the forward read it, instead of casting
     /// each master in every step (and carrying its gradient back through the cast).
     pub compute_copies: bool,
+    /// Record the transformer blocks on temper's tape rather than candle's graph. It needs
+    /// every trainable weight read as a variable: f32 compute, or bf16 with `compute_copies`.
+    pub tape: TapeChoice,
     /// Shard AdamW's state across data-parallel ranks (ZeRO-1).
     pub shard_optimizer: ShardOptimizer,
     /// Time this many steps by region after a warm-up and print the table (0: off).
@@ -93,6 +120,7 @@ impl Default for TrainConfig {
             seed: 1234,
             dtype: DTypeChoice::Auto,
             compute_copies: true,
+            tape: TapeChoice::Auto,
             shard_optimizer: ShardOptimizer::Auto,
             profile: 0,
         }

@@ -43,13 +43,26 @@ pub fn attention(
                 "attention",
                 &format!("no flash kernel for {:?} head_dim {}", q.dtype(), q.dim(3)?),
             );
-            return attention_reference(q, k, v, mask, scale);
+            return reference_recorded(q, k, v, mask, scale);
         }
         if !q.device().is_cpu() || cfg!(feature = "cuda") {
             warn_fallback("attention", "the flash kernel runs on CUDA only");
         }
     }
-    attention_reference(q, k, v, mask, scale)
+    reference_recorded(q, k, v, mask, scale)
+}
+
+/// [`attention_reference`] as one op of a block tape (`crate::tape`).
+fn reference_recorded(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+) -> Result<Tensor> {
+    crate::tape::island(&[q, k, v], |a| {
+        attention_reference(&a[0], &a[1], &a[2], mask, scale)
+    })
 }
 
 /// Repeats each KV head `groups` times so that GQA reduces to ordinary multi-head attention.

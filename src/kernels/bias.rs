@@ -20,6 +20,7 @@ use super::host::{rows_cols, slice};
 use super::registry::{warn_fallback, KernelChoice};
 use super::spans::{self, Pass};
 use super::KernelOp;
+use crate::tape;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -60,8 +61,12 @@ pub fn fused(y: &Tensor, b: &Tensor, act: BiasAct) -> Result<Tensor> {
         if b.dims() != [c] {
             candle_core::bail!("bias: expected a bias of [{c}], got {:?}", b.dims());
         }
-        y.contiguous()?
-            .apply_op2(&b.to_dtype(DType::F32)?.contiguous()?, Bias { act })
+        let (ya, ba) = (tape::arg(y), tape::arg(b));
+        tape::op2(
+            [y, b],
+            [ya.contiguous()?, ba.to_dtype(DType::F32)?.contiguous()?],
+            Bias { act },
+        )
     })
 }
 

@@ -16,6 +16,7 @@ use super::host::slice;
 use super::registry::{warn_fallback, KernelChoice};
 use super::spans::{self, Pass};
 use super::KernelOp;
+use crate::tape;
 use crate::train::rng::splitmix64;
 
 type Result<T> = candle_core::Result<T>;
@@ -32,7 +33,7 @@ pub fn dropout(x: &Tensor, p: f64, seed: u64, choice: KernelChoice) -> Result<Te
         }
         warn_fallback("dropout", &format!("no kernel for {:?}", x.dtype()));
     }
-    reference(x, &mask)
+    tape::island(&[x], |a| reference(&a[0], &mask))
 }
 
 /// Which elements a dropout site keeps, and the scale of the kept ones.
@@ -95,7 +96,7 @@ pub fn reference(x: &Tensor, mask: &Mask) -> Result<Tensor> {
 /// The fused op on any device, differentiable in `x`.
 pub fn fused(x: &Tensor, mask: Mask) -> Result<Tensor> {
     spans::timed(KernelOp::Dropout, Pass::Forward, x.device(), || {
-        x.contiguous()?.apply_op1(Dropout(mask))
+        tape::op1(x, tape::arg(x).contiguous()?, Dropout(mask))
     })
 }
 

@@ -12,6 +12,7 @@ use super::host::slice;
 use super::registry::{warn_fallback, KernelChoice};
 use super::spans::{self, Pass};
 use super::KernelOp;
+use crate::tape;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -25,7 +26,7 @@ pub fn gelu(x: &Tensor, choice: KernelChoice) -> Result<Tensor> {
         }
         warn_fallback("gelu", &format!("no kernel for {:?}", x.dtype()));
     }
-    reference(x)
+    tape::island(&[x], |a| reference(&a[0]))
 }
 
 /// candle's composite, differentiable.
@@ -38,7 +39,7 @@ pub fn reference(x: &Tensor) -> Result<Tensor> {
 /// The fused op on any device, differentiable.
 pub fn fused(x: &Tensor) -> Result<Tensor> {
     spans::timed(KernelOp::Gelu, Pass::Forward, x.device(), || {
-        x.contiguous()?.apply_op1(Gelu)
+        tape::op1(x, tape::arg(x).contiguous()?, Gelu)
     })
 }
 

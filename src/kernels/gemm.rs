@@ -8,7 +8,9 @@
 //! as do rows whose length is not a multiple of 16 bytes. The maths is one GEMM either way,
 //! so there is no CPU implementation to test: the GPU test compares the two.
 
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Tensor, D};
+
+use crate::tape;
 
 use super::registry::KernelChoice;
 
@@ -36,7 +38,31 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor, choice: KernelChoice) -> Result<Tensor>
             super::registry::warn_fallback("gemm", &why);
         }
     }
-    reference(x, w)
+    reference_recorded(x, w)
+}
+
+/// [`reference`] as one op of a block tape (`crate::tape`), its backward the two GEMMs.
+fn reference_recorded(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !tape::recording() {
+        return reference(x, w);
+    }
+    let (xa, wa) = (x.detach(), w.detach());
+    let y = reference(&xa, &wa)?;
+    tape::record(&[x, w], &y, move |g, want| {
+        let (k, n) = (xa.dim(D::Minus1)?, wa.dim(0)?);
+        let rows = xa.elem_count() / k.max(1);
+        let g = g.to_dtype(xa.dtype())?.reshape((rows, n))?;
+        let dx = match want[0] {
+            true => Some(g.matmul(&wa)?.reshape(xa.shape())?),
+            false => None,
+        };
+        let dw = match want[1] {
+            true => Some(g.t()?.matmul(&xa.reshape((rows, k))?)?),
+            false => None,
+        };
+        Ok(vec![dx, dw])
+    })?;
+    Ok(y)
 }
 
 /// candle's matmul, the leading dimensions of `x` flattened into its rows.
@@ -87,7 +113,28 @@ pub fn linear(
 ) -> Result<Tensor> {
     let y = matmul_nt(x, w, choice)?;
     match bias {
-        Some(b) => y.broadcast_add(b),
+        Some(b) => bias_add(&y, b),
         None => Ok(y),
     }
+}
+
+/// `y + b` for `b [N]`, one op of a block tape: its backward passes `dy` on and sums its rows
+/// into the bias gradient.
+fn bias_add(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !tape::recording() {
+        return y.broadcast_add(b);
+    }
+    let out = y.detach().broadcast_add(&b.detach())?;
+    let dtype = b.dtype();
+    tape::record(&[y, b], &out, move |g, want| {
+        let db = match want[1] {
+            true => {
+                let n = g.dim(D::Minus1)?;
+                Some(g.reshape(((), n))?.sum(0)?.to_dtype(dtype)?)
+            }
+            false => None,
+        };
+        Ok(vec![Some(g), db])
+    })?;
+    Ok(out)
 }

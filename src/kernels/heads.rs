@@ -17,6 +17,7 @@ use super::host::slice;
 use super::registry::{warn_fallback, KernelChoice};
 use super::spans::{self, Pass};
 use super::KernelOp;
+use crate::tape;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -28,24 +29,24 @@ pub fn split(y: &Tensor, n: usize, choice: KernelChoice) -> Result<Tensor> {
     }
     let d = w / n;
     if t == 1 || n == 1 {
-        return y.reshape((b, n, t, d));
+        return tape::island(&[y], |a| a[0].reshape((b, n, t, d)));
     }
     if use_fused(y, choice) {
         return fused(y, (b, t, n, d), false);
     }
-    split_reference(y, n)
+    tape::island(&[y], |a| split_reference(&a[0], n))
 }
 
 /// `[B, n, T, d]` -> `[B, T, n·d]`, contiguous.
 pub fn merge(y: &Tensor, choice: KernelChoice) -> Result<Tensor> {
     let (b, n, t, d) = y.dims4()?;
     if t == 1 || n == 1 {
-        return y.contiguous()?.reshape((b, t, n * d));
+        return tape::island(&[y], |a| a[0].contiguous()?.reshape((b, t, n * d)));
     }
     if use_fused(y, choice) {
         return fused(y, (b, n, t, d), true);
     }
-    merge_reference(y)
+    tape::island(&[y], |a| merge_reference(&a[0]))
 }
 
 fn use_fused(y: &Tensor, choice: KernelChoice) -> bool {
@@ -76,7 +77,19 @@ pub fn merge_reference(y: &Tensor) -> Result<Tensor> {
 /// own output: a reshape after it would be another autograd node), differentiable.
 pub fn fused(y: &Tensor, (b, p, q, d): (usize, usize, usize, usize), flat: bool) -> Result<Tensor> {
     spans::timed(KernelOp::Heads, Pass::Forward, y.device(), || {
-        y.contiguous()?.apply_op1(Swap { b, p, q, d, flat })
+        let op = Swap { b, p, q, d, flat };
+        let arg = tape::arg(y).contiguous()?;
+        if !tape::recording() {
+            return arg.apply_op1(op);
+        }
+        // On the tape the backward keeps neither the input nor the output: it is the inverse
+        // copy of the gradient.
+        let out = arg.apply_op1_no_bwd(&op)?;
+        let (dtype, shape) = (arg.dtype(), arg.shape().clone());
+        tape::record(&[y], &out, move |g, _| {
+            Ok(vec![Some(op.back(&g, dtype, &shape)?)])
+        })?;
+        Ok(out)
     })
 }
 
@@ -153,15 +166,23 @@ impl CustomOp1 for Swap {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        spans::timed(KernelOp::Heads, Pass::Backward, arg.device(), || {
+        self.back(grad, arg.dtype(), arg.shape()).map(Some)
+    }
+}
+
+impl Swap {
+    /// The gradient of an input of `dtype` and `shape` for the output's gradient: the
+    /// inverse swap.
+    fn back(&self, grad: &Tensor, dtype: DType, shape: &Shape) -> Result<Tensor> {
+        spans::timed(KernelOp::Heads, Pass::Backward, grad.device(), || {
             let back = Swap {
                 p: self.q,
                 q: self.p,
                 ..*self
             };
             // The gradient comes back in the input's shape whatever `flat` made the output.
-            let g = grad.to_dtype(arg.dtype())?.contiguous()?;
-            g.apply_op1_no_bwd(&back)?.reshape(arg.shape()).map(Some)
+            let g = grad.to_dtype(dtype)?.contiguous()?;
+            g.apply_op1_no_bwd(&back)?.reshape(shape)
         })
     }
 }

@@ -16,6 +16,7 @@ use super::host::{rows_cols, slice};
 use super::registry::{warn_fallback, KernelChoice};
 use super::spans::{self, Pass};
 use super::KernelOp;
+use crate::tape;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -37,7 +38,7 @@ pub fn layer_norm(
             &format!("no kernel for {:?} inputs", x.dtype()),
         );
     }
-    reference(x, w, b, eps)
+    crate::tape::island(&[x, w, b], |t| reference(&t[0], &t[1], &t[2], eps))
 }
 
 /// candle's composite, differentiable in all three.
@@ -59,8 +60,8 @@ pub fn reference(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor>
 pub fn fused(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     spans::timed(KernelOp::LayerNorm, Pass::Forward, x.device(), || {
         check(x, w, b)?;
-        x.contiguous()?
-            .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm::new(eps))
+        let arg = |t: &Tensor| tape::arg(t).contiguous();
+        tape::op3([x, w, b], [arg(x)?, arg(w)?, arg(b)?], LayerNorm::new(eps))
     })
 }
 

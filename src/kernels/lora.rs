@@ -35,13 +35,29 @@ pub fn lora_linear(x: &Tensor, args: &LoraArgs, choice: KernelChoice) -> Result<
                     args.a.dim(0)?
                 ),
             );
-            return lora_linear_reference(x, x, args);
+            return reference_recorded(x, x, args);
         }
         if !x.device().is_cpu() || cfg!(feature = "cuda") {
             warn_fallback("lora", "the fused kernel runs on CUDA only");
         }
     }
-    lora_linear_reference(x, x, args)
+    reference_recorded(x, x, args)
+}
+
+/// [`lora_linear_reference`] as one op of a block tape (`crate::tape`).
+pub fn reference_recorded(x: &Tensor, x_lora: &Tensor, args: &LoraArgs) -> Result<Tensor> {
+    let mut inputs = vec![x, x_lora, args.w, args.a, args.b];
+    inputs.extend(args.bias);
+    crate::tape::island(&inputs, |t| {
+        let args = LoraArgs {
+            w: &t[2],
+            bias: t.get(5),
+            a: &t[3],
+            b: &t[4],
+            scale: args.scale,
+        };
+        lora_linear_reference(&t[0], &t[1], &args)
+    })
 }
 
 /// `x_lora` is the input of the adapter branch: `x` itself, or `x` after LoRA dropout.

@@ -21,13 +21,18 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, choice: KernelChoice) -> Resul
                 return Ok(y);
             }
             warn_fallback("rmsnorm", &format!("no CUDA kernel for {:?}", x.dtype()));
-            return rms_norm_reference(x, w, eps);
+            return reference_recorded(x, w, eps);
         }
         if !x.device().is_cpu() || cfg!(feature = "cuda") {
             warn_fallback("rmsnorm", "the fused kernel runs on CUDA only");
         }
     }
-    rms_norm_reference(x, w, eps)
+    reference_recorded(x, w, eps)
+}
+
+/// [`rms_norm_reference`] as one op of a block tape (`crate::tape`).
+fn reference_recorded(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    crate::tape::island(&[x, w], |a| rms_norm_reference(&a[0], &a[1], eps))
 }
 
 pub fn rms_norm_reference(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {

@@ -17,6 +17,7 @@ use super::host::slice;
 use super::registry::{warn_fallback, KernelChoice};
 use super::spans::{self, Pass};
 use super::KernelOp;
+use crate::tape;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -32,7 +33,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, choice: KernelChoice) -> Res
         let why = format!("no kernel for {dt:?} with {:?} tables", cos.dtype());
         warn_fallback("rope", &why);
     }
-    reference(x, cos, sin)
+    tape::island(&[x, cos, sin], |a| reference(&a[0], &a[1], &a[2]))
 }
 
 /// candle's composite, differentiable.
@@ -66,9 +67,12 @@ pub fn fused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
                 x.dtype()
             );
         }
-        let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
-        x.contiguous()?
-            .apply_op3(&cos, &sin, Rope { inverse: false })
+        let arg = |t: &Tensor| tape::arg(t).contiguous();
+        tape::op3(
+            [x, cos, sin],
+            [arg(x)?, arg(cos)?, arg(sin)?],
+            Rope { inverse: false },
+        )
     })
 }
 

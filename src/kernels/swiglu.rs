@@ -15,6 +15,7 @@ use super::host::slice;
 use super::registry::{warn_fallback, KernelChoice};
 use super::spans::{self, Pass};
 use super::KernelOp;
+use crate::tape;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -26,7 +27,7 @@ pub fn swiglu(g: &Tensor, u: &Tensor, choice: KernelChoice) -> Result<Tensor> {
         let why = format!("no kernel for {:?} x {:?}", g.dtype(), u.dtype());
         warn_fallback("swiglu", &why);
     }
-    reference(g, u)
+    tape::island(&[g, u], |a| reference(&a[0], &a[1]))
 }
 
 /// candle's composite, differentiable in both.
@@ -46,7 +47,8 @@ pub fn fused(g: &Tensor, u: &Tensor) -> Result<Tensor> {
                 u.dtype()
             );
         }
-        g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
+        let arg = |t: &Tensor| tape::arg(t).contiguous();
+        tape::op2([g, u], [arg(g)?, arg(u)?], SwiGlu)
     })
 }
 

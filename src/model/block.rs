@@ -11,6 +11,7 @@ use super::mlp::Mlp;
 use super::norm::Norm;
 use crate::config::LoraConfig;
 use crate::config::ModelConfig;
+use crate::tape;
 use crate::train::params::Scope;
 use crate::train::rng::splitmix64;
 
@@ -59,10 +60,10 @@ impl Block {
         let y = self
             .attn
             .forward(&a, ctx, inp, cache.map(|c| (c, self.index)))?;
-        let x = (x + self.drop(y, ctx, 0x100 + 2 * i)?)?;
+        let x = tape::add(x, &self.drop(y, ctx, 0x100 + 2 * i)?)?;
         let m = self.mlp_norm.forward(&x, ctx)?;
         let y = self.mlp.forward(&m, ctx)?;
-        Ok((&x + self.drop(y, ctx, 0x101 + 2 * i)?)?)
+        Ok(tape::add(&x, &self.drop(y, ctx, 0x101 + 2 * i)?)?)
     }
 
     fn drop(&self, y: Tensor, ctx: &Ctx, site: u64) -> Result<Tensor> {

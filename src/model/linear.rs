@@ -9,7 +9,7 @@ use crate::config::LoraConfig;
 use crate::kernels::bias::{self, BiasAct};
 use crate::kernels::gelu::gelu;
 use crate::kernels::gemm::linear;
-use crate::kernels::lora::{lora_linear, lora_linear_reference, LoraArgs};
+use crate::kernels::lora::{lora_linear, reference_recorded as lora_reference, LoraArgs};
 use crate::kernels::{KernelChoice, KernelSet};
 use crate::train::params::{Init, Scope};
 use crate::train::rng::splitmix64;
@@ -23,6 +23,9 @@ pub struct Ctx {
     pub use_lora: bool,
     /// `Some(seed)` in training enables dropout with masks derived from the seed.
     pub dropout_seed: Option<u64>,
+    /// Record the blocks of a forward without a KV cache on our tape (`crate::tape`) rather
+    /// than in candle's graph.
+    pub tape: bool,
 }
 
 struct Adapter {
@@ -149,7 +152,7 @@ impl Linear {
                 match ctx.dropout_seed {
                     Some(seed) if ad.dropout > 0.0 => {
                         let xd = dropout(x, ad.dropout, seed ^ self.site, ctx)?;
-                        lora_linear_reference(x, &xd, &args)?
+                        lora_reference(x, &xd, &args)?
                     }
                     _ => lora_linear(x, &args, ctx.kernels.lora)?,
                 }

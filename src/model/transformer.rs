@@ -92,7 +92,7 @@ impl Transformer {
     }
 
     /// Hidden states after the final norm, `[B, T, H]` in the compute dtype.
-    pub fn hidden(&self, ids: &Tensor, f: &Fwd, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn hidden(&self, ids: &Tensor, f: &Fwd, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
         if offset + t > self.cfg.max_position_embeddings {
@@ -110,7 +110,7 @@ impl Transformer {
                 .broadcast_as((b, t))?
                 .contiguous()?,
         };
-        let mut x = self.embed_tokens(ids, &positions, ctx)?;
+        let x = self.embed_tokens(ids, &positions, ctx)?;
         let rope = match &self.rope {
             Some(r) => Some(r.at(&positions, ctx.dtype)?),
             None => None,
@@ -120,8 +120,23 @@ impl Transformer {
             offset,
             key_valid: f.key_valid,
         };
+        if ctx.tape && cache.is_none() {
+            return crate::tape::segment(&x, |x| self.body(x, ctx, &inp, None));
+        }
+        self.body(&x, ctx, &inp, cache)
+    }
+
+    /// The blocks and the final norm.
+    fn body(
+        &self,
+        x: &Tensor,
+        ctx: &Ctx,
+        inp: &AttnInputs,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let mut x = x.clone();
         for blk in &self.blocks {
-            x = blk.forward(&x, ctx, &inp, cache.as_deref_mut())?;
+            x = blk.forward(&x, ctx, inp, cache.as_deref_mut())?;
         }
         self.final_norm.forward(&x, ctx)
     }

@@ -135,6 +135,28 @@ impl Env {
             kernels: self.kernels,
             use_lora,
             dropout_seed,
+            tape: self.tape(),
         }
+    }
+
+    /// Whether training forwards record the blocks on our tape: as configured, where every
+    /// trainable weight is read as a variable (f32 compute, or bf16 compute copies).
+    fn tape(&self) -> bool {
+        let t = &self.cfg.train;
+        let variables = match self.dtype() {
+            candle_core::DType::F32 => true,
+            candle_core::DType::BF16 => t.compute_copies,
+            _ => false,
+        };
+        if t.tape == crate::config::TapeChoice::On && !variables {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                eprintln!(
+                    "warning: [train] tape = \"on\" is ignored: the tape needs every weight read \
+                     as a variable (f32 compute, or bf16 with compute_copies = true)"
+                )
+            });
+        }
+        t.tape.enabled(&self.device) && variables
     }
 }

@@ -668,6 +668,7 @@ mod tests {
             kernels: KernelSet::default(),
             use_lora: false,
             dropout_seed: None,
+            tape: false,
         };
         let prompts = vec![vec![5u32, 6, 7], vec![9u32]];
         let s = Sampled {

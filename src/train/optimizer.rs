@@ -410,6 +410,7 @@ mod tests {
                     kernels: KernelSet::default(),
                     use_lora: false,
                     dropout_seed: None,
+                    tape: false,
                 },
                 positions: None,
                 key_valid: None,

@@ -92,6 +92,11 @@ pub struct GraphStats {
     /// Bytes of the gradient buffers the backward zero-fills, then adds into: one per
     /// non-variable node, views included.
     pub zero_filled_bytes: u64,
+    /// Ops the blocks' tape recorded in that forward (`crate::tape`): outside candle's graph,
+    /// so in none of the figures above.
+    pub tape_ops: usize,
+    /// Bytes of their outputs, an upper bound on what the tape holds.
+    pub tape_output_bytes: u64,
 }
 
 impl GraphStats {
@@ -114,6 +119,7 @@ impl GraphStats {
             nodes: nodes.len(),
             held_bytes: storages.values().sum(),
             zero_filled_bytes,
+            ..Self::default()
         }
     }
 }
@@ -145,7 +151,12 @@ impl Profiler {
     /// Records the shape of the first timed micro-batch's graph (`loss` before its backward).
     pub fn note_graph(&mut self, loss: &Tensor) {
         if self.graph.is_none() {
-            self.graph = Some(GraphStats::of(loss));
+            let tape = crate::tape::last_segment().unwrap_or_default();
+            self.graph = Some(GraphStats {
+                tape_ops: tape.ops,
+                tape_output_bytes: tape.output_bytes,
+                ..GraphStats::of(loss)
+            });
         }
     }
 
@@ -283,6 +294,13 @@ impl Profiler {
                 gib(g.held_bytes),
                 gib(g.zero_filled_bytes)
             ));
+            if g.tape_ops > 0 {
+                out.push_str(&format!(
+                    "blocks on the tape: {} ops, {:.3} GiB of outputs at most held until each op's backward\n",
+                    g.tape_ops,
+                    gib(g.tape_output_bytes)
+                ));
+            }
         }
         Ok(out)
     }

@@ -348,6 +348,15 @@ impl<T: Task> Loop<'_, T> {
                     self.opt.num_tensors()
                 );
             }
+            if step == start && self.main() {
+                if let Some(s) = crate::tape::last_segment() {
+                    eprintln!(
+                        "[{label}] the blocks run on temper's tape ([train] tape): {} ops a \
+                         forward, outside candle's autograd graph",
+                        s.ops
+                    );
+                }
+            }
             if let (true, Some(p)) = (timed, &mut self.prof) {
                 p.step_done();
                 self.prof_tokens += out.tokens;
@@ -464,7 +473,7 @@ impl<T: Task> Loop<'_, T> {
             }
             let m = prof(self)?;
             tokens += out.tokens;
-            let grads = (&out.loss / accum as f64)?.backward()?;
+            let grads = crate::tape::backward(&(&out.loss / accum as f64)?)?;
             // Read after the backward is queued, not before: reading the loss waits for the
             // device, and a wait between the forward and the backward leaves the GPU idle while
             // the host issues the first backward kernels. Detached, so the graph goes now.

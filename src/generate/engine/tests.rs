@@ -15,6 +15,7 @@ fn ctx() -> Ctx {
         kernels: KernelSet::default(),
         use_lora: false,
         dropout_seed: None,
+        tape: false,
     }
 }
 

@@ -84,10 +84,13 @@ pub fn attention_with(
     scale: f64,
     imp: AttnImpl,
 ) -> Result<Option<Tensor>> {
-    Ok(match prepare(q, k, v, mask, scale, imp)? {
-        Some((op, q, k, v)) => Some(q.apply_op3(&k, &v, op)?),
-        None => None,
-    })
+    let arg = crate::tape::arg;
+    Ok(
+        match prepare(&arg(q), &arg(k), &arg(v), mask, scale, imp)? {
+            Some((op, qa, ka, va)) => Some(crate::tape::op3([q, k, v], [qa, ka, va], op)?),
+            None => None,
+        },
+    )
 }
 
 /// The forward and backward kernels of [`attention_with`] called directly, outside candle's

@@ -163,7 +163,15 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     if takes_nt(x, w).is_none() {
         return Ok(None);
     }
-    Ok(Some(prepared(x)?.apply_op2(&prepared(w)?, Gemm(Form::Nt))?))
+    let arg = crate::tape::arg;
+    let args = [prepared(&arg(x))?, prepared(&arg(w))?];
+    let y = crate::tape::op2_with([x, w], args, Gemm(Form::Nt), |_, [x, w], g, want| {
+        let (dx, dw) = spans::timed(KernelOp::Gemm, Pass::Backward, x.device(), || {
+            grads(&g, x, w, [want[0], want[1]])
+        })?;
+        Ok(vec![dx, dw])
+    })?;
+    Ok(Some(y))
 }
 
 /// `dy W` through cuBLASLt (`dy [M, N]`, `W [N, K]`): the input gradient of [`matmul_nt`],
@@ -222,25 +230,27 @@ impl CustomOp2 for Gemm {
             if self.0 != Form::Nt {
                 candle_core::bail!("gemm: only the forward form is differentiated");
             }
-            grads(grad, x, w)
+            grads(grad, x, w, [x.track_op(), w.track_op()])
         })
     }
 }
 
 /// The gradients of `y = x W^T` for `dy` (`[..., N]`): `(dy W, dy^T x)`, each `None` where its
-/// operand does not track a gradient. A frozen operand (a LoRA base weight, handed over
-/// detached) gets none: its GEMM would be a third of the layer's work, spent on nothing.
+/// operand wants none (`want`: whether it tracks a gradient in candle's graph, or on the block
+/// tape). A frozen operand (a LoRA base weight, handed over detached) gets none: its GEMM
+/// would be a third of the layer's work, spent on nothing.
 pub(crate) fn grads(
     dy: &Tensor,
     x: &Tensor,
     w: &Tensor,
+    [want_x, want_w]: [bool; 2],
 ) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let g = prepared(&dy.to_dtype(x.dtype())?)?;
-    let dx = match x.track_op() {
+    let dx = match want_x {
         true => Some(g.apply_op2_no_bwd(w, &Gemm(Form::Nn))?),
         false => None,
     };
-    let dw = match w.track_op() {
+    let dw = match want_w {
         true => Some(g.apply_op2_no_bwd(x, &Gemm(Form::Tn))?),
         false => None,
     };
@@ -257,8 +267,13 @@ pub fn matmul_nt_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tenso
         Some(n) if b.dims() == [n] => {}
         _ => return Ok(None),
     }
-    let b = b.contiguous()?;
-    Ok(Some(prepared(x)?.apply_op3(&prepared(w)?, &b, GemmBias)?))
+    let arg = crate::tape::arg;
+    let args = [prepared(&arg(x))?, prepared(&arg(w))?, arg(b).contiguous()?];
+    let y = crate::tape::op3_with([x, w, b], args, GemmBias, |_, [x, w, b], g, want| {
+        let (dx, dw, db) = bias_epilogue_grads(&g, x, w, b, [want[0], want[1], want[2]])?;
+        Ok(vec![dx, dw, db])
+    })?;
+    Ok(Some(y))
 }
 
 /// `x W^T + b`, `b` in any float dtype, added by the epilogue.
@@ -306,25 +321,37 @@ impl CustomOp3 for GemmBias {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = spans::timed(KernelOp::Gemm, Pass::Backward, x.device(), || {
-            grads(grad, x, w)
-        })?;
-        let db = match b.track_op() {
-            true => Some(spans::timed(
-                KernelOp::Bias,
-                Pass::Backward,
-                x.device(),
-                || {
-                    // The identity's backward reads only dy; dy stands in for the pre-bias output.
-                    let g = grad.to_dtype(x.dtype())?;
-                    let (_, db) = super::super::bias::backward(&g, b, &g, BiasAct::Identity)?;
-                    db.to_dtype(b.dtype())
-                },
-            )?),
-            false => None,
-        };
-        Ok((dx, dw, db))
+        let want = [x.track_op(), w.track_op(), b.track_op()];
+        bias_epilogue_grads(grad, x, w, b, want)
     }
+}
+
+/// The gradients of `y = x W^T + b` for `dy`, each `None` where its operand wants none.
+fn bias_epilogue_grads(
+    grad: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    [want_x, want_w, want_b]: [bool; 3],
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (dx, dw) = spans::timed(KernelOp::Gemm, Pass::Backward, x.device(), || {
+        grads(grad, x, w, [want_x, want_w])
+    })?;
+    let db = match want_b {
+        true => Some(spans::timed(
+            KernelOp::Bias,
+            Pass::Backward,
+            x.device(),
+            || {
+                // The identity's backward reads only dy; dy stands in for the pre-bias output.
+                let g = grad.to_dtype(x.dtype())?;
+                let (_, db) = super::super::bias::backward(&g, b, &g, BiasAct::Identity)?;
+                db.to_dtype(b.dtype())
+            },
+        )?),
+        false => None,
+    };
+    Ok((dx, dw, db))
 }
 
 /// `x W^T` on storages, for an op that runs the GEMM inside its own forward

@@ -108,11 +108,49 @@ pub fn lora_linear(x: &Tensor, args: &LoraArgs) -> Result<Option<Tensor>> {
 
 /// [`lora_linear`] with an explicit backward path (tests and benches compare them).
 pub fn lora_linear_with(x: &Tensor, args: &LoraArgs, dy: DyPath) -> Result<Option<Tensor>> {
+    if crate::tape::recording() {
+        return recorded(x, args, dy);
+    }
     let Some(LoraDirect { op, x2, a, b, dims }) = LoraDirect::new(x, args, dy)? else {
         return Ok(None);
     };
     let y = x2.apply_op3(&a, &b, op)?;
     Ok(Some(y.reshape(dims)?))
+}
+
+/// [`lora_linear_with`] as one op of a block tape (`crate::tape`): the op's own backward,
+/// around the reshapes to and from its `[M, K]` rows.
+fn recorded(x: &Tensor, args: &LoraArgs, dy: DyPath) -> Result<Option<Tensor>> {
+    let (xa, wa, aa, ba) = (
+        x.detach(),
+        args.w.detach(),
+        args.a.detach(),
+        args.b.detach(),
+    );
+    let bias = args.bias.map(Tensor::detach);
+    let detached = LoraArgs {
+        w: &wa,
+        bias: bias.as_ref(),
+        a: &aa,
+        b: &ba,
+        scale: args.scale,
+    };
+    let Some(LoraDirect { op, x2, a, b, dims }) = prepare(&xa, &detached, dy)? else {
+        return Ok(None);
+    };
+    let y2 = x2.apply_op3_no_bwd(&a, &b, &op)?;
+    let y2_shape = y2.shape().clone();
+    let y = y2.reshape(dims)?;
+    let x_shape = x.shape().clone();
+    crate::tape::record(&[x, args.a, args.b], &y, move |g, _| {
+        let g = g.reshape(y2_shape)?;
+        // The op's backward does not read its output, so the tape does not keep it: the
+        // gradient stands in for it.
+        let (dx, da, db) = op.bwd(&x2, &a, &b, &g, &g)?;
+        let dx = dx.map(|d| d.reshape(x_shape.clone())).transpose()?;
+        Ok(vec![dx, da, db])
+    })?;
+    Ok(Some(y))
 }
 
 /// The forward and backward of [`lora_linear_with`] called directly, outside candle's

@@ -147,7 +147,7 @@ impl CustomOp3 for LossHead {
         dims.push(vocab);
         let dlogits = tensor_from_storage(logits, Shape::from(dims));
         let (dh, dw) = spans::timed(KernelOp::Gemm, Pass::Backward, dev, || {
-            gemm::grads(&dlogits, hidden, w)
+            gemm::grads(&dlogits, hidden, w, [hidden.track_op(), w.track_op()])
         })?;
         Ok((dh, dw, None))
     }

@@ -123,6 +123,7 @@ impl RewardFn {
                     let ctx = Ctx {
                         use_lora: false,
                         dropout_seed: None,
+                        tape: false,
                         ..ctx
                     };
                     let s = m.score(batch.seqs, pad, ctx)?.to_dtype(DType::F32)?;

@@ -1,0 +1,368 @@
+//! Our own reverse-mode tape for the stack of transformer blocks.
+//!
+//! candle-core's backward gives every node of its graph a zero-filled gradient buffer and adds
+//! each incoming gradient into it, and keeps every node's output until the whole backward
+//! ends: a memset and an add of each activation-sized tensor per step, about 22 of them per
+//! GPT-2 block (docs/ARCHITECTURE.md). Inside a [`segment`] each op runs on detached tensors
+//! and is recorded here with its backward instead. The backward hands a gradient on as it is
+//! where a tensor has one consumer, adds only where it has several (the residual stream), and
+//! drops each op's saved tensors as soon as its backward has run. The segment is one node of
+//! candle's graph, so the embedding, the loss head and every stage's loss keep candle's
+//! autograd; the parameters' gradients reach candle's `GradStore` through [`backward`].
+//!
+//! An op joins the tape through [`op1`], [`op2`], [`op3`] (a custom op and its own backward),
+//! [`op2_with`] and [`op3_with`] (a custom op with a backward that must know which inputs
+//! want a gradient, such as a GEMM), [`add`], [`record`] (an op with a hand-written
+//! backward), or [`island`] (a composite of candle ops: the reference paths, differentiated
+//! by candle's autograd on copies of its inputs). Outside a segment each of these is the
+//! plain candle call it replaces.
+
+mod segment;
+
+use std::cell::RefCell;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+
+use candle_core::{CustomOp1, CustomOp2, CustomOp3, Result, Tensor, TensorId, Var};
+
+pub use segment::{backward, segment};
+
+/// One gradient per input of a recorded op, `None` where it has none.
+pub type Grads = Vec<Option<Tensor>>;
+
+/// `(parameter, gradient)` pairs, for candle's store.
+type ParamGrads = Vec<(Tensor, Tensor)>;
+
+type Backward = Box<dyn FnOnce(Tensor, &[bool]) -> Result<Grads> + Send>;
+
+/// Where an input of a recorded op gets its gradient.
+enum Slot {
+    /// Made inside the segment (or its input): the gradient stays on the tape.
+    Inner(TensorId),
+    /// A variable of candle's (a weight): the gradient goes to candle's store.
+    Param(Tensor),
+    /// Needs no gradient: rotary tables, masks, frozen weights.
+    Constant,
+}
+
+impl Slot {
+    fn wants(&self) -> bool {
+        !matches!(self, Slot::Constant)
+    }
+}
+
+struct Record {
+    inputs: Vec<Slot>,
+    output: TensorId,
+    backward: Backward,
+}
+
+pub(crate) struct Tape {
+    /// The segment's input, detached.
+    input: TensorId,
+    produced: HashSet<TensorId>,
+    records: Vec<Record>,
+    /// The first input that carried candle's graph without being a variable (a weight cast
+    /// in the graph): the tape cannot carry its gradient, so the segment runs without it.
+    foreign: Option<String>,
+    /// Bytes of the recorded ops' outputs.
+    output_bytes: u64,
+}
+
+/// The size of a segment's recording, for the profiler.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SegmentStats {
+    /// Ops recorded.
+    pub ops: usize,
+    /// Bytes of their outputs: an upper bound on the activations the tape holds until each
+    /// op's backward has run (several are views of one buffer, and some are freed early).
+    pub output_bytes: u64,
+}
+
+thread_local! {
+    static ACTIVE: RefCell<Option<Tape>> = const { RefCell::new(None) };
+    static LAST: RefCell<Option<SegmentStats>> = const { RefCell::new(None) };
+}
+
+/// The size of the latest segment this thread recorded.
+pub fn last_segment() -> Option<SegmentStats> {
+    LAST.with(|l| *l.borrow())
+}
+
+/// Whether a segment is recording on this thread.
+pub fn recording() -> bool {
+    ACTIVE.with(|a| a.borrow().is_some())
+}
+
+/// `t` as a recorded op's forward reads it: detached inside a segment (the op goes on the
+/// tape, not into candle's graph), `t` itself outside.
+pub fn arg(t: &Tensor) -> Tensor {
+    match recording() {
+        true => t.detach(),
+        false => t.clone(),
+    }
+}
+
+impl Tape {
+    fn new(input: TensorId) -> Self {
+        Self {
+            input,
+            produced: HashSet::new(),
+            records: Vec::new(),
+            foreign: None,
+            output_bytes: 0,
+        }
+    }
+
+    fn stats(&self) -> SegmentStats {
+        SegmentStats {
+            ops: self.records.len(),
+            output_bytes: self.output_bytes,
+        }
+    }
+
+    fn slot(&mut self, t: &Tensor) -> Slot {
+        let id = t.id();
+        if id == self.input || self.produced.contains(&id) {
+            Slot::Inner(id)
+        } else if t.is_variable() {
+            Slot::Param(t.clone())
+        } else if t.track_op() {
+            self.foreign
+                .get_or_insert_with(|| format!("{:?} {:?}", t.dtype(), t.dims()));
+            Slot::Constant
+        } else {
+            Slot::Constant
+        }
+    }
+
+    /// The first parameter any op read: what the segment's node hangs on in candle's graph
+    /// when its input carries no graph (a frozen embedding under LoRA).
+    fn first_param(&self) -> Option<Tensor> {
+        self.records.iter().find_map(|r| {
+            r.inputs.iter().find_map(|s| match s {
+                Slot::Param(p) => Some(p.clone()),
+                _ => None,
+            })
+        })
+    }
+
+    /// Runs the recorded backwards from `grad`, the gradient of `root`, in reverse order:
+    /// `(gradient of the segment's input, (parameter, gradient) pairs)`.
+    fn backward(mut self, root: TensorId, grad: Tensor) -> Result<(Option<Tensor>, ParamGrads)> {
+        let mut grads = HashMap::from([(root, grad)]);
+        let mut params = Vec::new();
+        while let Some(rec) = self.records.pop() {
+            // An output nothing downstream read has no gradient, and its op none to give.
+            let Some(g) = grads.remove(&rec.output) else {
+                continue;
+            };
+            let wants: Vec<bool> = rec.inputs.iter().map(Slot::wants).collect();
+            let got = (rec.backward)(g, &wants)?;
+            if got.len() != rec.inputs.len() {
+                candle_core::bail!(
+                    "tape: a backward gave {} gradients for {} inputs",
+                    got.len(),
+                    rec.inputs.len()
+                );
+            }
+            for (slot, g) in rec.inputs.into_iter().zip(got) {
+                let Some(g) = g else { continue };
+                match slot {
+                    Slot::Inner(id) => match grads.entry(id) {
+                        Entry::Vacant(e) => {
+                            e.insert(g);
+                        }
+                        Entry::Occupied(mut e) => {
+                            let sum = e.get().add(&g)?;
+                            e.insert(sum);
+                        }
+                    },
+                    Slot::Param(p) => params.push((p, g)),
+                    Slot::Constant => {}
+                }
+            }
+        }
+        Ok((grads.remove(&self.input), params))
+    }
+}
+
+/// Records that `output` was computed from `inputs` (each detached by [`arg`] before the
+/// computation), with its backward: given the output's gradient and which inputs want one,
+/// a gradient per input. Does nothing outside a segment.
+pub fn record(
+    inputs: &[&Tensor],
+    output: &Tensor,
+    backward: impl FnOnce(Tensor, &[bool]) -> Result<Grads> + Send + 'static,
+) -> Result<()> {
+    ACTIVE.with(|a| {
+        let mut a = a.borrow_mut();
+        let Some(tape) = a.as_mut() else {
+            return Ok(());
+        };
+        if output.track_op() {
+            candle_core::bail!(
+                "tape: a recorded op's output {:?} is in candle's graph (an input was not detached)",
+                output.dims()
+            );
+        }
+        let inputs = inputs.iter().map(|t| tape.slot(t)).collect();
+        tape.produced.insert(output.id());
+        tape.output_bytes += (output.elem_count() * output.dtype().size_in_bytes()) as u64;
+        tape.records.push(Record {
+            inputs,
+            output: output.id(),
+            backward: Box::new(backward),
+        });
+        Ok(())
+    })
+}
+
+/// Which of `inputs` want a gradient on the current tape (all of them outside one).
+fn wanted(inputs: &[&Tensor]) -> Vec<bool> {
+    ACTIVE.with(|a| match a.borrow_mut().as_mut() {
+        Some(tape) => inputs.iter().map(|t| tape.slot(t).wants()).collect(),
+        None => vec![true; inputs.len()],
+    })
+}
+
+/// Runs `f` with this thread's tape set aside: the candle ops in it build candle's graph.
+fn suspended<R>(f: impl FnOnce() -> R) -> R {
+    let tape = ACTIVE.with(|a| a.borrow_mut().take());
+    let r = f();
+    ACTIVE.with(|a| *a.borrow_mut() = tape);
+    r
+}
+
+/// `a + b`, the residual add: its backward hands the one gradient to both, without a copy.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !recording() {
+        return a + b;
+    }
+    let y = (a.detach() + b.detach())?;
+    record(&[a, b], &y, |g, _| Ok(vec![Some(g.clone()), Some(g)]))?;
+    Ok(y)
+}
+
+/// A custom op of one input: `args` are `orig` as the op reads it (from [`arg`], made
+/// contiguous or aligned as the op needs). Its backward is the op's own.
+pub fn op1<C: CustomOp1 + Send + Sync + 'static>(
+    orig: &Tensor,
+    arg: Tensor,
+    op: C,
+) -> Result<Tensor> {
+    if !recording() {
+        return arg.apply_op1(op);
+    }
+    let y = arg.apply_op1_no_bwd(&op)?;
+    let saved = y.clone();
+    record(&[orig], &y, move |g, _| Ok(vec![op.bwd(&arg, &saved, &g)?]))?;
+    Ok(y)
+}
+
+/// A custom op of two inputs (see [`op1`]), with its own backward.
+pub fn op2<C: CustomOp2 + Send + Sync + 'static>(
+    orig: [&Tensor; 2],
+    args: [Tensor; 2],
+    op: C,
+) -> Result<Tensor> {
+    if !recording() {
+        let [a, b] = args;
+        return a.apply_op2(&b, op);
+    }
+    let y = args[0].apply_op2_no_bwd(&args[1], &op)?;
+    let saved = y.clone();
+    record(&orig, &y, move |g, _| {
+        let (ga, gb) = op.bwd(&args[0], &args[1], &saved, &g)?;
+        Ok(vec![ga, gb])
+    })?;
+    Ok(y)
+}
+
+/// [`op2`] with a backward of its own, `(op, args, dy, wants)`, that does not read the
+/// output: the tape does not keep it (a GEMM's output is often only its consumer's input,
+/// and the consumer may not need it either).
+pub fn op2_with<C, B>(orig: [&Tensor; 2], args: [Tensor; 2], op: C, backward: B) -> Result<Tensor>
+where
+    C: CustomOp2 + Send + Sync + 'static,
+    B: FnOnce(&C, &[Tensor; 2], Tensor, &[bool]) -> Result<Grads> + Send + 'static,
+{
+    if !recording() {
+        let [a, b] = args;
+        return a.apply_op2(&b, op);
+    }
+    let y = args[0].apply_op2_no_bwd(&args[1], &op)?;
+    record(&orig, &y, move |g, wants| backward(&op, &args, g, wants))?;
+    Ok(y)
+}
+
+/// A custom op of three inputs (see [`op1`]), with its own backward.
+pub fn op3<C: CustomOp3 + Send + Sync + 'static>(
+    orig: [&Tensor; 3],
+    args: [Tensor; 3],
+    op: C,
+) -> Result<Tensor> {
+    if !recording() {
+        let [a, b, c] = args;
+        return a.apply_op3(&b, &c, op);
+    }
+    let y = args[0].apply_op3_no_bwd(&args[1], &args[2], &op)?;
+    let saved = y.clone();
+    record(&orig, &y, move |g, _| {
+        let (ga, gb, gc) = op.bwd(&args[0], &args[1], &args[2], &saved, &g)?;
+        Ok(vec![ga, gb, gc])
+    })?;
+    Ok(y)
+}
+
+/// [`op3`] with a backward of its own that does not read the output (see [`op2_with`]).
+pub fn op3_with<C, B>(orig: [&Tensor; 3], args: [Tensor; 3], op: C, backward: B) -> Result<Tensor>
+where
+    C: CustomOp3 + Send + Sync + 'static,
+    B: FnOnce(&C, &[Tensor; 3], Tensor, &[bool]) -> Result<Grads> + Send + 'static,
+{
+    if !recording() {
+        let [a, b, c] = args;
+        return a.apply_op3(&b, &c, op);
+    }
+    let y = args[0].apply_op3_no_bwd(&args[1], &args[2], &op)?;
+    record(&orig, &y, move |g, wants| backward(&op, &args, g, wants))?;
+    Ok(y)
+}
+
+/// `f(inputs)` for a composite of candle ops (a reference path). Inside a segment it runs on
+/// copies of the inputs made candle variables, so candle's autograd differentiates it when
+/// the tape's backward reaches it; the tape sees one op. Outside, `f` on the inputs.
+pub fn island(inputs: &[&Tensor], f: impl FnOnce(&[Tensor]) -> Result<Tensor>) -> Result<Tensor> {
+    if !recording() {
+        let args: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
+        return f(&args);
+    }
+    let wants = wanted(inputs);
+    let vars = inputs
+        .iter()
+        .zip(&wants)
+        .map(|(t, w)| match w {
+            true => Ok(Var::from_tensor(&t.detach())?.as_tensor().clone()),
+            false => Ok(t.detach()),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let y = suspended(|| f(&vars))?;
+    let out = y.detach();
+    record(inputs, &out, move |g, wants| {
+        if !y.track_op() {
+            return Ok(vec![None; vars.len()]);
+        }
+        let g = g.to_dtype(y.dtype())?;
+        let grads = (&y * &g)?.backward()?;
+        Ok(vars
+            .iter()
+            .zip(wants)
+            .map(|(v, w)| if *w { grads.get(v).cloned() } else { None })
+            .collect())
+    })?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;
