@@ -15,6 +15,8 @@
 //! - `layernorm` (`kernels/layernorm.cu`): one column, 768 and 1031 columns, one and many rows,
 //!   f32, bf16 and f16, the output and all three gradients; the weight gradients
 //!   bit-identical on two runs.
+//!   The residual add fused into it (`add_fused`, on a block tape): the norm bit for bit the
+//!   unfused kernel's on the rounded sum, and the gradients of x, the residual, w and b.
 //! - `gelu` (`kernels/gelu.cu`): one element, an odd count and a GPT-2 MLP activation of
 //!   3 x 1021 x 3072, f32, bf16 and f16, the output and its gradient.
 //! - `swiglu` (`kernels/swiglu.cu`): one element, an odd count and a Llama MLP activation of
@@ -312,6 +314,7 @@ mod embedding {
 }
 
 gpu_test!(layernorm::layernorm_kernel_matches_reference);
+gpu_test!(layernorm::add_fused_matches_the_add_then_the_reference);
 
 #[cfg(feature = "cuda")]
 mod layernorm {
@@ -359,6 +362,64 @@ mod layernorm {
                     "{}",
                     what("dw differs between runs")
                 );
+            }
+        }
+    }
+
+    /// The residual add fused into LayerNorm on a block tape (`add_fused`): its norm is the
+    /// unfused kernel's on the rounded sum, bit for bit, and the gradients of x, the residual,
+    /// w and b (through both outputs: the sum goes on in the residual stream) are those of
+    /// candle's add and the reference norm.
+    pub fn add_fused_matches_the_add_then_the_reference(dev: &Device) {
+        use temper::kernels::layernorm::add_fused;
+        let (mut rng, seed) = Rng::fresh(0xadd1);
+        for &(rows, cols) in &[(1usize, 768usize), (513, 768), (7, 1031), (33, 1)] {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let t = |n: usize, lo: f32, hi: f32, shape: &[usize], rng: &mut Rng| {
+                    Tensor::from_vec(rng.vec(n, lo, hi), shape, dev).unwrap()
+                };
+                let act = |rng: &mut Rng| {
+                    let v = t(rows * cols, -3.0, 3.0, &[rows, cols], rng);
+                    Var::from_tensor(&v.to_dtype(dtype).unwrap()).unwrap()
+                };
+                let (x, r) = (act(&mut rng), act(&mut rng));
+                let w = Var::from_tensor(&t(cols, 0.5, 1.5, &[cols], &mut rng)).unwrap();
+                let b = Var::from_tensor(&t(cols, -0.5, 0.5, &[cols], &mut rng)).unwrap();
+                let dy = t(rows * cols, -1.0, 1.0, &[rows, cols], &mut rng)
+                    .to_dtype(dtype)
+                    .unwrap();
+                let (wt, bt, rt) = (w.as_tensor(), b.as_tensor(), r.as_tensor());
+                let taped = temper::tape::segment(x.as_tensor(), |x| {
+                    let (s, n) = add_fused(x, rt, wt, bt, 1e-5)?;
+                    Ok(temper::tape::add(&s, &n)?)
+                })
+                .unwrap();
+                let sum = (x.as_tensor() + rt).unwrap();
+                let apart = (&sum + reference(&sum, wt, bt, 1e-5).unwrap()).unwrap();
+                let grads = |y: &Tensor| {
+                    let loss = (y * &dy).unwrap().sum_all().unwrap();
+                    let g = temper::tape::backward(&loss).unwrap();
+                    let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+                    [get(&x), get(&r), get(&w), get(&b)]
+                };
+                let what = |s: &str| format!("seed {seed:#x} {rows}x{cols} {dtype:?} {s}");
+                assert_close(&what("y"), &taped, &apart, tol(dtype), elem_tol(dtype));
+                let unfused = fused(&sum, wt, bt, 1e-5).unwrap();
+                let exact = (&sum + &unfused).unwrap();
+                assert_eq!(
+                    host(&taped),
+                    host(&exact),
+                    "{}",
+                    what("the fused norm is not the unfused kernel's")
+                );
+                for (name, a, b) in ["dx", "dr", "dw", "db"]
+                    .into_iter()
+                    .zip(grads(&taped))
+                    .zip(grads(&apart))
+                    .map(|((n, a), b)| (n, a, b))
+                {
+                    assert_close(&what(name), &a, &b, tol(dtype), grad_tol(dtype));
+                }
             }
         }
     }

@@ -96,7 +96,11 @@ pub fn reference(x: &Tensor, mask: &Mask) -> Result<Tensor> {
 /// The fused op on any device, differentiable in `x`.
 pub fn fused(x: &Tensor, mask: Mask) -> Result<Tensor> {
     spans::timed(KernelOp::Dropout, Pass::Forward, x.device(), || {
-        tape::op1(x, tape::arg(x).contiguous()?, Dropout(mask))
+        let arg = tape::arg(x).contiguous()?;
+        let dtype = arg.dtype();
+        // On the tape the backward keeps neither the input nor the output: it is the mask
+        // over the gradient.
+        tape::op1_with(x, arg, Dropout(mask), move |op, g| op.back(&g, dtype))
     })
 }
 
@@ -131,9 +135,16 @@ impl CustomOp1 for Dropout {
 
     /// dL/dx = dL/dy on the kept elements, times the scale: the forward's pass over dy.
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        spans::timed(KernelOp::Dropout, Pass::Backward, x.device(), || {
-            let g = grad.to_dtype(x.dtype())?.contiguous()?;
-            g.apply_op1_no_bwd(&Dropout(self.0)).map(Some)
+        self.back(grad, x.dtype()).map(Some)
+    }
+}
+
+impl Dropout {
+    /// The gradient of an input of `dtype`: the same mask over the output's gradient.
+    fn back(&self, grad: &Tensor, dtype: DType) -> Result<Tensor> {
+        spans::timed(KernelOp::Dropout, Pass::Backward, grad.device(), || {
+            let g = grad.to_dtype(dtype)?.contiguous()?;
+            g.apply_op1_no_bwd(self)
         })
     }
 }

@@ -77,19 +77,13 @@ pub fn merge_reference(y: &Tensor) -> Result<Tensor> {
 /// own output: a reshape after it would be another autograd node), differentiable.
 pub fn fused(y: &Tensor, (b, p, q, d): (usize, usize, usize, usize), flat: bool) -> Result<Tensor> {
     spans::timed(KernelOp::Heads, Pass::Forward, y.device(), || {
-        let op = Swap { b, p, q, d, flat };
         let arg = tape::arg(y).contiguous()?;
-        if !tape::recording() {
-            return arg.apply_op1(op);
-        }
+        let (dtype, shape) = (arg.dtype(), arg.shape().clone());
         // On the tape the backward keeps neither the input nor the output: it is the inverse
         // copy of the gradient.
-        let out = arg.apply_op1_no_bwd(&op)?;
-        let (dtype, shape) = (arg.dtype(), arg.shape().clone());
-        tape::record(&[y], &out, move |g, _| {
-            Ok(vec![Some(op.back(&g, dtype, &shape)?)])
-        })?;
-        Ok(out)
+        tape::op1_with(y, arg, Swap { b, p, q, d, flat }, move |op, g| {
+            op.back(&g, dtype, &shape)
+        })
     })
 }
 

@@ -27,18 +27,28 @@ pub fn layer_norm(
     eps: f64,
     choice: KernelChoice,
 ) -> Result<Tensor> {
-    if choice == KernelChoice::Custom && x.device().is_cuda() {
-        if matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-            // A frozen base may store its norm in bf16; the kernel reads f32 (a no-op cast
-            // for the master weights).
-            return fused(x, &w.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?, eps);
-        }
+    if fuses(x, choice) {
+        // A frozen base may store its norm in bf16; the kernel reads f32 (a no-op cast for
+        // the master weights).
+        return fused(x, &w.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?, eps);
+    }
+    crate::tape::island(&[x, w, b], |t| reference(&t[0], &t[1], &t[2], eps))
+}
+
+/// Whether our kernel serves `x` under `choice`: on CUDA, for f32, bf16 and f16 (it warns once
+/// where it cannot).
+pub fn fuses(x: &Tensor, choice: KernelChoice) -> bool {
+    if choice != KernelChoice::Custom || !x.device().is_cuda() {
+        return false;
+    }
+    let ok = matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16);
+    if !ok {
         warn_fallback(
             "layernorm",
             &format!("no kernel for {:?} inputs", x.dtype()),
         );
     }
-    crate::tape::island(&[x, w, b], |t| reference(&t[0], &t[1], &t[2], eps))
+    ok
 }
 
 /// candle's composite, differentiable in all three.
@@ -63,6 +73,14 @@ pub fn fused(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
         let arg = |t: &Tensor| tape::arg(t).contiguous();
         tape::op3([x, w, b], [arg(x)?, arg(w)?, arg(b)?], LayerNorm::new(eps))
     })
+}
+
+/// A CPU storage, for an op that reads a tensor it holds (a residual, a gradient).
+fn cpu(s: &candle_core::Storage) -> Result<&CpuStorage> {
+    match s {
+        candle_core::Storage::Cpu(c) => Ok(c),
+        _ => candle_core::bail!("layer_norm: a CPU op was handed a tensor on another device"),
+    }
 }
 
 fn check(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<()> {
@@ -121,6 +139,9 @@ struct LayerNorm {
     eps: f32,
     /// `(mean, rstd)`, f32 `[rows]` each, written by the forward for the backward.
     stats: Mutex<Option<(Tensor, Tensor)>>,
+    /// Added to x before the norm ([`add_fused`]): the output is then `[2, ...]`, the sum
+    /// and its norm.
+    residual: Option<Tensor>,
 }
 
 impl LayerNorm {
@@ -128,19 +149,135 @@ impl LayerNorm {
         Self {
             eps: eps as f32,
             stats: Mutex::new(None),
+            residual: None,
         }
+    }
+
+    /// x's shape, or `[2, ...]` of it with a residual (the sum, then the norm).
+    fn out_shape(&self, lx: &Layout) -> Shape {
+        match self.residual {
+            Some(_) => Shape::from([&[2][..], lx.dims()].concat()),
+            None => lx.shape().clone(),
+        }
+    }
+
+    /// `(dx, dw, db)` for `dy` after the forward, `x` the normalised input (the sum, with a
+    /// residual); `ds` is added to dx.
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        ds: Option<Tensor>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        spans::timed(KernelOp::LayerNorm, Pass::Backward, x.device(), || {
+            let saved = self
+                .stats
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            // candle runs the forward of every op it differentiates, so the stats are there.
+            let Some((mean, rstd)) = saved else {
+                candle_core::bail!("layer_norm: backward before its forward");
+            };
+            let ds = match ds {
+                Some(d) => Some(d.to_dtype(x.dtype())?.contiguous()?),
+                None => None,
+            };
+            let op = LayerNormBwd {
+                mean,
+                rstd,
+                ds,
+                dwdb: Mutex::new(None),
+            };
+            let dy = dy.to_dtype(x.dtype())?.contiguous()?;
+            let dx = x.apply_op3_no_bwd(w, &dy, &op)?;
+            let dwdb = op
+                .dwdb
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            let Some((dw, db)) = dwdb else {
+                candle_core::bail!("layer_norm backward: no weight gradient");
+            };
+            Ok((dx, dw, db))
+        })
     }
 }
 
-/// `(y, mean, rstd)` in the kernel's order of operations.
+/// `(x + r, LayerNorm(x + r))` for a block tape (`crate::tape`): the residual stream's add
+/// fused into the norm that reads it, one pass over the rows each way (the backward adds
+/// the stream's own gradient to the norm's dx in the same pass). A candle op returns one
+/// tensor, so outside a tape this is the add and [`fused`], two ops. `x` and `r` of one
+/// shape and dtype, `w` and `b` f32 `[C]`.
+pub fn add_fused(
+    x: &Tensor,
+    r: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    if !tape::recording() {
+        let s = (x + r)?;
+        let n = fused(&s, w, b, eps)?;
+        return Ok((s, n));
+    }
+    spans::timed(KernelOp::LayerNorm, Pass::Forward, x.device(), || {
+        check(x, w, b)?;
+        if r.shape() != x.shape() || r.dtype() != x.dtype() {
+            candle_core::bail!(
+                "layer_norm: residual {:?} {:?} for x {:?} {:?}",
+                r.dims(),
+                r.dtype(),
+                x.dims(),
+                x.dtype()
+            );
+        }
+        let arg = |t: &Tensor| tape::arg(t).contiguous();
+        let (xa, wa, ba) = (arg(x)?, arg(w)?, arg(b)?);
+        let mut op = LayerNorm {
+            residual: Some(arg(r)?),
+            ..LayerNorm::new(eps)
+        };
+        let both = xa.apply_op3_no_bwd(&wa, &ba, &op)?;
+        // The backward reads the sum and the statistics, not the residual.
+        op.residual = None;
+        let (s, n) = (both.get(0)?, both.get(1)?);
+        let sum = s.clone();
+        tape::record_multi(&[x, r, w, b], &[&s, &n], move |mut g, _| {
+            let (gn, gs) = (g.pop().flatten(), g.pop().flatten());
+            let Some(gn) = gn else {
+                // Only the sum was read on: its gradient is both inputs'.
+                return Ok(vec![gs.clone(), gs, None, None]);
+            };
+            let (dsum, dw, db) = op.grads(&sum, &wa, &gn, gs)?;
+            Ok(vec![Some(dsum.clone()), Some(dsum), Some(dw), Some(db)])
+        })?;
+        Ok((s, n))
+    })
+}
+
+/// `(y, mean, rstd)` in the kernel's order of operations; with a residual `r`, y is the sum
+/// `x + r` (rounded to `T`, as a separate add rounds it) followed by its norm.
 fn cpu_forward<T: WithDType>(
     x: &[T],
+    r: Option<&[T]>,
     w: &[f32],
     b: &[f32],
     cols: usize,
     eps: f32,
 ) -> (Vec<T>, Vec<f32>, Vec<f32>) {
-    let mut y = Vec::with_capacity(x.len());
+    let mut y = Vec::with_capacity(x.len() * (1 + r.is_some() as usize));
+    if let Some(r) = r {
+        let f = |v: &T| v.to_f64() as f32;
+        y.extend(
+            x.iter()
+                .zip(r)
+                .map(|(a, b)| T::from_f64((f(a) + f(b)) as f64)),
+        );
+    }
+    let sum = y.clone();
+    let x = if r.is_some() { &sum[..] } else { x };
     let (mut means, mut rstds) = (vec![], vec![]);
     for row in x.chunks(cols.max(1)) {
         let xf: Vec<f32> = row.iter().map(|v| v.to_f64() as f32).collect();
@@ -154,11 +291,12 @@ fn cpu_forward<T: WithDType>(
     (y, means, rstds)
 }
 
-/// `(dx, dw, db)`; dw and db summed over rows in order.
+/// `(dx, dw, db)`; dw and db summed over rows in order; `ds` added to dx in f32.
 fn cpu_backward<T: WithDType>(
     x: &[T],
     w: &[f32],
     dy: &[T],
+    ds: Option<&[T]>,
     (mean, rstd): (&[f32], &[f32]),
     cols: usize,
 ) -> (Vec<T>, Vec<f32>, Vec<f32>) {
@@ -176,8 +314,9 @@ fn cpu_backward<T: WithDType>(
         let ma = (0..cols).map(|c| g[c] * w[c]).sum::<f32>() / cols as f32;
         let mb = (0..cols).map(|c| g[c] * w[c] * xhat[c]).sum::<f32>() / cols as f32;
         for c in 0..cols {
+            let extra = ds.map_or(0.0, |d| d[r * cols + c].to_f64() as f32);
             dx.push(T::from_f64(
-                (rstd[r] * (g[c] * w[c] - ma - xhat[c] * mb)) as f64,
+                (rstd[r] * (g[c] * w[c] - ma - xhat[c] * mb) + extra) as f64,
             ));
             dw[c] += g[c] * xhat[c];
             db[c] += g[c];
@@ -202,24 +341,33 @@ impl CustomOp3 for LayerNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, cols) = rows_cols(lx)?;
         let (w, b) = (slice::<f32>(sw, lw)?, slice::<f32>(sb, lb)?);
+        let res = self.residual.as_ref().map(|r| r.storage_and_layout());
+        let res = match &res {
+            Some((s, l)) => Some((cpu(s)?, *l)),
+            None => None,
+        };
+        let eps = self.eps;
         let (y, mean, rstd) = match sx.dtype() {
             DType::F32 => {
-                let (y, m, r) = cpu_forward(slice::<f32>(sx, lx)?, w, b, cols, self.eps);
+                let r = res.map(|(s, l)| slice::<f32>(s, l)).transpose()?;
+                let (y, m, r) = cpu_forward(slice::<f32>(sx, lx)?, r, w, b, cols, eps);
                 (CpuStorage::F32(y), m, r)
             }
             DType::BF16 => {
-                let (y, m, r) = cpu_forward(slice::<half::bf16>(sx, lx)?, w, b, cols, self.eps);
+                let r = res.map(|(s, l)| slice::<half::bf16>(s, l)).transpose()?;
+                let (y, m, r) = cpu_forward(slice::<half::bf16>(sx, lx)?, r, w, b, cols, eps);
                 (CpuStorage::BF16(y), m, r)
             }
             DType::F16 => {
-                let (y, m, r) = cpu_forward(slice::<half::f16>(sx, lx)?, w, b, cols, self.eps);
+                let r = res.map(|(s, l)| slice::<half::f16>(s, l)).transpose()?;
+                let (y, m, r) = cpu_forward(slice::<half::f16>(sx, lx)?, r, w, b, cols, eps);
                 (CpuStorage::F16(y), m, r)
             }
             dt => candle_core::bail!("layer_norm: unsupported dtype {dt:?}"),
         };
         let t = |v: Vec<f32>| Tensor::from_vec(v, rows, &Device::Cpu);
         *self.stats.lock().unwrap_or_else(PoisonError::into_inner) = Some((t(mean)?, t(rstd)?));
-        Ok((y, lx.shape().clone()))
+        Ok((y, self.out_shape(lx)))
     }
 
     #[cfg(feature = "cuda")]
@@ -232,10 +380,15 @@ impl CustomOp3 for LayerNorm {
         sb: &candle_core::CudaStorage,
         lb: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let res = self.residual.as_ref().map(|r| r.storage_and_layout());
+        let res = match &res {
+            Some((s, l)) => Some((super::cuda::cuda_storage(s)?, *l)),
+            None => None,
+        };
         let (y, mean, rstd) =
-            super::cuda::layernorm::forward((sx, lx), (sw, lw), (sb, lb), self.eps)?;
+            super::cuda::layernorm::forward((sx, lx), res, (sw, lw), (sb, lb), self.eps)?;
         *self.stats.lock().unwrap_or_else(PoisonError::into_inner) = Some((mean, rstd));
-        Ok((y, lx.shape().clone()))
+        Ok((y, self.out_shape(lx)))
     }
 
     fn bwd(
@@ -246,39 +399,17 @@ impl CustomOp3 for LayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        spans::timed(KernelOp::LayerNorm, Pass::Backward, x.device(), || {
-            let saved = self
-                .stats
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone();
-            // candle runs the forward of every op it differentiates, so the stats are there.
-            let Some((mean, rstd)) = saved else {
-                candle_core::bail!("layer_norm: backward before its forward");
-            };
-            let op = LayerNormBwd {
-                mean,
-                rstd,
-                dwdb: Mutex::new(None),
-            };
-            let dx = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
-            let dwdb = op
-                .dwdb
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
-            let Some((dw, db)) = dwdb else {
-                candle_core::bail!("layer_norm backward: no weight gradient");
-            };
-            Ok((Some(dx), Some(dw), Some(db)))
-        })
+        let (dx, dw, db) = self.grads(x, w, grad, None)?;
+        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
-/// Backward of [`LayerNorm`]: `(x, w, dy) -> dx`, with `(dw, db)` left in `dwdb`.
+/// Backward of [`LayerNorm`]: `(x, w, dy) -> dx` (plus `ds`, where set), with `(dw, db)` left
+/// in `dwdb`.
 struct LayerNormBwd {
     mean: Tensor,
     rstd: Tensor,
+    ds: Option<Tensor>,
     dwdb: Mutex<Option<(Tensor, Tensor)>>,
 }
 
@@ -301,20 +432,28 @@ impl CustomOp3 for LayerNormBwd {
         let mean = self.mean.to_vec1::<f32>()?;
         let rstd = self.rstd.to_vec1::<f32>()?;
         let stats = (mean.as_slice(), rstd.as_slice());
+        let ds = self.ds.as_ref().map(|d| d.storage_and_layout());
+        let ds = match &ds {
+            Some((s, l)) => Some((cpu(s)?, *l)),
+            None => None,
+        };
         let (dx, dw, db) = match sx.dtype() {
             DType::F32 => {
+                let d = ds.map(|(s, l)| slice::<f32>(s, l)).transpose()?;
                 let (dx, dw, db) =
-                    cpu_backward(slice::<f32>(sx, lx)?, w, slice(sg, lg)?, stats, cols);
+                    cpu_backward(slice::<f32>(sx, lx)?, w, slice(sg, lg)?, d, stats, cols);
                 (CpuStorage::F32(dx), dw, db)
             }
             DType::BF16 => {
-                let (dx, dw, db) =
-                    cpu_backward(slice::<half::bf16>(sx, lx)?, w, slice(sg, lg)?, stats, cols);
+                let d = ds.map(|(s, l)| slice::<half::bf16>(s, l)).transpose()?;
+                let x = slice::<half::bf16>(sx, lx)?;
+                let (dx, dw, db) = cpu_backward(x, w, slice(sg, lg)?, d, stats, cols);
                 (CpuStorage::BF16(dx), dw, db)
             }
             DType::F16 => {
-                let (dx, dw, db) =
-                    cpu_backward(slice::<half::f16>(sx, lx)?, w, slice(sg, lg)?, stats, cols);
+                let d = ds.map(|(s, l)| slice::<half::f16>(s, l)).transpose()?;
+                let x = slice::<half::f16>(sx, lx)?;
+                let (dx, dw, db) = cpu_backward(x, w, slice(sg, lg)?, d, stats, cols);
                 (CpuStorage::F16(dx), dw, db)
             }
             dt => candle_core::bail!("layer_norm backward: unsupported dtype {dt:?}"),
@@ -334,10 +473,16 @@ impl CustomOp3 for LayerNormBwd {
         sg: &candle_core::CudaStorage,
         lg: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let ds = self.ds.as_ref().map(|d| d.storage_and_layout());
+        let ds = match &ds {
+            Some((s, l)) => Some((super::cuda::cuda_storage(s)?, *l)),
+            None => None,
+        };
         let (dx, dw, db) = super::cuda::layernorm::backward(
             (sx, lx),
             (sw, lw),
             (sg, lg),
+            ds,
             (&self.mean, &self.rstd),
         )?;
         *self.dwdb.lock().unwrap_or_else(PoisonError::into_inner) = Some((dw, db));
@@ -350,6 +495,38 @@ mod tests {
     use super::super::host::testing::max_abs;
     use super::*;
     use candle_core::Var;
+
+    /// On a block tape the fused add and norm is the add, then the norm, bit for bit (the sum
+    /// rounded to the dtype before its statistics), in f32 and bf16.
+    #[test]
+    fn add_fused_is_the_add_then_the_norm() {
+        let dev = Device::Cpu;
+        let (rows, cols) = (5, 13);
+        for dtype in [DType::F32, DType::BF16] {
+            let mk = |k: usize| {
+                let v: Vec<f32> = (0..rows * cols)
+                    .map(|i| ((i * k % 23) as f32 - 11.0) * 0.37)
+                    .collect();
+                Tensor::from_vec(v, (rows, cols), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let (x, r) = (Var::from_tensor(&mk(7)).unwrap(), mk(5));
+            let w: Vec<f32> = (0..cols).map(|i| 1.0 + i as f32 * 0.05).collect();
+            let w = Tensor::from_vec(w, cols, &dev).unwrap();
+            let b = (&w * 0.1).unwrap();
+            let taped =
+                crate::tape::segment(x.as_tensor(), |x| Ok(add_fused(x, &r, &w, &b, 1e-5)?.1))
+                    .unwrap();
+            let apart = fused(&(x.as_tensor() + &r).unwrap(), &w, &b, 1e-5).unwrap();
+            let bits = |t: &Tensor| -> Vec<f32> {
+                let t = t.to_dtype(DType::F32).unwrap();
+                t.flatten_all().unwrap().to_vec1().unwrap()
+            };
+            assert_eq!(bits(&taped), bits(&apart), "{dtype:?}");
+        }
+    }
 
     /// The direct backward gives autograd's gradients (the same op, without a graph), with
     /// autograd seeded through `y * dy` as benches/train_ops.rs drives the reference.

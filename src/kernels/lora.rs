@@ -44,20 +44,49 @@ pub fn lora_linear(x: &Tensor, args: &LoraArgs, choice: KernelChoice) -> Result<
     reference_recorded(x, x, args)
 }
 
-/// [`lora_linear_reference`] as one op of a block tape (`crate::tape`).
+/// [`lora_linear_reference`] as one op of a block tape (`crate::tape`), its backward the
+/// GEMMs written out: it keeps x, the adapter's input and its `[rows, r]` down projection.
 pub fn reference_recorded(x: &Tensor, x_lora: &Tensor, args: &LoraArgs) -> Result<Tensor> {
+    if !crate::tape::recording() {
+        return lora_linear_reference(x, x_lora, args);
+    }
+    let (xa, xl) = (x.detach(), x_lora.detach());
+    let (w, a, b) = (args.w.detach(), args.a.detach(), args.b.detach());
+    let bias = args.bias.map(Tensor::detach);
+    let scale = args.scale;
+    let lin = super::gemm::reference;
+    let mut base = lin(&xa, &w)?;
+    if let Some(bb) = &bias {
+        base = base.broadcast_add(bb)?;
+    }
+    let down = lin(&xl, &a)?;
+    let y = (base + (lin(&down, &b)? * scale)?)?;
     let mut inputs = vec![x, x_lora, args.w, args.a, args.b];
     inputs.extend(args.bias);
-    crate::tape::island(&inputs, |t| {
-        let args = LoraArgs {
-            w: &t[2],
-            bias: t.get(5),
-            a: &t[3],
-            b: &t[4],
-            scale: args.scale,
+    crate::tape::record(&inputs, &y, move |g, want| {
+        let ((n, k), r) = (w.dims2()?, a.dim(0)?);
+        let rows = g.elem_count() / n.max(1);
+        let g = g.to_dtype(xa.dtype())?.reshape((rows, n))?;
+        let flat = |t: &Tensor, cols: usize| t.reshape((rows, cols));
+        // The gradient of the down projection, scaled as the up projection's output was.
+        let gd = (g.matmul(&b)? * scale)?;
+        let pick = |i: usize, f: &dyn Fn() -> Result<Tensor>| match want.get(i) {
+            Some(true) => f().map(Some),
+            _ => Ok(None),
         };
-        lora_linear_reference(&t[0], &t[1], &args)
-    })
+        Ok(vec![
+            pick(0, &|| g.matmul(&w)?.reshape(xa.shape()))?,
+            pick(1, &|| gd.matmul(&a)?.reshape(xl.shape()))?,
+            pick(2, &|| g.t()?.matmul(&flat(&xa, k)?))?,
+            pick(3, &|| gd.t()?.matmul(&flat(&xl, k)?))?,
+            pick(4, &|| g.t()?.matmul(&flat(&down, r)?)? * scale)?,
+            pick(5, &|| g.sum(0))?,
+        ]
+        .into_iter()
+        .take(want.len())
+        .collect())
+    })?;
+    Ok(y)
 }
 
 /// `x_lora` is the input of the adapter branch: `x` itself, or `x` after LoRA dropout.

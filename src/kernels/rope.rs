@@ -68,11 +68,21 @@ pub fn fused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
             );
         }
         let arg = |t: &Tensor| tape::arg(t).contiguous();
-        tape::op3(
-            [x, cos, sin],
-            [arg(x)?, arg(cos)?, arg(sin)?],
-            Rope { inverse: false },
-        )
+        let (xa, ca, sa) = (arg(x)?, arg(cos)?, arg(sin)?);
+        let op = Rope { inverse: false };
+        if !tape::recording() {
+            return xa.apply_op3(&ca, &sa, op);
+        }
+        // On the tape the backward keeps only the tables: it is the inverse rotation.
+        let y = xa.apply_op3_no_bwd(&ca, &sa, &op)?;
+        let dtype = xa.dtype();
+        tape::record(&[x, cos, sin], &y, move |g, _| {
+            let dx = spans::timed(KernelOp::Rope, Pass::Backward, g.device(), || {
+                backward(&g.to_dtype(dtype)?, &ca, &sa)
+            })?;
+            Ok(vec![Some(dx), None, None])
+        })?;
+        Ok(y)
     })
 }
 

@@ -1,5 +1,7 @@
 //! One transformer block, pre-norm: `x + attn(norm(x))`, then `x + mlp(norm(x))`, with
-//! dropout on each branch's output in training.
+//! dropout on each branch's output in training. Each residual add is done by the norm that
+//! reads the sum (the MLP's by the next block's first norm, or the final norm), so that it can
+//! be fused with it.
 
 use anyhow::Result;
 use candle_core::Tensor;
@@ -11,7 +13,6 @@ use super::mlp::Mlp;
 use super::norm::Norm;
 use crate::config::LoraConfig;
 use crate::config::ModelConfig;
-use crate::tape;
 use crate::train::params::Scope;
 use crate::train::rng::splitmix64;
 
@@ -48,22 +49,27 @@ impl Block {
         })
     }
 
+    /// `x` is the residual stream and `branch` the previous block's MLP output, not yet added
+    /// to it (`None` for the first block): each add is left to the norm that reads the sum
+    /// next, which fuses it where it can (`Norm::forward_add`). Returns the stream and this
+    /// block's MLP output, for the next norm to add.
     pub fn forward(
         &self,
         x: &Tensor,
+        branch: Option<&Tensor>,
         ctx: &Ctx,
         inp: &AttnInputs,
         cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor)> {
         let i = self.index as u64;
-        let a = self.attn_norm.forward(x, ctx)?;
+        let (x, a) = self.attn_norm.forward_add(x, branch, ctx)?;
         let y = self
             .attn
             .forward(&a, ctx, inp, cache.map(|c| (c, self.index)))?;
-        let x = tape::add(x, &self.drop(y, ctx, 0x100 + 2 * i)?)?;
-        let m = self.mlp_norm.forward(&x, ctx)?;
+        let y = self.drop(y, ctx, 0x100 + 2 * i)?;
+        let (x, m) = self.mlp_norm.forward_add(&x, Some(&y), ctx)?;
         let y = self.mlp.forward(&m, ctx)?;
-        Ok(tape::add(&x, &self.drop(y, ctx, 0x101 + 2 * i)?)?)
+        Ok((x, self.drop(y, ctx, 0x101 + 2 * i)?))
     }
 
     fn drop(&self, y: Tensor, ctx: &Ctx, site: u64) -> Result<Tensor> {

@@ -1,12 +1,13 @@
 //! The pre-attention, pre-MLP and final norms: RMSNorm (Llama) or LayerNorm (GPT-2).
 
 use anyhow::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::linear::Ctx;
 use crate::config::{ModelConfig, NormKind};
-use crate::kernels::layernorm::layer_norm;
+use crate::kernels::layernorm::{self, layer_norm};
 use crate::kernels::rmsnorm::rms_norm;
+use crate::tape;
 use crate::train::params::{Init, Scope};
 
 pub struct Norm {
@@ -29,6 +30,35 @@ impl Norm {
             b,
             eps: cfg.rms_norm_eps,
         })
+    }
+
+    /// `(x + r, norm(x + r))`, or `(x, norm(x))` without `r`: the residual stream's add and the
+    /// norm that reads it. On a block tape with our LayerNorm kernel they are one op
+    /// ([`layernorm::add_fused`]); otherwise the add, then the norm.
+    pub fn forward_add(
+        &self,
+        x: &Tensor,
+        r: Option<&Tensor>,
+        ctx: &Ctx,
+    ) -> Result<(Tensor, Tensor)> {
+        let Some(r) = r else {
+            return Ok((x.clone(), self.forward(x, ctx)?));
+        };
+        if let Some(b) = &self.b {
+            if tape::recording() && layernorm::fuses(x, ctx.kernels.layernorm) {
+                let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+                return Ok(layernorm::add_fused(
+                    x,
+                    r,
+                    &f32(&self.w)?,
+                    &f32(b)?,
+                    self.eps,
+                )?);
+            }
+        }
+        let s = tape::add(x, r)?;
+        let n = self.forward(&s, ctx)?;
+        Ok((s, n))
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {

@@ -134,11 +134,12 @@ impl Transformer {
         inp: &AttnInputs,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let mut x = x.clone();
+        let (mut x, mut branch) = (x.clone(), None);
         for blk in &self.blocks {
-            x = blk.forward(&x, ctx, inp, cache.as_deref_mut())?;
+            let (stream, y) = blk.forward(&x, branch.as_ref(), ctx, inp, cache.as_deref_mut())?;
+            (x, branch) = (stream, Some(y));
         }
-        self.final_norm.forward(&x, ctx)
+        Ok(self.final_norm.forward_add(&x, branch.as_ref(), ctx)?.1)
     }
 
     /// Token (plus learned position) embeddings of `ids` `[B, T]`, with embedding dropout.

@@ -11,9 +11,10 @@
 //! autograd; the parameters' gradients reach candle's `GradStore` through [`backward`].
 //!
 //! An op joins the tape through [`op1`], [`op2`], [`op3`] (a custom op and its own backward),
-//! [`op2_with`] and [`op3_with`] (a custom op with a backward that must know which inputs
-//! want a gradient, such as a GEMM), [`add`], [`record`] (an op with a hand-written
-//! backward), or [`island`] (a composite of candle ops: the reference paths, differentiated
+//! [`op1_with`], [`op2_with`] and [`op3_with`] (a custom op with a backward of its own that
+//! keeps less, or must know which inputs want a gradient, as a GEMM's does), [`add`],
+//! [`record`] and [`record_multi`] (an op with a hand-written backward, of one output or
+//! several), or [`island`] (a composite of candle ops: the reference paths, differentiated
 //! by candle's autograd on copies of its inputs). Outside a segment each of these is the
 //! plain candle call it replaces.
 
@@ -21,7 +22,7 @@ mod segment;
 
 use std::cell::RefCell;
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use candle_core::{CustomOp1, CustomOp2, CustomOp3, Result, Tensor, TensorId, Var};
 
@@ -33,15 +34,20 @@ pub type Grads = Vec<Option<Tensor>>;
 /// `(parameter, gradient)` pairs, for candle's store.
 type ParamGrads = Vec<(Tensor, Tensor)>;
 
-type Backward = Box<dyn FnOnce(Tensor, &[bool]) -> Result<Grads> + Send>;
+/// Given the gradient of each output (`None` where nothing downstream read it) and which
+/// inputs want one, a gradient per input.
+type Backward = Box<dyn FnOnce(Vec<Option<Tensor>>, &[bool]) -> Result<Grads> + Send>;
 
 /// Where an input of a recorded op gets its gradient.
 enum Slot {
-    /// Made inside the segment (or its input): the gradient stays on the tape.
+    /// Made inside the segment from something that wants a gradient (or its input, where
+    /// that carries candle's graph): the gradient stays on the tape.
     Inner(TensorId),
     /// A variable of candle's (a weight): the gradient goes to candle's store.
     Param(Tensor),
-    /// Needs no gradient: rotary tables, masks, frozen weights.
+    /// Needs no gradient: rotary tables, masks, frozen weights, and what the segment made
+    /// from nothing but those (a frozen base's activations under LoRA, up to the first
+    /// adapter).
     Constant,
 }
 
@@ -53,14 +59,16 @@ impl Slot {
 
 struct Record {
     inputs: Vec<Slot>,
-    output: TensorId,
+    outputs: Vec<TensorId>,
     backward: Backward,
 }
 
 pub(crate) struct Tape {
-    /// The segment's input, detached.
-    input: TensorId,
-    produced: HashSet<TensorId>,
+    /// The segment's input, detached, where it wants a gradient.
+    input: Option<TensorId>,
+    /// What the recorded ops made, and whether each wants a gradient (some input of its op
+    /// does).
+    produced: HashMap<TensorId, bool>,
     records: Vec<Record>,
     /// The first input that carried candle's graph without being a variable (a weight cast
     /// in the graph): the tape cannot carry its gradient, so the segment runs without it.
@@ -74,8 +82,9 @@ pub(crate) struct Tape {
 pub struct SegmentStats {
     /// Ops recorded.
     pub ops: usize,
-    /// Bytes of their outputs: an upper bound on the activations the tape holds until each
-    /// op's backward has run (several are views of one buffer, and some are freed early).
+    /// Bytes of their outputs: what the tape can hold until each op's backward has run, at
+    /// most (some are freed early). Islands' internals and the copies of their inputs are
+    /// not counted.
     pub output_bytes: u64,
 }
 
@@ -104,10 +113,10 @@ pub fn arg(t: &Tensor) -> Tensor {
 }
 
 impl Tape {
-    fn new(input: TensorId) -> Self {
+    fn new(input: Option<TensorId>) -> Self {
         Self {
             input,
-            produced: HashSet::new(),
+            produced: HashMap::new(),
             records: Vec::new(),
             foreign: None,
             output_bytes: 0,
@@ -123,8 +132,10 @@ impl Tape {
 
     fn slot(&mut self, t: &Tensor) -> Slot {
         let id = t.id();
-        if id == self.input || self.produced.contains(&id) {
+        if self.input == Some(id) || self.produced.get(&id) == Some(&true) {
             Slot::Inner(id)
+        } else if self.produced.contains_key(&id) {
+            Slot::Constant
         } else if t.is_variable() {
             Slot::Param(t.clone())
         } else if t.track_op() {
@@ -153,10 +164,11 @@ impl Tape {
         let mut grads = HashMap::from([(root, grad)]);
         let mut params = Vec::new();
         while let Some(rec) = self.records.pop() {
-            // An output nothing downstream read has no gradient, and its op none to give.
-            let Some(g) = grads.remove(&rec.output) else {
+            let g: Vec<Option<Tensor>> = rec.outputs.iter().map(|o| grads.remove(o)).collect();
+            // Outputs nothing downstream read have no gradient, and their op none to give.
+            if g.iter().all(Option::is_none) {
                 continue;
-            };
+            }
             let wants: Vec<bool> = rec.inputs.iter().map(Slot::wants).collect();
             let got = (rec.backward)(g, &wants)?;
             if got.len() != rec.inputs.len() {
@@ -178,12 +190,26 @@ impl Tape {
                             e.insert(sum);
                         }
                     },
-                    Slot::Param(p) => params.push((p, g)),
+                    // A view into a larger buffer (a weight gradient packed beside dx) would keep
+                    // that buffer alive until the optimizer step.
+                    Slot::Param(p) => params.push((p, compact(g)?)),
                     Slot::Constant => {}
                 }
             }
         }
-        Ok((grads.remove(&self.input), params))
+        let dx = match self.input {
+            Some(id) => grads.remove(&id),
+            None => None,
+        };
+        Ok((dx, params))
+    }
+}
+
+/// `g` in a buffer of its own where it is a view at an offset or with strides.
+fn compact(g: Tensor) -> Result<Tensor> {
+    match g.is_contiguous() && g.layout().start_offset() == 0 {
+        true => Ok(g),
+        false => g.force_contiguous(),
     }
 }
 
@@ -195,23 +221,44 @@ pub fn record(
     output: &Tensor,
     backward: impl FnOnce(Tensor, &[bool]) -> Result<Grads> + Send + 'static,
 ) -> Result<()> {
+    record_multi(inputs, &[output], move |mut g, wants| {
+        match g.pop().flatten() {
+            Some(g) => backward(g, wants),
+            None => candle_core::bail!("tape: a backward ran without its output's gradient"),
+        }
+    })
+}
+
+/// [`record`] for an op with several outputs (views of one buffer, say): its backward gets
+/// the gradient of each, `None` for one nothing downstream read (it runs when at least one
+/// has a gradient).
+pub fn record_multi(
+    inputs: &[&Tensor],
+    outputs: &[&Tensor],
+    backward: impl FnOnce(Vec<Option<Tensor>>, &[bool]) -> Result<Grads> + Send + 'static,
+) -> Result<()> {
     ACTIVE.with(|a| {
         let mut a = a.borrow_mut();
         let Some(tape) = a.as_mut() else {
             return Ok(());
         };
-        if output.track_op() {
-            candle_core::bail!(
-                "tape: a recorded op's output {:?} is in candle's graph (an input was not detached)",
-                output.dims()
-            );
+        for o in outputs {
+            if o.track_op() {
+                candle_core::bail!(
+                    "tape: a recorded op's output {:?} is in candle's graph (an input was not detached)",
+                    o.dims()
+                );
+            }
         }
-        let inputs = inputs.iter().map(|t| tape.slot(t)).collect();
-        tape.produced.insert(output.id());
-        tape.output_bytes += (output.elem_count() * output.dtype().size_in_bytes()) as u64;
+        let inputs: Vec<Slot> = inputs.iter().map(|t| tape.slot(t)).collect();
+        let wants = inputs.iter().any(Slot::wants);
+        for o in outputs {
+            tape.produced.insert(o.id(), wants);
+            tape.output_bytes += (o.elem_count() * o.dtype().size_in_bytes()) as u64;
+        }
         tape.records.push(Record {
             inputs,
-            output: output.id(),
+            outputs: outputs.iter().map(|o| o.id()).collect(),
             backward: Box::new(backward),
         });
         Ok(())
@@ -226,12 +273,21 @@ fn wanted(inputs: &[&Tensor]) -> Vec<bool> {
     })
 }
 
+/// Puts a tape back as this thread's when dropped, so that a panic inside a segment or an
+/// island leaves the thread as it found it.
+struct Restore(Option<Tape>);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let tape = self.0.take();
+        ACTIVE.with(|a| *a.borrow_mut() = tape);
+    }
+}
+
 /// Runs `f` with this thread's tape set aside: the candle ops in it build candle's graph.
 fn suspended<R>(f: impl FnOnce() -> R) -> R {
-    let tape = ACTIVE.with(|a| a.borrow_mut().take());
-    let r = f();
-    ACTIVE.with(|a| *a.borrow_mut() = tape);
-    r
+    let _restore = Restore(ACTIVE.with(|a| a.borrow_mut().take()));
+    f()
 }
 
 /// `a + b`, the residual add: its backward hands the one gradient to both, without a copy.
@@ -257,6 +313,21 @@ pub fn op1<C: CustomOp1 + Send + Sync + 'static>(
     let y = arg.apply_op1_no_bwd(&op)?;
     let saved = y.clone();
     record(&[orig], &y, move |g, _| Ok(vec![op.bwd(&arg, &saved, &g)?]))?;
+    Ok(y)
+}
+
+/// [`op1`] with a backward of its own, `(op, dy) -> dx`, that reads neither the input nor the
+/// output: the tape keeps only the op (a copy or a mask needs nothing else).
+pub fn op1_with<C, B>(orig: &Tensor, arg: Tensor, op: C, backward: B) -> Result<Tensor>
+where
+    C: CustomOp1 + Send + Sync + 'static,
+    B: FnOnce(&C, Tensor) -> Result<Tensor> + Send + 'static,
+{
+    if !recording() {
+        return arg.apply_op1(op);
+    }
+    let y = arg.apply_op1_no_bwd(&op)?;
+    record(&[orig], &y, move |g, _| Ok(vec![Some(backward(&op, g)?)]))?;
     Ok(y)
 }
 

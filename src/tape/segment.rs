@@ -5,11 +5,11 @@ use std::cell::RefCell;
 use std::sync::{Mutex, Once, PoisonError};
 
 use anyhow::bail;
-use candle_core::backend::BackendStorage;
+use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, TensorId};
 
-use super::{ParamGrads, Tape, ACTIVE, LAST};
+use super::{ParamGrads, Restore, Tape, ACTIVE, LAST};
 
 thread_local! {
     /// The parameters' gradients from this thread's segment backwards, until [`backward`]
@@ -30,22 +30,24 @@ pub fn segment(
         return f(x);
     }
     let xd = x.detach();
-    ACTIVE.with(|a| *a.borrow_mut() = Some(Tape::new(xd.id())));
+    let input = x.track_op().then(|| xd.id());
+    ACTIVE.with(|a| *a.borrow_mut() = Some(Tape::new(input)));
+    // A panic in `f` leaves the thread without a tape.
+    let cleared = Restore(None);
     let y = f(&xd);
-    let tape = ACTIVE
-        .with(|a| a.borrow_mut().take())
-        .expect("the segment's tape is set until it ends");
-    let y = y?;
-    LAST.with(|l| *l.borrow_mut() = Some(tape.stats()));
+    let tape = ACTIVE.with(|a| a.borrow_mut().take());
+    drop(cleared);
+    let (y, tape) = (y?, tape.expect("the segment's tape is set until it ends"));
     if let Some(what) = tape.foreign.clone() {
         warn_foreign(&what);
         drop(tape);
         return f(x);
     }
+    LAST.with(|l| *l.borrow_mut() = Some(tape.stats()));
     if y.id() == xd.id() {
         return Ok(x.clone());
     }
-    if !tape.produced.contains(&y.id()) {
+    if !tape.produced.contains_key(&y.id()) {
         bail!("tape: the segment's output was not made by a recorded op");
     }
     let through_input = x.track_op();
@@ -57,16 +59,12 @@ pub fn segment(
     let Some(anchor) = anchor else {
         return Ok(y);
     };
-    let src = match y.is_contiguous() && y.layout().start_offset() == 0 {
-        true => y.clone(),
-        false => y.copy()?,
-    };
     let join = Join {
         tape: Mutex::new(Some(tape)),
         root: y.id(),
         through_input,
     };
-    Ok(anchor.apply_op2(&src, join)?)
+    Ok(anchor.apply_op2(&y, join)?)
 }
 
 fn warn_foreign(what: &str) {
@@ -95,6 +93,20 @@ pub fn backward(loss: &Tensor) -> Result<GradStore> {
     Ok(grads)
 }
 
+/// The elements `l` picks out of `s`, in a buffer of their own (`y` may be a view at an
+/// offset into a buffer it shares, as the fused add and norm's outputs are).
+fn copied<S>(s: &S, l: &Layout) -> Result<(S, Shape)>
+where
+    S: BackendStorage,
+    S::Device: BackendDevice<Storage = S>,
+{
+    let shape = l.shape().clone();
+    // SAFETY: the strided copy below writes every element.
+    let mut out = unsafe { s.device().alloc_uninit(&shape, s.dtype())? };
+    s.copy_strided_src(&mut out, 0, l)?;
+    Ok((out, shape))
+}
+
 /// The segment's node in candle's graph: `(anchor, y) -> y` copied, its backward the tape's.
 /// The anchor is the segment's input, or where that carries no graph, a parameter the
 /// segment read (so candle still walks into the node).
@@ -116,7 +128,7 @@ impl CustomOp2 for Join {
         s: &CpuStorage,
         l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Ok((s.try_clone(l)?, l.shape().clone()))
+        copied(s, l)
     }
 
     #[cfg(feature = "cuda")]
@@ -127,7 +139,7 @@ impl CustomOp2 for Join {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((s.try_clone(l)?, l.shape().clone()))
+        copied(s, l)
     }
 
     fn bwd(

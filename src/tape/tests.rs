@@ -48,8 +48,9 @@ fn max_diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
 }
 
 /// A block-like chain of our custom ops through their CPU implementations (the forms the
-/// tape records on CUDA: `op1`/`op2`/`op3` and their own backwards), with a residual that
-/// is read three times, a constant (the rotary tables) and a weight read twice.
+/// tape records on CUDA: `op1`/`op2`/`op3` and their own backwards, the residual add fused
+/// into LayerNorm with its two outputs), with a residual that is read three times, a constant
+/// (the rotary tables) and a weight read twice.
 fn chain(x: &Tensor, p: &[Tensor]) -> candle_core::Result<Tensor> {
     let (b, t, c) = x.dims3()?;
     let (heads, d) = (3, c / 3);
@@ -60,11 +61,10 @@ fn chain(x: &Tensor, p: &[Tensor]) -> candle_core::Result<Tensor> {
     let sin = randn(&[b, 1, t, d / 2], 92);
     let q = kernels::rope::fused(&q, &cos, &sin)?;
     let q = kernels::heads::fused(&q, (b, heads, t, d), true)?;
-    let x1 = add(
-        x,
-        &kernels::dropout::fused(&q, kernels::dropout::Mask::new(0.2, 5)?)?,
-    )?;
-    let u = kernels::gemm::linear(&x1, &p[3], Some(&p[4]), KernelChoice::Reference)?;
+    let dropped = kernels::dropout::fused(&q, kernels::dropout::Mask::new(0.2, 5)?)?;
+    // The residual add fused into the norm that reads it (two ops outside a tape).
+    let (x1, h1) = kernels::layernorm::add_fused(x, &dropped, &p[7], &p[8], 1e-5)?;
+    let u = kernels::gemm::linear(&h1, &p[3], Some(&p[4]), KernelChoice::Reference)?;
     let g = kernels::bias::fused(&u, &p[5], BiasAct::GeluTanh)?;
     let u2 = kernels::gelu::fused(&u)?;
     let m = kernels::swiglu::fused(&g, &u2)?;
@@ -79,7 +79,17 @@ fn chain(x: &Tensor, p: &[Tensor]) -> candle_core::Result<Tensor> {
 #[test]
 fn custom_ops_on_the_tape_match_candles_autograd() {
     let (b, t, c, f) = (2, 7, 12, 20);
-    let dims: [&[usize]; 7] = [&[c], &[c], &[c, c], &[f, c], &[f], &[f], &[c, f]];
+    let dims: [&[usize]; 9] = [
+        &[c],
+        &[c],
+        &[c, c],
+        &[f, c],
+        &[f],
+        &[f],
+        &[c, f],
+        &[c],
+        &[c],
+    ];
     let run = |taped: bool| {
         let x = Var::from_tensor(&randn(&[b, t, c], 1)).unwrap();
         let ps: Vec<Var> = dims

@@ -24,12 +24,15 @@ struct LayerNormParams {
     partial: u64,
     dw: u64,
     db: u64,
+    r: u64,
+    s: u64,
+    ds: u64,
     rows: i32,
     cols: i32,
     groups: i32,
     eps: f32,
 }
-const _: () = assert!(std::mem::size_of::<LayerNormParams>() == 104);
+const _: () = assert!(std::mem::size_of::<LayerNormParams>() == 128);
 const _: () = assert!(std::mem::align_of::<LayerNormParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for LayerNormParams {}
@@ -47,18 +50,26 @@ fn blocks(n: usize) -> Result<LaunchConfig> {
 
 type Arg<'a> = (&'a CudaStorage, &'a Layout);
 
-/// `(y, mean, rstd)`.
-pub fn forward(x: Arg, w: Arg, b: Arg, eps: f32) -> Result<(CudaStorage, Tensor, Tensor)> {
+/// `(y, mean, rstd)`; with a residual `r` (x's shape and dtype), y holds `x + r` and then the
+/// norm of that sum, one after the other.
+pub fn forward(
+    x: Arg,
+    r: Option<Arg>,
+    w: Arg,
+    b: Arg,
+    eps: f32,
+) -> Result<(CudaStorage, Tensor, Tensor)> {
     match x.0.dtype() {
-        DType::F32 => forward_t::<f32>(x, w, b, eps),
-        DType::BF16 => forward_t::<half::bf16>(x, w, b, eps),
-        DType::F16 => forward_t::<half::f16>(x, w, b, eps),
+        DType::F32 => forward_t::<f32>(x, r, w, b, eps),
+        DType::BF16 => forward_t::<half::bf16>(x, r, w, b, eps),
+        DType::F16 => forward_t::<half::f16>(x, r, w, b, eps),
         dt => candle_core::bail!("layer_norm: no CUDA kernel for {dt:?}"),
     }
 }
 
 fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
     (sx, lx): Arg,
+    r: Option<Arg>,
     (sw, lw): Arg,
     (sb, lb): Arg,
     eps: f32,
@@ -66,10 +77,20 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
     let dev = sx.device();
     let (rows, cols) = rows_cols(lx)?;
     let x = contiguous_view::<T>(sx, lx)?;
+    let r = match r {
+        Some((sr, lr)) => {
+            if rows_cols(lr)? != (rows, cols) {
+                candle_core::bail!("layer_norm: residual {:?} for x {:?}", lr.dims(), lx.dims());
+            }
+            Some(contiguous_view::<T>(sr, lr)?)
+        }
+        None => None,
+    };
     let w = contiguous_view::<f32>(sw, lw)?;
     let b = contiguous_view::<f32>(sb, lb)?;
-    // SAFETY: one block per row writes its row of y, its mean and rstd.
-    let mut y = unsafe { alloc_out::<T>(dev, rows * cols)? };
+    let outputs = if r.is_some() { 2 } else { 1 };
+    // SAFETY: one block per row writes its row of y (and of the sum), its mean and rstd.
+    let mut y = unsafe { alloc_out::<T>(dev, outputs * rows * cols)? };
     let mut mean = unsafe { alloc_out::<f32>(dev, rows)? };
     let mut rstd = unsafe { alloc_out::<f32>(dev, rows)? };
     if rows > 0 && cols > 0 {
@@ -77,19 +98,28 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
         let func = load_func(dev, "layernorm", &name)?;
         let stream = dev.cuda_stream();
         let mut ptrs = DevPtrs::new(&stream);
+        let out = ptrs.write(&mut y);
+        // The sum first, then the norm.
+        let (s, y) = match &r {
+            Some(_) => (out, out + (rows * cols * std::mem::size_of::<T>()) as u64),
+            None => (0, out),
+        };
         let p = LayerNormParams {
             x: ptrs.read(&x),
             w: ptrs.read(&w),
             b: ptrs.read(&b),
-            y: ptrs.write(&mut y),
+            y,
             mean: ptrs.write(&mut mean),
             rstd: ptrs.write(&mut rstd),
+            r: ptrs.read_opt(r.as_ref()),
+            s,
             rows: to_i32(rows, "rows")?,
             cols: to_i32(cols, "cols")?,
             eps,
             ..LayerNormParams::default()
         };
-        // SAFETY: x, y hold rows * cols, w and b cols, mean and rstd rows elements.
+        // SAFETY: x (and r) hold rows * cols, y rows * cols per output, w and b cols, mean and
+        // rstd rows elements.
         unsafe { launch(dev, &func, &name, blocks(rows)?, &p) }?;
     }
     Ok((
@@ -99,17 +129,19 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
     ))
 }
 
-/// `(dx, dw, db)` from x, w, dy and the forward's statistics.
+/// `(dx, dw, db)` from x, w, dy and the forward's statistics; `ds`, where given (x's shape
+/// and dtype), is added to dx.
 pub fn backward(
     x: Arg,
     w: Arg,
     dy: Arg,
+    ds: Option<Arg>,
     stats: (&Tensor, &Tensor),
 ) -> Result<(CudaStorage, Tensor, Tensor)> {
     match x.0.dtype() {
-        DType::F32 => backward_t::<f32>(x, w, dy, stats),
-        DType::BF16 => backward_t::<half::bf16>(x, w, dy, stats),
-        DType::F16 => backward_t::<half::f16>(x, w, dy, stats),
+        DType::F32 => backward_t::<f32>(x, w, dy, ds, stats),
+        DType::BF16 => backward_t::<half::bf16>(x, w, dy, ds, stats),
+        DType::F16 => backward_t::<half::f16>(x, w, dy, ds, stats),
         dt => candle_core::bail!("layer_norm backward: no CUDA kernel for {dt:?}"),
     }
 }
@@ -118,6 +150,7 @@ fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
     (sx, lx): Arg,
     (sw, lw): Arg,
     (sg, lg): Arg,
+    ds: Option<Arg>,
     (mean, rstd): (&Tensor, &Tensor),
 ) -> Result<(CudaStorage, Tensor, Tensor)> {
     let dev = sx.device();
@@ -125,6 +158,10 @@ fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
     let x = contiguous_view::<T>(sx, lx)?;
     let w = contiguous_view::<f32>(sw, lw)?;
     let g = contiguous_view::<T>(sg, lg)?;
+    let ds = match ds {
+        Some((s, l)) => Some(contiguous_view::<T>(s, l)?),
+        None => None,
+    };
     let (ms, ml) = mean.storage_and_layout();
     let (rs, rl) = rstd.storage_and_layout();
     let mv = contiguous_view::<f32>(cuda_storage(&ms)?, ml)?;
@@ -143,6 +180,7 @@ fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
             x: ptrs.read(&x),
             w: ptrs.read(&w),
             dy: ptrs.read(&g),
+            ds: ptrs.read_opt(ds.as_ref()),
             mean: ptrs.read(&mv),
             rstd: ptrs.read(&rv),
             dx: ptrs.write(&mut dx),
