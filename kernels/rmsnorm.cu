@@ -5,6 +5,10 @@
 //   backward: dx_j = r * dy_j * w_j - x_j * r^3 / cols * sum_k dy_k * w_k * x_k
 //             dw_j = sum_rows dy_j * (x_j * r)
 //
+// With a residual r, the forward normalises s = x + r (rounded to the storage dtype, as a
+// separate add would) and writes s as well; with ds, the backward adds it to dx (the residual
+// stream's gradient, which would otherwise take a pass of its own).
+//
 // Arithmetic is f32 for every storage dtype (f32, bf16, f16), in the same order as the
 // reference composite (`src/kernels/rmsnorm.rs`) so the two differ only by summation order.
 //
@@ -60,8 +64,19 @@ __device__ __forceinline__ void store_chunk(T *row, int c, const float (&in)[V])
   }
 }
 
+// x + r for chunk `c` into `xv`, rounded to T, and written to `s`: what the norm then reads.
+template <typename T, int V>
+__device__ __forceinline__ void add_residual(const T *rr, T *sr, int c, float (&xv)[V]) {
+  float rv[V];
+  load_chunk<T, V>(rr, c, rv);
+#pragma unroll
+  for (int i = 0; i < V; ++i) xv[i] = to_f32(from_f32<T>(xv[i] + rv[i]));
+  store_chunk<T, V>(sr, c, xv);
+}
+
 template <typename T, int V, int K>
 __device__ __forceinline__ void fwd_body(const T *__restrict__ x, const T *__restrict__ w,
+                                         const T *__restrict__ r, T *__restrict__ s,
                                          T *__restrict__ y, float *__restrict__ rstd, int cols,
                                          float eps) {
   __shared__ float scratch[32];
@@ -69,6 +84,9 @@ __device__ __forceinline__ void fwd_body(const T *__restrict__ x, const T *__res
   const int nchunks = cols / V;
   const T *xr = x + (size_t)row * cols;
   T *yr = y + (size_t)row * cols;
+  // With a residual, the row's sum; each thread reads back only the chunks it wrote.
+  const T *rr = r ? r + (size_t)row * cols : nullptr;
+  T *sr = r ? s + (size_t)row * cols : nullptr;
   float ss = 0.f;
   if constexpr (K > 0) {
     float xv[K][V];
@@ -77,6 +95,7 @@ __device__ __forceinline__ void fwd_body(const T *__restrict__ x, const T *__res
       const int c = threadIdx.x + k * blockDim.x;
       if (c < nchunks) {
         load_chunk<T, V>(xr, c, xv[k]);
+        if (rr) add_residual<T, V>(rr, sr, c, xv[k]);
       } else {
 #pragma unroll
         for (int i = 0; i < V; ++i) xv[k][i] = 0.f;
@@ -101,14 +120,16 @@ __device__ __forceinline__ void fwd_body(const T *__restrict__ x, const T *__res
     for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
       float xv[V];
       load_chunk<T, V>(xr, c, xv);
+      if (rr) add_residual<T, V>(rr, sr, c, xv);
 #pragma unroll
       for (int i = 0; i < V; ++i) ss += xv[i] * xv[i];
     }
     const float r = 1.f / sqrtf(block_sum(ss, scratch) / (float)cols + eps);
     if (threadIdx.x == 0) rstd[row] = r;
+    const T *src = rr ? sr : xr;
     for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
       float xv[V], wv[V], out[V];
-      load_chunk<T, V>(xr, c, xv);
+      load_chunk<T, V>(src, c, xv);
       load_chunk<T, V>(w, c, wv);
 #pragma unroll
       for (int i = 0; i < V; ++i) out[i] = (xv[i] * r) * wv[i];
@@ -117,10 +138,22 @@ __device__ __forceinline__ void fwd_body(const T *__restrict__ x, const T *__res
   }
 }
 
+// Chunk `c` of the residual stream's gradient (zeros without one).
+template <typename T, int V>
+__device__ __forceinline__ void load_or_zero(const T *row, int c, float (&out)[V]) {
+  if (row) {
+    load_chunk<T, V>(row, c, out);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) out[i] = 0.f;
+  }
+}
+
 template <typename T, int V, int K>
 __device__ __forceinline__ void bwd_body(const T *__restrict__ x, const T *__restrict__ w,
                                          const T *__restrict__ dy,
-                                         const float *__restrict__ rstd, T *__restrict__ dx,
+                                         const float *__restrict__ rstd,
+                                         const T *__restrict__ ds, T *__restrict__ dx,
                                          float *__restrict__ dw_partial, int rows, int cols) {
   __shared__ float scratch[32];
   const int nchunks = cols / V;
@@ -144,6 +177,7 @@ __device__ __forceinline__ void bwd_body(const T *__restrict__ x, const T *__res
       const T *xr = x + (size_t)row * cols;
       const T *dyr = dy + (size_t)row * cols;
       T *dxr = dx + (size_t)row * cols;
+      const T *dsr = ds ? ds + (size_t)row * cols : nullptr;
       float xv[K][V], gv[K][V];
       float dot = 0.f;
 #pragma unroll
@@ -166,10 +200,11 @@ __device__ __forceinline__ void bwd_body(const T *__restrict__ x, const T *__res
       for (int k = 0; k < K; ++k) {
         const int c = threadIdx.x + k * blockDim.x;
         if (c < nchunks) {
-          float out[V];
+          float out[V], dv[V];
+          load_or_zero<T, V>(dsr, c, dv);
 #pragma unroll
           for (int i = 0; i < V; ++i) {
-            out[i] = r * gv[k][i] * wv[k][i] - coef * xv[k][i];
+            out[i] = r * gv[k][i] * wv[k][i] - coef * xv[k][i] + dv[i];
             acc[k][i] += gv[k][i] * (xv[k][i] * r);
           }
           store_chunk<T, V>(dxr, c, out);
@@ -195,6 +230,7 @@ __device__ __forceinline__ void bwd_body(const T *__restrict__ x, const T *__res
       const T *xr = x + (size_t)row * cols;
       const T *dyr = dy + (size_t)row * cols;
       T *dxr = dx + (size_t)row * cols;
+      const T *dsr = ds ? ds + (size_t)row * cols : nullptr;
       float dot = 0.f;
       for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
         float xv[V], gv[V], wv[V];
@@ -208,13 +244,14 @@ __device__ __forceinline__ void bwd_body(const T *__restrict__ x, const T *__res
       const float r = rstd[row];
       const float coef = r * r * r * dot * inv_cols;
       for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
-        float xv[V], gv[V], wv[V], out[V];
+        float xv[V], gv[V], wv[V], dv[V], out[V];
         load_chunk<T, V>(xr, c, xv);
         load_chunk<T, V>(dyr, c, gv);
         load_chunk<T, V>(w, c, wv);
+        load_or_zero<T, V>(dsr, c, dv);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
-          out[i] = r * gv[i] * wv[i] - coef * xv[i];
+          out[i] = r * gv[i] * wv[i] - coef * xv[i] + dv[i];
           part[c * V + i] += gv[i] * (xv[i] * r);
         }
         store_chunk<T, V>(dxr, c, out);
@@ -244,13 +281,14 @@ __device__ __forceinline__ void dw_reduce_body(const float *__restrict__ partial
   extern "C" __global__ void __launch_bounds__(kMaxThreads)                                  \
       rmsnorm_fwd_##NAME##_v##V##_k##K(const RmsNormParams p) {                              \
     fwd_body<T, V, K>(static_cast<const T *>(p.x), static_cast<const T *>(p.w),              \
+                      static_cast<const T *>(p.r), static_cast<T *>(p.s),                    \
                       static_cast<T *>(p.y), p.rstd, p.cols, p.eps);                         \
   }                                                                                          \
   extern "C" __global__ void __launch_bounds__(kMaxThreads)                                  \
       rmsnorm_bwd_##NAME##_v##V##_k##K(const RmsNormParams p) {                              \
     bwd_body<T, V, K>(static_cast<const T *>(p.x), static_cast<const T *>(p.w),              \
-                      static_cast<const T *>(p.dy), p.rstd, static_cast<T *>(p.dx),          \
-                      p.dw_partial, p.rows, p.cols);                                         \
+                      static_cast<const T *>(p.dy), p.rstd, static_cast<const T *>(p.ds),    \
+                      static_cast<T *>(p.dx), p.dw_partial, p.rows, p.cols);                 \
   }
 
 #define RMS_SCALAR(T, NAME)                                                                  \

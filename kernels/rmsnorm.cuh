@@ -17,10 +17,13 @@ struct RmsNormParams {
   void *dx;           // [rows, cols] gradient of x         bwd writes
   float *dw_partial;  // [groups, cols] per-block dw rows   bwd writes, dw_reduce reads
   void *dw;           // [cols] gradient of w               dw_reduce writes
+  const void *r;      // [rows, cols] residual added to x first, or null     fwd
+  void *s;            // [rows, cols] x + r, rounded to T (when r is set)    fwd writes
+  const void *ds;     // [rows, cols] added to dx, or null                   bwd
   int rows;           // rows (the backward's grid-stride bound)
   int cols;           // row length
   int groups;         // backward blocks = partial rows     dw_reduce
   float eps;          // added to the mean square           fwd
 };
-static_assert(sizeof(RmsNormParams) == 80, "RmsNormParams: keep in step with the Rust mirror");
+static_assert(sizeof(RmsNormParams) == 104, "RmsNormParams: keep in step with the Rust mirror");
 static_assert(alignof(RmsNormParams) == 8, "RmsNormParams: keep in step with the Rust mirror");

@@ -19,6 +19,7 @@ mod common;
 gpu_test!(rmsnorm_forward_matches_reference);
 gpu_test!(rmsnorm_gradients_match_reference_autograd);
 gpu_test!(rmsnorm_dispatcher_uses_the_kernel);
+gpu_test!(rmsnorm_add_fused_matches_the_add_then_the_reference);
 gpu_test!(gae_matches_reference);
 gpu_test!(gae_padding_is_an_episode_boundary_and_never_leaks);
 gpu_test!(gae_empty_and_all_padding_batches);
@@ -170,6 +171,64 @@ mod gpu {
                     let a = host(g);
                     if shape.0 > 0 {
                         assert!(a.iter().any(|&v| v != 0.0), "{what} all zero {shape:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The residual add fused into RMSNorm on a block tape (`add_fused`): against candle's
+    /// add and the reference norm on the CPU, the output (sum plus norm, so both outputs are
+    /// read on) and the gradients of x, the residual and w; and with the residual one element
+    /// off alignment (the scalar kernels; a constant then, since a variable is a fresh copy).
+    pub fn rmsnorm_add_fused_matches_the_add_then_the_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(4);
+        let shapes: &[(usize, usize)] = &[(3, 7), (37, 96), (129, 768), (5, 1000), (3, 8193)];
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for &shape in shapes {
+                for misalign in [false, true] {
+                    let (x, x_ref) = input(&mut rng, shape, -2.0, 2.0, dtype, dev, false);
+                    let (r, r_ref) = input(&mut rng, shape, -2.0, 2.0, dtype, dev, misalign);
+                    let (w, w_ref) = input(&mut rng, (1, shape.1), 0.5, 1.5, dtype, dev, false);
+                    let (dy, dy_ref) = input(&mut rng, shape, -1.0, 1.0, dtype, dev, false);
+                    let var = |t: &Tensor| Var::from_tensor(t).unwrap();
+                    let (x, w) = (var(&x), var(&w.squeeze(0).unwrap()));
+                    let r = match misalign {
+                        true => r,
+                        false => var(&r).as_tensor().clone(),
+                    };
+                    let (x_ref, r_ref) = (var(&x_ref), var(&r_ref));
+                    let w_ref = var(&w_ref.squeeze(0).unwrap());
+                    let wt = w.as_tensor();
+                    let y = temper::tape::segment(x.as_tensor(), |x| {
+                        let (s, n) = krms::add_fused(x, &r, wt, 1e-5)?;
+                        Ok(temper::tape::add(&s, &n)?)
+                    })
+                    .unwrap();
+                    let loss = (&y * &dy).unwrap().sum_all().unwrap();
+                    let grads = temper::tape::backward(&loss).unwrap();
+                    let sum = (x_ref.as_tensor() + r_ref.as_tensor()).unwrap();
+                    let norm = rmsnorm::rms_norm_reference(&sum, &w_ref, 1e-5).unwrap();
+                    let y_ref = (&sum + norm).unwrap();
+                    let loss_ref = (&y_ref * &dy_ref).unwrap().sum_all().unwrap();
+                    let grads_ref = loss_ref.backward().unwrap();
+                    let what = |s: &str| {
+                        format!(
+                            "rmsnorm add {s} {dtype:?} {shape:?} misalign {misalign} (seed {seed})"
+                        )
+                    };
+                    assert_close(&what("y"), &y, &y_ref, tol(dtype), elem_tol(dtype));
+                    let mut pairs = vec![
+                        ("dx", x.as_tensor(), x_ref.as_tensor()),
+                        ("dw", wt, w_ref.as_tensor()),
+                    ];
+                    if !misalign {
+                        pairs.push(("dr", &r, r_ref.as_tensor()));
+                    }
+                    for (name, ours, theirs) in pairs {
+                        let g = grads.get(ours).unwrap_or_else(|| panic!("{name}: none"));
+                        let g_ref = grads_ref.get(theirs).unwrap();
+                        assert_close(&what(name), g, g_ref, tol(dtype) * 2.0, grad_tol(dtype));
                     }
                 }
             }

@@ -30,6 +30,35 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, choice: KernelChoice) -> Resul
     reference_recorded(x, w, eps)
 }
 
+/// `(x + r, RmsNorm(x + r))` as one op with two outputs, where our kernel serves (`choice`
+/// custom, CUDA, a block tape recording, `w` in x's dtype); `None` elsewhere, and the caller
+/// adds and norms apart.
+pub fn add_fused(
+    x: &Tensor,
+    r: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    choice: KernelChoice,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let serves = choice == KernelChoice::Custom
+        && x.device().is_cuda()
+        && crate::tape::recording()
+        && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && w.dtype() == x.dtype();
+    if !serves {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        super::cuda::rmsnorm::add_fused(x, r, w, eps).map(Some)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (r, eps);
+        Ok(None)
+    }
+}
+
 /// [`rms_norm_reference`] as one op of a block tape (`crate::tape`).
 fn reference_recorded(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     crate::tape::island(&[x, w], |a| rms_norm_reference(&a[0], &a[1], eps))

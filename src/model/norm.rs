@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 use super::linear::Ctx;
 use crate::config::{ModelConfig, NormKind};
 use crate::kernels::layernorm::{self, layer_norm};
-use crate::kernels::rmsnorm::rms_norm;
+use crate::kernels::rmsnorm::{self, rms_norm};
 use crate::tape;
 use crate::train::params::{Init, Scope};
 
@@ -33,8 +33,8 @@ impl Norm {
     }
 
     /// `(x + r, norm(x + r))`, or `(x, norm(x))` without `r`: the residual stream's add and the
-    /// norm that reads it. On a block tape with our LayerNorm kernel they are one op
-    /// ([`layernorm::add_fused`]); otherwise the add, then the norm.
+    /// norm that reads it. On a block tape with our LayerNorm or RMSNorm kernel they are one
+    /// op ([`layernorm::add_fused`], [`rmsnorm::add_fused`]); otherwise the add, then the norm.
     pub fn forward_add(
         &self,
         x: &Tensor,
@@ -44,16 +44,21 @@ impl Norm {
         let Some(r) = r else {
             return Ok((x.clone(), self.forward(x, ctx)?));
         };
-        if let Some(b) = &self.b {
-            if tape::recording() && layernorm::fuses(x, ctx.kernels.layernorm) {
-                let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-                return Ok(layernorm::add_fused(
-                    x,
-                    r,
-                    &f32(&self.w)?,
-                    &f32(b)?,
-                    self.eps,
-                )?);
+        if tape::recording() {
+            match &self.b {
+                Some(b) if layernorm::fuses(x, ctx.kernels.layernorm) => {
+                    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+                    let (w, b) = (f32(&self.w)?, f32(b)?);
+                    return Ok(layernorm::add_fused(x, r, &w, &b, self.eps)?);
+                }
+                Some(_) => {}
+                None => {
+                    let w = super::cast::weight(&self.w, x.dtype())?;
+                    let fused = rmsnorm::add_fused(x, r, &w, self.eps, ctx.kernels.rmsnorm)?;
+                    if let Some(pair) = fused {
+                        return Ok(pair);
+                    }
+                }
             }
         }
         let s = tape::add(x, r)?;

@@ -37,12 +37,15 @@ struct RmsNormParams {
     dx: u64,
     dw_partial: u64,
     dw: u64,
+    r: u64,
+    s: u64,
+    ds: u64,
     rows: i32,
     cols: i32,
     groups: i32,
     eps: f32,
 }
-const _: () = assert!(std::mem::size_of::<RmsNormParams>() == 80);
+const _: () = assert!(std::mem::size_of::<RmsNormParams>() == 104);
 const _: () = assert!(std::mem::align_of::<RmsNormParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for RmsNormParams {}
@@ -60,10 +63,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<Tensor>> {
 /// `x: [..., cols]`, `w: [cols]`, same dtype (f32, bf16 or f16).
 pub fn rms_norm_op(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     check(x, w)?;
-    let op = RmsNorm {
-        eps: eps as f32,
-        rstd: Mutex::new(None),
-    };
+    let op = RmsNorm::new(eps, None);
     let arg = |t: &Tensor| crate::tape::arg(t).contiguous();
     crate::tape::op2([x, w], [arg(x)?, arg(w)?], op)
 }
@@ -97,10 +97,7 @@ impl RmsNormDirect {
     pub fn new(x: &Tensor, w: &Tensor, eps: f64) -> Result<Self> {
         check(x, w)?;
         Ok(Self {
-            op: RmsNorm {
-                eps: eps as f32,
-                rstd: Mutex::new(None),
-            },
+            op: RmsNorm::new(eps, None),
             x: x.contiguous()?,
             w: w.contiguous()?,
         })
@@ -125,22 +122,143 @@ struct RmsNorm {
     eps: f32,
     /// `[rows]` f32, written by the forward for the backward.
     rstd: Mutex<Option<Tensor>>,
+    /// Added to x before the norm ([`add_fused`]): the output is then `[2, ...]`, the sum
+    /// and its norm.
+    residual: Option<Tensor>,
 }
 
 impl RmsNorm {
+    fn new(eps: f64, residual: Option<Tensor>) -> Self {
+        Self {
+            eps: eps as f32,
+            rstd: Mutex::new(None),
+            residual,
+        }
+    }
+
     fn save(&self, rstd: Tensor) {
         *self.rstd.lock().unwrap_or_else(PoisonError::into_inner) = Some(rstd);
     }
+
+    /// x's shape, or `[2, ...]` of it with a residual (the sum, then the norm).
+    fn out_shape(&self, lx: &Layout) -> Shape {
+        match self.residual {
+            Some(_) => Shape::from([&[2][..], lx.dims()].concat()),
+            None => lx.shape().clone(),
+        }
+    }
+
+    /// `(dx, dw)` for `dy` after the forward, `x` the normalised input (the sum, with a
+    /// residual); `ds` is added to dx.
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        ds: Option<Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        spans::timed(KernelOp::RmsNorm, Pass::Backward, x.device(), || {
+            let saved = self
+                .rstd
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let rstd = match saved {
+                Some(r) => r,
+                // Only if the forward never ran through our code (it always does); recompute.
+                None => (x.to_dtype(DType::F32)?.sqr()?.mean_keepdim(D::Minus1)?
+                    + self.eps as f64)?
+                    .sqrt()?
+                    .recip()?
+                    .flatten_all()?,
+            };
+            let ds = match ds {
+                Some(d) => Some(d.to_dtype(x.dtype())?.contiguous()?),
+                None => None,
+            };
+            let cols = w.elem_count();
+            let n = x.elem_count();
+            let dy = dy.to_dtype(x.dtype())?.contiguous()?;
+            let packed = x.apply_op3_no_bwd(w, &dy, &RmsNormBwd { rstd, ds })?;
+            let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+            let dw = packed.narrow(0, n, cols)?;
+            Ok((dx, dw))
+        })
+    }
 }
 
+/// `(x + r, RmsNorm(x + r))` for a block tape (`crate::tape`): the residual stream's add
+/// fused into the norm that reads it, one pass over the rows each way (the backward adds the
+/// stream's own gradient to the norm's dx in the same pass). Outside a tape, the add and
+/// [`rms_norm_op`], two ops. `x`, `r` and `w` of one dtype.
+pub fn add_fused(x: &Tensor, r: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    use crate::tape;
+    if !tape::recording() {
+        let s = (x + r)?;
+        let n = rms_norm_op(&s, w, eps)?;
+        return Ok((s, n));
+    }
+    spans::timed(KernelOp::RmsNorm, Pass::Forward, x.device(), || {
+        check(x, w)?;
+        if r.shape() != x.shape() || r.dtype() != x.dtype() {
+            candle_core::bail!(
+                "rms_norm: residual {:?} {:?} for x {:?} {:?}",
+                r.dims(),
+                r.dtype(),
+                x.dims(),
+                x.dtype()
+            );
+        }
+        let arg = |t: &Tensor| tape::arg(t).contiguous();
+        let (xa, wa) = (arg(x)?, arg(w)?);
+        let mut op = RmsNorm::new(eps, Some(arg(r)?));
+        let both = xa.apply_op2_no_bwd(&wa, &op)?;
+        // The backward reads the sum and the saved inverse rms, not the residual.
+        op.residual = None;
+        let (s, n) = (both.get(0)?, both.get(1)?);
+        let sum = s.clone();
+        tape::record_multi(&[x, r, w], &[&s, &n], move |mut g, _| {
+            let (gn, gs) = (g.pop().flatten(), g.pop().flatten());
+            let Some(gn) = gn else {
+                // Only the sum was read on: its gradient is both inputs'.
+                return Ok(vec![gs.clone(), gs, None]);
+            };
+            let (dsum, dw) = op.grads(&sum, &wa, &gn, gs)?;
+            Ok(vec![Some(dsum.clone()), Some(dsum), Some(dw)])
+        })?;
+        Ok((s, n))
+    })
+}
+
+/// The CPU storage of a tensor an op holds (a residual, a gradient).
+fn held(s: &candle_core::Storage) -> Result<&CpuStorage> {
+    match s {
+        candle_core::Storage::Cpu(c) => Ok(c),
+        _ => candle_core::bail!("rms_norm: a CPU op was handed a tensor on another device"),
+    }
+}
+
+/// `(y, rstd)`; with a residual `r`, y is the sum `x + r` (rounded to `T`, as a separate add
+/// rounds it) followed by its norm.
 fn cpu_forward<T: WithDType>(
     x: &[T],
+    r: Option<&[T]>,
     w: &[T],
     rows: usize,
     cols: usize,
     eps: f32,
 ) -> (Vec<T>, Vec<f32>) {
-    let mut y = Vec::with_capacity(rows * cols);
+    let mut y = Vec::with_capacity(rows * cols * (1 + r.is_some() as usize));
+    if let Some(r) = r {
+        let f = |v: &T| v.to_f64() as f32;
+        y.extend(
+            x.iter()
+                .zip(r)
+                .map(|(a, b)| T::from_f64((f(a) + f(b)) as f64)),
+        );
+    }
+    let sum = y.clone();
+    let x = if r.is_some() { &sum[..] } else { x };
     let mut rstd = Vec::with_capacity(rows);
     let w: Vec<f32> = w.iter().map(|v| v.to_f64() as f32).collect();
     for row in x.chunks(cols.max(1)).take(rows) {
@@ -157,19 +275,30 @@ fn cpu_forward<T: WithDType>(
     (y, rstd)
 }
 
-/// dx and dw (packed `[dx | dw]`) from the saved inverse rms; formulas in kernels/rmsnorm.cu.
-fn cpu_backward<T: WithDType>(x: &[T], w: &[T], dy: &[T], rstd: &[f32], cols: usize) -> Vec<T> {
+/// dx and dw (packed `[dx | dw]`) from the saved inverse rms, `ds` added to dx in f32;
+/// formulas in kernels/rmsnorm.cu.
+fn cpu_backward<T: WithDType>(
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    ds: Option<&[T]>,
+    rstd: &[f32],
+    cols: usize,
+) -> Vec<T> {
     let w: Vec<f32> = w.iter().map(|v| v.to_f64() as f32).collect();
     let mut dw = vec![0f32; cols];
     let mut out = Vec::with_capacity(x.len() + cols);
     if cols > 0 {
-        for ((xr, gr), &r) in x.chunks(cols).zip(dy.chunks(cols)).zip(rstd) {
+        for (row, ((xr, gr), &r)) in x.chunks(cols).zip(dy.chunks(cols)).zip(rstd).enumerate() {
             let xf: Vec<f32> = xr.iter().map(|v| v.to_f64() as f32).collect();
             let gf: Vec<f32> = gr.iter().map(|v| v.to_f64() as f32).collect();
             let dot: f32 = (0..cols).map(|j| gf[j] * w[j] * xf[j]).sum();
             let coef = r * r * r * dot / cols as f32;
             for j in 0..cols {
-                out.push(T::from_f64((r * gf[j] * w[j] - coef * xf[j]) as f64));
+                let extra = ds.map_or(0.0, |d| d[row * cols + j].to_f64() as f32);
+                out.push(T::from_f64(
+                    (r * gf[j] * w[j] - coef * xf[j] + extra) as f64,
+                ));
                 dw[j] += gf[j] * (xf[j] * r);
             }
         }
@@ -241,11 +370,33 @@ fn cuda_forward<T: CudaDType + DeviceRepr + WithDType>(
     let n = rows * cols;
     let x = contiguous_view::<T>(sx, lx)?;
     let w = contiguous_view::<T>(sw, lw)?;
-    // SAFETY: the kernel writes every y element and every rstd entry (one block per row).
-    let mut y = unsafe { alloc_out::<T>(dev, n)? };
+    let held = op.residual.as_ref().map(|r| r.storage_and_layout());
+    let (r, r_offset) = match &held {
+        Some((g, l)) => {
+            if rows_cols(l)? != (rows, cols) {
+                candle_core::bail!("rms_norm: residual {:?} for x {:?}", l.dims(), lx.dims());
+            }
+            (
+                Some(contiguous_view::<T>(cuda_storage(g)?, l)?),
+                l.start_offset(),
+            )
+        }
+        None => (None, 0),
+    };
+    let outputs = 1 + r.is_some() as usize;
+    // SAFETY: the kernel writes every y element (and every sum element) and every rstd entry
+    // (one block per row).
+    let mut y = unsafe { alloc_out::<T>(dev, outputs * n)? };
     let mut rstd = unsafe { alloc_out::<f32>(dev, rows)? };
     if n > 0 {
-        let aligned = aligned16::<T>(&[lx.start_offset(), lw.start_offset()]);
+        // The norm starts n elements into the output when the sum comes first.
+        let offsets = [
+            lx.start_offset(),
+            lw.start_offset(),
+            r_offset,
+            (outputs - 1) * n,
+        ];
+        let aligned = aligned16::<T>(&offsets);
         let plan = Plan::new(cols, 16 / std::mem::size_of::<T>(), aligned);
         let name = plan.kernel("fwd", T::DTYPE);
         let func = load_func(dev, "rmsnorm", &name)?;
@@ -256,23 +407,31 @@ fn cuda_forward<T: CudaDType + DeviceRepr + WithDType>(
         };
         let stream = dev.cuda_stream();
         let mut ptrs = DevPtrs::new(&stream);
+        let out = ptrs.write(&mut y);
+        let (s, y) = match &r {
+            Some(_) => (out, out + (n * std::mem::size_of::<T>()) as u64),
+            None => (0, out),
+        };
         let p = RmsNormParams {
             x: ptrs.read(&x),
             w: ptrs.read(&w),
-            y: ptrs.write(&mut y),
+            y,
             rstd: ptrs.write(&mut rstd),
+            r: ptrs.read_opt(r.as_ref()),
+            s,
             rows: to_i32(rows, "rows")?,
             cols: to_i32(cols, "cols")?,
             eps: op.eps,
             ..RmsNormParams::default()
         };
-        // SAFETY: x, y hold rows * cols, w cols, rstd rows elements; sizes checked.
+        // SAFETY: x (and r) hold rows * cols, y rows * cols per output, w cols, rstd rows
+        // elements; sizes checked.
         unsafe { launch(dev, &func, &name, cfg, &p) }?;
     }
     op.save(tensor_from_slice(rstd, dev, rows));
     Ok((
         CudaStorage::wrap_cuda_slice(y, dev.clone()),
-        lx.shape().clone(),
+        op.out_shape(lx),
     ))
 }
 
@@ -298,8 +457,13 @@ impl CustomOp2 for RmsNorm {
             rows: usize,
             cols: usize,
         ) -> Result<CpuStorage> {
-            let (y, rstd) =
-                cpu_forward(slice::<T>(sx, lx)?, slice::<T>(sw, lw)?, rows, cols, op.eps);
+            let g = op.residual.as_ref().map(|r| r.storage_and_layout());
+            let r = match &g {
+                Some((g, l)) => Some(slice::<T>(held(g)?, l)?),
+                None => None,
+            };
+            let (x, w) = (slice::<T>(sx, lx)?, slice::<T>(sw, lw)?);
+            let (y, rstd) = cpu_forward(x, r, w, rows, cols, op.eps);
             op.save(Tensor::from_vec(rstd, rows, &Device::Cpu)?);
             Ok(T::to_cpu_storage_owned(y))
         }
@@ -309,7 +473,7 @@ impl CustomOp2 for RmsNorm {
             DType::F16 => run::<half::f16>(self, sx, lx, sw, lw, rows, cols)?,
             dt => candle_core::bail!("rms_norm: unsupported dtype {dt:?}"),
         };
-        Ok((out, lx.shape().clone()))
+        Ok((out, self.out_shape(lx)))
     }
 
     fn cuda_fwd(
@@ -334,34 +498,16 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        spans::timed(KernelOp::RmsNorm, Pass::Backward, x.device(), || {
-            let saved = self
-                .rstd
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone();
-            let rstd = match saved {
-                Some(r) => r,
-                // Only if the forward never ran through our code (it always does); recompute.
-                None => (x.to_dtype(DType::F32)?.sqr()?.mean_keepdim(D::Minus1)?
-                    + self.eps as f64)?
-                    .sqrt()?
-                    .recip()?
-                    .flatten_all()?,
-            };
-            let cols = w.elem_count();
-            let n = x.elem_count();
-            let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormBwd { rstd })?;
-            let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-            let dw = packed.narrow(0, n, cols)?;
-            Ok((Some(dx), Some(dw)))
-        })
+        let (dx, dw) = self.grads(x, w, grad, None)?;
+        Ok((Some(dx), Some(dw)))
     }
 }
 
-/// Backward of [`RmsNorm`]: `(x, w, dy) -> [dx | dw]`, reading the saved inverse rms.
+/// Backward of [`RmsNorm`]: `(x, w, dy) -> [dx | dw]`, reading the saved inverse rms; `ds`,
+/// where set, is added to dx.
 struct RmsNormBwd {
     rstd: Tensor,
+    ds: Option<Tensor>,
 }
 
 fn cuda_backward<T: CudaDType + DeviceRepr + WithDType>(
@@ -378,8 +524,22 @@ fn cuda_backward<T: CudaDType + DeviceRepr + WithDType>(
     let g = contiguous_view::<T>(sg, lg)?;
     let (rs_guard, rs_layout) = op.rstd.storage_and_layout();
     let rstd = contiguous_view::<f32>(cuda_storage(&rs_guard)?, rs_layout)?;
+    let held = op.ds.as_ref().map(|d| d.storage_and_layout());
+    let (ds, ds_offset) = match &held {
+        Some((g, l)) => (
+            Some(contiguous_view::<T>(cuda_storage(g)?, l)?),
+            l.start_offset(),
+        ),
+        None => (None, 0),
+    };
 
-    let aligned = aligned16::<T>(&[lx.start_offset(), lw.start_offset(), lg.start_offset()]);
+    let offsets = [
+        lx.start_offset(),
+        lw.start_offset(),
+        lg.start_offset(),
+        ds_offset,
+    ];
+    let aligned = aligned16::<T>(&offsets);
     let plan = Plan::new(cols, 16 / std::mem::size_of::<T>(), aligned);
     // A few blocks per SM, each folding its rows' dw into one partial row.
     let per_sm = (2048 / plan.threads).max(1) as usize;
@@ -394,6 +554,7 @@ fn cuda_backward<T: CudaDType + DeviceRepr + WithDType>(
         x: ptrs.read(&x),
         w: ptrs.read(&w),
         dy: ptrs.read(&g),
+        ds: ptrs.read_opt(ds.as_ref()),
         rstd: ptrs.read(&rstd),
         dw_partial: ptrs.write(&mut partial),
         rows: to_i32(rows, "rows")?,
@@ -424,6 +585,7 @@ fn cuda_backward<T: CudaDType + DeviceRepr + WithDType>(
     }
     drop(packed_guard);
     drop(ptrs);
+    drop(held);
     drop(rs_guard);
     Ok((
         CudaStorage::wrap_cuda_slice(packed, dev.clone()),
@@ -458,23 +620,30 @@ impl CustomOp3 for RmsNormBwd {
             (sx, lx): (&CpuStorage, &Layout),
             (sw, lw): (&CpuStorage, &Layout),
             (sg, lg): (&CpuStorage, &Layout),
+            ds: Option<&Tensor>,
             rstd: &[f32],
             cols: usize,
         ) -> Result<CpuStorage> {
+            let g = ds.map(|d| d.storage_and_layout());
+            let ds = match &g {
+                Some((g, l)) => Some(slice::<T>(held(g)?, l)?),
+                None => None,
+            };
             let out = cpu_backward(
                 slice::<T>(sx, lx)?,
                 slice::<T>(sw, lw)?,
                 slice::<T>(sg, lg)?,
+                ds,
                 rstd,
                 cols,
             );
             Ok(T::to_cpu_storage_owned(out))
         }
-        let args = ((sx, lx), (sw, lw), (sg, lg));
+        let (args, ds) = (((sx, lx), (sw, lw), (sg, lg)), self.ds.as_ref());
         let out = match sx.dtype() {
-            DType::F32 => run::<f32>(args.0, args.1, args.2, &rstd, cols)?,
-            DType::BF16 => run::<half::bf16>(args.0, args.1, args.2, &rstd, cols)?,
-            DType::F16 => run::<half::f16>(args.0, args.1, args.2, &rstd, cols)?,
+            DType::F32 => run::<f32>(args.0, args.1, args.2, ds, &rstd, cols)?,
+            DType::BF16 => run::<half::bf16>(args.0, args.1, args.2, ds, &rstd, cols)?,
+            DType::F16 => run::<half::f16>(args.0, args.1, args.2, ds, &rstd, cols)?,
             dt => candle_core::bail!("rms_norm backward: unsupported dtype {dt:?}"),
         };
         Ok((out, Shape::from(rows * cols + cols)))
@@ -549,6 +718,53 @@ mod tests {
     }
 
     /// The CPU path of the op (forward and the backward op) against the reference's autograd.
+    /// The fused add and norm on a block tape, through the CPU implementation: the norm
+    /// bit for bit the unfused op's on the rounded sum, and the gradients of x, the residual
+    /// and w those of candle's add and the reference norm.
+    #[test]
+    fn cpu_add_fused_is_the_add_then_the_norm() -> Result<()> {
+        let dev = Device::Cpu;
+        for (rows, cols) in [(3usize, 5usize), (7, 33)] {
+            for dtype in [DType::F32, DType::BF16] {
+                let t = |seed: u64, shape: &[usize]| -> Result<Tensor> {
+                    Tensor::from_vec(rand(shape, seed), shape, &dev)?.to_dtype(dtype)
+                };
+                let x = candle_core::Var::from_tensor(&t(1, &[rows, cols])?)?;
+                let r = candle_core::Var::from_tensor(&t(4, &[rows, cols])?)?;
+                let w = candle_core::Var::from_tensor(&t(2, &[cols])?)?;
+                let dy = t(3, &[rows, cols])?;
+                let (rt, wt) = (r.as_tensor(), w.as_tensor());
+                let norms = std::cell::RefCell::new(vec![]);
+                let taped = crate::tape::segment(x.as_tensor(), |x| {
+                    let (s, n) = add_fused(x, rt, wt, 1e-5)?;
+                    norms.borrow_mut().push(n.clone());
+                    Ok(crate::tape::add(&s, &n)?)
+                })
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                let sum = (x.as_tensor() + rt)?;
+                let unfused = rms_norm_op(&sum, wt, 1e-5)?;
+                let bits = |t: &Tensor| -> Result<Vec<f32>> {
+                    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+                };
+                assert_eq!(bits(&norms.borrow()[0])?, bits(&unfused)?, "{dtype:?} norm");
+                let apart = (&sum + rms_norm_reference(&sum, wt, 1e-5)?)?;
+                let g_tape = crate::tape::backward(&(&taped * &dy)?.sum_all()?)?;
+                let g_ref = (&apart * &dy)?.sum_all()?.backward()?;
+                for v in [x.as_tensor(), rt, wt] {
+                    let (a, b) = (bits(g_tape.get(v).unwrap())?, bits(g_ref.get(v).unwrap())?);
+                    let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+                    let err = a
+                        .iter()
+                        .zip(&b)
+                        .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+                    let tol = if dtype == DType::F32 { 1e-5 } else { 3e-2 };
+                    assert!(err <= tol * scale, "{rows}x{cols} {dtype:?}: off by {err}");
+                }
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn cpu_op_matches_reference_values_and_gradients() -> Result<()> {
         let dev = Device::Cpu;
