@@ -8,7 +8,7 @@
 // x, y, dy, dx (and r, s, ds) are [rows, cols] row-major in the entry point's dtype; w, b and
 // the gradients of w and b are f32 [cols] (the master weights); statistics are f32 [rows].
 // With a residual r, the forward normalises s = x + r (rounded to the dtype, as a separate
-// add would) and writes s too; with ds, the backward adds it to dx (the residual stream's
+// add would) and writes s too (the launcher puts s after y in one buffer); with ds, the backward adds it to dx (the residual stream's
 // gradient, which would otherwise take its own pass).
 struct LayerNormParams {
   const void *x;

@@ -76,7 +76,7 @@ __device__ __forceinline__ void add_residual(const T *rr, T *sr, int c, float (&
 
 template <typename T, int V, int K>
 __device__ __forceinline__ void fwd_body(const T *__restrict__ x, const T *__restrict__ w,
-                                         const T *__restrict__ r, T *__restrict__ s,
+                                         const T *__restrict__ resid, T *__restrict__ sum,
                                          T *__restrict__ y, float *__restrict__ rstd, int cols,
                                          float eps) {
   __shared__ float scratch[32];
@@ -85,8 +85,8 @@ __device__ __forceinline__ void fwd_body(const T *__restrict__ x, const T *__res
   const T *xr = x + (size_t)row * cols;
   T *yr = y + (size_t)row * cols;
   // With a residual, the row's sum; each thread reads back only the chunks it wrote.
-  const T *rr = r ? r + (size_t)row * cols : nullptr;
-  T *sr = r ? s + (size_t)row * cols : nullptr;
+  const T *rr = resid ? resid + (size_t)row * cols : nullptr;
+  T *sr = resid ? sum + (size_t)row * cols : nullptr;
   float ss = 0.f;
   if constexpr (K > 0) {
     float xv[K][V];

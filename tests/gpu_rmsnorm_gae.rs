@@ -183,7 +183,15 @@ mod gpu {
     /// off alignment (the scalar kernels; a constant then, since a variable is a fresh copy).
     pub fn rmsnorm_add_fused_matches_the_add_then_the_reference(dev: &Device) {
         let (mut rng, seed) = Rng::fresh(4);
-        let shapes: &[(usize, usize)] = &[(3, 7), (37, 96), (129, 768), (5, 1000), (3, 8193)];
+        // 8200: the generic (K = 0) path with 16-byte accesses; 8193 the same with scalar ones.
+        let shapes: &[(usize, usize)] = &[
+            (3, 7),
+            (37, 96),
+            (129, 768),
+            (5, 1000),
+            (3, 8193),
+            (3, 8200),
+        ];
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             for &shape in shapes {
                 for misalign in [false, true] {

@@ -1106,17 +1106,23 @@ mod curves {
             .collect()
     }
 
+    /// `preset` (GPT-2's or Llama's shape) at 2 layers of 256, 4 heads, a 512-token
+    /// vocabulary (a multiple of 8, so the LM head's GEMM takes cuBLASLt too), context 128.
+    pub fn small(preset: &str) -> ModelConfig {
+        let mut cfg = ModelConfig::preset(preset).unwrap();
+        cfg.vocab_size = 512;
+        cfg.hidden_size = 256;
+        cfg.intermediate_size = if preset == "gpt2" { 1024 } else { 688 };
+        cfg.num_hidden_layers = 2;
+        cfg.num_attention_heads = 4;
+        cfg.num_key_value_heads = if preset == "gpt2" { 4 } else { 2 };
+        cfg.max_position_embeddings = 128;
+        cfg
+    }
+
     pub fn training_curves_match_the_reference_kernels(dev: &Device) {
         for preset in ["gpt2", "llama-tiny"] {
-            let mut cfg = ModelConfig::preset(preset).unwrap();
-            // A multiple of 8, so the LM head's GEMM takes cuBLASLt too.
-            cfg.vocab_size = 512;
-            cfg.hidden_size = 256;
-            cfg.intermediate_size = if preset == "gpt2" { 1024 } else { 688 };
-            cfg.num_hidden_layers = 2;
-            cfg.num_attention_heads = 4;
-            cfg.num_key_value_heads = if preset == "gpt2" { 4 } else { 2 };
-            cfg.max_position_embeddings = 128;
+            let cfg = small(preset);
             let ours = losses(dev, &cfg, KernelSet::default(), true, true);
             let refs = losses(dev, &cfg, KernelSet::reference(), true, false);
             let casts = losses(dev, &cfg, KernelSet::default(), false, false);
@@ -1159,7 +1165,7 @@ gpu_test!(tape::model_gradients_on_the_tape_match_candles_graph);
 #[cfg(feature = "cuda")]
 mod tape {
     use candle_core::{DType, Device, Tensor};
-    use temper::config::{LoraConfig, LoraTarget, ModelConfig, TrainConfig};
+    use temper::config::{LoraConfig, LoraTarget, TrainConfig};
     use temper::kernels::KernelSet;
     use temper::model::linear::Ctx;
     use temper::model::{Fwd, Transformer};
@@ -1169,14 +1175,7 @@ mod tape {
     /// One step's loss and gradients (f32, one per trainable parameter) of a small model in
     /// bf16 with compute copies and dropout, its blocks on the tape or in candle's graph.
     fn grads(dev: &Device, preset: &str, lora: bool, tape: bool) -> (f32, Vec<Tensor>) {
-        let mut cfg = ModelConfig::preset(preset).unwrap();
-        cfg.vocab_size = 512;
-        cfg.hidden_size = 256;
-        cfg.intermediate_size = if preset == "gpt2" { 1024 } else { 688 };
-        cfg.num_hidden_layers = 2;
-        cfg.num_attention_heads = 4;
-        cfg.num_key_value_heads = if preset == "gpt2" { 4 } else { 2 };
-        cfg.max_position_embeddings = 128;
+        let mut cfg = super::curves::small(preset);
         cfg.dropout = 0.1;
         let adapters = LoraConfig {
             rank: 16,

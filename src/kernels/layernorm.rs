@@ -139,8 +139,8 @@ struct LayerNorm {
     eps: f32,
     /// `(mean, rstd)`, f32 `[rows]` each, written by the forward for the backward.
     stats: Mutex<Option<(Tensor, Tensor)>>,
-    /// Added to x before the norm ([`add_fused`]): the output is then `[2, ...]`, the sum
-    /// and its norm.
+    /// Added to x before the norm ([`add_fused`]): the output is then `[2, ...]`, the norm
+    /// and the sum.
     residual: Option<Tensor>,
 }
 
@@ -153,7 +153,7 @@ impl LayerNorm {
         }
     }
 
-    /// x's shape, or `[2, ...]` of it with a residual (the sum, then the norm).
+    /// x's shape, or `[2, ...]` of it with a residual (the norm, then the sum).
     fn out_shape(&self, lx: &Layout) -> Shape {
         match self.residual {
             Some(_) => Shape::from([&[2][..], lx.dims()].concat()),
@@ -224,15 +224,7 @@ pub fn add_fused(
     }
     spans::timed(KernelOp::LayerNorm, Pass::Forward, x.device(), || {
         check(x, w, b)?;
-        if r.shape() != x.shape() || r.dtype() != x.dtype() {
-            candle_core::bail!(
-                "layer_norm: residual {:?} {:?} for x {:?} {:?}",
-                r.dims(),
-                r.dtype(),
-                x.dims(),
-                x.dtype()
-            );
-        }
+        tape::check_residual(x, r, "layer_norm")?;
         let arg = |t: &Tensor| tape::arg(t).contiguous();
         let (xa, wa, ba) = (arg(x)?, arg(w)?, arg(b)?);
         let mut op = LayerNorm {
@@ -242,23 +234,15 @@ pub fn add_fused(
         let both = xa.apply_op3_no_bwd(&wa, &ba, &op)?;
         // The backward reads the sum and the statistics, not the residual.
         op.residual = None;
-        let (s, n) = (both.get(0)?, both.get(1)?);
-        let sum = s.clone();
-        tape::record_multi(&[x, r, w, b], &[&s, &n], move |mut g, _| {
-            let (gn, gs) = (g.pop().flatten(), g.pop().flatten());
-            let Some(gn) = gn else {
-                // Only the sum was read on: its gradient is both inputs'.
-                return Ok(vec![gs.clone(), gs, None, None]);
-            };
-            let (dsum, dw, db) = op.grads(&sum, &wa, &gn, gs)?;
-            Ok(vec![Some(dsum.clone()), Some(dsum), Some(dw), Some(db)])
-        })?;
-        Ok((s, n))
+        tape::record_add_norm(x, r, &[w, b], &both, move |sum, dn, ds| {
+            let (dsum, dw, db) = op.grads(sum, &wa, &dn, ds)?;
+            Ok((dsum, vec![Some(dw), Some(db)]))
+        })
     })
 }
 
-/// `(y, mean, rstd)` in the kernel's order of operations; with a residual `r`, y is the sum
-/// `x + r` (rounded to `T`, as a separate add rounds it) followed by its norm.
+/// `(y, mean, rstd)` in the kernel's order of operations; with a residual `r`, y is the norm
+/// of the sum `x + r` (rounded to `T`, as a separate add rounds it) followed by the sum.
 fn cpu_forward<T: WithDType>(
     x: &[T],
     r: Option<&[T]>,
@@ -268,15 +252,15 @@ fn cpu_forward<T: WithDType>(
     eps: f32,
 ) -> (Vec<T>, Vec<f32>, Vec<f32>) {
     let mut y = Vec::with_capacity(x.len() * (1 + r.is_some() as usize));
-    if let Some(r) = r {
-        let f = |v: &T| v.to_f64() as f32;
-        y.extend(
-            x.iter()
-                .zip(r)
-                .map(|(a, b)| T::from_f64((f(a) + f(b)) as f64)),
-        );
-    }
-    let sum = y.clone();
+    let f = |v: &T| v.to_f64() as f32;
+    let sum: Vec<T> = match r {
+        Some(r) => x
+            .iter()
+            .zip(r)
+            .map(|(a, b)| T::from_f64((f(a) + f(b)) as f64))
+            .collect(),
+        None => vec![],
+    };
     let x = if r.is_some() { &sum[..] } else { x };
     let (mut means, mut rstds) = (vec![], vec![]);
     for row in x.chunks(cols.max(1)) {
@@ -288,6 +272,8 @@ fn cpu_forward<T: WithDType>(
         means.push(mean);
         rstds.push(rstd);
     }
+    // With a residual, the sum after the norm.
+    y.extend(sum);
     (y, means, rstds)
 }
 

@@ -14,7 +14,7 @@
 //! [`op1_with`], [`op2_with`] and [`op3_with`] (a custom op with a backward of its own that
 //! keeps less, or must know which inputs want a gradient, as a GEMM's does), [`add`],
 //! [`record`] and [`record_multi`] (an op with a hand-written backward, of one output or
-//! several), or [`island`] (a composite of candle ops: the reference paths, differentiated
+//! several; [`record_add_norm`] for a residual add fused into a norm), or [`island`] (a composite of candle ops: the reference paths, differentiated
 //! by candle's autograd on copies of its inputs). Outside a segment each of these is the
 //! plain candle call it replaces.
 
@@ -263,6 +263,56 @@ pub fn record_multi(
         });
         Ok(())
     })
+}
+
+/// Fails unless a residual `r` can be added to `x`: one shape and one dtype.
+pub fn check_residual(x: &Tensor, r: &Tensor, what: &str) -> Result<()> {
+    if r.shape() != x.shape() || r.dtype() != x.dtype() {
+        candle_core::bail!(
+            "{what}: residual {:?} {:?} for x {:?} {:?}",
+            r.dims(),
+            r.dtype(),
+            x.dims(),
+            x.dtype()
+        );
+    }
+    Ok(())
+}
+
+/// Records a residual add fused into the norm after it: `both` (`[2, ...]`, computed from
+/// `x`, `r` and the norm's `weights`) holds the norm of the sum `x + r`, then the sum (the
+/// norm first, at the buffer's start, which the GEMMs that read it need aligned); returns
+/// `(sum, norm)`. `grads(sum, dnorm, dsum)` gives the sum's whole gradient (the norm's dx and
+/// the sum's own gradient, added in one pass) and one per weight; the sum's gradient is both
+/// x's and r's.
+pub fn record_add_norm(
+    x: &Tensor,
+    r: &Tensor,
+    weights: &[&Tensor],
+    both: &Tensor,
+    grads: impl FnOnce(&Tensor, Tensor, Option<Tensor>) -> Result<(Tensor, Grads)> + Send + 'static,
+) -> Result<(Tensor, Tensor)> {
+    let (n, s) = (both.get(0)?, both.get(1)?);
+    let sum = s.clone();
+    let mut inputs = vec![x, r];
+    inputs.extend_from_slice(weights);
+    let count = inputs.len();
+    record_multi(&inputs, &[&s, &n], move |mut g, _| {
+        let (dnorm, dsum) = (g.pop().flatten(), g.pop().flatten());
+        let mut out = match dnorm {
+            Some(dn) => {
+                let (d, dweights) = grads(&sum, dn, dsum)?;
+                let mut out = vec![Some(d.clone()), Some(d)];
+                out.extend(dweights);
+                out
+            }
+            // Only the sum was read on: its gradient is both inputs'.
+            None => vec![dsum.clone(), dsum],
+        };
+        out.resize(count, None);
+        Ok(out)
+    })?;
+    Ok((s, n))
 }
 
 /// Which of `inputs` want a gradient on the current tape (all of them outside one).

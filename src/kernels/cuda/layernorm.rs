@@ -50,8 +50,9 @@ fn blocks(n: usize) -> Result<LaunchConfig> {
 
 type Arg<'a> = (&'a CudaStorage, &'a Layout);
 
-/// `(y, mean, rstd)`; with a residual `r` (x's shape and dtype), y holds `x + r` and then the
-/// norm of that sum, one after the other.
+/// `(y, mean, rstd)`; with a residual `r` (x's shape and dtype), y holds the norm of `x + r`
+/// and then the sum, one after the other (the norm first, at the buffer's aligned start,
+/// for the GEMMs that read it).
 pub fn forward(
     x: Arg,
     r: Option<Arg>,
@@ -99,16 +100,16 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
         let stream = dev.cuda_stream();
         let mut ptrs = DevPtrs::new(&stream);
         let out = ptrs.write(&mut y);
-        // The sum first, then the norm.
-        let (s, y) = match &r {
-            Some(_) => (out, out + (rows * cols * std::mem::size_of::<T>()) as u64),
-            None => (0, out),
+        // The norm first, then the sum.
+        let s = match &r {
+            Some(_) => out + (rows * cols * std::mem::size_of::<T>()) as u64,
+            None => 0,
         };
         let p = LayerNormParams {
             x: ptrs.read(&x),
             w: ptrs.read(&w),
             b: ptrs.read(&b),
-            y,
+            y: out,
             mean: ptrs.write(&mut mean),
             rstd: ptrs.write(&mut rstd),
             r: ptrs.read_opt(r.as_ref()),
@@ -159,7 +160,16 @@ fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
     let w = contiguous_view::<f32>(sw, lw)?;
     let g = contiguous_view::<T>(sg, lg)?;
     let ds = match ds {
-        Some((s, l)) => Some(contiguous_view::<T>(s, l)?),
+        Some((s, l)) => {
+            if rows_cols(l)? != (rows, cols) {
+                candle_core::bail!(
+                    "layer_norm backward: ds {:?} for x {:?}",
+                    l.dims(),
+                    lx.dims()
+                );
+            }
+            Some(contiguous_view::<T>(s, l)?)
+        }
         None => None,
     };
     let (ms, ml) = mean.storage_and_layout();

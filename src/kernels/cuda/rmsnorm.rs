@@ -122,8 +122,8 @@ struct RmsNorm {
     eps: f32,
     /// `[rows]` f32, written by the forward for the backward.
     rstd: Mutex<Option<Tensor>>,
-    /// Added to x before the norm ([`add_fused`]): the output is then `[2, ...]`, the sum
-    /// and its norm.
+    /// Added to x before the norm ([`add_fused`]): the output is then `[2, ...]`, the norm
+    /// and the sum.
     residual: Option<Tensor>,
 }
 
@@ -140,7 +140,7 @@ impl RmsNorm {
         *self.rstd.lock().unwrap_or_else(PoisonError::into_inner) = Some(rstd);
     }
 
-    /// x's shape, or `[2, ...]` of it with a residual (the sum, then the norm).
+    /// x's shape, or `[2, ...]` of it with a residual (the norm, then the sum).
     fn out_shape(&self, lx: &Layout) -> Shape {
         match self.residual {
             Some(_) => Shape::from([&[2][..], lx.dims()].concat()),
@@ -200,33 +200,17 @@ pub fn add_fused(x: &Tensor, r: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor
     }
     spans::timed(KernelOp::RmsNorm, Pass::Forward, x.device(), || {
         check(x, w)?;
-        if r.shape() != x.shape() || r.dtype() != x.dtype() {
-            candle_core::bail!(
-                "rms_norm: residual {:?} {:?} for x {:?} {:?}",
-                r.dims(),
-                r.dtype(),
-                x.dims(),
-                x.dtype()
-            );
-        }
+        tape::check_residual(x, r, "rms_norm")?;
         let arg = |t: &Tensor| tape::arg(t).contiguous();
         let (xa, wa) = (arg(x)?, arg(w)?);
         let mut op = RmsNorm::new(eps, Some(arg(r)?));
         let both = xa.apply_op2_no_bwd(&wa, &op)?;
         // The backward reads the sum and the saved inverse rms, not the residual.
         op.residual = None;
-        let (s, n) = (both.get(0)?, both.get(1)?);
-        let sum = s.clone();
-        tape::record_multi(&[x, r, w], &[&s, &n], move |mut g, _| {
-            let (gn, gs) = (g.pop().flatten(), g.pop().flatten());
-            let Some(gn) = gn else {
-                // Only the sum was read on: its gradient is both inputs'.
-                return Ok(vec![gs.clone(), gs, None]);
-            };
-            let (dsum, dw) = op.grads(&sum, &wa, &gn, gs)?;
-            Ok(vec![Some(dsum.clone()), Some(dsum), Some(dw)])
-        })?;
-        Ok((s, n))
+        tape::record_add_norm(x, r, &[w], &both, move |sum, dn, ds| {
+            let (dsum, dw) = op.grads(sum, &wa, &dn, ds)?;
+            Ok((dsum, vec![Some(dw)]))
+        })
     })
 }
 
@@ -238,8 +222,8 @@ fn held(s: &candle_core::Storage) -> Result<&CpuStorage> {
     }
 }
 
-/// `(y, rstd)`; with a residual `r`, y is the sum `x + r` (rounded to `T`, as a separate add
-/// rounds it) followed by its norm.
+/// `(y, rstd)`; with a residual `r`, y is the norm of the sum `x + r` (rounded to `T`, as a
+/// separate add rounds it) followed by the sum.
 fn cpu_forward<T: WithDType>(
     x: &[T],
     r: Option<&[T]>,
@@ -249,15 +233,15 @@ fn cpu_forward<T: WithDType>(
     eps: f32,
 ) -> (Vec<T>, Vec<f32>) {
     let mut y = Vec::with_capacity(rows * cols * (1 + r.is_some() as usize));
-    if let Some(r) = r {
-        let f = |v: &T| v.to_f64() as f32;
-        y.extend(
-            x.iter()
-                .zip(r)
-                .map(|(a, b)| T::from_f64((f(a) + f(b)) as f64)),
-        );
-    }
-    let sum = y.clone();
+    let f = |v: &T| v.to_f64() as f32;
+    let sum: Vec<T> = match r {
+        Some(r) => x
+            .iter()
+            .zip(r)
+            .map(|(a, b)| T::from_f64((f(a) + f(b)) as f64))
+            .collect(),
+        None => vec![],
+    };
     let x = if r.is_some() { &sum[..] } else { x };
     let mut rstd = Vec::with_capacity(rows);
     let w: Vec<f32> = w.iter().map(|v| v.to_f64() as f32).collect();
@@ -272,6 +256,8 @@ fn cpu_forward<T: WithDType>(
                 .map(|(&v, &wv)| T::from_f64(((v * r) * wv) as f64)),
         );
     }
+    // With a residual, the sum after the norm.
+    y.extend(sum);
     (y, rstd)
 }
 
@@ -389,7 +375,7 @@ fn cuda_forward<T: CudaDType + DeviceRepr + WithDType>(
     let mut y = unsafe { alloc_out::<T>(dev, outputs * n)? };
     let mut rstd = unsafe { alloc_out::<f32>(dev, rows)? };
     if n > 0 {
-        // The norm starts n elements into the output when the sum comes first.
+        // The sum starts n elements into the output.
         let offsets = [
             lx.start_offset(),
             lw.start_offset(),
@@ -408,14 +394,16 @@ fn cuda_forward<T: CudaDType + DeviceRepr + WithDType>(
         let stream = dev.cuda_stream();
         let mut ptrs = DevPtrs::new(&stream);
         let out = ptrs.write(&mut y);
-        let (s, y) = match &r {
-            Some(_) => (out, out + (n * std::mem::size_of::<T>()) as u64),
-            None => (0, out),
+        // The norm first, at the buffer's aligned start for the GEMMs that read it, then the
+        // sum.
+        let s = match &r {
+            Some(_) => out + (n * std::mem::size_of::<T>()) as u64,
+            None => 0,
         };
         let p = RmsNormParams {
             x: ptrs.read(&x),
             w: ptrs.read(&w),
-            y,
+            y: out,
             rstd: ptrs.write(&mut rstd),
             r: ptrs.read_opt(r.as_ref()),
             s,
@@ -526,10 +514,15 @@ fn cuda_backward<T: CudaDType + DeviceRepr + WithDType>(
     let rstd = contiguous_view::<f32>(cuda_storage(&rs_guard)?, rs_layout)?;
     let held = op.ds.as_ref().map(|d| d.storage_and_layout());
     let (ds, ds_offset) = match &held {
-        Some((g, l)) => (
-            Some(contiguous_view::<T>(cuda_storage(g)?, l)?),
-            l.start_offset(),
-        ),
+        Some((g, l)) => {
+            if rows_cols(l)? != (rows, cols) {
+                candle_core::bail!("rms_norm backward: ds {:?} for x {:?}", l.dims(), lx.dims());
+            }
+            (
+                Some(contiguous_view::<T>(cuda_storage(g)?, l)?),
+                l.start_offset(),
+            )
+        }
         None => (None, 0),
     };
 
@@ -717,7 +710,6 @@ mod tests {
             .collect()
     }
 
-    /// The CPU path of the op (forward and the backward op) against the reference's autograd.
     /// The fused add and norm on a block tape, through the CPU implementation: the norm
     /// bit for bit the unfused op's on the rounded sum, and the gradients of x, the residual
     /// and w those of candle's add and the reference norm.
@@ -765,6 +757,7 @@ mod tests {
         Ok(())
     }
 
+    /// The CPU path of the op (forward and the backward op) against the reference's autograd.
     #[test]
     fn cpu_op_matches_reference_values_and_gradients() -> Result<()> {
         let dev = Device::Cpu;
