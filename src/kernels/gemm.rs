@@ -49,20 +49,32 @@ fn reference_recorded(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (xa, wa) = (x.detach(), w.detach());
     let y = reference(&xa, &wa)?;
     tape::record(&[x, w], &y, move |g, want| {
-        let (k, n) = (xa.dim(D::Minus1)?, wa.dim(0)?);
-        let rows = xa.elem_count() / k.max(1);
-        let g = g.to_dtype(xa.dtype())?.reshape((rows, n))?;
-        let dx = match want[0] {
-            true => Some(g.matmul(&wa)?.reshape(xa.shape())?),
-            false => None,
-        };
-        let dw = match want[1] {
-            true => Some(g.t()?.matmul(&xa.reshape((rows, k))?)?),
-            false => None,
-        };
+        let (dx, dw) = reference_grads(&g, &xa, &wa, [want[0], want[1]])?;
         Ok(vec![dx, dw])
     })?;
     Ok(y)
+}
+
+/// The gradients of [`reference`]'s `y = x W^T` for `dy` (`[..., N]`) with candle's matmul:
+/// `(dy W, dy^T x)`, each `None` where `want` says its operand needs none.
+pub fn reference_grads(
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    [want_x, want_w]: [bool; 2],
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let (k, n) = (x.dim(D::Minus1)?, w.dim(0)?);
+    let rows = x.elem_count() / k.max(1);
+    let g = dy.to_dtype(x.dtype())?.reshape((rows, n))?;
+    let dx = match want_x {
+        true => Some(g.matmul(w)?.reshape(x.shape())?),
+        false => None,
+    };
+    let dw = match want_w {
+        true => Some(g.t()?.matmul(&x.reshape((rows, k))?)?),
+        false => None,
+    };
+    Ok((dx, dw))
 }
 
 /// candle's matmul, the leading dimensions of `x` flattened into its rows.

@@ -12,7 +12,7 @@ use std::sync::{Mutex, PoisonError};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, WithDType, D};
 
-use super::host::{rows_cols, slice};
+use super::host::{cpu_storage, norm_out_shape, rounded_sum, rows_cols, slice};
 use super::registry::{warn_fallback, KernelChoice};
 use super::spans::{self, Pass};
 use super::KernelOp;
@@ -73,14 +73,6 @@ pub fn fused(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
         let arg = |t: &Tensor| tape::arg(t).contiguous();
         tape::op3([x, w, b], [arg(x)?, arg(w)?, arg(b)?], LayerNorm::new(eps))
     })
-}
-
-/// A CPU storage, for an op that reads a tensor it holds (a residual, a gradient).
-fn cpu(s: &candle_core::Storage) -> Result<&CpuStorage> {
-    match s {
-        candle_core::Storage::Cpu(c) => Ok(c),
-        _ => candle_core::bail!("layer_norm: a CPU op was handed a tensor on another device"),
-    }
 }
 
 fn check(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<()> {
@@ -150,14 +142,6 @@ impl LayerNorm {
             eps: eps as f32,
             stats: Mutex::new(None),
             residual: None,
-        }
-    }
-
-    /// x's shape, or `[2, ...]` of it with a residual (the norm, then the sum).
-    fn out_shape(&self, lx: &Layout) -> Shape {
-        match self.residual {
-            Some(_) => Shape::from([&[2][..], lx.dims()].concat()),
-            None => lx.shape().clone(),
         }
     }
 
@@ -252,15 +236,7 @@ fn cpu_forward<T: WithDType>(
     eps: f32,
 ) -> (Vec<T>, Vec<f32>, Vec<f32>) {
     let mut y = Vec::with_capacity(x.len() * (1 + r.is_some() as usize));
-    let f = |v: &T| v.to_f64() as f32;
-    let sum: Vec<T> = match r {
-        Some(r) => x
-            .iter()
-            .zip(r)
-            .map(|(a, b)| T::from_f64((f(a) + f(b)) as f64))
-            .collect(),
-        None => vec![],
-    };
+    let sum = r.map_or_else(Vec::new, |r| rounded_sum(x, r));
     let x = if r.is_some() { &sum[..] } else { x };
     let (mut means, mut rstds) = (vec![], vec![]);
     for row in x.chunks(cols.max(1)) {
@@ -329,7 +305,7 @@ impl CustomOp3 for LayerNorm {
         let (w, b) = (slice::<f32>(sw, lw)?, slice::<f32>(sb, lb)?);
         let res = self.residual.as_ref().map(|r| r.storage_and_layout());
         let res = match &res {
-            Some((s, l)) => Some((cpu(s)?, *l)),
+            Some((s, l)) => Some((cpu_storage(s)?, *l)),
             None => None,
         };
         let eps = self.eps;
@@ -353,7 +329,7 @@ impl CustomOp3 for LayerNorm {
         };
         let t = |v: Vec<f32>| Tensor::from_vec(v, rows, &Device::Cpu);
         *self.stats.lock().unwrap_or_else(PoisonError::into_inner) = Some((t(mean)?, t(rstd)?));
-        Ok((y, self.out_shape(lx)))
+        Ok((y, norm_out_shape(lx, self.residual.is_some())))
     }
 
     #[cfg(feature = "cuda")]
@@ -374,7 +350,7 @@ impl CustomOp3 for LayerNorm {
         let (y, mean, rstd) =
             super::cuda::layernorm::forward((sx, lx), res, (sw, lw), (sb, lb), self.eps)?;
         *self.stats.lock().unwrap_or_else(PoisonError::into_inner) = Some((mean, rstd));
-        Ok((y, self.out_shape(lx)))
+        Ok((y, norm_out_shape(lx, self.residual.is_some())))
     }
 
     fn bwd(
@@ -420,7 +396,7 @@ impl CustomOp3 for LayerNormBwd {
         let stats = (mean.as_slice(), rstd.as_slice());
         let ds = self.ds.as_ref().map(|d| d.storage_and_layout());
         let ds = match &ds {
-            Some((s, l)) => Some((cpu(s)?, *l)),
+            Some((s, l)) => Some((cpu_storage(s)?, *l)),
             None => None,
         };
         let (dx, dw, db) = match sx.dtype() {

@@ -63,28 +63,26 @@ pub fn reference_recorded(x: &Tensor, x_lora: &Tensor, args: &LoraArgs) -> Resul
     let y = (base + (lin(&down, &b)? * scale)?)?;
     let mut inputs = vec![x, x_lora, args.w, args.a, args.b];
     inputs.extend(args.bias);
+    let inputs_len = inputs.len();
     crate::tape::record(&inputs, &y, move |g, want| {
-        let ((n, k), r) = (w.dims2()?, a.dim(0)?);
-        let rows = g.elem_count() / n.max(1);
-        let g = g.to_dtype(xa.dtype())?.reshape((rows, n))?;
-        let flat = |t: &Tensor, cols: usize| t.reshape((rows, cols));
-        // The gradient of the down projection, scaled as the up projection's output was.
-        let gd = (g.matmul(&b)? * scale)?;
-        let pick = |i: usize, f: &dyn Fn() -> Result<Tensor>| match want.get(i) {
-            Some(true) => f().map(Some),
-            _ => Ok(None),
+        let grads = super::gemm::reference_grads;
+        let want = |i: usize| want.get(i) == Some(&true);
+        let (dx, dw) = grads(&g, &xa, &w, [want(0), want(2)])?;
+        // Up the adapter: `up = down B^T` scaled, then `down = x_lora A^T`.
+        let (g_down, db) = grads(&g, &down, &b, [want(1) || want(3), want(4)])?;
+        let db = db.map(|d| d * scale).transpose()?;
+        let (dxl, da) = match g_down {
+            Some(gd) => grads(&(gd * scale)?, &xl, &a, [want(1), want(3)])?,
+            None => (None, None),
         };
-        Ok(vec![
-            pick(0, &|| g.matmul(&w)?.reshape(xa.shape()))?,
-            pick(1, &|| gd.matmul(&a)?.reshape(xl.shape()))?,
-            pick(2, &|| g.t()?.matmul(&flat(&xa, k)?))?,
-            pick(3, &|| gd.t()?.matmul(&flat(&xl, k)?))?,
-            pick(4, &|| g.t()?.matmul(&flat(&down, r)?)? * scale)?,
-            pick(5, &|| g.sum(0))?,
-        ]
-        .into_iter()
-        .take(want.len())
-        .collect())
+        let dbias = match want(5) {
+            true => Some(g.reshape(((), w.dim(0)?))?.sum(0)?),
+            false => None,
+        };
+        Ok([dx, dxl, dw, da, db, dbias]
+            .into_iter()
+            .take(inputs_len)
+            .collect())
     })?;
     Ok(y)
 }

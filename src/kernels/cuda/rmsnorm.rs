@@ -16,7 +16,7 @@ use candle_core::{
     WithDType, D,
 };
 
-use super::super::host::{rows_cols, slice};
+use super::super::host::{cpu_storage, norm_out_shape, rounded_sum, rows_cols, slice};
 use super::super::spans::{self, Pass};
 use super::super::KernelOp;
 use super::{alloc_out, contiguous_view, cuda_storage, launch, launch_1d, load_func};
@@ -140,14 +140,6 @@ impl RmsNorm {
         *self.rstd.lock().unwrap_or_else(PoisonError::into_inner) = Some(rstd);
     }
 
-    /// x's shape, or `[2, ...]` of it with a residual (the norm, then the sum).
-    fn out_shape(&self, lx: &Layout) -> Shape {
-        match self.residual {
-            Some(_) => Shape::from([&[2][..], lx.dims()].concat()),
-            None => lx.shape().clone(),
-        }
-    }
-
     /// `(dx, dw)` for `dy` after the forward, `x` the normalised input (the sum, with a
     /// residual); `ds` is added to dx.
     fn grads(
@@ -214,14 +206,6 @@ pub fn add_fused(x: &Tensor, r: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor
     })
 }
 
-/// The CPU storage of a tensor an op holds (a residual, a gradient).
-fn held(s: &candle_core::Storage) -> Result<&CpuStorage> {
-    match s {
-        candle_core::Storage::Cpu(c) => Ok(c),
-        _ => candle_core::bail!("rms_norm: a CPU op was handed a tensor on another device"),
-    }
-}
-
 /// `(y, rstd)`; with a residual `r`, y is the norm of the sum `x + r` (rounded to `T`, as a
 /// separate add rounds it) followed by the sum.
 fn cpu_forward<T: WithDType>(
@@ -233,15 +217,7 @@ fn cpu_forward<T: WithDType>(
     eps: f32,
 ) -> (Vec<T>, Vec<f32>) {
     let mut y = Vec::with_capacity(rows * cols * (1 + r.is_some() as usize));
-    let f = |v: &T| v.to_f64() as f32;
-    let sum: Vec<T> = match r {
-        Some(r) => x
-            .iter()
-            .zip(r)
-            .map(|(a, b)| T::from_f64((f(a) + f(b)) as f64))
-            .collect(),
-        None => vec![],
-    };
+    let sum = r.map_or_else(Vec::new, |r| rounded_sum(x, r));
     let x = if r.is_some() { &sum[..] } else { x };
     let mut rstd = Vec::with_capacity(rows);
     let w: Vec<f32> = w.iter().map(|v| v.to_f64() as f32).collect();
@@ -419,7 +395,7 @@ fn cuda_forward<T: CudaDType + DeviceRepr + WithDType>(
     op.save(tensor_from_slice(rstd, dev, rows));
     Ok((
         CudaStorage::wrap_cuda_slice(y, dev.clone()),
-        op.out_shape(lx),
+        norm_out_shape(lx, op.residual.is_some()),
     ))
 }
 
@@ -447,7 +423,7 @@ impl CustomOp2 for RmsNorm {
         ) -> Result<CpuStorage> {
             let g = op.residual.as_ref().map(|r| r.storage_and_layout());
             let r = match &g {
-                Some((g, l)) => Some(slice::<T>(held(g)?, l)?),
+                Some((g, l)) => Some(slice::<T>(cpu_storage(g)?, l)?),
                 None => None,
             };
             let (x, w) = (slice::<T>(sx, lx)?, slice::<T>(sw, lw)?);
@@ -461,7 +437,7 @@ impl CustomOp2 for RmsNorm {
             DType::F16 => run::<half::f16>(self, sx, lx, sw, lw, rows, cols)?,
             dt => candle_core::bail!("rms_norm: unsupported dtype {dt:?}"),
         };
-        Ok((out, self.out_shape(lx)))
+        Ok((out, norm_out_shape(lx, self.residual.is_some())))
     }
 
     fn cuda_fwd(
@@ -619,7 +595,7 @@ impl CustomOp3 for RmsNormBwd {
         ) -> Result<CpuStorage> {
             let g = ds.map(|d| d.storage_and_layout());
             let ds = match &g {
-                Some((g, l)) => Some(slice::<T>(held(g)?, l)?),
+                Some((g, l)) => Some(slice::<T>(cpu_storage(g)?, l)?),
                 None => None,
             };
             let out = cpu_backward(
