@@ -280,20 +280,18 @@ refr = pick(bench="train_step", impl="reference")
 if refr:
     row("GPT-2 124M train step", "B16 T1024 bf16", "tokens/s", refr.get("tokens_per_s"), "temper reference kernels",
         ours.get("tokens_per_s"), "reference over ours, not a peer")
-graph = pick(bench="train_step", impl="ours-graph")
-if graph:
-    row("GPT-2 124M train step", "B16 T1024 bf16", "tokens/s", graph.get("tokens_per_s"), "temper with the tape",
-        ours.get("tokens_per_s"), "ablation: blocks in candle's graph, over ours; not a peer")
-    row("GPT-2 124M train step", "B16 T1024 bf16", "peak GPU MiB (nvidia-smi)",
-        status.get("train-graph", {}).get("peak_mib"), "temper with the tape",
-        status.get("train-ours", {}).get("peak_mib"), "ablation, as above")
-casts = pick(bench="train_step", impl="ours-casts")
-if casts:
-    row("GPT-2 124M train step", "B16 T1024 bf16", "tokens/s", casts.get("tokens_per_s"), "temper with compute copies",
-        ours.get("tokens_per_s"), "ablation: masters cast every step, over ours; not a peer")
-    row("GPT-2 124M train step", "B16 T1024 bf16", "peak GPU MiB (nvidia-smi)",
-        status.get("train-casts", {}).get("peak_mib"), "temper with compute copies",
-        status.get("train-ours", {}).get("peak_mib"), "ablation, as above")
+# Ablations of ours (not peers): each over ours, tokens/s and peak memory.
+for imp, sec, base, what in [
+    ("ours-graph", "train-graph", "temper with the tape", "blocks in candle's graph"),
+    ("ours-casts", "train-casts", "temper with compute copies", "masters cast every step"),
+]:
+    abl = pick(bench="train_step", impl=imp)
+    if abl:
+        row("GPT-2 124M train step", "B16 T1024 bf16", "tokens/s", abl.get("tokens_per_s"), base,
+            ours.get("tokens_per_s"), f"ablation: {what}, over ours; not a peer")
+        row("GPT-2 124M train step", "B16 T1024 bf16", "peak GPU MiB (nvidia-smi)",
+            status.get(sec, {}).get("peak_mib"), base,
+            status.get("train-ours", {}).get("peak_mib"), "ablation, as above")
 
 # Attention.
 for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention"}):
