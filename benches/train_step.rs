@@ -41,6 +41,58 @@ fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// Opens or closes the CUDA profiler's capture range (what `ncu --profile-from-start off`
+/// profiles); nothing without CUDA.
+fn profiler_range(start: bool) {
+    #[cfg(feature = "cuda")]
+    {
+        use cudarc::driver::sys;
+        // SAFETY: plain driver calls with no arguments, made after a device sync.
+        let r = unsafe {
+            match start {
+                true => sys::cuProfilerStart(),
+                false => sys::cuProfilerStop(),
+            }
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            eprintln!(
+                "train_step: cuProfiler{} returned {r:?}",
+                if start { "Start" } else { "Stop" }
+            );
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = start;
+}
+
+/// The high-water mark of the bytes in use in the device's default memory pool (where
+/// candle's stream-ordered allocations come from) since the last call, which resets it: the
+/// allocator's own peak, comparable with PyTorch's `max_memory_allocated`, where nvidia-smi's
+/// samples can miss a peak that lasts milliseconds. `None` without CUDA.
+fn pool_peak_bytes() -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        use cudarc::driver::sys;
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        // SAFETY: plain driver queries on device 0, the bench's device, whose context the
+        // bench has made; `value` is the u64 the attribute is documented to be.
+        unsafe {
+            let mut dev = 0;
+            let mut pool = std::ptr::null_mut();
+            let mut value = 0u64;
+            let ok = sys::cuDeviceGet(&mut dev, 0) == sys::CUresult::CUDA_SUCCESS
+                && sys::cuDeviceGetDefaultMemPool(&mut pool, dev) == sys::CUresult::CUDA_SUCCESS
+                && sys::cuMemPoolGetAttribute(pool, attr, (&mut value as *mut u64).cast())
+                    == sys::CUresult::CUDA_SUCCESS;
+            let mut zero = 0u64;
+            let _ = sys::cuMemPoolSetAttribute(pool, attr, (&mut zero as *mut u64).cast());
+            ok.then_some(value)
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    None
+}
+
 /// One implementation of the step: its kernels, whether AdamW keeps bf16 compute copies
 /// (`[train] compute_copies`) or the forward casts each master, and whether the blocks are
 /// recorded on our tape (`[train] tape`).
@@ -89,8 +141,17 @@ fn run(
     let mut prof = Profiler::new(dev);
     // Two warm-up steps, the timed ones, then one profiled step outside the timing. Only that
     // step records events: the timed ones carry no profiler work.
+    // With TEMPER_CUDA_PROFILER_STEP set, the first timed step runs inside
+    // cuProfilerStart/Stop, so that `ncu --profile-from-start off` sees exactly one
+    // steady-state step (scripts/gpu-check.sh, docs/GPU.md).
+    let ncu_range = std::env::var_os("TEMPER_CUDA_PROFILER_STEP").is_some();
     for i in 0..steps + 3 {
         let profiled = i == steps + 2;
+        let ncu_step = ncu_range && i == 2;
+        if ncu_step {
+            dev.synchronize()?;
+            profiler_range(true);
+        }
         let mark = |p: &Profiler| -> Result<Option<Mark>> {
             Ok(match profiled {
                 true => Some(p.mark()?),
@@ -124,6 +185,10 @@ fn run(
             prof.step_done();
         }
         losses.push(scalar(&loss)?); // forces a device sync
+        if ncu_step {
+            dev.synchronize()?;
+            profiler_range(false);
+        }
         if i >= 2 && !profiled {
             times.push(t0.elapsed().as_secs_f64());
         }
@@ -181,14 +246,21 @@ fn main() -> Result<()> {
         if !picked {
             continue;
         }
+        dev.synchronize()?;
+        let _ = pool_peak_bytes();
         let (secs, losses, prof) = run(&dev, &cfg, imp, dtype, b, t, steps)?;
+        dev.synchronize()?;
+        let pool_peak = pool_peak_bytes();
         println!(
             "{name:<9} {:>9.1} ms/step {:>10.0} tokens/s",
             secs * 1e3,
             tokens / secs
         );
+        let pool = pool_peak.map_or(String::new(), |p| {
+            format!(",\"pool_peak_gib\":{:.3}", p as f64 / (1u64 << 30) as f64)
+        });
         println!(
-            "{{\"bench\":\"train_step\",\"impl\":\"{name}\",\"batch\":{b},\"seq\":{t},\"ms\":{:.3},\"tokens_per_s\":{:.1},\"first_loss\":{:.5},\"last_loss\":{:.5}}}",
+            "{{\"bench\":\"train_step\",\"impl\":\"{name}\",\"batch\":{b},\"seq\":{t},\"ms\":{:.3},\"tokens_per_s\":{:.1},\"first_loss\":{:.5},\"last_loss\":{:.5}{pool}}}",
             secs * 1e3,
             tokens / secs,
             losses.first().copied().unwrap_or(f64::NAN),

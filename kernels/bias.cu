@@ -5,8 +5,10 @@
 //   backward: dL/dy = dy * act'(y + b), written back (nothing to write for the identity), and
 //             the bias gradient as a column reduction: each block owns 256 columns of one group
 //             of rows and sums them in row order into its own partial row (no atomics);
-//   reduce:   one thread per column adds the groups' partials in group order. The bias
-//             gradient is the same on every run.
+//             (rows a multiple of 16 bytes take backward_vec: 16-byte accesses, warps over
+//             the rows);
+//   reduce:   the groups' partials added per column in a fixed order. The bias gradient is
+//             the same on every run.
 // The reference is candle's broadcast add (and its GELU composite), whose backward sums the
 // columns with a generic reduction over a transposed view.
 #include "bias.cuh"
@@ -54,14 +56,110 @@ template <typename T> __device__ void backward(const BiasParams &p) {
   p.partial[(size_t)blockIdx.y * p.cols + c] = acc;
 }
 
+// The forward with 16-byte accesses (rows a multiple of 16 bytes, aligned bases): a
+// grid-stride loop over the 16-byte chunks of the whole tensor.
+template <typename T> __device__ void forward_vec(const BiasParams &p) {
+  using V = temper::Vec16<T>;
+  constexpr int E = V::N;
+  const int vcols = p.cols / E;
+  const long long chunks = p.n / E;
+  const V *y = static_cast<const V *>(p.y);
+  V *out = static_cast<V *>(p.out);
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < chunks;
+       i += (long long)gridDim.x * blockDim.x) {
+    const int c = (int)(i % vcols) * E;
+    const V z = y[i];
+    V o;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const float v = to_f32(z.v[e]) + p.b[c + e];
+      o.v[e] = from_f32<T>(p.act == kGeluTanh ? gelu_tanh(v) : v);
+    }
+    out[i] = o;
+  }
+}
+
+// The backward with 16-byte accesses, for rows a multiple of 16 bytes long with aligned bases
+// (the launcher checks): a block covers 32 16-byte column chunks, one per lane, and its
+// group's rows, warp w taking rows w, w + 8, ...; the warps' column sums are added in warp
+// order through shared memory into the group's partial row.
+template <typename T> __device__ void backward_vec(const BiasParams &p) {
+  using V = temper::Vec16<T>;
+  constexpr int E = V::N;
+  __shared__ float red[kThreads / 32][32][E + 1];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int vcols = p.cols / E;
+  const int vc = blockIdx.x * 32 + lane;
+  const int per = (p.rows + p.groups - 1) / p.groups;
+  const int r0 = blockIdx.y * per;
+  const int r1 = min(p.rows, r0 + per);
+  float acc[E];
+#pragma unroll
+  for (int i = 0; i < E; ++i) acc[i] = 0.f;
+  if (vc < vcols) {
+    const V *dy = static_cast<const V *>(p.dy);
+    const V *y = static_cast<const V *>(p.y);
+    V *out = static_cast<V *>(p.out);
+    float b[E];
+#pragma unroll
+    for (int i = 0; i < E; ++i) b[i] = p.b[vc * E + i];
+#pragma unroll 4
+    for (int r = r0 + warp; r < r1; r += nwarps) {
+      const size_t at = (size_t)r * vcols + vc;
+      const V g = dy[at];
+      V o;
+      if (p.act == kGeluTanh) {
+        const V z = y[at];
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+          const float d = to_f32(g.v[i]) * gelu_tanh_slope(to_f32(z.v[i]) + b[i]);
+          o.v[i] = from_f32<T>(d);
+          acc[i] += d;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+          acc[i] += to_f32(g.v[i]);
+          o.v[i] = g.v[i];
+        }
+      }
+      if (out != nullptr) out[at] = o;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < E; ++i) red[warp][lane][i] = acc[i];
+  __syncthreads();
+  if (warp == 0 && vc < vcols) {
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      float sum = 0.f;
+      for (int w = 0; w < nwarps; ++w) sum += red[w][lane][i];
+      p.partial[(size_t)blockIdx.y * p.cols + vc * E + i] = sum;
+    }
+  }
+}
+
 }  // namespace
 
+// db[c], the sum of the groups' partial rows: 32 columns per block, warp w adding groups w,
+// w + 8, ... in order, then the warps' sums in warp order: the same on every run.
 extern "C" __global__ void __launch_bounds__(kThreads) bias_db_reduce(const BiasParams p) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= p.cols) return;
+  __shared__ float sums[kThreads / 32][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int c = blockIdx.x * 32 + lane;
   float db = 0.f;
-  for (int g = 0; g < p.groups; ++g) db += p.partial[(size_t)g * p.cols + c];
-  p.db[c] = db;
+  if (c < p.cols) {
+    // Unrolled so that several loads are in flight: the sum is latency-bound.
+#pragma unroll 4
+    for (int g = warp; g < p.groups; g += nwarps) db += p.partial[(size_t)g * p.cols + c];
+  }
+  sums[warp][lane] = db;
+  __syncthreads();
+  if (warp == 0 && c < p.cols) {
+    float total = 0.f;
+    for (int w = 0; w < nwarps; ++w) total += sums[w][lane];
+    p.db[c] = total;
+  }
 }
 
 #define BIAS_ENTRY(SUFFIX, T)                                                                  \
@@ -70,6 +168,14 @@ extern "C" __global__ void __launch_bounds__(kThreads) bias_db_reduce(const Bias
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(kThreads) bias_bwd_##SUFFIX(const BiasParams p) { \
     backward<T>(p);                                                                            \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(kThreads)                                       \
+      bias_bwd_vec_##SUFFIX(const BiasParams p) {                                              \
+    backward_vec<T>(p);                                                                        \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(kThreads)                                       \
+      bias_fwd_vec_##SUFFIX(const BiasParams p) {                                              \
+    forward_vec<T>(p);                                                                         \
   }
 
 BIAS_ENTRY(f32, float)

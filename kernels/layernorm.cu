@@ -8,7 +8,8 @@
 //             (plus ds, the residual stream's gradient, where given),
 //             and the group's dw, db accumulated per column in its own partial row (each
 //             thread owns its columns: no atomics)
-//   reduce:   one thread per column sums the groups' partials in order: deterministic
+//   reduce:   the groups' partials summed per column in a fixed order: deterministic
+// Rows narrow enough for a warp's registers take the warp-per-row variants below instead.
 #include "layernorm.cuh"
 
 namespace {
@@ -16,6 +17,7 @@ namespace {
 using temper::block_sum;
 using temper::from_f32;
 using temper::to_f32;
+using temper::warp_sum;
 
 constexpr int kThreads = 256;
 
@@ -83,19 +85,215 @@ template <typename T> __device__ void backward(const LayerNormParams &p) {
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Warp-per-row variants, for rows a warp holds in registers: K chunks of 16 bytes per lane
+// (cols a multiple of 16 / sizeof(T), at most 32 * K of them, every base 16-byte aligned;
+// the launcher checks). Each pass reads and writes a row once, with 16-byte accesses, and the
+// row statistics are warp shuffles with no block barrier. The backward keeps each warp's dw
+// and db in registers across its rows; the block adds its warps' sums in warp order in
+// shared memory and writes one partial row pair, so the result does not depend on timing.
+// ---------------------------------------------------------------------------------------
+
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxK = 4;
+// The backward holds four [K][E] register arrays per lane (up to ~170 registers at K = 4), so
+// its blocks are smaller: more of them fit an SM's register file.
+constexpr int kBwdThreads = 128;
+
+template <typename T> using V16 = temper::Vec16<T>;
+
+template <typename T> __device__ __forceinline__ const V16<T> *vrow(const void *base, size_t at) {
+  return reinterpret_cast<const V16<T> *>(static_cast<const T *>(base) + at);
+}
+
+template <typename T> __device__ __forceinline__ V16<T> *vrow_mut(void *base, size_t at) {
+  return reinterpret_cast<V16<T> *>(static_cast<T *>(base) + at);
+}
+
+template <typename T, int K> __device__ void forward_warp(const LayerNormParams &p) {
+  constexpr int E = V16<T>::N;
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * kWarps + (threadIdx.x >> 5);
+  if (row >= p.rows) return;
+  const int chunks = p.cols / E;
+  const size_t at = (size_t)row * p.cols;
+  const V16<T> *x = vrow<T>(p.x, at);
+  float v[K][E];
+  float s = 0.f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int c = k * 32 + lane;
+    if (c < chunks) {
+      const V16<T> a = x[c];
+      if (p.r) {
+        const V16<T> b = vrow<T>(p.r, at)[c];
+        V16<T> sum;
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+          sum.v[i] = from_f32<T>(to_f32(a.v[i]) + to_f32(b.v[i]));
+          v[k][i] = to_f32(sum.v[i]);
+        }
+        vrow_mut<T>(p.s, at)[c] = sum;
+      } else {
+#pragma unroll
+        for (int i = 0; i < E; ++i) v[k][i] = to_f32(a.v[i]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < E; ++i) v[k][i] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < E; ++i) s += v[k][i];
+  }
+  const float mean = warp_sum(s) / p.cols;
+  float ss = 0.f;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (k * 32 + lane < chunks) {
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        const float d = v[k][i] - mean;
+        ss += d * d;
+      }
+    }
+  }
+  const float rstd = rsqrtf(warp_sum(ss) / p.cols + p.eps);
+  V16<T> *y = vrow_mut<T>(p.y, at);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int c = k * 32 + lane;
+    if (c < chunks) {
+      V16<T> out;
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        const int col = c * E + i;
+        out.v[i] = from_f32<T>((v[k][i] - mean) * rstd * __ldg(p.w + col) + __ldg(p.b + col));
+      }
+      y[c] = out;
+    }
+  }
+  if (lane == 0) {
+    p.mean[row] = mean;
+    p.rstd[row] = rstd;
+  }
+}
+
+template <typename T, int K> __device__ void backward_warp(const LayerNormParams &p) {
+  constexpr int E = V16<T>::N;
+  __shared__ float red[2][32 * kMaxK * 8];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int chunks = p.cols / E;
+  float dw[K][E], db[K][E];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+#pragma unroll
+    for (int i = 0; i < E; ++i) dw[k][i] = db[k][i] = 0.f;
+  }
+  const int nwarps = blockDim.x >> 5;
+  for (int row = blockIdx.x * nwarps + warp; row < p.rows; row += gridDim.x * nwarps) {
+    const size_t at = (size_t)row * p.cols;
+    const V16<T> *x = vrow<T>(p.x, at);
+    const V16<T> *dy = vrow<T>(p.dy, at);
+    const float mean = p.mean[row], rstd = p.rstd[row];
+    // The row stays in registers in its storage dtype (half the registers of f32 copies)
+    // and is converted again in the second pass.
+    V16<T> xs[K], gs[K];
+    float a = 0.f, b = 0.f;  // sum(dy w), sum(dy w xhat)
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int c = k * 32 + lane;
+      if (c < chunks) {
+        xs[k] = x[c];
+        gs[k] = dy[c];
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+          const float xh = (to_f32(xs[k].v[i]) - mean) * rstd;
+          const float gw = to_f32(gs[k].v[i]) * __ldg(p.w + c * E + i);
+          a += gw;
+          b += gw * xh;
+        }
+      }
+    }
+    const float ma = warp_sum(a) / p.cols;
+    const float mb = warp_sum(b) / p.cols;
+    V16<T> *dx = vrow_mut<T>(p.dx, at);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int c = k * 32 + lane;
+      if (c < chunks) {
+        V16<T> out;
+        V16<T> dsa;
+        if (p.ds) dsa = vrow<T>(p.ds, at)[c];
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+          const float xh = (to_f32(xs[k].v[i]) - mean) * rstd;
+          const float g = to_f32(gs[k].v[i]);
+          float d = rstd * (g * __ldg(p.w + c * E + i) - ma - xh * mb);
+          if (p.ds) d += to_f32(dsa.v[i]);
+          out.v[i] = from_f32<T>(d);
+          dw[k][i] += g * xh;
+          db[k][i] += g;
+        }
+        dx[c] = out;
+      }
+    }
+  }
+  for (int c = threadIdx.x; c < p.cols; c += blockDim.x) red[0][c] = red[1][c] = 0.f;
+  __syncthreads();
+  for (int w = 0; w < nwarps; ++w) {
+    if (warp == w) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int c = k * 32 + lane;
+        if (c < chunks) {
+#pragma unroll
+          for (int i = 0; i < E; ++i) {
+            red[0][c * E + i] += dw[k][i];
+            red[1][c * E + i] += db[k][i];
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  float *part = p.partial + (size_t)blockIdx.x * 2 * p.cols;
+  for (int c = threadIdx.x; c < p.cols; c += blockDim.x) {
+    part[c] = red[0][c];
+    part[p.cols + c] = red[1][c];
+  }
+}
+
 }  // namespace
 
+// dw[c] and db[c], the sums of the groups' partial rows: 32 columns per block, warp w adding
+// groups w, w + 8, ... in order, then the 8 warp sums in warp order: the same on every run.
 extern "C" __global__ void __launch_bounds__(kThreads)
     layernorm_dwdb_reduce(const LayerNormParams p) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= p.cols) return;
+  __shared__ float sw[kWarps][32], sb[kWarps][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int c = blockIdx.x * 32 + lane;
   float dw = 0.f, db = 0.f;
-  for (int g = 0; g < p.groups; ++g) {
-    dw += p.partial[(size_t)g * 2 * p.cols + c];
-    db += p.partial[(size_t)g * 2 * p.cols + p.cols + c];
+  if (c < p.cols) {
+    // Unrolled so that several loads are in flight: the sum is latency-bound.
+#pragma unroll 4
+    for (int g = warp; g < p.groups; g += kWarps) {
+      dw += p.partial[(size_t)g * 2 * p.cols + c];
+      db += p.partial[(size_t)g * 2 * p.cols + p.cols + c];
+    }
   }
-  p.dw[c] = dw;
-  p.db[c] = db;
+  sw[warp][lane] = dw;
+  sb[warp][lane] = db;
+  __syncthreads();
+  if (warp == 0 && c < p.cols) {
+    float a = 0.f, b = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      a += sw[w][lane];
+      b += sb[w][lane];
+    }
+    p.dw[c] = a;
+    p.db[c] = b;
+  }
 }
 
 #define LAYERNORM_ENTRY(SUFFIX, T)                                                        \
@@ -111,3 +309,23 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 LAYERNORM_ENTRY(f32, float)
 LAYERNORM_ENTRY(bf16, __nv_bfloat16)
 LAYERNORM_ENTRY(f16, __half)
+
+// layernorm_{fwd,bwd}_<dtype>_k<K>: the warp-per-row variants, K = 1..kMaxK.
+#define LAYERNORM_WARP(SUFFIX, T, K)                                                      \
+  extern "C" __global__ void __launch_bounds__(kThreads)                                  \
+      layernorm_fwd_##SUFFIX##_k##K(const LayerNormParams p) {                            \
+    forward_warp<T, K>(p);                                                                \
+  }                                                                                       \
+  extern "C" __global__ void __launch_bounds__(kBwdThreads)                               \
+      layernorm_bwd_##SUFFIX##_k##K(const LayerNormParams p) {                            \
+    backward_warp<T, K>(p);                                                               \
+  }
+#define LAYERNORM_WARPS(SUFFIX, T)                                                        \
+  LAYERNORM_WARP(SUFFIX, T, 1)                                                            \
+  LAYERNORM_WARP(SUFFIX, T, 2)                                                            \
+  LAYERNORM_WARP(SUFFIX, T, 3)                                                            \
+  LAYERNORM_WARP(SUFFIX, T, 4)
+
+LAYERNORM_WARPS(f32, float)
+LAYERNORM_WARPS(bf16, __nv_bfloat16)
+LAYERNORM_WARPS(f16, __half)

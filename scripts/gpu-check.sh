@@ -15,14 +15,16 @@
 #
 # Each section runs under its own timeout and inside an overall budget
 # (TEMPER_CHECK_BUDGET_S, default 450 s), so one hang costs one section; a failed or timed-out
-# section is a row in the table, not the end of the run. Sections run in order of how much
+# section is a row in the table, not the end of the run. TEMPER_CHECK_ONLY (a bash regex over
+# section names, e.g. '^(device|unpack|train-ours|train-torch-eager)$') runs only those. Sections run in order of how much
 # their figure matters, so a short budget drops the least useful ones.
 #
 # Output: the table last on stdout; under $OUT when set (else a temp dir; the path is printed):
 #   gpu-check.md   the table, the device, and each section's status: paste into BENCHMARKS.md
 #   results.jsonl  every raw measurement, one JSON object a line, and one line per section
 #   logs.txt       every section's full output
-# (three files: the device tool returns at most 8.)
+#   ncu-train-step.csv  ncu's per-kernel summary of one steady-state step of ours
+# (four files: the device tool returns at most 8.)
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -61,6 +63,10 @@ mem_used() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>
 section() {
   local name="$1" limit="$2"
   shift 2
+  if [[ -n "${TEMPER_CHECK_ONLY:-}" && ! "$name" =~ $TEMPER_CHECK_ONLY ]]; then
+    printf '{"section":"%s","status":"skipped (TEMPER_CHECK_ONLY)"}\n' "$name" >>"$RESULTS"
+    return 0
+  fi
   local remaining
   remaining=$(left)
   if ((remaining < 20)); then
@@ -116,7 +122,7 @@ LISTING="$(cat "$WORK/unpack.log" 2>/dev/null)"
 for t in $(grep '^test-' <<<"$LISTING"); do
   section "$t" 150 "$BUNDLE" "$t"
   # Counts for the table: cargo's summary lines and the visible skips.
-  python3 - "$WORK/$t.log" "$t" >>"$RESULTS" <<'PY'
+  [[ -f "$WORK/$t.log" ]] && python3 - "$WORK/$t.log" "$t" >>"$RESULTS" <<'PY'
 import json, re, sys
 text = open(sys.argv[1], errors="replace").read()
 count = lambda key: sum(int(n) for n in re.findall(r"(\d+) " + key, text))
@@ -128,28 +134,67 @@ done
 # --- the training step: temper, then PyTorch eager, in separate processes for memory -------
 if has bench-train_step; then
   MEM=1 section train-ours 150 "$BUNDLE" bench-train_step --bench --impl ours --steps 8
-  # Ablation: the blocks in candle's autograd graph instead of our tape ([train] tape = "off").
-  MEM=1 section train-graph 120 "$BUNDLE" bench-train_step --bench --impl ours-graph --steps 4
 else
   echo "== train-ours: bench-train_step is not in .gpu (scripts/gpu-build.sh packs it)" >&2
 fi
 MEM=1 section train-torch-eager 120 python3 scripts/gpt2_peer.py --steps 10
 
-# --- kernel benches and their peers ----------------------------------------------------------
-section peer-copy 60 python3 scripts/bench_peers.py copy
-# NAME:BENCH_TIMEOUT_S:PEER_TIMEOUT_S. train_ops' bench and peer each take well under their
-# 90 s (modest repetitions); the tight limit keeps a hang from eating the later sections.
-for spec in attention:150:120 lora:150:120 rmsnorm:150:120 gae:150:120 allreduce:150:120 \
-  train_ops:90:90; do
-  IFS=: read -r b bench_s peer_s <<<"$spec"
-  if has "bench-$b"; then
-    section "bench-$b" "$bench_s" "$BUNDLE" "bench-$b" --bench
-  else
-    echo "== bench-$b: not in .gpu (scripts/gpu-build.sh packs it)" >&2
-    printf '{"section":"bench-%s","status":"missing from .gpu"}\n' "$b" >>"$RESULTS"
-  fi
-  section "peer-$b" "$peer_s" python3 scripts/bench_peers.py "$b"
-done
+# --- where our step's GPU time goes: ncu's per-kernel durations over exactly one steady-state
+# step (the bench opens the profiler's capture range around its first timed step). ----------
+NCU="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
+if has bench-train_step && [[ -x "$NCU" ]]; then
+  section ncu-step 150 env TEMPER_CUDA_PROFILER_STEP=1 "$NCU" --clock-control none \
+    --profile-from-start off --metrics gpu__time_duration.sum --print-summary per-kernel --csv \
+    /tmp/temper-gpu/bin/bench-train_step --bench --impl ours --steps 1
+  [[ -f "$WORK/ncu-step.log" ]] && grep '^"' "$WORK/ncu-step.log" >"$DEST/ncu-train-step.csv"
+  [[ -s "$DEST/ncu-train-step.csv" ]] && python3 - "$DEST/ncu-train-step.csv" kernels >>"$RESULTS" <<'PY'
+import csv, glob, json, re, sys
+# Our kernels by name prefix, read from kernels/*.cu (the repository travels with the call).
+ours = set()
+for f in glob.glob(f"{sys.argv[2]}/*.cu*"):
+    src = open(f).read()
+    for m in re.finditer(r"__global__\s+void\s+(?:__launch_bounds__\s*\([^()]*(?:\([^()]*\))?[^()]*\)\s*\\?\s*)?(\w+?)(?:##|\()", src):
+        ours.add(m.group(1))
+rows = list(csv.reader(open(sys.argv[1])))
+if not rows:
+    sys.exit()
+head = [h.strip().lower() for h in rows[0]]
+def find(key):
+    return next((i for i, h in enumerate(head) if h == key), None)
+col = {k: find(k) for k in ["kernel name", "invocations", "metric name", "metric unit", "average"]}
+def kind(name):
+    base = name.split("(")[0].split("<")[0].strip()
+    if any(base.startswith(o) for o in ours):
+        return "attention (ours)" if base.startswith("attn_") else "temper kernel"
+    if re.search(r"gemm|xmma|cutlass|nvjet|cublas|splitKreduce", name, re.I):
+        return "cuBLAS"
+    return "other (candle's or the runtime's)"
+kernels = {}
+for r in rows[1:]:
+    try:
+        name = r[col["kernel name"]]
+        n = int(float(r[col["invocations"]].replace(",", "")))
+        if col["metric name"] is not None and r[col["metric name"]] != "gpu__time_duration.sum":
+            continue
+        avg = float(r[col["average"]].replace(",", ""))
+        unit = r[col["metric unit"]] if col["metric unit"] is not None else "nsecond"
+    except (TypeError, ValueError, IndexError):
+        continue
+    scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}.get(unit, 1e-6)
+    k = kernels.setdefault(name, [0, 0.0])
+    k[0] += n
+    k[1] += n * avg * scale
+total = sum(v[1] for v in kernels.values()) or 1.0
+for name, (n, ms) in kernels.items():
+    print(json.dumps({"bench": "ncu_step", "kernel": name[:120], "kind": kind(name), "launches": n,
+                      "ms": ms, "share": ms / total}))
+PY
+fi
+
+# Ablation: the blocks in candle's autograd graph instead of our tape ([train] tape = "off").
+if has bench-train_step; then
+  MEM=1 section train-graph 120 "$BUNDLE" bench-train_step --bench --impl ours-graph --steps 4
+fi
 
 # --- HOOK: generation (benches/generate.rs and its transformers peer) ------------------------
 # Runs when gpu-build.sh has packed bench-generate; skipped visibly otherwise. Contract for the
@@ -193,7 +238,7 @@ with open(f"{work}/ppo.toml", "w") as f:
 PY
   section ppo-init 120 "$BUNDLE" temper pretrain --model gpt2 --steps 1 --batch-size 1 \
     --seq-len 64 --device cuda --out "$WORK/gpt2-init"
-  MEM=1 section ppo-update 240 "$BUNDLE" temper ppo --init "$WORK/gpt2-init" \
+  MEM=1 section ppo-update 150 "$BUNDLE" temper ppo --init "$WORK/gpt2-init" \
     --data "$WORK/ppo-prompts.jsonl" --config "$WORK/ppo.toml" --device cuda --steps 2 \
     --eval-every 1000 --reward "cmd:python3 $ROOT/tests/fixtures/varied_reward.py" --out "$WORK/ppo"
   if [[ -s "$WORK/ppo/metrics.jsonl" ]]; then
@@ -209,13 +254,35 @@ PY
   fi
 fi
 
-# --- the rest, as time allows: torch.compile (its compilation takes a minute or more), the
-# step with temper's reference kernels, and the compute-copies ablation ------------------------
+# --- torch.compile on the same step (its compilation takes a minute or more, untimed) -------
 MEM=1 section train-torch-compile 240 python3 scripts/gpt2_peer.py --compile --steps 10
+
+# --- kernel benches and their peers ----------------------------------------------------------
+section peer-copy 60 python3 scripts/bench_peers.py copy
+# NAME:BENCH_TIMEOUT_S:PEER_TIMEOUT_S. train_ops' bench and peer each take well under their
+# 90 s (modest repetitions); the tight limit keeps a hang from eating the later sections.
+for spec in attention:150:120 lora:150:120 train_ops:90:90 rmsnorm:150:120 gae:150:120 \
+  allreduce:150:120; do
+  IFS=: read -r b bench_s peer_s <<<"$spec"
+  if has "bench-$b"; then
+    section "bench-$b" "$bench_s" "$BUNDLE" "bench-$b" --bench
+  else
+    echo "== bench-$b: not in .gpu (scripts/gpu-build.sh packs it)" >&2
+    printf '{"section":"bench-%s","status":"missing from .gpu"}\n' "$b" >>"$RESULTS"
+  fi
+  section "peer-$b" "$peer_s" python3 scripts/bench_peers.py "$b"
+done
+
+# --- the rest, as time allows: the step with temper's reference kernels, and the
+# compute-copies ablation -------------------------------------------------------------------
 if has bench-train_step; then
   MEM=1 section train-reference 120 "$BUNDLE" bench-train_step --bench --impl reference --steps 4
   # Ablation: each f32 master cast in every step instead of AdamW's bf16 compute copies.
   MEM=1 section train-casts 90 "$BUNDLE" bench-train_step --bench --impl ours-casts --steps 4
+fi
+# The README's main job on the GPU, with whatever time is left.
+if has temper; then
+  section pipeline 240 "$BUNDLE" temper pipeline --device cuda --out "$WORK/pipeline"
 fi
 
 # --- the table --------------------------------------------------------------------------------
@@ -266,8 +333,8 @@ def row(what, shape, metric, ours, peer, theirs, note=""):
     out.append(f"| {what} | {shape} | {metric} | {num(ours)} | {peer} | {num(theirs)} | {num(ratio, '.2f')} | {note} |")
 
 
-# The training step.
-ours = pick(bench="train_step", impl="ours")
+# The training step (ours from its own section: the ncu run prints the same line, slowed).
+ours = pick(bench="train_step", impl="ours", section="train-ours")
 note = sec_state("train-ours", "train-torch-eager", "train-torch-compile")
 for peer in ["torch-eager", "torch-compile"]:
     p = pick(bench="train_step", impl=peer)
@@ -276,6 +343,9 @@ for peer in ["torch-eager", "torch-compile"]:
     row("GPT-2 124M train step", "B16 T1024 bf16", "peak GPU MiB (nvidia-smi)",
         status.get("train-ours", {}).get("peak_mib"), peer, status.get(sec, {}).get("peak_mib"),
         f"torch's own peak: {num(p.get('peak_reserved_gib'))} GiB reserved, {num(p.get('peak_alloc_gib'))} allocated")
+    row("GPT-2 124M train step", "B16 T1024 bf16", "peak GiB allocated (allocator's own)",
+        ours.get("pool_peak_gib"), peer, p.get("peak_alloc_gib"),
+        "ours: the CUDA memory pool's high-water mark; torch: max_memory_allocated")
 refr = pick(bench="train_step", impl="reference")
 if refr:
     row("GPT-2 124M train step", "B16 T1024 bf16", "tokens/s", refr.get("tokens_per_s"), "temper reference kernels",
@@ -292,6 +362,28 @@ for imp, sec, base, what in [
         row("GPT-2 124M train step", "B16 T1024 bf16", "peak GPU MiB (nvidia-smi)",
             status.get(sec, {}).get("peak_mib"), base,
             status.get("train-ours", {}).get("peak_mib"), "ablation, as above")
+
+# Where one steady-state step of ours goes (ncu): the share of kernel time by kind, then the
+# largest kernels. The goal: GEMMs and attention the majority, no candle generic kernel high.
+ncu = [r for r in meas if r.get("bench") == "ncu_step"]
+if ncu:
+    total = sum(r["ms"] for r in ncu)
+    kinds = {}
+    for r in ncu:
+        k = kinds.setdefault(r["kind"], [0, 0.0])
+        k[0] += r["launches"]
+        k[1] += r["ms"]
+    out.append(f"\nncu, one steady-state step of ours (B16 T1024 bf16): {total:.1f} ms of kernel time, "
+               f"{sum(r['launches'] for r in ncu)} launches\n")
+    out.append("| kind | launches | ms | share |")
+    out.append("| --- | --- | --- | --- |")
+    for kind, (n, ms) in sorted(kinds.items(), key=lambda kv: -kv[1][1]):
+        out.append(f"| {kind} | {n} | {ms:.2f} | {ms / total:.1%} |")
+    out.append("\n| kernel (largest 20) | kind | launches | ms | share |")
+    out.append("| --- | --- | --- | --- | --- |")
+    for r in sorted(ncu, key=lambda r: -r["ms"])[:20]:
+        out.append(f"| `{r['kernel'][:70]}` | {r['kind']} | {r['launches']} | {r['ms']:.3f} | {r['share']:.1%} |")
+    out.append("")
 
 # Attention.
 for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention"}):

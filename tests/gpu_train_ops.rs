@@ -206,7 +206,16 @@ mod logprobs {
 
     pub fn logprobs_kernel_matches_reference(dev: &Device) {
         let (mut rng, seed) = Rng::fresh(0x10b5);
-        for &(rows, vocab) in &[(3usize, 1usize), (17, 37), (5, 50257), (1, 50257)] {
+        for &(rows, vocab) in &[
+            (3usize, 1usize),
+            (17, 37),
+            (5, 50257),
+            (1, 50257),
+            // Rows a multiple of 16 bytes in every dtype: the 16-byte kernels.
+            (9, 50304),
+            (4, 64),
+            (2, 1000),
+        ] {
             for dtype in [DType::F32, DType::BF16, DType::F16] {
                 let x = Tensor::from_vec(rng.vec(rows * vocab, -8.0, 8.0), (rows, vocab), dev)
                     .unwrap()
@@ -323,9 +332,24 @@ mod layernorm {
 
     use super::common::gpu::{assert_close, elem_tol, grad_tol, host, tol, Rng};
 
+    /// Rows of one and of many; widths a warp holds in registers (256, 768, 1000: one, three
+    /// and four 16-byte chunks a lane in bf16, the last with idle lanes; in f32 256 and 512
+    /// too) and widths the block-per-row kernels take (1031, not a multiple of 8; 1; 1000
+    /// in f32, too wide); 2000 rows, more than the warp backward's grid holds at once.
+    const LN_SHAPES: &[(usize, usize)] = &[
+        (1, 768),
+        (513, 768),
+        (7, 1031),
+        (33, 1),
+        (5, 256),
+        (67, 1000),
+        (300, 512),
+        (2000, 768),
+    ];
+
     pub fn layernorm_kernel_matches_reference(dev: &Device) {
         let (mut rng, seed) = Rng::fresh(0x1a7e);
-        for &(rows, cols) in &[(1usize, 768usize), (513, 768), (7, 1031), (33, 1)] {
+        for &(rows, cols) in LN_SHAPES {
             for dtype in [DType::F32, DType::BF16, DType::F16] {
                 let t = |n: usize, lo: f32, hi: f32, shape: &[usize], rng: &mut Rng| {
                     Tensor::from_vec(rng.vec(n, lo, hi), shape, dev).unwrap()
@@ -352,7 +376,20 @@ mod layernorm {
                 let refs = run(&reference);
                 let what = |s: &str| format!("seed {seed:#x} {rows}x{cols} {dtype:?} {s}");
                 assert_close(&what("y"), &ours.0, &refs.0, tol(dtype), elem_tol(dtype));
-                assert_close(&what("dx"), &ours.1, &refs.1, tol(dtype), grad_tol(dtype));
+                if cols == 1 {
+                    // One column: x - mean(x) is 0, so dx is exactly 0 and both sides give
+                    // rounding noise, which no relative check can compare.
+                    let peak = |t: &Tensor| host(t).iter().fold(0f64, |m, v| m.max(v.abs()));
+                    for (side, dx) in [("ours", &ours.1), ("reference", &refs.1)] {
+                        assert!(
+                            peak(dx) <= 1e-2 * peak(&dy),
+                            "{}",
+                            what(&format!("{side} dx"))
+                        );
+                    }
+                } else {
+                    assert_close(&what("dx"), &ours.1, &refs.1, tol(dtype), grad_tol(dtype));
+                }
                 assert_close(&what("dw"), &ours.2, &refs.2, tol(dtype), grad_tol(dtype));
                 assert_close(&what("db"), &ours.3, &refs.3, tol(dtype), grad_tol(dtype));
                 let again = run(&fused);
@@ -373,7 +410,7 @@ mod layernorm {
     pub fn add_fused_matches_the_add_then_the_reference(dev: &Device) {
         use temper::kernels::layernorm::add_fused;
         let (mut rng, seed) = Rng::fresh(0xadd1);
-        for &(rows, cols) in &[(1usize, 768usize), (513, 768), (7, 1031), (33, 1)] {
+        for &(rows, cols) in LN_SHAPES {
             for dtype in [DType::F32, DType::BF16, DType::F16] {
                 let t = |n: usize, lo: f32, hi: f32, shape: &[usize], rng: &mut Rng| {
                     Tensor::from_vec(rng.vec(n, lo, hi), shape, dev).unwrap()
@@ -454,7 +491,19 @@ mod gelu {
                     (y, g.get(x.as_tensor()).unwrap().clone())
                 };
                 let (yk, dk) = run(&fused);
-                let (yr, dr) = run(&reference);
+                // The reference in f32 on the rounded inputs: candle's composite in bf16 rounds
+                // tanh near -1, so 1 + tanh loses every bit for x below about -3, which a
+                // one-element input exposes (the kernel works in f32).
+                let up = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                let x32 = Var::from_tensor(&up(x.as_tensor())).unwrap();
+                let yr = reference(x32.as_tensor()).unwrap();
+                let g = (&yr * up(&dy))
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let dr = g.get(x32.as_tensor()).unwrap().clone();
                 let what = |s: &str| format!("seed {seed:#x} {shape:?} {dtype:?} {s}");
                 assert_close(&what("y"), &yk, &yr, tol(dtype), elem_tol(dtype));
                 assert_close(&what("dx"), &dk, &dr, tol(dtype), grad_tol(dtype));
@@ -593,10 +642,15 @@ mod bias {
 
     pub fn bias_kernel_matches_reference(dev: &Device) {
         let (mut rng, seed) = Rng::fresh(0xb1a5);
+        // Widths that take the 16-byte kernels (8, 256, 768, 3072: multiples of 16 bytes in
+        // every dtype) at row counts that leave groups and warps partly idle, and widths that
+        // take the scalar ones (1, 1031).
         for shape in [
             vec![1usize, 1],
+            vec![2, 8],
             vec![130, 768],
             vec![5, 1031],
+            vec![4099, 256],
             vec![3, 1021, 3072],
         ] {
             let cols = *shape.last().unwrap();
@@ -609,11 +663,12 @@ mod bias {
                     let y = y32.to_dtype(dtype).unwrap();
                     let dy = dy32.to_dtype(dtype).unwrap();
                     let ours = run(&fused, &y, &b, &dy, act);
-                    let refs = run(&reference, &y, &b, &dy, act);
-                    // The bias gradient is an f32 sum of f32 terms: its reference is the
-                    // same maths on the rounded inputs, upcast.
+                    // The kernel computes in f32 (the bias gradient an f32 sum of f32 terms):
+                    // its reference is the same maths on the rounded inputs, upcast. candle's
+                    // GELU composite in bf16 loses every bit of 1 + tanh near -1.
                     let up = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-                    let ref_db = run(&reference, &up(&y), &b, &up(&dy), act)[2].clone();
+                    let refs = run(&reference, &up(&y), &b, &up(&dy), act);
+                    let ref_db = refs[2].clone();
                     let what = |s: &str| format!("seed {seed:#x} {shape:?} {act:?} {dtype:?} {s}");
                     assert_close(
                         &what("out"),
@@ -1127,17 +1182,23 @@ mod curves {
             let refs = losses(dev, &cfg, KernelSet::reference(), true, false);
             let casts = losses(dev, &cfg, KernelSet::default(), false, false);
             let graph = losses(dev, &cfg, KernelSet::default(), true, false);
+            // 5% of the loss, but never less than 0.5% of the first loss: two bf16 runs
+            // drift apart along a 50-step trajectory, and near zero loss a relative bound
+            // alone would ask the drift to shrink with the loss.
+            let floor = 0.1 * refs[0].abs();
             for (i, (a, r)) in ours.iter().zip(&refs).enumerate() {
                 assert!(
-                    a.is_finite() && (a - r).abs() <= 0.05 * r.abs().max(0.5),
+                    a.is_finite() && (a - r).abs() <= 0.05 * r.abs().max(floor),
                     "{preset} step {i}: loss {a} with our kernels, {r} with the references\n\
                      ours {ours:?}\nrefs {refs:?}"
                 );
             }
-            // The same values up to the order the tied embedding's gradients are summed in.
+            // The same values up to the order the tied embedding's gradients are summed in
+            // (and, for the casts, which run in candle's graph, the order of the gradients
+            // of q, k and v's shared input): 2% of the loss, with the floor above.
             for (i, (a, c)) in ours.iter().zip(&casts).enumerate() {
                 assert!(
-                    (a - c).abs() <= 0.01 * c.abs().max(0.5),
+                    (a - c).abs() <= 0.02 * c.abs().max(floor),
                     "{preset} step {i}: loss {a} with compute copies, {c} casting the masters\n\
                      copies {ours:?}\ncasts {casts:?}"
                 );
@@ -1145,7 +1206,7 @@ mod curves {
             // The same ops; only the order in which a tensor's several gradients are summed.
             for (i, (a, g)) in ours.iter().zip(&graph).enumerate() {
                 assert!(
-                    (a - g).abs() <= 0.01 * g.abs().max(0.5),
+                    (a - g).abs() <= 0.02 * g.abs().max(floor),
                     "{preset} step {i}: loss {a} on the tape, {g} in candle's graph\n\
                      tape {ours:?}\ngraph {graph:?}"
                 );
@@ -1172,9 +1233,16 @@ mod tape {
     use temper::train::optimizer::AdamW;
     use temper::train::params::{Net, ParamStore, Role};
 
-    /// One step's loss and gradients (f32, one per trainable parameter) of a small model in
-    /// bf16 with compute copies and dropout, its blocks on the tape or in candle's graph.
-    fn grads(dev: &Device, preset: &str, lora: bool, tape: bool) -> (f32, Vec<Tensor>) {
+    /// One step's loss and gradients (f32, one per trainable parameter) of a small model with
+    /// dropout, in bf16 with compute copies or in f32, its blocks on the tape or in candle's
+    /// graph.
+    fn grads(
+        dev: &Device,
+        preset: &str,
+        lora: bool,
+        tape: bool,
+        dtype: DType,
+    ) -> (f32, Vec<Tensor>) {
         let mut cfg = super::curves::small(preset);
         cfg.dropout = 0.1;
         let adapters = LoraConfig {
@@ -1202,10 +1270,12 @@ mod tape {
         )
         .unwrap();
         let mut opt = AdamW::new(&store, &|_| true, &TrainConfig::default()).unwrap();
-        opt.keep_compute_copies(DType::BF16).unwrap();
+        if dtype == DType::BF16 {
+            opt.keep_compute_copies(DType::BF16).unwrap();
+        }
         let f = Fwd {
             ctx: Ctx {
-                dtype: DType::BF16,
+                dtype,
                 kernels: KernelSet::default(),
                 use_lora: lora,
                 dropout_seed: Some(9),
@@ -1236,29 +1306,39 @@ mod tape {
     /// The tape records every kernel op of a block on CUDA with the op's own backward (the
     /// GEMMs and the bias epilogue with the gradients their operands want, the fused LoRA op
     /// around its reshapes): with and without LoRA, for GPT-2 and Llama shapes, the loss is
-    /// the same and every parameter's gradient is candle's graph's within bf16 tolerance
-    /// (only the order in which a tensor's several gradients are summed differs).
+    /// candle's graph's, and every parameter's bf16 gradient is as close to the f32 one as
+    /// the graph's is. Only the order in which a tensor's several gradients are summed
+    /// differs, so the two bf16 results need not agree with each other where a gradient is a
+    /// sum that nearly cancels; both must agree with f32.
     pub fn model_gradients_on_the_tape_match_candles_graph(dev: &Device) {
+        let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let dist = |a: &[f32], b: &[f32]| {
+            let d: Vec<f32> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+            norm(&d)
+        };
+        // Gradients of the bf16 compute copies are bf16.
+        let flat = |x: &Tensor| -> Vec<f32> {
+            let x = x.to_dtype(DType::F32).unwrap();
+            x.flatten_all().unwrap().to_vec1().unwrap()
+        };
         for preset in ["gpt2", "llama-tiny"] {
             for lora in [false, true] {
-                let (l1, g1) = grads(dev, preset, lora, true);
-                let (l0, g0) = grads(dev, preset, lora, false);
+                let (l1, g1) = grads(dev, preset, lora, true, DType::BF16);
+                let (l0, g0) = grads(dev, preset, lora, false, DType::BF16);
+                let (_, gt) = grads(dev, preset, lora, false, DType::F32);
                 assert_eq!(l1, l0, "{preset} lora {lora}: the loss differs");
-                for (i, (a, b)) in g1.iter().zip(&g0).enumerate() {
-                    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-                    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-                    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    let diff = a
-                        .iter()
-                        .zip(&b)
-                        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                for (i, ((a, b), t)) in g1.iter().zip(&g0).zip(&gt).enumerate() {
+                    let (a, b, t) = (flat(a), flat(b), flat(t));
+                    let scale = norm(&t);
                     assert!(
                         scale > 0.0 || !lora,
                         "{preset} lora {lora}: parameter {i} got no gradient"
                     );
+                    let (tape_err, graph_err) = (dist(&a, &t), dist(&b, &t));
                     assert!(
-                        diff <= 2e-2 * scale.max(1e-6),
-                        "{preset} lora {lora}: parameter {i} off by {diff} at scale {scale}"
+                        tape_err <= 2.0 * graph_err + 2e-2 * scale,
+                        "{preset} lora {lora}: parameter {i}: the tape's bf16 gradient is \
+                         {tape_err:.3e} from f32's, the graph's {graph_err:.3e} (norm {scale:.3e})"
                     );
                 }
             }

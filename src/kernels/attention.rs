@@ -61,6 +61,12 @@ fn reference_recorded(
     scale: f64,
 ) -> Result<Tensor> {
     crate::tape::island(&[q, k, v], |a| {
+        #[cfg(feature = "cuda")]
+        if a[0].device().is_cuda() {
+            // On a GPU the composite's [B, H, T, T] intermediates would stay alive to the
+            // end of the backward: recompute them there instead.
+            return super::cuda::attention_recompute::attention(&a[0], &a[1], &a[2], mask, scale);
+        }
         attention_reference(&a[0], &a[1], &a[2], mask, scale)
     })
 }

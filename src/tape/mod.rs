@@ -34,9 +34,11 @@ pub type Grads = Vec<Option<Tensor>>;
 /// `(parameter, gradient)` pairs, for candle's store.
 type ParamGrads = Vec<(Tensor, Tensor)>;
 
-/// Given the gradient of each output (`None` where nothing downstream read it) and which
-/// inputs want one, a gradient per input.
-type Backward = Box<dyn FnOnce(Vec<Option<Tensor>>, &[bool]) -> Result<Grads> + Send>;
+/// Given the gradient of each output (`None` where nothing downstream read it), which inputs
+/// want one, and, for an op that can add into it ([`Record::into`]), the gradient its input
+/// already has: a gradient per input (that input's including the one handed in).
+type Backward =
+    Box<dyn FnOnce(Vec<Option<Tensor>>, &[bool], Option<Tensor>) -> Result<Grads> + Send>;
 
 /// Where an input of a recorded op gets its gradient.
 enum Slot {
@@ -61,6 +63,19 @@ struct Record {
     inputs: Vec<Slot>,
     outputs: Vec<TensorId>,
     backward: Backward,
+    /// The input whose gradient so far the backward can add its own into, in place (a GEMM's
+    /// `dx`, written with beta = 1): the add of a tensor read by several ops costs no pass of
+    /// its own.
+    into: Option<usize>,
+    /// Whether the gradients the backward returns are buffers of their own, which nothing
+    /// else holds: only those are handed to a later op to add into in place.
+    fresh: bool,
+}
+
+/// A gradient held on the tape, and whether the tape holds its buffer alone.
+struct Held {
+    grad: Tensor,
+    own: bool,
 }
 
 pub(crate) struct Tape {
@@ -161,16 +176,43 @@ impl Tape {
     /// Runs the recorded backwards from `grad`, the gradient of `root`, in reverse order:
     /// `(gradient of the segment's input, (parameter, gradient) pairs)`.
     fn backward(mut self, root: TensorId, grad: Tensor) -> Result<(Option<Tensor>, ParamGrads)> {
-        let mut grads = HashMap::from([(root, grad)]);
+        let mut grads = HashMap::from([(root, Held { grad, own: false })]);
         let mut params = Vec::new();
         while let Some(rec) = self.records.pop() {
-            let g: Vec<Option<Tensor>> = rec.outputs.iter().map(|o| grads.remove(o)).collect();
+            let g: Vec<Option<Tensor>> = rec
+                .outputs
+                .iter()
+                .map(|o| grads.remove(o).map(|h| h.grad))
+                .collect();
             // Outputs nothing downstream read have no gradient, and their op none to give.
             if g.iter().all(Option::is_none) {
                 continue;
             }
             let wants: Vec<bool> = rec.inputs.iter().map(Slot::wants).collect();
-            let got = (rec.backward)(g, &wants)?;
+            // The gradient so far of the input the op can add into, where the tape holds its
+            // buffer alone and the op reads that input only once.
+            let into = rec.into.and_then(|i| match rec.inputs.get(i) {
+                Some(Slot::Inner(id)) => {
+                    let once = rec
+                        .inputs
+                        .iter()
+                        .filter(|s| matches!(s, Slot::Inner(o) if o == id))
+                        .count()
+                        == 1;
+                    let own = grads.get(id).is_some_and(|h| h.own);
+                    (once && own).then(|| (i, grads.remove(id).map(|h| h.grad)))
+                }
+                _ => None,
+            });
+            let (into, acc) = match into {
+                Some((i, acc)) => (Some(i), acc),
+                None => (None, None),
+            };
+            let handed = acc.is_some();
+            let got = (rec.backward)(g, &wants, acc)?;
+            if handed && into.and_then(|i| got.get(i)).is_some_and(Option::is_none) {
+                candle_core::bail!("tape: a backward dropped the gradient it was to add into");
+            }
             if got.len() != rec.inputs.len() {
                 candle_core::bail!(
                     "tape: a backward gave {} gradients for {} inputs",
@@ -183,11 +225,17 @@ impl Tape {
                 match slot {
                     Slot::Inner(id) => match grads.entry(id) {
                         Entry::Vacant(e) => {
-                            e.insert(g);
+                            e.insert(Held {
+                                grad: g,
+                                own: rec.fresh,
+                            });
                         }
                         Entry::Occupied(mut e) => {
-                            let sum = e.get().add(&g)?;
-                            e.insert(sum);
+                            let sum = e.get().grad.add(&g)?;
+                            e.insert(Held {
+                                grad: sum,
+                                own: true,
+                            });
                         }
                     },
                     // A view into a larger buffer (a weight gradient packed beside dx) would keep
@@ -198,7 +246,7 @@ impl Tape {
             }
         }
         let dx = match self.input {
-            Some(id) => grads.remove(&id),
+            Some(id) => grads.remove(&id).map(|h| h.grad),
             None => None,
         };
         Ok((dx, params))
@@ -237,6 +285,38 @@ pub fn record_multi(
     outputs: &[&Tensor],
     backward: impl FnOnce(Vec<Option<Tensor>>, &[bool]) -> Result<Grads> + Send + 'static,
 ) -> Result<()> {
+    push(
+        inputs,
+        outputs,
+        Box::new(move |g, wants, _| backward(g, wants)),
+        None,
+        false,
+    )
+}
+
+/// Records an op of one output whose backward returns buffers of its own and adds its
+/// gradient of input `into` into the gradient that input already has, when handed one (see
+/// [`Record::into`]).
+fn record_into(
+    inputs: &[&Tensor],
+    output: &Tensor,
+    into: usize,
+    backward: impl FnOnce(Tensor, &[bool], Option<Tensor>) -> Result<Grads> + Send + 'static,
+) -> Result<()> {
+    let backward: Backward = Box::new(move |mut g, wants, acc| match g.pop().flatten() {
+        Some(g) => backward(g, wants, acc),
+        None => candle_core::bail!("tape: a backward ran without its output's gradient"),
+    });
+    push(inputs, &[output], backward, Some(into), true)
+}
+
+fn push(
+    inputs: &[&Tensor],
+    outputs: &[&Tensor],
+    backward: Backward,
+    into: Option<usize>,
+    fresh: bool,
+) -> Result<()> {
     ACTIVE.with(|a| {
         let mut a = a.borrow_mut();
         let Some(tape) = a.as_mut() else {
@@ -259,7 +339,9 @@ pub fn record_multi(
         tape.records.push(Record {
             inputs,
             outputs: outputs.iter().map(|o| o.id()).collect(),
-            backward: Box::new(backward),
+            backward,
+            into,
+            fresh,
         });
         Ok(())
     })
@@ -400,20 +482,24 @@ pub fn op2<C: CustomOp2 + Send + Sync + 'static>(
     Ok(y)
 }
 
-/// [`op2`] with a backward of its own, `(op, args, dy, wants)`, that does not read the
+/// [`op2`] with a backward of its own, `(op, args, dy, wants, acc)`, that does not read the
 /// output: the tape does not keep it (a GEMM's output is often only its consumer's input,
-/// and the consumer may not need it either).
+/// and the consumer may not need it either). The backward returns buffers of its own, and
+/// where `acc` is given (the first input's gradient so far, which the tape holds alone) the
+/// first input's gradient it returns includes it: a GEMM adds into it in place.
 pub fn op2_with<C, B>(orig: [&Tensor; 2], args: [Tensor; 2], op: C, backward: B) -> Result<Tensor>
 where
     C: CustomOp2 + Send + Sync + 'static,
-    B: FnOnce(&C, &[Tensor; 2], Tensor, &[bool]) -> Result<Grads> + Send + 'static,
+    B: FnOnce(&C, &[Tensor; 2], Tensor, &[bool], Option<Tensor>) -> Result<Grads> + Send + 'static,
 {
     if !recording() {
         let [a, b] = args;
         return a.apply_op2(&b, op);
     }
     let y = args[0].apply_op2_no_bwd(&args[1], &op)?;
-    record(&orig, &y, move |g, wants| backward(&op, &args, g, wants))?;
+    record_into(&orig, &y, 0, move |g, wants, acc| {
+        backward(&op, &args, g, wants, acc)
+    })?;
     Ok(y)
 }
 
@@ -436,18 +522,21 @@ pub fn op3<C: CustomOp3 + Send + Sync + 'static>(
     Ok(y)
 }
 
-/// [`op3`] with a backward of its own that does not read the output (see [`op2_with`]).
+/// [`op3`] with a backward of its own that does not read the output and may add into the
+/// first input's gradient so far (see [`op2_with`]).
 pub fn op3_with<C, B>(orig: [&Tensor; 3], args: [Tensor; 3], op: C, backward: B) -> Result<Tensor>
 where
     C: CustomOp3 + Send + Sync + 'static,
-    B: FnOnce(&C, &[Tensor; 3], Tensor, &[bool]) -> Result<Grads> + Send + 'static,
+    B: FnOnce(&C, &[Tensor; 3], Tensor, &[bool], Option<Tensor>) -> Result<Grads> + Send + 'static,
 {
     if !recording() {
         let [a, b, c] = args;
         return a.apply_op3(&b, &c, op);
     }
     let y = args[0].apply_op3_no_bwd(&args[1], &args[2], &op)?;
-    record(&orig, &y, move |g, wants| backward(&op, &args, g, wants))?;
+    record_into(&orig, &y, 0, move |g, wants, acc| {
+        backward(&op, &args, g, wants, acc)
+    })?;
     Ok(y)
 }
 

@@ -252,3 +252,135 @@ fn outside_a_segment_ops_build_candles_graph() {
     let (diff, _) = max_diff(g.get(a.as_tensor()).unwrap(), &want);
     assert_eq!(diff, 0.0);
 }
+
+/// `x * w` (`w [C]` on every row), on the CPU, for the test below.
+struct Scale;
+
+impl CustomOp2 for Scale {
+    fn name(&self) -> &'static str {
+        "test-scale"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &candle_core::CpuStorage,
+        lx: &candle_core::Layout,
+        sw: &candle_core::CpuStorage,
+        lw: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (candle_core::CpuStorage::F32(x), candle_core::CpuStorage::F32(w)) = (sx, sw) else {
+            candle_core::bail!("scale: f32 only");
+        };
+        let (Some((x0, x1)), Some((w0, w1))) = (lx.contiguous_offsets(), lw.contiguous_offsets())
+        else {
+            candle_core::bail!("scale: contiguous inputs only");
+        };
+        let w = &w[w0..w1];
+        let y = x[x0..x1]
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * w[i % w.len()])
+            .collect();
+        Ok((candle_core::CpuStorage::F32(y), lx.shape().clone()))
+    }
+}
+
+/// `acc += d` in place, on the CPU.
+struct AddInto;
+
+impl candle_core::InplaceOp2 for AddInto {
+    fn name(&self) -> &'static str {
+        "test-add-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        acc: &mut candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        d: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<()> {
+        match (acc, d) {
+            (candle_core::CpuStorage::F32(a), candle_core::CpuStorage::F32(d)) => {
+                a.iter_mut().zip(d).for_each(|(a, d)| *a += d);
+                Ok(())
+            }
+            _ => candle_core::bail!("add-into: f32 only"),
+        }
+    }
+}
+
+static HANDED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// `x * w` recorded with `op2_with`, whose backward adds `dx` into the gradient it is handed,
+/// in place, as the GEMM does.
+fn scale(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    op2_with([x, w], [arg(x), arg(w)], Scale, |_, [x, w], g, _, acc| {
+        let dx = g.broadcast_mul(w)?;
+        let dw = (&g * x)?.sum((0, 1))?;
+        let dx = match acc {
+            Some(acc) => {
+                HANDED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                acc.inplace_op2(&dx, &AddInto)?;
+                acc
+            }
+            None => dx,
+        };
+        Ok(vec![Some(dx), Some(dw)])
+    })
+}
+
+/// A tensor read by several ops that can add into its gradient gets one buffer, added into in
+/// place, and the gradients are candle's autograd's; a gradient the tape does not hold alone
+/// (the residual add's, handed to both of its inputs) is never written in place.
+#[test]
+fn gradients_are_added_into_in_place_only_where_the_tape_holds_them_alone() {
+    let run = |taped: bool| {
+        let x = Var::from_tensor(&randn(&[2, 5, 6], 1)).unwrap();
+        let ws: Vec<Var> = (0..4)
+            .map(|i| Var::from_tensor(&randn(&[6], 20 + i)).unwrap())
+            .collect();
+        let w: Vec<Tensor> = ws.iter().map(|v| v.as_tensor().clone()).collect();
+        // On the tape the recorded op; in candle's graph its composite.
+        let scale = |x: &Tensor, w: &Tensor| match taped {
+            true => scale(x, w),
+            false => x.broadcast_mul(w),
+        };
+        let f = |x: &Tensor| -> Result<Tensor> {
+            // x read three times by ops that add in place.
+            let a = add(
+                &add(&scale(x, &w[0])?, &scale(x, &w[1])?)?,
+                &scale(x, &w[2])?,
+            )?;
+            // `a` reaches the final add and an op that adds in place: the add's gradient
+            // comes first and is shared with `u`'s.
+            let u = scale(&a, &w[3])?;
+            add(&a, &u)
+        };
+        let y = match taped {
+            true => segment(x.as_tensor(), |x| Ok(f(x)?)).unwrap(),
+            false => f(x.as_tensor()).unwrap(),
+        };
+        let loss = (&y * randn(&[2, 5, 6], 3)).unwrap().sum_all().unwrap();
+        let grads = backward(&loss).unwrap();
+        let mut out = vec![grads.get(x.as_tensor()).unwrap().clone()];
+        out.extend(ws.iter().map(|v| grads.get(v.as_tensor()).unwrap().clone()));
+        out
+    };
+    HANDED.store(0, std::sync::atomic::Ordering::Relaxed);
+    let plain = run(false);
+    assert_eq!(HANDED.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let taped = run(true);
+    assert_eq!(
+        HANDED.load(std::sync::atomic::Ordering::Relaxed),
+        2,
+        "x's second and third readers add into its gradient; `a`'s is shared"
+    );
+    for (i, (a, b)) in taped.iter().zip(&plain).enumerate() {
+        let (diff, scale) = max_diff(a, b);
+        assert!(
+            diff <= 1e-5 * scale.max(1.0),
+            "tensor {i}: {diff} off at {scale}"
+        );
+    }
+}

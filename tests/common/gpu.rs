@@ -213,12 +213,17 @@ pub fn elem_check(
 }
 
 /// The global check (‖a − b‖ / ‖b‖ <= `rel`) and the element-wise one, `what` in the
-/// message (with the seed).
+/// message (with the seed). A single element gets the element-wise check alone: the global
+/// one would then be its relative error, which rounding makes arbitrary where the value
+/// itself is a cancellation's remainder (GELU far below zero, LayerNorm over one column).
 pub fn assert_close(what: &str, ours: &Tensor, reference: &Tensor, rel: f64, elem: (f64, f64)) {
     assert_eq!(ours.dims(), reference.dims(), "{what}: shapes");
     let (a, b) = (host(ours), host(reference));
     let e = rel_err(&a, &b);
-    assert!(e <= rel, "{what}: rel err {e:.3e} > {rel:.0e}");
+    assert!(
+        e <= rel || a.len() == 1,
+        "{what}: rel err {e:.3e} > {rel:.0e}"
+    );
     if let Err(msg) = elem_check(&a, &b, ours.dims(), elem) {
         panic!("{what}: {msg}");
     }

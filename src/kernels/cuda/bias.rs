@@ -7,7 +7,7 @@ use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 
 use super::super::bias::BiasAct;
 use super::super::host::rows_cols;
-use super::{alloc_out, contiguous_view, launch, launch_1d, load_func, sm_count};
+use super::{aligned16, alloc_out, contiguous_view, launch, load_func, sm_count};
 use super::{to_i32, DevPtrs, LaunchConfig};
 
 /// The Rust mirror of `struct BiasParams` in kernels/bias.cuh (field comments there).
@@ -68,7 +68,12 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
     // SAFETY: the blocks stride over every row and their threads over every column.
     let mut out = unsafe { alloc_out::<T>(dev, rows * cols)? };
     if rows > 0 && cols > 0 {
-        let name = format!("bias_fwd_{}", T::DTYPE.as_str());
+        let per_chunk = 16 / std::mem::size_of::<T>();
+        let vec = cols.is_multiple_of(per_chunk) && aligned16::<T>(&[ly.start_offset()]);
+        let name = match vec {
+            true => format!("bias_fwd_vec_{}", T::DTYPE.as_str()),
+            false => format!("bias_fwd_{}", T::DTYPE.as_str()),
+        };
         let func = load_func(dev, "bias", &name)?;
         let stream = dev.cuda_stream();
         let mut ptrs = DevPtrs::new(&stream);
@@ -82,13 +87,19 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
             act: act_code(act),
             ..BiasParams::default()
         };
-        let blocks = rows.min(sm_count(dev)? as usize * 8);
+        // A block a row (the scalar kernel) or 256 chunks (the vector one), at most 8 per SM.
+        let blocks = match vec {
+            true => (rows * cols / per_chunk).div_ceil(THREADS as usize),
+            false => rows,
+        }
+        .min(sm_count(dev)? as usize * 8);
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: y and out hold rows * cols elements, b cols.
+        // SAFETY: y and out hold rows * cols elements, b cols; the vector kernel's 16-byte
+        // accesses are aligned (checked above).
         unsafe { launch(dev, &func, &name, cfg, &p) }?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
@@ -120,8 +131,23 @@ fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
     let y = contiguous_view::<T>(sy, ly)?;
     let b = contiguous_view::<f32>(sb, lb)?;
     let g = contiguous_view::<T>(sg, lg)?;
-    // grid.y is at most 65535; beyond that each group takes more rows.
-    let groups = rows.div_ceil(ROWS_PER_GROUP).clamp(1, 65535);
+    // 16-byte accesses where every row and base allows them: 32 chunks of columns per block,
+    // and enough row groups for about four blocks per SM. Otherwise a thread per column, 64
+    // rows a group. grid.y is at most 65535; beyond that each group takes more rows.
+    let per_chunk = 16 / std::mem::size_of::<T>();
+    let vec =
+        cols.is_multiple_of(per_chunk) && aligned16::<T>(&[ly.start_offset(), lg.start_offset()]);
+    let col_blocks = match vec {
+        true => (cols / per_chunk).div_ceil(32),
+        false => cols.div_ceil(THREADS as usize),
+    };
+    let groups = match vec {
+        true => (4 * sm_count(dev)? as usize)
+            .div_ceil(col_blocks.max(1))
+            .min(rows.div_ceil(8)),
+        false => rows.div_ceil(ROWS_PER_GROUP),
+    }
+    .clamp(1, 65535);
     let mut dz = match act {
         BiasAct::Identity => None,
         // SAFETY: the backward writes every element (each column of every group's rows).
@@ -150,22 +176,31 @@ fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
             groups: to_i32(groups, "groups")?,
             act: act_code(act),
         };
-        let name = format!("bias_bwd_{}", T::DTYPE.as_str());
+        let name = match vec {
+            true => format!("bias_bwd_vec_{}", T::DTYPE.as_str()),
+            false => format!("bias_bwd_{}", T::DTYPE.as_str()),
+        };
         let func = load_func(dev, "bias", &name)?;
         let cfg = LaunchConfig {
             grid_dim: (
-                to_i32(cols.div_ceil(THREADS as usize), "column blocks")? as u32,
+                to_i32(col_blocks, "column blocks")? as u32,
                 p.groups as u32,
                 1,
             ),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: y, dy and dz hold rows * cols elements, b cols, partial groups * cols.
+        // SAFETY: y, dy and dz hold rows * cols elements, b cols, partial groups * cols; the
+        // vector kernel's 16-byte accesses are aligned (checked above).
         unsafe { launch(dev, &func, &name, cfg, &p) }?;
         let func = load_func(dev, "bias", "bias_db_reduce")?;
-        // SAFETY: one thread per column reads `groups` partials and writes db.
-        unsafe { launch(dev, &func, "bias_db_reduce", launch_1d(cols, THREADS), &p) }?;
+        let cfg = LaunchConfig {
+            grid_dim: (to_i32(cols.div_ceil(32), "column blocks")? as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: 32 columns per block; each reads `groups` partials and writes db.
+        unsafe { launch(dev, &func, "bias_db_reduce", cfg, &p) }?;
     }
     let dz = dz.map(|d| CudaStorage::wrap_cuda_slice(d, dev.clone()));
     Ok((dz, CudaStorage::wrap_cuda_slice(db, dev.clone())))

@@ -5,7 +5,7 @@ use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 
-use super::{alloc_out, contiguous_view, grid_stride, launch, load_func, DevPtrs};
+use super::{alloc_out, contiguous_view, grid_stride, launch, load_func, vec16_chunk, DevPtrs};
 
 /// The Rust mirror of `struct GeluParams` in kernels/gelu.cuh (field comments there).
 #[repr(C)]
@@ -40,6 +40,7 @@ fn run_t<T: CudaDType + DeviceRepr + WithDType>(
     let dev = sx.device();
     let n = lx.shape().elem_count();
     let x = contiguous_view::<T>(sx, lx)?;
+    let dy_offset = dy.map_or(0, |(_, l)| l.start_offset());
     let g = match dy {
         Some((sg, lg)) => Some(contiguous_view::<T>(sg, lg)?),
         None => None,
@@ -48,7 +49,11 @@ fn run_t<T: CudaDType + DeviceRepr + WithDType>(
     let mut out = unsafe { alloc_out::<T>(dev, n)? };
     if n > 0 {
         let pass = if g.is_some() { "bwd" } else { "fwd" };
-        let name = format!("gelu_{pass}_{}", T::DTYPE.as_str());
+        let chunk = vec16_chunk::<T>(n, &[lx.start_offset(), dy_offset]);
+        let name = match chunk {
+            Some(_) => format!("gelu_{pass}_vec_{}", T::DTYPE.as_str()),
+            None => format!("gelu_{pass}_{}", T::DTYPE.as_str()),
+        };
         let func = load_func(dev, "gelu", &name)?;
         let stream = dev.cuda_stream();
         let mut ptrs = DevPtrs::new(&stream);
@@ -58,8 +63,10 @@ fn run_t<T: CudaDType + DeviceRepr + WithDType>(
             out: ptrs.write(&mut out),
             n: n as i64,
         };
-        // SAFETY: x, dy and out hold n elements.
-        unsafe { launch(dev, &func, &name, grid_stride(dev, n, 256)?, &p) }?;
+        let cfg = grid_stride(dev, n / chunk.unwrap_or(1), 256)?;
+        // SAFETY: x, dy and out hold n elements; the 16-byte variant runs only where every
+        // base is aligned and n a multiple of the chunk (`vec16_chunk`).
+        unsafe { launch(dev, &func, &name, cfg, &p) }?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }

@@ -12,7 +12,8 @@ use candle_core::cuda_backend::cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConf
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, ValidAsZeroBits};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{
-    CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType,
+    CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, InplaceOp3, Layout, Shape, Tensor,
+    WithDType,
 };
 
 use super::super::bias::BiasAct;
@@ -165,9 +166,9 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     }
     let arg = crate::tape::arg;
     let args = [prepared(&arg(x))?, prepared(&arg(w))?];
-    let y = crate::tape::op2_with([x, w], args, Gemm(Form::Nt), |_, [x, w], g, want| {
+    let y = crate::tape::op2_with([x, w], args, Gemm(Form::Nt), |_, [x, w], g, want, acc| {
         let (dx, dw) = spans::timed(KernelOp::Gemm, Pass::Backward, x.device(), || {
-            grads(&g, x, w, [want[0], want[1]])
+            grads_into(&g, x, w, [want[0], want[1]], acc)
         })?;
         Ok(vec![dx, dw])
     })?;
@@ -243,18 +244,84 @@ pub(crate) fn grads(
     dy: &Tensor,
     x: &Tensor,
     w: &Tensor,
+    want: [bool; 2],
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    grads_into(dy, x, w, want, None)
+}
+
+/// [`grads`], with `dx` added into `acc` (x's gradient so far, a buffer nothing else holds)
+/// where one is given: in place by the GEMM itself (beta = 1) where `acc` is a contiguous,
+/// aligned matrix of dx's shape and dtype, else by an add. The returned `dx` then includes
+/// `acc`.
+fn grads_into(
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
     [want_x, want_w]: [bool; 2],
+    acc: Option<Tensor>,
 ) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let g = prepared(&dy.to_dtype(x.dtype())?)?;
-    let dx = match want_x {
-        true => Some(g.apply_op2_no_bwd(w, &Gemm(Form::Nn))?),
-        false => None,
+    let dx = match (want_x, acc) {
+        (true, Some(acc)) if accumulates(&acc, x)? => {
+            acc.inplace_op3(&g, w, &GemmInto(Form::Nn))?;
+            Some(acc)
+        }
+        (true, Some(acc)) => Some(g.apply_op2_no_bwd(w, &Gemm(Form::Nn))?.add(&acc)?),
+        (true, None) => Some(g.apply_op2_no_bwd(w, &Gemm(Form::Nn))?),
+        (false, acc) => acc,
     };
     let dw = match want_w {
         true => Some(g.apply_op2_no_bwd(x, &Gemm(Form::Tn))?),
         false => None,
     };
     Ok((dx, dw))
+}
+
+/// Whether the GEMM can add `dx` into `acc` in place: x's shape and dtype, contiguous from an
+/// aligned start.
+fn accumulates(acc: &Tensor, x: &Tensor) -> Result<bool> {
+    Ok(acc.dims() == x.dims()
+        && acc.dtype() == x.dtype()
+        && acc.is_contiguous()
+        && acc.rank() >= 2
+        && aligned(acc)?)
+}
+
+/// `C += op(a) op(b)` in place, `C` the tensor the op is applied to (an existing gradient).
+struct GemmInto(Form);
+
+impl InplaceOp3 for GemmInto {
+    fn name(&self) -> &'static str {
+        "temper-gemm-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        candle_core::bail!("the cuBLASLt GEMM runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        sc: &mut CudaStorage,
+        lc: &Layout,
+        sa: &CudaStorage,
+        la: &Layout,
+        sb: &CudaStorage,
+        lb: &Layout,
+    ) -> Result<()> {
+        match sa.dtype() {
+            DType::BF16 => run_into::<half::bf16>(self.0, (sa, la), (sb, lb), (sc, lc)),
+            DType::F16 => run_into::<half::f16>(self.0, (sa, la), (sb, lb), (sc, lc)),
+            dt => candle_core::bail!("gemm: no cuBLASLt path for {dt:?}"),
+        }
+    }
 }
 
 /// `x W^T + b` through cuBLASLt, the bias added in the GEMM's epilogue as PyTorch's `addmm`
@@ -269,8 +336,9 @@ pub fn matmul_nt_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tenso
     }
     let arg = crate::tape::arg;
     let args = [prepared(&arg(x))?, prepared(&arg(w))?, arg(b).contiguous()?];
-    let y = crate::tape::op3_with([x, w, b], args, GemmBias, |_, [x, w, b], g, want| {
-        let (dx, dw, db) = bias_epilogue_grads(&g, x, w, b, [want[0], want[1], want[2]])?;
+    let y = crate::tape::op3_with([x, w, b], args, GemmBias, |_, [x, w, b], g, want, acc| {
+        let want = [want[0], want[1], want[2]];
+        let (dx, dw, db) = bias_epilogue_grads(&g, x, w, b, want, acc)?;
         Ok(vec![dx, dw, db])
     })?;
     Ok(Some(y))
@@ -322,20 +390,22 @@ impl CustomOp3 for GemmBias {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let want = [x.track_op(), w.track_op(), b.track_op()];
-        bias_epilogue_grads(grad, x, w, b, want)
+        bias_epilogue_grads(grad, x, w, b, want, None)
     }
 }
 
-/// The gradients of `y = x W^T + b` for `dy`, each `None` where its operand wants none.
+/// The gradients of `y = x W^T + b` for `dy`, each `None` where its operand wants none; `dx`
+/// added into `acc` where one is given (see [`grads_into`]).
 fn bias_epilogue_grads(
     grad: &Tensor,
     x: &Tensor,
     w: &Tensor,
     b: &Tensor,
     [want_x, want_w, want_b]: [bool; 3],
+    acc: Option<Tensor>,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let (dx, dw) = spans::timed(KernelOp::Gemm, Pass::Backward, x.device(), || {
-        grads(grad, x, w, [want_x, want_w])
+        grads_into(grad, x, w, [want_x, want_w], acc)
     })?;
     let db = match want_b {
         true => Some(spans::timed(
@@ -422,6 +492,45 @@ where
             .map_err(lt_error)?;
     }
     Ok((CudaStorage::wrap_cuda_slice(c, dev.clone()), out))
+}
+
+/// `C += op(a) op(b)` in `form` (beta = 1), `C` contiguous with the product's element count.
+fn run_into<T>(
+    form: Form,
+    (sa, la): (&CudaStorage, &Layout),
+    (sb, lb): (&CudaStorage, &Layout),
+    (sc, lc): (&mut CudaStorage, &Layout),
+) -> Result<()>
+where
+    T: CudaDType + WithDType + DeviceRepr + ValidAsZeroBits,
+    CudaBlasLT: Matmul<T>,
+{
+    let dev = sa.device().clone();
+    let (m, n, k) = form.mnk(rows_cols(la)?, rows_cols(lb)?)?;
+    let Some((start, end)) = lc.contiguous_offsets() else {
+        candle_core::bail!("gemm: a strided output to add into ({lc:?})");
+    };
+    if end - start != m * n {
+        candle_core::bail!(
+            "gemm: adding a {m}x{n} product into {} elements",
+            end - start
+        );
+    }
+    if m == 0 || n == 0 || k == 0 {
+        return Ok(());
+    }
+    let a = contiguous_view::<T>(sa, la)?;
+    let b = contiguous_view::<T>(sb, lb)?;
+    let mut c = sc.as_cuda_slice_mut::<T>()?.slice_mut(start..end);
+    let cfg = MatmulConfig {
+        beta: 1.0,
+        ..form.config(m, n, k)
+    };
+    let lt = handle(&dev)?;
+    // SAFETY: a, b hold M*K and K*N elements in the layouts `config` describes, c M*N, which
+    // the GEMM reads (beta = 1) and writes.
+    unsafe { lt.matmul(cfg, &b, &a, &mut c, None, None) }.map_err(lt_error)?;
+    Ok(())
 }
 
 /// A contiguous operand as a matrix: its last dimension the columns, the rest the rows.

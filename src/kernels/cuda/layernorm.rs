@@ -6,7 +6,7 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, Tensor, WithDType};
 
 use super::super::host::rows_cols;
-use super::{alloc_out, contiguous_view, cuda_storage, launch, launch_1d, load_func, sm_count};
+use super::{aligned16, alloc_out, contiguous_view, cuda_storage, launch, load_func, sm_count};
 use super::{tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
 
 /// The Rust mirror of `struct LayerNormParams` in kernels/layernorm.cuh (field comments there).
@@ -48,6 +48,22 @@ fn blocks(n: usize) -> Result<LaunchConfig> {
     })
 }
 
+/// Rows per block of the warp-per-row forward (`kWarps`), threads per block of the
+/// warp-per-row backward (`kBwdThreads`), and their largest K (`kMaxK`).
+const WARPS: usize = THREADS as usize / 32;
+const BWD_THREADS: u32 = 128;
+const MAX_K: usize = 4;
+
+/// K, the 16-byte chunks per lane of the warp-per-row variant (`layernorm_{fwd,bwd}_<dtype>_k<K>`)
+/// that fits a row of `cols` values of `T`, when every base offset keeps 16-byte alignment;
+/// `None` sends the row to the block-per-row kernels.
+fn warp_k<T>(cols: usize, offsets: &[usize]) -> Option<usize> {
+    let per_chunk = 16 / std::mem::size_of::<T>();
+    let k = cols.div_ceil(per_chunk).div_ceil(32);
+    let fits = cols > 0 && cols.is_multiple_of(per_chunk) && k <= MAX_K;
+    (fits && aligned16::<T>(offsets)).then_some(k)
+}
+
 type Arg<'a> = (&'a CudaStorage, &'a Layout);
 
 /// `(y, mean, rstd)`; with a residual `r` (x's shape and dtype), y holds the norm of `x + r`
@@ -78,6 +94,7 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
     let dev = sx.device();
     let (rows, cols) = rows_cols(lx)?;
     let x = contiguous_view::<T>(sx, lx)?;
+    let r_layout = r.map(|(_, l)| l);
     let r = match r {
         Some((sr, lr)) => {
             if rows_cols(lr)? != (rows, cols) {
@@ -95,7 +112,18 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
     let mut mean = unsafe { alloc_out::<f32>(dev, rows)? };
     let mut rstd = unsafe { alloc_out::<f32>(dev, rows)? };
     if rows > 0 && cols > 0 {
-        let name = format!("layernorm_fwd_{}", T::DTYPE.as_str());
+        let r_offset = r_layout.map_or(0, |l| l.start_offset());
+        let warp = warp_k::<T>(cols, &[lx.start_offset(), r_offset, rows * cols]);
+        let (name, cfg) = match warp {
+            Some(k) => (
+                format!("layernorm_fwd_{}_k{k}", T::DTYPE.as_str()),
+                blocks(rows.div_ceil(WARPS))?,
+            ),
+            None => (
+                format!("layernorm_fwd_{}", T::DTYPE.as_str()),
+                blocks(rows)?,
+            ),
+        };
         let func = load_func(dev, "layernorm", &name)?;
         let stream = dev.cuda_stream();
         let mut ptrs = DevPtrs::new(&stream);
@@ -120,8 +148,8 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
             ..LayerNormParams::default()
         };
         // SAFETY: x (and r) hold rows * cols, y rows * cols per output, w and b cols, mean and
-        // rstd rows elements.
-        unsafe { launch(dev, &func, &name, blocks(rows)?, &p) }?;
+        // rstd rows elements; the warp variants' 16-byte accesses are aligned (warp_k).
+        unsafe { launch(dev, &func, &name, cfg, &p) }?;
     }
     Ok((
         CudaStorage::wrap_cuda_slice(y, dev.clone()),
@@ -159,6 +187,7 @@ fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
     let x = contiguous_view::<T>(sx, lx)?;
     let w = contiguous_view::<f32>(sw, lw)?;
     let g = contiguous_view::<T>(sg, lg)?;
+    let ds_offset = ds.map_or(0, |(_, l)| l.start_offset());
     let ds = match ds {
         Some((s, l)) => {
             if rows_cols(l)? != (rows, cols) {
@@ -176,13 +205,26 @@ fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
     let (rs, rl) = rstd.storage_and_layout();
     let mv = contiguous_view::<f32>(cuda_storage(&ms)?, ml)?;
     let rv = contiguous_view::<f32>(cuda_storage(&rs)?, rl)?;
+    let warp = warp_k::<T>(cols, &[lx.start_offset(), lg.start_offset(), ds_offset]);
     // A few blocks per SM, each folding its rows' dw and db into one partial row pair.
-    let groups = rows.clamp(1, sm_count(dev)? as usize * 4);
+    let sms = sm_count(dev)? as usize;
+    // The warp backward: three blocks of four warps per SM fit its ~160 registers a thread.
+    let groups = match warp {
+        Some(_) => rows.div_ceil(BWD_THREADS as usize / 32).clamp(1, sms * 3),
+        None => rows.clamp(1, sms * 4),
+    };
     // SAFETY: the backward writes every dx element; the reduce every dw and db column.
     let mut dx = unsafe { alloc_out::<T>(dev, rows * cols)? };
     let mut dw = unsafe { alloc_out::<f32>(dev, cols)? };
     let mut db = unsafe { alloc_out::<f32>(dev, cols)? };
-    let mut partial = dev.alloc_zeros::<f32>((groups * 2 * cols).max(1))?;
+    // The warp variants write every partial entry (zeros where a block had no rows); the
+    // block-per-row kernel adds into its partial row, which must start at zero.
+    let len = (groups * 2 * cols).max(1);
+    let mut partial = match (warp, rows) {
+        // SAFETY: as above: every entry written before the reduce reads it.
+        (Some(_), 1..) => unsafe { alloc_out::<f32>(dev, len)? },
+        _ => dev.alloc_zeros::<f32>(len)?,
+    };
     if cols > 0 {
         let stream = dev.cuda_stream();
         let mut ptrs = DevPtrs::new(&stream);
@@ -203,19 +245,27 @@ fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
             ..LayerNormParams::default()
         };
         if rows > 0 {
-            let name = format!("layernorm_bwd_{}", T::DTYPE.as_str());
+            let mut cfg = blocks(groups)?;
+            let name = match warp {
+                Some(k) => {
+                    cfg.block_dim.0 = BWD_THREADS;
+                    format!("layernorm_bwd_{}_k{k}", T::DTYPE.as_str())
+                }
+                None => format!("layernorm_bwd_{}", T::DTYPE.as_str()),
+            };
             let func = load_func(dev, "layernorm", &name)?;
-            // SAFETY: x, dy, dx hold rows * cols, w cols, stats rows, partial groups * 2 * cols.
-            unsafe { launch(dev, &func, &name, blocks(groups)?, &p) }?;
+            // SAFETY: x, dy, dx hold rows * cols, w cols, stats rows, partial groups * 2 * cols;
+            // the warp variants' 16-byte accesses are aligned (warp_k).
+            unsafe { launch(dev, &func, &name, cfg, &p) }?;
         }
         let func = load_func(dev, "layernorm", "layernorm_dwdb_reduce")?;
-        // SAFETY: one thread per column reads groups partial pairs and writes dw and db.
+        // SAFETY: 32 columns per block; each reads groups partial pairs, writes dw and db.
         unsafe {
             launch(
                 dev,
                 &func,
                 "layernorm_dwdb_reduce",
-                launch_1d(cols, THREADS),
+                blocks(cols.div_ceil(32))?,
                 &p,
             )
         }?;

@@ -68,12 +68,13 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
     let mut logp = unsafe { alloc_out::<f32>(dev, rows)? };
     let mut lse = unsafe { alloc_out::<f32>(dev, rows)? };
     if rows > 0 {
-        let name = format!("logprobs_fwd_{}", T::DTYPE.as_str());
-        let func = load_func(dev, "logprobs", &name)?;
         let stream = dev.cuda_stream();
         let mut ptrs = DevPtrs::new(&stream);
+        let logits = ptrs.read(&x);
+        let name = kernel::<T>("fwd", vocab, &[logits]);
+        let func = load_func(dev, "logprobs", &name)?;
         let p = LogprobsParams {
-            logits: ptrs.read(&x),
+            logits,
             targets: ptrs.read(&t),
             logp: ptrs.write(&mut logp),
             lse: ptrs.write(&mut lse),
@@ -81,7 +82,8 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
             vocab: to_i32(vocab, "vocab")?,
             ..LogprobsParams::default()
         };
-        // SAFETY: logits hold rows * vocab, targets, logp and lse rows elements.
+        // SAFETY: logits hold rows * vocab, targets, logp and lse rows elements; the 16-byte
+        // variant only runs on aligned rows (`kernel`).
         unsafe { launch(dev, &func, &name, config(rows)?, &p) }?;
     }
     Ok((
@@ -164,6 +166,19 @@ pub fn backward_in_place(
     }
 }
 
+/// The entry point of `pass` for rows of `vocab` values of `T` at the device addresses
+/// `rows` (each row's start is its buffer's plus a multiple of `vocab`): the 16-byte variant
+/// where every row starts 16-byte aligned, else the scalar one.
+fn kernel<T: CudaDType + WithDType>(pass: &str, vocab: usize, rows: &[u64]) -> String {
+    let size = std::mem::size_of::<T>();
+    let vec = (vocab * size).is_multiple_of(16) && rows.iter().all(|a| a.is_multiple_of(16));
+    let dtype = T::DTYPE.as_str();
+    match vec {
+        true => format!("logprobs_{pass}_vec_{dtype}"),
+        false => format!("logprobs_{pass}_{dtype}"),
+    }
+}
+
 /// Launches the backward over `rows x vocab` logits at device address `x`, writing the
 /// gradient at `dx` (which may be `x`).
 fn launch_backward<T: CudaDType + WithDType>(
@@ -182,7 +197,7 @@ fn launch_backward<T: CudaDType + WithDType>(
     if t.len() != rows || g.len() != rows || lv.len() != rows {
         candle_core::bail!("logprobs backward: per-row inputs do not have {rows} rows");
     }
-    let name = format!("logprobs_bwd_{}", T::DTYPE.as_str());
+    let name = kernel::<T>("bwd", vocab, &[x, dx]);
     let func = load_func(dev, "logprobs", &name)?;
     let stream = dev.cuda_stream();
     let mut ptrs = DevPtrs::new(&stream);

@@ -41,6 +41,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod attention_recompute;
 pub mod bias;
 pub mod dropout;
 pub mod embedding;
@@ -279,6 +280,22 @@ pub fn after_launch(dev: &CudaDevice, kernel: &str) -> Result<()> {
             .map_err(|e| candle_core::Error::Msg(format!("kernel {kernel} failed: {e:?}")))?;
     }
     Ok(())
+}
+
+/// Whether every element offset keeps a `T` buffer 16-byte aligned, as the kernels' 16-byte
+/// loads need (allocations themselves are).
+pub fn aligned16<T>(offsets: &[usize]) -> bool {
+    offsets
+        .iter()
+        .all(|o| (o * std::mem::size_of::<T>()).is_multiple_of(16))
+}
+
+/// Values of `T` per 16-byte chunk, where an elementwise kernel over `n` values whose
+/// buffers start at these element offsets can take 16-byte chunks (`n` a multiple of the
+/// chunk, every base aligned); `None` where it must go a value at a time.
+pub fn vec16_chunk<T>(n: usize, offsets: &[usize]) -> Option<usize> {
+    let chunk = 16 / std::mem::size_of::<T>();
+    (n.is_multiple_of(chunk) && aligned16::<T>(offsets)).then_some(chunk)
 }
 
 /// A tensor's storage as CUDA storage.

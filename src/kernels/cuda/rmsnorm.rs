@@ -19,7 +19,7 @@ use candle_core::{
 use super::super::host::{cpu_storage, norm_out_shape, rounded_sum, rows_cols, slice};
 use super::super::spans::{self, Pass};
 use super::super::KernelOp;
-use super::{alloc_out, contiguous_view, cuda_storage, launch, launch_1d, load_func};
+use super::{aligned16, alloc_out, contiguous_view, cuda_storage, launch, launch_1d, load_func};
 use super::{sm_count, tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
 
 /// The one argument of every kernel in kernels/rmsnorm.cu: the Rust mirror of `struct
@@ -312,12 +312,6 @@ impl Plan {
     fn kernel(&self, pass: &str, dtype: DType) -> String {
         format!("rmsnorm_{pass}_{}_v{}_k{}", dtype.as_str(), self.v, self.k)
     }
-}
-
-fn aligned16<T>(offsets: &[usize]) -> bool {
-    offsets
-        .iter()
-        .all(|o| (o * std::mem::size_of::<T>()).is_multiple_of(16))
 }
 
 fn cuda_forward<T: CudaDType + DeviceRepr + WithDType>(

@@ -5,7 +5,7 @@ use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 
-use super::{alloc_out, contiguous_view, grid_stride, launch, load_func, DevPtrs};
+use super::{alloc_out, contiguous_view, grid_stride, launch, load_func, vec16_chunk, DevPtrs};
 
 /// The Rust mirror of `struct SwiGluParams` in kernels/swiglu.cuh (field comments there).
 #[repr(C)]
@@ -43,6 +43,7 @@ fn run_t<T: CudaDType + DeviceRepr + WithDType>(
     let n = lg.shape().elem_count();
     let g = contiguous_view::<T>(sg, lg)?;
     let u = contiguous_view::<T>(su, lu)?;
+    let dy_offset = dy.map_or(0, |(_, l)| l.start_offset());
     let d = match dy {
         Some((sd, ld)) => Some(contiguous_view::<T>(sd, ld)?),
         None => None,
@@ -52,7 +53,11 @@ fn run_t<T: CudaDType + DeviceRepr + WithDType>(
     let mut out = unsafe { alloc_out::<T>(dev, outputs * n)? };
     if n > 0 {
         let pass = if d.is_some() { "bwd" } else { "fwd" };
-        let name = format!("swiglu_{pass}_{}", T::DTYPE.as_str());
+        let chunk = vec16_chunk::<T>(n, &[lg.start_offset(), lu.start_offset(), dy_offset]);
+        let name = match chunk {
+            Some(_) => format!("swiglu_{pass}_vec_{}", T::DTYPE.as_str()),
+            None => format!("swiglu_{pass}_{}", T::DTYPE.as_str()),
+        };
         let func = load_func(dev, "swiglu", &name)?;
         let stream = dev.cuda_stream();
         let mut ptrs = DevPtrs::new(&stream);
@@ -63,8 +68,10 @@ fn run_t<T: CudaDType + DeviceRepr + WithDType>(
             out: ptrs.write(&mut out),
             n: n as i64,
         };
-        // SAFETY: g, u and dy hold n elements, out n forward and 2 n backward.
-        unsafe { launch(dev, &func, &name, grid_stride(dev, n, 256)?, &p) }?;
+        let cfg = grid_stride(dev, n / chunk.unwrap_or(1), 256)?;
+        // SAFETY: g, u and dy hold n elements, out n forward and 2 n backward; the 16-byte
+        // variant runs only where every base is aligned and n a multiple of the chunk.
+        unsafe { launch(dev, &func, &name, cfg, &p) }?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
