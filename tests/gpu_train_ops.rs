@@ -455,7 +455,13 @@ mod layernorm {
                     .zip(grads(&apart))
                     .map(|((n, a), b)| (n, a, b))
                 {
-                    assert_close(&what(name), &a, &b, tol(dtype), grad_tol(dtype));
+                    // One column: the norm's share of dx and dr is rounding noise times
+                    // rstd = 1/sqrt(eps) (about 316), beside the sum's own gradient.
+                    let rel = match cols {
+                        1 => tol(dtype).max(1e-3),
+                        _ => tol(dtype),
+                    };
+                    assert_close(&what(name), &a, &b, rel, grad_tol(dtype));
                 }
             }
         }
@@ -1195,10 +1201,11 @@ mod curves {
             }
             // The same values up to the order the tied embedding's gradients are summed in
             // (and, for the casts, which run in candle's graph, the order of the gradients
-            // of q, k and v's shared input): 2% of the loss, with the floor above.
+            // of q, k and v's shared input). Two bf16 runs that differ only so drifted 2.3%
+            // apart by step 19 on the H200: the reference's bound, with its floor.
             for (i, (a, c)) in ours.iter().zip(&casts).enumerate() {
                 assert!(
-                    (a - c).abs() <= 0.02 * c.abs().max(floor),
+                    (a - c).abs() <= 0.05 * c.abs().max(floor),
                     "{preset} step {i}: loss {a} with compute copies, {c} casting the masters\n\
                      copies {ours:?}\ncasts {casts:?}"
                 );
@@ -1206,7 +1213,7 @@ mod curves {
             // The same ops; only the order in which a tensor's several gradients are summed.
             for (i, (a, g)) in ours.iter().zip(&graph).enumerate() {
                 assert!(
-                    (a - g).abs() <= 0.02 * g.abs().max(floor),
+                    (a - g).abs() <= 0.05 * g.abs().max(floor),
                     "{preset} step {i}: loss {a} on the tape, {g} in candle's graph\n\
                      tape {ours:?}\ngraph {graph:?}"
                 );
@@ -1327,13 +1334,16 @@ mod tape {
                 let (l0, g0) = grads(dev, preset, lora, false, DType::BF16);
                 let (_, gt) = grads(dev, preset, lora, false, DType::F32);
                 assert_eq!(l1, l0, "{preset} lora {lora}: the loss differs");
+                // Under LoRA only the adapters train, and each A starts with no gradient (its B
+                // is zero): the Bs must have one.
+                let total: f64 = gt.iter().map(|t| norm(&flat(t))).sum();
+                assert!(
+                    total > 0.0,
+                    "{preset} lora {lora}: no parameter got a gradient"
+                );
                 for (i, ((a, b), t)) in g1.iter().zip(&g0).zip(&gt).enumerate() {
                     let (a, b, t) = (flat(a), flat(b), flat(t));
                     let scale = norm(&t);
-                    assert!(
-                        scale > 0.0 || !lora,
-                        "{preset} lora {lora}: parameter {i} got no gradient"
-                    );
                     let (tape_err, graph_err) = (dist(&a, &t), dist(&b, &t));
                     assert!(
                         tape_err <= 2.0 * graph_err + 2e-2 * scale,
