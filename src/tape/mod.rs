@@ -191,7 +191,7 @@ impl Tape {
             let wants: Vec<bool> = rec.inputs.iter().map(Slot::wants).collect();
             // The gradient so far of the input the op can add into, where the tape holds its
             // buffer alone and the op reads that input only once.
-            let into = rec.into.and_then(|i| match rec.inputs.get(i) {
+            let acc = rec.into.and_then(|i| match rec.inputs.get(i) {
                 Some(Slot::Inner(id)) => {
                     let once = rec
                         .inputs
@@ -200,17 +200,16 @@ impl Tape {
                         .count()
                         == 1;
                     let own = grads.get(id).is_some_and(|h| h.own);
-                    (once && own).then(|| (i, grads.remove(id).map(|h| h.grad)))
+                    match once && own {
+                        true => grads.remove(id).map(|h| (i, h.grad)),
+                        false => None,
+                    }
                 }
                 _ => None,
             });
-            let (into, acc) = match into {
-                Some((i, acc)) => (Some(i), acc),
-                None => (None, None),
-            };
-            let handed = acc.is_some();
-            let got = (rec.backward)(g, &wants, acc)?;
-            if handed && into.and_then(|i| got.get(i)).is_some_and(Option::is_none) {
+            let handed = acc.as_ref().map(|(i, _)| *i);
+            let got = (rec.backward)(g, &wants, acc.map(|(_, t)| t))?;
+            if handed.and_then(|i| got.get(i)).is_some_and(Option::is_none) {
                 candle_core::bail!("tape: a backward dropped the gradient it was to add into");
             }
             if got.len() != rec.inputs.len() {

@@ -95,8 +95,7 @@ impl CustomOp3 for Recomputed {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let vars = [q, k, v].map(|t| Var::from_tensor(&t.detach()));
-        let [vq, vk, vv] = vars;
+        let [vq, vk, vv] = [q, k, v].map(|t| Var::from_tensor(&t.detach()));
         let (vq, vk, vv) = (vq?, vk?, vv?);
         let y = self.run(vq.as_tensor(), vk.as_tensor(), vv.as_tensor())?;
         let grads = (y * grad)?.sum_all()?.backward()?;

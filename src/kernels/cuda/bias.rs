@@ -7,7 +7,7 @@ use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 
 use super::super::bias::BiasAct;
 use super::super::host::rows_cols;
-use super::{aligned16, alloc_out, contiguous_view, launch, load_func, sm_count};
+use super::{alloc_out, contiguous_view, launch, load_func, sm_count, vec16_chunk};
 use super::{to_i32, DevPtrs, LaunchConfig};
 
 /// The Rust mirror of `struct BiasParams` in kernels/bias.cuh (field comments there).
@@ -68,11 +68,10 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
     // SAFETY: the blocks stride over every row and their threads over every column.
     let mut out = unsafe { alloc_out::<T>(dev, rows * cols)? };
     if rows > 0 && cols > 0 {
-        let per_chunk = 16 / std::mem::size_of::<T>();
-        let vec = cols.is_multiple_of(per_chunk) && aligned16::<T>(&[ly.start_offset()]);
-        let name = match vec {
-            true => format!("bias_fwd_vec_{}", T::DTYPE.as_str()),
-            false => format!("bias_fwd_{}", T::DTYPE.as_str()),
+        let chunk = vec16_chunk::<T>(cols, &[ly.start_offset()]);
+        let name = match chunk {
+            Some(_) => format!("bias_fwd_vec_{}", T::DTYPE.as_str()),
+            None => format!("bias_fwd_{}", T::DTYPE.as_str()),
         };
         let func = load_func(dev, "bias", &name)?;
         let stream = dev.cuda_stream();
@@ -88,9 +87,9 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
             ..BiasParams::default()
         };
         // A block a row (the scalar kernel) or 256 chunks (the vector one), at most 8 per SM.
-        let blocks = match vec {
-            true => (rows * cols / per_chunk).div_ceil(THREADS as usize),
-            false => rows,
+        let blocks = match chunk {
+            Some(c) => (rows * cols / c).div_ceil(THREADS as usize),
+            None => rows,
         }
         .min(sm_count(dev)? as usize * 8);
         let cfg = LaunchConfig {
@@ -134,20 +133,21 @@ fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
     // 16-byte accesses where every row and base allows them: 32 chunks of columns per block,
     // and enough row groups for about four blocks per SM. Otherwise a thread per column, 64
     // rows a group. grid.y is at most 65535; beyond that each group takes more rows.
-    let per_chunk = 16 / std::mem::size_of::<T>();
-    let vec =
-        cols.is_multiple_of(per_chunk) && aligned16::<T>(&[ly.start_offset(), lg.start_offset()]);
-    let col_blocks = match vec {
-        true => (cols / per_chunk).div_ceil(32),
-        false => cols.div_ceil(THREADS as usize),
+    let chunk = vec16_chunk::<T>(cols, &[ly.start_offset(), lg.start_offset()]);
+    let (col_blocks, groups) = match chunk {
+        Some(c) => {
+            let col_blocks = (cols / c).div_ceil(32);
+            let groups = (4 * sm_count(dev)? as usize)
+                .div_ceil(col_blocks.max(1))
+                .min(rows.div_ceil(8));
+            (col_blocks, groups)
+        }
+        None => (
+            cols.div_ceil(THREADS as usize),
+            rows.div_ceil(ROWS_PER_GROUP),
+        ),
     };
-    let groups = match vec {
-        true => (4 * sm_count(dev)? as usize)
-            .div_ceil(col_blocks.max(1))
-            .min(rows.div_ceil(8)),
-        false => rows.div_ceil(ROWS_PER_GROUP),
-    }
-    .clamp(1, 65535);
+    let groups = groups.clamp(1, 65535);
     let mut dz = match act {
         BiasAct::Identity => None,
         // SAFETY: the backward writes every element (each column of every group's rows).
@@ -176,9 +176,9 @@ fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
             groups: to_i32(groups, "groups")?,
             act: act_code(act),
         };
-        let name = match vec {
-            true => format!("bias_bwd_vec_{}", T::DTYPE.as_str()),
-            false => format!("bias_bwd_{}", T::DTYPE.as_str()),
+        let name = match chunk {
+            Some(_) => format!("bias_bwd_vec_{}", T::DTYPE.as_str()),
+            None => format!("bias_bwd_{}", T::DTYPE.as_str()),
         };
         let func = load_func(dev, "bias", &name)?;
         let cfg = LaunchConfig {

@@ -6,7 +6,7 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, Tensor, WithDType};
 
 use super::super::host::rows_cols;
-use super::{aligned16, alloc_out, contiguous_view, cuda_storage, launch, load_func, sm_count};
+use super::{alloc_out, contiguous_view, cuda_storage, launch, load_func, sm_count, vec16_chunk};
 use super::{tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
 
 /// The Rust mirror of `struct LayerNormParams` in kernels/layernorm.cuh (field comments there).
@@ -58,10 +58,8 @@ const MAX_K: usize = 4;
 /// that fits a row of `cols` values of `T`, when every base offset keeps 16-byte alignment;
 /// `None` sends the row to the block-per-row kernels.
 fn warp_k<T>(cols: usize, offsets: &[usize]) -> Option<usize> {
-    let per_chunk = 16 / std::mem::size_of::<T>();
-    let k = cols.div_ceil(per_chunk).div_ceil(32);
-    let fits = cols > 0 && cols.is_multiple_of(per_chunk) && k <= MAX_K;
-    (fits && aligned16::<T>(offsets)).then_some(k)
+    let k = (cols / vec16_chunk::<T>(cols, offsets)?).div_ceil(32);
+    (1..=MAX_K).contains(&k).then_some(k)
 }
 
 type Arg<'a> = (&'a CudaStorage, &'a Layout);

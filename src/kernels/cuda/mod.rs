@@ -290,9 +290,9 @@ pub fn aligned16<T>(offsets: &[usize]) -> bool {
         .all(|o| (o * std::mem::size_of::<T>()).is_multiple_of(16))
 }
 
-/// Values of `T` per 16-byte chunk, where an elementwise kernel over `n` values whose
-/// buffers start at these element offsets can take 16-byte chunks (`n` a multiple of the
-/// chunk, every base aligned); `None` where it must go a value at a time.
+/// Values of `T` per 16-byte chunk, where a kernel reading rows (or a whole tensor) of `n`
+/// values from buffers that start at these element offsets can take 16-byte chunks (`n` a
+/// multiple of the chunk, every base aligned); `None` where it must go a value at a time.
 pub fn vec16_chunk<T>(n: usize, offsets: &[usize]) -> Option<usize> {
     let chunk = 16 / std::mem::size_of::<T>();
     (n.is_multiple_of(chunk) && aligned16::<T>(offsets)).then_some(chunk)
