@@ -15,9 +15,10 @@
 #
 # Each section runs under its own timeout and inside an overall budget
 # (TEMPER_CHECK_BUDGET_S, default 450 s), so one hang costs one section; a failed or timed-out
-# section is a row in the table, not the end of the run. TEMPER_CHECK_ONLY (a bash regex over
-# section names, e.g. '^(device|unpack|train-ours|train-torch-eager)$') runs only those. Sections run in order of how much
-# their figure matters, so a short budget drops the least useful ones.
+# section is a row in the table, not the end of the run. Sections run in order of how much
+# their figure matters, so a short budget drops the least useful ones. TEMPER_CHECK_ONLY (a
+# bash regex over section names, e.g. '^(device|unpack|train-ours|train-torch-eager)$') runs
+# only those.
 #
 # Output: the table last on stdout; under $OUT when set (else a temp dir; the path is printed):
 #   gpu-check.md   the table, the device, and each section's status: paste into BENCHMARKS.md
