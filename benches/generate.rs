@@ -6,9 +6,12 @@
 //! the card's copy bandwidth (4.1 TB/s measured on the H200 with a device-to-device copy; gpu-check.sh measures it again). On a CPU it runs a
 //! tiny shape, so the harness itself stays checked.
 //!
-//! `cargo bench --bench generate [-- --batch B --prompt L --new N --reps R --group G --plain 1]`
+//! `cargo bench --bench generate [-- --batch B --prompt L --new N --reps R --group G --plain 1
+//! --decode graph|fixed|dynamic]`
 //! `--group G` repeats each prompt G times back to back (a GRPO group: one shared prefill per
-//! group); `--plain 1` switches the engine's savings off (no shared prefill, no compaction).
+//! group); `--plain 1` switches the engine's savings off (no shared prefill, no compaction, a
+//! dynamic-shape decode step); `--decode` picks the decode step (`src/generate/mod.rs`,
+//! `DecodeMode`; graph by default).
 
 use std::time::Instant;
 
@@ -16,7 +19,7 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use temper::config::ModelConfig;
 use temper::data::tokenizer::Tokenizer;
-use temper::generate::{generate, EngineOpts, RowKeys, SampleCfg};
+use temper::generate::{generate, DecodeMode, EngineOpts, RowKeys, SampleCfg};
 use temper::kernels::KernelSet;
 use temper::model::linear::Ctx;
 use temper::model::Transformer;
@@ -65,9 +68,22 @@ fn main() -> Result<()> {
     let n = arg("--new", n);
     let reps = arg("--reps", 3).max(1);
     let group = arg("--group", 1).max(1);
+    let plain = arg("--plain", 0) != 0;
+    let decode = match std::env::args()
+        .skip_while(|a| a != "--decode")
+        .nth(1)
+        .as_deref()
+    {
+        None if plain => DecodeMode::Dynamic,
+        None | Some("graph") => DecodeMode::Graph,
+        Some("fixed") => DecodeMode::Fixed,
+        Some("dynamic") => DecodeMode::Dynamic,
+        Some(other) => anyhow::bail!("--decode {other}: expected graph, fixed or dynamic"),
+    };
     let engine = EngineOpts {
-        compact: arg("--plain", 0) == 0,
-        share_prefill: arg("--plain", 0) == 0,
+        compact: !plain,
+        share_prefill: !plain,
+        decode,
     };
     cfg.max_position_embeddings = cfg.max_position_embeddings.max(l + n);
     let mut store = ParamStore::new(dev.clone(), 11);
@@ -105,6 +121,14 @@ fn main() -> Result<()> {
         let t0 = Instant::now();
         let g = generate(&net, ctx, &tok, &prompts, &sc, &RowKeys::range(seed, 0, b))?;
         assert!(g.tokens.iter().all(|t| t.len() == new));
+        if dev.is_cuda() && decode == DecodeMode::Graph && new > 2 {
+            // Every step but the one captured is a replay.
+            anyhow::ensure!(
+                g.stats.graph_replays + 1 >= g.stats.decode_steps,
+                "the decode step was not replayed as a CUDA graph: {:?}",
+                g.stats
+            );
+        }
         Ok(t0.elapsed().as_secs_f64())
     };
     run(2, 0)?; // loads the kernels
@@ -140,7 +164,11 @@ fn main() -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "bench": "generate", "impl": "temper", "shape": match group {
+            "bench": "generate", "impl": match decode {
+                DecodeMode::Graph => "temper",
+                DecodeMode::Fixed => "ours-fixed-shapes",
+                DecodeMode::Dynamic => "ours-dynamic-shapes",
+            }, "shape": match group {
                 1 => format!("B{b} L{l} N{n}"),
                 g => format!("B{b} L{l} N{n} G{g}"),
             },

@@ -15,7 +15,7 @@
 //
 // Launch: grid (B), block kThreads; reads p.logits [B, V] in the model's dtype (rows
 // contiguous; converted to f32 as they are read, exactly as the reference's cast does), p.keys
-// [B], writes p.out [B] u32.
+// [B] (and p.hold [V] while it applies), writes p.out [B] u32.
 
 #include "common.cuh"
 
@@ -24,6 +24,11 @@ struct SampleParams {
   const long long *keys;     // [B] row keys (row_key(seed, row) of the reference)
   unsigned int *out;         // [B] chosen token ids
   unsigned long long pos;    // draw index of this step (the same for every row)
+  const long long *pos_at;   // when not null, the draw index is *pos_at instead (a decode
+                             // step replayed as a CUDA graph keeps it on the device)
+  const float *hold;         // null, or [V] added to every row's logits (0 or -inf: stop ids
+                             // held back) while the draw index is below hold_until
+  unsigned long long hold_until;
   int b;                     // rows (informational: the grid is B blocks)
   int v;                     // vocabulary
   int top_k;                 // 0 or >= v: no top-k filter
@@ -31,7 +36,7 @@ struct SampleParams {
   float top_p;               // >= 1: no nucleus filter
   int greedy;                // 1: argmax, no draw
 };
-static_assert(sizeof(SampleParams) == 56, "SampleParams: keep in step with the Rust mirror");
+static_assert(sizeof(SampleParams) == 80, "SampleParams: keep in step with the Rust mirror");
 static_assert(alignof(SampleParams) == 8, "SampleParams: keep in step with the Rust mirror");
 
 namespace temper {
@@ -105,9 +110,12 @@ static __device__ __forceinline__ int block_min_int(int x, int *scratch) {
 
 template <typename T> struct Row {
   const T *z;
+  const float *hold;  // null when no mask applies to this draw
   int v;
   float m, inv_temp;
-  __device__ __forceinline__ float logit(int i) const { return to_f32(z[i]); }
+  __device__ __forceinline__ float logit(int i) const {
+    return hold ? to_f32(z[i]) + hold[i] : to_f32(z[i]);
+  }
   __device__ __forceinline__ float w(int i) const { return expf((logit(i) - m) * inv_temp); }
 };
 
@@ -151,7 +159,9 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
   __shared__ int sidx[kWarps];
   __shared__ float scratch[32];
   const int row = blockIdx.x;
-  Row<T> r{static_cast<const T *>(p.logits) + (size_t)row * p.v, p.v, 0.f, p.inv_temp};
+  const unsigned long long pos = p.pos_at ? (unsigned long long)*p.pos_at : p.pos;
+  const float *hold = p.hold && pos < p.hold_until ? p.hold : nullptr;
+  Row<T> r{static_cast<const T *>(p.logits) + (size_t)row * p.v, hold, p.v, 0.f, p.inv_temp};
 
   float best = __int_as_float(0xff800000);  // -inf
   int arg = 0x7fffffff;
@@ -172,7 +182,7 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
     const float goal = p.top_p * mass_at_least(r, t, scratch);
     t = threshold(r, false, goal, t, scratch);
   }
-  const float target = uniform((unsigned long long)p.keys[row], p.pos) *
+  const float target = uniform((unsigned long long)p.keys[row], pos) *
                        mass_at_least(r, t, scratch);
 
   float running = 0.f;

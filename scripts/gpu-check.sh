@@ -205,6 +205,8 @@ fi
 # (TEMPER_GENERATE_PEER overrides the command).
 if has bench-generate; then
   section bench-generate 120 "$BUNDLE" bench-generate --bench
+  # Ablation: the decode step op by op at the cache's shapes, without the CUDA graph.
+  section bench-generate-dynamic 90 "$BUNDLE" bench-generate --bench --decode dynamic --reps 1
   peer_cmd="${TEMPER_GENERATE_PEER:-}"
   [[ -z "$peer_cmd" && -f scripts/bench_generate.py ]] && peer_cmd="python3 scripts/bench_generate.py"
   if [[ -n "$peer_cmd" ]]; then
@@ -448,10 +450,14 @@ for shape in sorted({r["shape"] for r in meas if r.get("bench") == "allreduce"})
 # Generation (the hook).
 for shape in sorted({r.get("shape", "") for r in meas if r.get("bench") == "generate"}):
     gen = [r for r in meas if r.get("bench") == "generate" and r.get("shape", "") == shape]
-    o = next((r for r in gen if r.get("impl") == "temper" or str(r.get("impl", "")).startswith("ours")), {})
+    o = next((r for r in gen if r.get("impl") == "temper"), {})
+    ablations = [r for r in gen if str(r.get("impl", "")).startswith("ours")]
     for p in [r for r in gen if str(r.get("impl", "")).startswith(("transformers", "torch"))]:
         row("generate", shape, "tokens/s", o.get("tokens_per_s"), p["impl"], p.get("tokens_per_s"),
             sec_state("bench-generate", "peer-generate"))
+        for a in ablations:
+            row("generate", shape, f"{a['impl']} tokens/s", a.get("tokens_per_s"), p["impl"],
+                p.get("tokens_per_s"), "ablation: the decode step without its CUDA graph")
     if o.get("ms_floor_step"):
         row("generate decode step", shape, "ms", o.get("ms_decode_step"), "bandwidth floor (4.1 TB/s)",
             o.get("ms_floor_step"), "weights + KV cache bytes per step over copy bandwidth; goal <= 2")

@@ -18,17 +18,22 @@ gpu_test!(sample_kernel_matches_reference);
 gpu_test!(masked_tokens_are_never_drawn);
 gpu_test!(decode_attention_reads_the_cache_in_place);
 gpu_test!(engine_on_the_gpu_agrees_with_the_cpu);
+gpu_test!(decode_step_kernels_match_reference);
+gpu_test!(held_tokens_and_a_device_draw_index_sample_as_the_reference);
+gpu_test!(graph_replay_gives_the_eager_fixed_steps_tokens);
 
 #[cfg(feature = "cuda")]
 mod gpu {
     use candle_core::{DType, Device, Tensor};
     use temper::config::ModelConfig;
     use temper::data::tokenizer::Tokenizer;
-    use temper::generate::{generate, RowKeys, SampleCfg};
+    use temper::generate::{generate, DecodeMode, EngineOpts, RowKeys, SampleCfg};
     use temper::kernels::attention::{attention_reference, AttnMask};
     use temper::kernels::cuda::attention::{attention_with, AttnImpl};
+    use temper::kernels::decode_step::{increment, kv_write, mark_key};
     use temper::kernels::sample::{
-        keep_threshold, keys_tensor, row_key, sample, sample_reference, uniform, SampleParams,
+        keep_threshold, keys_tensor, row_key, sample, sample_draw, sample_reference, uniform, Draw,
+        Hold, SampleParams,
     };
     use temper::kernels::{KernelChoice, KernelSet};
     use temper::model::linear::Ctx;
@@ -281,5 +286,268 @@ mod gpu {
             cpu.tokens
         );
         assert_eq!(gpu.stats.prefill_rows, 5);
+    }
+
+    /// The decode step's in-place state ops (`kernels/decode_step.cu`) against their CPU
+    /// reference: exact, since each only moves or counts. Cache lengths at the first and last
+    /// position and past the end (nothing written), sizes off every power of two.
+    pub fn decode_step_kernels_match_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0xDEC);
+        let shapes = [
+            (1, 1, 1, 1),
+            (3, 5, 17, 7),
+            (2, 3, 33, 129),
+            (5, 12, 384, 64),
+        ];
+        for &(b, h, cap, d) in &shapes {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                for len in [0, cap / 2, cap - 1, cap, cap + 3] {
+                    let ctx = format!("seed {seed:#x}, {dtype:?}, [{b}, {h}, {cap}, {d}], L {len}");
+                    let make = |n: usize, shape: &[usize], rng: &mut Rng| {
+                        Tensor::from_vec(rng.vec(n, -4.0, 4.0), shape, &Device::Cpu)
+                            .and_then(|t| t.to_dtype(dtype))
+                            .unwrap()
+                    };
+                    let cache = make(b * h * cap * d, &[b, h, cap, d], &mut rng);
+                    let new = make(b * h * d, &[b, h, 1, d], &mut rng);
+                    let step = Tensor::new(&[len as i64, 9], &Device::Cpu).unwrap();
+                    let on_gpu = |t: &Tensor| t.to_device(dev).unwrap();
+                    let (gc, gn, gs) = (on_gpu(&cache), on_gpu(&new), on_gpu(&step));
+                    kv_write(&gc, &gn, &gs).unwrap();
+                    kv_write(&cache, &new, &step).unwrap();
+                    assert_eq!(host(&gc), host(&cache), "{ctx}: kv_write");
+
+                    let mask = Tensor::from_vec(rng.vec(b * cap, 0.0, 1.0), (b, cap), &Device::Cpu)
+                        .and_then(|t| t.round())
+                        .unwrap();
+                    let gm = on_gpu(&mask);
+                    mark_key(&gm, &gs).unwrap();
+                    mark_key(&mask, &step).unwrap();
+                    assert_eq!(host(&gm), host(&mask), "{ctx}: mark_key");
+                }
+            }
+        }
+        for n in [1usize, 31, 257, 4099] {
+            let vals: Vec<u32> = (0..n).map(|_| rng.below(1 << 30) as u32).collect();
+            let t = Tensor::from_vec(vals.clone(), n, dev).unwrap();
+            increment(&t).unwrap();
+            let want: Vec<u32> = vals.iter().map(|v| v + 1).collect();
+            assert_eq!(
+                t.to_vec1::<u32>().unwrap(),
+                want,
+                "seed {seed:#x}: u32 x{n}"
+            );
+            let wide: Vec<i64> = vals.iter().map(|&v| i64::from(v) - (1 << 29)).collect();
+            let t = Tensor::from_vec(wide.clone(), n, dev).unwrap();
+            increment(&t).unwrap();
+            let want: Vec<i64> = wide.iter().map(|v| v + 1).collect();
+            assert_eq!(
+                t.to_vec1::<i64>().unwrap(),
+                want,
+                "seed {seed:#x}: i64 x{n}"
+            );
+        }
+    }
+
+    /// The sampling kernel with the draw index read from the device and stop ids held back
+    /// (what a graph-replayed decode step passes) against the reference given the same: greedy
+    /// exactly, draws up to the bucket-edge rounding `sample_kernel_matches_reference`
+    /// explains; a held id is never drawn while the hold applies.
+    pub fn held_tokens_and_a_device_draw_index_sample_as_the_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0x401D);
+        for &(b, v) in &[(3, 7), (9, 3001), (33, 50257)] {
+            for p in [
+                params(0.0, 0, 1.0),
+                params(1.0, 0, 1.0),
+                params(0.8, 40, 0.9),
+            ] {
+                for dtype in [DType::F32, DType::BF16] {
+                    let cpu = Tensor::from_vec(rng.vec(b * v, -3.0, 3.0), (b, v), &Device::Cpu)
+                        .and_then(|t| t.to_dtype(dtype))
+                        .unwrap();
+                    // The largest logit of row 0 among the held ids, so greedy must avoid it.
+                    let row0 = cpu.get(0).and_then(|r| r.to_dtype(DType::F32)).unwrap();
+                    let top = row0.argmax(0).and_then(|t| t.to_scalar::<u32>()).unwrap() as usize;
+                    let held = |i: usize| i == top || i % 11 == 3;
+                    let mask: Vec<f32> = (0..v)
+                        .map(|i| if held(i) { f32::NEG_INFINITY } else { 0.0 })
+                        .collect();
+                    let cpu_mask = Tensor::from_vec(mask, v, &Device::Cpu).unwrap();
+                    let gpu_mask = cpu_mask.to_device(dev).unwrap();
+                    let rows: Vec<u64> = (0..b as u64).map(|r| 5 * r + 1).collect();
+                    let key_seed = rng.next();
+                    let keys = keys_tensor(key_seed, &rows, &Device::Cpu).unwrap();
+                    for (pos, until) in [(3u64, 5u64), (5, 5), (7, 0)] {
+                        let ctx = format!(
+                            "seed {seed:#x} {dtype:?} B {b} V {v} {p:?} draw {pos} hold<{until}"
+                        );
+                        let draw = Tensor::new(&[pos as i64], dev).unwrap();
+                        let got = sample_draw(
+                            &cpu.to_device(dev).unwrap(),
+                            &keys.to_device(dev).unwrap(),
+                            Draw::Device(&draw),
+                            Some(Hold {
+                                mask: &gpu_mask,
+                                until,
+                            }),
+                            &p,
+                            KernelChoice::Custom,
+                        )
+                        .and_then(|t| t.to_vec1::<u32>())
+                        .unwrap();
+                        let want = sample_draw(
+                            &cpu,
+                            &keys,
+                            Draw::At(pos),
+                            Some(Hold {
+                                mask: &cpu_mask,
+                                until,
+                            }),
+                            &p,
+                            KernelChoice::Reference,
+                        )
+                        .and_then(|t| t.to_vec1::<u32>())
+                        .unwrap();
+                        let applies = pos < until;
+                        let logits = cpu
+                            .to_dtype(DType::F32)
+                            .and_then(|t| {
+                                t.broadcast_add(
+                                    &cpu_mask
+                                        .affine(if applies { 1.0 } else { 0.0 }, 0.0)
+                                        .unwrap(),
+                                )
+                            })
+                            .and_then(|t| t.flatten_all())
+                            .and_then(|t| t.to_vec1::<f32>())
+                            .unwrap();
+                        for i in 0..b {
+                            if applies {
+                                assert!(
+                                    !held(got[i] as usize),
+                                    "{ctx} row {i}: drew held id {}",
+                                    got[i]
+                                );
+                            }
+                            if got[i] == want[i] {
+                                continue;
+                            }
+                            assert!(
+                                !p.is_greedy(),
+                                "{ctx} row {i}: greedy {} vs {}",
+                                got[i],
+                                want[i]
+                            );
+                            let row = &logits[i * v..(i + 1) * v];
+                            let u = uniform(row_key(key_seed, rows[i]), pos);
+                            if let Err(why) = explained(row, &p, u, got[i] as usize) {
+                                panic!(
+                                    "{ctx} row {i}: kernel {} vs reference {}: {why}",
+                                    got[i], want[i]
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The decode step replayed as a CUDA graph against the same fixed-shape step run op by
+    /// op: the same kernels at the same shapes, so the same tokens exactly, sampled included;
+    /// rows that end early make the engine compact (a new batch size: a new capture), and
+    /// `min_new_tokens` holds stop ids back through the replays. The dynamic-shape step rounds
+    /// differently (its attention reads fewer keys), so it need only agree on most rows.
+    pub fn graph_replay_gives_the_eager_fixed_steps_tokens(dev: &Device) {
+        let mut cfg = ModelConfig::preset("gpt2").unwrap();
+        cfg.vocab_size = 259;
+        cfg.hidden_size = 64;
+        cfg.intermediate_size = 256;
+        cfg.num_hidden_layers = 3;
+        cfg.num_attention_heads = 4;
+        cfg.num_key_value_heads = 4;
+        cfg.max_position_embeddings = 128;
+        let tok = Tokenizer::bytes();
+        let texts: Vec<String> = (0..23)
+            .map(|i| format!("prompt {i}: {}", "ab".repeat(i % 5)))
+            .collect();
+        let prompts: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
+        let mut store = ParamStore::new(dev.clone(), 8);
+        let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            for (temperature, top_k, top_p, min_new) in
+                [(0.0, 0, 1.0, 0), (1.0, 0, 1.0, 6), (0.9, 30, 0.95, 0)]
+            {
+                let run = |decode: DecodeMode| {
+                    let sc = SampleCfg {
+                        max_new_tokens: 40,
+                        min_new_tokens: min_new,
+                        temperature,
+                        top_k,
+                        top_p,
+                        stop: ["q", "z", "x", "k", "j", "v"].map(String::from).to_vec(),
+                        engine: EngineOpts {
+                            decode,
+                            ..EngineOpts::default()
+                        },
+                    };
+                    let ctx = Ctx {
+                        dtype,
+                        kernels: KernelSet::default(),
+                        use_lora: false,
+                        dropout_seed: None,
+                        tape: false,
+                    };
+                    generate(
+                        &net,
+                        ctx,
+                        &tok,
+                        &prompts,
+                        &sc,
+                        &RowKeys::range(9, 0, prompts.len()),
+                    )
+                    .unwrap()
+                };
+                let what = format!(
+                    "{dtype:?} T {temperature} top-k {top_k} top-p {top_p} min_new {min_new}"
+                );
+                let (graph, fixed, dynamic) = (
+                    run(DecodeMode::Graph),
+                    run(DecodeMode::Fixed),
+                    run(DecodeMode::Dynamic),
+                );
+                assert_eq!(graph.tokens, fixed.tokens, "{what}: graph vs op by op");
+                assert_eq!(graph.stats.decode_steps, fixed.stats.decode_steps, "{what}");
+                // A capture that failed would fall back to the eager step and pass the above.
+                let eager = 1 + graph.stats.compactions;
+                assert!(
+                    graph.stats.graph_replays + eager >= graph.stats.decode_steps,
+                    "{what}: {:?}",
+                    graph.stats
+                );
+                assert_eq!(fixed.stats.graph_replays, 0);
+                if temperature > 0.0 {
+                    assert!(
+                        graph.stats.compactions > 0,
+                        "{what}: no compaction to recapture at"
+                    );
+                }
+                for t in &graph.tokens {
+                    let early = &t[..t.len().min(min_new)];
+                    assert!(early.iter().all(|&id| !tok.is_stop(id)), "{what}: {t:?}");
+                }
+                // bf16 logits of a random model tie often enough that rounding flips rows.
+                if dtype == DType::F32 {
+                    let same = (0..prompts.len())
+                        .filter(|&i| graph.tokens[i] == dynamic.tokens[i])
+                        .count();
+                    assert!(
+                        same * 4 >= prompts.len() * 3,
+                        "{what}: only {same} of {} rows agree with the dynamic step",
+                        prompts.len()
+                    );
+                }
+            }
+        }
     }
 }

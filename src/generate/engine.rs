@@ -7,9 +7,11 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
 use super::prefill::PrefillPlan;
-use super::{left_pad, GenStats, Generation, RowKeys, SampleCfg};
+use super::static_step::{Entry, StaticStep};
+use super::{left_pad, DecodeMode, GenStats, Generation, RowKeys, SampleCfg};
 use crate::data::tokenizer::Tokenizer;
-use crate::kernels::sample::{keys_tensor, sample};
+use crate::kernels::sample::{keys_tensor, sample_draw, Draw, Hold};
+use crate::kernels::KernelChoice;
 use crate::model::cast::FrozenWeights;
 use crate::model::linear::Ctx;
 use crate::model::{Fwd, KvCache, Transformer};
@@ -83,13 +85,32 @@ pub fn generate(
     let mut active = Active::new(prompts, keys, &dev)?;
     let params = cfg.params();
     let early = stop_mask(tok, &last, cfg.min_new_tokens)?;
+    let hold = early.as_ref().map(|mask| Hold {
+        mask,
+        until: cfg.min_new_tokens as u64,
+    });
+    let mode = cfg.engine.decode;
+    let graph = mode == DecodeMode::Graph
+        && dev.is_cuda()
+        && ctx.kernels.decode == KernelChoice::Custom
+        && !crate::kernels::spans::recording();
+    let fixed_shapes = graph || mode == DecodeMode::Fixed;
+    let mut fixed: Option<StaticStep> = None;
+    let mut next = sample_draw(
+        &last,
+        &active.keys,
+        Draw::At(0),
+        hold,
+        &params,
+        ctx.kernels.sample,
+    )?;
     for t in 0..cfg.max_new_tokens {
-        let logits = match &early {
-            Some(mask) if t < cfg.min_new_tokens => last.broadcast_add(mask)?,
-            _ => last.clone(),
+        // `next` (or the fixed step's ids) holds draw t of every active row.
+        let ids = match &fixed {
+            Some(step) => step.ids().to_vec1::<u32>()?,
+            None => next.to_vec1::<u32>()?,
         };
-        let mut next = sample(&logits, &active.keys, t as u64, &params, ctx.kernels.sample)?;
-        for (&row, &id) in active.rows.iter().zip(&next.to_vec1::<u32>()?) {
+        for (&row, &id) in active.rows.iter().zip(&ids) {
             resp.push(row, id, tok, cfg)?;
         }
         let done = active.rows.iter().filter(|&&r| resp.finished[r]).count();
@@ -99,9 +120,31 @@ pub fn generate(
         if cfg.engine.compact && done > 0 && 4 * done >= active.len() {
             let keep = active.keep_unfinished(&resp.finished, &dev)?;
             cache.select_rows(&keep)?;
-            valid = valid.index_select(&keep, 0)?;
-            next = next.index_select(&keep, 0)?;
+            match &mut fixed {
+                Some(step) => step.select_rows(&keep)?,
+                None => {
+                    valid = valid.index_select(&keep, 0)?;
+                    next = next.index_select(&keep, 0)?;
+                }
+            }
             stats.compactions += 1;
+        }
+        let draw = t + 1;
+        if fixed_shapes && fixed.is_none() {
+            let entry = Entry {
+                ids: &next,
+                positions: &active.positions,
+                valid: &valid,
+                keys: &active.keys,
+                draw: draw as u64,
+            };
+            fixed = Some(StaticStep::enter(&mut cache, entry, &dev)?);
+        }
+        if let Some(step) = &mut fixed {
+            let replayed = step.run(net, ctx, &mut cache, hold, &params, graph)?;
+            stats.graph_replays += usize::from(replayed);
+            stats.decode_steps += 1;
+            continue;
         }
         let n = active.len();
         // Contiguous f32 once per step, not once per layer inside attention.
@@ -115,18 +158,26 @@ pub fn generate(
             key_valid: Some(&key_valid),
         };
         let hidden = net.hidden(&next.reshape((n, 1))?, &f, Some(&mut cache))?;
-        last = net
+        let logits = net
             .compute_logits(&hidden, ctx.kernels.gemm)?
             .squeeze(1)?
             .detach();
         active.positions = active.positions.affine(1.0, 1.0)?;
+        next = sample_draw(
+            &logits,
+            &active.keys,
+            Draw::At(draw as u64),
+            hold,
+            &params,
+            ctx.kernels.sample,
+        )?;
         stats.decode_steps += 1;
     }
     resp.finish(tok, stats, start)
 }
 
-/// `[V]` in the logits' dtype: -inf at the stop ids, 0 elsewhere, added to the logits of the
-/// first `min_new_tokens` draws so that none of them can end a response (as Hugging Face's
+/// `[V]` f32: -inf at the stop ids, 0 elsewhere, added to the logits of the first
+/// `min_new_tokens` draws so that none of them can end a response (as Hugging Face's
 /// `min_new_tokens` does); `None` when there is no such draw.
 fn stop_mask(tok: &Tokenizer, logits: &Tensor, min_new_tokens: usize) -> Result<Option<Tensor>> {
     if min_new_tokens == 0 {
@@ -139,9 +190,7 @@ fn stop_mask(tok: &Tokenizer, logits: &Tensor, min_new_tokens: usize) -> Result<
             *m = f32::NEG_INFINITY;
         }
     }
-    Ok(Some(
-        Tensor::from_vec(mask, v, logits.device())?.to_dtype(logits.dtype())?,
-    ))
+    Ok(Some(Tensor::from_vec(mask, v, logits.device())?))
 }
 
 /// The rows still in the batch: which prompt each slot holds, its sampling key, and the

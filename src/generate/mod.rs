@@ -13,6 +13,7 @@
 
 mod engine;
 mod prefill;
+mod static_step;
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -71,6 +72,7 @@ pub struct EngineOpts {
     pub compact: bool,
     /// Prefill a prompt repeated back to back once and copy its cache rows.
     pub share_prefill: bool,
+    pub decode: DecodeMode,
 }
 
 impl Default for EngineOpts {
@@ -78,8 +80,24 @@ impl Default for EngineOpts {
         Self {
             compact: true,
             share_prefill: true,
+            decode: DecodeMode::Graph,
         }
     }
+}
+
+/// How a decode step runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeMode {
+    /// Shapes follow the cache: attention reads the cached positions only, the step's state
+    /// (cache length, positions, draw index) stays on the host.
+    Dynamic,
+    /// Fixed shapes with the state on the device (`static_step`), op by op: attention reads
+    /// the whole cache under a mask. What a graph replays, runnable anywhere.
+    Fixed,
+    /// On CUDA, the fixed-shape step captured once per batch size and replayed as a CUDA
+    /// graph; elsewhere, under `--kernels decode=reference`, or while op spans are recorded
+    /// (`temper profile`), [`DecodeMode::Dynamic`].
+    Graph,
 }
 
 /// Which random stream each prompt samples from: the seed and each prompt's global row id.
@@ -113,6 +131,8 @@ pub struct GenStats {
     pub decode_steps: usize,
     /// Times finished rows were dropped from the batch.
     pub compactions: usize,
+    /// Decode steps replayed from a CUDA graph (`DecodeMode::Graph` on CUDA).
+    pub graph_replays: usize,
 }
 
 impl GenStats {

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod bias;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod decode_step;
 pub mod dropout;
 pub mod embedding;
 pub mod gae;

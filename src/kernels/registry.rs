@@ -50,11 +50,14 @@ pub enum KernelOp {
     Heads,
     /// Dropout with a mask hashed from (seed, index) where it is used, forward and backward.
     Dropout,
+    /// Generation's decode step replayed as one CUDA graph; the reference runs it op by op at
+    /// the cache's shapes (`src/generate/static_step.rs`).
+    Decode,
 }
 
 impl KernelOp {
     /// Every op, in the order `Display` lists them.
-    pub const ALL: [KernelOp; 16] = [
+    pub const ALL: [KernelOp; 17] = [
         Self::Attention,
         Self::Lora,
         Self::Gae,
@@ -71,6 +74,7 @@ impl KernelOp {
         Self::Rope,
         Self::Heads,
         Self::Dropout,
+        Self::Decode,
     ];
 
     /// The name a user types (`--kernels attention=...`).
@@ -92,6 +96,7 @@ impl KernelOp {
             Self::Rope => "rope",
             Self::Heads => "heads",
             Self::Dropout => "dropout",
+            Self::Decode => "decode",
         }
     }
 
@@ -114,6 +119,7 @@ impl KernelOp {
             Self::Rope => "fused",
             Self::Heads => "cuda",
             Self::Dropout => "cuda",
+            Self::Decode => "graph",
         }
     }
 
@@ -131,7 +137,7 @@ impl fmt::Display for KernelOp {
 
 /// The ops that have a swappable implementation, with the name a user types for the custom
 /// one (the same table as [`KernelOp::name`] and [`KernelOp::custom_name`]).
-pub const OPS: [(&str, &str); 16] = [
+pub const OPS: [(&str, &str); 17] = [
     ("attention", "flash"),
     ("lora", "fused"),
     ("gae", "cuda"),
@@ -148,6 +154,7 @@ pub const OPS: [(&str, &str); 16] = [
     ("rope", "fused"),
     ("heads", "cuda"),
     ("dropout", "cuda"),
+    ("decode", "graph"),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -182,6 +189,9 @@ pub struct KernelSet {
     pub heads: KernelChoice,
     #[serde(default)]
     pub dropout: KernelChoice,
+    /// Runs saved before the decode step's CUDA graph existed have no entry: the default.
+    #[serde(default)]
+    pub decode: KernelChoice,
 }
 
 impl KernelSet {
@@ -212,6 +222,7 @@ impl KernelSet {
             KernelOp::Rope => &mut self.rope,
             KernelOp::Heads => &mut self.heads,
             KernelOp::Dropout => &mut self.dropout,
+            KernelOp::Decode => &mut self.decode,
         }
     }
 
@@ -296,7 +307,7 @@ mod tests {
         assert_eq!(k.gae, KernelChoice::Custom);
         assert_eq!(
             k.to_string(),
-            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused,embedding=fused,sample=cuda,layernorm=fused,gelu=fused,bias=fused,gemm=cublaslt,swiglu=fused,rope=fused,heads=cuda,dropout=cuda"
+            "attention=reference,lora=fused,gae=cuda,rmsnorm=fused,adamw=fused,logprobs=fused,embedding=fused,sample=cuda,layernorm=fused,gelu=fused,bias=fused,gemm=cublaslt,swiglu=fused,rope=fused,heads=cuda,dropout=cuda,decode=graph"
         );
         assert_eq!(KernelSet::default().apply_spec(&k.to_string()).unwrap(), k);
         assert_eq!(

@@ -149,6 +149,25 @@ pub fn sample_row(logits: &[f32], params: &SampleParams, u: f32) -> u32 {
     last as u32
 }
 
+/// Which draw of each row's stream a step takes.
+#[derive(Clone, Copy, Debug)]
+pub enum Draw<'a> {
+    At(u64),
+    /// The value of a one-element i64 tensor on the logits' device, read when the sampling
+    /// runs: a decode step replayed as a CUDA graph advances it on the device.
+    Device(&'a Tensor),
+}
+
+impl Draw<'_> {
+    /// The draw index, read to the host for [`Draw::Device`].
+    fn on_host(self) -> Result<u64> {
+        Ok(match self {
+            Draw::At(p) => p,
+            Draw::Device(t) => t.flatten_all()?.to_vec1::<i64>()?[0] as u64,
+        })
+    }
+}
+
 /// The next token of every row of `logits` (`[B, V]`, any float dtype): `keys` (`[B]` i64, the bits of
 /// [`row_key`]) and `pos` give each row's uniform. Returns `[B]` u32 on the logits' device.
 pub fn sample(
@@ -158,16 +177,59 @@ pub fn sample(
     params: &SampleParams,
     choice: KernelChoice,
 ) -> Result<Tensor> {
+    sample_draw(logits, keys, Draw::At(pos), None, params, choice)
+}
+
+/// Tokens held back from the first draws: `mask` (`[V]` f32, 0 or -inf, on the logits'
+/// device) is added to every row's logits while the draw index is below `until` (Hugging
+/// Face's `min_new_tokens`, with the stop ids at -inf).
+#[derive(Clone, Copy, Debug)]
+pub struct Hold<'a> {
+    pub mask: &'a Tensor,
+    pub until: u64,
+}
+
+/// [`sample`] at a [`Draw`], with the tokens of `hold` held back while it applies.
+pub fn sample_draw(
+    logits: &Tensor,
+    keys: &Tensor,
+    draw: Draw,
+    hold: Option<Hold>,
+    params: &SampleParams,
+    choice: KernelChoice,
+) -> Result<Tensor> {
+    if let Draw::Device(t) = draw {
+        if t.elem_count() != 1 || t.dtype() != DType::I64 {
+            candle_core::bail!(
+                "sample: the draw index {:?} {:?} is not one i64",
+                t.dims(),
+                t.dtype()
+            );
+        }
+    }
+    if let Some(h) = hold {
+        let v = logits.dim(1)?;
+        if h.mask.dims() != [v] || h.mask.dtype() != DType::F32 {
+            candle_core::bail!("sample: the hold mask {:?} is not [{v}] f32", h.mask.dims());
+        }
+    }
     if choice == KernelChoice::Custom {
         #[cfg(feature = "cuda")]
         if logits.device().is_cuda() {
-            return super::cuda::sample::sample(logits, keys, pos, params);
+            return super::cuda::sample::sample(logits, keys, draw, hold, params);
         }
         if !logits.device().is_cpu() || cfg!(feature = "cuda") {
             warn_fallback("sample", "the sampling kernel runs on CUDA only");
         }
     }
-    sample_reference(logits, keys, pos, params)
+    let pos = draw.on_host()?;
+    match hold {
+        Some(h) if pos < h.until => {
+            let held = logits.to_dtype(DType::F32)?.broadcast_add(h.mask)?;
+            sample_reference(&held, keys, pos, params)
+        }
+        _ => sample_reference(logits, keys, pos, params),
+    }
 }
 
 /// [`sample`] on the host, row by row with [`sample_row`].

@@ -102,6 +102,12 @@ pub fn start() {
     });
 }
 
+/// Whether this thread records op spans (their CUDA events would not survive a graph
+/// capture).
+pub fn recording() -> bool {
+    LOG.with_borrow(Option::is_some)
+}
+
 /// Stops recording and returns what was recorded since [`start`].
 pub fn take() -> Vec<OpSpan> {
     LOG.with_borrow_mut(|l| l.take().map(|l| l.spans).unwrap_or_default())

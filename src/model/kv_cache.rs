@@ -4,8 +4,15 @@
 //! Each layer's keys and values live in one buffer `[B, Hkv, capacity, D]`, allocated once
 //! and written in place (`slice_set`); attention reads the first `len` positions as a narrow
 //! view. Appending by concatenation would copy the whole cache every token.
+//!
+//! A decode step replayed as a CUDA graph cannot carry the length as a host value: after
+//! [`KvCache::fix_shapes`] an append writes at the length held on the device
+//! (`crate::kernels::decode_step`) and attention reads the buffers at their full capacity,
+//! the positions past the length masked out by the step's key mask.
 
 use candle_core::{Result, Tensor};
+
+use crate::kernels::decode_step;
 
 #[derive(Default)]
 pub struct KvCache {
@@ -15,6 +22,9 @@ pub struct KvCache {
     /// Positions to allocate on the first append; a cache made with [`KvCache::new`] starts
     /// at what the first append needs and doubles when full.
     capacity: usize,
+    /// After [`KvCache::fix_shapes`]: the decode step's `[2]` i64 state, whose first element
+    /// is the length appends write at.
+    fixed: Option<Tensor>,
 }
 
 impl KvCache {
@@ -30,6 +40,36 @@ impl KvCache {
             layers: vec![None; num_layers],
             len: 0,
             capacity,
+            fixed: None,
+        }
+    }
+
+    /// From now on each append is one position, written where `step[0]` (a `[2]` i64 tensor
+    /// on the cache's device, equal to [`KvCache::len`]) says, and returns the whole buffers;
+    /// the caller advances `step` and, per executed step, [`KvCache::advance`]. The buffers
+    /// must already hold their final capacity.
+    pub fn fix_shapes(&mut self, step: Tensor) -> Result<()> {
+        for (k, _) in self.layers.iter().flatten() {
+            if k.dim(2)? != self.capacity {
+                candle_core::bail!("a cache with fixed shapes needs its buffers at full capacity");
+            }
+        }
+        self.fixed = Some(step);
+        Ok(())
+    }
+
+    /// One more position was written by a step with fixed shapes.
+    pub fn advance(&mut self) {
+        self.len += 1;
+    }
+
+    /// The causal offset of `t` new queries: the cached length, or with fixed shapes the
+    /// capacity less `t` (the last query sees every position; the key mask hides the unwritten
+    /// ones).
+    pub fn causal_offset(&self, t: usize) -> usize {
+        match self.fixed {
+            Some(_) => self.capacity.saturating_sub(t),
+            None => self.len,
         }
     }
 
@@ -51,6 +91,17 @@ impl KvCache {
     /// views of every cached position (`[B, Hkv, len + T, D]`, strided along the positions).
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let t = k.dim(2)?;
+        if let Some(step) = &self.fixed {
+            let Some((bk, bv)) = &self.layers[layer] else {
+                candle_core::bail!("a cache with fixed shapes appends to allocated buffers");
+            };
+            if t != 1 {
+                candle_core::bail!("a cache with fixed shapes appends one position, not {t}");
+            }
+            decode_step::kv_write(bk, k, step)?;
+            decode_step::kv_write(bv, v, step)?;
+            return Ok((bk.clone(), bv.clone()));
+        }
         let need = self.len + t;
         let grow = match &self.layers[layer] {
             Some((bk, _)) => bk.dim(2)? < need,

@@ -102,6 +102,7 @@ impl Transformer {
                 self.cfg.max_position_embeddings
             );
         }
+        let causal_offset = cache.as_ref().map_or(0, |c| c.causal_offset(t));
         let ctx = &f.ctx;
         let positions = match f.positions {
             Some(p) => p.clone(),
@@ -117,7 +118,7 @@ impl Transformer {
         };
         let inp = AttnInputs {
             rope: rope.as_ref(),
-            offset,
+            offset: causal_offset,
             key_valid: f.key_valid,
         };
         if ctx.tape && cache.is_none() {

@@ -4,7 +4,7 @@ use candle_core::{Device, Tensor};
 
 use super::*;
 use crate::config::ModelConfig;
-use crate::generate::EngineOpts;
+use crate::generate::{DecodeMode, EngineOpts};
 use crate::kernels::sample::argmax;
 use crate::kernels::KernelSet;
 use crate::train::params::{Net, ParamStore};
@@ -69,12 +69,21 @@ fn naive_greedy(net: &Transformer, tok: &Tokenizer, prompt: &[u32], n: usize) ->
 fn greedy_equals_a_full_recompute_loop() {
     let tok = Tokenizer::bytes();
     let texts = ["ab", "hello there", "hello there", "q", "xyz!"];
-    for preset in ["tiny", "gpt2"] {
+    for (preset, decode) in [
+        ("tiny", DecodeMode::Dynamic),
+        ("gpt2", DecodeMode::Dynamic),
+        ("tiny", DecodeMode::Fixed),
+        ("gpt2", DecodeMode::Fixed),
+    ] {
         let (_s, net) = net(preset);
         let ps = prompts(&tok, &texts);
         let cfg = SampleCfg {
             max_new_tokens: 12,
             temperature: 0.0,
+            engine: EngineOpts {
+                decode,
+                ..EngineOpts::default()
+            },
             ..Default::default()
         };
         let g = generate(
@@ -88,7 +97,11 @@ fn greedy_equals_a_full_recompute_loop() {
         .unwrap();
         for (i, p) in ps.iter().enumerate() {
             let want = naive_greedy(&net, &tok, p, cfg.max_new_tokens);
-            assert_eq!(g.tokens[i], want, "{preset}: prompt {i} {:?}", texts[i]);
+            assert_eq!(
+                g.tokens[i], want,
+                "{preset} {decode:?}: prompt {i} {:?}",
+                texts[i]
+            );
         }
         assert_eq!(
             g.stats.prefill_rows, 4,
@@ -115,8 +128,10 @@ fn sampled(max_new_tokens: usize, engine: EngineOpts) -> SampleCfg {
     }
 }
 
+/// The savings, and the fixed-shape decode step (what a CUDA graph replays; on the CPU it
+/// runs op by op), against everything switched off.
 #[test]
-fn compaction_and_shared_prefill_leave_the_tokens_unchanged() {
+fn compaction_shared_prefill_and_fixed_shapes_leave_the_tokens_unchanged() {
     let tok = Tokenizer::bytes();
     let texts = [
         "G1", "G1", "G1", "G1", "two", "two", "Z", "four!", "four!", "four!",
@@ -126,13 +141,20 @@ fn compaction_and_shared_prefill_leave_the_tokens_unchanged() {
     let keys = RowKeys::range(17, 100, ps.len());
     let mut runs = Vec::new();
     for temperature in [0.0, 1.0] {
-        for (compact, share_prefill) in [(false, false), (true, false), (false, true), (true, true)]
-        {
+        for (compact, share_prefill, decode) in [
+            (false, false, DecodeMode::Dynamic),
+            (true, false, DecodeMode::Dynamic),
+            (false, true, DecodeMode::Dynamic),
+            (true, true, DecodeMode::Dynamic),
+            (false, false, DecodeMode::Fixed),
+            (true, true, DecodeMode::Fixed),
+        ] {
             let mut cfg = sampled(
                 24,
                 EngineOpts {
                     compact,
                     share_prefill,
+                    decode,
                 },
             );
             cfg.temperature = temperature;
@@ -144,10 +166,10 @@ fn compaction_and_shared_prefill_leave_the_tokens_unchanged() {
             } else if temperature > 0.0 {
                 assert!(g.stats.compactions > 0, "{:?}", g.stats);
             }
-            runs.push(((temperature, compact, share_prefill), g));
+            runs.push(((temperature, compact, share_prefill, decode), g));
         }
     }
-    for pair in runs.chunks(4) {
+    for pair in runs.chunks(6) {
         let (base_opts, base) = &pair[0];
         let lengths: Vec<usize> = base.tokens.iter().map(Vec::len).collect();
         assert!(
@@ -161,7 +183,7 @@ fn compaction_and_shared_prefill_leave_the_tokens_unchanged() {
         }
     }
     // Members of a group draw their own continuations.
-    let (_, sampled_run) = &runs[7];
+    let (_, sampled_run) = &runs[9];
     let group: Vec<&Vec<u32>> = sampled_run.tokens[..4].iter().collect();
     assert!(group.windows(2).any(|w| w[0] != w[1]), "{group:?}");
 }
@@ -223,6 +245,12 @@ fn min_new_tokens_masks_stop_tokens_then_lets_them_end() {
         ..Default::default()
     };
     let g = generate(&net, ctx(), &tok, &ps, &cfg, &RowKeys::range(3, 0, 200)).unwrap();
+    // The fixed-shape step holds the stop ids back on the device, by the draw index it keeps
+    // there: the same tokens.
+    let mut fixed = cfg.clone();
+    fixed.engine.decode = DecodeMode::Fixed;
+    let f = generate(&net, ctx(), &tok, &ps, &fixed, &RowKeys::range(3, 0, 200)).unwrap();
+    assert_eq!(f.tokens, g.tokens);
     for t in &g.tokens {
         assert!(t.len() >= 5, "{t:?}");
         assert!(t[..5].iter().all(|&id| !tok.is_stop(id)), "{t:?}");

@@ -277,7 +277,8 @@ struct Saved {
 }
 
 /// A `[B, Tk]` key mask as (tensor id, B, Tk): a tensor's id is never reused and its
-/// contents never change, so this names one key range.
+/// contents do not change (the one mask that does, a fixed-shape decode step's, calls
+/// [`forget_key_range`] around each step), so this names one key range.
 type RangeKey = (candle_core::TensorId, usize, usize);
 
 thread_local! {
@@ -286,6 +287,12 @@ thread_local! {
     /// once per pass rather than once per layer.
     static LAST_RANGE: RefCell<Option<(RangeKey, Arc<CudaSlice<i32>>)>> =
         const { RefCell::new(None) };
+}
+
+/// Forgets the key range kept for the last mask: a decode step with fixed shapes changes its
+/// mask in place, and a range computed during a CUDA graph capture belongs to the graph.
+pub fn forget_key_range() {
+    LAST_RANGE.with_borrow_mut(|last| *last = None);
 }
 
 /// Problem sizes as the kernels take them.

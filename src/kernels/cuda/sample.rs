@@ -5,7 +5,7 @@ use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{DType, Result, Tensor, WithDType};
 
-use super::super::sample::SampleParams as Params;
+use super::super::sample::{Draw, Hold, SampleParams as Params};
 use super::{alloc_out, contiguous_view, cuda_storage, launch, load_func, tensor_from_slice};
 use super::{to_i32, DevPtrs, LaunchConfig};
 
@@ -17,6 +17,9 @@ struct SampleParams {
     keys: u64,
     out: u64,
     pos: u64,
+    pos_at: u64,
+    hold: u64,
+    hold_until: u64,
     b: i32,
     v: i32,
     top_k: i32,
@@ -24,7 +27,7 @@ struct SampleParams {
     top_p: f32,
     greedy: i32,
 }
-const _: () = assert!(std::mem::size_of::<SampleParams>() == 56);
+const _: () = assert!(std::mem::size_of::<SampleParams>() == 80);
 const _: () = assert!(std::mem::align_of::<SampleParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernel's struct (asserted above).
 unsafe impl DeviceRepr for SampleParams {}
@@ -34,8 +37,15 @@ const THREADS: u32 = 512;
 
 /// `[B]` u32 ids sampled from `logits` (`[B, V]`: f32, bf16 and f16 are read as they are and
 /// converted in registers, so no f32 copy of the logits is made per decode step; other
-/// dtypes are converted to f32 first) with the uniforms of `keys` (`[B]` i64) at draw `pos`.
-pub fn sample(logits: &Tensor, keys: &Tensor, pos: u64, params: &Params) -> Result<Tensor> {
+/// dtypes are converted to f32 first) with the uniforms of `keys` (`[B]` i64) at `draw`, the
+/// tokens of `hold` held back while it applies.
+pub fn sample(
+    logits: &Tensor,
+    keys: &Tensor,
+    draw: Draw,
+    hold: Option<Hold>,
+    params: &Params,
+) -> Result<Tensor> {
     let (b, v) = logits.dims2()?;
     if keys.dims() != [b] || keys.dtype() != DType::I64 {
         candle_core::bail!(
@@ -57,16 +67,17 @@ pub fn sample(logits: &Tensor, keys: &Tensor, pos: u64, params: &Params) -> Resu
     };
     let keys = keys.to_device(logits.device())?.contiguous()?;
     match logits.dtype() {
-        DType::BF16 => launch_t::<half::bf16>(&logits, &keys, pos, params),
-        DType::F16 => launch_t::<half::f16>(&logits, &keys, pos, params),
-        _ => launch_t::<f32>(&logits, &keys, pos, params),
+        DType::BF16 => launch_t::<half::bf16>(&logits, &keys, draw, hold, params),
+        DType::F16 => launch_t::<half::f16>(&logits, &keys, draw, hold, params),
+        _ => launch_t::<f32>(&logits, &keys, draw, hold, params),
     }
 }
 
 fn launch_t<T: CudaDType + DeviceRepr + WithDType>(
     logits: &Tensor,
     keys: &Tensor,
-    pos: u64,
+    draw: Draw,
+    hold: Option<Hold>,
     params: &Params,
 ) -> Result<Tensor> {
     let (b, v) = logits.dims2()?;
@@ -78,6 +89,19 @@ fn launch_t<T: CudaDType + DeviceRepr + WithDType>(
         let (ks, kl) = keys.storage_and_layout();
         let lv = contiguous_view::<T>(cuda_storage(&ls)?, ll)?;
         let kv = contiguous_view::<i64>(cuda_storage(&ks)?, kl)?;
+        let (pos, at) = match draw {
+            Draw::At(p) => (p, None),
+            Draw::Device(t) => (0, Some(t.storage_and_layout())),
+        };
+        let at_view = match &at {
+            Some((s, l)) => Some(contiguous_view::<i64>(cuda_storage(s)?, l)?),
+            None => None,
+        };
+        let held = hold.map(|h| (h.mask.storage_and_layout(), h.until));
+        let hold_view = match &held {
+            Some(((s, l), _)) => Some(contiguous_view::<f32>(cuda_storage(s)?, l)?),
+            None => None,
+        };
         let name = format!("sample_{}", T::DTYPE.as_str());
         let func = load_func(dev, "sample", &name)?;
         let cfg = LaunchConfig {
@@ -92,6 +116,9 @@ fn launch_t<T: CudaDType + DeviceRepr + WithDType>(
             keys: ptrs.read(&kv),
             out: ptrs.write(&mut out),
             pos,
+            pos_at: ptrs.read_opt(at_view.as_ref()),
+            hold: ptrs.read_opt(hold_view.as_ref()),
+            hold_until: held.as_ref().map_or(0, |(_, until)| *until),
             b: to_i32(b, "rows")?,
             v: to_i32(v, "vocabulary")?,
             top_k: to_i32(params.top_k.min(v), "top_k")?,

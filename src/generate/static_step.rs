@@ -1,0 +1,253 @@
+//! The decode step at fixed shapes, with its state on the device, so that CUDA can replay it
+//! as one graph: a launch per step instead of a few hundred, and none of candle's host work.
+//!
+//! The step feeds the last sampled ids `[n]` at the rows' positions `[n, 1]`, attends over the
+//! whole cache under a key mask `[n, capacity]`, samples draw `step[1]` (holding back the stop
+//! ids while the draw is below `min_new_tokens`, on the device), writes the new ids
+//! over the old, and advances its own state (positions, cache length `step[0]`, draw index,
+//! and the mask at the position the next step writes). Every buffer that outlives the step is
+//! allocated before it; every tensor the step makes is dropped inside it, so that a capture
+//! owns all of them (a buffer allocated in a capture belongs to the graph, and freeing it
+//! outside would free the graph's memory).
+//!
+//! On the CPU the same step runs op by op (tested token for token against the plain loop); on
+//! CUDA the first step at a batch size runs eagerly under candle's host-upload cache, then is
+//! captured, and later steps replay it. A capture that fails leaves the eager step in use,
+//! with one warning.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+
+use crate::kernels::decode_step::{increment, mark_key};
+use crate::kernels::sample::{sample_draw, Draw, Hold, SampleParams};
+use crate::model::linear::Ctx;
+use crate::model::{Fwd, KvCache, Transformer};
+
+pub(super) struct StaticStep {
+    /// `[n]` u32: the ids the step feeds, overwritten with the ids it samples.
+    ids: Tensor,
+    /// `[n, 1]` u32.
+    positions: Tensor,
+    /// `[n, capacity]` f32: the keys each row may attend to.
+    mask: Tensor,
+    /// `[2]` i64: the cache length and the draw index.
+    step: Tensor,
+    /// `[n]` i64 row keys.
+    keys: Tensor,
+    #[cfg(feature = "cuda")]
+    graph: graph::Replay,
+}
+
+/// What the step is entered with: the ids just sampled (draw `draw - 1`), where each row feeds
+/// them, the key mask of the cached positions (`[n, >= len]`), and the row keys.
+pub(super) struct Entry<'a> {
+    pub ids: &'a Tensor,
+    pub positions: &'a Tensor,
+    pub valid: &'a Tensor,
+    pub keys: &'a Tensor,
+    pub draw: u64,
+}
+
+impl StaticStep {
+    /// Fixes `cache`'s shapes and builds the state for its length.
+    pub fn enter(cache: &mut KvCache, e: Entry, dev: &Device) -> Result<Self> {
+        let (len, cap) = (cache.len(), cache.capacity());
+        let n = e.ids.dim(0)?;
+        if len >= cap {
+            anyhow::bail!("a fixed-shape decode step at a full cache ({len} of {cap})");
+        }
+        // The cached positions plus the one this step writes; nothing past it.
+        let seen = e.valid.narrow(1, 0, len)?.to_dtype(DType::F32)?;
+        let mask = Tensor::cat(
+            &[
+                seen,
+                Tensor::ones((n, 1), DType::F32, dev)?,
+                Tensor::zeros((n, cap - len - 1), DType::F32, dev)?,
+            ],
+            1,
+        )?
+        .contiguous()?;
+        let step = Tensor::new(&[len as i64, e.draw as i64], dev)?;
+        cache.fix_shapes(step.clone())?;
+        Ok(Self {
+            ids: e.ids.to_dtype(DType::U32)?.copy()?,
+            positions: e.positions.copy()?,
+            mask,
+            step,
+            keys: e.keys.copy()?,
+            #[cfg(feature = "cuda")]
+            graph: graph::Replay::default(),
+        })
+    }
+
+    /// The ids the last step sampled, `[n]` u32.
+    pub fn ids(&self) -> &Tensor {
+        &self.ids
+    }
+
+    /// Keeps the rows `keep` (`[n']` u32) of the state; the cache is the caller's.
+    pub fn select_rows(&mut self, keep: &Tensor) -> Result<()> {
+        self.ids = self.ids.index_select(keep, 0)?;
+        self.positions = self.positions.index_select(keep, 0)?;
+        self.mask = self.mask.index_select(keep, 0)?;
+        self.keys = self.keys.index_select(keep, 0)?;
+        #[cfg(feature = "cuda")]
+        {
+            self.graph = graph::Replay::default();
+        }
+        Ok(())
+    }
+
+    /// One decode step: afterwards [`StaticStep::ids`] holds the sampled ids and `cache` one
+    /// more position. Returns whether a CUDA graph replayed it.
+    pub fn run(
+        &mut self,
+        net: &Transformer,
+        ctx: Ctx,
+        cache: &mut KvCache,
+        hold: Option<Hold>,
+        params: &SampleParams,
+        use_graph: bool,
+    ) -> Result<bool> {
+        #[cfg(feature = "cuda")]
+        if use_graph && self.ids.device().is_cuda() {
+            let this = &*self;
+            let body = |cache: &mut KvCache| this.body(net, ctx, cache, hold, params);
+            let replayed = this.graph.run(self.ids.device(), cache, body)?;
+            cache.advance();
+            return Ok(replayed);
+        }
+        let _ = use_graph;
+        self.body(net, ctx, cache, hold, params)?;
+        cache.advance();
+        Ok(false)
+    }
+
+    /// The step's ops. Nothing made here outlives it.
+    fn body(
+        &self,
+        net: &Transformer,
+        ctx: Ctx,
+        cache: &mut KvCache,
+        hold: Option<Hold>,
+        params: &SampleParams,
+    ) -> candle_core::Result<()> {
+        let n = self.ids.dim(0)?;
+        let f = Fwd {
+            ctx,
+            positions: Some(&self.positions),
+            key_valid: Some(&self.mask),
+        };
+        forget_key_ranges();
+        let hidden = net
+            .hidden(&self.ids.reshape((n, 1))?, &f, Some(cache))
+            .map_err(candle_core::Error::wrap)?;
+        let logits = net
+            .compute_logits(&hidden, ctx.kernels.gemm)
+            .map_err(candle_core::Error::wrap)?
+            .squeeze(1)?;
+        drop(hidden);
+        let draw = self.step.narrow(0, 1, 1)?;
+        let next = sample_draw(
+            &logits,
+            &self.keys,
+            Draw::Device(&draw),
+            hold,
+            params,
+            ctx.kernels.sample,
+        )?;
+        drop(logits);
+        self.ids.slice_set(&next, 0, 0)?;
+        increment(&self.positions)?;
+        increment(&self.step)?;
+        mark_key(&self.mask, &self.step)?;
+        forget_key_ranges();
+        Ok(())
+    }
+}
+
+/// Attention keeps the key range of the last mask it saw, by tensor id; this step's mask
+/// changes in place, and a range computed inside a capture is the graph's memory.
+fn forget_key_ranges() {
+    #[cfg(feature = "cuda")]
+    crate::kernels::cuda::attention::forget_key_range();
+}
+
+#[cfg(feature = "cuda")]
+mod graph {
+    //! Capture and replay of the step on candle's stream.
+
+    use std::cell::RefCell;
+
+    use candle_core::cuda_backend::cudarc::driver::sys::{
+        CUgraphInstantiate_flags, CUstreamCaptureMode,
+    };
+    use candle_core::cuda_backend::cudarc::driver::CudaGraph;
+    use candle_core::Device;
+
+    use crate::model::KvCache;
+
+    /// Nothing captured yet, a graph to replay, or a capture that failed (steps run eagerly).
+    #[derive(Default)]
+    pub(super) struct Replay(RefCell<State>);
+
+    #[derive(Default)]
+    enum State {
+        #[default]
+        Fresh,
+        Ready(CudaGraph),
+        Failed,
+    }
+
+    impl Replay {
+        /// Runs one step: replays the graph (returning true), or runs `body` eagerly and then
+        /// captures it.
+        pub fn run(
+            &self,
+            dev: &Device,
+            cache: &mut KvCache,
+            body: impl Fn(&mut KvCache) -> candle_core::Result<()>,
+        ) -> anyhow::Result<bool> {
+            let cuda = dev.as_cuda_device()?;
+            let mut state = self.0.borrow_mut();
+            match &*state {
+                State::Ready(g) => {
+                    g.launch()?;
+                    return Ok(true);
+                }
+                State::Failed => {
+                    body(cache)?;
+                    return Ok(false);
+                }
+                State::Fresh => {}
+            }
+            // The eager step uploads what candle's ops read from the host (strides, shapes)
+            // into its cache, where the capture finds them.
+            let _uploads = cuda.enable_cuda_graph_htod_cache();
+            body(cache)?;
+            let stream = cuda.cuda_stream();
+            stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
+            let recorded = body(cache);
+            let ended = stream.end_capture(CUgraphInstantiate_flags(0));
+            *state = match (recorded, ended) {
+                (Ok(()), Ok(Some(g))) => {
+                    g.upload()?;
+                    State::Ready(g)
+                }
+                (recorded, ended) => {
+                    let why = match (recorded, ended) {
+                        (Err(e), _) => format!("{e}"),
+                        (_, Err(e)) => format!("{e:?}"),
+                        _ => "an empty capture".to_string(),
+                    };
+                    // Driver errors that the aborted capture's frees recorded would surface
+                    // at the next unrelated call.
+                    let _ = stream.context().check_err();
+                    eprintln!("warning: the decode step runs without a CUDA graph: {why}");
+                    State::Failed
+                }
+            };
+            Ok(false)
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! Launchers of `kernels/decode_step.cu` for the in-place ops of
+//! `src/kernels/decode_step.rs`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DevicePtrMut, DeviceRepr};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
+
+use super::{launch, launch_1d, load_func, DevPtrs};
+
+/// The Rust mirror of `struct DecodeParams` in kernels/decode_step.cu (field comments there).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct DecodeParams {
+    dst: u64,
+    src: u64,
+    step: u64,
+    n: i64,
+    cap: i32,
+    d: i32,
+}
+const _: () = assert!(std::mem::size_of::<DecodeParams>() == 40);
+// SAFETY: plain old data with the C layout of the kernel's struct (asserted above).
+unsafe impl DeviceRepr for DecodeParams {}
+
+const STEM: &str = "decode_step";
+
+/// The device address of element `l.start_offset()` of `s`, guarded in `ptrs`.
+fn at<'a>(ptrs: &mut DevPtrs<'a>, s: &'a CudaStorage, l: &Layout) -> Result<u64> {
+    let bytes = l.start_offset() * s.dtype().size_in_bytes();
+    let base = match s.dtype() {
+        DType::I64 => ptrs.read(s.as_cuda_slice::<i64>()?),
+        DType::U32 => ptrs.read(s.as_cuda_slice::<u32>()?),
+        DType::F32 => ptrs.read(s.as_cuda_slice::<f32>()?),
+        DType::BF16 => ptrs.read(s.as_cuda_slice::<half::bf16>()?),
+        DType::F16 => ptrs.read(s.as_cuda_slice::<half::f16>()?),
+        dt => candle_core::bail!("decode step: no kernel reads {dt:?}"),
+    };
+    Ok(base + bytes as u64)
+}
+
+/// As [`at`] for the buffer the kernel writes.
+fn at_mut<'a>(
+    stream: &'a super::cudarc::driver::CudaStream,
+    s: &'a mut CudaStorage,
+    l: &Layout,
+) -> Result<(u64, Guard<'a>)> {
+    let bytes = (l.start_offset() * s.dtype().size_in_bytes()) as u64;
+    let (ptr, guard) = match s.dtype() {
+        DType::I64 => s.as_cuda_slice_mut::<i64>()?.device_ptr_mut(stream),
+        DType::U32 => s.as_cuda_slice_mut::<u32>()?.device_ptr_mut(stream),
+        DType::F32 => s.as_cuda_slice_mut::<f32>()?.device_ptr_mut(stream),
+        DType::BF16 => s.as_cuda_slice_mut::<half::bf16>()?.device_ptr_mut(stream),
+        DType::F16 => s.as_cuda_slice_mut::<half::f16>()?.device_ptr_mut(stream),
+        dt => candle_core::bail!("decode step: no kernel writes {dt:?}"),
+    };
+    Ok((ptr + bytes, guard))
+}
+
+type Guard<'a> = super::cudarc::driver::SyncOnDrop<'a>;
+
+fn run(dev: &CudaDevice, name: &str, n: usize, p: DecodeParams) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let func = load_func(dev, STEM, name)?;
+    // SAFETY: every pointer in `p` is held by the caller's guards for this launch; each
+    // kernel touches element i < n only, within the sizes its caller checked.
+    unsafe { launch(dev, &func, name, launch_1d(n, 256), &p) }
+}
+
+pub fn kv_write(
+    (cache, lc): (&mut CudaStorage, &Layout),
+    (new, ln): (&CudaStorage, &Layout),
+    (step, ls): (&CudaStorage, &Layout),
+) -> Result<()> {
+    let dev = new.device().clone();
+    let &[b, h, cap, d] = lc.dims() else {
+        candle_core::bail!("kv_write: cache {:?}", lc.dims());
+    };
+    let name = match cache.dtype().size_in_bytes() {
+        2 => "kv_write_b2",
+        4 => "kv_write_b4",
+        _ => candle_core::bail!("kv_write: no kernel for {:?}", cache.dtype()),
+    };
+    if ln.shape().elem_count() != b * h * d || !ln.is_contiguous() {
+        candle_core::bail!("kv_write: new {:?} for a {:?} cache", ln.dims(), lc.dims());
+    }
+    let stream = dev.cuda_stream();
+    let mut ptrs = DevPtrs::new(&stream);
+    let src = at(&mut ptrs, new, ln)?;
+    let step = at(&mut ptrs, step, ls)?;
+    let (dst, _guard) = at_mut(&stream, cache, lc)?;
+    let n = b * h * d;
+    let p = DecodeParams {
+        dst,
+        src,
+        step,
+        n: n as i64,
+        cap: super::to_i32(cap, "cache positions")?,
+        d: super::to_i32(d, "head dim")?,
+    };
+    run(&dev, name, n, p)
+}
+
+pub fn mark_key(
+    (mask, lm): (&mut CudaStorage, &Layout),
+    (step, ls): (&CudaStorage, &Layout),
+) -> Result<()> {
+    let dev = step.device().clone();
+    let &[rows, cap] = lm.dims() else {
+        candle_core::bail!("mark_key: mask {:?}", lm.dims());
+    };
+    let stream = dev.cuda_stream();
+    let mut ptrs = DevPtrs::new(&stream);
+    let step = at(&mut ptrs, step, ls)?;
+    let (dst, _guard) = at_mut(&stream, mask, lm)?;
+    let p = DecodeParams {
+        dst,
+        step,
+        n: rows as i64,
+        cap: super::to_i32(cap, "cache positions")?,
+        ..Default::default()
+    };
+    run(&dev, "mark_key", rows, p)
+}
+
+pub fn increment((s, l): (&mut CudaStorage, &Layout)) -> Result<()> {
+    let dev = s.device().clone();
+    let name = match s.dtype() {
+        DType::U32 => "increment_u32",
+        DType::I64 => "increment_i64",
+        dt => candle_core::bail!("increment: no kernel for {dt:?}"),
+    };
+    let n = l.shape().elem_count();
+    let stream = dev.cuda_stream();
+    let (dst, _guard) = at_mut(&stream, s, l)?;
+    let p = DecodeParams {
+        dst,
+        n: n as i64,
+        ..Default::default()
+    };
+    run(&dev, name, n, p)
+}

@@ -1,0 +1,239 @@
+//! The decode step's state, written in place where it lives on the device, so that one
+//! capture of the step (a CUDA graph, `src/generate/static_step.rs`) stays right when it is
+//! replayed: the KV cache length and the draw index sit in a `step` tensor (`[2]` i64: cache
+//! length `L`, draw index) that the step's own last ops advance, instead of in host scalars
+//! that a capture would freeze at their captured values.
+//!
+//! Each op mutates its first tensor in place: on the CPU the reference below, on CUDA
+//! `kernels/decode_step.cu` (tested against it on the device, `tests/gpu_sample.rs`).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Tensor};
+
+use super::host::slice;
+
+type Result<T> = candle_core::Result<T>;
+
+/// Writes `new` (`[B, H, 1, D]`) at position `L = step[0]` of `cache` (`[B, H, cap, D]`,
+/// contiguous); writes nothing once `L >= cap`.
+pub fn kv_write(cache: &Tensor, new: &Tensor, step: &Tensor) -> Result<()> {
+    let (b, h, _, d) = cache.dims4()?;
+    if new.dims() != [b, h, 1, d] || new.dtype() != cache.dtype() {
+        candle_core::bail!(
+            "kv_write: {:?} {:?} is not one position of a {:?} {:?} cache",
+            new.dims(),
+            new.dtype(),
+            cache.dims(),
+            cache.dtype()
+        );
+    }
+    if !cache.is_contiguous() {
+        candle_core::bail!("kv_write: the cache must be contiguous");
+    }
+    check_step(step)?;
+    cache.inplace_op3(&new.contiguous()?, step, &KvWrite)
+}
+
+/// `mask[r, L] = 1` for every row of `mask` (`[B, cap]` f32, contiguous), `L = step[0]`;
+/// nothing once `L >= cap`.
+pub fn mark_key(mask: &Tensor, step: &Tensor) -> Result<()> {
+    if mask.rank() != 2 || mask.dtype() != DType::F32 || !mask.is_contiguous() {
+        candle_core::bail!(
+            "mark_key: the mask {:?} {:?} is not a contiguous [B, cap] f32",
+            mask.dims(),
+            mask.dtype()
+        );
+    }
+    check_step(step)?;
+    mask.inplace_op2(step, &MarkKey)
+}
+
+/// Adds 1 to every element of `t` (u32 or i64, contiguous), in place.
+pub fn increment(t: &Tensor) -> Result<()> {
+    if !matches!(t.dtype(), DType::U32 | DType::I64) || !t.is_contiguous() {
+        candle_core::bail!("increment: {:?} is not a contiguous u32 or i64", t.dtype());
+    }
+    t.inplace_op1(&Increment)
+}
+
+fn check_step(step: &Tensor) -> Result<()> {
+    if step.dims() != [2] || step.dtype() != DType::I64 {
+        candle_core::bail!("decode step: `step` {:?} is not [2] i64", step.dims());
+    }
+    Ok(())
+}
+
+/// `step[0]` as a position, `None` when it is outside `0..cap`.
+fn position(step: &CpuStorage, l: &Layout, cap: usize) -> Result<Option<usize>> {
+    let len = slice::<i64>(step, l)?[0];
+    Ok(usize::try_from(len).ok().filter(|&p| p < cap))
+}
+
+struct KvWrite;
+
+impl InplaceOp3 for KvWrite {
+    fn name(&self) -> &'static str {
+        "temper-kv-write"
+    }
+
+    fn cpu_fwd(
+        &self,
+        cache: &mut CpuStorage,
+        lc: &Layout,
+        new: &CpuStorage,
+        ln: &Layout,
+        step: &CpuStorage,
+        ls: &Layout,
+    ) -> Result<()> {
+        let &[_, _, cap, d] = lc.dims() else {
+            candle_core::bail!("kv_write: cache {:?}", lc.dims());
+        };
+        let Some(pos) = position(step, ls, cap)? else {
+            return Ok(());
+        };
+        let start = lc.start_offset();
+        fn put<T: candle_core::WithDType>(
+            dst: &mut [T],
+            src: &[T],
+            (start, cap, d, pos): (usize, usize, usize, usize),
+        ) {
+            for (r, row) in src.chunks(d.max(1)).enumerate() {
+                let at = start + (r * cap + pos) * d;
+                dst[at..at + row.len()].copy_from_slice(row);
+            }
+        }
+        let geometry = (start, cap, d, pos);
+        match cache {
+            CpuStorage::F32(dst) => put(dst, slice::<f32>(new, ln)?, geometry),
+            CpuStorage::BF16(dst) => put(dst, slice::<half::bf16>(new, ln)?, geometry),
+            CpuStorage::F16(dst) => put(dst, slice::<half::f16>(new, ln)?, geometry),
+            other => candle_core::bail!("kv_write: no CPU path for {:?}", other.dtype()),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        cache: &mut candle_core::CudaStorage,
+        lc: &Layout,
+        new: &candle_core::CudaStorage,
+        ln: &Layout,
+        step: &candle_core::CudaStorage,
+        ls: &Layout,
+    ) -> Result<()> {
+        super::cuda::decode_step::kv_write((cache, lc), (new, ln), (step, ls))
+    }
+}
+
+struct MarkKey;
+
+impl InplaceOp2 for MarkKey {
+    fn name(&self) -> &'static str {
+        "temper-mark-key"
+    }
+
+    fn cpu_fwd(
+        &self,
+        mask: &mut CpuStorage,
+        lm: &Layout,
+        step: &CpuStorage,
+        ls: &Layout,
+    ) -> Result<()> {
+        let &[rows, cap] = lm.dims() else {
+            candle_core::bail!("mark_key: mask {:?}", lm.dims());
+        };
+        let (CpuStorage::F32(m), Some(pos)) = (mask, position(step, ls, cap)?) else {
+            return Ok(());
+        };
+        let start = lm.start_offset();
+        for r in 0..rows {
+            m[start + r * cap + pos] = 1.0;
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        mask: &mut candle_core::CudaStorage,
+        lm: &Layout,
+        step: &candle_core::CudaStorage,
+        ls: &Layout,
+    ) -> Result<()> {
+        super::cuda::decode_step::mark_key((mask, lm), (step, ls))
+    }
+}
+
+struct Increment;
+
+impl InplaceOp1 for Increment {
+    fn name(&self) -> &'static str {
+        "temper-increment"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let n = l.shape().elem_count();
+        let start = l.start_offset();
+        match s {
+            CpuStorage::U32(v) => v[start..start + n].iter_mut().for_each(|x| *x += 1),
+            CpuStorage::I64(v) => v[start..start + n].iter_mut().for_each(|x| *x += 1),
+            other => candle_core::bail!("increment: no CPU path for {:?}", other.dtype()),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> Result<()> {
+        super::cuda::decode_step::increment((s, l))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn the_step_writes_its_state_in_place() {
+        let dev = Device::Cpu;
+        let (b, h, cap, d) = (3, 2, 5, 4);
+        let cache = Tensor::zeros((b, h, cap, d), DType::F32, &dev).unwrap();
+        let new = Tensor::arange(1f32, (b * h * d + 1) as f32, &dev)
+            .unwrap()
+            .reshape((b, h, 1, d))
+            .unwrap();
+        let step = Tensor::new(&[2i64, 7], &dev).unwrap();
+        kv_write(&cache, &new, &step).unwrap();
+        let got = cache.narrow(2, 2, 1).unwrap();
+        assert_eq!(
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            new.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        let total = cache.sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let want = new.sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(total, want, "only position 2 is written");
+
+        let mask = Tensor::zeros((b, cap), DType::F32, &dev).unwrap();
+        increment(&step).unwrap();
+        assert_eq!(step.to_vec1::<i64>().unwrap(), [3, 8]);
+        mark_key(&mask, &step).unwrap();
+        for row in mask.to_vec2::<f32>().unwrap() {
+            assert_eq!(row, [0.0, 0.0, 0.0, 1.0, 0.0]);
+        }
+        let pos = Tensor::new(&[[4u32], [9]], &dev).unwrap();
+        increment(&pos).unwrap();
+        assert_eq!(pos.to_vec2::<u32>().unwrap(), [[5], [10]]);
+
+        // Past the capacity nothing is written.
+        let full = Tensor::new(&[5i64, 0], &dev).unwrap();
+        let before = cache.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        kv_write(&cache, &new, &full).unwrap();
+        mark_key(&mask, &full).unwrap();
+        assert_eq!(
+            cache.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            before
+        );
+        assert_eq!(mask.sum_all().unwrap().to_scalar::<f32>().unwrap(), 3.0);
+    }
+}
