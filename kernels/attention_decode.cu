@@ -1,21 +1,210 @@
-// Attention decode: merging the split-K partials of the simple forward.
+// Attention decode: a few query rows against a long KV cache, and the merge of split-K
+// partials.
 //
-// When a call has too few query rows to fill the GPU (decoding one or a few tokens against
-// a long KV cache), src/kernels/cuda/attention.rs launches attn_fwd_simple with nsplit > 1
-// slices of the key range (grid z, attention_fwd.cu). Slice s writes, for every query row,
-// its normalised partial output o_s (p.opart, f32) and the log-sum-exp of its scores lse_s
-// (p.lsepart; -inf when the slice saw no visible key). attn_combine merges them:
+// attn_decode_<dtype>_h<D>_r<R> (bf16/f16, D = 64 or 128): the forward when the G * Tq query
+// rows of a kv head are at most R (R = 1, or 4: GQA groups and short query blocks). A decode
+// step reads every cached key and value once and does two FMAs per element, so it is a
+// stream over the cache: each lane loads 16 bytes (8 values) of a key row and of its value
+// row per step, L = D / 8 lanes share a key, and a warp takes 32 / L consecutive keys (whole
+// 512-byte runs). Every key group keeps its own online softmax (m, l, acc) for all R rows;
+// the groups of a warp merge by butterfly shuffles, the warps of the block through shared
+// memory. One block (4 warps) per (batch, kv head) and key split: grid (B * Hkv, 1, nsplit).
+// The per-row scores are the reference's: x = (q . k) * scale * log2(e), with the key mask,
+// the key range and the causal horizon offset + i applied per row. With nsplit = 1 it writes
+// o and lse as the simple forward does (zeros and lse = +inf for a row that sees no key);
+// with a split, normalised partials and their lse (-inf when empty) for attn_combine.
+//
+// attn_combine_<dtype>: when a call has too few query rows to fill the GPU, a forward (the
+// decode kernel above, or attn_fwd_simple in attention_fwd.cu) runs with nsplit > 1 slices of
+// the key range (grid z). Slice s writes, for every query row, its normalised partial output
+// o_s (p.opart, f32) and the log-sum-exp of its scores lse_s (p.lsepart; -inf when the slice
+// saw no visible key). attn_combine merges them:
 //   lse = logsumexp_s lse_s,   o = sum_s exp(lse_s - lse) o_s
 // (computed as max + log of the weights' sum); a row that no slice saw gets o = 0 and
 // lse = +inf, as the unsplit forward writes.
 //
-// Launch: one warp per row, grid ceil(nrows / 8), block 256; reads p.opart, p.lsepart,
-// p.nrows, p.d, p.nsplit, writes p.o (dtype T) and p.lse.
+// Launch (src/kernels/cuda/attention.rs): decode: grid (B * Hkv, 1, nsplit), block
+// kDecodeThreads, k and v rows 16-byte aligned (a cache view's rows: p.kv_cap); combine: one
+// warp per row, grid ceil(nrows / 8), block 256; reads p.opart, p.lsepart, p.nrows, p.d,
+// p.nsplit, writes p.o (dtype T) and p.lse.
 
 #include "attention.cuh"
 
 namespace temper {
 namespace attn {
+
+// ---------------------------------------------------------------------------------------
+// Decode forward
+// ---------------------------------------------------------------------------------------
+constexpr int kDecodeWarps = 4;
+constexpr int kDecodeThreads = 32 * kDecodeWarps;
+
+// 8 values of T (16 bytes) as f32.
+template <typename T> static __device__ __forceinline__ void load8(const T *src, float (&out)[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4 *>(src);
+  const T *e = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = to_f32(e[i]);
+}
+
+// Folds the softmax state (m2, l2, acc2) into (m, l, acc): both are over disjoint keys.
+static __device__ __forceinline__ void merge_state(float &m, float &l, float (&acc)[8], float m2,
+                                                   float l2, const float (&acc2)[8]) {
+  const float mx = fmaxf(m, m2);
+  const float ref = mx == neg_inf() ? 0.f : mx;
+  const float a = exp2f(m - ref), b = exp2f(m2 - ref);
+  l = l * a + l2 * b;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) acc[e] = acc[e] * a + acc2[e] * b;
+  m = mx;
+}
+
+template <typename T, int D, int R>
+static __device__ void decode(const AttnParams &p) {
+  constexpr int VEC = 8, L = D / VEC, KPW = 32 / L;
+  static_assert(D % VEC == 0 && 32 % L == 0, "a key row is 8-value chunks over L lanes");
+  __shared__ float s_m[kDecodeWarps][R], s_l[kDecodeWarps][R];
+  __shared__ float s_acc[kDecodeWarps][R][D];
+
+  const T *__restrict__ q = static_cast<const T *>(p.q);
+  const T *__restrict__ k = static_cast<const T *>(p.k);
+  const T *__restrict__ v = static_cast<const T *>(p.v);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int grp = lane / L, sub = lane % L;
+  const int Hkv = p.hkv, G = p.hq / p.hkv, Tq = p.tq, Tk = p.tk;
+  const int b = blockIdx.x / Hkv, hkv = blockIdx.x % Hkv;
+  const int rows = G * Tq;
+  const KeyRange kr = key_range(p.krange, b, Tk);
+
+  // Row r is query i = r % Tq of query head hkv * G + r / Tq.
+  float qf[R][VEC];
+  int row_hi[R];
+  int hi = kr.lo;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    row_hi[r] = kr.lo;  // an absent row sees nothing
+    if (r < rows) {
+      const int g = r / Tq, i = r % Tq;
+      row_hi[r] = p.causal ? min(kr.hi, p.offset + i + 1) : kr.hi;
+      const size_t qrow = ((size_t)b * p.hq + hkv * G + g) * Tq + i;
+      load8(q + qrow * D + sub * VEC, qf[r]);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) qf[r][e] *= p.scale_log2;
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) qf[r][e] = 0.f;
+    }
+    hi = max(hi, row_hi[r]);
+  }
+
+  // This split's share of the keys every row may see.
+  const int span = max(hi - kr.lo, 0);
+  const int per = (span + gridDim.z - 1) / gridDim.z;
+  const int k_begin = kr.lo + blockIdx.z * per;
+  const int k_end = min(hi, k_begin + per);
+  const size_t kvbase = ((size_t)b * Hkv + hkv) * (p.kv_cap > 0 ? p.kv_cap : Tk);
+
+  float m[R], l[R], acc[R][VEC];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    m[r] = neg_inf();
+    l[r] = 0.f;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[r][e] = 0.f;
+  }
+
+  // Every lane of a warp runs the same number of passes (the score reductions shuffle); a
+  // pass loads two keys per group before using either, so that more loads are in flight.
+  constexpr int kStride = kDecodeWarps * KPW;
+  for (int base = k_begin + warp * KPW; base < k_end; base += 2 * kStride) {
+    float kf[2][VEC], vf[2][VEC];
+    int j[2];
+    bool valid[2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      j[u] = base + u * kStride + grp;
+      const bool in = j[u] < k_end;
+      if (in) {
+        load8(k + (kvbase + j[u]) * D + sub * VEC, kf[u]);
+        load8(v + (kvbase + j[u]) * D + sub * VEC, vf[u]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) kf[u][e] = vf[u][e] = 0.f;
+      }
+      valid[u] = in && (kr.dense || p.kvalid[(size_t)b * Tk + j[u]] != 0.f);
+    }
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float s = 0.f;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) s = fmaf(qf[r][e], kf[u][e], s);
+#pragma unroll
+        for (int o = 1; o < L; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (!(valid[u] && j[u] < row_hi[r])) s = neg_inf();
+        const float m_new = fmaxf(m[r], s);
+        const float ref = m_new == neg_inf() ? 0.f : m_new;
+        const float alpha = exp2f(m[r] - ref), pj = exp2f(s - ref);
+        l[r] = l[r] * alpha + pj;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[r][e] = fmaf(pj, vf[u][e], acc[r][e] * alpha);
+        m[r] = m_new;
+      }
+    }
+  }
+
+  // The key groups of the warp (lanes L apart hold the same output columns).
+#pragma unroll
+  for (int o = L; o < 32; o <<= 1) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float acc2[VEC];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc2[e] = __shfl_xor_sync(0xffffffffu, acc[r][e], o);
+      const float m2 = __shfl_xor_sync(0xffffffffu, m[r], o);
+      const float l2 = __shfl_xor_sync(0xffffffffu, l[r], o);
+      merge_state(m[r], l[r], acc[r], m2, l2, acc2);
+    }
+  }
+  if (grp == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) s_acc[warp][r][sub * VEC + e] = acc[r][e];
+      if (sub == 0) s_m[warp][r] = m[r], s_l[warp][r] = l[r];
+    }
+  }
+  __syncthreads();
+
+  // The warps, in a fixed order: thread (r, c) merges column chunk c of row r.
+  const int t = threadIdx.x;
+  if (t >= rows * L || t >= R * L) return;
+  const int r = t / L, c = t % L;
+  float mm = s_m[0][r], ll = s_l[0][r], aa[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) aa[e] = s_acc[0][r][c * VEC + e];
+  for (int w = 1; w < kDecodeWarps; ++w) {
+    float a2[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) a2[e] = s_acc[w][r][c * VEC + e];
+    merge_state(mm, ll, aa, s_m[w][r], s_l[w][r], a2);
+  }
+  const int g = r / Tq, i = r % Tq;
+  const size_t qrow = ((size_t)b * p.hq + hkv * G + g) * Tq + i;
+  const float inv = ll > 0.f ? 1.f / ll : 0.f;
+  if (gridDim.z == 1) {
+    T *o = static_cast<T *>(p.o);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) o[qrow * D + c * VEC + e] = from_f32<T>(aa[e] * inv);
+    if (c == 0) p.lse[qrow] = ll > 0.f ? (mm + log2f(ll)) * kLn2 : pos_inf();
+  } else {
+    const size_t prow = (size_t)blockIdx.z * p.nrows + qrow;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) p.opart[prow * D + c * VEC + e] = aa[e] * inv;
+    if (c == 0) p.lsepart[prow] = ll > 0.f ? (mm + log2f(ll)) * kLn2 : neg_inf();
+  }
+}
 
 // ---------------------------------------------------------------------------------------
 // Kernel body
@@ -66,3 +255,19 @@ using namespace temper::attn;
 COMBINE_ENTRY(float, f32)
 COMBINE_ENTRY(__nv_bfloat16, bf16)
 COMBINE_ENTRY(__half, f16)
+
+// Entry points: attn_decode_<dtype>_h<D>_r<R>.
+#define DECODE_ENTRY(T, SUF, D, R)                                                            \
+  extern "C" __global__ void __launch_bounds__(kDecodeThreads)                                \
+      attn_decode_##SUF##_h##D##_r##R(const AttnParams p) {                                   \
+    decode<T, D, R>(p);                                                                       \
+  }
+
+DECODE_ENTRY(__nv_bfloat16, bf16, 64, 1)
+DECODE_ENTRY(__nv_bfloat16, bf16, 64, 4)
+DECODE_ENTRY(__nv_bfloat16, bf16, 128, 1)
+DECODE_ENTRY(__nv_bfloat16, bf16, 128, 4)
+DECODE_ENTRY(__half, f16, 64, 1)
+DECODE_ENTRY(__half, f16, 64, 4)
+DECODE_ENTRY(__half, f16, 128, 1)
+DECODE_ENTRY(__half, f16, 128, 4)

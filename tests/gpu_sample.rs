@@ -191,12 +191,28 @@ mod gpu {
         }
     }
 
+    /// Few query rows against a KV cache, read in place (a view of its first Tk positions) or
+    /// whole, under left padding, a hole in a row's keys and the causal horizon: the decode
+    /// stream (`attn_decode`: bf16/f16, head dim 64/128, <= 4 rows per kv head: one row, GQA
+    /// groups of 2 to 4, two queries; one sequence, so the keys are split across blocks), the
+    /// simple kernel where the stream does not apply (f32, 8 rows per kv head) and when forced,
+    /// each against the reference.
     pub fn decode_attention_reads_the_cache_in_place(dev: &Device) {
         let (mut rng, seed) = Rng::fresh(0xCAC);
-        for dtype in [DType::F32, DType::BF16] {
-            for &(b, hq, hkv, cap, tk, d) in &[(3, 4, 2, 40, 17, 64), (5, 6, 3, 600, 513, 128)] {
-                let ctx = format!("seed {seed:#x}, {dtype:?}, B {b}, Hq {hq}/{hkv}, Tk {tk}/{cap}");
-                let q = Tensor::from_vec(rng.vec(b * hq * d, -1.0, 1.0), (b, hq, 1, d), dev)
+        // (B, Hq, Hkv, capacity, Tk, D, Tq)
+        let shapes = [
+            (3, 4, 2, 40, 17, 64, 1),
+            (5, 6, 3, 600, 513, 128, 1),
+            (2, 12, 12, 384, 300, 64, 1),
+            (1, 12, 12, 500, 451, 64, 1),
+            (3, 8, 2, 70, 70, 128, 1),
+            (2, 4, 4, 50, 33, 64, 2),
+            (2, 6, 2, 64, 40, 64, 1),
+            (3, 16, 2, 64, 40, 64, 1),
+        ];
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for &(b, hq, hkv, cap, tk, d, tq) in &shapes {
+                let q = Tensor::from_vec(rng.vec(b * hq * tq * d, -1.0, 1.0), (b, hq, tq, d), dev)
                     .and_then(|t| t.to_dtype(dtype))
                     .unwrap();
                 let buf = |rng: &mut Rng| {
@@ -206,17 +222,13 @@ mod gpu {
                 };
                 let (kb, vb) = (buf(&mut rng), buf(&mut rng));
                 let (k, v) = (kb.narrow(2, 0, tk).unwrap(), vb.narrow(2, 0, tk).unwrap());
-                assert!(!k.is_contiguous());
+                assert_eq!(k.is_contiguous(), cap == tk);
                 let mut valid = vec![1f32; b * tk];
                 valid[..5].iter_mut().for_each(|x| *x = 0.0); // row 0 left-padded
+                if b > 1 {
+                    valid[tk + 3] = 0.0; // a hole in row 1
+                }
                 let valid = Tensor::from_vec(valid, (b, tk), dev).unwrap();
-                let mask = AttnMask {
-                    causal_offset: Some(tk - 1),
-                    key_valid: Some(&valid),
-                };
-                let got = attention_with(&q, &k, &v, &mask, 0.125, AttnImpl::Auto)
-                    .unwrap()
-                    .expect("the kernel applies");
                 let host = |t: &Tensor| {
                     t.to_dtype(DType::F32)
                         .and_then(|t| t.to_device(&Device::Cpu))
@@ -224,13 +236,25 @@ mod gpu {
                 };
                 let cpu_valid = valid.to_device(&Device::Cpu).unwrap();
                 let cpu_mask = AttnMask {
-                    causal_offset: Some(tk - 1),
+                    causal_offset: Some(tk - tq),
                     key_valid: Some(&cpu_valid),
                 };
                 let want =
                     attention_reference(&host(&q), &host(&k), &host(&v), &cpu_mask, 0.125).unwrap();
-                let (atol, rtol) = elem_tol(dtype);
-                assert_close(&ctx, &host(&got), &want, tol(dtype), (atol, rtol));
+                let mask = AttnMask {
+                    causal_offset: Some(tk - tq),
+                    key_valid: Some(&valid),
+                };
+                for imp in [AttnImpl::Auto, AttnImpl::Simple] {
+                    let ctx = format!(
+                        "seed {seed:#x}, {dtype:?}, {imp:?}, B {b}, Hq {hq}/{hkv}, Tq {tq}, Tk {tk}/{cap}, D {d}"
+                    );
+                    let got = attention_with(&q, &k, &v, &mask, 0.125, imp)
+                        .unwrap()
+                        .expect("the kernel applies");
+                    let (atol, rtol) = elem_tol(dtype);
+                    assert_close(&ctx, &host(&got), &want, tol(dtype), (atol, rtol));
+                }
             }
         }
     }
@@ -461,11 +485,12 @@ mod gpu {
     pub fn graph_replay_gives_the_eager_fixed_steps_tokens(dev: &Device) {
         let mut cfg = ModelConfig::preset("gpt2").unwrap();
         cfg.vocab_size = 259;
-        cfg.hidden_size = 64;
+        // Head dim 64: bf16 steps take the decode stream, f32 ones the simple kernel.
+        cfg.hidden_size = 128;
         cfg.intermediate_size = 256;
         cfg.num_hidden_layers = 3;
-        cfg.num_attention_heads = 4;
-        cfg.num_key_value_heads = 4;
+        cfg.num_attention_heads = 2;
+        cfg.num_key_value_heads = 2;
         cfg.max_position_embeddings = 128;
         let tok = Tokenizer::bytes();
         let texts: Vec<String> = (0..23)

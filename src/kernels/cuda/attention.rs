@@ -9,11 +9,14 @@
 //! precomputed; under GQA the dK/dV kernels loop over every query head of their kv head, so
 //! the group's gradients are summed without atomics.
 //!
-//! Two implementations (see the comments on top of the .cu files): `Simple` (CUDA cores, any
+//! Three forwards (see the comments on top of the .cu files): `Simple` (CUDA cores, any
 //! dtype, head dim up to 128, with a split-K decode mode for a few queries against a long
-//! cache) and `Mma` (tensor cores, bf16/f16, head dim 64 or 128). `Auto` takes `Mma` where it
-//! applies and the query block is more than [`DECODE_MAX_TQ`] rows. `TEMPER_ATTN_IMPL=simple`
-//! (or `mma`, `auto`) overrides the choice for the dispatcher.
+//! cache), `Mma` (tensor cores, bf16/f16, head dim 64 or 128), and the decode stream
+//! (`attn_decode`, bf16/f16, head dim 64 or 128, at most 4 query rows per kv head: a
+//! generation step, 16-byte loads of the cache). `Auto` takes `Mma` where it applies and the
+//! query block is more than [`DECODE_MAX_TQ`] rows, else the decode stream where it applies,
+//! else `Simple`; every forward saves the same log-sum-exp, so the backward is the same.
+//! `TEMPER_ATTN_IMPL=simple` (or `mma`, `auto`) overrides the choice for the dispatcher.
 
 use std::cell::RefCell;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -437,6 +440,23 @@ impl FlashAttn {
             }
     }
 
+    /// The row count `R` of the `attn_decode` kernel that takes this forward, or `None`:
+    /// 16-bit k and v with a head dim of 64 or 128 whose rows start 16-byte aligned (k and v
+    /// share their layout), at most 4 query rows per kv head, and no implementation forced.
+    fn decode_rows(&self, dtype: DType, dims: &Dims, kv: [&Layout; 2]) -> Option<usize> {
+        let fits = self.imp == AttnImpl::Auto
+            && matches!(dtype, DType::BF16 | DType::F16)
+            && matches!(dims.d, 64 | 128)
+            && kv
+                .iter()
+                .all(|l| (l.start_offset() * dtype.size_in_bytes()).is_multiple_of(16));
+        match dims.groups() * dims.tq {
+            1 if fits => Some(1),
+            2..=4 if fits => Some(4),
+            _ => None,
+        }
+    }
+
     /// Sizes and options of a call, every pointer null: the part of [`AttnParams`] that
     /// does not depend on the buffers.
     fn params(&self, dims: &Dims) -> Result<AttnParams> {
@@ -585,6 +605,8 @@ impl FlashAttn {
             p.lse = ptrs.write(&mut lse);
             if self.use_mma(T::DTYPE, &dims) {
                 launch_fwd_mma(dev, T::DTYPE, &dims, &p)?;
+            } else if let Some(r) = self.decode_rows(T::DTYPE, &dims, [lk, lv]) {
+                launch_decode(dev, T::DTYPE, &dims, p, r)?;
             } else {
                 launch_fwd_simple(dev, T::DTYPE, &dims, p)?;
             }
@@ -695,8 +717,59 @@ fn decode_splits(dev: &CudaDevice, dims: &Dims) -> Result<usize> {
     })
 }
 
+/// `attn_decode_*` (`kernels/attention_decode.cu`): one block of 4 warps per (batch, kv head),
+/// split over the keys until there are a few blocks per multiprocessor (each split >= 64
+/// keys), the splits merged by `attn_combine_*`.
+fn launch_decode(dev: &CudaDevice, dt: DType, dims: &Dims, p: AttnParams, r: usize) -> Result<()> {
+    let name = format!("attn_decode_{}_h{}_r{r}", dt.as_str(), dims.d);
+    let func = load_func(dev, DECODE, &name)?;
+    let base = dims.b * dims.hkv;
+    let target = 4 * sm_count(dev)? as usize;
+    let nsplit = match base < target {
+        true => target.div_ceil(base).min(dims.tk.div_ceil(64)).clamp(1, 64),
+        false => 1,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (base as u32, 1, nsplit as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    if nsplit == 1 {
+        // SAFETY: the block of (batch, kv head) writes o and lse of each of its <= r rows.
+        return unsafe { launch(dev, &func, &name, cfg, &p) };
+    }
+    split_and_combine(dev, dt, dims, p, (&func, &name, cfg), nsplit)
+}
+
+/// Runs a forward with `nsplit` key slices (grid z) into f32 partials, then `attn_combine_*`
+/// into o and lse.
+fn split_and_combine(
+    dev: &CudaDevice,
+    dt: DType,
+    dims: &Dims,
+    mut p: AttnParams,
+    (func, name, cfg): (&super::CudaFunction, &str, LaunchConfig),
+    nsplit: usize,
+) -> Result<()> {
+    let nrows = dims.q_rows();
+    // SAFETY: with a split every (split, row) pair is written by the forward.
+    let mut opart = unsafe { alloc_out::<f32>(dev, nsplit * nrows * dims.d)? };
+    let mut lpart = unsafe { alloc_out::<f32>(dev, nsplit * nrows)? };
+    let stream = dev.cuda_stream();
+    let mut ptrs = DevPtrs::new(&stream);
+    p.opart = ptrs.write(&mut opart);
+    p.lsepart = ptrs.write(&mut lpart);
+    p.nsplit = nsplit as i32;
+    // SAFETY: as above; the partials hold nsplit * nrows rows.
+    unsafe { launch(dev, func, name, cfg, &p) }?;
+    let name = format!("attn_combine_{}", dt.as_str());
+    let func = load_func(dev, DECODE, &name)?;
+    // SAFETY: reads the partials just written, writes every row of o and lse.
+    unsafe { launch(dev, &func, &name, warp_per_row(nrows), &p) }
+}
+
 /// `attn_fwd_simple_*`, split over the keys for decode and then merged by `attn_combine_*`.
-fn launch_fwd_simple(dev: &CudaDevice, dt: DType, dims: &Dims, mut p: AttnParams) -> Result<()> {
+fn launch_fwd_simple(dev: &CudaDevice, dt: DType, dims: &Dims, p: AttnParams) -> Result<()> {
     let name = format!("attn_fwd_simple_{}_d{}", dt.as_str(), dims.d.div_ceil(32));
     let func = load_func(dev, FWD, &name)?;
     let (nw, row_blocks) = dims.simple_row_blocks();
@@ -710,21 +783,8 @@ fn launch_fwd_simple(dev: &CudaDevice, dt: DType, dims: &Dims, mut p: AttnParams
         // SAFETY: as in launch_fwd_mma; D <= 32 * DPL; no partials without a split.
         return unsafe { launch(dev, &func, &name, cfg, &p) };
     }
-    let nrows = dims.q_rows();
-    // SAFETY: with a split every (split, row) pair is written by one warp.
-    let mut opart = unsafe { alloc_out::<f32>(dev, nsplit * nrows * dims.d)? };
-    let mut lpart = unsafe { alloc_out::<f32>(dev, nsplit * nrows)? };
-    let stream = dev.cuda_stream();
-    let mut ptrs = DevPtrs::new(&stream);
-    p.opart = ptrs.write(&mut opart);
-    p.lsepart = ptrs.write(&mut lpart);
-    p.nsplit = nsplit as i32;
-    // SAFETY: as above; the partials hold nsplit * nrows rows.
-    unsafe { launch(dev, &func, &name, cfg, &p) }?;
-    let name = format!("attn_combine_{}", dt.as_str());
-    let func = load_func(dev, DECODE, &name)?;
-    // SAFETY: reads the partials just written, writes every row of o and lse.
-    unsafe { launch(dev, &func, &name, warp_per_row(nrows), &p) }
+    // Every (split, row) pair is written by one warp.
+    split_and_combine(dev, dt, dims, p, (&func, &name, cfg), nsplit)
 }
 
 /// `attn_bwd_dot_*`: D = rowsum(dO * O), one warp per row.
