@@ -1,7 +1,9 @@
 //! Attention: our flash kernel against the materialised reference, causal bf16 at
-//! B=8 H=16 S=2048 D=128 and B=16 H=32 S=1024 D=64. The PyTorch peers (SDPA flash and cuDNN)
-//! for the same shapes come from scripts/bench_peers.py, run in the same device call by
-//! scripts/gpu-check.sh, which divides one by the other.
+//! B=8 H=16 S=2048 D=128 and B=16 H=32 S=1024 D=64, and the decode forward (one query row
+//! per head against a cache) at GPT-2 small's and a GQA shape. The PyTorch peers (SDPA flash
+//! and cuDNN; SDPA's own choice for decode) for the same shapes come from
+//! scripts/bench_peers.py, run in the same device call by scripts/gpu-check.sh, which divides
+//! one by the other.
 //!
 //! FLOPs (as scripts/bench_peers.py counts them): forward 4·B·H·S²·D, halved under the causal
 //! mask; forward+backward 3.5x that. Times are medians of CUDA-event timings after warm-up.
@@ -216,6 +218,41 @@ mod cuda {
                     }
                 };
                 report(&shape, which.name(), "fwd+bwd", both, 3.5 * fwd_flops);
+            }
+        }
+        decode(&dev)
+    }
+
+    /// One query row per head against a cache of T keys (a generation step): GPT-2 small at
+    /// 64 rows and the mean cache length of `bench-generate`, and a Llama-style GQA shape.
+    /// A decode step streams the cache, so the figure beside the time is the bytes of keys
+    /// and values read per second, against the card's copy bandwidth.
+    fn decode(dev: &Device) -> candle_core::Result<()> {
+        println!("attention decode, bf16, one query row per head (GB/s: keys and values read)");
+        for (b, hq, hkv, t, d) in [
+            (64usize, 12usize, 12usize, 320usize, 64usize),
+            (16, 32, 8, 2048, 128),
+        ] {
+            let shape = format!("decode B{b} Hq{hq} Hkv{hkv} T{t} D{d}");
+            let mk = |dims: (usize, usize, usize, usize)| -> candle_core::Result<Tensor> {
+                Tensor::randn(0f32, 1.0, dims, dev)?.to_dtype(DType::BF16)
+            };
+            let (q, k, v) = (mk((b, hq, 1, d))?, mk((b, hkv, t, d))?, mk((b, hkv, t, d))?);
+            let mask = AttnMask {
+                causal_offset: Some(t - 1),
+                key_valid: None,
+            };
+            let scale = 1.0 / (d as f64).sqrt();
+            let bytes = (2 * b * hkv * t * d * 2) as f64;
+            for (name, imp) in [("ours", AttnImpl::Auto), ("ours-simple", AttnImpl::Simple)] {
+                let ms = cuda_time_ms(dev, WARMUP, 50, || {
+                    attention_with(&q, &k, &v, &mask, scale, imp).map(|_| ())
+                })?;
+                let gbps = bytes / (ms * 1e-3) / 1e9;
+                println!("{shape:<34} {name:<12} {ms:>8.4} ms {gbps:>8.0} GB/s");
+                println!(
+                    "{{\"bench\":\"attention_decode\",\"shape\":\"{shape}\",\"impl\":\"{name}\",\"ms\":{ms:.5},\"gbps\":{gbps:.1}}}"
+                );
             }
         }
         Ok(())

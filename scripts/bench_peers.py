@@ -99,6 +99,14 @@ def attention():
 
             fwd = time_ms(lambda: materialised(q, k, v), reps=5)
             emit(bench="attention", shape=shape, impl="torch-math", pass_="fwd", ms=fwd, tflops=fwd_flops / fwd / 1e9)
+    # Decode: one query row per head against T keys, SDPA's own backend choice (as
+    # transformers' generate calls it); the shapes of benches/attention.rs.
+    for b, hq, hkv, t, d in [(64, 12, 12, 320, 64), (16, 32, 8, 2048, 128)]:
+        shape = f"decode B{b} Hq{hq} Hkv{hkv} T{t} D{d}"
+        q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(b, hkv, t, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hkv), reps=50)
+        emit(bench="attention_decode", shape=shape, impl="torch-sdpa", ms=ms, gbps=2 * b * hkv * t * d * 2 / ms / 1e6)
 
 
 def lora():

@@ -205,7 +205,9 @@ fi
 # (TEMPER_GENERATE_PEER overrides the command).
 if has bench-generate; then
   section bench-generate 120 "$BUNDLE" bench-generate --bench
-  # Ablation: the decode step op by op at the cache's shapes, without the CUDA graph.
+  # Ablations: the decode step op by op, at fixed shapes (what the graph replays) and at the
+  # cache's shapes (the step before the graph).
+  section bench-generate-fixed 90 "$BUNDLE" bench-generate --bench --decode fixed --reps 1
   section bench-generate-dynamic 90 "$BUNDLE" bench-generate --bench --decode dynamic --reps 1
   peer_cmd="${TEMPER_GENERATE_PEER:-}"
   [[ -z "$peer_cmd" && -f scripts/bench_generate.py ]] && peer_cmd="python3 scripts/bench_generate.py"
@@ -396,6 +398,15 @@ for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention"})
         for peer in ["torch-flash", "torch-cudnn"]:
             row("attention causal", shape, f"{p} TFLOP/s", o, peer,
                 pick(bench="attention", shape=shape, impl=peer, **{"pass": p}).get("tflops"), note)
+
+# Attention decode: time against SDPA, and bytes of keys and values per second against copy.
+for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention_decode"}):
+    note = sec_state("bench-attention", "peer-attention")
+    for o in ["ours", "ours-simple"]:
+        row("attention decode", shape, f"{o} ms", pick(bench="attention_decode", shape=shape, impl=o).get("ms"),
+            "torch-sdpa", pick(bench="attention_decode", shape=shape, impl="torch-sdpa").get("ms"), note)
+    row("attention decode", shape, "ours GB/s", pick(bench="attention_decode", shape=shape, impl="ours").get("gbps"),
+        "copy bandwidth", 4100, "goal >= 0.5")
 
 # LoRA: the fused op over PyTorch's plain GEMM and over PyTorch's unfused LoRA.
 for shape in sorted({r["shape"] for r in meas if r.get("bench") == "lora"}):
