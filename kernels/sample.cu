@@ -10,6 +10,8 @@
 // 4. target = u * (kept mass), u from the counter-based hash of (row key, pos); the token is
 //    the first index, in vocabulary order, whose running kept mass exceeds target: a block
 //    prefix scan over chunks of blockDim.x entries, stopping at the chunk that contains it.
+// Each pass over a row is unrolled 4x, so that a thread has four loads in flight before the
+// first is used (its order of accumulation is unchanged).
 // Sums are f32 trees here and sequential f64 in the reference, so a draw whose u falls within
 // rounding of a bucket edge may pick the neighbour; greedy is exact.
 //
@@ -123,6 +125,7 @@ template <typename T> struct Row {
 template <typename T>
 static __device__ __forceinline__ float count_at_least(const Row<T> &r, float t, float *scratch) {
   float c = 0.f;
+#pragma unroll 4
   for (int i = threadIdx.x; i < r.v; i += kThreads) c += r.w(i) >= t ? 1.f : 0.f;
   return block_sum(c, scratch);
 }
@@ -131,6 +134,7 @@ static __device__ __forceinline__ float count_at_least(const Row<T> &r, float t,
 template <typename T>
 static __device__ __forceinline__ float mass_at_least(const Row<T> &r, float t, float *scratch) {
   float s = 0.f;
+#pragma unroll 4
   for (int i = threadIdx.x; i < r.v; i += kThreads) {
     const float x = r.w(i);
     s += x >= t ? x : 0.f;
@@ -165,6 +169,7 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
 
   float best = __int_as_float(0xff800000);  // -inf
   int arg = 0x7fffffff;
+#pragma unroll 4
   for (int i = threadIdx.x; i < r.v; i += kThreads) {
     const float z = r.logit(i);
     if (z > best) best = z, arg = i;

@@ -251,8 +251,8 @@ PY
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if '"gen_s"' in l]
 for r in rows:
-    split = {k: r.get(k) for k in ["gen_s", "score_s", "train_s", "gen_tokens_per_s"]}
-    total = sum(v for k, v in split.items() if k != "gen_tokens_per_s" and isinstance(v, (int, float)))
+    split = {k: r.get(k) for k in ["gen_s", "score_s", "train_s", "gen_tokens_per_s", "gen_graph_replays"]}
+    total = sum(v for k, v in split.items() if k in ("gen_s", "score_s", "train_s") and isinstance(v, (int, float)))
     print(json.dumps({"section": "ppo-update", "bench": "ppo_update", "step": r.get("step"),
                       "gen_share": (split["gen_s"] or 0) / total if total else None, **split}))
 PY
@@ -478,6 +478,7 @@ for r in [m for m in meas if m.get("bench") == "ppo_update"]:
     out.append(f"\nPPO update at GPT-2 small, step {r.get('step')}: generation {num(r.get('gen_s'))} s "
                f"({num(r.get('gen_tokens_per_s'))} tokens/s), scoring {num(r.get('score_s'))} s, training "
                f"{num(r.get('train_s'))} s; generation share {num(r.get('gen_share'), '.2f')} (goal < 0.5); "
+               f"{num(r.get('gen_graph_replays'))} decode steps replayed as a CUDA graph; "
                f"peak GPU {status.get('ppo-update', {}).get('peak_mib', '-')} MiB")
 
 # The benches' own checks: each direct backward entry point against candle's autograd.

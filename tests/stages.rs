@@ -289,6 +289,7 @@ mod stage_chain {
                 "response_length",
                 "gen_s",
                 "gen_tokens_per_s",
+                "gen_graph_replays",
                 "score_s",
                 "train_s",
             ] {

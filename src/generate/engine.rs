@@ -90,9 +90,17 @@ pub fn generate(
         until: cfg.min_new_tokens as u64,
     });
     let mode = cfg.engine.decode;
+    // The references of sampling and attention read or upload host data in the step, which
+    // a capture forbids.
     let graph = mode == DecodeMode::Graph
         && dev.is_cuda()
-        && ctx.kernels.decode == KernelChoice::Custom
+        && [
+            ctx.kernels.decode,
+            ctx.kernels.sample,
+            ctx.kernels.attention,
+        ]
+        .iter()
+        .all(|&k| k == KernelChoice::Custom)
         && !crate::kernels::spans::recording();
     let fixed_shapes = graph || mode == DecodeMode::Fixed;
     let mut fixed: Option<StaticStep> = None;

@@ -95,8 +95,9 @@ pub enum DecodeMode {
     /// the whole cache under a mask. What a graph replays, runnable anywhere.
     Fixed,
     /// On CUDA, the fixed-shape step captured once per batch size and replayed as a CUDA
-    /// graph; elsewhere, under `--kernels decode=reference`, or while op spans are recorded
-    /// (`temper profile`), [`DecodeMode::Dynamic`].
+    /// graph; elsewhere, under `--kernels decode=reference` (or `sample=reference`,
+    /// `attention=reference`, which read the host), or while op spans are recorded (`temper
+    /// profile`), [`DecodeMode::Dynamic`].
     Graph,
 }
 

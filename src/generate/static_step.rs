@@ -132,13 +132,14 @@ impl StaticStep {
         hold: Option<Hold>,
         params: &SampleParams,
     ) -> candle_core::Result<()> {
+        // Declared first, dropped last: on an error too, the range goes before the capture ends.
+        let _ranges = ForgetKeyRanges::new();
         let n = self.ids.dim(0)?;
         let f = Fwd {
             ctx,
             positions: Some(&self.positions),
             key_valid: Some(&self.mask),
         };
-        forget_key_ranges();
         let hidden = net
             .hidden(&self.ids.reshape((n, 1))?, &f, Some(cache))
             .map_err(candle_core::Error::wrap)?;
@@ -161,13 +162,28 @@ impl StaticStep {
         increment(&self.positions)?;
         increment(&self.step)?;
         mark_key(&self.mask, &self.step)?;
-        forget_key_ranges();
         Ok(())
     }
 }
 
 /// Attention keeps the key range of the last mask it saw, by tensor id; this step's mask
-/// changes in place, and a range computed inside a capture is the graph's memory.
+/// changes in place, and a range computed inside a capture is the graph's memory. Forgets it
+/// when made and when dropped.
+struct ForgetKeyRanges;
+
+impl ForgetKeyRanges {
+    fn new() -> Self {
+        forget_key_ranges();
+        Self
+    }
+}
+
+impl Drop for ForgetKeyRanges {
+    fn drop(&mut self) {
+        forget_key_ranges();
+    }
+}
+
 fn forget_key_ranges() {
     #[cfg(feature = "cuda")]
     crate::kernels::cuda::attention::forget_key_range();
@@ -178,11 +194,12 @@ mod graph {
     //! Capture and replay of the step on candle's stream.
 
     use std::cell::RefCell;
+    use std::sync::Arc;
 
     use candle_core::cuda_backend::cudarc::driver::sys::{
-        CUgraphInstantiate_flags, CUstreamCaptureMode,
+        self, CUgraphInstantiate_flags, CUstreamCaptureMode,
     };
-    use candle_core::cuda_backend::cudarc::driver::CudaGraph;
+    use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaStream};
     use candle_core::Device;
 
     use crate::model::KvCache;
@@ -195,7 +212,7 @@ mod graph {
     enum State {
         #[default]
         Fresh,
-        Ready(CudaGraph),
+        Ready(CudaGraph, Arc<CudaStream>),
         Failed,
     }
 
@@ -211,7 +228,7 @@ mod graph {
             let cuda = dev.as_cuda_device()?;
             let mut state = self.0.borrow_mut();
             match &*state {
-                State::Ready(g) => {
+                State::Ready(g, _) => {
                     g.launch()?;
                     return Ok(true);
                 }
@@ -225,22 +242,12 @@ mod graph {
             // into its cache, where the capture finds them.
             let _uploads = cuda.enable_cuda_graph_htod_cache();
             body(cache)?;
+            // From here the step has run: whatever fails leaves the eager step in use.
             let stream = cuda.cuda_stream();
-            stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
-            let recorded = body(cache);
-            let ended = stream.end_capture(CUgraphInstantiate_flags(0));
-            *state = match (recorded, ended) {
-                (Ok(()), Ok(Some(g))) => {
-                    g.upload()?;
-                    State::Ready(g)
-                }
-                (recorded, ended) => {
-                    let why = match (recorded, ended) {
-                        (Err(e), _) => format!("{e}"),
-                        (_, Err(e)) => format!("{e:?}"),
-                        _ => "an empty capture".to_string(),
-                    };
-                    // Driver errors that the aborted capture's frees recorded would surface
+            *state = match capture(&stream, || body(cache)) {
+                Ok(g) => State::Ready(g, stream),
+                Err(why) => {
+                    // Driver errors that an aborted capture's frees recorded would surface
                     // at the next unrelated call.
                     let _ = stream.context().check_err();
                     eprintln!("warning: the decode step runs without a CUDA graph: {why}");
@@ -248,6 +255,43 @@ mod graph {
                 }
             };
             Ok(false)
+        }
+    }
+
+    /// Records `body` on `stream` (in cudarc's relaxed mode: other threads may go on using
+    /// CUDA) and instantiates the graph.
+    fn capture(
+        stream: &Arc<CudaStream>,
+        body: impl FnOnce() -> candle_core::Result<()>,
+    ) -> Result<CudaGraph, String> {
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(|e| format!("{e:?}"))?;
+        let recorded = body();
+        let ended = stream.end_capture(CUgraphInstantiate_flags(0));
+        let graph = match (recorded, ended) {
+            (Err(e), _) => return Err(format!("{e}")),
+            (_, Err(e)) => return Err(format!("{e:?}")),
+            (Ok(()), Ok(None)) => return Err("an empty capture".into()),
+            (Ok(()), Ok(Some(g))) => g,
+        };
+        graph.upload().map_err(|e| format!("{e:?}"))?;
+        Ok(graph)
+    }
+
+    impl Drop for Replay {
+        /// Destroys the graph and hands the memory its nodes held back to the driver, so that
+        /// training after a rollout can use it.
+        fn drop(&mut self) {
+            if let State::Ready(g, stream) = std::mem::take(self.0.get_mut()) {
+                drop(g);
+                let ctx = stream.context();
+                if ctx.bind_to_thread().is_ok() {
+                    // SAFETY: a plain driver call on this context's device; a failure only
+                    // leaves the memory reserved.
+                    let _ = unsafe { sys::cuDeviceGraphMemTrim(ctx.cu_device()) };
+                }
+            }
         }
     }
 }

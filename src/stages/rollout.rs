@@ -242,8 +242,9 @@ pub struct CollectTimes {
     pub score_s: f64,
 }
 
-/// The time split an RL stage logs per rollout: `gen_s`, `gen_tokens_per_s`, `score_s`, and
-/// `train_s`, the wall time since the previous rollout was collected (the updates on it).
+/// The time split an RL stage logs per rollout: `gen_s`, `gen_tokens_per_s`,
+/// `gen_graph_replays`, `score_s`, and `train_s`, the wall time since the previous rollout was
+/// collected (the updates on it).
 #[derive(Default)]
 pub struct RolloutClock {
     last: Option<Instant>,
@@ -259,6 +260,8 @@ impl RolloutClock {
         vec![
             ("gen_s", t.gen.seconds),
             ("gen_tokens_per_s", t.gen.tokens_per_s()),
+            // Decode steps replayed as a CUDA graph (0 on the CPU).
+            ("gen_graph_replays", t.gen.graph_replays as f64),
             ("score_s", t.score_s),
             ("train_s", (since - t.gen.seconds - t.score_s).max(0.0)),
         ]
