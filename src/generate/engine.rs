@@ -1,5 +1,6 @@
 //! The decode loop: one prefill, then per token one cached forward pass of the active rows,
-//! one sampling launch, and `B` ids copied to the host.
+//! one sampling launch, and `B` ids copied to the host. On CUDA the forward and the sampling
+//! of a step replay one CUDA graph (`super::static_step`).
 
 use std::time::Instant;
 
@@ -89,20 +90,8 @@ pub fn generate(
         mask,
         until: cfg.min_new_tokens as u64,
     });
-    let mode = cfg.engine.decode;
-    // The references of sampling and attention read or upload host data in the step, which
-    // a capture forbids.
-    let graph = mode == DecodeMode::Graph
-        && dev.is_cuda()
-        && [
-            ctx.kernels.decode,
-            ctx.kernels.sample,
-            ctx.kernels.attention,
-        ]
-        .iter()
-        .all(|&k| k == KernelChoice::Custom)
-        && !crate::kernels::spans::recording();
-    let fixed_shapes = graph || mode == DecodeMode::Fixed;
+    let graph = replays_graph(cfg.engine.decode, &ctx, &dev);
+    let fixed_shapes = graph || cfg.engine.decode == DecodeMode::Fixed;
     let mut fixed: Option<StaticStep> = None;
     let mut next = sample_draw(
         &last,
@@ -182,6 +171,19 @@ pub fn generate(
         stats.decode_steps += 1;
     }
     resp.finish(tok, stats, start)
+}
+
+/// Whether decode steps replay a CUDA graph: asked for, on CUDA, with our attention and
+/// sampling (their references read or upload host data in the step, which a capture
+/// forbids), and not while op spans are recorded (their events would be captured).
+fn replays_graph(mode: DecodeMode, ctx: &Ctx, dev: &candle_core::Device) -> bool {
+    let k = &ctx.kernels;
+    mode == DecodeMode::Graph
+        && dev.is_cuda()
+        && [k.decode, k.sample, k.attention]
+            .iter()
+            .all(|&c| c == KernelChoice::Custom)
+        && !crate::kernels::spans::recording()
 }
 
 /// `[V]` f32: -inf at the stop ids, 0 elsewhere, added to the logits of the first
