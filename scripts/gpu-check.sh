@@ -142,13 +142,10 @@ MEM=1 section train-torch-eager 120 python3 scripts/gpt2_peer.py --steps 10
 
 # --- where our step's GPU time goes: ncu's per-kernel durations over exactly one steady-state
 # step (the bench opens the profiler's capture range around its first timed step). ----------
-NCU="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
-if has bench-train_step && [[ -x "$NCU" ]]; then
-  section ncu-step 150 env TEMPER_CUDA_PROFILER_STEP=1 "$NCU" --clock-control none \
-    --profile-from-start off --metrics gpu__time_duration.sum --print-summary per-kernel --csv \
-    /tmp/temper-gpu/bin/bench-train_step --bench --impl ours --steps 1
-  [[ -f "$WORK/ncu-step.log" ]] && grep '^"' "$WORK/ncu-step.log" >"$DEST/ncu-train-step.csv"
-  [[ -s "$DEST/ncu-train-step.csv" ]] && python3 - "$DEST/ncu-train-step.csv" kernels >>"$RESULTS" <<'PY'
+# ncu_rows CSV BENCH: ncu's per-kernel summary as results lines {"bench": BENCH, "kernel",
+# "kind", "launches", "ms", "share"}.
+ncu_rows() {
+  python3 - "$1" kernels "$2" >>"$RESULTS" <<'PY'
 import csv, glob, json, re, sys
 # Our kernels by name prefix, read from kernels/*.cu (the repository travels with the call).
 ours = set()
@@ -187,9 +184,27 @@ for r in rows[1:]:
     k[1] += n * avg * scale
 total = sum(v[1] for v in kernels.values()) or 1.0
 for name, (n, ms) in kernels.items():
-    print(json.dumps({"bench": "ncu_step", "kernel": name[:120], "kind": kind(name), "launches": n,
+    print(json.dumps({"bench": sys.argv[3], "kernel": name[:120], "kind": kind(name), "launches": n,
                       "ms": ms, "share": ms / total}))
 PY
+}
+NCU="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
+if has bench-train_step && [[ -x "$NCU" ]]; then
+  section ncu-step 150 env TEMPER_CUDA_PROFILER_STEP=1 "$NCU" --clock-control none \
+    --profile-from-start off --metrics gpu__time_duration.sum --print-summary per-kernel --csv \
+    /tmp/temper-gpu/bin/bench-train_step --bench --impl ours --steps 1
+  [[ -f "$WORK/ncu-step.log" ]] && grep '^"' "$WORK/ncu-step.log" >"$DEST/ncu-train-step.csv"
+  [[ -s "$DEST/ncu-train-step.csv" ]] && ncu_rows "$DEST/ncu-train-step.csv" ncu_step
+fi
+
+# The same for one decode step of generation (a replay of its CUDA graph: ncu profiles each
+# kernel node), GPT-2 small at 64 rows.
+if has bench-generate && [[ -x "$NCU" ]]; then
+  section ncu-decode 120 env TEMPER_CUDA_PROFILER_DECODE_STEP=4 "$NCU" --clock-control none \
+    --profile-from-start off --metrics gpu__time_duration.sum --print-summary per-kernel --csv \
+    /tmp/temper-gpu/bin/bench-generate --bench --new 8 --reps 1
+  [[ -f "$WORK/ncu-decode.log" ]] && grep '^"' "$WORK/ncu-decode.log" >"$DEST/ncu-decode-step.csv"
+  [[ -s "$DEST/ncu-decode-step.csv" ]] && ncu_rows "$DEST/ncu-decode-step.csv" ncu_decode
 fi
 
 # Ablation: the blocks in candle's autograd graph instead of our tape ([train] tape = "off").
@@ -370,25 +385,31 @@ for imp, sec, base, what in [
 
 # Where one steady-state step of ours goes (ncu): the share of kernel time by kind, then the
 # largest kernels. The goal: GEMMs and attention the majority, no candle generic kernel high.
-ncu = [r for r in meas if r.get("bench") == "ncu_step"]
-if ncu:
+def ncu_table(bench, title):
+    ncu = [r for r in meas if r.get("bench") == bench]
+    if not ncu:
+        return
     total = sum(r["ms"] for r in ncu)
     kinds = {}
     for r in ncu:
         k = kinds.setdefault(r["kind"], [0, 0.0])
         k[0] += r["launches"]
         k[1] += r["ms"]
-    out.append(f"\nncu, one steady-state step of ours (B16 T1024 bf16): {total:.1f} ms of kernel time, "
+    out.append(f"\nncu, {title}: {total:.3f} ms of kernel time, "
                f"{sum(r['launches'] for r in ncu)} launches\n")
     out.append("| kind | launches | ms | share |")
     out.append("| --- | --- | --- | --- |")
     for kind, (n, ms) in sorted(kinds.items(), key=lambda kv: -kv[1][1]):
-        out.append(f"| {kind} | {n} | {ms:.2f} | {ms / total:.1%} |")
+        out.append(f"| {kind} | {n} | {ms:.3f} | {ms / total:.1%} |")
     out.append("\n| kernel (largest 20) | kind | launches | ms | share |")
     out.append("| --- | --- | --- | --- | --- |")
     for r in sorted(ncu, key=lambda r: -r["ms"])[:20]:
         out.append(f"| `{r['kernel'][:70]}` | {r['kind']} | {r['launches']} | {r['ms']:.3f} | {r['share']:.1%} |")
     out.append("")
+
+
+ncu_table("ncu_step", "one steady-state step of ours (B16 T1024 bf16)")
+ncu_table("ncu_decode", "one decode step of generation (GPT-2 small, 64 rows, graph replay)")
 
 # Attention.
 for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention"}):

@@ -137,6 +137,7 @@ pub fn generate(
             };
             fixed = Some(StaticStep::enter(&mut cache, entry, &dev)?);
         }
+        let _profiled = ProfilerRange::at(stats.decode_steps);
         if let Some(step) = &mut fixed {
             let replayed = step.run(net, ctx, &mut cache, hold, &params, graph)?;
             stats.graph_replays += usize::from(replayed);
@@ -171,6 +172,43 @@ pub fn generate(
         stats.decode_steps += 1;
     }
     resp.finish(tok, stats, start)
+}
+
+/// With `TEMPER_CUDA_PROFILER_DECODE_STEP=K` (a CUDA build), decode step K of each call runs
+/// inside the CUDA profiler's capture range, so that `ncu --profile-from-start off` profiles
+/// exactly one steady-state step (`scripts/gpu-check.sh`, section ncu-decode).
+struct ProfilerRange(bool);
+
+impl ProfilerRange {
+    fn at(step: usize) -> Self {
+        #[cfg(feature = "cuda")]
+        {
+            static STEP: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+            let chosen = STEP.get_or_init(|| {
+                std::env::var("TEMPER_CUDA_PROFILER_DECODE_STEP")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+            });
+            if *chosen == Some(step) {
+                // SAFETY: a driver call without arguments.
+                unsafe { crate::kernels::cuda::cudarc::driver::sys::cuProfilerStart() };
+                return Self(true);
+            }
+        }
+        let _ = step;
+        Self(false)
+    }
+}
+
+impl Drop for ProfilerRange {
+    fn drop(&mut self) {
+        #[cfg(feature = "cuda")]
+        if self.0 {
+            // SAFETY: as in `at`; the range closes after the step's last launch (the host's
+            // read of the ids synchronises before the next step).
+            unsafe { crate::kernels::cuda::cudarc::driver::sys::cuProfilerStop() };
+        }
+    }
 }
 
 /// Whether decode steps replay a CUDA graph: asked for, on CUDA, with our attention and
