@@ -202,12 +202,15 @@ impl ProfilerRange {
 
 impl Drop for ProfilerRange {
     fn drop(&mut self) {
+        let opened = self.0;
+        // SAFETY: as in `at`; the range closes after the step's last launch (the host's read
+        // of the ids synchronises before the next step).
         #[cfg(feature = "cuda")]
-        if self.0 {
-            // SAFETY: as in `at`; the range closes after the step's last launch (the host's
-            // read of the ids synchronises before the next step).
+        if opened {
             unsafe { crate::kernels::cuda::cudarc::driver::sys::cuProfilerStop() };
         }
+        #[cfg(not(feature = "cuda"))]
+        let _ = opened;
     }
 }
 
