@@ -60,7 +60,8 @@ struct AttnParams {
   float scale_log2;  // softmax scale * log2(e)
   float scale;       // softmax scale
   int kv_cap;   // positions per (batch, kv head) row of k and v: a KV cache's capacity when
-                // k, v are views of its first tk positions; 0 means tk. Read by fwd_simple only
+                // k, v are views of its first tk positions; 0 means tk. Read by fwd_simple and
+                // attn_decode
 };
 static_assert(sizeof(AttnParams) == 176, "AttnParams: keep in step with the Rust mirror");
 static_assert(alignof(AttnParams) == 8, "AttnParams: keep in step with the Rust mirror");

@@ -132,23 +132,33 @@ static __device__ void decode(const AttnParams &p) {
         for (int e = 0; e < VEC; ++e) kf[u][e] = vf[u][e] = 0.f;
       }
       valid[u] = in && (kr.dense || p.kvalid[(size_t)b * Tk + j[u]] != 0.f);
+      // A masked position's value never enters a sum, whatever it holds (as fwd_simple,
+      // which skips zero probabilities): 0 * NaN would poison the row.
+      if (!valid[u]) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) vf[u][e] = 0.f;
+      }
     }
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
+        if (r >= rows) continue;  // the same for the whole block: the shuffles stay converged
         float s = 0.f;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) s = fmaf(qf[r][e], kf[u][e], s);
 #pragma unroll
         for (int o = 1; o < L; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (!(valid[u] && j[u] < row_hi[r])) s = neg_inf();
+        const bool vis = valid[u] && j[u] < row_hi[r];
+        if (!vis) s = neg_inf();
         const float m_new = fmaxf(m[r], s);
         const float ref = m_new == neg_inf() ? 0.f : m_new;
         const float alpha = exp2f(m[r] - ref), pj = exp2f(s - ref);
         l[r] = l[r] * alpha + pj;
+        // A key past this row's causal horizon may hold a value for another row.
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[r][e] = fmaf(pj, vf[u][e], acc[r][e] * alpha);
+        for (int e = 0; e < VEC; ++e)
+          acc[r][e] = vis ? fmaf(pj, vf[u][e], acc[r][e] * alpha) : acc[r][e] * alpha;
         m[r] = m_new;
       }
     }
@@ -258,7 +268,7 @@ COMBINE_ENTRY(__half, f16)
 
 // Entry points: attn_decode_<dtype>_h<D>_r<R>.
 #define DECODE_ENTRY(T, SUF, D, R)                                                            \
-  extern "C" __global__ void __launch_bounds__(kDecodeThreads)                                \
+  extern "C" __global__ void __launch_bounds__(kDecodeThreads, 4)                             \
       attn_decode_##SUF##_h##D##_r##R(const AttnParams p) {                                   \
     decode<T, D, R>(p);                                                                       \
   }

@@ -209,6 +209,7 @@ mod gpu {
             (2, 4, 4, 50, 33, 64, 2),
             (2, 6, 2, 64, 40, 64, 1),
             (3, 16, 2, 64, 40, 64, 1),
+            (2, 8, 8, 300, 257, 128, 1),
         ];
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             for &(b, hq, hkv, cap, tk, d, tq) in &shapes {
@@ -235,25 +236,30 @@ mod gpu {
                         .unwrap()
                 };
                 let cpu_valid = valid.to_device(&Device::Cpu).unwrap();
-                let cpu_mask = AttnMask {
-                    causal_offset: Some(tk - tq),
-                    key_valid: Some(&cpu_valid),
-                };
-                let want =
-                    attention_reference(&host(&q), &host(&k), &host(&v), &cpu_mask, 0.125).unwrap();
-                let mask = AttnMask {
-                    causal_offset: Some(tk - tq),
-                    key_valid: Some(&valid),
-                };
-                for imp in [AttnImpl::Auto, AttnImpl::Simple] {
-                    let ctx = format!(
-                        "seed {seed:#x}, {dtype:?}, {imp:?}, B {b}, Hq {hq}/{hkv}, Tq {tq}, Tk {tk}/{cap}, D {d}"
-                    );
-                    let got = attention_with(&q, &k, &v, &mask, 0.125, imp)
-                        .unwrap()
-                        .expect("the kernel applies");
-                    let (atol, rtol) = elem_tol(dtype);
-                    assert_close(&ctx, &host(&got), &want, tol(dtype), (atol, rtol));
+                // Causal at the cache's end, and without a causal mask (a prefix of queries
+                // that sees every key).
+                for causal in [Some(tk - tq), None] {
+                    let cpu_mask = AttnMask {
+                        causal_offset: causal,
+                        key_valid: Some(&cpu_valid),
+                    };
+                    let want =
+                        attention_reference(&host(&q), &host(&k), &host(&v), &cpu_mask, 0.125)
+                            .unwrap();
+                    let mask = AttnMask {
+                        causal_offset: causal,
+                        key_valid: Some(&valid),
+                    };
+                    for imp in [AttnImpl::Auto, AttnImpl::Simple] {
+                        let ctx = format!(
+                            "seed {seed:#x}, {dtype:?}, {imp:?}, B {b}, Hq {hq}/{hkv}, Tq {tq}, Tk {tk}/{cap}, D {d}, causal {causal:?}"
+                        );
+                        let got = attention_with(&q, &k, &v, &mask, 0.125, imp)
+                            .unwrap()
+                            .expect("the kernel applies");
+                        let (atol, rtol) = elem_tol(dtype);
+                        assert_close(&ctx, &host(&got), &want, tol(dtype), (atol, rtol));
+                    }
                 }
             }
         }

@@ -37,8 +37,9 @@ use super::{
     sm_count, tensor_from_slice, to_i32, DevPtrs, LaunchConfig,
 };
 
-/// Query blocks up to this many rows take the decode path (simple kernel, split over keys)
-/// under [`AttnImpl::Auto`]: a 64-row tensor-core tile would be mostly empty.
+/// Query blocks up to this many rows take the decode path (the decode stream where it
+/// applies, else the simple kernel; split over keys) under [`AttnImpl::Auto`]: a 64-row
+/// tensor-core tile would be mostly empty.
 pub const DECODE_MAX_TQ: usize = 16;
 /// Largest head dim of the simple kernels (instantiated for 32, 64, 96 and 128 lanes' worth).
 pub const MAX_HEAD_DIM: usize = 128;
@@ -227,7 +228,8 @@ fn prepare(
 
 /// The capacity `cap` when `l` is the first `Tk` positions of a contiguous `[B, H, cap, D]`
 /// buffer (a KV cache view, `cap > Tk`); `None` otherwise. The simple forward loads element
-/// by element, so the view needs no alignment.
+/// by element, so the view needs no alignment; the decode stream loads 16 bytes at a time and
+/// takes a view only where it starts aligned ([`FlashAttn::decode_rows`]).
 fn cache_capacity(l: &Layout) -> Option<usize> {
     let &[_, h, tk, d] = l.dims() else {
         return None;
@@ -718,15 +720,19 @@ fn decode_splits(dev: &CudaDevice, dims: &Dims) -> Result<usize> {
 }
 
 /// `attn_decode_*` (`kernels/attention_decode.cu`): one block of 4 warps per (batch, kv head),
-/// split over the keys until there are a few blocks per multiprocessor (each split >= 64
-/// keys), the splits merged by `attn_combine_*`.
+/// split over the keys (up to 64 splits of at least 256 keys of the view) until there are four
+/// blocks per multiprocessor, the splits merged by `attn_combine_*`. A split's fixed costs (q,
+/// the merge, its partial row, the combine) outweigh fewer keys.
 fn launch_decode(dev: &CudaDevice, dt: DType, dims: &Dims, p: AttnParams, r: usize) -> Result<()> {
     let name = format!("attn_decode_{}_h{}_r{r}", dt.as_str(), dims.d);
     let func = load_func(dev, DECODE, &name)?;
     let base = dims.b * dims.hkv;
     let target = 4 * sm_count(dev)? as usize;
     let nsplit = match base < target {
-        true => target.div_ceil(base).min(dims.tk.div_ceil(64)).clamp(1, 64),
+        true => target
+            .div_ceil(base)
+            .min(dims.tk.div_ceil(256))
+            .clamp(1, 64),
         false => 1,
     };
     let cfg = LaunchConfig {
