@@ -20,7 +20,6 @@ use candle_core::{DType, Device};
 use temper::config::ModelConfig;
 use temper::data::tokenizer::Tokenizer;
 use temper::generate::{generate, DecodeMode, EngineOpts, RowKeys, SampleCfg};
-use temper::kernels::KernelSet;
 use temper::model::linear::Ctx;
 use temper::model::Transformer;
 use temper::train::params::{Net, ParamStore};
@@ -90,13 +89,7 @@ fn main() -> Result<()> {
     let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None)?;
     let params = store.num_params(|_| true);
     let tok = Tokenizer::bytes();
-    let ctx = Ctx {
-        dtype,
-        kernels: KernelSet::default(),
-        use_lora: false,
-        dropout_seed: None,
-        tape: false,
-    };
+    let ctx = Ctx::plain(dtype);
     let vocab = cfg.vocab_size as u64;
     let prompts: Vec<Vec<u32>> = (0..b as u64)
         .map(|r| r / group as u64)

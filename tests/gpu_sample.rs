@@ -35,7 +35,7 @@ mod gpu {
         keep_threshold, keys_tensor, row_key, sample, sample_draw, sample_reference, uniform, Draw,
         Hold, SampleParams,
     };
-    use temper::kernels::{KernelChoice, KernelSet};
+    use temper::kernels::KernelChoice;
     use temper::model::linear::Ctx;
     use temper::model::Transformer;
     use temper::train::params::{Net, ParamStore};
@@ -294,13 +294,7 @@ mod gpu {
         let run = |d: &Device| {
             let mut store = ParamStore::new(d.clone(), 21);
             let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
-            let ctx = Ctx {
-                dtype: DType::F32,
-                kernels: KernelSet::default(),
-                use_lora: false,
-                dropout_seed: None,
-                tape: false,
-            };
+            let ctx = Ctx::plain(DType::F32);
             let keys = RowKeys::range(5, 0, prompts.len());
             generate(&net, ctx, &tok, &prompts, &sc, &keys).unwrap()
         };
@@ -522,13 +516,7 @@ mod gpu {
                             ..EngineOpts::default()
                         },
                     };
-                    let ctx = Ctx {
-                        dtype,
-                        kernels: KernelSet::default(),
-                        use_lora: false,
-                        dropout_seed: None,
-                        tape: false,
-                    };
+                    let ctx = Ctx::plain(dtype);
                     generate(
                         &net,
                         ctx,

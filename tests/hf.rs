@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use temper::generate::{generate, RowKeys, SampleCfg};
-use temper::kernels::KernelSet;
 use temper::model::linear::Ctx;
 use temper::model::{Fwd, Transformer};
 use temper::stages::loader::{policy_from, read_checkpoint};
@@ -31,13 +30,7 @@ fn expected(dir: &Path) -> serde_json::Value {
 }
 
 fn ctx() -> Ctx {
-    Ctx {
-        dtype: DType::F32,
-        kernels: KernelSet::default(),
-        use_lora: false,
-        dropout_seed: None,
-        tape: false,
-    }
+    Ctx::plain(DType::F32)
 }
 
 fn load(dir: &Path) -> (Transformer, temper::data::tokenizer::Tokenizer) {

@@ -28,6 +28,20 @@ pub struct Ctx {
     pub tape: bool,
 }
 
+impl Ctx {
+    /// The default kernels, the base model alone, no dropout, blocks in candle's graph: what
+    /// generation benches and most tests run.
+    pub fn plain(dtype: DType) -> Self {
+        Self {
+            dtype,
+            kernels: KernelSet::default(),
+            use_lora: false,
+            dropout_seed: None,
+            tape: false,
+        }
+    }
+}
+
 struct Adapter {
     a: Tensor,
     b: Tensor,

@@ -646,7 +646,6 @@ pub fn response_values(value: &Scorer, ctx: Ctx, ro: &Rollout, idx: &[usize]) ->
 mod tests {
     use super::*;
     use crate::config::ModelConfig;
-    use crate::kernels::KernelSet;
     use crate::train::loss::log_softmax;
     use crate::train::params::Net;
 
@@ -666,13 +665,7 @@ mod tests {
         };
         let mut store = ParamStore::new(Device::Cpu, 5);
         let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
-        let ctx = Ctx {
-            dtype: DType::F32,
-            kernels: KernelSet::default(),
-            use_lora: false,
-            dropout_seed: None,
-            tape: false,
-        };
+        let ctx = Ctx::plain(DType::F32);
         let prompts = vec![vec![5u32, 6, 7], vec![9u32]];
         let s = Sampled {
             gen_tokens: vec![vec![10, 11], vec![12, 13]],

@@ -383,7 +383,6 @@ mod tests {
     #[test]
     fn compute_copies_train_exactly_as_casting_the_masters() {
         use crate::config::ModelConfig;
-        use crate::kernels::KernelSet;
         use crate::model::linear::Ctx;
         use crate::model::{Fwd, Transformer};
 
@@ -405,13 +404,7 @@ mod tests {
                 opt.keep_compute_copies(DType::BF16).unwrap();
             }
             let f = Fwd {
-                ctx: Ctx {
-                    dtype: DType::BF16,
-                    kernels: KernelSet::default(),
-                    use_lora: false,
-                    dropout_seed: None,
-                    tape: false,
-                },
+                ctx: Ctx::plain(DType::BF16),
                 positions: None,
                 key_valid: None,
             };

@@ -6,17 +6,10 @@ use super::*;
 use crate::config::ModelConfig;
 use crate::generate::{DecodeMode, EngineOpts};
 use crate::kernels::sample::argmax;
-use crate::kernels::KernelSet;
 use crate::train::params::{Net, ParamStore};
 
 fn ctx() -> Ctx {
-    Ctx {
-        dtype: DType::F32,
-        kernels: KernelSet::default(),
-        use_lora: false,
-        dropout_seed: None,
-        tape: false,
-    }
+    Ctx::plain(DType::F32)
 }
 
 /// A small random model over the byte vocabulary; `gpt2` picks learned positions, LayerNorm
