@@ -34,7 +34,7 @@ use super::super::spans::{self, Pass};
 use super::super::KernelOp;
 use super::{
     alloc_out, compute_capability, contiguous_view, cuda_storage, grid_stride, launch, load_func,
-    sm_count, tensor_from_slice, to_i32, DevPtrs, LaunchConfig,
+    opt_view, sm_count, tensor_from_slice, to_i32, DevPtrs, Guarded, LaunchConfig,
 };
 
 /// Query blocks up to this many rows take the decode path (the decode stream where it
@@ -422,16 +422,6 @@ fn allow_smem(dev: &CudaDevice, func: &super::CudaFunction, bytes: usize) -> Res
     .w()
 }
 
-/// A device view of an optional f32 tensor behind its storage guard (the key mask).
-type Guarded<'a> = Option<(candle_core::StorageRef<'a>, &'a Layout)>;
-
-fn opt_view<'a>(guard: &'a Guarded<'_>) -> Result<Option<CudaView<'a, f32>>> {
-    match guard {
-        Some((g, l)) => Ok(Some(contiguous_view::<f32>(cuda_storage(g)?, l)?)),
-        None => Ok(None),
-    }
-}
-
 impl FlashAttn {
     fn use_mma(&self, dtype: DType, dims: &Dims) -> bool {
         mma_applies(dtype, dims.d)
@@ -588,7 +578,7 @@ impl FlashAttn {
         }
         let krange = self.key_range(dev, &dims)?;
         let kv_guard: Guarded = self.key_valid.as_ref().map(|t| t.storage_and_layout());
-        let kvalid = opt_view(&kv_guard)?;
+        let kvalid = opt_view::<f32>(&kv_guard)?;
         let nrows = dims.q_rows();
         // SAFETY: every query row is written by exactly one warp (simple) or one block
         // (mma), zeros and lse = +inf included for rows that see no key; with a split, the
@@ -649,7 +639,7 @@ impl FlashAttn {
         let ov = contiguous_view::<T>(cuda_storage(&go)?, lo)?;
         let dov = contiguous_view::<T>(cuda_storage(&gd)?, ld)?;
         let kv_guard: Guarded = self.key_valid.as_ref().map(|t| t.storage_and_layout());
-        let kvalid = opt_view(&kv_guard)?;
+        let kvalid = opt_view::<f32>(&kv_guard)?;
 
         let dims = Dims::new(lq, lk)?;
         self.check_grid_y(T::DTYPE, &dims, true)?;

@@ -322,6 +322,18 @@ pub fn contiguous_view<'a, T: CudaDType>(
     }
 }
 
+/// An optional tensor's storage guard and layout, held while a kernel reads it.
+pub type Guarded<'a> = Option<(candle_core::StorageRef<'a>, &'a Layout)>;
+
+/// A contiguous device view of an optional input behind its guard ([`Guarded`]); `None` for
+/// none, which the kernels read as a null pointer.
+pub fn opt_view<'a, T: CudaDType>(guard: &'a Guarded<'_>) -> Result<Option<CudaView<'a, T>>> {
+    match guard {
+        Some((g, l)) => Ok(Some(contiguous_view::<T>(cuda_storage(g)?, l)?)),
+        None => Ok(None),
+    }
+}
+
 /// Wraps a kernel's output storage (a side output of a custom op) as a tensor with no
 /// autograd history.
 pub fn tensor_from_storage(storage: CudaStorage, shape: Shape) -> Tensor {

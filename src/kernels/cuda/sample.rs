@@ -6,8 +6,10 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{DType, Result, Tensor, WithDType};
 
 use super::super::sample::{Draw, Hold, SampleParams as Params};
-use super::{alloc_out, contiguous_view, cuda_storage, launch, load_func, tensor_from_slice};
-use super::{to_i32, DevPtrs, LaunchConfig};
+use super::{
+    alloc_out, contiguous_view, cuda_storage, launch, load_func, opt_view, tensor_from_slice,
+    to_i32, DevPtrs, Guarded, LaunchConfig,
+};
 
 /// The Rust mirror of `struct SampleParams` in kernels/sample.cu (field comments there).
 #[repr(C)]
@@ -89,19 +91,13 @@ fn launch_t<T: CudaDType + DeviceRepr + WithDType>(
         let (ks, kl) = keys.storage_and_layout();
         let lv = contiguous_view::<T>(cuda_storage(&ls)?, ll)?;
         let kv = contiguous_view::<i64>(cuda_storage(&ks)?, kl)?;
-        let (pos, at) = match draw {
+        let (pos, at): (u64, Guarded) = match draw {
             Draw::At(p) => (p, None),
             Draw::Device(t) => (0, Some(t.storage_and_layout())),
         };
-        let at_view = match &at {
-            Some((s, l)) => Some(contiguous_view::<i64>(cuda_storage(s)?, l)?),
-            None => None,
-        };
-        let held = hold.map(|h| (h.mask.storage_and_layout(), h.until));
-        let hold_view = match &held {
-            Some(((s, l), _)) => Some(contiguous_view::<f32>(cuda_storage(s)?, l)?),
-            None => None,
-        };
+        let at_view = opt_view::<i64>(&at)?;
+        let held: Guarded = hold.map(|h| h.mask.storage_and_layout());
+        let hold_view = opt_view::<f32>(&held)?;
         let name = format!("sample_{}", T::DTYPE.as_str());
         let func = load_func(dev, "sample", &name)?;
         let cfg = LaunchConfig {
@@ -118,7 +114,7 @@ fn launch_t<T: CudaDType + DeviceRepr + WithDType>(
             pos,
             pos_at: ptrs.read_opt(at_view.as_ref()),
             hold: ptrs.read_opt(hold_view.as_ref()),
-            hold_until: held.as_ref().map_or(0, |(_, until)| *until),
+            hold_until: hold.map_or(0, |h| h.until),
             b: to_i32(b, "rows")?,
             v: to_i32(v, "vocabulary")?,
             top_k: to_i32(params.top_k.min(v), "top_k")?,
