@@ -93,6 +93,7 @@ mod cuda {
         fn name(&self) -> &'static str {
             match self {
                 Which::Ours(AttnImpl::Mma) => "ours-mma",
+                Which::Ours(AttnImpl::MmaWide) => "ours-mma-wide",
                 Which::Ours(AttnImpl::Simple) => "ours-simple",
                 Which::Ours(AttnImpl::Auto) => "ours",
                 Which::Reference => "reference",
@@ -177,12 +178,13 @@ mod cuda {
             let dy = mk(0.0)?;
             let variants = [
                 Which::Ours(AttnImpl::Mma),
+                Which::Ours(AttnImpl::MmaWide),
                 Which::Ours(AttnImpl::Simple),
                 Which::Reference,
             ];
             for which in variants {
                 // The CUDA-core and materialised versions are far slower: fewer repeats.
-                let reps = if matches!(which, Which::Ours(AttnImpl::Mma)) {
+                let reps = if matches!(which, Which::Ours(AttnImpl::Mma | AttnImpl::MmaWide)) {
                     20
                 } else {
                     3

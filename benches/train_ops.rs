@@ -447,14 +447,14 @@ fn embedding(d: &Dims) -> Result<Case> {
     let dy = d.act(&[r, h])?;
     let ours_fwd = {
         let (wte, wpe, ids, pos) = (wte.clone(), wpe.clone(), ids.clone(), pos.clone());
-        call(move || embedding::fused(&wte, &ids, dt)? + embedding::fused(&wpe, &pos, dt)?)
+        call(move || embedding::fused2(&wte, &ids, &wpe, &pos, dt))
     };
     let ours_both: Run = {
         let (wte, wpe, ids, pos) = (wte.clone(), wpe.clone(), ids.clone(), pos.clone());
         let dy = dy.clone();
         Box::new(move || {
-            let y = (embedding::fused(&wte, &ids, dt)? + embedding::fused(&wpe, &pos, dt)?)?;
-            // The sum passes dY to both lookups unchanged.
+            let y = embedding::fused2(&wte, &ids, &wpe, &pos, dt)?;
+            // Each table's gradient sums dY's rows by its own ids.
             let dwte = embedding::backward(&dy, &ids, v)?;
             let dwpe = embedding::backward(&dy, &pos, t)?;
             Ok(vec![y, dwte, dwpe])

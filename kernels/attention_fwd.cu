@@ -23,10 +23,11 @@
 //    memory (16-byte chunk index ^ (row & 7): conflict-free ldmatrix without padding).
 //    S = Q K^T lands in registers in the mma accumulator layout, which is also the A-operand
 //    layout of the next mma, so P never leaves registers for O += P V. Causal blocks are
-//    launched heaviest first.
+//    launched heaviest first. attn_fwd_mma2 gives each warp two 16-row tiles (128-row
+//    blocks), so that every K and V fragment read from shared memory feeds two mmas.
 //
 // Every entry point is `extern "C"`, takes one AttnParams by value, and carries its dtype in
-// its name: attn_fwd_simple_<dtype>_d<DPL>, attn_fwd_mma_<dtype>_h<D>.
+// its name: attn_fwd_simple_<dtype>_d<DPL>, attn_fwd_mma_<dtype>_h<D>, attn_fwd_mma2_<dtype>_h<D>.
 
 #include "attention.cuh"
 #include "mma.cuh"
@@ -155,19 +156,20 @@ static __device__ void fwd_simple(const T *__restrict__ q, const T *__restrict__
 // ---------------------------------------------------------------------------------------
 // Tensor-core path (bf16 / f16, D in {64, 128}), sm_80+.
 // ---------------------------------------------------------------------------------------
-// Forward. grid (B*Hq, ceil(Tq / 64)), block 128, dynamic shared memory
-// (64 + 4 * 64) * D * sizeof(T) + 2 * 64 * 4 bytes.
-template <typename T, int D>
+// Forward. grid (B*Hq, ceil(Tq / BQ)), block 128, dynamic shared memory
+// (BQ + 4 * BK) * D * sizeof(T) + 2 * BK * 4 bytes, BQ = 64 * MT and BK from MmaFwdTraits.
+template <typename T, int D, int MT>
 static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
                                const T *__restrict__ v, T *__restrict__ o,
                                float *__restrict__ lse, const float *__restrict__ kvalid,
                                const int *__restrict__ krange, int Hq, int Hkv, int Tq, int Tk,
                                int causal, int offset, float scale_log2) {
-  using Tiles = MmaFwdTraits<D>;
+  using Tiles = MmaFwdTraits<D, MT>;
   constexpr int BQ = Tiles::kBlockQ, BK = Tiles::kBlockK, NT = Tiles::kThreads;
   constexpr int KSTEPS = D / 16;  // k-steps of S = Q K^T
   constexpr int NBD = D / 8;      // n-blocks of O
   constexpr int NBK = BK / 8;     // n-blocks of S
+  constexpr bool QREG = Tiles::kQInRegs;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T *sQ = reinterpret_cast<T *>(smem_raw);
   T *sK = sQ + BQ * D;      // two stages
@@ -193,9 +195,11 @@ static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
   const int kfull = causal ? min(kr.hi, offset + q0 + 1) : kr.hi;
   const int ntiles = kend > kr.lo ? (kend - kr.lo + BK - 1) / BK : 0;
 
-  const int rA = q0 + warp * 16 + g, rB = rA + 8;
-  const int hiA = causal ? min(kr.hi, offset + rA + 1) : kr.hi;
-  const int hiB = causal ? min(kr.hi, offset + rB + 1) : kr.hi;
+  // Tile mt of this warp holds rows rowA(mt) (lane's g) and rowA(mt) + 8; each row sees keys
+  // below its horizon. Computed where used rather than held: registers are the limit at MT = 2.
+  const int wrow = warp * 16 * MT;  // the warp's first row in the block
+  auto rowA = [&](int mt) { return q0 + wrow + mt * 16 + g; };
+  auto horizon = [&](int r) { return causal ? min(kr.hi, offset + r + 1) : kr.hi; };
 
   auto load_kv = [&](int t, int st) {
     const int k0 = kr.lo + t * BK;
@@ -205,12 +209,23 @@ static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
       for (int jj = threadIdx.x; jj < BK; jj += NT)
         sM[st * BK + jj] = k0 + jj < Tk ? kvalid[(size_t)b * Tk + k0 + jj] : 0.f;
   };
+  // The A fragment of Q for tile mt at k-step ks, from shared memory.
+  auto q_frag = [&](uint32_t(&r)[4], int mt, int ks) {
+    ldsm_x4(r, smem_addr(sQ + swz<D>(wrow + mt * 16 + (lane & 15), ks * 16 + (lane >> 4) * 8)));
+  };
 
-  float acc[NBD][4];
+  float acc[MT][NBD][4];
+  float mA[MT], mB[MT], lA[MT], lB[MT];
 #pragma unroll
-  for (int n = 0; n < NBD; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-  float mA = neg_inf(), mB = neg_inf(), lA = 0.f, lB = 0.f;
-  uint32_t qf[KSTEPS][4];
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int n = 0; n < NBD; ++n) acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.f;
+    mA[mt] = mB[mt] = neg_inf();
+    lA[mt] = lB[mt] = 0.f;
+  }
+  // Q fragments held for the whole kernel where they fit (QREG), else re-read per k-step
+  // (then this is an unused placeholder).
+  uint32_t qf[QREG ? MT : 1][QREG ? KSTEPS : 1][4];
 
   load_tile<T, BQ, D, NT>(sQ, qg + (size_t)q0 * D, Tq - q0, q);
   if (ntiles > 0) load_kv(0, 0);
@@ -226,124 +241,167 @@ static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
       cp_async_wait<0>();
     }
     __syncthreads();
-    if (t == 0) {
+    if constexpr (QREG) {
+      if (t == 0) {
 #pragma unroll
-      for (int ks = 0; ks < KSTEPS; ++ks)
-        ldsm_x4(qf[ks], smem_addr(sQ + swz<D>(warp * 16 + (lane & 15), ks * 16 + (lane >> 4) * 8)));
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int ks = 0; ks < KSTEPS; ++ks) q_frag(qf[mt][ks], mt, ks);
+      }
     }
     const T *sKs = sK + st * BK * D;
     const T *sVs = sV + st * BK * D;
     const int k0 = kr.lo + t * BK;
 
-    // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
-    float s[NBK][4];
+    // S = Q K^T for this warp's 16 * MT rows and the tile's BK keys: each K fragment read
+    // from shared memory feeds MT tiles.
+    float s[MT][NBK][4];
 #pragma unroll
-    for (int n = 0; n < NBK; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int n = 0; n < NBK; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < KSTEPS; ++ks) {
+      uint32_t qs[QREG ? 1 : MT][4];
+      if constexpr (!QREG) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) q_frag(qs[mt], mt, ks);
+      }
 #pragma unroll
       for (int n2 = 0; n2 < NBK / 2; ++n2) {
         uint32_t bf[4];
         const int key = n2 * 16 + (lane & 7) + ((lane >> 4) << 3);
         const int col = ks * 16 + ((lane >> 3) & 1) * 8;
         ldsm_x4(bf, smem_addr(sKs + swz<D>(key, col)));
-        Mma<T>::run(s[2 * n2], qf[ks], bf[0], bf[1]);
-        Mma<T>::run(s[2 * n2 + 1], qf[ks], bf[2], bf[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          if constexpr (QREG) {
+            Mma<T>::run(s[mt][2 * n2], qf[mt][ks], bf[0], bf[1]);
+            Mma<T>::run(s[mt][2 * n2 + 1], qf[mt][ks], bf[2], bf[3]);
+          } else {
+            Mma<T>::run(s[mt][2 * n2], qs[mt], bf[0], bf[1]);
+            Mma<T>::run(s[mt][2 * n2 + 1], qs[mt], bf[2], bf[3]);
+          }
+        }
       }
     }
 
     // Scale to the log2 domain; mask only tiles that straddle a boundary or have holes.
     const bool need_mask = !kr.dense || k0 + BK > kfull;
 #pragma unroll
-    for (int n = 0; n < NBK; ++n) {
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[n][e] * scale_log2;
-        if (need_mask) {
-          const int jj = n * 8 + c4 * 2 + (e & 1);
-          const int j = k0 + jj;
-          const bool ok = j < (e < 2 ? hiA : hiB) && (kr.dense || sM[st * BK + jj] != 0.f);
-          if (!ok) x = neg_inf();
+      for (int n = 0; n < NBK; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float x = s[mt][n][e] * scale_log2;
+          if (need_mask) {
+            const int jj = n * 8 + c4 * 2 + (e & 1);
+            const int j = k0 + jj;
+            const bool ok =
+                j < horizon(rowA(mt) + (e < 2 ? 0 : 8)) && (kr.dense || sM[st * BK + jj] != 0.f);
+            if (!ok) x = neg_inf();
+          }
+          s[mt][n][e] = x;
         }
-        s[n][e] = x;
       }
     }
 
-    // Online softmax: rows A (g) and B (g + 8); the 4 lanes of a quad share a row.
-    float mxA = neg_inf(), mxB = neg_inf();
+    // Online softmax per tile: rows A (g) and B (g + 8); the 4 lanes of a quad share a row.
 #pragma unroll
-    for (int n = 0; n < NBK; ++n) {
-      mxA = fmaxf(mxA, fmaxf(s[n][0], s[n][1]));
-      mxB = fmaxf(mxB, fmaxf(s[n][2], s[n][3]));
-    }
-    mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, 1));
-    mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, 2));
-    mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, 1));
-    mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, 2));
-    const float mnA = fmaxf(mA, mxA), mnB = fmaxf(mB, mxB);
-    const float refA = mnA == neg_inf() ? 0.f : mnA;
-    const float refB = mnB == neg_inf() ? 0.f : mnB;
-    const float alA = exp2f(mA - refA), alB = exp2f(mB - refB);
-    mA = mnA;
-    mB = mnB;
-    float sumA = 0.f, sumB = 0.f;
+    for (int mt = 0; mt < MT; ++mt) {
+      float mxA = neg_inf(), mxB = neg_inf();
 #pragma unroll
-    for (int n = 0; n < NBK; ++n) {
-      s[n][0] = exp2f(s[n][0] - refA);
-      s[n][1] = exp2f(s[n][1] - refA);
-      s[n][2] = exp2f(s[n][2] - refB);
-      s[n][3] = exp2f(s[n][3] - refB);
-      sumA += s[n][0] + s[n][1];
-      sumB += s[n][2] + s[n][3];
-    }
-    lA = lA * alA + sumA;  // per-lane partial; the quad is reduced once at the end
-    lB = lB * alB + sumB;
+      for (int n = 0; n < NBK; ++n) {
+        mxA = fmaxf(mxA, fmaxf(s[mt][n][0], s[mt][n][1]));
+        mxB = fmaxf(mxB, fmaxf(s[mt][n][2], s[mt][n][3]));
+      }
+      mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, 1));
+      mxA = fmaxf(mxA, __shfl_xor_sync(0xffffffffu, mxA, 2));
+      mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, 1));
+      mxB = fmaxf(mxB, __shfl_xor_sync(0xffffffffu, mxB, 2));
+      const float mnA = fmaxf(mA[mt], mxA), mnB = fmaxf(mB[mt], mxB);
+      const float refA = mnA == neg_inf() ? 0.f : mnA;
+      const float refB = mnB == neg_inf() ? 0.f : mnB;
+      const float alA = exp2f(mA[mt] - refA), alB = exp2f(mB[mt] - refB);
+      mA[mt] = mnA;
+      mB[mt] = mnB;
+      float sumA = 0.f, sumB = 0.f;
 #pragma unroll
-    for (int n = 0; n < NBD; ++n) {
-      acc[n][0] *= alA;
-      acc[n][1] *= alA;
-      acc[n][2] *= alB;
-      acc[n][3] *= alB;
+      for (int n = 0; n < NBK; ++n) {
+        s[mt][n][0] = exp2f(s[mt][n][0] - refA);
+        s[mt][n][1] = exp2f(s[mt][n][1] - refA);
+        s[mt][n][2] = exp2f(s[mt][n][2] - refB);
+        s[mt][n][3] = exp2f(s[mt][n][3] - refB);
+        sumA += s[mt][n][0] + s[mt][n][1];
+        sumB += s[mt][n][2] + s[mt][n][3];
+      }
+      lA[mt] = lA[mt] * alA + sumA;  // per-lane partial; the quad is reduced once at the end
+      lB[mt] = lB[mt] * alB + sumB;
+#pragma unroll
+      for (int n = 0; n < NBD; ++n) {
+        acc[mt][n][0] *= alA;
+        acc[mt][n][1] *= alA;
+        acc[mt][n][2] *= alB;
+        acc[mt][n][3] *= alB;
+      }
     }
 
     // O += P V: P straight from the S accumulators (C layout == A layout), V via
-    // ldmatrix.trans because V is stored [key][d] and the B operand wants k = key.
+    // ldmatrix.trans because V is stored [key][d] and the B operand wants k = key; each V
+    // fragment feeds MT tiles.
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
-      const uint32_t a[4] = {Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]),
-                             Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]),
-                             Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = Mma<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = Mma<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = Mma<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = Mma<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int n2 = 0; n2 < NBD / 2; ++n2) {
         uint32_t bf[4];
         ldsm_x4_t(bf, smem_addr(sVs + swz<D>(kk * 16 + (lane & 15), n2 * 16 + (lane >> 4) * 8)));
-        Mma<T>::run(acc[2 * n2], a, bf[0], bf[1]);
-        Mma<T>::run(acc[2 * n2 + 1], a, bf[2], bf[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          Mma<T>::run(acc[mt][2 * n2], a[mt], bf[0], bf[1]);
+          Mma<T>::run(acc[mt][2 * n2 + 1], a[mt], bf[2], bf[3]);
+        }
       }
     }
     __syncthreads();  // this stage is read by every warp before the next prefetch reuses it
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the block exits
 
-  lA += __shfl_xor_sync(0xffffffffu, lA, 1);
-  lA += __shfl_xor_sync(0xffffffffu, lA, 2);
-  lB += __shfl_xor_sync(0xffffffffu, lB, 1);
-  lB += __shfl_xor_sync(0xffffffffu, lB, 2);
-  const float invA = lA > 0.f ? 1.f / lA : 0.f;
-  const float invB = lB > 0.f ? 1.f / lB : 0.f;
   T *og = o + (size_t)bh * Tq * D;
-  if (rA < Tq) {
 #pragma unroll
-    for (int n = 0; n < NBD; ++n)
-      store_pair(og + (size_t)rA * D + n * 8 + c4 * 2, acc[n][0] * invA, acc[n][1] * invA);
-    if (c4 == 0) lse[(size_t)bh * Tq + rA] = lA > 0.f ? (mA + log2f(lA)) * kLn2 : pos_inf();
-  }
-  if (rB < Tq) {
+  for (int mt = 0; mt < MT; ++mt) {
+    float la = lA[mt], lb = lB[mt];
+    la += __shfl_xor_sync(0xffffffffu, la, 1);
+    la += __shfl_xor_sync(0xffffffffu, la, 2);
+    lb += __shfl_xor_sync(0xffffffffu, lb, 1);
+    lb += __shfl_xor_sync(0xffffffffu, lb, 2);
+    const float invA = la > 0.f ? 1.f / la : 0.f;
+    const float invB = lb > 0.f ? 1.f / lb : 0.f;
+    const int rA = rowA(mt), rB = rA + 8;
+    if (rA < Tq) {
 #pragma unroll
-    for (int n = 0; n < NBD; ++n)
-      store_pair(og + (size_t)rB * D + n * 8 + c4 * 2, acc[n][2] * invB, acc[n][3] * invB);
-    if (c4 == 0) lse[(size_t)bh * Tq + rB] = lB > 0.f ? (mB + log2f(lB)) * kLn2 : pos_inf();
+      for (int n = 0; n < NBD; ++n)
+        store_pair(og + (size_t)rA * D + n * 8 + c4 * 2, acc[mt][n][0] * invA,
+                   acc[mt][n][1] * invA);
+      if (c4 == 0)
+        lse[(size_t)bh * Tq + rA] = la > 0.f ? (mA[mt] + log2f(la)) * kLn2 : pos_inf();
+    }
+    if (rB < Tq) {
+#pragma unroll
+      for (int n = 0; n < NBD; ++n)
+        store_pair(og + (size_t)rB * D + n * 8 + c4 * 2, acc[mt][n][2] * invB,
+                   acc[mt][n][3] * invB);
+      if (c4 == 0)
+        lse[(size_t)bh * Tq + rB] = lb > 0.f ? (mB[mt] + log2f(lb)) * kLn2 : pos_inf();
+    }
   }
 }
 }  // namespace attn
@@ -373,15 +431,20 @@ FWD_SIMPLE_DTYPE(float, f32)
 FWD_SIMPLE_DTYPE(__nv_bfloat16, bf16)
 FWD_SIMPLE_DTYPE(__half, f16)
 
-#define FWD_MMA_ENTRY(T, SUF, D)                                                               \
-  extern "C" __global__ void __launch_bounds__(MmaFwdTraits<D>::kThreads)                      \
-      attn_fwd_mma_##SUF##_h##D(const AttnParams p) {                                          \
-    fwd_mma<T, D>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),                    \
-                  static_cast<const T *>(p.v), static_cast<T *>(p.o), p.lse, p.kvalid,         \
-                  p.krange, p.hq, p.hkv, p.tq, p.tk, p.causal, p.offset, p.scale_log2);        \
+#define FWD_MMA_ENTRY(T, SUF, D, MT, NAME)                                                     \
+  extern "C" __global__ void __launch_bounds__(MmaFwdTraits<D, MT>::kThreads)                  \
+      NAME##_##SUF##_h##D(const AttnParams p) {                                                \
+    fwd_mma<T, D, MT>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),                \
+                      static_cast<const T *>(p.v), static_cast<T *>(p.o), p.lse, p.kvalid,     \
+                      p.krange, p.hq, p.hkv, p.tq, p.tk, p.causal, p.offset, p.scale_log2);    \
   }
 
-FWD_MMA_ENTRY(__nv_bfloat16, bf16, 64)
-FWD_MMA_ENTRY(__nv_bfloat16, bf16, 128)
-FWD_MMA_ENTRY(__half, f16, 64)
-FWD_MMA_ENTRY(__half, f16, 128)
+// attn_fwd_mma_*: 64-row blocks (one mma tile per warp); attn_fwd_mma2_*: 128-row blocks.
+#define FWD_MMA_DTYPE(T, SUF)                    \
+  FWD_MMA_ENTRY(T, SUF, 64, 1, attn_fwd_mma)     \
+  FWD_MMA_ENTRY(T, SUF, 128, 1, attn_fwd_mma)    \
+  FWD_MMA_ENTRY(T, SUF, 64, 2, attn_fwd_mma2)    \
+  FWD_MMA_ENTRY(T, SUF, 128, 2, attn_fwd_mma2)
+
+FWD_MMA_DTYPE(__nv_bfloat16, bf16)
+FWD_MMA_DTYPE(__half, f16)

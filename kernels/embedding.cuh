@@ -6,18 +6,25 @@
 #include "common.cuh"
 
 struct EmbeddingParams {
-  const float *table;          // [vocab, dim] f32 master weights (forward)
+  const void *table;           // [vocab, dim] forward reads, in the entry point's table dtype
   const unsigned int *ids;     // [n] row of each position (forward)
-  void *out;                   // [n, dim] forward writes, in the entry point's dtype
-  const void *dy;              // [n, dim] backward reads, in the entry point's dtype
-  float *dtable;               // [vocab, dim] f32, zeroed; backward writes the used rows
+  void *out;                   // [n, dim] forward writes, in the entry point's output dtype
+  const void *dy;              // [n, dim] backward reads, in the entry point's dtype; the
+                               //   init entry reads its [vocab, dim] source here
+  float *dtable;               // [vocab, dim] f32: zeroed, or the gradient so far when
+                               //   accumulate is set; backward writes the used rows
   const unsigned int *uniq;    // [n_uniq] backward: each used row once
   const unsigned int *offsets; // [n_uniq + 1] backward: where each row's positions start
   const unsigned int *order;   // [n] backward: positions grouped by row, ascending in each
+  const void *table2;          // [vocab2, dim] the position table (embedding_fwd2), the token
+                               //   table's dtype
+  const unsigned int *ids2;    // [n] the position of each row (embedding_fwd2)
   int n;                       // positions
   int dim;                     // columns
   int n_uniq;                  // used rows
   int vocab;                   // rows of the table
+  int accumulate;              // backward: add each row's sum to dtable's row, not overwrite it
+  int vocab2;                  // rows of the position table (embedding_fwd2)
 };
-static_assert(sizeof(EmbeddingParams) == 80, "EmbeddingParams: keep in step with the Rust mirror");
+static_assert(sizeof(EmbeddingParams) == 104, "EmbeddingParams: keep in step with the Rust mirror");
 static_assert(alignof(EmbeddingParams) == 8, "EmbeddingParams: keep in step with the Rust mirror");

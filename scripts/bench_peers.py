@@ -49,19 +49,20 @@ def emit(**kw):
 
 
 def time_ms(fn, reps=20, warmup=3):
+    """Median ms per call between CUDA events, the repeats queued back to back and one wait at
+    the end (benches/common times temper the same way): where a call's GPU work outlasts the
+    host's, the events time the GPU alone."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps if not QUICK else max(3, reps // 4)):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
+    n = reps if not QUICK else max(3, reps // 4)
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for start, end in pairs:
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in pairs)
 
 
 def attention():

@@ -415,10 +415,12 @@ ncu_table("ncu_decode", "one decode step of generation (GPT-2 small, 64 rows, gr
 for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention"}):
     note = sec_state("bench-attention", "peer-attention")
     for p in ["fwd", "fwd+bwd"]:
-        o = pick(bench="attention", shape=shape, impl="ours-mma", **{"pass": p}).get("tflops")
-        for peer in ["torch-flash", "torch-cudnn"]:
-            row("attention causal", shape, f"{p} TFLOP/s", o, peer,
-                pick(bench="attention", shape=shape, impl=peer, **{"pass": p}).get("tflops"), note)
+        # ours-mma-wide: the 128-row forward (TEMPER_ATTN_IMPL=mma-wide), not yet the default.
+        for impl, what in [("ours-mma", "attention causal"), ("ours-mma-wide", "attention, 128-row fwd")]:
+            o = pick(bench="attention", shape=shape, impl=impl, **{"pass": p}).get("tflops")
+            for peer in ["torch-flash", "torch-cudnn"]:
+                row(what, shape, f"{p} TFLOP/s", o, peer,
+                    pick(bench="attention", shape=shape, impl=peer, **{"pass": p}).get("tflops"), note)
 
 # Attention decode: time against SDPA, and bytes of keys and values per second against copy.
 for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention_decode"}):

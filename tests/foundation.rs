@@ -110,7 +110,7 @@ fn the_block_tape_trains_as_candles_graph() {
         ]);
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
         assert!(!err.contains("tape is off"), "{name}: {err}");
-        let on = err.contains("the blocks run on temper's tape");
+        let on = err.contains("the forward runs on temper's tape");
         assert_eq!(on, tape == "on", "{name}: whether the tape ran\n{err}");
         series(&metrics(&out), "train", "loss")
     };

@@ -91,7 +91,7 @@ mod gpu {
         }
     }
 
-    /// Sizes off every tile (64-row mma tiles, 32-key simple tiles), T = 1, batch 3, GQA 4:1,
+    /// Sizes off every tile (64- and 128-row mma tiles, 32-key simple tiles), T = 1, batch 3, GQA 4:1,
     /// heavy left and right padding, Tq < Tk with a causal offset, long-cache decode (split).
     const CASES: &[Case] = &[
         case((3, 4, 1), (77, 77, 64), Some(0), Pad::Right),
@@ -105,6 +105,8 @@ mod gpu {
         case((1, 1, 1), (200, 200, 32), Some(0), Pad::None),
         case((2, 6, 3), (97, 97, 96), Some(0), Pad::Left),
         case((3, 4, 1), (150, 150, 128), Some(0), Pad::Holes),
+        // Several 128-row blocks at D = 64 (the wide forward's heaviest-first order, q0 > 0).
+        case((2, 2, 1), (301, 301, 64), Some(0), Pad::Right),
     ];
 
     /// `[B, Tk]` validity: heavy padding (down to a handful of valid keys), or none.
@@ -152,6 +154,7 @@ mod gpu {
         let mut v = vec![AttnImpl::Simple];
         if matches!(dtype, DType::BF16 | DType::F16) && (d == 64 || d == 128) {
             v.push(AttnImpl::Mma);
+            v.push(AttnImpl::MmaWide);
         }
         v
     }

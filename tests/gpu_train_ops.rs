@@ -263,6 +263,8 @@ mod logprobs {
 }
 
 gpu_test!(embedding::embedding_kernel_matches_reference);
+gpu_test!(embedding::a_tied_tables_lookup_and_backward_onto_the_heads_gradient);
+gpu_test!(embedding::token_and_position_kernel_matches_two_lookups_and_an_add);
 
 #[cfg(feature = "cuda")]
 mod embedding {
@@ -317,6 +319,101 @@ mod embedding {
                     "{}",
                     what("gradient differs between runs")
                 );
+            }
+        }
+    }
+
+    /// A tied table is read through its bf16 compute copy: the rows are the f32 master's
+    /// rounded, and the backward onto the LM head's bf16 gradient is that gradient widened
+    /// plus the backward from zeros, bit for bit (sum the rows first, then one add).
+    pub fn a_tied_tables_lookup_and_backward_onto_the_heads_gradient(dev: &Device) {
+        use temper::kernels::embedding::{backward, backward_onto};
+        let (mut rng, seed) = Rng::fresh(0xe3c);
+        for &(vocab, h, n) in &[(50257usize, 771usize, 1031usize), (13, 5, 64), (1, 33, 3)] {
+            let master = Tensor::from_vec(rng.vec(vocab * h, -1.0, 1.0), (vocab, h), dev).unwrap();
+            let copy = master.to_dtype(DType::BF16).unwrap();
+            let ids: Vec<u32> = (0..n).map(|_| rng.below(vocab.min(97)) as u32).collect();
+            let ids = Tensor::from_vec(ids, n, dev).unwrap();
+            let what = |s: &str| format!("seed {seed:#x} V{vocab} H{h} n{n} {s}");
+            let a = fused(&master, &ids, DType::BF16).unwrap();
+            let b = fused(&copy, &ids, DType::BF16).unwrap();
+            assert_eq!(host(&a), host(&b), "{}", what("rows from the copy"));
+            let dy = Tensor::from_vec(rng.vec(n * h, -1.0, 1.0), (n, h), dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let head = Tensor::from_vec(rng.vec(vocab * h, -1.0, 1.0), (vocab, h), dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let onto = backward_onto(&dy, &ids, vocab, Some(&head)).unwrap();
+            let want =
+                (head.to_dtype(DType::F32).unwrap() + backward(&dy, &ids, vocab).unwrap()).unwrap();
+            assert_eq!(onto.dtype(), DType::F32);
+            assert_eq!(
+                host(&onto),
+                host(&want),
+                "{}",
+                what("backward onto the head's")
+            );
+        }
+    }
+
+    /// GPT-2's token plus position embedding as one op (`embedding_fwd2`) against two
+    /// reference lookups and an add: rows, and both tables' gradients under candle's
+    /// autograd, for f32 masters and bf16 tables (compute copies), awkward widths, repeated
+    /// ids and positions.
+    pub fn token_and_position_kernel_matches_two_lookups_and_an_add(dev: &Device) {
+        use temper::kernels::embedding::fused2;
+        let (mut rng, seed) = Rng::fresh(0xe3d);
+        for &(vocab, t, h, b) in &[(50257usize, 1024usize, 771usize, 3usize), (13, 5, 33, 4)] {
+            for table_dtype in [DType::F32, DType::BF16] {
+                let mk = |rng: &mut Rng, rows: usize| {
+                    let t = Tensor::from_vec(rng.vec(rows * h, -1.0, 1.0), (rows, h), dev)
+                        .unwrap()
+                        .to_dtype(table_dtype)
+                        .unwrap();
+                    Var::from_tensor(&t).unwrap()
+                };
+                let (tok, pos) = (mk(&mut rng, vocab), mk(&mut rng, t));
+                let n = b * t;
+                let ids: Vec<u32> = (0..n).map(|_| rng.below(vocab.min(101)) as u32).collect();
+                let ids = Tensor::from_vec(ids, (b, t), dev).unwrap();
+                let at: Vec<u32> = (0..n).map(|i| (i % t) as u32).collect();
+                let at = Tensor::from_vec(at, (b, t), dev).unwrap();
+                let dy = Tensor::from_vec(rng.vec(n * h, -1.0, 1.0), (b, t, h), dev)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap();
+                // The reference reads f32 copies of the tables, so that its gradients sum the
+                // repeated rows in f32 as the op does.
+                let wide = |v: &Var| Var::from_tensor(&v.to_dtype(DType::F32).unwrap()).unwrap();
+                let (tok32, pos32) = (wide(&tok), wide(&pos));
+                let run = |one: bool| {
+                    let (t, p) = if one { (&tok, &pos) } else { (&tok32, &pos32) };
+                    let y = match one {
+                        true => fused2(t.as_tensor(), &ids, p.as_tensor(), &at, DType::BF16),
+                        false => reference(t.as_tensor(), &ids, DType::BF16)
+                            .and_then(|a| a + reference(p.as_tensor(), &at, DType::BF16)?),
+                    }
+                    .unwrap();
+                    let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+                    let grad =
+                        |v: &Var| g.get(v.as_tensor()).unwrap().to_dtype(DType::F32).unwrap();
+                    (y, grad(t), grad(p))
+                };
+                let (one, two) = (run(true), run(false));
+                let what =
+                    |s: &str| format!("seed {seed:#x} V{vocab} T{t} H{h} {table_dtype:?} {s}");
+                let rows_tol = grad_tol(DType::BF16);
+                assert_close(&what("rows"), &one.0, &two.0, tol(DType::BF16), rows_tol);
+                // The op's gradient of a bf16 table comes back in bf16 (candle's graph).
+                for (name, a, r) in [
+                    ("token table", &one.1, &two.1),
+                    ("position table", &one.2, &two.2),
+                ] {
+                    assert_close(&what(name), a, r, tol(table_dtype), grad_tol(table_dtype));
+                }
             }
         }
     }

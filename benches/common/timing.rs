@@ -8,7 +8,11 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 /// Median milliseconds of `f` between CUDA events on candle's stream, after `warmup` untimed
-/// calls (module loads, cuBLAS heuristics, allocator pools).
+/// calls (module loads, cuBLAS heuristics, allocator pools). The repeats are queued back to
+/// back and the host waits once, at the end (as `triton.testing.do_bench` does): where the
+/// GPU work of a call outlasts the host's, the host runs ahead and each pair of events times
+/// the GPU alone; where it does not, the host's time shows. scripts/bench_peers.py times
+/// PyTorch the same way.
 #[cfg(feature = "cuda")]
 pub fn cuda_time_ms(
     dev: &candle_core::Device,
@@ -24,15 +28,19 @@ pub fn cuda_time_ms(
         f()?;
     }
     dev.synchronize()?;
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
-        let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w()?;
+    let event = || ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w();
+    let pairs = (0..reps)
+        .map(|_| Ok((event()?, event()?)))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    for (start, end) in &pairs {
         start.record(&stream).w()?;
         f()?;
         end.record(&stream).w()?;
-        end.synchronize().w()?;
-        times.push(start.elapsed_ms(&end).w()? as f64);
     }
+    dev.synchronize()?;
+    let times = pairs
+        .iter()
+        .map(|(start, end)| Ok(start.elapsed_ms(end).w()? as f64))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     Ok(median(times))
 }

@@ -183,7 +183,12 @@ pub fn backward(y: &Tensor, b: &Tensor, dy: &Tensor, act: BiasAct) -> Result<(Te
         );
     }
     let y = y.contiguous()?;
-    let b = b.to_dtype(DType::F32)?.contiguous()?;
+    // The identity's backward never reads the bias: one in another dtype (a compute copy
+    // read by the GEMM's epilogue) is stood in for by zeros, a memset, rather than cast.
+    let b = match (act, b.dtype()) {
+        (BiasAct::Identity, dt) if dt != DType::F32 => Tensor::zeros(c, DType::F32, b.device())?,
+        _ => b.to_dtype(DType::F32)?.contiguous()?,
+    };
     let g = dy.to_dtype(y.dtype())?.contiguous()?;
     let op = BiasBwd {
         act,

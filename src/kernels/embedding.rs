@@ -1,24 +1,39 @@
 //! Embedding lookup (token and learned position embeddings) and its gradient.
 //!
-//! Contract: `table [V, H]` (f32 master weights), `ids [...]` (u32) give `[..., H]` in the
+//! Contract: `table [V, H]` (the f32 master, or a compute copy in bf16 or f16: a tied
+//! embedding is read through the LM head's copy), `ids [...]` (u32) give `[..., H]` in the
 //! compute dtype; the gradient of the table is, for each row, the sum of the output
-//! gradient's rows at the positions that read it, in ascending position order, in f32.
+//! gradient's rows at the positions that read it, in ascending position order, in f32, added
+//! to the table's gradient so far when the tape hands one over (a tied LM head's).
 //!
 //! The reference is `index_select` and a cast of the rows, whose backward on a GPU is
 //! candle's one-block `index_add` (2 ms per call at GPT-2 B4 T1024). [`fused`] does the
 //! lookup and cast in one launch, and its backward gives each used row one block that
 //! sums that row's positions in a fixed order (grouped on the host): parallel and
 //! deterministic. Its CPU implementation is the same maths, tested against the reference.
+//!
+//! On the tape (`crate::tape`) the positions are grouped in the forward, where reading the
+//! ids costs little (the device has little queued at a step's start); in candle's graph the
+//! backward groups them, waiting for the device to reach it.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor, WithDType, D,
+};
 
 use super::host::slice;
 use super::registry::{warn_fallback, KernelChoice};
 use super::spans::{self, Pass};
 use super::KernelOp;
+use crate::tape;
 
 type Result<T> = candle_core::Result<T>;
+
+/// Whether [`embedding`] runs the fused op for a table on `dev`: then the table may be in any
+/// float dtype, and its gradient still sums in f32 (the reference's sums in the table's).
+pub fn fused_serves(dev: &Device, choice: KernelChoice) -> bool {
+    choice == KernelChoice::Custom && dev.is_cuda()
+}
 
 pub fn embedding(
     table: &Tensor,
@@ -26,15 +41,20 @@ pub fn embedding(
     dtype: DType,
     choice: KernelChoice,
 ) -> Result<Tensor> {
-    // A table stored in a low precision (a frozen base) has no gradient to take, and the
-    // reference's lookup needs no cast of it: nothing to gain from the kernel.
-    if choice == KernelChoice::Custom && table.device().is_cuda() && table.dtype() == DType::F32 {
-        if matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+    if fused_serves(table.device(), choice) {
+        if floating(table.dtype()) && floating(dtype) {
             return fused(table, ids, dtype);
         }
-        warn_fallback("embedding", &format!("no kernel for {dtype:?} output"));
+        warn_fallback(
+            "embedding",
+            &format!("no kernel for a {:?} table to {dtype:?}", table.dtype()),
+        );
     }
-    reference(table, ids, dtype)
+    reference_recorded(table, ids, dtype)
+}
+
+fn floating(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
 }
 
 pub fn reference(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Tensor> {
@@ -49,17 +69,41 @@ pub fn reference(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Tensor> {
         .reshape(shape)
 }
 
-/// The fused op on any device, differentiable in the table.
+/// [`reference`] as one op of a tape, its backward candle's for `index_select` (an
+/// `index_add` of the rows into the gradient so far, or into zeros).
+fn reference_recorded(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+    if !tape::recording() {
+        return reference(table, ids, dtype);
+    }
+    let y = reference(&table.detach(), ids, dtype)?;
+    let flat = ids.flatten_all()?;
+    let (vocab, h) = table.dims2()?;
+    let tdt = table.dtype();
+    tape::record_into(&[table], &y, 0, move |g, want, acc| {
+        if !want[0] {
+            return Ok(vec![acc]);
+        }
+        let g = g.to_dtype(tdt)?.reshape((flat.elem_count(), h))?;
+        let base = match acc {
+            Some(a) => a.to_dtype(tdt)?,
+            None => Tensor::zeros((vocab, h), tdt, g.device())?,
+        };
+        Ok(vec![Some(base.index_add(&flat, &g, 0)?)])
+    })?;
+    Ok(y)
+}
+
+/// The fused op on any device, differentiable in the table (on a tape, or in candle's graph).
 pub fn fused(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Tensor> {
     spans::timed(KernelOp::Embedding, Pass::Forward, table.device(), || {
-        if table.rank() != 2 || table.dtype() != DType::F32 {
+        if table.rank() != 2 || !floating(table.dtype()) {
             candle_core::bail!(
-                "embedding: the table must be an f32 [V, H], got {:?} {:?}",
+                "embedding: the table must be a float [V, H], got {:?} {:?}",
                 table.dtype(),
                 table.dims()
             );
         }
-        let h = table.dim(1)?;
+        let (vocab, h) = table.dims2()?;
         let mut shape = ids.dims().to_vec();
         shape.push(h);
         // The op returns `[..., H]` itself: a reshape after it would be one more autograd node
@@ -69,7 +113,23 @@ pub fn fused(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Tensor> {
             dtype,
             shape: Shape::from(shape),
         };
-        table.contiguous()?.apply_op1(op)
+        let arg = tape::arg(table).contiguous()?;
+        if !tape::recording() {
+            return arg.apply_op1(op);
+        }
+        let y = arg.apply_op1_no_bwd(&op)?;
+        if !tape::wanted(&[table])[0] {
+            tape::record(&[table], &y, |_, _| Ok(vec![None]))?;
+            return Ok(y);
+        }
+        let grouping = Grouping::new(&op.ids.to_vec1::<u32>()?, vocab, table.device())?;
+        tape::record_into(&[table], &y, 0, move |g, _, acc| {
+            spans::timed(KernelOp::Embedding, Pass::Backward, g.device(), || {
+                let g = g.reshape((grouping.positions, h))?;
+                Ok(vec![Some(table_grad(&g, &grouping, vocab, acc.as_ref())?)])
+            })
+        })?;
+        Ok(y)
     })
 }
 
@@ -78,6 +138,201 @@ struct Embedding {
     dtype: DType,
     /// The output's shape, `[..., H]` for ids `[...]`.
     shape: Shape,
+}
+
+/// `tok[ids] + pos[positions]`, `[..., H]` in `dtype`: GPT-2's input, the token embedding
+/// plus the learned position embedding. Where the fused kernel serves and both tables share a
+/// float dtype, one op ([`fused2`]: one pass, the two rows summed in f32 and rounded once);
+/// otherwise two lookups and an add.
+pub fn token_and_position(
+    tok: &Tensor,
+    ids: &Tensor,
+    pos: &Tensor,
+    positions: &Tensor,
+    dtype: DType,
+    choice: KernelChoice,
+) -> Result<Tensor> {
+    let one = tok.dtype() == pos.dtype() && floating(tok.dtype()) && floating(dtype);
+    if fused_serves(tok.device(), choice) && one {
+        return fused2(tok, ids, pos, positions, dtype);
+    }
+    tape::add(
+        &embedding(tok, ids, dtype, choice)?,
+        &embedding(pos, positions, dtype, choice)?,
+    )
+}
+
+/// [`token_and_position`]'s fused op on any device, differentiable in both tables: each
+/// table's gradient is [`fused`]'s for its own ids, the token table's added to its gradient
+/// so far on a tape (a tied LM head's).
+pub fn fused2(
+    tok: &Tensor,
+    ids: &Tensor,
+    pos: &Tensor,
+    positions: &Tensor,
+    dtype: DType,
+) -> Result<Tensor> {
+    spans::timed(KernelOp::Embedding, Pass::Forward, tok.device(), || {
+        let ((vocab, h), (vocab2, h2)) = (tok.dims2()?, pos.dims2()?);
+        let fits = h == h2 && ids.dims() == positions.dims() && tok.dtype() == pos.dtype();
+        if !fits || !floating(tok.dtype()) {
+            candle_core::bail!(
+                "embedding: token table {:?} {:?}, position table {:?} {:?}, ids {:?}, \
+                 positions {:?}: two float tables of one dtype and width, ids and positions of \
+                 one shape",
+                tok.dtype(),
+                tok.dims(),
+                pos.dtype(),
+                pos.dims(),
+                ids.dims(),
+                positions.dims()
+            );
+        }
+        let mut shape = ids.dims().to_vec();
+        shape.push(h);
+        let flat = |t: &Tensor| t.flatten_all()?.to_dtype(DType::U32)?.contiguous();
+        let op = Embedding2 {
+            ids: flat(ids)?,
+            positions: flat(positions)?,
+            dtype,
+            shape: Shape::from(shape),
+        };
+        let (ta, pa) = (tape::arg(tok).contiguous()?, tape::arg(pos).contiguous()?);
+        if !tape::recording() {
+            return ta.apply_op2(&pa, op);
+        }
+        let y = ta.apply_op2_no_bwd(&pa, &op)?;
+        let want = tape::wanted(&[tok, pos]);
+        let dev = tok.device();
+        let group = |on: bool, t: &Tensor, rows: usize| -> Result<Option<Grouping>> {
+            match on {
+                true => Ok(Some(Grouping::new(&t.to_vec1::<u32>()?, rows, dev)?)),
+                false => Ok(None),
+            }
+        };
+        let gt = group(want[0], &op.ids, vocab)?;
+        let gp = group(want[1], &op.positions, vocab2)?;
+        let n = op.ids.elem_count();
+        tape::record_into(&[tok, pos], &y, 0, move |g, _, acc| {
+            spans::timed(KernelOp::Embedding, Pass::Backward, g.device(), || {
+                let g = g.reshape((n, h))?;
+                let dt = match &gt {
+                    Some(gr) => Some(table_grad(&g, gr, vocab, acc.as_ref())?),
+                    None => acc,
+                };
+                let dp = match &gp {
+                    Some(gr) => Some(table_grad(&g, gr, vocab2, None)?),
+                    None => None,
+                };
+                Ok(vec![dt, dp])
+            })
+        })?;
+        Ok(y)
+    })
+}
+
+/// `(tok, pos) -> tok[ids] + pos[positions]`.
+struct Embedding2 {
+    ids: Tensor,
+    positions: Tensor,
+    dtype: DType,
+    /// The output's shape, `[..., H]` for ids `[...]`.
+    shape: Shape,
+}
+
+impl CustomOp2 for Embedding2 {
+    fn name(&self) -> &'static str {
+        "temper-embedding2"
+    }
+
+    fn cpu_fwd(
+        &self,
+        st: &CpuStorage,
+        lt: &Layout,
+        sp: &CpuStorage,
+        lp: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, h) = lt.shape().dims2()?;
+        let ids = self.ids.to_vec1::<u32>()?;
+        let positions = self.positions.to_vec1::<u32>()?;
+        fn sum<TT: WithDType>(
+            t: &[TT],
+            p: &[TT],
+            ids: &[u32],
+            positions: &[u32],
+            h: usize,
+        ) -> Vec<f32> {
+            let mut out = cpu_rows::<TT, f32>(t, ids, h);
+            let rows = cpu_rows::<TT, f32>(p, positions, h);
+            out.iter_mut().zip(rows).for_each(|(o, r)| *o += r);
+            out
+        }
+        let f = match (st.dtype(), sp.dtype()) {
+            (DType::F32, DType::F32) => {
+                sum(slice::<f32>(st, lt)?, slice(sp, lp)?, &ids, &positions, h)
+            }
+            (DType::BF16, DType::BF16) => sum(
+                slice::<half::bf16>(st, lt)?,
+                slice(sp, lp)?,
+                &ids,
+                &positions,
+                h,
+            ),
+            (DType::F16, DType::F16) => sum(
+                slice::<half::f16>(st, lt)?,
+                slice(sp, lp)?,
+                &ids,
+                &positions,
+                h,
+            ),
+            (a, b) => candle_core::bail!("embedding: tables of {a:?} and {b:?}"),
+        };
+        let out = match self.dtype {
+            DType::F32 => CpuStorage::F32(f),
+            DType::BF16 => CpuStorage::BF16(f.into_iter().map(half::bf16::from_f32).collect()),
+            DType::F16 => CpuStorage::F16(f.into_iter().map(half::f16::from_f32).collect()),
+            dt => candle_core::bail!("embedding: unsupported dtype {dt:?}"),
+        };
+        Ok((out, self.shape.clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        st: &candle_core::CudaStorage,
+        lt: &Layout,
+        sp: &candle_core::CudaStorage,
+        lp: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (out, _rows) = super::cuda::embedding::forward2(
+            (st, lt),
+            (sp, lp),
+            &self.ids,
+            &self.positions,
+            self.dtype,
+        )?;
+        Ok((out, self.shape.clone()))
+    }
+
+    /// In candle's graph each gradient is in its table's dtype (see [`Embedding`]'s).
+    fn bwd(
+        &self,
+        tok: &Tensor,
+        pos: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        spans::timed(KernelOp::Embedding, Pass::Backward, tok.device(), || {
+            let (ids, positions) = (self.ids.to_vec1::<u32>()?, self.positions.to_vec1::<u32>()?);
+            let ((vocab, h), (vocab2, _)) = (tok.dims2()?, pos.dims2()?);
+            let g = grad.reshape((ids.len(), h))?;
+            let gt = Grouping::new(&ids, vocab, tok.device())?;
+            let gp = Grouping::new(&positions, vocab2, pos.device())?;
+            let dt = table_grad(&g, &gt, vocab, None)?.to_dtype(tok.dtype())?;
+            let dp = table_grad(&g, &gp, vocab2, None)?.to_dtype(pos.dtype())?;
+            Ok((Some(dt), Some(dp)))
+        })
+    }
 }
 
 /// Positions grouped by the row they read: `(rows used, offsets into order, order)`, each
@@ -97,34 +352,73 @@ pub fn group_by_row(ids: &[u32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
     (uniq, offsets, order)
 }
 
-fn cpu_rows<T: WithDType>(table: &[f32], ids: &[u32], h: usize) -> Vec<T> {
+/// [`group_by_row`] on the device that runs the backward, the rows outside the table left
+/// out (their positions got NaN rows and give no gradient).
+pub struct Grouping {
+    /// `(rows used, offsets, order)` as u32 tensors; `None` when no row inside the table is.
+    pub(crate) rows: Option<(Tensor, Tensor, Tensor)>,
+    /// How many positions read the table.
+    pub(crate) positions: usize,
+}
+
+impl Grouping {
+    pub fn new(ids: &[u32], vocab: usize, dev: &Device) -> Result<Self> {
+        let (uniq, offsets, order) = group_by_row(ids);
+        let keep = uniq.iter().take_while(|&&u| (u as usize) < vocab).count();
+        let rows = match keep {
+            0 => None,
+            _ => Some((
+                Tensor::new(&uniq[..keep], dev)?,
+                Tensor::new(&offsets[..=keep], dev)?,
+                Tensor::new(order.as_slice(), dev)?,
+            )),
+        };
+        Ok(Self {
+            rows,
+            positions: ids.len(),
+        })
+    }
+}
+
+fn cpu_rows<TT: WithDType, T: WithDType>(table: &[TT], ids: &[u32], h: usize) -> Vec<T> {
     let mut out = Vec::with_capacity(ids.len() * h);
     for &id in ids {
         match table.get(id as usize * h..(id as usize + 1) * h) {
-            Some(row) => out.extend(row.iter().map(|&v| T::from_f64(v as f64))),
+            Some(row) => out.extend(row.iter().map(|&v| T::from_f64(v.to_f64()))),
             None => out.extend(std::iter::repeat_n(T::from_f64(f64::NAN), h)),
         }
     }
     out
 }
 
-fn cpu_grad<T: WithDType>(dy: &[T], ids: &[u32], vocab: usize, h: usize) -> Vec<f32> {
-    let mut d = vec![0f32; vocab * h];
-    let (uniq, offsets, order) = group_by_row(ids);
+/// The table's f32 gradient on the CPU: `init` (zeros where none), each used row's sum of
+/// its positions' `dy` rows added to it.
+fn cpu_grad<T: WithDType>(
+    dy: &[T],
+    grouping: &Grouping,
+    h: usize,
+    mut d: Vec<f32>,
+) -> Result<Vec<f32>> {
+    let Some((uniq, offsets, order)) = &grouping.rows else {
+        return Ok(d);
+    };
+    let (uniq, offsets, order) = (
+        uniq.to_vec1::<u32>()?,
+        offsets.to_vec1::<u32>()?,
+        order.to_vec1::<u32>()?,
+    );
     for (u, &id) in uniq.iter().enumerate() {
-        if id as usize >= vocab {
-            continue;
-        }
         let row = &mut d[id as usize * h..(id as usize + 1) * h];
         for (c, r) in row.iter_mut().enumerate() {
             let mut acc = 0f32;
             for &p in &order[offsets[u] as usize..offsets[u + 1] as usize] {
                 acc += dy[p as usize * h + c].to_f64() as f32;
             }
-            *r = acc;
+            // The sum first, then the add, as the kernel does.
+            *r += acc;
         }
     }
-    d
+    Ok(d)
 }
 
 impl CustomOp1 for Embedding {
@@ -134,13 +428,25 @@ impl CustomOp1 for Embedding {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, h) = l.shape().dims2()?;
-        let table = slice::<f32>(s, l)?;
         let ids = self.ids.to_vec1::<u32>()?;
-        let out = match self.dtype {
-            DType::F32 => CpuStorage::F32(cpu_rows(table, &ids, h)),
-            DType::BF16 => CpuStorage::BF16(cpu_rows(table, &ids, h)),
-            DType::F16 => CpuStorage::F16(cpu_rows(table, &ids, h)),
-            dt => candle_core::bail!("embedding: unsupported dtype {dt:?}"),
+        fn rows<TT: WithDType>(
+            t: &[TT],
+            ids: &[u32],
+            h: usize,
+            dtype: DType,
+        ) -> Result<CpuStorage> {
+            Ok(match dtype {
+                DType::F32 => CpuStorage::F32(cpu_rows(t, ids, h)),
+                DType::BF16 => CpuStorage::BF16(cpu_rows(t, ids, h)),
+                DType::F16 => CpuStorage::F16(cpu_rows(t, ids, h)),
+                dt => candle_core::bail!("embedding: unsupported dtype {dt:?}"),
+            })
+        }
+        let out = match s.dtype() {
+            DType::F32 => rows(slice::<f32>(s, l)?, &ids, h, self.dtype)?,
+            DType::BF16 => rows(slice::<half::bf16>(s, l)?, &ids, h, self.dtype)?,
+            DType::F16 => rows(slice::<half::f16>(s, l)?, &ids, h, self.dtype)?,
+            dt => candle_core::bail!("embedding: unsupported table dtype {dt:?}"),
         };
         Ok((out, self.shape.clone()))
     }
@@ -155,13 +461,17 @@ impl CustomOp1 for Embedding {
         Ok((out, self.shape.clone()))
     }
 
+    /// In candle's graph the gradient is in the table's dtype: candle adds it to whatever else
+    /// reaches the table (a tied head's gradient, in the compute dtype) as it is.
     fn bwd(&self, table: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         spans::timed(KernelOp::Embedding, Pass::Backward, table.device(), || {
             // The grouping needs the ids on the host: read here, in the backward, so that a
             // forward alone (generation) never waits for the device.
             let ids = self.ids.to_vec1::<u32>()?;
             let (vocab, h) = table.dims2()?;
-            table_grad(&grad.reshape((ids.len(), h))?, ids, vocab).map(Some)
+            let grouping = Grouping::new(&ids, vocab, table.device())?;
+            let g = table_grad(&grad.reshape((ids.len(), h))?, &grouping, vocab, None)?;
+            g.to_dtype(table.dtype()).map(Some)
         })
     }
 }
@@ -171,37 +481,80 @@ impl CustomOp1 for Embedding {
 /// without a graph (benches/train_ops.rs times it so); it reads the ids on the host, as the
 /// op's own backward does.
 pub fn backward(dy: &Tensor, ids: &Tensor, vocab: usize) -> Result<Tensor> {
+    backward_onto(dy, ids, vocab, None)
+}
+
+/// [`backward`] added to `init` (`[vocab, H]`, any float dtype: the gradient so far of a tied
+/// table) in one pass: what the tape runs for a tied embedding.
+pub fn backward_onto(
+    dy: &Tensor,
+    ids: &Tensor,
+    vocab: usize,
+    init: Option<&Tensor>,
+) -> Result<Tensor> {
     let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
     let h = dy.dim(D::Minus1)?;
-    table_grad(&dy.reshape((ids.len(), h))?, ids, vocab)
+    let grouping = Grouping::new(&ids, vocab, dy.device())?;
+    table_grad(&dy.reshape((ids.len(), h))?, &grouping, vocab, init)
 }
 
-/// `dy [n, H]` of the rows `ids` (`n` of them) read -> the table's gradient.
-fn table_grad(dy: &Tensor, ids: Vec<u32>, vocab: usize) -> Result<Tensor> {
-    dy.contiguous()?
-        .apply_op1_no_bwd(&EmbeddingBwd { ids, vocab })
+/// `dy [n, H]` of the positions `grouping` describes -> the table's f32 gradient, `init`
+/// (the gradient so far) added where one is given.
+fn table_grad(
+    dy: &Tensor,
+    grouping: &Grouping,
+    vocab: usize,
+    init: Option<&Tensor>,
+) -> Result<Tensor> {
+    let h = dy.dim(1)?;
+    if let Some(i) = init {
+        if i.dims() != [vocab, h] {
+            candle_core::bail!(
+                "embedding backward: a gradient so far of {:?} for a [{vocab}, {h}] table",
+                i.dims()
+            );
+        }
+    }
+    #[cfg(test)]
+    if init.is_some() {
+        tests::ONTO.with(|c| c.set(c.get() + 1));
+    }
+    let op = EmbeddingBwd { grouping, vocab };
+    match init {
+        None => dy.contiguous()?.apply_op1_no_bwd(&op),
+        Some(i) => dy.contiguous()?.apply_op2_no_bwd(&i.contiguous()?, &op),
+    }
 }
 
-/// Backward of [`Embedding`]: `dy [n, H] -> dtable [V, H]` f32.
-struct EmbeddingBwd {
-    ids: Vec<u32>,
+/// Backward of [`Embedding`]: `dy [n, H] -> dtable [V, H]` f32, from zeros (one input) or from
+/// the gradient so far (the second input, widened to f32).
+struct EmbeddingBwd<'a> {
+    grouping: &'a Grouping,
     vocab: usize,
 }
 
-impl CustomOp1 for EmbeddingBwd {
+impl EmbeddingBwd<'_> {
+    fn cpu(&self, s: &CpuStorage, l: &Layout, init: Vec<f32>) -> Result<(CpuStorage, Shape)> {
+        let (_, h) = l.shape().dims2()?;
+        let g = self.grouping;
+        let d = match s.dtype() {
+            DType::F32 => cpu_grad(slice::<f32>(s, l)?, g, h, init)?,
+            DType::BF16 => cpu_grad(slice::<half::bf16>(s, l)?, g, h, init)?,
+            DType::F16 => cpu_grad(slice::<half::f16>(s, l)?, g, h, init)?,
+            dt => candle_core::bail!("embedding backward: unsupported dtype {dt:?}"),
+        };
+        Ok((CpuStorage::F32(d), Shape::from((self.vocab, h))))
+    }
+}
+
+impl CustomOp1 for EmbeddingBwd<'_> {
     fn name(&self) -> &'static str {
         "temper-embedding-bwd"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, h) = l.shape().dims2()?;
-        let d = match s.dtype() {
-            DType::F32 => cpu_grad(slice::<f32>(s, l)?, &self.ids, self.vocab, h),
-            DType::BF16 => cpu_grad(slice::<half::bf16>(s, l)?, &self.ids, self.vocab, h),
-            DType::F16 => cpu_grad(slice::<half::f16>(s, l)?, &self.ids, self.vocab, h),
-            dt => candle_core::bail!("embedding backward: unsupported dtype {dt:?}"),
-        };
-        Ok((CpuStorage::F32(d), Shape::from((self.vocab, h))))
+        self.cpu(s, l, vec![0f32; self.vocab * h])
     }
 
     #[cfg(feature = "cuda")]
@@ -210,14 +563,169 @@ impl CustomOp1 for EmbeddingBwd {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::embedding::backward(s, l, &self.ids, self.vocab)
+        super::cuda::embedding::backward(s, l, self.grouping, self.vocab, None)
+    }
+}
+
+impl CustomOp2 for EmbeddingBwd<'_> {
+    fn name(&self) -> &'static str {
+        "temper-embedding-bwd-onto"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        si: &CpuStorage,
+        li: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let init: Vec<f32> = match si.dtype() {
+            DType::F32 => slice::<f32>(si, li)?.to_vec(),
+            DType::BF16 => slice::<half::bf16>(si, li)?
+                .iter()
+                .map(|v| v.to_f32())
+                .collect(),
+            DType::F16 => slice::<half::f16>(si, li)?
+                .iter()
+                .map(|v| v.to_f32())
+                .collect(),
+            dt => candle_core::bail!("embedding backward: a gradient so far in {dt:?}"),
+        };
+        self.cpu(s, l, init)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        si: &candle_core::CudaStorage,
+        li: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::embedding::backward(s, l, self.grouping, self.vocab, Some((si, li)))
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    thread_local! {
+        /// Backwards on this thread that started from a gradient so far.
+        pub(crate) static ONTO: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// The backward onto a gradient so far (f32, or a tied head's in bf16, widened) is that
+    /// gradient plus the backward from zeros, bit for bit: the sum of each row's positions
+    /// first, then one add, as two separate gradients would be added.
+    #[test]
+    fn the_backward_onto_a_gradient_so_far_adds_to_it() {
+        let dev = Device::Cpu;
+        let (v, h) = (9, 5);
+        let ids = Tensor::new(&[[2u32, 8, 2], [0, 2, 11]], &dev).unwrap();
+        let dy: Vec<f32> = (0..6 * h)
+            .map(|i| ((i * 5 % 9) as f32 - 4.0) * 0.37)
+            .collect();
+        let dy = Tensor::from_vec(dy, (2, 3, h), &dev).unwrap();
+        let init: Vec<f32> = (0..v * h)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.11)
+            .collect();
+        let init = Tensor::from_vec(init, (v, h), &dev).unwrap();
+        let from_zero = backward(&dy, &ids, v).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let init = init.to_dtype(dtype).unwrap();
+            let onto = backward_onto(&dy, &ids, v, Some(&init)).unwrap();
+            assert_eq!(onto.dtype(), DType::F32);
+            let want = (init.to_dtype(DType::F32).unwrap() + &from_zero).unwrap();
+            assert_eq!(
+                onto.to_vec2::<f32>().unwrap(),
+                want.to_vec2::<f32>().unwrap(),
+                "{dtype:?}"
+            );
+        }
+        let wrong = Tensor::zeros((v + 1, h), DType::F32, &dev).unwrap();
+        assert!(backward_onto(&dy, &ids, v, Some(&wrong)).is_err());
+    }
+
+    /// The token-and-position op equals two reference lookups and an add, rows and both
+    /// tables' gradients (repeated ids and positions, an odd width), in f32 and bf16; in bf16
+    /// its rows are the f32 sum rounded once, within one rounding of the reference's.
+    #[test]
+    fn token_and_position_matches_two_lookups_and_an_add() {
+        let dev = Device::Cpu;
+        let (v, t, h) = (13, 4, 7);
+        let data = |n: usize, k: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * k % 29) as f32 - 14.0) * 0.071)
+                .collect()
+        };
+        let tok = Var::from_vec(data(v * h, 37), (v, h), &dev).unwrap();
+        let pos = Var::from_vec(data(t * h, 11), (t, h), &dev).unwrap();
+        let ids = Tensor::new(&[[3u32, 12, 3, 0], [5, 3, 12, 12]], &dev).unwrap();
+        let positions = Tensor::new(&[[0u32, 1, 2, 3], [0, 1, 2, 3]], &dev).unwrap();
+        let w: Vec<f32> = (0..8 * h).map(|i| (i % 7) as f32 - 3.0).collect();
+        for dtype in [DType::F32, DType::BF16] {
+            let w = Tensor::from_vec(w.clone(), (2, 4, h), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let run = |one: bool| {
+                let y = match one {
+                    true => fused2(tok.as_tensor(), &ids, pos.as_tensor(), &positions, dtype),
+                    false => reference(tok.as_tensor(), &ids, dtype)
+                        .and_then(|a| a + reference(pos.as_tensor(), &positions, dtype)?),
+                }
+                .unwrap();
+                let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                let f = |t: &Tensor| {
+                    t.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                };
+                (
+                    f(&y),
+                    f(g.get(tok.as_tensor()).unwrap()),
+                    f(g.get(pos.as_tensor()).unwrap()),
+                )
+            };
+            let (one, two) = (run(true), run(false));
+            let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+            for (what, a, b) in [
+                ("rows", &one.0, &two.0),
+                ("dtok", &one.1, &two.1),
+                ("dpos", &one.2, &two.2),
+            ] {
+                assert_eq!(a.len(), b.len());
+                for (x, y) in a.iter().zip(b) {
+                    assert!(
+                        (x - y).abs() <= tol * y.abs().max(1.0),
+                        "{dtype:?} {what}: {x} vs {y}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A bf16 table (a tied embedding's compute copy) gives the rows the f32 master would,
+    /// rounded: the copy is the master rounded, and rounding twice changes nothing.
+    #[test]
+    fn a_compute_copy_table_gives_the_masters_rows() {
+        let dev = Device::Cpu;
+        let data: Vec<f32> = (0..7 * 6)
+            .map(|i| ((i * 29 % 17) as f32 - 8.0) * 0.0123)
+            .collect();
+        let master = Tensor::from_vec(data, (7, 6), &dev).unwrap();
+        let copy = master.to_dtype(DType::BF16).unwrap();
+        let ids = Tensor::new(&[6u32, 0, 3, 3], &dev).unwrap();
+        let a = fused(&master, &ids, DType::BF16).unwrap();
+        let b = fused(&copy, &ids, DType::BF16).unwrap();
+        let host = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(host(&a), host(&b));
+    }
 
     /// The direct backward is the table gradient autograd gives (the same op, without a
     /// graph), with autograd seeded through `y * dy` as benches/train_ops.rs drives the

@@ -33,7 +33,7 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor, choice: KernelChoice) -
             &format!("no kernel for {:?} logits", logits.dtype()),
         );
     }
-    reference(logits, targets)
+    crate::tape::island(&[logits], |a| reference(&a[0], targets))
 }
 
 /// `log softmax(hidden W^T)[target]`: the LM head (`hidden [..., K]`, `W [V, K]`) and the
@@ -74,8 +74,10 @@ pub fn reference(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 pub fn fused(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     spans::timed(KernelOp::Logprobs, Pass::Forward, logits.device(), || {
         check(logits, targets)?;
-        logits.contiguous()?.apply_op2(
-            &targets.to_dtype(DType::U32)?.contiguous()?,
+        let t = targets.to_dtype(DType::U32)?.contiguous()?;
+        crate::tape::op2(
+            [logits, targets],
+            [crate::tape::arg(logits).contiguous()?, t],
             Logprobs::new(),
         )
     })

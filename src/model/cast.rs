@@ -78,6 +78,24 @@ pub fn weight(w: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok(cast)
 }
 
+/// `w` in `dtype` where that costs no cast of its own and its gradient can stay f32: its
+/// compute copy while a block tape records (which keeps whatever dtype an op's gradient comes
+/// in; candle's graph would add an f32 gradient to the copy's bf16 one, so there the master
+/// is read), or the one cast of a [`FrozenWeights`] scope (which [`weight`] then hands out
+/// again); else `w` itself. For an op that reads any float dtype (the embedding lookup, the
+/// GEMM's bias epilogue) whose gradient is f32 either way.
+pub fn weight_if_kept(w: &Tensor, dtype: DType) -> Result<Tensor> {
+    let kept = crate::tape::recording()
+        && copies()
+            .as_ref()
+            .is_some_and(|m| m.get(&w.id()).is_some_and(|c| c.dtype() == dtype));
+    let frozen = FROZEN.with_borrow(|m| m.is_some());
+    match kept || frozen {
+        true => weight(w, dtype),
+        false => Ok(w.clone()),
+    }
+}
+
 /// While alive, weights are taken to be constant on this thread: each is cast once. Nothing
 /// may update a weight inside the scope (generation only reads them); the copies are dropped
 /// with the guard.

@@ -119,7 +119,11 @@ impl Linear {
             if epilogue || fuses {
                 let w = super::cast::weight(&self.w, ctx.dtype)?;
                 if epilogue {
-                    if let Some(y) = crate::kernels::gemm::linear_bias_epilogue(x, &w, b)? {
+                    // The epilogue reads the matrices' dtype: the bias's compute copy (or
+                    // generation's one cast) where `weight_if_kept` allows, as the f32 master
+                    // would be cast every call.
+                    let bc = super::cast::weight_if_kept(b, ctx.dtype)?;
+                    if let Some(y) = crate::kernels::gemm::linear_bias_epilogue(x, &w, &bc)? {
                         return Ok(y);
                     }
                 }

@@ -145,19 +145,31 @@ impl Transformer {
 
     /// Token (plus learned position) embeddings of `ids` `[B, T]`, with embedding dropout.
     fn embed_tokens(&self, ids: &Tensor, positions: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        // Both implementations return `[B, T, H]` for `[B, T]` ids.
-        let lookup = |table: &Tensor, idx: &Tensor| -> Result<Tensor> {
-            Ok(crate::kernels::embedding::embedding(
-                table,
-                idx,
-                ctx.dtype,
-                ctx.kernels.embedding,
-            )?)
+        use crate::kernels::embedding;
+        // Where the fused lookup serves, a tied table is read as the LM head reads it (its
+        // compute copy): the lookup's gradient and the head's then meet on one tensor, and
+        // the tape adds the lookup's rows into the head's gradient in the lookup's backward
+        // (kernels::embedding). The reference would sum the rows in bf16: it reads the master.
+        // The position table is read the same way as the token table, so that the two can be
+        // one op (`embedding::token_and_position`), which wants one dtype.
+        let choice = ctx.kernels.embedding;
+        let fused = embedding::fused_serves(self.embed.device(), choice);
+        let read = |w: &Tensor| match (&self.lm_head, fused) {
+            (None, true) => super::cast::weight_if_kept(w, ctx.dtype),
+            _ => Ok(w.clone()),
         };
-        let mut x = lookup(&self.embed, ids)?;
-        if let Some(pe) = &self.pos_embed {
-            x = (x + lookup(pe, positions)?)?;
-        }
+        let table = read(&self.embed)?;
+        let mut x = match &self.pos_embed {
+            Some(pe) => embedding::token_and_position(
+                &table,
+                ids,
+                &read(pe)?,
+                positions,
+                ctx.dtype,
+                choice,
+            )?,
+            None => embedding::embedding(&table, ids, ctx.dtype, choice)?,
+        };
         if let Some(s) = ctx.dropout_seed {
             x = dropout(&x, self.cfg.dropout, splitmix64(s ^ 0xE), ctx)?;
         }
@@ -194,15 +206,26 @@ impl Transformer {
     /// `[B, T]` f32 log-probabilities of `targets` after `ids`: what every training loss
     /// reads. The logits stay in the compute dtype, and on CUDA with our GEMM and loss kernels
     /// they never become a node of the autograd graph (`kernels::logprobs::head_logprobs`).
+    ///
+    /// With the tape on, the whole forward, embedding to loss head, is one tape segment: no
+    /// node of candle's graph between the weights and the log-probabilities, so no
+    /// zero-filled gradient buffers and adds for the embedding, the hidden states or the
+    /// tied table's two gradients.
     pub fn target_logprobs(&self, ids: &Tensor, targets: &Tensor, f: &Fwd) -> Result<Tensor> {
-        let hidden = self.hidden(ids, f, None)?;
         let k = f.ctx.kernels;
-        Ok(crate::kernels::logprobs::head_logprobs(
-            &hidden,
-            &self.head_weight(&hidden)?,
-            targets,
-            k.gemm,
-            k.logprobs,
-        )?)
+        let run = |ids: &Tensor| -> Result<Tensor> {
+            let hidden = self.hidden(ids, f, None)?;
+            Ok(crate::kernels::logprobs::head_logprobs(
+                &hidden,
+                &self.head_weight(&hidden)?,
+                targets,
+                k.gemm,
+                k.logprobs,
+            )?)
+        };
+        match f.ctx.tape {
+            true => crate::tape::segment(ids, run),
+            false => run(ids),
+        }
     }
 }

@@ -1,22 +1,26 @@
-//! Our own reverse-mode tape for the stack of transformer blocks.
+//! Our own reverse-mode tape for the model's forward, from the token ids to the per-token
+//! log-probabilities.
 //!
 //! candle-core's backward gives every node of its graph a zero-filled gradient buffer and adds
 //! each incoming gradient into it, and keeps every node's output until the whole backward
 //! ends: a memset and an add of each activation-sized tensor per step, about 22 of them per
 //! GPT-2 block (docs/ARCHITECTURE.md). Inside a [`segment`] each op runs on detached tensors
 //! and is recorded here with its backward instead. The backward hands a gradient on as it is
-//! where a tensor has one consumer, adds only where it has several (the residual stream), and
-//! drops each op's saved tensors as soon as its backward has run. The segment is one node of
-//! candle's graph, so the embedding, the loss head and every stage's loss keep candle's
-//! autograd; the parameters' gradients reach candle's `GradStore` through [`backward`].
+//! where a tensor has one consumer, adds only where it has several (the residual stream, a
+//! tied embedding), and drops each op's saved tensors as soon as its backward has run. A
+//! training forward (`Transformer::target_logprobs`) is one segment: the embedding, the
+//! blocks and the loss head; other forwards put only the blocks on it. The segment is one node
+//! of candle's graph, so every stage's loss keeps candle's autograd; the parameters'
+//! gradients reach candle's `GradStore` through [`backward`].
 //!
 //! An op joins the tape through [`op1`], [`op2`], [`op3`] (a custom op and its own backward),
 //! [`op1_with`], [`op2_with`] and [`op3_with`] (a custom op with a backward of its own that
 //! keeps less, or must know which inputs want a gradient, as a GEMM's does), [`add`],
-//! [`record`] and [`record_multi`] (an op with a hand-written backward, of one output or
-//! several; [`record_add_norm`] for a residual add fused into a norm), or [`island`] (a composite of candle ops: the reference paths, differentiated
-//! by candle's autograd on copies of its inputs). Outside a segment each of these is the
-//! plain candle call it replaces.
+//! [`record`], [`record_owned`], [`record_into`] and [`record_multi`] (an op with a
+//! hand-written backward, of one output or several; [`record_add_norm`] for a residual add
+//! fused into a norm), or [`island`] (a composite of candle ops: the reference paths,
+//! differentiated by candle's autograd on copies of its inputs). Outside a segment each of
+//! these is the plain candle call it replaces.
 
 mod segment;
 
@@ -56,6 +60,15 @@ enum Slot {
 impl Slot {
     fn wants(&self) -> bool {
         !matches!(self, Slot::Constant)
+    }
+
+    /// The id its gradient is held under on the tape, `None` for a constant.
+    fn id(&self) -> Option<TensorId> {
+        match self {
+            Slot::Inner(id) => Some(*id),
+            Slot::Param(p) => Some(p.id()),
+            Slot::Constant => None,
+        }
     }
 }
 
@@ -174,10 +187,14 @@ impl Tape {
     }
 
     /// Runs the recorded backwards from `grad`, the gradient of `root`, in reverse order:
-    /// `(gradient of the segment's input, (parameter, gradient) pairs)`.
+    /// `(gradient of the segment's input, (parameter, gradient) pairs)`, one pair per
+    /// parameter however many ops read it.
     fn backward(mut self, root: TensorId, grad: Tensor) -> Result<(Option<Tensor>, ParamGrads)> {
+        // Gradients of what the segment made and of the parameters alike, by id: a parameter
+        // read by several ops (a tied embedding: the lookup and the LM head) gets one
+        // gradient, added into in place as an activation's is.
         let mut grads = HashMap::from([(root, Held { grad, own: false })]);
-        let mut params = Vec::new();
+        let mut params: Vec<Tensor> = Vec::new();
         while let Some(rec) = self.records.pop() {
             let g: Vec<Option<Tensor>> = rec
                 .outputs
@@ -191,21 +208,14 @@ impl Tape {
             let wants: Vec<bool> = rec.inputs.iter().map(Slot::wants).collect();
             // The gradient so far of the input the op can add into, where the tape holds its
             // buffer alone and the op reads that input only once.
-            let acc = rec.into.and_then(|i| match rec.inputs.get(i) {
-                Some(Slot::Inner(id)) => {
-                    let once = rec
-                        .inputs
-                        .iter()
-                        .filter(|s| matches!(s, Slot::Inner(o) if o == id))
-                        .count()
-                        == 1;
-                    let own = grads.get(id).is_some_and(|h| h.own);
-                    match once && own {
-                        true => grads.remove(id).map(|h| (i, h.grad)),
-                        false => None,
-                    }
+            let acc = rec.into.and_then(|i| {
+                let id = rec.inputs.get(i)?.id()?;
+                let once = rec.inputs.iter().filter(|s| s.id() == Some(id)).count() == 1;
+                let own = grads.get(&id).is_some_and(|h| h.own);
+                match once && own {
+                    true => grads.remove(&id).map(|h| (i, h.grad)),
+                    false => None,
                 }
-                _ => None,
             });
             let handed = acc.as_ref().map(|(i, _)| *i);
             let got = (rec.backward)(g, &wants, acc.map(|(_, t)| t))?;
@@ -221,34 +231,55 @@ impl Tape {
             }
             for (slot, g) in rec.inputs.into_iter().zip(got) {
                 let Some(g) = g else { continue };
-                match slot {
-                    Slot::Inner(id) => match grads.entry(id) {
-                        Entry::Vacant(e) => {
-                            e.insert(Held {
-                                grad: g,
-                                own: rec.fresh,
-                            });
+                let (id, g) = match slot {
+                    Slot::Inner(id) => (id, g),
+                    Slot::Param(p) => {
+                        if !params.iter().any(|q| q.id() == p.id()) {
+                            params.push(p.clone());
                         }
-                        Entry::Occupied(mut e) => {
-                            let sum = e.get().grad.add(&g)?;
-                            e.insert(Held {
-                                grad: sum,
-                                own: true,
-                            });
-                        }
-                    },
-                    // A view into a larger buffer (a weight gradient packed beside dx) would keep
-                    // that buffer alive until the optimizer step.
-                    Slot::Param(p) => params.push((p, compact(g)?)),
-                    Slot::Constant => {}
+                        // A view into a larger buffer (a weight gradient packed beside dx)
+                        // would keep that buffer alive until the optimizer step.
+                        (p.id(), compact(g)?)
+                    }
+                    Slot::Constant => continue,
+                };
+                match grads.entry(id) {
+                    Entry::Vacant(e) => {
+                        e.insert(Held {
+                            grad: g,
+                            own: rec.fresh,
+                        });
+                    }
+                    Entry::Occupied(mut e) => {
+                        let sum = sum_grads(&e.get().grad, &g)?;
+                        e.insert(Held {
+                            grad: sum,
+                            own: true,
+                        });
+                    }
                 }
             }
         }
+        let params = params
+            .into_iter()
+            .filter_map(|p| grads.remove(&p.id()).map(|h| (p, h.grad)))
+            .collect();
         let dx = match self.input {
             Some(id) => grads.remove(&id).map(|h| h.grad),
             None => None,
         };
         Ok((dx, params))
+    }
+}
+
+/// `a + b`, in f32 where the two differ in dtype: a compute copy read by two ops can get one
+/// gradient in f32 (the embedding's) and one in its own dtype (a GEMM's).
+fn sum_grads(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match a.dtype() == b.dtype() {
+        true => a.add(b),
+        false => a
+            .to_dtype(candle_core::DType::F32)?
+            .add(&b.to_dtype(candle_core::DType::F32)?),
     }
 }
 
@@ -293,10 +324,24 @@ pub fn record_multi(
     )
 }
 
+/// [`record`] for an op whose backward returns buffers of its own (a GEMM's, say), which a
+/// later op may add into in place.
+pub fn record_owned(
+    inputs: &[&Tensor],
+    output: &Tensor,
+    backward: impl FnOnce(Tensor, &[bool]) -> Result<Grads> + Send + 'static,
+) -> Result<()> {
+    let backward: Backward = Box::new(move |mut g, wants, _| match g.pop().flatten() {
+        Some(g) => backward(g, wants),
+        None => candle_core::bail!("tape: a backward ran without its output's gradient"),
+    });
+    push(inputs, &[output], backward, None, true)
+}
+
 /// Records an op of one output whose backward returns buffers of its own and adds its
 /// gradient of input `into` into the gradient that input already has, when handed one (see
-/// [`Record::into`]).
-fn record_into(
+/// [`Record::into`]): the handed gradient may be in another dtype than the one returned.
+pub fn record_into(
     inputs: &[&Tensor],
     output: &Tensor,
     into: usize,
@@ -397,7 +442,7 @@ pub fn record_add_norm(
 }
 
 /// Which of `inputs` want a gradient on the current tape (all of them outside one).
-fn wanted(inputs: &[&Tensor]) -> Vec<bool> {
+pub fn wanted(inputs: &[&Tensor]) -> Vec<bool> {
     ACTIVE.with(|a| match a.borrow_mut().as_mut() {
         Some(tape) => inputs.iter().map(|t| tape.slot(t).wants()).collect(),
         None => vec![true; inputs.len()],

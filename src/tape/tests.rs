@@ -384,3 +384,70 @@ fn gradients_are_added_into_in_place_only_where_the_tape_holds_them_alone() {
         );
     }
 }
+
+/// A table read by the embedding lookup and by the LM head's GEMM (tied embeddings) gets one
+/// gradient on the tape: the head's GEMM leaves its fresh dW, the lookup's backward starts
+/// from it instead of zeros (no add of two table-sized gradients), and the gradients are
+/// candle's autograd's. The segment's input is the ids, which carry no graph.
+#[test]
+fn a_tied_tables_two_gradients_meet_in_the_lookups_backward() {
+    use crate::kernels::embedding::tests::ONTO;
+    let dev = Device::Cpu;
+    // The lookups as two ops and an add, or as the one token-and-position op.
+    let run = |taped: bool, one_op: bool| {
+        let table = Var::from_tensor(&randn(&[11, 6], 1)).unwrap();
+        let pos = Var::from_tensor(&randn(&[5, 6], 2)).unwrap();
+        let ids = Tensor::new(&[[3u32, 7, 3, 10, 0], [1, 3, 3, 9, 7]], &dev).unwrap();
+        let targets = Tensor::new(&[[7u32, 3, 10, 0, 1], [3, 3, 9, 7, 2]], &dev).unwrap();
+        let positions = Tensor::new(&[0u32, 1, 2, 3, 4], &dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+            .broadcast_as((2, 5))
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let f = |ids: &Tensor| -> anyhow::Result<Tensor> {
+            let (t, pt) = (table.as_tensor(), pos.as_tensor());
+            let x = match one_op {
+                true => kernels::embedding::fused2(t, ids, pt, &positions, DType::F32)?,
+                false => add(
+                    &kernels::embedding::fused(t, ids, DType::F32)?,
+                    &kernels::embedding::fused(pt, &positions, DType::F32)?,
+                )?,
+            };
+            let h = island(&[&x], |a| a[0].tanh())?;
+            let r = KernelChoice::Reference;
+            Ok(kernels::logprobs::head_logprobs(&h, t, &targets, r, r)?)
+        };
+        let y = match taped {
+            true => segment(&ids, f).unwrap(),
+            false => f(&ids).unwrap(),
+        };
+        let loss = (&y * randn(&[2, 5], 3)).unwrap().sum_all().unwrap();
+        let grads = backward(&loss).unwrap();
+        [table.as_tensor(), pos.as_tensor()].map(|v| grads.get(v).unwrap().clone())
+    };
+    let plain = run(false, false);
+    for one_op in [false, true] {
+        ONTO.with(|c| c.set(0));
+        let graph = run(false, one_op);
+        assert_eq!(ONTO.with(|c| c.get()), 0);
+        let taped = run(true, one_op);
+        assert_eq!(
+            ONTO.with(|c| c.get()),
+            1,
+            "one op {one_op}: the lookup's backward starts from the head's gradient"
+        );
+        for (i, ((a, b), c)) in taped.iter().zip(&graph).zip(&plain).enumerate() {
+            assert_eq!(a.dtype(), DType::F32);
+            for (other, what) in [(b, "candle's graph"), (c, "two ops in candle's graph")] {
+                let (diff, scale) = max_diff(a, other);
+                assert!(
+                    diff <= 1e-6 * scale.max(1.0),
+                    "one op {one_op}, tensor {i}: {diff} off {what} at {scale}"
+                );
+            }
+        }
+    }
+}

@@ -92,7 +92,7 @@ pub struct GraphStats {
     /// Bytes of the gradient buffers the backward zero-fills, then adds into: one per
     /// non-variable node, views included.
     pub zero_filled_bytes: u64,
-    /// Ops the blocks' tape recorded in that forward (`crate::tape`): outside candle's graph,
+    /// Ops the tape recorded in that forward (`crate::tape`): outside candle's graph,
     /// so in none of the figures above.
     pub tape_ops: usize,
     /// Bytes of their outputs, an upper bound on what the tape holds.
@@ -296,7 +296,7 @@ impl Profiler {
             ));
             if g.tape_ops > 0 {
                 out.push_str(&format!(
-                    "blocks on the tape: {} ops, {:.3} GiB of outputs at most held until each op's backward\n",
+                    "on the tape: {} ops, {:.3} GiB of outputs at most held until each op's backward\n",
                     g.tape_ops,
                     gib(g.tape_output_bytes)
                 ));

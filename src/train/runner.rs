@@ -351,7 +351,7 @@ impl<T: Task> Loop<'_, T> {
             if step == start && self.main() {
                 if let Some(s) = crate::tape::last_segment() {
                     eprintln!(
-                        "[{label}] the blocks run on temper's tape ([train] tape): {} ops a \
+                        "[{label}] the forward runs on temper's tape ([train] tape): {} ops a \
                          forward, outside candle's autograd graph",
                         s.ops
                     );

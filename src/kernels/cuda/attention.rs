@@ -11,12 +11,14 @@
 //!
 //! Three forwards (see the comments on top of the .cu files): `Simple` (CUDA cores, any
 //! dtype, head dim up to 128, with a split-K decode mode for a few queries against a long
-//! cache), `Mma` (tensor cores, bf16/f16, head dim 64 or 128), and the decode stream
+//! cache), `Mma` (tensor cores, bf16/f16, head dim 64 or 128; `MmaWide` is the same with
+//! 128-row forward blocks, two mma tiles per warp), and the decode stream
 //! (`attn_decode`, bf16/f16, head dim 64 or 128, at most 4 query rows per kv head: a
 //! generation step, 16-byte loads of the cache). `Auto` takes `Mma` where it applies and the
 //! query block is more than [`DECODE_MAX_TQ`] rows, else the decode stream where it applies,
 //! else `Simple`; every forward saves the same log-sum-exp, so the backward is the same.
-//! `TEMPER_ATTN_IMPL=simple` (or `mma`, `auto`) overrides the choice for the dispatcher.
+//! `TEMPER_ATTN_IMPL=simple` (or `mma`, `mma-wide`, `auto`) overrides the choice for the
+//! dispatcher.
 
 use std::cell::RefCell;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -53,6 +55,10 @@ pub enum AttnImpl {
     Auto,
     Simple,
     Mma,
+    /// `Mma` with the forward's 128-row blocks (`attn_fwd_mma2`: two mma tiles per warp, so
+    /// each K and V fragment read from shared memory feeds two mmas). Not yet what `Auto`
+    /// takes: it waits for its first GPU run against the 64-row forward and PyTorch's flash.
+    MmaWide,
 }
 
 impl AttnImpl {
@@ -61,7 +67,16 @@ impl AttnImpl {
         match std::env::var("TEMPER_ATTN_IMPL").as_deref() {
             Ok("simple") => Self::Simple,
             Ok("mma") => Self::Mma,
+            Ok("mma-wide") => Self::MmaWide,
             _ => Self::Auto,
+        }
+    }
+
+    /// Query rows per block of the tensor-core forward (`MmaFwdTraits::kBlockQ`).
+    fn fwd_block_q(self) -> usize {
+        match self {
+            Self::MmaWide => 128,
+            _ => 64,
         }
     }
 }
@@ -394,8 +409,19 @@ fn warp_per_row(rows: usize) -> LaunchConfig {
     }
 }
 
-fn fwd_mma_smem(d: usize) -> usize {
-    (64 + 4 * 64) * d * 2 + 2 * 64 * 4
+/// Keys per stage of the tensor-core forward for `bq` query rows a block
+/// (`MmaFwdTraits::kBlockK`).
+fn fwd_mma_bk(d: usize, bq: usize) -> usize {
+    if d == 128 && bq == 128 {
+        32
+    } else {
+        64
+    }
+}
+
+fn fwd_mma_smem(d: usize, bq: usize) -> usize {
+    let bk = fwd_mma_bk(d, bq);
+    (bq + 4 * bk) * d * 2 + 2 * bk * 4
 }
 
 /// Query rows per step of the tensor-core backward (see `bwd_mma` in the .cu file).
@@ -426,7 +452,7 @@ impl FlashAttn {
     fn use_mma(&self, dtype: DType, dims: &Dims) -> bool {
         mma_applies(dtype, dims.d)
             && match self.imp {
-                AttnImpl::Mma => true,
+                AttnImpl::Mma | AttnImpl::MmaWide => true,
                 AttnImpl::Simple => false,
                 AttnImpl::Auto => dims.tq > DECODE_MAX_TQ,
             }
@@ -475,7 +501,10 @@ impl FlashAttn {
     /// fit. A clear error before anything runs beats a launch failure halfway through.
     fn check_grid_y(&self, dtype: DType, dims: &Dims, backward: bool) -> Result<()> {
         let launches: Vec<(&str, usize)> = match (self.use_mma(dtype, dims), backward) {
-            (true, false) => vec![("attn_fwd_mma", dims.tq.div_ceil(64))],
+            (true, false) => match self.imp.fwd_block_q() {
+                128 => vec![("attn_fwd_mma2", dims.tq.div_ceil(128))],
+                bq => vec![("attn_fwd_mma", dims.tq.div_ceil(bq))],
+            },
             (true, true) => vec![("attn_bwd_mma", dims.tk.div_ceil(64))],
             (false, false) => vec![("attn_fwd_simple", dims.simple_row_blocks().1)],
             (false, true) => vec![
@@ -596,7 +625,7 @@ impl FlashAttn {
             p.o = ptrs.write(&mut o);
             p.lse = ptrs.write(&mut lse);
             if self.use_mma(T::DTYPE, &dims) {
-                launch_fwd_mma(dev, T::DTYPE, &dims, &p)?;
+                launch_fwd_mma(dev, T::DTYPE, &dims, &p, self.imp.fwd_block_q())?;
             } else if let Some(r) = self.decode_rows(T::DTYPE, &dims, [lk, lv]) {
                 launch_decode(dev, T::DTYPE, &dims, p, r)?;
             } else {
@@ -681,14 +710,26 @@ impl FlashAttn {
     }
 }
 
-/// `attn_fwd_mma_*`: one block per 64 query rows of one head, heaviest causal blocks first.
-fn launch_fwd_mma(dev: &CudaDevice, dt: DType, dims: &Dims, p: &AttnParams) -> Result<()> {
-    let name = format!("attn_fwd_mma_{}_h{}", dt.as_str(), dims.d);
+/// `attn_fwd_mma_*` (`bq` = 64) or `attn_fwd_mma2_*` (128): one block per `bq` query rows of
+/// one head, heaviest causal blocks first.
+fn launch_fwd_mma(
+    dev: &CudaDevice,
+    dt: DType,
+    dims: &Dims,
+    p: &AttnParams,
+    bq: usize,
+) -> Result<()> {
+    let family = if bq == 128 {
+        "attn_fwd_mma2"
+    } else {
+        "attn_fwd_mma"
+    };
+    let name = format!("{family}_{}_h{}", dt.as_str(), dims.d);
     let func = load_func(dev, FWD, &name)?;
-    let smem = fwd_mma_smem(dims.d);
+    let smem = fwd_mma_smem(dims.d, bq);
     allow_smem(dev, &func, smem)?;
     let cfg = LaunchConfig {
-        grid_dim: ((dims.b * dims.hq) as u32, dims.tq.div_ceil(64) as u32, 1),
+        grid_dim: ((dims.b * dims.hq) as u32, dims.tq.div_ceil(bq) as u32, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: smem as u32,
     };
@@ -905,13 +946,17 @@ mod tests {
     fn shared_memory_plans_fit_an_sm80_block() {
         // A100 allows 163 KiB of dynamic shared memory per block, H100 227 KiB.
         for d in [64, 128] {
-            assert!(fwd_mma_smem(d) <= 163 * 1024, "fwd d={d}");
+            for bq in [64, 128] {
+                assert!(fwd_mma_smem(d, bq) <= 163 * 1024, "fwd d={d} bq={bq}");
+            }
             assert!(bwd_mma_smem(d) <= 163 * 1024, "bwd d={d}");
         }
         // fwd: sQ [64][D] + two stages of sK and sV [64][D] (2-byte elements), then two
         // stages of 64 f32 key flags.
-        assert_eq!(fwd_mma_smem(128), (64 + 4 * 64) * 128 * 2 + 2 * 64 * 4);
-        assert_eq!(fwd_mma_smem(128), 82_432);
+        assert_eq!(fwd_mma_smem(128, 64), (64 + 4 * 64) * 128 * 2 + 2 * 64 * 4);
+        assert_eq!(fwd_mma_smem(128, 64), 82_432);
+        // The 128-row forward takes 32 keys a stage at D = 128 (MmaFwdTraits<128, 2>).
+        assert_eq!(fwd_mma_smem(128, 128), 65_792);
         // bwd (`bwd_mma` in the .cu file), BQ = 32 for D = 128 and 64 for D = 64: sK and sV
         // [64][D], two stages each of sQ and sdO [BQ][D], sdS [64][BQ + 8] (2-byte elements),
         // then two stages each of sL and sDv [BQ] f32.
@@ -977,5 +1022,15 @@ mod tests {
         let over = dims(4, 64 * 65_535 + 1, 64 * 65_535 + 1, 128);
         assert!(mma.check_grid_y(DType::BF16, &over, false).is_err());
         assert!(mma.check_grid_y(DType::BF16, &over, true).is_err());
+        // The wide forward: 128 rows per block, so twice the rows fit; its backward is the same.
+        let wide = op(AttnImpl::MmaWide);
+        let rows = dims(4, 128 * 65_535, 64, 128);
+        assert!(wide.check_grid_y(DType::BF16, &rows, false).is_ok());
+        assert!(mma.check_grid_y(DType::BF16, &rows, false).is_err());
+        let err = wide
+            .check_grid_y(DType::BF16, &dims(4, 128 * 65_535 + 1, 64, 128), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("attn_fwd_mma2"), "{err}");
     }
 }

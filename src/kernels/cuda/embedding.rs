@@ -2,11 +2,12 @@
 //! per position for the lookup, one block per used row for the gradient.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor, WithDType};
 
-use super::{alloc_out, contiguous_view, cuda_storage, launch, load_func};
+use super::super::embedding::Grouping;
+use super::{alloc_out, contiguous_view, cuda_storage, grid_stride, launch, load_func};
 use super::{to_i32, DevPtrs, LaunchConfig};
 
 /// The Rust mirror of `struct EmbeddingParams` in kernels/embedding.cuh (field comments there).
@@ -21,12 +22,16 @@ struct EmbeddingParams {
     uniq: u64,
     offsets: u64,
     order: u64,
+    table2: u64,
+    ids2: u64,
     n: i32,
     dim: i32,
     n_uniq: i32,
     vocab: i32,
+    accumulate: i32,
+    vocab2: i32,
 }
-const _: () = assert!(std::mem::size_of::<EmbeddingParams>() == 80);
+const _: () = assert!(std::mem::size_of::<EmbeddingParams>() == 104);
 const _: () = assert!(std::mem::align_of::<EmbeddingParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for EmbeddingParams {}
@@ -42,7 +47,7 @@ fn config(blocks: usize) -> Result<LaunchConfig> {
     })
 }
 
-/// `[n, H]` rows of the f32 `table` at `ids`, in `dtype`.
+/// `[n, H]` rows of `table` (f32, bf16 or f16) at `ids`, in `dtype`.
 pub fn forward(
     s: &CudaStorage,
     l: &Layout,
@@ -50,14 +55,27 @@ pub fn forward(
     dtype: DType,
 ) -> Result<(CudaStorage, Shape)> {
     match dtype {
-        DType::F32 => forward_t::<f32>(s, l, ids),
-        DType::BF16 => forward_t::<half::bf16>(s, l, ids),
-        DType::F16 => forward_t::<half::f16>(s, l, ids),
+        DType::F32 => forward_out::<f32>(s, l, ids),
+        DType::BF16 => forward_out::<half::bf16>(s, l, ids),
+        DType::F16 => forward_out::<half::f16>(s, l, ids),
         dt => candle_core::bail!("embedding: no CUDA kernel for {dt:?}"),
     }
 }
 
-fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
+fn forward_out<T: CudaDType + DeviceRepr + WithDType>(
+    s: &CudaStorage,
+    l: &Layout,
+    ids: &Tensor,
+) -> Result<(CudaStorage, Shape)> {
+    match s.dtype() {
+        DType::F32 => forward_t::<f32, T>(s, l, ids),
+        DType::BF16 => forward_t::<half::bf16, T>(s, l, ids),
+        DType::F16 => forward_t::<half::f16, T>(s, l, ids),
+        dt => candle_core::bail!("embedding: no CUDA kernel for a {dt:?} table"),
+    }
+}
+
+fn forward_t<TT: CudaDType + WithDType, T: CudaDType + DeviceRepr + WithDType>(
     s: &CudaStorage,
     l: &Layout,
     ids: &Tensor,
@@ -65,13 +83,13 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
     let dev = s.device();
     let (vocab, h) = l.shape().dims2()?;
     let n = ids.elem_count();
-    let table = contiguous_view::<f32>(s, l)?;
+    let table = contiguous_view::<TT>(s, l)?;
     let (is, il) = ids.storage_and_layout();
     let idv = contiguous_view::<u32>(cuda_storage(&is)?, il)?;
     // SAFETY: one block per position writes its whole row.
     let mut out = unsafe { alloc_out::<T>(dev, n * h)? };
     if n > 0 && h > 0 {
-        let name = format!("embedding_fwd_{}", T::DTYPE.as_str());
+        let name = format!("embedding_fwd_{}_{}", TT::DTYPE.as_str(), T::DTYPE.as_str());
         let func = load_func(dev, "embedding", &name)?;
         let stream = dev.cuda_stream();
         let mut ptrs = DevPtrs::new(&stream);
@@ -93,17 +111,113 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
     ))
 }
 
-/// The f32 `[vocab, H]` gradient of the table from `dy [n, H]` and the host's ids.
+/// `[n, H]` rows of the token table at `ids` plus rows of the position table at `positions`
+/// (both tables f32, bf16 or f16, one dtype), in `dtype`.
+pub fn forward2(
+    tok: (&CudaStorage, &Layout),
+    pos: (&CudaStorage, &Layout),
+    ids: &Tensor,
+    positions: &Tensor,
+    dtype: DType,
+) -> Result<(CudaStorage, Shape)> {
+    match dtype {
+        DType::F32 => forward2_out::<f32>(tok, pos, ids, positions),
+        DType::BF16 => forward2_out::<half::bf16>(tok, pos, ids, positions),
+        DType::F16 => forward2_out::<half::f16>(tok, pos, ids, positions),
+        dt => candle_core::bail!("embedding: no CUDA kernel for {dt:?}"),
+    }
+}
+
+fn forward2_out<T: CudaDType + DeviceRepr + WithDType>(
+    tok: (&CudaStorage, &Layout),
+    pos: (&CudaStorage, &Layout),
+    ids: &Tensor,
+    positions: &Tensor,
+) -> Result<(CudaStorage, Shape)> {
+    if tok.0.dtype() != pos.0.dtype() {
+        candle_core::bail!(
+            "embedding: token table {:?}, position table {:?}: one dtype",
+            tok.0.dtype(),
+            pos.0.dtype()
+        );
+    }
+    match tok.0.dtype() {
+        DType::F32 => forward2_t::<f32, T>(tok, pos, ids, positions),
+        DType::BF16 => forward2_t::<half::bf16, T>(tok, pos, ids, positions),
+        DType::F16 => forward2_t::<half::f16, T>(tok, pos, ids, positions),
+        dt => candle_core::bail!("embedding: no CUDA kernel for a {dt:?} table"),
+    }
+}
+
+fn forward2_t<TT: CudaDType + WithDType, T: CudaDType + DeviceRepr + WithDType>(
+    (st, lt): (&CudaStorage, &Layout),
+    (sp, lp): (&CudaStorage, &Layout),
+    ids: &Tensor,
+    positions: &Tensor,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = st.device();
+    let (vocab, h) = lt.shape().dims2()?;
+    let (vocab2, h2) = lp.shape().dims2()?;
+    let n = ids.elem_count();
+    if h2 != h || positions.elem_count() != n {
+        candle_core::bail!(
+            "embedding: token table {:?}, position table {:?}, {n} ids, {} positions",
+            lt.shape(),
+            lp.shape(),
+            positions.elem_count()
+        );
+    }
+    let table = contiguous_view::<TT>(st, lt)?;
+    let table2 = contiguous_view::<TT>(sp, lp)?;
+    let (is, il) = ids.storage_and_layout();
+    let idv = contiguous_view::<u32>(cuda_storage(&is)?, il)?;
+    let (ps, pl) = positions.storage_and_layout();
+    let posv = contiguous_view::<u32>(cuda_storage(&ps)?, pl)?;
+    // SAFETY: one block per position writes its whole row.
+    let mut out = unsafe { alloc_out::<T>(dev, n * h)? };
+    if n > 0 && h > 0 {
+        let name = format!(
+            "embedding_fwd2_{}_{}",
+            TT::DTYPE.as_str(),
+            T::DTYPE.as_str()
+        );
+        let func = load_func(dev, "embedding", &name)?;
+        let stream = dev.cuda_stream();
+        let mut ptrs = DevPtrs::new(&stream);
+        let p = EmbeddingParams {
+            table: ptrs.read(&table),
+            table2: ptrs.read(&table2),
+            ids: ptrs.read(&idv),
+            ids2: ptrs.read(&posv),
+            out: ptrs.write(&mut out),
+            n: to_i32(n, "positions")?,
+            dim: to_i32(h, "dim")?,
+            vocab: to_i32(vocab, "vocab")?,
+            vocab2: to_i32(vocab2, "positions table")?,
+            ..EmbeddingParams::default()
+        };
+        // SAFETY: the tables hold vocab * h and vocab2 * h, ids and positions n, out n * h.
+        unsafe { launch(dev, &func, &name, config(n)?, &p) }?;
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from((n, h)),
+    ))
+}
+
+/// The f32 `[vocab, H]` gradient of the table from `dy [n, H]` and the positions' grouping:
+/// from zeros, or from `init` (the gradient so far, `[vocab, H]` in any float dtype).
 pub fn backward(
     s: &CudaStorage,
     l: &Layout,
-    ids: &[u32],
+    grouping: &Grouping,
     vocab: usize,
+    init: Option<(&CudaStorage, &Layout)>,
 ) -> Result<(CudaStorage, Shape)> {
     match s.dtype() {
-        DType::F32 => backward_t::<f32>(s, l, ids, vocab),
-        DType::BF16 => backward_t::<half::bf16>(s, l, ids, vocab),
-        DType::F16 => backward_t::<half::f16>(s, l, ids, vocab),
+        DType::F32 => backward_t::<f32>(s, l, grouping, vocab, init),
+        DType::BF16 => backward_t::<half::bf16>(s, l, grouping, vocab, init),
+        DType::F16 => backward_t::<half::f16>(s, l, grouping, vocab, init),
         dt => candle_core::bail!("embedding backward: no CUDA kernel for {dt:?}"),
     }
 }
@@ -111,46 +225,57 @@ pub fn backward(
 fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
     s: &CudaStorage,
     l: &Layout,
-    ids: &[u32],
+    grouping: &Grouping,
     vocab: usize,
+    init: Option<(&CudaStorage, &Layout)>,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s.device();
     let (n, h) = l.shape().dims2()?;
-    if n != ids.len() {
+    if n != grouping.positions {
         candle_core::bail!(
             "embedding backward: {n} gradient rows for {} ids",
-            ids.len()
+            grouping.positions
         );
     }
     let dy = contiguous_view::<T>(s, l)?;
-    let (uniq, offsets, order) = super::super::embedding::group_by_row(ids);
-    // Ids outside the table got NaN rows in the forward; they have no gradient row.
-    let keep = uniq.iter().take_while(|&&u| (u as usize) < vocab).count();
     let stream = dev.cuda_stream();
-    let mut dtable = dev.alloc_zeros::<f32>((vocab * h).max(1))?;
-    if keep > 0 && h > 0 {
-        let uniq_d = stream
-            .clone_htod(&uniq[..keep])
-            .map_err(candle_core::Error::wrap)?;
-        let off_d = stream
-            .clone_htod(&offsets[..=keep])
-            .map_err(candle_core::Error::wrap)?;
-        let ord_d = stream
-            .clone_htod(&order)
-            .map_err(candle_core::Error::wrap)?;
+    let total = vocab * h;
+    let mut dtable = match init {
+        None => dev.alloc_zeros::<f32>(total.max(1))?,
+        Some((si, li)) => {
+            // SAFETY: the init kernel below writes all vocab * h elements.
+            let mut d = unsafe { alloc_out::<f32>(dev, total.max(1))? };
+            match si.dtype() {
+                DType::F32 => widen::<f32>(si, li, &mut d, vocab, h)?,
+                DType::BF16 => widen::<half::bf16>(si, li, &mut d, vocab, h)?,
+                DType::F16 => widen::<half::f16>(si, li, &mut d, vocab, h)?,
+                dt => candle_core::bail!("embedding backward: a gradient so far in {dt:?}"),
+            }
+            d
+        }
+    };
+    if let (Some((uniq, offsets, order)), true) = (&grouping.rows, h > 0) {
+        let keep = uniq.elem_count();
+        let (us, ul) = uniq.storage_and_layout();
+        let (os, ol) = offsets.storage_and_layout();
+        let (rs, rl) = order.storage_and_layout();
+        let uv = contiguous_view::<u32>(cuda_storage(&us)?, ul)?;
+        let ov = contiguous_view::<u32>(cuda_storage(&os)?, ol)?;
+        let rv = contiguous_view::<u32>(cuda_storage(&rs)?, rl)?;
         let name = format!("embedding_bwd_{}", T::DTYPE.as_str());
         let func = load_func(dev, "embedding", &name)?;
         let mut ptrs = DevPtrs::new(&stream);
         let p = EmbeddingParams {
             dy: ptrs.read(&dy),
             dtable: ptrs.write(&mut dtable),
-            uniq: ptrs.read(&uniq_d),
-            offsets: ptrs.read(&off_d),
-            order: ptrs.read(&ord_d),
+            uniq: ptrs.read(&uv),
+            offsets: ptrs.read(&ov),
+            order: ptrs.read(&rv),
             n: to_i32(n, "positions")?,
             dim: to_i32(h, "dim")?,
             n_uniq: to_i32(keep, "rows")?,
             vocab: to_i32(vocab, "vocab")?,
+            accumulate: i32::from(init.is_some()),
             ..EmbeddingParams::default()
         };
         // SAFETY: dy holds n * h, dtable vocab * h; every uniq row is below vocab and every
@@ -161,4 +286,39 @@ fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
         CudaStorage::wrap_cuda_slice(dtable, dev.clone()),
         Shape::from((vocab, h)),
     ))
+}
+
+/// `d` = the `[vocab, h]` gradient in `si`, widened to f32 (`embedding_init_<dtype>`).
+fn widen<S: CudaDType + DeviceRepr + WithDType>(
+    si: &CudaStorage,
+    li: &Layout,
+    d: &mut CudaSlice<f32>,
+    vocab: usize,
+    h: usize,
+) -> Result<()> {
+    let total = vocab * h;
+    if li.shape().elem_count() != total {
+        candle_core::bail!(
+            "embedding backward: a gradient so far of {:?} for a [{vocab}, {h}] table",
+            li.shape()
+        );
+    }
+    if total == 0 {
+        return Ok(());
+    }
+    let dev = si.device();
+    let src = contiguous_view::<S>(si, li)?;
+    let name = format!("embedding_init_{}", S::DTYPE.as_str());
+    let func = load_func(dev, "embedding", &name)?;
+    let stream = dev.cuda_stream();
+    let mut ptrs = DevPtrs::new(&stream);
+    let p = EmbeddingParams {
+        dy: ptrs.read(&src),
+        dtable: ptrs.write(d),
+        dim: to_i32(h, "dim")?,
+        vocab: to_i32(vocab, "vocab")?,
+        ..EmbeddingParams::default()
+    };
+    // SAFETY: the source and d both hold vocab * h elements.
+    unsafe { launch(dev, &func, &name, grid_stride(dev, total, THREADS)?, &p) }
 }

@@ -1,25 +1,21 @@
 //! cuBLASLt GEMMs for `src/kernels/gemm.rs`: one handle and workspace per CUDA stream, the
-//! algorithm chosen by cuBLASLt's heuristic per call, as PyTorch's `addmm` does.
+//! algorithm chosen by cuBLASLt's heuristic once per problem and kept (`lt_plans`).
 //!
 //! Row-major `C [M, N] = op(A) op(B)` is column-major `C^T = op(B)^T op(A)^T`, so each form
 //! hands cuBLASLt its operands swapped (B first) with `m = N`, `n = M`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, ValidAsZeroBits};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{
-    CudaDevice, CudaStorage, CustomOp2, CustomOp3, DType, InplaceOp3, Layout, Shape, Tensor,
-    WithDType,
+    CudaStorage, CustomOp2, CustomOp3, DType, InplaceOp3, Layout, Shape, Tensor, WithDType,
 };
 
 use super::super::bias::BiasAct;
 use super::super::spans::{self, Pass};
 use super::super::KernelOp;
-use super::{alloc_out, contiguous_view, cuda_storage};
+use super::lt_plans::{Lt, Problem};
+use super::{alloc_out, contiguous_view, cuda_storage, DevPtrs};
 
 type Result<T> = candle_core::Result<T>;
 
@@ -54,7 +50,7 @@ impl Form {
     }
 
     /// cuBLASLt's view: A is our `b`, B our `a`.
-    fn config(self, m: usize, n: usize, k: usize) -> MatmulConfig {
+    fn problem(self, dtype: DType, m: usize, n: usize, k: usize, bias: bool) -> Problem {
         let (transa, lda) = match self {
             Form::Nt => (true, k),
             Form::Nn | Form::Tn => (false, n),
@@ -63,49 +59,19 @@ impl Form {
             Form::Nt | Form::Nn => (false, k),
             Form::Tn => (true, m),
         };
-        MatmulConfig {
+        Problem {
+            dtype,
             transa,
             transb,
-            transc: false,
             m: n as u64,
             n: m as u64,
             k: k as u64,
-            alpha: 1.0,
             lda: lda as i64,
             ldb: ldb as i64,
-            beta: 0.0,
             ldc: n as i64,
-            stride_a: None,
-            stride_b: None,
-            stride_c: None,
-            stride_bias: None,
-            batch_size: None,
+            bias,
         }
     }
-}
-
-/// One cuBLASLt handle (and its workspace) per stream: candle runs a device's work on one
-/// stream, so this is one per device and thread rank.
-fn handle(dev: &CudaDevice) -> Result<Arc<CudaBlasLT>> {
-    static HANDLES: OnceLock<Mutex<HashMap<usize, Arc<CudaBlasLT>>>> = OnceLock::new();
-    let stream = dev.cuda_stream();
-    let key = Arc::as_ptr(&stream) as usize;
-    let mut map = HANDLES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    if let Some(h) = map.get(&key) {
-        return Ok(h.clone());
-    }
-    let h = Arc::new(CudaBlasLT::new(stream).map_err(lt_error)?);
-    map.insert(key, h.clone());
-    Ok(h)
-}
-
-fn lt_error(
-    e: candle_core::cuda_backend::cudarc::cublaslt::result::CublasError,
-) -> candle_core::Error {
-    candle_core::Error::Msg(format!("cuBLASLt: {e:?}"))
 }
 
 /// cuBLASLt's heuristic assumes 256-byte aligned operands unless told otherwise; fresh
@@ -325,8 +291,8 @@ impl InplaceOp3 for GemmInto {
 }
 
 /// `x W^T + b` through cuBLASLt, the bias added in the GEMM's epilogue as PyTorch's `addmm`
-/// adds it: `x [..., K]`, `W [N, K]`, `b [N]` (the f32 master; cast to the matrices' dtype
-/// inside the op, a vector of N). `None` where cuBLASLt does not take the GEMM. One autograd
+/// adds it: `x [..., K]`, `W [N, K]`, `b [N]` (its compute copy in the matrices' dtype, read
+/// as it is, or the f32 master, cast inside the op). `None` where cuBLASLt does not take the GEMM. One autograd
 /// node where the GEMM and the bias op were two; its backward adds the bias gradient as the
 /// bias kernel's fixed-order column sum, in f32.
 pub fn matmul_nt_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
@@ -338,7 +304,9 @@ pub fn matmul_nt_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tenso
     let args = [prepared(&arg(x))?, prepared(&arg(w))?, arg(b).contiguous()?];
     let y = crate::tape::op3_with([x, w, b], args, GemmBias, |_, [x, w, b], g, want, acc| {
         let want = [want[0], want[1], want[2]];
-        let (dx, dw, db) = bias_epilogue_grads(&g, x, w, b, want, acc)?;
+        // On the tape the bias gradient stays f32 even for a bf16 compute copy: the optimizer
+        // reads either, and nothing adds to it.
+        let (dx, dw, db) = bias_epilogue_grads(&g, x, w, b, want, acc, DType::F32)?;
         Ok(vec![dx, dw, db])
     })?;
     Ok(Some(y))
@@ -373,10 +341,19 @@ impl CustomOp3 for GemmBias {
         sbias: &CudaStorage,
         lbias: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let bias = sbias.to_dtype(lbias, sa.dtype())?;
+        // A bias in the matrices' dtype (its compute copy) is read where it lies; an f32
+        // master is cast, a launch of candle's per call.
+        let cast;
+        let bias = match sbias.dtype() == sa.dtype() && lbias.start_offset() == 0 {
+            true => sbias,
+            false => {
+                cast = sbias.to_dtype(lbias, sa.dtype())?;
+                &cast
+            }
+        };
         match sa.dtype() {
-            DType::BF16 => run::<half::bf16>(Form::Nt, (sa, la), (sb, lb), Some(&bias)),
-            DType::F16 => run::<half::f16>(Form::Nt, (sa, la), (sb, lb), Some(&bias)),
+            DType::BF16 => run::<half::bf16>(Form::Nt, (sa, la), (sb, lb), Some(bias)),
+            DType::F16 => run::<half::f16>(Form::Nt, (sa, la), (sb, lb), Some(bias)),
             dt => candle_core::bail!("gemm: no cuBLASLt path for {dt:?}"),
         }
     }
@@ -390,12 +367,13 @@ impl CustomOp3 for GemmBias {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let want = [x.track_op(), w.track_op(), b.track_op()];
-        bias_epilogue_grads(grad, x, w, b, want, None)
+        // candle's graph adds the gradient to the bias's own zero-filled one: its dtype.
+        bias_epilogue_grads(grad, x, w, b, want, None, b.dtype())
     }
 }
 
 /// The gradients of `y = x W^T + b` for `dy`, each `None` where its operand wants none; `dx`
-/// added into `acc` where one is given (see [`grads_into`]).
+/// added into `acc` where one is given (see [`grads_into`]); the bias's in `db_dtype`.
 fn bias_epilogue_grads(
     grad: &Tensor,
     x: &Tensor,
@@ -403,6 +381,7 @@ fn bias_epilogue_grads(
     b: &Tensor,
     [want_x, want_w, want_b]: [bool; 3],
     acc: Option<Tensor>,
+    db_dtype: DType,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let (dx, dw) = spans::timed(KernelOp::Gemm, Pass::Backward, x.device(), || {
         grads_into(grad, x, w, [want_x, want_w], acc)
@@ -416,7 +395,7 @@ fn bias_epilogue_grads(
                 // The identity's backward reads only dy; dy stands in for the pre-bias output.
                 let g = grad.to_dtype(x.dtype())?;
                 let (_, db) = super::super::bias::backward(&g, b, &g, BiasAct::Identity)?;
-                db.to_dtype(b.dtype())
+                db.to_dtype(db_dtype)
             },
         )?),
         false => None,
@@ -448,7 +427,6 @@ fn run<T>(
 ) -> Result<(CudaStorage, Shape)>
 where
     T: CudaDType + WithDType + DeviceRepr + ValidAsZeroBits,
-    CudaBlasLT: Matmul<T>,
 {
     let dev = sa.device();
     let (m, n, k) = form.mnk(rows_cols(la)?, rows_cols(lb)?)?;
@@ -486,10 +464,16 @@ where
     }
     let mut c = unsafe { alloc_out::<T>(dev, m * n)? };
     if m > 0 && n > 0 && k > 0 {
-        let lt = handle(dev)?;
-        // SAFETY: a, b hold M*K and K*N elements in the layouts `config` describes, c M*N.
-        unsafe { lt.matmul(form.config(m, n, k), &b, &a, &mut c, bias.as_ref(), None) }
-            .map_err(lt_error)?;
+        let lt = Lt::of(dev)?;
+        let stream = dev.cuda_stream();
+        let mut ptrs = DevPtrs::new(&stream);
+        let (pa, pb) = (ptrs.read(&a), ptrs.read(&b));
+        let pbias = bias.as_ref().map(|v| ptrs.read(v));
+        let pc = ptrs.write(&mut c);
+        let problem = form.problem(T::DTYPE, m, n, k, pbias.is_some());
+        // SAFETY: a, b hold M*K and K*N elements in the layouts `problem` describes (cuBLASLt's
+        // A is our b), c M*N, the bias N; all aligned (`prepared`, fresh allocations).
+        unsafe { lt.matmul(&problem, 1.0, 0.0, pb, pa, pc, pbias) }?;
     }
     Ok((CudaStorage::wrap_cuda_slice(c, dev.clone()), out))
 }
@@ -503,7 +487,6 @@ fn run_into<T>(
 ) -> Result<()>
 where
     T: CudaDType + WithDType + DeviceRepr + ValidAsZeroBits,
-    CudaBlasLT: Matmul<T>,
 {
     let dev = sa.device().clone();
     let (m, n, k) = form.mnk(rows_cols(la)?, rows_cols(lb)?)?;
@@ -522,15 +505,15 @@ where
     let a = contiguous_view::<T>(sa, la)?;
     let b = contiguous_view::<T>(sb, lb)?;
     let mut c = sc.as_cuda_slice_mut::<T>()?.slice_mut(start..end);
-    let cfg = MatmulConfig {
-        beta: 1.0,
-        ..form.config(m, n, k)
-    };
-    let lt = handle(&dev)?;
-    // SAFETY: a, b hold M*K and K*N elements in the layouts `config` describes, c M*N, which
-    // the GEMM reads (beta = 1) and writes.
-    unsafe { lt.matmul(cfg, &b, &a, &mut c, None, None) }.map_err(lt_error)?;
-    Ok(())
+    let lt = Lt::of(&dev)?;
+    let stream = dev.cuda_stream();
+    let mut ptrs = DevPtrs::new(&stream);
+    let (pa, pb) = (ptrs.read(&a), ptrs.read(&b));
+    let pc = ptrs.write(&mut c);
+    let problem = form.problem(T::DTYPE, m, n, k, false);
+    // SAFETY: a, b hold M*K and K*N elements in the layouts `problem` describes, c M*N, which
+    // the GEMM reads (beta = 1) and writes; all aligned (`accumulates`, `prepared`).
+    unsafe { lt.matmul(&problem, 1.0, 1.0, pb, pa, pc, None) }
 }
 
 /// A contiguous operand as a matrix: its last dimension the columns, the rest the rows.

@@ -39,11 +39,19 @@ pub fn token_logprobs(hidden: &Tensor, w: &Tensor, targets: &Tensor) -> Result<O
     let op = LossHead {
         saved: Mutex::new(None),
     };
-    Ok(Some(gemm::prepared(hidden)?.apply_op3(
-        &gemm::prepared(w)?,
-        &t,
-        op,
-    )?))
+    let arg = crate::tape::arg;
+    let (h, wp) = (gemm::prepared(&arg(hidden))?, gemm::prepared(&arg(w))?);
+    if !crate::tape::recording() {
+        return Ok(Some(h.apply_op3(&wp, &t, op)?));
+    }
+    // On a tape: the gradients are the GEMMs' fresh buffers, which a tied embedding's
+    // backward then adds its rows into.
+    let y = h.apply_op3_no_bwd(&wp, &t, &op)?;
+    crate::tape::record_owned(&[hidden, w, targets], &y, move |g, want| {
+        let (dh, dw) = op.backward(&h, &wp, &t, &g, [want[0], want[1]])?;
+        Ok(vec![dh, dw, None])
+    })?;
+    Ok(Some(y))
 }
 
 /// What the forward leaves for the backward: the logits' storage `[rows, vocab]` and each
@@ -113,6 +121,23 @@ impl CustomOp3 for LossHead {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let want = [hidden.track_op(), w.track_op()];
+        let (dh, dw) = self.backward(hidden, w, targets, grad, want)?;
+        Ok((dh, dw, None))
+    }
+}
+
+impl LossHead {
+    /// The gradients of the hidden states and the weight for `grad` (the log-probabilities'),
+    /// each `None` where `want` says none is needed.
+    fn backward(
+        &self,
+        hidden: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        grad: &Tensor,
+        want: [bool; 2],
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // Taken, not cloned: the logits' buffer becomes their gradient and is freed after the
         // GEMMs below.
         let saved = self
@@ -147,8 +172,8 @@ impl CustomOp3 for LossHead {
         dims.push(vocab);
         let dlogits = tensor_from_storage(logits, Shape::from(dims));
         let (dh, dw) = spans::timed(KernelOp::Gemm, Pass::Backward, dev, || {
-            gemm::grads(&dlogits, hidden, w, [hidden.track_op(), w.track_op()])
+            gemm::grads(&dlogits, hidden, w, want)
         })?;
-        Ok((dh, dw, None))
+        Ok((dh, dw))
     }
 }

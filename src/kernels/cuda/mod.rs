@@ -54,6 +54,7 @@ pub mod layernorm;
 pub mod logprobs;
 pub mod lora;
 pub mod loss_head;
+mod lt_plans;
 pub mod rmsnorm;
 pub mod rope;
 pub mod sample;
