@@ -431,20 +431,25 @@ FWD_SIMPLE_DTYPE(float, f32)
 FWD_SIMPLE_DTYPE(__nv_bfloat16, bf16)
 FWD_SIMPLE_DTYPE(__half, f16)
 
-#define FWD_MMA_ENTRY(T, SUF, D, MT, NAME)                                                     \
-  extern "C" __global__ void __launch_bounds__(MmaFwdTraits<D, MT>::kThreads)                  \
-      NAME##_##SUF##_h##D(const AttnParams p) {                                                \
-    fwd_mma<T, D, MT>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),                \
-                      static_cast<const T *>(p.v), static_cast<T *>(p.o), p.lse, p.kvalid,     \
-                      p.krange, p.hq, p.hkv, p.tq, p.tk, p.causal, p.offset, p.scale_log2);    \
-  }
+// Each entry point's name is spelled out (not pasted from a macro argument): scripts/gpu-check.sh
+// finds our kernels' names in these files.
+#define FWD_MMA_CALL(T, D, MT)                                                                 \
+  fwd_mma<T, D, MT>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),                  \
+                    static_cast<const T *>(p.v), static_cast<T *>(p.o), p.lse, p.kvalid,       \
+                    p.krange, p.hq, p.hkv, p.tq, p.tk, p.causal, p.offset, p.scale_log2)
 
 // attn_fwd_mma_*: 64-row blocks (one mma tile per warp); attn_fwd_mma2_*: 128-row blocks.
-#define FWD_MMA_DTYPE(T, SUF)                    \
-  FWD_MMA_ENTRY(T, SUF, 64, 1, attn_fwd_mma)     \
-  FWD_MMA_ENTRY(T, SUF, 128, 1, attn_fwd_mma)    \
-  FWD_MMA_ENTRY(T, SUF, 64, 2, attn_fwd_mma2)    \
-  FWD_MMA_ENTRY(T, SUF, 128, 2, attn_fwd_mma2)
+#define FWD_MMA_ENTRY(T, SUF, D)                                                               \
+  extern "C" __global__ void __launch_bounds__(MmaFwdTraits<D, 1>::kThreads)                   \
+      attn_fwd_mma_##SUF##_h##D(const AttnParams p) {                                          \
+    FWD_MMA_CALL(T, D, 1);                                                                     \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(MmaFwdTraits<D, 2>::kThreads)                   \
+      attn_fwd_mma2_##SUF##_h##D(const AttnParams p) {                                         \
+    FWD_MMA_CALL(T, D, 2);                                                                     \
+  }
 
-FWD_MMA_DTYPE(__nv_bfloat16, bf16)
-FWD_MMA_DTYPE(__half, f16)
+FWD_MMA_ENTRY(__nv_bfloat16, bf16, 64)
+FWD_MMA_ENTRY(__nv_bfloat16, bf16, 128)
+FWD_MMA_ENTRY(__half, f16, 64)
+FWD_MMA_ENTRY(__half, f16, 128)
