@@ -66,12 +66,24 @@ pub fn reference(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor>
         .to_dtype(dtype)
 }
 
-/// The fused op on any device: `x [..., C]`, `w` and `b` f32 `[C]`.
+/// The fused op on any device: `x [..., C]`, `w` and `b` f32 `[C]`. On a tape its backward
+/// adds x's gradient so far (the first block's input, which the residual add reads too) to
+/// dx in the pass that writes it, instead of the tape adding the two.
 pub fn fused(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     spans::timed(KernelOp::LayerNorm, Pass::Forward, x.device(), || {
         check(x, w, b)?;
         let arg = |t: &Tensor| tape::arg(t).contiguous();
-        tape::op3([x, w, b], [arg(x)?, arg(w)?, arg(b)?], LayerNorm::new(eps))
+        let (xa, wa, ba) = (arg(x)?, arg(w)?, arg(b)?);
+        let op = LayerNorm::new(eps);
+        if !tape::recording() {
+            return xa.apply_op3(&wa, &ba, op);
+        }
+        let y = xa.apply_op3_no_bwd(&wa, &ba, &op)?;
+        tape::record_onto(&[x, w, b], &y, 0, move |dy, _, acc| {
+            let (dx, dw, db) = op.grads(&xa, &wa, &dy, acc)?;
+            Ok(vec![Some(dx), Some(dw), Some(db)])
+        })?;
+        Ok(y)
     })
 }
 

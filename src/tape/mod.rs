@@ -16,7 +16,7 @@
 //! An op joins the tape through [`op1`], [`op2`], [`op3`] (a custom op and its own backward),
 //! [`op1_with`], [`op2_with`] and [`op3_with`] (a custom op with a backward of its own that
 //! keeps less, or must know which inputs want a gradient, as a GEMM's does), [`add`],
-//! [`record`], [`record_owned`], [`record_into`] and [`record_multi`] (an op with a
+//! [`record`], [`record_owned`], [`record_into`], [`record_onto`] and [`record_multi`] (an op with a
 //! hand-written backward, of one output or several; [`record_add_norm`] for a residual add
 //! fused into a norm), or [`island`] (a composite of candle ops: the reference paths,
 //! differentiated by candle's autograd on copies of its inputs). Outside a segment each of
@@ -72,14 +72,24 @@ impl Slot {
     }
 }
 
+/// How a backward takes an input's gradient so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fold {
+    /// It adds its own into the buffer in place (a GEMM's `dx`, written with beta = 1), so it
+    /// is handed only a buffer the tape holds alone.
+    InPlace,
+    /// It reads it and returns the sum in a buffer of its own (a norm's backward adds it in
+    /// the pass that writes dx), so it may be handed one that another input shares.
+    Read,
+}
+
 struct Record {
     inputs: Vec<Slot>,
     outputs: Vec<TensorId>,
     backward: Backward,
-    /// The input whose gradient so far the backward can add its own into, in place (a GEMM's
-    /// `dx`, written with beta = 1): the add of a tensor read by several ops costs no pass of
-    /// its own.
-    into: Option<usize>,
+    /// The input whose gradient so far the backward can add its own into, and how: the add
+    /// of a tensor read by several ops costs no pass of its own.
+    into: Option<(usize, Fold)>,
     /// Whether the gradients the backward returns are buffers of their own, which nothing
     /// else holds: only those are handed to a later op to add into in place.
     fresh: bool,
@@ -206,13 +216,17 @@ impl Tape {
                 continue;
             }
             let wants: Vec<bool> = rec.inputs.iter().map(Slot::wants).collect();
-            // The gradient so far of the input the op can add into, where the tape holds its
-            // buffer alone and the op reads that input only once.
-            let acc = rec.into.and_then(|i| {
+            // The gradient so far of the input the op can add into, where the op reads that
+            // input only once and, to add in place, the tape holds its buffer alone.
+            let acc = rec.into.and_then(|(i, fold)| {
                 let id = rec.inputs.get(i)?.id()?;
                 let once = rec.inputs.iter().filter(|s| s.id() == Some(id)).count() == 1;
-                let own = grads.get(&id).is_some_and(|h| h.own);
-                match once && own {
+                let held = grads.get(&id)?;
+                let fits = match fold {
+                    Fold::InPlace => held.own,
+                    Fold::Read => true,
+                };
+                match once && fits {
                     true => grads.remove(&id).map(|h| (i, h.grad)),
                     false => None,
                 }
@@ -351,14 +365,36 @@ pub fn record_into(
         Some(g) => backward(g, wants, acc),
         None => candle_core::bail!("tape: a backward ran without its output's gradient"),
     });
-    push(inputs, &[output], backward, Some(into), true)
+    push(
+        inputs,
+        &[output],
+        backward,
+        Some((into, Fold::InPlace)),
+        true,
+    )
+}
+
+/// [`record_into`] for a backward that only reads the gradient so far of input `onto` and
+/// returns that input's whole gradient in a buffer of its own: it may be handed a gradient
+/// another input shares (the residual add's).
+pub fn record_onto(
+    inputs: &[&Tensor],
+    output: &Tensor,
+    onto: usize,
+    backward: impl FnOnce(Tensor, &[bool], Option<Tensor>) -> Result<Grads> + Send + 'static,
+) -> Result<()> {
+    let backward: Backward = Box::new(move |mut g, wants, acc| match g.pop().flatten() {
+        Some(g) => backward(g, wants, acc),
+        None => candle_core::bail!("tape: a backward ran without its output's gradient"),
+    });
+    push(inputs, &[output], backward, Some((onto, Fold::Read)), true)
 }
 
 fn push(
     inputs: &[&Tensor],
     outputs: &[&Tensor],
     backward: Backward,
-    into: Option<usize>,
+    into: Option<(usize, Fold)>,
     fresh: bool,
 ) -> Result<()> {
     ACTIVE.with(|a| {
