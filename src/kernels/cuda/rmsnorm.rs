@@ -60,12 +60,24 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<Tensor>> {
 }
 
 /// The custom op on any device (CPU included), differentiable in `x` and `w`.
-/// `x: [..., cols]`, `w: [cols]`, same dtype (f32, bf16 or f16).
+/// `x: [..., cols]`, `w: [cols]`, same dtype (f32, bf16 or f16). On a tape its backward adds
+/// x's gradient so far (the first block's input, which the residual add reads too) to dx in
+/// the pass that writes it, as LayerNorm's does.
 pub fn rms_norm_op(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    use crate::tape;
     check(x, w)?;
     let op = RmsNorm::new(eps, None);
-    let arg = |t: &Tensor| crate::tape::arg(t).contiguous();
-    crate::tape::op2([x, w], [arg(x)?, arg(w)?], op)
+    let arg = |t: &Tensor| tape::arg(t).contiguous();
+    let (xa, wa) = (arg(x)?, arg(w)?);
+    if !tape::recording() {
+        return xa.apply_op2(&wa, op);
+    }
+    let y = xa.apply_op2_no_bwd(&wa, &op)?;
+    tape::record_onto(&[x, w], &y, 0, move |dy, _, acc| {
+        let (dx, dw) = op.grads(&xa, &wa, &dy, acc)?;
+        Ok(vec![Some(dx), Some(dw)])
+    })?;
+    Ok(y)
 }
 
 fn check(x: &Tensor, w: &Tensor) -> Result<()> {
