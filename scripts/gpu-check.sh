@@ -210,6 +210,10 @@ fi
 # Ablation: the blocks in candle's autograd graph instead of our tape ([train] tape = "off").
 if has bench-train_step; then
   MEM=1 section train-graph 120 "$BUNDLE" bench-train_step --bench --impl ours-graph --steps 4
+  # The 128-row attention forward (attn_fwd_mma2), which `Auto` does not take yet: the step
+  # with it, to decide whether it becomes the default.
+  MEM=1 section train-attn-wide 120 env TEMPER_ATTN_IMPL=mma-wide "$BUNDLE" bench-train_step \
+    --bench --impl ours --steps 4
 fi
 
 # --- HOOK: generation (benches/generate.rs and its transformers peer) ------------------------
@@ -374,8 +378,9 @@ if refr:
 for imp, sec, base, what in [
     ("ours-graph", "train-graph", "temper with the tape", "blocks in candle's graph"),
     ("ours-casts", "train-casts", "temper with compute copies", "masters cast every step"),
+    ("ours", "train-attn-wide", "temper (64-row attention forward)", "128-row attention forward"),
 ]:
-    abl = pick(bench="train_step", impl=imp)
+    abl = pick(bench="train_step", impl=imp, section=sec)
     if abl:
         row("GPT-2 124M train step", "B16 T1024 bf16", "tokens/s", abl.get("tokens_per_s"), base,
             ours.get("tokens_per_s"), f"ablation: {what}, over ours; not a peer")

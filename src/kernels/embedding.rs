@@ -287,13 +287,7 @@ impl CustomOp2 for Embedding2 {
             ),
             (a, b) => candle_core::bail!("embedding: tables of {a:?} and {b:?}"),
         };
-        let out = match self.dtype {
-            DType::F32 => CpuStorage::F32(f),
-            DType::BF16 => CpuStorage::BF16(f.into_iter().map(half::bf16::from_f32).collect()),
-            DType::F16 => CpuStorage::F16(f.into_iter().map(half::f16::from_f32).collect()),
-            dt => candle_core::bail!("embedding: unsupported dtype {dt:?}"),
-        };
-        Ok((out, self.shape.clone()))
+        Ok((rounded(f, self.dtype)?, self.shape.clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -380,6 +374,16 @@ impl Grouping {
     }
 }
 
+/// f32 rows rounded once to the output's `dtype`.
+fn rounded(rows: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(rows),
+        DType::BF16 => CpuStorage::BF16(rows.into_iter().map(half::bf16::from_f32).collect()),
+        DType::F16 => CpuStorage::F16(rows.into_iter().map(half::f16::from_f32).collect()),
+        dt => candle_core::bail!("embedding: unsupported dtype {dt:?}"),
+    })
+}
+
 fn cpu_rows<TT: WithDType, T: WithDType>(table: &[TT], ids: &[u32], h: usize) -> Vec<T> {
     let mut out = Vec::with_capacity(ids.len() * h);
     for &id in ids {
@@ -429,26 +433,13 @@ impl CustomOp1 for Embedding {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, h) = l.shape().dims2()?;
         let ids = self.ids.to_vec1::<u32>()?;
-        fn rows<TT: WithDType>(
-            t: &[TT],
-            ids: &[u32],
-            h: usize,
-            dtype: DType,
-        ) -> Result<CpuStorage> {
-            Ok(match dtype {
-                DType::F32 => CpuStorage::F32(cpu_rows(t, ids, h)),
-                DType::BF16 => CpuStorage::BF16(cpu_rows(t, ids, h)),
-                DType::F16 => CpuStorage::F16(cpu_rows(t, ids, h)),
-                dt => candle_core::bail!("embedding: unsupported dtype {dt:?}"),
-            })
-        }
-        let out = match s.dtype() {
-            DType::F32 => rows(slice::<f32>(s, l)?, &ids, h, self.dtype)?,
-            DType::BF16 => rows(slice::<half::bf16>(s, l)?, &ids, h, self.dtype)?,
-            DType::F16 => rows(slice::<half::f16>(s, l)?, &ids, h, self.dtype)?,
+        let rows = match s.dtype() {
+            DType::F32 => cpu_rows::<f32, f32>(slice(s, l)?, &ids, h),
+            DType::BF16 => cpu_rows::<half::bf16, f32>(slice(s, l)?, &ids, h),
+            DType::F16 => cpu_rows::<half::f16, f32>(slice(s, l)?, &ids, h),
             dt => candle_core::bail!("embedding: unsupported table dtype {dt:?}"),
         };
-        Ok((out, self.shape.clone()))
+        Ok((rounded(rows, self.dtype)?, self.shape.clone()))
     }
 
     #[cfg(feature = "cuda")]

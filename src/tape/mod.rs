@@ -288,7 +288,7 @@ impl Tape {
 
 /// `a + b`, in f32 where the two differ in dtype: a compute copy read by two ops can get one
 /// gradient in f32 (the embedding's) and one in its own dtype (a GEMM's).
-fn sum_grads(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub(crate) fn sum_grads(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     match a.dtype() == b.dtype() {
         true => a.add(b),
         false => a
@@ -345,10 +345,7 @@ pub fn record_owned(
     output: &Tensor,
     backward: impl FnOnce(Tensor, &[bool]) -> Result<Grads> + Send + 'static,
 ) -> Result<()> {
-    let backward: Backward = Box::new(move |mut g, wants, _| match g.pop().flatten() {
-        Some(g) => backward(g, wants),
-        None => candle_core::bail!("tape: a backward ran without its output's gradient"),
-    });
+    let backward = one_output(move |g, wants, _| backward(g, wants));
     push(inputs, &[output], backward, None, true)
 }
 
@@ -361,17 +358,8 @@ pub fn record_into(
     into: usize,
     backward: impl FnOnce(Tensor, &[bool], Option<Tensor>) -> Result<Grads> + Send + 'static,
 ) -> Result<()> {
-    let backward: Backward = Box::new(move |mut g, wants, acc| match g.pop().flatten() {
-        Some(g) => backward(g, wants, acc),
-        None => candle_core::bail!("tape: a backward ran without its output's gradient"),
-    });
-    push(
-        inputs,
-        &[output],
-        backward,
-        Some((into, Fold::InPlace)),
-        true,
-    )
+    let fold = Some((into, Fold::InPlace));
+    push(inputs, &[output], one_output(backward), fold, true)
 }
 
 /// [`record_into`] for a backward that only reads the gradient so far of input `onto` and
@@ -383,11 +371,18 @@ pub fn record_onto(
     onto: usize,
     backward: impl FnOnce(Tensor, &[bool], Option<Tensor>) -> Result<Grads> + Send + 'static,
 ) -> Result<()> {
-    let backward: Backward = Box::new(move |mut g, wants, acc| match g.pop().flatten() {
+    let fold = Some((onto, Fold::Read));
+    push(inputs, &[output], one_output(backward), fold, true)
+}
+
+/// A backward of one output as the tape calls it, that output's gradient unwrapped.
+fn one_output(
+    backward: impl FnOnce(Tensor, &[bool], Option<Tensor>) -> Result<Grads> + Send + 'static,
+) -> Backward {
+    Box::new(move |mut g, wants, acc| match g.pop().flatten() {
         Some(g) => backward(g, wants, acc),
         None => candle_core::bail!("tape: a backward ran without its output's gradient"),
-    });
-    push(inputs, &[output], backward, Some((onto, Fold::Read)), true)
+    })
 }
 
 fn push(

@@ -1,7 +1,7 @@
 //! A segment: the ops of a closure recorded on a tape and joined to candle's graph as one
 //! node, whose backward runs the tape's.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::{Mutex, Once, PoisonError};
 
 use anyhow::bail;
@@ -15,6 +15,18 @@ thread_local! {
     /// The parameters' gradients from this thread's segment backwards, until [`backward`]
     /// hands them to candle's store.
     static PENDING: RefCell<ParamGrads> = const { RefCell::new(Vec::new()) };
+    /// Set while a segment that met a foreign input runs again without the tape: the
+    /// segments nested in it (the blocks' own) would only meet it again.
+    static DECLINED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Clears [`DECLINED`] when dropped (a panic included).
+struct Declined;
+
+impl Drop for Declined {
+    fn drop(&mut self) {
+        DECLINED.with(|d| d.set(false));
+    }
 }
 
 /// `f(x)` with every op in it recorded on a tape (see the module docs), as one node of
@@ -26,7 +38,7 @@ pub fn segment(
     x: &Tensor,
     f: impl Fn(&Tensor) -> anyhow::Result<Tensor>,
 ) -> anyhow::Result<Tensor> {
-    if super::recording() {
+    if super::recording() || DECLINED.with(Cell::get) {
         return f(x);
     }
     let xd = x.detach();
@@ -41,6 +53,8 @@ pub fn segment(
     if let Some(what) = tape.foreign.clone() {
         warn_foreign(&what);
         drop(tape);
+        DECLINED.with(|d| d.set(true));
+        let _clear = Declined;
         return f(x);
     }
     LAST.with(|l| *l.borrow_mut() = Some(tape.stats()));
@@ -71,7 +85,7 @@ fn warn_foreign(what: &str) {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         eprintln!(
-            "warning: the block tape is off for this run's forwards: an op read a {what} tensor \
+            "warning: the tape is off for this run's forwards: an op read a {what} tensor \
              that carries candle's graph without being a parameter (a weight cast in the \
              graph: [train] compute_copies = false?)"
         )
@@ -85,7 +99,7 @@ pub fn backward(loss: &Tensor) -> Result<GradStore> {
     let mut grads = loss.backward()?;
     for (p, g) in PENDING.with(|p| std::mem::take(&mut *p.borrow_mut())) {
         let g = match grads.remove(&p) {
-            Some(prev) => (prev + g)?,
+            Some(prev) => super::sum_grads(&prev, &g)?,
             None => g,
         };
         grads.insert(&p, g);

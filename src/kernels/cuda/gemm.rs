@@ -344,7 +344,10 @@ impl CustomOp3 for GemmBias {
         // A bias in the matrices' dtype (its compute copy) is read where it lies; an f32
         // master is cast, a launch of candle's per call.
         let cast;
-        let bias = match sbias.dtype() == sa.dtype() && lbias.start_offset() == 0 {
+        let whole = lbias.is_contiguous()
+            && lbias.start_offset() == 0
+            && storage_len(sbias)? == lbias.shape().elem_count();
+        let bias = match sbias.dtype() == sa.dtype() && whole {
             true => sbias,
             false => {
                 cast = sbias.to_dtype(lbias, sa.dtype())?;
@@ -401,6 +404,15 @@ fn bias_epilogue_grads(
         false => None,
     };
     Ok((dx, dw, db))
+}
+
+/// Elements in a 16-bit storage (the bias epilogue reads a bias's whole storage).
+fn storage_len(s: &CudaStorage) -> Result<usize> {
+    Ok(match s.dtype() {
+        DType::BF16 => s.as_cuda_slice::<half::bf16>()?.len(),
+        DType::F16 => s.as_cuda_slice::<half::f16>()?.len(),
+        _ => 0,
+    })
 }
 
 /// `x W^T` on storages, for an op that runs the GEMM inside its own forward
