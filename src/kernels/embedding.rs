@@ -12,9 +12,9 @@
 //! sums that row's positions in a fixed order (grouped on the host): parallel and
 //! deterministic. Its CPU implementation is the same maths, tested against the reference.
 //!
-//! On the tape (`crate::tape`) the positions are grouped in the forward, where reading the
-//! ids costs little (the device has little queued at a step's start); in candle's graph the
-//! backward groups them, waiting for the device to reach it.
+//! On the tape (`crate::tape`) the forward queues a copy of the ids to page-locked host memory
+//! and the backward groups them, the copy long finished: neither pass waits for the device to
+//! drain. In candle's graph the backward reads them, waiting for the device to reach it.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -122,10 +122,11 @@ pub fn fused(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Tensor> {
             tape::record(&[table], &y, |_, _| Ok(vec![None]))?;
             return Ok(y);
         }
-        let grouping = Grouping::new(&op.ids.to_vec1::<u32>()?, vocab, table.device())?;
+        let (host, n) = (HostIds::start(&op.ids)?, op.ids.elem_count());
         tape::record_into(&[table], &y, 0, move |g, _, acc| {
             spans::timed(KernelOp::Embedding, Pass::Backward, g.device(), || {
-                let g = g.reshape((grouping.positions, h))?;
+                let grouping = Grouping::new(&host.get()?, vocab, g.device())?;
+                let g = g.reshape((n, h))?;
                 Ok(vec![Some(table_grad(&g, &grouping, vocab, acc.as_ref())?)])
             })
         })?;
@@ -203,25 +204,22 @@ pub fn fused2(
         }
         let y = ta.apply_op2_no_bwd(&pa, &op)?;
         let want = tape::wanted(&[tok, pos]);
-        let dev = tok.device();
-        let group = |on: bool, t: &Tensor, rows: usize| -> Result<Option<Grouping>> {
-            match on {
-                true => Ok(Some(Grouping::new(&t.to_vec1::<u32>()?, rows, dev)?)),
-                false => Ok(None),
-            }
-        };
-        let gt = group(want[0], &op.ids, vocab)?;
-        let gp = group(want[1], &op.positions, vocab2)?;
+        let start = |on: bool, t: &Tensor| on.then(|| HostIds::start(t)).transpose();
+        let ht = start(want[0], &op.ids)?;
+        let hp = start(want[1], &op.positions)?;
         let n = op.ids.elem_count();
         tape::record_into(&[tok, pos], &y, 0, move |g, _, acc| {
             spans::timed(KernelOp::Embedding, Pass::Backward, g.device(), || {
-                let g = g.reshape((n, h))?;
-                let dt = match &gt {
-                    Some(gr) => Some(table_grad(&g, gr, vocab, acc.as_ref())?),
+                let grad = |host: HostIds, rows: usize, acc: Option<&Tensor>| {
+                    let grouping = Grouping::new(&host.get()?, rows, g.device())?;
+                    table_grad(&g.reshape((n, h))?, &grouping, rows, acc)
+                };
+                let dt = match ht {
+                    Some(host) => Some(grad(host, vocab, acc.as_ref())?),
                     None => acc,
                 };
-                let dp = match &gp {
-                    Some(gr) => Some(table_grad(&g, gr, vocab2, None)?),
+                let dp = match hp {
+                    Some(host) => Some(grad(host, vocab2, None)?),
                     None => None,
                 };
                 Ok(vec![dt, dp])
@@ -344,6 +342,34 @@ pub fn group_by_row(ids: &[u32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
     }
     offsets.push(order.len() as u32);
     (uniq, offsets, order)
+}
+
+/// Ids the backward will group, on their way to the host: on CUDA copied in the forward
+/// without waiting (`cuda::embedding::PinnedIds`), on the CPU read at once.
+enum HostIds {
+    Read(Vec<u32>),
+    #[cfg(feature = "cuda")]
+    Copying(super::cuda::embedding::PinnedIds),
+}
+
+impl HostIds {
+    fn start(ids: &Tensor) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if ids.device().is_cuda() {
+            return Ok(Self::Copying(super::cuda::embedding::PinnedIds::start(
+                ids,
+            )?));
+        }
+        Ok(Self::Read(ids.to_vec1::<u32>()?))
+    }
+
+    fn get(self) -> Result<Vec<u32>> {
+        match self {
+            Self::Read(v) => Ok(v),
+            #[cfg(feature = "cuda")]
+            Self::Copying(p) => p.read(),
+        }
+    }
 }
 
 /// [`group_by_row`] on the device that runs the backward, the rows outside the table left
@@ -497,7 +523,13 @@ fn table_grad(
     vocab: usize,
     init: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let h = dy.dim(1)?;
+    let (n, h) = dy.dims2()?;
+    if n != grouping.positions {
+        candle_core::bail!(
+            "embedding backward: {n} gradient rows for {} ids",
+            grouping.positions
+        );
+    }
     if let Some(i) = init {
         if i.dims() != [vocab, h] {
             candle_core::bail!(

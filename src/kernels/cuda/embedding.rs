@@ -2,7 +2,9 @@
 //! per position for the lookup, one block per used row for the gradient.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PinnedHostSlice};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor, WithDType};
 
@@ -321,4 +323,72 @@ fn widen<S: CudaDType + DeviceRepr + WithDType>(
     };
     // SAFETY: the source and d both hold vocab * h elements.
     unsafe { launch(dev, &func, &name, grid_stride(dev, total, THREADS)?, &p) }
+}
+
+/// Page-locked buffers for [`PinnedIds`], reused: freeing page-locked memory can synchronize
+/// the device, which is what the copy exists to avoid.
+static POOL: Mutex<Vec<PinnedHostSlice<u32>>> = Mutex::new(Vec::new());
+
+/// A u32 tensor on its way to the host: copied in the forward into page-locked memory, behind
+/// the work queued so far, and read in the backward, by which time the copy has long finished.
+/// Reading the ids with `to_vec1` in either pass would make the host wait for the device to
+/// drain and leave the device idle while the host then groups them.
+pub struct PinnedIds {
+    buf: Option<PinnedHostSlice<u32>>,
+    n: usize,
+}
+
+impl PinnedIds {
+    /// Queues the copy of `ids` (u32, contiguous) on candle's stream.
+    pub fn start(ids: &Tensor) -> Result<Self> {
+        let (s, l) = ids.storage_and_layout();
+        let s = cuda_storage(&s)?;
+        let view = contiguous_view::<u32>(s, l)?;
+        let n = l.shape().elem_count();
+        let stream = s.device().cuda_stream();
+        let ctx = stream.context();
+        let pooled = {
+            let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
+            // Exactly n: cudarc's copy to the host moves the whole destination's length.
+            let fits = pool
+                .iter()
+                .position(|b| Arc::ptr_eq(b.context(), ctx) && b.len() == n.max(1));
+            fits.map(|i| pool.swap_remove(i))
+        };
+        let mut buf = match pooled {
+            Some(b) => b,
+            // SAFETY: written by the copy below before anything reads it (`read` waits for it).
+            None => unsafe { ctx.alloc_pinned_with_flags::<u32>(n.max(1), 0) }
+                .map_err(candle_core::Error::wrap)?,
+        };
+        if n > 0 {
+            stream
+                .memcpy_dtoh(&view, &mut buf)
+                .map_err(candle_core::Error::wrap)?;
+        }
+        Ok(Self { buf: Some(buf), n })
+    }
+
+    /// The ids, waiting for the copy if it has not finished.
+    pub fn read(self) -> Result<Vec<u32>> {
+        let Some(buf) = self.buf.as_ref() else {
+            candle_core::bail!("embedding: the ids' host buffer is gone");
+        };
+        let all = buf.as_slice().map_err(candle_core::Error::wrap)?;
+        Ok(all[..self.n.min(all.len())].to_vec())
+    }
+}
+
+/// Buffers kept for reuse at most (one per batch shape in use, in practice).
+const POOLED: usize = 16;
+
+impl Drop for PinnedIds {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
+            if pool.len() < POOLED {
+                pool.push(b);
+            }
+        }
+    }
 }
