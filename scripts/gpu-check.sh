@@ -210,10 +210,6 @@ fi
 # Ablation: the blocks in candle's autograd graph instead of our tape ([train] tape = "off").
 if has bench-train_step; then
   MEM=1 section train-graph 120 "$BUNDLE" bench-train_step --bench --impl ours-graph --steps 4
-  # The 128-row attention forward (attn_fwd_mma2), which `Auto` does not take yet: the step
-  # with it, to decide whether it becomes the default.
-  MEM=1 section train-attn-wide 120 env TEMPER_ATTN_IMPL=mma-wide "$BUNDLE" bench-train_step \
-    --bench --impl ours --steps 4
 fi
 
 # --- HOOK: generation (benches/generate.rs and its transformers peer) ------------------------
@@ -297,9 +293,13 @@ for spec in attention:150:120 lora:150:120 train_ops:90:90 rmsnorm:150:120 gae:1
   section "peer-$b" "$peer_s" python3 scripts/bench_peers.py "$b"
 done
 
-# --- the rest, as time allows: the step with temper's reference kernels, and the
-# compute-copies ablation -------------------------------------------------------------------
+# --- the rest, as time allows: the step with the 128-row attention forward, with temper's
+# reference kernels, and the compute-copies ablation -----------------------------------------
 if has bench-train_step; then
+  # The 128-row attention forward (attn_fwd_mma2), which `Auto` does not take yet: the step
+  # with it, to decide whether it becomes the default.
+  MEM=1 section train-attn-wide 90 env TEMPER_ATTN_IMPL=mma-wide "$BUNDLE" bench-train_step \
+    --bench --impl ours --steps 4
   MEM=1 section train-reference 120 "$BUNDLE" bench-train_step --bench --impl reference --steps 4
   # Ablation: each f32 master cast in every step instead of AdamW's bf16 compute copies.
   MEM=1 section train-casts 90 "$BUNDLE" bench-train_step --bench --impl ours-casts --steps 4
