@@ -4,7 +4,10 @@
 use candle_core::backend::BackendStorage;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PinnedHostSlice};
+use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaEvent, CudaSlice, DeviceRepr, PinnedHostSlice,
+};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor, WithDType};
 
@@ -336,6 +339,10 @@ static POOL: Mutex<Vec<PinnedHostSlice<u32>>> = Mutex::new(Vec::new());
 pub struct PinnedIds {
     buf: Option<PinnedHostSlice<u32>>,
     n: usize,
+    /// Recorded after the copy. The buffer's own event cannot stand in: cudarc records it only
+    /// when it manages several streams' synchronization, which candle's one stream does not
+    /// ask for, and waiting on an event never recorded returns at once.
+    done: Option<CudaEvent>,
 }
 
 impl PinnedIds {
@@ -361,16 +368,32 @@ impl PinnedIds {
             None => unsafe { ctx.alloc_pinned_with_flags::<u32>(n.max(1), 0) }
                 .map_err(candle_core::Error::wrap)?,
         };
-        if n > 0 {
-            stream
-                .memcpy_dtoh(&view, &mut buf)
-                .map_err(candle_core::Error::wrap)?;
-        }
-        Ok(Self { buf: Some(buf), n })
+        let done = match n {
+            0 => None,
+            _ => {
+                stream
+                    .memcpy_dtoh(&view, &mut buf)
+                    .map_err(candle_core::Error::wrap)?;
+                let flags = CUevent_flags::CU_EVENT_DISABLE_TIMING;
+                Some(
+                    stream
+                        .record_event(Some(flags))
+                        .map_err(candle_core::Error::wrap)?,
+                )
+            }
+        };
+        Ok(Self {
+            buf: Some(buf),
+            n,
+            done,
+        })
     }
 
     /// The ids, waiting for the copy if it has not finished.
     pub fn read(self) -> Result<Vec<u32>> {
+        if let Some(done) = &self.done {
+            done.synchronize().map_err(candle_core::Error::wrap)?;
+        }
         let Some(buf) = self.buf.as_ref() else {
             candle_core::bail!("embedding: the ids' host buffer is gone");
         };
