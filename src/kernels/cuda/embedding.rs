@@ -329,20 +329,25 @@ fn widen<S: CudaDType + DeviceRepr + WithDType>(
 }
 
 /// Page-locked buffers for [`PinnedIds`], reused: freeing page-locked memory can synchronize
-/// the device, which is what the copy exists to avoid.
-static POOL: Mutex<Vec<PinnedHostSlice<u32>>> = Mutex::new(Vec::new());
+/// the device, which is what the copy exists to avoid. Each keeps the event of its last copy.
+static POOL: Mutex<Vec<Pooled>> = Mutex::new(Vec::new());
+
+/// Buffers kept for reuse at most; past that the smallest is freed.
+const POOLED: usize = 16;
+
+struct Pooled {
+    buf: PinnedHostSlice<u32>,
+    /// Recorded after the buffer's last copy, if it had one.
+    done: Option<CudaEvent>,
+}
 
 /// A u32 tensor on its way to the host: copied in the forward into page-locked memory, behind
 /// the work queued so far, and read in the backward, by which time the copy has long finished.
 /// Reading the ids with `to_vec1` in either pass would make the host wait for the device to
 /// drain and leave the device idle while the host then groups them.
 pub struct PinnedIds {
-    buf: Option<PinnedHostSlice<u32>>,
+    slot: Option<Pooled>,
     n: usize,
-    /// Recorded after the copy. The buffer's own event cannot stand in: cudarc records it only
-    /// when it manages several streams' synchronization, which candle's one stream does not
-    /// ask for, and waiting on an event never recorded returns at once.
-    done: Option<CudaEvent>,
 }
 
 impl PinnedIds {
@@ -356,61 +361,75 @@ impl PinnedIds {
         let ctx = stream.context();
         let pooled = {
             let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
-            // Exactly n: cudarc's copy to the host moves the whole destination's length.
-            let fits = pool
-                .iter()
-                .position(|b| Arc::ptr_eq(b.context(), ctx) && b.len() == n.max(1));
+            // The smallest buffer of this context that holds n.
+            let fits = (0..pool.len())
+                .filter(|&i| Arc::ptr_eq(pool[i].buf.context(), ctx) && pool[i].buf.len() >= n)
+                .min_by_key(|&i| pool[i].buf.len());
             fits.map(|i| pool.swap_remove(i))
         };
-        let mut buf = match pooled {
-            Some(b) => b,
-            // SAFETY: written by the copy below before anything reads it (`read` waits for it).
-            None => unsafe { ctx.alloc_pinned_with_flags::<u32>(n.max(1), 0) }
-                .map_err(candle_core::Error::wrap)?,
+        let mut slot = match pooled {
+            Some(p) => p,
+            None => Pooled {
+                // SAFETY: written by the copy below before anything reads it (`read` waits).
+                buf: unsafe { ctx.alloc_pinned_with_flags::<u32>(n.max(1), 0) }
+                    .map_err(candle_core::Error::wrap)?,
+                done: None,
+            },
         };
-        let done = match n {
-            0 => None,
-            _ => {
-                stream
-                    .memcpy_dtoh(&view, &mut buf)
-                    .map_err(candle_core::Error::wrap)?;
-                let flags = CUevent_flags::CU_EVENT_DISABLE_TIMING;
-                Some(
-                    stream
-                        .record_event(Some(flags))
-                        .map_err(candle_core::Error::wrap)?,
-                )
+        if n > 0 {
+            // A buffer's last copy may have been queued on another thread's stream.
+            if let Some(prev) = &slot.done {
+                stream.wait(prev).map_err(candle_core::Error::wrap)?;
             }
-        };
+            let dst = slot.buf.as_mut_slice().map_err(candle_core::Error::wrap)?;
+            // Into exactly n elements: cudarc copies the destination's whole length.
+            stream
+                .memcpy_dtoh(&view, &mut dst[..n])
+                .map_err(candle_core::Error::wrap)?;
+            // The buffer's own event cannot stand in: cudarc records it only when it manages
+            // several streams' synchronization, which candle's one stream does not ask for,
+            // and waiting on an event never recorded returns at once.
+            let flags = CUevent_flags::CU_EVENT_DISABLE_TIMING;
+            slot.done = Some(
+                stream
+                    .record_event(Some(flags))
+                    .map_err(candle_core::Error::wrap)?,
+            );
+        }
         Ok(Self {
-            buf: Some(buf),
+            slot: Some(slot),
             n,
-            done,
         })
     }
 
     /// The ids, waiting for the copy if it has not finished.
     pub fn read(self) -> Result<Vec<u32>> {
-        if let Some(done) = &self.done {
-            done.synchronize().map_err(candle_core::Error::wrap)?;
-        }
-        let Some(buf) = self.buf.as_ref() else {
+        let Some(slot) = self.slot.as_ref() else {
             candle_core::bail!("embedding: the ids' host buffer is gone");
         };
-        let all = buf.as_slice().map_err(candle_core::Error::wrap)?;
+        if let Some(done) = &slot.done {
+            done.synchronize().map_err(candle_core::Error::wrap)?;
+        }
+        let all = slot.buf.as_slice().map_err(candle_core::Error::wrap)?;
         Ok(all[..self.n.min(all.len())].to_vec())
     }
 }
 
-/// Buffers kept for reuse at most (one per batch shape in use, in practice).
-const POOLED: usize = 16;
-
 impl Drop for PinnedIds {
     fn drop(&mut self) {
-        if let Some(b) = self.buf.take() {
-            let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
-            if pool.len() < POOLED {
-                pool.push(b);
+        let Some(slot) = self.slot.take() else {
+            return;
+        };
+        let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
+        pool.push(slot);
+        if pool.len() > POOLED {
+            let smallest = (0..pool.len()).min_by_key(|&i| pool[i].buf.len());
+            if let Some(i) = smallest {
+                let gone = pool.swap_remove(i);
+                // Its copy must have landed before its memory is freed.
+                if let Some(done) = &gone.done {
+                    let _ = done.synchronize();
+                }
             }
         }
     }

@@ -166,6 +166,9 @@ fn ptr<T>(v: &T) -> *const c_void {
     v as *const T as *const c_void
 }
 
+/// Plans kept per stream at most; past that the cache starts over.
+const MAX_PLANS: usize = 512;
+
 /// One cuBLASLt handle, workspace and plan cache per CUDA stream.
 pub(crate) struct Lt {
     handle: sys::cublasLtHandle_t,
@@ -239,6 +242,11 @@ impl Lt {
             candle_core::bail!("gemm: a bias epilogue without its bias, or a bias without it");
         }
         let mut plans = self.plans.lock().unwrap_or_else(PoisonError::into_inner);
+        // Bounded: every distinct row count (a prefill's length, say) is a problem of its own.
+        // cuBLASLt reads a descriptor when a call is queued, so dropping plans is safe.
+        if plans.len() >= MAX_PLANS && !plans.contains_key(p) {
+            plans.clear();
+        }
         let plan = match plans.entry(*p) {
             std::collections::hash_map::Entry::Occupied(e) => {
                 let plan = e.into_mut();
