@@ -122,12 +122,11 @@ pub fn fused(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Tensor> {
             tape::record(&[table], &y, |_, _| Ok(vec![None]))?;
             return Ok(y);
         }
-        let (host, n) = (HostIds::start(&op.ids)?, op.ids.elem_count());
+        let host = HostIds::start(&op.ids)?;
         tape::record_into(&[table], &y, 0, move |g, _, acc| {
             spans::timed(KernelOp::Embedding, Pass::Backward, g.device(), || {
-                let grouping = Grouping::new(&host.get()?, vocab, g.device())?;
-                let g = g.reshape((n, h))?;
-                Ok(vec![Some(table_grad(&g, &grouping, vocab, acc.as_ref())?)])
+                let dt = table_grad(&g, &host.get()?, vocab, acc.as_ref())?;
+                Ok(vec![Some(dt)])
             })
         })?;
         Ok(y)
@@ -207,12 +206,10 @@ pub fn fused2(
         let start = |on: bool, t: &Tensor| on.then(|| HostIds::start(t)).transpose();
         let ht = start(want[0], &op.ids)?;
         let hp = start(want[1], &op.positions)?;
-        let n = op.ids.elem_count();
         tape::record_into(&[tok, pos], &y, 0, move |g, _, acc| {
             spans::timed(KernelOp::Embedding, Pass::Backward, g.device(), || {
                 let grad = |host: HostIds, rows: usize, acc: Option<&Tensor>| {
-                    let grouping = Grouping::new(&host.get()?, rows, g.device())?;
-                    table_grad(&g.reshape((n, h))?, &grouping, rows, acc)
+                    table_grad(&g, &host.get()?, rows, acc)
                 };
                 let dt = match ht {
                     Some(host) => Some(grad(host, vocab, acc.as_ref())?),
@@ -250,41 +247,9 @@ impl CustomOp2 for Embedding2 {
         sp: &CpuStorage,
         lp: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, h) = lt.shape().dims2()?;
-        let ids = self.ids.to_vec1::<u32>()?;
-        let positions = self.positions.to_vec1::<u32>()?;
-        fn sum<TT: WithDType>(
-            t: &[TT],
-            p: &[TT],
-            ids: &[u32],
-            positions: &[u32],
-            h: usize,
-        ) -> Vec<f32> {
-            let mut out = cpu_rows::<TT, f32>(t, ids, h);
-            let rows = cpu_rows::<TT, f32>(p, positions, h);
-            out.iter_mut().zip(rows).for_each(|(o, r)| *o += r);
-            out
-        }
-        let f = match (st.dtype(), sp.dtype()) {
-            (DType::F32, DType::F32) => {
-                sum(slice::<f32>(st, lt)?, slice(sp, lp)?, &ids, &positions, h)
-            }
-            (DType::BF16, DType::BF16) => sum(
-                slice::<half::bf16>(st, lt)?,
-                slice(sp, lp)?,
-                &ids,
-                &positions,
-                h,
-            ),
-            (DType::F16, DType::F16) => sum(
-                slice::<half::f16>(st, lt)?,
-                slice(sp, lp)?,
-                &ids,
-                &positions,
-                h,
-            ),
-            (a, b) => candle_core::bail!("embedding: tables of {a:?} and {b:?}"),
-        };
+        let mut f = rows_f32(st, lt, &self.ids)?;
+        let p = rows_f32(sp, lp, &self.positions)?;
+        f.iter_mut().zip(p).for_each(|(o, r)| *o += r);
         Ok((rounded(f, self.dtype)?, self.shape.clone()))
     }
 
@@ -296,13 +261,8 @@ impl CustomOp2 for Embedding2 {
         sp: &candle_core::CudaStorage,
         lp: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (out, _rows) = super::cuda::embedding::forward2(
-            (st, lt),
-            (sp, lp),
-            &self.ids,
-            &self.positions,
-            self.dtype,
-        )?;
+        let pos = Some(((sp, lp), &self.positions));
+        let (out, _rows) = super::cuda::embedding::forward((st, lt), &self.ids, pos, self.dtype)?;
         Ok((out, self.shape.clone()))
     }
 
@@ -315,13 +275,11 @@ impl CustomOp2 for Embedding2 {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         spans::timed(KernelOp::Embedding, Pass::Backward, tok.device(), || {
-            let (ids, positions) = (self.ids.to_vec1::<u32>()?, self.positions.to_vec1::<u32>()?);
-            let ((vocab, h), (vocab2, _)) = (tok.dims2()?, pos.dims2()?);
-            let g = grad.reshape((ids.len(), h))?;
-            let gt = Grouping::new(&ids, vocab, tok.device())?;
-            let gp = Grouping::new(&positions, vocab2, pos.device())?;
-            let dt = table_grad(&g, &gt, vocab, None)?.to_dtype(tok.dtype())?;
-            let dp = table_grad(&g, &gp, vocab2, None)?.to_dtype(pos.dtype())?;
+            let grad_of = |table: &Tensor, ids: &Tensor| -> Result<Tensor> {
+                let rows = table.dim(0)?;
+                table_grad(grad, &ids.to_vec1::<u32>()?, rows, None)?.to_dtype(table.dtype())
+            };
+            let (dt, dp) = (grad_of(tok, &self.ids)?, grad_of(pos, &self.positions)?);
             Ok((Some(dt), Some(dp)))
         })
     }
@@ -374,15 +332,13 @@ impl HostIds {
 
 /// [`group_by_row`] on the device that runs the backward, the rows outside the table left
 /// out (their positions got NaN rows and give no gradient).
-pub struct Grouping {
+pub(crate) struct Grouping {
     /// `(rows used, offsets, order)` as u32 tensors; `None` when no row inside the table is.
     pub(crate) rows: Option<(Tensor, Tensor, Tensor)>,
-    /// How many positions read the table.
-    pub(crate) positions: usize,
 }
 
 impl Grouping {
-    pub fn new(ids: &[u32], vocab: usize, dev: &Device) -> Result<Self> {
+    fn new(ids: &[u32], vocab: usize, dev: &Device) -> Result<Self> {
         let (uniq, offsets, order) = group_by_row(ids);
         let keep = uniq.iter().take_while(|&&u| (u as usize) < vocab).count();
         let rows = match keep {
@@ -393,10 +349,7 @@ impl Grouping {
                 Tensor::new(order.as_slice(), dev)?,
             )),
         };
-        Ok(Self {
-            rows,
-            positions: ids.len(),
-        })
+        Ok(Self { rows })
     }
 }
 
@@ -410,12 +363,24 @@ fn rounded(rows: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
     })
 }
 
-fn cpu_rows<TT: WithDType, T: WithDType>(table: &[TT], ids: &[u32], h: usize) -> Vec<T> {
+/// The rows of the `[V, H]` CPU table `s` at `ids`, widened to f32 (NaN for an id outside it).
+fn rows_f32(s: &CpuStorage, l: &Layout, ids: &Tensor) -> Result<Vec<f32>> {
+    let (_, h) = l.shape().dims2()?;
+    let ids = ids.to_vec1::<u32>()?;
+    Ok(match s.dtype() {
+        DType::F32 => cpu_rows(slice::<f32>(s, l)?, &ids, h),
+        DType::BF16 => cpu_rows(slice::<half::bf16>(s, l)?, &ids, h),
+        DType::F16 => cpu_rows(slice::<half::f16>(s, l)?, &ids, h),
+        dt => candle_core::bail!("embedding: unsupported table dtype {dt:?}"),
+    })
+}
+
+fn cpu_rows<TT: WithDType>(table: &[TT], ids: &[u32], h: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(ids.len() * h);
     for &id in ids {
         match table.get(id as usize * h..(id as usize + 1) * h) {
-            Some(row) => out.extend(row.iter().map(|&v| T::from_f64(v.to_f64()))),
-            None => out.extend(std::iter::repeat_n(T::from_f64(f64::NAN), h)),
+            Some(row) => out.extend(row.iter().map(|&v| v.to_f64() as f32)),
+            None => out.extend(std::iter::repeat_n(f32::NAN, h)),
         }
     }
     out
@@ -457,14 +422,7 @@ impl CustomOp1 for Embedding {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (_, h) = l.shape().dims2()?;
-        let ids = self.ids.to_vec1::<u32>()?;
-        let rows = match s.dtype() {
-            DType::F32 => cpu_rows::<f32, f32>(slice(s, l)?, &ids, h),
-            DType::BF16 => cpu_rows::<half::bf16, f32>(slice(s, l)?, &ids, h),
-            DType::F16 => cpu_rows::<half::f16, f32>(slice(s, l)?, &ids, h),
-            dt => candle_core::bail!("embedding: unsupported table dtype {dt:?}"),
-        };
+        let rows = rows_f32(s, l, &self.ids)?;
         Ok((rounded(rows, self.dtype)?, self.shape.clone()))
     }
 
@@ -474,7 +432,7 @@ impl CustomOp1 for Embedding {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (out, _rows) = super::cuda::embedding::forward(s, l, &self.ids, self.dtype)?;
+        let (out, _rows) = super::cuda::embedding::forward((s, l), &self.ids, None, self.dtype)?;
         Ok((out, self.shape.clone()))
     }
 
@@ -485,9 +443,7 @@ impl CustomOp1 for Embedding {
             // The grouping needs the ids on the host: read here, in the backward, so that a
             // forward alone (generation) never waits for the device.
             let ids = self.ids.to_vec1::<u32>()?;
-            let (vocab, h) = table.dims2()?;
-            let grouping = Grouping::new(&ids, vocab, table.device())?;
-            let g = table_grad(&grad.reshape((ids.len(), h))?, &grouping, vocab, None)?;
+            let g = table_grad(grad, &ids, table.dim(0)?, None)?;
             g.to_dtype(table.dtype()).map(Some)
         })
     }
@@ -510,26 +466,15 @@ pub fn backward_onto(
     init: Option<&Tensor>,
 ) -> Result<Tensor> {
     let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-    let h = dy.dim(D::Minus1)?;
-    let grouping = Grouping::new(&ids, vocab, dy.device())?;
-    table_grad(&dy.reshape((ids.len(), h))?, &grouping, vocab, init)
+    table_grad(dy, &ids, vocab, init)
 }
 
-/// `dy [n, H]` of the positions `grouping` describes -> the table's f32 gradient, `init`
-/// (the gradient so far) added where one is given.
-fn table_grad(
-    dy: &Tensor,
-    grouping: &Grouping,
-    vocab: usize,
-    init: Option<&Tensor>,
-) -> Result<Tensor> {
-    let (n, h) = dy.dims2()?;
-    if n != grouping.positions {
-        candle_core::bail!(
-            "embedding backward: {n} gradient rows for {} ids",
-            grouping.positions
-        );
-    }
+/// `dy [..., H]` of the positions that read the rows `ids` -> the `[vocab, H]` table's f32
+/// gradient, `init` (the gradient so far) added where one is given. Every backward of the
+/// lookup comes here: the positions grouped by row, then one launch.
+fn table_grad(dy: &Tensor, ids: &[u32], vocab: usize, init: Option<&Tensor>) -> Result<Tensor> {
+    let h = dy.dim(D::Minus1)?;
+    let dy = dy.reshape((ids.len(), h))?;
     if let Some(i) = init {
         if i.dims() != [vocab, h] {
             candle_core::bail!(
@@ -542,7 +487,11 @@ fn table_grad(
     if init.is_some() {
         tests::ONTO.with(|c| c.set(c.get() + 1));
     }
-    let op = EmbeddingBwd { grouping, vocab };
+    let grouping = Grouping::new(ids, vocab, dy.device())?;
+    let op = EmbeddingBwd {
+        grouping: &grouping,
+        vocab,
+    };
     match init {
         None => dy.contiguous()?.apply_op1_no_bwd(&op),
         Some(i) => dy.contiguous()?.apply_op2_no_bwd(&i.contiguous()?, &op),

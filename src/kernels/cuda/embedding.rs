@@ -52,148 +52,99 @@ fn config(blocks: usize) -> Result<LaunchConfig> {
     })
 }
 
-/// `[n, H]` rows of `table` (f32, bf16 or f16) at `ids`, in `dtype`.
+/// A position table and the position of each row, for `embedding_fwd2`.
+pub type Positions<'a> = ((&'a CudaStorage, &'a Layout), &'a Tensor);
+
+/// `[n, H]` rows of the token table (f32, bf16 or f16) at `ids`, plus the rows of the position
+/// table at their positions where one is given (`embedding_fwd2`, one dtype for both tables),
+/// in `dtype`.
 pub fn forward(
-    s: &CudaStorage,
-    l: &Layout,
+    tok: (&CudaStorage, &Layout),
     ids: &Tensor,
+    pos: Option<Positions>,
     dtype: DType,
 ) -> Result<(CudaStorage, Shape)> {
     match dtype {
-        DType::F32 => forward_out::<f32>(s, l, ids),
-        DType::BF16 => forward_out::<half::bf16>(s, l, ids),
-        DType::F16 => forward_out::<half::f16>(s, l, ids),
+        DType::F32 => forward_out::<f32>(tok, ids, pos),
+        DType::BF16 => forward_out::<half::bf16>(tok, ids, pos),
+        DType::F16 => forward_out::<half::f16>(tok, ids, pos),
         dt => candle_core::bail!("embedding: no CUDA kernel for {dt:?}"),
     }
 }
 
 fn forward_out<T: CudaDType + DeviceRepr + WithDType>(
-    s: &CudaStorage,
-    l: &Layout,
+    tok: (&CudaStorage, &Layout),
     ids: &Tensor,
+    pos: Option<Positions>,
 ) -> Result<(CudaStorage, Shape)> {
-    match s.dtype() {
-        DType::F32 => forward_t::<f32, T>(s, l, ids),
-        DType::BF16 => forward_t::<half::bf16, T>(s, l, ids),
-        DType::F16 => forward_t::<half::f16, T>(s, l, ids),
+    let dt = tok.0.dtype();
+    if let Some(((sp, _), _)) = pos {
+        if sp.dtype() != dt {
+            candle_core::bail!(
+                "embedding: token table {dt:?}, position table {:?}: one dtype",
+                sp.dtype()
+            );
+        }
+    }
+    match dt {
+        DType::F32 => forward_t::<f32, T>(tok, ids, pos),
+        DType::BF16 => forward_t::<half::bf16, T>(tok, ids, pos),
+        DType::F16 => forward_t::<half::f16, T>(tok, ids, pos),
         dt => candle_core::bail!("embedding: no CUDA kernel for a {dt:?} table"),
     }
 }
 
 fn forward_t<TT: CudaDType + WithDType, T: CudaDType + DeviceRepr + WithDType>(
-    s: &CudaStorage,
-    l: &Layout,
+    (s, l): (&CudaStorage, &Layout),
     ids: &Tensor,
+    pos: Option<Positions>,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s.device();
     let (vocab, h) = l.shape().dims2()?;
     let n = ids.elem_count();
+    let vocab2 = match pos {
+        Some(((_, lp), positions)) => {
+            let (vocab2, h2) = lp.shape().dims2()?;
+            if h2 != h || positions.elem_count() != n {
+                candle_core::bail!(
+                    "embedding: token table {:?}, position table {:?}, {n} ids, {} positions",
+                    l.shape(),
+                    lp.shape(),
+                    positions.elem_count()
+                );
+            }
+            vocab2
+        }
+        None => 0,
+    };
     let table = contiguous_view::<TT>(s, l)?;
+    let table2 = match pos {
+        Some(((sp, lp), _)) => Some(contiguous_view::<TT>(sp, lp)?),
+        None => None,
+    };
     let (is, il) = ids.storage_and_layout();
     let idv = contiguous_view::<u32>(cuda_storage(&is)?, il)?;
+    let pos_guard = pos.map(|(_, positions)| positions.storage_and_layout());
+    let posv = match &pos_guard {
+        Some((ps, pl)) => Some(contiguous_view::<u32>(cuda_storage(ps)?, pl)?),
+        None => None,
+    };
     // SAFETY: one block per position writes its whole row.
     let mut out = unsafe { alloc_out::<T>(dev, n * h)? };
     if n > 0 && h > 0 {
-        let name = format!("embedding_fwd_{}_{}", TT::DTYPE.as_str(), T::DTYPE.as_str());
-        let func = load_func(dev, "embedding", &name)?;
-        let stream = dev.cuda_stream();
-        let mut ptrs = DevPtrs::new(&stream);
-        let p = EmbeddingParams {
-            table: ptrs.read(&table),
-            ids: ptrs.read(&idv),
-            out: ptrs.write(&mut out),
-            n: to_i32(n, "positions")?,
-            dim: to_i32(h, "dim")?,
-            vocab: to_i32(vocab, "vocab")?,
-            ..EmbeddingParams::default()
+        let family = match pos {
+            Some(_) => "embedding_fwd2",
+            None => "embedding_fwd",
         };
-        // SAFETY: table holds vocab * h, ids n, out n * h elements.
-        unsafe { launch(dev, &func, &name, config(n)?, &p) }?;
-    }
-    Ok((
-        CudaStorage::wrap_cuda_slice(out, dev.clone()),
-        Shape::from((n, h)),
-    ))
-}
-
-/// `[n, H]` rows of the token table at `ids` plus rows of the position table at `positions`
-/// (both tables f32, bf16 or f16, one dtype), in `dtype`.
-pub fn forward2(
-    tok: (&CudaStorage, &Layout),
-    pos: (&CudaStorage, &Layout),
-    ids: &Tensor,
-    positions: &Tensor,
-    dtype: DType,
-) -> Result<(CudaStorage, Shape)> {
-    match dtype {
-        DType::F32 => forward2_out::<f32>(tok, pos, ids, positions),
-        DType::BF16 => forward2_out::<half::bf16>(tok, pos, ids, positions),
-        DType::F16 => forward2_out::<half::f16>(tok, pos, ids, positions),
-        dt => candle_core::bail!("embedding: no CUDA kernel for {dt:?}"),
-    }
-}
-
-fn forward2_out<T: CudaDType + DeviceRepr + WithDType>(
-    tok: (&CudaStorage, &Layout),
-    pos: (&CudaStorage, &Layout),
-    ids: &Tensor,
-    positions: &Tensor,
-) -> Result<(CudaStorage, Shape)> {
-    if tok.0.dtype() != pos.0.dtype() {
-        candle_core::bail!(
-            "embedding: token table {:?}, position table {:?}: one dtype",
-            tok.0.dtype(),
-            pos.0.dtype()
-        );
-    }
-    match tok.0.dtype() {
-        DType::F32 => forward2_t::<f32, T>(tok, pos, ids, positions),
-        DType::BF16 => forward2_t::<half::bf16, T>(tok, pos, ids, positions),
-        DType::F16 => forward2_t::<half::f16, T>(tok, pos, ids, positions),
-        dt => candle_core::bail!("embedding: no CUDA kernel for a {dt:?} table"),
-    }
-}
-
-fn forward2_t<TT: CudaDType + WithDType, T: CudaDType + DeviceRepr + WithDType>(
-    (st, lt): (&CudaStorage, &Layout),
-    (sp, lp): (&CudaStorage, &Layout),
-    ids: &Tensor,
-    positions: &Tensor,
-) -> Result<(CudaStorage, Shape)> {
-    let dev = st.device();
-    let (vocab, h) = lt.shape().dims2()?;
-    let (vocab2, h2) = lp.shape().dims2()?;
-    let n = ids.elem_count();
-    if h2 != h || positions.elem_count() != n {
-        candle_core::bail!(
-            "embedding: token table {:?}, position table {:?}, {n} ids, {} positions",
-            lt.shape(),
-            lp.shape(),
-            positions.elem_count()
-        );
-    }
-    let table = contiguous_view::<TT>(st, lt)?;
-    let table2 = contiguous_view::<TT>(sp, lp)?;
-    let (is, il) = ids.storage_and_layout();
-    let idv = contiguous_view::<u32>(cuda_storage(&is)?, il)?;
-    let (ps, pl) = positions.storage_and_layout();
-    let posv = contiguous_view::<u32>(cuda_storage(&ps)?, pl)?;
-    // SAFETY: one block per position writes its whole row.
-    let mut out = unsafe { alloc_out::<T>(dev, n * h)? };
-    if n > 0 && h > 0 {
-        let name = format!(
-            "embedding_fwd2_{}_{}",
-            TT::DTYPE.as_str(),
-            T::DTYPE.as_str()
-        );
+        let name = format!("{family}_{}_{}", TT::DTYPE.as_str(), T::DTYPE.as_str());
         let func = load_func(dev, "embedding", &name)?;
         let stream = dev.cuda_stream();
         let mut ptrs = DevPtrs::new(&stream);
         let p = EmbeddingParams {
             table: ptrs.read(&table),
-            table2: ptrs.read(&table2),
+            table2: ptrs.read_opt(table2.as_ref()),
             ids: ptrs.read(&idv),
-            ids2: ptrs.read(&posv),
+            ids2: ptrs.read_opt(posv.as_ref()),
             out: ptrs.write(&mut out),
             n: to_i32(n, "positions")?,
             dim: to_i32(h, "dim")?,
@@ -201,7 +152,7 @@ fn forward2_t<TT: CudaDType + WithDType, T: CudaDType + DeviceRepr + WithDType>(
             vocab2: to_i32(vocab2, "positions table")?,
             ..EmbeddingParams::default()
         };
-        // SAFETY: the tables hold vocab * h and vocab2 * h, ids and positions n, out n * h.
+        // SAFETY: the tables hold vocab * h (and vocab2 * h), ids (and positions) n, out n * h.
         unsafe { launch(dev, &func, &name, config(n)?, &p) }?;
     }
     Ok((
@@ -212,7 +163,7 @@ fn forward2_t<TT: CudaDType + WithDType, T: CudaDType + DeviceRepr + WithDType>(
 
 /// The f32 `[vocab, H]` gradient of the table from `dy [n, H]` and the positions' grouping:
 /// from zeros, or from `init` (the gradient so far, `[vocab, H]` in any float dtype).
-pub fn backward(
+pub(crate) fn backward(
     s: &CudaStorage,
     l: &Layout,
     grouping: &Grouping,
@@ -236,12 +187,6 @@ fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s.device();
     let (n, h) = l.shape().dims2()?;
-    if n != grouping.positions {
-        candle_core::bail!(
-            "embedding backward: {n} gradient rows for {} ids",
-            grouping.positions
-        );
-    }
     let dy = contiguous_view::<T>(s, l)?;
     let stream = dev.cuda_stream();
     let total = vocab * h;
