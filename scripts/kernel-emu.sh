@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Runs temper's CUDA kernels on the CPU, in the emulator of tests/kernel_emu/, against their
+# references: the check of a kernel's indexing, tiling, masking and mma fragment layouts that
+# needs no GPU (what it cannot show is in tests/kernel_emu/cuda_emu.h). Each driver
+# tests/kernel_emu/*.cpp is built with g++ against a copy of kernels/ in which
+# tests/kernel_emu/mma_ptx.cuh replaces the PTX primitives, then run twice with the same seed:
+# once with the first warp of each block running ahead of the others, once with the last.
+#
+# Usage: scripts/kernel-emu.sh [SEED] [DRIVER...]   (a random seed when none is given; the
+# drivers' names without .cpp, all of them by default). Needs g++ 12 or newer (_Float16).
+# Builds into $TEMPER_EMU_DIR, default $CARGO_TARGET_DIR/kernel-emu (or target/kernel-emu).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seed="${1:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}"
+shift || true
+drivers=("$@")
+if [[ ${#drivers[@]} -eq 0 ]]; then
+  for src in tests/kernel_emu/*.cpp; do drivers+=("$(basename "$src" .cpp)"); done
+fi
+out="${TEMPER_EMU_DIR:-${CARGO_TARGET_DIR:-target}/kernel-emu}"
+mkdir -p "$out"
+overlay="$(mktemp -d "$out/kernels.XXXXXX")"
+trap 'rm -rf "$overlay"' EXIT
+cp kernels/* "$overlay/"
+cp tests/kernel_emu/mma_ptx.cuh "$overlay/"
+
+failed=0
+for name in "${drivers[@]}"; do
+  bin="$out/$name"
+  # -fno-extern-tls-init: __shared__ is thread_local in the emulator, and a kernel's
+  # `extern __shared__` array is defined by the driver without a dynamic initializer.
+  g++ -std=c++17 -O1 -fno-extern-tls-init -include tests/kernel_emu/cuda_emu.h \
+    -I tests/kernel_emu/include -I "$overlay" -I tests/kernel_emu \
+    "tests/kernel_emu/$name.cpp" -o "$bin"
+  for order in forward reverse; do
+    echo "== $name (seed $seed, $order warp order)"
+    if ! EMU_ORDER="$order" "$bin" "$seed"; then
+      failed=1
+    fi
+  done
+done
+if [[ $failed -ne 0 ]]; then
+  echo "kernel emulator: FAILED (rerun: scripts/kernel-emu.sh $seed)" >&2
+  exit 1
+fi
+echo "kernel emulator: all drivers passed"

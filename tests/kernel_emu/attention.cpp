@@ -1,0 +1,249 @@
+// The attention kernels (kernels/attention_*.cu) run in the CPU emulator (cuda_emu.h) against a
+// double-precision reference, on fresh random inputs of awkward sizes: causal with and without
+// a position offset, grouped-query heads, padded keys with a hole, sequences that end
+// mid-tile. Launch shapes are those src/kernels/cuda/attention.rs uses.
+//
+// Usage: attention [seed]  (a random seed when none is given; it is printed either way).
+#include "emu_check.h"
+
+namespace temper {
+namespace attn {
+EMU_DYNAMIC_SHARED(smem_raw, 232448)
+}
+}  // namespace temper
+
+#include "attention_prep.cu"
+#include "attention_fwd.cu"
+#include "attention_bwd.cu"
+
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+struct Case {
+  const char *name;
+  int b, hq, hkv, tq, tk, d;
+  bool causal;
+  int offset;
+  bool mask;  // left padding plus a hole in the keys of every sequence
+};
+
+struct Inputs {
+  Case c;
+  std::vector<bf16> q, k, v, dout;
+  std::vector<float> kvalid;
+};
+
+Inputs make_inputs(const Case &c, emu_check::Rng &rng) {
+  Inputs in{c, {}, {}, {}, {}, {}};
+  auto fill = [&](std::vector<bf16> &x, size_t n) {
+    x.resize(n);
+    for (auto &e : x) e = __float2bfloat16_rn(rng.normal());
+  };
+  fill(in.q, (size_t)c.b * c.hq * c.tq * c.d);
+  fill(in.k, (size_t)c.b * c.hkv * c.tk * c.d);
+  fill(in.v, (size_t)c.b * c.hkv * c.tk * c.d);
+  fill(in.dout, (size_t)c.b * c.hq * c.tq * c.d);
+  if (c.mask) {
+    in.kvalid.assign((size_t)c.b * c.tk, 1.f);
+    for (int b = 0; b < c.b; ++b) {
+      const int pad = (int)(rng.uniform() * c.tk / 3);
+      for (int j = 0; j < pad; ++j) in.kvalid[(size_t)b * c.tk + j] = 0.f;
+      const int hole = pad + (int)(rng.uniform() * (c.tk - pad));
+      for (int j = hole; j < std::min(c.tk, hole + 5); ++j) in.kvalid[(size_t)b * c.tk + j] = 0.f;
+    }
+  }
+  return in;
+}
+
+float f(bf16 x) { return __bfloat162float(x); }
+
+struct Reference {
+  std::vector<double> o, lse, dq, dk, dv;
+};
+
+// Softmax attention and its gradients in double, from the bf16 inputs.
+Reference reference(const Inputs &in) {
+  const Case &c = in.c;
+  const int G = c.hq / c.hkv;
+  const double scale = 1.0 / std::sqrt((double)c.d);
+  Reference r;
+  r.o.assign(in.q.size(), 0.0);
+  r.dq.assign(in.q.size(), 0.0);
+  r.lse.assign((size_t)c.b * c.hq * c.tq, 0.0);
+  r.dk.assign(in.k.size(), 0.0);
+  r.dv.assign(in.v.size(), 0.0);
+  std::vector<double> s(c.tk), p(c.tk), dp(c.tk);
+  for (int b = 0; b < c.b; ++b)
+    for (int h = 0; h < c.hq; ++h) {
+      const size_t qb = ((size_t)b * c.hq + h) * c.tq, kb = ((size_t)b * c.hkv + h / G) * c.tk;
+      for (int i = 0; i < c.tq; ++i) {
+        const bf16 *qi = &in.q[(qb + i) * c.d];
+        double m = -INFINITY;
+        for (int j = 0; j < c.tk; ++j) {
+          const bool seen = (!c.causal || j <= c.offset + i) &&
+                            (!c.mask || in.kvalid[(size_t)b * c.tk + j] != 0.f);
+          if (!seen) {
+            s[j] = -INFINITY;
+            continue;
+          }
+          double dot = 0;
+          for (int e = 0; e < c.d; ++e) dot += (double)f(qi[e]) * f(in.k[(kb + j) * c.d + e]);
+          s[j] = dot * scale;
+          m = std::max(m, s[j]);
+        }
+        if (m == -INFINITY) {
+          r.lse[qb + i] = INFINITY;
+          continue;
+        }
+        double l = 0;
+        for (int j = 0; j < c.tk; ++j) l += s[j] == -INFINITY ? 0 : std::exp(s[j] - m);
+        r.lse[qb + i] = m + std::log(l);
+        double dsum = 0;
+        const bf16 *doi = &in.dout[(qb + i) * c.d];
+        for (int j = 0; j < c.tk; ++j) {
+          p[j] = s[j] == -INFINITY ? 0 : std::exp(s[j] - m) / l;
+          double acc = 0;
+          for (int e = 0; e < c.d; ++e) {
+            const double vv = f(in.v[(kb + j) * c.d + e]);
+            r.o[(qb + i) * c.d + e] += p[j] * vv;
+            acc += (double)f(doi[e]) * vv;
+          }
+          dp[j] = acc;
+          dsum += p[j] * acc;
+        }
+        for (int j = 0; j < c.tk; ++j) {
+          if (p[j] == 0) continue;
+          const double ds = p[j] * (dp[j] - dsum) * scale;
+          for (int e = 0; e < c.d; ++e) {
+            r.dq[(qb + i) * c.d + e] += ds * f(in.k[(kb + j) * c.d + e]);
+            r.dk[(kb + j) * c.d + e] += ds * f(qi[e]);
+            r.dv[(kb + j) * c.d + e] += p[j] * f(doi[e]);
+          }
+        }
+      }
+    }
+  return r;
+}
+
+AttnParams params(const Inputs &in) {
+  const Case &c = in.c;
+  AttnParams p{};
+  p.b = c.b;
+  p.hq = c.hq;
+  p.hkv = c.hkv;
+  p.tq = c.tq;
+  p.tk = c.tk;
+  p.d = c.d;
+  p.causal = c.causal;
+  p.offset = c.offset;
+  p.nrows = c.b * c.hq * c.tq;
+  p.nsplit = 1;
+  p.scale = 1.f / std::sqrt((float)c.d);
+  p.scale_log2 = p.scale * kLog2e;
+  return p;
+}
+
+// Runs attn_key_range when the case has a key mask; `krange` must outlive the params.
+void key_range(const Inputs &in, AttnParams &p, std::vector<int> &krange) {
+  if (!in.c.mask) return;
+  krange.assign(3 * in.c.b, -7);
+  p.kvalid = in.kvalid.data();
+  p.krange = krange.data();
+  emu::launch({(unsigned)in.c.b, 1, 1}, {256, 1, 1}, 0, [&] { attn_key_range(p); });
+}
+
+using Kernel = void (*)(const AttnParams);
+
+Kernel fwd_kernel(int d, int mt) {
+  if (d == 64) return mt == 1 ? attn_fwd_mma_bf16_h64 : attn_fwd_mma2_bf16_h64;
+  return mt == 1 ? attn_fwd_mma_bf16_h128 : attn_fwd_mma2_bf16_h128;
+}
+
+size_t fwd_smem(int d, int mt) {
+  if (d == 64) return mt == 1 ? MmaFwdTraits<64, 1>::kSmemBytes : MmaFwdTraits<64, 2>::kSmemBytes;
+  return mt == 1 ? MmaFwdTraits<128, 1>::kSmemBytes : MmaFwdTraits<128, 2>::kSmemBytes;
+}
+
+// The tensor-core forward with MT 16-row tiles per warp: o and lse.
+bool check_forward(const Inputs &in, const Reference &r, int mt) {
+  const Case &c = in.c;
+  AttnParams p = params(in);
+  std::vector<int> krange;
+  key_range(in, p, krange);
+  std::vector<bf16> o(in.q.size(), __float2bfloat16_rn(NAN));
+  std::vector<float> lse((size_t)c.b * c.hq * c.tq, NAN);
+  p.q = in.q.data();
+  p.k = in.k.data();
+  p.v = in.v.data();
+  p.o = o.data();
+  p.lse = lse.data();
+  const unsigned bq = 64 * mt;
+  const Kernel kernel = fwd_kernel(c.d, mt);
+  emu::launch({(unsigned)(c.b * c.hq), (c.tq + bq - 1) / bq, 1}, {128, 1, 1}, fwd_smem(c.d, mt),
+              [&] { kernel(p); });
+  std::string what = std::string(c.name) + (mt == 1 ? " fwd mma" : " fwd mma2");
+  bool ok = emu_check::close(what + " o", o, r.o, 2e-2);
+  ok &= emu_check::close_abs(what + " lse", lse, r.lse, 2e-3);
+  return ok;
+}
+
+// The tensor-core backward (bwd_dot, bwd_mma, dq_convert), fed the reference's lse and the
+// reference output rounded as the forward would store it.
+bool check_backward(const Inputs &in, const Reference &r) {
+  const Case &c = in.c;
+  AttnParams p = params(in);
+  std::vector<int> krange;
+  key_range(in, p, krange);
+  std::vector<bf16> o(in.q.size());
+  for (size_t i = 0; i < o.size(); ++i) o[i] = __float2bfloat16_rn((float)r.o[i]);
+  std::vector<float> lse(r.lse.begin(), r.lse.end());
+  std::vector<float> dvec((size_t)p.nrows, NAN), dq_acc(in.q.size(), 0.f);
+  std::vector<bf16> dq(in.q.size(), __float2bfloat16_rn(NAN));
+  std::vector<bf16> dk(in.k.size(), __float2bfloat16_rn(NAN)), dv(in.v.size(), __float2bfloat16_rn(NAN));
+  p.q = in.q.data();
+  p.k = in.k.data();
+  p.v = in.v.data();
+  p.o = o.data();
+  p.dout = in.dout.data();
+  p.lse = lse.data();
+  p.dvec = dvec.data();
+  p.dq_acc = dq_acc.data();
+  p.dq = dq.data();
+  p.dk = dk.data();
+  p.dv = dv.data();
+  emu::launch({(unsigned)(p.nrows + 7) / 8, 1, 1}, {256, 1, 1}, 0, [&] { attn_bwd_dot_bf16(p); });
+  const Kernel kernel = c.d == 64 ? attn_bwd_mma_bf16_h64 : attn_bwd_mma_bf16_h128;
+  const size_t smem = c.d == 64 ? MmaBwdTraits<64>::kSmemBytes : MmaBwdTraits<128>::kSmemBytes;
+  emu::launch({(unsigned)(c.b * c.hkv), (unsigned)(c.tk + 63) / 64, 1}, {128, 1, 1}, smem,
+              [&] { kernel(p); });
+  emu::launch({(unsigned)std::min<size_t>(64, (dq.size() + 255) / 256), 1, 1}, {256, 1, 1}, 0,
+              [&] { attn_dq_convert_bf16(p); });
+  const std::string what = std::string(c.name) + " bwd mma";
+  bool ok = emu_check::close(what + " dq", dq, r.dq, 3e-2);
+  ok &= emu_check::close(what + " dk", dk, r.dk, 3e-2);
+  ok &= emu_check::close(what + " dv", dv, r.dv, 3e-2);
+  return ok;
+}
+
+}  // namespace
+
+int main(int argc, char **argv) {
+  emu_check::Rng rng(emu_check::seed(argc, argv));
+  const Case cases[] = {
+      {"causal d64 gqa tq301", 2, 4, 2, 301, 301, 64, true, 0, false},
+      {"causal d128 tq173", 1, 2, 2, 173, 173, 128, true, 0, false},
+      {"causal d64 offset", 1, 2, 1, 77, 200, 64, true, 123, false},
+      {"masked d64 causal", 2, 2, 2, 150, 150, 64, true, 0, true},
+      {"masked d128 full", 2, 2, 1, 97, 130, 128, false, 0, true},
+  };
+  bool ok = true;
+  for (const Case &c : cases) {
+    const Inputs in = make_inputs(c, rng);
+    const Reference r = reference(in);
+    ok &= check_forward(in, r, 1);
+    ok &= check_forward(in, r, 2);
+    ok &= check_backward(in, r);
+  }
+  return emu_check::finish(ok);
+}
