@@ -25,7 +25,9 @@
 #   results.jsonl  every raw measurement, one JSON object a line, and one line per section
 #   logs.txt       every section's full output
 #   ncu-train-step.csv  ncu's per-kernel summary of one steady-state step of ours
-# (four files: the device tool returns at most 8.)
+#   ncu-decode-step.csv the same for one decode step of generation
+#   ncu-attention.txt   ncu's detail sections for the attention kernels (last, as time allows)
+# (six files: the device tool returns at most 8.)
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -307,6 +309,17 @@ fi
 # The README's main job on the GPU, with whatever time is left.
 if has temper; then
   section pipeline 240 "$BUNDLE" temper pipeline --device cuda --out "$WORK/pipeline"
+fi
+# Last: why attention trails flash. ncu's throughput, pipe, memory and stall sections for the
+# first launches of our tensor-core forward (64- and 128-row) and backward in the attention
+# bench, into ncu-attention.txt for whoever tunes them next.
+if has bench-attention && [[ -x "$NCU" ]]; then
+  section ncu-attention 120 "$NCU" --clock-control none \
+    -k 'regex:attn_(fwd_mma|fwd_mma2|bwd_mma)_bf16' --launch-count 8 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --section WarpStateStats --section Occupancy --section LaunchStats \
+    /tmp/temper-gpu/bin/bench-attention --bench
+  [[ -f "$WORK/ncu-attention.log" ]] && cp "$WORK/ncu-attention.log" "$DEST/ncu-attention.txt"
 fi
 
 # --- the table --------------------------------------------------------------------------------
