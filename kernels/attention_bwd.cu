@@ -431,7 +431,10 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
         Mma<T>::run(dKa[2 * n2 + 1], ad, bq[2], bq[3]);
       }
     }
-    __syncthreads();  // all of dS^T is in shared memory
+    // All of dS^T is in shared memory. Past this barrier no warp reads this Q/dO/lse stage
+    // again, so the next step's prefetch into it needs no barrier of its own; and the next
+    // step writes dS^T only after its first barrier, which every warp reaches after its dQ.
+    __syncthreads();
 
     // dQ[i0 + BQ rows] += dS K over this block's 64 keys. A = dS (query rows) read from the
     // transposed dS^T with ldmatrix.trans; B = K (k = key) likewise.
@@ -466,7 +469,6 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
         }
       }
     }
-    __syncthreads();  // dS^T and this Q/dO stage are free for the next step
   }
   cp_async_wait<0>();
 
