@@ -212,20 +212,27 @@ impl Transformer {
     /// zero-filled gradient buffers and adds for the embedding, the hidden states or the
     /// tied table's two gradients.
     pub fn target_logprobs(&self, ids: &Tensor, targets: &Tensor, f: &Fwd) -> Result<Tensor> {
-        let k = f.ctx.kernels;
         let run = |ids: &Tensor| -> Result<Tensor> {
-            let hidden = self.hidden(ids, f, None)?;
-            Ok(crate::kernels::logprobs::head_logprobs(
-                &hidden,
-                &self.head_weight(&hidden)?,
-                targets,
-                k.gemm,
-                k.logprobs,
-            )?)
+            self.head_logprobs(&self.hidden(ids, f, None)?, targets, f.ctx)
         };
         match f.ctx.tape {
             true => crate::tape::segment(ids, run),
             false => run(ids),
         }
+    }
+
+    /// `[..]` f32 log-probabilities of `targets` under the logits of `hidden` (`[.., H]`, after
+    /// the final norm): the LM head and the loss head together
+    /// (`kernels::logprobs::head_logprobs`), so that on CUDA the `[.., V]` logits are never
+    /// a tensor of their own.
+    pub fn head_logprobs(&self, hidden: &Tensor, targets: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        let k = ctx.kernels;
+        Ok(crate::kernels::logprobs::head_logprobs(
+            hidden,
+            &self.head_weight(hidden)?,
+            targets,
+            k.gemm,
+            k.logprobs,
+        )?)
     }
 }

@@ -621,18 +621,24 @@ pub fn response_logprobs(
     want_entropy: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let h = response_hidden(net, ctx, ro, idx)?;
+    let targets = rows(&ro.resp_tokens, idx)?;
+    if !want_entropy {
+        // The LM head is linear without a bias, so softmax(h W^T / T) = softmax((h / T) W^T):
+        // the temperature scales the [b, R, H] hidden states instead of the [b, R, V] logits,
+        // and the loss head then never materialises the logits on CUDA (an f32 [64, 128,
+        // 50304] is 1.6 GB at GPT-2's vocabulary, and the division made a second).
+        let h = match ro.temperature {
+            t if t != 1.0 => (h / t)?,
+            _ => h,
+        };
+        return Ok((net.head_logprobs(&h, &targets, ctx)?, None));
+    }
     let mut logits = net.logits(&h, ctx.kernels.gemm)?;
     if ro.temperature != 1.0 {
         logits = (logits / ro.temperature)?;
     }
-    let targets = rows(&ro.resp_tokens, idx)?;
     let lp = token_logprobs(&logits, &targets, ctx.kernels.logprobs)?;
-    let ent = if want_entropy {
-        Some(entropy(&logits)?)
-    } else {
-        None
-    };
-    Ok((lp, ent))
+    Ok((lp, Some(entropy(&logits)?)))
 }
 
 /// Values `[b, R]`: the value model's output at the position before each response token.
@@ -689,6 +695,14 @@ mod tests {
         for (j, tok) in [10usize, 11].into_iter().enumerate() {
             let w = want[0][2 + j][tok];
             assert!((lp[0][j] - w).abs() < 1e-4, "{:?} vs {w}", lp[0]);
+        }
+        // With the entropy the logits are made and divided; without it the hidden states are
+        // scaled before the head. Both give the same log-probabilities.
+        let (lp_ent, ent) = response_logprobs(&net, ctx, &ro, &[0, 1], true).unwrap();
+        assert!(ent.is_some());
+        let lp_ent = lp_ent.to_vec2::<f32>().unwrap();
+        for (a, b) in lp.iter().flatten().zip(lp_ent.iter().flatten()) {
+            assert!((a - b).abs() < 1e-5, "{lp:?} vs {lp_ent:?}");
         }
     }
 }
