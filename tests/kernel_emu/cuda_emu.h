@@ -15,8 +15,8 @@
 // that is a hang or undefined behaviour.
 //
 // Stricter than hardware on purpose:
-// - shared memory starts each block filled with 0xFF bytes (NaN as f32, bf16 or f16), so a
-//   read of a shared value nobody wrote shows up in the output;
+// - shared memory, static and dynamic, starts each block filled with 0xFF bytes (NaN as f32,
+//   bf16 or f16, -1 as an integer), so a read of a shared value nobody wrote shows up;
 // - a cp.async copy fills its destination with 0xFF bytes when issued and lands only when
 //   `cp.async.wait_group` says it must, so reading a stage before waiting for it, or a
 //   prefetch overwriting a stage another warp still reads, shows up as NaN;
@@ -29,6 +29,7 @@
 // kernels/mma_ptx.cuh (scripts/kernel-emu.sh builds that overlay).
 #pragma once
 
+#include <link.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -144,11 +145,70 @@ template <typename T> inline T __ldg(const T *p) { return *p; }
 template <typename T> inline T __ldcg(const T *p) { return *p; }
 inline void __threadfence() {}
 
-struct float2_ {
+// CUDA's vector types. A GPU loads and stores them whole, which needs their alignment: copying
+// one from or to a misaligned address fails here.
+namespace emu {
+[[noreturn]] inline void fail(const char *what);
+inline void check_aligned(const void *p, size_t a) {
+  if (reinterpret_cast<uintptr_t>(p) % a != 0)
+    fail("a vector load or store at an address not aligned to its size");
+}
+}  // namespace emu
+
+// The alignment check, as a base whose copies check both addresses (an empty base: the
+// vector types keep CUDA's sizes).
+template <size_t A> struct AlignedCopy {
+  AlignedCopy() = default;
+  AlignedCopy(const AlignedCopy &o) { emu::check_aligned(&o, A); }
+  AlignedCopy &operator=(const AlignedCopy &o) {
+    emu::check_aligned(this, A);
+    emu::check_aligned(&o, A);
+    return *this;
+  }
+};
+struct __attribute__((aligned(8))) float2 : AlignedCopy<8> {
   float x, y;
 };
-using float2 = float2_;
-inline float2 make_float2(float x, float y) { return {x, y}; }
+struct __attribute__((aligned(16))) float4 : AlignedCopy<16> {
+  float x, y, z, w;
+};
+struct __attribute__((aligned(8))) uint2 : AlignedCopy<8> {
+  unsigned x, y;
+};
+struct __attribute__((aligned(16))) uint4 : AlignedCopy<16> {
+  unsigned x, y, z, w;
+};
+static_assert(sizeof(float2) == 8 && sizeof(float4) == 16 && sizeof(uint2) == 8 &&
+                  sizeof(uint4) == 16,
+              "CUDA's vector sizes");
+inline float2 make_float2(float x, float y) {
+  float2 v;
+  v.x = x;
+  v.y = y;
+  return v;
+}
+inline float4 make_float4(float x, float y, float z, float w) {
+  float4 v;
+  v.x = x;
+  v.y = y;
+  v.z = z;
+  v.w = w;
+  return v;
+}
+inline uint2 make_uint2(unsigned x, unsigned y) {
+  uint2 v;
+  v.x = x;
+  v.y = y;
+  return v;
+}
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) {
+  uint4 v;
+  v.x = x;
+  v.y = y;
+  v.z = z;
+  v.w = w;
+  return v;
+}
 
 // ---------------------------------------------------------------------------------------
 // The fiber runtime.
@@ -182,7 +242,7 @@ struct Copy {
 
 struct Fiber {
   ucontext_t ctx;
-  std::unique_ptr<unsigned char[]> stack;
+  unsigned char *stack = nullptr;  // from stack_pool
   State state = State::Ready;
   Dim idx;
   std::vector<Copy> open;                // issued, not yet committed
@@ -215,6 +275,9 @@ inline unsigned char *shared_base = nullptr;  // the driver's dynamic shared-mem
 inline size_t shared_size = 0;
 inline size_t shared_request = 0;             // bytes the current launch asked for
 constexpr size_t kStack = 256 * 1024;
+// Fiber stacks, kept from block to block: allocating (and faulting in) a block's worth for
+// every block was most of a one-block-per-row kernel's run time.
+inline std::vector<std::unique_ptr<unsigned char[]>> stack_pool;
 
 [[noreturn]] inline void fail(const char *what) {
   std::fprintf(stderr, "kernel emulator: %s (block %u,%u,%u thread %u)\n", what, block_idx.x,
@@ -294,9 +357,10 @@ inline void run_block(const std::function<void()> &body) {
   for (unsigned i = 0; i < n; ++i) {
     Fiber &f = b.fibers[i];
     f.idx = {i % block_dim.x, (i / block_dim.x) % block_dim.y, i / (block_dim.x * block_dim.y)};
-    f.stack.reset(new unsigned char[kStack]);
+    if (stack_pool.size() <= i) stack_pool.emplace_back(new unsigned char[kStack]);
+    f.stack = stack_pool[i].get();
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack.get();
+    f.ctx.uc_stack.ss_sp = f.stack;
     f.ctx.uc_stack.ss_size = kStack;
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, entry, 0);
@@ -322,8 +386,51 @@ inline void run_block(const std::function<void()> &body) {
   block = nullptr;
 }
 
+// The program's own TLS block. Every __shared__ array is a thread_local of the program (the
+// kernels' and the driver's dynamic one), and nothing else of the program is, so poisoning the
+// block poisons exactly the block's shared memory. On x86-64 (TLS variant II) the program's
+// block ends at the thread pointer; the probe checks that it is where it is thought to be,
+// and if not only the dynamic array is poisoned.
+inline thread_local unsigned char tls_probe;
+struct TlsBlock {
+  unsigned char *base = nullptr;
+  size_t size = 0;
+};
+inline TlsBlock program_tls() {
+  struct Segment {
+    size_t size = 0, align = 1;
+  } seg;
+  dl_iterate_phdr(
+      [](dl_phdr_info *info, size_t, void *data) {
+        auto *seg = static_cast<Segment *>(data);
+        for (int i = 0; i < info->dlpi_phnum; ++i)
+          if (info->dlpi_phdr[i].p_type == PT_TLS) {
+            seg->size = info->dlpi_phdr[i].p_memsz;
+            seg->align = info->dlpi_phdr[i].p_align ? info->dlpi_phdr[i].p_align : 1;
+          }
+        return 1;  // the first object listed is the program itself
+      },
+      &seg);
+  TlsBlock t;
+#if defined(__x86_64__)
+  unsigned char *tp;
+  asm("mov %%fs:0, %0" : "=r"(tp));
+  const size_t offset = (seg.size + seg.align - 1) / seg.align * seg.align;
+  t = {tp - offset, seg.size};
+#endif
+  const bool probe_inside = &tls_probe >= t.base && &tls_probe < t.base + t.size;
+  const bool shared_inside =
+      shared_base == nullptr || (shared_base >= t.base && shared_base + shared_size <= t.base + t.size);
+  if (!probe_inside || !shared_inside) {
+    std::fprintf(stderr, "kernel emulator: static __shared__ arrays are not poisoned here (TLS layout not recognised)\n");
+    return {};
+  }
+  return t;
+}
+
 // Runs `kernel` over the grid, one block after another.
 inline void launch(Dim grid, Dim blk, size_t shared_bytes, const std::function<void()> &kernel) {
+  static const TlsBlock tls = program_tls();
   if (shared_bytes > shared_size) fail("the launch asks for more dynamic shared memory than the driver's EMU_DYNAMIC_SHARED array");
   grid_dim = grid;
   block_dim = blk;
@@ -332,7 +439,8 @@ inline void launch(Dim grid, Dim blk, size_t shared_bytes, const std::function<v
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         block_idx = {x, y, z};
-        if (shared_base) std::memset(shared_base, 0xFF, shared_size);
+        if (tls.base) std::memset(tls.base, 0xFF, tls.size);
+        else if (shared_base) std::memset(shared_base, 0xFF, shared_size);
         run_block(kernel);
       }
 }

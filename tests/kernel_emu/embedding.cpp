@@ -9,8 +9,8 @@
 //   range) rather than NaN, so that an expected NaN row is one the kernel wrote;
 // - embedding_bwd_<dy>, from zeros (accumulate 0) and onto a gradient so far (accumulate 1,
 //   after embedding_init_<init> widened it, every dy x init dtype), with rows unused, rows hit
-//   once, one row hit by ~70 positions, ids past the vocabulary (left out of the grouping), and
-//   the position table's gradient (every row hit once per sequence);
+//   once, one row hit by 50 to 70 positions, ids past the vocabulary (left out of the
+//   grouping), and the position table's gradient (every row hit once per sequence);
 // - embedding_init_<dtype> alone, with the grid the launcher gives an H200 (132 SMs) and the
 //   grid capped at 8 blocks (one SM), so that the grid-stride loop goes round several times.
 // Launches are src/kernels/cuda/embedding.rs's: 256 threads, no shared memory, one block per
@@ -380,8 +380,8 @@ template <typename S> bool check_init(const BwdInputs &in, unsigned sms) {
                want);
 }
 
-// Ids for a backward: uniform over part of the table (rows left unused), one row ~70 times,
-// and ids past the table.
+// Ids for a backward: uniform over part of the table (rows left unused), one row at 70 random
+// positions (50 to 70 distinct), and ids past the table.
 std::vector<unsigned> bwd_ids(int n, int vocab, emu_check::Rng &rng) {
   std::uniform_int_distribution<unsigned> row(0, vocab - 1);
   std::uniform_int_distribution<int> where(0, n - 1);

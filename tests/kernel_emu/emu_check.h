@@ -36,13 +36,13 @@ bool close(const std::string &what, const std::vector<T> &got, const std::vector
     const double x = value(got[i]);
     scale = std::max(scale, std::fabs(want[i]));
     if (std::isnan(x)) {
+      if (!nan) worst = i;  // report the first NaN, not a later finite error
       nan = true;
-      worst = i;
       continue;
     }
     if (std::fabs(x - want[i]) > err) {
       err = std::fabs(x - want[i]);
-      worst = i;
+      if (!nan) worst = i;
     }
   }
   const bool ok = !nan && err / scale <= tol;

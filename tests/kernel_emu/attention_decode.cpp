@@ -1,0 +1,394 @@
+// The decode-attention kernels run in the CPU emulator (cuda_emu.h) against a double-precision
+// reference: attn_decode_* and attn_combine_* (kernels/attention_decode.cu), and the split-K
+// path of attn_fwd_simple_* (kernels/attention_fwd.cu) merged by attn_combine_*. One to a few
+// queries per sequence against a KV cache whose capacity exceeds the filled length (and
+// contiguous k, v), causal position offsets (with keys past every query's horizon), GQA,
+// every head dim the decode kernels take and a few the simple kernel takes, key masks with
+// left padding and holes through attn_key_range (attention_prep.cu), among them a sequence
+// with only its last keys valid (empty splits) and an all-padding one (rows that see no key),
+// bf16, f16 and f32.
+//
+// Launches mirror src/kernels/cuda/attention.rs for its `Auto` choice (`FlashAttn::forward`:
+// decode_rows, launch_decode, launch_fwd_simple, decode_splits, split_and_combine,
+// warp_per_row), with the 132 multiprocessors of an H100 / H200 as sm_count; every case
+// that takes the decode kernel also runs forced `Simple` (TEMPER_ATTN_IMPL=simple). Every
+// cache position no query may see (masked, past the causal horizon of every query, or
+// between Tk and the capacity) holds NaN in k and v: the kernels promise that such a key
+// never enters a sum, whatever it holds.
+//
+// Usage: attention_decode [seed]  (a random seed when none is given; it is printed either way).
+#include "emu_check.h"
+
+// attention_fwd.cu declares the tensor-core forward's dynamic shared memory; nothing here
+// launches that kernel, so the array only has to exist.
+namespace temper {
+namespace attn {
+EMU_DYNAMIC_SHARED(smem_raw, 1024)
+}
+}  // namespace temper
+
+#include "attention_prep.cu"
+#include "attention_fwd.cu"
+#include "attention_decode.cu"
+
+namespace {
+
+using bf16 = __nv_bfloat16;
+using f16 = __half;
+
+// sm_count(dev) in the launcher's split choices: an H100 / H200.
+constexpr int kSmCount = 132;
+
+enum class Dtype { F32, BF16, F16 };
+// TEMPER_ATTN_IMPL: auto (decode stream where it applies, else simple) or simple.
+enum class Impl { Auto, Simple };
+
+struct Case {
+  const char *name;
+  Dtype dt;
+  int b, hq, hkv, tq, tk, cap, d;  // cap: positions per (batch, kv head) row of the cache
+  bool causal;
+  int offset;
+  bool mask;  // sequence b % 3: left padding and a hole / only its last 1-3 keys / all padding
+};
+
+template <typename T> struct Traits;
+template <> struct Traits<float> {
+  static constexpr Dtype dt = Dtype::F32;
+  static constexpr const char *name = "f32";
+  static constexpr double o_tol = 1e-5;
+};
+template <> struct Traits<bf16> {
+  static constexpr Dtype dt = Dtype::BF16;
+  static constexpr const char *name = "bf16";
+  static constexpr double o_tol = 8e-3;
+};
+template <> struct Traits<f16> {
+  static constexpr Dtype dt = Dtype::F16;
+  static constexpr const char *name = "f16";
+  static constexpr double o_tol = 1e-3;
+};
+
+template <typename T> struct Inputs {
+  Case c;
+  std::vector<T> q;          // [B, Hq, Tq, D]
+  std::vector<T> k, v;       // [B, Hkv, cap, D]: a KV cache, its first Tk positions filled
+  std::vector<float> kvalid;  // [B, Tk], empty without a key mask
+};
+
+bool valid_key(const Case &c, const std::vector<float> &kvalid, int b, int j) {
+  return !c.mask || kvalid[(size_t)b * c.tk + j] != 0.f;
+}
+
+// Query i of a sequence sees key j.
+bool sees(const Case &c, const std::vector<float> &kvalid, int b, int i, int j) {
+  return j < c.tk && (!c.causal || j <= c.offset + i) && valid_key(c, kvalid, b, j);
+}
+
+template <typename T> Inputs<T> make_inputs(const Case &c, emu_check::Rng &rng) {
+  Inputs<T> in{c, {}, {}, {}, {}};
+  auto fill = [&](std::vector<T> &x, size_t n) {
+    x.resize(n);
+    for (auto &e : x) e = temper::from_f32<T>(rng.normal());
+  };
+  fill(in.q, (size_t)c.b * c.hq * c.tq * c.d);
+  fill(in.k, (size_t)c.b * c.hkv * c.cap * c.d);
+  fill(in.v, (size_t)c.b * c.hkv * c.cap * c.d);
+  if (c.mask) {
+    in.kvalid.assign((size_t)c.b * c.tk, 1.f);
+    for (int b = 0; b < c.b; ++b) {
+      float *row = &in.kvalid[(size_t)b * c.tk];
+      if (b % 3 == 0) {
+        const int pad = (int)(rng.uniform() * c.tk / 2);
+        for (int j = 0; j < pad; ++j) row[j] = 0.f;
+        const int hole = pad + (int)(rng.uniform() * (c.tk - pad));
+        for (int j = hole; j < std::min(c.tk, hole + 5); ++j) row[j] = 0.f;
+      } else {
+        const int keep = b % 3 == 1 ? 1 + (int)(rng.uniform() * 3) : 0;
+        for (int j = 0; j < c.tk - keep; ++j) row[j] = 0.f;
+      }
+    }
+  }
+  // NaN in every position no query of the sequence sees.
+  const T nan = temper::from_f32<T>(NAN);
+  for (int b = 0; b < c.b; ++b)
+    for (int j = 0; j < c.cap; ++j) {
+      if (sees(c, in.kvalid, b, c.tq - 1, j)) continue;
+      for (int h = 0; h < c.hkv; ++h)
+        for (int e = 0; e < c.d; ++e) {
+          const size_t at = (((size_t)b * c.hkv + h) * c.cap + j) * c.d + e;
+          in.k[at] = nan;
+          in.v[at] = nan;
+        }
+    }
+  return in;
+}
+
+struct Reference {
+  std::vector<double> o, lse;
+};
+
+// Softmax attention in double, from the stored inputs.
+template <typename T> Reference reference(const Inputs<T> &in) {
+  const Case &c = in.c;
+  const int G = c.hq / c.hkv;
+  const double scale = 1.0 / std::sqrt((double)c.d);
+  Reference r;
+  r.o.assign(in.q.size(), 0.0);
+  r.lse.assign((size_t)c.b * c.hq * c.tq, 0.0);
+  std::vector<double> s(c.tk);
+  for (int b = 0; b < c.b; ++b)
+    for (int h = 0; h < c.hq; ++h) {
+      const size_t qb = ((size_t)b * c.hq + h) * c.tq;
+      const size_t kb = ((size_t)b * c.hkv + h / G) * c.cap;
+      for (int i = 0; i < c.tq; ++i) {
+        const T *qi = &in.q[(qb + i) * c.d];
+        double m = -INFINITY;
+        for (int j = 0; j < c.tk; ++j) {
+          s[j] = -INFINITY;
+          if (!sees(c, in.kvalid, b, i, j)) continue;
+          double dot = 0;
+          for (int e = 0; e < c.d; ++e)
+            dot += emu_check::value(qi[e]) * emu_check::value(in.k[(kb + j) * c.d + e]);
+          s[j] = dot * scale;
+          m = std::max(m, s[j]);
+        }
+        if (m == -INFINITY) {
+          r.lse[qb + i] = INFINITY;
+          continue;
+        }
+        double l = 0;
+        for (int j = 0; j < c.tk; ++j) l += s[j] == -INFINITY ? 0 : std::exp(s[j] - m);
+        r.lse[qb + i] = m + std::log(l);
+        for (int j = 0; j < c.tk; ++j) {
+          if (s[j] == -INFINITY) continue;
+          const double pj = std::exp(s[j] - m) / l;
+          for (int e = 0; e < c.d; ++e)
+            r.o[(qb + i) * c.d + e] += pj * emu_check::value(in.v[(kb + j) * c.d + e]);
+        }
+      }
+    }
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------
+// The launcher (src/kernels/cuda/attention.rs), on the host.
+// ---------------------------------------------------------------------------------------
+using Kernel = void (*)(const AttnParams);
+
+int div_ceil(int a, int b) { return (a + b - 1) / b; }
+
+// FlashAttn::params, plus the KV cache capacity FlashAttn::forward sets for a cache view
+// (cache_capacity: only when cap > Tk; a contiguous k, v leaves 0).
+AttnParams params(const Case &c) {
+  AttnParams p{};
+  p.b = c.b;
+  p.hq = c.hq;
+  p.hkv = c.hkv;
+  p.tq = c.tq;
+  p.tk = c.tk;
+  p.d = c.d;
+  p.causal = c.causal;
+  p.offset = c.causal ? c.offset : 0;
+  p.nrows = c.b * c.hq * c.tq;
+  p.nsplit = 1;
+  const double scale = 1.0 / std::sqrt((double)c.d);
+  p.scale_log2 = (float)(scale * 1.4426950408889634);
+  p.scale = (float)scale;
+  p.kv_cap = c.cap > c.tk ? c.cap : 0;
+  return p;
+}
+
+// FlashAttn::use_mma: never for these query blocks (Tq <= DECODE_MAX_TQ under Auto).
+bool use_mma(const Case &c, Impl imp) {
+  const bool applies = c.dt != Dtype::F32 && (c.d == 64 || c.d == 128);
+  return applies && imp == Impl::Auto && c.tq > 16;
+}
+
+// FlashAttn::decode_rows: R of the attn_decode kernel, or 0. The cache rows start 16-byte
+// aligned here (vectors from operator new, rows of D 16-bit values).
+int decode_rows(const Case &c, Impl imp) {
+  const bool fits = imp == Impl::Auto && c.dt != Dtype::F32 && (c.d == 64 || c.d == 128);
+  const int rows = c.hq / c.hkv * c.tq;
+  if (!fits) return 0;
+  return rows == 1 ? 1 : rows <= 4 ? 4 : 0;
+}
+
+// Dims::simple_row_blocks: (warps per block, blocks along y).
+std::pair<int, int> simple_row_blocks(const Case &c) {
+  const int rows = c.hq / c.hkv * c.tq;
+  const int nw = std::clamp(rows, 1, 8);
+  return {nw, div_ceil(rows, nw)};
+}
+
+// decode_splits: the simple forward's key slices.
+int decode_splits(const Case &c) {
+  const int base = simple_row_blocks(c).second * c.b * c.hkv;
+  const int target = 2 * kSmCount;
+  if (base < target && c.tk > 256)
+    return std::min(std::min(div_ceil(target, base), div_ceil(c.tk, 128)), 64);
+  return 1;
+}
+
+// launch_decode's key slices.
+int decode_stream_splits(const Case &c) {
+  const int base = c.b * c.hkv;
+  const int target = 4 * kSmCount;
+  if (base < target) return std::clamp(std::min(div_ceil(target, base), div_ceil(c.tk, 256)), 1, 64);
+  return 1;
+}
+
+template <typename T> Kernel decode_kernel(int d, int r);
+template <> Kernel decode_kernel<bf16>(int d, int r) {
+  if (d == 64) return r == 1 ? attn_decode_bf16_h64_r1 : attn_decode_bf16_h64_r4;
+  return r == 1 ? attn_decode_bf16_h128_r1 : attn_decode_bf16_h128_r4;
+}
+template <> Kernel decode_kernel<f16>(int d, int r) {
+  if (d == 64) return r == 1 ? attn_decode_f16_h64_r1 : attn_decode_f16_h64_r4;
+  return r == 1 ? attn_decode_f16_h128_r1 : attn_decode_f16_h128_r4;
+}
+template <> Kernel decode_kernel<float>(int, int) { return nullptr; }
+
+template <typename T> Kernel simple_kernel(int dpl);
+#define SIMPLE_TABLE(T, SUF)                                                                  \
+  template <> Kernel simple_kernel<T>(int dpl) {                                              \
+    const Kernel k[] = {attn_fwd_simple_##SUF##_d1, attn_fwd_simple_##SUF##_d2,               \
+                        attn_fwd_simple_##SUF##_d3, attn_fwd_simple_##SUF##_d4};              \
+    return k[dpl - 1];                                                                        \
+  }
+SIMPLE_TABLE(float, f32)
+SIMPLE_TABLE(bf16, bf16)
+SIMPLE_TABLE(f16, f16)
+
+template <typename T> Kernel combine_kernel();
+template <> Kernel combine_kernel<float>() { return attn_combine_f32; }
+template <> Kernel combine_kernel<bf16>() { return attn_combine_bf16; }
+template <> Kernel combine_kernel<f16>() { return attn_combine_f16; }
+
+struct Launch {
+  Kernel kernel;
+  emu::Dim grid, block;
+};
+
+// split_and_combine: the forward into NaN-filled f32 partials (the launcher's are
+// uninitialised), then attn_combine_* with one warp per row (warp_per_row).
+template <typename T>
+void split_and_combine(const Case &c, AttnParams p, const Launch &fwd, int nsplit) {
+  const int nrows = c.b * c.hq * c.tq;
+  std::vector<float> opart((size_t)nsplit * nrows * c.d, NAN), lpart((size_t)nsplit * nrows, NAN);
+  p.opart = opart.data();
+  p.lsepart = lpart.data();
+  p.nsplit = nsplit;
+  emu::launch(fwd.grid, fwd.block, 0, [&] { fwd.kernel(p); });
+  const Kernel combine = combine_kernel<T>();
+  emu::launch({(unsigned)div_ceil(nrows, 8), 1, 1}, {256, 1, 1}, 0, [&] { combine(p); });
+}
+
+// launch_decode: one block of 4 warps per (batch, kv head), grid z the key slices.
+template <typename T> int launch_decode(const Case &c, const AttnParams &p, int r) {
+  const int nsplit = decode_stream_splits(c);
+  const Launch fwd{decode_kernel<T>(c.d, r), {(unsigned)(c.b * c.hkv), 1, (unsigned)nsplit},
+                   {128, 1, 1}};
+  if (nsplit == 1)
+    emu::launch(fwd.grid, fwd.block, 0, [&] { fwd.kernel(p); });
+  else
+    split_and_combine<T>(c, p, fwd, nsplit);
+  return nsplit;
+}
+
+// launch_fwd_simple: warps over the G * Tq rows of a kv head, grid z the key slices.
+template <typename T> int launch_fwd_simple(const Case &c, const AttnParams &p) {
+  const auto [nw, row_blocks] = simple_row_blocks(c);
+  const int nsplit = decode_splits(c);
+  const Launch fwd{simple_kernel<T>(div_ceil(c.d, 32)),
+                   {(unsigned)(c.b * c.hkv), (unsigned)row_blocks, (unsigned)nsplit},
+                   {(unsigned)(32 * nw), 1, 1}};
+  if (nsplit == 1)
+    emu::launch(fwd.grid, fwd.block, 0, [&] { fwd.kernel(p); });
+  else
+    split_and_combine<T>(c, p, fwd, nsplit);
+  return nsplit;
+}
+
+// FlashAttn::forward under `imp` (attn_key_range first when there is a key mask), checked
+// against the reference.
+template <typename T> bool check(const Inputs<T> &in, const Reference &ref, Impl imp) {
+  const Case &c = in.c;
+  if (use_mma(c, imp)) {
+    std::printf("FAIL %s: the launcher would take the tensor-core forward\n", c.name);
+    return false;
+  }
+  AttnParams p = params(c);
+  std::vector<int> krange;
+  if (c.mask) {
+    krange.assign(3 * c.b, -7);
+    p.kvalid = in.kvalid.data();
+    p.krange = krange.data();
+    emu::launch({(unsigned)c.b, 1, 1}, {256, 1, 1}, 0, [&] { attn_key_range(p); });
+  }
+  std::vector<T> o(in.q.size(), temper::from_f32<T>(NAN));
+  std::vector<float> lse((size_t)c.b * c.hq * c.tq, NAN);
+  p.q = in.q.data();
+  p.k = in.k.data();
+  p.v = in.v.data();
+  p.o = o.data();
+  p.lse = lse.data();
+  const int r = decode_rows(c, imp);
+  int nsplit;
+  std::string what = std::string(c.name) + " " + Traits<T>::name;
+  if (r > 0) {
+    nsplit = launch_decode<T>(c, p, r);
+    what += " decode r" + std::to_string(r);
+  } else {
+    nsplit = launch_fwd_simple<T>(c, p);
+    what += " simple";
+  }
+  what += " x" + std::to_string(nsplit);
+  bool ok = emu_check::close(what + " o", o, ref.o, Traits<T>::o_tol);
+  ok &= emu_check::close_abs(what + " lse", lse, ref.lse, 1e-4);
+  return ok;
+}
+
+template <typename T> bool run_case(const Case &c, emu_check::Rng &rng) {
+  const Inputs<T> in = make_inputs<T>(c, rng);
+  const Reference ref = reference(in);
+  bool ok = check(in, ref, Impl::Auto);
+  if (decode_rows(c, Impl::Auto) > 0) ok &= check(in, ref, Impl::Simple);
+  return ok;
+}
+
+}  // namespace
+
+int main(int argc, char **argv) {
+  emu_check::Rng rng(emu_check::seed(argc, argv));
+  using D = Dtype;
+  // name, dtype, b, hq, hkv, tq, tk, cap, d, causal, offset, mask
+  const Case cases[] = {
+      // The decode stream (16-bit, D = 64 or 128, G * Tq <= 4).
+      {"d64 r1 cache", D::BF16, 2, 2, 2, 1, 700, 768, 64, true, 699, false},
+      {"d128 gqa4 masked cache", D::BF16, 3, 4, 1, 1, 1100, 1152, 128, true, 1099, true},
+      {"d64 gqa2 tq2 offset masked", D::BF16, 3, 4, 2, 2, 530, 600, 64, true, 400, true},
+      {"d128 tq3 full masked", D::F16, 2, 2, 2, 3, 200, 256, 128, false, 0, true},
+      {"d64 tq4 contiguous", D::F16, 1, 1, 1, 4, 256, 256, 64, true, 252, false},
+      {"d128 r1 contiguous full", D::BF16, 1, 2, 2, 1, 300, 300, 128, false, 0, false},
+      {"d64 gqa2 tq2 masked cache", D::BF16, 3, 4, 2, 2, 900, 1024, 64, true, 898, true},
+      {"d128 gqa2 long cache", D::BF16, 1, 4, 2, 1, 2300, 2400, 128, true, 2299, false},
+      {"d64 r1 offset masked cache", D::F16, 3, 1, 1, 1, 520, 544, 64, true, 300, true},
+      // The simple forward (f32, other head dims, more rows than the decode stream takes).
+      {"d64 gqa4 tq2 masked cache", D::F32, 3, 4, 1, 2, 600, 640, 64, true, 598, true},
+      {"d128 gqa2 cache", D::F32, 1, 4, 2, 1, 300, 320, 128, true, 299, false},
+      {"d96 gqa2 masked cache", D::BF16, 3, 4, 2, 1, 400, 512, 96, true, 399, true},
+      {"d40 tq5 offset cache", D::F32, 1, 2, 2, 5, 330, 400, 40, true, 200, false},
+      {"d64 gqa4 tq3 masked", D::BF16, 2, 4, 1, 3, 420, 420, 64, true, 417, true},
+      {"d32 gqa2 full", D::F16, 1, 4, 2, 2, 260, 300, 32, false, 0, false},
+  };
+  bool ok = true;
+  for (const Case &c : cases) {
+    switch (c.dt) {
+      case D::F32: ok &= run_case<float>(c, rng); break;
+      case D::BF16: ok &= run_case<bf16>(c, rng); break;
+      case D::F16: ok &= run_case<f16>(c, rng); break;
+    }
+  }
+  return emu_check::finish(ok);
+}
