@@ -12,7 +12,8 @@
 // the block waits at it, a warp barrier when all 32 lanes of the warp wait at it. Anything
 // else (a warp collective with lanes exited or waiting elsewhere, a block barrier some threads
 // never reach) is reported as a deadlock with where each thread stands, and aborts: on a GPU
-// that is a hang or undefined behaviour.
+// that is a hang or undefined behaviour. So do the lanes of a warp meeting at different
+// collectives (each records the kernel line that called it): divergent control flow.
 //
 // Stricter than hardware on purpose:
 // - shared memory, static and dynamic, starts each block filled with 0xFF bytes (NaN as f32,
@@ -250,9 +251,20 @@ struct Fiber {
 };
 
 // What the lanes of one warp put on the table for a collective.
+// Where a lane reached a warp collective (the kernel's call: every collective takes the
+// caller's file and line as defaulted arguments, EMU_AT).
+struct Site {
+  const char *file;
+  unsigned line;
+  bool operator==(const Site &o) const { return line == o.line && std::strcmp(file, o.file) == 0; }
+};
+#define EMU_AT const char *emu_file = __builtin_FILE(), unsigned emu_line = __builtin_LINE()
+#define EMU_SITE (emu::Site{emu_file, emu_line})
+
 struct WarpTable {
   uint64_t word[32][4];
   uint32_t addr[32];
+  Site site[32];
 };
 
 struct Block {
@@ -282,7 +294,9 @@ inline std::vector<std::unique_ptr<unsigned char[]>> stack_pool;
 [[noreturn]] inline void fail(const char *what) {
   std::fprintf(stderr, "kernel emulator: %s (block %u,%u,%u thread %u)\n", what, block_idx.x,
                block_idx.y, block_idx.z, block ? block->cur : 0u);
-  std::exit(3);
+  // _Exit: no destructors, which would free the fiber stack this may be running on.
+  std::fflush(nullptr);
+  std::_Exit(3);
 }
 
 inline Fiber &me() { return block->fibers[block->cur]; }
@@ -343,7 +357,9 @@ inline bool release() {
       std::fprintf(stderr, " %zu %s;", i - w0, state_name(fs[i].state));
     std::fprintf(stderr, "\n");
   }
-  std::exit(3);
+  // _Exit: no destructors, which would free the fiber stack this may be running on.
+  std::fflush(nullptr);
+  std::_Exit(3);
 }
 
 inline void run_block(const std::function<void()> &body) {
@@ -445,12 +461,21 @@ inline void launch(Dim grid, Dim blk, size_t shared_bytes, const std::function<v
       }
 }
 
-// A warp collective: every lane has written its entry of the table; wait for all 32, let
-// `read` look at every lane's entry, then wait again so that no lane overwrites the table
-// before all have read it.
-template <typename F> inline void collective(F &&read) {
+// A warp collective: every lane has written its entry of the table; wait for all 32, check
+// they all reached this same collective (lanes at different ones is divergence: a hang or
+// garbage on a GPU), let `read` look at every lane's entry, then wait again so that no lane
+// overwrites the table before all have read it.
+template <typename F> inline void collective(F &&read, Site at) {
+  table().site[lane()] = at;
   wait(State::WarpWait);
-  read(table());
+  WarpTable &t = table();
+  for (unsigned i = 0; i < 32; ++i)
+    if (!(t.site[i] == at)) {
+      std::fprintf(stderr, "kernel emulator: lane %u at the warp collective of %s:%u, lane %u at %s:%u\n",
+                   lane(), at.file, at.line, i, t.site[i].file, t.site[i].line);
+      fail("warp collective under divergent control flow");
+    }
+  read(t);
   wait(State::WarpWait);
 }
 
@@ -466,21 +491,23 @@ template <typename T> inline T from_word(uint64_t w) {
   return v;
 }
 
-template <typename T, typename Src> inline T shuffle(T v, Src src_of) {
+template <typename T, typename Src> inline T shuffle(T v, Src src_of, Site at) {
   table().word[lane()][0] = to_word(v);
   T out{};
   const unsigned l = lane();
-  collective([&](WarpTable &t) { out = from_word<T>(t.word[src_of(l)][0]); });
+  collective([&](WarpTable &t) { out = from_word<T>(t.word[src_of(l)][0]); }, at);
   return out;
 }
 
-template <typename T, typename Op> inline T reduce(T v, Op op) {
+template <typename T, typename Op> inline T reduce(T v, Op op, Site at) {
   table().word[lane()][0] = to_word(v);
   T out{};
-  collective([&](WarpTable &t) {
-    out = from_word<T>(t.word[0][0]);
-    for (int i = 1; i < 32; ++i) out = op(out, from_word<T>(t.word[i][0]));
-  });
+  collective(
+      [&](WarpTable &t) {
+        out = from_word<T>(t.word[0][0]);
+        for (int i = 1; i < 32; ++i) out = op(out, from_word<T>(t.word[i][0]));
+      },
+      at);
   return out;
 }
 
@@ -510,48 +537,56 @@ inline unsigned char *shared_at(uint32_t addr, size_t bytes) {
 // Barriers, warp shuffles and reductions (full-warp masks only, as the kernels use them).
 // ---------------------------------------------------------------------------------------
 inline void __syncthreads() { emu::wait(emu::State::BlockWait); }
-inline void __syncwarp(unsigned = 0xffffffffu) {
-  emu::collective([](emu::WarpTable &) {});
+inline void __syncwarp(unsigned = 0xffffffffu, EMU_AT) {
+  emu::collective([](emu::WarpTable &) {}, EMU_SITE);
 }
 
-template <typename T> inline T __shfl_sync(unsigned, T v, int src, int width = 32) {
-  return emu::shuffle(v, [&](unsigned l) { return (l & ~(width - 1u)) + (src & (width - 1)); });
+template <typename T> inline T __shfl_sync(unsigned, T v, int src, int width = 32, EMU_AT) {
+  return emu::shuffle(
+      v, [&](unsigned l) { return (l & ~(width - 1u)) + (src & (width - 1)); }, EMU_SITE);
 }
-template <typename T> inline T __shfl_xor_sync(unsigned, T v, int m, int width = 32) {
-  return emu::shuffle(v, [&](unsigned l) {
-    const unsigned s = l ^ m;
-    return (s & ~(width - 1u)) == (l & ~(width - 1u)) ? s : l;
-  });
+template <typename T> inline T __shfl_xor_sync(unsigned, T v, int m, int width = 32, EMU_AT) {
+  return emu::shuffle(
+      v,
+      [&](unsigned l) {
+        const unsigned s = l ^ m;
+        return (s & ~(width - 1u)) == (l & ~(width - 1u)) ? s : l;
+      },
+      EMU_SITE);
 }
-template <typename T> inline T __shfl_down_sync(unsigned, T v, unsigned d, int width = 32) {
-  return emu::shuffle(v, [&](unsigned l) {
-    const unsigned s = l + d;
-    return (s & ~(width - 1u)) == (l & ~(width - 1u)) ? s : l;
-  });
+template <typename T> inline T __shfl_down_sync(unsigned, T v, unsigned d, int width = 32, EMU_AT) {
+  return emu::shuffle(
+      v,
+      [&](unsigned l) {
+        const unsigned s = l + d;
+        return (s & ~(width - 1u)) == (l & ~(width - 1u)) ? s : l;
+      },
+      EMU_SITE);
 }
-template <typename T> inline T __shfl_up_sync(unsigned, T v, unsigned d, int width = 32) {
-  return emu::shuffle(v, [&](unsigned l) {
-    return (l & (width - 1u)) >= d ? l - d : l;
-  });
+template <typename T> inline T __shfl_up_sync(unsigned, T v, unsigned d, int width = 32, EMU_AT) {
+  return emu::shuffle(
+      v, [&](unsigned l) { return (l & (width - 1u)) >= d ? l - d : l; }, EMU_SITE);
 }
-inline int __reduce_add_sync(unsigned, int v) {
-  return emu::reduce(v, [](int a, int b) { return a + b; });
+inline int __reduce_add_sync(unsigned, int v, EMU_AT) {
+  return emu::reduce(v, [](int a, int b) { return a + b; }, EMU_SITE);
 }
-inline unsigned __reduce_add_sync(unsigned, unsigned v) {
-  return emu::reduce(v, [](unsigned a, unsigned b) { return a + b; });
+inline unsigned __reduce_add_sync(unsigned, unsigned v, EMU_AT) {
+  return emu::reduce(v, [](unsigned a, unsigned b) { return a + b; }, EMU_SITE);
 }
-inline int __reduce_min_sync(unsigned, int v) {
-  return emu::reduce(v, [](int a, int b) { return a < b ? a : b; });
+inline int __reduce_min_sync(unsigned, int v, EMU_AT) {
+  return emu::reduce(v, [](int a, int b) { return a < b ? a : b; }, EMU_SITE);
 }
-inline int __reduce_max_sync(unsigned, int v) {
-  return emu::reduce(v, [](int a, int b) { return a < b ? b : a; });
+inline int __reduce_max_sync(unsigned, int v, EMU_AT) {
+  return emu::reduce(v, [](int a, int b) { return a < b ? b : a; }, EMU_SITE);
 }
-inline unsigned __ballot_sync(unsigned, int pred) {
+inline unsigned __ballot_sync(unsigned, int pred, EMU_AT) {
   emu::table().word[emu::lane()][0] = pred != 0;
   unsigned out = 0;
-  emu::collective([&](emu::WarpTable &t) {
-    for (int i = 0; i < 32; ++i) out |= (t.word[i][0] ? 1u : 0u) << i;
-  });
+  emu::collective(
+      [&](emu::WarpTable &t) {
+        for (int i = 0; i < 32; ++i) out |= (t.word[i][0] ? 1u : 0u) << i;
+      },
+      EMU_SITE);
   return out;
 }
 

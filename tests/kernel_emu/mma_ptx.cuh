@@ -55,7 +55,7 @@ inline uint16_t half_at(uint32_t addr) {
   std::memcpy(&h, emu::shared_at(addr, 2), 2);
   return h;
 }
-inline void ldsm(uint32_t (&r)[4], uint32_t addr, bool trans) {
+inline void ldsm(uint32_t (&r)[4], uint32_t addr, bool trans, emu::Site at) {
   if (addr % 16 != 0) emu::fail("ldmatrix row address not 16-byte aligned");
   const unsigned l = emu::lane(), g = l >> 2, c = l & 3;
   emu::table().addr[l] = addr;
@@ -71,19 +71,24 @@ inline void ldsm(uint32_t (&r)[4], uint32_t addr, bool trans) {
       }
       r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
     }
-  });
+  }, at);
 }
 }  // namespace emu_detail
 
-static inline void ldsm_x4(uint32_t (&r)[4], uint32_t addr) { emu_detail::ldsm(r, addr, false); }
-static inline void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) { emu_detail::ldsm(r, addr, true); }
+static inline void ldsm_x4(uint32_t (&r)[4], uint32_t addr, EMU_AT) {
+  emu_detail::ldsm(r, addr, false, EMU_SITE);
+}
+static inline void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr, EMU_AT) {
+  emu_detail::ldsm(r, addr, true, EMU_SITE);
+}
 
 template <typename T> struct Mma {
   static inline float value(uint32_t reg, int half) {
     T h{static_cast<uint16_t>(half ? reg >> 16 : reg & 0xffffu)};
     return to_f32(h);
   }
-  static inline void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  static inline void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                         EMU_AT) {
     const unsigned l = emu::lane(), g = l >> 2, q = l & 3;
     emu::WarpTable &t = emu::table();
     for (int i = 0; i < 4; ++i) t.word[l][i] = a[i];
@@ -113,7 +118,7 @@ template <typename T> struct Mma {
         for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
         c[e] = sum;
       }
-    });
+    }, EMU_SITE);
   }
   static inline uint32_t pack(float lo, float hi) {
     const T l = from_f32<T>(lo), h = from_f32<T>(hi);
