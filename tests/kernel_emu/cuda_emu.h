@@ -328,8 +328,11 @@ inline bool release() {
   }
   if (!live) return false;
   if (any_block && all_block) {
+    // Past the barrier the threads are held as at a warp collective, so that one warp runs
+    // ahead from here too: a read just after a barrier must be able to be overtaken by
+    // another warp's next write (a missing second barrier in back-to-back block sums).
     for (auto &f : fs)
-      if (f.state == State::BlockWait) f.state = State::Ready;
+      if (f.state == State::BlockWait) f.state = State::WarpWait;
     return true;
   }
   // One warp at a time, always the first that can go in the launch's order: it runs ahead of

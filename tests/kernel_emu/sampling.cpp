@@ -1,0 +1,707 @@
+// The sampling kernels (kernels/sample.cu) and the decode step's state kernels
+// (kernels/decode_step.cu) run in the CPU emulator (cuda_emu.h) against references written
+// here from src/kernels/sample.rs and src/kernels/decode_step.rs, with the launches of
+// src/kernels/cuda/sample.rs and src/kernels/cuda/decode_step.rs.
+//
+// Sampling, on fresh random logits (f32, bf16, f16; vocabularies 37, 1000, 50257; batches off
+// multiples of 8; rows whose largest logit repeats, in one thread's stride and across warps):
+// - greedy: the first index of the largest (held) logit, exactly;
+// - sampled: every token is kept (weight > 0, in the top-k set exactly, in the top-p nucleus
+//   computed in f64), and equals the reference's draw with the same uniform over the same
+//   CDF, except where the uniform falls within the f32 rounding of the kernel's sums of a
+//   bucket edge (or the nucleus mass within rounding of its goal): those are counted;
+// - keys chosen (by inverting splitmix64) so that u = 0 and u = 1 - 2^-24 exactly, and a row
+//   built so that rounding sends the draw to the kernel's fallback (the last kept token);
+// - stop ids held back (the `hold` mask) on the last draw below `hold_until`, and not on the
+//   first at it; the draw index read from the device (`pos_at`);
+// - the distribution of many draws of one row, against its softmax (chi-square).
+// Decode step: kv_write_b2/b4 at positions inside, at and past the capacity (and negative),
+// into a cache at an offset; mark_key; increment_u32/i64; and a short run of fixed decode
+// steps (static_step.rs's order) that feeds the draw index from `step` to the sampler. Every
+// buffer is compared whole, with room around what the kernel may write.
+// Checks that are not numeric comparisons print their own line in emu_check's format.
+//
+// Usage: sampling [seed]  (a random seed when none is given; it is printed either way).
+#include <cstdarg>
+
+#include "emu_check.h"
+
+#include "sample.cu"
+#include "decode_step.cu"
+
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+// ---------------------------------------------------------------------------------------
+// Output lines in emu_check's format, for checks that are not a numeric comparison.
+// ---------------------------------------------------------------------------------------
+bool report(const std::string &what, bool ok, const char *fmt, ...) {
+  std::printf("%s %-40s ", ok ? "ok  " : "FAIL", what.c_str());
+  va_list ap;
+  va_start(ap, fmt);
+  std::vprintf(fmt, ap);
+  va_end(ap);
+  std::printf("\n");
+  return ok;
+}
+
+// ---------------------------------------------------------------------------------------
+// The reference: src/kernels/sample.rs, step for step.
+// ---------------------------------------------------------------------------------------
+uint64_t splitmix64_ref(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+uint64_t row_key(uint64_t seed, uint64_t row) { return splitmix64_ref(seed ^ splitmix64_ref(row)); }
+float uniform_ref(uint64_t key, uint64_t pos) {
+  const uint64_t bits = splitmix64_ref(key ^ splitmix64_ref(pos + 0x5A3B));
+  return (float)(bits >> 40) * (1.0f / 16777216.0f);
+}
+
+// A key whose uniform at `pos` is exactly u24 / 2^24: splitmix64 is a bijection, undone step
+// by step (xorshifts by their fixed point, the multiplications by their inverses mod 2^64).
+uint64_t unxorshift(uint64_t y, int s) {
+  uint64_t z = y;
+  for (int i = 0; i < 64 / s + 1; ++i) z = y ^ (z >> s);
+  return z;
+}
+uint64_t inverse_odd(uint64_t c) {
+  uint64_t x = c;
+  for (int i = 0; i < 6; ++i) x *= 2 - c * x;
+  return x;
+}
+uint64_t key_for_uniform(uint32_t u24, uint64_t pos) {
+  uint64_t z = (uint64_t)u24 << 40 | 0x123456789Aull;
+  z = unxorshift(z, 31) * inverse_odd(0x94D049BB133111EBull);
+  z = unxorshift(z, 27) * inverse_odd(0xBF58476D1CE4E5B9ull);
+  z = unxorshift(z, 30) - 0x9E3779B97F4A7C15ull;
+  const uint64_t key = z ^ splitmix64_ref(pos + 0x5A3B);
+  if (uniform_ref(key, pos) != (float)u24 / 16777216.f) {
+    std::fprintf(stderr, "key_for_uniform: the inverse of splitmix64 is wrong\n");
+    std::exit(2);
+  }
+  return key;
+}
+
+// SampleParams of src/kernels/sample.rs.
+struct Sampling {
+  float temperature;  // <= 0: greedy
+  int top_k;          // 0: none
+  float top_p;        // 1: none
+  bool greedy() const { return temperature <= 0.f; }
+  bool filters_top_k(int v) const { return top_k > 0 && top_k < v; }
+  bool filters_top_p() const { return top_p < 1.f; }
+};
+
+uint32_t argmax_ref(const float *z, int v) {
+  int best = 0;
+  for (int i = 0; i < v; ++i)
+    if (z[i] > z[best]) best = i;
+  return (uint32_t)best;
+}
+
+std::vector<float> weights_ref(const float *z, int v, float temperature) {
+  float mx = -INFINITY;
+  for (int i = 0; i < v; ++i) mx = std::fmax(mx, z[i]);  // f32::max
+  const float inv_t = 1.f / temperature;
+  std::vector<float> w(v);
+  for (int i = 0; i < v; ++i) w[i] = std::exp((z[i] - mx) * inv_t);  // f32 exp, as Rust's
+  return w;
+}
+
+template <typename F> float largest_threshold(F holds) {
+  uint32_t lo = 0, hi = __float_as_uint(1.f) + 1;
+  while (hi - lo > 1) {
+    const uint32_t mid = lo + (hi - lo) / 2;
+    if (holds(__uint_as_float(mid))) lo = mid; else hi = mid;
+  }
+  return __uint_as_float(lo);
+}
+
+double mass_above(const std::vector<float> &w, float t) {
+  double s = 0;
+  for (float x : w)
+    if (x >= t) s += x;
+  return s;
+}
+
+struct Thresholds {
+  float tk = 0.f;   // top-k threshold (exact: a count)
+  float t = 0.f;    // final threshold, nucleus mass in f64 (keep_threshold)
+  float loose = 0;  // the same with the nucleus goal raised by `slack`: the lowest threshold
+                    // a kernel that sums the mass in f32 may land on
+};
+
+// keep_threshold, and the same with a looser nucleus goal.
+Thresholds keep_threshold(const std::vector<float> &w, const Sampling &s, double slack) {
+  Thresholds th;
+  if (s.filters_top_k((int)w.size())) {
+    const size_t k = s.top_k;
+    th.tk = largest_threshold([&](float x) {
+      size_t c = 0;
+      for (float y : w) c += y >= x;
+      return c >= k;
+    });
+  }
+  th.t = th.loose = th.tk;
+  if (s.filters_top_p()) {
+    const double goal = (double)s.top_p * mass_above(w, th.tk);
+    const float tk = th.tk;
+    auto nucleus = [&](double g) {
+      const float t =
+          largest_threshold([&](float x) { return mass_above(w, std::fmax(x, tk)) >= g; });
+      return std::fmax(t, tk);
+    };
+    th.t = nucleus(goal);
+    th.loose = nucleus(goal * (1 + slack));
+  }
+  return th;
+}
+
+// sample_row after the thresholds: the first kept index whose running mass exceeds u * mass.
+uint32_t draw_ref(const std::vector<float> &w, float t, float u) {
+  const double target = (double)u * mass_above(w, t);
+  double acc = 0;
+  size_t last = 0;
+  for (size_t i = 0; i < w.size(); ++i) {
+    if (w[i] >= t && w[i] > 0.f) {
+      acc += w[i];
+      last = i;
+      if (acc > target) return (uint32_t)i;
+    }
+  }
+  return (uint32_t)last;
+}
+
+// ---------------------------------------------------------------------------------------
+// The launch of src/kernels/cuda/sample.rs (launch_t).
+// ---------------------------------------------------------------------------------------
+void sample_entry(const float *, const SampleParams &p) { sample_f32(p); }
+void sample_entry(const bf16 *, const SampleParams &p) { sample_bf16(p); }
+void sample_entry(const __half *, const SampleParams &p) { sample_f16(p); }
+
+struct Draw {
+  uint64_t at = 0;                    // Draw::At
+  const long long *device = nullptr;  // Draw::Device: the draw index on the device
+};
+struct Hold {
+  const std::vector<float> *mask = nullptr;  // [V]: 0 or -inf
+  uint64_t until = 0;
+};
+
+template <typename T>
+std::vector<uint32_t> run_sample(const std::vector<T> &logits, int b, int v,
+                                 const std::vector<long long> &keys, Draw draw, Hold hold,
+                                 const Sampling &s) {
+  std::vector<uint32_t> out(b, 0xDEADBEEFu);  // poisoned: a row nobody writes shows
+  if (b == 0) return out;
+  SampleParams p{};
+  p.logits = logits.data();
+  p.keys = keys.data();
+  p.out = out.data();
+  p.pos = draw.device ? 0 : draw.at;
+  p.pos_at = draw.device;
+  p.hold = hold.mask ? hold.mask->data() : nullptr;
+  p.hold_until = hold.mask ? hold.until : 0;
+  p.b = b;
+  p.v = v;
+  p.top_k = std::min(s.top_k, v);
+  p.inv_temp = s.greedy() ? 0.f : 1.f / s.temperature;
+  p.top_p = s.top_p;
+  p.greedy = s.greedy() ? 1 : 0;
+  emu::launch({(unsigned)b, 1, 1}, {512, 1, 1}, 0, [&] { sample_entry(logits.data(), p); });
+  return out;
+}
+
+template <typename T> T from_float(float x);
+template <> float from_float<float>(float x) { return x; }
+template <> bf16 from_float<bf16>(float x) { return __float2bfloat16_rn(x); }
+template <> __half from_float<__half>(float x) { return __float2half_rn(x); }
+float as_float(float x) { return x; }
+float as_float(bf16 x) { return __bfloat162float(x); }
+float as_float(__half x) { return __half2float(x); }
+
+// ---------------------------------------------------------------------------------------
+// Cases.
+// ---------------------------------------------------------------------------------------
+enum class DType { F32, BF16, F16 };
+
+// What a case's rows carry beyond random logits.
+enum Flags : unsigned {
+  kTies = 1,      // the row's largest logit repeats: in one thread's stride, across warps, last
+  kHeld = 2,      // stop ids held back: the draw index is hold_until - 1 (the last draw held)
+  kExpired = 4,   // stop ids not held: the draw index is hold_until (the first draw not held)
+  kAllHeld = 8,   // every token held back (greedy: token 0)
+  kPosAt = 16,    // the draw index read through pos_at (Draw::Device)
+  kUEnds = 32,    // rows 0 and 1 drawn with u = 0 and u = 1 - 2^-24
+  kUTop = 64,     // row 0 drawn with u = 0, every other row with u = 1 - 2^-24
+};
+
+struct Case {
+  const char *name;
+  DType dt;
+  int b, v;
+  float sigma;  // logits ~ sigma * N(0, 1)
+  Sampling s;
+  unsigned flags;
+  bool has(unsigned f) const { return (flags & f) != 0; }
+};
+
+template <typename T> struct Inputs {
+  std::vector<T> logits;
+  std::vector<float> z;  // the logits the reference sees: as f32, plus the hold mask if it applies
+  std::vector<float> mask;
+  std::vector<long long> keys;
+  std::vector<float> u;
+  long long step[2];  // the device's draw index: step[1]
+  uint64_t pos, until;
+  bool held;
+};
+
+template <typename T> Inputs<T> make_inputs(const Case &c, emu_check::Rng &rng) {
+  Inputs<T> in;
+  const int v = c.v;
+  in.logits.resize((size_t)c.b * v);
+  for (auto &x : in.logits) x = from_float<T>(c.sigma * rng.normal());
+  in.pos = 3 + rng.gen() % 1000;
+  // Stop ids: the first, the last and a few more; in even rows the largest logit sits on one.
+  std::vector<int> stops = {0, v - 1, v / 3, (int)(rng.gen() % v)};
+  if (c.has(kHeld | kExpired | kAllHeld)) {
+    in.mask.assign(v, c.has(kAllHeld) ? -INFINITY : 0.f);
+    for (int id : stops) in.mask[id] = -INFINITY;
+    // At the boundary: the last draw held back, or the first one not.
+    in.until = c.has(kExpired) ? in.pos : in.pos + 1;
+  }
+  for (int r = 0; r < c.b; ++r) {
+    T *row = &in.logits[(size_t)r * v];
+    float mx = -INFINITY;
+    for (int i = 0; i < v; ++i) mx = std::max(mx, as_float(row[i]));
+    const T top = from_float<T>(mx + 0.75f);
+    if (c.has(kTies)) {
+      // Several copies of a new largest value: two in one thread's stride (i, i + 512), one
+      // in another warp, the last index; ties go to the first.
+      const int a = (int)(rng.gen() % v);
+      for (int i : {a, (a + 512) % v, (a + 7 * 32 + 5) % v, v - 1}) row[i] = top;
+    }
+    if (c.has(kHeld | kExpired) && r % 2 == 0)
+      row[stops[r / 2 % stops.size()]] = from_float<T>(mx + 2.f);
+  }
+  in.held = !in.mask.empty() && in.pos < in.until;
+  in.z.resize(in.logits.size());
+  for (size_t i = 0; i < in.z.size(); ++i) {
+    in.z[i] = as_float(in.logits[i]);
+    if (in.held) in.z[i] += in.mask[i % v];
+  }
+  const uint64_t seed = rng.gen();
+  for (int r = 0; r < c.b; ++r) {
+    uint64_t key = row_key(seed, (uint64_t)r * 7 + 3);
+    if ((c.has(kUEnds) && r < 2) || c.has(kUTop))
+      key = key_for_uniform(r == 0 ? 0u : 0xFFFFFFu, in.pos);
+    in.keys.push_back((long long)key);
+    in.u.push_back(uniform_ref(key, in.pos));
+  }
+  in.step[0] = 17;
+  in.step[1] = (long long)in.pos;
+  return in;
+}
+
+template <typename T> std::vector<uint32_t> launch_case(const Case &c, Inputs<T> &in) {
+  Draw draw;
+  if (c.has(kPosAt)) draw.device = &in.step[1]; else draw.at = in.pos;
+  Hold hold;
+  if (!in.mask.empty()) hold = {&in.mask, in.until};
+  return run_sample(in.logits, c.b, c.v, in.keys, draw, hold, c.s);
+}
+
+// Greedy: the argmax of every (held) row, exactly.
+template <typename T> bool check_greedy(const Case &c, emu_check::Rng &rng) {
+  Inputs<T> in = make_inputs<T>(c, rng);
+  const std::vector<uint32_t> got = launch_case(c, in);
+  std::vector<float> ids(c.b);
+  std::vector<double> want(c.b);
+  for (int r = 0; r < c.b; ++r) {
+    ids[r] = got[r] == 0xDEADBEEFu ? NAN : (float)got[r];
+    want[r] = argmax_ref(&in.z[(size_t)r * c.v], c.v);
+  }
+  return emu_check::close_abs(std::string(c.name) + " ids", ids, want, 0);
+}
+
+// Rounding of the kernel's f32 sums (the running mass at a token, and u times the kept mass)
+// relative to the kept mass: at most (additions on the longest path) * 2^-24 (the standard
+// bound for recursive summation): per thread ceil(V / 512) terms, 5 + 4 tree levels, 15
+// warps before this one, one add per earlier chunk, the product with u.
+double rounding(int v) {
+  const double chunks = (v + 511) / 512;
+  return (2 * chunks + 40) * std::ldexp(1.0, -24);
+}
+
+struct Verdict {
+  int kept_bad = 0, in_nucleus = 0, nucleus_edge = 0;
+  int exact = 0, bucket_edge = 0, draw_bad = 0;
+  std::string kept_why, draw_why;  // the first row of each kind that failed
+};
+
+// One row of a sampled case: kept, and the reference's draw up to rounding.
+void judge_row(const Case &c, const float *z, float u, uint32_t got, int r, Verdict &vd) {
+  const int v = c.v;
+  char buf[256];
+  if (got >= (uint32_t)v) {
+    ++vd.kept_bad;
+    std::snprintf(buf, sizeof buf, "row %d: id %u out of range", r, got);
+    if (vd.kept_why.empty()) vd.kept_why = buf;
+    return;
+  }
+  const std::vector<float> w = weights_ref(z, v, c.s.temperature);
+  // The kernel compares one f32 tree sum with top_p times another: both sides round.
+  const double slack = rounding(v) * 4;
+  const Thresholds th = keep_threshold(w, c.s, slack);
+  const float x = w[got];
+  // Top-k is a count: exact. The nucleus may end one tie group lower where its mass is within
+  // rounding of the goal.
+  if (!(x > 0.f && x >= th.tk && x >= th.loose)) {
+    ++vd.kept_bad;
+    std::snprintf(buf, sizeof buf, "row %d: id %u (w %.6g) not kept: top-k t %.6g, top-p t %.6g", r,
+                  got, x, th.tk, th.t);
+    if (vd.kept_why.empty()) vd.kept_why = buf;
+    return;
+  }
+  if (x >= th.t) ++vd.in_nucleus; else ++vd.nucleus_edge;
+  const uint32_t want = draw_ref(w, th.t, u);
+  if (got == want) {
+    ++vd.exact;
+    return;
+  }
+  if (th.loose != th.t) {
+    // The nucleus mass is within rounding of its goal: the kernel's kept set may be larger
+    // than the reference's, and its CDF with it; kept-ness was checked above.
+    ++vd.bucket_edge;
+    return;
+  }
+  // A different bucket: only where u * mass is within rounding of the edge between them.
+  double before = 0, mass = mass_above(w, th.t);
+  for (uint32_t i = 0; i < got; ++i)
+    if (w[i] >= th.t && w[i] > 0.f) before += w[i];
+  const double after = before + x, target = (double)u * mass, eps = rounding(v) * mass;
+  if (before - eps <= target && target <= after + eps) {
+    ++vd.bucket_edge;
+    return;
+  }
+  ++vd.draw_bad;
+  std::snprintf(buf, sizeof buf,
+                "row %d: id %u vs reference %u, u %.8f: target %.9g outside [%.9g, %.9g]", r, got,
+                want, u, target, before, after);
+  if (vd.draw_why.empty()) vd.draw_why = buf;
+}
+
+// A sampled case on given inputs: two lines, kept and draw; `draws` gets the ids.
+template <typename T>
+bool check_rows(const Case &c, Inputs<T> &in, std::vector<uint32_t> *draws = nullptr) {
+  const std::vector<uint32_t> got = launch_case(c, in);
+  Verdict vd;
+  for (int r = 0; r < c.b; ++r) judge_row(c, &in.z[(size_t)r * c.v], in.u[r], got[r], r, vd);
+  if (draws) *draws = got;
+  const std::string name = c.name;
+  bool ok = report(name + " kept", vd.kept_bad == 0,
+                   "%d rows: %d in the f64 nucleus, %d within rounding of its edge%s%s", c.b,
+                   vd.in_nucleus, vd.nucleus_edge, vd.kept_bad ? "; " : "", vd.kept_why.c_str());
+  // Rows whose token is not kept failed above and have no draw verdict.
+  ok &= report(name + " draw", vd.draw_bad == 0,
+               "%d rows: %d the reference's, %d at a bucket edge within rounding%s%s", c.b,
+               vd.exact, vd.bucket_edge, vd.draw_bad ? "; " : "", vd.draw_why.c_str());
+  return ok;
+}
+
+template <typename T> bool check_sampled(const Case &c, emu_check::Rng &rng) {
+  Inputs<T> in = make_inputs<T>(c, rng);
+  return check_rows(c, in);
+}
+
+// Many draws of one row (one key per row of the batch): their histogram against the row's
+// softmax at the temperature, by Pearson's chi-square over bins of expected count >= 5 (the
+// least likely tokens pooled). The bound is the chi-square quantile at p = 1e-5 (Wilson-Hilferty
+// approximation), so a correct kernel fails about once in 10^5 seeds.
+template <typename T> bool check_distribution(const Case &c, emu_check::Rng &rng) {
+  Inputs<T> in = make_inputs<T>(c, rng);
+  for (int r = 1; r < c.b; ++r)  // every row the same logits, its own key
+    for (int i = 0; i < c.v; ++i) {
+      in.logits[(size_t)r * c.v + i] = in.logits[i];
+      in.z[(size_t)r * c.v + i] = in.z[i];
+    }
+  std::vector<uint32_t> got;
+  bool ok = check_rows(c, in, &got);
+  const std::vector<float> w = weights_ref(in.z.data(), c.v, c.s.temperature);
+  double total = 0;
+  for (float x : w) total += x;
+  std::vector<int> order(c.v);
+  for (int i = 0; i < c.v; ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](int a, int b) { return w[a] > w[b]; });
+  std::vector<double> expect;
+  std::vector<int> bin_of(c.v);
+  double e = 0;
+  for (int i : order) {
+    e += c.b * (double)w[i] / total;
+    bin_of[i] = (int)expect.size();
+    if (e >= 5) expect.push_back(e), e = 0;
+  }
+  if (e > 0) {  // the tail joins the last full bin
+    if (expect.empty()) expect.push_back(0);
+    expect.back() += e;
+    for (int i : order)
+      if (bin_of[i] == (int)expect.size()) bin_of[i] = (int)expect.size() - 1;
+  }
+  std::vector<double> count(expect.size(), 0);
+  for (uint32_t id : got)
+    if (id < (uint32_t)c.v) count[bin_of[id]] += 1;
+  double chi2 = 0;
+  for (size_t k = 0; k < expect.size(); ++k)
+    chi2 += (count[k] - expect[k]) * (count[k] - expect[k]) / expect[k];
+  const double df = (double)expect.size() - 1, zq = 4.265;  // z at 1 - 1e-5
+  const double a = 2 / (9 * df), bound = df * std::pow(1 - a + zq * std::sqrt(a), 3);
+  ok &= report(std::string(c.name) + " chi2", chi2 <= bound,
+               "%.2f over %d bins of %d draws (bound %.2f)", chi2, (int)expect.size(), c.b, bound);
+  return ok;
+}
+
+// The kernel's fallback, the last kept token where rounding leaves u * mass at or past the
+// running mass: a row of weight 1 at index 0, ~2^-30 at every other index and 0 (logit -200)
+// at the last 8, drawn at u = 0 and u = 1 - 2^-24. The f32 sums lose the small weights in
+// different places: the scan's running mass ends a few ulps below the tree's mass, so that
+// u * mass (one ulp below it) is never exceeded and the fallback must pick index 991, not a
+// zero weight after it. (The reference's f64 draw lands ~64 tiny buckets earlier: within the
+// rounding bound, so the row counts as a bucket edge.) Checked: with the fallback made to
+// write an invalid id, this row fails.
+bool check_fallback(emu_check::Rng &rng) {
+  const Case c{"fallback f32 V1000 u->1", DType::F32, 2, 1000, 1.f, {1.f, 0, 1.f}, kUTop};
+  Inputs<float> in = make_inputs<float>(c, rng);
+  for (int r = 0; r < c.b; ++r)
+    for (int i = 0; i < c.v; ++i) {
+      const float z = i == 0 ? 0.f : i >= c.v - 8 ? -200.f : -30.f * 0.69314718f;
+      in.logits[(size_t)r * c.v + i] = in.z[(size_t)r * c.v + i] = z;
+    }
+  return check_rows(c, in);
+}
+
+// ---------------------------------------------------------------------------------------
+// Decode step: the launches of src/kernels/cuda/decode_step.rs (`run`: launch_1d(n, 256),
+// nothing when n = 0) and the CPU ops of src/kernels/decode_step.rs.
+// ---------------------------------------------------------------------------------------
+void run_decode(void (*kernel)(const DecodeParams), long long n, const DecodeParams &p) {
+  if (n == 0) return;
+  const unsigned grid = (unsigned)std::max<long long>(1, (n + 255) / 256);
+  emu::launch({grid, 1, 1}, {256, 1, 1}, 0, [&] { kernel(p); });
+}
+
+// `position` of decode_step.rs: step[0] when it lies in 0..cap.
+bool position(const long long *step, int cap, int &pos) {
+  if (step[0] < 0 || step[0] >= cap) return false;
+  pos = (int)step[0];
+  return true;
+}
+
+// kv_write into a cache [b, h, cap, d] that starts `offset` elements into its buffer (the
+// launcher adds the layout's start offset to the pointer); the whole buffer is compared, with
+// a row of positions past the cache and the offset before it, where nothing may be written.
+template <typename U, typename T>
+bool check_kv_write(const char *name, int b, int h, int cap, int d, long long len, size_t offset,
+                    emu_check::Rng &rng) {
+  const size_t rows = (size_t)b * h, n = rows * d;
+  // Past the cache, a whole row of positions more: a stray write there shows.
+  std::vector<T> buf(offset + (rows + 1) * cap * d), src(n);
+  for (auto &x : buf) x = from_float<T>(rng.normal());
+  for (auto &x : src) x = from_float<T>(rng.normal());
+  std::vector<double> want(buf.size());
+  for (size_t i = 0; i < buf.size(); ++i) want[i] = as_float(buf[i]);
+  const long long step[2] = {len, 99};
+  int pos;
+  if (position(step, cap, pos))
+    for (size_t r = 0; r < rows; ++r)
+      for (int c = 0; c < d; ++c) want[offset + (r * cap + pos) * d + c] = as_float(src[r * d + c]);
+  DecodeParams p{};
+  p.dst = buf.data() + offset;
+  p.src = src.data();
+  p.step = step;
+  p.n = (long long)n;
+  p.cap = cap;
+  p.d = d;
+  run_decode(sizeof(U) == 2 ? kv_write_b2 : kv_write_b4, p.n, p);
+  char what[96];
+  std::snprintf(what, sizeof what, "%s L=%lld", name, len);
+  return emu_check::close_abs(what, buf, want, 0);
+}
+
+bool check_mark_key(int rows, int cap, long long len) {
+  std::vector<float> mask((size_t)(rows + 1) * cap);  // a row past the end stays untouched
+  for (size_t i = 0; i < mask.size(); ++i) mask[i] = (float)(i % 3 == 0);
+  std::vector<double> want(mask.begin(), mask.end());
+  const long long step[2] = {len, 5};
+  int pos;
+  if (position(step, cap, pos))
+    for (int r = 0; r < rows; ++r) want[(size_t)r * cap + pos] = 1.0;
+  DecodeParams p{};
+  p.dst = mask.data();
+  p.step = step;
+  p.n = rows;
+  p.cap = cap;
+  run_decode(mark_key, rows, p);
+  char what[96];
+  std::snprintf(what, sizeof what, "mark_key rows %d cap %d L=%lld", rows, cap, len);
+  return emu_check::close_abs(what, mask, want, 0);
+}
+
+template <typename I> bool check_increment(const char *name, size_t n, emu_check::Rng &rng) {
+  // One element past the end, which nothing may touch.
+  std::vector<I> vals(n + 1);
+  for (auto &x : vals) x = (I)(rng.gen() % 100000) - (std::is_signed<I>::value ? 50000 : 0);
+  if (n > 2) vals[1] = std::is_signed<I>::value ? (I)-1 : (I)0xFFFFFFFEu;
+  std::vector<I> want = vals;
+  for (size_t i = 0; i < n; ++i) want[i] += 1;
+  DecodeParams p{};
+  p.dst = vals.data();
+  p.n = (long long)n;
+  run_decode(sizeof(I) == 4 ? increment_u32 : increment_i64, p.n, p);
+  size_t bad = n + 1;
+  for (size_t i = 0; i <= n && bad > n; ++i)
+    if (vals[i] != want[i]) bad = i;
+  char what[96];
+  std::snprintf(what, sizeof what, "%s n=%zu", name, n);
+  return report(what, bad > n, bad > n ? "every element +1, the next untouched" : "wrong at %zu",
+                bad);
+}
+
+// A few fixed decode steps in static_step.rs's order, on the kernels alone: kv_write at
+// L = step[0]; the draw at step[1] read on the device (pos_at) with the stop ids held until
+// draw 2; increment(positions); increment(step); mark_key(mask, step). Against the same steps
+// on the host; every id compared with the reference draw (bucket-edge rounding allowed). Every
+// buffer has one row (or element) more than the kernels are told: it must stay untouched.
+bool check_steps(emu_check::Rng &rng) {
+  const int b = 5, h = 3, cap = 6, d = 40, v = 37;
+  const Sampling s{0.9f, 0, 1.f};
+  std::vector<bf16> cache((size_t)(b * h + 1) * cap * d, from_float<bf16>(0.f));
+  std::vector<float> mask((size_t)(b + 1) * cap, 0.f), hold(v, 0.f);
+  hold[3] = hold[v - 1] = -INFINITY;
+  std::vector<uint32_t> positions(b + 1);
+  for (auto &x : positions) x = rng.gen() % 50;
+  std::vector<long long> step = {3, 1, 77};
+  std::vector<double> cache_ref(cache.size(), 0.0), mask_ref(mask.size(), 0.0);
+  std::vector<uint32_t> positions_ref = positions;
+  std::vector<long long> step_ref = step;
+  const uint64_t seed = rng.gen();
+  std::vector<long long> keys(b);
+  for (int r = 0; r < b; ++r) keys[r] = (long long)row_key(seed, r);
+  const Case c{"steps", DType::BF16, b, v, 2.f, s, kHeld | kPosAt};
+  Verdict vd;
+  bool ok = true;
+  for (int t = 0; t < 5; ++t) {
+    std::vector<bf16> knew((size_t)b * h * d), logits((size_t)b * v);
+    for (auto &x : knew) x = from_float<bf16>(rng.normal());
+    for (int r = 0; r < b; ++r)
+      for (int i = 0; i < v; ++i)  // token 3, held while it applies, is the likeliest
+        logits[(size_t)r * v + i] = from_float<bf16>(2.f * rng.normal() + (i == 3 ? 6.f : 0.f));
+    // Device.
+    DecodeParams kw{cache.data(), knew.data(), step.data(), (long long)knew.size(), cap, d};
+    run_decode(kv_write_b2, kw.n, kw);
+    Draw draw;
+    draw.device = &step[1];
+    const std::vector<uint32_t> ids = run_sample(logits, b, v, keys, draw, Hold{&hold, 2}, s);
+    DecodeParams inc{positions.data(), nullptr, nullptr, b, 0, 0};
+    run_decode(increment_u32, inc.n, inc);
+    DecodeParams inc_step{step.data(), nullptr, nullptr, 2, 0, 0};
+    run_decode(increment_i64, inc_step.n, inc_step);
+    DecodeParams mk{mask.data(), nullptr, step.data(), b, cap, 0};
+    run_decode(mark_key, mk.n, mk);
+    // Host.
+    int pos;
+    if (position(step_ref.data(), cap, pos))
+      for (int r = 0; r < b * h; ++r)
+        for (int e = 0; e < d; ++e)
+          cache_ref[((size_t)r * cap + pos) * d + e] = as_float(knew[(size_t)r * d + e]);
+    const uint64_t at = (uint64_t)step_ref[1];
+    for (int r = 0; r < b; ++r) {
+      std::vector<float> z(v);
+      for (int i = 0; i < v; ++i)
+        z[i] = as_float(logits[(size_t)r * v + i]) + (at < 2 ? hold[i] : 0.f);
+      judge_row(c, z.data(), uniform_ref((uint64_t)keys[r], at), ids[r], r, vd);
+    }
+    for (int r = 0; r < b; ++r) positions_ref[r] += 1;
+    step_ref[0] += 1, step_ref[1] += 1;
+    if (position(step_ref.data(), cap, pos))
+      for (int r = 0; r < b; ++r) mask_ref[(size_t)r * cap + pos] = 1.0;
+  }
+  const std::string why = vd.kept_why.empty() ? vd.draw_why : vd.kept_why;
+  ok &= report("steps x5 ids", vd.kept_bad == 0 && vd.draw_bad == 0,
+               "%d draws: %d the reference's, %d at a bucket edge%s%s", 5 * b, vd.exact,
+               vd.bucket_edge, why.empty() ? "" : "; ", why.c_str());
+  ok &= emu_check::close_abs("steps x5 cache", cache, cache_ref, 0);
+  ok &= emu_check::close_abs("steps x5 mask", mask, mask_ref, 0);
+  const bool state = positions == positions_ref && step == step_ref;
+  ok &= report("steps x5 positions and step", state, "step {%lld, %lld}", step[0], step[1]);
+  return ok;
+}
+
+// One case in its dtype: greedy, sampled, or many draws of one row (kDistribution).
+constexpr unsigned kDistribution = 1u << 16;
+
+template <typename T> bool check_case(const Case &c, emu_check::Rng &rng) {
+  if (c.s.greedy()) return check_greedy<T>(c, rng);
+  if (c.has(kDistribution)) return check_distribution<T>(c, rng);
+  return check_sampled<T>(c, rng);
+}
+
+bool check_case(const Case &c, emu_check::Rng &rng) {
+  switch (c.dt) {
+    case DType::F32: return check_case<float>(c, rng);
+    case DType::BF16: return check_case<bf16>(c, rng);
+    case DType::F16: return check_case<__half>(c, rng);
+  }
+  return false;
+}
+
+}  // namespace
+
+int main(int argc, char **argv) {
+  emu_check::Rng rng(emu_check::seed(argc, argv));
+  const DType f32 = DType::F32, bf = DType::BF16, f16 = DType::F16;
+  const Sampling greedy{0.f, 0, 1.f};
+  // {name, dtype, B, V, sigma, {temperature, top_k, top_p}, flags}
+  const Case cases[] = {
+      {"greedy f32 V37 ties", f32, 13, 37, 1.f, greedy, kTies},
+      {"greedy bf16 V1000 ties", bf, 11, 1000, 1.f, greedy, kTies},
+      {"greedy bf16 V50257 ties", bf, 5, 50257, 2.f, greedy, kTies},
+      {"greedy f16 V1000 held", f16, 7, 1000, 1.f, greedy, kTies | kHeld},
+      {"greedy bf16 V1000 hold expired", bf, 5, 1000, 1.f, greedy, kExpired | kPosAt},
+      {"greedy f32 V37 all held", f32, 3, 37, 1.f, greedy, kAllHeld},
+      {"T0.7 f32 V37 x81", f32, 81, 37, 1.f, {0.7f, 0, 1.f}, kDistribution},
+      {"top-k40 bf16 V1000 ties", bf, 4, 1000, 1.5f, {1.f, 40, 1.f}, kTies | kUEnds},
+      {"top-p0.9 f32 V1000 ties", f32, 5, 1000, 1.f, {1.3f, 0, 0.9f}, kTies | kUEnds},
+      {"top-k50 top-p0.9 bf16 V50257", bf, 2, 50257, 3.f, {1.3f, 50, 0.9f}, kTies | kUEnds},
+      {"top-k3 f32 V37 flat", f32, 6, 37, 0.2f, {1.f, 3, 1.f}, kUEnds},
+      {"top-k1 bf16 V37 ties", bf, 3, 37, 1.f, {0.8f, 1, 1.f}, kTies | kUEnds},
+      {"top-p0.95 f16 V1000 held pos_at", f16, 3, 1000, 2.f, {0.9f, 0, 0.95f},
+       kHeld | kPosAt | kUEnds},
+      {"T0.05 f32 V37 underflow", f32, 6, 37, 3.f, {0.05f, 0, 1.f}, kTies | kUEnds},
+      {"top-k5000 bf16 V1000 (no filter)", bf, 3, 1000, 1.f, {1.f, 5000, 1.f}, kUEnds},
+      {"top-p1e-4 f32 V1000 ties", f32, 3, 1000, 1.f, {1.f, 0, 1e-4f}, kTies | kUEnds},
+      {"T1 bf16 V50257", bf, 3, 50257, 2.f, {1.f, 0, 1.f}, kUEnds},
+      {"top-k999 top-p0.5 f16 V1000 expired", f16, 2, 1000, 1.f, {1.f, 999, 0.5f}, kExpired},
+  };
+  bool ok = true;
+  for (const Case &c : cases) ok &= check_case(c, rng);
+  ok &= check_fallback(rng);
+  // Decode step.
+  ok &= check_kv_write<uint16_t, bf16>("kv_write_b2 bf16 3x5x7x64", 3, 5, 7, 64, 0, 0, rng);
+  ok &= check_kv_write<uint16_t, bf16>("kv_write_b2 bf16 3x5x7x64", 3, 5, 7, 64, 6, 0, rng);
+  ok &= check_kv_write<uint16_t, __half>("kv_write_b2 f16 2x3x5x72 +11", 2, 3, 5, 72, 2, 11, rng);
+  ok &= check_kv_write<uint32_t, float>("kv_write_b4 f32 3x2x9x128", 3, 2, 9, 128, 8, 0, rng);
+  ok &= check_kv_write<uint32_t, float>("kv_write_b4 f32 1x3x4x24 +5", 1, 3, 4, 24, 1, 5, rng);
+  ok &= check_kv_write<uint32_t, float>("kv_write_b4 f32 3x2x9x128", 3, 2, 9, 128, 9, 0, rng);
+  ok &= check_kv_write<uint16_t, bf16>("kv_write_b2 bf16 3x5x7x64 +67", 3, 5, 7, 64, -1, 67, rng);
+  for (long long len : {0LL, 10LL, 11LL, -1LL}) ok &= check_mark_key(300, 11, len);
+  ok &= check_increment<uint32_t>("increment_u32", 1000, rng);
+  ok &= check_increment<long long>("increment_i64", 2, rng);
+  ok &= check_increment<long long>("increment_i64", 777, rng);
+  ok &= check_steps(rng);
+  return emu_check::finish(ok);
+}
