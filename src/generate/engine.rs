@@ -116,7 +116,8 @@ pub fn generate(
         }
         if cfg.engine.compact && done > 0 && 4 * done >= active.len() {
             let keep = active.keep_unfinished(&resp.finished, &dev)?;
-            cache.select_rows(&keep)?;
+            // The fixed step first: it drops its graph, whose memory the cache's copy can
+            // then reuse.
             match &mut fixed {
                 Some(step) => step.select_rows(&keep)?,
                 None => {
@@ -124,6 +125,7 @@ pub fn generate(
                     next = next.index_select(&keep, 0)?;
                 }
             }
+            cache.select_rows(&keep)?;
             stats.compactions += 1;
         }
         let draw = t + 1;
@@ -216,7 +218,8 @@ impl Drop for ProfilerRange {
 
 /// Whether decode steps replay a CUDA graph: asked for, on CUDA, with our attention and
 /// sampling (their references read or upload host data in the step, which a capture
-/// forbids), and not while op spans are recorded (their events would be captured).
+/// forbids), not while op spans are recorded (their events would be captured), and where
+/// cudarc's own stream bookkeeping stays out of the capture (`static_step::capturable`).
 fn replays_graph(mode: DecodeMode, ctx: &Ctx, dev: &candle_core::Device) -> bool {
     let k = &ctx.kernels;
     mode == DecodeMode::Graph
@@ -225,6 +228,7 @@ fn replays_graph(mode: DecodeMode, ctx: &Ctx, dev: &candle_core::Device) -> bool
             .iter()
             .all(|&c| c == KernelChoice::Custom)
         && !crate::kernels::spans::recording()
+        && super::static_step::capturable(dev)
 }
 
 /// `[V]` f32: -inf at the stop ids, 0 elsewhere, added to the logits of the first

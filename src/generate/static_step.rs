@@ -189,6 +189,18 @@ fn forget_key_ranges() {
     crate::kernels::cuda::attention::forget_key_range();
 }
 
+/// Whether the step can be captured on `dev` (a CUDA device on which cudarc neither waits
+/// on nor records events, and frees without synchronizing).
+pub(super) fn capturable(dev: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    return graph::capturable(dev);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = dev;
+        false
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod graph {
     //! Capture and replay of the step on candle's stream.
@@ -197,7 +209,7 @@ mod graph {
     use std::sync::Arc;
 
     use candle_core::cuda_backend::cudarc::driver::sys::{
-        self, CUgraphInstantiate_flags, CUstreamCaptureMode,
+        self, CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus,
     };
     use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaStream};
     use candle_core::Device;
@@ -250,6 +262,18 @@ mod graph {
                     // Driver errors that an aborted capture's frees recorded would surface
                     // at the next unrelated call.
                     let _ = stream.context().check_err();
+                    // The eager step is a fallback only on a stream that left capture mode:
+                    // on one still capturing every later call on this thread would fail.
+                    let status = stream.capture_status();
+                    if !matches!(
+                        status,
+                        Ok(CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+                    ) {
+                        anyhow::bail!(
+                            "the decode step's CUDA graph capture failed ({why}) and left the \
+                             stream capturing ({status:?})"
+                        );
+                    }
                     eprintln!("warning: the decode step runs without a CUDA graph: {why}");
                     State::Failed
                 }
@@ -258,17 +282,42 @@ mod graph {
         }
     }
 
+    /// Whether `dev` can capture the step at all. cudarc makes a capture's launches wait on,
+    /// and its frees record, events when it manages several streams; without stream-ordered
+    /// allocation a free synchronizes. Both are illegal in a capture.
+    pub(super) fn capturable(dev: &Device) -> bool {
+        let Ok(cuda) = dev.as_cuda_device() else {
+            return false;
+        };
+        let ctx = cuda.cuda_stream().context().clone();
+        !ctx.is_managing_stream_synchronization() && ctx.has_async_alloc()
+    }
+
     /// Records `body` on `stream` (in cudarc's relaxed mode: other threads may go on using
     /// CUDA) and instantiates the graph.
     fn capture(
         stream: &Arc<CudaStream>,
         body: impl FnOnce() -> candle_core::Result<()>,
     ) -> Result<CudaGraph, String> {
+        let ctx = stream.context();
+        // cudarc returns an error some earlier drop recorded before doing what was asked, so
+        // a stale one would fail the capture's start, or worse its end (below).
+        let _ = ctx.check_err();
         stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .map_err(|e| format!("{e:?}"))?;
         let recorded = body();
+        // A failed body drops the buffers it made, and the frees record the invalidated
+        // capture's error; cleared here, or `end_capture` would return it without ending
+        // the capture.
+        let cleared = ctx.check_err();
         let ended = stream.end_capture(CUgraphInstantiate_flags(0));
+        let recorded = match (recorded, cleared) {
+            (Ok(()), Err(e)) => Err(candle_core::Error::Msg(format!(
+                "during the capture: {e:?}"
+            ))),
+            (r, _) => r,
+        };
         let graph = match (recorded, ended) {
             (Err(e), _) => return Err(format!("{e}")),
             (_, Err(e)) => return Err(format!("{e:?}")),

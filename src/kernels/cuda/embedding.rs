@@ -4,7 +4,7 @@
 use candle_core::backend::BackendStorage;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+use candle_core::cuda_backend::cudarc::driver::sys::{CUevent_flags, CUstreamCaptureStatus};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaEvent, CudaSlice, DeviceRepr, PinnedHostSlice,
 };
@@ -303,6 +303,13 @@ impl PinnedIds {
         let view = contiguous_view::<u32>(s, l)?;
         let n = l.shape().elem_count();
         let stream = s.device().cuda_stream();
+        // Its events and the waits on them are illegal in a CUDA graph capture (the decode
+        // step never records a tape, so this does not happen today).
+        if stream.capture_status().map_err(candle_core::Error::wrap)?
+            != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+        {
+            candle_core::bail!("embedding: the ids' host copy inside a CUDA graph capture");
+        }
         let ctx = stream.context();
         let pooled = {
             let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use candle_core::cuda_backend::cudarc::cublaslt::result::{self as lt, CublasError};
 use candle_core::cuda_backend::cudarc::cublaslt::sys;
-use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUstreamCaptureStatus};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use candle_core::{CudaDevice, DType, Result};
 
@@ -187,6 +187,13 @@ impl Lt {
     fn new(stream: Arc<CudaStream>) -> Result<Self> {
         let ctx = stream.context();
         ctx.bind_to_thread().map_err(candle_core::Error::wrap)?;
+        // The workspace allocated inside a CUDA graph capture would belong to the graph; the
+        // decode step's eager run before its capture makes the handle first.
+        if stream.capture_status().map_err(candle_core::Error::wrap)?
+            != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+        {
+            candle_core::bail!("gemm: cuBLASLt's first use inside a CUDA graph capture");
+        }
         let major = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
             .map_err(candle_core::Error::wrap)?;

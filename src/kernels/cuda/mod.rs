@@ -64,8 +64,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    self, CudaContext, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr,
-    SyncOnDrop,
+    self, sys::CUstreamCaptureStatus, CudaContext, CudaSlice, CudaStream, CudaView, DevicePtr,
+    DevicePtrMut, DeviceRepr, SyncOnDrop,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
@@ -277,9 +277,17 @@ pub fn after_launch(dev: &CudaDevice, kernel: &str) -> Result<()> {
         std::env::var("TEMPER_CUDA_SYNC_CHECK").is_ok_and(|v| !v.is_empty() && v != "0")
     });
     if check {
-        dev.cuda_stream()
-            .synchronize()
+        let stream = dev.cuda_stream();
+        // Not inside a CUDA graph capture, where a synchronize is illegal and would
+        // invalidate it; the eager step before a capture runs every kernel with the check.
+        let capturing = stream
+            .capture_status()
             .map_err(|e| candle_core::Error::Msg(format!("kernel {kernel} failed: {e:?}")))?;
+        if capturing == CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+            stream
+                .synchronize()
+                .map_err(|e| candle_core::Error::Msg(format!("kernel {kernel} failed: {e:?}")))?;
+        }
     }
     Ok(())
 }
