@@ -25,7 +25,7 @@ gpu_test!(graph_replay_gives_the_eager_fixed_steps_tokens);
 #[cfg(feature = "cuda")]
 mod gpu {
     use candle_core::{DType, Device, Tensor};
-    use temper::config::ModelConfig;
+    use temper::config::{LoraConfig, ModelConfig};
     use temper::data::tokenizer::Tokenizer;
     use temper::generate::{generate, DecodeMode, EngineOpts, RowKeys, SampleCfg};
     use temper::kernels::attention::{attention_reference, AttnMask};
@@ -482,23 +482,48 @@ mod gpu {
     /// rows that end early make the engine compact (a new batch size: a new capture), and
     /// `min_new_tokens` holds stop ids back through the replays. The dynamic-shape step rounds
     /// differently (its attention reads fewer keys), so it need only agree on most rows.
+    /// GPT-2's shape (learned positions, LayerNorm), then Llama's with four query heads per kv
+    /// head (RoPE's table lookup, RMSNorm, SwiGLU, the grouped decode kernel) and LoRA
+    /// adapters on its projections (their GEMMs on candle's cuBLAS handle).
     pub fn graph_replay_gives_the_eager_fixed_steps_tokens(dev: &Device) {
-        let mut cfg = ModelConfig::preset("gpt2").unwrap();
-        cfg.vocab_size = 259;
+        let mut gpt2 = ModelConfig::preset("gpt2").unwrap();
+        gpt2.vocab_size = 259;
         // Head dim 64: bf16 steps take the decode stream, f32 ones the simple kernel.
-        cfg.hidden_size = 128;
-        cfg.intermediate_size = 256;
-        cfg.num_hidden_layers = 3;
-        cfg.num_attention_heads = 2;
-        cfg.num_key_value_heads = 2;
-        cfg.max_position_embeddings = 128;
+        gpt2.hidden_size = 128;
+        gpt2.intermediate_size = 256;
+        gpt2.num_hidden_layers = 3;
+        gpt2.num_attention_heads = 2;
+        gpt2.num_key_value_heads = 2;
+        gpt2.max_position_embeddings = 128;
+        let mut llama = ModelConfig::preset("llama-tiny").unwrap();
+        llama.vocab_size = 259;
+        llama.hidden_size = 256;
+        llama.intermediate_size = 512;
+        llama.num_hidden_layers = 2;
+        llama.num_attention_heads = 4;
+        llama.num_key_value_heads = 1;
+        llama.max_position_embeddings = 128;
+        let lora = LoraConfig {
+            rank: 8,
+            ..LoraConfig::default()
+        };
+        for (name, cfg, adapters) in [
+            ("gpt2", &gpt2, None),
+            ("llama gqa", &llama, None),
+            ("llama gqa lora", &llama, Some(&lora)),
+        ] {
+            let mut store = ParamStore::new(dev.clone(), 8);
+            let net = Transformer::new(&mut store.scope(Net::Policy), cfg, adapters).unwrap();
+            graph_replay_matches(&net, name);
+        }
+    }
+
+    fn graph_replay_matches(net: &Transformer, name: &str) {
         let tok = Tokenizer::bytes();
         let texts: Vec<String> = (0..23)
             .map(|i| format!("prompt {i}: {}", "ab".repeat(i % 5)))
             .collect();
         let prompts: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
-        let mut store = ParamStore::new(dev.clone(), 8);
-        let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
         for dtype in [DType::F32, DType::BF16] {
             for (temperature, top_k, top_p, min_new) in
                 [(0.0, 0, 1.0, 0), (1.0, 0, 1.0, 6), (0.9, 30, 0.95, 0)]
@@ -518,7 +543,7 @@ mod gpu {
                     };
                     let ctx = Ctx::plain(dtype);
                     generate(
-                        &net,
+                        net,
                         ctx,
                         &tok,
                         &prompts,
@@ -528,7 +553,7 @@ mod gpu {
                     .unwrap()
                 };
                 let what = format!(
-                    "{dtype:?} T {temperature} top-k {top_k} top-p {top_p} min_new {min_new}"
+                    "{name} {dtype:?} T {temperature} top-k {top_k} top-p {top_p} min_new {min_new}"
                 );
                 let (graph, fixed, dynamic) = (
                     run(DecodeMode::Graph),
