@@ -24,19 +24,29 @@ trap 'rm -rf "$overlay"' EXIT
 cp kernels/* "$overlay/"
 cp tests/kernel_emu/mma_ptx.cuh "$overlay/"
 
+# Build every driver first, as many at once as there are cores.
+# -fno-extern-tls-init: __shared__ is thread_local in the emulator, and a kernel's
+# `extern __shared__` array is defined by the driver without a dynamic initializer.
+printf '%s\n' "${drivers[@]}" | xargs -P "$(nproc)" -I{} \
+  g++ -std=c++17 -O1 -fno-extern-tls-init -include tests/kernel_emu/cuda_emu.h \
+  -I tests/kernel_emu/include -I "$overlay" -I tests/kernel_emu \
+  "tests/kernel_emu/{}.cpp" -o "$out/{}"
+
+# Then run each driver in both orders at once (one core each), printing the logs in turn.
 failed=0
 for name in "${drivers[@]}"; do
-  bin="$out/$name"
-  # -fno-extern-tls-init: __shared__ is thread_local in the emulator, and a kernel's
-  # `extern __shared__` array is defined by the driver without a dynamic initializer.
-  g++ -std=c++17 -O1 -fno-extern-tls-init -include tests/kernel_emu/cuda_emu.h \
-    -I tests/kernel_emu/include -I "$overlay" -I tests/kernel_emu \
-    "tests/kernel_emu/$name.cpp" -o "$bin"
+  pids=()
   for order in forward reverse; do
+    EMU_ORDER="$order" "$out/$name" "$seed" >"$out/$name.$order.log" 2>&1 &
+    pids+=($!)
+  done
+  for i in 0 1; do
+    order=$([[ $i -eq 0 ]] && echo forward || echo reverse)
+    status=0
+    wait "${pids[$i]}" || status=$?
     echo "== $name (seed $seed, $order warp order)"
-    if ! EMU_ORDER="$order" "$bin" "$seed"; then
-      failed=1
-    fi
+    cat "$out/$name.$order.log"
+    [[ $status -eq 0 ]] || failed=1
   done
 done
 if [[ $failed -ne 0 ]]; then
