@@ -38,7 +38,7 @@
 //   affine(mul, add): x * (f32)mul + (f32)add, Div by b is affine(1 / b, 0); sqr is x * x), with
 //   the clip scale max_norm / (norm + 1e-6) in f64 from the kernel's own norm (the kernel's
 //   header promises the last bit given the same scale; the norm is checked above). m, v, the
-//   master and the copy (the master rounded to bf16, nearest even, by a rounding written here)
+//   master and the copy (the master rounded to bf16, nearest even, by emu_check's rounding)
 //   must equal it (+0 and -0 count as equal: candle's "+ 0" turns a -0 into +0);
 // - the update again against the formula in double (exact hyperparameters, the scale from the
 //   kernel's norm), element by element within a running error bound: every f32 operation,
@@ -55,6 +55,9 @@
 
 namespace {
 
+using emu_check::check;
+using emu_check::exact;
+using emu_check::within;
 using bf16 = __nv_bfloat16;
 
 // src/kernels/cuda/adamw.rs: CHUNK, THREADS.
@@ -75,15 +78,6 @@ double powi(double a, int b) {
     a *= a;
   }
   return recip ? 1 / r : r;
-}
-
-// x rounded to bf16, nearest even (finite normal x or 0), written independently of the
-// emulator's bit trick.
-double round_bf16(double x) {
-  if (x == 0) return x;
-  int e;
-  const double m = std::frexp(x, &e);  // |m| in [0.5, 1)
-  return std::ldexp(std::nearbyint(m * 256.0), e - 8);
 }
 
 // n elements of T with kGuard sentinels on both sides.
@@ -179,53 +173,6 @@ std::vector<std::pair<unsigned, unsigned>> chunks(size_t n) {
     out.push_back({(unsigned)start, (unsigned)std::min(n - start, kChunk)});
   }
   return out;
-}
-
-// ---------------------------------------------------------------------------------------
-// Comparisons.
-// ---------------------------------------------------------------------------------------
-// Equal as values (so +0 == -0); NaN fails.
-bool exact(const std::string &what, const std::vector<double> &got,
-           const std::vector<double> &want) {
-  size_t bad = want.size(), nbad = 0;
-  for (size_t i = 0; i < want.size(); ++i)
-    if (!(got[i] == want[i]) && nbad++ == 0) bad = i;
-  const bool ok = nbad == 0;
-  std::printf("%s %-40s exact: %zu of %zu differ", ok ? "ok  " : "FAIL", what.c_str(), nbad,
-              want.size());
-  if (!ok) std::printf(", first at %zu: %.9g vs %.9g", bad, got[bad], want[bad]);
-  std::printf("\n");
-  return ok;
-}
-
-// |got - want| <= bound, element by element; prints the largest ratio.
-bool within(const std::string &what, const std::vector<double> &got,
-            const std::vector<double> &want, const std::vector<double> &bound) {
-  double worst = 0;
-  size_t bad = want.size();
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double e = std::fabs(got[i] - want[i]);
-    const double r = e / std::max(bound[i], 1e-300);
-    if (!(e <= bound[i])) {
-      if (bad == want.size()) bad = i;
-      worst = std::isnan(r) ? r : std::max(worst, r);
-    } else {
-      worst = std::max(worst, r);
-    }
-  }
-  const bool ok = bad == want.size();
-  std::printf("%s %-40s max err / bound %.3f over %zu", ok ? "ok  " : "FAIL", what.c_str(), worst,
-              want.size());
-  if (!ok)
-    std::printf(", first over at %zu: %.9g vs %.9g (bound %.3g)", bad, got[bad], want[bad],
-                bound[bad]);
-  std::printf("\n");
-  return ok;
-}
-
-bool check(const std::string &what, bool ok) {
-  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
-  return ok;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -393,7 +340,7 @@ bool run(const Case &c, emu_check::Rng &rng) {
       bnd_p.push_back(2 * e_p);
       if (x.s.copy) {
         got_c.push_back(__bfloat162float(x.c[k]));
-        emu_c.push_back(round_bf16(pn));
+        emu_c.push_back(emu_check::round_as<bf16>(pn));
         ref_c.push_back(pd);
         bnd_c.push_back(2 * e_p + 0x1p-8 * (std::fabs(pd) + 2 * e_p));
       }
@@ -403,7 +350,7 @@ bool run(const Case &c, emu_check::Rng &rng) {
   std::vector<double> own_c;
   for (auto &x : ts)
     if (x.s.owned && x.s.copy)
-      for (size_t k = 0; k < x.s.n; ++k) own_c.push_back(round_bf16(x.p[k]));
+      for (size_t k = 0; k < x.s.n; ++k) own_c.push_back(emu_check::round_as<bf16>(x.p[k]));
   ok &= check(name + " guards around every tensor intact", guards);
   ok &= exact(name + " m (candle's f32 ops)", got_m, emu_m);
   ok &= exact(name + " v (candle's f32 ops)", got_v, emu_v);

@@ -18,6 +18,8 @@ EMU_DYNAMIC_SHARED(smem_raw, 232448)
 #include "attention_fwd.cu"
 #include "attention_bwd.cu"
 
+#include "attention_ref.h"
+
 namespace {
 
 using bf16 = __nv_bfloat16;
@@ -38,14 +40,10 @@ struct Inputs {
 
 Inputs make_inputs(const Case &c, emu_check::Rng &rng) {
   Inputs in{c, {}, {}, {}, {}, {}};
-  auto fill = [&](std::vector<bf16> &x, size_t n) {
-    x.resize(n);
-    for (auto &e : x) e = __float2bfloat16_rn(rng.normal());
-  };
-  fill(in.q, (size_t)c.b * c.hq * c.tq * c.d);
-  fill(in.k, (size_t)c.b * c.hkv * c.tk * c.d);
-  fill(in.v, (size_t)c.b * c.hkv * c.tk * c.d);
-  fill(in.dout, (size_t)c.b * c.hq * c.tq * c.d);
+  in.q = emu_check::normals<bf16>((size_t)c.b * c.hq * c.tq * c.d, rng);
+  in.k = emu_check::normals<bf16>((size_t)c.b * c.hkv * c.tk * c.d, rng);
+  in.v = emu_check::normals<bf16>((size_t)c.b * c.hkv * c.tk * c.d, rng);
+  in.dout = emu_check::normals<bf16>((size_t)c.b * c.hq * c.tq * c.d, rng);
   if (c.mask) {
     in.kvalid.assign((size_t)c.b * c.tk, 1.f);
     for (int b = 0; b < c.b; ++b) {
@@ -60,99 +58,25 @@ Inputs make_inputs(const Case &c, emu_check::Rng &rng) {
 
 float f(bf16 x) { return __bfloat162float(x); }
 
-struct Reference {
-  std::vector<double> o, lse, dq, dk, dv;
-};
+using Reference = attention_ref::Result;
+
+attention_ref::Shape shape(const Case &c) {
+  return {c.b, c.hq, c.hkv, c.tq, c.tk, c.tk, c.d, c.causal, c.offset};
+}
 
 // Softmax attention and its gradients in double, from the bf16 inputs.
 Reference reference(const Inputs &in) {
-  const Case &c = in.c;
-  const int G = c.hq / c.hkv;
-  const double scale = 1.0 / std::sqrt((double)c.d);
-  Reference r;
-  r.o.assign(in.q.size(), 0.0);
-  r.dq.assign(in.q.size(), 0.0);
-  r.lse.assign((size_t)c.b * c.hq * c.tq, 0.0);
-  r.dk.assign(in.k.size(), 0.0);
-  r.dv.assign(in.v.size(), 0.0);
-  std::vector<double> s(c.tk), p(c.tk), dp(c.tk);
-  for (int b = 0; b < c.b; ++b)
-    for (int h = 0; h < c.hq; ++h) {
-      const size_t qb = ((size_t)b * c.hq + h) * c.tq, kb = ((size_t)b * c.hkv + h / G) * c.tk;
-      for (int i = 0; i < c.tq; ++i) {
-        const bf16 *qi = &in.q[(qb + i) * c.d];
-        double m = -INFINITY;
-        for (int j = 0; j < c.tk; ++j) {
-          const bool seen = (!c.causal || j <= c.offset + i) &&
-                            (!c.mask || in.kvalid[(size_t)b * c.tk + j] != 0.f);
-          if (!seen) {
-            s[j] = -INFINITY;
-            continue;
-          }
-          double dot = 0;
-          for (int e = 0; e < c.d; ++e) dot += (double)f(qi[e]) * f(in.k[(kb + j) * c.d + e]);
-          s[j] = dot * scale;
-          m = std::max(m, s[j]);
-        }
-        if (m == -INFINITY) {
-          r.lse[qb + i] = INFINITY;
-          continue;
-        }
-        double l = 0;
-        for (int j = 0; j < c.tk; ++j) l += s[j] == -INFINITY ? 0 : std::exp(s[j] - m);
-        r.lse[qb + i] = m + std::log(l);
-        double dsum = 0;
-        const bf16 *doi = &in.dout[(qb + i) * c.d];
-        for (int j = 0; j < c.tk; ++j) {
-          p[j] = s[j] == -INFINITY ? 0 : std::exp(s[j] - m) / l;
-          double acc = 0;
-          for (int e = 0; e < c.d; ++e) {
-            const double vv = f(in.v[(kb + j) * c.d + e]);
-            r.o[(qb + i) * c.d + e] += p[j] * vv;
-            acc += (double)f(doi[e]) * vv;
-          }
-          dp[j] = acc;
-          dsum += p[j] * acc;
-        }
-        for (int j = 0; j < c.tk; ++j) {
-          if (p[j] == 0) continue;
-          const double ds = p[j] * (dp[j] - dsum) * scale;
-          for (int e = 0; e < c.d; ++e) {
-            r.dq[(qb + i) * c.d + e] += ds * f(in.k[(kb + j) * c.d + e]);
-            r.dk[(kb + j) * c.d + e] += ds * f(qi[e]);
-            r.dv[(kb + j) * c.d + e] += p[j] * f(doi[e]);
-          }
-        }
-      }
-    }
-  return r;
+  return attention_ref::reference(shape(in.c), in.q, in.k, in.v, in.kvalid, &in.dout);
 }
 
-AttnParams params(const Inputs &in) {
-  const Case &c = in.c;
-  AttnParams p{};
-  p.b = c.b;
-  p.hq = c.hq;
-  p.hkv = c.hkv;
-  p.tq = c.tq;
-  p.tk = c.tk;
-  p.d = c.d;
-  p.causal = c.causal;
-  p.offset = c.offset;
-  p.nrows = c.b * c.hq * c.tq;
-  p.nsplit = 1;
-  p.scale = 1.f / std::sqrt((float)c.d);
+// FlashAttn::params (the scale in f32), and attn_key_range first where there is a key mask;
+// `krange` must outlive the params.
+AttnParams params(const Inputs &in, std::vector<int> &krange) {
+  AttnParams p = attention_ref::params(shape(in.c));
+  p.scale = 1.f / std::sqrt((float)in.c.d);
   p.scale_log2 = p.scale * kLog2e;
+  attention_ref::key_range(shape(in.c), in.kvalid, p, krange);
   return p;
-}
-
-// Runs attn_key_range when the case has a key mask; `krange` must outlive the params.
-void key_range(const Inputs &in, AttnParams &p, std::vector<int> &krange) {
-  if (!in.c.mask) return;
-  krange.assign(3 * in.c.b, -7);
-  p.kvalid = in.kvalid.data();
-  p.krange = krange.data();
-  emu::launch({(unsigned)in.c.b, 1, 1}, {256, 1, 1}, 0, [&] { attn_key_range(p); });
 }
 
 using Kernel = void (*)(const AttnParams);
@@ -170,9 +94,8 @@ size_t fwd_smem(int d, int mt) {
 // The tensor-core forward with MT 16-row tiles per warp: o and lse.
 bool check_forward(const Inputs &in, const Reference &r, int mt) {
   const Case &c = in.c;
-  AttnParams p = params(in);
   std::vector<int> krange;
-  key_range(in, p, krange);
+  AttnParams p = params(in, krange);
   std::vector<bf16> o(in.q.size(), __float2bfloat16_rn(NAN));
   std::vector<float> lse((size_t)c.b * c.hq * c.tq, NAN);
   p.q = in.q.data();
@@ -194,9 +117,8 @@ bool check_forward(const Inputs &in, const Reference &r, int mt) {
 // reference output rounded as the forward would store it.
 bool check_backward(const Inputs &in, const Reference &r) {
   const Case &c = in.c;
-  AttnParams p = params(in);
   std::vector<int> krange;
-  key_range(in, p, krange);
+  AttnParams p = params(in, krange);
   std::vector<bf16> o(in.q.size());
   for (size_t i = 0; i < o.size(); ++i) o[i] = __float2bfloat16_rn((float)r.o[i]);
   std::vector<float> lse(r.lse.begin(), r.lse.end());
@@ -240,9 +162,8 @@ bool check_backward_simple(const Inputs &in, const Reference &r) {
   };
   const std::vector<float> q = widen(in.q), k = widen(in.k), v = widen(in.v),
                            dout = widen(in.dout);
-  AttnParams p = params(in);
   std::vector<int> krange;
-  key_range(in, p, krange);
+  AttnParams p = params(in, krange);
   std::vector<float> o(r.o.begin(), r.o.end()), lse(r.lse.begin(), r.lse.end());
   std::vector<float> dvec((size_t)p.nrows, NAN), dq(q.size(), NAN), dk(k.size(), NAN),
       dv(v.size(), NAN);

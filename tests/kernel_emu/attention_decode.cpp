@@ -31,6 +31,8 @@ EMU_DYNAMIC_SHARED(smem_raw, 1024)
 #include "attention_fwd.cu"
 #include "attention_decode.cu"
 
+#include "attention_ref.h"
+
 namespace {
 
 using bf16 = __nv_bfloat16;
@@ -52,20 +54,15 @@ struct Case {
   bool mask;  // sequence b % 3: left padding and a hole / only its last 1-3 keys / all padding
 };
 
-template <typename T> struct Traits;
-template <> struct Traits<float> {
-  static constexpr Dtype dt = Dtype::F32;
-  static constexpr const char *name = "f32";
+// The bound on o relative to its largest magnitude, by dtype.
+template <typename T> struct Dt;
+template <> struct Dt<float> : emu_check::Dt<float> {
   static constexpr double o_tol = 1e-5;
 };
-template <> struct Traits<bf16> {
-  static constexpr Dtype dt = Dtype::BF16;
-  static constexpr const char *name = "bf16";
+template <> struct Dt<bf16> : emu_check::Dt<bf16> {
   static constexpr double o_tol = 8e-3;
 };
-template <> struct Traits<f16> {
-  static constexpr Dtype dt = Dtype::F16;
-  static constexpr const char *name = "f16";
+template <> struct Dt<f16> : emu_check::Dt<f16> {
   static constexpr double o_tol = 1e-3;
 };
 
@@ -76,24 +73,17 @@ template <typename T> struct Inputs {
   std::vector<float> kvalid;  // [B, Tk], empty without a key mask
 };
 
-bool valid_key(const Case &c, const std::vector<float> &kvalid, int b, int j) {
-  return !c.mask || kvalid[(size_t)b * c.tk + j] != 0.f;
-}
+using Reference = attention_ref::Result;
 
-// Query i of a sequence sees key j.
-bool sees(const Case &c, const std::vector<float> &kvalid, int b, int i, int j) {
-  return j < c.tk && (!c.causal || j <= c.offset + i) && valid_key(c, kvalid, b, j);
+attention_ref::Shape shape(const Case &c) {
+  return {c.b, c.hq, c.hkv, c.tq, c.tk, c.cap, c.d, c.causal, c.offset};
 }
 
 template <typename T> Inputs<T> make_inputs(const Case &c, emu_check::Rng &rng) {
   Inputs<T> in{c, {}, {}, {}, {}};
-  auto fill = [&](std::vector<T> &x, size_t n) {
-    x.resize(n);
-    for (auto &e : x) e = temper::from_f32<T>(rng.normal());
-  };
-  fill(in.q, (size_t)c.b * c.hq * c.tq * c.d);
-  fill(in.k, (size_t)c.b * c.hkv * c.cap * c.d);
-  fill(in.v, (size_t)c.b * c.hkv * c.cap * c.d);
+  in.q = emu_check::normals<T>((size_t)c.b * c.hq * c.tq * c.d, rng);
+  in.k = emu_check::normals<T>((size_t)c.b * c.hkv * c.cap * c.d, rng);
+  in.v = emu_check::normals<T>((size_t)c.b * c.hkv * c.cap * c.d, rng);
   if (c.mask) {
     in.kvalid.assign((size_t)c.b * c.tk, 1.f);
     for (int b = 0; b < c.b; ++b) {
@@ -113,7 +103,7 @@ template <typename T> Inputs<T> make_inputs(const Case &c, emu_check::Rng &rng) 
   const T nan = temper::from_f32<T>(NAN);
   for (int b = 0; b < c.b; ++b)
     for (int j = 0; j < c.cap; ++j) {
-      if (sees(c, in.kvalid, b, c.tq - 1, j)) continue;
+      if (attention_ref::sees(shape(c), in.kvalid, b, c.tq - 1, j)) continue;
       for (int h = 0; h < c.hkv; ++h)
         for (int e = 0; e < c.d; ++e) {
           const size_t at = (((size_t)b * c.hkv + h) * c.cap + j) * c.d + e;
@@ -122,53 +112,6 @@ template <typename T> Inputs<T> make_inputs(const Case &c, emu_check::Rng &rng) 
         }
     }
   return in;
-}
-
-struct Reference {
-  std::vector<double> o, lse;
-};
-
-// Softmax attention in double, from the stored inputs.
-template <typename T> Reference reference(const Inputs<T> &in) {
-  const Case &c = in.c;
-  const int G = c.hq / c.hkv;
-  const double scale = 1.0 / std::sqrt((double)c.d);
-  Reference r;
-  r.o.assign(in.q.size(), 0.0);
-  r.lse.assign((size_t)c.b * c.hq * c.tq, 0.0);
-  std::vector<double> s(c.tk);
-  for (int b = 0; b < c.b; ++b)
-    for (int h = 0; h < c.hq; ++h) {
-      const size_t qb = ((size_t)b * c.hq + h) * c.tq;
-      const size_t kb = ((size_t)b * c.hkv + h / G) * c.cap;
-      for (int i = 0; i < c.tq; ++i) {
-        const T *qi = &in.q[(qb + i) * c.d];
-        double m = -INFINITY;
-        for (int j = 0; j < c.tk; ++j) {
-          s[j] = -INFINITY;
-          if (!sees(c, in.kvalid, b, i, j)) continue;
-          double dot = 0;
-          for (int e = 0; e < c.d; ++e)
-            dot += emu_check::value(qi[e]) * emu_check::value(in.k[(kb + j) * c.d + e]);
-          s[j] = dot * scale;
-          m = std::max(m, s[j]);
-        }
-        if (m == -INFINITY) {
-          r.lse[qb + i] = INFINITY;
-          continue;
-        }
-        double l = 0;
-        for (int j = 0; j < c.tk; ++j) l += s[j] == -INFINITY ? 0 : std::exp(s[j] - m);
-        r.lse[qb + i] = m + std::log(l);
-        for (int j = 0; j < c.tk; ++j) {
-          if (s[j] == -INFINITY) continue;
-          const double pj = std::exp(s[j] - m) / l;
-          for (int e = 0; e < c.d; ++e)
-            r.o[(qb + i) * c.d + e] += pj * emu_check::value(in.v[(kb + j) * c.d + e]);
-        }
-      }
-    }
-  return r;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -181,17 +124,7 @@ int div_ceil(int a, int b) { return (a + b - 1) / b; }
 // FlashAttn::params, plus the KV cache capacity FlashAttn::forward sets for a cache view
 // (cache_capacity: only when cap > Tk; a contiguous k, v leaves 0).
 AttnParams params(const Case &c) {
-  AttnParams p{};
-  p.b = c.b;
-  p.hq = c.hq;
-  p.hkv = c.hkv;
-  p.tq = c.tq;
-  p.tk = c.tk;
-  p.d = c.d;
-  p.causal = c.causal;
-  p.offset = c.causal ? c.offset : 0;
-  p.nrows = c.b * c.hq * c.tq;
-  p.nsplit = 1;
+  AttnParams p = attention_ref::params(shape(c));
   const double scale = 1.0 / std::sqrt((double)c.d);
   p.scale_log2 = (float)(scale * 1.4426950408889634);
   p.scale = (float)scale;
@@ -320,12 +253,7 @@ template <typename T> bool check(const Inputs<T> &in, const Reference &ref, Impl
   }
   AttnParams p = params(c);
   std::vector<int> krange;
-  if (c.mask) {
-    krange.assign(3 * c.b, -7);
-    p.kvalid = in.kvalid.data();
-    p.krange = krange.data();
-    emu::launch({(unsigned)c.b, 1, 1}, {256, 1, 1}, 0, [&] { attn_key_range(p); });
-  }
+  attention_ref::key_range(shape(c), in.kvalid, p, krange);
   std::vector<T> o(in.q.size(), temper::from_f32<T>(NAN));
   std::vector<float> lse((size_t)c.b * c.hq * c.tq, NAN);
   p.q = in.q.data();
@@ -335,7 +263,7 @@ template <typename T> bool check(const Inputs<T> &in, const Reference &ref, Impl
   p.lse = lse.data();
   const int r = decode_rows(c, imp);
   int nsplit;
-  std::string what = std::string(c.name) + " " + Traits<T>::name;
+  std::string what = std::string(c.name) + " " + Dt<T>::name;
   if (r > 0) {
     nsplit = launch_decode<T>(c, p, r);
     what += " decode r" + std::to_string(r);
@@ -344,14 +272,15 @@ template <typename T> bool check(const Inputs<T> &in, const Reference &ref, Impl
     what += " simple";
   }
   what += " x" + std::to_string(nsplit);
-  bool ok = emu_check::close(what + " o", o, ref.o, Traits<T>::o_tol);
+  bool ok = emu_check::close(what + " o", o, ref.o, Dt<T>::o_tol);
   ok &= emu_check::close_abs(what + " lse", lse, ref.lse, 1e-4);
   return ok;
 }
 
 template <typename T> bool run_case(const Case &c, emu_check::Rng &rng) {
   const Inputs<T> in = make_inputs<T>(c, rng);
-  const Reference ref = reference(in);
+  // Softmax attention in double, from the stored inputs.
+  const Reference ref = attention_ref::reference(shape(c), in.q, in.k, in.v, in.kvalid);
   bool ok = check(in, ref, Impl::Auto);
   if (decode_rows(c, Impl::Auto) > 0) ok &= check(in, ref, Impl::Simple);
   return ok;

@@ -95,15 +95,10 @@ constexpr double kGeluC = 0.79788456080286535587989211986876;  // sqrt(2 / pi)
 constexpr double kGeluA = 0.044715;
 
 // ---------------------------------------------------------------------------------------
-// Dtypes: names, the store's rounding (unit roundoff, half the least subnormal; none for f32,
-// which stores the f32 result itself), the format for exact rounding, entry points.
+// Dtypes: emu_check's, and the entry points.
 // ---------------------------------------------------------------------------------------
 template <typename T> struct Dt;
-template <> struct Dt<float> {
-  static constexpr const char *name = "f32";
-  static constexpr double u = 0, sub = 0;
-  static constexpr int p = 24, emin = -126;
-  static float from(float x) { return x; }
+template <> struct Dt<float> : emu_check::Dt<float> {
   static constexpr BiasK bias_fwd = bias_fwd_f32, bias_fwd_vec = bias_fwd_vec_f32;
   static constexpr BiasK bias_bwd = bias_bwd_f32, bias_bwd_vec = bias_bwd_vec_f32;
   static constexpr GeluK gelu_fwd = gelu_fwd_f32, gelu_fwd_vec = gelu_fwd_vec_f32;
@@ -113,11 +108,7 @@ template <> struct Dt<float> {
   static constexpr RopeK rope_fwd = rope_fwd_f32, rope_bwd = rope_bwd_f32;
   static constexpr DropoutK dropout = dropout_f32;
 };
-template <> struct Dt<bf16> {
-  static constexpr const char *name = "bf16";
-  static constexpr double u = 0x1p-8, sub = 0x1p-134;
-  static constexpr int p = 8, emin = -126;
-  static bf16 from(float x) { return __float2bfloat16_rn(x); }
+template <> struct Dt<bf16> : emu_check::Dt<bf16> {
   static constexpr BiasK bias_fwd = bias_fwd_bf16, bias_fwd_vec = bias_fwd_vec_bf16;
   static constexpr BiasK bias_bwd = bias_bwd_bf16, bias_bwd_vec = bias_bwd_vec_bf16;
   static constexpr GeluK gelu_fwd = gelu_fwd_bf16, gelu_fwd_vec = gelu_fwd_vec_bf16;
@@ -127,11 +118,7 @@ template <> struct Dt<bf16> {
   static constexpr RopeK rope_fwd = rope_fwd_bf16, rope_bwd = rope_bwd_bf16;
   static constexpr DropoutK dropout = dropout_bf16;
 };
-template <> struct Dt<f16> {
-  static constexpr const char *name = "f16";
-  static constexpr double u = 0x1p-11, sub = 0x1p-25;
-  static constexpr int p = 11, emin = -14;
-  static f16 from(float x) { return __float2half_rn(x); }
+template <> struct Dt<f16> : emu_check::Dt<f16> {
   static constexpr BiasK bias_fwd = bias_fwd_f16, bias_fwd_vec = bias_fwd_vec_f16;
   static constexpr BiasK bias_bwd = bias_bwd_f16, bias_bwd_vec = bias_bwd_vec_f16;
   static constexpr GeluK gelu_fwd = gelu_fwd_f16, gelu_fwd_vec = gelu_fwd_vec_f16;
@@ -142,19 +129,14 @@ template <> struct Dt<f16> {
   static constexpr DropoutK dropout = dropout_f16;
 };
 
-// x rounded to nearest even in T's format (subnormals included; the values here are far from
-// T's overflow), in double without the emulator's conversions.
-template <typename T> double round_as(double x) {
-  if (x == 0 || std::isnan(x)) return x;
-  int e;
-  std::frexp(x, &e);  // |x| in [2^(e-1), 2^e)
-  const double ulp = std::ldexp(1.0, std::max(e - 1, Dt<T>::emin) - Dt<T>::p + 1);
-  return std::nearbyint(x / ulp) * ulp;  // the default rounding mode: to nearest even
-}
+using emu_check::round_as;
 
-// The store's bound around a reference r whose f32 value is off by at most e.
+// The store's bound around a reference r whose f32 value is off by at most e: T's rounding
+// (none for f32, which stores the f32 result itself).
 template <typename T> double store_tol(double r, double e) {
-  return Dt<T>::u * std::fabs(r) + (1 + Dt<T>::u) * (e + kTiny) + Dt<T>::sub;
+  const bool f32 = std::is_same<T, float>::value;
+  const double u = f32 ? 0 : Dt<T>::u, sub = f32 ? 0 : Dt<T>::sub;
+  return u * std::fabs(r) + (1 + u) * (e + kTiny) + sub;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -197,8 +179,7 @@ template <typename T> struct Buf {
 // The guard check of an output, printed like the others (only when it fails).
 template <typename T> bool guard(const std::string &what, const Buf<T> &b) {
   if (b.guard_intact()) return true;
-  std::printf("FAIL %-44s a write outside the output buffer\n", what.c_str());
-  return false;
+  return emu_check::check(what, false, "a write outside the output buffer");
 }
 
 // vec16_chunk::<T>(n, offsets): n a multiple of 16 / sizeof(T) and every base 16-aligned.
@@ -209,56 +190,15 @@ template <typename T> bool takes_vec(size_t n, std::initializer_list<bool> align
   return true;
 }
 
-// grid_stride(dev, n, 256): launch_1d's ceil(n / 256) blocks (at least one), at most
-// sm_count * (2048 / 256).
-unsigned grid_stride(size_t n, unsigned sms) {
-  size_t grid = std::max<size_t>(1, (n + kLaunchThreads - 1) / kLaunchThreads);
-  grid = std::min<size_t>(grid, (size_t)sms * std::max(1u, 2048 / kLaunchThreads));
-  return (unsigned)grid;
-}
+// grid_stride(dev, n, 256): the blocks of a grid-stride pass.
+using emu_check::grid_stride;
 
 template <typename P> void run(unsigned gx, unsigned gy, void (*k)(const P), const P &p) {
   emu::launch({gx, gy, 1}, {kLaunchThreads, 1, 1}, 0, [&] { k(p); });
 }
 
-// ---------------------------------------------------------------------------------------
-// Comparisons, printed like emu_check's.
-// ---------------------------------------------------------------------------------------
-// |got - want| <= tol element by element; NaN fails.
-template <typename T>
-bool within(const std::string &what, const T *got, const std::vector<double> &want,
-            const std::vector<double> &tol) {
-  size_t bad = want.size(), nbad = 0, nnan = 0;
-  double worst = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double e = std::fabs(emu_check::value(got[i]) - want[i]);
-    if (!(e <= tol[i]) && nbad++ == 0) bad = i;
-    if (std::isnan(e)) ++nnan;
-    else if (e / tol[i] > worst) worst = e / tol[i];
-  }
-  const bool ok = nbad == 0;
-  std::printf("%s %-44s max err/bound %.3g", ok ? "ok  " : "FAIL", what.c_str(), worst);
-  if (nnan) std::printf(", %zu NaN", nnan);
-  if (!ok)
-    std::printf(", %zu of %zu over, first at %zu: %.9g vs %.9g (bound %.3g)", nbad, want.size(),
-                bad, emu_check::value(got[bad]), want[bad], tol[bad]);
-  std::printf("\n");
-  return ok;
-}
-
-// Bit for bit (as values: -0 == +0), NaN nowhere.
-template <typename T>
-bool exact(const std::string &what, const T *got, const std::vector<double> &want) {
-  size_t bad = want.size(), nbad = 0;
-  for (size_t i = 0; i < want.size(); ++i)
-    if (!(emu_check::value(got[i]) == want[i]) && nbad++ == 0) bad = i;
-  const bool ok = nbad == 0;
-  std::printf("%s %-44s exact: %zu of %zu differ", ok ? "ok  " : "FAIL", what.c_str(), nbad,
-              want.size());
-  if (!ok) std::printf(", first at %zu: %.9g vs %.9g", bad, emu_check::value(got[bad]), want[bad]);
-  std::printf("\n");
-  return ok;
-}
+using emu_check::exact;
+using emu_check::within;
 
 std::string tag(const char *op, const std::string &name, const char *dt, bool vec) {
   return std::string(op) + " " + name + " " + dt + (vec ? " vec" : " scalar");
@@ -671,14 +611,6 @@ template <typename T> bool check_heads(const HeadsCase &c, emu_check::Rng &rng) 
 // ---------------------------------------------------------------------------------------
 // Dropout (dropout.rs): the same pass over x (forward) and dy (backward).
 // ---------------------------------------------------------------------------------------
-// splitmix64 of src/train/rng.rs.
-uint64_t splitmix64(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
 template <typename T> bool check_dropout(const NCase &c, double rate, emu_check::Rng &rng) {
   const size_t n = c.n;
   const uint64_t seed = rng.gen();
@@ -701,7 +633,8 @@ template <typename T> bool check_dropout(const NCase &c, double rate, emu_check:
     std::vector<double> want(n);
     kept = 0;
     for (size_t i = 0; i < n; ++i) {
-      const bool keep = (uint32_t)(splitmix64(seed + i * 0x9E3779B97F4A7C15ull) >> 40) >= threshold;
+      const uint64_t bits = emu_check::splitmix64(seed + i * 0x9E3779B97F4A7C15ull);
+      const bool keep = (uint32_t)(bits >> 40) >= threshold;
       kept += keep;
       // The f32 product (exact in double, then rounded to f32), rounded once to T.
       want[i] = keep ? round_as<T>((double)(float)(x.at(i) * (double)scale)) : 0.0;

@@ -37,41 +37,9 @@ using bf16 = __nv_bfloat16;
 using f16 = __half;
 using Kernel = void (*)(const EmbeddingParams);
 
-// ---------------------------------------------------------------------------------------
-// Dtypes: names, the formats' precision (p bits) and least normal exponent, conversion in.
-// ---------------------------------------------------------------------------------------
-template <typename T> struct Dt;
-template <> struct Dt<float> {
-  static constexpr const char *name = "f32";
-  static constexpr int p = 24, emin = -126;
-  static float from(float x) { return x; }
-};
-template <> struct Dt<bf16> {
-  static constexpr const char *name = "bf16";
-  static constexpr int p = 8, emin = -126;
-  static bf16 from(float x) { return __float2bfloat16_rn(x); }
-};
-template <> struct Dt<f16> {
-  static constexpr const char *name = "f16";
-  static constexpr int p = 11, emin = -14;
-  static f16 from(float x) { return __float2half_rn(x); }
-};
-
-// x rounded to nearest even in T's format (subnormals included; the values here are far from
-// T's overflow), computed in double without the emulator's conversions.
-template <typename T> double round_as(double x) {
-  if (x == 0 || std::isnan(x)) return x;
-  int e;
-  std::frexp(x, &e);  // |x| in [2^(e-1), 2^e)
-  const double ulp = std::ldexp(1.0, std::max(e - 1, Dt<T>::emin) - Dt<T>::p + 1);
-  return std::nearbyint(x / ulp) * ulp;  // the default rounding mode: to nearest even
-}
-
-template <typename T> std::vector<T> convert(const std::vector<float> &x) {
-  std::vector<T> out(x.size());
-  for (size_t i = 0; i < x.size(); ++i) out[i] = Dt<T>::from(x[i]);
-  return out;
-}
+using emu_check::convert;
+using emu_check::Dt;
+using emu_check::round_as;
 
 // ---------------------------------------------------------------------------------------
 // The entry points by dtype.
@@ -112,12 +80,10 @@ void launch_blocks(size_t blocks, Kernel k, const EmbeddingParams &p) {
   emu::launch({(unsigned)blocks, 1, 1}, {kThreadsRs, 1, 1}, 0, [&] { k(p); });
 }
 
-// grid_stride(dev, n, 256): launch_1d's ceil(n / 256) blocks (at least one), at most
-// sm_count * (2048 / 256).
+// grid_stride(dev, n, 256).
 void launch_grid_stride(size_t n, unsigned sms, Kernel k, const EmbeddingParams &p) {
-  size_t grid = std::max<size_t>(1, (n + kThreadsRs - 1) / kThreadsRs);
-  grid = std::min<size_t>(grid, (size_t)sms * std::max(1u, 2048 / kThreadsRs));
-  emu::launch({(unsigned)grid, 1, 1}, {kThreadsRs, 1, 1}, 0, [&] { k(p); });
+  emu::launch({emu_check::grid_stride(n, sms, kThreadsRs), 1, 1}, {kThreadsRs, 1, 1}, 0,
+              [&] { k(p); });
 }
 
 // group_by_row, then Grouping::new's cut at the first row outside the table.
@@ -145,26 +111,6 @@ Grouping group(const std::vector<unsigned> &ids, size_t vocab) {
   g.uniq.resize(keep);
   g.offsets.resize(keep + 1);
   return g;
-}
-
-// ---------------------------------------------------------------------------------------
-// Bit-for-bit comparison (NaN where the reference has NaN), printed like emu_check's.
-// ---------------------------------------------------------------------------------------
-template <typename T>
-bool exact(const std::string &what, const std::vector<T> &got, const std::vector<double> &want) {
-  size_t bad = want.size(), nbad = 0, nnan = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double x = emu_check::value(got[i]);
-    nnan += std::isnan(want[i]);
-    const bool same = std::isnan(want[i]) ? std::isnan(x) : x == want[i];
-    if (!same && nbad++ == 0) bad = i;
-  }
-  const bool ok = nbad == 0;
-  std::printf("%s %-40s exact: %zu of %zu differ (%zu NaN expected)", ok ? "ok  " : "FAIL",
-              what.c_str(), nbad, want.size(), nnan);
-  if (!ok) std::printf(" first at %zu: %.9g vs %.9g", bad, emu_check::value(got[bad]), want[bad]);
-  std::printf("\n");
-  return ok;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -246,7 +192,7 @@ template <typename TT, typename T> bool check_forward(const FwdInputs &in, bool 
   if (in.n > 0 && c.dim > 0) launch_blocks(in.n, fwd_entry<TT, T>(two), p);
   const std::string what = std::string(c.name) + (two ? " fwd2_" : " fwd_") + Dt<TT>::name +
                            "_" + Dt<T>::name;
-  return exact(what, out, want);
+  return emu_check::exact(what, out, want, /*nan_expected=*/true);
 }
 
 template <typename TT> bool check_forward_table(const FwdInputs &in, bool two) {
@@ -349,7 +295,7 @@ template <typename T, typename S> bool check_backward(const BwdInputs &in, bool 
   std::string what = in.name + " bwd_" + Dt<T>::name;
   what += with_init ? std::string(" onto init_") + Dt<S>::name : std::string(" from zeros");
   bool ok = emu_check::close_abs(what, dtable, want, bound);
-  ok &= exact(what + " (cpu order)", dtable, cpu);
+  ok &= emu_check::exact(what + " (cpu order)", dtable, cpu, /*nan_expected=*/true);
   return ok;
 }
 
@@ -376,8 +322,8 @@ template <typename S> bool check_init(const BwdInputs &in, unsigned sms) {
   p.vocab = in.vocab;
   if (total > 0) launch_grid_stride(total, sms, init_entry<S>(), p);
   dtable.resize(total);
-  return exact(in.name + " init_" + Dt<S>::name + " (" + std::to_string(sms) + " SMs)", dtable,
-               want);
+  return emu_check::exact(in.name + " init_" + Dt<S>::name + " (" + std::to_string(sms) + " SMs)",
+                          dtable, want, /*nan_expected=*/true);
 }
 
 // Ids for a backward: uniform over part of the table (rows left unused), one row at 70 random

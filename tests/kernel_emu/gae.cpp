@@ -53,6 +53,9 @@
 
 namespace {
 
+using emu_check::check;
+using emu_check::within;
+
 // src/kernels/cuda/gae.rs: STEPS_PER_THREAD, MAX_THREADS; THREADS of group_normalize.
 constexpr int kSteps = 8;
 constexpr int kLaunchMaxThreads = 256;
@@ -83,31 +86,6 @@ struct Buf {
     std::fill(p, p + n, fill);
   }
 };
-
-// |got - want| <= bound, element by element; prints the largest ratio.
-bool within(const std::string &what, const std::vector<double> &got,
-            const std::vector<double> &want, const std::vector<double> &bound) {
-  double worst = 0;
-  size_t bad = want.size();
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double e = std::fabs(got[i] - want[i]);
-    if (!(e <= bound[i]) && bad == want.size()) bad = i;
-    worst = std::max(worst, bound[i] > 0 ? e / bound[i] : (e > 0 ? INFINITY : 0));
-  }
-  const bool ok = bad == want.size();
-  std::printf("%s %-44s max err / bound %.3f over %zu", ok ? "ok  " : "FAIL", what.c_str(), worst,
-              want.size());
-  if (!ok)
-    std::printf(", first over at %zu: %.9g vs %.9g (bound %.3g)", bad, got[bad], want[bad],
-                bound[bad]);
-  std::printf("\n");
-  return ok;
-}
-
-bool check(const std::string &what, bool ok, const char *detail = "") {
-  std::printf("%s %s%s\n", ok ? "ok  " : "FAIL", what.c_str(), detail);
-  return ok;
-}
 
 // ---------------------------------------------------------------------------------------
 // GAE.
@@ -241,10 +219,7 @@ bool run_scan(const ScanCase &c, emu_check::Rng &rng) {
   }
   bool ok = within(what + " advantages", gav, wav, bav);
   ok &= within(what + " returns", grv, wrv, brv);
-  bool pad_ok = true;
-  for (double x : got_pad) pad_ok &= x == 0;
-  std::snprintf(buf, sizeof buf, " (%zu positions)", got_pad.size() / 2);
-  ok &= check(what + " padding exactly 0", pad_ok, buf);
+  ok &= emu_check::exact(what + " padding (adv, ret) exactly 0", got_pad, want_pad);
 
   // Statistics.
   size_t cnt = 0;
@@ -254,8 +229,7 @@ bool run_scan(const ScanCase &c, emu_check::Rng &rng) {
     part_ok &= partials[3 * i] == count_row[i];
   }
   ok &= check(what + " partial counts and counter", part_ok && counter == (unsigned)B);
-  std::snprintf(buf, sizeof buf, " (%zu: %.17g)", cnt, stats[0]);
-  ok &= check(what + " count", stats[0] == (double)cnt, buf);
+  ok &= check(what + " count", stats[0] == (double)cnt, "(%zu: %.17g)", cnt, stats[0]);
   if (cnt == 0) {
     ok &= check(what + " mean, var of no valid step are 0", stats[1] == 0 && stats[2] == 0);
     return ok;

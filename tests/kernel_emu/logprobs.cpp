@@ -69,27 +69,18 @@ static_assert(kThreads == (int)kLaunchThreads, "logprobs: the launcher's block s
 constexpr double kEps = 0x1p-23;
 
 // ---------------------------------------------------------------------------------------
-// Dtypes: names, rounding of a store (unit roundoff, half the least subnormal), entry points.
+// Dtypes: emu_check's (the store's rounding u and sub among them), and the entry points.
 // ---------------------------------------------------------------------------------------
 template <typename T> struct Dt;
-template <> struct Dt<float> {
-  static constexpr const char *name = "f32";
-  static constexpr double u = 0x1p-24, sub = 0x1p-150;
-  static float from(float x) { return x; }
+template <> struct Dt<float> : emu_check::Dt<float> {
   static constexpr Kernel fwd = logprobs_fwd_f32, fwd_vec = logprobs_fwd_vec_f32;
   static constexpr Kernel bwd = logprobs_bwd_f32, bwd_vec = logprobs_bwd_vec_f32;
 };
-template <> struct Dt<bf16> {
-  static constexpr const char *name = "bf16";
-  static constexpr double u = 0x1p-8, sub = 0x1p-134;
-  static bf16 from(float x) { return __float2bfloat16_rn(x); }
+template <> struct Dt<bf16> : emu_check::Dt<bf16> {
   static constexpr Kernel fwd = logprobs_fwd_bf16, fwd_vec = logprobs_fwd_vec_bf16;
   static constexpr Kernel bwd = logprobs_bwd_bf16, bwd_vec = logprobs_bwd_vec_bf16;
 };
-template <> struct Dt<f16> {
-  static constexpr const char *name = "f16";
-  static constexpr double u = 0x1p-11, sub = 0x1p-25;
-  static f16 from(float x) { return __float2half_rn(x); }
+template <> struct Dt<f16> : emu_check::Dt<f16> {
   static constexpr Kernel fwd = logprobs_fwd_f16, fwd_vec = logprobs_fwd_vec_f16;
   static constexpr Kernel bwd = logprobs_bwd_f16, bwd_vec = logprobs_bwd_vec_f16;
 };
@@ -221,8 +212,8 @@ bool nan_rows(const std::string &what, const std::vector<float> &got,
     if (!std::isnan(got[i]) && bad == want.size()) bad = i;
   }
   const bool ok = bad == want.size();
-  std::printf("%s %-40s NaN in the %zu rows of a target outside the vocabulary",
-              ok ? "ok  " : "FAIL", what.c_str(), n);
+  std::printf("%s %-*s NaN in the %zu rows of a target outside the vocabulary",
+              ok ? "ok  " : "FAIL", emu_check::kWhat, what.c_str(), n);
   if (!ok) std::printf(": row %zu is %.6g", bad, got[bad]);
   std::printf("\n");
   return ok;

@@ -56,33 +56,30 @@ namespace {
 using bf16 = __nv_bfloat16;
 using f16 = __half;
 using Kernel = void (*)(const LoraParams);
+using emu_check::value;
 
 // ---------------------------------------------------------------------------------------
 // Dtypes and their entry points.
 // ---------------------------------------------------------------------------------------
+// Beyond emu_check's: the bound relative to max |ref| of g and dB, and what the elementwise
+// bound allows for T's subnormals (`tiny`).
 template <typename T> struct Dt;
-template <> struct Dt<float> {
-  static constexpr const char *name = "f32";
-  static float from(double x) { return (float)x; }
+template <> struct Dt<float> : emu_check::Dt<float> {
   static Kernel pack() { return lora_pack_f32; }
   static Kernel reduce() { return lora_dy_reduce_f32; }
 };
-template <> struct Dt<bf16> {
-  static constexpr const char *name = "bf16";
+template <> struct Dt<bf16> : emu_check::Dt<bf16> {
   static constexpr double tol = 5e-3;
-  static constexpr double u = 0x1p-8, tiny = 0;  // unit roundoff; half the least subnormal
-  static bf16 from(double x) { return __float2bfloat16_rn((float)x); }
+  static constexpr double tiny = 0;
   static Kernel pack() { return lora_pack_bf16; }
   static Kernel reduce() { return lora_dy_reduce_bf16; }
   static Kernel dy(int rp) {
     return rp == 16 ? lora_dy_bf16_r16 : rp == 32 ? lora_dy_bf16_r32 : lora_dy_bf16_r64;
   }
 };
-template <> struct Dt<f16> {
-  static constexpr const char *name = "f16";
+template <> struct Dt<f16> : emu_check::Dt<f16> {
   static constexpr double tol = 1e-3;
-  static constexpr double u = 0x1p-11, tiny = 0x1p-25;
-  static f16 from(double x) { return __float2half_rn((float)x); }
+  static constexpr double tiny = 0x1p-25;  // half the least subnormal
   static Kernel pack() { return lora_pack_f16; }
   static Kernel reduce() { return lora_dy_reduce_f16; }
   static Kernel dy(int rp) {
@@ -111,6 +108,14 @@ struct DyPlan {
   static size_t stage_bytes(size_t rp) { return 2 * (64 * 64 + 2 * 64 * (rp + 8)) * 2; }
   size_t smem_bytes() const { return stage_bytes(rp) + (mc + nc) * rp * 4; }
   size_t partial_bytes(size_t m, size_t n) const { return 2 * 4 * rp * (nbx * m + nby * n); }
+  // The plan's fields of LoraParams.
+  void set(LoraParams &p) const {
+    p.rp = (int)rp;
+    p.mc = (int)mc;
+    p.nc = (int)nc;
+    p.nbx = (int)nbx;
+    p.nby = (int)nby;
+  }
 
   // DyPlan::new, f64 arithmetic as in Rust.
   static std::optional<DyPlan> make(size_t m, size_t n, size_t r, size_t sms) {
@@ -141,12 +146,9 @@ struct DyPlan {
   }
 };
 
-// grid_stride(dev, n, 256): launch_1d's ceil(n / 256) blocks (at least one), at most
-// sm_count * (2048 / 256).
+// grid_stride(dev, n, 256).
 void launch_grid_stride(size_t n, size_t sms, Kernel k, const LoraParams &p) {
-  size_t grid = std::max<size_t>(1, (n + 255) / 256);
-  grid = std::min<size_t>(grid, sms * (2048 / 256));
-  emu::launch({(unsigned)grid, 1, 1}, {256, 1, 1}, 0, [&] { k(p); });
+  emu::launch({emu_check::grid_stride(n, sms), 1, 1}, {256, 1, 1}, 0, [&] { k(p); });
 }
 
 // lora_params: sizes of one call, every pointer null.
@@ -160,24 +162,6 @@ LoraParams lora_params(int m, int n, int r, int r8, double scale) {
   return p;
 }
 
-// ---------------------------------------------------------------------------------------
-// Bit-for-bit comparison, printed like emu_check's.
-// ---------------------------------------------------------------------------------------
-template <typename T>
-bool exact(const std::string &what, const std::vector<T> &got, const std::vector<double> &want) {
-  size_t bad = want.size(), nbad = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double x = emu_check::value(got[i]);
-    if (!(x == want[i]) && nbad++ == 0) bad = i;
-  }
-  const bool ok = nbad == 0;
-  std::printf("%s %-40s exact: %zu of %zu differ", ok ? "ok  " : "FAIL", what.c_str(), nbad,
-              want.size());
-  if (!ok) std::printf(" first at %zu: %.9g vs %.9g", bad, emu_check::value(got[bad]), want[bad]);
-  std::printf("\n");
-  return ok;
-}
-
 // Elementwise: |got - want| <= u (|want| + e) + e + 2^-22 |want| + tiny, where e = 2 (n + 64)
 // 2^-24 sum|terms| bounds f32 accumulation of n products in any order (rounded or truncated,
 // the extra 64 for the per-tile and per-region additions), u (|want| + e) the rounding to T,
@@ -185,38 +169,14 @@ bool exact(const std::string &what, const std::vector<T> &got, const std::vector
 template <typename T>
 bool bounded(const std::string &what, const std::vector<T> &got, const std::vector<double> &want,
              const std::vector<double> &abs_sum, int n) {
-  double worst = 0;
-  size_t at = 0;
-  bool nan = false;
+  std::vector<double> bound(want.size());
   for (size_t i = 0; i < want.size(); ++i) {
-    const double x = emu_check::value(got[i]);
     const double e = 2.0 * (n + 64) * 0x1p-24 * abs_sum[i];
-    const double bound = Dt<T>::u * (std::fabs(want[i]) + e) + e + 0x1p-22 * std::fabs(want[i]) +
-                         Dt<T>::tiny + 1e-300;
-    const double ratio = std::fabs(x - want[i]) / bound;
-    if (std::isnan(x)) nan = true;
-    if (std::isnan(x) || ratio > worst) {
-      worst = std::isnan(x) ? INFINITY : ratio;
-      at = i;
-    }
+    bound[i] = Dt<T>::u * (std::fabs(want[i]) + e) + e + 0x1p-22 * std::fabs(want[i]) +
+               Dt<T>::tiny + 1e-300;
   }
-  const bool ok = !nan && worst <= 1;
-  std::printf("%s %-40s elementwise: max err / bound %.3f%s", ok ? "ok  " : "FAIL", what.c_str(),
-              worst, nan ? ", NaN in output" : "");
-  if (!ok) std::printf(" at %zu: %.9g vs %.9g", at, emu_check::value(got[at]), want[at]);
-  std::printf("\n");
-  return ok;
+  return emu_check::within(what + " elementwise", got, want, bound);
 }
-
-template <typename T> std::vector<T> random_vec(size_t n, emu_check::Rng &rng, double sd = 1) {
-  std::vector<T> v(n);
-  for (auto &x : v) x = Dt<T>::from(sd * rng.normal());
-  return v;
-}
-
-double val(float x) { return x; }
-double val(bf16 x) { return __bfloat162float(x); }
-double val(f16 x) { return __half2float(x); }
 
 // ---------------------------------------------------------------------------------------
 // One case: the forward's packing, then the backward's fused pass where it applies.
@@ -237,10 +197,10 @@ template <typename T> bool run_case(const Case &c, emu_check::Rng &rng) {
   std::snprintf(buf, sizeof buf, "%s M%d N%d r%d%s", Dt<T>::name, M, N, r, c.bias ? " bias" : "");
   const std::string name = buf;
 
-  const std::vector<T> x = random_vec<T>((size_t)M * kK, rng);
-  const std::vector<T> a = random_vec<T>((size_t)r * kK, rng, 0.2);
-  const std::vector<T> bm = random_vec<T>((size_t)N * r, rng);
-  const std::vector<T> bias = c.bias ? random_vec<T>(N, rng) : std::vector<T>();
+  const std::vector<T> x = emu_check::normals<T>((size_t)M * kK, rng);
+  const std::vector<T> a = emu_check::normals<T>((size_t)r * kK, rng, 0.2);
+  const std::vector<T> bm = emu_check::normals<T>((size_t)N * r, rng);
+  const std::vector<T> bias = c.bias ? emu_check::normals<T>(N, rng) : std::vector<T>();
 
   // Forward: lora_pack, then (cuBLAS here) u_ext[:, :r] = s x A^T.
   std::vector<T> uext((size_t)M * r8 + guard(r8), nan_of<T>());
@@ -255,20 +215,21 @@ template <typename T> bool run_case(const Case &c, emu_check::Rng &rng) {
   std::vector<T> got_ut((size_t)M * (r8 - r));
   for (int n = 0; n < N; ++n)
     for (int j = 0; j < r8; ++j)
-      want_b[(size_t)n * r8 + j] = j < r                 ? val(bm[(size_t)n * r + j])
-                                   : (c.bias && j == r) ? val(bias[n])
+      want_b[(size_t)n * r8 + j] = j < r                 ? value(bm[(size_t)n * r + j])
+                                   : (c.bias && j == r) ? value(bias[n])
                                                         : 0.0;
   for (int m = 0; m < M; ++m)
     for (int j = r; j < r8; ++j) {
       want_ut[(size_t)m * (r8 - r) + j - r] = c.bias && j == r ? 1.0 : 0.0;
       got_ut[(size_t)m * (r8 - r) + j - r] = uext[(size_t)m * r8 + j];
     }
-  bool ok = exact(name + " pack B_ext", bext, want_b);
-  ok &= exact(name + " pack u_ext[:, r..r8)", got_ut, want_ut);
+  bool ok = emu_check::exact(name + " pack B_ext", bext, want_b);
+  ok &= emu_check::exact(name + " pack u_ext[:, r..r8)", got_ut, want_ut);
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < r; ++j) {
       double acc = 0;
-      for (int k = 0; k < kK; ++k) acc += val(x[(size_t)m * kK + k]) * val(a[(size_t)j * kK + k]);
+      for (int k = 0; k < kK; ++k)
+        acc += value(x[(size_t)m * kK + k]) * value(a[(size_t)j * kK + k]);
       uext[(size_t)m * r8 + j] = Dt<T>::from(s * acc);
     }
 
@@ -276,17 +237,18 @@ template <typename T> bool run_case(const Case &c, emu_check::Rng &rng) {
   const std::optional<DyPlan> plan =
       std::is_same<T, float>::value || N % 8 != 0 ? std::nullopt : DyPlan::make(M, N, r, c.sms);
   if (!plan) {
-    std::printf("     %-40s lora_dy does not apply (cuBLAS path)\n", name.c_str());
+    std::printf("     %-*s lora_dy does not apply (cuBLAS path)\n", emu_check::kWhat,
+                name.c_str());
     return ok;
   }
   if constexpr (!std::is_same<T, float>::value) {
     const DyPlan &pl = *plan;
     const size_t sz = sizeof(T);
     const bool auto_fused = (size_t)M * N * sz + pl.partial_bytes(M, N) < 2 * (size_t)M * N * sz;
-    std::printf("     %-40s %zu SMs: rp %zu mc %zu nc %zu nbx %zu nby %zu smem %zu (auto: %s)\n",
-                name.c_str(), c.sms, pl.rp, pl.mc, pl.nc, pl.nbx, pl.nby, pl.smem_bytes(),
+    std::printf("     %-*s %zu SMs: rp %zu mc %zu nc %zu nbx %zu nby %zu smem %zu (auto: %s)\n",
+                emu_check::kWhat, name.c_str(), c.sms, pl.rp, pl.mc, pl.nc, pl.nbx, pl.nby, pl.smem_bytes(),
                 auto_fused ? "fused" : "cuBLAS");
-    std::vector<T> dy = random_vec<T>((size_t)M * N, rng);
+    std::vector<T> dy = emu_check::normals<T>((size_t)M * N, rng);
     dy.resize(dy.size() + guard(N), nan_of<T>());
     std::vector<float> part_g(pl.nbx * M * pl.rp, NAN), part_b(pl.nby * N * pl.rp, NAN);
     std::vector<T> g((size_t)M * r, nan_of<T>()), db((size_t)N * r, nan_of<T>());
@@ -298,11 +260,7 @@ template <typename T> bool run_case(const Case &c, emu_check::Rng &rng) {
     p.part_b = part_b.data();
     p.g = g.data();
     p.db = db.data();
-    p.rp = (int)pl.rp;
-    p.mc = (int)pl.mc;
-    p.nc = (int)pl.nc;
-    p.nbx = (int)pl.nbx;
-    p.nby = (int)pl.nby;
+    pl.set(p);
     const Kernel dyk = Dt<T>::dy((int)pl.rp);
     emu::launch({(unsigned)pl.nbx, (unsigned)pl.nby, 1}, {128, 1, 1}, pl.smem_bytes(),
                 [&] { dyk(p); });
@@ -313,10 +271,10 @@ template <typename T> bool run_case(const Case &c, emu_check::Rng &rng) {
     std::vector<double> abs_g((size_t)M * r, 0.0), abs_db((size_t)N * r, 0.0);
     for (int m = 0; m < M; ++m)
       for (int n = 0; n < N; ++n) {
-        const double d = val(dy[(size_t)m * N + n]);
+        const double d = value(dy[(size_t)m * N + n]);
         for (int j = 0; j < r; ++j) {
-          const double tg = s * d * val(bm[(size_t)n * r + j]);
-          const double tb = d * val(uext[(size_t)m * r8 + j]);
+          const double tg = s * d * value(bm[(size_t)n * r + j]);
+          const double tb = d * value(uext[(size_t)m * r8 + j]);
           want_g[(size_t)m * r + j] += tg;
           abs_g[(size_t)m * r + j] += std::fabs(tg);
           want_db[(size_t)n * r + j] += tb;
@@ -334,16 +292,16 @@ template <typename T> bool run_case(const Case &c, emu_check::Rng &rng) {
       for (int j = 0; j < r; ++j) {
         float acc = 0.f;
         for (size_t bx = 0; bx < pl.nbx; ++bx) acc += part_g[(bx * M + m) * pl.rp + j];
-        sum_g[(size_t)m * r + j] = val(Dt<T>::from(acc * (float)s));
+        sum_g[(size_t)m * r + j] = value(Dt<T>::from(acc * (float)s));
       }
     for (int n = 0; n < N; ++n)
       for (int j = 0; j < r; ++j) {
         float acc = 0.f;
         for (size_t by = 0; by < pl.nby; ++by) acc += part_b[(by * N + n) * pl.rp + j];
-        sum_b[(size_t)n * r + j] = val(Dt<T>::from(acc));
+        sum_b[(size_t)n * r + j] = value(Dt<T>::from(acc));
       }
-    ok &= exact(name + " dy_reduce g", g, sum_g);
-    ok &= exact(name + " dy_reduce dB", db, sum_b);
+    ok &= emu_check::exact(name + " dy_reduce g", g, sum_g);
+    ok &= emu_check::exact(name + " dy_reduce dB", db, sum_b);
   }
   return ok;
 }
@@ -362,11 +320,7 @@ bool reduce_f32(int M, int N, int r, size_t sms, emu_check::Rng &rng) {
   p.part_b = part_b.data();
   p.g = g.data();
   p.db = db.data();
-  p.rp = (int)pl.rp;
-  p.mc = (int)pl.mc;
-  p.nc = (int)pl.nc;
-  p.nbx = (int)pl.nbx;
-  p.nby = (int)pl.nby;
+  pl.set(p);
   launch_grid_stride((size_t)(M + N) * r, sms, lora_dy_reduce_f32, p);
   std::vector<double> want_g((size_t)M * r, 0.0), want_db((size_t)N * r, 0.0);
   for (int m = 0; m < M; ++m)

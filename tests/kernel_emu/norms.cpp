@@ -89,15 +89,10 @@ using RmsKernel = void (*)(const RmsNormParams);
 constexpr double kU = 0x1p-24;
 
 // ---------------------------------------------------------------------------------------
-// Dtypes: names, store rounding (unit roundoff, half the least subnormal), format (p bits,
-// least normal exponent), conversion in, and the entry points.
+// Dtypes: emu_check's (the store's rounding u and sub among them), and the entry points.
 // ---------------------------------------------------------------------------------------
 template <typename T> struct Dt;
-template <> struct Dt<float> {
-  static constexpr const char *name = "f32";
-  static constexpr double u = 0x1p-24, sub = 0x1p-150;
-  static constexpr int p = 24, emin = -126;
-  static float from(float x) { return x; }
+template <> struct Dt<float> : emu_check::Dt<float> {
   static constexpr LnKernel ln_fwd = layernorm_fwd_f32, ln_bwd = layernorm_bwd_f32;
   static constexpr LnKernel ln_fwd_k[4] = {layernorm_fwd_f32_k1, layernorm_fwd_f32_k2,
                                            layernorm_fwd_f32_k3, layernorm_fwd_f32_k4};
@@ -105,11 +100,7 @@ template <> struct Dt<float> {
                                            layernorm_bwd_f32_k3, layernorm_bwd_f32_k4};
   static constexpr RmsKernel rms_reduce = rmsnorm_dw_reduce_f32;
 };
-template <> struct Dt<bf16> {
-  static constexpr const char *name = "bf16";
-  static constexpr double u = 0x1p-8, sub = 0x1p-134;
-  static constexpr int p = 8, emin = -126;
-  static bf16 from(float x) { return __float2bfloat16_rn(x); }
+template <> struct Dt<bf16> : emu_check::Dt<bf16> {
   static constexpr LnKernel ln_fwd = layernorm_fwd_bf16, ln_bwd = layernorm_bwd_bf16;
   static constexpr LnKernel ln_fwd_k[4] = {layernorm_fwd_bf16_k1, layernorm_fwd_bf16_k2,
                                            layernorm_fwd_bf16_k3, layernorm_fwd_bf16_k4};
@@ -117,11 +108,7 @@ template <> struct Dt<bf16> {
                                            layernorm_bwd_bf16_k3, layernorm_bwd_bf16_k4};
   static constexpr RmsKernel rms_reduce = rmsnorm_dw_reduce_bf16;
 };
-template <> struct Dt<f16> {
-  static constexpr const char *name = "f16";
-  static constexpr double u = 0x1p-11, sub = 0x1p-25;
-  static constexpr int p = 11, emin = -14;
-  static f16 from(float x) { return __float2half_rn(x); }
+template <> struct Dt<f16> : emu_check::Dt<f16> {
   static constexpr LnKernel ln_fwd = layernorm_fwd_f16, ln_bwd = layernorm_bwd_f16;
   static constexpr LnKernel ln_fwd_k[4] = {layernorm_fwd_f16_k1, layernorm_fwd_f16_k2,
                                            layernorm_fwd_f16_k3, layernorm_fwd_f16_k4};
@@ -194,15 +181,8 @@ std::set<std::string> all_entry_points() {
   return all;
 }
 
-// x rounded to nearest even in T's format (subnormals included; the values here are far from
-// T's overflow), computed in double without the emulator's conversions.
-template <typename T> double round_as(double x) {
-  if (x == 0 || std::isnan(x)) return x;
-  int e;
-  std::frexp(x, &e);  // |x| in [2^(e-1), 2^e)
-  const double ulp = std::ldexp(1.0, std::max(e - 1, Dt<T>::emin) - Dt<T>::p + 1);
-  return std::nearbyint(x / ulp) * ulp;
-}
+using emu_check::convert;
+using emu_check::round_as;
 
 // ---------------------------------------------------------------------------------------
 // Buffers: n values of T at a 64-byte aligned base plus `off` elements, with 0xFF guard bytes
@@ -302,42 +282,32 @@ struct Report {
   }
 };
 
-template <typename V> double value_of(V x) { return emu_check::value(x); }
+using emu_check::value;
 
 // |got - want| <= bound elementwise; NaN fails. Summary: the largest err / bound.
 template <typename V>
 bool within(Report &rep, const std::string &what, const V *got, const std::vector<double> &want,
             const std::vector<double> &bound, const std::string &ctx) {
-  double worst = 0;
-  size_t bad = want.size();
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double x = value_of(got[i]);
-    const double e = std::fabs(x - want[i]);
-    const double ratio = bound[i] > 0 ? e / bound[i] : (e == 0 ? 0 : INFINITY);
-    if (!(ratio <= 1) && bad == want.size()) bad = i;
-    if (ratio > worst || std::isnan(ratio)) worst = ratio;
-  }
-  const bool good = bad == want.size();
+  const emu_check::Tally t = emu_check::tally_within(got, want, bound);
   char buf[64];
-  std::snprintf(buf, sizeof buf, "%.2g", worst);
-  rep.add(what, good, buf);
-  if (!good)
-    std::printf("FAIL %s %s: at %zu got %.9g, want %.9g, bound %.3g\n", ctx.c_str(), what.c_str(),
-                bad, value_of(got[bad]), want[bad], bound[bad]);
-  return good;
+  std::snprintf(buf, sizeof buf, "%.2g", t.worst);
+  rep.add(what, t.ok(), buf + (t.nnan ? " (" + std::to_string(t.nnan) + " NaN)" : std::string()));
+  if (!t.ok())
+    std::printf("FAIL %s %s: %zu of %zu over, first at %zu: got %.9g, want %.9g, bound %.3g\n",
+                ctx.c_str(), what.c_str(), t.nbad, t.n, t.first, value(got[t.first]),
+                want[t.first], bound[t.first]);
+  return t.ok();
 }
 
 // Bit for bit (the residual sum).
 template <typename T>
 void exact(Report &rep, const std::string &what, const T *got, const std::vector<double> &want,
            const std::string &ctx) {
-  size_t nbad = 0, bad = 0;
-  for (size_t i = 0; i < want.size(); ++i)
-    if (!(value_of(got[i]) == want[i]) && nbad++ == 0) bad = i;
-  rep.add(what, nbad == 0, "exact");
-  if (nbad)
+  const emu_check::Tally t = emu_check::tally_exact(got, want);
+  rep.add(what, t.ok(), "exact");
+  if (!t.ok())
     std::printf("FAIL %s %s: %zu of %zu differ, first at %zu: %.9g vs %.9g\n", ctx.c_str(),
-                what.c_str(), nbad, want.size(), bad, value_of(got[bad]), want[bad]);
+                what.c_str(), t.nbad, t.n, t.first, value(got[t.first]), want[t.first]);
 }
 
 template <typename T>
@@ -349,7 +319,8 @@ void guards(Report &rep, const std::string &what, const Buf<T> &b, const std::st
 }
 
 void print(const Report &rep, const std::string &ctx) {
-  std::printf("%s %-44s %s\n", rep.ok ? "ok  " : "FAIL", ctx.c_str(), rep.line.c_str());
+  std::printf("%s %-*s %s\n", rep.ok ? "ok  " : "FAIL", emu_check::kWhat, ctx.c_str(),
+              rep.line.c_str());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -404,12 +375,6 @@ Inputs make_inputs(const Case &c, emu_check::Rng &rng) {
   return in;
 }
 
-template <typename T> std::vector<T> convert(const std::vector<float> &x) {
-  std::vector<T> out(x.size());
-  for (size_t i = 0; i < x.size(); ++i) out[i] = Dt<T>::from(x[i]);
-  return out;
-}
-
 template <typename T> Buf<T> fill(const std::vector<T> &v, size_t off) {
   Buf<T> b(v.size(), off);
   std::copy(v.begin(), v.end(), b.p);
@@ -443,8 +408,8 @@ template <typename T> bool run_layernorm(const Inputs &in) {
   // The normalised input: x, or s = x + r added in f32 and rounded once.
   std::vector<double> s(n);
   for (size_t i = 0; i < n; ++i)
-    s[i] = c.resid ? round_as<T>((double)((float)value_of(xt[i]) + (float)value_of(rt[i])))
-                   : value_of(xt[i]);
+    s[i] = c.resid ? round_as<T>((double)((float)value(xt[i]) + (float)value(rt[i])))
+                   : value(xt[i]);
 
   // Forward: y (and s after it) rows * cols each, mean and rstd rows; alloc_out, poisoned.
   const size_t outputs = c.resid ? 2 : 1;
@@ -562,7 +527,7 @@ template <typename T> bool run_layernorm(const Inputs &in) {
       double sa = 0, sb = 0, ma = 0, mb = 0;
       for (size_t j = 0; j < cols; ++j) {
         xh[j] = (xs[j] - m) * rs;
-        g[j] = value_of(dyt[i * cols + j]);
+        g[j] = value(dyt[i * cols + j]);
         gw[j] = g[j] * in.w[j];
         ma += gw[j], mb += gw[j] * xh[j];
         sa += std::fabs(gw[j]), sb += std::fabs(gw[j] * xh[j]);
@@ -572,7 +537,7 @@ template <typename T> bool run_layernorm(const Inputs &in) {
       const double emb = 1.01 * ((D + 4) * kU * sb / cols + kU * std::fabs(mb));
       for (size_t j = 0; j < cols; ++j) {
         const double inner = gw[j] - ma - xh[j] * mb;
-        const double dsv = c.ds ? value_of(dst[i * cols + j]) : 0.0;
+        const double dsv = c.ds ? value(dst[i * cols + j]) : 0.0;
         const double d = rs * inner + dsv;
         const double ein = 3 * kU * std::fabs(gw[j]) + 2 * kU * std::fabs(ma) +
                            4 * kU * std::fabs(xh[j] * mb) + ema + std::fabs(xh[j]) * emb;
@@ -616,12 +581,12 @@ template <typename T> bool run_rmsnorm(const Inputs &in) {
   Buf<T> x = fill(xt, xo), r = fill(rt, ro), dy = fill(dyt, dyo), ds = fill(dst, dso);
   Buf<T> w = fill(wt, wo);
   std::vector<double> wv(cols);
-  for (size_t j = 0; j < cols; ++j) wv[j] = value_of(wt[j]);
+  for (size_t j = 0; j < cols; ++j) wv[j] = value(wt[j]);
 
   std::vector<double> s(n);
   for (size_t i = 0; i < n; ++i)
-    s[i] = c.resid ? round_as<T>((double)((float)value_of(xt[i]) + (float)value_of(rt[i])))
-                   : value_of(xt[i]);
+    s[i] = c.resid ? round_as<T>((double)((float)value(xt[i]) + (float)value(rt[i])))
+                   : value(xt[i]);
 
   // Forward: y (then s) rows * cols each, rstd rows; alloc_out, poisoned.
   const size_t outputs = c.resid ? 2 : 1;
@@ -727,15 +692,15 @@ template <typename T> bool run_rmsnorm(const Inputs &in) {
       const double rs = rstd.p[i];  // the forward's, as given
       double dot = 0, sdot = 0;
       for (size_t j = 0; j < cols; ++j) {
-        const double t = value_of(dyt[i * cols + j]) * wv[j] * xs[j];
+        const double t = value(dyt[i * cols + j]) * wv[j] * xs[j];
         dot += t, sdot += std::fabs(t);
       }
       const double coef = rs * rs * rs * dot / cols;
       const double ecoef =
           rs * rs * rs / cols * 1.01 * (D + 2) * kU * sdot + 5 * kU * std::fabs(coef);
       for (size_t j = 0; j < cols; ++j) {
-        const double g = value_of(dyt[i * cols + j]);
-        const double dsv = c.ds ? value_of(dst[i * cols + j]) : 0.0;
+        const double g = value(dyt[i * cols + j]);
+        const double dsv = c.ds ? value(dst[i * cols + j]) : 0.0;
         const double a = rs * g * wv[j], bx = coef * xs[j];
         const double d = a - bx + dsv;
         const double e = 2 * kU * std::fabs(a) + kU * std::fabs(bx) + std::fabs(xs[j]) * ecoef +

@@ -19,11 +19,9 @@
 // into a cache at an offset; mark_key; increment_u32/i64; and a short run of fixed decode
 // steps (static_step.rs's order) that feeds the draw index from `step` to the sampler. Every
 // buffer is compared whole, with room around what the kernel may write.
-// Checks that are not numeric comparisons print their own line in emu_check's format.
+// Checks that are not numeric comparisons print a line each through emu_check::check.
 //
 // Usage: sampling [seed]  (a random seed when none is given; it is printed either way).
-#include <cstdarg>
-
 #include "emu_check.h"
 
 #include "sample.cu"
@@ -33,31 +31,15 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-// ---------------------------------------------------------------------------------------
-// Output lines in emu_check's format, for checks that are not a numeric comparison.
-// ---------------------------------------------------------------------------------------
-bool report(const std::string &what, bool ok, const char *fmt, ...) {
-  std::printf("%s %-40s ", ok ? "ok  " : "FAIL", what.c_str());
-  va_list ap;
-  va_start(ap, fmt);
-  std::vprintf(fmt, ap);
-  va_end(ap);
-  std::printf("\n");
-  return ok;
-}
+using emu_check::check;
 
 // ---------------------------------------------------------------------------------------
 // The reference: src/kernels/sample.rs, step for step.
 // ---------------------------------------------------------------------------------------
-uint64_t splitmix64_ref(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-uint64_t row_key(uint64_t seed, uint64_t row) { return splitmix64_ref(seed ^ splitmix64_ref(row)); }
+using emu_check::splitmix64;
+uint64_t row_key(uint64_t seed, uint64_t row) { return splitmix64(seed ^ splitmix64(row)); }
 float uniform_ref(uint64_t key, uint64_t pos) {
-  const uint64_t bits = splitmix64_ref(key ^ splitmix64_ref(pos + 0x5A3B));
+  const uint64_t bits = splitmix64(key ^ splitmix64(pos + 0x5A3B));
   return (float)(bits >> 40) * (1.0f / 16777216.0f);
 }
 
@@ -78,7 +60,7 @@ uint64_t key_for_uniform(uint32_t u24, uint64_t pos) {
   z = unxorshift(z, 31) * inverse_odd(0x94D049BB133111EBull);
   z = unxorshift(z, 27) * inverse_odd(0xBF58476D1CE4E5B9ull);
   z = unxorshift(z, 30) - 0x9E3779B97F4A7C15ull;
-  const uint64_t key = z ^ splitmix64_ref(pos + 0x5A3B);
+  const uint64_t key = z ^ splitmix64(pos + 0x5A3B);
   if (uniform_ref(key, pos) != (float)u24 / 16777216.f) {
     std::fprintf(stderr, "key_for_uniform: the inverse of splitmix64 is wrong\n");
     std::exit(2);
@@ -216,13 +198,8 @@ std::vector<uint32_t> run_sample(const std::vector<T> &logits, int b, int v,
   return out;
 }
 
-template <typename T> T from_float(float x);
-template <> float from_float<float>(float x) { return x; }
-template <> bf16 from_float<bf16>(float x) { return __float2bfloat16_rn(x); }
-template <> __half from_float<__half>(float x) { return __float2half_rn(x); }
-float as_float(float x) { return x; }
-float as_float(bf16 x) { return __bfloat162float(x); }
-float as_float(__half x) { return __half2float(x); }
+template <typename T> T from_float(float x) { return emu_check::Dt<T>::from(x); }
+template <typename T> float as_float(T x) { return (float)emu_check::value(x); }
 
 // ---------------------------------------------------------------------------------------
 // Cases.
@@ -404,11 +381,11 @@ bool check_rows(const Case &c, Inputs<T> &in, std::vector<uint32_t> *draws = nul
   for (int r = 0; r < c.b; ++r) judge_row(c, &in.z[(size_t)r * c.v], in.u[r], got[r], r, vd);
   if (draws) *draws = got;
   const std::string name = c.name;
-  bool ok = report(name + " kept", vd.kept_bad == 0,
+  bool ok = check(name + " kept", vd.kept_bad == 0,
                    "%d rows: %d in the f64 nucleus, %d within rounding of its edge%s%s", c.b,
                    vd.in_nucleus, vd.nucleus_edge, vd.kept_bad ? "; " : "", vd.kept_why.c_str());
   // Rows whose token is not kept failed above and have no draw verdict.
-  ok &= report(name + " draw", vd.draw_bad == 0,
+  ok &= check(name + " draw", vd.draw_bad == 0,
                "%d rows: %d the reference's, %d at a bucket edge within rounding%s%s", c.b,
                vd.exact, vd.bucket_edge, vd.draw_bad ? "; " : "", vd.draw_why.c_str());
   return ok;
@@ -460,7 +437,7 @@ template <typename T> bool check_distribution(const Case &c, emu_check::Rng &rng
     chi2 += (count[k] - expect[k]) * (count[k] - expect[k]) / expect[k];
   const double df = (double)expect.size() - 1, zq = 4.265;  // z at 1 - 1e-5
   const double a = 2 / (9 * df), bound = df * std::pow(1 - a + zq * std::sqrt(a), 3);
-  ok &= report(std::string(c.name) + " chi2", chi2 <= bound,
+  ok &= check(std::string(c.name) + " chi2", chi2 <= bound,
                "%.2f over %d bins of %d draws (bound %.2f)", chi2, (int)expect.size(), c.b, bound);
   return ok;
 }
@@ -567,7 +544,7 @@ template <typename I> bool check_increment(const char *name, size_t n, emu_check
     if (vals[i] != want[i]) bad = i;
   char what[96];
   std::snprintf(what, sizeof what, "%s n=%zu", name, n);
-  return report(what, bad > n, bad > n ? "every element +1, the next untouched" : "wrong at %zu",
+  return check(what, bad > n, bad > n ? "every element +1, the next untouched" : "wrong at %zu",
                 bad);
 }
 
@@ -631,13 +608,13 @@ bool check_steps(emu_check::Rng &rng) {
       for (int r = 0; r < b; ++r) mask_ref[(size_t)r * cap + pos] = 1.0;
   }
   const std::string why = vd.kept_why.empty() ? vd.draw_why : vd.kept_why;
-  ok &= report("steps x5 ids", vd.kept_bad == 0 && vd.draw_bad == 0,
+  ok &= check("steps x5 ids", vd.kept_bad == 0 && vd.draw_bad == 0,
                "%d draws: %d the reference's, %d at a bucket edge%s%s", 5 * b, vd.exact,
                vd.bucket_edge, why.empty() ? "" : "; ", why.c_str());
   ok &= emu_check::close_abs("steps x5 cache", cache, cache_ref, 0);
   ok &= emu_check::close_abs("steps x5 mask", mask, mask_ref, 0);
   const bool state = positions == positions_ref && step == step_ref;
-  ok &= report("steps x5 positions and step", state, "step {%lld, %lld}", step[0], step[1]);
+  ok &= check("steps x5 positions and step", state, "step {%lld, %lld}", step[0], step[1]);
   return ok;
 }
 
