@@ -11,7 +11,7 @@
 namespace {
 
 template <typename U> __device__ void swap(const HeadsParams &p) {
-  const U *in = static_cast<const U *>(p.in);
+  const U *in = static_cast<const U *>(p.input);
   U *out = static_cast<U *>(p.out);
   const unsigned ru = p.row_units, np = p.p, nq = p.q, n = p.units;
   for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {

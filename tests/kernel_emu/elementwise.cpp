@@ -583,7 +583,7 @@ template <typename T> bool check_heads(const HeadsCase &c, emu_check::Rng &rng) 
     }
   const size_t row_units = row_bytes / unit;
   HeadsParams p{};
-  p.in = in.p;
+  p.input = in.p;
   p.out = out.p;
   p.units = (int)(c.b * c.p * c.q * row_units);
   p.p = c.p;

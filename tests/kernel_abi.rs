@@ -1,0 +1,404 @@
+//! The kernels' ABI, checked without a GPU: every `#[repr(C)]` struct a launcher in
+//! `src/kernels/cuda/` hands to a kernel must list the same fields, in the same order, with
+//! the same machine types, as the struct of that name in `kernels/`.
+//!
+//! The size and alignment asserts on both sides cannot see two fields of one size swapped, or
+//! an `f32` where the kernel reads an `int`; either would run and compute garbage. The
+//! launchers fill the mirrors by field name, so a mismatch in order is exactly the bug this
+//! catches. Both sides are read as text, so the test runs on CPU CI, where the CUDA launchers
+//! are not compiled.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// A field's machine type, as both languages spell it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Machine {
+    /// A device pointer: any `T *` in C, `u64` in Rust.
+    Ptr,
+    I32,
+    U32,
+    I64,
+    U64,
+    F32,
+    F64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Field {
+    name: String,
+    ty: Machine,
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn files(dir: &Path, exts: &[&str]) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.extension()
+                .and_then(|x| x.to_str())
+                .is_some_and(|x| exts.contains(&x))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The source with `//` and `/* */` comments blanked out.
+fn strip_comments(src: &str) -> String {
+    let mut out = String::with_capacity(src.len());
+    let mut rest = src;
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix("//") {
+            rest = r.find('\n').map_or("", |i| &r[i..]);
+        } else if let Some(r) = rest.strip_prefix("/*") {
+            rest = r.find("*/").map_or("", |i| &r[i + 2..]);
+            out.push(' ');
+        } else {
+            let c = rest.chars().next().unwrap();
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    out
+}
+
+/// The body between `struct Name {` and its closing brace, for every struct in `src`
+/// (structs here never nest).
+fn struct_bodies(src: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = src;
+    while let Some(i) = rest.find("struct ") {
+        let after = &rest[i + "struct ".len()..];
+        let name: String = after
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let tail = after[name.len()..].trim_start();
+        if !name.is_empty() && tail.starts_with('{') {
+            let close = tail.find('}').expect("a struct's closing brace");
+            out.push((name.clone(), tail[1..close].to_string()));
+            rest = &tail[close..];
+        } else {
+            rest = after;
+        }
+    }
+    out
+}
+
+fn c_type(words: &[&str], pointer: bool) -> Result<Machine, String> {
+    if pointer {
+        return Ok(Machine::Ptr);
+    }
+    let words: Vec<&str> = words
+        .iter()
+        .copied()
+        .filter(|w| *w != "const" && *w != "volatile")
+        .collect();
+    Ok(match words.as_slice() {
+        ["int"] | ["signed"] | ["signed", "int"] => Machine::I32,
+        ["unsigned"] | ["unsigned", "int"] => Machine::U32,
+        ["long", "long"] | ["long", "long", "int"] | ["int64_t"] => Machine::I64,
+        ["unsigned", "long", "long"] | ["unsigned", "long", "long", "int"] | ["uint64_t"] => {
+            Machine::U64
+        }
+        ["float"] => Machine::F32,
+        ["double"] => Machine::F64,
+        other => {
+            return Err(format!(
+                "C type `{}` is not one the ABI uses",
+                other.join(" ")
+            ))
+        }
+    })
+}
+
+/// `float beta1, beta2;` and `const void *q;` alike: one field per declarator.
+fn c_fields(body: &str) -> Result<Vec<Field>, String> {
+    let mut out = Vec::new();
+    for decl in body.split(';').map(str::trim).filter(|d| !d.is_empty()) {
+        if decl.starts_with("static") || decl.contains('(') || decl.contains('[') {
+            return Err(format!("`{decl}` is not a plain field"));
+        }
+        let mut parts = decl.split(',');
+        let first = parts.next().unwrap().replace('*', " * ");
+        let words: Vec<&str> = first.split_whitespace().collect();
+        let (name, head) = words.split_last().ok_or("an empty declaration")?;
+        let pointer = head.last() == Some(&"*");
+        let base: Vec<&str> = head.iter().copied().filter(|w| *w != "*").collect();
+        out.push(Field {
+            name: name.to_string(),
+            ty: c_type(&base, pointer)?,
+        });
+        for more in parts {
+            let more = more.trim();
+            let pointer = more.starts_with('*');
+            out.push(Field {
+                name: more.trim_start_matches('*').trim().to_string(),
+                ty: c_type(&base, pointer)?,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn rust_fields(body: &str) -> Result<Vec<Field>, String> {
+    let mut out = Vec::new();
+    for line in body.split(',').map(str::trim).filter(|l| !l.is_empty()) {
+        let line = line
+            .trim_start_matches("pub(crate) ")
+            .trim_start_matches("pub ");
+        let (name, ty) = line
+            .split_once(':')
+            .ok_or_else(|| format!("`{line}` is not a field"))?;
+        let ty = match ty.trim() {
+            "u64" => Machine::U64,
+            "i64" => Machine::I64,
+            "u32" => Machine::U32,
+            "i32" => Machine::I32,
+            "f32" => Machine::F32,
+            "f64" => Machine::F64,
+            other => return Err(format!("Rust type `{other}` is not one the ABI uses")),
+        };
+        out.push(Field {
+            name: name.trim().to_string(),
+            ty,
+        });
+    }
+    Ok(out)
+}
+
+/// Rust's `u64` carries both a device pointer and an `unsigned long long`.
+fn same_type(c: Machine, rust: Machine) -> bool {
+    c == rust || (c == Machine::Ptr && rust == Machine::U64)
+}
+
+/// Where the C fields and the Rust mirror's disagree, one line per field position.
+fn mismatches(c: &[Field], rs: &[Field]) -> Vec<String> {
+    (0..c.len().max(rs.len()))
+        .filter_map(|i| match (c.get(i), rs.get(i)) {
+            (Some(cf), Some(rf)) if cf.name == rf.name && same_type(cf.ty, rf.ty) => None,
+            (cf, rf) => Some(format!("field {i}: C has {cf:?}, Rust has {rf:?}")),
+        })
+        .collect()
+}
+
+/// Every `#[repr(C)]` struct under `src/kernels/cuda/`, by name, with the file it is in.
+fn rust_mirrors() -> BTreeMap<String, (PathBuf, Vec<Field>)> {
+    let mut out = BTreeMap::new();
+    for path in files(&root().join("src/kernels/cuda"), &["rs"]) {
+        let src = strip_comments(&fs::read_to_string(&path).unwrap());
+        for (i, _) in src.match_indices("#[repr(C)]") {
+            let (name, body) = struct_bodies(&src[i..])
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| panic!("{}: #[repr(C)] without a struct", path.display()));
+            let fields =
+                rust_fields(&body).unwrap_or_else(|e| panic!("{}: {name}: {e}", path.display()));
+            let clash = out.insert(name.clone(), (path.clone(), fields));
+            assert!(clash.is_none(), "two Rust mirrors named {name}");
+        }
+    }
+    out
+}
+
+/// Every struct under `kernels/`, by name, with the file it is in.
+fn c_structs() -> BTreeMap<String, (PathBuf, String)> {
+    let mut out = BTreeMap::new();
+    for path in files(&root().join("kernels"), &["cuh", "cu"]) {
+        let src = strip_comments(&fs::read_to_string(&path).unwrap());
+        for (name, body) in struct_bodies(&src) {
+            let clash = out.insert(name.clone(), (path.clone(), body));
+            assert!(clash.is_none(), "two kernel structs named {name}");
+        }
+    }
+    out
+}
+
+/// The structs a kernel entry point takes by value: `__global__ void f(const XParams p)`.
+fn kernel_argument_structs() -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    for path in files(&root().join("kernels"), &["cu", "cuh"]) {
+        let src = strip_comments(&fs::read_to_string(&path).unwrap());
+        for (i, _) in src.match_indices("__global__") {
+            // The parameter list is the last parenthesised group before the body, after
+            // any `__launch_bounds__(...)`.
+            let sig = &src[i..i + src[i..].find('{').unwrap()];
+            let open = sig.rfind('(').unwrap();
+            let close = sig.rfind(')').unwrap();
+            for arg in sig[open + 1..close].split(',') {
+                let ty = arg
+                    .split_whitespace()
+                    .find(|w| *w != "const" && *w != "__grid_constant__");
+                if let Some(ty) = ty.filter(|t| t.ends_with("Params")) {
+                    out.push((ty.to_string(), path.clone()));
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[test]
+fn every_rust_mirror_matches_its_kernel_struct_field_for_field() {
+    let mirrors = rust_mirrors();
+    let kernels = c_structs();
+    assert!(
+        mirrors.len() >= 17,
+        "found only {} #[repr(C)] mirrors: is the parser still reading them?",
+        mirrors.len()
+    );
+    let mut wrong = Vec::new();
+    for (name, (rs_path, rs)) in &mirrors {
+        let Some((c_path, body)) = kernels.get(name) else {
+            wrong.push(format!(
+                "{}: {name} has no struct in kernels/",
+                rs_path.display()
+            ));
+            continue;
+        };
+        let c = c_fields(body).unwrap_or_else(|e| panic!("{}: {name}: {e}", c_path.display()));
+        for m in mismatches(&c, rs) {
+            wrong.push(format!(
+                "{name}: {m} (C: {}, Rust: {})",
+                c_path.display(),
+                rs_path.display()
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "ABI mismatches:\n{}", wrong.join("\n"));
+}
+
+#[test]
+fn every_kernel_argument_struct_has_a_rust_mirror() {
+    let mirrors = rust_mirrors();
+    let args = kernel_argument_structs();
+    assert!(
+        args.len() >= 15,
+        "found only {} argument structs: is the parser still reading the entry points?",
+        args.len()
+    );
+    let missing: Vec<String> = args
+        .iter()
+        .filter(|(name, _)| !mirrors.contains_key(name))
+        .map(|(name, path)| format!("{}: {name}", path.display()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "kernel argument structs without a #[repr(C)] mirror in src/kernels/cuda/:\n{}",
+        missing.join("\n")
+    );
+}
+
+#[test]
+fn every_launcher_passes_the_struct_its_kernels_take() {
+    // The launcher of `kernels/X.cu` is the file under src/kernels/cuda/ that loads the stem
+    // "X" (`load_func(dev, "X", ..)`, or through a `&str` constant); the mirror it fills must
+    // be the struct X's entry points take.
+    let launchers: Vec<(PathBuf, String)> = files(&root().join("src/kernels/cuda"), &["rs"])
+        .into_iter()
+        .map(|p| {
+            let src = strip_comments(&fs::read_to_string(&p).unwrap());
+            (p, src)
+        })
+        .collect();
+    let mut wrong = Vec::new();
+    let mut stems = 0;
+    for path in files(&root().join("kernels"), &["cu"]) {
+        let stem = path.file_stem().unwrap().to_str().unwrap().to_string();
+        let takes: Vec<String> = kernel_argument_structs()
+            .into_iter()
+            .filter(|(_, p)| *p == path)
+            .map(|(s, _)| s)
+            .collect();
+        let [takes] = takes.as_slice() else {
+            wrong.push(format!(
+                "{}: entry points take {takes:?}, not one struct",
+                path.display()
+            ));
+            continue;
+        };
+        let quoted = format!("\"{stem}\"");
+        let by: Vec<&(PathBuf, String)> = launchers
+            .iter()
+            .filter(|(_, s)| {
+                s.contains(&format!("load_func(dev, {quoted}"))
+                    || s.contains(&format!("&str = {quoted};"))
+            })
+            .collect();
+        if by.is_empty() {
+            wrong.push(format!("{}: no launcher names {quoted}", path.display()));
+        }
+        for (rs, src) in by {
+            if !src.contains(&format!("struct {takes} {{")) {
+                wrong.push(format!(
+                    "{} loads {quoted} but has no mirror of {takes}",
+                    rs.display()
+                ));
+            }
+        }
+        stems += 1;
+    }
+    assert!(stems >= 15, "found only {stems} kernel files");
+    assert!(
+        wrong.is_empty(),
+        "launcher mismatches:\n{}",
+        wrong.join("\n")
+    );
+}
+
+#[test]
+fn the_parsers_read_what_they_must() {
+    // A guard on the checks above: each parser reads a known struct as intended, and a
+    // swapped pair of same-sized fields is seen as a mismatch.
+    let c =
+        c_fields("const void *q; float beta1, beta2; unsigned long long seed; int *a, b").unwrap();
+    let names: Vec<(&str, Machine)> = c.iter().map(|f| (f.name.as_str(), f.ty)).collect();
+    assert_eq!(
+        names,
+        [
+            ("q", Machine::Ptr),
+            ("beta1", Machine::F32),
+            ("beta2", Machine::F32),
+            ("seed", Machine::U64),
+            ("a", Machine::Ptr),
+            ("b", Machine::I32),
+        ]
+    );
+    let rs = rust_fields("q: u64, beta2: f32, beta1: f32, seed: u64, a: u64, b: i32,").unwrap();
+    assert_eq!(
+        mismatches(&c, &rs),
+        [
+            "field 1: C has Some(Field { name: \"beta1\", ty: F32 }), Rust has Some(Field { name: \"beta2\", ty: F32 })",
+            "field 2: C has Some(Field { name: \"beta2\", ty: F32 }), Rust has Some(Field { name: \"beta1\", ty: F32 })",
+        ]
+    );
+    let same = rust_fields("q: u64, beta1: f32, beta2: f32, seed: u64, a: u64, b: i32").unwrap();
+    assert!(mismatches(&c, &same).is_empty());
+    assert_eq!(
+        mismatches(&c, &same[..5]).len(),
+        1,
+        "a missing field is a mismatch"
+    );
+    let float_for_int =
+        rust_fields("q: u64, beta1: f32, beta2: f32, seed: u64, a: u64, b: f32").unwrap();
+    assert_eq!(
+        mismatches(&c, &float_for_int).len(),
+        1,
+        "f32 for int is a mismatch"
+    );
+    assert!(c_fields("int x[4];").is_err());
+    assert!(rust_fields("x: usize,").is_err());
+    let stripped = strip_comments("a /* b */ c // d\ne");
+    assert_eq!(
+        stripped.split_whitespace().collect::<Vec<_>>(),
+        ["a", "c", "e"]
+    );
+}
