@@ -27,8 +27,17 @@ cp tests/kernel_emu/mma_ptx.cuh "$overlay/"
 # Build every driver first, as many at once as there are cores.
 # -fno-extern-tls-init: __shared__ is thread_local in the emulator, and a kernel's
 # `extern __shared__` array is defined by the driver without a dynamic initializer.
+# -fsanitize=undefined: a kernel's undefined behaviour stops the run at its line. Above all
+# the alignment check: a Vec16 (16-byte) load from an address the GPU would fault on, which
+# an x86 CPU would otherwise load without complaint.
+ubsan=(-fsanitize=undefined -fno-sanitize-recover=all)
+if ! echo 'int main() { return 0; }' | g++ -x c++ "${ubsan[@]}" - -o "$overlay/ubsan-probe" 2>/dev/null; then
+  echo "kernel emulator: WARNING: g++ cannot link -fsanitize=undefined (libubsan missing);" \
+    "misaligned vector loads go unchecked" >&2
+  ubsan=()
+fi
 printf '%s\n' "${drivers[@]}" | xargs -P "$(nproc)" -I{} \
-  g++ -std=c++17 -O1 -fno-extern-tls-init -include tests/kernel_emu/cuda_emu.h \
+  g++ -std=c++17 -O1 -fno-extern-tls-init "${ubsan[@]}" -include tests/kernel_emu/cuda_emu.h \
   -I tests/kernel_emu/include -I "$overlay" -I tests/kernel_emu \
   "tests/kernel_emu/{}.cpp" -o "$out/{}"
 
