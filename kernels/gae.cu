@@ -179,8 +179,9 @@ __device__ __forceinline__ void gae_body(const float *__restrict__ rewards,
     store8<VEC>(a_out, t0, T, av);
     store8<VEC>(r_out, t0, T, rt);
     carry = chunk_carry;
-    // warp_map / warp_in / chunk_carry are rewritten by the next chunk.
-    __syncthreads();
+    // No barrier here: the next chunk writes warp_map only after this chunk's second barrier
+    // (so after thread 0 read it), and warp_in / chunk_carry only after its own first one
+    // (so after every warp read this chunk's values).
   }
 
   // Block partials, then the last block folds every block's partial into the statistics.

@@ -94,7 +94,7 @@ pub fn update_reference(grads: &[Tensor], slots: &mut [Slot], h: &Hyper) -> Resu
         let denom = ((&*s.v / bc2)?.sqrt()? + h.eps)?;
         let mut upd = (mhat / denom)?;
         let p = s.param.as_tensor();
-        if s.weight_decay > 0.0 {
+        if s.weight_decay != 0.0 {
             upd = (upd + (p * s.weight_decay)?)?;
         }
         let new = (p - (upd * s.lr)?)?;
