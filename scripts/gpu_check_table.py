@@ -1,0 +1,226 @@
+"""The table at the end of scripts/gpu-check.sh: every measurement of one run as ratios,
+temper over the peer measured in that same run, in markdown.
+
+Usage: python3 scripts/gpu_check_table.py RESULTS_JSONL SECONDS > gpu-check.md
+RESULTS_JSONL holds the benches' JSON lines (each tagged with its "section") and one status
+line per section; tests/gpu_check_scripts.rs runs this on synthetic lines in CPU CI.
+"""
+import json, sys
+
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+status = {r["section"]: r for r in rows if "status" in r}
+meas = [r for r in rows if "bench" in r]
+
+
+def pick(**kw):
+    for r in meas:
+        if all(r.get(k) == v for k, v in kw.items()):
+            return r
+    return {}
+
+
+def num(x, spec=None):
+    if not isinstance(x, (int, float)):
+        return "-"
+    if spec:
+        return format(x, spec)
+    return format(x, ",.0f") if abs(x) >= 1000 else format(x, ".4g")
+
+
+def sec_state(*names):
+    bad = [f"{n}: {status[n]['status']}" for n in names if n in status and status[n]["status"] != "ok"]
+    return "; ".join(bad)
+
+
+out = []
+out.append(f"# gpu-check ({sys.argv[2]} s)")
+dev = pick(bench="device")
+if dev:
+    out.append(f"\ndevice: {dev.get('name')}, torch {dev.get('torch')}, CUDA {dev.get('cuda')}")
+copy = pick(bench="copy").get("gbps")
+out.append("\nratio = temper / peer, both measured in this run. For times (ms) below 1 is "
+           "better for temper; for rates (TFLOP/s, tokens/s, GB/s) above 1 is; for memory below 1.\n")
+out.append("| what | shape | metric | temper | peer | peer value | ratio | note |")
+out.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+# Ratios to two decimals, or two significant digits below 0.1 (GAE against TRL's Python loop
+# is hundreds of times faster: "0.00" would hide by how much).
+def row(what, shape, metric, ours, peer, theirs, note=""):
+    ratio = ours / theirs if isinstance(ours, (int, float)) and isinstance(theirs, (int, float)) and theirs else None
+    out.append(f"| {what} | {shape} | {metric} | {num(ours)} | {peer} | {num(theirs)} | {num(ratio, '.2f' if ratio is None or ratio >= 0.1 else '.2g')} | {note} |")
+
+
+# The training step (ours from its own section: the ncu run prints the same line, slowed).
+ours = pick(bench="train_step", impl="ours", section="train-ours")
+note = sec_state("train-ours", "train-torch-eager", "train-torch-compile")
+for peer in ["torch-eager", "torch-compile"]:
+    p = pick(bench="train_step", impl=peer)
+    row("GPT-2 124M train step", "B16 T1024 bf16", "tokens/s", ours.get("tokens_per_s"), peer, p.get("tokens_per_s"), note)
+    sec = "train-torch-eager" if peer == "torch-eager" else "train-torch-compile"
+    row("GPT-2 124M train step", "B16 T1024 bf16", "peak GPU MiB (nvidia-smi)",
+        status.get("train-ours", {}).get("peak_mib"), peer, status.get(sec, {}).get("peak_mib"),
+        f"torch's own peak: {num(p.get('peak_reserved_gib'))} GiB reserved, {num(p.get('peak_alloc_gib'))} allocated")
+    row("GPT-2 124M train step", "B16 T1024 bf16", "peak GiB allocated (allocator's own)",
+        ours.get("pool_peak_gib"), peer, p.get("peak_alloc_gib"),
+        "ours: the CUDA memory pool's high-water mark; torch: max_memory_allocated")
+refr = pick(bench="train_step", impl="reference")
+if refr:
+    row("GPT-2 124M train step", "B16 T1024 bf16", "tokens/s", refr.get("tokens_per_s"), "temper reference kernels",
+        ours.get("tokens_per_s"), "reference over ours, not a peer")
+# Ablations of ours (not peers): each over ours, tokens/s and peak memory.
+for imp, sec, base, what in [
+    ("ours-graph", "train-graph", "temper with the tape", "blocks in candle's graph"),
+    ("ours-casts", "train-casts", "temper with compute copies", "masters cast every step"),
+    ("ours", "train-attn-wide", "temper (64-row attention forward)", "128-row attention forward"),
+]:
+    abl = pick(bench="train_step", impl=imp, section=sec)
+    if abl:
+        row("GPT-2 124M train step", "B16 T1024 bf16", "tokens/s", abl.get("tokens_per_s"), base,
+            ours.get("tokens_per_s"), f"ablation: {what}, over ours; not a peer")
+        row("GPT-2 124M train step", "B16 T1024 bf16", "peak GPU MiB (nvidia-smi)",
+            status.get(sec, {}).get("peak_mib"), base,
+            status.get("train-ours", {}).get("peak_mib"), "ablation, as above")
+
+# Where one steady-state step of ours goes (ncu): the share of kernel time by kind, then the
+# largest kernels. The goal: GEMMs and attention the majority, no candle generic kernel high.
+def ncu_table(bench, title):
+    ncu = [r for r in meas if r.get("bench") == bench]
+    if not ncu:
+        return
+    total = sum(r["ms"] for r in ncu)
+    kinds = {}
+    for r in ncu:
+        k = kinds.setdefault(r["kind"], [0, 0.0])
+        k[0] += r["launches"]
+        k[1] += r["ms"]
+    out.append(f"\nncu, {title}: {total:.3f} ms of kernel time, "
+               f"{sum(r['launches'] for r in ncu)} launches\n")
+    out.append("| kind | launches | ms | share |")
+    out.append("| --- | --- | --- | --- |")
+    for kind, (n, ms) in sorted(kinds.items(), key=lambda kv: -kv[1][1]):
+        out.append(f"| {kind} | {n} | {ms:.3f} | {ms / total:.1%} |")
+    out.append("\n| kernel (largest 20) | kind | launches | ms | share |")
+    out.append("| --- | --- | --- | --- | --- |")
+    for r in sorted(ncu, key=lambda r: -r["ms"])[:20]:
+        out.append(f"| `{r['kernel'][:70]}` | {r['kind']} | {r['launches']} | {r['ms']:.3f} | {r['share']:.1%} |")
+    out.append("")
+
+
+ncu_table("ncu_step", "one steady-state step of ours (B16 T1024 bf16)")
+ncu_table("ncu_decode", "one decode step of generation (GPT-2 small, 64 rows, graph replay)")
+
+# Attention.
+for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention"}):
+    note = sec_state("bench-attention", "peer-attention")
+    for p in ["fwd", "fwd+bwd"]:
+        # ours-mma-wide: the 128-row forward (TEMPER_ATTN_IMPL=mma-wide), not yet the default.
+        for impl, what in [("ours-mma", "attention causal"), ("ours-mma-wide", "attention, 128-row fwd")]:
+            o = pick(bench="attention", shape=shape, impl=impl, **{"pass": p}).get("tflops")
+            for peer in ["torch-flash", "torch-cudnn"]:
+                row(what, shape, f"{p} TFLOP/s", o, peer,
+                    pick(bench="attention", shape=shape, impl=peer, **{"pass": p}).get("tflops"), note)
+
+# Attention decode: time against SDPA, and bytes of keys and values per second against copy.
+for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention_decode"}):
+    note = sec_state("bench-attention", "peer-attention")
+    for o in ["ours", "ours-simple"]:
+        row("attention decode", shape, f"{o} ms", pick(bench="attention_decode", shape=shape, impl=o).get("ms"),
+            "torch-sdpa", pick(bench="attention_decode", shape=shape, impl="torch-sdpa").get("ms"), note)
+    row("attention decode", shape, "ours GB/s", pick(bench="attention_decode", shape=shape, impl="ours").get("gbps"),
+        "copy bandwidth", 4100, "goal >= 0.5")
+
+# LoRA: the fused op over PyTorch's plain GEMM and over PyTorch's unfused LoRA.
+for shape in sorted({r["shape"] for r in meas if r.get("bench") == "lora"}):
+    note = sec_state("bench-lora", "peer-lora")
+    for key, label in [("fwd_ms", "fwd ms"), ("fwd_bwd_ms", "fwd+bwd ms")]:
+        o = pick(bench="lora", shape=shape, impl="fused").get(key)
+        for peer in ["torch-plain", "torch-unfused"]:
+            row("LoRA fused", shape, label, o, peer, pick(bench="lora", shape=shape, impl=peer).get(key), note)
+        row("candle plain GEMM", shape, label, pick(bench="lora", shape=shape, impl="candle-plain").get(key),
+            "torch-plain", pick(bench="lora", shape=shape, impl="torch-plain").get(key), "what candle's own GEMM costs")
+        row("our cuBLASLt GEMM (gemm)", shape, label, pick(bench="lora", shape=shape, impl="ours-gemm").get(key),
+            "torch-plain", pick(bench="lora", shape=shape, impl="torch-plain").get(key), "every linear layer's GEMM")
+
+# RMSNorm.
+for shape in sorted({r["shape"] for r in meas if r.get("bench") == "rmsnorm"}):
+    note = sec_state("bench-rmsnorm", "peer-rmsnorm")
+    for key, label in [("fwd_ms", "fwd ms"), ("fwd_bwd_ms", "fwd+bwd ms")]:
+        row("RMSNorm", shape, label, pick(bench="rmsnorm", shape=shape, impl="ours").get(key), "torch",
+            pick(bench="rmsnorm", shape=shape, impl="torch").get(key), note)
+
+# The training step's ops (benches/train_ops.rs): ours over PyTorch eager. AdamW's figure is
+# one optimizer step (clipping included) and it has no fwd+bwd. An op added to the bench and
+# its peer gets its rows here by its name.
+op_names = {"layernorm": "LayerNorm", "gelu": "GELU (tanh)", "bias": "bias add", "bias_gelu": "bias + GELU",
+            "swiglu": "SwiGLU", "rope": "RoPE (queries)", "heads": "attention head split",
+            "embedding": "embedding (token + position)", "logprobs": "loss head log-probs",
+            "adamw": "AdamW step (clipped)"}
+train_ops = [r for r in meas if r.get("bench") == "train_ops"]
+for op, shape in dict.fromkeys((r.get("op"), r.get("shape")) for r in train_ops):
+    note = sec_state("bench-train_ops", "peer-train_ops")
+    o = pick(bench="train_ops", op=op, shape=shape, impl="ours")
+    t = pick(bench="train_ops", op=op, shape=shape, impl="torch")
+    for key, label in [("fwd_ms", "step ms" if op == "adamw" else "fwd ms"), ("fwd_bwd_ms", "fwd+bwd ms")]:
+        if o.get(key) is None and t.get(key) is None:
+            continue
+        row(op_names.get(op, op), shape, label, o.get(key), "torch", t.get(key), note)
+
+# GAE.
+for shape in sorted({r["shape"] for r in meas if r.get("bench") == "gae"}):
+    note = sec_state("bench-gae", "peer-gae")
+    k = pick(bench="gae", shape=shape, impl="ours-kernel")
+    row("GAE", shape, "ms", k.get("ms"), "torch-trl-loop", pick(bench="gae", shape=shape, impl="torch-trl-loop").get("ms"), note)
+    row("GAE", shape, "GB/s", k.get("gbps"), "torch copy", copy, "kernel over the copy ceiling")
+
+# The data-parallel gradient all-reduce (NCCL, world size 1 on this one GPU).
+for shape in sorted({r["shape"] for r in meas if r.get("bench") == "allreduce"}):
+    note = sec_state("bench-allreduce", "peer-allreduce")
+    for o, p in [("ours-bucketed", "torch-buckets"), ("ours-one-buffer", "torch-one-buffer")]:
+        row("all-reduce (NCCL)", shape, f"{o} ms", pick(bench="allreduce", shape=shape, impl=o).get("ms"), p,
+            pick(bench="allreduce", shape=shape, impl=p).get("ms"), note)
+
+# Generation (the hook).
+for shape in sorted({r.get("shape", "") for r in meas if r.get("bench") == "generate"}):
+    gen = [r for r in meas if r.get("bench") == "generate" and r.get("shape", "") == shape]
+    o = next((r for r in gen if r.get("impl") == "temper"), {})
+    ablations = [r for r in gen if str(r.get("impl", "")).startswith("ours")]
+    for p in [r for r in gen if str(r.get("impl", "")).startswith(("transformers", "torch"))]:
+        row("generate", shape, "tokens/s", o.get("tokens_per_s"), p["impl"], p.get("tokens_per_s"),
+            sec_state("bench-generate", "peer-generate"))
+        for a in ablations:
+            row("generate", shape, f"{a['impl']} tokens/s", a.get("tokens_per_s"), p["impl"],
+                p.get("tokens_per_s"), "ablation: the decode step without its CUDA graph")
+    if o.get("ms_floor_step"):
+        row("generate decode step", shape, "ms", o.get("ms_decode_step"), "bandwidth floor (4.1 TB/s)",
+            o.get("ms_floor_step"), "weights + KV cache bytes per step over copy bandwidth; goal <= 2")
+
+# One PPO update (temper alone: the goal is a share, generation under half of the update).
+for r in [m for m in meas if m.get("bench") == "ppo_update"]:
+    out.append(f"\nPPO update at GPT-2 small, step {r.get('step')}: generation {num(r.get('gen_s'))} s "
+               f"({num(r.get('gen_tokens_per_s'))} tokens/s), scoring {num(r.get('score_s'))} s, training "
+               f"{num(r.get('train_s'))} s; generation share {num(r.get('gen_share'), '.2f')} (goal < 0.5); "
+               f"{num(r.get('gen_graph_replays'))} decode steps replayed as a CUDA graph; "
+               f"peak GPU {status.get('ppo-update', {}).get('peak_mib', '-')} MiB")
+
+# The benches' own checks: each direct backward entry point against candle's autograd.
+checks = [r for r in meas if r.get("bench") == "check"]
+if checks:
+    out.append("\n| check | shape | impl | max relative difference |")
+    out.append("| --- | --- | --- | --- |")
+    for r in checks:
+        out.append(f"| {r.get('of')}: {r.get('what')} | {r.get('shape')} | {r.get('impl')} | {num(r.get('max_rel_diff'), '.2e')} |")
+
+# Tests.
+out.append("\n| test executable | passed | failed | skipped | status |")
+out.append("| --- | --- | --- | --- | --- |")
+for r in meas:
+    if r.get("bench") == "tests":
+        st = status.get(r["impl"], {}).get("status", "?")
+        out.append(f"| {r['impl']} | {r['passed']} | {r['failed']} | {r['skipped']} | {st} |")
+
+out.append("\n| section | status | seconds |")
+out.append("| --- | --- | --- |")
+for name, r in status.items():
+    out.append(f"| {name} | {r['status']} | {r.get('seconds', '-')} |")
+print("\n".join(out))

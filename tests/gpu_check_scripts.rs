@@ -1,0 +1,310 @@
+//! scripts/gpu-check.sh is the one device call that verifies the GPU side, and device time is
+//! scarce: a typo found there costs the whole call. This checks on CPU CI what can be checked
+//! without a GPU: every script parses, the final table turns the benches' JSON lines (as the
+//! benches and their PyTorch peers print them) into the right ratios, a failed section shows
+//! as failed, and the ncu summary's classifier knows every entry point in kernels/ as ours.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// python3, or None after saying why the test is skipped.
+fn python() -> Option<&'static str> {
+    let ok = Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIPPED: python3 not found; the gpu-check scripts were not checked");
+    }
+    ok.then_some("python3")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("temper-gpu-check-{}-{name}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn scripts(ext: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(root().join("scripts"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn every_script_parses() {
+    let sh = scripts("sh");
+    assert!(sh.len() >= 5, "found only {} shell scripts", sh.len());
+    for s in &sh {
+        run(Command::new("bash").arg("-n").arg(s));
+    }
+    let Some(py) = python() else { return };
+    let py_files = scripts("py");
+    assert!(
+        py_files.len() >= 6,
+        "found only {} python scripts",
+        py_files.len()
+    );
+    // Parsed, not imported: the peers import torch, which only the device has.
+    run(Command::new(py)
+        .arg("-c")
+        .arg("import ast, sys\nfor f in sys.argv[1:]: ast.parse(open(f).read(), f)")
+        .args(&py_files));
+}
+
+/// One line of each kind the table reads, formatted as its emitter formats it, tagged with
+/// its section as gpu-check.sh tags it.
+const RESULTS: &str = r#"{"section":"device","bench":"device","name":"NVIDIA H200","torch":"2.11","cuda":"13.0"}
+{"section":"device","status":"ok","seconds":3}
+{"section":"train-ours","bench":"train_step","impl":"ours","batch":16,"seq":1024,"ms":40.000,"tokens_per_s":409600.0,"first_loss":10.98,"last_loss":9.10,"pool_peak_gib":12.5}
+{"section":"train-ours","status":"ok","seconds":40,"peak_mib":14000}
+{"section":"train-torch-eager","bench":"train_step","impl":"torch-eager","batch":16,"seq":1024,"params":124475904,"ms":46.5,"tokens_per_s":352300.0,"first_loss":10.99,"last_loss":9.2,"warmup_s":2.0,"peak_alloc_gib":16.1,"peak_reserved_gib":17.0,"torch":"2.11"}
+{"section":"train-torch-eager","status":"ok","seconds":30,"peak_mib":17500}
+{"section":"train-torch-compile","status":"timeout after 240 s","seconds":240}
+{"section":"ncu-step","bench":"ncu_step","kernel":"nvjet_tst_128x256","kind":"cuBLAS","launches":10,"ms":6.0,"share":0.6}
+{"section":"ncu-step","bench":"ncu_step","kernel":"attn_fwd_mma_bf16_h64","kind":"attention (ours)","launches":12,"ms":3.0,"share":0.3}
+{"section":"ncu-step","bench":"ncu_step","kernel":"affine_f32","kind":"other (candle's or the runtime's)","launches":2,"ms":1.0,"share":0.1}
+{"section":"bench-attention","bench":"attention","shape":"B4 H12 T1024 D64 causal","impl":"ours-mma","pass":"fwd","ms":0.1,"tflops":210.00}
+{"section":"peer-attention","bench":"attention","shape":"B4 H12 T1024 D64 causal","impl":"torch-flash","pass":"fwd","ms":0.07,"tflops":300.0}
+{"section":"peer-attention","bench":"attention","shape":"B4 H12 T1024 D64 causal","impl":"torch-cudnn","error":"cuDNN attention not available"}
+{"section":"bench-lora","bench":"lora","shape":"r16 M8192 K4096 N4096","impl":"fused","fwd_ms":0.4200,"fwd_bwd_ms":1.2000}
+{"section":"peer-lora","bench":"lora","shape":"r16 M8192 K4096 N4096","impl":"torch-plain","fwd_ms":0.364,"fwd_bwd_ms":1.05}
+{"section":"bench-train_ops","bench":"train_ops","op":"adamw","shape":"124475904 params","impl":"ours","drive":"direct","fwd_ms":0.9,"fwd_bwd_ms":null,"gbps":3000.0}
+{"section":"peer-train_ops","bench":"train_ops","op":"adamw","shape":"124475904 params","impl":"torch","drive":null,"fwd_ms":1.8}
+{"section":"bench-gae","bench":"gae","shape":"B64 T512","impl":"ours-kernel","ms":0.01000,"gbps":2000.0}
+{"section":"peer-gae","bench":"gae","shape":"B64 T512","impl":"torch-trl-loop","ms":5.0}
+{"section":"peer-copy","bench":"copy","impl":"torch","ms":0.5,"gbps":4100.0}
+{"section":"bench-generate","bench":"generate","shape":"B64 L256 N128","impl":"temper","tokens_per_s":40000.0,"ms_decode_step":1.5,"ms_floor_step":0.75}
+{"section":"peer-generate","bench":"generate","shape":"B64 L256 N128","impl":"transformers-generate","tokens_per_s":8000.0,"ms_total":1024.0}
+{"section":"ppo-update","bench":"ppo_update","step":1,"gen_share":0.4,"gen_s":4.0,"score_s":1.0,"train_s":5.0,"gen_tokens_per_s":2048.0,"gen_graph_replays":127}
+{"section":"bench-attention","bench":"check","of":"attention","shape":"B2 H4 T100 D64","impl":"ours-mma","what":"direct backward vs autograd","max_rel_diff":1.5e-03}
+{"section":"test-gpu_train_ops","bench":"tests","impl":"test-gpu_train_ops","passed":30,"failed":1,"skipped":0}
+{"section":"test-gpu_train_ops","status":"failed (exit 101)","seconds":20}
+"#;
+
+fn table_rows(md: &str, what: &str, metric: &str, peer: &str) -> Vec<Vec<String>> {
+    md.lines()
+        .filter(|l| l.starts_with("| "))
+        .map(|l| {
+            l.trim_matches('|')
+                .split(" | ")
+                .map(|c| c.trim().to_string())
+                .collect::<Vec<_>>()
+        })
+        .filter(|c| c.len() >= 7 && c[0] == what && c[2] == metric && c[4] == peer)
+        .collect()
+}
+
+/// The ratio column of the one row for (what, metric, peer).
+fn ratio(md: &str, what: &str, metric: &str, peer: &str) -> String {
+    let rows = table_rows(md, what, metric, peer);
+    assert_eq!(
+        rows.len(),
+        1,
+        "rows for {what} / {metric} / {peer}: {rows:?}\n{md}"
+    );
+    rows[0][6].clone()
+}
+
+#[test]
+fn the_table_divides_each_measurement_by_its_peer_from_the_same_run() {
+    let Some(py) = python() else { return };
+    let dir = scratch("table");
+    let results = dir.join("results.jsonl");
+    fs::write(&results, RESULTS).unwrap();
+    let md = run(Command::new(py)
+        .arg(root().join("scripts/gpu_check_table.py"))
+        .arg(&results)
+        .arg("123"));
+    assert!(md.starts_with("# gpu-check (123 s)"), "{md}");
+    assert!(
+        md.contains("device: NVIDIA H200, torch 2.11, CUDA 13.0"),
+        "{md}"
+    );
+
+    let step = "GPT-2 124M train step";
+    // 409600 / 352300 tokens/s; 14000 / 17500 MiB; 12.5 / 16.1 GiB.
+    assert_eq!(ratio(&md, step, "tokens/s", "torch-eager"), "1.16");
+    assert_eq!(
+        ratio(&md, step, "peak GPU MiB (nvidia-smi)", "torch-eager"),
+        "0.80"
+    );
+    assert_eq!(
+        ratio(
+            &md,
+            step,
+            "peak GiB allocated (allocator's own)",
+            "torch-eager"
+        ),
+        "0.78"
+    );
+    // The compile peer timed out: no ratio, and the row says why.
+    let compile = table_rows(&md, step, "tokens/s", "torch-compile");
+    assert_eq!(compile[0][6], "-", "{compile:?}");
+    assert!(compile[0][7].contains("train-torch-compile: timeout after 240 s"));
+
+    assert_eq!(
+        ratio(&md, "attention causal", "fwd TFLOP/s", "torch-flash"),
+        "0.70"
+    );
+    assert_eq!(
+        ratio(&md, "attention causal", "fwd TFLOP/s", "torch-cudnn"),
+        "-"
+    );
+    assert_eq!(ratio(&md, "LoRA fused", "fwd ms", "torch-plain"), "1.15");
+    assert_eq!(
+        ratio(&md, "AdamW step (clipped)", "step ms", "torch"),
+        "0.50"
+    );
+    assert!(
+        table_rows(&md, "AdamW step (clipped)", "fwd+bwd ms", "torch").is_empty(),
+        "AdamW has no backward row"
+    );
+    assert_eq!(ratio(&md, "GAE", "ms", "torch-trl-loop"), "0.002");
+    assert_eq!(ratio(&md, "GAE", "GB/s", "torch copy"), "0.49");
+    assert_eq!(
+        ratio(&md, "generate", "tokens/s", "transformers-generate"),
+        "5.00"
+    );
+    assert_eq!(
+        ratio(
+            &md,
+            "generate decode step",
+            "ms",
+            "bandwidth floor (4.1 TB/s)"
+        ),
+        "2.00"
+    );
+    assert!(md.contains("generation share 0.40 (goal < 0.5)"), "{md}");
+    // ncu: shares by kind, largest first.
+    assert!(md.contains("ncu, one steady-state step of ours"), "{md}");
+    assert!(md.contains("| cuBLAS | 10 | 6.000 | 60.0% |"), "{md}");
+    assert!(md.contains(
+        "| attention: direct backward vs autograd | B2 H4 T100 D64 | ours-mma | 1.50e-03 |"
+    ));
+    // A failed test executable is a failed row.
+    assert!(
+        md.contains("| test-gpu_train_ops | 30 | 1 | 0 | failed (exit 101) |"),
+        "{md}"
+    );
+    fs::remove_dir_all(dir).ok();
+}
+
+/// Every entry point's name as the driver reports it, from the `__global__` signatures in
+/// `kernels/`: the macro-built ones with their parameter pasted in (`gelu_fwd_##SUFFIX` ->
+/// `gelu_fwd_bf16`).
+fn entry_point_names(kernels: &Path) -> Vec<String> {
+    let mut names = Vec::new();
+    for e in fs::read_dir(kernels).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_none_or(|x| x != "cu") {
+            continue;
+        }
+        let src = fs::read_to_string(&path).unwrap();
+        for (i, _) in src.match_indices("__global__") {
+            let sig = &src[i..i + src[i..].find('{').unwrap()];
+            let before = sig[..sig.rfind('(').unwrap()].trim_end();
+            let word = before
+                .rsplit(|c: char| c.is_whitespace())
+                .next()
+                .unwrap()
+                .to_string();
+            // `attn_fwd_mma_##SUF##_h##D` and the like: every pasted parameter becomes "x1".
+            let name: String = word
+                .split("##")
+                .enumerate()
+                .map(|(k, part)| {
+                    if k == 0 {
+                        part.to_string()
+                    } else {
+                        "x1".into()
+                    }
+                })
+                .collect();
+            names.push(name);
+        }
+    }
+    names.sort();
+    names
+}
+
+#[test]
+fn ncu_summary_counts_every_kernel_of_ours_as_ours() {
+    let Some(py) = python() else { return };
+    let kernels = root().join("kernels");
+    let ours = entry_point_names(&kernels);
+    assert!(ours.len() >= 50, "found only {} entry points", ours.len());
+    let dir = scratch("ncu");
+    let csv = dir.join("ncu.csv");
+    let mut text = String::from(
+        "\"ID\",\"Kernel Name\",\"Invocations\",\"Metric Name\",\"Metric Unit\",\"Minimum\",\"Maximum\",\"Average\"\n",
+    );
+    let mut line = |name: &str, n: u32, unit: &str, avg: &str| {
+        text.push_str(&format!(
+            "\"0\",\"{name}\",\"{n}\",\"gpu__time_duration.sum\",\"{unit}\",\"0\",\"0\",\"{avg}\"\n"
+        ));
+    };
+    for name in &ours {
+        line(&format!("{name}(Params)"), 1, "usecond", "1.00");
+    }
+    line(
+        "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm>(Params)",
+        4,
+        "msecond",
+        "1.50",
+    );
+    line(
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT",
+        2,
+        "usecond",
+        "500",
+    );
+    line("affine_f32", 1000, "nsecond", "2,000");
+    fs::write(&csv, text).unwrap();
+    let out = run(Command::new(py)
+        .arg(root().join("scripts/gpu_check_ncu.py"))
+        .arg(&csv)
+        .arg(&kernels)
+        .arg("ncu_step"));
+    let mut by_kind = std::collections::BTreeMap::<String, (u32, f64)>::new();
+    let mut other = Vec::new();
+    for l in out.lines() {
+        let row: serde_json::Value = serde_json::from_str(l).unwrap();
+        let kind = row["kind"].as_str().unwrap().to_string();
+        let e = by_kind.entry(kind.clone()).or_default();
+        e.0 += row["launches"].as_u64().unwrap() as u32;
+        e.1 += row["ms"].as_f64().unwrap();
+        if kind.starts_with("other") {
+            other.push(row["kernel"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(other, ["affine_f32"], "kernels of ours classed as other");
+    let attn = ours.iter().filter(|n| n.starts_with("attn_")).count() as u32;
+    assert_eq!(by_kind["attention (ours)"].0, attn);
+    assert_eq!(by_kind["temper kernel"].0, ours.len() as u32 - attn);
+    assert_eq!(by_kind["cuBLAS"].0, 6);
+    // 4 x 1.5 ms + 2 x 0.5 ms; 1000 x 2 us ("2,000" ns, as ncu writes thousands).
+    assert!((by_kind["cuBLAS"].1 - 7.0).abs() < 1e-9, "{by_kind:?}");
+    assert!((by_kind["other (candle's or the runtime's)"].1 - 2.0).abs() < 1e-9);
+    fs::remove_dir_all(dir).ok();
+}
