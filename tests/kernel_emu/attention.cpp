@@ -1,9 +1,16 @@
 // The attention kernels (kernels/attention_*.cu) run in the CPU emulator (cuda_emu.h) against a
-// double-precision reference: the tensor-core forward (64- and 128-row) and backward in bf16,
-// the CUDA-core backward in f32 (the decode and split-key forwards are attention_decode.cpp's).
+// double-precision reference, launched as src/kernels/cuda/attention.rs launches them:
+// - bf16 cases: the tensor-core forward (64- and 128-row) and backward where the head dim is
+//   64 or 128, and for every case the CUDA-core backward in f32 on the same inputs widened
+//   (what f32 training runs);
+// - 16-bit cases, bf16 and f16: what the launcher's `Auto` takes for the shape (and `MmaWide`'s
+//   128-row forward beside the 64-row one): the tensor-core kernels where the head dim is 64
+//   or 128 and the query block has more than DECODE_MAX_TQ rows, else the CUDA-core forward
+//   (one key slice) and backward in the storage dtype, at DPL 1 to 4 in each.
+// The decode stream and the split-key forward are attention_decode.cpp's.
 // Fresh random inputs of awkward sizes: causal with and without a position offset,
 // grouped-query heads, padded keys with a hole, sequences that end mid-tile, head dims only the
-// CUDA-core kernels take. Launch shapes are those src/kernels/cuda/attention.rs uses.
+// CUDA-core kernels take.
 //
 // Usage: attention [seed]  (a random seed when none is given; it is printed either way).
 #include "emu_check.h"
@@ -23,6 +30,71 @@ EMU_DYNAMIC_SHARED(smem_raw, 232448)
 namespace {
 
 using bf16 = __nv_bfloat16;
+using f16 = __half;
+using Kernel = void (*)(const AttnParams);
+
+// sm_count(dev) in the launcher's grid choices: an H100 / H200.
+constexpr int kSmCount = 132;
+
+// Per dtype: the entry points the launcher's names resolve to, and the bounds on each output.
+// A bound on o, dq, dk or dv is relative to the output's largest magnitude; on lse absolute.
+// Every kernel computes in f32 from inputs exact in T (and the reference in double from the
+// same values), so what separates them is where T's rounding (unit roundoff u) enters.
+template <typename T> struct Dt;
+
+#define SIMPLE_ENTRIES(SUF)                                                                   \
+  static constexpr Kernel fwd_simple[4] = {attn_fwd_simple_##SUF##_d1,                       \
+                                           attn_fwd_simple_##SUF##_d2,                       \
+                                           attn_fwd_simple_##SUF##_d3,                       \
+                                           attn_fwd_simple_##SUF##_d4};                      \
+  static constexpr Kernel bwd_dq_simple[4] = {attn_bwd_dq_simple_##SUF##_d1,                 \
+                                              attn_bwd_dq_simple_##SUF##_d2,                 \
+                                              attn_bwd_dq_simple_##SUF##_d3,                 \
+                                              attn_bwd_dq_simple_##SUF##_d4};                \
+  static constexpr Kernel bwd_dkdv_simple[4] = {attn_bwd_dkdv_simple_##SUF##_d1,             \
+                                                attn_bwd_dkdv_simple_##SUF##_d2,             \
+                                                attn_bwd_dkdv_simple_##SUF##_d3,             \
+                                                attn_bwd_dkdv_simple_##SUF##_d4};            \
+  static constexpr Kernel bwd_dot = attn_bwd_dot_##SUF;
+
+// fwd_mma[h128][mt - 1]: attn_fwd_mma (64-row blocks) and attn_fwd_mma2 (128-row) per head dim.
+#define MMA_ENTRIES(SUF)                                                                      \
+  static constexpr Kernel fwd_mma[2][2] = {                                                   \
+      {attn_fwd_mma_##SUF##_h64, attn_fwd_mma2_##SUF##_h64},                                  \
+      {attn_fwd_mma_##SUF##_h128, attn_fwd_mma2_##SUF##_h128}};                               \
+  static constexpr Kernel bwd_mma[2] = {attn_bwd_mma_##SUF##_h64, attn_bwd_mma_##SUF##_h128}; \
+  static constexpr Kernel dq_convert = attn_dq_convert_##SUF;
+
+template <> struct Dt<float> : emu_check::Dt<float> {
+  SIMPLE_ENTRIES(f32)
+  // f32 rounding alone, summed over at most a few hundred keys and D dimensions.
+  static constexpr double simple_grad_tol = 1e-4;
+};
+
+// The CUDA-core kernels round only their outputs to T (o; dq, dk, dv), which moves an output
+// by at most u of the largest one: a bound of 2u on the forward (attention_decode.cpp's) leaves
+// room for nothing but the f32 sums. The backward also reads an o rounded to T, whose error
+// reaches every dS through rowsum(dO * O) (dq and dk; dv does not see it): 5u there, where up
+// to 1.6u is measured (15 seeds). The tensor-core kernels also round P (forward and backward)
+// and dS (backward) to T before their second mma; bf16's bounds are the ones its cases always
+// had, about 5u on o and 8u on the gradients, where up to 0.9u and 1.5u are measured. lse
+// never passes through T (S and the row sums stay f32), so its bound does not depend on T.
+template <> struct Dt<bf16> : emu_check::Dt<bf16> {
+  SIMPLE_ENTRIES(bf16)
+  MMA_ENTRIES(bf16)
+  static constexpr double simple_o_tol = 8e-3, simple_grad_tol = 2e-2;
+  static constexpr double mma_o_tol = 2e-2, mma_grad_tol = 3e-2, mma_lse_tol = 2e-3;
+};
+// f16's u is an eighth of bf16's and every rounding above scales with it (the f32 arithmetic
+// around them is still 2^13 times finer), so the same multiples of u keep the same margins,
+// rounded up to the one digit the log prints: 2u and 6u on the CUDA-core kernels, 6u and 8u on
+// the tensor-core ones.
+template <> struct Dt<f16> : emu_check::Dt<f16> {
+  SIMPLE_ENTRIES(f16)
+  MMA_ENTRIES(f16)
+  static constexpr double simple_o_tol = 1e-3, simple_grad_tol = 3e-3;
+  static constexpr double mma_o_tol = 3e-3, mma_grad_tol = 4e-3, mma_lse_tol = 2e-3;
+};
 
 struct Case {
   const char *name;
@@ -32,18 +104,18 @@ struct Case {
   bool mask;  // left padding plus a hole in the keys of every sequence
 };
 
-struct Inputs {
+template <typename T> struct Inputs {
   Case c;
-  std::vector<bf16> q, k, v, dout;
+  std::vector<T> q, k, v, dout;
   std::vector<float> kvalid;
 };
 
-Inputs make_inputs(const Case &c, emu_check::Rng &rng) {
-  Inputs in{c, {}, {}, {}, {}, {}};
-  in.q = emu_check::normals<bf16>((size_t)c.b * c.hq * c.tq * c.d, rng);
-  in.k = emu_check::normals<bf16>((size_t)c.b * c.hkv * c.tk * c.d, rng);
-  in.v = emu_check::normals<bf16>((size_t)c.b * c.hkv * c.tk * c.d, rng);
-  in.dout = emu_check::normals<bf16>((size_t)c.b * c.hq * c.tq * c.d, rng);
+template <typename T> Inputs<T> make_inputs(const Case &c, emu_check::Rng &rng) {
+  Inputs<T> in{c, {}, {}, {}, {}, {}};
+  in.q = emu_check::normals<T>((size_t)c.b * c.hq * c.tq * c.d, rng);
+  in.k = emu_check::normals<T>((size_t)c.b * c.hkv * c.tk * c.d, rng);
+  in.v = emu_check::normals<T>((size_t)c.b * c.hkv * c.tk * c.d, rng);
+  in.dout = emu_check::normals<T>((size_t)c.b * c.hq * c.tq * c.d, rng);
   if (c.mask) {
     in.kvalid.assign((size_t)c.b * c.tk, 1.f);
     for (int b = 0; b < c.b; ++b) {
@@ -56,7 +128,19 @@ Inputs make_inputs(const Case &c, emu_check::Rng &rng) {
   return in;
 }
 
-float f(bf16 x) { return __bfloat162float(x); }
+// The values of x in T: exact here, where T is S or wider.
+template <typename T, typename S> std::vector<T> as(const std::vector<S> &x) {
+  std::vector<T> y(x.size());
+  for (size_t i = 0; i < x.size(); ++i) y[i] = Dt<T>::from((float)emu_check::value(x[i]));
+  return y;
+}
+
+// x rounded to T, through f32 as the kernels store it.
+template <typename T> std::vector<T> rounded(const std::vector<double> &x) {
+  std::vector<T> y(x.size());
+  for (size_t i = 0; i < x.size(); ++i) y[i] = Dt<T>::from((float)x[i]);
+  return y;
+}
 
 using Reference = attention_ref::Result;
 
@@ -64,26 +148,51 @@ attention_ref::Shape shape(const Case &c) {
   return {c.b, c.hq, c.hkv, c.tq, c.tk, c.tk, c.d, c.causal, c.offset};
 }
 
-// Softmax attention and its gradients in double, from the bf16 inputs.
-Reference reference(const Inputs &in) {
+// Softmax attention and its gradients in double, from the stored inputs.
+template <typename T> Reference reference(const Inputs<T> &in) {
   return attention_ref::reference(shape(in.c), in.q, in.k, in.v, in.kvalid, &in.dout);
 }
 
-// FlashAttn::params (the scale in f32), and attn_key_range first where there is a key mask;
-// `krange` must outlive the params.
-AttnParams params(const Inputs &in, std::vector<int> &krange) {
+// ---------------------------------------------------------------------------------------
+// The launcher (src/kernels/cuda/attention.rs), on the host.
+// ---------------------------------------------------------------------------------------
+unsigned div_ceil(int a, int b) { return (unsigned)((a + b - 1) / b); }
+
+// FlashAttn::params (the scale in f64, then f32, as the op holds it), and attn_key_range first
+// where there is a key mask; `krange` must outlive the params. k and v are contiguous, so no
+// KV cache capacity.
+template <typename T> AttnParams params(const Inputs<T> &in, std::vector<int> &krange) {
   AttnParams p = attention_ref::params(shape(in.c));
-  p.scale = 1.f / std::sqrt((float)in.c.d);
-  p.scale_log2 = p.scale * kLog2e;
+  const double scale = 1.0 / std::sqrt((double)in.c.d);
+  p.scale_log2 = (float)(scale * 1.4426950408889634);
+  p.scale = (float)scale;
   attention_ref::key_range(shape(in.c), in.kvalid, p, krange);
   return p;
 }
 
-using Kernel = void (*)(const AttnParams);
+// FlashAttn::use_mma for a 16-bit dtype under Auto (Mma and MmaWide need only the head dim).
+bool use_mma_auto(const Case &c) { return (c.d == 64 || c.d == 128) && c.tq > 16; }
 
-Kernel fwd_kernel(int d, int mt) {
-  if (d == 64) return mt == 1 ? attn_fwd_mma_bf16_h64 : attn_fwd_mma2_bf16_h64;
-  return mt == 1 ? attn_fwd_mma_bf16_h128 : attn_fwd_mma2_bf16_h128;
+// FlashAttn::decode_rows for a 16-bit dtype under Auto (rows 16-byte aligned here): whether
+// the forward would take the decode stream rather than the simple kernel.
+bool takes_decode_stream(const Case &c) {
+  return (c.d == 64 || c.d == 128) && c.hq / c.hkv * c.tq <= 4;
+}
+
+// Dims::simple_row_blocks: (warps per block, blocks along y).
+std::pair<unsigned, unsigned> simple_row_blocks(const Case &c) {
+  const int rows = c.hq / c.hkv * c.tq;
+  const int nw = std::clamp(rows, 1, 8);
+  return {(unsigned)nw, div_ceil(rows, nw)};
+}
+
+// decode_splits: the simple forward's key slices.
+int decode_splits(const Case &c) {
+  const int base = (int)simple_row_blocks(c).second * c.b * c.hkv;
+  const int target = 2 * kSmCount;
+  if (base < target && c.tk > 256)
+    return std::min(std::min((int)div_ceil(target, base), (int)div_ceil(c.tk, 128)), 64);
+  return 1;
 }
 
 size_t fwd_smem(int d, int mt) {
@@ -91,40 +200,68 @@ size_t fwd_smem(int d, int mt) {
   return mt == 1 ? MmaFwdTraits<128, 1>::kSmemBytes : MmaFwdTraits<128, 2>::kSmemBytes;
 }
 
-// The tensor-core forward with MT 16-row tiles per warp: o and lse.
-bool check_forward(const Inputs &in, const Reference &r, int mt) {
+// ---------------------------------------------------------------------------------------
+// Checks.
+// ---------------------------------------------------------------------------------------
+std::string label(const Case &c, const char *dtype, const char *what) {
+  return std::string(c.name) + " " + dtype + " " + what;
+}
+
+// The tensor-core forward (launch_fwd_mma) with MT 16-row tiles per warp: o and lse.
+template <typename T> bool check_forward(const Inputs<T> &in, const Reference &r, int mt) {
   const Case &c = in.c;
   std::vector<int> krange;
   AttnParams p = params(in, krange);
-  std::vector<bf16> o(in.q.size(), __float2bfloat16_rn(NAN));
+  std::vector<T> o(in.q.size(), Dt<T>::from(NAN));
   std::vector<float> lse((size_t)c.b * c.hq * c.tq, NAN);
   p.q = in.q.data();
   p.k = in.k.data();
   p.v = in.v.data();
   p.o = o.data();
   p.lse = lse.data();
-  const unsigned bq = 64 * mt;
-  const Kernel kernel = fwd_kernel(c.d, mt);
-  emu::launch({(unsigned)(c.b * c.hq), (c.tq + bq - 1) / bq, 1}, {128, 1, 1}, fwd_smem(c.d, mt),
+  const int bq = 64 * mt;  // AttnImpl::fwd_block_q: 128 under MmaWide
+  const Kernel kernel = Dt<T>::fwd_mma[c.d == 128][mt - 1];
+  emu::launch({(unsigned)(c.b * c.hq), div_ceil(c.tq, bq), 1}, {128, 1, 1}, fwd_smem(c.d, mt),
               [&] { kernel(p); });
-  std::string what = std::string(c.name) + (mt == 1 ? " fwd mma" : " fwd mma2");
-  bool ok = emu_check::close(what + " o", o, r.o, 2e-2);
-  ok &= emu_check::close_abs(what + " lse", lse, r.lse, 2e-3);
+  const std::string what = label(c, Dt<T>::name, mt == 1 ? "fwd mma" : "fwd mma2");
+  bool ok = emu_check::close(what + " o", o, r.o, Dt<T>::mma_o_tol);
+  ok &= emu_check::close_abs(what + " lse", lse, r.lse, Dt<T>::mma_lse_tol);
   return ok;
 }
 
-// The tensor-core backward (bwd_dot, bwd_mma, dq_convert), fed the reference's lse and the
-// reference output rounded as the forward would store it.
-bool check_backward(const Inputs &in, const Reference &r) {
+// The CUDA-core forward (launch_fwd_simple) in T with one key slice: warps over the G * Tq
+// rows of a kv head.
+template <typename T> bool check_forward_simple(const Inputs<T> &in, const Reference &r) {
   const Case &c = in.c;
   std::vector<int> krange;
   AttnParams p = params(in, krange);
-  std::vector<bf16> o(in.q.size());
-  for (size_t i = 0; i < o.size(); ++i) o[i] = __float2bfloat16_rn((float)r.o[i]);
+  std::vector<T> o(in.q.size(), Dt<T>::from(NAN));
+  std::vector<float> lse((size_t)c.b * c.hq * c.tq, NAN);
+  p.q = in.q.data();
+  p.k = in.k.data();
+  p.v = in.v.data();
+  p.o = o.data();
+  p.lse = lse.data();
+  const auto [nw, row_blocks] = simple_row_blocks(c);
+  const Kernel kernel = Dt<T>::fwd_simple[div_ceil(c.d, 32) - 1];
+  emu::launch({(unsigned)(c.b * c.hkv), row_blocks, 1}, {32 * nw, 1, 1}, 0, [&] { kernel(p); });
+  const std::string what = label(c, Dt<T>::name, "fwd simple");
+  bool ok = emu_check::close(what + " o", o, r.o, Dt<T>::simple_o_tol);
+  ok &= emu_check::close_abs(what + " lse", lse, r.lse, 1e-4);
+  return ok;
+}
+
+// The tensor-core backward (launch_bwd_dot, launch_bwd_mma: bwd_mma, then dq_convert), fed
+// the reference's lse and its output rounded as the forward would store it.
+template <typename T> bool check_backward(const Inputs<T> &in, const Reference &r) {
+  const Case &c = in.c;
+  std::vector<int> krange;
+  AttnParams p = params(in, krange);
+  std::vector<T> o = rounded<T>(r.o);
   std::vector<float> lse(r.lse.begin(), r.lse.end());
   std::vector<float> dvec((size_t)p.nrows, NAN), dq_acc(in.q.size(), 0.f);
-  std::vector<bf16> dq(in.q.size(), __float2bfloat16_rn(NAN));
-  std::vector<bf16> dk(in.k.size(), __float2bfloat16_rn(NAN)), dv(in.v.size(), __float2bfloat16_rn(NAN));
+  std::vector<T> dq(in.q.size(), Dt<T>::from(NAN));
+  std::vector<T> dk(in.k.size(), Dt<T>::from(NAN)), dv(in.v.size(), Dt<T>::from(NAN));
   p.q = in.q.data();
   p.k = in.k.data();
   p.v = in.v.data();
@@ -136,37 +273,33 @@ bool check_backward(const Inputs &in, const Reference &r) {
   p.dq = dq.data();
   p.dk = dk.data();
   p.dv = dv.data();
-  emu::launch({(unsigned)(p.nrows + 7) / 8, 1, 1}, {256, 1, 1}, 0, [&] { attn_bwd_dot_bf16(p); });
-  const Kernel kernel = c.d == 64 ? attn_bwd_mma_bf16_h64 : attn_bwd_mma_bf16_h128;
+  emu::launch({div_ceil(p.nrows, 8), 1, 1}, {256, 1, 1}, 0, [&] { Dt<T>::bwd_dot(p); });
+  const Kernel kernel = Dt<T>::bwd_mma[c.d == 128];
   const size_t smem = c.d == 64 ? MmaBwdTraits<64>::kSmemBytes : MmaBwdTraits<128>::kSmemBytes;
-  emu::launch({(unsigned)(c.b * c.hkv), (unsigned)(c.tk + 63) / 64, 1}, {128, 1, 1}, smem,
+  emu::launch({(unsigned)(c.b * c.hkv), div_ceil(c.tk, 64), 1}, {128, 1, 1}, smem,
               [&] { kernel(p); });
-  emu::launch({(unsigned)std::min<size_t>(64, (dq.size() + 255) / 256), 1, 1}, {256, 1, 1}, 0,
-              [&] { attn_dq_convert_bf16(p); });
-  const std::string what = std::string(c.name) + " bwd mma";
-  bool ok = emu_check::close(what + " dq", dq, r.dq, 3e-2);
-  ok &= emu_check::close(what + " dk", dk, r.dk, 3e-2);
-  ok &= emu_check::close(what + " dv", dv, r.dv, 3e-2);
+  emu::launch({emu_check::grid_stride(dq.size(), kSmCount), 1, 1}, {256, 1, 1}, 0,
+              [&] { Dt<T>::dq_convert(p); });
+  const std::string what = label(c, Dt<T>::name, "bwd mma");
+  bool ok = emu_check::close(what + " dq", dq, r.dq, Dt<T>::mma_grad_tol);
+  ok &= emu_check::close(what + " dk", dk, r.dk, Dt<T>::mma_grad_tol);
+  ok &= emu_check::close(what + " dv", dv, r.dv, Dt<T>::mma_grad_tol);
   return ok;
 }
 
-// The CUDA-core backward (bwd_dot, bwd_dq_simple, bwd_dkdv_simple) in f32, for any head dim:
-// what f32 training and head dims other than 64 and 128 run. Inputs are the bf16 ones widened
-// (exactly), o and lse the reference's.
-bool check_backward_simple(const Inputs &in, const Reference &r) {
+// The CUDA-core backward (launch_bwd_dot, launch_bwd_simple: bwd_dq_simple, then
+// bwd_dkdv_simple) in T, for any head dim, on the stored inputs in T (the bf16 ones widened
+// for f32), fed the reference's lse and its output rounded to T.
+template <typename T, typename S>
+bool check_backward_simple(const Inputs<S> &in, const Reference &r) {
   const Case &c = in.c;
-  auto widen = [](const std::vector<bf16> &x) {
-    std::vector<float> y(x.size());
-    for (size_t i = 0; i < x.size(); ++i) y[i] = f(x[i]);
-    return y;
-  };
-  const std::vector<float> q = widen(in.q), k = widen(in.k), v = widen(in.v),
-                           dout = widen(in.dout);
+  const std::vector<T> q = as<T>(in.q), k = as<T>(in.k), v = as<T>(in.v), dout = as<T>(in.dout);
   std::vector<int> krange;
   AttnParams p = params(in, krange);
-  std::vector<float> o(r.o.begin(), r.o.end()), lse(r.lse.begin(), r.lse.end());
-  std::vector<float> dvec((size_t)p.nrows, NAN), dq(q.size(), NAN), dk(k.size(), NAN),
-      dv(v.size(), NAN);
+  std::vector<T> o = rounded<T>(r.o);
+  std::vector<float> lse(r.lse.begin(), r.lse.end()), dvec((size_t)p.nrows, NAN);
+  std::vector<T> dq(q.size(), Dt<T>::from(NAN)), dk(k.size(), Dt<T>::from(NAN)),
+      dv(v.size(), Dt<T>::from(NAN));
   p.q = q.data();
   p.k = k.data();
   p.v = v.data();
@@ -177,25 +310,61 @@ bool check_backward_simple(const Inputs &in, const Reference &r) {
   p.dq = dq.data();
   p.dk = dk.data();
   p.dv = dv.data();
-  emu::launch({(unsigned)(p.nrows + 7) / 8, 1, 1}, {256, 1, 1}, 0, [&] { attn_bwd_dot_f32(p); });
-  const Kernel dq_kernels[] = {attn_bwd_dq_simple_f32_d1, attn_bwd_dq_simple_f32_d2,
-                               attn_bwd_dq_simple_f32_d3, attn_bwd_dq_simple_f32_d4};
-  const Kernel dkdv_kernels[] = {attn_bwd_dkdv_simple_f32_d1, attn_bwd_dkdv_simple_f32_d2,
-                                 attn_bwd_dkdv_simple_f32_d3, attn_bwd_dkdv_simple_f32_d4};
-  const int dpl = (c.d + 31) / 32;
-  // simple_row_blocks in attention.rs: a block's warps take rows of all G query heads.
-  const unsigned rows = (unsigned)(c.hq / c.hkv * c.tq);
-  const unsigned nw = std::min(std::max(rows, 1u), 8u);
-  emu::launch({(unsigned)(c.b * c.hkv), (rows + nw - 1) / nw, 1}, {32 * nw, 1, 1}, 0,
-              [&] { dq_kernels[dpl - 1](p); });
-  emu::launch({(unsigned)(c.b * c.hkv), (unsigned)(c.tk + 7) / 8, 1}, {256, 1, 1}, 0,
-              [&] { dkdv_kernels[dpl - 1](p); });
-  const std::string what = std::string(c.name) + " bwd simple f32";
-  bool ok = emu_check::close(what + " dq", dq, r.dq, 1e-4);
-  ok &= emu_check::close(what + " dk", dk, r.dk, 1e-4);
-  ok &= emu_check::close(what + " dv", dv, r.dv, 1e-4);
+  emu::launch({div_ceil(p.nrows, 8), 1, 1}, {256, 1, 1}, 0, [&] { Dt<T>::bwd_dot(p); });
+  const int dpl = (int)div_ceil(c.d, 32);
+  const auto [nw, row_blocks] = simple_row_blocks(c);
+  emu::launch({(unsigned)(c.b * c.hkv), row_blocks, 1}, {32 * nw, 1, 1}, 0,
+              [&] { Dt<T>::bwd_dq_simple[dpl - 1](p); });
+  emu::launch({(unsigned)(c.b * c.hkv), div_ceil(c.tk, 8), 1}, {256, 1, 1}, 0,
+              [&] { Dt<T>::bwd_dkdv_simple[dpl - 1](p); });
+  const std::string what = label(c, Dt<T>::name, "bwd simple");
+  bool ok = emu_check::close(what + " dq", dq, r.dq, Dt<T>::simple_grad_tol);
+  ok &= emu_check::close(what + " dk", dk, r.dk, Dt<T>::simple_grad_tol);
+  ok &= emu_check::close(what + " dv", dv, r.dv, Dt<T>::simple_grad_tol);
   return ok;
 }
+
+// A bf16 case: the tensor-core kernels where they apply (both forward widths), and the f32
+// CUDA-core backward on the same values.
+bool run_bf16_and_f32(const Case &c, emu_check::Rng &rng) {
+  const Inputs<bf16> in = make_inputs<bf16>(c, rng);
+  const Reference r = reference(in);
+  bool ok = true;
+  if (c.d == 64 || c.d == 128) {
+    ok &= check_forward(in, r, 1);
+    ok &= check_forward(in, r, 2);
+    ok &= check_backward(in, r);
+  }
+  ok &= check_backward_simple<float>(in, r);
+  return ok;
+}
+
+// A 16-bit case through the kernels Auto takes for it: the tensor cores (and MmaWide's
+// forward), or the simple forward and backward in T. The driver covers the simple forward's
+// unsplit launch only; a shape that would take the decode stream or split the keys is a
+// mistake in the case table.
+template <typename T> bool run_auto(const Case &c, emu_check::Rng &rng) {
+  const Inputs<T> in = make_inputs<T>(c, rng);
+  const Reference r = reference(in);
+  if (use_mma_auto(c)) {
+    bool ok = check_forward(in, r, 1);
+    ok &= check_forward(in, r, 2);
+    ok &= check_backward(in, r);
+    return ok;
+  }
+  if (takes_decode_stream(c) || decode_splits(c) > 1)
+    return emu_check::check(label(c, Dt<T>::name, "takes the simple forward unsplit"), false);
+  bool ok = check_forward_simple(in, r);
+  ok &= check_backward_simple<T>(in, r);
+  return ok;
+}
+
+enum class Dtype { BF16, F16 };
+
+struct TypedCase {
+  Dtype dt;
+  Case c;
+};
 
 }  // namespace
 
@@ -211,16 +380,27 @@ int main(int argc, char **argv) {
       {"masked d40 gqa causal", 2, 4, 2, 45, 70, 40, true, 25, true},
       {"d96 full", 1, 2, 2, 33, 33, 96, false, 0, false},
   };
+  using D = Dtype;
+  const TypedCase cases16[] = {
+      // The f16 tensor-core kernels, both head dims.
+      {D::F16, {"causal d64 gqa tq93", 1, 4, 2, 93, 93, 64, true, 0, false}},
+      {D::F16, {"masked d128 gqa2 offset", 2, 2, 1, 70, 100, 128, true, 30, true}},
+      // The simple kernels in bf16 and f16 at DPL 1 to 4: head dims the tensor cores do not
+      // take, and a query block of at most DECODE_MAX_TQ rows at one they do (more rows than
+      // the decode stream takes). With padding up to 16 keys and an offset of 13, early rows
+      // of the first case may see no key.
+      {D::BF16, {"masked d40 gqa causal", 2, 4, 2, 37, 50, 40, true, 13, true}},
+      {D::F16, {"masked d40 gqa causal", 2, 4, 2, 37, 50, 40, true, 13, true}},
+      {D::BF16, {"d24 gqa full", 1, 4, 2, 21, 40, 24, false, 0, false}},
+      {D::F16, {"d24 gqa full", 1, 4, 2, 21, 40, 24, false, 0, false}},
+      {D::BF16, {"d96 causal tq33", 1, 2, 2, 33, 33, 96, true, 0, false}},
+      {D::F16, {"d96 causal tq33", 1, 2, 2, 33, 33, 96, true, 0, false}},
+      {D::BF16, {"masked d128 gqa4 tq12", 2, 4, 1, 12, 70, 128, true, 58, true}},
+      {D::F16, {"masked d128 gqa4 tq12", 2, 4, 1, 12, 70, 128, true, 58, true}},
+  };
   bool ok = true;
-  for (const Case &c : cases) {
-    const Inputs in = make_inputs(c, rng);
-    const Reference r = reference(in);
-    if (c.d == 64 || c.d == 128) {
-      ok &= check_forward(in, r, 1);
-      ok &= check_forward(in, r, 2);
-      ok &= check_backward(in, r);
-    }
-    ok &= check_backward_simple(in, r);
-  }
+  for (const Case &c : cases) ok &= run_bf16_and_f32(c, rng);
+  for (const TypedCase &tc : cases16)
+    ok &= tc.dt == D::BF16 ? run_auto<bf16>(tc.c, rng) : run_auto<f16>(tc.c, rng);
   return emu_check::finish(ok);
 }
