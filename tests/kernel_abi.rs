@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 /// A field's machine type, as both languages spell it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Machine {
-    /// A device pointer: any `T *` in C, `u64` in Rust.
+    /// A device pointer: any `T *` in C, `DevPtr` (a `u64` alias) in Rust.
     Ptr,
     I32,
     U32,
@@ -35,6 +35,21 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Every `.rs` file below `dir`, sorted.
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(rust_files(&p));
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
 fn files(dir: &Path, exts: &[&str]) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -49,23 +64,54 @@ fn files(dir: &Path, exts: &[&str]) -> Vec<PathBuf> {
     out
 }
 
-/// The source with `//` and `/* */` comments blanked out.
+/// The source with `//` and `/* */` comments blanked out. String and character literals are
+/// kept whole, so that a `"kernels/*.cu"` in a string does not open a comment.
 fn strip_comments(src: &str) -> String {
     let mut out = String::with_capacity(src.len());
     let mut rest = src;
-    while !rest.is_empty() {
+    while let Some(c) = rest.chars().next() {
         if let Some(r) = rest.strip_prefix("//") {
             rest = r.find('\n').map_or("", |i| &r[i..]);
         } else if let Some(r) = rest.strip_prefix("/*") {
             rest = r.find("*/").map_or("", |i| &r[i + 2..]);
             out.push(' ');
+        } else if c == '"' {
+            // Up to the closing quote that no backslash escapes.
+            let body = &rest[1..];
+            let mut end = body.len();
+            let mut escaped = false;
+            for (i, ch) in body.char_indices() {
+                match ch {
+                    _ if escaped => escaped = false,
+                    '\\' => escaped = true,
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            out.push_str(&rest[..1 + end]);
+            rest = &rest[1 + end..];
+        } else if let Some(lit) = char_literal(rest) {
+            out.push_str(lit);
+            rest = &rest[lit.len()..];
         } else {
-            let c = rest.chars().next().unwrap();
             out.push(c);
             rest = &rest[c.len_utf8()..];
         }
     }
     out
+}
+
+/// `'x'` or `'\\x'` at the start of `s` (not a Rust lifetime such as `'a`).
+fn char_literal(s: &str) -> Option<&str> {
+    let b = s.as_bytes();
+    if b.first() != Some(&b'\'') {
+        return None;
+    }
+    let len = if b.get(1) == Some(&b'\\') { 4 } else { 3 };
+    (b.len() >= len && b[len - 1] == b'\'').then(|| &s[..len])
 }
 
 /// The body between `struct Name {` and its closing brace, for every struct in `src`
@@ -129,7 +175,8 @@ fn c_fields(body: &str) -> Result<Vec<Field>, String> {
         let first = parts.next().unwrap().replace('*', " * ");
         let words: Vec<&str> = first.split_whitespace().collect();
         let (name, head) = words.split_last().ok_or("an empty declaration")?;
-        let pointer = head.last() == Some(&"*");
+        // `T *p`, `T *const p`, `T **p`: a star anywhere in the declarator makes a pointer.
+        let pointer = head.contains(&"*");
         let base: Vec<&str> = head.iter().copied().filter(|w| *w != "*").collect();
         out.push(Field {
             name: name.to_string(),
@@ -157,6 +204,7 @@ fn rust_fields(body: &str) -> Result<Vec<Field>, String> {
             .split_once(':')
             .ok_or_else(|| format!("`{line}` is not a field"))?;
         let ty = match ty.trim() {
+            "DevPtr" => Machine::Ptr,
             "u64" => Machine::U64,
             "i64" => Machine::I64,
             "u32" => Machine::U32,
@@ -173,16 +221,11 @@ fn rust_fields(body: &str) -> Result<Vec<Field>, String> {
     Ok(out)
 }
 
-/// Rust's `u64` carries both a device pointer and an `unsigned long long`.
-fn same_type(c: Machine, rust: Machine) -> bool {
-    c == rust || (c == Machine::Ptr && rust == Machine::U64)
-}
-
 /// Where the C fields and the Rust mirror's disagree, one line per field position.
 fn mismatches(c: &[Field], rs: &[Field]) -> Vec<String> {
     (0..c.len().max(rs.len()))
         .filter_map(|i| match (c.get(i), rs.get(i)) {
-            (Some(cf), Some(rf)) if cf.name == rf.name && same_type(cf.ty, rf.ty) => None,
+            (Some(cf), Some(rf)) if cf == rf => None,
             (cf, rf) => Some(format!("field {i}: C has {cf:?}, Rust has {rf:?}")),
         })
         .collect()
@@ -193,11 +236,26 @@ fn rust_mirrors() -> BTreeMap<String, (PathBuf, Vec<Field>)> {
     let mut out = BTreeMap::new();
     for path in files(&root().join("src/kernels/cuda"), &["rs"]) {
         let src = strip_comments(&fs::read_to_string(&path).unwrap());
-        for (i, _) in src.match_indices("#[repr(C)]") {
-            let (name, body) = struct_bodies(&src[i..])
-                .into_iter()
-                .next()
-                .unwrap_or_else(|| panic!("{}: #[repr(C)] without a struct", path.display()));
+        // `#[repr(C)]` and `#[repr(C, align(16))]` alike; the item it sits on must be the next
+        // braced struct, after any further attributes and derives.
+        for (i, _) in src.match_indices("#[repr(C") {
+            let item = src[i..].split_once(']').unwrap().1.trim_start();
+            let mut item = item;
+            while item.starts_with("#[") {
+                item = item.split_once(']').unwrap().1.trim_start();
+            }
+            let item = item
+                .trim_start_matches("pub(crate) ")
+                .trim_start_matches("pub ");
+            assert!(
+                item.starts_with("struct "),
+                "{}: #[repr(C...)] on something other than a braced struct: {}",
+                path.display(),
+                &item[..item.len().min(60)]
+            );
+            let (name, body) = struct_bodies(item).into_iter().next().unwrap_or_else(|| {
+                panic!("{}: #[repr(C)] on a struct without braces", path.display())
+            });
             let fields =
                 rust_fields(&body).unwrap_or_else(|e| panic!("{}: {name}: {e}", path.display()));
             let clash = out.insert(name.clone(), (path.clone(), fields));
@@ -299,14 +357,20 @@ fn every_kernel_argument_struct_has_a_rust_mirror() {
 
 #[test]
 fn every_launcher_passes_the_struct_its_kernels_take() {
-    // The launcher of `kernels/X.cu` is the file under src/kernels/cuda/ that loads the stem
-    // "X" (`load_func(dev, "X", ..)`, or through a `&str` constant); the mirror it fills must
-    // be the struct X's entry points take.
-    let launchers: Vec<(PathBuf, String)> = files(&root().join("src/kernels/cuda"), &["rs"])
+    // The launcher of `kernels/X.cu` is any file under src/ that loads the stem "X"
+    // (`load_func(dev, "X", ..)`, or through a `&str` constant); the mirror it fills must be
+    // the struct X's entry points take. Whitespace is collapsed first, so that a call rustfmt
+    // wrapped over lines is still seen.
+    let launchers: Vec<(PathBuf, String)> = rust_files(&root().join("src"))
         .into_iter()
         .map(|p| {
             let src = strip_comments(&fs::read_to_string(&p).unwrap());
-            (p, src)
+            let flat = src
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+                .replace("( ", "(");
+            (p, flat)
         })
         .collect();
     let mut wrong = Vec::new();
@@ -357,9 +421,12 @@ fn every_launcher_passes_the_struct_its_kernels_take() {
 #[test]
 fn the_parsers_read_what_they_must() {
     // A guard on the checks above: each parser reads a known struct as intended, and a
-    // swapped pair of same-sized fields is seen as a mismatch.
-    let c =
-        c_fields("const void *q; float beta1, beta2; unsigned long long seed; int *a, b").unwrap();
+    // swapped pair of same-sized fields, a value for a pointer, a float for an int and a
+    // missing field are each seen as a mismatch.
+    let c = c_fields(
+        "const void *q; float beta1, beta2; unsigned long long seed; int *a, b; float *const r",
+    )
+    .unwrap();
     let names: Vec<(&str, Machine)> = c.iter().map(|f| (f.name.as_str(), f.ty)).collect();
     assert_eq!(
         names,
@@ -370,35 +437,36 @@ fn the_parsers_read_what_they_must() {
             ("seed", Machine::U64),
             ("a", Machine::Ptr),
             ("b", Machine::I32),
+            ("r", Machine::Ptr),
         ]
     );
-    let rs = rust_fields("q: u64, beta2: f32, beta1: f32, seed: u64, a: u64, b: i32,").unwrap();
+    let fields = |s: &str| rust_fields(s).unwrap();
+    let same = "q: DevPtr, beta1: f32, beta2: f32, seed: u64, a: DevPtr, b: i32, r: DevPtr,";
+    assert!(mismatches(&c, &fields(same)).is_empty());
+    let swapped = fields(&same.replace("beta1: f32, beta2", "beta2: f32, beta1"));
     assert_eq!(
-        mismatches(&c, &rs),
+        mismatches(&c, &swapped),
         [
             "field 1: C has Some(Field { name: \"beta1\", ty: F32 }), Rust has Some(Field { name: \"beta2\", ty: F32 })",
             "field 2: C has Some(Field { name: \"beta2\", ty: F32 }), Rust has Some(Field { name: \"beta1\", ty: F32 })",
         ]
     );
-    let same = rust_fields("q: u64, beta1: f32, beta2: f32, seed: u64, a: u64, b: i32").unwrap();
-    assert!(mismatches(&c, &same).is_empty());
-    assert_eq!(
-        mismatches(&c, &same[..5]).len(),
-        1,
-        "a missing field is a mismatch"
-    );
-    let float_for_int =
-        rust_fields("q: u64, beta1: f32, beta2: f32, seed: u64, a: u64, b: f32").unwrap();
-    assert_eq!(
-        mismatches(&c, &float_for_int).len(),
-        1,
-        "f32 for int is a mismatch"
-    );
+    for (wrong, why) in [
+        (
+            same.replace("seed: u64", "seed: DevPtr"),
+            "a pointer for a value",
+        ),
+        (same.replace("q: DevPtr", "q: u64"), "a value for a pointer"),
+        (same.replace("b: i32", "b: f32"), "f32 for int"),
+        (same.replace(" r: DevPtr,", ""), "a missing field"),
+    ] {
+        assert_eq!(mismatches(&c, &fields(&wrong)).len(), 1, "{why}");
+    }
     assert!(c_fields("int x[4];").is_err());
     assert!(rust_fields("x: usize,").is_err());
-    let stripped = strip_comments("a /* b */ c // d\ne");
+    let stripped = strip_comments("a /* b */ c // d\ne \"kernels/*.cu\" f '\"' g /* h */ i");
     assert_eq!(
         stripped.split_whitespace().collect::<Vec<_>>(),
-        ["a", "c", "e"]
+        ["a", "c", "e", "\"kernels/*.cu\"", "f", "'\"'", "g", "i"]
     );
 }

@@ -8,18 +8,18 @@ use candle_core::{DType, Layout, Result, Storage, Tensor};
 use half::bf16;
 
 use super::super::adamw::{Hyper, Slot};
-use super::{alloc_out, contiguous_view, cuda_storage, launch, load_func, to_i32};
+use super::{alloc_out, contiguous_view, cuda_storage, launch, load_func, to_i32, DevPtr};
 use super::{DevPtrs, LaunchConfig};
 
 /// The Rust mirror of `struct AdamwChunk` in kernels/adamw.cuh (field comments there).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct AdamwChunk {
-    p: u64,
-    m: u64,
-    v: u64,
-    g: u64,
-    copy: u64,
+    p: DevPtr,
+    m: DevPtr,
+    v: DevPtr,
+    g: DevPtr,
+    copy: DevPtr,
     start: u32,
     len: u32,
     lr: f32,
@@ -35,9 +35,9 @@ unsafe impl DeviceRepr for AdamwChunk {}
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct AdamwParams {
-    chunks: u64,
-    partials: u64,
-    norm: u64,
+    chunks: DevPtr,
+    partials: DevPtr,
+    norm: DevPtr,
     n_chunks: i32,
     n_partials: i32,
     beta1: f32,

@@ -36,7 +36,7 @@ use super::super::spans::{self, Pass};
 use super::super::KernelOp;
 use super::{
     alloc_out, compute_capability, contiguous_view, cuda_storage, grid_stride, launch, load_func,
-    opt_view, sm_count, tensor_from_slice, to_i32, DevPtrs, Guarded, LaunchConfig,
+    opt_view, sm_count, tensor_from_slice, to_i32, DevPtr, DevPtrs, Guarded, LaunchConfig,
 };
 
 /// Query blocks up to this many rows take the decode path (the decode stream where it
@@ -360,21 +360,21 @@ impl Dims {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct AttnParams {
-    q: u64,
-    k: u64,
-    v: u64,
-    o: u64,
-    dout: u64,
-    dq: u64,
-    dk: u64,
-    dv: u64,
-    lse: u64,
-    dvec: u64,
-    kvalid: u64,
-    krange: u64,
-    opart: u64,
-    lsepart: u64,
-    dq_acc: u64,
+    q: DevPtr,
+    k: DevPtr,
+    v: DevPtr,
+    o: DevPtr,
+    dout: DevPtr,
+    dq: DevPtr,
+    dk: DevPtr,
+    dv: DevPtr,
+    lse: DevPtr,
+    dvec: DevPtr,
+    kvalid: DevPtr,
+    krange: DevPtr,
+    opart: DevPtr,
+    lsepart: DevPtr,
+    dq_acc: DevPtr,
     b: i32,
     hq: i32,
     hkv: i32,

@@ -7,19 +7,19 @@ use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 
 use super::super::bias::BiasAct;
 use super::super::host::rows_cols;
-use super::{alloc_out, contiguous_view, launch, load_func, sm_count, vec16_chunk};
+use super::{alloc_out, contiguous_view, launch, load_func, sm_count, vec16_chunk, DevPtr};
 use super::{to_i32, DevPtrs, LaunchConfig};
 
 /// The Rust mirror of `struct BiasParams` in kernels/bias.cuh (field comments there).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct BiasParams {
-    y: u64,
-    b: u64,
-    dy: u64,
-    out: u64,
-    partial: u64,
-    db: u64,
+    y: DevPtr,
+    b: DevPtr,
+    dy: DevPtr,
+    out: DevPtr,
+    partial: DevPtr,
+    db: DevPtr,
     n: i64,
     rows: i32,
     cols: i32,

@@ -5,15 +5,15 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtrMut, DeviceRepr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
 
-use super::{launch, launch_1d, load_func, DevPtrs};
+use super::{launch, launch_1d, load_func, DevPtr, DevPtrs};
 
 /// The Rust mirror of `struct DecodeParams` in kernels/decode_step.cu (field comments there).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct DecodeParams {
-    dst: u64,
-    src: u64,
-    step: u64,
+    dst: DevPtr,
+    src: DevPtr,
+    step: DevPtr,
     n: i64,
     cap: i32,
     d: i32,

@@ -6,14 +6,14 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 
 use super::super::dropout::Mask;
-use super::{alloc_out, contiguous_view, grid_stride, launch, load_func, DevPtrs};
+use super::{alloc_out, contiguous_view, grid_stride, launch, load_func, DevPtr, DevPtrs};
 
 /// The Rust mirror of `struct DropoutParams` in kernels/dropout.cuh (field comments there).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct DropoutParams {
-    x: u64,
-    out: u64,
+    x: DevPtr,
+    out: DevPtr,
     n: i64,
     seed: u64,
     threshold: u32,

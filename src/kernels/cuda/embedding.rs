@@ -12,23 +12,23 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor, WithDType};
 
 use super::super::embedding::Grouping;
-use super::{alloc_out, contiguous_view, cuda_storage, grid_stride, launch, load_func};
+use super::{alloc_out, contiguous_view, cuda_storage, grid_stride, launch, load_func, DevPtr};
 use super::{to_i32, DevPtrs, LaunchConfig};
 
 /// The Rust mirror of `struct EmbeddingParams` in kernels/embedding.cuh (field comments there).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct EmbeddingParams {
-    table: u64,
-    ids: u64,
-    out: u64,
-    dy: u64,
-    dtable: u64,
-    uniq: u64,
-    offsets: u64,
-    order: u64,
-    table2: u64,
-    ids2: u64,
+    table: DevPtr,
+    ids: DevPtr,
+    out: DevPtr,
+    dy: DevPtr,
+    dtable: DevPtr,
+    uniq: DevPtr,
+    offsets: DevPtr,
+    order: DevPtr,
+    table2: DevPtr,
+    ids2: DevPtr,
     n: i32,
     dim: i32,
     n_uniq: i32,

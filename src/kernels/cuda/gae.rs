@@ -9,7 +9,7 @@ use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::{DType, Result, Tensor};
 
 use super::super::gae::GaeOutput;
-use super::{alloc_out, contiguous_view, cuda_storage, launch, launch_1d, load_func};
+use super::{alloc_out, contiguous_view, cuda_storage, launch, launch_1d, load_func, DevPtr};
 use super::{tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
 
 /// The one argument of every kernel in kernels/gae.cu: the Rust mirror of `struct GaeParams`
@@ -18,15 +18,15 @@ use super::{tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct GaeParams {
-    rewards: u64,
-    values: u64,
-    mask: u64,
-    adv: u64,
-    ret: u64,
-    partials: u64,
-    counter: u64,
-    stats: u64,
-    out: u64,
+    rewards: DevPtr,
+    values: DevPtr,
+    mask: DevPtr,
+    adv: DevPtr,
+    ret: DevPtr,
+    partials: DevPtr,
+    counter: DevPtr,
+    stats: DevPtr,
+    out: DevPtr,
     eps: f64,
     t: i32,
     n_groups: i32,

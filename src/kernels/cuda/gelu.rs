@@ -5,15 +5,17 @@ use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 
-use super::{alloc_out, contiguous_view, grid_stride, launch, load_func, vec16_chunk, DevPtrs};
+use super::{
+    alloc_out, contiguous_view, grid_stride, launch, load_func, vec16_chunk, DevPtr, DevPtrs,
+};
 
 /// The Rust mirror of `struct GeluParams` in kernels/gelu.cuh (field comments there).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct GeluParams {
-    x: u64,
-    dy: u64,
-    out: u64,
+    x: DevPtr,
+    dy: DevPtr,
+    out: DevPtr,
     n: i64,
 }
 const _: () = assert!(std::mem::size_of::<GeluParams>() == 32);

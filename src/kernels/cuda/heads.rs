@@ -5,14 +5,14 @@ use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result};
 
-use super::{alloc_out, contiguous_view, grid_stride, launch, load_func, to_i32, DevPtrs};
+use super::{alloc_out, contiguous_view, grid_stride, launch, load_func, to_i32, DevPtr, DevPtrs};
 
 /// The Rust mirror of `struct HeadsParams` in kernels/heads.cuh (field comments there).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct HeadsParams {
-    input: u64,
-    out: u64,
+    input: DevPtr,
+    out: DevPtr,
     units: i32,
     p: i32,
     q: i32,

@@ -6,27 +6,29 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, Tensor, WithDType};
 
 use super::super::host::rows_cols;
-use super::{alloc_out, contiguous_view, cuda_storage, launch, load_func, sm_count, vec16_chunk};
+use super::{
+    alloc_out, contiguous_view, cuda_storage, launch, load_func, sm_count, vec16_chunk, DevPtr,
+};
 use super::{tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
 
 /// The Rust mirror of `struct LayerNormParams` in kernels/layernorm.cuh (field comments there).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct LayerNormParams {
-    x: u64,
-    w: u64,
-    b: u64,
-    y: u64,
-    mean: u64,
-    rstd: u64,
-    dy: u64,
-    dx: u64,
-    partial: u64,
-    dw: u64,
-    db: u64,
-    r: u64,
-    s: u64,
-    ds: u64,
+    x: DevPtr,
+    w: DevPtr,
+    b: DevPtr,
+    y: DevPtr,
+    mean: DevPtr,
+    rstd: DevPtr,
+    dy: DevPtr,
+    dx: DevPtr,
+    partial: DevPtr,
+    dw: DevPtr,
+    db: DevPtr,
+    r: DevPtr,
+    s: DevPtr,
+    ds: DevPtr,
     rows: i32,
     cols: i32,
     groups: i32,

@@ -7,19 +7,19 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Tensor, WithDType};
 
 use super::super::host::rows_cols;
-use super::{alloc_out, contiguous_view, cuda_storage, launch, load_func};
+use super::{alloc_out, contiguous_view, cuda_storage, launch, load_func, DevPtr};
 use super::{tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
 
 /// The Rust mirror of `struct LogprobsParams` in kernels/logprobs.cuh (field comments there).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct LogprobsParams {
-    logits: u64,
-    targets: u64,
-    logp: u64,
-    lse: u64,
-    dlogp: u64,
-    dlogits: u64,
+    logits: DevPtr,
+    targets: DevPtr,
+    logp: DevPtr,
+    lse: DevPtr,
+    dlogp: DevPtr,
+    dlogits: DevPtr,
     rows: i32,
     vocab: i32,
 }

@@ -32,7 +32,7 @@ use super::super::spans::{self, Pass};
 use super::super::KernelOp;
 use super::{
     alloc_out, compute_capability, contiguous_view, cuda_storage, grid_stride, launch, load_func,
-    sm_count, tensor_from_slice, to_i32, DevPtrs, LaunchConfig,
+    sm_count, tensor_from_slice, to_i32, DevPtr, DevPtrs, LaunchConfig,
 };
 
 /// The one argument of every kernel in kernels/lora.cu: the Rust mirror of `struct
@@ -41,15 +41,15 @@ use super::{
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct LoraParams {
-    bm: u64,
-    bias: u64,
-    uext: u64,
-    bext: u64,
-    dy: u64,
-    part_g: u64,
-    part_b: u64,
-    g: u64,
-    db: u64,
+    bm: DevPtr,
+    bias: DevPtr,
+    uext: DevPtr,
+    bext: DevPtr,
+    dy: DevPtr,
+    part_g: DevPtr,
+    part_b: DevPtr,
+    g: DevPtr,
+    db: DevPtr,
     m: i32,
     n: i32,
     r: i32,

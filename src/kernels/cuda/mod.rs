@@ -13,7 +13,8 @@
 //!
 //! - Every kernel takes one argument, its family's params struct (`AttnParams`, `LoraParams`,
 //!   `RmsNormParams`, `GaeParams`): a `#[repr(C)]` mirror of the struct in the family's
-//!   `kernels/*.cuh`, with a size assert on both sides. Fill its device pointers through
+//!   `kernels/*.cuh`, with a size assert on both sides, its pointer fields typed [`DevPtr`]
+//!   (tests/kernel_abi.rs checks the two field by field). Fill its device pointers through
 //!   [`DevPtrs`] (which keeps cudarc's stream-ordering guards alive until it is dropped, after
 //!   the launch), then [`launch`] on candle's stream:
 //!   ```ignore
@@ -211,6 +212,11 @@ pub unsafe fn alloc_out<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<C
     Ok(out)
 }
 
+/// A device pointer field of a params mirror: a C `T *` in the kernels' struct. The same bits
+/// as a `u64`, named apart so that tests/kernel_abi.rs can tell a pointer from an
+/// `unsigned long long` (a draw index or a seed) when it checks the mirrors field by field.
+pub type DevPtr = u64;
+
 /// Raw device pointers for a kernel's params struct. cudarc hands out a raw pointer with a
 /// guard that records the stream's work on the buffer when dropped; this keeps every guard
 /// until it is itself dropped, which must happen after the launch that uses the pointers.
@@ -228,21 +234,21 @@ impl<'a> DevPtrs<'a> {
     }
 
     /// A buffer the kernel reads.
-    pub fn read<T, B: DevicePtr<T>>(&mut self, buf: &'a B) -> u64 {
+    pub fn read<T, B: DevicePtr<T>>(&mut self, buf: &'a B) -> DevPtr {
         let (ptr, guard) = buf.device_ptr(self.stream);
         self.guards.push(guard);
         ptr
     }
 
     /// A buffer the kernel writes (or reads and writes).
-    pub fn write<T, B: DevicePtrMut<T>>(&mut self, buf: &'a mut B) -> u64 {
+    pub fn write<T, B: DevicePtrMut<T>>(&mut self, buf: &'a mut B) -> DevPtr {
         let (ptr, guard) = buf.device_ptr_mut(self.stream);
         self.guards.push(guard);
         ptr
     }
 
     /// An optional input: null when absent, which the kernels read as "none".
-    pub fn read_opt<T, B: DevicePtr<T>>(&mut self, buf: Option<&'a B>) -> u64 {
+    pub fn read_opt<T, B: DevicePtr<T>>(&mut self, buf: Option<&'a B>) -> DevPtr {
         buf.map_or(0, |b| self.read(b))
     }
 }

@@ -19,7 +19,9 @@ use candle_core::{
 use super::super::host::{cpu_storage, norm_out_shape, rounded_sum, rows_cols, slice};
 use super::super::spans::{self, Pass};
 use super::super::KernelOp;
-use super::{aligned16, alloc_out, contiguous_view, cuda_storage, launch, launch_1d, load_func};
+use super::{
+    aligned16, alloc_out, contiguous_view, cuda_storage, launch, launch_1d, load_func, DevPtr,
+};
 use super::{sm_count, tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
 
 /// The one argument of every kernel in kernels/rmsnorm.cu: the Rust mirror of `struct
@@ -29,17 +31,17 @@ use super::{sm_count, tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct RmsNormParams {
-    x: u64,
-    w: u64,
-    y: u64,
-    rstd: u64,
-    dy: u64,
-    dx: u64,
-    dw_partial: u64,
-    dw: u64,
-    r: u64,
-    s: u64,
-    ds: u64,
+    x: DevPtr,
+    w: DevPtr,
+    y: DevPtr,
+    rstd: DevPtr,
+    dy: DevPtr,
+    dx: DevPtr,
+    dw_partial: DevPtr,
+    dw: DevPtr,
+    r: DevPtr,
+    s: DevPtr,
+    ds: DevPtr,
     rows: i32,
     cols: i32,
     groups: i32,

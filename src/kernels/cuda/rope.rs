@@ -5,16 +5,16 @@ use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 
-use super::{alloc_out, contiguous_view, grid_stride, launch, load_func, to_i32, DevPtrs};
+use super::{alloc_out, contiguous_view, grid_stride, launch, load_func, to_i32, DevPtr, DevPtrs};
 
 /// The Rust mirror of `struct RopeParams` in kernels/rope.cuh (field comments there).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct RopeParams {
-    x: u64,
-    cos: u64,
-    sin: u64,
-    out: u64,
+    x: DevPtr,
+    cos: DevPtr,
+    sin: DevPtr,
+    out: DevPtr,
     pairs: i64,
     half: i32,
     heads: i32,

@@ -8,19 +8,19 @@ use candle_core::{DType, Result, Tensor, WithDType};
 use super::super::sample::{Draw, Hold, SampleParams as Params};
 use super::{
     alloc_out, contiguous_view, cuda_storage, launch, load_func, opt_view, tensor_from_slice,
-    to_i32, DevPtrs, Guarded, LaunchConfig,
+    to_i32, DevPtr, DevPtrs, Guarded, LaunchConfig,
 };
 
 /// The Rust mirror of `struct SampleParams` in kernels/sample.cu (field comments there).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct SampleParams {
-    logits: u64,
-    keys: u64,
-    out: u64,
+    logits: DevPtr,
+    keys: DevPtr,
+    out: DevPtr,
     pos: u64,
-    pos_at: u64,
-    hold: u64,
+    pos_at: DevPtr,
+    hold: DevPtr,
     hold_until: u64,
     b: i32,
     v: i32,

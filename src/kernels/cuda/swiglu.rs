@@ -5,16 +5,18 @@ use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 
-use super::{alloc_out, contiguous_view, grid_stride, launch, load_func, vec16_chunk, DevPtrs};
+use super::{
+    alloc_out, contiguous_view, grid_stride, launch, load_func, vec16_chunk, DevPtr, DevPtrs,
+};
 
 /// The Rust mirror of `struct SwiGluParams` in kernels/swiglu.cuh (field comments there).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct SwiGluParams {
-    g: u64,
-    u: u64,
-    dy: u64,
-    out: u64,
+    g: DevPtr,
+    u: DevPtr,
+    dy: DevPtr,
+    out: DevPtr,
     n: i64,
 }
 const _: () = assert!(std::mem::size_of::<SwiGluParams>() == 40);
