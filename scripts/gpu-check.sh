@@ -284,10 +284,15 @@ fi
 # --- the table --------------------------------------------------------------------------------
 cp "$RESULTS" "$DEST/results.jsonl"
 cp "$WORK/logs.txt" "$DEST/logs.txt" 2>/dev/null || : >"$DEST/logs.txt"
-python3 scripts/gpu_check_table.py "$RESULTS" "$((SECONDS - START))" >"$DEST/gpu-check.md"
+table_ok=1
+python3 scripts/gpu_check_table.py "$RESULTS" "$((SECONDS - START))" >"$DEST/gpu-check.md" || table_ok=0
 echo >&2
 echo "raw numbers and logs: $DEST (gpu-check.md, results.jsonl, logs.txt)" >&2
 cat "$DEST/gpu-check.md"
 rm -rf "$WORK"
+if ((table_ok == 0)); then
+  echo "gpu-check: the table script failed; results.jsonl and logs.txt hold the raw numbers" >&2
+  exit 1
+fi
 # Non-zero when any section did not pass, so a caller can tell; the table says which.
 ! grep -q '"status":"\(failed\|timeout\)' "$DEST/results.jsonl"

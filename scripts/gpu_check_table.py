@@ -5,11 +5,36 @@ Usage: python3 scripts/gpu_check_table.py RESULTS_JSONL SECONDS > gpu-check.md
 RESULTS_JSONL holds the benches' JSON lines (each tagged with its "section") and one status
 line per section; tests/gpu_check_scripts.rs runs this on synthetic lines in CPU CI.
 """
-import json, sys
+import json, re, sys
 
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
-status = {r["section"]: r for r in rows if "status" in r}
-meas = [r for r in rows if "bench" in r]
+
+def parse(line):
+    """One results line, or None. Rust's `{:e}` formatting prints a non-finite float as a bare
+    `inf` or `NaN`, which JSON has no word for: read those as Python's float does."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        fixed = re.sub(r"(?<=[:\[,])\s*(-?)(inf|NaN|nan)\b(?=\s*[,}\]])",
+                       lambda m: m.group(1) + ("Infinity" if m.group(2) == "inf" else "NaN"), line)
+        try:
+            return json.loads(fixed)
+        except ValueError:
+            return None
+
+
+rows, unreadable = [], []
+for line in open(sys.argv[1], errors="replace"):
+    if line.strip().startswith("{"):
+        r = parse(line)
+        if isinstance(r, dict):
+            rows.append(r)
+        else:
+            unreadable.append(line.strip())
+status = {r["section"]: r for r in rows if "status" in r and "section" in r}
+# Measurements, less what a bench printed while ncu profiled it (slowed many times over: the
+# train step and generation under ncu print their usual lines).
+meas = [r for r in rows if "bench" in r and not (str(r.get("section", "")).startswith("ncu-")
+                                                 and not str(r["bench"]).startswith("ncu_"))]
 
 
 def pick(**kw):
@@ -89,6 +114,7 @@ def ncu_table(bench, title):
     if not ncu:
         return
     total = sum(r["ms"] for r in ncu)
+    denom = total or 1.0  # every kernel under ncu's resolution: shares of 0, not a crash
     kinds = {}
     for r in ncu:
         k = kinds.setdefault(r["kind"], [0, 0.0])
@@ -99,7 +125,7 @@ def ncu_table(bench, title):
     out.append("| kind | launches | ms | share |")
     out.append("| --- | --- | --- | --- |")
     for kind, (n, ms) in sorted(kinds.items(), key=lambda kv: -kv[1][1]):
-        out.append(f"| {kind} | {n} | {ms:.3f} | {ms / total:.1%} |")
+        out.append(f"| {kind} | {n} | {ms:.3f} | {ms / denom:.1%} |")
     out.append("\n| kernel (largest 20) | kind | launches | ms | share |")
     out.append("| --- | --- | --- | --- | --- |")
     for r in sorted(ncu, key=lambda r: -r["ms"])[:20]:
@@ -218,6 +244,10 @@ for r in meas:
     if r.get("bench") == "tests":
         st = status.get(r["impl"], {}).get("status", "?")
         out.append(f"| {r['impl']} | {r['passed']} | {r['failed']} | {r['skipped']} | {st} |")
+
+if unreadable:
+    out.append(f"\n{len(unreadable)} results line(s) were not JSON and are left out of the tables:")
+    out.extend(f"    {l[:200]}" for l in unreadable[:10])
 
 out.append("\n| section | status | seconds |")
 out.append("| --- | --- | --- |")

@@ -37,7 +37,7 @@ if ! echo 'int main() { return 0; }' | g++ -x c++ "${ubsan[@]}" - -o "$overlay/u
   ubsan=()
 fi
 printf '%s\n' "${drivers[@]}" | xargs -P "$(nproc)" -I{} \
-  g++ -std=c++17 -O1 -fno-extern-tls-init "${ubsan[@]}" -include tests/kernel_emu/cuda_emu.h \
+  g++ -std=c++17 -O1 -fno-extern-tls-init ${ubsan[@]+"${ubsan[@]}"} -include tests/kernel_emu/cuda_emu.h \
   -I tests/kernel_emu/include -I "$overlay" -I tests/kernel_emu \
   "tests/kernel_emu/{}.cpp" -o "$out/{}"
 

@@ -81,9 +81,9 @@ const RESULTS: &str = r#"{"section":"device","bench":"device","name":"NVIDIA H20
 {"section":"train-torch-eager","bench":"train_step","impl":"torch-eager","batch":16,"seq":1024,"params":124475904,"ms":46.5,"tokens_per_s":352300.0,"first_loss":10.99,"last_loss":9.2,"warmup_s":2.0,"peak_alloc_gib":16.1,"peak_reserved_gib":17.0,"torch":"2.11"}
 {"section":"train-torch-eager","status":"ok","seconds":30,"peak_mib":17500}
 {"section":"train-torch-compile","status":"timeout after 240 s","seconds":240}
-{"section":"ncu-step","bench":"ncu_step","kernel":"nvjet_tst_128x256","kind":"cuBLAS","launches":10,"ms":6.0,"share":0.6}
-{"section":"ncu-step","bench":"ncu_step","kernel":"attn_fwd_mma_bf16_h64","kind":"attention (ours)","launches":12,"ms":3.0,"share":0.3}
-{"section":"ncu-step","bench":"ncu_step","kernel":"affine_f32","kind":"other (candle's or the runtime's)","launches":2,"ms":1.0,"share":0.1}
+{"bench":"ncu_step","kernel":"nvjet_tst_128x256","kind":"cuBLAS","launches":10,"ms":6.0,"share":0.6}
+{"bench":"ncu_step","kernel":"attn_fwd_mma_bf16_h64","kind":"attention (ours)","launches":12,"ms":3.0,"share":0.3}
+{"bench":"ncu_step","kernel":"affine_f32","kind":"other (candle's or the runtime's)","launches":2,"ms":1.0,"share":0.1}
 {"section":"bench-attention","bench":"attention","shape":"B4 H12 T1024 D64 causal","impl":"ours-mma","pass":"fwd","ms":0.1,"tflops":210.00}
 {"section":"peer-attention","bench":"attention","shape":"B4 H12 T1024 D64 causal","impl":"torch-flash","pass":"fwd","ms":0.07,"tflops":300.0}
 {"section":"peer-attention","bench":"attention","shape":"B4 H12 T1024 D64 causal","impl":"torch-cudnn","error":"cuDNN attention not available"}
@@ -98,6 +98,10 @@ const RESULTS: &str = r#"{"section":"device","bench":"device","name":"NVIDIA H20
 {"section":"peer-generate","bench":"generate","shape":"B64 L256 N128","impl":"transformers-generate","tokens_per_s":8000.0,"ms_total":1024.0}
 {"section":"ppo-update","bench":"ppo_update","step":1,"gen_share":0.4,"gen_s":4.0,"score_s":1.0,"train_s":5.0,"gen_tokens_per_s":2048.0,"gen_graph_replays":127}
 {"section":"bench-attention","bench":"check","of":"attention","shape":"B2 H4 T100 D64","impl":"ours-mma","what":"direct backward vs autograd","max_rel_diff":1.5e-03}
+{"section":"bench-lora","bench":"check","of":"lora","shape":"r16 M64 K64 N64","impl":"fused","what":"direct backward vs autograd","max_rel_diff":inf}
+{"section":"ncu-decode","bench":"generate","shape":"B64 L256 N8","impl":"temper","tokens_per_s":900.0,"ms_decode_step":30.0,"ms_floor_step":0.75}
+{"bench":"ncu_decode","kernel":"sample_bf16","kind":"temper kernel","launches":1,"ms":0.0,"share":0.0}
+{"section":"bench-gae","bench":"gae","shape":"B64 T5
 {"section":"test-gpu_train_ops","bench":"tests","impl":"test-gpu_train_ops","passed":30,"failed":1,"skipped":0}
 {"section":"test-gpu_train_ops","status":"failed (exit 101)","seconds":20}
 "#;
@@ -202,6 +206,17 @@ fn the_table_divides_each_measurement_by_its_peer_from_the_same_run() {
     assert!(md.contains(
         "| attention: direct backward vs autograd | B2 H4 T100 D64 | ours-mma | 1.50e-03 |"
     ));
+    // Rust prints an infinite difference as a bare `inf`: read, not a crash.
+    assert!(
+        md.contains("| lora: direct backward vs autograd | r16 M64 K64 N64 | fused | inf |"),
+        "{md}"
+    );
+    // A generate line printed under ncu is not a measurement of generation.
+    assert!(!md.contains("B64 L256 N8"), "{md}");
+    // A decode step whose kernels all read 0 ms under ncu still gets its table.
+    assert!(md.contains("ncu, one decode step of generation"), "{md}");
+    // A line cut short is listed, not a crash.
+    assert!(md.contains("1 results line(s) were not JSON"), "{md}");
     // A failed test executable is a failed row.
     assert!(
         md.contains("| test-gpu_train_ops | 30 | 1 | 0 | failed (exit 101) |"),
