@@ -207,25 +207,36 @@ std::string label(const Case &c, const char *dtype, const char *what) {
   return std::string(c.name) + " " + dtype + " " + what;
 }
 
+// A forward's params with its outputs, o and lse, allocated as NaN (so an unwritten element
+// fails its check).
+template <typename T> struct Forward {
+  std::vector<int> krange;
+  AttnParams p;
+  std::vector<T> o;
+  std::vector<float> lse;
+  explicit Forward(const Inputs<T> &in)
+      : p(params(in, krange)), o(in.q.size(), Dt<T>::from(NAN)),
+        lse((size_t)in.c.b * in.c.hq * in.c.tq, NAN) {
+    p.q = in.q.data();
+    p.k = in.k.data();
+    p.v = in.v.data();
+    p.o = o.data();
+    p.lse = lse.data();
+  }
+};
+
 // The tensor-core forward (launch_fwd_mma) with MT 16-row tiles per warp: o and lse.
 template <typename T> bool check_forward(const Inputs<T> &in, const Reference &r, int mt) {
   const Case &c = in.c;
-  std::vector<int> krange;
-  AttnParams p = params(in, krange);
-  std::vector<T> o(in.q.size(), Dt<T>::from(NAN));
-  std::vector<float> lse((size_t)c.b * c.hq * c.tq, NAN);
-  p.q = in.q.data();
-  p.k = in.k.data();
-  p.v = in.v.data();
-  p.o = o.data();
-  p.lse = lse.data();
+  Forward<T> f(in);
+  AttnParams &p = f.p;
   const int bq = 64 * mt;  // AttnImpl::fwd_block_q: 128 under MmaWide
   const Kernel kernel = Dt<T>::fwd_mma[c.d == 128][mt - 1];
   emu::launch({(unsigned)(c.b * c.hq), div_ceil(c.tq, bq), 1}, {128, 1, 1}, fwd_smem(c.d, mt),
               [&] { kernel(p); });
   const std::string what = label(c, Dt<T>::name, mt == 1 ? "fwd mma" : "fwd mma2");
-  bool ok = emu_check::close(what + " o", o, r.o, Dt<T>::mma_o_tol);
-  ok &= emu_check::close_abs(what + " lse", lse, r.lse, Dt<T>::mma_lse_tol);
+  bool ok = emu_check::close(what + " o", f.o, r.o, Dt<T>::mma_o_tol);
+  ok &= emu_check::close_abs(what + " lse", f.lse, r.lse, Dt<T>::mma_lse_tol);
   return ok;
 }
 
@@ -233,21 +244,14 @@ template <typename T> bool check_forward(const Inputs<T> &in, const Reference &r
 // rows of a kv head.
 template <typename T> bool check_forward_simple(const Inputs<T> &in, const Reference &r) {
   const Case &c = in.c;
-  std::vector<int> krange;
-  AttnParams p = params(in, krange);
-  std::vector<T> o(in.q.size(), Dt<T>::from(NAN));
-  std::vector<float> lse((size_t)c.b * c.hq * c.tq, NAN);
-  p.q = in.q.data();
-  p.k = in.k.data();
-  p.v = in.v.data();
-  p.o = o.data();
-  p.lse = lse.data();
+  Forward<T> f(in);
+  AttnParams &p = f.p;
   const auto [nw, row_blocks] = simple_row_blocks(c);
   const Kernel kernel = Dt<T>::fwd_simple[div_ceil(c.d, 32) - 1];
   emu::launch({(unsigned)(c.b * c.hkv), row_blocks, 1}, {32 * nw, 1, 1}, 0, [&] { kernel(p); });
   const std::string what = label(c, Dt<T>::name, "fwd simple");
-  bool ok = emu_check::close(what + " o", o, r.o, Dt<T>::simple_o_tol);
-  ok &= emu_check::close_abs(what + " lse", lse, r.lse, 1e-4);
+  bool ok = emu_check::close(what + " o", f.o, r.o, Dt<T>::simple_o_tol);
+  ok &= emu_check::close_abs(what + " lse", f.lse, r.lse, 1e-4);
   return ok;
 }
 
