@@ -35,6 +35,23 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A Rust file's text without comments and without its `#[cfg(test)]` module (by convention
+/// the file's last item), whose probes are not kernel ABI.
+fn rust_source(path: &Path) -> String {
+    let src = strip_comments(&fs::read_to_string(path).unwrap());
+    let test_mod = src
+        .match_indices("#[cfg(test)]")
+        .map(|(i, _)| i)
+        .find(|&i| {
+            let item = src[i + "#[cfg(test)]".len()..].trim_start();
+            item.starts_with("mod ") || item.starts_with("pub(crate) mod ")
+        });
+    match test_mod {
+        Some(i) => src[..i].to_string(),
+        None => src,
+    }
+}
+
 /// Every `.rs` file below `dir`, sorted.
 fn rust_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -235,7 +252,7 @@ fn mismatches(c: &[Field], rs: &[Field]) -> Vec<String> {
 fn rust_mirrors() -> BTreeMap<String, (PathBuf, Vec<Field>)> {
     let mut out = BTreeMap::new();
     for path in files(&root().join("src/kernels/cuda"), &["rs"]) {
-        let src = strip_comments(&fs::read_to_string(&path).unwrap());
+        let src = rust_source(&path);
         // `#[repr(C)]` and `#[repr(C, align(16))]` alike; the item it sits on must be the next
         // braced struct, after any further attributes and derives.
         for (i, _) in src.match_indices("#[repr(C") {
@@ -364,7 +381,7 @@ fn every_launcher_passes_the_struct_its_kernels_take() {
     let launchers: Vec<(PathBuf, String)> = rust_files(&root().join("src"))
         .into_iter()
         .map(|p| {
-            let src = strip_comments(&fs::read_to_string(&p).unwrap());
+            let src = rust_source(&p);
             let flat = src
                 .split_whitespace()
                 .collect::<Vec<_>>()
@@ -414,6 +431,93 @@ fn every_launcher_passes_the_struct_its_kernels_take() {
     assert!(
         wrong.is_empty(),
         "launcher mismatches:\n{}",
+        wrong.join("\n")
+    );
+}
+
+/// Every `impl KernelParams for X { const STEMS: .. = &[..]; }` under src/, as (X, its
+/// stems, file); a stem written as a `&str` constant is read from that constant in the file.
+fn kernel_params_impls() -> Vec<(String, Vec<String>, PathBuf)> {
+    let mut out = Vec::new();
+    for path in rust_files(&root().join("src")) {
+        let src = rust_source(&path);
+        for (i, _) in src.match_indices("impl KernelParams for ") {
+            let rest = &src[i + "impl KernelParams for ".len()..];
+            let name = rest.split_whitespace().next().unwrap().to_string();
+            let body = &rest[rest.find('{').unwrap() + 1..rest.find('}').unwrap()];
+            let list = &body[body.find("&[").expect("STEMS = &[..]") + 2..body.rfind(']').unwrap()];
+            let stems = list
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(|t| match t.strip_prefix('"') {
+                    Some(q) => q.trim_end_matches('"').to_string(),
+                    None => {
+                        let def = format!("const {t}: &str = \"");
+                        let at = src.find(&def).unwrap_or_else(|| {
+                            panic!("{}: no `{def}..` for STEMS", path.display())
+                        }) + def.len();
+                        src[at..at + src[at..].find('"').unwrap()].to_string()
+                    }
+                })
+                .collect();
+            out.push((name, stems, path.clone()));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_kernel_file_belongs_to_the_params_type_its_entry_points_take() {
+    // `launch` refuses a kernel whose file is not in its params type's STEMS; this checks
+    // the STEMS themselves: each kernel file is named by exactly one params type, the one its
+    // entry points take.
+    let impls = kernel_params_impls();
+    let mirrors = rust_mirrors();
+    let args = kernel_argument_structs();
+    let mut wrong = Vec::new();
+    for path in files(&root().join("kernels"), &["cu"]) {
+        let stem = path.file_stem().unwrap().to_str().unwrap();
+        let owners: Vec<&String> = impls
+            .iter()
+            .filter(|(_, stems, _)| stems.iter().any(|s| s == stem))
+            .map(|(name, _, _)| name)
+            .collect();
+        let takes: Vec<&String> = args
+            .iter()
+            .filter(|(_, p)| *p == path)
+            .map(|(s, _)| s)
+            .collect();
+        if owners.len() != 1 || owners != takes {
+            wrong.push(format!(
+                "kernels/{stem}.cu: entry points take {takes:?}, KernelParams STEMS name it for {owners:?}"
+            ));
+        }
+    }
+    for (name, stems, path) in &impls {
+        if !mirrors.contains_key(name) {
+            wrong.push(format!(
+                "{}: {name} is KernelParams but no #[repr(C)] mirror",
+                path.display()
+            ));
+        }
+        for stem in stems {
+            if !root().join(format!("kernels/{stem}.cu")).exists() {
+                wrong.push(format!(
+                    "{}: {name} names kernels/{stem}.cu, which does not exist",
+                    path.display()
+                ));
+            }
+        }
+    }
+    assert!(
+        impls.len() >= 16,
+        "found only {} KernelParams impls",
+        impls.len()
+    );
+    assert!(
+        wrong.is_empty(),
+        "KernelParams mismatches:\n{}",
         wrong.join("\n")
     );
 }

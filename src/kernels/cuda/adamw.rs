@@ -8,7 +8,9 @@ use candle_core::{DType, Layout, Result, Storage, Tensor};
 use half::bf16;
 
 use super::super::adamw::{Hyper, Slot};
-use super::{alloc_out, contiguous_view, cuda_storage, launch, load_func, to_i32, DevPtr};
+use super::{
+    alloc_out, contiguous_view, cuda_storage, launch, load_func, to_i32, DevPtr, KernelParams,
+};
 use super::{DevPtrs, LaunchConfig};
 
 /// The Rust mirror of `struct AdamwChunk` in kernels/adamw.cuh (field comments there).
@@ -53,6 +55,9 @@ const _: () = assert!(std::mem::size_of::<AdamwParams>() == 64);
 const _: () = assert!(std::mem::align_of::<AdamwParams>() == 8);
 // SAFETY: as above.
 unsafe impl DeviceRepr for AdamwParams {}
+impl KernelParams for AdamwParams {
+    const STEMS: &'static [&'static str] = &["adamw"];
+}
 
 /// Elements per chunk: a block's work, large enough to amortise the table row, small enough
 /// that GPT-2's 124M parameters give thousands of blocks.

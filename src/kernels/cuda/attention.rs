@@ -36,7 +36,8 @@ use super::super::spans::{self, Pass};
 use super::super::KernelOp;
 use super::{
     alloc_out, compute_capability, contiguous_view, cuda_storage, grid_stride, launch, load_func,
-    opt_view, sm_count, tensor_from_slice, to_i32, DevPtr, DevPtrs, Guarded, LaunchConfig,
+    opt_view, sm_count, tensor_from_slice, to_i32, DevPtr, DevPtrs, Guarded, KernelParams,
+    LaunchConfig,
 };
 
 /// Query blocks up to this many rows take the decode path (the decode stream where it
@@ -393,6 +394,9 @@ const _: () = assert!(std::mem::size_of::<AttnParams>() == 176);
 const _: () = assert!(std::mem::align_of::<AttnParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for AttnParams {}
+impl KernelParams for AttnParams {
+    const STEMS: &'static [&'static str] = &[PREP, FWD, BWD, DECODE];
+}
 
 /// The kernel files (one PTX module each) of the attention family.
 const PREP: &str = "attention_prep";
@@ -785,7 +789,7 @@ fn split_and_combine(
     dt: DType,
     dims: &Dims,
     mut p: AttnParams,
-    (func, name, cfg): (&super::CudaFunction, &str, LaunchConfig),
+    (func, name, cfg): (&super::Kernel, &str, LaunchConfig),
     nsplit: usize,
 ) -> Result<()> {
     let nrows = dims.q_rows();

@@ -7,7 +7,9 @@ use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 
 use super::super::bias::BiasAct;
 use super::super::host::rows_cols;
-use super::{alloc_out, contiguous_view, launch, load_func, sm_count, vec16_chunk, DevPtr};
+use super::{
+    alloc_out, contiguous_view, launch, load_func, sm_count, vec16_chunk, DevPtr, KernelParams,
+};
 use super::{to_i32, DevPtrs, LaunchConfig};
 
 /// The Rust mirror of `struct BiasParams` in kernels/bias.cuh (field comments there).
@@ -30,6 +32,9 @@ const _: () = assert!(std::mem::size_of::<BiasParams>() == 72);
 const _: () = assert!(std::mem::align_of::<BiasParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for BiasParams {}
+impl KernelParams for BiasParams {
+    const STEMS: &'static [&'static str] = &["bias"];
+}
 
 /// Threads per block (`kThreads` in the kernel).
 const THREADS: u32 = 256;

@@ -5,7 +5,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtrMut, DeviceRepr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
 
-use super::{launch, launch_1d, load_func, DevPtr, DevPtrs};
+use super::{launch, launch_1d, load_func, DevPtr, DevPtrs, KernelParams};
 
 /// The Rust mirror of `struct DecodeParams` in kernels/decode_step.cu (field comments there).
 #[repr(C)]
@@ -21,6 +21,9 @@ struct DecodeParams {
 const _: () = assert!(std::mem::size_of::<DecodeParams>() == 40);
 // SAFETY: plain old data with the C layout of the kernel's struct (asserted above).
 unsafe impl DeviceRepr for DecodeParams {}
+impl KernelParams for DecodeParams {
+    const STEMS: &'static [&'static str] = &[STEM];
+}
 
 const STEM: &str = "decode_step";
 

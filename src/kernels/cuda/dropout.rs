@@ -6,7 +6,9 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 
 use super::super::dropout::Mask;
-use super::{alloc_out, contiguous_view, grid_stride, launch, load_func, DevPtr, DevPtrs};
+use super::{
+    alloc_out, contiguous_view, grid_stride, launch, load_func, DevPtr, DevPtrs, KernelParams,
+};
 
 /// The Rust mirror of `struct DropoutParams` in kernels/dropout.cuh (field comments there).
 #[repr(C)]
@@ -23,6 +25,9 @@ const _: () = assert!(std::mem::size_of::<DropoutParams>() == 40);
 const _: () = assert!(std::mem::align_of::<DropoutParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernel's struct (asserted above).
 unsafe impl DeviceRepr for DropoutParams {}
+impl KernelParams for DropoutParams {
+    const STEMS: &'static [&'static str] = &["dropout"];
+}
 
 /// `mask` applied to the contiguous `x` (an input forward, a gradient backward).
 pub fn apply(s: &CudaStorage, l: &Layout, mask: &Mask) -> Result<CudaStorage> {

@@ -12,7 +12,9 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor, WithDType};
 
 use super::super::embedding::Grouping;
-use super::{alloc_out, contiguous_view, cuda_storage, grid_stride, launch, load_func, DevPtr};
+use super::{
+    alloc_out, contiguous_view, cuda_storage, grid_stride, launch, load_func, DevPtr, KernelParams,
+};
 use super::{to_i32, DevPtrs, LaunchConfig};
 
 /// The Rust mirror of `struct EmbeddingParams` in kernels/embedding.cuh (field comments there).
@@ -40,6 +42,9 @@ const _: () = assert!(std::mem::size_of::<EmbeddingParams>() == 104);
 const _: () = assert!(std::mem::align_of::<EmbeddingParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for EmbeddingParams {}
+impl KernelParams for EmbeddingParams {
+    const STEMS: &'static [&'static str] = &["embedding"];
+}
 
 /// Threads per block (`kThreads` in the kernel).
 const THREADS: u32 = 256;

@@ -9,7 +9,9 @@ use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::{DType, Result, Tensor};
 
 use super::super::gae::GaeOutput;
-use super::{alloc_out, contiguous_view, cuda_storage, launch, launch_1d, load_func, DevPtr};
+use super::{
+    alloc_out, contiguous_view, cuda_storage, launch, launch_1d, load_func, DevPtr, KernelParams,
+};
 use super::{tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
 
 /// The one argument of every kernel in kernels/gae.cu: the Rust mirror of `struct GaeParams`
@@ -39,6 +41,9 @@ const _: () = assert!(std::mem::size_of::<GaeParams>() == 104);
 const _: () = assert!(std::mem::align_of::<GaeParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for GaeParams {}
+impl KernelParams for GaeParams {
+    const STEMS: &'static [&'static str] = &["gae"];
+}
 
 /// Steps per thread in `gae_scan_f32*` (`E` in the kernel).
 const STEPS_PER_THREAD: usize = 8;

@@ -7,6 +7,7 @@ use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 
 use super::{
     alloc_out, contiguous_view, grid_stride, launch, load_func, vec16_chunk, DevPtr, DevPtrs,
+    KernelParams,
 };
 
 /// The Rust mirror of `struct GeluParams` in kernels/gelu.cuh (field comments there).
@@ -22,6 +23,9 @@ const _: () = assert!(std::mem::size_of::<GeluParams>() == 32);
 const _: () = assert!(std::mem::align_of::<GeluParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for GeluParams {}
+impl KernelParams for GeluParams {
+    const STEMS: &'static [&'static str] = &["gelu"];
+}
 
 type Arg<'a> = (&'a CudaStorage, &'a Layout);
 

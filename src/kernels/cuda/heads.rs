@@ -5,7 +5,10 @@ use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result};
 
-use super::{alloc_out, contiguous_view, grid_stride, launch, load_func, to_i32, DevPtr, DevPtrs};
+use super::{
+    alloc_out, contiguous_view, grid_stride, launch, load_func, to_i32, DevPtr, DevPtrs,
+    KernelParams,
+};
 
 /// The Rust mirror of `struct HeadsParams` in kernels/heads.cuh (field comments there).
 #[repr(C)]
@@ -22,6 +25,9 @@ const _: () = assert!(std::mem::size_of::<HeadsParams>() == 32);
 const _: () = assert!(std::mem::align_of::<HeadsParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernel's struct (asserted above).
 unsafe impl DeviceRepr for HeadsParams {}
+impl KernelParams for HeadsParams {
+    const STEMS: &'static [&'static str] = &["heads"];
+}
 
 /// The contiguous `[b, p, q, d]` input as a fresh contiguous `[b, q, p, d]`.
 pub fn swap(

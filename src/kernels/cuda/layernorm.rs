@@ -8,6 +8,7 @@ use candle_core::{CudaStorage, DType, Layout, Result, Tensor, WithDType};
 use super::super::host::rows_cols;
 use super::{
     alloc_out, contiguous_view, cuda_storage, launch, load_func, sm_count, vec16_chunk, DevPtr,
+    KernelParams,
 };
 use super::{tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
 
@@ -38,6 +39,9 @@ const _: () = assert!(std::mem::size_of::<LayerNormParams>() == 128);
 const _: () = assert!(std::mem::align_of::<LayerNormParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for LayerNormParams {}
+impl KernelParams for LayerNormParams {
+    const STEMS: &'static [&'static str] = &["layernorm"];
+}
 
 /// Threads per block (`kThreads` in the kernel).
 const THREADS: u32 = 256;

@@ -7,7 +7,7 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Tensor, WithDType};
 
 use super::super::host::rows_cols;
-use super::{alloc_out, contiguous_view, cuda_storage, launch, load_func, DevPtr};
+use super::{alloc_out, contiguous_view, cuda_storage, launch, load_func, DevPtr, KernelParams};
 use super::{tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
 
 /// The Rust mirror of `struct LogprobsParams` in kernels/logprobs.cuh (field comments there).
@@ -27,6 +27,9 @@ const _: () = assert!(std::mem::size_of::<LogprobsParams>() == 56);
 const _: () = assert!(std::mem::align_of::<LogprobsParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for LogprobsParams {}
+impl KernelParams for LogprobsParams {
+    const STEMS: &'static [&'static str] = &["logprobs"];
+}
 
 /// Threads per block (`kThreads` in the kernel).
 const THREADS: u32 = 256;

@@ -32,7 +32,7 @@ use super::super::spans::{self, Pass};
 use super::super::KernelOp;
 use super::{
     alloc_out, compute_capability, contiguous_view, cuda_storage, grid_stride, launch, load_func,
-    sm_count, tensor_from_slice, to_i32, DevPtr, DevPtrs, LaunchConfig,
+    sm_count, tensor_from_slice, to_i32, DevPtr, DevPtrs, KernelParams, LaunchConfig,
 };
 
 /// The one argument of every kernel in kernels/lora.cu: the Rust mirror of `struct
@@ -65,6 +65,9 @@ const _: () = assert!(std::mem::size_of::<LoraParams>() == 112);
 const _: () = assert!(std::mem::align_of::<LoraParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for LoraParams {}
+impl KernelParams for LoraParams {
+    const STEMS: &'static [&'static str] = &["lora"];
+}
 
 /// Sizes of one call, every pointer null.
 fn lora_params(m: usize, n: usize, r: usize, r8: usize, scale: f64) -> Result<LoraParams> {

@@ -14,9 +14,10 @@
 //! - Every kernel takes one argument, its family's params struct (`AttnParams`, `LoraParams`,
 //!   `RmsNormParams`, `GaeParams`): a `#[repr(C)]` mirror of the struct in the family's
 //!   `kernels/*.cuh`, with a size assert on both sides, its pointer fields typed [`DevPtr`]
-//!   (tests/kernel_abi.rs checks the two field by field). Fill its device pointers through
-//!   [`DevPtrs`] (which keeps cudarc's stream-ordering guards alive until it is dropped, after
-//!   the launch), then [`launch`] on candle's stream:
+//!   (tests/kernel_abi.rs checks the two field by field), and a [`KernelParams`] impl naming
+//!   the kernel files that take it ([`launch`] refuses any other). Fill its device pointers
+//!   through [`DevPtrs`] (which keeps cudarc's stream-ordering guards alive until it is
+//!   dropped, after the launch), then [`launch`] on candle's stream:
 //!   ```ignore
 //!   let func = load_func(dev, "gae", "gae_scan_f32")?;
 //!   let stream = dev.cuda_stream();
@@ -126,8 +127,30 @@ pub fn select_ptx(stem: &str, cc: (u32, u32)) -> Option<(&'static str, &'static 
         .map(|(_, arch, ptx)| (arch, ptx))
 }
 
+/// A params mirror: the one argument of every entry point in the `kernels/<stem>.cu` files
+/// named by `STEMS`. [`launch`] refuses a kernel from any other file, so a launcher handing a
+/// kernel another family's struct fails with its names instead of computing garbage;
+/// tests/kernel_abi.rs checks each `STEMS` against the entry points in `kernels/`.
+pub trait KernelParams: DeviceRepr {
+    const STEMS: &'static [&'static str];
+}
+
+/// An entry point loaded by [`load_func`], with the kernel file it came from.
+pub struct Kernel {
+    func: CudaFunction,
+    stem: &'static str,
+}
+
+impl std::ops::Deref for Kernel {
+    type Target = CudaFunction;
+
+    fn deref(&self) -> &CudaFunction {
+        &self.func
+    }
+}
+
 /// Loads `func` from `kernels/<stem>.cu`, compiled for the best arch this device can run.
-pub fn load_func(dev: &CudaDevice, stem: &str, func: &str) -> Result<CudaFunction> {
+pub fn load_func(dev: &CudaDevice, stem: &'static str, func: &str) -> Result<Kernel> {
     let cc = compute_capability(dev)?;
     let Some((arch, ptx)) = select_ptx(stem, cc) else {
         let built: Vec<&str> = KERNELS_PTX
@@ -145,9 +168,10 @@ pub fn load_func(dev: &CudaDevice, stem: &str, func: &str) -> Result<CudaFunctio
         );
     };
     let module = format!("temper_{stem}_sm{arch}");
-    Ok(dev
+    let func = dev
         .get_or_load_custom_func(func, &module, ptx)?
-        .into_cuda_function())
+        .into_cuda_function();
+    Ok(Kernel { func, stem })
 }
 
 /// One thread per element, `threads` per block (a multiple of 32).
@@ -260,19 +284,32 @@ impl<'a> DevPtrs<'a> {
 /// `P` must be the `#[repr(C)]` mirror of the kernel's params struct, every pointer in it
 /// live (held by a [`DevPtrs`] that outlives this call) and large enough for what the kernel
 /// reads and writes under `cfg`.
-pub unsafe fn launch<P: DeviceRepr>(
+pub unsafe fn launch<P: KernelParams>(
     dev: &CudaDevice,
-    func: &CudaFunction,
+    func: &Kernel,
     name: &str,
     cfg: LaunchConfig,
     params: &P,
 ) -> Result<()> {
+    check_params::<P>(func.stem, name)?;
     let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(func);
+    let mut b = stream.launch_builder(&func.func);
     b.arg(params);
     // SAFETY: the caller's contract above.
     unsafe { b.launch(cfg) }.w()?;
     after_launch(dev, name)
+}
+
+/// An error unless `P` is the argument of the entry points in `kernels/<stem>.cu`.
+fn check_params<P: KernelParams>(stem: &str, name: &str) -> Result<()> {
+    if !P::STEMS.contains(&stem) {
+        candle_core::bail!(
+            "kernel {name} (kernels/{stem}.cu) was handed a {}, which is the argument of {:?}",
+            std::any::type_name::<P>(),
+            P::STEMS
+        );
+    }
+    Ok(())
 }
 
 /// With `TEMPER_CUDA_SYNC_CHECK=1`, waits for the stream and names the kernel if it faulted;
@@ -368,6 +405,25 @@ pub fn tensor_from_slice<T: CudaDType, S: Into<Shape>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Probe(u32);
+    // SAFETY: plain old data.
+    unsafe impl DeviceRepr for Probe {}
+    impl KernelParams for Probe {
+        const STEMS: &'static [&'static str] = &["gelu", "bias"];
+    }
+
+    #[test]
+    fn a_kernel_refuses_another_familys_params() {
+        assert!(check_params::<Probe>("bias", "bias_fwd_bf16").is_ok());
+        let err = check_params::<Probe>("rope", "rope_fwd_bf16")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rope_fwd_bf16 (kernels/rope.cu)"), "{err}");
+        assert!(err.contains("[\"gelu\", \"bias\"]"), "{err}");
+    }
 
     #[test]
     fn every_kernel_file_is_embedded_for_every_arch() {

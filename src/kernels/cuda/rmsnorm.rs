@@ -21,6 +21,7 @@ use super::super::spans::{self, Pass};
 use super::super::KernelOp;
 use super::{
     aligned16, alloc_out, contiguous_view, cuda_storage, launch, launch_1d, load_func, DevPtr,
+    KernelParams,
 };
 use super::{sm_count, tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
 
@@ -51,6 +52,9 @@ const _: () = assert!(std::mem::size_of::<RmsNormParams>() == 104);
 const _: () = assert!(std::mem::align_of::<RmsNormParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for RmsNormParams {}
+impl KernelParams for RmsNormParams {
+    const STEMS: &'static [&'static str] = &["rmsnorm"];
+}
 
 /// Our op on a CUDA tensor; `None` for dtypes the kernel does not cover (the caller falls
 /// back to the reference).

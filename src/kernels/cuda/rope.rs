@@ -5,7 +5,10 @@ use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 
-use super::{alloc_out, contiguous_view, grid_stride, launch, load_func, to_i32, DevPtr, DevPtrs};
+use super::{
+    alloc_out, contiguous_view, grid_stride, launch, load_func, to_i32, DevPtr, DevPtrs,
+    KernelParams,
+};
 
 /// The Rust mirror of `struct RopeParams` in kernels/rope.cuh (field comments there).
 #[repr(C)]
@@ -25,6 +28,9 @@ const _: () = assert!(std::mem::size_of::<RopeParams>() == 56);
 const _: () = assert!(std::mem::align_of::<RopeParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for RopeParams {}
+impl KernelParams for RopeParams {
+    const STEMS: &'static [&'static str] = &["rope"];
+}
 
 type Arg<'a> = (&'a CudaStorage, &'a Layout);
 

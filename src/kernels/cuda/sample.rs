@@ -8,7 +8,7 @@ use candle_core::{DType, Result, Tensor, WithDType};
 use super::super::sample::{Draw, Hold, SampleParams as Params};
 use super::{
     alloc_out, contiguous_view, cuda_storage, launch, load_func, opt_view, tensor_from_slice,
-    to_i32, DevPtr, DevPtrs, Guarded, LaunchConfig,
+    to_i32, DevPtr, DevPtrs, Guarded, KernelParams, LaunchConfig,
 };
 
 /// The Rust mirror of `struct SampleParams` in kernels/sample.cu (field comments there).
@@ -33,6 +33,9 @@ const _: () = assert!(std::mem::size_of::<SampleParams>() == 80);
 const _: () = assert!(std::mem::align_of::<SampleParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernel's struct (asserted above).
 unsafe impl DeviceRepr for SampleParams {}
+impl KernelParams for SampleParams {
+    const STEMS: &'static [&'static str] = &["sample"];
+}
 
 /// Threads per block (`kThreads` in the kernel).
 const THREADS: u32 = 512;

@@ -7,6 +7,7 @@ use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 
 use super::{
     alloc_out, contiguous_view, grid_stride, launch, load_func, vec16_chunk, DevPtr, DevPtrs,
+    KernelParams,
 };
 
 /// The Rust mirror of `struct SwiGluParams` in kernels/swiglu.cuh (field comments there).
@@ -23,6 +24,9 @@ const _: () = assert!(std::mem::size_of::<SwiGluParams>() == 40);
 const _: () = assert!(std::mem::align_of::<SwiGluParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for SwiGluParams {}
+impl KernelParams for SwiGluParams {
+    const STEMS: &'static [&'static str] = &["swiglu"];
+}
 
 type Arg<'a> = (&'a CudaStorage, &'a Layout);
 
