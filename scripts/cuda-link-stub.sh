@@ -21,6 +21,8 @@
 # of returning garbage.
 #
 # Usage: scripts/cuda-link-stub.sh LINKDIR   (needs CUDA_ROOT: source install-cuda-toolchain.sh --env)
+# Prints, on stdout, the RUSTFLAGS that link against LINKDIR (scripts/gpu-build.sh and .ci/run
+# both take them from here); its report goes to stderr.
 set -euo pipefail
 
 LINKDIR="${1:?usage: $0 LINKDIR}"
@@ -77,3 +79,5 @@ for lib in cublas cublasLt curand nvrtc cudart; do
   ln -sf "$target" "$LINKDIR/lib$lib.so"
 done
 echo "link dir $LINKDIR: stub libcuda.so ($count symbols), stub libnccl.so ($nccl_count) + cublas, cublasLt, curand, nvrtc, cudart" >&2
+# -rpath-link: the real cuBLAS libraries need their own siblings at link time.
+echo "-L native=$LINKDIR -C link-arg=-Wl,-rpath-link,$CUDA_ROOT/lib"

@@ -30,8 +30,8 @@ export TEMPER_CUDA_ARCHS="${TEMPER_CUDA_ARCHS:-80,90}"
 
 # 2. Link directory: unversioned symlinks into the wheel's lib/ and a stub libcuda.so.
 LINKDIR="${TEMPER_LINK_DIR:-$HOME/.cache/temper/cuda-link}"
-scripts/cuda-link-stub.sh "$LINKDIR"
-export RUSTFLAGS="-L native=$LINKDIR -C link-arg=-Wl,-rpath-link,$CUDA_ROOT/lib ${TEMPER_EXTRA_RUSTFLAGS:-}"
+link_flags="$(scripts/cuda-link-stub.sh "$LINKDIR")"
+export RUSTFLAGS="$link_flags ${TEMPER_EXTRA_RUSTFLAGS:-}"
 
 # 3. Build. A target directory of its own: RUSTFLAGS is part of every artifact's fingerprint,
 # so sharing the one `cargo check --features cuda` uses would rebuild everything (candle's
