@@ -4,9 +4,13 @@
 //! benches and their PyTorch peers print them) into the right ratios, a failed section shows
 //! as failed, and the ncu summary's classifier knows every entry point in kernels/ as ours.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use common::kernel_sources::entry_points;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -225,40 +229,18 @@ fn the_table_divides_each_measurement_by_its_peer_from_the_same_run() {
     fs::remove_dir_all(dir).ok();
 }
 
-/// Every entry point's name as the driver reports it, from the `__global__` signatures in
-/// `kernels/`: the macro-built ones with their parameter pasted in (`gelu_fwd_##SUFFIX` ->
-/// `gelu_fwd_bf16`).
+/// Every entry point's name as the driver reports it: the macro-built ones with their
+/// parameters pasted in (`gelu_fwd_##SUFFIX` -> `gelu_fwd_x1`).
 fn entry_point_names(kernels: &Path) -> Vec<String> {
-    let mut names = Vec::new();
-    for e in fs::read_dir(kernels).unwrap() {
-        let path = e.unwrap().path();
-        if path.extension().is_none_or(|x| x != "cu") {
-            continue;
-        }
-        let src = fs::read_to_string(&path).unwrap();
-        for (i, _) in src.match_indices("__global__") {
-            let sig = &src[i..i + src[i..].find('{').unwrap()];
-            let before = sig[..sig.rfind('(').unwrap()].trim_end();
-            let word = before
-                .rsplit(|c: char| c.is_whitespace())
-                .next()
-                .unwrap()
-                .to_string();
+    let mut names: Vec<String> = entry_points(kernels)
+        .into_iter()
+        .map(|e| {
             // `attn_fwd_mma_##SUF##_h##D` and the like: every pasted parameter becomes "x1".
-            let name: String = word
-                .split("##")
-                .enumerate()
-                .map(|(k, part)| {
-                    if k == 0 {
-                        part.to_string()
-                    } else {
-                        "x1".into()
-                    }
-                })
-                .collect();
-            names.push(name);
-        }
-    }
+            let mut parts = e.name.split("##");
+            let head = parts.next().unwrap().to_string();
+            head + &"x1".repeat(parts.count())
+        })
+        .collect();
     names.sort();
     names
 }

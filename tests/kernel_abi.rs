@@ -8,9 +8,13 @@
 //! catches. Both sides are read as text, so the test runs on CPU CI, where the CUDA launchers
 //! are not compiled.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+
+use common::kernel_sources::{entry_points, files, strip_comments};
 
 /// A field's machine type, as both languages spell it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,85 +54,6 @@ fn rust_source(path: &Path) -> String {
         Some(i) => src[..i].to_string(),
         None => src,
     }
-}
-
-/// Every `.rs` file below `dir`, sorted.
-fn rust_files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(rust_files(&p));
-        } else if p.extension().is_some_and(|x| x == "rs") {
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
-}
-
-fn files(dir: &Path, exts: &[&str]) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.extension()
-                .and_then(|x| x.to_str())
-                .is_some_and(|x| exts.contains(&x))
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-/// The source with `//` and `/* */` comments blanked out. String and character literals are
-/// kept whole, so that a `"kernels/*.cu"` in a string does not open a comment.
-fn strip_comments(src: &str) -> String {
-    let mut out = String::with_capacity(src.len());
-    let mut rest = src;
-    while let Some(c) = rest.chars().next() {
-        if let Some(r) = rest.strip_prefix("//") {
-            rest = r.find('\n').map_or("", |i| &r[i..]);
-        } else if let Some(r) = rest.strip_prefix("/*") {
-            rest = r.find("*/").map_or("", |i| &r[i + 2..]);
-            out.push(' ');
-        } else if c == '"' {
-            // Up to the closing quote that no backslash escapes.
-            let body = &rest[1..];
-            let mut end = body.len();
-            let mut escaped = false;
-            for (i, ch) in body.char_indices() {
-                match ch {
-                    _ if escaped => escaped = false,
-                    '\\' => escaped = true,
-                    '"' => {
-                        end = i + 1;
-                        break;
-                    }
-                    _ => {}
-                }
-            }
-            out.push_str(&rest[..1 + end]);
-            rest = &rest[1 + end..];
-        } else if let Some(lit) = char_literal(rest) {
-            out.push_str(lit);
-            rest = &rest[lit.len()..];
-        } else {
-            out.push(c);
-            rest = &rest[c.len_utf8()..];
-        }
-    }
-    out
-}
-
-/// `'x'` or `'\\x'` at the start of `s` (not a Rust lifetime such as `'a`).
-fn char_literal(s: &str) -> Option<&str> {
-    let b = s.as_bytes();
-    if b.first() != Some(&b'\'') {
-        return None;
-    }
-    let len = if b.get(1) == Some(&b'\\') { 4 } else { 3 };
-    (b.len() >= len && b[len - 1] == b'\'').then(|| &s[..len])
 }
 
 /// The body between `struct Name {` and its closing brace, for every struct in `src`
@@ -256,8 +181,7 @@ fn rust_mirrors() -> BTreeMap<String, (PathBuf, Vec<Field>)> {
         // `#[repr(C)]` and `#[repr(C, align(16))]` alike; the item it sits on must be the next
         // braced struct, after any further attributes and derives.
         for (i, _) in src.match_indices("#[repr(C") {
-            let item = src[i..].split_once(']').unwrap().1.trim_start();
-            let mut item = item;
+            let mut item = src[i..].split_once(']').unwrap().1.trim_start();
             while item.starts_with("#[") {
                 item = item.split_once(']').unwrap().1.trim_start();
             }
@@ -297,25 +221,19 @@ fn c_structs() -> BTreeMap<String, (PathBuf, String)> {
 
 /// The structs a kernel entry point takes by value: `__global__ void f(const XParams p)`.
 fn kernel_argument_structs() -> Vec<(String, PathBuf)> {
-    let mut out = Vec::new();
-    for path in files(&root().join("kernels"), &["cu", "cuh"]) {
-        let src = strip_comments(&fs::read_to_string(&path).unwrap());
-        for (i, _) in src.match_indices("__global__") {
-            // The parameter list is the last parenthesised group before the body, after
-            // any `__launch_bounds__(...)`.
-            let sig = &src[i..i + src[i..].find('{').unwrap()];
-            let open = sig.rfind('(').unwrap();
-            let close = sig.rfind(')').unwrap();
-            for arg in sig[open + 1..close].split(',') {
+    let mut out: Vec<(String, PathBuf)> = entry_points(&root().join("kernels"))
+        .into_iter()
+        .flat_map(|e| {
+            let file = e.file;
+            e.args.into_iter().filter_map(move |arg| {
                 let ty = arg
                     .split_whitespace()
-                    .find(|w| *w != "const" && *w != "__grid_constant__");
-                if let Some(ty) = ty.filter(|t| t.ends_with("Params")) {
-                    out.push((ty.to_string(), path.clone()));
-                }
-            }
-        }
-    }
+                    .find(|w| *w != "const" && *w != "__grid_constant__")?;
+                ty.ends_with("Params")
+                    .then(|| (ty.to_string(), file.clone()))
+            })
+        })
+        .collect();
     out.sort();
     out.dedup();
     out
@@ -378,7 +296,7 @@ fn every_launcher_passes_the_struct_its_kernels_take() {
     // (`load_func(dev, "X", ..)`, or through a `&str` constant); the mirror it fills must be
     // the struct X's entry points take. Whitespace is collapsed first, so that a call rustfmt
     // wrapped over lines is still seen.
-    let launchers: Vec<(PathBuf, String)> = rust_files(&root().join("src"))
+    let launchers: Vec<(PathBuf, String)> = files(&root().join("src"), &["rs"])
         .into_iter()
         .map(|p| {
             let src = rust_source(&p);
@@ -390,12 +308,13 @@ fn every_launcher_passes_the_struct_its_kernels_take() {
             (p, flat)
         })
         .collect();
+    let args = kernel_argument_structs();
     let mut wrong = Vec::new();
     let mut stems = 0;
     for path in files(&root().join("kernels"), &["cu"]) {
         let stem = path.file_stem().unwrap().to_str().unwrap().to_string();
-        let takes: Vec<String> = kernel_argument_structs()
-            .into_iter()
+        let takes: Vec<&String> = args
+            .iter()
             .filter(|(_, p)| *p == path)
             .map(|(s, _)| s)
             .collect();
@@ -439,7 +358,7 @@ fn every_launcher_passes_the_struct_its_kernels_take() {
 /// stems, file); a stem written as a `&str` constant is read from that constant in the file.
 fn kernel_params_impls() -> Vec<(String, Vec<String>, PathBuf)> {
     let mut out = Vec::new();
-    for path in rust_files(&root().join("src")) {
+    for path in files(&root().join("src"), &["rs"]) {
         let src = rust_source(&path);
         for (i, _) in src.match_indices("impl KernelParams for ") {
             let rest = &src[i + "impl KernelParams for ".len()..];

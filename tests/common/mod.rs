@@ -3,6 +3,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod kernel_sources;
 pub mod shared;
 
 #[allow(unused_imports)]
