@@ -31,10 +31,17 @@ for line in open(sys.argv[1], errors="replace"):
         else:
             unreadable.append(line.strip())
 status = {r["section"]: r for r in rows if "status" in r and "section" in r}
-# Measurements, less what a bench printed while ncu profiled it (slowed many times over: the
-# train step and generation under ncu print their usual lines).
-meas = [r for r in rows if "bench" in r and not (str(r.get("section", "")).startswith("ncu-")
-                                                 and not str(r["bench"]).startswith("ncu_"))]
+
+
+def measured(r):
+    """A bench's measurement, unless the bench printed it while ncu profiled it (the train step
+    and generation print their usual lines under ncu, slowed many times over); ncu's own
+    per-kernel rows are kept."""
+    under_ncu = str(r.get("section", "")).startswith("ncu-")
+    return "bench" in r and (not under_ncu or str(r["bench"]).startswith("ncu_"))
+
+
+meas = [r for r in rows if measured(r)]
 
 
 def pick(**kw):
