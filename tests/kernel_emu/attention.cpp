@@ -255,65 +255,65 @@ template <typename T> bool check_forward_simple(const Inputs<T> &in, const Refer
   return ok;
 }
 
-// The tensor-core backward (launch_bwd_dot, launch_bwd_mma: bwd_mma, then dq_convert), fed
-// the reference's lse and its output rounded as the forward would store it.
+// A backward's params on the stored inputs in T (the bf16 ones widened for f32), fed the
+// reference's lse and its output rounded as the forward would store it, with its outputs
+// (dvec, dq, dk, dv) allocated as NaN; dq_acc is the tensor-core backward's, zeroed.
+template <typename T> struct Backward {
+  std::vector<int> krange;
+  AttnParams p;
+  std::vector<T> q, k, v, dout, o;
+  std::vector<float> lse, dvec, dq_acc;
+  std::vector<T> dq, dk, dv;
+  template <typename S>
+  Backward(const Inputs<S> &in, const Reference &r)
+      : p(params(in, krange)), q(as<T>(in.q)), k(as<T>(in.k)), v(as<T>(in.v)),
+        dout(as<T>(in.dout)), o(rounded<T>(r.o)), lse(r.lse.begin(), r.lse.end()),
+        dvec((size_t)p.nrows, NAN), dq_acc(q.size(), 0.f), dq(q.size(), Dt<T>::from(NAN)),
+        dk(k.size(), Dt<T>::from(NAN)), dv(v.size(), Dt<T>::from(NAN)) {
+    p.q = q.data();
+    p.k = k.data();
+    p.v = v.data();
+    p.o = o.data();
+    p.dout = dout.data();
+    p.lse = lse.data();
+    p.dvec = dvec.data();
+    p.dq = dq.data();
+    p.dk = dk.data();
+    p.dv = dv.data();
+  }
+
+  bool check(const Case &c, const Reference &r, const char *what, double tol) const {
+    const std::string w = label(c, Dt<T>::name, what);
+    bool ok = emu_check::close(w + " dq", dq, r.dq, tol);
+    ok &= emu_check::close(w + " dk", dk, r.dk, tol);
+    ok &= emu_check::close(w + " dv", dv, r.dv, tol);
+    return ok;
+  }
+};
+
+// The tensor-core backward (launch_bwd_dot, launch_bwd_mma: bwd_mma, then dq_convert).
 template <typename T> bool check_backward(const Inputs<T> &in, const Reference &r) {
   const Case &c = in.c;
-  std::vector<int> krange;
-  AttnParams p = params(in, krange);
-  std::vector<T> o = rounded<T>(r.o);
-  std::vector<float> lse(r.lse.begin(), r.lse.end());
-  std::vector<float> dvec((size_t)p.nrows, NAN), dq_acc(in.q.size(), 0.f);
-  std::vector<T> dq(in.q.size(), Dt<T>::from(NAN));
-  std::vector<T> dk(in.k.size(), Dt<T>::from(NAN)), dv(in.v.size(), Dt<T>::from(NAN));
-  p.q = in.q.data();
-  p.k = in.k.data();
-  p.v = in.v.data();
-  p.o = o.data();
-  p.dout = in.dout.data();
-  p.lse = lse.data();
-  p.dvec = dvec.data();
-  p.dq_acc = dq_acc.data();
-  p.dq = dq.data();
-  p.dk = dk.data();
-  p.dv = dv.data();
+  Backward<T> bw(in, r);
+  AttnParams &p = bw.p;
+  p.dq_acc = bw.dq_acc.data();
   emu::launch({div_ceil(p.nrows, 8), 1, 1}, {256, 1, 1}, 0, [&] { Dt<T>::bwd_dot(p); });
   const Kernel kernel = Dt<T>::bwd_mma[c.d == 128];
   const size_t smem = c.d == 64 ? MmaBwdTraits<64>::kSmemBytes : MmaBwdTraits<128>::kSmemBytes;
   emu::launch({(unsigned)(c.b * c.hkv), div_ceil(c.tk, 64), 1}, {128, 1, 1}, smem,
               [&] { kernel(p); });
-  emu::launch({emu_check::grid_stride(dq.size(), kSmCount), 1, 1}, {256, 1, 1}, 0,
+  emu::launch({emu_check::grid_stride(bw.dq.size(), kSmCount), 1, 1}, {256, 1, 1}, 0,
               [&] { Dt<T>::dq_convert(p); });
-  const std::string what = label(c, Dt<T>::name, "bwd mma");
-  bool ok = emu_check::close(what + " dq", dq, r.dq, Dt<T>::mma_grad_tol);
-  ok &= emu_check::close(what + " dk", dk, r.dk, Dt<T>::mma_grad_tol);
-  ok &= emu_check::close(what + " dv", dv, r.dv, Dt<T>::mma_grad_tol);
-  return ok;
+  return bw.check(c, r, "bwd mma", Dt<T>::mma_grad_tol);
 }
 
 // The CUDA-core backward (launch_bwd_dot, launch_bwd_simple: bwd_dq_simple, then
-// bwd_dkdv_simple) in T, for any head dim, on the stored inputs in T (the bf16 ones widened
-// for f32), fed the reference's lse and its output rounded to T.
+// bwd_dkdv_simple) in T, for any head dim.
 template <typename T, typename S>
 bool check_backward_simple(const Inputs<S> &in, const Reference &r) {
   const Case &c = in.c;
-  const std::vector<T> q = as<T>(in.q), k = as<T>(in.k), v = as<T>(in.v), dout = as<T>(in.dout);
-  std::vector<int> krange;
-  AttnParams p = params(in, krange);
-  std::vector<T> o = rounded<T>(r.o);
-  std::vector<float> lse(r.lse.begin(), r.lse.end()), dvec((size_t)p.nrows, NAN);
-  std::vector<T> dq(q.size(), Dt<T>::from(NAN)), dk(k.size(), Dt<T>::from(NAN)),
-      dv(v.size(), Dt<T>::from(NAN));
-  p.q = q.data();
-  p.k = k.data();
-  p.v = v.data();
-  p.o = o.data();
-  p.dout = dout.data();
-  p.lse = lse.data();
-  p.dvec = dvec.data();
-  p.dq = dq.data();
-  p.dk = dk.data();
-  p.dv = dv.data();
+  Backward<T> bw(in, r);
+  AttnParams &p = bw.p;
   emu::launch({div_ceil(p.nrows, 8), 1, 1}, {256, 1, 1}, 0, [&] { Dt<T>::bwd_dot(p); });
   const int dpl = (int)div_ceil(c.d, 32);
   const auto [nw, row_blocks] = simple_row_blocks(c);
@@ -321,11 +321,7 @@ bool check_backward_simple(const Inputs<S> &in, const Reference &r) {
               [&] { Dt<T>::bwd_dq_simple[dpl - 1](p); });
   emu::launch({(unsigned)(c.b * c.hkv), div_ceil(c.tk, 8), 1}, {256, 1, 1}, 0,
               [&] { Dt<T>::bwd_dkdv_simple[dpl - 1](p); });
-  const std::string what = label(c, Dt<T>::name, "bwd simple");
-  bool ok = emu_check::close(what + " dq", dq, r.dq, Dt<T>::simple_grad_tol);
-  ok &= emu_check::close(what + " dk", dk, r.dk, Dt<T>::simple_grad_tol);
-  ok &= emu_check::close(what + " dv", dv, r.dv, Dt<T>::simple_grad_tol);
-  return ok;
+  return bw.check(c, r, "bwd simple", Dt<T>::simple_grad_tol);
 }
 
 // A bf16 case: the tensor-core kernels where they apply (both forward widths), and the f32
