@@ -105,6 +105,7 @@ for imp, sec, base, what in [
     ("ours-graph", "train-graph", "temper with the tape", "blocks in candle's graph"),
     ("ours-casts", "train-casts", "temper with compute copies", "masters cast every step"),
     ("ours", "train-attn-wide", "temper (64-row attention forward)", "128-row attention forward"),
+    ("ours", "train-gemm-heuristic", "temper (timed GEMM algorithms)", "cuBLASLt heuristic's first algorithm"),
 ]:
     abl = pick(bench="train_step", impl=imp, section=sec)
     if abl:
@@ -163,17 +164,27 @@ for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention_de
     row("attention decode", shape, "ours GB/s", pick(bench="attention_decode", shape=shape, impl="ours").get("gbps"),
         "copy bandwidth", 4100, "goal >= 0.5")
 
-# LoRA: the fused op over PyTorch's plain GEMM and over PyTorch's unfused LoRA.
+# LoRA: the fused op over PyTorch's plain GEMM and over PyTorch's unfused LoRA; then the same
+# bench with each GEMM on the heuristic's first algorithm (TEMPER_GEMM_TUNE=heuristic), an
+# ablation of the timed choice.
 for shape in sorted({r["shape"] for r in meas if r.get("bench") == "lora"}):
     note = sec_state("bench-lora", "peer-lora")
     for key, label in [("fwd_ms", "fwd ms"), ("fwd_bwd_ms", "fwd+bwd ms")]:
-        o = pick(bench="lora", shape=shape, impl="fused").get(key)
+        plain = pick(bench="lora", shape=shape, impl="torch-plain").get(key)
+        o = pick(bench="lora", shape=shape, impl="fused", section="bench-lora").get(key)
         for peer in ["torch-plain", "torch-unfused"]:
             row("LoRA fused", shape, label, o, peer, pick(bench="lora", shape=shape, impl=peer).get(key), note)
-        row("candle plain GEMM", shape, label, pick(bench="lora", shape=shape, impl="candle-plain").get(key),
-            "torch-plain", pick(bench="lora", shape=shape, impl="torch-plain").get(key), "what candle's own GEMM costs")
-        row("our cuBLASLt GEMM (gemm)", shape, label, pick(bench="lora", shape=shape, impl="ours-gemm").get(key),
-            "torch-plain", pick(bench="lora", shape=shape, impl="torch-plain").get(key), "every linear layer's GEMM")
+        row("candle plain GEMM", shape, label,
+            pick(bench="lora", shape=shape, impl="candle-plain", section="bench-lora").get(key),
+            "torch-plain", plain, "what candle's own GEMM costs")
+        row("our cuBLASLt GEMM (gemm)", shape, label,
+            pick(bench="lora", shape=shape, impl="ours-gemm", section="bench-lora").get(key),
+            "torch-plain", plain, "every linear layer's GEMM")
+        for imp, what in [("fused", "LoRA fused"), ("ours-gemm", "our cuBLASLt GEMM")]:
+            h = pick(bench="lora", shape=shape, impl=imp, section="bench-lora-heuristic").get(key)
+            if h is not None:
+                row(f"{what}, heuristic's first algorithm", shape, label, h, "torch-plain", plain,
+                    "ablation: TEMPER_GEMM_TUNE=heuristic")
 
 # RMSNorm.
 for shape in sorted({r["shape"] for r in meas if r.get("bench") == "rmsnorm"}):

@@ -822,12 +822,15 @@ mod gemm {
 
     pub fn gemm_matches_reference(dev: &Device) {
         let (mut rng, seed) = Rng::fresh(0x6e33);
-        // (M, K, N): one row; GPT-2's attention, MLP and LM head shapes at odd row counts.
+        // (M, K, N): one row; GPT-2's attention, MLP and LM head shapes at odd row counts; one
+        // above `TUNE_MIN_FLOP` (forward and both gradients), whose first call times
+        // cuBLASLt's candidates.
         for (m, k, n) in [
             (1, 8, 8),
             (37, 768, 2304),
             (513, 3072, 768),
             (129, 768, 50304),
+            (1031, 1536, 4096),
         ] {
             for dtype in [DType::BF16, DType::F16] {
                 let mk = |rng: &mut Rng, r: usize, c: usize| {

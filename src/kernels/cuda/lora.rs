@@ -13,8 +13,10 @@
 //!   (falls back to two cuBLAS calls where that moves fewer bytes, or for f32); then
 //!   `dx = g A` and `dx += dY W` (beta = 1), `dA = g^T x`.
 //!
-//! All big products are cuBLAS (through candle's handle, on candle's stream) with f32
-//! accumulation; `TEMPER_LORA_DY=fused|cublas` forces the backward's choice for dY.
+//! All big products are cuBLASLt's planned GEMMs (`lt_plans`, on candle's stream: the large
+//! ones timed among the heuristic's candidates on first use) for bf16/f16, candle's cuBLAS
+//! handle for f32, with f32 accumulation; `TEMPER_LORA_DY=fused|cublas` forces the backward's
+//! choice for dY.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -30,6 +32,7 @@ use candle_core::{
 use super::super::lora::LoraArgs;
 use super::super::spans::{self, Pass};
 use super::super::KernelOp;
+use super::lt_plans::{Lt, Problem};
 use super::{
     alloc_out, compute_capability, contiguous_view, cuda_storage, grid_stride, launch, load_func,
     sm_count, tensor_from_slice, to_i32, DevPtr, DevPtrs, KernelParams, LaunchConfig,
@@ -280,9 +283,12 @@ fn cuda_dtype(dtype: DType) -> Result<cublas_sys::cudaDataType> {
     })
 }
 
-/// Row-major `C[m, n] = alpha op(A) op(B) + beta C` on candle's cuBLAS handle, where
-/// `op(X) = X^T` when its flag is set and every matrix is given by a device pointer and its
-/// row stride. cuBLAS is column-major, so this computes `C^T = op(B)^T op(A)^T` there.
+/// Row-major `C[m, n] = alpha op(A) op(B) + beta C`, where `op(X) = X^T` when its flag is
+/// set and every matrix is given by a device pointer and its row stride. cuBLAS is
+/// column-major, so this computes `C^T = op(B)^T op(A)^T` there: through cuBLASLt's planned
+/// (and, for the large products, timed) GEMMs where they serve (bf16/f16, every pointer
+/// 256-byte aligned and every row stride a multiple of 16 bytes), on candle's cuBLAS handle
+/// otherwise (f32, or a view at an odd offset).
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     dev: &CudaDevice,
@@ -294,6 +300,26 @@ fn gemm(
     beta: f32,
     (c, ldc): (u64, usize),
 ) -> Result<()> {
+    let half = matches!(dtype, DType::BF16 | DType::F16);
+    let aligned = [a, b, c].iter().all(|p| p % 256 == 0);
+    let strides = [lda, ldb, ldc].iter().all(|ld| ld % 8 == 0);
+    if half && aligned && strides && m > 0 && n > 0 && k > 0 {
+        let problem = Problem {
+            dtype,
+            transa: tb,
+            transb: ta,
+            m: n as u64,
+            n: m as u64,
+            k: k as u64,
+            lda: ldb as i64,
+            ldb: lda as i64,
+            ldc: ldc as i64,
+            bias: false,
+        };
+        // SAFETY: the callers' buffers hold the matrices `problem` describes (cuBLASLt's A is
+        // our b), checked aligned above, and stay live on this stream until the GEMM has run.
+        return unsafe { Lt::of(dev)?.matmul(&problem, alpha, beta, b, a, c, None) };
+    }
     use cublas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
     let ty = cuda_dtype(dtype)?;
     let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };

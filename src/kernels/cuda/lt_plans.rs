@@ -7,8 +7,11 @@
 //! for each call. Here the descriptor, the layouts and the heuristic's algorithm are kept per
 //! problem (dtype, transposes, sizes, leading dimensions, epilogue) and stream, so a call after
 //! the first costs one `cublasLtMatmul`, plus one attribute write with a bias. The choice is
-//! the same one cudarc's call makes (the heuristic's first answer, the same workspace size:
-//! 32 MiB from Hopper on, 4 MiB before), only not made again.
+//! cudarc's call makes the heuristic's first answer with the same workspace size (32 MiB from
+//! Hopper on, 4 MiB before). Here a large problem's first call also times the heuristic's
+//! other candidates on its own operands and keeps the fastest (`GemmTune`): on the H200 the
+//! first answer for the `x W^T` of 8192x4096x4096 ran 1.14x PyTorch's GEMM forward while the
+//! backward's GEMMs matched it, so the first answer is not always cuBLAS's best.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -16,7 +19,9 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use candle_core::cuda_backend::cudarc::cublaslt::result::{self as lt, CublasError};
 use candle_core::cuda_backend::cudarc::cublaslt::sys;
-use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUstreamCaptureStatus};
+use candle_core::cuda_backend::cudarc::driver::sys::{
+    CUdevice_attribute, CUevent_flags, CUstreamCaptureStatus,
+};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use candle_core::{CudaDevice, DType, Result};
 
@@ -38,11 +43,57 @@ pub(crate) struct Problem {
     pub bias: bool,
 }
 
+impl Problem {
+    /// Floating-point operations of one call.
+    fn flop(&self) -> f64 {
+        2.0 * self.m as f64 * self.n as f64 * self.k as f64
+    }
+}
+
+/// How a problem's algorithm is chosen among the heuristic's candidates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmTune {
+    /// The heuristic's first answer, as cudarc (and a plain cuBLASLt call) takes it: the same
+    /// algorithm in every run.
+    Heuristic,
+    /// For a problem of at least [`TUNE_MIN_FLOP`], the first call that writes a fresh output
+    /// (beta = 0) times each candidate and keeps the fastest. The choice can differ between
+    /// runs where two candidates time alike.
+    Timed,
+}
+
+impl GemmTune {
+    /// `TEMPER_GEMM_TUNE` (`heuristic` or `timed`; `timed` when unset or unknown), read once.
+    pub fn from_env() -> Self {
+        static ONCE: OnceLock<GemmTune> = OnceLock::new();
+        *ONCE.get_or_init(|| match std::env::var("TEMPER_GEMM_TUNE").as_deref() {
+            Ok("heuristic") => Self::Heuristic,
+            _ => Self::Timed,
+        })
+    }
+}
+
+/// Candidates asked of the heuristic, best first.
+const CANDIDATES: usize = 8;
+
+/// Problems smaller than this (2 m n k) keep the heuristic's first answer: a decode step's
+/// GEMMs of a few microseconds each would not repay their timing, and every new prefill
+/// length would pay it again.
+pub const TUNE_MIN_FLOP: f64 = 1e10;
+
+/// The largest scratch output (bytes) a candidate is timed into for an accumulating call.
+const TUNE_SCRATCH_MAX: usize = 256 << 20;
+
+/// Timed runs per candidate, after one untimed run.
+const TUNE_REPS: usize = 3;
+
 /// A problem's descriptor, layouts (A, B, C = D) and algorithm.
 struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
     layouts: [sys::cublasLtMatrixLayout_t; 3],
     algo: sys::cublasLtMatmulAlgo_t,
+    /// The heuristic's other answers, in its order, until they are timed; then empty.
+    untimed: Vec<sys::cublasLtMatmulAlgo_t>,
 }
 
 impl Drop for Plan {
@@ -104,6 +155,7 @@ impl Plan {
             layouts: [std::ptr::null_mut(); 3],
             // SAFETY: plain old data, overwritten by the heuristic's answer below.
             algo: unsafe { std::mem::zeroed() },
+            untimed: Vec::new(),
         };
         for (slot, (rows, cols, ld)) in
             plan.layouts
@@ -133,7 +185,12 @@ impl Plan {
             }
         }
         let pref = lt::create_matmul_pref().map_err(lt_error)?;
-        // SAFETY: `pref` and the plan's handles are live; the workspace size is a usize.
+        let mut results: [sys::cublasLtMatmulHeuristicResult_t; CANDIDATES] =
+            // SAFETY: plain old data, written by the heuristic below.
+            unsafe { std::mem::zeroed() };
+        let mut count = 0i32;
+        // SAFETY: `pref` and the plan's handles are live; the workspace size is a usize, and
+        // `results` holds the `CANDIDATES` answers asked for.
         let found = unsafe {
             lt::set_matmul_pref_attribute(
                 pref,
@@ -142,7 +199,7 @@ impl Plan {
                 std::mem::size_of::<usize>(),
             )
             .and_then(|()| {
-                lt::get_matmul_algo_heuristic(
+                sys::cublasLtMatmulAlgoGetHeuristic(
                     handle,
                     desc,
                     plan.layouts[0],
@@ -150,14 +207,31 @@ impl Plan {
                     plan.layouts[2],
                     plan.layouts[2],
                     pref,
+                    CANDIDATES as i32,
+                    results.as_mut_ptr(),
+                    &mut count,
                 )
+                .result()
             })
         };
         // SAFETY: created above, used by nothing after this.
         unsafe {
             let _ = lt::destroy_matmul_pref(pref);
         }
-        plan.algo = found.map_err(lt_error)?.algo;
+        found.map_err(lt_error)?;
+        let mut algos = results[..(count.max(0) as usize).min(CANDIDATES)]
+            .iter()
+            .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|r| r.algo);
+        let Some(first) = algos.next() else {
+            return Err(lt_error(CublasError(
+                sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED,
+            )));
+        };
+        plan.algo = first;
+        if p.flop() >= TUNE_MIN_FLOP {
+            plan.untimed = algos.collect();
+        }
         Ok(plan)
     }
 }
@@ -168,6 +242,17 @@ fn ptr<T>(v: &T) -> *const c_void {
 
 /// Plans kept per stream at most; past that the cache starts over.
 const MAX_PLANS: usize = 512;
+
+/// One call's scalars and device pointers: `D = alpha op(A) op(B) + beta C`, `C` and `D` at
+/// `c`.
+#[derive(Clone, Copy)]
+struct Operands {
+    alpha: f32,
+    beta: f32,
+    a: u64,
+    b: u64,
+    c: u64,
+}
 
 /// One cuBLASLt handle, workspace and plan cache per CUDA stream.
 pub(crate) struct Lt {
@@ -248,6 +333,13 @@ impl Lt {
         if p.bias != bias.is_some() {
             candle_core::bail!("gemm: a bias epilogue without its bias, or a bias without it");
         }
+        let ops = Operands {
+            alpha,
+            beta,
+            a,
+            b,
+            c,
+        };
         let mut plans = self.plans.lock().unwrap_or_else(PoisonError::into_inner);
         // Bounded: every distinct row count (a prefill's length, say) is a problem of its own.
         // cuBLASLt reads a descriptor when a call is queued, so dropping plans is safe.
@@ -272,6 +364,102 @@ impl Lt {
                 e.insert(Plan::new(self.handle, p, bias, size)?)
             }
         };
+        if !plan.untimed.is_empty() && GemmTune::from_env() == GemmTune::Timed {
+            // Timing waits for the stream, which a CUDA graph capture forbids; a plan first
+            // used in one keeps the heuristic's answer until a call outside it.
+            let status = self
+                .stream
+                .capture_status()
+                .map_err(candle_core::Error::wrap)?;
+            if status == CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+                // The candidates write D over and over: into `c` itself when this call
+                // overwrites it anyway, else into scratch of its size (an accumulating call
+                // must find its `C` untouched).
+                let scratch = if beta == 0.0 { None } else { self.scratch(p)? };
+                let target = match &scratch {
+                    _ if beta == 0.0 => Some(c),
+                    Some(s) => Some(s.device_ptr(&self.stream).0),
+                    None => None,
+                };
+                if let Some(target) = target {
+                    let rest = std::mem::take(&mut plan.untimed);
+                    let trial = Operands { c: target, ..ops };
+                    plan.algo = self.fastest(plan, rest, &trial)?;
+                }
+            }
+        }
+        self.run(plan, &plan.algo, &ops)
+    }
+
+    /// A zeroed buffer the size of `p`'s `D`, to time candidates in; `None` above
+    /// [`TUNE_SCRATCH_MAX`] (the problem then keeps its untimed candidates for a call that
+    /// overwrites its output).
+    fn scratch(&self, p: &Problem) -> Result<Option<CudaSlice<u8>>> {
+        let bytes = p.ldc.max(0) as usize * p.n as usize * p.dtype.size_in_bytes();
+        if bytes > TUNE_SCRATCH_MAX {
+            return Ok(None);
+        }
+        let s = self
+            .stream
+            .alloc_zeros::<u8>(bytes)
+            .map_err(candle_core::Error::wrap)?;
+        Ok(Some(s))
+    }
+
+    /// The fastest of the plan's algorithm and `rest` on `ops`, whose `c` is scratch or, with
+    /// beta = 0, the output that the call that follows writes again: each one run once
+    /// untimed, then `TUNE_REPS` times between two events. A candidate the library turns down
+    /// at run time is skipped.
+    ///
+    /// # Safety
+    /// As [`Lt::matmul`].
+    unsafe fn fastest(
+        &self,
+        plan: &Plan,
+        rest: Vec<sys::cublasLtMatmulAlgo_t>,
+        ops: &Operands,
+    ) -> Result<sys::cublasLtMatmulAlgo_t> {
+        let event = || {
+            self.stream
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(candle_core::Error::wrap)
+        };
+        let mut best = (plan.algo, f32::INFINITY);
+        for algo in std::iter::once(plan.algo).chain(rest) {
+            if self.run(plan, &algo, ops).is_err() {
+                continue;
+            }
+            let start = event()?;
+            for _ in 0..TUNE_REPS {
+                self.run(plan, &algo, ops)?;
+            }
+            let ms = start
+                .elapsed_ms(&event()?)
+                .map_err(candle_core::Error::wrap)?;
+            if ms < best.1 {
+                best = (algo, ms);
+            }
+        }
+        Ok(best.0)
+    }
+
+    /// One `cublasLtMatmul` of `plan` with `algo`.
+    ///
+    /// # Safety
+    /// As [`Lt::matmul`].
+    unsafe fn run(
+        &self,
+        plan: &Plan,
+        algo: &sys::cublasLtMatmulAlgo_t,
+        ops: &Operands,
+    ) -> Result<()> {
+        let Operands {
+            alpha,
+            beta,
+            a,
+            b,
+            c,
+        } = *ops;
         let (ws, _ws_guard) = self.workspace.device_ptr(&self.stream);
         lt::matmul(
             self.handle,
@@ -286,11 +474,46 @@ impl Lt {
             plan.layouts[2],
             c as *mut c_void,
             plan.layouts[2],
-            &plan.algo,
+            algo,
             ws as *mut c_void,
             self.workspace.len(),
             self.stream.cu_stream() as *mut _,
         )
         .map_err(lt_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nt(m: u64, n: u64, k: u64) -> Problem {
+        Problem {
+            dtype: DType::BF16,
+            transa: true,
+            transb: false,
+            m: n,
+            n: m,
+            k,
+            lda: k as i64,
+            ldb: k as i64,
+            ldc: n as i64,
+            bias: false,
+        }
+    }
+
+    #[test]
+    fn only_the_training_steps_gemms_are_timed() {
+        // A decode step's GEMMs at 64 rows (GPT-2's fused QKV and the LM head) are too short
+        // to repay timing; a GPT-2 step's (16384 rows) and the LoRA bench's are not.
+        for (m, n, k) in [(64, 2304, 768), (64, 50304, 768), (1, 4096, 4096)] {
+            assert!(nt(m, n, k).flop() < TUNE_MIN_FLOP, "{m}x{n}x{k}");
+        }
+        for (m, n, k) in [(16384, 768, 768), (16384, 50304, 768), (8192, 4096, 4096)] {
+            assert!(nt(m, n, k).flop() >= TUNE_MIN_FLOP, "{m}x{n}x{k}");
+        }
+        // The accumulating GEMMs of a GPT-2 step fit the scratch they are timed in.
+        let bytes = |p: Problem| p.ldc as usize * p.n as usize * p.dtype.size_in_bytes();
+        assert!(bytes(nt(16384, 768, 768)) <= TUNE_SCRATCH_MAX);
     }
 }
