@@ -1,6 +1,7 @@
 //! The decode loop: one prefill, then per token one cached forward pass of the active rows,
 //! one sampling launch, and `B` ids copied to the host. On CUDA the forward and the sampling
-//! of a step replay one CUDA graph (`super::static_step`).
+//! of a step replay one CUDA graph (`super::static_step`), queued before the host reads the
+//! previous step's ids.
 
 use std::time::Instant;
 
@@ -11,6 +12,7 @@ use super::prefill::PrefillPlan;
 use super::static_step::{Entry, StaticStep};
 use super::{left_pad, DecodeMode, GenStats, Generation, RowKeys, SampleCfg};
 use crate::data::tokenizer::Tokenizer;
+use crate::kernels::host_ids::HostIds;
 use crate::kernels::sample::{keys_tensor, sample_draw, Draw, Hold};
 use crate::kernels::KernelChoice;
 use crate::model::cast::FrozenWeights;
@@ -102,11 +104,27 @@ pub fn generate(
         ctx.kernels.sample,
     )?;
     for t in 0..cfg.max_new_tokens {
-        // `next` (or the fixed step's ids) holds draw t of every active row.
-        let ids = match &fixed {
-            Some(step) => step.ids().to_vec1::<u32>()?,
-            None => next.to_vec1::<u32>()?,
+        // `next` (or the fixed step's ids) holds draw t of every active row. The fixed step
+        // runs ahead: draw t + 1 is queued behind the copy of draw t's ids before the host
+        // waits for them, so that on CUDA the device computes it while the host takes in
+        // draw t and queues the next, instead of idling between steps. The price: rows that
+        // draw t finishes cost that one step more before compaction drops them, and a call
+        // whose rows all finish early computes one step it does not use.
+        let pending = HostIds::start(match &fixed {
+            Some(step) => step.ids(),
+            None => &next,
+        })?;
+        let ran_ahead = match &mut fixed {
+            Some(step) if t + 1 < cfg.max_new_tokens => {
+                let _profiled = ProfilerRange::at(stats.decode_steps);
+                let replayed = step.run(net, ctx, &mut cache, hold, &params, graph)?;
+                stats.graph_replays += usize::from(replayed);
+                stats.decode_steps += 1;
+                true
+            }
+            _ => false,
         };
+        let ids = pending.get()?;
         for (&row, &id) in active.rows.iter().zip(&ids) {
             resp.push(row, id, tok, cfg)?;
         }
@@ -127,6 +145,9 @@ pub fn generate(
             }
             cache.select_rows(&keep)?;
             stats.compactions += 1;
+        }
+        if ran_ahead {
+            continue;
         }
         let draw = t + 1;
         if fixed_shapes && fixed.is_none() {

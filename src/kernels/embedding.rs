@@ -22,6 +22,7 @@ use candle_core::{
 };
 
 use super::host::slice;
+use super::host_ids::HostIds;
 use super::registry::{warn_fallback, KernelChoice};
 use super::spans::{self, Pass};
 use super::KernelOp;
@@ -300,34 +301,6 @@ pub fn group_by_row(ids: &[u32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
     }
     offsets.push(order.len() as u32);
     (uniq, offsets, order)
-}
-
-/// Ids the backward will group, on their way to the host: on CUDA copied in the forward
-/// without waiting (`cuda::embedding::PinnedIds`), on the CPU read at once.
-enum HostIds {
-    Read(Vec<u32>),
-    #[cfg(feature = "cuda")]
-    Copying(super::cuda::embedding::PinnedIds),
-}
-
-impl HostIds {
-    fn start(ids: &Tensor) -> Result<Self> {
-        #[cfg(feature = "cuda")]
-        if ids.device().is_cuda() {
-            return Ok(Self::Copying(super::cuda::embedding::PinnedIds::start(
-                ids,
-            )?));
-        }
-        Ok(Self::Read(ids.to_vec1::<u32>()?))
-    }
-
-    fn get(self) -> Result<Vec<u32>> {
-        match self {
-            Self::Read(v) => Ok(v),
-            #[cfg(feature = "cuda")]
-            Self::Copying(p) => p.read(),
-        }
-    }
 }
 
 /// [`group_by_row`] on the device that runs the backward, the rows outside the table left

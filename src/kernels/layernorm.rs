@@ -204,8 +204,9 @@ impl LayerNorm {
 /// `(x + r, LayerNorm(x + r))` for a block tape (`crate::tape`): the residual stream's add
 /// fused into the norm that reads it, one pass over the rows each way (the backward adds
 /// the stream's own gradient to the norm's dx in the same pass). A candle op returns one
-/// tensor, so outside a tape this is the add and [`fused`], two ops. `x` and `r` of one
-/// shape and dtype, `w` and `b` f32 `[C]`.
+/// tensor, so in candle's graph this is the add and [`fused`], two ops; where no input wants
+/// a gradient (generation) it is the one forward pass, its two outputs read apart. `x` and
+/// `r` of one shape and dtype, `w` and `b` f32 `[C]`.
 pub fn add_fused(
     x: &Tensor,
     r: &Tensor,
@@ -214,6 +215,20 @@ pub fn add_fused(
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
     if !tape::recording() {
+        if tape::untracked(&[x, r, w, b]) {
+            return spans::timed(KernelOp::LayerNorm, Pass::Forward, x.device(), || {
+                check(x, w, b)?;
+                tape::check_residual(x, r, "layer_norm")?;
+                let op = LayerNorm {
+                    residual: Some(r.contiguous()?),
+                    ..LayerNorm::new(eps)
+                };
+                let both =
+                    x.contiguous()?
+                        .apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &op)?;
+                Ok((both.get(1)?, both.get(0)?))
+            });
+        }
         let s = (x + r)?;
         let n = fused(&s, w, b, eps)?;
         return Ok((s, n));
@@ -470,8 +485,9 @@ mod tests {
     use super::*;
     use candle_core::Var;
 
-    /// On a block tape the fused add and norm is the add, then the norm, bit for bit (the sum
-    /// rounded to the dtype before its statistics), in f32 and bf16.
+    /// On a block tape, and off it where no input wants a gradient (generation), the fused add
+    /// and norm is the add, then the norm, bit for bit (the sum rounded to the dtype before
+    /// its statistics), in f32 and bf16; both outputs.
     #[test]
     fn add_fused_is_the_add_then_the_norm() {
         let dev = Device::Cpu;
@@ -493,12 +509,19 @@ mod tests {
             let taped =
                 crate::tape::segment(x.as_tensor(), |x| Ok(add_fused(x, &r, &w, &b, 1e-5)?.1))
                     .unwrap();
-            let apart = fused(&(x.as_tensor() + &r).unwrap(), &w, &b, 1e-5).unwrap();
+            let sum = (x.as_tensor() + &r).unwrap();
+            let apart = fused(&sum, &w, &b, 1e-5).unwrap();
             let bits = |t: &Tensor| -> Vec<f32> {
                 let t = t.to_dtype(DType::F32).unwrap();
                 t.flatten_all().unwrap().to_vec1().unwrap()
             };
             assert_eq!(bits(&taped), bits(&apart), "{dtype:?}");
+            let x = x.as_tensor().detach();
+            assert!(crate::tape::untracked(&[&x, &r, &w, &b]));
+            let (s, n) = add_fused(&x, &r, &w, &b, 1e-5).unwrap();
+            assert_eq!((s.dims(), n.dims()), (sum.dims(), apart.dims()));
+            assert_eq!(bits(&s), bits(&sum), "{dtype:?} untracked sum");
+            assert_eq!(bits(&n), bits(&apart), "{dtype:?} untracked norm");
         }
     }
 

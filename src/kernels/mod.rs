@@ -14,6 +14,7 @@ pub mod gelu;
 pub mod gemm;
 pub mod heads;
 pub mod host;
+pub mod host_ids;
 pub mod layernorm;
 pub mod logprobs;
 pub mod lora;

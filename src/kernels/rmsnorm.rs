@@ -31,8 +31,8 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, choice: KernelChoice) -> Resul
 }
 
 /// `(x + r, RmsNorm(x + r))` as one op with two outputs, where our kernel serves (`choice`
-/// custom, CUDA, a block tape recording, `w` in x's dtype); `None` elsewhere, and the caller
-/// adds and norms apart.
+/// custom, CUDA, a block tape recording or no input wanting a gradient, `w` in x's dtype);
+/// `None` elsewhere, and the caller adds and norms apart.
 pub fn add_fused(
     x: &Tensor,
     r: &Tensor,
@@ -42,7 +42,7 @@ pub fn add_fused(
 ) -> Result<Option<(Tensor, Tensor)>> {
     let serves = choice == KernelChoice::Custom
         && x.device().is_cuda()
-        && crate::tape::recording()
+        && (crate::tape::recording() || crate::tape::untracked(&[x, r, w]))
         && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
         && w.dtype() == x.dtype();
     if !serves {

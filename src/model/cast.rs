@@ -60,10 +60,9 @@ pub fn weight(w: &Tensor, dtype: DType) -> Result<Tensor> {
     let copy = copies()
         .as_ref()
         .and_then(|m| m.get(&w.id()).filter(|c| c.dtype() == dtype).cloned());
-    let frozen = FROZEN.with_borrow(|m| m.is_some());
     if let Some(c) = copy {
         // Generation records no graph: the same storage, untracked.
-        return Ok(if frozen { c.detach() } else { c });
+        return Ok(if frozen() { c.detach() } else { c });
     }
     let key = (w.id(), dtype);
     if let Some(hit) = FROZEN.with_borrow(|m| m.as_ref().and_then(|m| m.get(&key).cloned())) {
@@ -89,11 +88,16 @@ pub fn weight_if_kept(w: &Tensor, dtype: DType) -> Result<Tensor> {
         && copies()
             .as_ref()
             .is_some_and(|m| m.get(&w.id()).is_some_and(|c| c.dtype() == dtype));
-    let frozen = FROZEN.with_borrow(|m| m.is_some());
-    match kept || frozen {
+    match kept || frozen() {
         true => weight(w, dtype),
         false => Ok(w.clone()),
     }
+}
+
+/// Whether a [`FrozenWeights`] scope is open on this thread: generation, where nothing wants a
+/// gradient.
+pub fn frozen() -> bool {
+    FROZEN.with_borrow(|m| m.is_some())
 }
 
 /// While alive, weights are taken to be constant on this thread: each is cast once. Nothing

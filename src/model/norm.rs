@@ -33,8 +33,10 @@ impl Norm {
     }
 
     /// `(x + r, norm(x + r))`, or `(x, norm(x))` without `r`: the residual stream's add and the
-    /// norm that reads it. On a block tape with our LayerNorm or RMSNorm kernel they are one
-    /// op ([`layernorm::add_fused`], [`rmsnorm::add_fused`]); otherwise the add, then the norm.
+    /// norm that reads it. With our LayerNorm or RMSNorm kernel they are one op
+    /// ([`layernorm::add_fused`], [`rmsnorm::add_fused`]) on a block tape, and in generation
+    /// (inside [`super::cast::FrozenWeights`], where nothing wants a gradient: the inputs are
+    /// taken detached); otherwise the add, then the norm.
     pub fn forward_add(
         &self,
         x: &Tensor,
@@ -44,16 +46,19 @@ impl Norm {
         let Some(r) = r else {
             return Ok((x.clone(), self.forward(x, ctx)?));
         };
-        if tape::recording() {
+        let frozen = super::cast::frozen();
+        if tape::recording() || frozen {
+            let kept = |t: &Tensor| if frozen { t.detach() } else { t.clone() };
+            let (x, r) = (&kept(x), &kept(r));
             match &self.b {
                 Some(b) if layernorm::fuses(x, ctx.kernels.layernorm) => {
-                    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+                    let f32 = |t: &Tensor| t.to_dtype(DType::F32).map(|t| kept(&t));
                     let (w, b) = (f32(&self.w)?, f32(b)?);
                     return Ok(layernorm::add_fused(x, r, &w, &b, self.eps)?);
                 }
                 Some(_) => {}
                 None => {
-                    let w = super::cast::weight(&self.w, x.dtype())?;
+                    let w = kept(&super::cast::weight(&self.w, x.dtype())?);
                     let fused = rmsnorm::add_fused(x, r, &w, self.eps, ctx.kernels.rmsnorm)?;
                     if let Some(pair) = fused {
                         return Ok(pair);

@@ -472,6 +472,12 @@ pub fn record_add_norm(
     Ok((s, n))
 }
 
+/// Whether none of `inputs` carries a gradient anywhere: no variable, and nothing computed
+/// from one in candle's graph (generation's detached weights and their activations).
+pub fn untracked(inputs: &[&Tensor]) -> bool {
+    inputs.iter().all(|t| !t.track_op())
+}
+
 /// Which of `inputs` want a gradient on the current tape (all of them outside one).
 pub fn wanted(inputs: &[&Tensor]) -> Vec<bool> {
     ACTIVE.with(|a| match a.borrow_mut().as_mut() {

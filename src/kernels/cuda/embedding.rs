@@ -291,10 +291,11 @@ struct Pooled {
     done: Option<CudaEvent>,
 }
 
-/// A u32 tensor on its way to the host: copied in the forward into page-locked memory, behind
-/// the work queued so far, and read in the backward, by which time the copy has long finished.
-/// Reading the ids with `to_vec1` in either pass would make the host wait for the device to
-/// drain and leave the device idle while the host then groups them.
+/// A u32 tensor on its way to the host (`host_ids::HostIds` on CUDA): copied into page-locked
+/// memory behind the work queued so far, and read later, once the host has queued more work
+/// (the embedding's backward reads the ids its forward copied; the decode loop queues the next
+/// step first). Reading them with `to_vec1` would make the host wait for the device to drain
+/// and leave the device idle while the host then works on them.
 pub struct PinnedIds {
     slot: Option<Pooled>,
     n: usize,
@@ -309,11 +310,11 @@ impl PinnedIds {
         let n = l.shape().elem_count();
         let stream = s.device().cuda_stream();
         // Its events and the waits on them are illegal in a CUDA graph capture (the decode
-        // step never records a tape, so this does not happen today).
+        // step copies its ids before and after a step, never inside one).
         if stream.capture_status().map_err(candle_core::Error::wrap)?
             != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
         {
-            candle_core::bail!("embedding: the ids' host copy inside a CUDA graph capture");
+            candle_core::bail!("ids: a host copy queued inside a CUDA graph capture");
         }
         let ctx = stream.context();
         let pooled = {
@@ -362,7 +363,7 @@ impl PinnedIds {
     /// The ids, waiting for the copy if it has not finished.
     pub fn read(self) -> Result<Vec<u32>> {
         let Some(slot) = self.slot.as_ref() else {
-            candle_core::bail!("embedding: the ids' host buffer is gone");
+            candle_core::bail!("ids: the host buffer is gone");
         };
         if let Some(done) = &slot.done {
             done.synchronize().map_err(candle_core::Error::wrap)?;

@@ -56,9 +56,10 @@ pub enum GemmTune {
     /// The heuristic's first answer, as cudarc (and a plain cuBLASLt call) takes it: the same
     /// algorithm in every run.
     Heuristic,
-    /// For a problem of at least [`TUNE_MIN_FLOP`], the first call that writes a fresh output
-    /// (beta = 0) times each candidate and keeps the fastest. The choice can differ between
-    /// runs where two candidates time alike.
+    /// A problem of at least [`TUNE_MIN_FLOP`] has each candidate timed on its second call
+    /// (so a shape seen once, a prefill's odd length say, pays nothing) and keeps the fastest,
+    /// for the rest of the process. The choice can differ between runs where two candidates
+    /// time alike.
     Timed,
 }
 
@@ -84,6 +85,9 @@ pub const TUNE_MIN_FLOP: f64 = 1e10;
 /// The largest scratch output (bytes) a candidate is timed into for an accumulating call.
 const TUNE_SCRATCH_MAX: usize = 256 << 20;
 
+/// The call of a problem that times its candidates.
+const TUNE_AT_CALL: u32 = 2;
+
 /// Timed runs per candidate, after one untimed run.
 const TUNE_REPS: usize = 3;
 
@@ -94,6 +98,8 @@ struct Plan {
     algo: sys::cublasLtMatmulAlgo_t,
     /// The heuristic's other answers, in its order, until they are timed; then empty.
     untimed: Vec<sys::cublasLtMatmulAlgo_t>,
+    /// Calls so far.
+    calls: u32,
 }
 
 impl Drop for Plan {
@@ -156,6 +162,7 @@ impl Plan {
             // SAFETY: plain old data, overwritten by the heuristic's answer below.
             algo: unsafe { std::mem::zeroed() },
             untimed: Vec::new(),
+            calls: 0,
         };
         for (slot, (rows, cols, ld)) in
             plan.layouts
@@ -259,7 +266,14 @@ pub(crate) struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     stream: Arc<CudaStream>,
-    plans: Mutex<HashMap<Problem, Plan>>,
+    plans: Mutex<Plans>,
+}
+
+#[derive(Default)]
+struct Plans {
+    live: HashMap<Problem, Plan>,
+    /// Every timed problem's choice, kept when `live` starts over: a problem is timed once.
+    timed: HashMap<Problem, sys::cublasLtMatmulAlgo_t>,
 }
 
 // SAFETY: the handle is used only under the plans' lock (cuBLASLt handles may be shared
@@ -290,7 +304,7 @@ impl Lt {
             handle,
             workspace,
             stream,
-            plans: Mutex::new(HashMap::new()),
+            plans: Mutex::new(Plans::default()),
         })
     }
 
@@ -340,13 +354,14 @@ impl Lt {
             b,
             c,
         };
-        let mut plans = self.plans.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.plans.lock().unwrap_or_else(PoisonError::into_inner);
+        let Plans { live, timed } = &mut *guard;
         // Bounded: every distinct row count (a prefill's length, say) is a problem of its own.
         // cuBLASLt reads a descriptor when a call is queued, so dropping plans is safe.
-        if plans.len() >= MAX_PLANS && !plans.contains_key(p) {
-            plans.clear();
+        if live.len() >= MAX_PLANS && !live.contains_key(p) {
+            live.clear();
         }
-        let plan = match plans.entry(*p) {
+        let plan = match live.entry(*p) {
             std::collections::hash_map::Entry::Occupied(e) => {
                 let plan = e.into_mut();
                 if let Some(b) = bias {
@@ -361,10 +376,17 @@ impl Lt {
             }
             std::collections::hash_map::Entry::Vacant(e) => {
                 let size = self.workspace.len();
-                e.insert(Plan::new(self.handle, p, bias, size)?)
+                let mut plan = Plan::new(self.handle, p, bias, size)?;
+                if let Some(algo) = timed.get(p) {
+                    plan.algo = *algo;
+                    plan.untimed.clear();
+                }
+                e.insert(plan)
             }
         };
-        if !plan.untimed.is_empty() && GemmTune::from_env() == GemmTune::Timed {
+        plan.calls = plan.calls.saturating_add(1);
+        let due = plan.calls >= TUNE_AT_CALL && !plan.untimed.is_empty();
+        if due && GemmTune::from_env() == GemmTune::Timed {
             // Timing waits for the stream, which a CUDA graph capture forbids; a plan first
             // used in one keeps the heuristic's answer until a call outside it.
             let status = self
@@ -385,6 +407,7 @@ impl Lt {
                     let rest = std::mem::take(&mut plan.untimed);
                     let trial = Operands { c: target, ..ops };
                     plan.algo = self.fastest(plan, rest, &trial)?;
+                    timed.insert(*p, plan.algo);
                 }
             }
         }

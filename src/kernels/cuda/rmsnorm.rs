@@ -204,6 +204,15 @@ impl RmsNorm {
 pub fn add_fused(x: &Tensor, r: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     use crate::tape;
     if !tape::recording() {
+        if tape::untracked(&[x, r, w]) {
+            return spans::timed(KernelOp::RmsNorm, Pass::Forward, x.device(), || {
+                check(x, w)?;
+                tape::check_residual(x, r, "rms_norm")?;
+                let op = RmsNorm::new(eps, Some(r.contiguous()?));
+                let both = x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)?;
+                Ok((both.get(1)?, both.get(0)?))
+            });
+        }
         let s = (x + r)?;
         let n = rms_norm_op(&s, w, eps)?;
         return Ok((s, n));
@@ -698,9 +707,9 @@ mod tests {
             .collect()
     }
 
-    /// The fused add and norm on a block tape, through the CPU implementation: the norm
-    /// bit for bit the unfused op's on the rounded sum, and the gradients of x, the residual
-    /// and w those of candle's add and the reference norm.
+    /// The fused add and norm on a block tape (and off it, nothing tracked), through the CPU
+    /// implementation: the norm bit for bit the unfused op's on the rounded sum, and the
+    /// gradients of x, the residual and w those of candle's add and the reference norm.
     #[test]
     fn cpu_add_fused_is_the_add_then_the_norm() -> Result<()> {
         let dev = Device::Cpu;
@@ -727,6 +736,11 @@ mod tests {
                     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
                 };
                 assert_eq!(bits(&norms.borrow()[0])?, bits(&unfused)?, "{dtype:?} norm");
+                // Off the tape with nothing tracked (generation): the same fused pass.
+                let (xd, rd, wd) = (x.as_tensor().detach(), rt.detach(), wt.detach());
+                let (s, n) = add_fused(&xd, &rd, &wd, 1e-5)?;
+                assert_eq!(bits(&s)?, bits(&sum)?, "{dtype:?} untracked sum");
+                assert_eq!(bits(&n)?, bits(&unfused)?, "{dtype:?} untracked norm");
                 let apart = (&sum + rms_norm_reference(&sum, wt, 1e-5)?)?;
                 let g_tape = crate::tape::backward(&(&taped * &dy)?.sum_all()?)?;
                 let g_ref = (&apart * &dy)?.sum_all()?.backward()?;
