@@ -947,6 +947,24 @@ mod gemm {
                 grad_tol(dtype),
             );
             assert_close(&what("db"), &ob[3], &rb[3], tol(dtype), grad_tol(dtype));
+            // Generation's bias + tanh GELU in the epilogue, against the reference GEMM, the
+            // bias add and candle's (tanh) GELU; refused for an input that wants a gradient.
+            let bc = bias.as_tensor().to_dtype(dtype).unwrap();
+            let gelu_epilogue = temper::kernels::cuda::gemm::matmul_nt_bias_gelu;
+            let og = gelu_epilogue(&x, &w, &bc)
+                .unwrap()
+                .expect("cuBLASLt did not take the GELU epilogue");
+            let rg = reference(&x, &w)
+                .and_then(|y| y.broadcast_add(&bc))
+                .and_then(|y| y.gelu())
+                .unwrap();
+            assert_close(&what("gelu(y + b)"), &og, &rg, tol(dtype), elem_tol(dtype));
+            let tracked = Var::from_tensor(&x).unwrap();
+            assert!(
+                gelu_epilogue(tracked.as_tensor(), &w, &bc).is_err(),
+                "{}",
+                what("the GELU epilogue took an input that wants a gradient")
+            );
             let xv = Var::from_tensor(&x).unwrap();
             let y = matmul_nt(xv.as_tensor(), &w, KernelChoice::Custom).unwrap();
             let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();

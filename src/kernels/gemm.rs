@@ -117,6 +117,29 @@ pub fn linear_bias_epilogue(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option
     }
 }
 
+/// `gelu_tanh(x W^T + b)` with the bias and the GELU in cuBLASLt's epilogue, for generation
+/// (no input may carry a gradient: the epilogue has no backward); `None` off CUDA or where
+/// cuBLASLt does not take the GEMM.
+pub fn linear_bias_gelu_epilogue(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    if !x.device().is_cuda() {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        super::spans::timed(
+            super::KernelOp::Gemm,
+            super::spans::Pass::Forward,
+            x.device(),
+            || super::cuda::gemm::matmul_nt_bias_gelu(x, w, b),
+        )
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (w, b);
+        Ok(None)
+    }
+}
+
 /// `x W^T (+ bias)` for `x` of any rank (`[..., K]`), `W [N, K]`.
 pub fn linear(
     x: &Tensor,

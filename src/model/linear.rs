@@ -106,14 +106,20 @@ impl Linear {
     }
 
     /// `act(x W^T + b)`. Without an active adapter: a bias alone is our cuBLASLt GEMM's
-    /// epilogue where both the `gemm` and `bias` kernels serve; otherwise the bias and the
+    /// epilogue where both the `gemm` and `bias` kernels serve, and so are the bias and GELU
+    /// in generation (inside [`super::cast::FrozenWeights`], where no backward needs the
+    /// pre-activation) where the `gelu` kernel serves too; otherwise the bias and the
     /// activation run as one pass over the GEMM's output where the `bias` kernel serves
     /// (`kernels::bias`).
     pub fn forward_act(&self, x: &Tensor, ctx: &Ctx, act: BiasAct) -> Result<Tensor> {
         let adapter_on = self.adapter.is_some() && ctx.use_lora;
         if let (Some(b), false) = (&self.b, adapter_on) {
             let (k, custom) = (ctx.kernels, KernelChoice::Custom);
-            let epilogue = act == BiasAct::Identity && k.gemm == custom && k.bias == custom;
+            let act_fuses = match act {
+                BiasAct::Identity => true,
+                BiasAct::GeluTanh => super::cast::frozen() && k.gelu == custom,
+            };
+            let epilogue = act_fuses && k.gemm == custom && k.bias == custom;
             let fuses = bias::fuses(x, k.bias);
             // The weight is cast once, for whichever fused path takes the call.
             if epilogue || fuses {
@@ -123,7 +129,18 @@ impl Linear {
                     // generation's one cast) where `weight_if_kept` allows, as the f32 master
                     // would be cast every call.
                     let bc = super::cast::weight_if_kept(b, ctx.dtype)?;
-                    if let Some(y) = crate::kernels::gemm::linear_bias_epilogue(x, &w, &bc)? {
+                    let y = match act {
+                        BiasAct::Identity => {
+                            crate::kernels::gemm::linear_bias_epilogue(x, &w, &bc)?
+                        }
+                        // Generation: nothing wants a gradient, so the inputs go detached.
+                        BiasAct::GeluTanh => crate::kernels::gemm::linear_bias_gelu_epilogue(
+                            &x.detach(),
+                            &w.detach(),
+                            &bc.detach(),
+                        )?,
+                    };
+                    if let Some(y) = y {
                         return Ok(y);
                     }
                 }

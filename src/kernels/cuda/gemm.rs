@@ -14,7 +14,7 @@ use candle_core::{
 use super::super::bias::BiasAct;
 use super::super::spans::{self, Pass};
 use super::super::KernelOp;
-use super::lt_plans::{Lt, Problem};
+use super::lt_plans::{Epilogue, Lt, Problem};
 use super::{alloc_out, contiguous_view, cuda_storage, DevPtrs};
 
 type Result<T> = candle_core::Result<T>;
@@ -50,7 +50,7 @@ impl Form {
     }
 
     /// cuBLASLt's view: A is our `b`, B our `a`.
-    fn problem(self, dtype: DType, m: usize, n: usize, k: usize, bias: bool) -> Problem {
+    fn problem(self, dtype: DType, m: usize, n: usize, k: usize, epilogue: Epilogue) -> Problem {
         let (transa, lda) = match self {
             Form::Nt => (true, k),
             Form::Nn | Form::Tn => (false, n),
@@ -69,7 +69,7 @@ impl Form {
             lda: lda as i64,
             ldb: ldb as i64,
             ldc: n as i64,
-            bias,
+            epilogue,
         }
     }
 }
@@ -302,7 +302,8 @@ pub fn matmul_nt_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tenso
     }
     let arg = crate::tape::arg;
     let args = [prepared(&arg(x))?, prepared(&arg(w))?, arg(b).contiguous()?];
-    let y = crate::tape::op3_with([x, w, b], args, GemmBias, |_, [x, w, b], g, want, acc| {
+    let op = GemmBias(BiasAct::Identity);
+    let y = crate::tape::op3_with([x, w, b], args, op, |_, [x, w, b], g, want, acc| {
         let want = [want[0], want[1], want[2]];
         // On the tape the bias gradient stays f32 even for a bf16 compute copy: the optimizer
         // reads either, and nothing adds to it.
@@ -312,8 +313,26 @@ pub fn matmul_nt_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tenso
     Ok(Some(y))
 }
 
-/// `x W^T + b`, `b` in any float dtype, added by the epilogue.
-struct GemmBias;
+/// `gelu_tanh(x W^T + b)` through cuBLASLt, the bias and the GELU both in its epilogue
+/// (PyTorch's `_addmm_activation`), for generation: the epilogue keeps no pre-activation for a
+/// backward, so no input may carry a gradient (an error otherwise) and no tape may be
+/// recording. The GELU reads the f32 sum, not one rounded to the dtype as the GEMM, then the
+/// `bias` kernel, round it. `None` where cuBLASLt does not take the GEMM.
+pub fn matmul_nt_bias_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    match takes_nt(x, w) {
+        Some(n) if b.dims() == [n] => {}
+        _ => return Ok(None),
+    }
+    if crate::tape::recording() || !crate::tape::untracked(&[x, w, b]) {
+        candle_core::bail!("gemm: the GELU epilogue has no backward; its inputs want a gradient");
+    }
+    let op = GemmBias(BiasAct::GeluTanh);
+    let y = prepared(x)?.apply_op3_no_bwd(&prepared(w)?, &b.contiguous()?, &op)?;
+    Ok(Some(y))
+}
+
+/// `act(x W^T + b)`, `b` in any float dtype, added (and `act` applied) by the epilogue.
+struct GemmBias(BiasAct);
 
 impl CustomOp3 for GemmBias {
     fn name(&self) -> &'static str {
@@ -354,9 +373,10 @@ impl CustomOp3 for GemmBias {
                 &cast
             }
         };
+        let epilogue = Some((bias, self.0));
         match sa.dtype() {
-            DType::BF16 => run::<half::bf16>(Form::Nt, (sa, la), (sb, lb), Some(bias)),
-            DType::F16 => run::<half::f16>(Form::Nt, (sa, la), (sb, lb), Some(bias)),
+            DType::BF16 => run::<half::bf16>(Form::Nt, (sa, la), (sb, lb), epilogue),
+            DType::F16 => run::<half::f16>(Form::Nt, (sa, la), (sb, lb), epilogue),
             dt => candle_core::bail!("gemm: no cuBLASLt path for {dt:?}"),
         }
     }
@@ -369,6 +389,9 @@ impl CustomOp3 for GemmBias {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.0 != BiasAct::Identity {
+            candle_core::bail!("gemm: the GELU epilogue has no backward");
+        }
         let want = [x.track_op(), w.track_op(), b.track_op()];
         // candle's graph adds the gradient to the bias's own zero-filled one: its dtype.
         bias_epilogue_grads(grad, x, w, b, want, None, b.dtype())
@@ -429,13 +452,13 @@ pub(crate) fn nt_storage(
     }
 }
 
-/// `C = op(a) op(b)` in `form`, plus `bias` (`[N]`, the matrices' dtype) on every row of C as
-/// cuBLASLt's epilogue when given.
+/// `C = op(a) op(b)` in `form`, plus `bias` (`[N]`, the matrices' dtype) on every row of C
+/// and then its activation as cuBLASLt's epilogue when given.
 fn run<T>(
     form: Form,
     (sa, la): (&CudaStorage, &Layout),
     (sb, lb): (&CudaStorage, &Layout),
-    bias: Option<&CudaStorage>,
+    bias: Option<(&CudaStorage, BiasAct)>,
 ) -> Result<(CudaStorage, Shape)>
 where
     T: CudaDType + WithDType + DeviceRepr + ValidAsZeroBits,
@@ -455,8 +478,13 @@ where
     };
     let a = contiguous_view::<T>(sa, la)?;
     let b = contiguous_view::<T>(sb, lb)?;
+    let epilogue = match bias {
+        None => Epilogue::Plain,
+        Some((_, BiasAct::Identity)) => Epilogue::Bias,
+        Some((_, BiasAct::GeluTanh)) => Epilogue::BiasGelu,
+    };
     let bias = match bias {
-        Some(s) => {
+        Some((s, _)) => {
             let v = s.as_cuda_slice::<T>()?;
             if v.len() != n {
                 candle_core::bail!("gemm: a bias of {} for {n} columns", v.len());
@@ -482,7 +510,7 @@ where
         let (pa, pb) = (ptrs.read(&a), ptrs.read(&b));
         let pbias = bias.as_ref().map(|v| ptrs.read(v));
         let pc = ptrs.write(&mut c);
-        let problem = form.problem(T::DTYPE, m, n, k, pbias.is_some());
+        let problem = form.problem(T::DTYPE, m, n, k, epilogue);
         // SAFETY: a, b hold M*K and K*N elements in the layouts `problem` describes (cuBLASLt's
         // A is our b), c M*N, the bias N; all aligned (`prepared`, fresh allocations).
         unsafe { lt.matmul(&problem, 1.0, 0.0, pb, pa, pc, pbias) }?;
@@ -522,7 +550,7 @@ where
     let mut ptrs = DevPtrs::new(&stream);
     let (pa, pb) = (ptrs.read(&a), ptrs.read(&b));
     let pc = ptrs.write(&mut c);
-    let problem = form.problem(T::DTYPE, m, n, k, false);
+    let problem = form.problem(T::DTYPE, m, n, k, Epilogue::Plain);
     // SAFETY: a, b hold M*K and K*N elements in the layouts `problem` describes, c M*N, which
     // the GEMM reads (beta = 1) and writes; all aligned (`accumulates`, `prepared`).
     unsafe { lt.matmul(&problem, 1.0, 1.0, pb, pa, pc, None) }

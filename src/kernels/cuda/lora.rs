@@ -32,7 +32,7 @@ use candle_core::{
 use super::super::lora::LoraArgs;
 use super::super::spans::{self, Pass};
 use super::super::KernelOp;
-use super::lt_plans::{Lt, Problem};
+use super::lt_plans::{Epilogue, Lt, Problem};
 use super::{
     alloc_out, compute_capability, contiguous_view, cuda_storage, grid_stride, launch, load_func,
     sm_count, tensor_from_slice, to_i32, DevPtr, DevPtrs, KernelParams, LaunchConfig,
@@ -314,7 +314,7 @@ fn gemm(
             lda: ldb as i64,
             ldb: lda as i64,
             ldc: ldc as i64,
-            bias: false,
+            epilogue: Epilogue::Plain,
         };
         // SAFETY: the callers' buffers hold the matrices `problem` describes (cuBLASLt's A is
         // our b), checked aligned above, and stay live on this stream until the GEMM has run.

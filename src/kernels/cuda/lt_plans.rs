@@ -39,8 +39,24 @@ pub(crate) struct Problem {
     pub lda: i64,
     pub ldb: i64,
     pub ldc: i64,
-    /// A bias vector of `m` added to every column by the epilogue.
-    pub bias: bool,
+    pub epilogue: Epilogue,
+}
+
+/// What cuBLASLt's epilogue does to `op(A) op(B)` before it is rounded and stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Epilogue {
+    Plain,
+    /// Adds a bias vector of `m` to every column.
+    Bias,
+    /// Adds the bias, then applies GELU's tanh form (PyTorch's `_addmm_activation`): for
+    /// generation only, as the pre-activation a backward would need is not kept.
+    BiasGelu,
+}
+
+impl Epilogue {
+    pub fn has_bias(self) -> bool {
+        self != Epilogue::Plain
+    }
 }
 
 impl Problem {
@@ -172,9 +188,10 @@ impl Plan {
             *slot = lt::create_matrix_layout(ty, rows, cols, ld).map_err(lt_error)?;
         }
         let (ta, tb) = (i32::from(p.transa), i32::from(p.transb));
-        let epilogue = match p.bias {
-            true => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
-            false => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
+        let epilogue = match p.epilogue {
+            Epilogue::Plain => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
+            Epilogue::Bias => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            Epilogue::BiasGelu => sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
         };
         use sys::cublasLtMatmulDescAttributes_t as A;
         // SAFETY: each value is a live local of the attribute's type and size.
@@ -325,14 +342,14 @@ impl Lt {
         Ok(lt)
     }
 
-    /// `D = alpha op(A) op(B) + beta C` (plus the bias where `p.bias`), `C` and `D` the same
+    /// `D = alpha op(A) op(B) + beta C` (and `p.epilogue`), `C` and `D` the same
     /// buffer, on this stream, with `p`'s plan (made on first use).
     ///
     /// # Safety
     /// `a`, `b`, `c` (and `bias`) are device pointers on this stream's device holding the
     /// matrices `p` describes (the bias `p.m` elements), 256-byte aligned as cuBLASLt's
     /// heuristic assumes, and live until the GEMM has run; `bias` is `Some` exactly when
-    /// `p.bias`.
+    /// `p.epilogue` has one.
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn matmul(
         &self,
@@ -344,7 +361,7 @@ impl Lt {
         c: u64,
         bias: Option<u64>,
     ) -> Result<()> {
-        if p.bias != bias.is_some() {
+        if p.epilogue.has_bias() != bias.is_some() {
             candle_core::bail!("gemm: a bias epilogue without its bias, or a bias without it");
         }
         let ops = Operands {
@@ -521,7 +538,7 @@ mod tests {
             lda: k as i64,
             ldb: k as i64,
             ldc: n as i64,
-            bias: false,
+            epilogue: Epilogue::Plain,
         }
     }
 
