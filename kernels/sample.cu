@@ -8,12 +8,19 @@
 //    f32 in [0, 1] (non-negative floats order like their bits), ~30 block reductions; no sort.
 // 3. top-p: the largest t' >= t whose kept mass reaches top_p times the top-k mass, the same way.
 // 4. target = u * (kept mass), u from the counter-based hash of (row key, pos); the token is
-//    the first index, in vocabulary order, whose running kept mass exceeds target: a block
-//    prefix scan over chunks of blockDim.x entries, stopping at the chunk that contains it.
+//    the first index, in vocabulary order, whose running kept mass exceeds target. The row is
+//    cut into one contiguous segment per warp; one pass sums each segment's kept mass (a warp
+//    reads its segment 32 entries at a time), their running sums (in warp order) name the
+//    segment that holds the target, and that one warp scans its segment with warp prefix sums,
+//    no block barrier per step. (A block-wide scan over the whole row in chunks of blockDim.x
+//    cost four barriers a chunk, ~100 chunks at GPT-2's vocabulary: tens of microseconds a
+//    decode step.)
 // Each pass over a row is unrolled 4x, so that a thread has four loads in flight before the
 // first is used (its order of accumulation is unchanged).
 // Sums are f32 trees here and sequential f64 in the reference, so a draw whose u falls within
-// rounding of a bucket edge may pick the neighbour; greedy is exact.
+// rounding of a bucket edge may pick the neighbour; greedy is exact. Where rounding leaves the
+// target at or past the mass the chosen warp finds, the token is the last kept one of its
+// segment (the last kept one of the row when the target is past every segment).
 //
 // Launch: grid (B), block kThreads; reads p.logits [B, V] in the model's dtype (rows
 // contiguous; converted to f32 as they are read, exactly as the reference's cast does), p.keys
@@ -77,37 +84,6 @@ static __device__ __forceinline__ void block_argmax(float &val, int &idx, float 
   for (int w = 1; w < kWarps; ++w) {
     if (sval[w] > val || (sval[w] == val && sidx[w] < idx)) val = sval[w], idx = sidx[w];
   }
-}
-
-// Inclusive prefix sum over the block; `total` gets the block's sum.
-static __device__ __forceinline__ float block_scan(float x, float &total, float *scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const float y = __shfl_up_sync(0xffffffffu, x, o);
-    if (lane >= o) x += y;
-  }
-  __syncthreads();
-  if (lane == 31) scratch[warp] = x;
-  __syncthreads();
-  float before = 0.f;
-  total = 0.f;
-  for (int w = 0; w < kWarps; ++w) {
-    if (w < warp) before += scratch[w];
-    total += scratch[w];
-  }
-  return x + before;
-}
-
-static __device__ __forceinline__ int block_min_int(int x, int *scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = min(x, __shfl_xor_sync(0xffffffffu, x, o));
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = x;
-  __syncthreads();
-  x = scratch[0];
-  for (int w = 1; w < kWarps; ++w) x = min(x, scratch[w]);
-  return x;
 }
 
 template <typename T> struct Row {
@@ -187,31 +163,66 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
     const float goal = p.top_p * mass_at_least(r, t, scratch);
     t = threshold(r, false, goal, t, scratch);
   }
-  const float target = uniform((unsigned long long)p.keys[row], pos) *
-                       mass_at_least(r, t, scratch);
-
-  float running = 0.f;
-  int my_last = -1;  // this thread's last kept index
-  for (int base = 0; base < r.v; base += kThreads) {
-    const int i = base + threadIdx.x;
-    const float x = i < r.v ? r.w(i) : 0.f;
+  // Each warp's segment: [w * seg, min((w + 1) * seg, v)), seg a multiple of 32.
+  __shared__ float smass[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int seg = (r.v + kThreads - 1) / kThreads * 32;
+  auto kept_w = [&](int i) {
     // A zero weight (a logit masked to -inf, or one that underflows) is never kept: with no
-    // top-k threshold (t = 0) it would otherwise count, and the fallback below could pick it.
-    const bool kept = i < r.v && x >= t && x > 0.f;
-    const float mine = kept ? x : 0.f;
-    float chunk = 0.f;
-    const float incl = block_scan(mine, chunk, scratch);
-    const int hit = block_min_int(kept && running + incl > target ? i : 0x7fffffff, sidx);
-    if (hit != 0x7fffffff) {
-      if (threadIdx.x == 0) p.out[row] = (unsigned int)hit;
+    // top-k threshold (t = 0) it would otherwise count, and the fallback could pick it.
+    const float x = i < r.v ? r.w(i) : 0.f;
+    return x >= t && x > 0.f ? x : 0.f;
+  };
+  {
+    const int lo = warp * seg, hi = min(lo + seg, r.v);
+    float m = 0.f;
+#pragma unroll 4
+    for (int i = lo + lane; i < hi; i += 32) m += kept_w(i);
+    m = warp_sum(m);
+    if (lane == 0) smass[warp] = m;
+  }
+  __syncthreads();
+  // Every thread walks the segments' running sums alike: the first whose running sum exceeds
+  // the target, else (rounding) the last with any kept mass.
+  float total = 0.f;
+  for (int w = 0; w < kWarps; ++w) total += smass[w];
+  const float target = uniform((unsigned long long)p.keys[row], pos) * total;
+  int chosen = -1;
+  float before = 0.f, acc = 0.f;
+  for (int w = 0; w < kWarps; ++w) {
+    if (smass[w] <= 0.f) continue;
+    chosen = w, before = acc;
+    acc += smass[w];
+    if (acc > target) break;
+  }
+  if (chosen < 0) {  // nothing kept (every logit held back): token 0, as the reference
+    if (threadIdx.x == 0) p.out[row] = 0u;
+    return;
+  }
+  if (warp != chosen) return;
+  const int lo = chosen * seg, hi = min(lo + seg, r.v);
+  float running = before;
+  int last_kept = -1;
+  for (int base = lo; base < hi; base += 32) {
+    const int i = base + lane;
+    const float x = i < hi ? kept_w(i) : 0.f;
+    float incl = x;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const float y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    const unsigned hits = __ballot_sync(0xffffffffu, x > 0.f && running + incl > target);
+    if (hits != 0u) {
+      if (lane == 0) p.out[row] = (unsigned int)(base + __ffs(hits) - 1);
       return;
     }
-    if (kept) my_last = i;
-    running += chunk;
+    const unsigned kept = __ballot_sync(0xffffffffu, x > 0.f);
+    if (kept != 0u) last_kept = base + 31 - __clz(kept);
+    running += __shfl_sync(0xffffffffu, incl, 31);
   }
-  // Rounding left the target at or past the kept mass: the last kept token, as the reference.
-  const int last_kept = -block_min_int(-my_last, sidx);
-  if (threadIdx.x == 0) p.out[row] = (unsigned int)max(last_kept, 0);
+  // Rounding left the target at or past the mass this scan found: its last kept token.
+  if (lane == 0) p.out[row] = (unsigned int)max(last_kept, 0);
 }
 
 }  // namespace sample

@@ -593,6 +593,11 @@ inline unsigned __ballot_sync(unsigned, int pred, EMU_AT) {
   return out;
 }
 
+// Bit intrinsics on a 32-bit int: 1 + the index of the lowest set bit (0 for none), and the
+// number of leading zeros (32 for none).
+inline int __ffs(int x) { return x == 0 ? 0 : __builtin_ctz((unsigned)x) + 1; }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
+
 // ---------------------------------------------------------------------------------------
 // Atomics: one host thread runs every fiber, so a plain read-modify-write is atomic.
 // ---------------------------------------------------------------------------------------
