@@ -359,8 +359,8 @@ mod gpu {
         (&[5], 96, 40, 64, false),
         (&[300], 128, 384, 128, true),
         (&[1000], 64, 70, 16, false), // N % 8 != 0: the cuBLAS path for dY
-        // The base GEMM (y += x W^T) and dx += dY W above `TUNE_MIN_FLOP`: cuBLASLt's
-        // candidates timed in scratch, as both accumulate.
+        // A larger layer: the base GEMM (y += x W^T) and dx += dY W, both accumulating, have
+        // cuBLASLt's candidates timed in scratch.
         (&[1031], 1536, 4096, 16, true),
         // Several 64 x 64 dY tiles per `lora_dy` block (the cp.async prefetch of tile t + 1
         // while t is used, accumulation over later tiles) with ragged M and N edges. With

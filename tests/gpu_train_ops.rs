@@ -822,8 +822,8 @@ mod gemm {
 
     pub fn gemm_matches_reference(dev: &Device) {
         let (mut rng, seed) = Rng::fresh(0x6e33);
-        // (M, K, N): one row; GPT-2's attention, MLP and LM head shapes at odd row counts; one
-        // above `TUNE_MIN_FLOP` (forward and both gradients).
+        // (M, K, N): one row; GPT-2's attention, MLP and LM head shapes at odd row counts; a
+        // larger one. All but the first are at or above `TUNE_MIN_FLOP`.
         for (m, k, n) in [
             (1, 8, 8),
             (37, 768, 2304),
