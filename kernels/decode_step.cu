@@ -5,20 +5,30 @@
 //
 // - kv_write_b<bytes>: new keys or values [rows, d] (rows = B * Hkv, one position each) into
 //   position L of a cache [rows, cap, d]; nothing is written once L >= cap.
+// - qkv_write_b<bytes>: one position's stacked projections y [B, nq + 2 nkv] (q, then k,
+//   then v; each [heads, d]) split in one pass: q into out [B, nq], k and v into position L
+//   of their caches [B, nkv / d, cap, d] (nothing once L >= cap). With GPT-2's q, k and v in
+//   one GEMM this replaces two GEMM launches and a KV write per layer.
 // - mark_key: key mask [rows, cap] f32: mask[r, L] = 1 (the position the next step writes).
 // - increment_u32 / increment_i64: every element += 1 (the rows' positions; `step` itself).
 //
 // Launch (src/kernels/cuda/decode_step.rs): one thread per element of `n`, 256 per block.
 
 struct DecodeParams {
-  void *dst;               // kv_write: cache [rows, cap, d]; mark_key: mask; increment: values
-  const void *src;         // kv_write: [rows, d]; unused otherwise
-  const long long *step;   // [2]: cache length, draw index (kv_write, mark_key)
-  long long n;             // elements: rows * d (kv_write), rows (mark_key), values (increment)
+  void *dst;               // kv_write: cache [rows, cap, d]; mark_key: mask; increment: values;
+                           // qkv_write: the key cache
+  const void *src;         // kv_write: [rows, d]; qkv_write: y [B, nq + 2 nkv]
+  const long long *step;   // [2]: cache length, draw index (kv_write, mark_key, qkv_write)
+  long long n;             // elements: rows * d (kv_write), rows (mark_key), values
+                           // (increment), B * (nq + 2 nkv) (qkv_write)
   int cap;                 // positions the cache (and the mask's rows) hold
-  int d;                   // kv_write: values per position
+  int d;                   // kv_write, qkv_write: values per position of one head
+  void *dst2;              // qkv_write: the value cache
+  void *out;               // qkv_write: q [B, nq]
+  int nq;                  // qkv_write: query width (query heads * d)
+  int nkv;                 // qkv_write: key (and value) width (kv heads * d)
 };
-static_assert(sizeof(DecodeParams) == 40, "DecodeParams: keep in step with the Rust mirror");
+static_assert(sizeof(DecodeParams) == 64, "DecodeParams: keep in step with the Rust mirror");
 
 namespace {
 
@@ -30,6 +40,25 @@ template <typename U> __device__ void kv_write(const DecodeParams &p) {
   static_cast<U *>(p.dst)[(r * p.cap + len) * p.d + c] = static_cast<const U *>(p.src)[i];
 }
 
+template <typename U> __device__ void qkv_write(const DecodeParams &p) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= p.n) return;
+  const long long width = p.nq + 2LL * p.nkv;
+  const long long b = i / width, c = i % width;
+  const U x = static_cast<const U *>(p.src)[i];
+  if (c < p.nq) {
+    static_cast<U *>(p.out)[b * p.nq + c] = x;
+    return;
+  }
+  const long long len = p.step[0];
+  if (len < 0 || len >= p.cap) return;
+  const bool value = c >= p.nq + p.nkv;
+  const long long e = c - p.nq - (value ? p.nkv : 0);  // index within k (or v): head * d + j
+  const long long heads = p.nkv / p.d, h = e / p.d, j = e % p.d;
+  U *cache = static_cast<U *>(value ? p.dst2 : p.dst);
+  cache[((b * heads + h) * p.cap + len) * p.d + j] = x;
+}
+
 template <typename T> __device__ void increment(const DecodeParams &p) {
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i < p.n) static_cast<T *>(p.dst)[i] += 1;
@@ -39,6 +68,9 @@ template <typename T> __device__ void increment(const DecodeParams &p) {
 
 extern "C" __global__ void kv_write_b2(const DecodeParams p) { kv_write<unsigned short>(p); }
 extern "C" __global__ void kv_write_b4(const DecodeParams p) { kv_write<unsigned int>(p); }
+
+extern "C" __global__ void qkv_write_b2(const DecodeParams p) { qkv_write<unsigned short>(p); }
+extern "C" __global__ void qkv_write_b4(const DecodeParams p) { qkv_write<unsigned int>(p); }
 
 extern "C" __global__ void mark_key(const DecodeParams p) {
   const long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;

@@ -434,12 +434,17 @@ mod gpu {
                     scale: inp.scale,
                 };
                 let y_ref = lora::lora_linear_reference(&inp.x.1, &inp.x.1, &args_c).unwrap();
-                // Twice: a GEMM's second call times cuBLASLt's candidates (at or above
-                // `TUNE_MIN_FLOP`) and runs the fastest.
-                for call in ["first call", "second call"] {
-                    let y = lora_linear_with(&inp.x.0, &args_g, DyPath::Auto)
-                        .unwrap()
-                        .expect("kernel covers the dtype");
+                // Twice: the heuristic's answers, then (at or above `TUNE_MIN_FLOP`)
+                // cuBLASLt's candidates timed and the fastest run.
+                for timed in [false, true] {
+                    let call = if timed { "timed" } else { "untimed" };
+                    let fwd = || lora_linear_with(&inp.x.0, &args_g, DyPath::Auto);
+                    let y = match timed {
+                        true => temper::kernels::cuda::timing_first_calls(fwd),
+                        false => fwd(),
+                    }
+                    .unwrap()
+                    .expect("kernel covers the dtype");
                     assert_eq!(y.dims(), y_ref.dims());
                     assert_eq!(y.dtype(), dtype);
                     assert_close(

@@ -862,10 +862,16 @@ mod gemm {
                     what("cuBLASLt did not take the call")
                 );
                 let refs = run(KernelChoice::Reference, &x, &w, &dy);
-                // Twice: a problem's second call times cuBLASLt's candidates (at or above
-                // `TUNE_MIN_FLOP`) and runs the fastest.
-                for call in ["first call", "second call"] {
-                    let ours = run(KernelChoice::Custom, &x, &w, &dy);
+                // Twice: the heuristic's answer, then (at or above `TUNE_MIN_FLOP`)
+                // cuBLASLt's candidates timed and the fastest run.
+                for timed in [false, true] {
+                    let call = if timed { "timed" } else { "untimed" };
+                    let ours = match timed {
+                        true => temper::kernels::cuda::timing_first_calls(|| {
+                            run(KernelChoice::Custom, &x, &w, &dy)
+                        }),
+                        false => run(KernelChoice::Custom, &x, &w, &dy),
+                    };
                     let what = |s: &str| what(&format!("{call}: {s}"));
                     assert_close(&what("y"), &ours[0], &refs[0], tol(dtype), elem_tol(dtype));
                     assert_close(&what("dx"), &ours[1], &refs[1], tol(dtype), grad_tol(dtype));

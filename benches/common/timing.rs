@@ -8,7 +8,9 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 /// Median milliseconds of `f` between CUDA events on candle's stream, after `warmup` untimed
-/// calls (module loads, cuBLAS heuristics, allocator pools). The repeats are queued back to
+/// calls (module loads, cuBLAS heuristics, allocator pools, and the timing of cuBLASLt's
+/// candidates for each GEMM, done in the warm-up rather than left to a timed call, unless
+/// `TEMPER_GEMM_TUNE=heuristic`). The repeats are queued back to
 /// back and the host waits once, at the end (as `triton.testing.do_bench` does): where the
 /// GPU work of a call outlasts the host's, the host runs ahead and each pair of events times
 /// the GPU alone; where it does not, the host's time shows. scripts/bench_peers.py times
@@ -24,9 +26,12 @@ pub fn cuda_time_ms(
     use candle_core::cuda_backend::WrapErr;
     let stream = dev.as_cuda_device()?.cuda_stream();
     let ctx = stream.context().clone();
-    for _ in 0..warmup {
-        f()?;
-    }
+    temper::kernels::cuda::timing_first_calls(|| {
+        for _ in 0..warmup {
+            f()?;
+        }
+        candle_core::Result::Ok(())
+    })?;
     dev.synchronize()?;
     let event = || ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).w();
     let pairs = (0..reps)

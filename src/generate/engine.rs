@@ -226,8 +226,9 @@ impl ProfilerRange {
 impl Drop for ProfilerRange {
     fn drop(&mut self) {
         let opened = self.0;
-        // SAFETY: as in `at`; the range closes after the step's last launch (the host's read
-        // of the ids synchronises before the next step).
+        // SAFETY: as in `at`. The range closes once the step is queued, before its kernels
+        // have run (the host queues the next step before it waits for this one's ids): ncu,
+        // which profiles per launch, sees them; a range-based profiler would cut them off.
         #[cfg(feature = "cuda")]
         if opened {
             unsafe { crate::kernels::cuda::cudarc::driver::sys::cuProfilerStop() };

@@ -251,9 +251,10 @@ mod graph {
                 State::Fresh => {}
             }
             // The eager step uploads what candle's ops read from the host (strides, shapes)
-            // into its cache, where the capture finds them.
+            // into its cache, where the capture finds them. Its GEMMs are timed now: the
+            // graph replays them and calls none of them again.
             let _uploads = cuda.enable_cuda_graph_htod_cache();
-            body(cache)?;
+            crate::kernels::cuda::timing_first_calls(|| body(cache))?;
             // From here the step has run: whatever fails leaves the eager step in use.
             let stream = cuda.cuda_stream();
             *state = match capture(&stream, || body(cache)) {

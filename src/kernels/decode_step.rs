@@ -8,7 +8,9 @@
 //! `kernels/decode_step.cu` (tested against it on the device, `tests/gpu_sample.rs`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp2, DType, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Shape, Tensor,
+};
 
 use super::host::slice;
 
@@ -32,6 +34,46 @@ pub fn kv_write(cache: &Tensor, new: &Tensor, step: &Tensor) -> Result<()> {
     }
     check_step(step)?;
     cache.inplace_op3(&new.contiguous()?, step, &KvWrite)
+}
+
+/// One decode position's stacked projections `y` (`[B, 1, nq + 2 nkv]`: q, then k, then v,
+/// each `[heads, D]`) split in one pass: returns q as `[B, nq / D, 1, D]` and writes k and v at
+/// position `L = step[0]` of `kcache` and `vcache` (`[B, nkv / D, cap, D]`, contiguous, `y`'s
+/// dtype), as [`kv_write`] does each (nothing once `L >= cap`). With q, k and v from one GEMM
+/// this is one launch where the separate projections took three GEMMs and two writes.
+pub fn qkv_write(
+    y: &Tensor,
+    kcache: &Tensor,
+    vcache: &Tensor,
+    step: &Tensor,
+    nq: usize,
+) -> Result<Tensor> {
+    let (b, hkv, cap, d) = kcache.dims4()?;
+    let width = nq + 2 * hkv * d;
+    let fits = y.dims() == [b, 1, width] && nq.is_multiple_of(d.max(1));
+    if !fits || vcache.dims() != kcache.dims() || !kcache.is_contiguous() || !vcache.is_contiguous()
+    {
+        candle_core::bail!(
+            "qkv_write: y {:?} with {nq} query columns for caches {:?} and {:?}",
+            y.dims(),
+            kcache.dims(),
+            vcache.dims()
+        );
+    }
+    let dtype = y.dtype();
+    if kcache.dtype() != dtype || vcache.dtype() != dtype {
+        candle_core::bail!("qkv_write: y {dtype:?} for {:?} caches", kcache.dtype());
+    }
+    check_step(step)?;
+    let op = QkvWrite {
+        k: kcache.clone(),
+        v: vcache.clone(),
+        step: step.clone(),
+        nq,
+        cap,
+    };
+    let q = y.reshape((b, width))?.apply_op2_no_bwd(step, &op)?;
+    q.reshape((b, nq / d.max(1), 1, d))
 }
 
 /// `mask[r, L] = 1` for every row of `mask` (`[B, cap]` f32, contiguous), `L = step[0]`;
@@ -123,6 +165,69 @@ impl InplaceOp3 for KvWrite {
         ls: &Layout,
     ) -> Result<()> {
         super::cuda::decode_step::kv_write((cache, lc), (new, ln), (step, ls))
+    }
+}
+
+/// [`qkv_write`]'s op: `y` `[B, nq + 2 nkv]` and `step` in, q `[B, nq]` out; the caches it
+/// writes are held here (a candle op mutates at most its first input).
+struct QkvWrite {
+    k: Tensor,
+    v: Tensor,
+    step: Tensor,
+    nq: usize,
+    cap: usize,
+}
+
+impl CustomOp2 for QkvWrite {
+    fn name(&self) -> &'static str {
+        "temper-qkv-write"
+    }
+
+    fn cpu_fwd(
+        &self,
+        y: &CpuStorage,
+        ly: &Layout,
+        step: &CpuStorage,
+        ls: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let &[b, width] = ly.dims() else {
+            candle_core::bail!("qkv_write: y {:?}", ly.dims());
+        };
+        let (nq, nkv) = (self.nq, (width - self.nq) / 2);
+        let (_, hkv, _, d) = self.k.dims4()?;
+        let dev = &candle_core::Device::Cpu;
+        let y = match y {
+            CpuStorage::F32(_) => Tensor::from_slice(slice::<f32>(y, ly)?, (b, width), dev)?,
+            CpuStorage::BF16(_) => {
+                Tensor::from_slice(slice::<half::bf16>(y, ly)?, (b, width), dev)?
+            }
+            CpuStorage::F16(_) => Tensor::from_slice(slice::<half::f16>(y, ly)?, (b, width), dev)?,
+            other => candle_core::bail!("qkv_write: no CPU path for {:?}", other.dtype()),
+        };
+        // The keys and values as [B, Hkv, 1, D], written by the reference `kv_write` (which
+        // writes nothing past the capacity).
+        if position(step, ls, self.cap)?.is_some() {
+            let part = |from: usize| y.narrow(1, from, nkv)?.reshape((b, hkv, 1, d));
+            kv_write(&self.k, &part(nq)?, &self.step)?;
+            kv_write(&self.v, &part(nq + nkv)?, &self.step)?;
+        }
+        let q = y.narrow(1, 0, nq)?.contiguous()?;
+        let (storage, _) = q.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(c) => Ok((c.clone(), Shape::from((b, nq)))),
+            _ => candle_core::bail!("qkv_write: q left the CPU"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &candle_core::CudaStorage,
+        ly: &Layout,
+        step: &candle_core::CudaStorage,
+        ls: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::decode_step::qkv_write((y, ly), (step, ls), (&self.k, &self.v), self.nq)
     }
 }
 
@@ -235,5 +340,49 @@ mod tests {
             before
         );
         assert_eq!(mask.sum_all().unwrap().to_scalar::<f32>().unwrap(), 3.0);
+    }
+
+    /// The stacked split: q as the first columns, k and v at the device length as
+    /// `kv_write` puts them; nothing written at or past the capacity.
+    #[test]
+    fn qkv_write_splits_q_and_writes_k_and_v_at_the_length() {
+        let dev = Device::Cpu;
+        let (b, hq, hkv, cap, d) = (3, 4, 2, 5, 3);
+        let (nq, nkv) = (hq * d, hkv * d);
+        let y = Tensor::arange(0f32, (b * (nq + 2 * nkv)) as f32, &dev)
+            .unwrap()
+            .reshape((b, 1, nq + 2 * nkv))
+            .unwrap();
+        let caches = || {
+            let z = || Tensor::zeros((b, hkv, cap, d), DType::F32, &dev).unwrap();
+            (z(), z())
+        };
+        let (kc, vc) = caches();
+        let step = Tensor::new(&[2i64, 0], &dev).unwrap();
+        let q = qkv_write(&y, &kc, &vc, &step, nq).unwrap();
+        let y2 = y.squeeze(1).unwrap();
+        let part = |from: usize, n: usize, h: usize| {
+            y2.narrow(1, from, n)
+                .unwrap()
+                .reshape((b, h, 1, d))
+                .unwrap()
+        };
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(q.dims(), [b, hq, 1, d]);
+        assert_eq!(flat(&q), flat(&part(0, nq, hq)));
+        let (kw, vw) = caches();
+        kv_write(&kw, &part(nq, nkv, hkv), &step).unwrap();
+        kv_write(&vw, &part(nq + nkv, nkv, hkv), &step).unwrap();
+        assert_eq!(flat(&kc), flat(&kw));
+        assert_eq!(flat(&vc), flat(&vw));
+        assert!(flat(&kc).iter().any(|&x| x != 0.0));
+        // At the capacity: q still comes out, the caches stay as they were.
+        let full = Tensor::new(&[cap as i64, 0], &dev).unwrap();
+        let (kc, vc) = caches();
+        let q = qkv_write(&y, &kc, &vc, &full, nq).unwrap();
+        assert_eq!(flat(&q), flat(&part(0, nq, hq)));
+        assert!(flat(&kc).iter().chain(&flat(&vc)).all(|&x| x == 0.0));
+        // A y that does not fit the caches is refused.
+        assert!(qkv_write(&y.narrow(2, 0, nq + nkv).unwrap(), &kc, &vc, &step, nq).is_err());
     }
 }

@@ -64,9 +64,22 @@ impl Attention {
         x: &Tensor,
         ctx: &Ctx,
         inp: &AttnInputs,
-        cache: Option<(&mut KvCache, usize)>,
+        mut cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
-        let hd = self.head_dim;
+        // A decode step at fixed shapes (generation, one position, no rotary positions to
+        // apply between the projections and the cache): q, k and v from one stacked GEMM,
+        // split and written into the cache by one kernel.
+        if let Some((c, layer)) = cache.as_mut() {
+            if c.is_fixed() && inp.rope.is_none() && x.dim(1)? == 1 {
+                let qkv = [&self.q, &self.k, &self.v];
+                if let Some(y) = Linear::stacked(&qkv, x, ctx)? {
+                    let nq = self.heads * self.head_dim;
+                    if let Some((q, k, v)) = c.append_stacked(*layer, &y, nq)? {
+                        return self.attend(&q, &k, &v, ctx, inp);
+                    }
+                }
+            }
+        }
         let split = |y: Tensor, n: usize| heads::split(&y, n, ctx.kernels.heads);
         let mut q = split(self.q.forward(x, ctx)?, self.heads)?;
         let mut k = split(self.k.forward(x, ctx)?, self.kv_heads)?;
@@ -79,12 +92,26 @@ impl Attention {
             Some((c, layer)) => c.append(layer, &k, &v)?,
             None => (k, v),
         };
+        self.attend(&q, &k, &v, ctx, inp)
+    }
+
+    /// Attention of `q` (`[B, Hq, T, D]`) over `k`, `v`, heads merged, then the output
+    /// projection.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &Ctx,
+        inp: &AttnInputs,
+    ) -> Result<Tensor> {
+        let hd = self.head_dim;
         let mask = AttnMask {
             causal_offset: Some(inp.offset),
             key_valid: inp.key_valid,
         };
         let scale = 1.0 / (hd as f64).sqrt();
-        let y = attention(&q, &k, &v, &mask, scale, ctx.kernels.attention)?;
+        let y = attention(q, k, v, &mask, scale, ctx.kernels.attention)?;
         let y = heads::merge(&y, ctx.kernels.heads)?;
         self.o.forward(&y, ctx)
     }

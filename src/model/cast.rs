@@ -18,6 +18,8 @@ use candle_core::{DType, Result, Tensor, TensorId};
 thread_local! {
     /// `Some` while a [`FrozenWeights`] guard is alive on this thread.
     static FROZEN: RefCell<Option<HashMap<(TensorId, DType), Tensor>>> = const { RefCell::new(None) };
+    /// [`frozen_stack`]'s stacks, by (first part, parts, dtype); emptied with the scope.
+    static STACKS: RefCell<HashMap<(TensorId, usize, DType), Tensor>> = RefCell::new(HashMap::new());
 }
 
 /// Compute copies by their master's id. Global rather than per thread: tensor ids are unique
@@ -100,6 +102,29 @@ pub fn frozen() -> bool {
     FROZEN.with_borrow(|m| m.is_some())
 }
 
+/// `parts` in `dtype` (each as [`weight`] gives it) stacked along their first dimension, built
+/// once per [`FrozenWeights`] scope and untracked; `None` outside one. Generation's q, k and v
+/// projections read one stacked weight, one GEMM where they were three.
+pub fn frozen_stack(parts: &[&Tensor], dtype: DType) -> Result<Option<Tensor>> {
+    let Some(first) = parts.first() else {
+        return Ok(None);
+    };
+    if !frozen() {
+        return Ok(None);
+    }
+    let key = (first.id(), parts.len(), dtype);
+    if let Some(hit) = STACKS.with_borrow(|m| m.get(&key).cloned()) {
+        return Ok(Some(hit));
+    }
+    let cast = parts
+        .iter()
+        .map(|p| weight(p, dtype))
+        .collect::<Result<Vec<_>>>()?;
+    let stacked = Tensor::cat(&cast, 0)?.detach();
+    STACKS.with_borrow_mut(|m| m.insert(key, stacked.clone()));
+    Ok(Some(stacked))
+}
+
 /// While alive, weights are taken to be constant on this thread: each is cast once. Nothing
 /// may update a weight inside the scope (generation only reads them); the copies are dropped
 /// with the guard.
@@ -124,6 +149,7 @@ impl Drop for FrozenWeights {
     fn drop(&mut self) {
         if self.outermost {
             FROZEN.with_borrow_mut(|m| *m = None);
+            STACKS.with_borrow_mut(HashMap::clear);
         }
     }
 }

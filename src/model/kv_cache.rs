@@ -87,6 +87,31 @@ impl KvCache {
         self.capacity
     }
 
+    /// With fixed shapes: one position's stacked projections `y` (`[B, 1, nq + 2 Hkv D]`: q,
+    /// then k, then v) split by one kernel, k and v written at the device length
+    /// ([`decode_step::qkv_write`]); returns q `[B, nq / D, 1, D]` and the whole buffers, as
+    /// [`KvCache::append`] returns them. `None` without fixed shapes.
+    pub fn append_stacked(
+        &mut self,
+        layer: usize,
+        y: &Tensor,
+        nq: usize,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        let Some(step) = &self.fixed else {
+            return Ok(None);
+        };
+        let Some((bk, bv)) = &self.layers[layer] else {
+            candle_core::bail!("a cache with fixed shapes appends to allocated buffers");
+        };
+        let q = decode_step::qkv_write(y, bk, bv, step, nq)?;
+        Ok(Some((q, bk.clone(), bv.clone())))
+    }
+
+    /// Whether appends write at the device length ([`KvCache::fix_shapes`]).
+    pub fn is_fixed(&self) -> bool {
+        self.fixed.is_some()
+    }
+
     /// Writes `k`, `v` (`[B, Hkv, T, D]`) for `layer` after the cached positions and returns
     /// views of every cached position (`[B, Hkv, len + T, D]`, strided along the positions).
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {

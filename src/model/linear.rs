@@ -105,6 +105,34 @@ impl Linear {
         self.forward_act(x, ctx, BiasAct::Identity)
     }
 
+    /// `x [W_1; W_2; ...]^T + [b_1; b_2; ...]`: layers that read the same input as one GEMM,
+    /// their outputs side by side along the last dimension, for generation only (inside
+    /// [`super::cast::FrozenWeights`]: the stacked weight is built once per scope, and nothing
+    /// wants a gradient). `None` outside generation, where an adapter is active, or where some
+    /// layers have a bias and others not.
+    pub fn stacked(layers: &[&Linear], x: &Tensor, ctx: &Ctx) -> Result<Option<Tensor>> {
+        let adapters = ctx.use_lora && layers.iter().any(|l| l.adapter.is_some());
+        let biases: Vec<&Tensor> = layers.iter().filter_map(|l| l.b.as_ref()).collect();
+        if adapters || !(biases.is_empty() || biases.len() == layers.len()) {
+            return Ok(None);
+        }
+        let weights: Vec<&Tensor> = layers.iter().map(|l| &l.w).collect();
+        let Some(w) = super::cast::frozen_stack(&weights, ctx.dtype)? else {
+            return Ok(None);
+        };
+        let x = x.detach();
+        let Some(b) = super::cast::frozen_stack(&biases, ctx.dtype)? else {
+            return Ok(Some(linear(&x, &w, None, ctx.kernels.gemm)?));
+        };
+        let (k, custom) = (ctx.kernels, KernelChoice::Custom);
+        if k.gemm == custom && k.bias == custom {
+            if let Some(y) = crate::kernels::gemm::linear_bias_epilogue(&x, &w, &b)? {
+                return Ok(Some(y));
+            }
+        }
+        Ok(Some(linear(&x, &w, Some(&b), ctx.kernels.gemm)?))
+    }
+
     /// `act(x W^T + b)`. Without an active adapter: a bias alone is our cuBLASLt GEMM's
     /// epilogue where both the `gemm` and `bias` kernels serve, and so are the bias and GELU
     /// in generation (inside [`super::cast::FrozenWeights`], where no backward needs the

@@ -16,7 +16,8 @@
 //   first at it; the draw index read from the device (`pos_at`);
 // - the distribution of many draws of one row, against its softmax (chi-square).
 // Decode step: kv_write_b2/b4 at positions inside, at and past the capacity (and negative),
-// into a cache at an offset; mark_key; increment_u32/i64; and a short run of fixed decode
+// into a cache at an offset; qkv_write_b2/b4 the same way (q and both caches, GQA);
+// mark_key; increment_u32/i64; and a short run of fixed decode
 // steps (static_step.rs's order) that feeds the draw index from `step` to the sampler. Every
 // buffer is compared whole, with room around what the kernel may write.
 // Checks that are not numeric comparisons print a line each through emu_check::check.
@@ -509,6 +510,57 @@ bool check_kv_write(const char *name, int b, int h, int cap, int d, long long le
   return emu_check::close_abs(what, buf, want, 0);
 }
 
+// qkv_write: y [b, hq d + 2 hkv d] (q, k, v) split into q [b, hq d] and position L of the
+// key and value caches [b, hkv, cap, d], each cache `offset` elements into its buffer (the
+// launcher's start offset). Every buffer is compared whole, with room past what the kernel
+// may write (a row of positions past each cache, one element past q).
+template <typename U, typename T>
+bool check_qkv_write(const char *name, int b, int hq, int hkv, int cap, int d, long long len,
+                     size_t offset, emu_check::Rng &rng) {
+  const size_t nq = (size_t)hq * d, nkv = (size_t)hkv * d, width = nq + 2 * nkv;
+  const size_t cache_len = offset + ((size_t)b * hkv + 1) * cap * d;
+  std::vector<T> y((size_t)b * width), q((size_t)b * nq + 1), kc(cache_len), vc(cache_len);
+  for (auto *buf : {&y, &q, &kc, &vc})
+    for (auto &x : *buf) x = from_float<T>(rng.normal());
+  std::vector<double> want_q(q.size()), want_k(kc.size()), want_v(vc.size());
+  for (size_t i = 0; i < q.size(); ++i) want_q[i] = as_float(q[i]);
+  for (size_t i = 0; i < kc.size(); ++i) want_k[i] = as_float(kc[i]), want_v[i] = as_float(vc[i]);
+  const long long step[2] = {len, 3};
+  int pos;
+  const bool writes = position(step, cap, pos);
+  for (int r = 0; r < b; ++r) {
+    for (size_t c = 0; c < nq; ++c) want_q[r * nq + c] = as_float(y[r * width + c]);
+    if (!writes) continue;
+    for (int h = 0; h < hkv; ++h)
+      for (int e = 0; e < d; ++e) {
+        const size_t at = offset + (((size_t)r * hkv + h) * cap + pos) * d + e;
+        want_k[at] = as_float(y[r * width + nq + (size_t)h * d + e]);
+        want_v[at] = as_float(y[r * width + nq + nkv + (size_t)h * d + e]);
+      }
+  }
+  DecodeParams p{};
+  p.dst = kc.data() + offset;
+  p.dst2 = vc.data() + offset;
+  p.src = y.data();
+  p.out = q.data();
+  p.step = step;
+  p.n = (long long)(b * width);
+  p.cap = cap;
+  p.d = d;
+  p.nq = (int)nq;
+  p.nkv = (int)nkv;
+  run_decode(sizeof(U) == 2 ? qkv_write_b2 : qkv_write_b4, p.n, p);
+  char what[96];
+  bool ok = true;
+  std::snprintf(what, sizeof what, "%s L=%lld q", name, len);
+  ok &= emu_check::close_abs(what, q, want_q, 0);
+  std::snprintf(what, sizeof what, "%s L=%lld k", name, len);
+  ok &= emu_check::close_abs(what, kc, want_k, 0);
+  std::snprintf(what, sizeof what, "%s L=%lld v", name, len);
+  ok &= emu_check::close_abs(what, vc, want_v, 0);
+  return ok;
+}
+
 bool check_mark_key(int rows, int cap, long long len) {
   std::vector<float> mask((size_t)(rows + 1) * cap);  // a row past the end stays untouched
   for (size_t i = 0; i < mask.size(); ++i) mask[i] = (float)(i % 3 == 0);
@@ -675,6 +727,13 @@ int main(int argc, char **argv) {
   ok &= check_kv_write<uint32_t, float>("kv_write_b4 f32 1x3x4x24 +5", 1, 3, 4, 24, 1, 5, rng);
   ok &= check_kv_write<uint32_t, float>("kv_write_b4 f32 3x2x9x128", 3, 2, 9, 128, 9, 0, rng);
   ok &= check_kv_write<uint16_t, bf16>("kv_write_b2 bf16 3x5x7x64 +67", 3, 5, 7, 64, -1, 67, rng);
+  // GPT-2's heads (12 of 64), GQA (8 query heads on 2), odd sizes and offsets.
+  ok &= check_qkv_write<uint16_t, bf16>("qkv_write_b2 bf16 5x12/12x64 cap 9", 5, 12, 12, 9, 64, 4, 0, rng);
+  ok &= check_qkv_write<uint16_t, bf16>("qkv_write_b2 bf16 5x12/12x64 cap 9", 5, 12, 12, 9, 64, 8, 0, rng);
+  ok &= check_qkv_write<uint16_t, __half>("qkv_write_b2 f16 3x8/2x24 +13", 3, 8, 2, 7, 24, 0, 13, rng);
+  ok &= check_qkv_write<uint32_t, float>("qkv_write_b4 f32 7x3/1x40 +3", 7, 3, 1, 5, 40, 2, 3, rng);
+  ok &= check_qkv_write<uint32_t, float>("qkv_write_b4 f32 2x4/4x8 full", 2, 4, 4, 6, 8, 6, 0, rng);
+  ok &= check_qkv_write<uint16_t, bf16>("qkv_write_b2 bf16 2x4/4x8 L<0", 2, 4, 4, 6, 8, -1, 5, rng);
   for (long long len : {0LL, 10LL, 11LL, -1LL}) ok &= check_mark_key(300, 11, len);
   ok &= check_increment<uint32_t>("increment_u32", 1000, rng);
   ok &= check_increment<long long>("increment_i64", 2, rng);

@@ -3,9 +3,9 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtrMut, DeviceRepr};
-use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, Tensor};
 
-use super::{launch, launch_1d, load_func, DevPtr, DevPtrs, KernelParams};
+use super::{alloc_out, cuda_storage, launch, launch_1d, load_func, DevPtr, DevPtrs, KernelParams};
 
 /// The Rust mirror of `struct DecodeParams` in kernels/decode_step.cu (field comments there).
 #[repr(C)]
@@ -17,8 +17,12 @@ struct DecodeParams {
     n: i64,
     cap: i32,
     d: i32,
+    dst2: DevPtr,
+    out: DevPtr,
+    nq: i32,
+    nkv: i32,
 }
-const _: () = assert!(std::mem::size_of::<DecodeParams>() == 40);
+const _: () = assert!(std::mem::size_of::<DecodeParams>() == 64);
 // SAFETY: plain old data with the C layout of the kernel's struct (asserted above).
 unsafe impl DeviceRepr for DecodeParams {}
 impl KernelParams for DecodeParams {
@@ -101,8 +105,75 @@ pub fn kv_write(
         n: n as i64,
         cap: super::to_i32(cap, "cache positions")?,
         d: super::to_i32(d, "head dim")?,
+        ..Default::default()
     };
     run(&dev, name, n, p)
+}
+
+/// `qkv_write_b*`: `y` (`[B, nq + 2 nkv]`, contiguous) split into the returned q `[B, nq]` and
+/// position `step[0]` of the key and value caches (`[B, nkv / d, cap, d]` each, contiguous, in
+/// `y`'s dtype), which are written through their device pointers, in stream order.
+pub fn qkv_write(
+    (y, ly): (&CudaStorage, &Layout),
+    (step, ls): (&CudaStorage, &Layout),
+    (kc, vc): (&Tensor, &Tensor),
+    nq: usize,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = y.device().clone();
+    let (b, hkv, cap, d) = kc.dims4()?;
+    let nkv = hkv * d;
+    let width = nq + 2 * nkv;
+    if ly.dims() != [b, width] || !ly.is_contiguous() {
+        candle_core::bail!("qkv_write: y {:?} for {b} rows of {width}", ly.dims());
+    }
+    let name = match y.dtype().size_in_bytes() {
+        2 => "qkv_write_b2",
+        4 => "qkv_write_b4",
+        _ => candle_core::bail!("qkv_write: no kernel for {:?}", y.dtype()),
+    };
+    // SAFETY: the kernel writes every element of q (each is one of y's q columns).
+    let mut q = unsafe {
+        match y.dtype() {
+            DType::BF16 => {
+                CudaStorage::wrap_cuda_slice(alloc_out::<half::bf16>(&dev, b * nq)?, dev.clone())
+            }
+            DType::F16 => {
+                CudaStorage::wrap_cuda_slice(alloc_out::<half::f16>(&dev, b * nq)?, dev.clone())
+            }
+            DType::F32 => {
+                CudaStorage::wrap_cuda_slice(alloc_out::<f32>(&dev, b * nq)?, dev.clone())
+            }
+            dt => candle_core::bail!("qkv_write: no kernel for {dt:?}"),
+        }
+    };
+    let (ks, kl) = kc.storage_and_layout();
+    let (vs, vl) = vc.storage_and_layout();
+    let stream = dev.cuda_stream();
+    let mut ptrs = DevPtrs::new(&stream);
+    let src = at(&mut ptrs, y, ly)?;
+    let step = at(&mut ptrs, step, ls)?;
+    // The caches are read-locked here but written by the kernel: nothing else reads or writes
+    // them while the step's ops are queued, and the stream orders every use.
+    let kp = at(&mut ptrs, cuda_storage(&ks)?, kl)?;
+    let vp = at(&mut ptrs, cuda_storage(&vs)?, vl)?;
+    let shape = Shape::from((b, nq));
+    let (out, guard) = at_mut(&stream, &mut q, &Layout::contiguous(&shape))?;
+    let n = b * width;
+    let p = DecodeParams {
+        dst: kp,
+        src,
+        step,
+        n: n as i64,
+        cap: super::to_i32(cap, "cache positions")?,
+        d: super::to_i32(d, "head dim")?,
+        dst2: vp,
+        out,
+        nq: super::to_i32(nq, "query width")?,
+        nkv: super::to_i32(nkv, "key width")?,
+    };
+    run(&dev, name, n, p)?;
+    drop(guard);
+    Ok((q, shape))
 }
 
 pub fn mark_key(

@@ -14,7 +14,7 @@
 //!   `dx = g A` and `dx += dY W` (beta = 1), `dA = g^T x`.
 //!
 //! All big products are cuBLASLt's planned GEMMs (`lt_plans`, on candle's stream: the large
-//! ones timed among the heuristic's candidates on first use) for bf16/f16, candle's cuBLAS
+//! ones timed among the heuristic's candidates once they recur) for bf16/f16, candle's cuBLAS
 //! handle for f32, with f32 accumulation; `TEMPER_LORA_DY=fused|cublas` forces the backward's
 //! choice for dY.
 

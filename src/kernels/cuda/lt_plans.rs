@@ -8,14 +8,16 @@
 //! problem (dtype, transposes, sizes, leading dimensions, epilogue) and stream, so a call after
 //! the first costs one `cublasLtMatmul`, plus one attribute write with a bias. The workspace
 //! is cudarc's (32 MiB from Hopper on, 4 MiB before). cudarc takes the heuristic's first
-//! answer; here a problem's second call times the heuristic's first 8 candidates on its own
+//! answer; here a problem that recurs has the heuristic's first 8 candidates timed on its own
 //! operands and keeps the fastest (`GemmTune`): on the H200 the first answer for the `x W^T`
 //! of 8192x4096x4096 ran 1.14x PyTorch's GEMM forward while the backward's GEMMs matched it,
 //! so the first answer is not always cuBLAS's best.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use candle_core::cuda_backend::cudarc::cublaslt::result::{self as lt, CublasError};
 use candle_core::cuda_backend::cudarc::cublaslt::sys;
@@ -72,10 +74,12 @@ pub enum GemmTune {
     /// The heuristic's first answer, as cudarc (and a plain cuBLASLt call) takes it: the same
     /// algorithm in every run.
     Heuristic,
-    /// A problem of at least [`TUNE_MIN_FLOP`] has each candidate timed on its second call
-    /// (so a shape seen once, a prefill's odd length say, pays nothing) and keeps the fastest,
-    /// for the rest of the process. The choice can differ between runs where two candidates
-    /// time alike.
+    /// A problem of at least [`TUNE_MIN_FLOP`] has each candidate timed on a call at least
+    /// [`TUNE_AFTER`] after its first (so a shape one forward pass uses, a prefill's odd length
+    /// say, pays nothing; a decode step about to be captured as a graph times at once,
+    /// [`timing_first_calls`]) and keeps the fastest for the rest of the process, where it
+    /// beats the heuristic's answer by [`TUNE_MARGIN`]. The choice can still differ between
+    /// runs where two candidates time alike.
     Timed,
 }
 
@@ -102,8 +106,38 @@ pub const TUNE_MIN_FLOP: f64 = 5e7;
 /// The largest scratch output (bytes) a candidate is timed into for an accumulating call.
 const TUNE_SCRATCH_MAX: usize = 256 << 20;
 
-/// The call of a problem that times its candidates.
-const TUNE_AT_CALL: u32 = 2;
+/// How long after a problem's first call a call times its candidates: longer than one
+/// forward pass takes the host to queue (each layer calls the same problems), shorter than a
+/// training step of GPT-2 small at B16 T1024 (~40 ms), so that a recurring shape is timed by
+/// the second step.
+pub const TUNE_AFTER: Duration = Duration::from_millis(20);
+
+/// The share by which a candidate must beat the heuristic's answer to replace it: within the
+/// events' noise the choice would differ from run to run.
+pub const TUNE_MARGIN: f32 = 0.03;
+
+/// Timed choices kept at most; past that the record starts over.
+const TIMED_MAX: usize = 4096;
+
+thread_local! {
+    /// Set by [`timing_first_calls`].
+    static TIME_FIRST_CALLS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every due problem's candidates timed on its first call: for the eager step
+/// that precedes a CUDA graph capture, whose GEMMs are never called again (the graph replays
+/// them), so a later call would never come.
+pub fn timing_first_calls<R>(f: impl FnOnce() -> R) -> R {
+    /// Puts the flag back however `f` ends.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            TIME_FIRST_CALLS.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(TIME_FIRST_CALLS.with(|c| c.replace(true)));
+    f()
+}
 
 /// Timed runs per candidate, after one untimed run.
 const TUNE_REPS: usize = 3;
@@ -115,8 +149,8 @@ struct Plan {
     algo: sys::cublasLtMatmulAlgo_t,
     /// The heuristic's other answers, in its order, until they are timed; then empty.
     untimed: Vec<sys::cublasLtMatmulAlgo_t>,
-    /// Calls so far.
-    calls: u32,
+    /// When the problem was first called.
+    first_call: Option<Instant>,
 }
 
 impl Drop for Plan {
@@ -179,7 +213,7 @@ impl Plan {
             // SAFETY: plain old data, overwritten by the heuristic's answer below.
             algo: unsafe { std::mem::zeroed() },
             untimed: Vec::new(),
-            calls: 0,
+            first_call: None,
         };
         for (slot, (rows, cols, ld)) in
             plan.layouts
@@ -402,8 +436,9 @@ impl Lt {
                 e.insert(plan)
             }
         };
-        plan.calls = plan.calls.saturating_add(1);
-        let due = plan.calls >= TUNE_AT_CALL && !plan.untimed.is_empty();
+        let first = *plan.first_call.get_or_insert_with(Instant::now);
+        let early = TIME_FIRST_CALLS.with(Cell::get);
+        let due = !plan.untimed.is_empty() && (early || first.elapsed() >= TUNE_AFTER);
         if due && GemmTune::from_env() == GemmTune::Timed {
             // Timing waits for the stream, which a CUDA graph capture forbids; a plan first
             // used in one keeps the heuristic's answer until a call outside it.
@@ -414,17 +449,32 @@ impl Lt {
             if status == CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
                 // The candidates write D over and over: into `c` itself when this call
                 // overwrites it anyway, else into scratch of its size (an accumulating call
-                // must find its `C` untouched).
-                let scratch = if beta == 0.0 { None } else { self.scratch(p)? };
+                // must find its `C` untouched). Too large a scratch leaves the candidates for
+                // a call that overwrites its output; none to be had (memory is short), or
+                // anything else failing while timing, leaves the heuristic's answer: timing
+                // is an optimisation and never fails the GEMM.
+                let scratch = match beta == 0.0 {
+                    true => Ok(None),
+                    false => self.scratch(p),
+                };
                 let target = match &scratch {
                     _ if beta == 0.0 => Some(c),
-                    Some(s) => Some(s.device_ptr(&self.stream).0),
-                    None => None,
+                    Ok(Some(s)) => Some(s.device_ptr(&self.stream).0),
+                    Ok(None) => None,
+                    Err(_) => {
+                        plan.untimed.clear();
+                        None
+                    }
                 };
                 if let Some(target) = target {
                     let rest = std::mem::take(&mut plan.untimed);
                     let trial = Operands { c: target, ..ops };
-                    plan.algo = self.fastest(plan, rest, &trial)?;
+                    if let Some(algo) = self.fastest(plan, rest, &trial) {
+                        plan.algo = algo;
+                    }
+                    if timed.len() >= TIMED_MAX {
+                        timed.clear();
+                    }
                     timed.insert(*p, plan.algo);
                 }
             }
@@ -447,10 +497,11 @@ impl Lt {
         Ok(Some(s))
     }
 
-    /// The fastest of the plan's algorithm and `rest` on `ops`, whose `c` is scratch or, with
-    /// beta = 0, the output that the call that follows writes again: each one run once
-    /// untimed, then `TUNE_REPS` times between two events. A candidate the library turns down
-    /// at run time is skipped.
+    /// The fastest of `rest` on `ops` (whose `c` is scratch or, with beta = 0, the output that
+    /// the call that follows writes again) where it beats the plan's algorithm by
+    /// [`TUNE_MARGIN`]; `None` where none does, or where the plan's own cannot be timed. Each
+    /// is run once untimed, then `TUNE_REPS` times between two events; a candidate the library
+    /// turns down, or whose timing fails, is skipped.
     ///
     /// # Safety
     /// As [`Lt::matmul`].
@@ -459,29 +510,30 @@ impl Lt {
         plan: &Plan,
         rest: Vec<sys::cublasLtMatmulAlgo_t>,
         ops: &Operands,
-    ) -> Result<sys::cublasLtMatmulAlgo_t> {
+    ) -> Option<sys::cublasLtMatmulAlgo_t> {
         let event = || {
             self.stream
                 .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(candle_core::Error::wrap)
+                .ok()
         };
-        let mut best = (plan.algo, f32::INFINITY);
-        for algo in std::iter::once(plan.algo).chain(rest) {
-            if self.run(plan, &algo, ops).is_err() {
-                continue;
-            }
+        let time = |algo: &sys::cublasLtMatmulAlgo_t| -> Option<f32> {
+            self.run(plan, algo, ops).ok()?;
             let start = event()?;
             for _ in 0..TUNE_REPS {
-                self.run(plan, &algo, ops)?;
+                self.run(plan, algo, ops).ok()?;
             }
-            let ms = start
-                .elapsed_ms(&event()?)
-                .map_err(candle_core::Error::wrap)?;
-            if ms < best.1 {
-                best = (algo, ms);
+            start.elapsed_ms(&event()?).ok()
+        };
+        let base = time(&plan.algo)?;
+        let mut best: Option<(sys::cublasLtMatmulAlgo_t, f32)> = None;
+        for algo in rest {
+            let Some(ms) = time(&algo) else { continue };
+            if best.is_none_or(|(_, b)| ms < b) {
+                best = Some((algo, ms));
             }
         }
-        Ok(best.0)
+        best.filter(|&(_, ms)| ms < base * (1.0 - TUNE_MARGIN))
+            .map(|(algo, _)| algo)
     }
 
     /// One `cublasLtMatmul` of `plan` with `algo`.
@@ -563,5 +615,20 @@ mod tests {
         // The accumulating GEMMs of a GPT-2 step fit the scratch they are timed in.
         let bytes = |p: Problem| p.ldc as usize * p.n as usize * p.dtype.size_in_bytes();
         assert!(bytes(nt(16384, 768, 768)) <= TUNE_SCRATCH_MAX);
+    }
+
+    #[test]
+    fn timing_first_calls_is_scoped_and_restored_after_a_panic() {
+        let on = || TIME_FIRST_CALLS.with(Cell::get);
+        assert!(!on());
+        timing_first_calls(|| {
+            assert!(on());
+            timing_first_calls(|| assert!(on()));
+            assert!(on(), "an inner scope leaves the outer one on");
+        });
+        assert!(!on());
+        let caught = std::panic::catch_unwind(|| timing_first_calls(|| panic!("inside")));
+        assert!(caught.is_err());
+        assert!(!on(), "a panic inside leaves the flag as it was");
     }
 }

@@ -57,6 +57,7 @@ pub mod logprobs;
 pub mod lora;
 pub mod loss_head;
 mod lt_plans;
+pub use lt_plans::timing_first_calls;
 pub mod rmsnorm;
 pub mod rope;
 pub mod sample;
