@@ -5,14 +5,18 @@
 //
 // - kv_write_b<bytes>: new keys or values [rows, d] (rows = B * Hkv, one position each) into
 //   position L of a cache [rows, cap, d]; nothing is written once L >= cap.
-// - qkv_write_b<bytes>: one position's stacked projections y [B, nq + 2 nkv] (q, then k,
+// - qkv_write_<dtype>: one position's stacked projections y [B, nq + 2 nkv] (q, then k,
 //   then v; each [heads, d]) split in one pass: q into out [B, nq], k and v into position L
-//   of their caches [B, nkv / d, cap, d] (nothing once L >= cap). With GPT-2's q, k and v in
-//   one GEMM this replaces two GEMM launches and a KV write per layer.
+//   of their caches [B, nkv / d, cap, d] (nothing once L >= cap). With tables cos, sin
+//   [B, d / 2] (the rows' positions), q and k are rotated on the way (rotary embeddings in the
+//   Llama / GPT-NeoX layout, in f32 exactly as rope.cu computes them). With q, k and v in one
+//   GEMM this replaces two GEMM launches, two rotations and two KV writes per layer.
 // - mark_key: key mask [rows, cap] f32: mask[r, L] = 1 (the position the next step writes).
 // - increment_u32 / increment_i64: every element += 1 (the rows' positions; `step` itself).
 //
 // Launch (src/kernels/cuda/decode_step.rs): one thread per element of `n`, 256 per block.
+
+#include "common.cuh"
 
 struct DecodeParams {
   void *dst;               // kv_write: cache [rows, cap, d]; mark_key: mask; increment: values;
@@ -27,8 +31,10 @@ struct DecodeParams {
   void *out;               // qkv_write: q [B, nq]
   int nq;                  // qkv_write: query width (query heads * d)
   int nkv;                 // qkv_write: key (and value) width (kv heads * d)
+  const void *cos;         // qkv_write: null (no rotation), or [B, d / 2] in y's dtype
+  const void *sin;         // qkv_write: as cos
 };
-static_assert(sizeof(DecodeParams) == 64, "DecodeParams: keep in step with the Rust mirror");
+static_assert(sizeof(DecodeParams) == 80, "DecodeParams: keep in step with the Rust mirror");
 
 namespace {
 
@@ -40,14 +46,25 @@ template <typename U> __device__ void kv_write(const DecodeParams &p) {
   static_cast<U *>(p.dst)[(r * p.cap + len) * p.d + c] = static_cast<const U *>(p.src)[i];
 }
 
-template <typename U> __device__ void qkv_write(const DecodeParams &p) {
+template <typename T> __device__ void qkv_write(const DecodeParams &p) {
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= p.n) return;
   const long long width = p.nq + 2LL * p.nkv;
   const long long b = i / width, c = i % width;
-  const U x = static_cast<const U *>(p.src)[i];
+  const T *y = static_cast<const T *>(p.src);
+  T x = y[i];
+  if (p.cos != nullptr && c < p.nq + p.nkv) {
+    // Element j of its head rotates with its partner in the other half of the head.
+    const int half = p.d / 2, j = (int)(c % p.d), jj = j % half;
+    const long long head = i - j;
+    const long long tab = b * half + jj;
+    const float cs = temper::to_f32(static_cast<const T *>(p.cos)[tab]);
+    const float sn = temper::to_f32(static_cast<const T *>(p.sin)[tab]);
+    const float x1 = temper::to_f32(y[head + jj]), x2 = temper::to_f32(y[head + jj + half]);
+    x = temper::from_f32<T>(j < half ? x1 * cs - x2 * sn : x2 * cs + x1 * sn);
+  }
   if (c < p.nq) {
-    static_cast<U *>(p.out)[b * p.nq + c] = x;
+    static_cast<T *>(p.out)[b * p.nq + c] = x;
     return;
   }
   const long long len = p.step[0];
@@ -55,7 +72,7 @@ template <typename U> __device__ void qkv_write(const DecodeParams &p) {
   const bool value = c >= p.nq + p.nkv;
   const long long e = c - p.nq - (value ? p.nkv : 0);  // index within k (or v): head * d + j
   const long long heads = p.nkv / p.d, h = e / p.d, j = e % p.d;
-  U *cache = static_cast<U *>(value ? p.dst2 : p.dst);
+  T *cache = static_cast<T *>(value ? p.dst2 : p.dst);
   cache[((b * heads + h) * p.cap + len) * p.d + j] = x;
 }
 
@@ -69,8 +86,9 @@ template <typename T> __device__ void increment(const DecodeParams &p) {
 extern "C" __global__ void kv_write_b2(const DecodeParams p) { kv_write<unsigned short>(p); }
 extern "C" __global__ void kv_write_b4(const DecodeParams p) { kv_write<unsigned int>(p); }
 
-extern "C" __global__ void qkv_write_b2(const DecodeParams p) { qkv_write<unsigned short>(p); }
-extern "C" __global__ void qkv_write_b4(const DecodeParams p) { qkv_write<unsigned int>(p); }
+extern "C" __global__ void qkv_write_f32(const DecodeParams p) { qkv_write<float>(p); }
+extern "C" __global__ void qkv_write_bf16(const DecodeParams p) { qkv_write<__nv_bfloat16>(p); }
+extern "C" __global__ void qkv_write_f16(const DecodeParams p) { qkv_write<__half>(p); }
 
 extern "C" __global__ void mark_key(const DecodeParams p) {
   const long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;

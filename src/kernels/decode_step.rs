@@ -39,14 +39,17 @@ pub fn kv_write(cache: &Tensor, new: &Tensor, step: &Tensor) -> Result<()> {
 /// One decode position's stacked projections `y` (`[B, 1, nq + 2 nkv]`: q, then k, then v,
 /// each `[heads, D]`) split in one pass: returns q as `[B, nq / D, 1, D]` and writes k and v at
 /// position `L = step[0]` of `kcache` and `vcache` (`[B, nkv / D, cap, D]`, contiguous, `y`'s
-/// dtype), as [`kv_write`] does each (nothing once `L >= cap`). With q, k and v from one GEMM
-/// this is one launch where the separate projections took three GEMMs and two writes.
+/// dtype), as [`kv_write`] does each (nothing once `L >= cap`). With `rope` (`cos`, `sin`
+/// `[B, 1, 1, D / 2]` in `y`'s dtype, the rows' positions) q and k are rotated on the way, as
+/// `rope::fused` rotates them. With q, k and v from one GEMM this is one launch where the
+/// separate projections took three GEMMs, two rotations and two writes.
 pub fn qkv_write(
     y: &Tensor,
     kcache: &Tensor,
     vcache: &Tensor,
     step: &Tensor,
     nq: usize,
+    rope: Option<(&Tensor, &Tensor)>,
 ) -> Result<Tensor> {
     let (b, hkv, cap, d) = kcache.dims4()?;
     let width = nq + 2 * hkv * d;
@@ -65,12 +68,29 @@ pub fn qkv_write(
         candle_core::bail!("qkv_write: y {dtype:?} for {:?} caches", kcache.dtype());
     }
     check_step(step)?;
+    let rope = match rope {
+        Some((cos, sin)) => {
+            let table = [b, 1, 1, d / 2];
+            let fit = |t: &Tensor| t.dims() == table && t.dtype() == dtype && d % 2 == 0;
+            if !fit(cos) || !fit(sin) {
+                candle_core::bail!(
+                    "qkv_write: rotation tables {:?} {:?} and {:?} for {table:?} {dtype:?}",
+                    cos.dims(),
+                    cos.dtype(),
+                    sin.dims()
+                );
+            }
+            Some((cos.contiguous()?, sin.contiguous()?))
+        }
+        None => None,
+    };
     let op = QkvWrite {
         k: kcache.clone(),
         v: vcache.clone(),
         step: step.clone(),
         nq,
         cap,
+        rope,
     };
     let q = y.reshape((b, width))?.apply_op2_no_bwd(step, &op)?;
     q.reshape((b, nq / d.max(1), 1, d))
@@ -176,6 +196,8 @@ struct QkvWrite {
     step: Tensor,
     nq: usize,
     cap: usize,
+    /// cos, sin `[B, 1, 1, D / 2]`, contiguous.
+    rope: Option<(Tensor, Tensor)>,
 }
 
 impl CustomOp2 for QkvWrite {
@@ -194,7 +216,7 @@ impl CustomOp2 for QkvWrite {
             candle_core::bail!("qkv_write: y {:?}", ly.dims());
         };
         let (nq, nkv) = (self.nq, (width - self.nq) / 2);
-        let (_, hkv, _, d) = self.k.dims4()?;
+        let d = self.k.dim(3)?;
         let dev = &candle_core::Device::Cpu;
         let y = match y {
             CpuStorage::F32(_) => Tensor::from_slice(slice::<f32>(y, ly)?, (b, width), dev)?,
@@ -204,14 +226,20 @@ impl CustomOp2 for QkvWrite {
             CpuStorage::F16(_) => Tensor::from_slice(slice::<half::f16>(y, ly)?, (b, width), dev)?,
             other => candle_core::bail!("qkv_write: no CPU path for {:?}", other.dtype()),
         };
-        // The keys and values as [B, Hkv, 1, D], written by the reference `kv_write` (which
-        // writes nothing past the capacity).
+        // q, k and v as [B, heads, 1, D], q and k rotated by the reference maths of the rope
+        // kernel; k and v written by the reference `kv_write` (nothing past the capacity).
+        let part = |from: usize, width: usize, rotate: bool| -> Result<Tensor> {
+            let t = y.narrow(1, from, width)?.reshape((b, width / d, 1, d))?;
+            match (&self.rope, rotate) {
+                (Some((cos, sin)), true) => super::rope::fused(&t, cos, sin),
+                _ => Ok(t),
+            }
+        };
         if position(step, ls, self.cap)?.is_some() {
-            let part = |from: usize| y.narrow(1, from, nkv)?.reshape((b, hkv, 1, d));
-            kv_write(&self.k, &part(nq)?, &self.step)?;
-            kv_write(&self.v, &part(nq + nkv)?, &self.step)?;
+            kv_write(&self.k, &part(nq, nkv, true)?, &self.step)?;
+            kv_write(&self.v, &part(nq + nkv, nkv, false)?, &self.step)?;
         }
-        let q = y.narrow(1, 0, nq)?.contiguous()?;
+        let q = part(0, nq, true)?.reshape((b, nq))?.contiguous()?;
         let (storage, _) = q.storage_and_layout();
         match &*storage {
             candle_core::Storage::Cpu(c) => Ok((c.clone(), Shape::from((b, nq)))),
@@ -227,7 +255,8 @@ impl CustomOp2 for QkvWrite {
         step: &candle_core::CudaStorage,
         ls: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::decode_step::qkv_write((y, ly), (step, ls), (&self.k, &self.v), self.nq)
+        let rope = self.rope.as_ref().map(|(c, s)| (c, s));
+        super::cuda::decode_step::qkv_write((y, ly), (step, ls), (&self.k, &self.v), self.nq, rope)
     }
 }
 
@@ -343,11 +372,12 @@ mod tests {
     }
 
     /// The stacked split: q as the first columns, k and v at the device length as
-    /// `kv_write` puts them; nothing written at or past the capacity.
+    /// `kv_write` puts them; nothing written at or past the capacity; q and k rotated as the
+    /// rope op rotates them when tables are given.
     #[test]
     fn qkv_write_splits_q_and_writes_k_and_v_at_the_length() {
         let dev = Device::Cpu;
-        let (b, hq, hkv, cap, d) = (3, 4, 2, 5, 3);
+        let (b, hq, hkv, cap, d) = (3, 4, 2, 5, 4);
         let (nq, nkv) = (hq * d, hkv * d);
         let y = Tensor::arange(0f32, (b * (nq + 2 * nkv)) as f32, &dev)
             .unwrap()
@@ -359,7 +389,7 @@ mod tests {
         };
         let (kc, vc) = caches();
         let step = Tensor::new(&[2i64, 0], &dev).unwrap();
-        let q = qkv_write(&y, &kc, &vc, &step, nq).unwrap();
+        let q = qkv_write(&y, &kc, &vc, &step, nq, None).unwrap();
         let y2 = y.squeeze(1).unwrap();
         let part = |from: usize, n: usize, h: usize| {
             y2.narrow(1, from, n)
@@ -379,10 +409,39 @@ mod tests {
         // At the capacity: q still comes out, the caches stay as they were.
         let full = Tensor::new(&[cap as i64, 0], &dev).unwrap();
         let (kc, vc) = caches();
-        let q = qkv_write(&y, &kc, &vc, &full, nq).unwrap();
+        let q = qkv_write(&y, &kc, &vc, &full, nq, None).unwrap();
         assert_eq!(flat(&q), flat(&part(0, nq, hq)));
         assert!(flat(&kc).iter().chain(&flat(&vc)).all(|&x| x == 0.0));
         // A y that does not fit the caches is refused.
-        assert!(qkv_write(&y.narrow(2, 0, nq + nkv).unwrap(), &kc, &vc, &step, nq).is_err());
+        assert!(qkv_write(
+            &y.narrow(2, 0, nq + nkv).unwrap(),
+            &kc,
+            &vc,
+            &step,
+            nq,
+            None
+        )
+        .is_err());
+        // With rotary tables q and k come out rotated as the rope op rotates them, v not.
+        let half = d / 2;
+        let table = |f: fn(f32) -> f32| {
+            let v: Vec<f32> = (0..b * half).map(|i| f(0.7 * i as f32 - 1.0)).collect();
+            Tensor::from_vec(v, (b, 1, 1, half), &dev).unwrap()
+        };
+        let (cos, sin) = (table(f32::cos), table(f32::sin));
+        let (kc, vc) = caches();
+        let q = qkv_write(&y, &kc, &vc, &step, nq, Some((&cos, &sin))).unwrap();
+        let rot = |t: Tensor| crate::kernels::rope::fused(&t, &cos, &sin).unwrap();
+        assert_eq!(flat(&q), flat(&rot(part(0, nq, hq))));
+        let (kw, vw) = caches();
+        kv_write(&kw, &rot(part(nq, nkv, hkv)), &step).unwrap();
+        kv_write(&vw, &part(nq + nkv, nkv, hkv), &step).unwrap();
+        assert_eq!(flat(&kc), flat(&kw));
+        assert_eq!(flat(&vc), flat(&vw));
+        assert_ne!(
+            flat(&q),
+            flat(&part(0, nq, hq)),
+            "the rotation did something"
+        );
     }
 }

@@ -11,6 +11,7 @@ use crate::config::ModelConfig;
 use crate::config::{LoraConfig, LoraTarget};
 use crate::kernels::attention::{attention, AttnMask};
 use crate::kernels::heads;
+use crate::kernels::KernelChoice;
 use crate::train::params::Scope;
 
 pub struct Attention {
@@ -66,15 +67,17 @@ impl Attention {
         inp: &AttnInputs,
         mut cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
-        // A decode step at fixed shapes (generation, one position, no rotary positions to
-        // apply between the projections and the cache): q, k and v from one stacked GEMM,
-        // split and written into the cache by one kernel.
+        // A decode step at fixed shapes (generation, one position): q, k and v from one
+        // stacked GEMM, split, rotated (where the model has rotary positions and our rope
+        // kernel is chosen) and written into the cache by one kernel.
         if let Some((c, layer)) = cache.as_mut() {
-            if c.is_fixed() && inp.rope.is_none() && x.dim(1)? == 1 {
+            let rope_fuses = inp.rope.is_none() || ctx.kernels.rope == KernelChoice::Custom;
+            if c.is_fixed() && rope_fuses && x.dim(1)? == 1 {
                 let qkv = [&self.q, &self.k, &self.v];
                 if let Some(y) = Linear::stacked(&qkv, x, ctx)? {
                     let nq = self.heads * self.head_dim;
-                    if let Some((q, k, v)) = c.append_stacked(*layer, &y, nq)? {
+                    let rope = inp.rope.map(RopeAt::tables);
+                    if let Some((q, k, v)) = c.append_stacked(*layer, &y, nq, rope)? {
                         return self.attend(&q, &k, &v, ctx, inp);
                     }
                 }

@@ -88,14 +88,16 @@ impl KvCache {
     }
 
     /// With fixed shapes: one position's stacked projections `y` (`[B, 1, nq + 2 Hkv D]`: q,
-    /// then k, then v) split by one kernel, k and v written at the device length
-    /// ([`decode_step::qkv_write`]); returns q `[B, nq / D, 1, D]` and the whole buffers, as
-    /// [`KvCache::append`] returns them. `None` without fixed shapes.
+    /// then k, then v) split by one kernel, q and k rotated by `rope` (cos, sin) where given,
+    /// k and v written at the device length ([`decode_step::qkv_write`]); returns q
+    /// `[B, nq / D, 1, D]` and the whole buffers, as [`KvCache::append`] returns them. `None`
+    /// without fixed shapes.
     pub fn append_stacked(
         &mut self,
         layer: usize,
         y: &Tensor,
         nq: usize,
+        rope: Option<(&Tensor, &Tensor)>,
     ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
         let Some(step) = &self.fixed else {
             return Ok(None);
@@ -103,7 +105,7 @@ impl KvCache {
         let Some((bk, bv)) = &self.layers[layer] else {
             candle_core::bail!("a cache with fixed shapes appends to allocated buffers");
         };
-        let q = decode_step::qkv_write(y, bk, bv, step, nq)?;
+        let q = decode_step::qkv_write(y, bk, bv, step, nq, rope)?;
         Ok(Some((q, bk.clone(), bv.clone())))
     }
 

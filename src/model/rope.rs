@@ -68,6 +68,11 @@ impl RopeAt {
     pub fn apply(&self, x: &Tensor, choice: KernelChoice) -> Result<Tensor> {
         Ok(rope(x, &self.cos, &self.sin, choice)?)
     }
+
+    /// The cos and sin tables, `[B, 1, T, head_dim / 2]`, for a kernel that rotates as it goes.
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
 }
 
 #[cfg(test)]

@@ -512,16 +512,36 @@ bool check_kv_write(const char *name, int b, int h, int cap, int d, long long le
 
 // qkv_write: y [b, hq d + 2 hkv d] (q, k, v) split into q [b, hq d] and position L of the
 // key and value caches [b, hkv, cap, d], each cache `offset` elements into its buffer (the
-// launcher's start offset). Every buffer is compared whole, with room past what the kernel
-// may write (a row of positions past each cache, one element past q).
-template <typename U, typename T>
+// launcher's start offset); with `rope`, q and k rotated by tables [b, d / 2] as rope.cu
+// rotates (in f32, rounded once). Every buffer is compared whole, with room past what the
+// kernel may write (a row of positions past each cache, one element past q).
+void qkv_entry(const float *, const DecodeParams &p) { qkv_write_f32(p); }
+void qkv_entry(const bf16 *, const DecodeParams &p) { qkv_write_bf16(p); }
+void qkv_entry(const __half *, const DecodeParams &p) { qkv_write_f16(p); }
+
+template <typename T>
 bool check_qkv_write(const char *name, int b, int hq, int hkv, int cap, int d, long long len,
-                     size_t offset, emu_check::Rng &rng) {
+                     size_t offset, bool rope, emu_check::Rng &rng) {
   const size_t nq = (size_t)hq * d, nkv = (size_t)hkv * d, width = nq + 2 * nkv;
   const size_t cache_len = offset + ((size_t)b * hkv + 1) * cap * d;
+  const int half = d / 2;
   std::vector<T> y((size_t)b * width), q((size_t)b * nq + 1), kc(cache_len), vc(cache_len);
+  std::vector<T> cs((size_t)b * half), sn((size_t)b * half);
   for (auto *buf : {&y, &q, &kc, &vc})
     for (auto &x : *buf) x = from_float<T>(rng.normal());
+  for (size_t i = 0; i < cs.size(); ++i) {
+    const float a = 3.f * rng.normal();
+    cs[i] = from_float<T>(std::cos(a)), sn[i] = from_float<T>(std::sin(a));
+  }
+  // Column c of row r after the rotation (q and k columns only; v as it is).
+  auto rotated = [&](int r, size_t c) -> double {
+    const T *row = y.data() + (size_t)r * width;
+    if (!rope || c >= nq + nkv) return as_float(row[c]);
+    const size_t j = c % d, jj = j % half, head = c - j;
+    const float co = as_float(cs[(size_t)r * half + jj]), si = as_float(sn[(size_t)r * half + jj]);
+    const float x1 = as_float(row[head + jj]), x2 = as_float(row[head + jj + half]);
+    return as_float(from_float<T>(j < (size_t)half ? x1 * co - x2 * si : x2 * co + x1 * si));
+  };
   std::vector<double> want_q(q.size()), want_k(kc.size()), want_v(vc.size());
   for (size_t i = 0; i < q.size(); ++i) want_q[i] = as_float(q[i]);
   for (size_t i = 0; i < kc.size(); ++i) want_k[i] = as_float(kc[i]), want_v[i] = as_float(vc[i]);
@@ -529,13 +549,13 @@ bool check_qkv_write(const char *name, int b, int hq, int hkv, int cap, int d, l
   int pos;
   const bool writes = position(step, cap, pos);
   for (int r = 0; r < b; ++r) {
-    for (size_t c = 0; c < nq; ++c) want_q[r * nq + c] = as_float(y[r * width + c]);
+    for (size_t c = 0; c < nq; ++c) want_q[r * nq + c] = rotated(r, c);
     if (!writes) continue;
     for (int h = 0; h < hkv; ++h)
       for (int e = 0; e < d; ++e) {
         const size_t at = offset + (((size_t)r * hkv + h) * cap + pos) * d + e;
-        want_k[at] = as_float(y[r * width + nq + (size_t)h * d + e]);
-        want_v[at] = as_float(y[r * width + nq + nkv + (size_t)h * d + e]);
+        want_k[at] = rotated(r, nq + (size_t)h * d + e);
+        want_v[at] = rotated(r, nq + nkv + (size_t)h * d + e);
       }
   }
   DecodeParams p{};
@@ -549,7 +569,13 @@ bool check_qkv_write(const char *name, int b, int hq, int hkv, int cap, int d, l
   p.d = d;
   p.nq = (int)nq;
   p.nkv = (int)nkv;
-  run_decode(sizeof(U) == 2 ? qkv_write_b2 : qkv_write_b4, p.n, p);
+  p.cos = rope ? cs.data() : nullptr;
+  p.sin = rope ? sn.data() : nullptr;
+  const T *tag = nullptr;
+  if (p.n > 0) {
+    const unsigned grid = (unsigned)((p.n + 255) / 256);
+    emu::launch({grid, 1, 1}, {256, 1, 1}, 0, [&] { qkv_entry(tag, p); });
+  }
   char what[96];
   bool ok = true;
   std::snprintf(what, sizeof what, "%s L=%lld q", name, len);
@@ -727,13 +753,17 @@ int main(int argc, char **argv) {
   ok &= check_kv_write<uint32_t, float>("kv_write_b4 f32 1x3x4x24 +5", 1, 3, 4, 24, 1, 5, rng);
   ok &= check_kv_write<uint32_t, float>("kv_write_b4 f32 3x2x9x128", 3, 2, 9, 128, 9, 0, rng);
   ok &= check_kv_write<uint16_t, bf16>("kv_write_b2 bf16 3x5x7x64 +67", 3, 5, 7, 64, -1, 67, rng);
-  // GPT-2's heads (12 of 64), GQA (8 query heads on 2), odd sizes and offsets.
-  ok &= check_qkv_write<uint16_t, bf16>("qkv_write_b2 bf16 5x12/12x64 cap 9", 5, 12, 12, 9, 64, 4, 0, rng);
-  ok &= check_qkv_write<uint16_t, bf16>("qkv_write_b2 bf16 5x12/12x64 cap 9", 5, 12, 12, 9, 64, 8, 0, rng);
-  ok &= check_qkv_write<uint16_t, __half>("qkv_write_b2 f16 3x8/2x24 +13", 3, 8, 2, 7, 24, 0, 13, rng);
-  ok &= check_qkv_write<uint32_t, float>("qkv_write_b4 f32 7x3/1x40 +3", 7, 3, 1, 5, 40, 2, 3, rng);
-  ok &= check_qkv_write<uint32_t, float>("qkv_write_b4 f32 2x4/4x8 full", 2, 4, 4, 6, 8, 6, 0, rng);
-  ok &= check_qkv_write<uint16_t, bf16>("qkv_write_b2 bf16 2x4/4x8 L<0", 2, 4, 4, 6, 8, -1, 5, rng);
+  // GPT-2's heads (12 of 64), GQA (8 query heads on 2), odd sizes and offsets; rotated
+  // (Llama) and not (GPT-2).
+  ok &= check_qkv_write<bf16>("qkv_write bf16 5x12/12x64 cap 9", 5, 12, 12, 9, 64, 4, 0, false, rng);
+  ok &= check_qkv_write<bf16>("qkv_write bf16 5x12/12x64 cap 9", 5, 12, 12, 9, 64, 8, 0, false, rng);
+  ok &= check_qkv_write<__half>("qkv_write f16 3x8/2x24 +13", 3, 8, 2, 7, 24, 0, 13, false, rng);
+  ok &= check_qkv_write<float>("qkv_write f32 7x3/1x40 +3", 7, 3, 1, 5, 40, 2, 3, false, rng);
+  ok &= check_qkv_write<float>("qkv_write f32 2x4/4x8 full", 2, 4, 4, 6, 8, 6, 0, false, rng);
+  ok &= check_qkv_write<bf16>("qkv_write bf16 2x4/4x8 L<0", 2, 4, 4, 6, 8, -1, 5, false, rng);
+  ok &= check_qkv_write<bf16>("qkv_write bf16 rope 5x32/8x128", 5, 32, 8, 9, 128, 3, 0, true, rng);
+  ok &= check_qkv_write<__half>("qkv_write f16 rope 3x8/2x24 +7", 3, 8, 2, 7, 24, 6, 7, true, rng);
+  ok &= check_qkv_write<float>("qkv_write f32 rope 4x4/4x64 full", 4, 4, 4, 6, 64, 6, 0, true, rng);
   for (long long len : {0LL, 10LL, 11LL, -1LL}) ok &= check_mark_key(300, 11, len);
   ok &= check_increment<uint32_t>("increment_u32", 1000, rng);
   ok &= check_increment<long long>("increment_i64", 2, rng);

@@ -21,8 +21,10 @@ struct DecodeParams {
     out: DevPtr,
     nq: i32,
     nkv: i32,
+    cos: DevPtr,
+    sin: DevPtr,
 }
-const _: () = assert!(std::mem::size_of::<DecodeParams>() == 64);
+const _: () = assert!(std::mem::size_of::<DecodeParams>() == 80);
 // SAFETY: plain old data with the C layout of the kernel's struct (asserted above).
 unsafe impl DeviceRepr for DecodeParams {}
 impl KernelParams for DecodeParams {
@@ -110,14 +112,16 @@ pub fn kv_write(
     run(&dev, name, n, p)
 }
 
-/// `qkv_write_b*`: `y` (`[B, nq + 2 nkv]`, contiguous) split into the returned q `[B, nq]` and
-/// position `step[0]` of the key and value caches (`[B, nkv / d, cap, d]` each, contiguous, in
-/// `y`'s dtype), which are written through their device pointers, in stream order.
+/// `qkv_write_<dtype>`: `y` (`[B, nq + 2 nkv]`, contiguous) split into the returned q
+/// `[B, nq]` and position `step[0]` of the key and value caches (`[B, nkv / d, cap, d]` each,
+/// contiguous, in `y`'s dtype), which are written through their device pointers, in stream
+/// order; q and k rotated by `rope` (cos, sin `[B, d / 2]`, contiguous) where given.
 pub fn qkv_write(
     (y, ly): (&CudaStorage, &Layout),
     (step, ls): (&CudaStorage, &Layout),
     (kc, vc): (&Tensor, &Tensor),
     nq: usize,
+    rope: Option<(&Tensor, &Tensor)>,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = y.device().clone();
     let (b, hkv, cap, d) = kc.dims4()?;
@@ -126,10 +130,11 @@ pub fn qkv_write(
     if ly.dims() != [b, width] || !ly.is_contiguous() {
         candle_core::bail!("qkv_write: y {:?} for {b} rows of {width}", ly.dims());
     }
-    let name = match y.dtype().size_in_bytes() {
-        2 => "qkv_write_b2",
-        4 => "qkv_write_b4",
-        _ => candle_core::bail!("qkv_write: no kernel for {:?}", y.dtype()),
+    let name = match y.dtype() {
+        DType::F32 => "qkv_write_f32",
+        DType::BF16 => "qkv_write_bf16",
+        DType::F16 => "qkv_write_f16",
+        dt => candle_core::bail!("qkv_write: no kernel for {dt:?}"),
     };
     // SAFETY: the kernel writes every element of q (each is one of y's q columns).
     let mut q = unsafe {
@@ -148,6 +153,7 @@ pub fn qkv_write(
     };
     let (ks, kl) = kc.storage_and_layout();
     let (vs, vl) = vc.storage_and_layout();
+    let tables = rope.map(|(c, s)| (c.storage_and_layout(), s.storage_and_layout()));
     let stream = dev.cuda_stream();
     let mut ptrs = DevPtrs::new(&stream);
     let src = at(&mut ptrs, y, ly)?;
@@ -156,6 +162,13 @@ pub fn qkv_write(
     // them while the step's ops are queued, and the stream orders every use.
     let kp = at(&mut ptrs, cuda_storage(&ks)?, kl)?;
     let vp = at(&mut ptrs, cuda_storage(&vs)?, vl)?;
+    let (cos, sin) = match &tables {
+        Some(((cs, cl), (ss, sl))) => (
+            at(&mut ptrs, cuda_storage(cs)?, cl)?,
+            at(&mut ptrs, cuda_storage(ss)?, sl)?,
+        ),
+        None => (0, 0),
+    };
     let shape = Shape::from((b, nq));
     let (out, guard) = at_mut(&stream, &mut q, &Layout::contiguous(&shape))?;
     let n = b * width;
@@ -170,6 +183,8 @@ pub fn qkv_write(
         out,
         nq: super::to_i32(nq, "query width")?,
         nkv: super::to_i32(nkv, "key width")?,
+        cos,
+        sin,
     };
     run(&dev, name, n, p)?;
     drop(guard);
