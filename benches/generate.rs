@@ -124,8 +124,8 @@ fn main() -> Result<()> {
         }
         Ok(t0.elapsed().as_secs_f64())
     };
-    // Loads the kernels, and times cuBLASLt's candidates for the prefill's GEMMs (the decode
-    // step's are timed before their graph is captured in any case).
+    // Loads the kernels; under TEMPER_GEMM_TUNE=timed also times cuBLASLt's candidates for the
+    // prefill's GEMMs (the decode step's are timed before their graph is captured in any case).
     #[cfg(feature = "cuda")]
     temper::kernels::cuda::timing_first_calls(|| run(2, 0))?;
     #[cfg(not(feature = "cuda"))]

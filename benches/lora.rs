@@ -85,6 +85,7 @@ mod cuda {
     use candle_core::{DType, Var};
     use temper::kernels::cuda::gemm::matmul_nn;
     use temper::kernels::cuda::lora::{lora_linear_with, DyPath, LoraDirect};
+    use temper::kernels::cuda::GemmTune;
 
     /// Untimed calls before timing: module loads, cuBLAS heuristics, allocator pools.
     const WARMUP: usize = 3;
@@ -252,13 +253,23 @@ mod cuda {
                 Which::Fused(DyPath::Cublas),
                 Which::Reference,
             ];
-            for which in variants {
-                let fwd = cuda_time_ms(&dev, WARMUP, 20, || which.fwd(&x, &args).map(|_| ()))?;
-                let both = cuda_time_ms(&dev, WARMUP, 20, which.fwd_bwd(&x, &args, &dy)?)?;
-                println!("{shape:<22} {:<16} {fwd:>10.3} {both:>12.3}", which.name());
+            // Then our GEMM and the fused op again with cuBLASLt's candidates timed
+            // (`TEMPER_GEMM_TUNE=timed`), as "<impl>-timed".
+            let timed = [Which::Lt, Which::Fused(DyPath::Auto)];
+            let runs = variants.iter().map(|&w| (w, GemmTune::current()));
+            for (which, tune) in runs.chain(timed.map(|w| (w, GemmTune::Timed))) {
+                let (fwd, both) = tune.scope(|| -> candle_core::Result<(f64, f64)> {
+                    let fwd = cuda_time_ms(&dev, WARMUP, 20, || which.fwd(&x, &args).map(|_| ()))?;
+                    let both = cuda_time_ms(&dev, WARMUP, 20, which.fwd_bwd(&x, &args, &dy)?)?;
+                    Ok((fwd, both))
+                })?;
+                let name = match tune {
+                    GemmTune::Timed => format!("{}-timed", which.name()),
+                    GemmTune::Heuristic => which.name().to_string(),
+                };
+                println!("{shape:<22} {name:<16} {fwd:>10.3} {both:>12.3}");
                 println!(
-                    "{{\"bench\":\"lora\",\"shape\":\"{shape}\",\"impl\":\"{}\",\"fwd_ms\":{fwd:.4},\"fwd_bwd_ms\":{both:.4}}}",
-                    which.name()
+                    "{{\"bench\":\"lora\",\"shape\":\"{shape}\",\"impl\":\"{name}\",\"fwd_ms\":{fwd:.4},\"fwd_bwd_ms\":{both:.4}}}"
                 );
             }
         }

@@ -253,11 +253,6 @@ for spec in attention:150:120 lora:150:120 train_ops:90:90 rmsnorm:150:120 gae:1
   fi
   section "peer-$b" "$peer_s" python3 scripts/bench_peers.py "$b"
 done
-# Ablation: every GEMM on cuBLASLt's first heuristic answer instead of the fastest of its
-# candidates timed on first use (src/kernels/cuda/lt_plans.rs).
-if has bench-lora; then
-  section bench-lora-heuristic 120 env TEMPER_GEMM_TUNE=heuristic "$BUNDLE" bench-lora --bench
-fi
 
 # --- the rest, as time allows: the step with the 128-row attention forward, with temper's
 # reference kernels, and the compute-copies ablation -----------------------------------------
@@ -266,7 +261,9 @@ if has bench-train_step; then
   # with it, to decide whether it becomes the default.
   MEM=1 section train-attn-wide 90 env TEMPER_ATTN_IMPL=mma-wide "$BUNDLE" bench-train_step \
     --bench --impl ours --steps 4
-  MEM=1 section train-gemm-heuristic 90 env TEMPER_GEMM_TUNE=heuristic "$BUNDLE" \
+  # The step with cuBLASLt's candidates timed (src/kernels/cuda/lt_plans.rs), not the default
+  # because it costs bit-for-bit reproducibility: what it would buy.
+  MEM=1 section train-gemm-timed 90 env TEMPER_GEMM_TUNE=timed "$BUNDLE" \
     bench-train_step --bench --impl ours --steps 4
   MEM=1 section train-reference 120 "$BUNDLE" bench-train_step --bench --impl reference --steps 4
   # Ablation: each f32 master cast in every step instead of AdamW's bf16 compute copies.

@@ -434,13 +434,14 @@ mod gpu {
                     scale: inp.scale,
                 };
                 let y_ref = lora::lora_linear_reference(&inp.x.1, &inp.x.1, &args_c).unwrap();
-                // Twice: the heuristic's answers, then (at or above `TUNE_MIN_FLOP`)
-                // cuBLASLt's candidates timed and the fastest run.
+                // Twice: the heuristic's answers (the default), then (at or above
+                // `TUNE_MIN_FLOP`) cuBLASLt's candidates timed and the fastest run.
                 for timed in [false, true] {
+                    use temper::kernels::cuda::{timing_first_calls, GemmTune};
                     let call = if timed { "timed" } else { "untimed" };
                     let fwd = || lora_linear_with(&inp.x.0, &args_g, DyPath::Auto);
                     let y = match timed {
-                        true => temper::kernels::cuda::timing_first_calls(fwd),
+                        true => GemmTune::Timed.scope(|| timing_first_calls(fwd)),
                         false => fwd(),
                     }
                     .unwrap()

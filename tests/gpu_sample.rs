@@ -19,6 +19,7 @@ gpu_test!(masked_tokens_are_never_drawn);
 gpu_test!(decode_attention_reads_the_cache_in_place);
 gpu_test!(engine_on_the_gpu_agrees_with_the_cpu);
 gpu_test!(decode_step_kernels_match_reference);
+gpu_test!(qkv_write_matches_the_cpu_op);
 gpu_test!(held_tokens_and_a_device_draw_index_sample_as_the_reference);
 gpu_test!(graph_replay_gives_the_eager_fixed_steps_tokens);
 
@@ -30,7 +31,7 @@ mod gpu {
     use temper::generate::{generate, DecodeMode, EngineOpts, RowKeys, SampleCfg};
     use temper::kernels::attention::{attention_reference, AttnMask};
     use temper::kernels::cuda::attention::{attention_with, AttnImpl};
-    use temper::kernels::decode_step::{increment, kv_write, mark_key};
+    use temper::kernels::decode_step::{increment, kv_write, mark_key, qkv_write};
     use temper::kernels::sample::{
         keep_threshold, keys_tensor, row_key, sample, sample_draw, sample_reference, uniform, Draw,
         Hold, SampleParams,
@@ -370,6 +371,90 @@ mod gpu {
                 want,
                 "seed {seed:#x}: i64 x{n}"
             );
+        }
+    }
+
+    /// The decode step's stacked q/k/v split (`qkv_write`) against its CPU op: q, and k and v
+    /// at the device length of both caches, exactly without rotary tables; with them (q and k
+    /// rotated in f32, rounded once, as on the CPU) within one rounding of the dtype. GQA and
+    /// MHA, head dims 64 and 128 and an odd one, lengths at the start, the last position and
+    /// past the capacity (nothing written), y a view at an offset.
+    pub fn qkv_write_matches_the_cpu_op(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0x9C7);
+        // (B, Hq, Hkv, cap, D)
+        let shapes = [
+            (1, 1, 1, 1, 2),
+            (5, 12, 12, 9, 64),
+            (3, 8, 2, 17, 128),
+            (2, 6, 3, 5, 24),
+        ];
+        for &(b, hq, hkv, cap, d) in &shapes {
+            let (nq, nkv) = (hq * d, hkv * d);
+            let width = nq + 2 * nkv;
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                for rope in [false, true] {
+                    for len in [0, cap - 1, cap] {
+                        let ctx = format!(
+                            "seed {seed:#x}, {dtype:?}, B {b} Hq {hq} Hkv {hkv} cap {cap} \
+                             D {d}, rope {rope}, L {len}"
+                        );
+                        let make = |n: usize, shape: &[usize], rng: &mut Rng| {
+                            Tensor::from_vec(rng.vec(n, -3.0, 3.0), shape, &Device::Cpu)
+                                .and_then(|t| t.to_dtype(dtype))
+                                .unwrap()
+                        };
+                        // y as a view 3 rows into a larger buffer.
+                        let y = make((b + 3) * width, &[b + 3, 1, width], &mut rng)
+                            .narrow(0, 3, b)
+                            .unwrap();
+                        let (kc, vc) = (
+                            make(b * hkv * cap * d, &[b, hkv, cap, d], &mut rng),
+                            make(b * hkv * cap * d, &[b, hkv, cap, d], &mut rng),
+                        );
+                        let half = d / 2;
+                        let angles = rng.vec(b * half, -3.0, 3.0);
+                        let table = |f: fn(f32) -> f32| {
+                            let v: Vec<f32> = angles.iter().map(|&a| f(a)).collect();
+                            Tensor::from_vec(v, (b, 1, 1, half), &Device::Cpu)
+                                .and_then(|t| t.to_dtype(dtype))
+                                .unwrap()
+                        };
+                        let (cos, sin) = (table(f32::cos), table(f32::sin));
+                        let step = Tensor::new(&[len as i64, 4], &Device::Cpu).unwrap();
+                        let on_gpu = |t: &Tensor| t.to_device(dev).unwrap();
+                        let (gy, gk, gv, gs) =
+                            (on_gpu(&y), on_gpu(&kc), on_gpu(&vc), on_gpu(&step));
+                        let (gcos, gsin) = (on_gpu(&cos), on_gpu(&sin));
+                        let tables = |c: &Tensor, s: &Tensor| -> Option<(Tensor, Tensor)> {
+                            rope.then(|| (c.clone(), s.clone()))
+                        };
+                        let gt = tables(&gcos, &gsin);
+                        let ct = tables(&cos, &sin);
+                        let gq =
+                            qkv_write(&gy, &gk, &gv, &gs, nq, gt.as_ref().map(|(c, s)| (c, s)))
+                                .unwrap();
+                        let cq =
+                            qkv_write(&y, &kc, &vc, &step, nq, ct.as_ref().map(|(c, s)| (c, s)))
+                                .unwrap();
+                        assert_eq!(gq.dims(), [b, hq, 1, d], "{ctx}: q's shape");
+                        for (what, g, c) in [("q", &gq, &cq), ("k", &gk, &kc), ("v", &gv, &vc)] {
+                            let (g, c) = (host(g), host(c));
+                            // One rounding of the dtype: the CPU op and the kernel both round
+                            // the f32 rotation once; only f32's fused multiply-adds may differ.
+                            let ulp = match dtype {
+                                DType::F32 => 1e-6,
+                                DType::BF16 => 8e-3,
+                                _ => 1e-3,
+                            };
+                            let bad = g.iter().zip(&c).position(|(a, b)| {
+                                let tol = if rope { ulp * b.abs().max(1.0) } else { 0.0 };
+                                (a - b).abs() > tol
+                            });
+                            assert!(bad.is_none(), "{ctx}: {what} differs at {bad:?}");
+                        }
+                    }
+                }
+            }
         }
     }
 

@@ -862,13 +862,14 @@ mod gemm {
                     what("cuBLASLt did not take the call")
                 );
                 let refs = run(KernelChoice::Reference, &x, &w, &dy);
-                // Twice: the heuristic's answer, then (at or above `TUNE_MIN_FLOP`)
-                // cuBLASLt's candidates timed and the fastest run.
+                // Twice: the heuristic's answer (the default), then (at or above
+                // `TUNE_MIN_FLOP`) cuBLASLt's candidates timed and the fastest run.
                 for timed in [false, true] {
+                    use temper::kernels::cuda::{timing_first_calls, GemmTune};
                     let call = if timed { "timed" } else { "untimed" };
                     let ours = match timed {
-                        true => temper::kernels::cuda::timing_first_calls(|| {
-                            run(KernelChoice::Custom, &x, &w, &dy)
+                        true => GemmTune::Timed.scope(|| {
+                            timing_first_calls(|| run(KernelChoice::Custom, &x, &w, &dy))
                         }),
                         false => run(KernelChoice::Custom, &x, &w, &dy),
                     };

@@ -8,9 +8,9 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 /// Median milliseconds of `f` between CUDA events on candle's stream, after `warmup` untimed
-/// calls (module loads, cuBLAS heuristics, allocator pools, and the timing of cuBLASLt's
-/// candidates for each GEMM, done in the warm-up rather than left to a timed call, unless
-/// `TEMPER_GEMM_TUNE=heuristic`). The repeats are queued back to
+/// calls (module loads, cuBLAS heuristics, allocator pools, and under
+/// `TEMPER_GEMM_TUNE=timed` the timing of cuBLASLt's candidates for each GEMM, done in the
+/// warm-up rather than left to a timed call). The repeats are queued back to
 /// back and the host waits once, at the end (as `triton.testing.do_bench` does): where the
 /// GPU work of a call outlasts the host's, the host runs ahead and each pair of events times
 /// the GPU alone; where it does not, the host's time shows. scripts/bench_peers.py times

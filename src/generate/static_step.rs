@@ -251,8 +251,8 @@ mod graph {
                 State::Fresh => {}
             }
             // The eager step uploads what candle's ops read from the host (strides, shapes)
-            // into its cache, where the capture finds them. Its GEMMs are timed now: the
-            // graph replays them and calls none of them again.
+            // into its cache, where the capture finds them. Under `TEMPER_GEMM_TUNE=timed` its
+            // GEMMs are timed now: the graph replays them and calls none of them again.
             let _uploads = cuda.enable_cuda_graph_htod_cache();
             crate::kernels::cuda::timing_first_calls(|| body(cache))?;
             // From here the step has run: whatever fails leaves the eager step in use.

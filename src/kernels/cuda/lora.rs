@@ -13,8 +13,9 @@
 //!   (falls back to two cuBLAS calls where that moves fewer bytes, or for f32); then
 //!   `dx = g A` and `dx += dY W` (beta = 1), `dA = g^T x`.
 //!
-//! All big products are cuBLASLt's planned GEMMs (`lt_plans`, on candle's stream: the large
-//! ones timed among the heuristic's candidates once they recur) for bf16/f16, candle's cuBLAS
+//! All big products are cuBLASLt's planned GEMMs (`lt_plans`, on candle's stream; with
+//! `TEMPER_GEMM_TUNE=timed` the large ones timed among the heuristic's candidates once they
+//! recur) for bf16/f16, candle's cuBLAS
 //! handle for f32, with f32 accumulation; `TEMPER_LORA_DY=fused|cublas` forces the backward's
 //! choice for dY.
 

@@ -8,10 +8,12 @@
 //! problem (dtype, transposes, sizes, leading dimensions, epilogue) and stream, so a call after
 //! the first costs one `cublasLtMatmul`, plus one attribute write with a bias. The workspace
 //! is cudarc's (32 MiB from Hopper on, 4 MiB before). cudarc takes the heuristic's first
-//! answer; here a problem that recurs has the heuristic's first 8 candidates timed on its own
-//! operands and keeps the fastest (`GemmTune`): on the H200 the first answer for the `x W^T`
-//! of 8192x4096x4096 ran 1.14x PyTorch's GEMM forward while the backward's GEMMs matched it,
-//! so the first answer is not always cuBLAS's best.
+//! answer, and so does the default here; with `TEMPER_GEMM_TUNE=timed` a problem that recurs
+//! has the heuristic's first 8 candidates timed on its own operands and runs the fastest
+//! (`GemmTune`): on the H200 the first answer for the `x W^T` of 8192x4096x4096 ran 1.14x
+//! PyTorch's GEMM forward while the backward's GEMMs matched it, so the first answer is not
+//! always cuBLAS's best. Not the default, because the choice rides on timing noise and would
+//! cost runs their bit-for-bit reproducibility.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -72,25 +74,51 @@ impl Problem {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmTune {
     /// The heuristic's first answer, as cudarc (and a plain cuBLASLt call) takes it: the same
-    /// algorithm in every run.
+    /// algorithm in every run, so a run (and a resumed one) gives the same bits every time.
+    /// The default.
     Heuristic,
     /// A problem of at least [`TUNE_MIN_FLOP`] has each candidate timed on a call at least
     /// [`TUNE_AFTER`] after its first (so a shape one forward pass uses, a prefill's odd length
     /// say, pays nothing; a decode step about to be captured as a graph times at once,
-    /// [`timing_first_calls`]) and keeps the fastest for the rest of the process, where it
-    /// beats the heuristic's answer by [`TUNE_MARGIN`]. The choice can still differ between
-    /// runs where two candidates time alike.
+    /// [`timing_first_calls`]) and runs the fastest from then on, where it beats the
+    /// heuristic's answer by [`TUNE_MARGIN`]. Which one that is depends on timing noise where
+    /// two candidates time alike, so runs may differ in their last bits (as with PyTorch's
+    /// `cudnn.benchmark`), and a run switches algorithm partway.
     Timed,
 }
 
+thread_local! {
+    /// Set by [`GemmTune::scope`].
+    static TUNE_SCOPE: Cell<Option<GemmTune>> = const { Cell::new(None) };
+}
+
 impl GemmTune {
-    /// `TEMPER_GEMM_TUNE` (`heuristic` or `timed`; `timed` when unset or unknown), read once.
+    /// `TEMPER_GEMM_TUNE` (`timed` or `heuristic`; `heuristic` when unset or unknown), read
+    /// once.
     pub fn from_env() -> Self {
         static ONCE: OnceLock<GemmTune> = OnceLock::new();
         *ONCE.get_or_init(|| match std::env::var("TEMPER_GEMM_TUNE").as_deref() {
-            Ok("heuristic") => Self::Heuristic,
-            _ => Self::Timed,
+            Ok("timed") => Self::Timed,
+            _ => Self::Heuristic,
         })
+    }
+
+    /// This thread's choice: a [`GemmTune::scope`]'s, else [`GemmTune::from_env`].
+    pub fn current() -> Self {
+        TUNE_SCOPE.with(Cell::get).unwrap_or_else(Self::from_env)
+    }
+
+    /// Runs `f` with `self` as this thread's choice (a bench or test comparing the two in one
+    /// process; the timed choices are kept beside the heuristic's, so each mode runs its own).
+    pub fn scope<R>(self, f: impl FnOnce() -> R) -> R {
+        struct Restore(Option<GemmTune>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                TUNE_SCOPE.with(|c| c.set(self.0));
+            }
+        }
+        let _restore = Restore(TUNE_SCOPE.with(|c| c.replace(Some(self))));
+        f()
     }
 }
 
@@ -147,6 +175,8 @@ struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
     layouts: [sys::cublasLtMatrixLayout_t; 3],
     algo: sys::cublasLtMatmulAlgo_t,
+    /// Under [`GemmTune::Timed`], once timed: the fastest where it beat `algo`.
+    fastest: Option<sys::cublasLtMatmulAlgo_t>,
     /// The heuristic's other answers, in its order, until they are timed; then empty.
     untimed: Vec<sys::cublasLtMatmulAlgo_t>,
     /// When the problem was first called.
@@ -212,6 +242,7 @@ impl Plan {
             layouts: [std::ptr::null_mut(); 3],
             // SAFETY: plain old data, overwritten by the heuristic's answer below.
             algo: unsafe { std::mem::zeroed() },
+            fastest: None,
             untimed: Vec::new(),
             first_call: None,
         };
@@ -324,8 +355,9 @@ pub(crate) struct Lt {
 #[derive(Default)]
 struct Plans {
     live: HashMap<Problem, Plan>,
-    /// Every timed problem's choice, kept when `live` starts over: a problem is timed once.
-    timed: HashMap<Problem, sys::cublasLtMatmulAlgo_t>,
+    /// Every timed problem's outcome ([`Plan::fastest`]), kept when `live` starts over: a
+    /// problem is timed once.
+    timed: HashMap<Problem, Option<sys::cublasLtMatmulAlgo_t>>,
 }
 
 // SAFETY: the handle is used only under the plans' lock (cuBLASLt handles may be shared
@@ -429,8 +461,8 @@ impl Lt {
             std::collections::hash_map::Entry::Vacant(e) => {
                 let size = self.workspace.len();
                 let mut plan = Plan::new(self.handle, p, bias, size)?;
-                if let Some(algo) = timed.get(p) {
-                    plan.algo = *algo;
+                if let Some(fastest) = timed.get(p) {
+                    plan.fastest = *fastest;
                     plan.untimed.clear();
                 }
                 e.insert(plan)
@@ -439,7 +471,8 @@ impl Lt {
         let first = *plan.first_call.get_or_insert_with(Instant::now);
         let early = TIME_FIRST_CALLS.with(Cell::get);
         let due = !plan.untimed.is_empty() && (early || first.elapsed() >= TUNE_AFTER);
-        if due && GemmTune::from_env() == GemmTune::Timed {
+        let tune = GemmTune::current();
+        if due && tune == GemmTune::Timed {
             // Timing waits for the stream, which a CUDA graph capture forbids; a plan first
             // used in one keeps the heuristic's answer until a call outside it.
             let status = self
@@ -469,17 +502,19 @@ impl Lt {
                 if let Some(target) = target {
                     let rest = std::mem::take(&mut plan.untimed);
                     let trial = Operands { c: target, ..ops };
-                    if let Some(algo) = self.fastest(plan, rest, &trial) {
-                        plan.algo = algo;
-                    }
+                    plan.fastest = self.fastest(plan, rest, &trial);
                     if timed.len() >= TIMED_MAX {
                         timed.clear();
                     }
-                    timed.insert(*p, plan.algo);
+                    timed.insert(*p, plan.fastest);
                 }
             }
         }
-        self.run(plan, &plan.algo, &ops)
+        let algo = match tune {
+            GemmTune::Timed => plan.fastest.as_ref().unwrap_or(&plan.algo),
+            GemmTune::Heuristic => &plan.algo,
+        };
+        self.run(plan, algo, &ops)
     }
 
     /// A zeroed buffer the size of `p`'s `D`, to time candidates in; `None` above
@@ -615,6 +650,22 @@ mod tests {
         // The accumulating GEMMs of a GPT-2 step fit the scratch they are timed in.
         let bytes = |p: Problem| p.ldc as usize * p.n as usize * p.dtype.size_in_bytes();
         assert!(bytes(nt(16384, 768, 768)) <= TUNE_SCRATCH_MAX);
+    }
+
+    #[test]
+    fn the_default_is_the_heuristic_and_a_scope_overrides_it_on_this_thread() {
+        if std::env::var_os("TEMPER_GEMM_TUNE").is_none() {
+            assert_eq!(GemmTune::current(), GemmTune::Heuristic);
+        }
+        let outside = GemmTune::current();
+        GemmTune::Timed.scope(|| {
+            assert_eq!(GemmTune::current(), GemmTune::Timed);
+            GemmTune::Heuristic.scope(|| assert_eq!(GemmTune::current(), GemmTune::Heuristic));
+            assert_eq!(GemmTune::current(), GemmTune::Timed);
+            let other = std::thread::spawn(GemmTune::current).join().unwrap();
+            assert_eq!(other, outside, "another thread keeps its own");
+        });
+        assert_eq!(GemmTune::current(), outside);
     }
 
     #[test]

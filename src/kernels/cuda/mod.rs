@@ -57,7 +57,7 @@ pub mod logprobs;
 pub mod lora;
 pub mod loss_head;
 mod lt_plans;
-pub use lt_plans::timing_first_calls;
+pub use lt_plans::{timing_first_calls, GemmTune};
 pub mod rmsnorm;
 pub mod rope;
 pub mod sample;
