@@ -126,7 +126,9 @@ pub fn frozen_stack(parts: &[&Tensor], dtype: DType) -> Result<Option<Tensor>> {
     let stacked = Tensor::cat(&cast, 0)?.detach();
     STACKS.with_borrow_mut(|m| m.insert(key, stacked.clone()));
     // The parts' own casts (what the prefill read) are dropped, so that the scope holds the
-    // weights once, stacked; a later reader would cast again.
+    // weights once, stacked. A later reader casts again, which must not happen inside a CUDA
+    // graph capture (the cast would be the graph's memory, kept past it): the decode step
+    // reads only the stack.
     FROZEN.with_borrow_mut(|m| {
         if let Some(m) = m.as_mut() {
             for p in parts {
