@@ -801,6 +801,7 @@ gpu_test!(gemm::gemm_matches_reference);
 #[cfg(feature = "cuda")]
 mod gemm {
     use candle_core::{DType, Device, Tensor, Var};
+    use temper::kernels::bias::BiasAct;
     use temper::kernels::cuda::gemm::{aligned, prepared};
     use temper::kernels::gemm::{linear_bias_epilogue, matmul_nt, reference};
     use temper::kernels::KernelChoice;
@@ -920,9 +921,14 @@ mod gemm {
             let with_bias = |ours: bool| {
                 let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
                 let y = match ours {
-                    true => linear_bias_epilogue(xv.as_tensor(), wv.as_tensor(), &bias)
-                        .unwrap()
-                        .expect("cuBLASLt did not take the bias GEMM"),
+                    true => linear_bias_epilogue(
+                        xv.as_tensor(),
+                        wv.as_tensor(),
+                        &bias,
+                        BiasAct::Identity,
+                    )
+                    .unwrap()
+                    .expect("cuBLASLt did not take the bias GEMM"),
                     false => reference(xv.as_tensor(), wv.as_tensor())
                         .unwrap()
                         .broadcast_add(&bias.to_dtype(dtype).unwrap())

@@ -94,48 +94,35 @@ pub fn reference(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     y.reshape(out)
 }
 
-/// `x W^T + b` with the bias added in our cuBLASLt GEMM's epilogue (`b` `[N]`, the f32 master
-/// or any float dtype): `None` off CUDA or where cuBLASLt does not take the GEMM, and then
-/// the caller adds the bias its own way.
-pub fn linear_bias_epilogue(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+/// `act(x W^T + b)` with the bias (and the activation) in our cuBLASLt GEMM's epilogue (`b`
+/// `[N]`, the f32 master or any float dtype): `None` off CUDA or where cuBLASLt does not take
+/// the GEMM, and then the caller adds the bias its own way. The GELU epilogue keeps no
+/// pre-activation, so it has no backward: generation only, no input carrying a gradient.
+pub fn linear_bias_epilogue(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    act: super::bias::BiasAct,
+) -> Result<Option<Tensor>> {
     if !x.device().is_cuda() {
         return Ok(None);
     }
     #[cfg(feature = "cuda")]
     {
+        use super::bias::BiasAct;
         super::spans::timed(
             super::KernelOp::Gemm,
             super::spans::Pass::Forward,
             x.device(),
-            || super::cuda::gemm::matmul_nt_bias(x, w, b),
+            || match act {
+                BiasAct::Identity => super::cuda::gemm::matmul_nt_bias(x, w, b),
+                BiasAct::GeluTanh => super::cuda::gemm::matmul_nt_bias_gelu(x, w, b),
+            },
         )
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (w, b);
-        Ok(None)
-    }
-}
-
-/// `gelu_tanh(x W^T + b)` with the bias and the GELU in cuBLASLt's epilogue, for generation
-/// (no input may carry a gradient: the epilogue has no backward); `None` off CUDA or where
-/// cuBLASLt does not take the GEMM.
-pub fn linear_bias_gelu_epilogue(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
-    if !x.device().is_cuda() {
-        return Ok(None);
-    }
-    #[cfg(feature = "cuda")]
-    {
-        super::spans::timed(
-            super::KernelOp::Gemm,
-            super::spans::Pass::Forward,
-            x.device(),
-            || super::cuda::gemm::matmul_nt_bias_gelu(x, w, b),
-        )
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (w, b);
+        let _ = (w, b, act);
         Ok(None)
     }
 }

@@ -8,7 +8,7 @@ use crate::config::LoraConfig;
 
 use crate::kernels::bias::{self, BiasAct};
 use crate::kernels::gelu::gelu;
-use crate::kernels::gemm::linear;
+use crate::kernels::gemm::{linear, linear_bias_epilogue};
 use crate::kernels::lora::{lora_linear, reference_recorded as lora_reference, LoraArgs};
 use crate::kernels::{KernelChoice, KernelSet};
 use crate::train::params::{Init, Scope};
@@ -126,7 +126,8 @@ impl Linear {
         };
         let (k, custom) = (ctx.kernels, KernelChoice::Custom);
         if k.gemm == custom && k.bias == custom {
-            if let Some(y) = crate::kernels::gemm::linear_bias_epilogue(&x, &w, &b)? {
+            let id = BiasAct::Identity;
+            if let Some(y) = linear_bias_epilogue(&x, &w, &b, id)? {
                 return Ok(Some(y));
             }
         }
@@ -157,16 +158,12 @@ impl Linear {
                     // generation's one cast) where `weight_if_kept` allows, as the f32 master
                     // would be cast every call.
                     let bc = super::cast::weight_if_kept(b, ctx.dtype)?;
+                    // Generation's GELU epilogue wants inputs that carry no gradient.
                     let y = match act {
-                        BiasAct::Identity => {
-                            crate::kernels::gemm::linear_bias_epilogue(x, &w, &bc)?
+                        BiasAct::Identity => linear_bias_epilogue(x, &w, &bc, act)?,
+                        BiasAct::GeluTanh => {
+                            linear_bias_epilogue(&x.detach(), &w.detach(), &bc.detach(), act)?
                         }
-                        // Generation: nothing wants a gradient, so the inputs go detached.
-                        BiasAct::GeluTanh => crate::kernels::gemm::linear_bias_gelu_epilogue(
-                            &x.detach(),
-                            &w.detach(),
-                            &bc.detach(),
-                        )?,
                     };
                     if let Some(y) = y {
                         return Ok(y);
