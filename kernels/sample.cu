@@ -16,7 +16,10 @@
 //    cost four barriers a chunk, ~100 chunks at GPT-2's vocabulary: tens of microseconds a
 //    decode step.)
 // Each pass over a row is unrolled 4x, so that a thread has four loads in flight before the
-// first is used (its order of accumulation is unchanged).
+// first is used (its order of accumulation is unchanged). The two passes every draw makes (the
+// argmax, and the segments' masses) read 16 bytes a load where the row starts on a 16-byte
+// boundary and no hold mask applies: a row of GPT-2's vocabulary is 100 KB read by one
+// block, which 2-byte loads leave latency-bound.
 // Sums are f32 trees here and sequential f64 in the reference, so a draw whose u falls within
 // rounding of a bucket edge may pick the neighbour; greedy is exact. Where rounding leaves the
 // target at or past the mass the chosen warp finds, the token is the last kept one of its
@@ -86,6 +89,16 @@ static __device__ __forceinline__ void block_argmax(float &val, int &idx, float 
   }
 }
 
+// 16 bytes of T at z + i (16-byte aligned), as f32.
+template <typename T> constexpr int kVec = 16 / (int)sizeof(T);
+template <typename T>
+static __device__ __forceinline__ void load_vec(const T *z, int i, float (&out)[kVec<T>]) {
+  const uint4 raw = *reinterpret_cast<const uint4 *>(z + i);
+  const T *e = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+  for (int k = 0; k < kVec<T>; ++k) out[k] = to_f32(e[k]);
+}
+
 template <typename T> struct Row {
   const T *z;
   const float *hold;  // null when no mask applies to this draw
@@ -143,10 +156,25 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
   const float *hold = p.hold && pos < p.hold_until ? p.hold : nullptr;
   Row<T> r{static_cast<const T *>(p.logits) + (size_t)row * p.v, hold, p.v, 0.f, p.inv_temp};
 
+  constexpr int N = kVec<T>;
+  // 16-byte loads: the row starts on a 16-byte boundary and no hold mask is added.
+  const bool vec = hold == nullptr && reinterpret_cast<uintptr_t>(r.z) % 16 == 0;
   float best = __int_as_float(0xff800000);  // -inf
   int arg = 0x7fffffff;
+  // Each thread sees its indices in increasing order, so `>` keeps its first of a tie.
+  int scalar_from = 0;
+  if (vec) {
+    scalar_from = r.v / N * N;
+    for (int i = threadIdx.x * N; i < scalar_from; i += kThreads * N) {
+      float x[N];
+      load_vec(r.z, i, x);
+#pragma unroll
+      for (int k = 0; k < N; ++k)
+        if (x[k] > best) best = x[k], arg = i + k;
+    }
+  }
 #pragma unroll 4
-  for (int i = threadIdx.x; i < r.v; i += kThreads) {
+  for (int i = scalar_from + threadIdx.x; i < r.v; i += kThreads) {
     const float z = r.logit(i);
     if (z > best) best = z, arg = i;
   }
@@ -176,8 +204,22 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
   {
     const int lo = warp * seg, hi = min(lo + seg, r.v);
     float m = 0.f;
+    // lo is a multiple of 32 elements, so on a 16-byte aligned row so is its address.
+    int scalar_lo = lo;
+    if (vec && hi > lo) {
+      scalar_lo = lo + (hi - lo) / N * N;
+      for (int i = lo + lane * N; i < scalar_lo; i += 32 * N) {
+        float x[N];
+        load_vec(r.z, i, x);
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          const float w = expf((x[k] - r.m) * r.inv_temp);
+          m += w >= t && w > 0.f ? w : 0.f;
+        }
+      }
+    }
 #pragma unroll 4
-    for (int i = lo + lane; i < hi; i += 32) m += kept_w(i);
+    for (int i = scalar_lo + lane; i < hi; i += 32) m += kept_w(i);
     m = warp_sum(m);
     if (lane == 0) smass[warp] = m;
   }
@@ -228,8 +270,11 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
 }  // namespace sample
 }  // namespace temper
 
+// One block per row, and a decode step's rows (64 in the bench) do not fill the SMs twice:
+// occupancy buys nothing, so ptxas may spend registers on the 16-byte passes (with no minimum
+// given it capped them at 32 on sm_90 and spilled).
 #define SAMPLE_ENTRY(SUFFIX, T)                                                                \
-  extern "C" __global__ void __launch_bounds__(temper::sample::kThreads)                       \
+  extern "C" __global__ void __launch_bounds__(temper::sample::kThreads, 1)                    \
       sample_##SUFFIX(const SampleParams p) {                                                  \
     temper::sample::sample_row<T>(p);                                                          \
   }
