@@ -158,11 +158,23 @@ impl Linear {
                     // generation's one cast) where `weight_if_kept` allows, as the f32 master
                     // would be cast every call.
                     let bc = super::cast::weight_if_kept(b, ctx.dtype)?;
-                    // Generation's GELU epilogue wants inputs that carry no gradient.
                     let y = match act {
                         BiasAct::Identity => linear_bias_epilogue(x, &w, &bc, act)?,
+                        // Generation's GELU epilogue wants inputs that carry no gradient. Where
+                        // cuBLASLt turns it down (no algorithm for it on this GPU), the bias
+                        // kernel below does the bias and the GELU, with one warning.
                         BiasAct::GeluTanh => {
-                            linear_bias_epilogue(&x.detach(), &w.detach(), &bc.detach(), act)?
+                            let (xd, wd, bd) = (x.detach(), w.detach(), bc.detach());
+                            linear_bias_epilogue(&xd, &wd, &bd, act).unwrap_or_else(|e| {
+                                static WARNED: std::sync::Once = std::sync::Once::new();
+                                WARNED.call_once(|| {
+                                    eprintln!(
+                                        "warning: cuBLASLt's GELU epilogue failed ({e}); the \
+                                         bias kernel adds the bias and the GELU instead"
+                                    )
+                                });
+                                None
+                            })
                         }
                     };
                     if let Some(y) = y {
