@@ -162,10 +162,11 @@ fn main() -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "bench": "generate", "impl": match decode {
-                DecodeMode::Graph => "temper",
-                DecodeMode::Fixed => "ours-fixed-shapes",
-                DecodeMode::Dynamic => "ours-dynamic-shapes",
+            "bench": "generate", "impl": match (decode, gemm_timed()) {
+                (DecodeMode::Graph, false) => "temper",
+                (DecodeMode::Graph, true) => "ours-gemm-timed",
+                (DecodeMode::Fixed, _) => "ours-fixed-shapes",
+                (DecodeMode::Dynamic, _) => "ours-dynamic-shapes",
             }, "shape": match group {
                 1 => format!("B{b} L{l} N{n}"),
                 g => format!("B{b} L{l} N{n} G{g}"),
@@ -176,4 +177,16 @@ fn main() -> Result<()> {
         })
     );
     Ok(())
+}
+
+/// Whether cuBLASLt's candidates are timed (`TEMPER_GEMM_TUNE=timed`): the run is then an
+/// ablation, not temper's default.
+fn gemm_timed() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        use temper::kernels::cuda::GemmTune;
+        GemmTune::current() == GemmTune::Timed
+    }
+    #[cfg(not(feature = "cuda"))]
+    false
 }

@@ -185,6 +185,9 @@ if has bench-generate; then
   # cache's shapes (the step before the graph).
   section bench-generate-fixed 90 "$BUNDLE" bench-generate --bench --decode fixed --reps 1
   section bench-generate-dynamic 90 "$BUNDLE" bench-generate --bench --decode dynamic --reps 1
+  # And the graph with cuBLASLt's candidates timed for the decode step's small GEMMs
+  # (TEMPER_GEMM_TUNE=timed; not the default, see src/kernels/cuda/lt_plans.rs).
+  section bench-generate-timed 90 env TEMPER_GEMM_TUNE=timed "$BUNDLE" bench-generate --bench
   peer_cmd="${TEMPER_GENERATE_PEER:-}"
   [[ -z "$peer_cmd" && -f scripts/bench_generate.py ]] && peer_cmd="python3 scripts/bench_generate.py"
   if [[ -n "$peer_cmd" ]]; then

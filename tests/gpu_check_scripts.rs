@@ -103,6 +103,7 @@ const RESULTS: &str = r#"{"section":"device","bench":"device","name":"NVIDIA H20
 {"section":"peer-copy","bench":"copy","impl":"torch","ms":0.5,"gbps":4100.0}
 {"section":"bench-generate","bench":"generate","shape":"B64 L256 N128","impl":"temper","tokens_per_s":40000.0,"ms_decode_step":1.5,"ms_floor_step":0.75}
 {"section":"peer-generate","bench":"generate","shape":"B64 L256 N128","impl":"transformers-generate","tokens_per_s":8000.0,"ms_total":1024.0}
+{"section":"bench-generate-timed","bench":"generate","shape":"B64 L256 N128","impl":"ours-gemm-timed","tokens_per_s":48000.0,"ms_decode_step":1.2,"ms_floor_step":0.75}
 {"section":"ppo-update","bench":"ppo_update","step":1,"gen_share":0.4,"gen_s":4.0,"score_s":1.0,"train_s":5.0,"gen_tokens_per_s":2048.0,"gen_graph_replays":127}
 {"section":"bench-attention","bench":"check","of":"attention","shape":"B2 H4 T100 D64","impl":"ours-mma","what":"direct backward vs autograd","max_rel_diff":1.5e-03}
 {"section":"bench-lora","bench":"check","of":"lora","shape":"r16 M64 K64 N64","impl":"fused","what":"direct backward vs autograd","max_rel_diff":inf}
@@ -224,6 +225,24 @@ fn the_table_divides_each_measurement_by_its_peer_from_the_same_run() {
             "bandwidth floor (4.1 TB/s)"
         ),
         "2.00"
+    );
+    // The timed-GEMM ablation: its own tokens/s row and its own decode step over the floor.
+    let timed = table_rows(
+        &md,
+        "generate",
+        "ours-gemm-timed tokens/s",
+        "transformers-generate",
+    );
+    assert_eq!(timed[0][6], "6.00", "{timed:?}");
+    assert!(timed[0][7].contains("TEMPER_GEMM_TUNE=timed"), "{timed:?}");
+    assert_eq!(
+        ratio(
+            &md,
+            "generate decode step",
+            "gemm-timed ms",
+            "bandwidth floor (4.1 TB/s)"
+        ),
+        "1.60"
     );
     assert!(md.contains("generation share 0.40 (goal < 0.5)"), "{md}");
     // ncu: shares by kind, largest first.
