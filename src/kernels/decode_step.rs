@@ -6,11 +6,11 @@
 //!
 //! Each op mutates its first tensor in place: on the CPU the reference below, on CUDA
 //! `kernels/decode_step.cu` (tested against it on the device, `tests/gpu_sample.rs`).
+//! [`qkv_write`] also returns q: on the CPU it is composed of the reference ops, on CUDA one
+//! launch.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp2, DType, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Shape, Tensor,
-};
+use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Tensor};
 
 use super::host::slice;
 
@@ -51,7 +51,7 @@ pub fn qkv_write(
     nq: usize,
     rope: Option<(&Tensor, &Tensor)>,
 ) -> Result<Tensor> {
-    let (b, hkv, cap, d) = kcache.dims4()?;
+    let (b, hkv, _, d) = kcache.dims4()?;
     let width = nq + 2 * hkv * d;
     let fits = y.dims() == [b, 1, width] && nq.is_multiple_of(d.max(1));
     if !fits || vcache.dims() != kcache.dims() || !kcache.is_contiguous() || !vcache.is_contiguous()
@@ -84,16 +84,27 @@ pub fn qkv_write(
         }
         None => None,
     };
-    let op = QkvWrite {
-        k: kcache.clone(),
-        v: vcache.clone(),
-        step: step.clone(),
-        nq,
-        cap,
-        rope,
+    let y = y.reshape((b, width))?;
+    #[cfg(feature = "cuda")]
+    if y.device().is_cuda() {
+        let rope = rope.as_ref().map(|(c, s)| (c, s));
+        let q = super::cuda::decode_step::qkv_write(&y, (kcache, vcache), step, nq, rope)?;
+        return q.reshape((b, nq / d.max(1), 1, d));
+    }
+    // Elsewhere the same from the reference ops: q, k and v as [B, heads, 1, D], q and k
+    // rotated as the rope kernel rotates, k and v written by `kv_write` (which writes nothing
+    // past the capacity).
+    let part = |from: usize, width: usize, rotate: bool| -> Result<Tensor> {
+        let t = y.narrow(1, from, width)?.reshape((b, width / d, 1, d))?;
+        match (&rope, rotate) {
+            (Some((cos, sin)), true) => super::rope::fused(&t, cos, sin),
+            _ => Ok(t),
+        }
     };
-    let q = y.reshape((b, width))?.apply_op2_no_bwd(step, &op)?;
-    q.reshape((b, nq / d.max(1), 1, d))
+    let nkv = hkv * d;
+    kv_write(kcache, &part(nq, nkv, true)?, step)?;
+    kv_write(vcache, &part(nq + nkv, nkv, false)?, step)?;
+    part(0, nq, true)
 }
 
 /// `mask[r, L] = 1` for every row of `mask` (`[B, cap]` f32, contiguous), `L = step[0]`;
@@ -185,78 +196,6 @@ impl InplaceOp3 for KvWrite {
         ls: &Layout,
     ) -> Result<()> {
         super::cuda::decode_step::kv_write((cache, lc), (new, ln), (step, ls))
-    }
-}
-
-/// [`qkv_write`]'s op: `y` `[B, nq + 2 nkv]` and `step` in, q `[B, nq]` out; the caches it
-/// writes are held here (a candle op mutates at most its first input).
-struct QkvWrite {
-    k: Tensor,
-    v: Tensor,
-    step: Tensor,
-    nq: usize,
-    cap: usize,
-    /// cos, sin `[B, 1, 1, D / 2]`, contiguous.
-    rope: Option<(Tensor, Tensor)>,
-}
-
-impl CustomOp2 for QkvWrite {
-    fn name(&self) -> &'static str {
-        "temper-qkv-write"
-    }
-
-    fn cpu_fwd(
-        &self,
-        y: &CpuStorage,
-        ly: &Layout,
-        step: &CpuStorage,
-        ls: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let &[b, width] = ly.dims() else {
-            candle_core::bail!("qkv_write: y {:?}", ly.dims());
-        };
-        let (nq, nkv) = (self.nq, (width - self.nq) / 2);
-        let d = self.k.dim(3)?;
-        let dev = &candle_core::Device::Cpu;
-        let y = match y {
-            CpuStorage::F32(_) => Tensor::from_slice(slice::<f32>(y, ly)?, (b, width), dev)?,
-            CpuStorage::BF16(_) => {
-                Tensor::from_slice(slice::<half::bf16>(y, ly)?, (b, width), dev)?
-            }
-            CpuStorage::F16(_) => Tensor::from_slice(slice::<half::f16>(y, ly)?, (b, width), dev)?,
-            other => candle_core::bail!("qkv_write: no CPU path for {:?}", other.dtype()),
-        };
-        // q, k and v as [B, heads, 1, D], q and k rotated by the reference maths of the rope
-        // kernel; k and v written by the reference `kv_write` (nothing past the capacity).
-        let part = |from: usize, width: usize, rotate: bool| -> Result<Tensor> {
-            let t = y.narrow(1, from, width)?.reshape((b, width / d, 1, d))?;
-            match (&self.rope, rotate) {
-                (Some((cos, sin)), true) => super::rope::fused(&t, cos, sin),
-                _ => Ok(t),
-            }
-        };
-        if position(step, ls, self.cap)?.is_some() {
-            kv_write(&self.k, &part(nq, nkv, true)?, &self.step)?;
-            kv_write(&self.v, &part(nq + nkv, nkv, false)?, &self.step)?;
-        }
-        let q = part(0, nq, true)?.reshape((b, nq))?.contiguous()?;
-        let (storage, _) = q.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(c) => Ok((c.clone(), Shape::from((b, nq)))),
-            _ => candle_core::bail!("qkv_write: q left the CPU"),
-        }
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        y: &candle_core::CudaStorage,
-        ly: &Layout,
-        step: &candle_core::CudaStorage,
-        ls: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let rope = self.rope.as_ref().map(|(c, s)| (c, s));
-        super::cuda::decode_step::qkv_write((y, ly), (step, ls), (&self.k, &self.v), self.nq, rope)
     }
 }
 

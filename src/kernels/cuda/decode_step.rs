@@ -3,9 +3,13 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtrMut, DeviceRepr};
-use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, Tensor};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Tensor, WithDType};
 
-use super::{alloc_out, cuda_storage, launch, launch_1d, load_func, DevPtr, DevPtrs, KernelParams};
+use super::{
+    alloc_out, cuda_storage, launch, launch_1d, load_func, tensor_from_slice, DevPtr, DevPtrs,
+    KernelParams,
+};
 
 /// The Rust mirror of `struct DecodeParams` in kernels/decode_step.cu (field comments there).
 #[repr(C)]
@@ -115,80 +119,75 @@ pub fn kv_write(
 /// `qkv_write_<dtype>`: `y` (`[B, nq + 2 nkv]`, contiguous) split into the returned q
 /// `[B, nq]` and position `step[0]` of the key and value caches (`[B, nkv / d, cap, d]` each,
 /// contiguous, in `y`'s dtype), which are written through their device pointers, in stream
-/// order; q and k rotated by `rope` (cos, sin `[B, d / 2]`, contiguous) where given.
+/// order; q and k rotated by `rope` (cos, sin `[B, d / 2]`, contiguous) where given. The
+/// shapes and dtypes are the caller's to check (`decode_step::qkv_write`).
 pub fn qkv_write(
-    (y, ly): (&CudaStorage, &Layout),
-    (step, ls): (&CudaStorage, &Layout),
+    y: &Tensor,
     (kc, vc): (&Tensor, &Tensor),
+    step: &Tensor,
     nq: usize,
     rope: Option<(&Tensor, &Tensor)>,
-) -> Result<(CudaStorage, Shape)> {
-    let dev = y.device().clone();
+) -> Result<Tensor> {
+    match y.dtype() {
+        DType::F32 => qkv_write_t::<f32>(y, (kc, vc), step, nq, rope),
+        DType::BF16 => qkv_write_t::<half::bf16>(y, (kc, vc), step, nq, rope),
+        DType::F16 => qkv_write_t::<half::f16>(y, (kc, vc), step, nq, rope),
+        dt => candle_core::bail!("qkv_write: no kernel for {dt:?}"),
+    }
+}
+
+fn qkv_write_t<T: CudaDType + DeviceRepr + WithDType>(
+    y: &Tensor,
+    (kc, vc): (&Tensor, &Tensor),
+    step: &Tensor,
+    nq: usize,
+    rope: Option<(&Tensor, &Tensor)>,
+) -> Result<Tensor> {
+    let dev = y.device().as_cuda_device()?;
     let (b, hkv, cap, d) = kc.dims4()?;
     let nkv = hkv * d;
-    let width = nq + 2 * nkv;
-    if ly.dims() != [b, width] || !ly.is_contiguous() {
-        candle_core::bail!("qkv_write: y {:?} for {b} rows of {width}", ly.dims());
-    }
-    let name = match y.dtype() {
-        DType::F32 => "qkv_write_f32",
-        DType::BF16 => "qkv_write_bf16",
-        DType::F16 => "qkv_write_f16",
-        dt => candle_core::bail!("qkv_write: no kernel for {dt:?}"),
-    };
+    let n = b * (nq + 2 * nkv);
     // SAFETY: the kernel writes every element of q (each is one of y's q columns).
-    let mut q = unsafe {
-        match y.dtype() {
-            DType::BF16 => {
-                CudaStorage::wrap_cuda_slice(alloc_out::<half::bf16>(&dev, b * nq)?, dev.clone())
-            }
-            DType::F16 => {
-                CudaStorage::wrap_cuda_slice(alloc_out::<half::f16>(&dev, b * nq)?, dev.clone())
-            }
-            DType::F32 => {
-                CudaStorage::wrap_cuda_slice(alloc_out::<f32>(&dev, b * nq)?, dev.clone())
-            }
-            dt => candle_core::bail!("qkv_write: no kernel for {dt:?}"),
-        }
-    };
-    let (ks, kl) = kc.storage_and_layout();
-    let (vs, vl) = vc.storage_and_layout();
-    let tables = rope.map(|(c, s)| (c.storage_and_layout(), s.storage_and_layout()));
-    let stream = dev.cuda_stream();
-    let mut ptrs = DevPtrs::new(&stream);
-    let src = at(&mut ptrs, y, ly)?;
-    let step = at(&mut ptrs, step, ls)?;
-    // The caches are read-locked here but written by the kernel: nothing else reads or writes
-    // them while the step's ops are queued, and the stream orders every use.
-    let kp = at(&mut ptrs, cuda_storage(&ks)?, kl)?;
-    let vp = at(&mut ptrs, cuda_storage(&vs)?, vl)?;
-    let (cos, sin) = match &tables {
-        Some(((cs, cl), (ss, sl))) => (
-            at(&mut ptrs, cuda_storage(cs)?, cl)?,
-            at(&mut ptrs, cuda_storage(ss)?, sl)?,
-        ),
-        None => (0, 0),
-    };
-    let shape = Shape::from((b, nq));
-    let (out, guard) = at_mut(&stream, &mut q, &Layout::contiguous(&shape))?;
-    let n = b * width;
-    let p = DecodeParams {
-        dst: kp,
-        src,
-        step,
-        n: n as i64,
-        cap: super::to_i32(cap, "cache positions")?,
-        d: super::to_i32(d, "head dim")?,
-        dst2: vp,
-        out,
-        nq: super::to_i32(nq, "query width")?,
-        nkv: super::to_i32(nkv, "key width")?,
-        cos,
-        sin,
-    };
-    run(&dev, name, n, p)?;
-    drop(guard);
-    Ok((q, shape))
+    let mut q = unsafe { alloc_out::<T>(dev, b * nq)? };
+    {
+        let (ys, yl) = y.storage_and_layout();
+        let (ss, sl) = step.storage_and_layout();
+        let (ks, kl) = kc.storage_and_layout();
+        let (vs, vl) = vc.storage_and_layout();
+        let tables = rope.map(|(c, s)| (c.storage_and_layout(), s.storage_and_layout()));
+        let stream = dev.cuda_stream();
+        let mut ptrs = DevPtrs::new(&stream);
+        let src = at(&mut ptrs, cuda_storage(&ys)?, yl)?;
+        let step = at(&mut ptrs, cuda_storage(&ss)?, sl)?;
+        // The caches are read-locked here but written by the kernel: nothing else reads or
+        // writes them while the step's ops are queued, and the stream orders every use.
+        let kp = at(&mut ptrs, cuda_storage(&ks)?, kl)?;
+        let vp = at(&mut ptrs, cuda_storage(&vs)?, vl)?;
+        let (cos, sin) = match &tables {
+            Some(((cs, cl), (ss, sl))) => (
+                at(&mut ptrs, cuda_storage(cs)?, cl)?,
+                at(&mut ptrs, cuda_storage(ss)?, sl)?,
+            ),
+            None => (0, 0),
+        };
+        let p = DecodeParams {
+            dst: kp,
+            src,
+            step,
+            n: n as i64,
+            cap: super::to_i32(cap, "cache positions")?,
+            d: super::to_i32(d, "head dim")?,
+            dst2: vp,
+            out: ptrs.write(&mut q),
+            nq: super::to_i32(nq, "query width")?,
+            nkv: super::to_i32(nkv, "key width")?,
+            cos,
+            sin,
+        };
+        let name = format!("qkv_write_{}", T::DTYPE.as_str());
+        run(dev, &name, n, p)?;
+    }
+    Ok(tensor_from_slice(q, dev, (b, nq)))
 }
 
 pub fn mark_key(
