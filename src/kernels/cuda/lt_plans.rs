@@ -19,6 +19,7 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::thread::LocalKey;
 use std::time::{Duration, Instant};
 
 use candle_core::cuda_backend::cudarc::cublaslt::result::{self as lt, CublasError};
@@ -111,14 +112,7 @@ impl GemmTune {
     /// Runs `f` with `self` as this thread's choice (a bench or test comparing the two in one
     /// process; the timed choices are kept beside the heuristic's, so each mode runs its own).
     pub fn scope<R>(self, f: impl FnOnce() -> R) -> R {
-        struct Restore(Option<GemmTune>);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                TUNE_SCOPE.with(|c| c.set(self.0));
-            }
-        }
-        let _restore = Restore(TUNE_SCOPE.with(|c| c.replace(Some(self))));
-        f()
+        scoped(&TUNE_SCOPE, Some(self), f)
     }
 }
 
@@ -156,14 +150,23 @@ thread_local! {
 /// that precedes a CUDA graph capture, whose GEMMs are never called again (the graph replays
 /// them), so a later call would never come.
 pub fn timing_first_calls<R>(f: impl FnOnce() -> R) -> R {
-    /// Puts the flag back however `f` ends.
-    struct Restore(bool);
-    impl Drop for Restore {
+    scoped(&TIME_FIRST_CALLS, true, f)
+}
+
+/// Runs `f` with this thread's `key` set to `value`, and puts the old value back however `f`
+/// ends.
+fn scoped<T: Copy + 'static, R>(
+    key: &'static LocalKey<Cell<T>>,
+    value: T,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore<T: Copy + 'static>(&'static LocalKey<Cell<T>>, T);
+    impl<T: Copy + 'static> Drop for Restore<T> {
         fn drop(&mut self) {
-            TIME_FIRST_CALLS.with(|c| c.set(self.0));
+            self.0.with(|c| c.set(self.1));
         }
     }
-    let _restore = Restore(TIME_FIRST_CALLS.with(|c| c.replace(true)));
+    let _restore = Restore(key, key.with(|c| c.replace(value)));
     f()
 }
 
@@ -469,10 +472,11 @@ impl Lt {
             }
         };
         let first = *plan.first_call.get_or_insert_with(Instant::now);
-        let early = TIME_FIRST_CALLS.with(Cell::get);
-        let due = !plan.untimed.is_empty() && (early || first.elapsed() >= TUNE_AFTER);
         let tune = GemmTune::current();
-        if due && tune == GemmTune::Timed {
+        let due = tune == GemmTune::Timed
+            && !plan.untimed.is_empty()
+            && (TIME_FIRST_CALLS.with(Cell::get) || first.elapsed() >= TUNE_AFTER);
+        if due {
             // Timing waits for the stream, which a CUDA graph capture forbids; a plan first
             // used in one keeps the heuristic's answer until a call outside it.
             let status = self
