@@ -107,7 +107,9 @@ template <typename T> struct Row {
   __device__ __forceinline__ float logit(int i) const {
     return hold ? to_f32(z[i]) + hold[i] : to_f32(z[i]);
   }
-  __device__ __forceinline__ float w(int i) const { return expf((logit(i) - m) * inv_temp); }
+  // The weight of a logit z already read (with its hold, if any).
+  __device__ __forceinline__ float weight(float z) const { return expf((z - m) * inv_temp); }
+  __device__ __forceinline__ float w(int i) const { return weight(logit(i)); }
 };
 
 // #{w_i >= t} over the block (exact in f32 for V < 2^24).
@@ -195,12 +197,10 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
   __shared__ float smass[kWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int seg = (r.v + kThreads - 1) / kThreads * 32;
-  auto kept_w = [&](int i) {
-    // A zero weight (a logit masked to -inf, or one that underflows) is never kept: with no
-    // top-k threshold (t = 0) it would otherwise count, and the fallback could pick it.
-    const float x = i < r.v ? r.w(i) : 0.f;
-    return x >= t && x > 0.f ? x : 0.f;
-  };
+  // A zero weight (a logit masked to -inf, or one that underflows) is never kept: with no
+  // top-k threshold (t = 0) it would otherwise count, and the fallback could pick it.
+  auto kept = [&](float x) { return x >= t && x > 0.f ? x : 0.f; };
+  auto kept_w = [&](int i) { return kept(i < r.v ? r.w(i) : 0.f); };
   {
     const int lo = warp * seg, hi = min(lo + seg, r.v);
     float m = 0.f;
@@ -212,10 +212,7 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
         float x[N];
         load_vec(r.z, i, x);
 #pragma unroll
-        for (int k = 0; k < N; ++k) {
-          const float w = expf((x[k] - r.m) * r.inv_temp);
-          m += w >= t && w > 0.f ? w : 0.f;
-        }
+        for (int k = 0; k < N; ++k) m += kept(r.weight(x[k]));
       }
     }
 #pragma unroll 4
