@@ -95,6 +95,14 @@ pub fn generate(
     let graph = replays_graph(cfg.engine.decode, &ctx, &dev);
     let fixed_shapes = graph || cfg.engine.decode == DecodeMode::Fixed;
     let mut fixed: Option<StaticStep> = None;
+    // One fixed-shape step (a graph replay where it can), counted.
+    let fixed_step = |step: &mut StaticStep, cache: &mut KvCache, stats: &mut GenStats| {
+        let _profiled = ProfilerRange::at(stats.decode_steps);
+        let replayed = step.run(net, ctx, cache, hold, &params, graph)?;
+        stats.graph_replays += usize::from(replayed);
+        stats.decode_steps += 1;
+        anyhow::Ok(())
+    };
     let mut next = sample_draw(
         &last,
         &active.keys,
@@ -116,10 +124,7 @@ pub fn generate(
         })?;
         let ran_ahead = match &mut fixed {
             Some(step) if t + 1 < cfg.max_new_tokens => {
-                let _profiled = ProfilerRange::at(stats.decode_steps);
-                let replayed = step.run(net, ctx, &mut cache, hold, &params, graph)?;
-                stats.graph_replays += usize::from(replayed);
-                stats.decode_steps += 1;
+                fixed_step(step, &mut cache, &mut stats)?;
                 true
             }
             _ => false,
@@ -160,13 +165,11 @@ pub fn generate(
             };
             fixed = Some(StaticStep::enter(&mut cache, entry, &dev)?);
         }
-        let _profiled = ProfilerRange::at(stats.decode_steps);
         if let Some(step) = &mut fixed {
-            let replayed = step.run(net, ctx, &mut cache, hold, &params, graph)?;
-            stats.graph_replays += usize::from(replayed);
-            stats.decode_steps += 1;
+            fixed_step(step, &mut cache, &mut stats)?;
             continue;
         }
+        let _profiled = ProfilerRange::at(stats.decode_steps);
         let n = active.len();
         // Contiguous f32 once per step, not once per layer inside attention.
         let key_valid = valid
