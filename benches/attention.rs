@@ -13,6 +13,11 @@
 //! candle's autograd seeded through `y * dy` (one elementwise product each way, no reduction).
 //! Every measurement is also printed as one JSON line (`{"bench":"attention",...}`).
 //!
+//! Besides the pass times, the backward's own is printed as (fwd+bwd) - fwd. With
+//! `TEMPER_BENCH_ONCE=1` (scripts/gpu-check.sh's ncu section) only our tensor-core variants
+//! run, each pass once with no warm-up and no check, so that ncu's first launches are one of
+//! each kernel rather than twenty of the first.
+//!
 //! Run: `cargo bench --features cuda --bench attention` (or the packed binary from
 //! scripts/gpu-build.sh). Without feature `cuda` (or a device) it times the reference on a
 //! tiny CPU shape.
@@ -163,6 +168,7 @@ mod cuda {
 
     pub fn run() -> candle_core::Result<()> {
         let dev = Device::new_cuda(0)?;
+        let once = std::env::var_os("TEMPER_BENCH_ONCE").is_some();
         println!(
             "attention, causal bf16 (medians of CUDA-event timings; peers: scripts/bench_peers.py)"
         );
@@ -182,14 +188,16 @@ mod cuda {
                 Which::Ours(AttnImpl::Simple),
                 Which::Reference,
             ];
-            for which in variants {
+            let tensor_cores =
+                |w: &Which| matches!(w, Which::Ours(AttnImpl::Mma | AttnImpl::MmaWide));
+            for which in variants.into_iter().filter(|w| !once || tensor_cores(w)) {
                 // The CUDA-core and materialised versions are far slower: fewer repeats.
-                let reps = if matches!(which, Which::Ours(AttnImpl::Mma | AttnImpl::MmaWide)) {
-                    20
-                } else {
-                    3
+                let (warmup, reps) = match (once, tensor_cores(&which)) {
+                    (true, _) => (0, 1),
+                    (false, true) => (WARMUP, 20),
+                    (false, false) => (WARMUP, 3),
                 };
-                let fwd = cuda_time_ms(&dev, WARMUP, reps, || {
+                let fwd = cuda_time_ms(&dev, warmup, reps, || {
                     which.run(&q, &k, &v, scale).map(|_| ())
                 })?;
                 report(&shape, which.name(), "fwd", fwd, fwd_flops);
@@ -199,9 +207,11 @@ mod cuda {
                             .ok_or_else(|| {
                                 candle_core::Error::Msg("no kernel for this shape".into())
                             })?;
-                        let qkv = [&q, &k, &v];
-                        check_direct(&shape, which.name(), &direct, qkv, &dy, scale, imp)?;
-                        cuda_time_ms(&dev, WARMUP, reps, || {
+                        if !once {
+                            let qkv = [&q, &k, &v];
+                            check_direct(&shape, which.name(), &direct, qkv, &dy, scale, imp)?;
+                        }
+                        cuda_time_ms(&dev, warmup, reps, || {
                             let y = direct.forward()?;
                             direct.backward(&y, &dy).map(|_| ())
                         })?
@@ -212,7 +222,7 @@ mod cuda {
                             Var::from_tensor(&k)?,
                             Var::from_tensor(&v)?,
                         );
-                        cuda_time_ms(&dev, WARMUP, reps, || {
+                        cuda_time_ms(&dev, warmup, reps, || {
                             let y = which.run(&qv, &kv, &vv, scale)?;
                             // backward() seeds a non-scalar root with ones: dL/dy = dy.
                             (y * &dy)?.backward().map(|_| ())
@@ -220,7 +230,18 @@ mod cuda {
                     }
                 };
                 report(&shape, which.name(), "fwd+bwd", both, 3.5 * fwd_flops);
+                // Text only: scripts/gpu_check_table.py derives the same for ours and the peers.
+                let bwd = both - fwd;
+                let tflops = 2.5 * fwd_flops / (bwd * 1e-3) / 1e12;
+                println!(
+                    "{shape:<24} {:<12} {:<8} {bwd:>10.3} ms {tflops:>8.1} TFLOP/s  ((fwd+bwd) - fwd)",
+                    which.name(),
+                    "bwd"
+                );
             }
+        }
+        if once {
+            return Ok(());
         }
         decode(&dev)
     }

@@ -139,23 +139,29 @@ template <int D, int MT = 1> struct MmaFwdTraits {
 static_assert(MmaFwdTraits<128>::kSmemBytes == 82432, "fwd_mma_smem in attention.rs");
 static_assert(MmaFwdTraits<128, 2>::kSmemBytes == 65792, "fwd_mma_smem in attention.rs");
 
-// Tensor-core backward: one block per 64 keys of one kv head (16 per warp); query tiles of
-// BQ rows stream through two stages. BQ is 64 for D = 64 and 32 for D = 128, which keeps dK,
-// dV (in registers for the whole kernel) plus S^T and dP^T under the register budget.
-// Dynamic shared memory: sK, sV [BK][D] + 2 stages of sQ, sdO [BQ][D] + sdS [BK][BQ + 8]
-// (2-byte elements) + 2 stages of sL, sDv [BQ] f32.
-template <int D> struct MmaBwdTraits {
-  static constexpr int kBlockK = 64;
+// Tensor-core backward: one block per 16 * W keys of one kv head (16 per warp, W = 4 or 8
+// warps); query tiles of BQ rows stream through two stages. BQ is 64 for D = 64 and 32 for
+// D = 128, which keeps dK, dV (in registers for the whole kernel) plus S^T and dP^T under the
+// register budget. W = 8 (128 keys, FlashAttention-2's key block) loads each query tile, and
+// adds its dQ share with atomics, once per 128 keys instead of once per 64: half the global
+// reads of Q and dO and half the dQ atomics, at the same warps per SM (one 8-warp block where
+// two 4-warp blocks fit). Dynamic shared memory: sK, sV [BK][D] + 2 stages of sQ, sdO [BQ][D]
+// + sdS [BK][BQ + 8] (2-byte elements) + 2 stages of sL, sDv [BQ] f32.
+template <int D, int W = 4> struct MmaBwdTraits {
+  static constexpr int kBlockK = 16 * W;
   static constexpr int kBlockQ = D == 128 ? 32 : 64;
-  static constexpr int kThreads = 128;
+  static constexpr int kThreads = 32 * W;
   static constexpr int kSmemBytes =
       (2 * kBlockK + 4 * kBlockQ) * D * 2 + kBlockK * (kBlockQ + 8) * 2 + 4 * kBlockQ * 4;
   static_assert(D == 64 || D == 128, "head dims the mma kernels are instantiated for");
+  static_assert(W == 4 || W == 8, "64- or 128-key blocks");
   static_assert(kBlockK == 16 * (kThreads / 32), "one 16-key mma tile per warp");
   static_assert(kBlockQ % 16 == 0, "dQ m-blocks");
 };
 static_assert(MmaBwdTraits<128>::kSmemBytes == 71168, "bwd_mma_smem in attention.rs");
 static_assert(MmaBwdTraits<64>::kSmemBytes == 59392, "bwd_mma_smem in attention.rs");
+static_assert(MmaBwdTraits<128, 8>::kSmemBytes == 109056, "bwd_mma_smem in attention.rs");
+static_assert(MmaBwdTraits<64, 8>::kSmemBytes == 84992, "bwd_mma_smem in attention.rs");
 
 }  // namespace attn
 }  // namespace temper

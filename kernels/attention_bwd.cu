@@ -11,8 +11,9 @@
 //    loop over key tiles) and dK/dV (warp per key row, loop over the query rows of every head
 //    in its GQA group, which sums the group's contributions for free).
 //
-// 2. "mma" (bf16/f16, D = 64 or 128; tiles in MmaBwdTraits): one block per 64 keys of one kv
-//    head keeps K, V in shared memory and dK, dV in registers, and walks the query tiles of
+// 2. "mma" (bf16/f16, D = 64 or 128; tiles in MmaBwdTraits): one block per 64 keys (4 warps;
+//    attn_bwd_mma2: 128 keys, 8 warps) of one kv head keeps K, V in shared memory and dK, dV
+//    in registers, and walks the query tiles of
 //    every head in the GQA group: S^T = K Q^T, P^T = exp2(S^T - lse), dV += P^T dO,
 //    dP^T = V dO^T, dS^T = P^T (dP^T - D), dK += dS^T Q, all with the key as the row so the
 //    accumulators are the warp's own rows. dQ += dS K needs the query as the row: dS^T goes
@@ -21,7 +22,8 @@
 //
 // Every entry point is `extern "C"`, takes one AttnParams by value, and carries its dtype in
 // its name: attn_bwd_dot_<dtype>, attn_bwd_dq_simple_<dtype>_d<DPL>,
-// attn_bwd_dkdv_simple_<dtype>_d<DPL>, attn_bwd_mma_<dtype>_h<D>, attn_dq_convert_<dtype>.
+// attn_bwd_dkdv_simple_<dtype>_d<DPL>, attn_bwd_mma_<dtype>_h<D>, attn_bwd_mma2_<dtype>_h<D>,
+// attn_dq_convert_<dtype>.
 
 #include "attention.cuh"
 #include "mma.cuh"
@@ -266,11 +268,11 @@ static __device__ void dq_convert(const float *__restrict__ acc, T *__restrict__
 // ---------------------------------------------------------------------------------------
 // Tensor-core path (bf16 / f16, D in {64, 128}), sm_80+.
 // ---------------------------------------------------------------------------------------
-// dK, dV (and dQ through f32 atomics). grid (B*Hkv, ceil(Tk / 64)), block 128, dynamic
-// shared memory (2 * 64 + 4 * BQ) * D * sizeof(T) + 64 * (BQ + 8) * sizeof(T) + 4 * BQ * 4.
-// BQ (query rows per step) is 64 for D = 64 and 32 for D = 128, which keeps dK, dV (in
-// registers for the whole kernel) plus S^T and dP^T under the register budget.
-template <typename T, int D>
+// dK, dV (and dQ through f32 atomics). grid (B*Hkv, ceil(Tk / BK)), block 32 * W, BK = 16 * W
+// keys (W = 4 or 8 warps), dynamic shared memory MmaBwdTraits<D, W>::kSmemBytes. BQ (query
+// rows per step) is 64 for D = 64 and 32 for D = 128, which keeps dK, dV (in registers for
+// the whole kernel) plus S^T and dP^T under the register budget.
+template <typename T, int D, int W>
 static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
                                const T *__restrict__ v, const T *__restrict__ dout,
                                const float *__restrict__ lse, const float *__restrict__ dvec,
@@ -278,16 +280,16 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
                                T *__restrict__ dk, T *__restrict__ dv, float *__restrict__ dq_acc,
                                int Hq, int Hkv, int Tq, int Tk, int causal, int offset,
                                float scale_log2, float scale) {
-  using Tiles = MmaBwdTraits<D>;
+  using Tiles = MmaBwdTraits<D, W>;
   constexpr int BQ = Tiles::kBlockQ, BK = Tiles::kBlockK, NT = Tiles::kThreads;
   constexpr int KSD = D / 16;  // k-steps over the head dim
   constexpr int NBQ = BQ / 8;  // n-blocks over the query tile
   constexpr int NBD = D / 8;   // n-blocks over the head dim
   constexpr int DSS = BQ + 8;  // dS^T row stride: 16 bytes of padding keep ldmatrix conflict-free
   constexpr int MB = BQ / 16;  // m-blocks of the dQ tile
-  constexpr int WPM = 4 / MB;  // warps per m-block in the dQ step
+  constexpr int WPM = W / MB;  // warps per m-block in the dQ step
   constexpr int NBW = NBD / WPM;  // dQ n-blocks per warp
-  static_assert(MB * WPM == 4 && NBW % 2 == 0, "dQ work split");
+  static_assert(MB * WPM == W && NBW * WPM == NBD && NBW % 2 == 0, "dQ work split");
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T *sK = reinterpret_cast<T *>(smem_raw);
@@ -358,6 +360,12 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     const T *sdOs = sdO + st * BQ * D;
     const float *sLs = sL + st * BQ;
     const float *sDvs = sDv + st * BQ;
+    // Under a causal mask a warp whose first key lies past the tile's last query sees none of
+    // the tile (on the diagonal: half the warps of a 128-key block on its first query tile).
+    // Its P^T and dS^T are zero: it skips the products and only writes its zeros of dS^T,
+    // leaving the issue slots it shares to a warp with work. Uniform across the warp.
+    const int i_last = min(i0 + BQ, Tq) - 1;
+    const bool blind = causal && k0 + warp * 16 > offset + i_last;
 
     // S^T = K_w Q^T and dP^T = V_w dO^T: rows are this warp's 16 keys, columns the BQ queries.
     float sT[NBQ][4], dpT[NBQ][4];
@@ -365,23 +373,25 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     for (int n = 0; n < NBQ; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) sT[n][e] = dpT[n][e] = 0.f;
+    if (!blind) {
 #pragma unroll
-    for (int ks = 0; ks < KSD; ++ks) {
-      uint32_t ka[4], va[4];
-      const int arow = warp * 16 + (lane & 15), acol = ks * 16 + (lane >> 4) * 8;
-      ldsm_x4(ka, smem_addr(sK + swz<D>(arow, acol)));
-      ldsm_x4(va, smem_addr(sV + swz<D>(arow, acol)));
+      for (int ks = 0; ks < KSD; ++ks) {
+        uint32_t ka[4], va[4];
+        const int arow = warp * 16 + (lane & 15), acol = ks * 16 + (lane >> 4) * 8;
+        ldsm_x4(ka, smem_addr(sK + swz<D>(arow, acol)));
+        ldsm_x4(va, smem_addr(sV + swz<D>(arow, acol)));
 #pragma unroll
-      for (int n2 = 0; n2 < NBQ / 2; ++n2) {
-        const int qrow = n2 * 16 + (lane & 7) + ((lane >> 4) << 3);
-        const int col = ks * 16 + ((lane >> 3) & 1) * 8;
-        uint32_t bq[4], bo[4];
-        ldsm_x4(bq, smem_addr(sQs + swz<D>(qrow, col)));
-        ldsm_x4(bo, smem_addr(sdOs + swz<D>(qrow, col)));
-        Mma<T>::run(sT[2 * n2], ka, bq[0], bq[1]);
-        Mma<T>::run(sT[2 * n2 + 1], ka, bq[2], bq[3]);
-        Mma<T>::run(dpT[2 * n2], va, bo[0], bo[1]);
-        Mma<T>::run(dpT[2 * n2 + 1], va, bo[2], bo[3]);
+        for (int n2 = 0; n2 < NBQ / 2; ++n2) {
+          const int qrow = n2 * 16 + (lane & 7) + ((lane >> 4) << 3);
+          const int col = ks * 16 + ((lane >> 3) & 1) * 8;
+          uint32_t bq[4], bo[4];
+          ldsm_x4(bq, smem_addr(sQs + swz<D>(qrow, col)));
+          ldsm_x4(bo, smem_addr(sdOs + swz<D>(qrow, col)));
+          Mma<T>::run(sT[2 * n2], ka, bq[0], bq[1]);
+          Mma<T>::run(sT[2 * n2 + 1], ka, bq[2], bq[3]);
+          Mma<T>::run(dpT[2 * n2], va, bo[0], bo[1]);
+          Mma<T>::run(dpT[2 * n2 + 1], va, bo[2], bo[3]);
+        }
       }
     }
 
@@ -409,26 +419,28 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     }
 
     // dV += P^T dO and dK += dS^T Q: A from registers, B = dO / Q via ldmatrix.trans.
+    if (!blind) {
 #pragma unroll
-    for (int kk = 0; kk < BQ / 16; ++kk) {
-      const uint32_t ap[4] = {Mma<T>::pack(sT[2 * kk][0], sT[2 * kk][1]),
-                              Mma<T>::pack(sT[2 * kk][2], sT[2 * kk][3]),
-                              Mma<T>::pack(sT[2 * kk + 1][0], sT[2 * kk + 1][1]),
-                              Mma<T>::pack(sT[2 * kk + 1][2], sT[2 * kk + 1][3])};
-      const uint32_t ad[4] = {Mma<T>::pack(dpT[2 * kk][0], dpT[2 * kk][1]),
-                              Mma<T>::pack(dpT[2 * kk][2], dpT[2 * kk][3]),
-                              Mma<T>::pack(dpT[2 * kk + 1][0], dpT[2 * kk + 1][1]),
-                              Mma<T>::pack(dpT[2 * kk + 1][2], dpT[2 * kk + 1][3])};
+      for (int kk = 0; kk < BQ / 16; ++kk) {
+        const uint32_t ap[4] = {Mma<T>::pack(sT[2 * kk][0], sT[2 * kk][1]),
+                                Mma<T>::pack(sT[2 * kk][2], sT[2 * kk][3]),
+                                Mma<T>::pack(sT[2 * kk + 1][0], sT[2 * kk + 1][1]),
+                                Mma<T>::pack(sT[2 * kk + 1][2], sT[2 * kk + 1][3])};
+        const uint32_t ad[4] = {Mma<T>::pack(dpT[2 * kk][0], dpT[2 * kk][1]),
+                                Mma<T>::pack(dpT[2 * kk][2], dpT[2 * kk][3]),
+                                Mma<T>::pack(dpT[2 * kk + 1][0], dpT[2 * kk + 1][1]),
+                                Mma<T>::pack(dpT[2 * kk + 1][2], dpT[2 * kk + 1][3])};
 #pragma unroll
-      for (int n2 = 0; n2 < NBD / 2; ++n2) {
-        const int row = kk * 16 + (lane & 15), col = n2 * 16 + (lane >> 4) * 8;
-        uint32_t bo[4], bq[4];
-        ldsm_x4_t(bo, smem_addr(sdOs + swz<D>(row, col)));
-        ldsm_x4_t(bq, smem_addr(sQs + swz<D>(row, col)));
-        Mma<T>::run(dVa[2 * n2], ap, bo[0], bo[1]);
-        Mma<T>::run(dVa[2 * n2 + 1], ap, bo[2], bo[3]);
-        Mma<T>::run(dKa[2 * n2], ad, bq[0], bq[1]);
-        Mma<T>::run(dKa[2 * n2 + 1], ad, bq[2], bq[3]);
+        for (int n2 = 0; n2 < NBD / 2; ++n2) {
+          const int row = kk * 16 + (lane & 15), col = n2 * 16 + (lane >> 4) * 8;
+          uint32_t bo[4], bq[4];
+          ldsm_x4_t(bo, smem_addr(sdOs + swz<D>(row, col)));
+          ldsm_x4_t(bq, smem_addr(sQs + swz<D>(row, col)));
+          Mma<T>::run(dVa[2 * n2], ap, bo[0], bo[1]);
+          Mma<T>::run(dVa[2 * n2 + 1], ap, bo[2], bo[3]);
+          Mma<T>::run(dKa[2 * n2], ad, bq[0], bq[1]);
+          Mma<T>::run(dKa[2 * n2 + 1], ad, bq[2], bq[3]);
+        }
       }
     }
     // All of dS^T is in shared memory. Past this barrier no warp reads this Q/dO/lse stage
@@ -436,9 +448,11 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     // step writes dS^T only after its first barrier, which every warp reaches after its dQ.
     __syncthreads();
 
-    // dQ[i0 + BQ rows] += dS K over this block's 64 keys. A = dS (query rows) read from the
-    // transposed dS^T with ldmatrix.trans; B = K (k = key) likewise.
+    // dQ[i0 + BQ rows] += dS K over this block's BK keys. A = dS (query rows) read from the
+    // transposed dS^T with ldmatrix.trans; B = K (k = key) likewise. Under a causal mask the
+    // 16-key steps past the tile's last query add zeros and are skipped.
     {
+      const int kk_end = causal ? min(BK / 16, (offset + i_last - k0) / 16 + 1) : BK / 16;
       const int mb = warp % MB;
       const int nbase = (warp / MB) * NBW;
 #pragma unroll
@@ -446,6 +460,7 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
         float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
+          if (kk >= kk_end) break;
           uint32_t a[4], bf[4];
           const int key = kk * 16 + (lane & 7) + ((lane >> 4) << 3);
           const int qcol = mb * 16 + ((lane >> 3) & 1) * 8;
@@ -534,14 +549,22 @@ BWD_DTYPE(float, f32)
 BWD_DTYPE(__nv_bfloat16, bf16)
 BWD_DTYPE(__half, f16)
 
+#define BWD_MMA_CALL(T, D, W)                                                                  \
+  bwd_mma<T, D, W>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),                   \
+                   static_cast<const T *>(p.v), static_cast<const T *>(p.dout), p.lse, p.dvec, \
+                   p.kvalid, p.krange, static_cast<T *>(p.dk), static_cast<T *>(p.dv),         \
+                   p.dq_acc, p.hq, p.hkv, p.tq, p.tk, p.causal, p.offset, p.scale_log2,        \
+                   p.scale)
+
+// attn_bwd_mma_*: 64-key blocks of 4 warps; attn_bwd_mma2_*: 128-key blocks of 8 warps.
 #define BWD_MMA_ENTRY(T, SUF, D)                                                               \
-  extern "C" __global__ void __launch_bounds__(MmaBwdTraits<D>::kThreads)                      \
+  extern "C" __global__ void __launch_bounds__(MmaBwdTraits<D, 4>::kThreads)                   \
       attn_bwd_mma_##SUF##_h##D(const AttnParams p) {                                          \
-    bwd_mma<T, D>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),                    \
-                  static_cast<const T *>(p.v), static_cast<const T *>(p.dout), p.lse, p.dvec,  \
-                  p.kvalid, p.krange, static_cast<T *>(p.dk), static_cast<T *>(p.dv),          \
-                  p.dq_acc, p.hq, p.hkv, p.tq, p.tk, p.causal, p.offset, p.scale_log2,         \
-                  p.scale);                                                                    \
+    BWD_MMA_CALL(T, D, 4);                                                                     \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(MmaBwdTraits<D, 8>::kThreads)                   \
+      attn_bwd_mma2_##SUF##_h##D(const AttnParams p) {                                         \
+    BWD_MMA_CALL(T, D, 8);                                                                     \
   }
 
 BWD_MMA_ENTRY(__nv_bfloat16, bf16, 64)

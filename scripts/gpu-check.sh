@@ -257,11 +257,12 @@ for spec in attention:150:120 lora:150:120 train_ops:90:90 rmsnorm:150:120 gae:1
   section "peer-$b" "$peer_s" python3 scripts/bench_peers.py "$b"
 done
 
-# --- the rest, as time allows: the step with the 128-row attention forward, with temper's
+# --- the rest, as time allows: the step with the wide attention tiles, with temper's
 # reference kernels, and the compute-copies ablation -----------------------------------------
 if has bench-train_step; then
-  # The 128-row attention forward (attn_fwd_mma2), which `Auto` does not take yet: the step
-  # with it, to decide whether it becomes the default.
+  # The wide attention tiles (the 128-row forward attn_fwd_mma2, the 128-key backward
+  # attn_bwd_mma2), which `Auto` does not take yet: the step with them, to decide whether they
+  # become the default.
   MEM=1 section train-attn-wide 90 env TEMPER_ATTN_IMPL=mma-wide "$BUNDLE" bench-train_step \
     --bench --impl ours --steps 4
   # The step with cuBLASLt's candidates timed (src/kernels/cuda/lt_plans.rs), not the default
@@ -276,12 +277,13 @@ fi
 if has temper; then
   section pipeline 240 "$BUNDLE" temper pipeline --device cuda --out "$WORK/pipeline"
 fi
-# Last: why attention trails flash. ncu's throughput, pipe, memory and stall sections for the
-# first launches of our tensor-core forward (64- and 128-row) and backward in the attention
-# bench, into ncu-attention.txt for whoever tunes them next.
+# Last: why attention trails flash. ncu's throughput, pipe, memory and stall sections for our
+# tensor-core forward (64- and 128-row) and backward (64- and 128-key) in the attention bench,
+# into ncu-attention.txt for whoever tunes them next. TEMPER_BENCH_ONCE runs each of them once
+# per pass and shape (12 launches: per shape fwd_mma 2, bwd_mma 1, fwd_mma2 2, bwd_mma2 1).
 if has bench-attention && [[ -x "$NCU" ]]; then
-  section ncu-attention 120 "$NCU" --clock-control none \
-    -k 'regex:attn_(fwd_mma|fwd_mma2|bwd_mma)_bf16' --launch-count 8 \
+  section ncu-attention 120 env TEMPER_BENCH_ONCE=1 "$NCU" --clock-control none \
+    -k 'regex:attn_(fwd|bwd)_mma2?_bf16' --launch-count 12 \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     --section WarpStateStats --section Occupancy --section LaunchStats \
     /tmp/temper-gpu/bin/bench-attention --bench

@@ -104,7 +104,7 @@ if refr:
 for imp, sec, base, what in [
     ("ours-graph", "train-graph", "temper with the tape", "blocks in candle's graph"),
     ("ours-casts", "train-casts", "temper with compute copies", "masters cast every step"),
-    ("ours", "train-attn-wide", "temper (64-row attention forward)", "128-row attention forward"),
+    ("ours", "train-attn-wide", "temper (64-row/64-key attention tiles)", "128-row/128-key attention tiles"),
     ("ours", "train-gemm-timed", "temper (cuBLASLt's first answers)", "cuBLASLt's candidates timed"),
 ]:
     abl = pick(bench="train_step", impl=imp, section=sec)
@@ -145,15 +145,32 @@ ncu_table("ncu_step", "one steady-state step of ours (B16 T1024 bf16)")
 ncu_table("ncu_decode", "one decode step of generation (GPT-2 small, 64 rows, graph replay)")
 
 # Attention.
+def attn_bwd_tflops(shape, impl):
+    """The backward alone, from the same run's two timings: (fwd+bwd) - fwd, 2.5x the forward's
+    FLOPs; derived alike for ours and the peers, which time no backward on its own."""
+    fwd = pick(bench="attention", shape=shape, impl=impl, **{"pass": "fwd"})
+    both = pick(bench="attention", shape=shape, impl=impl, **{"pass": "fwd+bwd"})
+    try:
+        fwd_flops = fwd["tflops"] * fwd["ms"]  # TFLOP/s x ms = GFLOP
+        return 2.5 * fwd_flops / (both["ms"] - fwd["ms"])
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
 for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention"}):
     note = sec_state("bench-attention", "peer-attention")
-    for p in ["fwd", "fwd+bwd"]:
-        # ours-mma-wide: the 128-row forward (TEMPER_ATTN_IMPL=mma-wide), not yet the default.
-        for impl, what in [("ours-mma", "attention causal"), ("ours-mma-wide", "attention, 128-row fwd")]:
-            o = pick(bench="attention", shape=shape, impl=impl, **{"pass": p}).get("tflops")
+    for p in ["fwd", "fwd+bwd", "bwd"]:
+        # ours-mma-wide: FlashAttention-2's tiles, the 128-row forward and the 128-key backward
+        # (TEMPER_ATTN_IMPL=mma-wide), not yet the default.
+        for impl, what in [("ours-mma", "attention causal"), ("ours-mma-wide", "attention, wide tiles")]:
             for peer in ["torch-flash", "torch-cudnn"]:
-                row(what, shape, f"{p} TFLOP/s", o, peer,
-                    pick(bench="attention", shape=shape, impl=peer, **{"pass": p}).get("tflops"), note)
+                if p == "bwd":
+                    o, theirs = attn_bwd_tflops(shape, impl), attn_bwd_tflops(shape, peer)
+                else:
+                    o = pick(bench="attention", shape=shape, impl=impl, **{"pass": p}).get("tflops")
+                    theirs = pick(bench="attention", shape=shape, impl=peer, **{"pass": p}).get("tflops")
+                label = "bwd TFLOP/s ((fwd+bwd) - fwd)" if p == "bwd" else f"{p} TFLOP/s"
+                row(what, shape, label, o, peer, theirs, note)
 
 # Attention decode: time against SDPA, and bytes of keys and values per second against copy.
 for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention_decode"}):

@@ -90,6 +90,8 @@ const RESULTS: &str = r#"{"section":"device","bench":"device","name":"NVIDIA H20
 {"bench":"ncu_step","kernel":"affine_f32","kind":"other (candle's or the runtime's)","launches":2,"ms":1.0,"share":0.1}
 {"section":"bench-attention","bench":"attention","shape":"B4 H12 T1024 D64 causal","impl":"ours-mma","pass":"fwd","ms":0.1,"tflops":210.00}
 {"section":"peer-attention","bench":"attention","shape":"B4 H12 T1024 D64 causal","impl":"torch-flash","pass":"fwd","ms":0.07,"tflops":300.0}
+{"section":"bench-attention","bench":"attention","shape":"B4 H12 T1024 D64 causal","impl":"ours-mma","pass":"fwd+bwd","ms":0.35,"tflops":210.0}
+{"section":"peer-attention","bench":"attention","shape":"B4 H12 T1024 D64 causal","impl":"torch-flash","pass":"fwd+bwd","ms":0.22,"tflops":334.09}
 {"section":"peer-attention","bench":"attention","shape":"B4 H12 T1024 D64 causal","impl":"torch-cudnn","error":"cuDNN attention not available"}
 {"section":"bench-lora","bench":"lora","shape":"r16 M8192 K4096 N4096","impl":"fused","fwd_ms":0.4200,"fwd_bwd_ms":1.2000}
 {"section":"bench-lora","bench":"lora","shape":"r16 M8192 K4096 N4096","impl":"ours-gemm","fwd_ms":0.4368,"fwd_bwd_ms":1.1000}
@@ -183,6 +185,11 @@ fn the_table_divides_each_measurement_by_its_peer_from_the_same_run() {
         ratio(&md, "attention causal", "fwd TFLOP/s", "torch-cudnn"),
         "-"
     );
+    // The backward alone, (fwd+bwd) - fwd on both sides: 2.5 * 21 GFLOP over 0.25 ms (ours)
+    // and over 0.15 ms (flash); no wide-tile run, so its row has no ratio.
+    let bwd = "bwd TFLOP/s ((fwd+bwd) - fwd)";
+    assert_eq!(ratio(&md, "attention causal", bwd, "torch-flash"), "0.60");
+    assert_eq!(ratio(&md, "attention, wide tiles", bwd, "torch-flash"), "-");
     assert_eq!(ratio(&md, "LoRA fused", "fwd ms", "torch-plain"), "1.15");
     // The default GEMM and the timed ablation each get their own row.
     assert_eq!(

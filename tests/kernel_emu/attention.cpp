@@ -1,10 +1,10 @@
 // The attention kernels (kernels/attention_*.cu) run in the CPU emulator (cuda_emu.h) against a
 // double-precision reference, launched as src/kernels/cuda/attention.rs launches them:
-// - bf16 cases: the tensor-core forward (64- and 128-row) and backward where the head dim is
-//   64 or 128, and for every case the CUDA-core backward in f32 on the same inputs widened
-//   (what f32 training runs);
+// - bf16 cases: the tensor-core forward (64- and 128-row) and backward (64- and 128-key) where
+//   the head dim is 64 or 128, and for every case the CUDA-core backward in f32 on the same
+//   inputs widened (what f32 training runs);
 // - 16-bit cases, bf16 and f16: what the launcher's `Auto` takes for the shape (and `MmaWide`'s
-//   128-row forward beside the 64-row one): the tensor-core kernels where the head dim is 64
+//   128-row forward and 128-key backward beside `Mma`'s): the tensor-core kernels where the head dim is 64
 //   or 128 and the query block has more than DECODE_MAX_TQ rows, else the CUDA-core forward
 //   (one key slice) and backward in the storage dtype, at DPL 1 to 4 in each.
 // The decode stream and the split-key forward are attention_decode.cpp's.
@@ -62,7 +62,8 @@ template <typename T> struct Dt;
   static constexpr Kernel fwd_mma[2][2] = {                                                   \
       {attn_fwd_mma_##SUF##_h64, attn_fwd_mma2_##SUF##_h64},                                  \
       {attn_fwd_mma_##SUF##_h128, attn_fwd_mma2_##SUF##_h128}};                               \
-  static constexpr Kernel bwd_mma[2] = {attn_bwd_mma_##SUF##_h64, attn_bwd_mma_##SUF##_h128}; \
+  static constexpr Kernel bwd_mma[2][2] = {{attn_bwd_mma_##SUF##_h64, attn_bwd_mma2_##SUF##_h64},  \
+                                           {attn_bwd_mma_##SUF##_h128, attn_bwd_mma2_##SUF##_h128}}; \
   static constexpr Kernel dq_convert = attn_dq_convert_##SUF;
 
 template <> struct Dt<float> : emu_check::Dt<float> {
@@ -291,20 +292,25 @@ template <typename T> struct Backward {
   }
 };
 
-// The tensor-core backward (launch_bwd_dot, launch_bwd_mma: bwd_mma, then dq_convert).
-template <typename T> bool check_backward(const Inputs<T> &in, const Reference &r) {
+// The tensor-core backward (launch_bwd_dot, launch_bwd_mma: bwd_mma, then dq_convert) with
+// W warps of 16 keys a block: attn_bwd_mma (W = 4) or attn_bwd_mma2 (W = 8, MmaWide's).
+template <typename T> bool check_backward(const Inputs<T> &in, const Reference &r, int w) {
   const Case &c = in.c;
   Backward<T> bw(in, r);
   AttnParams &p = bw.p;
   p.dq_acc = bw.dq_acc.data();
   emu::launch({div_ceil(p.nrows, 8), 1, 1}, {256, 1, 1}, 0, [&] { Dt<T>::bwd_dot(p); });
-  const Kernel kernel = Dt<T>::bwd_mma[c.d == 128];
-  const size_t smem = c.d == 64 ? MmaBwdTraits<64>::kSmemBytes : MmaBwdTraits<128>::kSmemBytes;
-  emu::launch({(unsigned)(c.b * c.hkv), div_ceil(c.tk, 64), 1}, {128, 1, 1}, smem,
+  const Kernel kernel = Dt<T>::bwd_mma[c.d == 128][w == 8];
+  const size_t smem = c.d == 64 ? (w == 8 ? MmaBwdTraits<64, 8>::kSmemBytes
+                                          : MmaBwdTraits<64, 4>::kSmemBytes)
+                                : (w == 8 ? MmaBwdTraits<128, 8>::kSmemBytes
+                                          : MmaBwdTraits<128, 4>::kSmemBytes);
+  const int bk = 16 * w;  // AttnImpl::bwd_block_k: 128 under MmaWide
+  emu::launch({(unsigned)(c.b * c.hkv), div_ceil(c.tk, bk), 1}, {32u * w, 1, 1}, smem,
               [&] { kernel(p); });
   emu::launch({emu_check::grid_stride(bw.dq.size(), kSmCount), 1, 1}, {256, 1, 1}, 0,
               [&] { Dt<T>::dq_convert(p); });
-  return bw.check(c, r, "bwd mma", Dt<T>::mma_grad_tol);
+  return bw.check(c, r, w == 8 ? "bwd mma2" : "bwd mma", Dt<T>::mma_grad_tol);
 }
 
 // The CUDA-core backward (launch_bwd_dot, launch_bwd_simple: bwd_dq_simple, then
@@ -333,14 +339,15 @@ bool run_bf16_and_f32(const Case &c, emu_check::Rng &rng) {
   if (c.d == 64 || c.d == 128) {
     ok &= check_forward(in, r, 1);
     ok &= check_forward(in, r, 2);
-    ok &= check_backward(in, r);
+    ok &= check_backward(in, r, 4);
+    ok &= check_backward(in, r, 8);
   }
   ok &= check_backward_simple<float>(in, r);
   return ok;
 }
 
 // A 16-bit case through the kernels Auto takes for it: the tensor cores (and MmaWide's
-// forward), or the simple forward and backward in T. The driver covers the simple forward's
+// forward and backward), or the simple forward and backward in T. The driver covers the simple forward's
 // unsplit launch only; a shape that would take the decode stream or split the keys is a
 // mistake in the case table.
 template <typename T> bool run_auto(const Case &c, emu_check::Rng &rng) {
@@ -349,7 +356,8 @@ template <typename T> bool run_auto(const Case &c, emu_check::Rng &rng) {
   if (use_mma_auto(c)) {
     bool ok = check_forward(in, r, 1);
     ok &= check_forward(in, r, 2);
-    ok &= check_backward(in, r);
+    ok &= check_backward(in, r, 4);
+    ok &= check_backward(in, r, 8);
     return ok;
   }
   if (takes_decode_stream(c) || decode_splits(c) > 1)
@@ -374,6 +382,10 @@ int main(int argc, char **argv) {
       {"causal d64 gqa tq301", 2, 4, 2, 301, 301, 64, true, 0, false},
       {"causal d128 tq173", 1, 2, 2, 173, 173, 128, true, 0, false},
       {"causal d64 offset", 1, 2, 1, 77, 200, 64, true, 123, false},
+      // A tile's last query sees exactly the first key of a warp (offset + i_last = 96 and
+      // 48, 80, 96): the edge of the backward's causal skips.
+      {"causal d64 tq97", 1, 2, 2, 97, 97, 64, true, 0, false},
+      {"causal d128 offset17", 1, 2, 1, 80, 97, 128, true, 17, false},
       {"masked d64 causal", 2, 2, 2, 150, 150, 64, true, 0, true},
       {"masked d128 full", 2, 2, 1, 97, 130, 128, false, 0, true},
       // Head dims only the CUDA-core kernels take.

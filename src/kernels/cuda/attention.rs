@@ -56,9 +56,11 @@ pub enum AttnImpl {
     Auto,
     Simple,
     Mma,
-    /// `Mma` with the forward's 128-row blocks (`attn_fwd_mma2`: two mma tiles per warp, so
-    /// each K and V fragment read from shared memory feeds two mmas). Not yet what `Auto`
-    /// takes: it waits for its first GPU run against the 64-row forward and PyTorch's flash.
+    /// `Mma` with FlashAttention-2's wider tiles: the forward's 128-row blocks
+    /// (`attn_fwd_mma2`: two mma tiles per warp, so each K and V fragment read from shared
+    /// memory feeds two mmas) and the backward's 128-key blocks of 8 warps (`attn_bwd_mma2`:
+    /// each query tile loaded, and its dQ share added, once per 128 keys instead of 64). Not
+    /// yet what `Auto` takes: it waits for its first GPU run against `Mma` and PyTorch's flash.
     MmaWide,
 }
 
@@ -75,6 +77,14 @@ impl AttnImpl {
 
     /// Query rows per block of the tensor-core forward (`MmaFwdTraits::kBlockQ`).
     fn fwd_block_q(self) -> usize {
+        match self {
+            Self::MmaWide => 128,
+            _ => 64,
+        }
+    }
+
+    /// Keys per block of the tensor-core backward (`MmaBwdTraits::kBlockK`, 16 per warp).
+    fn bwd_block_k(self) -> usize {
         match self {
             Self::MmaWide => 128,
             _ => 64,
@@ -437,9 +447,11 @@ fn bwd_mma_bq(d: usize) -> usize {
     }
 }
 
-fn bwd_mma_smem(d: usize) -> usize {
+/// Dynamic shared memory of the tensor-core backward with `bk` keys a block
+/// (`MmaBwdTraits::kSmemBytes`).
+fn bwd_mma_smem(d: usize, bk: usize) -> usize {
     let bq = bwd_mma_bq(d);
-    (2 * 64 + 4 * bq) * d * 2 + 64 * (bq + 8) * 2 + 4 * bq * 4
+    (2 * bk + 4 * bq) * d * 2 + bk * (bq + 8) * 2 + 4 * bq * 4
 }
 
 /// Grows a kernel's dynamic shared-memory limit past the 48 KiB default.
@@ -509,7 +521,10 @@ impl FlashAttn {
                 128 => vec![("attn_fwd_mma2", dims.tq.div_ceil(128))],
                 bq => vec![("attn_fwd_mma", dims.tq.div_ceil(bq))],
             },
-            (true, true) => vec![("attn_bwd_mma", dims.tk.div_ceil(64))],
+            (true, true) => match self.imp.bwd_block_k() {
+                128 => vec![("attn_bwd_mma2", dims.tk.div_ceil(128))],
+                bk => vec![("attn_bwd_mma", dims.tk.div_ceil(bk))],
+            },
             (false, false) => vec![("attn_fwd_simple", dims.simple_row_blocks().1)],
             (false, true) => vec![
                 ("attn_bwd_dq_simple", dims.simple_row_blocks().1),
@@ -701,7 +716,7 @@ impl FlashAttn {
             );
             launch_bwd_dot(&dev, T::DTYPE, &dims, &p)?;
             if self.use_mma(T::DTYPE, &dims) {
-                launch_bwd_mma(&dev, T::DTYPE, &dims, p)?;
+                launch_bwd_mma(&dev, T::DTYPE, &dims, p, self.imp.bwd_block_k())?;
             } else {
                 launch_bwd_simple(&dev, T::DTYPE, &dims, &p)?;
             }
@@ -836,20 +851,32 @@ fn launch_bwd_dot(dev: &CudaDevice, dt: DType, dims: &Dims, p: &AttnParams) -> R
     unsafe { launch(dev, &func, &name, warp_per_row(dims.q_rows()), p) }
 }
 
-/// `attn_bwd_mma_*` (dK, dV and an f32 dQ accumulator), then `attn_dq_convert_*`.
-fn launch_bwd_mma(dev: &CudaDevice, dt: DType, dims: &Dims, mut p: AttnParams) -> Result<()> {
+/// `attn_bwd_mma_*` (`bk` = 64 keys a block, 4 warps) or `attn_bwd_mma2_*` (128, 8 warps):
+/// dK, dV and an f32 dQ accumulator; then `attn_dq_convert_*`.
+fn launch_bwd_mma(
+    dev: &CudaDevice,
+    dt: DType,
+    dims: &Dims,
+    mut p: AttnParams,
+    bk: usize,
+) -> Result<()> {
     let n = dims.q_rows() * dims.d;
     let mut acc = dev.alloc_zeros::<f32>(n)?;
     let stream = dev.cuda_stream();
     let mut ptrs = DevPtrs::new(&stream);
     p.dq_acc = ptrs.write(&mut acc);
-    let name = format!("attn_bwd_mma_{}_h{}", dt.as_str(), dims.d);
+    let kernel = if bk == 128 {
+        "attn_bwd_mma2"
+    } else {
+        "attn_bwd_mma"
+    };
+    let name = format!("{kernel}_{}_h{}", dt.as_str(), dims.d);
     let func = load_func(dev, BWD, &name)?;
-    let smem = bwd_mma_smem(dims.d);
+    let smem = bwd_mma_smem(dims.d, bk);
     allow_smem(dev, &func, smem)?;
     let cfg = LaunchConfig {
-        grid_dim: ((dims.b * dims.hkv) as u32, dims.tk.div_ceil(64) as u32, 1),
-        block_dim: (128, 1, 1),
+        grid_dim: ((dims.b * dims.hkv) as u32, dims.tk.div_ceil(bk) as u32, 1),
+        block_dim: (2 * bk as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     // SAFETY: inputs and dk/dv set by the caller; acc is zeroed, [B, Hq, Tq, D] f32.
@@ -953,7 +980,9 @@ mod tests {
             for bq in [64, 128] {
                 assert!(fwd_mma_smem(d, bq) <= 163 * 1024, "fwd d={d} bq={bq}");
             }
-            assert!(bwd_mma_smem(d) <= 163 * 1024, "bwd d={d}");
+            for bk in [64, 128] {
+                assert!(bwd_mma_smem(d, bk) <= 163 * 1024, "bwd d={d} bk={bk}");
+            }
         }
         // fwd: sQ [64][D] + two stages of sK and sV [64][D] (2-byte elements), then two
         // stages of 64 f32 key flags.
@@ -962,12 +991,15 @@ mod tests {
         // The 128-row forward takes 32 keys a stage at D = 128 (MmaFwdTraits<128, 2>).
         assert_eq!(fwd_mma_smem(128, 128), 65_792);
         // bwd (`bwd_mma` in the .cu file), BQ = 32 for D = 128 and 64 for D = 64: sK and sV
-        // [64][D], two stages each of sQ and sdO [BQ][D], sdS [64][BQ + 8] (2-byte elements),
+        // [BK][D], two stages each of sQ and sdO [BQ][D], sdS [BK][BQ + 8] (2-byte elements),
         // then two stages each of sL and sDv [BQ] f32.
         // D = 128: (2*64 + 4*32)*128*2 + 64*40*2 + 4*32*4 = 65_536 + 5_120 + 512.
-        assert_eq!(bwd_mma_smem(128), 71_168);
+        assert_eq!(bwd_mma_smem(128, 64), 71_168);
         // D = 64: (2*64 + 4*64)*64*2 + 64*72*2 + 4*64*4 = 49_152 + 9_216 + 1_024.
-        assert_eq!(bwd_mma_smem(64), 59_392);
+        assert_eq!(bwd_mma_smem(64, 64), 59_392);
+        // 128-key blocks: (2*128 + 4*32)*128*2 + 128*40*2 + 512, and the same at D = 64.
+        assert_eq!(bwd_mma_smem(128, 128), 109_056);
+        assert_eq!(bwd_mma_smem(64, 128), 84_992);
         assert!(mma_applies(DType::BF16, 64) && !mma_applies(DType::F32, 64));
         assert!(!mma_applies(DType::F16, 96));
     }
@@ -1026,15 +1058,23 @@ mod tests {
         let over = dims(4, 64 * 65_535 + 1, 64 * 65_535 + 1, 128);
         assert!(mma.check_grid_y(DType::BF16, &over, false).is_err());
         assert!(mma.check_grid_y(DType::BF16, &over, true).is_err());
-        // The wide forward: 128 rows per block, so twice the rows fit; its backward is the same.
+        // The wide tiles: 128 rows (forward) or keys (backward) per block, so twice as many fit.
         let wide = op(AttnImpl::MmaWide);
-        let rows = dims(4, 128 * 65_535, 64, 128);
+        let rows = dims(4, 128 * 65_535, 128 * 65_535, 128);
         assert!(wide.check_grid_y(DType::BF16, &rows, false).is_ok());
+        assert!(wide.check_grid_y(DType::BF16, &rows, true).is_ok());
         assert!(mma.check_grid_y(DType::BF16, &rows, false).is_err());
+        assert!(mma.check_grid_y(DType::BF16, &rows, true).is_err());
+        let over = dims(4, 128 * 65_535 + 1, 128 * 65_535 + 1, 128);
         let err = wide
-            .check_grid_y(DType::BF16, &dims(4, 128 * 65_535 + 1, 64, 128), false)
+            .check_grid_y(DType::BF16, &over, false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("attn_fwd_mma2"), "{err}");
+        let err = wide
+            .check_grid_y(DType::BF16, &over, true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("attn_bwd_mma2"), "{err}");
     }
 }
