@@ -405,7 +405,7 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
         const int i = i0 + col;
         const int j = e < 2 ? jA : jB;
         const bool vis = (e < 2 ? validA : validB) && i < Tq && (!causal || j <= offset + i);
-        const float p = vis ? exp2f(sT[n][e] * scale_log2 - sLs[col]) : 0.f;
+        const float p = vis ? exp2_ftz(sT[n][e] * scale_log2 - sLs[col]) : 0.f;
         sT[n][e] = p;
         dpT[n][e] = p * (dpT[n][e] - sDvs[col]);
       }

@@ -4,6 +4,7 @@
 //   cp_async_commit / cp_async_wait<N>   the cp.async group fences
 //   ldsm_x4 / ldsm_x4_t                  ldmatrix x4 (plain and transposed)
 //   Mma<T>::run / Mma<T>::pack           mma.sync.m16n8k16 and the f32 -> 2 x T packing
+//   exp2_ftz                             2^x in one ex2.approx.ftz
 // Every inline `asm` of the kernels lives here, so that tests/kernel_emu/ can put its CPU
 // emulation of exactly these functions in place of this file and run the kernels on the host.
 #pragma once
@@ -38,6 +39,17 @@ static __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+}
+
+// 2^x, flushing a result below 2^-126 to zero. Without --use_fast_math exp2f compiles to the
+// non-ftz ex2.approx, which ptxas wraps in a range test and two multiplies around the MUFU to
+// keep subnormal results; the tensor-core softmax runs one exp per score, on the path the
+// FlashAttention kernels keep short, and a weight under 2^-126 of the row's largest (which
+// is 1) is nothing to any sum here.
+static __device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // D(16x8, f32) += A(16x16) B(16x8). Fragment layouts (g = lane / 4, c = lane % 4):

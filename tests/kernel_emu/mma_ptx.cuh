@@ -14,6 +14,13 @@
 
 namespace temper {
 
+// ex2.approx.ftz.f32: subnormal inputs read as zero, subnormal results are written as zero.
+static inline float exp2_ftz(float x) {
+  if (std::fpclassify(x) == FP_SUBNORMAL) x = 0.f;
+  const float y = std::exp2(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
+}
+
 // An offset into the dynamic shared-memory array stands in for the shared-window address.
 static inline uint32_t smem_addr(const void *p) {
   const unsigned char *c = static_cast<const unsigned char *>(p);
