@@ -449,39 +449,38 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     __syncthreads();
 
     // dQ[i0 + BQ rows] += dS K over this block's BK keys. A = dS (query rows) read from the
-    // transposed dS^T with ldmatrix.trans; B = K (k = key) likewise. Under a causal mask the
-    // 16-key steps past the tile's last query add zeros and are skipped.
+    // transposed dS^T with ldmatrix.trans, once per 16-key step for all the warp's NBW
+    // n-blocks; B = K (k = key) likewise. Under a causal mask the 16-key steps past the
+    // tile's last query add zeros and are skipped.
     {
       const int kk_end = causal ? min(BK / 16, (offset + i_last - k0) / 16 + 1) : BK / 16;
       const int mb = warp % MB;
       const int nbase = (warp / MB) * NBW;
+      float c[NBW][4];
 #pragma unroll
-      for (int n2 = 0; n2 < NBW / 2; ++n2) {
-        float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int n = 0; n < NBW; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.f;
 #pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-          if (kk >= kk_end) break;
-          uint32_t a[4], bf[4];
-          const int key = kk * 16 + (lane & 7) + ((lane >> 4) << 3);
-          const int qcol = mb * 16 + ((lane >> 3) & 1) * 8;
-          ldsm_x4_t(a, smem_addr(sdS + key * DSS + qcol));
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        if (kk >= kk_end) break;
+        uint32_t a[4];
+        const int key = kk * 16 + (lane & 7) + ((lane >> 4) << 3);
+        const int qcol = mb * 16 + ((lane >> 3) & 1) * 8;
+        ldsm_x4_t(a, smem_addr(sdS + key * DSS + qcol));
+#pragma unroll
+        for (int n2 = 0; n2 < NBW / 2; ++n2) {
+          uint32_t bf[4];
           ldsm_x4_t(bf, smem_addr(sK + swz<D>(kk * 16 + (lane & 15),
                                              (nbase + 2 * n2) * 8 + (lane >> 4) * 8)));
-          Mma<T>::run(c0, a, bf[0], bf[1]);
-          Mma<T>::run(c1, a, bf[2], bf[3]);
+          Mma<T>::run(c[2 * n2], a, bf[0], bf[1]);
+          Mma<T>::run(c[2 * n2 + 1], a, bf[2], bf[3]);
         }
-        const int iA = i0 + mb * 16 + g, iB = iA + 8;
-        const int d0 = (nbase + 2 * n2) * 8 + c4 * 2;
-        if (iA < Tq) {
-          float *row = dq_acc + (qbase + iA) * D;
-          atomic_add2(row + d0, c0[0], c0[1]);
-          atomic_add2(row + d0 + 8, c1[0], c1[1]);
-        }
-        if (iB < Tq) {
-          float *row = dq_acc + (qbase + iB) * D;
-          atomic_add2(row + d0, c0[2], c0[3]);
-          atomic_add2(row + d0 + 8, c1[2], c1[3]);
-        }
+      }
+      const int iA = i0 + mb * 16 + g, iB = iA + 8;
+#pragma unroll
+      for (int n = 0; n < NBW; ++n) {
+        const int d0 = (nbase + n) * 8 + c4 * 2;
+        if (iA < Tq) atomic_add2(dq_acc + (qbase + iA) * D + d0, c[n][0], c[n][1]);
+        if (iB < Tq) atomic_add2(dq_acc + (qbase + iB) * D + d0, c[n][2], c[n][3]);
       }
     }
   }
