@@ -23,8 +23,9 @@
 //    memory (16-byte chunk index ^ (row & 7): conflict-free ldmatrix without padding).
 //    S = Q K^T lands in registers in the mma accumulator layout, which is also the A-operand
 //    layout of the next mma, so P never leaves registers for O += P V. Causal blocks are
-//    launched heaviest first. attn_fwd_mma2 gives each warp two 16-row tiles (128-row
-//    blocks), so that every K and V fragment read from shared memory feeds two mmas.
+//    launched heaviest first; on the diagonal a warp skips the 16-key steps its rows cannot
+//    see. attn_fwd_mma2 gives each warp two 16-row tiles (128-row blocks), so that every K
+//    and V fragment read from shared memory feeds two mmas.
 //
 // Every entry point is `extern "C"`, takes one AttnParams by value, and carries its dtype in
 // its name: attn_fwd_simple_<dtype>_d<DPL>, attn_fwd_mma_<dtype>_h<D>, attn_fwd_mma2_<dtype>_h<D>.
@@ -252,6 +253,11 @@ static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     const T *sKs = sK + st * BK * D;
     const T *sVs = sV + st * BK * D;
     const int k0 = kr.lo + t * BK;
+    // Under a causal mask, on the diagonal, the 16-key steps past this warp's last row's
+    // horizon are masked for all its rows: the warp skips their products (S stays at the
+    // mask's -inf, P at 0). Uniform across the warp.
+    const int steps = causal ? min(BK / 16, max(0, horizon(q0 + wrow + 16 * MT - 1) - k0 + 15) / 16)
+                             : BK / 16;
 
     // S = Q K^T for this warp's 16 * MT rows and the tile's BK keys: each K fragment read
     // from shared memory feeds MT tiles.
@@ -269,6 +275,7 @@ static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
       }
 #pragma unroll
       for (int n2 = 0; n2 < NBK / 2; ++n2) {
+        if (n2 >= steps) break;
         uint32_t bf[4];
         const int key = n2 * 16 + (lane & 7) + ((lane >> 4) << 3);
         const int col = ks * 16 + ((lane >> 3) & 1) * 8;
@@ -354,6 +361,7 @@ static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     // fragment feeds MT tiles.
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
+      if (kk >= steps) break;
       uint32_t a[MT][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {

@@ -4,9 +4,10 @@
 //   the head dim is 64 or 128, and for every case the CUDA-core backward in f32 on the same
 //   inputs widened (what f32 training runs);
 // - 16-bit cases, bf16 and f16: what the launcher's `Auto` takes for the shape (and `MmaWide`'s
-//   128-row forward and 128-key backward beside `Mma`'s): the tensor-core kernels where the head dim is 64
-//   or 128 and the query block has more than DECODE_MAX_TQ rows, else the CUDA-core forward
-//   (one key slice) and backward in the storage dtype, at DPL 1 to 4 in each.
+//   128-row forward and 128-key backward beside `Mma`'s): the tensor-core kernels where the
+//   head dim is 64 or 128 and the query block has more than DECODE_MAX_TQ rows, else the
+//   CUDA-core forward (one key slice) and backward in the storage dtype, at DPL 1 to 4 in
+//   each.
 // The decode stream and the split-key forward are attention_decode.cpp's.
 // Fresh random inputs of awkward sizes: causal with and without a position offset,
 // grouped-query heads, padded keys with a hole, sequences that end mid-tile, head dims only the
@@ -62,8 +63,9 @@ template <typename T> struct Dt;
   static constexpr Kernel fwd_mma[2][2] = {                                                   \
       {attn_fwd_mma_##SUF##_h64, attn_fwd_mma2_##SUF##_h64},                                  \
       {attn_fwd_mma_##SUF##_h128, attn_fwd_mma2_##SUF##_h128}};                               \
-  static constexpr Kernel bwd_mma[2][2] = {{attn_bwd_mma_##SUF##_h64, attn_bwd_mma2_##SUF##_h64},  \
-                                           {attn_bwd_mma_##SUF##_h128, attn_bwd_mma2_##SUF##_h128}}; \
+  static constexpr Kernel bwd_mma[2][2] = {                                                  \
+      {attn_bwd_mma_##SUF##_h64, attn_bwd_mma2_##SUF##_h64},                                  \
+      {attn_bwd_mma_##SUF##_h128, attn_bwd_mma2_##SUF##_h128}};                               \
   static constexpr Kernel dq_convert = attn_dq_convert_##SUF;
 
 template <> struct Dt<float> : emu_check::Dt<float> {
@@ -347,9 +349,9 @@ bool run_bf16_and_f32(const Case &c, emu_check::Rng &rng) {
 }
 
 // A 16-bit case through the kernels Auto takes for it: the tensor cores (and MmaWide's
-// forward and backward), or the simple forward and backward in T. The driver covers the simple forward's
-// unsplit launch only; a shape that would take the decode stream or split the keys is a
-// mistake in the case table.
+// forward and backward), or the simple forward and backward in T. The driver covers the simple
+// forward's unsplit launch only; a shape that would take the decode stream or split the keys
+// is a mistake in the case table.
 template <typename T> bool run_auto(const Case &c, emu_check::Rng &rng) {
   const Inputs<T> in = make_inputs<T>(c, rng);
   const Reference r = reference(in);
