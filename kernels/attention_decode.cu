@@ -39,12 +39,21 @@ namespace attn {
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = 32 * kDecodeWarps;
 
-// 8 values of T (16 bytes) as f32.
-template <typename T> static __device__ __forceinline__ void load8(const T *src, float (&out)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4 *>(src);
+// Keys a lane group loads per pass before using any, for R query rows: the loads in flight per
+// lane (2 * 16 bytes a key) are what hides the memory's latency in a stream with ~6 blocks
+// per SM. Four rows do four times the arithmetic per key, and four keys in flight would spill
+// their registers under the launch bound: two there.
+template <int R> constexpr int kDecodeKeysPerPass = R == 1 ? 4 : 2;
+
+// 8 values of T (16 bytes, as loaded) as f32.
+template <typename T>
+static __device__ __forceinline__ void unpack8(const uint4 &raw, float (&out)[8]) {
   const T *e = reinterpret_cast<const T *>(&raw);
 #pragma unroll
   for (int i = 0; i < 8; ++i) out[i] = to_f32(e[i]);
+}
+template <typename T> static __device__ __forceinline__ void load8(const T *src, float (&out)[8]) {
+  unpack8<T>(*reinterpret_cast<const uint4 *>(src), out);
 }
 
 // Folds the softmax state (m2, l2, acc2) into (m, l, acc): both are over disjoint keys.
@@ -114,39 +123,42 @@ static __device__ void decode(const AttnParams &p) {
   }
 
   // Every lane of a warp runs the same number of passes (the score reductions shuffle); a
-  // pass loads two keys per group before using either, so that more loads are in flight.
+  // pass loads U keys per group, raw (4 registers each for k and v), before using any, so that
+  // more loads are in flight.
+  constexpr int U = kDecodeKeysPerPass<R>;
   constexpr int kStride = kDecodeWarps * KPW;
-  for (int base = k_begin + warp * KPW; base < k_end; base += 2 * kStride) {
-    float kf[2][VEC], vf[2][VEC];
-    int j[2];
-    bool valid[2];
+  for (int base = k_begin + warp * KPW; base < k_end; base += U * kStride) {
+    uint4 kraw[U], vraw[U];
+    int j[U];
+    bool valid[U];
 #pragma unroll
-    for (int u = 0; u < 2; ++u) {
+    for (int u = 0; u < U; ++u) {
       j[u] = base + u * kStride + grp;
       const bool in = j[u] < k_end;
+      kraw[u] = vraw[u] = make_uint4(0u, 0u, 0u, 0u);
       if (in) {
-        load8(k + (kvbase + j[u]) * D + sub * VEC, kf[u]);
-        load8(v + (kvbase + j[u]) * D + sub * VEC, vf[u]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) kf[u][e] = vf[u][e] = 0.f;
+        kraw[u] = *reinterpret_cast<const uint4 *>(k + (kvbase + j[u]) * D + sub * VEC);
+        vraw[u] = *reinterpret_cast<const uint4 *>(v + (kvbase + j[u]) * D + sub * VEC);
       }
       valid[u] = in && (kr.dense || p.kvalid[(size_t)b * Tk + j[u]] != 0.f);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float kf[VEC], vf[VEC];
+      unpack8<T>(kraw[u], kf);
+      unpack8<T>(vraw[u], vf);
       // A masked position's value never enters a sum, whatever it holds (as fwd_simple,
       // which skips zero probabilities): 0 * NaN would poison the row.
       if (!valid[u]) {
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) vf[u][e] = 0.f;
+        for (int e = 0; e < VEC; ++e) vf[e] = 0.f;
       }
-    }
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         if (r >= rows) continue;  // the same for the whole block: the shuffles stay converged
         float s = 0.f;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) s = fmaf(qf[r][e], kf[u][e], s);
+        for (int e = 0; e < VEC; ++e) s = fmaf(qf[r][e], kf[e], s);
 #pragma unroll
         for (int o = 1; o < L; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
         const bool vis = valid[u] && j[u] < row_hi[r];
@@ -158,7 +170,7 @@ static __device__ void decode(const AttnParams &p) {
         // A key past this row's causal horizon may hold a value for another row.
 #pragma unroll
         for (int e = 0; e < VEC; ++e)
-          acc[r][e] = vis ? fmaf(pj, vf[u][e], acc[r][e] * alpha) : acc[r][e] * alpha;
+          acc[r][e] = vis ? fmaf(pj, vf[e], acc[r][e] * alpha) : acc[r][e] * alpha;
         m[r] = m_new;
       }
     }
