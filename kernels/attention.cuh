@@ -62,8 +62,15 @@ struct AttnParams {
   int kv_cap;   // positions per (batch, kv head) row of k and v: a KV cache's capacity when
                 // k, v are views of its first tk positions; 0 means tk. Read by fwd_simple and
                 // attn_decode
+  // Generation's fused decode step (attn_decode_fresh; null elsewhere): q and this position's
+  // k and v come from one row of stacked projections, and k, v (the whole caches, tk = kv_cap
+  // positions) are written at position step[0] as well as read.
+  const void *fresh;       // [B, (Hq + 2 Hkv) D] in T: q heads, then k heads, then v heads
+  const long long *step;   // [2] i64: the cache length L (then the draw index)
+  const void *rope_cos;    // [B, D / 2] in T, or null: q and k rotated as qkv_write rotates
+  const void *rope_sin;    // as rope_cos
 };
-static_assert(sizeof(AttnParams) == 176, "AttnParams: keep in step with the Rust mirror");
+static_assert(sizeof(AttnParams) == 208, "AttnParams: keep in step with the Rust mirror");
 static_assert(alignof(AttnParams) == 8, "AttnParams: keep in step with the Rust mirror");
 
 constexpr float kLog2e = 1.4426950408889634f;

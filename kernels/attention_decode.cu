@@ -14,6 +14,16 @@
 // o and lse as the simple forward does (zeros and lse = +inf for a row that sees no key);
 // with a split, normalised partials and their lse (-inf when empty) for attn_combine.
 //
+// attn_decode_fresh_<dtype>_h<D>_r<R>: the same for generation's decode step at fixed shapes
+// (src/generate/static_step.rs), fused with what decode_step.cu's qkv_write does before it:
+// q and this position's key and value are read from the row of stacked projections p.fresh
+// (rotated, where rotation tables are given, and rounded to T exactly as qkv_write stores
+// them); split 0's block of each (batch, kv head) writes the key and value at position
+// L = step[0] of the caches k, v. No block reads position L from the cache: the first lane
+// group of split 0 starts its softmax state from the fresh key (if the mask lets the rows
+// see it), and every stream skips L. So nothing reads what the kernel writes, and no
+// ordering between blocks is needed. One launch instead of two per layer.
+//
 // attn_combine_<dtype>: when a call has too few query rows to fill the GPU, a forward (the
 // decode kernel above, or attn_fwd_simple in attention_fwd.cu) runs with nsplit > 1 slices of
 // the key range (grid z). Slice s writes, for every query row, its normalised partial output
@@ -68,7 +78,34 @@ static __device__ __forceinline__ void merge_state(float &m, float &l, float (&a
   m = mx;
 }
 
-template <typename T, int D, int R>
+// Values [8 sub, 8 sub + 8) of the head at column `col` of row b of p.fresh (width
+// (Hq + 2 Hkv) D), as qkv_write (decode_step.cu) stores them: rotated with their partners in
+// the other half of the head by p.rope_cos / p.rope_sin where `rotate` and the tables are
+// given (in f32, then rounded to T), else as they are.
+template <typename T, int D>
+static __device__ __forceinline__ void fresh8(const AttnParams &p, int b, int col, int sub,
+                                              bool rotate, float (&out)[8]) {
+  const int width = (p.hq + 2 * p.hkv) * D;
+  const T *row = static_cast<const T *>(p.fresh) + (size_t)b * width + col;
+  const int j0 = sub * 8;
+  load8(row + j0, out);
+  if (!rotate || p.rope_cos == nullptr) return;
+  constexpr int half = D / 2;  // a multiple of 8: the lane's 8 values lie in one half
+  const bool lower = j0 < half;
+  const int jj0 = lower ? j0 : j0 - half;
+  float partner[8];
+  load8(row + (lower ? j0 + half : jj0), partner);
+  const T *cs = static_cast<const T *>(p.rope_cos) + (size_t)b * half + jj0;
+  const T *sn = static_cast<const T *>(p.rope_sin) + (size_t)b * half + jj0;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const float c = to_f32(cs[e]), s = to_f32(sn[e]);
+    const float x1 = lower ? out[e] : partner[e], x2 = lower ? partner[e] : out[e];
+    out[e] = to_f32(from_f32<T>(lower ? x1 * c - x2 * s : x2 * c + x1 * s));
+  }
+}
+
+template <typename T, int D, int R, bool FRESH>
 static __device__ void decode(const AttnParams &p) {
   constexpr int VEC = 8, L = D / VEC, KPW = 32 / L;
   static_assert(D % VEC == 0 && 32 % L == 0, "a key row is 8-value chunks over L lanes");
@@ -95,8 +132,12 @@ static __device__ void decode(const AttnParams &p) {
     if (r < rows) {
       const int g = r / Tq, i = r % Tq;
       row_hi[r] = p.causal ? min(kr.hi, p.offset + i + 1) : kr.hi;
-      const size_t qrow = ((size_t)b * p.hq + hkv * G + g) * Tq + i;
-      load8(q + qrow * D + sub * VEC, qf[r]);
+      if constexpr (FRESH) {
+        fresh8<T, D>(p, b, (hkv * G + g) * D, sub, true, qf[r]);  // Tq = 1: i = 0
+      } else {
+        const size_t qrow = ((size_t)b * p.hq + hkv * G + g) * Tq + i;
+        load8(q + qrow * D + sub * VEC, qf[r]);
+      }
 #pragma unroll
       for (int e = 0; e < VEC; ++e) qf[r][e] *= p.scale_log2;
     } else {
@@ -122,6 +163,50 @@ static __device__ void decode(const AttnParams &p) {
     for (int e = 0; e < VEC; ++e) acc[r][e] = 0.f;
   }
 
+  // The fresh position (FRESH): written here, never read from the cache (the streams skip
+  // it); -1 where there is none, or where L is past the cache (qkv_write writes nothing
+  // there; the key then counts nowhere, as no key past the mask's end would).
+  int fresh_j = -1;
+  if constexpr (FRESH) {
+    const long long len = p.step[0];
+    const int cap = p.kv_cap > 0 ? p.kv_cap : Tk;
+    if (len >= 0 && len < cap) fresh_j = (int)len;
+  }
+  if (FRESH && fresh_j >= 0 && blockIdx.z == 0) {  // uniform across the block
+    float kf[VEC], vf[VEC];
+    fresh8<T, D>(p, b, (p.hq + hkv) * D, sub, true, kf);
+    fresh8<T, D>(p, b, (p.hq + Hkv + hkv) * D, sub, false, vf);
+    const bool first = warp == 0 && grp == 0;  // the one lane group that writes and counts it
+    if (first) {
+      // The caches are p.k, p.v: read-only everywhere but here, at a position nobody reads.
+      T *kw = const_cast<T *>(k) + (kvbase + fresh_j) * D + sub * VEC;
+      T *vw = const_cast<T *>(v) + (kvbase + fresh_j) * D + sub * VEC;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        kw[e] = from_f32<T>(kf[e]);
+        vw[e] = from_f32<T>(vf[e]);
+      }
+    }
+    const bool key_ok = fresh_j >= kr.lo && fresh_j < kr.hi &&
+                        (kr.dense || p.kvalid[(size_t)b * Tk + fresh_j] != 0.f);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r >= rows) continue;  // the same for the whole block: the shuffles stay converged
+      float s = 0.f;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) s = fmaf(qf[r][e], kf[e], s);
+#pragma unroll
+      for (int o = 1; o < L; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      // The state is empty: folding one key in gives m = s, l = 2^0, acc = v.
+      if (first && key_ok && fresh_j < row_hi[r]) {
+        m[r] = s;
+        l[r] = 1.f;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[r][e] = vf[e];
+      }
+    }
+  }
+
   // Every lane of a warp runs the same number of passes (the score reductions shuffle); a
   // pass loads U keys per group, raw (4 registers each for k and v), before using any, so that
   // more loads are in flight.
@@ -140,7 +225,8 @@ static __device__ void decode(const AttnParams &p) {
         kraw[u] = *reinterpret_cast<const uint4 *>(k + (kvbase + j[u]) * D + sub * VEC);
         vraw[u] = *reinterpret_cast<const uint4 *>(v + (kvbase + j[u]) * D + sub * VEC);
       }
-      valid[u] = in && (kr.dense || p.kvalid[(size_t)b * Tk + j[u]] != 0.f);
+      valid[u] = in && j[u] != fresh_j &&
+                 (kr.dense || p.kvalid[(size_t)b * Tk + j[u]] != 0.f);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -278,11 +364,15 @@ COMBINE_ENTRY(float, f32)
 COMBINE_ENTRY(__nv_bfloat16, bf16)
 COMBINE_ENTRY(__half, f16)
 
-// Entry points: attn_decode_<dtype>_h<D>_r<R>.
+// Entry points: attn_decode_<dtype>_h<D>_r<R>, attn_decode_fresh_<dtype>_h<D>_r<R>.
 #define DECODE_ENTRY(T, SUF, D, R)                                                            \
   extern "C" __global__ void __launch_bounds__(kDecodeThreads, 4)                             \
       attn_decode_##SUF##_h##D##_r##R(const AttnParams p) {                                   \
-    decode<T, D, R>(p);                                                                       \
+    decode<T, D, R, false>(p);                                                                \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(kDecodeThreads, 4)                             \
+      attn_decode_fresh_##SUF##_h##D##_r##R(const AttnParams p) {                             \
+    decode<T, D, R, true>(p);                                                                 \
   }
 
 DECODE_ENTRY(__nv_bfloat16, bf16, 64, 1)

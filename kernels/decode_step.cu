@@ -10,7 +10,9 @@
 //   of their caches [B, nkv / d, cap, d] (nothing once L >= cap). With tables cos, sin
 //   [B, d / 2] (the rows' positions), q and k are rotated on the way (rotary embeddings in the
 //   Llama / GPT-NeoX layout, in f32 exactly as rope.cu computes them). With q, k and v in one
-//   GEMM this replaces two GEMM launches, two rotations and two KV writes per layer.
+//   GEMM this replaces two GEMM launches, two rotations and two KV writes per layer. Where
+//   the decode attention takes the step, attn_decode_fresh (attention_decode.cu) does this
+//   itself and attends in the same launch; this kernel is the step's fallback.
 // - mark_key: key mask [rows, cap] f32: mask[r, L] = 1 (the position the next step writes).
 // - increment_u32 / increment_i64: every element += 1 (the rows' positions; `step` itself).
 //

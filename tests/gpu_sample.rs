@@ -20,6 +20,7 @@ gpu_test!(decode_attention_reads_the_cache_in_place);
 gpu_test!(engine_on_the_gpu_agrees_with_the_cpu);
 gpu_test!(decode_step_kernels_match_reference);
 gpu_test!(qkv_write_matches_the_cpu_op);
+gpu_test!(fused_decode_step_matches_qkv_write_then_attention);
 gpu_test!(held_tokens_and_a_device_draw_index_sample_as_the_reference);
 gpu_test!(graph_replay_gives_the_eager_fixed_steps_tokens);
 
@@ -30,7 +31,7 @@ mod gpu {
     use temper::data::tokenizer::Tokenizer;
     use temper::generate::{generate, DecodeMode, EngineOpts, RowKeys, SampleCfg};
     use temper::kernels::attention::{attention_reference, AttnMask};
-    use temper::kernels::cuda::attention::{attention_with, AttnImpl};
+    use temper::kernels::cuda::attention::{attention_with, decode_fresh, AttnImpl};
     use temper::kernels::decode_step::{increment, kv_write, mark_key, qkv_write};
     use temper::kernels::sample::{
         keep_threshold, keys_tensor, row_key, sample, sample_draw, sample_reference, uniform, Draw,
@@ -453,6 +454,89 @@ mod gpu {
                             assert!(bad.is_none(), "{ctx}: {what} differs at {bad:?}");
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Generation's fused decode step (`decode_fresh`: split, rotation, cache write and
+    /// attention in one launch) against the two launches it replaces, `qkv_write` then the
+    /// decode attention, on copies of the same caches: the same output within the dtype's
+    /// rounding, and the same caches (the new position within one rounding of the rotation,
+    /// every other position bit for bit). GPT-2's shape (no rotation, 64 rows of 12 heads),
+    /// Llama-style GQA with rotation and a padded mask, the first position, a batch of one
+    /// whose keys split across blocks.
+    pub fn fused_decode_step_matches_qkv_write_then_attention(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0xF5E);
+        // (B, Hq, Hkv, cap, L, D, rope)
+        let shapes = [
+            (64, 12, 12, 384, 300, 64, false),
+            (3, 8, 2, 200, 130, 128, true),
+            (2, 4, 2, 48, 0, 64, true),
+            (1, 2, 2, 1500, 1400, 128, false),
+        ];
+        for &(b, hq, hkv, cap, len, d, rope) in &shapes {
+            for dtype in [DType::BF16, DType::F16] {
+                let ctx = format!(
+                    "seed {seed:#x}, {dtype:?}, B {b} Hq {hq} Hkv {hkv} cap {cap} L {len} D {d} \
+                     rope {rope}"
+                );
+                let width = (hq + 2 * hkv) * d;
+                let make = |n: usize, shape: &[usize], rng: &mut Rng| {
+                    Tensor::from_vec(rng.vec(n, -2.0, 2.0), shape, dev)
+                        .and_then(|t| t.to_dtype(dtype))
+                        .unwrap()
+                };
+                let y = make(b * width, &[b, 1, width], &mut rng);
+                let kc = make(b * hkv * cap * d, &[b, hkv, cap, d], &mut rng);
+                let vc = make(b * hkv * cap * d, &[b, hkv, cap, d], &mut rng);
+                let half = d / 2;
+                let angles = rng.vec(b * half, -3.0, 3.0);
+                let table = |f: fn(f32) -> f32| {
+                    let v: Vec<f32> = angles.iter().map(|&a| f(a)).collect();
+                    Tensor::from_vec(v, (b, 1, 1, half), dev)
+                        .and_then(|t| t.to_dtype(dtype))
+                        .unwrap()
+                };
+                let (cos, sin) = (table(f32::cos), table(f32::sin));
+                let tables = rope.then_some((&cos, &sin));
+                // Valid up to and including L, as mark_key leaves it; sequence 0 padded.
+                let mut valid = vec![0f32; b * cap];
+                for (i, row) in valid.chunks_mut(cap).enumerate() {
+                    let pad = if i == 0 { len / 3 } else { 0 };
+                    row[pad..=len].fill(1.0);
+                }
+                let valid = Tensor::from_vec(valid, (b, cap), dev).unwrap();
+                let mask = AttnMask {
+                    causal_offset: Some(cap - 1),
+                    key_valid: Some(&valid),
+                };
+                let step = Tensor::new(&[len as i64, 3], dev).unwrap();
+                let scale = 1.0 / (d as f64).sqrt();
+                let copy = |t: &Tensor| t.copy().unwrap();
+                let (fk, fv) = (copy(&kc), copy(&vc));
+                let fused = decode_fresh(&y, (&fk, &fv), &step, hq, tables, &mask, scale)
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("{ctx}: the fused kernel should take the step"));
+                let q = qkv_write(&y, &kc, &vc, &step, hq * d, tables).unwrap();
+                let two = attention_with(&q, &kc, &vc, &mask, scale, AttnImpl::Auto)
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(fused.dims(), [b, hq, 1, d], "{ctx}: shape");
+                assert_close(&ctx, &fused, &two, tol(dtype), elem_tol(dtype));
+                let ulp = if dtype == DType::BF16 { 8e-3 } else { 1e-3 };
+                for (what, f, t) in [("k", &fk, &kc), ("v", &fv, &vc)] {
+                    let (f, t) = (host(f), host(t));
+                    let bad = f.iter().zip(&t).enumerate().position(|(i, (a, b))| {
+                        let at_len = (i / d) % cap == len;
+                        let tol = if at_len && rope {
+                            ulp * b.abs().max(1.0)
+                        } else {
+                            0.0
+                        };
+                        (a - b).abs() > tol
+                    });
+                    assert!(bad.is_none(), "{ctx}: the {what} cache differs at {bad:?}");
                 }
             }
         }

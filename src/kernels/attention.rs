@@ -52,6 +52,36 @@ pub fn attention(
     reference_recorded(q, k, v, mask, scale)
 }
 
+/// Generation's decode step at fixed shapes with q, k and v in one row of stacked projections
+/// `y` (`[B, 1, (Hq + 2 Hkv) D]`): where our kernel takes it (CUDA, 16-bit, head dim 64 or
+/// 128, up to 4 query heads per kv head), one launch splits `y`, rotates q and k by `rope`,
+/// writes k and v at position `step[0]` of the caches (`[B, Hkv, cap, D]`) and attends, as
+/// `decode_step::qkv_write` and then [`attention`] would; returns `[B, Hq, 1, D]`. `None`
+/// elsewhere, having done nothing: the caller takes those two steps.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_stacked(
+    y: &Tensor,
+    caches: (&Tensor, &Tensor),
+    step: &Tensor,
+    hq: usize,
+    rope: Option<(&Tensor, &Tensor)>,
+    mask: &AttnMask,
+    scale: f64,
+    choice: KernelChoice,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if choice == KernelChoice::Custom && y.device().is_cuda() {
+        return super::spans::timed(
+            super::KernelOp::Attention,
+            super::spans::Pass::Forward,
+            y.device(),
+            || super::cuda::attention::decode_fresh(y, caches, step, hq, rope, mask, scale),
+        );
+    }
+    let _ = (y, caches, step, hq, rope, mask, scale, choice);
+    Ok(None)
+}
+
 /// [`attention_reference`] as one op of a block tape (`crate::tape`).
 fn reference_recorded(
     q: &Tensor,

@@ -9,7 +9,7 @@ use super::linear::{Ctx, Linear};
 use super::rope::RopeAt;
 use crate::config::ModelConfig;
 use crate::config::{LoraConfig, LoraTarget};
-use crate::kernels::attention::{attention, AttnMask};
+use crate::kernels::attention::{attention, attention_stacked, AttnMask};
 use crate::kernels::heads;
 use crate::kernels::KernelChoice;
 use crate::train::params::Scope;
@@ -69,7 +69,8 @@ impl Attention {
     ) -> Result<Tensor> {
         // A decode step at fixed shapes (generation, one position): q, k and v from one
         // stacked GEMM, split, rotated (where the model has rotary positions and our rope
-        // kernel is chosen) and written into the cache by one kernel.
+        // kernel is chosen) and written into the cache by one kernel, which where our
+        // attention kernel takes the step also attends.
         if let Some((c, layer)) = cache.as_mut() {
             let rope_fuses = inp.rope.is_none() || ctx.kernels.rope == KernelChoice::Custom;
             if c.is_fixed() && rope_fuses && x.dim(1)? == 1 {
@@ -77,6 +78,16 @@ impl Attention {
                 if let Some(y) = Linear::stacked(&qkv, x, ctx)? {
                     let nq = self.heads * self.head_dim;
                     let rope = inp.rope.map(RopeAt::tables);
+                    if let Some((kc, vc, step)) = c.fixed_buffers(*layer)? {
+                        let (mask, scale) = (self.mask(inp), self.scale());
+                        let (caches, choice) = ((kc, vc), ctx.kernels.attention);
+                        let fused = attention_stacked(
+                            &y, caches, step, self.heads, rope, &mask, scale, choice,
+                        )?;
+                        if let Some(o) = fused {
+                            return self.project(&o, ctx);
+                        }
+                    }
                     if let Some((q, k, v)) = c.append_stacked(*layer, &y, nq, rope)? {
                         return self.attend(&q, &k, &v, ctx, inp);
                     }
@@ -108,14 +119,32 @@ impl Attention {
         ctx: &Ctx,
         inp: &AttnInputs,
     ) -> Result<Tensor> {
-        let hd = self.head_dim;
-        let mask = AttnMask {
+        let y = attention(
+            q,
+            k,
+            v,
+            &self.mask(inp),
+            self.scale(),
+            ctx.kernels.attention,
+        )?;
+        self.project(&y, ctx)
+    }
+
+    /// Causal at the inputs' offset, under their key mask.
+    fn mask<'a>(&self, inp: &AttnInputs<'a>) -> AttnMask<'a> {
+        AttnMask {
             causal_offset: Some(inp.offset),
             key_valid: inp.key_valid,
-        };
-        let scale = 1.0 / (hd as f64).sqrt();
-        let y = attention(q, k, v, &mask, scale, ctx.kernels.attention)?;
-        let y = heads::merge(&y, ctx.kernels.heads)?;
+        }
+    }
+
+    fn scale(&self) -> f64 {
+        1.0 / (self.head_dim as f64).sqrt()
+    }
+
+    /// Attention's output `[B, Hq, T, D]`, heads merged, through the output projection.
+    fn project(&self, y: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let y = heads::merge(y, ctx.kernels.heads)?;
         self.o.forward(&y, ctx)
     }
 }

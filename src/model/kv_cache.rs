@@ -109,6 +109,19 @@ impl KvCache {
         Ok(Some((q, bk.clone(), bv.clone())))
     }
 
+    /// With fixed shapes: `layer`'s key and value buffers (`[B, Hkv, capacity, D]`) and the
+    /// device step (`[2]` i64, the length first), for a kernel that writes the new position
+    /// itself (`attention::attention_stacked`); `None` without fixed shapes.
+    pub fn fixed_buffers(&self, layer: usize) -> Result<Option<(&Tensor, &Tensor, &Tensor)>> {
+        let Some(step) = &self.fixed else {
+            return Ok(None);
+        };
+        let Some((bk, bv)) = &self.layers[layer] else {
+            candle_core::bail!("a cache with fixed shapes appends to allocated buffers");
+        };
+        Ok(Some((bk, bv, step)))
+    }
+
     /// Whether appends write at the device length ([`KvCache::fix_shapes`]).
     pub fn is_fixed(&self) -> bool {
         self.fixed.is_some()

@@ -8,6 +8,12 @@
 // with only its last keys valid (empty splits) and an all-padding one (rows that see no key),
 // bf16, f16 and f32.
 //
+// attn_decode_fresh_* (generation's fused decode step) runs on cases of its own (run_fresh):
+// q, k and v from a row of stacked projections, rotated or not, against a cache whose next
+// position holds NaN until the kernel writes it; checked against qkv_write's rounding and
+// the reference attention over the cache with that position filled, and the cache itself
+// (the new position written, every other one unchanged bit for bit).
+//
 // Launches mirror src/kernels/cuda/attention.rs for its `Auto` choice (`FlashAttn::forward`:
 // decode_rows, launch_decode, launch_fwd_simple, decode_splits, split_and_combine,
 // warp_per_row), with the 132 multiprocessors of an H100 / H200 as sm_count; every case
@@ -167,7 +173,8 @@ int decode_splits(const Case &c) {
 int decode_stream_splits(const Case &c) {
   const int base = c.b * c.hkv;
   const int target = 4 * kSmCount;
-  if (base < target) return std::clamp(std::min(div_ceil(target, base), div_ceil(c.tk, 256)), 1, 64);
+  if (base < target)
+    return std::clamp(std::min(div_ceil(target, base), div_ceil(c.tk, 256)), 1, 64);
   return 1;
 }
 
@@ -181,6 +188,16 @@ template <> Kernel decode_kernel<f16>(int d, int r) {
   return r == 1 ? attn_decode_f16_h128_r1 : attn_decode_f16_h128_r4;
 }
 template <> Kernel decode_kernel<float>(int, int) { return nullptr; }
+
+template <typename T> Kernel fresh_kernel(int d, int r);
+template <> Kernel fresh_kernel<bf16>(int d, int r) {
+  if (d == 64) return r == 1 ? attn_decode_fresh_bf16_h64_r1 : attn_decode_fresh_bf16_h64_r4;
+  return r == 1 ? attn_decode_fresh_bf16_h128_r1 : attn_decode_fresh_bf16_h128_r4;
+}
+template <> Kernel fresh_kernel<f16>(int d, int r) {
+  if (d == 64) return r == 1 ? attn_decode_fresh_f16_h64_r1 : attn_decode_fresh_f16_h64_r4;
+  return r == 1 ? attn_decode_fresh_f16_h128_r1 : attn_decode_fresh_f16_h128_r4;
+}
 
 template <typename T> Kernel simple_kernel(int dpl);
 #define SIMPLE_TABLE(T, SUF)                                                                  \
@@ -286,6 +303,126 @@ template <typename T> bool run_case(const Case &c, emu_check::Rng &rng) {
   return ok;
 }
 
+// ---------------------------------------------------------------------------------------
+// The fused decode step (attention::decode_fresh in src/kernels/cuda/attention.rs).
+// ---------------------------------------------------------------------------------------
+struct FreshCase {
+  const char *name;
+  int b, hq, hkv, cap, len, d;  // len: the cache length L, the position the kernel writes
+  bool rope, mask;              // mask: padding and holes below L in sequences b % 3 == 0
+};
+
+// One step: y [B, (Hq + 2 Hkv) D], the caches with [0, L) filled and NaN from L on, the key
+// mask [B, cap] as the static step keeps it (1 up to and including L, bar padding), launched
+// as launch_decode launches with tk = cap and a causal offset of cap - 1.
+template <typename T> bool run_fresh(const FreshCase &fc, emu_check::Rng &rng) {
+  using emu_check::value;
+  const int B = fc.b, Hq = fc.hq, Hkv = fc.hkv, cap = fc.cap, L = fc.len, D = fc.d;
+  const int width = (Hq + 2 * Hkv) * D, half = D / 2;
+  const std::vector<T> y = emu_check::normals<T>((size_t)B * width, rng);
+  std::vector<T> cos_t, sin_t;
+  if (fc.rope)
+    for (int i = 0; i < B * half; ++i) {
+      const float th = 6.2831853f * rng.uniform();
+      cos_t.push_back(temper::from_f32<T>(std::cos(th)));
+      sin_t.push_back(temper::from_f32<T>(std::sin(th)));
+    }
+  const T nan = temper::from_f32<T>(NAN);
+  std::vector<T> k = emu_check::normals<T>((size_t)B * Hkv * cap * D, rng), v = k;
+  for (auto &x : v) x = temper::from_f32<T>(rng.normal());
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < Hkv; ++h)
+      for (int j = L; j < cap; ++j)
+        for (int e = 0; e < D; ++e) {
+          const size_t at = (((size_t)b * Hkv + h) * cap + j) * D + e;
+          k[at] = nan;
+          v[at] = nan;
+        }
+  std::vector<float> kvalid((size_t)B * cap, 0.f);
+  for (int b = 0; b < B; ++b) {
+    for (int j = 0; j <= L; ++j) kvalid[(size_t)b * cap + j] = 1.f;
+    if (fc.mask && b % 3 == 0) {
+      const int pad = (int)(rng.uniform() * L / 2);
+      for (int j = 0; j < pad; ++j) kvalid[(size_t)b * cap + j] = 0.f;
+      for (int j = pad + 3; j < std::min(L, pad + 8); ++j) kvalid[(size_t)b * cap + j] = 0.f;
+    }
+  }
+  // What qkv_write would store: head `col` of row b, rotated in double, rounded to T.
+  auto stored = [&](int b, int col, bool rotate, int j) -> double {
+    const T *row = &y[(size_t)b * width + col];
+    if (!rotate || !fc.rope) return value(row[j]);
+    const int jj = j % half;
+    const double c = value(cos_t[(size_t)b * half + jj]), s = value(sin_t[(size_t)b * half + jj]);
+    const double x1 = value(row[jj]), x2 = value(row[jj + half]);
+    return emu_check::round_as<T>(j < half ? x1 * c - x2 * s : x2 * c + x1 * s);
+  };
+  std::vector<T> q_ref((size_t)B * Hq * D), k_ref = k, v_ref = v;
+  for (int b = 0; b < B; ++b) {
+    for (int h = 0; h < Hq; ++h)
+      for (int e = 0; e < D; ++e)
+        q_ref[((size_t)b * Hq + h) * D + e] = temper::from_f32<T>((float)stored(b, h * D, true, e));
+    for (int h = 0; h < Hkv; ++h)
+      for (int e = 0; e < D; ++e) {
+        const size_t at = (((size_t)b * Hkv + h) * cap + L) * D + e;
+        k_ref[at] = temper::from_f32<T>((float)stored(b, (Hq + h) * D, true, e));
+        v_ref[at] = temper::from_f32<T>((float)stored(b, (Hq + Hkv + h) * D, false, e));
+      }
+  }
+  const attention_ref::Shape shape{B, Hq, Hkv, 1, cap, cap, D, true, cap - 1};
+  const Reference ref = attention_ref::reference(shape, q_ref, k_ref, v_ref, kvalid);
+
+  AttnParams p = attention_ref::params(shape);
+  const double scale = 1.0 / std::sqrt((double)D);
+  p.scale_log2 = (float)(scale * 1.4426950408889634);
+  p.scale = (float)scale;
+  std::vector<int> krange;
+  attention_ref::key_range(shape, kvalid, p, krange);
+  const long long step[2] = {L, 7};
+  std::vector<T> o((size_t)B * Hq * D, nan);
+  std::vector<float> lse((size_t)B * Hq, NAN);
+  p.fresh = y.data();
+  p.step = step;
+  p.rope_cos = fc.rope ? cos_t.data() : nullptr;
+  p.rope_sin = fc.rope ? sin_t.data() : nullptr;
+  p.k = k.data();
+  p.v = v.data();
+  p.o = o.data();
+  p.lse = lse.data();
+  const int r = Hq / Hkv == 1 ? 1 : 4;
+  const Dtype dt = std::is_same_v<T, bf16> ? Dtype::BF16 : Dtype::F16;
+  const Case c{fc.name, dt, B, Hq, Hkv, 1, cap, cap, D, true, cap - 1, true};
+  const int nsplit = decode_stream_splits(c);
+  const Launch fwd{fresh_kernel<T>(D, r), {(unsigned)(B * Hkv), 1, (unsigned)nsplit},
+                   {128, 1, 1}};
+  if (nsplit == 1)
+    emu::launch(fwd.grid, fwd.block, 0, [&] { fwd.kernel(p); });
+  else
+    split_and_combine<T>(c, p, fwd, nsplit);
+  const std::string what = std::string(fc.name) + " " + Dt<T>::name + " fresh r" +
+                           std::to_string(r) + " x" + std::to_string(nsplit);
+  bool ok = emu_check::close(what + " o", o, ref.o, Dt<T>::o_tol);
+  ok &= emu_check::close_abs(what + " lse", lse, ref.lse, 1e-4);
+  // Position L holds what qkv_write would have written (to a unit in the last place: the
+  // kernel rotates in f32); every other position is untouched, NaN included.
+  double worst = 0;
+  size_t changed = 0;
+  for (size_t i = 0; i < k.size(); ++i) {
+    const bool at_len = (i / D) % cap == (size_t)L;
+    for (const auto *pair : {&k, &v}) {
+      const std::vector<T> &want = pair == &k ? k_ref : v_ref;
+      const double got = value((*pair)[i]), exp = value(want[i]);
+      if (at_len)
+        worst = std::max(worst, std::abs(got - exp) / std::max(1.0, std::abs(exp)));
+      else if (std::memcmp(&(*pair)[i], &want[i], sizeof(T)) != 0)
+        ++changed;
+    }
+  }
+  ok &= emu_check::check(what + " writes position L (within 1 ulp of qkv_write's)",
+                         worst <= std::ldexp(1.0, 1 - Dt<T>::p));
+  ok &= emu_check::check(what + " leaves every other cache position as it was", changed == 0);
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char **argv) {
@@ -311,7 +448,21 @@ int main(int argc, char **argv) {
       {"d64 gqa4 tq3 masked", D::BF16, 2, 4, 1, 3, 420, 420, 64, true, 417, true},
       {"d32 gqa2 full", D::F16, 1, 4, 2, 2, 260, 300, 32, false, 0, false},
   };
+  // name, b, hq, hkv, cap, len, d, rope, mask
+  const FreshCase fresh[] = {
+      // GPT-2's step (no rotation), 64 keys past a tile edge; one that splits its keys.
+      {"d64 r1 plain", 5, 2, 2, 80, 64, 64, false, true},
+      {"d64 r1 split", 1, 2, 2, 1100, 1000, 64, false, false},
+      // Llama-style: rotated, GQA (four rows), the first position, a masked cache.
+      {"d128 gqa4 rope", 3, 4, 1, 200, 130, 128, true, true},
+      {"d64 gqa2 rope first", 2, 4, 2, 48, 0, 64, true, false},
+      {"d128 r1 rope split", 2, 2, 2, 1400, 1301, 128, true, true},
+  };
   bool ok = true;
+  for (const FreshCase &fc : fresh) {
+    ok &= run_fresh<bf16>(fc, rng);
+    ok &= run_fresh<f16>(fc, rng);
+  }
   for (const Case &c : cases) {
     switch (c.dt) {
       case D::F32: ok &= run_case<float>(c, rng); break;

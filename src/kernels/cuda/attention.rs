@@ -399,8 +399,12 @@ struct AttnParams {
     scale_log2: f32,
     scale: f32,
     kv_cap: i32,
+    fresh: DevPtr,
+    step: DevPtr,
+    rope_cos: DevPtr,
+    rope_sin: DevPtr,
 }
-const _: () = assert!(std::mem::size_of::<AttnParams>() == 176);
+const _: () = assert!(std::mem::size_of::<AttnParams>() == 208);
 const _: () = assert!(std::mem::align_of::<AttnParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for AttnParams {}
@@ -646,7 +650,7 @@ impl FlashAttn {
             if self.use_mma(T::DTYPE, &dims) {
                 launch_fwd_mma(dev, T::DTYPE, &dims, &p, self.imp.fwd_block_q())?;
             } else if let Some(r) = self.decode_rows(T::DTYPE, &dims, [lk, lv]) {
-                launch_decode(dev, T::DTYPE, &dims, p, r)?;
+                launch_decode(dev, T::DTYPE, &dims, p, r, false)?;
             } else {
                 launch_fwd_simple(dev, T::DTYPE, &dims, p)?;
             }
@@ -769,12 +773,25 @@ fn decode_splits(dev: &CudaDevice, dims: &Dims) -> Result<usize> {
     })
 }
 
-/// `attn_decode_*` (`kernels/attention_decode.cu`): one block of 4 warps per (batch, kv head),
-/// split over the keys (up to 64 splits of at least 256 keys of the view) until there are four
-/// blocks per multiprocessor, the splits merged by `attn_combine_*`. A split's fixed costs (q,
-/// the merge, its partial row, the combine) outweigh fewer keys.
-fn launch_decode(dev: &CudaDevice, dt: DType, dims: &Dims, p: AttnParams, r: usize) -> Result<()> {
-    let name = format!("attn_decode_{}_h{}_r{r}", dt.as_str(), dims.d);
+/// `attn_decode_*` (`kernels/attention_decode.cu`; `attn_decode_fresh_*` with `fresh`, for
+/// [`decode_fresh`]): one block of 4 warps per (batch, kv head), split over the keys (up to 64
+/// splits of at least 256 keys of the view) until there are four blocks per multiprocessor,
+/// the splits merged by `attn_combine_*`. A split's fixed costs (q, the merge, its partial
+/// row, the combine) outweigh fewer keys.
+fn launch_decode(
+    dev: &CudaDevice,
+    dt: DType,
+    dims: &Dims,
+    p: AttnParams,
+    r: usize,
+    fresh: bool,
+) -> Result<()> {
+    let kernel = if fresh {
+        "attn_decode_fresh"
+    } else {
+        "attn_decode"
+    };
+    let name = format!("{kernel}_{}_h{}_r{r}", dt.as_str(), dims.d);
     let func = load_func(dev, DECODE, &name)?;
     let base = dims.b * dims.hkv;
     let target = 4 * sm_count(dev)? as usize;
@@ -795,6 +812,137 @@ fn launch_decode(dev: &CudaDevice, dt: DType, dims: &Dims, p: AttnParams, r: usi
         return unsafe { launch(dev, &func, &name, cfg, &p) };
     }
     split_and_combine(dev, dt, dims, p, (&func, &name, cfg), nsplit)
+}
+
+/// Generation's decode step at fixed shapes in one launch (`attn_decode_fresh_*`): what
+/// `decode_step::qkv_write` and then [`attention`] do one after the other. `y`
+/// (`[B, 1, (Hq + 2 Hkv) D]`) holds this position's q, k and v heads; q and k are rotated by
+/// `rope` (`cos`, `sin` `[B, 1, 1, D / 2]` in `y`'s dtype) where given, k and v are written at
+/// position `step[0]` (`[2]` i64) of the caches (`[B, Hkv, cap, D]`, contiguous), and q attends
+/// over the whole cache under `mask` (whose key mask `[B, cap]` already marks that position).
+/// Returns `[B, Hq, 1, D]`, or `None`, having run nothing, where the decode kernel does not
+/// take the step: f32, a head dim other than 64 or 128, more than 4 query heads per kv head,
+/// no key mask, rows not 16-byte aligned, a GPU older than sm_80, or `TEMPER_ATTN_IMPL` set.
+pub fn decode_fresh(
+    y: &Tensor,
+    (kc, vc): (&Tensor, &Tensor),
+    step: &Tensor,
+    hq: usize,
+    rope: Option<(&Tensor, &Tensor)>,
+    mask: &AttnMask,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let dt = y.dtype();
+    let Ok(dev) = y.device().as_cuda_device() else {
+        return Ok(None);
+    };
+    let (b, hkv, cap, d) = kc.dims4()?;
+    let aligned16 =
+        |t: &Tensor| (t.layout().start_offset() * dt.size_in_bytes()).is_multiple_of(16);
+    let table = [b, 1, 1, d / 2];
+    let rope_fits =
+        rope.is_none_or(|(c, s)| [c, s].iter().all(|t| t.dims() == table && t.dtype() == dt));
+    let applies = AttnImpl::from_env() == AttnImpl::Auto
+        && matches!(dt, DType::BF16 | DType::F16)
+        && kc.dtype() == dt
+        && vc.dtype() == dt
+        && matches!(d, 64 | 128)
+        && hkv > 0
+        && hq.is_multiple_of(hkv)
+        && hq / hkv <= 4
+        && vc.dims() == kc.dims()
+        && y.dims() == [b, 1, (hq + 2 * hkv) * d]
+        && [y, kc, vc]
+            .iter()
+            .all(|t| t.is_contiguous() && aligned16(t))
+        && mask.key_valid.is_some_and(|m| m.dims() == [b, cap])
+        && step.dims() == [2]
+        && step.dtype() == DType::I64
+        && rope_fits
+        && compute_capability(dev)? >= (8, 0);
+    let Some(valid) = mask.key_valid.filter(|_| applies) else {
+        return Ok(None);
+    };
+    let op = FlashAttn {
+        scale,
+        causal: mask.causal_offset,
+        key_valid: Some(valid.to_dtype(DType::F32)?.contiguous()?),
+        imp: AttnImpl::Auto,
+        saved: Mutex::new(None),
+    };
+    let dims = Dims {
+        b,
+        hq,
+        hkv,
+        tq: 1,
+        tk: cap,
+        d,
+    };
+    let step = step.contiguous()?;
+    let rope = match rope {
+        Some((c, s)) => Some((c.contiguous()?, s.contiguous()?)),
+        None => None,
+    };
+    let rope = rope.as_ref().map(|(c, s)| (c, s));
+    let o = match dt {
+        DType::BF16 => op.forward_fresh::<half::bf16>(dev, &dims, y, (kc, vc), &step, rope)?,
+        _ => op.forward_fresh::<half::f16>(dev, &dims, y, (kc, vc), &step, rope)?,
+    };
+    Ok(Some(o))
+}
+
+impl FlashAttn {
+    /// [`decode_fresh`]'s launch, its inputs checked.
+    fn forward_fresh<T: CudaDType + DeviceRepr + WithDType>(
+        &self,
+        dev: &CudaDevice,
+        dims: &Dims,
+        y: &Tensor,
+        (kc, vc): (&Tensor, &Tensor),
+        step: &Tensor,
+        rope: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
+        let mut p = self.params(dims)?;
+        let krange = self.key_range(dev, dims)?;
+        let kv_guard: Guarded = self.key_valid.as_ref().map(|t| t.storage_and_layout());
+        let kvalid = opt_view::<f32>(&kv_guard)?;
+        let (gy, ly) = y.storage_and_layout();
+        let (gk, lk) = kc.storage_and_layout();
+        let (gv, lv) = vc.storage_and_layout();
+        let (gs, ls) = step.storage_and_layout();
+        let cos_guard: Guarded = rope.map(|(c, _)| c.storage_and_layout());
+        let sin_guard: Guarded = rope.map(|(_, s)| s.storage_and_layout());
+        let yv = contiguous_view::<T>(cuda_storage(&gy)?, ly)?;
+        let kv = contiguous_view::<T>(cuda_storage(&gk)?, lk)?;
+        let vv = contiguous_view::<T>(cuda_storage(&gv)?, lv)?;
+        let sv = contiguous_view::<i64>(cuda_storage(&gs)?, ls)?;
+        let (cos, sin) = (opt_view::<T>(&cos_guard)?, opt_view::<T>(&sin_guard)?);
+        let nrows = dims.q_rows();
+        // SAFETY: as the decode forward's: the block of each (batch, kv head) writes o and
+        // lse of its rows, or with a split the combine writes them from every split's partials.
+        let mut o = unsafe { alloc_out::<T>(dev, nrows * dims.d)? };
+        let mut lse = unsafe { alloc_out::<f32>(dev, nrows)? };
+        {
+            let stream = dev.cuda_stream();
+            let mut ptrs = DevPtrs::new(&stream);
+            p.fresh = ptrs.read(&yv);
+            p.step = ptrs.read(&sv);
+            // The caches are read-locked here but also written, at position step[0], which
+            // the kernel never reads: nothing else touches them while the step's ops are
+            // queued, and the stream orders every use (as decode_step::qkv_write's).
+            p.k = ptrs.read(&kv);
+            p.v = ptrs.read(&vv);
+            p.rope_cos = ptrs.read_opt(cos.as_ref());
+            p.rope_sin = ptrs.read_opt(sin.as_ref());
+            p.kvalid = ptrs.read_opt(kvalid.as_ref());
+            p.krange = ptrs.read_opt(krange.as_deref());
+            p.o = ptrs.write(&mut o);
+            p.lse = ptrs.write(&mut lse);
+            let r = if dims.groups() == 1 { 1 } else { 4 };
+            launch_decode(dev, T::DTYPE, dims, p, r, true)?;
+        }
+        Ok(tensor_from_slice(o, dev, (dims.b, dims.hq, 1, dims.d)))
+    }
 }
 
 /// Runs a forward with `nsplit` key slices (grid z) into f32 partials, then `attn_combine_*`
