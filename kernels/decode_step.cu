@@ -15,22 +15,30 @@
 //   itself and attends in the same launch; this kernel is the step's fallback.
 // - mark_key: key mask [rows, cap] f32: mask[r, L] = 1 (the position the next step writes).
 // - increment_u32 / increment_i64: every element += 1 (the rows' positions; `step` itself).
+// - advance_step: the step's tail in one launch, what it did in four (the new ids copied over
+//   the old, then increment, increment, mark_key): ids = the sampled ids, every position
+//   += 1, the cache length and the draw index += 1, and mask[r, L + 1] = 1 (nothing once
+//   L + 1 >= cap), L read before it moves.
 //
-// Launch (src/kernels/cuda/decode_step.rs): one thread per element of `n`, 256 per block.
+// Launch (src/kernels/cuda/decode_step.rs): one thread per element of `n`, 256 per block;
+// advance_step in one block of 256, which loops over the rows (one block: every thread reads
+// L before thread 0 advances it).
 
 #include "common.cuh"
 
 struct DecodeParams {
-  void *dst;               // kv_write: cache [rows, cap, d]; mark_key: mask; increment: values;
-                           // qkv_write: the key cache
-  const void *src;         // kv_write: [rows, d]; qkv_write: y [B, nq + 2 nkv]
-  const long long *step;   // [2]: cache length, draw index (kv_write, mark_key, qkv_write)
-  long long n;             // elements: rows * d (kv_write), rows (mark_key), values
-                           // (increment), B * (nq + 2 nkv) (qkv_write)
+  void *dst;               // kv_write: cache [rows, cap, d]; mark_key, advance_step: mask;
+                           // increment: values; qkv_write: the key cache
+  const void *src;         // kv_write: [rows, d]; qkv_write: y [B, nq + 2 nkv];
+                           // advance_step: the sampled ids [rows] u32
+  const long long *step;   // [2]: cache length, draw index (read by kv_write, mark_key and
+                           // qkv_write; advanced in place by advance_step)
+  long long n;             // elements: rows * d (kv_write), rows (mark_key, advance_step),
+                           // values (increment), B * (nq + 2 nkv) (qkv_write)
   int cap;                 // positions the cache (and the mask's rows) hold
   int d;                   // kv_write, qkv_write: values per position of one head
-  void *dst2;              // qkv_write: the value cache
-  void *out;               // qkv_write: q [B, nq]
+  void *dst2;              // qkv_write: the value cache; advance_step: positions [rows] u32
+  void *out;               // qkv_write: q [B, nq]; advance_step: the ids [rows] u32
   int nq;                  // qkv_write: query width (query heads * d)
   int nkv;                 // qkv_write: key (and value) width (kv heads * d)
   const void *cos;         // qkv_write: null (no rotation), or [B, d / 2] in y's dtype
@@ -99,4 +107,23 @@ extern "C" __global__ void mark_key(const DecodeParams p) {
 }
 
 extern "C" __global__ void increment_u32(const DecodeParams p) { increment<unsigned int>(p); }
+
+extern "C" __global__ void advance_step(const DecodeParams p) {
+  long long *step = const_cast<long long *>(p.step);
+  const long long next = step[0] + 1;  // the position the next step writes
+  __syncthreads();                     // every thread has read L before thread 0 moves it
+  const unsigned *sampled = static_cast<const unsigned *>(p.src);
+  unsigned *ids = static_cast<unsigned *>(p.out);
+  unsigned *positions = static_cast<unsigned *>(p.dst2);
+  float *mask = static_cast<float *>(p.dst);
+  for (long long r = threadIdx.x; r < p.n; r += blockDim.x) {
+    ids[r] = sampled[r];
+    positions[r] += 1;
+    if (next >= 0 && next < p.cap) mask[r * p.cap + next] = 1.f;
+  }
+  if (threadIdx.x == 0) {
+    step[0] = next;
+    step[1] += 1;
+  }
+}
 extern "C" __global__ void increment_i64(const DecodeParams p) { increment<long long>(p); }

@@ -32,7 +32,7 @@ mod gpu {
     use temper::generate::{generate, DecodeMode, EngineOpts, RowKeys, SampleCfg};
     use temper::kernels::attention::{attention_reference, AttnMask};
     use temper::kernels::cuda::attention::{attention_with, decode_fresh, AttnImpl};
-    use temper::kernels::decode_step::{increment, kv_write, mark_key, qkv_write};
+    use temper::kernels::decode_step::{advance, increment, kv_write, mark_key, qkv_write};
     use temper::kernels::sample::{
         keep_threshold, keys_tensor, row_key, sample, sample_draw, sample_reference, uniform, Draw,
         Hold, SampleParams,
@@ -350,6 +350,37 @@ mod gpu {
                     mark_key(&gm, &gs).unwrap();
                     mark_key(&mask, &step).unwrap();
                     assert_eq!(host(&gm), host(&mask), "{ctx}: mark_key");
+                }
+            }
+        }
+        // The step's tail in one launch against the four CPU ops it stands for: rows past
+        // the kernel's one block of 256, the next position at and past the capacity.
+        for &(rows, cap) in &[(1usize, 1usize), (64, 384), (300, 7)] {
+            for len in [0, cap.saturating_sub(2), cap - 1, cap + 2] {
+                let ctx = format!("seed {seed:#x}: advance, {rows} rows, cap {cap}, L {len}");
+                let u32s = |shape: &[usize], rng: &mut Rng| {
+                    let v: Vec<u32> = (0..rows).map(|_| rng.below(1 << 20) as u32).collect();
+                    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+                };
+                let (ids, sampled) = (u32s(&[rows], &mut rng), u32s(&[rows], &mut rng));
+                let positions = u32s(&[rows, 1], &mut rng);
+                let mask =
+                    Tensor::from_vec(rng.vec(rows * cap, 0.0, 1.0), (rows, cap), &Device::Cpu)
+                        .and_then(|t| t.round())
+                        .unwrap();
+                let step = Tensor::new(&[len as i64, 5], &Device::Cpu).unwrap();
+                let cpu = [&ids, &sampled, &positions, &step, &mask].map(|t| t.copy().unwrap());
+                let gpu =
+                    [&ids, &sampled, &positions, &step, &mask].map(|t| t.to_device(dev).unwrap());
+                advance(&cpu[0], &cpu[1], &cpu[2], &cpu[3], &cpu[4]).unwrap();
+                advance(&gpu[0], &gpu[1], &gpu[2], &gpu[3], &gpu[4]).unwrap();
+                for (what, c, g) in ["ids", "sampled", "positions", "step", "mask"]
+                    .into_iter()
+                    .zip(&cpu)
+                    .zip(&gpu)
+                    .map(|((w, c), g)| (w, c, g))
+                {
+                    assert_eq!(host(g), host(c), "{ctx}: {what}");
                 }
             }
         }

@@ -18,7 +18,7 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
-use crate::kernels::decode_step::{increment, mark_key};
+use crate::kernels::decode_step::advance;
 use crate::kernels::sample::{sample_draw, Draw, Hold, SampleParams};
 use crate::model::linear::Ctx;
 use crate::model::{Fwd, KvCache, Transformer};
@@ -158,11 +158,7 @@ impl StaticStep {
             ctx.kernels.sample,
         )?;
         drop(logits);
-        self.ids.slice_set(&next, 0, 0)?;
-        increment(&self.positions)?;
-        increment(&self.step)?;
-        mark_key(&self.mask, &self.step)?;
-        Ok(())
+        advance(&self.ids, &next, &self.positions, &self.step, &self.mask)
     }
 }
 

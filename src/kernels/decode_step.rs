@@ -121,6 +121,52 @@ pub fn mark_key(mask: &Tensor, step: &Tensor) -> Result<()> {
     mask.inplace_op2(step, &MarkKey)
 }
 
+/// The decode step's tail, in place: `ids = sampled`, every position `+ 1`, the cache length
+/// and the draw index (`step`) `+ 1`, and `mask[r, L + 1] = 1` (the position the next step
+/// writes; nothing past the capacity). `ids` and `sampled` are `[n]` u32, `positions`
+/// `[n, 1]` u32, `mask` `[n, cap]` f32, all contiguous. One launch on CUDA; elsewhere the four
+/// ops it stands for, in order.
+pub fn advance(
+    ids: &Tensor,
+    sampled: &Tensor,
+    positions: &Tensor,
+    step: &Tensor,
+    mask: &Tensor,
+) -> Result<()> {
+    let n = ids.elem_count();
+    let u32_rows = |t: &Tensor| {
+        t.dtype() == DType::U32
+            && t.elem_count() == n
+            && t.dim(0).ok() == Some(n)
+            && t.is_contiguous()
+    };
+    let fits = ids.rank() == 1
+        && [ids, sampled, positions].into_iter().all(u32_rows)
+        && mask.rank() == 2
+        && mask.dim(0)? == n
+        && mask.dtype() == DType::F32
+        && mask.is_contiguous();
+    if !fits {
+        candle_core::bail!(
+            "advance: ids {:?}, sampled {:?}, positions {:?} and mask {:?} {:?} do not fit",
+            ids.dims(),
+            sampled.dims(),
+            positions.dims(),
+            mask.dims(),
+            mask.dtype()
+        );
+    }
+    check_step(step)?;
+    #[cfg(feature = "cuda")]
+    if ids.device().is_cuda() {
+        return super::cuda::decode_step::advance(ids, sampled, positions, step, mask);
+    }
+    ids.slice_set(sampled, 0, 0)?;
+    increment(positions)?;
+    increment(step)?;
+    mark_key(mask, step)
+}
+
 /// Adds 1 to every element of `t` (u32 or i64, contiguous), in place.
 pub fn increment(t: &Tensor) -> Result<()> {
     if !matches!(t.dtype(), DType::U32 | DType::I64) || !t.is_contiguous() {
@@ -266,6 +312,38 @@ impl InplaceOp1 for Increment {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The step's tail: the sampled ids over the fed ones, positions and both step counters
+    /// one on, the next position marked (none past the capacity); mismatched rows refused.
+    #[test]
+    fn advance_moves_the_whole_state_one_step() {
+        let dev = Device::Cpu;
+        let u32s = |v: &[u32], shape: &[usize]| Tensor::from_vec(v.to_vec(), shape, &dev).unwrap();
+        for (len, marked) in [(1i64, Some(2usize)), (2, Some(3)), (3, None)] {
+            let ids = u32s(&[7, 8], &[2]);
+            let sampled = u32s(&[40, 41], &[2]);
+            let positions = u32s(&[10, 12], &[2, 1]);
+            let step = Tensor::new(&[len, 6], &dev).unwrap();
+            let mask = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
+            advance(&ids, &sampled, &positions, &step, &mask).unwrap();
+            assert_eq!(ids.to_vec1::<u32>().unwrap(), [40, 41]);
+            assert_eq!(
+                positions.flatten_all().unwrap().to_vec1::<u32>().unwrap(),
+                [11, 13]
+            );
+            assert_eq!(step.to_vec1::<i64>().unwrap(), [len + 1, 7]);
+            let mut want = vec![vec![0f32; 4]; 2];
+            if let Some(p) = marked {
+                want.iter_mut().for_each(|row| row[p] = 1.0);
+            }
+            assert_eq!(mask.to_vec2::<f32>().unwrap(), want, "L {len}");
+        }
+        let step = Tensor::new(&[0i64, 0], &dev).unwrap();
+        let mask = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
+        let two = u32s(&[1, 2], &[2]);
+        let err = advance(&two, &two, &u32s(&[1, 2], &[2, 1]), &step, &mask).unwrap_err();
+        assert!(err.to_string().contains("do not fit"), "{err}");
+    }
 
     #[test]
     fn the_step_writes_its_state_in_place() {

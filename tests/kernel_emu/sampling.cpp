@@ -626,9 +626,46 @@ template <typename I> bool check_increment(const char *name, size_t n, emu_check
                 bad);
 }
 
+// advance_step (decode_step::advance: one block of 256) against the four ops it stands for on
+// the host: ids = sampled, positions + 1, step + 1, mask[r, L + 1] = 1. Rows past a block's
+// threads, none at all, and L + 1 at and past the capacity; one row (or element) past each
+// buffer's end must stay untouched.
+bool check_advance(int rows, int cap, long long len, emu_check::Rng &rng) {
+  std::vector<uint32_t> ids(rows + 1), sampled(rows + 1), positions(rows + 1);
+  for (auto *v : {&ids, &sampled, &positions})
+    for (auto &x : *v) x = (uint32_t)(rng.gen() % 100000);
+  std::vector<float> mask((size_t)(rows + 1) * cap);
+  for (size_t i = 0; i < mask.size(); ++i) mask[i] = (float)(i % 3 == 0);
+  std::vector<long long> step = {len, 41, -5};
+  auto ids_ref = ids, positions_ref = positions;
+  std::vector<double> mask_ref(mask.begin(), mask.end());
+  std::vector<long long> step_ref = step;
+  for (int r = 0; r < rows; ++r) ids_ref[r] = sampled[r], positions_ref[r] += 1;
+  step_ref[0] += 1, step_ref[1] += 1;
+  int pos;
+  if (position(step_ref.data(), cap, pos))
+    for (int r = 0; r < rows; ++r) mask_ref[(size_t)r * cap + pos] = 1.0;
+  DecodeParams p{};
+  p.dst = mask.data();
+  p.src = sampled.data();
+  p.step = step.data();
+  p.n = rows;
+  p.cap = cap;
+  p.dst2 = positions.data();
+  p.out = ids.data();
+  emu::launch({1, 1, 1}, {256, 1, 1}, 0, [&] { advance_step(p); });
+  char what[96];
+  std::snprintf(what, sizeof what, "advance_step rows %d cap %d L=%lld", rows, cap, len);
+  bool ok = emu_check::close_abs(std::string(what) + " mask", mask, mask_ref, 0);
+  const bool state = ids == ids_ref && positions == positions_ref && step == step_ref;
+  ok &= check(std::string(what) + " ids, positions, step", state, "step {%lld, %lld}", step[0],
+              step[1]);
+  return ok;
+}
+
 // A few fixed decode steps in static_step.rs's order, on the kernels alone: kv_write at
 // L = step[0]; the draw at step[1] read on the device (pos_at) with the stop ids held until
-// draw 2; increment(positions); increment(step); mark_key(mask, step). Against the same steps
+// draw 2; advance_step (the ids, positions, step and mask). Against the same steps
 // on the host; every id compared with the reference draw (bucket-edge rounding allowed). Every
 // buffer has one row (or element) more than the kernels are told: it must stay untouched.
 bool check_steps(emu_check::Rng &rng) {
@@ -661,12 +698,12 @@ bool check_steps(emu_check::Rng &rng) {
     Draw draw;
     draw.device = &step[1];
     const std::vector<uint32_t> ids = run_sample(logits, b, v, keys, draw, Hold{&hold, 2}, s);
-    DecodeParams inc{positions.data(), nullptr, nullptr, b, 0, 0};
-    run_decode(increment_u32, inc.n, inc);
-    DecodeParams inc_step{step.data(), nullptr, nullptr, 2, 0, 0};
-    run_decode(increment_i64, inc_step.n, inc_step);
-    DecodeParams mk{mask.data(), nullptr, step.data(), b, cap, 0};
-    run_decode(mark_key, mk.n, mk);
+    std::vector<uint32_t> fed(b, 0);  // the step's ids, overwritten with the sampled ones
+    DecodeParams adv{mask.data(), ids.data(), step.data(), b, cap, 0};
+    adv.dst2 = positions.data();
+    adv.out = fed.data();
+    emu::launch({1, 1, 1}, {256, 1, 1}, 0, [&] { advance_step(adv); });
+    ok &= check("steps: advance_step copies the sampled ids", fed == ids);
     // Host.
     int pos;
     if (position(step_ref.data(), cap, pos))
@@ -765,6 +802,8 @@ int main(int argc, char **argv) {
   ok &= check_qkv_write<__half>("qkv_write f16 rope 3x8/2x24 +7", 3, 8, 2, 7, 24, 6, 7, true, rng);
   ok &= check_qkv_write<float>("qkv_write f32 rope 4x4/4x64 full", 4, 4, 4, 6, 64, 6, 0, true, rng);
   for (long long len : {0LL, 10LL, 11LL, -1LL}) ok &= check_mark_key(300, 11, len);
+  for (int rows : {0, 5, 300})
+    for (long long len : {3LL, 9LL, 10LL}) ok &= check_advance(rows, 11, len, rng);
   ok &= check_increment<uint32_t>("increment_u32", 1000, rng);
   ok &= check_increment<long long>("increment_i64", 2, rng);
   ok &= check_increment<long long>("increment_i64", 777, rng);

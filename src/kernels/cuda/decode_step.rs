@@ -8,7 +8,7 @@ use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Tensor, WithDT
 
 use super::{
     alloc_out, cuda_storage, launch, launch_1d, load_func, tensor_from_slice, DevPtr, DevPtrs,
-    KernelParams,
+    KernelParams, LaunchConfig,
 };
 
 /// The Rust mirror of `struct DecodeParams` in kernels/decode_step.cu (field comments there).
@@ -188,6 +188,48 @@ fn qkv_write_t<T: CudaDType + DeviceRepr + WithDType>(
         run(dev, &name, n, p)?;
     }
     Ok(tensor_from_slice(q, dev, (b, nq)))
+}
+
+/// `advance_step`: the decode step's tail in one launch, one block (the argument checks are
+/// `decode_step::advance`'s). Every buffer is written through the pointer of a read guard,
+/// as `qkv_write` writes the caches: nothing else touches them while the step's ops are
+/// queued, and the stream orders every use.
+pub fn advance(
+    ids: &Tensor,
+    sampled: &Tensor,
+    positions: &Tensor,
+    step: &Tensor,
+    mask: &Tensor,
+) -> Result<()> {
+    let dev = ids.device().as_cuda_device()?;
+    let (rows, cap) = mask.dims2()?;
+    let (gi, li) = ids.storage_and_layout();
+    let (gn, ln) = sampled.storage_and_layout();
+    let (gp, lp) = positions.storage_and_layout();
+    let (gs, ls) = step.storage_and_layout();
+    let (gm, lm) = mask.storage_and_layout();
+    let stream = dev.cuda_stream();
+    let mut ptrs = DevPtrs::new(&stream);
+    let p = DecodeParams {
+        dst: at(&mut ptrs, cuda_storage(&gm)?, lm)?,
+        src: at(&mut ptrs, cuda_storage(&gn)?, ln)?,
+        step: at(&mut ptrs, cuda_storage(&gs)?, ls)?,
+        n: rows as i64,
+        cap: super::to_i32(cap, "cache positions")?,
+        dst2: at(&mut ptrs, cuda_storage(&gp)?, lp)?,
+        out: at(&mut ptrs, cuda_storage(&gi)?, li)?,
+        ..Default::default()
+    };
+    let func = load_func(dev, STEM, "advance_step")?;
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the pointers are held by the guards above; the kernel touches rows < n of ids,
+    // sampled, positions and mask (n = the mask's rows, checked against the others by the
+    // caller) and the two elements of step.
+    unsafe { launch(dev, &func, "advance_step", cfg, &p) }
 }
 
 pub fn mark_key(
