@@ -35,8 +35,10 @@ struct AttnParams {
   void *o;           // [B, Hq, Tq, D]   written by fwd / combine, read by bwd_dot
   const void *dout;  // [B, Hq, Tq, D]   bwd: gradient of o
   void *dq;          // [B, Hq, Tq, D]   written by bwd_dq_simple / dq_convert
-  void *dk;          // [B, Hkv, Tk, D]  written by bwd_dkdv_simple / bwd_mma
-  void *dv;          // [B, Hkv, Tk, D]  written by bwd_dkdv_simple / bwd_mma
+  void *dk;          // [B, Hkv, Tk, D]  written by bwd_dkdv_simple / bwd_mma; attn_decode_fresh:
+                     // the key cache k again, written at position step[0]
+  void *dv;          // [B, Hkv, Tk, D]  written by bwd_dkdv_simple / bwd_mma; attn_decode_fresh:
+                     // the value cache v again, written at position step[0]
   // f32 / int side buffers.
   float *lse;         // [B, Hq, Tq] natural-log log-sum-exp: written by fwd, read by bwd
   float *dvec;        // [B, Hq, Tq] rowsum(dO * O): written by bwd_dot, read by bwd
@@ -64,7 +66,7 @@ struct AttnParams {
                 // attn_decode
   // Generation's fused decode step (attn_decode_fresh; null elsewhere): q and this position's
   // k and v come from one row of stacked projections, and k, v (the whole caches, tk = kv_cap
-  // positions) are written at position step[0] as well as read.
+  // positions) are read, and written through dk, dv at position step[0].
   const void *fresh;       // [B, (Hq + 2 Hkv) D] in T: q heads, then k heads, then v heads
   const long long *step;   // [2] i64: the cache length L (then the draw index)
   const void *rope_cos;    // [B, D / 2] in T, or null: q and k rotated as qkv_write rotates

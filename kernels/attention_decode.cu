@@ -178,9 +178,10 @@ static __device__ void decode(const AttnParams &p) {
     fresh8<T, D>(p, b, (p.hq + Hkv + hkv) * D, sub, false, vf);
     const bool first = warp == 0 && grp == 0;  // the one lane group that writes and counts it
     if (first) {
-      // The caches are p.k, p.v: read-only everywhere but here, at a position nobody reads.
-      T *kw = const_cast<T *>(k) + (kvbase + fresh_j) * D + sub * VEC;
-      T *vw = const_cast<T *>(v) + (kvbase + fresh_j) * D + sub * VEC;
+      // p.dk, p.dv are the caches k, v again: written here, at the one position no stream
+      // loads, so k and v stay read-only pointers to the compiler (non-coherent loads).
+      T *kw = static_cast<T *>(p.dk) + (kvbase + fresh_j) * D + sub * VEC;
+      T *vw = static_cast<T *>(p.dv) + (kvbase + fresh_j) * D + sub * VEC;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         kw[e] = from_f32<T>(kf[e]);
@@ -219,14 +220,15 @@ static __device__ void decode(const AttnParams &p) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       j[u] = base + u * kStride + grp;
-      const bool in = j[u] < k_end;
+      // Position fresh_j is being written by another block: never loaded (a racy load whose
+      // value is then dropped is still a race).
+      const bool in = j[u] < k_end && j[u] != fresh_j;
       kraw[u] = vraw[u] = make_uint4(0u, 0u, 0u, 0u);
       if (in) {
         kraw[u] = *reinterpret_cast<const uint4 *>(k + (kvbase + j[u]) * D + sub * VEC);
         vraw[u] = *reinterpret_cast<const uint4 *>(v + (kvbase + j[u]) * D + sub * VEC);
       }
-      valid[u] = in && j[u] != fresh_j &&
-                 (kr.dense || p.kvalid[(size_t)b * Tk + j[u]] != 0.f);
+      valid[u] = in && (kr.dense || p.kvalid[(size_t)b * Tk + j[u]] != 0.f);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {

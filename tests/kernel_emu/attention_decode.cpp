@@ -386,6 +386,8 @@ template <typename T> bool run_fresh(const FreshCase &fc, emu_check::Rng &rng) {
   p.rope_sin = fc.rope ? sin_t.data() : nullptr;
   p.k = k.data();
   p.v = v.data();
+  p.dk = k.data();  // the caches again, written at L (decode_fresh)
+  p.dv = v.data();
   p.o = o.data();
   p.lse = lse.data();
   const int r = Hq / Hkv == 1 ? 1 : 4;

@@ -24,7 +24,7 @@ use std::cell::RefCell;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
@@ -227,6 +227,7 @@ fn prepare(
         causal: offset,
         key_valid,
         imp,
+        bwd_bk: bwd_block_k_on(dev, imp, d)?,
         saved: Mutex::new(None),
     };
     let dims = Dims {
@@ -296,7 +297,29 @@ struct FlashAttn {
     /// `[B, Tk]` f32 on the device.
     key_valid: Option<Tensor>,
     imp: AttnImpl,
+    /// Keys per block of the tensor-core backward ([`bwd_block_k_on`]).
+    bwd_bk: usize,
     saved: Mutex<Option<Saved>>,
+}
+
+/// Keys per block of the tensor-core backward on `dev`: `imp`'s choice where its shared memory
+/// fits the device's per-block opt-in limit, else 64. sm_86 and sm_89 allow 99 KiB a block,
+/// less than the 128-key backward takes at D = 128 (106.5 KiB).
+fn bwd_block_k_on(dev: &CudaDevice, imp: AttnImpl, d: usize) -> Result<usize> {
+    let bk = imp.bwd_block_k();
+    if bk == 64 {
+        return Ok(bk);
+    }
+    let optin = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .w()?;
+    Ok(if bwd_mma_smem(d, bk) <= optin.max(0) as usize {
+        bk
+    } else {
+        64
+    })
 }
 
 /// Written by the forward for the backward.
@@ -525,7 +548,7 @@ impl FlashAttn {
                 128 => vec![("attn_fwd_mma2", dims.tq.div_ceil(128))],
                 bq => vec![("attn_fwd_mma", dims.tq.div_ceil(bq))],
             },
-            (true, true) => match self.imp.bwd_block_k() {
+            (true, true) => match self.bwd_bk {
                 128 => vec![("attn_bwd_mma2", dims.tk.div_ceil(128))],
                 bk => vec![("attn_bwd_mma", dims.tk.div_ceil(bk))],
             },
@@ -720,7 +743,7 @@ impl FlashAttn {
             );
             launch_bwd_dot(&dev, T::DTYPE, &dims, &p)?;
             if self.use_mma(T::DTYPE, &dims) {
-                launch_bwd_mma(&dev, T::DTYPE, &dims, p, self.imp.bwd_block_k())?;
+                launch_bwd_mma(&dev, T::DTYPE, &dims, p, self.bwd_bk)?;
             } else {
                 launch_bwd_simple(&dev, T::DTYPE, &dims, &p)?;
             }
@@ -868,6 +891,7 @@ pub fn decode_fresh(
         causal: mask.causal_offset,
         key_valid: Some(valid.to_dtype(DType::F32)?.contiguous()?),
         imp: AttnImpl::Auto,
+        bwd_bk: 64, // forward only
         saved: Mutex::new(None),
     };
     let dims = Dims {
@@ -932,6 +956,7 @@ impl FlashAttn {
             // queued, and the stream orders every use (as decode_step::qkv_write's).
             p.k = ptrs.read(&kv);
             p.v = ptrs.read(&vv);
+            (p.dk, p.dv) = (p.k, p.v);
             p.rope_cos = ptrs.read_opt(cos.as_ref());
             p.rope_sin = ptrs.read_opt(sin.as_ref());
             p.kvalid = ptrs.read_opt(kvalid.as_ref());
@@ -1158,6 +1183,7 @@ mod tests {
             causal: Some(0),
             key_valid: None,
             imp,
+            bwd_bk: imp.bwd_block_k(),
             saved: Mutex::new(None),
         }
     }
