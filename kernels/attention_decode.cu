@@ -66,6 +66,18 @@ template <typename T> static __device__ __forceinline__ void load8(const T *src,
   unpack8<T>(*reinterpret_cast<const uint4 *>(src), out);
 }
 
+// q . k over a key row spread across the L lanes of a group (8 values each), summed within the
+// group: every lane of the warp must call it (the sum shuffles).
+template <int L>
+static __device__ __forceinline__ float group_dot(const float (&q)[8], const float (&k)[8]) {
+  float s = 0.f;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) s = fmaf(q[e], k[e], s);
+#pragma unroll
+  for (int o = 1; o < L; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  return s;
+}
+
 // Folds the softmax state (m2, l2, acc2) into (m, l, acc): both are over disjoint keys.
 static __device__ __forceinline__ void merge_state(float &m, float &l, float (&acc)[8], float m2,
                                                    float l2, const float (&acc2)[8]) {
@@ -193,11 +205,7 @@ static __device__ void decode(const AttnParams &p) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       if (r >= rows) continue;  // the same for the whole block: the shuffles stay converged
-      float s = 0.f;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) s = fmaf(qf[r][e], kf[e], s);
-#pragma unroll
-      for (int o = 1; o < L; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      const float s = group_dot<L>(qf[r], kf);
       // The state is empty: folding one key in gives m = s, l = 2^0, acc = v.
       if (first && key_ok && fresh_j < row_hi[r]) {
         m[r] = s;
@@ -244,11 +252,7 @@ static __device__ void decode(const AttnParams &p) {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         if (r >= rows) continue;  // the same for the whole block: the shuffles stay converged
-        float s = 0.f;
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) s = fmaf(qf[r][e], kf[e], s);
-#pragma unroll
-        for (int o = 1; o < L; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        float s = group_dot<L>(qf[r], kf);
         const bool vis = valid[u] && j[u] < row_hi[r];
         if (!vis) s = neg_inf();
         const float m_new = fmaxf(m[r], s);
