@@ -13,6 +13,10 @@
 //! (one elementwise product each way, no reduction). Times are medians of CUDA-event timings
 //! after warm-up. Every measurement is also printed as one JSON line (`{"bench":"lora",...}`).
 //!
+//! With `TEMPER_BENCH_ONCE=1` (scripts/gpu-check.sh's ncu section) it runs one fused fwd+bwd at
+//! the first shape inside the CUDA profiler's capture range, after one untimed warm-up, and
+//! nothing else: `ncu --profile-from-start off` then sees exactly the kernels of one step.
+//!
 //! Run: `cargo bench --features cuda --bench lora`. Without feature `cuda` (or a device) it
 //! times the reference on a tiny CPU shape.
 
@@ -80,7 +84,7 @@ fn main() -> candle_core::Result<()> {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::timing::cuda_time_ms;
+    use super::timing::{cuda_time_ms, profiler_range};
     use super::*;
     use candle_core::{DType, Var};
     use temper::kernels::cuda::gemm::matmul_nn;
@@ -220,6 +224,7 @@ mod cuda {
 
     pub fn run() -> candle_core::Result<()> {
         let dev = Device::new_cuda(0)?;
+        let once = std::env::var_os("TEMPER_BENCH_ONCE").is_some();
         println!("lora, bf16, milliseconds (medians of CUDA-event timings; peers: scripts/bench_peers.py)");
         println!(
             "{:<22} {:<16} {:>10} {:>12}",
@@ -245,6 +250,16 @@ mod cuda {
                 b: &b,
                 scale: 2.0,
             };
+            if once {
+                let mut step = Which::Fused(DyPath::Auto).fwd_bwd(&x, &args, &dy)?;
+                step()?;
+                dev.synchronize()?;
+                profiler_range(true);
+                step()?;
+                dev.synchronize()?;
+                profiler_range(false);
+                return Ok(());
+            }
             let variants = [
                 Which::Plain,
                 Which::Lt,

@@ -32,6 +32,10 @@ use temper::train::optimizer::AdamW;
 use temper::train::params::{Net, ParamStore};
 use temper::train::profile::{Mark, Profiler, Region};
 
+#[path = "common/timing.rs"]
+mod timing;
+use timing::profiler_range;
+
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -39,30 +43,6 @@ fn arg(name: &str, default: usize) -> usize {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// Opens or closes the CUDA profiler's capture range (what `ncu --profile-from-start off`
-/// profiles); nothing without CUDA.
-fn profiler_range(start: bool) {
-    #[cfg(feature = "cuda")]
-    {
-        use cudarc::driver::sys;
-        // SAFETY: plain driver calls with no arguments, made after a device sync.
-        let r = unsafe {
-            match start {
-                true => sys::cuProfilerStart(),
-                false => sys::cuProfilerStop(),
-            }
-        };
-        if r != sys::CUresult::CUDA_SUCCESS {
-            eprintln!(
-                "train_step: cuProfiler{} returned {r:?}",
-                if start { "Start" } else { "Stop" }
-            );
-        }
-    }
-    #[cfg(not(feature = "cuda"))]
-    let _ = start;
 }
 
 /// The high-water mark of the bytes in use in the device's default memory pool (where

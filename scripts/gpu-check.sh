@@ -26,8 +26,9 @@
 #   logs.txt       every section's full output
 #   ncu-train-step.csv  ncu's per-kernel summary of one steady-state step of ours
 #   ncu-decode-step.csv the same for one decode step of generation
+#   ncu-lora.csv        the same for one fused LoRA fwd+bwd (r16 M8192 K4096 N4096)
 #   ncu-attention.txt   ncu's detail sections for the attention kernels (last, as time allows)
-# (six files: the device tool returns at most 8.)
+# (seven files: the device tool returns at most 8.)
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -276,6 +277,15 @@ fi
 # The README's main job on the GPU, with whatever time is left.
 if has temper; then
   section pipeline 240 "$BUNDLE" temper pipeline --device cuda --out "$WORK/pipeline"
+fi
+# Where the fused LoRA layer's time over the plain GEMM goes: ncu's per-kernel durations of
+# one fwd+bwd at r16 M8192 K4096 N4096 (the bench opens the capture range around it).
+if has bench-lora && [[ -x "$NCU" ]]; then
+  section ncu-lora 90 env TEMPER_BENCH_ONCE=1 "$NCU" --clock-control none \
+    --profile-from-start off --metrics gpu__time_duration.sum --print-summary per-kernel --csv \
+    /tmp/temper-gpu/bin/bench-lora --bench
+  [[ -f "$WORK/ncu-lora.log" ]] && grep '^"' "$WORK/ncu-lora.log" >"$DEST/ncu-lora.csv"
+  [[ -s "$DEST/ncu-lora.csv" ]] && ncu_rows "$DEST/ncu-lora.csv" ncu_lora
 fi
 # Last: why attention trails flash. ncu's throughput, pipe, memory and stall sections for our
 # tensor-core forward (64- and 128-row) and backward (64- and 128-key) in the attention bench,

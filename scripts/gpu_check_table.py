@@ -143,6 +143,7 @@ def ncu_table(bench, title):
 
 ncu_table("ncu_step", "one steady-state step of ours (B16 T1024 bf16)")
 ncu_table("ncu_decode", "one decode step of generation (GPT-2 small, 64 rows, graph replay)")
+ncu_table("ncu_lora", "one fused LoRA fwd+bwd (r16 M8192 K4096 N4096)")
 
 # Attention.
 def attn_bwd_tflops(shape, impl):

@@ -111,6 +111,7 @@ const RESULTS: &str = r#"{"section":"device","bench":"device","name":"NVIDIA H20
 {"section":"bench-lora","bench":"check","of":"lora","shape":"r16 M64 K64 N64","impl":"fused","what":"direct backward vs autograd","max_rel_diff":inf}
 {"section":"ncu-decode","bench":"generate","shape":"B64 L256 N8","impl":"temper","tokens_per_s":900.0,"ms_decode_step":30.0,"ms_floor_step":0.75}
 {"bench":"ncu_decode","kernel":"sample_bf16","kind":"temper kernel","launches":1,"ms":0.0,"share":0.0}
+{"bench":"ncu_lora","kernel":"lora_dy_bf16_r16","kind":"temper kernel","launches":1,"ms":0.02,"share":0.1}
 {"section":"bench-gae","bench":"gae","shape":"B64 T5
 {"section":"test-gpu_train_ops","bench":"tests","impl":"test-gpu_train_ops","passed":30,"failed":1,"skipped":0}
 {"section":"test-gpu_train_ops","status":"failed (exit 101)","seconds":20}
@@ -267,6 +268,10 @@ fn the_table_divides_each_measurement_by_its_peer_from_the_same_run() {
     assert!(!md.contains("B64 L256 N8"), "{md}");
     // A decode step whose kernels all read 0 ms under ncu still gets its table.
     assert!(md.contains("ncu, one decode step of generation"), "{md}");
+    assert!(
+        md.contains("ncu, one fused LoRA fwd+bwd") && md.contains("`lora_dy_bf16_r16`"),
+        "{md}"
+    );
     // A line cut short is listed, not a crash.
     assert!(md.contains("1 results line(s) were not JSON"), "{md}");
     // A failed test executable is a failed row.

@@ -49,3 +49,27 @@ pub fn cuda_time_ms(
         .collect::<candle_core::Result<Vec<_>>>()?;
     Ok(median(times))
 }
+
+/// Opens or closes the CUDA profiler's capture range (what `ncu --profile-from-start off`
+/// profiles); nothing without CUDA.
+pub fn profiler_range(start: bool) {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        // SAFETY: plain driver calls with no arguments, made after a device sync.
+        let r = unsafe {
+            match start {
+                true => sys::cuProfilerStart(),
+                false => sys::cuProfilerStop(),
+            }
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            eprintln!(
+                "cuProfiler{} returned {r:?}",
+                if start { "Start" } else { "Stop" }
+            );
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = start;
+}
