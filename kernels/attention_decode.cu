@@ -17,8 +17,8 @@
 // attn_decode_fresh_<dtype>_h<D>_r<R>: the same for generation's decode step at fixed shapes
 // (src/generate/static_step.rs), fused with what decode_step.cu's qkv_write does before it:
 // q and this position's key and value are read from the row of stacked projections p.fresh
-// (rotated, where rotation tables are given, and rounded to T exactly as qkv_write stores
-// them); split 0's block of each (batch, kv head) writes the key and value at position
+// (rotated, where rotation tables are given, by the same f32 expression as qkv_write's and
+// rounded to T once, as it stores them); split 0's block of each (batch, kv head) writes the key and value at position
 // L = step[0] of the caches k, v. No block reads position L from the cache: the first lane
 // group of split 0 starts its softmax state from the fresh key (if the mask lets the rows
 // see it), and every stream skips L. So nothing reads what the kernel writes, and no
@@ -228,8 +228,8 @@ static __device__ void decode(const AttnParams &p) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       j[u] = base + u * kStride + grp;
-      // Position fresh_j is being written by another block: never loaded (a racy load whose
-      // value is then dropped is still a race).
+      // Position fresh_j is written in this launch (by split 0's block): never loaded, even
+      // to be dropped, which would race with the write.
       const bool in = j[u] < k_end && j[u] != fresh_j;
       kraw[u] = vraw[u] = make_uint4(0u, 0u, 0u, 0u);
       if (in) {
