@@ -18,11 +18,11 @@
 // (src/generate/static_step.rs), fused with what decode_step.cu's qkv_write does before it:
 // q and this position's key and value are read from the row of stacked projections p.fresh
 // (rotated, where rotation tables are given, by the same f32 expression as qkv_write's and
-// rounded to T once, as it stores them); split 0's block of each (batch, kv head) writes the key and value at position
-// L = step[0] of the caches k, v. No block reads position L from the cache: the first lane
-// group of split 0 starts its softmax state from the fresh key (if the mask lets the rows
-// see it), and every stream skips L. So nothing reads what the kernel writes, and no
-// ordering between blocks is needed. One launch instead of two per layer.
+// rounded to T once, as it stores them); split 0's block of each (batch, kv head) writes the
+// key and value at position L = step[0] of the caches k, v. No block reads position L from the
+// cache: the first lane group of split 0 starts its softmax state from the fresh key (if the
+// mask lets the rows see it), and every stream skips L. So nothing reads what the kernel
+// writes, and no ordering between blocks is needed. One launch instead of two per layer.
 //
 // attn_combine_<dtype>: when a call has too few query rows to fill the GPU, a forward (the
 // decode kernel above, or attn_fwd_simple in attention_fwd.cu) runs with nsplit > 1 slices of
