@@ -27,7 +27,7 @@
 #   ncu-train-step.csv  ncu's per-kernel summary of one steady-state step of ours
 #   ncu-decode-step.csv the same for one decode step of generation
 #   ncu-lora.csv        the same for one fused LoRA fwd+bwd (r16 M8192 K4096 N4096)
-#   ncu-attention.txt   ncu's detail sections for the attention kernels (last, as time allows)
+#   ncu-attention.txt   ncu's detail sections for the attention kernels (as time allows)
 # (seven files: the device tool returns at most 8.)
 set -u
 
@@ -258,8 +258,9 @@ for spec in attention:150:120 lora:150:120 train_ops:90:90 rmsnorm:150:120 gae:1
   section "peer-$b" "$peer_s" python3 scripts/bench_peers.py "$b"
 done
 
-# --- the rest, as time allows: the step with the wide attention tiles, with temper's
-# reference kernels, and the compute-copies ablation -----------------------------------------
+# --- the rest, as time allows, most useful first: the step with the wide attention tiles and
+# with cuBLASLt's candidates timed, the LoRA and attention profiles, the README's main job,
+# then the ablations measured before (the compute copies, temper's reference kernels) -------
 if has bench-train_step; then
   # The wide attention tiles (the 128-row forward attn_fwd_mma2, the 128-key backward
   # attn_bwd_mma2), which `Auto` does not take yet: the step with them, to decide whether they
@@ -270,13 +271,6 @@ if has bench-train_step; then
   # because it costs bit-for-bit reproducibility: what it would buy.
   MEM=1 section train-gemm-timed 90 env TEMPER_GEMM_TUNE=timed "$BUNDLE" \
     bench-train_step --bench --impl ours --steps 4
-  MEM=1 section train-reference 120 "$BUNDLE" bench-train_step --bench --impl reference --steps 4
-  # Ablation: each f32 master cast in every step instead of AdamW's bf16 compute copies.
-  MEM=1 section train-casts 90 "$BUNDLE" bench-train_step --bench --impl ours-casts --steps 4
-fi
-# The README's main job on the GPU, with whatever time is left.
-if has temper; then
-  section pipeline 240 "$BUNDLE" temper pipeline --device cuda --out "$WORK/pipeline"
 fi
 # Where the fused LoRA layer's time over the plain GEMM goes: ncu's per-kernel durations of
 # one fwd+bwd at r16 M8192 K4096 N4096 (the bench opens the capture range around it).
@@ -287,7 +281,7 @@ if has bench-lora && [[ -x "$NCU" ]]; then
   [[ -f "$WORK/ncu-lora.log" ]] && grep '^"' "$WORK/ncu-lora.log" >"$DEST/ncu-lora.csv"
   [[ -s "$DEST/ncu-lora.csv" ]] && ncu_rows "$DEST/ncu-lora.csv" ncu_lora
 fi
-# Last: why attention trails flash. ncu's throughput, pipe, memory and stall sections for our
+# Why attention trails flash. ncu's throughput, pipe, memory and stall sections for our
 # tensor-core forward (64- and 128-row) and backward (64- and 128-key) in the attention bench,
 # into ncu-attention.txt for whoever tunes them next. TEMPER_BENCH_ONCE runs each of them once
 # per pass and shape (12 launches: per shape fwd_mma 2, bwd_mma 1, fwd_mma2 2, bwd_mma2 1).
@@ -298,6 +292,16 @@ if has bench-attention && [[ -x "$NCU" ]]; then
     --section WarpStateStats --section Occupancy --section LaunchStats \
     /tmp/temper-gpu/bin/bench-attention --bench
   [[ -f "$WORK/ncu-attention.log" ]] && cp "$WORK/ncu-attention.log" "$DEST/ncu-attention.txt"
+fi
+
+# The README's main job on the GPU, with whatever time is left.
+if has temper; then
+  section pipeline 240 "$BUNDLE" temper pipeline --device cuda --out "$WORK/pipeline"
+fi
+if has bench-train_step; then
+  # Ablation: each f32 master cast in every step instead of AdamW's bf16 compute copies.
+  MEM=1 section train-casts 90 "$BUNDLE" bench-train_step --bench --impl ours-casts --steps 4
+  MEM=1 section train-reference 120 "$BUNDLE" bench-train_step --bench --impl reference --steps 4
 fi
 
 # --- the table --------------------------------------------------------------------------------
