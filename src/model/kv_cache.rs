@@ -93,17 +93,14 @@ impl KvCache {
     /// `[B, nq / D, 1, D]` and the whole buffers, as [`KvCache::append`] returns them. `None`
     /// without fixed shapes.
     pub fn append_stacked(
-        &mut self,
+        &self,
         layer: usize,
         y: &Tensor,
         nq: usize,
         rope: Option<(&Tensor, &Tensor)>,
     ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-        let Some(step) = &self.fixed else {
+        let Some((bk, bv, step)) = self.fixed_buffers(layer)? else {
             return Ok(None);
-        };
-        let Some((bk, bv)) = &self.layers[layer] else {
-            candle_core::bail!("a cache with fixed shapes appends to allocated buffers");
         };
         let q = decode_step::qkv_write(y, bk, bv, step, nq, rope)?;
         Ok(Some((q, bk.clone(), bv.clone())))
@@ -131,10 +128,7 @@ impl KvCache {
     /// views of every cached position (`[B, Hkv, len + T, D]`, strided along the positions).
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let t = k.dim(2)?;
-        if let Some(step) = &self.fixed {
-            let Some((bk, bv)) = &self.layers[layer] else {
-                candle_core::bail!("a cache with fixed shapes appends to allocated buffers");
-            };
+        if let Some((bk, bv, step)) = self.fixed_buffers(layer)? {
             if t != 1 {
                 candle_core::bail!("a cache with fixed shapes appends one position, not {t}");
             }
