@@ -178,26 +178,20 @@ int decode_stream_splits(const Case &c) {
   return 1;
 }
 
-template <typename T> Kernel decode_kernel(int d, int r);
-template <> Kernel decode_kernel<bf16>(int d, int r) {
-  if (d == 64) return r == 1 ? attn_decode_bf16_h64_r1 : attn_decode_bf16_h64_r4;
-  return r == 1 ? attn_decode_bf16_h128_r1 : attn_decode_bf16_h128_r4;
-}
-template <> Kernel decode_kernel<f16>(int d, int r) {
-  if (d == 64) return r == 1 ? attn_decode_f16_h64_r1 : attn_decode_f16_h64_r4;
-  return r == 1 ? attn_decode_f16_h128_r1 : attn_decode_f16_h128_r4;
-}
-template <> Kernel decode_kernel<float>(int, int) { return nullptr; }
-
-template <typename T> Kernel fresh_kernel(int d, int r);
-template <> Kernel fresh_kernel<bf16>(int d, int r) {
-  if (d == 64) return r == 1 ? attn_decode_fresh_bf16_h64_r1 : attn_decode_fresh_bf16_h64_r4;
-  return r == 1 ? attn_decode_fresh_bf16_h128_r1 : attn_decode_fresh_bf16_h128_r4;
-}
-template <> Kernel fresh_kernel<f16>(int d, int r) {
-  if (d == 64) return r == 1 ? attn_decode_fresh_f16_h64_r1 : attn_decode_fresh_f16_h64_r4;
-  return r == 1 ? attn_decode_fresh_f16_h128_r1 : attn_decode_fresh_f16_h128_r4;
-}
+// attn_decode_* (or with `fresh`, attn_decode_fresh_*) for head dim d and r rows.
+template <typename T> Kernel decode_kernel(int d, int r, bool fresh);
+#define DECODE_TABLE(T, SUF)                                                                  \
+  template <> Kernel decode_kernel<T>(int d, int r, bool fresh) {                             \
+    const Kernel k[2][2][2] = {                                                               \
+        {{attn_decode_##SUF##_h64_r1, attn_decode_##SUF##_h64_r4},                            \
+         {attn_decode_##SUF##_h128_r1, attn_decode_##SUF##_h128_r4}},                         \
+        {{attn_decode_fresh_##SUF##_h64_r1, attn_decode_fresh_##SUF##_h64_r4},                \
+         {attn_decode_fresh_##SUF##_h128_r1, attn_decode_fresh_##SUF##_h128_r4}}};            \
+    return k[fresh][d == 128][r != 1];                                                        \
+  }
+DECODE_TABLE(bf16, bf16)
+DECODE_TABLE(f16, f16)
+template <> Kernel decode_kernel<float>(int, int, bool) { return nullptr; }
 
 template <typename T> Kernel simple_kernel(int dpl);
 #define SIMPLE_TABLE(T, SUF)                                                                  \
@@ -237,7 +231,7 @@ void split_and_combine(const Case &c, AttnParams p, const Launch &fwd, int nspli
 // launch_decode: one block of 4 warps per (batch, kv head), grid z the key slices.
 template <typename T> int launch_decode(const Case &c, const AttnParams &p, int r) {
   const int nsplit = decode_stream_splits(c);
-  const Launch fwd{decode_kernel<T>(c.d, r), {(unsigned)(c.b * c.hkv), 1, (unsigned)nsplit},
+  const Launch fwd{decode_kernel<T>(c.d, r, false), {(unsigned)(c.b * c.hkv), 1, (unsigned)nsplit},
                    {128, 1, 1}};
   if (nsplit == 1)
     emu::launch(fwd.grid, fwd.block, 0, [&] { fwd.kernel(p); });
@@ -328,8 +322,8 @@ template <typename T> bool run_fresh(const FreshCase &fc, emu_check::Rng &rng) {
       sin_t.push_back(temper::from_f32<T>(std::sin(th)));
     }
   const T nan = temper::from_f32<T>(NAN);
-  std::vector<T> k = emu_check::normals<T>((size_t)B * Hkv * cap * D, rng), v = k;
-  for (auto &x : v) x = temper::from_f32<T>(rng.normal());
+  std::vector<T> k = emu_check::normals<T>((size_t)B * Hkv * cap * D, rng);
+  std::vector<T> v = emu_check::normals<T>(k.size(), rng);
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < Hkv; ++h)
       for (int j = L; j < cap; ++j)
@@ -394,7 +388,7 @@ template <typename T> bool run_fresh(const FreshCase &fc, emu_check::Rng &rng) {
   const Dtype dt = std::is_same_v<T, bf16> ? Dtype::BF16 : Dtype::F16;
   const Case c{fc.name, dt, B, Hq, Hkv, 1, cap, cap, D, true, cap - 1, true};
   const int nsplit = decode_stream_splits(c);
-  const Launch fwd{fresh_kernel<T>(D, r), {(unsigned)(B * Hkv), 1, (unsigned)nsplit},
+  const Launch fwd{decode_kernel<T>(D, r, true), {(unsigned)(B * Hkv), 1, (unsigned)nsplit},
                    {128, 1, 1}};
   if (nsplit == 1)
     emu::launch(fwd.grid, fwd.block, 0, [&] { fwd.kernel(p); });
