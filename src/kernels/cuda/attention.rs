@@ -860,40 +860,12 @@ pub fn decode_fresh(
         return Ok(None);
     };
     let (b, hkv, cap, d) = kc.dims4()?;
-    let aligned16 =
-        |t: &Tensor| (t.layout().start_offset() * dt.size_in_bytes()).is_multiple_of(16);
-    let table = [b, 1, 1, d / 2];
-    let rope_fits =
-        rope.is_none_or(|(c, s)| [c, s].iter().all(|t| t.dims() == table && t.dtype() == dt));
-    let applies = AttnImpl::from_env() == AttnImpl::Auto
-        && matches!(dt, DType::BF16 | DType::F16)
-        && kc.dtype() == dt
-        && vc.dtype() == dt
-        && matches!(d, 64 | 128)
-        && hkv > 0
-        && hq.is_multiple_of(hkv)
-        && hq / hkv <= 4
-        && vc.dims() == kc.dims()
-        && y.dims() == [b, 1, (hq + 2 * hkv) * d]
-        && [y, kc, vc]
-            .iter()
-            .all(|t| t.is_contiguous() && aligned16(t))
-        && mask.key_valid.is_some_and(|m| m.dims() == [b, cap])
-        && step.dims() == [2]
-        && step.dtype() == DType::I64
-        && rope_fits
-        && compute_capability(dev)? >= (8, 0);
-    let Some(valid) = mask.key_valid.filter(|_| applies) else {
+    let Some(valid) = mask.key_valid.filter(|m| m.dims() == [b, cap]) else {
         return Ok(None);
     };
-    let op = FlashAttn {
-        scale,
-        causal: mask.causal_offset,
-        key_valid: Some(valid.to_dtype(DType::F32)?.contiguous()?),
-        imp: AttnImpl::Auto,
-        bwd_bk: 64, // forward only
-        saved: Mutex::new(None),
-    };
+    if hkv == 0 || !hq.is_multiple_of(hkv) {
+        return Ok(None);
+    }
     let dims = Dims {
         b,
         hq,
@@ -902,6 +874,40 @@ pub fn decode_fresh(
         tk: cap,
         d,
     };
+    let mut op = FlashAttn {
+        scale,
+        causal: mask.causal_offset,
+        key_valid: None,
+        imp: AttnImpl::from_env(),
+        bwd_bk: 64, // forward only
+        saved: Mutex::new(None),
+    };
+    // The decode stream's own conditions (`Auto`, 16-bit, D 64 or 128, at most 4 rows, aligned
+    // caches), then what the fused step adds.
+    let Some(r) = op.decode_rows(dt, &dims, [kc.layout(), vc.layout()]) else {
+        return Ok(None);
+    };
+    let aligned16 =
+        |t: &Tensor| (t.layout().start_offset() * dt.size_in_bytes()).is_multiple_of(16);
+    let table = [b, 1, 1, d / 2];
+    let rope_fits =
+        rope.is_none_or(|(c, s)| [c, s].iter().all(|t| t.dims() == table && t.dtype() == dt));
+    let applies = kc.dtype() == dt
+        && vc.dtype() == dt
+        && vc.dims() == kc.dims()
+        && y.dims() == [b, 1, (hq + 2 * hkv) * d]
+        && y.is_contiguous()
+        && aligned16(y)
+        && kc.is_contiguous()
+        && vc.is_contiguous()
+        && step.dims() == [2]
+        && step.dtype() == DType::I64
+        && rope_fits
+        && compute_capability(dev)? >= (8, 0);
+    if !applies {
+        return Ok(None);
+    }
+    op.key_valid = Some(valid.to_dtype(DType::F32)?.contiguous()?);
     let step = step.contiguous()?;
     let rope = match rope {
         Some((c, s)) => Some((c.contiguous()?, s.contiguous()?)),
@@ -909,18 +915,20 @@ pub fn decode_fresh(
     };
     let rope = rope.as_ref().map(|(c, s)| (c, s));
     let o = match dt {
-        DType::BF16 => op.forward_fresh::<half::bf16>(dev, &dims, y, (kc, vc), &step, rope)?,
-        _ => op.forward_fresh::<half::f16>(dev, &dims, y, (kc, vc), &step, rope)?,
+        DType::BF16 => op.forward_fresh::<half::bf16>(dev, &dims, r, y, (kc, vc), &step, rope)?,
+        _ => op.forward_fresh::<half::f16>(dev, &dims, r, y, (kc, vc), &step, rope)?,
     };
     Ok(Some(o))
 }
 
 impl FlashAttn {
-    /// [`decode_fresh`]'s launch, its inputs checked.
+    /// [`decode_fresh`]'s launch, its inputs checked, with the decode kernel of `r` rows.
+    #[allow(clippy::too_many_arguments)]
     fn forward_fresh<T: CudaDType + DeviceRepr + WithDType>(
         &self,
         dev: &CudaDevice,
         dims: &Dims,
+        r: usize,
         y: &Tensor,
         (kc, vc): (&Tensor, &Tensor),
         step: &Tensor,
@@ -963,7 +971,6 @@ impl FlashAttn {
             p.krange = ptrs.read_opt(krange.as_deref());
             p.o = ptrs.write(&mut o);
             p.lse = ptrs.write(&mut lse);
-            let r = if dims.groups() == 1 { 1 } else { 4 };
             launch_decode(dev, T::DTYPE, dims, p, r, true)?;
         }
         Ok(tensor_from_slice(o, dev, (dims.b, dims.hq, 1, dims.d)))
