@@ -13,12 +13,10 @@
 //   GEMM this replaces two GEMM launches, two rotations and two KV writes per layer. Where
 //   the decode attention takes the step, attn_decode_fresh (attention_decode.cu) does this
 //   itself and attends in the same launch; this kernel is the step's fallback.
-// - mark_key: key mask [rows, cap] f32: mask[r, L] = 1 (the position the next step writes).
-// - increment_u32 / increment_i64: every element += 1 (the rows' positions; `step` itself).
-// - advance_step: the step's tail in one launch, what it did in four (the new ids copied over
-//   the old, then increment, increment, mark_key): ids = the sampled ids, every position
+// - advance_step: the step's tail in one launch: ids = the sampled ids, every position
 //   += 1, the cache length and the draw index += 1, and mask[r, L + 1] = 1 (nothing once
-//   L + 1 >= cap), L read before it moves.
+//   L + 1 >= cap), L read before it moves. On the CPU, src/kernels/decode_step.rs composes
+//   the same from four ops (a copy, two increments and a mask write).
 //
 // Launch (src/kernels/cuda/decode_step.rs): one thread per element of `n`, 256 per block;
 // advance_step in one block of 256, which loops over the rows (one block: every thread reads
@@ -27,14 +25,14 @@
 #include "common.cuh"
 
 struct DecodeParams {
-  void *dst;               // kv_write: cache [rows, cap, d]; mark_key, advance_step: mask;
-                           // increment: values; qkv_write: the key cache
+  void *dst;               // kv_write: cache [rows, cap, d]; advance_step: mask;
+                           // qkv_write: the key cache
   const void *src;         // kv_write: [rows, d]; qkv_write: y [B, nq + 2 nkv];
                            // advance_step: the sampled ids [rows] u32
-  const long long *step;   // [2]: cache length, draw index (read by kv_write, mark_key and
+  const long long *step;   // [2]: cache length, draw index (read by kv_write and
                            // qkv_write; advanced in place by advance_step)
-  long long n;             // elements: rows * d (kv_write), rows (mark_key, advance_step),
-                           // values (increment), B * (nq + 2 nkv) (qkv_write)
+  long long n;             // elements: rows * d (kv_write), rows (advance_step),
+                           // B * (nq + 2 nkv) (qkv_write)
   int cap;                 // positions the cache (and the mask's rows) hold
   int d;                   // kv_write, qkv_write: values per position of one head
   void *dst2;              // qkv_write: the value cache; advance_step: positions [rows] u32
@@ -86,11 +84,6 @@ template <typename T> __device__ void qkv_write(const DecodeParams &p) {
   cache[((b * heads + h) * p.cap + len) * p.d + j] = x;
 }
 
-template <typename T> __device__ void increment(const DecodeParams &p) {
-  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < p.n) static_cast<T *>(p.dst)[i] += 1;
-}
-
 }  // namespace
 
 extern "C" __global__ void kv_write_b2(const DecodeParams p) { kv_write<unsigned short>(p); }
@@ -99,14 +92,6 @@ extern "C" __global__ void kv_write_b4(const DecodeParams p) { kv_write<unsigned
 extern "C" __global__ void qkv_write_f32(const DecodeParams p) { qkv_write<float>(p); }
 extern "C" __global__ void qkv_write_bf16(const DecodeParams p) { qkv_write<__nv_bfloat16>(p); }
 extern "C" __global__ void qkv_write_f16(const DecodeParams p) { qkv_write<__half>(p); }
-
-extern "C" __global__ void mark_key(const DecodeParams p) {
-  const long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  const long long len = p.step[0];
-  if (r < p.n && len >= 0 && len < p.cap) static_cast<float *>(p.dst)[r * p.cap + len] = 1.f;
-}
-
-extern "C" __global__ void increment_u32(const DecodeParams p) { increment<unsigned int>(p); }
 
 extern "C" __global__ void advance_step(const DecodeParams p) {
   long long *step = const_cast<long long *>(p.step);
@@ -126,4 +111,3 @@ extern "C" __global__ void advance_step(const DecodeParams p) {
     step[1] += 1;
   }
 }
-extern "C" __global__ void increment_i64(const DecodeParams p) { increment<long long>(p); }

@@ -32,7 +32,7 @@ mod gpu {
     use temper::generate::{generate, DecodeMode, EngineOpts, RowKeys, SampleCfg};
     use temper::kernels::attention::{attention_reference, AttnMask};
     use temper::kernels::cuda::attention::{attention_with, decode_fresh, AttnImpl};
-    use temper::kernels::decode_step::{advance, increment, kv_write, mark_key, qkv_write};
+    use temper::kernels::decode_step::{advance, kv_write, qkv_write};
     use temper::kernels::sample::{
         keep_threshold, keys_tensor, row_key, sample, sample_draw, sample_reference, uniform, Draw,
         Hold, SampleParams,
@@ -342,14 +342,6 @@ mod gpu {
                     kv_write(&gc, &gn, &gs).unwrap();
                     kv_write(&cache, &new, &step).unwrap();
                     assert_eq!(host(&gc), host(&cache), "{ctx}: kv_write");
-
-                    let mask = Tensor::from_vec(rng.vec(b * cap, 0.0, 1.0), (b, cap), &Device::Cpu)
-                        .and_then(|t| t.round())
-                        .unwrap();
-                    let gm = on_gpu(&mask);
-                    mark_key(&gm, &gs).unwrap();
-                    mark_key(&mask, &step).unwrap();
-                    assert_eq!(host(&gm), host(&mask), "{ctx}: mark_key");
                 }
             }
         }
@@ -383,26 +375,6 @@ mod gpu {
                     assert_eq!(host(g), host(c), "{ctx}: {what}");
                 }
             }
-        }
-        for n in [1usize, 31, 257, 4099] {
-            let vals: Vec<u32> = (0..n).map(|_| rng.below(1 << 30) as u32).collect();
-            let t = Tensor::from_vec(vals.clone(), n, dev).unwrap();
-            increment(&t).unwrap();
-            let want: Vec<u32> = vals.iter().map(|v| v + 1).collect();
-            assert_eq!(
-                t.to_vec1::<u32>().unwrap(),
-                want,
-                "seed {seed:#x}: u32 x{n}"
-            );
-            let wide: Vec<i64> = vals.iter().map(|&v| i64::from(v) - (1 << 29)).collect();
-            let t = Tensor::from_vec(wide.clone(), n, dev).unwrap();
-            increment(&t).unwrap();
-            let want: Vec<i64> = wide.iter().map(|v| v + 1).collect();
-            assert_eq!(
-                t.to_vec1::<i64>().unwrap(),
-                want,
-                "seed {seed:#x}: i64 x{n}"
-            );
         }
     }
 
@@ -531,7 +503,7 @@ mod gpu {
                 };
                 let (cos, sin) = (table(f32::cos), table(f32::sin));
                 let tables = rope.then_some((&cos, &sin));
-                // Valid up to and including L, as mark_key leaves it; sequence 0 padded.
+                // Valid up to and including L, as advance leaves it; sequence 0 padded.
                 let mut valid = vec![0f32; b * cap];
                 for (i, row) in valid.chunks_mut(cap).enumerate() {
                     let pad = if i == 0 { len / 3 } else { 0 };

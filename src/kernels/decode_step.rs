@@ -108,8 +108,8 @@ pub fn qkv_write(
 }
 
 /// `mask[r, L] = 1` for every row of `mask` (`[B, cap]` f32, contiguous), `L = step[0]`;
-/// nothing once `L >= cap`.
-pub fn mark_key(mask: &Tensor, step: &Tensor) -> Result<()> {
+/// nothing once `L >= cap`. A part of [`advance`]'s CPU path: on CUDA `advance_step` does it.
+fn mark_key(mask: &Tensor, step: &Tensor) -> Result<()> {
     if mask.rank() != 2 || mask.dtype() != DType::F32 || !mask.is_contiguous() {
         candle_core::bail!(
             "mark_key: the mask {:?} {:?} is not a contiguous [B, cap] f32",
@@ -167,8 +167,9 @@ pub fn advance(
     mark_key(mask, step)
 }
 
-/// Adds 1 to every element of `t` (u32 or i64, contiguous), in place.
-pub fn increment(t: &Tensor) -> Result<()> {
+/// Adds 1 to every element of `t` (u32 or i64, contiguous), in place. A part of
+/// [`advance`]'s CPU path, as [`mark_key`].
+fn increment(t: &Tensor) -> Result<()> {
     if !matches!(t.dtype(), DType::U32 | DType::I64) || !t.is_contiguous() {
         candle_core::bail!("increment: {:?} is not a contiguous u32 or i64", t.dtype());
     }
@@ -271,17 +272,6 @@ impl InplaceOp2 for MarkKey {
         }
         Ok(())
     }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        mask: &mut candle_core::CudaStorage,
-        lm: &Layout,
-        step: &candle_core::CudaStorage,
-        ls: &Layout,
-    ) -> Result<()> {
-        super::cuda::decode_step::mark_key((mask, lm), (step, ls))
-    }
 }
 
 struct Increment;
@@ -300,11 +290,6 @@ impl InplaceOp1 for Increment {
             other => candle_core::bail!("increment: no CPU path for {:?}", other.dtype()),
         }
         Ok(())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> Result<()> {
-        super::cuda::decode_step::increment((s, l))
     }
 }
 

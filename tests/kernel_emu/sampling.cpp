@@ -17,7 +17,7 @@
 // - the distribution of many draws of one row, against its softmax (chi-square).
 // Decode step: kv_write_b2/b4 at positions inside, at and past the capacity (and negative),
 // into a cache at an offset; qkv_write_b2/b4 the same way (q and both caches, GQA);
-// mark_key; increment_u32/i64; and a short run of fixed decode
+// advance_step (the step's tail); and a short run of fixed decode
 // steps (static_step.rs's order) that feeds the draw index from `step` to the sampler. Every
 // buffer is compared whole, with room around what the kernel may write.
 // Checks that are not numeric comparisons print a line each through emu_check::check.
@@ -587,45 +587,6 @@ bool check_qkv_write(const char *name, int b, int hq, int hkv, int cap, int d, l
   return ok;
 }
 
-bool check_mark_key(int rows, int cap, long long len) {
-  std::vector<float> mask((size_t)(rows + 1) * cap);  // a row past the end stays untouched
-  for (size_t i = 0; i < mask.size(); ++i) mask[i] = (float)(i % 3 == 0);
-  std::vector<double> want(mask.begin(), mask.end());
-  const long long step[2] = {len, 5};
-  int pos;
-  if (position(step, cap, pos))
-    for (int r = 0; r < rows; ++r) want[(size_t)r * cap + pos] = 1.0;
-  DecodeParams p{};
-  p.dst = mask.data();
-  p.step = step;
-  p.n = rows;
-  p.cap = cap;
-  run_decode(mark_key, rows, p);
-  char what[96];
-  std::snprintf(what, sizeof what, "mark_key rows %d cap %d L=%lld", rows, cap, len);
-  return emu_check::close_abs(what, mask, want, 0);
-}
-
-template <typename I> bool check_increment(const char *name, size_t n, emu_check::Rng &rng) {
-  // One element past the end, which nothing may touch.
-  std::vector<I> vals(n + 1);
-  for (auto &x : vals) x = (I)(rng.gen() % 100000) - (std::is_signed<I>::value ? 50000 : 0);
-  if (n > 2) vals[1] = std::is_signed<I>::value ? (I)-1 : (I)0xFFFFFFFEu;
-  std::vector<I> want = vals;
-  for (size_t i = 0; i < n; ++i) want[i] += 1;
-  DecodeParams p{};
-  p.dst = vals.data();
-  p.n = (long long)n;
-  run_decode(sizeof(I) == 4 ? increment_u32 : increment_i64, p.n, p);
-  size_t bad = n + 1;
-  for (size_t i = 0; i <= n && bad > n; ++i)
-    if (vals[i] != want[i]) bad = i;
-  char what[96];
-  std::snprintf(what, sizeof what, "%s n=%zu", name, n);
-  return check(what, bad > n, bad > n ? "every element +1, the next untouched" : "wrong at %zu",
-                bad);
-}
-
 // advance_step (decode_step::advance: one block of 256) against the four ops it stands for on
 // the host: ids = sampled, positions + 1, step + 1, mask[r, L + 1] = 1. Rows past a block's
 // threads, none at all, and L + 1 at and past the capacity; one row (or element) past each
@@ -801,12 +762,8 @@ int main(int argc, char **argv) {
   ok &= check_qkv_write<bf16>("qkv_write bf16 rope 5x32/8x128", 5, 32, 8, 9, 128, 3, 0, true, rng);
   ok &= check_qkv_write<__half>("qkv_write f16 rope 3x8/2x24 +7", 3, 8, 2, 7, 24, 6, 7, true, rng);
   ok &= check_qkv_write<float>("qkv_write f32 rope 4x4/4x64 full", 4, 4, 4, 6, 64, 6, 0, true, rng);
-  for (long long len : {0LL, 10LL, 11LL, -1LL}) ok &= check_mark_key(300, 11, len);
   for (int rows : {0, 5, 300})
     for (long long len : {3LL, 9LL, 10LL}) ok &= check_advance(rows, 11, len, rng);
-  ok &= check_increment<uint32_t>("increment_u32", 1000, rng);
-  ok &= check_increment<long long>("increment_i64", 2, rng);
-  ok &= check_increment<long long>("increment_i64", 777, rng);
   ok &= check_steps(rng);
   return emu_check::finish(ok);
 }
