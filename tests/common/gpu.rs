@@ -6,6 +6,8 @@
 //! Compiled only with feature `cuda` (tests/common/mod.rs); without it `gpu_test!`
 //! (tests/common/mod.rs) prints `SKIPPED (built without feature cuda): <name>` instead.
 
+use std::sync::{PoisonError, RwLock};
+
 use candle_core::{DType, Device, Tensor};
 use temper::kernels::cuda as kc;
 
@@ -17,8 +19,27 @@ pub fn device() -> Option<Device> {
     Device::new_cuda(0).ok()
 }
 
+/// Held shared by every GPU test of a test binary, and alone by a test that captures CUDA
+/// graphs ([`run_alone`]). cargo runs a binary's tests in parallel threads, and another
+/// thread's device work during a capture (a call that synchronises with the legacy stream,
+/// a trim of graph memory, a freed pinned buffer) can invalidate it. The engine then falls
+/// back to eager steps: the tokens stay right, but a test that counts replays fails.
+static DEVICE_USE: RwLock<()> = RwLock::new(());
+
 /// Runs `body` on the GPU when there is one, else prints `SKIPPED (no CUDA device): <name>`.
 pub fn run(name: &str, body: impl FnOnce(&Device)) {
+    let _shared = DEVICE_USE.read().unwrap_or_else(PoisonError::into_inner);
+    on_device(name, body);
+}
+
+/// [`run`] with no other GPU test of this binary running beside it: for tests that capture
+/// CUDA graphs.
+pub fn run_alone(name: &str, body: impl FnOnce(&Device)) {
+    let _only = DEVICE_USE.write().unwrap_or_else(PoisonError::into_inner);
+    on_device(name, body);
+}
+
+fn on_device(name: &str, body: impl FnOnce(&Device)) {
     match device() {
         Some(dev) => body(&dev),
         None => super::skipped("no CUDA device", name),

@@ -10,18 +10,29 @@ pub mod shared;
 pub use shared::{chain_dir, shared, Shared};
 
 /// A GPU test: `gpu_test!(name)` runs `gpu::name`, `gpu_test!(module::name)` runs
-/// `module::name`, on the device (`common::gpu::run`, which says visibly when there is none).
+/// `module::name`, on the device (`common::gpu::run`, which says visibly when there is none);
+/// with `, alone` (a test that captures CUDA graphs) no other GPU test of the binary runs
+/// beside it (`common::gpu::run_alone`).
 /// Built without feature `cuda` it prints `SKIPPED (built without feature cuda): <name>`.
 #[macro_export]
 macro_rules! gpu_test {
     ($name:ident) => {
         $crate::gpu_test!(gpu::$name);
     };
+    ($name:ident, alone) => {
+        $crate::gpu_test!(gpu::$name, alone);
+    };
     ($module:ident :: $name:ident) => {
+        $crate::gpu_test!(@with run $module::$name);
+    };
+    ($module:ident :: $name:ident, alone) => {
+        $crate::gpu_test!(@with run_alone $module::$name);
+    };
+    (@with $runner:ident $module:ident :: $name:ident) => {
         #[test]
         fn $name() {
             #[cfg(feature = "cuda")]
-            $crate::common::gpu::run(stringify!($name), $module::$name);
+            $crate::common::gpu::$runner(stringify!($name), $module::$name);
             #[cfg(not(feature = "cuda"))]
             $crate::common::skipped("built without feature cuda", stringify!($name));
         }
