@@ -268,6 +268,18 @@ for r in [m for m in meas if m.get("bench") == "ppo_update"]:
                f"{num(r.get('gen_graph_replays'))} decode steps replayed as a CUDA graph; "
                f"peak GPU {status.get('ppo-update', {}).get('peak_mib', '-')} MiB")
 
+# Loss spikes of a training run (scripts/loss_spikes.py): the goal is none.
+for r in [m for m in meas if m.get("bench") == "loss_spikes"]:
+    spikes = r.get("spikes")
+    verdict = ("no spike" if spikes == 0 else
+               f"{num(spikes)} spiking step(s), the first at step {r.get('first_spike_step')}")
+    out.append(f"\nTraining loss of {r.get('run')} ({status.get(r.get('section'), {}).get('status', '-')}): "
+               f"{num(r.get('steps'))} steps, first {num(r.get('first'), '.3f')}, lowest {num(r.get('min'), '.3f')}, "
+               f"last {num(r.get('last'), '.3f')}; largest rise over the lowest before it "
+               f"{num(r.get('max_rise'), '.3f')} (step {r.get('max_rise_step')}); {verdict} "
+               f"(a spike: a rise over {r.get('rise')} after the first {r.get('skip')} steps, or a "
+               f"non-finite loss; {num(r.get('nonfinite'))} non-finite)")
+
 # The benches' own checks: each direct backward entry point against candle's autograd.
 checks = [r for r in meas if r.get("bench") == "check"]
 if checks:
