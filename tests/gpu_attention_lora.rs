@@ -20,6 +20,7 @@ mod common;
 gpu_test!(attention_forward_matches_reference);
 gpu_test!(attention_gradients_match_reference_autograd);
 gpu_test!(attention_dispatcher_uses_the_kernel);
+gpu_test!(wide_backward_takes_128_keys_where_the_card_allows);
 gpu_test!(lora_forward_matches_reference);
 gpu_test!(lora_gradients_match_reference_autograd);
 gpu_test!(lora_dispatcher_uses_the_kernel);
@@ -28,7 +29,8 @@ gpu_test!(lora_dispatcher_uses_the_kernel);
 mod gpu {
     use candle_core::{DType, Device, Tensor, Var};
     use temper::kernels::attention::{self, AttnMask};
-    use temper::kernels::cuda::attention::{attention_with, AttnImpl};
+    use temper::kernels::cuda::attention::{attention_with, bwd_block_k_on, AttnImpl};
+    use temper::kernels::cuda::compute_capability;
     use temper::kernels::cuda::lora::{lora_linear_with, DyPath};
     use temper::kernels::lora::{self, LoraArgs};
     use temper::kernels::KernelChoice;
@@ -594,5 +596,34 @@ mod gpu {
             .unwrap()
             .is_none());
         lora::lora_linear(&x64, &args64, KernelChoice::Custom).unwrap();
+    }
+
+    /// `MmaWide`'s backward falls back to 64 keys a block where the card's opt-in shared
+    /// memory per block is too small for 128 (sm_86, sm_89 at D = 128): the gradient tests
+    /// would then pass without the 128-key kernel having run. On an A100 (163 KiB) or an
+    /// H100/H200 (227 KiB) it must take 128 keys at both head dims; the narrow choices stay 64.
+    pub fn wide_backward_takes_128_keys_where_the_card_allows(dev: &Device) {
+        let cuda = dev.as_cuda_device().unwrap();
+        let cc = compute_capability(cuda).unwrap();
+        for d in [64, 128] {
+            for imp in [AttnImpl::Auto, AttnImpl::Mma] {
+                assert_eq!(bwd_block_k_on(cuda, imp, d).unwrap(), 64, "{imp:?} D {d}");
+            }
+            if matches!(cc, (8, 0) | (9, 0)) {
+                let wide = bwd_block_k_on(cuda, AttnImpl::MmaWide, d).unwrap();
+                assert_eq!(
+                    wide, 128,
+                    "sm_{}{} D {d}: the wide backward fell back",
+                    cc.0, cc.1
+                );
+            }
+        }
+        if !matches!(cc, (8, 0) | (9, 0)) {
+            let why = format!(
+                "sm_{}{}: which wide backward fits is the card's",
+                cc.0, cc.1
+            );
+            crate::common::skipped(&why, "wide_backward_takes_128_keys_where_the_card_allows");
+        }
     }
 }

@@ -375,7 +375,8 @@ fn loss_spikes_finds_a_rise_over_the_running_minimum() {
     let Some(py) = python() else { return };
     let dir = scratch("spikes");
     let spikes = |losses: &[(usize, Option<f64>)]| -> serde_json::Value {
-        let mut text = String::from("{\"loss\":11.0,\"perplexity\":1.0,\"split\":\"val\",\"step\":0}\n");
+        let mut text =
+            String::from("{\"loss\":11.0,\"perplexity\":1.0,\"split\":\"val\",\"step\":0}\n");
         for &(step, loss) in losses {
             let loss = loss.map_or("null".to_string(), |l| l.to_string());
             text += &format!(
@@ -408,12 +409,20 @@ fn loss_spikes_finds_a_rise_over_the_running_minimum() {
 
     let mut early = falling.clone();
     early[2].1 = Some(early[2].1.unwrap() + 2.0);
-    assert_eq!(spikes(&early)["spikes"], 0, "a rise inside the skipped steps");
+    assert_eq!(
+        spikes(&early)["spikes"],
+        0,
+        "a rise inside the skipped steps"
+    );
 
     let mut nan = falling;
     nan[20].1 = None;
     let r = spikes(&nan);
-    assert_eq!((r["nonfinite"].clone(), r["spikes"].clone()), (1.into(), 1.into()), "{r}");
+    assert_eq!(
+        (r["nonfinite"].clone(), r["spikes"].clone()),
+        (1.into(), 1.into()),
+        "{r}"
+    );
     assert_eq!(r["first_spike_step"], 21, "{r}");
     fs::remove_dir_all(dir).ok();
 }

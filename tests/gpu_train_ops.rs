@@ -797,6 +797,7 @@ mod bias {
 }
 
 gpu_test!(gemm::gemm_matches_reference);
+gpu_test!(gemm::an_accumulated_gradient_holds_when_its_gemm_is_timed);
 
 #[cfg(feature = "cuda")]
 mod gemm {
@@ -1009,6 +1010,62 @@ mod gemm {
             .is_none());
         let y = matmul_nt(&odd, &oddw, KernelChoice::Custom).unwrap();
         assert_eq!(y.dims(), [4, 8]);
+    }
+
+    /// One input feeding two GEMMs on a block tape (as q, k and v share the normed input):
+    /// the second GEMM adds its dx into the first's in place (beta = 1). Under
+    /// `TEMPER_GEMM_TUNE=timed` such a GEMM is timed into a scratch output, never into the
+    /// gradient it adds to; the gradients must come out as with the heuristic's choice and as
+    /// the reference's. 2 m n k is at or above `TUNE_MIN_FLOP` for every GEMM here, so each is
+    /// timed on its first call.
+    pub fn an_accumulated_gradient_holds_when_its_gemm_is_timed(dev: &Device) {
+        use temper::kernels::cuda::{timing_first_calls, GemmTune};
+        use temper::tape;
+        let (mut rng, seed) = Rng::fresh(0xacc6);
+        let (m, k, n) = (515, 256, 392);
+        for dtype in [DType::BF16, DType::F16] {
+            let mk = |rng: &mut Rng, r: usize, c: usize| {
+                Tensor::from_vec(rng.vec(r * c, -1.0, 1.0), (r, c), dev)
+                    .and_then(|t| t.to_dtype(dtype))
+                    .unwrap()
+            };
+            let x = Var::from_tensor(&mk(&mut rng, m, k)).unwrap();
+            let w1 = Var::from_tensor(&mk(&mut rng, n, k)).unwrap();
+            let w2 = Var::from_tensor(&mk(&mut rng, n, k)).unwrap();
+            let dy = mk(&mut rng, m, n);
+            let grads =
+                |y: &Tensor, backward: &dyn Fn(&Tensor) -> candle_core::backprop::GradStore| {
+                    let g = backward(&(y * &dy).unwrap().sum_all().unwrap());
+                    [&x, &w1, &w2].map(|v| g.get(v.as_tensor()).unwrap().clone())
+                };
+            let (w1t, w2t) = (w1.as_tensor(), w2.as_tensor());
+            let taped = || {
+                let y = tape::segment(x.as_tensor(), |x| {
+                    let a = matmul_nt(x, w1t, KernelChoice::Custom)?;
+                    let b = matmul_nt(x, w2t, KernelChoice::Custom)?;
+                    Ok(tape::add(&a, &b)?)
+                })
+                .unwrap();
+                grads(&y, &|l| tape::backward(l).unwrap())
+            };
+            let both = (reference(x.as_tensor(), w1t).unwrap()
+                + reference(x.as_tensor(), w2t).unwrap())
+            .unwrap();
+            let want = grads(&both, &|l| l.backward().unwrap());
+            let heuristic = GemmTune::Heuristic.scope(taped);
+            let timed = GemmTune::Timed.scope(|| timing_first_calls(taped));
+            for (call, got) in [("heuristic", &heuristic), ("timed", &timed)] {
+                for (name, g, r) in ["dx", "dw1", "dw2"]
+                    .into_iter()
+                    .zip(got)
+                    .zip(&want)
+                    .map(|((a, b), c)| (a, b, c))
+                {
+                    let what = format!("seed {seed:#x} {m}x{k}x{n} {dtype:?} {call}: {name}");
+                    assert_close(&what, g, r, tol(dtype), grad_tol(dtype));
+                }
+            }
+        }
     }
 }
 
