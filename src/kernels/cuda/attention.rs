@@ -35,9 +35,9 @@ use super::super::attention::AttnMask;
 use super::super::spans::{self, Pass};
 use super::super::KernelOp;
 use super::{
-    alloc_out, compute_capability, contiguous_view, cuda_storage, grid_stride, launch, load_func,
-    opt_view, sm_count, tensor_from_slice, to_i32, DevPtr, DevPtrs, Guarded, KernelParams,
-    LaunchConfig,
+    alloc_out, compute_capability, contiguous16, contiguous_view, cuda_storage, grid_stride,
+    launch, load_func, opt_view, sm_count, tensor_from_slice, to_i32, DevPtr, DevPtrs, Guarded,
+    KernelParams, LaunchConfig,
 };
 
 /// Query blocks up to this many rows take the decode path (the decode stream where it
@@ -240,7 +240,7 @@ fn prepare(
     };
     // Before any allocation or launch; the backward checks its own grids when it runs.
     op.check_grid_y(dtype, &dims, false)?;
-    let q = aligned(q)?;
+    let q = contiguous16(q)?;
     // The simple forward reads a KV cache in place (a view of its first positions); anything
     // else is made contiguous.
     let in_place = !op.use_mma(dtype, &dims)
@@ -248,7 +248,7 @@ fn prepare(
         && cache_capacity(k.layout()) == cache_capacity(v.layout());
     let (k, v) = match in_place {
         true => (k.clone(), v.clone()),
-        false => (aligned(k)?, aligned(v)?),
+        false => (contiguous16(k)?, contiguous16(v)?),
     };
     Ok(Some((op, q, k, v)))
 }
@@ -275,16 +275,6 @@ fn kv_view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<
     }
     let slice = s.as_cuda_slice::<T>()?;
     Ok(slice.slice(l.start_offset()..))
-}
-
-/// Contiguous, starting on a 16-byte boundary (the tensor-core kernels load 16-byte chunks).
-fn aligned(t: &Tensor) -> Result<Tensor> {
-    let t = t.contiguous()?;
-    if (t.layout().start_offset() * t.dtype().size_in_bytes()) % 16 == 0 {
-        Ok(t)
-    } else {
-        t.copy()
-    }
 }
 
 fn mma_applies(dtype: DType, d: usize) -> bool {
@@ -1136,9 +1126,9 @@ impl CustomOp3 for FlashAttn {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         spans::timed(KernelOp::Attention, Pass::Backward, q.device(), || {
-            let dout = aligned(grad)?;
+            let dout = contiguous16(grad)?;
             // The backward kernels read contiguous k and v; a KV cache view is copied here.
-            let (k, v) = (&aligned(k)?, &aligned(v)?);
+            let (k, v) = (&contiguous16(k)?, &contiguous16(v)?);
             let (dq, dk, dv) = match q.dtype() {
                 DType::F32 => self.backward::<f32>(q, k, v, o, &dout)?,
                 DType::BF16 => self.backward::<half::bf16>(q, k, v, o, &dout)?,

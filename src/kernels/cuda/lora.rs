@@ -35,8 +35,9 @@ use super::super::spans::{self, Pass};
 use super::super::KernelOp;
 use super::lt_plans::{Epilogue, Lt, Problem};
 use super::{
-    alloc_out, compute_capability, contiguous_view, cuda_storage, grid_stride, launch, load_func,
-    sm_count, tensor_from_slice, to_i32, DevPtr, DevPtrs, KernelParams, LaunchConfig,
+    alloc_out, compute_capability, contiguous16, contiguous_view, cuda_storage, grid_stride,
+    launch, load_func, sm_count, tensor_from_slice, to_i32, DevPtr, DevPtrs, KernelParams,
+    LaunchConfig,
 };
 
 /// The one argument of every kernel in kernels/lora.cu: the Rust mirror of `struct
@@ -752,15 +753,6 @@ fn dx_da_gemms<T: CudaDType + DeviceRepr + WithDType>(
 }
 
 /// Contiguous, starting on a 16-byte boundary (lora_dy loads dY in 16-byte chunks).
-fn aligned(t: &Tensor) -> Result<Tensor> {
-    let t = t.contiguous()?;
-    if (t.layout().start_offset() * t.dtype().size_in_bytes()) % 16 == 0 {
-        Ok(t)
-    } else {
-        t.copy()
-    }
-}
-
 impl CustomOp3 for LoraOp {
     fn name(&self) -> &'static str {
         "temper-lora-linear"
@@ -805,7 +797,7 @@ impl CustomOp3 for LoraOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         spans::timed(KernelOp::Lora, Pass::Backward, x.device(), || {
-            let dy = aligned(grad)?;
+            let dy = contiguous16(grad)?;
             let (dx, da, db) = match x.dtype() {
                 DType::F32 => self.backward::<f32>(x, a, &dy)?,
                 DType::BF16 => self.backward::<half::bf16>(x, a, &dy)?,

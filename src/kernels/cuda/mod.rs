@@ -344,6 +344,17 @@ pub fn aligned16<T>(offsets: &[usize]) -> bool {
         .all(|o| (o * std::mem::size_of::<T>()).is_multiple_of(16))
 }
 
+/// `t` contiguous and starting on a 16-byte boundary, as kernels that load 16-byte chunks
+/// (cp.async, ldmatrix tiles) read it: itself, or a copy.
+pub fn contiguous16(t: &Tensor) -> Result<Tensor> {
+    let t = t.contiguous()?;
+    if (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16) {
+        Ok(t)
+    } else {
+        t.copy()
+    }
+}
+
 /// Values of `T` per 16-byte chunk, where a kernel reading rows (or a whole tensor) of `n`
 /// values from buffers that start at these element offsets can take 16-byte chunks (`n` a
 /// multiple of the chunk, every base aligned); `None` where it must go a value at a time.
