@@ -273,12 +273,12 @@ for r in [m for m in meas if m.get("bench") == "loss_spikes"]:
     spikes = r.get("spikes")
     verdict = ("no spike" if spikes == 0 else
                f"{num(spikes)} spiking step(s), the first at step {r.get('first_spike_step')}")
+    at = f" (step {r['max_rise_step']})" if r.get("max_rise_step") is not None else ""
     out.append(f"\nTraining loss of {r.get('run')} ({status.get(r.get('section'), {}).get('status', '-')}): "
-               f"{num(r.get('steps'))} steps, first {num(r.get('first'), '.3f')}, lowest {num(r.get('min'), '.3f')}, "
-               f"last {num(r.get('last'), '.3f')}; largest rise over the lowest before it "
-               f"{num(r.get('max_rise'), '.3f')} (step {r.get('max_rise_step')}); {verdict} "
-               f"(a spike: a rise over {r.get('rise')} after the first {r.get('skip')} steps, or a "
-               f"non-finite loss; {num(r.get('nonfinite'))} non-finite)")
+               f"to step {r.get('last_step')}, first {num(r.get('first'), '.3f')}, lowest {num(r.get('min'), '.3f')}, "
+               f"last {num(r.get('last'), '.3f')}; largest rise over the baseline {num(r.get('max_rise'), '.3f')}{at}; "
+               f"{verdict} (a spike: a loss over {r.get('rise')} above the lowest {r.get('window')}-step mean "
+               f"so far, after step {r.get('skip')}, or a non-finite loss; {num(r.get('nonfinite'))} non-finite)")
 
 # The benches' own checks: each direct backward entry point against candle's autograd.
 checks = [r for r in meas if r.get("bench") == "check"]

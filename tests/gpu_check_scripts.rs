@@ -107,7 +107,7 @@ const RESULTS: &str = r#"{"section":"device","bench":"device","name":"NVIDIA H20
 {"section":"peer-generate","bench":"generate","shape":"B64 L256 N128","impl":"transformers-generate","tokens_per_s":8000.0,"ms_total":1024.0}
 {"section":"bench-generate-timed","bench":"generate","shape":"B64 L256 N128","impl":"ours-gemm-timed","tokens_per_s":48000.0,"ms_decode_step":1.2,"ms_floor_step":0.75}
 {"section":"gpt2-loss","status":"ok","seconds":30}
-{"section":"gpt2-loss","bench":"loss_spikes","run":"gpt2 preset, warmup 100","steps":400,"first":5.61,"min":1.2,"last":1.25,"max_rise":0.31,"max_rise_step":212,"spikes":0,"first_spike_step":null,"nonfinite":0,"skip":10,"rise":0.5}
+{"section":"gpt2-loss","bench":"loss_spikes","run":"gpt2 preset, warmup 100","logged":400,"last_step":400,"first":5.61,"min":1.2,"last":1.25,"max_rise":0.31,"max_rise_step":212,"spikes":0,"first_spike_step":null,"nonfinite":0,"skip":10,"window":10,"rise":1.0}
 {"section":"ppo-update","bench":"ppo_update","step":1,"gen_share":0.4,"gen_s":4.0,"score_s":1.0,"train_s":5.0,"gen_tokens_per_s":2048.0,"gen_graph_replays":127}
 {"section":"bench-attention","bench":"check","of":"attention","shape":"B2 H4 T100 D64","impl":"ours-mma","what":"direct backward vs autograd","max_rel_diff":1.5e-03}
 {"section":"bench-lora","bench":"check","of":"lora","shape":"r16 M64 K64 N64","impl":"fused","what":"direct backward vs autograd","max_rel_diff":inf}
@@ -256,8 +256,8 @@ fn the_table_divides_each_measurement_by_its_peer_from_the_same_run() {
     );
     assert!(md.contains("generation share 0.40 (goal < 0.5)"), "{md}");
     assert!(
-        md.contains("Training loss of gpt2 preset, warmup 100 (ok): 400 steps, first 5.610")
-            && md.contains("largest rise over the lowest before it 0.310 (step 212); no spike"),
+        md.contains("Training loss of gpt2 preset, warmup 100 (ok): to step 400, first 5.610")
+            && md.contains("largest rise over the baseline 0.310 (step 212); no spike"),
         "{md}"
     );
     // ncu: shares by kind, largest first.
@@ -367,11 +367,11 @@ fn ncu_summary_counts_every_kernel_of_ours_as_ours() {
 }
 
 /// scripts/loss_spikes.py on metrics written as temper writes them: a falling run has no
-/// spike; a rise past the threshold after the skipped steps is one, at its step, and the
-/// same rise inside them is not; a NaN loss (serde_json writes `null`) counts; val lines do
-/// not.
+/// spike; a rise past the threshold over the baseline (the lowest 10-step mean so far) after
+/// the skipped steps is one, at its step, and the same rise inside them is not; a NaN loss
+/// (serde_json writes `null`) counts; val lines do not.
 #[test]
-fn loss_spikes_finds_a_rise_over_the_running_minimum() {
+fn loss_spikes_finds_a_rise_over_the_baseline() {
     let Some(py) = python() else { return };
     let dir = scratch("spikes");
     let spikes = |losses: &[(usize, Option<f64>)]| -> serde_json::Value {
@@ -389,7 +389,7 @@ fn loss_spikes_finds_a_rise_over_the_running_minimum() {
         let out = run(Command::new(py)
             .arg(root().join("scripts/loss_spikes.py"))
             .arg(&dir)
-            .args(["--skip", "5", "--rise", "0.5"]));
+            .args(["--skip", "15", "--window", "10", "--rise", "1.0"]));
         serde_json::from_str(out.trim()).unwrap()
     };
     let falling: Vec<(usize, Option<f64>)> = (1..=40)
@@ -397,8 +397,12 @@ fn loss_spikes_finds_a_rise_over_the_running_minimum() {
         .collect();
     let r = spikes(&falling);
     assert_eq!(r["spikes"], 0, "{r}");
-    assert_eq!(r["steps"], 40, "{r}");
-    assert!(r["max_rise"].as_f64().unwrap() < 0.5, "{r}");
+    assert_eq!(
+        (r["logged"].clone(), r["last_step"].clone()),
+        (40.into(), 40.into()),
+        "{r}"
+    );
+    assert!(r["max_rise"].as_f64().unwrap() < 1.0, "{r}");
 
     let mut spiking = falling.clone();
     spiking[29].1 = Some(spiking[29].1.unwrap() + 2.0);
@@ -408,7 +412,8 @@ fn loss_spikes_finds_a_rise_over_the_running_minimum() {
     assert_eq!(r["max_rise_step"], 30, "{r}");
 
     let mut early = falling.clone();
-    early[2].1 = Some(early[2].1.unwrap() + 2.0);
+    // Step 13: past the first 10-step mean, so only the skip keeps it out.
+    early[12].1 = Some(early[12].1.unwrap() + 2.0);
     assert_eq!(
         spikes(&early)["spikes"],
         0,

@@ -801,6 +801,7 @@ gpu_test!(gemm::an_accumulated_gradient_holds_when_its_gemm_is_timed);
 
 #[cfg(feature = "cuda")]
 mod gemm {
+    use candle_core::backprop::GradStore;
     use candle_core::{DType, Device, Tensor, Var};
     use temper::kernels::bias::BiasAct;
     use temper::kernels::cuda::gemm::{aligned, prepared};
@@ -1013,16 +1014,19 @@ mod gemm {
     }
 
     /// One input feeding two GEMMs on a block tape (as q, k and v share the normed input):
-    /// the second GEMM adds its dx into the first's in place (beta = 1). Under
-    /// `TEMPER_GEMM_TUNE=timed` such a GEMM is timed into a scratch output, never into the
-    /// gradient it adds to; the gradients must come out as with the heuristic's choice and as
-    /// the reference's. 2 m n k is at or above `TUNE_MIN_FLOP` for every GEMM here, so each is
-    /// timed on its first call.
+    /// the tape runs the later GEMM's backward first, and the earlier one adds its dx into
+    /// that gradient in place (beta = 1). Under `TEMPER_GEMM_TUNE=timed` such a GEMM is timed
+    /// into a scratch output, never into the gradient it adds to. A problem is timed once, on
+    /// its first call, whatever its beta: so the later branch here is `(x w2^T) w3^T`, whose
+    /// dx GEMM contracts over n2, not n, and the accumulating GEMM (over n) is the first of its
+    /// problem and the one timed (2 m k n is above `TUNE_MIN_FLOP`). Timing into the gradient
+    /// itself would add each candidate's product to it again. The gradients must come out as
+    /// with the heuristic's choice and as the reference's.
     pub fn an_accumulated_gradient_holds_when_its_gemm_is_timed(dev: &Device) {
         use temper::kernels::cuda::{timing_first_calls, GemmTune};
         use temper::tape;
         let (mut rng, seed) = Rng::fresh(0xacc6);
-        let (m, k, n) = (515, 256, 392);
+        let (m, k, n, n2) = (515, 256, 392, 328);
         for dtype in [DType::BF16, DType::F16] {
             let mk = |rng: &mut Rng, r: usize, c: usize| {
                 Tensor::from_vec(rng.vec(r * c, -1.0, 1.0), (r, c), dev)
@@ -1031,31 +1035,33 @@ mod gemm {
             };
             let x = Var::from_tensor(&mk(&mut rng, m, k)).unwrap();
             let w1 = Var::from_tensor(&mk(&mut rng, n, k)).unwrap();
-            let w2 = Var::from_tensor(&mk(&mut rng, n, k)).unwrap();
+            let w2 = Var::from_tensor(&mk(&mut rng, n2, k)).unwrap();
+            // Scaled so that both branches are of one size.
+            let w3 = Var::from_tensor(&(mk(&mut rng, n, n2) * 0.1).unwrap()).unwrap();
             let dy = mk(&mut rng, m, n);
-            let grads =
-                |y: &Tensor, backward: &dyn Fn(&Tensor) -> candle_core::backprop::GradStore| {
-                    let g = backward(&(y * &dy).unwrap().sum_all().unwrap());
-                    [&x, &w1, &w2].map(|v| g.get(v.as_tensor()).unwrap().clone())
-                };
-            let (w1t, w2t) = (w1.as_tensor(), w2.as_tensor());
+            let vars = [&x, &w1, &w2, &w3];
+            let grads = |y: &Tensor, backward: &dyn Fn(&Tensor) -> GradStore| {
+                let g = backward(&(y * &dy).unwrap().sum_all().unwrap());
+                vars.map(|v| g.get(v.as_tensor()).unwrap().clone())
+            };
+            let (w1t, w2t, w3t) = (w1.as_tensor(), w2.as_tensor(), w3.as_tensor());
             let taped = || {
                 let y = tape::segment(x.as_tensor(), |x| {
                     let a = matmul_nt(x, w1t, KernelChoice::Custom)?;
-                    let b = matmul_nt(x, w2t, KernelChoice::Custom)?;
+                    let h = matmul_nt(x, w2t, KernelChoice::Custom)?;
+                    let b = matmul_nt(&h, w3t, KernelChoice::Custom)?;
                     Ok(tape::add(&a, &b)?)
                 })
                 .unwrap();
                 grads(&y, &|l| tape::backward(l).unwrap())
             };
-            let both = (reference(x.as_tensor(), w1t).unwrap()
-                + reference(x.as_tensor(), w2t).unwrap())
-            .unwrap();
+            let r = |a: &Tensor, w: &Tensor| reference(a, w).unwrap();
+            let both = (r(x.as_tensor(), w1t) + r(&r(x.as_tensor(), w2t), w3t)).unwrap();
             let want = grads(&both, &|l| l.backward().unwrap());
             let heuristic = GemmTune::Heuristic.scope(taped);
             let timed = GemmTune::Timed.scope(|| timing_first_calls(taped));
             for (call, got) in [("heuristic", &heuristic), ("timed", &timed)] {
-                for (name, g, r) in ["dx", "dw1", "dw2"]
+                for (name, g, r) in ["dx", "dw1", "dw2", "dw3"]
                     .into_iter()
                     .zip(got)
                     .zip(&want)

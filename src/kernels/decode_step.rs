@@ -157,6 +157,13 @@ pub fn advance(
         );
     }
     check_step(step)?;
+    // The path follows ids' device; the CPU ops would refuse a CUDA tensor only halfway.
+    if [sampled, positions, step, mask]
+        .iter()
+        .any(|t| !t.device().same_device(ids.device()))
+    {
+        candle_core::bail!("advance: ids, sampled, positions, step and mask must share a device");
+    }
     #[cfg(feature = "cuda")]
     if ids.device().is_cuda() {
         return super::cuda::decode_step::advance(ids, sampled, positions, step, mask);

@@ -295,7 +295,7 @@ struct FlashAttn {
 /// Keys per block of the tensor-core backward on `dev`: `imp`'s choice where its shared memory
 /// fits the device's per-block opt-in limit, else 64. sm_86 and sm_89 allow 99 KiB a block,
 /// less than the 128-key backward takes at D = 128 (106.5 KiB). Public so that a GPU test can
-/// tell the wide backward ran rather than its fallback.
+/// tell which one a card would be given.
 pub fn bwd_block_k_on(dev: &CudaDevice, imp: AttnImpl, d: usize) -> Result<usize> {
     let bk = imp.bwd_block_k();
     if bk == 64 {

@@ -59,8 +59,6 @@ fn at_mut<'a>(
 ) -> Result<(u64, Guard<'a>)> {
     let bytes = (l.start_offset() * s.dtype().size_in_bytes()) as u64;
     let (ptr, guard) = match s.dtype() {
-        DType::I64 => s.as_cuda_slice_mut::<i64>()?.device_ptr_mut(stream),
-        DType::U32 => s.as_cuda_slice_mut::<u32>()?.device_ptr_mut(stream),
         DType::F32 => s.as_cuda_slice_mut::<f32>()?.device_ptr_mut(stream),
         DType::BF16 => s.as_cuda_slice_mut::<half::bf16>()?.device_ptr_mut(stream),
         DType::F16 => s.as_cuda_slice_mut::<half::f16>()?.device_ptr_mut(stream),

@@ -752,7 +752,6 @@ fn dx_da_gemms<T: CudaDType + DeviceRepr + WithDType>(
     )
 }
 
-/// Contiguous, starting on a 16-byte boundary (lora_dy loads dY in 16-byte chunks).
 impl CustomOp3 for LoraOp {
     fn name(&self) -> &'static str {
         "temper-lora-linear"
@@ -797,6 +796,7 @@ impl CustomOp3 for LoraOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         spans::timed(KernelOp::Lora, Pass::Backward, x.device(), || {
+            // lora_dy loads dY in 16-byte chunks.
             let dy = contiguous16(grad)?;
             let (dx, da, db) = match x.dtype() {
                 DType::F32 => self.backward::<f32>(x, a, &dy)?,

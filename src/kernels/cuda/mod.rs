@@ -345,13 +345,14 @@ pub fn aligned16<T>(offsets: &[usize]) -> bool {
 }
 
 /// `t` contiguous and starting on a 16-byte boundary, as kernels that load 16-byte chunks
-/// (cp.async, ldmatrix tiles) read it: itself, or a copy.
+/// (cp.async, ldmatrix tiles) read it: itself, or a copy into fresh storage
+/// (`force_contiguous`: `copy` would keep the view's offset, and with it the misalignment).
 pub fn contiguous16(t: &Tensor) -> Result<Tensor> {
     let t = t.contiguous()?;
     if (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16) {
         Ok(t)
     } else {
-        t.copy()
+        t.force_contiguous()
     }
 }
 
@@ -435,6 +436,23 @@ mod tests {
             .to_string();
         assert!(err.contains("rope_fwd_bf16 (kernels/rope.cu)"), "{err}");
         assert!(err.contains("[\"gelu\", \"bias\"]"), "{err}");
+    }
+
+    /// A view that starts off a 16-byte boundary comes back as a copy that starts on one
+    /// (the kernels' 16-byte loads would fault on it); an aligned view comes back as it is.
+    #[test]
+    fn contiguous16_moves_a_misaligned_view_to_an_aligned_start() {
+        let dev = candle_core::Device::Cpu;
+        let t = Tensor::arange(0f32, 40.0, &dev)
+            .and_then(|t| t.to_dtype(candle_core::DType::BF16))
+            .unwrap();
+        let odd = t.narrow(0, 3, 16).unwrap();
+        let moved = contiguous16(&odd).unwrap();
+        assert_eq!(moved.layout().start_offset(), 0);
+        let values = |t: &Tensor| t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>();
+        assert_eq!(values(&moved).unwrap(), values(&odd).unwrap());
+        let even = t.narrow(0, 8, 16).unwrap();
+        assert_eq!(contiguous16(&even).unwrap().layout().start_offset(), 8);
     }
 
     #[test]
