@@ -108,6 +108,7 @@ const RESULTS: &str = r#"{"section":"device","bench":"device","name":"NVIDIA H20
 {"section":"bench-generate-timed","bench":"generate","shape":"B64 L256 N128","impl":"ours-gemm-timed","tokens_per_s":48000.0,"ms_decode_step":1.2,"ms_floor_step":0.75}
 {"section":"gpt2-loss","status":"ok","seconds":30}
 {"section":"gpt2-loss","bench":"loss_spikes","run":"gpt2 preset, warmup 100","logged":400,"last_step":400,"first":5.61,"min":1.2,"last":1.25,"max_rise":0.31,"max_rise_step":212,"spikes":0,"first_spike_step":null,"nonfinite":0,"skip":10,"window":10,"rise":1.0}
+{"section":"bench-generate-fixed","bench":"generate","shape":"B64 L256 N128","impl":"ours-fixed-shapes","tokens_per_s":20000.0,"ms_decode_step":3.0,"ms_floor_step":0.75}
 {"section":"ppo-update","bench":"ppo_update","step":1,"gen_share":0.4,"gen_s":4.0,"score_s":1.0,"train_s":5.0,"gen_tokens_per_s":2048.0,"gen_graph_replays":127}
 {"section":"bench-attention","bench":"check","of":"attention","shape":"B2 H4 T100 D64","impl":"ours-mma","what":"direct backward vs autograd","max_rel_diff":1.5e-03}
 {"section":"bench-lora","bench":"check","of":"lora","shape":"r16 M64 K64 N64","impl":"fused","what":"direct backward vs autograd","max_rel_diff":inf}
@@ -253,6 +254,15 @@ fn the_table_divides_each_measurement_by_its_peer_from_the_same_run() {
             "bandwidth floor (4.1 TB/s)"
         ),
         "1.60"
+    );
+    assert_eq!(
+        ratio(
+            &md,
+            "generate decode step",
+            "fixed-shapes ms",
+            "bandwidth floor (4.1 TB/s)"
+        ),
+        "4.00"
     );
     assert!(md.contains("generation share 0.40 (goal < 0.5)"), "{md}");
     assert!(
@@ -430,4 +440,66 @@ fn loss_spikes_finds_a_rise_over_the_baseline() {
     );
     assert_eq!(r["first_spike_step"], 21, "{r}");
     fs::remove_dir_all(dir).ok();
+}
+
+/// The names inside a bash array assignment `NAME=(...)` of scripts/gpu-check.sh (it may span
+/// lines).
+fn bash_array(script: &str, name: &str) -> Vec<String> {
+    let start = script
+        .find(&format!("\n{name}=("))
+        .unwrap_or_else(|| panic!("gpu-check.sh has no {name}=(...)"));
+    let body = &script[start + name.len() + 3..];
+    let end = body.find(')').expect("the array closes");
+    body[..end]
+        .split_whitespace()
+        .map(|w| w.trim_matches('\'').to_string())
+        .collect()
+}
+
+/// TEMPER_CHECK_PART's three parts cover every section of scripts/gpu-check.sh once (the
+/// shared ones aside), and name none that does not exist: a section added without a part
+/// would never run in a split check, and a misspelt name would silently run nothing.
+#[test]
+fn every_section_is_in_exactly_one_part() {
+    let script = fs::read_to_string(root().join("scripts/gpu-check.sh")).unwrap();
+    let mut sections: Vec<String> = Vec::new();
+    for line in script.lines().map(str::trim_start) {
+        let line = line.strip_prefix("MEM=1 ").unwrap_or(line);
+        if let Some(rest) = line.strip_prefix("section ") {
+            let name = rest.split_whitespace().next().unwrap();
+            if !name.contains('$') {
+                sections.push(name.to_string());
+            }
+        }
+    }
+    let specs = script
+        .split("for spec in ")
+        .nth(1)
+        .expect("the kernel benches' loop")
+        .split("; do")
+        .next()
+        .unwrap();
+    for spec in specs.split_whitespace().filter(|w| *w != "\\") {
+        let bench = spec.split(':').next().unwrap();
+        sections.push(format!("bench-{bench}"));
+        sections.push(format!("peer-{bench}"));
+    }
+    assert!(sections.len() >= 30, "found only {sections:?}");
+    let shared = bash_array(&script, "SHARED");
+    let parts: Vec<Vec<String>> = ["PART_1", "PART_2", "PART_3"]
+        .iter()
+        .map(|p| bash_array(&script, p))
+        .collect();
+    for s in &sections {
+        let homes = parts.iter().filter(|p| p.contains(s)).count();
+        let expected = usize::from(!shared.contains(s));
+        assert_eq!(homes, expected, "section {s} is in {homes} parts");
+    }
+    for name in parts.iter().flatten().chain(&shared) {
+        assert!(
+            name == "test-.*" || sections.contains(name),
+            "part entry {name} names no section"
+        );
+    }
+    assert!(parts[0].contains(&"test-.*".to_string()));
 }
