@@ -503,3 +503,155 @@ fn every_section_is_in_exactly_one_part() {
     }
     assert!(parts[0].contains(&"test-.*".to_string()));
 }
+
+/// The stand-in for `.gpu/run-on-device.sh` in the dry run below: it lists a bundle and
+/// answers each executable with lines of the shape the real one prints (the temper CLI writes
+/// the metrics its sections read).
+const FAKE_BUNDLE: &str = r#"#!/usr/bin/env bash
+name="$1"; shift
+arg() { local want="$1"; shift; while (($#)); do [[ "$1" == "$want" ]] && { echo "$2"; return; }; shift; done; }
+case "$name" in
+  list) printf '%s\n' test-gpu_fake bench-train_step bench-generate bench-attention bench-lora \
+          bench-train_ops bench-rmsnorm bench-gae bench-allreduce temper ;;
+  test-*) echo "test result: ok. 2 passed; 0 failed; 0 ignored"; echo "SKIPPED (no CUDA device): x" ;;
+  bench-train_step)
+    echo "{\"bench\":\"train_step\",\"impl\":\"$(arg --impl "$@")\",\"batch\":16,\"seq\":1024,\"ms\":40.0,\"tokens_per_s\":409600.0,\"first_loss\":10.9,\"last_loss\":9.1,\"pool_peak_gib\":8.2}" ;;
+  bench-generate)
+    impl=temper
+    case "$(arg --decode "$@")" in fixed) impl=ours-fixed-shapes ;; dynamic) impl=ours-dynamic-shapes ;; esac
+    [[ "${TEMPER_GEMM_TUNE:-}" == timed ]] && impl=ours-gemm-timed
+    echo "{\"bench\":\"generate\",\"shape\":\"B64 L256 N128\",\"impl\":\"$impl\",\"tokens_per_s\":30000.0,\"ms_decode_step\":1.5,\"ms_floor_step\":0.75}" ;;
+  bench-attention) echo '{"bench":"attention","shape":"B4 H12 T1024 D64 causal","impl":"ours-mma","pass":"fwd","ms":0.1,"tflops":200.0}' ;;
+  bench-lora) echo '{"bench":"lora","shape":"r16 M8192 K4096 N4096","impl":"fused","fwd_ms":0.42,"fwd_bwd_ms":0.9}' ;;
+  bench-*) echo "{\"bench\":\"${name#bench-}\",\"shape\":\"s\",\"impl\":\"ours\",\"ms\":1.0}" ;;
+  temper)
+    out="$(arg --out "$@")"; mkdir -p "$out"
+    case "$1" in
+      pretrain) for s in $(seq 1 40); do
+          echo "{\"loss\":$(awk "BEGIN{print 1 + 5 / $s}"),\"split\":\"train\",\"step\":$s}"
+        done >"$out/metrics.jsonl" ;;
+      ppo) echo '{"step":1,"split":"train","gen_s":1.0,"score_s":0.1,"train_s":2.0,"gen_tokens_per_s":8192.0,"gen_graph_replays":127}' >"$out/metrics.jsonl" ;;
+    esac ;;
+  *) echo "fake bundle: no $name" >&2; exit 3 ;;
+esac
+"#;
+
+/// One run of scripts/gpu-check.sh from a copy of scripts/ beside the fake bundle above, with
+/// a `torch` that refuses to import (every PyTorch peer fails at once, as a failed section).
+/// Returns the table, the raw results and the script's stderr.
+fn dry_run(part: Option<&str>) -> (String, String, String) {
+    let dir = scratch(&format!("dry-{}", part.unwrap_or("all")));
+    let copy = |from: &Path, to: &Path| {
+        fs::create_dir_all(to).unwrap();
+        for e in fs::read_dir(from).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() {
+                fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+            }
+        }
+    };
+    copy(&root().join("scripts"), &dir.join("scripts"));
+    fs::create_dir_all(dir.join(".gpu")).unwrap();
+    let bundle = dir.join(".gpu/run-on-device.sh");
+    fs::write(&bundle, FAKE_BUNDLE).unwrap();
+    run(Command::new("chmod").arg("+x").arg(&bundle));
+    fs::write(dir.join(".gpu/bundle.tar.xz"), b"").unwrap();
+    let notorch = dir.join("notorch");
+    fs::create_dir_all(&notorch).unwrap();
+    fs::write(
+        notorch.join("torch.py"),
+        "raise ImportError('no torch in the dry run')\n",
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let mut cmd = Command::new("bash");
+    cmd.arg(dir.join("scripts/gpu-check.sh"))
+        .env("OUT", &out)
+        .env("PYTHONPATH", &notorch)
+        .env("TEMPER_CHECK_BUDGET_S", "300")
+        .env_remove("TEMPER_CHECK_ONLY")
+        .env_remove("TEMPER_CHECK_PART");
+    if let Some(p) = part {
+        cmd.env("TEMPER_CHECK_PART", p);
+    }
+    let o = cmd.output().expect("spawn bash");
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    let md = fs::read_to_string(out.join("gpu-check.md"))
+        .unwrap_or_else(|e| panic!("no gpu-check.md ({e}); stderr:\n{stderr}"));
+    let results = fs::read_to_string(out.join("results.jsonl")).unwrap();
+    fs::remove_dir_all(dir).ok();
+    (md, results, stderr)
+}
+
+/// The whole of scripts/gpu-check.sh runs through on the CPU against a fake bundle: every
+/// section ends with a status, the temper sections' lines reach the table, nothing trips
+/// bash's unset-variable check or a missing script, and TEMPER_CHECK_PART keeps to its part.
+/// What `bash -n` and the table's fixtures cannot see: the control flow between the sections.
+#[test]
+fn the_whole_check_runs_through_on_a_fake_bundle() {
+    if python().is_none() {
+        return;
+    }
+    let (md, results, stderr) = dry_run(None);
+    for bad in ["unbound variable", "syntax error", "scripts/", "Traceback"] {
+        let hits: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains(bad) && !l.contains("no torch in the dry run"))
+            .filter(|l| !(bad == "scripts/" && !l.contains("No such file")))
+            .filter(|l| !(bad == "Traceback" && !l.contains("gpu_check_table")))
+            .collect();
+        assert!(hits.is_empty(), "{bad}: {hits:?}\n{stderr}");
+    }
+    let status = |name: &str| -> Option<String> {
+        results.lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            (v["section"] == name && v.get("status").is_some())
+                .then(|| v["status"].as_str().unwrap().to_string())
+        })
+    };
+    for s in [
+        "unpack",
+        "test-gpu_fake",
+        "train-ours",
+        "bench-generate",
+        "ppo-init",
+        "ppo-update",
+        "gpt2-loss",
+        "bench-attention",
+        "bench-lora",
+        "train-attn-wide",
+        "pipeline",
+        "train-reference",
+    ] {
+        assert_eq!(status(s).as_deref(), Some("ok"), "{s}\n{stderr}");
+    }
+    assert!(
+        status("train-torch-eager").is_some_and(|s| s.starts_with("failed")),
+        "{results}"
+    );
+    assert!(md.contains("| test-gpu_fake | 2 | 0 | 1 | ok |"), "{md}");
+    assert!(
+        md.contains("Training loss of gpt2 preset, warmup 100 (ok): to step 40"),
+        "{md}"
+    );
+    assert!(md.contains("PPO update at GPT-2 small, step 1"), "{md}");
+    assert!(
+        md.contains("| generate decode step | B64 L256 N128 | fixed-shapes ms |"),
+        "{md}"
+    );
+
+    let (_, results, stderr) = dry_run(Some("2"));
+    let ran = |name: &str| {
+        results
+            .lines()
+            .any(|l| l.contains(&format!("\"section\":\"{name}\",\"status\":\"ok\"")))
+    };
+    assert!(
+        ran("gpt2-loss") && ran("train-ours") && ran("unpack"),
+        "{stderr}"
+    );
+    assert!(
+        !ran("bench-attention") && !ran("test-gpu_fake") && !ran("pipeline"),
+        "{results}"
+    );
+}
