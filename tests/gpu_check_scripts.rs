@@ -2,7 +2,9 @@
 //! scarce: a typo found there costs the whole call. This checks on CPU CI what can be checked
 //! without a GPU: every script parses, the final table turns the benches' JSON lines (as the
 //! benches and their PyTorch peers print them) into the right ratios, a failed section shows
-//! as failed, and the ncu summary's classifier knows every entry point in kernels/ as ours.
+//! as failed, the ncu summary's classifier knows every entry point in kernels/ as ours, every
+//! section belongs to one of TEMPER_CHECK_PART's parts, and the whole script runs through
+//! against a fake bundle (the control flow between its sections).
 
 mod common;
 
