@@ -422,14 +422,9 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     if (!blind) {
 #pragma unroll
       for (int kk = 0; kk < BQ / 16; ++kk) {
-        const uint32_t ap[4] = {Mma<T>::pack(sT[2 * kk][0], sT[2 * kk][1]),
-                                Mma<T>::pack(sT[2 * kk][2], sT[2 * kk][3]),
-                                Mma<T>::pack(sT[2 * kk + 1][0], sT[2 * kk + 1][1]),
-                                Mma<T>::pack(sT[2 * kk + 1][2], sT[2 * kk + 1][3])};
-        const uint32_t ad[4] = {Mma<T>::pack(dpT[2 * kk][0], dpT[2 * kk][1]),
-                                Mma<T>::pack(dpT[2 * kk][2], dpT[2 * kk][3]),
-                                Mma<T>::pack(dpT[2 * kk + 1][0], dpT[2 * kk + 1][1]),
-                                Mma<T>::pack(dpT[2 * kk + 1][2], dpT[2 * kk + 1][3])};
+        uint32_t ap[4], ad[4];
+        acc_to_a<T>(ap, sT[2 * kk], sT[2 * kk + 1]);
+        acc_to_a<T>(ad, dpT[2 * kk], dpT[2 * kk + 1]);
 #pragma unroll
         for (int n2 = 0; n2 < NBD / 2; ++n2) {
           const int row = kk * 16 + (lane & 15), col = n2 * 16 + (lane >> 4) * 8;

@@ -4,6 +4,7 @@
 //   swz<D>           XOR-swizzled offset in a [rows][D] tile
 //   load_tile        rows of a [*, D] global matrix into a swizzled tile, via cp.async
 //   store_pair       two f32 -> two adjacent T in global memory
+//   acc_to_a         two m16n8 f32 accumulator tiles -> one m16k16 A operand
 //   atomic_add2      two adjacent f32 atomic adds (one vector atomic on sm_90)
 // Header-only and `static __device__ __forceinline__`, like common.cuh.
 #pragma once
@@ -37,6 +38,19 @@ static __device__ __forceinline__ void load_tile(T *tile, const T *src, int nval
 template <typename T>
 static __device__ __forceinline__ void store_pair(T *dst, float lo, float hi) {
   *reinterpret_cast<uint32_t *>(dst) = Mma<T>::pack(lo, hi);
+}
+
+// The A operand (m16k16) of a product that reads a result back in: the accumulator tiles
+// `lo` (columns k..k+7) and `hi` (k+8..k+15) already hold each thread's values where the A
+// layout wants them, so converting and pairing them is all it takes (P V in the forward,
+// P^T dO and dS^T Q in the backward).
+template <typename T>
+static __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&lo)[4],
+                                                const float (&hi)[4]) {
+  a[0] = Mma<T>::pack(lo[0], lo[1]);
+  a[1] = Mma<T>::pack(lo[2], lo[3]);
+  a[2] = Mma<T>::pack(hi[0], hi[1]);
+  a[3] = Mma<T>::pack(hi[2], hi[3]);
 }
 
 static __device__ __forceinline__ void atomic_add2(float *dst, float x, float y) {
