@@ -36,8 +36,8 @@ use super::super::spans::{self, Pass};
 use super::super::KernelOp;
 use super::{
     alloc_out, compute_capability, contiguous16, contiguous_view, cuda_storage, grid_stride,
-    launch, load_func, opt_view, sm_count, tensor_from_slice, to_i32, DevPtr, DevPtrs, Guarded,
-    KernelParams, LaunchConfig,
+    launch, load_func, opt_view, sm_count, starts16, tensor_from_slice, to_i32, DevPtr, DevPtrs,
+    Guarded, KernelParams, LaunchConfig,
 };
 
 /// Query blocks up to this many rows take the decode path (the decode stream where it
@@ -499,9 +499,7 @@ impl FlashAttn {
         let fits = self.imp == AttnImpl::Auto
             && matches!(dtype, DType::BF16 | DType::F16)
             && matches!(dims.d, 64 | 128)
-            && kv
-                .iter()
-                .all(|l| (l.start_offset() * dtype.size_in_bytes()).is_multiple_of(16));
+            && kv.iter().all(|l| starts16(l, dtype));
         match dims.groups() * dims.tq {
             1 if fits => Some(1),
             2..=4 if fits => Some(4),
@@ -878,8 +876,6 @@ pub fn decode_fresh(
     let Some(r) = op.decode_rows(dt, &dims, [kc.layout(), vc.layout()]) else {
         return Ok(None);
     };
-    let aligned16 =
-        |t: &Tensor| (t.layout().start_offset() * dt.size_in_bytes()).is_multiple_of(16);
     let table = [b, 1, 1, d / 2];
     let rope_fits =
         rope.is_none_or(|(c, s)| [c, s].iter().all(|t| t.dims() == table && t.dtype() == dt));
@@ -888,7 +884,7 @@ pub fn decode_fresh(
         && vc.dims() == kc.dims()
         && y.dims() == [b, 1, (hq + 2 * hkv) * d]
         && y.is_contiguous()
-        && aligned16(y)
+        && starts16(y.layout(), dt)
         && kc.is_contiguous()
         && vc.is_contiguous()
         && step.dims() == [2]

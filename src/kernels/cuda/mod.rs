@@ -344,12 +344,18 @@ pub fn aligned16<T>(offsets: &[usize]) -> bool {
         .all(|o| (o * std::mem::size_of::<T>()).is_multiple_of(16))
 }
 
+/// Whether a tensor of `dtype` laid out as `l` starts on a 16-byte boundary of its buffer
+/// (allocations themselves are aligned).
+pub fn starts16(l: &Layout, dtype: candle_core::DType) -> bool {
+    (l.start_offset() * dtype.size_in_bytes()).is_multiple_of(16)
+}
+
 /// `t` contiguous and starting on a 16-byte boundary, as kernels that load 16-byte chunks
 /// (cp.async, ldmatrix tiles) read it: itself, or a copy into fresh storage
 /// (`force_contiguous`: `copy` would keep the view's offset, and with it the misalignment).
 pub fn contiguous16(t: &Tensor) -> Result<Tensor> {
     let t = t.contiguous()?;
-    if (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16) {
+    if starts16(t.layout(), t.dtype()) {
         Ok(t)
     } else {
         t.force_contiguous()
