@@ -182,42 +182,80 @@ pub struct LaunchArgs {
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
+    /// A checkpoint, run directory, Hugging Face model directory or PEFT adapter directory.
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// A prompt, used as written (repeat the flag for more).
     #[arg(long)]
     pub prompt: Vec<String>,
-    /// JSONL file of {"prompt": ...} records.
+    /// JSONL file of {"prompt": ...} records; a prompt may be a list of chat messages, rendered
+    /// with the chat template. Every field of a record is copied to its output lines.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
+    /// The chat template for message-list prompts: a tokenizer_config.json or a .jinja file.
+    /// Default: the checkpoint's tokenizer_config.json, else the built-in template.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
+    /// Write the completions (JSONL) to FILE, flushed after every batch, instead of standard
+    /// output.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Continue the --out file an interrupted run left, after its last complete line.
+    #[arg(long)]
+    pub resume: bool,
+    /// Completions per prompt (vLLM's n, transformers' num_return_sequences); each prompt is
+    /// prefilled once for all of them.
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// Rows (prompts × samples) per engine call: what bounds the KV cache's memory.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// New tokens at most per completion.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.8)]
     pub temperature: f64,
+    /// Sample among the k most likely tokens only; 0 keeps them all.
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    /// Sample from the smallest set of tokens whose probability reaches p; 1 keeps them all.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
+    /// A string that ends a completion (cut before it); repeat the flag for more. EOS and
+    /// the checkpoint's stop ids always end one.
     #[arg(long)]
     pub stop: Vec<String>,
+    /// Seed of the sampling streams: the same seed gives the same completions, whatever
+    /// --batch-size.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, value_enum, default_value_t)]
     pub device: DeviceChoice,
+    /// Kernel choices, e.g. attention=reference or all=reference.
     #[arg(long, default_value = "")]
     pub kernels: String,
 }
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
+    /// A checkpoint, run directory, Hugging Face model directory or PEFT adapter directory.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// JSONL of {"prompt", "answer"}; the built-in task's held-out prompts when absent.
+    /// JSONL of {"prompt", "answer"}; the built-in task's held-out prompts when absent. A
+    /// prompt may be a list of chat messages, rendered with the chat template.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
+    /// The chat template for message-list prompts: a tokenizer_config.json or a .jinja file.
+    /// Default: the checkpoint's tokenizer_config.json, else the built-in template.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
+    /// New tokens at most per greedy answer.
     #[arg(long, default_value_t = 8)]
     pub max_new_tokens: usize,
     #[arg(long, value_enum, default_value_t)]
     pub device: DeviceChoice,
+    /// Seed of the built-in task's world (its held-out prompts).
     #[arg(long, default_value_t = 0)]
     pub task_seed: u64,
 }

@@ -8,14 +8,15 @@ use temper::cli::{
     Cli, Command, EvalArgs, ExportArgs, GenerateArgs, LaunchArgs, StageArgs, TokenizerCmd,
 };
 use temper::config::Stage;
-use temper::data::records::load_prompts;
+use temper::data::records::load_prompts_templated;
 use temper::data::tokenizer::train_bpe;
 use temper::dist::preempt::{self, Preempted, EXIT_PREEMPTED};
 use temper::dist::{launch, Communicator, PeerFailed, Rank, ThreadGroup};
-use temper::generate::{generate, RowKeys, SampleCfg};
+use temper::generate::SampleCfg;
 use temper::kernels::KernelSet;
 use temper::model::linear::Ctx;
 use temper::stages::loader::{policy_from, read_checkpoint};
+use temper::stages::setup::template_for;
 use temper::stages::{self, Env};
 use temper::train::params::ParamStore;
 
@@ -128,18 +129,14 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     let loaded = read_checkpoint(&a.checkpoint, &device)?;
     let mut store = ParamStore::new(device.clone(), 0);
     let net = policy_from(&loaded, &mut store, None)?;
-    let tok = &loaded.tokenizer;
-    let mut prompts = a.prompt.clone();
+    let mut requests = stages::generate::inline_prompts(&a.prompt);
     if let Some(p) = &a.prompts {
-        prompts.extend(load_prompts(p)?.into_iter().map(|r| r.prompt));
+        let template = template_for(a.chat_template.as_deref(), Some(&a.checkpoint))?;
+        requests.extend(load_prompts_templated(p, template.as_ref())?);
     }
-    if prompts.is_empty() {
+    if requests.is_empty() {
         bail!("generate: give --prompt TEXT or --prompts FILE.jsonl");
     }
-    let ids: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| tok.encode(p))
-        .collect::<Result<_>>()?;
     let cfg = SampleCfg {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
@@ -155,22 +152,23 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         dropout_seed: None,
         tape: false,
     };
-    let g = generate(
-        &net,
-        ctx,
-        tok,
-        &ids,
-        &cfg,
-        &RowKeys::range(a.seed, 0, ids.len()),
-    )?;
-    for (p, t) in prompts.iter().zip(&g.texts) {
-        println!("{}", serde_json::json!({"prompt": p, "completion": t}));
+    let job = stages::generate::Job {
+        cfg: &cfg,
+        seed: a.seed,
+        samples: a.samples,
+        batch_rows: a.batch_size,
+    };
+    let mut sink = stages::generate::Sink::open(a.out.as_deref(), a.resume)?;
+    let s = stages::generate::run(&net, ctx, &loaded.tokenizer, &requests, &job, &mut sink)?;
+    if s.resumed > 0 {
+        eprintln!("resumed after {} completions already written", s.resumed);
     }
     eprintln!(
-        "generated {} tokens in {:.2}s ({:.1} tokens/s)",
-        g.stats.new_tokens,
-        g.stats.seconds,
-        g.stats.tokens_per_s()
+        "generated {} completions, {} tokens in {:.2}s ({:.1} tokens/s)",
+        s.rows,
+        s.new_tokens,
+        s.seconds,
+        s.new_tokens as f64 / s.seconds.max(1e-9)
     );
     Ok(())
 }
@@ -181,7 +179,10 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
     let mut store = ParamStore::new(device.clone(), 0);
     let net = policy_from(&loaded, &mut store, None)?;
     let prompts = match &a.prompts {
-        Some(p) => load_prompts(p)?,
+        Some(p) => {
+            let template = template_for(a.chat_template.as_deref(), Some(&a.checkpoint))?;
+            load_prompts_templated(p, template.as_ref())?
+        }
         None => temper::data::synthetic::Synthetic::new(a.task_seed)
             .prompts(temper::data::synthetic::Split::Eval, usize::MAX),
     };

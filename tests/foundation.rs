@@ -1,9 +1,11 @@
 //! The foundation end to end: pretraining learns, a SIGKILLed run resumes onto the same
 //! curve, the blocks' tape trains as candle's graph does, bad input fails with one clear line,
-//! the KV cache agrees with a full forward, and every parameter receives a gradient.
+//! the KV cache agrees with a full forward, every parameter receives a gradient, and `temper
+//! generate` samples a prompt file in batches, resumably, with chat prompts templated.
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
@@ -133,7 +135,7 @@ fn the_block_tape_trains_as_candles_graph() {
 
 /// Starts `temper args` writing its run to `out` and SIGKILLs it once a checkpoint of step
 /// `step` or later is in place.
-fn kill_at_checkpoint(args: &[String], out: &std::path::Path, step: usize) {
+fn kill_at_checkpoint(args: &[String], out: &Path, step: usize) {
     let mut child = temper().args(args).spawn().unwrap();
     let latest = out.join("checkpoints/latest");
     let want = format!("step-{step:07}");
@@ -169,7 +171,7 @@ fn bf16_compute_copies_follow_the_casts_and_resume_exactly() {
         write("c.toml", ""),
         write("n.toml", "compute_copies = false\n"),
     );
-    let args = |cfg: &std::path::Path, out: &std::path::Path| -> Vec<String> {
+    let args = |cfg: &Path, out: &Path| -> Vec<String> {
         [
             "pretrain",
             "--config",
@@ -193,7 +195,7 @@ fn bf16_compute_copies_follow_the_casts_and_resume_exactly() {
         .to_vec()
     };
     // The losses, and how many weights the forward read as copies (from the run's report).
-    let run = |cfg: &std::path::Path, name: &str| {
+    let run = |cfg: &Path, name: &str| {
         let out = p(d.path(), name);
         let a = args(cfg, &out);
         let o = run_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
@@ -453,4 +455,199 @@ fn every_parameter_receives_a_gradient() {
             assert!(n > 0.0, "{preset}: {name} has a zero gradient");
         }
     }
+}
+
+/// A Hugging Face fixture model (tests/fixtures/hf/), as `temper generate --checkpoint` takes it.
+fn fixture(family: &str) -> String {
+    format!("{}/tests/fixtures/hf/{family}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `temper generate --prompts FILE` with `extra` flags, the completions' lines parsed.
+fn generate_lines(checkpoint: &str, prompts: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec![
+        "generate",
+        "--checkpoint",
+        checkpoint,
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    let out = run_ok(&args);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Seven prompts with an id each, as a prompts file in `dir`.
+fn numbered_prompts(dir: &Path) -> PathBuf {
+    let path = p(dir, "prompts.jsonl");
+    let body: String = (1..=7)
+        .map(|i| format!("{{\"prompt\": \"{i}+{}=\", \"id\": {i}}}\n", 2 * i))
+        .collect();
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+/// `temper generate` runs a prompt file through the engine in batches of rows: the
+/// completions, drawn `--samples` per prompt, do not depend on the batch size, and each line
+/// keeps its record's fields.
+#[test]
+fn generated_completions_do_not_depend_on_the_batch_size() {
+    let d = tmp();
+    let prompts = numbered_prompts(d.path());
+    let gpt2 = fixture("gpt2");
+    let flags = |batch: &'static str| {
+        [
+            "--samples",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "1",
+            "--seed",
+            "5",
+            "--batch-size",
+            batch,
+        ]
+    };
+    let whole = generate_lines(&gpt2, &prompts, &flags("64"));
+    let batched = generate_lines(&gpt2, &prompts, &flags("4"));
+    assert_eq!(whole.len(), 21);
+    assert_eq!(whole, batched);
+    for (r, line) in whole.iter().enumerate() {
+        assert_eq!(line["id"], (r / 3 + 1) as u64, "{line}");
+        assert_eq!(line["sample"], (r % 3) as u64, "{line}");
+        let reason = line["finish_reason"].as_str().unwrap();
+        assert!(reason == "stop" || reason == "length", "{line}");
+    }
+    // The samples of a prompt are draws of their own, not one draw three times.
+    let texts = |r: usize| whole[r]["completion"].as_str().unwrap().to_string();
+    assert!(
+        (0..7).any(|i| texts(3 * i) != texts(3 * i + 1) || texts(3 * i) != texts(3 * i + 2)),
+        "{whole:?}"
+    );
+}
+
+/// An `--out` file cut short (a whole batch written, the next line half-written) is continued
+/// by `--resume` to the file an uninterrupted run writes; without `--resume` it is left alone,
+/// and a resume with other prompts is refused naming the line and field.
+#[test]
+fn an_interrupted_generation_resumes_after_its_last_complete_line() {
+    let d = tmp();
+    let prompts = numbered_prompts(d.path());
+    let gpt2 = fixture("gpt2");
+    let run = |out: &Path, prompts: &Path, resume: bool| {
+        let (out, prompts) = (out.to_str().unwrap(), prompts.to_str().unwrap());
+        let mut args = vec![
+            "generate",
+            "--checkpoint",
+            &gpt2,
+            "--prompts",
+            prompts,
+            "--out",
+            out,
+            "--samples",
+            "2",
+            "--batch-size",
+            "3",
+            "--max-new-tokens",
+            "5",
+            "--device",
+            "cpu",
+        ];
+        if resume {
+            args.push("--resume");
+        }
+        args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let ok = |args: Vec<String>| run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = |args: Vec<String>| run_err(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let full = p(d.path(), "full.jsonl");
+    ok(run(&full, &prompts, false));
+    let text = std::fs::read_to_string(&full).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 14);
+
+    let cut = p(d.path(), "cut.jsonl");
+    let partial = format!(
+        "{}\n{}",
+        lines[..6].join("\n"),
+        &lines[6][..lines[6].len() / 2]
+    );
+    std::fs::write(&cut, &partial).unwrap();
+    let e = err(run(&cut, &prompts, false));
+    assert!(e.contains("cut.jsonl") && e.contains("--resume"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(&cut).unwrap(),
+        partial,
+        "the file was touched"
+    );
+    let o = ok(run(&cut, &prompts, true));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("resumed after 6"));
+    assert_eq!(std::fs::read_to_string(&cut).unwrap(), text);
+
+    let other = p(d.path(), "other.jsonl");
+    std::fs::write(&other, "{\"prompt\": \"something else\"}\n").unwrap();
+    let e = err(run(&cut, &other, true));
+    assert!(
+        e.contains("cut.jsonl:1") && e.contains("field prompt"),
+        "{e}"
+    );
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+}
+
+/// A prompt given as chat messages is rendered with the checkpoint's chat template (its
+/// tokenizer_config.json), or with `--chat-template` when given, and then generates what that
+/// rendering as a plain prompt generates.
+#[test]
+fn chat_prompts_are_rendered_with_the_checkpoints_template() {
+    use temper::data::chat_template::ChatTemplate;
+    let d = tmp();
+    let qwen = fixture("qwen2");
+    let msgs = serde_json::json!([{"role": "user", "content": "What is 2+3?"}]);
+    let chat = p(d.path(), "chat.jsonl");
+    std::fs::write(&chat, format!("{}\n", serde_json::json!({"prompt": msgs}))).unwrap();
+    let jinja = p(d.path(), "mine.jinja");
+    std::fs::write(
+        &jinja,
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>",
+    )
+    .unwrap();
+    let rendered = |template: &Path| {
+        let t = ChatTemplate::load(template).unwrap();
+        t.render(msgs.as_array().unwrap(), true).unwrap()
+    };
+    let greedy = ["--temperature", "0", "--max-new-tokens", "8"];
+    let completion = |prompts: &Path, extra: &[&str]| {
+        let mut flags = greedy.to_vec();
+        flags.extend_from_slice(extra);
+        let lines = generate_lines(&qwen, prompts, &flags);
+        lines[0]["completion"].as_str().unwrap().to_string()
+    };
+    let plain = |text: String| {
+        let path = p(d.path(), "plain.jsonl");
+        std::fs::write(
+            &path,
+            format!("{}\n", serde_json::json!({ "prompt": text })),
+        )
+        .unwrap();
+        completion(&path, &[])
+    };
+    let own = plain(rendered(
+        &PathBuf::from(&qwen).join("tokenizer_config.json"),
+    ));
+    let mine = plain(rendered(&jinja));
+    assert_ne!(
+        own, mine,
+        "the two renderings must generate apart for this test to tell"
+    );
+    assert_eq!(completion(&chat, &[]), own);
+    assert_eq!(
+        completion(&chat, &["--chat-template", jinja.to_str().unwrap()]),
+        mine
+    );
 }

@@ -3,12 +3,14 @@
 //! the loop), [`loader`] (models from checkpoints), [`batch`] (records to token batches),
 //! [`rl`] (the RL maths PPO and GRPO share) and [`rollout`] (sampling and scoring responses).
 //! A stage module is its task (`micro_batch`, `evaluate`) and a `run(env)` that assembles it.
+//! The commands that train nothing have modules here too: [`generate`], [`eval`], [`export`].
 
 pub mod batch;
 pub mod completions;
 pub mod dpo;
 pub mod eval;
 pub mod export;
+pub mod generate;
 pub mod grpo;
 pub mod loader;
 pub mod pipeline;

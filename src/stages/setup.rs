@@ -95,16 +95,26 @@ impl PolicyPair {
 /// `[data] chat_template`), else the one in the `--init` model's `tokenizer_config.json`,
 /// else none (the built-in template).
 pub fn chat_template(env: &Env) -> Result<Option<ChatTemplate>> {
-    if let Some(t) = &env.cfg.data.chat_template {
+    template_for(
+        env.cfg.data.chat_template.as_deref(),
+        env.cfg.init.as_deref(),
+    )
+}
+
+/// `explicit` (a `tokenizer_config.json` or a .jinja file) when given, else the template in
+/// the `tokenizer_config.json` of `model` (a Hugging Face model directory, or a temper
+/// checkpoint or run directory), else none.
+pub fn template_for(explicit: Option<&Path>, model: Option<&Path>) -> Result<Option<ChatTemplate>> {
+    if let Some(t) = explicit {
         return Ok(Some(ChatTemplate::load(t)?));
     }
-    let Some(init) = &env.cfg.init else {
+    let Some(model) = model else {
         return Ok(None);
     };
-    let dir = if hf::is_model_dir(init) {
-        init.clone()
+    let dir = if hf::is_model_dir(model) {
+        model.to_path_buf()
     } else {
-        match resolve_checkpoint(init) {
+        match resolve_checkpoint(model) {
             Ok(d) => d,
             Err(_) => return Ok(None),
         }

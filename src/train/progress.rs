@@ -9,6 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub struct Progress {
     bar: Option<ProgressBar>,
     label: String,
+    /// What a count counts, in the plain lines: `step` unless [`Progress::unit`] says.
+    unit: String,
     total: usize,
     start: Instant,
     start_step: usize,
@@ -33,10 +35,17 @@ impl Progress {
         Self {
             bar,
             label: label.to_string(),
+            unit: "step".into(),
             total,
             start: Instant::now(),
             start_step,
         }
+    }
+
+    /// Counts `unit`s (rows, prompts) instead of steps.
+    pub fn unit(mut self, unit: &str) -> Self {
+        self.unit = unit.into();
+        self
     }
 
     /// Called every logging interval with the step just finished and its summary.
@@ -51,8 +60,9 @@ impl Progress {
                 let per = self.start.elapsed().as_secs_f64() / done;
                 let eta = per * self.total.saturating_sub(step) as f64;
                 eprintln!(
-                    "[{}] step {step}/{} {summary} eta {}",
+                    "[{}] {} {step}/{} {summary} eta {}",
                     self.label,
+                    self.unit,
                     self.total,
                     fmt_secs(eta)
                 );
