@@ -286,6 +286,30 @@ pub enum TokenizerCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Tokenize a corpus once into token shards (llm.c's .bin layout) that `pretrain --data
+    /// DIR` memory-maps: no tokenizing at the start of every run, no corpus in memory.
+    Encode {
+        /// The corpus: a text or .jsonl file, or a directory, as `pretrain --data` reads one.
+        corpus: PathBuf,
+        /// The tokenizer.json to encode with (copied beside the shards, where pretraining
+        /// finds it); the byte tokenizer when absent.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// An empty (or new) directory for train_NNNNNN.bin and val_NNNNNN.bin.
+        #[arg(long)]
+        out: PathBuf,
+        /// Tokens per shard.
+        #[arg(long, default_value_t = 100_000_000)]
+        shard_tokens: usize,
+        /// Share of documents held out as validation shards (0: none; pretraining then holds
+        /// out the training stream's tail). With the seed, the defaults match pretraining's
+        /// own split of the same text.
+        #[arg(long, default_value_t = 0.1)]
+        val_fraction: f64,
+        /// Seed of the document split (pretraining's default seed).
+        #[arg(long, default_value_t = 1234)]
+        seed: u64,
+    },
 }
 
 impl StageArgs {

@@ -8,8 +8,9 @@ use temper::cli::{
     Cli, Command, EvalArgs, ExportArgs, GenerateArgs, LaunchArgs, StageArgs, TokenizerCmd,
 };
 use temper::config::Stage;
+use temper::data::encode::{encode_corpus, EncodeOpts};
 use temper::data::records::load_prompts_templated;
-use temper::data::tokenizer::train_bpe;
+use temper::data::tokenizer::{train_bpe, Tokenizer};
 use temper::dist::preempt::{self, Preempted, EXIT_PREEMPTED};
 use temper::dist::{launch, Communicator, PeerFailed, Rank, ThreadGroup};
 use temper::generate::SampleCfg;
@@ -119,6 +120,37 @@ fn run(cli: Cli) -> Result<()> {
         }) => {
             let t = train_bpe(&files, vocab_size, &out)?;
             println!("wrote {} ({})", out.display(), t.describe());
+        }
+        Command::Tokenizer(TokenizerCmd::Encode {
+            corpus,
+            tokenizer,
+            out,
+            shard_tokens,
+            val_fraction,
+            seed,
+        }) => {
+            let tok = match &tokenizer {
+                Some(p) => Tokenizer::from_file(p)?,
+                None => Tokenizer::bytes(),
+            };
+            let opts = EncodeOpts {
+                tok: &tok,
+                tokenizer_file: tokenizer.as_deref(),
+                out: &out,
+                shard_tokens,
+                val_fraction,
+                seed,
+            };
+            let e = encode_corpus(&corpus, &opts)?;
+            println!(
+                "wrote {} shards to {}: {} documents, {} train / {} val tokens ({})",
+                e.shards.len(),
+                out.display(),
+                e.documents,
+                e.train_tokens,
+                e.val_tokens,
+                tok.describe()
+            );
         }
     }
     Ok(())

@@ -19,23 +19,13 @@ const CORPUS_EXTS: [&str; 4] = [".txt", ".md", ".text", ".jsonl"];
 /// (recursively; files ending .txt, .md, .text, .jsonl in sorted path order; others
 /// ignored). Empty documents are dropped; a corpus left with none is an error.
 pub fn load_documents(path: &Path) -> Result<Vec<String>> {
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("{}: cannot read corpus", path.display()))?;
     let mut docs = Vec::new();
-    if meta.is_dir() {
-        let mut files = Vec::new();
-        let mut seen = HashSet::new();
-        collect_files(path, &mut files, &mut seen)?;
-        files.sort();
-        for f in &files {
-            read_file_documents(f, &mut docs)?;
-        }
-    } else {
-        read_file_documents(path, &mut docs)?;
+    for f in corpus_files(path)? {
+        read_file_documents(&f, &mut docs)?;
     }
     docs.retain(|d| !d.is_empty());
     if docs.is_empty() {
-        let what = if meta.is_dir() {
+        let what = if path.is_dir() {
             " (no non-empty .txt, .md, .text or .jsonl file under it)"
         } else {
             ""
@@ -43,6 +33,21 @@ pub fn load_documents(path: &Path) -> Result<Vec<String>> {
         bail!("{}: corpus is empty{what}", path.display());
     }
     Ok(docs)
+}
+
+/// The files of a corpus in the order [`load_documents`] reads them: the file itself, or a
+/// directory's corpus files (recursively, in sorted path order).
+pub(crate) fn corpus_files(path: &Path) -> Result<Vec<PathBuf>> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("{}: cannot read corpus", path.display()))?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    let mut seen = HashSet::new();
+    collect_files(path, &mut files, &mut seen)?;
+    files.sort();
+    Ok(files)
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut HashSet<PathBuf>) -> Result<()> {
@@ -77,7 +82,8 @@ fn is_corpus_file(p: &Path) -> bool {
     CORPUS_EXTS.iter().any(|e| name.ends_with(e))
 }
 
-fn read_file_documents(path: &Path, docs: &mut Vec<String>) -> Result<()> {
+/// Appends the documents of one corpus file (empty ones too) to `docs`.
+pub(crate) fn read_file_documents(path: &Path, docs: &mut Vec<String>) -> Result<()> {
     let text = read_text(path)?;
     let is_jsonl = path
         .file_name()
@@ -154,7 +160,9 @@ fn split_documents(
     let u: Vec<f64> = (0..streams.len())
         .map(|i| unit(seed, DOC_STREAM, i as u64))
         .collect();
-    let mut to_val: Vec<bool> = u.iter().map(|&x| x < val_fraction).collect();
+    let mut to_val: Vec<bool> = (0..streams.len())
+        .map(|i| held_out(seed, i, val_fraction))
+        .collect();
     // With a small fraction the coin flips can pick nothing (or everything); the document
     // that came closest joins the empty side, which keeps the split a function of the seed.
     if !to_val.iter().any(|&v| v) {
@@ -214,6 +222,12 @@ fn split_blocks(
         }
     }
     Ok(p)
+}
+
+/// Whether document `index` (counting the corpus's non-empty documents from 0) goes to
+/// validation under the whole-document split, before the split's repair of an empty side.
+pub(crate) fn held_out(seed: u64, index: usize, val_fraction: f64) -> bool {
+    unit(seed, DOC_STREAM, index as u64) < val_fraction
 }
 
 /// Separate hash streams, so the document and block splits of one seed are unrelated.

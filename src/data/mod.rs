@@ -1,9 +1,11 @@
-//! Tokenizers, corpora, the record formats of each stage, the built-in synthetic task, and the
-//! sampler that orders training data.
+//! Tokenizers, corpora (text, or token shards tokenized once), the record formats of each
+//! stage, the built-in synthetic task, and the sampler that orders training data.
 
 pub mod chat_template;
 pub mod corpus;
+pub mod encode;
 pub mod records;
 pub mod sampler;
+pub mod shards;
 pub mod synthetic;
 pub mod tokenizer;

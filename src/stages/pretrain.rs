@@ -9,6 +9,7 @@ use super::setup::{self, Plan};
 use super::Env;
 use crate::data::corpus::{load_documents, pack_documents};
 use crate::data::sampler::{state_u64, WindowSampler};
+use crate::data::shards::{is_shard_corpus, open_corpus, TokenStream};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::{Fwd, Transformer};
 use crate::train::loss::scalar;
@@ -19,20 +20,25 @@ use crate::train::runner::{Report, StepOut, Task};
 struct PretrainTask<'a> {
     env: &'a Env,
     net: Transformer,
-    train: Vec<u32>,
-    val: Vec<u32>,
+    train: TokenStream,
+    val: TokenStream,
+    /// The tokenizer's vocabulary: an id at or past it comes from another tokenizer.
+    vocab: usize,
     sampler: WindowSampler,
     micro: u64,
 }
 
 impl PretrainTask<'_> {
-    fn batch(&self, stream: &[u32], starts: &[usize]) -> Result<(Tensor, Tensor)> {
+    fn batch(&self, stream: &TokenStream, starts: &[usize]) -> Result<(Tensor, Tensor)> {
         let t = self.env.cfg.train.seq_len;
         let mut x = Vec::with_capacity(starts.len() * t);
         let mut y = Vec::with_capacity(starts.len() * t);
+        let mut window = Vec::with_capacity(t + 1);
         for &s in starts {
-            x.extend_from_slice(&stream[s..s + t]);
-            y.extend_from_slice(&stream[s + 1..s + t + 1]);
+            window.clear();
+            stream.read(s, t + 1, self.vocab, &mut window)?;
+            x.extend_from_slice(&window[..t]);
+            y.extend_from_slice(&window[1..]);
         }
         let dev = &self.env.device;
         Ok((
@@ -125,19 +131,65 @@ pub struct PretrainResult {
     pub train_loss: f64,
 }
 
-/// Documents of the named corpus, or of the built-in task.
-fn documents(env: &Env) -> Result<Vec<String>> {
-    match &env.cfg.data.path {
-        Some(p) => load_documents(p),
-        None => Ok(setup::synthetic(env).pretrain_documents(4000)),
+/// The training and validation token streams, and what they came from (for the log).
+///
+/// A token-shard corpus (`temper tokenizer encode`, or llm.c's) is memory-mapped: its
+/// validation shards, or else the last `val_fraction` of its training stream (at least one
+/// window), are held out. A text corpus, or the built-in task, is tokenized and split by
+/// document ([`pack_documents`]).
+fn streams(env: &Env, tok: &Tokenizer) -> Result<(TokenStream, TokenStream, String)> {
+    let cfg = &env.cfg;
+    let t = cfg.train.seq_len;
+    if let Some(path) = cfg.data.path.as_deref().filter(|p| is_shard_corpus(p)) {
+        let (train, val) = open_corpus(path)?;
+        let train = TokenStream::mapped(train);
+        return Ok(match val {
+            Some(val) => (
+                train,
+                TokenStream::mapped(val),
+                format!("token shards {} (memory-mapped)", path.display()),
+            ),
+            None => {
+                let held = ((train.len() as f64 * cfg.data.val_fraction) as usize).max(t + 1);
+                let (train, val) = train.split_at(train.len().saturating_sub(held));
+                let what = format!(
+                    "token shards {} (memory-mapped; no validation shard, so its last {} tokens are held out)",
+                    path.display(),
+                    val.len()
+                );
+                (train, val, what)
+            }
+        });
     }
+    let docs = match &cfg.data.path {
+        Some(p) => load_documents(p)?,
+        None => setup::synthetic(env).pretrain_documents(4000),
+    };
+    let packed = pack_documents(&docs, tok, cfg.data.val_fraction, t + 1, cfg.train.seed)?;
+    Ok((
+        TokenStream::owned(packed.train),
+        TokenStream::owned(packed.val),
+        format!("{} documents", docs.len()),
+    ))
 }
 
+/// `--tokenizer`, else the tokenizer.json that `temper tokenizer encode` left beside a shard
+/// corpus, else the byte tokenizer.
 pub fn tokenizer(env: &Env) -> Result<Tokenizer> {
-    match &env.cfg.data.tokenizer {
-        Some(p) => Tokenizer::from_file(p),
-        None => Ok(Tokenizer::bytes()),
+    if let Some(p) = &env.cfg.data.tokenizer {
+        return Tokenizer::from_file(p);
     }
+    if let Some(data) = env.cfg.data.path.as_deref().filter(|p| is_shard_corpus(p)) {
+        let dir = if data.is_dir() {
+            Some(data)
+        } else {
+            data.parent()
+        };
+        if let Some(beside) = dir.map(|d| d.join("tokenizer.json")).filter(|p| p.exists()) {
+            return Tokenizer::from_file(&beside);
+        }
+    }
+    Ok(Tokenizer::bytes())
 }
 
 pub fn run(env: &Env) -> Result<PretrainResult> {
@@ -166,29 +218,21 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
             model_cfg.max_position_embeddings
         );
     }
-    let docs = documents(env)?;
-    let packed = pack_documents(
-        &docs,
-        &tok,
-        cfg.data.val_fraction,
-        cfg.train.seq_len + 1,
-        cfg.train.seed,
-    )?;
+    let (train, val, source) = streams(env, &tok)?;
     let t = cfg.train.seq_len;
-    let windows = packed.train.len().saturating_sub(1) / t;
-    if windows == 0 || packed.val.len() <= t {
+    let windows = train.len().saturating_sub(1) / t;
+    if windows == 0 || val.len() <= t {
         bail!(
             "the corpus is too small for seq_len {t}: {} training and {} validation tokens",
-            packed.train.len(),
-            packed.val.len()
+            train.len(),
+            val.len()
         );
     }
     eprintln!(
-        "[pretrain] tokenizer {}, {} documents, {} train / {} val tokens",
+        "[pretrain] tokenizer {}, {source}, {} train / {} val tokens",
         tok.describe(),
-        docs.len(),
-        packed.train.len(),
-        packed.val.len()
+        train.len(),
+        val.len()
     );
     let mut store = ParamStore::new(env.device.clone(), cfg.train.seed);
     let net = match &init {
@@ -198,8 +242,9 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
     let mut task = PretrainTask {
         env,
         net,
-        train: packed.train,
-        val: packed.val,
+        train,
+        val,
+        vocab: tok.vocab_size(),
         sampler: WindowSampler::new(windows, cfg.train.seed),
         micro: 0,
     };

@@ -1,0 +1,241 @@
+//! `temper tokenizer encode`: a text corpus tokenized once into token shards
+//! ([`super::shards`]), so that pretraining on it starts at once and keeps no corpus in
+//! memory.
+//!
+//! Documents are read file by file as [`super::corpus::load_documents`] reads them, encoded
+//! on every core, and followed by EOS each, and whole documents go to validation by the same
+//! seeded hash as pretraining's split of a text corpus. So when that split applies (20
+//! documents or more, each side at least one block), pretraining on the shards sees the very
+//! token streams it would have made from the text.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+
+use super::corpus::{corpus_files, held_out, read_file_documents};
+use super::shards::{write_shard, Width};
+use super::tokenizer::Tokenizer;
+
+/// What to write.
+pub struct EncodeOpts<'a> {
+    pub tok: &'a Tokenizer,
+    /// The tokenizer.json `tok` came from: copied beside the shards, where pretraining finds
+    /// it.
+    pub tokenizer_file: Option<&'a Path>,
+    pub out: &'a Path,
+    /// Tokens per shard (the last of each split holds the rest).
+    pub shard_tokens: usize,
+    pub val_fraction: f64,
+    pub seed: u64,
+}
+
+/// What was written.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Encoded {
+    pub documents: usize,
+    pub train_tokens: usize,
+    pub val_tokens: usize,
+    pub shards: Vec<PathBuf>,
+}
+
+/// One split's tokens, cut into shards of `shard_tokens` as they come.
+struct Split<'a> {
+    name: &'static str,
+    opts: &'a EncodeOpts<'a>,
+    width: Width,
+    pending: Vec<u32>,
+    written: usize,
+    shards: Vec<PathBuf>,
+}
+
+impl Split<'_> {
+    fn push(&mut self, doc: &[u32]) -> Result<()> {
+        self.pending.extend_from_slice(doc);
+        while self.pending.len() >= self.opts.shard_tokens {
+            let rest = self.pending.split_off(self.opts.shard_tokens);
+            self.flush()?;
+            self.pending = rest;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let path = self
+            .opts
+            .out
+            .join(format!("{}_{:06}.bin", self.name, self.shards.len()));
+        write_shard(&path, &self.pending, self.width)?;
+        eprintln!(
+            "[encode] wrote {} ({} tokens)",
+            path.display(),
+            self.pending.len()
+        );
+        self.written += self.pending.len();
+        self.pending.clear();
+        self.shards.push(path);
+        Ok(())
+    }
+}
+
+/// Tokenizes the corpus at `corpus` (a file or a directory, as pretraining reads one) into
+/// `train_NNNNNN.bin` and `val_NNNNNN.bin` shards in `opts.out`.
+pub fn encode_corpus(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
+    if opts.shard_tokens == 0 {
+        bail!("encode: --shard-tokens must be at least 1");
+    }
+    if !(0.0..1.0).contains(&opts.val_fraction) {
+        bail!(
+            "encode: --val-fraction must be in [0, 1), got {}",
+            opts.val_fraction
+        );
+    }
+    std::fs::create_dir_all(opts.out)?;
+    if super::shards::is_shard_corpus(opts.out) {
+        bail!(
+            "{}: already holds token shards; encode into an empty directory",
+            opts.out.display()
+        );
+    }
+    let width = Width::for_vocab(opts.tok.vocab_size());
+    let split = |name| Split {
+        name,
+        opts,
+        width,
+        pending: Vec::new(),
+        written: 0,
+        shards: Vec::new(),
+    };
+    let (mut train, mut val) = (split("train"), split("val"));
+    let start = Instant::now();
+    let mut documents = 0;
+    let mut encoded_tokens = 0usize;
+    for file in corpus_files(corpus)? {
+        let mut docs = Vec::new();
+        read_file_documents(&file, &mut docs)?;
+        docs.retain(|d| !d.is_empty());
+        for ids in encode_all(opts.tok, &docs)? {
+            let to_val =
+                opts.val_fraction > 0.0 && held_out(opts.seed, documents, opts.val_fraction);
+            encoded_tokens += ids.len();
+            if to_val {
+                val.push(&ids)?;
+            } else {
+                train.push(&ids)?;
+            }
+            documents += 1;
+        }
+        let secs = start.elapsed().as_secs_f64().max(1e-9);
+        eprintln!(
+            "[encode] {} ({documents} documents, {:.0} tokens/s so far)",
+            file.display(),
+            encoded_tokens as f64 / secs
+        );
+    }
+    if documents == 0 {
+        bail!("{}: corpus is empty", corpus.display());
+    }
+    train.flush()?;
+    val.flush()?;
+    if train.written == 0 {
+        bail!(
+            "{}: every document went to validation; lower --val-fraction",
+            corpus.display()
+        );
+    }
+    if let Some(src) = opts.tokenizer_file {
+        let dst = opts.out.join("tokenizer.json");
+        crate::io::write_atomic(&dst, &std::fs::read(src)?)?;
+    }
+    Ok(Encoded {
+        documents,
+        train_tokens: train.written,
+        val_tokens: val.written,
+        shards: [train.shards, val.shards].concat(),
+    })
+}
+
+/// Every document's ids followed by EOS, in order, encoded on all cores.
+fn encode_all(tok: &Tokenizer, docs: &[String]) -> Result<Vec<Vec<u32>>> {
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let per = docs.len().div_ceil(threads).max(1);
+    let eos = tok.eos_id();
+    std::thread::scope(|s| {
+        let parts: Vec<_> = docs
+            .chunks(per)
+            .map(|chunk| {
+                s.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|d| {
+                            let mut ids = tok.encode(d)?;
+                            ids.push(eos);
+                            Ok(ids)
+                        })
+                        .collect::<Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(docs.len());
+        for p in parts {
+            out.extend(p.join().expect("an encoding thread panicked")?);
+        }
+        Ok(out)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::corpus::{load_documents, pack_documents};
+    use crate::data::shards::{open_corpus, TokenStream};
+
+    /// Shards written from a text corpus hold the token streams pretraining packs from the
+    /// same text, split the same way; a shard boundary may fall inside a document.
+    #[test]
+    fn shards_hold_the_streams_pretraining_packs_from_the_text() {
+        let d = tempfile::tempdir().unwrap();
+        let corpus = d.path().join("corpus");
+        std::fs::create_dir(&corpus).unwrap();
+        let lines: String = (0..30)
+            .map(|i| {
+                format!(
+                    "{{\"text\": \"document {i}: {}\"}}\n",
+                    "ab".repeat(i % 7 + 1)
+                )
+            })
+            .collect();
+        std::fs::write(corpus.join("a.jsonl"), lines).unwrap();
+        std::fs::write(corpus.join("b.txt"), "a text file is one document\n").unwrap();
+        std::fs::write(corpus.join("c.txt"), "").unwrap();
+        let tok = Tokenizer::bytes();
+        let out = d.path().join("shards");
+        let opts = EncodeOpts {
+            tok: &tok,
+            tokenizer_file: None,
+            out: &out,
+            shard_tokens: 100,
+            val_fraction: 0.2,
+            seed: 3,
+        };
+        let enc = encode_corpus(&corpus, &opts).unwrap();
+        assert_eq!(enc.documents, 31);
+        let packed = pack_documents(&load_documents(&corpus).unwrap(), &tok, 0.2, 17, 3).unwrap();
+        let (train, val) = open_corpus(&out).unwrap();
+        let read = |s: TokenStream| {
+            let mut v = vec![];
+            s.read(0, s.len(), tok.vocab_size(), &mut v).unwrap();
+            v
+        };
+        assert!(!packed.val.is_empty() && enc.val_tokens == packed.val.len());
+        assert_eq!(read(TokenStream::mapped(train)), packed.train);
+        assert_eq!(read(TokenStream::mapped(val.unwrap())), packed.val);
+        assert!(enc.shards.len() > 3, "{:?}", enc.shards);
+        // A second encode into the same directory would mix two corpora.
+        let e = format!("{:#}", encode_corpus(&corpus, &opts).unwrap_err());
+        assert!(e.contains("already holds token shards"), "{e}");
+    }
+}
