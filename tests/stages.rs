@@ -307,6 +307,107 @@ mod stage_chain {
         }
     }
 
+    /// DPO's relatives (`[dpo] loss_type`, label smoothing) each learn a preference: the
+    /// held-out implicit-reward accuracy goes from ties at the start (policy = reference) to
+    /// nearly every pair, and the held-out loss falls. A smoothing the
+    /// loss cannot take is refused, naming the field.
+    #[test]
+    fn dpo_relatives_each_learn_a_preference() {
+        let dir = run_dir("dpo-relatives");
+        std::fs::create_dir_all(&dir).unwrap();
+        let words = [
+            "apple", "river", "stone", "cloud", "green", "table", "music", "light",
+        ];
+        let write = |name: &str, offset: usize, n: usize| {
+            let body: String = (0..n)
+                .map(|i| {
+                    let (a, b) = (words[(i + offset) % 8], words[(3 * i + offset + 1) % 8]);
+                    let w = format!("{a} {b}");
+                    format!(
+                        "{}\n",
+                        serde_json::json!({"prompt": format!("say {w}: "), "chosen": w, "rejected": w.to_uppercase()})
+                    )
+                })
+                .collect();
+            let path = dir.join(name);
+            std::fs::write(&path, body).unwrap();
+            path
+        };
+        let (train, eval) = (write("prefs.jsonl", 0, 120), write("eval.jsonl", 5, 24));
+        for (loss, smoothing) in [
+            ("sigmoid", 0.1),
+            ("robust", 0.1),
+            ("hinge", 0.0),
+            ("ipo", 0.0),
+            ("simpo", 0.0),
+        ] {
+            let cfg = dir.join(format!("{loss}.toml"));
+            std::fs::write(
+                &cfg,
+                format!(
+                    "{TINY_TOML}\n[dpo]\nloss_type = \"{loss}\"\nlabel_smoothing = {smoothing}\n"
+                ),
+            )
+            .unwrap();
+            let out = dir.join(loss);
+            run_ok(&[
+                "dpo",
+                "--config",
+                arg(&cfg),
+                "--init",
+                arg(pre()),
+                "--data",
+                arg(&train),
+                "--eval-data",
+                arg(&eval),
+                "--out",
+                arg(&out),
+                "--steps",
+                "30",
+                "--lr",
+                "1e-3",
+                "--eval-every",
+                "30",
+                "--device",
+                "cpu",
+            ]);
+            let m = metrics(&out);
+            let (acc, loss_v) = (
+                series(&m, "val", "reward_accuracy"),
+                series(&m, "val", "loss"),
+            );
+            let (first, last) = (loss_v[0].1, loss_v.last().unwrap().1);
+            // SimPO reads no reference, so it does not start from ties: the base model already
+            // puts more per-token probability on the lowercase responses.
+            let from_ties = loss == "simpo" || acc[0].1 < 0.6;
+            assert!(from_ties && acc.last().unwrap().1 >= 0.9, "{loss}: {acc:?}");
+            assert!(last < first, "{loss}: held-out loss {first} -> {last}");
+        }
+        let cfg = dir.join("bad.toml");
+        std::fs::write(
+            &cfg,
+            format!("{TINY_TOML}\n[dpo]\nloss_type = \"ipo\"\nlabel_smoothing = 0.1\n"),
+        )
+        .unwrap();
+        let e = run_err(&[
+            "dpo",
+            "--config",
+            arg(&cfg),
+            "--init",
+            arg(pre()),
+            "--data",
+            arg(&train),
+            "--out",
+            arg(&dir.join("bad")),
+            "--device",
+            "cpu",
+        ]);
+        assert!(
+            e.contains("dpo.label_smoothing") && e.trim().lines().count() == 1,
+            "{e}"
+        );
+    }
+
     #[test]
     fn lora_dpo_starts_at_log_2() {
         let first_val = series(&metrics(dpo()), "val", "loss")[0].1;

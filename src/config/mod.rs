@@ -18,8 +18,8 @@ pub use lora::{LoraConfig, LoraTarget};
 pub use model::{HfFamily, MlpKind, ModelConfig, NormKind, PositionKind, RopeScaling};
 pub use run::{overlay, DataConfig, DeviceChoice, RunConfig, Stage};
 pub use stages::{
-    AdvantageEstimator, DpoConfig, ExternalRewardConfig, GrpoConfig, KlEstimator, LossType,
-    PpoConfig, RewardConfig, RewardSource, RewardSpec, ScaleRewards, SftConfig,
+    AdvantageEstimator, DpoConfig, DpoLoss, ExternalRewardConfig, GrpoConfig, KlEstimator,
+    LossType, PpoConfig, RewardConfig, RewardSource, RewardSpec, ScaleRewards, SftConfig,
 };
 pub use train::{DTypeChoice, ShardOptimizer, TapeChoice, TrainConfig};
 

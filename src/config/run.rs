@@ -215,7 +215,8 @@ impl RunConfig {
         match self.stage {
             Stage::Ppo => self.ppo.validate()?,
             Stage::Grpo => self.grpo.validate()?,
-            Stage::Pretrain | Stage::Sft | Stage::Reward | Stage::Dpo => {}
+            Stage::Dpo => self.dpo.validate()?,
+            Stage::Pretrain | Stage::Sft | Stage::Reward => {}
         }
         self.check_dapo_steps()?;
         if !positive(self.external_reward.timeout_s) {

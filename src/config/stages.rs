@@ -183,10 +183,74 @@ pub struct DpoConfig {
     /// built-in task: without it DPO lowered the chosen answers along with the rejected ones
     /// and lost sums SFT had right (seed 1: 0.35 -> 0.38 held-out; with it 0.59).
     pub rpo_alpha: f64,
+    /// The preference loss (TRL's `loss_type`, and SimPO).
+    pub loss_type: DpoLoss,
+    /// The probability that a pair's label is flipped (cDPO's `label_smoothing`): `sigmoid`
+    /// and `robust` only, below 0.5.
+    pub label_smoothing: f64,
+    /// SimPO's target margin between the length-normalised rewards (TRL's `simpo_gamma`).
+    pub simpo_gamma: f64,
     pub task_pairs: usize,
     pub eval_pairs: usize,
     pub eval_prompts: usize,
     pub eval_max_new_tokens: usize,
+}
+
+/// The preference losses of DPO and its relatives, over `h = (log pi(y_c) - log ref(y_c)) -
+/// (log pi(y_r) - log ref(y_r))` of response log-probabilities summed over tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DpoLoss {
+    /// DPO: `-log sigmoid(beta h)`; with label smoothing e, `-(1 - e) log sigmoid(beta h) -
+    /// e log sigmoid(-beta h)` (cDPO).
+    Sigmoid,
+    /// SLiC: `max(0, 1 - beta h)`.
+    Hinge,
+    /// IPO: `(h - 1 / (2 beta))^2`, with h over log-probabilities averaged per token (as TRL).
+    Ipo,
+    /// Robust DPO: cDPO's loss made unbiased for flipped labels, `((1 - e) (-log
+    /// sigmoid(beta h)) - e (-log sigmoid(-beta h))) / (1 - 2e)`.
+    Robust,
+    /// SimPO: no reference model; `-log sigmoid(beta (a_c - a_r) - gamma)` with `a` the
+    /// policy's log-probability averaged per token.
+    Simpo,
+}
+
+impl DpoLoss {
+    /// Whether the loss reads the frozen reference (SimPO does not, so it is never run).
+    pub fn needs_reference(self) -> bool {
+        self != DpoLoss::Simpo
+    }
+
+    /// Whether the loss reads per-token averages rather than sums of log-probabilities.
+    pub fn per_token(self) -> bool {
+        matches!(self, DpoLoss::Ipo | DpoLoss::Simpo)
+    }
+}
+
+impl DpoConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.beta > 0.0 && self.beta.is_finite()) {
+            bail!("dpo.beta must be positive, got {}", self.beta);
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            bail!(
+                "dpo.label_smoothing must be in [0, 0.5), got {}",
+                self.label_smoothing
+            );
+        }
+        let smooths = matches!(self.loss_type, DpoLoss::Sigmoid | DpoLoss::Robust);
+        if self.label_smoothing > 0.0 && !smooths {
+            bail!(
+                "dpo.label_smoothing applies to loss_type \"sigmoid\" and \"robust\", not {:?}",
+                self.loss_type
+            );
+        }
+        if !self.simpo_gamma.is_finite() {
+            bail!("dpo.simpo_gamma must be finite");
+        }
+        Ok(())
+    }
 }
 
 impl Default for DpoConfig {
@@ -194,6 +258,9 @@ impl Default for DpoConfig {
         Self {
             beta: 0.1,
             rpo_alpha: 1.0,
+            loss_type: DpoLoss::Sigmoid,
+            label_smoothing: 0.0,
+            simpo_gamma: 0.5,
             task_pairs: 4000,
             eval_pairs: 200,
             eval_prompts: 1000,

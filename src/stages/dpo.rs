@@ -1,6 +1,8 @@
-//! Direct preference optimisation: `-log sigmoid(beta * ((logp_c - logp_ref_c) -
-//! (logp_r - logp_ref_r)))`, with log-probabilities summed over response tokens (TRL's
-//! `sigmoid` loss). The reference is the base with adapters off under LoRA, else a frozen copy.
+//! Direct preference optimisation and its relatives, over response log-probabilities summed
+//! over tokens: DPO's `-log sigmoid(beta * ((logp_c - logp_ref_c) - (logp_r - logp_ref_r)))`
+//! (TRL's `sigmoid` loss, with cDPO's label smoothing), `hinge` (SLiC), `ipo`, `robust` and
+//! the reference-free `simpo` (`[dpo] loss_type`; [`preference_loss`]). The reference is the
+//! base with adapters off under LoRA, else a frozen copy; SimPO loads none.
 
 use std::path::Path;
 
@@ -13,6 +15,7 @@ use super::rollout::{FrozenReference, Reference};
 use super::setup::{self, prompt_sets, split_holdout, Plan, PolicyPair};
 use super::sft::encode_all;
 use super::Env;
+use crate::config::{DpoConfig, DpoLoss};
 use crate::data::records::{load_preferences_templated, PreferencePair, PromptRecord, SftExample};
 use crate::data::sampler::WindowSampler;
 use crate::data::synthetic::Split;
@@ -24,19 +27,58 @@ use crate::train::loss::{log_sigmoid, scalar};
 use crate::train::params::{ParamInfo, Role};
 use crate::train::runner::{Report, StepOut, Task};
 
-/// The DPO loss of summed log-probabilities (each `[B]`); also the implicit-reward accuracy.
-pub fn dpo_loss(
-    pc: &Tensor,
-    pr: &Tensor,
-    rc: &Tensor,
-    rr: &Tensor,
-    beta: f64,
+/// One side of a batch of pairs, each `[B]`: the chosen responses' and the rejected ones'.
+#[derive(Clone, Copy)]
+pub struct Pairwise<'a> {
+    pub chosen: &'a Tensor,
+    pub rejected: &'a Tensor,
+}
+
+/// The loss `c.loss_type` names (mean over pairs) and the share of pairs whose implicit reward
+/// ranks the chosen response first, from the policy's and (except SimPO) the reference's
+/// response log-probabilities summed over tokens, and each response's token count.
+pub fn preference_loss(
+    c: &DpoConfig,
+    policy: Pairwise,
+    reference: Option<Pairwise>,
+    tokens: Pairwise,
 ) -> Result<(Tensor, f64)> {
-    let margin = (((pc - rc)? - (pr - rr)?)? * beta)?;
-    let loss = log_sigmoid(&margin)?.mean_all()?.neg()?;
-    let m = margin.to_vec1::<f32>()?;
+    let per_token = c.loss_type.per_token();
+    let scaled = |lp: &Tensor, n: &Tensor| -> Result<Tensor> {
+        Ok(if per_token {
+            (lp / n.clamp(1.0, f64::INFINITY)?)?
+        } else {
+            lp.clone()
+        })
+    };
+    let (pc, pr) = (
+        scaled(policy.chosen, tokens.chosen)?,
+        scaled(policy.rejected, tokens.rejected)?,
+    );
+    // h: how much more the policy prefers the chosen response than the reference does.
+    let h = match (c.loss_type, reference) {
+        (DpoLoss::Simpo, _) => (pc - pr)?,
+        (_, Some(r)) => {
+            let rc = scaled(r.chosen, tokens.chosen)?;
+            let rr = scaled(r.rejected, tokens.rejected)?;
+            ((pc - rc)? - (pr - rr)?)?
+        }
+        (kind, None) => bail!("dpo: loss_type {kind:?} needs the reference's log-probabilities"),
+    };
+    let z = (&h * c.beta)?;
+    let e = c.label_smoothing;
+    // -log sigmoid(z) and -log sigmoid(-z), each [B].
+    let nls = |z: &Tensor| -> Result<Tensor> { Ok(log_sigmoid(z)?.neg()?) };
+    let losses = match c.loss_type {
+        DpoLoss::Sigmoid => ((nls(&z)? * (1.0 - e))? + (nls(&z.neg()?)? * e)?)?,
+        DpoLoss::Robust => (((nls(&z)? * (1.0 - e))? - (nls(&z.neg()?)? * e)?)? / (1.0 - 2.0 * e))?,
+        DpoLoss::Hinge => z.affine(-1.0, 1.0)?.relu()?,
+        DpoLoss::Ipo => h.affine(1.0, -0.5 / c.beta)?.sqr()?,
+        DpoLoss::Simpo => nls(&z.affine(1.0, -c.simpo_gamma)?)?,
+    };
+    let m = h.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     let acc = m.iter().filter(|&&x| x > 0.0).count() as f64 / m.len().max(1) as f64;
-    Ok((loss, acc))
+    Ok((losses.mean_all()?, acc))
 }
 
 /// `loss + alpha * NLL`, the NLL per token over the chosen responses (summed log-probabilities
@@ -81,7 +123,8 @@ fn encode_pairs(tok: &Tokenizer, pairs: &[PreferencePair], ctx: usize) -> Result
 struct DpoTask<'a> {
     env: &'a Env,
     policy: Transformer,
-    reference: FrozenReference,
+    /// None for a loss that reads no reference (SimPO).
+    reference: Option<FrozenReference>,
     tok: Tokenizer,
     train: Vec<EncodedPair>,
     eval: Vec<EncodedPair>,
@@ -123,20 +166,29 @@ impl DpoTask<'_> {
             &self.env.device,
         )?;
         let pol = self.seq_logps(&self.policy, self.env.ctx(true, None), &b)?;
-        let refp = match self.reference.get() {
-            Reference::Separate(r) => self.seq_logps(r, self.env.ctx(false, None), &b)?,
-            Reference::AdaptersOff => {
-                self.seq_logps(&self.policy, self.env.ctx(false, None), &b)?
-            }
+        let refp = match &self.reference {
+            Some(r) => Some(
+                match r.get() {
+                    Reference::Separate(r) => self.seq_logps(r, self.env.ctx(false, None), &b)?,
+                    Reference::AdaptersOff => {
+                        self.seq_logps(&self.policy, self.env.ctx(false, None), &b)?
+                    }
+                }
+                .detach(),
+            ),
+            None => None,
         };
-        let refp = refp.detach();
-        let (loss, acc) = dpo_loss(
-            &pol.narrow(0, 0, n)?,
-            &pol.narrow(0, n, n)?,
-            &refp.narrow(0, 0, n)?,
-            &refp.narrow(0, n, n)?,
-            self.env.cfg.dpo.beta,
-        )?;
+        let tokens = b.loss_mask.to_dtype(pol.dtype())?.sum(1)?;
+        let halves = |t: &Tensor| -> Result<(Tensor, Tensor)> {
+            Ok((t.narrow(0, 0, n)?, t.narrow(0, n, n)?))
+        };
+        fn pair((chosen, rejected): &(Tensor, Tensor)) -> Pairwise<'_> {
+            Pairwise { chosen, rejected }
+        }
+        let (p, t) = (halves(&pol)?, halves(&tokens)?);
+        let r = refp.as_ref().map(halves).transpose()?;
+        let (loss, acc) =
+            preference_loss(&self.env.cfg.dpo, pair(&p), r.as_ref().map(pair), pair(&t))?;
         let mut chosen_tokens = [b
             .loss_mask
             .narrow(0, 0, n)?
@@ -278,7 +330,9 @@ fn datasets(env: &Env) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>, Vec<
 pub fn run(env: &Env) -> Result<DpoResult> {
     let cfg = &env.cfg;
     let lora = setup::lora(cfg);
-    let (store, policy, reference, tok) = PolicyPair::load(env)?.into_parts();
+    let needs_reference = cfg.dpo.loss_type.needs_reference();
+    let (store, policy, reference, tok) = PolicyPair::load_with(env, needs_reference)?.into_parts();
+    let reference = needs_reference.then_some(reference);
     let (train, eval, eval_prompts) = datasets(env)?;
     if train.is_empty() || eval.is_empty() {
         bail!("dpo needs non-empty training and held-out preference sets");
@@ -325,18 +379,99 @@ mod tests {
     use crate::stages::rl::test_tensors::{s, t};
     use candle_core::Device;
 
+    /// A `[B]` tensor.
+    fn v(x: &[f64]) -> Tensor {
+        let x: Vec<f32> = x.iter().map(|&a| a as f32).collect();
+        Tensor::new(x, &Device::Cpu).unwrap()
+    }
+
+    fn cfg(loss_type: DpoLoss, beta: f64, label_smoothing: f64) -> DpoConfig {
+        DpoConfig {
+            loss_type,
+            beta,
+            label_smoothing,
+            ..DpoConfig::default()
+        }
+    }
+
+    /// The loss of one batch given as plain numbers: policy, reference, tokens, each
+    /// (chosen, rejected).
+    fn loss_of(c: &DpoConfig, p: [&[f64]; 2], r: [&[f64]; 2], n: [&[f64]; 2]) -> (f64, f64) {
+        let (pc, pr, rc, rr, nc, nr) = (v(p[0]), v(p[1]), v(r[0]), v(r[1]), v(n[0]), v(n[1]));
+        let side = |chosen, rejected| Pairwise { chosen, rejected };
+        let reference = c.loss_type.needs_reference().then(|| side(&rc, &rr));
+        let (loss, acc) = preference_loss(c, side(&pc, &pr), reference, side(&nc, &nr)).unwrap();
+        (s(&loss), acc)
+    }
+
     #[test]
-    fn dpo_loss_is_log2_when_policy_equals_reference() {
-        let lp = Tensor::new(&[-3.0f32, -1.5, -7.0], &Device::Cpu).unwrap();
-        let lr = Tensor::new(&[-2.0f32, -4.0, -0.5], &Device::Cpu).unwrap();
-        let (loss, _) = dpo_loss(&lp, &lr, &lp, &lr, 0.1).unwrap();
-        assert!((s(&loss) - 2f64.ln()).abs() < 1e-6);
-        // margin beta*((0 - -1) - (0 - 0)) = 0.5 -> -log sigmoid(0.5)
-        let z = Tensor::new(&[0.0f32], &Device::Cpu).unwrap();
-        let m1 = Tensor::new(&[-1.0f32], &Device::Cpu).unwrap();
-        let (loss, acc) = dpo_loss(&z, &z, &m1, &z, 0.5).unwrap();
-        assert!((s(&loss) - (1.0 + (-0.5f64).exp()).ln()).abs() < 1e-6);
+    fn each_preference_loss_starts_where_policy_equals_reference() {
+        let (lp, lr, n) = ([-3.0, -1.5, -7.0], [-2.0, -4.0, -0.5], [3.0, 2.0, 5.0]);
+        let at_start = |kind, e| loss_of(&cfg(kind, 0.1, e), [&lp, &lr], [&lp, &lr], [&n, &n]).0;
+        let ln2 = 2f64.ln();
+        assert!((at_start(DpoLoss::Sigmoid, 0.0) - ln2).abs() < 1e-6);
+        assert!((at_start(DpoLoss::Sigmoid, 0.2) - ln2).abs() < 1e-6);
+        assert!((at_start(DpoLoss::Robust, 0.2) - ln2).abs() < 1e-6);
+        assert!((at_start(DpoLoss::Hinge, 0.0) - 1.0).abs() < 1e-6);
+        // IPO's target margin is 1 / (2 beta) = 5.
+        assert!((at_start(DpoLoss::Ipo, 0.0) - 25.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn preference_losses_match_hand_computed_values() {
+        // One pair: the policy puts 1 nat more on the chosen response than the reference
+        // (summed), over 2 chosen and 4 rejected tokens; beta 0.5 makes z = 0.5.
+        let (p, r, n) = (
+            [&[0.0][..], &[0.0]],
+            [&[-1.0][..], &[0.0]],
+            [&[2.0][..], &[4.0]],
+        );
+        let sp = |x: f64| (1.0 + x.exp()).ln(); // -log sigmoid(-x)
+        let cases = [
+            (DpoLoss::Sigmoid, 0.0, sp(-0.5)),
+            (DpoLoss::Sigmoid, 0.1, 0.9 * sp(-0.5) + 0.1 * sp(0.5)),
+            (DpoLoss::Robust, 0.1, (0.9 * sp(-0.5) - 0.1 * sp(0.5)) / 0.8),
+            (DpoLoss::Hinge, 0.0, 0.5),
+            // Per token: h = (0 - -1/2) - (0 - 0) = 0.5 against the target 1 / (2 * 0.5) = 1.
+            (DpoLoss::Ipo, 0.0, 0.25),
+        ];
+        for (kind, e, want) in cases {
+            let (got, acc) = loss_of(&cfg(kind, 0.5, e), p, r, n);
+            assert!((got - want).abs() < 1e-6, "{kind:?} e={e}: {got} vs {want}");
+            assert_eq!(acc, 1.0, "{kind:?}");
+        }
+        // SimPO reads no reference: per-token -1/2 against -4/4 gives h = 0.5, and with
+        // gamma 0.5, -log sigmoid(0.5 * 0.5 - 0.5).
+        let simpo = cfg(DpoLoss::Simpo, 0.5, 0.0);
+        let (got, acc) = loss_of(&simpo, [&[-1.0], &[-4.0]], r, n);
+        assert!((got - sp(0.25)).abs() < 1e-6, "simpo: {got}");
         assert_eq!(acc, 1.0);
+        let (_, acc) = loss_of(&simpo, [&[-4.0], &[-1.0]], r, [&[4.0], &[2.0]]);
+        assert_eq!(acc, 0.0);
+    }
+
+    #[test]
+    fn every_preference_loss_pushes_the_chosen_response_up_at_the_start() {
+        for kind in [
+            DpoLoss::Sigmoid,
+            DpoLoss::Robust,
+            DpoLoss::Hinge,
+            DpoLoss::Ipo,
+            DpoLoss::Simpo,
+        ] {
+            let c = cfg(kind, 0.1, 0.0);
+            let pc = candle_core::Var::new(&[-3.0f32, -2.0], &Device::Cpu).unwrap();
+            let pr = v(&[-3.0, -2.0]);
+            let n = v(&[3.0, 2.0]);
+            let side = |chosen, rejected| Pairwise { chosen, rejected };
+            let rc = v(&[-3.0, -2.0]);
+            let reference = kind.needs_reference().then(|| side(&rc, &pr));
+            let (loss, _) =
+                preference_loss(&c, side(pc.as_tensor(), &pr), reference, side(&n, &n)).unwrap();
+            let g = loss.backward().unwrap();
+            let d = g.get(pc.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+            assert!(d.iter().all(|&x| x < 0.0), "{kind:?}: {d:?}");
+        }
     }
 
     #[test]

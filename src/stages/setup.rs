@@ -64,6 +64,12 @@ impl PolicyPair {
 
     /// Loads the `--init` policy, with fresh adapters when LoRA is on, and its reference.
     pub fn load(env: &Env) -> Result<Self> {
+        Self::load_with(env, true)
+    }
+
+    /// [`PolicyPair::load`]; without LoRA, `reference` false skips the frozen copy, for a
+    /// loss that reads no reference (its [`FrozenReference`] is then not to be read).
+    pub fn load_with(env: &Env, reference: bool) -> Result<Self> {
         let loaded = init_checkpoint(env, "an SFT model")?;
         let lora = lora(&env.cfg);
         let mut store = ParamStore::new(env.device.clone(), env.cfg.train.seed);
@@ -75,6 +81,7 @@ impl PolicyPair {
         let policy = policy_from(&loaded, &mut store, lora)?;
         let reference = match lora {
             Some(_) => None,
+            None if !reference => None,
             None => {
                 let mut rs = ParamStore::new(env.device.clone(), 0);
                 rs.freeze(Net::Policy, &[Role::Base, Role::Head], env.dtype());
