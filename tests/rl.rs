@@ -368,3 +368,41 @@ fn lora_ppo_and_dpo_on_a_bf16_base_keep_one_bf16_copy() {
         );
     }
 }
+
+/// GRPO with beta = 0 (TRL's default) loads and runs no reference and reports no KL, and
+/// takes the first step that beta > 0 takes: there the policy is the reference, so the KL
+/// term and its gradient are zero.
+#[test]
+fn grpo_without_kl_runs_no_reference_and_takes_the_same_first_step() {
+    let dir = tmp();
+    let run = |beta: &str| {
+        let out = p(dir.path(), &format!("beta-{beta}"));
+        let o = run_ok(&args(&grpo_args(
+            &out,
+            "2",
+            &["--beta", beta, "--log-every", "1"],
+        )));
+        (out.clone(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (none, none_err) = run("0");
+    let (some, some_err) = run("0.04");
+    assert!(
+        none_err.contains("reference: none (beta = 0)"),
+        "{none_err}"
+    );
+    assert!(some_err.contains("reference: a frozen copy"), "{some_err}");
+    let m0 = metrics(&none);
+    assert!(
+        m0.iter()
+            .all(|r| r.get("kl").is_none() && r.get("kl_token").is_none()),
+        "{m0:?}"
+    );
+    assert!(completions(&none).iter().all(|l| l.get("kl").is_none()));
+    assert!(metrics(&some).iter().any(|r| r.get("kl_token").is_some()));
+    let (l0, l1) = (
+        series(&m0, "train", "loss"),
+        series(&metrics(&some), "train", "loss"),
+    );
+    assert_eq!(l0[0].0, 1);
+    assert!((l0[0].1 - l1[0].1).abs() < 1e-6, "{l0:?} vs {l1:?}");
+}

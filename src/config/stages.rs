@@ -282,7 +282,8 @@ pub struct GrpoConfig {
     /// What `group_norm` divides by (TRL's `scale_rewards`).
     pub scale_rewards: ScaleRewards,
     /// The KL coefficient: a k3 term in the loss (GRPO, RLOO), or for REINFORCE++ a k1
-    /// penalty in the per-token reward.
+    /// penalty in the per-token reward. At 0 (TRL's default, DAPO's and Dr. GRPO's choice) no
+    /// reference is loaded or run, and no KL is reported.
     pub beta: f64,
     pub cliprange: f64,
     /// Upper clip range of the ratio (DAPO's clip-higher; TRL's `epsilon_high`).
@@ -345,6 +346,9 @@ pub enum LossType {
 impl GrpoConfig {
     pub fn validate(&self) -> Result<()> {
         check_sampling("grpo", self.temperature, self.cliprange, self.epsilon_high)?;
+        if !(self.beta >= 0.0 && self.beta.is_finite()) {
+            bail!("grpo.beta must be 0 or positive, got {}", self.beta);
+        }
         if self.group_size < 2 {
             bail!(
                 "grpo.group_size must be at least 2 (a group baseline needs two samples), got {}",

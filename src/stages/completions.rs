@@ -55,7 +55,7 @@ impl CompletionLog {
         step: usize,
         records: &[PromptRecord],
         ro: &Rollout,
-        kl: &[f64],
+        kl: Option<&[f64]>,
     ) -> Result<()> {
         let n = records.len();
         if self.per_rollout == 0 || n == 0 {
@@ -70,16 +70,18 @@ impl CompletionLog {
                 .iter()
                 .map(|(name, s)| (name.clone(), json!(s[i])))
                 .collect();
-            let line = json!({
+            let mut line = json!({
                 "step": step,
                 "prompt": records[i].prompt,
                 "response": ro.texts[i],
                 "reward": ro.scores[i],
                 "rewards": by_source,
-                "kl": kl[i],
                 "length": ro.lengths[i],
                 "finished": ro.finished[i],
             });
+            if let Some(kl) = kl {
+                line["kl"] = json!(kl[i]);
+            }
             text.push_str(&line.to_string());
             text.push('\n');
         }

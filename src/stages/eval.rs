@@ -69,7 +69,8 @@ pub fn accuracy(
 pub struct PolicyEval {
     pub accuracy: f64,
     pub mean_reward: f64,
-    pub kl: f64,
+    /// KL to the reference; None where the stage holds none (GRPO with beta = 0).
+    pub kl: Option<f64>,
     pub beta: Option<f64>,
 }
 
@@ -78,8 +79,8 @@ impl Report for PolicyEval {
         let mut f = vec![
             ("accuracy", self.accuracy),
             ("mean_reward", self.mean_reward),
-            ("kl", self.kl),
         ];
+        f.extend(self.kl.map(|kl| ("kl", kl)));
         f.extend(self.beta.map(|b| ("beta", b)));
         f
     }
@@ -105,7 +106,7 @@ impl PolicyResult {
             start_accuracy: first.map_or(f64::NAN, |e| e.accuracy),
             mean_reward: last.map_or(f64::NAN, |e| e.mean_reward),
             start_mean_reward: first.map_or(f64::NAN, |e| e.mean_reward),
-            kl: last.map_or(f64::NAN, |e| e.kl),
+            kl: last.and_then(|e| e.kl).unwrap_or(f64::NAN),
         }
     }
 

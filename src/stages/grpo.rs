@@ -46,7 +46,8 @@ struct GrpoTask<'a> {
     sampler: WindowSampler,
     rng: Rng,
     buffer: Option<Buffer<()>>,
-    last_kl: f64,
+    /// The last rollout's KL to the reference; None without one (beta = 0).
+    last_kl: Option<f64>,
     clock: RolloutClock,
 }
 
@@ -65,8 +66,11 @@ impl GrpoTask<'_> {
                 group_advantages(&ro.scores, c.group_size, c.eps, ro.resp_len, kernel, dev)
             }
             (AdvantageEstimator::ReinforcePlusPlus, _) => {
-                let kl =
-                    (kl_estimate(&ro.old_logprobs, &ro.ref_logprobs, KlEstimator::K1)? * &ro.mask)?;
+                // With beta = 0 there is no reference, and no KL in the reward.
+                let kl = match ro.kl(KlEstimator::K1)? {
+                    Some(kl) => kl,
+                    None => ro.mask.zeros_like()?,
+                };
                 let comm = self.env.comm.as_ref();
                 reinforce_pp_advantages(
                     &kl,
@@ -121,12 +125,19 @@ impl GrpoTask<'_> {
             .actors
             .collect(self.env.ctx(true, None), &records, &cfg, &keys)?;
         let adv = self.advantages(&ro)?;
-        let kl = (kl_estimate(&ro.old_logprobs, &ro.ref_logprobs, KlEstimator::K3)? * &ro.mask)?;
+        let kl = ro.kl(KlEstimator::K3)?;
         // The whole rollout's, as evaluation reports it.
-        self.last_kl = mean_over_ranks(comm, scalar(&kl.sum_all()?)? / records.len() as f64)?;
+        self.last_kl = match &kl {
+            Some(kl) => Some(mean_over_ranks(
+                comm,
+                scalar(&kl.sum_all()?)? / records.len() as f64,
+            )?),
+            None => None,
+        };
+        let kl_rows = kl.as_ref().map(row_sums).transpose()?;
         self.actors
             .completions
-            .write(step + 1, &records, &ro, &row_sums(&kl)?)?;
+            .write(step + 1, &records, &ro, kl_rows.as_deref())?;
         let mut stats = rollout_stats(&ro, self.last_kl);
         stats.extend(self.clock.metrics(&times));
         let plan = Schedule {
@@ -169,10 +180,14 @@ impl Task for GrpoTask<'_> {
         let token_weight = token_share(self.env.comm.as_ref(), sur.agg, &pol.mask)?;
         // REINFORCE++ has its KL in the reward; the others hold the policy near the reference
         // with a k3 term in the loss.
-        if c.advantage_estimator != AdvantageEstimator::ReinforcePlusPlus {
+        let ref_logprobs = ro.ref_logprobs.as_ref();
+        if let (false, Some(ref_logprobs)) = (
+            c.advantage_estimator == AdvantageEstimator::ReinforcePlusPlus,
+            ref_logprobs,
+        ) {
             // Averaged as the policy loss is (TRL adds beta * KL to each token's loss).
             let kl = aggregate(
-                &kl_estimate(&pol.logp, &rows(&ro.ref_logprobs, &idx)?, KlEstimator::K3)?,
+                &kl_estimate(&pol.logp, &rows(ref_logprobs, &idx)?, KlEstimator::K3)?,
                 &pol.mask,
                 sur.agg,
             )?;
@@ -214,7 +229,9 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
     let cfg = &env.cfg;
     let c = &cfg.grpo;
     let lora = setup::lora(cfg);
-    let (store, policy, reference, tok) = PolicyPair::load(env)?.into_parts();
+    // With beta = 0 nothing reads the reference: as TRL, none is loaded or run.
+    let with_reference = c.beta != 0.0;
+    let (store, policy, reference, tok) = PolicyPair::load_with(env, with_reference)?.into_parts();
     let rewards = RewardFn::load(
         &c.rewards,
         (&env.device, env.dtype()),
@@ -228,17 +245,22 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         check_prompts(&rewards, set)?;
     }
     eprintln!(
-        "[{}] advantage estimator {:?}, reward {}",
+        "[{}] advantage estimator {:?}, reward {}, reference: {}",
         cfg.stage,
         c.advantage_estimator,
-        rewards.names.join(" + ")
+        rewards.names.join(" + "),
+        if with_reference {
+            reference.describe()
+        } else {
+            "none (beta = 0)"
+        }
     );
     let model = policy.cfg.clone();
     let mut task = GrpoTask {
         env,
         actors: Actors {
             policy,
-            reference,
+            reference: with_reference.then_some(reference),
             tok: tok.clone(),
             rewards,
             completions: CompletionLog::new(&env.run_dir, main_only(env, c.log_completions)),
@@ -248,7 +270,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         eval_prompts,
         rng: Rng::new(cfg.train.seed ^ 0x6290),
         buffer: None,
-        last_kl: 0.0,
+        last_kl: None,
         clock: RolloutClock::default(),
     };
     let trainable = |p: ParamInfo| lora.is_none() || p.role == Role::Adapter;

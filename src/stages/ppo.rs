@@ -26,8 +26,7 @@ use super::loader::{read_checkpoint, scored_from};
 use super::reward::Scorer;
 use super::rewards::{check_prompts, RewardFn};
 use super::rl::{
-    explained_variance, gae_advantages, kl_estimate, row_sums, token_rewards, value_loss,
-    Aggregation, Clip,
+    explained_variance, gae_advantages, row_sums, token_rewards, value_loss, Aggregation, Clip,
 };
 use super::rollout::{
     main_only, mean_over_ranks, response_values, rollout_seed, rollout_stats, rows, surrogate,
@@ -125,7 +124,9 @@ impl PpoTask<'_> {
         let ctx = self.env.ctx(true, None);
         let all: Vec<usize> = (0..ro.lengths.len()).collect();
         let values = (response_values(&self.value, ctx, ro, &all)?.detach() * &ro.mask)?;
-        let kl = (kl_estimate(&ro.old_logprobs, &ro.ref_logprobs, c.kl_estimator)? * &ro.mask)?;
+        let kl = ro.kl(c.kl_estimator)?.ok_or_else(|| {
+            anyhow::anyhow!("ppo: the rollout has no reference log-probabilities")
+        })?;
         let scores: Vec<f64> = ro
             .scores
             .iter()
@@ -173,8 +174,8 @@ impl PpoTask<'_> {
         self.last_kl = kl_seq;
         self.actors
             .completions
-            .write(step + 1, &records, &ro, &a.kl_rows)?;
-        let mut stats = rollout_stats(&ro, kl_seq);
+            .write(step + 1, &records, &ro, Some(&a.kl_rows))?;
+        let mut stats = rollout_stats(&ro, Some(kl_seq));
         stats.extend([
             ("beta", self.beta),
             ("explained_variance", a.explained),
@@ -258,7 +259,7 @@ impl Task for PpoTask<'_> {
             self.env.ctx(true, None),
             &self.eval_prompts,
             self.env.cfg.ppo.max_new_tokens,
-            (self.last_kl, Some(self.beta)),
+            (Some(self.last_kl), Some(self.beta)),
         )
     }
 
@@ -359,7 +360,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         env,
         actors: Actors {
             policy,
-            reference,
+            reference: Some(reference),
             tok: tok.clone(),
             rewards,
             completions: CompletionLog::new(&env.run_dir, main_only(env, c.log_completions)),

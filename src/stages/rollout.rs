@@ -17,8 +17,10 @@ use super::completions::CompletionLog;
 use super::eval::PolicyEval;
 use super::reward::Scorer;
 use super::rewards::{Batch, RewardFn};
-use super::rl::{dapo_normalisers, policy_loss, without_truncated, Aggregation, Clip, Surrogate};
-use crate::config::LossType;
+use super::rl::{
+    dapo_normalisers, kl_estimate, policy_loss, without_truncated, Aggregation, Clip, Surrogate,
+};
+use crate::config::{KlEstimator, LossType};
 use crate::data::records::PromptRecord;
 use crate::data::synthetic::exact_match;
 use crate::data::tokenizer::Tokenizer;
@@ -40,7 +42,8 @@ pub struct Rollout {
     /// `[B, R]` 1.0 on response tokens (up to and including EOS), 0.0 on padding.
     pub mask: Tensor,
     pub old_logprobs: Tensor,
-    pub ref_logprobs: Tensor,
+    /// None where the stage holds no reference (GRPO with beta = 0).
+    pub ref_logprobs: Option<Tensor>,
     /// The sampling temperature: log-probabilities are taken at it.
     pub temperature: f64,
     /// Each response's weighted score.
@@ -94,7 +97,8 @@ impl FrozenReference {
 /// reference, the tokenizer, the reward sources and the completion log.
 pub struct Actors {
     pub policy: Transformer,
-    pub reference: FrozenReference,
+    /// None where the stage's loss reads no reference (GRPO with beta = 0).
+    pub reference: Option<FrozenReference>,
     pub tok: Tokenizer,
     pub rewards: RewardFn,
     pub completions: CompletionLog,
@@ -120,7 +124,7 @@ impl Actors {
         let ro = build(
             &self.policy,
             ctx,
-            &self.reference.get(),
+            self.reference.as_ref().map(FrozenReference::get).as_ref(),
             &self.tok,
             records,
             &ids,
@@ -138,7 +142,7 @@ impl Actors {
         ctx: Ctx,
         prompts: &[PromptRecord],
         max_new_tokens: usize,
-        (kl, beta): (f64, Option<f64>),
+        (kl, beta): (Option<f64>, Option<f64>),
     ) -> Result<PolicyEval> {
         let (accuracy, mean_reward) = greedy_eval(
             &self.policy,
@@ -270,11 +274,10 @@ impl RolloutClock {
 
 /// What every RL stage logs per rollout: mean score, mean summed KL `kl_seq`, response
 /// length, the fraction that ended with EOS, and a `rollout` marker.
-pub fn rollout_stats(ro: &Rollout, kl_seq: f64) -> Vec<(&'static str, f64)> {
+pub fn rollout_stats(ro: &Rollout, kl_seq: Option<f64>) -> Vec<(&'static str, f64)> {
     let b = ro.lengths.len().max(1) as f64;
-    vec![
+    let mut stats = vec![
         ("score", ro.scores.iter().sum::<f64>() / b),
-        ("kl", kl_seq),
         (
             "response_length",
             ro.lengths.iter().sum::<usize>() as f64 / b,
@@ -284,7 +287,9 @@ pub fn rollout_stats(ro: &Rollout, kl_seq: f64) -> Vec<(&'static str, f64)> {
             ro.finished.iter().filter(|&&f| f).count() as f64 / b,
         ),
         ("rollout", 1.0),
-    ]
+    ];
+    stats.extend(kl_seq.map(|kl| ("kl", kl)));
+    stats
 }
 
 /// The factor a rank's token-mean loss is multiplied by under data parallelism: its share of
@@ -462,7 +467,7 @@ fn layout(prompts: &[Vec<u32>], s: &Sampled, pad: u32, dev: &Device) -> Result<R
         resp_tokens,
         mask,
         old_logprobs: Tensor::zeros((b, r), DType::F32, dev)?,
-        ref_logprobs: Tensor::zeros((b, r), DType::F32, dev)?,
+        ref_logprobs: None,
         temperature: s.temperature,
         scores: vec![],
         scores_by_source: vec![],
@@ -472,13 +477,24 @@ fn layout(prompts: &[Vec<u32>], s: &Sampled, pad: u32, dev: &Device) -> Result<R
     })
 }
 
+impl Rollout {
+    /// The per-token KL estimate of the sampling policy to the reference, masked to the
+    /// responses; None where the stage holds no reference.
+    pub fn kl(&self, estimator: KlEstimator) -> Result<Option<Tensor>> {
+        self.ref_logprobs
+            .as_ref()
+            .map(|r| Ok((kl_estimate(&self.old_logprobs, r, estimator)? * &self.mask)?))
+            .transpose()
+    }
+}
+
 /// Builds the rollout tensors of `prompts` and their sampled responses, with old and
 /// reference log-probabilities (no gradients) and scores.
 #[allow(clippy::too_many_arguments)]
 pub fn build(
     net: &Transformer,
     ctx: Ctx,
-    reference: &Reference,
+    reference: Option<&Reference>,
     tok: &Tokenizer,
     records: &[PromptRecord],
     prompts: &[Vec<u32>],
@@ -488,17 +504,18 @@ pub fn build(
     let mut ro = layout(prompts, &s, tok.pad_id(), net.device())?;
     let all: Vec<usize> = (0..prompts.len()).collect();
     ro.old_logprobs = response_logprobs(net, ctx, &ro, &all, false)?.0.detach();
-    let ref_net = match reference {
-        Reference::AdaptersOff => net,
-        Reference::Separate(r) => r,
-    };
-    let ref_ctx = Ctx {
-        use_lora: false,
-        ..ctx
-    };
-    ro.ref_logprobs = response_logprobs(ref_net, ref_ctx, &ro, &all, false)?
-        .0
-        .detach();
+    if let Some(reference) = reference {
+        let ref_net = match reference {
+            Reference::AdaptersOff => net,
+            Reference::Separate(r) => r,
+        };
+        let ref_ctx = Ctx {
+            use_lora: false,
+            ..ctx
+        };
+        let lp = response_logprobs(ref_net, ref_ctx, &ro, &all, false)?.0;
+        ro.ref_logprobs = Some(lp.detach());
+    }
     let batch = Batch {
         records,
         seqs: &crate::generate::concat(prompts, &s.gen_tokens),
