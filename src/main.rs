@@ -9,7 +9,7 @@ use temper::cli::{
 };
 use temper::config::Stage;
 use temper::data::encode::{encode_corpus, EncodeOpts};
-use temper::data::records::load_prompts_templated;
+use temper::data::records::load_prompts_lazily;
 use temper::data::tokenizer::{train_bpe, Tokenizer};
 use temper::dist::preempt::{self, Preempted, EXIT_PREEMPTED};
 use temper::dist::{launch, Communicator, PeerFailed, Rank, ThreadGroup};
@@ -17,7 +17,7 @@ use temper::generate::SampleCfg;
 use temper::kernels::KernelSet;
 use temper::model::linear::Ctx;
 use temper::stages::loader::{policy_from, read_checkpoint};
-use temper::stages::setup::template_for;
+use temper::stages::setup::chat_template_of;
 use temper::stages::{self, Env};
 use temper::train::params::ParamStore;
 
@@ -163,8 +163,9 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     let net = policy_from(&loaded, &mut store, None)?;
     let mut requests = stages::generate::inline_prompts(&a.prompt);
     if let Some(p) = &a.prompts {
-        let template = template_for(a.chat_template.as_deref(), Some(&a.checkpoint))?;
-        requests.extend(load_prompts_templated(p, template.as_ref())?);
+        requests.extend(load_prompts_lazily(p, || {
+            chat_template_of(a.chat_template.as_deref(), &loaded)
+        })?);
     }
     if requests.is_empty() {
         bail!("generate: give --prompt TEXT or --prompts FILE.jsonl");
@@ -190,8 +191,18 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         samples: a.samples,
         batch_rows: a.batch_size,
     };
-    let mut sink = stages::generate::Sink::open(a.out.as_deref(), a.resume)?;
-    let s = stages::generate::run(&net, ctx, &loaded.tokenizer, &requests, &job, &mut sink)?;
+    let inputs: Vec<&std::path::Path> = a.prompts.iter().map(|p| p.as_path()).collect();
+    let mut sink = stages::generate::Sink::open(a.out.as_deref(), a.resume, &inputs)?;
+    let settings = job.settings(&a.checkpoint);
+    let s = stages::generate::run(
+        &net,
+        ctx,
+        &loaded.tokenizer,
+        &requests,
+        &job,
+        &settings,
+        &mut sink,
+    )?;
     if s.resumed > 0 {
         eprintln!("resumed after {} completions already written", s.resumed);
     }
@@ -212,8 +223,7 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
     let net = policy_from(&loaded, &mut store, None)?;
     let prompts = match &a.prompts {
         Some(p) => {
-            let template = template_for(a.chat_template.as_deref(), Some(&a.checkpoint))?;
-            load_prompts_templated(p, template.as_ref())?
+            load_prompts_lazily(p, || chat_template_of(a.chat_template.as_deref(), &loaded))?
         }
         None => temper::data::synthetic::Synthetic::new(a.task_seed)
             .prompts(temper::data::synthetic::Split::Eval, usize::MAX),

@@ -531,15 +531,17 @@ fn generated_completions_do_not_depend_on_the_batch_size() {
     );
 }
 
-/// An `--out` file cut short (a whole batch written, the next line half-written) is continued
-/// by `--resume` to the file an uninterrupted run writes; without `--resume` it is left alone,
-/// and a resume with other prompts is refused naming the line and field.
+/// An `--out` file cut short (mid-batch, its last line half-written) is continued by
+/// `--resume` to the file an uninterrupted run writes. Without `--resume` it is left alone; a
+/// resume with other prompts or other settings, over a line that is no completion, or into the
+/// prompts file itself is refused in one line and leaves the file as it was. A prompt too long
+/// for the model fails before anything is written, naming its line.
 #[test]
 fn an_interrupted_generation_resumes_after_its_last_complete_line() {
     let d = tmp();
     let prompts = numbered_prompts(d.path());
     let gpt2 = fixture("gpt2");
-    let run = |out: &Path, prompts: &Path, resume: bool| {
+    let run = |out: &Path, prompts: &Path, extra: &[&str]| {
         let (out, prompts) = (out.to_str().unwrap(), prompts.to_str().unwrap());
         let mut args = vec![
             "generate",
@@ -552,52 +554,98 @@ fn an_interrupted_generation_resumes_after_its_last_complete_line() {
             "--samples",
             "2",
             "--batch-size",
-            "3",
+            "4",
             "--max-new-tokens",
             "5",
             "--device",
             "cpu",
         ];
-        if resume {
-            args.push("--resume");
-        }
+        args.extend_from_slice(extra);
         args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
     };
     let ok = |args: Vec<String>| run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let err = |args: Vec<String>| run_err(&args.iter().map(String::as_str).collect::<Vec<_>>());
 
     let full = p(d.path(), "full.jsonl");
-    ok(run(&full, &prompts, false));
+    ok(run(&full, &prompts, &[]));
     let text = std::fs::read_to_string(&full).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 14);
 
+    // Seven complete lines (batches of four rows: the cut is inside the second) and half of
+    // the eighth.
     let cut = p(d.path(), "cut.jsonl");
     let partial = format!(
         "{}\n{}",
-        lines[..6].join("\n"),
-        &lines[6][..lines[6].len() / 2]
+        lines[..7].join("\n"),
+        &lines[7][..lines[7].len() / 2]
     );
     std::fs::write(&cut, &partial).unwrap();
-    let e = err(run(&cut, &prompts, false));
+    std::fs::copy(
+        p(d.path(), "full.jsonl.settings.json"),
+        p(d.path(), "cut.jsonl.settings.json"),
+    )
+    .unwrap();
+    let untouched = |e: &str| {
+        assert_eq!(e.trim().lines().count(), 1, "{e}");
+        assert_eq!(
+            std::fs::read_to_string(&cut).unwrap(),
+            partial,
+            "the file was touched"
+        );
+    };
+    let e = err(run(&cut, &prompts, &[]));
     assert!(e.contains("cut.jsonl") && e.contains("--resume"), "{e}");
-    assert_eq!(
-        std::fs::read_to_string(&cut).unwrap(),
-        partial,
-        "the file was touched"
-    );
-    let o = ok(run(&cut, &prompts, true));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("resumed after 6"));
-    assert_eq!(std::fs::read_to_string(&cut).unwrap(), text);
-
+    untouched(&e);
+    let e = err(run(&cut, &prompts, &["--resume", "--seed", "9"]));
+    assert!(e.contains("cut.jsonl.settings.json: field seed"), "{e}");
+    untouched(&e);
     let other = p(d.path(), "other.jsonl");
     std::fs::write(&other, "{\"prompt\": \"something else\"}\n").unwrap();
-    let e = err(run(&cut, &other, true));
+    let e = err(run(&cut, &other, &["--resume"]));
     assert!(
         e.contains("cut.jsonl:1") && e.contains("field prompt"),
         "{e}"
     );
-    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    untouched(&e);
+    let e = err(run(&prompts, &prompts, &["--resume"]));
+    assert!(e.contains("also the prompts file"), "{e}");
+
+    let o = ok(run(&cut, &prompts, &["--resume"]));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("resumed after 7"));
+    assert_eq!(std::fs::read_to_string(&cut).unwrap(), text);
+
+    // A file whose lines are no completions (a prompts file, say) is not resumed over.
+    let notes = p(d.path(), "notes.jsonl");
+    std::fs::copy(&prompts, &notes).unwrap();
+    std::fs::copy(
+        p(d.path(), "full.jsonl.settings.json"),
+        p(d.path(), "notes.jsonl.settings.json"),
+    )
+    .unwrap();
+    let e = err(run(&notes, &prompts, &["--resume"]));
+    assert!(e.contains("notes.jsonl:1: field completion"), "{e}");
+    assert_eq!(
+        std::fs::read(&notes).unwrap(),
+        std::fs::read(&prompts).unwrap()
+    );
+
+    let long = p(d.path(), "long.jsonl");
+    let big = "9".repeat(2000);
+    std::fs::write(
+        &long,
+        format!("{{\"prompt\": \"1\"}}\n{{\"prompt\": \"{big}\"}}\n"),
+    )
+    .unwrap();
+    let fresh = p(d.path(), "fresh.jsonl");
+    let e = err(run(&fresh, &long, &[]));
+    assert!(
+        e.contains("long.jsonl:2: field prompt") && e.contains("context"),
+        "{e}"
+    );
+    assert!(std::fs::read_to_string(&fresh)
+        .unwrap_or_default()
+        .is_empty());
 }
 
 /// A prompt given as chat messages is rendered with the checkpoint's chat template (its
@@ -641,9 +689,14 @@ fn chat_prompts_are_rendered_with_the_checkpoints_template() {
         &PathBuf::from(&qwen).join("tokenizer_config.json"),
     ));
     let mine = plain(rendered(&jinja));
-    assert_ne!(
-        own, mine,
-        "the two renderings must generate apart for this test to tell"
+    let builtin = plain(temper::data::records::render_chat_prompt(&[(
+        "user".to_string(),
+        "What is 2+3?".to_string(),
+    )]));
+    // The three renderings must generate apart for this test to tell them apart.
+    assert!(
+        own != mine && own != builtin && mine != builtin,
+        "{own:?} {mine:?} {builtin:?}"
     );
     assert_eq!(completion(&chat, &[]), own);
     assert_eq!(
@@ -672,7 +725,7 @@ fn pretraining_learns_from_token_shards() {
 
     let shards = p(d.path(), "shards");
     let s = shards.to_str().unwrap();
-    run_ok(&[
+    let enc = run_ok(&[
         "tokenizer",
         "encode",
         corpus,
@@ -681,6 +734,13 @@ fn pretraining_learns_from_token_shards() {
         "--shard-tokens",
         "20000",
     ]);
+    // "... N train / M val tokens (...)" from encode, "N train / M val tokens" from pretrain.
+    let counts = |text: &str| {
+        let at = text.find(" val tokens").expect("a token count line");
+        let words: Vec<&str> = text[..at].split_whitespace().rev().take(4).collect();
+        (words[3].to_string(), words[0].to_string())
+    };
+    let encoded = counts(&String::from_utf8_lossy(&enc.stdout));
     assert!(shards.join("train_000001.bin").exists() && shards.join("val_000000.bin").exists());
     let run = p(d.path(), "run");
     let r = run.to_str().unwrap();
@@ -699,10 +759,46 @@ fn pretraining_learns_from_token_shards() {
         "--device",
         "cpu",
     ]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("memory-mapped"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("(memory-mapped)"), "{err}");
+    assert_eq!(
+        counts(&err),
+        encoded,
+        "pretraining read other splits than encode wrote"
+    );
     let val = series(&metrics(&run), "val", "loss");
     let (first, last) = (val[0].1, val.last().unwrap().1);
     assert!(last < 0.5 * first, "val loss {first} -> {last}");
+
+    // Validation shards shorter than a window: the training stream's tail is held out.
+    let short = p(d.path(), "short");
+    std::fs::create_dir(&short).unwrap();
+    let ids: Vec<u32> = (0..3000).map(|i| (i * 7 % 250) as u32).collect();
+    use temper::data::shards::{write_shard, Width};
+    write_shard(&short.join("train_000000.bin"), &ids, Width::U16).unwrap();
+    write_shard(&short.join("val_000000.bin"), &ids[..20], Width::U16).unwrap();
+    std::fs::write(short.join("README.md"), "not part of the corpus").unwrap();
+    let short_run = p(d.path(), "short-run");
+    let o = run_ok(&[
+        "pretrain",
+        "--config",
+        cfg,
+        "--data",
+        short.to_str().unwrap(),
+        "--out",
+        short_run.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--eval-every",
+        "1",
+        "--device",
+        "cpu",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("hold 20 tokens, less than a window of 49"),
+        "{err}"
+    );
 
     // Shards of a BPE tokenizer, found beside them; gone, the byte tokenizer cannot read them.
     let bpe = p(d.path(), "bpe.json");

@@ -2,20 +2,25 @@
 //! ([`super::shards`]), so that pretraining on it starts at once and keeps no corpus in
 //! memory.
 //!
-//! Documents are read file by file as [`super::corpus::load_documents`] reads them, encoded
-//! on every core, and followed by EOS each, and whole documents go to validation by the same
-//! seeded hash as pretraining's split of a text corpus. So when that split applies (20
-//! documents or more, each side at least one block), pretraining on the shards sees the very
-//! token streams it would have made from the text.
+//! Documents are read in the order [`super::corpus::load_documents`] reads them, a group of
+//! files (up to [`GROUP_BYTES`] of text) at a time, encoded on every core, and followed by
+//! EOS each; whole documents go to validation by the same seeded hash as pretraining's split
+//! of a text corpus. So pretraining on the shards sees the token streams pretraining from the
+//! text makes with the same tokenizer.json and seed, where that split is by document (20
+//! documents or more, the hash sending at least one each way, each side at least a block).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use super::corpus::{corpus_files, held_out, read_file_documents};
 use super::shards::{write_shard, Width};
 use super::tokenizer::Tokenizer;
+
+/// Text read before a group of files is encoded: bounds the memory, and gives every core
+/// documents even when each file is one document.
+pub const GROUP_BYTES: usize = 64 << 20;
 
 /// What to write.
 pub struct EncodeOpts<'a> {
@@ -50,12 +55,17 @@ struct Split<'a> {
 }
 
 impl Split<'_> {
-    fn push(&mut self, doc: &[u32]) -> Result<()> {
-        self.pending.extend_from_slice(doc);
-        while self.pending.len() >= self.opts.shard_tokens {
-            let rest = self.pending.split_off(self.opts.shard_tokens);
-            self.flush()?;
-            self.pending = rest;
+    fn push(&mut self, mut doc: &[u32]) -> Result<()> {
+        // A shard at a time out of the document, so a document much longer than a shard
+        // costs no more than its length.
+        while !doc.is_empty() {
+            let room = self.opts.shard_tokens - self.pending.len();
+            let (now, rest) = doc.split_at(room.min(doc.len()));
+            self.pending.extend_from_slice(now);
+            if self.pending.len() == self.opts.shard_tokens {
+                self.flush()?;
+            }
+            doc = rest;
         }
         Ok(())
     }
@@ -93,7 +103,8 @@ pub fn encode_corpus(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
             opts.val_fraction
         );
     }
-    std::fs::create_dir_all(opts.out)?;
+    std::fs::create_dir_all(opts.out)
+        .with_context(|| format!("{}: cannot create", opts.out.display()))?;
     if super::shards::is_shard_corpus(opts.out) {
         bail!(
             "{}: already holds token shards; encode into an empty directory",
@@ -113,9 +124,17 @@ pub fn encode_corpus(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
     let start = Instant::now();
     let mut documents = 0;
     let mut encoded_tokens = 0usize;
-    for file in corpus_files(corpus)? {
+    let files = corpus_files(corpus)?;
+    let mut next = 0;
+    while next < files.len() {
         let mut docs = Vec::new();
-        read_file_documents(&file, &mut docs)?;
+        let mut bytes = 0;
+        while next < files.len() && (bytes < GROUP_BYTES || docs.is_empty()) {
+            let before = docs.len();
+            read_file_documents(&files[next], &mut docs)?;
+            bytes += docs[before..].iter().map(String::len).sum::<usize>();
+            next += 1;
+        }
         docs.retain(|d| !d.is_empty());
         for ids in encode_all(opts.tok, &docs)? {
             let to_val =
@@ -130,8 +149,9 @@ pub fn encode_corpus(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
         }
         let secs = start.elapsed().as_secs_f64().max(1e-9);
         eprintln!(
-            "[encode] {} ({documents} documents, {:.0} tokens/s so far)",
-            file.display(),
+            "[encode] {} files of {} read ({documents} documents, {:.0} tokens/s so far)",
+            next,
+            files.len(),
             encoded_tokens as f64 / secs
         );
     }

@@ -373,7 +373,28 @@ pub fn load_prompts_templated(
     path: &Path,
     template: Option<&ChatTemplate>,
 ) -> Result<Vec<PromptRecord>> {
+    prompts_from(path, read_records(path)?, template)
+}
+
+/// [`load_prompts_templated`] with the template asked for only if some prompt is a list of
+/// messages: a checkpoint whose own template cannot be loaded still serves plain prompts.
+pub fn load_prompts_lazily(
+    path: &Path,
+    template: impl FnOnce() -> Result<Option<ChatTemplate>>,
+) -> Result<Vec<PromptRecord>> {
     let lines = read_records(path)?;
+    let chat = lines
+        .iter()
+        .any(|(_, obj)| matches!(obj.get("prompt"), Some(Value::Array(_))));
+    let template = if chat { template()? } else { None };
+    prompts_from(path, lines, template.as_ref())
+}
+
+fn prompts_from(
+    path: &Path,
+    lines: Vec<(usize, Map<String, Value>)>,
+    template: Option<&ChatTemplate>,
+) -> Result<Vec<PromptRecord>> {
     lines
         .into_iter()
         .map(|(line, obj)| {

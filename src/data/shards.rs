@@ -5,9 +5,10 @@
 //! llm.c's GPT-2 shards) or u32 under magic 20240801 (version 7, its Llama 3 shards). So the
 //! shards llm.c's scripts write (FineWeb, TinyStories, ...) train temper as they are, and
 //! `temper tokenizer encode` writes the same files from text. A corpus is a shard file, or a
-//! directory of them: those whose name has a `_`-separated part `val` (`fineweb_val_000000.bin`,
-//! `val_000000.bin`) are the validation split, the others the training split, each read in
-//! name order as one stream. Nothing is read ahead: a run starts at once whatever the corpus
+//! directory holding shards (`.bin` files that start with a shard's magic number; other files
+//! there, a README or a stray `.bin`, are left alone): those whose name has a `_`-separated
+//! part `val` (`fineweb_val_000000.bin`, `val_000000.bin`) are the validation split, the others
+//! the training split, each read in name order as one stream. Nothing is read ahead: a run starts at once whatever the corpus
 //! size, and a batch copies its windows out of the page cache.
 
 use std::fs::File;
@@ -122,6 +123,7 @@ impl Shard {
 
     /// Tokens `from..to` appended to `out`.
     fn copy(&self, from: usize, to: usize, out: &mut Vec<u32>) {
+        debug_assert!(from <= to && to <= self.len);
         let w = self.width.bytes();
         let bytes = &self.map[HEADER_BYTES + from * w..HEADER_BYTES + to * w];
         match self.width {
@@ -244,7 +246,8 @@ impl TokenStream {
         let first = out.len();
         match self {
             TokenStream::Owned(t) => out.extend_from_slice(&t[start..start + n]),
-            TokenStream::Mapped { shards, from, .. } => {
+            TokenStream::Mapped { shards, from, to } => {
+                debug_assert!(from + start + n <= *to, "a read past the split's end");
                 shards.copy(from + start, from + start + n, out)
             }
         }
@@ -288,7 +291,17 @@ fn is_val_shard(p: &Path) -> bool {
         .is_some_and(|s| s.to_string_lossy().split('_').any(|part| part == "val"))
 }
 
-/// The `.bin` files directly in `dir`, in name order.
+/// Whether `p` starts with a shard's magic number (u16 or u32 tokens).
+fn has_shard_magic(p: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 4];
+    File::open(p)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && matches!(i32::from_le_bytes(head), 20240520 | 20240801)
+}
+
+/// The shards directly in `dir` (`.bin` files with a shard's magic number), in name order.
 fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)
@@ -297,7 +310,7 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let p = entry
             .with_context(|| format!("{}: cannot read directory", dir.display()))?
             .path();
-        if p.is_file() && is_shard_name(&p) {
+        if p.is_file() && is_shard_name(&p) && has_shard_magic(&p) {
             files.push(p);
         }
     }
@@ -392,7 +405,10 @@ mod tests {
         write_shard(&d.path().join("x_train_000001.bin"), &b, Width::U16).unwrap();
         write_shard(&d.path().join("x_train_000002.bin"), &c, Width::U32).unwrap();
         write_shard(&d.path().join("x_val_000000.bin"), &[7, 8, 9], Width::U16).unwrap();
+        // An empty shard in the middle, and files that are no shards, change nothing.
+        write_shard(&d.path().join("x_train_000001a.bin"), &[], Width::U32).unwrap();
         std::fs::write(d.path().join("notes.txt"), "not a shard").unwrap();
+        std::fs::write(d.path().join("weights.bin"), [0u8; 2000]).unwrap();
         assert!(is_shard_corpus(d.path()));
         let (train, val) = open_corpus(d.path()).unwrap();
         let train = TokenStream::mapped(train);
@@ -406,9 +422,11 @@ mod tests {
         let mut out = vec![];
         train.read(35, 9, 100_000, &mut out).unwrap();
         assert_eq!(out, all[35..44]);
-        let (head, tail) = train.split_at(40);
-        assert_eq!(read_all(&head, 100_000), all[..40]);
-        assert_eq!(read_all(&tail, 100_000), all[40..]);
+        for cut in [40, 37, 42, 0, all.len()] {
+            let (head, tail) = train.split_at(cut);
+            assert_eq!(read_all(&head, 100_000), all[..cut], "cut {cut}");
+            assert_eq!(read_all(&tail, 100_000), all[cut..], "cut {cut}");
+        }
         // A token the model's vocabulary does not have names its shard and index.
         let e = err(train.read(0, all.len(), 65_536, &mut vec![]));
         assert!(e.contains("x_train_000002.bin: token 0 is 70000"), "{e}");

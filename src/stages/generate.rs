@@ -2,11 +2,16 @@
 //! batches of rows, written as JSONL as each batch finishes.
 //!
 //! `--samples N` draws N completions per prompt (vLLM's `n`, transformers'
-//! `num_return_sequences`). They are consecutive rows, so the engine prefills each prompt once.
-//! Row `r` (prompt `r / N`, sample `r % N`) draws from the random stream keyed by the seed and
-//! `r`. A completion therefore does not depend on the batch size. A run resumed from its output
-//! file writes the completions the interrupted run would have written; on the CPU they match
-//! bit for bit, on a GPU up to the rounding that batch shapes change (see [`crate::generate`]).
+//! `num_return_sequences`). They are consecutive rows of one batch (its size is rounded to a
+//! multiple of N), so the engine prefills each prompt once. Row `r` (prompt `r / N`, sample
+//! `r % N`) draws from the random stream keyed by the seed and `r`, so a completion does not
+//! depend on the batch size.
+//!
+//! An output file gets a settings file beside it (`FILE.settings.json`: checkpoint, seed,
+//! samples, sampling parameters). `--resume` checks it, and checks every complete line of the
+//! file against the row it stands for, before it drops a last line cut short and writes on: the
+//! completions the interrupted run would have written, bit for bit on the CPU, up to the
+//! rounding that batch shapes change on a GPU (see [`crate::generate`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, Write};
@@ -29,31 +34,74 @@ pub struct Job<'a> {
     pub seed: u64,
     /// Completions per prompt (at least 1).
     pub samples: usize,
-    /// Rows per engine call (at least 1): what bounds the KV cache and the prefill's
-    /// activations, whatever the number of prompts.
+    /// Rows per engine call (at least 1), rounded down to a multiple of `samples` (at least
+    /// `samples`) so that a prompt's samples share one prefill: what bounds the KV cache and
+    /// the prefill's activations, whatever the number of prompts.
     pub batch_rows: usize,
+}
+
+impl Job<'_> {
+    /// What decides the completions (the batch size does not): kept beside an output file
+    /// and checked when it is resumed.
+    pub fn settings(&self, checkpoint: &Path) -> Map<String, Value> {
+        let checkpoint = checkpoint
+            .canonicalize()
+            .unwrap_or_else(|_| checkpoint.to_path_buf());
+        let c = self.cfg;
+        let v = serde_json::json!({
+            "checkpoint": checkpoint.display().to_string(),
+            "samples": self.samples,
+            "seed": self.seed,
+            "max_new_tokens": c.max_new_tokens,
+            "temperature": c.temperature,
+            "top_k": c.top_k,
+            "top_p": c.top_p,
+            "stop": c.stop,
+        });
+        match v {
+            Value::Object(m) => m,
+            _ => unreachable!("a JSON object literal"),
+        }
+    }
 }
 
 /// Where the completions go.
 pub enum Sink {
     Stdout,
-    /// A JSONL file, appended to and flushed after every batch.
+    /// A JSONL file, appended to and synced after every batch.
     File {
         path: PathBuf,
         file: File,
+        /// Continue what the file holds (else it was empty or new).
+        resume: bool,
     },
+}
+
+/// The settings file beside an output file.
+fn settings_path(out: &Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".settings.json");
+    out.with_file_name(name)
 }
 
 impl Sink {
     /// Standard output when `path` is `None`. A file that exists and is not empty is refused
-    /// unless `resume`: it would otherwise be overwritten.
-    pub fn open(path: Option<&Path>, resume: bool) -> Result<Self> {
+    /// unless `resume`: it would otherwise be overwritten. `inputs` (the prompts file) may
+    /// not be the output.
+    pub fn open(path: Option<&Path>, resume: bool, inputs: &[&Path]) -> Result<Self> {
         let Some(path) = path else {
             if resume {
                 bail!("generate: --resume continues an --out file; none was given");
             }
             return Ok(Sink::Stdout);
         };
+        let canonical = |p: &Path| p.canonicalize().ok();
+        if canonical(path).is_some() && inputs.iter().any(|i| canonical(i) == canonical(path)) {
+            bail!(
+                "{}: is also the prompts file; write the completions elsewhere",
+                path.display()
+            );
+        }
         let nonempty = std::fs::metadata(path).is_ok_and(|m| m.len() > 0);
         if nonempty && !resume {
             bail!(
@@ -70,30 +118,50 @@ impl Sink {
         Ok(Sink::File {
             path: path.to_path_buf(),
             file,
+            resume: nonempty,
         })
     }
 
-    /// Rows already written (0 for standard output): the complete lines of the file, each
-    /// checked to be the completion of the row it stands for. A last line cut short by an
-    /// interruption is removed.
-    fn resume_point(&mut self, requests: &[PromptRecord], samples: usize) -> Result<usize> {
-        let Sink::File { path, file } = self else {
+    /// Rows already written (0 for standard output or a fresh file), after checking that the
+    /// file was begun with these `settings` and that each complete line is the completion of
+    /// the row it stands for. A last line cut short by an interruption is then removed. A
+    /// fresh file gets its settings file.
+    fn resume_point(
+        &mut self,
+        requests: &[PromptRecord],
+        samples: usize,
+        settings: &Map<String, Value>,
+    ) -> Result<usize> {
+        let Sink::File { path, file, resume } = self else {
             return Ok(0);
         };
-        let text = std::fs::read_to_string(&*path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
-        let complete = text.rfind('\n').map_or(0, |i| i + 1);
-        if complete < text.len() {
-            file.set_len(complete as u64).with_context(|| {
-                format!("{}: cannot drop its cut-short last line", path.display())
-            })?;
-            file.seek(std::io::SeekFrom::End(0))?;
+        let meta = settings_path(path);
+        if !*resume {
+            let text = serde_json::to_string_pretty(settings)?;
+            crate::io::write_atomic(&meta, text.as_bytes())?;
+            return Ok(0);
         }
+        check_settings(&meta, path, settings)?;
+        let bytes =
+            std::fs::read(&*path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let text = std::str::from_utf8(&bytes[..complete]).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not UTF-8 text before byte {}",
+                path.display(),
+                e.valid_up_to()
+            )
+        })?;
         let mut rows = 0;
-        for (i, line) in text[..complete].lines().enumerate() {
+        for (i, line) in text.lines().enumerate() {
             let at = format!("{}:{}", path.display(), i + 1);
             let v: Value = serde_json::from_str(line)
-                .with_context(|| format!("{at}: not a JSON completion line"))?;
+                .map_err(|e| anyhow::anyhow!("{at}: not a JSON completion line: {e}"))?;
+            for field in ["completion", "finish_reason"] {
+                if !v.get(field).is_some_and(Value::is_string) {
+                    bail!("{at}: field {field}: missing (not a completion line)");
+                }
+            }
             let Some(req) = requests.get(rows / samples) else {
                 bail!(
                     "{at}: more completions than the {} prompts × {samples} samples",
@@ -101,16 +169,24 @@ impl Sink {
                 );
             };
             if v.get("prompt") != req.fields.get("prompt") {
-                bail!("{at}: field prompt: not the prompt of row {rows} (resume with the same prompts and --samples)");
+                bail!("{at}: field prompt: not the prompt of row {rows} (resume with the same prompts)");
             }
-            let sample = v.get("sample").and_then(Value::as_u64).unwrap_or(0);
-            if sample != (rows % samples) as u64 {
-                bail!(
-                    "{at}: field sample: {sample}, expected {} (resume with the same --samples)",
-                    rows % samples
-                );
+            if samples > 1 {
+                let sample = v.get("sample").and_then(Value::as_u64);
+                if sample != Some((rows % samples) as u64) {
+                    bail!(
+                        "{at}: field sample: {sample:?}, expected {}",
+                        rows % samples
+                    );
+                }
             }
             rows += 1;
+        }
+        if complete < bytes.len() {
+            file.set_len(complete as u64).with_context(|| {
+                format!("{}: cannot drop its cut-short last line", path.display())
+            })?;
+            file.seek(std::io::SeekFrom::End(0))?;
         }
         Ok(rows)
     }
@@ -122,7 +198,7 @@ impl Sink {
                 out.write_all(lines.as_bytes())?;
                 out.flush()?;
             }
-            Sink::File { path, file } => {
+            Sink::File { path, file, .. } => {
                 file.write_all(lines.as_bytes())
                     .and_then(|()| file.sync_data())
                     .with_context(|| format!("{}: cannot write", path.display()))?;
@@ -130,6 +206,32 @@ impl Sink {
         }
         Ok(())
     }
+}
+
+/// Refuses to resume `out` under settings other than those it was begun with.
+fn check_settings(meta: &Path, out: &Path, now: &Map<String, Value>) -> Result<()> {
+    let text = std::fs::read_to_string(meta).map_err(|_| {
+        anyhow::anyhow!(
+            "{}: missing, so the settings that wrote {} are unknown; remove it to start over",
+            meta.display(),
+            out.display()
+        )
+    })?;
+    let then: Map<String, Value> = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}:{}: {e}", meta.display(), e.line()))?;
+    for (field, value) in now {
+        if then.get(field) != Some(value) {
+            let was = then
+                .get(field)
+                .map_or("nothing".to_string(), Value::to_string);
+            bail!(
+                "{}: field {field}: {was} when {} was begun, {value} now (resume with the same settings)",
+                meta.display(),
+                out.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// What a call did.
@@ -170,6 +272,7 @@ pub fn run(
     tok: &Tokenizer,
     requests: &[PromptRecord],
     job: &Job,
+    settings: &Map<String, Value>,
     sink: &mut Sink,
 ) -> Result<Summary> {
     if requests.is_empty() {
@@ -178,32 +281,39 @@ pub fn run(
     if job.samples == 0 || job.batch_rows == 0 {
         bail!("generate: --samples and --batch-size must be at least 1");
     }
+    let context = net.cfg.max_position_embeddings;
     let encoded = requests
         .iter()
         .map(|r| {
+            let at = r.origin.as_deref().unwrap_or("--prompt");
             let ids = tok.encode(&r.prompt)?;
             if ids.is_empty() {
+                bail!("{at}: field prompt: no tokens");
+            }
+            if ids.len() + job.cfg.max_new_tokens > context {
                 bail!(
-                    "{}: field prompt: no tokens",
-                    r.origin.as_deref().unwrap_or("--prompt")
+                    "{at}: field prompt: {} tokens plus {} new ones exceed the model's context of {context}",
+                    ids.len(),
+                    job.cfg.max_new_tokens
                 );
             }
             Ok(ids)
         })
         .collect::<Result<Vec<_>>>()?;
     let total = requests.len() * job.samples;
-    let resumed = sink.resume_point(requests, job.samples)?;
+    let resumed = sink.resume_point(requests, job.samples, settings)?;
+    let batch_rows = (job.batch_rows - job.batch_rows % job.samples).max(job.samples);
     let mut summary = Summary {
         resumed,
         ..Summary::default()
     };
     let start = Instant::now();
     // A line per batch is noise for a handful of prompts.
-    let progress = (total - resumed > job.batch_rows)
+    let progress = (total - resumed > batch_rows)
         .then(|| Progress::new("generate", resumed, total).unit("rows"));
     let mut row = resumed;
     while row < total {
-        let end = (row + job.batch_rows).min(total);
+        let end = (row + batch_rows).min(total);
         let ids: Vec<Vec<u32>> = (row..end)
             .map(|r| encoded[r / job.samples].clone())
             .collect();

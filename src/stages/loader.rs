@@ -20,6 +20,9 @@ pub struct Loaded {
     pub meta: CheckpointMeta,
     pub tensors: HashMap<String, Tensor>,
     pub tokenizer: Tokenizer,
+    /// Where the tokenizer's files (and a chat template's tokenizer_config.json) are: `dir`,
+    /// or a PEFT adapter's base model.
+    pub tokenizer_dir: PathBuf,
 }
 
 /// Reads a checkpoint (or a run directory's final/latest one) with adapters merged, or a
@@ -51,6 +54,7 @@ pub fn read_checkpoint(path: &Path, device: &Device) -> Result<Loaded> {
     }
     let tokenizer = Tokenizer::load_dir(&dir)?;
     Ok(Loaded {
+        tokenizer_dir: dir.clone(),
         dir,
         meta,
         tensors,
@@ -71,6 +75,7 @@ fn import_hf(dir: &Path, device: &Device) -> Result<Loaded> {
     }
     Ok(Loaded {
         dir: dir.to_path_buf(),
+        tokenizer_dir: dir.to_path_buf(),
         meta: CheckpointMeta {
             stage: Stage::Pretrain,
             kind: CheckpointKind::Policy,

@@ -134,8 +134,8 @@ pub struct PretrainResult {
 /// The training and validation token streams, and what they came from (for the log).
 ///
 /// A token-shard corpus (`temper tokenizer encode`, or llm.c's) is memory-mapped: its
-/// validation shards, or else the last `val_fraction` of its training stream (at least one
-/// window), are held out. A text corpus, or the built-in task, is tokenized and split by
+/// validation shards, or where they hold less than one window (or there are none) the last
+/// `val_fraction` of its training stream (at least one window), are held out. A text corpus, or the built-in task, is tokenized and split by
 /// document ([`pack_documents`]).
 fn streams(env: &Env, tok: &Tokenizer) -> Result<(TokenStream, TokenStream, String)> {
     let cfg = &env.cfg;
@@ -143,23 +143,26 @@ fn streams(env: &Env, tok: &Tokenizer) -> Result<(TokenStream, TokenStream, Stri
     if let Some(path) = cfg.data.path.as_deref().filter(|p| is_shard_corpus(p)) {
         let (train, val) = open_corpus(path)?;
         let train = TokenStream::mapped(train);
-        return Ok(match val {
-            Some(val) => (
-                train,
-                TokenStream::mapped(val),
-                format!("token shards {} (memory-mapped)", path.display()),
-            ),
-            None => {
-                let held = ((train.len() as f64 * cfg.data.val_fraction) as usize).max(t + 1);
-                let (train, val) = train.split_at(train.len().saturating_sub(held));
-                let what = format!(
-                    "token shards {} (memory-mapped; no validation shard, so its last {} tokens are held out)",
-                    path.display(),
-                    val.len()
-                );
-                (train, val, what)
+        let why_tail = match val {
+            Some(val) if val.len() > t => {
+                let what = format!("token shards {} (memory-mapped)", path.display());
+                return Ok((train, TokenStream::mapped(val), what));
             }
-        });
+            Some(val) => format!(
+                "its validation shards hold {} tokens, less than a window of {}",
+                val.len(),
+                t + 1
+            ),
+            None => "it has no validation shard".to_string(),
+        };
+        let held = ((train.len() as f64 * cfg.data.val_fraction) as usize).max(t + 1);
+        let (train, val) = train.split_at(train.len().saturating_sub(held));
+        let what = format!(
+            "token shards {} (memory-mapped; {why_tail}, so the training stream's last {} tokens are held out)",
+            path.display(),
+            val.len()
+        );
+        return Ok((train, val, what));
     }
     let docs = match &cfg.data.path {
         Some(p) => load_documents(p)?,

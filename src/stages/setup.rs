@@ -126,11 +126,26 @@ pub fn template_for(explicit: Option<&Path>, model: Option<&Path>) -> Result<Opt
             Err(_) => return Ok(None),
         }
     };
+    template_in(&dir)
+}
+
+/// `explicit` when given, else the template beside `loaded`'s tokenizer (a PEFT adapter's:
+/// its base model's), else none.
+pub fn chat_template_of(explicit: Option<&Path>, loaded: &Loaded) -> Result<Option<ChatTemplate>> {
+    match explicit {
+        Some(t) => Ok(Some(ChatTemplate::load(t)?)),
+        None => template_in(&loaded.tokenizer_dir),
+    }
+}
+
+/// The chat template of the `tokenizer_config.json` in `dir`; none when there is no such
+/// file, or its `chat_template` is absent or null.
+pub fn template_in(dir: &Path) -> Result<Option<ChatTemplate>> {
     let tc = dir.join("tokenizer_config.json");
     let has_template = std::fs::read_to_string(&tc)
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v.get("chat_template").is_some());
+        .is_some_and(|v| v.get("chat_template").is_some_and(|t| !t.is_null()));
     Ok(if has_template {
         Some(ChatTemplate::load(&tc)?)
     } else {
@@ -330,4 +345,26 @@ pub fn inherit_task_world(cfg: &mut RunConfig, user: Option<&toml::Value>) -> Re
         cfg.data.task_max_operand = max as u32;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tokenizer_config.json without a template, or with `"chat_template": null` (as some
+    /// base models ship), has none; one with a template gives it.
+    #[test]
+    fn a_null_chat_template_is_no_template() {
+        let d = tempfile::tempdir().unwrap();
+        let tc = d.path().join("tokenizer_config.json");
+        assert!(template_in(d.path()).unwrap().is_none());
+        for body in [r#"{"eos_token": "x"}"#, r#"{"chat_template": null}"#] {
+            std::fs::write(&tc, body).unwrap();
+            assert!(template_in(d.path()).unwrap().is_none(), "{body}");
+        }
+        std::fs::write(&tc, r#"{"chat_template": "{{ messages[0]['content'] }}!"}"#).unwrap();
+        let t = template_in(d.path()).unwrap().expect("a template");
+        let m = [serde_json::json!({"role": "user", "content": "hi"})];
+        assert_eq!(t.render(&m, true).unwrap(), "hi!");
+    }
 }
