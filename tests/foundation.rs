@@ -563,8 +563,8 @@ fn an_interrupted_generation_resumes_after_its_last_complete_line() {
         args.extend_from_slice(extra);
         args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
     };
-    let ok = |args: Vec<String>| run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let err = |args: Vec<String>| run_err(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let ok = |args: Vec<String>| run_ok(&strs(&args));
+    let err = |args: Vec<String>| run_err(&strs(&args));
 
     let full = p(d.path(), "full.jsonl");
     ok(run(&full, &prompts, &[]));
@@ -822,36 +822,36 @@ fn pretraining_learns_from_token_shards() {
         "--tokenizer",
         bpe.to_str().unwrap(),
     ]);
-    let steps = ["--steps", "2", "--eval-every", "2", "--device", "cpu"];
-    let bpe_run = p(d.path(), "bpe-run");
-    let mut args = vec![
-        "pretrain",
-        "--config",
-        cfg,
-        "--data",
-        b,
-        "--out",
-        bpe_run.to_str().unwrap(),
-    ];
-    args.extend_from_slice(&steps);
-    let o = run_ok(&args);
+    // Two steps of pretraining on the BPE shards into `name`.
+    let pretrain = |name: &str| {
+        let out = p(d.path(), name);
+        let out = out.to_str().unwrap();
+        let args = [
+            "pretrain",
+            "--config",
+            cfg,
+            "--data",
+            b,
+            "--out",
+            out,
+            "--steps",
+            "2",
+            "--eval-every",
+            "2",
+            "--device",
+            "cpu",
+        ];
+        args.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    let o = run_ok(&strs(&pretrain("bpe-run")));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("tokenizer bpe(vocab="),
         "not found beside the shards: {err}"
     );
     std::fs::remove_file(bpe_shards.join("tokenizer.json")).unwrap();
-    let lost = p(d.path(), "lost-run");
-    let mut args = vec![
-        "pretrain",
-        "--config",
-        cfg,
-        "--data",
-        b,
-        "--out",
-        lost.to_str().unwrap(),
-    ];
-    args.extend_from_slice(&steps);
+    let args = pretrain("lost-run");
+    let args = strs(&args);
     let e = run_err(&args);
     assert!(
         e.contains("_000000.bin: token") && e.contains("--tokenizer"),

@@ -334,23 +334,14 @@ mod stage_chain {
             path
         };
         let (train, eval) = (write("prefs.jsonl", 0, 120), write("eval.jsonl", 5, 24));
-        for (loss, smoothing) in [
-            ("sigmoid", 0.1),
-            ("robust", 0.1),
-            ("hinge", 0.0),
-            ("ipo", 0.0),
-            ("simpo", 0.0),
-        ] {
-            let cfg = dir.join(format!("{loss}.toml"));
-            std::fs::write(
-                &cfg,
-                format!(
-                    "{TINY_TOML}\n[dpo]\nloss_type = \"{loss}\"\nlabel_smoothing = {smoothing}\n"
-                ),
-            )
-            .unwrap();
-            let out = dir.join(loss);
-            run_ok(&[
+        // DPO from the pretrained model on the pairs, under `[dpo] loss_type = loss` and
+        // `label_smoothing = smoothing`, into `name`, with `extra` flags.
+        let dpo = |name: &str, loss: &str, smoothing: f64, extra: &[&str]| {
+            let cfg = dir.join(format!("{name}.toml"));
+            let table = format!("[dpo]\nloss_type = \"{loss}\"\nlabel_smoothing = {smoothing}\n");
+            std::fs::write(&cfg, format!("{TINY_TOML}\n{table}")).unwrap();
+            let out = dir.join(name);
+            let mut args: Vec<String> = [
                 "dpo",
                 "--config",
                 arg(&cfg),
@@ -358,19 +349,36 @@ mod stage_chain {
                 arg(pre()),
                 "--data",
                 arg(&train),
-                "--eval-data",
-                arg(&eval),
                 "--out",
                 arg(&out),
+                "--device",
+                "cpu",
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+            args.extend(extra.iter().map(|a| a.to_string()));
+            (out, args)
+        };
+        for (loss, smoothing) in [
+            ("sigmoid", 0.1),
+            ("robust", 0.1),
+            ("hinge", 0.0),
+            ("ipo", 0.0),
+            ("simpo", 0.0),
+        ] {
+            let extra = [
+                "--eval-data",
+                arg(&eval),
                 "--steps",
                 "30",
                 "--lr",
                 "1e-3",
                 "--eval-every",
                 "30",
-                "--device",
-                "cpu",
-            ]);
+            ];
+            let (out, args) = dpo(loss, loss, smoothing, &extra);
+            run_ok(&strs(&args));
             let m = metrics(&out);
             let (acc, loss_v) = (
                 series(&m, "val", "reward_accuracy"),
@@ -383,25 +391,7 @@ mod stage_chain {
             assert!(from_ties && acc.last().unwrap().1 >= 0.9, "{loss}: {acc:?}");
             assert!(last < first, "{loss}: held-out loss {first} -> {last}");
         }
-        let cfg = dir.join("bad.toml");
-        std::fs::write(
-            &cfg,
-            format!("{TINY_TOML}\n[dpo]\nloss_type = \"ipo\"\nlabel_smoothing = 0.1\n"),
-        )
-        .unwrap();
-        let e = run_err(&[
-            "dpo",
-            "--config",
-            arg(&cfg),
-            "--init",
-            arg(pre()),
-            "--data",
-            arg(&train),
-            "--out",
-            arg(&dir.join("bad")),
-            "--device",
-            "cpu",
-        ]);
+        let e = run_err(&strs(&dpo("bad", "ipo", 0.1, &[]).1));
         assert!(
             e.contains("dpo.label_smoothing") && e.trim().lines().count() == 1,
             "{e}"
@@ -588,10 +578,6 @@ fn sft_learns_chat_data_rendered_by_a_tokenizer_config_template() {
         e.contains("chat.jsonl:1") && e.contains("no system role"),
         "{e}"
     );
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
 }
 
 #[test]

@@ -82,6 +82,11 @@ pub fn pretrain_on_cpu(config: &str, out: &Path, steps: u32) {
     ]);
 }
 
+/// Owned arguments as the `&str`s [`run_ok`] and [`run_err`] take.
+pub fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 /// Runs temper expecting failure; returns stderr.
 pub fn run_err(args: &[&str]) -> String {
     let out = temper().args(args).output().expect("spawn temper");
