@@ -406,3 +406,63 @@ fn grpo_without_kl_runs_no_reference_and_takes_the_same_first_step() {
     assert_eq!(l0[0].0, 1);
     assert!((l0[0].1 - l1[0].1).abs() < 1e-6, "{l0:?} vs {l1:?}");
 }
+
+/// With several optimizer steps per rollout, a checkpoint that falls due mid-rollout waits for
+/// the rollout's last step (a checkpoint holds no rollout), so `--resume` continues the curve
+/// exactly: here checkpoints every 3 steps land at 4 and 6, and the run resumed from step 4
+/// retraces the uninterrupted one.
+#[test]
+fn rl_checkpoints_wait_for_the_rollout_so_resume_is_exact() {
+    let dir = tmp();
+    let cfg = p(dir.path(), "two-steps.toml");
+    // 8 rows a rollout, minibatches of 4: two optimizer steps per rollout.
+    let table = "[grpo]\neval_prompts = 4\nprompts_per_rollout = 4\ngroup_size = 2\nminibatch_size = 4\nlog_completions = 0\n";
+    std::fs::write(&cfg, format!("{TINY_TOML}\nlog_every = 1\n{table}")).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/varied_reward.py");
+    let reward = format!("cmd:python3 {}", script.display());
+    let run = |out: &Path, every: &str| {
+        let init = sft();
+        run_ok(&[
+            "grpo",
+            "--config",
+            s(&cfg),
+            "--init",
+            s(&init),
+            "--out",
+            s(out),
+            "--steps",
+            "6",
+            "--checkpoint-every",
+            every,
+            "--eval-every",
+            "100",
+            "--reward",
+            &reward,
+            "--device",
+            "cpu",
+        ]);
+    };
+    let (whole, cut) = (p(dir.path(), "whole"), p(dir.path(), "cut"));
+    run(&whole, "100");
+    run(&cut, "3");
+    let ckpts = cut.join("checkpoints");
+    assert!(
+        !ckpts.join("step-0000003").exists(),
+        "a checkpoint inside a rollout"
+    );
+    assert!(ckpts.join("step-0000004").exists());
+    std::fs::remove_dir_all(ckpts.join("step-0000006")).unwrap();
+    std::fs::remove_dir_all(cut.join("final")).unwrap();
+    std::fs::write(ckpts.join("latest"), "step-0000004").unwrap();
+    run_ok(&["grpo", "--resume", s(&cut)]);
+    let (a, b) = (
+        series(&metrics(&whole), "train", "loss"),
+        series(&metrics(&cut), "train", "loss"),
+    );
+    assert_eq!(a.len(), 6, "{a:?}");
+    assert!(
+        a.iter().any(|(_, l)| l.abs() > 1e-6),
+        "every loss is zero: {a:?}"
+    );
+    assert_eq!(a, b, "the resumed run left the curve");
+}

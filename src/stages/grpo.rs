@@ -211,6 +211,10 @@ impl Task for GrpoTask<'_> {
         )
     }
 
+    fn resumable_here(&self) -> bool {
+        self.buffer.as_ref().is_none_or(Buffer::is_spent)
+    }
+
     fn state(&self) -> serde_json::Value {
         let mut s = self.sampler.state();
         s["rng"] = self.rng.state.into();

@@ -270,6 +270,10 @@ impl Task for PpoTask<'_> {
         s
     }
 
+    fn resumable_here(&self) -> bool {
+        self.buffer.as_ref().is_none_or(Buffer::is_spent)
+    }
+
     fn lr_scale(&self, p: ParamInfo) -> f64 {
         match p.net {
             Net::Value => self.env.cfg.ppo.value_lr_scale,

@@ -51,6 +51,13 @@ pub trait Task {
     fn lr_scale(&self, _param: ParamInfo) -> f64 {
         1.0
     }
+
+    /// Whether [`Task::state`] after this step resumes exactly. The RL stages say no while a
+    /// rollout still has minibatches to train on: their state does not hold the rollout, so a
+    /// checkpoint that falls due then waits for the rollout's last step.
+    fn resumable_here(&self) -> bool {
+        true
+    }
 }
 
 /// The model a checkpoint holds: which parameters, and what to call it.
@@ -335,6 +342,8 @@ impl<T: Task> Loop<'_, T> {
         let mut window_tokens = 0usize;
         let mut window_start = Instant::now();
         let mut window = Averages::default();
+        // A checkpoint has fallen due and waits for a step the task resumes exactly from.
+        let mut due = false;
         for step in start..cfg.steps {
             let lr = lr_at(cfg, step);
             let timed = step >= start + WARMUP_STEPS;
@@ -390,9 +399,11 @@ impl<T: Task> Loop<'_, T> {
                     summary.last_eval = Some(ev);
                 }
             }
-            let checkpointed = s % cfg.checkpoint_every == 0 || s == cfg.steps;
+            due |= s % cfg.checkpoint_every == 0;
+            let checkpointed = s == cfg.steps || (due && self.task.resumable_here());
             if checkpointed {
                 self.checkpoint(s)?;
+                due = false;
             }
             if self.stop_requested()? {
                 if !checkpointed {
