@@ -409,60 +409,81 @@ fn grpo_without_kl_runs_no_reference_and_takes_the_same_first_step() {
 
 /// With several optimizer steps per rollout, a checkpoint that falls due mid-rollout waits for
 /// the rollout's last step (a checkpoint holds no rollout), so `--resume` continues the curve
-/// exactly: here checkpoints every 3 steps land at 4 and 6, and the run resumed from step 4
-/// retraces the uninterrupted one.
+/// exactly. Two cases: minibatches of 4 of a rollout's 8 rows (two steps a rollout) with
+/// checkpoints every 3 steps, which land at 4 and 6; minibatches of 3 (three a rollout) and
+/// two per step, so rollouts straddle steps and end with one every 3 steps, with checkpoints
+/// every 2, which land at 3 and 6 (and the run says so). Each run resumed from its first
+/// checkpoint retraces the uninterrupted one.
 #[test]
 fn rl_checkpoints_wait_for_the_rollout_so_resume_is_exact() {
     let dir = tmp();
-    let cfg = p(dir.path(), "two-steps.toml");
-    // 8 rows a rollout, minibatches of 4: two optimizer steps per rollout.
-    let table = "[grpo]\neval_prompts = 4\nprompts_per_rollout = 4\ngroup_size = 2\nminibatch_size = 4\nlog_completions = 0\n";
-    std::fs::write(&cfg, format!("{TINY_TOML}\nlog_every = 1\n{table}")).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/varied_reward.py");
     let reward = format!("cmd:python3 {}", script.display());
-    let run = |out: &Path, every: &str| {
-        let init = sft();
-        run_ok(&[
-            "grpo",
-            "--config",
-            s(&cfg),
-            "--init",
-            s(&init),
-            "--out",
-            s(out),
-            "--steps",
-            "6",
-            "--checkpoint-every",
-            every,
-            "--eval-every",
-            "100",
-            "--reward",
-            &reward,
-            "--device",
-            "cpu",
-        ]);
-    };
-    let (whole, cut) = (p(dir.path(), "whole"), p(dir.path(), "cut"));
-    run(&whole, "100");
-    run(&cut, "3");
-    let ckpts = cut.join("checkpoints");
-    assert!(
-        !ckpts.join("step-0000003").exists(),
-        "a checkpoint inside a rollout"
-    );
-    assert!(ckpts.join("step-0000004").exists());
-    std::fs::remove_dir_all(ckpts.join("step-0000006")).unwrap();
-    std::fs::remove_dir_all(cut.join("final")).unwrap();
-    std::fs::write(ckpts.join("latest"), "step-0000004").unwrap();
-    run_ok(&["grpo", "--resume", s(&cut)]);
-    let (a, b) = (
-        series(&metrics(&whole), "train", "loss"),
-        series(&metrics(&cut), "train", "loss"),
-    );
-    assert_eq!(a.len(), 6, "{a:?}");
-    assert!(
-        a.iter().any(|(_, l)| l.abs() > 1e-6),
-        "every loss is zero: {a:?}"
-    );
-    assert_eq!(a, b, "the resumed run left the curve");
+    for (minibatch, accum, every, first) in [("4", 1, "3", 4), ("3", 2, "2", 3)] {
+        let case = p(dir.path(), &format!("mb{minibatch}"));
+        std::fs::create_dir(&case).unwrap();
+        let cfg = p(&case, "c.toml");
+        let table = format!("[grpo]\neval_prompts = 4\nprompts_per_rollout = 4\ngroup_size = 2\nminibatch_size = {minibatch}\nlog_completions = 0\n");
+        let train = format!("log_every = 1\ngrad_accum = {accum}\n");
+        std::fs::write(&cfg, format!("{TINY_TOML}\n{train}{table}")).unwrap();
+        let run = |out: &Path, every: &str| {
+            let init = sft();
+            let o = run_ok(&[
+                "grpo",
+                "--config",
+                s(&cfg),
+                "--init",
+                s(&init),
+                "--out",
+                s(out),
+                "--steps",
+                "6",
+                "--checkpoint-every",
+                every,
+                "--eval-every",
+                "100",
+                "--reward",
+                &reward,
+                "--device",
+                "cpu",
+            ]);
+            String::from_utf8_lossy(&o.stderr).into_owned()
+        };
+        let (whole, cut) = (p(&case, "whole"), p(&case, "cut"));
+        run(&whole, "100");
+        let err = run(&cut, every);
+        let ckpts = cut.join("checkpoints");
+        let names: Vec<String> = std::fs::read_dir(&ckpts)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("step-"))
+            .collect();
+        let mut names = names;
+        names.sort();
+        let want = vec![format!("step-{first:07}"), "step-0000006".to_string()];
+        assert_eq!(
+            names, want,
+            "minibatch {minibatch}: checkpoints inside a rollout"
+        );
+        if accum == 2 {
+            assert!(err.contains("checkpoints every 3 steps, not 2"), "{err}");
+        }
+        std::fs::remove_dir_all(ckpts.join("step-0000006")).unwrap();
+        std::fs::remove_dir_all(cut.join("final")).unwrap();
+        std::fs::write(ckpts.join("latest"), format!("step-{first:07}")).unwrap();
+        run_ok(&["grpo", "--resume", s(&cut)]);
+        let (a, b) = (
+            series(&metrics(&whole), "train", "loss"),
+            series(&metrics(&cut), "train", "loss"),
+        );
+        assert_eq!(a.len(), 6, "{a:?}");
+        assert!(
+            a.iter().any(|(_, l)| l.abs() > 1e-6),
+            "every loss is zero: {a:?}"
+        );
+        assert_eq!(
+            a, b,
+            "minibatch {minibatch}: the resumed run left the curve"
+        );
+    }
 }

@@ -366,6 +366,7 @@ mod stage_chain {
             ("hinge", 0.0),
             ("ipo", 0.0),
             ("simpo", 0.0),
+            ("orpo", 0.0),
         ] {
             let extra = [
                 "--eval-data",
@@ -378,17 +379,40 @@ mod stage_chain {
                 "30",
             ];
             let (out, args) = dpo(loss, loss, smoothing, &extra);
-            run_ok(&strs(&args));
+            let o = run_ok(&strs(&args));
+            let err = String::from_utf8_lossy(&o.stderr);
+            let reference_free = ["simpo", "orpo"].contains(&loss);
+            let said = if reference_free {
+                "reference: none"
+            } else {
+                "reference: a frozen copy"
+            };
+            assert!(err.contains(said), "{loss}: {err}");
             let m = metrics(&out);
             let (acc, loss_v) = (
                 series(&m, "val", "reward_accuracy"),
                 series(&m, "val", "loss"),
             );
             let (first, last) = (loss_v[0].1, loss_v.last().unwrap().1);
-            // SimPO reads no reference, so it does not start from ties: the base model already
-            // puts more per-token probability on the lowercase responses.
-            let from_ties = loss == "simpo" || acc[0].1 < 0.6;
-            assert!(from_ties && acc.last().unwrap().1 >= 0.9, "{loss}: {acc:?}");
+            // Where policy and reference agree, each loss starts at its own value: ln 2 for
+            // DPO with or without smoothing and for robust DPO, 1 for the hinge, and
+            // (1 / (2 beta))^2 = 25 for IPO at the default beta 0.1. SimPO and ORPO read no
+            // reference and start elsewhere: the base model already puts more per-token
+            // probability on the lowercase responses.
+            let start = match loss {
+                "sigmoid" | "robust" => Some(2f64.ln()),
+                "hinge" => Some(1.0),
+                "ipo" => Some(25.0),
+                _ => None,
+            };
+            match start {
+                Some(v) => assert!(
+                    (first - v).abs() < 1e-3,
+                    "{loss} starts at {first}, not {v}"
+                ),
+                None => assert!((first - 2f64.ln()).abs() > 1e-3, "{loss} starts at ln 2"),
+            }
+            assert!(acc.last().unwrap().1 >= 0.9, "{loss}: {acc:?}");
             assert!(last < first, "{loss}: held-out loss {first} -> {last}");
         }
         let e = run_err(&strs(&dpo("bad", "ipo", 0.1, &[]).1));

@@ -227,8 +227,9 @@ impl RunConfig {
 
     /// DAPO normalises by the tokens of a whole optimizer step, which it can count only when
     /// every step's `grad_accum` minibatches come from one rollout.
-    fn check_dapo_steps(&self) -> Result<()> {
-        let (loss, batches, table) = match self.stage {
+    /// The RL stages' minibatches per rollout, with their loss type and table name.
+    fn rollout_minibatches(&self) -> Option<(LossType, usize, &'static str)> {
+        Some(match self.stage {
             Stage::Ppo => (
                 self.ppo.loss_type,
                 self.ppo
@@ -244,7 +245,27 @@ impl RunConfig {
                     * self.grpo.epochs.max(1),
                 "grpo",
             ),
-            _ => return Ok(()),
+            _ => return None,
+        })
+    }
+
+    /// Optimizer steps from one rollout's end to the next one that ends with a step (where
+    /// an RL checkpoint can fall: `train::runner::Task::resumable_here`), when that is more
+    /// than `checkpoint_every`.
+    pub fn steps_between_rl_checkpoints(&self) -> Option<usize> {
+        let (_, batches, _) = self.rollout_minibatches()?;
+        let accum = self.train.grad_accum.max(1);
+        let (mut a, mut b) = (batches.max(1), accum);
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        let steps = batches.max(1) / a;
+        (steps > self.train.checkpoint_every).then_some(steps)
+    }
+
+    fn check_dapo_steps(&self) -> Result<()> {
+        let Some((loss, batches, table)) = self.rollout_minibatches() else {
+            return Ok(());
         };
         if loss == LossType::Dapo && !batches.is_multiple_of(self.train.grad_accum) {
             anyhow::bail!(

@@ -214,17 +214,32 @@ pub enum DpoLoss {
     /// SimPO: no reference model; `-log sigmoid(beta (a_c - a_r) - gamma)` with `a` the
     /// policy's log-probability averaged per token.
     Simpo,
+    /// ORPO: no reference model; `-beta log sigmoid(log odds_c - log odds_r)` with the odds
+    /// `p / (1 - p)` of `p = exp(a)`, `a` as SimPO's. `rpo_alpha` (1) is its SFT term.
+    Orpo,
 }
 
 impl DpoLoss {
-    /// Whether the loss reads the frozen reference (SimPO does not, so it is never run).
+    /// The name `[dpo] loss_type` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            DpoLoss::Sigmoid => "sigmoid",
+            DpoLoss::Hinge => "hinge",
+            DpoLoss::Ipo => "ipo",
+            DpoLoss::Robust => "robust",
+            DpoLoss::Simpo => "simpo",
+            DpoLoss::Orpo => "orpo",
+        }
+    }
+
+    /// Whether the loss reads the frozen reference (SimPO and ORPO do not: none is loaded).
     pub fn needs_reference(self) -> bool {
-        self != DpoLoss::Simpo
+        !matches!(self, DpoLoss::Simpo | DpoLoss::Orpo)
     }
 
     /// Whether the loss reads per-token averages rather than sums of log-probabilities.
     pub fn per_token(self) -> bool {
-        matches!(self, DpoLoss::Ipo | DpoLoss::Simpo)
+        matches!(self, DpoLoss::Ipo | DpoLoss::Simpo | DpoLoss::Orpo)
     }
 }
 
@@ -242,8 +257,8 @@ impl DpoConfig {
         let smooths = matches!(self.loss_type, DpoLoss::Sigmoid | DpoLoss::Robust);
         if self.label_smoothing > 0.0 && !smooths {
             bail!(
-                "dpo.label_smoothing applies to loss_type \"sigmoid\" and \"robust\", not {:?}",
-                self.loss_type
+                "dpo.label_smoothing applies to loss_type \"sigmoid\" and \"robust\", not \"{}\"",
+                self.loss_type.name()
             );
         }
         if !self.simpo_gamma.is_finite() {

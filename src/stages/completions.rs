@@ -1,5 +1,6 @@
 //! `completions.jsonl` in an RL run's directory: for each rollout, a few sampled prompts with
-//! their responses, total reward, each reward source's score, KL to the reference and length.
+//! their responses, total reward, each reward source's score, KL to the reference (where the
+//! stage holds one) and length.
 //! Reading it is how one catches reward hacking or responses collapsing in length.
 
 use std::fs::{File, OpenOptions};

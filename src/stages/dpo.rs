@@ -1,8 +1,9 @@
 //! Direct preference optimisation and its relatives, over response log-probabilities summed
 //! over tokens: DPO's `-log sigmoid(beta * ((logp_c - logp_ref_c) - (logp_r - logp_ref_r)))`
 //! (TRL's `sigmoid` loss, with cDPO's label smoothing), `hinge` (SLiC), `ipo`, `robust` and
-//! the reference-free `simpo` (`[dpo] loss_type`; [`preference_loss`]). The reference is the
-//! base with adapters off under LoRA, else a frozen copy; SimPO loads none.
+//! the reference-free `simpo` and `orpo` (`[dpo] loss_type`; [`preference_loss`]). The
+//! reference is the base with adapters off under LoRA, else a frozen copy; SimPO and ORPO
+//! load none.
 
 use std::path::Path;
 
@@ -55,13 +56,14 @@ pub fn preference_loss(
         scaled(policy.chosen, tokens.chosen)?,
         scaled(policy.rejected, tokens.rejected)?,
     );
-    // h: how much more the policy prefers the chosen response than the reference does.
+    // h: how much more the policy prefers the chosen response than the reference does (the
+    // reference-free losses: than the rejected one).
     let h = match (c.loss_type, reference) {
-        (DpoLoss::Simpo, _) => (pc - pr)?,
+        (DpoLoss::Simpo | DpoLoss::Orpo, _) => (&pc - &pr)?,
         (_, Some(r)) => {
             let rc = scaled(r.chosen, tokens.chosen)?;
             let rr = scaled(r.rejected, tokens.rejected)?;
-            ((pc - rc)? - (pr - rr)?)?
+            ((&pc - &rc)? - (&pr - &rr)?)?
         }
         (kind, None) => bail!("dpo: loss_type {kind:?} needs the reference's log-probabilities"),
     };
@@ -75,6 +77,14 @@ pub fn preference_loss(
         DpoLoss::Hinge => z.affine(-1.0, 1.0)?.relu()?,
         DpoLoss::Ipo => h.affine(1.0, -0.5 / c.beta)?.sqr()?,
         DpoLoss::Simpo => nls(&z.affine(1.0, -c.simpo_gamma)?)?,
+        DpoLoss::Orpo => {
+            // log odds(a) = a - log(1 - exp(a)); the clamp keeps a certain response finite.
+            let log_not = |a: &Tensor| -> Result<Tensor> {
+                Ok(a.exp()?.affine(-1.0, 1.0)?.clamp(1e-7, 1.0)?.log()?)
+            };
+            let log_odds = (&h - (log_not(&pc)? - log_not(&pr)?)?)?;
+            (nls(&log_odds)? * c.beta)?
+        }
     };
     let m = h.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     let acc = m.iter().filter(|&&x| x > 0.0).count() as f64 / m.len().max(1) as f64;
@@ -144,8 +154,6 @@ impl DpoTask<'_> {
         Ok((lp * &b.loss_mask)?.sum(1)?)
     }
 
-    /// The objective (DPO plus the RPO term), the DPO loss alone, the implicit-reward
-    /// accuracy and the token count.
     /// The objective, DPO's loss, the reward accuracy and the token count of `pairs`. In
     /// training, `comm` is the data-parallel group: RPO's NLL term is a mean over the global
     /// batch's chosen tokens, so each rank divides by the ranks' mean count.
@@ -208,9 +216,9 @@ impl DpoTask<'_> {
     }
 }
 
-/// DPO's held-out numbers: its loss (log 2 where policy and reference agree), how often the
-/// implicit reward ranks the chosen response first, and task accuracy where prompts have
-/// answers.
+/// DPO's held-out numbers: the preference loss alone (for `sigmoid` and `robust`, log 2
+/// where policy and reference agree), how often the implicit reward ranks the chosen response
+/// first, and task accuracy where prompts have answers.
 #[derive(Clone, Debug)]
 pub struct DpoEval {
     pub loss: f64,
@@ -253,7 +261,7 @@ impl Task for DpoTask<'_> {
     fn evaluate(&mut self) -> Result<DpoEval> {
         let (mut l, mut a, mut n) = (0.0, 0.0, 0.0);
         for c in self.eval.chunks(self.env.cfg.train.batch_size) {
-            // The held-out loss is DPO's alone: log 2 where policy and reference agree.
+            // The held-out loss is the preference loss alone, without the RPO term.
             let (_, loss, acc, _) = self.loss(&c.iter().collect::<Vec<_>>(), None)?;
             l += scalar(&loss)? * c.len() as f64;
             a += acc * c.len() as f64;
@@ -332,7 +340,13 @@ pub fn run(env: &Env) -> Result<DpoResult> {
     let lora = setup::lora(cfg);
     let needs_reference = cfg.dpo.loss_type.needs_reference();
     let (store, policy, reference, tok) = PolicyPair::load_with(env, needs_reference)?.into_parts();
-    let reference = needs_reference.then_some(reference);
+    eprintln!(
+        "[dpo] loss {}, reference: {}",
+        cfg.dpo.loss_type.name(),
+        reference
+            .as_ref()
+            .map_or("none (the loss reads none)", FrozenReference::describe)
+    );
     let (train, eval, eval_prompts) = datasets(env)?;
     if train.is_empty() || eval.is_empty() {
         bail!("dpo needs non-empty training and held-out preference sets");
@@ -448,6 +462,13 @@ mod tests {
         assert_eq!(acc, 1.0);
         let (_, acc) = loss_of(&simpo, [&[-4.0], &[-1.0]], r, [&[4.0], &[2.0]]);
         assert_eq!(acc, 0.0);
+        // ORPO: per token p_c = 0.5 (odds 1) and p_r = 0.2 (odds 1/4), so the log odds
+        // ratio is ln 4, and beta 0.5 gives 0.5 * -log sigmoid(ln 4) = 0.5 ln(5/4).
+        let orpo = cfg(DpoLoss::Orpo, 0.5, 0.0);
+        let (lc, lr) = (2.0 * 0.5f64.ln(), 4.0 * 0.2f64.ln());
+        let (got, acc) = loss_of(&orpo, [&[lc], &[lr]], r, n);
+        assert!((got - 0.5 * 1.25f64.ln()).abs() < 1e-5, "orpo: {got}");
+        assert_eq!(acc, 1.0);
     }
 
     #[test]
@@ -458,6 +479,7 @@ mod tests {
             DpoLoss::Hinge,
             DpoLoss::Ipo,
             DpoLoss::Simpo,
+            DpoLoss::Orpo,
         ] {
             let c = cfg(kind, 0.1, 0.0);
             let pc = candle_core::Var::new(&[-3.0f32, -2.0], &Device::Cpu).unwrap();

@@ -93,7 +93,8 @@ pub struct PolicyResult {
     pub start_accuracy: f64,
     pub mean_reward: f64,
     pub start_mean_reward: f64,
-    pub kl: f64,
+    /// None without a reference (GRPO with beta = 0).
+    pub kl: Option<f64>,
 }
 
 impl PolicyResult {
@@ -106,14 +107,22 @@ impl PolicyResult {
             start_accuracy: first.map_or(f64::NAN, |e| e.accuracy),
             mean_reward: last.map_or(f64::NAN, |e| e.mean_reward),
             start_mean_reward: first.map_or(f64::NAN, |e| e.mean_reward),
-            kl: last.and_then(|e| e.kl).unwrap_or(f64::NAN),
+            kl: last.and_then(|e| e.kl),
         }
     }
 
     pub fn describe(&self) -> String {
         format!(
-            "{}: accuracy {:.3} (from {:.3}), mean reward {:.3} (from {:.3}), KL to reference {:.4}",
-            self.stage, self.accuracy, self.start_accuracy, self.mean_reward, self.start_mean_reward, self.kl
+            "{}: accuracy {:.3} (from {:.3}), mean reward {:.3} (from {:.3}), {}",
+            self.stage,
+            self.accuracy,
+            self.start_accuracy,
+            self.mean_reward,
+            self.start_mean_reward,
+            match self.kl {
+                Some(kl) => format!("KL to reference {kl:.4}"),
+                None => "no reference (beta = 0)".to_string(),
+            }
         )
     }
 }

@@ -25,7 +25,7 @@ use super::rl::{
 };
 use super::rollout::{
     main_only, mean_over_ranks, rollout_seed, rollout_stats, rows, surrogate, token_share, Actors,
-    Buffer, PolicyStep, Rollout, RolloutClock, Schedule,
+    Buffer, FrozenReference, PolicyStep, Rollout, RolloutClock, Schedule,
 };
 use super::setup::{self, check_prompt_lengths, prompt_sets, Plan, PolicyPair};
 use super::Env;
@@ -253,18 +253,16 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         cfg.stage,
         c.advantage_estimator,
         rewards.names.join(" + "),
-        if with_reference {
-            reference.describe()
-        } else {
-            "none (beta = 0)"
-        }
+        reference
+            .as_ref()
+            .map_or("none (beta = 0)", FrozenReference::describe)
     );
     let model = policy.cfg.clone();
     let mut task = GrpoTask {
         env,
         actors: Actors {
             policy,
-            reference: with_reference.then_some(reference),
+            reference,
             tok: tok.clone(),
             rewards,
             completions: CompletionLog::new(&env.run_dir, main_only(env, c.log_completions)),
@@ -274,7 +272,8 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         eval_prompts,
         rng: Rng::new(cfg.train.seed ^ 0x6290),
         buffer: None,
-        last_kl: None,
+        // KL is 0 before the first update; without a reference there is none to report.
+        last_kl: with_reference.then_some(0.0),
         clock: RolloutClock::default(),
     };
     let trainable = |p: ParamInfo| lora.is_none() || p.role == Role::Adapter;

@@ -124,6 +124,12 @@ impl Env {
             self.kernels,
             dir.display()
         );
+        if let Some(steps) = cfg.steps_between_rl_checkpoints() {
+            eprintln!(
+                "[{}] checkpoints every {steps} steps, not {}: a checkpoint waits for the end of a rollout, which trains for {steps} (so that a resumed run continues exactly)",
+                cfg.stage, cfg.train.checkpoint_every
+            );
+        }
         Ok(())
     }
 

@@ -151,7 +151,7 @@ fn run_stage(stage: Stage, env: &Env) -> Result<Value> {
             };
             json!({"accuracy": num(r.accuracy), "sft_accuracy": num(r.start_accuracy),
                    "mean_reward": num(r.mean_reward), "sft_mean_reward": num(r.start_mean_reward),
-                   "kl": num(r.kl)})
+                   "kl": num(r.kl.unwrap_or(f64::NAN))})
         }
         Stage::Dpo => {
             let r = super::dpo::run(env)?;

@@ -30,7 +30,8 @@ use super::rl::{
 };
 use super::rollout::{
     main_only, mean_over_ranks, response_values, rollout_seed, rollout_stats, rows, surrogate,
-    token_shares, Actors, Buffer, CollectTimes, PolicyStep, Rollout, RolloutClock, Schedule,
+    token_shares, Actors, Buffer, CollectTimes, FrozenReference, PolicyStep, Rollout, RolloutClock,
+    Schedule,
 };
 use super::setup::{self, check_prompt_lengths, prompt_sets, Plan, PolicyPair};
 use super::Env;
@@ -351,7 +352,9 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
             .map_or("the policy (fresh head)".to_string(), |p| p
                 .display()
                 .to_string()),
-        pair.reference.describe()
+        pair.reference
+            .as_ref()
+            .map_or("none", FrozenReference::describe)
     );
     let PolicyPair {
         store,
@@ -364,7 +367,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         env,
         actors: Actors {
             policy,
-            reference: Some(reference),
+            reference,
             tok: tok.clone(),
             rewards,
             completions: CompletionLog::new(&env.run_dir, main_only(env, c.log_completions)),

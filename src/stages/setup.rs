@@ -46,14 +46,15 @@ pub struct PolicyPair {
     /// The policy's parameters (and, for PPO, its critic's).
     pub store: ParamStore,
     pub policy: Transformer,
-    pub reference: FrozenReference,
+    /// None where the stage's loss reads no reference ([`PolicyPair::load_with`]).
+    pub reference: Option<FrozenReference>,
     pub loaded: Loaded,
 }
 
 impl PolicyPair {
     /// The store, policy, reference and tokenizer, with the loaded copy of the weights
     /// dropped: the stores hold them now, and the copy would double the memory.
-    pub fn into_parts(self) -> (ParamStore, Transformer, FrozenReference, Tokenizer) {
+    pub fn into_parts(self) -> (ParamStore, Transformer, Option<FrozenReference>, Tokenizer) {
         (
             self.store,
             self.policy,
@@ -67,8 +68,8 @@ impl PolicyPair {
         Self::load_with(env, true)
     }
 
-    /// [`PolicyPair::load`]; without LoRA, `reference` false skips the frozen copy, for a
-    /// loss that reads no reference (its [`FrozenReference`] is then not to be read).
+    /// [`PolicyPair::load`]; `reference` false holds none (no frozen copy, and under LoRA no
+    /// adapters-off forward), for a loss that reads no reference.
     pub fn load_with(env: &Env, reference: bool) -> Result<Self> {
         let loaded = init_checkpoint(env, "an SFT model")?;
         let lora = lora(&env.cfg);
@@ -79,7 +80,7 @@ impl PolicyPair {
             store.freeze(Net::Policy, &[Role::Base], env.dtype());
         }
         let policy = policy_from(&loaded, &mut store, lora)?;
-        let reference = match lora {
+        let copy = match lora {
             Some(_) => None,
             None if !reference => None,
             None => {
@@ -92,7 +93,7 @@ impl PolicyPair {
         Ok(Self {
             store,
             policy,
-            reference: FrozenReference::new(reference),
+            reference: reference.then(|| FrozenReference::new(copy)),
             loaded,
         })
     }
