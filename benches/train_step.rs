@@ -3,13 +3,15 @@
 //! (12 layers, 768 wide, context 1024, batch 16, bf16 compute, f32 master weights); on a CPU
 //! a tiny shape, so the harness itself stays checked.
 //!
-//! `cargo bench --bench train_step [-- --steps N --batch B --seq T --impl ours|reference|both|ours-casts|ours-graph]`
+//! `cargo bench --bench train_step [-- --steps N --batch B --seq T --impl ours|reference|both|ours-casts|ours-graph|ours-recompute]`
 //!
 //! Two ablations of `ours`: `ours-casts`, our kernels with `[train] compute_copies = false`,
 //! each f32 master cast in every step instead of AdamW's bf16 compute copies (and so the
 //! blocks in candle's graph: the tape needs the copies); and `ours-graph`, with
 //! `[train] tape = "off"`, the blocks recorded in candle's autograd graph instead of our tape
-//! (src/tape/mod.rs). `reference` runs candle's graph too.
+//! (src/tape/mod.rs). `reference` runs candle's graph too. `ours-recompute` is ours with
+//! `[train] gradient_checkpointing`: each block's activations dropped after the forward and
+//! recomputed in the backward (src/tape/recompute.rs), memory for time.
 //!
 //! Besides the human lines it prints one JSON line per implementation
 //! (`{"bench":"train_step",...}`, tokens/s from the median step) for scripts/gpu-check.sh,
@@ -75,13 +77,15 @@ fn pool_peak_bytes() -> Option<u64> {
 
 /// One implementation of the step: its kernels, whether AdamW keeps bf16 compute copies
 /// (`[train] compute_copies`) or the forward casts each master, and whether the blocks are
-/// recorded on our tape (`[train] tape`).
+/// recorded on our tape (`[train] tape`), and whether they are recomputed in the backward
+/// (`[train] gradient_checkpointing`).
 #[derive(Clone, Copy)]
 struct Impl {
     name: &'static str,
     kernels: KernelSet,
     copies: bool,
     tape: bool,
+    recompute: bool,
 }
 
 /// Median step time in seconds, the losses of every step, and the profile of one more step.
@@ -109,6 +113,7 @@ fn run(
         use_lora: false,
         dropout_seed: None,
         tape: imp.tape,
+        recompute_blocks: imp.recompute,
     };
     let data: Vec<u32> = (0..b * (t + 1))
         .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32)
@@ -196,9 +201,11 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| "both".into());
     if !matches!(
         which.as_str(),
-        "ours" | "reference" | "both" | "ours-casts" | "ours-graph"
+        "ours" | "reference" | "both" | "ours-casts" | "ours-graph" | "ours-recompute"
     ) {
-        anyhow::bail!("--impl {which}: expected ours, reference, both, ours-casts or ours-graph");
+        anyhow::bail!(
+            "--impl {which}: expected ours, reference, both, ours-casts, ours-graph or ours-recompute"
+        );
     }
     println!(
         "shape: layers {} hidden {} batch {b} seq {t} dtype {dtype:?}",
@@ -206,16 +213,18 @@ fn main() -> Result<()> {
     );
     let mut results = vec![];
     let imps = [
-        ("ours", KernelSet::default(), true, true),
-        ("reference", KernelSet::reference(), true, false),
-        ("ours-casts", KernelSet::default(), false, false),
-        ("ours-graph", KernelSet::default(), true, false),
+        ("ours", KernelSet::default(), true, true, false),
+        ("reference", KernelSet::reference(), true, false, false),
+        ("ours-casts", KernelSet::default(), false, false, false),
+        ("ours-graph", KernelSet::default(), true, false, false),
+        ("ours-recompute", KernelSet::default(), true, true, true),
     ]
-    .map(|(name, kernels, copies, tape)| Impl {
+    .map(|(name, kernels, copies, tape, recompute)| Impl {
         name,
         kernels,
         copies,
         tape,
+        recompute,
     });
     for imp in imps {
         let name = imp.name;

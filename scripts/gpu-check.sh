@@ -58,7 +58,7 @@ SHARED=(device unpack peer-copy train-ours)
 PART_1=('test-.*' train-torch-eager bench-generate peer-generate bench-attention peer-attention
   bench-lora peer-lora)
 PART_2=(ppo-init ppo-update gpt2-loss ncu-step ncu-decode bench-generate-timed train-attn-wide
-  train-gemm-timed ncu-lora ncu-attention)
+  train-gemm-timed train-recompute ncu-lora ncu-attention)
 PART_3=(train-torch-compile train-graph bench-generate-fixed bench-generate-dynamic
   bench-train_ops peer-train_ops bench-rmsnorm peer-rmsnorm bench-gae peer-gae bench-allreduce
   peer-allreduce pipeline train-casts train-reference)
@@ -207,6 +207,11 @@ fi
 # Ablation: the blocks in candle's autograd graph instead of our tape ([train] tape = "off").
 if has bench-train_step; then
   MEM=1 section train-graph 120 "$BUNDLE" bench-train_step --bench --impl ours-graph --steps 4
+fi
+
+# What gradient_checkpointing costs and saves: each block recomputed in the backward.
+if has bench-train_step; then
+  MEM=1 section train-recompute 120 "$BUNDLE" bench-train_step --bench --impl ours-recompute --steps 4
 fi
 
 # --- HOOK: generation (benches/generate.rs and its transformers peer) ------------------------

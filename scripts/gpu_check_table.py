@@ -104,6 +104,8 @@ if refr:
 for imp, sec, base, what in [
     ("ours-graph", "train-graph", "temper with the tape", "blocks in candle's graph"),
     ("ours-casts", "train-casts", "temper with compute copies", "masters cast every step"),
+    ("ours-recompute", "train-recompute", "temper keeping every block's activations",
+     "blocks recomputed in the backward (gradient_checkpointing)"),
     ("ours", "train-attn-wide", "temper (64-row/64-key attention tiles)", "128-row/128-key attention tiles"),
     ("ours", "train-gemm-timed", "temper (cuBLASLt's first answers)", "cuBLASLt's candidates timed"),
 ]:
@@ -114,6 +116,8 @@ for imp, sec, base, what in [
         row("GPT-2 124M train step", "B16 T1024 bf16", "peak GPU MiB (nvidia-smi)",
             status.get(sec, {}).get("peak_mib"), base,
             status.get("train-ours", {}).get("peak_mib"), "ablation, as above")
+        row("GPT-2 124M train step", "B16 T1024 bf16", "peak GiB allocated (pool)",
+            abl.get("pool_peak_gib"), base, ours.get("pool_peak_gib"), "ablation, as above")
 
 # Where one steady-state step of ours goes (ncu): the share of kernel time by kind, then the
 # largest kernels. The goal: GEMMs and attention the majority, no candle generic kernel high.

@@ -184,6 +184,7 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         use_lora: false,
         dropout_seed: None,
         tape: false,
+        recompute_blocks: false,
     };
     let job = stages::generate::Job {
         cfg: &cfg,
@@ -234,6 +235,7 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
         use_lora: false,
         dropout_seed: None,
         tape: false,
+        recompute_blocks: false,
     };
     let r = stages::eval::accuracy(&net, ctx, &loaded.tokenizer, &prompts, a.max_new_tokens, 64)?;
     for (p, t, ok) in &r.samples {

@@ -23,6 +23,7 @@ fn ctx() -> Ctx {
         use_lora: true,
         dropout_seed: None,
         tape: false,
+        recompute_blocks: false,
     }
 }
 
@@ -84,13 +85,15 @@ fn pretrain_learns_the_builtin_task() {
 /// The training loop with the blocks on temper's tape (`[train] tape = "on"`, which the CPU
 /// does not pick by itself) follows the curve of candle's graph: in f32 to rounding, in bf16
 /// with compute copies to bf16 rounding (a tensor's several gradients may be summed in another
-/// order), over accumulated micro-batches; and the tape was not set aside.
+/// order), over accumulated micro-batches; and the tape was not set aside. With
+/// `gradient_checkpointing` (which turns the tape on by itself) each block is recomputed in
+/// the backward, and the curve is the tape's.
 #[test]
 fn the_block_tape_trains_as_candles_graph() {
     let d = tmp();
-    let run = |name: &str, dtype: &str, tape: &str| {
+    let run = |name: &str, dtype: &str, extra: &str, taped: bool| {
         let cfg = p(d.path(), &format!("{name}.toml"));
-        let toml = format!("{TINY_TOML}grad_accum = 2\ntape = \"{tape}\"\n");
+        let toml = format!("{TINY_TOML}grad_accum = 2\n{extra}\n");
         std::fs::write(&cfg, toml).unwrap();
         let out = p(d.path(), name);
         let o = run_ok(&[
@@ -113,17 +116,27 @@ fn the_block_tape_trains_as_candles_graph() {
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
         assert!(!err.contains("tape is off"), "{name}: {err}");
         let on = err.contains("the forward runs on temper's tape");
-        assert_eq!(on, tape == "on", "{name}: whether the tape ran\n{err}");
+        assert_eq!(on, taped, "{name}: whether the tape ran\n{err}");
         series(&metrics(&out), "train", "loss")
     };
     for (dtype, tol) in [("f32", 1e-4), ("bf16", 1e-2)] {
-        let taped = run(&format!("{dtype}-tape"), dtype, "on");
-        let graph = run(&format!("{dtype}-graph"), dtype, "off");
+        let taped = run(&format!("{dtype}-tape"), dtype, "tape = \"on\"", true);
+        let graph = run(&format!("{dtype}-graph"), dtype, "tape = \"off\"", false);
+        let recomputed = run(
+            &format!("{dtype}-recompute"),
+            dtype,
+            "gradient_checkpointing = true",
+            true,
+        );
         assert_eq!(taped.len(), 10);
-        for ((s, a), (_, b)) in taped.iter().zip(&graph) {
+        for (((s, a), (_, b)), (_, c)) in taped.iter().zip(&graph).zip(&recomputed) {
             assert!(
                 (a - b).abs() <= tol * b.abs(),
                 "{dtype} step {s}: {a} on the tape, {b} in candle's graph"
+            );
+            assert!(
+                (a - c).abs() <= 1e-3 * tol * a.abs(),
+                "{dtype} step {s}: {a} on the tape, {c} recomputed"
             );
         }
         assert!(
@@ -131,6 +144,20 @@ fn the_block_tape_trains_as_candles_graph() {
             "{dtype}: no learning on the tape: {taped:?}"
         );
     }
+    let cfg = p(d.path(), "bad.toml");
+    let toml = format!("{TINY_TOML}gradient_checkpointing = true\ntape = \"off\"\n");
+    std::fs::write(&cfg, toml).unwrap();
+    let e = run_err(&[
+        "pretrain",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        e.contains("train.gradient_checkpointing") && e.trim().lines().count() == 1,
+        "{e}"
+    );
 }
 
 /// Starts `temper args` writing its run to `out` and SIGKILLs it once a checkpoint of step

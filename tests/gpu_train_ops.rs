@@ -1328,6 +1328,7 @@ mod curves {
             use_lora: false,
             dropout_seed: None,
             tape,
+            recompute_blocks: false,
         };
         let v = cfg.vocab_size;
         let batches: Vec<(Tensor, Tensor)> = (0..4)
@@ -1439,13 +1440,13 @@ mod tape {
     use temper::train::params::{Net, ParamStore, Role};
 
     /// One step's loss and gradients (f32, one per trainable parameter) of a small model with
-    /// dropout, in bf16 with compute copies or in f32, its blocks on the tape or in candle's
-    /// graph.
+    /// dropout, in bf16 with compute copies or in f32, its blocks on the tape (recomputed in
+    /// the backward or not) or in candle's graph.
     fn grads(
         dev: &Device,
         preset: &str,
         lora: bool,
-        tape: bool,
+        (tape, recompute_blocks): (bool, bool),
         dtype: DType,
     ) -> (f32, Vec<Tensor>) {
         let mut cfg = super::curves::small(preset);
@@ -1485,6 +1486,7 @@ mod tape {
                 use_lora: lora,
                 dropout_seed: Some(9),
                 tape,
+                recompute_blocks,
             },
             positions: None,
             key_valid: None,
@@ -1528,10 +1530,25 @@ mod tape {
         };
         for preset in ["gpt2", "llama-tiny"] {
             for lora in [false, true] {
-                let (l1, g1) = grads(dev, preset, lora, true, DType::BF16);
-                let (l0, g0) = grads(dev, preset, lora, false, DType::BF16);
-                let (_, gt) = grads(dev, preset, lora, false, DType::F32);
+                let (l1, g1) = grads(dev, preset, lora, (true, false), DType::BF16);
+                let (l0, g0) = grads(dev, preset, lora, (false, false), DType::BF16);
+                let (l2, g2) = grads(dev, preset, lora, (true, true), DType::BF16);
+                let (_, gt) = grads(dev, preset, lora, (false, false), DType::F32);
                 assert_eq!(l1, l0, "{preset} lora {lora}: the loss differs");
+                assert_eq!(
+                    l2, l1,
+                    "{preset} lora {lora}: recomputed blocks change the loss"
+                );
+                // Recomputed blocks run the same kernels on the same inputs: their gradients
+                // are the tape's up to the order a parameter's gradients are summed in.
+                for (i, (a, b)) in g2.iter().zip(&g1).enumerate() {
+                    let (a, b) = (flat(a), flat(b));
+                    assert!(
+                        dist(&a, &b) <= 1e-2 * norm(&b) + 1e-6,
+                        "{preset} lora {lora}: parameter {i}: recomputed {:.3e} from the tape's",
+                        dist(&a, &b)
+                    );
+                }
                 // Under LoRA only the adapters train, and each A starts with no gradient (its B
                 // is zero): the Bs must have one.
                 let total: f64 = gt.iter().map(|t| norm(&flat(t))).sum();

@@ -91,6 +91,11 @@ pub struct TrainConfig {
     /// Record the transformer blocks on temper's tape rather than candle's graph. It needs
     /// every trainable weight read as a variable: f32 compute, or bf16 with `compute_copies`.
     pub tape: TapeChoice,
+    /// Keep only each transformer block's inputs from the training forward and run the block
+    /// again in the backward (TRL's and PyTorch's `gradient_checkpointing`): activation
+    /// memory of one block instead of every block's, for a second forward of each. It needs
+    /// the tape, which it turns on where `tape` is `auto` (the CPU included).
+    pub gradient_checkpointing: bool,
     /// Shard AdamW's state across data-parallel ranks (ZeRO-1).
     pub shard_optimizer: ShardOptimizer,
     /// Time this many steps by region after a warm-up and print the table (0: off).
@@ -121,6 +126,7 @@ impl Default for TrainConfig {
             dtype: DTypeChoice::Auto,
             compute_copies: true,
             tape: TapeChoice::Auto,
+            gradient_checkpointing: false,
             shard_optimizer: ShardOptimizer::Auto,
             profile: 0,
         }
@@ -129,6 +135,11 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
+        if self.gradient_checkpointing && self.tape == TapeChoice::Off {
+            anyhow::bail!(
+                "train.gradient_checkpointing needs the blocks on temper's tape, but train.tape is \"off\""
+            );
+        }
         for (name, v) in [
             ("steps", self.steps),
             ("batch_size", self.batch_size),

@@ -26,6 +26,9 @@ pub struct Ctx {
     /// Record the blocks of a forward without a KV cache on our tape (`crate::tape`) rather
     /// than in candle's graph.
     pub tape: bool,
+    /// On the tape, keep each block's inputs only and run it again in the backward
+    /// (`[train] gradient_checkpointing`).
+    pub recompute_blocks: bool,
 }
 
 impl Ctx {
@@ -38,6 +41,7 @@ impl Ctx {
             use_lora: false,
             dropout_seed: None,
             tape: false,
+            recompute_blocks: false,
         }
     }
 }

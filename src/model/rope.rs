@@ -15,6 +15,7 @@ pub struct Rope {
 }
 
 /// The tables picked at a batch's positions, `[B, 1, T, head_dim / 2]` in the compute dtype.
+#[derive(Clone)]
 pub struct RopeAt {
     cos: Tensor,
     sin: Tensor,

@@ -3,6 +3,8 @@
 //! Weights live in a [`ParamStore`](crate::train::params::ParamStore) as f32 master copies and
 //! are cast to the compute dtype in the forward pass, so bf16 compute gets f32 gradients.
 
+use std::sync::Arc;
+
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 
@@ -22,10 +24,37 @@ pub struct Transformer {
     pub cfg: ModelConfig,
     embed: Tensor,
     pos_embed: Option<Tensor>,
-    blocks: Vec<Block>,
+    /// Shared, so that a recomputed block's backward can run it again (`crate::tape::recomputed`).
+    blocks: Vec<Arc<Block>>,
     final_norm: Norm,
     lm_head: Option<Tensor>,
     rope: Option<Rope>,
+}
+
+/// `blk` on the tape as one op that keeps only its inputs and runs the block again in its
+/// backward (`[train] gradient_checkpointing`): `(stream, branch)` in, `(stream, branch)` out.
+fn recomputed_block(
+    blk: &Arc<Block>,
+    x: &Tensor,
+    branch: Option<&Tensor>,
+    ctx: &Ctx,
+    inp: &AttnInputs,
+) -> Result<(Tensor, Tensor)> {
+    let (blk, ctx) = (blk.clone(), *ctx);
+    let (rope, offset, key_valid) = (inp.rope.cloned(), inp.offset, inp.key_valid.cloned());
+    let f: crate::tape::Recomputable = Arc::new(move |xs: &[Tensor]| {
+        let inp = AttnInputs {
+            rope: rope.as_ref(),
+            offset,
+            key_valid: key_valid.as_ref(),
+        };
+        let (stream, y) = blk.forward(&xs[0], xs.get(1), &ctx, &inp, None)?;
+        Ok(vec![stream, y])
+    });
+    let mut xs = vec![x];
+    xs.extend(branch);
+    let out = crate::tape::recomputed(&xs, f)?;
+    Ok((out[0].clone(), out[1].clone()))
 }
 
 /// Inputs of one forward pass besides the token ids `[B, T]`.
@@ -59,7 +88,7 @@ impl Transformer {
             PositionKind::Rope => None,
         };
         let blocks = (0..cfg.num_hidden_layers)
-            .map(|i| Block::load(body.pp(&format!("layers.{i}")), cfg, lora, i))
+            .map(|i| Block::load(body.pp(&format!("layers.{i}")), cfg, lora, i).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
         let final_norm = Norm::load(body.pp("final_norm"), cfg)?;
         let lm_head = match cfg.tie_word_embeddings {
@@ -136,8 +165,12 @@ impl Transformer {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (mut x, mut branch) = (x.clone(), None);
+        let recompute = ctx.recompute_blocks && cache.is_none() && crate::tape::recording();
         for blk in &self.blocks {
-            let (stream, y) = blk.forward(&x, branch.as_ref(), ctx, inp, cache.as_deref_mut())?;
+            let (stream, y) = match recompute {
+                true => recomputed_block(blk, &x, branch.as_ref(), ctx, inp)?,
+                false => blk.forward(&x, branch.as_ref(), ctx, inp, cache.as_deref_mut())?,
+            };
             (x, branch) = (stream, Some(y));
         }
         Ok(self.final_norm.forward_add(&x, branch.as_ref(), ctx)?.1)

@@ -144,6 +144,7 @@ impl Env {
             use_lora,
             dropout_seed,
             tape: self.tape(),
+            recompute_blocks: self.cfg.train.gradient_checkpointing,
         }
     }
 
@@ -156,15 +157,17 @@ impl Env {
             candle_core::DType::BF16 => t.compute_copies,
             _ => false,
         };
-        if t.tape == crate::config::TapeChoice::On && !variables {
+        let wanted = t.tape == crate::config::TapeChoice::On || t.gradient_checkpointing;
+        if wanted && !variables {
             static ONCE: std::sync::Once = std::sync::Once::new();
             ONCE.call_once(|| {
                 eprintln!(
-                    "warning: [train] tape = \"on\" is ignored: the tape needs every weight read \
-                     as a variable (f32 compute, or bf16 with compute_copies = true)"
+                    "warning: [train] tape = \"on\" and gradient_checkpointing are ignored: the \
+                     tape needs every weight read as a variable (f32 compute, or bf16 with \
+                     compute_copies = true)"
                 )
             });
         }
-        t.tape.enabled(&self.device) && variables
+        (t.tape.enabled(&self.device) || t.gradient_checkpointing) && variables
     }
 }

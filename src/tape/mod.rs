@@ -22,6 +22,7 @@
 //! differentiated by candle's autograd on copies of its inputs). Outside a segment each of
 //! these is the plain candle call it replaces.
 
+mod recompute;
 mod segment;
 
 use std::cell::RefCell;
@@ -30,6 +31,7 @@ use std::collections::HashMap;
 
 use candle_core::{CustomOp1, CustomOp2, CustomOp3, Result, Tensor, TensorId, Var};
 
+pub use recompute::{recomputed, Recomputable};
 pub use segment::{backward, segment};
 
 /// One gradient per input of a recorded op, `None` where it has none.
@@ -102,8 +104,8 @@ struct Held {
 }
 
 pub(crate) struct Tape {
-    /// The segment's input, detached, where it wants a gradient.
-    input: Option<TensorId>,
+    /// The segment's inputs, detached, that want a gradient.
+    inputs: Vec<TensorId>,
     /// What the recorded ops made, and whether each wants a gradient (some input of its op
     /// does).
     produced: HashMap<TensorId, bool>,
@@ -151,9 +153,9 @@ pub fn arg(t: &Tensor) -> Tensor {
 }
 
 impl Tape {
-    fn new(input: Option<TensorId>) -> Self {
+    fn new(inputs: Vec<TensorId>) -> Self {
         Self {
-            input,
+            inputs,
             produced: HashMap::new(),
             records: Vec::new(),
             foreign: None,
@@ -170,7 +172,7 @@ impl Tape {
 
     fn slot(&mut self, t: &Tensor) -> Slot {
         let id = t.id();
-        if self.input == Some(id) || self.produced.get(&id) == Some(&true) {
+        if self.inputs.contains(&id) || self.produced.get(&id) == Some(&true) {
             Slot::Inner(id)
         } else if self.produced.contains_key(&id) {
             Slot::Constant
@@ -199,11 +201,20 @@ impl Tape {
     /// Runs the recorded backwards from `grad`, the gradient of `root`, in reverse order:
     /// `(gradient of the segment's input, (parameter, gradient) pairs)`, one pair per
     /// parameter however many ops read it.
-    fn backward(mut self, root: TensorId, grad: Tensor) -> Result<(Option<Tensor>, ParamGrads)> {
+    /// The gradients of the inputs (in [`Tape::new`]'s order; `None` where none reached one)
+    /// and of the parameters, given those of the `roots` (outputs of recorded ops).
+    fn backward(mut self, roots: Vec<(TensorId, Tensor)>) -> Result<(Grads, ParamGrads)> {
         // Gradients of what the segment made and of the parameters alike, by id: a parameter
         // read by several ops (a tied embedding: the lookup and the LM head) gets one
         // gradient, added into in place as an activation's is.
-        let mut grads = HashMap::from([(root, Held { grad, own: false })]);
+        let mut grads: HashMap<TensorId, Held> = HashMap::new();
+        for (root, grad) in roots {
+            let grad = match grads.remove(&root) {
+                Some(h) => sum_grads(&h.grad, &grad)?,
+                None => grad,
+            };
+            grads.insert(root, Held { grad, own: false });
+        }
         let mut params: Vec<Tensor> = Vec::new();
         while let Some(rec) = self.records.pop() {
             let g: Vec<Option<Tensor>> = rec
@@ -278,11 +289,12 @@ impl Tape {
             .into_iter()
             .filter_map(|p| grads.remove(&p.id()).map(|h| (p, h.grad)))
             .collect();
-        let dx = match self.input {
-            Some(id) => grads.remove(&id).map(|h| h.grad),
-            None => None,
-        };
-        Ok((dx, params))
+        let dxs = self
+            .inputs
+            .iter()
+            .map(|id| grads.remove(id).map(|h| h.grad))
+            .collect();
+        Ok((dxs, params))
     }
 }
 

@@ -42,8 +42,8 @@ pub fn segment(
         return f(x);
     }
     let xd = x.detach();
-    let input = x.track_op().then(|| xd.id());
-    ACTIVE.with(|a| *a.borrow_mut() = Some(Tape::new(input)));
+    let inputs = x.track_op().then(|| xd.id()).into_iter().collect();
+    ACTIVE.with(|a| *a.borrow_mut() = Some(Tape::new(inputs)));
     // A panic in `f` leaves the thread without a tape.
     let cleared = Restore(None);
     let y = f(&xd);
@@ -90,6 +90,11 @@ fn warn_foreign(what: &str) {
              graph: [train] compute_copies = false?)"
         )
     });
+}
+
+/// Parameters' gradients for [`backward`] to add to candle's store.
+pub(super) fn hand_to_candle(params: ParamGrads) {
+    PENDING.with(|p| p.borrow_mut().extend(params));
 }
 
 /// `loss.backward()`, with the parameters' gradients from the segments it ran through added
@@ -171,8 +176,9 @@ impl CustomOp2 for Join {
         let Some(tape) = tape else {
             candle_core::bail!("tape: a segment's backward ran twice (its graph was walked again)");
         };
-        let (dx, params) = tape.backward(self.root, grad.clone())?;
-        PENDING.with(|p| p.borrow_mut().extend(params));
+        let (dxs, params) = tape.backward(vec![(self.root, grad.clone())])?;
+        hand_to_candle(params);
+        let dx = dxs.into_iter().next().flatten();
         Ok((dx.filter(|_| self.through_input), None))
     }
 }

@@ -133,6 +133,17 @@ struct Setup {
 /// `(loss, gradient per parameter name)` of a 2-layer model's next-token loss, with dropout,
 /// its blocks on the tape or not.
 fn model_grads(s: &Setup, tape: bool) -> (f32, HashMap<String, Tensor>) {
+    let (loss, grads, _) = model_grads_with(s, tape, false);
+    (loss, grads)
+}
+
+/// [`model_grads`], with each block recomputed in the backward or not, and the size of the
+/// forward's recording.
+fn model_grads_with(
+    s: &Setup,
+    tape: bool,
+    recompute_blocks: bool,
+) -> (f32, HashMap<String, Tensor>, Option<SegmentStats>) {
     let mut cfg = ModelConfig::preset(s.preset).unwrap();
     (
         cfg.hidden_size,
@@ -171,6 +182,7 @@ fn model_grads(s: &Setup, tape: bool) -> (f32, HashMap<String, Tensor>) {
             use_lora: lora.is_some(),
             dropout_seed: Some(17),
             tape,
+            recompute_blocks,
         },
         positions: None,
         key_valid: None,
@@ -180,6 +192,7 @@ fn model_grads(s: &Setup, tape: bool) -> (f32, HashMap<String, Tensor>) {
     let x = all.narrow(1, 0, 12).unwrap().contiguous().unwrap();
     let y = all.narrow(1, 1, 12).unwrap().contiguous().unwrap();
     let loss = net.target_logprobs(&x, &y, &f).unwrap();
+    let recorded = last_segment();
     let loss = loss.neg().unwrap().mean_all().unwrap();
     let grads = opt.collect(&backward(&loss).unwrap()).unwrap();
     let by_name = store
@@ -188,7 +201,7 @@ fn model_grads(s: &Setup, tape: bool) -> (f32, HashMap<String, Tensor>) {
         .map(|(n, _, _)| n.clone())
         .zip(grads)
         .collect();
-    (loss.to_scalar::<f32>().unwrap(), by_name)
+    (loss.to_scalar::<f32>().unwrap(), by_name, recorded)
 }
 
 /// Whole models (GPT-2 and Llama shapes, with dropout; LoRA with a frozen embedding, so the
@@ -234,6 +247,47 @@ fn models_train_the_same_on_the_tape() {
                 "{what}: {n} off by {diff} at scale {scale}"
             );
         }
+    }
+}
+
+/// With each block recomputed in its backward (`gradient_checkpointing`), the models of the
+/// test above give the tape's loss and gradients (dropout masks, LoRA on a frozen base and
+/// bf16 compute copies included), while the forward's recording keeps a fraction of the
+/// bytes: each block's inputs and outputs instead of its activations.
+#[test]
+fn recomputed_blocks_give_the_tapes_gradients_and_keep_less() {
+    let setups = [
+        ("gpt2", None, DType::F32, false),
+        ("tiny", None, DType::F32, false),
+        ("gpt2", Some(0.0), DType::F32, false),
+        ("tiny", Some(0.1), DType::F32, false),
+        ("gpt2", None, DType::BF16, true),
+        ("tiny", Some(0.1), DType::BF16, true),
+    ];
+    for (preset, lora, dtype, copies) in setups {
+        let s = Setup {
+            preset,
+            lora,
+            dtype,
+            copies,
+        };
+        let what = format!("{preset} lora {lora:?} {dtype:?} copies {copies}");
+        let (l1, g1, kept) = model_grads_with(&s, true, true);
+        let (l0, g0, full) = model_grads_with(&s, true, false);
+        assert_eq!(l1, l0, "{what}: the loss differs");
+        assert_eq!(g1.len(), g0.len(), "{what}: other parameters got gradients");
+        for (n, g) in &g0 {
+            let (diff, scale) = max_diff(&g1[n], g);
+            assert!(
+                diff <= 1e-6 * scale.max(1e-3),
+                "{what}: {n} off by {diff} at scale {scale}"
+            );
+        }
+        let (kept, full) = (kept.unwrap().output_bytes, full.unwrap().output_bytes);
+        assert!(
+            3 * kept < full,
+            "{what}: {kept} bytes recorded against {full}"
+        );
     }
 }
 

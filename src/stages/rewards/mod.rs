@@ -124,6 +124,7 @@ impl RewardFn {
                         use_lora: false,
                         dropout_seed: None,
                         tape: false,
+                        recompute_blocks: false,
                         ..ctx
                     };
                     let s = m.score(batch.seqs, pad, ctx)?.to_dtype(DType::F32)?;
