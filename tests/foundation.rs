@@ -117,16 +117,26 @@ fn the_block_tape_trains_as_candles_graph() {
         assert!(!err.contains("tape is off"), "{name}: {err}");
         let on = err.contains("the forward runs on temper's tape");
         assert_eq!(on, taped, "{name}: whether the tape ran\n{err}");
-        series(&metrics(&out), "train", "loss")
+        // "... holding X MiB of outputs"
+        let held = err.split("holding ").nth(1).map(|r| {
+            let mib = r.split_whitespace().next().unwrap();
+            mib.parse::<f64>().unwrap()
+        });
+        (series(&metrics(&out), "train", "loss"), held)
     };
     for (dtype, tol) in [("f32", 1e-4), ("bf16", 1e-2)] {
-        let taped = run(&format!("{dtype}-tape"), dtype, "tape = \"on\"", true);
-        let graph = run(&format!("{dtype}-graph"), dtype, "tape = \"off\"", false);
-        let recomputed = run(
+        let (taped, full) = run(&format!("{dtype}-tape"), dtype, "tape = \"on\"", true);
+        let (graph, _) = run(&format!("{dtype}-graph"), dtype, "tape = \"off\"", false);
+        let (recomputed, kept) = run(
             &format!("{dtype}-recompute"),
             dtype,
             "gradient_checkpointing = true",
             true,
+        );
+        let (full, kept) = (full.unwrap(), kept.unwrap());
+        assert!(
+            kept < full,
+            "{dtype}: recomputed blocks hold {kept} MiB, the tape {full}"
         );
         assert_eq!(taped.len(), 10);
         for (((s, a), (_, b)), (_, c)) in taped.iter().zip(&graph).zip(&recomputed) {

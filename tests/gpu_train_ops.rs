@@ -1448,7 +1448,7 @@ mod tape {
         lora: bool,
         (tape, recompute_blocks): (bool, bool),
         dtype: DType,
-    ) -> (f32, Vec<Tensor>) {
+    ) -> (f32, Vec<Tensor>, u64) {
         let mut cfg = super::curves::small(preset);
         cfg.dropout = 0.1;
         let adapters = LoraConfig {
@@ -1499,6 +1499,7 @@ mod tape {
         let x = all.narrow(1, 0, t).unwrap().contiguous().unwrap();
         let y = all.narrow(1, 1, t).unwrap().contiguous().unwrap();
         let loss = net.target_logprobs(&x, &y, &f).unwrap();
+        let recorded = temper::tape::last_segment().map_or(0, |s| s.output_bytes);
         let loss = loss.neg().unwrap().mean_all().unwrap();
         let g = opt
             .collect(&temper::tape::backward(&loss).unwrap())
@@ -1507,7 +1508,7 @@ mod tape {
             .iter()
             .map(|g| g.to_device(&Device::Cpu).unwrap())
             .collect();
-        (loss.to_scalar::<f32>().unwrap(), g)
+        (loss.to_scalar::<f32>().unwrap(), g, recorded)
     }
 
     /// The tape records every kernel op of a block on CUDA with the op's own backward (the
@@ -1530,10 +1531,14 @@ mod tape {
         };
         for preset in ["gpt2", "llama-tiny"] {
             for lora in [false, true] {
-                let (l1, g1) = grads(dev, preset, lora, (true, false), DType::BF16);
-                let (l0, g0) = grads(dev, preset, lora, (false, false), DType::BF16);
-                let (l2, g2) = grads(dev, preset, lora, (true, true), DType::BF16);
-                let (_, gt) = grads(dev, preset, lora, (false, false), DType::F32);
+                let (l1, g1, full) = grads(dev, preset, lora, (true, false), DType::BF16);
+                let (l0, g0, _) = grads(dev, preset, lora, (false, false), DType::BF16);
+                let (l2, g2, kept) = grads(dev, preset, lora, (true, true), DType::BF16);
+                let (_, gt, _) = grads(dev, preset, lora, (false, false), DType::F32);
+                assert!(
+                    2 * kept < full,
+                    "{preset} lora {lora}: recomputed blocks record {kept} bytes, the tape {full}"
+                );
                 assert_eq!(l1, l0, "{preset} lora {lora}: the loss differs");
                 assert_eq!(
                     l2, l1,

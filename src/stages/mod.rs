@@ -93,6 +93,12 @@ impl Env {
             resume,
             comm,
         };
+        if env.cfg.train.gradient_checkpointing && !env.weights_are_variables() {
+            anyhow::bail!(
+                "train.gradient_checkpointing needs the tape, and the tape every weight read as \
+                 a variable: f32 compute, or bf16 with train.compute_copies = true"
+            );
+        }
         if env.comm.rank() == 0 {
             env.write_run_files()?;
         }
@@ -152,22 +158,27 @@ impl Env {
     /// trainable weight is read as a variable (f32 compute, or bf16 compute copies).
     fn tape(&self) -> bool {
         let t = &self.cfg.train;
-        let variables = match self.dtype() {
-            candle_core::DType::F32 => true,
-            candle_core::DType::BF16 => t.compute_copies,
-            _ => false,
-        };
-        let wanted = t.tape == crate::config::TapeChoice::On || t.gradient_checkpointing;
-        if wanted && !variables {
+        let variables = self.weights_are_variables();
+        if t.tape == crate::config::TapeChoice::On && !variables {
             static ONCE: std::sync::Once = std::sync::Once::new();
             ONCE.call_once(|| {
                 eprintln!(
-                    "warning: [train] tape = \"on\" and gradient_checkpointing are ignored: the \
-                     tape needs every weight read as a variable (f32 compute, or bf16 with \
-                     compute_copies = true)"
+                    "warning: [train] tape = \"on\" is ignored: the tape needs every weight read \
+                     as a variable (f32 compute, or bf16 with compute_copies = true)"
                 )
             });
         }
+        // Checkpointing without the tape is refused when the run starts (`assemble`).
         (t.tape.enabled(&self.device) || t.gradient_checkpointing) && variables
+    }
+
+    /// Whether training reads every trainable weight as a variable, as the tape needs: f32
+    /// compute, or bf16 compute copies.
+    fn weights_are_variables(&self) -> bool {
+        match self.dtype() {
+            candle_core::DType::F32 => true,
+            candle_core::DType::BF16 => self.cfg.train.compute_copies,
+            _ => false,
+        }
     }
 }

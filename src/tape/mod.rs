@@ -198,11 +198,10 @@ impl Tape {
         })
     }
 
-    /// Runs the recorded backwards from `grad`, the gradient of `root`, in reverse order:
-    /// `(gradient of the segment's input, (parameter, gradient) pairs)`, one pair per
-    /// parameter however many ops read it.
-    /// The gradients of the inputs (in [`Tape::new`]'s order; `None` where none reached one)
-    /// and of the parameters, given those of the `roots` (outputs of recorded ops).
+    /// Runs the recorded backwards in reverse order from the gradients of the `roots` (outputs
+    /// of recorded ops): the gradients of the inputs (in [`Tape::new`]'s order; `None` where
+    /// none reached one), and `(parameter, gradient)` pairs, one per parameter however many
+    /// ops read it.
     fn backward(mut self, roots: Vec<(TensorId, Tensor)>) -> Result<(Grads, ParamGrads)> {
         // Gradients of what the segment made and of the parameters alike, by id: a parameter
         // read by several ops (a tied embedding: the lookup and the LM head) gets one
@@ -310,7 +309,7 @@ pub(crate) fn sum_grads(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// `g` in a buffer of its own where it is a view at an offset or with strides.
-fn compact(g: Tensor) -> Result<Tensor> {
+pub(crate) fn compact(g: Tensor) -> Result<Tensor> {
     match g.is_contiguous() && g.layout().start_offset() == 0 {
         true => Ok(g),
         false => g.force_contiguous(),

@@ -5,6 +5,13 @@
 //! Per block the tape then holds the block's inputs and outputs instead of its activations,
 //! for one more forward of the block in the backward (PyTorch's and TRL's
 //! `gradient_checkpointing`).
+//!
+//! The recomputation runs the same kernels on the same inputs, with one exception: under
+//! `TEMPER_GEMM_TUNE=timed` a GEMM's algorithm may change between the forward and its
+//! recomputation (once its problem is timed), and with it the last bits of the recomputed
+//! activations. The gradients are then those of a forward a rounding away from the one whose
+//! outputs went downstream. The profiler (`--profile`) counts the recomputed forwards inside
+//! the backward's time.
 
 use std::sync::Arc;
 
@@ -53,13 +60,21 @@ pub fn recomputed(xs: &[&Tensor], f: Recomputable) -> anyhow::Result<Vec<Tensor>
     // recording tape walks into the op, and gets its gradient through the recomputation.
     let anchor = scratch.first_param();
     drop(scratch);
-    let outputs: Vec<Tensor> = outputs.iter().map(Tensor::detach).collect();
+    // An output that is a view into a larger buffer (the stream a fused add and norm wrote
+    // beside the normed copy) would keep all of that buffer alive until the backward: the
+    // op keeps a buffer of its own instead.
+    let outputs: Vec<Tensor> = outputs
+        .iter()
+        .map(|y| super::compact(y.detach()))
+        .collect::<Result<_>>()?;
     let mut recorded: Vec<&Tensor> = xs.to_vec();
     recorded.extend(anchor.as_ref());
     let anchored = anchor.is_some();
     super::record_multi(
         &recorded,
         &outputs.iter().collect::<Vec<_>>(),
+        // Which inputs want a gradient was settled in the forward (`wanted`), as the tape's
+        // classification of them does not change.
         move |grads, _wants| {
             let mut dxs = backward(&inputs, &wanted, &f, grads)?;
             if anchored {
@@ -88,11 +103,18 @@ fn backward(
         .collect();
     let (outputs, tape) = on_tape_of_its_own(Tape::new(ids), || f(inputs))
         .map_err(|e| candle_core::Error::Msg(format!("recomputing a block: {e:#}")))?;
+    if let Some(what) = &tape.foreign {
+        // A weight the forward read as a variable is now cast in candle's graph: its
+        // gradient would be lost.
+        candle_core::bail!("recomputing a block: it read a {what} tensor in candle's graph");
+    }
     let roots: Vec<_> = outputs
         .iter()
         .zip(grads)
         .filter_map(|(y, g)| g.map(|g| (y.id(), g)))
         .collect();
+    // The recomputed outputs are not needed past their ids: the tape holds what it saved.
+    drop(outputs);
     let (dxs, params) = tape.backward(roots)?;
     hand_to_candle(params);
     let mut dxs = dxs.into_iter();

@@ -275,7 +275,6 @@ fn recomputed_blocks_give_the_tapes_gradients_and_keep_less() {
         let (l1, g1, kept) = model_grads_with(&s, true, true);
         let (l0, g0, full) = model_grads_with(&s, true, false);
         assert_eq!(l1, l0, "{what}: the loss differs");
-        assert_eq!(g1.len(), g0.len(), "{what}: other parameters got gradients");
         for (n, g) in &g0 {
             let (diff, scale) = max_diff(&g1[n], g);
             assert!(

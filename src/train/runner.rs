@@ -361,8 +361,9 @@ impl<T: Task> Loop<'_, T> {
                 if let Some(s) = crate::tape::last_segment() {
                     eprintln!(
                         "[{label}] the forward runs on temper's tape ([train] tape): {} ops a \
-                         forward, outside candle's autograd graph",
-                        s.ops
+                         forward, outside candle's autograd graph, holding {:.2} MiB of outputs",
+                        s.ops,
+                        s.output_bytes as f64 / (1 << 20) as f64
                     );
                 }
             }
