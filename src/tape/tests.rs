@@ -204,6 +204,18 @@ fn model_grads_with(
     (loss.to_scalar::<f32>().unwrap(), by_name, recorded)
 }
 
+/// The models the tape is checked on: preset, LoRA dropout (LoRA without its dropout, where
+/// the adapter reads x itself, and with it), compute dtype, and whether AdamW keeps compute
+/// copies.
+const TAPE_MODELS: [(&str, Option<f64>, DType, bool); 6] = [
+    ("gpt2", None, DType::F32, false),
+    ("tiny", None, DType::F32, false),
+    ("gpt2", Some(0.0), DType::F32, false),
+    ("tiny", Some(0.1), DType::F32, false),
+    ("gpt2", None, DType::BF16, true),
+    ("tiny", Some(0.1), DType::BF16, true),
+];
+
 /// Whole models (GPT-2 and Llama shapes, with dropout; LoRA with a frozen embedding, so the
 /// segment's input carries no graph) give the same loss and the same gradient for every
 /// parameter with their blocks on the tape as in candle's graph: on the CPU the blocks are
@@ -211,17 +223,10 @@ fn model_grads_with(
 /// with a hand-written backward.
 #[test]
 fn models_train_the_same_on_the_tape() {
-    let setups = [
-        ("gpt2", None, DType::F32, false),
-        ("tiny", None, DType::F32, false),
-        // LoRA without its dropout (the adapter reads x itself), and with it.
-        ("gpt2", Some(0.0), DType::F32, false),
-        ("tiny", Some(0.1), DType::F32, false),
-        ("gpt2", None, DType::BF16, true),
-        ("tiny", Some(0.1), DType::BF16, true),
-        // bf16 masters cast in the graph: the tape cannot carry them and steps aside.
-        ("tiny", None, DType::BF16, false),
-    ];
+    // And bf16 masters cast in the graph: the tape cannot carry them and steps aside.
+    let setups = TAPE_MODELS
+        .into_iter()
+        .chain([("tiny", None, DType::BF16, false)]);
     for (preset, lora, dtype, copies) in setups {
         let s = Setup {
             preset,
@@ -256,15 +261,7 @@ fn models_train_the_same_on_the_tape() {
 /// bytes: each block's inputs and outputs instead of its activations.
 #[test]
 fn recomputed_blocks_give_the_tapes_gradients_and_keep_less() {
-    let setups = [
-        ("gpt2", None, DType::F32, false),
-        ("tiny", None, DType::F32, false),
-        ("gpt2", Some(0.0), DType::F32, false),
-        ("tiny", Some(0.1), DType::F32, false),
-        ("gpt2", None, DType::BF16, true),
-        ("tiny", Some(0.1), DType::BF16, true),
-    ];
-    for (preset, lora, dtype, copies) in setups {
+    for (preset, lora, dtype, copies) in TAPE_MODELS {
         let s = Setup {
             preset,
             lora,
