@@ -227,9 +227,13 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub stop: Vec<String>,
     /// Seed of the sampling streams: the same seed gives the same completions, whatever
-    /// --batch-size.
+    /// --batch-size or --shard.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Sample part K of N of the prompts (a contiguous share), one process per GPU: the parts'
+    /// --out files, concatenated in order, are the one-process output.
+    #[arg(long, value_name = "K/N", default_value = "0/1")]
+    pub shard: crate::stages::generate::Shard,
     #[arg(long, value_enum, default_value_t)]
     pub device: DeviceChoice,
     /// Kernel choices, e.g. attention=reference or all=reference.

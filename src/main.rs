@@ -191,6 +191,7 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         seed: a.seed,
         samples: a.samples,
         batch_rows: a.batch_size,
+        shard: a.shard,
     };
     let inputs: Vec<&std::path::Path> = a.prompts.iter().map(|p| p.as_path()).collect();
     let mut sink = stages::generate::Sink::open(a.out.as_deref(), a.resume, &inputs)?;

@@ -529,8 +529,8 @@ fn numbered_prompts(dir: &Path) -> PathBuf {
 }
 
 /// `temper generate` runs a prompt file through the engine in batches of rows: the
-/// completions, drawn `--samples` per prompt, do not depend on the batch size, and each line
-/// keeps its record's fields.
+/// completions, drawn `--samples` per prompt, do not depend on the batch size or on how the
+/// prompts are split between processes (`--shard`), and each line keeps its record's fields.
 #[test]
 fn generated_completions_do_not_depend_on_the_batch_size() {
     let d = tmp();
@@ -560,6 +560,22 @@ fn generated_completions_do_not_depend_on_the_batch_size() {
         let reason = line["finish_reason"].as_str().unwrap();
         assert!(reason == "stop" || reason == "length", "{line}");
     }
+    // Three processes, each with its --shard of the prompts: their files, concatenated in
+    // order, are the one-process output.
+    let mut parts = vec![];
+    for k in 0..3 {
+        let out = p(d.path(), &format!("part-{k}.jsonl"));
+        let shard = format!("{k}/3");
+        let mut extra: Vec<&str> = flags("4").to_vec();
+        extra.extend(["--shard", &shard, "--out", out.to_str().unwrap()]);
+        assert!(generate_lines(&gpt2, &prompts, &extra).is_empty());
+        let text = std::fs::read_to_string(&out).unwrap();
+        parts.extend(
+            text.lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()),
+        );
+    }
+    assert_eq!(parts, whole);
     // The samples of a prompt are draws of their own, not one draw three times.
     let texts = |r: usize| whole[r]["completion"].as_str().unwrap().to_string();
     assert!(

@@ -5,7 +5,8 @@
 //! `num_return_sequences`). They are consecutive rows of one batch (its size is rounded to a
 //! multiple of N), so the engine prefills each prompt once. Row `r` (prompt `r / N`, sample
 //! `r % N`) draws from the random stream keyed by the seed and `r`, so a completion does not
-//! depend on the batch size.
+//! depend on the batch size, nor on the `--shard` (a contiguous part of the prompts, one
+//! process per GPU) that samples it: rows keep their numbers in the whole file.
 //!
 //! An output file gets a settings file beside it (`FILE.settings.json`: checkpoint, seed,
 //! samples, sampling parameters). `--resume` checks it, and checks every complete line of the
@@ -38,6 +39,45 @@ pub struct Job<'a> {
     /// `samples`) so that a prompt's samples share one prefill: what bounds the KV cache and
     /// the prefill's activations, whatever the number of prompts.
     pub batch_rows: usize,
+    /// The part of the prompts this process samples (`--shard K/N`; `0/1`: all).
+    pub shard: Shard,
+}
+
+/// Part `index` of `count` (`--shard K/N`): a contiguous share of the prompts, so that the
+/// parts' outputs, concatenated in order, are the output of one process over all of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    pub const ALL: Shard = Shard { index: 0, count: 1 };
+
+    /// The prompts of this part, of `n`.
+    pub fn range(self, n: usize) -> std::ops::Range<usize> {
+        self.index * n / self.count..(self.index + 1) * n / self.count
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let parsed = s
+            .split_once('/')
+            .and_then(|(k, n)| Some((k.trim().parse().ok()?, n.trim().parse().ok()?)));
+        match parsed {
+            Some((index, count)) if index < count => Ok(Shard { index, count }),
+            _ => Err(format!("{s:?}: expected K/N with 0 <= K < N, as 0/4")),
+        }
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
 }
 
 impl Job<'_> {
@@ -57,6 +97,7 @@ impl Job<'_> {
             "top_k": c.top_k,
             "top_p": c.top_p,
             "stop": c.stop,
+            "shard": self.shard.to_string(),
         });
         match v {
             Value::Object(m) => m,
@@ -262,7 +303,7 @@ pub fn inline_prompts(texts: &[String]) -> Vec<PromptRecord> {
         .collect()
 }
 
-/// Samples `job.samples` completions for every request into `sink`: one line per row, the
+/// Samples `job.samples` completions for every request of `job.shard`'s part into `sink`: one line per row, the
 /// request's fields (its `prompt` as given) with `completion`, `finish_reason` (`stop`: EOS
 /// or a stop string; `length`: `max_new_tokens` ran out) and, for more than one sample,
 /// `sample`.
@@ -281,6 +322,10 @@ pub fn run(
     if job.samples == 0 || job.batch_rows == 0 {
         bail!("generate: --samples and --batch-size must be at least 1");
     }
+    // This process's part of the prompts; its rows keep their numbers in the whole file.
+    let part = job.shard.range(requests.len());
+    let first_row = part.start * job.samples;
+    let requests = &requests[part];
     let context = net.cfg.max_position_embeddings;
     let encoded = requests
         .iter()
@@ -319,7 +364,7 @@ pub fn run(
             .collect();
         let keys = RowKeys {
             seed: job.seed,
-            rows: (row as u64..end as u64).collect(),
+            rows: ((first_row + row) as u64..(first_row + end) as u64).collect(),
         };
         let g = generate(net, ctx, tok, &ids, job.cfg, &keys)?;
         let mut lines = String::new();
