@@ -130,6 +130,27 @@ struct Setup {
     copies: bool,
 }
 
+impl Setup {
+    const fn new(preset: &'static str, lora: Option<f64>, dtype: DType, copies: bool) -> Self {
+        Self {
+            preset,
+            lora,
+            dtype,
+            copies,
+        }
+    }
+
+    fn describe(&self) -> String {
+        let Setup {
+            preset,
+            lora,
+            dtype,
+            copies,
+        } = self;
+        format!("{preset} lora {lora:?} {dtype:?} copies {copies}")
+    }
+}
+
 /// `(loss, gradient per parameter name)` of a 2-layer model's next-token loss, with dropout,
 /// its blocks on the tape or not.
 fn model_grads(s: &Setup, tape: bool) -> (f32, HashMap<String, Tensor>) {
@@ -204,16 +225,15 @@ fn model_grads_with(
     (loss.to_scalar::<f32>().unwrap(), by_name, recorded)
 }
 
-/// The models the tape is checked on: preset, LoRA dropout (LoRA without its dropout, where
-/// the adapter reads x itself, and with it), compute dtype, and whether AdamW keeps compute
-/// copies.
-const TAPE_MODELS: [(&str, Option<f64>, DType, bool); 6] = [
-    ("gpt2", None, DType::F32, false),
-    ("tiny", None, DType::F32, false),
-    ("gpt2", Some(0.0), DType::F32, false),
-    ("tiny", Some(0.1), DType::F32, false),
-    ("gpt2", None, DType::BF16, true),
-    ("tiny", Some(0.1), DType::BF16, true),
+/// The models the tape is checked on: LoRA without its dropout (the adapter reads x itself)
+/// and with it, f32 and bf16 with compute copies.
+const TAPE_MODELS: [Setup; 6] = [
+    Setup::new("gpt2", None, DType::F32, false),
+    Setup::new("tiny", None, DType::F32, false),
+    Setup::new("gpt2", Some(0.0), DType::F32, false),
+    Setup::new("tiny", Some(0.1), DType::F32, false),
+    Setup::new("gpt2", None, DType::BF16, true),
+    Setup::new("tiny", Some(0.1), DType::BF16, true),
 ];
 
 /// Whole models (GPT-2 and Llama shapes, with dropout; LoRA with a frozen embedding, so the
@@ -226,15 +246,9 @@ fn models_train_the_same_on_the_tape() {
     // And bf16 masters cast in the graph: the tape cannot carry them and steps aside.
     let setups = TAPE_MODELS
         .into_iter()
-        .chain([("tiny", None, DType::BF16, false)]);
-    for (preset, lora, dtype, copies) in setups {
-        let s = Setup {
-            preset,
-            lora,
-            dtype,
-            copies,
-        };
-        let what = format!("{preset} lora {lora:?} {dtype:?} copies {copies}");
+        .chain([Setup::new("tiny", None, DType::BF16, false)]);
+    for s in setups {
+        let (what, dtype) = (s.describe(), s.dtype);
         let (l1, g1) = model_grads(&s, true);
         let (l0, g0) = model_grads(&s, false);
         assert_eq!(l1, l0, "{what}: the loss differs");
@@ -261,14 +275,8 @@ fn models_train_the_same_on_the_tape() {
 /// bytes: each block's inputs and outputs instead of its activations.
 #[test]
 fn recomputed_blocks_give_the_tapes_gradients_and_keep_less() {
-    for (preset, lora, dtype, copies) in TAPE_MODELS {
-        let s = Setup {
-            preset,
-            lora,
-            dtype,
-            copies,
-        };
-        let what = format!("{preset} lora {lora:?} {dtype:?} copies {copies}");
+    for s in TAPE_MODELS {
+        let what = s.describe();
         let (l1, g1, kept) = model_grads_with(&s, true, true);
         let (l0, g0, full) = model_grads_with(&s, true, false);
         assert_eq!(l1, l0, "{what}: the loss differs");
