@@ -693,7 +693,7 @@ fn an_interrupted_generation_resumes_after_its_last_complete_line() {
     let fresh = p(d.path(), "fresh.jsonl");
     let e = err(run(&fresh, &long, &[]));
     assert!(
-        e.contains("long.jsonl:2: field prompt") && e.contains("context"),
+        e.contains("long.jsonl:2: field \"prompt\"") && e.contains("context"),
         "{e}"
     );
     assert!(std::fs::read_to_string(&fresh)

@@ -12,7 +12,7 @@ use candle_core::{DType, Tensor};
 
 use super::batch::{lm_batch, LmBatch};
 use super::eval::accuracy;
-use super::rollout::{FrozenReference, Reference};
+use super::rollout::FrozenReference;
 use super::setup::{self, prompt_sets, split_holdout, Plan, PolicyPair};
 use super::sft::encode_all;
 use super::Env;
@@ -133,7 +133,7 @@ fn encode_pairs(tok: &Tokenizer, pairs: &[PreferencePair], ctx: usize) -> Result
 struct DpoTask<'a> {
     env: &'a Env,
     policy: Transformer,
-    /// None for a loss that reads no reference (SimPO).
+    /// None for a loss that reads no reference (SimPO, ORPO).
     reference: Option<FrozenReference>,
     tok: Tokenizer,
     train: Vec<EncodedPair>,
@@ -175,15 +175,10 @@ impl DpoTask<'_> {
         )?;
         let pol = self.seq_logps(&self.policy, self.env.ctx(true, None), &b)?;
         let refp = match &self.reference {
-            Some(r) => Some(
-                match r.get() {
-                    Reference::Separate(r) => self.seq_logps(r, self.env.ctx(false, None), &b)?,
-                    Reference::AdaptersOff => {
-                        self.seq_logps(&self.policy, self.env.ctx(false, None), &b)?
-                    }
-                }
-                .detach(),
-            ),
+            Some(r) => {
+                let net = r.get().net(&self.policy);
+                Some(self.seq_logps(net, self.env.ctx(false, None), &b)?.detach())
+            }
             None => None,
         };
         let tokens = b.loss_mask.to_dtype(pol.dtype())?.sum(1)?;

@@ -22,6 +22,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 
+use super::setup::encode_prompts;
 use crate::data::records::PromptRecord;
 use crate::data::tokenizer::Tokenizer;
 use crate::generate::{generate, RowKeys, SampleCfg};
@@ -52,8 +53,6 @@ pub struct Shard {
 }
 
 impl Shard {
-    pub const ALL: Shard = Shard { index: 0, count: 1 };
-
     /// The prompts of this part, of `n`.
     pub fn range(self, n: usize) -> std::ops::Range<usize> {
         self.index * n / self.count..(self.index + 1) * n / self.count
@@ -327,24 +326,7 @@ pub fn run(
     let first_row = part.start * job.samples;
     let requests = &requests[part];
     let context = net.cfg.max_position_embeddings;
-    let encoded = requests
-        .iter()
-        .map(|r| {
-            let at = r.origin.as_deref().unwrap_or("--prompt");
-            let ids = tok.encode(&r.prompt)?;
-            if ids.is_empty() {
-                bail!("{at}: field prompt: no tokens");
-            }
-            if ids.len() + job.cfg.max_new_tokens > context {
-                bail!(
-                    "{at}: field prompt: {} tokens plus {} new ones exceed the model's context of {context}",
-                    ids.len(),
-                    job.cfg.max_new_tokens
-                );
-            }
-            Ok(ids)
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let encoded = encode_prompts(tok, requests, job.cfg.max_new_tokens, context)?;
     let total = requests.len() * job.samples;
     let resumed = sink.resume_point(requests, job.samples, settings)?;
     let batch_rows = (job.batch_rows - job.batch_rows % job.samples).max(job.samples);

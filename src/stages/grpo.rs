@@ -27,7 +27,7 @@ use super::rollout::{
     main_only, mean_over_ranks, rollout_seed, rollout_stats, rows, surrogate, token_share, Actors,
     Buffer, FrozenReference, PolicyStep, Rollout, RolloutClock, Schedule,
 };
-use super::setup::{self, check_prompt_lengths, prompt_sets, Plan, PolicyPair};
+use super::setup::{self, encode_prompts, prompt_sets, Plan, PolicyPair};
 use super::Env;
 use crate::config::{AdvantageEstimator, GrpoConfig, KlEstimator, ScaleRewards};
 use crate::data::records::PromptRecord;
@@ -180,11 +180,8 @@ impl Task for GrpoTask<'_> {
         let token_weight = token_share(self.env.comm.as_ref(), sur.agg, &pol.mask)?;
         // REINFORCE++ has its KL in the reward; the others hold the policy near the reference
         // with a k3 term in the loss.
-        let ref_logprobs = ro.ref_logprobs.as_ref();
-        if let (false, Some(ref_logprobs)) = (
-            c.advantage_estimator == AdvantageEstimator::ReinforcePlusPlus,
-            ref_logprobs,
-        ) {
+        let in_the_loss = c.advantage_estimator != AdvantageEstimator::ReinforcePlusPlus;
+        if let Some(ref_logprobs) = ro.ref_logprobs.as_ref().filter(|_| in_the_loss) {
             // Averaged as the policy loss is (TRL adds beta * KL to each token's loss).
             let kl = aggregate(
                 &kl_estimate(&pol.logp, &rows(ref_logprobs, &idx)?, KlEstimator::K3)?,
@@ -245,7 +242,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
     let (prompts, eval_prompts) = prompt_sets(env, c.task_prompts, c.eval_prompts)?;
     let ctx_len = policy.cfg.max_position_embeddings;
     for set in [&prompts, &eval_prompts] {
-        check_prompt_lengths(&tok, set, c.max_new_tokens, ctx_len)?;
+        encode_prompts(&tok, set, c.max_new_tokens, ctx_len)?;
         check_prompts(&rewards, set)?;
     }
     eprintln!(

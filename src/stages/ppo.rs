@@ -33,7 +33,7 @@ use super::rollout::{
     token_shares, Actors, Buffer, CollectTimes, FrozenReference, PolicyStep, Rollout, RolloutClock,
     Schedule,
 };
-use super::setup::{self, check_prompt_lengths, prompt_sets, Plan, PolicyPair};
+use super::setup::{self, encode_prompts, prompt_sets, Plan, PolicyPair};
 use super::Env;
 use crate::config::{PpoConfig, RewardSpec};
 use crate::data::records::PromptRecord;
@@ -341,7 +341,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
     let (prompts, eval_prompts) = prompt_sets(env, c.task_prompts, c.eval_prompts)?;
     let ctx_len = pair.policy.cfg.max_position_embeddings;
     for set in [&prompts, &eval_prompts] {
-        check_prompt_lengths(&tok, set, c.max_new_tokens, ctx_len)?;
+        encode_prompts(&tok, set, c.max_new_tokens, ctx_len)?;
         check_prompts(&rewards, set)?;
     }
     eprintln!(

@@ -135,8 +135,8 @@ pub struct PretrainResult {
 ///
 /// A token-shard corpus (`temper tokenizer encode`, or llm.c's) is memory-mapped: its
 /// validation shards, or where they hold less than one window (or there are none) the last
-/// `val_fraction` of its training stream (at least one window), are held out. A text corpus, or the built-in task, is tokenized and split by
-/// document ([`pack_documents`]).
+/// `val_fraction` of its training stream (at least one window), are held out. A text corpus,
+/// or the built-in task, is tokenized and split by document ([`pack_documents`]).
 fn streams(env: &Env, tok: &Tokenizer) -> Result<(TokenStream, TokenStream, String)> {
     let cfg = &env.cfg;
     let t = cfg.train.seq_len;

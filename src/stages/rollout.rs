@@ -62,6 +62,17 @@ pub enum Reference<'a> {
     Separate(&'a Transformer),
 }
 
+impl<'a> Reference<'a> {
+    /// The network to run as the reference: `policy` itself (with `use_lora` off) or the
+    /// separate copy.
+    pub fn net(&self, policy: &'a Transformer) -> &'a Transformer {
+        match self {
+            Reference::AdaptersOff => policy,
+            Reference::Separate(r) => r,
+        }
+    }
+}
+
 pub struct Sampled {
     pub gen_tokens: Vec<Vec<u32>>,
     pub texts: Vec<String>,
@@ -505,10 +516,7 @@ pub fn build(
     let all: Vec<usize> = (0..prompts.len()).collect();
     ro.old_logprobs = response_logprobs(net, ctx, &ro, &all, false)?.0.detach();
     if let Some(reference) = reference {
-        let ref_net = match reference {
-            Reference::AdaptersOff => net,
-            Reference::Separate(r) => r,
-        };
+        let ref_net = reference.net(net);
         let ref_ctx = Ctx {
             use_lora: false,
             ..ctx

@@ -103,20 +103,10 @@ impl PolicyPair {
 /// `[data] chat_template`), else the one in the `--init` model's `tokenizer_config.json`,
 /// else none (the built-in template).
 pub fn chat_template(env: &Env) -> Result<Option<ChatTemplate>> {
-    template_for(
-        env.cfg.data.chat_template.as_deref(),
-        env.cfg.init.as_deref(),
-    )
-}
-
-/// `explicit` (a `tokenizer_config.json` or a .jinja file) when given, else the template in
-/// the `tokenizer_config.json` of `model` (a Hugging Face model directory, or a temper
-/// checkpoint or run directory), else none.
-pub fn template_for(explicit: Option<&Path>, model: Option<&Path>) -> Result<Option<ChatTemplate>> {
-    if let Some(t) = explicit {
+    if let Some(t) = &env.cfg.data.chat_template {
         return Ok(Some(ChatTemplate::load(t)?));
     }
-    let Some(model) = model else {
+    let Some(model) = &env.cfg.init else {
         return Ok(None);
     };
     let dir = if hf::is_model_dir(model) {
@@ -216,26 +206,31 @@ fn prompt_sets_unchecked(
     }
 }
 
-/// Encodes every prompt once to check it fits the context with room for the response.
-pub fn check_prompt_lengths(
+/// Every prompt's ids, each checked to fit the context with room for `new_tokens` of
+/// response (errors name the record).
+pub fn encode_prompts(
     tok: &Tokenizer,
     prompts: &[PromptRecord],
     new_tokens: usize,
     ctx: usize,
-) -> Result<()> {
-    for (i, p) in prompts.iter().enumerate() {
-        let n = tok.encode(&p.prompt)?.len();
-        let place = place(&p.origin, "prompt", i);
-        if n == 0 {
-            bail!("{place}: field \"prompt\": empty after tokenisation");
-        }
-        if n + new_tokens > ctx {
-            bail!(
-                "{place}: field \"prompt\": {n} tokens plus {new_tokens} new tokens exceed the model's context of {ctx} tokens"
-            );
-        }
-    }
-    Ok(())
+) -> Result<Vec<Vec<u32>>> {
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let ids = tok.encode(&p.prompt)?;
+            let (n, place) = (ids.len(), place(&p.origin, "prompt", i));
+            if n == 0 {
+                bail!("{place}: field \"prompt\": empty after tokenisation");
+            }
+            if n + new_tokens > ctx {
+                bail!(
+                    "{place}: field \"prompt\": {n} tokens plus {new_tokens} new tokens exceed the model's context of {ctx} tokens"
+                );
+            }
+            Ok(ids)
+        })
+        .collect()
 }
 
 /// How a stage runs the shared loop: what its checkpoints hold, and whether to evaluate

@@ -37,16 +37,7 @@ pub fn recomputed(xs: &[&Tensor], f: Recomputable) -> anyhow::Result<Vec<Tensor>
         let tape = a.as_mut().expect("recording");
         xs.iter().map(|x| tape.slot(x).wants()).collect()
     });
-    let tape_of = |inputs: &[Tensor]| {
-        let ids = inputs
-            .iter()
-            .zip(&wanted)
-            .filter(|(_, &w)| w)
-            .map(|(x, _)| x.id())
-            .collect();
-        Tape::new(ids)
-    };
-    let (outputs, scratch) = on_tape_of_its_own(tape_of(&inputs), || f(&inputs))?;
+    let (outputs, scratch) = on_tape_of_its_own(tape_for(&inputs, &wanted), || f(&inputs))?;
     if let Some(what) = scratch.foreign.clone() {
         // The segment around falls back to candle's graph, where `f` runs as it is.
         ACTIVE.with(|a| {
@@ -95,13 +86,7 @@ fn backward(
     f: &Recomputable,
     grads: Vec<Option<Tensor>>,
 ) -> Result<Grads> {
-    let ids: Vec<_> = inputs
-        .iter()
-        .zip(wanted)
-        .filter(|(_, &w)| w)
-        .map(|(x, _)| x.id())
-        .collect();
-    let (outputs, tape) = on_tape_of_its_own(Tape::new(ids), || f(inputs))
+    let (outputs, tape) = on_tape_of_its_own(tape_for(inputs, wanted), || f(inputs))
         .map_err(|e| candle_core::Error::Msg(format!("recomputing a block: {e:#}")))?;
     if let Some(what) = &tape.foreign {
         // A weight the forward read as a variable is now cast in candle's graph: its
@@ -122,6 +107,17 @@ fn backward(
         .iter()
         .map(|&w| if w { dxs.next().flatten() } else { None })
         .collect())
+}
+
+/// A tape whose inputs are those of `inputs` that want a gradient.
+fn tape_for(inputs: &[Tensor], wanted: &[bool]) -> Tape {
+    let ids = inputs
+        .iter()
+        .zip(wanted)
+        .filter(|(_, &w)| w)
+        .map(|(x, _)| x.id())
+        .collect();
+    Tape::new(ids)
 }
 
 /// `f()` with `tape` as this thread's, and the tape it recorded; the thread's own tape (the
