@@ -52,6 +52,7 @@ fn main() -> candle_core::Result<()> {
     let mask = AttnMask {
         causal_offset: Some(0),
         key_valid: None,
+        segments: None,
     };
     let scale = 1.0 / (d as f64).sqrt();
     attention_reference(&q, &k, &v, &mask, scale)?;
@@ -85,6 +86,7 @@ mod cuda {
         AttnMask {
             causal_offset: Some(0),
             key_valid: None,
+            segments: None,
         }
     }
 
@@ -264,6 +266,7 @@ mod cuda {
             let mask = AttnMask {
                 causal_offset: Some(t - 1),
                 key_valid: None,
+                segments: None,
             };
             let scale = 1.0 / (d as f64).sqrt();
             let bytes = (2 * b * hkv * t * d * 2) as f64;

@@ -152,6 +152,7 @@ fn run(
             ctx,
             positions: None,
             key_valid: None,
+            segments: None,
         };
         let loss = net.target_logprobs(&x, &y, &f)?.neg()?.mean_all()?;
         if let Some(m) = m {

@@ -11,7 +11,8 @@
 // (contiguous, except that the simple forward reads k and v as the first Tk positions of a
 // KV cache of kv_cap positions); lse, dvec `[B, Hq, Tq]` f32; GQA: query head hq reads kv head hq / (Hq / Hkv).
 // Query i sits at absolute position offset + i and sees key j when (not causal or
-// j <= offset + i) and key j is valid; a row that sees no key outputs zeros and lse = +inf.
+// j <= offset + i), key j is valid and (in packed rows) j >= seg_start[i]; a row that sees no
+// key outputs zeros and lse = +inf.
 // Softmax runs in the log2 domain: x = (q.k) * scale * log2(e), p = exp2(x - m).
 #pragma once
 
@@ -71,8 +72,12 @@ struct AttnParams {
   const long long *step;   // [2] i64: the cache length L (then the draw index)
   const void *rope_cos;    // [B, D / 2] in T, or null: q and k rotated as qkv_write rotates
   const void *rope_sin;    // as rope_cos
+  // Packed rows (src/kernels/segments.rs; null elsewhere; causal, offset 0, Tq == Tk only):
+  // query i sees keys from seg_start[i] on, key j is seen by queries below seg_end[j].
+  const int *seg_start;  // [B, Tq], non-decreasing along a row: fwd, bwd_dq_simple
+  const int *seg_end;    // [B, Tk]: bwd_dkdv_simple, bwd_mma
 };
-static_assert(sizeof(AttnParams) == 208, "AttnParams: keep in step with the Rust mirror");
+static_assert(sizeof(AttnParams) == 224, "AttnParams: keep in step with the Rust mirror");
 static_assert(alignof(AttnParams) == 8, "AttnParams: keep in step with the Rust mirror");
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -101,6 +106,25 @@ static __device__ __forceinline__ KeyRange key_range(const int *krange, int b, i
     r.dense = krange[3 * b + 2];
   }
   return r;
+}
+
+// The first key query i of sequence b may see: the start of its document in a packed row,
+// else lo.
+static __device__ __forceinline__ int seg_lo(const int *seg_start, int b, int Tq, int i, int lo) {
+  return seg_start != nullptr ? max(lo, seg_start[(size_t)b * Tq + i]) : lo;
+}
+
+// One past the last query that may see key j of sequence b: the end of its document in a
+// packed row, else hi.
+static __device__ __forceinline__ int seg_hi(const int *seg_end, int b, int Tk, int j, int hi) {
+  return seg_end != nullptr ? min(hi, seg_end[(size_t)b * Tk + j]) : hi;
+}
+
+// The smallest query index among `nrows` consecutive rows starting at flattened row r0 of
+// the G * Tq rows that share one kv head (0 where they wrap into the next head): in packed
+// rows its document starts first.
+static __device__ __forceinline__ int block_first_query(int r0, int nrows, int Tq) {
+  return r0 / Tq != (r0 + nrows - 1) / Tq ? 0 : r0 % Tq;
 }
 
 // Block-level visible key range for `nrows` consecutive rows starting at flattened row r0 of

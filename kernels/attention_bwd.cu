@@ -49,13 +49,15 @@ static __device__ void bwd_dot(const T *__restrict__ o, const T *__restrict__ do
 }
 
 // dQ, simple: warp per query row, loop over key tiles. grid/block as fwd_simple (nsplit 1).
-// dq = scale * sum_j p_ij (dp_ij - D_i) k_j with p recomputed from the saved lse.
-template <typename T, int DPL>
+// dq = scale * sum_j p_ij (dp_ij - D_i) k_j with p recomputed from the saved lse. SEG: packed
+// rows (seg_start read), as fwd_simple's.
+template <typename T, int DPL, bool SEG>
 static __device__ void bwd_dq_simple(const T *__restrict__ q, const T *__restrict__ k,
                                      const T *__restrict__ v, const T *__restrict__ dout,
                                      const float *__restrict__ lse, const float *__restrict__ dvec,
                                      const float *__restrict__ kvalid,
-                                     const int *__restrict__ krange, T *__restrict__ dq, int Hq,
+                                     const int *__restrict__ krange,
+                                     const int *__restrict__ seg_start, T *__restrict__ dq, int Hq,
                                      int Hkv, int Tq, int Tk, int D, int causal, int offset,
                                      float scale_log2, float scale) {
   constexpr int DMAX = 32 * DPL;
@@ -76,9 +78,12 @@ static __device__ void bwd_dq_simple(const T *__restrict__ q, const T *__restric
   const size_t qrow = ((size_t)b * Hq + hkv * G + g) * Tq + i;
 
   const KeyRange kr = key_range(krange, b, Tk);
+  const int row_lo = SEG ? seg_lo(seg_start, b, Tq, i, kr.lo) : kr.lo;
   const int row_hi = causal ? min(kr.hi, offset + i + 1) : kr.hi;
+  const int blk_lo =
+      SEG ? seg_lo(seg_start, b, Tq, block_first_query(r0, min(nw, rows - r0), Tq), kr.lo) : kr.lo;
   const int blk_hi = block_key_end(kr, r0, min(nw, rows - r0), Tq, causal, offset);
-  const int ntiles = blk_hi > kr.lo ? (blk_hi - kr.lo + kSimpleKT - 1) / kSimpleKT : 0;
+  const int ntiles = blk_hi > blk_lo ? (blk_hi - blk_lo + kSimpleKT - 1) / kSimpleKT : 0;
 
   float *qw = qs + warp * DMAX;
   float *dow = dos + warp * DMAX;
@@ -97,7 +102,7 @@ static __device__ void bwd_dq_simple(const T *__restrict__ q, const T *__restric
   for (int t = 0; t < DPL; ++t) acc[t] = 0.f;
 
   for (int t = 0; t < ntiles; ++t) {
-    const int k0 = kr.lo + t * kSimpleKT;
+    const int k0 = blk_lo + t * kSimpleKT;
     __syncthreads();
     for (int e = threadIdx.x; e < kSimpleKT * D; e += blockDim.x) {
       const int jj = e / D, d = e - jj * D;
@@ -113,7 +118,8 @@ static __device__ void bwd_dq_simple(const T *__restrict__ q, const T *__restric
     __syncthreads();
     if (active) {
       const int j = k0 + lane;
-      const bool vis = j < row_hi && (kr.dense || kvalid[(size_t)b * Tk + j] != 0.f);
+      const bool vis =
+          (!SEG || j >= row_lo) && j < row_hi && (kr.dense || kvalid[(size_t)b * Tk + j] != 0.f);
       float ds = 0.f;
       if (vis) {
         float s = 0.f, dp = 0.f;
@@ -146,14 +152,15 @@ static __device__ void bwd_dq_simple(const T *__restrict__ q, const T *__restric
 
 // dK and dV, simple: warp per key row j of one kv head; loops over the query rows of every
 // head of the GQA group (tiles of 32), so the group's contributions add up in registers.
-// grid (B*Hkv, ceil(Tk / 8)), block 256.
-template <typename T, int DPL>
+// grid (B*Hkv, ceil(Tk / 8)), block 256. SEG: packed rows (seg_end read).
+template <typename T, int DPL, bool SEG>
 static __device__ void bwd_dkdv_simple(const T *__restrict__ q, const T *__restrict__ k,
                                        const T *__restrict__ v, const T *__restrict__ dout,
                                        const float *__restrict__ lse,
                                        const float *__restrict__ dvec,
                                        const float *__restrict__ kvalid,
-                                       const int *__restrict__ krange, T *__restrict__ dk,
+                                       const int *__restrict__ krange,
+                                       const int *__restrict__ seg_end, T *__restrict__ dk,
                                        T *__restrict__ dv, int Hq, int Hkv, int Tq, int Tk, int D,
                                        int causal, int offset, float scale_log2, float scale) {
   constexpr int DMAX = 32 * DPL;
@@ -187,9 +194,12 @@ static __device__ void bwd_dkdv_simple(const T *__restrict__ q, const T *__restr
 
   // Whole block outside the valid keys: nothing to accumulate (uniform branch).
   const bool any = j0 < kr.hi && j0 + nw > kr.lo;
-  // The first query that can see the block's first key.
+  // The first query that can see the block's first key, and in packed rows one past the
+  // last that can see its last (ends never decrease along a row).
   const int i_start = causal ? max(0, j0 - offset) : 0;
-  const int nqt = (any && Tq > i_start) ? (Tq - i_start + kSimpleKT - 1) / kSimpleKT : 0;
+  const int i_end = !any ? 0 : SEG ? seg_hi(seg_end, b, Tk, min(j0 + nw, Tk) - 1, Tq) : Tq;
+  const int i_key_end = SEG && j < Tk ? seg_hi(seg_end, b, Tk, j, Tq) : Tq;
+  const int nqt = i_end > i_start ? (i_end - i_start + kSimpleKT - 1) / kSimpleKT : 0;
 
   for (int g = 0; g < G; ++g) {
     const size_t qbase = ((size_t)b * Hq + hkv * G + g) * Tq;
@@ -214,7 +224,7 @@ static __device__ void bwd_dkdv_simple(const T *__restrict__ q, const T *__restr
       }
       __syncthreads();
       const int i = i0 + lane;
-      const bool vis = kvis && i < Tq && (!causal || j <= offset + i);
+      const bool vis = kvis && i < i_key_end && (!causal || j <= offset + i);
       float p = 0.f, ds = 0.f;
       if (vis) {
         float s = 0.f, dp = 0.f;
@@ -277,7 +287,8 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
                                const T *__restrict__ v, const T *__restrict__ dout,
                                const float *__restrict__ lse, const float *__restrict__ dvec,
                                const float *__restrict__ kvalid, const int *__restrict__ krange,
-                               T *__restrict__ dk, T *__restrict__ dv, float *__restrict__ dq_acc,
+                               const int *__restrict__ seg_end, T *__restrict__ dk,
+                               T *__restrict__ dv, float *__restrict__ dq_acc,
                                int Hq, int Hkv, int Tq, int Tk, int causal, int offset,
                                float scale_log2, float scale) {
   using Tiles = MmaBwdTraits<D, W>;
@@ -312,9 +323,16 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
   const bool validA = jA >= kr.lo && jA < kr.hi && (kr.dense || kvalid[(size_t)b * Tk + jA] != 0.f);
   const bool validB = jB >= kr.lo && jB < kr.hi && (kr.dense || kvalid[(size_t)b * Tk + jB] != 0.f);
 
+  // One past the last query that sees key jA / jB: in packed rows the end of its document.
+  const int endA = jA < Tk ? seg_hi(seg_end, b, Tk, jA, Tq) : 0;
+  const int endB = jB < Tk ? seg_hi(seg_end, b, Tk, jB, Tq) : 0;
+
   const bool any = k0 < kr.hi && k0 + BK > kr.lo;
+  // Queries from the first that sees the block's first key to the last that sees its last
+  // (ends never decrease along a row).
   const int i_start = causal ? max(0, k0 - offset) : 0;
-  const int nqt = (any && Tq > i_start) ? (Tq - i_start + BQ - 1) / BQ : 0;
+  const int i_end = any ? seg_hi(seg_end, b, Tk, min(k0 + BK, Tk) - 1, Tq) : 0;
+  const int nqt = i_end > i_start ? (i_end - i_start + BQ - 1) / BQ : 0;
   const int niter = G * nqt;
 
   auto load_q = [&](int it, int st) {
@@ -404,7 +422,8 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
         const int col = n * 8 + c4 * 2 + (e & 1);
         const int i = i0 + col;
         const int j = e < 2 ? jA : jB;
-        const bool vis = (e < 2 ? validA : validB) && i < Tq && (!causal || j <= offset + i);
+        const bool vis = (e < 2 ? validA : validB) && i < (e < 2 ? endA : endB) &&
+                         (!causal || j <= offset + i);
         const float p = vis ? exp2_ftz(sT[n][e] * scale_log2 - sLs[col]) : 0.f;
         sT[n][e] = p;
         dpT[n][e] = p * (dpT[n][e] - sDvs[col]);
@@ -509,21 +528,37 @@ using namespace temper::attn;
 // ---------------------------------------------------------------------------------------
 // Entry points.
 // ---------------------------------------------------------------------------------------
+#define BWD_DQ_SIMPLE_CALL(T, DPL, SEG)                                                        \
+  bwd_dq_simple<T, DPL, SEG>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),         \
+                             static_cast<const T *>(p.v), static_cast<const T *>(p.dout),      \
+                             p.lse, p.dvec, p.kvalid, p.krange, p.seg_start,                   \
+                             static_cast<T *>(p.dq), p.hq, p.hkv, p.tq, p.tk, p.d, p.causal,   \
+                             p.offset, p.scale_log2, p.scale)
+
+#define BWD_DKDV_SIMPLE_CALL(T, DPL, SEG)                                                      \
+  bwd_dkdv_simple<T, DPL, SEG>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),       \
+                               static_cast<const T *>(p.v), static_cast<const T *>(p.dout),    \
+                               p.lse, p.dvec, p.kvalid, p.krange, p.seg_end,                   \
+                               static_cast<T *>(p.dk), static_cast<T *>(p.dv), p.hq, p.hkv,    \
+                               p.tq, p.tk, p.d, p.causal, p.offset, p.scale_log2, p.scale)
+
+// attn_bwd_*_simple_seg_*: packed rows.
 #define BWD_SIMPLE_ENTRY(T, SUF, DPL)                                                          \
   extern "C" __global__ void __launch_bounds__(256)                                            \
       attn_bwd_dq_simple_##SUF##_d##DPL(const AttnParams p) {                                  \
-    bwd_dq_simple<T, DPL>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),            \
-                          static_cast<const T *>(p.v), static_cast<const T *>(p.dout), p.lse,  \
-                          p.dvec, p.kvalid, p.krange, static_cast<T *>(p.dq), p.hq, p.hkv,     \
-                          p.tq, p.tk, p.d, p.causal, p.offset, p.scale_log2, p.scale);         \
+    BWD_DQ_SIMPLE_CALL(T, DPL, false);                                                         \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(256, 4)                                            \
+      attn_bwd_dq_simple_seg_##SUF##_d##DPL(const AttnParams p) {                              \
+    BWD_DQ_SIMPLE_CALL(T, DPL, true);                                                          \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(256)                                            \
       attn_bwd_dkdv_simple_##SUF##_d##DPL(const AttnParams p) {                                \
-    bwd_dkdv_simple<T, DPL>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),          \
-                            static_cast<const T *>(p.v), static_cast<const T *>(p.dout),       \
-                            p.lse, p.dvec, p.kvalid, p.krange, static_cast<T *>(p.dk),         \
-                            static_cast<T *>(p.dv), p.hq, p.hkv, p.tq, p.tk, p.d, p.causal,    \
-                            p.offset, p.scale_log2, p.scale);                                  \
+    BWD_DKDV_SIMPLE_CALL(T, DPL, false);                                                       \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(256, 4)                                            \
+      attn_bwd_dkdv_simple_seg_##SUF##_d##DPL(const AttnParams p) {                            \
+    BWD_DKDV_SIMPLE_CALL(T, DPL, true);                                                        \
   }
 
 #define BWD_DTYPE(T, SUF)                                                                      \
@@ -546,7 +581,8 @@ BWD_DTYPE(__half, f16)
 #define BWD_MMA_CALL(T, D, W)                                                                  \
   bwd_mma<T, D, W>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),                   \
                    static_cast<const T *>(p.v), static_cast<const T *>(p.dout), p.lse, p.dvec, \
-                   p.kvalid, p.krange, static_cast<T *>(p.dk), static_cast<T *>(p.dv),         \
+                   p.kvalid, p.krange, p.seg_end, static_cast<T *>(p.dk),                      \
+                   static_cast<T *>(p.dv),                                                     \
                    p.dq_acc, p.hq, p.hkv, p.tq, p.tk, p.causal, p.offset, p.scale_log2,        \
                    p.scale)
 

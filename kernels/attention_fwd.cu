@@ -41,14 +41,19 @@ namespace attn {
 // ---------------------------------------------------------------------------------------
 // Forward. grid (B*Hkv, ceil(G*Tq / rows), nsplit), block 32 * rows threads. With nsplit > 1
 // each z-slice handles a contiguous share of the key tiles and writes normalised partial
-// outputs and their lse (-inf when empty) for attn_combine.
-template <typename T, int DPL>
+// outputs and their lse (-inf when empty) for attn_combine. SEG: packed rows (seg_start read),
+// entry points attn_fwd_simple_seg_*. A template argument rather than a run-time test, and
+// those entry points bounded at 4 blocks an SM: with the row's lower bound held across the
+// loop, ptxas aimed some of them at 32 registers and spilled (scripts/ptxas-report.sh), and
+// the kernels without segments keep the code they had.
+template <typename T, int DPL, bool SEG>
 static __device__ void fwd_simple(const T *__restrict__ q, const T *__restrict__ k,
                                   const T *__restrict__ v, T *__restrict__ o,
                                   float *__restrict__ lse, const float *__restrict__ kvalid,
                                   const int *__restrict__ krange, float *__restrict__ opart,
-                                  float *__restrict__ lsepart, int Hq, int Hkv, int Tq, int Tk,
-                                  int KvCap, int D, int causal, int offset, float scale_log2) {
+                                  float *__restrict__ lsepart, const int *__restrict__ seg_start,
+                                  int Hq, int Hkv, int Tq, int Tk, int KvCap, int D, int causal,
+                                  int offset, float scale_log2) {
   constexpr int DMAX = 32 * DPL;
   // +1 word per key row: lane j reads row j at the same d, which would otherwise be a
   // 32-way bank conflict when DMAX is a multiple of 32.
@@ -69,9 +74,12 @@ static __device__ void fwd_simple(const T *__restrict__ q, const T *__restrict__
   const size_t qrow = ((size_t)b * Hq + hkv * G + g) * Tq + i;
 
   const KeyRange kr = key_range(krange, b, Tk);
+  const int row_lo = SEG ? seg_lo(seg_start, b, Tq, i, kr.lo) : kr.lo;
   const int row_hi = causal ? min(kr.hi, offset + i + 1) : kr.hi;
+  const int blk_lo =
+      SEG ? seg_lo(seg_start, b, Tq, block_first_query(r0, min(nw, rows - r0), Tq), kr.lo) : kr.lo;
   const int blk_hi = block_key_end(kr, r0, min(nw, rows - r0), Tq, causal, offset);
-  const int ntiles = blk_hi > kr.lo ? (blk_hi - kr.lo + kSimpleKT - 1) / kSimpleKT : 0;
+  const int ntiles = blk_hi > blk_lo ? (blk_hi - blk_lo + kSimpleKT - 1) / kSimpleKT : 0;
   const int per = (ntiles + gridDim.z - 1) / gridDim.z;
   const int t_begin = blockIdx.z * per, t_end = min(ntiles, t_begin + per);
 
@@ -88,7 +96,7 @@ static __device__ void fwd_simple(const T *__restrict__ q, const T *__restrict__
   for (int t = 0; t < DPL; ++t) acc[t] = 0.f;
 
   for (int t = t_begin; t < t_end; ++t) {
-    const int k0 = kr.lo + t * kSimpleKT;
+    const int k0 = blk_lo + t * kSimpleKT;
     __syncthreads();  // the previous tile (and qs on the first pass) is consumed / written
     for (int e = threadIdx.x; e < kSimpleKT * D; e += blockDim.x) {
       const int jj = e / D, d = e - jj * D;
@@ -104,9 +112,10 @@ static __device__ void fwd_simple(const T *__restrict__ q, const T *__restrict__
     __syncthreads();
     if (active) {
       const int j = k0 + lane;
-      // j >= lo holds because tiles start there; j < row_hi <= hi <= Tk keeps the mask read
-      // in bounds.
-      const bool vis = j < row_hi && (kr.dense || kvalid[(size_t)b * Tk + j] != 0.f);
+      // j >= lo holds because tiles start at blk_lo >= lo; j < row_hi <= hi <= Tk keeps the
+      // mask read in bounds.
+      const bool vis =
+          (!SEG || j >= row_lo) && j < row_hi && (kr.dense || kvalid[(size_t)b * Tk + j] != 0.f);
       float s = neg_inf();
       if (vis) {
         s = 0.f;
@@ -163,8 +172,9 @@ template <typename T, int D, int MT>
 static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
                                const T *__restrict__ v, T *__restrict__ o,
                                float *__restrict__ lse, const float *__restrict__ kvalid,
-                               const int *__restrict__ krange, int Hq, int Hkv, int Tq, int Tk,
-                               int causal, int offset, float scale_log2) {
+                               const int *__restrict__ krange, const int *__restrict__ seg_start,
+                               int Hq, int Hkv, int Tq, int Tk, int causal, int offset,
+                               float scale_log2) {
   using Tiles = MmaFwdTraits<D, MT>;
   constexpr int BQ = Tiles::kBlockQ, BK = Tiles::kBlockK, NT = Tiles::kThreads;
   constexpr int KSTEPS = D / 16;  // k-steps of S = Q K^T
@@ -192,9 +202,13 @@ static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
   const KeyRange kr = key_range(krange, b, Tk);
   const int q_last = min(q0 + BQ, Tq) - 1;
   const int kend = causal ? min(kr.hi, offset + q_last + 1) : kr.hi;
-  // Keys below kfull are visible to every row of the tile (given a dense range).
+  // Keys below kfull are visible to every row of the tile (given a dense range); in packed
+  // rows keys below klo to none (starts never decrease along a row) and keys below kseg to
+  // some rows only.
   const int kfull = causal ? min(kr.hi, offset + q0 + 1) : kr.hi;
-  const int ntiles = kend > kr.lo ? (kend - kr.lo + BK - 1) / BK : 0;
+  const int klo = seg_lo(seg_start, b, Tq, q0, kr.lo);
+  const int kseg = seg_lo(seg_start, b, Tq, q_last, kr.lo);
+  const int ntiles = kend > klo ? (kend - klo + BK - 1) / BK : 0;
 
   // Tile mt of this warp holds rows rowA(mt) (lane's g) and rowA(mt) + 8; each row sees keys
   // below its horizon. Computed where used rather than held: registers are the limit at MT = 2.
@@ -203,7 +217,7 @@ static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
   auto horizon = [&](int r) { return causal ? min(kr.hi, offset + r + 1) : kr.hi; };
 
   auto load_kv = [&](int t, int st) {
-    const int k0 = kr.lo + t * BK;
+    const int k0 = klo + t * BK;
     load_tile<T, BK, D, NT>(sK + st * BK * D, kg + (size_t)k0 * D, Tk - k0, k);
     load_tile<T, BK, D, NT>(sV + st * BK * D, vg + (size_t)k0 * D, Tk - k0, v);
     if (!kr.dense)
@@ -252,7 +266,7 @@ static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     }
     const T *sKs = sK + st * BK * D;
     const T *sVs = sV + st * BK * D;
-    const int k0 = kr.lo + t * BK;
+    const int k0 = klo + t * BK;
     // Under a causal mask, on the diagonal, the 16-key steps past this warp's last row's
     // horizon are masked for all its rows: the warp skips their products (S stays at the
     // mask's -inf, P at 0). Uniform across the warp.
@@ -294,7 +308,7 @@ static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     }
 
     // Scale to the log2 domain; mask only tiles that straddle a boundary or have holes.
-    const bool need_mask = !kr.dense || k0 + BK > kfull;
+    const bool need_mask = !kr.dense || k0 + BK > kfull || k0 < kseg;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -305,8 +319,9 @@ static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
           if (need_mask) {
             const int jj = n * 8 + c4 * 2 + (e & 1);
             const int j = k0 + jj;
-            const bool ok =
-                j < horizon(rowA(mt) + (e < 2 ? 0 : 8)) && (kr.dense || sM[st * BK + jj] != 0.f);
+            const int row = rowA(mt) + (e < 2 ? 0 : 8);
+            const bool ok = j < horizon(row) && (kr.dense || sM[st * BK + jj] != 0.f) &&
+                            (k0 >= kseg || j >= seg_lo(seg_start, b, Tq, min(row, Tq - 1), 0));
             if (!ok) x = neg_inf();
           }
           s[mt][n][e] = x;
@@ -415,15 +430,22 @@ static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
 using namespace temper::attn;
 
 // ---------------------------------------------------------------------------------------
-// Entry points. Names: attn_fwd_simple_<dtype>_d<DPL>, attn_fwd_mma_<dtype>_h<D>.
+// Entry points. Names: attn_fwd_simple[_seg]_<dtype>_d<DPL>, attn_fwd_mma_<dtype>_h<D>.
 // ---------------------------------------------------------------------------------------
+#define FWD_SIMPLE_CALL(T, DPL, SEG)                                                          \
+    fwd_simple<T, DPL, SEG>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),         \
+                       static_cast<const T *>(p.v), static_cast<T *>(p.o), p.lse, p.kvalid,   \
+                       p.krange, p.opart, p.lsepart, p.seg_start, p.hq, p.hkv, p.tq, p.tk,    \
+                       p.kv_cap > 0 ? p.kv_cap : p.tk, p.d, p.causal, p.offset, p.scale_log2)
+
 #define FWD_SIMPLE_ENTRY(T, SUF, DPL)                                                         \
   extern "C" __global__ void __launch_bounds__(256)                                           \
       attn_fwd_simple_##SUF##_d##DPL(const AttnParams p) {                                    \
-    fwd_simple<T, DPL>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),              \
-                       static_cast<const T *>(p.v), static_cast<T *>(p.o), p.lse, p.kvalid,   \
-                       p.krange, p.opart, p.lsepart, p.hq, p.hkv, p.tq, p.tk,                 \
-                       p.kv_cap > 0 ? p.kv_cap : p.tk, p.d, p.causal, p.offset, p.scale_log2); \
+    FWD_SIMPLE_CALL(T, DPL, false);                                                           \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(256, 4)                                           \
+      attn_fwd_simple_seg_##SUF##_d##DPL(const AttnParams p) {                                \
+    FWD_SIMPLE_CALL(T, DPL, true);                                                            \
   }
 
 #define FWD_SIMPLE_DTYPE(T, SUF) \
@@ -441,7 +463,8 @@ FWD_SIMPLE_DTYPE(__half, f16)
 #define FWD_MMA_CALL(T, D, MT)                                                                 \
   fwd_mma<T, D, MT>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),                  \
                     static_cast<const T *>(p.v), static_cast<T *>(p.o), p.lse, p.kvalid,       \
-                    p.krange, p.hq, p.hkv, p.tq, p.tk, p.causal, p.offset, p.scale_log2)
+                    p.krange, p.seg_start, p.hq, p.hkv, p.tq, p.tk, p.causal, p.offset,        \
+                    p.scale_log2)
 
 // attn_fwd_mma_*: 64-row blocks (one mma tile per warp); attn_fwd_mma2_*: 128-row blocks.
 #define FWD_MMA_ENTRY(T, SUF, D)                                                               \

@@ -414,6 +414,7 @@ fn kv_cache_gives_the_logits_of_a_full_forward() {
             ctx: ctx(),
             positions: None,
             key_valid: None,
+            segments: None,
         };
         let full = net.forward(&full_ids, &f, None).unwrap();
         let mut cache = KvCache::new(net.num_layers());
@@ -465,6 +466,7 @@ fn every_parameter_receives_a_gradient() {
             ctx: ctx(),
             positions: None,
             key_valid: None,
+            segments: None,
         };
         let logits = net
             .forward(&ids.narrow(1, 0, 5).unwrap(), &f, None)

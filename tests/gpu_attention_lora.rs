@@ -20,6 +20,7 @@ mod common;
 gpu_test!(attention_forward_matches_reference);
 gpu_test!(attention_gradients_match_reference_autograd);
 gpu_test!(attention_dispatcher_uses_the_kernel);
+gpu_test!(attention_packed_rows_match_reference);
 gpu_test!(wide_backward_takes_128_keys_where_the_card_allows);
 gpu_test!(lora_forward_matches_reference);
 gpu_test!(lora_gradients_match_reference_autograd);
@@ -28,7 +29,7 @@ gpu_test!(lora_dispatcher_uses_the_kernel);
 #[cfg(feature = "cuda")]
 mod gpu {
     use candle_core::{DType, Device, Tensor, Var};
-    use temper::kernels::attention::{self, AttnMask};
+    use temper::kernels::attention::{self, AttnMask, Segments};
     use temper::kernels::cuda::attention::{attention_with, bwd_block_k_on, AttnImpl};
     use temper::kernels::cuda::compute_capability;
     use temper::kernels::cuda::cudarc::driver::sys::CUdevice_attribute;
@@ -189,10 +190,12 @@ mod gpu {
                 let mask_g = AttnMask {
                     causal_offset: c.causal,
                     key_valid: inp.valid.as_ref().map(|v| &v.0),
+                    segments: None,
                 };
                 let mask_c = AttnMask {
                     causal_offset: c.causal,
                     key_valid: inp.valid.as_ref().map(|v| &v.1),
+                    segments: None,
                 };
                 let y_ref =
                     attention::attention_reference(&inp.q.1, &inp.k.1, &inp.v.1, &mask_c, scale)
@@ -225,6 +228,7 @@ mod gpu {
                 let mask_c = AttnMask {
                     causal_offset: c.causal,
                     key_valid: inp.valid.as_ref().map(|v| &v.1),
+                    segments: None,
                 };
                 let (qc, kc, vc) = (
                     Var::from_tensor(&inp.q.1).unwrap(),
@@ -247,6 +251,7 @@ mod gpu {
                     let mask_g = AttnMask {
                         causal_offset: c.causal,
                         key_valid: inp.valid.as_ref().map(|v| &v.0),
+                        segments: None,
                     };
                     let y = attention_with(&qg, &kg, &vg, &mask_g, scale, imp)
                         .unwrap()
@@ -274,6 +279,92 @@ mod gpu {
         }
     }
 
+    /// Random documents back to back in each of `b` rows of `t` tokens, some rows ending in
+    /// padding: mostly short documents, so that tiles hold several boundaries.
+    fn packed_rows(rng: &mut Rng, b: usize, t: usize) -> Segments {
+        let docs: Vec<Vec<usize>> = (0..b)
+            .map(|_| {
+                let used = t - (rng.uniform(0.0, t as f32 / 6.0) as usize);
+                let mut row = Vec::new();
+                let mut at = 0;
+                while at < used {
+                    let long = rng.uniform(0.0, 1.0) < 0.2;
+                    let n = rng.uniform(1.0, if long { 150.0 } else { 40.0 }) as usize;
+                    let n = n.clamp(1, used - at);
+                    row.push(n);
+                    at += n;
+                }
+                row
+            })
+            .collect();
+        Segments::from_lengths(&docs, t, &Device::Cpu).unwrap()
+    }
+
+    /// Packed rows (SFT packing): every implementation's forward and gradients against the
+    /// reference's, which masks each query to its own document.
+    pub fn attention_packed_rows_match_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(14);
+        let cases = [
+            case((2, 4, 2), (301, 301, 64), Some(0), Pad::None),
+            case((2, 2, 1), (173, 173, 128), Some(0), Pad::None),
+            case((2, 4, 2), (90, 90, 40), Some(0), Pad::None),
+        ];
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for c in &cases {
+                let inp = attn_inputs(&mut rng, c, dtype, dev);
+                let segments = packed_rows(&mut rng, c.b, c.tq);
+                let (dy_g, dy_c) = pair(&mut rng, &[c.b, c.hq, c.tq, c.d], -1.0, 1.0, dtype, dev);
+                let mask = AttnMask {
+                    causal_offset: Some(0),
+                    key_valid: None,
+                    segments: Some(&segments),
+                };
+                let scale = 1.0 / (c.d as f64).sqrt();
+                let vars = |x: &(Tensor, Tensor), on_gpu: bool| {
+                    Var::from_tensor(if on_gpu { &x.0 } else { &x.1 }).unwrap()
+                };
+                let (qc, kc, vc) = (
+                    vars(&inp.q, false),
+                    vars(&inp.k, false),
+                    vars(&inp.v, false),
+                );
+                let y_ref = attention::attention_reference(&qc, &kc, &vc, &mask, scale).unwrap();
+                let g_ref = (&y_ref * &dy_c)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                for imp in impls(dtype, c.d) {
+                    let what = format!("{imp:?} {dtype:?} {c:?} (seed {seed})");
+                    let (qg, kg, vg) = (vars(&inp.q, true), vars(&inp.k, true), vars(&inp.v, true));
+                    let y = attention_with(&qg, &kg, &vg, &mask, scale, imp)
+                        .unwrap()
+                        .expect("kernel covers the case");
+                    assert_close(
+                        &format!("packed attention fwd {what}"),
+                        &y,
+                        &y_ref,
+                        tol(dtype),
+                        elem_tol(dtype),
+                    );
+                    let grads = (y * &dy_g).unwrap().sum_all().unwrap().backward().unwrap();
+                    for (name, ours, theirs) in
+                        [("dq", &qg, &qc), ("dk", &kg, &kc), ("dv", &vg, &vc)]
+                    {
+                        assert_close(
+                            &format!("packed attention {name} {what}"),
+                            grads.get(ours).expect("gradient"),
+                            g_ref.get(theirs).expect("reference gradient"),
+                            2.0 * tol(dtype),
+                            grad_tol(dtype),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     pub fn attention_dispatcher_uses_the_kernel(dev: &Device) {
         let (mut rng, seed) = Rng::fresh(13);
         let c = case((2, 4, 2), (70, 70, 64), Some(0), Pad::Left);
@@ -281,10 +372,12 @@ mod gpu {
         let mask_g = AttnMask {
             causal_offset: c.causal,
             key_valid: inp.valid.as_ref().map(|v| &v.0),
+            segments: None,
         };
         let mask_c = AttnMask {
             causal_offset: c.causal,
             key_valid: inp.valid.as_ref().map(|v| &v.1),
+            segments: None,
         };
         let y = attention::attention(
             &inp.q.0,

@@ -245,6 +245,7 @@ mod gpu {
                     let cpu_mask = AttnMask {
                         causal_offset: causal,
                         key_valid: Some(&cpu_valid),
+                        segments: None,
                     };
                     let want =
                         attention_reference(&host(&q), &host(&k), &host(&v), &cpu_mask, 0.125)
@@ -252,6 +253,7 @@ mod gpu {
                     let mask = AttnMask {
                         causal_offset: causal,
                         key_valid: Some(&valid),
+                        segments: None,
                     };
                     for imp in [AttnImpl::Auto, AttnImpl::Simple] {
                         let ctx = format!(
@@ -514,6 +516,7 @@ mod gpu {
                 let mask = AttnMask {
                     causal_offset: Some(cap - 1),
                     key_valid: Some(&valid),
+                    segments: None,
                 };
                 let step = Tensor::new(&[len as i64, 3], dev).unwrap();
                 let scale = 1.0 / (d as f64).sqrt();

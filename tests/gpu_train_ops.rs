@@ -1351,6 +1351,7 @@ mod curves {
             ctx,
             positions: None,
             key_valid: None,
+            segments: None,
         };
         (0..STEPS)
             .map(|i| {
@@ -1490,6 +1491,7 @@ mod tape {
             },
             positions: None,
             key_valid: None,
+            segments: None,
         };
         let (b, t) = (3, 77);
         let ids: Vec<u32> = (0..b * (t + 1))

@@ -50,6 +50,7 @@ fn max_diff(net: &Transformer, ids: &[u32], want: &serde_json::Value) -> f64 {
         ctx: ctx(),
         positions: None,
         key_valid: None,
+        segments: None,
     };
     let got = net.forward(&x, &f, None).unwrap().squeeze(0).unwrap();
     let got = got.to_vec2::<f32>().unwrap();

@@ -77,6 +77,11 @@ pub struct DataConfig {
     pub task_max_operand: u32,
     /// Probability that a built-in SFT demonstration drops the carry of a sum that has one.
     pub task_carry_slip: f64,
+    /// Pretraining: each token attends only to its own document's (a document ends at each
+    /// EOS) and positions restart with every document, as Llama 3 trained (Megatron's
+    /// `reset_attention_mask` and `reset_position_ids`); off, windows run across documents
+    /// as GPT-2 and llm.c train.
+    pub document_mask: bool,
 }
 
 impl Default for DataConfig {
@@ -90,6 +95,7 @@ impl Default for DataConfig {
             task_seed: 0,
             task_max_operand: 19,
             task_carry_slip: 0.6,
+            document_mask: false,
         }
     }
 }

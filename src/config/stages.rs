@@ -15,6 +15,12 @@ pub struct SftConfig {
     pub eval_max_new_tokens: usize,
     /// Held-out prompts used for accuracy (all of the task's held-out pairs by default).
     pub eval_prompts: usize,
+    /// Pack the training examples into rows of `[train] seq_len` positions (TRL's
+    /// `packing = true` with best-fit decreasing and padding-free position ids): each
+    /// example attends only to itself and its positions restart at 0, so its loss is the one
+    /// it has alone, while a batch spends almost no compute on padding. `batch_size` then
+    /// counts packed rows, each holding several examples. Held-out evaluation stays unpacked.
+    pub packing: bool,
 }
 
 impl Default for SftConfig {
@@ -23,6 +29,7 @@ impl Default for SftConfig {
             task_examples: 4000,
             eval_max_new_tokens: 6,
             eval_prompts: 1000,
+            packing: false,
         }
     }
 }

@@ -68,6 +68,7 @@ pub fn generate(
         ctx,
         positions: Some(&positions),
         key_valid: Some(&prompt_valid),
+        segments: None,
     };
     let hidden = net.hidden(&ids, &f, Some(&mut cache))?;
     // Logits stay in the compute dtype: the sampling kernel reads bf16 as it is.
@@ -180,6 +181,7 @@ pub fn generate(
             ctx,
             positions: Some(&active.positions),
             key_valid: Some(&key_valid),
+            segments: None,
         };
         let hidden = net.hidden(&next.reshape((n, 1))?, &f, Some(&mut cache))?;
         let logits = net

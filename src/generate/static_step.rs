@@ -139,6 +139,7 @@ impl StaticStep {
             ctx,
             positions: Some(&self.positions),
             key_valid: Some(&self.mask),
+            segments: None,
         };
         let hidden = net
             .hidden(&self.ids.reshape((n, 1))?, &f, Some(cache))

@@ -8,6 +8,7 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use super::registry::{warn_fallback, KernelChoice};
+pub use super::segments::Segments;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AttnMask<'a> {
@@ -16,6 +17,27 @@ pub struct AttnMask<'a> {
     pub causal_offset: Option<usize>,
     /// `[batch, keys]`, 1.0 where a key is a real token and 0.0 where it is padding.
     pub key_valid: Option<&'a Tensor>,
+    /// Document boundaries of packed rows.
+    pub segments: Option<&'a Segments>,
+}
+
+impl AttnMask<'_> {
+    /// Segments apply to a full causal forward over one packed row per sequence: refuse them
+    /// anywhere else rather than mask the wrong keys.
+    pub fn check_segments(&self, b: usize, tq: usize, tk: usize) -> Result<()> {
+        let Some(s) = self.segments else {
+            return Ok(());
+        };
+        if self.causal_offset != Some(0) || tq != tk || s.dims() != (b, tq) {
+            candle_core::bail!(
+                "attention: segments {:?} need a causal pass at offset 0 over [batch {b}, {tq}] \
+                 queries and keys (causal offset {:?}, {tk} keys)",
+                s.dims(),
+                self.causal_offset
+            );
+        }
+        Ok(())
+    }
 }
 
 /// q: `[B, Hq, Tq, D]`, k and v: `[B, Hkv, Tk, D]` with `Hq % Hkv == 0`.
@@ -133,12 +155,18 @@ pub fn allowed_mask(
         Some(kv) => Some(kv.to_dtype(DType::F32)?.reshape((b, 1, 1, tk))?),
         None => None,
     };
-    Ok(match (causal, keys) {
-        (Some(c), Some(k)) => Some(c.broadcast_mul(&k)?),
-        (Some(c), None) => Some(c),
-        (None, Some(k)) => Some(k),
-        (None, None) => None,
-    })
+    mask.check_segments(b, tq, tk)?;
+    let docs = match mask.segments {
+        Some(s) => Some(s.same_document(dev)?),
+        None => None,
+    };
+    let both = |x: Option<Tensor>, y: Option<Tensor>| -> Result<Option<Tensor>> {
+        Ok(match (x, y) {
+            (Some(x), Some(y)) => Some(x.broadcast_mul(&y)?),
+            (x, y) => x.or(y),
+        })
+    };
+    both(both(causal, keys)?, docs)
 }
 
 pub fn attention_reference(
@@ -206,6 +234,7 @@ mod tests {
         let m = AttnMask {
             causal_offset: Some(0),
             key_valid: None,
+            segments: None,
         };
         let y = attention_reference(&q, &k, &v, &m, 1.0).unwrap();
         assert!((y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] - 4.0).abs() < 1e-6);
@@ -214,15 +243,58 @@ mod tests {
         let m = AttnMask {
             causal_offset: None,
             key_valid: Some(&valid),
+            segments: None,
         };
         let y = attention_reference(&q, &k, &v, &m, 1.0).unwrap();
         assert!((y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] - 8.0).abs() < 1e-6);
         let m = AttnMask {
             causal_offset: Some(0),
             key_valid: Some(&valid),
+            segments: None,
         };
         let y = attention_reference(&q, &k, &v, &m, 1.0).unwrap();
         assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0], 0.0);
+    }
+
+    #[test]
+    fn packed_rows_attend_within_their_documents_only() {
+        let dev = Device::Cpu;
+        let docs = [vec![3, 1, 5], vec![9]];
+        let t = 10;
+        let segments = Segments::from_lengths(&docs, t, &dev).unwrap();
+        let q = Tensor::randn(0f32, 1.0, (2, 4, t, 8), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (2, 2, t, 8), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (2, 2, t, 8), &dev).unwrap();
+        let packed = AttnMask {
+            causal_offset: Some(0),
+            key_valid: None,
+            segments: Some(&segments),
+        };
+        let y = attention_reference(&q, &k, &v, &packed, 0.3).unwrap();
+        let alone = AttnMask {
+            causal_offset: Some(0),
+            key_valid: None,
+            segments: None,
+        };
+        // Each document (and each row's padding) gives what it gives on its own.
+        for (b, row) in docs.iter().enumerate() {
+            let used: usize = row.iter().sum();
+            let mut at = 0;
+            for n in row.iter().copied().chain([t - used]) {
+                let part = |x: &Tensor| x.narrow(0, b, 1).unwrap().narrow(2, at, n).unwrap();
+                let want = attention_reference(&part(&q), &part(&k), &part(&v), &alone, 0.3);
+                let diff = (part(&y) - want.unwrap()).unwrap().abs().unwrap();
+                let diff = diff.max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff < 1e-6, "row {b}, document at {at}: {diff}");
+                at += n;
+            }
+        }
+        // Segments outside a full causal pass are refused.
+        let cached = AttnMask {
+            causal_offset: Some(3),
+            ..packed
+        };
+        assert!(attention_reference(&q, &k, &v, &cached, 0.3).is_err());
     }
 
     #[test]
@@ -234,6 +306,7 @@ mod tests {
         let m = AttnMask {
             causal_offset: Some(0),
             key_valid: None,
+            segments: None,
         };
         let a = attention_reference(&q, &k, &v, &m, 0.3).unwrap();
         let k2 = repeat_kv(&k, 2).unwrap();

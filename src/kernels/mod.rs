@@ -22,6 +22,7 @@ pub mod registry;
 pub mod rmsnorm;
 pub mod rope;
 pub mod sample;
+pub mod segments;
 pub mod spans;
 pub mod swiglu;
 

@@ -9,7 +9,7 @@ use super::linear::{Ctx, Linear};
 use super::rope::RopeAt;
 use crate::config::ModelConfig;
 use crate::config::{LoraConfig, LoraTarget};
-use crate::kernels::attention::{attention, attention_stacked, AttnMask};
+use crate::kernels::attention::{attention, attention_stacked, AttnMask, Segments};
 use crate::kernels::heads;
 use crate::kernels::KernelChoice;
 use crate::train::params::Scope;
@@ -32,6 +32,8 @@ pub struct AttnInputs<'a> {
     pub offset: usize,
     /// `[B, offset + T]` f32, 1.0 for real tokens.
     pub key_valid: Option<&'a Tensor>,
+    /// Document boundaries of packed rows: no token attends across them.
+    pub segments: Option<&'a Segments>,
 }
 
 impl Attention {
@@ -135,6 +137,7 @@ impl Attention {
         AttnMask {
             causal_offset: Some(inp.offset),
             key_valid: inp.key_valid,
+            segments: inp.segments,
         }
     }
 

@@ -16,6 +16,7 @@ use super::norm::Norm;
 use super::rope::Rope;
 use crate::config::LoraConfig;
 use crate::config::{ModelConfig, PositionKind};
+use crate::kernels::segments::Segments;
 use crate::kernels::KernelChoice;
 use crate::train::params::{Init, Scope};
 use crate::train::rng::splitmix64;
@@ -42,11 +43,13 @@ fn recomputed_block(
 ) -> Result<(Tensor, Tensor)> {
     let (blk, ctx) = (blk.clone(), *ctx);
     let (rope, offset, key_valid) = (inp.rope.cloned(), inp.offset, inp.key_valid.cloned());
+    let segments = inp.segments.cloned();
     let f: crate::tape::Recomputable = Arc::new(move |xs: &[Tensor]| {
         let inp = AttnInputs {
             rope: rope.as_ref(),
             offset,
             key_valid: key_valid.as_ref(),
+            segments: segments.as_ref(),
         };
         let (stream, y) = blk.forward(&xs[0], xs.get(1), &ctx, &inp, None)?;
         Ok(vec![stream, y])
@@ -66,6 +69,9 @@ pub struct Fwd<'a> {
     pub positions: Option<&'a Tensor>,
     /// `[B, cache_len + T]` f32, 1.0 for real tokens, 0.0 for padding.
     pub key_valid: Option<&'a Tensor>,
+    /// Packed rows' document boundaries (training without a cache only); pass `positions`
+    /// that restart at each document with them.
+    pub segments: Option<&'a Segments>,
 }
 
 impl Transformer {
@@ -149,6 +155,7 @@ impl Transformer {
             rope: rope.as_ref(),
             offset: causal_offset,
             key_valid: f.key_valid,
+            segments: f.segments,
         };
         if ctx.tape && cache.is_none() {
             return crate::tape::segment(&x, |x| self.body(x, ctx, &inp, None));

@@ -1,11 +1,14 @@
 //! Records to token tensors: SFT examples with their loss masks, right-padded training
-//! batches and left-padded prompt batches for generation.
+//! batches, packed training rows and left-padded prompt batches for generation.
+
+use std::collections::BTreeSet;
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
 use crate::data::records::SftExample;
 use crate::data::tokenizer::Tokenizer;
+use crate::kernels::segments::Segments;
 
 /// Tokens of an example and, per token, whether it carries loss. Each trained segment is
 /// followed by EOS, which is trained too, so the model learns to stop.
@@ -84,6 +87,110 @@ pub fn lm_batch(
     })
 }
 
+/// Items of the given sizes into as few bins of `capacity` as best-fit decreasing finds: the
+/// largest first, each into the open bin with the least room that still holds it, else into
+/// a new bin. Returns each bin's item indices, largest first. Ties (equal sizes, equal room)
+/// go to the lower index, so the same sizes always give the same bins: a resumed run's
+/// sampler position then names the rows it named before.
+pub fn best_fit_decreasing(sizes: &[usize], capacity: usize) -> Result<Vec<Vec<usize>>> {
+    if let Some((i, &n)) = sizes.iter().enumerate().find(|(_, &n)| n > capacity) {
+        bail!("item {i} of size {n} does not fit a bin of {capacity}");
+    }
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(sizes[i]));
+    let mut bins: Vec<Vec<usize>> = Vec::new();
+    // (room left, bin): the first entry at or above a size is the tightest bin that fits.
+    let mut open: BTreeSet<(usize, usize)> = BTreeSet::new();
+    for i in order {
+        let n = sizes[i];
+        let (room, b) = match open.range((n, 0)..).next().copied() {
+            Some(e) => {
+                open.remove(&e);
+                e
+            }
+            None => {
+                bins.push(Vec::new());
+                (capacity, bins.len() - 1)
+            }
+        };
+        bins[b].push(i);
+        open.insert((room - n, b));
+    }
+    Ok(bins)
+}
+
+/// Packed rows as the model reads them: the batch, positions that restart at 0 at each
+/// example and the examples' boundaries, so that an example is computed as it is alone.
+pub struct PackedBatch {
+    /// Inputs, targets and loss mask as [`lm_batch`] makes them; the key mask is 1.0 on real
+    /// tokens (padding ends each row as a document of its own, so no real token reads it),
+    /// `last` the last real input of each row and `tokens` the real input positions.
+    pub lm: LmBatch,
+    /// `[B, len]` u32: each token's position in its example (padding, a document of its own
+    /// at the end of the row, counts from 0 too).
+    pub positions: Tensor,
+    pub segments: Segments,
+}
+
+/// Rows of `len` input positions, each holding its examples back to back and padded on the
+/// right with `pad`. An example of `n` tokens takes `n - 1` positions (inputs `ids[..n-1]`,
+/// targets `ids[1..]`), as in [`lm_batch`]. Rows are `len` long whatever they hold, so every
+/// batch has one shape.
+pub fn packed_batch(
+    rows: &[Vec<&(Vec<u32>, Vec<bool>)>],
+    pad: u32,
+    len: usize,
+    dev: &Device,
+) -> Result<PackedBatch> {
+    let b = rows.len();
+    let mut inp = vec![pad; b * len];
+    let mut tgt = vec![pad; b * len];
+    let mut lm = vec![0f32; b * len];
+    let mut kv = vec![0f32; b * len];
+    let mut docs = Vec::with_capacity(b);
+    let mut last = Vec::with_capacity(b);
+    let mut tokens = 0;
+    for (r, row) in rows.iter().enumerate() {
+        let mut at = r * len;
+        let mut lens = Vec::with_capacity(row.len());
+        for (ids, train) in row.iter().copied() {
+            let n = ids.len().saturating_sub(1);
+            if at + n > (r + 1) * len {
+                bail!("a packed row of {len} positions cannot hold its examples");
+            }
+            inp[at..at + n].copy_from_slice(&ids[..n]);
+            tgt[at..at + n].copy_from_slice(&ids[1..]);
+            for j in 0..n {
+                lm[at + j] = if train[j + 1] { 1.0 } else { 0.0 };
+            }
+            kv[at..at + n].fill(1.0);
+            at += n;
+            lens.push(n);
+        }
+        let used = at - r * len;
+        tokens += used;
+        last.push(used.saturating_sub(1) as u32);
+        docs.push(lens);
+    }
+    if tokens == 0 {
+        bail!("a packed batch with no example of two or more tokens");
+    }
+    let shape = (b, len);
+    let segments = Segments::from_lengths(&docs, len, dev)?;
+    Ok(PackedBatch {
+        lm: LmBatch {
+            inputs: Tensor::from_vec(inp, shape, dev)?,
+            targets: Tensor::from_vec(tgt, shape, dev)?,
+            loss_mask: Tensor::from_vec(lm, shape, dev)?,
+            key_valid: Tensor::from_vec(kv, shape, dev)?,
+            tokens,
+            last,
+        },
+        positions: segments.positions(dev)?,
+        segments,
+    })
+}
+
 /// Full sequences (no shift) right-padded, for scoring: ids `[B, T]`, key mask, last index.
 pub fn padded(
     seqs: &[Vec<u32>],
@@ -113,3 +220,6 @@ pub fn padded(
         last,
     ))
 }
+
+#[cfg(test)]
+mod tests;

@@ -149,6 +149,7 @@ impl DpoTask<'_> {
             ctx,
             positions: None,
             key_valid: None,
+            segments: None,
         };
         let lp = net.target_logprobs(&b.inputs, &b.targets, &f)?;
         Ok((lp * &b.loss_mask)?.sum(1)?)

@@ -11,6 +11,7 @@ use crate::data::corpus::{load_documents, pack_documents};
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::data::shards::{is_shard_corpus, open_corpus, TokenStream};
 use crate::data::tokenizer::Tokenizer;
+use crate::kernels::segments::Segments;
 use crate::model::{Fwd, Transformer};
 use crate::train::loss::scalar;
 use crate::train::params::{Net, ParamStore};
@@ -24,12 +25,22 @@ struct PretrainTask<'a> {
     val: TokenStream,
     /// The tokenizer's vocabulary: an id at or past it comes from another tokenizer.
     vocab: usize,
+    /// Where documents end (`[data] document_mask`).
+    eos: u32,
     sampler: WindowSampler,
     micro: u64,
 }
 
+/// A batch of windows: inputs, targets and, under `[data] document_mask`, each token's
+/// position in its document and the documents' boundaries.
+struct Windows {
+    x: Tensor,
+    y: Tensor,
+    documents: Option<(Tensor, Segments)>,
+}
+
 impl PretrainTask<'_> {
-    fn batch(&self, stream: &TokenStream, starts: &[usize]) -> Result<(Tensor, Tensor)> {
+    fn batch(&self, stream: &TokenStream, starts: &[usize]) -> Result<Windows> {
         let t = self.env.cfg.train.seq_len;
         let mut x = Vec::with_capacity(starts.len() * t);
         let mut y = Vec::with_capacity(starts.len() * t);
@@ -41,19 +52,28 @@ impl PretrainTask<'_> {
             y.extend_from_slice(&window[1..]);
         }
         let dev = &self.env.device;
-        Ok((
-            Tensor::from_vec(x, (starts.len(), t), dev)?,
-            Tensor::from_vec(y, (starts.len(), t), dev)?,
-        ))
+        let documents = match self.env.cfg.data.document_mask {
+            true => {
+                let s = Segments::split_after(&x, t, self.eos, dev)?;
+                Some((s.positions(dev)?, s))
+            }
+            false => None,
+        };
+        Ok(Windows {
+            x: Tensor::from_vec(x, (starts.len(), t), dev)?,
+            y: Tensor::from_vec(y, (starts.len(), t), dev)?,
+            documents,
+        })
     }
 
-    fn loss(&self, x: &Tensor, y: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+    fn loss(&self, w: &Windows, dropout_seed: Option<u64>) -> Result<Tensor> {
         let f = Fwd {
             ctx: self.env.ctx(true, dropout_seed),
-            positions: None,
+            positions: w.documents.as_ref().map(|d| &d.0),
             key_valid: None,
+            segments: w.documents.as_ref().map(|d| &d.1),
         };
-        let logp = self.net.target_logprobs(x, y, &f)?;
+        let logp = self.net.target_logprobs(&w.x, &w.y, &f)?;
         Ok(logp.neg()?.mean_all()?)
     }
 }
@@ -82,11 +102,11 @@ impl Task for PretrainTask<'_> {
             .into_iter()
             .map(|w| w * t)
             .collect();
-        let (x, y) = self.batch(&self.train, &starts)?;
+        let w = self.batch(&self.train, &starts)?;
         self.micro += 1;
         let seed =
             (self.net.cfg.dropout > 0.0).then(|| splitmix64(self.env.cfg.train.seed ^ self.micro));
-        let loss = self.loss(&x, &y, seed)?;
+        let loss = self.loss(&w, seed)?;
         Ok(StepOut {
             loss,
             tokens: starts.len() * t,
@@ -103,8 +123,8 @@ impl Task for PretrainTask<'_> {
         let mut batches = 0;
         for chunk in (0..n).collect::<Vec<_>>().chunks(cfg.batch_size) {
             let starts: Vec<usize> = chunk.iter().map(|w| w * t).collect();
-            let (x, y) = self.batch(&self.val, &starts)?;
-            total += scalar(&self.loss(&x, &y, None)?)? * starts.len() as f64;
+            let w = self.batch(&self.val, &starts)?;
+            total += scalar(&self.loss(&w, None)?)? * starts.len() as f64;
             batches += starts.len();
         }
         Ok(PretrainEval {
@@ -248,6 +268,7 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
         train,
         val,
         vocab: tok.vocab_size(),
+        eos: tok.eos_id(),
         sampler: WindowSampler::new(windows, cfg.train.seed),
         micro: 0,
     };
@@ -263,4 +284,83 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
         val_loss: summary.last_eval.map_or(f64::NAN, |e| e.loss),
         train_loss: summary.last_train_loss,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use crate::config::ModelConfig;
+    use crate::kernels::segments::Segments;
+    use crate::model::linear::Ctx;
+    use crate::model::{Fwd, Transformer};
+    use crate::train::params::{Net, ParamStore};
+
+    /// Per-token log-probabilities of `x -> y` (`[B, T]`), with the documents masked or not.
+    fn logprobs(net: &Transformer, x: &[u32], y: &[u32], t: usize, docs: Option<u32>) -> Vec<f32> {
+        let dev = Device::Cpu;
+        let rows = x.len() / t;
+        let segments = docs.map(|eos| Segments::split_after(x, t, eos, &dev).unwrap());
+        let positions = segments.as_ref().map(|s| s.positions(&dev).unwrap());
+        let f = Fwd {
+            ctx: Ctx::plain(DType::F32),
+            positions: positions.as_ref(),
+            key_valid: None,
+            segments: segments.as_ref(),
+        };
+        let x = Tensor::from_slice(x, (rows, t), &dev).unwrap();
+        let y = Tensor::from_slice(y, (rows, t), &dev).unwrap();
+        let lp = net.target_logprobs(&x, &y, &f).unwrap();
+        lp.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// Under the document mask a window is its documents run one by one: each token's
+    /// log-probability is the one it has with its document alone, for rotary and for learned
+    /// positions; without it the documents see each other.
+    #[test]
+    fn masked_documents_score_as_if_alone() {
+        let eos = 0;
+        // Documents (EOS-terminated) across two windows of 9: the second window starts
+        // inside the third document.
+        let stream: Vec<u32> = vec![
+            5, 6, 7, 0, 8, 0, 9, 10, 11, 12, 13, 0, 14, 15, 16, 0, 17, 18, 19,
+        ];
+        let t = 9;
+        for preset in ["tiny", "gpt2"] {
+            let mut cfg = ModelConfig::preset(preset).unwrap();
+            (
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                cfg.num_hidden_layers,
+            ) = (32, 64, 2);
+            (cfg.num_attention_heads, cfg.num_key_value_heads) = (4, 2);
+            (cfg.vocab_size, cfg.max_position_embeddings) = (23, 16);
+            let mut store = ParamStore::new(Device::Cpu, 3);
+            let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
+            let (x, y) = (&stream[..2 * t], &stream[1..2 * t + 1]);
+            let masked = logprobs(&net, x, y, t, Some(eos));
+            let mut at = 0;
+            for row in 0..2 {
+                let w = &x[row * t..(row + 1) * t];
+                for doc in w.split_inclusive(|&id| id == eos) {
+                    let n = doc.len();
+                    let alone = logprobs(&net, doc, &y[at..at + n], n, None);
+                    for (k, (a, b)) in masked[at..at + n].iter().zip(&alone).enumerate() {
+                        assert!(
+                            (a - b).abs() < 1e-5,
+                            "{preset}: token {}: {a} vs {b}",
+                            at + k
+                        );
+                    }
+                    at += n;
+                }
+            }
+            let open = logprobs(&net, x, y, t, None);
+            let moved = open
+                .iter()
+                .zip(&masked)
+                .filter(|(a, b)| (*a - *b).abs() > 1e-4);
+            assert!(moved.count() > 5, "{preset}: the mask changes nothing");
+        }
+    }
 }

@@ -40,6 +40,7 @@ impl Scorer {
             ctx,
             positions: None,
             key_valid,
+            segments: None,
         };
         self.head.forward(&self.net.hidden(ids, &f, None)?)
     }

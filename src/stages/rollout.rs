@@ -628,6 +628,7 @@ fn response_hidden(net: &Transformer, ctx: Ctx, ro: &Rollout, idx: &[usize]) -> 
         ctx,
         positions: Some(&pos),
         key_valid: Some(&kv),
+        segments: None,
     };
     let hidden = net.hidden(&ids, &f, None)?;
     let h = hidden.narrow(1, ro.prompt_cols - 1, ro.resp_len)?;
@@ -713,6 +714,7 @@ mod tests {
             ctx,
             positions: None,
             key_valid: None,
+            segments: None,
         };
         let logits = net.forward(&ids, &f, None).unwrap();
         let want = log_softmax(&(logits / 0.7).unwrap()).unwrap();

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 
-use super::batch::{encode_example, lm_batch};
+use super::batch::{best_fit_decreasing, encode_example, lm_batch, packed_batch, LmBatch};
 use super::eval::accuracy;
 use super::loader::policy_from;
 use super::setup::{self, init_checkpoint, split_holdout, Plan};
@@ -14,6 +14,7 @@ use crate::data::records::{load_sft_templated, place, PromptRecord, SftExample};
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
+use crate::kernels::segments::Segments;
 use crate::model::{Fwd, Transformer};
 use crate::train::loss::{masked_mean, scalar};
 use crate::train::params::{Net, ParamInfo, ParamStore, Role};
@@ -51,11 +52,15 @@ struct SftTask<'a> {
     train: Vec<(Vec<u32>, Vec<bool>)>,
     eval: Vec<(Vec<u32>, Vec<bool>)>,
     prompts: Vec<PromptRecord>,
+    /// With `[sft] packing`, the training examples' indices in each packed row; the sampler
+    /// then draws rows instead of examples.
+    rows: Option<Vec<Vec<usize>>>,
     sampler: WindowSampler,
     micro: u64,
 }
 
 impl SftTask<'_> {
+    /// Examples one per right-padded row.
     fn loss(
         &self,
         seqs: &[(Vec<u32>, Vec<bool>)],
@@ -67,12 +72,40 @@ impl SftTask<'_> {
             self.net.cfg.max_position_embeddings,
             &self.env.device,
         )?;
+        self.masked_loss(&b, None, dropout_seed)
+    }
+
+    /// Packed rows of `[train] seq_len` positions, as `rows` lists the examples of each.
+    fn packed_loss(
+        &self,
+        rows: &[&[usize]],
+        dropout_seed: Option<u64>,
+    ) -> Result<(candle_core::Tensor, usize, f64)> {
+        let rows: Vec<Vec<_>> = rows
+            .iter()
+            .map(|r| r.iter().map(|&i| &self.train[i]).collect())
+            .collect();
+        let len = self.env.cfg.train.seq_len;
+        let p = packed_batch(&rows, self.tok.pad_id(), len, &self.env.device)?;
+        self.masked_loss(&p.lm, Some((&p.positions, &p.segments)), dropout_seed)
+    }
+
+    /// The mean negative log-likelihood of the response tokens, the input positions and the
+    /// response tokens counted.
+    fn masked_loss(
+        &self,
+        b: &LmBatch,
+        packed: Option<(&candle_core::Tensor, &Segments)>,
+        dropout_seed: Option<u64>,
+    ) -> Result<(candle_core::Tensor, usize, f64)> {
         // Right padding sits after every real token, so causal attention alone keeps real
-        // tokens from seeing it; no key mask needed.
+        // tokens from seeing it; no key mask needed. In packed rows the segments keep each
+        // example from seeing the ones before it.
         let f = Fwd {
             ctx: self.env.ctx(true, dropout_seed),
-            positions: None,
+            positions: packed.map(|p| p.0),
             key_valid: None,
+            segments: packed.map(|p| p.1),
         };
         let logp = self.net.target_logprobs(&b.inputs, &b.targets, &f)?;
         let counted = scalar(&b.loss_mask.sum_all()?)?;
@@ -117,16 +150,22 @@ impl Task for SftTask<'_> {
     fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
         let comm = self.env.comm.as_ref();
         let (rank, world) = (comm.rank(), comm.world());
-        let seqs: Vec<_> = self
+        let drawn = self
             .sampler
-            .next_slice(self.env.cfg.train.batch_size, rank, world)
-            .into_iter()
-            .map(|i| self.train[i].clone())
-            .collect();
+            .next_slice(self.env.cfg.train.batch_size, rank, world);
         self.micro += 1;
         let seed = (self.env.cfg.lora.dropout > 0.0 || self.net.cfg.dropout > 0.0)
             .then(|| splitmix64(self.env.cfg.train.seed ^ self.micro));
-        let (mut loss, tokens, counted) = self.loss(&seqs, seed)?;
+        let (mut loss, tokens, counted) = match &self.rows {
+            Some(rows) => {
+                let rows: Vec<&[usize]> = drawn.iter().map(|&r| rows[r].as_slice()).collect();
+                self.packed_loss(&rows, seed)?
+            }
+            None => {
+                let seqs: Vec<_> = drawn.iter().map(|&i| self.train[i].clone()).collect();
+                self.loss(&seqs, seed)?
+            }
+        };
         if world > 1 {
             // The loop averages ranks' losses; each is its mean over its own response tokens,
             // so it is reweighted by its share of the global batch's response tokens: every
@@ -162,10 +201,20 @@ impl Task for SftTask<'_> {
     fn state(&self) -> serde_json::Value {
         let mut s = self.sampler.state();
         s["micro"] = self.micro.into();
+        s["packing"] = self.rows.is_some().into();
         s
     }
 
     fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
+        // The sampler counts packed rows or examples: its position means nothing in the other.
+        let packed = s.get("packing").and_then(serde_json::Value::as_bool) == Some(true);
+        if packed != self.rows.is_some() {
+            bail!(
+                "the checkpoint was written with [sft] packing = {packed}; resume with the same \
+                 setting (the sampler's position counts {})",
+                if packed { "packed rows" } else { "examples" }
+            );
+        }
         self.sampler.restore(s);
         self.micro = state_u64(s, "micro");
         Ok(())
@@ -200,6 +249,44 @@ pub fn encode_all(
         .collect()
 }
 
+/// The training examples packed into rows of `seq_len` input positions by best-fit
+/// decreasing (an example of `n` tokens takes `n - 1`), with a line saying how well they
+/// fill them. `xs` names the examples in errors.
+fn pack(
+    train: &[(Vec<u32>, Vec<bool>)],
+    xs: &[SftExample],
+    seq_len: usize,
+    ctx_len: usize,
+) -> Result<Vec<Vec<usize>>> {
+    // Rows are seq_len positions whatever they hold, and the model reads them whole.
+    if seq_len > ctx_len {
+        bail!(
+            "[sft] packing: [train] seq_len ({seq_len}) exceeds the model's context (max_position_embeddings = {ctx_len}); lower seq_len or turn packing off"
+        );
+    }
+    let sizes: Vec<usize> = train
+        .iter()
+        .map(|(ids, _)| ids.len().saturating_sub(1))
+        .collect();
+    if let Some(i) = sizes.iter().position(|&n| n > seq_len) {
+        let place = place(&xs[i].origin, "training example", i);
+        bail!(
+            "{place}: {} tokens take {} positions, more than a packed row of [train] seq_len = {seq_len} holds; raise seq_len (up to the model's context, {ctx_len}) or turn [sft] packing off",
+            sizes[i] + 1,
+            sizes[i]
+        );
+    }
+    let rows = best_fit_decreasing(&sizes, seq_len)?;
+    let used: usize = sizes.iter().sum();
+    eprintln!(
+        "[sft] packing: {} examples into {} rows of {seq_len} positions, {:.1}% of them real tokens",
+        train.len(),
+        rows.len(),
+        100.0 * used as f64 / (rows.len() * seq_len).max(1) as f64
+    );
+    Ok(rows)
+}
+
 pub fn run(env: &Env) -> Result<SftResult> {
     let cfg = &env.cfg;
     let loaded = init_checkpoint(env, "a pretrained model or run directory")?;
@@ -211,19 +298,26 @@ pub fn run(env: &Env) -> Result<SftResult> {
     let net = policy_from(&loaded, &mut store, lora)?;
     let tok = loaded.tokenizer.clone();
     drop(loaded);
-    let (train, eval, prompts) = datasets(env)?;
+    let (examples, eval, prompts) = datasets(env)?;
     let ctx_len = net.cfg.max_position_embeddings;
-    let train = encode_all(&tok, &train, ctx_len, "training")?;
+    let train = encode_all(&tok, &examples, ctx_len, "training")?;
     let eval = encode_all(&tok, &eval, ctx_len, "held-out")?;
     if train.is_empty() || eval.is_empty() {
         bail!("sft needs non-empty training and held-out sets");
     }
+    let rows = match cfg.sft.packing {
+        true => Some(pack(&train, &examples, cfg.train.seq_len, ctx_len)?),
+        false => None,
+    };
+    drop(examples);
     let model = net.cfg.clone();
+    let drawn = rows.as_ref().map_or(train.len(), Vec::len);
     let mut task = SftTask {
         env,
         net,
         tok: tok.clone(),
-        sampler: WindowSampler::new(train.len(), cfg.train.seed),
+        sampler: WindowSampler::new(drawn, cfg.train.seed),
+        rows,
         train,
         eval,
         prompts,

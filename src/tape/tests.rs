@@ -207,6 +207,7 @@ fn model_grads_with(
         },
         positions: None,
         key_valid: None,
+        segments: None,
     };
     let ids: Vec<u32> = (0..3 * 13).map(|i| (i * 7 + 3) % 61).collect();
     let all = Tensor::from_vec(ids, (3, 13), &Device::Cpu).unwrap();

@@ -407,6 +407,7 @@ mod tests {
                 ctx: Ctx::plain(DType::BF16),
                 positions: None,
                 key_valid: None,
+                segments: None,
             };
             let ids: Vec<u32> = (0..3 * 13).map(|i| (i * 7 + 3) % 61).collect();
             let all = Tensor::from_vec(ids, (3, 13), &Device::Cpu).unwrap();

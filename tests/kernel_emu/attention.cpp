@@ -56,6 +56,18 @@ template <typename T> struct Dt;
                                                 attn_bwd_dkdv_simple_##SUF##_d2,             \
                                                 attn_bwd_dkdv_simple_##SUF##_d3,             \
                                                 attn_bwd_dkdv_simple_##SUF##_d4};            \
+  static constexpr Kernel fwd_simple_seg[4] = {attn_fwd_simple_seg_##SUF##_d1,               \
+                                               attn_fwd_simple_seg_##SUF##_d2,               \
+                                               attn_fwd_simple_seg_##SUF##_d3,               \
+                                               attn_fwd_simple_seg_##SUF##_d4};              \
+  static constexpr Kernel bwd_dq_simple_seg[4] = {attn_bwd_dq_simple_seg_##SUF##_d1,         \
+                                                  attn_bwd_dq_simple_seg_##SUF##_d2,         \
+                                                  attn_bwd_dq_simple_seg_##SUF##_d3,         \
+                                                  attn_bwd_dq_simple_seg_##SUF##_d4};        \
+  static constexpr Kernel bwd_dkdv_simple_seg[4] = {attn_bwd_dkdv_simple_seg_##SUF##_d1,     \
+                                                    attn_bwd_dkdv_simple_seg_##SUF##_d2,     \
+                                                    attn_bwd_dkdv_simple_seg_##SUF##_d3,     \
+                                                    attn_bwd_dkdv_simple_seg_##SUF##_d4};    \
   static constexpr Kernel bwd_dot = attn_bwd_dot_##SUF;
 
 // fwd_mma[h128][mt - 1]: attn_fwd_mma (64-row blocks) and attn_fwd_mma2 (128-row) per head dim.
@@ -105,16 +117,41 @@ struct Case {
   bool causal;
   int offset;
   bool mask;  // left padding plus a hole in the keys of every sequence
+  // Packed rows (causal, offset 0, tq == tk): documents of random lengths back to back, then
+  // padding as a document of its own (src/kernels/segments.rs).
+  bool packed = false;
 };
 
 template <typename T> struct Inputs {
   Case c;
   std::vector<T> q, k, v, dout;
   std::vector<float> kvalid;
+  std::vector<int> seg_start, seg_end;  // [b, tq] where packed, else empty
 };
 
+// Segments::from_lengths for random documents: mostly short ones (1 to 40 tokens, so that
+// tiles hold several boundaries), some long, and up to a sixth of the row left as padding.
+void pack_rows(const Case &c, emu_check::Rng &rng, std::vector<int> &start, std::vector<int> &end) {
+  start.assign((size_t)c.b * c.tq, -1);
+  end.assign((size_t)c.b * c.tq, -1);
+  for (int b = 0; b < c.b; ++b) {
+    const int used = c.tq - (int)(rng.uniform() * c.tq / 6);
+    int at = 0;
+    while (at < c.tq) {
+      int n = rng.uniform() < 0.8 ? 1 + (int)(rng.uniform() * 40) : 1 + (int)(rng.uniform() * 150);
+      n = at < used ? std::min(n, used - at) : c.tq - at;
+      for (int i = at; i < at + n; ++i) {
+        start[(size_t)b * c.tq + i] = at;
+        end[(size_t)b * c.tq + i] = at + n;
+      }
+      at += n;
+    }
+  }
+}
+
 template <typename T> Inputs<T> make_inputs(const Case &c, emu_check::Rng &rng) {
-  Inputs<T> in{c, {}, {}, {}, {}, {}};
+  Inputs<T> in{c, {}, {}, {}, {}, {}, {}, {}};
+  if (c.packed) pack_rows(c, rng, in.seg_start, in.seg_end);
   in.q = emu_check::normals<T>((size_t)c.b * c.hq * c.tq * c.d, rng);
   in.k = emu_check::normals<T>((size_t)c.b * c.hkv * c.tk * c.d, rng);
   in.v = emu_check::normals<T>((size_t)c.b * c.hkv * c.tk * c.d, rng);
@@ -153,7 +190,9 @@ attention_ref::Shape shape(const Case &c) {
 
 // Softmax attention and its gradients in double, from the stored inputs.
 template <typename T> Reference reference(const Inputs<T> &in) {
-  return attention_ref::reference(shape(in.c), in.q, in.k, in.v, in.kvalid, &in.dout);
+  attention_ref::Shape s = shape(in.c);
+  if (in.c.packed) s.seg_start = &in.seg_start;
+  return attention_ref::reference(s, in.q, in.k, in.v, in.kvalid, &in.dout);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -170,6 +209,10 @@ template <typename T> AttnParams params(const Inputs<T> &in, std::vector<int> &k
   p.scale_log2 = (float)(scale * 1.4426950408889634);
   p.scale = (float)scale;
   attention_ref::key_range(shape(in.c), in.kvalid, p, krange);
+  if (in.c.packed) {
+    p.seg_start = in.seg_start.data();
+    p.seg_end = in.seg_end.data();
+  }
   return p;
 }
 
@@ -250,7 +293,7 @@ template <typename T> bool check_forward_simple(const Inputs<T> &in, const Refer
   Forward<T> f(in);
   AttnParams &p = f.p;
   const auto [nw, row_blocks] = simple_row_blocks(c);
-  const Kernel kernel = Dt<T>::fwd_simple[div_ceil(c.d, 32) - 1];
+  const Kernel kernel = (c.packed ? Dt<T>::fwd_simple_seg : Dt<T>::fwd_simple)[div_ceil(c.d, 32) - 1];
   emu::launch({(unsigned)(c.b * c.hkv), row_blocks, 1}, {32 * nw, 1, 1}, 0, [&] { kernel(p); });
   const std::string what = label(c, Dt<T>::name, "fwd simple");
   bool ok = emu_check::close(what + " o", f.o, r.o, Dt<T>::simple_o_tol);
@@ -326,9 +369,9 @@ bool check_backward_simple(const Inputs<S> &in, const Reference &r) {
   const int dpl = (int)div_ceil(c.d, 32);
   const auto [nw, row_blocks] = simple_row_blocks(c);
   emu::launch({(unsigned)(c.b * c.hkv), row_blocks, 1}, {32 * nw, 1, 1}, 0,
-              [&] { Dt<T>::bwd_dq_simple[dpl - 1](p); });
+              [&] { (c.packed ? Dt<T>::bwd_dq_simple_seg : Dt<T>::bwd_dq_simple)[dpl - 1](p); });
   emu::launch({(unsigned)(c.b * c.hkv), div_ceil(c.tk, 8), 1}, {256, 1, 1}, 0,
-              [&] { Dt<T>::bwd_dkdv_simple[dpl - 1](p); });
+              [&] { (c.packed ? Dt<T>::bwd_dkdv_simple_seg : Dt<T>::bwd_dkdv_simple)[dpl - 1](p); });
   return bw.check(c, r, "bwd simple", Dt<T>::simple_grad_tol);
 }
 
@@ -393,6 +436,10 @@ int main(int argc, char **argv) {
       // Head dims only the CUDA-core kernels take.
       {"masked d40 gqa causal", 2, 4, 2, 45, 70, 40, true, 25, true},
       {"d96 full", 1, 2, 2, 33, 33, 96, false, 0, false},
+      // Packed rows: every kernel's document mask, boundaries inside and across tiles.
+      {"packed d64 gqa tq301", 2, 4, 2, 301, 301, 64, true, 0, false, true},
+      {"packed d128 tq173", 2, 2, 1, 173, 173, 128, true, 0, false, true},
+      {"packed d40 gqa tq90", 2, 4, 2, 90, 90, 40, true, 0, false, true},
   };
   using D = Dtype;
   const TypedCase cases16[] = {
@@ -411,6 +458,8 @@ int main(int argc, char **argv) {
       {D::F16, {"d96 causal tq33", 1, 2, 2, 33, 33, 96, true, 0, false}},
       {D::BF16, {"masked d128 gqa4 tq12", 2, 4, 1, 12, 70, 128, true, 58, true}},
       {D::F16, {"masked d128 gqa4 tq12", 2, 4, 1, 12, 70, 128, true, 58, true}},
+      {D::F16, {"packed d64 tq150", 1, 2, 2, 150, 150, 64, true, 0, false, true}},
+      {D::BF16, {"packed d24 gqa tq70", 2, 4, 2, 70, 70, 24, true, 0, false, true}},
   };
   bool ok = true;
   for (const Case &c : cases) ok &= run_bf16_and_f32(c, rng);

@@ -45,6 +45,7 @@ fn naive_greedy(net: &Transformer, tok: &Tokenizer, prompt: &[u32], n: usize) ->
             ctx: ctx(),
             positions: None,
             key_valid: None,
+            segments: None,
         };
         let logits = net.forward(&ids, &f, None).unwrap();
         let last = logits.narrow(1, seq.len() - 1, 1).unwrap();

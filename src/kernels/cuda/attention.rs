@@ -222,10 +222,17 @@ fn prepare(
         }
         None => None,
     };
+    mask.check_segments(b, tq, tk)?;
+    let on_device = |t: &Tensor| t.to_device(q.device())?.contiguous();
+    let segments = match mask.segments {
+        Some(s) => Some((on_device(&s.start)?, on_device(&s.end)?)),
+        None => None,
+    };
     let op = FlashAttn {
         scale,
         causal: offset,
         key_valid,
+        segments,
         imp,
         bwd_bk: bwd_block_k_on(dev, imp, d)?,
         saved: Mutex::new(None),
@@ -286,6 +293,8 @@ struct FlashAttn {
     causal: Option<usize>,
     /// `[B, Tk]` f32 on the device.
     key_valid: Option<Tensor>,
+    /// Packed rows' document starts and ends (`Segments`), `[B, T]` u32 on the device.
+    segments: Option<(Tensor, Tensor)>,
     imp: AttnImpl,
     /// Keys per block of the tensor-core backward ([`bwd_block_k_on`]).
     bwd_bk: usize,
@@ -417,8 +426,21 @@ struct AttnParams {
     step: DevPtr,
     rope_cos: DevPtr,
     rope_sin: DevPtr,
+    seg_start: DevPtr,
+    seg_end: DevPtr,
 }
-const _: () = assert!(std::mem::size_of::<AttnParams>() == 208);
+const _: () = assert!(std::mem::size_of::<AttnParams>() == 224);
+
+impl AttnParams {
+    /// The CUDA-core kernels' name infix: their packed-row variants are separate entry points
+    /// (`fwd_simple` in kernels/attention_fwd.cu says why).
+    fn simple_variant(&self) -> &'static str {
+        match self.seg_start != 0 || self.seg_end != 0 {
+            true => "_seg",
+            false => "",
+        }
+    }
+}
 const _: () = assert!(std::mem::align_of::<AttnParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for AttnParams {}
@@ -497,6 +519,7 @@ impl FlashAttn {
     /// share their layout), at most 4 query rows per kv head, and no implementation forced.
     fn decode_rows(&self, dtype: DType, dims: &Dims, kv: [&Layout; 2]) -> Option<usize> {
         let fits = self.imp == AttnImpl::Auto
+            && self.segments.is_none()
             && matches!(dtype, DType::BF16 | DType::F16)
             && matches!(dims.d, 64 | 128)
             && kv.iter().all(|l| starts16(l, dtype));
@@ -643,6 +666,8 @@ impl FlashAttn {
         let krange = self.key_range(dev, &dims)?;
         let kv_guard: Guarded = self.key_valid.as_ref().map(|t| t.storage_and_layout());
         let kvalid = opt_view::<f32>(&kv_guard)?;
+        let start_guard: Guarded = self.segments.as_ref().map(|s| s.0.storage_and_layout());
+        let seg_start = opt_view::<u32>(&start_guard)?;
         let nrows = dims.q_rows();
         // SAFETY: every query row is written by exactly one warp (simple) or one block
         // (mma), zeros and lse = +inf included for rows that see no key; with a split, the
@@ -657,6 +682,7 @@ impl FlashAttn {
             p.v = ptrs.read(&v);
             p.kvalid = ptrs.read_opt(kvalid.as_ref());
             p.krange = ptrs.read_opt(krange.as_deref());
+            p.seg_start = ptrs.read_opt(seg_start.as_ref());
             p.o = ptrs.write(&mut o);
             p.lse = ptrs.write(&mut lse);
             if self.use_mma(T::DTYPE, &dims) {
@@ -667,8 +693,8 @@ impl FlashAttn {
                 launch_fwd_simple(dev, T::DTYPE, &dims, p)?;
             }
         }
-        // The views above borrow the mask's storage guard, which is released here.
-        drop(kv_guard);
+        // The views above borrow the masks' storage guards, which are released here.
+        drop((kv_guard, start_guard));
         *self.saved() = Some(Saved { lse, krange });
         Ok((
             CudaStorage::wrap_cuda_slice(o, dev.clone()),
@@ -704,6 +730,9 @@ impl FlashAttn {
         let dov = contiguous_view::<T>(cuda_storage(&gd)?, ld)?;
         let kv_guard: Guarded = self.key_valid.as_ref().map(|t| t.storage_and_layout());
         let kvalid = opt_view::<f32>(&kv_guard)?;
+        let start_guard: Guarded = self.segments.as_ref().map(|s| s.0.storage_and_layout());
+        let end_guard: Guarded = self.segments.as_ref().map(|s| s.1.storage_and_layout());
+        let (seg_start, seg_end) = (opt_view::<u32>(&start_guard)?, opt_view::<u32>(&end_guard)?);
 
         let dims = Dims::new(lq, lk)?;
         self.check_grid_y(T::DTYPE, &dims, true)?;
@@ -724,6 +753,8 @@ impl FlashAttn {
             p.lse = ptrs.read(&saved.lse);
             p.kvalid = ptrs.read_opt(kvalid.as_ref());
             p.krange = ptrs.read_opt(saved.krange.as_deref());
+            p.seg_start = ptrs.read_opt(seg_start.as_ref());
+            p.seg_end = ptrs.read_opt(seg_end.as_ref());
             p.dvec = ptrs.write(&mut dvec);
             (p.dq, p.dk, p.dv) = (
                 ptrs.write(&mut dq),
@@ -867,6 +898,7 @@ pub fn decode_fresh(
         scale,
         causal: mask.causal_offset,
         key_valid: None,
+        segments: None,
         imp: AttnImpl::from_env(),
         bwd_bk: 64, // forward only
         saved: Mutex::new(None),
@@ -993,7 +1025,8 @@ fn split_and_combine(
 
 /// `attn_fwd_simple_*`, split over the keys for decode and then merged by `attn_combine_*`.
 fn launch_fwd_simple(dev: &CudaDevice, dt: DType, dims: &Dims, p: AttnParams) -> Result<()> {
-    let name = format!("attn_fwd_simple_{}_d{}", dt.as_str(), dims.d.div_ceil(32));
+    let (seg, dpl) = (p.simple_variant(), dims.d.div_ceil(32));
+    let name = format!("attn_fwd_simple{seg}_{}_d{dpl}", dt.as_str());
     let func = load_func(dev, FWD, &name)?;
     let (nw, row_blocks) = dims.simple_row_blocks();
     let nsplit = decode_splits(dev, dims)?;
@@ -1058,7 +1091,8 @@ fn launch_bwd_mma(
 fn launch_bwd_simple(dev: &CudaDevice, dt: DType, dims: &Dims, p: &AttnParams) -> Result<()> {
     let dpl = dims.d.div_ceil(32);
     let (nw, row_blocks) = dims.simple_row_blocks();
-    let name = format!("attn_bwd_dq_simple_{}_d{dpl}", dt.as_str());
+    let seg = p.simple_variant();
+    let name = format!("attn_bwd_dq_simple{seg}_{}_d{dpl}", dt.as_str());
     let func = load_func(dev, BWD, &name)?;
     let cfg = LaunchConfig {
         grid_dim: ((dims.b * dims.hkv) as u32, row_blocks as u32, 1),
@@ -1067,7 +1101,7 @@ fn launch_bwd_simple(dev: &CudaDevice, dt: DType, dims: &Dims, p: &AttnParams) -
     };
     // SAFETY: inputs, dvec and dq set by the caller for `dims`.
     unsafe { launch(dev, &func, &name, cfg, p) }?;
-    let name = format!("attn_bwd_dkdv_simple_{}_d{dpl}", dt.as_str());
+    let name = format!("attn_bwd_dkdv_simple{seg}_{}_d{dpl}", dt.as_str());
     let func = load_func(dev, BWD, &name)?;
     let cfg = LaunchConfig {
         grid_dim: ((dims.b * dims.hkv) as u32, dims.tk.div_ceil(8) as u32, 1),
@@ -1176,6 +1210,7 @@ mod tests {
             scale: 0.125,
             causal: Some(0),
             key_valid: None,
+            segments: None,
             imp,
             bwd_bk: imp.bwd_block_k(),
             saved: Mutex::new(None),

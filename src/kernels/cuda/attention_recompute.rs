@@ -9,7 +9,7 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, Var,
 };
 
-use super::super::attention::{attention_reference, AttnMask};
+use super::super::attention::{attention_reference, AttnMask, Segments};
 use super::tensor_from_storage;
 
 /// `attention_reference(q, k, v, mask, scale)`, differentiable, holding only its inputs.
@@ -23,6 +23,7 @@ pub fn attention(
     let op = Recomputed {
         causal_offset: mask.causal_offset,
         key_valid: mask.key_valid.map(Tensor::detach),
+        segments: mask.segments.cloned(),
         scale,
     };
     q.contiguous()?
@@ -32,6 +33,7 @@ pub fn attention(
 struct Recomputed {
     causal_offset: Option<usize>,
     key_valid: Option<Tensor>,
+    segments: Option<Segments>,
     scale: f64,
 }
 
@@ -40,6 +42,7 @@ impl Recomputed {
         let mask = AttnMask {
             causal_offset: self.causal_offset,
             key_valid: self.key_valid.as_ref(),
+            segments: self.segments.as_ref(),
         };
         attention_reference(q, k, v, &mask, self.scale)
     }

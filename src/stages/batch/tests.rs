@@ -1,0 +1,231 @@
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::*;
+use crate::config::ModelConfig;
+use crate::kernels::KernelSet;
+use crate::model::linear::Ctx;
+use crate::model::{Fwd, Transformer};
+use crate::train::loss::masked_mean;
+use crate::train::params::{Net, ParamStore};
+use crate::train::rng::Rng;
+
+type Example = (Vec<u32>, Vec<bool>);
+
+#[test]
+fn best_fit_decreasing_places_every_item_once_within_capacity() {
+    // Sizes in a shuffled order. 24 = 3 x 8 and 40 = 4 x 10: three and four exactly full bins
+    // are the optimum. The second list takes five bins when the items are not sorted first
+    // or go to the roomiest bin instead of the tightest.
+    for (sizes, cap, optimum) in [
+        (vec![1, 6, 2, 4, 3, 2, 5, 1], 8, 3),
+        (vec![2, 5, 1, 9, 3, 2, 7, 4, 2, 5], 10, 4),
+    ] {
+        let bins = best_fit_decreasing(&sizes, cap).unwrap();
+        assert_eq!(bins.len(), optimum, "{sizes:?}: {bins:?}");
+        let mut seen: Vec<usize> = bins.iter().flatten().copied().collect();
+        seen.sort();
+        assert_eq!(seen, (0..sizes.len()).collect::<Vec<_>>());
+        for b in &bins {
+            assert!(
+                b.iter().map(|&i| sizes[i]).sum::<usize>() <= cap,
+                "{bins:?}"
+            );
+        }
+    }
+    // The 1 goes to the tightest bin that holds it (the 4 and 3's), not to the first (the
+    // lone 6): best fit, not first fit. The two 6s tie by index, so the bins are a function of
+    // the sizes alone.
+    let bins = best_fit_decreasing(&[6, 6, 4, 3, 2, 1], 8).unwrap();
+    assert_eq!(bins, [vec![0, 4], vec![1], vec![2, 3, 5]]);
+
+    let mut rng = Rng::new(3);
+    let sizes: Vec<usize> = (0..500).map(|_| rng.below(40)).collect();
+    let bins = best_fit_decreasing(&sizes, 48).unwrap();
+    let mut seen: Vec<usize> = bins.iter().flatten().copied().collect();
+    seen.sort();
+    assert_eq!(seen, (0..sizes.len()).collect::<Vec<_>>());
+    let loads: Vec<usize> = bins
+        .iter()
+        .map(|b| b.iter().map(|&i| sizes[i]).sum())
+        .collect();
+    assert!(loads.iter().all(|&l| l <= 48), "{loads:?}");
+    // Best fit leaves at most one bin half empty: two such bins' items would share one.
+    assert!(
+        loads.iter().filter(|&&l| 2 * l <= 48).count() <= 1,
+        "{loads:?}"
+    );
+    assert!(best_fit_decreasing(&[3, 9], 8).is_err());
+}
+
+#[test]
+fn packed_batch_lays_examples_end_to_end_with_restarting_positions() {
+    let a: Example = (vec![5, 6, 7], vec![false, true, true]);
+    let b: Example = (vec![8, 9], vec![false, false]);
+    let c: Example = (vec![1, 2, 3, 4], vec![false, false, true, true]);
+    let p = packed_batch(&[vec![&a, &b], vec![&c]], 0, 4, &Device::Cpu).unwrap();
+    let v = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(
+        v(&p.lm.inputs),
+        [[5.0, 6.0, 8.0, 0.0], [1.0, 2.0, 3.0, 0.0]]
+    );
+    assert_eq!(
+        v(&p.lm.targets),
+        [[6.0, 7.0, 9.0, 0.0], [2.0, 3.0, 4.0, 0.0]]
+    );
+    assert_eq!(
+        v(&p.lm.loss_mask),
+        [[1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0]]
+    );
+    assert_eq!(
+        v(&p.lm.key_valid),
+        [[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]]
+    );
+    assert_eq!(
+        v(&p.positions),
+        [[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 2.0, 0.0]]
+    );
+    assert_eq!(
+        v(&p.segments.start),
+        [[0.0, 0.0, 2.0, 3.0], [0.0, 0.0, 0.0, 3.0]]
+    );
+    assert_eq!((p.lm.tokens, p.lm.last.as_slice()), (6, &[2, 2][..]));
+    assert!(packed_batch(&[vec![&a, &c]], 0, 4, &Device::Cpu).is_err());
+}
+
+/// A 2-layer model of `preset`'s shape with a 61-token vocabulary and 32 positions.
+fn small_model(preset: &str) -> (ParamStore, Transformer) {
+    let mut cfg = ModelConfig::preset(preset).unwrap();
+    (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_hidden_layers,
+    ) = (48, 96, 2);
+    cfg.num_attention_heads = 4;
+    cfg.num_key_value_heads = cfg.num_key_value_heads.min(2);
+    (cfg.vocab_size, cfg.max_position_embeddings) = (61, 32);
+    cfg.dropout = 0.0;
+    let mut store = ParamStore::new(Device::Cpu, 11);
+    let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
+    (store, net)
+}
+
+/// The masked mean of the response tokens' negative log-probabilities and its gradient for
+/// every parameter, by name.
+fn loss_and_grads(
+    store: &ParamStore,
+    net: &Transformer,
+    b: &LmBatch,
+    positions: Option<&Tensor>,
+    segments: Option<&Segments>,
+    tape: bool,
+) -> (f64, HashMap<String, Tensor>) {
+    let f = Fwd {
+        ctx: Ctx {
+            dtype: DType::F32,
+            kernels: KernelSet::default(),
+            use_lora: false,
+            dropout_seed: None,
+            tape,
+            recompute_blocks: false,
+        },
+        positions,
+        key_valid: None,
+        segments,
+    };
+    let logp = net.target_logprobs(&b.inputs, &b.targets, &f).unwrap();
+    let loss = masked_mean(&logp.neg().unwrap(), &b.loss_mask).unwrap();
+    let grads = crate::tape::backward(&loss).unwrap();
+    let by_name = store
+        .iter()
+        .map(|(n, v, _)| (n.clone(), grads.get(v.as_tensor()).unwrap().clone()))
+        .collect();
+    (f64::from(loss.to_scalar::<f32>().unwrap()), by_name)
+}
+
+/// Largest absolute difference, and the largest magnitude of `b`.
+fn max_diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (a, b) = (flat(a), flat(b));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    (diff, b.iter().fold(0f32, |m, y| m.max(y.abs())))
+}
+
+/// Packing is only a layout: examples packed into rows, each attending to itself with
+/// positions from 0, give the loss and every parameter's gradient that the same examples
+/// give one per padded row. For learned positions, LayerNorm and GELU (GPT-2) and for rotary
+/// positions, RMSNorm, SwiGLU and grouped-query attention (Llama), on candle's graph and on
+/// the tape. Without the boundaries, the packed loss moves: the test sees attention across
+/// examples.
+#[test]
+fn packed_rows_give_the_unpacked_loss_and_gradients() {
+    let mut rng = Rng::new(7);
+    // Awkward lengths: a 2-token example (one position), one that fills a row exactly
+    // (17 tokens in rows of 16 positions) and rows left with padding.
+    let lens = [2, 3, 5, 8, 17, 13, 6];
+    let examples: Vec<Example> = lens
+        .iter()
+        .map(|&n| {
+            let ids = (0..n).map(|_| rng.below(61) as u32).collect();
+            let mut train: Vec<bool> = (0..n).map(|_| rng.f64() < 0.6).collect();
+            train[n - 1] = true;
+            (ids, train)
+        })
+        .collect();
+    let len = 16;
+    let sizes: Vec<usize> = examples.iter().map(|(ids, _)| ids.len() - 1).collect();
+    let bins = best_fit_decreasing(&sizes, len).unwrap();
+    assert_eq!(bins.len(), 3, "{bins:?}");
+    let rows: Vec<Vec<&Example>> = bins
+        .iter()
+        .map(|b| b.iter().map(|&i| &examples[i]).collect())
+        .collect();
+    for preset in ["gpt2", "tiny"] {
+        let (store, net) = small_model(preset);
+        let unpacked = lm_batch(&examples, 0, 32, &Device::Cpu).unwrap();
+        let packed = packed_batch(&rows, 0, len, &Device::Cpu).unwrap();
+        assert_eq!(packed.lm.tokens, unpacked.tokens);
+        for tape in [false, true] {
+            let what = format!("{preset}, tape {tape}");
+            let (l0, g0) = loss_and_grads(&store, &net, &unpacked, None, None, tape);
+            let (l1, g1) = loss_and_grads(
+                &store,
+                &net,
+                &packed.lm,
+                Some(&packed.positions),
+                Some(&packed.segments),
+                tape,
+            );
+            assert!(
+                (l1 - l0).abs() <= 1e-5 * l0.abs(),
+                "{what}: loss {l1} vs {l0}"
+            );
+            assert_eq!(g0.len(), g1.len());
+            for (n, g) in &g0 {
+                let (diff, scale) = max_diff(&g1[n], g);
+                assert!(
+                    diff <= 1e-5 * scale.max(1e-3),
+                    "{what}: {n} off by {diff} at scale {scale}"
+                );
+            }
+            let (crossed, _) = loss_and_grads(
+                &store,
+                &net,
+                &packed.lm,
+                Some(&packed.positions),
+                None,
+                tape,
+            );
+            // A small random model's attention is near uniform, so the shift is small; it is
+            // still tens of times the tolerance above.
+            assert!(
+                (crossed - l0).abs() > 1e-4 * l0.abs(),
+                "{what}: attention across examples left the loss at {crossed} (alone {l0})"
+            );
+        }
+    }
+}
