@@ -13,6 +13,12 @@
 //! candle's autograd seeded through `y * dy` (one elementwise product each way, no reduction).
 //! Every measurement is also printed as one JSON line (`{"bench":"attention",...}`).
 //!
+//! With `TEMPER_BENCH_PACKED=1` it times only packed rows instead (SFT packing, pretraining's
+//! document mask): B=8 H=16 S=2048 D=128 rows each holding the documents of
+//! [`PACKED_DOCS`], every query attending only within its document; the PyTorch peer is
+//! FlexAttention with the same document mask (scripts/bench_peers.py `attention_packed`).
+//! FLOPs there count the visible (query, key) pairs: 4·B·H·D·Σ n(n+1)/2.
+//!
 //! Besides the pass times, the backward's own is printed as (fwd+bwd) - fwd. With
 //! `TEMPER_BENCH_ONCE=1` (scripts/gpu-check.sh's ncu section) only our tensor-core variants
 //! run, each pass once with no warm-up and no check, so that ncu's first launches are one of
@@ -30,6 +36,11 @@ use temper::kernels::attention::{attention_reference, AttnMask};
 #[path = "common/timing.rs"]
 mod timing;
 use timing::median;
+
+/// The documents of each packed row, 2048 tokens in all: scripts/bench_peers.py's
+/// `PACKED_DOCS` holds the same lengths.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const PACKED_DOCS: [usize; 9] = [300, 50, 700, 128, 17, 512, 90, 3, 248];
 
 fn main() -> candle_core::Result<()> {
     #[cfg(feature = "cuda")]
@@ -170,6 +181,9 @@ mod cuda {
 
     pub fn run() -> candle_core::Result<()> {
         let dev = Device::new_cuda(0)?;
+        if std::env::var_os("TEMPER_BENCH_PACKED").is_some() {
+            return packed(&dev);
+        }
         let once = std::env::var_os("TEMPER_BENCH_ONCE").is_some();
         println!(
             "attention, causal bf16 (medians of CUDA-event timings; peers: scripts/bench_peers.py)"
@@ -246,6 +260,44 @@ mod cuda {
             return Ok(());
         }
         decode(&dev)
+    }
+
+    /// Packed rows: our kernels (`Auto`: the tensor cores) under the document mask of
+    /// [`PACKED_DOCS`], forward and forward+backward (direct, as above).
+    fn packed(dev: &Device) -> candle_core::Result<()> {
+        use temper::kernels::attention::Segments;
+        let (b, h, s, d) = (8usize, 16usize, 2048usize, 128usize);
+        assert_eq!(PACKED_DOCS.iter().sum::<usize>(), s);
+        let shape = format!("packed B{b} H{h} S{s} D{d}");
+        let pairs: usize = PACKED_DOCS.iter().map(|n| n * (n + 1) / 2).sum();
+        let fwd_flops = 4.0 * (b * h * d * pairs) as f64;
+        let segments = Segments::from_lengths(&vec![PACKED_DOCS.to_vec(); b], s, dev)?;
+        let mask = AttnMask {
+            causal_offset: Some(0),
+            key_valid: None,
+            segments: Some(&segments),
+        };
+        let mk = |seed: f64| -> candle_core::Result<Tensor> {
+            (Tensor::randn(0f32, 1.0, (b, h, s, d), dev)? + seed)?.to_dtype(DType::BF16)
+        };
+        let (q, k, v, dy) = (mk(0.0)?, mk(0.01)?, mk(-0.01)?, mk(0.0)?);
+        let scale = 1.0 / (d as f64).sqrt();
+        println!("attention over packed rows (documents {PACKED_DOCS:?} in each row), bf16");
+        let direct = AttentionDirect::new(&q, &k, &v, &mask, scale, AttnImpl::Auto)?
+            .ok_or_else(|| candle_core::Error::Msg("no kernel for this shape".into()))?;
+        let fwd = cuda_time_ms(dev, WARMUP, 20, || direct.forward().map(|_| ()))?;
+        let both = cuda_time_ms(dev, WARMUP, 20, || {
+            let y = direct.forward()?;
+            direct.backward(&y, &dy).map(|_| ())
+        })?;
+        for (pass, ms, flops) in [("fwd", fwd, fwd_flops), ("fwd+bwd", both, 3.5 * fwd_flops)] {
+            let tflops = flops / (ms * 1e-3) / 1e12;
+            println!("{shape:<28} ours     {pass:<8} {ms:>10.3} ms {tflops:>8.1} TFLOP/s");
+            println!(
+                "{{\"bench\":\"attention_packed\",\"shape\":\"{shape}\",\"impl\":\"ours\",\"pass\":\"{pass}\",\"ms\":{ms:.4},\"tflops\":{tflops:.2}}}"
+            );
+        }
+        Ok(())
     }
 
     /// One query row per head against a cache of T keys (a generation step): GPT-2 small at

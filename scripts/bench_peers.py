@@ -8,6 +8,11 @@ so scripts/gpu-check.sh can put ours and theirs in one table:
   flash (FA2) and cuDNN backends, plus the materialised version (matmul, mask, softmax,
   matmul) at the first shape: fwd and fwd+bwd TFLOP/s (FLOPs as benches/attention.rs: 4·B·H·S²·D,
   halved when causal; fwd+bwd = 3.5x).
+- attention_packed: packed rows (B=8 H=16 S=2048 D=128 bf16, each row the documents of
+  PACKED_DOCS, which benches/attention.rs shares) with a causal document mask, through
+  FlexAttention compiled with that mask as its block mask (PyTorch's own way to train on
+  packed documents), and, for scale, SDPA flash causal over the whole rows (what ignoring the
+  documents costs): fwd and fwd+bwd ms and TFLOP/s over the visible pairs, 4·B·H·D·Σ n(n+1)/2.
 - lora: the plain GEMM x W^T and unfused LoRA (x W^T + s (x A^T) B^T, W frozen), fwd and
   fwd+bwd milliseconds, r=16 M=8192 K=N=4096 and r=8 M=4096 K=N=768: the two yardsticks
   scripts/gpu-check.sh divides temper's fused LoRA by.
@@ -29,7 +34,7 @@ call their backward kernels: no scalar loss, and no `.grad` accumulation (which 
 elementwise pass per input to every repeat after the first).
 
 Usage: python3 scripts/bench_peers.py [--quick] [SECTION ...]   (sections: device copy
-attention lora rmsnorm gae allreduce train_ops; default all). scripts/gpu-check.sh runs one section per process, each under
+attention attention_packed lora rmsnorm gae allreduce train_ops; default all). scripts/gpu-check.sh runs one section per process, each under
 its own timeout.
 """
 
@@ -108,6 +113,49 @@ def attention():
         k, v = (torch.randn(b, hkv, t, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hkv), reps=50)
         emit(bench="attention_decode", shape=shape, impl="torch-sdpa", ms=ms, gbps=2 * b * hkv * t * d * 2 / ms / 1e6)
+
+
+PACKED_DOCS = [300, 50, 700, 128, 17, 512, 90, 3, 248]
+
+
+def attention_packed():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    b, h, s, d = 8, 16, 2048, 128
+    assert sum(PACKED_DOCS) == s
+    shape = f"packed B{b} H{h} S{s} D{d}"
+    fwd_flops = 4 * b * h * d * sum(n * (n + 1) // 2 for n in PACKED_DOCS)
+    doc = torch.repeat_interleave(
+        torch.arange(len(PACKED_DOCS), device="cuda"), torch.tensor(PACKED_DOCS, device="cuda")
+    )
+    q, k, v, dy = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+
+    def document_causal(bb, hh, qi, ki):
+        return (doc[qi] == doc[ki]) & (qi >= ki)
+
+    def measure(name, attend):
+        try:
+            fwd = time_ms(lambda: attend(q, k, v))
+
+            def both():
+                torch.autograd.grad(attend(qg, kg, vg), (qg, kg, vg), dy)
+
+            fb = time_ms(both)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+            emit(bench="attention_packed", shape=shape, impl=name, error=str(e).splitlines()[0])
+            return
+        emit(bench="attention_packed", shape=shape, impl=name, pass_="fwd", ms=fwd, tflops=fwd_flops / fwd / 1e9)
+        emit(bench="attention_packed", shape=shape, impl=name, pass_="fwd+bwd", ms=fb,
+             tflops=3.5 * fwd_flops / fb / 1e9)
+
+    mask = create_block_mask(document_causal, B=None, H=None, Q_LEN=s, KV_LEN=s, device="cuda")
+    flex = torch.compile(flex_attention)
+    measure("torch-flex", lambda qq, kk, vv: flex(qq, kk, vv, block_mask=mask))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        measure("torch-flash-causal", lambda qq, kk, vv: F.scaled_dot_product_attention(qq, kk, vv, is_causal=True))
 
 
 def lora():
@@ -352,6 +400,7 @@ def main():
         ),
         "copy": copy_bandwidth,
         "attention": attention,
+        "attention_packed": attention_packed,
         "lora": lora,
         "rmsnorm": rmsnorm,
         "gae": gae,

@@ -58,7 +58,8 @@ SHARED=(device unpack peer-copy train-ours)
 PART_1=('test-.*' train-torch-eager bench-generate peer-generate bench-attention peer-attention
   bench-lora peer-lora)
 PART_2=(ppo-init ppo-update gpt2-loss ncu-step ncu-decode bench-generate-timed train-attn-wide
-  train-gemm-timed train-recompute ncu-lora ncu-attention)
+  train-gemm-timed train-recompute ncu-lora ncu-attention bench-attention-packed
+  peer-attention-packed)
 PART_3=(train-torch-compile train-graph bench-generate-fixed bench-generate-dynamic
   bench-train_ops peer-train_ops bench-rmsnorm peer-rmsnorm bench-gae peer-gae bench-allreduce
   peer-allreduce pipeline train-casts train-reference)
@@ -332,6 +333,12 @@ for spec in attention:150:120 lora:150:120 train_ops:90:90 rmsnorm:150:120 gae:1
   fi
   section "peer-$b" "$peer_s" python3 scripts/bench_peers.py "$b"
 done
+# Packed rows (SFT packing, pretraining's document mask): our attention under the document
+# mask against FlexAttention's, both in part 2 (compiling FlexAttention takes a while).
+if has bench-attention; then
+  section bench-attention-packed 90 env TEMPER_BENCH_PACKED=1 "$BUNDLE" bench-attention --bench
+fi
+section peer-attention-packed 180 python3 scripts/bench_peers.py attention_packed
 
 # --- the rest, as time allows, most useful first: the step with the wide attention tiles and
 # with cuBLASLt's candidates timed, the LoRA and attention profiles, torch.compile's step, the

@@ -177,6 +177,16 @@ for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention"})
                 label = "bwd TFLOP/s ((fwd+bwd) - fwd)" if p == "bwd" else f"{p} TFLOP/s"
                 row(what, shape, label, o, peer, theirs, note)
 
+# Packed rows: our document-masked attention against FlexAttention's, and against SDPA flash
+# causal over the whole rows (what ignoring the documents would cost).
+for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention_packed"}):
+    note = sec_state("bench-attention-packed", "peer-attention-packed")
+    for p in ["fwd", "fwd+bwd"]:
+        ours_ms = pick(bench="attention_packed", shape=shape, impl="ours", **{"pass": p}).get("ms")
+        for peer in ["torch-flex", "torch-flash-causal"]:
+            theirs = pick(bench="attention_packed", shape=shape, impl=peer, **{"pass": p}).get("ms")
+            row("attention, document mask", shape, f"{p} ms", ours_ms, peer, theirs, note)
+
 # Attention decode: time against SDPA, and bytes of keys and values per second against copy.
 for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention_decode"}):
     note = sec_state("bench-attention", "peer-attention")
