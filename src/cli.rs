@@ -132,6 +132,10 @@ pub struct StageArgs {
     /// GRPO's advantage estimator: group_norm (GRPO), rloo, reinforce_plus_plus.
     #[arg(long, value_enum)]
     pub advantage_estimator: Option<AdvantageEstimator>,
+    /// SFT: pack the examples into rows of --seq-len positions, each attending only to
+    /// itself (`[sft] packing`; TRL's --packing).
+    #[arg(long)]
+    pub packing: bool,
 }
 
 #[derive(Args, Debug)]
@@ -421,6 +425,9 @@ impl StageArgs {
         }
         if let Some(e) = self.advantage_estimator {
             cfg.grpo.advantage_estimator = e;
+        }
+        if self.packing {
+            cfg.sft.packing = true;
         }
         if let Some(b) = self.beta {
             cfg.ppo.kl_coef = b;

@@ -334,11 +334,12 @@ mod stage_chain {
             path
         };
         let (train, eval) = (write("prefs.jsonl", 0, 120), write("eval.jsonl", 5, 24));
-        // DPO from the pretrained model on the pairs, under `[dpo] loss_type = loss` and
-        // `label_smoothing = smoothing`, into `name`, with `extra` flags.
-        let dpo = |name: &str, loss: &str, smoothing: f64, extra: &[&str]| {
+        // DPO from the pretrained model on the pairs, under `[dpo] loss_type = loss`,
+        // `label_smoothing = smoothing` and the lines `more`, into `name`, with `extra` flags.
+        let dpo = |name: &str, loss: &str, smoothing: f64, more: &str, extra: &[&str]| {
             let cfg = dir.join(format!("{name}.toml"));
-            let table = format!("[dpo]\nloss_type = \"{loss}\"\nlabel_smoothing = {smoothing}\n");
+            let table =
+                format!("[dpo]\nloss_type = \"{loss}\"\nlabel_smoothing = {smoothing}\n{more}");
             std::fs::write(&cfg, format!("{TINY_TOML}\n{table}")).unwrap();
             let out = dir.join(name);
             let mut args: Vec<String> = [
@@ -378,7 +379,7 @@ mod stage_chain {
                 "--eval-every",
                 "30",
             ];
-            let (out, args) = dpo(loss, loss, smoothing, &extra);
+            let (out, args) = dpo(loss, loss, smoothing, "", &extra);
             let o = run_ok(&strs(&args));
             let err = String::from_utf8_lossy(&o.stderr);
             let reference_free = ["simpo", "orpo"].contains(&loss);
@@ -415,7 +416,31 @@ mod stage_chain {
             assert!(acc.last().unwrap().1 >= 0.9, "{loss}: {acc:?}");
             assert!(last < first, "{loss}: held-out loss {first} -> {last}");
         }
-        let e = run_err(&strs(&dpo("bad", "ipo", 0.1, &[]).1));
+        // TRL's padding_free: the same losses from packed rows (the unit test
+        // `padding_free_sequences_give_the_padded_sums_and_gradients` checks the sums and
+        // gradients exactly; over 30 steps only rounding may part the curves).
+        let extra = [
+            "--eval-data",
+            arg(&eval),
+            "--steps",
+            "30",
+            "--lr",
+            "1e-3",
+            "--eval-every",
+            "30",
+        ];
+        let (out, args) = dpo("packed", "sigmoid", 0.1, "padding_free = true\n", &extra);
+        run_ok(&strs(&args));
+        let packed = series(&metrics(&out), "train", "loss");
+        let padded = series(&metrics(&dir.join("sigmoid")), "train", "loss");
+        assert_eq!(packed.len(), padded.len());
+        for ((step, a), (_, b)) in packed.iter().zip(&padded) {
+            assert!(
+                (a - b).abs() <= 1e-3 * b.abs().max(1e-3),
+                "step {step}: {a} vs {b}"
+            );
+        }
+        let e = run_err(&strs(&dpo("bad", "ipo", 0.1, "", &[]).1));
         assert!(
             e.contains("dpo.label_smoothing") && e.trim().lines().count() == 1,
             "{e}"
@@ -607,8 +632,9 @@ fn sft_learns_chat_data_rendered_by_a_tokenizer_config_template() {
 /// SFT on packed rows (`[sft] packing`) learns the built-in task: held-out loss (unpacked,
 /// so comparable with an unpacked run's) falls to a fraction of where it starts and accuracy
 /// rises far above the base model's. Sums of one digit without the demonstrator's slips, so
-/// the tiny model learns them in a few hundred steps. Resuming it unpacked is refused, and an
-/// example too long for a row is refused by its file and line.
+/// the tiny model learns them in a few hundred steps. Resuming it unpacked is refused, and
+/// (`--packing` on an unpacked config) an example too long for a row is refused by its file
+/// and line.
 #[test]
 fn packed_sft_learns_the_task() {
     let d = tmp();
@@ -662,6 +688,20 @@ fn packed_sft_learns_the_task() {
     let e = run_err(&["sft", "--resume", sft.to_str().unwrap(), "--init", pre.to_str().unwrap(),
                       "--config", unpacked.to_str().unwrap(), "--steps", "310", "--device", "cpu"]);
     assert!(e.contains("packing = true"), "{e}");
+    // Nor with rows of another length: the sampler's position would name other examples.
+    #[rustfmt::skip]
+    let e = run_err(&["sft", "--resume", sft.to_str().unwrap(), "--init", pre.to_str().unwrap(),
+                      "--seq-len", "40", "--steps", "310", "--device", "cpu"]);
+    assert!(
+        e.contains("rows of seq_len 48") && e.contains("seq_len 40"),
+        "{e}"
+    );
+    // A refused resume leaves the run's configuration as it was.
+    let saved = std::fs::read_to_string(sft.join("config.toml")).unwrap();
+    assert!(
+        saved.contains("packing = true") && saved.contains("seq_len = 48"),
+        "{saved}"
+    );
 
     let data = p(dir, "long.jsonl");
     std::fs::write(
@@ -670,9 +710,10 @@ fn packed_sft_learns_the_task() {
     )
     .unwrap();
     #[rustfmt::skip]
-    let e = run_err(&["sft", "--config", c, "--init", pre.to_str().unwrap(),
-                      "--data", data.to_str().unwrap(), "--seq-len", "12",
-                      "--out", p(dir, "long").to_str().unwrap(), "--device", "cpu"]);
+    let e = run_err(&["sft", "--config", unpacked.to_str().unwrap(), "--packing",
+                      "--init", pre.to_str().unwrap(), "--data", data.to_str().unwrap(),
+                      "--seq-len", "12", "--out", p(dir, "long").to_str().unwrap(),
+                      "--device", "cpu"]);
     assert!(
         e.contains("long.jsonl:2") && e.contains("seq_len") && e.contains("packing"),
         "{e}"
@@ -691,10 +732,13 @@ fn pretraining_under_a_document_mask_learns() {
     std::fs::write(&cfg, format!("{TINY_TOML}\n[data]\ndocument_mask = true\n")).unwrap();
     let out = p(dir, "pre");
     #[rustfmt::skip]
-    run_ok(&["pretrain", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(),
-             "--steps", "150", "--eval-every", "50", "--device", "cpu"]);
+    let log = run_ok(&["pretrain", "--config", cfg.to_str().unwrap(), "--out",
+                       out.to_str().unwrap(), "--steps", "150", "--eval-every", "50",
+                       "--device", "cpu"]);
     let saved = std::fs::read_to_string(out.join("config.toml")).unwrap();
     assert!(saved.contains("document_mask = true"), "{saved}");
+    let err = String::from_utf8_lossy(&log.stderr);
+    assert!(err.contains("[pretrain] document mask:"), "{err}");
     let val = series(&metrics(&out), "val", "loss");
     let (first, last) = (val[0].1, val[val.len() - 1].1);
     assert!(last < 0.5 * first, "held-out loss {first} -> {last}");

@@ -197,6 +197,10 @@ pub struct DpoConfig {
     pub label_smoothing: f64,
     /// SimPO's target margin between the length-normalised rewards (TRL's `simpo_gamma`).
     pub simpo_gamma: f64,
+    /// Pack each micro-batch's chosen and rejected sequences into rows of up to the model's
+    /// context, each attending only to itself with positions from 0 (TRL's `padding_free`):
+    /// the same loss as the padded batch without the padding's compute.
+    pub padding_free: bool,
     pub task_pairs: usize,
     pub eval_pairs: usize,
     pub eval_prompts: usize,
@@ -283,6 +287,7 @@ impl Default for DpoConfig {
             loss_type: DpoLoss::Sigmoid,
             label_smoothing: 0.0,
             simpo_gamma: 0.5,
+            padding_free: false,
             task_pairs: 4000,
             eval_pairs: 200,
             eval_prompts: 1000,

@@ -84,21 +84,15 @@ impl Segments {
         (self.rows, self.len)
     }
 
-    /// `[B, 1, T, T]` f32: 1.0 where query `i` and key `j` share a document.
+    /// `[B, 1, T, T]` f32: 1.0 where query `i` and key `j` share a document,
+    /// `start[i] <= j < end[i]`, built where `dev` is (no host copy of `B·T²`).
     pub fn same_document(&self, dev: &Device) -> Result<Tensor> {
-        let t = self.len;
-        let mut m = vec![0f32; self.rows * t * t];
-        for b in 0..self.rows {
-            let s = &self.host_start[b * t..(b + 1) * t];
-            for i in 0..t {
-                // Keys from the query's document start to its end; the end is where the next
-                // start differs, found as the first later token with another start.
-                let lo = s[i] as usize;
-                let hi = (lo..t).find(|&j| s[j] as usize != lo).unwrap_or(t);
-                m[(b * t + i) * t + lo..(b * t + i) * t + hi].fill(1.0);
-            }
-        }
-        Tensor::from_vec(m, (self.rows, 1, t, t), dev)
+        let (b, t) = (self.rows, self.len);
+        let keys = Tensor::arange(0u32, t as u32, dev)?.reshape((1, 1, 1, t))?;
+        let bound = |x: &Tensor| x.to_device(dev)?.reshape((b, 1, t, 1));
+        let after_start = keys.broadcast_ge(&bound(&self.start)?)?;
+        let before_end = keys.broadcast_lt(&bound(&self.end)?)?;
+        (after_start * before_end)?.to_dtype(candle_core::DType::F32)
     }
 }
 

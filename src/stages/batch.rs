@@ -191,6 +191,84 @@ pub fn packed_batch(
     })
 }
 
+/// Sequences scored one by one (DPO's summed response log-probabilities): right-padded, one
+/// sequence a row, or packed (TRL's `padding_free`) into as few rows of at most the model's
+/// context as best-fit decreasing finds, with the 0/1 matrix that sums each sequence's
+/// positions back out. Either way [`Self::per_seq`] gives `[S]` in the sequences' order.
+pub struct SeqBatch {
+    pub lm: LmBatch,
+    /// Packed rows' positions and boundaries, and `[S, R·L]` f32: 1.0 on sequence s's
+    /// positions of the flattened rows.
+    packed: Option<(Tensor, Segments, Tensor)>,
+}
+
+impl SeqBatch {
+    /// `seqs` as a right-padded batch ([`lm_batch`]), or packed when `pack`.
+    pub fn new(
+        seqs: &[(Vec<u32>, Vec<bool>)],
+        pad: u32,
+        max_len: usize,
+        pack: bool,
+        dev: &Device,
+    ) -> Result<Self> {
+        if !pack {
+            let lm = lm_batch(seqs, pad, max_len, dev)?;
+            return Ok(Self { lm, packed: None });
+        }
+        let sizes: Vec<usize> = seqs
+            .iter()
+            .map(|(s, _)| s.len().saturating_sub(1))
+            .collect();
+        let longest = sizes.iter().copied().max().unwrap_or(0);
+        if longest > max_len {
+            bail!(
+                "a sequence of {} tokens exceeds the context length {max_len}",
+                longest + 1
+            );
+        }
+        // Rows as long as the context allows, or one row holding everything.
+        let len = max_len.min(sizes.iter().sum::<usize>()).max(longest).max(1);
+        let bins = best_fit_decreasing(&sizes, len)?;
+        let rows: Vec<Vec<_>> = bins
+            .iter()
+            .map(|b| b.iter().map(|&i| &seqs[i]).collect())
+            .collect();
+        let p = packed_batch(&rows, pad, len, dev)?;
+        let mut sum = vec![0f32; seqs.len() * bins.len() * len];
+        let width = bins.len() * len;
+        for (r, bin) in bins.iter().enumerate() {
+            let mut at = r * len;
+            for &i in bin {
+                sum[i * width + at..i * width + at + sizes[i]].fill(1.0);
+                at += sizes[i];
+            }
+        }
+        let sum = Tensor::from_vec(sum, (seqs.len(), width), dev)?;
+        Ok(Self {
+            lm: p.lm,
+            packed: Some((p.positions, p.segments, sum)),
+        })
+    }
+
+    /// The forward's inputs besides the ids, under `ctx`.
+    pub fn fwd(&self, ctx: crate::model::linear::Ctx) -> crate::model::Fwd<'_> {
+        crate::model::Fwd {
+            ctx,
+            positions: self.packed.as_ref().map(|p| &p.0),
+            key_valid: None,
+            segments: self.packed.as_ref().map(|p| &p.1),
+        }
+    }
+
+    /// `[S]`: each sequence's sum of `x` (`[R, L]`, laid out as the inputs).
+    pub fn per_seq(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.packed {
+            None => x.sum(1)?,
+            Some((_, _, sum)) => sum.matmul(&x.flatten_all()?.unsqueeze(1)?)?.squeeze(1)?,
+        })
+    }
+}
+
 /// Full sequences (no shift) right-padded, for scoring: ids `[B, T]`, key mask, last index.
 pub fn padded(
     seqs: &[Vec<u32>],

@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
-use super::batch::{lm_batch, LmBatch};
+use super::batch::SeqBatch;
 use super::eval::accuracy;
 use super::rollout::FrozenReference;
 use super::setup::{self, prompt_sets, split_holdout, Plan, PolicyPair};
@@ -23,7 +23,7 @@ use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
 use crate::dist::Communicator;
 use crate::model::linear::Ctx;
-use crate::model::{Fwd, Transformer};
+use crate::model::Transformer;
 use crate::train::loss::{log_sigmoid, scalar};
 use crate::train::params::{ParamInfo, Role};
 use crate::train::runner::{Report, StepOut, Task};
@@ -143,16 +143,10 @@ struct DpoTask<'a> {
 }
 
 impl DpoTask<'_> {
-    /// Summed response log-probabilities `[B]` of the batch's sequences under `net`.
-    fn seq_logps(&self, net: &Transformer, ctx: Ctx, b: &LmBatch) -> Result<Tensor> {
-        let f = Fwd {
-            ctx,
-            positions: None,
-            key_valid: None,
-            segments: None,
-        };
-        let lp = net.target_logprobs(&b.inputs, &b.targets, &f)?;
-        Ok((lp * &b.loss_mask)?.sum(1)?)
+    /// Summed response log-probabilities `[S]` of the batch's sequences under `net`.
+    fn seq_logps(&self, net: &Transformer, ctx: Ctx, b: &SeqBatch) -> Result<Tensor> {
+        let lp = net.target_logprobs(&b.lm.inputs, &b.lm.targets, &b.fwd(ctx))?;
+        b.per_seq(&(lp * &b.lm.loss_mask)?)
     }
 
     /// The objective, DPO's loss, the reward accuracy and the token count of `pairs`. In
@@ -168,10 +162,11 @@ impl DpoTask<'_> {
         let seqs: Vec<_> = (0..2)
             .flat_map(|side| pairs.iter().map(move |p| p[side].clone()))
             .collect();
-        let b = lm_batch(
+        let b = SeqBatch::new(
             &seqs,
             self.tok.pad_id(),
             self.policy.cfg.max_position_embeddings,
+            self.env.cfg.dpo.padding_free,
             &self.env.device,
         )?;
         let pol = self.seq_logps(&self.policy, self.env.ctx(true, None), &b)?;
@@ -182,7 +177,7 @@ impl DpoTask<'_> {
             }
             None => None,
         };
-        let tokens = b.loss_mask.to_dtype(pol.dtype())?.sum(1)?;
+        let tokens = b.per_seq(&b.lm.loss_mask.to_dtype(pol.dtype())?)?;
         let halves = |t: &Tensor| -> Result<(Tensor, Tensor)> {
             Ok((t.narrow(0, 0, n)?, t.narrow(0, n, n)?))
         };
@@ -193,8 +188,7 @@ impl DpoTask<'_> {
         let r = refp.as_ref().map(halves).transpose()?;
         let (loss, acc) =
             preference_loss(&self.env.cfg.dpo, pair(&p), r.as_ref().map(pair), pair(&t))?;
-        let mut chosen_tokens = [b
-            .loss_mask
+        let mut chosen_tokens = [tokens
             .narrow(0, 0, n)?
             .to_dtype(DType::F32)?
             .sum_all()?
@@ -208,7 +202,7 @@ impl DpoTask<'_> {
             f64::from(chosen_tokens[0]),
             self.env.cfg.dpo.rpo_alpha,
         )?;
-        Ok((objective, loss, acc, b.tokens))
+        Ok((objective, loss, acc, b.lm.tokens))
     }
 }
 

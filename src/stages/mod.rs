@@ -45,8 +45,9 @@ pub struct Env {
 }
 
 impl Env {
-    /// Validates the config, creates the run directory, writes `config.toml` and the run's
-    /// metadata (device, kernels), and prints them.
+    /// Validates the config, creates the run directory, writes `config.toml` (a resumed run:
+    /// once its checkpoint is restored) and the run's metadata (device, kernels), and prints
+    /// them.
     pub fn prepare(cfg: RunConfig, run_dir: &Path, resume: bool) -> Result<Self> {
         Self::prepare_in(cfg, run_dir, resume, Arc::new(Solo))
     }
@@ -110,7 +111,11 @@ impl Env {
         let (cfg, dir) = (&self.cfg, &self.run_dir);
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create run directory", dir.display()))?;
-        cfg.save(dir)?;
+        // A resumed run writes its configuration once its checkpoint is restored
+        // (`RunOpts::resumed_config`).
+        if !self.resume {
+            cfg.save(dir)?;
+        }
         let device = crate::device::describe(&self.device);
         let meta = serde_json::json!({
             "stage": cfg.stage,

@@ -215,6 +215,27 @@ pub fn tokenizer(env: &Env) -> Result<Tokenizer> {
     Ok(Tokenizer::bytes())
 }
 
+/// Says how many documents the first few training windows hold: a corpus that separates
+/// documents by another token than the tokenizer's EOS would silently get no mask.
+fn document_mask_note(train: &TokenStream, t: usize, vocab: usize, eos: u32) -> Result<()> {
+    let n = (train.len() - 1).min(16 * t);
+    let mut ids = Vec::with_capacity(n);
+    train.read(0, n, vocab, &mut ids)?;
+    let ends = ids.iter().filter(|&&id| id == eos).count();
+    eprintln!(
+        "[pretrain] document mask: {ends} documents end (EOS id {eos}) in the first {n} tokens, \
+         {:.1} a window of {t}",
+        ends as f64 * t as f64 / n as f64
+    );
+    if ends == 0 {
+        eprintln!(
+            "[pretrain] warning: no EOS in the first {n} tokens; if the corpus separates its \
+             documents by another token, [data] document_mask masks nothing"
+        );
+    }
+    Ok(())
+}
+
 pub fn run(env: &Env) -> Result<PretrainResult> {
     let cfg = &env.cfg;
     // Continued pretraining starts from `--init` (a temper checkpoint or a Hugging Face
@@ -257,6 +278,9 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
         train.len(),
         val.len()
     );
+    if cfg.data.document_mask {
+        document_mask_note(&train, t, tok.vocab_size(), tok.eos_id())?;
+    }
     let mut store = ParamStore::new(env.device.clone(), cfg.train.seed);
     let net = match &init {
         Some(l) => policy_from(l, &mut store, None)?,

@@ -290,6 +290,7 @@ pub fn train<T: Task>(
             comm: env.comm.as_ref(),
             run_dir: &env.run_dir,
             resume: env.resume,
+            resumed_config: env.resume.then_some(&env.cfg),
             label: cfg.stage.name(),
             eval_at_start: plan.eval_at_start,
             optimizer: env.kernels.adamw,

@@ -202,6 +202,10 @@ impl Task for SftTask<'_> {
         let mut s = self.sampler.state();
         s["micro"] = self.micro.into();
         s["packing"] = self.rows.is_some().into();
+        if let Some(rows) = &self.rows {
+            s["packed_rows"] = rows.len().into();
+            s["seq_len"] = self.env.cfg.train.seq_len.into();
+        }
         s
     }
 
@@ -214,6 +218,22 @@ impl Task for SftTask<'_> {
                  setting (the sampler's position counts {})",
                 if packed { "packed rows" } else { "examples" }
             );
+        }
+        if let Some(rows) = &self.rows {
+            // Other rows (another seq_len, other data) would give the sampler's position
+            // other examples.
+            let was = (state_u64(s, "packed_rows"), state_u64(s, "seq_len"));
+            let now = (rows.len() as u64, self.env.cfg.train.seq_len as u64);
+            if was != now {
+                bail!(
+                    "the checkpoint packed its examples into {} rows of seq_len {}, this run \
+                     into {} rows of seq_len {}: resume with the same data and [train] seq_len",
+                    was.0,
+                    was.1,
+                    now.0,
+                    now.1
+                );
+            }
         }
         self.sampler.restore(s);
         self.micro = state_u64(s, "micro");

@@ -126,6 +126,10 @@ pub struct RunOpts<'a> {
     pub comm: &'a dyn Communicator,
     pub run_dir: &'a Path,
     pub resume: bool,
+    /// The resolved configuration a resumed run writes over the run directory's
+    /// `config.toml` once its checkpoint has been restored: a resume refused for a setting
+    /// the checkpoint cannot continue under leaves the run's own configuration in place.
+    pub resumed_config: Option<&'a crate::config::RunConfig>,
     pub label: &'a str,
     /// Evaluate before the first step too (a baseline for the curve).
     pub eval_at_start: bool,
@@ -270,6 +274,13 @@ fn accumulate(acc: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
     up(acc)? + up(g)?
 }
 
+fn save_resumed_config(opts: &RunOpts) -> Result<()> {
+    match opts.resumed_config {
+        Some(c) if opts.comm.rank() == 0 => c.save(opts.run_dir),
+        _ => Ok(()),
+    }
+}
+
 /// Restores weights, optimizer, data position and RNG from the run's latest checkpoint;
 /// returns the step to continue from.
 fn resume<T: Task>(task: &mut T, saved: &Saved, opt: &mut AdamW, opts: &RunOpts) -> Result<usize> {
@@ -279,6 +290,7 @@ fn resume<T: Task>(task: &mut T, saved: &Saved, opt: &mut AdamW, opts: &RunOpts)
             opts.label,
             opts.run_dir.display()
         );
+        save_resumed_config(opts)?;
         return Ok(0);
     };
     saved.load_model(&dir)?;
@@ -288,6 +300,7 @@ fn resume<T: Task>(task: &mut T, saved: &Saved, opt: &mut AdamW, opts: &RunOpts)
         .with_context(|| format!("{}/state.json: malformed", dir.display()))?;
     opt.load(&dir.join("optimizer.safetensors"), st.adam_t)?;
     task.restore(&st.task)?;
+    save_resumed_config(opts)?;
     eprintln!(
         "[{}] resumed from {} at step {}",
         opts.label,

@@ -879,6 +879,10 @@ pub fn decode_fresh(
     let Ok(dev) = y.device().as_cuda_device() else {
         return Ok(None);
     };
+    // A decode step has no packed rows; the general path refuses them with its reason.
+    if mask.segments.is_some() {
+        return Ok(None);
+    }
     let (b, hkv, cap, d) = kc.dims4()?;
     let Some(valid) = mask.key_valid.filter(|m| m.dims() == [b, cap]) else {
         return Ok(None);

@@ -119,7 +119,7 @@ fn loss_and_grads(
     b: &LmBatch,
     positions: Option<&Tensor>,
     segments: Option<&Segments>,
-    tape: bool,
+    (tape, recompute_blocks): (bool, bool),
 ) -> (f64, HashMap<String, Tensor>) {
     let f = Fwd {
         ctx: Ctx {
@@ -128,7 +128,7 @@ fn loss_and_grads(
             use_lora: false,
             dropout_seed: None,
             tape,
-            recompute_blocks: false,
+            recompute_blocks,
         },
         positions,
         key_valid: None,
@@ -189,8 +189,10 @@ fn packed_rows_give_the_unpacked_loss_and_gradients() {
         let unpacked = lm_batch(&examples, 0, 32, &Device::Cpu).unwrap();
         let packed = packed_batch(&rows, 0, len, &Device::Cpu).unwrap();
         assert_eq!(packed.lm.tokens, unpacked.tokens);
-        for tape in [false, true] {
-            let what = format!("{preset}, tape {tape}");
+        // Candle's graph, the tape, and the tape with each block recomputed in the backward
+        // (which must carry the segments into its second forward).
+        for tape in [(false, false), (true, false), (true, true)] {
+            let what = format!("{preset}, (tape, recompute) {tape:?}");
             let (l0, g0) = loss_and_grads(&store, &net, &unpacked, None, None, tape);
             let (l1, g1) = loss_and_grads(
                 &store,
@@ -226,6 +228,64 @@ fn packed_rows_give_the_unpacked_loss_and_gradients() {
                 (crossed - l0).abs() > 1e-4 * l0.abs(),
                 "{what}: attention across examples left the loss at {crossed} (alone {l0})"
             );
+        }
+    }
+}
+
+/// DPO's padding-free layout is only a layout too: each sequence's summed response
+/// log-probability, and the gradient of a weighted sum of them, come out as from the padded
+/// batch, whether the sequences fill one row (a short batch) or several (the context caps the
+/// row at 16 positions).
+#[test]
+fn padding_free_sequences_give_the_padded_sums_and_gradients() {
+    let mut rng = Rng::new(9);
+    let lens = [4, 9, 2, 17, 6, 11];
+    let seqs: Vec<Example> = lens
+        .iter()
+        .map(|&n| {
+            let ids = (0..n).map(|_| rng.below(61) as u32).collect();
+            let train = (0..n).map(|j| j >= n / 3).collect();
+            (ids, train)
+        })
+        .collect();
+    let weights = Tensor::new(&[0.5f32, -1.0, 2.0, 0.25, -0.75, 1.5], &Device::Cpu).unwrap();
+    for preset in ["gpt2", "tiny"] {
+        let (store, net) = small_model(preset);
+        let run = |b: &SeqBatch| {
+            let f = b.fwd(Ctx::plain(DType::F32));
+            let lp = net
+                .target_logprobs(&b.lm.inputs, &b.lm.targets, &f)
+                .unwrap();
+            let sums = b.per_seq(&(lp * &b.lm.loss_mask).unwrap()).unwrap();
+            let loss = (&sums * &weights).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            let g: HashMap<String, Tensor> = store
+                .iter()
+                .map(|(n, v, _)| (n.clone(), grads.get(v.as_tensor()).unwrap().clone()))
+                .collect();
+            (sums.to_vec1::<f32>().unwrap(), g)
+        };
+        let padded = SeqBatch::new(&seqs, 0, 32, false, &Device::Cpu).unwrap();
+        let (want, g0) = run(&padded);
+        for max_len in [32, 16] {
+            let packed = SeqBatch::new(&seqs, 0, max_len, true, &Device::Cpu).unwrap();
+            let rows = packed.lm.inputs.dim(0).unwrap();
+            assert_eq!(rows, if max_len == 32 { 2 } else { 3 }, "{preset}");
+            assert_eq!(packed.lm.tokens, padded.lm.tokens);
+            let (got, g1) = run(&packed);
+            for (s, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                    "{preset} seq {s}: {a} vs {b}"
+                );
+            }
+            for (n, g) in &g0 {
+                let (diff, scale) = max_diff(&g1[n], g);
+                assert!(
+                    diff <= 1e-5 * scale.max(1e-3),
+                    "{preset} {n}: {diff} at {scale}"
+                );
+            }
         }
     }
 }
