@@ -139,6 +139,22 @@ impl Default for ModelConfig {
 }
 
 impl ModelConfig {
+    /// `preset`'s shape cut down for unit tests: 2 layers 48 wide, 4 heads (at most 2 kv
+    /// heads), a 61-token vocabulary and 32 positions.
+    #[cfg(test)]
+    pub fn for_tests(preset: &str) -> Self {
+        let mut cfg = Self::preset(preset).unwrap();
+        (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_hidden_layers,
+        ) = (48, 96, 2);
+        cfg.num_attention_heads = 4;
+        cfg.num_key_value_heads = cfg.num_key_value_heads.min(2);
+        (cfg.vocab_size, cfg.max_position_embeddings) = (61, 32);
+        cfg
+    }
+
     /// Named shapes: `tiny` (the built-in task on a CPU), `small`, `gpt2` (GPT-2 small: 12
     /// layers, 768 wide, context 1024) and `llama-tiny` (RMSNorm, RoPE, SwiGLU, GQA).
     pub fn preset(name: &str) -> Result<Self> {

@@ -351,14 +351,7 @@ mod tests {
         ];
         let t = 9;
         for preset in ["tiny", "gpt2"] {
-            let mut cfg = ModelConfig::preset(preset).unwrap();
-            (
-                cfg.hidden_size,
-                cfg.intermediate_size,
-                cfg.num_hidden_layers,
-            ) = (32, 64, 2);
-            (cfg.num_attention_heads, cfg.num_key_value_heads) = (4, 2);
-            (cfg.vocab_size, cfg.max_position_embeddings) = (23, 16);
+            let cfg = ModelConfig::for_tests(preset);
             let mut store = ParamStore::new(Device::Cpu, 3);
             let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
             let (x, y) = (&stream[..2 * t], &stream[1..2 * t + 1]);

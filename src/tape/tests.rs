@@ -165,15 +165,7 @@ fn model_grads_with(
     tape: bool,
     recompute_blocks: bool,
 ) -> (f32, HashMap<String, Tensor>, Option<SegmentStats>) {
-    let mut cfg = ModelConfig::preset(s.preset).unwrap();
-    (
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.num_hidden_layers,
-    ) = (48, 96, 2);
-    cfg.num_attention_heads = 4;
-    cfg.num_key_value_heads = cfg.num_key_value_heads.min(2);
-    (cfg.vocab_size, cfg.max_position_embeddings) = (61, 32);
+    let mut cfg = ModelConfig::for_tests(s.preset);
     cfg.dropout = 0.1;
     let lora = s.lora.map(|dropout| LoraConfig {
         rank: 4,

@@ -96,15 +96,7 @@ fn packed_batch_lays_examples_end_to_end_with_restarting_positions() {
 
 /// A 2-layer model of `preset`'s shape with a 61-token vocabulary and 32 positions.
 fn small_model(preset: &str) -> (ParamStore, Transformer) {
-    let mut cfg = ModelConfig::preset(preset).unwrap();
-    (
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.num_hidden_layers,
-    ) = (48, 96, 2);
-    cfg.num_attention_heads = 4;
-    cfg.num_key_value_heads = cfg.num_key_value_heads.min(2);
-    (cfg.vocab_size, cfg.max_position_embeddings) = (61, 32);
+    let mut cfg = ModelConfig::for_tests(preset);
     cfg.dropout = 0.0;
     let mut store = ParamStore::new(Device::Cpu, 11);
     let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
