@@ -136,6 +136,10 @@ pub struct StageArgs {
     /// itself (`[sft] packing`; TRL's --packing).
     #[arg(long)]
     pub packing: bool,
+    /// DPO: pack each batch's chosen and rejected sequences into rows, each attending only to
+    /// itself (`[dpo] padding_free`; TRL's --padding_free).
+    #[arg(long)]
+    pub padding_free: bool,
 }
 
 #[derive(Args, Debug)]
@@ -426,8 +430,21 @@ impl StageArgs {
         if let Some(e) = self.advantage_estimator {
             cfg.grpo.advantage_estimator = e;
         }
-        if self.packing {
-            cfg.sft.packing = true;
+        // Each stage's own packing flag; elsewhere it would do nothing, so it is refused.
+        let now = cfg.stage;
+        for (set, flag, stage, on) in [
+            (self.packing, "--packing", Stage::Sft, &mut cfg.sft.packing),
+            (
+                self.padding_free,
+                "--padding-free",
+                Stage::Dpo,
+                &mut cfg.dpo.padding_free,
+            ),
+        ] {
+            if set && now != stage {
+                bail!("{flag} is {}'s, not {}'s", stage.name(), now.name());
+            }
+            *on |= set;
         }
         if let Some(b) = self.beta {
             cfg.ppo.kl_coef = b;

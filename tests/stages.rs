@@ -428,8 +428,9 @@ mod stage_chain {
             "1e-3",
             "--eval-every",
             "30",
+            "--padding-free",
         ];
-        let (out, args) = dpo("packed", "sigmoid", 0.1, "padding_free = true\n", &extra);
+        let (out, args) = dpo("packed", "sigmoid", 0.1, "", &extra);
         run_ok(&strs(&args));
         let packed = series(&metrics(&out), "train", "loss");
         let padded = series(&metrics(&dir.join("sigmoid")), "train", "loss");
@@ -696,6 +697,10 @@ fn packed_sft_learns_the_task() {
         e.contains("rows of seq_len 48") && e.contains("seq_len 40"),
         "{e}"
     );
+    // Another stage's packing flag is refused rather than ignored.
+    #[rustfmt::skip]
+    let e = run_err(&["dpo", "--packing", "--init", sft.to_str().unwrap(), "--device", "cpu"]);
+    assert!(e.contains("--packing is sft's, not dpo's"), "{e}");
     // A refused resume leaves the run's configuration as it was.
     let saved = std::fs::read_to_string(sft.join("config.toml")).unwrap();
     assert!(

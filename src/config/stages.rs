@@ -198,8 +198,9 @@ pub struct DpoConfig {
     /// SimPO's target margin between the length-normalised rewards (TRL's `simpo_gamma`).
     pub simpo_gamma: f64,
     /// Pack each micro-batch's chosen and rejected sequences into rows of up to the model's
-    /// context, each attending only to itself with positions from 0 (TRL's `padding_free`):
-    /// the same loss as the padded batch without the padding's compute.
+    /// context, each attending only to itself with positions from 0 (TRL's `padding_free`;
+    /// `--padding-free`): the same loss as the padded batch without the padding's compute. A
+    /// batch that packing would not shrink stays padded.
     pub padding_free: bool,
     pub task_pairs: usize,
     pub eval_pairs: usize,

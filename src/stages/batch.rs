@@ -194,7 +194,8 @@ pub fn packed_batch(
 /// Sequences scored one by one (DPO's summed response log-probabilities): right-padded, one
 /// sequence a row, or packed (TRL's `padding_free`) into as few rows of at most the model's
 /// context as best-fit decreasing finds, with the 0/1 matrix that sums each sequence's
-/// positions back out. Either way [`Self::per_seq`] gives `[S]` in the sequences' order.
+/// positions back out; padded where packing would not save positions. Either way
+/// [`Self::per_seq`] gives `[S]` in the sequences' order.
 pub struct SeqBatch {
     pub lm: LmBatch,
     /// Packed rows' positions and boundaries, and `[S, R·L]` f32: 1.0 on sequence s's
@@ -226,9 +227,16 @@ impl SeqBatch {
                 longest + 1
             );
         }
-        // Rows as long as the context allows, or one row holding everything.
-        let len = max_len.min(sizes.iter().sum::<usize>()).max(longest).max(1);
-        let bins = best_fit_decreasing(&sizes, len)?;
+        // Rows as long as the context allows, or one row holding everything; then cut to the
+        // fullest row, and padded after all where the rows would hold more positions.
+        let cap = max_len.min(sizes.iter().sum::<usize>()).max(longest).max(1);
+        let bins = best_fit_decreasing(&sizes, cap)?;
+        let fill = |b: &Vec<usize>| b.iter().map(|&i| sizes[i]).sum::<usize>();
+        let len = bins.iter().map(fill).max().unwrap_or(0).max(1);
+        if bins.len() * len >= seqs.len() * longest {
+            let lm = lm_batch(seqs, pad, max_len, dev)?;
+            return Ok(Self { lm, packed: None });
+        }
         let rows: Vec<Vec<_>> = bins
             .iter()
             .map(|b| b.iter().map(|&i| &seqs[i]).collect())

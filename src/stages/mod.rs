@@ -106,20 +106,13 @@ impl Env {
         Ok(env)
     }
 
-    /// The run directory with `config.toml` and `run.json`, announced on stderr.
-    fn write_run_files(&self) -> Result<()> {
+    /// `config.toml` and `run.json` (device, kernels, dtype) in the run directory.
+    pub fn save_run_files(&self) -> Result<()> {
         let (cfg, dir) = (&self.cfg, &self.run_dir);
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("{}: cannot create run directory", dir.display()))?;
-        // A resumed run writes its configuration once its checkpoint is restored
-        // (`RunOpts::resumed_config`).
-        if !self.resume {
-            cfg.save(dir)?;
-        }
-        let device = crate::device::describe(&self.device);
+        cfg.save(dir)?;
         let meta = serde_json::json!({
             "stage": cfg.stage,
-            "device": device,
+            "device": crate::device::describe(&self.device),
             "kernels": self.kernels.to_string(),
             "dtype": format!("{:?}", self.dtype()),
             "temper_version": env!("CARGO_PKG_VERSION"),
@@ -127,7 +120,21 @@ impl Env {
         crate::io::write_atomic(
             &dir.join("run.json"),
             serde_json::to_string_pretty(&meta)?.as_bytes(),
-        )?;
+        )
+    }
+
+    /// The run directory with `config.toml` and `run.json`, announced on stderr. A resumed
+    /// run writes the two files only once its checkpoint is restored
+    /// ([`Env::save_run_files`] through `RunOpts::on_resumed`), so that a resume refused for a
+    /// setting the checkpoint cannot continue under leaves the run's own in place.
+    fn write_run_files(&self) -> Result<()> {
+        let (cfg, dir) = (&self.cfg, &self.run_dir);
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create run directory", dir.display()))?;
+        if !self.resume {
+            self.save_run_files()?;
+        }
+        let device = crate::device::describe(&self.device);
         eprintln!(
             "[{}] device {device} dtype {:?} kernels {} -> {}",
             cfg.stage,

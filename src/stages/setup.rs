@@ -281,6 +281,7 @@ pub fn train<T: Task>(
         },
         tokenizer: plan.tokenizer,
     };
+    let write_files = || env.save_run_files();
     runner::train(
         task,
         &saved,
@@ -290,7 +291,9 @@ pub fn train<T: Task>(
             comm: env.comm.as_ref(),
             run_dir: &env.run_dir,
             resume: env.resume,
-            resumed_config: env.resume.then_some(&env.cfg),
+            on_resumed: env
+                .resume
+                .then_some(&write_files as &dyn Fn() -> Result<()>),
             label: cfg.stage.name(),
             eval_at_start: plan.eval_at_start,
             optimizer: env.kernels.adamw,

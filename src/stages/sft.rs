@@ -219,7 +219,7 @@ impl Task for SftTask<'_> {
                 if packed { "packed rows" } else { "examples" }
             );
         }
-        if let Some(rows) = &self.rows {
+        if let (Some(rows), Some(_)) = (&self.rows, s.get("packed_rows")) {
             // Other rows (another seq_len, other data) would give the sampler's position
             // other examples.
             let was = (state_u64(s, "packed_rows"), state_u64(s, "seq_len"));

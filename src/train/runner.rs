@@ -126,10 +126,10 @@ pub struct RunOpts<'a> {
     pub comm: &'a dyn Communicator,
     pub run_dir: &'a Path,
     pub resume: bool,
-    /// The resolved configuration a resumed run writes over the run directory's
-    /// `config.toml` once its checkpoint has been restored: a resume refused for a setting
-    /// the checkpoint cannot continue under leaves the run's own configuration in place.
-    pub resumed_config: Option<&'a crate::config::RunConfig>,
+    /// What a resumed run writes over the run directory's `config.toml` and `run.json` once
+    /// its checkpoint has been restored (rank 0 only): a resume refused for a setting the
+    /// checkpoint cannot continue under leaves the run's own files in place.
+    pub on_resumed: Option<&'a dyn Fn() -> Result<()>>,
     pub label: &'a str,
     /// Evaluate before the first step too (a baseline for the curve).
     pub eval_at_start: bool,
@@ -274,9 +274,9 @@ fn accumulate(acc: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
     up(acc)? + up(g)?
 }
 
-fn save_resumed_config(opts: &RunOpts) -> Result<()> {
-    match opts.resumed_config {
-        Some(c) if opts.comm.rank() == 0 => c.save(opts.run_dir),
+fn write_resumed_files(opts: &RunOpts) -> Result<()> {
+    match opts.on_resumed {
+        Some(write) if opts.comm.rank() == 0 => write(),
         _ => Ok(()),
     }
 }
@@ -290,7 +290,7 @@ fn resume<T: Task>(task: &mut T, saved: &Saved, opt: &mut AdamW, opts: &RunOpts)
             opts.label,
             opts.run_dir.display()
         );
-        save_resumed_config(opts)?;
+        write_resumed_files(opts)?;
         return Ok(0);
     };
     saved.load_model(&dir)?;
@@ -300,7 +300,7 @@ fn resume<T: Task>(task: &mut T, saved: &Saved, opt: &mut AdamW, opts: &RunOpts)
         .with_context(|| format!("{}/state.json: malformed", dir.display()))?;
     opt.load(&dir.join("optimizer.safetensors"), st.adam_t)?;
     task.restore(&st.task)?;
-    save_resumed_config(opts)?;
+    write_resumed_files(opts)?;
     eprintln!(
         "[{}] resumed from {} at step {}",
         opts.label,
