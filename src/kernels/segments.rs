@@ -8,8 +8,6 @@
 //! consistent: `start` is non-decreasing along a row, `start[i] <= i < end[i]`, and for
 //! `j <= i`, `start[i] <= j` exactly when `i < end[j]`. The kernels rely on all three.
 
-use std::sync::Arc;
-
 use candle_core::{Device, Result, Tensor};
 
 #[derive(Clone, Debug)]
@@ -18,8 +16,10 @@ pub struct Segments {
     pub start: Tensor,
     /// `[B, T]` u32: one past the row index of the last token of each token's document.
     pub end: Tensor,
-    /// `start` on the host, for the reference mask (no device round trip).
-    host_start: Arc<[u32]>,
+    /// `[B, T]` u32: each token's position in its document. The model reads these where the
+    /// forward names no positions of its own, so that position embeddings see every
+    /// document as if it were alone.
+    pub positions: Tensor,
     rows: usize,
     len: usize,
 }
@@ -42,11 +42,16 @@ impl Segments {
                 at += n;
             }
         }
+        let positions: Vec<u32> = start
+            .iter()
+            .enumerate()
+            .map(|(k, &s)| (k % len) as u32 - s)
+            .collect();
         let shape = (docs.len(), len);
         Ok(Self {
-            start: Tensor::from_slice(&start, shape, dev)?,
+            start: Tensor::from_vec(start, shape, dev)?,
             end: Tensor::from_vec(end, shape, dev)?,
-            host_start: start.into(),
+            positions: Tensor::from_vec(positions, shape, dev)?,
             rows: docs.len(),
             len,
         })
@@ -67,16 +72,6 @@ impl Segments {
             })
             .collect();
         Self::from_lengths(&docs, len, dev)
-    }
-
-    /// `[B, T]` u32: each token's position in its document, for the position embeddings,
-    /// which then see every document as if it were alone.
-    pub fn positions(&self, dev: &Device) -> Result<Tensor> {
-        let t = self.len;
-        let pos: Vec<u32> = (0..self.rows * t)
-            .map(|k| (k % t) as u32 - self.host_start[k])
-            .collect();
-        Tensor::from_vec(pos, (self.rows, t), dev)
     }
 
     /// `(rows, tokens per row)`.
@@ -120,7 +115,7 @@ mod tests {
         assert_eq!(m[0][3], [0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
         assert_eq!(m[1][6], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]);
         assert!(Segments::from_lengths(&[vec![4, 4]], 7, &Device::Cpu).is_err());
-        let pos = s.positions(&Device::Cpu).unwrap().to_vec2::<u32>().unwrap();
+        let pos = s.positions.to_vec2::<u32>().unwrap();
         assert_eq!(pos, [[0, 1, 0, 1, 2, 0, 1], [0, 1, 2, 3, 4, 5, 0]]);
     }
 

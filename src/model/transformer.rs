@@ -69,8 +69,8 @@ pub struct Fwd<'a> {
     pub positions: Option<&'a Tensor>,
     /// `[B, cache_len + T]` f32, 1.0 for real tokens, 0.0 for padding.
     pub key_valid: Option<&'a Tensor>,
-    /// Packed rows' document boundaries (training without a cache only); pass `positions`
-    /// that restart at each document with them.
+    /// Packed rows' document boundaries (training without a cache only); without
+    /// `positions`, their positions, which restart at each document.
     pub segments: Option<&'a Segments>,
 }
 
@@ -139,7 +139,7 @@ impl Transformer {
         }
         let causal_offset = cache.as_ref().map_or(0, |c| c.causal_offset(t));
         let ctx = &f.ctx;
-        let positions = match f.positions {
+        let positions = match f.positions.or(f.segments.map(|s| &s.positions)) {
             Some(p) => p.clone(),
             None => Tensor::arange(offset as u32, (offset + t) as u32, ids.device())?
                 .unsqueeze(0)?

@@ -119,16 +119,15 @@ pub fn best_fit_decreasing(sizes: &[usize], capacity: usize) -> Result<Vec<Vec<u
     Ok(bins)
 }
 
-/// Packed rows as the model reads them: the batch, positions that restart at 0 at each
-/// example and the examples' boundaries, so that an example is computed as it is alone.
+/// Packed rows as the model reads them: the batch and the examples' boundaries (with their
+/// positions, which restart at 0 at each example), so that an example is computed as it is
+/// alone.
 pub struct PackedBatch {
     /// Inputs, targets and loss mask as [`lm_batch`] makes them; the key mask is 1.0 on real
     /// tokens (padding ends each row as a document of its own, so no real token reads it),
     /// `last` the last real input of each row and `tokens` the real input positions.
     pub lm: LmBatch,
-    /// `[B, len]` u32: each token's position in its example (padding, a document of its own
-    /// at the end of the row, counts from 0 too).
-    pub positions: Tensor,
+    /// The examples, and the padding at the end of each row as a document of its own.
     pub segments: Segments,
 }
 
@@ -176,7 +175,6 @@ pub fn packed_batch(
         bail!("a packed batch with no example of two or more tokens");
     }
     let shape = (b, len);
-    let segments = Segments::from_lengths(&docs, len, dev)?;
     Ok(PackedBatch {
         lm: LmBatch {
             inputs: Tensor::from_vec(inp, shape, dev)?,
@@ -186,8 +184,7 @@ pub fn packed_batch(
             tokens,
             last,
         },
-        positions: segments.positions(dev)?,
-        segments,
+        segments: Segments::from_lengths(&docs, len, dev)?,
     })
 }
 
@@ -198,9 +195,9 @@ pub fn packed_batch(
 /// [`Self::per_seq`] gives `[S]` in the sequences' order.
 pub struct SeqBatch {
     pub lm: LmBatch,
-    /// Packed rows' positions and boundaries, and `[S, R·L]` f32: 1.0 on sequence s's
-    /// positions of the flattened rows.
-    packed: Option<(Tensor, Segments, Tensor)>,
+    /// Packed rows' boundaries, and `[S, R·L]` f32: 1.0 on sequence s's positions of the
+    /// flattened rows.
+    packed: Option<(Segments, Tensor)>,
 }
 
 impl SeqBatch {
@@ -254,7 +251,7 @@ impl SeqBatch {
         let sum = Tensor::from_vec(sum, (seqs.len(), width), dev)?;
         Ok(Self {
             lm: p.lm,
-            packed: Some((p.positions, p.segments, sum)),
+            packed: Some((p.segments, sum)),
         })
     }
 
@@ -262,9 +259,9 @@ impl SeqBatch {
     pub fn fwd(&self, ctx: crate::model::linear::Ctx) -> crate::model::Fwd<'_> {
         crate::model::Fwd {
             ctx,
-            positions: self.packed.as_ref().map(|p| &p.0),
+            positions: None,
             key_valid: None,
-            segments: self.packed.as_ref().map(|p| &p.1),
+            segments: self.packed.as_ref().map(|p| &p.0),
         }
     }
 
@@ -272,7 +269,7 @@ impl SeqBatch {
     pub fn per_seq(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match &self.packed {
             None => x.sum(1)?,
-            Some((_, _, sum)) => sum.matmul(&x.flatten_all()?.unsqueeze(1)?)?.squeeze(1)?,
+            Some((_, sum)) => sum.matmul(&x.flatten_all()?.unsqueeze(1)?)?.squeeze(1)?,
         })
     }
 }

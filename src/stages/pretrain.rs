@@ -31,12 +31,12 @@ struct PretrainTask<'a> {
     micro: u64,
 }
 
-/// A batch of windows: inputs, targets and, under `[data] document_mask`, each token's
-/// position in its document and the documents' boundaries.
+/// A batch of windows: inputs, targets and, under `[data] document_mask`, the documents'
+/// boundaries (with each token's position in its document).
 struct Windows {
     x: Tensor,
     y: Tensor,
-    documents: Option<(Tensor, Segments)>,
+    documents: Option<Segments>,
 }
 
 impl PretrainTask<'_> {
@@ -53,10 +53,7 @@ impl PretrainTask<'_> {
         }
         let dev = &self.env.device;
         let documents = match self.env.cfg.data.document_mask {
-            true => {
-                let s = Segments::split_after(&x, t, self.eos, dev)?;
-                Some((s.positions(dev)?, s))
-            }
+            true => Some(Segments::split_after(&x, t, self.eos, dev)?),
             false => None,
         };
         Ok(Windows {
@@ -69,9 +66,9 @@ impl PretrainTask<'_> {
     fn loss(&self, w: &Windows, dropout_seed: Option<u64>) -> Result<Tensor> {
         let f = Fwd {
             ctx: self.env.ctx(true, dropout_seed),
-            positions: w.documents.as_ref().map(|d| &d.0),
+            positions: None,
             key_valid: None,
-            segments: w.documents.as_ref().map(|d| &d.1),
+            segments: w.documents.as_ref(),
         };
         let logp = self.net.target_logprobs(&w.x, &w.y, &f)?;
         Ok(logp.neg()?.mean_all()?)
@@ -325,10 +322,9 @@ mod tests {
         let dev = Device::Cpu;
         let rows = x.len() / t;
         let segments = docs.map(|eos| Segments::split_after(x, t, eos, &dev).unwrap());
-        let positions = segments.as_ref().map(|s| s.positions(&dev).unwrap());
         let f = Fwd {
             ctx: Ctx::plain(DType::F32),
-            positions: positions.as_ref(),
+            positions: None,
             key_valid: None,
             segments: segments.as_ref(),
         };

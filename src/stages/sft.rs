@@ -87,7 +87,7 @@ impl SftTask<'_> {
             .collect();
         let len = self.env.cfg.train.seq_len;
         let p = packed_batch(&rows, self.tok.pad_id(), len, &self.env.device)?;
-        self.masked_loss(&p.lm, Some((&p.positions, &p.segments)), dropout_seed)
+        self.masked_loss(&p.lm, Some(&p.segments), dropout_seed)
     }
 
     /// The mean negative log-likelihood of the response tokens, the input positions and the
@@ -95,7 +95,7 @@ impl SftTask<'_> {
     fn masked_loss(
         &self,
         b: &LmBatch,
-        packed: Option<(&candle_core::Tensor, &Segments)>,
+        segments: Option<&Segments>,
         dropout_seed: Option<u64>,
     ) -> Result<(candle_core::Tensor, usize, f64)> {
         // Right padding sits after every real token, so causal attention alone keeps real
@@ -103,9 +103,9 @@ impl SftTask<'_> {
         // example from seeing the ones before it.
         let f = Fwd {
             ctx: self.env.ctx(true, dropout_seed),
-            positions: packed.map(|p| p.0),
+            positions: None,
             key_valid: None,
-            segments: packed.map(|p| p.1),
+            segments,
         };
         let logp = self.net.target_logprobs(&b.inputs, &b.targets, &f)?;
         let counted = scalar(&b.loss_mask.sum_all()?)?;

@@ -83,7 +83,7 @@ fn packed_batch_lays_examples_end_to_end_with_restarting_positions() {
         [[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]]
     );
     assert_eq!(
-        v(&p.positions),
+        v(&p.segments.positions),
         [[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 2.0, 0.0]]
     );
     assert_eq!(
@@ -186,14 +186,8 @@ fn packed_rows_give_the_unpacked_loss_and_gradients() {
         for tape in [(false, false), (true, false), (true, true)] {
             let what = format!("{preset}, (tape, recompute) {tape:?}");
             let (l0, g0) = loss_and_grads(&store, &net, &unpacked, None, None, tape);
-            let (l1, g1) = loss_and_grads(
-                &store,
-                &net,
-                &packed.lm,
-                Some(&packed.positions),
-                Some(&packed.segments),
-                tape,
-            );
+            let (l1, g1) =
+                loss_and_grads(&store, &net, &packed.lm, None, Some(&packed.segments), tape);
             assert!(
                 (l1 - l0).abs() <= 1e-5 * l0.abs(),
                 "{what}: loss {l1} vs {l0}"
@@ -210,7 +204,7 @@ fn packed_rows_give_the_unpacked_loss_and_gradients() {
                 &store,
                 &net,
                 &packed.lm,
-                Some(&packed.positions),
+                Some(&packed.segments.positions),
                 None,
                 tape,
             );
