@@ -133,7 +133,9 @@ pub struct StageArgs {
     #[arg(long, value_enum)]
     pub advantage_estimator: Option<AdvantageEstimator>,
     /// SFT: pack the examples into rows of --seq-len positions, each attending only to
-    /// itself (`[sft] packing`; TRL's --packing).
+    /// itself (`[sft] packing`; TRL's --packing). PPO, GRPO: pack each minibatch's prompts
+    /// and responses for the training forward (`[ppo]` / `[grpo] packing`; OpenRLHF's
+    /// --packing_samples).
     #[arg(long)]
     pub packing: bool,
     /// DPO: pack each batch's chosen and rejected sequences into rows, each attending only to
@@ -432,19 +434,22 @@ impl StageArgs {
         }
         // Each stage's own packing flag; elsewhere it would do nothing, so it is refused.
         let now = cfg.stage;
-        for (set, flag, stage, on) in [
-            (self.packing, "--packing", Stage::Sft, &mut cfg.sft.packing),
-            (
-                self.padding_free,
-                "--padding-free",
-                Stage::Dpo,
-                &mut cfg.dpo.padding_free,
-            ),
+        let packing = match now {
+            Stage::Sft => Some(&mut cfg.sft.packing),
+            Stage::Ppo => Some(&mut cfg.ppo.packing),
+            Stage::Grpo => Some(&mut cfg.grpo.packing),
+            _ => None,
+        };
+        let padding_free = (now == Stage::Dpo).then_some(&mut cfg.dpo.padding_free);
+        for (set, flag, on, stages) in [
+            (self.packing, "--packing", packing, "sft, ppo and grpo"),
+            (self.padding_free, "--padding-free", padding_free, "dpo"),
         ] {
-            if set && now != stage {
-                bail!("{flag} is {}'s, not {}'s", stage.name(), now.name());
+            match on {
+                Some(on) => *on |= set,
+                None if set => bail!("{flag} applies to {stages}, not {}", now.name()),
+                None => {}
             }
-            *on |= set;
         }
         if let Some(b) = self.beta {
             cfg.ppo.kl_coef = b;

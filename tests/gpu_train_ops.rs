@@ -53,6 +53,10 @@
 //! - the tape: one step of small GPT-2 and Llama models, with and without LoRA (the fused
 //!   LoRA op), with dropout: the same loss, and every parameter's gradient candle's graph's
 //!   within bf16 tolerance.
+//! - RL packing (`src/stages/rollout_packing.rs`): a rollout's rows packed with document
+//!   masks and their states picked back out give the padded rows' response
+//!   log-probabilities and every gradient: f32 in candle's graph, and bf16 with compute
+//!   copies on the tape, blocks recomputed or not; small GPT-2 and Llama.
 //!
 //! Each needs feature `cuda` and a CUDA device; otherwise it prints why it did not run on
 //! stderr and passes.
@@ -1571,6 +1575,114 @@ mod tape {
                         tape_err <= 2.0 * graph_err + 2e-2 * scale,
                         "{preset} lora {lora}: parameter {i}: the tape's bf16 gradient is \
                          {tape_err:.3e} from f32's, the graph's {graph_err:.3e} (norm {scale:.3e})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+gpu_test!(packed_rollout::packed_rollout_rows_score_as_padded_ones);
+
+#[cfg(feature = "cuda")]
+mod packed_rollout {
+    use candle_core::{DType, Device, Tensor};
+    use temper::config::TrainConfig;
+    use temper::kernels::KernelSet;
+    use temper::model::linear::Ctx;
+    use temper::model::Transformer;
+    use temper::stages::rollout::{layout, response_logprobs, Rollout, Sampled};
+    use temper::stages::rollout_packing::RolloutDocs;
+    use temper::train::optimizer::AdamW;
+    use temper::train::params::{Net, ParamStore};
+
+    use super::common::gpu::{assert_close, elem_tol, grad_tol, tol, Rng};
+
+    /// The response log-probabilities of rows 4, 0, 2, 5, 1 and 3 (masked), then every
+    /// parameter's gradient (f32, as the optimizer collects it) of their weighted sum.
+    fn scored(opt: &mut AdamW, net: &Transformer, ctx: Ctx, ro: &Rollout) -> Vec<Tensor> {
+        let idx = [4, 0, 2, 5, 1, 3];
+        let (lp, _) = response_logprobs(net, ctx, ro, &idx, false).unwrap();
+        let i = Tensor::new(&[4u32, 0, 2, 5, 1, 3], lp.device()).unwrap();
+        let mask = ro.mask.index_select(&i, 0).unwrap();
+        let lp = (lp * &mask).unwrap();
+        let (b, r) = mask.dims2().unwrap();
+        let w: Vec<f32> = (0..b * r).map(|k| ((k * 7) % 5) as f32 - 1.5).collect();
+        let w = Tensor::from_vec(w, (b, r), lp.device()).unwrap();
+        let loss = (&lp * &w).unwrap().sum_all().unwrap();
+        let grads = opt
+            .collect(&temper::tape::backward(&loss).unwrap())
+            .unwrap();
+        let mut out = vec![lp];
+        out.extend(grads.iter().map(|g| g.to_dtype(DType::F32).unwrap()));
+        out
+    }
+
+    /// RL packing (`[ppo]` / `[grpo] packing`) on the device: rows packed with document
+    /// masks through our attention kernels, their states picked back out, give the padded
+    /// rows' log-probabilities and gradients, in f32 in candle's graph and in bf16 as the
+    /// training loop runs on CUDA (the optimizer's bf16 compute copies, the blocks on the
+    /// tape, recomputed in the backward or not), for GPT-2's and Llama's shapes. Prompts of 1
+    /// to 90 tokens, an empty response and one of 37 in a 128-position context.
+    pub fn packed_rollout_rows_score_as_padded_ones(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(31);
+        let mut tokens =
+            |n: usize| -> Vec<u32> { (0..n).map(|_| 1 + rng.below(500) as u32).collect() };
+        let prompts: Vec<Vec<u32>> = [37, 5, 90, 1, 61, 17].iter().map(|&n| tokens(n)).collect();
+        let responses: Vec<Vec<u32>> = [20, 0, 37, 30, 1, 9].iter().map(|&n| tokens(n)).collect();
+        let s = Sampled {
+            gen_tokens: responses.clone(),
+            texts: vec![String::new(); 6],
+            finished: vec![true; 6],
+            temperature: 0.7,
+        };
+        let padded = layout(&prompts, &s, 0, dev).unwrap();
+        let packed = Rollout {
+            packed: Some(RolloutDocs::new(&prompts, &responses, 0).unwrap()),
+            ..layout(&prompts, &s, 0, dev).unwrap()
+        };
+        for preset in ["gpt2", "llama-tiny"] {
+            let cfg = super::curves::small(preset);
+            for (dtype, tape, recompute_blocks) in [
+                (DType::F32, false, false),
+                (DType::BF16, true, false),
+                (DType::BF16, true, true),
+            ] {
+                let ctx = Ctx {
+                    dtype,
+                    kernels: KernelSet::default(),
+                    use_lora: false,
+                    dropout_seed: None,
+                    tape,
+                    recompute_blocks,
+                };
+                // The same init for each layout, and an optimizer of its own to collect the
+                // gradients (through the compute copies in bf16).
+                let run = |ro: &Rollout| {
+                    let mut store = ParamStore::new(dev.clone(), 5);
+                    let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
+                    let mut opt = AdamW::new(&store, &|_| true, &TrainConfig::default()).unwrap();
+                    if dtype == DType::BF16 {
+                        opt.keep_compute_copies(DType::BF16).unwrap();
+                    }
+                    scored(&mut opt, &net, ctx, ro)
+                };
+                let (want, got) = (run(&padded), run(&packed));
+                let what = format!("{preset} {dtype:?} recompute {recompute_blocks} (seed {seed})");
+                assert_close(
+                    &format!("packed log-probabilities {what}"),
+                    &got[0],
+                    &want[0],
+                    tol(dtype),
+                    elem_tol(dtype),
+                );
+                for (k, (a, b)) in got.iter().zip(&want).enumerate().skip(1) {
+                    assert_close(
+                        &format!("packed gradient {k} {what}"),
+                        a,
+                        b,
+                        2.0 * tol(dtype),
+                        grad_tol(dtype),
                     );
                 }
             }

@@ -487,3 +487,62 @@ fn rl_checkpoints_wait_for_the_rollout_so_resume_is_exact() {
         );
     }
 }
+
+/// `--packing` (OpenRLHF's `--packing_samples`) changes the layout of PPO's and GRPO's
+/// training forward, not its maths: the packed runs take the unpacked runs' steps and log
+/// the share of the padded positions they compute, and a stage without packing refuses the
+/// flag. The loss alone would not show a wrong pick (with one minibatch a rollout the ratio
+/// is 1 whatever the log-probabilities are); the entropy, the value loss and the KL to the
+/// reference read the log-probabilities and values themselves, and a pick one position off
+/// moves them by 4e-3 relative and more.
+#[test]
+fn packed_rl_training_takes_the_padded_steps() {
+    let dir = tmp();
+    // Scores that vary between samples, so that the steps move the policy.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/varied_reward.py");
+    let reward = format!("cmd:python3 {}", script.display());
+    for (stage, keys) in [
+        ("ppo", &["loss", "entropy", "value_loss", "approx_kl"][..]),
+        ("grpo", &["loss", "kl_token", "approx_kl"][..]),
+    ] {
+        let run = |packing: bool| {
+            let out = p(dir.path(), &format!("{stage}-{packing}"));
+            let mut a = grpo_args(
+                &out,
+                "3",
+                &["--log-every", "1", "--reward", &reward, "--beta", "0.05"],
+            );
+            a[0] = stage.to_string();
+            if packing {
+                a.push("--packing".into());
+            }
+            run_ok(&args(&a));
+            metrics(&out)
+        };
+        let (padded, packed) = (run(false), run(true));
+        let share = series(&packed, "train", "packed_share");
+        assert!(!share.is_empty(), "{stage}: {packed:?}");
+        assert!(
+            share.iter().all(|&(_, s)| s > 0.0 && s < 1.0),
+            "{stage}: {share:?}"
+        );
+        assert!(series(&padded, "train", "packed_share").is_empty());
+        for key in keys {
+            let (a, b) = (series(&padded, "train", key), series(&packed, "train", key));
+            assert_eq!(a.len(), 3, "{stage} {key}: {a:?}");
+            assert_eq!(a.len(), b.len(), "{stage} {key}");
+            for ((s0, x), (s1, y)) in a.iter().zip(&b) {
+                assert_eq!(s0, s1);
+                assert!(
+                    (x - y).abs() <= 1e-4 * x.abs() + 1e-8,
+                    "{stage} step {s0} {key}: padded {x}, packed {y}"
+                );
+            }
+        }
+    }
+    let e = run_err(&["reward", "--packing", "--device", "cpu"]);
+    assert!(
+        e.contains("--packing applies to sft, ppo and grpo, not reward"),
+        "{e}"
+    );
+}

@@ -700,7 +700,10 @@ fn packed_sft_learns_the_task() {
     // Another stage's packing flag is refused rather than ignored.
     #[rustfmt::skip]
     let e = run_err(&["dpo", "--packing", "--init", sft.to_str().unwrap(), "--device", "cpu"]);
-    assert!(e.contains("--packing is sft's, not dpo's"), "{e}");
+    assert!(
+        e.contains("--packing applies to sft, ppo and grpo, not dpo"),
+        "{e}"
+    );
     // A refused resume leaves the run's configuration as it was.
     let saved = std::fs::read_to_string(sft.join("config.toml")).unwrap();
     assert!(

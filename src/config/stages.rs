@@ -107,6 +107,12 @@ pub struct PpoConfig {
     pub log_completions: usize,
     pub task_prompts: usize,
     pub eval_prompts: usize,
+    /// Pack each minibatch's prompts and responses into rows for the training forward
+    /// (OpenRLHF's `--packing_samples`): each row attends only to itself with positions from
+    /// 0, so its log-probabilities and values are those of the padded layout, while the
+    /// forward skips the left padding of short prompts and the right padding of short
+    /// responses. A minibatch that packing would not shrink stays padded.
+    pub packing: bool,
 }
 
 impl PpoConfig {
@@ -177,6 +183,7 @@ impl Default for PpoConfig {
             log_completions: 8,
             task_prompts: 4000,
             eval_prompts: 1000,
+            packing: false,
         }
     }
 }
@@ -327,6 +334,9 @@ pub struct GrpoConfig {
     pub log_completions: usize,
     pub task_prompts: usize,
     pub eval_prompts: usize,
+    /// Pack each minibatch's prompts and responses into rows for the training forward
+    /// (OpenRLHF's `--packing_samples`), as `[ppo] packing` does.
+    pub packing: bool,
 }
 
 /// Critic-free advantage estimators over the `group_size` samples of each prompt, named as
@@ -411,6 +421,7 @@ impl Default for GrpoConfig {
             log_completions: 8,
             task_prompts: 4000,
             eval_prompts: 1000,
+            packing: false,
         }
     }
 }

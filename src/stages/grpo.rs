@@ -194,7 +194,7 @@ impl Task for GrpoTask<'_> {
         let loss = (loss * token_weight)?;
         Ok(StepOut {
             loss,
-            tokens: idx.len() * (ro.prompt_cols + ro.resp_len),
+            tokens: ro.tokens(&idx),
             metrics,
         })
     }
@@ -263,6 +263,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
             tok: tok.clone(),
             rewards,
             completions: CompletionLog::new(&env.run_dir, main_only(env, c.log_completions)),
+            packing: c.packing,
         },
         sampler: WindowSampler::new(prompts.len(), cfg.train.seed),
         prompts,

@@ -20,6 +20,7 @@ pub mod reward;
 pub mod rewards;
 pub mod rl;
 pub mod rollout;
+pub mod rollout_packing;
 pub mod setup;
 pub mod sft;
 

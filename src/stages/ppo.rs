@@ -244,7 +244,7 @@ impl Task for PpoTask<'_> {
         if c.entropy_coef != 0.0 {
             loss = (loss - (&ent * (c.entropy_coef * w_tok))?)?;
         }
-        let tokens = idx.len() * (buf.ro.prompt_cols + buf.ro.resp_len);
+        let tokens = buf.ro.tokens(&idx);
         metrics.extend(pol.metrics()?);
         metrics.extend([("value_loss", scalar(&vf)?), ("entropy", scalar(&ent)?)]);
         self.train_secs += t0.elapsed().as_secs_f64();
@@ -371,6 +371,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
             tok: tok.clone(),
             rewards,
             completions: CompletionLog::new(&env.run_dir, main_only(env, c.log_completions)),
+            packing: c.packing,
         },
         value,
         sampler: WindowSampler::new(prompts.len(), cfg.train.seed),

@@ -20,6 +20,7 @@ use super::rewards::{Batch, RewardFn};
 use super::rl::{
     dapo_normalisers, kl_estimate, policy_loss, without_truncated, Aggregation, Clip, Surrogate,
 };
+use super::rollout_packing::RolloutDocs;
 use crate::config::{KlEstimator, LossType};
 use crate::data::records::PromptRecord;
 use crate::data::synthetic::exact_match;
@@ -53,6 +54,11 @@ pub struct Rollout {
     pub texts: Vec<String>,
     pub finished: Vec<bool>,
     pub lengths: Vec<usize>,
+    /// Each row's prompt length (unpadded).
+    pub prompt_lens: Vec<usize>,
+    /// The rows' tokens where the training forward packs them (`packing`); None where it
+    /// reads the padded layout.
+    pub packed: Option<RolloutDocs>,
 }
 
 /// The reference policy: the same network with adapters off (one copy of the base weights),
@@ -113,6 +119,8 @@ pub struct Actors {
     pub tok: Tokenizer,
     pub rewards: RewardFn,
     pub completions: CompletionLog,
+    /// Whether the training forward packs each minibatch's rows (`[ppo]` / `[grpo] packing`).
+    pub packing: bool,
 }
 
 impl Actors {
@@ -141,6 +149,7 @@ impl Actors {
             &ids,
             sampled,
             &mut self.rewards,
+            self.packing,
         )?;
         let score_s = t0.elapsed().as_secs_f64();
         Ok((ro, CollectTimes { gen, score_s }))
@@ -300,6 +309,12 @@ pub fn rollout_stats(ro: &Rollout, kl_seq: Option<f64>) -> Vec<(&'static str, f6
         ("rollout", 1.0),
     ];
     stats.extend(kl_seq.map(|kl| ("kl", kl)));
+    // Under packing: the share of the padded layout's positions a forward over the whole
+    // rollout computes (minibatches pack on their own, about as well).
+    let all: Vec<usize> = (0..ro.lengths.len()).collect();
+    let width = ro.prompt_cols + ro.resp_len;
+    let share = ro.packed.as_ref().map(|d| d.computed_share(&all, width));
+    stats.extend(share.and_then(Result::ok).map(|s| ("packed_share", s)));
     stats
 }
 
@@ -444,8 +459,9 @@ pub fn sample(
 }
 
 /// Lays prompts (left-padded to `L`) and their responses (right-padded to `R`) out as the
-/// module doc describes; log-probabilities and scores are left empty.
-fn layout(prompts: &[Vec<u32>], s: &Sampled, pad: u32, dev: &Device) -> Result<Rollout> {
+/// module doc describes; log-probabilities and scores are left empty, and the rollout trains
+/// padded (`packed` is None).
+pub fn layout(prompts: &[Vec<u32>], s: &Sampled, pad: u32, dev: &Device) -> Result<Rollout> {
     let b = prompts.len();
     let l = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let r = s.gen_tokens.iter().map(Vec::len).max().unwrap_or(0).max(1);
@@ -485,10 +501,20 @@ fn layout(prompts: &[Vec<u32>], s: &Sampled, pad: u32, dev: &Device) -> Result<R
         texts: s.texts.clone(),
         finished: s.finished.clone(),
         lengths: s.gen_tokens.iter().map(Vec::len).collect(),
+        prompt_lens: prompts.iter().map(Vec::len).collect(),
+        packed: None,
     })
 }
 
 impl Rollout {
+    /// The prompt and response tokens of rows `idx`, padding not counted (for tokens/s,
+    /// which then compares between padded and packed runs).
+    pub fn tokens(&self, idx: &[usize]) -> usize {
+        idx.iter()
+            .map(|&i| self.prompt_lens[i] + self.lengths[i])
+            .sum()
+    }
+
     /// The per-token KL estimate of the sampling policy to the reference, masked to the
     /// responses; None where the stage holds no reference.
     pub fn kl(&self, estimator: KlEstimator) -> Result<Option<Tensor>> {
@@ -500,7 +526,8 @@ impl Rollout {
 }
 
 /// Builds the rollout tensors of `prompts` and their sampled responses, with old and
-/// reference log-probabilities (no gradients) and scores.
+/// reference log-probabilities (no gradients) and scores; with `packing`, every forward over
+/// the rollout packs its rows ([`RolloutDocs`]).
 #[allow(clippy::too_many_arguments)]
 pub fn build(
     net: &Transformer,
@@ -511,8 +538,12 @@ pub fn build(
     prompts: &[Vec<u32>],
     s: Sampled,
     rewards: &mut RewardFn,
+    packing: bool,
 ) -> Result<Rollout> {
     let mut ro = layout(prompts, &s, tok.pad_id(), net.device())?;
+    if packing {
+        ro.packed = Some(RolloutDocs::new(prompts, &s.gen_tokens, tok.pad_id())?);
+    }
     let all: Vec<usize> = (0..prompts.len()).collect();
     ro.old_logprobs = response_logprobs(net, ctx, &ro, &all, false)?.0.detach();
     if let Some(reference) = reference {
@@ -619,8 +650,20 @@ pub fn rows(t: &Tensor, idx: &[usize]) -> Result<Tensor> {
 }
 
 /// Hidden states `[b, R, H]` of the selected rows at the positions that predict each response
-/// token (column `L - 1 + t` predicts token `t`).
-fn response_hidden(net: &Transformer, ctx: Ctx, ro: &Rollout, idx: &[usize]) -> Result<Tensor> {
+/// token (column `L - 1 + t` predicts token `t`), from a packed forward where the rollout
+/// packs and packing saves positions.
+pub(super) fn response_hidden(
+    net: &Transformer,
+    ctx: Ctx,
+    ro: &Rollout,
+    idx: &[usize],
+) -> Result<Tensor> {
+    let width = ro.prompt_cols + ro.resp_len;
+    if let Some(docs) = &ro.packed {
+        if let Some(rows) = docs.pack(idx, width, ro.resp_len, net.device())? {
+            return rows.hidden(net, ctx);
+        }
+    }
     let ids = rows(&ro.ids, idx)?;
     let kv = rows(&ro.key_valid, idx)?;
     let pos = rows(&ro.positions, idx)?;

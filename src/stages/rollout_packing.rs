@@ -1,0 +1,269 @@
+//! The RL stages' training forward over packed rollouts (OpenRLHF's `--packing_samples`).
+//!
+//! A rollout is laid out padded: prompts left-padded to `L` columns, responses right-padded
+//! to `R`, so every row costs `L + R` positions however short its prompt and response. Packed,
+//! each row of a minibatch is one document, its prompt and its response but the last token
+//! (whose state predicts nothing scored), set back to back with other rows' documents in
+//! rows no wider than the padded ones (so no row costs more than a padded row). Attention
+//! stays inside each document and positions restart at 0 in each ([`Segments`]), so each
+//! row is computed as it is alone.
+//!
+//! The hidden states that predict response tokens are then picked out into the padded
+//! `[b, R, H]` layout everything after the forward reads (the LM head, the value head, the
+//! losses): a row's response slot past its length picks a row of zeros, which no loss
+//! reads. Each state is picked at most once, so the pick's backward is a pick too (each
+//! state's gradient is its slot's, or zero), an `index_select`, not the `index_add` of
+//! candle's own `index_select` backward, which on CUDA runs its sums one position after
+//! another.
+
+use anyhow::Result;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, Device, Layout, Shape, Tensor};
+
+use super::batch::best_fit_decreasing;
+use crate::kernels::segments::Segments;
+use crate::model::linear::Ctx;
+use crate::model::{Fwd, Transformer};
+
+/// Each rollout row's tokens, kept on the host to lay out packed minibatches.
+#[derive(Clone, Debug)]
+pub struct RolloutDocs {
+    prompts: Vec<Vec<u32>>,
+    responses: Vec<Vec<u32>>,
+    pad: u32,
+}
+
+/// One packed forward: the rows, their documents, and where each response token's
+/// predicting state lands.
+pub struct PackedRows {
+    /// `[rows, len]` u32.
+    ids: Tensor,
+    segments: Segments,
+    /// `[b * R]` u32 into the flattened states `[rows * len + 1, H]`, whose last row is
+    /// zeros.
+    pick: Tensor,
+    /// `[rows * len + 1]` u32: the slot that picks each state, `b * R` for none.
+    slot: Tensor,
+    /// `(b, R)`.
+    slots: (usize, usize),
+}
+
+impl RolloutDocs {
+    /// Row `i` is `prompts[i]` (non-empty, unpadded) followed by `responses[i]`.
+    pub fn new(prompts: &[Vec<u32>], responses: &[Vec<u32>], pad: u32) -> Result<Self> {
+        if prompts.len() != responses.len() {
+            anyhow::bail!(
+                "packing: {} prompts for {} responses",
+                prompts.len(),
+                responses.len()
+            );
+        }
+        if prompts.iter().any(Vec::is_empty) {
+            anyhow::bail!("packing: an empty prompt predicts no first response token");
+        }
+        Ok(Self {
+            prompts: prompts.to_vec(),
+            responses: responses.to_vec(),
+            pad,
+        })
+    }
+
+    /// Positions of row `i`'s document: the prompt and all but the last response token (the
+    /// state after the last one predicts nothing scored); none for an empty response.
+    fn doc_len(&self, i: usize) -> usize {
+        match self.responses[i].len() {
+            0 => 0,
+            n => self.prompts[i].len() + n - 1,
+        }
+    }
+
+    /// How rows `idx` pack into rows at most `width` positions wide (the padded rows'
+    /// width); None where packing would not compute fewer positions than the padded
+    /// layout's `idx.len() * width`.
+    fn plan(&self, idx: &[usize], width: usize) -> Result<Option<Plan>> {
+        if let Some(&i) = idx.iter().find(|&&i| i >= self.prompts.len()) {
+            anyhow::bail!(
+                "packing: row {i} of a rollout of {} rows",
+                self.prompts.len()
+            );
+        }
+        // Rows with nothing to score take no document; their slots all pick zeros.
+        let docs: Vec<usize> = (0..idx.len())
+            .filter(|&k| self.doc_len(idx[k]) > 0)
+            .collect();
+        if docs.is_empty() {
+            return Ok(None);
+        }
+        let sizes: Vec<usize> = docs.iter().map(|&k| self.doc_len(idx[k])).collect();
+        let bins = best_fit_decreasing(&sizes, width)?;
+        let fill = |b: &Vec<usize>| b.iter().map(|&d| sizes[d]).sum::<usize>();
+        let len = bins.iter().map(fill).max().unwrap_or(0);
+        if bins.len() * len >= idx.len() * width {
+            return Ok(None);
+        }
+        Ok(Some(Plan {
+            docs,
+            sizes,
+            bins,
+            len,
+        }))
+    }
+
+    /// The share of the padded layout's positions (`idx.len() * width`) that the forward of
+    /// rows `idx` computes: below 1 where it packs.
+    pub fn computed_share(&self, idx: &[usize], width: usize) -> Result<f64> {
+        Ok(match self.plan(idx, width)? {
+            Some(p) => (p.bins.len() * p.len) as f64 / (idx.len() * width).max(1) as f64,
+            None => 1.0,
+        })
+    }
+
+    /// Rows `idx` packed as [`Self::plan`] lays them out, their responses picked out to
+    /// `resp_len` slots; None where the padded layout is no larger.
+    pub fn pack(
+        &self,
+        idx: &[usize],
+        width: usize,
+        resp_len: usize,
+        dev: &Device,
+    ) -> Result<Option<PackedRows>> {
+        let Some(Plan {
+            docs,
+            sizes,
+            bins,
+            len,
+        }) = self.plan(idx, width)?
+        else {
+            return Ok(None);
+        };
+        let zero = (bins.len() * len) as u32;
+        let mut ids = vec![self.pad; bins.len() * len];
+        let mut pick = vec![zero; idx.len() * resp_len];
+        let mut lens = Vec::with_capacity(bins.len());
+        for (r, bin) in bins.iter().enumerate() {
+            let mut at = r * len;
+            let mut row = Vec::with_capacity(bin.len());
+            for &d in bin {
+                let k = docs[d];
+                let (p, resp) = (&self.prompts[idx[k]], &self.responses[idx[k]]);
+                let n = sizes[d];
+                ids[at..at + p.len()].copy_from_slice(p);
+                ids[at + p.len()..at + n].copy_from_slice(&resp[..n - p.len()]);
+                // The state at document offset `|p| - 1 + t` predicts response token t.
+                if resp.len() > resp_len {
+                    anyhow::bail!(
+                        "packing: a response of {} tokens in {resp_len} slots",
+                        resp.len()
+                    );
+                }
+                for t in 0..resp.len() {
+                    pick[k * resp_len + t] = (at + p.len() - 1 + t) as u32;
+                }
+                at += n;
+                row.push(n);
+            }
+            lens.push(row);
+        }
+        let mut slot = vec![pick.len() as u32; bins.len() * len + 1];
+        for (k, &state) in pick.iter().enumerate() {
+            if state != zero {
+                slot[state as usize] = k as u32;
+            }
+        }
+        let shape = (bins.len(), len);
+        Ok(Some(PackedRows {
+            ids: Tensor::from_vec(ids, shape, dev)?,
+            segments: Segments::from_lengths(&lens, len, dev)?,
+            pick: Tensor::from_vec(pick, idx.len() * resp_len, dev)?,
+            slot: Tensor::from_vec(slot, bins.len() * len + 1, dev)?,
+            slots: (idx.len(), resp_len),
+        }))
+    }
+}
+
+/// Documents `docs[d]` (minibatch slots) of `sizes[d]` positions, in `bins` of `len`.
+struct Plan {
+    docs: Vec<usize>,
+    sizes: Vec<usize>,
+    bins: Vec<Vec<usize>>,
+    len: usize,
+}
+
+impl PackedRows {
+    /// `(rows, positions per row)` of the forward.
+    pub fn dims(&self) -> (usize, usize) {
+        self.segments.dims()
+    }
+
+    /// `[b, R, H]`: the states that predict each response token, zeros past a response's end,
+    /// as the padded layout's columns `L - 1 ..` give them.
+    pub fn hidden(&self, net: &Transformer, ctx: Ctx) -> Result<Tensor> {
+        let f = Fwd {
+            ctx,
+            positions: None,
+            key_valid: None,
+            segments: Some(&self.segments),
+        };
+        let h = net.hidden(&self.ids, &f, None)?;
+        let (rows, len, width) = h.dims3()?;
+        let zeros = Tensor::zeros((1, width), h.dtype(), h.device())?;
+        let states = Tensor::cat(&[&h.reshape((rows * len, width))?, &zeros], 0)?;
+        let op = Pick {
+            slot: self.slot.clone(),
+            shape: Shape::from((self.slots.0, self.slots.1, width)),
+        };
+        Ok(states.apply_op2(&self.pick, op)?)
+    }
+}
+
+/// `states [N, H]` and `pick [M]` (u32, no state but the last picked twice) -> `[M, H]` as
+/// `shape`, the rows `pick` names; the gradient of the states is the picked slots' gradient
+/// rows picked back by `slot` (the last state's, which only zeros fill, is not computed).
+struct Pick {
+    slot: Tensor,
+    shape: Shape,
+}
+
+impl CustomOp2 for Pick {
+    fn name(&self) -> &'static str {
+        "temper-pick-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        states: &CpuStorage,
+        ls: &Layout,
+        pick: &CpuStorage,
+        lp: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((states.index_select(pick, ls, lp, 0)?, self.shape.clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        states: &candle_core::CudaStorage,
+        ls: &Layout,
+        pick: &candle_core::CudaStorage,
+        lp: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((states.index_select(pick, ls, lp, 0)?, self.shape.clone()))
+    }
+
+    fn bwd(
+        &self,
+        states: &Tensor,
+        _pick: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let width = states.dim(1)?;
+        let flat = grad.reshape((self.shape.elem_count() / width, width))?;
+        let zeros = Tensor::zeros((1, width), grad.dtype(), grad.device())?;
+        let ext = Tensor::cat(&[&flat, &zeros], 0)?;
+        Ok((Some(ext.index_select(&self.slot, 0)?), None))
+    }
+}
+
+#[cfg(test)]
+mod tests;
