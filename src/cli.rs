@@ -134,12 +134,12 @@ pub struct StageArgs {
     pub advantage_estimator: Option<AdvantageEstimator>,
     /// SFT: pack the examples into rows of --seq-len positions, each attending only to
     /// itself (`[sft] packing`; TRL's --packing). PPO, GRPO: pack each minibatch's prompts
-    /// and responses for the training forward (`[ppo]` / `[grpo] packing`; OpenRLHF's
-    /// --packing_samples).
+    /// and responses for the training forward, and a reward model's sequences (`[ppo]` /
+    /// `[grpo] packing`; OpenRLHF's --packing_samples).
     #[arg(long)]
     pub packing: bool,
-    /// DPO: pack each batch's chosen and rejected sequences into rows, each attending only to
-    /// itself (`[dpo] padding_free`; TRL's --padding_free).
+    /// DPO, reward: pack each batch's chosen and rejected sequences into rows, each attending
+    /// only to itself (`[dpo]` / `[reward] padding_free`; TRL's --padding_free).
     #[arg(long)]
     pub padding_free: bool,
 }
@@ -440,10 +440,19 @@ impl StageArgs {
             Stage::Grpo => Some(&mut cfg.grpo.packing),
             _ => None,
         };
-        let padding_free = (now == Stage::Dpo).then_some(&mut cfg.dpo.padding_free);
+        let padding_free = match now {
+            Stage::Dpo => Some(&mut cfg.dpo.padding_free),
+            Stage::Reward => Some(&mut cfg.reward.padding_free),
+            _ => None,
+        };
         for (set, flag, on, stages) in [
             (self.packing, "--packing", packing, "sft, ppo and grpo"),
-            (self.padding_free, "--padding-free", padding_free, "dpo"),
+            (
+                self.padding_free,
+                "--padding-free",
+                padding_free,
+                "dpo and reward",
+            ),
         ] {
             match on {
                 Some(on) => *on |= set,

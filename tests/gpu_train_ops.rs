@@ -56,7 +56,8 @@
 //! - RL packing (`src/stages/rollout_packing.rs`): a rollout's rows packed with document
 //!   masks and their states picked back out give the padded rows' response
 //!   log-probabilities and every gradient: f32 in candle's graph, and bf16 with compute
-//!   copies on the tape, blocks recomputed or not; small GPT-2 and Llama.
+//!   copies on the tape, blocks recomputed or not; small GPT-2 and Llama. And a reward
+//!   model's scores of packed sequences (`[reward] padding_free`) with their gradients.
 //!
 //! Each needs feature `cuda` and a CUDA device; otherwise it prints why it did not run on
 //! stderr and passes.
@@ -1583,6 +1584,7 @@ mod tape {
 }
 
 gpu_test!(packed_rollout::packed_rollout_rows_score_as_padded_ones);
+gpu_test!(packed_rollout::packed_sequences_get_the_padded_rewards);
 
 #[cfg(feature = "cuda")]
 mod packed_rollout {
@@ -1590,7 +1592,8 @@ mod packed_rollout {
     use temper::config::TrainConfig;
     use temper::kernels::KernelSet;
     use temper::model::linear::Ctx;
-    use temper::model::Transformer;
+    use temper::model::{ScalarHead, Transformer};
+    use temper::stages::reward::Scorer;
     use temper::stages::rollout::{layout, response_logprobs, Rollout, Sampled};
     use temper::stages::rollout_packing::RolloutDocs;
     use temper::train::optimizer::AdamW;
@@ -1679,6 +1682,69 @@ mod packed_rollout {
                 for (k, (a, b)) in got.iter().zip(&want).enumerate().skip(1) {
                     assert_close(
                         &format!("packed gradient {k} {what}"),
+                        a,
+                        b,
+                        2.0 * tol(dtype),
+                        grad_tol(dtype),
+                    );
+                }
+            }
+        }
+    }
+
+    /// `[reward] padding_free` on the device: sequences of 1 to 97 tokens packed into rows
+    /// as wide as the longest get the padded batch's scores and gradients, f32 in candle's
+    /// graph and bf16 with compute copies on the tape.
+    pub fn packed_sequences_get_the_padded_rewards(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(32);
+        let seqs: Vec<Vec<u32>> = [40, 97, 1, 23, 60, 8, 31, 55]
+            .iter()
+            .map(|&n| (0..n).map(|_| 1 + rng.below(500) as u32).collect())
+            .collect();
+        let w: Vec<f32> = (0..seqs.len()).map(|k| k as f32 - 3.5).collect();
+        let w = Tensor::from_vec(w, seqs.len(), dev).unwrap();
+        for preset in ["gpt2", "llama-tiny"] {
+            let cfg = super::curves::small(preset);
+            for (dtype, tape) in [(DType::F32, false), (DType::BF16, true)] {
+                let ctx = Ctx {
+                    dtype,
+                    kernels: KernelSet::default(),
+                    use_lora: false,
+                    dropout_seed: None,
+                    tape,
+                    recompute_blocks: false,
+                };
+                let run = |pack: bool| {
+                    let mut store = ParamStore::new(dev.clone(), 6);
+                    let mut scope = store.scope(Net::Policy);
+                    let net = Transformer::new(&mut scope, &cfg, None).unwrap();
+                    let head = ScalarHead::load(scope.pp("score"), cfg.hidden_size, false).unwrap();
+                    let scorer = Scorer { net, head };
+                    let mut opt = AdamW::new(&store, &|_| true, &TrainConfig::default()).unwrap();
+                    if dtype == DType::BF16 {
+                        opt.keep_compute_copies(DType::BF16).unwrap();
+                    }
+                    let s = scorer.score(&seqs, 0, ctx, pack).unwrap();
+                    let loss = (&s * &w).unwrap().sum_all().unwrap();
+                    let grads = opt
+                        .collect(&temper::tape::backward(&loss).unwrap())
+                        .unwrap();
+                    let mut out = vec![s];
+                    out.extend(grads.iter().map(|g| g.to_dtype(DType::F32).unwrap()));
+                    out
+                };
+                let (want, got) = (run(false), run(true));
+                let what = format!("{preset} {dtype:?} (seed {seed})");
+                assert_close(
+                    &format!("packed scores {what}"),
+                    &got[0],
+                    &want[0],
+                    tol(dtype),
+                    elem_tol(dtype),
+                );
+                for (k, (a, b)) in got.iter().zip(&want).enumerate().skip(1) {
+                    assert_close(
+                        &format!("packed reward gradient {k} {what}"),
                         a,
                         b,
                         2.0 * tol(dtype),

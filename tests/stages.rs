@@ -448,6 +448,65 @@ mod stage_chain {
         );
     }
 
+    /// `reward --padding-free` scores each micro-batch's chosen and rejected sequences packed:
+    /// the padded run's losses step for step (the unit test
+    /// `packed_sequences_score_and_train_as_padded_ones` checks scores and gradients exactly).
+    /// Prompts of one to four words, so that a batch's sequences differ in length and pack.
+    #[test]
+    fn padding_free_reward_modelling_takes_the_padded_steps() {
+        let dir = run_dir("rm-padding-free");
+        std::fs::create_dir_all(&dir).unwrap();
+        let words = ["apple", "river", "stone", "cloud", "green", "table"];
+        let body: String = (0..64)
+            .map(|i| {
+                let w: Vec<&str> = (0..=i % 4).map(|k| words[(i + k) % 6]).collect();
+                let w = w.join(" ");
+                let line = serde_json::json!({"prompt": format!("say {w}: "), "chosen": w,
+                    "rejected": w.to_uppercase()});
+                format!("{line}\n")
+            })
+            .collect();
+        let data = dir.join("prefs.jsonl");
+        std::fs::write(&data, body).unwrap();
+        let run = |name: &str, extra: &[&str]| {
+            let out = dir.join(name);
+            let mut a = vec![
+                "reward",
+                "--config",
+                config(),
+                "--init",
+                arg(sft()),
+                "--data",
+                arg(&data),
+                "--out",
+                arg(&out),
+                "--steps",
+                "6",
+                "--log-every",
+                "1",
+                "--device",
+                "cpu",
+            ];
+            a.extend(extra);
+            run_ok(&a);
+            let saved = std::fs::read_to_string(out.join("config.toml")).unwrap();
+            let on = saved.contains("padding_free = true");
+            (series(&metrics(&out), "train", "loss"), on)
+        };
+        let (padded, off) = run("padded", &[]);
+        let (packed, on) = run("packed", &["--padding-free"]);
+        // The flag reaches the run's configuration, which `Scorer::score` is called with.
+        assert!(on && !off);
+        assert_eq!(padded.len(), 6, "{padded:?}");
+        assert_eq!(packed.len(), padded.len());
+        for ((step, a), (_, b)) in packed.iter().zip(&padded) {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1e-2),
+                "step {step}: packed {a}, padded {b}"
+            );
+        }
+    }
+
     #[test]
     fn lora_dpo_starts_at_log_2() {
         let first_val = series(&metrics(dpo()), "val", "loss")[0].1;

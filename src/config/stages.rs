@@ -41,6 +41,11 @@ pub struct RewardConfig {
     pub margin: f64,
     pub task_pairs: usize,
     pub eval_pairs: usize,
+    /// Score each micro-batch's chosen and rejected sequences packed into rows as wide as the
+    /// longest, each attending only to itself with positions from 0 (as `[dpo]
+    /// padding_free`): the padded batch's scores and loss without its padding. A batch that
+    /// packing would not shrink stays padded.
+    pub padding_free: bool,
 }
 
 impl Default for RewardConfig {
@@ -49,6 +54,7 @@ impl Default for RewardConfig {
             margin: 0.0,
             task_pairs: 4000,
             eval_pairs: 400,
+            padding_free: false,
         }
     }
 }
@@ -111,7 +117,8 @@ pub struct PpoConfig {
     /// (OpenRLHF's `--packing_samples`): each row attends only to itself with positions from
     /// 0, so its log-probabilities and values are those of the padded layout, while the
     /// forward skips the left padding of short prompts and the right padding of short
-    /// responses. A minibatch that packing would not shrink stays padded.
+    /// responses. A minibatch that packing would not shrink stays padded. Reward models
+    /// score packed sequences too (as `[reward] padding_free`), held-out evaluation included.
     pub packing: bool,
 }
 

@@ -12,6 +12,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod mlp;
 pub mod norm;
+pub mod pick;
 pub mod rope;
 pub mod transformer;
 

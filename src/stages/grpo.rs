@@ -233,12 +233,13 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
     // With beta = 0 nothing reads the reference: as TRL, none is loaded or run.
     let with_reference = c.beta != 0.0;
     let (store, policy, reference, tok) = PolicyPair::load_with(env, with_reference)?.into_parts();
-    let rewards = RewardFn::load(
+    let mut rewards = RewardFn::load(
         &c.rewards,
         (&env.device, env.dtype()),
         &tok,
         &cfg.external_reward,
     )?;
+    rewards.pack_models = c.packing;
     let (prompts, eval_prompts) = prompt_sets(env, c.task_prompts, c.eval_prompts)?;
     let ctx_len = policy.cfg.max_position_embeddings;
     for set in [&prompts, &eval_prompts] {

@@ -332,12 +332,13 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
     let tok = pair.loaded.tokenizer.clone();
     // The weights now live in the stores; the loaded copy would double the memory.
     pair.loaded.tensors.clear();
-    let rewards = RewardFn::load(
+    let mut rewards = RewardFn::load(
         &c.rewards,
         (&env.device, env.dtype()),
         &tok,
         &cfg.external_reward,
     )?;
+    rewards.pack_models = c.packing;
     let (prompts, eval_prompts) = prompt_sets(env, c.task_prompts, c.eval_prompts)?;
     let ctx_len = pair.policy.cfg.max_position_embeddings;
     for set in [&prompts, &eval_prompts] {

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
-use super::batch::padded;
+use super::batch::{best_fit_decreasing, padded};
 use super::loader::scored_from;
 use super::setup::{self, init_checkpoint, split_holdout, Plan};
 use super::Env;
@@ -15,7 +15,9 @@ use crate::data::records::{load_preferences_templated, place, PreferencePair};
 use crate::data::sampler::WindowSampler;
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
+use crate::kernels::segments::Segments;
 use crate::model::heads::gather_last;
+use crate::model::pick::pick_rows;
 use crate::model::{Fwd, ScalarHead, Transformer};
 use crate::train::checkpoint::CheckpointKind;
 use crate::train::loss::{log_sigmoid, scalar};
@@ -45,16 +47,69 @@ impl Scorer {
         self.head.forward(&self.net.hidden(ids, &f, None)?)
     }
 
-    /// One score per sequence, read at its last real token.
+    /// One score per sequence, read at its last real token; with `pack`, from sequences
+    /// packed into rows as wide as the longest where that computes fewer positions.
     pub fn score(
         &self,
         seqs: &[Vec<u32>],
         pad: u32,
         ctx: crate::model::linear::Ctx,
+        pack: bool,
     ) -> Result<Tensor> {
         let dev = self.net.device().clone();
+        if pack {
+            if let Some(s) = self.packed_scores(seqs, pad, ctx)? {
+                return Ok(s);
+            }
+        }
         let (ids, _, last) = padded(seqs, pad, self.net.cfg.max_position_embeddings, &dev)?;
         gather_last(&self.per_token(&ids, None, ctx)?, &last)
+    }
+
+    /// [`Self::score`] of sequences packed by best-fit decreasing into rows as wide as the
+    /// longest, each attending only to itself (`Segments`), each score picked at its last
+    /// token; None where that saves no position, or a sequence is empty.
+    fn packed_scores(
+        &self,
+        seqs: &[Vec<u32>],
+        pad: u32,
+        ctx: crate::model::linear::Ctx,
+    ) -> Result<Option<Tensor>> {
+        let sizes: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        let longest = sizes.iter().copied().max().unwrap_or(0);
+        if sizes.contains(&0) || longest > self.net.cfg.max_position_embeddings {
+            return Ok(None);
+        }
+        let bins = best_fit_decreasing(&sizes, longest)?;
+        let fill = |b: &Vec<usize>| b.iter().map(|&i| sizes[i]).sum::<usize>();
+        let len = bins.iter().map(fill).max().unwrap_or(0);
+        if bins.len() * len >= seqs.len() * longest {
+            return Ok(None);
+        }
+        let mut ids = vec![pad; bins.len() * len];
+        let mut last = vec![None; seqs.len()];
+        let mut docs = Vec::with_capacity(bins.len());
+        for (r, bin) in bins.iter().enumerate() {
+            let mut at = r * len;
+            for &i in bin {
+                ids[at..at + sizes[i]].copy_from_slice(&seqs[i]);
+                at += sizes[i];
+                last[i] = Some((at - 1) as u32);
+            }
+            docs.push(bin.iter().map(|&i| sizes[i]).collect());
+        }
+        let dev = self.net.device();
+        let segments = Segments::from_lengths(&docs, len, dev)?;
+        let f = Fwd {
+            ctx,
+            positions: None,
+            key_valid: None,
+            segments: Some(&segments),
+        };
+        let ids = Tensor::from_vec(ids, (bins.len(), len), dev)?;
+        let per_token = self.head.forward(&self.net.hidden(&ids, &f, None)?)?;
+        let flat = per_token.reshape((bins.len() * len, 1))?;
+        Ok(Some(pick_rows(&flat, &last)?.squeeze(1)?))
     }
 }
 
@@ -109,9 +164,12 @@ impl RewardTask<'_> {
         let mut seqs: Vec<Vec<u32>> = pairs.iter().map(|p| p.0.clone()).collect();
         seqs.extend(pairs.iter().map(|p| p.1.clone()));
         let tokens = seqs.iter().map(Vec::len).sum();
-        let scores = self
-            .model
-            .score(&seqs, self.tok.pad_id(), self.env.ctx(true, None))?;
+        let scores = self.model.score(
+            &seqs,
+            self.tok.pad_id(),
+            self.env.ctx(true, None),
+            self.env.cfg.reward.padding_free,
+        )?;
         let n = pairs.len();
         let diff = (scores.narrow(0, 0, n)? - scores.narrow(0, n, n)?)?;
         let loss = log_sigmoid(&(&diff - self.env.cfg.reward.margin)?)?
@@ -249,4 +307,97 @@ pub fn run(env: &Env) -> Result<RewardResult> {
         accuracy: summary.last_eval.map_or(f64::NAN, |e| e.accuracy),
         first_accuracy: summary.first_eval.map(|e| e.accuracy),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use super::*;
+    use crate::config::ModelConfig;
+    use crate::kernels::KernelSet;
+    use crate::model::linear::Ctx;
+    use crate::train::params::Net;
+    use crate::train::rng::Rng;
+
+    /// Scoring packed is only a layout: sequences of 3 to 21 tokens packed into rows as wide as
+    /// the longest give the padded batch's scores, and every parameter's gradient of a
+    /// weighted sum of them, in candle's graph and on the tape (blocks recomputed or not); a
+    /// batch that packing would not shrink is scored padded.
+    #[test]
+    fn packed_sequences_score_and_train_as_padded_ones() {
+        let mut rng = Rng::new(17);
+        let seqs: Vec<Vec<u32>> = [7, 21, 3, 12, 9, 16, 5]
+            .iter()
+            .map(|&n| (0..n).map(|_| 1 + rng.below(60) as u32).collect())
+            .collect();
+        let w = Tensor::new(&[0.5f32, -1.0, 2.0, 0.25, -0.75, 1.5, 1.0], &Device::Cpu).unwrap();
+        for preset in ["gpt2", "llama-tiny"] {
+            let mut cfg = ModelConfig::for_tests(preset);
+            cfg.dropout = 0.0;
+            let mut store = ParamStore::new(Device::Cpu, 23);
+            let mut scope = store.scope(Net::Policy);
+            let net = Transformer::new(&mut scope, &cfg, None).unwrap();
+            let head = ScalarHead::load(scope.pp("score"), cfg.hidden_size, false).unwrap();
+            let scorer = Scorer { net, head };
+            for (tape, recompute_blocks) in [(false, false), (true, false), (true, true)] {
+                let ctx = Ctx {
+                    dtype: DType::F32,
+                    kernels: KernelSet::default(),
+                    use_lora: false,
+                    dropout_seed: None,
+                    tape,
+                    recompute_blocks,
+                };
+                // The packed scores straight from `packed_scores`, so that a `score` that
+                // ignored `pack` could not pass by comparing padded with padded.
+                let run = |pack: bool| {
+                    let s = match pack {
+                        true => scorer.packed_scores(&seqs, 0, ctx).unwrap().unwrap(),
+                        false => scorer.score(&seqs, 0, ctx, false).unwrap(),
+                    };
+                    let loss = (&s * &w).unwrap().sum_all().unwrap();
+                    let grads = crate::tape::backward(&loss).unwrap();
+                    let g: Vec<Vec<f32>> = store
+                        .iter()
+                        .map(|(_, v, _)| {
+                            let g = grads.get(v.as_tensor()).unwrap();
+                            g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                        })
+                        .collect();
+                    (s.to_vec1::<f32>().unwrap(), g)
+                };
+                let what = format!("{preset} tape {tape} recompute {recompute_blocks}");
+                let (want, g0) = run(false);
+                let (got, g1) = run(true);
+                for (a, b) in got.iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                        "{what}: {got:?} vs {want:?}"
+                    );
+                }
+                for (a, b) in g1.iter().zip(&g0) {
+                    let scale = b.iter().fold(1e-3f32, |m, y| m.max(y.abs()));
+                    for (x, y) in a.iter().zip(b) {
+                        assert!((x - y).abs() <= 1e-5 * scale, "{what}: gradient {x} vs {y}");
+                    }
+                }
+            }
+            // 73 tokens pack into four rows of 21 (84 positions, against 147 padded), and
+            // `score` with `pack` takes that path.
+            let plain = Ctx::plain(DType::F32);
+            let packed = scorer.packed_scores(&seqs, 0, plain).unwrap().unwrap();
+            let scored = scorer.score(&seqs, 0, plain, true).unwrap();
+            assert_eq!(
+                packed.to_vec1::<f32>().unwrap(),
+                scored.to_vec1::<f32>().unwrap()
+            );
+            // Two sequences of one length: nothing to save.
+            let same = [seqs[1].clone(), seqs[1].clone()];
+            let packed = scorer
+                .packed_scores(&same, 0, Ctx::plain(DType::F32))
+                .unwrap();
+            assert!(packed.is_none());
+        }
+    }
 }

@@ -10,19 +10,16 @@
 //!
 //! The hidden states that predict response tokens are then picked out into the padded
 //! `[b, R, H]` layout everything after the forward reads (the LM head, the value head, the
-//! losses): a row's response slot past its length picks a row of zeros, which no loss
-//! reads. Each state is picked at most once, so the pick's backward is a pick too (each
-//! state's gradient is its slot's, or zero), an `index_select`, not the `index_add` of
-//! candle's own `index_select` backward, which on CUDA runs its sums one position after
-//! another.
+//! losses; [`pick_rows`]): a row's response slot past its length picks zeros, which no loss
+//! reads.
 
 use anyhow::Result;
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Device, Layout, Shape, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::batch::best_fit_decreasing;
 use crate::kernels::segments::Segments;
 use crate::model::linear::Ctx;
+use crate::model::pick::pick_rows;
 use crate::model::{Fwd, Transformer};
 
 /// Each rollout row's tokens, kept on the host to lay out packed minibatches.
@@ -39,11 +36,8 @@ pub struct PackedRows {
     /// `[rows, len]` u32.
     ids: Tensor,
     segments: Segments,
-    /// `[b * R]` u32 into the flattened states `[rows * len + 1, H]`, whose last row is
-    /// zeros.
-    pick: Tensor,
-    /// `[rows * len + 1]` u32: the slot that picks each state, `b * R` for none.
-    slot: Tensor,
+    /// `b * R` slots: each the flattened state that predicts its response token, or none.
+    picks: Vec<Option<u32>>,
     /// `(b, R)`.
     slots: (usize, usize),
 }
@@ -136,9 +130,8 @@ impl RolloutDocs {
         else {
             return Ok(None);
         };
-        let zero = (bins.len() * len) as u32;
         let mut ids = vec![self.pad; bins.len() * len];
-        let mut pick = vec![zero; idx.len() * resp_len];
+        let mut picks = vec![None; idx.len() * resp_len];
         let mut lens = Vec::with_capacity(bins.len());
         for (r, bin) in bins.iter().enumerate() {
             let mut at = r * len;
@@ -157,25 +150,18 @@ impl RolloutDocs {
                     );
                 }
                 for t in 0..resp.len() {
-                    pick[k * resp_len + t] = (at + p.len() - 1 + t) as u32;
+                    picks[k * resp_len + t] = Some((at + p.len() - 1 + t) as u32);
                 }
                 at += n;
                 row.push(n);
             }
             lens.push(row);
         }
-        let mut slot = vec![pick.len() as u32; bins.len() * len + 1];
-        for (k, &state) in pick.iter().enumerate() {
-            if state != zero {
-                slot[state as usize] = k as u32;
-            }
-        }
         let shape = (bins.len(), len);
         Ok(Some(PackedRows {
             ids: Tensor::from_vec(ids, shape, dev)?,
             segments: Segments::from_lengths(&lens, len, dev)?,
-            pick: Tensor::from_vec(pick, idx.len() * resp_len, dev)?,
-            slot: Tensor::from_vec(slot, bins.len() * len + 1, dev)?,
+            picks,
             slots: (idx.len(), resp_len),
         }))
     }
@@ -206,62 +192,8 @@ impl PackedRows {
         };
         let h = net.hidden(&self.ids, &f, None)?;
         let (rows, len, width) = h.dims3()?;
-        let zeros = Tensor::zeros((1, width), h.dtype(), h.device())?;
-        let states = Tensor::cat(&[&h.reshape((rows * len, width))?, &zeros], 0)?;
-        let op = Pick {
-            slot: self.slot.clone(),
-            shape: Shape::from((self.slots.0, self.slots.1, width)),
-        };
-        Ok(states.apply_op2(&self.pick, op)?)
-    }
-}
-
-/// `states [N, H]` and `pick [M]` (u32, no state but the last picked twice) -> `[M, H]` as
-/// `shape`, the rows `pick` names; the gradient of the states is the picked slots' gradient
-/// rows picked back by `slot` (the last state's, which only zeros fill, is not computed).
-struct Pick {
-    slot: Tensor,
-    shape: Shape,
-}
-
-impl CustomOp2 for Pick {
-    fn name(&self) -> &'static str {
-        "temper-pick-rows"
-    }
-
-    fn cpu_fwd(
-        &self,
-        states: &CpuStorage,
-        ls: &Layout,
-        pick: &CpuStorage,
-        lp: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((states.index_select(pick, ls, lp, 0)?, self.shape.clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        states: &candle_core::CudaStorage,
-        ls: &Layout,
-        pick: &candle_core::CudaStorage,
-        lp: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((states.index_select(pick, ls, lp, 0)?, self.shape.clone()))
-    }
-
-    fn bwd(
-        &self,
-        states: &Tensor,
-        _pick: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let width = states.dim(1)?;
-        let flat = grad.reshape((self.shape.elem_count() / width, width))?;
-        let zeros = Tensor::zeros((1, width), grad.dtype(), grad.device())?;
-        let ext = Tensor::cat(&[&flat, &zeros], 0)?;
-        Ok((Some(ext.index_select(&self.slot, 0)?), None))
+        let picked = pick_rows(&h.reshape((rows * len, width))?, &self.picks)?;
+        Ok(picked.reshape((self.slots.0, self.slots.1, width))?)
     }
 }
 

@@ -44,6 +44,8 @@ struct Source {
 pub struct RewardFn {
     sources: Vec<Source>,
     pub names: Vec<String>,
+    /// Whether reward models score the sequences packed (the RL stage's `packing`).
+    pub pack_models: bool,
 }
 
 /// One batch's scores: the weighted total, and each source's unweighted scores.
@@ -104,7 +106,11 @@ impl RewardFn {
             });
         }
         let names = sources.iter().map(|s| s.name.clone()).collect();
-        Ok(Self { sources, names })
+        Ok(Self {
+            sources,
+            names,
+            pack_models: false,
+        })
     }
 
     /// Whether the checker is a source, so every prompt needs an `answer`.
@@ -127,7 +133,9 @@ impl RewardFn {
                         recompute_blocks: false,
                         ..ctx
                     };
-                    let s = m.score(batch.seqs, pad, ctx)?.to_dtype(DType::F32)?;
+                    let s = m
+                        .score(batch.seqs, pad, ctx, self.pack_models)?
+                        .to_dtype(DType::F32)?;
                     s.to_vec1::<f32>()?.into_iter().map(f64::from).collect()
                 }
                 Kind::External(e) => {
