@@ -1590,7 +1590,6 @@ gpu_test!(packed_rollout::packed_sequences_get_the_padded_rewards);
 mod packed_rollout {
     use candle_core::{DType, Device, Tensor};
     use temper::config::TrainConfig;
-    use temper::kernels::KernelSet;
     use temper::model::linear::Ctx;
     use temper::model::{ScalarHead, Transformer};
     use temper::stages::reward::Scorer;
@@ -1600,6 +1599,44 @@ mod packed_rollout {
     use temper::train::params::{Net, ParamStore};
 
     use super::common::gpu::{assert_close, elem_tol, grad_tol, tol, Rng};
+
+    /// An optimizer over `store` to collect gradients with: through the bf16 compute copies
+    /// where `dtype` is bf16, as the training loop does.
+    fn optimizer(store: &ParamStore, dtype: DType) -> AdamW {
+        let mut opt = AdamW::new(store, &|_| true, &TrainConfig::default()).unwrap();
+        if dtype == DType::BF16 {
+            opt.keep_compute_copies(DType::BF16).unwrap();
+        }
+        opt
+    }
+
+    /// `out` followed by every parameter's gradient of `loss`, in f32.
+    fn with_gradients(opt: &mut AdamW, out: Tensor, loss: &Tensor) -> Vec<Tensor> {
+        let grads = opt.collect(&temper::tape::backward(loss).unwrap()).unwrap();
+        let mut all = vec![out];
+        all.extend(grads.iter().map(|g| g.to_dtype(DType::F32).unwrap()));
+        all
+    }
+
+    /// The packed run's output and gradients against the padded run's.
+    fn compare(output: &str, got: &[Tensor], want: &[Tensor], dtype: DType, what: &str) {
+        assert_close(
+            &format!("packed {output} {what}"),
+            &got[0],
+            &want[0],
+            tol(dtype),
+            elem_tol(dtype),
+        );
+        for (k, (a, b)) in got.iter().zip(want).enumerate().skip(1) {
+            assert_close(
+                &format!("packed gradient {k} {what}"),
+                a,
+                b,
+                2.0 * tol(dtype),
+                grad_tol(dtype),
+            );
+        }
+    }
 
     /// The response log-probabilities of rows 4, 0, 2, 5, 1 and 3 (masked), then every
     /// parameter's gradient (f32, as the optimizer collects it) of their weighted sum.
@@ -1613,12 +1650,7 @@ mod packed_rollout {
         let w: Vec<f32> = (0..b * r).map(|k| ((k * 7) % 5) as f32 - 1.5).collect();
         let w = Tensor::from_vec(w, (b, r), lp.device()).unwrap();
         let loss = (&lp * &w).unwrap().sum_all().unwrap();
-        let grads = opt
-            .collect(&temper::tape::backward(&loss).unwrap())
-            .unwrap();
-        let mut out = vec![lp];
-        out.extend(grads.iter().map(|g| g.to_dtype(DType::F32).unwrap()));
-        out
+        with_gradients(opt, lp, &loss)
     }
 
     /// RL packing (`[ppo]` / `[grpo] packing`) on the device: rows packed with document
@@ -1652,42 +1684,19 @@ mod packed_rollout {
                 (DType::BF16, true, true),
             ] {
                 let ctx = Ctx {
-                    dtype,
-                    kernels: KernelSet::default(),
-                    use_lora: false,
-                    dropout_seed: None,
                     tape,
                     recompute_blocks,
+                    ..Ctx::plain(dtype)
                 };
-                // The same init for each layout, and an optimizer of its own to collect the
-                // gradients (through the compute copies in bf16).
+                // The same init for each layout, and an optimizer of its own.
                 let run = |ro: &Rollout| {
                     let mut store = ParamStore::new(dev.clone(), 5);
                     let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
-                    let mut opt = AdamW::new(&store, &|_| true, &TrainConfig::default()).unwrap();
-                    if dtype == DType::BF16 {
-                        opt.keep_compute_copies(DType::BF16).unwrap();
-                    }
-                    scored(&mut opt, &net, ctx, ro)
+                    scored(&mut optimizer(&store, dtype), &net, ctx, ro)
                 };
                 let (want, got) = (run(&padded), run(&packed));
                 let what = format!("{preset} {dtype:?} recompute {recompute_blocks} (seed {seed})");
-                assert_close(
-                    &format!("packed log-probabilities {what}"),
-                    &got[0],
-                    &want[0],
-                    tol(dtype),
-                    elem_tol(dtype),
-                );
-                for (k, (a, b)) in got.iter().zip(&want).enumerate().skip(1) {
-                    assert_close(
-                        &format!("packed gradient {k} {what}"),
-                        a,
-                        b,
-                        2.0 * tol(dtype),
-                        grad_tol(dtype),
-                    );
-                }
+                compare("log-probabilities", &got, &want, dtype, &what);
             }
         }
     }
@@ -1707,12 +1716,8 @@ mod packed_rollout {
             let cfg = super::curves::small(preset);
             for (dtype, tape) in [(DType::F32, false), (DType::BF16, true)] {
                 let ctx = Ctx {
-                    dtype,
-                    kernels: KernelSet::default(),
-                    use_lora: false,
-                    dropout_seed: None,
                     tape,
-                    recompute_blocks: false,
+                    ..Ctx::plain(dtype)
                 };
                 let run = |pack: bool| {
                     let mut store = ParamStore::new(dev.clone(), 6);
@@ -1720,37 +1725,13 @@ mod packed_rollout {
                     let net = Transformer::new(&mut scope, &cfg, None).unwrap();
                     let head = ScalarHead::load(scope.pp("score"), cfg.hidden_size, false).unwrap();
                     let scorer = Scorer { net, head };
-                    let mut opt = AdamW::new(&store, &|_| true, &TrainConfig::default()).unwrap();
-                    if dtype == DType::BF16 {
-                        opt.keep_compute_copies(DType::BF16).unwrap();
-                    }
                     let s = scorer.score(&seqs, 0, ctx, pack).unwrap();
                     let loss = (&s * &w).unwrap().sum_all().unwrap();
-                    let grads = opt
-                        .collect(&temper::tape::backward(&loss).unwrap())
-                        .unwrap();
-                    let mut out = vec![s];
-                    out.extend(grads.iter().map(|g| g.to_dtype(DType::F32).unwrap()));
-                    out
+                    with_gradients(&mut optimizer(&store, dtype), s, &loss)
                 };
                 let (want, got) = (run(false), run(true));
                 let what = format!("{preset} {dtype:?} (seed {seed})");
-                assert_close(
-                    &format!("packed scores {what}"),
-                    &got[0],
-                    &want[0],
-                    tol(dtype),
-                    elem_tol(dtype),
-                );
-                for (k, (a, b)) in got.iter().zip(&want).enumerate().skip(1) {
-                    assert_close(
-                        &format!("packed reward gradient {k} {what}"),
-                        a,
-                        b,
-                        2.0 * tol(dtype),
-                        grad_tol(dtype),
-                    );
-                }
+                compare("scores", &got, &want, dtype, &what);
             }
         }
     }

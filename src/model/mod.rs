@@ -19,3 +19,18 @@ pub mod transformer;
 pub use heads::ScalarHead;
 pub use kv_cache::KvCache;
 pub use transformer::{Fwd, Transformer};
+
+/// A 2-layer model of `preset`'s shape ([`crate::config::ModelConfig::for_tests`]) without
+/// dropout, and the store holding its parameters.
+#[cfg(test)]
+pub(crate) fn test_model(
+    preset: &str,
+    seed: u64,
+) -> (crate::train::params::ParamStore, Transformer) {
+    use crate::train::params::{Net, ParamStore};
+    let mut cfg = crate::config::ModelConfig::for_tests(preset);
+    cfg.dropout = 0.0;
+    let mut store = ParamStore::new(candle_core::Device::Cpu, seed);
+    let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
+    (store, net)
+}

@@ -315,7 +315,6 @@ mod tests {
 
     use super::*;
     use crate::config::ModelConfig;
-    use crate::kernels::KernelSet;
     use crate::model::linear::Ctx;
     use crate::train::params::Net;
     use crate::train::rng::Rng;
@@ -342,12 +341,9 @@ mod tests {
             let scorer = Scorer { net, head };
             for (tape, recompute_blocks) in [(false, false), (true, false), (true, true)] {
                 let ctx = Ctx {
-                    dtype: DType::F32,
-                    kernels: KernelSet::default(),
-                    use_lora: false,
-                    dropout_seed: None,
                     tape,
                     recompute_blocks,
+                    ..Ctx::plain(DType::F32)
                 };
                 // The packed scores straight from `packed_scores`, so that a `score` that
                 // ignored `pack` could not pass by comparing padded with padded.

@@ -3,12 +3,10 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 
 use super::*;
-use crate::config::ModelConfig;
-use crate::kernels::KernelSet;
 use crate::model::linear::Ctx;
 use crate::model::{Fwd, Transformer};
 use crate::train::loss::masked_mean;
-use crate::train::params::{Net, ParamStore};
+use crate::train::params::ParamStore;
 use crate::train::rng::Rng;
 
 type Example = (Vec<u32>, Vec<bool>);
@@ -96,11 +94,7 @@ fn packed_batch_lays_examples_end_to_end_with_restarting_positions() {
 
 /// A 2-layer model of `preset`'s shape with a 61-token vocabulary and 32 positions.
 fn small_model(preset: &str) -> (ParamStore, Transformer) {
-    let mut cfg = ModelConfig::for_tests(preset);
-    cfg.dropout = 0.0;
-    let mut store = ParamStore::new(Device::Cpu, 11);
-    let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
-    (store, net)
+    crate::model::test_model(preset, 11)
 }
 
 /// The masked mean of the response tokens' negative log-probabilities and its gradient for
@@ -115,12 +109,9 @@ fn loss_and_grads(
 ) -> (f64, HashMap<String, Tensor>) {
     let f = Fwd {
         ctx: Ctx {
-            dtype: DType::F32,
-            kernels: KernelSet::default(),
-            use_lora: false,
-            dropout_seed: None,
             tape,
             recompute_blocks,
+            ..Ctx::plain(DType::F32)
         },
         positions,
         key_valid: None,

@@ -3,10 +3,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 
 use super::*;
-use crate::config::ModelConfig;
-use crate::kernels::KernelSet;
 use crate::stages::rollout::{layout, response_hidden, response_logprobs, Rollout, Sampled};
-use crate::train::params::{Net, ParamStore};
+use crate::train::params::ParamStore;
 use crate::train::rng::Rng;
 
 /// Prompts of 5, 2, 9, 1, 7 and 3 tokens with responses of 3, 0, 6, 6, 1 and 4: an empty
@@ -26,22 +24,11 @@ fn rollout(temperature: f64) -> (Rollout, RolloutDocs) {
     (ro, RolloutDocs::new(&prompts, &responses, 0).unwrap())
 }
 
-fn model(preset: &str) -> (ParamStore, Transformer) {
-    let mut cfg = ModelConfig::for_tests(preset);
-    cfg.dropout = 0.0;
-    let mut store = ParamStore::new(Device::Cpu, 13);
-    let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
-    (store, net)
-}
-
 fn ctx((tape, recompute_blocks): (bool, bool)) -> Ctx {
     Ctx {
-        dtype: DType::F32,
-        kernels: KernelSet::default(),
-        use_lora: false,
-        dropout_seed: None,
         tape,
         recompute_blocks,
+        ..Ctx::plain(DType::F32)
     }
 }
 
@@ -108,7 +95,7 @@ fn packed_rollout_rows_score_and_train_as_padded_ones() {
     assert_eq!(rows.dims(), (3, 14));
     assert_eq!(docs.computed_share(&all, l + r).unwrap(), 42.0 / 90.0);
     for preset in ["gpt2", "llama-tiny"] {
-        let (store, net) = model(preset);
+        let (store, net) = crate::model::test_model(preset, 13);
         for mode in [(false, false), (true, false), (true, true)] {
             for idx in [&all[..], &[2, 1, 3]] {
                 let what = format!("{preset} {mode:?} rows {idx:?}");
