@@ -361,6 +361,16 @@ mod stage_chain {
             args.extend(extra.iter().map(|a| a.to_string()));
             (out, args)
         };
+        let extra = [
+            "--eval-data",
+            arg(&eval),
+            "--steps",
+            "30",
+            "--lr",
+            "1e-3",
+            "--eval-every",
+            "30",
+        ];
         for (loss, smoothing) in [
             ("sigmoid", 0.1),
             ("robust", 0.1),
@@ -369,16 +379,6 @@ mod stage_chain {
             ("simpo", 0.0),
             ("orpo", 0.0),
         ] {
-            let extra = [
-                "--eval-data",
-                arg(&eval),
-                "--steps",
-                "30",
-                "--lr",
-                "1e-3",
-                "--eval-every",
-                "30",
-            ];
             let (out, args) = dpo(loss, loss, smoothing, "", &extra);
             let o = run_ok(&strs(&args));
             let err = String::from_utf8_lossy(&o.stderr);
@@ -419,18 +419,8 @@ mod stage_chain {
         // TRL's padding_free: the same losses from packed rows (the unit test
         // `padding_free_sequences_give_the_padded_sums_and_gradients` checks the sums and
         // gradients exactly; over 30 steps only rounding may part the curves).
-        let extra = [
-            "--eval-data",
-            arg(&eval),
-            "--steps",
-            "30",
-            "--lr",
-            "1e-3",
-            "--eval-every",
-            "30",
-            "--padding-free",
-        ];
-        let (out, args) = dpo("packed", "sigmoid", 0.1, "", &extra);
+        let packed_extra = [&extra[..], &["--padding-free"]].concat();
+        let (out, args) = dpo("packed", "sigmoid", 0.1, "", &packed_extra);
         run_ok(&strs(&args));
         let packed = series(&metrics(&out), "train", "loss");
         let padded = series(&metrics(&dir.join("sigmoid")), "train", "loss");

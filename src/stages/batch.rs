@@ -119,6 +119,20 @@ pub fn best_fit_decreasing(sizes: &[usize], capacity: usize) -> Result<Vec<Vec<u
     Ok(bins)
 }
 
+/// Items of the given sizes in rows of at most `capacity` positions ([`best_fit_decreasing`]),
+/// every row cut to the fullest one's `len`: `(bins, len)`, or None where the rows would not
+/// hold fewer positions than `padded`, the padded layout's.
+pub fn fit_rows(
+    sizes: &[usize],
+    capacity: usize,
+    padded: usize,
+) -> Result<Option<(Vec<Vec<usize>>, usize)>> {
+    let bins = best_fit_decreasing(sizes, capacity)?;
+    let fill = |b: &Vec<usize>| b.iter().map(|&i| sizes[i]).sum::<usize>();
+    let len = bins.iter().map(fill).max().unwrap_or(0);
+    Ok((bins.len() * len < padded).then_some((bins, len)))
+}
+
 /// Packed rows as the model reads them: the batch and the examples' boundaries (with their
 /// positions, which restart at 0 at each example), so that an example is computed as it is
 /// alone.
@@ -227,13 +241,10 @@ impl SeqBatch {
         // Rows as long as the context allows, or one row holding everything; then cut to the
         // fullest row, and padded after all where the rows would hold more positions.
         let cap = max_len.min(sizes.iter().sum::<usize>()).max(longest).max(1);
-        let bins = best_fit_decreasing(&sizes, cap)?;
-        let fill = |b: &Vec<usize>| b.iter().map(|&i| sizes[i]).sum::<usize>();
-        let len = bins.iter().map(fill).max().unwrap_or(0).max(1);
-        if bins.len() * len >= seqs.len() * longest {
+        let Some((bins, len)) = fit_rows(&sizes, cap, seqs.len() * longest)? else {
             let lm = lm_batch(seqs, pad, max_len, dev)?;
             return Ok(Self { lm, packed: None });
-        }
+        };
         let rows: Vec<Vec<_>> = bins
             .iter()
             .map(|b| b.iter().map(|&i| &seqs[i]).collect())

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
-use super::batch::{best_fit_decreasing, padded};
+use super::batch::{fit_rows, padded};
 use super::loader::scored_from;
 use super::setup::{self, init_checkpoint, split_holdout, Plan};
 use super::Env;
@@ -80,12 +80,9 @@ impl Scorer {
         if sizes.contains(&0) || longest > self.net.cfg.max_position_embeddings {
             return Ok(None);
         }
-        let bins = best_fit_decreasing(&sizes, longest)?;
-        let fill = |b: &Vec<usize>| b.iter().map(|&i| sizes[i]).sum::<usize>();
-        let len = bins.iter().map(fill).max().unwrap_or(0);
-        if bins.len() * len >= seqs.len() * longest {
+        let Some((bins, len)) = fit_rows(&sizes, longest, seqs.len() * longest)? else {
             return Ok(None);
-        }
+        };
         let mut ids = vec![pad; bins.len() * len];
         let mut last = vec![None; seqs.len()];
         let mut docs = Vec::with_capacity(bins.len());

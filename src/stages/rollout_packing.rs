@@ -16,7 +16,7 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
-use super::batch::best_fit_decreasing;
+use super::batch::fit_rows;
 use crate::kernels::segments::Segments;
 use crate::model::linear::Ctx;
 use crate::model::pick::pick_rows;
@@ -89,12 +89,9 @@ impl RolloutDocs {
             return Ok(None);
         }
         let sizes: Vec<usize> = docs.iter().map(|&k| self.doc_len(idx[k])).collect();
-        let bins = best_fit_decreasing(&sizes, width)?;
-        let fill = |b: &Vec<usize>| b.iter().map(|&d| sizes[d]).sum::<usize>();
-        let len = bins.iter().map(fill).max().unwrap_or(0);
-        if bins.len() * len >= idx.len() * width {
+        let Some((bins, len)) = fit_rows(&sizes, width, idx.len() * width)? else {
             return Ok(None);
-        }
+        };
         Ok(Some(Plan {
             docs,
             sizes,

@@ -387,15 +387,10 @@ mod tests {
         use crate::model::{Fwd, Transformer};
 
         let run = |preset: &str, copies: bool| -> (Vec<Vec<f32>>, Vec<usize>) {
-            let mut cfg = ModelConfig::preset(preset).unwrap();
-            (
-                cfg.hidden_size,
-                cfg.intermediate_size,
-                cfg.num_hidden_layers,
-            ) = (48, 96, 2);
-            cfg.num_attention_heads = 4;
-            cfg.num_key_value_heads = cfg.num_key_value_heads.min(4);
-            (cfg.vocab_size, cfg.max_position_embeddings) = (61, 32);
+            // The shared cut-down shape, with up to 4 kv heads (GPT-2's 4 heads unshared).
+            let mut cfg = ModelConfig::for_tests(preset);
+            let kv = ModelConfig::preset(preset).unwrap().num_key_value_heads;
+            cfg.num_key_value_heads = kv.min(4);
             cfg.tie_word_embeddings = false;
             let mut store = ParamStore::new(Device::Cpu, 5);
             let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
