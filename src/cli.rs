@@ -18,7 +18,7 @@ use crate::stages::pipeline::{Extra, PipelineOptions};
 #[command(
     name = "temper",
     version,
-    about = "Pretrain, fine-tune (LoRA), reward-model and align (PPO, DPO, GRPO) a GPT-style model"
+    about = "Pretrain, fine-tune (LoRA), reward-model and align (PPO, DPO, KTO, GRPO) a GPT-style model"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -37,6 +37,8 @@ pub enum Command {
     Ppo(StageArgs),
     /// Direct preference optimisation against a frozen reference.
     Dpo(StageArgs),
+    /// Kahneman-Tversky optimisation: completions labelled desirable or undesirable, no pairs.
+    Kto(StageArgs),
     /// Group relative policy optimisation.
     Grpo(StageArgs),
     /// pretrain -> sft -> reward -> ppo (and optionally dpo, grpo) on the built-in task.
@@ -56,7 +58,7 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct StageArgs {
-    /// TOML file with [model], [train], [lora], [data], [sft], [reward], [ppo], [dpo], [grpo].
+    /// TOML file with [model], [train], [lora], [data], [sft], [reward], [ppo], [dpo], [kto], [grpo].
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Run directory (config.toml, metrics.jsonl, checkpoints/, final/).
@@ -126,7 +128,7 @@ pub struct StageArgs {
     /// PPO/GRPO reward: `task` (the checker) or `PATH[:WEIGHT]` of a reward model; repeatable.
     #[arg(long = "reward")]
     pub rewards: Vec<RewardSpec>,
-    /// KL coefficient (PPO's beta, DPO's beta, GRPO's beta).
+    /// KL coefficient (PPO's beta, DPO's and KTO's beta, GRPO's beta).
     #[arg(long)]
     pub beta: Option<f64>,
     /// GRPO's advantage estimator: group_norm (GRPO), rloo, reinforce_plus_plus.
@@ -138,8 +140,9 @@ pub struct StageArgs {
     /// `[grpo] packing`; OpenRLHF's --packing_samples).
     #[arg(long)]
     pub packing: bool,
-    /// DPO, reward: pack each batch's chosen and rejected sequences into rows, each attending
-    /// only to itself (`[dpo]` / `[reward] padding_free`; TRL's --padding_free).
+    /// DPO, KTO, reward: pack each batch's sequences (chosen and rejected, or labelled
+    /// completions) into rows, each attending only to itself (`[dpo]` / `[kto]` / `[reward]
+    /// padding_free`; TRL's --padding_free).
     #[arg(long)]
     pub padding_free: bool,
 }
@@ -148,7 +151,7 @@ pub struct StageArgs {
 pub struct PipelineArgs {
     #[arg(long, default_value = "runs/pipeline")]
     pub out: PathBuf,
-    /// Extra stages after PPO, each from the SFT model: dpo, grpo, rloo, reinforce_pp.
+    /// Extra stages after PPO, each from the SFT model: dpo, kto, grpo, rloo, reinforce_pp.
     #[arg(long, value_delimiter = ',', value_enum)]
     pub with: Vec<Extra>,
     #[arg(long, value_enum)]
@@ -442,6 +445,7 @@ impl StageArgs {
         };
         let padding_free = match now {
             Stage::Dpo => Some(&mut cfg.dpo.padding_free),
+            Stage::Kto => Some(&mut cfg.kto.padding_free),
             Stage::Reward => Some(&mut cfg.reward.padding_free),
             _ => None,
         };
@@ -451,7 +455,7 @@ impl StageArgs {
                 self.padding_free,
                 "--padding-free",
                 padding_free,
-                "dpo and reward",
+                "dpo, kto and reward",
             ),
         ] {
             match on {
@@ -463,6 +467,7 @@ impl StageArgs {
         if let Some(b) = self.beta {
             cfg.ppo.kl_coef = b;
             cfg.dpo.beta = b;
+            cfg.kto.beta = b;
             cfg.grpo.beta = b;
         }
         Ok(())

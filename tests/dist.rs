@@ -337,6 +337,48 @@ fn dpo_over_two_ranks_follows_one_rank() {
     assert_same_curve(&x, &y);
 }
 
+/// KTO over two ranks follows one rank with the doubled batch: each prompt borrows the
+/// completion before it in the global batch, so the KL baseline is the one rank's.
+#[test]
+fn kto_over_two_ranks_follows_one_rank() {
+    let d = tmp();
+    let (cfg, pre) = pretrained(d.path());
+    let (one, two) = (p(d.path(), "one"), p(d.path(), "two"));
+    let common = [
+        "--config",
+        cfg.as_str(),
+        "--init",
+        pre.to_str().unwrap(),
+        "--steps",
+        "4",
+        "--lr",
+        "1e-3",
+        "--eval-every",
+        "100",
+        "--device",
+        "cpu",
+    ];
+    one_rank_and_two(&["kto"], &common, &one, &two);
+    let (x, y) = (losses(&one), losses(&two));
+    assert_eq!(x.len(), 4);
+    assert_same_curve(&x, &y);
+    let kl = |dir: &Path| -> Vec<f64> {
+        metrics(dir)
+            .iter()
+            .filter(|m| m["split"] == "train")
+            .map(|m| m["kl"].as_f64().unwrap())
+            .collect()
+    };
+    let (k1, k2) = (kl(&one), kl(&two));
+    assert_eq!(k1.len(), 4);
+    for (a, b) in k1.iter().zip(&k2) {
+        assert!(
+            (a - b).abs() <= 1e-5 + 1e-4 * a.abs(),
+            "KL {k1:?} vs {k2:?}"
+        );
+    }
+}
+
 /// A tiny config logging every step, at per-rank batch 8, and a short pretraining run in
 /// `dir` to start later stages from.
 fn pretrained(dir: &Path) -> (String, std::path::PathBuf) {

@@ -16,7 +16,7 @@ fn pipeline_runs_every_stage_and_each_learns() {
         "--out",
         out.to_str().unwrap(),
         "--with",
-        "dpo,grpo,rloo,reinforce_pp",
+        "dpo,kto,grpo,rloo,reinforce_pp",
         "--device",
         "cpu",
     ]);
@@ -39,7 +39,7 @@ fn pipeline_runs_every_stage_and_each_learns() {
     );
     // The SFT model imitates the demonstrator's carry slips; the checker and the preference
     // labels do not, so each RL stage must beat SFT clearly.
-    for stage in ["ppo", "dpo", "grpo", "rloo", "reinforce_pp"] {
+    for stage in ["ppo", "dpo", "kto", "grpo", "rloo", "reinforce_pp"] {
         assert!(
             f(stage, "accuracy") > f(stage, "sft_accuracy") + 0.12,
             "{stage} not clearly above SFT: {text}"
@@ -63,6 +63,7 @@ fn pipeline_runs_every_stage_and_each_learns() {
         "reward",
         "ppo",
         "dpo",
+        "kto",
         "grpo",
         "rloo",
         "reinforce_pp",

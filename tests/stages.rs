@@ -438,6 +438,157 @@ mod stage_chain {
         );
     }
 
+    /// KTO learns from completions labelled desirable or undesirable, some given as pairs
+    /// (read unpaired): its held-out loss starts at 0.5 (policy = reference) and falls, and
+    /// nearly every held-out example ends on its label's side of the KL baseline. APO-zero runs
+    /// no KL estimate; packed rows take the padded steps; a bad label and a micro-batch too
+    /// small to estimate the KL are refused in one line.
+    #[test]
+    fn kto_learns_from_labelled_completions() {
+        let dir = run_dir("kto");
+        std::fs::create_dir_all(&dir).unwrap();
+        let words = [
+            "apple", "river", "stone", "cloud", "green", "table", "music", "light",
+        ];
+        // Every third record a pair; the others alternate desirable (lowercase) and
+        // undesirable (uppercase) completions. Prompts of one to three words, so that packed
+        // rows differ from padded ones.
+        let write = |name: &str, offset: usize, n: usize| {
+            let body: String = (0..n)
+                .map(|i| {
+                    let k = i + offset;
+                    let w: Vec<&str> = (0..=k % 3).map(|j| words[(3 * k + j) % 8]).collect();
+                    let w = w.join(" ");
+                    let prompt = format!("say {w}: ");
+                    let line = match i % 3 {
+                        0 => serde_json::json!({"prompt": prompt, "chosen": w, "rejected": w.to_uppercase()}),
+                        1 => serde_json::json!({"prompt": prompt, "completion": w, "label": true}),
+                        _ => serde_json::json!({"prompt": prompt, "completion": w.to_uppercase(), "label": false}),
+                    };
+                    format!("{line}\n")
+                })
+                .collect();
+            let path = dir.join(name);
+            std::fs::write(&path, body).unwrap();
+            path
+        };
+        let (train, eval) = (write("kto.jsonl", 0, 120), write("eval.jsonl", 7, 24));
+        let kto = |name: &str, table: &str, data: &Path, extra: &[&str]| {
+            let cfg = dir.join(format!("{name}.toml"));
+            std::fs::write(&cfg, format!("{TINY_TOML}\n[kto]\n{table}")).unwrap();
+            let out = dir.join(name);
+            let mut args: Vec<String> = [
+                "kto",
+                "--config",
+                arg(&cfg),
+                "--init",
+                arg(pre()),
+                "--data",
+                arg(data),
+                "--eval-data",
+                arg(&eval),
+                "--out",
+                arg(&out),
+                "--steps",
+                "30",
+                "--lr",
+                "1e-3",
+                "--eval-every",
+                "30",
+                "--device",
+                "cpu",
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+            args.extend(extra.iter().map(|a| a.to_string()));
+            (out, args)
+        };
+        for loss in ["kto", "apo_zero_unpaired"] {
+            let (out, args) = kto(loss, &format!("loss_type = \"{loss}\"\n"), &train, &[]);
+            let o = run_ok(&strs(&args));
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(err.contains("reference: a frozen copy"), "{err}");
+            // 40 pairs unpaired, 40 desirable and 40 undesirable records.
+            assert!(
+                err.contains("[kto] 80 desirable and 80 undesirable training examples\n"),
+                "{err}"
+            );
+            let m = metrics(&out);
+            let loss_v = series(&m, "val", "loss");
+            let (first, last) = (loss_v[0].1, loss_v.last().unwrap().1);
+            assert!((first - 0.5).abs() < 1e-4, "{loss} starts at {first}");
+            assert!(
+                last < first - 0.05,
+                "{loss}: held-out loss {first} -> {last}"
+            );
+            let acc = series(&m, "val", "label_accuracy");
+            assert!(acc.last().unwrap().1 >= 0.9, "{loss}: {acc:?}");
+            let margin = series(&m, "val", "reward_margin");
+            assert!(margin.last().unwrap().1 > 0.5, "{loss}: {margin:?}");
+            let kl = series(&m, "train", "kl");
+            if loss == "kto" {
+                assert!(
+                    !kl.is_empty() && kl.iter().all(|(_, k)| *k >= 0.0),
+                    "{kl:?}"
+                );
+            } else {
+                assert!(kl.is_empty(), "apo_zero_unpaired logged a KL: {kl:?}");
+            }
+        }
+        // Under LoRA the reference is the base with the adapters off, and only the adapters
+        // train and are saved.
+        let (out, args) = kto("lora", "", &train, &["--lora-rank", "4"]);
+        let o = run_ok(&strs(&args));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("reference: the base with adapters off"),
+            "{err}"
+        );
+        let loss_v = series(&metrics(&out), "val", "loss");
+        let (first, last) = (loss_v[0].1, loss_v.last().unwrap().1);
+        assert!(
+            (first - 0.5).abs() < 1e-4 && last < 0.4,
+            "LoRA: {first} -> {last}"
+        );
+        assert!(out.join("final/adapter.safetensors").exists());
+        // TRL's padding_free: the same losses from packed rows, the KL's mismatched sequences
+        // packed too.
+        let (out, args) = kto("packed", "", &train, &["--padding-free"]);
+        run_ok(&strs(&args));
+        let packed = series(&metrics(&out), "train", "loss");
+        let padded = series(&metrics(&dir.join("kto")), "train", "loss");
+        assert_eq!(packed.len(), padded.len());
+        for ((step, a), (_, b)) in packed.iter().zip(&padded) {
+            assert!(
+                (a - b).abs() <= 1e-3 * b.abs().max(1e-3),
+                "step {step}: {a} vs {b}"
+            );
+        }
+        let bad = dir.join("bad.jsonl");
+        std::fs::write(
+            &bad,
+            "{\"prompt\": \"p\", \"completion\": \"c\", \"label\": true}\n{\"prompt\": \"p\", \"completion\": \"c\", \"label\": \"yes\"}\n",
+        )
+        .unwrap();
+        let (_, args) = kto("bad", "", &bad, &[]);
+        let e = run_err(&strs(&args));
+        let last = e.trim().lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("error: ")
+                && last.ends_with(
+                    "bad.jsonl:2: field \"label\": expected true or false, got a string"
+                ),
+            "{e}"
+        );
+        let (_, args) = kto("one", "", &train, &["--batch-size", "1"]);
+        let e = run_err(&strs(&args));
+        assert!(
+            e.contains("train.batch_size must be at least 2") && e.trim().lines().count() == 1,
+            "{e}"
+        );
+    }
+
     /// `reward --padding-free` scores each micro-batch's chosen and rejected sequences packed:
     /// the padded run's losses step for step (the unit test
     /// `packed_sequences_score_and_train_as_padded_ones` checks scores and gradients exactly).

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::stages::positive;
 use super::{
-    read_toml, write_toml, DpoConfig, ExternalRewardConfig, GrpoConfig, LoraConfig, LossType,
-    ModelConfig, PpoConfig, RewardConfig, SftConfig, TrainConfig,
+    read_toml, write_toml, DpoConfig, ExternalRewardConfig, GrpoConfig, KtoConfig, LoraConfig,
+    LossType, ModelConfig, PpoConfig, RewardConfig, SftConfig, TrainConfig,
 };
 use crate::kernels::KernelSet;
 
@@ -23,6 +23,7 @@ pub enum Stage {
     Reward,
     Ppo,
     Dpo,
+    Kto,
     Grpo,
 }
 
@@ -34,6 +35,7 @@ impl Stage {
             Stage::Reward => "reward",
             Stage::Ppo => "ppo",
             Stage::Dpo => "dpo",
+            Stage::Kto => "kto",
             Stage::Grpo => "grpo",
         }
     }
@@ -117,6 +119,7 @@ pub struct RunConfig {
     pub reward: RewardConfig,
     pub ppo: PpoConfig,
     pub dpo: DpoConfig,
+    pub kto: KtoConfig,
     pub grpo: GrpoConfig,
     pub external_reward: ExternalRewardConfig,
 }
@@ -166,6 +169,15 @@ impl RunConfig {
                 train.eval_every = 50;
                 train.weight_decay = 0.0;
             }
+            // Measured on the built-in task (seed 1, beta 1): DPO's 5e-4 lost accuracy (SFT's
+            // 0.49 -> 0.25), 1e-4 gained it (0.52 at 100 steps, 0.60 at 200, 0.57 at 400).
+            Stage::Kto => {
+                train.steps = 200;
+                train.lr = 1e-4;
+                train.warmup_steps = 5;
+                train.eval_every = 100;
+                train.weight_decay = 0.0;
+            }
             Stage::Pretrain => {}
         }
         Self {
@@ -181,6 +193,7 @@ impl RunConfig {
             reward: Default::default(),
             ppo: Default::default(),
             dpo: Default::default(),
+            kto: Default::default(),
             grpo: Default::default(),
             external_reward: Default::default(),
         }
@@ -222,6 +235,15 @@ impl RunConfig {
             Stage::Ppo => self.ppo.validate()?,
             Stage::Grpo => self.grpo.validate()?,
             Stage::Dpo => self.dpo.validate()?,
+            Stage::Kto => {
+                self.kto.validate()?;
+                if self.kto.loss_type.estimates_kl() && self.train.batch_size < 2 {
+                    anyhow::bail!(
+                        "kto.loss_type = \"kto\" pairs each prompt with another example's completion of its micro-batch to estimate the KL baseline: train.batch_size must be at least 2, got {}",
+                        self.train.batch_size
+                    );
+                }
+            }
             Stage::Pretrain | Stage::Sft | Stage::Reward => {}
         }
         self.check_dapo_steps()?;

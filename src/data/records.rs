@@ -274,24 +274,34 @@ pub fn load_preferences_templated(
     let lines = read_records(path)?;
     lines
         .iter()
-        .map(|(line, obj)| {
-            let at = Loc { path, line: *line };
-            if obj.get("prompt").is_some_and(Value::is_array) {
-                return conversational_pair(&at, obj, template);
-            }
-            Ok(PreferencePair {
-                prompt: at.non_empty_str(obj, "prompt")?.to_string(),
-                chosen: at.non_empty_str(obj, "chosen")?.to_string(),
-                rejected: at.non_empty_str(obj, "rejected")?.to_string(),
-                append_eos: true,
-                origin: Some(at.to_string()),
-            })
-        })
+        .map(|(line, obj)| preference_record(&Loc { path, line: *line }, obj, template))
         .collect()
 }
 
+/// One record of a preference file, plain or conversational.
+pub(crate) fn preference_record(
+    at: &Loc,
+    obj: &Map<String, Value>,
+    template: Option<&ChatTemplate>,
+) -> Result<PreferencePair> {
+    if obj.get("prompt").is_some_and(Value::is_array) {
+        return conversational_pair(at, obj, template);
+    }
+    Ok(PreferencePair {
+        prompt: at.non_empty_str(obj, "prompt")?.to_string(),
+        chosen: at.non_empty_str(obj, "chosen")?.to_string(),
+        rejected: at.non_empty_str(obj, "rejected")?.to_string(),
+        append_eos: true,
+        origin: Some(at.to_string()),
+    })
+}
+
 /// A conversational prompt rendered ready for the assistant's reply.
-fn render_prompt(at: &Loc, msgs: &Value, template: Option<&ChatTemplate>) -> Result<String> {
+pub(crate) fn render_prompt(
+    at: &Loc,
+    msgs: &Value,
+    template: Option<&ChatTemplate>,
+) -> Result<String> {
     let (list, fields) = message_fields(at, msgs)?;
     if fields.is_empty() {
         return Err(at.field("prompt", "empty"));
@@ -310,7 +320,7 @@ fn render_prompt(at: &Loc, msgs: &Value, template: Option<&ChatTemplate>) -> Res
 }
 
 /// The text an assistant reply (`field`: a one-message list) adds after the rendered prompt.
-fn render_reply(
+pub(crate) fn render_reply(
     at: &Loc,
     obj: &Map<String, Value>,
     field: &str,
@@ -318,6 +328,13 @@ fn render_reply(
     template: Option<&ChatTemplate>,
 ) -> Result<String> {
     let reply = obj.get(field).ok_or_else(|| at.field(field, "missing"))?;
+    if !reply.is_array() {
+        let got = format!(
+            "expected a list holding one assistant message, got {}",
+            kind(reply)
+        );
+        return Err(at.field(field, &got));
+    }
     let (rlist, rfields) = message_fields(at, reply)?;
     let [(role, content)] = rfields.as_slice() else {
         return Err(at.field(field, "expected a list holding one assistant message"));
@@ -451,7 +468,11 @@ impl Loc<'_> {
         self.str_field(obj, key, key)
     }
 
-    fn non_empty_str<'o>(&self, obj: &'o Map<String, Value>, key: &str) -> Result<&'o str> {
+    pub(crate) fn non_empty_str<'o>(
+        &self,
+        obj: &'o Map<String, Value>,
+        key: &str,
+    ) -> Result<&'o str> {
         let s = self.string(obj, key)?;
         if s.is_empty() {
             return Err(self.field(key, "empty"));
@@ -521,7 +542,7 @@ fn json_error(e: &serde_json::Error) -> String {
 }
 
 /// The records of a stage dataset; a file with none is an error.
-fn read_records(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>> {
+pub(crate) fn read_records(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>> {
     let text = read_text(path)?;
     let records = parse_jsonl(path, &text)?;
     if records.is_empty() {

@@ -276,6 +276,16 @@ impl SeqBatch {
         }
     }
 
+    /// `[S]`: each sequence's log-probability of its trained tokens under `net`, summed.
+    pub fn summed_logps(
+        &self,
+        net: &crate::model::Transformer,
+        ctx: crate::model::linear::Ctx,
+    ) -> Result<Tensor> {
+        let lp = net.target_logprobs(&self.lm.inputs, &self.lm.targets, &self.fwd(ctx))?;
+        self.per_seq(&(lp * &self.lm.loss_mask)?)
+    }
+
     /// `[S]`: each sequence's sum of `x` (`[R, L]`, laid out as the inputs).
     pub fn per_seq(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match &self.packed {

@@ -22,7 +22,6 @@ use crate::data::sampler::WindowSampler;
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
 use crate::dist::Communicator;
-use crate::model::linear::Ctx;
 use crate::model::Transformer;
 use crate::train::loss::{log_sigmoid, scalar};
 use crate::train::params::{ParamInfo, Role};
@@ -143,12 +142,6 @@ struct DpoTask<'a> {
 }
 
 impl DpoTask<'_> {
-    /// Summed response log-probabilities `[S]` of the batch's sequences under `net`.
-    fn seq_logps(&self, net: &Transformer, ctx: Ctx, b: &SeqBatch) -> Result<Tensor> {
-        let lp = net.target_logprobs(&b.lm.inputs, &b.lm.targets, &b.fwd(ctx))?;
-        b.per_seq(&(lp * &b.lm.loss_mask)?)
-    }
-
     /// The objective, DPO's loss, the reward accuracy and the token count of `pairs`. In
     /// training, `comm` is the data-parallel group: RPO's NLL term is a mean over the global
     /// batch's chosen tokens, so each rank divides by the ranks' mean count.
@@ -169,11 +162,11 @@ impl DpoTask<'_> {
             self.env.cfg.dpo.padding_free,
             &self.env.device,
         )?;
-        let pol = self.seq_logps(&self.policy, self.env.ctx(true, None), &b)?;
+        let pol = b.summed_logps(&self.policy, self.env.ctx(true, None))?;
         let refp = match &self.reference {
             Some(r) => {
                 let net = r.get().net(&self.policy);
-                Some(self.seq_logps(net, self.env.ctx(false, None), &b)?.detach())
+                Some(b.summed_logps(net, self.env.ctx(false, None))?.detach())
             }
             None => None,
         };

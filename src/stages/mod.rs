@@ -12,6 +12,7 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod grpo;
+pub mod kto;
 pub mod loader;
 pub mod pipeline;
 pub mod ppo;

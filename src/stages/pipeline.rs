@@ -1,4 +1,4 @@
-//! `temper pipeline`: pretrain -> sft -> reward -> ppo (and optionally dpo, grpo, each from
+//! `temper pipeline`: pretrain -> sft -> reward -> ppo (and optionally dpo, kto, grpo, each from
 //! the SFT model) on the built-in task, one subdirectory per stage, ending with a table of
 //! what each stage achieved on held-out data, also written to `summary.json`.
 
@@ -16,6 +16,7 @@ use crate::config::{overlay, AdvantageEstimator, DeviceChoice, RunConfig, Stage}
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Extra {
     Dpo,
+    Kto,
     Grpo,
     Rloo,
     #[value(name = "reinforce_pp", alias = "reinforce++")]
@@ -50,6 +51,7 @@ impl From<Extra> for Step {
         };
         match e {
             Extra::Dpo => Step::plain(Stage::Dpo),
+            Extra::Kto => Step::plain(Stage::Kto),
             Extra::Grpo => grpo("grpo", AdvantageEstimator::GroupNorm),
             Extra::Rloo => grpo("rloo", AdvantageEstimator::Rloo),
             Extra::ReinforcePp => grpo("reinforce_pp", AdvantageEstimator::ReinforcePlusPlus),
@@ -95,7 +97,7 @@ fn stage_config(
     match stage {
         Stage::Pretrain => {}
         Stage::Sft => cfg.init = Some(dir.join("pretrain")),
-        Stage::Reward | Stage::Dpo | Stage::Grpo => cfg.init = Some(dir.join("sft")),
+        Stage::Reward | Stage::Dpo | Stage::Kto | Stage::Grpo => cfg.init = Some(dir.join("sft")),
         Stage::Ppo => {
             cfg.init = Some(dir.join("sft"));
             cfg.ppo.value_init = Some(dir.join("reward"));
@@ -158,6 +160,13 @@ fn run_stage(stage: Stage, env: &Env) -> Result<Value> {
             json!({"accuracy": num(r.accuracy), "sft_accuracy": num(r.start_accuracy),
                    "preference_accuracy": num(r.reward_accuracy),
                    "sft_preference_accuracy": num(r.start_reward_accuracy)})
+        }
+        Stage::Kto => {
+            let r = super::kto::run(env)?;
+            json!({"accuracy": num(r.accuracy), "sft_accuracy": num(r.start_accuracy),
+                   "label_accuracy": num(r.label_accuracy),
+                   "sft_label_accuracy": num(r.start_label_accuracy),
+                   "reward_margin": num(r.reward_margin)})
         }
     })
 }
@@ -239,7 +248,7 @@ fn print_table(steps: &[Step], summary: &Map<String, Value>) {
                 format!("pairwise accuracy {}", f(v.get("accuracy"))),
                 format!("untrained head {}", f(v.get("initial_accuracy"))),
             ),
-            Stage::Dpo => (
+            Stage::Dpo | Stage::Kto => (
                 format!("accuracy {}", f(v.get("accuracy"))),
                 format!("sft {}", f(v.get("sft_accuracy"))),
             ),

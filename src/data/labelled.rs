@@ -1,0 +1,209 @@
+//! KTO's dataset: completions each labelled desirable or undesirable, in TRL's unpaired
+//! preference format `{"prompt", "completion", "label": true | false}` (plain strings, or a
+//! conversational prompt with a one-message completion). A file of preference pairs
+//! `{"prompt", "chosen", "rejected"}` is read too, each pair as a desirable and an
+//! undesirable completion, as TRL unpairs one.
+//!
+//! Errors name the file, the 1-based line and the field, as every record format does
+//! ([`super::records`]).
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde_json::{Map, Value};
+
+use super::chat_template::ChatTemplate;
+use super::records::{
+    kind, preference_record, read_records, render_prompt, render_reply, Loc, PreferencePair,
+    SftExample,
+};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LabelledCompletion {
+    pub prompt: String,
+    pub completion: String,
+    pub desirable: bool,
+    /// Whether an EOS follows the completion: not when a Jinja chat template wrote its own
+    /// end-of-turn marker into it.
+    pub append_eos: bool,
+    /// `path:line` of the record it came from; none for the built-in task.
+    pub origin: Option<String>,
+}
+
+impl LabelledCompletion {
+    /// A preference pair as its chosen (desirable) and rejected (undesirable) completions.
+    pub fn unpair(p: &PreferencePair) -> [Self; 2] {
+        let side = |completion: &str, desirable| Self {
+            prompt: p.prompt.clone(),
+            completion: completion.to_string(),
+            desirable,
+            append_eos: p.append_eos,
+            origin: p.origin.clone(),
+        };
+        [side(&p.chosen, true), side(&p.rejected, false)]
+    }
+
+    /// The prompt (no loss) and the completion (loss), as SFT encodes them.
+    pub fn example(&self) -> SftExample {
+        SftExample {
+            append_eos: self.append_eos,
+            ..SftExample::prompt_response(&self.prompt, &self.completion, self.origin.clone())
+        }
+    }
+}
+
+/// Reads labelled completions, and preference pairs unpaired, record by record: a pair's two
+/// completions stay together, so that a held-out split cannot part them. Conversational
+/// records are rendered by a Hugging Face chat template when one is given (else the built-in
+/// template).
+pub fn load_labelled_records(
+    path: &Path,
+    template: Option<&ChatTemplate>,
+) -> Result<Vec<Vec<LabelledCompletion>>> {
+    read_records(path)?
+        .into_iter()
+        .map(|(line, obj)| labelled_record(&Loc { path, line }, &obj, template))
+        .collect()
+}
+
+const SHAPES: &str =
+    "a record holds a \"completion\" with its \"label\", or a \"chosen\" and a \"rejected\" completion";
+
+fn labelled_record(
+    at: &Loc,
+    obj: &Map<String, Value>,
+    template: Option<&ChatTemplate>,
+) -> Result<Vec<LabelledCompletion>> {
+    let single = obj.contains_key("completion");
+    let paired = obj.contains_key("chosen") || obj.contains_key("rejected");
+    if single && paired {
+        return Err(at.field("completion", &format!("{SHAPES}, not both")));
+    }
+    if paired {
+        return Ok(LabelledCompletion::unpair(&preference_record(at, obj, template)?).to_vec());
+    }
+    if !single {
+        return Err(at.field("completion", &format!("missing ({SHAPES})")));
+    }
+    let desirable = match obj.get("label") {
+        Some(Value::Bool(b)) => *b,
+        None => return Err(at.field("label", "missing (true: desirable, false: undesirable)")),
+        Some(v) => {
+            return Err(at.field("label", &format!("expected true or false, got {}", kind(v))))
+        }
+    };
+    let (prompt, completion, append_eos) = match obj.get("prompt") {
+        Some(msgs @ Value::Array(_)) => {
+            let prompt = render_prompt(at, msgs, template)?;
+            let completion = render_reply(at, obj, "completion", (msgs, &prompt), template)?;
+            (prompt, completion, template.is_none())
+        }
+        _ => (
+            at.non_empty_str(obj, "prompt")?.to_string(),
+            at.non_empty_str(obj, "completion")?.to_string(),
+            true,
+        ),
+    };
+    Ok(vec![LabelledCompletion {
+        prompt,
+        completion,
+        desirable,
+        append_eos,
+        origin: Some(at.to_string()),
+    }])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(body: &str) -> Result<Vec<LabelledCompletion>> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kto.jsonl");
+        std::fs::write(&p, body).unwrap();
+        Ok(load_labelled_records(&p, None)?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    fn err(body: &str) -> String {
+        format!("{:#}", load(body).unwrap_err())
+    }
+
+    #[test]
+    fn labelled_pairs_and_conversations() {
+        let xs = load(concat!(
+            r#"{"prompt": "2+2=", "completion": "4", "label": true}"#,
+            "\n\n",
+            r#"{"prompt": "2+2=", "completion": "5", "label": false}"#,
+            "\n",
+            r#"{"prompt": "say hi", "chosen": "hi", "rejected": "HI"}"#,
+            "\n",
+            r#"{"prompt": [{"role": "user", "content": "hello"}], "completion": [{"role": "assistant", "content": "hi"}], "label": true}"#,
+            "\n",
+        ))
+        .unwrap();
+        let got: Vec<(&str, &str, bool)> = xs
+            .iter()
+            .map(|x| (x.prompt.as_str(), x.completion.as_str(), x.desirable))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("2+2=", "4", true),
+                ("2+2=", "5", false),
+                ("say hi", "hi", true),
+                ("say hi", "HI", false),
+                ("<|user|>\nhello\n<|assistant|>\n", "hi", true),
+            ]
+        );
+        // The unpaired halves of a pair both come from its line; blank lines still count.
+        assert!(xs[2].origin.as_deref().unwrap().ends_with("kto.jsonl:4"));
+        assert_eq!(xs[3].origin, xs[2].origin);
+        assert!(xs.iter().all(|x| x.append_eos));
+        let ex = xs[0].example();
+        assert_eq!(ex.segments.len(), 2);
+        assert!(!ex.segments[0].train && ex.segments[1].train);
+    }
+
+    #[test]
+    fn bad_records_name_the_line_and_field() {
+        let cases = [
+            (
+                r#"{"prompt": "p", "completion": "c"}"#,
+                "kto.jsonl:1: field \"label\": missing",
+            ),
+            (
+                r#"{"prompt": "p", "completion": "c", "label": 1}"#,
+                "kto.jsonl:1: field \"label\": expected true or false, got a number",
+            ),
+            (
+                r#"{"prompt": "p", "label": true}"#,
+                "kto.jsonl:1: field \"completion\": missing",
+            ),
+            (
+                r#"{"prompt": "p", "completion": "c", "chosen": "c", "rejected": "d", "label": true}"#,
+                "not both",
+            ),
+            (
+                r#"{"prompt": "p", "chosen": "c"}"#,
+                "kto.jsonl:1: field \"rejected\": missing",
+            ),
+            (
+                r#"{"prompt": "", "completion": "c", "label": false}"#,
+                "kto.jsonl:1: field \"prompt\": empty",
+            ),
+            (
+                r#"{"prompt": [{"role": "user", "content": "q"}], "completion": "c", "label": true}"#,
+                "kto.jsonl:1: field \"completion\": expected a list holding one assistant message, got a string",
+            ),
+        ];
+        for (body, want) in cases {
+            let e = err(body);
+            assert!(e.contains(want), "{body}: {e}");
+        }
+        let e = err("{\"prompt\": \"p\", \"completion\": \"c\", \"label\": true}\n[1]\n");
+        assert!(e.contains("kto.jsonl:2"), "{e}");
+    }
+}

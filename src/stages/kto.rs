@@ -1,0 +1,576 @@
+//! Kahneman-Tversky optimisation (Ethayarajh et al., 2024; TRL's `KTOTrainer`, OpenRLHF's
+//! `train_kto`): alignment from completions each labelled desirable or undesirable, the
+//! thumbs up or down a product collects, with no pairs needed.
+//!
+//! Each example's implicit reward is `h = log pi(y|x) - log ref(y|x)`, summed over the
+//! completion's tokens. The loss ([`kto_loss`]) pushes a desirable `h` above the baseline `z`
+//! and an undesirable one below it. `z` estimates the KL from reference to policy: each prompt
+//! of the micro-batch is paired with the completion of the example before it, and `z` is the
+//! mean of `h` over those mismatched sequences (the policy's forward over them takes no
+//! gradient), averaged over the ranks, at least 0. `apo_zero_unpaired` keeps `z = 0` and runs
+//! no mismatched forwards. The reference is the base with adapters off under LoRA, else a
+//! frozen copy.
+
+use std::ops::Range;
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+
+use super::batch::SeqBatch;
+use super::eval::accuracy;
+use super::rollout::FrozenReference;
+use super::setup::{self, prompt_sets, split_holdout, Plan, PolicyPair};
+use super::sft::encode_all;
+use super::Env;
+use crate::config::KtoConfig;
+use crate::data::labelled::{load_labelled_records, LabelledCompletion};
+use crate::data::records::PromptRecord;
+use crate::data::sampler::WindowSampler;
+use crate::data::synthetic::Split;
+use crate::data::tokenizer::Tokenizer;
+use crate::dist::Communicator;
+use crate::model::Transformer;
+use crate::train::loss::{log_sigmoid, scalar};
+use crate::train::params::{ParamInfo, Role};
+use crate::train::runner::{Report, StepOut, Task};
+
+/// KTO's loss, a mean over the examples: `w (1 - sigmoid(beta s (h - z)))` for each
+/// example's implicit reward `h` (`[n]`), with `s` +1 for a desirable example and -1 for an
+/// undesirable one, `w` its label's weight and `z` the KL baseline.
+pub fn kto_loss(c: &KtoConfig, h: &Tensor, desirable: &[bool], z: f64) -> Result<Tensor> {
+    let per_label = |yes: f64, no: f64| -> Result<Tensor> {
+        let v: Vec<f32> = desirable
+            .iter()
+            .map(|&d| if d { yes } else { no } as f32)
+            .collect();
+        Ok(Tensor::new(v, h.device())?.to_dtype(h.dtype())?)
+    };
+    let sign = per_label(1.0, -1.0)?;
+    let weight = per_label(c.desirable_weight, c.undesirable_weight)?;
+    let x = ((h.affine(1.0, -z)? * &sign)? * c.beta)?;
+    // 1 - sigmoid(x) = sigmoid(-x), through log_sigmoid for its stable form.
+    let losses = (log_sigmoid(&x.neg()?)?.exp()? * &weight)?;
+    Ok(losses.mean_all()?)
+}
+
+/// An example as token ids with their loss masks: its prompt, then its completion.
+type Encoded = (Vec<u32>, Vec<bool>);
+
+/// Where an encoded example's completion starts: its first trained token.
+fn completion_start(e: &Encoded) -> usize {
+    e.1.iter().position(|&t| t).unwrap_or(e.0.len())
+}
+
+/// The sequences KTO's KL baseline is estimated on, for the examples `mine` of the global
+/// batch `xs`: each one's prompt followed by the completion of the example before it in
+/// `xs` (the first takes the last's, as TRL pairs them), cut to `max_tokens`. Pairing over
+/// the global batch rather than a rank's slice makes the estimate the same on any number of
+/// ranks. A prompt fitted the context with its own completion, so at least one token of the
+/// borrowed one stays.
+fn mismatched(xs: &[&Encoded], mine: Range<usize>, max_tokens: usize) -> Vec<Encoded> {
+    let n = xs.len();
+    mine.map(|i| {
+        let (p, c) = (xs[i], xs[(i + n - 1) % n]);
+        let (pl, cl) = (completion_start(p), completion_start(c));
+        let ids: Vec<u32> = p.0[..pl].iter().chain(&c.0[cl..]).copied().collect();
+        let mask: Vec<bool> = p.1[..pl].iter().chain(&c.1[cl..]).copied().collect();
+        let keep = ids.len().min(max_tokens);
+        (ids[..keep].to_vec(), mask[..keep].to_vec())
+    })
+    .collect()
+}
+
+/// Held-out chunks of about `batch` examples, none of one example (whose mismatched
+/// sequence would be itself) unless there is only one.
+fn eval_chunks(n: usize, batch: usize) -> Vec<Range<usize>> {
+    let k = n.div_ceil(batch.max(1)).min(n / 2).max(1);
+    (0..k).map(|i| i * n / k..(i + 1) * n / k).collect()
+}
+
+/// What one batch of examples gives: the objective and, per example, the implicit reward and
+/// whether the loss ranks it on its label's side of the baseline.
+struct BatchOut {
+    loss: Tensor,
+    /// `h` of each example, in nats.
+    rewards: Vec<f64>,
+    kl: Option<f64>,
+    agrees: Vec<bool>,
+}
+
+struct KtoTask<'a> {
+    env: &'a Env,
+    policy: Transformer,
+    reference: FrozenReference,
+    tok: Tokenizer,
+    train: Vec<(Encoded, bool)>,
+    eval: Vec<(Encoded, bool)>,
+    eval_prompts: Vec<PromptRecord>,
+    sampler: WindowSampler,
+}
+
+impl KtoTask<'_> {
+    fn batch(&self, seqs: &[Encoded]) -> Result<SeqBatch> {
+        SeqBatch::new(
+            seqs,
+            self.tok.pad_id(),
+            self.policy.cfg.max_position_embeddings,
+            self.env.cfg.kto.padding_free,
+            &self.env.device,
+        )
+    }
+
+    /// `h = log pi - log ref` of `b`'s sequences, `[n]`; the policy's forward keeps its
+    /// graph only when `grad`.
+    fn implicit_rewards(&self, b: &SeqBatch, grad: bool) -> Result<Tensor> {
+        let pol = b.summed_logps(&self.policy, self.env.ctx(true, None))?;
+        let pol = if grad { pol } else { pol.detach() };
+        let net = self.reference.get().net(&self.policy);
+        let refp = b.summed_logps(net, self.env.ctx(false, None))?.detach();
+        Ok((pol - refp)?)
+    }
+
+    /// The loss of the examples `mine` of the global batch `all` (each an example and whether
+    /// it is desirable). In training, `comm` is the data-parallel group the KL baseline is
+    /// averaged over, as TRL gathers it.
+    fn loss(
+        &self,
+        all: &[&(Encoded, bool)],
+        mine: Range<usize>,
+        comm: Option<&dyn Communicator>,
+    ) -> Result<BatchOut> {
+        let c = &self.env.cfg.kto;
+        let xs = &all[mine.clone()];
+        let seqs: Vec<Encoded> = xs.iter().map(|x| x.0.clone()).collect();
+        let desirable: Vec<bool> = xs.iter().map(|x| x.1).collect();
+        let h = self.implicit_rewards(&self.batch(&seqs)?, true)?;
+        let kl = if c.loss_type.estimates_kl() {
+            let ids: Vec<&Encoded> = all.iter().map(|x| &x.0).collect();
+            let max_tokens = self.policy.cfg.max_position_embeddings + 1;
+            let other = self.batch(&mismatched(&ids, mine, max_tokens))?;
+            let mut z = [scalar(&self.implicit_rewards(&other, false)?.mean_all()?)? as f32];
+            if let Some(comm) = comm {
+                comm.all_reduce_mean(&mut z)?;
+            }
+            Some(f64::from(z[0]).max(0.0))
+        } else {
+            None
+        };
+        let z = kl.unwrap_or(0.0);
+        let loss = kto_loss(c, &h, &desirable, z)?;
+        let rewards: Vec<f64> = h
+            .detach()
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let agrees = rewards
+            .iter()
+            .zip(&desirable)
+            .map(|(&r, &d)| if d { r > z } else { r < z })
+            .collect();
+        Ok(BatchOut {
+            loss,
+            rewards,
+            kl,
+            agrees,
+        })
+    }
+}
+
+fn share(xs: &[bool]) -> f64 {
+    xs.iter().filter(|&&x| x).count() as f64 / xs.len().max(1) as f64
+}
+
+/// KTO's held-out numbers: the loss (0.5 times the labels' mean weight where policy and
+/// reference agree), the KL baseline, the mean implicit reward `beta h` of each label's
+/// examples and their margin, the share of examples on their label's side of the baseline,
+/// and task accuracy where prompts have answers.
+#[derive(Clone, Debug)]
+pub struct KtoEval {
+    pub loss: f64,
+    pub kl: Option<f64>,
+    pub reward_desirable: Option<f64>,
+    pub reward_undesirable: Option<f64>,
+    pub label_accuracy: f64,
+    pub accuracy: Option<f64>,
+}
+
+impl KtoEval {
+    /// How far the desirable examples' mean reward is above the undesirable ones'.
+    pub fn reward_margin(&self) -> Option<f64> {
+        Some(self.reward_desirable? - self.reward_undesirable?)
+    }
+}
+
+impl Report for KtoEval {
+    fn fields(&self) -> Vec<(&'static str, f64)> {
+        let mut f = vec![("loss", self.loss), ("label_accuracy", self.label_accuracy)];
+        f.extend(self.kl.map(|k| ("kl", k)));
+        f.extend(self.reward_desirable.map(|r| ("reward_desirable", r)));
+        f.extend(self.reward_undesirable.map(|r| ("reward_undesirable", r)));
+        f.extend(self.reward_margin().map(|m| ("reward_margin", m)));
+        f.extend(self.accuracy.map(|a| ("accuracy", a)));
+        f
+    }
+}
+
+impl Task for KtoTask<'_> {
+    type Eval = KtoEval;
+
+    fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
+        // Every rank draws the global batch and trains on its slice; the loss is a mean over
+        // examples, so the ranks' average is the global batch's.
+        let comm = self.env.comm.as_ref();
+        let per_rank = self.env.cfg.train.batch_size;
+        let all: Vec<_> = self
+            .sampler
+            .next_slice(per_rank * comm.world(), 0, 1)
+            .into_iter()
+            .map(|i| &self.train[i])
+            .collect();
+        let mine = comm.rank() * per_rank..(comm.rank() + 1) * per_rank;
+        let xs = &all[mine.clone()];
+        let out = self.loss(&all, mine, Some(comm))?;
+        let tokens: usize = xs.iter().map(|x| x.0 .0.len().saturating_sub(1)).sum();
+        let mut metrics = vec![("label_accuracy", share(&out.agrees))];
+        metrics.extend(out.kl.map(|k| ("kl", k)));
+        Ok(StepOut {
+            loss: out.loss,
+            tokens,
+            metrics,
+        })
+    }
+
+    fn evaluate(&mut self) -> Result<KtoEval> {
+        let beta = self.env.cfg.kto.beta;
+        let (mut loss, mut kl, mut agrees) = (0.0, 0.0, Vec::new());
+        let mut sums = [(0.0, 0usize); 2]; // beta h over [undesirable, desirable]
+        for r in eval_chunks(self.eval.len(), self.env.cfg.train.batch_size) {
+            let xs: Vec<_> = self.eval[r].iter().collect();
+            let out = self.loss(&xs, 0..xs.len(), None)?;
+            let n = xs.len() as f64;
+            loss += scalar(&out.loss)? * n;
+            kl += out.kl.unwrap_or(0.0) * n;
+            agrees.extend(out.agrees);
+            for (x, h) in xs.iter().zip(&out.rewards) {
+                let s = &mut sums[usize::from(x.1)];
+                s.0 += beta * h;
+                s.1 += 1;
+            }
+        }
+        let n = self.eval.len() as f64;
+        let mean = |(sum, k): (f64, usize)| (k > 0).then(|| sum / k as f64);
+        let mut out = KtoEval {
+            loss: loss / n,
+            kl: self.env.cfg.kto.loss_type.estimates_kl().then_some(kl / n),
+            reward_desirable: mean(sums[1]),
+            reward_undesirable: mean(sums[0]),
+            label_accuracy: share(&agrees),
+            accuracy: None,
+        };
+        if !self.eval_prompts.is_empty() && self.eval_prompts.iter().all(|p| p.answer.is_some()) {
+            let acc = accuracy(
+                &self.policy,
+                self.env.ctx(true, None),
+                &self.tok,
+                &self.eval_prompts,
+                self.env.cfg.kto.eval_max_new_tokens,
+                64,
+            )?;
+            out.accuracy = Some(acc.accuracy);
+        }
+        Ok(out)
+    }
+
+    fn state(&self) -> serde_json::Value {
+        self.sampler.state()
+    }
+
+    fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
+        self.sampler.restore(s);
+        Ok(())
+    }
+}
+
+/// KTO's outcome against the SFT model it started from.
+pub struct KtoResult {
+    pub accuracy: f64,
+    pub start_accuracy: f64,
+    pub label_accuracy: f64,
+    pub start_label_accuracy: f64,
+    pub reward_margin: f64,
+}
+
+impl KtoResult {
+    pub fn describe(&self) -> String {
+        format!(
+            "kto: accuracy {:.3} (from {:.3}), held-out examples on their label's side {:.3} (from {:.3}), reward margin {:.3}",
+            self.accuracy,
+            self.start_accuracy,
+            self.label_accuracy,
+            self.start_label_accuracy,
+            self.reward_margin
+        )
+    }
+}
+
+/// Training examples, held-out examples, and held-out prompts with answers (built-in task
+/// only). A file is split into training and held-out records before a pair is unpaired, so
+/// both halves of a pair fall on one side.
+type Datasets = (
+    Vec<LabelledCompletion>,
+    Vec<LabelledCompletion>,
+    Vec<PromptRecord>,
+);
+
+fn datasets(env: &Env) -> Result<Datasets> {
+    let c = &env.cfg.kto;
+    let unpair = |pairs: Vec<_>| -> Vec<LabelledCompletion> {
+        pairs.iter().flat_map(LabelledCompletion::unpair).collect()
+    };
+    Ok(match &env.cfg.data.path {
+        None => {
+            let s = setup::synthetic(env);
+            let (_, prompts) = prompt_sets(env, 1, c.eval_prompts)?;
+            (
+                unpair(s.preference_pairs(Split::Train, c.task_pairs)),
+                unpair(s.preference_pairs(Split::Eval, c.eval_pairs)),
+                prompts,
+            )
+        }
+        Some(p) => {
+            let template = setup::chat_template(env)?;
+            let load = |f: &Path| load_labelled_records(f, template.as_ref());
+            let (train, eval) = split_holdout(env, p, load, "records")?;
+            let flat = |r: Vec<Vec<_>>| r.into_iter().flatten().collect::<Vec<_>>();
+            (flat(train), flat(eval), vec![])
+        }
+    })
+}
+
+/// Encodes the examples once, with SFT's check that each fits the context.
+fn encode(
+    tok: &Tokenizer,
+    xs: &[LabelledCompletion],
+    ctx: usize,
+    what: &str,
+) -> Result<Vec<(Encoded, bool)>> {
+    let examples: Vec<_> = xs.iter().map(LabelledCompletion::example).collect();
+    let encoded = encode_all(tok, &examples, ctx, what)?;
+    Ok(encoded
+        .into_iter()
+        .zip(xs)
+        .map(|(e, x)| (e, x.desirable))
+        .collect())
+}
+
+/// A line on the labels' balance: the KTO paper wants the desirable examples' total weight
+/// between 1 and 4/3 of the undesirable ones'.
+fn balance(c: &KtoConfig, xs: &[LabelledCompletion]) -> String {
+    let good = xs.iter().filter(|x| x.desirable).count();
+    let bad = xs.len() - good;
+    let ratio = c.desirable_weight * good as f64 / (c.undesirable_weight * bad as f64);
+    let mut line = format!("[kto] {good} desirable and {bad} undesirable training examples");
+    // One label alone has no ratio to keep; the loss still moves its examples.
+    if good > 0 && bad > 0 && !(1.0 - 1e-9..=4.0 / 3.0 + 1e-9).contains(&ratio) {
+        line.push_str(&format!(
+            "; warning: their weighted ratio is {ratio:.3}, outside the KTO paper's 1 to 4/3 (set [kto] desirable_weight and undesirable_weight)"
+        ));
+    }
+    line
+}
+
+pub fn run(env: &Env) -> Result<KtoResult> {
+    let cfg = &env.cfg;
+    let lora = setup::lora(cfg);
+    let (store, policy, reference, tok) = PolicyPair::load(env)?.into_parts();
+    let reference = reference.expect("PolicyPair::load holds a reference");
+    eprintln!(
+        "[kto] loss {}, reference: {}",
+        cfg.kto.loss_type.name(),
+        reference.describe()
+    );
+    let (train, eval, eval_prompts) = datasets(env)?;
+    if train.is_empty() || eval.is_empty() {
+        bail!("kto needs non-empty training and held-out examples");
+    }
+    if env.comm.rank() == 0 {
+        eprintln!("{}", balance(&cfg.kto, &train));
+    }
+    // Encoded once, up front, so that an example too long for the context fails before
+    // training.
+    let ctx = policy.cfg.max_position_embeddings;
+    let (train, eval) = (
+        encode(&tok, &train, ctx, "training")?,
+        encode(&tok, &eval, ctx, "held-out")?,
+    );
+    let model = policy.cfg.clone();
+    let mut task = KtoTask {
+        env,
+        policy,
+        reference,
+        tok: tok.clone(),
+        sampler: WindowSampler::new(train.len(), cfg.train.seed),
+        train,
+        eval,
+        eval_prompts,
+    };
+    let trainable = |p: ParamInfo| lora.is_none() || p.role == Role::Adapter;
+    let summary = setup::train(
+        env,
+        &mut task,
+        &store,
+        Plan::policy(&model, lora, &tok),
+        &trainable,
+    )?;
+    let (first, last) = (summary.first_eval.as_ref(), summary.last_eval.as_ref());
+    let acc = |e: Option<&KtoEval>| e.and_then(|e| e.accuracy).unwrap_or(f64::NAN);
+    let lacc = |e: Option<&KtoEval>| e.map_or(f64::NAN, |e| e.label_accuracy);
+    Ok(KtoResult {
+        accuracy: acc(last),
+        start_accuracy: acc(first),
+        label_accuracy: lacc(last),
+        start_label_accuracy: lacc(first),
+        reward_margin: last.and_then(KtoEval::reward_margin).unwrap_or(f64::NAN),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stages::rl::test_tensors::s;
+    use candle_core::{Device, Var};
+
+    fn v(x: &[f64]) -> Tensor {
+        let x: Vec<f32> = x.iter().map(|&a| a as f32).collect();
+        Tensor::new(x, &Device::Cpu).unwrap()
+    }
+
+    fn cfg(beta: f64, desirable_weight: f64, undesirable_weight: f64) -> KtoConfig {
+        KtoConfig {
+            beta,
+            desirable_weight,
+            undesirable_weight,
+            ..KtoConfig::default()
+        }
+    }
+
+    fn sigmoid(x: f64) -> f64 {
+        1.0 / (1.0 + (-x).exp())
+    }
+
+    #[test]
+    fn the_loss_matches_hand_computed_values() {
+        // Where policy and reference agree every loss is 1 - sigmoid(0) = 0.5, weighted.
+        let at_start =
+            s(&kto_loss(&cfg(0.1, 1.0, 3.0), &v(&[0.0, 0.0]), &[true, false], 0.0).unwrap());
+        assert!(
+            (at_start - 0.5 * (1.0 + 3.0) / 2.0).abs() < 1e-6,
+            "{at_start}"
+        );
+        // beta 0.5, z 1: a desirable example at h = 3 and an undesirable one at h = -1.
+        let c = cfg(0.5, 2.0, 1.0);
+        let got = s(&kto_loss(&c, &v(&[3.0, -1.0]), &[true, false], 1.0).unwrap());
+        let want =
+            (2.0 * (1.0 - sigmoid(0.5 * (3.0 - 1.0))) + (1.0 - sigmoid(0.5 * (1.0 + 1.0)))) / 2.0;
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        // An undesirable completion the policy likes more than the baseline costs more than
+        // half its weight.
+        let bad = s(&kto_loss(&c, &v(&[2.0]), &[false], 0.0).unwrap());
+        assert!(
+            (bad - (1.0 - sigmoid(-1.0))).abs() < 1e-6 && bad > 0.5,
+            "{bad}"
+        );
+    }
+
+    #[test]
+    fn the_gradient_raises_desirable_and_lowers_undesirable_rewards() {
+        let h = Var::new(&[0.3f32, -0.2, 0.0, 1.0], &Device::Cpu).unwrap();
+        let desirable = [true, false, true, false];
+        let loss = kto_loss(&cfg(0.1, 1.0, 1.0), h.as_tensor(), &desirable, 0.4).unwrap();
+        let g = loss.backward().unwrap();
+        let d = g.get(h.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        for (g, up) in d.iter().zip(desirable) {
+            // Descent moves h against its gradient.
+            assert!(if up { *g < 0.0 } else { *g > 0.0 }, "{d:?}");
+        }
+        // A zero weight takes its label out of the loss.
+        let loss = kto_loss(&cfg(0.1, 1.0, 0.0), h.as_tensor(), &desirable, 0.4).unwrap();
+        let g = loss.backward().unwrap();
+        let d = g.get(h.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        assert!(d[0] < 0.0 && d[1] == 0.0 && d[3] == 0.0, "{d:?}");
+    }
+
+    fn enc(prompt: &[u32], completion: &[u32]) -> Encoded {
+        let ids = prompt.iter().chain(completion).copied().collect();
+        let mask = std::iter::repeat_n(false, prompt.len())
+            .chain(std::iter::repeat_n(true, completion.len()))
+            .collect();
+        (ids, mask)
+    }
+
+    #[test]
+    fn kl_sequences_pair_each_prompt_with_the_previous_completion() {
+        let xs = [
+            enc(&[1, 2], &[10, 11, 12]),
+            enc(&[3], &[20]),
+            enc(&[4, 5, 6], &[30, 31]),
+        ];
+        let refs: Vec<&Encoded> = xs.iter().collect();
+        let m = mismatched(&refs, 0..3, 100);
+        assert_eq!(m[0], enc(&[1, 2], &[30, 31]));
+        assert_eq!(m[1], enc(&[3], &[10, 11, 12]));
+        assert_eq!(m[2], enc(&[4, 5, 6], &[20]));
+        // Cut to the context: the prompt stays whole.
+        let m = mismatched(&refs, 0..3, 4);
+        assert_eq!(m[1], enc(&[3], &[10, 11, 12]));
+        assert_eq!(m[2], enc(&[4, 5, 6], &[20]));
+        assert_eq!(m[0], enc(&[1, 2], &[30, 31]));
+        let m = mismatched(&refs, 0..3, 3);
+        assert_eq!(m[1], enc(&[3], &[10, 11]));
+        // A rank's slice borrows across the slice's edge, as one rank with the whole batch.
+        assert_eq!(
+            mismatched(&refs, 1..3, 100),
+            mismatched(&refs, 0..3, 100)[1..]
+        );
+    }
+
+    #[test]
+    fn held_out_chunks_cover_everything_and_never_hold_one_example() {
+        for n in 1..40 {
+            for b in 1..9 {
+                let chunks = eval_chunks(n, b);
+                let covered: Vec<usize> = chunks.iter().flat_map(|r| r.clone()).collect();
+                assert_eq!(covered, (0..n).collect::<Vec<_>>(), "n {n} b {b}");
+                assert!(
+                    n < 2 || chunks.iter().all(|r| r.len() >= 2),
+                    "n {n} b {b}: {chunks:?}"
+                );
+                assert!(
+                    chunks.iter().all(|r| r.len() <= b.max(3)),
+                    "n {n} b {b}: {chunks:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_balance_line_warns_outside_the_papers_range() {
+        let x = |desirable| LabelledCompletion {
+            prompt: "p".into(),
+            completion: "c".into(),
+            desirable,
+            append_eos: true,
+            origin: None,
+        };
+        let xs = [x(true), x(true), x(true), x(false)];
+        assert!(
+            balance(&cfg(0.1, 1.0, 1.0), &xs).contains("warning: their weighted ratio is 3.000")
+        );
+        assert!(!balance(&cfg(0.1, 1.0, 3.0), &xs).contains("warning"));
+        assert!(!balance(&cfg(0.1, 1.0, 1.0), &xs[2..]).contains("warning"));
+        assert!(!balance(&cfg(0.1, 1.0, 1.0), &xs[..3]).contains("warning"));
+    }
+}
