@@ -523,7 +523,11 @@ mod stage_chain {
                 "{loss}: held-out loss {first} -> {last}"
             );
             let acc = series(&m, "val", "label_accuracy");
-            assert!(acc.last().unwrap().1 >= 0.9, "{loss}: {acc:?}");
+            // Every held-out example starts on the baseline, a tie counting one half.
+            assert!(
+                acc[0].1 == 0.5 && acc.last().unwrap().1 >= 0.9,
+                "{loss}: {acc:?}"
+            );
             let margin = series(&m, "val", "reward_margin");
             assert!(margin.last().unwrap().1 > 0.5, "{loss}: {margin:?}");
             let kl = series(&m, "train", "kl");
@@ -536,6 +540,16 @@ mod stage_chain {
                 assert!(kl.is_empty(), "apo_zero_unpaired logged a KL: {kl:?}");
             }
         }
+        // The KL baseline moves KTO's steps away from APO-zero's once it is above 0.
+        let train_loss = |name: &str| series(&metrics(&dir.join(name)), "train", "loss");
+        let (with_kl, without) = (train_loss("kto"), train_loss("apo_zero_unpaired"));
+        assert!(
+            with_kl
+                .iter()
+                .zip(&without)
+                .any(|(a, b)| (a.1 - b.1).abs() > 1e-3),
+            "{with_kl:?} vs {without:?}"
+        );
         // Under LoRA the reference is the base with the adapters off, and only the adapters
         // train and are saved.
         let (out, args) = kto("lora", "", &train, &["--lora-rank", "4"]);
@@ -737,6 +751,145 @@ fn malformed_stage_data_and_long_prompts_fail_clearly() {
         p(dir, "s2").to_str().unwrap(),
     ]);
     assert!(e.contains("--init"), "{e}");
+}
+
+/// `[data] truncation` fits records longer than the context (64 positions, so 65 tokens of
+/// a training sequence) instead of refusing them: `drop` leaves them out, `keep_end` keeps
+/// their last tokens, `keep_start` their first (and leaves out one whose response would be
+/// cut away entirely), each said in one line. PPO refuses the cut modes and leaves prompts
+/// out under `drop`.
+#[test]
+fn over_long_records_are_left_out_or_cut_as_data_truncation_says() {
+    let d = tmp();
+    let dir = d.path();
+    let cfg = p(dir, "c.toml");
+    std::fs::write(&cfg, TINY_TOML).unwrap();
+    let pre = p(dir, "pre");
+    pretrain_on_cpu(cfg.to_str().unwrap(), &pre, 2);
+    let long = "x".repeat(200);
+    // One long record first, so that it is in the training split; the last is held out.
+    let write = |name: &str, long_line: String, short: &dyn Fn(usize) -> String| {
+        let path = p(dir, name);
+        let lines: Vec<String> = std::iter::once(long_line)
+            .chain((0..5).map(short))
+            .collect();
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        path
+    };
+    let sft = write(
+        "sft.jsonl",
+        format!("{{\"prompt\": \"{long}\", \"response\": \"1\"}}"),
+        &|i| format!("{{\"prompt\": \"a{i}\", \"response\": \"b\"}}"),
+    );
+    let prefs = write(
+        "prefs.jsonl",
+        format!("{{\"prompt\": \"q\", \"chosen\": \"{long}\", \"rejected\": \"c\"}}"),
+        &|i| format!("{{\"prompt\": \"a{i}\", \"chosen\": \"b\", \"rejected\": \"c\"}}"),
+    );
+    let labelled = write(
+        "kto.jsonl",
+        format!("{{\"prompt\": \"{long}\", \"completion\": \"1\", \"label\": true}}"),
+        &|i| {
+            format!(
+                "{{\"prompt\": \"a{i}\", \"completion\": \"b\", \"label\": {}}}",
+                i % 2 == 0
+            )
+        },
+    );
+    let prompts = write(
+        "prompts.jsonl",
+        format!("{{\"prompt\": \"{long}\", \"answer\": \"1\"}}"),
+        &|i| format!("{{\"prompt\": \"{i}+1=\", \"answer\": \"{}\"}}", i + 1),
+    );
+    // Runs `stage` for one step on `data` under `truncation`; its stderr, and whether it ran.
+    let run = |stage: &str, data: &std::path::Path, truncation: &str| -> (String, bool) {
+        let c = p(dir, &format!("{stage}-{truncation}.toml"));
+        let extra = "[ppo]\nrollout_batch = 4\nminibatch_size = 4\neval_prompts = 2\n";
+        let text = format!("{TINY_TOML}\n[data]\ntruncation = \"{truncation}\"\n{extra}");
+        std::fs::write(&c, text).unwrap();
+        let out = temper()
+            .args([
+                stage,
+                "--config",
+                c.to_str().unwrap(),
+                "--init",
+                pre.to_str().unwrap(),
+            ])
+            .args([
+                "--data",
+                data.to_str().unwrap(),
+                "--steps",
+                "1",
+                "--eval-every",
+                "100",
+            ])
+            .args(["--device", "cpu", "--out"])
+            .arg(p(dir, &format!("{stage}-{truncation}")))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        (err, out.status.success())
+    };
+    let says = |stage: &str, data: &std::path::Path, truncation: &str, line: &str| {
+        let (err, ok) = run(stage, data, truncation);
+        assert!(ok && err.contains(line), "{stage} {truncation}: {err}");
+    };
+    let of = |n: &str, what: &str, mode: &str| {
+        format!("] 1 of {n} training {what} were longer than 65 tokens ([data] truncation = \"{mode}\"): ")
+    };
+    says(
+        "sft",
+        &sft,
+        "drop",
+        &(of("5", "examples", "drop") + "1 left out\n"),
+    );
+    says(
+        "sft",
+        &sft,
+        "keep_end",
+        &(of("5", "examples", "keep_end") + "1 cut to their last 65 tokens\n"),
+    );
+    // The first 65 tokens are all prompt: nothing would be left to learn.
+    says(
+        "sft",
+        &sft,
+        "keep_start",
+        &(of("5", "examples", "keep_start") + "1 left out\n"),
+    );
+    says(
+        "dpo",
+        &prefs,
+        "keep_start",
+        &(of("5", "pairs", "keep_start") + "1 cut to their first 65 tokens\n"),
+    );
+    says(
+        "kto",
+        &labelled,
+        "drop",
+        &(of("5", "examples", "drop") + "1 left out\n"),
+    );
+    // A reward model reads whole sequences, no shift: 64 tokens.
+    says("reward", &prefs, "keep_end", "] 1 of 5 training pairs were longer than 64 tokens ([data] truncation = \"keep_end\"): 1 cut to their last 64 tokens\n");
+    says(
+        "ppo",
+        &prompts,
+        "drop",
+        "[ppo] 1 of 5 training prompts left no room for",
+    );
+    let (err, ok) = run("ppo", &prompts, "keep_end");
+    let last = err.trim().lines().last().unwrap_or_default();
+    assert!(
+        !ok && last.starts_with("error: ")
+            && last.contains(
+                "ppo-keep_end.toml:16: data.truncation = \"keep_end\": ppo's prompts are not cut"
+            ),
+        "{err}"
+    );
+    let (err, ok) = run("sft", &sft, "error");
+    assert!(
+        !ok && err.contains("sft.jsonl:1: 202 tokens exceed the model's context of 64"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 pub use lora::{LoraConfig, LoraTarget};
 pub use model::{HfFamily, MlpKind, ModelConfig, NormKind, PositionKind, RopeScaling};
-pub use run::{overlay, DataConfig, DeviceChoice, RunConfig, Stage};
+pub use run::{overlay, DataConfig, DeviceChoice, RunConfig, Stage, Truncation};
 pub use stages::{
     AdvantageEstimator, DpoConfig, DpoLoss, ExternalRewardConfig, GrpoConfig, KlEstimator,
     KtoConfig, KtoLoss, LossType, PpoConfig, RewardConfig, RewardSource, RewardSpec, ScaleRewards,

@@ -84,6 +84,44 @@ pub struct DataConfig {
     /// `reset_attention_mask` and `reset_position_ids`); off, windows run across documents
     /// as GPT-2 and llm.c train.
     pub document_mask: bool,
+    /// What a stage does with a record longer than the model's context (TRL's `max_length`
+    /// with `truncation_mode`).
+    pub truncation: Truncation,
+}
+
+/// `[data] truncation`: what becomes of a record longer than the model's context. The cut
+/// modes apply to the records that carry loss (SFT examples, preference pairs, KTO's
+/// completions); a PPO or GRPO prompt that leaves no room for its new tokens can only be
+/// refused or left out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Truncation {
+    /// Refuse it, naming its file and line.
+    #[default]
+    Error,
+    /// Leave it out.
+    Drop,
+    /// Keep its first tokens: the prompt, and the start of the response.
+    KeepStart,
+    /// Keep its last tokens: the response, and the end of the prompt (TRL's default for DPO).
+    KeepEnd,
+}
+
+impl Truncation {
+    /// The name `[data] truncation` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Truncation::Error => "error",
+            Truncation::Drop => "drop",
+            Truncation::KeepStart => "keep_start",
+            Truncation::KeepEnd => "keep_end",
+        }
+    }
+
+    /// Whether the mode cuts records rather than refusing or leaving them out.
+    pub fn cuts(self) -> bool {
+        matches!(self, Truncation::KeepStart | Truncation::KeepEnd)
+    }
 }
 
 impl Default for DataConfig {
@@ -98,6 +136,7 @@ impl Default for DataConfig {
             task_max_operand: 19,
             task_carry_slip: 0.6,
             document_mask: false,
+            truncation: Truncation::Error,
         }
     }
 }
@@ -231,6 +270,14 @@ impl RunConfig {
         if !(0.0..1.0).contains(&self.data.val_fraction) {
             anyhow::bail!("data.val_fraction must be in [0, 1)");
         }
+        let rollouts = matches!(self.stage, Stage::Ppo | Stage::Grpo);
+        if rollouts && self.data.truncation.cuts() {
+            anyhow::bail!(
+                "data.truncation = \"{}\": {}'s prompts are not cut (a cut prompt asks something else); use \"drop\" to leave out those too long for max_new_tokens, or \"error\"",
+                self.data.truncation.name(),
+                self.stage
+            );
+        }
         match self.stage {
             Stage::Ppo => self.ppo.validate()?,
             Stage::Grpo => self.grpo.validate()?,
@@ -239,7 +286,7 @@ impl RunConfig {
                 self.kto.validate()?;
                 if self.kto.loss_type.estimates_kl() && self.train.batch_size < 2 {
                     anyhow::bail!(
-                        "kto.loss_type = \"kto\" pairs each prompt with another example's completion of its micro-batch to estimate the KL baseline: train.batch_size must be at least 2, got {}",
+                        "kto.loss_type = \"kto\" pairs each prompt with another example's completion of its batch to estimate the KL baseline: train.batch_size must be at least 2, got {}",
                         self.train.batch_size
                     );
                 }

@@ -80,6 +80,9 @@ fn labelled_record(
         return Err(at.field("completion", &format!("{SHAPES}, not both")));
     }
     if paired {
+        if obj.contains_key("label") {
+            return Err(at.field("label", "a pair's \"chosen\" is desirable and its \"rejected\" undesirable: it takes no label"));
+        }
         return Ok(LabelledCompletion::unpair(&preference_record(at, obj, template)?).to_vec());
     }
     if !single {
@@ -185,6 +188,10 @@ mod tests {
             (
                 r#"{"prompt": "p", "completion": "c", "chosen": "c", "rejected": "d", "label": true}"#,
                 "not both",
+            ),
+            (
+                r#"{"prompt": "p", "chosen": "c", "rejected": "d", "label": false}"#,
+                "kto.jsonl:1: field \"label\": a pair's",
             ),
             (
                 r#"{"prompt": "p", "chosen": "c"}"#,

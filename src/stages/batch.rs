@@ -10,9 +10,12 @@ use crate::data::records::SftExample;
 use crate::data::tokenizer::Tokenizer;
 use crate::kernels::segments::Segments;
 
+/// A sequence's token ids and, per token, whether it carries loss.
+pub type Encoded = (Vec<u32>, Vec<bool>);
+
 /// Tokens of an example and, per token, whether it carries loss. Each trained segment is
 /// followed by EOS, which is trained too, so the model learns to stop.
-pub fn encode_example(tok: &Tokenizer, ex: &SftExample) -> Result<(Vec<u32>, Vec<bool>)> {
+pub fn encode_example(tok: &Tokenizer, ex: &SftExample) -> Result<Encoded> {
     let mut ids = Vec::new();
     let mut train = Vec::new();
     for seg in &ex.segments {
@@ -39,12 +42,7 @@ pub struct LmBatch {
     pub last: Vec<u32>,
 }
 
-pub fn lm_batch(
-    seqs: &[(Vec<u32>, Vec<bool>)],
-    pad: u32,
-    max_len: usize,
-    dev: &Device,
-) -> Result<LmBatch> {
+pub fn lm_batch(seqs: &[Encoded], pad: u32, max_len: usize, dev: &Device) -> Result<LmBatch> {
     let t = seqs
         .iter()
         .map(|(s, _)| s.len().saturating_sub(1))
@@ -150,7 +148,7 @@ pub struct PackedBatch {
 /// targets `ids[1..]`), as in [`lm_batch`]. Rows are `len` long whatever they hold, so every
 /// batch has one shape.
 pub fn packed_batch(
-    rows: &[Vec<&(Vec<u32>, Vec<bool>)>],
+    rows: &[Vec<&Encoded>],
     pad: u32,
     len: usize,
     dev: &Device,
@@ -217,7 +215,7 @@ pub struct SeqBatch {
 impl SeqBatch {
     /// `seqs` as a right-padded batch ([`lm_batch`]), or packed when `pack`.
     pub fn new(
-        seqs: &[(Vec<u32>, Vec<bool>)],
+        seqs: &[Encoded],
         pad: u32,
         max_len: usize,
         pack: bool,

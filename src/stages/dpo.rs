@@ -10,14 +10,16 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
-use super::batch::SeqBatch;
+use super::batch::{encode_example, Encoded, SeqBatch};
 use super::eval::accuracy;
 use super::rollout::FrozenReference;
 use super::setup::{self, prompt_sets, split_holdout, Plan, PolicyPair};
-use super::sft::encode_all;
+use super::truncate::Fitter;
 use super::Env;
 use crate::config::{DpoConfig, DpoLoss};
-use crate::data::records::{load_preferences_templated, PreferencePair, PromptRecord, SftExample};
+use crate::data::records::{
+    load_preferences_templated, place, PreferencePair, PromptRecord, SftExample,
+};
 use crate::data::sampler::WindowSampler;
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
@@ -106,27 +108,38 @@ pub fn with_chosen_nll(
 }
 
 /// A preference pair as token ids with their loss masks: chosen, then rejected.
-type EncodedPair = [(Vec<u32>, Vec<bool>); 2];
+type EncodedPair = [Encoded; 2];
 
-/// Encodes every pair once, with SFT's check that each sequence fits the context (errors name
-/// the record).
-fn encode_pairs(tok: &Tokenizer, pairs: &[PreferencePair], ctx: usize) -> Result<Vec<EncodedPair>> {
-    let side = |response: fn(&PreferencePair) -> &str| -> Vec<SftExample> {
-        pairs
-            .iter()
-            .map(|p| SftExample {
+/// Encodes every pair once, fitted to the context under `[data] truncation` (a pair is cut or
+/// left out whole; errors name the record).
+fn encode_pairs(
+    env: &Env,
+    tok: &Tokenizer,
+    pairs: &[PreferencePair],
+    ctx: usize,
+    what: &str,
+) -> Result<Vec<EncodedPair>> {
+    let mut fit = Fitter::new(env.cfg.data.truncation, ctx + 1, &format!("{what} pairs"));
+    let mut out = Vec::new();
+    for (i, p) in pairs.iter().enumerate() {
+        let side = |response: &str| {
+            let ex = SftExample {
                 append_eos: p.append_eos,
-                ..SftExample::prompt_response(&p.prompt, response(p), p.origin.clone())
-            })
-            .collect()
-    };
-    let chosen = encode_all(tok, &side(|p| &p.chosen), ctx, "chosen")?;
-    let rejected = encode_all(tok, &side(|p| &p.rejected), ctx, "rejected")?;
-    Ok(chosen
-        .into_iter()
-        .zip(rejected)
-        .map(|(c, r)| [c, r])
-        .collect())
+                ..SftExample::prompt_response(&p.prompt, response, p.origin.clone())
+            };
+            encode_example(tok, &ex)
+        };
+        let both = vec![side(&p.chosen)?, side(&p.rejected)?];
+        let place = || place(&p.origin, &format!("{what} preference pair"), i);
+        if let Some(mut both) = fit.fit(both, place, ctx)? {
+            let rejected = both.pop().expect("two sequences");
+            out.push([both.pop().expect("two sequences"), rejected]);
+        }
+    }
+    if env.comm.rank() == 0 {
+        fit.say("dpo");
+    }
+    Ok(out)
 }
 
 struct DpoTask<'a> {
@@ -337,9 +350,12 @@ pub fn run(env: &Env) -> Result<DpoResult> {
     // Encoded once, up front, so that a pair too long for the context fails before training.
     let ctx = policy.cfg.max_position_embeddings;
     let (train, eval) = (
-        encode_pairs(&tok, &train, ctx)?,
-        encode_pairs(&tok, &eval, ctx)?,
+        encode_pairs(env, &tok, &train, ctx, "training")?,
+        encode_pairs(env, &tok, &eval, ctx, "held-out")?,
     );
+    if train.is_empty() || eval.is_empty() {
+        bail!("dpo: no training or no held-out pair is left at this context");
+    }
     let model = policy.cfg.clone();
     let mut task = DpoTask {
         env,

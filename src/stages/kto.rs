@@ -17,15 +17,15 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
-use super::batch::SeqBatch;
+use super::batch::{encode_example, Encoded, SeqBatch};
 use super::eval::accuracy;
 use super::rollout::FrozenReference;
 use super::setup::{self, prompt_sets, split_holdout, Plan, PolicyPair};
-use super::sft::encode_all;
+use super::truncate::Fitter;
 use super::Env;
 use crate::config::KtoConfig;
 use crate::data::labelled::{load_labelled_records, LabelledCompletion};
-use crate::data::records::PromptRecord;
+use crate::data::records::{place, PromptRecord};
 use crate::data::sampler::WindowSampler;
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
@@ -33,6 +33,7 @@ use crate::dist::Communicator;
 use crate::model::Transformer;
 use crate::train::loss::{log_sigmoid, scalar};
 use crate::train::params::{ParamInfo, Role};
+use crate::train::rng::Rng;
 use crate::train::runner::{Report, StepOut, Task};
 
 /// KTO's loss, a mean over the examples: `w (1 - sigmoid(beta s (h - z)))` for each
@@ -53,9 +54,6 @@ pub fn kto_loss(c: &KtoConfig, h: &Tensor, desirable: &[bool], z: f64) -> Result
     let losses = (log_sigmoid(&x.neg()?)?.exp()? * &weight)?;
     Ok(losses.mean_all()?)
 }
-
-/// An example as token ids with their loss masks: its prompt, then its completion.
-type Encoded = (Vec<u32>, Vec<bool>);
 
 /// Where an encoded example's completion starts: its first trained token.
 fn completion_start(e: &Encoded) -> usize {
@@ -95,7 +93,31 @@ struct BatchOut {
     /// `h` of each example, in nats.
     rewards: Vec<f64>,
     kl: Option<f64>,
-    agrees: Vec<bool>,
+    /// Per example, 1 where `h` is on its label's side of the baseline, 0 on the other, 1/2
+    /// on it (where every example starts).
+    agrees: Vec<f64>,
+}
+
+/// How well `h - z` sits on a label's side: 1, 0, or 1/2 on the baseline.
+fn side(above: f64, desirable: bool) -> f64 {
+    let s = if desirable { above } else { -above };
+    if s > 0.0 {
+        1.0
+    } else if s < 0.0 {
+        0.0
+    } else {
+        0.5
+    }
+}
+
+/// KTO's KL baseline from this rank's raw estimate: the ranks' mean (TRL gathers it), at
+/// least 0.
+fn kl_baseline(raw: f64, comm: Option<&dyn Communicator>) -> Result<f64> {
+    let mut z = [raw as f32];
+    if let Some(comm) = comm {
+        comm.all_reduce_mean(&mut z)?;
+    }
+    Ok(f64::from(z[0]).max(0.0))
 }
 
 struct KtoTask<'a> {
@@ -143,20 +165,18 @@ impl KtoTask<'_> {
         let xs = &all[mine.clone()];
         let seqs: Vec<Encoded> = xs.iter().map(|x| x.0.clone()).collect();
         let desirable: Vec<bool> = xs.iter().map(|x| x.1).collect();
-        let h = self.implicit_rewards(&self.batch(&seqs)?, true)?;
+        // The baseline first: its forwards' graphs are dropped before the policy's is built.
         let kl = if c.loss_type.estimates_kl() {
             let ids: Vec<&Encoded> = all.iter().map(|x| &x.0).collect();
             let max_tokens = self.policy.cfg.max_position_embeddings + 1;
             let other = self.batch(&mismatched(&ids, mine, max_tokens))?;
-            let mut z = [scalar(&self.implicit_rewards(&other, false)?.mean_all()?)? as f32];
-            if let Some(comm) = comm {
-                comm.all_reduce_mean(&mut z)?;
-            }
-            Some(f64::from(z[0]).max(0.0))
+            let raw = scalar(&self.implicit_rewards(&other, false)?.mean_all()?)?;
+            Some(kl_baseline(raw, comm)?)
         } else {
             None
         };
         let z = kl.unwrap_or(0.0);
+        let h = self.implicit_rewards(&self.batch(&seqs)?, true)?;
         let loss = kto_loss(c, &h, &desirable, z)?;
         let rewards: Vec<f64> = h
             .detach()
@@ -168,7 +188,7 @@ impl KtoTask<'_> {
         let agrees = rewards
             .iter()
             .zip(&desirable)
-            .map(|(&r, &d)| if d { r > z } else { r < z })
+            .map(|(&r, &d)| side(r - z, d))
             .collect();
         Ok(BatchOut {
             loss,
@@ -179,14 +199,15 @@ impl KtoTask<'_> {
     }
 }
 
-fn share(xs: &[bool]) -> f64 {
-    xs.iter().filter(|&&x| x).count() as f64 / xs.len().max(1) as f64
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len().max(1) as f64
 }
 
 /// KTO's held-out numbers: the loss (0.5 times the labels' mean weight where policy and
 /// reference agree), the KL baseline, the mean implicit reward `beta h` of each label's
-/// examples and their margin, the share of examples on their label's side of the baseline,
-/// and task accuracy where prompts have answers.
+/// examples and their margin, the share of examples on their label's side of the baseline
+/// (a tie counting one half, so 0.5 where policy and reference agree), and task accuracy
+/// where prompts have answers.
 #[derive(Clone, Debug)]
 pub struct KtoEval {
     pub loss: f64,
@@ -234,7 +255,7 @@ impl Task for KtoTask<'_> {
         let xs = &all[mine.clone()];
         let out = self.loss(&all, mine, Some(comm))?;
         let tokens: usize = xs.iter().map(|x| x.0 .0.len().saturating_sub(1)).sum();
-        let mut metrics = vec![("label_accuracy", share(&out.agrees))];
+        let mut metrics = vec![("label_accuracy", mean(&out.agrees))];
         metrics.extend(out.kl.map(|k| ("kl", k)));
         Ok(StepOut {
             loss: out.loss,
@@ -261,13 +282,13 @@ impl Task for KtoTask<'_> {
             }
         }
         let n = self.eval.len() as f64;
-        let mean = |(sum, k): (f64, usize)| (k > 0).then(|| sum / k as f64);
+        let average = |(sum, k): (f64, usize)| (k > 0).then(|| sum / k as f64);
         let mut out = KtoEval {
             loss: loss / n,
             kl: self.env.cfg.kto.loss_type.estimates_kl().then_some(kl / n),
-            reward_desirable: mean(sums[1]),
-            reward_undesirable: mean(sums[0]),
-            label_accuracy: share(&agrees),
+            reward_desirable: average(sums[1]),
+            reward_undesirable: average(sums[0]),
+            label_accuracy: mean(&agrees),
             accuracy: None,
         };
         if !self.eval_prompts.is_empty() && self.eval_prompts.iter().all(|p| p.answer.is_some()) {
@@ -350,31 +371,44 @@ fn datasets(env: &Env) -> Result<Datasets> {
     })
 }
 
-/// Encodes the examples once, with SFT's check that each fits the context.
+/// Encodes the examples once, fitted to the context under `[data] truncation` (errors name
+/// the record), with whether each is desirable.
 fn encode(
+    env: &Env,
     tok: &Tokenizer,
     xs: &[LabelledCompletion],
     ctx: usize,
     what: &str,
 ) -> Result<Vec<(Encoded, bool)>> {
-    let examples: Vec<_> = xs.iter().map(LabelledCompletion::example).collect();
-    let encoded = encode_all(tok, &examples, ctx, what)?;
-    Ok(encoded
-        .into_iter()
-        .zip(xs)
-        .map(|(e, x)| (e, x.desirable))
-        .collect())
+    let mut fit = Fitter::new(
+        env.cfg.data.truncation,
+        ctx + 1,
+        &format!("{what} examples"),
+    );
+    let mut out = Vec::new();
+    for (i, x) in xs.iter().enumerate() {
+        let e = encode_example(tok, &x.example())?;
+        let place = || place(&x.origin, &format!("{what} example"), i);
+        if let Some(mut e) = fit.fit(vec![e], place, ctx)? {
+            out.push((e.remove(0), x.desirable));
+        }
+    }
+    if env.comm.rank() == 0 {
+        fit.say("kto");
+    }
+    Ok(out)
 }
 
 /// A line on the labels' balance: the KTO paper wants the desirable examples' total weight
 /// between 1 and 4/3 of the undesirable ones'.
-fn balance(c: &KtoConfig, xs: &[LabelledCompletion]) -> String {
-    let good = xs.iter().filter(|x| x.desirable).count();
+fn balance(c: &KtoConfig, xs: &[(Encoded, bool)]) -> String {
+    let good = xs.iter().filter(|x| x.1).count();
     let bad = xs.len() - good;
     let ratio = c.desirable_weight * good as f64 / (c.undesirable_weight * bad as f64);
     let mut line = format!("[kto] {good} desirable and {bad} undesirable training examples");
-    // One label alone has no ratio to keep; the loss still moves its examples.
-    if good > 0 && bad > 0 && !(1.0 - 1e-9..=4.0 / 3.0 + 1e-9).contains(&ratio) {
+    // One label alone (or weighted 0) has no ratio to keep; the loss still moves the other.
+    let both = good > 0 && bad > 0 && c.desirable_weight > 0.0 && c.undesirable_weight > 0.0;
+    if both && !(1.0 - 1e-9..=4.0 / 3.0 + 1e-9).contains(&ratio) {
         line.push_str(&format!(
             "; warning: their weighted ratio is {ratio:.3}, outside the KTO paper's 1 to 4/3 (set [kto] desirable_weight and undesirable_weight)"
         ));
@@ -396,16 +430,23 @@ pub fn run(env: &Env) -> Result<KtoResult> {
     if train.is_empty() || eval.is_empty() {
         bail!("kto needs non-empty training and held-out examples");
     }
-    if env.comm.rank() == 0 {
-        eprintln!("{}", balance(&cfg.kto, &train));
-    }
     // Encoded once, up front, so that an example too long for the context fails before
     // training.
     let ctx = policy.cfg.max_position_embeddings;
-    let (train, eval) = (
-        encode(&tok, &train, ctx, "training")?,
-        encode(&tok, &eval, ctx, "held-out")?,
+    let (train, mut eval) = (
+        encode(env, &tok, &train, ctx, "training")?,
+        encode(env, &tok, &eval, ctx, "held-out")?,
     );
+    // Held-out chunks are taken in order and each prompt borrows its neighbour's completion:
+    // a fixed shuffle keeps a pair's two halves (one prompt) from being neighbours, as the
+    // sampler's shuffle does for training batches.
+    Rng::new(0x004B_544F).shuffle(&mut eval);
+    if train.is_empty() || eval.is_empty() {
+        bail!("kto: no training or no held-out example is left at this context");
+    }
+    if env.comm.rank() == 0 {
+        eprintln!("{}", balance(&cfg.kto, &train));
+    }
     let model = policy.cfg.clone();
     let mut task = KtoTask {
         env,
@@ -557,14 +598,19 @@ mod tests {
     }
 
     #[test]
+    fn the_baseline_is_the_ranks_mean_at_least_zero_and_ties_count_half() {
+        let solo = crate::dist::Solo;
+        assert_eq!(kl_baseline(0.25, Some(&solo)).unwrap(), 0.25);
+        assert_eq!(kl_baseline(-0.5, Some(&solo)).unwrap(), 0.0);
+        assert_eq!(kl_baseline(-0.5, None).unwrap(), 0.0);
+        assert_eq!((side(0.1, true), side(0.1, false)), (1.0, 0.0));
+        assert_eq!((side(-0.1, true), side(-0.1, false)), (0.0, 1.0));
+        assert_eq!((side(0.0, true), side(0.0, false)), (0.5, 0.5));
+    }
+
+    #[test]
     fn the_balance_line_warns_outside_the_papers_range() {
-        let x = |desirable| LabelledCompletion {
-            prompt: "p".into(),
-            completion: "c".into(),
-            desirable,
-            append_eos: true,
-            origin: None,
-        };
+        let x = |desirable| ((vec![1, 2], vec![false, true]), desirable);
         let xs = [x(true), x(true), x(true), x(false)];
         assert!(
             balance(&cfg(0.1, 1.0, 1.0), &xs).contains("warning: their weighted ratio is 3.000")
@@ -572,5 +618,6 @@ mod tests {
         assert!(!balance(&cfg(0.1, 1.0, 3.0), &xs).contains("warning"));
         assert!(!balance(&cfg(0.1, 1.0, 1.0), &xs[2..]).contains("warning"));
         assert!(!balance(&cfg(0.1, 1.0, 1.0), &xs[..3]).contains("warning"));
+        assert!(!balance(&cfg(0.1, 1.0, 0.0), &xs).contains("warning"));
     }
 }

@@ -24,6 +24,7 @@ pub mod rollout;
 pub mod rollout_packing;
 pub mod setup;
 pub mod sft;
+pub mod truncate;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -17,7 +17,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::Tensor;
 
 use super::completions::CompletionLog;
@@ -33,7 +33,7 @@ use super::rollout::{
     token_shares, Actors, Buffer, CollectTimes, FrozenReference, PolicyStep, Rollout, RolloutClock,
     Schedule,
 };
-use super::setup::{self, encode_prompts, prompt_sets, Plan, PolicyPair};
+use super::setup::{self, fit_prompts, prompt_sets, Plan, PolicyPair};
 use super::Env;
 use crate::config::{PpoConfig, RewardSpec};
 use crate::data::records::PromptRecord;
@@ -341,8 +341,15 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
     rewards.pack_models = c.packing;
     let (prompts, eval_prompts) = prompt_sets(env, c.task_prompts, c.eval_prompts)?;
     let ctx_len = pair.policy.cfg.max_position_embeddings;
+    let fit = |set, what| fit_prompts(env, &tok, set, c.max_new_tokens, ctx_len, what);
+    let (prompts, eval_prompts) = (fit(prompts, "training")?, fit(eval_prompts, "held-out")?);
+    if prompts.is_empty() || eval_prompts.is_empty() {
+        bail!(
+            "{}: no training or no held-out prompt is left at this context",
+            cfg.stage
+        );
+    }
     for set in [&prompts, &eval_prompts] {
-        encode_prompts(&tok, set, c.max_new_tokens, ctx_len)?;
         check_prompts(&rewards, set)?;
     }
     eprintln!(

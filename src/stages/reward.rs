@@ -10,6 +10,7 @@ use candle_core::Tensor;
 use super::batch::{fit_rows, padded};
 use super::loader::scored_from;
 use super::setup::{self, init_checkpoint, split_holdout, Plan};
+use super::truncate::Fitter;
 use super::Env;
 use crate::data::records::{load_preferences_templated, place, PreferencePair};
 use crate::data::sampler::WindowSampler;
@@ -110,26 +111,36 @@ impl Scorer {
     }
 }
 
-/// Every pair as (chosen, rejected) token ids; a pair longer than the context is an error
-/// naming its record.
-pub fn encode_pairs(
+/// Every pair as (chosen, rejected) token ids, fitted to the context under `[data]
+/// truncation` (a pair is cut or left out whole; errors name the record). A cut that leaves a
+/// side none of its reply leaves the pair out.
+fn encode_pairs(
+    env: &Env,
     tok: &Tokenizer,
     pairs: &[PreferencePair],
     ctx: usize,
+    what: &str,
 ) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
-    pairs
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let e = encode_pair(tok, p)?;
-            let n = e.0.len().max(e.1.len());
-            if n > ctx {
-                let place = place(&p.origin, "preference pair", i);
-                bail!("{place}: {n} tokens exceed the model's context of {ctx}");
-            }
-            Ok(e)
-        })
-        .collect()
+    let mut fit = Fitter::new(env.cfg.data.truncation, ctx, &format!("{what} pairs"));
+    let mut out = Vec::new();
+    for (i, p) in pairs.iter().enumerate() {
+        let (c, r) = encode_pair(tok, p)?;
+        // Which tokens are the reply's, so that a cut keeping none of it can be told.
+        let prompt = tok.encode(&p.prompt)?.len();
+        let masked = |s: Vec<u32>| {
+            let mask = (0..s.len()).map(|j| j >= prompt).collect();
+            (s, mask)
+        };
+        let place = || place(&p.origin, &format!("{what} preference pair"), i);
+        if let Some(mut both) = fit.fit(vec![masked(c), masked(r)], place, ctx)? {
+            let rejected = both.pop().expect("two sequences").0;
+            out.push((both.pop().expect("two sequences").0, rejected));
+        }
+    }
+    if env.comm.rank() == 0 {
+        fit.say("reward");
+    }
+    Ok(out)
 }
 
 pub fn encode_pair(tok: &Tokenizer, p: &PreferencePair) -> Result<(Vec<u32>, Vec<u32>)> {
@@ -273,9 +284,12 @@ pub fn run(env: &Env) -> Result<RewardResult> {
     let (train, eval) = datasets(env)?;
     let ctx = model.net.cfg.max_position_embeddings;
     let (train, eval) = (
-        encode_pairs(&tok, &train, ctx)?,
-        encode_pairs(&tok, &eval, ctx)?,
+        encode_pairs(env, &tok, &train, ctx, "training")?,
+        encode_pairs(env, &tok, &eval, ctx, "held-out")?,
     );
+    if train.is_empty() || eval.is_empty() {
+        bail!("reward: no training or no held-out pair is left at this context");
+    }
     let model_cfg = model.net.cfg.clone();
     let mut task = RewardTask {
         env,

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use super::loader::{policy_from, read_checkpoint, Loaded};
 use super::rollout::FrozenReference;
 use super::Env;
-use crate::config::{LoraConfig, ModelConfig, RunConfig};
+use crate::config::{LoraConfig, ModelConfig, RunConfig, Truncation};
 use crate::data::chat_template::ChatTemplate;
 use crate::data::records::{load_prompts_templated, place, PromptRecord};
 use crate::data::synthetic::{Split, Synthetic};
@@ -231,6 +231,43 @@ pub fn encode_prompts(
             Ok(ids)
         })
         .collect()
+}
+
+/// The prompts of a rollout set that fit the context with room for `new_tokens` (PPO, GRPO):
+/// under `[data] truncation = "drop"` those that do not are left out, said in one line;
+/// otherwise one that does not is an error naming its record ([`encode_prompts`]).
+pub fn fit_prompts(
+    env: &Env,
+    tok: &Tokenizer,
+    prompts: Vec<PromptRecord>,
+    new_tokens: usize,
+    ctx: usize,
+    what: &str,
+) -> Result<Vec<PromptRecord>> {
+    if env.cfg.data.truncation != Truncation::Drop {
+        encode_prompts(tok, &prompts, new_tokens, ctx)?;
+        return Ok(prompts);
+    }
+    let n = prompts.len();
+    let mut kept = Vec::with_capacity(n);
+    for (i, p) in prompts.into_iter().enumerate() {
+        let len = tok.encode(&p.prompt)?.len();
+        if len == 0 {
+            let place = place(&p.origin, "prompt", i);
+            bail!("{place}: field \"prompt\": empty after tokenisation");
+        }
+        if len + new_tokens <= ctx {
+            kept.push(p);
+        }
+    }
+    let dropped = n - kept.len();
+    if dropped > 0 && env.comm.rank() == 0 {
+        eprintln!(
+            "[{}] {dropped} of {n} {what} prompts left no room for {new_tokens} new tokens in the model's context of {ctx} ([data] truncation = \"drop\"): left out",
+            env.cfg.stage
+        );
+    }
+    Ok(kept)
 }
 
 /// How a stage runs the shared loop: what its checkpoints hold, and whether to evaluate

@@ -5,10 +5,11 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 
-use super::batch::{best_fit_decreasing, encode_example, lm_batch, packed_batch, LmBatch};
+use super::batch::{best_fit_decreasing, encode_example, lm_batch, packed_batch, Encoded, LmBatch};
 use super::eval::accuracy;
 use super::loader::policy_from;
 use super::setup::{self, init_checkpoint, split_holdout, Plan};
+use super::truncate::Fitter;
 use super::Env;
 use crate::data::records::{load_sft_templated, place, PromptRecord, SftExample};
 use crate::data::sampler::{state_u64, WindowSampler};
@@ -49,8 +50,8 @@ struct SftTask<'a> {
     env: &'a Env,
     net: Transformer,
     tok: Tokenizer,
-    train: Vec<(Vec<u32>, Vec<bool>)>,
-    eval: Vec<(Vec<u32>, Vec<bool>)>,
+    train: Vec<Encoded>,
+    eval: Vec<Encoded>,
     prompts: Vec<PromptRecord>,
     /// With `[sft] packing`, the training examples' indices in each packed row; the sampler
     /// then draws rows instead of examples.
@@ -63,7 +64,7 @@ impl SftTask<'_> {
     /// Examples one per right-padded row.
     fn loss(
         &self,
-        seqs: &[(Vec<u32>, Vec<bool>)],
+        seqs: &[Encoded],
         dropout_seed: Option<u64>,
     ) -> Result<(candle_core::Tensor, usize, f64)> {
         let b = lm_batch(
@@ -247,33 +248,33 @@ pub struct SftResult {
     pub eval_loss: f64,
 }
 
-pub fn encode_all(
+/// Every example encoded and fitted to a context of `max_len` inputs (`max_len + 1` tokens)
+/// by `fit` (`[data] truncation`): the examples kept, with their tokens and loss masks.
+/// `what` names an example without a file in errors ("training example 3").
+pub fn encode_fitted(
     tok: &Tokenizer,
-    xs: &[SftExample],
+    xs: Vec<SftExample>,
     max_len: usize,
     what: &str,
-) -> Result<Vec<(Vec<u32>, Vec<bool>)>> {
-    xs.iter()
-        .enumerate()
-        .map(|(i, ex)| {
-            let e = encode_example(tok, ex)?;
-            if e.0.len() > max_len + 1 {
-                let place = place(&ex.origin, &format!("{what} example"), i);
-                bail!(
-                    "{place}: {} tokens exceed the model's context of {max_len}",
-                    e.0.len()
-                );
-            }
-            Ok(e)
-        })
-        .collect()
+    fit: &mut Fitter,
+) -> Result<(Vec<SftExample>, Vec<Encoded>)> {
+    let mut kept = (Vec::new(), Vec::new());
+    for (i, ex) in xs.into_iter().enumerate() {
+        let e = encode_example(tok, &ex)?;
+        let place = || place(&ex.origin, &format!("{what} example"), i);
+        if let Some(mut e) = fit.fit(vec![e], place, max_len)? {
+            kept.0.push(ex);
+            kept.1.push(e.remove(0));
+        }
+    }
+    Ok(kept)
 }
 
 /// The training examples packed into rows of `seq_len` input positions by best-fit
 /// decreasing (an example of `n` tokens takes `n - 1`), with a line saying how well they
 /// fill them. `xs` names the examples in errors.
 fn pack(
-    train: &[(Vec<u32>, Vec<bool>)],
+    train: &[Encoded],
     xs: &[SftExample],
     seq_len: usize,
     ctx_len: usize,
@@ -320,10 +321,20 @@ pub fn run(env: &Env) -> Result<SftResult> {
     drop(loaded);
     let (examples, eval, prompts) = datasets(env)?;
     let ctx_len = net.cfg.max_position_embeddings;
-    let train = encode_all(&tok, &examples, ctx_len, "training")?;
-    let eval = encode_all(&tok, &eval, ctx_len, "held-out")?;
+    let fitted = |xs, what: &str| -> Result<_> {
+        let mut fit = Fitter::new(
+            cfg.data.truncation,
+            ctx_len + 1,
+            &format!("{what} examples"),
+        );
+        let kept = encode_fitted(&tok, xs, ctx_len, what, &mut fit)?;
+        fit.say("sft");
+        Ok(kept)
+    };
+    let (examples, train) = fitted(examples, "training")?;
+    let (_, eval) = fitted(eval, "held-out")?;
     if train.is_empty() || eval.is_empty() {
-        bail!("sft needs non-empty training and held-out sets");
+        bail!("sft needs non-empty training and held-out sets (after [data] truncation)");
     }
     let rows = match cfg.sft.packing {
         true => Some(pack(&train, &examples, cfg.train.seq_len, ctx_len)?),

@@ -1,0 +1,191 @@
+//! Records longer than the model's context, under `[data] truncation` (TRL's `max_length`
+//! with `truncation_mode`): refused by file and line (`error`, the default), left out
+//! (`drop`), or cut to their first (`keep_start`) or last (`keep_end`) tokens. A cut sequence
+//! left with no token that carries loss is left out too. The stage prints one line saying how
+//! many records were cut or left out.
+
+use anyhow::{bail, Result};
+
+use super::batch::Encoded;
+use crate::config::Truncation;
+
+/// Fits the sequences of one set of records (the training or the held-out ones) to at most
+/// `max_tokens`, counting what it changed.
+pub struct Fitter {
+    how: Truncation,
+    max_tokens: usize,
+    /// What the records are, for the report ("training examples").
+    what: String,
+    seen: usize,
+    cut: usize,
+    dropped: usize,
+}
+
+impl Fitter {
+    pub fn new(how: Truncation, max_tokens: usize, what: &str) -> Self {
+        Self {
+            how,
+            max_tokens,
+            what: what.to_string(),
+            seen: 0,
+            cut: 0,
+            dropped: 0,
+        }
+    }
+
+    /// A record's sequences (a pair's two, or one), each token with whether it carries loss
+    /// (the first token never does: it is only ever an input), fitted together: all kept, cut
+    /// as the mode says, or all left out (None) when any must be. `place` names the record
+    /// in an error; `context` is the model's, for the message.
+    pub fn fit(
+        &mut self,
+        mut seqs: Vec<Encoded>,
+        place: impl FnOnce() -> String,
+        context: usize,
+    ) -> Result<Option<Vec<Encoded>>> {
+        self.seen += 1;
+        let longest = seqs.iter().map(|s| s.0.len()).max().unwrap_or(0);
+        if longest <= self.max_tokens {
+            return Ok(Some(seqs));
+        }
+        let max = self.max_tokens;
+        match self.how {
+            Truncation::Error => bail!(
+                "{}: {longest} tokens exceed the model's context of {context} ([data] truncation = \"keep_end\", \"keep_start\" or \"drop\" fits such records instead)",
+                place()
+            ),
+            Truncation::Drop => {
+                self.dropped += 1;
+                return Ok(None);
+            }
+            Truncation::KeepStart => {
+                for (ids, mask) in &mut seqs {
+                    ids.truncate(max);
+                    mask.truncate(max);
+                }
+            }
+            Truncation::KeepEnd => {
+                for (ids, mask) in &mut seqs {
+                    let from = ids.len().saturating_sub(max);
+                    ids.drain(..from);
+                    mask.drain(..from);
+                }
+            }
+        }
+        if seqs
+            .iter()
+            .any(|(_, mask)| !mask.iter().skip(1).any(|&t| t))
+        {
+            self.dropped += 1;
+            return Ok(None);
+        }
+        self.cut += 1;
+        Ok(Some(seqs))
+    }
+
+    /// The line to print when any record was cut or left out.
+    pub fn report(&self, stage: &str) -> Option<String> {
+        if self.cut + self.dropped == 0 {
+            return None;
+        }
+        let kept = match self.how {
+            Truncation::KeepStart => "first",
+            _ => "last",
+        };
+        let mut parts = Vec::new();
+        if self.cut > 0 {
+            parts.push(format!(
+                "{} cut to their {kept} {} tokens",
+                self.cut, self.max_tokens
+            ));
+        }
+        if self.dropped > 0 {
+            parts.push(format!("{} left out", self.dropped));
+        }
+        Some(format!(
+            "[{stage}] {} of {} {} were longer than {} tokens ([data] truncation = \"{}\"): {}",
+            self.cut + self.dropped,
+            self.seen,
+            self.what,
+            self.max_tokens,
+            self.how.name(),
+            parts.join(", ")
+        ))
+    }
+
+    /// Prints [`Fitter::report`] where there is one.
+    pub fn say(&self, stage: &str) {
+        if let Some(line) = self.report(stage) {
+            eprintln!("{line}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sequence of `prompt` untrained tokens then `reply` trained ones, numbered from 0.
+    fn seq(prompt: usize, reply: usize) -> Encoded {
+        let ids = (0..(prompt + reply) as u32).collect();
+        let mask = (0..prompt + reply).map(|i| i >= prompt).collect();
+        (ids, mask)
+    }
+
+    fn fit(how: Truncation, max: usize, seqs: Vec<Encoded>) -> (Option<Vec<Encoded>>, Fitter) {
+        let mut f = Fitter::new(how, max, "pairs");
+        let out = f.fit(seqs, || "data.jsonl:7".to_string(), max - 1).unwrap();
+        (out, f)
+    }
+
+    #[test]
+    fn each_mode_fits_a_long_record() {
+        // Fits already: untouched, and nothing to report.
+        let (out, f) = fit(Truncation::Error, 8, vec![seq(3, 5)]);
+        assert_eq!(out.unwrap(), vec![seq(3, 5)]);
+        assert_eq!(f.report("dpo"), None);
+        let mut f = Fitter::new(Truncation::Error, 6, "pairs");
+        let e = f
+            .fit(vec![seq(3, 2), seq(3, 5)], || "data.jsonl:7".into(), 5)
+            .unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.starts_with("data.jsonl:7: 8 tokens exceed the model's context of 5"),
+            "{e}"
+        );
+        // A pair is cut or left out whole.
+        let (out, f) = fit(Truncation::Drop, 6, vec![seq(3, 2), seq(3, 5)]);
+        assert!(out.is_none());
+        assert_eq!(
+            f.report("dpo").unwrap(),
+            "[dpo] 1 of 1 pairs were longer than 6 tokens ([data] truncation = \"drop\"): 1 left out"
+        );
+        let (out, _) = fit(Truncation::KeepStart, 6, vec![seq(3, 2), seq(3, 5)]);
+        let out = out.unwrap();
+        assert_eq!(out[0], seq(3, 2));
+        assert_eq!(out[1].0, vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(out[1].1, vec![false, false, false, true, true, true]);
+        let (out, f) = fit(Truncation::KeepEnd, 6, vec![seq(3, 5)]);
+        let out = out.unwrap();
+        assert_eq!(out[0].0, vec![2, 3, 4, 5, 6, 7]);
+        assert_eq!(out[0].1, vec![false, true, true, true, true, true]);
+        assert!(f
+            .report("sft")
+            .unwrap()
+            .contains("1 cut to their last 6 tokens"));
+    }
+
+    #[test]
+    fn a_cut_that_leaves_nothing_to_learn_leaves_the_record_out() {
+        // keep_start: the reply starts past the limit.
+        let (out, f) = fit(Truncation::KeepStart, 4, vec![seq(5, 3)]);
+        assert!(out.is_none());
+        assert!(f.report("sft").unwrap().ends_with("1 left out"));
+        // keep_end: only the reply's last token is left, and it is the window's first, which
+        // is only an input.
+        let (out, _) = fit(Truncation::KeepEnd, 1, vec![seq(5, 3)]);
+        assert!(out.is_none());
+        let (out, _) = fit(Truncation::KeepEnd, 2, vec![seq(5, 3)]);
+        assert_eq!(out.unwrap()[0].1, vec![true, true]);
+    }
+}
