@@ -866,10 +866,31 @@ fn over_long_records_are_left_out_or_cut_as_data_truncation_says() {
         "kto",
         &labelled,
         "drop",
-        &(of("5", "examples", "drop") + "1 left out\n"),
+        &(of("5", "records", "drop") + "1 left out\n"),
     );
-    // A reward model reads whole sequences, no shift: 64 tokens.
-    says("reward", &prefs, "keep_end", "] 1 of 5 training pairs were longer than 64 tokens ([data] truncation = \"keep_end\"): 1 cut to their last 64 tokens\n");
+    // keep_end cuts the long prompt's start and keeps the completion.
+    says(
+        "kto",
+        &labelled,
+        "keep_end",
+        &(of("5", "records", "keep_end") + "1 cut to their last 65 tokens\n"),
+    );
+    // A reward model reads whole sequences, no shift: 64 tokens. The long reply fills them,
+    // so keep_end would keep none of the prompt: the pair is left out.
+    says("reward", &prefs, "keep_end", "] 1 of 5 training pairs were longer than 64 tokens ([data] truncation = \"keep_end\"): 1 left out\n");
+    let (err, ok) = run("reward", &prefs, "keep_start");
+    assert!(
+        !ok && err.contains("a reward model is scored at a sequence's last token"),
+        "{err}"
+    );
+    // KTO fits a pair's two completions together: the long chosen one is cut, the rejected
+    // one kept whole.
+    says(
+        "kto",
+        &prefs,
+        "keep_start",
+        &(of("5", "records", "keep_start") + "1 cut to their first 65 tokens\n"),
+    );
     says(
         "ppo",
         &prompts,
@@ -887,7 +908,14 @@ fn over_long_records_are_left_out_or_cut_as_data_truncation_says() {
     );
     let (err, ok) = run("sft", &sft, "error");
     assert!(
-        !ok && err.contains("sft.jsonl:1: 202 tokens exceed the model's context of 64"),
+        !ok && err.contains(
+            "sft.jsonl:1: 202 tokens, more than the 65 that fit the model's context of 64"
+        ),
+        "{err}"
+    );
+    let (err, ok) = run("ppo", &prompts, "error");
+    assert!(
+        !ok && err.contains("([data] truncation = \"drop\" leaves such prompts out)"),
         "{err}"
     );
 }

@@ -270,6 +270,11 @@ impl RunConfig {
         if !(0.0..1.0).contains(&self.data.val_fraction) {
             anyhow::bail!("data.val_fraction must be in [0, 1)");
         }
+        if self.stage == Stage::Reward && self.data.truncation == Truncation::KeepStart {
+            anyhow::bail!(
+                "data.truncation = \"keep_start\": a reward model is scored at a sequence's last token, which keep_start cuts away; use \"keep_end\" or \"drop\""
+            );
+        }
         let rollouts = matches!(self.stage, Stage::Ppo | Stage::Grpo);
         if rollouts && self.data.truncation.cuts() {
             anyhow::bail!(

@@ -41,18 +41,29 @@ impl WindowSampler {
         self.cursor = cursor.min(self.n);
     }
 
-    /// The position as a checkpoint's task state records it: `{"epoch", "cursor"}`; stages
-    /// add their own fields to the object.
+    /// The position as a checkpoint's task state records it: `{"epoch", "cursor", "items"}`
+    /// (how many items the order is over); stages add their own fields to the object.
     pub fn state(&self) -> serde_json::Value {
-        serde_json::json!({"epoch": self.epoch, "cursor": self.cursor})
+        serde_json::json!({"epoch": self.epoch, "cursor": self.cursor, "items": self.n})
     }
 
     /// Seeks to the position [`state`](Self::state) recorded (missing fields count as 0).
-    pub fn restore(&mut self, state: &serde_json::Value) {
+    /// A position over another number of items (other data, or records cut or left out
+    /// otherwise) would replay another order: refused.
+    pub fn restore(&mut self, state: &serde_json::Value) -> anyhow::Result<()> {
+        if let Some(n) = state.get("items").and_then(serde_json::Value::as_u64) {
+            if n != self.n as u64 {
+                anyhow::bail!(
+                    "the checkpoint's data position is over {n} items, this run's data has {}: resume with the data (and [data] truncation) the run started with",
+                    self.n
+                );
+            }
+        }
         self.seek(
             state_u64(state, "epoch"),
             state_u64(state, "cursor") as usize,
         );
+        Ok(())
     }
 
     /// This rank's `per_rank` indices of the next global batch: every rank draws all
@@ -93,9 +104,25 @@ mod tests {
         let mut first: Vec<usize> = (0..5).map(|_| s.next_index()).collect();
         let second: Vec<usize> = (0..5).map(|_| s.next_index()).collect();
         let mut r = WindowSampler::new(5, 7);
-        r.restore(&serde_json::json!({"epoch": 1, "cursor": 2}));
+        // A state written before `items` was recorded still restores.
+        r.restore(&serde_json::json!({"epoch": 1, "cursor": 2}))
+            .unwrap();
         assert_eq!(r.next_index(), second[2]);
         first.sort();
         assert_eq!(first, [0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_position_over_other_data_is_refused() {
+        let mut s = WindowSampler::new(5, 7);
+        s.next_index();
+        let state = s.state();
+        assert!(WindowSampler::new(5, 7).restore(&state).is_ok());
+        let e = WindowSampler::new(4, 7).restore(&state).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("over 5 items, this run's data has 4"),
+            "{e}"
+        );
     }
 }

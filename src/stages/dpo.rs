@@ -287,7 +287,7 @@ impl Task for DpoTask<'_> {
     }
 
     fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
-        self.sampler.restore(s);
+        self.sampler.restore(s)?;
         Ok(())
     }
 }

@@ -219,7 +219,7 @@ impl Task for GrpoTask<'_> {
     }
 
     fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
-        self.sampler.restore(s);
+        self.sampler.restore(s)?;
         self.rng.state = state_u64(s, "rng");
         self.buffer = None;
         Ok(())

@@ -5,7 +5,7 @@
 //! Each example's implicit reward is `h = log pi(y|x) - log ref(y|x)`, summed over the
 //! completion's tokens. The loss ([`kto_loss`]) pushes a desirable `h` above the baseline `z`
 //! and an undesirable one below it. `z` estimates the KL from reference to policy: each prompt
-//! of the micro-batch is paired with the completion of the example before it, and `z` is the
+//! of the global batch is paired with the completion of the example before it, and `z` is the
 //! mean of `h` over those mismatched sequences (the policy's forward over them takes no
 //! gradient), averaged over the ranks, at least 0. `apo_zero_unpaired` keeps `z = 0` and runs
 //! no mismatched forwards. The reference is the base with adapters off under LoRA, else a
@@ -310,7 +310,7 @@ impl Task for KtoTask<'_> {
     }
 
     fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
-        self.sampler.restore(s);
+        self.sampler.restore(s)?;
         Ok(())
     }
 }
@@ -337,19 +337,22 @@ impl KtoResult {
     }
 }
 
-/// Training examples, held-out examples, and held-out prompts with answers (built-in task
-/// only). A file is split into training and held-out records before a pair is unpaired, so
-/// both halves of a pair fall on one side.
+/// Training records, held-out records, and held-out prompts with answers (built-in task
+/// only). A record is one labelled completion, or a pair's two: a file is split into training
+/// and held-out records, and a pair fitted to the context, before its halves go their ways.
 type Datasets = (
-    Vec<LabelledCompletion>,
-    Vec<LabelledCompletion>,
+    Vec<Vec<LabelledCompletion>>,
+    Vec<Vec<LabelledCompletion>>,
     Vec<PromptRecord>,
 );
 
 fn datasets(env: &Env) -> Result<Datasets> {
     let c = &env.cfg.kto;
-    let unpair = |pairs: Vec<_>| -> Vec<LabelledCompletion> {
-        pairs.iter().flat_map(LabelledCompletion::unpair).collect()
+    let unpair = |pairs: Vec<_>| -> Vec<Vec<LabelledCompletion>> {
+        pairs
+            .iter()
+            .map(|p| LabelledCompletion::unpair(p).to_vec())
+            .collect()
     };
     Ok(match &env.cfg.data.path {
         None => {
@@ -365,32 +368,31 @@ fn datasets(env: &Env) -> Result<Datasets> {
             let template = setup::chat_template(env)?;
             let load = |f: &Path| load_labelled_records(f, template.as_ref());
             let (train, eval) = split_holdout(env, p, load, "records")?;
-            let flat = |r: Vec<Vec<_>>| r.into_iter().flatten().collect::<Vec<_>>();
-            (flat(train), flat(eval), vec![])
+            (train, eval, vec![])
         }
     })
 }
 
-/// Encodes the examples once, fitted to the context under `[data] truncation` (errors name
-/// the record), with whether each is desirable.
+/// Encodes the records once, fitted to the context under `[data] truncation` (a pair's two
+/// completions together; errors name the record): each example with whether it is desirable.
 fn encode(
     env: &Env,
     tok: &Tokenizer,
-    xs: &[LabelledCompletion],
+    records: &[Vec<LabelledCompletion>],
     ctx: usize,
     what: &str,
 ) -> Result<Vec<(Encoded, bool)>> {
-    let mut fit = Fitter::new(
-        env.cfg.data.truncation,
-        ctx + 1,
-        &format!("{what} examples"),
-    );
+    let mut fit = Fitter::new(env.cfg.data.truncation, ctx + 1, &format!("{what} records"));
     let mut out = Vec::new();
-    for (i, x) in xs.iter().enumerate() {
-        let e = encode_example(tok, &x.example())?;
-        let place = || place(&x.origin, &format!("{what} example"), i);
-        if let Some(mut e) = fit.fit(vec![e], place, ctx)? {
-            out.push((e.remove(0), x.desirable));
+    for (i, r) in records.iter().enumerate() {
+        let seqs = r
+            .iter()
+            .map(|x| encode_example(tok, &x.example()))
+            .collect::<Result<Vec<_>>>()?;
+        let origin = r.first().and_then(|x| x.origin.clone());
+        let place = || place(&origin, &format!("{what} record"), i);
+        if let Some(seqs) = fit.fit(seqs, place, ctx)? {
+            out.extend(seqs.into_iter().zip(r.iter().map(|x| x.desirable)));
         }
     }
     if env.comm.rank() == 0 {

@@ -283,7 +283,7 @@ impl Task for PpoTask<'_> {
     }
 
     fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
-        self.sampler.restore(s);
+        self.sampler.restore(s)?;
         self.rng.state = state_u64(s, "rng");
         self.beta = s.get("beta").and_then(|v| v.as_f64()).unwrap_or(self.beta);
         // A rollout interrupted mid-way is sampled afresh.

@@ -136,7 +136,7 @@ impl Task for PretrainTask<'_> {
     }
 
     fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
-        self.sampler.restore(s);
+        self.sampler.restore(s)?;
         self.micro = state_u64(s, "micro");
         Ok(())
     }

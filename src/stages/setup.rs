@@ -245,7 +245,12 @@ pub fn fit_prompts(
     what: &str,
 ) -> Result<Vec<PromptRecord>> {
     if env.cfg.data.truncation != Truncation::Drop {
-        encode_prompts(tok, &prompts, new_tokens, ctx)?;
+        encode_prompts(tok, &prompts, new_tokens, ctx).map_err(|e| match e.to_string() {
+            m if m.contains("exceed") => {
+                anyhow::anyhow!("{m} ([data] truncation = \"drop\" leaves such prompts out)")
+            }
+            _ => e,
+        })?;
         return Ok(prompts);
     }
     let n = prompts.len();

@@ -11,6 +11,7 @@ use super::loader::policy_from;
 use super::setup::{self, init_checkpoint, split_holdout, Plan};
 use super::truncate::Fitter;
 use super::Env;
+use crate::config::Truncation;
 use crate::data::records::{load_sft_templated, place, PromptRecord, SftExample};
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::data::synthetic::Split;
@@ -236,7 +237,7 @@ impl Task for SftTask<'_> {
                 );
             }
         }
-        self.sampler.restore(s);
+        self.sampler.restore(s)?;
         self.micro = state_u64(s, "micro");
         Ok(())
     }
@@ -321,14 +322,19 @@ pub fn run(env: &Env) -> Result<SftResult> {
     drop(loaded);
     let (examples, eval, prompts) = datasets(env)?;
     let ctx_len = net.cfg.max_position_embeddings;
+    // Packed rows hold seq_len positions: where records are cut or left out, that is the
+    // limit (under `error`, packing names the row in its own message).
+    let cutting = cfg.data.truncation != Truncation::Error;
+    let limit = match cfg.sft.packing && cutting {
+        true => cfg.train.seq_len.min(ctx_len),
+        false => ctx_len,
+    };
     let fitted = |xs, what: &str| -> Result<_> {
-        let mut fit = Fitter::new(
-            cfg.data.truncation,
-            ctx_len + 1,
-            &format!("{what} examples"),
-        );
+        let mut fit = Fitter::new(cfg.data.truncation, limit + 1, &format!("{what} examples"));
         let kept = encode_fitted(&tok, xs, ctx_len, what, &mut fit)?;
-        fit.say("sft");
+        if env.comm.rank() == 0 {
+            fit.say("sft");
+        }
         Ok(kept)
     };
     let (examples, train) = fitted(examples, "training")?;

@@ -1,8 +1,10 @@
 //! Records longer than the model's context, under `[data] truncation` (TRL's `max_length`
 //! with `truncation_mode`): refused by file and line (`error`, the default), left out
-//! (`drop`), or cut to their first (`keep_start`) or last (`keep_end`) tokens. A cut sequence
-//! left with no token that carries loss is left out too. The stage prints one line saying how
-//! many records were cut or left out.
+//! (`drop`), or cut to their first (`keep_start`) or last (`keep_end`) tokens. A cut record is
+//! left out too where a sequence keeps no token that carries loss, where `keep_end` leaves a
+//! sequence none of its prompt (the window starts inside the response), or where a pair's two
+//! sequences come out the same. The stage prints one line saying how many records were cut or
+//! left out.
 
 use anyhow::{bail, Result};
 
@@ -36,7 +38,8 @@ impl Fitter {
     /// A record's sequences (a pair's two, or one), each token with whether it carries loss
     /// (the first token never does: it is only ever an input), fitted together: all kept, cut
     /// as the mode says, or all left out (None) when any must be. `place` names the record
-    /// in an error; `context` is the model's, for the message.
+    /// in an error; `context` is the model's, for the message. A sequence's prompt is its
+    /// tokens before the first one that carries loss.
     pub fn fit(
         &mut self,
         mut seqs: Vec<Encoded>,
@@ -51,7 +54,7 @@ impl Fitter {
         let max = self.max_tokens;
         match self.how {
             Truncation::Error => bail!(
-                "{}: {longest} tokens exceed the model's context of {context} ([data] truncation = \"keep_end\", \"keep_start\" or \"drop\" fits such records instead)",
+                "{}: {longest} tokens, more than the {max} that fit the model's context of {context} ([data] truncation = \"keep_end\", \"keep_start\" or \"drop\" fits such records instead)",
                 place()
             ),
             Truncation::Drop => {
@@ -72,9 +75,13 @@ impl Fitter {
                 }
             }
         }
-        if seqs
-            .iter()
-            .any(|(_, mask)| !mask.iter().skip(1).any(|&t| t))
+        let nothing_to_learn = |m: &[bool]| !m.iter().skip(1).any(|&t| t);
+        let no_prompt = |m: &[bool]| m.first() == Some(&true);
+        let same = seqs.len() > 1 && seqs.iter().all(|s| s.0 == seqs[0].0);
+        if same
+            || seqs
+                .iter()
+                .any(|(_, m)| nothing_to_learn(m) || no_prompt(m))
         {
             self.dropped += 1;
             return Ok(None);
@@ -150,7 +157,9 @@ mod tests {
             .unwrap_err();
         let e = e.to_string();
         assert!(
-            e.starts_with("data.jsonl:7: 8 tokens exceed the model's context of 5"),
+            e.starts_with(
+                "data.jsonl:7: 8 tokens, more than the 6 that fit the model's context of 5"
+            ),
             "{e}"
         );
         // A pair is cut or left out whole.
@@ -176,16 +185,31 @@ mod tests {
     }
 
     #[test]
+    fn a_pair_is_left_out_when_one_side_or_both_come_out_unusable() {
+        // keep_start: the second side's reply starts past the limit, the first's does not.
+        let (out, _) = fit(Truncation::KeepStart, 6, vec![seq(3, 5), seq(7, 2)]);
+        assert!(out.is_none());
+        // keep_end: the first side's window starts inside its reply (no prompt left).
+        let (out, _) = fit(Truncation::KeepEnd, 6, vec![seq(2, 7), seq(3, 2)]);
+        assert!(out.is_none());
+        let (out, _) = fit(Truncation::KeepEnd, 6, vec![seq(3, 5), seq(3, 2)]);
+        assert!(out.is_some());
+        // Two sides that share their first six tokens are the same pair once cut.
+        let (out, f) = fit(Truncation::KeepStart, 6, vec![seq(3, 5), seq(3, 4)]);
+        assert!(out.is_none());
+        assert!(f.report("dpo").unwrap().ends_with("1 left out"));
+    }
+
+    #[test]
     fn a_cut_that_leaves_nothing_to_learn_leaves_the_record_out() {
         // keep_start: the reply starts past the limit.
         let (out, f) = fit(Truncation::KeepStart, 4, vec![seq(5, 3)]);
         assert!(out.is_none());
         assert!(f.report("sft").unwrap().ends_with("1 left out"));
-        // keep_end: only the reply's last token is left, and it is the window's first, which
-        // is only an input.
-        let (out, _) = fit(Truncation::KeepEnd, 1, vec![seq(5, 3)]);
-        assert!(out.is_none());
+        // keep_end: a window that starts inside the reply keeps none of the prompt.
         let (out, _) = fit(Truncation::KeepEnd, 2, vec![seq(5, 3)]);
-        assert_eq!(out.unwrap()[0].1, vec![true, true]);
+        assert!(out.is_none());
+        let (out, _) = fit(Truncation::KeepEnd, 4, vec![seq(5, 3)]);
+        assert_eq!(out.unwrap()[0].1, vec![false, true, true, true]);
     }
 }
