@@ -317,9 +317,19 @@ fn sigterm_to_a_launch_checkpoints_every_rank_and_resumes_the_curve() {
 #[test]
 fn dpo_over_two_ranks_follows_one_rank() {
     let d = tmp();
-    let (cfg, pre) = pretrained(d.path());
-    let (one, two) = (p(d.path(), "one"), p(d.path(), "two"));
-    let common = [
+    preference_stage_over_one_rank_and_two(d.path(), "dpo", &[]);
+}
+
+/// Runs `stage` for 4 steps from a short pretraining on one rank at batch 16 and on two at
+/// 8, with `extra` flags; asserts the two loss curves agree and returns the run directories.
+fn preference_stage_over_one_rank_and_two(
+    dir: &Path,
+    stage: &str,
+    extra: &[&str],
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cfg, pre) = pretrained(dir);
+    let (one, two) = (p(dir, "one"), p(dir, "two"));
+    let mut common = vec![
         "--config",
         cfg.as_str(),
         "--init",
@@ -331,10 +341,12 @@ fn dpo_over_two_ranks_follows_one_rank() {
         "--device",
         "cpu",
     ];
-    one_rank_and_two(&["dpo"], &common, &one, &two);
+    common.extend(extra);
+    one_rank_and_two(&[stage], &common, &one, &two);
     let (x, y) = (losses(&one), losses(&two));
     assert_eq!(x.len(), 4);
     assert_same_curve(&x, &y);
+    (one, two)
 }
 
 /// KTO over two ranks follows one rank with the doubled batch: each prompt borrows the
@@ -342,26 +354,7 @@ fn dpo_over_two_ranks_follows_one_rank() {
 #[test]
 fn kto_over_two_ranks_follows_one_rank() {
     let d = tmp();
-    let (cfg, pre) = pretrained(d.path());
-    let (one, two) = (p(d.path(), "one"), p(d.path(), "two"));
-    let common = [
-        "--config",
-        cfg.as_str(),
-        "--init",
-        pre.to_str().unwrap(),
-        "--steps",
-        "4",
-        "--lr",
-        "1e-3",
-        "--eval-every",
-        "100",
-        "--device",
-        "cpu",
-    ];
-    one_rank_and_two(&["kto"], &common, &one, &two);
-    let (x, y) = (losses(&one), losses(&two));
-    assert_eq!(x.len(), 4);
-    assert_same_curve(&x, &y);
+    let (one, two) = preference_stage_over_one_rank_and_two(d.path(), "kto", &["--lr", "1e-3"]);
     let kl = |dir: &Path| -> Vec<f64> {
         metrics(dir)
             .iter()

@@ -830,72 +830,68 @@ fn over_long_records_are_left_out_or_cut_as_data_truncation_says() {
         let err = String::from_utf8_lossy(&out.stderr).to_string();
         (err, out.status.success())
     };
-    let says = |stage: &str, data: &std::path::Path, truncation: &str, line: &str| {
-        let (err, ok) = run(stage, data, truncation);
-        assert!(ok && err.contains(line), "{stage} {truncation}: {err}");
-    };
-    let of = |n: &str, what: &str, mode: &str| {
-        format!("] 1 of {n} training {what} were longer than 65 tokens ([data] truncation = \"{mode}\"): ")
-    };
-    says(
-        "sft",
-        &sft,
-        "drop",
-        &(of("5", "examples", "drop") + "1 left out\n"),
-    );
-    says(
-        "sft",
-        &sft,
-        "keep_end",
-        &(of("5", "examples", "keep_end") + "1 cut to their last 65 tokens\n"),
-    );
-    // The first 65 tokens are all prompt: nothing would be left to learn.
-    says(
-        "sft",
-        &sft,
-        "keep_start",
-        &(of("5", "examples", "keep_start") + "1 left out\n"),
-    );
-    says(
-        "dpo",
-        &prefs,
-        "keep_start",
-        &(of("5", "pairs", "keep_start") + "1 cut to their first 65 tokens\n"),
-    );
-    says(
-        "kto",
-        &labelled,
-        "drop",
-        &(of("5", "records", "drop") + "1 left out\n"),
-    );
-    // keep_end cuts the long prompt's start and keeps the completion.
-    says(
-        "kto",
-        &labelled,
-        "keep_end",
-        &(of("5", "records", "keep_end") + "1 cut to their last 65 tokens\n"),
-    );
-    // A reward model reads whole sequences, no shift: 64 tokens. The long reply fills them,
-    // so keep_end would keep none of the prompt: the pair is left out.
-    says("reward", &prefs, "keep_end", "] 1 of 5 training pairs were longer than 64 tokens ([data] truncation = \"keep_end\"): 1 left out\n");
+    // Each run, and the end of the line it prints: "[stage] 1 of 5 training {what} were
+    // longer than {limit} tokens ([data] truncation = \"{mode}\"): {outcome}".
+    let cut = |n: usize| format!("1 cut to their last {n} tokens");
+    let cases: [(&str, &std::path::Path, &str, &str, usize, String); 8] = [
+        ("sft", &sft, "drop", "examples", 65, "1 left out".into()),
+        ("sft", &sft, "keep_end", "examples", 65, cut(65)),
+        // The first 65 tokens are all prompt: nothing would be left to learn.
+        (
+            "sft",
+            &sft,
+            "keep_start",
+            "examples",
+            65,
+            "1 left out".into(),
+        ),
+        (
+            "dpo",
+            &prefs,
+            "keep_start",
+            "pairs",
+            65,
+            "1 cut to their first 65 tokens".into(),
+        ),
+        ("kto", &labelled, "drop", "records", 65, "1 left out".into()),
+        // keep_end cuts the long prompt's start and keeps the completion.
+        ("kto", &labelled, "keep_end", "records", 65, cut(65)),
+        // A pair's two completions together: the long chosen one cut, the rejected one whole.
+        (
+            "kto",
+            &prefs,
+            "keep_start",
+            "records",
+            65,
+            "1 cut to their first 65 tokens".into(),
+        ),
+        // A reward model reads whole sequences, no shift: 64 tokens. The long reply fills
+        // them, so keep_end would keep none of the prompt: the pair is left out.
+        (
+            "reward",
+            &prefs,
+            "keep_end",
+            "pairs",
+            64,
+            "1 left out".into(),
+        ),
+    ];
+    for (stage, data, mode, what, limit, outcome) in cases {
+        let (err, ok) = run(stage, data, mode);
+        let line = format!(
+            "[{stage}] 1 of 5 training {what} were longer than {limit} tokens ([data] truncation = \"{mode}\"): {outcome}\n"
+        );
+        assert!(ok && err.contains(&line), "{stage} {mode}: {err}");
+    }
     let (err, ok) = run("reward", &prefs, "keep_start");
     assert!(
         !ok && err.contains("a reward model is scored at a sequence's last token"),
         "{err}"
     );
-    // KTO fits a pair's two completions together: the long chosen one is cut, the rejected
-    // one kept whole.
-    says(
-        "kto",
-        &prefs,
-        "keep_start",
-        &(of("5", "records", "keep_start") + "1 cut to their first 65 tokens\n"),
-    );
-    says(
-        "ppo",
-        &prompts,
-        "drop",
-        "[ppo] 1 of 5 training prompts left no room for",
+    let (err, ok) = run("ppo", &prompts, "drop");
+    assert!(
+        ok && err.contains("[ppo] 1 of 5 training prompts left no room for"),
+        "{err}"
     );
     let (err, ok) = run("ppo", &prompts, "keep_end");
     let last = err.trim().lines().last().unwrap_or_default();

@@ -18,6 +18,23 @@ pub struct Accuracy {
     pub samples: Vec<(String, String, bool)>,
 }
 
+/// The held-out task accuracy the preference stages report: [`accuracy`] over `prompts` in
+/// batches of 64, or None where there are none or some have no answer (a user's data).
+pub fn task_accuracy(
+    net: &Transformer,
+    ctx: Ctx,
+    tok: &Tokenizer,
+    prompts: &[PromptRecord],
+    max_new_tokens: usize,
+) -> Result<Option<f64>> {
+    if prompts.is_empty() || prompts.iter().any(|p| p.answer.is_none()) {
+        return Ok(None);
+    }
+    Ok(Some(
+        accuracy(net, ctx, tok, prompts, max_new_tokens, 64)?.accuracy,
+    ))
+}
+
 /// Greedy decoding of every prompt (in batches), scored by exact match.
 pub fn accuracy(
     net: &Transformer,

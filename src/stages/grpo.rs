@@ -13,7 +13,7 @@
 //! then over responses, `dapo` over every token of the optimizer step. The maths lives in
 //! [`super::rl`].
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::Tensor;
 
 use super::completions::CompletionLog;
@@ -27,7 +27,7 @@ use super::rollout::{
     main_only, mean_over_ranks, rollout_seed, rollout_stats, rows, surrogate, token_share, Actors,
     Buffer, FrozenReference, PolicyStep, Rollout, RolloutClock, Schedule,
 };
-use super::setup::{self, fit_prompts, prompt_sets, Plan, PolicyPair};
+use super::setup::{self, rollout_prompt_sets, Plan, PolicyPair};
 use super::Env;
 use crate::config::{AdvantageEstimator, GrpoConfig, KlEstimator, ScaleRewards};
 use crate::data::records::PromptRecord;
@@ -240,19 +240,14 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         &cfg.external_reward,
     )?;
     rewards.pack_models = c.packing;
-    let (prompts, eval_prompts) = prompt_sets(env, c.task_prompts, c.eval_prompts)?;
-    let ctx_len = policy.cfg.max_position_embeddings;
-    let fit = |set, what| fit_prompts(env, &tok, set, c.max_new_tokens, ctx_len, what);
-    let (prompts, eval_prompts) = (fit(prompts, "training")?, fit(eval_prompts, "held-out")?);
-    if prompts.is_empty() || eval_prompts.is_empty() {
-        bail!(
-            "{}: no training or no held-out prompt is left at this context",
-            cfg.stage
-        );
-    }
-    for set in [&prompts, &eval_prompts] {
-        check_prompts(&rewards, set)?;
-    }
+    let (prompts, eval_prompts) = rollout_prompt_sets(
+        env,
+        &tok,
+        (c.task_prompts, c.eval_prompts),
+        c.max_new_tokens,
+        policy.cfg.max_position_embeddings,
+        |set| check_prompts(&rewards, set),
+    )?;
     eprintln!(
         "[{}] advantage estimator {:?}, reward {}, reference: {}",
         cfg.stage,

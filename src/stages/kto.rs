@@ -18,7 +18,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
 use super::batch::{encode_example, Encoded, SeqBatch};
-use super::eval::accuracy;
+use super::eval::task_accuracy;
 use super::rollout::FrozenReference;
 use super::setup::{self, prompt_sets, split_holdout, Plan, PolicyPair};
 use super::truncate::Fitter;
@@ -291,17 +291,13 @@ impl Task for KtoTask<'_> {
             label_accuracy: mean(&agrees),
             accuracy: None,
         };
-        if !self.eval_prompts.is_empty() && self.eval_prompts.iter().all(|p| p.answer.is_some()) {
-            let acc = accuracy(
-                &self.policy,
-                self.env.ctx(true, None),
-                &self.tok,
-                &self.eval_prompts,
-                self.env.cfg.kto.eval_max_new_tokens,
-                64,
-            )?;
-            out.accuracy = Some(acc.accuracy);
-        }
+        out.accuracy = task_accuracy(
+            &self.policy,
+            self.env.ctx(true, None),
+            &self.tok,
+            &self.eval_prompts,
+            self.env.cfg.kto.eval_max_new_tokens,
+        )?;
         Ok(out)
     }
 
@@ -310,8 +306,7 @@ impl Task for KtoTask<'_> {
     }
 
     fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
-        self.sampler.restore(s)?;
-        Ok(())
+        self.sampler.restore(s)
     }
 }
 

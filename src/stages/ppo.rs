@@ -17,7 +17,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::Tensor;
 
 use super::completions::CompletionLog;
@@ -33,7 +33,7 @@ use super::rollout::{
     token_shares, Actors, Buffer, CollectTimes, FrozenReference, PolicyStep, Rollout, RolloutClock,
     Schedule,
 };
-use super::setup::{self, fit_prompts, prompt_sets, Plan, PolicyPair};
+use super::setup::{self, rollout_prompt_sets, Plan, PolicyPair};
 use super::Env;
 use crate::config::{PpoConfig, RewardSpec};
 use crate::data::records::PromptRecord;
@@ -339,19 +339,14 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         &cfg.external_reward,
     )?;
     rewards.pack_models = c.packing;
-    let (prompts, eval_prompts) = prompt_sets(env, c.task_prompts, c.eval_prompts)?;
-    let ctx_len = pair.policy.cfg.max_position_embeddings;
-    let fit = |set, what| fit_prompts(env, &tok, set, c.max_new_tokens, ctx_len, what);
-    let (prompts, eval_prompts) = (fit(prompts, "training")?, fit(eval_prompts, "held-out")?);
-    if prompts.is_empty() || eval_prompts.is_empty() {
-        bail!(
-            "{}: no training or no held-out prompt is left at this context",
-            cfg.stage
-        );
-    }
-    for set in [&prompts, &eval_prompts] {
-        check_prompts(&rewards, set)?;
-    }
+    let (prompts, eval_prompts) = rollout_prompt_sets(
+        env,
+        &tok,
+        (c.task_prompts, c.eval_prompts),
+        c.max_new_tokens,
+        pair.policy.cfg.max_position_embeddings,
+        |set| check_prompts(&rewards, set),
+    )?;
     eprintln!(
         "[ppo] reward {}, value model from {}, reference: {}",
         rewards.names.join(" + "),

@@ -240,8 +240,7 @@ impl Task for RewardTask<'_> {
     }
 
     fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
-        self.sampler.restore(s)?;
-        Ok(())
+        self.sampler.restore(s)
     }
 }
 

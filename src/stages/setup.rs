@@ -233,6 +233,31 @@ pub fn encode_prompts(
         .collect()
 }
 
+/// PPO's and GRPO's training and held-out prompts ([`prompt_sets`]) fitted to the context
+/// with room for `new_tokens` ([`fit_prompts`]), each set checked by `check` (that the
+/// reward sources find what they need).
+pub fn rollout_prompt_sets(
+    env: &Env,
+    tok: &Tokenizer,
+    counts: (usize, usize),
+    new_tokens: usize,
+    ctx: usize,
+    check: impl Fn(&[PromptRecord]) -> Result<()>,
+) -> Result<(Vec<PromptRecord>, Vec<PromptRecord>)> {
+    let (train, eval) = prompt_sets(env, counts.0, counts.1)?;
+    let fit = |set, what| fit_prompts(env, tok, set, new_tokens, ctx, what);
+    let (train, eval) = (fit(train, "training")?, fit(eval, "held-out")?);
+    if train.is_empty() || eval.is_empty() {
+        bail!(
+            "{}: no training or no held-out prompt is left at this context",
+            env.cfg.stage
+        );
+    }
+    check(&train)?;
+    check(&eval)?;
+    Ok((train, eval))
+}
+
 /// The prompts of a rollout set that fit the context with room for `new_tokens` (PPO, GRPO):
 /// under `[data] truncation = "drop"` those that do not are left out, said in one line;
 /// otherwise one that does not is an error naming its record ([`encode_prompts`]).
