@@ -441,8 +441,8 @@ mod stage_chain {
     /// KTO learns from completions labelled desirable or undesirable, some given as pairs
     /// (read unpaired): its held-out loss starts at 0.5 (policy = reference) and falls, and
     /// nearly every held-out example ends on its label's side of the KL baseline. APO-zero runs
-    /// no KL estimate; packed rows take the padded steps; a bad label and a micro-batch too
-    /// small to estimate the KL are refused in one line.
+    /// no KL estimate; packed rows take the padded steps; a bad label and a batch too small to
+    /// estimate the KL are refused in one line.
     #[test]
     fn kto_learns_from_labelled_completions() {
         let dir = run_dir("kto");

@@ -33,7 +33,6 @@ use crate::dist::Communicator;
 use crate::model::Transformer;
 use crate::train::loss::{log_sigmoid, scalar};
 use crate::train::params::{ParamInfo, Role};
-use crate::train::rng::Rng;
 use crate::train::runner::{Report, StepOut, Task};
 
 /// KTO's loss, a mean over the examples: `w (1 - sigmoid(beta s (h - z)))` for each
@@ -60,19 +59,30 @@ fn completion_start(e: &Encoded) -> usize {
     e.1.iter().position(|&t| t).unwrap_or(e.0.len())
 }
 
+/// An encoded example's prompt tokens.
+fn prompt(e: &Encoded) -> &[u32] {
+    &e.0[..completion_start(e)]
+}
+
 /// The sequences KTO's KL baseline is estimated on, for the examples `mine` of the global
 /// batch `xs`: each one's prompt followed by the completion of the example before it in
-/// `xs` (the first takes the last's, as TRL pairs them), cut to `max_tokens`. Pairing over
-/// the global batch rather than a rank's slice makes the estimate the same on any number of
-/// ranks. A prompt fitted the context with its own completion, so at least one token of the
-/// borrowed one stays.
+/// `xs` (the first takes the last's, as TRL pairs them), or of the nearest one before that
+/// with another prompt (a pair's two halves, or two labels for one prompt, would otherwise
+/// give a matched sequence), cut to `max_tokens`. Pairing over the global batch rather than
+/// a rank's slice makes the estimate the same on any number of ranks. A fitted example keeps
+/// a prompt token and a trained one within `max_tokens`, so at least one token of the
+/// borrowed completion stays.
 fn mismatched(xs: &[&Encoded], mine: Range<usize>, max_tokens: usize) -> Vec<Encoded> {
     let n = xs.len();
     mine.map(|i| {
-        let (p, c) = (xs[i], xs[(i + n - 1) % n]);
-        let (pl, cl) = (completion_start(p), completion_start(c));
-        let ids: Vec<u32> = p.0[..pl].iter().chain(&c.0[cl..]).copied().collect();
-        let mask: Vec<bool> = p.1[..pl].iter().chain(&c.1[cl..]).copied().collect();
+        let p = xs[i];
+        let other = (1..n)
+            .map(|back| xs[(i + n - back) % n])
+            .find(|c| prompt(c) != prompt(p))
+            .unwrap_or(xs[(i + n - 1) % n]);
+        let (pl, cl) = (completion_start(p), completion_start(other));
+        let ids: Vec<u32> = p.0[..pl].iter().chain(&other.0[cl..]).copied().collect();
+        let mask: Vec<bool> = p.1[..pl].iter().chain(&other.1[cl..]).copied().collect();
         let keep = ids.len().min(max_tokens);
         (ids[..keep].to_vec(), mask[..keep].to_vec())
     })
@@ -103,10 +113,10 @@ fn side(above: f64, desirable: bool) -> f64 {
     let s = if desirable { above } else { -above };
     if s > 0.0 {
         1.0
-    } else if s < 0.0 {
-        0.0
-    } else {
+    } else if s == 0.0 {
         0.5
+    } else {
+        0.0 // below, or NaN
     }
 }
 
@@ -430,14 +440,10 @@ pub fn run(env: &Env) -> Result<KtoResult> {
     // Encoded once, up front, so that an example too long for the context fails before
     // training.
     let ctx = policy.cfg.max_position_embeddings;
-    let (train, mut eval) = (
+    let (train, eval) = (
         encode(env, &tok, &train, ctx, "training")?,
         encode(env, &tok, &eval, ctx, "held-out")?,
     );
-    // Held-out chunks are taken in order and each prompt borrows its neighbour's completion:
-    // a fixed shuffle keeps a pair's two halves (one prompt) from being neighbours, as the
-    // sampler's shuffle does for training batches.
-    Rng::new(0x004B_544F).shuffle(&mut eval);
     if train.is_empty() || eval.is_empty() {
         bail!("kto: no training or no held-out example is left at this context");
     }
@@ -568,6 +574,22 @@ mod tests {
         assert_eq!(m[0], enc(&[1, 2], &[30, 31]));
         let m = mismatched(&refs, 0..3, 3);
         assert_eq!(m[1], enc(&[3], &[10, 11]));
+        // A neighbour with the same prompt (a pair's other half) is passed over.
+        let ys = [
+            enc(&[1, 2], &[10]),
+            enc(&[3], &[20]),
+            enc(&[3], &[21]),
+            enc(&[3], &[22]),
+        ];
+        let refs2: Vec<&Encoded> = ys.iter().collect();
+        let m = mismatched(&refs2, 0..4, 100);
+        assert_eq!(m[1], enc(&[3], &[10]));
+        assert_eq!(m[2], enc(&[3], &[10]));
+        assert_eq!(m[3], enc(&[3], &[10]));
+        assert_eq!(m[0], enc(&[1, 2], &[22]));
+        // With one prompt only, the completion before is borrowed after all.
+        let m = mismatched(&refs2[1..], 0..3, 100);
+        assert_eq!(m[0], enc(&[3], &[22]));
         // A rank's slice borrows across the slice's edge, as one rank with the whole batch.
         assert_eq!(
             mismatched(&refs, 1..3, 100),
@@ -603,6 +625,7 @@ mod tests {
         assert_eq!((side(0.1, true), side(0.1, false)), (1.0, 0.0));
         assert_eq!((side(-0.1, true), side(-0.1, false)), (0.0, 1.0));
         assert_eq!((side(0.0, true), side(0.0, false)), (0.5, 0.5));
+        assert_eq!(side(f64::NAN, true), 0.0);
     }
 
     #[test]
