@@ -186,7 +186,9 @@ impl KtoTask<'_> {
             None
         };
         let z = kl.unwrap_or(0.0);
-        let h = self.implicit_rewards(&self.batch(&seqs)?, true)?;
+        // Only training (where `comm` is given) differentiates the loss: held-out batches
+        // build no graph.
+        let h = self.implicit_rewards(&self.batch(&seqs)?, comm.is_some())?;
         let loss = kto_loss(c, &h, &desirable, z)?;
         let rewards: Vec<f64> = h
             .detach()
