@@ -382,9 +382,11 @@ fi
 # 1.05x compile's step.
 MEM=1 section train-torch-compile 240 python3 scripts/gpt2_peer.py --compile --steps 10
 
-# The README's main job on the GPU, with whatever time is left.
+# The README's main job on the GPU, with DPO, KTO and GRPO beside PPO so that every kind of
+# stage trains there once, with whatever time is left.
 if has temper; then
-  section pipeline 240 "$BUNDLE" temper pipeline --device cuda --out "$WORK/pipeline"
+  section pipeline 240 "$BUNDLE" temper pipeline --device cuda --with dpo,kto,grpo \
+    --out "$WORK/pipeline"
 fi
 if has bench-train_step; then
   # Ablation: each f32 master cast in every step instead of AdamW's bf16 compute copies.

@@ -261,7 +261,7 @@ pub fn rollout_prompt_sets(
 /// The prompts of a rollout set that fit the context with room for `new_tokens` (PPO, GRPO):
 /// under `[data] truncation = "drop"` those that do not are left out, said in one line;
 /// otherwise one that does not is an error naming its record ([`encode_prompts`]).
-pub fn fit_prompts(
+fn fit_prompts(
     env: &Env,
     tok: &Tokenizer,
     prompts: Vec<PromptRecord>,
