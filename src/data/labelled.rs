@@ -45,10 +45,12 @@ impl LabelledCompletion {
 
     /// The prompt (no loss) and the completion (loss), as SFT encodes them.
     pub fn example(&self) -> SftExample {
-        SftExample {
-            append_eos: self.append_eos,
-            ..SftExample::prompt_response(&self.prompt, &self.completion, self.origin.clone())
-        }
+        SftExample::prompt_response(
+            &self.prompt,
+            &self.completion,
+            self.append_eos,
+            self.origin.clone(),
+        )
     }
 }
 

@@ -32,8 +32,13 @@ pub struct SftExample {
 }
 
 impl SftExample {
-    /// A prompt (no loss) followed by its response (loss) and EOS.
-    pub fn prompt_response(prompt: &str, response: &str, origin: Option<String>) -> Self {
+    /// A prompt (no loss) followed by its response (loss) and, where `append_eos`, EOS.
+    pub fn prompt_response(
+        prompt: &str,
+        response: &str,
+        append_eos: bool,
+        origin: Option<String>,
+    ) -> Self {
         Self {
             segments: vec![
                 Segment {
@@ -45,7 +50,7 @@ impl SftExample {
                     train: true,
                 },
             ],
-            append_eos: true,
+            append_eos,
             origin,
         }
     }
@@ -61,6 +66,20 @@ pub struct PreferencePair {
     pub append_eos: bool,
     /// `path:line` of the record it came from; none for the built-in task.
     pub origin: Option<String>,
+}
+
+impl PreferencePair {
+    /// The chosen and the rejected response, each after the prompt, as SFT encodes them.
+    pub fn examples(&self) -> [SftExample; 2] {
+        [&self.chosen, &self.rejected].map(|response| {
+            SftExample::prompt_response(
+                &self.prompt,
+                response,
+                self.append_eos,
+                self.origin.clone(),
+            )
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -147,6 +166,7 @@ fn sft_example(
             Ok(SftExample::prompt_response(
                 prompt,
                 response,
+                true,
                 Some(at.to_string()),
             ))
         }

@@ -10,16 +10,14 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
-use super::batch::{encode_example, Encoded, SeqBatch};
+use super::batch::{Encoded, SeqBatch};
 use super::eval::task_accuracy;
 use super::rollout::FrozenReference;
 use super::setup::{self, prompt_sets, split_holdout, Plan, PolicyPair};
 use super::truncate::Fitter;
 use super::Env;
 use crate::config::{DpoConfig, DpoLoss};
-use crate::data::records::{
-    load_preferences_templated, place, PreferencePair, PromptRecord, SftExample,
-};
+use crate::data::records::{load_preferences_templated, place, PreferencePair, PromptRecord};
 use crate::data::sampler::WindowSampler;
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
@@ -122,23 +120,13 @@ fn encode_pairs(
     let mut fit = Fitter::new(env.cfg.data.truncation, ctx + 1, &format!("{what} pairs"));
     let mut out = Vec::new();
     for (i, p) in pairs.iter().enumerate() {
-        let side = |response: &str| {
-            let ex = SftExample {
-                append_eos: p.append_eos,
-                ..SftExample::prompt_response(&p.prompt, response, p.origin.clone())
-            };
-            encode_example(tok, &ex)
-        };
-        let both = vec![side(&p.chosen)?, side(&p.rejected)?];
         let place = || place(&p.origin, &format!("{what} preference pair"), i);
-        if let Some(mut both) = fit.fit(both, place, ctx)? {
+        if let Some(mut both) = fit.encode(tok, &p.examples(), place, ctx)? {
             let rejected = both.pop().expect("two sequences");
             out.push([both.pop().expect("two sequences"), rejected]);
         }
     }
-    if env.comm.rank() == 0 {
-        fit.say("dpo");
-    }
+    fit.say(env);
     Ok(out)
 }
 
@@ -263,19 +251,17 @@ impl Task for DpoTask<'_> {
             a += acc * c.len() as f64;
             n += c.len() as f64;
         }
-        let mut out = DpoEval {
+        Ok(DpoEval {
             loss: l / n,
             reward_accuracy: a / n,
-            accuracy: None,
-        };
-        out.accuracy = task_accuracy(
-            &self.policy,
-            self.env.ctx(true, None),
-            &self.tok,
-            &self.eval_prompts,
-            self.env.cfg.dpo.eval_max_new_tokens,
-        )?;
-        Ok(out)
+            accuracy: task_accuracy(
+                &self.policy,
+                self.env.ctx(true, None),
+                &self.tok,
+                &self.eval_prompts,
+                self.env.cfg.dpo.eval_max_new_tokens,
+            )?,
+        })
     }
 
     fn state(&self) -> serde_json::Value {

@@ -17,7 +17,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
-use super::batch::{encode_example, Encoded, SeqBatch};
+use super::batch::{Encoded, SeqBatch};
 use super::eval::task_accuracy;
 use super::rollout::FrozenReference;
 use super::setup::{self, prompt_sets, split_holdout, Plan, PolicyPair};
@@ -295,22 +295,20 @@ impl Task for KtoTask<'_> {
         }
         let n = self.eval.len() as f64;
         let average = |(sum, k): (f64, usize)| (k > 0).then(|| sum / k as f64);
-        let mut out = KtoEval {
+        Ok(KtoEval {
             loss: loss / n,
             kl: self.env.cfg.kto.loss_type.estimates_kl().then_some(kl / n),
             reward_desirable: average(sums[1]),
             reward_undesirable: average(sums[0]),
             label_accuracy: mean(&agrees),
-            accuracy: None,
-        };
-        out.accuracy = task_accuracy(
-            &self.policy,
-            self.env.ctx(true, None),
-            &self.tok,
-            &self.eval_prompts,
-            self.env.cfg.kto.eval_max_new_tokens,
-        )?;
-        Ok(out)
+            accuracy: task_accuracy(
+                &self.policy,
+                self.env.ctx(true, None),
+                &self.tok,
+                &self.eval_prompts,
+                self.env.cfg.kto.eval_max_new_tokens,
+            )?,
+        })
     }
 
     fn state(&self) -> serde_json::Value {
@@ -392,19 +390,14 @@ fn encode(
     let mut fit = Fitter::new(env.cfg.data.truncation, ctx + 1, &format!("{what} records"));
     let mut out = Vec::new();
     for (i, r) in records.iter().enumerate() {
-        let seqs = r
-            .iter()
-            .map(|x| encode_example(tok, &x.example()))
-            .collect::<Result<Vec<_>>>()?;
+        let examples: Vec<_> = r.iter().map(LabelledCompletion::example).collect();
         let origin = r.first().and_then(|x| x.origin.clone());
         let place = || place(&origin, &format!("{what} record"), i);
-        if let Some(seqs) = fit.fit(seqs, place, ctx)? {
+        if let Some(seqs) = fit.encode(tok, &examples, place, ctx)? {
             out.extend(seqs.into_iter().zip(r.iter().map(|x| x.desirable)));
         }
     }
-    if env.comm.rank() == 0 {
-        fit.say("kto");
-    }
+    fit.say(env);
     Ok(out)
 }
 

@@ -124,37 +124,16 @@ fn encode_pairs(
     let mut fit = Fitter::new(env.cfg.data.truncation, ctx, &format!("{what} pairs"));
     let mut out = Vec::new();
     for (i, p) in pairs.iter().enumerate() {
-        let (c, r) = encode_pair(tok, p)?;
-        // Which tokens are the reply's, so that a cut keeping none of it can be told.
-        let prompt = tok.encode(&p.prompt)?.len();
-        let masked = |s: Vec<u32>| {
-            let mask = (0..s.len()).map(|j| j >= prompt).collect();
-            (s, mask)
-        };
+        // Encoded as SFT encodes a prompt and its reply: the loss mask marks the reply, so
+        // that a cut keeping none of it can be told; the scorer reads the ids alone.
         let place = || place(&p.origin, &format!("{what} preference pair"), i);
-        if let Some(mut both) = fit.fit(vec![masked(c), masked(r)], place, ctx)? {
+        if let Some(mut both) = fit.encode(tok, &p.examples(), place, ctx)? {
             let rejected = both.pop().expect("two sequences").0;
             out.push((both.pop().expect("two sequences").0, rejected));
         }
     }
-    if env.comm.rank() == 0 {
-        fit.say("reward");
-    }
+    fit.say(env);
     Ok(out)
-}
-
-pub fn encode_pair(tok: &Tokenizer, p: &PreferencePair) -> Result<(Vec<u32>, Vec<u32>)> {
-    let prompt = tok.encode(&p.prompt)?;
-    let side = |reply: &str| -> Result<Vec<u32>> {
-        let mut s = prompt.clone();
-        s.extend(tok.encode(reply)?);
-        // A chat template already ended the turn with its own marker.
-        if p.append_eos {
-            s.push(tok.eos_id());
-        }
-        Ok(s)
-    };
-    Ok((side(&p.chosen)?, side(&p.rejected)?))
 }
 
 struct RewardTask<'a> {

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 
-use super::batch::{best_fit_decreasing, encode_example, lm_batch, packed_batch, Encoded, LmBatch};
+use super::batch::{best_fit_decreasing, lm_batch, packed_batch, Encoded, LmBatch};
 use super::eval::accuracy;
 use super::loader::policy_from;
 use super::setup::{self, init_checkpoint, split_holdout, Plan};
@@ -261,9 +261,8 @@ pub fn encode_fitted(
 ) -> Result<(Vec<SftExample>, Vec<Encoded>)> {
     let mut kept = (Vec::new(), Vec::new());
     for (i, ex) in xs.into_iter().enumerate() {
-        let e = encode_example(tok, &ex)?;
         let place = || place(&ex.origin, &format!("{what} example"), i);
-        if let Some(mut e) = fit.fit(vec![e], place, max_len)? {
+        if let Some(mut e) = fit.encode(tok, std::slice::from_ref(&ex), place, max_len)? {
             kept.0.push(ex);
             kept.1.push(e.remove(0));
         }
@@ -332,9 +331,7 @@ pub fn run(env: &Env) -> Result<SftResult> {
     let fitted = |xs, what: &str| -> Result<_> {
         let mut fit = Fitter::new(cfg.data.truncation, limit + 1, &format!("{what} examples"));
         let kept = encode_fitted(&tok, xs, ctx_len, what, &mut fit)?;
-        if env.comm.rank() == 0 {
-            fit.say("sft");
-        }
+        fit.say(env);
         Ok(kept)
     };
     let (examples, train) = fitted(examples, "training")?;

@@ -8,8 +8,11 @@
 
 use anyhow::{bail, Result};
 
-use super::batch::Encoded;
+use super::batch::{encode_example, Encoded};
+use super::Env;
 use crate::config::Truncation;
+use crate::data::records::SftExample;
+use crate::data::tokenizer::Tokenizer;
 
 /// Fits the sequences of one set of records (the training or the held-out ones) to at most
 /// `max_tokens`, counting what it changed.
@@ -90,6 +93,22 @@ impl Fitter {
         Ok(Some(seqs))
     }
 
+    /// A record's examples (a pair's two, or one) encoded as SFT encodes them and fitted
+    /// together ([`Fitter::fit`]).
+    pub fn encode(
+        &mut self,
+        tok: &Tokenizer,
+        examples: &[SftExample],
+        place: impl FnOnce() -> String,
+        context: usize,
+    ) -> Result<Option<Vec<Encoded>>> {
+        let seqs = examples
+            .iter()
+            .map(|ex| encode_example(tok, ex))
+            .collect::<Result<Vec<_>>>()?;
+        self.fit(seqs, place, context)
+    }
+
     /// The line to print when any record was cut or left out.
     pub fn report(&self, stage: &str) -> Option<String> {
         if self.cut + self.dropped == 0 {
@@ -120,9 +139,12 @@ impl Fitter {
         ))
     }
 
-    /// Prints [`Fitter::report`] where there is one.
-    pub fn say(&self, stage: &str) {
-        if let Some(line) = self.report(stage) {
+    /// Prints [`Fitter::report`] for `env`'s stage where there is one, on rank 0.
+    pub fn say(&self, env: &Env) {
+        if env.comm.rank() != 0 {
+            return;
+        }
+        if let Some(line) = self.report(env.cfg.stage.name()) {
             eprintln!("{line}");
         }
     }
