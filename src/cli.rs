@@ -18,7 +18,7 @@ use crate::stages::pipeline::{Extra, PipelineOptions};
 #[command(
     name = "temper",
     version,
-    about = "Pretrain, fine-tune (LoRA), reward-model and align (PPO, DPO, KTO, GRPO) a GPT-style model"
+    about = "Pretrain, fine-tune (LoRA), reward-model and align (PPO, DPO, KTO, online DPO, GRPO) a GPT-style model"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -39,9 +39,13 @@ pub enum Command {
     Dpo(StageArgs),
     /// Kahneman-Tversky optimisation: completions labelled desirable or undesirable, no pairs.
     Kto(StageArgs),
+    /// Online DPO: two samples of each prompt from the policy, ranked by a reward, trained on
+    /// with DPO's loss.
+    #[command(name = "online-dpo", alias = "online_dpo")]
+    OnlineDpo(StageArgs),
     /// Group relative policy optimisation.
     Grpo(StageArgs),
-    /// pretrain -> sft -> reward -> ppo (and optionally dpo, grpo) on the built-in task.
+    /// pretrain -> sft -> reward -> ppo (and optionally dpo, kto, online_dpo, grpo) on the built-in task.
     Pipeline(PipelineArgs),
     /// Run a training stage data-parallel, one process per rank: `launch --nproc-per-node 2 -- pretrain ...`.
     Launch(LaunchArgs),
@@ -58,7 +62,8 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct StageArgs {
-    /// TOML file with [model], [train], [lora], [data], [sft], [reward], [ppo], [dpo], [kto], [grpo].
+    /// TOML file with [model], [train], [lora], [data], [sft], [reward], [ppo], [dpo], [kto],
+    /// [online_dpo], [grpo].
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Run directory (config.toml, metrics.jsonl, checkpoints/, final/).
@@ -125,10 +130,11 @@ pub struct StageArgs {
     /// q,k,v,o,gate,up,down (or GPT-2's c_attn,c_proj,c_fc).
     #[arg(long)]
     pub lora_targets: Option<String>,
-    /// PPO/GRPO reward: `task` (the checker) or `PATH[:WEIGHT]` of a reward model; repeatable.
+    /// PPO, GRPO, online DPO reward: `task` (the checker), `PATH[:WEIGHT]` of a reward model,
+    /// `cmd:COMMAND` or `http://HOST:PORT/PATH`; repeatable.
     #[arg(long = "reward")]
     pub rewards: Vec<RewardSpec>,
-    /// KL coefficient (PPO's beta, DPO's and KTO's beta, GRPO's beta).
+    /// KL coefficient (PPO's beta, DPO's, KTO's and online DPO's beta, GRPO's beta).
     #[arg(long)]
     pub beta: Option<f64>,
     /// GRPO's advantage estimator: group_norm (GRPO), rloo, reinforce_plus_plus.
@@ -137,7 +143,7 @@ pub struct StageArgs {
     /// SFT: pack the examples into rows of --seq-len positions, each attending only to
     /// itself (`[sft] packing`; TRL's --packing). PPO, GRPO: pack each minibatch's prompts
     /// and responses for the training forward, and a reward model's sequences (`[ppo]` /
-    /// `[grpo] packing`; OpenRLHF's --packing_samples).
+    /// `[grpo]` / `[online_dpo] packing`; OpenRLHF's --packing_samples).
     #[arg(long)]
     pub packing: bool,
     /// DPO, KTO, reward: pack each batch's sequences (chosen and rejected, or labelled
@@ -151,7 +157,8 @@ pub struct StageArgs {
 pub struct PipelineArgs {
     #[arg(long, default_value = "runs/pipeline")]
     pub out: PathBuf,
-    /// Extra stages after PPO, each from the SFT model: dpo, kto, grpo, rloo, reinforce_pp.
+    /// Extra stages after PPO, each from the SFT model: dpo, kto, online_dpo, grpo, rloo,
+    /// reinforce_pp.
     #[arg(long, value_delimiter = ',', value_enum)]
     pub with: Vec<Extra>,
     #[arg(long, value_enum)]
@@ -431,6 +438,7 @@ impl StageArgs {
         if !self.rewards.is_empty() {
             cfg.ppo.rewards = self.rewards.clone();
             cfg.grpo.rewards = self.rewards.clone();
+            cfg.online_dpo.rewards = self.rewards.clone();
         }
         if let Some(e) = self.advantage_estimator {
             cfg.grpo.advantage_estimator = e;
@@ -441,6 +449,7 @@ impl StageArgs {
             Stage::Sft => Some(&mut cfg.sft.packing),
             Stage::Ppo => Some(&mut cfg.ppo.packing),
             Stage::Grpo => Some(&mut cfg.grpo.packing),
+            Stage::OnlineDpo => Some(&mut cfg.online_dpo.packing),
             _ => None,
         };
         let padding_free = match now {
@@ -450,7 +459,12 @@ impl StageArgs {
             _ => None,
         };
         for (set, flag, on, stages) in [
-            (self.packing, "--packing", packing, "sft, ppo and grpo"),
+            (
+                self.packing,
+                "--packing",
+                packing,
+                "sft, ppo, grpo and online_dpo",
+            ),
             (
                 self.padding_free,
                 "--padding-free",
@@ -468,6 +482,7 @@ impl StageArgs {
             cfg.ppo.kl_coef = b;
             cfg.dpo.beta = b;
             cfg.kto.beta = b;
+            cfg.online_dpo.beta = b;
             cfg.grpo.beta = b;
         }
         Ok(())

@@ -55,6 +55,7 @@ fn training_stage(c: &Command) -> Option<(Stage, &StageArgs)> {
         Command::Ppo(a) => (Stage::Ppo, a),
         Command::Dpo(a) => (Stage::Dpo, a),
         Command::Kto(a) => (Stage::Kto, a),
+        Command::OnlineDpo(a) => (Stage::OnlineDpo, a),
         Command::Grpo(a) => (Stage::Grpo, a),
         _ => return None,
     })
@@ -86,6 +87,7 @@ fn run_stage(stage: Stage, env: &Env) -> Result<String> {
         Stage::Ppo => stages::ppo::run(env)?.describe(),
         Stage::Dpo => stages::dpo::run(env)?.describe(),
         Stage::Kto => stages::kto::run(env)?.describe(),
+        Stage::OnlineDpo => stages::online_dpo::run(env)?.describe(),
         Stage::Grpo => stages::grpo::run(env)?.describe(),
     })
 }
@@ -110,6 +112,7 @@ fn run(cli: Cli) -> Result<()> {
         | Command::Ppo(_)
         | Command::Dpo(_)
         | Command::Kto(_)
+        | Command::OnlineDpo(_)
         | Command::Grpo(_) => {}
         Command::Launch(a) => launch_cmd(&a)?,
         Command::Pipeline(a) => stages::pipeline::run(&a.options())?,

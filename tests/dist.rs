@@ -496,7 +496,7 @@ fn reward_modelling_over_two_ranks_follows_one_rank() {
 /// whole rollout, and a data-parallel run resumed at another step continues its curve.
 #[test]
 fn grpo_over_two_ranks_follows_one_rank_and_resumes_exactly() {
-    rl_over_two_ranks("grpo", &|prompts| {
+    rl_over_two_ranks("grpo", false, &[], &|prompts| {
         format!("[grpo]\nprompts_per_rollout = {prompts}\ngroup_size = 2\nminibatch_size = {}\neval_prompts = 4\nlog_completions = 2\n", 2 * prompts)
     });
 }
@@ -505,18 +505,36 @@ fn grpo_over_two_ranks_follows_one_rank_and_resumes_exactly() {
 /// rank's tokens, the adaptive KL reading the global KL) follows one rank, and resumes.
 #[test]
 fn ppo_over_two_ranks_follows_one_rank_and_resumes_exactly() {
-    rl_over_two_ranks("ppo", &|prompts| {
+    rl_over_two_ranks("ppo", false, &[], &|prompts| {
         format!("[ppo]\nrollout_batch = {prompts}\nminibatch_size = {prompts}\nppo_epochs = 1\neval_prompts = 4\nlog_completions = 2\n")
     });
 }
 
+/// Online DPO over two ranks, each sampling and scoring its half of the prompts (rows keyed
+/// by their place in the global batch) and weighing its loss by its share of the ranked
+/// pairs, follows one rank with the whole batch, logs the whole batch's pair metrics, and
+/// resumes exactly.
+#[test]
+fn online_dpo_over_two_ranks_follows_one_rank_and_resumes_exactly() {
+    let logged = ["dpo_loss", "ranked_share", "reward_accuracy", "kl"];
+    rl_over_two_ranks("online-dpo", true, &logged, &|_| {
+        "[online_dpo]\neval_prompts = 4\nlog_completions = 2\n".to_string()
+    });
+}
+
 /// Runs RL `stage` for 4 steps from a short pretraining, once with `table(4)` (4 prompts per
-/// rollout) and once over two launched ranks with `table(2)` each, and checks that loss,
-/// score and gradient norm agree (and are not all zero); then interrupts a two-rank run after
+/// rollout; with `batch_prompts`, `--batch-size 4` instead) and once over two launched ranks
+/// with `table(2)` (`--batch-size 2`) each, and checks that loss,
+/// score, gradient norm and the metrics `logged` agree (and are not all zero); then interrupts a two-rank run after
 /// step 2 and checks that `--resume` continues its curve. The table gives one optimizer step
 /// per rollout: the step's gradient is then the whole rollout's on one rank and on two alike
 /// (several minibatches per rollout shuffle each rank's rows apart).
-fn rl_over_two_ranks(stage: &str, table: &dyn Fn(usize) -> String) {
+fn rl_over_two_ranks(
+    stage: &str,
+    batch_prompts: bool,
+    logged: &[&str],
+    table: &dyn Fn(usize) -> String,
+) {
     let d = tmp();
     let (cfg, pre) = pretrained(d.path());
     let base = std::fs::read_to_string(&cfg).unwrap();
@@ -533,6 +551,10 @@ fn rl_over_two_ranks(stage: &str, table: &dyn Fn(usize) -> String) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/varied_reward.py");
     let reward = format!("cmd:python3 {}", script.display());
     let run = |launched: bool, c: &str, out: &Path, extra: &[&str]| {
+        let batch = match launched {
+            true => "2",
+            false => "4",
+        };
         let mut a: Vec<&str> = match launched {
             true => vec!["launch", "--nproc-per-node", "2", "--"],
             false => vec![],
@@ -548,6 +570,9 @@ fn rl_over_two_ranks(stage: &str, table: &dyn Fn(usize) -> String) {
         ]);
         a.extend(["--steps", "4", "--eval-every", "100", "--device", "cpu"]);
         a.extend(["--reward", reward.as_str()]);
+        if batch_prompts {
+            a.extend(["--batch-size", batch]);
+        }
         a.extend(extra);
         run_ok(&a);
     };
@@ -561,7 +586,7 @@ fn rl_over_two_ranks(stage: &str, table: &dyn Fn(usize) -> String) {
     );
     assert_same_curve(&x, &y);
     let series_of = |r: &Path, k: &str| series(&metrics(r), "train", k);
-    for k in ["score", "grad_norm"] {
+    for &k in ["score", "grad_norm"].iter().chain(logged) {
         let (a, b) = (series_of(&one, k), series_of(&two, k));
         assert!(
             a.iter().any(|(_, v)| *v > 0.0),

@@ -16,7 +16,7 @@ fn pipeline_runs_every_stage_and_each_learns() {
         "--out",
         out.to_str().unwrap(),
         "--with",
-        "dpo,kto,grpo,rloo,reinforce_pp",
+        "dpo,kto,online_dpo,grpo,rloo,reinforce_pp",
         "--device",
         "cpu",
     ]);
@@ -39,13 +39,21 @@ fn pipeline_runs_every_stage_and_each_learns() {
     );
     // The SFT model imitates the demonstrator's carry slips; the checker and the preference
     // labels do not, so each RL stage must beat SFT clearly.
-    for stage in ["ppo", "dpo", "kto", "grpo", "rloo", "reinforce_pp"] {
+    for stage in [
+        "ppo",
+        "dpo",
+        "kto",
+        "online_dpo",
+        "grpo",
+        "rloo",
+        "reinforce_pp",
+    ] {
         assert!(
             f(stage, "accuracy") > f(stage, "sft_accuracy") + 0.12,
             "{stage} not clearly above SFT: {text}"
         );
     }
-    for stage in ["ppo", "grpo", "rloo", "reinforce_pp"] {
+    for stage in ["ppo", "online_dpo", "grpo", "rloo", "reinforce_pp"] {
         let kl = f(stage, "kl");
         assert!(kl.is_finite() && kl >= 0.0, "{stage} KL {kl}: {text}");
         for key in ["accuracy", "sft_accuracy", "mean_reward", "sft_mean_reward"] {
@@ -64,6 +72,7 @@ fn pipeline_runs_every_stage_and_each_learns() {
         "ppo",
         "dpo",
         "kto",
+        "online_dpo",
         "grpo",
         "rloo",
         "reinforce_pp",
@@ -74,7 +83,7 @@ fn pipeline_runs_every_stage_and_each_learns() {
         );
         assert!(out.join(stage).join("metrics.jsonl").exists());
     }
-    for stage in ["ppo", "grpo", "rloo", "reinforce_pp"] {
+    for stage in ["ppo", "online_dpo", "grpo", "rloo", "reinforce_pp"] {
         let log = std::fs::read_to_string(out.join(stage).join("completions.jsonl")).unwrap();
         assert!(
             log.lines().count() >= 8,

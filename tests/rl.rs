@@ -28,7 +28,7 @@ fn chain() -> &'static Chain {
         std::fs::write(
             &cfg,
             format!(
-                "{TINY_TOML}\n[sft]\neval_prompts = 8\n[ppo]\neval_prompts = 4\nrollout_batch = 8\nminibatch_size = 8\nppo_epochs = 1\n[grpo]\neval_prompts = 4\nprompts_per_rollout = 4\ngroup_size = 2\nminibatch_size = 8\nlog_completions = 3\n"
+                "{TINY_TOML}\n[sft]\neval_prompts = 8\n[ppo]\neval_prompts = 4\nrollout_batch = 8\nminibatch_size = 8\nppo_epochs = 1\n[grpo]\neval_prompts = 4\nprompts_per_rollout = 4\ngroup_size = 2\nminibatch_size = 8\nlog_completions = 3\n[online_dpo]\neval_prompts = 4\nlog_completions = 3\n"
             ),
         )
         .unwrap();
@@ -309,12 +309,12 @@ fn ppo_refuses_top_k_and_prompts_without_answers_name_their_line() {
     );
 }
 
-/// Under LoRA, PPO and DPO keep one copy of the base (the reference is the base with the
-/// adapters off), and on a bf16 run that copy is bf16: only the adapters (and PPO's critic)
+/// Under LoRA, PPO, DPO and online DPO keep one copy of the base (the reference is the base
+/// with the adapters off), and on a bf16 run that copy is bf16: only the adapters (and PPO's critic)
 /// carry f32.
 #[test]
 fn lora_ppo_and_dpo_on_a_bf16_base_keep_one_bf16_copy() {
-    for stage in ["ppo", "dpo"] {
+    for stage in ["ppo", "dpo", "online-dpo"] {
         let dir = tmp();
         let out = p(dir.path(), stage);
         let o = run_ok(&[
@@ -335,7 +335,7 @@ fn lora_ppo_and_dpo_on_a_bf16_base_keep_one_bf16_copy() {
             "cpu",
         ]);
         let err = String::from_utf8_lossy(&o.stderr);
-        if stage == "ppo" {
+        if stage != "dpo" {
             assert!(err.contains("the base with adapters off"), "{err}");
         }
         let fin = out.join("final");
@@ -488,8 +488,8 @@ fn rl_checkpoints_wait_for_the_rollout_so_resume_is_exact() {
     }
 }
 
-/// `--packing` (OpenRLHF's `--packing_samples`) changes the layout of PPO's and GRPO's
-/// training forward, not its maths: the packed runs take the unpacked runs' steps and log
+/// `--packing` (OpenRLHF's `--packing_samples`) changes the layout of PPO's, GRPO's and
+/// online DPO's training forward, not its maths: the packed runs take the unpacked runs' steps and log
 /// the share of the padded positions they compute, and a stage without packing refuses the
 /// flag. The loss alone would not show a wrong pick (with one minibatch a rollout the ratio
 /// is 1 whatever the log-probabilities are); the entropy, the value loss and the KL to the
@@ -504,6 +504,10 @@ fn packed_rl_training_takes_the_padded_steps() {
     for (stage, keys) in [
         ("ppo", &["loss", "entropy", "value_loss", "approx_kl"][..]),
         ("grpo", &["loss", "kl_token", "approx_kl"][..]),
+        (
+            "online-dpo",
+            &["loss", "kl", "logps_chosen", "logps_rejected"][..],
+        ),
     ] {
         let run = |packing: bool| {
             let out = p(dir.path(), &format!("{stage}-{packing}"));
@@ -542,7 +546,61 @@ fn packed_rl_training_takes_the_padded_steps() {
     }
     let e = run_err(&["reward", "--packing", "--device", "cpu"]);
     assert!(
-        e.contains("--packing applies to sft, ppo and grpo, not reward"),
+        e.contains("--packing applies to sft, ppo, grpo and online_dpo, not reward"),
         "{e}"
     );
+}
+
+/// Online DPO trains on the pairs its scores rank. With a reward that differs between a
+/// prompt's two samples it ranks pairs and logs their loss, the implicit reward's accuracy and
+/// the KL; at the first step the policy is the reference, so each pair's loss is log 2 and the
+/// KL 0, and the steps move the policy. With a reward that scores every sample alike no pair
+/// is ranked: the loss and the gradient are zero, and the run still ends with its model.
+#[test]
+fn online_dpo_trains_on_the_pairs_its_scores_rank_and_none_where_they_tie() {
+    let dir = tmp();
+    let fixture = |name: &str| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
+        format!("cmd:python3 {}", script.display())
+    };
+    let run = |name: &str, reward: &str| {
+        let out = p(dir.path(), name);
+        let mut a = grpo_args(&out, "3", &["--log-every", "1", "--reward", reward]);
+        a[0] = "online-dpo".into();
+        run_ok(&args(&a));
+        out
+    };
+    let varied = run("varied", &fixture("varied_reward.py"));
+    let m = metrics(&varied);
+    let ranked = series(&m, "train", "ranked_share");
+    assert_eq!(ranked.len(), 3, "{m:?}");
+    assert!(
+        ranked.iter().all(|&(_, r)| r > 0.0 && r <= 1.0),
+        "{ranked:?}"
+    );
+    for key in ["dpo_loss", "reward_accuracy", "score_margin", "kl"] {
+        assert_eq!(series(&m, "train", key).len(), 3, "{key}: {m:?}");
+    }
+    let loss = series(&m, "train", "dpo_loss");
+    assert!((loss[0].1 - 2f64.ln()).abs() < 1e-4, "{loss:?}");
+    let kl = series(&m, "train", "kl");
+    assert!(kl[0].1.abs() < 1e-5 && kl[2].1 > 0.0, "{kl:?}");
+    let margin = series(&m, "train", "score_margin");
+    assert!(margin.iter().all(|&(_, x)| x > 0.0), "{margin:?}");
+    let grad = series(&m, "train", "grad_norm");
+    assert!(grad.iter().all(|&(_, g)| g > 0.0), "{grad:?}");
+    assert_eq!(completions(&varied).len(), 9);
+
+    let tied = run("tied", &fixture("constant_reward.py"));
+    let m = metrics(&tied);
+    let ranked = series(&m, "train", "ranked_share");
+    assert_eq!(ranked.len(), 3, "{m:?}");
+    for key in ["ranked_share", "loss", "grad_norm"] {
+        let v = series(&m, "train", key);
+        assert!(v.iter().all(|&(_, x)| x == 0.0), "{key}: {v:?}");
+    }
+    assert!(series(&m, "train", "dpo_loss").is_empty());
+    assert!(tied.join("final/meta.json").exists());
 }

@@ -19,8 +19,8 @@ pub use model::{HfFamily, MlpKind, ModelConfig, NormKind, PositionKind, RopeScal
 pub use run::{overlay, DataConfig, DeviceChoice, RunConfig, Stage, Truncation};
 pub use stages::{
     AdvantageEstimator, DpoConfig, DpoLoss, ExternalRewardConfig, GrpoConfig, KlEstimator,
-    KtoConfig, KtoLoss, LossType, PpoConfig, RewardConfig, RewardSource, RewardSpec, ScaleRewards,
-    SftConfig,
+    KtoConfig, KtoLoss, LossType, OnlineDpoConfig, PpoConfig, RewardConfig, RewardSource,
+    RewardSpec, ScaleRewards, SftConfig,
 };
 pub use train::{DTypeChoice, ShardOptimizer, TapeChoice, TrainConfig};
 

@@ -1,5 +1,5 @@
-//! Each stage's own table: `[sft]`, `[reward]`, `[ppo]`, `[dpo]`, `[kto]`, `[grpo]`, and the reward
-//! specs PPO and GRPO are scored by.
+//! Each stage's own table: `[sft]`, `[reward]`, `[ppo]`, `[dpo]`, `[kto]`, `[online_dpo]`,
+//! `[grpo]`, and the reward specs the on-policy stages are scored by.
 
 use std::path::PathBuf;
 
@@ -405,6 +405,92 @@ impl Default for KtoConfig {
     }
 }
 
+/// Online DPO (TRL's `OnlineDPOTrainer`): two samples of each prompt from the current policy,
+/// ranked by their scores, trained on with a DPO loss against the frozen reference.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OnlineDpoConfig {
+    /// What ranks the two samples: the task's checker, reward models, processes or endpoints,
+    /// weighted and summed (as `[grpo] rewards`).
+    pub rewards: Vec<RewardSpec>,
+    pub beta: f64,
+    /// The preference loss, as `[dpo] loss_type` (TRL's online DPO has `sigmoid` and `ipo`);
+    /// `simpo` and `orpo` load no reference.
+    pub loss_type: DpoLoss,
+    /// Weight of the chosen samples' per-token negative log-likelihood (RPO), as `[dpo]
+    /// rpo_alpha`; 0, as TRL's online DPO has none.
+    pub rpo_alpha: f64,
+    pub temperature: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+    pub max_new_tokens: usize,
+    /// Subtracted from the score of a sample that did not end with EOS, before ranking.
+    pub missing_eos_penalty: Option<f64>,
+    /// Completions written to `completions.jsonl` per step.
+    pub log_completions: usize,
+    pub task_prompts: usize,
+    pub eval_prompts: usize,
+    /// Pack each step's sequences into rows for the training forward, as `[grpo] packing`.
+    pub packing: bool,
+}
+
+impl OnlineDpoConfig {
+    /// The offline stage's table with this one's loss settings, for the shared loss.
+    pub fn loss(&self) -> DpoConfig {
+        DpoConfig {
+            beta: self.beta,
+            rpo_alpha: self.rpo_alpha,
+            loss_type: self.loss_type,
+            ..DpoConfig::default()
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if !positive(self.beta) {
+            bail!("online_dpo.beta must be positive, got {}", self.beta);
+        }
+        if !positive(self.temperature) {
+            bail!(
+                "online_dpo.temperature must be positive, got {}",
+                self.temperature
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("online_dpo.top_p must be in (0, 1], got {}", self.top_p);
+        }
+        if !(self.rpo_alpha >= 0.0 && self.rpo_alpha.is_finite()) {
+            bail!(
+                "online_dpo.rpo_alpha must be 0 or positive, got {}",
+                self.rpo_alpha
+            );
+        }
+        if self.max_new_tokens == 0 {
+            bail!("online_dpo.max_new_tokens must be positive");
+        }
+        Ok(())
+    }
+}
+
+impl Default for OnlineDpoConfig {
+    fn default() -> Self {
+        Self {
+            rewards: vec![RewardSpec::task()],
+            beta: 0.1,
+            loss_type: DpoLoss::Sigmoid,
+            rpo_alpha: 0.0,
+            temperature: 0.9,
+            top_k: 0,
+            top_p: 1.0,
+            max_new_tokens: 6,
+            missing_eos_penalty: None,
+            log_completions: 8,
+            task_prompts: 4000,
+            eval_prompts: 1000,
+            packing: false,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GrpoConfig {
@@ -663,6 +749,24 @@ impl std::fmt::Display for RewardSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn online_dpo_refuses_what_would_break_its_sampling_or_loss() {
+        let ok = OnlineDpoConfig::default();
+        ok.validate().unwrap();
+        assert_eq!(ok.loss().beta, ok.beta);
+        let bad = |f: fn(&mut OnlineDpoConfig), field: &str| {
+            let mut c = OnlineDpoConfig::default();
+            f(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("online_dpo.{field}")), "{e}");
+        };
+        bad(|c| c.beta = 0.0, "beta");
+        bad(|c| c.temperature = f64::NAN, "temperature");
+        bad(|c| c.top_p = 0.0, "top_p");
+        bad(|c| c.rpo_alpha = -1.0, "rpo_alpha");
+        bad(|c| c.max_new_tokens = 0, "max_new_tokens");
+    }
 
     #[test]
     fn reward_specs_parse_and_print() {

@@ -25,7 +25,7 @@ use super::rl::{
 };
 use super::rollout::{
     main_only, mean_over_ranks, rollout_seed, rollout_stats, rows, surrogate, token_share, Actors,
-    Buffer, FrozenReference, PolicyStep, Rollout, RolloutClock, Schedule,
+    Buffer, FrozenReference, Objective, PolicyStep, Rollout, RolloutClock, Schedule,
 };
 use super::setup::{self, rollout_prompt_sets, Plan, PolicyPair};
 use super::Env;
@@ -267,6 +267,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
             rewards,
             completions: CompletionLog::new(&env.run_dir, main_only(env, c.log_completions)),
             packing: c.packing,
+            objective: Objective::PolicyGradient,
         },
         sampler: WindowSampler::new(prompts.len(), cfg.train.seed),
         prompts,

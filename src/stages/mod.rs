@@ -14,6 +14,7 @@ pub mod generate;
 pub mod grpo;
 pub mod kto;
 pub mod loader;
+pub mod online_dpo;
 pub mod pipeline;
 pub mod ppo;
 pub mod pretrain;

@@ -1,6 +1,6 @@
-//! `temper pipeline`: pretrain -> sft -> reward -> ppo (and optionally dpo, kto, grpo, each from
-//! the SFT model) on the built-in task, one subdirectory per stage, ending with a table of
-//! what each stage achieved on held-out data, also written to `summary.json`.
+//! `temper pipeline`: pretrain -> sft -> reward -> ppo (and optionally dpo, kto, online DPO,
+//! grpo, each from the SFT model) on the built-in task, one subdirectory per stage, ending
+//! with a table of what each stage achieved on held-out data, also written to `summary.json`.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -17,6 +17,8 @@ use crate::config::{overlay, AdvantageEstimator, DeviceChoice, RunConfig, Stage}
 pub enum Extra {
     Dpo,
     Kto,
+    #[value(name = "online_dpo")]
+    OnlineDpo,
     Grpo,
     Rloo,
     #[value(name = "reinforce_pp", alias = "reinforce++")]
@@ -52,6 +54,7 @@ impl From<Extra> for Step {
         match e {
             Extra::Dpo => Step::plain(Stage::Dpo),
             Extra::Kto => Step::plain(Stage::Kto),
+            Extra::OnlineDpo => Step::plain(Stage::OnlineDpo),
             Extra::Grpo => grpo("grpo", AdvantageEstimator::GroupNorm),
             Extra::Rloo => grpo("rloo", AdvantageEstimator::Rloo),
             Extra::ReinforcePp => grpo("reinforce_pp", AdvantageEstimator::ReinforcePlusPlus),
@@ -97,7 +100,9 @@ fn stage_config(
     match stage {
         Stage::Pretrain => {}
         Stage::Sft => cfg.init = Some(dir.join("pretrain")),
-        Stage::Reward | Stage::Dpo | Stage::Kto | Stage::Grpo => cfg.init = Some(dir.join("sft")),
+        Stage::Reward | Stage::Dpo | Stage::Kto | Stage::OnlineDpo | Stage::Grpo => {
+            cfg.init = Some(dir.join("sft"))
+        }
         Stage::Ppo => {
             cfg.init = Some(dir.join("sft"));
             cfg.ppo.value_init = Some(dir.join("reward"));
@@ -145,11 +150,11 @@ fn run_stage(stage: Stage, env: &Env) -> Result<Value> {
             let r = super::reward::run(env)?;
             json!({"accuracy": num(r.accuracy), "initial_accuracy": num(r.first_accuracy.unwrap_or(nan))})
         }
-        Stage::Ppo | Stage::Grpo => {
-            let r = if stage == Stage::Ppo {
-                super::ppo::run(env)?
-            } else {
-                super::grpo::run(env)?
+        Stage::Ppo | Stage::Grpo | Stage::OnlineDpo => {
+            let r = match stage {
+                Stage::Ppo => super::ppo::run(env)?,
+                Stage::OnlineDpo => super::online_dpo::run(env)?,
+                _ => super::grpo::run(env)?,
             };
             json!({"accuracy": num(r.accuracy), "sft_accuracy": num(r.start_accuracy),
                    "mean_reward": num(r.mean_reward), "sft_mean_reward": num(r.start_mean_reward),
@@ -252,7 +257,7 @@ fn print_table(steps: &[Step], summary: &Map<String, Value>) {
                 format!("accuracy {}", f(v.get("accuracy"))),
                 format!("sft {}", f(v.get("sft_accuracy"))),
             ),
-            Stage::Ppo | Stage::Grpo => (
+            Stage::Ppo | Stage::Grpo | Stage::OnlineDpo => (
                 format!("accuracy {}", f(v.get("accuracy"))),
                 format!(
                     "sft {}, reward {} (sft {}), KL {}",

@@ -30,8 +30,8 @@ use super::rl::{
 };
 use super::rollout::{
     main_only, mean_over_ranks, response_values, rollout_seed, rollout_stats, rows, surrogate,
-    token_shares, Actors, Buffer, CollectTimes, FrozenReference, PolicyStep, Rollout, RolloutClock,
-    Schedule,
+    token_shares, Actors, Buffer, CollectTimes, FrozenReference, Objective, PolicyStep, Rollout,
+    RolloutClock, Schedule,
 };
 use super::setup::{self, rollout_prompt_sets, Plan, PolicyPair};
 use super::Env;
@@ -375,6 +375,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
             rewards,
             completions: CompletionLog::new(&env.run_dir, main_only(env, c.log_completions)),
             packing: c.packing,
+            objective: Objective::PolicyGradient,
         },
         value,
         sampler: WindowSampler::new(prompts.len(), cfg.train.seed),

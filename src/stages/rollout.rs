@@ -42,10 +42,12 @@ pub struct Rollout {
     pub resp_tokens: Tensor,
     /// `[B, R]` 1.0 on response tokens (up to and including EOS), 0.0 on padding.
     pub mask: Tensor,
+    /// The sampling policy's; zero under [`Objective::Preference`], which reads none.
     pub old_logprobs: Tensor,
     /// None where the stage holds no reference (GRPO with beta = 0).
     pub ref_logprobs: Option<Tensor>,
-    /// The sampling temperature: log-probabilities are taken at it.
+    /// The temperature log-probabilities are taken at: the sampling temperature, or 1 for a
+    /// preference objective ([`Objective`]).
     pub temperature: f64,
     /// Each response's weighted score.
     pub scores: Vec<f64>,
@@ -110,8 +112,20 @@ impl FrozenReference {
     }
 }
 
-/// What every policy-gradient stage holds besides its own knobs: the policy, its frozen
-/// reference, the tokenizer, the reward sources and the completion log.
+/// What trains on a rollout, which decides the log-probabilities it is built with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Objective {
+    /// PPO, GRPO: the sampling policy's (old) and the reference's, at the sampling temperature,
+    /// the distribution the tokens were drawn from, as the importance ratios need.
+    PolicyGradient,
+    /// Online DPO: the reference's alone, at temperature 1. DPO's log-ratios are those of the
+    /// model's own distribution (TRL's online DPO takes them so); the policy's come with
+    /// gradients in training, so an old copy would be a forward spent on nothing.
+    Preference,
+}
+
+/// What every on-policy stage holds besides its own knobs: the policy, its frozen reference,
+/// the tokenizer, the reward sources and the completion log.
 pub struct Actors {
     pub policy: Transformer,
     /// None where the stage's loss reads no reference (GRPO with beta = 0).
@@ -119,8 +133,10 @@ pub struct Actors {
     pub tok: Tokenizer,
     pub rewards: RewardFn,
     pub completions: CompletionLog,
-    /// Whether the training forward packs each minibatch's rows (`[ppo]` / `[grpo] packing`).
+    /// Whether the training forward packs each minibatch's rows (`[ppo]` / `[grpo]` /
+    /// `[online_dpo] packing`).
     pub packing: bool,
+    pub objective: Objective,
 }
 
 impl Actors {
@@ -149,7 +165,7 @@ impl Actors {
             &ids,
             sampled,
             &mut self.rewards,
-            self.packing,
+            (self.packing, self.objective),
         )?;
         let score_s = t0.elapsed().as_secs_f64();
         Ok((ro, CollectTimes { gen, score_s }))
@@ -525,9 +541,9 @@ impl Rollout {
     }
 }
 
-/// Builds the rollout tensors of `prompts` and their sampled responses, with old and
-/// reference log-probabilities (no gradients) and scores; with `packing`, every forward over
-/// the rollout packs its rows ([`RolloutDocs`]).
+/// Builds the rollout tensors of `prompts` and their sampled responses, with the
+/// log-probabilities `objective` needs (no gradients) and scores; with `packing`, every
+/// forward over the rollout packs its rows ([`RolloutDocs`]).
 #[allow(clippy::too_many_arguments)]
 pub fn build(
     net: &Transformer,
@@ -538,14 +554,20 @@ pub fn build(
     prompts: &[Vec<u32>],
     s: Sampled,
     rewards: &mut RewardFn,
-    packing: bool,
+    (packing, objective): (bool, Objective),
 ) -> Result<Rollout> {
     let mut ro = layout(prompts, &s, tok.pad_id(), net.device())?;
     if packing {
         ro.packed = Some(RolloutDocs::new(prompts, &s.gen_tokens, tok.pad_id())?);
     }
     let all: Vec<usize> = (0..prompts.len()).collect();
-    ro.old_logprobs = response_logprobs(net, ctx, &ro, &all, false)?.0.detach();
+    match objective {
+        Objective::PolicyGradient => {
+            ro.old_logprobs = response_logprobs(net, ctx, &ro, &all, false)?.0.detach();
+        }
+        // `old_logprobs` stays zero: nothing reads it.
+        Objective::Preference => ro.temperature = 1.0,
+    }
     if let Some(reference) = reference {
         let ref_net = reference.net(net);
         let ref_ctx = Ctx {
