@@ -21,8 +21,8 @@ use super::eval::{PolicyEval, PolicyResult};
 use super::rewards::{check_prompts, RewardFn};
 use super::rl::kl_estimate;
 use super::rollout::{
-    main_only, response_logprobs, rollout_seed, rollout_stats, rows, Actors, FrozenReference,
-    Objective, Rollout, RolloutClock,
+    main_only, reference_logprobs, response_logprobs, rollout_seed, rollout_stats, rows, Actors,
+    FrozenReference, Objective, Rollout, RolloutClock,
 };
 use super::setup::{self, rollout_prompt_sets, Plan, PolicyPair};
 use super::Env;
@@ -87,7 +87,15 @@ struct PairForward {
 }
 
 impl PairForward {
-    fn new(policy: &Transformer, ctx: Ctx, ro: &Rollout, pairs: &[(usize, usize)]) -> Result<Self> {
+    /// The policy's forward over `pairs` of `ro`, and the reference's (no gradients) where
+    /// the stage holds one.
+    fn new(
+        policy: &Transformer,
+        reference: Option<&FrozenReference>,
+        ctx: Ctx,
+        ro: &Rollout,
+        pairs: &[(usize, usize)],
+    ) -> Result<Self> {
         let n = pairs.len();
         let idx: Vec<usize> = pairs
             .iter()
@@ -99,9 +107,9 @@ impl PairForward {
         let halves = |t: &Tensor| -> Result<(Tensor, Tensor)> {
             Ok((t.narrow(0, 0, n)?, t.narrow(0, n, n)?))
         };
-        let (reference, kl_sum) = match &ro.ref_logprobs {
+        let (reference, kl_sum) = match reference {
             Some(r) => {
-                let r = rows(r, &idx)?;
+                let r = reference_logprobs(&r.get(), policy, ctx, ro, &idx)?;
                 let kl = kl_estimate(&logp.detach(), &r, KlEstimator::K3)?;
                 let kl_sum = scalar(&(kl * &mask)?.sum_all()?)?;
                 (Some(halves(&(r * &mask)?.sum(1)?)?), kl_sum)
@@ -219,7 +227,14 @@ impl Task for OnlineDpoTask<'_> {
             true => vec![(0, 1)],
             false => ranked.clone(),
         };
-        let f = PairForward::new(&self.actors.policy, self.env.ctx(true, None), &ro, &pairs)?;
+        let a = &self.actors;
+        let f = PairForward::new(
+            &a.policy,
+            a.reference.as_ref(),
+            self.env.ctx(true, None),
+            &ro,
+            &pairs,
+        )?;
         let (loss, acc) = preference_loss(&self.loss, f.policy(), f.reference(), f.lengths())?;
         // The loss is a mean over the global micro-batch's ranked pairs, however the ranks
         // share them: each rank weighs its mean by its share of the pairs, and the RPO term

@@ -44,7 +44,8 @@ pub struct Rollout {
     pub mask: Tensor,
     /// The sampling policy's; zero under [`Objective::Preference`], which reads none.
     pub old_logprobs: Tensor,
-    /// None where the stage holds no reference (GRPO with beta = 0).
+    /// None where the stage holds no reference (GRPO with beta = 0), and under
+    /// [`Objective::Preference`].
     pub ref_logprobs: Option<Tensor>,
     /// The temperature log-probabilities are taken at: the sampling temperature, or 1 for a
     /// preference objective ([`Objective`]).
@@ -118,9 +119,10 @@ pub enum Objective {
     /// PPO, GRPO: the sampling policy's (old) and the reference's, at the sampling temperature,
     /// the distribution the tokens were drawn from, as the importance ratios need.
     PolicyGradient,
-    /// Online DPO: the reference's alone, at temperature 1. DPO's log-ratios are those of the
-    /// model's own distribution (TRL's online DPO takes them so); the policy's come with
-    /// gradients in training, so an old copy would be a forward spent on nothing.
+    /// Online DPO: none. The stage takes the policy's (with gradients) and the reference's
+    /// over the rows it trains on alone, the pairs whose scores differ, after scoring; at
+    /// temperature 1, as DPO's log-ratios are those of the model's own distribution (TRL's
+    /// online DPO takes them so).
     Preference,
 }
 
@@ -564,18 +566,12 @@ pub fn build(
     match objective {
         Objective::PolicyGradient => {
             ro.old_logprobs = response_logprobs(net, ctx, &ro, &all, false)?.0.detach();
+            if let Some(reference) = reference {
+                ro.ref_logprobs = Some(reference_logprobs(reference, net, ctx, &ro, &all)?);
+            }
         }
-        // `old_logprobs` stays zero: nothing reads it.
+        // `old_logprobs` stays zero and `ref_logprobs` None: nothing reads them.
         Objective::Preference => ro.temperature = 1.0,
-    }
-    if let Some(reference) = reference {
-        let ref_net = reference.net(net);
-        let ref_ctx = Ctx {
-            use_lora: false,
-            ..ctx
-        };
-        let lp = response_logprobs(ref_net, ref_ctx, &ro, &all, false)?.0;
-        ro.ref_logprobs = Some(lp.detach());
     }
     let batch = Batch {
         records,
@@ -730,6 +726,23 @@ pub fn response_logprobs(
     }
     let lp = token_logprobs(&logits, &targets, ctx.kernels.logprobs)?;
     Ok((lp, Some(entropy(&logits)?)))
+}
+
+/// The reference's log-probabilities `[b, R]` of the response tokens of the selected rows, no
+/// gradients: `policy` with its adapters off, or the separate frozen copy.
+pub fn reference_logprobs(
+    reference: &Reference,
+    policy: &Transformer,
+    ctx: Ctx,
+    ro: &Rollout,
+    idx: &[usize],
+) -> Result<Tensor> {
+    let ctx = Ctx {
+        use_lora: false,
+        ..ctx
+    };
+    let lp = response_logprobs(reference.net(policy), ctx, ro, idx, false)?.0;
+    Ok(lp.detach())
 }
 
 /// Values `[b, R]`: the value model's output at the position before each response token.
