@@ -246,6 +246,15 @@ pub struct GenerateArgs {
     /// the checkpoint's stop ids always end one.
     #[arg(long)]
     pub stop: Vec<String>,
+    /// Score every completion as the RL stages' --reward does (task, a reward model's
+    /// directory, cmd:PROGRAM, http://HOST:PORT/PATH, each [:WEIGHT]; repeatable): each line
+    /// gets `reward` (the weighted sum) and `rewards` (each source's score).
+    #[arg(long = "reward")]
+    pub rewards: Vec<RewardSpec>,
+    /// With --samples N and --reward: write only each prompt's best-scored sample, the first
+    /// of equals (best-of-N; rejection sampling). The file then trains `temper sft` as it is.
+    #[arg(long)]
+    pub best_of: bool,
     /// Seed of the sampling streams: the same seed gives the same completions, whatever
     /// --batch-size or --shard.
     #[arg(long, default_value_t = 0)]

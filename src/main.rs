@@ -17,6 +17,7 @@ use temper::generate::SampleCfg;
 use temper::kernels::KernelSet;
 use temper::model::linear::Ctx;
 use temper::stages::loader::{policy_from, read_checkpoint};
+use temper::stages::rewards::{check_prompts, RewardFn};
 use temper::stages::setup::chat_template_of;
 use temper::stages::{self, Env};
 use temper::train::params::ParamStore;
@@ -198,6 +199,21 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         samples: a.samples,
         batch_rows: a.batch_size,
         shard: a.shard,
+        rewards: &a.rewards,
+        best_of: a.best_of,
+    };
+    let mut rewards = match a.rewards.is_empty() {
+        true => None,
+        false => {
+            let r = RewardFn::load(
+                &a.rewards,
+                (&device, ctx.dtype),
+                &loaded.tokenizer,
+                &Default::default(),
+            )?;
+            check_prompts(&r, &requests)?;
+            Some(r)
+        }
     };
     let inputs: Vec<&std::path::Path> = a.prompts.iter().map(|p| p.as_path()).collect();
     let mut sink = stages::generate::Sink::open(a.out.as_deref(), a.resume, &inputs)?;
@@ -208,6 +224,7 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         &loaded.tokenizer,
         &requests,
         &job,
+        rewards.as_mut(),
         &settings,
         &mut sink,
     )?;
@@ -221,6 +238,13 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         s.seconds,
         s.new_tokens as f64 / s.seconds.max(1e-9)
     );
+    if let Some(mean) = s.mean_reward() {
+        let what = if a.best_of { "best-of-N" } else { "written" };
+        eprintln!(
+            "mean reward of the {} {what} completions: {mean:.4}",
+            s.scored
+        );
+    }
     Ok(())
 }
 

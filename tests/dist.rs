@@ -512,13 +512,13 @@ fn ppo_over_two_ranks_follows_one_rank_and_resumes_exactly() {
 
 /// Online DPO over two ranks, each sampling and scoring its half of the prompts (rows keyed
 /// by their place in the global batch) and weighing its loss by its share of the ranked
-/// pairs, follows one rank with the whole batch, logs the whole batch's pair metrics, and
-/// resumes exactly.
+/// pairs (and its RPO term by the step's chosen tokens), follows one rank with the whole
+/// batch, logs the whole batch's pair metrics, and resumes exactly.
 #[test]
 fn online_dpo_over_two_ranks_follows_one_rank_and_resumes_exactly() {
     let logged = ["dpo_loss", "ranked_share", "reward_accuracy", "kl"];
     rl_over_two_ranks("online-dpo", true, &logged, &|_| {
-        "[online_dpo]\neval_prompts = 4\nlog_completions = 2\n".to_string()
+        "[online_dpo]\neval_prompts = 4\nlog_completions = 2\nrpo_alpha = 1.0\n".to_string()
     });
 }
 

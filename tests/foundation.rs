@@ -703,6 +703,129 @@ fn an_interrupted_generation_resumes_after_its_last_complete_line() {
         .is_empty());
 }
 
+/// `temper generate --reward` scores every completion into its line (the weighted sum and each
+/// source's score); `--best-of` writes only each prompt's best-scored sample, the first of
+/// equals, which is the same completion the unfiltered run drew for that row; an interrupted
+/// best-of file resumes to the uninterrupted one, and neither a file begun without the reward
+/// nor a best-of run without a reward or without several samples is accepted. The checker
+/// needs every prompt's `answer`, and says which line lacks it.
+#[test]
+fn generate_scores_completions_and_keeps_the_best_of_each_prompts_samples() {
+    let d = tmp();
+    let prompts = numbered_prompts(d.path());
+    let gpt2 = fixture("gpt2");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/varied_reward.py");
+    let reward = format!("cmd:python3 {}", script.display());
+    let flags = [
+        "--samples",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "1",
+        "--seed",
+        "5",
+        "--batch-size",
+        "6",
+        "--reward",
+        reward.as_str(),
+    ];
+    let all = generate_lines(&gpt2, &prompts, &flags);
+    assert_eq!(all.len(), 21);
+    for line in &all {
+        let text = line["completion"].as_str().unwrap();
+        let distinct = text.chars().collect::<std::collections::HashSet<_>>().len();
+        let r = line["reward"].as_f64().unwrap();
+        assert!((r - distinct as f64 / 10.0).abs() < 1e-9, "{line}");
+        let by = line["rewards"].as_object().unwrap();
+        assert_eq!(by.len(), 1, "{line}");
+        assert_eq!(by.values().next().unwrap().as_f64(), Some(r), "{line}");
+    }
+    let mut best_flags = flags.to_vec();
+    best_flags.push("--best-of");
+    let best = generate_lines(&gpt2, &prompts, &best_flags);
+    assert_eq!(best.len(), 7);
+    let mut some_not_first = false;
+    for (i, line) in best.iter().enumerate() {
+        let group = &all[3 * i..3 * i + 3];
+        let score = |l: &serde_json::Value| l["reward"].as_f64().unwrap();
+        let top = (1..3).fold(0, |b, j| {
+            if score(&group[j]) > score(&group[b]) {
+                j
+            } else {
+                b
+            }
+        });
+        assert_eq!(line, &group[top], "prompt {i}");
+        some_not_first |= top > 0;
+    }
+    assert!(some_not_first, "every best sample was the first: {all:?}");
+
+    // A best-of file cut after three lines and half a fourth resumes to the whole file.
+    let run = |out: &Path, extra: &[&str]| {
+        let mut a = vec![
+            "generate",
+            "--checkpoint",
+            gpt2.as_str(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ];
+        a.extend(extra);
+        a.iter().map(|x| x.to_string()).collect::<Vec<_>>()
+    };
+    let full = p(d.path(), "best.jsonl");
+    run_ok(&strs(&run(&full, &best_flags)));
+    let text = std::fs::read_to_string(&full).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 7);
+    let cut = p(d.path(), "cut.jsonl");
+    let partial = format!(
+        "{}\n{}",
+        lines[..3].join("\n"),
+        &lines[3][..lines[3].len() / 2]
+    );
+    std::fs::write(&cut, &partial).unwrap();
+    std::fs::copy(
+        p(d.path(), "best.jsonl.settings.json"),
+        p(d.path(), "cut.jsonl.settings.json"),
+    )
+    .unwrap();
+    // Resumed without the reward: refused, the file untouched.
+    let mut unscored = flags[..10].to_vec();
+    unscored.push("--resume");
+    let e = run_err(&strs(&run(&cut, &unscored)));
+    assert!(
+        e.contains("cut.jsonl.settings.json: field") && e.contains("when"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_to_string(&cut).unwrap(), partial);
+    let mut resume = best_flags.clone();
+    resume.push("--resume");
+    let o = run_ok(&strs(&run(&cut, &resume)));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("resumed after 9"));
+    assert_eq!(std::fs::read_to_string(&cut).unwrap(), text);
+
+    let e = run_err(&strs(&run(
+        &p(d.path(), "x.jsonl"),
+        &["--samples", "3", "--best-of"],
+    )));
+    assert!(e.contains("--best-of") && e.contains("--reward"), "{e}");
+    let e = run_err(&strs(&run(
+        &p(d.path(), "y.jsonl"),
+        &["--reward", reward.as_str(), "--best-of"],
+    )));
+    assert!(e.contains("--samples 2 or more"), "{e}");
+    let e = run_err(&strs(&run(&p(d.path(), "z.jsonl"), &["--reward", "task"])));
+    assert!(
+        e.contains("prompts.jsonl:1") && e.contains("\"answer\""),
+        "{e}"
+    );
+}
+
 /// A prompt given as chat messages is rendered with the checkpoint's chat template (its
 /// tokenizer_config.json), or with `--chat-template` when given, and then generates what that
 /// rendering as a plain prompt generates.

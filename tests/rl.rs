@@ -28,7 +28,7 @@ fn chain() -> &'static Chain {
         std::fs::write(
             &cfg,
             format!(
-                "{TINY_TOML}\n[sft]\neval_prompts = 8\n[ppo]\neval_prompts = 4\nrollout_batch = 8\nminibatch_size = 8\nppo_epochs = 1\n[grpo]\neval_prompts = 4\nprompts_per_rollout = 4\ngroup_size = 2\nminibatch_size = 8\nlog_completions = 3\n[online_dpo]\neval_prompts = 4\nlog_completions = 3\n"
+                "{TINY_TOML}\n[sft]\neval_prompts = 8\n[ppo]\neval_prompts = 4\nrollout_batch = 8\nminibatch_size = 8\nppo_epochs = 1\n[grpo]\neval_prompts = 4\nprompts_per_rollout = 4\ngroup_size = 2\nminibatch_size = 8\nlog_completions = 3\n[online_dpo]\neval_prompts = 4\nlog_completions = 4\n"
             ),
         )
         .unwrap();
@@ -556,6 +556,8 @@ fn packed_rl_training_takes_the_padded_steps() {
 /// the KL; at the first step the policy is the reference, so each pair's loss is log 2 and the
 /// KL 0, and the steps move the policy. With a reward that scores every sample alike no pair
 /// is ranked: the loss and the gradient are zero, and the run still ends with its model.
+/// Two accumulated micro-batches take the step of one batch of both; SimPO loads no
+/// reference.
 #[test]
 fn online_dpo_trains_on_the_pairs_its_scores_rank_and_none_where_they_tie() {
     let dir = tmp();
@@ -565,14 +567,18 @@ fn online_dpo_trains_on_the_pairs_its_scores_rank_and_none_where_they_tie() {
             .join(name);
         format!("cmd:python3 {}", script.display())
     };
-    let run = |name: &str, reward: &str| {
+    let run_with = |name: &str, reward: &str, extra: &[&str]| {
         let out = p(dir.path(), name);
-        let mut a = grpo_args(&out, "3", &["--log-every", "1", "--reward", reward]);
+        let mut flags = vec!["--log-every", "1", "--reward", reward];
+        flags.extend(extra);
+        let mut a = grpo_args(&out, "3", &flags);
         a[0] = "online-dpo".into();
         run_ok(&args(&a));
         out
     };
-    let varied = run("varied", &fixture("varied_reward.py"));
+    let run = |name: &str, reward: &str| run_with(name, reward, &[]);
+    let varied_reward = fixture("varied_reward.py");
+    let varied = run("varied", &varied_reward);
     let m = metrics(&varied);
     let ranked = series(&m, "train", "ranked_share");
     assert_eq!(ranked.len(), 3, "{m:?}");
@@ -591,7 +597,52 @@ fn online_dpo_trains_on_the_pairs_its_scores_rank_and_none_where_they_tie() {
     assert!(margin.iter().all(|&(_, x)| x > 0.0), "{margin:?}");
     let grad = series(&m, "train", "grad_norm");
     assert!(grad.iter().all(|&(_, g)| g > 0.0), "{grad:?}");
-    assert_eq!(completions(&varied).len(), 9);
+    // Two pairs a step, each sample beside the one it was ranked against.
+    let logged = completions(&varied);
+    assert_eq!(logged.len(), 12);
+    for pair in logged.chunks(2) {
+        assert_eq!(pair[0]["prompt"], pair[1]["prompt"], "{pair:?}");
+    }
+
+    // A step of two accumulated micro-batches of 2 prompts samples the rows of one batch of
+    // 4 and takes its step: the loss is a mean over all the step's ranked pairs.
+    let whole = run_with("whole", &varied_reward, &["--batch-size", "4"]);
+    let split = run_with(
+        "split",
+        &varied_reward,
+        &["--batch-size", "2", "--grad-accum", "2"],
+    );
+    for key in ["loss", "grad_norm"] {
+        let (a, b) = (
+            series(&metrics(&whole), "train", key),
+            series(&metrics(&split), "train", key),
+        );
+        assert_eq!(a.len(), 3, "{key}: {a:?}");
+        assert!(a.iter().any(|&(_, x)| x != 0.0), "{key}: {a:?}");
+        for ((s, x), (_, y)) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs() + 1e-7,
+                "{key} step {s}: {x} vs {y}"
+            );
+        }
+    }
+
+    // SimPO reads no reference: none is loaded, and no KL is logged.
+    let simpo = p(dir.path(), "simpo.toml");
+    // The chain's config ends inside its [online_dpo] table.
+    let text = std::fs::read_to_string(&chain().config).unwrap();
+    std::fs::write(&simpo, format!("{text}loss_type = \"simpo\"\n")).unwrap();
+    let out = p(dir.path(), "simpo");
+    let mut a = grpo_args(&out, "2", &["--reward", &varied_reward]);
+    a[0] = "online-dpo".into();
+    a[2] = s(&simpo).to_string();
+    let o = run_ok(&args(&a));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("loss simpo") && err.contains("reference: none"),
+        "{err}"
+    );
+    assert!(metrics(&out).iter().all(|r| r.get("kl").is_none()));
 
     let tied = run("tied", &fixture("constant_reward.py"));
     let m = metrics(&tied);

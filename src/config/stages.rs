@@ -414,12 +414,17 @@ pub struct OnlineDpoConfig {
     /// weighted and summed (as `[grpo] rewards`).
     pub rewards: Vec<RewardSpec>,
     pub beta: f64,
-    /// The preference loss, as `[dpo] loss_type` (TRL's online DPO has `sigmoid` and `ipo`);
-    /// `simpo` and `orpo` load no reference.
+    /// The preference loss, as `[dpo] loss_type`, the same maths: TRL's online DPO has
+    /// `sigmoid` and `ipo`, and its `ipo` sums log-probabilities where the dpo stage's (as
+    /// TRL's offline one) averages them per token; `simpo` and `orpo` load no reference.
     pub loss_type: DpoLoss,
     /// Weight of the chosen samples' per-token negative log-likelihood (RPO), as `[dpo]
-    /// rpo_alpha`; 0, as TRL's online DPO has none.
+    /// rpo_alpha`; 0, as TRL's online DPO has none (ORPO as published wants 1).
     pub rpo_alpha: f64,
+    /// As `[dpo] label_smoothing` (`sigmoid` and `robust` only).
+    pub label_smoothing: f64,
+    /// As `[dpo] simpo_gamma`.
+    pub simpo_gamma: f64,
     pub temperature: f64,
     pub top_k: usize,
     pub top_p: f64,
@@ -441,14 +446,17 @@ impl OnlineDpoConfig {
             beta: self.beta,
             rpo_alpha: self.rpo_alpha,
             loss_type: self.loss_type,
+            label_smoothing: self.label_smoothing,
+            simpo_gamma: self.simpo_gamma,
             ..DpoConfig::default()
         }
     }
 
     pub fn validate(&self) -> Result<()> {
-        if !positive(self.beta) {
-            bail!("online_dpo.beta must be positive, got {}", self.beta);
-        }
+        // The loss's own checks, under this table's name.
+        self.loss()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{}", e.to_string().replace("dpo.", "online_dpo.")))?;
         if !positive(self.temperature) {
             bail!(
                 "online_dpo.temperature must be positive, got {}",
@@ -478,6 +486,8 @@ impl Default for OnlineDpoConfig {
             beta: 0.1,
             loss_type: DpoLoss::Sigmoid,
             rpo_alpha: 0.0,
+            label_smoothing: 0.0,
+            simpo_gamma: 0.5,
             temperature: 0.9,
             top_k: 0,
             top_p: 1.0,
@@ -766,6 +776,14 @@ mod tests {
         bad(|c| c.top_p = 0.0, "top_p");
         bad(|c| c.rpo_alpha = -1.0, "rpo_alpha");
         bad(|c| c.max_new_tokens = 0, "max_new_tokens");
+        bad(|c| c.label_smoothing = 0.6, "label_smoothing");
+        bad(
+            |c| {
+                c.loss_type = DpoLoss::Ipo;
+                c.label_smoothing = 0.1
+            },
+            "label_smoothing",
+        );
     }
 
     #[test]

@@ -123,8 +123,9 @@ pub fn render_chat_prompt(messages: &[(String, String)]) -> String {
 }
 
 /// Reads an SFT dataset: one record per line, either `{"prompt": P, "response": R}` (the
-/// prompt used verbatim, no template) or `{"messages": [{"role", "content"}, ...]}` rendered
-/// with the built-in chat template.
+/// prompt used verbatim, no template; `"completion"` for `"response"`, TRL's prompt-completion
+/// format, as `temper generate` writes it) or `{"messages": [{"role", "content"}, ...]}`
+/// rendered with the built-in chat template.
 pub fn load_sft(path: &Path) -> Result<Vec<SftExample>> {
     load_sft_templated(path, None)
 }
@@ -146,7 +147,17 @@ fn sft_example(
     obj: &Map<String, Value>,
     template: Option<&ChatTemplate>,
 ) -> Result<SftExample> {
-    let plain = obj.contains_key("prompt") || obj.contains_key("response");
+    let reply = match (obj.contains_key("response"), obj.contains_key("completion")) {
+        (true, true) => {
+            return Err(at.field(
+                "completion",
+                "give either \"response\" or \"completion\", not both",
+            ))
+        }
+        (false, true) => "completion",
+        _ => "response",
+    };
+    let plain = obj.contains_key("prompt") || obj.contains_key(reply);
     match (obj.get("messages"), plain) {
         (Some(_), true) => Err(at.field(
             "messages",
@@ -162,7 +173,7 @@ fn sft_example(
         )),
         (None, true) => {
             let prompt = at.non_empty_str(obj, "prompt")?;
-            let response = at.non_empty_str(obj, "response")?;
+            let response = at.non_empty_str(obj, reply)?;
             Ok(SftExample::prompt_response(
                 prompt,
                 response,
@@ -610,10 +621,15 @@ mod tests {
                 " {\"role\": \"assistant\", \"content\": \"Hello!\"},",
                 " {\"role\": \"user\", \"content\": \"Bye\"},",
                 " {\"role\": \"assistant\", \"content\": \"Bye!\", \"name\": \"x\"}]}\n",
+                "{\"prompt\": \"Q: 1+1\\nA: \", \"completion\": \"2\", \"reward\": 1.0}\n",
             ),
         );
         let xs = load_sft(&p).unwrap();
-        assert_eq!(xs.len(), 2);
+        assert_eq!(xs.len(), 3);
+        assert_eq!(
+            xs[2].segments,
+            vec![seg("Q: 1+1\nA: ", false), seg("2", true)]
+        );
         assert_eq!(
             xs[0].segments,
             vec![seg("Q: 2+3\nA: ", false), seg("5", true)]
@@ -698,6 +714,14 @@ mod tests {
                 "f.jsonl:1: field \"response\": expected a string, got a number",
             ),
             (r#"{"text": "x"}"#, "f.jsonl:1: field \"prompt\": missing"),
+            (
+                r#"{"prompt": "x", "completion": ""}"#,
+                "f.jsonl:1: field \"completion\": empty",
+            ),
+            (
+                r#"{"prompt": "x", "response": "y", "completion": "z"}"#,
+                "f.jsonl:1: field \"completion\": give either \"response\" or \"completion\"",
+            ),
             (
                 r#"{"prompt": "x", "messages": []}"#,
                 "f.jsonl:1: field \"messages\": give either",

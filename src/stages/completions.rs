@@ -48,6 +48,11 @@ impl CompletionLog {
         Ok(self.file.as_mut().expect("just opened"))
     }
 
+    /// Rows logged per rollout (0: none).
+    pub fn per_rollout(&self) -> usize {
+        self.per_rollout
+    }
+
     /// Logs up to `per_rollout` rows of rollout `ro` (spread evenly over it), sampled for
     /// optimizer step `step` (1-based, as `metrics.jsonl` counts). `kl` is each row's summed
     /// per-token KL.
@@ -59,13 +64,25 @@ impl CompletionLog {
         kl: Option<&[f64]>,
     ) -> Result<()> {
         let n = records.len();
-        if self.per_rollout == 0 || n == 0 {
+        let k = self.per_rollout.min(n);
+        let rows: Vec<usize> = (0..k).map(|j| j * n / k).collect();
+        self.write_rows(step, records, ro, kl, &rows)
+    }
+
+    /// [`CompletionLog::write`] of the chosen `rows` (nothing where `per_rollout` is 0).
+    pub fn write_rows(
+        &mut self,
+        step: usize,
+        records: &[PromptRecord],
+        ro: &Rollout,
+        kl: Option<&[f64]>,
+        rows: &[usize],
+    ) -> Result<()> {
+        if self.per_rollout == 0 || rows.is_empty() {
             return Ok(());
         }
-        let k = self.per_rollout.min(n);
         let mut text = String::new();
-        for j in 0..k {
-            let i = j * n / k;
+        for &i in rows {
             let by_source: Map<String, Value> = ro
                 .scores_by_source
                 .iter()

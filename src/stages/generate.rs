@@ -8,6 +8,11 @@
 //! depend on the batch size, nor on the `--shard` (a contiguous part of the prompts, one
 //! process per GPU) that samples it: rows keep their numbers in the whole file.
 //!
+//! `--reward` scores every completion as the RL stages score a rollout (the checker, reward
+//! models, programs, endpoints) and writes the weighted sum and each source's score into its
+//! line; with `--best-of`, only each prompt's best-scored sample is written (best-of-N, the
+//! rejection sampling OpenRLHF's and RAFT's loops fine-tune on: the file is SFT data as it is).
+//!
 //! An output file gets a settings file beside it (`FILE.settings.json`: checkpoint, seed,
 //! samples, sampling parameters). `--resume` checks it, and checks every complete line of the
 //! file against the row it stands for, before it drops a last line cut short and writes on: the
@@ -22,7 +27,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 
+use super::rewards::{Batch, RewardFn};
 use super::setup::encode_prompts;
+use crate::config::RewardSpec;
 use crate::data::records::PromptRecord;
 use crate::data::tokenizer::Tokenizer;
 use crate::generate::{generate, RowKeys, SampleCfg};
@@ -42,6 +49,10 @@ pub struct Job<'a> {
     pub batch_rows: usize,
     /// The part of the prompts this process samples (`--shard K/N`; `0/1`: all).
     pub shard: Shard,
+    /// What scores each completion (`--reward`; none: no scores).
+    pub rewards: &'a [RewardSpec],
+    /// Write only each prompt's best-scored sample (`--best-of`).
+    pub best_of: bool,
 }
 
 /// Part `index` of `count` (`--shard K/N`): a contiguous share of the prompts, so that the
@@ -80,8 +91,17 @@ impl std::fmt::Display for Shard {
 }
 
 impl Job<'_> {
+    /// Lines of output per prompt: one under `best_of`, else one per sample.
+    fn lines_per_prompt(&self) -> usize {
+        match self.best_of {
+            true => 1,
+            false => self.samples,
+        }
+    }
+
     /// What decides the completions (the batch size does not): kept beside an output file
-    /// and checked when it is resumed.
+    /// and checked when it is resumed. The scoring is named only where there is one, so a
+    /// file written without it resumes as it did before scoring existed.
     pub fn settings(&self, checkpoint: &Path) -> Map<String, Value> {
         let checkpoint = checkpoint
             .canonicalize()
@@ -98,10 +118,17 @@ impl Job<'_> {
             "stop": c.stop,
             "shard": self.shard.to_string(),
         });
-        match v {
-            Value::Object(m) => m,
-            _ => unreachable!("a JSON object literal"),
+        let Value::Object(mut m) = v else {
+            unreachable!("a JSON object literal")
+        };
+        if !self.rewards.is_empty() {
+            let specs: Vec<String> = self.rewards.iter().map(ToString::to_string).collect();
+            m.insert("rewards".into(), specs.into());
         }
+        if self.best_of {
+            m.insert("best_of".into(), true.into());
+        }
+        m
     }
 }
 
@@ -162,14 +189,15 @@ impl Sink {
         })
     }
 
-    /// Rows already written (0 for standard output or a fresh file), after checking that the
-    /// file was begun with these `settings` and that each complete line is the completion of
-    /// the row it stands for. A last line cut short by an interruption is then removed. A
-    /// fresh file gets its settings file.
+    /// Rows already generated (0 for standard output or a fresh file), after checking that
+    /// the file was begun with these `settings` and that each complete line is the completion
+    /// of the row it stands for (with `per_line = samples`, best-of: of one of its prompt's
+    /// samples). A last line cut short by an interruption is then removed. A fresh file gets
+    /// its settings file.
     fn resume_point(
         &mut self,
         requests: &[PromptRecord],
-        samples: usize,
+        (samples, per_prompt): (usize, usize),
         settings: &Map<String, Value>,
     ) -> Result<usize> {
         let Sink::File { path, file, resume } = self else {
@@ -192,7 +220,7 @@ impl Sink {
                 e.valid_up_to()
             )
         })?;
-        let mut rows = 0;
+        let mut lines = 0;
         for (i, line) in text.lines().enumerate() {
             let at = format!("{}:{}", path.display(), i + 1);
             let v: Value = serde_json::from_str(line)
@@ -202,26 +230,28 @@ impl Sink {
                     bail!("{at}: field {field}: missing (not a completion line)");
                 }
             }
-            let Some(req) = requests.get(rows / samples) else {
+            let Some(req) = requests.get(lines / per_prompt) else {
                 bail!(
-                    "{at}: more completions than the {} prompts × {samples} samples",
+                    "{at}: more completions than the {} prompts × {per_prompt} lines",
                     requests.len()
                 );
             };
             if v.get("prompt") != req.fields.get("prompt") {
-                bail!("{at}: field prompt: not the prompt of row {rows} (resume with the same prompts)");
+                bail!("{at}: field prompt: not the prompt of line {lines} (resume with the same prompts)");
             }
             if samples > 1 {
                 let sample = v.get("sample").and_then(Value::as_u64);
-                if sample != Some((rows % samples) as u64) {
-                    bail!(
-                        "{at}: field sample: {sample:?}, expected {}",
-                        rows % samples
-                    );
+                let fits = match per_prompt {
+                    1 => sample.is_some_and(|s| s < samples as u64),
+                    _ => sample == Some((lines % samples) as u64),
+                };
+                if !fits {
+                    bail!("{at}: field sample: {sample:?}, not the sample of line {lines}");
                 }
             }
-            rows += 1;
+            lines += 1;
         }
+        let rows = lines / per_prompt * samples + lines % per_prompt;
         if complete < bytes.len() {
             file.set_len(complete as u64).with_context(|| {
                 format!("{}: cannot drop its cut-short last line", path.display())
@@ -259,15 +289,19 @@ fn check_settings(meta: &Path, out: &Path, now: &Map<String, Value>) -> Result<(
     })?;
     let then: Map<String, Value> = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{}:{}: {e}", meta.display(), e.line()))?;
-    for (field, value) in now {
-        if then.get(field) != Some(value) {
-            let was = then
-                .get(field)
-                .map_or("nothing".to_string(), Value::to_string);
+    let fields = now
+        .keys()
+        .chain(then.keys().filter(|k| !now.contains_key(*k)));
+    for field in fields {
+        let (was, is) = (then.get(field), now.get(field));
+        if was != is {
+            let say = |v: Option<&Value>| v.map_or("nothing".to_string(), Value::to_string);
             bail!(
-                "{}: field {field}: {was} when {} was begun, {value} now (resume with the same settings)",
+                "{}: field {field}: {} when {} was begun, {} now (resume with the same settings)",
                 meta.display(),
-                out.display()
+                say(was),
+                out.display(),
+                say(is)
             );
         }
     }
@@ -283,6 +317,29 @@ pub struct Summary {
     pub rows: usize,
     pub new_tokens: usize,
     pub seconds: f64,
+    /// The rewards of the completions written by this call, and how many.
+    pub reward_sum: f64,
+    pub scored: usize,
+}
+
+impl Summary {
+    /// The mean reward of the completions this call wrote, where they were scored.
+    pub fn mean_reward(&self) -> Option<f64> {
+        (self.scored > 0).then(|| self.reward_sum / self.scored as f64)
+    }
+}
+
+/// The row, within a batch of whole prompts' `samples` rows each, of each prompt's
+/// best-scored sample: the first of equals.
+fn best_of(scores: &[f64], samples: usize) -> Vec<usize> {
+    scores
+        .chunks(samples)
+        .enumerate()
+        .map(|(p, s)| {
+            let best = (1..s.len()).fold(0, |b, j| if s[j] > s[b] { j } else { b });
+            p * samples + best
+        })
+        .collect()
 }
 
 /// The prompts given on the command line, as records `{"prompt": text}`.
@@ -302,16 +359,20 @@ pub fn inline_prompts(texts: &[String]) -> Vec<PromptRecord> {
         .collect()
 }
 
-/// Samples `job.samples` completions for every request of `job.shard`'s part into `sink`: one line per row, the
-/// request's fields (its `prompt` as given) with `completion`, `finish_reason` (`stop`: EOS
-/// or a stop string; `length`: `max_new_tokens` ran out) and, for more than one sample,
-/// `sample`.
+/// Samples `job.samples` completions for every request of `job.shard`'s part into `sink`:
+/// one line per row, the request's fields (its `prompt` as given) with `completion`,
+/// `finish_reason` (`stop`: EOS or a stop string; `length`: `max_new_tokens` ran out) and,
+/// for more than one sample, `sample`; scored by `rewards` (loaded from `job.rewards`), with
+/// `reward` (the weighted sum) and `rewards` (each source's score), and under `job.best_of`
+/// only each prompt's best-scored sample (the first of equals).
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     net: &Transformer,
     ctx: Ctx,
     tok: &Tokenizer,
     requests: &[PromptRecord],
     job: &Job,
+    mut rewards: Option<&mut RewardFn>,
     settings: &Map<String, Value>,
     sink: &mut Sink,
 ) -> Result<Summary> {
@@ -321,6 +382,9 @@ pub fn run(
     if job.samples == 0 || job.batch_rows == 0 {
         bail!("generate: --samples and --batch-size must be at least 1");
     }
+    if job.best_of && (rewards.is_none() || job.samples < 2) {
+        bail!("generate: --best-of keeps each prompt's best-scored sample: it needs --reward and --samples 2 or more");
+    }
     // This process's part of the prompts; its rows keep their numbers in the whole file.
     let part = job.shard.range(requests.len());
     let first_row = part.start * job.samples;
@@ -328,7 +392,7 @@ pub fn run(
     let context = net.cfg.max_position_embeddings;
     let encoded = encode_prompts(tok, requests, job.cfg.max_new_tokens, context)?;
     let total = requests.len() * job.samples;
-    let resumed = sink.resume_point(requests, job.samples, settings)?;
+    let resumed = sink.resume_point(requests, (job.samples, job.lines_per_prompt()), settings)?;
     let batch_rows = (job.batch_rows - job.batch_rows % job.samples).max(job.samples);
     let mut summary = Summary {
         resumed,
@@ -349,14 +413,44 @@ pub fn run(
             rows: ((first_row + row) as u64..(first_row + end) as u64).collect(),
         };
         let g = generate(net, ctx, tok, &ids, job.cfg, &keys)?;
+        let scores = match rewards.as_deref_mut() {
+            Some(rw) => {
+                let records: Vec<PromptRecord> = (row..end)
+                    .map(|r| requests[r / job.samples].clone())
+                    .collect();
+                let batch = Batch {
+                    records: &records,
+                    seqs: &g.sequences(&ids),
+                    texts: &g.texts,
+                };
+                Some(rw.score(&batch, tok.pad_id(), ctx)?)
+            }
+            None => None,
+        };
+        let kept: Vec<usize> = match (&scores, job.best_of) {
+            (Some(s), true) => best_of(&s.total, job.samples),
+            _ => (0..end - row).collect(),
+        };
         let mut lines = String::new();
-        for (i, r) in (row..end).enumerate() {
+        for i in kept {
+            let r = row + i;
             let mut v = requests[r / job.samples].fields.clone();
             v.insert("completion".into(), g.texts[i].clone().into());
             let reason = if g.finished[i] { "stop" } else { "length" };
             v.insert("finish_reason".into(), reason.into());
             if job.samples > 1 {
                 v.insert("sample".into(), (r % job.samples).into());
+            }
+            if let Some(s) = &scores {
+                v.insert("reward".into(), s.total[i].into());
+                let by_source: Map<String, Value> = s
+                    .by_source
+                    .iter()
+                    .map(|(name, x)| (name.clone(), x[i].into()))
+                    .collect();
+                v.insert("rewards".into(), Value::Object(by_source));
+                summary.reward_sum += s.total[i];
+                summary.scored += 1;
             }
             lines.push_str(&Value::Object(v).to_string());
             lines.push('\n');
@@ -367,7 +461,11 @@ pub fn run(
         summary.seconds = start.elapsed().as_secs_f64();
         if let Some(p) = &progress {
             let rate = summary.new_tokens as f64 / summary.seconds.max(1e-9);
-            p.update(end, &format!("{rate:.0} tokens/s"));
+            let mut line = format!("{rate:.0} tokens/s");
+            if let Some(mean) = summary.mean_reward() {
+                line.push_str(&format!(", mean reward {mean:.4}"));
+            }
+            p.update(end, &line);
         }
         row = end;
     }

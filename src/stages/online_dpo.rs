@@ -1,9 +1,11 @@
 //! Online DPO (TRL's `OnlineDPOTrainer`, after Guo et al.'s online AI feedback): every
-//! micro-batch samples two completions of each of its prompts from the current policy, scores
-//! both (the task's checker, reward models, processes or endpoints, as GRPO), and trains on
-//! the pairs the scores rank, with DPO's loss against the frozen reference
+//! optimizer step samples two completions of each of its prompts from the current policy,
+//! scores both (the task's checker, reward models, processes or endpoints, as GRPO), and
+//! trains on the pairs the scores rank, with DPO's loss against the frozen reference
 //! ([`super::dpo::preference_loss`]). Both completions are the policy's own, so its
-//! preference data moves with it, which offline DPO's fixed pairs do not.
+//! preference data moves with it, which offline DPO's fixed pairs do not. A step samples all
+//! its micro-batches before it trains on the first, so that its loss is a mean over all its
+//! ranked pairs, however ranks and micro-batches share them.
 //!
 //! A prompt whose two scores tie trains nothing. TRL keeps such a pair, the first sample
 //! chosen; under a reward model's continuous scores that is rare, but under a checker scoring
@@ -11,6 +13,7 @@
 //! bad) answers down at random.
 
 use std::cmp::Ordering;
+use std::collections::VecDeque;
 
 use anyhow::Result;
 use candle_core::Tensor;
@@ -63,25 +66,27 @@ fn penalised(scores: &[f64], finished: &[bool], penalty: Option<f64>) -> Vec<f64
         .collect()
 }
 
-/// One micro-batch's samples: its prompt records (each twice, back to back), their rollout, and
-/// what collecting it logs.
+/// One micro-batch's samples, scored and ranked: their rollout (two rows per prompt, back to
+/// back), the scores the pairs were ranked by, the ranked pairs, and what collecting it logs.
 struct Drawn {
-    records: Vec<PromptRecord>,
     ro: Rollout,
+    scores: Vec<f64>,
+    ranked: Vec<(usize, usize)>,
     stats: Vec<(&'static str, f64)>,
 }
 
 /// The policy's forward over a rollout's pairs: each side's log-probabilities summed over its
-/// tokens (the policy's with gradients), its token counts, and the samples' KL to the reference.
+/// tokens (the policy's with gradients), its token counts, and the samples' KL to the
+/// reference.
 struct PairForward {
     /// `[n]` each: the chosen samples', then the rejected ones'.
     logps: (Tensor, Tensor),
     reference: Option<(Tensor, Tensor)>,
     lengths: (Tensor, Tensor),
-    /// GRPO's KL (k3 summed over each sample's tokens) over the samples forwarded, which the
-    /// policy sampled and has not moved from since; 0 without a reference.
+    /// The k3 estimate of the KL to the reference, summed over the samples' tokens: at
+    /// temperature 1, of samples drawn at the sampling temperature (so biased where that is
+    /// not 1), which the policy has not moved from since; 0 without a reference.
     kl_sum: f64,
-    rows: usize,
     /// Their prompt and completion tokens, padding not counted.
     tokens_seen: usize,
 }
@@ -121,7 +126,6 @@ impl PairForward {
             reference,
             lengths: halves(&mask.sum(1)?)?,
             kl_sum,
-            rows: idx.len(),
             tokens_seen: ro.tokens(&idx),
         })
     }
@@ -134,10 +138,6 @@ impl PairForward {
         self.reference.as_ref().map(pairwise)
     }
 
-    fn has_reference(&self) -> bool {
-        self.reference.is_some()
-    }
-
     fn lengths(&self) -> Pairwise<'_> {
         pairwise(&self.lengths)
     }
@@ -145,6 +145,20 @@ impl PairForward {
 
 fn pairwise((chosen, rejected): &(Tensor, Tensor)) -> Pairwise<'_> {
     Pairwise { chosen, rejected }
+}
+
+/// The rows `completions.jsonl` shows of a rollout of `n` rows in pairs: up to `k` rows, whole
+/// pairs spread evenly over it, so that each logged sample sits beside the one it was ranked
+/// against.
+fn logged_pairs(n: usize, k: usize) -> Vec<usize> {
+    let (pairs, shown) = (n / 2, (k / 2).max(1));
+    let shown = shown.min(pairs);
+    (0..shown)
+        .flat_map(|j| {
+            let i = j * pairs / shown;
+            [2 * i, 2 * i + 1]
+        })
+        .collect()
 }
 
 struct OnlineDpoTask<'a> {
@@ -155,11 +169,13 @@ struct OnlineDpoTask<'a> {
     prompts: Vec<PromptRecord>,
     eval_prompts: Vec<PromptRecord>,
     sampler: WindowSampler,
-    /// The step the last micro-batch belonged to, and how many it has had: each micro-batch
-    /// samples from its own seed.
-    step: usize,
-    micro: usize,
-    /// The last micro-batch's KL to the reference; None without one (SimPO, ORPO).
+    /// The step's micro-batches not yet trained on: a step samples all of them first, so that
+    /// its loss is a mean over all its ranked pairs.
+    pending: VecDeque<Drawn>,
+    /// The ranks' mean count of the step's ranked pairs, and of their chosen samples' tokens.
+    step_norm: (f64, f64),
+    /// The KL of the last micro-batch with a ranked pair; None without a reference (SimPO,
+    /// ORPO).
     last_kl: Option<f64>,
     clock: RolloutClock,
 }
@@ -169,13 +185,32 @@ impl OnlineDpoTask<'_> {
         &self.env.cfg.online_dpo
     }
 
-    /// Two samples of each of this rank's prompts of the next micro-batch, scored.
-    fn collect(&mut self, step: usize) -> Result<Drawn> {
-        if step != self.step {
-            (self.step, self.micro) = (step, 0);
+    /// Samples, scores and ranks every micro-batch of optimizer step `step`, and counts its
+    /// ranked pairs over the ranks.
+    fn draw_step(&mut self, step: usize) -> Result<()> {
+        let accum = self.env.cfg.train.grad_accum;
+        let (mut pairs, mut chosen_tokens) = (0.0, 0.0);
+        for micro in 0..accum {
+            let d = self.draw(step, micro)?;
+            pairs += d.ranked.len() as f64;
+            chosen_tokens += d
+                .ranked
+                .iter()
+                .map(|&(c, _)| d.ro.lengths[c])
+                .sum::<usize>() as f64;
+            self.pending.push_back(d);
         }
-        let draw = step * self.env.cfg.train.grad_accum + self.micro;
-        self.micro += 1;
+        let mut mean = [pairs as f32, chosen_tokens as f32];
+        if self.env.comm.world() > 1 {
+            self.env.comm.all_reduce_mean(&mut mean)?;
+        }
+        self.step_norm = (f64::from(mean[0]), f64::from(mean[1]));
+        Ok(())
+    }
+
+    /// Two samples of each of this rank's prompts of micro-batch `micro` of step `step`,
+    /// scored and ranked.
+    fn draw(&mut self, step: usize, micro: usize) -> Result<Drawn> {
         let comm = self.env.comm.as_ref();
         let mut records = Vec::new();
         for i in self
@@ -185,7 +220,7 @@ impl OnlineDpoTask<'_> {
             // Back to back, so the engine prefills each prompt once for both samples.
             records.extend(std::iter::repeat_n(self.prompts[i].clone(), 2));
         }
-        let c = self.cfg();
+        let c = self.cfg().clone();
         let cfg = SampleCfg {
             max_new_tokens: c.max_new_tokens,
             temperature: c.temperature,
@@ -193,11 +228,14 @@ impl OnlineDpoTask<'_> {
             top_p: c.top_p,
             ..Default::default()
         };
-        // Rows are numbered in the global micro-batch, so a row samples the same tokens on any
-        // number of ranks, and a resumed run draws what the uninterrupted one did.
+        // Rows are numbered in the step's global batch, micro-batch by micro-batch and rank by
+        // rank, as the sampler hands out its prompts: a row samples the same tokens however
+        // the step is split between ranks and micro-batches, and a resumed run draws what the
+        // uninterrupted one did.
+        let first = (micro * comm.world() + comm.rank()) * records.len();
         let keys = RowKeys::range(
-            rollout_seed(self.env.cfg.train.seed, draw),
-            (comm.rank() * records.len()) as u64,
+            rollout_seed(self.env.cfg.train.seed, step),
+            first as u64,
             records.len(),
         );
         let (ro, times) = self
@@ -205,7 +243,24 @@ impl OnlineDpoTask<'_> {
             .collect(self.env.ctx(true, None), &records, &cfg, &keys)?;
         let mut stats = rollout_stats(&ro, None);
         stats.extend(self.clock.metrics(&times));
-        Ok(Drawn { records, ro, stats })
+        let scores = penalised(&ro.scores, &ro.finished, c.missing_eos_penalty);
+        let ranked = ranked_pairs(&scores);
+        stats.push((
+            "ranked_share",
+            ranked.len() as f64 / (records.len() / 2).max(1) as f64,
+        ));
+        if micro == 0 {
+            let shown = logged_pairs(records.len(), self.actors.completions.per_rollout());
+            self.actors
+                .completions
+                .write_rows(step + 1, &records, &ro, None, &shown)?;
+        }
+        Ok(Drawn {
+            ro,
+            scores,
+            ranked,
+            stats,
+        })
     }
 }
 
@@ -213,14 +268,19 @@ impl Task for OnlineDpoTask<'_> {
     type Eval = PolicyEval;
 
     fn micro_batch(&mut self, step: usize) -> Result<StepOut> {
+        if self.pending.is_empty() {
+            self.draw_step(step)?;
+        }
         let Drawn {
-            records,
             ro,
+            scores,
+            ranked,
             stats: mut metrics,
-        } = self.collect(step)?;
+        } = self
+            .pending
+            .pop_front()
+            .expect("draw_step drew grad_accum >= 1");
         let c = self.cfg().clone();
-        let scores = penalised(&ro.scores, &ro.finished, c.missing_eos_penalty);
-        let ranked = ranked_pairs(&scores);
         // A rank whose prompts all tied still runs a forward, over its first pair with weight
         // 0, so that its backward (and the all-reduce after it) sees every parameter.
         let pairs = match ranked.is_empty() {
@@ -236,64 +296,56 @@ impl Task for OnlineDpoTask<'_> {
             &pairs,
         )?;
         let (loss, acc) = preference_loss(&self.loss, f.policy(), f.reference(), f.lengths())?;
-        // The loss is a mean over the global micro-batch's ranked pairs, however the ranks
-        // share them: each rank weighs its mean by its share of the pairs, and the RPO term
-        // divides by the ranks' mean count of chosen tokens. The metrics are the global
-        // batch's too, from one all-reduce of this rank's sums, so every rank logs the same
-        // numbers under the same names.
+        // The step's loss is a mean over all its ranked pairs, however the ranks and the
+        // micro-batches share them: this micro-batch's mean, weighed by its share of them
+        // (the loop divides by grad_accum and averages over the ranks), and the RPO term over
+        // the step's chosen tokens.
+        let accum = self.env.cfg.train.grad_accum as f64;
         let k = ranked.len() as f64;
-        let (lc, lr) = match ranked.is_empty() {
-            true => (0.0, 0.0),
-            false => (
-                scalar(&f.logps.0.sum_all()?)?,
-                scalar(&f.logps.1.sum_all()?)?,
-            ),
+        let (step_pairs, step_tokens) = self.step_norm;
+        let share = match step_pairs > 0.0 {
+            true => k * accum / step_pairs,
+            false => 0.0,
         };
-        let margin: f64 = ranked.iter().map(|&(a, b)| scores[a] - scores[b]).sum();
+        let weighted = (&loss * share)?;
+        let objective = match ranked.is_empty() {
+            true => weighted,
+            false => with_chosen_nll(&weighted, &f.logps.0, step_tokens / accum, c.rpo_alpha)?,
+        };
+        // The metrics are the micro-batch's global ones, from one all-reduce of this rank's
+        // sums, so every rank logs the same names and numbers; a rank without a ranked pair
+        // adds nothing.
+        let on = |x: f64| if ranked.is_empty() { 0.0 } else { x };
         let mine = [
             k,
-            scalar(&f.lengths.0.sum_all()?)?,
-            f.kl_sum,
-            f.rows as f64,
             k * scalar(&loss)?,
             k * acc,
-            lc,
-            lr,
-            margin,
+            on(scalar(&f.logps.0.sum_all()?)?),
+            on(scalar(&f.logps.1.sum_all()?)?),
+            ranked.iter().map(|&(a, b)| scores[a] - scores[b]).sum(),
+            on(f.kl_sum),
+            2.0 * k,
         ];
         let mut global: Vec<f32> = mine.iter().map(|&x| x as f32).collect();
         if self.env.comm.world() > 1 {
             self.env.comm.all_reduce_mean(&mut global)?;
         }
         let g = |i: usize| f64::from(global[i]);
-        let share = match g(0) > 0.0 {
-            true => k / g(0),
-            false => 0.0,
-        };
-        let weighted = (&loss * share)?;
-        let objective = match ranked.is_empty() {
-            true => weighted,
-            false => with_chosen_nll(&weighted, &f.logps.0, g(1), c.rpo_alpha)?,
-        };
-        metrics.push(("ranked_share", k / (records.len() / 2).max(1) as f64));
         if g(0) > 0.0 {
             let per_pair = |i: usize| g(i) / g(0);
             metrics.extend([
-                ("dpo_loss", per_pair(4)),
-                ("reward_accuracy", per_pair(5)),
-                ("logps_chosen", per_pair(6)),
-                ("logps_rejected", per_pair(7)),
-                ("score_margin", per_pair(8)),
+                ("dpo_loss", per_pair(1)),
+                ("reward_accuracy", per_pair(2)),
+                ("logps_chosen", per_pair(3)),
+                ("logps_rejected", per_pair(4)),
+                ("score_margin", per_pair(5)),
             ]);
+            if f.reference.is_some() {
+                let kl = g(6) / g(7);
+                self.last_kl = Some(kl);
+                metrics.push(("kl", kl));
+            }
         }
-        if f.has_reference() {
-            let kl = g(2) / g(3);
-            self.last_kl = Some(kl);
-            metrics.push(("kl", kl));
-        }
-        self.actors
-            .completions
-            .write(step + 1, &records, &ro, None)?;
         Ok(StepOut {
             loss: objective,
             tokens: f.tokens_seen,
@@ -310,11 +362,16 @@ impl Task for OnlineDpoTask<'_> {
         )
     }
 
+    fn resumable_here(&self) -> bool {
+        self.pending.is_empty()
+    }
+
     fn state(&self) -> serde_json::Value {
         self.sampler.state()
     }
 
     fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
+        self.pending.clear();
         self.sampler.restore(s)
     }
 }
@@ -367,8 +424,8 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         sampler: WindowSampler::new(prompts.len(), cfg.train.seed),
         prompts,
         eval_prompts,
-        step: 0,
-        micro: 0,
+        pending: VecDeque::new(),
+        step_norm: (0.0, 0.0),
         // KL is 0 before the first update; without a reference there is none to report.
         last_kl: with_reference.then_some(0.0),
         clock: RolloutClock::default(),
@@ -393,6 +450,15 @@ mod tests {
         let scores = [1.0, 0.0, 0.0, 0.0, 0.2, 0.7, 1.0, 1.0, -1.0, -3.0];
         assert_eq!(ranked_pairs(&scores), [(0, 1), (5, 4), (8, 9)]);
         assert!(ranked_pairs(&[f64::NAN, 1.0]).is_empty());
+    }
+
+    #[test]
+    fn the_completion_log_shows_whole_pairs_spread_over_the_rollout() {
+        assert_eq!(logged_pairs(16, 4), [0, 1, 8, 9]);
+        assert_eq!(logged_pairs(16, 5), [0, 1, 8, 9]);
+        assert_eq!(logged_pairs(4, 8), [0, 1, 2, 3]);
+        assert_eq!(logged_pairs(8, 1), [0, 1]);
+        assert!(logged_pairs(0, 4).is_empty());
     }
 
     #[test]

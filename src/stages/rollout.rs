@@ -1,8 +1,9 @@
-//! What PPO and GRPO share: sampling responses from the policy, scoring them
+//! What PPO, GRPO and online DPO share: sampling responses from the policy, scoring them
 //! ([`super::rewards`]), and the per-token log-probabilities of the policy and the reference
-//! on the response tokens. Log-probabilities (and entropy) are those of the distribution the
-//! tokens were sampled from, the softmax of logits divided by the sampling temperature, as
-//! TRL and OpenRLHF compute them.
+//! on the response tokens. For the policy-gradient stages, log-probabilities (and entropy)
+//! are those of the distribution the tokens were sampled from, the softmax of logits divided
+//! by the sampling temperature, as TRL and OpenRLHF compute them; online DPO's are at
+//! temperature 1 ([`Objective`]).
 //!
 //! Layout: prompts are left-padded to `L` columns and responses right-padded to `R`, so every
 //! response starts at column `L`; the logits at column `L - 1 + t` predict response token `t`.
@@ -143,8 +144,8 @@ pub struct Actors {
 
 impl Actors {
     /// Steps 1 and 2 of an iteration: samples a response to each record under `cfg` (record
-    /// `i` from the stream of `keys.rows[i]`), scores it, and takes the policy's and
-    /// reference's log-probabilities. Returns the rollout and where its time went.
+    /// `i` from the stream of `keys.rows[i]`), scores it, and takes the log-probabilities
+    /// `self.objective` needs. Returns the rollout and where its time went.
     pub fn collect(
         &mut self,
         ctx: Ctx,
