@@ -202,6 +202,7 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         rewards: &a.rewards,
         best_of: a.best_of,
     };
+    job.check()?;
     let mut rewards = match a.rewards.is_empty() {
         true => None,
         false => {
@@ -228,8 +229,11 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         &settings,
         &mut sink,
     )?;
+    // Under --best-of a line stands for each prompt's samples.
+    let per_line = a.samples / job.lines_per_prompt();
     if s.resumed > 0 {
-        eprintln!("resumed after {} completions already written", s.resumed);
+        let lines = s.resumed / per_line;
+        eprintln!("resumed after {lines} completions already written");
     }
     eprintln!(
         "generated {} completions, {} tokens in {:.2}s ({:.1} tokens/s)",
@@ -239,9 +243,12 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         s.new_tokens as f64 / s.seconds.max(1e-9)
     );
     if let Some(mean) = s.mean_reward() {
-        let what = if a.best_of { "best-of-N" } else { "written" };
+        let what = match a.best_of {
+            true => format!(", the best of each prompt's {}", a.samples),
+            false => String::new(),
+        };
         eprintln!(
-            "mean reward of the {} {what} completions: {mean:.4}",
+            "wrote {} scored completions{what}: mean reward {mean:.4}",
             s.scored
         );
     }

@@ -806,7 +806,7 @@ fn generate_scores_completions_and_keeps_the_best_of_each_prompts_samples() {
     let mut resume = best_flags.clone();
     resume.push("--resume");
     let o = run_ok(&strs(&run(&cut, &resume)));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("resumed after 9"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("resumed after 3 completions"));
     assert_eq!(std::fs::read_to_string(&cut).unwrap(), text);
 
     let e = run_err(&strs(&run(

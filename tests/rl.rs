@@ -567,16 +567,24 @@ fn online_dpo_trains_on_the_pairs_its_scores_rank_and_none_where_they_tie() {
             .join(name);
         format!("cmd:python3 {}", script.display())
     };
-    let run_with = |name: &str, reward: &str, extra: &[&str]| {
+    // The chain's config ends inside its [online_dpo] table: a key appended joins it.
+    let config_with = |name: &str, key: &str| {
+        let path = p(dir.path(), name);
+        let text = std::fs::read_to_string(&chain().config).unwrap();
+        std::fs::write(&path, format!("{text}{key}\n")).unwrap();
+        s(&path).to_string()
+    };
+    let run_in = |name: &str, config: &str, reward: &str, extra: &[&str]| {
         let out = p(dir.path(), name);
         let mut flags = vec!["--log-every", "1", "--reward", reward];
         flags.extend(extra);
         let mut a = grpo_args(&out, "3", &flags);
         a[0] = "online-dpo".into();
-        run_ok(&args(&a));
-        out
+        a[2] = config.to_string();
+        let o = run_ok(&args(&a));
+        (out, String::from_utf8_lossy(&o.stderr).into_owned())
     };
-    let run = |name: &str, reward: &str| run_with(name, reward, &[]);
+    let run = |name: &str, reward: &str| run_in(name, &chain().config, reward, &[]).0;
     let varied_reward = fixture("varied_reward.py");
     let varied = run("varied", &varied_reward);
     let m = metrics(&varied);
@@ -605,10 +613,14 @@ fn online_dpo_trains_on_the_pairs_its_scores_rank_and_none_where_they_tie() {
     }
 
     // A step of two accumulated micro-batches of 2 prompts samples the rows of one batch of
-    // 4 and takes its step: the loss is a mean over all the step's ranked pairs.
-    let whole = run_with("whole", &varied_reward, &["--batch-size", "4"]);
-    let split = run_with(
+    // 4 and takes its step: the loss is a mean over all the step's ranked pairs, the RPO term
+    // one over all its chosen tokens. (At step 2 the two micro-batches rank different numbers
+    // of pairs: the mean of each micro-batch's mean failed here.)
+    let rpo = config_with("rpo.toml", "rpo_alpha = 1.0");
+    let (whole, _) = run_in("whole", &rpo, &varied_reward, &["--batch-size", "4"]);
+    let (split, _) = run_in(
         "split",
+        &rpo,
         &varied_reward,
         &["--batch-size", "2", "--grad-accum", "2"],
     );
@@ -628,16 +640,8 @@ fn online_dpo_trains_on_the_pairs_its_scores_rank_and_none_where_they_tie() {
     }
 
     // SimPO reads no reference: none is loaded, and no KL is logged.
-    let simpo = p(dir.path(), "simpo.toml");
-    // The chain's config ends inside its [online_dpo] table.
-    let text = std::fs::read_to_string(&chain().config).unwrap();
-    std::fs::write(&simpo, format!("{text}loss_type = \"simpo\"\n")).unwrap();
-    let out = p(dir.path(), "simpo");
-    let mut a = grpo_args(&out, "2", &["--reward", &varied_reward]);
-    a[0] = "online-dpo".into();
-    a[2] = s(&simpo).to_string();
-    let o = run_ok(&args(&a));
-    let err = String::from_utf8_lossy(&o.stderr);
+    let simpo = config_with("simpo.toml", "loss_type = \"simpo\"");
+    let (out, err) = run_in("simpo", &simpo, &varied_reward, &[]);
     assert!(
         err.contains("loss simpo") && err.contains("reference: none"),
         "{err}"

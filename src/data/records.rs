@@ -161,7 +161,7 @@ fn sft_example(
     match (obj.get("messages"), plain) {
         (Some(_), true) => Err(at.field(
             "messages",
-            "give either \"messages\" or \"prompt\" and \"response\", not both",
+            &format!("give either \"messages\" or \"prompt\" and \"{reply}\", not both"),
         )),
         (Some(msgs), false) => match template {
             None => chat_example(at, msgs),
@@ -717,6 +717,10 @@ mod tests {
             (
                 r#"{"prompt": "x", "completion": ""}"#,
                 "f.jsonl:1: field \"completion\": empty",
+            ),
+            (
+                r#"{"messages": [{"role": "assistant", "content": "a"}], "completion": "z"}"#,
+                "f.jsonl:1: field \"messages\": give either \"messages\" or \"prompt\" and \"completion\"",
             ),
             (
                 r#"{"prompt": "x", "response": "y", "completion": "z"}"#,

@@ -29,7 +29,7 @@ use serde_json::{Map, Value};
 
 use super::rewards::{Batch, RewardFn};
 use super::setup::encode_prompts;
-use crate::config::RewardSpec;
+use crate::config::{RewardSource, RewardSpec};
 use crate::data::records::PromptRecord;
 use crate::data::tokenizer::Tokenizer;
 use crate::generate::{generate, RowKeys, SampleCfg};
@@ -91,8 +91,20 @@ impl std::fmt::Display for Shard {
 }
 
 impl Job<'_> {
+    /// Refuses what cannot run, before anything is opened or written: no rows, or best-of
+    /// without a reward or without several samples.
+    pub fn check(&self) -> Result<()> {
+        if self.samples == 0 || self.batch_rows == 0 {
+            bail!("generate: --samples and --batch-size must be at least 1");
+        }
+        if self.best_of && (self.rewards.is_empty() || self.samples < 2) {
+            bail!("generate: --best-of keeps each prompt's best-scored sample: it needs --reward and --samples 2 or more");
+        }
+        Ok(())
+    }
+
     /// Lines of output per prompt: one under `best_of`, else one per sample.
-    fn lines_per_prompt(&self) -> usize {
+    pub fn lines_per_prompt(&self) -> usize {
         match self.best_of {
             true => 1,
             false => self.samples,
@@ -122,7 +134,20 @@ impl Job<'_> {
             unreachable!("a JSON object literal")
         };
         if !self.rewards.is_empty() {
-            let specs: Vec<String> = self.rewards.iter().map(ToString::to_string).collect();
+            // A reward model by its absolute path, as the checkpoint, so that a run resumed
+            // from another directory matches.
+            let specs: Vec<String> = self
+                .rewards
+                .iter()
+                .map(|r| match &r.source {
+                    RewardSource::Model(p) => RewardSpec {
+                        source: RewardSource::Model(p.canonicalize().unwrap_or_else(|_| p.clone())),
+                        weight: r.weight,
+                    }
+                    .to_string(),
+                    _ => r.to_string(),
+                })
+                .collect();
             m.insert("rewards".into(), specs.into());
         }
         if self.best_of {
@@ -336,7 +361,9 @@ fn best_of(scores: &[f64], samples: usize) -> Vec<usize> {
         .chunks(samples)
         .enumerate()
         .map(|(p, s)| {
-            let best = (1..s.len()).fold(0, |b, j| if s[j] > s[b] { j } else { b });
+            // A NaN (a broken reward model) never wins against a number.
+            let better = |j: usize, b: usize| s[j] > s[b] || (s[b].is_nan() && !s[j].is_nan());
+            let best = (1..s.len()).fold(0, |b, j| if better(j, b) { j } else { b });
             p * samples + best
         })
         .collect()
@@ -379,11 +406,9 @@ pub fn run(
     if requests.is_empty() {
         bail!("generate: no prompts");
     }
-    if job.samples == 0 || job.batch_rows == 0 {
-        bail!("generate: --samples and --batch-size must be at least 1");
-    }
-    if job.best_of && (rewards.is_none() || job.samples < 2) {
-        bail!("generate: --best-of keeps each prompt's best-scored sample: it needs --reward and --samples 2 or more");
+    job.check()?;
+    if job.rewards.is_empty() != rewards.is_none() {
+        bail!("generate: the rewards loaded are not the job's");
     }
     // This process's part of the prompts; its rows keep their numbers in the whole file.
     let part = job.shard.range(requests.len());

@@ -19,7 +19,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 use super::completions::CompletionLog;
-use super::dpo::{preference_loss, with_chosen_nll, Pairwise};
+use super::dpo::{preference_loss, Pairwise};
 use super::eval::{PolicyEval, PolicyResult};
 use super::rewards::{check_prompts, RewardFn};
 use super::rl::kl_estimate;
@@ -147,9 +147,9 @@ fn pairwise((chosen, rejected): &(Tensor, Tensor)) -> Pairwise<'_> {
     Pairwise { chosen, rejected }
 }
 
-/// The rows `completions.jsonl` shows of a rollout of `n` rows in pairs: up to `k` rows, whole
-/// pairs spread evenly over it, so that each logged sample sits beside the one it was ranked
-/// against.
+/// The rows `completions.jsonl` shows of a rollout of `n` rows in pairs: `k` rows rounded
+/// down to whole pairs (at least one), spread evenly over it, so that each logged sample sits
+/// beside the one it was ranked against.
 fn logged_pairs(n: usize, k: usize) -> Vec<usize> {
     let (pairs, shown) = (n / 2, (k / 2).max(1));
     let shown = shown.min(pairs);
@@ -308,9 +308,14 @@ impl Task for OnlineDpoTask<'_> {
             false => 0.0,
         };
         let weighted = (&loss * share)?;
-        let objective = match ranked.is_empty() {
+        // RPO: the chosen samples' NLL per chosen token of the whole step (this rank's share
+        // of the sum, scaled as the pairs' mean is).
+        let objective = match ranked.is_empty() || c.rpo_alpha == 0.0 || step_tokens <= 0.0 {
             true => weighted,
-            false => with_chosen_nll(&weighted, &f.logps.0, step_tokens / accum, c.rpo_alpha)?,
+            false => {
+                let nll = (f.logps.0.sum_all()? * (-c.rpo_alpha * accum / step_tokens))?;
+                (weighted + nll)?
+            }
         };
         // The metrics are the micro-batch's global ones, from one all-reduce of this rank's
         // sums, so every rank logs the same names and numbers; a rank without a ranked pair
