@@ -520,6 +520,27 @@ fn generate_lines(checkpoint: &str, prompts: &Path, extra: &[&str]) -> Vec<serde
         .collect()
 }
 
+/// A copy `name` beside the completions file `full`, as an interruption leaves one: its first
+/// `keep` lines and half of the next, with `full`'s settings file. Returns its path and text.
+fn cut_short(full: &Path, name: &str, keep: usize) -> (PathBuf, String) {
+    let text = std::fs::read_to_string(full).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let partial = format!(
+        "{}\n{}",
+        lines[..keep].join("\n"),
+        &lines[keep][..lines[keep].len() / 2]
+    );
+    let cut = full.with_file_name(name);
+    std::fs::write(&cut, &partial).unwrap();
+    let settings = |p: &Path| {
+        let mut n = p.file_name().unwrap().to_os_string();
+        n.push(".settings.json");
+        p.with_file_name(n)
+    };
+    std::fs::copy(settings(full), settings(&cut)).unwrap();
+    (cut, partial)
+}
+
 /// Seven prompts with an id each, as a prompts file in `dir`.
 fn numbered_prompts(dir: &Path) -> PathBuf {
     let path = p(dir, "prompts.jsonl");
@@ -629,18 +650,7 @@ fn an_interrupted_generation_resumes_after_its_last_complete_line() {
 
     // Seven complete lines (batches of four rows: the cut is inside the second) and half of
     // the eighth.
-    let cut = p(d.path(), "cut.jsonl");
-    let partial = format!(
-        "{}\n{}",
-        lines[..7].join("\n"),
-        &lines[7][..lines[7].len() / 2]
-    );
-    std::fs::write(&cut, &partial).unwrap();
-    std::fs::copy(
-        p(d.path(), "full.jsonl.settings.json"),
-        p(d.path(), "cut.jsonl.settings.json"),
-    )
-    .unwrap();
+    let (cut, partial) = cut_short(&full, "cut.jsonl", 7);
     let untouched = |e: &str| {
         assert_eq!(e.trim().lines().count(), 1, "{e}");
         assert_eq!(
@@ -782,18 +792,7 @@ fn generate_scores_completions_and_keeps_the_best_of_each_prompts_samples() {
     let text = std::fs::read_to_string(&full).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 7);
-    let cut = p(d.path(), "cut.jsonl");
-    let partial = format!(
-        "{}\n{}",
-        lines[..3].join("\n"),
-        &lines[3][..lines[3].len() / 2]
-    );
-    std::fs::write(&cut, &partial).unwrap();
-    std::fs::copy(
-        p(d.path(), "best.jsonl.settings.json"),
-        p(d.path(), "cut.jsonl.settings.json"),
-    )
-    .unwrap();
+    let (cut, partial) = cut_short(&full, "cut.jsonl", 3);
     // Resumed without the reward: refused, the file untouched.
     let mut unscored = flags[..10].to_vec();
     unscored.push("--resume");

@@ -16,18 +16,16 @@
 use anyhow::Result;
 use candle_core::Tensor;
 
-use super::completions::CompletionLog;
 use super::eval::{PolicyEval, PolicyResult};
-use super::rewards::{check_prompts, RewardFn};
 use super::rl::{
     aggregate, group_advantages, kl_estimate, reinforce_pp_advantages, row_sums,
     sequence_advantages, Clip,
 };
 use super::rollout::{
-    main_only, mean_over_ranks, rollout_seed, rollout_stats, rows, surrogate, token_share, Actors,
+    mean_over_ranks, rollout_seed, rollout_stats, rows, surrogate, token_share, ActorKnobs, Actors,
     Buffer, FrozenReference, Objective, PolicyStep, Rollout, RolloutClock, Schedule,
 };
-use super::setup::{self, rollout_prompt_sets, Plan, PolicyPair};
+use super::setup::{self, Plan, PolicyPair};
 use super::Env;
 use crate::config::{AdvantageEstimator, GrpoConfig, KlEstimator, ScaleRewards};
 use crate::data::records::PromptRecord;
@@ -233,42 +231,29 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
     // With beta = 0 nothing reads the reference: as TRL, none is loaded or run.
     let with_reference = c.beta != 0.0;
     let (store, policy, reference, tok) = PolicyPair::load_with(env, with_reference)?.into_parts();
-    let mut rewards = RewardFn::load(
-        &c.rewards,
-        (&env.device, env.dtype()),
-        &tok,
-        &cfg.external_reward,
-    )?;
-    rewards.pack_models = c.packing;
-    let (prompts, eval_prompts) = rollout_prompt_sets(
-        env,
-        &tok,
-        (c.task_prompts, c.eval_prompts),
-        c.max_new_tokens,
-        policy.cfg.max_position_embeddings,
-        |set| check_prompts(&rewards, set),
-    )?;
+    let knobs = ActorKnobs {
+        rewards: &c.rewards,
+        packing: c.packing,
+        prompts: (c.task_prompts, c.eval_prompts),
+        max_new_tokens: c.max_new_tokens,
+        log_completions: c.log_completions,
+        objective: Objective::PolicyGradient,
+    };
+    let (actors, prompts, eval_prompts) = Actors::load(env, policy, reference, &tok, knobs)?;
     eprintln!(
         "[{}] advantage estimator {:?}, reward {}, reference: {}",
         cfg.stage,
         c.advantage_estimator,
-        rewards.names.join(" + "),
-        reference
+        actors.rewards.names.join(" + "),
+        actors
+            .reference
             .as_ref()
             .map_or("none (beta = 0)", FrozenReference::describe)
     );
-    let model = policy.cfg.clone();
+    let model = actors.policy.cfg.clone();
     let mut task = GrpoTask {
         env,
-        actors: Actors {
-            policy,
-            reference,
-            tok: tok.clone(),
-            rewards,
-            completions: CompletionLog::new(&env.run_dir, main_only(env, c.log_completions)),
-            packing: c.packing,
-            objective: Objective::PolicyGradient,
-        },
+        actors,
         sampler: WindowSampler::new(prompts.len(), cfg.train.seed),
         prompts,
         eval_prompts,

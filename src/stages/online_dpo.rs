@@ -18,16 +18,14 @@ use std::collections::VecDeque;
 use anyhow::Result;
 use candle_core::Tensor;
 
-use super::completions::CompletionLog;
 use super::dpo::{preference_loss, Pairwise};
 use super::eval::{PolicyEval, PolicyResult};
-use super::rewards::{check_prompts, RewardFn};
 use super::rl::kl_estimate;
 use super::rollout::{
-    main_only, reference_logprobs, response_logprobs, rollout_seed, rollout_stats, rows, Actors,
+    reference_logprobs, response_logprobs, rollout_seed, rollout_stats, rows, ActorKnobs, Actors,
     FrozenReference, Objective, Rollout, RolloutClock,
 };
-use super::setup::{self, rollout_prompt_sets, Plan, PolicyPair};
+use super::setup::{self, Plan, PolicyPair};
 use super::Env;
 use crate::config::{DpoConfig, KlEstimator, OnlineDpoConfig};
 use crate::data::records::PromptRecord;
@@ -387,44 +385,31 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
     let lora = setup::lora(cfg);
     let with_reference = c.loss_type.needs_reference();
     let (store, policy, reference, tok) = PolicyPair::load_with(env, with_reference)?.into_parts();
-    let mut rewards = RewardFn::load(
-        &c.rewards,
-        (&env.device, env.dtype()),
-        &tok,
-        &cfg.external_reward,
-    )?;
-    rewards.pack_models = c.packing;
-    let (prompts, eval_prompts) = rollout_prompt_sets(
-        env,
-        &tok,
-        (c.task_prompts, c.eval_prompts),
-        c.max_new_tokens,
-        policy.cfg.max_position_embeddings,
-        |set| check_prompts(&rewards, set),
-    )?;
+    let knobs = ActorKnobs {
+        rewards: &c.rewards,
+        packing: c.packing,
+        prompts: (c.task_prompts, c.eval_prompts),
+        max_new_tokens: c.max_new_tokens,
+        log_completions: c.log_completions,
+        objective: Objective::Preference,
+    };
+    let (actors, prompts, eval_prompts) = Actors::load(env, policy, reference, &tok, knobs)?;
     if env.comm.rank() == 0 {
         eprintln!(
             "[{}] loss {}, reward {}, reference: {}",
             cfg.stage,
             c.loss_type.name(),
-            rewards.names.join(" + "),
-            reference
+            actors.rewards.names.join(" + "),
+            actors
+                .reference
                 .as_ref()
                 .map_or("none (the loss reads none)", FrozenReference::describe)
         );
     }
-    let model = policy.cfg.clone();
+    let model = actors.policy.cfg.clone();
     let mut task = OnlineDpoTask {
         env,
-        actors: Actors {
-            policy,
-            reference,
-            tok: tok.clone(),
-            rewards,
-            completions: CompletionLog::new(&env.run_dir, main_only(env, c.log_completions)),
-            packing: c.packing,
-            objective: Objective::Preference,
-        },
+        actors,
         loss: c.loss(),
         sampler: WindowSampler::new(prompts.len(), cfg.train.seed),
         prompts,

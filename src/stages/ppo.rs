@@ -20,20 +20,18 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::Tensor;
 
-use super::completions::CompletionLog;
 use super::eval::{PolicyEval, PolicyResult};
 use super::loader::{read_checkpoint, scored_from};
 use super::reward::Scorer;
-use super::rewards::{check_prompts, RewardFn};
 use super::rl::{
     explained_variance, gae_advantages, row_sums, token_rewards, value_loss, Aggregation, Clip,
 };
 use super::rollout::{
-    main_only, mean_over_ranks, response_values, rollout_seed, rollout_stats, rows, surrogate,
-    token_shares, Actors, Buffer, CollectTimes, FrozenReference, Objective, PolicyStep, Rollout,
+    mean_over_ranks, response_values, rollout_seed, rollout_stats, rows, surrogate, token_shares,
+    ActorKnobs, Actors, Buffer, CollectTimes, FrozenReference, Objective, PolicyStep, Rollout,
     RolloutClock, Schedule,
 };
-use super::setup::{self, rollout_prompt_sets, Plan, PolicyPair};
+use super::setup::{self, Plan, PolicyPair};
 use super::Env;
 use crate::config::{PpoConfig, RewardSpec};
 use crate::data::records::PromptRecord;
@@ -332,51 +330,38 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
     let tok = pair.loaded.tokenizer.clone();
     // The weights now live in the stores; the loaded copy would double the memory.
     pair.loaded.tensors.clear();
-    let mut rewards = RewardFn::load(
-        &c.rewards,
-        (&env.device, env.dtype()),
-        &tok,
-        &cfg.external_reward,
-    )?;
-    rewards.pack_models = c.packing;
-    let (prompts, eval_prompts) = rollout_prompt_sets(
-        env,
-        &tok,
-        (c.task_prompts, c.eval_prompts),
-        c.max_new_tokens,
-        pair.policy.cfg.max_position_embeddings,
-        |set| check_prompts(&rewards, set),
-    )?;
-    eprintln!(
-        "[ppo] reward {}, value model from {}, reference: {}",
-        rewards.names.join(" + "),
-        value_src
-            .as_ref()
-            .map_or("the policy (fresh head)".to_string(), |p| p
-                .display()
-                .to_string()),
-        pair.reference
-            .as_ref()
-            .map_or("none", FrozenReference::describe)
-    );
     let PolicyPair {
         store,
         policy,
         reference,
         ..
     } = pair;
-    let model = policy.cfg.clone();
+    let knobs = ActorKnobs {
+        rewards: &c.rewards,
+        packing: c.packing,
+        prompts: (c.task_prompts, c.eval_prompts),
+        max_new_tokens: c.max_new_tokens,
+        log_completions: c.log_completions,
+        objective: Objective::PolicyGradient,
+    };
+    let (actors, prompts, eval_prompts) = Actors::load(env, policy, reference, &tok, knobs)?;
+    eprintln!(
+        "[ppo] reward {}, value model from {}, reference: {}",
+        actors.rewards.names.join(" + "),
+        value_src
+            .as_ref()
+            .map_or("the policy (fresh head)".to_string(), |p| p
+                .display()
+                .to_string()),
+        actors
+            .reference
+            .as_ref()
+            .map_or("none", FrozenReference::describe)
+    );
+    let model = actors.policy.cfg.clone();
     let mut task = PpoTask {
         env,
-        actors: Actors {
-            policy,
-            reference,
-            tok: tok.clone(),
-            rewards,
-            completions: CompletionLog::new(&env.run_dir, main_only(env, c.log_completions)),
-            packing: c.packing,
-            objective: Objective::PolicyGradient,
-        },
+        actors,
         value,
         sampler: WindowSampler::new(prompts.len(), cfg.train.seed),
         prompts,

@@ -17,12 +17,14 @@ use candle_core::{DType, Device, Tensor};
 use super::completions::CompletionLog;
 use super::eval::PolicyEval;
 use super::reward::Scorer;
-use super::rewards::{Batch, RewardFn};
+use super::rewards::{check_prompts, Batch, RewardFn};
 use super::rl::{
     dapo_normalisers, kl_estimate, policy_loss, without_truncated, Aggregation, Clip, Surrogate,
 };
 use super::rollout_packing::RolloutDocs;
-use crate::config::{KlEstimator, LossType};
+use super::setup::rollout_prompt_sets;
+use super::Env;
+use crate::config::{KlEstimator, LossType, RewardSpec};
 use crate::data::records::PromptRecord;
 use crate::data::synthetic::exact_match;
 use crate::data::tokenizer::Tokenizer;
@@ -142,7 +144,58 @@ pub struct Actors {
     pub objective: Objective,
 }
 
+/// What an on-policy stage's table says about its actors and prompts.
+pub struct ActorKnobs<'a> {
+    pub rewards: &'a [RewardSpec],
+    /// The stage's `packing`: its training forwards, and its reward models, pack rows.
+    pub packing: bool,
+    /// Training and held-out prompts to draw (`task_prompts`, `eval_prompts`).
+    pub prompts: (usize, usize),
+    pub max_new_tokens: usize,
+    pub log_completions: usize,
+    pub objective: Objective,
+}
+
 impl Actors {
+    /// The actors of an on-policy stage around its `policy` and `reference`, with its
+    /// training and held-out prompts: the reward sources loaded, the prompt sets fitted to
+    /// the context with room for `max_new_tokens` and checked against what the rewards need,
+    /// and the completion log (rank 0 only).
+    pub fn load(
+        env: &Env,
+        policy: Transformer,
+        reference: Option<FrozenReference>,
+        tok: &Tokenizer,
+        k: ActorKnobs,
+    ) -> Result<(Self, Vec<PromptRecord>, Vec<PromptRecord>)> {
+        let cfg = &env.cfg;
+        let mut rewards = RewardFn::load(
+            k.rewards,
+            (&env.device, env.dtype()),
+            tok,
+            &cfg.external_reward,
+        )?;
+        rewards.pack_models = k.packing;
+        let (prompts, eval_prompts) = rollout_prompt_sets(
+            env,
+            tok,
+            k.prompts,
+            k.max_new_tokens,
+            policy.cfg.max_position_embeddings,
+            |set| check_prompts(&rewards, set),
+        )?;
+        let actors = Self {
+            policy,
+            reference,
+            tok: tok.clone(),
+            rewards,
+            completions: CompletionLog::new(&env.run_dir, main_only(env, k.log_completions)),
+            packing: k.packing,
+            objective: k.objective,
+        };
+        Ok((actors, prompts, eval_prompts))
+    }
+
     /// Steps 1 and 2 of an iteration: samples a response to each record under `cfg` (record
     /// `i` from the stream of `keys.rows[i]`), scores it, and takes the log-probabilities
     /// `self.objective` needs. Returns the rollout and where its time went.
