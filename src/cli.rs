@@ -141,8 +141,8 @@ pub struct StageArgs {
     #[arg(long, value_enum)]
     pub advantage_estimator: Option<AdvantageEstimator>,
     /// SFT: pack the examples into rows of --seq-len positions, each attending only to
-    /// itself (`[sft] packing`; TRL's --packing). PPO, GRPO: pack each minibatch's prompts
-    /// and responses for the training forward, and a reward model's sequences (`[ppo]` /
+    /// itself (`[sft] packing`; TRL's --packing). PPO, GRPO, online DPO: pack each
+    /// minibatch's prompts and responses for the training forward, and a reward model's sequences (`[ppo]` /
     /// `[grpo]` / `[online_dpo] packing`; OpenRLHF's --packing_samples).
     #[arg(long)]
     pub packing: bool,

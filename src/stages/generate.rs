@@ -216,8 +216,8 @@ impl Sink {
 
     /// Rows already generated (0 for standard output or a fresh file), after checking that
     /// the file was begun with these `settings` and that each complete line is the completion
-    /// of the row it stands for (with `per_line = samples`, best-of: of one of its prompt's
-    /// samples). A last line cut short by an interruption is then removed. A fresh file gets
+    /// of the row it stands for (where a prompt has one line, `per_prompt = 1` under best-of:
+    /// of one of its prompt's samples). A last line cut short by an interruption is then removed. A fresh file gets
     /// its settings file.
     fn resume_point(
         &mut self,
