@@ -252,8 +252,8 @@ pub struct GenerateArgs {
     #[arg(long = "reward")]
     pub rewards: Vec<RewardSpec>,
     /// With --samples N and --reward: write only each prompt's best-scored sample, the first
-    /// of equals (best-of-N; rejection sampling). With plain-text prompts the file then
-    /// trains `temper sft` as it is.
+    /// of equals (best-of-N; rejection sampling). The file then trains `temper sft` as it
+    /// is.
     #[arg(long)]
     pub best_of: bool,
     /// Seed of the sampling streams: the same seed gives the same completions, whatever

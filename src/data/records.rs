@@ -124,8 +124,9 @@ pub fn render_chat_prompt(messages: &[(String, String)]) -> String {
 
 /// Reads an SFT dataset: one record per line, either `{"prompt": P, "response": R}` (the
 /// prompt used verbatim, no template; `"completion"` for `"response"`, TRL's prompt-completion
-/// format, as `temper generate` writes it) or `{"messages": [{"role", "content"}, ...]}`
-/// rendered with the built-in chat template.
+/// format, as `temper generate` writes it; a `prompt` that is a list of messages is TRL's
+/// conversational prompt-completion, rendered with the chat template) or `{"messages":
+/// [{"role", "content"}, ...]}` rendered with the built-in chat template.
 pub fn load_sft(path: &Path) -> Result<Vec<SftExample>> {
     load_sft_templated(path, None)
 }
@@ -172,6 +173,9 @@ fn sft_example(
             "missing (a record needs \"prompt\" and \"response\", or \"messages\")",
         )),
         (None, true) => {
+            if let Some(msgs) = obj.get("prompt").filter(|v| v.is_array()) {
+                return conversational_example(at, obj, reply, msgs, template);
+            }
             let prompt = at.non_empty_str(obj, "prompt")?;
             let response = at.non_empty_str(obj, reply)?;
             Ok(SftExample::prompt_response(
@@ -182,6 +186,32 @@ fn sft_example(
             ))
         }
     }
+}
+
+/// TRL's conversational prompt-completion record: `prompt` a list of messages rendered ready
+/// for the assistant's reply, and the reply (`field`) a list holding the one assistant
+/// message, or that message's text alone, as `temper generate` writes a chat prompt's
+/// completion.
+fn conversational_example(
+    at: &Loc,
+    obj: &Map<String, Value>,
+    field: &str,
+    msgs: &Value,
+    template: Option<&ChatTemplate>,
+) -> Result<SftExample> {
+    let prompt = render_prompt(at, msgs, template)?;
+    let mut record = obj.clone();
+    if let Some(Value::String(text)) = obj.get(field) {
+        let message = serde_json::json!([{"role": "assistant", "content": text}]);
+        record.insert(field.to_string(), message);
+    }
+    let reply = render_reply(at, &record, field, (msgs, &prompt), template)?;
+    Ok(SftExample::prompt_response(
+        &prompt,
+        &reply,
+        template.is_none(),
+        Some(at.to_string()),
+    ))
 }
 
 /// A `messages` array and, per message, its `(role, content)`.
@@ -958,6 +988,49 @@ mod tests {
             ("4<end>", "5<end>")
         );
         assert!(!x.append_eos);
+        // SFT's conversational prompt-completion, the completion a one-message list or, as
+        // `temper generate` writes it, the message's text.
+        let s = dir.path().join("sft.jsonl");
+        std::fs::write(
+            &s,
+            format!(
+                "{{\"prompt\": {user}, \"completion\": {}}}\n{{\"prompt\": {user}, \"completion\": \"4\"}}\n",
+                reply("4")
+            ),
+        )
+        .unwrap();
+        for x in load_sft(&s).unwrap() {
+            assert_eq!(
+                x.segments,
+                vec![
+                    seg("<|user|>\n2+2?\n<|assistant|>\n", false),
+                    seg("4", true)
+                ]
+            );
+            assert!(x.append_eos);
+        }
+        for x in load_sft_templated(&s, Some(&t)).unwrap() {
+            assert_eq!(
+                x.segments,
+                vec![
+                    seg("[user]2+2?<end>[assistant]", false),
+                    seg("4<end>", true)
+                ]
+            );
+            assert!(!x.append_eos);
+        }
+        std::fs::write(
+            &s,
+            format!("{{\"prompt\": {user}, \"completion\": \"\"}}\n"),
+        )
+        .unwrap();
+        let e = err(load_sft(&s));
+        assert!(
+            e.contains(
+                "sft.jsonl:1: field \"completion\": expected one non-empty assistant message"
+            ),
+            "{e}"
+        );
         let q = dir.path().join("prompts.jsonl");
         std::fs::write(&q, format!("{{\"prompt\": {user}, \"answer\": \"4\"}}\n")).unwrap();
         let r = &load_prompts_templated(&q, Some(&t)).unwrap()[0];

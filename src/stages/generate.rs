@@ -11,7 +11,8 @@
 //! `--reward` scores every completion as the RL stages score a rollout (the checker, reward
 //! models, programs, endpoints) and writes the weighted sum and each source's score into its
 //! line; with `--best-of`, only each prompt's best-scored sample is written (best-of-N, the
-//! rejection sampling OpenRLHF's and RAFT's loops fine-tune on: the file is SFT data as it is).
+//! rejection sampling OpenRLHF's and RAFT's loops fine-tune on: the file is SFT data as it is,
+//! `prompt` and `completion`).
 //!
 //! An output file gets a settings file beside it (`FILE.settings.json`: checkpoint, seed,
 //! samples, sampling parameters). `--resume` checks it, and checks every complete line of the
