@@ -603,6 +603,43 @@ mod stage_chain {
         );
     }
 
+    /// `[reward] center_rewards_coefficient` (TRL's) holds the scores' mean near 0, where
+    /// Bradley-Terry alone, which fixes only differences, lets it drift (to 5.3 here); the
+    /// training loss adds the term to Bradley-Terry's, logged apart.
+    #[test]
+    fn reward_centring_holds_the_scores_mean_near_zero() {
+        let dir = run_dir("rm-centring");
+        std::fs::create_dir_all(&dir).unwrap();
+        let centred = dir.join("c.toml");
+        let text = std::fs::read_to_string(config()).unwrap();
+        std::fs::write(
+            &centred,
+            format!("{text}\n[reward]\ncenter_rewards_coefficient = 0.1\n"),
+        )
+        .unwrap();
+        let run = |name: &str, cfg: &str| {
+            let out = dir.join(name);
+            #[rustfmt::skip]
+            run_ok(&["reward", "--config", cfg, "--init", arg(sft()), "--out", arg(&out),
+                     "--steps", "40", "--log-every", "1", "--eval-every", "40", "--device", "cpu"]);
+            metrics(&out)
+        };
+        let (off, on) = (run("off", config()), run("on", arg(&centred)));
+        let held_out = |m: &[serde_json::Value], key: &str| series(m, "val", key).last().unwrap().1;
+        let (drift, held) = (held_out(&off, "reward_mean"), held_out(&on, "reward_mean"));
+        assert!(drift.abs() > 1.0 && held.abs() < 0.2, "{drift} vs {held}");
+        let (loss, bt) = (
+            series(&on, "train", "loss"),
+            series(&on, "train", "bt_loss"),
+        );
+        assert_eq!(loss.len(), bt.len());
+        assert!(
+            loss.iter().zip(&bt).all(|(l, b)| l.1 > b.1),
+            "{loss:?} vs {bt:?}"
+        );
+        assert!(series(&off, "train", "bt_loss").is_empty());
+    }
+
     /// `reward --padding-free` scores each micro-batch's chosen and rejected sequences packed:
     /// the padded run's losses step for step (the unit test
     /// `packed_sequences_score_and_train_as_padded_ones` checks scores and gradients exactly).

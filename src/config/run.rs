@@ -316,7 +316,15 @@ impl RunConfig {
                     );
                 }
             }
-            Stage::Pretrain | Stage::Sft | Stage::Reward => {}
+            Stage::Reward => {
+                let c = self.reward.center_rewards_coefficient;
+                if !(c >= 0.0 && c.is_finite()) {
+                    anyhow::bail!(
+                        "reward.center_rewards_coefficient must be 0 or positive, got {c}"
+                    );
+                }
+            }
+            Stage::Pretrain | Stage::Sft => {}
         }
         self.check_dapo_steps()?;
         if !positive(self.external_reward.timeout_s) {

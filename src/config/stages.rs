@@ -39,6 +39,11 @@ impl Default for SftConfig {
 pub struct RewardConfig {
     /// Subtracted from `r_chosen - r_rejected` inside the loss (0 = plain Bradley-Terry).
     pub margin: f64,
+    /// Weight of `mean((r_chosen + r_rejected)^2)` added to the training loss, which holds the
+    /// rewards' mean near 0 (TRL's `center_rewards_coefficient`, after Eisenstein et al.; they
+    /// suggest 0.01). Bradley-Terry fixes only differences, so without it the scale's offset
+    /// drifts; a policy stage then reads a reward whose level means nothing. 0: off.
+    pub center_rewards_coefficient: f64,
     pub task_pairs: usize,
     pub eval_pairs: usize,
     /// Score each micro-batch's chosen and rejected sequences packed into rows as wide as the
@@ -52,6 +57,7 @@ impl Default for RewardConfig {
     fn default() -> Self {
         Self {
             margin: 0.0,
+            center_rewards_coefficient: 0.0,
             task_pairs: 4000,
             eval_pairs: 400,
             padding_free: false,

@@ -1,6 +1,7 @@
 //! Reward modelling: a transformer with a scalar head read at the last real token of
 //! prompt + response (+ EOS), trained with the Bradley-Terry loss
-//! `-log sigmoid(r_chosen - r_rejected - margin)`; evaluated by pairwise accuracy.
+//! `-log sigmoid(r_chosen - r_rejected - margin)`, plus TRL's centring term where
+//! `center_rewards_coefficient` asks for it; evaluated by pairwise accuracy.
 
 use std::path::Path;
 
@@ -146,8 +147,8 @@ struct RewardTask<'a> {
 }
 
 impl RewardTask<'_> {
-    /// Loss and accuracy of a batch of pairs.
-    fn pairs(&self, pairs: &[(Vec<u32>, Vec<u32>)]) -> Result<(Tensor, f64, usize)> {
+    /// A batch of pairs, scored.
+    fn pairs(&self, pairs: &[(Vec<u32>, Vec<u32>)]) -> Result<Scored> {
         let mut seqs: Vec<Vec<u32>> = pairs.iter().map(|p| p.0.clone()).collect();
         seqs.extend(pairs.iter().map(|p| p.1.clone()));
         let tokens = seqs.iter().map(Vec::len).sum();
@@ -158,25 +159,63 @@ impl RewardTask<'_> {
             self.env.cfg.reward.padding_free,
         )?;
         let n = pairs.len();
-        let diff = (scores.narrow(0, 0, n)? - scores.narrow(0, n, n)?)?;
-        let loss = log_sigmoid(&(&diff - self.env.cfg.reward.margin)?)?
-            .mean_all()?
-            .neg()?;
+        let (chosen, rejected) = (scores.narrow(0, 0, n)?, scores.narrow(0, n, n)?);
+        let c = &self.env.cfg.reward;
+        let loss = pairwise_loss(&chosen, &rejected, c.margin)?;
+        let diff = (&chosen - &rejected)?;
         let acc = diff.to_vec1::<f32>()?.iter().filter(|&&d| d > 0.0).count() as f64 / n as f64;
-        Ok((loss, acc, tokens))
+        let mean = scalar(&scores.mean_all()?)?;
+        Ok(Scored {
+            loss,
+            centring: centring(&chosen, &rejected, c.center_rewards_coefficient)?,
+            accuracy: acc,
+            mean,
+            tokens,
+        })
     }
 }
 
-/// The reward model's held-out numbers: Bradley-Terry loss and pairwise accuracy.
+/// A batch of pairs scored: the Bradley-Terry loss, the centring term (None when off), the
+/// share of pairs ranked right, the scores' mean, and the tokens read.
+struct Scored {
+    loss: Tensor,
+    centring: Option<Tensor>,
+    accuracy: f64,
+    mean: f64,
+    tokens: usize,
+}
+
+/// Bradley-Terry's `-mean log sigmoid(r_chosen - r_rejected - margin)`.
+fn pairwise_loss(chosen: &Tensor, rejected: &Tensor, margin: f64) -> Result<Tensor> {
+    Ok(log_sigmoid(&((chosen - rejected)? - margin)?)?
+        .mean_all()?
+        .neg()?)
+}
+
+/// `coef * mean((r_chosen + r_rejected)^2)`, TRL's reward centring; None at 0.
+fn centring(chosen: &Tensor, rejected: &Tensor, coef: f64) -> Result<Option<Tensor>> {
+    if coef == 0.0 {
+        return Ok(None);
+    }
+    Ok(Some(((chosen + rejected)?.sqr()?.mean_all()? * coef)?))
+}
+
+/// The reward model's held-out numbers: Bradley-Terry loss, pairwise accuracy, and the
+/// scores' mean (where centring holds it).
 #[derive(Clone, Debug)]
 pub struct RewardEval {
     pub loss: f64,
     pub accuracy: f64,
+    pub reward_mean: f64,
 }
 
 impl Report for RewardEval {
     fn fields(&self) -> Vec<(&'static str, f64)> {
-        vec![("loss", self.loss), ("accuracy", self.accuracy)]
+        vec![
+            ("loss", self.loss),
+            ("accuracy", self.accuracy),
+            ("reward_mean", self.reward_mean),
+        ]
     }
 }
 
@@ -192,25 +231,36 @@ impl Task for RewardTask<'_> {
             .into_iter()
             .map(|i| self.train[i].clone())
             .collect();
-        let (loss, acc, tokens) = self.pairs(&batch)?;
+        let s = self.pairs(&batch)?;
+        let mut metrics = vec![("accuracy", s.accuracy), ("reward_mean", s.mean)];
+        let loss = match s.centring {
+            Some(c) => {
+                metrics.push(("bt_loss", scalar(&s.loss)?));
+                (s.loss + c)?
+            }
+            None => s.loss,
+        };
         Ok(StepOut {
             loss,
-            tokens,
-            metrics: vec![("accuracy", acc)],
+            tokens: s.tokens,
+            metrics,
         })
     }
 
     fn evaluate(&mut self) -> Result<RewardEval> {
-        let (mut loss, mut acc, mut n) = (0.0, 0.0, 0.0);
+        let (mut loss, mut acc, mut mean, mut n) = (0.0, 0.0, 0.0, 0.0);
         for c in self.eval.chunks(self.env.cfg.train.batch_size) {
-            let (l, a, _) = self.pairs(c)?;
-            loss += scalar(&l)? * c.len() as f64;
-            acc += a * c.len() as f64;
+            // The held-out loss is Bradley-Terry's alone, comparable with or without centring.
+            let s = self.pairs(c)?;
+            loss += scalar(&s.loss)? * c.len() as f64;
+            acc += s.accuracy * c.len() as f64;
+            mean += s.mean * c.len() as f64;
             n += c.len() as f64;
         }
         Ok(RewardEval {
             loss: loss / n,
             accuracy: acc / n,
+            reward_mean: mean / n,
         })
     }
 
@@ -307,6 +357,22 @@ mod tests {
     use crate::model::linear::Ctx;
     use crate::train::params::Net;
     use crate::train::rng::Rng;
+
+    /// Bradley-Terry with a margin, and TRL's centring term, against numbers worked by hand.
+    #[test]
+    fn the_pairwise_loss_and_the_centring_term_match_hand_values() {
+        let t = |x: &[f32]| Tensor::new(x, &Device::Cpu).unwrap();
+        let (chosen, rejected) = (t(&[2.0, 0.5]), t(&[1.0, 1.5]));
+        let sp = |x: f64| (1.0 + x.exp()).ln(); // -log sigmoid(-x)
+                                                // Differences 1 and -1, less the margin 0.5.
+        let got = scalar(&pairwise_loss(&chosen, &rejected, 0.5).unwrap()).unwrap();
+        let want = (sp(-0.5) + sp(1.5)) / 2.0;
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        // Sums 3 and 2: 0.1 * (9 + 4) / 2.
+        let c = centring(&chosen, &rejected, 0.1).unwrap().unwrap();
+        assert!((scalar(&c).unwrap() - 0.65).abs() < 1e-6);
+        assert!(centring(&chosen, &rejected, 0.0).unwrap().is_none());
+    }
 
     /// Scoring packed is only a layout: sequences of 3 to 21 tokens packed into rows as wide as
     /// the longest give the padded batch's scores, and every parameter's gradient of a
