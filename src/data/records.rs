@@ -201,9 +201,19 @@ fn conversational_example(
 ) -> Result<SftExample> {
     let prompt = render_prompt(at, msgs, template)?;
     let mut record = obj.clone();
-    if let Some(Value::String(text)) = obj.get(field) {
-        let message = serde_json::json!([{"role": "assistant", "content": text}]);
-        record.insert(field.to_string(), message);
+    match obj.get(field) {
+        Some(Value::String(text)) => {
+            let message = serde_json::json!([{"role": "assistant", "content": text}]);
+            record.insert(field.to_string(), message);
+        }
+        Some(Value::Array(_)) | None => {}
+        Some(other) => {
+            let got = format!(
+                "expected the assistant's text or a list holding one assistant message, got {}",
+                kind(other)
+            );
+            return Err(at.field(field, &got));
+        }
     }
     let reply = render_reply(at, &record, field, (msgs, &prompt), template)?;
     Ok(SftExample::prompt_response(
@@ -219,16 +229,13 @@ type Messages<'v> = (&'v [Value], Vec<(&'v str, &'v str)>);
 
 /// Checks that `messages` is an array of objects with string `role` and `content`; errors
 /// name the offending message.
-fn message_fields<'v>(at: &Loc, msgs: &'v Value) -> Result<Messages<'v>> {
+fn message_fields<'v>(at: &Loc, field: &str, msgs: &'v Value) -> Result<Messages<'v>> {
     let Value::Array(list) = msgs else {
-        return Err(at.field(
-            "messages",
-            &format!("expected an array, got {}", kind(msgs)),
-        ));
+        return Err(at.field(field, &format!("expected an array, got {}", kind(msgs))));
     };
     let mut fields = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
-        let name = format!("messages[{i}]");
+        let name = format!("{field}[{i}]");
         let Value::Object(m) = m else {
             return Err(at.field(&name, &format!("expected an object, got {}", kind(m))));
         };
@@ -241,7 +248,7 @@ fn message_fields<'v>(at: &Loc, msgs: &'v Value) -> Result<Messages<'v>> {
 }
 
 fn chat_example(at: &Loc, msgs: &Value) -> Result<SftExample> {
-    let (_, fields) = message_fields(at, msgs)?;
+    let (_, fields) = message_fields(at, "messages", msgs)?;
     if fields.is_empty() {
         return Err(at.field("messages", "empty"));
     }
@@ -289,7 +296,7 @@ fn chat_example(at: &Loc, msgs: &Value) -> Result<SftExample> {
 /// A conversation rendered by a Jinja chat template. Roles are the template's business (it
 /// may accept "tool" or refuse "system"); each message still needs string role and content.
 fn templated_example(at: &Loc, msgs: &Value, template: &ChatTemplate) -> Result<SftExample> {
-    let (list, fields) = message_fields(at, msgs)?;
+    let (list, fields) = message_fields(at, "messages", msgs)?;
     if !fields.iter().any(|(role, _)| *role == "assistant") {
         return Err(at.field("messages", "no assistant message"));
     }
@@ -363,7 +370,7 @@ pub(crate) fn render_prompt(
     msgs: &Value,
     template: Option<&ChatTemplate>,
 ) -> Result<String> {
-    let (list, fields) = message_fields(at, msgs)?;
+    let (list, fields) = message_fields(at, "prompt", msgs)?;
     if fields.is_empty() {
         return Err(at.field("prompt", "empty"));
     }
@@ -396,7 +403,7 @@ pub(crate) fn render_reply(
         );
         return Err(at.field(field, &got));
     }
-    let (rlist, rfields) = message_fields(at, reply)?;
+    let (rlist, rfields) = message_fields(at, field, reply)?;
     let [(role, content)] = rfields.as_slice() else {
         return Err(at.field(field, "expected a list holding one assistant message"));
     };
@@ -1019,6 +1026,22 @@ mod tests {
             );
             assert!(!x.append_eos);
         }
+        std::fs::write(
+            &s,
+            format!("{{\"prompt\": {user}, \"completion\": [{{\"role\": 1}}]}}\n"),
+        )
+        .unwrap();
+        let e = err(load_sft(&s));
+        assert!(
+            e.contains("sft.jsonl:1: field \"completion[0].role\""),
+            "{e}"
+        );
+        std::fs::write(&s, format!("{{\"prompt\": {user}, \"completion\": 4}}\n")).unwrap();
+        let e = err(load_sft(&s));
+        assert!(
+            e.contains("field \"completion\": expected the assistant's text"),
+            "{e}"
+        );
         std::fs::write(
             &s,
             format!("{{\"prompt\": {user}, \"completion\": \"\"}}\n"),
