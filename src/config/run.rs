@@ -316,14 +316,7 @@ impl RunConfig {
                     );
                 }
             }
-            Stage::Reward => {
-                let c = self.reward.center_rewards_coefficient;
-                if !(c >= 0.0 && c.is_finite()) {
-                    anyhow::bail!(
-                        "reward.center_rewards_coefficient must be 0 or positive, got {c}"
-                    );
-                }
-            }
+            Stage::Reward => self.reward.validate()?,
             Stage::Pretrain | Stage::Sft => {}
         }
         self.check_dapo_steps()?;

@@ -53,6 +53,16 @@ pub struct RewardConfig {
     pub padding_free: bool,
 }
 
+impl RewardConfig {
+    pub fn validate(&self) -> Result<()> {
+        let c = self.center_rewards_coefficient;
+        if !(c >= 0.0 && c.is_finite()) {
+            bail!("reward.center_rewards_coefficient must be 0 or positive, got {c}");
+        }
+        Ok(())
+    }
+}
+
 impl Default for RewardConfig {
     fn default() -> Self {
         Self {
@@ -277,24 +287,30 @@ impl DpoLoss {
 
 impl DpoConfig {
     pub fn validate(&self) -> Result<()> {
+        self.validate_as("dpo")
+    }
+
+    /// The loss's checks, errors naming the keys under `table` (online DPO's table holds
+    /// the same keys).
+    pub fn validate_as(&self, table: &str) -> Result<()> {
         if !(self.beta > 0.0 && self.beta.is_finite()) {
-            bail!("dpo.beta must be positive, got {}", self.beta);
+            bail!("{table}.beta must be positive, got {}", self.beta);
         }
         if !(0.0..0.5).contains(&self.label_smoothing) {
             bail!(
-                "dpo.label_smoothing must be in [0, 0.5), got {}",
+                "{table}.label_smoothing must be in [0, 0.5), got {}",
                 self.label_smoothing
             );
         }
         let smooths = matches!(self.loss_type, DpoLoss::Sigmoid | DpoLoss::Robust);
         if self.label_smoothing > 0.0 && !smooths {
             bail!(
-                "dpo.label_smoothing applies to loss_type \"sigmoid\" and \"robust\", not \"{}\"",
+                "{table}.label_smoothing applies to loss_type \"sigmoid\" and \"robust\", not \"{}\"",
                 self.loss_type.name()
             );
         }
         if !self.simpo_gamma.is_finite() {
-            bail!("dpo.simpo_gamma must be finite");
+            bail!("{table}.simpo_gamma must be finite");
         }
         Ok(())
     }
@@ -459,10 +475,7 @@ impl OnlineDpoConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        // The loss's own checks, under this table's name.
-        self.loss()
-            .validate()
-            .map_err(|e| anyhow::anyhow!("{}", e.to_string().replace("dpo.", "online_dpo.")))?;
+        self.loss().validate_as("online_dpo")?;
         if !positive(self.temperature) {
             bail!(
                 "online_dpo.temperature must be positive, got {}",

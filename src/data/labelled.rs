@@ -100,7 +100,13 @@ fn labelled_record(
     let (prompt, completion, append_eos) = match obj.get("prompt") {
         Some(msgs @ Value::Array(_)) => {
             let prompt = render_prompt(at, msgs, template)?;
-            let completion = render_reply(at, obj, "completion", (msgs, &prompt), template)?;
+            let completion = render_reply(
+                at,
+                "completion",
+                obj.get("completion"),
+                (msgs, &prompt),
+                template,
+            )?;
             (prompt, completion, template.is_none())
         }
         _ => (

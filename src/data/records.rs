@@ -200,13 +200,13 @@ fn conversational_example(
     template: Option<&ChatTemplate>,
 ) -> Result<SftExample> {
     let prompt = render_prompt(at, msgs, template)?;
-    let mut record = obj.clone();
-    match obj.get(field) {
+    let wrapped;
+    let reply = match obj.get(field) {
         Some(Value::String(text)) => {
-            let message = serde_json::json!([{"role": "assistant", "content": text}]);
-            record.insert(field.to_string(), message);
+            wrapped = serde_json::json!([{"role": "assistant", "content": text}]);
+            Some(&wrapped)
         }
-        Some(Value::Array(_)) | None => {}
+        Some(Value::Array(_)) | None => obj.get(field),
         Some(other) => {
             let got = format!(
                 "expected the assistant's text or a list holding one assistant message, got {}",
@@ -214,8 +214,8 @@ fn conversational_example(
             );
             return Err(at.field(field, &got));
         }
-    }
-    let reply = render_reply(at, &record, field, (msgs, &prompt), template)?;
+    };
+    let reply = render_reply(at, field, reply, (msgs, &prompt), template)?;
     Ok(SftExample::prompt_response(
         &prompt,
         &reply,
@@ -387,15 +387,16 @@ pub(crate) fn render_prompt(
     }
 }
 
-/// The text an assistant reply (`field`: a one-message list) adds after the rendered prompt.
+/// The text an assistant reply (`reply`, the record's `field`: a one-message list) adds
+/// after the rendered prompt.
 pub(crate) fn render_reply(
     at: &Loc,
-    obj: &Map<String, Value>,
     field: &str,
+    reply: Option<&Value>,
     prompt: (&Value, &str),
     template: Option<&ChatTemplate>,
 ) -> Result<String> {
-    let reply = obj.get(field).ok_or_else(|| at.field(field, "missing"))?;
+    let reply = reply.ok_or_else(|| at.field(field, "missing"))?;
     if !reply.is_array() {
         let got = format!(
             "expected a list holding one assistant message, got {}",
@@ -435,8 +436,8 @@ fn conversational_pair(
 ) -> Result<PreferencePair> {
     let msgs = &obj["prompt"];
     let prompt = render_prompt(at, msgs, template)?;
-    let chosen = render_reply(at, obj, "chosen", (msgs, &prompt), template)?;
-    let rejected = render_reply(at, obj, "rejected", (msgs, &prompt), template)?;
+    let side = |field| render_reply(at, field, obj.get(field), (msgs, &prompt), template);
+    let (chosen, rejected) = (side("chosen")?, side("rejected")?);
     Ok(PreferencePair {
         prompt,
         chosen,

@@ -200,6 +200,13 @@ pub fn packed_batch(
     })
 }
 
+/// A batch of pairs' `2n` rows (or scores) as its two sides: the first `n` (chosen), the last
+/// `n` (rejected).
+pub fn halves(t: &Tensor) -> Result<(Tensor, Tensor)> {
+    let n = t.dim(0)? / 2;
+    Ok((t.narrow(0, 0, n)?, t.narrow(0, n, n)?))
+}
+
 /// Sequences scored one by one (DPO's summed response log-probabilities): right-padded, one
 /// sequence a row, or packed (TRL's `padding_free`) into as few rows of at most the model's
 /// context as best-fit decreasing finds, with the 0/1 matrix that sums each sequence's

@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
-use super::batch::{Encoded, SeqBatch};
+use super::batch::{halves, Encoded, SeqBatch};
 use super::eval::task_accuracy;
 use super::rollout::FrozenReference;
 use super::setup::{self, prompt_sets, split_holdout, Plan, PolicyPair};
@@ -32,6 +32,12 @@ use crate::train::runner::{Report, StepOut, Task};
 pub struct Pairwise<'a> {
     pub chosen: &'a Tensor,
     pub rejected: &'a Tensor,
+}
+
+impl<'a> From<&'a (Tensor, Tensor)> for Pairwise<'a> {
+    fn from((chosen, rejected): &'a (Tensor, Tensor)) -> Self {
+        Self { chosen, rejected }
+    }
 }
 
 /// The loss `c.loss_type` names (mean over pairs) and the share of pairs whose implicit reward
@@ -151,8 +157,7 @@ impl DpoTask<'_> {
         pairs: &[&EncodedPair],
         comm: Option<&dyn Communicator>,
     ) -> Result<(Tensor, Tensor, f64, usize)> {
-        let n = pairs.len();
-        // Chosen sequences in the first n rows, rejected in the last n.
+        // Chosen sequences in the first n rows, rejected in the last n ([`halves`]).
         let seqs: Vec<_> = (0..2)
             .flat_map(|side| pairs.iter().map(move |p| p[side].clone()))
             .collect();
@@ -172,27 +177,21 @@ impl DpoTask<'_> {
             None => None,
         };
         let tokens = b.per_seq(&b.lm.loss_mask.to_dtype(pol.dtype())?)?;
-        let halves = |t: &Tensor| -> Result<(Tensor, Tensor)> {
-            Ok((t.narrow(0, 0, n)?, t.narrow(0, n, n)?))
-        };
-        fn pair((chosen, rejected): &(Tensor, Tensor)) -> Pairwise<'_> {
-            Pairwise { chosen, rejected }
-        }
         let (p, t) = (halves(&pol)?, halves(&tokens)?);
         let r = refp.as_ref().map(halves).transpose()?;
-        let (loss, acc) =
-            preference_loss(&self.env.cfg.dpo, pair(&p), r.as_ref().map(pair), pair(&t))?;
-        let mut chosen_tokens = [tokens
-            .narrow(0, 0, n)?
-            .to_dtype(DType::F32)?
-            .sum_all()?
-            .to_scalar::<f32>()?];
+        let (loss, acc) = preference_loss(
+            &self.env.cfg.dpo,
+            (&p).into(),
+            r.as_ref().map(Into::into),
+            (&t).into(),
+        )?;
+        let mut chosen_tokens = [t.0.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?];
         if let Some(c) = comm {
             c.all_reduce_mean(&mut chosen_tokens)?;
         }
         let objective = with_chosen_nll(
             &loss,
-            &pol.narrow(0, 0, n)?,
+            &p.0,
             f64::from(chosen_tokens[0]),
             self.env.cfg.dpo.rpo_alpha,
         )?;

@@ -116,9 +116,9 @@ impl Job<'_> {
     /// and checked when it is resumed. The scoring is named only where there is one, so a
     /// file written without it resumes as it did before scoring existed.
     pub fn settings(&self, checkpoint: &Path) -> Map<String, Value> {
-        let checkpoint = checkpoint
-            .canonicalize()
-            .unwrap_or_else(|_| checkpoint.to_path_buf());
+        // Paths absolute, so that a run resumed from another directory matches.
+        let absolute = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        let checkpoint = absolute(checkpoint);
         let c = self.cfg;
         let v = serde_json::json!({
             "checkpoint": checkpoint.display().to_string(),
@@ -135,14 +135,12 @@ impl Job<'_> {
             unreachable!("a JSON object literal")
         };
         if !self.rewards.is_empty() {
-            // A reward model by its absolute path, as the checkpoint, so that a run resumed
-            // from another directory matches.
             let specs: Vec<String> = self
                 .rewards
                 .iter()
                 .map(|r| match &r.source {
                     RewardSource::Model(p) => RewardSpec {
-                        source: RewardSource::Model(p.canonicalize().unwrap_or_else(|_| p.clone())),
+                        source: RewardSource::Model(absolute(p)),
                         weight: r.weight,
                     }
                     .to_string(),

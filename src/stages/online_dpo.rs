@@ -18,9 +18,10 @@ use std::collections::VecDeque;
 use anyhow::Result;
 use candle_core::Tensor;
 
+use super::batch::halves;
 use super::dpo::{preference_loss, Pairwise};
 use super::eval::{PolicyEval, PolicyResult};
-use super::rl::kl_estimate;
+use super::rl::{eos_penalised, kl_estimate};
 use super::rollout::{
     reference_logprobs, response_logprobs, rollout_seed, rollout_stats, rows, ActorKnobs, Actors,
     FrozenReference, Objective, Rollout, RolloutClock,
@@ -47,19 +48,6 @@ pub fn ranked_pairs(scores: &[f64]) -> Vec<(usize, usize)> {
             Some(Ordering::Greater) => Some((2 * i, 2 * i + 1)),
             Some(Ordering::Less) => Some((2 * i + 1, 2 * i)),
             _ => None,
-        })
-        .collect()
-}
-
-/// Each sample's score, less `penalty` where it did not end with EOS (TRL's
-/// `missing_eos_penalty`).
-fn penalised(scores: &[f64], finished: &[bool], penalty: Option<f64>) -> Vec<f64> {
-    scores
-        .iter()
-        .zip(finished)
-        .map(|(&s, &done)| match (penalty, done) {
-            (Some(p), false) => s - p,
-            _ => s,
         })
         .collect()
 }
@@ -99,7 +87,6 @@ impl PairForward {
         ro: &Rollout,
         pairs: &[(usize, usize)],
     ) -> Result<Self> {
-        let n = pairs.len();
         let idx: Vec<usize> = pairs
             .iter()
             .map(|p| p.0)
@@ -107,9 +94,6 @@ impl PairForward {
             .collect();
         let mask = rows(&ro.mask, &idx)?;
         let (logp, _) = response_logprobs(policy, ctx, ro, &idx, false)?;
-        let halves = |t: &Tensor| -> Result<(Tensor, Tensor)> {
-            Ok((t.narrow(0, 0, n)?, t.narrow(0, n, n)?))
-        };
         let (reference, kl_sum) = match reference {
             Some(r) => {
                 let r = reference_logprobs(&r.get(), policy, ctx, ro, &idx)?;
@@ -129,20 +113,16 @@ impl PairForward {
     }
 
     fn policy(&self) -> Pairwise<'_> {
-        pairwise(&self.logps)
+        (&self.logps).into()
     }
 
     fn reference(&self) -> Option<Pairwise<'_>> {
-        self.reference.as_ref().map(pairwise)
+        self.reference.as_ref().map(Into::into)
     }
 
     fn lengths(&self) -> Pairwise<'_> {
-        pairwise(&self.lengths)
+        (&self.lengths).into()
     }
-}
-
-fn pairwise((chosen, rejected): &(Tensor, Tensor)) -> Pairwise<'_> {
-    Pairwise { chosen, rejected }
 }
 
 /// The rows `completions.jsonl` shows of a rollout of `n` rows in pairs: `k` rows rounded
@@ -218,7 +198,8 @@ impl OnlineDpoTask<'_> {
             // Back to back, so the engine prefills each prompt once for both samples.
             records.extend(std::iter::repeat_n(self.prompts[i].clone(), 2));
         }
-        let c = self.cfg().clone();
+        let c = self.cfg();
+        let penalty = c.missing_eos_penalty;
         let cfg = SampleCfg {
             max_new_tokens: c.max_new_tokens,
             temperature: c.temperature,
@@ -241,7 +222,7 @@ impl OnlineDpoTask<'_> {
             .collect(self.env.ctx(true, None), &records, &cfg, &keys)?;
         let mut stats = rollout_stats(&ro, None);
         stats.extend(self.clock.metrics(&times));
-        let scores = penalised(&ro.scores, &ro.finished, c.missing_eos_penalty);
+        let scores = eos_penalised(&ro.scores, &ro.finished, penalty);
         let ranked = ranked_pairs(&scores);
         stats.push((
             "ranked_share",
@@ -278,7 +259,7 @@ impl Task for OnlineDpoTask<'_> {
             .pending
             .pop_front()
             .expect("draw_step drew grad_accum >= 1");
-        let c = self.cfg().clone();
+        let rpo_alpha = self.cfg().rpo_alpha;
         // A rank whose prompts all tied still runs a forward, over its first pair with weight
         // 0, so that its backward (and the all-reduce after it) sees every parameter.
         let pairs = match ranked.is_empty() {
@@ -308,10 +289,10 @@ impl Task for OnlineDpoTask<'_> {
         let weighted = (&loss * share)?;
         // RPO: the chosen samples' NLL per chosen token of the whole step (this rank's share
         // of the sum, scaled as the pairs' mean is).
-        let objective = match ranked.is_empty() || c.rpo_alpha == 0.0 || step_tokens <= 0.0 {
+        let objective = match ranked.is_empty() || rpo_alpha == 0.0 || step_tokens <= 0.0 {
             true => weighted,
             false => {
-                let nll = (f.logps.0.sum_all()? * (-c.rpo_alpha * accum / step_tokens))?;
+                let nll = (f.logps.0.sum_all()? * (-rpo_alpha * accum / step_tokens))?;
                 (weighted + nll)?
             }
         };
@@ -453,9 +434,9 @@ mod tests {
 
     #[test]
     fn a_missing_eos_lowers_a_score_before_ranking() {
-        let s = penalised(&[1.0, 1.0], &[true, false], Some(0.5));
+        let s = eos_penalised(&[1.0, 1.0], &[true, false], Some(0.5));
         assert_eq!(s, [1.0, 0.5]);
         assert_eq!(ranked_pairs(&s), [(0, 1)]);
-        assert_eq!(penalised(&[1.0, 1.0], &[true, false], None), [1.0, 1.0]);
+        assert_eq!(eos_penalised(&[1.0, 1.0], &[true, false], None), [1.0, 1.0]);
     }
 }

@@ -24,7 +24,8 @@ use super::eval::{PolicyEval, PolicyResult};
 use super::loader::{read_checkpoint, scored_from};
 use super::reward::Scorer;
 use super::rl::{
-    explained_variance, gae_advantages, row_sums, token_rewards, value_loss, Aggregation, Clip,
+    eos_penalised, explained_variance, gae_advantages, row_sums, token_rewards, value_loss,
+    Aggregation, Clip,
 };
 use super::rollout::{
     mean_over_ranks, response_values, rollout_seed, rollout_stats, rows, surrogate, token_shares,
@@ -126,17 +127,9 @@ impl PpoTask<'_> {
         let kl = ro.kl(c.kl_estimator)?.ok_or_else(|| {
             anyhow::anyhow!("ppo: the rollout has no reference log-probabilities")
         })?;
-        let scores: Vec<f64> = ro
-            .scores
-            .iter()
-            .zip(&ro.finished)
-            .map(|(&s, &finished)| {
-                let s = match (c.missing_eos_penalty, finished) {
-                    (Some(p), false) => s - p,
-                    _ => s,
-                };
-                c.score_clip.map_or(s, |clip| s.clamp(-clip, clip))
-            })
+        let scores: Vec<f64> = eos_penalised(&ro.scores, &ro.finished, c.missing_eos_penalty)
+            .into_iter()
+            .map(|s| c.score_clip.map_or(s, |clip| s.clamp(-clip, clip)))
             .collect();
         let rewards = token_rewards(&kl, &scores, &ro.lengths, self.beta)?;
         let g = gae_advantages(

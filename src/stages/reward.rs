@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
-use super::batch::{fit_rows, padded};
+use super::batch::{fit_rows, halves, padded};
 use super::loader::scored_from;
 use super::setup::{self, init_checkpoint, split_holdout, Plan};
 use super::truncate::Fitter;
@@ -159,17 +159,18 @@ impl RewardTask<'_> {
             self.env.cfg.reward.padding_free,
         )?;
         let n = pairs.len();
-        let (chosen, rejected) = (scores.narrow(0, 0, n)?, scores.narrow(0, n, n)?);
+        let (chosen, rejected) = halves(&scores)?;
         let c = &self.env.cfg.reward;
         let loss = pairwise_loss(&chosen, &rejected, c.margin)?;
-        let diff = (&chosen - &rejected)?;
-        let acc = diff.to_vec1::<f32>()?.iter().filter(|&&d| d > 0.0).count() as f64 / n as f64;
-        let mean = scalar(&scores.mean_all()?)?;
+        // One read of the scores for both numbers the host needs.
+        let host = scores.to_vec1::<f32>()?;
+        let (c_host, r_host) = host.split_at(n);
+        let ranked = c_host.iter().zip(r_host).filter(|(c, r)| c > r).count();
         Ok(Scored {
             loss,
             centring: centring(&chosen, &rejected, c.center_rewards_coefficient)?,
-            accuracy: acc,
-            mean,
+            accuracy: ranked as f64 / n as f64,
+            mean: host.iter().map(|&x| f64::from(x)).sum::<f64>() / (2 * n) as f64,
             tokens,
         })
     }

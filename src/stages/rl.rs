@@ -280,6 +280,19 @@ pub fn reinforce_pp_advantages(
     Ok(gae_advantages(&rewards, &zeros, mask, (1.0, 1.0), true, kernel, comm)?.advantages)
 }
 
+/// Each response's score, less `penalty` where it did not end with EOS (TRL's
+/// `missing_eos_penalty`).
+pub fn eos_penalised(scores: &[f64], finished: &[bool], penalty: Option<f64>) -> Vec<f64> {
+    scores
+        .iter()
+        .zip(finished)
+        .map(|(&s, &done)| match (penalty, done) {
+            (Some(p), false) => s - p,
+            _ => s,
+        })
+        .collect()
+}
+
 /// `mask` with the rows of unfinished (truncated) responses zeroed.
 pub fn without_truncated(mask: &Tensor, finished: &[bool]) -> Result<Tensor> {
     let keep: Vec<f32> = finished.iter().map(|&f| f32::from(u8::from(f))).collect();
