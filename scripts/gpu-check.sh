@@ -382,10 +382,10 @@ fi
 # 1.05x compile's step.
 MEM=1 section train-torch-compile 240 python3 scripts/gpt2_peer.py --compile --steps 10
 
-# The README's main job on the GPU, with DPO, KTO, online DPO and GRPO beside PPO so that
-# every kind of stage trains there once, with whatever time is left.
+# The README's main job on the GPU, with DPO, KTO, online DPO, GRPO and distillation beside
+# PPO, so that every kind of stage trains there once, with whatever time is left.
 if has temper; then
-  section pipeline 240 "$BUNDLE" temper pipeline --device cuda --with dpo,kto,online_dpo,grpo \
+  section pipeline 240 "$BUNDLE" temper pipeline --device cuda --with dpo,kto,online_dpo,grpo,distill \
     --out "$WORK/pipeline"
 fi
 if has bench-train_step; then

@@ -45,7 +45,11 @@ pub enum Command {
     OnlineDpo(StageArgs),
     /// Group relative policy optimisation.
     Grpo(StageArgs),
-    /// pretrain -> sft -> reward -> ppo (and optionally dpo, kto, online_dpo, grpo) on the built-in task.
+    /// Knowledge distillation from a frozen teacher (TRL's GKD): the student learns the
+    /// teacher's token distributions on the data's completions or on its own samples.
+    Distill(StageArgs),
+    /// pretrain -> sft -> reward -> ppo (and optionally dpo, kto, online_dpo, grpo, distill) on the
+    /// built-in task.
     Pipeline(PipelineArgs),
     /// Run a training stage data-parallel, one process per rank: `launch --nproc-per-node 2 -- pretrain ...`.
     Launch(LaunchArgs),
@@ -63,7 +67,7 @@ pub enum Command {
 #[derive(Args, Debug, Clone, Default)]
 pub struct StageArgs {
     /// TOML file with [model], [train], [lora], [data], [sft], [reward], [ppo], [dpo], [kto],
-    /// [online_dpo], [grpo].
+    /// [online_dpo], [grpo], [distill].
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Run directory (config.toml, metrics.jsonl, checkpoints/, final/).
@@ -134,9 +138,17 @@ pub struct StageArgs {
     /// `cmd:COMMAND` or `http://HOST:PORT/PATH`; repeatable.
     #[arg(long = "reward")]
     pub rewards: Vec<RewardSpec>,
-    /// KL coefficient (PPO's beta, DPO's, KTO's and online DPO's beta, GRPO's beta).
+    /// KL coefficient (PPO's beta, DPO's, KTO's and online DPO's beta, GRPO's beta); for
+    /// distill, the divergence's interpolation (0 forward KL, 1 reverse KL).
     #[arg(long)]
     pub beta: Option<f64>,
+    /// Distill: the model to learn from (`[distill] teacher`).
+    #[arg(long, value_name = "RUN_OR_CKPT")]
+    pub teacher: Option<PathBuf>,
+    /// Distill: the share of optimizer steps trained on the student's own samples
+    /// (`[distill] lmbda`; TRL's --lmbda).
+    #[arg(long)]
+    pub lmbda: Option<f64>,
     /// GRPO's advantage estimator: group_norm (GRPO), rloo, reinforce_plus_plus.
     #[arg(long, value_enum)]
     pub advantage_estimator: Option<AdvantageEstimator>,
@@ -158,7 +170,7 @@ pub struct PipelineArgs {
     #[arg(long, default_value = "runs/pipeline")]
     pub out: PathBuf,
     /// Extra stages after PPO, each from the SFT model: dpo, kto, online_dpo, grpo, rloo,
-    /// reinforce_pp.
+    /// reinforce_pp, and distill (PPO's policy taught to the SFT model).
     #[arg(long, value_delimiter = ',', value_enum)]
     pub with: Vec<Extra>,
     #[arg(long, value_enum)]
@@ -494,7 +506,21 @@ impl StageArgs {
             cfg.kto.beta = b;
             cfg.online_dpo.beta = b;
             cfg.grpo.beta = b;
+            cfg.distill.beta = b;
         }
+        // Distillation's own flags; elsewhere they would do nothing, so they are refused.
+        for (set, flag) in [
+            (self.teacher.is_some(), "--teacher"),
+            (self.lmbda.is_some(), "--lmbda"),
+        ] {
+            if set && now != Stage::Distill {
+                bail!("{flag} applies to distill, not {}", now.name());
+            }
+        }
+        if self.teacher.is_some() {
+            cfg.distill.teacher = self.teacher.clone();
+        }
+        set!(self.lmbda, cfg.distill.lmbda);
         Ok(())
     }
 }

@@ -58,6 +58,7 @@ fn training_stage(c: &Command) -> Option<(Stage, &StageArgs)> {
         Command::Kto(a) => (Stage::Kto, a),
         Command::OnlineDpo(a) => (Stage::OnlineDpo, a),
         Command::Grpo(a) => (Stage::Grpo, a),
+        Command::Distill(a) => (Stage::Distill, a),
         _ => return None,
     })
 }
@@ -90,6 +91,7 @@ fn run_stage(stage: Stage, env: &Env) -> Result<String> {
         Stage::Kto => stages::kto::run(env)?.describe(),
         Stage::OnlineDpo => stages::online_dpo::run(env)?.describe(),
         Stage::Grpo => stages::grpo::run(env)?.describe(),
+        Stage::Distill => stages::distill::run(env)?.describe(),
     })
 }
 
@@ -114,7 +116,8 @@ fn run(cli: Cli) -> Result<()> {
         | Command::Dpo(_)
         | Command::Kto(_)
         | Command::OnlineDpo(_)
-        | Command::Grpo(_) => {}
+        | Command::Grpo(_)
+        | Command::Distill(_) => {}
         Command::Launch(a) => launch_cmd(&a)?,
         Command::Pipeline(a) => stages::pipeline::run(&a.options())?,
         Command::Generate(a) => generate_cmd(&a)?,

@@ -609,3 +609,40 @@ fn rl_over_two_ranks(
         "the resumed data-parallel run left its curve"
     );
 }
+
+/// Distillation over two launched ranks follows one rank with the doubled batch, on the
+/// students' own samples too: a sampled row draws from its place in the step's global batch,
+/// and every token of it weighs the same across ranks.
+#[test]
+fn distill_over_two_ranks_follows_one_rank() {
+    let d = tmp();
+    let (cfg, pre) = pretrained(d.path());
+    // A teacher that differs from the student: a longer pretraining run of its own.
+    let teacher = p(d.path(), "teacher");
+    pretrain_on_cpu(&cfg, &teacher, 30);
+    let (one, two) = (p(d.path(), "one"), p(d.path(), "two"));
+    for (lmbda, tag) in [("1", "sampled"), ("0", "data")] {
+        let (one, two) = (one.join(tag), two.join(tag));
+        let args = [
+            "--config",
+            &cfg,
+            "--init",
+            pre.to_str().unwrap(),
+            "--teacher",
+            teacher.to_str().unwrap(),
+            "--lmbda",
+            lmbda,
+            "--steps",
+            "3",
+            "--eval-every",
+            "100",
+            "--device",
+            "cpu",
+        ];
+        one_rank_and_two(&["distill"], &args, &one, &two);
+        let (x, y) = (losses(&one), losses(&two));
+        assert_eq!(x.len(), 3, "{tag}");
+        assert!(x.iter().all(|&(_, l)| l > 0.0), "{tag}: {x:?}");
+        assert_same_curve(&x, &y);
+    }
+}

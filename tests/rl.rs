@@ -28,7 +28,7 @@ fn chain() -> &'static Chain {
         std::fs::write(
             &cfg,
             format!(
-                "{TINY_TOML}\n[sft]\neval_prompts = 8\n[ppo]\neval_prompts = 4\nrollout_batch = 8\nminibatch_size = 8\nppo_epochs = 1\n[grpo]\neval_prompts = 4\nprompts_per_rollout = 4\ngroup_size = 2\nminibatch_size = 8\nlog_completions = 3\n[online_dpo]\neval_prompts = 4\nlog_completions = 4\n"
+                "{TINY_TOML}\n[sft]\neval_prompts = 8\n[ppo]\neval_prompts = 4\nrollout_batch = 8\nminibatch_size = 8\nppo_epochs = 1\n[grpo]\neval_prompts = 4\nprompts_per_rollout = 4\ngroup_size = 2\nminibatch_size = 8\nlog_completions = 3\n[distill]\neval_prompts = 8\n[online_dpo]\neval_prompts = 4\nlog_completions = 4\n"
             ),
         )
         .unwrap();
@@ -658,4 +658,205 @@ fn online_dpo_trains_on_the_pairs_its_scores_rank_and_none_where_they_tie() {
     }
     assert!(series(&m, "train", "dpo_loss").is_empty());
     assert!(tied.join("final/meta.json").exists());
+}
+
+fn pre() -> PathBuf {
+    p(chain().dir.path(), "pre")
+}
+
+/// `temper distill` teaches the SFT model's distributions to the pretrained one: the held-out
+/// divergence to the teacher falls, `--lmbda` is the share of on-policy steps (their sampled
+/// completions' lengths logged), `seq_kd` samples the teacher instead, and `--resume`
+/// retraces the uninterrupted run, sampled steps included. A teacher with another vocabulary,
+/// a missing teacher and `--teacher` on another stage are refused.
+#[test]
+fn distill_brings_the_student_to_its_teacher_and_resumes_exactly() {
+    let dir = tmp();
+    let run = |name: &str, extra: &[&str]| -> PathBuf {
+        let out = p(dir.path(), name);
+        let (student, teacher) = (pre(), sft());
+        let mut a = vec![
+            "distill",
+            "--config",
+            &chain().config,
+            "--init",
+            s(&student),
+            "--out",
+            s(&out),
+            "--log-every",
+            "1",
+            "--device",
+            "cpu",
+        ];
+        a.extend(["--teacher", s(&teacher)]);
+        a.extend(extra);
+        run_ok(&a);
+        out
+    };
+    let learnt = run(
+        "learnt",
+        &["--steps", "16", "--eval-every", "16", "--lr", "2e-3"],
+    );
+    let m = metrics(&learnt);
+    let eval = series(&m, "val", "loss");
+    assert_eq!(eval.len(), 2, "{m:?}");
+    assert!(
+        eval[1].1 < 0.8 * eval[0].1,
+        "the divergence to the teacher did not fall: {eval:?}"
+    );
+    let on = series(&m, "train", "on_policy");
+    assert_eq!(on.len(), 16, "{m:?}");
+    let sampled = on.iter().filter(|&&(_, x)| x == 1.0).count();
+    assert!((3..=13).contains(&sampled), "{on:?}");
+    assert_eq!(series(&m, "train", "sampled_len").len(), sampled, "{m:?}");
+
+    // All on the data's completions, at beta 0 (the forward KL); then seq_kd, every step on
+    // the teacher's samples.
+    let off = run("off", &["--steps", "2", "--lmbda", "0", "--beta", "0"]);
+    let m = metrics(&off);
+    assert!(series(&m, "train", "on_policy")
+        .iter()
+        .all(|&(_, x)| x == 0.0));
+    assert!(series(&m, "train", "sampled_len").is_empty(), "{m:?}");
+    let seq_kd = p(dir.path(), "seq_kd.toml");
+    let text = std::fs::read_to_string(&chain().config).unwrap();
+    let text = text.replace("[distill]\n", "[distill]\nseq_kd = true\n");
+    std::fs::write(&seq_kd, text).unwrap();
+    let out = p(dir.path(), "teacher_samples");
+    let teacher = sft();
+    run_ok(&[
+        "distill",
+        "--config",
+        s(&seq_kd),
+        "--init",
+        s(&pre()),
+        "--teacher",
+        s(&teacher),
+        "--out",
+        s(&out),
+        "--steps",
+        "2",
+        "--lmbda",
+        "0",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+    ]);
+    let m = metrics(&out);
+    assert_eq!(series(&m, "train", "sampled_len").len(), 2, "{m:?}");
+    assert!(series(&m, "train", "on_policy")
+        .iter()
+        .all(|&(_, x)| x == 0.0));
+
+    // Resumed from step 2 of 4, the run retraces the whole one.
+    let flags = ["--steps", "4", "--eval-every", "100", "--lmbda", "0.5"];
+    let whole = run("whole", &flags);
+    let cut = run("cut", &[&flags[..], &["--checkpoint-every", "2"]].concat());
+    let ckpts = cut.join("checkpoints");
+    std::fs::remove_dir_all(ckpts.join("step-0000004")).unwrap();
+    std::fs::remove_dir_all(cut.join("final")).unwrap();
+    std::fs::write(ckpts.join("latest"), "step-0000002").unwrap();
+    run_ok(&["distill", "--resume", s(&cut)]);
+    let (a, b) = (
+        series(&metrics(&whole), "train", "loss"),
+        series(&metrics(&cut), "train", "loss"),
+    );
+    assert_eq!(a.len(), 4, "{a:?}");
+    assert_eq!(a, b, "the resumed run left the curve");
+    let on = series(&metrics(&whole), "train", "on_policy");
+    assert!(
+        on.iter().any(|&(s, x)| s > 2 && x == 1.0),
+        "no sampled step after the cut: {on:?}"
+    );
+
+    // A teacher with half the student's context, and prompts that leave the samples less
+    // room in it than max_new_tokens (6): every step samples, each sample stops where the
+    // shorter context ends, and both models read the sequences whole. LoRA trains adapters.
+    let short = p(dir.path(), "short.toml");
+    let text = TINY_TOML
+        .replace(
+            "max_position_embeddings = 64",
+            "max_position_embeddings = 32",
+        )
+        .replace("seq_len = 48", "seq_len = 24");
+    std::fs::write(&short, text).unwrap();
+    let short_teacher = p(dir.path(), "short_teacher");
+    pretrain_on_cpu(s(&short), &short_teacher, 2);
+    let data = p(dir.path(), "long_prompts.jsonl");
+    let line = |i: usize| format!("{{\"prompt\": \"{:>30}\", \"response\": \"ab\"}}\n", i);
+    std::fs::write(&data, (0..12).map(line).collect::<String>()).unwrap();
+    let out = p(dir.path(), "cramped");
+    run_ok(&[
+        "distill",
+        "--config",
+        &chain().config,
+        "--init",
+        s(&pre()),
+        "--teacher",
+        s(&short_teacher),
+        "--data",
+        s(&data),
+        "--lmbda",
+        "1",
+        "--steps",
+        "2",
+        "--log-every",
+        "1",
+        "--batch-size",
+        "4",
+        "--lora-rank",
+        "4",
+        "--out",
+        s(&out),
+        "--device",
+        "cpu",
+    ]);
+    let m = metrics(&out);
+    let len = series(&m, "train", "sampled_len");
+    assert_eq!(len.len(), 2, "{m:?}");
+    assert!(len.iter().all(|&(_, l)| l > 0.0 && l <= 2.0), "{len:?}");
+    assert!(out.join("final/adapter.safetensors").exists());
+
+    // Another vocabulary, no teacher, a teacher for another stage.
+    let hf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama");
+    let e = run_err(&[
+        "distill",
+        "--config",
+        &chain().config,
+        "--init",
+        s(&pre()),
+        "--teacher",
+        s(&hf),
+        "--out",
+        s(&p(dir.path(), "vocab")),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        e.contains("tokenizer") && e.contains("not the student's"),
+        "{e}"
+    );
+    let e = run_err(&[
+        "distill",
+        "--config",
+        &chain().config,
+        "--init",
+        s(&pre()),
+        "--out",
+        s(&p(dir.path(), "none")),
+        "--device",
+        "cpu",
+    ]);
+    assert!(e.contains("--teacher"), "{e}");
+    let e = run_err(&[
+        "sft",
+        "--init",
+        s(&pre()),
+        "--teacher",
+        s(&hf),
+        "--device",
+        "cpu",
+    ]);
+    assert!(e.contains("--teacher applies to distill, not sft"), "{e}");
 }

@@ -3,6 +3,7 @@
 //! directory as `config.toml`. Nothing here depends on the rest of the crate except the
 //! atomic file writes, so every other layer can read its configuration from here.
 
+mod distill;
 mod lora;
 mod model;
 mod run;
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+pub use distill::DistillConfig;
 pub use lora::{LoraConfig, LoraTarget};
 pub use model::{HfFamily, MlpKind, ModelConfig, NormKind, PositionKind, RopeScaling};
 pub use run::{overlay, DataConfig, DeviceChoice, RunConfig, Stage, Truncation};

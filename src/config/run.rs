@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use super::stages::positive;
 use super::{
-    read_toml, write_toml, DpoConfig, ExternalRewardConfig, GrpoConfig, KtoConfig, LoraConfig,
-    LossType, ModelConfig, OnlineDpoConfig, PpoConfig, RewardConfig, SftConfig, TrainConfig,
+    read_toml, write_toml, DistillConfig, DpoConfig, ExternalRewardConfig, GrpoConfig, KtoConfig,
+    LoraConfig, LossType, ModelConfig, OnlineDpoConfig, PpoConfig, RewardConfig, SftConfig,
+    TrainConfig,
 };
 use crate::kernels::KernelSet;
 
@@ -28,6 +29,7 @@ pub enum Stage {
     #[value(name = "online_dpo")]
     OnlineDpo,
     Grpo,
+    Distill,
 }
 
 impl Stage {
@@ -41,6 +43,7 @@ impl Stage {
             Stage::Kto => "kto",
             Stage::OnlineDpo => "online_dpo",
             Stage::Grpo => "grpo",
+            Stage::Distill => "distill",
         }
     }
 }
@@ -165,6 +168,7 @@ pub struct RunConfig {
     pub kto: KtoConfig,
     pub online_dpo: OnlineDpoConfig,
     pub grpo: GrpoConfig,
+    pub distill: DistillConfig,
     pub external_reward: ExternalRewardConfig,
 }
 
@@ -235,6 +239,16 @@ impl RunConfig {
                 train.checkpoint_every = 50;
                 train.log_every = 4;
             }
+            // Measured on the built-in task, seeds 0-2, the PPO policy (0.98/0.59/0.65) teaching
+            // the SFT model (0.57/0.35/0.46): 200 steps at lr 1e-4, 5e-4 and 2e-3 reached
+            // 0.97/0.54/0.71, 0.97/0.54/0.67 and 0.94/0.57/0.60 (one prompt is 0.016).
+            Stage::Distill => {
+                train.steps = 200;
+                train.lr = 5e-4;
+                train.warmup_steps = 5;
+                train.eval_every = 100;
+                train.weight_decay = 0.0;
+            }
             Stage::Pretrain => {}
         }
         Self {
@@ -253,6 +267,7 @@ impl RunConfig {
             kto: Default::default(),
             online_dpo: Default::default(),
             grpo: Default::default(),
+            distill: Default::default(),
             external_reward: Default::default(),
         }
     }
@@ -317,6 +332,7 @@ impl RunConfig {
                 }
             }
             Stage::Reward => self.reward.validate()?,
+            Stage::Distill => self.distill.validate()?,
             Stage::Pretrain | Stage::Sft => {}
         }
         self.check_dapo_steps()?;

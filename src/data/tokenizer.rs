@@ -296,6 +296,18 @@ impl Tokenizer {
         }
     }
 
+    /// Whether `other` maps every token to the same id (special tokens included): two models
+    /// whose distributions are compared token by token need that.
+    pub fn same_vocabulary(&self, other: &Tokenizer) -> bool {
+        match (self, other) {
+            (Tokenizer::Bytes, Tokenizer::Bytes) => true,
+            (Tokenizer::Hf { inner: a, .. }, Tokenizer::Hf { inner: b, .. }) => {
+                a.get_vocab(true) == b.get_vocab(true)
+            }
+            _ => false,
+        }
+    }
+
     pub fn vocab_size(&self) -> usize {
         match self {
             Tokenizer::Bytes => BYTE_VOCAB,

@@ -7,6 +7,7 @@
 
 pub mod batch;
 pub mod completions;
+pub mod distill;
 pub mod dpo;
 pub mod eval;
 pub mod export;

@@ -1,5 +1,6 @@
 //! `temper pipeline`: pretrain -> sft -> reward -> ppo (and optionally dpo, kto, online DPO,
-//! grpo, each from the SFT model) on the built-in task, one subdirectory per stage, ending
+//! grpo, each from the SFT model, and distill, PPO's policy taught to the SFT model) on the
+//! built-in task, one subdirectory per stage, ending
 //! with a table of what each stage achieved on held-out data, also written to `summary.json`.
 
 use std::path::{Path, PathBuf};
@@ -12,7 +13,8 @@ use super::Env;
 use crate::config::{overlay, AdvantageEstimator, DeviceChoice, RunConfig, Stage};
 
 /// The stages `--with` can add after PPO, each from the SFT model. `rloo` and
-/// `reinforce_pp` are the grpo stage with another advantage estimator.
+/// `reinforce_pp` are the grpo stage with another advantage estimator; `distill` teaches the
+/// PPO policy's distributions to the SFT model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Extra {
     Dpo,
@@ -23,6 +25,7 @@ pub enum Extra {
     Rloo,
     #[value(name = "reinforce_pp", alias = "reinforce++")]
     ReinforcePp,
+    Distill,
 }
 
 /// One step of the pipeline: a stage, the directory it writes, and (for the grpo stage) the
@@ -58,6 +61,7 @@ impl From<Extra> for Step {
             Extra::Grpo => grpo("grpo", AdvantageEstimator::GroupNorm),
             Extra::Rloo => grpo("rloo", AdvantageEstimator::Rloo),
             Extra::ReinforcePp => grpo("reinforce_pp", AdvantageEstimator::ReinforcePlusPlus),
+            Extra::Distill => Step::plain(Stage::Distill),
         }
     }
 }
@@ -106,6 +110,10 @@ fn stage_config(
         Stage::Ppo => {
             cfg.init = Some(dir.join("sft"));
             cfg.ppo.value_init = Some(dir.join("reward"));
+        }
+        Stage::Distill => {
+            cfg.init = Some(dir.join("sft"));
+            cfg.distill.teacher = Some(dir.join("ppo"));
         }
     }
     if let Some(table) = user.and_then(|u| u.get(step.name)) {
@@ -172,6 +180,13 @@ fn run_stage(stage: Stage, env: &Env) -> Result<Value> {
                    "label_accuracy": num(r.label_accuracy),
                    "sft_label_accuracy": num(r.start_label_accuracy),
                    "reward_margin": num(r.reward_margin)})
+        }
+        Stage::Distill => {
+            let r = super::distill::run(env)?;
+            json!({"accuracy": num(r.accuracy.unwrap_or(nan)),
+                   "sft_accuracy": num(r.start_accuracy.unwrap_or(nan)),
+                   "teacher_accuracy": num(r.teacher_accuracy.unwrap_or(nan)),
+                   "eval_loss": num(r.eval_loss)})
         }
     })
 }
@@ -256,6 +271,14 @@ fn print_table(steps: &[Step], summary: &Map<String, Value>) {
             Stage::Dpo | Stage::Kto => (
                 format!("accuracy {}", f(v.get("accuracy"))),
                 format!("sft {}", f(v.get("sft_accuracy"))),
+            ),
+            Stage::Distill => (
+                format!("accuracy {}", f(v.get("accuracy"))),
+                format!(
+                    "sft {}, teacher (ppo) {}",
+                    f(v.get("sft_accuracy")),
+                    f(v.get("teacher_accuracy"))
+                ),
             ),
             Stage::Ppo | Stage::Grpo | Stage::OnlineDpo => (
                 format!("accuracy {}", f(v.get("accuracy"))),

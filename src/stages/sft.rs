@@ -24,16 +24,21 @@ use crate::train::rng::splitmix64;
 use crate::train::runner::{Report, StepOut, Task};
 
 /// Training examples, held-out examples (for the loss) and held-out prompts with answers (for
-/// accuracy; empty when the data has none).
-fn datasets(env: &Env) -> Result<(Vec<SftExample>, Vec<SftExample>, Vec<PromptRecord>)> {
+/// accuracy; empty when the data has none): the SFT data, or the built-in task's
+/// `task_examples` demonstrations and `eval_prompts` held-out prompts.
+pub(super) fn datasets(
+    env: &Env,
+    task_examples: usize,
+    eval_prompts: usize,
+) -> Result<(Vec<SftExample>, Vec<SftExample>, Vec<PromptRecord>)> {
     let cfg = &env.cfg;
     match &cfg.data.path {
         None => {
             let s = setup::synthetic(env);
             Ok((
-                s.sft_examples(Split::Train, cfg.sft.task_examples),
+                s.sft_examples(Split::Train, task_examples),
                 s.sft_examples(Split::Eval, 200),
-                s.prompts(Split::Eval, cfg.sft.eval_prompts),
+                s.prompts(Split::Eval, eval_prompts),
             ))
         }
         Some(p) => {
@@ -319,7 +324,7 @@ pub fn run(env: &Env) -> Result<SftResult> {
     let net = policy_from(&loaded, &mut store, lora)?;
     let tok = loaded.tokenizer.clone();
     drop(loaded);
-    let (examples, eval, prompts) = datasets(env)?;
+    let (examples, eval, prompts) = datasets(env, cfg.sft.task_examples, cfg.sft.eval_prompts)?;
     let ctx_len = net.cfg.max_position_embeddings;
     // Packed rows hold seq_len positions: where records are cut or left out, that is the
     // limit (under `error`, packing names the row in its own message).
