@@ -18,8 +18,8 @@ use super::batch::{lm_batch, Encoded, LmBatch};
 use super::eval::accuracy;
 use super::loader::{policy_from, read_checkpoint};
 use super::rollout::rollout_seed;
-use super::setup::{self, init_checkpoint, Plan};
-use super::sft::{datasets, encode_fitted, SftEval};
+use super::setup::{self, Plan};
+use super::sft::{datasets, encode_fitted, held_out_mean, weigh_by_tokens, SftEval};
 use super::truncate::Fitter;
 use super::Env;
 use crate::config::DistillConfig;
@@ -29,7 +29,7 @@ use crate::data::tokenizer::Tokenizer;
 use crate::generate::{generate, RowKeys, SampleCfg};
 use crate::model::linear::Ctx;
 use crate::model::{Fwd, Transformer};
-use crate::train::loss::{generalized_jsd, scalar};
+use crate::train::loss::generalized_jsd;
 use crate::train::params::{Net, ParamInfo, ParamStore, Role};
 use crate::train::rng::splitmix64;
 use crate::train::runner::{StepOut, Task};
@@ -257,21 +257,13 @@ impl Task for DistillTask<'_> {
         }
         let seed = (self.env.cfg.lora.dropout > 0.0 || self.student.cfg.dropout > 0.0)
             .then(|| splitmix64(self.env.cfg.train.seed ^ self.micro));
-        let (mut loss, tokens, counted) = self.loss(&seqs, seed)?;
+        let (loss, tokens, counted) = self.loss(&seqs, seed)?;
         let mut metrics = vec![("on_policy", f64::from(u8::from(source == Source::Student)))];
         if source != Source::Data {
             metrics.push(("sampled_len", counted / seqs.len() as f64));
         }
-        if world > 1 {
-            // As SFT: each rank's mean over its tokens, reweighted by its share of the global
-            // batch's, so that every token counts once.
-            let mut mean = [counted as f32];
-            comm.all_reduce_mean(&mut mean)?;
-            let mean = f64::from(mean[0]);
-            loss = (loss * if mean > 0.0 { counted / mean } else { 0.0 })?;
-        }
         Ok(StepOut {
-            loss,
+            loss: weigh_by_tokens(comm, loss, counted)?,
             tokens,
             metrics,
         })
@@ -280,17 +272,10 @@ impl Task for DistillTask<'_> {
     /// The divergence on the held-out examples' own completions (so that evaluations compare
     /// however the training mixed its sources) and the task accuracy.
     fn evaluate(&mut self) -> Result<SftEval> {
-        let mut total = 0.0;
-        let chunks: Vec<Vec<Encoded>> = self
-            .eval
-            .chunks(self.env.cfg.train.batch_size)
-            .map(<[Encoded]>::to_vec)
-            .collect();
-        for c in &chunks {
-            total += scalar(&self.loss(c, None)?.0)?;
-        }
         Ok(SftEval {
-            loss: total / chunks.len().max(1) as f64,
+            loss: held_out_mean(&self.eval, self.env.cfg.train.batch_size, |c| {
+                Ok(self.loss(c, None)?.0)
+            })?,
             accuracy: self.accuracy(&self.student, self.env.ctx(true, None))?,
         })
     }
@@ -385,15 +370,9 @@ fn check_room(examples: &[SftExample], train: &[Encoded], ctx_len: usize) -> Res
 pub fn run(env: &Env) -> Result<DistillResult> {
     let cfg = &env.cfg;
     let c = &cfg.distill;
-    let loaded = init_checkpoint(env, "the student: a model or run directory")?;
     let lora = setup::lora(cfg);
-    let mut store = ParamStore::new(env.device.clone(), cfg.train.seed);
-    if lora.is_some() {
-        store.freeze(Net::Policy, &[Role::Base], env.dtype());
-    }
-    let student = policy_from(&loaded, &mut store, lora)?;
-    let tok = loaded.tokenizer.clone();
-    drop(loaded);
+    let (store, student, tok) =
+        setup::trained_policy(env, "the student: a model or run directory")?;
     // Held alive for the teacher's weights.
     let (teacher, _teacher_store) = load_teacher(env, &tok)?;
     let vocab = tok

@@ -41,6 +41,18 @@ pub fn lora(cfg: &RunConfig) -> Option<&LoraConfig> {
     cfg.lora.enabled().then_some(&cfg.lora)
 }
 
+/// The `--init` policy a stage trains (`what` says what it needs), with fresh adapters on a
+/// frozen base under LoRA, its store and its tokenizer.
+pub fn trained_policy(env: &Env, what: &str) -> Result<(ParamStore, Transformer, Tokenizer)> {
+    let loaded = init_checkpoint(env, what)?;
+    let mut store = ParamStore::new(env.device.clone(), env.cfg.train.seed);
+    if lora(&env.cfg).is_some() {
+        store.freeze(Net::Policy, &[Role::Base], env.dtype());
+    }
+    let net = policy_from(&loaded, &mut store, lora(&env.cfg))?;
+    Ok((store, net, loaded.tokenizer))
+}
+
 /// A policy to train and the frozen reference it is held to (PPO, DPO, GRPO).
 pub struct PolicyPair {
     /// The policy's parameters (and, for PPO, its critic's).

@@ -4,11 +4,11 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
+use candle_core::Tensor;
 
 use super::batch::{best_fit_decreasing, lm_batch, packed_batch, Encoded, LmBatch};
 use super::eval::accuracy;
-use super::loader::policy_from;
-use super::setup::{self, init_checkpoint, split_holdout, Plan};
+use super::setup::{self, split_holdout, Plan};
 use super::truncate::Fitter;
 use super::Env;
 use crate::config::Truncation;
@@ -16,10 +16,11 @@ use crate::data::records::{load_sft_templated, place, PromptRecord, SftExample};
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
+use crate::dist::Communicator;
 use crate::kernels::segments::Segments;
 use crate::model::{Fwd, Transformer};
 use crate::train::loss::{masked_mean, scalar};
-use crate::train::params::{Net, ParamInfo, ParamStore, Role};
+use crate::train::params::{ParamInfo, Role};
 use crate::train::rng::splitmix64;
 use crate::train::runner::{Report, StepOut, Task};
 
@@ -68,11 +69,7 @@ struct SftTask<'a> {
 
 impl SftTask<'_> {
     /// Examples one per right-padded row.
-    fn loss(
-        &self,
-        seqs: &[Encoded],
-        dropout_seed: Option<u64>,
-    ) -> Result<(candle_core::Tensor, usize, f64)> {
+    fn loss(&self, seqs: &[Encoded], dropout_seed: Option<u64>) -> Result<(Tensor, usize, f64)> {
         let b = lm_batch(
             seqs,
             self.tok.pad_id(),
@@ -87,7 +84,7 @@ impl SftTask<'_> {
         &self,
         rows: &[&[usize]],
         dropout_seed: Option<u64>,
-    ) -> Result<(candle_core::Tensor, usize, f64)> {
+    ) -> Result<(Tensor, usize, f64)> {
         let rows: Vec<Vec<_>> = rows
             .iter()
             .map(|r| r.iter().map(|&i| &self.train[i]).collect())
@@ -104,7 +101,7 @@ impl SftTask<'_> {
         b: &LmBatch,
         segments: Option<&Segments>,
         dropout_seed: Option<u64>,
-    ) -> Result<(candle_core::Tensor, usize, f64)> {
+    ) -> Result<(Tensor, usize, f64)> {
         // Right padding sits after every real token, so causal attention alone keeps real
         // tokens from seeing it; no key mask needed. In packed rows the segments keep each
         // example from seeing the ones before it.
@@ -163,7 +160,7 @@ impl Task for SftTask<'_> {
         self.micro += 1;
         let seed = (self.env.cfg.lora.dropout > 0.0 || self.net.cfg.dropout > 0.0)
             .then(|| splitmix64(self.env.cfg.train.seed ^ self.micro));
-        let (mut loss, tokens, counted) = match &self.rows {
+        let (loss, tokens, counted) = match &self.rows {
             Some(rows) => {
                 let rows: Vec<&[usize]> = drawn.iter().map(|&r| rows[r].as_slice()).collect();
                 self.packed_loss(&rows, seed)?
@@ -173,34 +170,18 @@ impl Task for SftTask<'_> {
                 self.loss(&seqs, seed)?
             }
         };
-        if world > 1 {
-            // The loop averages ranks' losses; each is its mean over its own response tokens,
-            // so it is reweighted by its share of the global batch's response tokens: every
-            // token then counts once, as in one process with the global batch.
-            let mut mean = [counted as f32];
-            comm.all_reduce_mean(&mut mean)?;
-            let mean = f64::from(mean[0]);
-            loss = (loss * if mean > 0.0 { counted / mean } else { 0.0 })?;
-        }
         Ok(StepOut {
-            loss,
+            loss: weigh_by_tokens(comm, loss, counted)?,
             tokens,
             metrics: vec![],
         })
     }
 
     fn evaluate(&mut self) -> Result<SftEval> {
-        let mut total = 0.0;
-        let chunks: Vec<_> = self
-            .eval
-            .chunks(self.env.cfg.train.batch_size)
-            .map(|c| c.to_vec())
-            .collect();
-        for c in &chunks {
-            total += scalar(&self.loss(c, None)?.0)?;
-        }
         Ok(SftEval {
-            loss: total / chunks.len().max(1) as f64,
+            loss: held_out_mean(&self.eval, self.env.cfg.train.batch_size, |c| {
+                Ok(self.loss(c, None)?.0)
+            })?,
             accuracy: self.accuracy()?,
         })
     }
@@ -246,6 +227,38 @@ impl Task for SftTask<'_> {
         self.micro = state_u64(s, "micro");
         Ok(())
     }
+}
+
+/// This rank's mean loss over its `counted` tokens, reweighted by its share of the global
+/// batch's: the loop averages the ranks' losses, and every token then counts once, as in one
+/// process with the global batch.
+pub(super) fn weigh_by_tokens(
+    comm: &dyn Communicator,
+    loss: Tensor,
+    counted: f64,
+) -> Result<Tensor> {
+    if comm.world() == 1 {
+        return Ok(loss);
+    }
+    let mut mean = [counted as f32];
+    comm.all_reduce_mean(&mut mean)?;
+    let mean = f64::from(mean[0]);
+    Ok((loss * if mean > 0.0 { counted / mean } else { 0.0 })?)
+}
+
+/// The mean of `loss` over the held-out examples, `batch` at a time.
+pub(super) fn held_out_mean(
+    eval: &[Encoded],
+    batch: usize,
+    loss: impl Fn(&[Encoded]) -> Result<Tensor>,
+) -> Result<f64> {
+    let mut total = 0.0;
+    let chunks = eval.chunks(batch.max(1));
+    let n = chunks.len();
+    for c in chunks {
+        total += scalar(&loss(c)?)?;
+    }
+    Ok(total / n.max(1) as f64)
 }
 
 pub struct SftResult {
@@ -315,15 +328,8 @@ fn pack(
 
 pub fn run(env: &Env) -> Result<SftResult> {
     let cfg = &env.cfg;
-    let loaded = init_checkpoint(env, "a pretrained model or run directory")?;
     let lora = setup::lora(cfg);
-    let mut store = ParamStore::new(env.device.clone(), cfg.train.seed);
-    if lora.is_some() {
-        store.freeze(Net::Policy, &[Role::Base], env.dtype());
-    }
-    let net = policy_from(&loaded, &mut store, lora)?;
-    let tok = loaded.tokenizer.clone();
-    drop(loaded);
+    let (store, net, tok) = setup::trained_policy(env, "a pretrained model or run directory")?;
     let (examples, eval, prompts) = datasets(env, cfg.sft.task_examples, cfg.sft.eval_prompts)?;
     let ctx_len = net.cfg.max_position_embeddings;
     // Packed rows hold seq_len positions: where records are cut or left out, that is the
