@@ -1,7 +1,6 @@
 //! Knowledge distillation from a frozen teacher (TRL's `GKDTrainer`, after Agarwal et al.'s
-//! generalised knowledge distillation; OpenRLHF's `train_kd` at `kd_coef = 1` is its `beta =
-//! 0`, `lmbda = 0`).
-//! The student learns the teacher's whole next-token distribution at every completion token,
+//! generalised knowledge distillation; OpenRLHF's `train_kd` at `kd_coef = 1` is its
+//! `beta = 0`, `lmbda = 0`). The student learns the teacher's whole next-token distribution at every completion token,
 //! not the one token the data holds there: [`generalized_jsd`] between the two, at `[distill]
 //! temperature`, averaged over the completion tokens.
 //!
