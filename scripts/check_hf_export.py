@@ -5,9 +5,9 @@
 
 Exports each fixture of tests/fixtures/hf with `temper export --format hf` into OUT_DIR, loads
 it with `AutoModelForCausalLM.from_pretrained`, and compares its logits with the fixture's
-expected.json (recorded from the original model). Then it fine-tunes the llama fixture with
-LoRA for a few steps, exports the merged model and the adapter (`--format peft`), and checks
-that `PeftModel.from_pretrained(base, adapter)` gives the merged model's logits. Needs the
+expected.json (recorded from the original model). Then it fine-tunes the llama and qwen3
+fixtures with LoRA for a few steps, exports the merged model and the adapter (`--format peft`),
+and checks that `PeftModel.from_pretrained(base, adapter)` gives the merged model's logits. Needs the
 venv of scripts/make_hf_fixtures.py and a built temper (`cargo build`); CI does not run it.
 """
 
@@ -36,7 +36,7 @@ def logits(model_dir, ids):
 
 def main(out):
     worst = 0.0
-    for fam in ["llama", "qwen2", "mistral", "gpt2"]:
+    for fam in ["llama", "qwen2", "qwen3", "mistral", "gpt2"]:
         src = os.path.join(ROOT, "tests/fixtures/hf", fam)
         dst = os.path.join(out, fam)
         temper("export", "--checkpoint", src, "--out", dst, "--format", "hf")
@@ -48,18 +48,20 @@ def main(out):
     with open(data, "w") as f:
         for i in range(40):
             f.write(json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) + "\n")
-    sft = os.path.join(out, "sft")
-    temper("sft", "--init", os.path.join(ROOT, "tests/fixtures/hf/llama"), "--data", data, "--out", sft,
-           "--steps", "30", "--lora-rank", "4", "--lora-targets", "q,v", "--device", "cpu")
-    temper("export", "--checkpoint", sft, "--out", os.path.join(out, "merged"), "--format", "hf")
-    temper("export", "--checkpoint", sft, "--out", os.path.join(out, "adapter"), "--format", "peft")
-    ids = torch.tensor([[17, 200, 3, 99, 45, 128, 255]])
-    base = AutoModelForCausalLM.from_pretrained(os.path.join(out, "llama"), dtype=torch.float32).eval()
-    peft = PeftModel.from_pretrained(base, os.path.join(out, "adapter")).eval()
-    with torch.no_grad():
-        d = (peft(ids).logits[0] - logits(os.path.join(out, "merged"), ids[0].tolist())).abs().max().item()
-    print(f"PEFT adapter on the exported base vs temper's merged export: max |diff| {d:.2e}")
-    worst = max(worst, d)
+    for fam in ["llama", "qwen3"]:
+        sft = os.path.join(out, f"sft-{fam}")
+        temper("sft", "--init", os.path.join(ROOT, "tests/fixtures/hf", fam), "--data", data, "--out", sft,
+               "--steps", "30", "--lora-rank", "4", "--lora-targets", "q,k,v,o", "--device", "cpu")
+        merged, adapter = os.path.join(out, f"merged-{fam}"), os.path.join(out, f"adapter-{fam}")
+        temper("export", "--checkpoint", sft, "--out", merged, "--format", "hf")
+        temper("export", "--checkpoint", sft, "--out", adapter, "--format", "peft")
+        ids = torch.tensor([[17, 200, 3, 99, 45, 128, 255]])
+        base = AutoModelForCausalLM.from_pretrained(os.path.join(out, fam), dtype=torch.float32).eval()
+        peft = PeftModel.from_pretrained(base, adapter).eval()
+        with torch.no_grad():
+            d = (peft(ids).logits[0] - logits(merged, ids[0].tolist())).abs().max().item()
+        print(f"{fam}: PEFT adapter on the exported base vs temper's merged export: max |diff| {d:.2e}")
+        worst = max(worst, d)
     sys.exit(0 if worst <= 1e-4 else 1)
 
 

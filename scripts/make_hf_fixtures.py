@@ -1,7 +1,7 @@
 """Build the tiny Hugging Face checkpoints under tests/fixtures/hf/.
 
 Each fixture is a random-weight model of one architecture family (llama, qwen2,
-mistral, gpt2), saved exactly as `transformers`' `save_pretrained` writes it
+qwen3, mistral, gpt2), saved exactly as `transformers`' `save_pretrained` writes it
 (config.json, model.safetensors, generation_config.json) together with a tiny
 byte-level BPE tokenizer (tokenizer.json, tokenizer_config.json with a chat
 template) and an `expected.json` holding reference logits and greedy tokens
@@ -13,7 +13,10 @@ To regenerate them (a few seconds on a CPU):
 
     python3 -m venv /tmp/hf-venv
     /tmp/hf-venv/bin/pip install torch transformers peft safetensors
-    /tmp/hf-venv/bin/python scripts/make_hf_fixtures.py
+    /tmp/hf-venv/bin/python scripts/make_hf_fixtures.py [FAMILY ...]
+
+Naming families (llama, qwen2, qwen3, mistral, gpt2) rebuilds only those; the
+llama_lora adapter is rebuilt with llama.
 
 (Written against transformers 5.x, peft 0.21, tokenizers 0.23, torch 2.x.)
 Everything is seeded, so a rerun with the same library versions reproduces the
@@ -38,6 +41,7 @@ from transformers import (
     MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -266,7 +270,10 @@ def verify(name):
     assert greedy(m, exp["input_ids"][0], GREEDY_NEW) == exp["greedy"], name
 
 
-def main():
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gpt2"]
+
+
+def main(only):
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)
     os.makedirs(OUT, exist_ok=True)
@@ -285,9 +292,10 @@ def main():
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
         },
     )
-    make("llama", cfg, tok,
-         dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>"),
-         LLAMA3_TEMPLATE, dict(bos_token_id=bot, eos_token_id=eot_text), [eot_text, eot_id])
+    if "llama" in only:
+        make("llama", cfg, tok,
+             dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>"),
+             LLAMA3_TEMPLATE, dict(bos_token_id=bot, eos_token_id=eot_text), [eot_text, eot_id])
 
     # --- qwen2 (ChatML; q/k/v biases; tied embeddings)
     qwen_specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -300,8 +308,22 @@ def main():
         tie_word_embeddings=True, use_sliding_window=False,
         bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot,
     )
-    make("qwen2", cfg, tok, dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
-         CHATML_TEMPLATE, dict(bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot), im_end)
+    if "qwen2" in only:
+        make("qwen2", cfg, tok, dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
+             CHATML_TEMPLATE, dict(bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot), im_end)
+
+    # --- qwen3 (ChatML; RMSNorm of each head's q and k; head_dim 16 != hidden/heads = 8, as
+    # the real ones are wider than hidden/heads; no q/k/v biases; tied embeddings)
+    cfg = Qwen3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=MAX_POS,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=True, use_sliding_window=False, attention_bias=False,
+        bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot,
+    )
+    if "qwen3" in only:
+        make("qwen3", cfg, tok, dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
+             CHATML_TEMPLATE, dict(bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot), im_end)
 
     # --- mistral (head_dim 16 != hidden/heads = 8; <unk>,<s>,</s> at ids 0,1,2)
     tok = build_tokenizer(["<unk>", "<s>", "</s>"], [], bos="<s>")
@@ -311,8 +333,9 @@ def main():
         num_key_value_heads=2, head_dim=16, max_position_embeddings=MAX_POS, sliding_window=None,
         bos_token_id=s, eos_token_id=es,
     )
-    make("mistral", cfg, tok, dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"),
-         MISTRAL_TEMPLATE, dict(bos_token_id=s, eos_token_id=es), es)
+    if "mistral" in only:
+        make("mistral", cfg, tok, dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"),
+             MISTRAL_TEMPLATE, dict(bos_token_id=s, eos_token_id=es), es)
 
     # --- gpt2 (Conv1D weights, fused c_attn, learned positions, tied head)
     tok = build_tokenizer([], ["<|endoftext|>"])
@@ -321,15 +344,20 @@ def main():
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=MAX_POS, activation_function="gelu_new",
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=e, eos_token_id=e,
     )
-    make("gpt2", cfg, tok, dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"),
-         None, dict(bos_token_id=e, eos_token_id=e), e)
+    if "gpt2" in only:
+        make("gpt2", cfg, tok, dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"),
+             None, dict(bos_token_id=e, eos_token_id=e), e)
 
-    make_lora()
+    if "llama" in only:
+        make_lora()
 
-    for name in ["llama", "qwen2", "mistral", "gpt2"]:
+    for name in only:
         verify(name)
     print("wrote and verified", OUT, file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    wanted = sys.argv[1:] or FAMILIES
+    unknown = [f for f in wanted if f not in FAMILIES]
+    assert not unknown, f"unknown families {unknown}; known: {FAMILIES}"
+    main(wanted)

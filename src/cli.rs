@@ -12,6 +12,13 @@ use crate::config::{
     Stage,
 };
 use crate::stages::export::Format;
+
+/// A JSON object of chat-template variables.
+pub type Kwargs = serde_json::Map<String, serde_json::Value>;
+
+fn parse_kwargs(text: &str) -> Result<Kwargs> {
+    crate::data::chat_template::parse_kwargs(text)
+}
 use crate::stages::pipeline::{Extra, PipelineOptions};
 
 #[derive(Parser, Debug)]
@@ -93,6 +100,10 @@ pub struct StageArgs {
     /// `messages` with instead of the built-in template.
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<PathBuf>,
+    /// Variables for the chat template, as a JSON object (TRL's chat_template_kwargs), e.g.
+    /// '{"enable_thinking": false}' for Qwen3.
+    #[arg(long, value_name = "JSON", value_parser = parse_kwargs)]
+    pub chat_template_kwargs: Option<Kwargs>,
     #[arg(long, value_enum)]
     pub device: Option<DeviceChoice>,
     #[arg(long, value_enum)]
@@ -170,7 +181,8 @@ pub struct PipelineArgs {
     #[arg(long, default_value = "runs/pipeline")]
     pub out: PathBuf,
     /// Extra stages after PPO, each from the SFT model: dpo, kto, online_dpo, grpo, rloo,
-    /// reinforce_pp, and distill (PPO's policy taught to the SFT model).
+    /// reinforce_pp, gspo (grpo with sequence-level ratios), and distill (PPO's policy taught
+    /// to the SFT model).
     #[arg(long, value_delimiter = ',', value_enum)]
     pub with: Vec<Extra>,
     #[arg(long, value_enum)]
@@ -228,6 +240,9 @@ pub struct GenerateArgs {
     /// Default: the checkpoint's tokenizer_config.json, else the built-in template.
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<PathBuf>,
+    /// Variables for the chat template, as a JSON object, e.g. '{"enable_thinking": false}'.
+    #[arg(long, value_name = "JSON", value_parser = parse_kwargs)]
+    pub chat_template_kwargs: Option<Kwargs>,
     /// Write the completions (JSONL) to FILE, flushed after every batch, instead of standard
     /// output.
     #[arg(long, value_name = "FILE")]
@@ -296,6 +311,9 @@ pub struct EvalArgs {
     /// Default: the checkpoint's tokenizer_config.json, else the built-in template.
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<PathBuf>,
+    /// Variables for the chat template, as a JSON object, e.g. '{"enable_thinking": false}'.
+    #[arg(long, value_name = "JSON", value_parser = parse_kwargs)]
+    pub chat_template_kwargs: Option<Kwargs>,
     /// New tokens at most per greedy answer.
     #[arg(long, default_value_t = 8)]
     pub max_new_tokens: usize,
@@ -453,6 +471,9 @@ impl StageArgs {
         }
         if self.chat_template.is_some() {
             cfg.data.chat_template = self.chat_template.clone();
+        }
+        if let Some(k) = &self.chat_template_kwargs {
+            cfg.data.chat_template_kwargs = k.clone();
         }
         if self.init.is_some() {
             cfg.init = self.init.clone();

@@ -172,9 +172,10 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     let mut store = ParamStore::new(device.clone(), 0);
     let net = policy_from(&loaded, &mut store, None)?;
     let mut requests = stages::generate::inline_prompts(&a.prompt);
+    let kwargs = a.chat_template_kwargs.clone().unwrap_or_default();
     if let Some(p) = &a.prompts {
         requests.extend(load_prompts_lazily(p, || {
-            chat_template_of(a.chat_template.as_deref(), &loaded)
+            chat_template_of(a.chat_template.as_deref(), &kwargs, &loaded)
         })?);
     }
     if requests.is_empty() {
@@ -204,6 +205,8 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         shard: a.shard,
         rewards: &a.rewards,
         best_of: a.best_of,
+        template: a.chat_template.as_deref(),
+        template_kwargs: &kwargs,
     };
     job.check()?;
     let mut rewards = match a.rewards.is_empty() {
@@ -265,7 +268,10 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
     let net = policy_from(&loaded, &mut store, None)?;
     let prompts = match &a.prompts {
         Some(p) => {
-            load_prompts_lazily(p, || chat_template_of(a.chat_template.as_deref(), &loaded))?
+            let kwargs = a.chat_template_kwargs.clone().unwrap_or_default();
+            load_prompts_lazily(p, || {
+                chat_template_of(a.chat_template.as_deref(), &kwargs, &loaded)
+            })?
         }
         None => temper::data::synthetic::Synthetic::new(a.task_seed)
             .prompts(temper::data::synthetic::Split::Eval, usize::MAX),

@@ -665,6 +665,17 @@ fn an_interrupted_generation_resumes_after_its_last_complete_line() {
     let e = err(run(&cut, &prompts, &["--resume", "--seed", "9"]));
     assert!(e.contains("cut.jsonl.settings.json: field seed"), "{e}");
     untouched(&e);
+    let quiet = [
+        "--resume",
+        "--chat-template-kwargs",
+        r#"{"enable_thinking": false}"#,
+    ];
+    let e = err(run(&cut, &prompts, &quiet));
+    assert!(
+        e.contains("settings.json: field chat_template_kwargs"),
+        "{e}"
+    );
+    untouched(&e);
     let other = p(d.path(), "other.jsonl");
     std::fs::write(&other, "{\"prompt\": \"something else\"}\n").unwrap();
     let e = err(run(&cut, &other, &["--resume"]));
@@ -826,8 +837,9 @@ fn generate_scores_completions_and_keeps_the_best_of_each_prompts_samples() {
 }
 
 /// A prompt given as chat messages is rendered with the checkpoint's chat template (its
-/// tokenizer_config.json), or with `--chat-template` when given, and then generates what that
-/// rendering as a plain prompt generates.
+/// tokenizer_config.json), or with `--chat-template` when given (and the variables of
+/// `--chat-template-kwargs`), and then generates what that rendering as a plain prompt
+/// generates.
 #[test]
 fn chat_prompts_are_rendered_with_the_checkpoints_template() {
     use temper::data::chat_template::ChatTemplate;
@@ -837,15 +849,23 @@ fn chat_prompts_are_rendered_with_the_checkpoints_template() {
     let chat = p(d.path(), "chat.jsonl");
     std::fs::write(&chat, format!("{}\n", serde_json::json!({"prompt": msgs}))).unwrap();
     let jinja = p(d.path(), "mine.jinja");
+    // With thinking off it adds text the random fixture model continues differently.
     std::fs::write(
         &jinja,
-        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>",
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>\
+         {% if enable_thinking is defined and not enable_thinking %} 7 9 {% endif %}",
     )
     .unwrap();
-    let rendered = |template: &Path| {
-        let t = ChatTemplate::load(template).unwrap();
+    let quiet = r#"{"enable_thinking": false}"#;
+    let rendered_with = |template: &Path, kwargs: &str| {
+        let kwargs = temper::data::chat_template::parse_kwargs(kwargs).unwrap();
+        let t = ChatTemplate::load(template)
+            .unwrap()
+            .with_kwargs(&kwargs)
+            .unwrap();
         t.render(msgs.as_array().unwrap(), true).unwrap()
     };
+    let rendered = |template: &Path| rendered_with(template, "{}");
     let greedy = ["--temperature", "0", "--max-new-tokens", "8"];
     let completion = |prompts: &Path, extra: &[&str]| {
         let mut flags = greedy.to_vec();
@@ -880,6 +900,14 @@ fn chat_prompts_are_rendered_with_the_checkpoints_template() {
         completion(&chat, &["--chat-template", jinja.to_str().unwrap()]),
         mine
     );
+    let mine_quiet = plain(rendered_with(&jinja, quiet));
+    assert_ne!(
+        mine_quiet, mine,
+        "the variable must change what is generated"
+    );
+    let flags = ["--chat-template", jinja.to_str().unwrap()];
+    let with_kwargs = [&flags[..], &["--chat-template-kwargs", quiet]].concat();
+    assert_eq!(completion(&chat, &with_kwargs), mine_quiet);
 }
 
 /// `temper tokenizer encode` writes a corpus as token shards once, and pretraining on them

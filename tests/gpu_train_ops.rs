@@ -1374,8 +1374,17 @@ mod curves {
 
     /// `preset` (GPT-2's or Llama's shape) at 2 layers of 256, 4 heads, a 512-token
     /// vocabulary (a multiple of 8, so the LM head's GEMM takes cuBLASLt too), context 128.
+    /// `qwen3` is Llama's with Qwen3's per-head norms of q and k and heads of 128, wider than
+    /// hidden / heads as Qwen3's are.
     pub fn small(preset: &str) -> ModelConfig {
-        let mut cfg = ModelConfig::preset(preset).unwrap();
+        let mut cfg = match preset {
+            "qwen3" => ModelConfig {
+                qk_norm: true,
+                head_dim: Some(128),
+                ..ModelConfig::preset("llama-tiny").unwrap()
+            },
+            _ => ModelConfig::preset(preset).unwrap(),
+        };
         cfg.vocab_size = 512;
         cfg.hidden_size = 256;
         cfg.intermediate_size = if preset == "gpt2" { 1024 } else { 688 };
@@ -1536,7 +1545,7 @@ mod tape {
             let x = x.to_dtype(DType::F32).unwrap();
             x.flatten_all().unwrap().to_vec1().unwrap()
         };
-        for preset in ["gpt2", "llama-tiny"] {
+        for preset in ["gpt2", "llama-tiny", "qwen3"] {
             for lora in [false, true] {
                 let (l1, g1, full) = grads(dev, preset, lora, (true, false), DType::BF16);
                 let (l0, g0, _) = grads(dev, preset, lora, (false, false), DType::BF16);

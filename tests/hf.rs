@@ -2,7 +2,8 @@
 //! `scripts/make_hf_fixtures.py` built with transformers (tests/fixtures/hf/): each family's
 //! logits match transformers' to 1e-4, greedy decoding gives transformers' tokens, exporting
 //! an import writes back the same tensors bit for bit, a PEFT adapter merges to PEFT's
-//! logits, and bad configs or tensors fail with one line naming the file.
+//! logits, Qwen3's q and k norms train, and bad configs or tensors fail with one line naming
+//! the file.
 
 mod common;
 
@@ -17,7 +18,7 @@ use temper::model::{Fwd, Transformer};
 use temper::stages::loader::{policy_from, read_checkpoint};
 use temper::train::params::ParamStore;
 
-const FAMILIES: [&str; 4] = ["llama", "qwen2", "mistral", "gpt2"];
+const FAMILIES: [&str; 5] = ["llama", "qwen2", "qwen3", "mistral", "gpt2"];
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -224,6 +225,19 @@ fn bad_configs_and_tensors_fail_naming_the_file() {
         e.contains("config.json") && e.contains("sliding_window"),
         "{e}"
     );
+    let layers = broken("qwen3", &p(d.path(), "f"), |c, _| {
+        c["layer_types"] = serde_json::json!(["sliding_attention", "full_attention"])
+    });
+    let e = sft_err(&layers, d.path());
+    assert!(
+        e.contains("config.json") && e.contains("layer_types") && e.contains("sliding_attention"),
+        "{e}"
+    );
+    let no_norm = broken("qwen3", &p(d.path(), "g"), |_, t| {
+        t.remove("model.layers.0.self_attn.k_norm.weight");
+    });
+    let e = sft_err(&no_norm, d.path());
+    assert!(e.contains("model.layers.0.attn.k_norm.weight"), "{e}");
     let missing = broken("llama", &p(d.path(), "c"), |_, t| {
         t.remove("model.layers.1.mlp.up_proj.weight");
     });
@@ -378,6 +392,77 @@ fn continued_pretraining_and_lora_sft_start_from_a_hugging_face_model_and_export
         cfg.contains("\"q_proj\"") && cfg.contains("\"LORA\""),
         "{cfg}"
     );
+}
+
+/// Qwen3's per-head norms of q and k train with the rest (full fine-tuning from the fixture:
+/// the loss falls and the gains move) and go back out under their Hugging Face names.
+#[test]
+fn a_qwen3_model_trains_its_qk_norms_and_exports_them_back() {
+    let d = tmp();
+    let corpus = p(d.path(), "corpus.txt");
+    std::fs::write(&corpus, "3+4=7\nthe cat sat on the mat\n".repeat(200)).unwrap();
+    let (run, out) = (p(d.path(), "run"), p(d.path(), "hf"));
+    let init = fixture("qwen3");
+    run_ok(&[
+        "pretrain",
+        "--init",
+        init.to_str().unwrap(),
+        "--data",
+        corpus.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--steps",
+        "30",
+        "--seq-len",
+        "32",
+        "--lr",
+        "3e-3",
+        "--device",
+        "cpu",
+    ]);
+    let val = series(&metrics(&run), "val", "loss");
+    assert!(
+        val.last().unwrap().1 < 0.8 * val[0].1,
+        "qwen3 learns: {val:?}"
+    );
+    run_ok(&[
+        "export",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--format",
+        "hf",
+    ]);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (cfg["model_type"].as_str(), cfg["head_dim"].as_u64()),
+        (Some("qwen3"), Some(16))
+    );
+    let (a, b) = (
+        safetensors_map(&init.join("model.safetensors")),
+        safetensors_map(&out.join("model.safetensors")),
+    );
+    let mut names: Vec<_> = b.keys().collect();
+    names.sort();
+    let mut want: Vec<_> = a.keys().collect();
+    want.sort();
+    assert_eq!(names, want);
+    for layer in 0..2 {
+        for which in ["q_norm", "k_norm"] {
+            let n = format!("model.layers.{layer}.self_attn.{which}.weight");
+            let moved = (&a[&n] - &b[&n])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(moved > 1e-4, "{n} did not train: moved {moved}");
+        }
+    }
 }
 
 #[test]

@@ -17,7 +17,7 @@ fn pipeline_runs_every_stage_and_each_learns() {
         "--out",
         out.to_str().unwrap(),
         "--with",
-        "dpo,kto,online_dpo,grpo,rloo,reinforce_pp,distill",
+        "dpo,kto,online_dpo,grpo,rloo,reinforce_pp,gspo,distill",
         "--device",
         "cpu",
     ]);
@@ -48,6 +48,7 @@ fn pipeline_runs_every_stage_and_each_learns() {
         "grpo",
         "rloo",
         "reinforce_pp",
+        "gspo",
     ] {
         assert!(
             f(stage, "accuracy") > f(stage, "sft_accuracy") + 0.12,
@@ -68,7 +69,7 @@ fn pipeline_runs_every_stage_and_each_learns() {
         "{text}"
     );
     assert!(f("distill", "eval_loss") >= 0.0, "{text}");
-    for stage in ["ppo", "online_dpo", "grpo", "rloo", "reinforce_pp"] {
+    for stage in ["ppo", "online_dpo", "grpo", "rloo", "reinforce_pp", "gspo"] {
         let kl = f(stage, "kl");
         assert!(kl.is_finite() && kl >= 0.0, "{stage} KL {kl}: {text}");
         for key in ["accuracy", "sft_accuracy", "mean_reward", "sft_mean_reward"] {
@@ -91,6 +92,7 @@ fn pipeline_runs_every_stage_and_each_learns() {
         "grpo",
         "rloo",
         "reinforce_pp",
+        "gspo",
         "distill",
     ] {
         assert!(
@@ -99,7 +101,7 @@ fn pipeline_runs_every_stage_and_each_learns() {
         );
         assert!(out.join(stage).join("metrics.jsonl").exists());
     }
-    for stage in ["ppo", "online_dpo", "grpo", "rloo", "reinforce_pp"] {
+    for stage in ["ppo", "online_dpo", "grpo", "rloo", "reinforce_pp", "gspo"] {
         let log = std::fs::read_to_string(out.join(stage).join("completions.jsonl")).unwrap();
         assert!(
             log.lines().count() >= 8,

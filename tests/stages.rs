@@ -371,15 +371,26 @@ mod stage_chain {
             "--eval-every",
             "30",
         ];
-        for (loss, smoothing) in [
-            ("sigmoid", 0.1),
-            ("robust", 0.1),
-            ("hinge", 0.0),
-            ("ipo", 0.0),
-            ("simpo", 0.0),
-            ("orpo", 0.0),
+        // NCA without the chosen NLL (`rpo_alpha`, 1 by default): the NLL drives the chosen
+        // log-ratio past NCA's optimum (beta c = ln 2), where its loss climbs again. DiscoPOP
+        // at tau 0.2: at its default 0.05 the blend rises so steeply through h = 0 that the
+        // loss pushes every margin slightly negative first, and on these uniform pairs none
+        // gets past the bump (on the built-in task it does: BENCHMARKS.md).
+        for (loss, smoothing, more) in [
+            ("sigmoid", 0.1, ""),
+            ("robust", 0.1, ""),
+            ("hinge", 0.0, ""),
+            ("ipo", 0.0, ""),
+            ("simpo", 0.0, ""),
+            ("orpo", 0.0, ""),
+            ("exo_pair", 0.0, ""),
+            ("nca_pair", 0.0, "rpo_alpha = 0.0"),
+            ("sppo_hard", 0.0, ""),
+            ("apo_zero", 0.0, ""),
+            ("apo_down", 0.0, ""),
+            ("discopop", 0.0, "discopop_tau = 0.2"),
         ] {
-            let (out, args) = dpo(loss, loss, smoothing, "", &extra);
+            let (out, args) = dpo(loss, loss, smoothing, more, &extra);
             let o = run_ok(&strs(&args));
             let err = String::from_utf8_lossy(&o.stderr);
             let reference_free = ["simpo", "orpo"].contains(&loss);
@@ -397,13 +408,20 @@ mod stage_chain {
             let (first, last) = (loss_v[0].1, loss_v.last().unwrap().1);
             // Where policy and reference agree, each loss starts at its own value: ln 2 for
             // DPO with or without smoothing and for robust DPO, 1 for the hinge, and
-            // (1 / (2 beta))^2 = 25 for IPO at the default beta 0.1. SimPO and ORPO read no
-            // reference and start elsewhere: the base model already puts more per-token
-            // probability on the lowercase responses.
+            // (1 / (2 beta))^2 = 25 for IPO at the default beta 0.1, twice that for hard SPPO
+            // (both log-ratios 5 from their targets), EXO's KL from labels smoothed by 1e-3,
+            // 2 ln 2 for NCA, 1 for either APO and DiscoPOP's even blend of ln 2 and 1. SimPO
+            // and ORPO read no reference and start elsewhere: the base model already puts
+            // more per-token probability on the lowercase responses.
+            let exo = 0.5 * (0.5f64.ln() - 0.999f64.ln()) + 0.5 * (0.5f64.ln() - 1e-3f64.ln());
             let start = match loss {
                 "sigmoid" | "robust" => Some(2f64.ln()),
-                "hinge" => Some(1.0),
+                "hinge" | "apo_zero" | "apo_down" => Some(1.0),
                 "ipo" => Some(25.0),
+                "sppo_hard" => Some(50.0),
+                "exo_pair" => Some(exo),
+                "nca_pair" => Some(2.0 * 2f64.ln()),
+                "discopop" => Some(0.5 * 2f64.ln() + 0.5),
                 _ => None,
             };
             match start {
@@ -1001,6 +1019,8 @@ fn sft_learns_chat_data_rendered_by_a_tokenizer_config_template() {
     run_ok(&strs(&args(&[
         "--chat-template",
         tpl.to_str().unwrap(),
+        "--chat-template-kwargs",
+        r#"{"enable_thinking": false}"#,
         "--out",
         sft.to_str().unwrap(),
         "--steps",
@@ -1016,6 +1036,19 @@ fn sft_learns_chat_data_rendered_by_a_tokenizer_config_template() {
     );
     let written = std::fs::read_to_string(sft.join("config.toml")).unwrap();
     assert!(written.contains("chat_template"), "{written}");
+    assert!(written.contains("enable_thinking = false"), "{written}");
+
+    // Template variables with no Jinja template to read them are refused.
+    let e = run_err(&strs(&args(&[
+        "--chat-template-kwargs",
+        r#"{"enable_thinking": false}"#,
+        "--out",
+        p(dir, "w").to_str().unwrap(),
+    ])));
+    assert!(
+        e.contains("chat_template_kwargs") && e.contains("no Jinja chat template"),
+        "{e}"
+    );
 
     // A config without a template, and a template that raises, fail naming what is wrong.
     let empty = p(dir, "plain_config.json");

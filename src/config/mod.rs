@@ -20,9 +20,9 @@ pub use lora::{LoraConfig, LoraTarget};
 pub use model::{HfFamily, MlpKind, ModelConfig, NormKind, PositionKind, RopeScaling};
 pub use run::{overlay, DataConfig, DeviceChoice, RunConfig, Stage, Truncation};
 pub use stages::{
-    AdvantageEstimator, DpoConfig, DpoLoss, ExternalRewardConfig, GrpoConfig, KlEstimator,
-    KtoConfig, KtoLoss, LossType, OnlineDpoConfig, PpoConfig, RewardConfig, RewardSource,
-    RewardSpec, ScaleRewards, SftConfig,
+    AdvantageEstimator, DpoConfig, DpoLoss, ExternalRewardConfig, GrpoConfig,
+    ImportanceSamplingLevel, KlEstimator, KtoConfig, KtoLoss, LossType, OnlineDpoConfig, PpoConfig,
+    RewardConfig, RewardSource, RewardSpec, ScaleRewards, SftConfig,
 };
 pub use train::{DTypeChoice, ShardOptimizer, TapeChoice, TrainConfig};
 

@@ -45,6 +45,8 @@ pub struct ModelConfig {
     pub bias: bool,
     /// Bias on the q, k and v projections even where `bias` is off (Qwen2).
     pub qkv_bias: bool,
+    /// RMSNorm over each head's queries and keys, before the rotary positions (Qwen3).
+    pub qk_norm: bool,
     /// Width of one attention head; none means `hidden_size / num_attention_heads`.
     pub head_dim: Option<usize>,
     /// Rotary frequency scaling for long contexts (Llama 3's `rope_scaling`).
@@ -61,6 +63,7 @@ pub struct ModelConfig {
 pub enum HfFamily {
     Llama,
     Qwen2,
+    Qwen3,
     Mistral,
     Gpt2,
 }
@@ -70,6 +73,7 @@ impl HfFamily {
         match self {
             HfFamily::Llama => "llama",
             HfFamily::Qwen2 => "qwen2",
+            HfFamily::Qwen3 => "qwen3",
             HfFamily::Mistral => "mistral",
             HfFamily::Gpt2 => "gpt2",
         }
@@ -93,6 +97,8 @@ impl HfFamily {
             && cfg.tie_word_embeddings
         {
             Some(HfFamily::Gpt2)
+        } else if llama_like && cfg.qk_norm {
+            (!cfg.qkv_bias).then_some(HfFamily::Qwen3)
         } else if llama_like && cfg.qkv_bias {
             Some(HfFamily::Qwen2)
         } else if llama_like {
@@ -174,6 +180,7 @@ impl ModelConfig {
             mlp: MlpKind::SwiGlu,
             bias: false,
             qkv_bias: false,
+            qk_norm: false,
             head_dim: None,
             rope_scaling: None,
             dropout: 0.0,
@@ -199,6 +206,7 @@ impl ModelConfig {
                 mlp: MlpKind::Gelu,
                 bias: true,
                 qkv_bias: false,
+                qk_norm: false,
                 head_dim: None,
                 rope_scaling: None,
                 dropout: 0.0,
@@ -231,7 +239,8 @@ impl ModelConfig {
         let attn = h * aw + 2 * h * kvw + aw * h + b(qkv_bias, aw + 2 * kvw) + b(self.bias, h);
         let gates = if self.mlp == MlpKind::SwiGlu { 2 } else { 1 };
         let mlp = gates * h * i + i * h + b(self.bias, gates * i + h);
-        let layer = 2 * norm + attn + mlp;
+        let qk_norm = b(self.qk_norm, 2 * u(self.head_dim()));
+        let layer = 2 * norm + attn + qk_norm + mlp;
         let pos = b(
             self.position == PositionKind::Learned,
             u(self.max_position_embeddings) * h,

@@ -76,6 +76,9 @@ pub struct DataConfig {
     /// A Hugging Face chat template (a tokenizer_config.json or a .jinja file) for SFT
     /// `messages`; none means the built-in template.
     pub chat_template: Option<PathBuf>,
+    /// Variables the chat template reads besides the conversation (TRL's
+    /// `chat_template_kwargs`), e.g. `{ enable_thinking = false }` for Qwen3.
+    pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
     pub val_fraction: f64,
     /// Held-out file for the alignment stages (SFT, preferences, prompts); none splits off
     /// `val_fraction` of `path`.
@@ -137,6 +140,7 @@ impl Default for DataConfig {
             path: None,
             tokenizer: None,
             chat_template: None,
+            chat_template_kwargs: serde_json::Map::new(),
             val_fraction: 0.1,
             eval_path: None,
             task_seed: 0,
@@ -304,6 +308,8 @@ impl RunConfig {
         if !(0.0..1.0).contains(&self.data.val_fraction) {
             anyhow::bail!("data.val_fraction must be in [0, 1)");
         }
+        crate::data::chat_template::check_kwargs(&self.data.chat_template_kwargs)
+            .map_err(|e| anyhow::anyhow!("data.{e}"))?;
         if self.stage == Stage::Reward && self.data.truncation == Truncation::KeepStart {
             anyhow::bail!(
                 "data.truncation = \"keep_start\": a reward model is scored at a sequence's last token, which keep_start cuts away; use \"keep_end\" or \"drop\""

@@ -222,11 +222,14 @@ pub struct DpoConfig {
     pub rpo_alpha: f64,
     /// The preference loss (TRL's `loss_type`, and SimPO).
     pub loss_type: DpoLoss,
-    /// The probability that a pair's label is flipped (cDPO's `label_smoothing`): `sigmoid`
-    /// and `robust` only, below 0.5.
+    /// The probability that a pair's label is flipped (cDPO's `label_smoothing`): `sigmoid`,
+    /// `robust` and `exo_pair` only, below 0.5.
     pub label_smoothing: f64,
     /// SimPO's target margin between the length-normalised rewards (TRL's `simpo_gamma`).
     pub simpo_gamma: f64,
+    /// DiscoPOP's temperature of the blend between its logistic and exponential losses
+    /// (TRL's `discopop_tau`).
+    pub discopop_tau: f64,
     /// Pack each micro-batch's chosen and rejected sequences into rows of up to the model's
     /// context, each attending only to itself with positions from 0 (TRL's `padding_free`;
     /// `--padding-free`): the same loss as the padded batch without the padding's compute. A
@@ -238,8 +241,9 @@ pub struct DpoConfig {
     pub eval_max_new_tokens: usize,
 }
 
-/// The preference losses of DPO and its relatives, over `h = (log pi(y_c) - log ref(y_c)) -
-/// (log pi(y_r) - log ref(y_r))` of response log-probabilities summed over tokens.
+/// The preference losses of DPO and its relatives, over `h = c - r`, the chosen and rejected
+/// responses' log-ratios `c = log pi(y_c) - log ref(y_c)` and `r = log pi(y_r) - log
+/// ref(y_r)` of log-probabilities summed over tokens. TRL's names and formulas.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DpoLoss {
@@ -259,6 +263,29 @@ pub enum DpoLoss {
     /// ORPO: no reference model; `-beta log sigmoid(log odds_c - log odds_r)` with the odds
     /// `p / (1 - p)` of `p = exp(a)`, `a` as SimPO's. `rpo_alpha` (1) is its SFT term.
     Orpo,
+    /// EXO (Ji et al.): the reverse KL from the labels' distribution, smoothed by `e`
+    /// (`label_smoothing`, 1e-3 when 0), to the implicit reward's, `s(z) (log s(z) - log(1 -
+    /// e)) + s(-z) (log s(-z) - log e)` with `z = beta h` and `s` the sigmoid.
+    #[serde(rename = "exo_pair")]
+    ExoPair,
+    /// NCA (Chen et al.): each response's reward against zero, `-log s(beta c) - log s(-beta
+    /// c) / 2 - log s(-beta r) / 2`.
+    #[serde(rename = "nca_pair")]
+    NcaPair,
+    /// Hard-label SPPO: each log-ratio regressed to its target, `(c - 1 / (2 beta))^2 + (r +
+    /// 1 / (2 beta))^2`.
+    #[serde(rename = "sppo_hard")]
+    SppoHard,
+    /// APO-zero (Anchored Preference Optimisation), for chosen responses better than the
+    /// model's own: `1 - s(beta c) + s(beta r)`.
+    #[serde(rename = "apo_zero")]
+    ApoZero,
+    /// APO-down, for chosen responses worse than the model's own: `s(beta c) + 1 - s(beta h)`.
+    #[serde(rename = "apo_down")]
+    ApoDown,
+    /// DiscoPOP (Chris Lu et al.), found by an LLM-driven search: the logistic loss and
+    /// `exp(-z)` blended by `s(z / tau)`, `z = beta h`, `tau` = `discopop_tau`.
+    Discopop,
 }
 
 impl DpoLoss {
@@ -271,6 +298,12 @@ impl DpoLoss {
             DpoLoss::Robust => "robust",
             DpoLoss::Simpo => "simpo",
             DpoLoss::Orpo => "orpo",
+            DpoLoss::ExoPair => "exo_pair",
+            DpoLoss::NcaPair => "nca_pair",
+            DpoLoss::SppoHard => "sppo_hard",
+            DpoLoss::ApoZero => "apo_zero",
+            DpoLoss::ApoDown => "apo_down",
+            DpoLoss::Discopop => "discopop",
         }
     }
 
@@ -302,15 +335,24 @@ impl DpoConfig {
                 self.label_smoothing
             );
         }
-        let smooths = matches!(self.loss_type, DpoLoss::Sigmoid | DpoLoss::Robust);
+        let smooths = matches!(
+            self.loss_type,
+            DpoLoss::Sigmoid | DpoLoss::Robust | DpoLoss::ExoPair
+        );
         if self.label_smoothing > 0.0 && !smooths {
             bail!(
-                "{table}.label_smoothing applies to loss_type \"sigmoid\" and \"robust\", not \"{}\"",
+                "{table}.label_smoothing applies to loss_type \"sigmoid\", \"robust\" and \"exo_pair\", not \"{}\"",
                 self.loss_type.name()
             );
         }
         if !self.simpo_gamma.is_finite() {
             bail!("{table}.simpo_gamma must be finite");
+        }
+        if !(self.discopop_tau > 0.0 && self.discopop_tau.is_finite()) {
+            bail!(
+                "{table}.discopop_tau must be positive, got {}",
+                self.discopop_tau
+            );
         }
         Ok(())
     }
@@ -324,6 +366,7 @@ impl Default for DpoConfig {
             loss_type: DpoLoss::Sigmoid,
             label_smoothing: 0.0,
             simpo_gamma: 0.5,
+            discopop_tau: 0.05,
             padding_free: false,
             task_pairs: 4000,
             eval_pairs: 200,
@@ -539,6 +582,9 @@ pub struct GrpoConfig {
     pub cliprange: f64,
     /// Upper clip range of the ratio (DAPO's clip-higher; TRL's `epsilon_high`).
     pub epsilon_high: Option<f64>,
+    /// What the clipped ratio is taken over (TRL's `importance_sampling_level`): each token
+    /// (GRPO), or each response as a whole (GSPO).
+    pub importance_sampling_level: ImportanceSamplingLevel,
     pub temperature: f64,
     pub max_new_tokens: usize,
     pub eps: f64,
@@ -581,6 +627,20 @@ pub enum ScaleRewards {
     Batch,
     /// Nothing: `r - mean_group` (Dr. GRPO).
     None,
+}
+
+/// Where the policy's importance ratio against the rollout's is taken (TRL's
+/// `importance_sampling_level`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImportanceSamplingLevel {
+    /// Per token: `pi(y_t) / pi_old(y_t)`, clipped token by token (PPO, GRPO).
+    #[default]
+    Token,
+    /// Per response (GSPO, Zheng et al. 2025): the geometric mean of the response's token
+    /// ratios, `exp(mean_t log(pi / pi_old))`, one ratio clipped for the whole response. Its
+    /// spread is far narrower than a token's: GSPO clips at 3e-4 below and 4e-4 above.
+    Sequence,
 }
 
 /// How per-token policy losses are averaged (TRL's `loss_type`).
@@ -629,6 +689,7 @@ impl Default for GrpoConfig {
             beta: 0.04,
             cliprange: 0.2,
             epsilon_high: None,
+            importance_sampling_level: ImportanceSamplingLevel::Token,
             temperature: 1.0,
             max_new_tokens: 6,
             eps: 1e-4,

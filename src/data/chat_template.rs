@@ -6,11 +6,16 @@
 //! assistant. As TRL does for templates without `{% generation %}` markers, we render each
 //! prefix of the conversation: the text an assistant message adds after its generation prompt
 //! is what carries loss, end-of-turn marker included.
+//!
+//! Variables besides the conversation (transformers' `template_kwargs`, TRL's
+//! `chat_template_kwargs`: Qwen3's `enable_thinking`, say) come from `[data]
+//! chat_template_kwargs` or `--chat-template-kwargs`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
-use minijinja::{context, Environment, ErrorKind};
+use minijinja::{Environment, ErrorKind};
 use serde_json::{Map, Value};
 
 use super::records::{kind, read_text};
@@ -22,6 +27,7 @@ pub struct ChatTemplate {
     bos: String,
     eos: String,
     origin: PathBuf,
+    kwargs: Map<String, Value>,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -59,19 +65,35 @@ impl ChatTemplate {
             bos,
             eos,
             origin: origin.to_path_buf(),
+            kwargs: Map::new(),
         })
+    }
+
+    /// The template with `kwargs` among its variables, as transformers passes its
+    /// `template_kwargs`: they may replace `bos_token` and `eos_token`, not the conversation.
+    pub fn with_kwargs(mut self, kwargs: &Map<String, Value>) -> Result<Self> {
+        check_kwargs(kwargs)?;
+        self.kwargs = kwargs.clone();
+        Ok(self)
     }
 
     /// Renders `messages` (the JSON objects as given, so a template may read any field).
     pub fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String> {
         let tmpl = self.env.get_template(NAME)?;
-        tmpl.render(context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => &self.bos,
-            eos_token => &self.eos,
-        })
-        .map_err(|e| anyhow!("chat template {}: {}", self.origin.display(), describe(&e)))
+        use minijinja::Value as V;
+        let mut vars = BTreeMap::from([
+            ("bos_token", V::from(self.bos.as_str())),
+            ("eos_token", V::from(self.eos.as_str())),
+        ]);
+        vars.extend(
+            self.kwargs
+                .iter()
+                .map(|(k, v)| (k.as_str(), V::from_serialize(v))),
+        );
+        vars.insert("messages", V::from_serialize(messages));
+        vars.insert("add_generation_prompt", V::from(add_generation_prompt));
+        tmpl.render(vars)
+            .map_err(|e| anyhow!("chat template {}: {}", self.origin.display(), describe(&e)))
     }
 
     /// Splits a rendered conversation into `(text, trained)` spans: the text each assistant
@@ -111,6 +133,31 @@ impl ChatTemplate {
         }
         Ok(spans)
     }
+}
+
+/// Refuses template variables that would replace the conversation, or that a run's TOML
+/// configuration could not write back (null).
+pub fn check_kwargs(kwargs: &Map<String, Value>) -> Result<()> {
+    for (k, v) in kwargs {
+        if matches!(k.as_str(), "messages" | "add_generation_prompt") {
+            bail!("chat_template_kwargs: `{k}` is set by temper, not by a keyword");
+        }
+        if v.is_null() {
+            bail!("chat_template_kwargs: `{k}` is null (leave it out instead)");
+        }
+    }
+    Ok(())
+}
+
+/// Parses `--chat-template-kwargs`: a JSON object.
+pub fn parse_kwargs(text: &str) -> Result<Map<String, Value>> {
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| anyhow!("--chat-template-kwargs: not JSON ({e})"))?;
+    let Value::Object(m) = v else {
+        bail!("--chat-template-kwargs: a JSON object is needed, as {{\"enable_thinking\": false}}");
+    };
+    check_kwargs(&m)?;
+    Ok(m)
 }
 
 /// minijinja's message with the template line it points at.
@@ -288,5 +335,43 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("x.jinja") && e.contains("does not parse"), "{e}");
+    }
+
+    /// Keyword variables reach the template (a reasoning model's switch, here as Qwen3
+    /// spells it), may replace the special tokens, and cannot replace the conversation.
+    #[test]
+    fn keyword_variables_reach_the_template() {
+        let src = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}<assistant><think></think>{{ m['content'] }}{% else %}<{{ m['role'] }}>{{ m['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}{% endif %}";
+        let t = || {
+            ChatTemplate::from_source(src.into(), "<s>".into(), "".into(), Path::new("t.jinja"))
+                .unwrap()
+        };
+        let m = msgs(json!([{"role": "user", "content": "hi"}]));
+        assert_eq!(t().render(&m, true).unwrap(), "<s><user>hi<assistant>");
+        let off = parse_kwargs(r#"{"enable_thinking": false, "bos_token": "[B]"}"#).unwrap();
+        let quiet = t().with_kwargs(&off).unwrap();
+        assert_eq!(
+            quiet.render(&m, true).unwrap(),
+            "[B]<user>hi<assistant><think></think>"
+        );
+        // The empty thought is the generation prompt's with thinking off, so it carries no loss;
+        // with thinking on the model writes it, so it does.
+        let chat = msgs(json!([
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"},
+        ]));
+        let span = |t: &ChatTemplate| t.spans(&chat).unwrap();
+        let trained = |s: &str| (s.to_string(), true);
+        assert_eq!(span(&quiet)[1], trained("yo"));
+        assert_eq!(span(&t())[1], trained("<think></think>yo"));
+        for (bad, why) in [
+            (r#"{"messages": []}"#, "set by temper"),
+            (r#"{"x": null}"#, "null"),
+            (r#"[1]"#, "JSON object"),
+            (r#"{"x": "#, "not JSON"),
+        ] {
+            let e = parse_kwargs(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The attention half of a block: q, k, v projections (grouped-query: k and v may have fewer
-//! heads), rotary positions, the KV cache, the attention kernel and the output projection.
+//! heads), Qwen3's per-head RMSNorm of q and k, rotary positions, the KV cache, the attention
+//! kernel and the output projection.
 
 use anyhow::Result;
 use candle_core::Tensor;
@@ -11,17 +12,26 @@ use crate::config::ModelConfig;
 use crate::config::{LoraConfig, LoraTarget};
 use crate::kernels::attention::{attention, attention_stacked, AttnMask, Segments};
 use crate::kernels::heads;
+use crate::kernels::rmsnorm::rms_norm;
 use crate::kernels::KernelChoice;
-use crate::train::params::Scope;
+use crate::train::params::{Init, Scope};
 
 pub struct Attention {
     q: Linear,
     k: Linear,
     v: Linear,
     o: Linear,
+    /// Gains `[head_dim]` of the per-head RMSNorm of q and k, where the model has one.
+    qk_norm: Option<QkNorm>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+}
+
+struct QkNorm {
+    q: Tensor,
+    k: Tensor,
+    eps: f64,
 }
 
 /// What attention needs besides the hidden states: positions (as rope tables), the cache of
@@ -55,6 +65,14 @@ impl Attention {
             k: Linear::load(scope.pp("k"), h, kv, qkv, std, target(LoraTarget::K))?,
             v: Linear::load(scope.pp("v"), h, kv, qkv, std, target(LoraTarget::V))?,
             o: Linear::load(scope.pp("o"), qw, h, bias, resid_std, target(LoraTarget::O))?,
+            qk_norm: match cfg.qk_norm {
+                true => Some(QkNorm {
+                    q: scope.pp("q_norm").gain("weight", &[hd], Init::Ones)?,
+                    k: scope.pp("k_norm").gain("weight", &[hd], Init::Ones)?,
+                    eps: cfg.rms_norm_eps,
+                }),
+                false => None,
+            },
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
             head_dim: hd,
@@ -72,8 +90,8 @@ impl Attention {
         // A decode step at fixed shapes (generation, one position): q, k and v from one
         // stacked GEMM, split, rotated (where the model has rotary positions and our rope
         // kernel is chosen) and written into the cache by one kernel, which where our
-        // attention kernel takes the step also attends.
-        if let Some((c, layer)) = cache.as_mut() {
+        // attention kernel takes the step also attends. That kernel has no norm of q and k.
+        if let Some((c, layer)) = cache.as_mut().filter(|_| self.qk_norm.is_none()) {
             let rope_fuses = inp.rope.is_none() || ctx.kernels.rope == KernelChoice::Custom;
             if c.is_fixed() && rope_fuses && x.dim(1)? == 1 {
                 let qkv = [&self.q, &self.k, &self.v];
@@ -100,6 +118,14 @@ impl Attention {
         let mut q = split(self.q.forward(x, ctx)?, self.heads)?;
         let mut k = split(self.k.forward(x, ctx)?, self.kv_heads)?;
         let v = split(self.v.forward(x, ctx)?, self.kv_heads)?;
+        if let Some(n) = &self.qk_norm {
+            let norm = |t: &Tensor, w: &Tensor| {
+                let w = super::cast::weight(w, t.dtype())?;
+                rms_norm(t, &w, n.eps, ctx.kernels.rmsnorm)
+            };
+            q = norm(&q, &n.q)?;
+            k = norm(&k, &n.k)?;
+        }
         if let Some(r) = inp.rope {
             q = r.apply(&q, ctx.kernels.rope)?;
             k = r.apply(&k, ctx.kernels.rope)?;

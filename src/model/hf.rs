@@ -1,7 +1,8 @@
 //! Hugging Face model directories in and out: `config.json` (read through its own serde
 //! struct, then converted to [`ModelConfig`]), `model.safetensors` or shards listed in
 //! `model.safetensors.index.json` (memory-mapped, read tensor by tensor), for the families
-//! `llama` (Llama 3's `rope_scaling` included), `qwen2` (bias on q/k/v), `mistral` and `gpt2`
+//! `llama` (Llama 3's `rope_scaling` included), `qwen2` (bias on q/k/v), `qwen3` (RMSNorm of
+//! each head's q and k), `mistral` and `gpt2`
 //! (Conv1D weights stored `[in, out]`, q/k/v fused in `c_attn`, learned positions). Names are
 //! translated both ways, so `export --format hf` writes back exactly what was read.
 
@@ -39,6 +40,8 @@ pub struct HfConfig {
     hidden_act: Option<String>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
+    /// Per layer, `full_attention` or `sliding_attention` (transformers 5).
+    layer_types: Option<Vec<String>>,
     // GPT-2's names.
     n_embd: Option<usize>,
     n_layer: Option<usize>,
@@ -80,12 +83,16 @@ impl HfConfig {
         Ok(match t {
             "llama" => Family::Llama,
             "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
             "mistral" => Family::Mistral,
             "gpt2" => Family::Gpt2,
             other => {
                 return Err(at.refuse(
                     "model_type",
-                    format!("`{other}` is not a family temper reads (llama, qwen2, mistral, gpt2)"),
+                    format!(
+                        "`{other}` is not a family temper reads \
+                         (llama, qwen2, qwen3, mistral, gpt2)"
+                    ),
                 ))
             }
         })
@@ -120,7 +127,7 @@ impl HfConfig {
         }
         let ctx = at.need(self.max_position_embeddings, "max_position_embeddings")?;
         let window = match family {
-            Family::Qwen2 => self
+            Family::Qwen2 | Family::Qwen3 => self
                 .sliding_window
                 .filter(|_| self.use_sliding_window == Some(true)),
             _ => self.sliding_window,
@@ -131,6 +138,17 @@ impl HfConfig {
                 format!(
                     "a window of {w} tokens, shorter than the context of {ctx}, is not implemented"
                 ),
+            ));
+        }
+        if let Some(t) = self
+            .layer_types
+            .iter()
+            .flatten()
+            .find(|t| *t != "full_attention")
+        {
+            return Err(at.refuse(
+                "layer_types",
+                format!("`{t}` layers are not implemented (only full_attention is)"),
             ));
         }
         let heads = at.need(self.num_attention_heads, "num_attention_heads")?;
@@ -150,6 +168,7 @@ impl HfConfig {
             mlp: MlpKind::SwiGlu,
             bias: false,
             qkv_bias: family == Family::Qwen2,
+            qk_norm: family == Family::Qwen3,
             head_dim: self.head_dim,
             rope_scaling: self.rope_scaling(path)?,
             dropout: 0.0,
@@ -350,7 +369,11 @@ const LLAMA_LAYER: [(&str, &str); 11] = [
     ("mlp.gate_proj.weight", "mlp.gate.weight"),
     ("mlp.up_proj.weight", "mlp.up.weight"),
 ];
-const LLAMA_LAYER_MORE: [(&str, &str); 1] = [("mlp.down_proj.weight", "mlp.down.weight")];
+const LLAMA_LAYER_MORE: [(&str, &str); 3] = [
+    ("mlp.down_proj.weight", "mlp.down.weight"),
+    ("self_attn.q_norm.weight", "attn.q_norm.weight"),
+    ("self_attn.k_norm.weight", "attn.k_norm.weight"),
+];
 const LLAMA_TOP: [(&str, &str); 3] = [
     ("model.embed_tokens.weight", "model.embed.weight"),
     ("model.norm.weight", "model.final_norm.weight"),
@@ -564,6 +587,7 @@ pub fn config_json(
         _ => {
             let (arch, ty) = match family {
                 Family::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+                Family::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
                 Family::Mistral => ("MistralForCausalLM", "mistral"),
                 _ => ("LlamaForCausalLM", "llama"),
             };
@@ -597,7 +621,7 @@ pub fn config_json(
                 "eos_token_id": eos_v,
                 "torch_dtype": "float32",
             });
-            if family == Family::Qwen2 {
+            if matches!(family, Family::Qwen2 | Family::Qwen3) {
                 v["use_sliding_window"] = json!(false);
             }
             if family == Family::Mistral {

@@ -1,7 +1,8 @@
 //! Direct preference optimisation and its relatives, over response log-probabilities summed
 //! over tokens: DPO's `-log sigmoid(beta * ((logp_c - logp_ref_c) - (logp_r - logp_ref_r)))`
-//! (TRL's `sigmoid` loss, with cDPO's label smoothing), `hinge` (SLiC), `ipo`, `robust` and
-//! the reference-free `simpo` and `orpo` (`[dpo] loss_type`; [`preference_loss`]). The
+//! (TRL's `sigmoid` loss, with cDPO's label smoothing), `hinge` (SLiC), `ipo`, `robust`,
+//! `exo_pair`, `nca_pair`, `sppo_hard`, `apo_zero`, `apo_down`, `discopop` and the
+//! reference-free `simpo` and `orpo` (`[dpo] loss_type`; [`preference_loss`]). The
 //! reference is the base with adapters off under LoRA, else a frozen copy; SimPO and ORPO
 //! load none.
 
@@ -61,21 +62,35 @@ pub fn preference_loss(
         scaled(policy.chosen, tokens.chosen)?,
         scaled(policy.rejected, tokens.rejected)?,
     );
-    // h: how much more the policy prefers the chosen response than the reference does (the
-    // reference-free losses: than the rejected one).
-    let h = match (c.loss_type, reference) {
-        (DpoLoss::Simpo | DpoLoss::Orpo, _) => (&pc - &pr)?,
-        (_, Some(r)) => {
+    // The chosen and rejected responses' log-ratios to the reference, where the loss reads
+    // one.
+    let ratios = match (c.loss_type.needs_reference(), reference) {
+        (false, _) => None,
+        (true, Some(r)) => {
             let rc = scaled(r.chosen, tokens.chosen)?;
             let rr = scaled(r.rejected, tokens.rejected)?;
-            ((&pc - &rc)? - (&pr - &rr)?)?
+            Some(((&pc - &rc)?, (&pr - &rr)?))
         }
-        (kind, None) => bail!("dpo: loss_type {kind:?} needs the reference's log-probabilities"),
+        (true, None) => bail!(
+            "dpo: loss_type {} needs the reference's log-probabilities",
+            c.loss_type.name()
+        ),
+    };
+    // h: how much more the policy prefers the chosen response than the reference does (the
+    // reference-free losses: than the rejected one).
+    let h = match &ratios {
+        Some((cr, rr)) => (cr - rr)?,
+        None => (&pc - &pr)?,
     };
     let z = (&h * c.beta)?;
     let e = c.label_smoothing;
     // -log sigmoid(z) and -log sigmoid(-z), each [B].
     let nls = |z: &Tensor| -> Result<Tensor> { Ok(log_sigmoid(z)?.neg()?) };
+    let sigmoid = |z: &Tensor| -> Result<Tensor> { Ok(log_sigmoid(z)?.exp()?) };
+    let beta_ratios = || -> Result<(Tensor, Tensor)> {
+        let (cr, rr) = ratios.as_ref().expect("these losses read the reference");
+        Ok(((cr * c.beta)?, (rr * c.beta)?))
+    };
     let losses = match c.loss_type {
         DpoLoss::Sigmoid => ((nls(&z)? * (1.0 - e))? + (nls(&z.neg()?)? * e)?)?,
         DpoLoss::Robust => (((nls(&z)? * (1.0 - e))? - (nls(&z.neg()?)? * e)?)? / (1.0 - 2.0 * e))?,
@@ -89,6 +104,35 @@ pub fn preference_loss(
             };
             let log_odds = (&h - (log_not(&pc)? - log_not(&pr)?)?)?;
             (nls(&log_odds)? * c.beta)?
+        }
+        DpoLoss::ExoPair => {
+            let e = if e == 0.0 { 1e-3 } else { e };
+            let side = |z: &Tensor, target: f64| -> Result<Tensor> {
+                Ok((sigmoid(z)? * (log_sigmoid(z)? - target.ln())?)?)
+            };
+            (side(&z, 1.0 - e)? + side(&z.neg()?, e)?)?
+        }
+        DpoLoss::NcaPair => {
+            let (zc, zr) = beta_ratios()?;
+            ((nls(&zc)? + (nls(&zc.neg()?)? * 0.5)?)? + (nls(&zr.neg()?)? * 0.5)?)?
+        }
+        DpoLoss::SppoHard => {
+            let (cr, rr) = ratios.as_ref().expect("sppo_hard reads the reference");
+            let half = 0.5 / c.beta;
+            (cr.affine(1.0, -half)?.sqr()? + rr.affine(1.0, half)?.sqr()?)?
+        }
+        DpoLoss::ApoZero => {
+            let (zc, zr) = beta_ratios()?;
+            (sigmoid(&zc)?.affine(-1.0, 1.0)? + sigmoid(&zr)?)?
+        }
+        DpoLoss::ApoDown => {
+            let (zc, _) = beta_ratios()?;
+            (sigmoid(&zc)? + sigmoid(&z)?.affine(-1.0, 1.0)?)?
+        }
+        DpoLoss::Discopop => {
+            let blend = sigmoid(&(&z / c.discopop_tau)?)?;
+            let logistic = (nls(&z)? * blend.affine(-1.0, 1.0)?)?;
+            (logistic + (z.neg()?.exp()? * blend)?)?
         }
     };
     let m = h.to_dtype(DType::F32)?.to_vec1::<f32>()?;
@@ -420,6 +464,7 @@ mod tests {
             [&[2.0][..], &[4.0]],
         );
         let sp = |x: f64| (1.0 + x.exp()).ln(); // -log sigmoid(-x)
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
         let cases = [
             (DpoLoss::Sigmoid, 0.0, sp(-0.5)),
             (DpoLoss::Sigmoid, 0.1, 0.9 * sp(-0.5) + 0.1 * sp(0.5)),
@@ -427,6 +472,32 @@ mod tests {
             (DpoLoss::Hinge, 0.0, 0.5),
             // Per token: h = (0 - -1/2) - (0 - 0) = 0.5 against the target 1 / (2 * 0.5) = 1.
             (DpoLoss::Ipo, 0.0, 0.25),
+            // The log-ratios are c = 1 and r = 0, so beta c = 0.5 and beta r = 0.
+            (
+                DpoLoss::ExoPair,
+                0.0,
+                sig(0.5) * (-sp(-0.5) - 0.999f64.ln()) + sig(-0.5) * (-sp(0.5) - 1e-3f64.ln()),
+            ),
+            (
+                DpoLoss::ExoPair,
+                0.1,
+                sig(0.5) * (-sp(-0.5) - 0.9f64.ln()) + sig(-0.5) * (-sp(0.5) - 0.1f64.ln()),
+            ),
+            (
+                DpoLoss::NcaPair,
+                0.0,
+                sp(-0.5) + 0.5 * sp(0.5) + 0.5 * 2f64.ln(),
+            ),
+            // Targets 1 / (2 beta) = 1 for c and -1 for r.
+            (DpoLoss::SppoHard, 0.0, 0.0 + 1.0),
+            (DpoLoss::ApoZero, 0.0, 1.0 - sig(0.5) + 0.5),
+            (DpoLoss::ApoDown, 0.0, sig(0.5) + 1.0 - sig(0.5)),
+            // tau 0.05: the blend is sigmoid(0.5 / 0.05).
+            (
+                DpoLoss::Discopop,
+                0.0,
+                sp(-0.5) * (1.0 - sig(10.0)) + (-0.5f64).exp() * sig(10.0),
+            ),
         ];
         for (kind, e, want) in cases {
             let (got, acc) = loss_of(&cfg(kind, 0.5, e), p, r, n);
@@ -450,6 +521,11 @@ mod tests {
         assert_eq!(acc, 1.0);
     }
 
+    /// Where policy and reference agree, every loss but two raises the chosen response.
+    /// APO-down lowers both responses, the rejected one more (its chosen gradient there is
+    /// 0); DiscoPOP's blend, rising from 1/2 to 1 as z passes 0, makes it climb from ln 2
+    /// towards exp(-z) = 1 at first: near h = 0 it pushes h down, to a shallow minimum at a
+    /// small negative margin, and only a margin past its bump is carried up.
     #[test]
     fn every_preference_loss_pushes_the_chosen_response_up_at_the_start() {
         for kind in [
@@ -459,6 +535,10 @@ mod tests {
             DpoLoss::Ipo,
             DpoLoss::Simpo,
             DpoLoss::Orpo,
+            DpoLoss::ExoPair,
+            DpoLoss::NcaPair,
+            DpoLoss::SppoHard,
+            DpoLoss::ApoZero,
         ] {
             let c = cfg(kind, 0.1, 0.0);
             let pc = candle_core::Var::new(&[-3.0f32, -2.0], &Device::Cpu).unwrap();

@@ -54,6 +54,9 @@ pub struct Job<'a> {
     pub rewards: &'a [RewardSpec],
     /// Write only each prompt's best-scored sample (`--best-of`).
     pub best_of: bool,
+    /// `--chat-template` and `--chat-template-kwargs`, which render message-list prompts.
+    pub template: Option<&'a Path>,
+    pub template_kwargs: &'a Map<String, Value>,
 }
 
 /// Part `index` of `count` (`--shard K/N`): a contiguous share of the prompts, so that the
@@ -113,8 +116,8 @@ impl Job<'_> {
     }
 
     /// What decides the completions (the batch size does not): kept beside an output file
-    /// and checked when it is resumed. The scoring is named only where there is one, so a
-    /// file written without it resumes as it did before scoring existed.
+    /// and checked when it is resumed. The scoring and the chat template are named only where
+    /// given, so a file written without them resumes as it did before they were recorded.
     pub fn settings(&self, checkpoint: &Path) -> Map<String, Value> {
         // Paths absolute, so that a run resumed from another directory matches.
         let absolute = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
@@ -151,6 +154,16 @@ impl Job<'_> {
         }
         if self.best_of {
             m.insert("best_of".into(), true.into());
+        }
+        if let Some(t) = self.template {
+            m.insert(
+                "chat_template".into(),
+                absolute(t).display().to_string().into(),
+            );
+        }
+        if !self.template_kwargs.is_empty() {
+            let kwargs = Value::Object(self.template_kwargs.clone());
+            m.insert("chat_template_kwargs".into(), kwargs);
         }
         m
     }

@@ -10,11 +10,14 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 
 use super::Env;
-use crate::config::{overlay, AdvantageEstimator, DeviceChoice, RunConfig, Stage};
+use crate::config::{
+    overlay, AdvantageEstimator, DeviceChoice, GrpoConfig, ImportanceSamplingLevel, LossType,
+    RunConfig, Stage,
+};
 
 /// The stages `--with` can add after PPO, each from the SFT model. `rloo` and
-/// `reinforce_pp` are the grpo stage with another advantage estimator; `distill` teaches the
-/// PPO policy's distributions to the SFT model.
+/// `reinforce_pp` are the grpo stage with another advantage estimator, `gspo` with
+/// sequence-level ratios; `distill` teaches the PPO policy's distributions to the SFT model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Extra {
     Dpo,
@@ -25,16 +28,39 @@ pub enum Extra {
     Rloo,
     #[value(name = "reinforce_pp", alias = "reinforce++")]
     ReinforcePp,
+    Gspo,
     Distill,
 }
 
 /// One step of the pipeline: a stage, the directory it writes, and (for the grpo stage) the
-/// advantage estimator it runs with.
+/// variant it runs.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Step {
     stage: Stage,
     name: &'static str,
-    estimator: Option<AdvantageEstimator>,
+    grpo: Option<GrpoVariant>,
+}
+
+/// The grpo stage's variants the pipeline runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum GrpoVariant {
+    Estimator(AdvantageEstimator),
+    /// GSPO as its paper runs it: sequence-level ratios clipped to [1 - 3e-4, 1 + 4e-4],
+    /// each response's loss averaged over its tokens.
+    Gspo,
+}
+
+impl GrpoVariant {
+    fn apply(self, c: &mut GrpoConfig) {
+        match self {
+            GrpoVariant::Estimator(e) => c.advantage_estimator = e,
+            GrpoVariant::Gspo => {
+                c.importance_sampling_level = ImportanceSamplingLevel::Sequence;
+                (c.cliprange, c.epsilon_high) = (3e-4, Some(4e-4));
+                c.loss_type = LossType::Grpo;
+            }
+        }
+    }
 }
 
 impl Step {
@@ -42,25 +68,27 @@ impl Step {
         Self {
             stage,
             name: stage.name(),
-            estimator: None,
+            grpo: None,
         }
     }
 }
 
 impl From<Extra> for Step {
     fn from(e: Extra) -> Self {
-        let grpo = |name, est| Step {
+        let grpo = |name, variant| Step {
             stage: Stage::Grpo,
             name,
-            estimator: Some(est),
+            grpo: Some(variant),
         };
+        let estimator = |name, est| grpo(name, GrpoVariant::Estimator(est));
         match e {
             Extra::Dpo => Step::plain(Stage::Dpo),
             Extra::Kto => Step::plain(Stage::Kto),
             Extra::OnlineDpo => Step::plain(Stage::OnlineDpo),
-            Extra::Grpo => grpo("grpo", AdvantageEstimator::GroupNorm),
-            Extra::Rloo => grpo("rloo", AdvantageEstimator::Rloo),
-            Extra::ReinforcePp => grpo("reinforce_pp", AdvantageEstimator::ReinforcePlusPlus),
+            Extra::Grpo => estimator("grpo", AdvantageEstimator::GroupNorm),
+            Extra::Rloo => estimator("rloo", AdvantageEstimator::Rloo),
+            Extra::ReinforcePp => estimator("reinforce_pp", AdvantageEstimator::ReinforcePlusPlus),
+            Extra::Gspo => grpo("gspo", GrpoVariant::Gspo),
             Extra::Distill => Step::plain(Stage::Distill),
         }
     }
@@ -90,8 +118,8 @@ fn stage_config(
     let dir = &opts.out;
     let stage = step.stage;
     let mut cfg = RunConfig::for_stage(stage);
-    if let Some(est) = step.estimator {
-        cfg.grpo.advantage_estimator = est;
+    if let Some(v) = step.grpo {
+        v.apply(&mut cfg.grpo);
     }
     if let Some(d) = opts.device {
         cfg.device = d;

@@ -6,7 +6,7 @@
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 
-use crate::config::{AdvantageEstimator, KlEstimator, ScaleRewards};
+use crate::config::{AdvantageEstimator, ImportanceSamplingLevel, KlEstimator, ScaleRewards};
 use crate::dist::Communicator;
 use crate::kernels::gae::{gae, group_normalize, masked_mean_var, whiten};
 use crate::kernels::KernelChoice;
@@ -69,16 +69,19 @@ pub fn aggregate(x: &Tensor, mask: &Tensor, agg: Aggregation) -> Result<Tensor> 
     })
 }
 
-/// How the clipped surrogate is formed: the clip range and the token aggregation.
+/// How the clipped surrogate is formed: the clip range, the token aggregation, and whether
+/// the ratio is a token's or its response's.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Surrogate {
     pub clip: Clip,
     pub agg: Aggregation,
+    pub level: ImportanceSamplingLevel,
 }
 
 /// The clipped surrogate and its diagnostics.
 pub struct PolicyLoss {
-    /// `max(-A r, -A clip(r, 1-low, 1+high))`, aggregated over valid tokens.
+    /// `max(-A r, -A clip(r, 1-low, 1+high))`, aggregated over valid tokens; `r` is the
+    /// token's ratio, or at the sequence level its response's (the same at every token).
     pub loss: Tensor,
     /// Fraction of valid tokens where the clipped branch is the active one (so the token
     /// gives no gradient), as TRL and OpenRLHF count it.
@@ -95,9 +98,18 @@ pub fn policy_loss(
     mask: &Tensor,
     sur: Surrogate,
 ) -> Result<PolicyLoss> {
-    let Surrogate { clip, agg } = sur;
+    let Surrogate { clip, agg, level } = sur;
     let diff = (logp - logp_old)?;
-    let ratio = diff.exp()?;
+    let log_ratio = match level {
+        ImportanceSamplingLevel::Token => diff.clone(),
+        ImportanceSamplingLevel::Sequence => {
+            // The mean over the response's valid tokens, so its gradient reaches each of
+            // them scaled by 1 / |y|, and padding none.
+            let len = mask.sum_keepdim(1)?.clamp(1.0, f64::INFINITY)?;
+            ((&diff * mask)?.sum_keepdim(1)? / len)?.broadcast_as(diff.shape())?
+        }
+    };
+    let ratio = log_ratio.exp()?;
     let l1 = (adv.neg()? * &ratio)?;
     let l2 = (adv.neg()? * ratio.clamp(1.0 - clip.low, 1.0 + clip.high)?)?;
     let loss = aggregate(&l1.maximum(&l2)?, mask, agg)?;
@@ -450,7 +462,54 @@ mod tests {
         Surrogate {
             clip,
             agg: Aggregation::Token,
+            level: ImportanceSamplingLevel::Token,
         }
+    }
+
+    /// GSPO: each response's ratio is the geometric mean of its tokens' (padding left out),
+    /// its loss `-A s` reaches every valid token's log-probability as `-A s / |y|` (divided
+    /// again by the responses under the `grpo` aggregation), and a response whose ratio is
+    /// clipped gives no gradient at all.
+    #[test]
+    fn a_sequence_level_ratio_is_the_responses_geometric_mean() {
+        use candle_core::{Device, Var};
+        let two = |v: [[f32; 3]; 2]| Tensor::new(&v, &Device::Cpu).unwrap();
+        let old = two([[0.0; 3]; 2]);
+        // Row 0: mean log-ratio 0.2; row 1: 0 over its two tokens (the 9 is padding).
+        let new = Var::from_tensor(&two([[0.1, 0.2, 0.3], [0.05, -0.05, 9.0]])).unwrap();
+        let adv = two([[1.0; 3], [-1.0; 3]]);
+        let mask = two([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]);
+        let sur = |eps: f64| Surrogate {
+            clip: Clip::new(eps, None),
+            agg: Aggregation::Sequence,
+            level: ImportanceSamplingLevel::Sequence,
+        };
+        let s0 = 0.2f64.exp();
+        let pl = policy_loss(new.as_tensor(), &old, &adv, &mask, sur(0.3)).unwrap();
+        assert!(
+            (s(&pl.loss) - (-s0 + 1.0) / 2.0).abs() < 1e-6,
+            "{}",
+            s(&pl.loss)
+        );
+        assert_eq!(pl.clipfrac, 0.0);
+        let g = pl.loss.backward().unwrap();
+        let g = g.get(&new).unwrap().to_vec2::<f32>().unwrap();
+        let want = [
+            [-s0 / 3.0 / 2.0; 3],
+            [1.0 / 2.0 / 2.0, 1.0 / 2.0 / 2.0, 0.0],
+        ];
+        for (gr, wr) in g.iter().zip(&want) {
+            for (a, b) in gr.iter().zip(wr) {
+                assert!((*a as f64 - b).abs() < 1e-6, "{g:?} vs {want:?}");
+            }
+        }
+        // At eps 0.1 row 0's ratio 1.22 is past 1.1 with A > 0: all its tokens are clipped.
+        let pl = policy_loss(new.as_tensor(), &old, &adv, &mask, sur(0.1)).unwrap();
+        assert!((pl.clipfrac - 3.0 / 5.0).abs() < 1e-9);
+        let g = pl.loss.backward().unwrap();
+        let g = g.get(&new).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(g[0], [0.0; 3]);
+        assert!((g[1][0] - 0.25).abs() < 1e-6, "{g:?}");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use super::rl::{
 use super::rollout_packing::RolloutDocs;
 use super::setup::rollout_prompt_sets;
 use super::Env;
-use crate::config::{KlEstimator, LossType, RewardSpec};
+use crate::config::{ImportanceSamplingLevel, KlEstimator, LossType, RewardSpec};
 use crate::data::records::PromptRecord;
 use crate::data::synthetic::exact_match;
 use crate::data::tokenizer::Tokenizer;
@@ -458,7 +458,11 @@ pub fn surrogate(loss_type: LossType, clip: Clip, norm: f64) -> Surrogate {
             tokens_per_micro: norm,
         },
     };
-    Surrogate { clip, agg }
+    Surrogate {
+        clip,
+        agg,
+        level: ImportanceSamplingLevel::Token,
+    }
 }
 
 /// Greedy accuracy on prompts with answers (NaN when some have none) and the mean reward of

@@ -18,6 +18,7 @@ use crate::model::{hf, Transformer};
 use crate::train::checkpoint::{resolve_checkpoint, CheckpointKind, CheckpointMeta};
 use crate::train::params::{Net, ParamInfo, ParamStore, Role};
 use crate::train::runner::{self, RunOpts, Saved, Task, TrainSummary};
+use serde_json::{Map, Value};
 
 /// The built-in task's world, as this run's config describes it.
 pub fn synthetic(env: &Env) -> Synthetic {
@@ -113,31 +114,49 @@ impl PolicyPair {
 
 /// The chat template conversational records are rendered with: `--chat-template` (or
 /// `[data] chat_template`), else the one in the `--init` model's `tokenizer_config.json`,
-/// else none (the built-in template).
+/// else none (the built-in template); with `[data] chat_template_kwargs` among its
+/// variables.
 pub fn chat_template(env: &Env) -> Result<Option<ChatTemplate>> {
-    if let Some(t) = &env.cfg.data.chat_template {
-        return Ok(Some(ChatTemplate::load(t)?));
-    }
-    let Some(model) = &env.cfg.init else {
-        return Ok(None);
+    let data = &env.cfg.data;
+    let found = match (&data.chat_template, &env.cfg.init) {
+        (Some(t), _) => Some(ChatTemplate::load(t)?),
+        (None, None) => None,
+        (None, Some(model)) if hf::is_model_dir(model) => template_in(model)?,
+        (None, Some(model)) => match resolve_checkpoint(model) {
+            Ok(d) => template_in(&d)?,
+            Err(_) => None,
+        },
     };
-    let dir = if hf::is_model_dir(model) {
-        model.to_path_buf()
-    } else {
-        match resolve_checkpoint(model) {
-            Ok(d) => d,
-            Err(_) => return Ok(None),
-        }
-    };
-    template_in(&dir)
+    with_kwargs(found, &data.chat_template_kwargs)
 }
 
 /// `explicit` when given, else the template beside `loaded`'s tokenizer (a PEFT adapter's:
-/// its base model's), else none.
-pub fn chat_template_of(explicit: Option<&Path>, loaded: &Loaded) -> Result<Option<ChatTemplate>> {
-    match explicit {
-        Some(t) => Ok(Some(ChatTemplate::load(t)?)),
-        None => template_in(&loaded.tokenizer_dir),
+/// its base model's), else none; with `kwargs` among its variables.
+pub fn chat_template_of(
+    explicit: Option<&Path>,
+    kwargs: &Map<String, Value>,
+    loaded: &Loaded,
+) -> Result<Option<ChatTemplate>> {
+    let found = match explicit {
+        Some(t) => Some(ChatTemplate::load(t)?),
+        None => template_in(&loaded.tokenizer_dir)?,
+    };
+    with_kwargs(found, kwargs)
+}
+
+/// `template` with `kwargs`; kwargs without a Jinja template to read them are refused, as
+/// the built-in template takes none.
+fn with_kwargs(
+    template: Option<ChatTemplate>,
+    kwargs: &Map<String, Value>,
+) -> Result<Option<ChatTemplate>> {
+    match template {
+        Some(t) => Ok(Some(t.with_kwargs(kwargs)?)),
+        None if kwargs.is_empty() => Ok(None),
+        None => bail!(
+            "chat_template_kwargs: no Jinja chat template reads them (the model has none and \
+             no --chat-template is given; the built-in template takes no variables)"
+        ),
     }
 }
 

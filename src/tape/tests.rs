@@ -165,7 +165,15 @@ fn model_grads_with(
     tape: bool,
     recompute_blocks: bool,
 ) -> (f32, HashMap<String, Tensor>, Option<SegmentStats>) {
-    let mut cfg = ModelConfig::for_tests(s.preset);
+    let mut cfg = match s.preset {
+        // Qwen3's layout: per-head norms of q and k, heads wider than hidden / heads.
+        "qwen3" => ModelConfig {
+            qk_norm: true,
+            head_dim: Some(16),
+            ..ModelConfig::for_tests("tiny")
+        },
+        preset => ModelConfig::for_tests(preset),
+    };
     cfg.dropout = 0.1;
     let lora = s.lora.map(|dropout| LoraConfig {
         rank: 4,
@@ -220,16 +228,18 @@ fn model_grads_with(
 
 /// The models the tape is checked on: LoRA without its dropout (the adapter reads x itself)
 /// and with it, f32 and bf16 with compute copies.
-const TAPE_MODELS: [Setup; 6] = [
+const TAPE_MODELS: [Setup; 8] = [
     Setup::new("gpt2", None, DType::F32, false),
     Setup::new("tiny", None, DType::F32, false),
     Setup::new("gpt2", Some(0.0), DType::F32, false),
     Setup::new("tiny", Some(0.1), DType::F32, false),
     Setup::new("gpt2", None, DType::BF16, true),
     Setup::new("tiny", Some(0.1), DType::BF16, true),
+    Setup::new("qwen3", None, DType::F32, false),
+    Setup::new("qwen3", Some(0.1), DType::BF16, true),
 ];
 
-/// Whole models (GPT-2 and Llama shapes, with dropout; LoRA with a frozen embedding, so the
+/// Whole models (GPT-2, Llama and Qwen3 shapes, with dropout; LoRA with a frozen embedding, so the
 /// segment's input carries no graph) give the same loss and the same gradient for every
 /// parameter with their blocks on the tape as in candle's graph: on the CPU the blocks are
 /// reference composites and reference GEMMs, which the tape records as islands and as GEMMs
