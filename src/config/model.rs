@@ -94,6 +94,7 @@ impl HfFamily {
             && cfg.mlp == MlpKind::Gelu
             && cfg.bias
             && !cfg.qkv_bias
+            && !cfg.qk_norm
             && cfg.tie_word_embeddings
         {
             Some(HfFamily::Gpt2)

@@ -486,10 +486,12 @@ pub struct OnlineDpoConfig {
     /// Weight of the chosen samples' per-token negative log-likelihood (RPO), as `[dpo]
     /// rpo_alpha`; 0, as TRL's online DPO has none (ORPO as published wants 1).
     pub rpo_alpha: f64,
-    /// As `[dpo] label_smoothing` (`sigmoid` and `robust` only).
+    /// As `[dpo] label_smoothing` (`sigmoid`, `robust` and `exo_pair` only).
     pub label_smoothing: f64,
     /// As `[dpo] simpo_gamma`.
     pub simpo_gamma: f64,
+    /// As `[dpo] discopop_tau`.
+    pub discopop_tau: f64,
     pub temperature: f64,
     pub top_k: usize,
     pub top_p: f64,
@@ -513,6 +515,7 @@ impl OnlineDpoConfig {
             loss_type: self.loss_type,
             label_smoothing: self.label_smoothing,
             simpo_gamma: self.simpo_gamma,
+            discopop_tau: self.discopop_tau,
             ..DpoConfig::default()
         }
     }
@@ -550,6 +553,7 @@ impl Default for OnlineDpoConfig {
             rpo_alpha: 0.0,
             label_smoothing: 0.0,
             simpo_gamma: 0.5,
+            discopop_tau: 0.05,
             temperature: 0.9,
             top_k: 0,
             top_p: 1.0,
@@ -662,6 +666,15 @@ impl GrpoConfig {
         check_sampling("grpo", self.temperature, self.cliprange, self.epsilon_high)?;
         if !(self.beta >= 0.0 && self.beta.is_finite()) {
             bail!("grpo.beta must be 0 or positive, got {}", self.beta);
+        }
+        if self.importance_sampling_level == ImportanceSamplingLevel::Sequence
+            && self.advantage_estimator == AdvantageEstimator::ReinforcePlusPlus
+        {
+            bail!(
+                "grpo.importance_sampling_level = \"sequence\" weighs a response by one ratio, \
+                 which needs one advantage per response; reinforce_plus_plus gives each token \
+                 its own (use group_norm or rloo)"
+            );
         }
         if self.group_size < 2 {
             bail!(
@@ -864,6 +877,27 @@ mod tests {
             },
             "label_smoothing",
         );
+        bad(|c| c.discopop_tau = 0.0, "discopop_tau");
+        let tau = OnlineDpoConfig {
+            discopop_tau: 0.2,
+            ..ok
+        };
+        assert_eq!(tau.loss().discopop_tau, 0.2);
+    }
+
+    /// GSPO's one ratio per response needs one advantage per response.
+    #[test]
+    fn grpo_refuses_sequence_ratios_over_per_token_advantages() {
+        let mut c = GrpoConfig {
+            importance_sampling_level: ImportanceSamplingLevel::Sequence,
+            ..GrpoConfig::default()
+        };
+        c.validate().unwrap();
+        c.advantage_estimator = AdvantageEstimator::Rloo;
+        c.validate().unwrap();
+        c.advantage_estimator = AdvantageEstimator::ReinforcePlusPlus;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("grpo.importance_sampling_level"), "{e}");
     }
 
     #[test]

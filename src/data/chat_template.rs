@@ -136,14 +136,14 @@ impl ChatTemplate {
 }
 
 /// Refuses template variables that would replace the conversation, or that a run's TOML
-/// configuration could not write back (null).
+/// configuration could not write back (a null anywhere, an integer past i64).
 pub fn check_kwargs(kwargs: &Map<String, Value>) -> Result<()> {
     for (k, v) in kwargs {
         if matches!(k.as_str(), "messages" | "add_generation_prompt") {
             bail!("chat_template_kwargs: `{k}` is set by temper, not by a keyword");
         }
-        if v.is_null() {
-            bail!("chat_template_kwargs: `{k}` is null (leave it out instead)");
+        if let Err(e) = toml::Value::try_from(v) {
+            bail!("chat_template_kwargs: `{k}` cannot be written to a TOML config ({e}; a null or an integer past 2^63 - 1)");
         }
     }
     Ok(())
@@ -367,11 +367,15 @@ mod tests {
         for (bad, why) in [
             (r#"{"messages": []}"#, "set by temper"),
             (r#"{"x": null}"#, "null"),
+            (r#"{"x": {"y": [1, null]}}"#, "TOML"),
+            (r#"{"x": 18446744073709551615}"#, "TOML"),
             (r#"[1]"#, "JSON object"),
             (r#"{"x": "#, "not JSON"),
         ] {
             let e = parse_kwargs(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
         }
+        // What TOML holds passes: nested tables, arrays of mixed types.
+        parse_kwargs(r#"{"tools": [{"name": "add", "args": [1, "a", true]}], "n": -3}"#).unwrap();
     }
 }

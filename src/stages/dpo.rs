@@ -130,9 +130,11 @@ pub fn preference_loss(
             (sigmoid(&zc)? + sigmoid(&z)?.affine(-1.0, 1.0)?)?
         }
         DpoLoss::Discopop => {
-            let blend = sigmoid(&(&z / c.discopop_tau)?)?;
-            let logistic = (nls(&z)? * blend.affine(-1.0, 1.0)?)?;
-            (logistic + (z.neg()?.exp()? * blend)?)?
+            let zt = (&z / c.discopop_tau)?;
+            let logistic = (nls(&z)? * sigmoid(&zt)?.affine(-1.0, 1.0)?)?;
+            // exp(-z) s(z / tau) as one exponent: exp(-z) alone overflows f32 at a very
+            // negative margin, where the blend is exactly 0.
+            (logistic + (log_sigmoid(&zt)? - &z)?.exp()?)?
         }
     };
     let m = h.to_dtype(DType::F32)?.to_vec1::<f32>()?;
@@ -553,6 +555,15 @@ mod tests {
             let d = g.get(pc.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
             assert!(d.iter().all(|&x| x < 0.0), "{kind:?}: {d:?}");
         }
+    }
+
+    /// DiscoPOP stays finite where its exponential alone would overflow: a margin far below
+    /// zero, where the blend is exactly 0 and the loss is the logistic one.
+    #[test]
+    fn discopop_is_finite_at_an_extreme_margin() {
+        let c = cfg(DpoLoss::Discopop, 1.0, 0.0);
+        let (got, _) = loss_of(&c, [&[-200.0], &[0.0]], [&[0.0], &[0.0]], [&[4.0], &[4.0]]);
+        assert!((got - 200.0).abs() < 1e-3, "{got}");
     }
 
     #[test]

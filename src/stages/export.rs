@@ -85,7 +85,7 @@ fn hf_dir(checkpoint: &Path, out: &Path) -> Result<()> {
 
 fn family_of(cfg: &crate::config::ModelConfig) -> Result<HfFamily> {
     HfFamily::of(cfg).context(
-        "this model's layout (norm, positions, MLP, biases) matches no Hugging Face family temper writes (llama, qwen2, mistral, gpt2)",
+        "this model's layout (norm, positions, MLP, biases) matches no Hugging Face family temper writes (llama, qwen2, qwen3, mistral, gpt2)",
     )
 }
 

@@ -117,7 +117,8 @@ impl Job<'_> {
 
     /// What decides the completions (the batch size does not): kept beside an output file
     /// and checked when it is resumed. The scoring and the chat template are named only where
-    /// given, so a file written without them resumes as it did before they were recorded.
+    /// given, so a file written without them resumes as it did before they were recorded (one
+    /// begun with `--chat-template` by an older temper, which did not record it, does not).
     pub fn settings(&self, checkpoint: &Path) -> Map<String, Value> {
         // Paths absolute, so that a run resumed from another directory matches.
         let absolute = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());

@@ -45,8 +45,8 @@ struct Step {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum GrpoVariant {
     Estimator(AdvantageEstimator),
-    /// GSPO as its paper runs it: sequence-level ratios clipped to [1 - 3e-4, 1 + 4e-4],
-    /// each response's loss averaged over its tokens.
+    /// GSPO's loss: sequence-level ratios clipped to [1 - 3e-4, 1 + 4e-4], each response's
+    /// loss averaged over its tokens (the KL to the reference stays grpo's).
     Gspo,
 }
 
