@@ -302,13 +302,11 @@ fn a_model_too_large_or_misshapen_is_refused_naming_its_file() {
     );
 }
 
-#[test]
-fn continued_pretraining_and_lora_sft_start_from_a_hugging_face_model_and_export_back() {
-    let d = tmp();
-    let corpus = p(d.path(), "corpus.txt");
+/// 30 steps of continued pretraining from the model at `init` into `out`, on a small
+/// repetitive corpus beside `out`; the held-out loss must fall by a fifth.
+fn pretrain_from(init: &Path, out: &Path) {
+    let corpus = out.with_extension("txt");
     std::fs::write(&corpus, "3+4=7\nthe cat sat on the mat\n".repeat(200)).unwrap();
-    let pre = p(d.path(), "pre");
-    let init = fixture("qwen2");
     run_ok(&[
         "pretrain",
         "--init",
@@ -316,7 +314,7 @@ fn continued_pretraining_and_lora_sft_start_from_a_hugging_face_model_and_export
         "--data",
         corpus.to_str().unwrap(),
         "--out",
-        pre.to_str().unwrap(),
+        out.to_str().unwrap(),
         "--steps",
         "30",
         "--seq-len",
@@ -326,11 +324,19 @@ fn continued_pretraining_and_lora_sft_start_from_a_hugging_face_model_and_export
         "--device",
         "cpu",
     ]);
-    let val = series(&metrics(&pre), "val", "loss");
+    let val = series(&metrics(out), "val", "loss");
     assert!(
         val.last().unwrap().1 < 0.8 * val[0].1,
-        "continued pretraining learns: {val:?}"
+        "continued pretraining from {} learns: {val:?}",
+        init.display()
     );
+}
+
+#[test]
+fn continued_pretraining_and_lora_sft_start_from_a_hugging_face_model_and_export_back() {
+    let d = tmp();
+    let pre = p(d.path(), "pre");
+    pretrain_from(&fixture("qwen2"), &pre);
     // The checkpoint keeps the imported family and tokenizer files, so it exports as Qwen2.
     let out = p(d.path(), "hf");
     run_ok(&[
@@ -399,32 +405,9 @@ fn continued_pretraining_and_lora_sft_start_from_a_hugging_face_model_and_export
 #[test]
 fn a_qwen3_model_trains_its_qk_norms_and_exports_them_back() {
     let d = tmp();
-    let corpus = p(d.path(), "corpus.txt");
-    std::fs::write(&corpus, "3+4=7\nthe cat sat on the mat\n".repeat(200)).unwrap();
     let (run, out) = (p(d.path(), "run"), p(d.path(), "hf"));
     let init = fixture("qwen3");
-    run_ok(&[
-        "pretrain",
-        "--init",
-        init.to_str().unwrap(),
-        "--data",
-        corpus.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--steps",
-        "30",
-        "--seq-len",
-        "32",
-        "--lr",
-        "3e-3",
-        "--device",
-        "cpu",
-    ]);
-    let val = series(&metrics(&run), "val", "loss");
-    assert!(
-        val.last().unwrap().1 < 0.8 * val[0].1,
-        "qwen3 learns: {val:?}"
-    );
+    pretrain_from(&init, &run);
     run_ok(&[
         "export",
         "--checkpoint",
@@ -452,14 +435,7 @@ fn a_qwen3_model_trains_its_qk_norms_and_exports_them_back() {
     for layer in 0..2 {
         for which in ["q_norm", "k_norm"] {
             let n = format!("model.layers.{layer}.self_attn.{which}.weight");
-            let moved = (&a[&n] - &b[&n])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let moved = max_abs_diff(&a[&n], &b[&n]);
             assert!(moved > 1e-4, "{n} did not train: moved {moved}");
         }
     }
