@@ -19,7 +19,7 @@ use candle_core::Tensor;
 use super::eval::{PolicyEval, PolicyResult};
 use super::rl::{
     aggregate, group_advantages, kl_estimate, reinforce_pp_advantages, row_sums,
-    sequence_advantages, Clip, Surrogate,
+    sequence_advantages, Clip,
 };
 use super::rollout::{
     mean_over_ranks, rollout_seed, rollout_stats, rows, surrogate, token_share, ActorKnobs, Actors,
@@ -163,10 +163,8 @@ impl Task for GrpoTask<'_> {
         let ctx = self.env.ctx(true, None);
         let buf = self.buffer.as_mut().expect("rollout just filled it");
         let (idx, norm) = buf.next_batch().expect("non-empty");
-        let sur = Surrogate {
-            level: c.importance_sampling_level,
-            ..surrogate(c.loss_type, Clip::new(c.cliprange, c.epsilon_high), norm)
-        };
+        let clip = Clip::new(c.cliprange, c.epsilon_high);
+        let sur = surrogate(c.loss_type, clip, c.importance_sampling_level, norm);
         let ro = &buf.ro;
         let pol = PolicyStep::compute(
             &self.actors.policy,

@@ -34,7 +34,7 @@ use super::rollout::{
 };
 use super::setup::{self, Plan, PolicyPair};
 use super::Env;
-use crate::config::{PpoConfig, RewardSpec};
+use crate::config::{ImportanceSamplingLevel, PpoConfig, RewardSpec};
 use crate::data::records::PromptRecord;
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::generate::{RowKeys, SampleCfg};
@@ -208,7 +208,8 @@ impl Task for PpoTask<'_> {
         let ctx = self.env.ctx(true, None);
         let buf = self.buffer.as_mut().expect("rollout just filled it");
         let (idx, norm) = buf.next_batch().expect("non-empty");
-        let sur = surrogate(c.loss_type, Clip::new(c.cliprange, c.epsilon_high), norm);
+        let clip = Clip::new(c.cliprange, c.epsilon_high);
+        let sur = surrogate(c.loss_type, clip, ImportanceSamplingLevel::Token, norm);
         let pol = PolicyStep::compute(
             &self.actors.policy,
             ctx,

@@ -450,7 +450,12 @@ pub fn main_only(env: &super::Env, n: usize) -> usize {
 }
 
 /// The surrogate a stage's knobs describe, for a minibatch whose DAPO normaliser is `norm`.
-pub fn surrogate(loss_type: LossType, clip: Clip, norm: f64) -> Surrogate {
+pub fn surrogate(
+    loss_type: LossType,
+    clip: Clip,
+    level: ImportanceSamplingLevel,
+    norm: f64,
+) -> Surrogate {
     let agg = match loss_type {
         LossType::Bnpo => Aggregation::Token,
         LossType::Grpo => Aggregation::Sequence,
@@ -458,11 +463,7 @@ pub fn surrogate(loss_type: LossType, clip: Clip, norm: f64) -> Surrogate {
             tokens_per_micro: norm,
         },
     };
-    Surrogate {
-        clip,
-        agg,
-        level: ImportanceSamplingLevel::Token,
-    }
+    Surrogate { clip, agg, level }
 }
 
 /// Greedy accuracy on prompts with answers (NaN when some have none) and the mean reward of
