@@ -7,7 +7,10 @@
 //! tiny shape, so the harness itself stays checked.
 //!
 //! `cargo bench --bench generate [-- --batch B --prompt L --new N --reps R --group G --plain 1
-//! --decode graph|fixed|dynamic]`
+//! --decode graph|fixed|dynamic --model gpt2|qwen3]`
+//! `--model qwen3` times Qwen3-0.6B's shape instead (28 layers of 1024, 16 query heads of 128 on
+//! 8 kv heads, RMSNorm of each q and k head, vocabulary 151936, tied embeddings), the model
+//! most GRPO runs start from; its peer is `scripts/bench_generate.py --model qwen3`.
 //! `--group G` repeats each prompt G times back to back (a GRPO group: one shared prefill per
 //! group); `--plain 1` switches the engine's savings off (no shared prefill, no compaction, a
 //! dynamic-shape decode step); `--decode` picks the decode step (`src/generate/mod.rs`,
@@ -44,9 +47,37 @@ fn step_bytes(cfg: &ModelConfig, params: usize, b: usize, t: usize, dtype: DType
     (params as f64 + kv as f64) * e
 }
 
+/// The policy's shape on a GPU: GPT-2 small, or Qwen3-0.6B's (its `config.json`'s numbers).
+fn gpu_model(name: &str) -> Result<ModelConfig> {
+    match name {
+        "gpt2" => Ok(ModelConfig {
+            vocab_size: 50257, // GPT-2's, as the peer's GPT2Config
+            ..ModelConfig::preset("gpt2")?
+        }),
+        "qwen3" => Ok(ModelConfig {
+            vocab_size: 151936,
+            hidden_size: 1024,
+            intermediate_size: 3072,
+            num_hidden_layers: 28,
+            num_attention_heads: 16,
+            num_key_value_heads: 8,
+            head_dim: Some(128),
+            rms_norm_eps: 1e-6,
+            rope_theta: 1e6,
+            qk_norm: true,
+            ..ModelConfig::preset("small")?
+        }),
+        other => anyhow::bail!("--model {other}: expected gpt2 or qwen3"),
+    }
+}
+
 fn main() -> Result<()> {
+    let model = std::env::args()
+        .skip_while(|a| a != "--model")
+        .nth(1)
+        .unwrap_or_else(|| "gpt2".into());
     let (dev, mut cfg, dtype, b, l, n) = match Device::new_cuda(0) {
-        Ok(d) => (d, ModelConfig::preset("gpt2")?, DType::BF16, 64, 256, 128),
+        Ok(d) => (d, gpu_model(&model)?, DType::BF16, 64, 256, 128),
         Err(_) => {
             println!("generate: no CUDA device; timing a tiny shape on the CPU (the GPU comparison needs --features cuda and a GPU)");
             (
@@ -59,9 +90,6 @@ fn main() -> Result<()> {
             )
         }
     };
-    if dev.is_cuda() {
-        cfg.vocab_size = 50257; // GPT-2's, as the peer's GPT2Config
-    }
     let b = arg("--batch", b);
     let l = arg("--prompt", l);
     let n = arg("--new", n);
@@ -167,16 +195,25 @@ fn main() -> Result<()> {
                 (DecodeMode::Graph, true) => "ours-gemm-timed",
                 (DecodeMode::Fixed, _) => "ours-fixed-shapes",
                 (DecodeMode::Dynamic, _) => "ours-dynamic-shapes",
-            }, "shape": match group {
-                1 => format!("B{b} L{l} N{n}"),
-                g => format!("B{b} L{l} N{n} G{g}"),
-            },
+            }, "shape": shape_label(&model, b, l, n, group),
             "tokens_per_s": tokens_per_s, "ms_total": total * 1e3, "ms_prefill": prefill * 1e3,
             "ms_decode_step": step * 1e3, "ms_floor_step": floor_step * 1e3,
             "floor_tokens_per_s": b as f64 / floor_step,
         })
     );
     Ok(())
+}
+
+/// The table's key, as the peer writes it: GPT-2's rows keep their first runs' label.
+fn shape_label(model: &str, b: usize, l: usize, n: usize, group: usize) -> String {
+    let mut label = format!("B{b} L{l} N{n}");
+    if group > 1 {
+        label += &format!(" G{group}");
+    }
+    match model {
+        "gpt2" => label,
+        m => format!("{m} {label}"),
+    }
 }
 
 /// Whether cuBLASLt's candidates are timed (`TEMPER_GEMM_TUNE=timed`): the run is then an

@@ -76,8 +76,13 @@ struct AttnParams {
   // query i sees keys from seg_start[i] on, key j is seen by queries below seg_end[j].
   const int *seg_start;  // [B, Tq], non-decreasing along a row: fwd, bwd_dq_simple
   const int *seg_end;    // [B, Tk]: bwd_dkdv_simple, bwd_mma
+  // attn_decode_fresh's per-head RMSNorm of q and k before the rotation (Qwen3's q_norm,
+  // k_norm), as qkv_write computes it; null elsewhere.
+  const void *q_norm;  // [D] in T: q's gains, or null (no norm)
+  const void *k_norm;  // [D] in T: k's gains (with q_norm, or neither)
+  float norm_eps;      // the norm's epsilon
 };
-static_assert(sizeof(AttnParams) == 224, "AttnParams: keep in step with the Rust mirror");
+static_assert(sizeof(AttnParams) == 248, "AttnParams: keep in step with the Rust mirror");
 static_assert(alignof(AttnParams) == 8, "AttnParams: keep in step with the Rust mirror");
 
 constexpr float kLog2e = 1.4426950408889634f;

@@ -17,8 +17,9 @@
 // attn_decode_fresh_<dtype>_h<D>_r<R>: the same for generation's decode step at fixed shapes
 // (src/generate/static_step.rs), fused with what decode_step.cu's qkv_write does before it:
 // q and this position's key and value are read from the row of stacked projections p.fresh
-// (rotated, where rotation tables are given, by the same f32 expression as qkv_write's and
-// rounded to T once, as it stores them); split 0's block of each (batch, kv head) writes the
+// (RMS-normalised per head where gains p.q_norm, p.k_norm are given, then rotated where
+// rotation tables are, by the same f32 expressions as qkv_write's and rounded to T as it
+// rounds them; a head's sum of squares is summed across its lane group); split 0's block of each (batch, kv head) writes the
 // key and value at position L = step[0] of the caches k, v. No block reads position L from the
 // cache: the first lane group of split 0 starts its softmax state from the fresh key (if the
 // mask lets the rows see it), and every stream skips L. So nothing reads what the kernel
@@ -90,23 +91,49 @@ static __device__ __forceinline__ void merge_state(float &m, float &l, float (&a
   m = mx;
 }
 
+// (x * r) * g rounded to T, as rmsnorm.cu's forward stores it: 8 values and their gains.
+template <typename T>
+static __device__ __forceinline__ void norm8(float (&x)[8], float r, const T *gain) {
+  float g[8];
+  load8(gain, g);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) x[e] = to_f32(from_f32<T>((x[e] * r) * g[e]));
+}
+
 // Values [8 sub, 8 sub + 8) of the head at column `col` of row b of p.fresh (width
-// (Hq + 2 Hkv) D), as qkv_write (decode_step.cu) stores them: rotated with their partners in
-// the other half of the head by p.rope_cos / p.rope_sin where `rotate` and the tables are
-// given (in f32, then rounded to T), else as they are.
+// (Hq + 2 Hkv) D), as qkv_write (decode_step.cu) stores them: RMS-normalised over the head by
+// the gains `gain` where given (the head's D values are spread over the L = D / 8 lanes of a
+// group, whose partial sums of squares meet by shuffles: every lane of the warp must call it
+// alike), then rotated with their partners in the other half of the head by p.rope_cos /
+// p.rope_sin where `rotate` and the tables are given (in f32, then rounded to T), else as
+// they are.
 template <typename T, int D>
 static __device__ __forceinline__ void fresh8(const AttnParams &p, int b, int col, int sub,
-                                              bool rotate, float (&out)[8]) {
+                                              const void *gain, bool rotate, float (&out)[8]) {
+  constexpr int L = D / 8;
   const int width = (p.hq + 2 * p.hkv) * D;
   const T *row = static_cast<const T *>(p.fresh) + (size_t)b * width + col;
+  const T *g = static_cast<const T *>(gain);
   const int j0 = sub * 8;
   load8(row + j0, out);
+  float r = 1.f;
+  if (g != nullptr) {
+    float ss = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) ss += out[e] * out[e];
+#pragma unroll
+    for (int o = 1; o < L; o <<= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    r = 1.f / sqrtf(ss / (float)D + p.norm_eps);
+    norm8<T>(out, r, g + j0);
+  }
   if (!rotate || p.rope_cos == nullptr) return;
   constexpr int half = D / 2;  // a multiple of 8: the lane's 8 values lie in one half
   const bool lower = j0 < half;
   const int jj0 = lower ? j0 : j0 - half;
+  const int pj0 = lower ? j0 + half : jj0;
   float partner[8];
-  load8(row + (lower ? j0 + half : jj0), partner);
+  load8(row + pj0, partner);
+  if (g != nullptr) norm8<T>(partner, r, g + pj0);
   const T *cs = static_cast<const T *>(p.rope_cos) + (size_t)b * half + jj0;
   const T *sn = static_cast<const T *>(p.rope_sin) + (size_t)b * half + jj0;
 #pragma unroll
@@ -145,7 +172,7 @@ static __device__ void decode(const AttnParams &p) {
       const int g = r / Tq, i = r % Tq;
       row_hi[r] = p.causal ? min(kr.hi, p.offset + i + 1) : kr.hi;
       if constexpr (FRESH) {
-        fresh8<T, D>(p, b, (hkv * G + g) * D, sub, true, qf[r]);  // Tq = 1: i = 0
+        fresh8<T, D>(p, b, (hkv * G + g) * D, sub, p.q_norm, true, qf[r]);  // Tq = 1: i = 0
       } else {
         const size_t qrow = ((size_t)b * p.hq + hkv * G + g) * Tq + i;
         load8(q + qrow * D + sub * VEC, qf[r]);
@@ -186,8 +213,8 @@ static __device__ void decode(const AttnParams &p) {
   }
   if (FRESH && fresh_j >= 0 && blockIdx.z == 0) {  // uniform across the block
     float kf[VEC], vf[VEC];
-    fresh8<T, D>(p, b, (p.hq + hkv) * D, sub, true, kf);
-    fresh8<T, D>(p, b, (p.hq + Hkv + hkv) * D, sub, false, vf);
+    fresh8<T, D>(p, b, (p.hq + hkv) * D, sub, p.k_norm, true, kf);
+    fresh8<T, D>(p, b, (p.hq + Hkv + hkv) * D, sub, nullptr, false, vf);
     const bool first = warp == 0 && grp == 0;  // the one lane group that writes and counts it
     if (first) {
       // p.dk, p.dv are the caches k, v again: written here, at the one position no stream

@@ -9,7 +9,12 @@
 //   then v; each [heads, d]) split in one pass: q into out [B, nq], k and v into position L
 //   of their caches [B, nkv / d, cap, d] (nothing once L >= cap). With tables cos, sin
 //   [B, d / 2] (the rows' positions), q and k are rotated on the way (rotary embeddings in the
-//   Llama / GPT-NeoX layout, in f32 exactly as rope.cu computes them). With q, k and v in one
+//   Llama / GPT-NeoX layout, in f32 exactly as rope.cu computes them). With gains qnorm, knorm
+//   [d], each q and k head is first RMS-normalised over its d values (Qwen3's q_norm and
+//   k_norm), as rmsnorm.cu computes it: r = 1 / sqrt(mean x^2 + eps), (x * r) * g, rounded to
+//   T, the rotation then reading the rounded values as rope.cu reads the norm's output. Each
+//   thread sums its own head's squares (d loads, from L1): this kernel is the step's fallback,
+//   so it stays one thread per element. With q, k and v in one
 //   GEMM this replaces two GEMM launches, two rotations and two KV writes per layer. Where
 //   the decode attention takes the step, attn_decode_fresh (attention_decode.cu) does this
 //   itself and attends in the same launch; this kernel is the step's fallback.
@@ -41,8 +46,12 @@ struct DecodeParams {
   int nkv;                 // qkv_write: key (and value) width (kv heads * d)
   const void *cos;         // qkv_write: null (no rotation), or [B, d / 2] in y's dtype
   const void *sin;         // qkv_write: as cos
+  const void *qnorm;       // qkv_write: null (no norm), or q's per-head RMSNorm gains [d] in
+                           // y's dtype
+  const void *knorm;       // qkv_write: as qnorm, for k (both or neither)
+  float eps;               // qkv_write: the norm's epsilon
 };
-static_assert(sizeof(DecodeParams) == 80, "DecodeParams: keep in step with the Rust mirror");
+static_assert(sizeof(DecodeParams) == 104, "DecodeParams: keep in step with the Rust mirror");
 
 namespace {
 
@@ -61,15 +70,35 @@ template <typename T> __device__ void qkv_write(const DecodeParams &p) {
   const long long b = i / width, c = i % width;
   const T *y = static_cast<const T *>(p.src);
   T x = y[i];
-  if (p.cos != nullptr && c < p.nq + p.nkv) {
-    // Element j of its head rotates with its partner in the other half of the head.
-    const int half = p.d / 2, j = (int)(c % p.d), jj = j % half;
-    const long long head = i - j;
-    const long long tab = b * half + jj;
-    const float cs = temper::to_f32(static_cast<const T *>(p.cos)[tab]);
-    const float sn = temper::to_f32(static_cast<const T *>(p.sin)[tab]);
-    const float x1 = temper::to_f32(y[head + jj]), x2 = temper::to_f32(y[head + jj + half]);
-    x = temper::from_f32<T>(j < half ? x1 * cs - x2 * sn : x2 * cs + x1 * sn);
+  const T *gain = c < p.nq ? static_cast<const T *>(p.qnorm) : static_cast<const T *>(p.knorm);
+  if (c < p.nq + p.nkv && (p.cos != nullptr || gain != nullptr)) {
+    const int j = (int)(c % p.d);
+    const T *head = y + (i - j);
+    float r = 1.f;
+    if (gain != nullptr) {
+      float ss = 0.f;
+      for (int e = 0; e < p.d; ++e) {
+        const float v = temper::to_f32(head[e]);
+        ss += v * v;
+      }
+      r = 1.f / sqrtf(ss / (float)p.d + p.eps);
+    }
+    // Element e of the head as the rotation reads it: normalised and rounded, or as stored.
+    auto at = [&](int e) {
+      const float v = temper::to_f32(head[e]);
+      return gain ? temper::to_f32(temper::from_f32<T>((v * r) * temper::to_f32(gain[e]))) : v;
+    };
+    if (p.cos == nullptr) {
+      x = temper::from_f32<T>(at(j));
+    } else {
+      // Element j rotates with its partner in the other half of the head.
+      const int half = p.d / 2, jj = j % half;
+      const long long tab = b * half + jj;
+      const float cs = temper::to_f32(static_cast<const T *>(p.cos)[tab]);
+      const float sn = temper::to_f32(static_cast<const T *>(p.sin)[tab]);
+      const float x1 = at(jj), x2 = at(jj + half);
+      x = temper::from_f32<T>(j < half ? x1 * cs - x2 * sn : x2 * cs + x1 * sn);
+    }
   }
   if (c < p.nq) {
     static_cast<T *>(p.out)[b * p.nq + c] = x;

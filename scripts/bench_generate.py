@@ -8,7 +8,11 @@ as temper's engine applies none), and `min_new_tokens=max_new_tokens=128` so eve
 128 steps, as the temper bench does. Prints tokens/s (prompts x new tokens over the median
 wall time of `generate`, CUDA-synchronised) and one JSON line in benches/generate.rs's format.
 
-Usage: python3 scripts/bench_generate.py [--reps N] [--quick]
+With `--model qwen3`, a Qwen3ForCausalLM of Qwen3-0.6B's shape instead (28 layers of 1024, 16
+query heads of 128 on 8 kv heads, q/k head norms, vocabulary 151936, tied embeddings), the peer
+of `bench-generate --model qwen3`.
+
+Usage: python3 scripts/bench_generate.py [--reps N] [--quick] [--model gpt2|qwen3]
 """
 
 import json
@@ -35,9 +39,24 @@ def main():
         print(f"transformers is not installed here ({e}); no peer number")
         return 0
     reps = 1 if "--quick" in sys.argv else arg("--reps", 3)
+    name = sys.argv[sys.argv.index("--model") + 1] if "--model" in sys.argv else "gpt2"
     torch.manual_seed(0)
-    cfg = GPT2Config()
-    model = GPT2LMHeadModel(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+    if name == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        cfg = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                          num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                          head_dim=128, max_position_embeddings=L + N, rms_norm_eps=1e-6,
+                          tie_word_embeddings=True, eos_token_id=0)
+        model = Qwen3ForCausalLM(cfg)
+        label = f"qwen3 B{B} L{L} N{N}"
+    elif name == "gpt2":
+        cfg = GPT2Config()
+        model = GPT2LMHeadModel(cfg)
+        label = f"B{B} L{L} N{N}"
+    else:
+        raise SystemExit(f"--model {name}: expected gpt2 or qwen3")
+    model = model.to(device="cuda", dtype=torch.bfloat16).eval()
     ids = torch.randint(0, cfg.vocab_size, (B, L), device="cuda")
     mask = torch.ones_like(ids)
 
@@ -68,7 +87,7 @@ def main():
     print(f"hf-transformers: {tps:10.0f} tokens/s ({total * 1e3:.1f} ms total, prefill {prefill * 1e3:.1f} ms, "
           f"decode step {step * 1e3:.3f} ms); torch {torch.__version__}")
     print(json.dumps({
-        "bench": "generate", "impl": "transformers-generate", "shape": f"B{B} L{L} N{N}",
+        "bench": "generate", "impl": "transformers-generate", "shape": label,
         "tokens_per_s": tps, "ms_total": total * 1e3, "ms_prefill": prefill * 1e3,
         "ms_decode_step": step * 1e3,
     }), flush=True)

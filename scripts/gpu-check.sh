@@ -61,7 +61,7 @@ PART_2=(ppo-init ppo-update gpt2-loss ncu-step ncu-decode bench-generate-timed t
   train-gemm-timed train-recompute ncu-lora ncu-attention bench-attention-packed
   peer-attention-packed)
 PART_3=(train-torch-compile train-graph bench-generate-fixed bench-generate-dynamic
-  bench-train_ops peer-train_ops bench-rmsnorm peer-rmsnorm bench-gae peer-gae bench-allreduce
+  bench-generate-qwen3 peer-generate-qwen3 bench-train_ops peer-train_ops bench-rmsnorm peer-rmsnorm bench-gae peer-gae bench-allreduce
   peer-allreduce pipeline train-casts train-reference)
 if [[ -n "${TEMPER_CHECK_PART:-}" && -z "${TEMPER_CHECK_ONLY:-}" ]]; then
   case "$TEMPER_CHECK_PART" in
@@ -232,9 +232,13 @@ if has bench-generate; then
   section bench-generate-timed 90 env TEMPER_GEMM_TUNE=timed "$BUNDLE" bench-generate --bench
   peer_cmd="${TEMPER_GENERATE_PEER:-}"
   [[ -z "$peer_cmd" && -f scripts/bench_generate.py ]] && peer_cmd="python3 scripts/bench_generate.py"
+  # Qwen3-0.6B's shape: Qwen3's per-head norms of q and k inside the fused decode kernel.
+  section bench-generate-qwen3 150 "$BUNDLE" bench-generate --bench --model qwen3
   if [[ -n "$peer_cmd" ]]; then
     # shellcheck disable=SC2086
     section peer-generate 120 $peer_cmd
+    # shellcheck disable=SC2086
+    section peer-generate-qwen3 150 $peer_cmd --model qwen3
   else
     echo "== peer-generate: no scripts/bench_generate.py; skipped" >&2
     printf '{"section":"peer-generate","status":"skipped (no peer script)"}\n' >>"$RESULTS"

@@ -263,7 +263,7 @@ for shape in sorted({r.get("shape", "") for r in meas if r.get("bench") == "gene
     ablations = [r for r in gen if str(r.get("impl", "")).startswith("ours")]
     for p in [r for r in gen if str(r.get("impl", "")).startswith(("transformers", "torch"))]:
         row("generate", shape, "tokens/s", o.get("tokens_per_s"), p["impl"], p.get("tokens_per_s"),
-            sec_state("bench-generate", "peer-generate"))
+            sec_state(o.get("section", "bench-generate"), p.get("section", "peer-generate")))
         for a in ablations:
             what = ("cuBLASLt's candidates timed (TEMPER_GEMM_TUNE=timed)" if "gemm-timed" in a["impl"]
                     else "the decode step without its CUDA graph")

@@ -8,8 +8,8 @@ use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    AdvantageEstimator, DTypeChoice, DeviceChoice, LoraConfig, ModelConfig, RewardSpec, RunConfig,
-    Stage,
+    AdvantageEstimator, DTypeChoice, DeviceChoice, ImportanceSamplingLevel, LoraConfig,
+    ModelConfig, RewardSpec, RunConfig, Stage,
 };
 use crate::stages::export::Format;
 
@@ -163,6 +163,10 @@ pub struct StageArgs {
     /// GRPO's advantage estimator: group_norm (GRPO), rloo, reinforce_plus_plus.
     #[arg(long, value_enum)]
     pub advantage_estimator: Option<AdvantageEstimator>,
+    /// GRPO: the importance ratio per token, or per response (`sequence`: GSPO; TRL's
+    /// --importance_sampling_level). GSPO's own clip range is far narrower: see README.
+    #[arg(long, value_enum)]
+    pub importance_sampling_level: Option<ImportanceSamplingLevel>,
     /// SFT: pack the examples into rows of --seq-len positions, each attending only to
     /// itself (`[sft] packing`; TRL's --packing). PPO, GRPO, online DPO: pack each
     /// minibatch's prompts and responses for the training forward, and a reward model's sequences (`[ppo]` /
@@ -485,6 +489,9 @@ impl StageArgs {
         }
         if let Some(e) = self.advantage_estimator {
             cfg.grpo.advantage_estimator = e;
+        }
+        if let Some(level) = self.importance_sampling_level {
+            cfg.grpo.importance_sampling_level = level;
         }
         // Each stage's own packing flag; elsewhere it would do nothing, so it is refused.
         let now = cfg.stage;

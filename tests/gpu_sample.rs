@@ -33,7 +33,7 @@ mod gpu {
     use temper::kernels::attention::{attention_reference, AttnMask};
     use temper::kernels::cuda::attention::{attention_with, decode_fresh, AttnImpl};
     use temper::kernels::cuda::GemmTune;
-    use temper::kernels::decode_step::{advance, kv_write, qkv_write};
+    use temper::kernels::decode_step::{advance, kv_write, qkv_write, HeadNorm};
     use temper::kernels::sample::{
         keep_threshold, keys_tensor, row_key, sample, sample_draw, sample_reference, uniform, Draw,
         Hold, SampleParams,
@@ -382,10 +382,11 @@ mod gpu {
     }
 
     /// The decode step's stacked q/k/v split (`qkv_write`) against its CPU op: q, and k and v
-    /// at the device length of both caches, exactly without rotary tables; with them (q and k
-    /// rotated in f32, rounded once, as on the CPU) within one rounding of the dtype. GQA and
-    /// MHA, head dims 64 and 128 and an odd one, lengths at the start, the last position and
-    /// past the capacity (nothing written), y a view at an offset.
+    /// at the device length of both caches, exactly without rotary tables or head norms; with
+    /// them (q and k normalised per head as Qwen3 does, rotated in f32, each rounded once, as
+    /// on the CPU) within one rounding of the dtype. GQA and MHA, head dims 64 and 128 and an
+    /// odd one, lengths at the start, the last position and past the capacity (nothing
+    /// written), y a view at an offset.
     pub fn qkv_write_matches_the_cpu_op(dev: &Device) {
         let (mut rng, seed) = Rng::fresh(0x9C7);
         // (B, Hq, Hkv, cap, D)
@@ -399,11 +400,11 @@ mod gpu {
             let (nq, nkv) = (hq * d, hkv * d);
             let width = nq + 2 * nkv;
             for dtype in [DType::F32, DType::BF16, DType::F16] {
-                for rope in [false, true] {
+                for (rope, norm) in [(false, false), (true, false), (false, true), (true, true)] {
                     for len in [0, cap - 1, cap] {
                         let ctx = format!(
                             "seed {seed:#x}, {dtype:?}, B {b} Hq {hq} Hkv {hkv} cap {cap} \
-                             D {d}, rope {rope}, L {len}"
+                             D {d}, rope {rope}, norm {norm}, L {len}"
                         );
                         let make = |n: usize, shape: &[usize], rng: &mut Rng| {
                             Tensor::from_vec(rng.vec(n, -3.0, 3.0), shape, &Device::Cpu)
@@ -437,24 +438,44 @@ mod gpu {
                         };
                         let gt = tables(&gcos, &gsin);
                         let ct = tables(&cos, &sin);
-                        let gq =
-                            qkv_write(&gy, &gk, &gv, &gs, nq, gt.as_ref().map(|(c, s)| (c, s)))
-                                .unwrap();
-                        let cq =
-                            qkv_write(&y, &kc, &vc, &step, nq, ct.as_ref().map(|(c, s)| (c, s)))
-                                .unwrap();
+                        let (qg, kg) = (make(d, &[d], &mut rng), make(d, &[d], &mut rng));
+                        let (gqg, gkg) = (on_gpu(&qg), on_gpu(&kg));
+                        let gains = |q, k| norm.then_some(HeadNorm { q, k, eps: 1e-6 });
+                        let gq = qkv_write(
+                            &gy,
+                            &gk,
+                            &gv,
+                            &gs,
+                            nq,
+                            gt.as_ref().map(|(c, s)| (c, s)),
+                            gains(&gqg, &gkg),
+                        )
+                        .unwrap();
+                        let cq = qkv_write(
+                            &y,
+                            &kc,
+                            &vc,
+                            &step,
+                            nq,
+                            ct.as_ref().map(|(c, s)| (c, s)),
+                            gains(&qg, &kg),
+                        )
+                        .unwrap();
                         assert_eq!(gq.dims(), [b, hq, 1, d], "{ctx}: q's shape");
                         for (what, g, c) in [("q", &gq, &cq), ("k", &gk, &kc), ("v", &gv, &vc)] {
                             let (g, c) = (host(g), host(c));
                             // One rounding of the dtype: the CPU op and the kernel both round
-                            // the f32 rotation once; only f32's fused multiply-adds may differ.
+                            // the f32 norm and rotation once each; only f32's fused
+                            // multiply-adds and the norm's order of summation may differ. A
+                            // rounding of the norm that the rotation then mixes may cost two.
                             let ulp = match dtype {
                                 DType::F32 => 1e-6,
                                 DType::BF16 => 8e-3,
                                 _ => 1e-3,
-                            };
+                            } * if rope && norm { 2.0 } else { 1.0 };
                             let bad = g.iter().zip(&c).position(|(a, b)| {
-                                let tol = if rope { ulp * b.abs().max(1.0) } else { 0.0 };
+                                let exact = !rope && !norm;
+                                let tol = if exact { 0.0 } else { ulp * b.abs().max(1.0) };
                                 (a - b).abs() > tol
                             });
                             assert!(bad.is_none(), "{ctx}: {what} differs at {bad:?}");
@@ -471,21 +492,25 @@ mod gpu {
     /// rounding, and the same caches (the new position within one rounding of the rotation,
     /// every other position bit for bit). GPT-2's shape (no rotation, 64 rows of 12 heads),
     /// Llama-style GQA with rotation and a padded mask, the first position, a batch of one
-    /// whose keys split across blocks.
+    /// whose keys split across blocks; Qwen3's per-head norms of q and k (with and without
+    /// rotation, split and not).
     pub fn fused_decode_step_matches_qkv_write_then_attention(dev: &Device) {
         let (mut rng, seed) = Rng::fresh(0xF5E);
-        // (B, Hq, Hkv, cap, L, D, rope)
+        // (B, Hq, Hkv, cap, L, D, rope, norm)
         let shapes = [
-            (64, 12, 12, 384, 300, 64, false),
-            (3, 8, 2, 200, 130, 128, true),
-            (2, 4, 2, 48, 0, 64, true),
-            (1, 2, 2, 1500, 1400, 128, false),
+            (64, 12, 12, 384, 300, 64, false, false),
+            (3, 8, 2, 200, 130, 128, true, false),
+            (2, 4, 2, 48, 0, 64, true, false),
+            (1, 2, 2, 1500, 1400, 128, false, false),
+            (5, 16, 8, 160, 97, 128, true, true),
+            (3, 2, 2, 70, 33, 64, false, true),
+            (1, 4, 1, 1300, 1200, 128, true, true),
         ];
-        for &(b, hq, hkv, cap, len, d, rope) in &shapes {
+        for &(b, hq, hkv, cap, len, d, rope, norm) in &shapes {
             for dtype in [DType::BF16, DType::F16] {
                 let ctx = format!(
                     "seed {seed:#x}, {dtype:?}, B {b} Hq {hq} Hkv {hkv} cap {cap} L {len} D {d} \
-                     rope {rope}"
+                     rope {rope} norm {norm}"
                 );
                 let width = (hq + 2 * hkv) * d;
                 let make = |n: usize, shape: &[usize], rng: &mut Rng| {
@@ -506,6 +531,12 @@ mod gpu {
                 };
                 let (cos, sin) = (table(f32::cos), table(f32::sin));
                 let tables = rope.then_some((&cos, &sin));
+                let (qg, kg) = (make(d, &[d], &mut rng), make(d, &[d], &mut rng));
+                let gains = norm.then_some(HeadNorm {
+                    q: &qg,
+                    k: &kg,
+                    eps: 1e-6,
+                });
                 // Valid up to and including L, as advance leaves it; sequence 0 padded.
                 let mut valid = vec![0f32; b * cap];
                 for (i, row) in valid.chunks_mut(cap).enumerate() {
@@ -522,10 +553,10 @@ mod gpu {
                 let scale = 1.0 / (d as f64).sqrt();
                 let copy = |t: &Tensor| t.copy().unwrap();
                 let (fk, fv) = (copy(&kc), copy(&vc));
-                let fused = decode_fresh(&y, (&fk, &fv), &step, hq, tables, &mask, scale)
+                let fused = decode_fresh(&y, (&fk, &fv), &step, hq, tables, gains, &mask, scale)
                     .unwrap()
                     .unwrap_or_else(|| panic!("{ctx}: the fused kernel should take the step"));
-                let q = qkv_write(&y, &kc, &vc, &step, hq * d, tables).unwrap();
+                let q = qkv_write(&y, &kc, &vc, &step, hq * d, tables, gains).unwrap();
                 let two = attention_with(&q, &kc, &vc, &mask, scale, AttnImpl::Auto)
                     .unwrap()
                     .unwrap();
@@ -535,9 +566,11 @@ mod gpu {
                 for (what, f, t) in [("k", &fk, &kc), ("v", &fv, &vc)] {
                     let (f, t) = (host(f), host(t));
                     let bad = f.iter().zip(&t).enumerate().position(|(i, (a, b))| {
+                        // Position L of k within a rounding or two (the norm's sum is
+                        // ordered otherwise, and the rotation mixes two rounded values).
                         let at_len = (i / d) % cap == len;
-                        let tol = if at_len && rope {
-                            ulp * b.abs().max(1.0)
+                        let tol = if at_len && (rope || norm) && what == "k" {
+                            2.0 * ulp * b.abs().max(1.0)
                         } else {
                             0.0
                         };
@@ -660,7 +693,9 @@ mod gpu {
     /// differently (its attention reads fewer keys), so it need only agree on most rows.
     /// GPT-2's shape (learned positions, LayerNorm), then Llama's with four query heads per kv
     /// head (RoPE's table lookup, RMSNorm, SwiGLU, the grouped decode kernel) and LoRA
-    /// adapters on its projections (their GEMMs on candle's cuBLAS handle).
+    /// adapters on its projections (their GEMMs on candle's cuBLAS handle), and Qwen3's (the
+    /// per-head norms of q and k inside the fused decode kernel, heads of 128 on a width of
+    /// 256).
     pub fn graph_replay_gives_the_eager_fixed_steps_tokens(dev: &Device) {
         let mut gpt2 = ModelConfig::preset("gpt2").unwrap();
         gpt2.vocab_size = 259;
@@ -679,6 +714,12 @@ mod gpu {
         llama.num_attention_heads = 4;
         llama.num_key_value_heads = 1;
         llama.max_position_embeddings = 128;
+        let qwen3 = ModelConfig {
+            qk_norm: true,
+            head_dim: Some(128),
+            num_key_value_heads: 2,
+            ..llama.clone()
+        };
         let lora = LoraConfig {
             rank: 8,
             ..LoraConfig::default()
@@ -687,6 +728,7 @@ mod gpu {
             ("gpt2", &gpt2, None),
             ("llama gqa", &llama, None),
             ("llama gqa lora", &llama, Some(&lora)),
+            ("qwen3 gqa", &qwen3, None),
         ] {
             let mut store = ParamStore::new(dev.clone(), 8);
             let net = Transformer::new(&mut store.scope(Net::Policy), cfg, adapters).unwrap();

@@ -250,7 +250,11 @@ fn every_estimator_runs_and_logs_its_rollouts() {
     for est in ["rloo", "reinforce_plus_plus", "group_norm"] {
         let dir = tmp();
         let out = p(dir.path(), est);
-        let extra = ["--advantage-estimator", est];
+        // group_norm's run also takes the ratio per response (GSPO).
+        let mut extra = vec!["--advantage-estimator", est];
+        if est == "group_norm" {
+            extra.extend(["--importance-sampling-level", "sequence"]);
+        }
         run_ok(&args(&grpo_args(&out, "2", &extra)));
         let m = metrics(&out);
         let scores = series(&m, "train", "score");
@@ -259,6 +263,15 @@ fn every_estimator_runs_and_logs_its_rollouts() {
         let cfg = std::fs::read_to_string(out.join("config.toml")).unwrap();
         assert!(
             cfg.contains(&format!("advantage_estimator = \"{est}\"")),
+            "{cfg}"
+        );
+        let level = if est == "group_norm" {
+            "sequence"
+        } else {
+            "token"
+        };
+        assert!(
+            cfg.contains(&format!("importance_sampling_level = \"{level}\"")),
             "{cfg}"
         );
     }

@@ -635,8 +635,9 @@ pub enum ScaleRewards {
 
 /// Where the policy's importance ratio against the rollout's is taken (TRL's
 /// `importance_sampling_level`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lowercase")]
 pub enum ImportanceSamplingLevel {
     /// Per token: `pi(y_t) / pi_old(y_t)`, clipped token by token (PPO, GRPO).
     #[default]

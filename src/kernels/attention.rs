@@ -7,6 +7,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+use super::decode_step::HeadNorm;
 use super::registry::{warn_fallback, KernelChoice};
 pub use super::segments::Segments;
 
@@ -82,10 +83,11 @@ pub fn attention(
 
 /// Generation's decode step at fixed shapes with q, k and v in one row of stacked projections
 /// `y` (`[B, 1, (Hq + 2 Hkv) D]`): where our kernel takes it (CUDA, 16-bit, head dim 64 or
-/// 128, up to 4 query heads per kv head), one launch splits `y`, rotates q and k by `rope`,
-/// writes k and v at position `step[0]` of the caches (`[B, Hkv, cap, D]`) and attends, as
-/// `decode_step::qkv_write` and then [`attention`] would; returns `[B, Hq, 1, D]`. `None`
-/// elsewhere, having done nothing: the caller takes those two steps.
+/// 128, up to 4 query heads per kv head), one launch splits `y`, normalises each q and k head
+/// by `norm` (Qwen3) and rotates q and k by `rope` where given, writes k and v at position
+/// `step[0]` of the caches (`[B, Hkv, cap, D]`) and attends, as `decode_step::qkv_write` and
+/// then [`attention`] would; returns `[B, Hq, 1, D]`. `None` elsewhere, having done nothing:
+/// the caller takes those two steps.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_stacked(
     y: &Tensor,
@@ -93,6 +95,7 @@ pub fn attention_stacked(
     step: &Tensor,
     hq: usize,
     rope: Option<(&Tensor, &Tensor)>,
+    norm: Option<HeadNorm>,
     mask: &AttnMask,
     scale: f64,
     choice: KernelChoice,
@@ -103,10 +106,10 @@ pub fn attention_stacked(
             super::KernelOp::Attention,
             super::spans::Pass::Forward,
             y.device(),
-            || super::cuda::attention::decode_fresh(y, caches, step, hq, rope, mask, scale),
+            || super::cuda::attention::decode_fresh(y, caches, step, hq, rope, norm, mask, scale),
         );
     }
-    let _ = (y, caches, step, hq, rope, mask, scale, choice);
+    let _ = (y, caches, step, hq, rope, norm, mask, scale, choice);
     Ok(None)
 }
 

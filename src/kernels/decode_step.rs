@@ -36,13 +36,32 @@ pub fn kv_write(cache: &Tensor, new: &Tensor, step: &Tensor) -> Result<()> {
     cache.inplace_op3(&new.contiguous()?, step, &KvWrite)
 }
 
+/// Qwen3's RMSNorm of each q and k head over its `D` values, applied before the rotation:
+/// the gains (`[D]` each, in the projections' dtype) and the epsilon.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadNorm<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub eps: f64,
+}
+
+impl HeadNorm<'_> {
+    /// Whether the gains are `[d]` vectors of `dtype`.
+    pub fn fits(&self, d: usize, dtype: DType) -> bool {
+        [self.q, self.k]
+            .iter()
+            .all(|g| g.dims() == [d] && g.dtype() == dtype)
+    }
+}
+
 /// One decode position's stacked projections `y` (`[B, 1, nq + 2 nkv]`: q, then k, then v,
 /// each `[heads, D]`) split in one pass: returns q as `[B, nq / D, 1, D]` and writes k and v at
 /// position `L = step[0]` of `kcache` and `vcache` (`[B, nkv / D, cap, D]`, contiguous, `y`'s
-/// dtype), as [`kv_write`] does each (nothing once `L >= cap`). With `rope` (`cos`, `sin`
-/// `[B, 1, 1, D / 2]` in `y`'s dtype, the rows' positions) q and k are rotated on the way, as
+/// dtype), as [`kv_write`] does each (nothing once `L >= cap`). With `norm`, each q and k head
+/// is RMS-normalised as `rmsnorm::rms_norm` normalises it; with `rope` (`cos`, `sin`
+/// `[B, 1, 1, D / 2]` in `y`'s dtype, the rows' positions) q and k are then rotated, as
 /// `rope::fused` rotates them. With q, k and v from one GEMM this is one launch where the
-/// separate projections took three GEMMs, two rotations and two writes.
+/// separate projections took three GEMMs, two norms, two rotations and two writes.
 pub fn qkv_write(
     y: &Tensor,
     kcache: &Tensor,
@@ -50,6 +69,7 @@ pub fn qkv_write(
     step: &Tensor,
     nq: usize,
     rope: Option<(&Tensor, &Tensor)>,
+    norm: Option<HeadNorm>,
 ) -> Result<Tensor> {
     let (b, hkv, _, d) = kcache.dims4()?;
     let width = nq + 2 * hkv * d;
@@ -84,27 +104,49 @@ pub fn qkv_write(
         }
         None => None,
     };
+    let norm = match norm {
+        Some(n) if !n.fits(d, dtype) => candle_core::bail!(
+            "qkv_write: head norm gains {:?} {:?} and {:?} for head dim {d} {dtype:?}",
+            n.q.dims(),
+            n.q.dtype(),
+            n.k.dims()
+        ),
+        Some(n) => Some((n.q.contiguous()?, n.k.contiguous()?, n.eps)),
+        None => None,
+    };
     let y = y.reshape((b, width))?;
     #[cfg(feature = "cuda")]
     if y.device().is_cuda() {
         let rope = rope.as_ref().map(|(c, s)| (c, s));
-        let q = super::cuda::decode_step::qkv_write(&y, (kcache, vcache), step, nq, rope)?;
+        let norm = norm
+            .as_ref()
+            .map(|(q, k, eps)| HeadNorm { q, k, eps: *eps });
+        let q = super::cuda::decode_step::qkv_write(&y, (kcache, vcache), step, nq, rope, norm)?;
         return q.reshape((b, nq / d.max(1), 1, d));
     }
     // Elsewhere the same from the reference ops: q, k and v as [B, heads, 1, D], q and k
-    // rotated as the rope kernel rotates, k and v written by `kv_write` (which writes nothing
-    // past the capacity).
-    let part = |from: usize, width: usize, rotate: bool| -> Result<Tensor> {
-        let t = y.narrow(1, from, width)?.reshape((b, width / d, 1, d))?;
-        match (&rope, rotate) {
-            (Some((cos, sin)), true) => super::rope::fused(&t, cos, sin),
+    // normalised and rotated as the norm and rope kernels do it, k and v written by
+    // `kv_write` (which writes nothing past the capacity).
+    // `gain`: Some(q's or k's gains) for q and k, which are normalised (where the model has
+    // the norm) and rotated; None for v.
+    let part = |from: usize, width: usize, gain: Option<Option<&Tensor>>| -> Result<Tensor> {
+        let mut t = y.narrow(1, from, width)?.reshape((b, width / d, 1, d))?;
+        if let (Some(Some(g)), Some((_, _, eps))) = (gain, &norm) {
+            t = super::rmsnorm::rms_norm_reference(&t, g, *eps)?;
+        }
+        match (&rope, gain) {
+            (Some((cos, sin)), Some(_)) => super::rope::fused(&t, cos, sin),
             _ => Ok(t),
         }
     };
     let nkv = hkv * d;
-    kv_write(kcache, &part(nq, nkv, true)?, step)?;
-    kv_write(vcache, &part(nq + nkv, nkv, false)?, step)?;
-    part(0, nq, true)
+    let (qg, kg) = match &norm {
+        Some((q, k, _)) => (Some(q), Some(k)),
+        None => (None, None),
+    };
+    kv_write(kcache, &part(nq, nkv, Some(kg))?, step)?;
+    kv_write(vcache, &part(nq + nkv, nkv, None)?, step)?;
+    part(0, nq, Some(qg))
 }
 
 /// `mask[r, L] = 1` for every row of `mask` (`[B, cap]` f32, contiguous), `L = step[0]`;
@@ -398,7 +440,7 @@ mod tests {
         };
         let (kc, vc) = caches();
         let step = Tensor::new(&[2i64, 0], &dev).unwrap();
-        let q = qkv_write(&y, &kc, &vc, &step, nq, None).unwrap();
+        let q = qkv_write(&y, &kc, &vc, &step, nq, None, None).unwrap();
         let y2 = y.squeeze(1).unwrap();
         let part = |from: usize, n: usize, h: usize| {
             y2.narrow(1, from, n)
@@ -418,7 +460,7 @@ mod tests {
         // At the capacity: q still comes out, the caches stay as they were.
         let full = Tensor::new(&[cap as i64, 0], &dev).unwrap();
         let (kc, vc) = caches();
-        let q = qkv_write(&y, &kc, &vc, &full, nq, None).unwrap();
+        let q = qkv_write(&y, &kc, &vc, &full, nq, None, None).unwrap();
         assert_eq!(flat(&q), flat(&part(0, nq, hq)));
         assert!(flat(&kc).iter().chain(&flat(&vc)).all(|&x| x == 0.0));
         // A y that does not fit the caches is refused.
@@ -428,6 +470,7 @@ mod tests {
             &vc,
             &step,
             nq,
+            None,
             None
         )
         .is_err());
@@ -439,7 +482,7 @@ mod tests {
         };
         let (cos, sin) = (table(f32::cos), table(f32::sin));
         let (kc, vc) = caches();
-        let q = qkv_write(&y, &kc, &vc, &step, nq, Some((&cos, &sin))).unwrap();
+        let q = qkv_write(&y, &kc, &vc, &step, nq, Some((&cos, &sin)), None).unwrap();
         let rot = |t: Tensor| crate::kernels::rope::fused(&t, &cos, &sin).unwrap();
         assert_eq!(flat(&q), flat(&rot(part(0, nq, hq))));
         let (kw, vw) = caches();
@@ -452,5 +495,49 @@ mod tests {
             flat(&part(0, nq, hq)),
             "the rotation did something"
         );
+        // With head norms (Qwen3) q and k are normalised with their own gains, then rotated;
+        // v is neither.
+        let gains = |from: f32| Tensor::new(&[from, 0.5, -1.5, 2.0], &dev).unwrap();
+        let (qg, kg) = (gains(1.25), gains(0.75));
+        let eps = 1e-5;
+        let norm = HeadNorm {
+            q: &qg,
+            k: &kg,
+            eps,
+        };
+        let (kc, vc) = caches();
+        let q = qkv_write(&y, &kc, &vc, &step, nq, Some((&cos, &sin)), Some(norm)).unwrap();
+        let normed = |t: Tensor, g: &Tensor| {
+            let t = crate::kernels::rmsnorm::rms_norm_reference(&t, g, eps).unwrap();
+            rot(t)
+        };
+        assert_eq!(flat(&q), flat(&normed(part(0, nq, hq), &qg)));
+        let (kw, vw) = caches();
+        kv_write(&kw, &normed(part(nq, nkv, hkv), &kg), &step).unwrap();
+        kv_write(&vw, &part(nq + nkv, nkv, hkv), &step).unwrap();
+        assert_eq!(flat(&kc), flat(&kw));
+        assert_eq!(flat(&vc), flat(&vw));
+        // Without tables, one q head by hand: x / rms(x) * g.
+        let q = qkv_write(&y, &kc, &vc, &step, nq, None, Some(norm)).unwrap();
+        let head = flat(&q.narrow(1, 1, 1).unwrap().narrow(0, 2, 1).unwrap());
+        let x = flat(
+            &part(0, nq, hq)
+                .narrow(1, 1, 1)
+                .unwrap()
+                .narrow(0, 2, 1)
+                .unwrap(),
+        );
+        let rms = (x.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps as f32).sqrt();
+        for ((got, x), g) in head.iter().zip(&x).zip(flat(&qg)) {
+            assert!((got - x / rms * g).abs() < 1e-5, "{got} vs {}", x / rms * g);
+        }
+        // Gains of another length are refused.
+        let short = Tensor::new(&[1f32, 1.0], &dev).unwrap();
+        let bad = HeadNorm {
+            q: &short,
+            k: &kg,
+            eps,
+        };
+        assert!(qkv_write(&y, &kc, &vc, &step, nq, None, Some(bad)).is_err());
     }
 }

@@ -11,6 +11,7 @@ use super::rope::RopeAt;
 use crate::config::ModelConfig;
 use crate::config::{LoraConfig, LoraTarget};
 use crate::kernels::attention::{attention, attention_stacked, AttnMask, Segments};
+use crate::kernels::decode_step::HeadNorm;
 use crate::kernels::heads;
 use crate::kernels::rmsnorm::rms_norm;
 use crate::kernels::KernelChoice;
@@ -32,6 +33,15 @@ struct QkNorm {
     q: Tensor,
     k: Tensor,
     eps: f64,
+}
+
+impl QkNorm {
+    /// The gains in `dtype` (cast once per generation: `cast::weight` keeps the copy) and
+    /// the epsilon.
+    fn gains(&self, dtype: candle_core::DType) -> Result<(Tensor, Tensor, f64)> {
+        let cast = |w: &Tensor| super::cast::weight(w, dtype);
+        Ok((cast(&self.q)?, cast(&self.k)?, self.eps))
+    }
 }
 
 /// What attention needs besides the hidden states: positions (as rope tables), the cache of
@@ -88,27 +98,36 @@ impl Attention {
         mut cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         // A decode step at fixed shapes (generation, one position): q, k and v from one
-        // stacked GEMM, split, rotated (where the model has rotary positions and our rope
-        // kernel is chosen) and written into the cache by one kernel, which where our
-        // attention kernel takes the step also attends. That kernel has no norm of q and k.
-        if let Some((c, layer)) = cache.as_mut().filter(|_| self.qk_norm.is_none()) {
-            let rope_fuses = inp.rope.is_none() || ctx.kernels.rope == KernelChoice::Custom;
-            if c.is_fixed() && rope_fuses && x.dim(1)? == 1 {
+        // stacked GEMM, split, normalised per head (Qwen3) and rotated (where the model has
+        // them and our norm and rope kernels are chosen) and written into the cache by one
+        // kernel, which where our attention kernel takes the step also attends.
+        if let Some((c, layer)) = cache.as_mut() {
+            let kernels = &ctx.kernels;
+            let rope_fuses = inp.rope.is_none() || kernels.rope == KernelChoice::Custom;
+            let norm_fuses = self.qk_norm.is_none() || kernels.rmsnorm == KernelChoice::Custom;
+            if c.is_fixed() && rope_fuses && norm_fuses && x.dim(1)? == 1 {
                 let qkv = [&self.q, &self.k, &self.v];
                 if let Some(y) = Linear::stacked(&qkv, x, ctx)? {
                     let nq = self.heads * self.head_dim;
                     let rope = inp.rope.map(RopeAt::tables);
+                    let gains = match &self.qk_norm {
+                        Some(n) => Some(n.gains(y.dtype())?),
+                        None => None,
+                    };
+                    let norm = gains
+                        .as_ref()
+                        .map(|(q, k, eps)| HeadNorm { q, k, eps: *eps });
                     if let Some((kc, vc, step)) = c.fixed_buffers(*layer)? {
                         let (mask, scale) = (self.mask(inp), self.scale());
-                        let (caches, choice) = ((kc, vc), ctx.kernels.attention);
+                        let (caches, choice) = ((kc, vc), kernels.attention);
                         let fused = attention_stacked(
-                            &y, caches, step, self.heads, rope, &mask, scale, choice,
+                            &y, caches, step, self.heads, rope, norm, &mask, scale, choice,
                         )?;
                         if let Some(o) = fused {
                             return self.project(&o, ctx);
                         }
                     }
-                    if let Some((q, k, v)) = c.append_stacked(*layer, &y, nq, rope)? {
+                    if let Some((q, k, v)) = c.append_stacked(*layer, &y, nq, rope, norm)? {
                         return self.attend(&q, &k, &v, ctx, inp);
                     }
                 }
@@ -119,12 +138,9 @@ impl Attention {
         let mut k = split(self.k.forward(x, ctx)?, self.kv_heads)?;
         let v = split(self.v.forward(x, ctx)?, self.kv_heads)?;
         if let Some(n) = &self.qk_norm {
-            let norm = |t: &Tensor, w: &Tensor| {
-                let w = super::cast::weight(w, t.dtype())?;
-                rms_norm(t, &w, n.eps, ctx.kernels.rmsnorm)
-            };
-            q = norm(&q, &n.q)?;
-            k = norm(&k, &n.k)?;
+            let (qg, kg, eps) = n.gains(q.dtype())?;
+            q = rms_norm(&q, &qg, eps, ctx.kernels.rmsnorm)?;
+            k = rms_norm(&k, &kg, eps, ctx.kernels.rmsnorm)?;
         }
         if let Some(r) = inp.rope {
             q = r.apply(&q, ctx.kernels.rope)?;

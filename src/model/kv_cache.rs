@@ -12,7 +12,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::kernels::decode_step;
+use crate::kernels::decode_step::{self, HeadNorm};
 
 #[derive(Default)]
 pub struct KvCache {
@@ -88,21 +88,22 @@ impl KvCache {
     }
 
     /// With fixed shapes: one position's stacked projections `y` (`[B, 1, nq + 2 Hkv D]`: q,
-    /// then k, then v) split by one kernel, q and k rotated by `rope` (cos, sin) where given,
-    /// k and v written at the device length ([`decode_step::qkv_write`]); returns q
-    /// `[B, nq / D, 1, D]` and the whole buffers, as [`KvCache::append`] returns them. `None`
-    /// without fixed shapes.
+    /// then k, then v) split by one kernel, q and k normalised by `norm` and rotated by `rope`
+    /// (cos, sin) where given, k and v written at the device length
+    /// ([`decode_step::qkv_write`]); returns q `[B, nq / D, 1, D]` and the whole buffers, as
+    /// [`KvCache::append`] returns them. `None` without fixed shapes.
     pub fn append_stacked(
         &self,
         layer: usize,
         y: &Tensor,
         nq: usize,
         rope: Option<(&Tensor, &Tensor)>,
+        norm: Option<HeadNorm>,
     ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
         let Some((bk, bv, step)) = self.fixed_buffers(layer)? else {
             return Ok(None);
         };
-        let q = decode_step::qkv_write(y, bk, bv, step, nq, rope)?;
+        let q = decode_step::qkv_write(y, bk, bv, step, nq, rope, norm)?;
         Ok(Some((q, bk.clone(), bv.clone())))
     }
 

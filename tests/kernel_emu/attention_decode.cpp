@@ -9,7 +9,8 @@
 // bf16, f16 and f32.
 //
 // attn_decode_fresh_* (generation's fused decode step) runs on cases of its own (run_fresh):
-// q, k and v from a row of stacked projections, rotated or not, against a cache whose next
+// q, k and v from a row of stacked projections, normalised per head (Qwen3) or not, rotated
+// or not, against a cache whose next
 // position holds NaN until the kernel writes it; checked against qkv_write's rounding and
 // the reference attention over the cache with that position filled, and the cache itself
 // (the new position written, every other one unchanged bit for bit).
@@ -304,6 +305,7 @@ struct FreshCase {
   const char *name;
   int b, hq, hkv, cap, len, d;  // len: the cache length L, the position the kernel writes
   bool rope, mask;              // mask: padding and holes below L in sequences b % 3 == 0
+  bool norm = false;            // Qwen3's per-head RMSNorm of q and k, before the rotation
 };
 
 // One step: y [B, (Hq + 2 Hkv) D], the caches with [0, L) filled and NaN from L on, the key
@@ -314,6 +316,10 @@ template <typename T> bool run_fresh(const FreshCase &fc, emu_check::Rng &rng) {
   const int B = fc.b, Hq = fc.hq, Hkv = fc.hkv, cap = fc.cap, L = fc.len, D = fc.d;
   const int width = (Hq + 2 * Hkv) * D, half = D / 2;
   const std::vector<T> y = emu_check::normals<T>((size_t)B * width, rng);
+  const float eps = 1e-6f;
+  std::vector<T> qg, kg;
+  for (auto *g : {&qg, &kg})
+    for (int e = 0; e < D; ++e) g->push_back(temper::from_f32<T>(1.f + 0.5f * (float)rng.normal()));
   std::vector<T> cos_t, sin_t;
   if (fc.rope)
     for (int i = 0; i < B * half; ++i) {
@@ -345,13 +351,34 @@ template <typename T> bool run_fresh(const FreshCase &fc, emu_check::Rng &rng) {
   // kernels rotate. Rotated in double, a component now and then rounds to the neighbouring
   // value of T, and the one-key case's lse then misses its bound (f16: by 4e-5 at seed
   // 891918123).
-  auto stored = [&](int b, int col, bool rotate, int j) -> double {
+  //
+  // With the norm (q and k: `rotate`), the head's sum of squares is summed as the kernel sums
+  // it in f32: each lane's 8 values in order, then the butterfly across the D / 8 lanes of a
+  // group; then (x * r) * g rounded to T, which the rotation reads.
+  auto normed = [&](int b, int col, bool rotate, int j) -> float {
     const T *row = &y[(size_t)b * width + col];
-    if (!rotate || !fc.rope) return value(row[j]);
+    if (!rotate || !fc.norm) return (float)value(row[j]);
+    const std::vector<T> &g = col < Hq * D ? qg : kg;
+    std::vector<float> lanes(D / 8, 0.f);
+    for (int l = 0; l < D / 8; ++l)
+      for (int e = 0; e < 8; ++e) {
+        const float v = (float)value(row[l * 8 + e]);
+        lanes[l] += v * v;
+      }
+    for (int o = 1; o < D / 8; o <<= 1) {
+      std::vector<float> next(lanes.size());
+      for (int l = 0; l < D / 8; ++l) next[l] = lanes[l] + lanes[l ^ o];
+      lanes = next;
+    }
+    const float r = 1.f / std::sqrt(lanes[j / 8] / (float)D + eps);
+    return (float)emu_check::round_as<T>(((float)value(row[j]) * r) * (float)value(g[j]));
+  };
+  auto stored = [&](int b, int col, bool rotate, int j) -> double {
+    if (!rotate || !fc.rope) return normed(b, col, rotate, j);
     const int jj = j % half;
     const float c = (float)value(cos_t[(size_t)b * half + jj]);
     const float s = (float)value(sin_t[(size_t)b * half + jj]);
-    const float x1 = (float)value(row[jj]), x2 = (float)value(row[jj + half]);
+    const float x1 = normed(b, col, true, jj), x2 = normed(b, col, true, jj + half);
     return emu_check::round_as<T>(j < half ? x1 * c - x2 * s : x2 * c + x1 * s);
   };
   std::vector<T> q_ref((size_t)B * Hq * D), k_ref = k, v_ref = v;
@@ -382,6 +409,9 @@ template <typename T> bool run_fresh(const FreshCase &fc, emu_check::Rng &rng) {
   p.step = step;
   p.rope_cos = fc.rope ? cos_t.data() : nullptr;
   p.rope_sin = fc.rope ? sin_t.data() : nullptr;
+  p.q_norm = fc.norm ? qg.data() : nullptr;
+  p.k_norm = fc.norm ? kg.data() : nullptr;
+  p.norm_eps = eps;
   p.k = k.data();
   p.v = v.data();
   p.dk = k.data();  // the caches again, written at L (decode_fresh)
@@ -457,6 +487,11 @@ int main(int argc, char **argv) {
       {"d128 gqa4 rope", 3, 4, 1, 200, 130, 128, true, true},
       {"d64 gqa2 rope first", 2, 4, 2, 48, 0, 64, true, false},
       {"d128 r1 rope split", 2, 2, 2, 1400, 1301, 128, true, true},
+      // Qwen3-style: per-head norms of q and k before the rotation (D 128, GQA), one without
+      // rotation at D 64, one that splits its keys.
+      {"d128 gqa2 norm rope", 3, 4, 2, 160, 97, 128, true, true, true},
+      {"d64 r1 norm", 2, 2, 2, 70, 33, 64, false, false, true},
+      {"d128 gqa4 norm rope split", 1, 4, 1, 1300, 1200, 128, true, false, true},
   };
   bool ok = true;
   for (const FreshCase &fc : fresh) {

@@ -16,7 +16,8 @@
 //   first at it; the draw index read from the device (`pos_at`);
 // - the distribution of many draws of one row, against its softmax (chi-square).
 // Decode step: kv_write_b2/b4 at positions inside, at and past the capacity (and negative),
-// into a cache at an offset; qkv_write_b2/b4 the same way (q and both caches, GQA);
+// into a cache at an offset; qkv_write_<dtype> the same way (q and both caches, GQA, rotated
+// or not, with Qwen3's per-head RMSNorm of q and k or without);
 // advance_step (the step's tail); and a short run of fixed decode
 // steps (static_step.rs's order) that feeds the draw index from `step` to the sampler. Every
 // buffer is compared whole, with room around what the kernel may write.
@@ -512,34 +513,52 @@ bool check_kv_write(const char *name, int b, int h, int cap, int d, long long le
 
 // qkv_write: y [b, hq d + 2 hkv d] (q, k, v) split into q [b, hq d] and position L of the
 // key and value caches [b, hkv, cap, d], each cache `offset` elements into its buffer (the
-// launcher's start offset); with `rope`, q and k rotated by tables [b, d / 2] as rope.cu
-// rotates (in f32, rounded once). Every buffer is compared whole, with room past what the
-// kernel may write (a row of positions past each cache, one element past q).
+// launcher's start offset); with `norm`, each q and k head first RMS-normalised with its own
+// gains [d] as rmsnorm.cu computes it (f32 sum of squares in order, (x * r) * g, rounded to
+// T); with `rope`, q and k then rotated by tables [b, d / 2] as rope.cu rotates (in f32,
+// rounded once). Every buffer is compared whole, with room past what the kernel may write (a
+// row of positions past each cache, one element past q).
 void qkv_entry(const float *, const DecodeParams &p) { qkv_write_f32(p); }
 void qkv_entry(const bf16 *, const DecodeParams &p) { qkv_write_bf16(p); }
 void qkv_entry(const __half *, const DecodeParams &p) { qkv_write_f16(p); }
 
 template <typename T>
 bool check_qkv_write(const char *name, int b, int hq, int hkv, int cap, int d, long long len,
-                     size_t offset, bool rope, emu_check::Rng &rng) {
+                     size_t offset, bool rope, emu_check::Rng &rng, bool norm = false) {
   const size_t nq = (size_t)hq * d, nkv = (size_t)hkv * d, width = nq + 2 * nkv;
   const size_t cache_len = offset + ((size_t)b * hkv + 1) * cap * d;
   const int half = d / 2;
+  const float eps = 1e-6f;
   std::vector<T> y((size_t)b * width), q((size_t)b * nq + 1), kc(cache_len), vc(cache_len);
-  std::vector<T> cs((size_t)b * half), sn((size_t)b * half);
+  std::vector<T> cs((size_t)b * half), sn((size_t)b * half), qg(d), kg(d);
   for (auto *buf : {&y, &q, &kc, &vc})
     for (auto &x : *buf) x = from_float<T>(rng.normal());
+  for (auto *buf : {&qg, &kg})
+    for (auto &x : *buf) x = from_float<T>(1.f + 0.5f * rng.normal());
   for (size_t i = 0; i < cs.size(); ++i) {
     const float a = 3.f * rng.normal();
     cs[i] = from_float<T>(std::cos(a)), sn[i] = from_float<T>(std::sin(a));
   }
-  // Column c of row r after the rotation (q and k columns only; v as it is).
+  // Element e of the head starting at column `head` of row r as the rotation reads it: with
+  // the norm (q and k only), normalised with the gains g and rounded to T.
+  auto normed = [&](int r, size_t head, size_t e) -> float {
+    const T *row = y.data() + (size_t)r * width + head;
+    if (!norm || head >= nq + nkv) return as_float(row[e]);
+    const std::vector<T> &g = head < nq ? qg : kg;
+    float ss = 0.f;
+    for (int i = 0; i < d; ++i) {
+      const float v = as_float(row[i]);
+      ss += v * v;
+    }
+    const float inv = 1.f / std::sqrt(ss / (float)d + eps);
+    return as_float(from_float<T>((as_float(row[e]) * inv) * as_float(g[e])));
+  };
+  // Column c of row r after the norm and the rotation (q and k columns only; v as it is).
   auto rotated = [&](int r, size_t c) -> double {
-    const T *row = y.data() + (size_t)r * width;
-    if (!rope || c >= nq + nkv) return as_float(row[c]);
     const size_t j = c % d, jj = j % half, head = c - j;
+    if (!rope || c >= nq + nkv) return as_float(from_float<T>(normed(r, head, j)));
     const float co = as_float(cs[(size_t)r * half + jj]), si = as_float(sn[(size_t)r * half + jj]);
-    const float x1 = as_float(row[head + jj]), x2 = as_float(row[head + jj + half]);
+    const float x1 = normed(r, head, jj), x2 = normed(r, head, jj + half);
     return as_float(from_float<T>(j < (size_t)half ? x1 * co - x2 * si : x2 * co + x1 * si));
   };
   std::vector<double> want_q(q.size()), want_k(kc.size()), want_v(vc.size());
@@ -571,6 +590,9 @@ bool check_qkv_write(const char *name, int b, int hq, int hkv, int cap, int d, l
   p.nkv = (int)nkv;
   p.cos = rope ? cs.data() : nullptr;
   p.sin = rope ? sn.data() : nullptr;
+  p.qnorm = norm ? qg.data() : nullptr;
+  p.knorm = norm ? kg.data() : nullptr;
+  p.eps = eps;
   const T *tag = nullptr;
   if (p.n > 0) {
     const unsigned grid = (unsigned)((p.n + 255) / 256);
@@ -762,6 +784,16 @@ int main(int argc, char **argv) {
   ok &= check_qkv_write<bf16>("qkv_write bf16 rope 5x32/8x128", 5, 32, 8, 9, 128, 3, 0, true, rng);
   ok &= check_qkv_write<__half>("qkv_write f16 rope 3x8/2x24 +7", 3, 8, 2, 7, 24, 6, 7, true, rng);
   ok &= check_qkv_write<float>("qkv_write f32 rope 4x4/4x64 full", 4, 4, 4, 6, 64, 6, 0, true, rng);
+  // Qwen3's per-head norms of q and k: heads of 128 (wider than hidden / heads there), GQA,
+  // with and without rotation, an odd head dim, a full cache (q still normalised).
+  ok &= check_qkv_write<bf16>("qkv_write bf16 norm rope 3x16/8x128", 3, 16, 8, 9, 128, 3, 0, true,
+                              rng, true);
+  ok &= check_qkv_write<__half>("qkv_write f16 norm 2x6/2x24 +5", 2, 6, 2, 7, 24, 6, 5, false, rng,
+                                true);
+  ok &= check_qkv_write<float>("qkv_write f32 norm rope 3x4/2x40", 3, 4, 2, 5, 40, 1, 0, true, rng,
+                               true);
+  ok &= check_qkv_write<bf16>("qkv_write bf16 norm rope 2x4/4x64 full", 2, 4, 4, 6, 64, 6, 0, true,
+                              rng, true);
   for (int rows : {0, 5, 300})
     for (long long len : {3LL, 9LL, 10LL}) ok &= check_advance(rows, 11, len, rng);
   ok &= check_steps(rng);

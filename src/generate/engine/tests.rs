@@ -13,9 +13,17 @@ fn ctx() -> Ctx {
 }
 
 /// A small random model over the byte vocabulary; `gpt2` picks learned positions, LayerNorm
-/// and GELU instead of RoPE, RMSNorm and SwiGLU.
+/// and GELU instead of RoPE, RMSNorm and SwiGLU; `qwen3` adds Qwen3's per-head norms of q and
+/// k (large random gains, not the ones they start at) on heads wider than hidden / heads.
 fn net(preset: &str) -> (ParamStore, Transformer) {
-    let mut cfg = ModelConfig::preset(preset).unwrap();
+    let mut cfg = match preset {
+        "qwen3" => ModelConfig {
+            qk_norm: true,
+            head_dim: Some(16),
+            ..ModelConfig::preset("tiny").unwrap()
+        },
+        _ => ModelConfig::preset(preset).unwrap(),
+    };
     cfg.vocab_size = Tokenizer::bytes().vocab_size();
     cfg.hidden_size = 32;
     cfg.intermediate_size = 64;
@@ -25,6 +33,22 @@ fn net(preset: &str) -> (ParamStore, Transformer) {
     cfg.max_position_embeddings = 48;
     let mut store = ParamStore::new(Device::Cpu, 5);
     let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
+    if cfg.qk_norm {
+        // Large gains sharpen attention, and matrices at 1 / sqrt(fan-in) let it move the
+        // residual stream: a wrong key or query then changes the tokens.
+        for (name, var, _) in store.iter() {
+            let value = match var.dims() {
+                _ if name.ends_with("q_norm.weight") || name.ends_with("k_norm.weight") => {
+                    Tensor::randn(0f32, 3.0, var.dims(), &Device::Cpu)
+                }
+                &[_, fan_in] => {
+                    Tensor::randn(0f32, (fan_in as f32).powf(-0.5), var.dims(), &Device::Cpu)
+                }
+                _ => continue,
+            };
+            var.set(&value.unwrap()).unwrap();
+        }
+    }
     (store, net)
 }
 
@@ -68,6 +92,8 @@ fn greedy_equals_a_full_recompute_loop() {
         ("gpt2", DecodeMode::Dynamic),
         ("tiny", DecodeMode::Fixed),
         ("gpt2", DecodeMode::Fixed),
+        ("qwen3", DecodeMode::Dynamic),
+        ("qwen3", DecodeMode::Fixed),
     ] {
         let (_s, net) = net(preset);
         let ps = prompts(&tok, &texts);

@@ -32,6 +32,7 @@ use candle_core::{
 };
 
 use super::super::attention::AttnMask;
+use super::super::decode_step::HeadNorm;
 use super::super::spans::{self, Pass};
 use super::super::KernelOp;
 use super::{
@@ -428,8 +429,11 @@ struct AttnParams {
     rope_sin: DevPtr,
     seg_start: DevPtr,
     seg_end: DevPtr,
+    q_norm: DevPtr,
+    k_norm: DevPtr,
+    norm_eps: f32,
 }
-const _: () = assert!(std::mem::size_of::<AttnParams>() == 224);
+const _: () = assert!(std::mem::size_of::<AttnParams>() == 248);
 
 impl AttnParams {
     /// The CUDA-core kernels' name infix: their packed-row variants are separate entry points
@@ -860,18 +864,21 @@ fn launch_decode(
 /// Generation's decode step at fixed shapes in one launch (`attn_decode_fresh_*`): what
 /// `decode_step::qkv_write` and then [`attention`] do one after the other. `y`
 /// (`[B, 1, (Hq + 2 Hkv) D]`) holds this position's q, k and v heads; q and k are rotated by
-/// `rope` (`cos`, `sin` `[B, 1, 1, D / 2]` in `y`'s dtype) where given, k and v are written at
+/// `rope` (`cos`, `sin` `[B, 1, 1, D / 2]` in `y`'s dtype) where given, after each q and k head
+/// is RMS-normalised by `norm` (gains `[D]` in `y`'s dtype) where given, k and v are written at
 /// position `step[0]` (`[2]` i64) of the caches (`[B, Hkv, cap, D]`, contiguous), and q attends
 /// over the whole cache under `mask` (whose key mask `[B, cap]` already marks that position).
 /// Returns `[B, Hq, 1, D]`, or `None`, having run nothing, where the decode kernel does not
 /// take the step: f32, a head dim other than 64 or 128, more than 4 query heads per kv head,
 /// no key mask, rows not 16-byte aligned, a GPU older than sm_80, or `TEMPER_ATTN_IMPL` set.
+#[allow(clippy::too_many_arguments)]
 pub fn decode_fresh(
     y: &Tensor,
     (kc, vc): (&Tensor, &Tensor),
     step: &Tensor,
     hq: usize,
     rope: Option<(&Tensor, &Tensor)>,
+    norm: Option<HeadNorm>,
     mask: &AttnMask,
     scale: f64,
 ) -> Result<Option<Tensor>> {
@@ -915,6 +922,13 @@ pub fn decode_fresh(
     let table = [b, 1, 1, d / 2];
     let rope_fits =
         rope.is_none_or(|(c, s)| [c, s].iter().all(|t| t.dims() == table && t.dtype() == dt));
+    // The kernel loads the gains 16 bytes at a time.
+    let norm_fits = norm.is_none_or(|n| {
+        n.fits(d, dt)
+            && [n.q, n.k]
+                .iter()
+                .all(|g| g.is_contiguous() && starts16(g.layout(), dt))
+    });
     let applies = kc.dtype() == dt
         && vc.dtype() == dt
         && vc.dims() == kc.dims()
@@ -926,6 +940,7 @@ pub fn decode_fresh(
         && step.dims() == [2]
         && step.dtype() == DType::I64
         && rope_fits
+        && norm_fits
         && compute_capability(dev)? >= (8, 0);
     if !applies {
         return Ok(None);
@@ -938,8 +953,10 @@ pub fn decode_fresh(
     };
     let rope = rope.as_ref().map(|(c, s)| (c, s));
     let o = match dt {
-        DType::BF16 => op.forward_fresh::<half::bf16>(dev, &dims, r, y, (kc, vc), &step, rope)?,
-        _ => op.forward_fresh::<half::f16>(dev, &dims, r, y, (kc, vc), &step, rope)?,
+        DType::BF16 => {
+            op.forward_fresh::<half::bf16>(dev, &dims, r, y, (kc, vc), &step, rope, norm)?
+        }
+        _ => op.forward_fresh::<half::f16>(dev, &dims, r, y, (kc, vc), &step, rope, norm)?,
     };
     Ok(Some(o))
 }
@@ -956,6 +973,7 @@ impl FlashAttn {
         (kc, vc): (&Tensor, &Tensor),
         step: &Tensor,
         rope: Option<(&Tensor, &Tensor)>,
+        norm: Option<HeadNorm>,
     ) -> Result<Tensor> {
         let mut p = self.params(dims)?;
         let krange = self.key_range(dev, dims)?;
@@ -967,11 +985,14 @@ impl FlashAttn {
         let (gs, ls) = step.storage_and_layout();
         let cos_guard: Guarded = rope.map(|(c, _)| c.storage_and_layout());
         let sin_guard: Guarded = rope.map(|(_, s)| s.storage_and_layout());
+        let qn_guard: Guarded = norm.map(|n| n.q.storage_and_layout());
+        let kn_guard: Guarded = norm.map(|n| n.k.storage_and_layout());
         let yv = contiguous_view::<T>(cuda_storage(&gy)?, ly)?;
         let kv = contiguous_view::<T>(cuda_storage(&gk)?, lk)?;
         let vv = contiguous_view::<T>(cuda_storage(&gv)?, lv)?;
         let sv = contiguous_view::<i64>(cuda_storage(&gs)?, ls)?;
         let (cos, sin) = (opt_view::<T>(&cos_guard)?, opt_view::<T>(&sin_guard)?);
+        let (qn, kn) = (opt_view::<T>(&qn_guard)?, opt_view::<T>(&kn_guard)?);
         let nrows = dims.q_rows();
         // SAFETY: as the decode forward's: the block of each (batch, kv head) writes o and
         // lse of its rows, or with a split the combine writes them from every split's partials.
@@ -990,6 +1011,9 @@ impl FlashAttn {
             (p.dk, p.dv) = (p.k, p.v);
             p.rope_cos = ptrs.read_opt(cos.as_ref());
             p.rope_sin = ptrs.read_opt(sin.as_ref());
+            p.q_norm = ptrs.read_opt(qn.as_ref());
+            p.k_norm = ptrs.read_opt(kn.as_ref());
+            p.norm_eps = norm.map_or(0.0, |n| n.eps as f32);
             p.kvalid = ptrs.read_opt(kvalid.as_ref());
             p.krange = ptrs.read_opt(krange.as_deref());
             p.o = ptrs.write(&mut o);

@@ -6,6 +6,8 @@ use candle_core::cuda_backend::cudarc::driver::{DevicePtrMut, DeviceRepr};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Tensor, WithDType};
 
+use crate::kernels::decode_step::HeadNorm;
+
 use super::{
     alloc_out, cuda_storage, launch, launch_1d, load_func, tensor_from_slice, DevPtr, DevPtrs,
     KernelParams, LaunchConfig,
@@ -27,8 +29,11 @@ struct DecodeParams {
     nkv: i32,
     cos: DevPtr,
     sin: DevPtr,
+    qnorm: DevPtr,
+    knorm: DevPtr,
+    eps: f32,
 }
-const _: () = assert!(std::mem::size_of::<DecodeParams>() == 80);
+const _: () = assert!(std::mem::size_of::<DecodeParams>() == 104);
 // SAFETY: plain old data with the C layout of the kernel's struct (asserted above).
 unsafe impl DeviceRepr for DecodeParams {}
 impl KernelParams for DecodeParams {
@@ -117,19 +122,21 @@ pub fn kv_write(
 /// `qkv_write_<dtype>`: `y` (`[B, nq + 2 nkv]`, contiguous) split into the returned q
 /// `[B, nq]` and position `step[0]` of the key and value caches (`[B, nkv / d, cap, d]` each,
 /// contiguous, in `y`'s dtype), which are written through their device pointers, in stream
-/// order; q and k rotated by `rope` (cos, sin `[B, d / 2]`, contiguous) where given. The
-/// shapes and dtypes are the caller's to check (`decode_step::qkv_write`).
+/// order; q and k normalised by `norm` (gains `[d]`, contiguous) and then rotated by `rope`
+/// (cos, sin `[B, d / 2]`, contiguous) where given. The shapes and dtypes are the caller's to
+/// check (`decode_step::qkv_write`).
 pub fn qkv_write(
     y: &Tensor,
     (kc, vc): (&Tensor, &Tensor),
     step: &Tensor,
     nq: usize,
     rope: Option<(&Tensor, &Tensor)>,
+    norm: Option<HeadNorm>,
 ) -> Result<Tensor> {
     match y.dtype() {
-        DType::F32 => qkv_write_t::<f32>(y, (kc, vc), step, nq, rope),
-        DType::BF16 => qkv_write_t::<half::bf16>(y, (kc, vc), step, nq, rope),
-        DType::F16 => qkv_write_t::<half::f16>(y, (kc, vc), step, nq, rope),
+        DType::F32 => qkv_write_t::<f32>(y, (kc, vc), step, nq, rope, norm),
+        DType::BF16 => qkv_write_t::<half::bf16>(y, (kc, vc), step, nq, rope, norm),
+        DType::F16 => qkv_write_t::<half::f16>(y, (kc, vc), step, nq, rope, norm),
         dt => candle_core::bail!("qkv_write: no kernel for {dt:?}"),
     }
 }
@@ -140,6 +147,7 @@ fn qkv_write_t<T: CudaDType + DeviceRepr + WithDType>(
     step: &Tensor,
     nq: usize,
     rope: Option<(&Tensor, &Tensor)>,
+    norm: Option<HeadNorm>,
 ) -> Result<Tensor> {
     let dev = y.device().as_cuda_device()?;
     let (b, hkv, cap, d) = kc.dims4()?;
@@ -153,6 +161,7 @@ fn qkv_write_t<T: CudaDType + DeviceRepr + WithDType>(
         let (ks, kl) = kc.storage_and_layout();
         let (vs, vl) = vc.storage_and_layout();
         let tables = rope.map(|(c, s)| (c.storage_and_layout(), s.storage_and_layout()));
+        let gains = norm.map(|n| (n.q.storage_and_layout(), n.k.storage_and_layout()));
         let stream = dev.cuda_stream();
         let mut ptrs = DevPtrs::new(&stream);
         let src = at(&mut ptrs, cuda_storage(&ys)?, yl)?;
@@ -165,6 +174,13 @@ fn qkv_write_t<T: CudaDType + DeviceRepr + WithDType>(
             Some(((cs, cl), (ss, sl))) => (
                 at(&mut ptrs, cuda_storage(cs)?, cl)?,
                 at(&mut ptrs, cuda_storage(ss)?, sl)?,
+            ),
+            None => (0, 0),
+        };
+        let (qnorm, knorm) = match &gains {
+            Some(((qs, ql), (ks, kl))) => (
+                at(&mut ptrs, cuda_storage(qs)?, ql)?,
+                at(&mut ptrs, cuda_storage(ks)?, kl)?,
             ),
             None => (0, 0),
         };
@@ -181,6 +197,9 @@ fn qkv_write_t<T: CudaDType + DeviceRepr + WithDType>(
             nkv: super::to_i32(nkv, "key width")?,
             cos,
             sin,
+            qnorm,
+            knorm,
+            eps: norm.map_or(0.0, |n| n.eps as f32),
         };
         let name = format!("qkv_write_{}", T::DTYPE.as_str());
         run(dev, &name, n, p)?;
