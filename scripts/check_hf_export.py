@@ -5,8 +5,8 @@
 
 Exports each fixture of tests/fixtures/hf with `temper export --format hf` into OUT_DIR, loads
 it with `AutoModelForCausalLM.from_pretrained`, and compares its logits with the fixture's
-expected.json (recorded from the original model). Then it fine-tunes the llama and qwen3
-fixtures with LoRA for a few steps, exports the merged model and the adapter (`--format peft`),
+expected.json (recorded from the original model). Then it fine-tunes the llama, qwen3 and
+smollm3 fixtures with LoRA for a few steps, exports the merged model and the adapter (`--format peft`),
 and checks that `PeftModel.from_pretrained(base, adapter)` gives the merged model's logits. Needs the
 venv of scripts/make_hf_fixtures.py and a built temper (`cargo build`); CI does not run it.
 """
@@ -36,7 +36,7 @@ def logits(model_dir, ids):
 
 def main(out):
     worst = 0.0
-    for fam in ["llama", "qwen2", "qwen3", "mistral", "gpt2"]:
+    for fam in ["llama", "qwen2", "qwen3", "mistral", "smollm3", "gpt2"]:
         src = os.path.join(ROOT, "tests/fixtures/hf", fam)
         dst = os.path.join(out, fam)
         temper("export", "--checkpoint", src, "--out", dst, "--format", "hf")
@@ -48,7 +48,7 @@ def main(out):
     with open(data, "w") as f:
         for i in range(40):
             f.write(json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) + "\n")
-    for fam in ["llama", "qwen3"]:
+    for fam in ["llama", "qwen3", "smollm3"]:
         sft = os.path.join(out, f"sft-{fam}")
         temper("sft", "--init", os.path.join(ROOT, "tests/fixtures/hf", fam), "--data", data, "--out", sft,
                "--steps", "30", "--lora-rank", "4", "--lora-targets", "q,k,v,o", "--device", "cpu")

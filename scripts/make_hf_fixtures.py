@@ -1,7 +1,7 @@
 """Build the tiny Hugging Face checkpoints under tests/fixtures/hf/.
 
 Each fixture is a random-weight model of one architecture family (llama, qwen2,
-qwen3, mistral, gpt2), saved exactly as `transformers`' `save_pretrained` writes it
+qwen3, mistral, smollm3, gpt2), saved exactly as `transformers`' `save_pretrained` writes it
 (config.json, model.safetensors, generation_config.json) together with a tiny
 byte-level BPE tokenizer (tokenizer.json, tokenizer_config.json with a chat
 template) and an `expected.json` holding reference logits and greedy tokens
@@ -15,7 +15,7 @@ To regenerate them (a few seconds on a CPU):
     /tmp/hf-venv/bin/pip install torch transformers peft safetensors
     /tmp/hf-venv/bin/python scripts/make_hf_fixtures.py [FAMILY ...]
 
-Naming families (llama, qwen2, qwen3, mistral, gpt2) rebuilds only those; the
+Naming families (llama, qwen2, qwen3, mistral, smollm3, gpt2) rebuilds only those; the
 llama_lora adapter is rebuilt with llama.
 
 (Written against transformers 5.x, peft 0.21, tokenizers 0.23, torch 2.x.)
@@ -42,6 +42,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    SmolLM3Config,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -270,7 +271,7 @@ def verify(name):
     assert greedy(m, exp["input_ids"][0], GREEDY_NEW) == exp["greedy"], name
 
 
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gpt2"]
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "smollm3", "gpt2"]
 
 
 def main(only):
@@ -323,6 +324,19 @@ def main(only):
     )
     if "qwen3" in only:
         make("qwen3", cfg, tok, dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
+             CHATML_TEMPLATE, dict(bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot), im_end)
+
+    # --- smollm3 (ChatML; Llama's layout, the middle of three layers without rotary
+    # positions: no_rope_layers [1, 0, 1]; tied embeddings)
+    cfg = SmolLM3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=MAX_POS,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0},
+        no_rope_layers=[1, 0, 1], tie_word_embeddings=True, use_sliding_window=False,
+        bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot,
+    )
+    if "smollm3" in only:
+        make("smollm3", cfg, tok, dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
              CHATML_TEMPLATE, dict(bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot), im_end)
 
     # --- mistral (head_dim 16 != hidden/heads = 8; <unk>,<s>,</s> at ids 0,1,2)

@@ -18,7 +18,7 @@ use temper::model::{Fwd, Transformer};
 use temper::stages::loader::{policy_from, read_checkpoint};
 use temper::train::params::ParamStore;
 
-const FAMILIES: [&str; 5] = ["llama", "qwen2", "qwen3", "mistral", "gpt2"];
+const FAMILIES: [&str; 6] = ["llama", "qwen2", "qwen3", "mistral", "smollm3", "gpt2"];
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -233,6 +233,14 @@ fn bad_configs_and_tensors_fail_naming_the_file() {
         e.contains("config.json") && e.contains("layer_types") && e.contains("sliding_attention"),
         "{e}"
     );
+    let flags = broken("smollm3", &p(d.path(), "h"), |c, _| {
+        c["no_rope_layers"] = serde_json::json!([1, 0])
+    });
+    let e = sft_err(&flags, d.path());
+    assert!(
+        e.contains("config.json") && e.contains("no_rope_layers") && e.contains("2 flags for 3"),
+        "{e}"
+    );
     let no_norm = broken("qwen3", &p(d.path(), "g"), |_, t| {
         t.remove("model.layers.0.self_attn.k_norm.weight");
     });
@@ -439,6 +447,30 @@ fn a_qwen3_model_trains_its_qk_norms_and_exports_them_back() {
             assert!(moved > 1e-4, "{n} did not train: moved {moved}");
         }
     }
+}
+
+/// SmolLM3's NoPE layer trains with the rest and goes back out marked as such: the export's
+/// config keeps `no_rope_layers`, and transformers' padding id stays inside the vocabulary.
+#[test]
+fn a_smollm3_model_trains_and_exports_its_nope_layers_back() {
+    let d = tmp();
+    let (run, out) = (p(d.path(), "run"), p(d.path(), "hf"));
+    pretrain_from(&fixture("smollm3"), &run);
+    run_ok(&[
+        "export",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--format",
+        "hf",
+    ]);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "smollm3");
+    assert_eq!(cfg["no_rope_layers"], serde_json::json!([1, 0, 1]));
+    let pad = cfg["pad_token_id"].as_u64().unwrap();
+    assert!(pad < cfg["vocab_size"].as_u64().unwrap(), "{cfg}");
 }
 
 #[test]

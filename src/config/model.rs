@@ -47,6 +47,10 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// RMSNorm over each head's queries and keys, before the rotary positions (Qwen3).
     pub qk_norm: bool,
+    /// Layers (0-based) whose attention takes no rotary positions (SmolLM3's NoPE layers,
+    /// every fourth there); empty for every other model.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nope_layers: Vec<usize>,
     /// Width of one attention head; none means `hidden_size / num_attention_heads`.
     pub head_dim: Option<usize>,
     /// Rotary frequency scaling for long contexts (Llama 3's `rope_scaling`).
@@ -66,6 +70,8 @@ pub enum HfFamily {
     Qwen3,
     Mistral,
     Gpt2,
+    #[serde(rename = "smollm3")]
+    SmolLm3,
 }
 
 impl HfFamily {
@@ -76,6 +82,7 @@ impl HfFamily {
             HfFamily::Qwen3 => "qwen3",
             HfFamily::Mistral => "mistral",
             HfFamily::Gpt2 => "gpt2",
+            HfFamily::SmolLm3 => "smollm3",
         }
     }
 
@@ -95,9 +102,13 @@ impl HfFamily {
             && cfg.bias
             && !cfg.qkv_bias
             && !cfg.qk_norm
+            && cfg.nope_layers.is_empty()
             && cfg.tie_word_embeddings
         {
             Some(HfFamily::Gpt2)
+        } else if !cfg.nope_layers.is_empty() {
+            // Only SmolLM3 has layers without rotary positions.
+            (llama_like && !cfg.qk_norm && !cfg.qkv_bias).then_some(HfFamily::SmolLm3)
         } else if llama_like && cfg.qk_norm {
             (!cfg.qkv_bias).then_some(HfFamily::Qwen3)
         } else if llama_like && cfg.qkv_bias {
@@ -182,6 +193,7 @@ impl ModelConfig {
             bias: false,
             qkv_bias: false,
             qk_norm: false,
+            nope_layers: Vec::new(),
             head_dim: None,
             rope_scaling: None,
             dropout: 0.0,
@@ -208,6 +220,7 @@ impl ModelConfig {
                 bias: true,
                 qkv_bias: false,
                 qk_norm: false,
+                nope_layers: Vec::new(),
                 head_dim: None,
                 rope_scaling: None,
                 dropout: 0.0,
@@ -299,6 +312,19 @@ impl ModelConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("model.dropout must be in [0, 1), got {}", self.dropout);
         }
+        if let Some(&l) = self
+            .nope_layers
+            .iter()
+            .find(|&&l| l >= self.num_hidden_layers)
+        {
+            bail!(
+                "model.nope_layers names layer {l} of a model with {} layers",
+                self.num_hidden_layers
+            );
+        }
+        if !self.nope_layers.is_empty() && self.position != PositionKind::Rope {
+            bail!("model.nope_layers needs rotary positions (position = \"rope\") elsewhere");
+        }
         if self.rms_norm_eps <= 0.0 || self.rope_theta <= 0.0 {
             bail!("model.rms_norm_eps and model.rope_theta must be positive");
         }
@@ -349,5 +375,16 @@ mod tests {
             .to_string()
             .contains("num_key_value_heads"));
         assert!(ModelConfig::preset("nope").is_err());
+        let c = ModelConfig {
+            nope_layers: vec![1, 4],
+            ..ModelConfig::preset("tiny").unwrap()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("nope_layers") && e.contains("layer 4"), "{e}");
+        let c = ModelConfig {
+            nope_layers: vec![1],
+            ..ModelConfig::preset("gpt2").unwrap()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("rotary"));
     }
 }

@@ -24,6 +24,8 @@ pub struct Attention {
     o: Linear,
     /// Gains `[head_dim]` of the per-head RMSNorm of q and k, where the model has one.
     qk_norm: Option<QkNorm>,
+    /// Whether this layer rotates q and k (false: one of SmolLM3's NoPE layers).
+    rotary: bool,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -57,14 +59,14 @@ pub struct AttnInputs<'a> {
 }
 
 impl Attention {
-    /// `q`, `k`, `v`, `o` in `scope`; `resid_std` is the init of `o`, which writes into the
-    /// residual stream.
+    /// `q`, `k`, `v`, `o` in `scope` for layer `index`; `resid_std` is the init of `o`, which
+    /// writes into the residual stream.
     pub fn load(
         mut scope: Scope,
         cfg: &ModelConfig,
         lora: Option<&LoraConfig>,
-        std: f64,
-        resid_std: f64,
+        (std, resid_std): (f64, f64),
+        index: usize,
     ) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         let (qw, kv) = (cfg.attn_width(), cfg.num_key_value_heads * hd);
@@ -83,6 +85,7 @@ impl Attention {
                 }),
                 false => None,
             },
+            rotary: !cfg.nope_layers.contains(&index),
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
             head_dim: hd,
@@ -101,15 +104,16 @@ impl Attention {
         // stacked GEMM, split, normalised per head (Qwen3) and rotated (where the model has
         // them and our norm and rope kernels are chosen) and written into the cache by one
         // kernel, which where our attention kernel takes the step also attends.
+        let rope = inp.rope.filter(|_| self.rotary);
         if let Some((c, layer)) = cache.as_mut() {
             let kernels = &ctx.kernels;
-            let rope_fuses = inp.rope.is_none() || kernels.rope == KernelChoice::Custom;
+            let rope_fuses = rope.is_none() || kernels.rope == KernelChoice::Custom;
             let norm_fuses = self.qk_norm.is_none() || kernels.rmsnorm == KernelChoice::Custom;
             if c.is_fixed() && rope_fuses && norm_fuses && x.dim(1)? == 1 {
                 let qkv = [&self.q, &self.k, &self.v];
                 if let Some(y) = Linear::stacked(&qkv, x, ctx)? {
                     let nq = self.heads * self.head_dim;
-                    let rope = inp.rope.map(RopeAt::tables);
+                    let rope = rope.map(RopeAt::tables);
                     let gains = match &self.qk_norm {
                         Some(n) => Some(n.gains(y.dtype())?),
                         None => None,
@@ -142,7 +146,7 @@ impl Attention {
             q = rms_norm(&q, &qg, eps, ctx.kernels.rmsnorm)?;
             k = rms_norm(&k, &kg, eps, ctx.kernels.rmsnorm)?;
         }
-        if let Some(r) = inp.rope {
+        if let Some(r) = rope {
             q = r.apply(&q, ctx.kernels.rope)?;
             k = r.apply(&k, ctx.kernels.rope)?;
         }

@@ -41,7 +41,7 @@ impl Block {
         let resid_std = std / (2.0 * cfg.num_hidden_layers as f64).sqrt();
         Ok(Self {
             attn_norm: Norm::load(scope.pp("attn_norm"), cfg)?,
-            attn: Attention::load(scope.pp("attn"), cfg, lora, std, resid_std)?,
+            attn: Attention::load(scope.pp("attn"), cfg, lora, (std, resid_std), index)?,
             mlp_norm: Norm::load(scope.pp("mlp_norm"), cfg)?,
             mlp: Mlp::load(scope.pp("mlp"), cfg, lora, std, resid_std)?,
             index,

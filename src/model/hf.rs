@@ -2,7 +2,8 @@
 //! struct, then converted to [`ModelConfig`]), `model.safetensors` or shards listed in
 //! `model.safetensors.index.json` (memory-mapped, read tensor by tensor), for the families
 //! `llama` (Llama 3's `rope_scaling` included), `qwen2` (bias on q/k/v), `qwen3` (RMSNorm of
-//! each head's q and k), `mistral` and `gpt2`
+//! each head's q and k), `mistral`, `smollm3` (Llama's layout with every fourth layer's
+//! rotary positions left out) and `gpt2`
 //! (Conv1D weights stored `[in, out]`, q/k/v fused in `c_attn`, learned positions). Names are
 //! translated both ways, so `export --format hf` writes back exactly what was read.
 
@@ -42,6 +43,10 @@ pub struct HfConfig {
     use_sliding_window: Option<bool>,
     /// Per layer, `full_attention` or `sliding_attention` (transformers 5).
     layer_types: Option<Vec<String>>,
+    /// SmolLM3: per layer, 1 where it takes rotary positions, 0 where not (NoPE); without it,
+    /// every `no_rope_layer_interval`-th layer (default 4) takes none, as transformers builds it.
+    no_rope_layers: Option<Vec<u8>>,
+    no_rope_layer_interval: Option<usize>,
     // GPT-2's names.
     n_embd: Option<usize>,
     n_layer: Option<usize>,
@@ -85,13 +90,14 @@ impl HfConfig {
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
             "mistral" => Family::Mistral,
+            "smollm3" => Family::SmolLm3,
             "gpt2" => Family::Gpt2,
             other => {
                 return Err(at.refuse(
                     "model_type",
                     format!(
                         "`{other}` is not a family temper reads \
-                         (llama, qwen2, qwen3, mistral, gpt2)"
+                         (llama, qwen2, qwen3, mistral, smollm3, gpt2)"
                     ),
                 ))
             }
@@ -127,7 +133,7 @@ impl HfConfig {
         }
         let ctx = at.need(self.max_position_embeddings, "max_position_embeddings")?;
         let window = match family {
-            Family::Qwen2 | Family::Qwen3 => self
+            Family::Qwen2 | Family::Qwen3 | Family::SmolLm3 => self
                 .sliding_window
                 .filter(|_| self.use_sliding_window == Some(true)),
             _ => self.sliding_window,
@@ -152,11 +158,12 @@ impl HfConfig {
             ));
         }
         let heads = at.need(self.num_attention_heads, "num_attention_heads")?;
+        let layers = at.need(self.num_hidden_layers, "num_hidden_layers")?;
         Ok(ModelConfig {
             vocab_size: at.need(self.vocab_size, "vocab_size")?,
             hidden_size: at.need(self.hidden_size, "hidden_size")?,
             intermediate_size: at.need(self.intermediate_size, "intermediate_size")?,
-            num_hidden_layers: at.need(self.num_hidden_layers, "num_hidden_layers")?,
+            num_hidden_layers: layers,
             num_attention_heads: heads,
             num_key_value_heads: self.num_key_value_heads.unwrap_or(heads),
             max_position_embeddings: ctx,
@@ -169,11 +176,41 @@ impl HfConfig {
             bias: false,
             qkv_bias: family == Family::Qwen2,
             qk_norm: family == Family::Qwen3,
+            nope_layers: match family {
+                Family::SmolLm3 => self.nope_layers(path, layers)?,
+                _ => Vec::new(),
+            },
             head_dim: self.head_dim,
             rope_scaling: self.rope_scaling(path)?,
             dropout: 0.0,
             hf_family: Some(family),
         })
+    }
+
+    /// SmolLM3's layers without rotary positions, from `no_rope_layers` (one 0/1 flag a
+    /// layer) or, where absent, every `no_rope_layer_interval`-th layer.
+    fn nope_layers(&self, path: &Path, layers: usize) -> Result<Vec<usize>> {
+        let at = At(path);
+        let Some(flags) = &self.no_rope_layers else {
+            let every = self.no_rope_layer_interval.unwrap_or(4);
+            if every == 0 {
+                return Err(at.refuse("no_rope_layer_interval", "must be positive"));
+            }
+            return Ok((0..layers).filter(|l| (l + 1) % every == 0).collect());
+        };
+        if flags.len() != layers {
+            return Err(at.refuse(
+                "no_rope_layers",
+                format!("{} flags for {layers} layers", flags.len()),
+            ));
+        }
+        if let Some(f) = flags.iter().find(|&&f| f > 1) {
+            return Err(at.refuse(
+                "no_rope_layers",
+                format!("{f}: each flag is 1 (rotary positions) or 0 (none)"),
+            ));
+        }
+        Ok((0..layers).filter(|&l| flags[l] == 0).collect())
     }
 
     fn theta(&self) -> f64 {
@@ -554,12 +591,15 @@ fn temper_to_gpt2(
     }
 }
 
-/// `config.json` for `cfg` as `family` writes it.
+/// `config.json` for `cfg` as `family` writes it, with the tokenizer's stop, BOS and padding
+/// ids (the padding id for SmolLM3 only, whose config otherwise defaults it to an id of its
+/// own vocabulary, which a smaller one does not hold).
 pub fn config_json(
     family: Family,
     cfg: &ModelConfig,
     eos: &[u32],
     bos: Option<u32>,
+    pad: u32,
 ) -> serde_json::Value {
     use serde_json::json;
     let eos_v = match eos {
@@ -589,6 +629,7 @@ pub fn config_json(
                 Family::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
                 Family::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
                 Family::Mistral => ("MistralForCausalLM", "mistral"),
+                Family::SmolLm3 => ("SmolLM3ForCausalLM", "smollm3"),
                 _ => ("LlamaForCausalLM", "llama"),
             };
             let scaling = cfg.rope_scaling.as_ref().map(|s| {
@@ -621,8 +662,18 @@ pub fn config_json(
                 "eos_token_id": eos_v,
                 "torch_dtype": "float32",
             });
-            if matches!(family, Family::Qwen2 | Family::Qwen3) {
+            if matches!(family, Family::Qwen2 | Family::Qwen3 | Family::SmolLm3) {
                 v["use_sliding_window"] = json!(false);
+            }
+            if family == Family::SmolLm3 {
+                let flags: Vec<u8> = (0..cfg.num_hidden_layers)
+                    .map(|l| u8::from(!cfg.nope_layers.contains(&l)))
+                    .collect();
+                v["no_rope_layers"] = json!(flags);
+                v["mlp_bias"] = json!(false);
+                // Elsewhere a padding id would freeze that row of the embedding in
+                // PyTorch's training (nn.Embedding's padding_idx): only where it is needed.
+                v["pad_token_id"] = json!(pad);
             }
             if family == Family::Mistral {
                 v["sliding_window"] = serde_json::Value::Null;
@@ -741,4 +792,51 @@ fn peft_to_temper(name: &str) -> Result<String> {
     };
     let ours = llama_to_temper(&format!("{module}.weight"))?;
     Ok(format!("{}.{factor}", ours.trim_end_matches(".weight")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm3(extra: serde_json::Value) -> Result<ModelConfig> {
+        let mut v = serde_json::json!({
+            "model_type": "smollm3", "vocab_size": 64, "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 8, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 64,
+        });
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        let cfg: HfConfig = serde_json::from_value(v).unwrap();
+        cfg.to_model(Path::new("m/config.json")).map(|(_, c)| c)
+    }
+
+    /// SmolLM3's NoPE layers from its flags, or where they are absent from the interval as
+    /// transformers fills them in; a model with NoPE layers exports as SmolLM3.
+    #[test]
+    fn smollm3_nope_layers_come_from_the_flags_or_the_interval() {
+        let flags = serde_json::json!({"no_rope_layers": [1, 1, 0, 1, 1, 1, 0, 0]});
+        assert_eq!(smollm3(flags).unwrap().nope_layers, [2, 6, 7]);
+        assert_eq!(smollm3(serde_json::json!({})).unwrap().nope_layers, [3, 7]);
+        let every = serde_json::json!({"no_rope_layer_interval": 3});
+        let cfg = smollm3(every).unwrap();
+        assert_eq!(cfg.nope_layers, [2, 5]);
+        assert_eq!(
+            Family::of(&ModelConfig {
+                hf_family: None,
+                ..cfg
+            }),
+            Some(Family::SmolLm3)
+        );
+        let bad = smollm3(serde_json::json!({"no_rope_layers": [1, 2, 1, 1, 1, 1, 1, 1]}));
+        let e = bad.unwrap_err().to_string();
+        assert!(
+            e.contains("m/config.json") && e.contains("no_rope_layers"),
+            "{e}"
+        );
+        let e = smollm3(serde_json::json!({"no_rope_layer_interval": 0}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no_rope_layer_interval"), "{e}");
+    }
 }

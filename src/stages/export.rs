@@ -66,7 +66,7 @@ fn hf_dir(checkpoint: &Path, out: &Path) -> Result<()> {
     hf::write_safetensors(&out.join("model.safetensors"), &tensors)?;
     let tok = &loaded.tokenizer;
     let stops = tok.stop_ids();
-    let config = hf::config_json(family, cfg, &stops, tok.bos_id());
+    let config = hf::config_json(family, cfg, &stops, tok.bos_id(), tok.pad_id());
     crate::io::write_atomic(
         &out.join("config.json"),
         serde_json::to_string_pretty(&config)?.as_bytes(),
