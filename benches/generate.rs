@@ -76,8 +76,9 @@ fn main() -> Result<()> {
         .skip_while(|a| a != "--model")
         .nth(1)
         .unwrap_or_else(|| "gpt2".into());
+    let gpu_cfg = gpu_model(&model)?; // checked on a CPU too
     let (dev, mut cfg, dtype, b, l, n) = match Device::new_cuda(0) {
-        Ok(d) => (d, gpu_model(&model)?, DType::BF16, 64, 256, 128),
+        Ok(d) => (d, gpu_cfg, DType::BF16, 64, 256, 128),
         Err(_) => {
             println!("generate: no CUDA device; timing a tiny shape on the CPU (the GPU comparison needs --features cuda and a GPU)");
             (
@@ -195,7 +196,7 @@ fn main() -> Result<()> {
                 (DecodeMode::Graph, true) => "ours-gemm-timed",
                 (DecodeMode::Fixed, _) => "ours-fixed-shapes",
                 (DecodeMode::Dynamic, _) => "ours-dynamic-shapes",
-            }, "shape": shape_label(&model, b, l, n, group),
+            }, "shape": shape_label(if dev.is_cuda() { &model } else { "tiny" }, b, l, n, group),
             "tokens_per_s": tokens_per_s, "ms_total": total * 1e3, "ms_prefill": prefill * 1e3,
             "ms_decode_step": step * 1e3, "ms_floor_step": floor_step * 1e3,
             "floor_tokens_per_s": b as f64 / floor_step,

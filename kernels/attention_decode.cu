@@ -19,8 +19,9 @@
 // q and this position's key and value are read from the row of stacked projections p.fresh
 // (RMS-normalised per head where gains p.q_norm, p.k_norm are given, then rotated where
 // rotation tables are, by the same f32 expressions as qkv_write's and rounded to T as it
-// rounds them; a head's sum of squares is summed across its lane group); split 0's block of each (batch, kv head) writes the
-// key and value at position L = step[0] of the caches k, v. No block reads position L from the
+// rounds them; a head's sum of squares is summed across its lane group); split 0's block of
+// each (batch, kv head) writes the key and value at position L = step[0] of the caches k, v.
+// No block reads position L from the
 // cache: the first lane group of split 0 starts its softmax state from the fresh key (if the
 // mask lets the rows see it), and every stream skips L. So nothing reads what the kernel
 // writes, and no ordering between blocks is needed. One launch instead of two per layer.

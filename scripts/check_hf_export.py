@@ -7,7 +7,9 @@ Exports each fixture of tests/fixtures/hf with `temper export --format hf` into 
 it with `AutoModelForCausalLM.from_pretrained`, and compares its logits with the fixture's
 expected.json (recorded from the original model). Then it fine-tunes the llama, qwen3 and
 smollm3 fixtures with LoRA for a few steps, exports the merged model and the adapter (`--format peft`),
-and checks that `PeftModel.from_pretrained(base, adapter)` gives the merged model's logits. Needs the
+and checks that `PeftModel.from_pretrained(base, adapter)` gives the merged model's logits; and
+the llama_rm reward model, exported, scores as the original under
+`AutoModelForSequenceClassification`. Needs the
 venv of scripts/make_hf_fixtures.py and a built temper (`cargo build`); CI does not run it.
 """
 
@@ -18,7 +20,7 @@ import sys
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPER = os.environ.get("TEMPER", os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "debug", "temper"))
@@ -44,6 +46,18 @@ def main(out):
         d = (logits(dst, exp["input_ids"][0]) - torch.tensor(exp["logits"][0])).abs().max().item()
         print(f"{fam}: transformers on temper's export vs the original: max |diff| {d:.2e}")
         worst = max(worst, d)
+    # The reward model saved by transformers (one-label LlamaForSequenceClassification), through
+    # temper's import and export, scored by transformers again.
+    src = os.path.join(ROOT, "tests/fixtures/hf/llama_rm")
+    dst = os.path.join(out, "llama_rm")
+    temper("export", "--checkpoint", src, "--out", dst, "--format", "hf")
+    exp = json.load(open(os.path.join(src, "expected.json")))
+    rm = AutoModelForSequenceClassification.from_pretrained(dst, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = [float(rm(torch.tensor([ids])).logits[0, 0]) for ids in exp["input_ids"]]
+    d = max(abs(a - b) for a, b in zip(got, exp["scores"]))
+    print(f"llama_rm: transformers on temper's export of the reward model vs the original: max |diff| {d:.2e}")
+    worst = max(worst, d)
     data = os.path.join(out, "sft.jsonl")
     with open(data, "w") as f:
         for i in range(40):

@@ -242,10 +242,12 @@ if has bench-generate; then
   else
     echo "== peer-generate: no scripts/bench_generate.py; skipped" >&2
     printf '{"section":"peer-generate","status":"skipped (no peer script)"}\n' >>"$RESULTS"
+    printf '{"section":"peer-generate-qwen3","status":"skipped (no peer script)"}\n' >>"$RESULTS"
   fi
 else
   echo "== bench-generate: not in .gpu yet; skipped" >&2
   printf '{"section":"bench-generate","status":"skipped (not in .gpu)"}\n' >>"$RESULTS"
+  printf '{"section":"bench-generate-qwen3","status":"skipped (not in .gpu)"}\n' >>"$RESULTS"
 fi
 
 # --- one PPO update at GPT-2 small: where an RL step's time goes --------------------------------

@@ -6,7 +6,9 @@ qwen3, mistral, smollm3, gpt2), saved exactly as `transformers`' `save_pretraine
 byte-level BPE tokenizer (tokenizer.json, tokenizer_config.json with a chat
 template) and an `expected.json` holding reference logits and greedy tokens
 computed by `transformers` in float32. `llama_lora/` is a PEFT LoRA adapter for
-the llama fixture, with the adapted and merged logits.
+the llama fixture, with the adapted and merged logits. `llama_rm/` is a reward
+model as TRL's RewardTrainer saves one (LlamaForSequenceClassification, one
+label, a padding id of its own), with its scores of the test sequences.
 
 The Rust tests (CI) only READ these files; nothing in CI runs this script.
 To regenerate them (a few seconds on a CPU):
@@ -16,7 +18,8 @@ To regenerate them (a few seconds on a CPU):
     /tmp/hf-venv/bin/python scripts/make_hf_fixtures.py [FAMILY ...]
 
 Naming families (llama, qwen2, qwen3, mistral, smollm3, gpt2) rebuilds only those; the
-llama_lora adapter is rebuilt with llama.
+llama_lora adapter and the llama_rm reward model are rebuilt with llama (llama_rm alone:
+name it).
 
 (Written against transformers 5.x, peft 0.21, tokenizers 0.23, torch 2.x.)
 Everything is seeded, so a rerun with the same library versions reproduces the
@@ -25,6 +28,7 @@ same files. Note that transformers 5.x writes RoPE settings to config.json as a
 top-level `rope_theta` / `rope_scaling` of older checkpoints.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -36,6 +40,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
@@ -259,6 +264,34 @@ def make_lora():
     return logits
 
 
+def make_rm(config, tok, tok_kwargs, pad):
+    """A one-label LlamaForSequenceClassification (what TRL's RewardTrainer saves): its
+    scores of INPUT_IDS, read by transformers at each sequence's last non-padding token."""
+    d = os.path.join(OUT, "llama_rm")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    config = copy.deepcopy(config)
+    config.num_labels = 1
+    config.pad_token_id = pad
+    torch.manual_seed(SEED + 2)
+    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    reinit(model)
+    model.eval()
+    model.save_pretrained(d)
+    PreTrainedTokenizerFast(tokenizer_object=tok, **tok_kwargs).save_pretrained(d, save_jinja_files=False)
+    with torch.no_grad():
+        scores = [float(model(torch.tensor([ids])).logits[0, 0]) for ids in INPUT_IDS]
+    write_json(
+        os.path.join(d, "expected.json"),
+        {"input_ids": INPUT_IDS, "scores": scores,
+         "hf_tensor_names": tensor_names(os.path.join(d, "model.safetensors"))},
+    )
+    m = AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32).eval()
+    with torch.no_grad():
+        again = [float(m(torch.tensor([ids])).logits[0, 0]) for ids in INPUT_IDS]
+    assert max(abs(a - b) for a, b in zip(scores, again)) < 1e-6, (scores, again)
+
+
 def verify(name):
     """Reload with AutoModelForCausalLM and check the logits reproduce exactly."""
     d = os.path.join(OUT, name)
@@ -293,6 +326,7 @@ def main(only):
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
         },
     )
+    llama_cfg, llama_pad = cfg, eot_text
     if "llama" in only:
         make("llama", cfg, tok,
              dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>"),
@@ -364,14 +398,19 @@ def main(only):
 
     if "llama" in only:
         make_lora()
+    if "llama" in only or "llama_rm" in only:
+        tok = build_tokenizer([], llama_specials, bos="<|begin_of_text|>")
+        make_rm(llama_cfg, tok, dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                     pad_token="<|end_of_text|>"), llama_pad)
 
     for name in only:
-        verify(name)
+        if name in FAMILIES:
+            verify(name)
     print("wrote and verified", OUT, file=sys.stderr)
 
 
 if __name__ == "__main__":
     wanted = sys.argv[1:] or FAMILIES
-    unknown = [f for f in wanted if f not in FAMILIES]
-    assert not unknown, f"unknown families {unknown}; known: {FAMILIES}"
+    unknown = [f for f in wanted if f not in FAMILIES + ["llama_rm"]]
+    assert not unknown, f"unknown families {unknown}; known: {FAMILIES} and llama_rm"
     main(wanted)

@@ -495,6 +495,18 @@ impl StageArgs {
         }
         // Each stage's own packing flag; elsewhere it would do nothing, so it is refused.
         let now = cfg.stage;
+        let grpo_only = [
+            ("--advantage-estimator", self.advantage_estimator.is_some()),
+            (
+                "--importance-sampling-level",
+                self.importance_sampling_level.is_some(),
+            ),
+        ];
+        if let Some((flag, _)) = grpo_only.iter().find(|(_, set)| *set) {
+            if now != Stage::Grpo {
+                bail!("{flag} applies to grpo, not {}", now.name());
+            }
+        }
         let packing = match now {
             Stage::Sft => Some(&mut cfg.sft.packing),
             Stage::Ppo => Some(&mut cfg.ppo.packing),
@@ -588,5 +600,30 @@ mod tests {
         };
         args.apply(&mut cfg).unwrap();
         assert_eq!(cfg.train.lr, 1e-4);
+    }
+
+    /// GRPO's flags set GRPO's config, and elsewhere are refused rather than ignored.
+    #[test]
+    fn grpo_flags_apply_to_grpo_alone() {
+        let args = StageArgs {
+            importance_sampling_level: Some(ImportanceSamplingLevel::Sequence),
+            advantage_estimator: Some(AdvantageEstimator::Rloo),
+            ..Default::default()
+        };
+        let mut cfg = RunConfig::for_stage(Stage::Grpo);
+        args.apply(&mut cfg).unwrap();
+        assert_eq!(
+            cfg.grpo.importance_sampling_level,
+            ImportanceSamplingLevel::Sequence
+        );
+        assert_eq!(cfg.grpo.advantage_estimator, AdvantageEstimator::Rloo);
+        let e = args
+            .apply(&mut RunConfig::for_stage(Stage::Ppo))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--advantage-estimator applies to grpo, not ppo"),
+            "{e}"
+        );
     }
 }

@@ -2,8 +2,8 @@
 //! `scripts/make_hf_fixtures.py` built with transformers (tests/fixtures/hf/): each family's
 //! logits match transformers' to 1e-4, greedy decoding gives transformers' tokens, exporting
 //! an import writes back the same tensors bit for bit, a PEFT adapter merges to PEFT's
-//! logits, Qwen3's q and k norms train, and bad configs or tensors fail with one line naming
-//! the file.
+//! logits, Qwen3's q and k norms train, a reward model saved by transformers scores as it
+//! does, and bad configs or tensors fail with one line naming the file.
 
 mod common;
 
@@ -15,8 +15,9 @@ use common::*;
 use temper::generate::{generate, RowKeys, SampleCfg};
 use temper::model::linear::Ctx;
 use temper::model::{Fwd, Transformer};
-use temper::stages::loader::{policy_from, read_checkpoint};
-use temper::train::params::ParamStore;
+use temper::stages::loader::{policy_from, read_checkpoint, scored_from};
+use temper::train::checkpoint::CheckpointKind;
+use temper::train::params::{Net, ParamStore};
 
 const FAMILIES: [&str; 6] = ["llama", "qwen2", "qwen3", "mistral", "smollm3", "gpt2"];
 
@@ -562,4 +563,141 @@ fn conversational_preferences_and_prompts_use_the_models_chat_template() {
             );
         }
     }
+}
+
+/// Scores of `seqs` by the reward model at `dir` (a temper checkpoint or a Hugging Face
+/// classifier), packed or not.
+fn rm_scores(dir: &Path, seqs: &[Vec<u32>], pack: bool) -> Vec<f32> {
+    let loaded = read_checkpoint(dir, &Device::Cpu).unwrap();
+    assert_eq!(
+        loaded.meta.kind,
+        CheckpointKind::Reward,
+        "{}",
+        dir.display()
+    );
+    let mut store = ParamStore::new(Device::Cpu, 0);
+    let rm = scored_from(&loaded, &mut store, Net::Policy, None, false).unwrap();
+    let pad = loaded.tokenizer.pad_id();
+    let s = rm.score(seqs, pad, ctx(), pack).unwrap();
+    s.to_vec1::<f32>().unwrap()
+}
+
+/// A reward model as TRL's RewardTrainer saves one (a one-label LlamaForSequenceClassification)
+/// loads as a reward model and scores as transformers does, packed or not, and exports back
+/// bit for bit; one temper trains from the llama fixture exports as such a classifier, reads
+/// back with its own scores, and serves as a GRPO run's `--reward`.
+#[test]
+fn a_hugging_face_reward_model_scores_trains_and_exports_as_transformers_reads_it() {
+    let d = tmp();
+    let fix = fixture("llama_rm");
+    let e = expected(&fix);
+    let seqs: Vec<Vec<u32>> = e["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids_of)
+        .collect();
+    for pack in [false, true] {
+        let got = rm_scores(&fix, &seqs, pack);
+        for (g, w) in got.iter().zip(e["scores"].as_array().unwrap()) {
+            let w = w.as_f64().unwrap();
+            assert!((*g as f64 - w).abs() < 1e-4, "pack {pack}: {got:?} vs {w}");
+        }
+    }
+    let export = |from: &Path, name: &str| {
+        let out = p(d.path(), name);
+        run_ok(&[
+            "export",
+            "--checkpoint",
+            from.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--format",
+            "hf",
+        ]);
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            cfg["architectures"],
+            serde_json::json!(["LlamaForSequenceClassification"])
+        );
+        assert_eq!(cfg["id2label"], serde_json::json!({"0": "LABEL_0"}));
+        out
+    };
+    let back = export(&fix, "back");
+    let (a, b) = (
+        safetensors_map(&fix.join("model.safetensors")),
+        safetensors_map(&back.join("model.safetensors")),
+    );
+    let mut names: Vec<_> = a.keys().collect();
+    names.sort();
+    let mut got: Vec<_> = b.keys().collect();
+    got.sort();
+    assert_eq!(names, got);
+    for n in names {
+        assert_eq!(max_abs_diff(&a[n], &b[n]), 0.0, "{n} changed");
+    }
+    // A reward model of temper's own, from the llama fixture, on preference pairs.
+    let prefs = p(d.path(), "prefs.jsonl");
+    let pairs: String = (0..16)
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"{i}+1=\", \"chosen\": \"{}\", \"rejected\": \"{}\"}}\n",
+                i + 1,
+                i + 7
+            )
+        })
+        .collect();
+    std::fs::write(&prefs, pairs).unwrap();
+    let rm = p(d.path(), "rm");
+    run_ok(&[
+        "reward",
+        "--init",
+        fixture("llama").to_str().unwrap(),
+        "--data",
+        prefs.to_str().unwrap(),
+        "--out",
+        rm.to_str().unwrap(),
+        "--steps",
+        "4",
+        "--device",
+        "cpu",
+    ]);
+    let hf = export(&rm, "rm-hf");
+    let (ours, theirs) = (rm_scores(&rm, &seqs, false), rm_scores(&hf, &seqs, false));
+    for (x, y) in ours.iter().zip(&theirs) {
+        assert!((x - y).abs() < 1e-5, "{ours:?} vs {theirs:?}");
+    }
+    let prompts = p(d.path(), "prompts.jsonl");
+    let lines: String = (0..8)
+        .map(|i| format!("{{\"prompt\": \"{i}+1=\", \"answer\": \"{}\"}}\n", i + 1))
+        .collect();
+    std::fs::write(&prompts, lines).unwrap();
+    let cfg = p(d.path(), "g.toml");
+    std::fs::write(
+        &cfg,
+        "[grpo]\nprompts_per_rollout = 2\ngroup_size = 2\nminibatch_size = 4\n",
+    )
+    .unwrap();
+    let grpo = p(d.path(), "grpo");
+    run_ok(&[
+        "grpo",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--init",
+        fixture("llama").to_str().unwrap(),
+        "--data",
+        prompts.to_str().unwrap(),
+        "--reward",
+        hf.to_str().unwrap(),
+        "--out",
+        grpo.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+    ]);
+    let scores = series(&metrics(&grpo), "train", "score");
+    assert!(!scores.is_empty(), "the GRPO run scored its rollouts");
 }

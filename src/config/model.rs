@@ -90,7 +90,9 @@ impl HfFamily {
     /// temper's own models); none for a layout no family has.
     pub fn of(cfg: &ModelConfig) -> Option<Self> {
         if let Some(f) = cfg.hf_family {
-            return Some(f);
+            // Only SmolLM3 writes layers without rotary positions: elsewhere they would be lost.
+            let keeps_nope = cfg.nope_layers.is_empty() || f == HfFamily::SmolLm3;
+            return keeps_nope.then_some(f);
         }
         let llama_like = cfg.norm == NormKind::RmsNorm
             && cfg.position == PositionKind::Rope

@@ -106,10 +106,11 @@ pub fn qkv_write(
     };
     let norm = match norm {
         Some(n) if !n.fits(d, dtype) => candle_core::bail!(
-            "qkv_write: head norm gains {:?} {:?} and {:?} for head dim {d} {dtype:?}",
+            "qkv_write: head norm gains {:?} {:?} and {:?} {:?} for head dim {d} {dtype:?}",
             n.q.dims(),
             n.q.dtype(),
-            n.k.dims()
+            n.k.dims(),
+            n.k.dtype()
         ),
         Some(n) => Some((n.q.contiguous()?, n.k.contiguous()?, n.eps)),
         None => None,

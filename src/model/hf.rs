@@ -22,6 +22,13 @@ use crate::config::{MlpKind, ModelConfig, NormKind, PositionKind, RopeScaling};
 #[derive(Debug, Deserialize)]
 pub struct HfConfig {
     model_type: Option<String>,
+    /// The model class: `*ForCausalLM` (a policy) or `*ForSequenceClassification` (a reward
+    /// model).
+    architectures: Option<Vec<String>>,
+    /// A classifier's labels: a reward model has one.
+    id2label: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The reward bias temper's export keeps beside the classifier ([`SCORE_BIAS_FIELD`]).
+    temper_score_bias: Option<f32>,
     vocab_size: Option<usize>,
     hidden_size: Option<usize>,
     intermediate_size: Option<usize>,
@@ -71,6 +78,38 @@ impl At<'_> {
     }
 }
 
+/// What sits on the transformer of a Hugging Face model directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Head {
+    /// `*ForCausalLM` (`GPT2LMHeadModel`): the language-model head; imported as a policy.
+    Lm,
+    /// `*ForSequenceClassification` with one label, as TRL's RewardTrainer saves a reward
+    /// model: `score.weight` `[1, H]` (no bias) read at the last token; imported as a reward
+    /// model (temper's `score.weight` `[H]` and a zero `score.bias`).
+    Score,
+}
+
+impl Head {
+    /// The class name transformers loads this family's model with.
+    pub fn architecture(self, family: Family) -> &'static str {
+        use Family::*;
+        match (self, family) {
+            (Head::Lm, Gpt2) => "GPT2LMHeadModel",
+            (Head::Lm, Llama) => "LlamaForCausalLM",
+            (Head::Lm, Qwen2) => "Qwen2ForCausalLM",
+            (Head::Lm, Qwen3) => "Qwen3ForCausalLM",
+            (Head::Lm, Mistral) => "MistralForCausalLM",
+            (Head::Lm, SmolLm3) => "SmolLM3ForCausalLM",
+            (Head::Score, Gpt2) => "GPT2ForSequenceClassification",
+            (Head::Score, Llama) => "LlamaForSequenceClassification",
+            (Head::Score, Qwen2) => "Qwen2ForSequenceClassification",
+            (Head::Score, Qwen3) => "Qwen3ForSequenceClassification",
+            (Head::Score, Mistral) => "MistralForSequenceClassification",
+            (Head::Score, SmolLm3) => "SmolLM3ForSequenceClassification",
+        }
+    }
+}
+
 impl HfConfig {
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -102,6 +141,36 @@ impl HfConfig {
                 ))
             }
         })
+    }
+
+    /// The head the model class puts on the transformer: a language model's, or a one-label
+    /// classifier's (a reward model); any other class is refused naming the field.
+    pub fn head(&self, path: &Path) -> Result<Head> {
+        let at = At(path);
+        let Some(arch) = self.architectures.as_ref().and_then(|a| a.first()) else {
+            return Ok(Head::Lm);
+        };
+        if arch.ends_with("ForSequenceClassification") {
+            // transformers' default is two labels where the file names none.
+            let labels = self.id2label.as_ref().map_or(2, |m| m.len());
+            if labels != 1 {
+                return Err(at.refuse(
+                    "id2label",
+                    format!("{labels} labels: a reward model scores with one (num_labels = 1)"),
+                ));
+            }
+            return Ok(Head::Score);
+        }
+        if arch.ends_with("ForCausalLM") || arch.ends_with("LMHeadModel") {
+            return Ok(Head::Lm);
+        }
+        Err(at.refuse(
+            "architectures",
+            format!(
+                "`{arch}`: temper reads causal language models (*ForCausalLM) and one-label \
+                 reward models (*ForSequenceClassification)"
+            ),
+        ))
     }
 
     /// The temper model this config describes; features temper does not implement are
@@ -334,6 +403,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// A Hugging Face model read into temper's names: its family, shape and tensors (f32).
 pub struct Imported {
     pub family: Family,
+    pub head: Head,
     pub config: ModelConfig,
     pub tensors: HashMap<String, Tensor>,
 }
@@ -342,7 +412,13 @@ pub struct Imported {
 /// renamed to temper's names. A tensor of no known name is an error naming it and its file.
 pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
     let cfg_path = dir.join("config.json");
-    let (family, config) = HfConfig::read(&cfg_path)?.to_model(&cfg_path)?;
+    let hf = HfConfig::read(&cfg_path)?;
+    let head = hf.head(&cfg_path)?;
+    let (family, mut config) = hf.to_model(&cfg_path)?;
+    if head == Head::Score {
+        // A classifier has no language-model head: its scorer reads the hidden states only.
+        config.tie_word_embeddings = true;
+    }
     let mut tensors = HashMap::new();
     for file in weight_files(dir)? {
         // SAFETY: the file is memory-mapped read-only and each tensor copied out of it at
@@ -354,18 +430,72 @@ pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
                 .load(&name, device)
                 .with_context(|| format!("{}: cannot read tensor {name}", file.display()))?
                 .to_dtype(DType::F32)?;
-            for (ours, part) in to_temper(family, &name, &t, &config)
-                .with_context(|| format!("{}: tensor {name}", file.display()))?
+            let parts = match head {
+                Head::Score if name.starts_with("score.") => {
+                    score_to_temper(&name, &t, config.hidden_size).map(|p| vec![p])
+                }
+                _ => to_temper(family, &name, &t, &config),
+            };
+            for (ours, part) in
+                parts.with_context(|| format!("{}: tensor {name}", file.display()))?
             {
                 tensors.insert(ours, part);
             }
         }
     }
+    if head == Head::Score {
+        if !tensors.contains_key("score.weight") {
+            bail!(
+                "{}: a reward model (*ForSequenceClassification) without its score.weight",
+                dir.display()
+            );
+        }
+        if !tensors.contains_key("score.bias") {
+            let b = hf.temper_score_bias.unwrap_or(0.0);
+            tensors.insert("score.bias".into(), Tensor::new(&[b], device)?);
+        }
+    }
     Ok(Imported {
         family,
+        head,
         config,
         tensors,
     })
+}
+
+/// A one-label classifier's `score.weight` (`[1, H]`) or `score.bias` (`[1]`) as temper's
+/// reward head holds it (`[H]`, `[1]`).
+fn score_to_temper(name: &str, t: &Tensor, hidden: usize) -> Result<(String, Tensor)> {
+    match name {
+        "score.weight" if t.dims() == [1, hidden] => Ok((name.into(), t.reshape(hidden)?)),
+        "score.bias" if t.dims() == [1] => Ok((name.into(), t.clone())),
+        "score.weight" | "score.bias" => bail!(
+            "shape {:?}: a one-label score head over {hidden} hidden units wants {}",
+            t.dims(),
+            if name == "score.weight" {
+                format!("[1, {hidden}]")
+            } else {
+                "[1]".into()
+            }
+        ),
+        _ => bail!("not a weight of a reward model's score head"),
+    }
+}
+
+/// The `config.json` field that carries temper's reward bias, which a Hugging Face
+/// classifier's score layer has no place for: transformers keeps it as an attribute and
+/// leaves it out of its scores; temper reads it back into `score.bias`.
+pub const SCORE_BIAS_FIELD: &str = "temper_score_bias";
+
+/// A reward model's head as a one-label classifier's `score.weight` (`[1, H]`) and the bias
+/// that has no place there (Adam moves it off zero even where its gradient is zero but for
+/// rounding; `center_rewards_coefficient` trains it).
+pub fn score_to_hf(w: &Tensor, b: &Tensor) -> Result<(Tensor, f32)> {
+    let bias = b.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    Ok((
+        w.reshape((1, w.elem_count()))?,
+        bias.first().copied().unwrap_or(0.0),
+    ))
 }
 
 /// GPT-2 buffers saved by older checkpoints: the causal mask, not weights.
@@ -593,7 +723,7 @@ fn temper_to_gpt2(
 
 /// `config.json` for `cfg` as `family` writes it, with the tokenizer's stop, BOS and padding
 /// ids (the padding id for SmolLM3 only, whose config otherwise defaults it to an id of its
-/// own vocabulary, which a smaller one does not hold).
+/// own vocabulary, which a smaller one does not hold; null where it is a stop id).
 pub fn config_json(
     family: Family,
     cfg: &ModelConfig,
@@ -625,13 +755,8 @@ pub fn config_json(
             "torch_dtype": "float32",
         }),
         _ => {
-            let (arch, ty) = match family {
-                Family::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
-                Family::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
-                Family::Mistral => ("MistralForCausalLM", "mistral"),
-                Family::SmolLm3 => ("SmolLM3ForCausalLM", "smollm3"),
-                _ => ("LlamaForCausalLM", "llama"),
-            };
+            let arch = Head::Lm.architecture(family);
+            let ty = family.name();
             let scaling = cfg.rope_scaling.as_ref().map(|s| {
                 json!({
                     "rope_type": "llama3",
@@ -672,8 +797,12 @@ pub fn config_json(
                 v["no_rope_layers"] = json!(flags);
                 v["mlp_bias"] = json!(false);
                 // Elsewhere a padding id would freeze that row of the embedding in
-                // PyTorch's training (nn.Embedding's padding_idx): only where it is needed.
-                v["pad_token_id"] = json!(pad);
+                // PyTorch's training (nn.Embedding's padding_idx): only where it is needed,
+                // and none where the tokenizer pads with a stop token, whose row must train.
+                v["pad_token_id"] = match eos.contains(&pad) {
+                    true => serde_json::Value::Null,
+                    false => json!(pad),
+                };
             }
             if family == Family::Mistral {
                 v["sliding_window"] = serde_json::Value::Null;

@@ -1,7 +1,8 @@
 //! `temper export`: a checkpoint (or run directory) written as a temper checkpoint with its
 //! adapters merged, as a Hugging Face model directory that
-//! `transformers.AutoModelForCausalLM.from_pretrained` loads as it is, or as a PEFT adapter
-//! directory for `PeftModel.from_pretrained` on the exported base.
+//! `transformers.AutoModelForCausalLM.from_pretrained` loads as it is (a reward model:
+//! `AutoModelForSequenceClassification`, one label, as TRL's RewardTrainer saves one), or as a
+//! PEFT adapter directory for `PeftModel.from_pretrained` on the exported base.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -62,11 +63,31 @@ fn hf_dir(checkpoint: &Path, out: &Path) -> Result<()> {
     let loaded = read_checkpoint(checkpoint, &Device::Cpu)?;
     let cfg = &loaded.meta.model;
     let family = family_of(cfg)?;
-    let tensors = hf::export_tensors(family, &policy_tensors(&loaded)?)?;
+    let reward = loaded.meta.kind == CheckpointKind::Reward;
+    let (tensors, bias) = match reward {
+        true => reward_tensors(family, &loaded)?,
+        false => (hf::export_tensors(family, &policy_tensors(&loaded)?)?, 0.0),
+    };
     hf::write_safetensors(&out.join("model.safetensors"), &tensors)?;
     let tok = &loaded.tokenizer;
     let stops = tok.stop_ids();
-    let config = hf::config_json(family, cfg, &stops, tok.bos_id(), tok.pad_id());
+    let mut config = hf::config_json(family, cfg, &stops, tok.bos_id(), tok.pad_id());
+    if reward {
+        config["architectures"] = json!([hf::Head::Score.architecture(family)]);
+        config["id2label"] = json!({"0": "LABEL_0"});
+        config["label2id"] = json!({"LABEL_0": 0});
+        // transformers finds each sequence's last token by the padding id.
+        config["pad_token_id"] = json!(tok.pad_id());
+        if bias != 0.0 {
+            config[hf::SCORE_BIAS_FIELD] = json!(bias);
+            eprintln!(
+                "warning: the reward model's score.bias ({bias}) has no place in a Hugging Face \
+                 classifier: transformers' scores are temper's minus it; config.json keeps it \
+                 as {}, which temper reads back",
+                hf::SCORE_BIAS_FIELD
+            );
+        }
+    }
     crate::io::write_atomic(
         &out.join("config.json"),
         serde_json::to_string_pretty(&config)?.as_bytes(),
@@ -83,9 +104,32 @@ fn hf_dir(checkpoint: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A reward model's transformer with Hugging Face's names, and its head as a one-label
+/// classifier's `score.weight`, with the bias that has no place there; an unused
+/// language-model head (of a reward model begun from an untied policy) is left out, as a
+/// classifier has none.
+fn reward_tensors(family: HfFamily, loaded: &Loaded) -> Result<(HashMap<String, Tensor>, f32)> {
+    let t = &loaded.tensors;
+    let body: HashMap<String, Tensor> = t
+        .iter()
+        .filter(|(n, _)| n.starts_with("model."))
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect();
+    let mut out = hf::export_tensors(family, &body)?;
+    let (Some(w), Some(b)) = (t.get("score.weight"), t.get("score.bias")) else {
+        bail!(
+            "{}: a reward checkpoint without its score head",
+            loaded.dir.display()
+        );
+    };
+    let (w, bias) = hf::score_to_hf(w, b)?;
+    out.insert("score.weight".into(), w);
+    Ok((out, bias))
+}
+
 fn family_of(cfg: &crate::config::ModelConfig) -> Result<HfFamily> {
     HfFamily::of(cfg).context(
-        "this model's layout (norm, positions, MLP, biases) matches no Hugging Face family temper writes (llama, qwen2, qwen3, mistral, gpt2)",
+        "this model's layout (norm, positions, MLP, biases) matches no Hugging Face family temper writes (llama, qwen2, qwen3, mistral, smollm3, gpt2)",
     )
 }
 

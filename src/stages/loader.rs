@@ -26,7 +26,8 @@ pub struct Loaded {
 }
 
 /// Reads a checkpoint (or a run directory's final/latest one) with adapters merged, or a
-/// Hugging Face model directory (imported as a pretrained policy).
+/// Hugging Face model directory (imported as a pretrained policy, or as a reward model where
+/// it is a one-label `*ForSequenceClassification`).
 pub fn read_checkpoint(path: &Path, device: &Device) -> Result<Loaded> {
     if hf::is_model_dir(path) {
         return import_hf(path, device);
@@ -77,8 +78,14 @@ fn import_hf(dir: &Path, device: &Device) -> Result<Loaded> {
         dir: dir.to_path_buf(),
         tokenizer_dir: dir.to_path_buf(),
         meta: CheckpointMeta {
-            stage: Stage::Pretrain,
-            kind: CheckpointKind::Policy,
+            stage: match imp.head {
+                hf::Head::Lm => Stage::Pretrain,
+                hf::Head::Score => Stage::Reward,
+            },
+            kind: match imp.head {
+                hf::Head::Lm => CheckpointKind::Policy,
+                hf::Head::Score => CheckpointKind::Reward,
+            },
             model: imp.config,
             lora: None,
             step: 0,

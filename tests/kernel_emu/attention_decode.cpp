@@ -10,8 +10,8 @@
 //
 // attn_decode_fresh_* (generation's fused decode step) runs on cases of its own (run_fresh):
 // q, k and v from a row of stacked projections, normalised per head (Qwen3) or not, rotated
-// or not, against a cache whose next
-// position holds NaN until the kernel writes it; checked against qkv_write's rounding and
+// or not, against a cache whose next position holds NaN until the kernel writes it; checked
+// against qkv_write's rounding and
 // the reference attention over the cache with that position filled, and the cache itself
 // (the new position written, every other one unchanged bit for bit).
 //

@@ -870,7 +870,8 @@ fn launch_decode(
 /// over the whole cache under `mask` (whose key mask `[B, cap]` already marks that position).
 /// Returns `[B, Hq, 1, D]`, or `None`, having run nothing, where the decode kernel does not
 /// take the step: f32, a head dim other than 64 or 128, more than 4 query heads per kv head,
-/// no key mask, rows not 16-byte aligned, a GPU older than sm_80, or `TEMPER_ATTN_IMPL` set.
+/// no key mask, rows not 16-byte aligned, norm gains not `[D]` in `y`'s dtype, contiguous and
+/// 16-byte aligned, a GPU older than sm_80, or `TEMPER_ATTN_IMPL` set.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_fresh(
     y: &Tensor,
