@@ -8,7 +8,7 @@ template) and an `expected.json` holding reference logits and greedy tokens
 computed by `transformers` in float32. `llama_lora/` is a PEFT LoRA adapter for
 the llama fixture, with the adapted and merged logits. `llama_rm/` is a reward
 model as TRL's RewardTrainer saves one (LlamaForSequenceClassification, one
-label, a padding id of its own), with its scores of the test sequences.
+label, its padding id also its EOS), with its scores of the test sequences.
 
 The Rust tests (CI) only READ these files; nothing in CI runs this script.
 To regenerate them (a few seconds on a CPU):
@@ -266,7 +266,9 @@ def make_lora():
 
 def make_rm(config, tok, tok_kwargs, pad):
     """A one-label LlamaForSequenceClassification (what TRL's RewardTrainer saves): its
-    scores of INPUT_IDS, read by transformers at each sequence's last non-padding token."""
+    scores of INPUT_IDS and of a third sequence ending in two padding ids (here also the
+    config's EOS, as where a tokenizer pads with EOS), read by transformers at each
+    sequence's last token that is not the padding id."""
     d = os.path.join(OUT, "llama_rm")
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
@@ -279,16 +281,17 @@ def make_rm(config, tok, tok_kwargs, pad):
     model.eval()
     model.save_pretrained(d)
     PreTrainedTokenizerFast(tokenizer_object=tok, **tok_kwargs).save_pretrained(d, save_jinja_files=False)
+    seqs = INPUT_IDS + [INPUT_IDS[0][:5] + [pad, pad]]
     with torch.no_grad():
-        scores = [float(model(torch.tensor([ids])).logits[0, 0]) for ids in INPUT_IDS]
+        scores = [float(model(torch.tensor([ids])).logits[0, 0]) for ids in seqs]
     write_json(
         os.path.join(d, "expected.json"),
-        {"input_ids": INPUT_IDS, "scores": scores,
+        {"input_ids": seqs, "scores": scores,
          "hf_tensor_names": tensor_names(os.path.join(d, "model.safetensors"))},
     )
     m = AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32).eval()
     with torch.no_grad():
-        again = [float(m(torch.tensor([ids])).logits[0, 0]) for ids in INPUT_IDS]
+        again = [float(m(torch.tensor([ids])).logits[0, 0]) for ids in seqs]
     assert max(abs(a - b) for a, b in zip(scores, again)) < 1e-6, (scores, again)
 
 

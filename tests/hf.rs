@@ -242,6 +242,22 @@ fn bad_configs_and_tensors_fail_naming_the_file() {
         e.contains("config.json") && e.contains("no_rope_layers") && e.contains("2 flags for 3"),
         "{e}"
     );
+    let labels = broken("llama_rm", &p(d.path(), "i"), |c, _| {
+        c["id2label"] = serde_json::json!({"0": "LABEL_0", "1": "LABEL_1"})
+    });
+    let e = sft_err(&labels, d.path());
+    assert!(
+        e.contains("config.json") && e.contains("id2label") && e.contains("2 labels"),
+        "{e}"
+    );
+    let class = broken("llama_rm", &p(d.path(), "j"), |c, _| {
+        c["architectures"] = serde_json::json!(["LlamaForTokenClassification"])
+    });
+    let e = sft_err(&class, d.path());
+    assert!(
+        e.contains("config.json") && e.contains("architectures"),
+        "{e}"
+    );
     let no_norm = broken("qwen3", &p(d.path(), "g"), |_, t| {
         t.remove("model.layers.0.self_attn.k_norm.weight");
     });
@@ -582,10 +598,13 @@ fn rm_scores(dir: &Path, seqs: &[Vec<u32>], pack: bool) -> Vec<f32> {
     s.to_vec1::<f32>().unwrap()
 }
 
-/// A reward model as TRL's RewardTrainer saves one (a one-label LlamaForSequenceClassification)
-/// loads as a reward model and scores as transformers does, packed or not, and exports back
-/// bit for bit; one temper trains from the llama fixture exports as such a classifier, reads
-/// back with its own scores, and serves as a GRPO run's `--reward`.
+/// A reward model as TRL's RewardTrainer saves one (a one-label LlamaForSequenceClassification
+/// whose padding id is also its EOS) loads as a reward model and scores as transformers does,
+/// at each sequence's last token that is not the padding id, packed or not (the third
+/// sequence, trailing padding passed over, packs beside the first), and exports back bit for
+/// bit with its padding id; one temper trains from the llama fixture (whose tokenizer pads
+/// with a stop token) exports as such a classifier without a padding id, reads back with its
+/// own scores, and serves as a GRPO run's `--reward`.
 #[test]
 fn a_hugging_face_reward_model_scores_trains_and_exports_as_transformers_reads_it() {
     let d = tmp();
@@ -597,8 +616,10 @@ fn a_hugging_face_reward_model_scores_trains_and_exports_as_transformers_reads_i
         .iter()
         .map(ids_of)
         .collect();
+    assert_eq!(seqs.len(), 3);
     for pack in [false, true] {
         let got = rm_scores(&fix, &seqs, pack);
+        assert_eq!(got.len(), 3);
         for (g, w) in got.iter().zip(e["scores"].as_array().unwrap()) {
             let w = w.as_f64().unwrap();
             assert!((*g as f64 - w).abs() < 1e-4, "pack {pack}: {got:?} vs {w}");
@@ -623,9 +644,10 @@ fn a_hugging_face_reward_model_scores_trains_and_exports_as_transformers_reads_i
             serde_json::json!(["LlamaForSequenceClassification"])
         );
         assert_eq!(cfg["id2label"], serde_json::json!({"0": "LABEL_0"}));
-        out
+        (out, cfg)
     };
-    let back = export(&fix, "back");
+    let (back, cfg) = export(&fix, "back");
+    assert_eq!(cfg["pad_token_id"], 301, "the classifier's own padding id");
     let (a, b) = (
         safetensors_map(&fix.join("model.safetensors")),
         safetensors_map(&back.join("model.safetensors")),
@@ -664,7 +686,8 @@ fn a_hugging_face_reward_model_scores_trains_and_exports_as_transformers_reads_i
         "--device",
         "cpu",
     ]);
-    let hf = export(&rm, "rm-hf");
+    let (hf, cfg) = export(&rm, "rm-hf");
+    assert!(cfg["pad_token_id"].is_null(), "{cfg}");
     let (ours, theirs) = (rm_scores(&rm, &seqs, false), rm_scores(&hf, &seqs, false));
     for (x, y) in ours.iter().zip(&theirs) {
         assert!((x - y).abs() < 1e-5, "{ours:?} vs {theirs:?}");

@@ -59,6 +59,11 @@ pub struct ModelConfig {
     /// The Hugging Face family the model was imported as; `export --format hf` writes it
     /// back as that family.
     pub hf_family: Option<HfFamily>,
+    /// A reward model imported from a Hugging Face classifier: its `pad_token_id`, which
+    /// transformers never scores (it reads a sequence at its last token that is not this
+    /// id), so temper's scorer passes over trailing ones too, and the export writes it back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score_pad: Option<u32>,
 }
 
 /// The model families temper reads and writes.
@@ -200,6 +205,7 @@ impl ModelConfig {
             rope_scaling: None,
             dropout: 0.0,
             hf_family: None,
+            score_pad: None,
         };
         Ok(match name {
             "tiny" => llama(128, 4, 4, 2, 64),
@@ -227,6 +233,7 @@ impl ModelConfig {
                 rope_scaling: None,
                 dropout: 0.0,
                 hf_family: None,
+                score_pad: None,
             },
             other => bail!("unknown model preset `{other}` (known: tiny, small, llama-tiny, gpt2)"),
         })

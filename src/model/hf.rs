@@ -29,6 +29,9 @@ pub struct HfConfig {
     id2label: Option<serde_json::Map<String, serde_json::Value>>,
     /// The reward bias temper's export keeps beside the classifier ([`SCORE_BIAS_FIELD`]).
     temper_score_bias: Option<f32>,
+    num_labels: Option<usize>,
+    /// A classifier scores each sequence at its last token that is not this id.
+    pad_token_id: Option<u32>,
     vocab_size: Option<usize>,
     hidden_size: Option<usize>,
     intermediate_size: Option<usize>,
@@ -84,8 +87,9 @@ pub enum Head {
     /// `*ForCausalLM` (`GPT2LMHeadModel`): the language-model head; imported as a policy.
     Lm,
     /// `*ForSequenceClassification` with one label, as TRL's RewardTrainer saves a reward
-    /// model: `score.weight` `[1, H]` (no bias) read at the last token; imported as a reward
-    /// model (temper's `score.weight` `[H]` and a zero `score.bias`).
+    /// model: `score.weight` `[1, H]` (no bias) read at each sequence's last token that is not
+    /// its `pad_token_id`; imported as a reward model (temper's `score.weight` `[H]`, a zero
+    /// `score.bias`, and `ModelConfig::score_pad`).
     Score,
 }
 
@@ -152,7 +156,10 @@ impl HfConfig {
         };
         if arch.ends_with("ForSequenceClassification") {
             // transformers' default is two labels where the file names none.
-            let labels = self.id2label.as_ref().map_or(2, |m| m.len());
+            let labels = match (&self.id2label, self.num_labels) {
+                (Some(m), _) => m.len(),
+                (None, n) => n.unwrap_or(2),
+            };
             if labels != 1 {
                 return Err(at.refuse(
                     "id2label",
@@ -253,6 +260,7 @@ impl HfConfig {
             rope_scaling: self.rope_scaling(path)?,
             dropout: 0.0,
             hf_family: Some(family),
+            score_pad: None,
         })
     }
 
@@ -361,6 +369,7 @@ impl HfConfig {
             max_position_embeddings: at.need(self.n_positions, "n_positions")?,
             rms_norm_eps: self.layer_norm_epsilon.unwrap_or(1e-5),
             hf_family: Some(Family::Gpt2),
+            score_pad: None,
             ..preset
         })
     }
@@ -418,6 +427,7 @@ pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
     if head == Head::Score {
         // A classifier has no language-model head: its scorer reads the hidden states only.
         config.tie_word_embeddings = true;
+        config.score_pad = hf.pad_token_id;
     }
     let mut tensors = HashMap::new();
     for file in weight_files(dir)? {

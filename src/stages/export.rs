@@ -76,8 +76,25 @@ fn hf_dir(checkpoint: &Path, out: &Path) -> Result<()> {
         config["architectures"] = json!([hf::Head::Score.architecture(family)]);
         config["id2label"] = json!({"0": "LABEL_0"});
         config["label2id"] = json!({"LABEL_0": 0});
-        // transformers finds each sequence's last token by the padding id.
-        config["pad_token_id"] = json!(tok.pad_id());
+        // transformers scores each sequence at its last token that is not the padding id.
+        // An imported classifier keeps its own; temper's scorer reads the last token, so a
+        // padding id that ends sequences (EOS as padding) would move transformers' reading one
+        // token earlier: then none, and transformers refuses batches of more than one (loud)
+        // instead of reading elsewhere (silent).
+        let pad = tok.pad_id();
+        config["pad_token_id"] = match cfg.score_pad {
+            Some(p) => json!(p),
+            None if stops.contains(&pad) => {
+                eprintln!(
+                    "warning: the tokenizer pads with a stop token ({pad}), which ends the \
+                     sequences temper scores: config.json names no pad_token_id, so that \
+                     transformers reads the last token as temper does (and refuses batches of \
+                     more than one)"
+                );
+                serde_json::Value::Null
+            }
+            None => json!(pad),
+        };
         if bias != 0.0 {
             config[hf::SCORE_BIAS_FIELD] = json!(bias);
             eprintln!(
@@ -163,6 +180,13 @@ fn peft(checkpoint: &Path, out: &Path) -> Result<()> {
     let file = dir.join("adapter.safetensors");
     let adapters = candle_core::safetensors::load(&file, &Device::Cpu)
         .with_context(|| format!("{}: cannot read adapters", file.display()))?;
+    if meta.kind != CheckpointKind::Policy {
+        bail!(
+            "{}: a reward model's adapters leave its score head out of a PEFT causal-LM \
+             adapter: use --format hf, which merges them and writes the classifier",
+            dir.display()
+        );
+    }
     let family = family_of(&meta.model)?;
     let mut tensors = HashMap::new();
     let mut modules = Vec::new();

@@ -49,8 +49,10 @@ impl Scorer {
         self.head.forward(&self.net.hidden(ids, &f, None)?)
     }
 
-    /// One score per sequence, read at its last real token; with `pack`, from sequences
-    /// packed into rows as wide as the longest where that computes fewer positions.
+    /// One score per sequence, read at its last real token (for a classifier imported from
+    /// Hugging Face, its last token that is not the classifier's `pad_token_id`, as
+    /// transformers reads it); with `pack`, from sequences packed into rows as wide as the
+    /// longest where that computes fewer positions.
     pub fn score(
         &self,
         seqs: &[Vec<u32>],
@@ -58,6 +60,15 @@ impl Scorer {
         ctx: crate::model::linear::Ctx,
         pack: bool,
     ) -> Result<Tensor> {
+        let trimmed: Vec<Vec<u32>>;
+        let seqs = match self.net.cfg.score_pad {
+            // Causal attention: the score at a token does not depend on the tokens after it.
+            Some(p) => {
+                trimmed = seqs.iter().map(|s| trim_trailing(s, p)).collect();
+                &trimmed[..]
+            }
+            None => seqs,
+        };
         let dev = self.net.device().clone();
         if pack {
             if let Some(s) = self.packed_scores(seqs, pad, ctx)? {
@@ -110,6 +121,12 @@ impl Scorer {
         let flat = per_token.reshape((bins.len() * len, 1))?;
         Ok(Some(pick_rows(&flat, &last)?.squeeze(1)?))
     }
+}
+
+/// `seq` without its trailing `pad` tokens (one token kept, so no sequence is left empty).
+fn trim_trailing(seq: &[u32], pad: u32) -> Vec<u32> {
+    let keep = seq.iter().rposition(|&t| t != pad).map_or(1, |i| i + 1);
+    seq[..keep.min(seq.len())].to_vec()
 }
 
 /// Every pair as (chosen, rejected) token ids, fitted to the context under `[data]
