@@ -94,6 +94,24 @@ fn every_family_matches_transformers_logits_and_greedy_tokens() {
     }
 }
 
+/// `temper export --checkpoint from --out out --format format`.
+fn export(from: &Path, out: &Path, format: &str) {
+    run_ok(&[
+        "export",
+        "--checkpoint",
+        from.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--format",
+        format,
+    ]);
+}
+
+/// The `config.json` of the model directory `dir`.
+fn config_of(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+}
+
 fn safetensors_map(path: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
@@ -103,15 +121,7 @@ fn exporting_an_import_writes_back_the_same_tensors_bit_for_bit() {
     let d = tmp();
     for fam in FAMILIES {
         let out = p(d.path(), fam);
-        run_ok(&[
-            "export",
-            "--checkpoint",
-            fixture(fam).to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--format",
-            "hf",
-        ]);
+        export(&fixture(fam), &out, "hf");
         let a = safetensors_map(&fixture(fam).join("model.safetensors"));
         let b = safetensors_map(&out.join("model.safetensors"));
         let mut names: Vec<_> = a.keys().collect();
@@ -364,15 +374,7 @@ fn continued_pretraining_and_lora_sft_start_from_a_hugging_face_model_and_export
     pretrain_from(&fixture("qwen2"), &pre);
     // The checkpoint keeps the imported family and tokenizer files, so it exports as Qwen2.
     let out = p(d.path(), "hf");
-    run_ok(&[
-        "export",
-        "--checkpoint",
-        pre.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--format",
-        "hf",
-    ]);
+    export(&pre, &out, "hf");
     let cfg = std::fs::read_to_string(out.join("config.json")).unwrap();
     assert!(cfg.contains("\"qwen2\""), "{cfg}");
     assert!(out.join("tokenizer_config.json").is_file());
@@ -401,15 +403,7 @@ fn continued_pretraining_and_lora_sft_start_from_a_hugging_face_model_and_export
         "cpu",
     ]);
     let peft = p(d.path(), "peft");
-    run_ok(&[
-        "export",
-        "--checkpoint",
-        sft.to_str().unwrap(),
-        "--out",
-        peft.to_str().unwrap(),
-        "--format",
-        "peft",
-    ]);
+    export(&sft, &peft, "peft");
     let a = safetensors_map(&peft.join("adapter_model.safetensors"));
     let mut names: Vec<_> = a.keys().cloned().collect();
     names.sort();
@@ -433,17 +427,8 @@ fn a_qwen3_model_trains_its_qk_norms_and_exports_them_back() {
     let (run, out) = (p(d.path(), "run"), p(d.path(), "hf"));
     let init = fixture("qwen3");
     pretrain_from(&init, &run);
-    run_ok(&[
-        "export",
-        "--checkpoint",
-        run.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--format",
-        "hf",
-    ]);
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    export(&run, &out, "hf");
+    let cfg = config_of(&out);
     assert_eq!(
         (cfg["model_type"].as_str(), cfg["head_dim"].as_u64()),
         (Some("qwen3"), Some(16))
@@ -473,17 +458,8 @@ fn a_smollm3_model_trains_and_exports_its_nope_layers_back() {
     let d = tmp();
     let (run, out) = (p(d.path(), "run"), p(d.path(), "hf"));
     pretrain_from(&fixture("smollm3"), &run);
-    run_ok(&[
-        "export",
-        "--checkpoint",
-        run.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--format",
-        "hf",
-    ]);
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    export(&run, &out, "hf");
+    let cfg = config_of(&out);
     assert_eq!(cfg["model_type"], "smollm3");
     assert_eq!(cfg["no_rope_layers"], serde_json::json!([1, 0, 1]));
     let pad = cfg["pad_token_id"].as_u64().unwrap();
@@ -625,20 +601,11 @@ fn a_hugging_face_reward_model_scores_trains_and_exports_as_transformers_reads_i
             assert!((*g as f64 - w).abs() < 1e-4, "pack {pack}: {got:?} vs {w}");
         }
     }
-    let export = |from: &Path, name: &str| {
+    // Exported as a classifier: its directory and config.
+    let classifier = |from: &Path, name: &str| {
         let out = p(d.path(), name);
-        run_ok(&[
-            "export",
-            "--checkpoint",
-            from.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--format",
-            "hf",
-        ]);
-        let cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
-                .unwrap();
+        export(from, &out, "hf");
+        let cfg = config_of(&out);
         assert_eq!(
             cfg["architectures"],
             serde_json::json!(["LlamaForSequenceClassification"])
@@ -646,7 +613,7 @@ fn a_hugging_face_reward_model_scores_trains_and_exports_as_transformers_reads_i
         assert_eq!(cfg["id2label"], serde_json::json!({"0": "LABEL_0"}));
         (out, cfg)
     };
-    let (back, cfg) = export(&fix, "back");
+    let (back, cfg) = classifier(&fix, "back");
     assert_eq!(cfg["pad_token_id"], 301, "the classifier's own padding id");
     let (a, b) = (
         safetensors_map(&fix.join("model.safetensors")),
@@ -686,7 +653,7 @@ fn a_hugging_face_reward_model_scores_trains_and_exports_as_transformers_reads_i
         "--device",
         "cpu",
     ]);
-    let (hf, cfg) = export(&rm, "rm-hf");
+    let (hf, cfg) = classifier(&rm, "rm-hf");
     assert!(cfg["pad_token_id"].is_null(), "{cfg}");
     let (ours, theirs) = (rm_scores(&rm, &seqs, false), rm_scores(&hf, &seqs, false));
     for (x, y) in ours.iter().zip(&theirs) {

@@ -396,4 +396,25 @@ mod tests {
         };
         assert!(c.validate().unwrap_err().to_string().contains("rotary"));
     }
+
+    /// A model with NoPE layers exports as SmolLM3, the one family that writes them, even
+    /// where it was imported as another (which would drop them): then as none.
+    #[test]
+    fn nope_layers_export_as_smollm3_or_not_at_all() {
+        let nope = ModelConfig {
+            nope_layers: vec![3],
+            ..ModelConfig::preset("tiny").unwrap()
+        };
+        assert_eq!(HfFamily::of(&nope), Some(HfFamily::SmolLm3));
+        let llama = ModelConfig {
+            hf_family: Some(HfFamily::Llama),
+            ..nope.clone()
+        };
+        assert_eq!(HfFamily::of(&llama), None);
+        let qk = ModelConfig {
+            qk_norm: true,
+            ..nope
+        };
+        assert_eq!(HfFamily::of(&qk), None);
+    }
 }

@@ -145,6 +145,14 @@ fn reward_tensors(family: HfFamily, loaded: &Loaded) -> Result<(HashMap<String, 
 }
 
 fn family_of(cfg: &crate::config::ModelConfig) -> Result<HfFamily> {
+    if let (Some(f), None) = (cfg.hf_family, HfFamily::of(cfg)) {
+        bail!(
+            "model.hf_family = \"{}\" has no place for model.nope_layers {:?}: only smollm3 \
+             writes layers without rotary positions",
+            f.name(),
+            cfg.nope_layers
+        );
+    }
     HfFamily::of(cfg).context(
         "this model's layout (norm, positions, MLP, biases) matches no Hugging Face family temper writes (llama, qwen2, qwen3, mistral, smollm3, gpt2)",
     )
