@@ -30,8 +30,9 @@ pub struct HfConfig {
     /// The reward bias temper's export keeps beside the classifier ([`SCORE_BIAS_FIELD`]).
     temper_score_bias: Option<f32>,
     num_labels: Option<usize>,
-    /// A classifier scores each sequence at its last token that is not this id.
-    pad_token_id: Option<u32>,
+    /// A classifier scores each sequence at its last token that is not this id (some older
+    /// configs write -1 for none).
+    pad_token_id: Option<i64>,
     vocab_size: Option<usize>,
     hidden_size: Option<usize>,
     intermediate_size: Option<usize>,
@@ -427,7 +428,7 @@ pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
     if head == Head::Score {
         // A classifier has no language-model head: its scorer reads the hidden states only.
         config.tie_word_embeddings = true;
-        config.score_pad = hf.pad_token_id;
+        config.score_pad = hf.pad_token_id.and_then(|p| u32::try_from(p).ok());
     }
     let mut tensors = HashMap::new();
     for file in weight_files(dir)? {
@@ -977,5 +978,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no_rope_layer_interval"), "{e}");
+        // Older configs write -1 for no padding id.
+        assert!(smollm3(serde_json::json!({"pad_token_id": -1})).is_ok());
     }
 }
