@@ -732,11 +732,14 @@ fn temper_to_gpt2(
     }
 }
 
-/// `config.json` for `cfg` as `family` writes it, with the tokenizer's stop, BOS and padding
-/// ids (the padding id for SmolLM3 only, whose config otherwise defaults it to an id of its
-/// own vocabulary, which a smaller one does not hold; null where it is a stop id).
+/// `config.json` for `cfg` as `family` writes it with `head` on top, with the tokenizer's
+/// stop, BOS and padding ids. The padding id is written only where it is needed: for SmolLM3,
+/// whose config otherwise defaults it to an id of its own vocabulary, which a smaller one does
+/// not hold, and for a classifier, which transformers scores at each sequence's last token
+/// that is not it (an imported one keeps its own, `ModelConfig::score_pad`).
 pub fn config_json(
     family: Family,
+    head: Head,
     cfg: &ModelConfig,
     eos: &[u32],
     bos: Option<u32>,
@@ -747,9 +750,18 @@ pub fn config_json(
         [one] => json!(one),
         many => json!(many),
     };
-    match family {
+    // Elsewhere a padding id would freeze that row of the embedding in PyTorch's training
+    // (nn.Embedding's padding_idx); none where the tokenizer pads with a stop token, whose
+    // row must train and which ends the sequences temper scores (transformers would then read
+    // a classifier one token earlier than temper does).
+    let pad_v = match eos.contains(&pad) {
+        true => serde_json::Value::Null,
+        false => json!(pad),
+    };
+    let arch = head.architecture(family);
+    let mut v = match family {
         Family::Gpt2 => json!({
-            "architectures": ["GPT2LMHeadModel"],
+            "architectures": [arch],
             "model_type": "gpt2",
             "vocab_size": cfg.vocab_size,
             "n_embd": cfg.hidden_size,
@@ -766,7 +778,6 @@ pub fn config_json(
             "torch_dtype": "float32",
         }),
         _ => {
-            let arch = Head::Lm.architecture(family);
             let ty = family.name();
             let scaling = cfg.rope_scaling.as_ref().map(|s| {
                 json!({
@@ -807,20 +818,20 @@ pub fn config_json(
                     .collect();
                 v["no_rope_layers"] = json!(flags);
                 v["mlp_bias"] = json!(false);
-                // Elsewhere a padding id would freeze that row of the embedding in
-                // PyTorch's training (nn.Embedding's padding_idx): only where it is needed,
-                // and none where the tokenizer pads with a stop token, whose row must train.
-                v["pad_token_id"] = match eos.contains(&pad) {
-                    true => serde_json::Value::Null,
-                    false => json!(pad),
-                };
+                v["pad_token_id"] = pad_v.clone();
             }
             if family == Family::Mistral {
                 v["sliding_window"] = serde_json::Value::Null;
             }
             v
         }
+    };
+    if head == Head::Score {
+        v["id2label"] = json!({"0": "LABEL_0"});
+        v["label2id"] = json!({"LABEL_0": 0});
+        v["pad_token_id"] = cfg.score_pad.map_or(pad_v, |p| json!(p));
     }
+    v
 }
 
 /// Writes `tensors` (HF names) as `model.safetensors` with the `{"format": "pt"}` metadata

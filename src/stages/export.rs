@@ -63,38 +63,29 @@ fn hf_dir(checkpoint: &Path, out: &Path) -> Result<()> {
     let loaded = read_checkpoint(checkpoint, &Device::Cpu)?;
     let cfg = &loaded.meta.model;
     let family = family_of(cfg)?;
-    let reward = loaded.meta.kind == CheckpointKind::Reward;
-    let (tensors, bias) = match reward {
-        true => reward_tensors(family, &loaded)?,
-        false => (hf::export_tensors(family, &policy_tensors(&loaded)?)?, 0.0),
+    let head = match loaded.meta.kind {
+        CheckpointKind::Policy => hf::Head::Lm,
+        CheckpointKind::Reward => hf::Head::Score,
+    };
+    let (tensors, bias) = match head {
+        hf::Head::Score => reward_tensors(family, &loaded)?,
+        hf::Head::Lm => (hf::export_tensors(family, &policy_tensors(&loaded)?)?, 0.0),
     };
     hf::write_safetensors(&out.join("model.safetensors"), &tensors)?;
     let tok = &loaded.tokenizer;
     let stops = tok.stop_ids();
-    let mut config = hf::config_json(family, cfg, &stops, tok.bos_id(), tok.pad_id());
-    if reward {
-        config["architectures"] = json!([hf::Head::Score.architecture(family)]);
-        config["id2label"] = json!({"0": "LABEL_0"});
-        config["label2id"] = json!({"LABEL_0": 0});
-        // transformers scores each sequence at its last token that is not the padding id.
-        // An imported classifier keeps its own; temper's scorer reads the last token, so a
-        // padding id that ends sequences (EOS as padding) would move transformers' reading one
-        // token earlier: then none, and transformers refuses batches of more than one (loud)
-        // instead of reading elsewhere (silent).
-        let pad = tok.pad_id();
-        config["pad_token_id"] = match cfg.score_pad {
-            Some(p) => json!(p),
-            None if stops.contains(&pad) => {
-                eprintln!(
-                    "warning: the tokenizer pads with a stop token ({pad}), which ends the \
-                     sequences temper scores: config.json names no pad_token_id, so that \
-                     transformers reads the last token as temper does (and refuses batches of \
-                     more than one)"
-                );
-                serde_json::Value::Null
-            }
-            None => json!(pad),
-        };
+    let mut config = hf::config_json(family, head, cfg, &stops, tok.bos_id(), tok.pad_id());
+    if head == hf::Head::Score {
+        // Without a padding id transformers reads the last token as temper does, and refuses
+        // batches of more than one (loud) instead of reading one token earlier (silent).
+        if config["pad_token_id"].is_null() {
+            eprintln!(
+                "warning: the tokenizer pads with a stop token ({}), which ends the sequences \
+                 temper scores: config.json names no pad_token_id, so that transformers reads \
+                 the last token as temper does (and refuses batches of more than one)",
+                tok.pad_id()
+            );
+        }
         if bias != 0.0 {
             config[hf::SCORE_BIAS_FIELD] = json!(bias);
             eprintln!(

@@ -74,18 +74,16 @@ fn import_hf(dir: &Path, device: &Device) -> Result<Loaded> {
             imp.config.vocab_size
         );
     }
+    let (stage, kind) = match imp.head {
+        hf::Head::Lm => (Stage::Pretrain, CheckpointKind::Policy),
+        hf::Head::Score => (Stage::Reward, CheckpointKind::Reward),
+    };
     Ok(Loaded {
         dir: dir.to_path_buf(),
         tokenizer_dir: dir.to_path_buf(),
         meta: CheckpointMeta {
-            stage: match imp.head {
-                hf::Head::Lm => Stage::Pretrain,
-                hf::Head::Score => Stage::Reward,
-            },
-            kind: match imp.head {
-                hf::Head::Lm => CheckpointKind::Policy,
-                hf::Head::Score => CheckpointKind::Reward,
-            },
+            stage,
+            kind,
             model: imp.config,
             lora: None,
             step: 0,
