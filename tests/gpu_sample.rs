@@ -429,38 +429,24 @@ mod gpu {
                         };
                         let (cos, sin) = (table(f32::cos), table(f32::sin));
                         let step = Tensor::new(&[len as i64, 4], &Device::Cpu).unwrap();
-                        let on_gpu = |t: &Tensor| t.to_device(dev).unwrap();
-                        let (gy, gk, gv, gs) =
-                            (on_gpu(&y), on_gpu(&kc), on_gpu(&vc), on_gpu(&step));
-                        let (gcos, gsin) = (on_gpu(&cos), on_gpu(&sin));
-                        let tables = |c: &Tensor, s: &Tensor| -> Option<(Tensor, Tensor)> {
-                            rope.then(|| (c.clone(), s.clone()))
-                        };
-                        let gt = tables(&gcos, &gsin);
-                        let ct = tables(&cos, &sin);
                         let (qg, kg) = (make(d, &[d], &mut rng), make(d, &[d], &mut rng));
-                        let (gqg, gkg) = (on_gpu(&qg), on_gpu(&kg));
-                        let gains = |q, k| norm.then_some(HeadNorm { q, k, eps: 1e-6 });
-                        let gq = qkv_write(
-                            &gy,
-                            &gk,
-                            &gv,
-                            &gs,
-                            nq,
-                            gt.as_ref().map(|(c, s)| (c, s)),
-                            gains(&gqg, &gkg),
-                        )
-                        .unwrap();
-                        let cq = qkv_write(
-                            &y,
-                            &kc,
-                            &vc,
-                            &step,
-                            nq,
-                            ct.as_ref().map(|(c, s)| (c, s)),
-                            gains(&qg, &kg),
-                        )
-                        .unwrap();
+                        // The op on `at`: q and the two caches it wrote. On the CPU the caches
+                        // are the inputs themselves, so the GPU's copies are taken first.
+                        let run = |at: &Device| {
+                            let to = |t: &Tensor| t.to_device(at).unwrap();
+                            let (kc, vc, cos, sin) = (to(&kc), to(&vc), to(&cos), to(&sin));
+                            let (qg, kg) = (to(&qg), to(&kg));
+                            let norm = norm.then_some(HeadNorm {
+                                q: &qg,
+                                k: &kg,
+                                eps: 1e-6,
+                            });
+                            let tables = rope.then_some((&cos, &sin));
+                            let q = qkv_write(&to(&y), &kc, &vc, &to(&step), nq, tables, norm);
+                            [q.unwrap(), kc, vc]
+                        };
+                        let [gq, gk, gv] = run(dev);
+                        let [cq, kc, vc] = run(&Device::Cpu);
                         assert_eq!(gq.dims(), [b, hq, 1, d], "{ctx}: q's shape");
                         for (what, g, c) in [("q", &gq, &cq), ("k", &gk, &kc), ("v", &gv, &vc)] {
                             let (g, c) = (host(g), host(c));
