@@ -64,6 +64,7 @@ fn main() -> candle_core::Result<()> {
         causal_offset: Some(0),
         key_valid: None,
         segments: None,
+        window: None,
     };
     let scale = 1.0 / (d as f64).sqrt();
     attention_reference(&q, &k, &v, &mask, scale)?;
@@ -98,6 +99,7 @@ mod cuda {
             causal_offset: Some(0),
             key_valid: None,
             segments: None,
+            window: None,
         }
     }
 
@@ -276,6 +278,7 @@ mod cuda {
             causal_offset: Some(0),
             key_valid: None,
             segments: Some(&segments),
+            window: None,
         };
         let mk = |seed: f64| -> candle_core::Result<Tensor> {
             (Tensor::randn(0f32, 1.0, (b, h, s, d), dev)? + seed)?.to_dtype(DType::BF16)
@@ -319,6 +322,7 @@ mod cuda {
                 causal_offset: Some(t - 1),
                 key_valid: None,
                 segments: None,
+                window: None,
             };
             let scale = 1.0 / (d as f64).sqrt();
             let bytes = (2 * b * hkv * t * d * 2) as f64;

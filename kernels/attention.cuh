@@ -11,8 +11,9 @@
 // (contiguous, except that the simple forward reads k and v as the first Tk positions of a
 // KV cache of kv_cap positions); lse, dvec `[B, Hq, Tq]` f32; GQA: query head hq reads kv head hq / (Hq / Hkv).
 // Query i sits at absolute position offset + i and sees key j when (not causal or
-// j <= offset + i), key j is valid and (in packed rows) j >= seg_start[i]; a row that sees no
-// key outputs zeros and lse = +inf.
+// j <= offset + i), key j is valid, (in packed rows) j >= seg_start[i] and (under a sliding
+// window, causal only) j > offset + i - window; a row that sees no key outputs zeros and
+// lse = +inf.
 // Softmax runs in the log2 domain: x = (q.k) * scale * log2(e), p = exp2(x - m).
 #pragma once
 
@@ -81,8 +82,13 @@ struct AttnParams {
   const void *q_norm;  // [D] in T: q's gains, or null (no norm)
   const void *k_norm;  // [D] in T: k's gains (with q_norm, or neither)
   float norm_eps;      // the norm's epsilon
+  // Sliding-window attention (causal): query i sees no key at or before offset + i - window;
+  // 0: no window. Read by every kernel but attn_decode_fresh (whose offset is not the query's
+  // position), through seg_lo / seg_hi.
+  int window;
+  int pad_;  // keeps the size a multiple of 8 explicitly
 };
-static_assert(sizeof(AttnParams) == 248, "AttnParams: keep in step with the Rust mirror");
+static_assert(sizeof(AttnParams) == 256, "AttnParams: keep in step with the Rust mirror");
 static_assert(alignof(AttnParams) == 8, "AttnParams: keep in step with the Rust mirror");
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -113,16 +119,35 @@ static __device__ __forceinline__ KeyRange key_range(const int *krange, int b, i
   return r;
 }
 
-// The first key query i of sequence b may see: the start of its document in a packed row,
-// else lo.
-static __device__ __forceinline__ int seg_lo(const int *seg_start, int b, int Tq, int i, int lo) {
-  return seg_start != nullptr ? max(lo, seg_start[(size_t)b * Tq + i]) : lo;
+// Where a row's keys begin and a key's queries end besides the key range and the causal
+// horizon: packed rows' documents (either pointer null without them) and a sliding window of
+// `window` keys (0: none) counted from query i's absolute position offset + i. Both bounds
+// never decrease along a row, so the first (last) row of a block bounds the whole block.
+struct Band {
+  const int *seg_start;  // [B, Tq] or null
+  const int *seg_end;    // [B, Tk] or null
+  int window;
+  int offset;
+};
+
+static __device__ __forceinline__ Band band_of(const AttnParams &p) {
+  return Band{p.seg_start, p.seg_end, p.window, p.offset};
 }
 
-// One past the last query that may see key j of sequence b: the end of its document in a
-// packed row, else hi.
-static __device__ __forceinline__ int seg_hi(const int *seg_end, int b, int Tk, int j, int hi) {
-  return seg_end != nullptr ? min(hi, seg_end[(size_t)b * Tk + j]) : hi;
+// The first key query i of sequence b may see: lo, or later the start of its document in a
+// packed row and the start of its window.
+static __device__ __forceinline__ int seg_lo(const Band &band, int b, int Tq, int i, int lo) {
+  int l = band.seg_start != nullptr ? max(lo, band.seg_start[(size_t)b * Tq + i]) : lo;
+  if (band.window > 0) l = max(l, band.offset + i - band.window + 1);
+  return l;
+}
+
+// One past the last query that may see key j of sequence b: hi, or earlier the end of its
+// document in a packed row and the last query whose window holds it.
+static __device__ __forceinline__ int seg_hi(const Band &band, int b, int Tk, int j, int hi) {
+  int h = band.seg_end != nullptr ? min(hi, band.seg_end[(size_t)b * Tk + j]) : hi;
+  if (band.window > 0) h = min(h, max(0, j + band.window - band.offset));
+  return h;
 }
 
 // The smallest query index among `nrows` consecutive rows starting at flattened row r0 of

@@ -50,14 +50,14 @@ static __device__ void bwd_dot(const T *__restrict__ o, const T *__restrict__ do
 
 // dQ, simple: warp per query row, loop over key tiles. grid/block as fwd_simple (nsplit 1).
 // dq = scale * sum_j p_ij (dp_ij - D_i) k_j with p recomputed from the saved lse. SEG: packed
-// rows (seg_start read), as fwd_simple's.
+// rows or a sliding window (the band read), as fwd_simple's.
 template <typename T, int DPL, bool SEG>
 static __device__ void bwd_dq_simple(const T *__restrict__ q, const T *__restrict__ k,
                                      const T *__restrict__ v, const T *__restrict__ dout,
                                      const float *__restrict__ lse, const float *__restrict__ dvec,
                                      const float *__restrict__ kvalid,
                                      const int *__restrict__ krange,
-                                     const int *__restrict__ seg_start, T *__restrict__ dq, int Hq,
+                                     const Band band, T *__restrict__ dq, int Hq,
                                      int Hkv, int Tq, int Tk, int D, int causal, int offset,
                                      float scale_log2, float scale) {
   constexpr int DMAX = 32 * DPL;
@@ -78,10 +78,10 @@ static __device__ void bwd_dq_simple(const T *__restrict__ q, const T *__restric
   const size_t qrow = ((size_t)b * Hq + hkv * G + g) * Tq + i;
 
   const KeyRange kr = key_range(krange, b, Tk);
-  const int row_lo = SEG ? seg_lo(seg_start, b, Tq, i, kr.lo) : kr.lo;
+  const int row_lo = SEG ? seg_lo(band, b, Tq, i, kr.lo) : kr.lo;
   const int row_hi = causal ? min(kr.hi, offset + i + 1) : kr.hi;
   const int blk_lo =
-      SEG ? seg_lo(seg_start, b, Tq, block_first_query(r0, min(nw, rows - r0), Tq), kr.lo) : kr.lo;
+      SEG ? seg_lo(band, b, Tq, block_first_query(r0, min(nw, rows - r0), Tq), kr.lo) : kr.lo;
   const int blk_hi = block_key_end(kr, r0, min(nw, rows - r0), Tq, causal, offset);
   const int ntiles = blk_hi > blk_lo ? (blk_hi - blk_lo + kSimpleKT - 1) / kSimpleKT : 0;
 
@@ -152,7 +152,8 @@ static __device__ void bwd_dq_simple(const T *__restrict__ q, const T *__restric
 
 // dK and dV, simple: warp per key row j of one kv head; loops over the query rows of every
 // head of the GQA group (tiles of 32), so the group's contributions add up in registers.
-// grid (B*Hkv, ceil(Tk / 8)), block 256. SEG: packed rows (seg_end read).
+// grid (B*Hkv, ceil(Tk / 8)), block 256. SEG: packed rows or a
+// sliding window (the band read).
 template <typename T, int DPL, bool SEG>
 static __device__ void bwd_dkdv_simple(const T *__restrict__ q, const T *__restrict__ k,
                                        const T *__restrict__ v, const T *__restrict__ dout,
@@ -160,7 +161,7 @@ static __device__ void bwd_dkdv_simple(const T *__restrict__ q, const T *__restr
                                        const float *__restrict__ dvec,
                                        const float *__restrict__ kvalid,
                                        const int *__restrict__ krange,
-                                       const int *__restrict__ seg_end, T *__restrict__ dk,
+                                       const Band band, T *__restrict__ dk,
                                        T *__restrict__ dv, int Hq, int Hkv, int Tq, int Tk, int D,
                                        int causal, int offset, float scale_log2, float scale) {
   constexpr int DMAX = 32 * DPL;
@@ -197,8 +198,8 @@ static __device__ void bwd_dkdv_simple(const T *__restrict__ q, const T *__restr
   // The first query that can see the block's first key, and in packed rows one past the
   // last that can see its last (ends never decrease along a row).
   const int i_start = causal ? max(0, j0 - offset) : 0;
-  const int i_end = !any ? 0 : SEG ? seg_hi(seg_end, b, Tk, min(j0 + nw, Tk) - 1, Tq) : Tq;
-  const int i_key_end = SEG && j < Tk ? seg_hi(seg_end, b, Tk, j, Tq) : Tq;
+  const int i_end = !any ? 0 : SEG ? seg_hi(band, b, Tk, min(j0 + nw, Tk) - 1, Tq) : Tq;
+  const int i_key_end = SEG && j < Tk ? seg_hi(band, b, Tk, j, Tq) : Tq;
   const int nqt = i_end > i_start ? (i_end - i_start + kSimpleKT - 1) / kSimpleKT : 0;
 
   for (int g = 0; g < G; ++g) {
@@ -287,7 +288,7 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
                                const T *__restrict__ v, const T *__restrict__ dout,
                                const float *__restrict__ lse, const float *__restrict__ dvec,
                                const float *__restrict__ kvalid, const int *__restrict__ krange,
-                               const int *__restrict__ seg_end, T *__restrict__ dk,
+                               const Band band, T *__restrict__ dk,
                                T *__restrict__ dv, float *__restrict__ dq_acc,
                                int Hq, int Hkv, int Tq, int Tk, int causal, int offset,
                                float scale_log2, float scale) {
@@ -324,14 +325,14 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
   const bool validB = jB >= kr.lo && jB < kr.hi && (kr.dense || kvalid[(size_t)b * Tk + jB] != 0.f);
 
   // One past the last query that sees key jA / jB: in packed rows the end of its document.
-  const int endA = jA < Tk ? seg_hi(seg_end, b, Tk, jA, Tq) : 0;
-  const int endB = jB < Tk ? seg_hi(seg_end, b, Tk, jB, Tq) : 0;
+  const int endA = jA < Tk ? seg_hi(band, b, Tk, jA, Tq) : 0;
+  const int endB = jB < Tk ? seg_hi(band, b, Tk, jB, Tq) : 0;
 
   const bool any = k0 < kr.hi && k0 + BK > kr.lo;
   // Queries from the first that sees the block's first key to the last that sees its last
   // (ends never decrease along a row).
   const int i_start = causal ? max(0, k0 - offset) : 0;
-  const int i_end = any ? seg_hi(seg_end, b, Tk, min(k0 + BK, Tk) - 1, Tq) : 0;
+  const int i_end = any ? seg_hi(band, b, Tk, min(k0 + BK, Tk) - 1, Tq) : 0;
   const int nqt = i_end > i_start ? (i_end - i_start + BQ - 1) / BQ : 0;
   const int niter = G * nqt;
 
@@ -531,18 +532,18 @@ using namespace temper::attn;
 #define BWD_DQ_SIMPLE_CALL(T, DPL, SEG)                                                        \
   bwd_dq_simple<T, DPL, SEG>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),         \
                              static_cast<const T *>(p.v), static_cast<const T *>(p.dout),      \
-                             p.lse, p.dvec, p.kvalid, p.krange, p.seg_start,                   \
+                             p.lse, p.dvec, p.kvalid, p.krange, band_of(p),                   \
                              static_cast<T *>(p.dq), p.hq, p.hkv, p.tq, p.tk, p.d, p.causal,   \
                              p.offset, p.scale_log2, p.scale)
 
 #define BWD_DKDV_SIMPLE_CALL(T, DPL, SEG)                                                      \
   bwd_dkdv_simple<T, DPL, SEG>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),       \
                                static_cast<const T *>(p.v), static_cast<const T *>(p.dout),    \
-                               p.lse, p.dvec, p.kvalid, p.krange, p.seg_end,                   \
+                               p.lse, p.dvec, p.kvalid, p.krange, band_of(p),                   \
                                static_cast<T *>(p.dk), static_cast<T *>(p.dv), p.hq, p.hkv,    \
                                p.tq, p.tk, p.d, p.causal, p.offset, p.scale_log2, p.scale)
 
-// attn_bwd_*_simple_seg_*: packed rows.
+// attn_bwd_*_simple_seg_*: packed rows or a sliding window.
 #define BWD_SIMPLE_ENTRY(T, SUF, DPL)                                                          \
   extern "C" __global__ void __launch_bounds__(256)                                            \
       attn_bwd_dq_simple_##SUF##_d##DPL(const AttnParams p) {                                  \
@@ -581,7 +582,7 @@ BWD_DTYPE(__half, f16)
 #define BWD_MMA_CALL(T, D, W)                                                                  \
   bwd_mma<T, D, W>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),                   \
                    static_cast<const T *>(p.v), static_cast<const T *>(p.dout), p.lse, p.dvec, \
-                   p.kvalid, p.krange, p.seg_end, static_cast<T *>(p.dk),                      \
+                   p.kvalid, p.krange, band_of(p), static_cast<T *>(p.dk),                      \
                    static_cast<T *>(p.dv),                                                     \
                    p.dq_acc, p.hq, p.hkv, p.tq, p.tk, p.causal, p.offset, p.scale_log2,        \
                    p.scale)

@@ -162,16 +162,21 @@ static __device__ void decode(const AttnParams &p) {
   const int rows = G * Tq;
   const KeyRange kr = key_range(p.krange, b, Tk);
 
-  // Row r is query i = r % Tq of query head hkv * G + r / Tq.
+  // Row r is query i = r % Tq of query head hkv * G + r / Tq. Under a sliding window (not in
+  // the fused step, whose offset is not the query's position) row r sees keys from row_lo[r].
   float qf[R][VEC];
-  int row_hi[R];
-  int hi = kr.lo;
+  int row_hi[R], row_lo[R];
+  int hi = kr.lo, lo = kr.hi;
+  const int window = FRESH ? 0 : p.window;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     row_hi[r] = kr.lo;  // an absent row sees nothing
+    row_lo[r] = kr.lo;
     if (r < rows) {
       const int g = r / Tq, i = r % Tq;
       row_hi[r] = p.causal ? min(kr.hi, p.offset + i + 1) : kr.hi;
+      if (window > 0) row_lo[r] = max(kr.lo, p.offset + i - window + 1);
+      lo = min(lo, row_lo[r]);
       if constexpr (FRESH) {
         fresh8<T, D>(p, b, (hkv * G + g) * D, sub, p.q_norm, true, qf[r]);  // Tq = 1: i = 0
       } else {
@@ -188,9 +193,10 @@ static __device__ void decode(const AttnParams &p) {
   }
 
   // This split's share of the keys every row may see.
-  const int span = max(hi - kr.lo, 0);
+  lo = min(lo, hi);
+  const int span = max(hi - lo, 0);
   const int per = (span + gridDim.z - 1) / gridDim.z;
-  const int k_begin = kr.lo + blockIdx.z * per;
+  const int k_begin = lo + blockIdx.z * per;
   const int k_end = min(hi, k_begin + per);
   const size_t kvbase = ((size_t)b * Hkv + hkv) * (p.kv_cap > 0 ? p.kv_cap : Tk);
 
@@ -281,7 +287,7 @@ static __device__ void decode(const AttnParams &p) {
       for (int r = 0; r < R; ++r) {
         if (r >= rows) continue;  // the same for the whole block: the shuffles stay converged
         float s = group_dot<L>(qf[r], kf);
-        const bool vis = valid[u] && j[u] < row_hi[r];
+        const bool vis = valid[u] && j[u] < row_hi[r] && (window == 0 || j[u] >= row_lo[r]);
         if (!vis) s = neg_inf();
         const float m_new = fmaxf(m[r], s);
         const float ref = m_new == neg_inf() ? 0.f : m_new;

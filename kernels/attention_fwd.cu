@@ -41,8 +41,8 @@ namespace attn {
 // ---------------------------------------------------------------------------------------
 // Forward. grid (B*Hkv, ceil(G*Tq / rows), nsplit), block 32 * rows threads. With nsplit > 1
 // each z-slice handles a contiguous share of the key tiles and writes normalised partial
-// outputs and their lse (-inf when empty) for attn_combine. SEG: packed rows (seg_start read),
-// entry points attn_fwd_simple_seg_*. A template argument rather than a run-time test, and
+// outputs and their lse (-inf when empty) for attn_combine. SEG: packed rows or a sliding
+// window (the band read), entry points attn_fwd_simple_seg_*. A template argument rather than a run-time test, and
 // those entry points bounded at 4 blocks an SM: with the row's lower bound held across the
 // loop, ptxas aimed some of them at 32 registers and spilled (scripts/ptxas-report.sh), and
 // the kernels without segments keep the code they had.
@@ -51,7 +51,7 @@ static __device__ void fwd_simple(const T *__restrict__ q, const T *__restrict__
                                   const T *__restrict__ v, T *__restrict__ o,
                                   float *__restrict__ lse, const float *__restrict__ kvalid,
                                   const int *__restrict__ krange, float *__restrict__ opart,
-                                  float *__restrict__ lsepart, const int *__restrict__ seg_start,
+                                  float *__restrict__ lsepart, const Band band,
                                   int Hq, int Hkv, int Tq, int Tk, int KvCap, int D, int causal,
                                   int offset, float scale_log2) {
   constexpr int DMAX = 32 * DPL;
@@ -74,10 +74,10 @@ static __device__ void fwd_simple(const T *__restrict__ q, const T *__restrict__
   const size_t qrow = ((size_t)b * Hq + hkv * G + g) * Tq + i;
 
   const KeyRange kr = key_range(krange, b, Tk);
-  const int row_lo = SEG ? seg_lo(seg_start, b, Tq, i, kr.lo) : kr.lo;
+  const int row_lo = SEG ? seg_lo(band, b, Tq, i, kr.lo) : kr.lo;
   const int row_hi = causal ? min(kr.hi, offset + i + 1) : kr.hi;
   const int blk_lo =
-      SEG ? seg_lo(seg_start, b, Tq, block_first_query(r0, min(nw, rows - r0), Tq), kr.lo) : kr.lo;
+      SEG ? seg_lo(band, b, Tq, block_first_query(r0, min(nw, rows - r0), Tq), kr.lo) : kr.lo;
   const int blk_hi = block_key_end(kr, r0, min(nw, rows - r0), Tq, causal, offset);
   const int ntiles = blk_hi > blk_lo ? (blk_hi - blk_lo + kSimpleKT - 1) / kSimpleKT : 0;
   const int per = (ntiles + gridDim.z - 1) / gridDim.z;
@@ -172,7 +172,7 @@ template <typename T, int D, int MT>
 static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
                                const T *__restrict__ v, T *__restrict__ o,
                                float *__restrict__ lse, const float *__restrict__ kvalid,
-                               const int *__restrict__ krange, const int *__restrict__ seg_start,
+                               const int *__restrict__ krange, const Band band,
                                int Hq, int Hkv, int Tq, int Tk, int causal, int offset,
                                float scale_log2) {
   using Tiles = MmaFwdTraits<D, MT>;
@@ -206,8 +206,8 @@ static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
   // rows keys below klo to none (starts never decrease along a row) and keys below kseg to
   // some rows only.
   const int kfull = causal ? min(kr.hi, offset + q0 + 1) : kr.hi;
-  const int klo = seg_lo(seg_start, b, Tq, q0, kr.lo);
-  const int kseg = seg_lo(seg_start, b, Tq, q_last, kr.lo);
+  const int klo = seg_lo(band, b, Tq, q0, kr.lo);
+  const int kseg = seg_lo(band, b, Tq, q_last, kr.lo);
   const int ntiles = kend > klo ? (kend - klo + BK - 1) / BK : 0;
 
   // Tile mt of this warp holds rows rowA(mt) (lane's g) and rowA(mt) + 8; each row sees keys
@@ -321,7 +321,7 @@ static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
             const int j = k0 + jj;
             const int row = rowA(mt) + (e < 2 ? 0 : 8);
             const bool ok = j < horizon(row) && (kr.dense || sM[st * BK + jj] != 0.f) &&
-                            (k0 >= kseg || j >= seg_lo(seg_start, b, Tq, min(row, Tq - 1), 0));
+                            (k0 >= kseg || j >= seg_lo(band, b, Tq, min(row, Tq - 1), 0));
             if (!ok) x = neg_inf();
           }
           s[mt][n][e] = x;
@@ -435,7 +435,7 @@ using namespace temper::attn;
 #define FWD_SIMPLE_CALL(T, DPL, SEG)                                                          \
     fwd_simple<T, DPL, SEG>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),         \
                        static_cast<const T *>(p.v), static_cast<T *>(p.o), p.lse, p.kvalid,   \
-                       p.krange, p.opart, p.lsepart, p.seg_start, p.hq, p.hkv, p.tq, p.tk,    \
+                       p.krange, p.opart, p.lsepart, band_of(p), p.hq, p.hkv, p.tq, p.tk,    \
                        p.kv_cap > 0 ? p.kv_cap : p.tk, p.d, p.causal, p.offset, p.scale_log2)
 
 #define FWD_SIMPLE_ENTRY(T, SUF, DPL)                                                         \
@@ -463,7 +463,7 @@ FWD_SIMPLE_DTYPE(__half, f16)
 #define FWD_MMA_CALL(T, D, MT)                                                                 \
   fwd_mma<T, D, MT>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),                  \
                     static_cast<const T *>(p.v), static_cast<T *>(p.o), p.lse, p.kvalid,       \
-                    p.krange, p.seg_start, p.hq, p.hkv, p.tq, p.tk, p.causal, p.offset,        \
+                    p.krange, band_of(p), p.hq, p.hkv, p.tq, p.tk, p.causal, p.offset,        \
                     p.scale_log2)
 
 // attn_fwd_mma_*: 64-row blocks (one mma tile per warp); attn_fwd_mma2_*: 128-row blocks.

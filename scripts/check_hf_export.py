@@ -5,8 +5,8 @@
 
 Exports each fixture of tests/fixtures/hf with `temper export --format hf` into OUT_DIR, loads
 it with `AutoModelForCausalLM.from_pretrained`, and compares its logits with the fixture's
-expected.json (recorded from the original model). Then it fine-tunes the llama, qwen3 and
-smollm3 fixtures with LoRA for a few steps, exports the merged model and the adapter (`--format peft`),
+expected.json (recorded from the original model; the mistral and qwen2 fixtures slide a window
+of 4 positions). Then it fine-tunes the llama, qwen2, qwen3 and smollm3 fixtures with LoRA for a few steps, exports the merged model and the adapter (`--format peft`),
 and checks that `PeftModel.from_pretrained(base, adapter)` gives the merged model's logits; and
 the llama_rm reward model, exported, scores as the original under
 `AutoModelForSequenceClassification`. Needs the
@@ -62,7 +62,7 @@ def main(out):
     with open(data, "w") as f:
         for i in range(40):
             f.write(json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) + "\n")
-    for fam in ["llama", "qwen3", "smollm3"]:
+    for fam in ["llama", "qwen2", "qwen3", "smollm3"]:
         sft = os.path.join(out, f"sft-{fam}")
         temper("sft", "--init", os.path.join(ROOT, "tests/fixtures/hf", fam), "--data", data, "--out", sft,
                "--steps", "30", "--lora-rank", "4", "--lora-targets", "q,k,v,o", "--device", "cpu")

@@ -335,7 +335,8 @@ def main(only):
              dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>"),
              LLAMA3_TEMPLATE, dict(bos_token_id=bot, eos_token_id=eot_text), [eot_text, eot_id])
 
-    # --- qwen2 (ChatML; q/k/v biases; tied embeddings)
+    # --- qwen2 (ChatML; q/k/v biases; tied embeddings; a sliding window of 4 positions in
+    # the second layer, the first below max_window_layers)
     qwen_specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = build_tokenizer([], qwen_specials)
     eot, _, im_end = (tok.token_to_id(t) for t in qwen_specials)
@@ -343,7 +344,7 @@ def main(only):
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=MAX_POS,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        tie_word_embeddings=True, use_sliding_window=False,
+        tie_word_embeddings=True, use_sliding_window=True, sliding_window=4, max_window_layers=1,
         bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot,
     )
     if "qwen2" in only:
@@ -376,12 +377,13 @@ def main(only):
         make("smollm3", cfg, tok, dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
              CHATML_TEMPLATE, dict(bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot), im_end)
 
-    # --- mistral (head_dim 16 != hidden/heads = 8; <unk>,<s>,</s> at ids 0,1,2)
+    # --- mistral (head_dim 16 != hidden/heads = 8; <unk>,<s>,</s> at ids 0,1,2; a sliding
+    # window of 4 positions, shorter than both test sequences and the greedy run)
     tok = build_tokenizer(["<unk>", "<s>", "</s>"], [], bos="<s>")
     s, es = tok.token_to_id("<s>"), tok.token_to_id("</s>")
     cfg = MistralConfig(
         **common, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=MAX_POS, sliding_window=None,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=MAX_POS, sliding_window=4,
         bos_token_id=s, eos_token_id=es,
     )
     if "mistral" in only:

@@ -75,6 +75,8 @@ mod gpu {
         d: usize,
         causal: Option<usize>,
         pad: Pad,
+        /// A sliding window (causal cases only).
+        window: Option<usize>,
     }
 
     const fn case(
@@ -92,6 +94,14 @@ mod gpu {
             d,
             causal,
             pad,
+            window: None,
+        }
+    }
+
+    const fn windowed(c: Case, w: usize) -> Case {
+        Case {
+            window: Some(w),
+            ..c
         }
     }
 
@@ -111,6 +121,14 @@ mod gpu {
         case((3, 4, 1), (150, 150, 128), Some(0), Pad::Holes),
         // Several 128-row blocks at D = 64 (the wide forward's heaviest-first order, q0 > 0).
         case((2, 2, 1), (301, 301, 64), Some(0), Pad::Right),
+        // Sliding windows: band edges across every tile, a split decode over a long cache, the
+        // CUDA-core kernels at an odd head dim, left padding inside the window.
+        windowed(case((3, 4, 1), (77, 77, 64), Some(0), Pad::Right), 20),
+        windowed(case((2, 2, 1), (301, 301, 64), Some(0), Pad::None), 100),
+        windowed(case((2, 2, 2), (130, 130, 128), Some(0), Pad::Left), 37),
+        windowed(case((1, 8, 2), (5, 1000, 128), Some(995), Pad::None), 300),
+        windowed(case((3, 4, 1), (1, 301, 64), Some(300), Pad::Left), 64),
+        windowed(case((2, 6, 3), (97, 97, 96), Some(0), Pad::Left), 33),
     ];
 
     /// `[B, Tk]` validity: heavy padding (down to a handful of valid keys), or none.
@@ -191,11 +209,13 @@ mod gpu {
                     causal_offset: c.causal,
                     key_valid: inp.valid.as_ref().map(|v| &v.0),
                     segments: None,
+                    window: c.window,
                 };
                 let mask_c = AttnMask {
                     causal_offset: c.causal,
                     key_valid: inp.valid.as_ref().map(|v| &v.1),
                     segments: None,
+                    window: c.window,
                 };
                 let y_ref =
                     attention::attention_reference(&inp.q.1, &inp.k.1, &inp.v.1, &mask_c, scale)
@@ -229,6 +249,7 @@ mod gpu {
                     causal_offset: c.causal,
                     key_valid: inp.valid.as_ref().map(|v| &v.1),
                     segments: None,
+                    window: c.window,
                 };
                 let (qc, kc, vc) = (
                     Var::from_tensor(&inp.q.1).unwrap(),
@@ -252,6 +273,7 @@ mod gpu {
                         causal_offset: c.causal,
                         key_valid: inp.valid.as_ref().map(|v| &v.0),
                         segments: None,
+                        window: c.window,
                     };
                     let y = attention_with(&qg, &kg, &vg, &mask_g, scale, imp)
                         .unwrap()
@@ -318,6 +340,7 @@ mod gpu {
                     causal_offset: Some(0),
                     key_valid: None,
                     segments: Some(&segments),
+                    window: None,
                 };
                 let scale = 1.0 / (c.d as f64).sqrt();
                 let vars = |x: &(Tensor, Tensor), on_gpu: bool| {
@@ -373,11 +396,13 @@ mod gpu {
             causal_offset: c.causal,
             key_valid: inp.valid.as_ref().map(|v| &v.0),
             segments: None,
+            window: None,
         };
         let mask_c = AttnMask {
             causal_offset: c.causal,
             key_valid: inp.valid.as_ref().map(|v| &v.1),
             segments: None,
+            window: None,
         };
         let y = attention::attention(
             &inp.q.0,

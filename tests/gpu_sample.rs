@@ -246,6 +246,7 @@ mod gpu {
                         causal_offset: causal,
                         key_valid: Some(&cpu_valid),
                         segments: None,
+                        window: None,
                     };
                     let want =
                         attention_reference(&host(&q), &host(&k), &host(&v), &cpu_mask, 0.125)
@@ -254,6 +255,7 @@ mod gpu {
                         causal_offset: causal,
                         key_valid: Some(&valid),
                         segments: None,
+                        window: None,
                     };
                     for imp in [AttnImpl::Auto, AttnImpl::Simple] {
                         let ctx = format!(
@@ -534,6 +536,7 @@ mod gpu {
                     causal_offset: Some(cap - 1),
                     key_valid: Some(&valid),
                     segments: None,
+                    window: None,
                 };
                 let step = Tensor::new(&[len as i64, 3], dev).unwrap();
                 let scale = 1.0 / (d as f64).sqrt();

@@ -1375,9 +1375,15 @@ mod curves {
     /// `preset` (GPT-2's or Llama's shape) at 2 layers of 256, 4 heads, a 512-token
     /// vocabulary (a multiple of 8, so the LM head's GEMM takes cuBLASLt too), context 128.
     /// `qwen3` is Llama's with Qwen3's per-head norms of q and k and heads of 128, wider than
-    /// hidden / heads as Qwen3's are.
+    /// hidden / heads as Qwen3's are; `mistral` is Llama's with a sliding window of 24 positions
+    /// in its first layer (the second sees everything).
     pub fn small(preset: &str) -> ModelConfig {
         let mut cfg = match preset {
+            "mistral" => ModelConfig {
+                sliding_window: Some(24),
+                full_attention_layers: vec![1],
+                ..ModelConfig::preset("llama-tiny").unwrap()
+            },
             "qwen3" => ModelConfig {
                 qk_norm: true,
                 head_dim: Some(128),
@@ -1545,7 +1551,7 @@ mod tape {
             let x = x.to_dtype(DType::F32).unwrap();
             x.flatten_all().unwrap().to_vec1().unwrap()
         };
-        for preset in ["gpt2", "llama-tiny", "qwen3"] {
+        for preset in ["gpt2", "llama-tiny", "qwen3", "mistral"] {
             for lora in [false, true] {
                 let (l1, g1, full) = grads(dev, preset, lora, (true, false), DType::BF16);
                 let (l0, g0, _) = grads(dev, preset, lora, (false, false), DType::BF16);

@@ -229,7 +229,7 @@ fn bad_configs_and_tensors_fail_naming_the_file() {
         "{e}"
     );
     let window = broken("mistral", &p(d.path(), "b"), |c, _| {
-        c["sliding_window"] = 16.into()
+        c["sliding_window"] = 0.into()
     });
     let e = sft_err(&window, d.path());
     assert!(
@@ -237,11 +237,11 @@ fn bad_configs_and_tensors_fail_naming_the_file() {
         "{e}"
     );
     let layers = broken("qwen3", &p(d.path(), "f"), |c, _| {
-        c["layer_types"] = serde_json::json!(["sliding_attention", "full_attention"])
+        c["layer_types"] = serde_json::json!(["chunked_attention", "full_attention"])
     });
     let e = sft_err(&layers, d.path());
     assert!(
-        e.contains("config.json") && e.contains("layer_types") && e.contains("sliding_attention"),
+        e.contains("config.json") && e.contains("layer_types") && e.contains("chunked_attention"),
         "{e}"
     );
     let flags = broken("smollm3", &p(d.path(), "h"), |c, _| {

@@ -51,6 +51,15 @@ pub struct ModelConfig {
     /// every fourth there); empty for every other model.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub nope_layers: Vec<usize>,
+    /// Sliding-window attention (Mistral's `sliding_window`): a query sees itself and the
+    /// `sliding_window - 1` positions before it, in every layer but `full_attention_layers`;
+    /// none: every layer sees the whole context.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// Layers (0-based) that see the whole context although `sliding_window` is set (Qwen2's
+    /// first `max_window_layers`); empty: every layer slides.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub full_attention_layers: Vec<usize>,
     /// Width of one attention head; none means `hidden_size / num_attention_heads`.
     pub head_dim: Option<usize>,
     /// Rotary frequency scaling for long contexts (Llama 3's `rope_scaling`).
@@ -95,10 +104,17 @@ impl HfFamily {
     /// temper's own models); none for a layout no family has.
     pub fn of(cfg: &ModelConfig) -> Option<Self> {
         if let Some(f) = cfg.hf_family {
-            // Only SmolLM3 writes layers without rotary positions: elsewhere they would be lost.
+            // Only SmolLM3 writes layers without rotary positions, and Mistral's window is
+            // every layer's: elsewhere they would be lost.
             let keeps_nope = cfg.nope_layers.is_empty() || f == HfFamily::SmolLm3;
-            return keeps_nope.then_some(f);
+            let keeps_window = match f {
+                HfFamily::Qwen2 | HfFamily::Qwen3 | HfFamily::SmolLm3 => true,
+                HfFamily::Mistral => cfg.full_attention_layers.is_empty(),
+                HfFamily::Llama | HfFamily::Gpt2 => cfg.sliding_window.is_none(),
+            };
+            return (keeps_nope && keeps_window).then_some(f);
         }
+        let windowed = cfg.sliding_window.is_some();
         let llama_like = cfg.norm == NormKind::RmsNorm
             && cfg.position == PositionKind::Rope
             && cfg.mlp == MlpKind::SwiGlu
@@ -111,15 +127,21 @@ impl HfFamily {
             && !cfg.qk_norm
             && cfg.nope_layers.is_empty()
             && cfg.tie_word_embeddings
+            && !windowed
         {
             Some(HfFamily::Gpt2)
-        } else if !cfg.nope_layers.is_empty() {
-            // Only SmolLM3 has layers without rotary positions.
+        } else if !cfg.nope_layers.is_empty()
+            || (windowed && !cfg.full_attention_layers.is_empty() && !cfg.qk_norm && !cfg.qkv_bias)
+        {
+            // Only SmolLM3 has layers without rotary positions, and of Llama's layout only it
+            // slides some layers and not others.
             (llama_like && !cfg.qk_norm && !cfg.qkv_bias).then_some(HfFamily::SmolLm3)
         } else if llama_like && cfg.qk_norm {
             (!cfg.qkv_bias).then_some(HfFamily::Qwen3)
         } else if llama_like && cfg.qkv_bias {
             Some(HfFamily::Qwen2)
+        } else if llama_like && windowed {
+            Some(HfFamily::Mistral)
         } else if llama_like {
             Some(HfFamily::Llama)
         } else {
@@ -201,6 +223,8 @@ impl ModelConfig {
             qkv_bias: false,
             qk_norm: false,
             nope_layers: Vec::new(),
+            sliding_window: None,
+            full_attention_layers: Vec::new(),
             head_dim: None,
             rope_scaling: None,
             dropout: 0.0,
@@ -229,6 +253,8 @@ impl ModelConfig {
                 qkv_bias: false,
                 qk_norm: false,
                 nope_layers: Vec::new(),
+                sliding_window: None,
+                full_attention_layers: Vec::new(),
                 head_dim: None,
                 rope_scaling: None,
                 dropout: 0.0,
@@ -242,6 +268,13 @@ impl ModelConfig {
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// The attention window of `layer`: `sliding_window` unless the layer is one of
+    /// `full_attention_layers`.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window
+            .filter(|_| !self.full_attention_layers.contains(&layer))
     }
 
     /// Number of parameters of the model (as u128: a mistyped size must not overflow).
@@ -334,6 +367,22 @@ impl ModelConfig {
         if !self.nope_layers.is_empty() && self.position != PositionKind::Rope {
             bail!("model.nope_layers needs rotary positions (position = \"rope\") elsewhere");
         }
+        if self.sliding_window == Some(0) {
+            bail!("model.sliding_window must be at least 1 (the query itself)");
+        }
+        if let Some(&l) = self
+            .full_attention_layers
+            .iter()
+            .find(|&&l| l >= self.num_hidden_layers)
+        {
+            bail!(
+                "model.full_attention_layers names layer {l} of a model with {} layers",
+                self.num_hidden_layers
+            );
+        }
+        if !self.full_attention_layers.is_empty() && self.sliding_window.is_none() {
+            bail!("model.full_attention_layers needs model.sliding_window for the other layers");
+        }
         if self.rms_norm_eps <= 0.0 || self.rope_theta <= 0.0 {
             bail!("model.rms_norm_eps and model.rope_theta must be positive");
         }
@@ -395,6 +444,72 @@ mod tests {
             ..ModelConfig::preset("gpt2").unwrap()
         };
         assert!(c.validate().unwrap_err().to_string().contains("rotary"));
+    }
+
+    /// A sliding window exports with a family that writes it: Mistral's where every layer
+    /// slides, SmolLM3's (or Qwen's) where some do not; never Llama's or GPT-2's.
+    #[test]
+    fn sliding_windows_export_with_a_family_that_keeps_them() {
+        let all = ModelConfig {
+            sliding_window: Some(8),
+            ..ModelConfig::preset("tiny").unwrap()
+        };
+        all.validate().unwrap();
+        assert_eq!(HfFamily::of(&all), Some(HfFamily::Mistral));
+        let some = ModelConfig {
+            full_attention_layers: vec![0, 3],
+            ..all.clone()
+        };
+        assert_eq!(HfFamily::of(&some), Some(HfFamily::SmolLm3));
+        let qwen = ModelConfig {
+            qkv_bias: true,
+            ..some.clone()
+        };
+        assert_eq!(HfFamily::of(&qwen), Some(HfFamily::Qwen2));
+        for (f, keeps) in [
+            (HfFamily::Mistral, false),
+            (HfFamily::Llama, false),
+            (HfFamily::Qwen3, true),
+        ] {
+            let cfg = ModelConfig {
+                hf_family: Some(f),
+                ..some.clone()
+            };
+            assert_eq!(HfFamily::of(&cfg), keeps.then_some(f), "{f:?}");
+        }
+        let gpt2 = ModelConfig {
+            sliding_window: Some(8),
+            ..ModelConfig::preset("gpt2").unwrap()
+        };
+        assert_eq!(HfFamily::of(&gpt2), None);
+        for (bad, field) in [
+            (
+                ModelConfig {
+                    sliding_window: Some(0),
+                    ..all.clone()
+                },
+                "sliding_window",
+            ),
+            (
+                ModelConfig {
+                    full_attention_layers: vec![4],
+                    ..all.clone()
+                },
+                "layer 4",
+            ),
+            (
+                ModelConfig {
+                    sliding_window: None,
+                    ..some.clone()
+                },
+                "needs model.sliding_window",
+            ),
+        ] {
+            let e = bad.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
+        assert_eq!(some.layer_window(0), None);
+        assert_eq!(some.layer_window(1), Some(8));
     }
 
     /// A model with NoPE layers exports as SmolLM3, the one family that writes them, even

@@ -93,8 +93,16 @@ pub fn generate(
         mask,
         until: cfg.min_new_tokens as u64,
     });
-    let graph = replays_graph(cfg.engine.decode, &ctx, &dev);
-    let fixed_shapes = graph || cfg.engine.decode == DecodeMode::Fixed;
+    // A fixed-shape step reads the whole cache with its query placed at the last position
+    // (the key mask hiding the unwritten ones), so a sliding window, which counts back from
+    // the query's true position, would hide the wrong keys: where one can hide a key the
+    // steps take dynamic shapes.
+    let window_binds = net
+        .cfg
+        .sliding_window
+        .is_some_and(|w| longest + cfg.max_new_tokens > w);
+    let graph = !window_binds && replays_graph(cfg.engine.decode, &ctx, &dev);
+    let fixed_shapes = graph || (!window_binds && cfg.engine.decode == DecodeMode::Fixed);
     let mut fixed: Option<StaticStep> = None;
     // One fixed-shape step (a graph replay where it can), counted.
     let fixed_step = |step: &mut StaticStep, cache: &mut KvCache, stats: &mut GenStats| {

@@ -2,8 +2,9 @@
 //! masking (a query offset for the KV-cache decode path), per-sequence key padding and GQA.
 //!
 //! Contract shared by the reference and the CUDA kernel: query `i` sits at absolute position
-//! `offset + i` and may see key `j` when `j <= offset + i` (if causal) and key `j` is valid; a
-//! query row that can see no key at all (a left-padding position) outputs zeros.
+//! `offset + i` and may see key `j` when `j <= offset + i` (if causal), `j > offset + i - w`
+//! (under a sliding window of `w`) and key `j` is valid; a query row that can see no key at
+//! all (a left-padding position) outputs zeros.
 
 use candle_core::{DType, Result, Tensor, D};
 
@@ -20,9 +21,24 @@ pub struct AttnMask<'a> {
     pub key_valid: Option<&'a Tensor>,
     /// Document boundaries of packed rows.
     pub segments: Option<&'a Segments>,
+    /// A sliding window (causal only): query `i` sees no key at or before `offset + i - w`.
+    /// Positions are key indices, so a left-padded row counts its padding, as transformers
+    /// counts cache positions.
+    pub window: Option<usize>,
 }
 
 impl AttnMask<'_> {
+    /// A sliding window counts back from a causal query's position and holds the query.
+    pub fn check_window(&self) -> Result<()> {
+        match (self.window, self.causal_offset) {
+            (Some(0), _) => candle_core::bail!("attention: a sliding window of 0 keys"),
+            (Some(_), None) => {
+                candle_core::bail!("attention: a sliding window needs a causal mask")
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Segments apply to a full causal forward over one packed row per sequence: refuse them
     /// anywhere else rather than mask the wrong keys.
     pub fn check_segments(&self, b: usize, tq: usize, tk: usize) -> Result<()> {
@@ -151,10 +167,14 @@ pub fn allowed_mask(
     tk: usize,
     dev: &candle_core::Device,
 ) -> Result<Option<Tensor>> {
+    mask.check_window()?;
     let causal = match mask.causal_offset {
         Some(offset) => {
+            let w = mask.window;
+            let seen =
+                move |i: usize, j: usize| j <= offset + i && w.is_none_or(|w| j + w > offset + i);
             let rows: Vec<f32> = (0..tq)
-                .flat_map(|i| (0..tk).map(move |j| if j <= offset + i { 1.0 } else { 0.0 }))
+                .flat_map(|i| (0..tk).map(move |j| if seen(i, j) { 1.0 } else { 0.0 }))
                 .collect();
             Some(Tensor::from_vec(rows, (1, 1, tq, tk), dev)?)
         }
@@ -244,6 +264,7 @@ mod tests {
             causal_offset: Some(0),
             key_valid: None,
             segments: None,
+            window: None,
         };
         let y = attention_reference(&q, &k, &v, &m, 1.0).unwrap();
         assert!((y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] - 4.0).abs() < 1e-6);
@@ -253,6 +274,7 @@ mod tests {
             causal_offset: None,
             key_valid: Some(&valid),
             segments: None,
+            window: None,
         };
         let y = attention_reference(&q, &k, &v, &m, 1.0).unwrap();
         assert!((y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] - 8.0).abs() < 1e-6);
@@ -260,6 +282,7 @@ mod tests {
             causal_offset: Some(0),
             key_valid: Some(&valid),
             segments: None,
+            window: None,
         };
         let y = attention_reference(&q, &k, &v, &m, 1.0).unwrap();
         assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0], 0.0);
@@ -278,12 +301,14 @@ mod tests {
             causal_offset: Some(0),
             key_valid: None,
             segments: Some(&segments),
+            window: None,
         };
         let y = attention_reference(&q, &k, &v, &packed, 0.3).unwrap();
         let alone = AttnMask {
             causal_offset: Some(0),
             key_valid: None,
             segments: None,
+            window: None,
         };
         // Each document (and each row's padding) gives what it gives on its own.
         for (b, row) in docs.iter().enumerate() {
@@ -306,6 +331,63 @@ mod tests {
         assert!(attention_reference(&q, &k, &v, &cached, 0.3).is_err());
     }
 
+    /// Under a window of w, each query attends exactly as it would over its last w keys
+    /// alone, at any cache offset; a window without a causal mask, or of no keys, is refused.
+    #[test]
+    fn a_sliding_window_is_attention_over_each_querys_last_keys() {
+        let dev = Device::Cpu;
+        let (tq, offset, w) = (9, 4, 3);
+        let tk = offset + tq;
+        let q = Tensor::randn(0f32, 1.0, (2, 4, tq, 8), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (2, 2, tk, 8), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (2, 2, tk, 8), &dev).unwrap();
+        let windowed = AttnMask {
+            causal_offset: Some(offset),
+            key_valid: None,
+            segments: None,
+            window: Some(w),
+        };
+        let y = attention_reference(&q, &k, &v, &windowed, 0.3).unwrap();
+        let full = AttnMask {
+            window: None,
+            causal_offset: None,
+            ..windowed
+        };
+        for i in 0..tq {
+            let end = offset + i + 1;
+            let keys = |x: &Tensor| x.narrow(2, end - w, w).unwrap();
+            let qi = q.narrow(2, i, 1).unwrap();
+            let want = attention_reference(&qi, &keys(&k), &keys(&v), &full, 0.3).unwrap();
+            let diff = (y.narrow(2, i, 1).unwrap() - want).unwrap().abs().unwrap();
+            let diff = diff.max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-6, "query {i}: {diff}");
+        }
+        let unwindowed = attention_reference(
+            &q,
+            &k,
+            &v,
+            &AttnMask {
+                window: None,
+                ..windowed
+            },
+            0.3,
+        );
+        let moved = (unwindowed.unwrap() - &y).unwrap().abs().unwrap();
+        assert!(moved.max_all().unwrap().to_scalar::<f32>().unwrap() > 1e-3);
+        for bad in [
+            AttnMask {
+                causal_offset: None,
+                ..windowed
+            },
+            AttnMask {
+                window: Some(0),
+                ..windowed
+            },
+        ] {
+            assert!(attention_reference(&q, &k, &v, &bad, 0.3).is_err());
+        }
+    }
+
     #[test]
     fn gqa_equals_repeated_heads() {
         let dev = Device::Cpu;
@@ -316,6 +398,7 @@ mod tests {
             causal_offset: Some(0),
             key_valid: None,
             segments: None,
+            window: None,
         };
         let a = attention_reference(&q, &k, &v, &m, 0.3).unwrap();
         let k2 = repeat_kv(&k, 2).unwrap();

@@ -26,6 +26,8 @@ pub struct Attention {
     qk_norm: Option<QkNorm>,
     /// Whether this layer rotates q and k (false: one of SmolLM3's NoPE layers).
     rotary: bool,
+    /// This layer's sliding window (`ModelConfig::layer_window`).
+    window: Option<usize>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -86,6 +88,7 @@ impl Attention {
                 false => None,
             },
             rotary: !cfg.nope_layers.contains(&index),
+            window: cfg.layer_window(index),
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
             head_dim: hd,
@@ -178,12 +181,13 @@ impl Attention {
         self.project(&y, ctx)
     }
 
-    /// Causal at the inputs' offset, under their key mask.
+    /// Causal at the inputs' offset, under their key mask, within this layer's window.
     fn mask<'a>(&self, inp: &AttnInputs<'a>) -> AttnMask<'a> {
         AttnMask {
             causal_offset: Some(inp.offset),
             key_valid: inp.key_valid,
             segments: inp.segments,
+            window: self.window,
         }
     }
 

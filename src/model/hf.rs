@@ -2,8 +2,9 @@
 //! struct, then converted to [`ModelConfig`]), `model.safetensors` or shards listed in
 //! `model.safetensors.index.json` (memory-mapped, read tensor by tensor), for the families
 //! `llama` (Llama 3's `rope_scaling` included), `qwen2` (bias on q/k/v), `qwen3` (RMSNorm of
-//! each head's q and k), `mistral`, `smollm3` (Llama's layout with every fourth layer's
-//! rotary positions left out) and `gpt2`
+//! each head's q and k), `mistral` (a sliding window), `smollm3` (Llama's layout with every
+//! fourth layer's rotary positions left out) and `gpt2`; sliding windows where the family has
+//! them (`sliding_window`, `use_sliding_window`, `max_window_layers`, `layer_types`)
 //! (Conv1D weights stored `[in, out]`, q/k/v fused in `c_attn`, learned positions). Names are
 //! translated both ways, so `export --format hf` writes back exactly what was read.
 
@@ -52,6 +53,9 @@ pub struct HfConfig {
     hidden_act: Option<String>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
+    /// Qwen2 and Qwen3: the layers below this one see the whole context (where `layer_types`
+    /// does not say).
+    max_window_layers: Option<usize>,
     /// Per layer, `full_attention` or `sliding_attention` (transformers 5).
     layer_types: Option<Vec<String>>,
     /// SmolLM3: per layer, 1 where it takes rotary positions, 0 where not (NoPE); without it,
@@ -209,33 +213,14 @@ impl HfConfig {
             return Err(at.refuse("mlp_bias", "MLP biases are not implemented"));
         }
         let ctx = at.need(self.max_position_embeddings, "max_position_embeddings")?;
-        let window = match family {
-            Family::Qwen2 | Family::Qwen3 | Family::SmolLm3 => self
-                .sliding_window
-                .filter(|_| self.use_sliding_window == Some(true)),
-            _ => self.sliding_window,
-        };
-        if let Some(w) = window.filter(|&w| w < ctx) {
-            return Err(at.refuse(
-                "sliding_window",
-                format!(
-                    "a window of {w} tokens, shorter than the context of {ctx}, is not implemented"
-                ),
-            ));
-        }
-        if let Some(t) = self
-            .layer_types
-            .iter()
-            .flatten()
-            .find(|t| *t != "full_attention")
-        {
-            return Err(at.refuse(
-                "layer_types",
-                format!("`{t}` layers are not implemented (only full_attention is)"),
-            ));
-        }
         let heads = at.need(self.num_attention_heads, "num_attention_heads")?;
         let layers = at.need(self.num_hidden_layers, "num_hidden_layers")?;
+        let nope_layers = match family {
+            Family::SmolLm3 => self.nope_layers(path, layers)?,
+            _ => Vec::new(),
+        };
+        let (sliding_window, full_attention_layers) =
+            self.windows(path, family, layers, ctx, &nope_layers)?;
         Ok(ModelConfig {
             vocab_size: at.need(self.vocab_size, "vocab_size")?,
             hidden_size: at.need(self.hidden_size, "hidden_size")?,
@@ -253,16 +238,82 @@ impl HfConfig {
             bias: false,
             qkv_bias: family == Family::Qwen2,
             qk_norm: family == Family::Qwen3,
-            nope_layers: match family {
-                Family::SmolLm3 => self.nope_layers(path, layers)?,
-                _ => Vec::new(),
-            },
+            nope_layers,
+            sliding_window,
+            full_attention_layers,
             head_dim: self.head_dim,
             rope_scaling: self.rope_scaling(path)?,
             dropout: 0.0,
             hf_family: Some(family),
             score_pad: None,
         })
+    }
+
+    /// The sliding window and the layers it spares, as transformers decides them: Mistral's
+    /// `sliding_window` is every layer's; Qwen2's, Qwen3's and SmolLM3's only with
+    /// `use_sliding_window`, in the layers `layer_types` marks `sliding_attention` (without
+    /// it: Qwen's from `max_window_layers` on, SmolLM3's NoPE layers). A window no shorter
+    /// than the context never hides a key and is dropped; Llama has none.
+    fn windows(
+        &self,
+        path: &Path,
+        family: Family,
+        layers: usize,
+        ctx: usize,
+        nope: &[usize],
+    ) -> Result<(Option<usize>, Vec<usize>)> {
+        let at = At(path);
+        let window = match family {
+            Family::Qwen2 | Family::Qwen3 | Family::SmolLm3 => self
+                .sliding_window
+                .filter(|_| self.use_sliding_window == Some(true)),
+            Family::Mistral => self.sliding_window,
+            Family::Llama | Family::Gpt2 => None,
+        };
+        if window == Some(0) {
+            return Err(at.refuse("sliding_window", "must be at least 1"));
+        }
+        let sliding: Vec<bool> = match &self.layer_types {
+            Some(types) => {
+                if types.len() != layers {
+                    return Err(at.refuse(
+                        "layer_types",
+                        format!("{} entries for {layers} layers", types.len()),
+                    ));
+                }
+                let mut flags = Vec::with_capacity(layers);
+                for t in types {
+                    flags.push(match t.as_str() {
+                        "full_attention" => false,
+                        "sliding_attention" => true,
+                        other => {
+                            return Err(at.refuse(
+                                "layer_types",
+                                format!(
+                                    "`{other}` layers are not implemented (full_attention and \
+                                     sliding_attention are)"
+                                ),
+                            ))
+                        }
+                    });
+                }
+                flags
+            }
+            None => (0..layers)
+                .map(|l| match family {
+                    Family::Qwen2 | Family::Qwen3 => l >= self.max_window_layers.unwrap_or(28),
+                    Family::SmolLm3 => nope.contains(&l),
+                    _ => true,
+                })
+                .collect(),
+        };
+        match window.filter(|&w| w < ctx) {
+            Some(w) if sliding.contains(&true) => {
+                let full = (0..layers).filter(|&l| !sliding[l]).collect();
+                Ok((Some(w), full))
+            }
+            _ => Ok((None, Vec::new())),
+        }
     }
 
     /// SmolLM3's layers without rotary positions, from `no_rope_layers` (one 0/1 flag a
@@ -809,8 +860,23 @@ pub fn config_json(
                 "eos_token_id": eos_v,
                 "torch_dtype": "float32",
             });
+            let types: Vec<&str> = (0..cfg.num_hidden_layers)
+                .map(|l| match cfg.layer_window(l) {
+                    Some(_) => "sliding_attention",
+                    None => "full_attention",
+                })
+                .collect();
             if matches!(family, Family::Qwen2 | Family::Qwen3 | Family::SmolLm3) {
-                v["use_sliding_window"] = json!(false);
+                v["use_sliding_window"] = json!(cfg.sliding_window.is_some());
+                v["sliding_window"] = json!(cfg.sliding_window);
+                v["layer_types"] = json!(types);
+                if family != Family::SmolLm3 {
+                    // Older transformers read only this: the layers below it see everything.
+                    let leading = (0..cfg.num_hidden_layers)
+                        .take_while(|&l| cfg.layer_window(l).is_none())
+                        .count();
+                    v["max_window_layers"] = json!(leading);
+                }
             }
             if family == Family::SmolLm3 {
                 let flags: Vec<u8> = (0..cfg.num_hidden_layers)
@@ -821,7 +887,8 @@ pub fn config_json(
                 v["pad_token_id"] = pad_v.clone();
             }
             if family == Family::Mistral {
-                v["sliding_window"] = serde_json::Value::Null;
+                // Every layer of a Mistral slides (`HfFamily::of` exports no other).
+                v["sliding_window"] = json!(cfg.sliding_window);
             }
             v
         }
@@ -960,6 +1027,72 @@ mod tests {
         }
         let cfg: HfConfig = serde_json::from_value(v).unwrap();
         cfg.to_model(Path::new("m/config.json")).map(|(_, c)| c)
+    }
+
+    fn family_config(model_type: &str, extra: serde_json::Value) -> Result<ModelConfig> {
+        let mut e = extra;
+        e["model_type"] = model_type.into();
+        smollm3(e)
+    }
+
+    /// Sliding windows as transformers assigns them to layers, and back through the export.
+    #[test]
+    fn sliding_windows_come_from_each_familys_fields_and_export_back() {
+        let w = |c: &ModelConfig| (c.sliding_window, c.full_attention_layers.clone());
+        let none = (None, vec![]);
+        let mistral = family_config("mistral", serde_json::json!({"sliding_window": 16})).unwrap();
+        assert_eq!(w(&mistral), (Some(16), vec![]));
+        // A window as long as the context hides nothing.
+        let long = serde_json::json!({"sliding_window": 64});
+        assert_eq!(w(&family_config("mistral", long).unwrap()), none);
+        // Llama has no window: transformers ignores the field, and so does temper.
+        let llama = serde_json::json!({"sliding_window": 16});
+        assert_eq!(w(&family_config("llama", llama).unwrap()), none);
+        // Qwen: only with use_sliding_window, from max_window_layers on (28 by default).
+        let off = serde_json::json!({"sliding_window": 16, "max_window_layers": 3});
+        assert_eq!(w(&family_config("qwen2", off).unwrap()), none);
+        let on = serde_json::json!({
+            "sliding_window": 16, "use_sliding_window": true, "max_window_layers": 3
+        });
+        let qwen2 = family_config("qwen2", on).unwrap();
+        assert_eq!(w(&qwen2), (Some(16), vec![0, 1, 2]));
+        let deep = serde_json::json!({"sliding_window": 16, "use_sliding_window": true});
+        assert_eq!(w(&family_config("qwen3", deep).unwrap()), none);
+        // layer_types, where given, says which layers slide.
+        let types = serde_json::json!({
+            "sliding_window": 16, "use_sliding_window": true,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention",
+                            "sliding_attention", "full_attention", "sliding_attention",
+                            "sliding_attention", "sliding_attention"]
+        });
+        let qwen3 = family_config("qwen3", types).unwrap();
+        assert_eq!(w(&qwen3), (Some(16), vec![1, 4]));
+        // SmolLM3 without layer_types slides its NoPE layers, as transformers fills them in.
+        let smol = serde_json::json!({"sliding_window": 16, "use_sliding_window": true});
+        let smol = smollm3(smol).unwrap();
+        assert_eq!(w(&smol), (Some(16), vec![0, 1, 2, 4, 5, 6]));
+        for (bad, why) in [
+            (
+                serde_json::json!({"layer_types": ["full_attention"]}),
+                "1 entries for 8",
+            ),
+            (serde_json::json!({"sliding_window": 0}), "at least 1"),
+        ] {
+            let e = family_config("mistral", bad).unwrap_err().to_string();
+            assert!(e.contains("m/config.json") && e.contains(why), "{e}");
+        }
+        // What the export writes reads back as the same windows.
+        for (family, cfg) in [
+            (Family::Mistral, &mistral),
+            (Family::Qwen2, &qwen2),
+            (Family::Qwen3, &qwen3),
+            (Family::SmolLm3, &smol),
+        ] {
+            let v = config_json(family, Head::Lm, cfg, &[2], Some(1), 0);
+            let again: HfConfig = serde_json::from_value(v).unwrap();
+            let (_, back) = again.to_model(Path::new("x/config.json")).unwrap();
+            assert_eq!(w(&back), w(cfg), "{family:?}");
+        }
     }
 
     /// SmolLM3's NoPE layers from its flags, or where they are absent from the interval as

@@ -172,6 +172,12 @@ fn model_grads_with(
             head_dim: Some(16),
             ..ModelConfig::for_tests("tiny")
         },
+        // A sliding window of 5 over the 12 positions in the first layer, none in the second.
+        "window" => ModelConfig {
+            sliding_window: Some(5),
+            full_attention_layers: vec![1],
+            ..ModelConfig::for_tests("tiny")
+        },
         preset => ModelConfig::for_tests(preset),
     };
     cfg.dropout = 0.1;
@@ -228,7 +234,7 @@ fn model_grads_with(
 
 /// The models the tape is checked on: LoRA without its dropout (the adapter reads x itself)
 /// and with it, f32 and bf16 with compute copies.
-const TAPE_MODELS: [Setup; 8] = [
+const TAPE_MODELS: [Setup; 9] = [
     Setup::new("gpt2", None, DType::F32, false),
     Setup::new("tiny", None, DType::F32, false),
     Setup::new("gpt2", Some(0.0), DType::F32, false),
@@ -237,9 +243,10 @@ const TAPE_MODELS: [Setup; 8] = [
     Setup::new("tiny", Some(0.1), DType::BF16, true),
     Setup::new("qwen3", None, DType::F32, false),
     Setup::new("qwen3", Some(0.1), DType::BF16, true),
+    Setup::new("window", None, DType::F32, false),
 ];
 
-/// Whole models (GPT-2, Llama and Qwen3 shapes, with dropout; LoRA with a frozen embedding, so the
+/// Whole models (GPT-2, Llama and Qwen3 shapes and a sliding window, with dropout; LoRA with a frozen embedding, so the
 /// segment's input carries no graph) give the same loss and the same gradient for every
 /// parameter with their blocks on the tape as in candle's graph: on the CPU the blocks are
 /// reference composites and reference GEMMs, which the tape records as islands and as GEMMs

@@ -120,6 +120,7 @@ struct Case {
   // Packed rows (causal, offset 0, tq == tk): documents of random lengths back to back, then
   // padding as a document of its own (src/kernels/segments.rs).
   bool packed = false;
+  int window = 0;  // a sliding window of this many keys (causal), 0: none
 };
 
 template <typename T> struct Inputs {
@@ -185,7 +186,7 @@ template <typename T> std::vector<T> rounded(const std::vector<double> &x) {
 using Reference = attention_ref::Result;
 
 attention_ref::Shape shape(const Case &c) {
-  return {c.b, c.hq, c.hkv, c.tq, c.tk, c.tk, c.d, c.causal, c.offset};
+  return {c.b, c.hq, c.hkv, c.tq, c.tk, c.tk, c.d, c.causal, c.offset, nullptr, c.window};
 }
 
 // Softmax attention and its gradients in double, from the stored inputs.
@@ -215,6 +216,9 @@ template <typename T> AttnParams params(const Inputs<T> &in, std::vector<int> &k
   }
   return p;
 }
+
+// AttnParams::simple_variant: the CUDA-core kernels' `_seg` entry points read the band.
+bool banded(const Case &c) { return c.packed || c.window > 0; }
 
 // FlashAttn::use_mma for a 16-bit dtype under Auto (Mma and MmaWide need only the head dim).
 bool use_mma_auto(const Case &c) { return (c.d == 64 || c.d == 128) && c.tq > 16; }
@@ -293,7 +297,7 @@ template <typename T> bool check_forward_simple(const Inputs<T> &in, const Refer
   Forward<T> f(in);
   AttnParams &p = f.p;
   const auto [nw, row_blocks] = simple_row_blocks(c);
-  const Kernel kernel = (c.packed ? Dt<T>::fwd_simple_seg : Dt<T>::fwd_simple)[div_ceil(c.d, 32) - 1];
+  const Kernel kernel = (banded(c) ? Dt<T>::fwd_simple_seg : Dt<T>::fwd_simple)[div_ceil(c.d, 32) - 1];
   emu::launch({(unsigned)(c.b * c.hkv), row_blocks, 1}, {32 * nw, 1, 1}, 0, [&] { kernel(p); });
   const std::string what = label(c, Dt<T>::name, "fwd simple");
   bool ok = emu_check::close(what + " o", f.o, r.o, Dt<T>::simple_o_tol);
@@ -369,9 +373,9 @@ bool check_backward_simple(const Inputs<S> &in, const Reference &r) {
   const int dpl = (int)div_ceil(c.d, 32);
   const auto [nw, row_blocks] = simple_row_blocks(c);
   emu::launch({(unsigned)(c.b * c.hkv), row_blocks, 1}, {32 * nw, 1, 1}, 0,
-              [&] { (c.packed ? Dt<T>::bwd_dq_simple_seg : Dt<T>::bwd_dq_simple)[dpl - 1](p); });
+              [&] { (banded(c) ? Dt<T>::bwd_dq_simple_seg : Dt<T>::bwd_dq_simple)[dpl - 1](p); });
   emu::launch({(unsigned)(c.b * c.hkv), div_ceil(c.tk, 8), 1}, {256, 1, 1}, 0,
-              [&] { (c.packed ? Dt<T>::bwd_dkdv_simple_seg : Dt<T>::bwd_dkdv_simple)[dpl - 1](p); });
+              [&] { (banded(c) ? Dt<T>::bwd_dkdv_simple_seg : Dt<T>::bwd_dkdv_simple)[dpl - 1](p); });
   return bw.check(c, r, "bwd simple", Dt<T>::simple_grad_tol);
 }
 
@@ -440,6 +444,14 @@ int main(int argc, char **argv) {
       {"packed d64 gqa tq301", 2, 4, 2, 301, 301, 64, true, 0, false, true},
       {"packed d128 tq173", 2, 2, 1, 173, 173, 128, true, 0, false, true},
       {"packed d40 gqa tq90", 2, 4, 2, 90, 90, 40, true, 0, false, true},
+      // Sliding windows: a band of keys per query whose edges cross tiles at every angle, with
+      // an offset (early rows see all their keys), a key mask, packed rows, the CUDA-core dims.
+      {"window37 d64 gqa tq301", 2, 4, 2, 301, 301, 64, true, 0, false, false, 37},
+      {"window90 d128 offset", 1, 2, 1, 80, 200, 128, true, 120, false, false, 90},
+      {"window16 masked d64", 2, 2, 2, 150, 150, 64, true, 0, true, false, 16},
+      {"window50 packed d128 tq173", 2, 2, 1, 173, 173, 128, true, 0, false, true, 50},
+      {"window2 d64 tq70", 1, 2, 2, 70, 70, 64, true, 0, false, false, 2},
+      {"window20 masked d40 gqa", 2, 4, 2, 45, 70, 40, true, 25, true, false, 20},
   };
   using D = Dtype;
   const TypedCase cases16[] = {
@@ -460,6 +472,9 @@ int main(int argc, char **argv) {
       {D::F16, {"masked d128 gqa4 tq12", 2, 4, 1, 12, 70, 128, true, 58, true}},
       {D::F16, {"packed d64 tq150", 1, 2, 2, 150, 150, 64, true, 0, false, true}},
       {D::BF16, {"packed d24 gqa tq70", 2, 4, 2, 70, 70, 24, true, 0, false, true}},
+      {D::F16, {"window33 d64 gqa tq150", 1, 4, 2, 150, 150, 64, true, 0, false, false, 33}},
+      {D::BF16, {"window30 masked d128 gqa4 tq12", 2, 4, 1, 12, 70, 128, true, 58, true, false, 30}},
+      {D::F16, {"window9 d24 gqa tq70", 2, 4, 2, 70, 70, 24, true, 0, false, false, 9}},
   };
   bool ok = true;
   for (const Case &c : cases) ok &= run_bf16_and_f32(c, rng);

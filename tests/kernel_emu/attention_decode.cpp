@@ -59,6 +59,7 @@ struct Case {
   bool causal;
   int offset;
   bool mask;  // sequence b % 3: left padding and a hole / only its last 1-3 keys / all padding
+  int window = 0;  // a sliding window of this many keys (causal), 0: none
 };
 
 // The bound on o relative to its largest magnitude, by dtype.
@@ -83,7 +84,7 @@ template <typename T> struct Inputs {
 using Reference = attention_ref::Result;
 
 attention_ref::Shape shape(const Case &c) {
-  return {c.b, c.hq, c.hkv, c.tq, c.tk, c.cap, c.d, c.causal, c.offset};
+  return {c.b, c.hq, c.hkv, c.tq, c.tk, c.cap, c.d, c.causal, c.offset, nullptr, c.window};
 }
 
 template <typename T> Inputs<T> make_inputs(const Case &c, emu_check::Rng &rng) {
@@ -110,7 +111,9 @@ template <typename T> Inputs<T> make_inputs(const Case &c, emu_check::Rng &rng) 
   const T nan = temper::from_f32<T>(NAN);
   for (int b = 0; b < c.b; ++b)
     for (int j = 0; j < c.cap; ++j) {
-      if (attention_ref::sees(shape(c), in.kvalid, b, c.tq - 1, j)) continue;
+      bool seen = false;  // by the last query, or under a window by an earlier one
+      for (int i = 0; i < c.tq; ++i) seen |= attention_ref::sees(shape(c), in.kvalid, b, i, j);
+      if (seen) continue;
       for (int h = 0; h < c.hkv; ++h)
         for (int e = 0; e < c.d; ++e) {
           const size_t at = (((size_t)b * c.hkv + h) * c.cap + j) * c.d + e;
@@ -194,12 +197,15 @@ DECODE_TABLE(bf16, bf16)
 DECODE_TABLE(f16, f16)
 template <> Kernel decode_kernel<float>(int, int, bool) { return nullptr; }
 
-template <typename T> Kernel simple_kernel(int dpl);
+// The `_seg` entry points where a window bands the rows (AttnParams::simple_variant).
+template <typename T> Kernel simple_kernel(int dpl, bool banded);
 #define SIMPLE_TABLE(T, SUF)                                                                  \
-  template <> Kernel simple_kernel<T>(int dpl) {                                              \
+  template <> Kernel simple_kernel<T>(int dpl, bool banded) {                                 \
     const Kernel k[] = {attn_fwd_simple_##SUF##_d1, attn_fwd_simple_##SUF##_d2,               \
                         attn_fwd_simple_##SUF##_d3, attn_fwd_simple_##SUF##_d4};              \
-    return k[dpl - 1];                                                                        \
+    const Kernel ks[] = {attn_fwd_simple_seg_##SUF##_d1, attn_fwd_simple_seg_##SUF##_d2,      \
+                         attn_fwd_simple_seg_##SUF##_d3, attn_fwd_simple_seg_##SUF##_d4};     \
+    return (banded ? ks : k)[dpl - 1];                                                        \
   }
 SIMPLE_TABLE(float, f32)
 SIMPLE_TABLE(bf16, bf16)
@@ -245,7 +251,7 @@ template <typename T> int launch_decode(const Case &c, const AttnParams &p, int 
 template <typename T> int launch_fwd_simple(const Case &c, const AttnParams &p) {
   const auto [nw, row_blocks] = simple_row_blocks(c);
   const int nsplit = decode_splits(c);
-  const Launch fwd{simple_kernel<T>(div_ceil(c.d, 32)),
+  const Launch fwd{simple_kernel<T>(div_ceil(c.d, 32), c.window > 0),
                    {(unsigned)(c.b * c.hkv), (unsigned)row_blocks, (unsigned)nsplit},
                    {(unsigned)(32 * nw), 1, 1}};
   if (nsplit == 1)
@@ -477,6 +483,13 @@ int main(int argc, char **argv) {
       {"d40 tq5 offset cache", D::F32, 1, 2, 2, 5, 330, 400, 40, true, 200, false},
       {"d64 gqa4 tq3 masked", D::BF16, 2, 4, 1, 3, 420, 420, 64, true, 417, true},
       {"d32 gqa2 full", D::F16, 1, 4, 2, 2, 260, 300, 32, false, 0, false},
+      // Sliding windows: the stream and the simple forward start each row at its window's
+      // first key, split or not, with padding inside or before the window.
+      {"window300 d64 r1 cache", D::BF16, 2, 2, 2, 1, 700, 768, 64, true, 699, false, 300},
+      {"window200 d128 gqa4 masked split", D::BF16, 3, 4, 1, 1, 1100, 1152, 128, true, 1099, true, 200},
+      {"window41 d64 gqa2 tq2 masked", D::F16, 3, 4, 2, 2, 530, 600, 64, true, 528, true, 41},
+      {"window64 d96 gqa2 masked cache", D::BF16, 3, 4, 2, 1, 400, 512, 96, true, 399, true, 64},
+      {"window9 d40 tq5 offset cache", D::F32, 1, 2, 2, 5, 330, 400, 40, true, 325, false, 9},
   };
   // name, b, hq, hkv, cap, len, d, rope, mask
   const FreshCase fresh[] = {

@@ -10,19 +10,22 @@ namespace attention_ref {
 
 // q [b, hq, tq, d]; k, v [b, hkv, cap, d]: a KV cache of capacity cap whose first tk positions
 // are filled (cap = tk for contiguous k, v); the hq / hkv query heads of a group share a kv
-// head. Under `causal` query i sees keys j <= offset + i; in packed rows (seg_start [b, tq],
-// the first key of each query's document) only keys j >= seg_start[i].
+// head. Under `causal` query i sees keys j <= offset + i, and under a sliding window (causal,
+// window > 0) only keys j > offset + i - window; in packed rows (seg_start [b, tq], the first
+// key of each query's document) only keys j >= seg_start[i].
 struct Shape {
   int b, hq, hkv, tq, tk, cap, d;
   bool causal;
   int offset;
   const std::vector<int> *seg_start = nullptr;
+  int window = 0;
 };
 
 // Query i of sequence b sees key j: a filled position, within the causal horizon, valid in
-// the key mask kvalid [b, tk] (empty: no key mask) and in the query's document.
+// the key mask kvalid [b, tk] (empty: no key mask), in the query's window and in its document.
 inline bool sees(const Shape &s, const std::vector<float> &kvalid, int b, int i, int j) {
   return j < s.tk && (!s.causal || j <= s.offset + i) &&
+         (s.window == 0 || j > s.offset + i - s.window) &&
          (kvalid.empty() || kvalid[(size_t)b * s.tk + j] != 0.f) &&
          (s.seg_start == nullptr || j >= (*s.seg_start)[(size_t)b * s.tq + i]);
 }
@@ -114,6 +117,7 @@ inline AttnParams params(const Shape &s) {
   p.d = s.d;
   p.causal = s.causal;
   p.offset = s.causal ? s.offset : 0;
+  p.window = s.window;
   p.nrows = s.b * s.hq * s.tq;
   p.nsplit = 1;
   return p;

@@ -15,7 +15,8 @@ fn ctx() -> Ctx {
 /// A small random model over the byte vocabulary; `gpt2` picks learned positions, LayerNorm
 /// and GELU instead of RoPE, RMSNorm and SwiGLU; `qwen3` adds Qwen3's per-head norms of q and
 /// k (large random gains, not the ones they start at) on heads wider than hidden / heads;
-/// `smollm3` leaves the rotary positions out of its second layer (NoPE).
+/// `smollm3` leaves the rotary positions out of its second layer (NoPE); `window` slides a
+/// window of 3 positions over its first layer (the second sees everything).
 fn net(preset: &str) -> (ParamStore, Transformer) {
     let mut cfg = match preset {
         "qwen3" => ModelConfig {
@@ -25,6 +26,11 @@ fn net(preset: &str) -> (ParamStore, Transformer) {
         },
         "smollm3" => ModelConfig {
             nope_layers: vec![1],
+            ..ModelConfig::preset("tiny").unwrap()
+        },
+        "window" => ModelConfig {
+            sliding_window: Some(3),
+            full_attention_layers: vec![1],
             ..ModelConfig::preset("tiny").unwrap()
         },
         _ => ModelConfig::preset(preset).unwrap(),
@@ -38,7 +44,7 @@ fn net(preset: &str) -> (ParamStore, Transformer) {
     cfg.max_position_embeddings = 48;
     let mut store = ParamStore::new(Device::Cpu, 5);
     let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
-    if cfg.qk_norm || !cfg.nope_layers.is_empty() {
+    if cfg.qk_norm || !cfg.nope_layers.is_empty() || cfg.sliding_window.is_some() {
         // Large gains sharpen attention, and matrices at 1 / sqrt(fan-in) let it move the
         // residual stream: a wrong key or query then changes the tokens.
         for (name, var, _) in store.iter() {
@@ -101,6 +107,8 @@ fn greedy_equals_a_full_recompute_loop() {
         ("qwen3", DecodeMode::Fixed),
         ("smollm3", DecodeMode::Dynamic),
         ("smollm3", DecodeMode::Fixed),
+        ("window", DecodeMode::Dynamic),
+        ("window", DecodeMode::Fixed),
     ] {
         let (_s, net) = net(preset);
         let ps = prompts(&tok, &texts);

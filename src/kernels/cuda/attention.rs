@@ -206,6 +206,9 @@ fn prepare(
     if let Some(off) = offset {
         to_i32(off + tq, "causal offset + query length")?;
     }
+    // The last query sits at offset + tq - 1: a window at least that long hides nothing.
+    mask.check_window()?;
+    let window = mask.window.filter(|&w| w < offset.unwrap_or(0) + tq);
     to_i32(b * hq * tq.max(tk), "rows")?;
     let key_valid = match mask.key_valid {
         Some(kv) => {
@@ -234,6 +237,7 @@ fn prepare(
         causal: offset,
         key_valid,
         segments,
+        window,
         imp,
         bwd_bk: bwd_block_k_on(dev, imp, d)?,
         saved: Mutex::new(None),
@@ -296,6 +300,8 @@ struct FlashAttn {
     key_valid: Option<Tensor>,
     /// Packed rows' document starts and ends (`Segments`), `[B, T]` u32 on the device.
     segments: Option<(Tensor, Tensor)>,
+    /// A sliding window that hides a key from some query (one that hides none is dropped).
+    window: Option<usize>,
     imp: AttnImpl,
     /// Keys per block of the tensor-core backward ([`bwd_block_k_on`]).
     bwd_bk: usize,
@@ -432,14 +438,16 @@ struct AttnParams {
     q_norm: DevPtr,
     k_norm: DevPtr,
     norm_eps: f32,
+    window: i32,
+    pad_: i32,
 }
-const _: () = assert!(std::mem::size_of::<AttnParams>() == 248);
+const _: () = assert!(std::mem::size_of::<AttnParams>() == 256);
 
 impl AttnParams {
-    /// The CUDA-core kernels' name infix: their packed-row variants are separate entry points
-    /// (`fwd_simple` in kernels/attention_fwd.cu says why).
+    /// The CUDA-core kernels' name infix: their variants for packed rows and sliding windows
+    /// are separate entry points (`fwd_simple` in kernels/attention_fwd.cu says why).
     fn simple_variant(&self) -> &'static str {
-        match self.seg_start != 0 || self.seg_end != 0 {
+        match self.seg_start != 0 || self.seg_end != 0 || self.window != 0 {
             true => "_seg",
             false => "",
         }
@@ -550,6 +558,7 @@ impl FlashAttn {
             nsplit: 1,
             scale_log2: (self.scale * std::f64::consts::LOG2_E) as f32,
             scale: self.scale as f32,
+            window: to_i32(self.window.unwrap_or(0), "sliding window")?,
             ..AttnParams::default()
         })
     }
@@ -887,8 +896,10 @@ pub fn decode_fresh(
     let Ok(dev) = y.device().as_cuda_device() else {
         return Ok(None);
     };
-    // A decode step has no packed rows; the general path refuses them with its reason.
-    if mask.segments.is_some() {
+    // A decode step has no packed rows; the general path refuses them with its reason. Its
+    // causal offset is the cache's capacity, not the query's position, which a sliding window
+    // would count from (the engine takes dynamic shapes where a window can hide a key).
+    if mask.segments.is_some() || mask.window.is_some() {
         return Ok(None);
     }
     let (b, hkv, cap, d) = kc.dims4()?;
@@ -911,6 +922,7 @@ pub fn decode_fresh(
         causal: mask.causal_offset,
         key_valid: None,
         segments: None,
+        window: None,
         imp: AttnImpl::from_env(),
         bwd_bk: 64, // forward only
         saved: Mutex::new(None),
@@ -1240,6 +1252,7 @@ mod tests {
             causal: Some(0),
             key_valid: None,
             segments: None,
+            window: None,
             imp,
             bwd_bk: imp.bwd_block_k(),
             saved: Mutex::new(None),

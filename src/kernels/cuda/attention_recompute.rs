@@ -24,6 +24,7 @@ pub fn attention(
         causal_offset: mask.causal_offset,
         key_valid: mask.key_valid.map(Tensor::detach),
         segments: mask.segments.cloned(),
+        window: mask.window,
         scale,
     };
     q.contiguous()?
@@ -34,6 +35,7 @@ struct Recomputed {
     causal_offset: Option<usize>,
     key_valid: Option<Tensor>,
     segments: Option<Segments>,
+    window: Option<usize>,
     scale: f64,
 }
 
@@ -43,6 +45,7 @@ impl Recomputed {
             causal_offset: self.causal_offset,
             key_valid: self.key_valid.as_ref(),
             segments: self.segments.as_ref(),
+            window: self.window,
         };
         attention_reference(q, k, v, &mask, self.scale)
     }
