@@ -6,10 +6,12 @@
 Exports each fixture of tests/fixtures/hf with `temper export --format hf` into OUT_DIR, loads
 it with `AutoModelForCausalLM.from_pretrained`, and compares its logits with the fixture's
 expected.json (recorded from the original model; the mistral and qwen2 fixtures slide a window
-of 4 positions). Then it fine-tunes the llama, qwen2, qwen3 and smollm3 fixtures with LoRA for a few steps, exports the merged model and the adapter (`--format peft`),
+of 4 positions). Then it fine-tunes the llama, qwen2, qwen3 and smollm3 fixtures with LoRA
+for a few steps, exports the merged model and the adapter (`--format peft`),
 and checks that `PeftModel.from_pretrained(base, adapter)` gives the merged model's logits; and
 the llama_rm reward model, exported, scores as the original under
-`AutoModelForSequenceClassification`. Needs the
+`AutoModelForSequenceClassification`, as does the llama_rm_lora SEQ_CLS adapter (TRL's LoRA
+reward model), merged and exported, against PEFT's scores. Needs the
 venv of scripts/make_hf_fixtures.py and a built temper (`cargo build`); CI does not run it.
 """
 
@@ -57,6 +59,18 @@ def main(out):
         got = [float(rm(torch.tensor([ids])).logits[0, 0]) for ids in exp["input_ids"]]
     d = max(abs(a - b) for a, b in zip(got, exp["scores"]))
     print(f"llama_rm: transformers on temper's export of the reward model vs the original: max |diff| {d:.2e}")
+    worst = max(worst, d)
+    # TRL's LoRA reward model (a SEQ_CLS PEFT adapter on the llama fixture), merged by temper
+    # and exported as a classifier, against PEFT's own scores.
+    src = os.path.join(ROOT, "tests/fixtures/hf/llama_rm_lora")
+    dst = os.path.join(out, "llama_rm_lora")
+    temper("export", "--checkpoint", src, "--out", dst, "--format", "hf")
+    exp = json.load(open(os.path.join(src, "expected.json")))
+    rm = AutoModelForSequenceClassification.from_pretrained(dst, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = [float(rm(torch.tensor([ids])).logits[0, 0]) for ids in exp["input_ids"]]
+    d = max(abs(a - b) for a, b in zip(got, exp["scores"]))
+    print(f"llama_rm_lora: transformers on temper's merged export vs PEFT's scores: max |diff| {d:.2e}")
     worst = max(worst, d)
     data = os.path.join(out, "sft.jsonl")
     with open(data, "w") as f:

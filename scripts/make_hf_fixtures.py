@@ -8,7 +8,9 @@ template) and an `expected.json` holding reference logits and greedy tokens
 computed by `transformers` in float32. `llama_lora/` is a PEFT LoRA adapter for
 the llama fixture, with the adapted and merged logits. `llama_rm/` is a reward
 model as TRL's RewardTrainer saves one (LlamaForSequenceClassification, one
-label, its padding id also its EOS), with its scores of the test sequences.
+label, its padding id also its EOS), with its scores of the test sequences;
+`llama_rm_lora/` one saved with a peft_config (a SEQ_CLS LoRA adapter on the llama
+fixture, its score head saved whole), with its scores.
 
 The Rust tests (CI) only READ these files; nothing in CI runs this script.
 To regenerate them (a few seconds on a CPU):
@@ -18,8 +20,8 @@ To regenerate them (a few seconds on a CPU):
     /tmp/hf-venv/bin/python scripts/make_hf_fixtures.py [FAMILY ...]
 
 Naming families (llama, qwen2, qwen3, mistral, smollm3, gpt2) rebuilds only those; the
-llama_lora adapter and the llama_rm reward model are rebuilt with llama (llama_rm alone:
-name it).
+llama_lora adapter and the llama_rm and llama_rm_lora reward models are rebuilt with llama
+(either reward model alone: name it).
 
 (Written against transformers 5.x, peft 0.21, tokenizers 0.23, torch 2.x.)
 Everything is seeded, so a rerun with the same library versions reproduces the
@@ -295,6 +297,54 @@ def make_rm(config, tok, tok_kwargs, pad):
     assert max(abs(a - b) for a, b in zip(scores, again)) < 1e-6, (scores, again)
 
 
+def make_rm_lora(pad):
+    """A LoRA reward model as TRL's RewardTrainer saves one with a peft_config: a PEFT
+    adapter of task type SEQ_CLS on the llama fixture (a causal LM, loaded as a one-label
+    LlamaForSequenceClassification whose padding id TRL sets to the tokenizer's), LoRA on
+    q_proj and v_proj, and the new score head saved whole beside the factors
+    (`modules_to_save`); its scores of llama_rm's three sequences."""
+    from peft import LoraConfig, get_peft_model
+
+    d = os.path.join(OUT, "llama_rm_lora")
+    shutil.rmtree(d, ignore_errors=True)
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        base = AutoModelForSequenceClassification.from_pretrained(
+            os.path.join(OUT_REL, "llama"), num_labels=1, pad_token_id=pad, dtype=torch.float32,
+            attn_implementation="eager",
+        )
+    finally:
+        os.chdir(cwd)
+    cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                     task_type="SEQ_CLS")
+    pm = get_peft_model(base, cfg)
+    torch.manual_seed(SEED + 3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_A" in n or "lora_B" in n or ("score" in n and p.requires_grad):
+                p.copy_(0.1 * torch.randn_like(p))
+    pm.eval()
+    pm.save_pretrained(d)
+    ac_path = os.path.join(d, "adapter_config.json")
+    ac = json.load(open(ac_path))
+    ac["target_modules"] = sorted(ac["target_modules"])
+    ac["modules_to_save"] = sorted(ac["modules_to_save"])
+    with open(ac_path, "w") as f:
+        json.dump(ac, f, indent=2, sort_keys=True)
+        f.write("\n")
+    if os.path.exists(os.path.join(d, "README.md")):
+        os.remove(os.path.join(d, "README.md"))
+    seqs = INPUT_IDS + [INPUT_IDS[0][:5] + [pad, pad]]
+    with torch.no_grad():
+        scores = [float(pm(torch.tensor([ids])).logits[0, 0]) for ids in seqs]
+    write_json(
+        os.path.join(d, "expected.json"),
+        {"input_ids": seqs, "scores": scores, "pad_token_id": pad,
+         "adapter_tensor_names": tensor_names(os.path.join(d, "adapter_model.safetensors"))},
+    )
+
+
 def verify(name):
     """Reload with AutoModelForCausalLM and check the logits reproduce exactly."""
     d = os.path.join(OUT, name)
@@ -407,6 +457,8 @@ def main(only):
         tok = build_tokenizer([], llama_specials, bos="<|begin_of_text|>")
         make_rm(llama_cfg, tok, dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                                      pad_token="<|end_of_text|>"), llama_pad)
+    if "llama" in only or "llama_rm_lora" in only:
+        make_rm_lora(llama_pad)
 
     for name in only:
         if name in FAMILIES:
@@ -416,6 +468,7 @@ def main(only):
 
 if __name__ == "__main__":
     wanted = sys.argv[1:] or FAMILIES
-    unknown = [f for f in wanted if f not in FAMILIES + ["llama_rm"]]
-    assert not unknown, f"unknown families {unknown}; known: {FAMILIES} and llama_rm"
+    extra = ["llama_rm", "llama_rm_lora"]
+    unknown = [f for f in wanted if f not in FAMILIES + extra]
+    assert not unknown, f"unknown families {unknown}; known: {FAMILIES} and {extra}"
     main(wanted)

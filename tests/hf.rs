@@ -691,3 +691,76 @@ fn a_hugging_face_reward_model_scores_trains_and_exports_as_transformers_reads_i
     let scores = series(&metrics(&grpo), "train", "score");
     assert!(!scores.is_empty(), "the GRPO run scored its rollouts");
 }
+
+/// A LoRA reward model as TRL's RewardTrainer saves one with a peft_config (a SEQ_CLS PEFT
+/// adapter on the llama fixture, a causal LM, with the new score head saved whole) loads as a
+/// reward model and scores as PEFT does, padded and packed, at the last token that is not the
+/// tokenizer's padding id (which TRL gives the classifier); it exports as a classifier that
+/// carries that padding id and scores the same. Adapters of another task type, and a SEQ_CLS
+/// one without its score head, are refused naming the file.
+#[test]
+fn a_trl_lora_reward_adapter_scores_as_peft_does() {
+    let d = tmp();
+    let fix = fixture("llama_rm_lora");
+    let e = expected(&fix);
+    let seqs: Vec<Vec<u32>> = e["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids_of)
+        .collect();
+    let want: Vec<f64> = e["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_f64().unwrap())
+        .collect();
+    let close = |got: &[f32], what: &str| {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() < 1e-4, "{what}: {got:?} vs {want:?}");
+        }
+    };
+    for pack in [false, true] {
+        close(&rm_scores(&fix, &seqs, pack), &format!("pack {pack}"));
+    }
+    let out = p(d.path(), "rm-hf");
+    export(&fix, &out, "hf");
+    let cfg = config_of(&out);
+    assert_eq!(
+        cfg["architectures"],
+        serde_json::json!(["LlamaForSequenceClassification"])
+    );
+    assert_eq!(cfg["pad_token_id"], e["pad_token_id"], "{cfg}");
+    close(&rm_scores(&out, &seqs, false), "exported");
+
+    let edited = |name: &str, from: &Path, task: &str| {
+        let dir = p(d.path(), name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["adapter_model.safetensors", "adapter_config.json"] {
+            std::fs::copy(from.join(f), dir.join(f)).unwrap();
+        }
+        let path = dir.join("adapter_config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        v["task_type"] = task.into();
+        std::fs::write(&path, v.to_string()).unwrap();
+        dir
+    };
+    let err = |dir: &Path| match read_checkpoint(dir, &Device::Cpu) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => format!("{e:#}"),
+    };
+    let tokens = edited("tokens", &fix, "TOKEN_CLS");
+    let e = err(&tokens);
+    assert!(
+        e.contains("adapter_config.json") && e.contains("task_type") && e.contains("TOKEN_CLS"),
+        "{e}"
+    );
+    let headless = edited("headless", &fixture("llama_lora"), "SEQ_CLS");
+    let e = err(&headless);
+    assert!(
+        e.contains("adapter_model.safetensors") && e.contains("score"),
+        "{e}"
+    );
+}

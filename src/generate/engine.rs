@@ -101,6 +101,18 @@ pub fn generate(
         .cfg
         .sliding_window
         .is_some_and(|w| longest + cfg.max_new_tokens > w);
+    if window_binds && cfg.engine.decode != DecodeMode::Dynamic {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            eprintln!(
+                "note: the model's sliding window of {} positions is shorter than a prompt of \
+                 {longest} tokens plus {} new ones: decode steps run at dynamic shapes, without \
+                 a CUDA graph",
+                net.cfg.sliding_window.unwrap_or(0),
+                cfg.max_new_tokens
+            )
+        });
+    }
     let graph = !window_binds && replays_graph(cfg.engine.decode, &ctx, &dev);
     let fixed_shapes = graph || (!window_binds && cfg.engine.decode == DecodeMode::Fixed);
     let mut fixed: Option<StaticStep> = None;
@@ -110,6 +122,7 @@ pub fn generate(
         let replayed = step.run(net, ctx, cache, hold, &params, graph)?;
         stats.graph_replays += usize::from(replayed);
         stats.decode_steps += 1;
+        stats.fixed_steps += 1;
         anyhow::Ok(())
     };
     let mut next = sample_draw(

@@ -134,6 +134,8 @@ pub struct GenStats {
     pub compactions: usize,
     /// Decode steps replayed from a CUDA graph (`DecodeMode::Graph` on CUDA).
     pub graph_replays: usize,
+    /// Decode steps run at fixed shapes (`DecodeMode::Fixed`, or `Graph`), replayed or not.
+    pub fixed_steps: usize,
 }
 
 impl GenStats {

@@ -51,7 +51,9 @@ pub struct HfConfig {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
-    sliding_window: Option<usize>,
+    /// Absent (transformers' default, 4096 in Mistral and Qwen) differs from null (none).
+    #[serde(default, deserialize_with = "present")]
+    sliding_window: Option<Option<usize>>,
     use_sliding_window: Option<bool>,
     /// Qwen2 and Qwen3: the layers below this one see the whole context (where `layer_types`
     /// does not say).
@@ -71,6 +73,15 @@ pub struct HfConfig {
     layer_norm_epsilon: Option<f64>,
     activation_function: Option<String>,
     scale_attn_by_inverse_layer_idx: Option<bool>,
+}
+
+/// A field that may be absent (`None`) or null (`Some(None)`).
+fn present<'de, D, T>(d: D) -> std::result::Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// `file: field ...` errors for one `config.json`.
@@ -250,7 +261,8 @@ impl HfConfig {
     }
 
     /// The sliding window and the layers it spares, as transformers decides them: Mistral's
-    /// `sliding_window` is every layer's; Qwen2's, Qwen3's and SmolLM3's only with
+    /// `sliding_window` (4096 where the field is absent) is every layer's, whatever
+    /// `layer_types` says; Qwen2's, Qwen3's (4096 where absent) and SmolLM3's only with
     /// `use_sliding_window`, in the layers `layer_types` marks `sliding_attention` (without
     /// it: Qwen's from `max_window_layers` on, SmolLM3's NoPE layers). A window no shorter
     /// than the context never hides a key and is dropped; Llama has none.
@@ -263,17 +275,36 @@ impl HfConfig {
         nope: &[usize],
     ) -> Result<(Option<usize>, Vec<usize>)> {
         let at = At(path);
+        let default = match family {
+            Family::Mistral | Family::Qwen2 | Family::Qwen3 => Some(4096),
+            _ => None,
+        };
+        let field = self.sliding_window.unwrap_or(default);
+        let qwen_like = matches!(family, Family::Qwen2 | Family::Qwen3 | Family::SmolLm3);
         let window = match family {
-            Family::Qwen2 | Family::Qwen3 | Family::SmolLm3 => self
-                .sliding_window
-                .filter(|_| self.use_sliding_window == Some(true)),
-            Family::Mistral => self.sliding_window,
-            Family::Llama | Family::Gpt2 => None,
+            _ if qwen_like => field.filter(|_| self.use_sliding_window == Some(true)),
+            Family::Mistral => field,
+            _ => None,
         };
         if window == Some(0) {
             return Err(at.refuse("sliding_window", "must be at least 1"));
         }
-        let sliding: Vec<bool> = match &self.layer_types {
+        let types = self.layer_types.as_ref().filter(|_| qwen_like);
+        let slides = |types: &Vec<String>| types.iter().any(|t| t == "sliding_attention");
+        if family == Family::SmolLm3
+            && window.is_none()
+            && field.is_some()
+            && types.is_some_and(slides)
+        {
+            // transformers masks those layers with the window anyway (its SmolLM3 keeps
+            // `sliding_window` without `use_sliding_window`) while its attention does not use
+            // it: no one reading of such a file is right.
+            return Err(at.refuse(
+                "use_sliding_window",
+                "false beside a sliding_window and sliding_attention layers is ambiguous",
+            ));
+        }
+        let sliding: Vec<bool> = match types {
             Some(types) => {
                 if types.len() != layers {
                     return Err(at.refuse(
@@ -467,6 +498,8 @@ pub struct Imported {
     pub head: Head,
     pub config: ModelConfig,
     pub tensors: HashMap<String, Tensor>,
+    /// `config.json`'s `pad_token_id` (none where absent or negative).
+    pub pad_token_id: Option<u32>,
 }
 
 /// Reads a model directory: its config, then every tensor (memory-mapped, one at a time),
@@ -476,10 +509,11 @@ pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
     let hf = HfConfig::read(&cfg_path)?;
     let head = hf.head(&cfg_path)?;
     let (family, mut config) = hf.to_model(&cfg_path)?;
+    let pad_token_id = hf.pad_token_id.and_then(|p| u32::try_from(p).ok());
     if head == Head::Score {
         // A classifier has no language-model head: its scorer reads the hidden states only.
         config.tie_word_embeddings = true;
-        config.score_pad = hf.pad_token_id.and_then(|p| u32::try_from(p).ok());
+        config.score_pad = pad_token_id;
     }
     let mut tensors = HashMap::new();
     for file in weight_files(dir)? {
@@ -522,12 +556,13 @@ pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
         head,
         config,
         tensors,
+        pad_token_id,
     })
 }
 
 /// A one-label classifier's `score.weight` (`[1, H]`) or `score.bias` (`[1]`) as temper's
 /// reward head holds it (`[H]`, `[1]`).
-fn score_to_temper(name: &str, t: &Tensor, hidden: usize) -> Result<(String, Tensor)> {
+pub fn score_to_temper(name: &str, t: &Tensor, hidden: usize) -> Result<(String, Tensor)> {
     match name {
         "score.weight" if t.dims() == [1, hidden] => Ok((name.into(), t.reshape(hidden)?)),
         "score.bias" if t.dims() == [1] => Ok((name.into(), t.clone())),
@@ -932,11 +967,17 @@ pub fn write_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Resu
 
 /// A PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`):
 /// its base model's path, its scale `lora_alpha / r`, and its factors under temper's names
-/// (`model.layers.0.attn.q.lora_a` `[r, in]`, `..lora_b` `[out, r]`).
+/// (`model.layers.0.attn.q.lora_a` `[r, in]`, `..lora_b` `[out, r]`). An adapter of task
+/// type `SEQ_CLS` (TRL's RewardTrainer with a peft_config) makes its base a one-label
+/// classifier, a reward model, whose new score head it saves whole (`modules_to_save`).
 pub struct PeftAdapter {
     pub base: PathBuf,
     pub scale: f64,
     pub tensors: HashMap<String, Tensor>,
+    pub head: Head,
+    /// A `SEQ_CLS` adapter's score head, under its Hugging Face names (`score.weight`
+    /// `[1, H]`, perhaps `score.bias`).
+    pub score: HashMap<String, Tensor>,
 }
 
 /// Whether `dir` is a PEFT adapter directory.
@@ -967,6 +1008,16 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             return Err(at.refuse(field, "per-module ranks and alphas are not implemented"));
         }
     }
+    let head = match v.get("task_type").and_then(|t| t.as_str()) {
+        None | Some("CAUSAL_LM") => Head::Lm,
+        Some("SEQ_CLS") => Head::Score,
+        Some(other) => {
+            return Err(at.refuse(
+                "task_type",
+                format!("`{other}`: CAUSAL_LM and SEQ_CLS (a reward model) adapters are read"),
+            ))
+        }
+    };
     let r = at.need(v.get("r").and_then(|x| x.as_f64()), "r")?;
     let alpha = at.need(v.get("lora_alpha").and_then(|x| x.as_f64()), "lora_alpha")?;
     let base = v
@@ -982,16 +1033,31 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     let file = dir.join("adapter_model.safetensors");
     let raw = candle_core::safetensors::load(&file, device)
         .with_context(|| format!("{}: cannot read", file.display()))?;
-    let mut tensors = HashMap::new();
+    let (mut tensors, mut score) = (HashMap::new(), HashMap::new());
     for (name, t) in raw {
+        let t = t.to_dtype(DType::F32)?;
+        let module = name.strip_prefix("base_model.model.");
+        if let Some(m) = module.filter(|m| head == Head::Score && m.starts_with("score.")) {
+            score.insert(m.to_string(), t);
+            continue;
+        }
         let ours =
             peft_to_temper(&name).with_context(|| format!("{}: tensor {name}", file.display()))?;
-        tensors.insert(ours, t.to_dtype(DType::F32)?);
+        tensors.insert(ours, t);
+    }
+    if head == Head::Score && !score.contains_key("score.weight") {
+        bail!(
+            "{}: a SEQ_CLS adapter without its score head (base_model.model.score.weight): \
+             the classifier's head is not saved",
+            file.display()
+        );
     }
     Ok(PeftAdapter {
         base,
         scale: alpha / r,
         tensors,
+        head,
+        score,
     })
 }
 
@@ -1071,15 +1137,46 @@ mod tests {
         let smol = serde_json::json!({"sliding_window": 16, "use_sliding_window": true});
         let smol = smollm3(smol).unwrap();
         assert_eq!(w(&smol), (Some(16), vec![0, 1, 2, 4, 5, 6]));
-        for (bad, why) in [
+        // An absent window is transformers' default of 4096 (null is none); Mistral slides
+        // every layer whatever layer_types says, as transformers' Mistral does.
+        let long_ctx = serde_json::json!({
+            "max_position_embeddings": 8192,
+            "layer_types": ["full_attention", "chunked_attention", "full_attention",
+                            "full_attention", "full_attention", "full_attention",
+                            "full_attention", "full_attention"]
+        });
+        let deflt = family_config("mistral", long_ctx.clone()).unwrap();
+        assert_eq!(w(&deflt), (Some(4096), vec![]));
+        let mut null = long_ctx;
+        null["sliding_window"] = serde_json::Value::Null;
+        assert_eq!(w(&family_config("mistral", null).unwrap()), none);
+        for (family, bad, why) in [
             (
+                "qwen2",
                 serde_json::json!({"layer_types": ["full_attention"]}),
                 "1 entries for 8",
             ),
-            (serde_json::json!({"sliding_window": 0}), "at least 1"),
+            (
+                "mistral",
+                serde_json::json!({"sliding_window": 0}),
+                "at least 1",
+            ),
+            (
+                "smollm3",
+                serde_json::json!({
+                    "sliding_window": 16,
+                    "layer_types": ["sliding_attention", "full_attention", "full_attention",
+                                    "full_attention", "full_attention", "full_attention",
+                                    "full_attention", "full_attention"]
+                }),
+                "ambiguous",
+            ),
         ] {
-            let e = family_config("mistral", bad).unwrap_err().to_string();
-            assert!(e.contains("m/config.json") && e.contains(why), "{e}");
+            let e = family_config(family, bad).unwrap_err().to_string();
+            assert!(
+                e.contains("m/config.json") && e.contains(why),
+                "{family}: {e}"
+            );
         }
         // What the export writes reads back as the same windows.
         for (family, cfg) in [

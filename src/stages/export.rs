@@ -137,11 +137,21 @@ fn reward_tensors(family: HfFamily, loaded: &Loaded) -> Result<(HashMap<String, 
 
 fn family_of(cfg: &crate::config::ModelConfig) -> Result<HfFamily> {
     if let (Some(f), None) = (cfg.hf_family, HfFamily::of(cfg)) {
+        if !cfg.nope_layers.is_empty() && f != HfFamily::SmolLm3 {
+            bail!(
+                "model.hf_family = \"{}\" has no place for model.nope_layers {:?}: only \
+                 smollm3 writes layers without rotary positions",
+                f.name(),
+                cfg.nope_layers
+            );
+        }
         bail!(
-            "model.hf_family = \"{}\" has no place for model.nope_layers {:?}: only smollm3 \
-             writes layers without rotary positions",
+            "model.hf_family = \"{}\" has no place for model.sliding_window {:?} with \
+             model.full_attention_layers {:?}: mistral writes a window over every layer, \
+             qwen2, qwen3 and smollm3 one over any layers, llama and gpt2 none",
             f.name(),
-            cfg.nope_layers
+            cfg.sliding_window,
+            cfg.full_attention_layers
         );
     }
     HfFamily::of(cfg).context(
@@ -217,4 +227,40 @@ fn peft(checkpoint: &Path, out: &Path) -> Result<()> {
         &out.join("adapter_config.json"),
         serde_json::to_string_pretty(&config)?.as_bytes(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+
+    /// A family named in the config that would drop NoPE layers or a sliding window is
+    /// refused naming what it would drop.
+    #[test]
+    fn a_family_that_would_drop_layers_or_windows_names_them() {
+        let tiny = ModelConfig::preset("tiny").unwrap();
+        let nope = ModelConfig {
+            nope_layers: vec![1],
+            hf_family: Some(HfFamily::Llama),
+            ..tiny.clone()
+        };
+        let e = family_of(&nope).unwrap_err().to_string();
+        assert!(e.contains("nope_layers") && e.contains("llama"), "{e}");
+        let window = ModelConfig {
+            sliding_window: Some(8),
+            full_attention_layers: vec![0],
+            hf_family: Some(HfFamily::Mistral),
+            ..tiny
+        };
+        let e = family_of(&window).unwrap_err().to_string();
+        assert!(
+            e.contains("sliding_window") && e.contains("full_attention_layers [0]"),
+            "{e}"
+        );
+        let qwen = ModelConfig {
+            hf_family: Some(HfFamily::Qwen3),
+            ..window
+        };
+        assert_eq!(family_of(&qwen).unwrap(), HfFamily::Qwen3);
+    }
 }

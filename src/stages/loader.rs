@@ -64,7 +64,10 @@ pub fn read_checkpoint(path: &Path, device: &Device) -> Result<Loaded> {
 }
 
 fn import_hf(dir: &Path, device: &Device) -> Result<Loaded> {
-    let imp = hf::import(dir, device)?;
+    loaded_from(hf::import(dir, device)?, dir)
+}
+
+fn loaded_from(imp: hf::Imported, dir: &Path) -> Result<Loaded> {
     let tokenizer = Tokenizer::load_dir(dir)?;
     if tokenizer.vocab_size() > imp.config.vocab_size {
         bail!(
@@ -94,7 +97,9 @@ fn import_hf(dir: &Path, device: &Device) -> Result<Loaded> {
 }
 
 /// A PEFT adapter on its Hugging Face base (`base_model_name_or_path`, relative to the
-/// current directory or to the adapter's), merged: the adapted model as a pretrained policy.
+/// current directory or to the adapter's), merged: the adapted model as a pretrained policy,
+/// or for a `SEQ_CLS` adapter (TRL's LoRA reward models) as a reward model with the
+/// adapter's score head.
 fn import_peft(dir: &Path, device: &Device) -> Result<Loaded> {
     let adapter = hf::read_peft(dir, device)?;
     let base = [adapter.base.clone(), dir.join(&adapter.base)]
@@ -107,7 +112,9 @@ fn import_peft(dir: &Path, device: &Device) -> Result<Loaded> {
                 adapter.base.display()
             )
         })?;
-    let mut loaded = import_hf(&base, device)?;
+    let imp = hf::import(&base, device)?;
+    let config_pad = imp.pad_token_id;
+    let mut loaded = loaded_from(imp, &base)?;
     merge_adapters(&mut loaded.tensors, &adapter.tensors, adapter.scale).with_context(|| {
         format!(
             "{}: cannot merge the adapter into {}",
@@ -115,8 +122,45 @@ fn import_peft(dir: &Path, device: &Device) -> Result<Loaded> {
             base.display()
         )
     })?;
+    if adapter.head == hf::Head::Score {
+        let file = dir.join("adapter_model.safetensors");
+        classifier_from(&mut loaded, &adapter.score, config_pad)
+            .with_context(|| format!("{}: the score head", file.display()))?;
+    }
     loaded.dir = dir.to_path_buf();
     Ok(loaded)
+}
+
+/// `loaded` (a causal LM or a classifier) as the one-label classifier a `SEQ_CLS` adapter
+/// makes of it: no LM head, `score` (Hugging Face names) as its reward head, and scored
+/// where transformers scores it: at the last token that is not the base config's padding id,
+/// or where the config has none the tokenizer's, which TRL's RewardTrainer sets before it
+/// trains.
+fn classifier_from(
+    loaded: &mut Loaded,
+    score: &HashMap<String, Tensor>,
+    config_pad: Option<u32>,
+) -> Result<()> {
+    let cfg = &mut loaded.meta.model;
+    if loaded.meta.kind == CheckpointKind::Policy {
+        loaded.tensors.remove("lm_head.weight");
+        cfg.tie_word_embeddings = true;
+        cfg.score_pad = Some(config_pad.unwrap_or(loaded.tokenizer.pad_id()));
+    }
+    let hidden = cfg.hidden_size;
+    loaded.tensors.remove("score.bias");
+    for (name, t) in score {
+        let (ours, t) = hf::score_to_temper(name, t, hidden)?;
+        loaded.tensors.insert(ours, t);
+    }
+    if !loaded.tensors.contains_key("score.bias") {
+        let zero = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
+        let zero = zero.to_device(loaded.tensors["score.weight"].device())?;
+        loaded.tensors.insert("score.bias".into(), zero);
+    }
+    loaded.meta.stage = Stage::Reward;
+    loaded.meta.kind = CheckpointKind::Reward;
+    Ok(())
 }
 
 /// `W <- W + scale * B A` for every `X.lora_a` / `X.lora_b` pair.

@@ -165,11 +165,15 @@ std::pair<int, int> simple_row_blocks(const Case &c) {
 }
 
 // decode_splits: the simple forward's key slices.
+// Dims::keys_seen: the keys a call splits, all of them or a window's.
+int keys_seen(const Case &c) { return c.window > 0 ? std::min(c.tk, c.window + c.tq - 1) : c.tk; }
+
 int decode_splits(const Case &c) {
   const int base = simple_row_blocks(c).second * c.b * c.hkv;
   const int target = 2 * kSmCount;
-  if (base < target && c.tk > 256)
-    return std::min(std::min(div_ceil(target, base), div_ceil(c.tk, 128)), 64);
+  const int keys = keys_seen(c);
+  if (base < target && keys > 256)
+    return std::min(std::min(div_ceil(target, base), div_ceil(keys, 128)), 64);
   return 1;
 }
 
@@ -178,7 +182,7 @@ int decode_stream_splits(const Case &c) {
   const int base = c.b * c.hkv;
   const int target = 4 * kSmCount;
   if (base < target)
-    return std::clamp(std::min(div_ceil(target, base), div_ceil(c.tk, 256)), 1, 64);
+    return std::clamp(std::min(div_ceil(target, base), div_ceil(keys_seen(c), 256)), 1, 64);
   return 1;
 }
 
@@ -486,10 +490,12 @@ int main(int argc, char **argv) {
       // Sliding windows: the stream and the simple forward start each row at its window's
       // first key, split or not, with padding inside or before the window.
       {"window300 d64 r1 cache", D::BF16, 2, 2, 2, 1, 700, 768, 64, true, 699, false, 300},
-      {"window200 d128 gqa4 masked split", D::BF16, 3, 4, 1, 1, 1100, 1152, 128, true, 1099, true, 200},
+      {"window200 d128 gqa4 masked", D::BF16, 3, 4, 1, 1, 1100, 1152, 128, true, 1099, true, 200},
+      {"window600 d64 r1 split", D::F16, 1, 2, 2, 1, 1100, 1152, 64, true, 1099, false, 600},
       {"window41 d64 gqa2 tq2 masked", D::F16, 3, 4, 2, 2, 530, 600, 64, true, 528, true, 41},
       {"window64 d96 gqa2 masked cache", D::BF16, 3, 4, 2, 1, 400, 512, 96, true, 399, true, 64},
       {"window9 d40 tq5 offset cache", D::F32, 1, 2, 2, 5, 330, 400, 40, true, 325, false, 9},
+      {"window300 d40 tq5 split cache", D::F32, 1, 2, 2, 5, 700, 768, 40, true, 695, false, 300},
   };
   // name, b, hq, hkv, cap, len, d, rope, mask
   const FreshCase fresh[] = {

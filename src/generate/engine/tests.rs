@@ -16,7 +16,8 @@ fn ctx() -> Ctx {
 /// and GELU instead of RoPE, RMSNorm and SwiGLU; `qwen3` adds Qwen3's per-head norms of q and
 /// k (large random gains, not the ones they start at) on heads wider than hidden / heads;
 /// `smollm3` leaves the rotary positions out of its second layer (NoPE); `window` slides a
-/// window of 3 positions over its first layer (the second sees everything).
+/// window of 3 positions over its first layer (the second sees everything), `window-wide` one
+/// of 40, longer than any sequence here, over both.
 fn net(preset: &str) -> (ParamStore, Transformer) {
     let mut cfg = match preset {
         "qwen3" => ModelConfig {
@@ -31,6 +32,10 @@ fn net(preset: &str) -> (ParamStore, Transformer) {
         "window" => ModelConfig {
             sliding_window: Some(3),
             full_attention_layers: vec![1],
+            ..ModelConfig::preset("tiny").unwrap()
+        },
+        "window-wide" => ModelConfig {
+            sliding_window: Some(40),
             ..ModelConfig::preset("tiny").unwrap()
         },
         _ => ModelConfig::preset(preset).unwrap(),
@@ -109,6 +114,7 @@ fn greedy_equals_a_full_recompute_loop() {
         ("smollm3", DecodeMode::Fixed),
         ("window", DecodeMode::Dynamic),
         ("window", DecodeMode::Fixed),
+        ("window-wide", DecodeMode::Fixed),
     ] {
         let (_s, net) = net(preset);
         let ps = prompts(&tok, &texts);
@@ -142,6 +148,10 @@ fn greedy_equals_a_full_recompute_loop() {
             g.stats.prefill_rows, 4,
             "the repeated prompt is not prefilled twice"
         );
+        // Fixed shapes place the query at the cache's end: a window that can hide a key
+        // (3 positions here) sends the steps to dynamic shapes, one that cannot (40) keeps them.
+        let fixed = decode == DecodeMode::Fixed && preset != "window";
+        assert_eq!(g.stats.fixed_steps > 0, fixed, "{preset} {decode:?}");
         assert_eq!(
             g.stats.new_tokens,
             g.tokens.iter().map(Vec::len).sum::<usize>()

@@ -386,6 +386,15 @@ impl Dims {
     fn q_rows(&self) -> usize {
         self.b * self.hq * self.tq
     }
+    /// Keys the rows of a (batch, kv head) can see at most: all of them, or under a sliding
+    /// window of `window` keys (0: none) the window and the queries past the first. What a
+    /// decode call splits.
+    fn keys_seen(&self, window: i32) -> usize {
+        match usize::try_from(window) {
+            Ok(w) if w > 0 => self.tk.min(w + self.tq - 1),
+            _ => self.tk,
+        }
+    }
     /// The simple kernels' query-row blocking: (warps per block, blocks along grid y). A
     /// block's warps take rows of all `G` query heads of one kv head.
     fn simple_row_blocks(&self) -> (usize, usize) {
@@ -819,11 +828,12 @@ fn launch_fwd_mma(
 
 /// How many slices of the key range the simple forward takes: more than one only when the
 /// query rows alone are too few blocks to fill the GPU (decode), each slice >= 128 keys.
-fn decode_splits(dev: &CudaDevice, dims: &Dims) -> Result<usize> {
+fn decode_splits(dev: &CudaDevice, dims: &Dims, window: i32) -> Result<usize> {
     let base = dims.simple_row_blocks().1 * dims.b * dims.hkv;
     let target = 2 * sm_count(dev)? as usize;
-    Ok(if base < target && dims.tk > 256 {
-        target.div_ceil(base).min(dims.tk.div_ceil(128)).min(64)
+    let keys = dims.keys_seen(window);
+    Ok(if base < target && keys > 256 {
+        target.div_ceil(base).min(keys.div_ceil(128)).min(64)
     } else {
         1
     })
@@ -854,7 +864,7 @@ fn launch_decode(
     let nsplit = match base < target {
         true => target
             .div_ceil(base)
-            .min(dims.tk.div_ceil(256))
+            .min(dims.keys_seen(p.window).div_ceil(256))
             .clamp(1, 64),
         false => 1,
     };
@@ -896,13 +906,13 @@ pub fn decode_fresh(
     let Ok(dev) = y.device().as_cuda_device() else {
         return Ok(None);
     };
-    // A decode step has no packed rows; the general path refuses them with its reason. Its
-    // causal offset is the cache's capacity, not the query's position, which a sliding window
-    // would count from (the engine takes dynamic shapes where a window can hide a key).
-    if mask.segments.is_some() || mask.window.is_some() {
+    // A decode step has no packed rows; the general path refuses them with its reason. A
+    // window shorter than the cache could hide a key, which the kernel would have to count
+    // back from the query's position `step[0]` (the engine takes dynamic shapes there).
+    let (b, hkv, cap, d) = kc.dims4()?;
+    if mask.segments.is_some() || mask.window.is_some_and(|w| w < cap) {
         return Ok(None);
     }
-    let (b, hkv, cap, d) = kc.dims4()?;
     let Some(valid) = mask.key_valid.filter(|m| m.dims() == [b, cap]) else {
         return Ok(None);
     };
@@ -1070,7 +1080,7 @@ fn launch_fwd_simple(dev: &CudaDevice, dt: DType, dims: &Dims, p: AttnParams) ->
     let name = format!("attn_fwd_simple{seg}_{}_d{dpl}", dt.as_str());
     let func = load_func(dev, FWD, &name)?;
     let (nw, row_blocks) = dims.simple_row_blocks();
-    let nsplit = decode_splits(dev, dims)?;
+    let nsplit = decode_splits(dev, dims, p.window)?;
     let cfg = LaunchConfig {
         grid_dim: ((dims.b * dims.hkv) as u32, row_blocks as u32, nsplit as u32),
         block_dim: (32 * nw as u32, 1, 1),
