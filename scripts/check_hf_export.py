@@ -48,30 +48,20 @@ def main(out):
         d = (logits(dst, exp["input_ids"][0]) - torch.tensor(exp["logits"][0])).abs().max().item()
         print(f"{fam}: transformers on temper's export vs the original: max |diff| {d:.2e}")
         worst = max(worst, d)
-    # The reward model saved by transformers (one-label LlamaForSequenceClassification), through
-    # temper's import and export, scored by transformers again.
-    src = os.path.join(ROOT, "tests/fixtures/hf/llama_rm")
-    dst = os.path.join(out, "llama_rm")
-    temper("export", "--checkpoint", src, "--out", dst, "--format", "hf")
-    exp = json.load(open(os.path.join(src, "expected.json")))
-    rm = AutoModelForSequenceClassification.from_pretrained(dst, dtype=torch.float32).eval()
-    with torch.no_grad():
-        got = [float(rm(torch.tensor([ids])).logits[0, 0]) for ids in exp["input_ids"]]
-    d = max(abs(a - b) for a, b in zip(got, exp["scores"]))
-    print(f"llama_rm: transformers on temper's export of the reward model vs the original: max |diff| {d:.2e}")
-    worst = max(worst, d)
-    # TRL's LoRA reward model (a SEQ_CLS PEFT adapter on the llama fixture), merged by temper
-    # and exported as a classifier, against PEFT's own scores.
-    src = os.path.join(ROOT, "tests/fixtures/hf/llama_rm_lora")
-    dst = os.path.join(out, "llama_rm_lora")
-    temper("export", "--checkpoint", src, "--out", dst, "--format", "hf")
-    exp = json.load(open(os.path.join(src, "expected.json")))
-    rm = AutoModelForSequenceClassification.from_pretrained(dst, dtype=torch.float32).eval()
-    with torch.no_grad():
-        got = [float(rm(torch.tensor([ids])).logits[0, 0]) for ids in exp["input_ids"]]
-    d = max(abs(a - b) for a, b in zip(got, exp["scores"]))
-    print(f"llama_rm_lora: transformers on temper's merged export vs PEFT's scores: max |diff| {d:.2e}")
-    worst = max(worst, d)
+    # The reward model saved by transformers (one-label LlamaForSequenceClassification), and
+    # TRL's LoRA one (a SEQ_CLS PEFT adapter on the llama fixture, which temper merges), through
+    # temper's import and export, scored by transformers against the originals' scores.
+    for fix in ["llama_rm", "llama_rm_lora"]:
+        src = os.path.join(ROOT, "tests/fixtures/hf", fix)
+        dst = os.path.join(out, fix)
+        temper("export", "--checkpoint", src, "--out", dst, "--format", "hf")
+        exp = json.load(open(os.path.join(src, "expected.json")))
+        rm = AutoModelForSequenceClassification.from_pretrained(dst, dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = [float(rm(torch.tensor([ids])).logits[0, 0]) for ids in exp["input_ids"]]
+        d = max(abs(a - b) for a, b in zip(got, exp["scores"]))
+        print(f"{fix}: transformers on temper's export of the reward model vs the original: max |diff| {d:.2e}")
+        worst = max(worst, d)
     data = os.path.join(out, "sft.jsonl")
     with open(data, "w") as f:
         for i in range(40):

@@ -214,40 +214,54 @@ def make(name, config, tok, tok_kwargs, chat_template, config_ids, gen_eos):
     return model
 
 
-def make_lora():
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    d = os.path.join(OUT, "llama_lora")
-    shutil.rmtree(d, ignore_errors=True)
-    # Load the base from disk (relative path, so adapter_config.json names it portably).
+def from_root(load, name):
+    """`load(path)` of fixture `name` by its path relative to the repository root, so that an
+    adapter's adapter_config.json names its base portably."""
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        base = AutoModelForCausalLM.from_pretrained(
-            os.path.join(OUT_REL, "llama"), dtype=torch.float32, attn_implementation="eager"
-        )
+        return load(os.path.join(OUT_REL, name))
     finally:
         os.chdir(cwd)
-    base.eval()
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
+
+
+def random_adapter(base, cfg, seed, d, also=lambda name, p: False):
+    """`base` with LoRA `cfg`, its factors (PEFT starts B at 0) and the parameters `also`
+    picks made random, saved to `d` with the config's module lists sorted (PEFT writes them
+    from a Python set, whose order varies with the hash seed) and no model card."""
+    from peft import get_peft_model
+
+    shutil.rmtree(d, ignore_errors=True)
     pm = get_peft_model(base, cfg)
-    torch.manual_seed(SEED + 1)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for n, p in pm.named_parameters():
-            if "lora_A" in n or "lora_B" in n:  # PEFT inits B = 0; make both random
+            if "lora_A" in n or "lora_B" in n or also(n, p):
                 p.copy_(0.1 * torch.randn_like(p))
     pm.eval()
     pm.save_pretrained(d)
-    # PEFT writes target_modules from a Python set (order varies with the hash
-    # seed): sort it so reruns are byte-identical. Drop its boilerplate model card.
     ac_path = os.path.join(d, "adapter_config.json")
     ac = json.load(open(ac_path))
-    ac["target_modules"] = sorted(ac["target_modules"])
+    for key in ["target_modules", "modules_to_save"]:
+        if isinstance(ac.get(key), list):
+            ac[key] = sorted(ac[key])
     with open(ac_path, "w") as f:
         json.dump(ac, f, indent=2, sort_keys=True)
         f.write("\n")
     if os.path.exists(os.path.join(d, "README.md")):
         os.remove(os.path.join(d, "README.md"))
+    return pm
+
+
+def make_lora():
+    from peft import LoraConfig
+
+    d = os.path.join(OUT, "llama_lora")
+    base = from_root(lambda path: AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"), "llama")
+    base.eval()
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
+    pm = random_adapter(base, cfg, SEED + 1, d)
     ids = INPUT_IDS[0]
     logits = logits_of(pm, ids)
     merged = pm.merge_and_unload()
@@ -303,38 +317,16 @@ def make_rm_lora(pad):
     LlamaForSequenceClassification whose padding id TRL sets to the tokenizer's), LoRA on
     q_proj and v_proj, and the new score head saved whole beside the factors
     (`modules_to_save`); its scores of llama_rm's three sequences."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     d = os.path.join(OUT, "llama_rm_lora")
-    shutil.rmtree(d, ignore_errors=True)
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        base = AutoModelForSequenceClassification.from_pretrained(
-            os.path.join(OUT_REL, "llama"), num_labels=1, pad_token_id=pad, dtype=torch.float32,
-            attn_implementation="eager",
-        )
-    finally:
-        os.chdir(cwd)
+    base = from_root(lambda path: AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, pad_token_id=pad, dtype=torch.float32, attn_implementation="eager"),
+        "llama")
     cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                      task_type="SEQ_CLS")
-    pm = get_peft_model(base, cfg)
-    torch.manual_seed(SEED + 3)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_A" in n or "lora_B" in n or ("score" in n and p.requires_grad):
-                p.copy_(0.1 * torch.randn_like(p))
-    pm.eval()
-    pm.save_pretrained(d)
-    ac_path = os.path.join(d, "adapter_config.json")
-    ac = json.load(open(ac_path))
-    ac["target_modules"] = sorted(ac["target_modules"])
-    ac["modules_to_save"] = sorted(ac["modules_to_save"])
-    with open(ac_path, "w") as f:
-        json.dump(ac, f, indent=2, sort_keys=True)
-        f.write("\n")
-    if os.path.exists(os.path.join(d, "README.md")):
-        os.remove(os.path.join(d, "README.md"))
+    # The score head's trainable copy (modules_to_save) is what the adapter saves.
+    pm = random_adapter(base, cfg, SEED + 3, d, lambda n, p: "score" in n and p.requires_grad)
     seqs = INPUT_IDS + [INPUT_IDS[0][:5] + [pad, pad]]
     with torch.no_grad():
         scores = [float(pm(torch.tensor([ids])).logits[0, 0]) for ids in seqs]

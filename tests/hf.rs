@@ -574,6 +574,24 @@ fn rm_scores(dir: &Path, seqs: &[Vec<u32>], pack: bool) -> Vec<f32> {
     s.to_vec1::<f32>().unwrap()
 }
 
+/// A reward fixture's test sequences and the scores its reference implementation gave them.
+fn rm_expected(dir: &Path) -> (Vec<Vec<u32>>, Vec<f64>) {
+    let e = expected(dir);
+    let seqs = e["input_ids"].as_array().unwrap().iter().map(ids_of);
+    let scores = e["scores"].as_array().unwrap().iter();
+    (
+        seqs.collect(),
+        scores.map(|s| s.as_f64().unwrap()).collect(),
+    )
+}
+
+fn close_scores(got: &[f32], want: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (g, w) in got.iter().zip(want) {
+        assert!((*g as f64 - w).abs() < 1e-4, "{what}: {got:?} vs {want:?}");
+    }
+}
+
 /// A reward model as TRL's RewardTrainer saves one (a one-label LlamaForSequenceClassification
 /// whose padding id is also its EOS) loads as a reward model and scores as transformers does,
 /// at each sequence's last token that is not the padding id, packed or not (the third
@@ -585,21 +603,14 @@ fn rm_scores(dir: &Path, seqs: &[Vec<u32>], pack: bool) -> Vec<f32> {
 fn a_hugging_face_reward_model_scores_trains_and_exports_as_transformers_reads_it() {
     let d = tmp();
     let fix = fixture("llama_rm");
-    let e = expected(&fix);
-    let seqs: Vec<Vec<u32>> = e["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(ids_of)
-        .collect();
+    let (seqs, want) = rm_expected(&fix);
     assert_eq!(seqs.len(), 3);
     for pack in [false, true] {
-        let got = rm_scores(&fix, &seqs, pack);
-        assert_eq!(got.len(), 3);
-        for (g, w) in got.iter().zip(e["scores"].as_array().unwrap()) {
-            let w = w.as_f64().unwrap();
-            assert!((*g as f64 - w).abs() < 1e-4, "pack {pack}: {got:?} vs {w}");
-        }
+        close_scores(
+            &rm_scores(&fix, &seqs, pack),
+            &want,
+            &format!("pack {pack}"),
+        );
     }
     // Exported as a classifier: its directory and config.
     let classifier = |from: &Path, name: &str| {
@@ -702,27 +713,13 @@ fn a_hugging_face_reward_model_scores_trains_and_exports_as_transformers_reads_i
 fn a_trl_lora_reward_adapter_scores_as_peft_does() {
     let d = tmp();
     let fix = fixture("llama_rm_lora");
-    let e = expected(&fix);
-    let seqs: Vec<Vec<u32>> = e["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(ids_of)
-        .collect();
-    let want: Vec<f64> = e["scores"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_f64().unwrap())
-        .collect();
-    let close = |got: &[f32], what: &str| {
-        assert_eq!(got.len(), want.len());
-        for (g, w) in got.iter().zip(&want) {
-            assert!((*g as f64 - w).abs() < 1e-4, "{what}: {got:?} vs {want:?}");
-        }
-    };
+    let (seqs, want) = rm_expected(&fix);
     for pack in [false, true] {
-        close(&rm_scores(&fix, &seqs, pack), &format!("pack {pack}"));
+        close_scores(
+            &rm_scores(&fix, &seqs, pack),
+            &want,
+            &format!("pack {pack}"),
+        );
     }
     let out = p(d.path(), "rm-hf");
     export(&fix, &out, "hf");
@@ -731,8 +728,8 @@ fn a_trl_lora_reward_adapter_scores_as_peft_does() {
         cfg["architectures"],
         serde_json::json!(["LlamaForSequenceClassification"])
     );
-    assert_eq!(cfg["pad_token_id"], e["pad_token_id"], "{cfg}");
-    close(&rm_scores(&out, &seqs, false), "exported");
+    assert_eq!(cfg["pad_token_id"], expected(&fix)["pad_token_id"], "{cfg}");
+    close_scores(&rm_scores(&out, &seqs, false), &want, "exported");
 
     let edited = |name: &str, from: &Path, task: &str| {
         let dir = p(d.path(), name);

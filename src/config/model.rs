@@ -354,31 +354,22 @@ impl ModelConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("model.dropout must be in [0, 1), got {}", self.dropout);
         }
-        if let Some(&l) = self
-            .nope_layers
-            .iter()
-            .find(|&&l| l >= self.num_hidden_layers)
-        {
-            bail!(
-                "model.nope_layers names layer {l} of a model with {} layers",
-                self.num_hidden_layers
-            );
+        for (field, layers) in [
+            ("nope_layers", &self.nope_layers),
+            ("full_attention_layers", &self.full_attention_layers),
+        ] {
+            if let Some(&l) = layers.iter().find(|&&l| l >= self.num_hidden_layers) {
+                bail!(
+                    "model.{field} names layer {l} of a model with {} layers",
+                    self.num_hidden_layers
+                );
+            }
         }
         if !self.nope_layers.is_empty() && self.position != PositionKind::Rope {
             bail!("model.nope_layers needs rotary positions (position = \"rope\") elsewhere");
         }
         if self.sliding_window == Some(0) {
             bail!("model.sliding_window must be at least 1 (the query itself)");
-        }
-        if let Some(&l) = self
-            .full_attention_layers
-            .iter()
-            .find(|&&l| l >= self.num_hidden_layers)
-        {
-            bail!(
-                "model.full_attention_layers names layer {l} of a model with {} layers",
-                self.num_hidden_layers
-            );
         }
         if !self.full_attention_layers.is_empty() && self.sliding_window.is_none() {
             bail!("model.full_attention_layers needs model.sliding_window for the other layers");
