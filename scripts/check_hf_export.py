@@ -10,8 +10,8 @@ of 4 positions). Then it fine-tunes the llama, qwen2, qwen3 and smollm3 fixtures
 for a few steps, exports the merged model and the adapter (`--format peft`),
 and checks that `PeftModel.from_pretrained(base, adapter)` gives the merged model's logits; and
 the llama_rm reward model, exported, scores as the original under
-`AutoModelForSequenceClassification`, as does the llama_rm_lora SEQ_CLS adapter (TRL's LoRA
-reward model), merged and exported, against PEFT's scores. Needs the
+`AutoModelForSequenceClassification`, as does the llama_rm_lora adapter (TRL's LoRA reward
+model), merged and exported, against the PEFT model's scores. Needs the
 venv of scripts/make_hf_fixtures.py and a built temper (`cargo build`); CI does not run it.
 """
 
@@ -49,7 +49,7 @@ def main(out):
         print(f"{fam}: transformers on temper's export vs the original: max |diff| {d:.2e}")
         worst = max(worst, d)
     # The reward model saved by transformers (one-label LlamaForSequenceClassification), and
-    # TRL's LoRA one (a SEQ_CLS PEFT adapter on the llama fixture, which temper merges), through
+    # TRL's LoRA one (a PEFT adapter on the llama fixture, which temper merges), through
     # temper's import and export, scored by transformers against the originals' scores.
     for fix in ["llama_rm", "llama_rm_lora"]:
         src = os.path.join(ROOT, "tests/fixtures/hf", fix)

@@ -9,8 +9,8 @@ computed by `transformers` in float32. `llama_lora/` is a PEFT LoRA adapter for
 the llama fixture, with the adapted and merged logits. `llama_rm/` is a reward
 model as TRL's RewardTrainer saves one (LlamaForSequenceClassification, one
 label, its padding id also its EOS), with its scores of the test sequences;
-`llama_rm_lora/` one saved with a peft_config (a SEQ_CLS LoRA adapter on the llama
-fixture, its score head saved whole), with its scores.
+`llama_rm_lora/` one saved with a peft_config (a LoRA adapter on the llama fixture, its
+score head saved whole, its tokenizer padding with EOS), with its scores.
 
 The Rust tests (CI) only READ these files; nothing in CI runs this script.
 To regenerate them (a few seconds on a CPU):
@@ -311,12 +311,14 @@ def make_rm(config, tok, tok_kwargs, pad):
     assert max(abs(a - b) for a, b in zip(scores, again)) < 1e-6, (scores, again)
 
 
-def make_rm_lora(pad):
-    """A LoRA reward model as TRL's RewardTrainer saves one with a peft_config: a PEFT
-    adapter of task type SEQ_CLS on the llama fixture (a causal LM, loaded as a one-label
-    LlamaForSequenceClassification whose padding id TRL sets to the tokenizer's), LoRA on
-    q_proj and v_proj, and the new score head saved whole beside the factors
-    (`modules_to_save`); its scores of llama_rm's three sequences."""
+def make_rm_lora(tok, tok_kwargs, pad):
+    """A LoRA reward model as TRL's RewardTrainer saves one with the peft_config of its
+    documentation, `LoraConfig(modules_to_save=["score"])` (no task type): LoRA on q_proj and
+    v_proj of the llama fixture (a causal LM, loaded as a one-label
+    LlamaForSequenceClassification) and the new score head saved whole, with the tokenizer
+    TRL trained with beside it. That tokenizer names no padding token, so TRL pads with its
+    EOS (`pad`) and sets the classifier's pad_token_id to it, not the base's padding token;
+    the scores of llama_rm's sequences, the third ending in two of them."""
     from peft import LoraConfig
 
     d = os.path.join(OUT, "llama_rm_lora")
@@ -324,9 +326,10 @@ def make_rm_lora(pad):
         path, num_labels=1, pad_token_id=pad, dtype=torch.float32, attn_implementation="eager"),
         "llama")
     cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                     task_type="SEQ_CLS")
+                     modules_to_save=["score"])
     # The score head's trainable copy (modules_to_save) is what the adapter saves.
     pm = random_adapter(base, cfg, SEED + 3, d, lambda n, p: "score" in n and p.requires_grad)
+    PreTrainedTokenizerFast(tokenizer_object=tok, **tok_kwargs).save_pretrained(d, save_jinja_files=False)
     seqs = INPUT_IDS + [INPUT_IDS[0][:5] + [pad, pad]]
     with torch.no_grad():
         scores = [float(pm(torch.tensor([ids])).logits[0, 0]) for ids in seqs]
@@ -450,7 +453,8 @@ def main(only):
         make_rm(llama_cfg, tok, dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                                      pad_token="<|end_of_text|>"), llama_pad)
     if "llama" in only or "llama_rm_lora" in only:
-        make_rm_lora(llama_pad)
+        tok = build_tokenizer([], llama_specials, bos="<|begin_of_text|>")
+        make_rm_lora(tok, dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"), eot_id)
 
     for name in only:
         if name in FAMILIES:

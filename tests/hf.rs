@@ -703,14 +703,16 @@ fn a_hugging_face_reward_model_scores_trains_and_exports_as_transformers_reads_i
     assert!(!scores.is_empty(), "the GRPO run scored its rollouts");
 }
 
-/// A LoRA reward model as TRL's RewardTrainer saves one with a peft_config (a SEQ_CLS PEFT
-/// adapter on the llama fixture, a causal LM, with the new score head saved whole) loads as a
-/// reward model and scores as PEFT does, padded and packed, at the last token that is not the
-/// tokenizer's padding id (which TRL gives the classifier); it exports as a classifier that
-/// carries that padding id and scores the same. Adapters of another task type, and a SEQ_CLS
-/// one without its score head, are refused naming the file.
+/// A LoRA reward model as TRL's RewardTrainer saves one with the peft_config of its
+/// documentation (no task type; LoRA on the llama fixture, a causal LM, and the new score head
+/// saved whole, with the tokenizer it trained with, which names no padding token) loads as a
+/// reward model and scores as the classifier was trained: at the last token that is not the
+/// padding id TRL gave it, that tokenizer's EOS (the base's own padding token is another),
+/// padded and packed. It exports as a classifier that carries that padding id and scores the
+/// same. Declared SEQ_CLS it reads the same; an adapter of another task, a CAUSAL_LM one
+/// beside a score head, and a SEQ_CLS one without it are refused naming the file.
 #[test]
-fn a_trl_lora_reward_adapter_scores_as_peft_does() {
+fn a_trl_lora_reward_adapter_scores_as_it_was_trained() {
     let d = tmp();
     let fix = fixture("llama_rm_lora");
     let (seqs, want) = rm_expected(&fix);
@@ -731,11 +733,13 @@ fn a_trl_lora_reward_adapter_scores_as_peft_does() {
     assert_eq!(cfg["pad_token_id"], expected(&fix)["pad_token_id"], "{cfg}");
     close_scores(&rm_scores(&out, &seqs, false), &want, "exported");
 
+    // A copy of adapter `from` (its tokenizer too) with task type `task`.
     let edited = |name: &str, from: &Path, task: &str| {
         let dir = p(d.path(), name);
         std::fs::create_dir_all(&dir).unwrap();
-        for f in ["adapter_model.safetensors", "adapter_config.json"] {
-            std::fs::copy(from.join(f), dir.join(f)).unwrap();
+        for f in std::fs::read_dir(from).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
         }
         let path = dir.join("adapter_config.json");
         let mut v: serde_json::Value =
@@ -744,20 +748,18 @@ fn a_trl_lora_reward_adapter_scores_as_peft_does() {
         std::fs::write(&path, v.to_string()).unwrap();
         dir
     };
+    let declared = edited("declared", &fix, "SEQ_CLS");
+    close_scores(&rm_scores(&declared, &seqs, false), &want, "SEQ_CLS");
     let err = |dir: &Path| match read_checkpoint(dir, &Device::Cpu) {
         Ok(_) => panic!("{} loaded", dir.display()),
         Err(e) => format!("{e:#}"),
     };
-    let tokens = edited("tokens", &fix, "TOKEN_CLS");
-    let e = err(&tokens);
-    assert!(
-        e.contains("adapter_config.json") && e.contains("task_type") && e.contains("TOKEN_CLS"),
-        "{e}"
-    );
-    let headless = edited("headless", &fixture("llama_lora"), "SEQ_CLS");
-    let e = err(&headless);
-    assert!(
-        e.contains("adapter_model.safetensors") && e.contains("score"),
-        "{e}"
-    );
+    for (name, from, task, says) in [
+        ("tokens", fix.clone(), "TOKEN_CLS", "TOKEN_CLS"),
+        ("causal", fix.clone(), "CAUSAL_LM", "score.weight"),
+        ("headless", fixture("llama_lora"), "SEQ_CLS", "score head"),
+    ] {
+        let e = err(&edited(name, &from, task));
+        assert!(e.contains("adapter_") && e.contains(says), "{name}: {e}");
+    }
 }

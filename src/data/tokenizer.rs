@@ -56,6 +56,9 @@ pub struct Specials {
     /// Every id that ends a generation, EOS included.
     pub stops: Vec<u32>,
     pub bos: Option<u32>,
+    /// Whether `tokenizer_config.json` names the padding token (`pad_token`), rather than
+    /// temper choosing one.
+    pub pad_named: bool,
     /// `(file name, text)` of `tokenizer_config.json` and `generation_config.json`.
     pub files: Vec<(String, String)>,
 }
@@ -173,7 +176,10 @@ impl Tokenizer {
                 eos = id_of(&tc_path, "eos_token", &t)?;
             }
             pad = match token_field(&v, "pad_token") {
-                Some(t) => id_of(&tc_path, "pad_token", &t)?,
+                Some(t) => {
+                    specials.pad_named = true;
+                    id_of(&tc_path, "pad_token", &t)?
+                }
                 None => pad,
             };
             if let Some(t) = token_field(&v, "bos_token") {
@@ -332,6 +338,15 @@ impl Tokenizer {
         match self {
             Tokenizer::Bytes => BYTE_PAD,
             Tokenizer::Hf { pad, .. } => *pad,
+        }
+    }
+
+    /// The padding id Hugging Face trainers (TRL's) take: the `pad_token` the tokenizer's
+    /// files name, else its EOS.
+    pub fn named_pad_or_eos(&self) -> u32 {
+        match self {
+            Tokenizer::Hf { specials, pad, .. } if specials.pad_named => *pad,
+            _ => self.eos_id(),
         }
     }
 

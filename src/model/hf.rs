@@ -291,17 +291,14 @@ impl HfConfig {
         }
         let types = self.layer_types.as_ref().filter(|_| qwen_like);
         let slides = |types: &Vec<String>| types.iter().any(|t| t == "sliding_attention");
-        if family == Family::SmolLm3
-            && window.is_none()
-            && field.is_some()
-            && types.is_some_and(slides)
-        {
-            // transformers masks those layers with the window anyway (its SmolLM3 keeps
-            // `sliding_window` without `use_sliding_window`) while its attention does not use
-            // it: no one reading of such a file is right.
+        if window.is_none() && types.is_some_and(slides) {
+            // transformers cannot run such a file: without a window in use its masks of those
+            // layers fail (Qwen), or take a window its attention then ignores (SmolLM3, which
+            // keeps `sliding_window` without `use_sliding_window`).
             return Err(at.refuse(
-                "use_sliding_window",
-                "false beside a sliding_window and sliding_attention layers is ambiguous",
+                "layer_types",
+                "sliding_attention layers without a window in use (use_sliding_window and \
+                 sliding_window) are ambiguous",
             ));
         }
         let sliding: Vec<bool> = match types {
@@ -498,8 +495,6 @@ pub struct Imported {
     pub head: Head,
     pub config: ModelConfig,
     pub tensors: HashMap<String, Tensor>,
-    /// `config.json`'s `pad_token_id` (none where absent or negative).
-    pub pad_token_id: Option<u32>,
 }
 
 /// Reads a model directory: its config, then every tensor (memory-mapped, one at a time),
@@ -509,11 +504,10 @@ pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
     let hf = HfConfig::read(&cfg_path)?;
     let head = hf.head(&cfg_path)?;
     let (family, mut config) = hf.to_model(&cfg_path)?;
-    let pad_token_id = hf.pad_token_id.and_then(|p| u32::try_from(p).ok());
     if head == Head::Score {
         // A classifier has no language-model head: its scorer reads the hidden states only.
         config.tie_word_embeddings = true;
-        config.score_pad = pad_token_id;
+        config.score_pad = hf.pad_token_id.and_then(|p| u32::try_from(p).ok());
     }
     let mut tensors = HashMap::new();
     for file in weight_files(dir)? {
@@ -556,7 +550,6 @@ pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
         head,
         config,
         tensors,
-        pad_token_id,
     })
 }
 
@@ -967,9 +960,10 @@ pub fn write_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Resu
 
 /// A PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`):
 /// its base model's path, its scale `lora_alpha / r`, and its factors under temper's names
-/// (`model.layers.0.attn.q.lora_a` `[r, in]`, `..lora_b` `[out, r]`). An adapter of task
-/// type `SEQ_CLS` (TRL's RewardTrainer with a peft_config) makes its base a one-label
-/// classifier, a reward model, whose new score head it saves whole (`modules_to_save`).
+/// (`model.layers.0.attn.q.lora_a` `[r, in]`, `..lora_b` `[out, r]`). An adapter of TRL's
+/// RewardTrainer with a peft_config makes its base a one-label classifier, a reward model,
+/// whose new score head it saves whole (`modules_to_save`): task type `SEQ_CLS`, or none (the
+/// `LoraConfig(modules_to_save=["score"])` of TRL's documentation) beside a score head.
 pub struct PeftAdapter {
     pub base: PathBuf,
     pub scale: f64,
@@ -1008,9 +1002,11 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             return Err(at.refuse(field, "per-module ranks and alphas are not implemented"));
         }
     }
-    let head = match v.get("task_type").and_then(|t| t.as_str()) {
-        None | Some("CAUSAL_LM") => Head::Lm,
-        Some("SEQ_CLS") => Head::Score,
+    // None where the adapter names no task: then its tensors decide.
+    let declared = match v.get("task_type").and_then(|t| t.as_str()) {
+        None => None,
+        Some("CAUSAL_LM") => Some(Head::Lm),
+        Some("SEQ_CLS") => Some(Head::Score),
         Some(other) => {
             return Err(at.refuse(
                 "task_type",
@@ -1037,7 +1033,7 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     for (name, t) in raw {
         let t = t.to_dtype(DType::F32)?;
         let module = name.strip_prefix("base_model.model.");
-        if let Some(m) = module.filter(|m| head == Head::Score && m.starts_with("score.")) {
+        if let Some(m) = module.filter(|m| declared != Some(Head::Lm) && m.starts_with("score.")) {
             score.insert(m.to_string(), t);
             continue;
         }
@@ -1045,6 +1041,11 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             peft_to_temper(&name).with_context(|| format!("{}: tensor {name}", file.display()))?;
         tensors.insert(ours, t);
     }
+    let head = match declared {
+        Some(h) => h,
+        None if score.is_empty() => Head::Lm,
+        None => Head::Score,
+    };
     if head == Head::Score && !score.contains_key("score.weight") {
         bail!(
             "{}: a SEQ_CLS adapter without its score head (base_model.model.score.weight): \
@@ -1163,6 +1164,16 @@ mod tests {
             ),
             (
                 "smollm3",
+                serde_json::json!({
+                    "sliding_window": 16,
+                    "layer_types": ["sliding_attention", "full_attention", "full_attention",
+                                    "full_attention", "full_attention", "full_attention",
+                                    "full_attention", "full_attention"]
+                }),
+                "ambiguous",
+            ),
+            (
+                "qwen2",
                 serde_json::json!({
                     "sliding_window": 16,
                     "layer_types": ["sliding_attention", "full_attention", "full_attention",

@@ -64,19 +64,9 @@ pub fn read_checkpoint(path: &Path, device: &Device) -> Result<Loaded> {
 }
 
 fn import_hf(dir: &Path, device: &Device) -> Result<Loaded> {
-    loaded_from(hf::import(dir, device)?, dir)
-}
-
-fn loaded_from(imp: hf::Imported, dir: &Path) -> Result<Loaded> {
+    let imp = hf::import(dir, device)?;
     let tokenizer = Tokenizer::load_dir(dir)?;
-    if tokenizer.vocab_size() > imp.config.vocab_size {
-        bail!(
-            "{}: the tokenizer has {} tokens but the model's vocab_size is {}",
-            dir.display(),
-            tokenizer.vocab_size(),
-            imp.config.vocab_size
-        );
-    }
+    check_vocab(dir, &tokenizer, &imp.config)?;
     let (stage, kind) = match imp.head {
         hf::Head::Lm => (Stage::Pretrain, CheckpointKind::Policy),
         hf::Head::Score => (Stage::Reward, CheckpointKind::Reward),
@@ -96,10 +86,22 @@ fn loaded_from(imp: hf::Imported, dir: &Path) -> Result<Loaded> {
     })
 }
 
+fn check_vocab(dir: &Path, tokenizer: &Tokenizer, cfg: &crate::config::ModelConfig) -> Result<()> {
+    if tokenizer.vocab_size() > cfg.vocab_size {
+        bail!(
+            "{}: the tokenizer has {} tokens but the model's vocab_size is {}",
+            dir.display(),
+            tokenizer.vocab_size(),
+            cfg.vocab_size
+        );
+    }
+    Ok(())
+}
+
 /// A PEFT adapter on its Hugging Face base (`base_model_name_or_path`, relative to the
 /// current directory or to the adapter's), merged: the adapted model as a pretrained policy,
-/// or for a `SEQ_CLS` adapter (TRL's LoRA reward models) as a reward model with the
-/// adapter's score head.
+/// or for a reward adapter (TRL's LoRA reward models: task type `SEQ_CLS`, or none beside a
+/// saved score head) as a reward model with the adapter's score head.
 fn import_peft(dir: &Path, device: &Device) -> Result<Loaded> {
     let adapter = hf::read_peft(dir, device)?;
     let base = [adapter.base.clone(), dir.join(&adapter.base)]
@@ -112,9 +114,7 @@ fn import_peft(dir: &Path, device: &Device) -> Result<Loaded> {
                 adapter.base.display()
             )
         })?;
-    let imp = hf::import(&base, device)?;
-    let config_pad = imp.pad_token_id;
-    let mut loaded = loaded_from(imp, &base)?;
+    let mut loaded = import_hf(&base, device)?;
     merge_adapters(&mut loaded.tensors, &adapter.tensors, adapter.scale).with_context(|| {
         format!(
             "{}: cannot merge the adapter into {}",
@@ -123,30 +123,31 @@ fn import_peft(dir: &Path, device: &Device) -> Result<Loaded> {
         )
     })?;
     if adapter.head == hf::Head::Score {
+        // TRL saves the tokenizer it trained with beside the adapter: its padding id is the
+        // one the classifier was trained to pass over.
+        if dir.join("tokenizer.json").is_file() {
+            loaded.tokenizer = Tokenizer::load_dir(dir)?;
+            loaded.tokenizer_dir = dir.to_path_buf();
+            check_vocab(dir, &loaded.tokenizer, &loaded.meta.model)?;
+        }
         let file = dir.join("adapter_model.safetensors");
-        classifier_from(&mut loaded, &adapter.score, config_pad)
+        classifier_from(&mut loaded, &adapter.score)
             .with_context(|| format!("{}: the score head", file.display()))?;
     }
     loaded.dir = dir.to_path_buf();
     Ok(loaded)
 }
 
-/// `loaded` (a causal LM or a classifier) as the one-label classifier a `SEQ_CLS` adapter
-/// makes of it: no LM head, `score` (Hugging Face names) as its reward head, and scored
-/// where transformers scores it: at the last token that is not the base config's padding id,
-/// or where the config has none the tokenizer's, which TRL's RewardTrainer sets before it
-/// trains.
-fn classifier_from(
-    loaded: &mut Loaded,
-    score: &HashMap<String, Tensor>,
-    config_pad: Option<u32>,
-) -> Result<()> {
+/// `loaded` (a causal LM or a classifier) as the one-label classifier a reward adapter makes
+/// of it: no LM head, `score` (Hugging Face names) as its reward head, and scored where it
+/// was trained to be: at the last token that is not the padding id TRL's RewardTrainer gives
+/// the classifier before it trains (the tokenizer's `pad_token`, else its EOS), whatever the
+/// base config said.
+fn classifier_from(loaded: &mut Loaded, score: &HashMap<String, Tensor>) -> Result<()> {
     let cfg = &mut loaded.meta.model;
-    if loaded.meta.kind == CheckpointKind::Policy {
-        loaded.tensors.remove("lm_head.weight");
-        cfg.tie_word_embeddings = true;
-        cfg.score_pad = Some(config_pad.unwrap_or(loaded.tokenizer.pad_id()));
-    }
+    loaded.tensors.remove("lm_head.weight");
+    cfg.tie_word_embeddings = true;
+    cfg.score_pad = Some(loaded.tokenizer.named_pad_or_eos());
     let hidden = cfg.hidden_size;
     loaded.tensors.remove("score.bias");
     for (name, t) in score {
