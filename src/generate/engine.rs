@@ -101,7 +101,8 @@ pub fn generate(
         .cfg
         .sliding_window
         .is_some_and(|w| longest + cfg.max_new_tokens > w);
-    if window_binds && cfg.engine.decode != DecodeMode::Dynamic {
+    let asked_fixed = cfg.engine.decode == DecodeMode::Fixed;
+    if window_binds && (asked_fixed || replays_graph(cfg.engine.decode, &ctx, &dev)) {
         static SAID: std::sync::Once = std::sync::Once::new();
         SAID.call_once(|| {
             eprintln!(
@@ -114,7 +115,7 @@ pub fn generate(
         });
     }
     let graph = !window_binds && replays_graph(cfg.engine.decode, &ctx, &dev);
-    let fixed_shapes = graph || (!window_binds && cfg.engine.decode == DecodeMode::Fixed);
+    let fixed_shapes = graph || (!window_binds && asked_fixed);
     let mut fixed: Option<StaticStep> = None;
     // One fixed-shape step (a graph replay where it can), counted.
     let fixed_step = |step: &mut StaticStep, cache: &mut KvCache, stats: &mut GenStats| {

@@ -969,7 +969,7 @@ pub struct PeftAdapter {
     pub scale: f64,
     pub tensors: HashMap<String, Tensor>,
     pub head: Head,
-    /// A `SEQ_CLS` adapter's score head, under its Hugging Face names (`score.weight`
+    /// A reward adapter's score head, under its Hugging Face names (`score.weight`
     /// `[1, H]`, perhaps `score.bias`).
     pub score: HashMap<String, Tensor>,
 }
