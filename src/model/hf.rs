@@ -291,14 +291,18 @@ impl HfConfig {
         }
         let types = self.layer_types.as_ref().filter(|_| qwen_like);
         let slides = |types: &Vec<String>| types.iter().any(|t| t == "sliding_attention");
-        if window.is_none() && types.is_some_and(slides) {
-            // transformers cannot run such a file: without a window in use its masks of those
-            // layers fail (Qwen), or take a window its attention then ignores (SmolLM3, which
-            // keeps `sliding_window` without `use_sliding_window`).
+        // Without use_sliding_window Qwen slides nothing, whatever layer_types says (some
+        // transformers versions wrote sliding_attention from max_window_layers on regardless).
+        // SmolLM3 keeps `sliding_window` then, and transformers masks those layers with it
+        // while its attention ignores it: no one reading of such a file is right.
+        if family == Family::SmolLm3
+            && window.is_none()
+            && field.is_some()
+            && types.is_some_and(slides)
+        {
             return Err(at.refuse(
-                "layer_types",
-                "sliding_attention layers without a window in use (use_sliding_window and \
-                 sliding_window) are ambiguous",
+                "use_sliding_window",
+                "false beside a sliding_window and sliding_attention layers is ambiguous",
             ));
         }
         let sliding: Vec<bool> = match types {
@@ -1125,6 +1129,14 @@ mod tests {
         assert_eq!(w(&qwen2), (Some(16), vec![0, 1, 2]));
         let deep = serde_json::json!({"sliding_window": 16, "use_sliding_window": true});
         assert_eq!(w(&family_config("qwen3", deep).unwrap()), none);
+        // Without use_sliding_window nothing slides, whatever layer_types says.
+        let unused = serde_json::json!({
+            "sliding_window": 16, "max_window_layers": 7,
+            "layer_types": ["full_attention", "full_attention", "full_attention",
+                            "full_attention", "full_attention", "full_attention",
+                            "full_attention", "sliding_attention"]
+        });
+        assert_eq!(w(&family_config("qwen2", unused).unwrap()), none);
         // layer_types, where given, says which layers slide.
         let types = serde_json::json!({
             "sliding_window": 16, "use_sliding_window": true,
@@ -1164,16 +1176,6 @@ mod tests {
             ),
             (
                 "smollm3",
-                serde_json::json!({
-                    "sliding_window": 16,
-                    "layer_types": ["sliding_attention", "full_attention", "full_attention",
-                                    "full_attention", "full_attention", "full_attention",
-                                    "full_attention", "full_attention"]
-                }),
-                "ambiguous",
-            ),
-            (
-                "qwen2",
                 serde_json::json!({
                     "sliding_window": 16,
                     "layer_types": ["sliding_attention", "full_attention", "full_attention",
