@@ -709,8 +709,10 @@ fn a_hugging_face_reward_model_scores_trains_and_exports_as_transformers_reads_i
 /// reward model and scores as the classifier was trained: at the last token that is not the
 /// padding id TRL gave it, that tokenizer's EOS (the base's own padding token is another),
 /// padded and packed. It exports as a classifier that carries that padding id and scores the
-/// same. Declared SEQ_CLS it reads the same; an adapter of another task, a CAUSAL_LM one
-/// beside a score head, and a SEQ_CLS one without it are refused naming the file.
+/// same. Declared SEQ_CLS it reads the same; the padding id is that tokenizer's pad_token
+/// where it names one, and the base tokenizer's without one beside the adapter; an adapter of
+/// another task, a CAUSAL_LM one beside a score head, and a SEQ_CLS one without it are refused
+/// naming the file.
 #[test]
 fn a_trl_lora_reward_adapter_scores_as_it_was_trained() {
     let d = tmp();
@@ -750,6 +752,36 @@ fn a_trl_lora_reward_adapter_scores_as_it_was_trained() {
     };
     let declared = edited("declared", &fix, "SEQ_CLS");
     close_scores(&rm_scores(&declared, &seqs, false), &want, "SEQ_CLS");
+    // The padding id: the adapter's tokenizer's pad_token where it names one (TRL saves the
+    // one it set), and without a tokenizer beside the adapter the base's (its pad_token 301).
+    let pad_of = |dir: &Path| {
+        read_checkpoint(dir, &Device::Cpu)
+            .unwrap()
+            .meta
+            .model
+            .score_pad
+    };
+    assert_eq!(
+        pad_of(&fix),
+        Some(302),
+        "EOS, the adapter tokenizer naming no pad"
+    );
+    let named = edited("named", &fix, "SEQ_CLS");
+    let tc = named.join("tokenizer_config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tc).unwrap()).unwrap();
+    v["pad_token"] = "<|end_of_text|>".into();
+    std::fs::write(&tc, v.to_string()).unwrap();
+    assert_eq!(
+        pad_of(&named),
+        Some(301),
+        "the adapter tokenizer's pad_token"
+    );
+    let bare = edited("bare", &fix, "SEQ_CLS");
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::remove_file(bare.join(f)).unwrap();
+    }
+    assert_eq!(pad_of(&bare), Some(301), "the base tokenizer's pad_token");
     let err = |dir: &Path| match read_checkpoint(dir, &Device::Cpu) {
         Ok(_) => panic!("{} loaded", dir.display()),
         Err(e) => format!("{e:#}"),
