@@ -280,6 +280,15 @@ def make_lora():
     return logits
 
 
+def rm_scores(model, pad):
+    """The reward fixtures' sequences (INPUT_IDS and a third ending in two `pad`s) and
+    `model`'s scores of them."""
+    seqs = INPUT_IDS + [INPUT_IDS[0][:5] + [pad, pad]]
+    with torch.no_grad():
+        scores = [float(model(torch.tensor([ids])).logits[0, 0]) for ids in seqs]
+    return seqs, scores
+
+
 def make_rm(config, tok, tok_kwargs, pad):
     """A one-label LlamaForSequenceClassification (what TRL's RewardTrainer saves): its
     scores of INPUT_IDS and of a third sequence ending in two padding ids (here also the
@@ -297,17 +306,14 @@ def make_rm(config, tok, tok_kwargs, pad):
     model.eval()
     model.save_pretrained(d)
     PreTrainedTokenizerFast(tokenizer_object=tok, **tok_kwargs).save_pretrained(d, save_jinja_files=False)
-    seqs = INPUT_IDS + [INPUT_IDS[0][:5] + [pad, pad]]
-    with torch.no_grad():
-        scores = [float(model(torch.tensor([ids])).logits[0, 0]) for ids in seqs]
+    seqs, scores = rm_scores(model, pad)
     write_json(
         os.path.join(d, "expected.json"),
         {"input_ids": seqs, "scores": scores,
          "hf_tensor_names": tensor_names(os.path.join(d, "model.safetensors"))},
     )
     m = AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32).eval()
-    with torch.no_grad():
-        again = [float(m(torch.tensor([ids])).logits[0, 0]) for ids in seqs]
+    _, again = rm_scores(m, pad)
     assert max(abs(a - b) for a, b in zip(scores, again)) < 1e-6, (scores, again)
 
 
@@ -330,9 +336,7 @@ def make_rm_lora(tok, tok_kwargs, pad):
     # The score head's trainable copy (modules_to_save) is what the adapter saves.
     pm = random_adapter(base, cfg, SEED + 3, d, lambda n, p: "score" in n and p.requires_grad)
     PreTrainedTokenizerFast(tokenizer_object=tok, **tok_kwargs).save_pretrained(d, save_jinja_files=False)
-    seqs = INPUT_IDS + [INPUT_IDS[0][:5] + [pad, pad]]
-    with torch.no_grad():
-        scores = [float(pm(torch.tensor([ids])).logits[0, 0]) for ids in seqs]
+    seqs, scores = rm_scores(pm, pad)
     write_json(
         os.path.join(d, "expected.json"),
         {"input_ids": seqs, "scores": scores, "pad_token_id": pad,

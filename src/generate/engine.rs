@@ -102,7 +102,8 @@ pub fn generate(
         .sliding_window
         .is_some_and(|w| longest + cfg.max_new_tokens > w);
     let asked_fixed = cfg.engine.decode == DecodeMode::Fixed;
-    if window_binds && (asked_fixed || replays_graph(cfg.engine.decode, &ctx, &dev)) {
+    let graph_applies = replays_graph(cfg.engine.decode, &ctx, &dev);
+    if window_binds && (asked_fixed || graph_applies) {
         static SAID: std::sync::Once = std::sync::Once::new();
         SAID.call_once(|| {
             eprintln!(
@@ -114,7 +115,7 @@ pub fn generate(
             )
         });
     }
-    let graph = !window_binds && replays_graph(cfg.engine.decode, &ctx, &dev);
+    let graph = !window_binds && graph_applies;
     let fixed_shapes = graph || (!window_binds && asked_fixed);
     let mut fixed: Option<StaticStep> = None;
     // One fixed-shape step (a graph replay where it can), counted.

@@ -544,10 +544,7 @@ pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
                 dir.display()
             );
         }
-        if !tensors.contains_key("score.bias") {
-            let b = hf.temper_score_bias.unwrap_or(0.0);
-            tensors.insert("score.bias".into(), Tensor::new(&[b], device)?);
-        }
+        fill_score_bias(&mut tensors, hf.temper_score_bias.unwrap_or(0.0))?;
     }
     Ok(Imported {
         family,
@@ -574,6 +571,22 @@ pub fn score_to_temper(name: &str, t: &Tensor, hidden: usize) -> Result<(String,
         ),
         _ => bail!("not a weight of a reward model's score head"),
     }
+}
+
+/// temper's reward head has a bias, a classifier's score layer none: where `tensors` (with
+/// their `score.weight`) hold no `score.bias`, `bias` (temper's own, kept beside the config)
+/// or 0.
+pub fn fill_score_bias(tensors: &mut HashMap<String, Tensor>, bias: f32) -> Result<()> {
+    if tensors.contains_key("score.bias") {
+        return Ok(());
+    }
+    let device = tensors
+        .get("score.weight")
+        .context("a reward head without its score.weight")?
+        .device()
+        .clone();
+    tensors.insert("score.bias".into(), Tensor::new(&[bias], &device)?);
+    Ok(())
 }
 
 /// The `config.json` field that carries temper's reward bias, which a Hugging Face

@@ -154,11 +154,7 @@ fn classifier_from(loaded: &mut Loaded, score: &HashMap<String, Tensor>) -> Resu
         let (ours, t) = hf::score_to_temper(name, t, hidden)?;
         loaded.tensors.insert(ours, t);
     }
-    if !loaded.tensors.contains_key("score.bias") {
-        let zero = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
-        let zero = zero.to_device(loaded.tensors["score.weight"].device())?;
-        loaded.tensors.insert("score.bias".into(), zero);
-    }
+    hf::fill_score_bias(&mut loaded.tensors, 0.0)?;
     loaded.meta.stage = Stage::Reward;
     loaded.meta.kind = CheckpointKind::Reward;
     Ok(())
