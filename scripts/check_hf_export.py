@@ -8,7 +8,8 @@ it with `AutoModelForCausalLM.from_pretrained`, and compares its logits with the
 expected.json (recorded from the original model; the mistral and qwen2 fixtures slide a window
 of 4 positions). Then it fine-tunes the llama, qwen2, qwen3 and smollm3 fixtures with LoRA
 for a few steps, exports the merged model and the adapter (`--format peft`),
-and checks that `PeftModel.from_pretrained(base, adapter)` gives the merged model's logits; and
+and checks that `PeftModel.from_pretrained(base, adapter)` gives the merged model's logits, and
+that `AutoTokenizer` reads from both the chat template the fine-tuning was given; and
 the llama_rm reward model, exported, scores as the original under
 `AutoModelForSequenceClassification`, as does the llama_rm_lora adapter (TRL's LoRA reward
 model), merged and exported, against the PEFT model's scores. Needs the
@@ -22,7 +23,7 @@ import sys
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPER = os.environ.get("TEMPER", os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "debug", "temper"))
@@ -66,10 +67,15 @@ def main(out):
     with open(data, "w") as f:
         for i in range(40):
             f.write(json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) + "\n")
+    template = os.path.join(out, "chat_template.jinja")
+    with open(template, "w") as f:
+        f.write("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     for fam in ["llama", "qwen2", "qwen3", "smollm3"]:
         sft = os.path.join(out, f"sft-{fam}")
         temper("sft", "--init", os.path.join(ROOT, "tests/fixtures/hf", fam), "--data", data, "--out", sft,
-               "--steps", "30", "--lora-rank", "4", "--lora-targets", "q,k,v,o", "--device", "cpu")
+               "--steps", "30", "--lora-rank", "4", "--lora-targets", "q,k,v,o", "--device", "cpu",
+               "--chat-template", template)
         merged, adapter = os.path.join(out, f"merged-{fam}"), os.path.join(out, f"adapter-{fam}")
         temper("export", "--checkpoint", sft, "--out", merged, "--format", "hf")
         temper("export", "--checkpoint", sft, "--out", adapter, "--format", "peft")
@@ -80,6 +86,10 @@ def main(out):
             d = (peft(ids).logits[0] - logits(merged, ids[0].tolist())).abs().max().item()
         print(f"{fam}: PEFT adapter on the exported base vs temper's merged export: max |diff| {d:.2e}")
         worst = max(worst, d)
+        for d in [merged, adapter]:
+            if AutoTokenizer.from_pretrained(d).chat_template != open(template).read():
+                print(f"{fam}: {d}: transformers does not read the chat template the run was given")
+                worst = float("inf")
     sys.exit(0 if worst <= 1e-4 else 1)
 
 

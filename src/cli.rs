@@ -96,8 +96,9 @@ pub struct StageArgs {
     /// A tokenizer.json (pretrain only; later stages use their checkpoint's).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// A tokenizer_config.json with a `chat_template`, or a .jinja file, to render SFT
-    /// `messages` with instead of the built-in template.
+    /// The chat template to render conversations with: a .jinja file, a tokenizer_config.json
+    /// with a `chat_template`, or a model directory. Default: the --init model's own, else the
+    /// built-in template. The run's checkpoints keep it (chat_template.jinja), as TRL does.
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<PathBuf>,
     /// Variables for the chat template, as a JSON object (TRL's chat_template_kwargs), e.g.
@@ -240,8 +241,9 @@ pub struct GenerateArgs {
     /// with the chat template. Every field of a record is copied to its output lines.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    /// The chat template for message-list prompts: a tokenizer_config.json or a .jinja file.
-    /// Default: the checkpoint's tokenizer_config.json, else the built-in template.
+    /// The chat template for message-list prompts: a .jinja file, a tokenizer_config.json or a
+    /// model directory. Default: the checkpoint's own (its chat_template.jinja, else its
+    /// tokenizer_config.json's), else the built-in template.
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<PathBuf>,
     /// Variables for the chat template, as a JSON object, e.g. '{"enable_thinking": false}'.
@@ -311,8 +313,9 @@ pub struct EvalArgs {
     /// prompt may be a list of chat messages, rendered with the chat template.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    /// The chat template for message-list prompts: a tokenizer_config.json or a .jinja file.
-    /// Default: the checkpoint's tokenizer_config.json, else the built-in template.
+    /// The chat template for message-list prompts: a .jinja file, a tokenizer_config.json or a
+    /// model directory. Default: the checkpoint's own (its chat_template.jinja, else its
+    /// tokenizer_config.json's), else the built-in template.
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<PathBuf>,
     /// Variables for the chat template, as a JSON object, e.g. '{"enable_thinking": false}'.

@@ -557,6 +557,122 @@ fn conversational_preferences_and_prompts_use_the_models_chat_template() {
     }
 }
 
+/// A model saved by transformers 4.5x or later keeps its chat template in
+/// `chat_template.jinja`, which transformers prefers to the one in `tokenizer_config.json`:
+/// temper renders conversations with it too and keeps it in its checkpoints. A template given
+/// to a run (`--chat-template`, as TRL's `chat_template_path`) goes into the run's
+/// checkpoints, so the next stage renders with it unasked, and into its Hugging Face and PEFT
+/// exports, the tokenizer's own files otherwise as they came.
+#[test]
+fn chat_templates_are_read_and_kept_where_transformers_saves_them() {
+    let d = tmp();
+    let llama = fixture("llama");
+    let template = |tag: &str| {
+        format!(
+            "{{% for m in messages %}}<{tag} {{{{ m['role'] }}}}>{{{{ m['content'] }}}}{{% endfor %}}\
+             {{% if add_generation_prompt %}}<{tag} assistant>{{% endif %}}"
+        )
+    };
+    let saved = p(d.path(), "saved");
+    std::fs::create_dir_all(&saved).unwrap();
+    for f in std::fs::read_dir(&llama).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, saved.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(saved.join("chat_template.jinja"), template("saved")).unwrap();
+    let prompts = p(d.path(), "prompts.jsonl");
+    let chat = p(d.path(), "chat.jsonl");
+    let (mut a, mut b) = (String::new(), String::new());
+    for i in 0..12 {
+        let user = format!(r#"{{"role": "user", "content": "{i}+1?"}}"#);
+        a.push_str(&format!(
+            "{{\"prompt\": [{user}], \"answer\": \"{}\"}}\n",
+            i + 1
+        ));
+        b.push_str(&format!(
+            "{{\"messages\": [{user}, {{\"role\": \"assistant\", \"content\": \"{}\"}}]}}\n",
+            i + 1
+        ));
+    }
+    std::fs::write(&prompts, a).unwrap();
+    std::fs::write(&chat, b).unwrap();
+    let cfg = p(d.path(), "c.toml");
+    std::fs::write(&cfg, "[grpo]\nprompts_per_rollout = 2\ngroup_size = 2\nminibatch_size = 4\nlog_completions = 2\n").unwrap();
+    let train = |stage: &str, init: &Path, data: &Path, out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            stage,
+            "--config",
+            cfg.to_str().unwrap(),
+            "--init",
+            init.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        run_ok(&args);
+    };
+    let read = |path: PathBuf| {
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    let prompted_with = |init: &Path, name: &str| {
+        let out = p(d.path(), name);
+        train("grpo", init, &prompts, &out, &[]);
+        (read(out.join("completions.jsonl")), out)
+    };
+    let (log, grpo) = prompted_with(&saved, "grpo-saved");
+    assert!(
+        log.contains("<saved user>")
+            && log.contains("+1?<saved assistant>")
+            && !log.contains("header_id"),
+        "{log}"
+    );
+    assert_eq!(
+        read(grpo.join("final/chat_template.jinja")),
+        template("saved")
+    );
+
+    let mine = p(d.path(), "mine.jinja");
+    std::fs::write(&mine, template("mine")).unwrap();
+    let sft = p(d.path(), "sft");
+    let given = ["--chat-template", mine.to_str().unwrap()];
+    let lora = ["--lora-rank", "4", "--lora-targets", "q,v"];
+    train(
+        "sft",
+        &llama,
+        &chat,
+        &sft,
+        &[&given[..], &lora[..]].concat(),
+    );
+    assert_eq!(
+        read(sft.join("final/chat_template.jinja")),
+        template("mine")
+    );
+    let (log, _) = prompted_with(&sft, "grpo-sft");
+    assert!(
+        log.contains("<mine user>") && log.contains("+1?<mine assistant>"),
+        "{log}"
+    );
+    for format in ["hf", "peft"] {
+        let out = p(d.path(), format);
+        export(&sft, &out, format);
+        assert_eq!(read(out.join("chat_template.jinja")), template("mine"));
+        assert_eq!(
+            read(out.join("tokenizer_config.json")),
+            read(llama.join("tokenizer_config.json")),
+            "{format}"
+        );
+        assert!(out.join("tokenizer.json").is_file(), "{format}");
+    }
+}
+
 /// Scores of `seqs` by the reward model at `dir` (a temper checkpoint or a Hugging Face
 /// classifier), packed or not.
 fn rm_scores(dir: &Path, seqs: &[Vec<u32>], pack: bool) -> Vec<f32> {

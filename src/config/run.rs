@@ -73,8 +73,9 @@ pub struct DataConfig {
     pub path: Option<PathBuf>,
     /// A `tokenizer.json`; none means the byte-level tokenizer.
     pub tokenizer: Option<PathBuf>,
-    /// A Hugging Face chat template (a tokenizer_config.json or a .jinja file) for SFT
-    /// `messages`; none means the built-in template.
+    /// A Hugging Face chat template (a .jinja file, a tokenizer_config.json or a model
+    /// directory) for conversational records, kept in the run's checkpoints; none means the
+    /// `--init` model's own, else the built-in template.
     pub chat_template: Option<PathBuf>,
     /// Variables the chat template reads besides the conversation (TRL's
     /// `chat_template_kwargs`), e.g. `{ enable_thinking = false }` for Qwen3.

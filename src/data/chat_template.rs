@@ -1,6 +1,8 @@
-//! Hugging Face chat templates: the Jinja `chat_template` of a `tokenizer_config.json` (or a
-//! bare `.jinja` file), rendered the way transformers renders it (trim_blocks, lstrip_blocks,
-//! Python string methods, `raise_exception`, `bos_token`/`eos_token`).
+//! Hugging Face chat templates: a model directory's `chat_template.jinja` (where
+//! transformers 4.5x and later save it) or the `chat_template` of its `tokenizer_config.json`
+//! (older saves), or a bare `.jinja` file, rendered the way transformers renders it
+//! (trim_blocks, lstrip_blocks, Python string methods, `raise_exception`,
+//! `bos_token`/`eos_token`).
 //!
 //! A template renders whole conversations, so it does not say which characters belong to the
 //! assistant. As TRL does for templates without `{% generation %}` markers, we render each
@@ -14,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use minijinja::{Environment, ErrorKind};
 use serde_json::{Map, Value};
 
@@ -22,8 +24,15 @@ use super::records::{kind, read_text};
 
 const NAME: &str = "chat_template";
 
+/// Where transformers saves a model's chat template; it wins over `tokenizer_config.json`'s.
+pub const TEMPLATE_FILE: &str = "chat_template.jinja";
+/// Where transformers saves a model's other, named chat templates (`tool_use`, say).
+pub const NAMED_TEMPLATES_DIR: &str = "additional_chat_templates";
+
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// The Jinja text, kept so that a run records the template it trained with.
+    source: String,
     bos: String,
     eos: String,
     origin: PathBuf,
@@ -37,9 +46,19 @@ impl std::fmt::Debug for ChatTemplate {
 }
 
 impl ChatTemplate {
-    /// Reads a template from a `tokenizer_config.json` (its `chat_template`, `bos_token` and
-    /// `eos_token`) or, for any other file name, from the file's text as Jinja source.
+    /// Reads a template from a model directory (as [`ChatTemplate::in_dir`] finds it), a
+    /// `tokenizer_config.json` (its `chat_template`, `bos_token` and `eos_token`) or, for any
+    /// other file name, from the file's text as Jinja source.
     pub fn load(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Self::in_dir(path)?.with_context(|| {
+                format!(
+                    "{}: holds no chat template (neither {TEMPLATE_FILE} nor a \"chat_template\" \
+                     in tokenizer_config.json)",
+                    path.display()
+                )
+            });
+        }
         let text = read_text(path)?;
         let is_json = path.extension().is_some_and(|e| e == "json");
         let (source, bos, eos) = if is_json {
@@ -50,6 +69,51 @@ impl ChatTemplate {
         Self::from_source(source, bos, eos, path)
     }
 
+    /// The chat template of the model directory `dir`, where transformers looks for it: its
+    /// `chat_template.jinja`, else the `chat_template` of its `tokenizer_config.json` (absent
+    /// or null: none), with the BOS and EOS tokens the config names either way.
+    pub fn in_dir(dir: &Path) -> Result<Option<Self>> {
+        let tc = dir.join("tokenizer_config.json");
+        let config = match std::fs::read_to_string(&tc) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => bail!("{}: cannot read: {e}", tc.display()),
+        };
+        let jinja = dir.join(TEMPLATE_FILE);
+        if jinja.is_file() {
+            let (bos, eos) = match &config {
+                Some(text) => special_tokens(&tc, &parse_config(&tc, text)?)?,
+                None => Default::default(),
+            };
+            return Self::from_source(read_text(&jinja)?, bos, eos, &jinja).map(Some);
+        }
+        let has_template = match &config {
+            Some(text) => parse_config(&tc, text)?
+                .get("chat_template")
+                .is_some_and(|t| !t.is_null()),
+            None => false,
+        };
+        if has_template {
+            return Self::load(&tc).map(Some);
+        }
+        let named = named_templates(dir)?;
+        if !named.is_empty() {
+            bail!(
+                "{}: holds named chat templates ({}) but no default one ({TEMPLATE_FILE}), and \
+                 transformers renders none of them unnamed: pass --chat-template {}/NAME.jinja",
+                dir.display(),
+                named.join(", "),
+                dir.join(NAMED_TEMPLATES_DIR).display()
+            );
+        }
+        Ok(None)
+    }
+
+    /// The Jinja text this template renders with.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     pub fn from_source(source: String, bos: String, eos: String, origin: &Path) -> Result<Self> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
@@ -58,10 +122,11 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> Result<String, _> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
-        env.add_template_owned(NAME, source)
+        env.add_template_owned(NAME, source.clone())
             .map_err(|e| anyhow!("{}: chat template does not parse: {e}", origin.display()))?;
         Ok(Self {
             env,
+            source,
             bos,
             eos,
             origin: origin.to_path_buf(),
@@ -173,13 +238,7 @@ fn describe(e: &minijinja::Error) -> String {
 /// configs with several, a list of `{"name", "template"}` of which "default" is used.
 fn from_tokenizer_config(path: &Path, text: &str) -> Result<(String, String, String)> {
     let at = |field: &str, msg: &str| anyhow!("{}: field \"{field}\": {msg}", path.display());
-    let cfg: Map<String, Value> = serde_json::from_str(text).map_err(|e| {
-        anyhow!(
-            "{}:{}: not valid JSON: {e}",
-            path.display(),
-            e.line().max(1)
-        )
-    })?;
+    let cfg = parse_config(path, text)?;
     let source = match cfg.get("chat_template") {
         None | Some(Value::Null) => {
             return Err(at(
@@ -207,6 +266,23 @@ fn from_tokenizer_config(path: &Path, text: &str) -> Result<(String, String, Str
             ))
         }
     };
+    let (bos, eos) = special_tokens(path, &cfg)?;
+    Ok((source, bos, eos))
+}
+
+fn parse_config(path: &Path, text: &str) -> Result<Map<String, Value>> {
+    serde_json::from_str(text).map_err(|e| {
+        anyhow!(
+            "{}:{}: not valid JSON: {e}",
+            path.display(),
+            e.line().max(1)
+        )
+    })
+}
+
+/// The `bos_token` and `eos_token` a tokenizer config names (empty where it names none).
+fn special_tokens(path: &Path, cfg: &Map<String, Value>) -> Result<(String, String)> {
+    let at = |field: &str, msg: &str| anyhow!("{}: field \"{field}\": {msg}", path.display());
     let token = |field: &str| -> Result<String> {
         match cfg.get(field) {
             None | Some(Value::Null) => Ok(String::new()),
@@ -221,7 +297,31 @@ fn from_tokenizer_config(path: &Path, text: &str) -> Result<(String, String, Str
             )),
         }
     };
-    Ok((source, token("bos_token")?, token("eos_token")?))
+    Ok((token("bos_token")?, token("eos_token")?))
+}
+
+/// The names of the templates in `dir`'s `additional_chat_templates/` (file names without
+/// `.jinja`), sorted; none where there is no such directory.
+pub fn named_templates(dir: &Path) -> Result<Vec<String>> {
+    let named = dir.join(NAMED_TEMPLATES_DIR);
+    if !named.is_dir() {
+        return Ok(vec![]);
+    }
+    let entries =
+        std::fs::read_dir(&named).with_context(|| format!("{}: cannot read", named.display()))?;
+    let mut names = Vec::new();
+    for e in entries {
+        let e = e.with_context(|| format!("{}: cannot read", named.display()))?;
+        let file = e.file_name();
+        let Some(name) = file.to_str().and_then(|f| f.strip_suffix(".jinja")) else {
+            continue;
+        };
+        if e.path().is_file() {
+            names.push(name.to_string());
+        }
+    }
+    names.sort();
+    Ok(names)
 }
 
 #[cfg(test)]
@@ -267,6 +367,47 @@ mod tests {
         ];
         let got: Vec<(&str, bool)> = spans.iter().map(|(s, t)| (s.as_str(), *t)).collect();
         assert_eq!(got, expect);
+    }
+
+    /// As transformers reads a model directory: its `chat_template.jinja` wins over the
+    /// template in its `tokenizer_config.json` (whose BOS and EOS it renders with); named
+    /// templates without a default one are refused naming them; `load` takes the directory.
+    #[test]
+    fn a_directorys_chat_template_jinja_wins_over_its_config() {
+        let d = tempfile::tempdir().unwrap();
+        let m = msgs(json!([{"role": "user", "content": "hi"}]));
+        let render = |dir: &Path| {
+            let t = ChatTemplate::in_dir(dir).unwrap().expect("a template");
+            t.render(&m, true).unwrap()
+        };
+        assert!(ChatTemplate::in_dir(d.path()).unwrap().is_none());
+        let named = d.path().join(NAMED_TEMPLATES_DIR);
+        std::fs::create_dir(&named).unwrap();
+        std::fs::write(named.join("tool_use.jinja"), "tools").unwrap();
+        std::fs::write(named.join("rag.jinja"), "rag").unwrap();
+        let e = ChatTemplate::in_dir(d.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("rag, tool_use") && e.contains(TEMPLATE_FILE),
+            "{e}"
+        );
+        let config = json!({"bos_token": "<s>", "eos_token": {"content": "</s>"},
+                            "chat_template": "config {{ messages[0]['content'] }}"});
+        std::fs::write(d.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        assert_eq!(render(d.path()), "config hi");
+        std::fs::write(
+            d.path().join(TEMPLATE_FILE),
+            "{{ bos_token }}jinja {{ messages[0]['content'] }}{{ eos_token }}",
+        )
+        .unwrap();
+        assert_eq!(render(d.path()), "<s>jinja hi</s>");
+        let t = ChatTemplate::load(d.path()).unwrap();
+        assert_eq!(t.render(&m, true).unwrap(), "<s>jinja hi</s>");
+        assert!(t.source().starts_with("{{ bos_token }}jinja"));
+        std::fs::remove_file(d.path().join("tokenizer_config.json")).unwrap();
+        assert_eq!(render(d.path()), "jinja hi");
+        let empty = tempfile::tempdir().unwrap();
+        let e = ChatTemplate::load(empty.path()).unwrap_err().to_string();
+        assert!(e.contains("holds no chat template"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::AddedToken;
 
+use super::chat_template::{named_templates, NAMED_TEMPLATES_DIR, TEMPLATE_FILE};
 use super::corpus::load_documents;
 
 /// End-of-sequence id of the byte tokenizer: the first id after the 256 byte values.
@@ -50,7 +51,8 @@ pub enum Tokenizer {
 
 /// What a model directory says about special tokens besides `tokenizer.json`: the stop ids of
 /// `generation_config.json` (`eos_token_id`, one id or a list: Llama 3 stops on both
-/// `<|end_of_text|>` and `<|eot_id|>`), and the two files themselves, kept to write back.
+/// `<|end_of_text|>` and `<|eot_id|>`), and the files around it (see [`CARRIED`]), kept to
+/// write back.
 #[derive(Clone, Debug, Default)]
 pub struct Specials {
     /// Every id that ends a generation, EOS included.
@@ -59,9 +61,20 @@ pub struct Specials {
     /// Whether `tokenizer_config.json` names the padding token (`pad_token`), rather than
     /// temper choosing one.
     pub pad_named: bool,
-    /// `(file name, text)` of `tokenizer_config.json` and `generation_config.json`.
+    /// `(path relative to the directory, text)` of each file of [`CARRIED`] it has, and of its
+    /// named chat templates.
     pub files: Vec<(String, String)>,
 }
+
+/// The files beside `tokenizer.json` that go wherever the tokenizer goes: its config and
+/// generation config (read for the special tokens), and, only carried, the chat template
+/// transformers 4.5x and later save apart and the special-token map older ones saved.
+const CARRIED: [&str; 4] = [
+    "tokenizer_config.json",
+    "generation_config.json",
+    TEMPLATE_FILE,
+    "special_tokens_map.json",
+];
 
 /// `"<tok>"` or `{"content": "<tok>", ...}` (both appear in tokenizer_config.json files).
 fn token_field(v: &serde_json::Value, key: &str) -> Option<String> {
@@ -84,7 +97,27 @@ fn ids_field(v: &serde_json::Value, key: &str) -> Vec<u32> {
     }
 }
 
-fn read_json(path: &Path) -> Result<Option<(String, serde_json::Value)>> {
+/// The files of [`CARRIED`] that `dir` has, and its named chat templates.
+fn carried_files(dir: &Path) -> Result<Vec<(String, String)>> {
+    let mut names: Vec<String> = CARRIED.iter().map(|n| n.to_string()).collect();
+    names.extend(
+        named_templates(dir)?
+            .into_iter()
+            .map(|n| format!("{NAMED_TEMPLATES_DIR}/{n}.jinja")),
+    );
+    let mut files = Vec::new();
+    for name in names {
+        let path = dir.join(&name);
+        if path.is_file() {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("{}: cannot read", path.display()))?;
+            files.push((name, text));
+        }
+    }
+    Ok(files)
+}
+
+fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
     if !path.is_file() {
         return Ok(None);
     }
@@ -92,7 +125,7 @@ fn read_json(path: &Path) -> Result<Option<(String, serde_json::Value)>> {
         .with_context(|| format!("{}: cannot read", path.display()))?;
     let v =
         serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}: {e}", path.display(), e.line()))?;
-    Ok(Some((text, v)))
+    Ok(Some(v))
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -171,7 +204,7 @@ impl Tokenizer {
             })
         };
         let tc_path = dir.join("tokenizer_config.json");
-        if let Some((text, v)) = read_json(&tc_path)? {
+        if let Some(v) = read_json(&tc_path)? {
             if let Some(t) = token_field(&v, "eos_token") {
                 eos = id_of(&tc_path, "eos_token", &t)?;
             }
@@ -185,13 +218,12 @@ impl Tokenizer {
             if let Some(t) = token_field(&v, "bos_token") {
                 specials.bos = Some(id_of(&tc_path, "bos_token", &t)?);
             }
-            specials.files.push(("tokenizer_config.json".into(), text));
         }
         specials.stops.push(eos);
-        if let Some((text, v)) = read_json(&dir.join("generation_config.json"))? {
+        if let Some(v) = read_json(&dir.join("generation_config.json"))? {
             specials.stops.extend(ids_field(&v, "eos_token_id"));
-            specials.files.push(("generation_config.json".into(), text));
         }
+        specials.files = carried_files(dir)?;
         specials.stops.sort_unstable();
         specials.stops.dedup();
         Ok(Tokenizer::Hf {
@@ -200,6 +232,32 @@ impl Tokenizer {
             pad,
             specials: Arc::new(specials),
         })
+    }
+
+    /// This tokenizer with `source` as its chat template (`chat_template.jinja`, which wins
+    /// over a template in `tokenizer_config.json` here as in transformers). The byte tokenizer
+    /// saves no files, so it keeps none.
+    pub fn with_chat_template(self, source: &str) -> Self {
+        let Tokenizer::Hf {
+            inner,
+            eos,
+            pad,
+            specials,
+        } = self
+        else {
+            return self;
+        };
+        let mut specials = (*specials).clone();
+        specials.files.retain(|(name, _)| name != TEMPLATE_FILE);
+        specials
+            .files
+            .push((TEMPLATE_FILE.to_string(), source.to_string()));
+        Tokenizer::Hf {
+            inner,
+            eos,
+            pad,
+            specials: Arc::new(specials),
+        }
     }
 
     /// Whether `id` ends a generation (EOS, or another stop id of the model's
@@ -514,6 +572,45 @@ mod tests {
         let back = Tokenizer::load_dir(&run).unwrap();
         assert_eq!(back.vocab_size(), t.vocab_size());
         assert_eq!(back.encode("fox 42").unwrap(), t.encode("fox 42").unwrap());
+    }
+
+    /// A model directory's chat template files (as transformers 4.5x and later save them) and
+    /// its special-token map go wherever its tokenizer goes, unchanged; a chat template given
+    /// to the tokenizer replaces its `chat_template.jinja` and leaves the rest.
+    #[test]
+    fn chat_template_files_travel_with_the_tokenizer() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("model");
+        std::fs::create_dir_all(src.join(NAMED_TEMPLATES_DIR)).unwrap();
+        std::fs::write(src.join(FILE_NAME), word_level_json(&["</s>"])).unwrap();
+        let files = [
+            ("tokenizer_config.json", r#"{"eos_token": "</s>"}"#),
+            (TEMPLATE_FILE, "{{ messages }}"),
+            ("special_tokens_map.json", r#"{"eos_token": "</s>"}"#),
+            ("additional_chat_templates/tool_use.jinja", "{{ tools }}"),
+        ];
+        for (name, text) in files {
+            std::fs::write(src.join(name), text).unwrap();
+        }
+        let read = |dir: &Path, name: &str| std::fs::read_to_string(dir.join(name)).ok();
+        let t = Tokenizer::load_dir(&src).unwrap();
+        let copy = d.path().join("copy");
+        t.clone().save_dir(&copy).unwrap();
+        for (name, text) in files {
+            assert_eq!(read(&copy, name).as_deref(), Some(text), "{name}");
+        }
+        let mine = d.path().join("mine");
+        t.clone()
+            .with_chat_template("mine")
+            .save_dir(&mine)
+            .unwrap();
+        assert_eq!(read(&mine, TEMPLATE_FILE).as_deref(), Some("mine"));
+        assert_eq!(
+            read(&mine, "additional_chat_templates/tool_use.jinja").as_deref(),
+            Some("{{ tools }}")
+        );
+        let reread = Tokenizer::load_dir(&mine).unwrap();
+        assert_eq!(reread.eos_id(), t.eos_id());
     }
 
     /// A minimal WordLevel tokenizer.json with the given extra vocabulary entries.

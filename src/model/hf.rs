@@ -996,12 +996,44 @@ pub fn is_peft_dir(dir: &Path) -> bool {
     dir.join("adapter_config.json").is_file() && dir.join("adapter_model.safetensors").is_file()
 }
 
-pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
+/// The parsed `adapter_config.json` of the adapter directory `dir`, and its path.
+fn peft_config(dir: &Path) -> Result<(serde_json::Value, PathBuf)> {
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path)
         .with_context(|| format!("{}: cannot read", cfg_path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
+    let v = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{}:{}: {e}", cfg_path.display(), e.line()))?;
+    Ok((v, cfg_path))
+}
+
+/// The base model directory an adapter names: `base_model_name_or_path`, relative to the
+/// current directory or to the adapter's.
+pub fn peft_base(dir: &Path) -> Result<PathBuf> {
+    let (v, cfg_path) = peft_config(dir)?;
+    let at = At(&cfg_path);
+    let named = v
+        .get("base_model_name_or_path")
+        .and_then(|b| b.as_str())
+        .map(PathBuf::from)
+        .ok_or_else(|| {
+            at.refuse(
+                "base_model_name_or_path",
+                "missing: the base model's directory is needed",
+            )
+        })?;
+    [named.clone(), dir.join(&named)]
+        .into_iter()
+        .find(|p| is_model_dir(p))
+        .ok_or_else(|| {
+            at.refuse(
+                "base_model_name_or_path",
+                format!("{} is not a Hugging Face model directory", named.display()),
+            )
+        })
+}
+
+pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
+    let (v, cfg_path) = peft_config(dir)?;
     let at = At(&cfg_path);
     if v.get("peft_type").and_then(|t| t.as_str()) != Some("LORA") {
         return Err(at.refuse("peft_type", "only LORA adapters are read"));
@@ -1033,16 +1065,7 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     };
     let r = at.need(v.get("r").and_then(|x| x.as_f64()), "r")?;
     let alpha = at.need(v.get("lora_alpha").and_then(|x| x.as_f64()), "lora_alpha")?;
-    let base = v
-        .get("base_model_name_or_path")
-        .and_then(|b| b.as_str())
-        .map(PathBuf::from)
-        .ok_or_else(|| {
-            at.refuse(
-                "base_model_name_or_path",
-                "missing: the base model's directory is needed",
-            )
-        })?;
+    let base = peft_base(dir)?;
     let file = dir.join("adapter_model.safetensors");
     let raw = candle_core::safetensors::load(&file, device)
         .with_context(|| format!("{}: cannot read", file.display()))?;

@@ -24,7 +24,8 @@ pub enum Format {
     Temper,
     /// A Hugging Face model directory (adapters merged).
     Hf,
-    /// The LoRA adapters alone, with PEFT's names and `adapter_config.json`.
+    /// The LoRA adapters alone, with PEFT's names and `adapter_config.json`, beside the
+    /// tokenizer they trained with.
     Peft,
 }
 
@@ -226,7 +227,9 @@ fn peft(checkpoint: &Path, out: &Path) -> Result<()> {
     crate::io::write_atomic(
         &out.join("adapter_config.json"),
         serde_json::to_string_pretty(&config)?.as_bytes(),
-    )
+    )?;
+    // As TRL saves an adapter: with the tokenizer (and chat template) it trained with.
+    crate::data::tokenizer::Tokenizer::load_dir(&dir)?.save_dir(out)
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::reward::Scorer;
 use crate::config::{LoraConfig, Stage};
+use crate::data::chat_template::ChatTemplate;
 use crate::data::tokenizer::Tokenizer;
 use crate::model::{hf, ScalarHead, Transformer};
 use crate::train::checkpoint::{resolve_checkpoint, CheckpointKind, CheckpointMeta};
@@ -104,17 +105,8 @@ fn check_vocab(dir: &Path, tokenizer: &Tokenizer, cfg: &crate::config::ModelConf
 /// saved score head) as a reward model with the adapter's score head.
 fn import_peft(dir: &Path, device: &Device) -> Result<Loaded> {
     let adapter = hf::read_peft(dir, device)?;
-    let base = [adapter.base.clone(), dir.join(&adapter.base)]
-        .into_iter()
-        .find(|p| hf::is_model_dir(p))
-        .with_context(|| {
-            format!(
-                "{}/adapter_config.json: field \"base_model_name_or_path\": {} is not a Hugging Face model directory",
-                dir.display(),
-                adapter.base.display()
-            )
-        })?;
-    let mut loaded = import_hf(&base, device)?;
+    let base = &adapter.base;
+    let mut loaded = import_hf(base, device)?;
     merge_adapters(&mut loaded.tensors, &adapter.tensors, adapter.scale).with_context(|| {
         format!(
             "{}: cannot merge the adapter into {}",
@@ -122,20 +114,43 @@ fn import_peft(dir: &Path, device: &Device) -> Result<Loaded> {
             base.display()
         )
     })?;
+    // TRL saves the tokenizer it trained with beside the adapter, chat template and all; a
+    // reward adapter's padding id is the one its classifier was trained to pass over.
+    if dir.join("tokenizer.json").is_file() {
+        loaded.tokenizer = Tokenizer::load_dir(dir)?;
+        loaded.tokenizer_dir = dir.to_path_buf();
+        check_vocab(dir, &loaded.tokenizer, &loaded.meta.model)?;
+    }
     if adapter.head == hf::Head::Score {
-        // TRL saves the tokenizer it trained with beside the adapter: its padding id is the
-        // one the classifier was trained to pass over.
-        if dir.join("tokenizer.json").is_file() {
-            loaded.tokenizer = Tokenizer::load_dir(dir)?;
-            loaded.tokenizer_dir = dir.to_path_buf();
-            check_vocab(dir, &loaded.tokenizer, &loaded.meta.model)?;
-        }
         let file = dir.join("adapter_model.safetensors");
         classifier_from(&mut loaded, &adapter.score)
             .with_context(|| format!("{}: the score head", file.display()))?;
     }
     loaded.dir = dir.to_path_buf();
     Ok(loaded)
+}
+
+/// The chat template of the model at `path` (a Hugging Face model directory, a PEFT adapter,
+/// a temper checkpoint or run directory), where transformers would find it (see
+/// [`ChatTemplate::in_dir`]); an adapter's own, else its base model's. None where it has
+/// none, or where `path` is no model (reading it says why).
+pub fn template_of(path: &Path) -> Result<Option<ChatTemplate>> {
+    if hf::is_peft_dir(path) {
+        return match ChatTemplate::in_dir(path)? {
+            Some(t) => Ok(Some(t)),
+            None => match hf::peft_base(path) {
+                Ok(base) => ChatTemplate::in_dir(&base),
+                Err(_) => Ok(None),
+            },
+        };
+    }
+    if hf::is_model_dir(path) {
+        return ChatTemplate::in_dir(path);
+    }
+    match resolve_checkpoint(path) {
+        Ok(dir) => ChatTemplate::in_dir(&dir),
+        Err(_) => Ok(None),
+    }
 }
 
 /// `loaded` (a causal LM or a classifier) as the one-label classifier a reward adapter makes

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use super::loader::{policy_from, read_checkpoint, Loaded};
+use super::loader::{policy_from, read_checkpoint, template_of, Loaded};
 use super::rollout::FrozenReference;
 use super::Env;
 use crate::config::{LoraConfig, ModelConfig, RunConfig, Truncation};
@@ -29,12 +29,30 @@ pub fn synthetic(env: &Env) -> Synthetic {
 }
 
 /// The checkpoint named by `--init`, with adapters merged; `what` says what the stage needs.
+/// A chat template given for the run (`[data] chat_template`) goes into its tokenizer's
+/// files, so that its checkpoints and exports render conversations as it trained on them,
+/// as TRL's `chat_template_path` does.
 pub fn init_checkpoint(env: &Env, what: &str) -> Result<Loaded> {
     let init =
         env.cfg.init.as_ref().with_context(|| {
             format!("{} needs --init CHECKPOINT ({what})", env.cfg.stage.name())
         })?;
-    read_checkpoint(init, &env.device)
+    let mut loaded = read_checkpoint(init, &env.device)?;
+    if let Some(path) = &env.cfg.data.chat_template {
+        let given = ChatTemplate::load(path)?;
+        let own = ChatTemplate::in_dir(&loaded.tokenizer_dir)?;
+        if matches!(loaded.tokenizer, Tokenizer::Bytes) && env.comm.rank() == 0 {
+            eprintln!(
+                "warning: the byte-level tokenizer keeps no files, so this run's checkpoints do \
+                 not keep the chat template {}: give it to the next stage too",
+                path.display()
+            );
+        }
+        if own.as_ref().map(ChatTemplate::source) != Some(given.source()) {
+            loaded.tokenizer = loaded.tokenizer.with_chat_template(given.source());
+        }
+    }
+    Ok(loaded)
 }
 
 /// The LoRA config when adapters are on.
@@ -113,25 +131,21 @@ impl PolicyPair {
 }
 
 /// The chat template conversational records are rendered with: `--chat-template` (or
-/// `[data] chat_template`), else the one in the `--init` model's `tokenizer_config.json`,
-/// else none (the built-in template); with `[data] chat_template_kwargs` among its
-/// variables.
+/// `[data] chat_template`: a `.jinja` file, a tokenizer_config.json or a model directory),
+/// else the `--init` model's own (see [`template_of`]), else none (the built-in template);
+/// with `[data] chat_template_kwargs` among its variables.
 pub fn chat_template(env: &Env) -> Result<Option<ChatTemplate>> {
     let data = &env.cfg.data;
     let found = match (&data.chat_template, &env.cfg.init) {
         (Some(t), _) => Some(ChatTemplate::load(t)?),
         (None, None) => None,
-        (None, Some(model)) if hf::is_model_dir(model) => template_in(model)?,
-        (None, Some(model)) => match resolve_checkpoint(model) {
-            Ok(d) => template_in(&d)?,
-            Err(_) => None,
-        },
+        (None, Some(model)) => template_of(model)?,
     };
     with_kwargs(found, &data.chat_template_kwargs)
 }
 
-/// `explicit` when given, else the template beside `loaded`'s tokenizer (a PEFT adapter's:
-/// its base model's), else none; with `kwargs` among its variables.
+/// `explicit` when given, else `loaded`'s own (see [`template_of`]), else none; with `kwargs`
+/// among its variables.
 pub fn chat_template_of(
     explicit: Option<&Path>,
     kwargs: &Map<String, Value>,
@@ -139,7 +153,7 @@ pub fn chat_template_of(
 ) -> Result<Option<ChatTemplate>> {
     let found = match explicit {
         Some(t) => Some(ChatTemplate::load(t)?),
-        None => template_in(&loaded.tokenizer_dir)?,
+        None => template_of(&loaded.dir)?,
     };
     with_kwargs(found, kwargs)
 }
@@ -158,21 +172,6 @@ fn with_kwargs(
              no --chat-template is given; the built-in template takes no variables)"
         ),
     }
-}
-
-/// The chat template of the `tokenizer_config.json` in `dir`; none when there is no such
-/// file, or its `chat_template` is absent or null.
-pub fn template_in(dir: &Path) -> Result<Option<ChatTemplate>> {
-    let tc = dir.join("tokenizer_config.json");
-    let has_template = std::fs::read_to_string(&tc)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v.get("chat_template").is_some_and(|t| !t.is_null()));
-    Ok(if has_template {
-        Some(ChatTemplate::load(&tc)?)
-    } else {
-        None
-    })
 }
 
 /// `(train, held-out)`: the held-out file when one is named, else the last `val_fraction` of
@@ -455,13 +454,13 @@ mod tests {
     fn a_null_chat_template_is_no_template() {
         let d = tempfile::tempdir().unwrap();
         let tc = d.path().join("tokenizer_config.json");
-        assert!(template_in(d.path()).unwrap().is_none());
+        assert!(ChatTemplate::in_dir(d.path()).unwrap().is_none());
         for body in [r#"{"eos_token": "x"}"#, r#"{"chat_template": null}"#] {
             std::fs::write(&tc, body).unwrap();
-            assert!(template_in(d.path()).unwrap().is_none(), "{body}");
+            assert!(ChatTemplate::in_dir(d.path()).unwrap().is_none(), "{body}");
         }
         std::fs::write(&tc, r#"{"chat_template": "{{ messages[0]['content'] }}!"}"#).unwrap();
-        let t = template_in(d.path()).unwrap().expect("a template");
+        let t = ChatTemplate::in_dir(d.path()).unwrap().expect("a template");
         let m = [serde_json::json!({"role": "user", "content": "hi"})];
         assert_eq!(t.render(&m, true).unwrap(), "hi!");
     }
