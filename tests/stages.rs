@@ -1038,6 +1038,66 @@ fn sft_learns_chat_data_rendered_by_a_tokenizer_config_template() {
     assert!(written.contains("chat_template"), "{written}");
     assert!(written.contains("enable_thinking = false"), "{written}");
 
+    // Two turns whose template drops the first answer's working, as Qwen3's drops earlier
+    // thoughts: refused without {% generation %} markers, trained with them.
+    let marked = "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<a>' }}{% generation %}{% if loop.last %}{{ m['content'] }}{% else %}{{ m['content'].split('</t>')[-1] }}{% endif %}{{ '</>\n' }}{% endgeneration %}{% else %}{{ '<u>' + m['content'].strip() + '</>\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<a>' }}{% endif %}";
+    let turns = p(dir, "turns.jsonl");
+    let lines: Vec<String> = (0..240u32)
+        .map(|i| {
+            let (a, b, c) = (i % 17, (i * 7) % 23, (i * 3) % 11);
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("{a}+{b}")},
+                {"role": "assistant", "content": format!("<t>{a}+{b}</t>{}", a + b)},
+                {"role": "user", "content": format!("{c}+{c}")},
+                {"role": "assistant", "content": format!("<t>{c}+{c}</t>{}", 2 * c)},
+            ]})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&turns, lines.join("\n")).unwrap();
+    let on_turns = |template: &str, out: &str| -> Vec<String> {
+        let file = p(dir, &format!("{out}.jinja"));
+        std::fs::write(&file, template).unwrap();
+        let (file, out) = (file.to_str().unwrap(), p(dir, out));
+        let (turns, pre) = (turns.to_str().unwrap(), pre.to_str().unwrap());
+        [
+            "sft",
+            "--config",
+            c,
+            "--init",
+            pre,
+            "--data",
+            turns,
+            "--device",
+            "cpu",
+            "--chat-template",
+            file,
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "60",
+            "--eval-every",
+            "20",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let bare = marked
+        .replace("{% generation %}", "")
+        .replace("{% endgeneration %}", "");
+    let e = run_err(&strs(&on_turns(&bare, "bare")));
+    assert!(
+        e.contains("turns.jsonl:1") && e.contains("{% generation %}"),
+        "{e}"
+    );
+    run_ok(&strs(&on_turns(marked, "marked")));
+    let val = series(&metrics(&p(dir, "marked")), "val", "loss");
+    let (first, last) = (val[0].1, val[val.len() - 1].1);
+    assert!(
+        last < 0.6 * first,
+        "held-out assistant loss with generation blocks {first} -> {last}"
+    );
+
     // Template variables with no Jinja template to read them are refused.
     let e = run_err(&strs(&args(&[
         "--chat-template-kwargs",

@@ -4,10 +4,12 @@
 //! (trim_blocks, lstrip_blocks, Python string methods, `raise_exception`,
 //! `bos_token`/`eos_token`).
 //!
-//! A template renders whole conversations, so it does not say which characters belong to the
-//! assistant. As TRL does for templates without `{% generation %}` markers, we render each
-//! prefix of the conversation: the text an assistant message adds after its generation prompt
-//! is what carries loss, end-of-turn marker included.
+//! A template renders whole conversations. Where it marks what the assistant says with
+//! transformers' `{% generation %}` blocks (as templates written for TRL's
+//! `assistant_only_loss` do), the marked text is what carries loss, the conversation rendered
+//! once. Elsewhere, as TRL does for templates without markers, we render each prefix of the
+//! conversation: the text an assistant message adds after its generation prompt is what
+//! carries loss, end-of-turn marker included.
 //!
 //! Variables besides the conversation (transformers' `template_kwargs`, TRL's
 //! `chat_template_kwargs`: Qwen3's `enable_thinking`, say) come from `[data]
@@ -29,10 +31,20 @@ pub const TEMPLATE_FILE: &str = "chat_template.jinja";
 /// Where transformers saves a model's other, named chat templates (`tool_use`, say).
 pub const NAMED_TEMPLATES_DIR: &str = "additional_chat_templates";
 
+/// What a `{% generation %}` block's text is wrapped in while rendering: Unicode
+/// noncharacters, which no text should hold (a conversation that does is refused).
+const MARK_OPEN: char = '\u{FDD0}';
+const MARK_CLOSE: char = '\u{FDD1}';
+/// The filter a `{% generation %}` block becomes: a block tag still, so trim_blocks and
+/// lstrip_blocks treat it as Jinja treats the extension's tag.
+const MARK_FILTER: &str = "__temper_generation";
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     /// The Jinja text, kept so that a run records the template it trained with.
     source: String,
+    /// Whether the template marks the assistant's text with `{% generation %}` blocks.
+    marked: bool,
     bos: String,
     eos: String,
     origin: PathBuf,
@@ -122,11 +134,16 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> Result<String, _> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
-        env.add_template_owned(NAME, source.clone())
+        env.add_filter(MARK_FILTER, |text: String| {
+            format!("{MARK_OPEN}{text}{MARK_CLOSE}")
+        });
+        let (rewritten, marked) = generation_as_filter(&source);
+        env.add_template_owned(NAME, rewritten)
             .map_err(|e| anyhow!("{}: chat template does not parse: {e}", origin.display()))?;
         Ok(Self {
             env,
             source,
+            marked,
             bos,
             eos,
             origin: origin.to_path_buf(),
@@ -144,6 +161,13 @@ impl ChatTemplate {
 
     /// Renders `messages` (the JSON objects as given, so a template may read any field).
     pub fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String> {
+        let text = self.render_marked(messages, add_generation_prompt)?;
+        Ok(text.replace([MARK_OPEN, MARK_CLOSE], ""))
+    }
+
+    /// [`ChatTemplate::render`] with each `{% generation %}` block's text between
+    /// [`MARK_OPEN`] and [`MARK_CLOSE`].
+    fn render_marked(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String> {
         let tmpl = self.env.get_template(NAME)?;
         use minijinja::Value as V;
         let mut vars = BTreeMap::from([
@@ -161,9 +185,13 @@ impl ChatTemplate {
             .map_err(|e| anyhow!("chat template {}: {}", self.origin.display(), describe(&e)))
     }
 
-    /// Splits a rendered conversation into `(text, trained)` spans: the text each assistant
-    /// message adds after the generation prompt is trained, everything else is context.
+    /// Splits a rendered conversation into `(text, trained)` spans: the text of the
+    /// template's `{% generation %}` blocks where it has them, else the text each assistant
+    /// message adds after the generation prompt, is trained; everything else is context.
     pub fn spans(&self, messages: &[Value]) -> Result<Vec<(String, bool)>> {
+        if self.marked {
+            return self.marked_spans(messages);
+        }
         let full = self.render(messages, false)?;
         let mut spans = Vec::new();
         let mut pos = 0;
@@ -177,7 +205,8 @@ impl ChatTemplate {
                 bail!(
                     "chat template {} does not render a conversation as the start of its \
                      continuation (at messages[{i}]), so the assistant's tokens cannot be \
-                     told apart",
+                     told apart: mark the assistant's text with {{% generation %}} ... \
+                     {{% endgeneration %}}, as templates for TRL's assistant_only_loss do",
                     self.origin.display()
                 );
             }
@@ -198,6 +227,135 @@ impl ChatTemplate {
         }
         Ok(spans)
     }
+}
+
+impl ChatTemplate {
+    /// The spans of a template with `{% generation %}` blocks: the conversation rendered once,
+    /// each block's text trained (transformers' `return_assistant_tokens_mask`).
+    fn marked_spans(&self, messages: &[Value]) -> Result<Vec<(String, bool)>> {
+        let has_marks = |v: &Value| v.to_string().contains([MARK_OPEN, MARK_CLOSE]);
+        if let Some(i) = messages.iter().position(has_marks) {
+            bail!("messages[{i}] holds U+FDD0 or U+FDD1, which chat templates cannot render");
+        }
+        let full = self.render_marked(messages, false)?;
+        let mut spans: Vec<(String, bool)> = Vec::new();
+        let (mut text, mut inside) = (String::new(), false);
+        for c in full.chars() {
+            let opens = match c {
+                MARK_OPEN => true,
+                MARK_CLOSE => false,
+                _ => {
+                    text.push(c);
+                    continue;
+                }
+            };
+            if opens == inside {
+                bail!(
+                    "chat template {}: a {{% generation %}} block inside another",
+                    self.origin.display()
+                );
+            }
+            if !text.is_empty() {
+                spans.push((std::mem::take(&mut text), inside));
+            }
+            inside = opens;
+        }
+        if !text.is_empty() {
+            spans.push((text, false));
+        }
+        let speaks = messages
+            .iter()
+            .any(|m| m.get("role").and_then(Value::as_str) == Some("assistant"));
+        if speaks && !spans.iter().any(|(_, trained)| *trained) {
+            bail!(
+                "chat template {} marks none of this conversation's assistant messages with \
+                 {{% generation %}}, so none of it would be trained",
+                self.origin.display()
+            );
+        }
+        Ok(spans)
+    }
+}
+
+/// `source` with transformers' `{% generation %}` ... `{% endgeneration %}` blocks (whitespace
+/// control kept) as blocks of [`MARK_FILTER`], and whether it had any. Comments and raw
+/// blocks are left as they are.
+fn generation_as_filter(source: &str) -> (String, bool) {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    let mut marked = false;
+    while let Some(at) = rest.find('{') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        let skip_to = |end: &str, from: &str| from.find(end).map(|e| e + end.len());
+        if rest.starts_with("{#") {
+            let n = skip_to("#}", rest).unwrap_or(rest.len());
+            out.push_str(&rest[..n]);
+            rest = &rest[n..];
+            continue;
+        }
+        let Some(tag) = block_tag(rest) else {
+            out.push('{');
+            rest = &rest[1..];
+            continue;
+        };
+        let replacement = match tag.name {
+            "generation" => Some(format!("filter {MARK_FILTER}")),
+            "endgeneration" => Some("endfilter".to_string()),
+            _ => None,
+        };
+        match replacement {
+            Some(r) => {
+                marked = true;
+                out.push_str(&format!("{{%{} {r} {}%}}", tag.open, tag.close));
+                rest = &rest[tag.len..];
+            }
+            None if tag.name == "raw" => {
+                let n = rest
+                    .find("endraw")
+                    .and_then(|e| skip_to("%}", &rest[e..]).map(|n| e + n))
+                    .unwrap_or(rest.len());
+                out.push_str(&rest[..n]);
+                rest = &rest[n..];
+            }
+            None => {
+                out.push_str(&rest[..tag.len]);
+                rest = &rest[tag.len..];
+            }
+        }
+    }
+    out.push_str(rest);
+    (out, marked)
+}
+
+/// A block tag of one word, `{%- name +%}`, at the start of `text`.
+struct BlockTag<'a> {
+    name: &'a str,
+    /// The whitespace control after `{%` and before `%}` (`-`, `+` or nothing).
+    open: &'a str,
+    close: &'a str,
+    len: usize,
+}
+
+fn block_tag(text: &str) -> Option<BlockTag<'_>> {
+    let body = text.strip_prefix("{%")?;
+    let end = body.find("%}")?;
+    let inner = &body[..end];
+    let control = |s: &str| s.starts_with(['-', '+']) as usize;
+    let open = &inner[..control(inner)];
+    let rest = &inner[open.len()..];
+    let close_at = rest.len() - rest.ends_with(['-', '+']) as usize;
+    let close = &rest[close_at..];
+    let name = rest[..close_at].trim();
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return None;
+    }
+    Some(BlockTag {
+        name,
+        open,
+        close,
+        len: 2 + end + 2,
+    })
 }
 
 /// Refuses template variables that would replace the conversation, or that a run's TOML
@@ -367,6 +525,89 @@ mod tests {
         ];
         let got: Vec<(&str, bool)> = spans.iter().map(|(s, t)| (s.as_str(), *t)).collect();
         assert_eq!(got, expect);
+    }
+
+    /// A template that marks the assistant's text with `{% generation %}` (as templates for
+    /// TRL's assistant_only_loss do) trains the marked text, the conversation rendered once, so
+    /// a template that rewrites earlier turns (this one drops their thoughts, as Qwen3's does)
+    /// trains; without the markers it is refused. Rendering and spans are transformers 5.24's
+    /// (`render_jinja_template` with `return_assistant_tokens_mask`), whitespace control on
+    /// the tags included.
+    #[test]
+    fn generation_blocks_mark_what_is_trained() {
+        let template = "{%- for m in messages -%}\n{%- if m['role'] == 'assistant' -%}\n<|im_start|>assistant\n{% generation %}{% if loop.last %}{{ m['content'] }}{% else %}{{ m['content'].split('</think>')[-1].strip() }}{% endif %}<|im_end|>\n{% endgeneration %}\n{%- else -%}\n<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif -%}\n{%- endfor -%}\n{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif -%}\n";
+        let load = |src: &str| {
+            ChatTemplate::from_source(src.into(), "".into(), "".into(), Path::new("g.jinja"))
+                .unwrap()
+        };
+        let m = msgs(json!([
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "<think>x</think> hello"},
+            {"role": "user", "content": "2+2"},
+            {"role": "assistant", "content": "<think>sum</think> 4"},
+        ]));
+        let t = load(template);
+        let expect = [
+            ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", false),
+            ("hello<|im_end|>\n", true),
+            ("<|im_start|>user\n2+2<|im_end|>\n<|im_start|>assistant\n", false),
+            ("<think>sum</think> 4<|im_end|>\n", true),
+        ];
+        let spans = t.spans(&m).unwrap();
+        let got: Vec<(&str, bool)> = spans.iter().map(|(s, t)| (s.as_str(), *t)).collect();
+        assert_eq!(got, expect);
+        assert_eq!(
+            t.render(&m, false).unwrap(),
+            expect.map(|(s, _)| s).concat()
+        );
+        assert_eq!(
+            t.render(&m[..2], true).unwrap(),
+            "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let bare = template
+            .replace("{% generation %}", "")
+            .replace("{% endgeneration %}", "");
+        let e = load(&bare).spans(&m).unwrap_err().to_string();
+        assert!(e.contains("cannot be told apart"), "{e}");
+
+        let dashed = template
+            .replace("{% generation %}", "{%- generation -%}\n  ")
+            .replace("{% endgeneration %}", "{%- endgeneration %}");
+        let short = msgs(json!([
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+        ]));
+        let spans = load(&dashed).spans(&short).unwrap();
+        let got: Vec<(&str, bool)> = spans.iter().map(|(s, t)| (s.as_str(), *t)).collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant",
+                    false
+                ),
+                ("hello<|im_end|>", true)
+            ]
+        );
+
+        let nested = "{% generation %}{% generation %}{{ messages[0]['content'] }}{% endgeneration %}{% endgeneration %}";
+        let e = load(nested).spans(&short).unwrap_err().to_string();
+        assert!(e.contains("inside another"), "{e}");
+        let unmarked = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if false %}{% generation %}x{% endgeneration %}{% endif %}";
+        let e = load(unmarked).spans(&short).unwrap_err().to_string();
+        assert!(e.contains("marks none"), "{e}");
+        let sneaky = msgs(json!([{"role": "user", "content": "a\u{FDD0}b"}]));
+        let e = t.spans(&sneaky).unwrap_err().to_string();
+        assert!(e.contains("messages[0]"), "{e}");
+        // Tags in comments and raw blocks are text, not markers.
+        let (raw, marked) =
+            generation_as_filter("{# {% generation %} #}{% raw %}{% generation %}{% endraw %}");
+        assert!(!marked);
+        assert_eq!(
+            raw,
+            "{# {% generation %} #}{% raw %}{% generation %}{% endraw %}"
+        );
     }
 
     /// As transformers reads a model directory: its `chat_template.jinja` wins over the
