@@ -1,8 +1,9 @@
 //! Hugging Face chat templates: a model directory's `chat_template.jinja` (where
 //! transformers 4.5x and later save it) or the `chat_template` of its `tokenizer_config.json`
 //! (older saves), or a bare `.jinja` file, rendered the way transformers renders it
-//! (trim_blocks, lstrip_blocks, Python string methods, `raise_exception`,
-//! `bos_token`/`eos_token`).
+//! (trim_blocks, lstrip_blocks, loop controls, Python string methods and key order,
+//! `raise_exception`, `bos_token`/`eos_token`, and transformers' `tojson` and `strftime_now`:
+//! see [`super::jinja_python`]).
 //!
 //! A template renders whole conversations. Where it marks what the assistant says with
 //! transformers' `{% generation %}` blocks (as templates written for TRL's
@@ -22,6 +23,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use minijinja::{Environment, ErrorKind};
 use serde_json::{Map, Value};
 
+use super::jinja_python;
 use super::records::{kind, read_text};
 
 const NAME: &str = "chat_template";
@@ -134,6 +136,8 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> Result<String, _> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
+        env.add_function("strftime_now", jinja_python::strftime_now);
+        env.add_filter("tojson", jinja_python::tojson);
         env.add_filter(MARK_FILTER, |text: String| {
             format!("{MARK_OPEN}{text}{MARK_CLOSE}")
         });
@@ -161,22 +165,42 @@ impl ChatTemplate {
 
     /// Renders `messages` (the JSON objects as given, so a template may read any field).
     pub fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String> {
-        let text = self.render_marked(messages, add_generation_prompt)?;
+        self.render_with(messages, &Map::new(), add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render`] with a record's own variables `vars` (its `tools`, say) over
+    /// the template's keywords.
+    pub fn render_with(
+        &self,
+        messages: &[Value],
+        vars: &Map<String, Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let text = self.render_marked(messages, vars, add_generation_prompt)?;
         Ok(text.replace([MARK_OPEN, MARK_CLOSE], ""))
     }
 
-    /// [`ChatTemplate::render`] with each `{% generation %}` block's text between
+    /// [`ChatTemplate::render_with`] with each `{% generation %}` block's text between
     /// [`MARK_OPEN`] and [`MARK_CLOSE`].
-    fn render_marked(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String> {
+    fn render_marked(
+        &self,
+        messages: &[Value],
+        record: &Map<String, Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tmpl = self.env.get_template(NAME)?;
         use minijinja::Value as V;
+        // transformers always passes `tools` and `documents`, none where a call gives none.
         let mut vars = BTreeMap::from([
             ("bos_token", V::from(self.bos.as_str())),
             ("eos_token", V::from(self.eos.as_str())),
+            ("tools", V::from(())),
+            ("documents", V::from(())),
         ]);
         vars.extend(
             self.kwargs
                 .iter()
+                .chain(record)
                 .map(|(k, v)| (k.as_str(), V::from_serialize(v))),
         );
         vars.insert("messages", V::from_serialize(messages));
@@ -189,18 +213,29 @@ impl ChatTemplate {
     /// template's `{% generation %}` blocks where it has them, else the text each assistant
     /// message adds after the generation prompt, is trained; everything else is context.
     pub fn spans(&self, messages: &[Value]) -> Result<Vec<(String, bool)>> {
+        self.spans_with(messages, &Map::new())
+    }
+
+    /// [`ChatTemplate::spans`] with a record's own variables (see
+    /// [`ChatTemplate::render_with`]).
+    pub fn spans_with(
+        &self,
+        messages: &[Value],
+        vars: &Map<String, Value>,
+    ) -> Result<Vec<(String, bool)>> {
         if self.marked {
-            return self.marked_spans(messages);
+            return self.marked_spans(messages, vars);
         }
-        let full = self.render(messages, false)?;
+        let render = |m: &[Value], prompt: bool| self.render_with(m, vars, prompt);
+        let full = render(messages, false)?;
         let mut spans = Vec::new();
         let mut pos = 0;
         for (i, m) in messages.iter().enumerate() {
             if m.get("role").and_then(Value::as_str) != Some("assistant") {
                 continue;
             }
-            let prompt = self.render(&messages[..i], true)?;
-            let upto = self.render(&messages[..=i], false)?;
+            let prompt = render(&messages[..i], true)?;
+            let upto = render(&messages[..=i], false)?;
             if prompt.len() < pos || !upto.starts_with(&prompt) || !full.starts_with(&upto) {
                 bail!(
                     "chat template {} does not render a conversation as the start of its \
@@ -232,12 +267,16 @@ impl ChatTemplate {
 impl ChatTemplate {
     /// The spans of a template with `{% generation %}` blocks: the conversation rendered once,
     /// each block's text trained (transformers' `return_assistant_tokens_mask`).
-    fn marked_spans(&self, messages: &[Value]) -> Result<Vec<(String, bool)>> {
+    fn marked_spans(
+        &self,
+        messages: &[Value],
+        vars: &Map<String, Value>,
+    ) -> Result<Vec<(String, bool)>> {
         let has_marks = |v: &Value| v.to_string().contains([MARK_OPEN, MARK_CLOSE]);
         if let Some(i) = messages.iter().position(has_marks) {
             bail!("messages[{i}] holds U+FDD0 or U+FDD1, which chat templates cannot render");
         }
-        let full = self.render_marked(messages, false)?;
+        let full = self.render_marked(messages, vars, false)?;
         let mut spans: Vec<(String, bool)> = Vec::new();
         let (mut text, mut inside) = (String::new(), false);
         for c in full.chars() {

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 
 use super::chat_template::ChatTemplate;
 use super::records::{
-    kind, preference_record, read_records, render_prompt, render_reply, Loc, PreferencePair,
+    bind, kind, preference_record, read_records, render_prompt, render_reply, Loc, PreferencePair,
     SftExample,
 };
 
@@ -99,15 +99,16 @@ fn labelled_record(
     };
     let (prompt, completion, append_eos) = match obj.get("prompt") {
         Some(msgs @ Value::Array(_)) => {
-            let prompt = render_prompt(at, msgs, template)?;
+            let chat = bind(at, obj, template)?;
+            let prompt = render_prompt(at, msgs, chat.as_ref())?;
             let completion = render_reply(
                 at,
                 "completion",
                 obj.get("completion"),
                 (msgs, &prompt),
-                template,
+                chat.as_ref(),
             )?;
-            (prompt, completion, template.is_none())
+            (prompt, completion, chat.is_none())
         }
         _ => (
             at.non_empty_str(obj, "prompt")?.to_string(),

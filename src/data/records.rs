@@ -164,9 +164,9 @@ fn sft_example(
             "messages",
             &format!("give either \"messages\" or \"prompt\" and \"{reply}\", not both"),
         )),
-        (Some(msgs), false) => match template {
+        (Some(msgs), false) => match bind(at, obj, template)? {
             None => chat_example(at, msgs),
-            Some(t) => templated_example(at, msgs, t),
+            Some(chat) => templated_example(at, msgs, &chat),
         },
         (None, false) => Err(at.field(
             "prompt",
@@ -174,7 +174,8 @@ fn sft_example(
         )),
         (None, true) => {
             if let Some(msgs) = obj.get("prompt").filter(|v| v.is_array()) {
-                return conversational_example(at, obj, reply, msgs, template);
+                let chat = bind(at, obj, template)?;
+                return conversational_example(at, obj, reply, msgs, chat.as_ref());
             }
             let prompt = at.non_empty_str(obj, "prompt")?;
             let response = at.non_empty_str(obj, reply)?;
@@ -197,9 +198,9 @@ fn conversational_example(
     obj: &Map<String, Value>,
     field: &str,
     msgs: &Value,
-    template: Option<&ChatTemplate>,
+    chat: Option<&Chat>,
 ) -> Result<SftExample> {
-    let prompt = render_prompt(at, msgs, template)?;
+    let prompt = render_prompt(at, msgs, chat)?;
     let wrapped;
     let reply = match obj.get(field) {
         Some(Value::String(text)) => {
@@ -215,21 +216,95 @@ fn conversational_example(
             return Err(at.field(field, &got));
         }
     };
-    let reply = render_reply(at, field, reply, (msgs, &prompt), template)?;
+    let reply = render_reply(at, field, reply, (msgs, &prompt), chat)?;
     Ok(SftExample::prompt_response(
         &prompt,
         &reply,
-        template.is_none(),
+        chat.is_none(),
         Some(at.to_string()),
     ))
+}
+
+/// A Jinja chat template bound to one record's own variables, TRL's per-record columns: its
+/// `tools` (a list of JSON schemas, or that list as JSON text, as datasets often store it)
+/// and its `chat_template_kwargs` (over the run's).
+pub(crate) struct Chat<'t> {
+    template: &'t ChatTemplate,
+    vars: Map<String, Value>,
+}
+
+impl Chat<'_> {
+    fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String> {
+        self.template
+            .render_with(messages, &self.vars, add_generation_prompt)
+    }
+}
+
+/// `template` with record `obj`'s variables; a record that brings tools or keywords with no
+/// Jinja template to read them is refused.
+pub(crate) fn bind<'t>(
+    at: &Loc,
+    obj: &Map<String, Value>,
+    template: Option<&'t ChatTemplate>,
+) -> Result<Option<Chat<'t>>> {
+    let mut vars = Map::new();
+    match obj.get("chat_template_kwargs") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(kwargs)) => {
+            for key in ["messages", "add_generation_prompt"] {
+                if kwargs.contains_key(key) {
+                    let msg = format!("`{key}` is set by temper, not by a keyword");
+                    return Err(at.field("chat_template_kwargs", &msg));
+                }
+            }
+            vars.extend(kwargs.clone());
+        }
+        Some(v) => {
+            let got = format!("expected an object, got {}", kind(v));
+            return Err(at.field("chat_template_kwargs", &got));
+        }
+    }
+    let tools = match obj.get("tools") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(text)) => Some(
+            serde_json::from_str(text)
+                .map_err(|e| at.field("tools", &format!("a string that is not JSON ({e})")))?,
+        ),
+        Some(v) => Some(v.clone()),
+    };
+    if let Some(tools) = tools {
+        let Value::Array(_) = tools else {
+            let got = format!("expected a list of tool schemas, got {}", kind(&tools));
+            return Err(at.field("tools", &got));
+        };
+        vars.insert("tools".into(), tools);
+    }
+    match template {
+        Some(template) => Ok(Some(Chat { template, vars })),
+        None if vars.is_empty() => Ok(None),
+        None => {
+            let field = if vars.contains_key("tools") {
+                "tools"
+            } else {
+                "chat_template_kwargs"
+            };
+            Err(at.field(
+                field,
+                "the built-in chat template reads no tools or keywords: give a Jinja chat \
+                 template (--chat-template, or a model that has one)",
+            ))
+        }
+    }
 }
 
 /// A `messages` array and, per message, its `(role, content)`.
 type Messages<'v> = (&'v [Value], Vec<(&'v str, &'v str)>);
 
 /// Checks that `messages` is an array of objects with string `role` and `content`; errors
-/// name the offending message.
-fn message_fields<'v>(at: &Loc, field: &str, msgs: &'v Value) -> Result<Messages<'v>> {
+/// name the offending message. For a Jinja template (`jinja`) the content may also be a list
+/// of parts, null or absent (an assistant's tool calls, say): the template reads what it
+/// reads, and the content given here is then empty.
+fn message_fields<'v>(at: &Loc, field: &str, msgs: &'v Value, jinja: bool) -> Result<Messages<'v>> {
     let Value::Array(list) = msgs else {
         return Err(at.field(field, &format!("expected an array, got {}", kind(msgs))));
     };
@@ -239,16 +314,28 @@ fn message_fields<'v>(at: &Loc, field: &str, msgs: &'v Value) -> Result<Messages
         let Value::Object(m) = m else {
             return Err(at.field(&name, &format!("expected an object, got {}", kind(m))));
         };
-        fields.push((
-            at.str_field(m, "role", &format!("{name}.role"))?,
-            at.str_field(m, "content", &format!("{name}.content"))?,
-        ));
+        let role = at.str_field(m, "role", &format!("{name}.role"))?;
+        let content = match m.get("content") {
+            None | Some(Value::Null) | Some(Value::Array(_)) if jinja => "",
+            _ => at.str_field(m, "content", &format!("{name}.content"))?,
+        };
+        fields.push((role, content));
     }
     Ok((list, fields))
 }
 
+/// Whether an assistant message says anything: text, content parts or tool calls.
+fn says_something(m: &Value) -> bool {
+    let non_empty = |key: &str| match m.get(key) {
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(Value::Array(a)) => !a.is_empty(),
+        _ => false,
+    };
+    non_empty("content") || non_empty("tool_calls")
+}
+
 fn chat_example(at: &Loc, msgs: &Value) -> Result<SftExample> {
-    let (_, fields) = message_fields(at, "messages", msgs)?;
+    let (_, fields) = message_fields(at, "messages", msgs, false)?;
     if fields.is_empty() {
         return Err(at.field("messages", "empty"));
     }
@@ -294,14 +381,15 @@ fn chat_example(at: &Loc, msgs: &Value) -> Result<SftExample> {
 }
 
 /// A conversation rendered by a Jinja chat template. Roles are the template's business (it
-/// may accept "tool" or refuse "system"); each message still needs string role and content.
-fn templated_example(at: &Loc, msgs: &Value, template: &ChatTemplate) -> Result<SftExample> {
-    let (list, fields) = message_fields(at, "messages", msgs)?;
+/// may accept "tool" or refuse "system"); each message still needs a string role.
+fn templated_example(at: &Loc, msgs: &Value, chat: &Chat) -> Result<SftExample> {
+    let (list, fields) = message_fields(at, "messages", msgs, true)?;
     if !fields.iter().any(|(role, _)| *role == "assistant") {
         return Err(at.field("messages", "no assistant message"));
     }
-    let spans = template
-        .spans(list)
+    let spans = chat
+        .template
+        .spans_with(list, &chat.vars)
         .map_err(|e| at.field("messages", &format!("{e:#}")))?;
     let mut segments = Vec::new();
     for (text, train) in spans {
@@ -353,7 +441,7 @@ pub(crate) fn preference_record(
     template: Option<&ChatTemplate>,
 ) -> Result<PreferencePair> {
     if obj.get("prompt").is_some_and(Value::is_array) {
-        return conversational_pair(at, obj, template);
+        return conversational_pair(at, obj, bind(at, obj, template)?.as_ref());
     }
     Ok(PreferencePair {
         prompt: at.non_empty_str(obj, "prompt")?.to_string(),
@@ -365,16 +453,12 @@ pub(crate) fn preference_record(
 }
 
 /// A conversational prompt rendered ready for the assistant's reply.
-pub(crate) fn render_prompt(
-    at: &Loc,
-    msgs: &Value,
-    template: Option<&ChatTemplate>,
-) -> Result<String> {
-    let (list, fields) = message_fields(at, "prompt", msgs)?;
+pub(crate) fn render_prompt(at: &Loc, msgs: &Value, chat: Option<&Chat>) -> Result<String> {
+    let (list, fields) = message_fields(at, "prompt", msgs, chat.is_some())?;
     if fields.is_empty() {
         return Err(at.field("prompt", "empty"));
     }
-    match template {
+    match chat {
         Some(t) => t
             .render(list, true)
             .map_err(|e| at.field("prompt", &format!("{e:#}"))),
@@ -394,7 +478,7 @@ pub(crate) fn render_reply(
     field: &str,
     reply: Option<&Value>,
     prompt: (&Value, &str),
-    template: Option<&ChatTemplate>,
+    chat: Option<&Chat>,
 ) -> Result<String> {
     let reply = reply.ok_or_else(|| at.field(field, "missing"))?;
     if !reply.is_array() {
@@ -404,14 +488,14 @@ pub(crate) fn render_reply(
         );
         return Err(at.field(field, &got));
     }
-    let (rlist, rfields) = message_fields(at, field, reply)?;
+    let (rlist, rfields) = message_fields(at, field, reply, chat.is_some())?;
     let [(role, content)] = rfields.as_slice() else {
         return Err(at.field(field, "expected a list holding one assistant message"));
     };
-    if *role != "assistant" || content.is_empty() {
+    if *role != "assistant" || !says_something(&rlist[0]) {
         return Err(at.field(field, "expected one non-empty assistant message"));
     }
-    let Some(t) = template else {
+    let Some(t) = chat else {
         return Ok(content.to_string());
     };
     let mut all: Vec<Value> = prompt.0.as_array().cloned().unwrap_or_default();
@@ -432,17 +516,17 @@ pub(crate) fn render_reply(
 fn conversational_pair(
     at: &Loc,
     obj: &Map<String, Value>,
-    template: Option<&ChatTemplate>,
+    chat: Option<&Chat>,
 ) -> Result<PreferencePair> {
     let msgs = &obj["prompt"];
-    let prompt = render_prompt(at, msgs, template)?;
-    let side = |field| render_reply(at, field, obj.get(field), (msgs, &prompt), template);
+    let prompt = render_prompt(at, msgs, chat)?;
+    let side = |field| render_reply(at, field, obj.get(field), (msgs, &prompt), chat);
     let (chosen, rejected) = (side("chosen")?, side("rejected")?);
     Ok(PreferencePair {
         prompt,
         chosen,
         rejected,
-        append_eos: template.is_none(),
+        append_eos: chat.is_none(),
         origin: Some(at.to_string()),
     })
 }
@@ -486,7 +570,9 @@ fn prompts_from(
         .map(|(line, obj)| {
             let at = Loc { path, line };
             let prompt = match obj.get("prompt") {
-                Some(msgs @ Value::Array(_)) => render_prompt(&at, msgs, template)?,
+                Some(msgs @ Value::Array(_)) => {
+                    render_prompt(&at, msgs, bind(&at, &obj, template)?.as_ref())?
+                }
                 _ => at.non_empty_str(&obj, "prompt")?.to_string(),
             };
             let answer = match obj.get("answer") {
@@ -959,6 +1045,92 @@ mod tests {
         }
     }
 
+    /// TRL's per-record `tools` column (a list, or that list as JSON text) and
+    /// `chat_template_kwargs` reach the template, as transformers' `apply_chat_template(messages,
+    /// tools=...)`; an assistant message may hold tool calls and no content, and a tool's
+    /// reply has its own role. Rendered and split as transformers 5.24 renders this template
+    /// (its text and the trained spans checked there, `tojson` included); without a Jinja
+    /// template a record's tools are refused naming the field.
+    #[test]
+    fn tools_and_tool_calls_reach_the_template() {
+        let d = tempfile::tempdir().unwrap();
+        let template = ChatTemplate::from_source(
+            TOOLS_TEMPLATE.into(),
+            String::new(),
+            String::new(),
+            Path::new("tools.jinja"),
+        )
+        .unwrap();
+        let record: Value = serde_json::from_str(TOOLS_RECORD).unwrap();
+        let mut as_text = record.clone();
+        as_text["tools"] = record["tools"].to_string().into();
+        let body = format!("{record}\n{as_text}\n");
+        let sft = load_sft_templated(&file(&d, "tools.jsonl", &body), Some(&template)).unwrap();
+        let system = "<|im_start|>system\nYou may call these tools:\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"The user's city & its weather\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}, \"days\": {\"type\": \"integer\"}}, \"required\": [\"city\"]}}}\n<|im_end|>\n";
+        let want = vec![
+            seg(&format!("{system}<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"), false),
+            seg("<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"days\": 1}}</tool_call><|im_end|>\n", true),
+            seg("<|im_start|>tool\n{\"temp\": 21}<|im_end|>\n<|im_start|>assistant\n", false),
+            seg("It is 21 °C.<|im_end|>\n", true),
+        ];
+        for x in &sft {
+            assert_eq!(x.segments, want);
+        }
+        // A prompt with tools opens the assistant's turn after them.
+        let prompt =
+            serde_json::json!({"prompt": [record["messages"][0]], "tools": record["tools"]});
+        let prompts = load_prompts_templated(
+            &file(&d, "p.jsonl", &format!("{prompt}\n")),
+            Some(&template),
+        )
+        .unwrap();
+        assert_eq!(
+            prompts[0].prompt,
+            format!(
+                "{system}<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+            )
+        );
+        // A record's keywords reach the template over the run's.
+        let keyed = ChatTemplate::from_source(
+            "{{ mode }}:{% for m in messages %}{{ m.content }}{% endfor %}".into(),
+            String::new(),
+            String::new(),
+            Path::new("k.jinja"),
+        )
+        .unwrap()
+        .with_kwargs(&serde_json::from_str(r#"{"mode": "run"}"#).unwrap())
+        .unwrap();
+        let lines = "{\"prompt\": [{\"role\": \"user\", \"content\": \"a\"}]}\n{\"prompt\": [{\"role\": \"user\", \"content\": \"b\"}], \"chat_template_kwargs\": {\"mode\": \"record\"}}\n";
+        let got: Vec<String> = load_prompts_templated(&file(&d, "k.jsonl", lines), Some(&keyed))
+            .unwrap()
+            .into_iter()
+            .map(|p| p.prompt)
+            .collect();
+        assert_eq!(got, ["run:a", "record:b"]);
+
+        let e = err(load_sft(&file(&d, "bare.jsonl", &format!("{record}\n"))));
+        assert!(e.contains("bare.jsonl:1") && e.contains("\"tools\""), "{e}");
+        for (bad, says) in [
+            (
+                r#""tools": {"name": "x"}"#,
+                "expected a list of tool schemas, got an object",
+            ),
+            (r#""tools": "[oops""#, "a string that is not JSON"),
+            (r#""chat_template_kwargs": [1]"#, "expected an object"),
+            (
+                r#""chat_template_kwargs": {"messages": 1}"#,
+                "`messages` is set by temper",
+            ),
+        ] {
+            let line = format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}, {{\"role\": \"assistant\", \"content\": \"yo\"}}], {bad}}}\n");
+            let e = err(load_sft_templated(
+                &file(&d, "bad.jsonl", &line),
+                Some(&template),
+            ));
+            assert!(e.contains("bad.jsonl:1") && e.contains(says), "{bad}: {e}");
+        }
+    }
+
     #[test]
     fn conversational_prompts_and_pairs_render_with_the_template() {
         let dir = tempfile::tempdir().unwrap();
@@ -1063,4 +1235,8 @@ mod tests {
             ("[user]2+2?<end>[assistant]", Some("4"))
         );
     }
+
+    const TOOLS_TEMPLATE: &str = "{% if tools %}<|im_start|>system\nYou may call these tools:\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}\n{% for m in messages %}\n{% if m.role == 'assistant' %}<|im_start|>assistant\n{% if m.content %}{{ m.content }}{% endif %}\n{% for call in m.tool_calls or [] %}<tool_call>{{ call.function | tojson }}</tool_call>{% endfor %}\n<|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}\n{% endfor %}\n{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}\n";
+
+    const TOOLS_RECORD: &str = r#"{"tools": [{"type": "function", "function": {"name": "get_weather", "description": "The user's city & its weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]}}}], "messages": [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 1}}}]}, {"role": "tool", "content": "{\"temp\": 21}"}, {"role": "assistant", "content": "It is 21 °C."}]}"#;
 }
