@@ -136,7 +136,7 @@ pub fn pack_documents(
     let mut streams = Vec::with_capacity(docs.len());
     for (i, d) in docs.iter().enumerate() {
         let mut ids = tok
-            .encode(d)
+            .encode_start(d)
             .with_context(|| format!("document {}", i + 1))?;
         ids.push(eos);
         streams.push(ids);

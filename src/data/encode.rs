@@ -3,8 +3,8 @@
 //! memory.
 //!
 //! Documents are read in the order [`super::corpus::load_documents`] reads them, a group of
-//! files (up to [`GROUP_BYTES`] of text) at a time, encoded on every core, and followed by
-//! EOS each; whole documents go to validation by the same seeded hash as pretraining's split
+//! files (up to [`GROUP_BYTES`] of text) at a time, encoded on every core, each opened as
+//! the tokenizer opens a text (Llama's BOS) and followed by EOS; whole documents go to validation by the same seeded hash as pretraining's split
 //! of a text corpus. So pretraining on the shards sees the token streams pretraining from the
 //! text makes with the same tokenizer.json and seed, where that split is by document (20
 //! documents or more, the hash sending at least one each way, each side at least a block).
@@ -191,7 +191,7 @@ fn encode_all(tok: &Tokenizer, docs: &[String]) -> Result<Vec<Vec<u32>>> {
                     chunk
                         .iter()
                         .map(|d| {
-                            let mut ids = tok.encode(d)?;
+                            let mut ids = tok.encode_start(d)?;
                             ids.push(eos);
                             Ok(ids)
                         })

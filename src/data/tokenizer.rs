@@ -64,6 +64,28 @@ pub struct Specials {
     /// `(path relative to the directory, text)` of each file of [`CARRIED`] it has, and of its
     /// named chat templates.
     pub files: Vec<(String, String)>,
+    /// The special tokens the tokenizer's post-processor puts before a text (Llama's and
+    /// Mistral's BOS; none for Qwen or GPT-2), as transformers' `tokenizer(text)` adds them.
+    pub opening: Vec<u32>,
+}
+
+/// The ids `inner`'s post-processor puts before any text: those of a probe encoded with
+/// special tokens, before where the probe's own ids begin.
+fn opening_ids(inner: &tokenizers::Tokenizer) -> Vec<u32> {
+    let ids = |special: bool| {
+        inner
+            .encode_fast("a", special)
+            .map(|e| e.get_ids().to_vec())
+            .unwrap_or_default()
+    };
+    let (with, bare) = (ids(true), ids(false));
+    if bare.is_empty() {
+        return vec![];
+    }
+    match with.windows(bare.len()).position(|w| w == bare) {
+        Some(at) => with[..at].to_vec(),
+        None => vec![],
+    }
 }
 
 /// The files beside `tokenizer.json` that go wherever the tokenizer goes: its config and
@@ -170,12 +192,14 @@ impl Tokenizer {
             .iter()
             .find_map(|t| inner.token_to_id(t))
             .unwrap_or(eos);
+        let opening = opening_ids(&inner);
         Ok(Tokenizer::Hf {
             inner: Arc::new(inner),
             eos,
             pad,
             specials: Arc::new(Specials {
                 stops: vec![eos],
+                opening,
                 ..Specials::default()
             }),
         })
@@ -194,7 +218,10 @@ impl Tokenizer {
         else {
             return Ok(self);
         };
-        let mut specials = Specials::default();
+        let mut specials = Specials {
+            opening: opening_ids(&inner),
+            ..Specials::default()
+        };
         let id_of = |path: &Path, key: &str, name: &str| -> Result<u32> {
             inner.token_to_id(name).with_context(|| {
                 format!(
@@ -320,6 +347,22 @@ impl Tokenizer {
                     .map_err(|e| anyhow!("tokenizer failed to encode text: {e}"))?;
                 Ok(enc.get_ids().to_vec())
             }
+        }
+    }
+
+    /// Token ids of `text` where a sequence opens (a document, a prompt, an example): as
+    /// [`Tokenizer::encode`], after the special tokens the tokenizer puts first (Llama's BOS),
+    /// as transformers' `tokenizer(text)` and TRL's SFT and DPO do, unless the text begins with
+    /// them already (a chat template that writes `bos_token`).
+    pub fn encode_start(&self, text: &str) -> Result<Vec<u32>> {
+        let ids = self.encode(text)?;
+        match self {
+            Tokenizer::Hf { specials, .. }
+                if !specials.opening.is_empty() && !ids.starts_with(&specials.opening) =>
+            {
+                Ok([specials.opening.as_slice(), &ids].concat())
+            }
+            _ => Ok(ids),
         }
     }
 
@@ -611,6 +654,44 @@ mod tests {
         );
         let reread = Tokenizer::load_dir(&mine).unwrap();
         assert_eq!(reread.eos_id(), t.eos_id());
+    }
+
+    /// A sequence opens as transformers' `tokenizer(text)` opens it: with BOS where the
+    /// tokenizer's post-processor writes one (the Llama and Mistral fixtures; ids checked
+    /// against transformers 5.24), with nothing where it writes none (Qwen2, GPT-2), and
+    /// never with a second BOS after the one a chat template wrote.
+    #[test]
+    fn a_sequence_opens_as_transformers_opens_it() {
+        let fixture = |name: &str| {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf");
+            Tokenizer::load_dir(&dir.join(name)).unwrap()
+        };
+        let bare = [258, 75, 75, 78, 220, 276, 81, 75, 67];
+        let llama = fixture("llama");
+        let mut with_bos = vec![300];
+        with_bos.extend(bare);
+        assert_eq!(llama.encode("hello world").unwrap(), bare);
+        assert_eq!(llama.encode_start("hello world").unwrap(), with_bos);
+        assert_eq!(
+            llama.encode_start("<|begin_of_text|>hello world").unwrap(),
+            with_bos
+        );
+        let mistral = fixture("mistral");
+        assert_eq!(
+            mistral.encode_start("hello world").unwrap(),
+            [1, 261, 78, 78, 81, 223, 279, 84, 78, 70]
+        );
+        for name in ["qwen2", "gpt2"] {
+            assert_eq!(
+                fixture(name).encode_start("hello world").unwrap(),
+                bare,
+                "{name}"
+            );
+        }
+        assert_eq!(
+            Tokenizer::bytes().encode_start("hi").unwrap(),
+            [b'h' as u32, b'i' as u32]
+        );
     }
 
     /// A minimal WordLevel tokenizer.json with the given extra vocabulary entries.

@@ -13,13 +13,18 @@ use crate::kernels::segments::Segments;
 /// A sequence's token ids and, per token, whether it carries loss.
 pub type Encoded = (Vec<u32>, Vec<bool>);
 
-/// Tokens of an example and, per token, whether it carries loss. Each trained segment is
+/// Tokens of an example and, per token, whether it carries loss. The example opens with the
+/// tokenizer's opening special tokens ([`Tokenizer::encode_start`]); each trained segment is
 /// followed by EOS, which is trained too, so the model learns to stop.
 pub fn encode_example(tok: &Tokenizer, ex: &SftExample) -> Result<Encoded> {
     let mut ids = Vec::new();
     let mut train = Vec::new();
-    for seg in &ex.segments {
-        let t = tok.encode(&seg.text)?;
+    for (i, seg) in ex.segments.iter().enumerate() {
+        let t = if i == 0 {
+            tok.encode_start(&seg.text)?
+        } else {
+            tok.encode(&seg.text)?
+        };
         train.extend(std::iter::repeat_n(seg.train, t.len()));
         ids.extend(t);
         if seg.train && ex.append_eos {

@@ -58,7 +58,7 @@ pub fn accuracy(
     for (c, chunk) in prompts.chunks(batch.max(1)).enumerate() {
         let ids: Vec<Vec<u32>> = chunk
             .iter()
-            .map(|p| tok.encode(&p.prompt))
+            .map(|p| tok.encode_start(&p.prompt))
             .collect::<Result<_>>()?;
         let keys = RowKeys::range(0, (c * batch.max(1)) as u64, ids.len());
         let g = generate(net, ctx, tok, &ids, &cfg, &keys)?;

@@ -208,7 +208,7 @@ impl Actors {
     ) -> Result<(Rollout, CollectTimes)> {
         let ids: Vec<Vec<u32>> = records
             .iter()
-            .map(|r| self.tok.encode(&r.prompt))
+            .map(|r| self.tok.encode_start(&r.prompt))
             .collect::<Result<_>>()?;
         let (sampled, gen) = sample(&self.policy, ctx, &self.tok, &ids, cfg, keys)?;
         let t0 = Instant::now();
@@ -487,7 +487,7 @@ pub fn greedy_eval(
     for chunk in prompts.chunks(64) {
         let ids: Vec<Vec<u32>> = chunk
             .iter()
-            .map(|r| tok.encode(&r.prompt))
+            .map(|r| tok.encode_start(&r.prompt))
             .collect::<Result<_>>()?;
         let keys = RowKeys::range(0, 0, ids.len());
         let g = generate(policy, ctx, tok, &ids, &cfg, &keys)?;

@@ -248,7 +248,7 @@ pub fn encode_prompts(
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let ids = tok.encode(&p.prompt)?;
+            let ids = tok.encode_start(&p.prompt)?;
             let (n, place) = (ids.len(), place(&p.origin, "prompt", i));
             if n == 0 {
                 bail!("{place}: field \"prompt\": empty after tokenisation");
@@ -311,7 +311,7 @@ fn fit_prompts(
     let n = prompts.len();
     let mut kept = Vec::with_capacity(n);
     for (i, p) in prompts.into_iter().enumerate() {
-        let len = tok.encode(&p.prompt)?.len();
+        let len = tok.encode_start(&p.prompt)?.len();
         if len == 0 {
             let place = place(&p.origin, "prompt", i);
             bail!("{place}: field \"prompt\": empty after tokenisation");

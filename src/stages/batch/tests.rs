@@ -266,3 +266,22 @@ fn padding_free_sequences_give_the_padded_sums_and_gradients() {
         }
     }
 }
+
+/// An example opens with BOS where the tokenizer writes one (TRL's SFT tokenises the prompt
+/// with special tokens), once: a chat template's own BOS is not doubled; only the opening
+/// segment gets it, and it carries no loss.
+#[test]
+fn an_example_opens_with_the_tokenizers_bos_once() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama");
+    let tok = Tokenizer::load_dir(&dir).unwrap();
+    let plain = SftExample::prompt_response("2+2=", "4", true, None);
+    let (ids, train) = encode_example(&tok, &plain).unwrap();
+    let bare = [tok.encode("2+2=").unwrap(), tok.encode("4").unwrap()].concat();
+    assert_eq!(ids[0], 300);
+    assert_eq!(&ids[1..ids.len() - 1], bare.as_slice());
+    assert_eq!(*ids.last().unwrap(), tok.eos_id());
+    assert!(!train[0]);
+    let templated = SftExample::prompt_response("<|begin_of_text|>2+2=", "4", false, None);
+    let (ids, _) = encode_example(&tok, &templated).unwrap();
+    assert_eq!(ids.iter().filter(|&&i| i == 300).count(), 1, "{ids:?}");
+}
