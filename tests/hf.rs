@@ -419,6 +419,42 @@ fn continued_pretraining_and_lora_sft_start_from_a_hugging_face_model_and_export
     );
 }
 
+/// TRL's language-modelling records (`{"text"}`) train SFT on every token, opened with the
+/// Llama fixture's BOS as transformers tokenises them: the held-out loss falls.
+#[test]
+fn sft_learns_trl_language_modelling_records() {
+    let d = tmp();
+    let data = p(d.path(), "text.jsonl");
+    let lines: String = (0..60)
+        .map(|i| {
+            let (a, b) = (i % 13, i % 7);
+            format!("{{\"text\": \"{a} plus {b} is {}.\"}}\n", a + b)
+        })
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let out = p(d.path(), "sft");
+    run_ok(&[
+        "sft",
+        "--init",
+        fixture("llama").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "40",
+        "--eval-every",
+        "10",
+        "--device",
+        "cpu",
+    ]);
+    let val = series(&metrics(&out), "val", "loss");
+    assert!(
+        val.last().unwrap().1 < 0.85 * val[0].1,
+        "held-out loss on text records: {val:?}"
+    );
+}
+
 /// Qwen3's per-head norms of q and k train with the rest (full fine-tuning from the fixture:
 /// the loss falls and the gains move) and go back out under their Hugging Face names.
 #[test]

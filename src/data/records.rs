@@ -125,8 +125,9 @@ pub fn render_chat_prompt(messages: &[(String, String)]) -> String {
 /// Reads an SFT dataset: one record per line, either `{"prompt": P, "response": R}` (the
 /// prompt used verbatim, no template; `"completion"` for `"response"`, TRL's prompt-completion
 /// format, as `temper generate` writes it; a `prompt` that is a list of messages is TRL's
-/// conversational prompt-completion, rendered with the chat template) or `{"messages":
-/// [{"role", "content"}, ...]}` rendered with the built-in chat template.
+/// conversational prompt-completion, rendered with the chat template), `{"messages":
+/// [{"role", "content"}, ...]}` rendered with the built-in chat template, or TRL's language
+/// modelling `{"text": T}`, every token of it trained, EOS after.
 pub fn load_sft(path: &Path) -> Result<Vec<SftExample>> {
     load_sft_templated(path, None)
 }
@@ -159,6 +160,23 @@ fn sft_example(
         _ => "response",
     };
     let plain = obj.contains_key("prompt") || obj.contains_key(reply);
+    if obj.contains_key("text") {
+        if plain || obj.contains_key("messages") {
+            return Err(at.field(
+                "text",
+                "a record is text to learn whole, or a prompt and its reply, or messages: not both",
+            ));
+        }
+        let text = at.non_empty_str(obj, "text")?;
+        return Ok(SftExample {
+            segments: vec![Segment {
+                text: text.to_string(),
+                train: true,
+            }],
+            append_eos: true,
+            origin: Some(at.to_string()),
+        });
+    }
     match (obj.get("messages"), plain) {
         (Some(_), true) => Err(at.field(
             "messages",
@@ -746,10 +764,13 @@ mod tests {
                 " {\"role\": \"user\", \"content\": \"Bye\"},",
                 " {\"role\": \"assistant\", \"content\": \"Bye!\", \"name\": \"x\"}]}\n",
                 "{\"prompt\": \"Q: 1+1\\nA: \", \"completion\": \"2\", \"reward\": 1.0}\n",
+                "{\"text\": \"2+2=4\", \"source\": \"x\"}\n",
             ),
         );
         let xs = load_sft(&p).unwrap();
-        assert_eq!(xs.len(), 3);
+        assert_eq!(xs.len(), 4);
+        assert_eq!(xs[3].segments, vec![seg("2+2=4", true)]);
+        assert!(xs[3].append_eos);
         assert_eq!(
             xs[2].segments,
             vec![seg("Q: 1+1\nA: ", false), seg("2", true)]
@@ -837,7 +858,13 @@ mod tests {
                 r#"{"prompt": "x", "response": 3}"#,
                 "f.jsonl:1: field \"response\": expected a string, got a number",
             ),
-            (r#"{"text": "x"}"#, "f.jsonl:1: field \"prompt\": missing"),
+            (r#"{"text": ""}"#, "f.jsonl:1: field \"text\": empty"),
+            (r#"{"text": 3}"#, "f.jsonl:1: field \"text\": expected a string"),
+            (
+                r#"{"text": "x", "prompt": "y", "response": "z"}"#,
+                "f.jsonl:1: field \"text\": a record is text to learn whole",
+            ),
+            (r#"{"tex": "x"}"#, "f.jsonl:1: field \"prompt\": missing"),
             (
                 r#"{"prompt": "x", "completion": ""}"#,
                 "f.jsonl:1: field \"completion\": empty",

@@ -55,6 +55,11 @@ impl Fitter {
             return Ok(Some(seqs));
         }
         let max = self.max_tokens;
+        // Text learnt whole (SFT's `text` records) has no prompt to lose.
+        let prompted: Vec<bool> = seqs
+            .iter()
+            .map(|(_, m)| m.first() == Some(&false))
+            .collect();
         match self.how {
             Truncation::Error => bail!(
                 "{}: {longest} tokens, more than the {max} that fit the model's context of {context} ([data] truncation = \"keep_end\", \"keep_start\" or \"drop\" fits such records instead)",
@@ -79,12 +84,13 @@ impl Fitter {
             }
         }
         let nothing_to_learn = |m: &[bool]| !m.iter().skip(1).any(|&t| t);
-        let no_prompt = |m: &[bool]| m.first() == Some(&true);
         let same = seqs.len() > 1 && seqs.iter().all(|s| s.0 == seqs[0].0);
+        let lost_prompt = |i: usize, m: &[bool]| prompted[i] && m.first() == Some(&true);
         if same
             || seqs
                 .iter()
-                .any(|(_, m)| nothing_to_learn(m) || no_prompt(m))
+                .enumerate()
+                .any(|(i, (_, m))| nothing_to_learn(m) || lost_prompt(i, m))
         {
             self.dropped += 1;
             return Ok(None);
@@ -233,5 +239,14 @@ mod tests {
         assert!(out.is_none());
         let (out, _) = fit(Truncation::KeepEnd, 4, vec![seq(5, 3)]);
         assert_eq!(out.unwrap()[0].1, vec![false, true, true, true]);
+    }
+
+    /// Text learnt whole (an SFT `text` record) has no prompt to lose: it is cut, either end.
+    #[test]
+    fn text_learnt_whole_is_cut_not_left_out() {
+        for how in [Truncation::KeepStart, Truncation::KeepEnd] {
+            let (out, _) = fit(how, 4, vec![seq(0, 9)]);
+            assert_eq!(out.unwrap()[0].1, vec![true; 4], "{how:?}");
+        }
     }
 }
