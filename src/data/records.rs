@@ -458,6 +458,14 @@ pub(crate) fn preference_record(
     obj: &Map<String, Value>,
     template: Option<&ChatTemplate>,
 ) -> Result<PreferencePair> {
+    let split;
+    let obj = match implicit_prompt(at, obj)? {
+        Some(with_prompt) => {
+            split = with_prompt;
+            &split
+        }
+        None => obj,
+    };
     if obj.get("prompt").is_some_and(Value::is_array) {
         return conversational_pair(at, obj, bind(at, obj, template)?.as_ref());
     }
@@ -468,6 +476,58 @@ pub(crate) fn preference_record(
         append_eos: true,
         origin: Some(at.to_string()),
     })
+}
+
+/// A record without a `prompt` whose `chosen` and `rejected` hold it (TRL's implicit prompt,
+/// as in trl-lib/ultrafeedback_binarized and Anthropic's HH), split as TRL's `extract_prompt`
+/// splits it: the prompt is their longest common opening, messages for conversations,
+/// characters for text, a space before the replies going with them. None where the record
+/// names its prompt.
+fn implicit_prompt(at: &Loc, obj: &Map<String, Value>) -> Result<Option<Map<String, Value>>> {
+    if obj.contains_key("prompt") {
+        return Ok(None);
+    }
+    let (Some(chosen), Some(rejected)) = (obj.get("chosen"), obj.get("rejected")) else {
+        return Ok(None);
+    };
+    let split = match (chosen, rejected) {
+        (Value::String(c), Value::String(r)) => {
+            let (c, r): (Vec<char>, Vec<char>) = (c.chars().collect(), r.chars().collect());
+            shared_opening(&c, &r, |x| *x == ' ').map(|at| {
+                let text = |s: &[char]| Value::String(s.iter().collect());
+                (text(&c[..at]), text(&c[at..]), text(&r[at..]))
+            })
+        }
+        (Value::Array(c), Value::Array(r)) => shared_opening(c, r, |_| false).map(|at| {
+            let list = |s: &[Value]| Value::Array(s.to_vec());
+            (list(&c[..at]), list(&c[at..]), list(&r[at..]))
+        }),
+        _ => None,
+    };
+    let Some((prompt, chosen, rejected)) = split else {
+        return Err(at.field(
+            "prompt",
+            "missing, and \"chosen\" and \"rejected\" share no opening to take it from",
+        ));
+    };
+    let mut out = obj.clone();
+    out.insert("prompt".into(), prompt);
+    out.insert("chosen".into(), chosen);
+    out.insert("rejected".into(), rejected);
+    Ok(Some(out))
+}
+
+/// Where TRL's `extract_prompt` ends the prompt `a` and `b` share: at their first difference,
+/// one earlier where `a` has a space (`is_space`) just before it, or at the last item of the
+/// shorter where one opens the other. None where that leaves no prompt.
+fn shared_opening<T: PartialEq>(a: &[T], b: &[T], is_space: impl Fn(&T) -> bool) -> Option<usize> {
+    let n = a.len().min(b.len());
+    let at = match (0..n).find(|&i| a[i] != b[i]) {
+        Some(i) if i > 0 && is_space(&a[i - 1]) => i - 1,
+        Some(i) => i,
+        None => n.saturating_sub(1),
+    };
+    (at > 0).then_some(at)
 }
 
 /// A conversational prompt rendered ready for the assistant's reply.
@@ -969,6 +1029,64 @@ mod tests {
         assert!(err(load_prompts(&p)).starts_with(&shown));
     }
 
+    /// Records whose prompt is implicit in `chosen` and `rejected` (Anthropic's HH as text,
+    /// trl-lib/ultrafeedback_binarized as conversations) split as TRL's `extract_prompt`
+    /// splits them (the text cases checked against it), for DPO and every reader of pairs.
+    #[test]
+    fn implicit_prompts_split_as_trl_splits_them() {
+        let d = tempfile::tempdir().unwrap();
+        let text = |c: &str, r: &str| serde_json::json!({"chosen": c, "rejected": r}).to_string();
+        let body = [
+            text(
+                "\n\nHuman: 2+2?\n\nAssistant: It is 4.",
+                "\n\nHuman: 2+2?\n\nAssistant: It is 5.",
+            ),
+            text(
+                "\n\nHuman: hi\n\nAssistant: Hello there",
+                "\n\nHuman: hi\n\nAssistant: Go away",
+            ),
+            text("Q: x A: yes", "Q: x A: yes!"),
+        ]
+        .join("\n");
+        let xs = load_preferences(&file(&d, "hh.jsonl", &body)).unwrap();
+        let got: Vec<[&str; 3]> = xs
+            .iter()
+            .map(|x| [x.prompt.as_str(), &x.chosen, &x.rejected])
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ["\n\nHuman: 2+2?\n\nAssistant: It is", " 4.", " 5."],
+                ["\n\nHuman: hi\n\nAssistant:", " Hello there", " Go away"],
+                ["Q: x A: ye", "s", "s!"],
+            ]
+        );
+        let turn = |role: &str, c: &str| serde_json::json!({"role": role, "content": c});
+        let convo = serde_json::json!({
+            "chosen": [turn("user", "2+2?"), turn("assistant", "4")],
+            "rejected": [turn("user", "2+2?"), turn("assistant", "5")],
+            "score_chosen": 8.0,
+        });
+        let t = ChatTemplate::from_source(
+            "{% for m in messages %}[{{ m.role }}]{{ m.content }}<end>{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}".into(),
+            String::new(),
+            String::new(),
+            Path::new("t.jinja"),
+        )
+        .unwrap();
+        let p = file(&d, "uf.jsonl", &format!("{convo}\n"));
+        let x = &load_preferences_templated(&p, Some(&t)).unwrap()[0];
+        assert_eq!(
+            [x.prompt.as_str(), &x.chosen, &x.rejected],
+            ["[user]2+2?<end>[assistant]", "4<end>", "5<end>"]
+        );
+        let x = &load_preferences(&p).unwrap()[0];
+        assert_eq!(
+            [x.prompt.as_str(), &x.chosen, &x.rejected],
+            ["<|user|>\n2+2?\n<|assistant|>\n", "4", "5"]
+        );
+    }
+
     #[test]
     fn preferences() {
         let d = tempfile::tempdir().unwrap();
@@ -993,7 +1111,11 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             (
                 r#"{"chosen": "a", "rejected": "b"}"#,
-                "field \"prompt\": missing",
+                "field \"prompt\": missing, and \"chosen\" and \"rejected\" share no opening to take it from",
+            ),
+            (
+                r#"{"chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}"#,
+                "field \"prompt\": missing, and \"chosen\" and \"rejected\" share no opening to take it from",
             ),
             (
                 r#"{"prompt": "", "chosen": "a", "rejected": "b"}"#,
