@@ -180,6 +180,32 @@ fn llama3_stop_ids_come_from_the_generation_config() {
         "qwen2 stops on <|im_end|>: {:?}",
         q.stop_ids()
     );
+    // An adapter saved with its own tokenizer and no generation config (as TRL saves one)
+    // reads its tokenizer, and still stops where its base's generation config says.
+    let d = tmp();
+    let adapter = p(d.path(), "adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    for f in std::fs::read_dir(fixture("llama_lora")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, adapter.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(
+        fixture("llama").join("tokenizer.json"),
+        adapter.join("tokenizer.json"),
+    )
+    .unwrap();
+    let tc = fixture("llama").join("tokenizer_config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tc).unwrap()).unwrap();
+    v["eos_token"] = "<|end_of_text|>".into();
+    std::fs::write(adapter.join("tokenizer_config.json"), v.to_string()).unwrap();
+    let tok = read_checkpoint(&adapter, &Device::Cpu).unwrap().tokenizer;
+    assert_eq!(tok.eos_id(), 301, "the adapter's own tokenizer_config.json");
+    assert!(
+        tok.is_stop(302),
+        "the base's stop ids: {:?}",
+        tok.stop_ids()
+    );
 }
 
 /// A copy of fixture `fam` with `edit` applied to its config and tensors.

@@ -35,6 +35,8 @@ const PAD_NAMES: [&str; 2] = ["<|pad|>", "<pad>"];
 /// and the second a PAD name so that [`Tokenizer::from_file`] finds them again.
 const TRAINED_SPECIALS: [&str; 2] = ["<|endoftext|>", "<|pad|>"];
 
+const GENERATION_CONFIG: &str = "generation_config.json";
+
 /// File name of a saved tokenizer inside a run or checkpoint directory.
 const FILE_NAME: &str = "tokenizer.json";
 
@@ -93,7 +95,7 @@ fn opening_ids(inner: &tokenizers::Tokenizer) -> Vec<u32> {
 /// transformers 4.5x and later save apart and the special-token map older ones saved.
 const CARRIED: [&str; 4] = [
     "tokenizer_config.json",
-    "generation_config.json",
+    GENERATION_CONFIG,
     TEMPLATE_FILE,
     "special_tokens_map.json",
 ];
@@ -205,10 +207,10 @@ impl Tokenizer {
         })
     }
 
-    /// Applies a model directory's `tokenizer_config.json` (BOS, EOS and PAD by name) and
-    /// `generation_config.json` (the stop ids) to a tokenizer loaded from its
-    /// `tokenizer.json`.
-    fn with_model_files(self, dir: &Path) -> Result<Self> {
+    /// Applies a model directory's `tokenizer_config.json` (BOS, EOS and PAD by name) and the
+    /// `generation_config.json` of `generation` (the stop ids; `dir` itself, or the base
+    /// model of an adapter that has none) to a tokenizer loaded from its `tokenizer.json`.
+    fn with_model_files(self, dir: &Path, generation: &Path) -> Result<Self> {
         let Tokenizer::Hf {
             inner,
             mut eos,
@@ -247,10 +249,16 @@ impl Tokenizer {
             }
         }
         specials.stops.push(eos);
-        if let Some(v) = read_json(&dir.join("generation_config.json"))? {
+        let gen_path = generation.join(GENERATION_CONFIG);
+        if let Some(v) = read_json(&gen_path)? {
             specials.stops.extend(ids_field(&v, "eos_token_id"));
         }
         specials.files = carried_files(dir)?;
+        if generation != dir && gen_path.is_file() {
+            let text = std::fs::read_to_string(&gen_path)
+                .with_context(|| format!("{}: cannot read", gen_path.display()))?;
+            specials.files.push((GENERATION_CONFIG.to_string(), text));
+        }
         specials.stops.sort_unstable();
         specials.stops.dedup();
         Ok(Tokenizer::Hf {
@@ -316,10 +324,21 @@ impl Tokenizer {
     pub fn load_dir(dir: &Path) -> Result<Self> {
         let path = dir.join(FILE_NAME);
         if path.is_file() {
-            Self::from_file(&path)?.with_model_files(dir)
+            Self::from_file(&path)?.with_model_files(dir, dir)
         } else {
             Ok(Tokenizer::Bytes)
         }
+    }
+
+    /// The tokenizer TRL saves beside a PEFT adapter (`dir`), with the generation config of
+    /// its base model (`base`) where the adapter has none of its own (TRL saves none there),
+    /// so that the base's stop ids (Llama 3's `<|eot_id|>`) still end generations.
+    pub fn load_adapter_dir(dir: &Path, base: &Path) -> Result<Self> {
+        let generation = match dir.join(GENERATION_CONFIG).is_file() {
+            true => dir,
+            false => base,
+        };
+        Self::from_file(&dir.join(FILE_NAME))?.with_model_files(dir, generation)
     }
 
     pub fn save_dir(&self, dir: &Path) -> Result<()> {

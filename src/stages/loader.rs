@@ -117,7 +117,7 @@ fn import_peft(dir: &Path, device: &Device) -> Result<Loaded> {
     // TRL saves the tokenizer it trained with beside the adapter, chat template and all; a
     // reward adapter's padding id is the one its classifier was trained to pass over.
     if dir.join("tokenizer.json").is_file() {
-        loaded.tokenizer = Tokenizer::load_dir(dir)?;
+        loaded.tokenizer = Tokenizer::load_adapter_dir(dir, base)?;
         loaded.tokenizer_dir = dir.to_path_buf();
         check_vocab(dir, &loaded.tokenizer, &loaded.meta.model)?;
     }
