@@ -263,18 +263,23 @@ pub struct GenerateArgs {
     /// Rows (prompts × samples) per engine call: what bounds the KV cache's memory.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
-    /// New tokens at most per completion.
-    #[arg(long, default_value_t = 64)]
-    pub max_new_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8)]
-    pub temperature: f64,
-    /// Sample among the k most likely tokens only; 0 keeps them all.
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
+    /// New tokens at most per completion. Default: the checkpoint's generation_config.json
+    /// `max_new_tokens`, else 64.
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Sampling temperature; 0 is greedy. Default: the checkpoint's generation_config.json
+    /// (its `temperature`; greedy where `do_sample` is false), as transformers and vLLM take
+    /// it, else 0.8.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Sample among the k most likely tokens only; 0 keeps them all. Default: the
+    /// generation config's `top_k`, else 0.
+    #[arg(long)]
+    pub top_k: Option<usize>,
     /// Sample from the smallest set of tokens whose probability reaches p; 1 keeps them all.
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f64,
+    /// Default: the generation config's `top_p`, else 1.
+    #[arg(long)]
+    pub top_p: Option<f64>,
     /// A string that ends a completion (cut before it); repeat the flag for more. EOS and
     /// the checkpoint's stop ids always end one.
     #[arg(long)]

@@ -18,6 +18,7 @@ use temper::kernels::KernelSet;
 use temper::model::linear::Ctx;
 use temper::stages::loader::{policy_from, read_checkpoint};
 use temper::stages::rewards::{check_prompts, RewardFn};
+use temper::stages::sampling_defaults;
 use temper::stages::setup::chat_template_of;
 use temper::stages::{self, Env};
 use temper::train::params::ParamStore;
@@ -181,14 +182,21 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     if requests.is_empty() {
         bail!("generate: give --prompt TEXT or --prompts FILE.jsonl");
     }
+    let own = sampling_defaults::FromConfig::of(&loaded.tokenizer, &loaded.tokenizer_dir)?;
     let cfg = SampleCfg {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
+        max_new_tokens: (a.max_new_tokens.or(own.max_new_tokens))
+            .unwrap_or(sampling_defaults::MAX_NEW_TOKENS),
+        temperature: (a.temperature.or(own.temperature)).unwrap_or(sampling_defaults::TEMPERATURE),
+        top_k: (a.top_k.or(own.top_k)).unwrap_or(sampling_defaults::TOP_K),
+        top_p: (a.top_p.or(own.top_p)).unwrap_or(sampling_defaults::TOP_P),
         stop: a.stop.clone(),
         ..Default::default()
     };
+    if let Some(said) = own.describe() {
+        eprintln!(
+            "[generate] the checkpoint's generation_config.json sets {said} (flags override)"
+        );
+    }
     let ctx = Ctx {
         dtype: temper::device::compute_dtype(Default::default(), &device),
         kernels: KernelSet::default().apply_spec(&a.kernels)?,

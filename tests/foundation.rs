@@ -520,6 +520,58 @@ fn generate_lines(checkpoint: &str, prompts: &Path, extra: &[&str]) -> Vec<serde
         .collect()
 }
 
+/// `temper generate` samples as the checkpoint's generation_config.json asks where no flag
+/// says otherwise (transformers' and vLLM's defaults): greedy where `do_sample` is false; its
+/// temperature and top-k where it gives them; a flag wins over it.
+#[test]
+fn generate_takes_its_sampling_defaults_from_the_generation_config() {
+    let d = tmp();
+    let model = p(d.path(), "llama");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in std::fs::read_dir(fixture("llama")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    let prompts = p(d.path(), "prompts.jsonl");
+    let lines: String = (0..4)
+        .map(|i| format!("{{\"prompt\": \"{i} plus {i} is\"}}\n"))
+        .collect();
+    std::fs::write(&prompts, lines).unwrap();
+    let gen = model.join("generation_config.json");
+    let with_config = |extra: serde_json::Value| {
+        let mut v: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                PathBuf::from(fixture("llama")).join("generation_config.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        std::fs::write(&gen, v.to_string()).unwrap();
+    };
+    let texts = |extra: &[&str]| -> Vec<String> {
+        let mut flags = vec!["--max-new-tokens", "6", "--seed", "3"];
+        flags.extend_from_slice(extra);
+        generate_lines(model.to_str().unwrap(), &prompts, &flags)
+            .iter()
+            .map(|l| l["completion"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let greedy = texts(&["--temperature", "0"]);
+    let sampled = texts(&["--temperature", "1.5", "--top-k", "40"]);
+    assert_ne!(
+        greedy, sampled,
+        "the test needs sampling to differ from greedy"
+    );
+    with_config(serde_json::json!({"do_sample": false, "temperature": 1.5}));
+    assert_eq!(texts(&[]), greedy, "do_sample false is greedy");
+    with_config(serde_json::json!({"do_sample": true, "temperature": 1.5, "top_k": 40}));
+    assert_eq!(texts(&[]), sampled, "the config's temperature and top_k");
+    assert_eq!(texts(&["--temperature", "0"]), greedy, "a flag wins");
+}
+
 /// A copy `name` beside the completions file `full`, as an interruption leaves one: its first
 /// `keep` lines and half of the next, with `full`'s settings file. Returns its path and text.
 fn cut_short(full: &Path, name: &str, keep: usize) -> (PathBuf, String) {

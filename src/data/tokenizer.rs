@@ -295,6 +295,18 @@ impl Tokenizer {
         }
     }
 
+    /// The text of a file carried beside `tokenizer.json` (see [`CARRIED`]), where it has it.
+    pub fn carried(&self, name: &str) -> Option<&str> {
+        match self {
+            Tokenizer::Bytes => None,
+            Tokenizer::Hf { specials, .. } => specials
+                .files
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, text)| text.as_str()),
+        }
+    }
+
     /// Whether `id` ends a generation (EOS, or another stop id of the model's
     /// `generation_config.json`).
     pub fn is_stop(&self, id: u32) -> bool {

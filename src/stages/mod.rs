@@ -24,6 +24,7 @@ pub mod rewards;
 pub mod rl;
 pub mod rollout;
 pub mod rollout_packing;
+pub mod sampling_defaults;
 pub mod setup;
 pub mod sft;
 pub mod truncate;

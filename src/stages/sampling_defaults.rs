@@ -1,0 +1,134 @@
+//! `temper generate`'s sampling settings where no flag gives them: the checkpoint's
+//! `generation_config.json`, as transformers' `generate` and vLLM (`--generation-config
+//! auto`) take them (Qwen3 asks for temperature 0.6, top-k 20, top-p 0.95), else temper's own.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+use serde_json::Value;
+
+use crate::data::tokenizer::Tokenizer;
+
+/// temper's own defaults, where neither a flag nor the generation config says.
+pub const TEMPERATURE: f64 = 0.8;
+pub const TOP_K: usize = 0;
+pub const TOP_P: f64 = 1.0;
+pub const MAX_NEW_TOKENS: usize = 64;
+
+/// What a generation config says about sampling; `None` where it says nothing.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FromConfig {
+    /// Greedy where `do_sample` is false (transformers ignores the temperature then).
+    pub temperature: Option<f64>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub max_new_tokens: Option<usize>,
+}
+
+impl FromConfig {
+    /// The sampling fields of the `generation_config.json` the tokenizer of the model in
+    /// `dir` carries (none where it carries none); a field of the wrong type names the file
+    /// and the field.
+    pub fn of(tok: &Tokenizer, dir: &Path) -> Result<Self> {
+        let Some(text) = tok.carried("generation_config.json") else {
+            return Ok(Self::default());
+        };
+        let file = dir.join("generation_config.json");
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| anyhow!("{}:{}: {e}", file.display(), e.line()))?;
+        Self::parse(&v, &file)
+    }
+
+    fn parse(v: &Value, file: &Path) -> Result<Self> {
+        let field = |key: &str| v.get(key).filter(|x| !x.is_null());
+        let wrong =
+            |key: &str, want: &str| anyhow!("{}: field \"{key}\": expected {want}", file.display());
+        let number = |key: &str| -> Result<Option<f64>> {
+            field(key)
+                .map(|x| x.as_f64().ok_or_else(|| wrong(key, "a number")))
+                .transpose()
+        };
+        let count = |key: &str| -> Result<Option<usize>> {
+            field(key)
+                .map(|x| {
+                    x.as_u64()
+                        .map(|n| n as usize)
+                        .ok_or_else(|| wrong(key, "a whole number"))
+                })
+                .transpose()
+        };
+        let do_sample = field("do_sample")
+            .map(|x| {
+                x.as_bool()
+                    .ok_or_else(|| wrong("do_sample", "true or false"))
+            })
+            .transpose()?;
+        let temperature = match do_sample {
+            Some(false) => Some(0.0),
+            _ => number("temperature")?,
+        };
+        Ok(Self {
+            temperature,
+            top_k: count("top_k")?,
+            top_p: number("top_p")?,
+            max_new_tokens: count("max_new_tokens")?,
+        })
+    }
+
+    /// The fields it gives, for the line that says where the settings came from.
+    pub fn describe(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(t) = self.temperature {
+            parts.push(format!("temperature {t}"));
+        }
+        if let Some(k) = self.top_k {
+            parts.push(format!("top_k {k}"));
+        }
+        if let Some(p) = self.top_p {
+            parts.push(format!("top_p {p}"));
+        }
+        if let Some(n) = self.max_new_tokens {
+            parts.push(format!("max_new_tokens {n}"));
+        }
+        (!parts.is_empty()).then(|| parts.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Qwen3's settings come through; `do_sample: false` is greedy whatever the temperature;
+    /// a config without sampling fields (a base model's) gives none; a field of the wrong type
+    /// names itself.
+    #[test]
+    fn a_generation_configs_sampling_fields_become_defaults() {
+        let file = || Path::new("m/generation_config.json");
+        let qwen3 = json!({"do_sample": true, "temperature": 0.6, "top_k": 20, "top_p": 0.95,
+                           "eos_token_id": [151645, 151643]});
+        assert_eq!(
+            FromConfig::parse(&qwen3, file()).unwrap(),
+            FromConfig {
+                temperature: Some(0.6),
+                top_k: Some(20),
+                top_p: Some(0.95),
+                max_new_tokens: None,
+            }
+        );
+        let greedy = json!({"do_sample": false, "temperature": 0.7, "max_new_tokens": 300});
+        let g = FromConfig::parse(&greedy, file()).unwrap();
+        assert_eq!((g.temperature, g.max_new_tokens), (Some(0.0), Some(300)));
+        assert_eq!(
+            FromConfig::parse(&json!({"bos_token_id": 1, "top_k": null}), file()).unwrap(),
+            FromConfig::default()
+        );
+        assert_eq!(FromConfig::default().describe(), None);
+        let e = FromConfig::parse(&json!({"top_k": "20"}), file()).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("m/generation_config.json: field \"top_k\""),
+            "{e}"
+        );
+    }
+}
