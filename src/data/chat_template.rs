@@ -27,6 +27,8 @@ use super::jinja_python;
 use super::records::{kind, read_text};
 
 const NAME: &str = "chat_template";
+/// The named template transformers renders a conversation given tools with.
+const TOOL_USE: &str = "tool_use";
 
 /// Where transformers saves a model's chat template; it wins over `tokenizer_config.json`'s.
 pub const TEMPLATE_FILE: &str = "chat_template.jinja";
@@ -47,6 +49,9 @@ pub struct ChatTemplate {
     source: String,
     /// Whether the template marks the assistant's text with `{% generation %}` blocks.
     marked: bool,
+    /// The model's `tool_use` template, where it has one (and whether it is marked): what
+    /// transformers renders a conversation given tools with.
+    tool_use: Option<bool>,
     bos: String,
     eos: String,
     origin: PathBuf,
@@ -75,12 +80,15 @@ impl ChatTemplate {
         }
         let text = read_text(path)?;
         let is_json = path.extension().is_some_and(|e| e == "json");
-        let (source, bos, eos) = if is_json {
-            from_tokenizer_config(path, &text)?
-        } else {
-            (text, String::new(), String::new())
-        };
-        Self::from_source(source, bos, eos, path)
+        if !is_json {
+            return Self::from_source(text, String::new(), String::new(), path);
+        }
+        let (source, tool_use, bos, eos) = from_tokenizer_config(path, &text)?;
+        let template = Self::from_source(source, bos, eos, path)?;
+        match tool_use {
+            Some(t) => template.with_tool_use(t, path),
+            None => Ok(template),
+        }
     }
 
     /// The chat template of the model directory `dir`, where transformers looks for it: its
@@ -94,23 +102,31 @@ impl ChatTemplate {
             Err(e) => bail!("{}: cannot read: {e}", tc.display()),
         };
         let jinja = dir.join(TEMPLATE_FILE);
+        let named = named_templates(dir)?;
         if jinja.is_file() {
             let (bos, eos) = match &config {
                 Some(text) => special_tokens(&tc, &parse_config(&tc, text)?)?,
                 None => Default::default(),
             };
-            return Self::from_source(read_text(&jinja)?, bos, eos, &jinja).map(Some);
+            let template = Self::from_source(read_text(&jinja)?, bos, eos, &jinja)?;
+            if !named.iter().any(|n| n == TOOL_USE) {
+                return Ok(Some(template));
+            }
+            let tools = dir
+                .join(NAMED_TEMPLATES_DIR)
+                .join(format!("{TOOL_USE}.jinja"));
+            return template.with_tool_use(read_text(&tools)?, &tools).map(Some);
         }
+        // transformers takes named templates over the config's, and then has no default.
         let has_template = match &config {
             Some(text) => parse_config(&tc, text)?
                 .get("chat_template")
                 .is_some_and(|t| !t.is_null()),
             None => false,
         };
-        if has_template {
+        if has_template && named.is_empty() {
             return Self::load(&tc).map(Some);
         }
-        let named = named_templates(dir)?;
         if !named.is_empty() {
             bail!(
                 "{}: holds named chat templates ({}) but no default one ({TEMPLATE_FILE}), and \
@@ -141,18 +157,42 @@ impl ChatTemplate {
         env.add_filter(MARK_FILTER, |text: String| {
             format!("{MARK_OPEN}{text}{MARK_CLOSE}")
         });
-        let (rewritten, marked) = generation_as_filter(&source);
+        let (rewritten, marked) = generation_as_filter(&source)
+            .map_err(|e| anyhow!("{}: chat template: {e}", origin.display()))?;
         env.add_template_owned(NAME, rewritten)
             .map_err(|e| anyhow!("{}: chat template does not parse: {e}", origin.display()))?;
         Ok(Self {
             env,
             source,
             marked,
+            tool_use: None,
             bos,
             eos,
             origin: origin.to_path_buf(),
             kwargs: Map::new(),
         })
+    }
+
+    /// This template with `source` as its `tool_use` template (from `origin`).
+    fn with_tool_use(mut self, source: String, origin: &Path) -> Result<Self> {
+        let (rewritten, marked) = generation_as_filter(&source)
+            .map_err(|e| anyhow!("{}: chat template: {e}", origin.display()))?;
+        self.env
+            .add_template_owned(TOOL_USE, rewritten)
+            .map_err(|e| anyhow!("{}: chat template does not parse: {e}", origin.display()))?;
+        self.tool_use = Some(marked);
+        Ok(self)
+    }
+
+    /// The template a conversation renders with, and whether it is marked: the `tool_use` one
+    /// where tools are given and the model has one (as transformers picks it), else the
+    /// default.
+    fn chosen(&self, vars: &Map<String, Value>) -> (&'static str, bool) {
+        let tools = |m: &Map<String, Value>| m.get("tools").is_some_and(|t| !t.is_null());
+        match self.tool_use {
+            Some(marked) if tools(vars) || tools(&self.kwargs) => (TOOL_USE, marked),
+            _ => (NAME, self.marked),
+        }
     }
 
     /// The template with `kwargs` among its variables, as transformers passes its
@@ -176,6 +216,10 @@ impl ChatTemplate {
         vars: &Map<String, Value>,
         add_generation_prompt: bool,
     ) -> Result<String> {
+        if !self.chosen(vars).1 {
+            return self.render_marked(messages, vars, add_generation_prompt);
+        }
+        refuse_marks(messages)?;
         let text = self.render_marked(messages, vars, add_generation_prompt)?;
         Ok(text.replace([MARK_OPEN, MARK_CLOSE], ""))
     }
@@ -188,7 +232,7 @@ impl ChatTemplate {
         record: &Map<String, Value>,
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let tmpl = self.env.get_template(NAME)?;
+        let tmpl = self.env.get_template(self.chosen(record).0)?;
         use minijinja::Value as V;
         // transformers always passes `tools` and `documents`, none where a call gives none.
         let mut vars = BTreeMap::from([
@@ -203,7 +247,8 @@ impl ChatTemplate {
                 .chain(record)
                 .map(|(k, v)| (k.as_str(), V::from_serialize(v))),
         );
-        vars.insert("messages", V::from_serialize(messages));
+        let messages: Vec<Value> = messages.iter().map(as_transformers_sees).collect();
+        vars.insert("messages", V::from_serialize(&messages));
         vars.insert("add_generation_prompt", V::from(add_generation_prompt));
         tmpl.render(vars)
             .map_err(|e| anyhow!("chat template {}: {}", self.origin.display(), describe(&e)))
@@ -223,7 +268,7 @@ impl ChatTemplate {
         messages: &[Value],
         vars: &Map<String, Value>,
     ) -> Result<Vec<(String, bool)>> {
-        if self.marked {
+        if self.chosen(vars).1 {
             return self.marked_spans(messages, vars);
         }
         let render = |m: &[Value], prompt: bool| self.render_with(m, vars, prompt);
@@ -272,10 +317,7 @@ impl ChatTemplate {
         messages: &[Value],
         vars: &Map<String, Value>,
     ) -> Result<Vec<(String, bool)>> {
-        let has_marks = |v: &Value| v.to_string().contains([MARK_OPEN, MARK_CLOSE]);
-        if let Some(i) = messages.iter().position(has_marks) {
-            bail!("messages[{i}] holds U+FDD0 or U+FDD1, which chat templates cannot render");
-        }
+        refuse_marks(messages)?;
         let full = self.render_marked(messages, vars, false)?;
         let mut spans: Vec<(String, bool)> = Vec::new();
         let (mut text, mut inside) = (String::new(), false);
@@ -316,85 +358,135 @@ impl ChatTemplate {
     }
 }
 
+/// Refuses messages holding the characters that mark a `{% generation %}` block's text.
+fn refuse_marks(messages: &[Value]) -> Result<()> {
+    let has_marks = |v: &Value| v.to_string().contains([MARK_OPEN, MARK_CLOSE]);
+    if let Some(i) = messages.iter().position(has_marks) {
+        bail!(
+            "messages[{i}] holds U+FDD0 or U+FDD1, which a template with {{% generation %}} \
+             blocks cannot render"
+        );
+    }
+    Ok(())
+}
+
+/// A message as transformers' `apply_chat_template` hands it to the template: keys whose
+/// value is null dropped (OpenAI-style `"content": null` beside tool calls renders as no
+/// content, not "None"), and its reasoning, under any of the names transformers knows, also
+/// as `reasoning_content` (what Qwen3's template reads) and `thinking` (gpt-oss's).
+fn as_transformers_sees(message: &Value) -> Value {
+    let Value::Object(m) = message else {
+        return message.clone();
+    };
+    let mut m: Map<String, Value> = m
+        .iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let reasoning = ["reasoning_content", "thinking", "reasoning"]
+        .iter()
+        .find_map(|k| m.get(*k).cloned());
+    if let Some(r) = reasoning {
+        // Python's `{"thinking": r, **m, "reasoning_content": r}`: `thinking` first unless the
+        // message has its own, `reasoning_content` where the message had it, else last.
+        let mut out = Map::new();
+        out.insert("thinking".into(), r.clone());
+        out.extend(m);
+        out.insert("reasoning_content".into(), r);
+        m = out;
+    }
+    Value::Object(m)
+}
+
 /// `source` with transformers' `{% generation %}` ... `{% endgeneration %}` blocks (whitespace
-/// control kept) as blocks of [`MARK_FILTER`], and whether it had any. Comments and raw
-/// blocks are left as they are.
-fn generation_as_filter(source: &str) -> (String, bool) {
+/// control kept) as scoped blocks of [`MARK_FILTER`], and whether it had any. Comments, raw
+/// blocks and string literals are left as they are. A `{% break %}` or `{% continue %}` inside
+/// a block is refused, as transformers refuses it (minijinja would drop the block's text).
+fn generation_as_filter(source: &str) -> std::result::Result<(String, bool), String> {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
-    let mut marked = false;
+    let (mut marked, mut inside) = (false, false);
     while let Some(at) = rest.find('{') {
         out.push_str(&rest[..at]);
         rest = &rest[at..];
-        let skip_to = |end: &str, from: &str| from.find(end).map(|e| e + end.len());
-        if rest.starts_with("{#") {
-            let n = skip_to("#}", rest).unwrap_or(rest.len());
-            out.push_str(&rest[..n]);
-            rest = &rest[n..];
-            continue;
-        }
-        let Some(tag) = block_tag(rest) else {
-            out.push('{');
-            rest = &rest[1..];
-            continue;
-        };
-        let replacement = match tag.name {
-            "generation" => Some(format!("filter {MARK_FILTER}")),
-            "endgeneration" => Some("endfilter".to_string()),
-            _ => None,
-        };
-        match replacement {
-            Some(r) => {
+        let n = if rest.starts_with("{#") {
+            rest.find("#}").map_or(rest.len(), |e| e + 2)
+        } else if rest.starts_with("{{") {
+            closing(rest, "}}")
+        } else if rest.starts_with("{%") {
+            let n = closing(rest, "%}");
+            let tag = &rest[..n];
+            let (o, name, c) = block_tag(tag);
+            // The filter marks the block's text; the `with` inside it keeps the block's `set`s
+            // to itself, as the body of transformers' call block is.
+            let replacement = match name {
+                "generation" => Some(format!("{{%{o} filter {MARK_FILTER} %}}{{% with {c}%}}")),
+                "endgeneration" => Some(format!("{{%{o} endwith %}}{{% endfilter {c}%}}")),
+                "break" | "continue" if inside => {
+                    return Err(format!(
+                    "a {{% {name} %}} inside a {{% generation %}} block (transformers refuses it)"
+                ))
+                }
+                _ => None,
+            };
+            if let Some(r) = replacement {
                 marked = true;
-                out.push_str(&format!("{{%{} {r} {}%}}", tag.open, tag.close));
-                rest = &rest[tag.len..];
-            }
-            None if tag.name == "raw" => {
-                let n = rest
-                    .find("endraw")
-                    .and_then(|e| skip_to("%}", &rest[e..]).map(|n| e + n))
-                    .unwrap_or(rest.len());
-                out.push_str(&rest[..n]);
+                inside = name == "generation";
+                out.push_str(&r);
                 rest = &rest[n..];
+                continue;
             }
-            None => {
-                out.push_str(&rest[..tag.len]);
-                rest = &rest[tag.len..];
+            if name == "raw" {
+                rest.find("endraw")
+                    .map_or(rest.len(), |e| e + closing(&rest[e..], "%}"))
+            } else {
+                n
             }
-        }
+        } else {
+            1
+        };
+        out.push_str(&rest[..n]);
+        rest = &rest[n..];
     }
     out.push_str(rest);
-    (out, marked)
+    Ok((out, marked))
 }
 
-/// A block tag of one word, `{%- name +%}`, at the start of `text`.
-struct BlockTag<'a> {
-    name: &'a str,
-    /// The whitespace control after `{%` and before `%}` (`-`, `+` or nothing).
-    open: &'a str,
-    close: &'a str,
-    len: usize,
+/// The length of the tag that opens `text`, through its first `end` outside a string literal
+/// (the whole text where it has none).
+fn closing(text: &str, end: &str) -> usize {
+    let mut quote: Option<char> = None;
+    let mut chars = text.char_indices().skip(2);
+    while let Some((i, c)) = chars.next() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) if c == '\\' => {
+                chars.next();
+            }
+            Some(_) => {}
+            None if c == '\'' || c == '"' => quote = Some(c),
+            None if text[i..].starts_with(end) => return i + end.len(),
+            None => {}
+        }
+    }
+    text.len()
 }
 
-fn block_tag(text: &str) -> Option<BlockTag<'_>> {
-    let body = text.strip_prefix("{%")?;
-    let end = body.find("%}")?;
-    let inner = &body[..end];
+/// A block tag's whitespace control after `{%`, its first word, and its control before `%}`
+/// (`-`, `+` or nothing).
+fn block_tag(tag: &str) -> (&str, &str, &str) {
+    let inner = tag.strip_prefix("{%").unwrap_or(tag);
+    let inner = inner.strip_suffix("%}").unwrap_or(inner);
     let control = |s: &str| s.starts_with(['-', '+']) as usize;
     let open = &inner[..control(inner)];
-    let rest = &inner[open.len()..];
-    let close_at = rest.len() - rest.ends_with(['-', '+']) as usize;
-    let close = &rest[close_at..];
-    let name = rest[..close_at].trim();
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return None;
+    let body = &inner[open.len()..];
+    let close_at = body.len() - body.ends_with(['-', '+']) as usize;
+    let close = &body[close_at..];
+    let words: Vec<&str> = body[..close_at].split_whitespace().collect();
+    match words.as_slice() {
+        [word] => (open, word, close),
+        _ => (open, "", close),
     }
-    Some(BlockTag {
-        name,
-        open,
-        close,
-        len: 2 + end + 2,
-    })
 }
 
 /// Refuses template variables that would replace the conversation, or that a run's TOML
@@ -431,11 +523,16 @@ fn describe(e: &minijinja::Error) -> String {
     msg
 }
 
-/// The template and special tokens of a tokenizer config. `chat_template` is a string or, in
-/// configs with several, a list of `{"name", "template"}` of which "default" is used.
-fn from_tokenizer_config(path: &Path, text: &str) -> Result<(String, String, String)> {
+/// The template, its `tool_use` template if it has one, and the special tokens of a tokenizer
+/// config. `chat_template` is a string or, in configs with several, a list of `{"name",
+/// "template"}` of which "default" is used (and "tool_use" where tools are given).
+fn from_tokenizer_config(
+    path: &Path,
+    text: &str,
+) -> Result<(String, Option<String>, String, String)> {
     let at = |field: &str, msg: &str| anyhow!("{}: field \"{field}\": {msg}", path.display());
     let cfg = parse_config(path, text)?;
+    let mut tool_use = None;
     let source = match cfg.get("chat_template") {
         None | Some(Value::Null) => {
             return Err(at(
@@ -452,6 +549,7 @@ fn from_tokenizer_config(path: &Path, text: &str) -> Result<(String, String, Str
                     (want.is_none() || name == want).then(|| body.to_string())
                 })
             };
+            tool_use = named(Some(TOOL_USE));
             named(Some("default"))
                 .or_else(|| named(None))
                 .ok_or_else(|| at("chat_template", "a list with no {\"name\", \"template\"}"))?
@@ -464,7 +562,7 @@ fn from_tokenizer_config(path: &Path, text: &str) -> Result<(String, String, Str
         }
     };
     let (bos, eos) = special_tokens(path, &cfg)?;
-    Ok((source, bos, eos))
+    Ok((source, tool_use, bos, eos))
 }
 
 fn parse_config(path: &Path, text: &str) -> Result<Map<String, Value>> {
@@ -639,13 +737,50 @@ mod tests {
         let sneaky = msgs(json!([{"role": "user", "content": "a\u{FDD0}b"}]));
         let e = t.spans(&sneaky).unwrap_err().to_string();
         assert!(e.contains("messages[0]"), "{e}");
-        // Tags in comments and raw blocks are text, not markers.
-        let (raw, marked) =
-            generation_as_filter("{# {% generation %} #}{% raw %}{% generation %}{% endraw %}");
-        assert!(!marked);
+        // Tags in comments, raw blocks and strings are text, not markers.
+        let text = "{# {% generation %} #}{% raw %}{% generation %}{% endraw %}{{ '{#' }}{% set x = \"%}{% generation %}\" %}";
         assert_eq!(
-            raw,
-            "{# {% generation %} #}{% raw %}{% generation %}{% endraw %}"
+            generation_as_filter(text).unwrap(),
+            (text.to_string(), false)
+        );
+        let (_, marked) =
+            generation_as_filter("{{ '{#' }}{% generation %}x{% endgeneration %}").unwrap();
+        assert!(marked, "a {{# in a string opens no comment");
+        // A block's `set`s stay in it, as in transformers (which renders this "hi1" too).
+        let scoped = load("{% set x = 1 %}{% for m in messages %}{% generation %}{% set x = 2 %}{{ m['content'] }}{% endgeneration %}{% endfor %}{{ x }}");
+        assert_eq!(scoped.render(&short[..1], false).unwrap(), "hi1");
+        let e = ChatTemplate::from_source(
+            "{% for m in messages %}{% generation %}{% continue %}{% endgeneration %}{% endfor %}"
+                .into(),
+            "".into(),
+            "".into(),
+            Path::new("c.jinja"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("c.jinja") && e.contains("continue"), "{e}");
+    }
+
+    /// Messages reach the template as transformers' `apply_chat_template` hands them over
+    /// (checked there): null fields dropped, reasoning under any of its names also as
+    /// `reasoning_content` and `thinking`.
+    #[test]
+    fn messages_reach_the_template_as_transformers_hands_them_over() {
+        let t = ChatTemplate::from_source(
+            "{% for m in messages %}{{ m | list | join(',') }}|{{ m.content }}|{{ m.reasoning_content | default('-') }}|{{ m.thinking | default('-') }};{% endfor %}".into(),
+            "".into(),
+            "".into(),
+            Path::new("n.jinja"),
+        )
+        .unwrap();
+        let m = msgs(json!([
+            {"role": "assistant", "content": null, "tool_calls": [{"name": "f"}]},
+            {"role": "assistant", "content": "a", "reasoning": "r"},
+            {"role": "assistant", "content": "b", "thinking": "t", "reasoning_content": "rc"},
+        ]));
+        assert_eq!(
+            t.render(&m, false).unwrap(),
+            "role,tool_calls||-|-;thinking,role,content,reasoning,reasoning_content|a|r|r;thinking,role,content,reasoning_content|b|rc|t;"
         );
     }
 
@@ -661,19 +796,20 @@ mod tests {
             t.render(&m, true).unwrap()
         };
         assert!(ChatTemplate::in_dir(d.path()).unwrap().is_none());
+        let config = json!({"bos_token": "<s>", "eos_token": {"content": "</s>"},
+                            "chat_template": "config {{ messages[0]['content'] }}"});
+        std::fs::write(d.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        assert_eq!(render(d.path()), "config hi");
+        // Named templates take the config's place in transformers, which then has no default.
         let named = d.path().join(NAMED_TEMPLATES_DIR);
         std::fs::create_dir(&named).unwrap();
-        std::fs::write(named.join("tool_use.jinja"), "tools").unwrap();
+        std::fs::write(named.join("tool_use.jinja"), "tools {{ tools | length }}").unwrap();
         std::fs::write(named.join("rag.jinja"), "rag").unwrap();
         let e = ChatTemplate::in_dir(d.path()).unwrap_err().to_string();
         assert!(
             e.contains("rag, tool_use") && e.contains(TEMPLATE_FILE),
             "{e}"
         );
-        let config = json!({"bos_token": "<s>", "eos_token": {"content": "</s>"},
-                            "chat_template": "config {{ messages[0]['content'] }}"});
-        std::fs::write(d.path().join("tokenizer_config.json"), config.to_string()).unwrap();
-        assert_eq!(render(d.path()), "config hi");
         std::fs::write(
             d.path().join(TEMPLATE_FILE),
             "{{ bos_token }}jinja {{ messages[0]['content'] }}{{ eos_token }}",
@@ -683,6 +819,11 @@ mod tests {
         let t = ChatTemplate::load(d.path()).unwrap();
         assert_eq!(t.render(&m, true).unwrap(), "<s>jinja hi</s>");
         assert!(t.source().starts_with("{{ bos_token }}jinja"));
+        // Given tools, even none, the `tool_use` template renders, as transformers picks it.
+        for (tools, want) in [(json!([{"name": "f"}]), "tools 1"), (json!([]), "tools 0")] {
+            let vars = Map::from_iter([("tools".to_string(), tools)]);
+            assert_eq!(t.render_with(&m, &vars, true).unwrap(), want);
+        }
         std::fs::remove_file(d.path().join("tokenizer_config.json")).unwrap();
         assert_eq!(render(d.path()), "jinja hi");
         let empty = tempfile::tempdir().unwrap();
@@ -712,6 +853,12 @@ mod tests {
         let bad = msgs(json!([{"role": "system", "content": "x"}]));
         let e = t.render(&bad, false).unwrap_err().to_string();
         assert!(e.contains("only user and assistant roles"), "{e}");
+        let tools = Map::from_iter([("tools".to_string(), json!([]))]);
+        assert_eq!(
+            t.render_with(&m, &tools, false).unwrap(),
+            "x",
+            "the list's tool_use"
+        );
     }
 
     #[test]

@@ -4,10 +4,12 @@
 //!
 //! Documents are read in the order [`super::corpus::load_documents`] reads them, a group of
 //! files (up to [`GROUP_BYTES`] of text) at a time, encoded on every core, each opened as
-//! the tokenizer opens a text (Llama's BOS) and followed by EOS; whole documents go to validation by the same seeded hash as pretraining's split
-//! of a text corpus. So pretraining on the shards sees the token streams pretraining from the
-//! text makes with the same tokenizer.json and seed, where that split is by document (20
-//! documents or more, the hash sending at least one each way, each side at least a block).
+//! the tokenizer opens a text (Llama's BOS) and followed by EOS; whole documents go to
+//! validation by the same seeded hash as pretraining's split of a text corpus. So pretraining
+//! on the shards sees the token streams pretraining from the text makes with the same
+//! tokenizer.json and seed, where that split is by document (20 documents or more, the hash
+//! sending at least one each way, each side at least a block). Shards written before
+//! documents opened with BOS (temper before 2026-12-02) hold none.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -1,7 +1,8 @@
 //! What transformers' Jinja environment gives chat templates besides Jinja itself, written for
 //! minijinja: a `tojson` filter that writes what Python's `json.dumps` writes (templates render
 //! tool schemas and tool calls with it, and the model learnt that spacing), and the
-//! `strftime_now` function the Llama 3 and SmolLM3 templates date their system prompt with.
+//! `strftime_now` function the Llama 3 and SmolLM3 templates date their system prompt with
+//! (in local time, as Python's `datetime.now()`).
 
 use std::fmt::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -171,13 +172,28 @@ fn python_float(f: f64) -> String {
     format!("{mantissa}e{sign}{:02}", exp.abs())
 }
 
-/// transformers' `strftime_now(format)`: the time now, formatted as Python's `strftime` does
-/// (UTC here).
+/// transformers' `strftime_now(format)`: the local time now (Python's `datetime.now()`),
+/// formatted as Python's `strftime` does.
 pub fn strftime_now(format: String) -> Result<String, Error> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_err(|e| invalid(&format!("strftime_now: {e}")))?;
-    strftime(&format, now.as_secs() as i64)
+        .map_err(|e| invalid(&format!("strftime_now: {e}")))?
+        .as_secs() as i64;
+    strftime(&format, now + utc_offset(now))
+}
+
+/// The local time zone's offset from UTC at `secs` after the epoch, in seconds (0 where the C
+/// library cannot say).
+fn utc_offset(secs: i64) -> i64 {
+    let t = secs as libc::time_t;
+    // SAFETY: `localtime_r` writes only the `tm` it is given, which outlives the call.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
+    if ok {
+        tm.tm_gmtoff
+    } else {
+        0
+    }
 }
 
 const MONTHS: [&str; 12] = [
@@ -358,6 +374,7 @@ mod tests {
         }
         let e = strftime("%Q", 0).unwrap_err().to_string();
         assert!(e.contains("%Q"), "{e}");
+        assert!(utc_offset(0).abs() <= 14 * 3600);
         for days in [-800_000, -1, 0, 59, 10_956, 2_000_000] {
             let (y, m, d) = civil(days);
             assert_eq!(days_from_civil(y, m, d), days);

@@ -11,6 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
 
 use super::chat_template::ChatTemplate;
+use super::tokenizer::Tokenizer;
 
 /// One training conversation as text segments; `train` marks the segments whose tokens carry
 /// loss (responses / assistant turns). The tokenising code appends one trained EOS after
@@ -24,8 +25,10 @@ pub struct Segment {
 #[derive(Clone, Debug, PartialEq)]
 pub struct SftExample {
     pub segments: Vec<Segment>,
-    /// Whether an EOS follows each trained segment. A Jinja chat template writes its own
-    /// end-of-turn marker into the assistant's text, so its examples need none.
+    /// Whether the text is plain rather than rendered by a Jinja chat template: plain text
+    /// opens with the tokenizer's opening special tokens (BOS) and gets an EOS after each
+    /// trained segment. A template writes its own end-of-turn marker, and its own BOS where it
+    /// wants one (transformers tokenises a rendered chat without special tokens).
     pub append_eos: bool,
     /// `path:line` of the record it came from; none for the built-in task.
     pub origin: Option<String>,
@@ -91,6 +94,21 @@ pub struct PromptRecord {
     pub fields: Map<String, Value>,
     /// `path:line` of the record it came from; none for the built-in task.
     pub origin: Option<String>,
+    /// Whether a Jinja chat template rendered the prompt (it writes its own BOS where it
+    /// wants one); plain text opens with the tokenizer's opening special tokens.
+    pub templated: bool,
+}
+
+impl PromptRecord {
+    /// The prompt's token ids, opened as transformers opens it: a plain text with the
+    /// tokenizer's opening special tokens (`tokenizer(text)`), a rendered chat as the template
+    /// wrote it (`apply_chat_template(tokenize=True)`).
+    pub fn ids(&self, tok: &Tokenizer) -> Result<Vec<u32>> {
+        match self.templated {
+            true => tok.encode(&self.prompt),
+            false => tok.encode_start(&self.prompt),
+        }
+    }
 }
 
 /// Where a record came from, for errors: its `path:line`, else `fallback` and its 1-based
@@ -160,13 +178,9 @@ fn sft_example(
         _ => "response",
     };
     let plain = obj.contains_key("prompt") || obj.contains_key(reply);
-    if obj.contains_key("text") {
-        if plain || obj.contains_key("messages") {
-            return Err(at.field(
-                "text",
-                "a record is text to learn whole, or a prompt and its reply, or messages: not both",
-            ));
-        }
+    // TRL's order: a prompt, else messages, else text (a rendered `text` column beside
+    // `messages` is left alone).
+    if obj.contains_key("text") && !obj.contains_key("prompt") && !obj.contains_key("messages") {
         let text = at.non_empty_str(obj, "text")?;
         return Ok(SftExample {
             segments: vec![Segment {
@@ -647,11 +661,12 @@ fn prompts_from(
         .into_iter()
         .map(|(line, obj)| {
             let at = Loc { path, line };
-            let prompt = match obj.get("prompt") {
+            let (prompt, templated) = match obj.get("prompt") {
                 Some(msgs @ Value::Array(_)) => {
-                    render_prompt(&at, msgs, bind(&at, &obj, template)?.as_ref())?
+                    let chat = bind(&at, &obj, template)?;
+                    (render_prompt(&at, msgs, chat.as_ref())?, chat.is_some())
                 }
-                _ => at.non_empty_str(&obj, "prompt")?.to_string(),
+                _ => (at.non_empty_str(&obj, "prompt")?.to_string(), false),
             };
             let answer = match obj.get("answer") {
                 None | Some(Value::Null) => None,
@@ -665,6 +680,7 @@ fn prompts_from(
                 answer,
                 fields: obj,
                 origin: Some(at.to_string()),
+                templated,
             })
         })
         .collect()
@@ -825,12 +841,17 @@ mod tests {
                 " {\"role\": \"assistant\", \"content\": \"Bye!\", \"name\": \"x\"}]}\n",
                 "{\"prompt\": \"Q: 1+1\\nA: \", \"completion\": \"2\", \"reward\": 1.0}\n",
                 "{\"text\": \"2+2=4\", \"source\": \"x\"}\n",
+                "{\"text\": \"rendered\", \"prompt\": \"Q: 2+3\\nA: \", \"response\": \"5\"}\n",
             ),
         );
         let xs = load_sft(&p).unwrap();
-        assert_eq!(xs.len(), 4);
+        assert_eq!(xs.len(), 5);
         assert_eq!(xs[3].segments, vec![seg("2+2=4", true)]);
         assert!(xs[3].append_eos);
+        assert_eq!(
+            xs[4].segments, xs[0].segments,
+            "a prompt wins over text, as in TRL"
+        );
         assert_eq!(
             xs[2].segments,
             vec![seg("Q: 1+1\nA: ", false), seg("2", true)]
@@ -920,10 +941,6 @@ mod tests {
             ),
             (r#"{"text": ""}"#, "f.jsonl:1: field \"text\": empty"),
             (r#"{"text": 3}"#, "f.jsonl:1: field \"text\": expected a string"),
-            (
-                r#"{"text": "x", "prompt": "y", "response": "z"}"#,
-                "f.jsonl:1: field \"text\": a record is text to learn whole",
-            ),
             (r#"{"tex": "x"}"#, "f.jsonl:1: field \"prompt\": missing"),
             (
                 r#"{"prompt": "x", "completion": ""}"#,

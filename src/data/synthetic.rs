@@ -211,6 +211,7 @@ impl Synthetic {
                     answer: Some(answer),
                     fields,
                     origin: None,
+                    templated: false,
                 }
             })
             .collect()

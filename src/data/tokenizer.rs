@@ -381,10 +381,10 @@ impl Tokenizer {
         }
     }
 
-    /// Token ids of `text` where a sequence opens (a document, a prompt, an example): as
+    /// Token ids of plain text where a sequence opens (a document, a prompt, an example): as
     /// [`Tokenizer::encode`], after the special tokens the tokenizer puts first (Llama's BOS),
-    /// as transformers' `tokenizer(text)` and TRL's SFT and DPO do, unless the text begins with
-    /// them already (a chat template that writes `bos_token`).
+    /// as transformers' `tokenizer(text)` and TRL's SFT of plain text do, unless the text
+    /// begins with them already.
     pub fn encode_start(&self, text: &str) -> Result<Vec<u32>> {
         let ids = self.encode(text)?;
         match self {

@@ -13,21 +13,23 @@ use crate::kernels::segments::Segments;
 /// A sequence's token ids and, per token, whether it carries loss.
 pub type Encoded = (Vec<u32>, Vec<bool>);
 
-/// Tokens of an example and, per token, whether it carries loss. The example opens with the
-/// tokenizer's opening special tokens ([`Tokenizer::encode_start`]); each trained segment is
-/// followed by EOS, which is trained too, so the model learns to stop.
+/// Tokens of an example and, per token, whether it carries loss. Plain text opens with the
+/// tokenizer's opening special tokens ([`Tokenizer::encode_start`]) and each trained segment
+/// is followed by EOS, trained too, so the model learns to stop (unless the segment ends with
+/// one already, as TRL adds it); a Jinja-rendered example is as the template wrote it.
 pub fn encode_example(tok: &Tokenizer, ex: &SftExample) -> Result<Encoded> {
     let mut ids = Vec::new();
     let mut train = Vec::new();
     for (i, seg) in ex.segments.iter().enumerate() {
-        let t = if i == 0 {
+        let t = if i == 0 && ex.append_eos {
             tok.encode_start(&seg.text)?
         } else {
             tok.encode(&seg.text)?
         };
         train.extend(std::iter::repeat_n(seg.train, t.len()));
+        let ends_with_eos = t.last() == Some(&tok.eos_id());
         ids.extend(t);
-        if seg.train && ex.append_eos {
+        if seg.train && ex.append_eos && !ends_with_eos {
             ids.push(tok.eos_id());
             train.push(true);
         }

@@ -56,10 +56,7 @@ pub fn accuracy(
     let mut correct = 0;
     let mut samples = Vec::new();
     for (c, chunk) in prompts.chunks(batch.max(1)).enumerate() {
-        let ids: Vec<Vec<u32>> = chunk
-            .iter()
-            .map(|p| tok.encode_start(&p.prompt))
-            .collect::<Result<_>>()?;
+        let ids: Vec<Vec<u32>> = chunk.iter().map(|p| p.ids(tok)).collect::<Result<_>>()?;
         let keys = RowKeys::range(0, (c * batch.max(1)) as u64, ids.len());
         let g = generate(net, ctx, tok, &ids, &cfg, &keys)?;
         for (p, text) in chunk.iter().zip(g.texts) {

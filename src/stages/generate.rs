@@ -394,6 +394,7 @@ pub fn inline_prompts(texts: &[String]) -> Vec<PromptRecord> {
                 answer: None,
                 fields,
                 origin: None,
+                templated: false,
             }
         })
         .collect()

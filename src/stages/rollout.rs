@@ -208,7 +208,7 @@ impl Actors {
     ) -> Result<(Rollout, CollectTimes)> {
         let ids: Vec<Vec<u32>> = records
             .iter()
-            .map(|r| self.tok.encode_start(&r.prompt))
+            .map(|r| r.ids(&self.tok))
             .collect::<Result<_>>()?;
         let (sampled, gen) = sample(&self.policy, ctx, &self.tok, &ids, cfg, keys)?;
         let t0 = Instant::now();
@@ -485,10 +485,7 @@ pub fn greedy_eval(
     let has_answers = prompts.iter().all(|p| p.answer.is_some());
     let (mut correct, mut total) = (0usize, 0.0);
     for chunk in prompts.chunks(64) {
-        let ids: Vec<Vec<u32>> = chunk
-            .iter()
-            .map(|r| tok.encode_start(&r.prompt))
-            .collect::<Result<_>>()?;
+        let ids: Vec<Vec<u32>> = chunk.iter().map(|r| r.ids(tok)).collect::<Result<_>>()?;
         let keys = RowKeys::range(0, 0, ids.len());
         let g = generate(policy, ctx, tok, &ids, &cfg, &keys)?;
         correct += chunk

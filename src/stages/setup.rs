@@ -29,29 +29,38 @@ pub fn synthetic(env: &Env) -> Synthetic {
 }
 
 /// The checkpoint named by `--init`, with adapters merged; `what` says what the stage needs.
-/// A chat template given for the run (`[data] chat_template`) goes into its tokenizer's
-/// files, so that its checkpoints and exports render conversations as it trained on them,
-/// as TRL's `chat_template_path` does.
+/// The chat template the run renders conversations with goes into its tokenizer's files
+/// where they do not hold it already (a template given with `[data] chat_template`, as TRL's
+/// `chat_template_path` does; a PEFT adapter's base's where its own tokenizer has none), so
+/// that its checkpoints and exports render conversations as it trained on them.
 pub fn init_checkpoint(env: &Env, what: &str) -> Result<Loaded> {
     let init =
         env.cfg.init.as_ref().with_context(|| {
             format!("{} needs --init CHECKPOINT ({what})", env.cfg.stage.name())
         })?;
     let mut loaded = read_checkpoint(init, &env.device)?;
-    if let Some(path) = &env.cfg.data.chat_template {
-        let given = ChatTemplate::load(path)?;
-        let own = ChatTemplate::in_dir(&loaded.tokenizer_dir)?;
-        if matches!(loaded.tokenizer, Tokenizer::Bytes) && env.comm.rank() == 0 {
+    let used = match &env.cfg.data.chat_template {
+        Some(path) => Some(ChatTemplate::load(path)?),
+        // A model whose template cannot be read still serves runs that render none.
+        None => template_of(init).ok().flatten(),
+    };
+    let Some(used) = used else {
+        return Ok(loaded);
+    };
+    let own = ChatTemplate::in_dir(&loaded.tokenizer_dir).ok().flatten();
+    if own.as_ref().map(ChatTemplate::source) == Some(used.source()) {
+        return Ok(loaded);
+    }
+    if matches!(loaded.tokenizer, Tokenizer::Bytes) {
+        if env.comm.rank() == 0 {
             eprintln!(
                 "warning: the byte-level tokenizer keeps no files, so this run's checkpoints do \
-                 not keep the chat template {}: give it to the next stage too",
-                path.display()
+                 not keep its chat template: give it to the next stage too"
             );
         }
-        if own.as_ref().map(ChatTemplate::source) != Some(given.source()) {
-            loaded.tokenizer = loaded.tokenizer.with_chat_template(given.source());
-        }
+        return Ok(loaded);
     }
+    loaded.tokenizer = loaded.tokenizer.with_chat_template(used.source());
     Ok(loaded)
 }
 
@@ -248,7 +257,7 @@ pub fn encode_prompts(
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let ids = tok.encode_start(&p.prompt)?;
+            let ids = p.ids(tok)?;
             let (n, place) = (ids.len(), place(&p.origin, "prompt", i));
             if n == 0 {
                 bail!("{place}: field \"prompt\": empty after tokenisation");
@@ -311,7 +320,7 @@ fn fit_prompts(
     let n = prompts.len();
     let mut kept = Vec::with_capacity(n);
     for (i, p) in prompts.into_iter().enumerate() {
-        let len = tok.encode_start(&p.prompt)?.len();
+        let len = p.ids(tok)?.len();
         if len == 0 {
             let place = place(&p.origin, "prompt", i);
             bail!("{place}: field \"prompt\": empty after tokenisation");

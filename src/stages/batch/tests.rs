@@ -267,9 +267,9 @@ fn padding_free_sequences_give_the_padded_sums_and_gradients() {
     }
 }
 
-/// An example opens with BOS where the tokenizer writes one (TRL's SFT tokenises the prompt
-/// with special tokens), once: a chat template's own BOS is not doubled; only the opening
-/// segment gets it, and it carries no loss.
+/// A plain example opens with BOS where the tokenizer writes one (TRL's SFT tokenises the
+/// prompt with special tokens), once, and carries no loss on it; a chat template's rendering
+/// is tokenised without special tokens, as transformers' `apply_chat_template` does.
 #[test]
 fn an_example_opens_with_the_tokenizers_bos_once() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama");
@@ -281,7 +281,18 @@ fn an_example_opens_with_the_tokenizers_bos_once() {
     assert_eq!(&ids[1..ids.len() - 1], bare.as_slice());
     assert_eq!(*ids.last().unwrap(), tok.eos_id());
     assert!(!train[0]);
-    let templated = SftExample::prompt_response("<|begin_of_text|>2+2=", "4", false, None);
-    let (ids, _) = encode_example(&tok, &templated).unwrap();
-    assert_eq!(ids.iter().filter(|&&i| i == 300).count(), 1, "{ids:?}");
+    // A rendered chat is as its template wrote it: one BOS where it wrote one, none where not.
+    for (text, bos) in [("<|begin_of_text|>2+2=", 1), ("2+2=", 0)] {
+        let templated = SftExample::prompt_response(text, "4", false, None);
+        let (ids, _) = encode_example(&tok, &templated).unwrap();
+        assert_eq!(ids.iter().filter(|&&i| i == 300).count(), bos, "{ids:?}");
+    }
+    // Text that ends with EOS gets no second one (TRL appends it only where it is missing).
+    let ended = SftExample::prompt_response("2+2=", "4<|eot_id|>", true, None);
+    let (ids, _) = encode_example(&tok, &ended).unwrap();
+    assert_eq!(
+        ids.iter().filter(|&&i| i == tok.eos_id()).count(),
+        1,
+        "{ids:?}"
+    );
 }
