@@ -268,8 +268,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
     /// Sampling temperature; 0 is greedy. Default: the checkpoint's generation_config.json
-    /// (its `temperature`; greedy where `do_sample` is false), as transformers and vLLM take
-    /// it, else 0.8.
+    /// (its `temperature`; greedy where `do_sample` is false), as vLLM takes it, else 0.8.
     #[arg(long)]
     pub temperature: Option<f64>,
     /// Sample among the k most likely tokens only; 0 keeps them all. Default: the

@@ -1,6 +1,7 @@
 //! `temper generate`'s sampling settings where no flag gives them: the checkpoint's
-//! `generation_config.json`, as transformers' `generate` and vLLM (`--generation-config
-//! auto`) take them (Qwen3 asks for temperature 0.6, top-k 20, top-p 0.95), else temper's own.
+//! `generation_config.json`, as vLLM (`--generation-config auto`) takes them (Qwen3 asks for
+//! temperature 0.6, top-k 20, top-p 0.95), else temper's own. Like vLLM, and unlike
+//! transformers' `generate`, it samples where the config does not set `do_sample`.
 
 use std::path::Path;
 
