@@ -527,11 +527,7 @@ fn generate_lines(checkpoint: &str, prompts: &Path, extra: &[&str]) -> Vec<serde
 fn generate_takes_its_sampling_defaults_from_the_generation_config() {
     let d = tmp();
     let model = p(d.path(), "llama");
-    std::fs::create_dir_all(&model).unwrap();
-    for f in std::fs::read_dir(fixture("llama")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
-    }
+    copy_files(Path::new(&fixture("llama")), &model);
     let prompts = p(d.path(), "prompts.jsonl");
     let lines: String = (0..4)
         .map(|i| format!("{{\"prompt\": \"{i} plus {i} is\"}}\n"))

@@ -184,11 +184,7 @@ fn llama3_stop_ids_come_from_the_generation_config() {
     // reads its tokenizer, and still stops where its base's generation config says.
     let d = tmp();
     let adapter = p(d.path(), "adapter");
-    std::fs::create_dir_all(&adapter).unwrap();
-    for f in std::fs::read_dir(fixture("llama_lora")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, adapter.join(f.file_name().unwrap())).unwrap();
-    }
+    copy_files(&fixture("llama_lora"), &adapter);
     std::fs::copy(
         fixture("llama").join("tokenizer.json"),
         adapter.join("tokenizer.json"),
@@ -215,11 +211,7 @@ fn broken(
     edit: impl Fn(&mut serde_json::Value, &mut HashMap<String, Tensor>),
 ) -> PathBuf {
     let out = p(root, &format!("{fam}-broken"));
-    std::fs::create_dir_all(&out).unwrap();
-    for f in std::fs::read_dir(fixture(fam)).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, out.join(f.file_name().unwrap())).unwrap();
-    }
+    copy_files(&fixture(fam), &out);
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     let mut t = safetensors_map(&out.join("model.safetensors"));
@@ -411,23 +403,12 @@ fn continued_pretraining_and_lora_sft_start_from_a_hugging_face_model_and_export
         .collect();
     std::fs::write(&data, lines).unwrap();
     let sft = p(d.path(), "sft");
-    run_ok(&[
-        "sft",
-        "--init",
-        fixture("llama").to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        sft.to_str().unwrap(),
-        "--steps",
-        "10",
-        "--lora-rank",
-        "4",
-        "--lora-targets",
-        "q,v",
-        "--device",
-        "cpu",
-    ]);
+    sft_on_cpu(
+        &fixture("llama"),
+        &data,
+        &sft,
+        &["--steps", "10", "--lora-rank", "4", "--lora-targets", "q,v"],
+    );
     let peft = p(d.path(), "peft");
     export(&sft, &peft, "peft");
     let a = safetensors_map(&peft.join("adapter_model.safetensors"));
@@ -445,6 +426,23 @@ fn continued_pretraining_and_lora_sft_start_from_a_hugging_face_model_and_export
     );
 }
 
+/// `temper sft` from `init` on `data` into `out` on the CPU, with `extra` flags.
+fn sft_on_cpu(init: &Path, data: &Path, out: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "sft",
+        "--init",
+        init.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    run_ok(&args);
+}
+
 /// TRL's language-modelling records (`{"text"}`) train SFT on every token, opened with the
 /// Llama fixture's BOS as transformers tokenises them: the held-out loss falls.
 #[test]
@@ -459,21 +457,12 @@ fn sft_learns_trl_language_modelling_records() {
         .collect();
     std::fs::write(&data, lines).unwrap();
     let out = p(d.path(), "sft");
-    run_ok(&[
-        "sft",
-        "--init",
-        fixture("llama").to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--steps",
-        "40",
-        "--eval-every",
-        "10",
-        "--device",
-        "cpu",
-    ]);
+    sft_on_cpu(
+        &fixture("llama"),
+        &data,
+        &out,
+        &["--steps", "40", "--eval-every", "10"],
+    );
     let val = series(&metrics(&out), "val", "loss");
     assert!(
         val.last().unwrap().1 < 0.85 * val[0].1,
@@ -636,11 +625,7 @@ fn chat_templates_are_read_and_kept_where_transformers_saves_them() {
         )
     };
     let saved = p(d.path(), "saved");
-    std::fs::create_dir_all(&saved).unwrap();
-    for f in std::fs::read_dir(&llama).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, saved.join(f.file_name().unwrap())).unwrap();
-    }
+    copy_files(&llama, &saved);
     std::fs::write(saved.join("chat_template.jinja"), template("saved")).unwrap();
     let prompts = p(d.path(), "prompts.jsonl");
     let chat = p(d.path(), "chat.jsonl");
@@ -916,11 +901,7 @@ fn a_trl_lora_reward_adapter_scores_as_it_was_trained() {
     // A copy of adapter `from` (its tokenizer too) with task type `task`.
     let edited = |name: &str, from: &Path, task: &str| {
         let dir = p(d.path(), name);
-        std::fs::create_dir_all(&dir).unwrap();
-        for f in std::fs::read_dir(from).unwrap() {
-            let f = f.unwrap().path();
-            std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
-        }
+        copy_files(from, &dir);
         let path = dir.join("adapter_config.json");
         let mut v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();

@@ -810,6 +810,17 @@ mod tests {
         p
     }
 
+    /// A template that writes each message as `[role]content<end>`.
+    fn bracketed() -> ChatTemplate {
+        ChatTemplate::from_source(
+            "{% for m in messages %}[{{ m.role }}]{{ m.content }}<end>{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}".into(),
+            String::new(),
+            String::new(),
+            Path::new("t.jinja"),
+        )
+        .unwrap()
+    }
+
     fn seg(text: &str, train: bool) -> Segment {
         Segment {
             text: text.into(),
@@ -1084,13 +1095,7 @@ mod tests {
             "rejected": [turn("user", "2+2?"), turn("assistant", "5")],
             "score_chosen": 8.0,
         });
-        let t = ChatTemplate::from_source(
-            "{% for m in messages %}[{{ m.role }}]{{ m.content }}<end>{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}".into(),
-            String::new(),
-            String::new(),
-            Path::new("t.jinja"),
-        )
-        .unwrap();
+        let t = bracketed();
         let p = file(&d, "uf.jsonl", &format!("{convo}\n"));
         let x = &load_preferences_templated(&p, Some(&t)).unwrap()[0];
         assert_eq!(
@@ -1320,13 +1325,7 @@ mod tests {
         );
         assert!(x.append_eos);
         // A Jinja template: each reply is what it adds after the generation prompt.
-        let t = ChatTemplate::from_source(
-            "{% for m in messages %}[{{ m.role }}]{{ m.content }}<end>{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}".into(),
-            String::new(),
-            String::new(),
-            Path::new("t.jinja"),
-        )
-        .unwrap();
+        let t = bracketed();
         let x = &load_preferences_templated(&p, Some(&t)).unwrap()[0];
         assert_eq!(x.prompt, "[user]2+2?<end>[assistant]");
         assert_eq!(

@@ -133,6 +133,17 @@ pub fn p(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// A copy of directory `from`'s files (not its subdirectories) in a new directory `to`.
+pub fn copy_files(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in std::fs::read_dir(from).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
 /// A small, fast model config for tests.
 pub const TINY_TOML: &str = r#"
 [model]
