@@ -360,23 +360,8 @@ fn a_model_too_large_or_misshapen_is_refused_naming_its_file() {
 fn pretrain_from(init: &Path, out: &Path) {
     let corpus = out.with_extension("txt");
     std::fs::write(&corpus, "3+4=7\nthe cat sat on the mat\n".repeat(200)).unwrap();
-    run_ok(&[
-        "pretrain",
-        "--init",
-        init.to_str().unwrap(),
-        "--data",
-        corpus.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--steps",
-        "30",
-        "--seq-len",
-        "32",
-        "--lr",
-        "3e-3",
-        "--device",
-        "cpu",
-    ]);
+    let flags = ["--steps", "30", "--seq-len", "32", "--lr", "3e-3"];
+    stage_on_cpu("pretrain", init, &corpus, out, &flags);
     let val = series(&metrics(out), "val", "loss");
     assert!(
         val.last().unwrap().1 < 0.8 * val[0].1,
@@ -428,8 +413,13 @@ fn continued_pretraining_and_lora_sft_start_from_a_hugging_face_model_and_export
 
 /// `temper sft` from `init` on `data` into `out` on the CPU, with `extra` flags.
 fn sft_on_cpu(init: &Path, data: &Path, out: &Path, extra: &[&str]) {
+    stage_on_cpu("sft", init, data, out, extra);
+}
+
+/// `temper STAGE` from `init` on `data` into `out` on the CPU, with `extra` flags.
+fn stage_on_cpu(stage: &str, init: &Path, data: &Path, out: &Path, extra: &[&str]) {
     let mut args = vec![
-        "sft",
+        stage,
         "--init",
         init.to_str().unwrap(),
         "--data",
@@ -581,23 +571,15 @@ fn conversational_preferences_and_prompts_use_the_models_chat_template() {
     for stage in ["dpo", "grpo"] {
         let data = if stage == "dpo" { &prefs } else { &prompts };
         let out = p(d.path(), stage);
-        run_ok(&[
-            stage,
+        let flags = [
             "--config",
             cfg.to_str().unwrap(),
-            "--init",
-            init.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
             "--steps",
             "1",
             "--batch-size",
             "4",
-            "--device",
-            "cpu",
-        ]);
+        ];
+        stage_on_cpu(stage, &init, data, &out, &flags);
         if stage == "grpo" {
             let log = std::fs::read_to_string(out.join("completions.jsonl")).unwrap();
             assert!(
@@ -646,25 +628,15 @@ fn chat_templates_are_read_and_kept_where_transformers_saves_them() {
     let cfg = p(d.path(), "c.toml");
     std::fs::write(&cfg, "[grpo]\nprompts_per_rollout = 2\ngroup_size = 2\nminibatch_size = 4\nlog_completions = 2\n").unwrap();
     let train = |stage: &str, init: &Path, data: &Path, out: &Path, extra: &[&str]| {
-        let mut args = vec![
-            stage,
+        let flags = [
             "--config",
             cfg.to_str().unwrap(),
-            "--init",
-            init.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
             "--steps",
             "1",
             "--batch-size",
             "4",
-            "--device",
-            "cpu",
         ];
-        args.extend_from_slice(extra);
-        run_ok(&args);
+        stage_on_cpu(stage, init, data, out, &[&flags[..], extra].concat());
     };
     let read = |path: PathBuf| {
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
