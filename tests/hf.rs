@@ -594,8 +594,9 @@ fn conversational_preferences_and_prompts_use_the_models_chat_template() {
 /// `chat_template.jinja`, which transformers prefers to the one in `tokenizer_config.json`:
 /// temper renders conversations with it too and keeps it in its checkpoints. A template given
 /// to a run (`--chat-template`, as TRL's `chat_template_path`) goes into the run's
-/// checkpoints, so the next stage renders with it unasked, and into its Hugging Face and PEFT
-/// exports, the tokenizer's own files otherwise as they came.
+/// checkpoints in place of the model's (its `tool_use` template too), so the next stage
+/// renders with it unasked, and into its Hugging Face and PEFT exports, the tokenizer's own
+/// files otherwise as they came.
 #[test]
 fn chat_templates_are_read_and_kept_where_transformers_saves_them() {
     let d = tmp();
@@ -609,6 +610,9 @@ fn chat_templates_are_read_and_kept_where_transformers_saves_them() {
     let saved = p(d.path(), "saved");
     copy_files(&llama, &saved);
     std::fs::write(saved.join("chat_template.jinja"), template("saved")).unwrap();
+    let tool_use = "additional_chat_templates/tool_use.jinja";
+    std::fs::create_dir_all(saved.join("additional_chat_templates")).unwrap();
+    std::fs::write(saved.join(tool_use), template("tools")).unwrap();
     let prompts = p(d.path(), "prompts.jsonl");
     let chat = p(d.path(), "chat.jsonl");
     let (mut a, mut b) = (String::new(), String::new());
@@ -657,6 +661,7 @@ fn chat_templates_are_read_and_kept_where_transformers_saves_them() {
         read(grpo.join("final/chat_template.jinja")),
         template("saved")
     );
+    assert_eq!(read(grpo.join("final").join(tool_use)), template("tools"));
 
     let mine = p(d.path(), "mine.jinja");
     std::fs::write(&mine, template("mine")).unwrap();
@@ -665,7 +670,7 @@ fn chat_templates_are_read_and_kept_where_transformers_saves_them() {
     let lora = ["--lora-rank", "4", "--lora-targets", "q,v"];
     train(
         "sft",
-        &llama,
+        &saved,
         &chat,
         &sft,
         &[&given[..], &lora[..]].concat(),
@@ -674,6 +679,8 @@ fn chat_templates_are_read_and_kept_where_transformers_saves_them() {
         read(sft.join("final/chat_template.jinja")),
         template("mine")
     );
+    // The given template has no tool_use one, so the model's would not render as trained.
+    assert!(!sft.join("final").join(tool_use).exists());
     let (log, _) = prompted_with(&sft, "grpo-sft");
     assert!(
         log.contains("<mine user>") && log.contains("+1?<mine assistant>"),

@@ -52,6 +52,7 @@ pub struct ChatTemplate {
     /// The model's `tool_use` template, where it has one (and whether it is marked): what
     /// transformers renders a conversation given tools with.
     tool_use: Option<bool>,
+    tool_use_source: Option<String>,
     bos: String,
     eos: String,
     origin: PathBuf,
@@ -144,6 +145,17 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// The Jinja text of its `tool_use` template, where it has one.
+    pub fn tool_use_source(&self) -> Option<&str> {
+        self.tool_use_source.as_deref()
+    }
+
+    /// Whether `other` renders every conversation as this one does: the same default and
+    /// `tool_use` templates.
+    pub fn same_as(&self, other: &ChatTemplate) -> bool {
+        self.source == other.source && self.tool_use_source == other.tool_use_source
+    }
+
     pub fn from_source(source: String, bos: String, eos: String, origin: &Path) -> Result<Self> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
@@ -166,6 +178,7 @@ impl ChatTemplate {
             source,
             marked,
             tool_use: None,
+            tool_use_source: None,
             bos,
             eos,
             origin: origin.to_path_buf(),
@@ -181,6 +194,7 @@ impl ChatTemplate {
             .add_template_owned(TOOL_USE, rewritten)
             .map_err(|e| anyhow!("{}: chat template does not parse: {e}", origin.display()))?;
         self.tool_use = Some(marked);
+        self.tool_use_source = Some(source);
         Ok(self)
     }
 
@@ -406,6 +420,8 @@ fn generation_as_filter(source: &str) -> std::result::Result<(String, bool), Str
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
     let (mut marked, mut inside) = (false, false);
+    // Loops opened inside the current block: a `break` in one of them is the loop's.
+    let mut loops = 0usize;
     while let Some(at) = rest.find('{') {
         out.push_str(&rest[..at]);
         rest = &rest[at..];
@@ -416,22 +432,34 @@ fn generation_as_filter(source: &str) -> std::result::Result<(String, bool), Str
         } else if rest.starts_with("{%") {
             let n = closing(rest, "%}");
             let tag = &rest[..n];
-            let (o, name, c) = block_tag(tag);
+            let (o, name, c, alone) = block_tag(tag);
             // The filter marks the block's text; the `with` inside it keeps the block's `set`s
             // to itself, as the body of transformers' call block is.
             let replacement = match name {
-                "generation" => Some(format!("{{%{o} filter {MARK_FILTER} %}}{{% with {c}%}}")),
-                "endgeneration" => Some(format!("{{%{o} endwith %}}{{% endfilter {c}%}}")),
-                "break" | "continue" if inside => {
+                "generation" if alone => {
+                    Some(format!("{{%{o} filter {MARK_FILTER} %}}{{% with {c}%}}"))
+                }
+                "endgeneration" if alone => Some(format!("{{%{o} endwith %}}{{% endfilter {c}%}}")),
+                "for" if inside => {
+                    loops += 1;
+                    None
+                }
+                "endfor" if inside => {
+                    loops = loops.saturating_sub(1);
+                    None
+                }
+                "break" | "continue" if inside && loops == 0 => {
                     return Err(format!(
-                    "a {{% {name} %}} inside a {{% generation %}} block (transformers refuses it)"
-                ))
+                        "a {{% {name} %}} inside a {{% generation %}} block of a loop outside it \
+                         (transformers refuses it)"
+                    ))
                 }
                 _ => None,
             };
             if let Some(r) = replacement {
                 marked = true;
                 inside = name == "generation";
+                loops = 0;
                 out.push_str(&r);
                 rest = &rest[n..];
                 continue;
@@ -472,9 +500,9 @@ fn closing(text: &str, end: &str) -> usize {
     text.len()
 }
 
-/// A block tag's whitespace control after `{%`, its first word, and its control before `%}`
-/// (`-`, `+` or nothing).
-fn block_tag(tag: &str) -> (&str, &str, &str) {
+/// A block tag's whitespace control after `{%`, its first word, its control before `%}` (`-`,
+/// `+` or nothing), and whether the word is all the tag holds.
+fn block_tag(tag: &str) -> (&str, &str, &str, bool) {
     let inner = tag.strip_prefix("{%").unwrap_or(tag);
     let inner = inner.strip_suffix("%}").unwrap_or(inner);
     let control = |s: &str| s.starts_with(['-', '+']) as usize;
@@ -484,8 +512,9 @@ fn block_tag(tag: &str) -> (&str, &str, &str) {
     let close = &body[close_at..];
     let words: Vec<&str> = body[..close_at].split_whitespace().collect();
     match words.as_slice() {
-        [word] => (open, word, close),
-        _ => (open, "", close),
+        [word] => (open, word, close, true),
+        [word, ..] => (open, word, close, false),
+        [] => (open, "", close, false),
     }
 }
 
@@ -749,6 +778,9 @@ mod tests {
         // A block's `set`s stay in it, as in transformers (which renders this "hi1" too).
         let scoped = load("{% set x = 1 %}{% for m in messages %}{% generation %}{% set x = 2 %}{{ m['content'] }}{% endgeneration %}{% endfor %}{{ x }}");
         assert_eq!(scoped.render(&short[..1], false).unwrap(), "hi1");
+        // A loop inside the block may break (transformers renders this "hia").
+        let inner = load("{% for m in messages %}{% generation %}{{ m['content'] }}{% for c in ['a', 'b'] %}{% if c == 'b' %}{% break %}{% endif %}{{ c }}{% endfor %}{% endgeneration %}{% endfor %}");
+        assert_eq!(inner.render(&short[..1], false).unwrap(), "hia");
         let e = ChatTemplate::from_source(
             "{% for m in messages %}{% generation %}{% continue %}{% endgeneration %}{% endfor %}"
                 .into(),

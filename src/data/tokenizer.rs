@@ -270,9 +270,10 @@ impl Tokenizer {
     }
 
     /// This tokenizer with `source` as its chat template (`chat_template.jinja`, which wins
-    /// over a template in `tokenizer_config.json` here as in transformers). The byte tokenizer
-    /// saves no files, so it keeps none.
-    pub fn with_chat_template(self, source: &str) -> Self {
+    /// over a template in `tokenizer_config.json` here as in transformers) and `tool_use` as
+    /// its `tool_use` template (none: none). The byte tokenizer saves no files, so it keeps
+    /// none.
+    pub fn with_chat_template(self, source: &str, tool_use: Option<&str>) -> Self {
         let Tokenizer::Hf {
             inner,
             eos,
@@ -283,10 +284,16 @@ impl Tokenizer {
             return self;
         };
         let mut specials = (*specials).clone();
-        specials.files.retain(|(name, _)| name != TEMPLATE_FILE);
+        let tool_use_file = format!("{NAMED_TEMPLATES_DIR}/tool_use.jinja");
+        specials
+            .files
+            .retain(|(name, _)| name != TEMPLATE_FILE && *name != tool_use_file);
         specials
             .files
             .push((TEMPLATE_FILE.to_string(), source.to_string()));
+        if let Some(t) = tool_use {
+            specials.files.push((tool_use_file, t.to_string()));
+        }
         Tokenizer::Hf {
             inner,
             eos,
@@ -675,14 +682,20 @@ mod tests {
         }
         let mine = d.path().join("mine");
         t.clone()
-            .with_chat_template("mine")
+            .with_chat_template("mine", Some("my tools"))
             .save_dir(&mine)
             .unwrap();
         assert_eq!(read(&mine, TEMPLATE_FILE).as_deref(), Some("mine"));
         assert_eq!(
             read(&mine, "additional_chat_templates/tool_use.jinja").as_deref(),
-            Some("{{ tools }}")
+            Some("my tools")
         );
+        let plain = d.path().join("plain");
+        t.clone()
+            .with_chat_template("mine", None)
+            .save_dir(&plain)
+            .unwrap();
+        assert!(!plain.join("additional_chat_templates").exists());
         let reread = Tokenizer::load_dir(&mine).unwrap();
         assert_eq!(reread.eos_id(), t.eos_id());
     }

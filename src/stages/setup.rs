@@ -48,7 +48,7 @@ pub fn init_checkpoint(env: &Env, what: &str) -> Result<Loaded> {
         return Ok(loaded);
     };
     let own = ChatTemplate::in_dir(&loaded.tokenizer_dir).ok().flatten();
-    if own.as_ref().map(ChatTemplate::source) == Some(used.source()) {
+    if own.is_some_and(|own| own.same_as(&used)) {
         return Ok(loaded);
     }
     if matches!(loaded.tokenizer, Tokenizer::Bytes) {
@@ -60,7 +60,9 @@ pub fn init_checkpoint(env: &Env, what: &str) -> Result<Loaded> {
         }
         return Ok(loaded);
     }
-    loaded.tokenizer = loaded.tokenizer.with_chat_template(used.source());
+    loaded.tokenizer = loaded
+        .tokenizer
+        .with_chat_template(used.source(), used.tool_use_source());
     Ok(loaded)
 }
 
