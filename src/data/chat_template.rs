@@ -84,7 +84,13 @@ impl ChatTemplate {
         if !is_json {
             return Self::from_source(text, String::new(), String::new(), path);
         }
-        let (source, tool_use, bos, eos) = from_tokenizer_config(path, &text)?;
+        Self::from_config(path, &parse_config(path, &text)?)
+    }
+
+    /// The template of the tokenizer config `cfg` read from `path` (see
+    /// [`from_tokenizer_config`]), with its `tool_use` template where it has one.
+    fn from_config(path: &Path, cfg: &Map<String, Value>) -> Result<Self> {
+        let (source, tool_use, bos, eos) = from_tokenizer_config(path, cfg)?;
         let template = Self::from_source(source, bos, eos, path)?;
         match tool_use {
             Some(t) => template.with_tool_use(t, path),
@@ -98,7 +104,7 @@ impl ChatTemplate {
     pub fn in_dir(dir: &Path) -> Result<Option<Self>> {
         let tc = dir.join("tokenizer_config.json");
         let config = match std::fs::read_to_string(&tc) {
-            Ok(text) => Some(text),
+            Ok(text) => Some(parse_config(&tc, &text)?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => bail!("{}: cannot read: {e}", tc.display()),
         };
@@ -106,7 +112,7 @@ impl ChatTemplate {
         let named = named_templates(dir)?;
         if jinja.is_file() {
             let (bos, eos) = match &config {
-                Some(text) => special_tokens(&tc, &parse_config(&tc, text)?)?,
+                Some(cfg) => special_tokens(&tc, cfg)?,
                 None => Default::default(),
             };
             let template = Self::from_source(read_text(&jinja)?, bos, eos, &jinja)?;
@@ -119,15 +125,6 @@ impl ChatTemplate {
             return template.with_tool_use(read_text(&tools)?, &tools).map(Some);
         }
         // transformers takes named templates over the config's, and then has no default.
-        let has_template = match &config {
-            Some(text) => parse_config(&tc, text)?
-                .get("chat_template")
-                .is_some_and(|t| !t.is_null()),
-            None => false,
-        };
-        if has_template && named.is_empty() {
-            return Self::load(&tc).map(Some);
-        }
         if !named.is_empty() {
             bail!(
                 "{}: holds named chat templates ({}) but no default one ({TEMPLATE_FILE}), and \
@@ -137,7 +134,12 @@ impl ChatTemplate {
                 dir.join(NAMED_TEMPLATES_DIR).display()
             );
         }
-        Ok(None)
+        match config {
+            Some(cfg) if cfg.get("chat_template").is_some_and(|t| !t.is_null()) => {
+                Self::from_config(&tc, &cfg).map(Some)
+            }
+            _ => Ok(None),
+        }
     }
 
     /// The Jinja text this template renders with.
@@ -557,10 +559,9 @@ fn describe(e: &minijinja::Error) -> String {
 /// "template"}` of which "default" is used (and "tool_use" where tools are given).
 fn from_tokenizer_config(
     path: &Path,
-    text: &str,
+    cfg: &Map<String, Value>,
 ) -> Result<(String, Option<String>, String, String)> {
     let at = |field: &str, msg: &str| anyhow!("{}: field \"{field}\": {msg}", path.display());
-    let cfg = parse_config(path, text)?;
     let mut tool_use = None;
     let source = match cfg.get("chat_template") {
         None | Some(Value::Null) => {
@@ -590,7 +591,7 @@ fn from_tokenizer_config(
             ))
         }
     };
-    let (bos, eos) = special_tokens(path, &cfg)?;
+    let (bos, eos) = special_tokens(path, cfg)?;
     Ok((source, tool_use, bos, eos))
 }
 

@@ -35,7 +35,7 @@ const PAD_NAMES: [&str; 2] = ["<|pad|>", "<pad>"];
 /// and the second a PAD name so that [`Tokenizer::from_file`] finds them again.
 const TRAINED_SPECIALS: [&str; 2] = ["<|endoftext|>", "<|pad|>"];
 
-const GENERATION_CONFIG: &str = "generation_config.json";
+pub const GENERATION_CONFIG: &str = "generation_config.json";
 
 /// File name of a saved tokenizer inside a run or checkpoint directory.
 const FILE_NAME: &str = "tokenizer.json";
@@ -131,25 +131,35 @@ fn carried_files(dir: &Path) -> Result<Vec<(String, String)>> {
     );
     let mut files = Vec::new();
     for name in names {
-        let path = dir.join(&name);
-        if path.is_file() {
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("{}: cannot read", path.display()))?;
-            files.push((name, text));
-        }
+        files.extend(carried_file(dir, name)?);
     }
     Ok(files)
 }
 
-fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
+/// `(name, text)` of file `name` in `dir`, where it has one.
+fn carried_file(dir: &Path, name: String) -> Result<Option<(String, String)>> {
+    let path = dir.join(&name);
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path)
+    let text = std::fs::read_to_string(&path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
-    let v =
-        serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}: {e}", path.display(), e.line()))?;
-    Ok(Some(v))
+    Ok(Some((name, text)))
+}
+
+/// The JSON of carried file `name` (read from `dir`), where there is one.
+fn carried_json(
+    files: &[(String, String)],
+    dir: &Path,
+    name: &str,
+) -> Result<Option<serde_json::Value>> {
+    let Some((_, text)) = files.iter().find(|(n, _)| n == name) else {
+        return Ok(None);
+    };
+    let path = dir.join(name);
+    serde_json::from_str(text)
+        .map(Some)
+        .map_err(|e| anyhow!("{}:{}: {e}", path.display(), e.line()))
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -215,13 +225,17 @@ impl Tokenizer {
             inner,
             mut eos,
             mut pad,
-            ..
+            specials: bare,
         } = self
         else {
             return Ok(self);
         };
+        let mut files = carried_files(dir)?;
+        if generation != dir {
+            files.extend(carried_file(generation, GENERATION_CONFIG.to_string())?);
+        }
         let mut specials = Specials {
-            opening: opening_ids(&inner),
+            opening: bare.opening.clone(),
             ..Specials::default()
         };
         let id_of = |path: &Path, key: &str, name: &str| -> Result<u32> {
@@ -233,7 +247,7 @@ impl Tokenizer {
             })
         };
         let tc_path = dir.join("tokenizer_config.json");
-        if let Some(v) = read_json(&tc_path)? {
+        if let Some(v) = carried_json(&files, dir, "tokenizer_config.json")? {
             if let Some(t) = token_field(&v, "eos_token") {
                 eos = id_of(&tc_path, "eos_token", &t)?;
             }
@@ -249,16 +263,10 @@ impl Tokenizer {
             }
         }
         specials.stops.push(eos);
-        let gen_path = generation.join(GENERATION_CONFIG);
-        if let Some(v) = read_json(&gen_path)? {
+        if let Some(v) = carried_json(&files, generation, GENERATION_CONFIG)? {
             specials.stops.extend(ids_field(&v, "eos_token_id"));
         }
-        specials.files = carried_files(dir)?;
-        if generation != dir && gen_path.is_file() {
-            let text = std::fs::read_to_string(&gen_path)
-                .with_context(|| format!("{}: cannot read", gen_path.display()))?;
-            specials.files.push((GENERATION_CONFIG.to_string(), text));
-        }
+        specials.files = files;
         specials.stops.sort_unstable();
         specials.stops.dedup();
         Ok(Tokenizer::Hf {

@@ -1010,7 +1010,12 @@ fn peft_config(dir: &Path) -> Result<(serde_json::Value, PathBuf)> {
 /// current directory or to the adapter's.
 pub fn peft_base(dir: &Path) -> Result<PathBuf> {
     let (v, cfg_path) = peft_config(dir)?;
-    let at = At(&cfg_path);
+    base_named(dir, &v, &cfg_path)
+}
+
+/// [`peft_base`] of the adapter at `dir` whose `adapter_config.json` (at `cfg_path`) is `v`.
+fn base_named(dir: &Path, v: &serde_json::Value, cfg_path: &Path) -> Result<PathBuf> {
+    let at = At(cfg_path);
     let named = v
         .get("base_model_name_or_path")
         .and_then(|b| b.as_str())
@@ -1065,7 +1070,7 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     };
     let r = at.need(v.get("r").and_then(|x| x.as_f64()), "r")?;
     let alpha = at.need(v.get("lora_alpha").and_then(|x| x.as_f64()), "lora_alpha")?;
-    let base = peft_base(dir)?;
+    let base = base_named(dir, &v, &cfg_path)?;
     let file = dir.join("adapter_model.safetensors");
     let raw = candle_core::safetensors::load(&file, device)
         .with_context(|| format!("{}: cannot read", file.display()))?;

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{anyhow, Result};
 use serde_json::Value;
 
-use crate::data::tokenizer::Tokenizer;
+use crate::data::tokenizer::{Tokenizer, GENERATION_CONFIG};
 
 /// temper's own defaults, where neither a flag nor the generation config says.
 pub const TEMPERATURE: f64 = 0.8;
@@ -31,10 +31,10 @@ impl FromConfig {
     /// `dir` carries (none where it carries none); a field of the wrong type names the file
     /// and the field.
     pub fn of(tok: &Tokenizer, dir: &Path) -> Result<Self> {
-        let Some(text) = tok.carried("generation_config.json") else {
+        let Some(text) = tok.carried(GENERATION_CONFIG) else {
             return Ok(Self::default());
         };
-        let file = dir.join("generation_config.json");
+        let file = dir.join(GENERATION_CONFIG);
         let v: Value = serde_json::from_str(text)
             .map_err(|e| anyhow!("{}:{}: {e}", file.display(), e.line()))?;
         Self::parse(&v, &file)
