@@ -793,19 +793,7 @@ fn a_hugging_face_reward_model_scores_trains_and_exports_as_transformers_reads_i
         .collect();
     std::fs::write(&prefs, pairs).unwrap();
     let rm = p(d.path(), "rm");
-    run_ok(&[
-        "reward",
-        "--init",
-        fixture("llama").to_str().unwrap(),
-        "--data",
-        prefs.to_str().unwrap(),
-        "--out",
-        rm.to_str().unwrap(),
-        "--steps",
-        "4",
-        "--device",
-        "cpu",
-    ]);
+    stage_on_cpu("reward", &fixture("llama"), &prefs, &rm, &["--steps", "4"]);
     let (hf, cfg) = classifier(&rm, "rm-hf");
     assert!(cfg["pad_token_id"].is_null(), "{cfg}");
     let (ours, theirs) = (rm_scores(&rm, &seqs, false), rm_scores(&hf, &seqs, false));
@@ -824,23 +812,15 @@ fn a_hugging_face_reward_model_scores_trains_and_exports_as_transformers_reads_i
     )
     .unwrap();
     let grpo = p(d.path(), "grpo");
-    run_ok(&[
-        "grpo",
+    let flags = [
         "--config",
         cfg.to_str().unwrap(),
-        "--init",
-        fixture("llama").to_str().unwrap(),
-        "--data",
-        prompts.to_str().unwrap(),
         "--reward",
         hf.to_str().unwrap(),
-        "--out",
-        grpo.to_str().unwrap(),
         "--steps",
         "1",
-        "--device",
-        "cpu",
-    ]);
+    ];
+    stage_on_cpu("grpo", &fixture("llama"), &prompts, &grpo, &flags);
     let scores = series(&metrics(&grpo), "train", "score");
     assert!(!scores.is_empty(), "the GRPO run scored its rollouts");
 }
