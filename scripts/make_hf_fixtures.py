@@ -1,7 +1,7 @@
 """Build the tiny Hugging Face checkpoints under tests/fixtures/hf/.
 
 Each fixture is a random-weight model of one architecture family (llama, qwen2,
-qwen3, mistral, smollm3, gpt2), saved exactly as `transformers`' `save_pretrained` writes it
+qwen3, mistral, smollm3, gemma3, gpt2), saved exactly as `transformers`' `save_pretrained` writes it
 (config.json, model.safetensors, generation_config.json) together with a tiny
 byte-level BPE tokenizer (tokenizer.json, tokenizer_config.json with a chat
 template) and an `expected.json` holding reference logits and greedy tokens
@@ -19,7 +19,7 @@ To regenerate them (a few seconds on a CPU):
     /tmp/hf-venv/bin/pip install torch transformers peft safetensors
     /tmp/hf-venv/bin/python scripts/make_hf_fixtures.py [FAMILY ...]
 
-Naming families (llama, qwen2, qwen3, mistral, smollm3, gpt2) rebuilds only those; the
+Naming families (llama, qwen2, qwen3, mistral, smollm3, gemma3, gpt2) rebuilds only those; the
 llama_lora adapter and the llama_rm and llama_rm_lora reward models are rebuilt with llama
 (either reward model alone: name it).
 
@@ -43,6 +43,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
@@ -107,6 +108,16 @@ MISTRAL_TEMPLATE = (
     "{{- raise_exception('Only user and assistant roles are supported') }}"
     "{%- endif %}"
     "{%- endfor %}"
+)
+
+
+GEMMA_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{- '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}"
 )
 
 
@@ -356,7 +367,7 @@ def verify(name):
     assert greedy(m, exp["input_ids"][0], GREEDY_NEW) == exp["greedy"], name
 
 
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "smollm3", "gpt2"]
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma3", "gpt2"]
 
 
 def main(only):
@@ -438,6 +449,28 @@ def main(only):
     if "mistral" in only:
         make("mistral", cfg, tok, dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"),
              MISTRAL_TEMPLATE, dict(bos_token_id=s, eos_token_id=es), es)
+
+    # --- gemma3 (gemma3_text: <pad>,<eos>,<bos>,<unk> at ids 0..3, BOS prepended; norms after
+    # each branch with gains 1 + w; GeGLU; embeddings scaled by sqrt(hidden); head_dim 16 and
+    # query_pre_attn_scalar 12, so the attention scale is neither's default; a window of 4
+    # in the first and last of three layers, which rotate by a base of their own)
+    tok = build_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>"], ["<start_of_turn>", "<end_of_turn>"], bos="<bos>")
+    gpad, geos, gbos = (tok.token_to_id(t) for t in ["<pad>", "<eos>", "<bos>"])
+    eot_turn = tok.token_to_id("<end_of_turn>")
+    cfg = Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=12, rms_norm_eps=1e-6,
+        max_position_embeddings=MAX_POS, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        tie_word_embeddings=True, bos_token_id=gbos, eos_token_id=geos, pad_token_id=gpad,
+    )
+    if "gemma3" in only:
+        make("gemma3", cfg, tok, dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"),
+             GEMMA_TEMPLATE, dict(bos_token_id=gbos, eos_token_id=geos, pad_token_id=gpad), [geos, eot_turn])
 
     # --- gpt2 (Conv1D weights, fused c_attn, learned positions, tied head)
     tok = build_tokenizer([], ["<|endoftext|>"])

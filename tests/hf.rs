@@ -19,7 +19,9 @@ use temper::stages::loader::{policy_from, read_checkpoint, scored_from};
 use temper::train::checkpoint::CheckpointKind;
 use temper::train::params::{Net, ParamStore};
 
-const FAMILIES: [&str; 6] = ["llama", "qwen2", "qwen3", "mistral", "smollm3", "gpt2"];
+const FAMILIES: [&str; 7] = [
+    "llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma3", "gpt2",
+];
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -460,34 +462,53 @@ fn sft_learns_trl_language_modelling_records() {
     );
 }
 
-/// Qwen3's per-head norms of q and k train with the rest (full fine-tuning from the fixture:
-/// the loss falls and the gains move) and go back out under their Hugging Face names.
+/// Qwen3's per-head norms of q and k, and Gemma 3's four norms a layer besides, train with
+/// the rest (full fine-tuning from the fixture: the loss falls and the gains move) and go back
+/// out under their Hugging Face names, with the config fields that shape them.
 #[test]
-fn a_qwen3_model_trains_its_qk_norms_and_exports_them_back() {
-    let d = tmp();
-    let (run, out) = (p(d.path(), "run"), p(d.path(), "hf"));
-    let init = fixture("qwen3");
-    pretrain_from(&init, &run);
-    export(&run, &out, "hf");
-    let cfg = config_of(&out);
-    assert_eq!(
-        (cfg["model_type"].as_str(), cfg["head_dim"].as_u64()),
-        (Some("qwen3"), Some(16))
-    );
-    let (a, b) = (
-        safetensors_map(&init.join("model.safetensors")),
-        safetensors_map(&out.join("model.safetensors")),
-    );
-    let mut names: Vec<_> = b.keys().collect();
-    names.sort();
-    let mut want: Vec<_> = a.keys().collect();
-    want.sort();
-    assert_eq!(names, want);
-    for layer in 0..2 {
-        for which in ["q_norm", "k_norm"] {
-            let n = format!("model.layers.{layer}.self_attn.{which}.weight");
-            let moved = max_abs_diff(&a[&n], &b[&n]);
-            assert!(moved > 1e-4, "{n} did not train: moved {moved}");
+fn qwen3_and_gemma3_models_train_their_own_norms_and_export_them_back() {
+    let gemma_norms = [
+        "self_attn.q_norm",
+        "self_attn.k_norm",
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    ];
+    let cases: [(&str, &[&str], usize); 2] = [
+        ("qwen3", &["self_attn.q_norm", "self_attn.k_norm"], 2),
+        ("gemma3", &gemma_norms, 3),
+    ];
+    for (fam, norms, layers) in cases {
+        let d = tmp();
+        let (run, out) = (p(d.path(), "run"), p(d.path(), "hf"));
+        let init = fixture(fam);
+        pretrain_from(&init, &run);
+        export(&run, &out, "hf");
+        let (cfg, want_cfg) = (config_of(&out), config_of(&init));
+        for field in [
+            "model_type",
+            "head_dim",
+            "layer_types",
+            "query_pre_attn_scalar",
+        ] {
+            assert_eq!(cfg[field], want_cfg[field], "{fam}: {field}");
+        }
+        let (a, b) = (
+            safetensors_map(&init.join("model.safetensors")),
+            safetensors_map(&out.join("model.safetensors")),
+        );
+        let mut names: Vec<_> = b.keys().collect();
+        names.sort();
+        let mut want: Vec<_> = a.keys().collect();
+        want.sort();
+        assert_eq!(names, want, "{fam}");
+        for layer in 0..layers {
+            for which in norms {
+                let n = format!("model.layers.{layer}.{which}.weight");
+                let moved = max_abs_diff(&a[&n], &b[&n]);
+                assert!(moved > 1e-4, "{fam}: {n} did not train: moved {moved}");
+            }
         }
     }
 }

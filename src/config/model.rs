@@ -22,6 +22,9 @@ pub enum PositionKind {
 pub enum MlpKind {
     SwiGlu,
     Gelu,
+    /// `down(gelu(gate x) * up x)` with GELU's tanh approximation (Gemma's
+    /// `gelu_pytorch_tanh`).
+    GeGlu,
 }
 
 /// Field names follow Hugging Face's `LlamaConfig`; `norm`, `position`, `mlp` and `bias` cover
@@ -64,6 +67,26 @@ pub struct ModelConfig {
     pub head_dim: Option<usize>,
     /// Rotary frequency scaling for long contexts (Llama 3's `rope_scaling`).
     pub rope_scaling: Option<RopeScaling>,
+    /// Layers that rotate by a base of their own, unscaled (Gemma 3's `sliding_attention`
+    /// layers, by `rope_local_base_freq`); none: every layer rotates by `rope_theta`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rope_local: Option<LocalRope>,
+    /// RMSNorm gains held as offsets from one and applied as `1 + w` in f32 (Gemma), so that
+    /// a gain near one keeps its precision in bf16.
+    #[serde(skip_serializing_if = "is_false")]
+    pub norm_plus_one: bool,
+    /// A norm on each branch's output before its residual add, after attention and after the
+    /// MLP (Gemma's `post_attention_layernorm` and `post_feedforward_layernorm`).
+    #[serde(skip_serializing_if = "is_false")]
+    pub post_norms: bool,
+    /// Token embeddings multiplied by `sqrt(hidden_size)`, rounded to the compute dtype as
+    /// Gemma rounds it; the tied LM head reads the table unscaled.
+    #[serde(skip_serializing_if = "is_false")]
+    pub embed_scale: bool,
+    /// Attention logits scaled by `1 / sqrt(query_pre_attn_scalar)` (Gemma); none:
+    /// `1 / sqrt(head_dim)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<usize>,
     pub dropout: f64,
     /// The Hugging Face family the model was imported as; `export --format hf` writes it
     /// back as that family.
@@ -73,6 +96,10 @@ pub struct ModelConfig {
     /// id), so temper's scorer passes over trailing ones too, and the export writes it back.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub score_pad: Option<u32>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 /// The model families temper reads and writes.
@@ -86,6 +113,9 @@ pub enum HfFamily {
     Gpt2,
     #[serde(rename = "smollm3")]
     SmolLm3,
+    /// Gemma 3's text model (`gemma3_text`: Gemma 3 270M and 1B).
+    #[serde(rename = "gemma3_text")]
+    Gemma3,
 }
 
 impl HfFamily {
@@ -97,12 +127,37 @@ impl HfFamily {
             HfFamily::Mistral => "mistral",
             HfFamily::Gpt2 => "gpt2",
             HfFamily::SmolLm3 => "smollm3",
+            HfFamily::Gemma3 => "gemma3_text",
         }
     }
 
     /// The family `cfg` was imported as, else the one whose layout it has (for exporting
     /// temper's own models); none for a layout no family has.
     pub fn of(cfg: &ModelConfig) -> Option<Self> {
+        // Gemma's layout is Gemma's alone: no other family writes its norms, embedding scale,
+        // attention scale or second rotary base, and it writes nothing else.
+        if cfg.has_gemma_features() || cfg.hf_family == Some(HfFamily::Gemma3) {
+            let gemma = cfg.norm_plus_one
+                && cfg.post_norms
+                && cfg.embed_scale
+                && cfg.mlp == MlpKind::GeGlu
+                && cfg.qk_norm
+                && cfg.norm == NormKind::RmsNorm
+                && cfg.position == PositionKind::Rope
+                && !cfg.bias
+                && !cfg.qkv_bias
+                && cfg.nope_layers.is_empty()
+                && cfg.rope_scaling.is_none();
+            // Gemma 3 writes one kind per layer: its window and its second base go together.
+            let local = |l: usize| {
+                cfg.rope_local
+                    .as_ref()
+                    .is_some_and(|r| r.layers.contains(&l))
+            };
+            let one_kind = cfg.sliding_window.is_none()
+                || (0..cfg.num_hidden_layers).all(|l| cfg.layer_window(l).is_some() == local(l));
+            return (gemma && one_kind).then_some(HfFamily::Gemma3);
+        }
         if let Some(f) = cfg.hf_family {
             // Only SmolLM3 writes layers without rotary positions, and Mistral's window is
             // every layer's: elsewhere they would be lost.
@@ -111,6 +166,7 @@ impl HfFamily {
                 HfFamily::Qwen2 | HfFamily::Qwen3 | HfFamily::SmolLm3 => true,
                 HfFamily::Mistral => cfg.full_attention_layers.is_empty(),
                 HfFamily::Llama | HfFamily::Gpt2 => cfg.sliding_window.is_none(),
+                HfFamily::Gemma3 => unreachable!("answered above"),
             };
             return (keeps_nope && keeps_window).then_some(f);
         }
@@ -179,6 +235,16 @@ impl RopeScaling {
     }
 }
 
+/// Gemma 3's second rotary base and the layers that use it. Kept apart from the sliding
+/// window: transformers picks a layer's base by its type even where no window is set.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalRope {
+    pub theta: f64,
+    /// 0-based.
+    pub layers: Vec<usize>,
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
         Self::preset("tiny").expect("tiny preset exists")
@@ -227,6 +293,11 @@ impl ModelConfig {
             full_attention_layers: Vec::new(),
             head_dim: None,
             rope_scaling: None,
+            rope_local: None,
+            norm_plus_one: false,
+            post_norms: false,
+            embed_scale: false,
+            query_pre_attn_scalar: None,
             dropout: 0.0,
             hf_family: None,
             score_pad: None,
@@ -257,6 +328,11 @@ impl ModelConfig {
                 full_attention_layers: Vec::new(),
                 head_dim: None,
                 rope_scaling: None,
+                rope_local: None,
+                norm_plus_one: false,
+                post_norms: false,
+                embed_scale: false,
+                query_pre_attn_scalar: None,
                 dropout: 0.0,
                 hf_family: None,
                 score_pad: None,
@@ -268,6 +344,22 @@ impl ModelConfig {
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Whether any of Gemma's departures from Llama's layout is on.
+    pub fn has_gemma_features(&self) -> bool {
+        self.norm_plus_one
+            || self.post_norms
+            || self.embed_scale
+            || self.mlp == MlpKind::GeGlu
+            || self.query_pre_attn_scalar.is_some()
+            || self.rope_local.is_some()
+    }
+
+    /// The scale of attention's logits: `1 / sqrt(query_pre_attn_scalar)`, else
+    /// `1 / sqrt(head_dim)`.
+    pub fn attn_scale(&self) -> f64 {
+        1.0 / (self.query_pre_attn_scalar.unwrap_or(self.head_dim()) as f64).sqrt()
     }
 
     /// The attention window of `layer`: `sliding_window` unless the layer is one of
@@ -291,12 +383,13 @@ impl ModelConfig {
         );
         let b = |on: bool, n: u128| if on { n } else { 0 };
         let norm = h + b(self.norm == NormKind::LayerNorm, h);
+        let norms_per_layer = if self.post_norms { 4 } else { 2 };
         let qkv_bias = self.bias || self.qkv_bias;
         let attn = h * aw + 2 * h * kvw + aw * h + b(qkv_bias, aw + 2 * kvw) + b(self.bias, h);
-        let gates = if self.mlp == MlpKind::SwiGlu { 2 } else { 1 };
+        let gates = if self.mlp == MlpKind::Gelu { 1 } else { 2 };
         let mlp = gates * h * i + i * h + b(self.bias, gates * i + h);
         let qk_norm = b(self.qk_norm, 2 * u(self.head_dim()));
-        let layer = 2 * norm + attn + qk_norm + mlp;
+        let layer = norms_per_layer * norm + attn + qk_norm + mlp;
         let pos = b(
             self.position == PositionKind::Learned,
             u(self.max_position_embeddings) * h,
@@ -376,6 +469,26 @@ impl ModelConfig {
         }
         if self.rms_norm_eps <= 0.0 || self.rope_theta <= 0.0 {
             bail!("model.rms_norm_eps and model.rope_theta must be positive");
+        }
+        if let Some(local) = &self.rope_local {
+            if local.theta <= 0.0 {
+                bail!("model.rope_local.theta must be positive");
+            }
+            if let Some(&l) = local.layers.iter().find(|&&l| l >= self.num_hidden_layers) {
+                bail!(
+                    "model.rope_local.layers names layer {l} of a model with {} layers",
+                    self.num_hidden_layers
+                );
+            }
+        }
+        if self.query_pre_attn_scalar == Some(0) {
+            bail!("model.query_pre_attn_scalar must be positive");
+        }
+        if self.norm_plus_one && self.norm != NormKind::RmsNorm {
+            bail!("model.norm_plus_one needs norm = \"rmsnorm\"");
+        }
+        if self.rope_local.is_some() && self.position != PositionKind::Rope {
+            bail!("model.rope_local needs rotary positions (position = \"rope\")");
         }
         Ok(())
     }

@@ -1,12 +1,14 @@
 //! The attention half of a block: q, k, v projections (grouped-query: k and v may have fewer
-//! heads), Qwen3's per-head RMSNorm of q and k, rotary positions, the KV cache, the attention
-//! kernel and the output projection.
+//! heads), Qwen3's and Gemma's per-head RMSNorm of q and k, rotary positions (Gemma 3's
+//! sliding layers by a base of their own), the KV cache, the attention kernel and the output
+//! projection.
 
 use anyhow::Result;
 use candle_core::Tensor;
 
 use super::kv_cache::KvCache;
 use super::linear::{Ctx, Linear};
+use super::norm::plus_one_rms_norm;
 use super::rope::RopeAt;
 use crate::config::ModelConfig;
 use crate::config::{LoraConfig, LoraTarget};
@@ -24,19 +26,34 @@ pub struct Attention {
     o: Linear,
     /// Gains `[head_dim]` of the per-head RMSNorm of q and k, where the model has one.
     qk_norm: Option<QkNorm>,
-    /// Whether this layer rotates q and k (false: one of SmolLM3's NoPE layers).
-    rotary: bool,
+    /// Which rotary tables this layer rotates q and k by.
+    rotary: Rotary,
     /// This layer's sliding window (`ModelConfig::layer_window`).
     window: Option<usize>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// The logits' scale (`ModelConfig::attn_scale`).
+    scale: f64,
+}
+
+/// The rotary positions of one layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rotary {
+    /// The model's tables (`rope_theta`).
+    Global,
+    /// The model's second base (`rope_local`, Gemma 3's sliding layers).
+    Local,
+    /// None: one of SmolLM3's NoPE layers.
+    Off,
 }
 
 struct QkNorm {
     q: Tensor,
     k: Tensor,
     eps: f64,
+    /// Gemma's gains, offsets from one (`ModelConfig::norm_plus_one`).
+    plus_one: bool,
 }
 
 impl QkNorm {
@@ -52,6 +69,8 @@ impl QkNorm {
 /// earlier tokens and which keys are padding.
 pub struct AttnInputs<'a> {
     pub rope: Option<&'a RopeAt>,
+    /// The sliding layers' tables where they rotate by a base of their own (Gemma 3).
+    pub local_rope: Option<&'a RopeAt>,
     /// Tokens already in the cache: the causal mask is offset by this much.
     pub offset: usize,
     /// `[B, offset + T]` f32, 1.0 for real tokens.
@@ -74,6 +93,11 @@ impl Attention {
         let (qw, kv) = (cfg.attn_width(), cfg.num_key_value_heads * hd);
         let target = |t: LoraTarget| LoraConfig::on(lora, t);
         let (bias, qkv) = (cfg.bias, cfg.bias || cfg.qkv_bias);
+        // A gain of one: Gemma holds it as an offset from one.
+        let unit = match cfg.norm_plus_one {
+            true => Init::Zeros,
+            false => Init::Ones,
+        };
         Ok(Self {
             q: Linear::load(scope.pp("q"), h, qw, qkv, std, target(LoraTarget::Q))?,
             k: Linear::load(scope.pp("k"), h, kv, qkv, std, target(LoraTarget::K))?,
@@ -81,17 +105,29 @@ impl Attention {
             o: Linear::load(scope.pp("o"), qw, h, bias, resid_std, target(LoraTarget::O))?,
             qk_norm: match cfg.qk_norm {
                 true => Some(QkNorm {
-                    q: scope.pp("q_norm").gain("weight", &[hd], Init::Ones)?,
-                    k: scope.pp("k_norm").gain("weight", &[hd], Init::Ones)?,
+                    q: scope.pp("q_norm").gain("weight", &[hd], unit)?,
+                    k: scope.pp("k_norm").gain("weight", &[hd], unit)?,
                     eps: cfg.rms_norm_eps,
+                    plus_one: cfg.norm_plus_one,
                 }),
                 false => None,
             },
-            rotary: !cfg.nope_layers.contains(&index),
+            rotary: if cfg.nope_layers.contains(&index) {
+                Rotary::Off
+            } else if cfg
+                .rope_local
+                .as_ref()
+                .is_some_and(|r| r.layers.contains(&index))
+            {
+                Rotary::Local
+            } else {
+                Rotary::Global
+            },
             window: cfg.layer_window(index),
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
             head_dim: hd,
+            scale: cfg.attn_scale(),
         })
     }
 
@@ -107,11 +143,19 @@ impl Attention {
         // stacked GEMM, split, normalised per head (Qwen3) and rotated (where the model has
         // them and our norm and rope kernels are chosen) and written into the cache by one
         // kernel, which where our attention kernel takes the step also attends.
-        let rope = inp.rope.filter(|_| self.rotary);
+        let rope = match self.rotary {
+            Rotary::Global => inp.rope,
+            Rotary::Local => inp.local_rope,
+            Rotary::Off => None,
+        };
         if let Some((c, layer)) = cache.as_mut() {
             let kernels = &ctx.kernels;
             let rope_fuses = rope.is_none() || kernels.rope == KernelChoice::Custom;
-            let norm_fuses = self.qk_norm.is_none() || kernels.rmsnorm == KernelChoice::Custom;
+            // The fused kernels take gains in the compute dtype, not Gemma's f32 `1 + w`.
+            let norm_fuses = match &self.qk_norm {
+                None => true,
+                Some(n) => kernels.rmsnorm == KernelChoice::Custom && !n.plus_one,
+            };
             if c.is_fixed() && rope_fuses && norm_fuses && x.dim(1)? == 1 {
                 let qkv = [&self.q, &self.k, &self.v];
                 if let Some(y) = Linear::stacked(&qkv, x, ctx)? {
@@ -144,10 +188,17 @@ impl Attention {
         let mut q = split(self.q.forward(x, ctx)?, self.heads)?;
         let mut k = split(self.k.forward(x, ctx)?, self.kv_heads)?;
         let v = split(self.v.forward(x, ctx)?, self.kv_heads)?;
-        if let Some(n) = &self.qk_norm {
-            let (qg, kg, eps) = n.gains(q.dtype())?;
-            q = rms_norm(&q, &qg, eps, ctx.kernels.rmsnorm)?;
-            k = rms_norm(&k, &kg, eps, ctx.kernels.rmsnorm)?;
+        match &self.qk_norm {
+            Some(n) if n.plus_one => {
+                q = plus_one_rms_norm(&q, &n.q, n.eps)?;
+                k = plus_one_rms_norm(&k, &n.k, n.eps)?;
+            }
+            Some(n) => {
+                let (qg, kg, eps) = n.gains(q.dtype())?;
+                q = rms_norm(&q, &qg, eps, ctx.kernels.rmsnorm)?;
+                k = rms_norm(&k, &kg, eps, ctx.kernels.rmsnorm)?;
+            }
+            None => {}
         }
         if let Some(r) = rope {
             q = r.apply(&q, ctx.kernels.rope)?;
@@ -192,7 +243,7 @@ impl Attention {
     }
 
     fn scale(&self) -> f64 {
-        1.0 / (self.head_dim as f64).sqrt()
+        self.scale
     }
 
     /// Attention's output `[B, Hq, T, D]`, heads merged, through the output projection.

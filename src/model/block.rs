@@ -1,5 +1,6 @@
 //! One transformer block, pre-norm: `x + attn(norm(x))`, then `x + mlp(norm(x))`, with
-//! dropout on each branch's output in training. Each residual add is done by the norm that
+//! dropout on each branch's output in training (Gemma norms each branch's output too:
+//! `x + norm(attn(norm(x)))`). Each residual add is done by the norm that
 //! reads the sum (the MLP's by the next block's first norm, or the final norm), so that it can
 //! be fused with it.
 
@@ -19,8 +20,12 @@ use crate::train::rng::splitmix64;
 pub struct Block {
     attn_norm: Norm,
     attn: Attention,
+    /// Gemma's norm of the attention's output (`ModelConfig::post_norms`).
+    attn_post_norm: Option<Norm>,
     mlp_norm: Norm,
     mlp: Mlp,
+    /// Gemma's norm of the MLP's output.
+    mlp_post_norm: Option<Norm>,
     /// Index of the block: its KV-cache layer and its dropout sites.
     index: usize,
     dropout: f64,
@@ -28,7 +33,8 @@ pub struct Block {
 
 impl Block {
     /// `attn_norm`, `attn.{q,k,v,o}`, `mlp_norm`, `mlp.{gate,up,down}` in `scope`, created in
-    /// that order (the order fixes which random numbers each parameter's init draws).
+    /// that order (the order fixes which random numbers each parameter's init draws), then
+    /// Gemma's `attn_post_norm` and `mlp_post_norm`.
     pub fn load(
         mut scope: Scope,
         cfg: &ModelConfig,
@@ -39,11 +45,21 @@ impl Block {
         // GPT-2's scaled init of the residual projections keeps the residual stream's variance
         // independent of depth.
         let resid_std = std / (2.0 * cfg.num_hidden_layers as f64).sqrt();
+        let attn_norm = Norm::load(scope.pp("attn_norm"), cfg)?;
+        let attn = Attention::load(scope.pp("attn"), cfg, lora, (std, resid_std), index)?;
+        let mlp_norm = Norm::load(scope.pp("mlp_norm"), cfg)?;
+        let mlp = Mlp::load(scope.pp("mlp"), cfg, lora, std, resid_std)?;
+        let mut post = |name: &str| match cfg.post_norms {
+            true => Norm::load(scope.pp(name), cfg).map(Some),
+            false => Ok(None),
+        };
         Ok(Self {
-            attn_norm: Norm::load(scope.pp("attn_norm"), cfg)?,
-            attn: Attention::load(scope.pp("attn"), cfg, lora, (std, resid_std), index)?,
-            mlp_norm: Norm::load(scope.pp("mlp_norm"), cfg)?,
-            mlp: Mlp::load(scope.pp("mlp"), cfg, lora, std, resid_std)?,
+            attn_norm,
+            attn,
+            attn_post_norm: post("attn_post_norm")?,
+            mlp_norm,
+            mlp,
+            mlp_post_norm: post("mlp_post_norm")?,
             index,
             dropout: cfg.dropout,
         })
@@ -66,9 +82,11 @@ impl Block {
         let y = self
             .attn
             .forward(&a, ctx, inp, cache.map(|c| (c, self.index)))?;
+        let y = post_norm(&self.attn_post_norm, y, ctx)?;
         let y = self.drop(y, ctx, 0x100 + 2 * i)?;
         let (x, m) = self.mlp_norm.forward_add(&x, Some(&y), ctx)?;
         let y = self.mlp.forward(&m, ctx)?;
+        let y = post_norm(&self.mlp_post_norm, y, ctx)?;
         Ok((x, self.drop(y, ctx, 0x101 + 2 * i)?))
     }
 
@@ -77,5 +95,13 @@ impl Block {
             Some(s) => dropout(&y, self.dropout, splitmix64(s ^ site), ctx),
             None => Ok(y),
         }
+    }
+}
+
+/// `y` through a branch's closing norm, where the model has one.
+fn post_norm(norm: &Option<Norm>, y: Tensor, ctx: &Ctx) -> Result<Tensor> {
+    match norm {
+        Some(n) => n.forward(&y, ctx),
+        None => Ok(y),
     }
 }

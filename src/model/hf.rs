@@ -3,7 +3,9 @@
 //! `model.safetensors.index.json` (memory-mapped, read tensor by tensor), for the families
 //! `llama` (Llama 3's `rope_scaling` included), `qwen2` (bias on q/k/v), `qwen3` (RMSNorm of
 //! each head's q and k), `mistral` (a sliding window), `smollm3` (Llama's layout with every
-//! fourth layer's rotary positions left out) and `gpt2`; sliding windows where the family has
+//! fourth layer's rotary positions left out), `gemma3_text` (Gemma 3's text model: norms
+//! after each branch with gains held as offsets from one, GeGLU, a scaled embedding, and
+//! sliding layers with a rotary base of their own) and `gpt2`; sliding windows where the family has
 //! them (`sliding_window`, `use_sliding_window`, `max_window_layers`, `layer_types`)
 //! (Conv1D weights stored `[in, out]`, q/k/v fused in `c_attn`, learned positions). Names are
 //! translated both ways, so `export --format hf` writes back exactly what was read.
@@ -16,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 pub use crate::config::HfFamily as Family;
-use crate::config::{MlpKind, ModelConfig, NormKind, PositionKind, RopeScaling};
+use crate::config::{LocalRope, MlpKind, ModelConfig, NormKind, PositionKind, RopeScaling};
 
 /// The fields of a `config.json` temper reads; everything else in the file is ignored unless
 /// it changes the architecture (checked in [`HfConfig::to_model`]).
@@ -51,6 +53,16 @@ pub struct HfConfig {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
+    // Gemma 3's.
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<usize>,
+    /// The sliding layers' rotary base in configs written before transformers 5.
+    rope_local_base_freq: Option<f64>,
+    /// Every this-many-th layer sees the whole context, where `layer_types` is absent.
+    sliding_window_pattern: Option<usize>,
+    #[serde(default, deserialize_with = "present")]
+    final_logit_softcapping: Option<Option<f64>>,
+    use_bidirectional_attention: Option<bool>,
     /// Absent (transformers' default, 4096 in Mistral and Qwen) differs from null (none).
     #[serde(default, deserialize_with = "present")]
     sliding_window: Option<Option<usize>>,
@@ -120,12 +132,14 @@ impl Head {
             (Head::Lm, Qwen3) => "Qwen3ForCausalLM",
             (Head::Lm, Mistral) => "MistralForCausalLM",
             (Head::Lm, SmolLm3) => "SmolLM3ForCausalLM",
+            (Head::Lm, Gemma3) => "Gemma3ForCausalLM",
             (Head::Score, Gpt2) => "GPT2ForSequenceClassification",
             (Head::Score, Llama) => "LlamaForSequenceClassification",
             (Head::Score, Qwen2) => "Qwen2ForSequenceClassification",
             (Head::Score, Qwen3) => "Qwen3ForSequenceClassification",
             (Head::Score, Mistral) => "MistralForSequenceClassification",
             (Head::Score, SmolLm3) => "SmolLM3ForSequenceClassification",
+            (Head::Score, Gemma3) => "Gemma3TextForSequenceClassification",
         }
     }
 }
@@ -150,13 +164,21 @@ impl HfConfig {
             "qwen3" => Family::Qwen3,
             "mistral" => Family::Mistral,
             "smollm3" => Family::SmolLm3,
+            "gemma3_text" => Family::Gemma3,
             "gpt2" => Family::Gpt2,
+            "gemma3" => {
+                return Err(at.refuse(
+                    "model_type",
+                    "`gemma3` is Gemma 3's image-and-text model (4B and up); temper reads the \
+                     text-only `gemma3_text` (270M, 1B)",
+                ))
+            }
             other => {
                 return Err(at.refuse(
                     "model_type",
                     format!(
                         "`{other}` is not a family temper reads \
-                         (llama, qwen2, qwen3, mistral, smollm3, gpt2)"
+                         (llama, qwen2, qwen3, mistral, smollm3, gemma3_text, gpt2)"
                     ),
                 ))
             }
@@ -211,7 +233,10 @@ impl HfConfig {
 
     fn llama_like(&self, path: &Path, family: Family) -> Result<ModelConfig> {
         let at = At(path);
-        if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
+        let gemma = family == Family::Gemma3;
+        if gemma {
+            self.gemma_refusals(&at)?;
+        } else if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
             return Err(at.refuse(
                 "hidden_act",
                 format!("`{act}`: only silu (SwiGLU) is implemented"),
@@ -230,60 +255,172 @@ impl HfConfig {
             Family::SmolLm3 => self.nope_layers(path, layers)?,
             _ => Vec::new(),
         };
-        let (sliding_window, full_attention_layers) =
-            self.windows(path, family, layers, ctx, &nope_layers)?;
+        let sliding = self.sliding_layers(path, family, layers, &nope_layers)?;
+        let (sliding_window, full_attention_layers) = self.windows(path, family, ctx, &sliding)?;
+        // Gemma 3's defaults where its config leaves a field out (transformers' own).
+        let (kv_default, tied_default, head_dim) = match gemma {
+            true => (4, true, Some(self.head_dim.unwrap_or(256))),
+            false => (heads, false, self.head_dim),
+        };
+        let rope_local = match gemma {
+            true => Some(LocalRope {
+                theta: self.local_theta(),
+                layers: (0..layers).filter(|&l| sliding[l]).collect(),
+            }),
+            false => None,
+        };
         Ok(ModelConfig {
             vocab_size: at.need(self.vocab_size, "vocab_size")?,
             hidden_size: at.need(self.hidden_size, "hidden_size")?,
             intermediate_size: at.need(self.intermediate_size, "intermediate_size")?,
             num_hidden_layers: layers,
             num_attention_heads: heads,
-            num_key_value_heads: self.num_key_value_heads.unwrap_or(heads),
+            num_key_value_heads: self.num_key_value_heads.unwrap_or(kv_default),
             max_position_embeddings: ctx,
             rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: self.theta(),
-            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            rope_theta: self.theta(family),
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(tied_default),
             norm: NormKind::RmsNorm,
             position: PositionKind::Rope,
-            mlp: MlpKind::SwiGlu,
+            mlp: match gemma {
+                true => MlpKind::GeGlu,
+                false => MlpKind::SwiGlu,
+            },
             bias: false,
             qkv_bias: family == Family::Qwen2,
-            qk_norm: family == Family::Qwen3,
+            qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
             nope_layers,
             sliding_window,
             full_attention_layers,
-            head_dim: self.head_dim,
-            rope_scaling: self.rope_scaling(path)?,
+            head_dim,
+            rope_scaling: self.rope_scaling(path, family)?,
+            rope_local,
+            norm_plus_one: gemma,
+            post_norms: gemma,
+            embed_scale: gemma,
+            query_pre_attn_scalar: match gemma {
+                true => Some(self.query_pre_attn_scalar.unwrap_or(256)),
+                false => None,
+            },
             dropout: 0.0,
             hf_family: Some(family),
             score_pad: None,
         })
     }
 
-    /// The sliding window and the layers it spares, as transformers decides them: Mistral's
-    /// `sliding_window` (4096 where the field is absent) is every layer's, whatever
-    /// `layer_types` says; Qwen2's, Qwen3's (4096 where absent) and SmolLM3's only with
-    /// `use_sliding_window`, in the layers `layer_types` marks `sliding_attention` (without
-    /// it: Qwen's from `max_window_layers` on, SmolLM3's NoPE layers). A window no shorter
-    /// than the context never hides a key and is dropped; Llama has none.
-    fn windows(
+    /// What of a Gemma 3 config temper does not implement, by field.
+    fn gemma_refusals(&self, at: &At) -> Result<()> {
+        let act = self
+            .hidden_activation
+            .as_deref()
+            .or(self.hidden_act.as_deref())
+            .unwrap_or("gelu_pytorch_tanh");
+        if act != "gelu_pytorch_tanh" {
+            let field = match self.hidden_activation {
+                Some(_) => "hidden_activation",
+                None => "hidden_act",
+            };
+            return Err(at.refuse(
+                field,
+                format!("`{act}`: only gelu_pytorch_tanh (GeGLU) is implemented"),
+            ));
+        }
+        if let Some(Some(cap)) = self.final_logit_softcapping {
+            return Err(at.refuse(
+                "final_logit_softcapping",
+                format!("{cap}: soft-capped logits are not implemented"),
+            ));
+        }
+        if self.use_bidirectional_attention == Some(true) {
+            return Err(at.refuse(
+                "use_bidirectional_attention",
+                "bidirectional attention (EmbeddingGemma) is not implemented",
+            ));
+        }
+        if self.query_pre_attn_scalar == Some(0) {
+            return Err(at.refuse("query_pre_attn_scalar", "must be positive"));
+        }
+        Ok(())
+    }
+
+    /// Per layer, whether it is a sliding layer as transformers types it: `layer_types` where
+    /// the family reads it, else Qwen's from `max_window_layers` on, SmolLM3's NoPE layers,
+    /// all but every `sliding_window_pattern`-th (6) of Gemma 3's, every layer of Mistral's.
+    fn sliding_layers(
         &self,
         path: &Path,
         family: Family,
         layers: usize,
-        ctx: usize,
         nope: &[usize],
+    ) -> Result<Vec<bool>> {
+        let at = At(path);
+        let reads_types = matches!(
+            family,
+            Family::Qwen2 | Family::Qwen3 | Family::SmolLm3 | Family::Gemma3
+        );
+        if let Some(types) = self.layer_types.as_ref().filter(|_| reads_types) {
+            if types.len() != layers {
+                return Err(at.refuse(
+                    "layer_types",
+                    format!("{} entries for {layers} layers", types.len()),
+                ));
+            }
+            let mut flags = Vec::with_capacity(layers);
+            for t in types {
+                flags.push(match t.as_str() {
+                    "full_attention" => false,
+                    "sliding_attention" => true,
+                    other => {
+                        return Err(at.refuse(
+                            "layer_types",
+                            format!(
+                                "`{other}` layers are not implemented (full_attention and \
+                                 sliding_attention are)"
+                            ),
+                        ))
+                    }
+                });
+            }
+            return Ok(flags);
+        }
+        let pattern = self.sliding_window_pattern.unwrap_or(6);
+        if family == Family::Gemma3 && pattern == 0 {
+            return Err(at.refuse("sliding_window_pattern", "must be positive"));
+        }
+        Ok((0..layers)
+            .map(|l| match family {
+                Family::Qwen2 | Family::Qwen3 => l >= self.max_window_layers.unwrap_or(28),
+                Family::SmolLm3 => nope.contains(&l),
+                Family::Gemma3 => (l + 1) % pattern != 0,
+                _ => true,
+            })
+            .collect())
+    }
+
+    /// The sliding window and the layers it spares, as transformers decides them: Mistral's
+    /// `sliding_window` (4096 where the field is absent) is every layer's, whatever
+    /// `layer_types` says; Qwen2's, Qwen3's (4096 where absent) and SmolLM3's only with
+    /// `use_sliding_window`, Gemma 3's (4096 where absent) always, in the `sliding` layers
+    /// ([`Self::sliding_layers`]). A window no shorter than the context never hides a key and
+    /// is dropped; Llama has none.
+    fn windows(
+        &self,
+        path: &Path,
+        family: Family,
+        ctx: usize,
+        sliding: &[bool],
     ) -> Result<(Option<usize>, Vec<usize>)> {
         let at = At(path);
+        let layers = sliding.len();
         let default = match family {
-            Family::Mistral | Family::Qwen2 | Family::Qwen3 => Some(4096),
+            Family::Mistral | Family::Qwen2 | Family::Qwen3 | Family::Gemma3 => Some(4096),
             _ => None,
         };
         let field = self.sliding_window.unwrap_or(default);
         let qwen_like = matches!(family, Family::Qwen2 | Family::Qwen3 | Family::SmolLm3);
         let window = match family {
             _ if qwen_like => field.filter(|_| self.use_sliding_window == Some(true)),
-            Family::Mistral => field,
+            Family::Mistral | Family::Gemma3 => field,
             _ => None,
         };
         if window == Some(0) {
@@ -305,40 +442,6 @@ impl HfConfig {
                 "false beside a sliding_window and sliding_attention layers is ambiguous",
             ));
         }
-        let sliding: Vec<bool> = match types {
-            Some(types) => {
-                if types.len() != layers {
-                    return Err(at.refuse(
-                        "layer_types",
-                        format!("{} entries for {layers} layers", types.len()),
-                    ));
-                }
-                let mut flags = Vec::with_capacity(layers);
-                for t in types {
-                    flags.push(match t.as_str() {
-                        "full_attention" => false,
-                        "sliding_attention" => true,
-                        other => {
-                            return Err(at.refuse(
-                                "layer_types",
-                                format!(
-                                    "`{other}` layers are not implemented (full_attention and \
-                                     sliding_attention are)"
-                                ),
-                            ))
-                        }
-                    });
-                }
-                flags
-            }
-            None => (0..layers)
-                .map(|l| match family {
-                    Family::Qwen2 | Family::Qwen3 => l >= self.max_window_layers.unwrap_or(28),
-                    Family::SmolLm3 => nope.contains(&l),
-                    _ => true,
-                })
-                .collect(),
-        };
         match window.filter(|&w| w < ctx) {
             Some(w) if sliding.contains(&true) => {
                 let full = (0..layers).filter(|&l| !sliding[l]).collect();
@@ -374,17 +477,63 @@ impl HfConfig {
         Ok((0..layers).filter(|&l| flags[l] == 0).collect())
     }
 
-    fn theta(&self) -> f64 {
-        self.rope_parameters
-            .as_ref()
+    /// The rotary settings of one kind of layer as transformers 5 writes them: the whole
+    /// `rope_parameters` object, or Gemma 3's entry for `full_attention` or
+    /// `sliding_attention` in it.
+    fn rope_params(&self, family: Family, kind: &str) -> Option<&serde_json::Value> {
+        let p = self.rope_parameters.as_ref()?;
+        match family {
+            Family::Gemma3 => p.get(kind),
+            _ => Some(p),
+        }
+    }
+
+    fn theta(&self, family: Family) -> f64 {
+        let default = match family {
+            Family::Gemma3 => 1_000_000.0,
+            _ => 10000.0,
+        };
+        self.rope_params(family, "full_attention")
             .and_then(|p| p.get("rope_theta"))
             .and_then(|t| t.as_f64())
             .or(self.rope_theta)
+            .unwrap_or(default)
+    }
+
+    /// Gemma 3's sliding layers' rotary base.
+    fn local_theta(&self) -> f64 {
+        self.rope_params(Family::Gemma3, "sliding_attention")
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(|t| t.as_f64())
+            .or(self.rope_local_base_freq)
             .unwrap_or(10000.0)
     }
 
-    fn rope_scaling(&self, path: &Path) -> Result<Option<RopeScaling>> {
+    fn rope_scaling(&self, path: &Path, family: Family) -> Result<Option<RopeScaling>> {
         let at = At(path);
+        if family == Family::Gemma3 {
+            // Gemma 3 scales only its full layers' positions, and only in the models of 4B and
+            // up, which are image-and-text models temper does not read.
+            let sliding = self.rope_params(family, "sliding_attention");
+            let full = self
+                .rope_scaling
+                .as_ref()
+                .or(self.rope_params(family, "full_attention"));
+            for v in [full, sliding].into_iter().flatten() {
+                let kind = v.get("rope_type").or_else(|| v.get("type"));
+                if let Some(k) = kind.and_then(|t| t.as_str()).filter(|k| *k != "default") {
+                    let field = match self.rope_scaling.is_some() {
+                        true => "rope_scaling",
+                        false => "rope_parameters",
+                    };
+                    return Err(at.refuse(
+                        field,
+                        format!("rope_type `{k}` is not implemented for gemma3_text"),
+                    ));
+                }
+            }
+            return Ok(None);
+        }
         let Some(v) = self
             .rope_scaling
             .as_ref()
@@ -626,7 +775,7 @@ fn to_temper(
     }
     match family {
         Family::Gpt2 => gpt2_to_temper(name, t, cfg),
-        _ => Ok(vec![(llama_to_temper(name)?, t.clone())]),
+        _ => Ok(vec![(llama_to_temper(family, name)?, t.clone())]),
     }
 }
 
@@ -654,22 +803,36 @@ const LLAMA_TOP: [(&str, &str); 3] = [
     ("lm_head.weight", "lm_head.weight"),
 ];
 
+/// Gemma's four norms a layer: Llama's `post_attention_layernorm` is the MLP's input norm,
+/// Gemma's the attention output's.
+const GEMMA_NORMS: [(&str, &str); 4] = [
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("post_attention_layernorm.weight", "attn_post_norm.weight"),
+    ("pre_feedforward_layernorm.weight", "mlp_norm.weight"),
+    ("post_feedforward_layernorm.weight", "mlp_post_norm.weight"),
+];
+
+/// The per-layer name pairs of a llama-like `family`, its own first.
+fn layer_names(family: Family) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    let own: &[(&str, &str)] = match family {
+        Family::Gemma3 => &GEMMA_NORMS,
+        _ => &[],
+    };
+    own.iter().chain(&LLAMA_LAYER).chain(&LLAMA_LAYER_MORE)
+}
+
 fn layer_of<'a>(name: &'a str, prefix: &str) -> Option<(usize, &'a str)> {
     let rest = name.strip_prefix(prefix)?;
     let (i, tail) = rest.split_once('.')?;
     Some((i.parse().ok()?, tail))
 }
 
-fn llama_to_temper(name: &str) -> Result<String> {
+fn llama_to_temper(family: Family, name: &str) -> Result<String> {
     if let Some((_, ours)) = LLAMA_TOP.iter().find(|(hf, _)| *hf == name) {
         return Ok(ours.to_string());
     }
     if let Some((i, tail)) = layer_of(name, "model.layers.") {
-        if let Some((_, ours)) = LLAMA_LAYER
-            .iter()
-            .chain(&LLAMA_LAYER_MORE)
-            .find(|(hf, _)| *hf == tail)
-        {
+        if let Some((_, ours)) = layer_names(family).find(|(hf, _)| *hf == tail) {
             return Ok(format!("model.layers.{i}.{ours}"));
         }
     }
@@ -680,20 +843,16 @@ fn llama_to_temper(name: &str) -> Result<String> {
 pub fn hf_name(family: Family, name: &str) -> Result<String> {
     match family {
         Family::Gpt2 => bail!("GPT-2 fuses q, k and v: its tensors have no one-to-one names"),
-        _ => temper_to_llama(name),
+        _ => temper_to_llama(family, name),
     }
 }
 
-fn temper_to_llama(name: &str) -> Result<String> {
+fn temper_to_llama(family: Family, name: &str) -> Result<String> {
     if let Some((hf, _)) = LLAMA_TOP.iter().find(|(_, ours)| *ours == name) {
         return Ok(hf.to_string());
     }
     if let Some((i, tail)) = layer_of(name, "model.layers.") {
-        if let Some((hf, _)) = LLAMA_LAYER
-            .iter()
-            .chain(&LLAMA_LAYER_MORE)
-            .find(|(_, ours)| *ours == tail)
-        {
+        if let Some((hf, _)) = layer_names(family).find(|(_, ours)| *ours == tail) {
             return Ok(format!("model.layers.{i}.{hf}"));
         }
     }
@@ -779,7 +938,7 @@ pub fn export_tensors(
         }
         _ => {
             for (name, t) in tensors {
-                out.insert(temper_to_llama(name)?, t.clone());
+                out.insert(temper_to_llama(family, name)?, t.clone());
             }
         }
     }
@@ -935,6 +1094,9 @@ pub fn config_json(
                 // Every layer of a Mistral slides (`HfFamily::of` exports no other).
                 v["sliding_window"] = json!(cfg.sliding_window);
             }
+            if family == Family::Gemma3 {
+                gemma3_fields(&mut v, cfg, pad_v.clone());
+            }
             v
         }
     };
@@ -944,6 +1106,45 @@ pub fn config_json(
         v["pad_token_id"] = cfg.score_pad.map_or(pad_v, |p| json!(p));
     }
     v
+}
+
+/// Gemma 3's own fields over the llama-like ones of `v`. Its layers' kinds come from the
+/// second rotary base (`HfFamily::of` exports no model whose window says otherwise); the
+/// bases go both where transformers 5 reads them and where earlier versions did. Its config
+/// defaults the padding id to 0, so `pad` is always written.
+fn gemma3_fields(v: &mut serde_json::Value, cfg: &ModelConfig, pad: serde_json::Value) {
+    use serde_json::json;
+    let local = cfg.rope_local.as_ref();
+    let local_theta = local.map_or(cfg.rope_theta, |r| r.theta);
+    let types: Vec<&str> = (0..cfg.num_hidden_layers)
+        .map(|l| match local.is_some_and(|r| r.layers.contains(&l)) {
+            true => "sliding_attention",
+            false => "full_attention",
+        })
+        .collect();
+    let obj = v.as_object_mut().expect("a JSON object");
+    obj.remove("hidden_act");
+    obj.remove("rope_scaling");
+    for (k, x) in [
+        ("hidden_activation", json!("gelu_pytorch_tanh")),
+        ("query_pre_attn_scalar", json!(cfg.query_pre_attn_scalar)),
+        ("sliding_window", json!(cfg.sliding_window)),
+        ("layer_types", json!(types)),
+        ("rope_local_base_freq", json!(local_theta)),
+        (
+            "rope_parameters",
+            json!({
+                "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
+            }),
+        ),
+        ("final_logit_softcapping", serde_json::Value::Null),
+        ("attn_logit_softcapping", serde_json::Value::Null),
+        ("use_bidirectional_attention", json!(false)),
+        ("pad_token_id", pad),
+    ] {
+        obj.insert(k.into(), x);
+    }
 }
 
 /// Writes `tensors` (HF names) as `model.safetensors` with the `{"format": "pt"}` metadata
@@ -1120,7 +1321,8 @@ fn peft_to_temper(name: &str) -> Result<String> {
     } else {
         bail!("not a LoRA factor (lora_A / lora_B)");
     };
-    let ours = llama_to_temper(&format!("{module}.weight"))?;
+    // LoRA factors sit on the projections, named alike in every llama-like family.
+    let ours = llama_to_temper(Family::Llama, &format!("{module}.weight"))?;
     Ok(format!("{}.{factor}", ours.trim_end_matches(".weight")))
 }
 
@@ -1275,5 +1477,109 @@ mod tests {
         assert!(e.contains("no_rope_layer_interval"), "{e}");
         // Older configs write -1 for no padding id.
         assert!(smollm3(serde_json::json!({"pad_token_id": -1})).is_ok());
+    }
+
+    /// Gemma 3's configs as the hub holds them (written before transformers 5: the bases as
+    /// `rope_theta` and `rope_local_base_freq`, the layers by `sliding_window_pattern`) and as
+    /// transformers 5 writes them (`rope_parameters` per layer kind, `layer_types`) read the
+    /// same, and the export writes back what reads the same again; what temper does not
+    /// implement is refused by field.
+    #[test]
+    fn gemma3_configs_of_either_age_read_alike_and_export_back() {
+        let old = family_config(
+            "gemma3_text",
+            serde_json::json!({"sliding_window": 4, "sliding_window_pattern": 3,
+                "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": null,
+                "query_pre_attn_scalar": 12, "final_logit_softcapping": null,
+                "attn_logit_softcapping": null, "hidden_activation": "gelu_pytorch_tanh"}),
+        )
+        .unwrap();
+        let (s, f) = ("sliding_attention", "full_attention");
+        let new = family_config(
+            "gemma3_text",
+            serde_json::json!({"sliding_window": 4, "query_pre_attn_scalar": 12,
+                "layer_types": [s, s, f, s, s, f, s, s],
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
+        )
+        .unwrap();
+        assert_eq!(old, new);
+        let local = new.rope_local.clone().unwrap();
+        assert_eq!(
+            (local.theta, local.layers),
+            (10000.0, vec![0, 1, 3, 4, 6, 7])
+        );
+        assert_eq!(
+            (new.rope_theta, &new.full_attention_layers[..]),
+            (1e6, &[2, 5][..])
+        );
+        assert_eq!(new.sliding_window, Some(4));
+        assert!(new.norm_plus_one && new.post_norms && new.embed_scale && new.qk_norm);
+        assert_eq!(
+            (new.mlp, new.head_dim, new.query_pre_attn_scalar),
+            (MlpKind::GeGlu, Some(256), Some(12))
+        );
+        assert!(
+            new.tie_word_embeddings,
+            "Gemma 3 ties its head unless told not to"
+        );
+        // A model of temper's own with Gemma's layout exports as Gemma 3; one whose window
+        // and second base disagree on a layer exports as nothing.
+        let own = ModelConfig {
+            hf_family: None,
+            ..new.clone()
+        };
+        assert_eq!(Family::of(&own), Some(Family::Gemma3));
+        let split = ModelConfig {
+            full_attention_layers: vec![2],
+            ..own.clone()
+        };
+        assert_eq!(Family::of(&split), None);
+        let v = config_json(Family::Gemma3, Head::Lm, &new, &[1], Some(2), 0);
+        assert_eq!(v["architectures"][0], "Gemma3ForCausalLM");
+        assert_eq!(v["pad_token_id"], 0);
+        assert!(v.get("hidden_act").is_none());
+        let back: HfConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(back.to_model(Path::new("x")).unwrap().1, new);
+        // transformers types the layers even without a window: the bases still differ.
+        let unwindowed =
+            family_config("gemma3_text", serde_json::json!({"sliding_window": null})).unwrap();
+        assert_eq!(unwindowed.sliding_window, None);
+        assert_eq!(unwindowed.rope_local.unwrap().layers, [0, 1, 2, 3, 4, 6, 7]);
+        for (extra, field) in [
+            (
+                serde_json::json!({"final_logit_softcapping": 30.0}),
+                "final_logit_softcapping",
+            ),
+            (
+                serde_json::json!({"use_bidirectional_attention": true}),
+                "use_bidirectional_attention",
+            ),
+            (
+                serde_json::json!({"hidden_activation": "gelu"}),
+                "hidden_activation",
+            ),
+            (
+                serde_json::json!({"rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
+                "rope_scaling",
+            ),
+            (
+                serde_json::json!({"rope_parameters": {"full_attention":
+                    {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}}),
+                "rope_parameters",
+            ),
+            (
+                serde_json::json!({"layer_types": ["chunked_attention"]}),
+                "layer_types",
+            ),
+        ] {
+            let e = family_config("gemma3_text", extra).unwrap_err().to_string();
+            assert!(e.contains("m/config.json") && e.contains(field), "{e}");
+        }
+        let e = family_config("gemma3", serde_json::json!({}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gemma3_text") && e.contains("model_type"), "{e}");
     }
 }

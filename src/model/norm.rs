@@ -1,4 +1,5 @@
-//! The pre-attention, pre-MLP and final norms: RMSNorm (Llama) or LayerNorm (GPT-2).
+//! The pre-attention, pre-MLP and final norms (and Gemma's norms after each branch): RMSNorm
+//! (Llama), RMSNorm with gains held as offsets from one (Gemma) or LayerNorm (GPT-2).
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -14,13 +15,19 @@ pub struct Norm {
     w: Tensor,
     b: Option<Tensor>,
     eps: f64,
+    /// Gemma's RMSNorm: the gain is `1 + w`, formed in f32.
+    plus_one: bool,
 }
 
 impl Norm {
     /// `weight` (and LayerNorm's `bias`) in `scope`.
     pub fn load(mut scope: Scope, cfg: &ModelConfig) -> Result<Self> {
         let h = cfg.hidden_size;
-        let w = scope.gain("weight", &[h], Init::Ones)?;
+        let init = match cfg.norm_plus_one {
+            true => Init::Zeros,
+            false => Init::Ones,
+        };
+        let w = scope.gain("weight", &[h], init)?;
         let b = match cfg.norm {
             NormKind::LayerNorm => Some(scope.gain("bias", &[h], Init::Zeros)?),
             NormKind::RmsNorm => None,
@@ -29,6 +36,7 @@ impl Norm {
             w,
             b,
             eps: cfg.rms_norm_eps,
+            plus_one: cfg.norm_plus_one,
         })
     }
 
@@ -47,7 +55,8 @@ impl Norm {
             return Ok((x.clone(), self.forward(x, ctx)?));
         };
         let frozen = super::cast::frozen();
-        if tape::recording() || frozen {
+        // Gemma's f32 gain is not what the fused kernels take (a gain in x's dtype).
+        if (tape::recording() || frozen) && !self.plus_one {
             let kept = |t: &Tensor| if frozen { t.detach() } else { t.clone() };
             let (x, r) = (&kept(x), &kept(r));
             match &self.b {
@@ -74,6 +83,7 @@ impl Norm {
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         Ok(match &self.b {
             Some(b) => layer_norm(x, &self.w, b, self.eps, ctx.kernels.layernorm)?,
+            None if self.plus_one => plus_one_rms_norm(x, &self.w, self.eps)?,
             None => rms_norm(
                 x,
                 &super::cast::weight(&self.w, x.dtype())?,
@@ -82,4 +92,15 @@ impl Norm {
             )?,
         })
     }
+}
+
+/// Gemma's RMSNorm: `x / sqrt(mean(x^2) + eps) * (1 + w)` in f32, cast back to x's dtype, as
+/// transformers computes it (the gain formed in f32: in bf16, `1 + w` would lose w's low
+/// bits). It runs the reference composite, on the tape as one op: our kernels take a gain in
+/// x's dtype.
+pub fn plus_one_rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    tape::island(&[x, w], |a| {
+        let gain = a[1].to_dtype(DType::F32)?.affine(1.0, 1.0)?;
+        rmsnorm::rms_norm_reference(&a[0], &gain, eps)
+    })
 }

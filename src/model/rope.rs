@@ -22,15 +22,34 @@ pub struct RopeAt {
 }
 
 impl Rope {
+    /// The tables of `rope_theta`, scaled by `rope_scaling` where the model has it.
     pub fn new(cfg: &ModelConfig, dev: &Device) -> Result<Self> {
+        Self::with_base(cfg, cfg.rope_theta, cfg.rope_scaling.as_ref(), dev)
+    }
+
+    /// The tables of the layers that rotate by a base of their own (`rope_local`, unscaled,
+    /// as Gemma 3 builds them); none where the model has none.
+    pub fn local(cfg: &ModelConfig, dev: &Device) -> Result<Option<Self>> {
+        match &cfg.rope_local {
+            Some(local) => Ok(Some(Self::with_base(cfg, local.theta, None, dev)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn with_base(
+        cfg: &ModelConfig,
+        theta: f64,
+        scaling: Option<&crate::config::RopeScaling>,
+        dev: &Device,
+    ) -> Result<Self> {
         let half = cfg.head_dim() / 2;
         let p = cfg.max_position_embeddings;
         let mut cos = Vec::with_capacity(p * half);
         let mut sin = Vec::with_capacity(p * half);
         let freqs: Vec<f64> = (0..half)
             .map(|i| {
-                let f = 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim() as f64);
-                cfg.rope_scaling.as_ref().map_or(f, |s| s.apply(f))
+                let f = 1.0 / theta.powf(2.0 * i as f64 / cfg.head_dim() as f64);
+                scaling.map_or(f, |s| s.apply(f))
             })
             .collect();
         for pos in 0..p {

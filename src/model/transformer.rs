@@ -30,6 +30,8 @@ pub struct Transformer {
     final_norm: Norm,
     lm_head: Option<Tensor>,
     rope: Option<Rope>,
+    /// The sliding layers' tables where they have a base of their own (Gemma 3).
+    local_rope: Option<Rope>,
 }
 
 /// `blk` on the tape as one op that keeps only its inputs and runs the block again in its
@@ -43,10 +45,11 @@ fn recomputed_block(
 ) -> Result<(Tensor, Tensor)> {
     let (blk, ctx) = (blk.clone(), *ctx);
     let (rope, offset, key_valid) = (inp.rope.cloned(), inp.offset, inp.key_valid.cloned());
-    let segments = inp.segments.cloned();
+    let (local_rope, segments) = (inp.local_rope.cloned(), inp.segments.cloned());
     let f: crate::tape::Recomputable = Arc::new(move |xs: &[Tensor]| {
         let inp = AttnInputs {
             rope: rope.as_ref(),
+            local_rope: local_rope.as_ref(),
             offset,
             key_valid: key_valid.as_ref(),
             segments: segments.as_ref(),
@@ -103,9 +106,12 @@ impl Transformer {
                 Some(scope.weight("lm_head.weight", &[cfg.vocab_size, h], Init::Normal(std))?)
             }
         };
-        let rope = match cfg.position {
-            PositionKind::Rope => Some(Rope::new(cfg, scope.device())?),
-            PositionKind::Learned => None,
+        let (rope, local_rope) = match cfg.position {
+            PositionKind::Rope => (
+                Some(Rope::new(cfg, scope.device())?),
+                Rope::local(cfg, scope.device())?,
+            ),
+            PositionKind::Learned => (None, None),
         };
         Ok(Self {
             cfg: cfg.clone(),
@@ -115,6 +121,7 @@ impl Transformer {
             final_norm,
             lm_head,
             rope,
+            local_rope,
         })
     }
 
@@ -147,12 +154,11 @@ impl Transformer {
                 .contiguous()?,
         };
         let x = self.embed_tokens(ids, &positions, ctx)?;
-        let rope = match &self.rope {
-            Some(r) => Some(r.at(&positions, ctx.dtype)?),
-            None => None,
-        };
+        let at = |r: &Option<Rope>| r.as_ref().map(|r| r.at(&positions, ctx.dtype)).transpose();
+        let (rope, local_rope) = (at(&self.rope)?, at(&self.local_rope)?);
         let inp = AttnInputs {
             rope: rope.as_ref(),
+            local_rope: local_rope.as_ref(),
             offset: causal_offset,
             key_valid: f.key_valid,
             segments: f.segments,
@@ -210,6 +216,9 @@ impl Transformer {
             )?,
             None => embedding::embedding(&table, ids, ctx.dtype, choice)?,
         };
+        if self.cfg.embed_scale {
+            x = scaled_embedding(&x, self.cfg.hidden_size)?;
+        }
         if let Some(s) = ctx.dropout_seed {
             x = dropout(&x, self.cfg.dropout, splitmix64(s ^ 0xE), ctx)?;
         }
@@ -274,5 +283,37 @@ impl Transformer {
             k.gemm,
             k.logprobs,
         )?)
+    }
+}
+
+/// Gemma's embedding scale: `x * sqrt(hidden)`, the factor first rounded to x's dtype as
+/// transformers rounds it to the table's (in bf16 `sqrt(1152)` = 33.94 becomes 34.0).
+fn scaled_embedding(x: &Tensor, hidden: usize) -> candle_core::Result<Tensor> {
+    let exact = (hidden as f64).sqrt();
+    let factor = match x.dtype() {
+        DType::BF16 => half::bf16::from_f64(exact).to_f64(),
+        DType::F16 => half::f16::from_f64(exact).to_f64(),
+        DType::F32 => exact as f32 as f64,
+        _ => exact,
+    };
+    crate::tape::island(&[x], |a| a[0].affine(factor, 0.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The factor is rounded to the activations' dtype before it multiplies, as transformers
+    /// rounds Gemma's: in bf16 a width of 1152 scales by 34, not 33.94.
+    #[test]
+    fn the_embedding_scale_is_rounded_to_the_compute_dtype() {
+        let x = Tensor::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+        let scaled = |x: &Tensor| {
+            let y = scaled_embedding(x, 1152).unwrap();
+            y.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(scaled(&x.to_dtype(DType::BF16).unwrap()), [34.0, -68.0]);
+        let exact = 1152f32.sqrt();
+        assert_eq!(scaled(&x), [exact, -2.0 * exact]);
     }
 }

@@ -3,7 +3,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::*;
-use crate::config::{LoraConfig, LoraTarget, ModelConfig, TrainConfig};
+use crate::config::{LocalRope, LoraConfig, LoraTarget, MlpKind, ModelConfig, TrainConfig};
 use crate::kernels::bias::BiasAct;
 use crate::kernels::{self, KernelChoice, KernelSet};
 use crate::model::linear::Ctx;
@@ -178,6 +178,25 @@ fn model_grads_with(
             full_attention_layers: vec![1],
             ..ModelConfig::for_tests("tiny")
         },
+        // Gemma 3's layout: norms after each branch with gains 1 + w, GeGLU, a scaled
+        // embedding, its own attention scale, and a window and a rotary base of its own in the
+        // first layer.
+        "gemma3" => ModelConfig {
+            qk_norm: true,
+            head_dim: Some(16),
+            norm_plus_one: true,
+            post_norms: true,
+            embed_scale: true,
+            mlp: MlpKind::GeGlu,
+            query_pre_attn_scalar: Some(12),
+            sliding_window: Some(5),
+            full_attention_layers: vec![1],
+            rope_local: Some(LocalRope {
+                theta: 100.0,
+                layers: vec![0],
+            }),
+            ..ModelConfig::for_tests("tiny")
+        },
         preset => ModelConfig::for_tests(preset),
     };
     cfg.dropout = 0.1;
@@ -234,7 +253,7 @@ fn model_grads_with(
 
 /// The models the tape is checked on: LoRA without its dropout (the adapter reads x itself)
 /// and with it, f32 and bf16 with compute copies.
-const TAPE_MODELS: [Setup; 9] = [
+const TAPE_MODELS: [Setup; 11] = [
     Setup::new("gpt2", None, DType::F32, false),
     Setup::new("tiny", None, DType::F32, false),
     Setup::new("gpt2", Some(0.0), DType::F32, false),
@@ -244,9 +263,11 @@ const TAPE_MODELS: [Setup; 9] = [
     Setup::new("qwen3", None, DType::F32, false),
     Setup::new("qwen3", Some(0.1), DType::BF16, true),
     Setup::new("window", None, DType::F32, false),
+    Setup::new("gemma3", None, DType::F32, false),
+    Setup::new("gemma3", Some(0.1), DType::BF16, true),
 ];
 
-/// Whole models (GPT-2, Llama and Qwen3 shapes and a sliding window, with dropout; LoRA with a frozen embedding, so the
+/// Whole models (GPT-2, Llama, Qwen3 and Gemma 3 shapes and a sliding window, with dropout; LoRA with a frozen embedding, so the
 /// segment's input carries no graph) give the same loss and the same gradient for every
 /// parameter with their blocks on the tape as in candle's graph: on the CPU the blocks are
 /// reference composites and reference GEMMs, which the tape records as islands and as GEMMs

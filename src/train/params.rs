@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::rng::Rng;
 
+#[derive(Clone, Copy, Debug)]
 pub enum Init {
     Normal(f64),
     Zeros,
