@@ -6,7 +6,8 @@
 Exports each fixture of tests/fixtures/hf with `temper export --format hf` into OUT_DIR, loads
 it with `AutoModelForCausalLM.from_pretrained`, and compares its logits with the fixture's
 expected.json (recorded from the original model; the mistral and qwen2 fixtures slide a window
-of 4 positions, as do two of the gemma3 fixture's three layers). Then it fine-tunes the llama, qwen2,
+of 4 positions, as do two of the gemma3 fixture's three layers; gemma3_mm, an image-and-text
+model, exports as its language model). Then it fine-tunes the llama, qwen2,
 qwen3, smollm3 and gemma3 fixtures with LoRA
 for a few steps, exports the merged model and the adapter (`--format peft`),
 and checks that `PeftModel.from_pretrained(base, adapter)` gives the merged model's logits, and
@@ -42,7 +43,7 @@ def logits(model_dir, ids):
 
 def main(out):
     worst = 0.0
-    for fam in ["llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma3", "gpt2"]:
+    for fam in ["llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma3", "gemma3_mm", "gpt2"]:
         src = os.path.join(ROOT, "tests/fixtures/hf", fam)
         dst = os.path.join(out, fam)
         temper("export", "--checkpoint", src, "--out", dst, "--format", "hf")

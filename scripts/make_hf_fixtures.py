@@ -1,7 +1,8 @@
 """Build the tiny Hugging Face checkpoints under tests/fixtures/hf/.
 
 Each fixture is a random-weight model of one architecture family (llama, qwen2,
-qwen3, mistral, smollm3, gemma3, gpt2), saved exactly as `transformers`' `save_pretrained` writes it
+qwen3, mistral, smollm3, gemma3, gpt2; gemma3_mm is Gemma 3's image-and-text model, a tiny
+vision tower beside a gemma3 language model whose full layers scale their rotary positions), saved exactly as `transformers`' `save_pretrained` writes it
 (config.json, model.safetensors, generation_config.json) together with a tiny
 byte-level BPE tokenizer (tokenizer.json, tokenizer_config.json with a chat
 template) and an `expected.json` holding reference logits and greedy tokens
@@ -19,7 +20,7 @@ To regenerate them (a few seconds on a CPU):
     /tmp/hf-venv/bin/pip install torch transformers peft safetensors
     /tmp/hf-venv/bin/python scripts/make_hf_fixtures.py [FAMILY ...]
 
-Naming families (llama, qwen2, qwen3, mistral, smollm3, gemma3, gpt2) rebuilds only those; the
+Naming families (llama, qwen2, qwen3, mistral, smollm3, gemma3, gemma3_mm, gpt2) rebuilds only those; the
 llama_lora adapter and the llama_rm and llama_rm_lora reward models are rebuilt with llama
 (either reward model alone: name it).
 
@@ -43,11 +44,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    Gemma3Config,
     Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
     PreTrainedTokenizerFast,
+    SiglipVisionConfig,
     Qwen2Config,
     Qwen3Config,
     SmolLM3Config,
@@ -367,7 +370,7 @@ def verify(name):
     assert greedy(m, exp["input_ids"][0], GREEDY_NEW) == exp["greedy"], name
 
 
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma3", "gpt2"]
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma3", "gemma3_mm", "gpt2"]
 
 
 def main(only):
@@ -470,6 +473,22 @@ def main(only):
     )
     if "gemma3" in only:
         make("gemma3", cfg, tok, dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"),
+             GEMMA_TEMPLATE, dict(bos_token_id=gbos, eos_token_id=geos, pad_token_id=gpad), [geos, eot_turn])
+
+    # --- gemma3_mm (Gemma3ForConditionalGeneration, as Gemma 3 4B and up: a one-layer vision
+    # tower and projector beside the gemma3 language model above, whose full layer divides its
+    # rotary frequencies by 8; the image token ids sit inside the tiny vocabulary)
+    text = Gemma3TextConfig(**{**cfg.to_dict(), "rope_parameters": {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    }})
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    mm = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                      boi_token_index=310, eoi_token_index=311, image_token_index=312,
+                      bos_token_id=gbos, eos_token_id=geos, pad_token_id=gpad)
+    if "gemma3_mm" in only:
+        make("gemma3_mm", mm, tok, dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"),
              GEMMA_TEMPLATE, dict(bos_token_id=gbos, eos_token_id=geos, pad_token_id=gpad), [geos, eot_turn])
 
     # --- gpt2 (Conv1D weights, fused c_attn, learned positions, tied head)

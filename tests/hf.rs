@@ -77,7 +77,7 @@ fn ids_of(v: &serde_json::Value) -> Vec<u32> {
 
 #[test]
 fn every_family_matches_transformers_logits_and_greedy_tokens() {
-    for fam in FAMILIES {
+    for fam in FAMILIES.into_iter().chain(["gemma3_mm"]) {
         let dir = fixture(fam);
         let e = expected(&dir);
         let (net, tok) = load(&dir);
@@ -152,6 +152,45 @@ fn exporting_an_import_writes_back_the_same_tensors_bit_for_bit() {
         let text = String::from_utf8_lossy(&header[8..header.len().min(4096)]);
         assert!(text.contains(r#""format":"pt""#), "{fam}: no pt metadata");
     }
+}
+
+/// Gemma 3's image-and-text model (4B and up) is read as its language model: the vision tower
+/// is left out, the full layers' linear rotary scaling kept, and the export is that language
+/// model (`Gemma3ForCausalLM`), its tensors the originals' bit for bit.
+#[test]
+fn gemma3s_image_and_text_model_exports_as_its_language_model() {
+    let d = tmp();
+    let (src, out) = (fixture("gemma3_mm"), p(d.path(), "hf"));
+    export(&src, &out, "hf");
+    let cfg = config_of(&out);
+    assert_eq!(cfg["model_type"], "gemma3_text");
+    assert_eq!(cfg["architectures"][0], "Gemma3ForCausalLM");
+    let full = &cfg["rope_parameters"]["full_attention"];
+    assert_eq!(
+        (&full["rope_type"], &full["factor"]),
+        (&"linear".into(), &8.0.into())
+    );
+    assert_eq!(
+        cfg["layer_types"],
+        config_of(&src)["text_config"]["layer_types"]
+    );
+    let a = safetensors_map(&src.join("model.safetensors"));
+    let b = safetensors_map(&out.join("model.safetensors"));
+    let mut language: Vec<_> = a
+        .keys()
+        .filter_map(|n| n.strip_prefix("language_model."))
+        .collect();
+    language.sort();
+    let mut got: Vec<_> = b.keys().map(|n| n.as_str()).collect();
+    got.sort();
+    assert_eq!(language, got);
+    for n in got {
+        let (x, y) = (&a[&format!("language_model.{n}")], &b[n]);
+        assert_eq!(max_abs_diff(x, y), 0.0, "{n} changed");
+    }
+    let e = expected(&src);
+    let (net, _) = load(&out);
+    assert!(max_diff(&net, &ids_of(&e["input_ids"][1]), &e["logits"][1]) <= 1e-4);
 }
 
 #[test]

@@ -17,7 +17,10 @@ use serde::Serialize;
 
 pub use distill::DistillConfig;
 pub use lora::{LoraConfig, LoraTarget};
-pub use model::{HfFamily, LocalRope, MlpKind, ModelConfig, NormKind, PositionKind, RopeScaling};
+pub use model::{
+    HfFamily, LinearScaling, Llama3Scaling, LocalRope, MlpKind, ModelConfig, NormKind,
+    PositionKind, RopeScaling,
+};
 pub use run::{overlay, DataConfig, DeviceChoice, RunConfig, Stage, Truncation};
 pub use stages::{
     AdvantageEstimator, DpoConfig, DpoLoss, ExternalRewardConfig, GrpoConfig,

@@ -79,8 +79,9 @@ pub struct ModelConfig {
     /// MLP (Gemma's `post_attention_layernorm` and `post_feedforward_layernorm`).
     #[serde(skip_serializing_if = "is_false")]
     pub post_norms: bool,
-    /// Token embeddings multiplied by `sqrt(hidden_size)`, rounded to the compute dtype as
-    /// Gemma rounds it; the tied LM head reads the table unscaled.
+    /// Token embeddings multiplied by `sqrt(hidden_size)` (Gemma), the factor rounded to the
+    /// compute dtype, as transformers rounds it to the weights' dtype; the tied LM head reads
+    /// the table unscaled.
     #[serde(skip_serializing_if = "is_false")]
     pub embed_scale: bool,
     /// Attention logits scaled by `1 / sqrt(query_pre_attn_scalar)` (Gemma); none:
@@ -147,15 +148,11 @@ impl HfFamily {
                 && !cfg.bias
                 && !cfg.qkv_bias
                 && cfg.nope_layers.is_empty()
-                && cfg.rope_scaling.is_none();
+                && !matches!(cfg.rope_scaling, Some(RopeScaling::Llama3(_)));
             // Gemma 3 writes one kind per layer: its window and its second base go together.
-            let local = |l: usize| {
-                cfg.rope_local
-                    .as_ref()
-                    .is_some_and(|r| r.layers.contains(&l))
-            };
             let one_kind = cfg.sliding_window.is_none()
-                || (0..cfg.num_hidden_layers).all(|l| cfg.layer_window(l).is_some() == local(l));
+                || (0..cfg.num_hidden_layers)
+                    .all(|l| cfg.layer_window(l).is_some() == cfg.rotates_locally(l));
             return (gemma && one_kind).then_some(HfFamily::Gemma3);
         }
         if let Some(f) = cfg.hf_family {
@@ -206,21 +203,48 @@ impl HfFamily {
     }
 }
 
+/// Rotary frequency scaling for contexts longer than the model was first trained on. Told
+/// apart by their fields (a table of `factor` alone is linear), so that configs written
+/// before linear scaling existed read as they did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RopeScaling {
+    Llama3(Llama3Scaling),
+    /// `rope_type = "linear"`: every frequency divided by `factor` (Gemma 3's full layers
+    /// from 4B up).
+    Linear(LinearScaling),
+}
+
 /// Llama 3's frequency-dependent rotary scaling (`rope_type = "llama3"` in `config.json`):
 /// wavelengths longer than `original_max_position_embeddings / low_freq_factor` are stretched
 /// by `factor`, shorter than `.. / high_freq_factor` kept, and those between blended.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RopeScaling {
+pub struct Llama3Scaling {
     pub factor: f64,
     pub low_freq_factor: f64,
     pub high_freq_factor: f64,
     pub original_max_position_embeddings: usize,
 }
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinearScaling {
+    pub factor: f64,
+}
+
 impl RopeScaling {
     /// Scales the inverse frequency `inv_freq` of one rotary pair.
     pub fn apply(&self, inv_freq: f64) -> f64 {
+        match self {
+            RopeScaling::Llama3(s) => s.apply(inv_freq),
+            RopeScaling::Linear(s) => inv_freq / s.factor,
+        }
+    }
+}
+
+impl Llama3Scaling {
+    fn apply(&self, inv_freq: f64) -> f64 {
         let old = self.original_max_position_embeddings as f64;
         let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
         if wavelen < old / self.high_freq_factor {
@@ -354,6 +378,13 @@ impl ModelConfig {
             || self.mlp == MlpKind::GeGlu
             || self.query_pre_attn_scalar.is_some()
             || self.rope_local.is_some()
+    }
+
+    /// Whether `layer` rotates by the second base (`rope_local`).
+    pub fn rotates_locally(&self, layer: usize) -> bool {
+        self.rope_local
+            .as_ref()
+            .is_some_and(|r| r.layers.contains(&layer))
     }
 
     /// The scale of attention's logits: `1 / sqrt(query_pre_attn_scalar)`, else

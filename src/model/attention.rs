@@ -17,7 +17,7 @@ use crate::kernels::decode_step::HeadNorm;
 use crate::kernels::heads;
 use crate::kernels::rmsnorm::rms_norm;
 use crate::kernels::KernelChoice;
-use crate::train::params::{Init, Scope};
+use crate::train::params::Scope;
 
 pub struct Attention {
     q: Linear,
@@ -93,11 +93,7 @@ impl Attention {
         let (qw, kv) = (cfg.attn_width(), cfg.num_key_value_heads * hd);
         let target = |t: LoraTarget| LoraConfig::on(lora, t);
         let (bias, qkv) = (cfg.bias, cfg.bias || cfg.qkv_bias);
-        // A gain of one: Gemma holds it as an offset from one.
-        let unit = match cfg.norm_plus_one {
-            true => Init::Zeros,
-            false => Init::Ones,
-        };
+        let unit = super::norm::unit_gain(cfg);
         Ok(Self {
             q: Linear::load(scope.pp("q"), h, qw, qkv, std, target(LoraTarget::Q))?,
             k: Linear::load(scope.pp("k"), h, kv, qkv, std, target(LoraTarget::K))?,
@@ -114,11 +110,7 @@ impl Attention {
             },
             rotary: if cfg.nope_layers.contains(&index) {
                 Rotary::Off
-            } else if cfg
-                .rope_local
-                .as_ref()
-                .is_some_and(|r| r.layers.contains(&index))
-            {
+            } else if cfg.rotates_locally(index) {
                 Rotary::Local
             } else {
                 Rotary::Global

@@ -18,13 +18,18 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 pub use crate::config::HfFamily as Family;
-use crate::config::{LocalRope, MlpKind, ModelConfig, NormKind, PositionKind, RopeScaling};
+use crate::config::{
+    LinearScaling, Llama3Scaling, LocalRope, MlpKind, ModelConfig, NormKind, PositionKind,
+    RopeScaling,
+};
 
 /// The fields of a `config.json` temper reads; everything else in the file is ignored unless
 /// it changes the architecture (checked in [`HfConfig::to_model`]).
 #[derive(Debug, Deserialize)]
 pub struct HfConfig {
     model_type: Option<String>,
+    /// The language model of an image-and-text model (Gemma 3 from 4B up).
+    text_config: Option<Box<HfConfig>>,
     /// The model class: `*ForCausalLM` (a policy) or `*ForSequenceClassification` (a reward
     /// model).
     architectures: Option<Vec<String>>,
@@ -96,6 +101,9 @@ where
     Option::<T>::deserialize(d).map(Some)
 }
 
+/// The `model_type` of Gemma 3's image-and-text models.
+const GEMMA3_MULTIMODAL: &str = "gemma3";
+
 /// `file: field ...` errors for one `config.json`.
 struct At<'a>(&'a Path);
 
@@ -145,11 +153,31 @@ impl Head {
 }
 
 impl HfConfig {
+    /// `path`'s config; of Gemma 3's image-and-text models, its language model's (its
+    /// `text_config`, under the top level's model class), which is what temper trains.
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read", path.display()))?;
-        serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), e.line()))
+        let cfg: Self = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), e.line()))?;
+        if cfg.model_type.as_deref() != Some(GEMMA3_MULTIMODAL) {
+            return Ok(cfg);
+        }
+        let at = At(path);
+        let mut inner = *cfg
+            .text_config
+            .ok_or_else(|| at.refuse("text_config", "missing"))?;
+        match inner.model_type.as_deref() {
+            None | Some("gemma3_text") => inner.model_type = Some("gemma3_text".into()),
+            Some(other) => {
+                return Err(at.refuse(
+                    "text_config",
+                    format!("model_type `{other}`: Gemma 3's language model is gemma3_text"),
+                ))
+            }
+        }
+        inner.architectures = cfg.architectures;
+        Ok(inner)
     }
 
     pub fn family(&self, path: &Path) -> Result<Family> {
@@ -166,13 +194,6 @@ impl HfConfig {
             "smollm3" => Family::SmolLm3,
             "gemma3_text" => Family::Gemma3,
             "gpt2" => Family::Gpt2,
-            "gemma3" => {
-                return Err(at.refuse(
-                    "model_type",
-                    "`gemma3` is Gemma 3's image-and-text model (4B and up); temper reads the \
-                     text-only `gemma3_text` (270M, 1B)",
-                ))
-            }
             other => {
                 return Err(at.refuse(
                     "model_type",
@@ -206,7 +227,11 @@ impl HfConfig {
             }
             return Ok(Head::Score);
         }
-        if arch.ends_with("ForCausalLM") || arch.ends_with("LMHeadModel") {
+        // Gemma 3's image-and-text model reaches here as its language model ([`Self::read`]).
+        if arch.ends_with("ForCausalLM")
+            || arch.ends_with("LMHeadModel")
+            || arch == "Gemma3ForConditionalGeneration"
+        {
             return Ok(Head::Lm);
         }
         Err(at.refuse(
@@ -248,9 +273,15 @@ impl HfConfig {
         if self.mlp_bias == Some(true) {
             return Err(at.refuse("mlp_bias", "MLP biases are not implemented"));
         }
-        let ctx = at.need(self.max_position_embeddings, "max_position_embeddings")?;
-        let heads = at.need(self.num_attention_heads, "num_attention_heads")?;
-        let layers = at.need(self.num_hidden_layers, "num_hidden_layers")?;
+        // Gemma3TextConfig's defaults, on which the text_config of Gemma 3's image-and-text
+        // models relies for most of its fields.
+        let or_gemma = |v: Option<usize>, default: usize| v.or(gemma.then_some(default));
+        let ctx = at.need(
+            or_gemma(self.max_position_embeddings, 131_072),
+            "max_position_embeddings",
+        )?;
+        let heads = at.need(or_gemma(self.num_attention_heads, 8), "num_attention_heads")?;
+        let layers = at.need(or_gemma(self.num_hidden_layers, 26), "num_hidden_layers")?;
         let nope_layers = match family {
             Family::SmolLm3 => self.nope_layers(path, layers)?,
             _ => Vec::new(),
@@ -270,9 +301,10 @@ impl HfConfig {
             false => None,
         };
         Ok(ModelConfig {
-            vocab_size: at.need(self.vocab_size, "vocab_size")?,
-            hidden_size: at.need(self.hidden_size, "hidden_size")?,
-            intermediate_size: at.need(self.intermediate_size, "intermediate_size")?,
+            vocab_size: at.need(or_gemma(self.vocab_size, 262_208), "vocab_size")?,
+            hidden_size: at.need(or_gemma(self.hidden_size, 2304), "hidden_size")?,
+            intermediate_size: at
+                .need(or_gemma(self.intermediate_size, 9216), "intermediate_size")?,
             num_hidden_layers: layers,
             num_attention_heads: heads,
             num_key_value_heads: self.num_key_value_heads.unwrap_or(kv_default),
@@ -310,18 +342,14 @@ impl HfConfig {
 
     /// What of a Gemma 3 config temper does not implement, by field.
     fn gemma_refusals(&self, at: &At) -> Result<()> {
+        // Gemma reads `hidden_activation` alone; a `hidden_act` beside it changes nothing.
         let act = self
             .hidden_activation
             .as_deref()
-            .or(self.hidden_act.as_deref())
             .unwrap_or("gelu_pytorch_tanh");
         if act != "gelu_pytorch_tanh" {
-            let field = match self.hidden_activation {
-                Some(_) => "hidden_activation",
-                None => "hidden_act",
-            };
             return Err(at.refuse(
-                field,
+                "hidden_activation",
                 format!("`{act}`: only gelu_pytorch_tanh (GeGLU) is implemented"),
             ));
         }
@@ -336,9 +364,6 @@ impl HfConfig {
                 "use_bidirectional_attention",
                 "bidirectional attention (EmbeddingGemma) is not implemented",
             ));
-        }
-        if self.query_pre_attn_scalar == Some(0) {
-            return Err(at.refuse("query_pre_attn_scalar", "must be positive"));
         }
         Ok(())
     }
@@ -509,64 +534,31 @@ impl HfConfig {
             .unwrap_or(10000.0)
     }
 
+    /// The rotary scaling of the model's positions: `rope_scaling`, else what transformers 5
+    /// writes in `rope_parameters` (Gemma 3: its full layers'; its sliding layers take none).
     fn rope_scaling(&self, path: &Path, family: Family) -> Result<Option<RopeScaling>> {
         let at = At(path);
+        let field = match self.rope_scaling.is_some() {
+            true => "rope_scaling",
+            false => "rope_parameters",
+        };
         if family == Family::Gemma3 {
-            // Gemma 3 scales only its full layers' positions, and only in the models of 4B and
-            // up, which are image-and-text models temper does not read.
-            let sliding = self.rope_params(family, "sliding_attention");
-            let full = self
-                .rope_scaling
-                .as_ref()
-                .or(self.rope_params(family, "full_attention"));
-            for v in [full, sliding].into_iter().flatten() {
-                let kind = v.get("rope_type").or_else(|| v.get("type"));
-                if let Some(k) = kind.and_then(|t| t.as_str()).filter(|k| *k != "default") {
-                    let field = match self.rope_scaling.is_some() {
-                        true => "rope_scaling",
-                        false => "rope_parameters",
-                    };
+            if let Some(v) = self.rope_params(family, "sliding_attention") {
+                if parse_scaling(v, &at, "rope_parameters")?.is_some() {
                     return Err(at.refuse(
-                        field,
-                        format!("rope_type `{k}` is not implemented for gemma3_text"),
+                        "rope_parameters",
+                        "scaled rotary positions in the sliding layers are not implemented",
                     ));
                 }
             }
-            return Ok(None);
         }
-        let Some(v) = self
+        let full = self
             .rope_scaling
             .as_ref()
-            .or(self.rope_parameters.as_ref())
-            .filter(|v| !v.is_null())
-        else {
-            return Ok(None);
-        };
-        let kind = v
-            .get("rope_type")
-            .or_else(|| v.get("type"))
-            .and_then(|t| t.as_str())
-            .unwrap_or("");
-        match kind {
-            "default" => Ok(None),
-            "llama3" => {
-                let num = |k: &str| -> Result<f64> {
-                    v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| {
-                        at.refuse("rope_scaling", format!("llama3 scaling needs {k}"))
-                    })
-                };
-                Ok(Some(RopeScaling {
-                    factor: num("factor")?,
-                    low_freq_factor: num("low_freq_factor")?,
-                    high_freq_factor: num("high_freq_factor")?,
-                    original_max_position_embeddings: num("original_max_position_embeddings")?
-                        as usize,
-                }))
-            }
-            other => Err(at.refuse(
-                "rope_scaling",
-                format!("rope_type `{other}` is not implemented (llama3 is)"),
-            )),
+            .or(self.rope_params(family, "full_attention"));
+        match full {
+            Some(v) => parse_scaling(v, &at, field),
+            None => Ok(None),
         }
     }
 
@@ -605,6 +597,56 @@ impl HfConfig {
             score_pad: None,
             ..preset
         })
+    }
+}
+
+/// One rotary scaling object of `config.json` (`rope_type` or the older `type`; none for
+/// `default`), refused by `field` where temper does not implement it.
+fn parse_scaling(v: &serde_json::Value, at: &At, field: &str) -> Result<Option<RopeScaling>> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("");
+    let num = |k: &str| -> Result<f64> {
+        v.get(k)
+            .and_then(|x| x.as_f64())
+            .ok_or_else(|| at.refuse(field, format!("{kind} scaling needs {k}")))
+    };
+    Ok(match kind {
+        "default" => None,
+        "llama3" => Some(RopeScaling::Llama3(Llama3Scaling {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+        })),
+        "linear" => Some(RopeScaling::Linear(LinearScaling {
+            factor: num("factor")?,
+        })),
+        other => {
+            return Err(at.refuse(
+                field,
+                format!("rope_type `{other}` is not implemented (llama3 and linear are)"),
+            ))
+        }
+    })
+}
+
+/// `scaling` as `config.json` writes it.
+fn scaling_json(scaling: &RopeScaling) -> serde_json::Value {
+    match scaling {
+        RopeScaling::Llama3(s) => serde_json::json!({
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        }),
+        RopeScaling::Linear(s) => serde_json::json!({"rope_type": "linear", "factor": s.factor}),
     }
 }
 
@@ -660,15 +702,25 @@ pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
     if head == Head::Score {
         // A classifier has no language-model head: its scorer reads the hidden states only.
         config.tie_word_embeddings = true;
-        config.score_pad = hf.pad_token_id.and_then(|p| u32::try_from(p).ok());
+        // Gemma's config pads with 0 where it names no padding id.
+        let pad = match family {
+            Family::Gemma3 => Some(hf.pad_token_id.unwrap_or(0)),
+            _ => hf.pad_token_id,
+        };
+        config.score_pad = pad.and_then(|p| u32::try_from(p).ok());
     }
     let mut tensors = HashMap::new();
+    let mut vision = 0;
     for file in weight_files(dir)? {
         // SAFETY: the file is memory-mapped read-only and each tensor copied out of it at
         // once; temper never writes a file it has mapped.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&file) }
             .with_context(|| format!("{}: cannot map weights", file.display()))?;
         for (name, _) in st.tensors() {
+            if family == Family::Gemma3 && is_gemma3_vision(&name) {
+                vision += 1;
+                continue;
+            }
             let t = st
                 .load(&name, device)
                 .with_context(|| format!("{}: cannot read tensor {name}", file.display()))?
@@ -685,6 +737,13 @@ pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
                 tensors.insert(ours, part);
             }
         }
+    }
+    if vision > 0 {
+        eprintln!(
+            "{}: {vision} tensors of Gemma 3's vision tower and projector left out: temper \
+             trains, and exports, the language model alone",
+            dir.display()
+        );
     }
     if head == Head::Score {
         if !tensors.contains_key("score.weight") {
@@ -770,6 +829,10 @@ fn to_temper(
     t: &Tensor,
     cfg: &ModelConfig,
 ) -> Result<Vec<(String, Tensor)>> {
+    let name = match family {
+        Family::Gemma3 => gemma3_language_name(name),
+        _ => name,
+    };
     if is_buffer(family, name) || (name == "lm_head.weight" && cfg.tie_word_embeddings) {
         return Ok(vec![]);
     }
@@ -777,6 +840,27 @@ fn to_temper(
         Family::Gpt2 => gpt2_to_temper(name, t, cfg),
         _ => Ok(vec![(llama_to_temper(family, name)?, t.clone())]),
     }
+}
+
+/// Where Gemma 3's image-and-text models keep their language model: `language_model.` before
+/// its own names as transformers 4.5x and 5 save it, `model.language_model.` in place of
+/// `model.` as transformers 5 holds it in memory.
+fn gemma3_language_name(name: &str) -> &str {
+    if let Some(rest) = name.strip_prefix("language_model.") {
+        return rest;
+    }
+    match name.strip_prefix("model.language_model.") {
+        // `model.` stays: the rest of the name starts where the prefix's last dot was.
+        Some(_) => &name["model.language_".len()..],
+        None => name,
+    }
+}
+
+/// Whether `name` is a tensor of Gemma 3's vision tower or its projection into the language
+/// model, which temper leaves out.
+fn is_gemma3_vision(name: &str) -> bool {
+    let name = name.strip_prefix("model.").unwrap_or(name);
+    name.starts_with("vision_tower.") || name.starts_with("multi_modal_projector.")
 }
 
 const LLAMA_LAYER: [(&str, &str); 11] = [
@@ -1034,15 +1118,7 @@ pub fn config_json(
         }),
         _ => {
             let ty = family.name();
-            let scaling = cfg.rope_scaling.as_ref().map(|s| {
-                json!({
-                    "rope_type": "llama3",
-                    "factor": s.factor,
-                    "low_freq_factor": s.low_freq_factor,
-                    "high_freq_factor": s.high_freq_factor,
-                    "original_max_position_embeddings": s.original_max_position_embeddings,
-                })
-            });
+            let scaling = cfg.rope_scaling.as_ref().map(scaling_json);
             let mut v = json!({
                 "architectures": [arch],
                 "model_type": ty,
@@ -1110,31 +1186,51 @@ pub fn config_json(
 
 /// Gemma 3's own fields over the llama-like ones of `v`. Its layers' kinds come from the
 /// second rotary base (`HfFamily::of` exports no model whose window says otherwise); the
-/// bases go both where transformers 5 reads them and where earlier versions did. Its config
+/// bases and the full layers' scaling go both where transformers 5 reads them and where
+/// earlier versions did (`rope_theta`, `rope_local_base_freq`, `rope_scaling`). Its config
 /// defaults the padding id to 0, so `pad` is always written.
 fn gemma3_fields(v: &mut serde_json::Value, cfg: &ModelConfig, pad: serde_json::Value) {
     use serde_json::json;
-    let local = cfg.rope_local.as_ref();
-    let local_theta = local.map_or(cfg.rope_theta, |r| r.theta);
-    let types: Vec<&str> = (0..cfg.num_hidden_layers)
-        .map(|l| match local.is_some_and(|r| r.layers.contains(&l)) {
+    let local_theta = cfg.rope_local.as_ref().map_or(cfg.rope_theta, |r| r.theta);
+    let layers = cfg.num_hidden_layers;
+    let types: Vec<&str> = (0..layers)
+        .map(|l| match cfg.rotates_locally(l) {
             true => "sliding_attention",
             false => "full_attention",
         })
         .collect();
+    // For transformers from before `layer_types`, which read only this (6 where absent):
+    // written where the layers keep to one.
+    let every = (0..layers)
+        .find(|&l| !cfg.rotates_locally(l))
+        .map_or(layers + 1, |l| l + 1);
+    let pattern = (0..layers)
+        .all(|l| cfg.rotates_locally(l) != (l + 1).is_multiple_of(every))
+        .then_some(every);
+    let mut full = json!({"rope_type": "default"});
+    if let Some(s) = &cfg.rope_scaling {
+        full = scaling_json(s);
+    }
+    full["rope_theta"] = json!(cfg.rope_theta);
     let obj = v.as_object_mut().expect("a JSON object");
     obj.remove("hidden_act");
-    obj.remove("rope_scaling");
     for (k, x) in [
         ("hidden_activation", json!("gelu_pytorch_tanh")),
-        ("query_pre_attn_scalar", json!(cfg.query_pre_attn_scalar)),
-        ("sliding_window", json!(cfg.sliding_window)),
+        // transformers wants both, as integers, even where no layer slides.
+        (
+            "query_pre_attn_scalar",
+            json!(cfg.query_pre_attn_scalar.unwrap_or(cfg.head_dim())),
+        ),
+        (
+            "sliding_window",
+            json!(cfg.sliding_window.unwrap_or(cfg.max_position_embeddings)),
+        ),
         ("layer_types", json!(types)),
         ("rope_local_base_freq", json!(local_theta)),
         (
             "rope_parameters",
             json!({
-                "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                "full_attention": full,
                 "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
             }),
         ),
@@ -1144,6 +1240,9 @@ fn gemma3_fields(v: &mut serde_json::Value, cfg: &ModelConfig, pad: serde_json::
         ("pad_token_id", pad),
     ] {
         obj.insert(k.into(), x);
+    }
+    if let Some(every) = pattern {
+        obj.insert("sliding_window_pattern".into(), json!(every));
     }
 }
 
@@ -1539,6 +1638,10 @@ mod tests {
         let v = config_json(Family::Gemma3, Head::Lm, &new, &[1], Some(2), 0);
         assert_eq!(v["architectures"][0], "Gemma3ForCausalLM");
         assert_eq!(v["pad_token_id"], 0);
+        assert_eq!(
+            v["sliding_window_pattern"], 3,
+            "for transformers before layer_types"
+        );
         assert!(v.get("hidden_act").is_none());
         let back: HfConfig = serde_json::from_value(v).unwrap();
         assert_eq!(back.to_model(Path::new("x")).unwrap().1, new);
@@ -1561,12 +1664,12 @@ mod tests {
                 "hidden_activation",
             ),
             (
-                serde_json::json!({"rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
+                serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}),
                 "rope_scaling",
             ),
             (
-                serde_json::json!({"rope_parameters": {"full_attention":
-                    {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}}),
+                serde_json::json!({"rope_parameters": {"sliding_attention":
+                    {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e4}}}),
                 "rope_parameters",
             ),
             (
@@ -1577,9 +1680,37 @@ mod tests {
             let e = family_config("gemma3_text", extra).unwrap_err().to_string();
             assert!(e.contains("m/config.json") && e.contains(field), "{e}");
         }
-        let e = family_config("gemma3", serde_json::json!({}))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("gemma3_text") && e.contains("model_type"), "{e}");
+        // The full layers' linear scaling (Gemma 3 from 4B up) is read, in either place.
+        let linear = Some(RopeScaling::Linear(LinearScaling { factor: 8.0 }));
+        for extra in [
+            serde_json::json!({"rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
+            serde_json::json!({"rope_parameters": {"full_attention":
+                {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}}),
+        ] {
+            let cfg = family_config("gemma3_text", extra).unwrap();
+            assert_eq!(cfg.rope_scaling, linear);
+            assert_eq!(Family::of(&cfg), Some(Family::Gemma3));
+        }
+        // transformers wants an integer window and scale even where the model has neither.
+        let bare = ModelConfig {
+            sliding_window: None,
+            full_attention_layers: Vec::new(),
+            query_pre_attn_scalar: None,
+            ..own
+        };
+        let v = config_json(Family::Gemma3, Head::Lm, &bare, &[1], Some(2), 0);
+        let (window, scale) = (&v["sliding_window"], &v["query_pre_attn_scalar"]);
+        assert_eq!((window, scale), (&64.into(), &256.into()));
+        // An image-and-text model is read as its language model, which it must hold.
+        let dir = std::env::temp_dir().join(format!("temper-gemma3-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.json");
+        std::fs::write(&path, r#"{"model_type": "gemma3", "vision_config": {}}"#).unwrap();
+        let e = HfConfig::read(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("config.json") && e.contains("text_config"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

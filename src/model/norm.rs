@@ -23,11 +23,7 @@ impl Norm {
     /// `weight` (and LayerNorm's `bias`) in `scope`.
     pub fn load(mut scope: Scope, cfg: &ModelConfig) -> Result<Self> {
         let h = cfg.hidden_size;
-        let init = match cfg.norm_plus_one {
-            true => Init::Zeros,
-            false => Init::Ones,
-        };
-        let w = scope.gain("weight", &[h], init)?;
+        let w = scope.gain("weight", &[h], unit_gain(cfg))?;
         let b = match cfg.norm {
             NormKind::LayerNorm => Some(scope.gain("bias", &[h], Init::Zeros)?),
             NormKind::RmsNorm => None,
@@ -94,12 +90,25 @@ impl Norm {
     }
 }
 
+/// The init of a gain of one: Gemma holds it as an offset from one.
+pub fn unit_gain(cfg: &ModelConfig) -> Init {
+    match cfg.norm_plus_one {
+        true => Init::Zeros,
+        false => Init::Ones,
+    }
+}
+
 /// Gemma's RMSNorm: `x / sqrt(mean(x^2) + eps) * (1 + w)` in f32, cast back to x's dtype, as
 /// transformers computes it (the gain formed in f32: in bf16, `1 + w` would lose w's low
 /// bits). It runs the reference composite, on the tape as one op: our kernels take a gain in
 /// x's dtype.
 pub fn plus_one_rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    tape::island(&[x, w], |a| {
+    // Generation builds no graph from the f32 master.
+    let w = match super::cast::frozen() {
+        true => w.detach(),
+        false => w.clone(),
+    };
+    tape::island(&[x, &w], |a| {
         let gain = a[1].to_dtype(DType::F32)?.affine(1.0, 1.0)?;
         rmsnorm::rms_norm_reference(&a[0], &gain, eps)
     })

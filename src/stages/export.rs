@@ -137,6 +137,15 @@ fn reward_tensors(family: HfFamily, loaded: &Loaded) -> Result<(HashMap<String, 
 }
 
 fn family_of(cfg: &crate::config::ModelConfig) -> Result<HfFamily> {
+    let gemma = cfg.has_gemma_features() || cfg.hf_family == Some(HfFamily::Gemma3);
+    if gemma && HfFamily::of(cfg).is_none() {
+        bail!(
+            "this model has part of Gemma 3's layout but not all of it (gemma3_text writes \
+             mlp = \"geglu\", norm_plus_one, post_norms, embed_scale and qk_norm together, \
+             without biases, NoPE layers or llama3 rotary scaling, and a window over exactly \
+             the layers of rope_local): no Hugging Face family temper writes holds it"
+        );
+    }
     if let (Some(f), None) = (cfg.hf_family, HfFamily::of(cfg)) {
         if !cfg.nope_layers.is_empty() && f != HfFamily::SmolLm3 {
             bail!(
@@ -149,14 +158,14 @@ fn family_of(cfg: &crate::config::ModelConfig) -> Result<HfFamily> {
         bail!(
             "model.hf_family = \"{}\" has no place for model.sliding_window {:?} with \
              model.full_attention_layers {:?}: mistral writes a window over every layer, \
-             qwen2, qwen3 and smollm3 one over any layers, llama and gpt2 none",
+             qwen2, qwen3, smollm3 and gemma3_text one over any layers, llama and gpt2 none",
             f.name(),
             cfg.sliding_window,
             cfg.full_attention_layers
         );
     }
     HfFamily::of(cfg).context(
-        "this model's layout (norm, positions, MLP, biases) matches no Hugging Face family temper writes (llama, qwen2, qwen3, mistral, smollm3, gpt2)",
+        "this model's layout (norm, positions, MLP, biases) matches no Hugging Face family temper writes (llama, qwen2, qwen3, mistral, smollm3, gemma3_text, gpt2)",
     )
 }
 
