@@ -8,7 +8,7 @@ it with `AutoModelForCausalLM.from_pretrained`, and compares its logits with the
 expected.json (recorded from the original model; the mistral and qwen2 fixtures slide a window
 of 4 positions, as do two of the gemma3 fixture's three layers; gemma3_mm, an image-and-text
 model, exports as its language model). Then it fine-tunes the llama, qwen2,
-qwen3, smollm3 and gemma3 fixtures with LoRA
+qwen3, smollm3, gemma2 and gemma3 fixtures with LoRA
 for a few steps, exports the merged model and the adapter (`--format peft`),
 and checks that `PeftModel.from_pretrained(base, adapter)` gives the merged model's logits, and
 that `AutoTokenizer` reads from both the chat template the fine-tuning was given; and
@@ -43,7 +43,7 @@ def logits(model_dir, ids):
 
 def main(out):
     worst = 0.0
-    for fam in ["llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma3", "gemma3_mm", "gpt2"]:
+    for fam in ["llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma2", "gemma3", "gemma3_mm", "gpt2"]:
         src = os.path.join(ROOT, "tests/fixtures/hf", fam)
         dst = os.path.join(out, fam)
         temper("export", "--checkpoint", src, "--out", dst, "--format", "hf")
@@ -73,7 +73,7 @@ def main(out):
     with open(template, "w") as f:
         f.write("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    for fam in ["llama", "qwen2", "qwen3", "smollm3", "gemma3"]:
+    for fam in ["llama", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3"]:
         sft = os.path.join(out, f"sft-{fam}")
         temper("sft", "--init", os.path.join(ROOT, "tests/fixtures/hf", fam), "--data", data, "--out", sft,
                "--steps", "30", "--lora-rank", "4", "--lora-targets", "q,k,v,o", "--device", "cpu",

@@ -1,7 +1,7 @@
 """Build the tiny Hugging Face checkpoints under tests/fixtures/hf/.
 
 Each fixture is a random-weight model of one architecture family (llama, qwen2,
-qwen3, mistral, smollm3, gemma3, gpt2; gemma3_mm is Gemma 3's image-and-text model, a tiny
+qwen3, mistral, smollm3, gemma2, gemma3, gpt2; gemma3_mm is Gemma 3's image-and-text model, a tiny
 vision tower beside a gemma3 language model whose full layers scale their rotary positions), saved exactly as `transformers`' `save_pretrained` writes it
 (config.json, model.safetensors, generation_config.json) together with a tiny
 byte-level BPE tokenizer (tokenizer.json, tokenizer_config.json with a chat
@@ -20,7 +20,8 @@ To regenerate them (a few seconds on a CPU):
     /tmp/hf-venv/bin/pip install torch transformers peft safetensors
     /tmp/hf-venv/bin/python scripts/make_hf_fixtures.py [FAMILY ...]
 
-Naming families (llama, qwen2, qwen3, mistral, smollm3, gemma3, gemma3_mm, gpt2) rebuilds only those; the
+Naming families (llama, qwen2, qwen3, mistral, smollm3, gemma2, gemma3, gemma3_mm, gpt2) rebuilds
+only those; the
 llama_lora adapter and the llama_rm and llama_rm_lora reward models are rebuilt with llama
 (either reward model alone: name it).
 
@@ -44,6 +45,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    Gemma2Config,
     Gemma3Config,
     Gemma3TextConfig,
     GPT2Config,
@@ -370,7 +372,7 @@ def verify(name):
     assert greedy(m, exp["input_ids"][0], GREEDY_NEW) == exp["greedy"], name
 
 
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma3", "gemma3_mm", "gpt2"]
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma2", "gemma3", "gemma3_mm", "gpt2"]
 
 
 def main(only):
@@ -473,6 +475,20 @@ def main(only):
     )
     if "gemma3" in only:
         make("gemma3", cfg, tok, dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"),
+             GEMMA_TEMPLATE, dict(bos_token_id=gbos, eos_token_id=geos, pad_token_id=gpad), [geos, eot_turn])
+
+    # --- gemma2 (Gemma 3's tokenizer and layout without the norms of q and k or the second
+    # rotary base, and with its caps: scores at 2.0 and logits at 3.0, low enough to bind
+    # on these random weights; the first and last of three layers slide a window of 4)
+    cfg2 = Gemma2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=12, rms_norm_eps=1e-6,
+        max_position_embeddings=MAX_POS, sliding_window=4, attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0, tie_word_embeddings=True, bos_token_id=gbos, eos_token_id=geos,
+        pad_token_id=gpad,
+    )
+    if "gemma2" in only:
+        make("gemma2", cfg2, tok, dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"),
              GEMMA_TEMPLATE, dict(bos_token_id=gbos, eos_token_id=geos, pad_token_id=gpad), [geos, eot_turn])
 
     # --- gemma3_mm (Gemma3ForConditionalGeneration, as Gemma 3 4B and up: a one-layer vision

@@ -19,8 +19,8 @@ use temper::stages::loader::{policy_from, read_checkpoint, scored_from};
 use temper::train::checkpoint::CheckpointKind;
 use temper::train::params::{Net, ParamStore};
 
-const FAMILIES: [&str; 7] = [
-    "llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma3", "gpt2",
+const FAMILIES: [&str; 8] = [
+    "llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma2", "gemma3", "gpt2",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -501,7 +501,7 @@ fn sft_learns_trl_language_modelling_records() {
     );
 }
 
-/// Qwen3's per-head norms of q and k, and Gemma 3's four norms a layer besides, train with
+/// Qwen3's per-head norms of q and k, and Gemma's four norms a layer (Gemma 3's besides), train with
 /// the rest (full fine-tuning from the fixture: the loss falls and the gains move) and go back
 /// out under their Hugging Face names, with the config fields that shape them.
 #[test]
@@ -514,9 +514,10 @@ fn qwen3_and_gemma3_models_train_their_own_norms_and_export_them_back() {
         "pre_feedforward_layernorm",
         "post_feedforward_layernorm",
     ];
-    let cases: [(&str, &[&str], usize); 2] = [
+    let cases: [(&str, &[&str], usize); 3] = [
         ("qwen3", &["self_attn.q_norm", "self_attn.k_norm"], 2),
         ("gemma3", &gemma_norms, 3),
+        ("gemma2", &gemma_norms[2..], 3),
     ];
     for (fam, norms, layers) in cases {
         let d = tmp();
@@ -530,6 +531,8 @@ fn qwen3_and_gemma3_models_train_their_own_norms_and_export_them_back() {
             "head_dim",
             "layer_types",
             "query_pre_attn_scalar",
+            "attn_logit_softcapping",
+            "final_logit_softcapping",
         ] {
             assert_eq!(cfg[field], want_cfg[field], "{fam}: {field}");
         }

@@ -88,6 +88,13 @@ pub struct ModelConfig {
     /// `1 / sqrt(head_dim)`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub query_pre_attn_scalar: Option<usize>,
+    /// Attention's scores capped as `cap * tanh(s / cap)` before the mask (Gemma 2's
+    /// `attn_logit_softcapping`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attn_logit_softcapping: Option<f64>,
+    /// The logits capped the same way (Gemma 2's `final_logit_softcapping`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub final_logit_softcapping: Option<f64>,
     pub dropout: f64,
     /// The Hugging Face family the model was imported as; `export --format hf` writes it
     /// back as that family.
@@ -114,7 +121,10 @@ pub enum HfFamily {
     Gpt2,
     #[serde(rename = "smollm3")]
     SmolLm3,
-    /// Gemma 3's text model (`gemma3_text`: Gemma 3 270M and 1B).
+    /// Gemma 2 (`gemma2`: 2B, 9B, 27B).
+    Gemma2,
+    /// Gemma 3's text model (`gemma3_text`: Gemma 3 270M and 1B, and the language model of
+    /// the larger image-and-text ones).
     #[serde(rename = "gemma3_text")]
     Gemma3,
 }
@@ -128,6 +138,7 @@ impl HfFamily {
             HfFamily::Mistral => "mistral",
             HfFamily::Gpt2 => "gpt2",
             HfFamily::SmolLm3 => "smollm3",
+            HfFamily::Gemma2 => "gemma2",
             HfFamily::Gemma3 => "gemma3_text",
         }
     }
@@ -137,23 +148,32 @@ impl HfFamily {
     pub fn of(cfg: &ModelConfig) -> Option<Self> {
         // Gemma's layout is Gemma's alone: no other family writes its norms, embedding scale,
         // attention scale or second rotary base, and it writes nothing else.
-        if cfg.has_gemma_features() || cfg.hf_family == Some(HfFamily::Gemma3) {
+        let gemma_family = matches!(cfg.hf_family, Some(HfFamily::Gemma2 | HfFamily::Gemma3));
+        if cfg.has_gemma_features() || gemma_family {
             let gemma = cfg.norm_plus_one
                 && cfg.post_norms
                 && cfg.embed_scale
                 && cfg.mlp == MlpKind::GeGlu
-                && cfg.qk_norm
                 && cfg.norm == NormKind::RmsNorm
                 && cfg.position == PositionKind::Rope
                 && !cfg.bias
                 && !cfg.qkv_bias
                 && cfg.nope_layers.is_empty()
                 && !matches!(cfg.rope_scaling, Some(RopeScaling::Llama3(_)));
-            // Gemma 3 writes one kind per layer: its window and its second base go together.
+            // Gemma 3 normalises q and k and has a second rotary base, and writes one kind per
+            // layer, so its window and that base go together; it drops a cap on attention's
+            // scores (transformers ignores the field). Gemma 2 has neither norm nor base.
             let one_kind = cfg.sliding_window.is_none()
                 || (0..cfg.num_hidden_layers)
                     .all(|l| cfg.layer_window(l).is_some() == cfg.rotates_locally(l));
-            return (gemma && one_kind).then_some(HfFamily::Gemma3);
+            let family = match cfg.qk_norm {
+                true => {
+                    (one_kind && cfg.attn_logit_softcapping.is_none()).then_some(HfFamily::Gemma3)
+                }
+                false => cfg.rope_local.is_none().then_some(HfFamily::Gemma2),
+            };
+            let named = cfg.hf_family.is_none_or(|f| Some(f) == family);
+            return family.filter(|_| gemma && named);
         }
         if let Some(f) = cfg.hf_family {
             // Only SmolLM3 writes layers without rotary positions, and Mistral's window is
@@ -163,7 +183,7 @@ impl HfFamily {
                 HfFamily::Qwen2 | HfFamily::Qwen3 | HfFamily::SmolLm3 => true,
                 HfFamily::Mistral => cfg.full_attention_layers.is_empty(),
                 HfFamily::Llama | HfFamily::Gpt2 => cfg.sliding_window.is_none(),
-                HfFamily::Gemma3 => unreachable!("answered above"),
+                HfFamily::Gemma2 | HfFamily::Gemma3 => unreachable!("answered above"),
             };
             return (keeps_nope && keeps_window).then_some(f);
         }
@@ -206,7 +226,7 @@ impl HfFamily {
 /// Rotary frequency scaling for contexts longer than the model was first trained on. Told
 /// apart by their fields (a table of `factor` alone is linear), so that configs written
 /// before linear scaling existed read as they did.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum RopeScaling {
     Llama3(Llama3Scaling),
@@ -231,6 +251,40 @@ pub struct Llama3Scaling {
 #[serde(deny_unknown_fields)]
 pub struct LinearScaling {
     pub factor: f64,
+}
+
+/// Every field either kind has, so that a misspelt one is named (an untagged enum's error
+/// would name none).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScalingFields {
+    factor: f64,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
+}
+
+impl<'de> Deserialize<'de> for RopeScaling {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let f = ScalingFields::deserialize(d)?;
+        match (
+            f.low_freq_factor,
+            f.high_freq_factor,
+            f.original_max_position_embeddings,
+        ) {
+            (None, None, None) => Ok(RopeScaling::Linear(LinearScaling { factor: f.factor })),
+            (Some(low), Some(high), Some(orig)) => Ok(RopeScaling::Llama3(Llama3Scaling {
+                factor: f.factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: orig,
+            })),
+            _ => Err(serde::de::Error::custom(
+                "llama3 scaling needs low_freq_factor, high_freq_factor and \
+                 original_max_position_embeddings together; linear scaling has factor alone",
+            )),
+        }
+    }
 }
 
 impl RopeScaling {
@@ -322,6 +376,8 @@ impl ModelConfig {
             post_norms: false,
             embed_scale: false,
             query_pre_attn_scalar: None,
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
             dropout: 0.0,
             hf_family: None,
             score_pad: None,
@@ -357,6 +413,8 @@ impl ModelConfig {
                 post_norms: false,
                 embed_scale: false,
                 query_pre_attn_scalar: None,
+                attn_logit_softcapping: None,
+                final_logit_softcapping: None,
                 dropout: 0.0,
                 hf_family: None,
                 score_pad: None,
@@ -378,6 +436,8 @@ impl ModelConfig {
             || self.mlp == MlpKind::GeGlu
             || self.query_pre_attn_scalar.is_some()
             || self.rope_local.is_some()
+            || self.attn_logit_softcapping.is_some()
+            || self.final_logit_softcapping.is_some()
     }
 
     /// Whether `layer` rotates by the second base (`rope_local`).
@@ -512,11 +572,31 @@ impl ModelConfig {
                 );
             }
         }
+        for (field, cap) in [
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+        ] {
+            if cap.is_some_and(|c| c <= 0.0) {
+                bail!("model.{field} must be positive");
+            }
+        }
         if self.query_pre_attn_scalar == Some(0) {
             bail!("model.query_pre_attn_scalar must be positive");
         }
         if self.norm_plus_one && self.norm != NormKind::RmsNorm {
             bail!("model.norm_plus_one needs norm = \"rmsnorm\"");
+        }
+        if let Some(s) = &self.rope_scaling {
+            let (factor, bands) = match s {
+                RopeScaling::Llama3(l) => (l.factor, l.high_freq_factor > l.low_freq_factor),
+                RopeScaling::Linear(l) => (l.factor, true),
+            };
+            if !(factor.is_finite() && factor > 0.0 && bands) {
+                bail!(
+                    "model.rope_scaling: factor must be positive (and llama3's \
+                     high_freq_factor above its low_freq_factor), got {s:?}"
+                );
+            }
         }
         if self.rope_local.is_some() && self.position != PositionKind::Rope {
             bail!("model.rope_local needs rotary positions (position = \"rope\")");
@@ -666,5 +746,44 @@ mod tests {
             ..nope
         };
         assert_eq!(HfFamily::of(&qk), None);
+    }
+
+    /// A checkpoint's `[model.rope_scaling]` reads as the kind its fields make, a misspelt
+    /// field is named, and a scaling that would divide by zero is refused.
+    #[test]
+    fn rope_scalings_read_by_their_fields() {
+        #[derive(Serialize, Deserialize)]
+        struct Holder {
+            rope_scaling: RopeScaling,
+        }
+        let read = |text: &str| toml::from_str::<Holder>(text).map(|h| h.rope_scaling);
+        let llama3 = read(
+            "[rope_scaling]\nfactor = 8\nlow_freq_factor = 1.0\nhigh_freq_factor = 4.0\n\
+             original_max_position_embeddings = 8192\n",
+        )
+        .unwrap();
+        assert!(matches!(&llama3, RopeScaling::Llama3(l) if l.factor == 8.0));
+        let linear = read("[rope_scaling]\nfactor = 8.0\n").unwrap();
+        assert_eq!(linear, RopeScaling::Linear(LinearScaling { factor: 8.0 }));
+        for s in [llama3, linear] {
+            let text = toml::to_string(&Holder {
+                rope_scaling: s.clone(),
+            })
+            .unwrap();
+            assert_eq!(read(&text).unwrap(), s);
+        }
+        let e = read("[rope_scaling]\nfactor = 8.0\nlow_freq_facter = 1.0\n").unwrap_err();
+        assert!(e.to_string().contains("low_freq_facter"), "{e}");
+        let e = read("[rope_scaling]\nfactor = 8.0\nlow_freq_factor = 1.0\n").unwrap_err();
+        assert!(e.to_string().contains("together"), "{e}");
+        let zero = ModelConfig {
+            rope_scaling: Some(RopeScaling::Linear(LinearScaling { factor: 0.0 })),
+            ..ModelConfig::preset("tiny").unwrap()
+        };
+        assert!(zero
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("rope_scaling"));
     }
 }

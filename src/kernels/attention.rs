@@ -205,6 +205,33 @@ pub fn attention_reference(
     mask: &AttnMask,
     scale: f64,
 ) -> Result<Tensor> {
+    capped_reference(q, k, v, mask, scale, None)
+}
+
+/// Attention whose scores are capped as `cap * tanh(s / cap)` after the scale and before the
+/// mask (Gemma 2's `attn_logit_softcapping`). The reference composite on every device, one op
+/// on the tape: no kernel of ours caps scores.
+pub fn attention_softcapped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+    cap: f64,
+) -> Result<Tensor> {
+    crate::tape::island(&[q, k, v], |a| {
+        capped_reference(&a[0], &a[1], &a[2], mask, scale, Some(cap))
+    })
+}
+
+fn capped_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+    cap: Option<f64>,
+) -> Result<Tensor> {
     let (b, hq, tq, _) = q.dims4()?;
     let (_, hkv, tk, _) = k.dims4()?;
     if hq % hkv != 0 {
@@ -214,7 +241,10 @@ pub fn attention_reference(
     let k = repeat_kv(&k.to_dtype(DType::F32)?, hq / hkv)?;
     let v = repeat_kv(&v.to_dtype(DType::F32)?, hq / hkv)?;
     let q = q.to_dtype(DType::F32)?;
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    if let Some(cap) = cap {
+        scores = ((scores / cap)?.tanh()? * cap)?;
+    }
     let probs = match allowed_mask(mask, b, tq, tk, q.device())? {
         Some(allowed) => {
             // Masked scores get a large negative bias rather than -inf so that a row with no

@@ -12,7 +12,9 @@ use super::norm::plus_one_rms_norm;
 use super::rope::RopeAt;
 use crate::config::ModelConfig;
 use crate::config::{LoraConfig, LoraTarget};
-use crate::kernels::attention::{attention, attention_stacked, AttnMask, Segments};
+use crate::kernels::attention::{
+    attention, attention_softcapped, attention_stacked, AttnMask, Segments,
+};
 use crate::kernels::decode_step::HeadNorm;
 use crate::kernels::heads;
 use crate::kernels::rmsnorm::rms_norm;
@@ -35,6 +37,8 @@ pub struct Attention {
     head_dim: usize,
     /// The logits' scale (`ModelConfig::attn_scale`).
     scale: f64,
+    /// Gemma 2's cap on the scores (`ModelConfig::attn_logit_softcapping`).
+    softcap: Option<f64>,
 }
 
 /// The rotary positions of one layer.
@@ -120,6 +124,7 @@ impl Attention {
             kv_heads: cfg.num_key_value_heads,
             head_dim: hd,
             scale: cfg.attn_scale(),
+            softcap: cfg.attn_logit_softcapping,
         })
     }
 
@@ -148,7 +153,9 @@ impl Attention {
                 None => true,
                 Some(n) => kernels.rmsnorm == KernelChoice::Custom && !n.plus_one,
             };
-            if c.is_fixed() && rope_fuses && norm_fuses && x.dim(1)? == 1 {
+            // Nor do they cap scores.
+            let plain = self.softcap.is_none();
+            if c.is_fixed() && rope_fuses && norm_fuses && plain && x.dim(1)? == 1 {
                 let qkv = [&self.q, &self.k, &self.v];
                 if let Some(y) = Linear::stacked(&qkv, x, ctx)? {
                     let nq = self.heads * self.head_dim;
@@ -213,14 +220,11 @@ impl Attention {
         ctx: &Ctx,
         inp: &AttnInputs,
     ) -> Result<Tensor> {
-        let y = attention(
-            q,
-            k,
-            v,
-            &self.mask(inp),
-            self.scale(),
-            ctx.kernels.attention,
-        )?;
+        let (mask, scale) = (self.mask(inp), self.scale());
+        let y = match self.softcap {
+            Some(cap) => attention_softcapped(q, k, v, &mask, scale, cap)?,
+            None => attention(q, k, v, &mask, scale, ctx.kernels.attention)?,
+        };
         self.project(&y, ctx)
     }
 

@@ -29,7 +29,8 @@ use crate::config::{
 pub struct HfConfig {
     model_type: Option<String>,
     /// The language model of an image-and-text model (Gemma 3 from 4B up).
-    text_config: Option<Box<HfConfig>>,
+    /// Read only for Gemma 3: other families' may not be ours to parse.
+    text_config: Option<serde_json::Value>,
     /// The model class: `*ForCausalLM` (a policy) or `*ForSequenceClassification` (a reward
     /// model).
     architectures: Option<Vec<String>>,
@@ -65,8 +66,11 @@ pub struct HfConfig {
     rope_local_base_freq: Option<f64>,
     /// Every this-many-th layer sees the whole context, where `layer_types` is absent.
     sliding_window_pattern: Option<usize>,
+    // Gemma 2's caps (30 and 50 where absent); Gemma 3 reads the first only.
     #[serde(default, deserialize_with = "present")]
     final_logit_softcapping: Option<Option<f64>>,
+    #[serde(default, deserialize_with = "present")]
+    attn_logit_softcapping: Option<Option<f64>>,
     use_bidirectional_attention: Option<bool>,
     /// Absent (transformers' default, 4096 in Mistral and Qwen) differs from null (none).
     #[serde(default, deserialize_with = "present")]
@@ -140,6 +144,7 @@ impl Head {
             (Head::Lm, Qwen3) => "Qwen3ForCausalLM",
             (Head::Lm, Mistral) => "MistralForCausalLM",
             (Head::Lm, SmolLm3) => "SmolLM3ForCausalLM",
+            (Head::Lm, Gemma2) => "Gemma2ForCausalLM",
             (Head::Lm, Gemma3) => "Gemma3ForCausalLM",
             (Head::Score, Gpt2) => "GPT2ForSequenceClassification",
             (Head::Score, Llama) => "LlamaForSequenceClassification",
@@ -147,6 +152,7 @@ impl Head {
             (Head::Score, Qwen3) => "Qwen3ForSequenceClassification",
             (Head::Score, Mistral) => "MistralForSequenceClassification",
             (Head::Score, SmolLm3) => "SmolLM3ForSequenceClassification",
+            (Head::Score, Gemma2) => "Gemma2ForSequenceClassification",
             (Head::Score, Gemma3) => "Gemma3TextForSequenceClassification",
         }
     }
@@ -164,9 +170,11 @@ impl HfConfig {
             return Ok(cfg);
         }
         let at = At(path);
-        let mut inner = *cfg
+        let inner = cfg
             .text_config
             .ok_or_else(|| at.refuse("text_config", "missing"))?;
+        let mut inner: Self =
+            serde_json::from_value(inner).map_err(|e| at.refuse("text_config", e))?;
         match inner.model_type.as_deref() {
             None | Some("gemma3_text") => inner.model_type = Some("gemma3_text".into()),
             Some(other) => {
@@ -176,7 +184,13 @@ impl HfConfig {
                 ))
             }
         }
+        // What the model class reads from the top level: its labels (a reward model's) and,
+        // in transformers 5, whether the head is tied.
         inner.architectures = cfg.architectures;
+        inner.id2label = cfg.id2label.or(inner.id2label);
+        inner.num_labels = cfg.num_labels.or(inner.num_labels);
+        inner.temper_score_bias = cfg.temper_score_bias.or(inner.temper_score_bias);
+        inner.tie_word_embeddings = cfg.tie_word_embeddings.or(inner.tie_word_embeddings);
         Ok(inner)
     }
 
@@ -192,6 +206,7 @@ impl HfConfig {
             "qwen3" => Family::Qwen3,
             "mistral" => Family::Mistral,
             "smollm3" => Family::SmolLm3,
+            "gemma2" => Family::Gemma2,
             "gemma3_text" => Family::Gemma3,
             "gpt2" => Family::Gpt2,
             other => {
@@ -199,7 +214,7 @@ impl HfConfig {
                     "model_type",
                     format!(
                         "`{other}` is not a family temper reads \
-                         (llama, qwen2, qwen3, mistral, smollm3, gemma3_text, gpt2)"
+                         (llama, qwen2, qwen3, mistral, smollm3, gemma2, gemma3_text, gpt2)"
                     ),
                 ))
             }
@@ -258,7 +273,8 @@ impl HfConfig {
 
     fn llama_like(&self, path: &Path, family: Family) -> Result<ModelConfig> {
         let at = At(path);
-        let gemma = family == Family::Gemma3;
+        let gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
+        let gemma3 = family == Family::Gemma3;
         if gemma {
             self.gemma_refusals(&at)?;
         } else if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
@@ -273,11 +289,15 @@ impl HfConfig {
         if self.mlp_bias == Some(true) {
             return Err(at.refuse("mlp_bias", "MLP biases are not implemented"));
         }
-        // Gemma3TextConfig's defaults, on which the text_config of Gemma 3's image-and-text
-        // models relies for most of its fields.
+        // Gemma2Config's and Gemma3TextConfig's defaults, on which the text_config of Gemma
+        // 3's image-and-text models relies for most of its fields.
         let or_gemma = |v: Option<usize>, default: usize| v.or(gemma.then_some(default));
+        let (vocab_default, ctx_default) = match gemma3 {
+            true => (262_208, 131_072),
+            false => (256_000, 8192),
+        };
         let ctx = at.need(
-            or_gemma(self.max_position_embeddings, 131_072),
+            or_gemma(self.max_position_embeddings, ctx_default),
             "max_position_embeddings",
         )?;
         let heads = at.need(or_gemma(self.num_attention_heads, 8), "num_attention_heads")?;
@@ -288,12 +308,12 @@ impl HfConfig {
         };
         let sliding = self.sliding_layers(path, family, layers, &nope_layers)?;
         let (sliding_window, full_attention_layers) = self.windows(path, family, ctx, &sliding)?;
-        // Gemma 3's defaults where its config leaves a field out (transformers' own).
+        // Gemma's defaults where its config leaves a field out (transformers' own).
         let (kv_default, tied_default, head_dim) = match gemma {
             true => (4, true, Some(self.head_dim.unwrap_or(256))),
             false => (heads, false, self.head_dim),
         };
-        let rope_local = match gemma {
+        let rope_local = match gemma3 {
             true => Some(LocalRope {
                 theta: self.local_theta(),
                 layers: (0..layers).filter(|&l| sliding[l]).collect(),
@@ -301,7 +321,7 @@ impl HfConfig {
             false => None,
         };
         Ok(ModelConfig {
-            vocab_size: at.need(or_gemma(self.vocab_size, 262_208), "vocab_size")?,
+            vocab_size: at.need(or_gemma(self.vocab_size, vocab_default), "vocab_size")?,
             hidden_size: at.need(or_gemma(self.hidden_size, 2304), "hidden_size")?,
             intermediate_size: at
                 .need(or_gemma(self.intermediate_size, 9216), "intermediate_size")?,
@@ -334,13 +354,21 @@ impl HfConfig {
                 true => Some(self.query_pre_attn_scalar.unwrap_or(256)),
                 false => None,
             },
+            attn_logit_softcapping: match family {
+                Family::Gemma2 => self.attn_logit_softcapping.unwrap_or(Some(50.0)),
+                _ => None,
+            },
+            final_logit_softcapping: match family {
+                Family::Gemma2 => self.final_logit_softcapping.unwrap_or(Some(30.0)),
+                _ => self.final_logit_softcapping.flatten(),
+            },
             dropout: 0.0,
             hf_family: Some(family),
             score_pad: None,
         })
     }
 
-    /// What of a Gemma 3 config temper does not implement, by field.
+    /// What of a Gemma config temper does not implement, by field.
     fn gemma_refusals(&self, at: &At) -> Result<()> {
         // Gemma reads `hidden_activation` alone; a `hidden_act` beside it changes nothing.
         let act = self
@@ -351,12 +379,6 @@ impl HfConfig {
             return Err(at.refuse(
                 "hidden_activation",
                 format!("`{act}`: only gelu_pytorch_tanh (GeGLU) is implemented"),
-            ));
-        }
-        if let Some(Some(cap)) = self.final_logit_softcapping {
-            return Err(at.refuse(
-                "final_logit_softcapping",
-                format!("{cap}: soft-capped logits are not implemented"),
             ));
         }
         if self.use_bidirectional_attention == Some(true) {
@@ -381,7 +403,7 @@ impl HfConfig {
         let at = At(path);
         let reads_types = matches!(
             family,
-            Family::Qwen2 | Family::Qwen3 | Family::SmolLm3 | Family::Gemma3
+            Family::Qwen2 | Family::Qwen3 | Family::SmolLm3 | Family::Gemma2 | Family::Gemma3
         );
         if let Some(types) = self.layer_types.as_ref().filter(|_| reads_types) {
             if types.len() != layers {
@@ -416,6 +438,7 @@ impl HfConfig {
             .map(|l| match family {
                 Family::Qwen2 | Family::Qwen3 => l >= self.max_window_layers.unwrap_or(28),
                 Family::SmolLm3 => nope.contains(&l),
+                Family::Gemma2 => l % 2 == 0,
                 Family::Gemma3 => (l + 1) % pattern != 0,
                 _ => true,
             })
@@ -438,14 +461,16 @@ impl HfConfig {
         let at = At(path);
         let layers = sliding.len();
         let default = match family {
-            Family::Mistral | Family::Qwen2 | Family::Qwen3 | Family::Gemma3 => Some(4096),
+            Family::Mistral | Family::Qwen2 | Family::Qwen3 | Family::Gemma2 | Family::Gemma3 => {
+                Some(4096)
+            }
             _ => None,
         };
         let field = self.sliding_window.unwrap_or(default);
         let qwen_like = matches!(family, Family::Qwen2 | Family::Qwen3 | Family::SmolLm3);
         let window = match family {
             _ if qwen_like => field.filter(|_| self.use_sliding_window == Some(true)),
-            Family::Mistral | Family::Gemma3 => field,
+            Family::Mistral | Family::Gemma2 | Family::Gemma3 => field,
             _ => None,
         };
         if window == Some(0) {
@@ -704,7 +729,7 @@ pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
         config.tie_word_embeddings = true;
         // Gemma's config pads with 0 where it names no padding id.
         let pad = match family {
-            Family::Gemma3 => Some(hf.pad_token_id.unwrap_or(0)),
+            Family::Gemma2 | Family::Gemma3 => Some(hf.pad_token_id.unwrap_or(0)),
             _ => hf.pad_token_id,
         };
         config.score_pad = pad.and_then(|p| u32::try_from(p).ok());
@@ -899,7 +924,7 @@ const GEMMA_NORMS: [(&str, &str); 4] = [
 /// The per-layer name pairs of a llama-like `family`, its own first.
 fn layer_names(family: Family) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
     let own: &[(&str, &str)] = match family {
-        Family::Gemma3 => &GEMMA_NORMS,
+        Family::Gemma2 | Family::Gemma3 => &GEMMA_NORMS,
         _ => &[],
     };
     own.iter().chain(&LLAMA_LAYER).chain(&LLAMA_LAYER_MORE)
@@ -1170,8 +1195,8 @@ pub fn config_json(
                 // Every layer of a Mistral slides (`HfFamily::of` exports no other).
                 v["sliding_window"] = json!(cfg.sliding_window);
             }
-            if family == Family::Gemma3 {
-                gemma3_fields(&mut v, cfg, pad_v.clone());
+            if matches!(family, Family::Gemma2 | Family::Gemma3) {
+                gemma_fields(family, &mut v, cfg, pad_v.clone());
             }
             v
         }
@@ -1184,34 +1209,31 @@ pub fn config_json(
     v
 }
 
-/// Gemma 3's own fields over the llama-like ones of `v`. Its layers' kinds come from the
-/// second rotary base (`HfFamily::of` exports no model whose window says otherwise); the
-/// bases and the full layers' scaling go both where transformers 5 reads them and where
-/// earlier versions did (`rope_theta`, `rope_local_base_freq`, `rope_scaling`). Its config
-/// defaults the padding id to 0, so `pad` is always written.
-fn gemma3_fields(v: &mut serde_json::Value, cfg: &ModelConfig, pad: serde_json::Value) {
+/// Gemma's own fields over the llama-like ones of `v`. Gemma 3's layers' kinds come from its
+/// second rotary base (`HfFamily::of` exports no model whose window says otherwise), Gemma
+/// 2's from its window; Gemma 3's bases and its full layers' scaling go both where
+/// transformers 5 reads them and where earlier versions did (`rope_theta`,
+/// `rope_local_base_freq`, `rope_scaling`). Their configs default the padding id to 0, so
+/// `pad` is always written.
+fn gemma_fields(
+    family: Family,
+    v: &mut serde_json::Value,
+    cfg: &ModelConfig,
+    pad: serde_json::Value,
+) {
     use serde_json::json;
-    let local_theta = cfg.rope_local.as_ref().map_or(cfg.rope_theta, |r| r.theta);
+    let gemma3 = family == Family::Gemma3;
     let layers = cfg.num_hidden_layers;
+    let slides = |l: usize| match gemma3 {
+        true => cfg.rotates_locally(l),
+        false => cfg.layer_window(l).is_some(),
+    };
     let types: Vec<&str> = (0..layers)
-        .map(|l| match cfg.rotates_locally(l) {
+        .map(|l| match slides(l) {
             true => "sliding_attention",
             false => "full_attention",
         })
         .collect();
-    // For transformers from before `layer_types`, which read only this (6 where absent):
-    // written where the layers keep to one.
-    let every = (0..layers)
-        .find(|&l| !cfg.rotates_locally(l))
-        .map_or(layers + 1, |l| l + 1);
-    let pattern = (0..layers)
-        .all(|l| cfg.rotates_locally(l) != (l + 1).is_multiple_of(every))
-        .then_some(every);
-    let mut full = json!({"rope_type": "default"});
-    if let Some(s) = &cfg.rope_scaling {
-        full = scaling_json(s);
-    }
-    full["rope_theta"] = json!(cfg.rope_theta);
     let obj = v.as_object_mut().expect("a JSON object");
     obj.remove("hidden_act");
     for (k, x) in [
@@ -1226,22 +1248,39 @@ fn gemma3_fields(v: &mut serde_json::Value, cfg: &ModelConfig, pad: serde_json::
             json!(cfg.sliding_window.unwrap_or(cfg.max_position_embeddings)),
         ),
         ("layer_types", json!(types)),
-        ("rope_local_base_freq", json!(local_theta)),
         (
-            "rope_parameters",
-            json!({
-                "full_attention": full,
-                "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
-            }),
+            "final_logit_softcapping",
+            json!(cfg.final_logit_softcapping),
         ),
-        ("final_logit_softcapping", serde_json::Value::Null),
-        ("attn_logit_softcapping", serde_json::Value::Null),
-        ("use_bidirectional_attention", json!(false)),
+        ("attn_logit_softcapping", json!(cfg.attn_logit_softcapping)),
         ("pad_token_id", pad),
     ] {
         obj.insert(k.into(), x);
     }
-    if let Some(every) = pattern {
+    if !gemma3 {
+        return;
+    }
+    let local_theta = cfg.rope_local.as_ref().map_or(cfg.rope_theta, |r| r.theta);
+    let mut full = json!({"rope_type": "default"});
+    if let Some(s) = &cfg.rope_scaling {
+        full = scaling_json(s);
+    }
+    full["rope_theta"] = json!(cfg.rope_theta);
+    obj.insert("rope_local_base_freq".into(), json!(local_theta));
+    obj.insert(
+        "rope_parameters".into(),
+        json!({
+            "full_attention": full,
+            "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
+        }),
+    );
+    obj.insert("use_bidirectional_attention".into(), json!(false));
+    // For transformers from before `layer_types`, which read only this (6 where absent):
+    // written where the layers keep to one.
+    let every = (0..layers)
+        .find(|&l| !slides(l))
+        .map_or(layers + 1, |l| l + 1);
+    if (0..layers).all(|l| slides(l) != (l + 1).is_multiple_of(every)) {
         obj.insert("sliding_window_pattern".into(), json!(every));
     }
 }
@@ -1420,7 +1459,12 @@ fn peft_to_temper(name: &str) -> Result<String> {
     } else {
         bail!("not a LoRA factor (lora_A / lora_B)");
     };
-    // LoRA factors sit on the projections, named alike in every llama-like family.
+    // LoRA factors sit on the projections, named alike in every llama-like family (in Gemma
+    // 3's image-and-text models, inside its language model).
+    if is_gemma3_vision(module) {
+        bail!("a LoRA factor of Gemma 3's vision tower: temper trains the language model alone");
+    }
+    let module = gemma3_language_name(module);
     let ours = llama_to_temper(Family::Llama, &format!("{module}.weight"))?;
     Ok(format!("{}.{factor}", ours.trim_end_matches(".weight")))
 }
@@ -1652,10 +1696,6 @@ mod tests {
         assert_eq!(unwindowed.rope_local.unwrap().layers, [0, 1, 2, 3, 4, 6, 7]);
         for (extra, field) in [
             (
-                serde_json::json!({"final_logit_softcapping": 30.0}),
-                "final_logit_softcapping",
-            ),
-            (
                 serde_json::json!({"use_bidirectional_attention": true}),
                 "use_bidirectional_attention",
             ),
@@ -1712,5 +1752,92 @@ mod tests {
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Gemma 2's layers alternate from a sliding first one, its caps are 50 and 30 where
+    /// absent and none where null, and its export reads back the same.
+    #[test]
+    fn gemma2_caps_and_layers_read_as_transformers_and_export_back() {
+        let g = family_config("gemma2", serde_json::json!({"sliding_window": 4})).unwrap();
+        assert_eq!(
+            (g.attn_logit_softcapping, g.final_logit_softcapping),
+            (Some(50.0), Some(30.0))
+        );
+        assert_eq!(
+            (g.sliding_window, &g.full_attention_layers[..]),
+            (Some(4), &[1, 3, 5, 7][..])
+        );
+        assert!(g.rope_local.is_none() && !g.qk_norm && g.post_norms && g.norm_plus_one);
+        assert_eq!((g.vocab_size, g.rope_theta), (64, 10000.0));
+        assert_eq!(
+            Family::of(&ModelConfig {
+                hf_family: None,
+                ..g.clone()
+            }),
+            Some(Family::Gemma2)
+        );
+        let v = config_json(Family::Gemma2, Head::Lm, &g, &[1], Some(2), 0);
+        assert_eq!(v["architectures"][0], "Gemma2ForCausalLM");
+        assert!(v.get("rope_parameters").is_none() && v.get("sliding_window_pattern").is_none());
+        let back: HfConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(back.to_model(Path::new("x")).unwrap().1, g);
+        let uncapped = family_config(
+            "gemma2",
+            serde_json::json!({"attn_logit_softcapping": null, "final_logit_softcapping": null}),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                uncapped.attn_logit_softcapping,
+                uncapped.final_logit_softcapping
+            ),
+            (None, None)
+        );
+        // Gemma 3 ignores a cap on the scores, as transformers does, and keeps one on the logits.
+        let g3 = family_config(
+            "gemma3_text",
+            serde_json::json!({"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}),
+        )
+        .unwrap();
+        assert_eq!(
+            (g3.attn_logit_softcapping, g3.final_logit_softcapping),
+            (None, Some(30.0))
+        );
+    }
+
+    /// What `Gemma3ForConditionalGeneration`'s class reads from the top level of its config
+    /// (the labels of a reward model, whether the head is tied) wins over its text_config.
+    #[test]
+    fn gemma3s_image_and_text_config_reads_its_top_level_fields() {
+        let dir = std::env::temp_dir().join(format!("temper-gemma3-top-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.json");
+        let text = serde_json::json!({"model_type": "gemma3_text", "tie_word_embeddings": true,
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16});
+        let top = serde_json::json!({"model_type": "gemma3", "tie_word_embeddings": false,
+            "architectures": ["Gemma3ForSequenceClassification"], "id2label": {"0": "LABEL_0"},
+            "text_config": text});
+        std::fs::write(&path, top.to_string()).unwrap();
+        let cfg = HfConfig::read(&path).unwrap();
+        assert_eq!(cfg.head(&path).unwrap(), Head::Score);
+        assert!(!cfg.to_model(&path).unwrap().1.tie_word_embeddings);
+        std::fs::remove_dir_all(&dir).unwrap();
+        // Its adapters' names: transformers 5's and 4.5x's, and none on the vision tower.
+        for name in [
+            "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight",
+            "base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_A.weight",
+        ] {
+            assert_eq!(
+                peft_to_temper(name).unwrap(),
+                "model.layers.0.attn.q.lora_a"
+            );
+        }
+        let vision = "base_model.model.model.vision_tower.vision_model.encoder.layers.0.\
+                      self_attn.q_proj.lora_A.weight";
+        assert!(peft_to_temper(vision)
+            .unwrap_err()
+            .to_string()
+            .contains("vision"));
     }
 }

@@ -233,12 +233,11 @@ impl Transformer {
     /// `[B, T, H]` hidden -> `[B, T, V]` logits in the compute dtype (bf16 on a GPU): what
     /// the loss head reads, so that no f32 copy of the largest activation exists.
     pub fn compute_logits(&self, hidden: &Tensor, gemm: KernelChoice) -> Result<Tensor> {
-        Ok(crate::kernels::gemm::linear(
-            hidden,
-            &self.head_weight(hidden)?,
-            None,
-            gemm,
-        )?)
+        let logits = crate::kernels::gemm::linear(hidden, &self.head_weight(hidden)?, None, gemm)?;
+        Ok(match self.cfg.final_logit_softcapping {
+            Some(cap) => soft_capped(&logits, cap)?,
+            None => logits,
+        })
     }
 
     /// The LM head's `[V, H]` weight (the embedding when tied) in `hidden`'s dtype.
@@ -276,6 +275,13 @@ impl Transformer {
     /// a tensor of their own.
     pub fn head_logprobs(&self, hidden: &Tensor, targets: &Tensor, ctx: Ctx) -> Result<Tensor> {
         let k = ctx.kernels;
+        if self.cfg.final_logit_softcapping.is_some() {
+            // The fused head has no cap: the logits are a tensor of their own here.
+            let logits = self.compute_logits(hidden, k.gemm)?;
+            return Ok(crate::kernels::logprobs::token_logprobs(
+                &logits, targets, k.logprobs,
+            )?);
+        }
         Ok(crate::kernels::logprobs::head_logprobs(
             hidden,
             &self.head_weight(hidden)?,
@@ -284,6 +290,12 @@ impl Transformer {
             k.logprobs,
         )?)
     }
+}
+
+/// Gemma 2's cap on the logits, `cap * tanh(l / cap)` in their dtype, as transformers caps
+/// them.
+fn soft_capped(logits: &Tensor, cap: f64) -> candle_core::Result<Tensor> {
+    crate::tape::island(&[logits], |a| (&a[0] / cap)?.tanh()? * cap)
 }
 
 /// Gemma's embedding scale: `x * sqrt(hidden)`, the factor first rounded to x's dtype as

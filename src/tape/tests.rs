@@ -151,21 +151,10 @@ impl Setup {
     }
 }
 
-/// `(loss, gradient per parameter name)` of a 2-layer model's next-token loss, with dropout,
-/// its blocks on the tape or not.
-fn model_grads(s: &Setup, tape: bool) -> (f32, HashMap<String, Tensor>) {
-    let (loss, grads, _) = model_grads_with(s, tape, false);
-    (loss, grads)
-}
-
-/// [`model_grads`], with each block recomputed in the backward or not, and the size of the
-/// forward's recording.
-fn model_grads_with(
-    s: &Setup,
-    tape: bool,
-    recompute_blocks: bool,
-) -> (f32, HashMap<String, Tensor>, Option<SegmentStats>) {
-    let mut cfg = match s.preset {
+/// The shape the tape is checked on for `preset`: a preset's, or a family's layout on the
+/// tiny one.
+fn model_config(preset: &str) -> ModelConfig {
+    match preset {
         // Qwen3's layout: per-head norms of q and k, heads wider than hidden / heads.
         "qwen3" => ModelConfig {
             qk_norm: true,
@@ -197,8 +186,34 @@ fn model_grads_with(
             }),
             ..ModelConfig::for_tests("tiny")
         },
+        // Gemma 2's: Gemma 3's without the norms of q and k or the second base, with caps on
+        // the scores and the logits low enough to bind.
+        "gemma2" => ModelConfig {
+            qk_norm: false,
+            rope_local: None,
+            attn_logit_softcapping: Some(1.0),
+            final_logit_softcapping: Some(2.0),
+            ..model_config("gemma3")
+        },
         preset => ModelConfig::for_tests(preset),
-    };
+    }
+}
+
+/// `(loss, gradient per parameter name)` of a 2-layer model's next-token loss, with dropout,
+/// its blocks on the tape or not.
+fn model_grads(s: &Setup, tape: bool) -> (f32, HashMap<String, Tensor>) {
+    let (loss, grads, _) = model_grads_with(s, tape, false);
+    (loss, grads)
+}
+
+/// [`model_grads`], with each block recomputed in the backward or not, and the size of the
+/// forward's recording.
+fn model_grads_with(
+    s: &Setup,
+    tape: bool,
+    recompute_blocks: bool,
+) -> (f32, HashMap<String, Tensor>, Option<SegmentStats>) {
+    let mut cfg = model_config(s.preset);
     cfg.dropout = 0.1;
     let lora = s.lora.map(|dropout| LoraConfig {
         rank: 4,
@@ -253,7 +268,7 @@ fn model_grads_with(
 
 /// The models the tape is checked on: LoRA without its dropout (the adapter reads x itself)
 /// and with it, f32 and bf16 with compute copies.
-const TAPE_MODELS: [Setup; 11] = [
+const TAPE_MODELS: [Setup; 12] = [
     Setup::new("gpt2", None, DType::F32, false),
     Setup::new("tiny", None, DType::F32, false),
     Setup::new("gpt2", Some(0.0), DType::F32, false),
@@ -265,6 +280,7 @@ const TAPE_MODELS: [Setup; 11] = [
     Setup::new("window", None, DType::F32, false),
     Setup::new("gemma3", None, DType::F32, false),
     Setup::new("gemma3", Some(0.1), DType::BF16, true),
+    Setup::new("gemma2", Some(0.1), DType::BF16, true),
 ];
 
 /// Whole models (GPT-2, Llama, Qwen3 and Gemma 3 shapes and a sliding window, with dropout; LoRA with a frozen embedding, so the
