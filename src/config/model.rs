@@ -65,7 +65,7 @@ pub struct ModelConfig {
     pub full_attention_layers: Vec<usize>,
     /// Width of one attention head; none means `hidden_size / num_attention_heads`.
     pub head_dim: Option<usize>,
-    /// Rotary frequency scaling for long contexts (Llama 3's `rope_scaling`).
+    /// Rotary frequency scaling for long contexts (`rope_scaling`: Llama 3's, or linear).
     pub rope_scaling: Option<RopeScaling>,
     /// Layers that rotate by a base of their own, unscaled (Gemma 3's `sliding_attention`
     /// layers, by `rope_local_base_freq`); none: every layer rotates by `rope_theta`.
@@ -576,7 +576,7 @@ impl ModelConfig {
             ("attn_logit_softcapping", self.attn_logit_softcapping),
             ("final_logit_softcapping", self.final_logit_softcapping),
         ] {
-            if cap.is_some_and(|c| c <= 0.0) {
+            if cap.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
                 bail!("model.{field} must be positive");
             }
         }

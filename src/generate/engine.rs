@@ -102,7 +102,9 @@ pub fn generate(
         .sliding_window
         .is_some_and(|w| longest + cfg.max_new_tokens > w);
     let asked_fixed = cfg.engine.decode == DecodeMode::Fixed;
-    let graph_applies = replays_graph(cfg.engine.decode, &ctx, &dev);
+    // Capped scores take the reference composite, whose mask is a host upload: no capture.
+    let graph_applies =
+        replays_graph(cfg.engine.decode, &ctx, &dev) && net.cfg.attn_logit_softcapping.is_none();
     if window_binds && (asked_fixed || graph_applies) {
         static SAID: std::sync::Once = std::sync::Once::new();
         SAID.call_once(|| {

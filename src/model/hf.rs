@@ -41,7 +41,9 @@ pub struct HfConfig {
     num_labels: Option<usize>,
     /// A classifier scores each sequence at its last token that is not this id (some older
     /// configs write -1 for none).
-    pad_token_id: Option<i64>,
+    /// Absent (Gemma's default, 0) differs from null (none).
+    #[serde(default, deserialize_with = "present")]
+    pad_token_id: Option<Option<i64>>,
     vocab_size: Option<usize>,
     hidden_size: Option<usize>,
     intermediate_size: Option<usize>,
@@ -190,7 +192,9 @@ impl HfConfig {
         inner.id2label = cfg.id2label.or(inner.id2label);
         inner.num_labels = cfg.num_labels.or(inner.num_labels);
         inner.temper_score_bias = cfg.temper_score_bias.or(inner.temper_score_bias);
-        inner.tie_word_embeddings = cfg.tie_word_embeddings.or(inner.tie_word_embeddings);
+        inner.tie_word_embeddings = cfg.tie_word_embeddings.or(Some(true));
+        // Gemma3ForConditionalGeneration caps no logits, whatever its text_config says.
+        inner.final_logit_softcapping = Some(None);
         Ok(inner)
     }
 
@@ -360,7 +364,8 @@ impl HfConfig {
             },
             final_logit_softcapping: match family {
                 Family::Gemma2 => self.final_logit_softcapping.unwrap_or(Some(30.0)),
-                _ => self.final_logit_softcapping.flatten(),
+                Family::Gemma3 => self.final_logit_softcapping.flatten(),
+                _ => None,
             },
             dropout: 0.0,
             hf_family: Some(family),
@@ -729,8 +734,8 @@ pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
         config.tie_word_embeddings = true;
         // Gemma's config pads with 0 where it names no padding id.
         let pad = match family {
-            Family::Gemma2 | Family::Gemma3 => Some(hf.pad_token_id.unwrap_or(0)),
-            _ => hf.pad_token_id,
+            Family::Gemma2 | Family::Gemma3 => hf.pad_token_id.unwrap_or(Some(0)),
+            _ => hf.pad_token_id.flatten(),
         };
         config.score_pad = pad.and_then(|p| u32::try_from(p).ok());
     }
@@ -1806,13 +1811,15 @@ mod tests {
     }
 
     /// What `Gemma3ForConditionalGeneration`'s class reads from the top level of its config
-    /// (the labels of a reward model, whether the head is tied) wins over its text_config.
+    /// (the labels of a reward model, whether the head is tied) wins over its text_config, and
+    /// it caps no logits.
     #[test]
     fn gemma3s_image_and_text_config_reads_its_top_level_fields() {
         let dir = std::env::temp_dir().join(format!("temper-gemma3-top-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("config.json");
         let text = serde_json::json!({"model_type": "gemma3_text", "tie_word_embeddings": true,
+            "final_logit_softcapping": 30.0,
             "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16});
         let top = serde_json::json!({"model_type": "gemma3", "tie_word_embeddings": false,
@@ -1821,7 +1828,9 @@ mod tests {
         std::fs::write(&path, top.to_string()).unwrap();
         let cfg = HfConfig::read(&path).unwrap();
         assert_eq!(cfg.head(&path).unwrap(), Head::Score);
-        assert!(!cfg.to_model(&path).unwrap().1.tie_word_embeddings);
+        let model = cfg.to_model(&path).unwrap().1;
+        // Its class caps no logits, whatever the text_config says.
+        assert!(!model.tie_word_embeddings && model.final_logit_softcapping.is_none());
         std::fs::remove_dir_all(&dir).unwrap();
         // Its adapters' names: transformers 5's and 4.5x's, and none on the vision tower.
         for name in [

@@ -137,13 +137,15 @@ fn reward_tensors(family: HfFamily, loaded: &Loaded) -> Result<(HashMap<String, 
 }
 
 fn family_of(cfg: &crate::config::ModelConfig) -> Result<HfFamily> {
-    let gemma = cfg.has_gemma_features() || cfg.hf_family == Some(HfFamily::Gemma3);
-    if gemma && HfFamily::of(cfg).is_none() {
+    let gemma_family = matches!(cfg.hf_family, Some(HfFamily::Gemma2 | HfFamily::Gemma3));
+    if (cfg.has_gemma_features() || gemma_family) && HfFamily::of(cfg).is_none() {
         bail!(
-            "this model has part of Gemma 3's layout but not all of it (gemma3_text writes \
-             mlp = \"geglu\", norm_plus_one, post_norms, embed_scale and qk_norm together, \
-             without biases, NoPE layers or llama3 rotary scaling, and a window over exactly \
-             the layers of rope_local): no Hugging Face family temper writes holds it"
+            "this model has part of Gemma's layout but not all of it: gemma2 and gemma3_text \
+             both write mlp = \"geglu\", norm_plus_one, post_norms and embed_scale together, \
+             without biases, NoPE layers or llama3 rotary scaling; gemma2 without qk_norm or \
+             rope_local, gemma3_text with qk_norm, without attn_logit_softcapping and with a \
+             window over exactly the layers of rope_local; and model.hf_family, where set, must \
+             be the one the layout makes"
         );
     }
     if let (Some(f), None) = (cfg.hf_family, HfFamily::of(cfg)) {
@@ -158,14 +160,14 @@ fn family_of(cfg: &crate::config::ModelConfig) -> Result<HfFamily> {
         bail!(
             "model.hf_family = \"{}\" has no place for model.sliding_window {:?} with \
              model.full_attention_layers {:?}: mistral writes a window over every layer, \
-             qwen2, qwen3, smollm3 and gemma3_text one over any layers, llama and gpt2 none",
+             qwen2, qwen3, smollm3, gemma2 and gemma3_text one over any layers, llama and gpt2 none",
             f.name(),
             cfg.sliding_window,
             cfg.full_attention_layers
         );
     }
     HfFamily::of(cfg).context(
-        "this model's layout (norm, positions, MLP, biases) matches no Hugging Face family temper writes (llama, qwen2, qwen3, mistral, smollm3, gemma3_text, gpt2)",
+        "this model's layout (norm, positions, MLP, biases) matches no Hugging Face family temper writes (llama, qwen2, qwen3, mistral, smollm3, gemma2, gemma3_text, gpt2)",
     )
 }
 

@@ -765,7 +765,9 @@ pub fn response_logprobs(
 ) -> Result<(Tensor, Option<Tensor>)> {
     let h = response_hidden(net, ctx, ro, idx)?;
     let targets = rows(&ro.resp_tokens, idx)?;
-    if !want_entropy {
+    // A cap on the logits (Gemma 2) comes before the temperature, as the sampler applies them.
+    let capped = net.cfg.final_logit_softcapping.is_some();
+    if !want_entropy && !capped {
         // The LM head is linear without a bias, so softmax(h W^T / T) = softmax((h / T) W^T):
         // the temperature scales the [b, R, H] hidden states instead of the [b, R, V] logits,
         // and the loss head then never materialises the logits on CUDA (an f32 [64, 128,
@@ -781,7 +783,7 @@ pub fn response_logprobs(
         logits = (logits / ro.temperature)?;
     }
     let lp = token_logprobs(&logits, &targets, ctx.kernels.logprobs)?;
-    Ok((lp, Some(entropy(&logits)?)))
+    Ok((lp, want_entropy.then(|| entropy(&logits)).transpose()?))
 }
 
 /// The reference's log-probabilities `[b, R]` of the response tokens of the selected rows, no
@@ -816,11 +818,19 @@ mod tests {
     use crate::train::params::Net;
 
     /// The log-probabilities PPO and GRPO train on are those of the distribution the tokens
-    /// were sampled from: softmax(logits / T). Before the fix they came from the raw logits,
-    /// and this test failed at T = 0.7.
+    /// were sampled from: softmax(logits / T), the logits capped first where the model caps
+    /// them (Gemma 2). Before the fix they came from the raw logits, and this test failed at
+    /// T = 0.7; the capped model's failed while the temperature scaled the hidden states.
     #[test]
     fn logprobs_are_taken_at_the_sampling_temperature() {
+        for cap in [None, Some(0.5)] {
+            logprobs_at_temperature(cap);
+        }
+    }
+
+    fn logprobs_at_temperature(final_logit_softcapping: Option<f64>) {
         let cfg = ModelConfig {
+            final_logit_softcapping,
             hidden_size: 32,
             intermediate_size: 64,
             num_hidden_layers: 1,
@@ -857,8 +867,8 @@ mod tests {
             let w = want[0][2 + j][tok];
             assert!((lp[0][j] - w).abs() < 1e-4, "{:?} vs {w}", lp[0]);
         }
-        // With the entropy the logits are made and divided; without it the hidden states are
-        // scaled before the head. Both give the same log-probabilities.
+        // With the entropy the logits are made and divided; without it (and without a cap) the
+        // hidden states are scaled before the head. Both give the same log-probabilities.
         let (lp_ent, ent) = response_logprobs(&net, ctx, &ro, &[0, 1], true).unwrap();
         assert!(ent.is_some());
         let lp_ent = lp_ent.to_vec2::<f32>().unwrap();
