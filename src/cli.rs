@@ -179,6 +179,14 @@ pub struct StageArgs {
     /// padding_free`; TRL's --padding_free).
     #[arg(long)]
     pub padding_free: bool,
+    /// SFT: loss on a prompt-completion record's completion only (`[sft]
+    /// completion_only_loss`; TRL's --completion_only_loss). false: the prompt's tokens too.
+    #[arg(long, value_name = "BOOL")]
+    pub completion_only_loss: Option<bool>,
+    /// SFT: loss on a conversation's assistant turns only (`[sft] assistant_only_loss`;
+    /// TRL's --assistant_only_loss). false: every token of the conversation, as TRL's default.
+    #[arg(long, value_name = "BOOL")]
+    pub assistant_only_loss: Option<bool>,
 }
 
 #[derive(Args, Debug)]
@@ -514,6 +522,24 @@ impl StageArgs {
                 bail!("{flag} applies to grpo, not {}", now.name());
             }
         }
+        for (set, flag, field) in [
+            (
+                self.completion_only_loss,
+                "--completion-only-loss",
+                &mut cfg.sft.completion_only_loss,
+            ),
+            (
+                self.assistant_only_loss,
+                "--assistant-only-loss",
+                &mut cfg.sft.assistant_only_loss,
+            ),
+        ] {
+            let Some(on) = set else { continue };
+            if now != Stage::Sft {
+                bail!("{flag} applies to sft, not {}", now.name());
+            }
+            *field = on;
+        }
         let packing = match now {
             Stage::Sft => Some(&mut cfg.sft.packing),
             Stage::Ppo => Some(&mut cfg.ppo.packing),
@@ -630,6 +656,32 @@ mod tests {
             .to_string();
         assert!(
             e.contains("--advantage-estimator applies to grpo, not ppo"),
+            "{e}"
+        );
+    }
+
+    /// SFT's loss-scope flags set `[sft]`, either way, and elsewhere are refused.
+    #[test]
+    fn sft_loss_scope_flags_apply_to_sft_alone() {
+        let args = StageArgs {
+            completion_only_loss: Some(false),
+            ..Default::default()
+        };
+        let mut cfg = RunConfig::for_stage(Stage::Sft);
+        args.apply(&mut cfg).unwrap();
+        assert!(!cfg.sft.completion_only_loss && cfg.sft.assistant_only_loss);
+        let args = StageArgs {
+            assistant_only_loss: Some(false),
+            ..Default::default()
+        };
+        args.apply(&mut cfg).unwrap();
+        assert!(!cfg.sft.completion_only_loss && !cfg.sft.assistant_only_loss);
+        let e = args
+            .apply(&mut RunConfig::for_stage(Stage::Dpo))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--assistant-only-loss applies to sft, not dpo"),
             "{e}"
         );
     }

@@ -1087,9 +1087,24 @@ fn sft_learns_chat_data_rendered_by_a_tokenizer_config_template() {
         .replace("{% endgeneration %}", "");
     let e = run_err(&strs(&on_turns(&bare, "bare")));
     assert!(
-        e.contains("turns.jsonl:1") && e.contains("{% generation %}"),
+        e.contains("turns.jsonl:1")
+            && e.contains("{% generation %}")
+            && e.contains("assistant_only_loss = false"),
         "{e}"
     );
+    // Trained on every token, as TRL trains without assistant_only_loss, the conversation is
+    // rendered once and the unmarked template serves.
+    let mut whole = on_turns(&bare, "whole");
+    whole.extend(["--assistant-only-loss", "false"].map(String::from));
+    run_ok(&strs(&whole));
+    let val = series(&metrics(&p(dir, "whole")), "val", "loss");
+    let (first, last) = (val[0].1, val[val.len() - 1].1);
+    assert!(
+        last < 0.75 * first,
+        "held-out loss on whole conversations {first} -> {last}"
+    );
+    let written = std::fs::read_to_string(p(dir, "whole").join("config.toml")).unwrap();
+    assert!(written.contains("assistant_only_loss = false"), "{written}");
     run_ok(&strs(&on_turns(marked, "marked")));
     let val = series(&metrics(&p(dir, "marked")), "val", "loss");
     let (first, last) = (val[0].1, val[val.len() - 1].1);

@@ -21,6 +21,16 @@ pub struct SftConfig {
     /// it has alone, while a batch spends almost no compute on padding. `batch_size` then
     /// counts packed rows, each holding several examples. Held-out evaluation stays unpacked.
     pub packing: bool,
+    /// Loss on a prompt-completion record's completion only (TRL's `completion_only_loss`,
+    /// its default for such records); false: on the prompt's tokens too. The built-in task's
+    /// examples are prompt-completion records.
+    pub completion_only_loss: bool,
+    /// Loss on a conversation's assistant turns only (TRL's `assistant_only_loss`); false:
+    /// on every token of the rendered conversation, as TRL trains by default, and a Jinja
+    /// template is rendered once, so one that rewrites earlier turns needs no `{% generation
+    /// %}` marks. temper's default differs from TRL's because it finds the assistant's text
+    /// without the marks.
+    pub assistant_only_loss: bool,
 }
 
 impl Default for SftConfig {
@@ -30,6 +40,8 @@ impl Default for SftConfig {
             eval_max_new_tokens: 6,
             eval_prompts: 1000,
             packing: false,
+            completion_only_loss: true,
+            assistant_only_loss: true,
         }
     }
 }

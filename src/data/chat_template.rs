@@ -302,7 +302,8 @@ impl ChatTemplate {
                     "chat template {} does not render a conversation as the start of its \
                      continuation (at messages[{i}]), so the assistant's tokens cannot be \
                      told apart: mark the assistant's text with {{% generation %}} ... \
-                     {{% endgeneration %}}, as templates for TRL's assistant_only_loss do",
+                     {{% endgeneration %}}, as templates for TRL's assistant_only_loss do, \
+                     or train on every token ([sft] assistant_only_loss = false)",
                     self.origin.display()
                 );
             }

@@ -32,6 +32,29 @@ pub struct SftExample {
     pub append_eos: bool,
     /// `path:line` of the record it came from; none for the built-in task.
     pub origin: Option<String>,
+    /// Every token carries loss, the untrained segments' too (TRL's `completion_only_loss`
+    /// or `assistant_only_loss` off); the trained segments still decide where EOS goes.
+    pub train_all: bool,
+}
+
+/// Which tokens of an SFT record carry loss, as TRL's SFTTrainer chooses them: a
+/// prompt-completion record's completion only (`completion_only`, TRL's
+/// `completion_only_loss`, its default for such records), and a conversation's assistant
+/// turns only (`assistant_only`, TRL's `assistant_only_loss`). Off, every token does. A
+/// `{"text"}` record trains whole either way.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossScope {
+    pub completion_only: bool,
+    pub assistant_only: bool,
+}
+
+impl Default for LossScope {
+    fn default() -> Self {
+        Self {
+            completion_only: true,
+            assistant_only: true,
+        }
+    }
 }
 
 impl SftExample {
@@ -55,6 +78,7 @@ impl SftExample {
             ],
             append_eos,
             origin,
+            train_all: false,
         }
     }
 }
@@ -147,17 +171,22 @@ pub fn render_chat_prompt(messages: &[(String, String)]) -> String {
 /// [{"role", "content"}, ...]}` rendered with the built-in chat template, or TRL's language
 /// modelling `{"text": T}`, every token of it trained, EOS after.
 pub fn load_sft(path: &Path) -> Result<Vec<SftExample>> {
-    load_sft_templated(path, None)
+    load_sft_templated(path, None, LossScope::default())
 }
 
-/// [`load_sft`] with `messages` rendered by a Hugging Face chat template when one is given.
-pub fn load_sft_templated(path: &Path, template: Option<&ChatTemplate>) -> Result<Vec<SftExample>> {
+/// [`load_sft`] with `messages` rendered by a Hugging Face chat template when one is given,
+/// and loss on the tokens `scope` names.
+pub fn load_sft_templated(
+    path: &Path,
+    template: Option<&ChatTemplate>,
+    scope: LossScope,
+) -> Result<Vec<SftExample>> {
     let lines = read_records(path)?;
     lines
         .iter()
         .map(|(line, obj)| {
             let at = Loc { path, line: *line };
-            sft_example(&at, obj, template)
+            sft_example(&at, obj, template, scope)
         })
         .collect()
 }
@@ -166,6 +195,7 @@ fn sft_example(
     at: &Loc,
     obj: &Map<String, Value>,
     template: Option<&ChatTemplate>,
+    scope: LossScope,
 ) -> Result<SftExample> {
     let reply = match (obj.contains_key("response"), obj.contains_key("completion")) {
         (true, true) => {
@@ -189,6 +219,7 @@ fn sft_example(
             }],
             append_eos: true,
             origin: Some(at.to_string()),
+            train_all: false,
         });
     }
     match (obj.get("messages"), plain) {
@@ -196,27 +227,31 @@ fn sft_example(
             "messages",
             &format!("give either \"messages\" or \"prompt\" and \"{reply}\", not both"),
         )),
-        (Some(msgs), false) => match bind(at, obj, template)? {
-            None => chat_example(at, msgs),
-            Some(chat) => templated_example(at, msgs, &chat),
-        },
+        (Some(msgs), false) => {
+            let whole = !scope.assistant_only;
+            match bind(at, obj, template)? {
+                None => chat_example(at, msgs, whole),
+                Some(chat) => templated_example(at, msgs, &chat, whole),
+            }
+        }
         (None, false) => Err(at.field(
             "prompt",
             "missing (a record needs \"prompt\" and \"response\", or \"messages\")",
         )),
         (None, true) => {
-            if let Some(msgs) = obj.get("prompt").filter(|v| v.is_array()) {
-                let chat = bind(at, obj, template)?;
-                return conversational_example(at, obj, reply, msgs, chat.as_ref());
-            }
-            let prompt = at.non_empty_str(obj, "prompt")?;
-            let response = at.non_empty_str(obj, reply)?;
-            Ok(SftExample::prompt_response(
-                prompt,
-                response,
-                true,
-                Some(at.to_string()),
-            ))
+            let mut ex = match obj.get("prompt").filter(|v| v.is_array()) {
+                Some(msgs) => {
+                    let chat = bind(at, obj, template)?;
+                    conversational_example(at, obj, reply, msgs, chat.as_ref())?
+                }
+                None => {
+                    let prompt = at.non_empty_str(obj, "prompt")?;
+                    let response = at.non_empty_str(obj, reply)?;
+                    SftExample::prompt_response(prompt, response, true, Some(at.to_string()))
+                }
+            };
+            ex.train_all = !scope.completion_only;
+            Ok(ex)
         }
     }
 }
@@ -366,7 +401,9 @@ fn says_something(m: &Value) -> bool {
     non_empty("content") || non_empty("tool_calls")
 }
 
-fn chat_example(at: &Loc, msgs: &Value) -> Result<SftExample> {
+/// A conversation in the built-in format; `whole`: every token trained, not only the
+/// assistant's.
+fn chat_example(at: &Loc, msgs: &Value, whole: bool) -> Result<SftExample> {
     let (_, fields) = message_fields(at, "messages", msgs, false)?;
     if fields.is_empty() {
         return Err(at.field("messages", "empty"));
@@ -409,20 +446,24 @@ fn chat_example(at: &Loc, msgs: &Value) -> Result<SftExample> {
         segments,
         append_eos: true,
         origin: Some(at.to_string()),
+        train_all: whole,
     })
 }
 
 /// A conversation rendered by a Jinja chat template. Roles are the template's business (it
-/// may accept "tool" or refuse "system"); each message still needs a string role.
-fn templated_example(at: &Loc, msgs: &Value, chat: &Chat) -> Result<SftExample> {
+/// may accept "tool" or refuse "system"); each message still needs a string role. `whole`:
+/// rendered once and trained whole, as TRL trains without `assistant_only_loss`, so a
+/// template that rewrites earlier turns needs no `{% generation %}` marks.
+fn templated_example(at: &Loc, msgs: &Value, chat: &Chat, whole: bool) -> Result<SftExample> {
     let (list, fields) = message_fields(at, "messages", msgs, true)?;
     if !fields.iter().any(|(role, _)| *role == "assistant") {
         return Err(at.field("messages", "no assistant message"));
     }
-    let spans = chat
-        .template
-        .spans_with(list, &chat.vars)
-        .map_err(|e| at.field("messages", &format!("{e:#}")))?;
+    let spans = match whole {
+        true => chat.render(list, false).map(|text| vec![(text, true)]),
+        false => chat.template.spans_with(list, &chat.vars),
+    }
+    .map_err(|e| at.field("messages", &format!("{e:#}")))?;
     let mut segments = Vec::new();
     for (text, train) in spans {
         push_segment(&mut segments, &text, train);
@@ -431,6 +472,7 @@ fn templated_example(at: &Loc, msgs: &Value, chat: &Chat) -> Result<SftExample> 
         segments,
         append_eos: false,
         origin: Some(at.to_string()),
+        train_all: false,
     })
 }
 
@@ -835,6 +877,53 @@ mod tests {
         e
     }
 
+    /// TRL's `completion_only_loss` and `assistant_only_loss`: off, a record's every token
+    /// trains; the segments (and so where EOS goes) stay as they were, and a Jinja-rendered
+    /// conversation is one trained render.
+    #[test]
+    fn loss_scopes_choose_what_trains_as_trl_does() {
+        let d = tempfile::tempdir().unwrap();
+        let p = file(
+            &d,
+            "sft.jsonl",
+            concat!(
+                "{\"prompt\": \"Q: 2+3\\nA: \", \"completion\": \"5\"}\n",
+                "{\"prompt\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"completion\": \"Yo\"}\n",
+                "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"},",
+                " {\"role\": \"assistant\", \"content\": \"Hello!\"}]}\n",
+                "{\"text\": \"2+2=4\"}\n",
+            ),
+        );
+        let scope = |completion_only, assistant_only| LossScope {
+            completion_only,
+            assistant_only,
+        };
+        let t = bracketed();
+        for template in [None, Some(&t)] {
+            let base = load_sft_templated(&p, template, LossScope::default()).unwrap();
+            assert!(base.iter().all(|x| !x.train_all));
+            let prompts = load_sft_templated(&p, template, scope(false, true)).unwrap();
+            let convs = load_sft_templated(&p, template, scope(true, false)).unwrap();
+            let trained = |xs: &[SftExample]| xs.iter().map(|x| x.train_all).collect::<Vec<_>>();
+            assert_eq!(trained(&prompts), [true, true, false, false]);
+            for i in [0, 1, 3] {
+                assert_eq!(prompts[i].segments, base[i].segments);
+                assert_eq!(convs[i], base[i]);
+            }
+            match template {
+                None => {
+                    assert_eq!(trained(&convs), [false, false, true, false]);
+                    assert_eq!(convs[2].segments, base[2].segments);
+                }
+                Some(_) => {
+                    let full = "[user]Hi<end>[assistant]Hello!<end>";
+                    assert_eq!(convs[2].segments, vec![seg(full, true)]);
+                    assert_ne!(base[2].segments, convs[2].segments);
+                }
+            }
+        }
+    }
+
     #[test]
     fn sft_plain_and_chat() {
         let d = tempfile::tempdir().unwrap();
@@ -1236,7 +1325,12 @@ mod tests {
         let mut as_text = record.clone();
         as_text["tools"] = record["tools"].to_string().into();
         let body = format!("{record}\n{as_text}\n");
-        let sft = load_sft_templated(&file(&d, "tools.jsonl", &body), Some(&template)).unwrap();
+        let sft = load_sft_templated(
+            &file(&d, "tools.jsonl", &body),
+            Some(&template),
+            LossScope::default(),
+        )
+        .unwrap();
         let system = "<|im_start|>system\nYou may call these tools:\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"The user's city & its weather\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}, \"days\": {\"type\": \"integer\"}}, \"required\": [\"city\"]}}}\n<|im_end|>\n";
         let want = vec![
             seg(&format!("{system}<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"), false),
@@ -1297,6 +1391,7 @@ mod tests {
             let e = err(load_sft_templated(
                 &file(&d, "bad.jsonl", &line),
                 Some(&template),
+                LossScope::default(),
             ));
             assert!(e.contains("bad.jsonl:1") && e.contains(says), "{bad}: {e}");
         }
@@ -1354,7 +1449,7 @@ mod tests {
             );
             assert!(x.append_eos);
         }
-        for x in load_sft_templated(&s, Some(&t)).unwrap() {
+        for x in load_sft_templated(&s, Some(&t), LossScope::default()).unwrap() {
             assert_eq!(
                 x.segments,
                 vec![

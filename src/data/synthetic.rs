@@ -153,6 +153,7 @@ impl Synthetic {
                 ],
                 append_eos: true,
                 origin: None,
+                train_all: false,
             })
             .collect()
     }

@@ -16,7 +16,8 @@ pub type Encoded = (Vec<u32>, Vec<bool>);
 /// Tokens of an example and, per token, whether it carries loss. Plain text opens with the
 /// tokenizer's opening special tokens ([`Tokenizer::encode_start`]) and each trained segment
 /// is followed by EOS, trained too, so the model learns to stop (unless the segment ends with
-/// one already, as TRL adds it); a Jinja-rendered example is as the template wrote it.
+/// one already, as TRL adds it); a Jinja-rendered example is as the template wrote it. An
+/// example that trains all its tokens ([`SftExample::train_all`]) marks every one.
 pub fn encode_example(tok: &Tokenizer, ex: &SftExample) -> Result<Encoded> {
     let mut ids = Vec::new();
     let mut train = Vec::new();
@@ -26,7 +27,7 @@ pub fn encode_example(tok: &Tokenizer, ex: &SftExample) -> Result<Encoded> {
         } else {
             tok.encode(&seg.text)?
         };
-        train.extend(std::iter::repeat_n(seg.train, t.len()));
+        train.extend(std::iter::repeat_n(seg.train || ex.train_all, t.len()));
         let ends_with_eos = t.last() == Some(&tok.eos_id());
         ids.extend(t);
         if seg.train && ex.append_eos && !ends_with_eos {

@@ -22,7 +22,7 @@ use super::sft::{datasets, encode_fitted, held_out_mean, weigh_by_tokens, SftEva
 use super::truncate::Fitter;
 use super::Env;
 use crate::config::DistillConfig;
-use crate::data::records::{place, PromptRecord, SftExample};
+use crate::data::records::{place, LossScope, PromptRecord, SftExample};
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::data::tokenizer::Tokenizer;
 use crate::generate::{generate, RowKeys, SampleCfg};
@@ -378,7 +378,8 @@ pub fn run(env: &Env) -> Result<DistillResult> {
         .vocab_size()
         .min(student.cfg.vocab_size)
         .min(teacher.cfg.vocab_size);
-    let (examples, eval, prompts) = datasets(env, c.task_examples, c.eval_prompts)?;
+    let (examples, eval, prompts) =
+        datasets(env, c.task_examples, c.eval_prompts, LossScope::default())?;
     let ctx_len = student
         .cfg
         .max_position_embeddings

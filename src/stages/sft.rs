@@ -1,5 +1,6 @@
 //! Supervised fine-tuning: prompt/response pairs or chat conversations, loss on the response
-//! (assistant) tokens only; full fine-tuning or LoRA with the base frozen.
+//! (assistant) tokens only unless `[sft] completion_only_loss` or `assistant_only_loss` is
+//! off; full fine-tuning or LoRA with the base frozen.
 
 use std::path::Path;
 
@@ -12,7 +13,7 @@ use super::setup::{self, split_holdout, Plan};
 use super::truncate::Fitter;
 use super::Env;
 use crate::config::Truncation;
-use crate::data::records::{load_sft_templated, place, PromptRecord, SftExample};
+use crate::data::records::{load_sft_templated, place, LossScope, PromptRecord, SftExample};
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
@@ -26,25 +27,34 @@ use crate::train::runner::{Report, StepOut, Task};
 
 /// Training examples, held-out examples (for the loss) and held-out prompts with answers (for
 /// accuracy; empty when the data has none): the SFT data, or the built-in task's
-/// `task_examples` demonstrations and `eval_prompts` held-out prompts.
+/// `task_examples` demonstrations and `eval_prompts` held-out prompts; loss on the tokens
+/// `scope` names.
 pub(super) fn datasets(
     env: &Env,
     task_examples: usize,
     eval_prompts: usize,
+    scope: LossScope,
 ) -> Result<(Vec<SftExample>, Vec<SftExample>, Vec<PromptRecord>)> {
     let cfg = &env.cfg;
     match &cfg.data.path {
         None => {
             let s = setup::synthetic(env);
+            let examples = |split, n| {
+                let mut xs = s.sft_examples(split, n);
+                for x in &mut xs {
+                    x.train_all = !scope.completion_only;
+                }
+                xs
+            };
             Ok((
-                s.sft_examples(Split::Train, task_examples),
-                s.sft_examples(Split::Eval, 200),
+                examples(Split::Train, task_examples),
+                examples(Split::Eval, 200),
                 s.prompts(Split::Eval, eval_prompts),
             ))
         }
         Some(p) => {
             let template = setup::chat_template(env)?;
-            let load = |path: &Path| load_sft_templated(path, template.as_ref());
+            let load = |path: &Path| load_sft_templated(path, template.as_ref(), scope);
             let (train, eval) = split_holdout(env, p, load, "examples")?;
             // Task accuracy needs answers, which SFT files do not carry: with user data the
             // held-out loss is the measure.
@@ -330,7 +340,12 @@ pub fn run(env: &Env) -> Result<SftResult> {
     let cfg = &env.cfg;
     let lora = setup::lora(cfg);
     let (store, net, tok) = setup::trained_policy(env, "a pretrained model or run directory")?;
-    let (examples, eval, prompts) = datasets(env, cfg.sft.task_examples, cfg.sft.eval_prompts)?;
+    let scope = LossScope {
+        completion_only: cfg.sft.completion_only_loss,
+        assistant_only: cfg.sft.assistant_only_loss,
+    };
+    let (examples, eval, prompts) =
+        datasets(env, cfg.sft.task_examples, cfg.sft.eval_prompts, scope)?;
     let ctx_len = net.cfg.max_position_embeddings;
     // Packed rows hold seq_len positions: where records are cut or left out, that is the
     // limit (under `error`, packing names the row in its own message).

@@ -287,6 +287,15 @@ fn an_example_opens_with_the_tokenizers_bos_once() {
         let (ids, _) = encode_example(&tok, &templated).unwrap();
         assert_eq!(ids.iter().filter(|&&i| i == 300).count(), bos, "{ids:?}");
     }
+    // Trained whole (`[sft] completion_only_loss = false`): every token carries loss, and
+    // the EOS still follows the response alone.
+    let whole = SftExample {
+        train_all: true,
+        ..plain.clone()
+    };
+    let (whole_ids, whole_train) = encode_example(&tok, &whole).unwrap();
+    assert_eq!(whole_ids, ids);
+    assert!(whole_train.iter().all(|&t| t), "{whole_train:?}");
     // Text that ends with EOS gets no second one (TRL appends it only where it is missing).
     let ended = SftExample::prompt_response("2+2=", "4<|eot_id|>", true, None);
     let (ids, _) = encode_example(&tok, &ended).unwrap();
