@@ -762,6 +762,67 @@ fn chat_templates_are_read_and_kept_where_transformers_saves_them() {
     }
 }
 
+/// A model with named chat templates only (`additional_chat_templates/`, no
+/// `chat_template.jinja`) has no default in transformers, which refuses a conversation only
+/// when it renders one: plain records train, a conversation given tools renders with
+/// `tool_use` and keeps it in the checkpoint, and one without is refused by file and line.
+#[test]
+fn a_model_with_named_chat_templates_only_trains_what_needs_no_default() {
+    let d = tmp();
+    let named = p(d.path(), "named");
+    copy_files(&fixture("llama"), &named);
+    let tool_use = "additional_chat_templates/tool_use.jinja";
+    std::fs::create_dir_all(named.join("additional_chat_templates")).unwrap();
+    let tools = "{% for m in messages %}<t{{ tools | length }} {{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<t{{ tools | length }} assistant>{% endif %}";
+    std::fs::write(named.join(tool_use), tools).unwrap();
+    let write = |name: &str, line: &dyn Fn(u32) -> String| {
+        let path = p(d.path(), name);
+        let lines: String = (0..8).map(|i| line(i) + "\n").collect();
+        std::fs::write(&path, lines).unwrap();
+        path
+    };
+    let plain = write("plain.jsonl", &|i| {
+        format!(r#"{{"prompt": "{i}+1=", "completion": "{}"}}"#, i + 1)
+    });
+    let with_tools = write("tools.jsonl", &|i| {
+        format!(
+            r#"{{"messages": [{{"role": "user", "content": "{i}+1?"}}, {{"role": "assistant", "content": "{}"}}], "tools": [{{"name": "add"}}]}}"#,
+            i + 1
+        )
+    });
+    let bare = write("bare.jsonl", &|i| {
+        format!(
+            r#"{{"messages": [{{"role": "user", "content": "{i}+1?"}}, {{"role": "assistant", "content": "{}"}}]}}"#,
+            i + 1
+        )
+    });
+    let steps = ["--steps", "1", "--batch-size", "4"];
+    for data in [&plain, &with_tools] {
+        let out = p(d.path(), "ok");
+        sft_on_cpu(&named, data, &out, &steps);
+        let kept = out.join("final");
+        assert_eq!(std::fs::read_to_string(kept.join(tool_use)).unwrap(), tools);
+        assert!(!kept.join("chat_template.jinja").exists());
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+    let out = p(d.path(), "refused");
+    let e = run_err(&[
+        "sft",
+        "--init",
+        named.to_str().unwrap(),
+        "--data",
+        bare.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        e.contains("bare.jsonl:1") && e.contains("holds named chat templates (tool_use)"),
+        "{e}"
+    );
+}
+
 /// Scores of `seqs` by the reward model at `dir` (a temper checkpoint or a Hugging Face
 /// classifier), packed or not.
 fn rm_scores(dir: &Path, seqs: &[Vec<u32>], pack: bool) -> Vec<f32> {

@@ -45,8 +45,11 @@ const MARK_FILTER: &str = "__temper_generation";
 
 pub struct ChatTemplate {
     env: Environment<'static>,
-    /// The Jinja text, kept so that a run records the template it trained with.
-    source: String,
+    /// The Jinja text, kept so that a run records the template it trained with; none for a
+    /// directory with named templates only, which renders a conversation only where its
+    /// `tool_use` template serves (`no_default` says why not otherwise).
+    source: Option<String>,
+    no_default: Option<String>,
     /// Whether the template marks the assistant's text with `{% generation %}` blocks.
     marked: bool,
     /// The model's `tool_use` template, where it has one (and whether it is marked): what
@@ -124,15 +127,29 @@ impl ChatTemplate {
                 .join(format!("{TOOL_USE}.jinja"));
             return template.with_tool_use(read_text(&tools)?, &tools).map(Some);
         }
-        // transformers takes named templates over the config's, and then has no default.
+        // transformers takes named templates over the config's, and then has no default:
+        // it renders a conversation given tools with `tool_use`, and refuses any other when
+        // it is rendered, not when it is loaded (records that render none still train).
         if !named.is_empty() {
-            bail!(
+            let (bos, eos) = match &config {
+                Some(cfg) => special_tokens(&tc, cfg)?,
+                None => Default::default(),
+            };
+            let why = format!(
                 "{}: holds named chat templates ({}) but no default one ({TEMPLATE_FILE}), and \
                  transformers renders none of them unnamed: pass --chat-template {}/NAME.jinja",
                 dir.display(),
                 named.join(", "),
                 dir.join(NAMED_TEMPLATES_DIR).display()
             );
+            let template = Self::without_default(why, bos, eos, dir);
+            if !named.iter().any(|n| n == TOOL_USE) {
+                return Ok(Some(template));
+            }
+            let tools = dir
+                .join(NAMED_TEMPLATES_DIR)
+                .join(format!("{TOOL_USE}.jinja"));
+            return template.with_tool_use(read_text(&tools)?, &tools).map(Some);
         }
         match config {
             Some(cfg) if cfg.get("chat_template").is_some_and(|t| !t.is_null()) => {
@@ -142,9 +159,9 @@ impl ChatTemplate {
         }
     }
 
-    /// The Jinja text this template renders with.
-    pub fn source(&self) -> &str {
-        &self.source
+    /// The Jinja text this template renders with; none where it has only named ones.
+    pub fn source(&self) -> Option<&str> {
+        self.source.as_deref()
     }
 
     /// The Jinja text of its `tool_use` template, where it has one.
@@ -159,6 +176,22 @@ impl ChatTemplate {
     }
 
     pub fn from_source(source: String, bos: String, eos: String, origin: &Path) -> Result<Self> {
+        let (rewritten, marked) = generation_as_filter(&source)
+            .map_err(|e| anyhow!("{}: chat template: {e}", origin.display()))?;
+        let mut template = Self::without_default(String::new(), bos, eos, origin);
+        template
+            .env
+            .add_template_owned(NAME, rewritten)
+            .map_err(|e| anyhow!("{}: chat template does not parse: {e}", origin.display()))?;
+        template.source = Some(source);
+        template.no_default = None;
+        template.marked = marked;
+        Ok(template)
+    }
+
+    /// A template with no default one, which refuses to render a conversation with `why`
+    /// until [`ChatTemplate::with_tool_use`] gives it one for conversations with tools.
+    fn without_default(why: String, bos: String, eos: String, origin: &Path) -> Self {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -171,21 +204,18 @@ impl ChatTemplate {
         env.add_filter(MARK_FILTER, |text: String| {
             format!("{MARK_OPEN}{text}{MARK_CLOSE}")
         });
-        let (rewritten, marked) = generation_as_filter(&source)
-            .map_err(|e| anyhow!("{}: chat template: {e}", origin.display()))?;
-        env.add_template_owned(NAME, rewritten)
-            .map_err(|e| anyhow!("{}: chat template does not parse: {e}", origin.display()))?;
-        Ok(Self {
+        Self {
             env,
-            source,
-            marked,
+            source: None,
+            no_default: Some(why),
+            marked: false,
             tool_use: None,
             tool_use_source: None,
             bos,
             eos,
             origin: origin.to_path_buf(),
             kwargs: Map::new(),
-        })
+        }
     }
 
     /// This template with `source` as its `tool_use` template (from `origin`).
@@ -248,7 +278,11 @@ impl ChatTemplate {
         record: &Map<String, Value>,
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let tmpl = self.env.get_template(self.chosen(record).0)?;
+        let name = self.chosen(record).0;
+        if let (NAME, Some(why)) = (name, &self.no_default) {
+            bail!("{why}");
+        }
+        let tmpl = self.env.get_template(name)?;
         use minijinja::Value as V;
         // transformers always passes `tools` and `documents`, none where a call gives none.
         let mut vars = BTreeMap::from([
@@ -820,7 +854,8 @@ mod tests {
 
     /// As transformers reads a model directory: its `chat_template.jinja` wins over the
     /// template in its `tokenizer_config.json` (whose BOS and EOS it renders with); named
-    /// templates without a default one are refused naming them; `load` takes the directory.
+    /// templates without a default one render a conversation given tools with `tool_use` and
+    /// refuse any other, naming them, when it renders; `load` takes the directory.
     #[test]
     fn a_directorys_chat_template_jinja_wins_over_its_config() {
         let d = tempfile::tempdir().unwrap();
@@ -839,11 +874,22 @@ mod tests {
         std::fs::create_dir(&named).unwrap();
         std::fs::write(named.join("tool_use.jinja"), "tools {{ tools | length }}").unwrap();
         std::fs::write(named.join("rag.jinja"), "rag").unwrap();
-        let e = ChatTemplate::in_dir(d.path()).unwrap_err().to_string();
+        let t = ChatTemplate::in_dir(d.path())
+            .unwrap()
+            .expect("named templates");
+        assert_eq!(t.source(), None);
+        let e = t.render(&m, true).unwrap_err().to_string();
         assert!(
             e.contains("rag, tool_use") && e.contains(TEMPLATE_FILE),
             "{e}"
         );
+        let tools = Map::from_iter([("tools".to_string(), json!([{"name": "f"}]))]);
+        assert_eq!(t.render_with(&m, &tools, true).unwrap(), "tools 1");
+        std::fs::remove_file(named.join("tool_use.jinja")).unwrap();
+        let t = ChatTemplate::load(d.path()).unwrap();
+        let e = t.render_with(&m, &tools, true).unwrap_err().to_string();
+        assert!(e.contains("(rag)"), "{e}");
+        std::fs::write(named.join("tool_use.jinja"), "tools {{ tools | length }}").unwrap();
         std::fs::write(
             d.path().join(TEMPLATE_FILE),
             "{{ bos_token }}jinja {{ messages[0]['content'] }}{{ eos_token }}",
@@ -852,7 +898,7 @@ mod tests {
         assert_eq!(render(d.path()), "<s>jinja hi</s>");
         let t = ChatTemplate::load(d.path()).unwrap();
         assert_eq!(t.render(&m, true).unwrap(), "<s>jinja hi</s>");
-        assert!(t.source().starts_with("{{ bos_token }}jinja"));
+        assert!(t.source().unwrap().starts_with("{{ bos_token }}jinja"));
         // Given tools, even none, the `tool_use` template renders, as transformers picks it.
         for (tools, want) in [(json!([{"name": "f"}]), "tools 1"), (json!([]), "tools 0")] {
             let vars = Map::from_iter([("tools".to_string(), tools)]);

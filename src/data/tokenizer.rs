@@ -281,7 +281,7 @@ impl Tokenizer {
     /// over a template in `tokenizer_config.json` here as in transformers) and `tool_use` as
     /// its `tool_use` template (none: none). The byte tokenizer saves no files, so it keeps
     /// none.
-    pub fn with_chat_template(self, source: &str, tool_use: Option<&str>) -> Self {
+    pub fn with_chat_template(self, source: Option<&str>, tool_use: Option<&str>) -> Self {
         let Tokenizer::Hf {
             inner,
             eos,
@@ -296,9 +296,11 @@ impl Tokenizer {
         specials
             .files
             .retain(|(name, _)| name != TEMPLATE_FILE && *name != tool_use_file);
-        specials
-            .files
-            .push((TEMPLATE_FILE.to_string(), source.to_string()));
+        if let Some(source) = source {
+            specials
+                .files
+                .push((TEMPLATE_FILE.to_string(), source.to_string()));
+        }
         if let Some(t) = tool_use {
             specials.files.push((tool_use_file, t.to_string()));
         }
@@ -690,7 +692,7 @@ mod tests {
         }
         let mine = d.path().join("mine");
         t.clone()
-            .with_chat_template("mine", Some("my tools"))
+            .with_chat_template(Some("mine"), Some("my tools"))
             .save_dir(&mine)
             .unwrap();
         assert_eq!(read(&mine, TEMPLATE_FILE).as_deref(), Some("mine"));
@@ -700,7 +702,7 @@ mod tests {
         );
         let plain = d.path().join("plain");
         t.clone()
-            .with_chat_template("mine", None)
+            .with_chat_template(Some("mine"), None)
             .save_dir(&plain)
             .unwrap();
         assert!(!plain.join("additional_chat_templates").exists());
