@@ -722,6 +722,21 @@ pub struct Imported {
     pub tensors: HashMap<String, Tensor>,
 }
 
+/// The padding id a classifier of `family` reads its score before, from its config's
+/// `pad_token_id` (absent: outer none; null: inner none): where it names none, the default
+/// of the family's config class (Gemma's 0, SmolLM3's 128004; none for the others). An id
+/// that is negative (older configs write -1) or past u32 is none.
+fn classifier_pad(family: Family, given: Option<Option<i64>>) -> Option<u32> {
+    let default = match family {
+        Family::Gemma2 | Family::Gemma3 => Some(0),
+        Family::SmolLm3 => Some(128004),
+        _ => None,
+    };
+    given
+        .unwrap_or(default)
+        .and_then(|p| u32::try_from(p).ok())
+}
+
 /// Reads a model directory: its config, then every tensor (memory-mapped, one at a time),
 /// renamed to temper's names. A tensor of no known name is an error naming it and its file.
 pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
@@ -732,12 +747,7 @@ pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
     if head == Head::Score {
         // A classifier has no language-model head: its scorer reads the hidden states only.
         config.tie_word_embeddings = true;
-        // Gemma's config pads with 0 where it names no padding id.
-        let pad = match family {
-            Family::Gemma2 | Family::Gemma3 => hf.pad_token_id.unwrap_or(Some(0)),
-            _ => hf.pad_token_id.flatten(),
-        };
-        config.score_pad = pad.and_then(|p| u32::try_from(p).ok());
+        config.score_pad = classifier_pad(family, hf.pad_token_id);
     }
     let mut tensors = HashMap::new();
     let mut vision = 0;
@@ -1625,6 +1635,26 @@ mod tests {
         assert!(e.contains("no_rope_layer_interval"), "{e}");
         // Older configs write -1 for no padding id.
         assert!(smollm3(serde_json::json!({"pad_token_id": -1})).is_ok());
+    }
+
+    /// A classifier's padding id where its config names none is its config class's default,
+    /// as transformers 5.24 gives it; null and -1 name none.
+    #[test]
+    fn a_classifier_pads_with_its_config_classs_default() {
+        let cases = [
+            (Family::SmolLm3, None, Some(128004)),
+            (Family::Gemma3, None, Some(0)),
+            (Family::Gemma2, None, Some(0)),
+            (Family::Llama, None, None),
+            (Family::Qwen2, None, None),
+            (Family::SmolLm3, Some(None), None),
+            (Family::Gemma3, Some(None), None),
+            (Family::SmolLm3, Some(Some(-1)), None),
+            (Family::Llama, Some(Some(2)), Some(2)),
+        ];
+        for (family, given, want) in cases {
+            assert_eq!(classifier_pad(family, given), want, "{family:?} {given:?}");
+        }
     }
 
     /// Gemma 3's configs as the hub holds them (written before transformers 5: the bases as
