@@ -250,12 +250,25 @@ fn every_estimator_runs_and_logs_its_rollouts() {
     for est in ["rloo", "reinforce_plus_plus", "group_norm"] {
         let dir = tmp();
         let out = p(dir.path(), est);
-        // group_norm's run also takes the ratio per response (GSPO).
+        // group_norm's run also takes the ratio per response (GSPO); rloo's runs Dr. GRPO's
+        // loss with two-sided clipping.
         let mut extra = vec!["--advantage-estimator", est];
         if est == "group_norm" {
             extra.extend(["--importance-sampling-level", "sequence"]);
         }
-        run_ok(&args(&grpo_args(&out, "2", &extra)));
+        let dr = p(dir.path(), "dr.toml");
+        if est == "rloo" {
+            let base = std::fs::read_to_string(&chain().config).unwrap();
+            let cfg = base.replace("[grpo]\n", "[grpo]\nloss_type = \"dr_grpo\"\ndelta = 2.0\n");
+            assert_ne!(cfg, base);
+            std::fs::write(&dr, cfg).unwrap();
+        }
+        let mut a = grpo_args(&out, "2", &extra);
+        if est == "rloo" {
+            assert_eq!(a[1], "--config");
+            a[2] = s(&dr).to_string();
+        }
+        run_ok(&args(&a));
         let m = metrics(&out);
         let scores = series(&m, "train", "score");
         assert!(!scores.is_empty(), "{est}");
@@ -265,6 +278,10 @@ fn every_estimator_runs_and_logs_its_rollouts() {
             cfg.contains(&format!("advantage_estimator = \"{est}\"")),
             "{cfg}"
         );
+        if est == "rloo" {
+            assert!(cfg.contains("loss_type = \"dr_grpo\""), "{cfg}");
+            assert!(cfg.contains("delta = 2.0"), "{cfg}");
+        }
         let level = if est == "group_norm" {
             "sequence"
         } else {

@@ -598,6 +598,10 @@ pub struct GrpoConfig {
     pub cliprange: f64,
     /// Upper clip range of the ratio (DAPO's clip-higher; TRL's `epsilon_high`).
     pub epsilon_high: Option<f64>,
+    /// Two-sided clipping (TRL's `delta`, from INTELLECT-2): the unclipped ratio is capped
+    /// at `delta` as well, so a token the policy now makes far likelier cannot carry a
+    /// negative advantage's loss without bound. Above `1 + epsilon_high`; none: off.
+    pub delta: Option<f64>,
     /// What the clipped ratio is taken over (TRL's `importance_sampling_level`): each token
     /// (GRPO), or each response as a whole (GSPO).
     pub importance_sampling_level: ImportanceSamplingLevel,
@@ -672,6 +676,11 @@ pub enum LossType {
     Grpo,
     /// Over all valid tokens of the optimizer step (every accumulated minibatch).
     Dapo,
+    /// Summed over the minibatch's valid tokens and divided by its responses times
+    /// `max_new_tokens` (Dr. GRPO): a constant, so a response's length does not set how much
+    /// each of its tokens weighs.
+    #[serde(rename = "dr_grpo")]
+    DrGrpo,
 }
 
 impl GrpoConfig {
@@ -679,6 +688,15 @@ impl GrpoConfig {
         check_sampling("grpo", self.temperature, self.cliprange, self.epsilon_high)?;
         if !(self.beta >= 0.0 && self.beta.is_finite()) {
             bail!("grpo.beta must be 0 or positive, got {}", self.beta);
+        }
+        if let Some(delta) = self.delta {
+            let high = 1.0 + self.epsilon_high.unwrap_or(self.cliprange);
+            if !(delta > high && delta.is_finite()) {
+                bail!(
+                    "grpo.delta caps the unclipped ratio, so it must exceed the clipped one's \
+                     upper bound 1 + epsilon_high (or 1 + cliprange) = {high}, got {delta}"
+                );
+            }
         }
         if self.importance_sampling_level == ImportanceSamplingLevel::Sequence
             && self.advantage_estimator == AdvantageEstimator::ReinforcePlusPlus
@@ -715,6 +733,7 @@ impl Default for GrpoConfig {
             beta: 0.04,
             cliprange: 0.2,
             epsilon_high: None,
+            delta: None,
             importance_sampling_level: ImportanceSamplingLevel::Token,
             temperature: 1.0,
             max_new_tokens: 6,
@@ -911,6 +930,24 @@ mod tests {
         c.advantage_estimator = AdvantageEstimator::ReinforcePlusPlus;
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("grpo.importance_sampling_level"), "{e}");
+    }
+
+    /// Two-sided clipping's cap must lie above the clipped ratio's upper bound; Dr. GRPO's
+    /// loss type reads by TRL's name.
+    #[test]
+    fn grpo_reads_dr_grpo_and_a_delta_above_the_clip() {
+        let c: GrpoConfig = toml::from_str("loss_type = \"dr_grpo\"\ndelta = 1.5").unwrap();
+        assert_eq!((c.loss_type, c.delta), (LossType::DrGrpo, Some(1.5)));
+        c.validate().unwrap();
+        for (delta, high) in [(1.2, None), (1.25, Some(0.28)), (f64::INFINITY, None)] {
+            let c = GrpoConfig {
+                delta: Some(delta),
+                epsilon_high: high,
+                ..GrpoConfig::default()
+            };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("grpo.delta"), "{e}");
+        }
     }
 
     #[test]

@@ -732,9 +732,7 @@ fn classifier_pad(family: Family, given: Option<Option<i64>>) -> Option<u32> {
         Family::SmolLm3 => Some(128004),
         _ => None,
     };
-    given
-        .unwrap_or(default)
-        .and_then(|p| u32::try_from(p).ok())
+    given.unwrap_or(default).and_then(|p| u32::try_from(p).ok())
 }
 
 /// Reads a model directory: its config, then every tensor (memory-mapped, one at a time),

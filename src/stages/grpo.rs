@@ -163,8 +163,13 @@ impl Task for GrpoTask<'_> {
         let ctx = self.env.ctx(true, None);
         let buf = self.buffer.as_mut().expect("rollout just filled it");
         let (idx, norm) = buf.next_batch().expect("non-empty");
-        let clip = Clip::new(c.cliprange, c.epsilon_high);
-        let sur = surrogate(c.loss_type, clip, c.importance_sampling_level, norm);
+        let clip = Clip::new(c.cliprange, c.epsilon_high).two_sided(c.delta);
+        let sur = surrogate(
+            c.loss_type,
+            clip,
+            c.importance_sampling_level,
+            (norm, c.max_new_tokens),
+        );
         let ro = &buf.ro;
         let pol = PolicyStep::compute(
             &self.actors.policy,

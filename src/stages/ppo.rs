@@ -209,7 +209,12 @@ impl Task for PpoTask<'_> {
         let buf = self.buffer.as_mut().expect("rollout just filled it");
         let (idx, norm) = buf.next_batch().expect("non-empty");
         let clip = Clip::new(c.cliprange, c.epsilon_high);
-        let sur = surrogate(c.loss_type, clip, ImportanceSamplingLevel::Token, norm);
+        let sur = surrogate(
+            c.loss_type,
+            clip,
+            ImportanceSamplingLevel::Token,
+            (norm, c.max_new_tokens),
+        );
         let pol = PolicyStep::compute(
             &self.actors.policy,
             ctx,

@@ -30,6 +30,8 @@ pub fn kl_estimate(logp: &Tensor, logp_ref: &Tensor, kind: KlEstimator) -> Resul
 pub struct Clip {
     pub low: f64,
     pub high: f64,
+    /// The cap on the unclipped ratio too (two-sided clipping, TRL's `delta`); none: none.
+    pub delta: Option<f64>,
 }
 
 impl Clip {
@@ -37,7 +39,13 @@ impl Clip {
         Self {
             low: eps,
             high: eps_high.unwrap_or(eps),
+            delta: None,
         }
+    }
+
+    /// This range with the unclipped ratio capped at `delta` as well.
+    pub fn two_sided(self, delta: Option<f64>) -> Self {
+        Self { delta, ..self }
     }
 }
 
@@ -52,6 +60,9 @@ pub enum Aggregation {
     /// whole optimizer step (all its accumulated minibatches) over `grad_accum`, so that after
     /// the loop divides by `grad_accum` every token of the step weighs the same (TRL's `dapo`).
     Dapo { tokens_per_micro: f64 },
+    /// Sum over the minibatch's tokens divided by its responses times this many tokens, the
+    /// most a response may have (TRL's `dr_grpo`).
+    DrGrpo { max_tokens: f64 },
 }
 
 /// Aggregates per-token values `x` over the valid tokens `mask`.
@@ -65,6 +76,10 @@ pub fn aggregate(x: &Tensor, mask: &Tensor, agg: Aggregation) -> Result<Tensor> 
         }
         Aggregation::Dapo { tokens_per_micro } => {
             ((x * mask)?.sum_all()? / tokens_per_micro.max(1.0))?
+        }
+        Aggregation::DrGrpo { max_tokens } => {
+            let rows = x.dim(0)? as f64;
+            ((x * mask)?.sum_all()? / (rows * max_tokens).max(1.0))?
         }
     })
 }
@@ -81,7 +96,8 @@ pub struct Surrogate {
 /// The clipped surrogate and its diagnostics.
 pub struct PolicyLoss {
     /// `max(-A r, -A clip(r, 1-low, 1+high))`, aggregated over valid tokens; `r` is the
-    /// token's ratio, or at the sequence level its response's (the same at every token).
+    /// token's ratio, or at the sequence level its response's (the same at every token), and
+    /// under two-sided clipping `min(r, delta)` in the first term.
     pub loss: Tensor,
     /// Fraction of valid tokens where the clipped branch is the active one (so the token
     /// gives no gradient), as TRL and OpenRLHF count it.
@@ -110,7 +126,11 @@ pub fn policy_loss(
         }
     };
     let ratio = log_ratio.exp()?;
-    let l1 = (adv.neg()? * &ratio)?;
+    let unclipped = match clip.delta {
+        Some(delta) => ratio.minimum(delta)?,
+        None => ratio.clone(),
+    };
+    let l1 = (adv.neg()? * unclipped)?;
     let l2 = (adv.neg()? * ratio.clamp(1.0 - clip.low, 1.0 + clip.high)?)?;
     let loss = aggregate(&l1.maximum(&l2)?, mask, agg)?;
     let clipped = (l2.gt(&l1)?.to_dtype(DType::F32)? * mask)?;
@@ -568,6 +588,39 @@ mod tests {
         assert_eq!(pl.clipfrac, 0.25);
     }
 
+    /// Two-sided clipping caps the ratio of a token with a negative advantage, whose loss
+    /// would otherwise grow with it, and then passes it no gradient; other tokens keep theirs.
+    #[test]
+    fn two_sided_clipping_caps_a_negative_advantages_ratio() {
+        let old = t(&[0.0, 0.0]);
+        let adv = t(&[-1.0, -1.0]);
+        let mask = t(&[1.0, 1.0]);
+        let loss = |delta| {
+            let new = candle_core::Var::from_tensor(&t(&[2.0, 0.1])).unwrap();
+            let clip = Clip::new(0.2, None).two_sided(delta);
+            let pl = policy_loss(new.as_tensor(), &old, &adv, &mask, token(clip)).unwrap();
+            let grads = pl.loss.backward().unwrap();
+            let g = grads.get(&new).unwrap().flatten_all().unwrap();
+            (s(&pl.loss), g.to_vec1::<f32>().unwrap())
+        };
+        let (free, g_free) = loss(None);
+        let (capped, g_capped) = loss(Some(3.0));
+        // Token means: (e^2 + e^0.1) / 2 against (3 + e^0.1) / 2.
+        assert!(
+            (free - (2f64.exp() + 0.1f64.exp()) / 2.0).abs() < 1e-4,
+            "{free}"
+        );
+        assert!(
+            (capped - (3.0 + 0.1f64.exp()) / 2.0).abs() < 1e-4,
+            "{capped}"
+        );
+        assert!(
+            g_free[0] > 1.0 && g_capped[0] == 0.0,
+            "{g_free:?} {g_capped:?}"
+        );
+        assert!((g_free[1] - g_capped[1]).abs() < 1e-6);
+    }
+
     #[test]
     fn aggregations_weigh_tokens_as_trl_names_them() {
         // Two responses: 3 tokens of loss 1 and 1 token of loss 5.
@@ -588,6 +641,9 @@ mod tests {
             tokens_per_micro: 8.0,
         };
         assert!((get(dapo) - 8.0 / 8.0).abs() < 1e-6);
+        // Dr. GRPO: two responses of at most 5 tokens.
+        let dr = Aggregation::DrGrpo { max_tokens: 5.0 };
+        assert!((get(dr) - 8.0 / (2.0 * 5.0)).abs() < 1e-6);
     }
 
     #[test]

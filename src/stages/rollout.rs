@@ -449,18 +449,22 @@ pub fn main_only(env: &super::Env, n: usize) -> usize {
     }
 }
 
-/// The surrogate a stage's knobs describe, for a minibatch whose DAPO normaliser is `norm`.
+/// The surrogate a stage's knobs describe, for a minibatch whose DAPO normaliser is `norm`,
+/// of responses of at most `max_new_tokens`.
 pub fn surrogate(
     loss_type: LossType,
     clip: Clip,
     level: ImportanceSamplingLevel,
-    norm: f64,
+    (norm, max_new_tokens): (f64, usize),
 ) -> Surrogate {
     let agg = match loss_type {
         LossType::Bnpo => Aggregation::Token,
         LossType::Grpo => Aggregation::Sequence,
         LossType::Dapo => Aggregation::Dapo {
             tokens_per_micro: norm,
+        },
+        LossType::DrGrpo => Aggregation::DrGrpo {
+            max_tokens: max_new_tokens as f64,
         },
     };
     Surrogate { clip, agg, level }
