@@ -112,6 +112,7 @@ fn run(
         kernels,
         use_lora: false,
         dropout_seed: None,
+        neftune_alpha: None,
         tape: imp.tape,
         recompute_blocks: imp.recompute,
     };

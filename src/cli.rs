@@ -187,6 +187,10 @@ pub struct StageArgs {
     /// TRL's --assistant_only_loss). false: every token of the conversation, as TRL's default.
     #[arg(long, value_name = "BOOL")]
     pub assistant_only_loss: Option<bool>,
+    /// SFT: NEFTune's noise on the token embeddings in training (`[sft]
+    /// neftune_noise_alpha`; TRL's --neftune_noise_alpha; 5 in its paper).
+    #[arg(long, value_name = "ALPHA")]
+    pub neftune_noise_alpha: Option<f64>,
 }
 
 #[derive(Args, Debug)]
@@ -540,6 +544,12 @@ impl StageArgs {
             }
             *field = on;
         }
+        if let Some(alpha) = self.neftune_noise_alpha {
+            if now != Stage::Sft {
+                bail!("--neftune-noise-alpha applies to sft, not {}", now.name());
+            }
+            cfg.sft.neftune_noise_alpha = Some(alpha);
+        }
         let packing = match now {
             Stage::Sft => Some(&mut cfg.sft.packing),
             Stage::Ppo => Some(&mut cfg.ppo.packing),
@@ -660,9 +670,9 @@ mod tests {
         );
     }
 
-    /// SFT's loss-scope flags set `[sft]`, either way, and elsewhere are refused.
+    /// SFT's own flags (loss scope, NEFTune) set `[sft]`, and elsewhere are refused.
     #[test]
-    fn sft_loss_scope_flags_apply_to_sft_alone() {
+    fn sft_flags_apply_to_sft_alone() {
         let args = StageArgs {
             completion_only_loss: Some(false),
             ..Default::default()
@@ -684,5 +694,22 @@ mod tests {
             e.contains("--assistant-only-loss applies to sft, not dpo"),
             "{e}"
         );
+        let args = StageArgs {
+            neftune_noise_alpha: Some(5.0),
+            ..Default::default()
+        };
+        args.apply(&mut cfg).unwrap();
+        assert_eq!(cfg.sft.neftune_noise_alpha, Some(5.0));
+        let e = args
+            .apply(&mut RunConfig::for_stage(Stage::Grpo))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--neftune-noise-alpha applies to sft, not grpo"),
+            "{e}"
+        );
+        cfg.sft.neftune_noise_alpha = Some(0.0);
+        let e = cfg.sft.validate().unwrap_err().to_string();
+        assert!(e.contains("sft.neftune_noise_alpha"), "{e}");
     }
 }

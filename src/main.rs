@@ -202,6 +202,7 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         kernels: KernelSet::default().apply_spec(&a.kernels)?,
         use_lora: false,
         dropout_seed: None,
+        neftune_alpha: None,
         tape: false,
         recompute_blocks: false,
     };
@@ -289,6 +290,7 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
         kernels: KernelSet::default(),
         use_lora: false,
         dropout_seed: None,
+        neftune_alpha: None,
         tape: false,
         recompute_blocks: false,
     };

@@ -22,6 +22,7 @@ fn ctx() -> Ctx {
         kernels: KernelSet::default(),
         use_lora: true,
         dropout_seed: None,
+        neftune_alpha: None,
         tape: false,
         recompute_blocks: false,
     }

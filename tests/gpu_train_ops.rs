@@ -1332,6 +1332,7 @@ mod curves {
             kernels,
             use_lora: false,
             dropout_seed: None,
+            neftune_alpha: None,
             tape,
             recompute_blocks: false,
         };
@@ -1506,6 +1507,7 @@ mod tape {
                 kernels: KernelSet::default(),
                 use_lora: lora,
                 dropout_seed: Some(9),
+                neftune_alpha: None,
                 tape,
                 recompute_blocks,
             },

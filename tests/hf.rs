@@ -499,6 +499,31 @@ fn sft_learns_trl_language_modelling_records() {
         val.last().unwrap().1 < 0.85 * val[0].1,
         "held-out loss on text records: {val:?}"
     );
+    // NEFTune (TRL's neftune_noise_alpha): the same run with noise on its embeddings trains
+    // on other losses from its first step, and learns as well.
+    let noised = p(d.path(), "neftune");
+    sft_on_cpu(
+        &fixture("llama"),
+        &data,
+        &noised,
+        &[
+            "--steps",
+            "40",
+            "--eval-every",
+            "10",
+            "--neftune-noise-alpha",
+            "5",
+        ],
+    );
+    let train = |run: &Path| series(&metrics(run), "train", "loss")[0].1;
+    assert_ne!(train(&out), train(&noised));
+    let val_noised = series(&metrics(&noised), "val", "loss");
+    assert!(
+        val_noised.last().unwrap().1 < 0.85 * val_noised[0].1,
+        "held-out loss with NEFTune: {val_noised:?}"
+    );
+    let cfg = std::fs::read_to_string(noised.join("config.toml")).unwrap();
+    assert!(cfg.contains("neftune_noise_alpha = 5.0"), "{cfg}");
 }
 
 /// Qwen3's per-head norms of q and k, and Gemma's four norms a layer (Gemma 3's besides), train with

@@ -340,7 +340,8 @@ impl RunConfig {
             }
             Stage::Reward => self.reward.validate()?,
             Stage::Distill => self.distill.validate()?,
-            Stage::Pretrain | Stage::Sft => {}
+            Stage::Sft => self.sft.validate()?,
+            Stage::Pretrain => {}
         }
         self.check_dapo_steps()?;
         if !positive(self.external_reward.timeout_s) {

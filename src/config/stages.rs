@@ -31,6 +31,21 @@ pub struct SftConfig {
     /// %}` marks. temper's default differs from TRL's because it finds the assistant's text
     /// without the marks.
     pub assistant_only_loss: bool,
+    /// NEFTune (TRL's `neftune_noise_alpha`; its paper uses 5): uniform noise in `[-m, m]`,
+    /// `m = alpha / sqrt(T · H)`, on the token embeddings of each training batch `[B, T, H]`.
+    /// Held-out losses and generation see none. None: off.
+    pub neftune_noise_alpha: Option<f64>,
+}
+
+impl SftConfig {
+    pub fn validate(&self) -> Result<()> {
+        if let Some(a) = self.neftune_noise_alpha {
+            if !(a > 0.0 && a.is_finite()) {
+                bail!("sft.neftune_noise_alpha must be positive (or absent: off), got {a}");
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for SftConfig {
@@ -42,6 +57,7 @@ impl Default for SftConfig {
             packing: false,
             completion_only_loss: true,
             assistant_only_loss: true,
+            neftune_noise_alpha: None,
         }
     }
 }

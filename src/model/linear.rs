@@ -23,6 +23,9 @@ pub struct Ctx {
     pub use_lora: bool,
     /// `Some(seed)` in training enables dropout with masks derived from the seed.
     pub dropout_seed: Option<u64>,
+    /// NEFTune's strength (`[sft] neftune_noise_alpha`): noise on the token embeddings of a
+    /// training forward, drawn from `dropout_seed` (none without one, as in evaluation).
+    pub neftune_alpha: Option<f64>,
     /// Record the blocks of a forward without a KV cache on our tape (`crate::tape`) rather
     /// than in candle's graph.
     pub tape: bool,
@@ -40,6 +43,7 @@ impl Ctx {
             kernels: KernelSet::default(),
             use_lora: false,
             dropout_seed: None,
+            neftune_alpha: None,
             tape: false,
             recompute_blocks: false,
         }

@@ -11,6 +11,7 @@ pub mod hf;
 pub mod kv_cache;
 pub mod linear;
 pub mod mlp;
+pub mod neftune;
 pub mod norm;
 pub mod pick;
 pub mod rope;

@@ -189,7 +189,8 @@ impl Transformer {
         Ok(self.final_norm.forward_add(&x, branch.as_ref(), ctx)?.1)
     }
 
-    /// Token (plus learned position) embeddings of `ids` `[B, T]`, with embedding dropout.
+    /// Token (plus learned position) embeddings of `ids` `[B, T]`, with NEFTune's noise and
+    /// embedding dropout in training.
     fn embed_tokens(&self, ids: &Tensor, positions: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         use crate::kernels::embedding;
         // Where the fused lookup serves, a tied table is read as the LM head reads it (its
@@ -218,6 +219,11 @@ impl Transformer {
         };
         if self.cfg.embed_scale {
             x = scaled_embedding(&x, self.cfg.hidden_size)?;
+        }
+        // After Gemma's scale, as transformers hooks the scaled embedding module's output,
+        // and before dropout.
+        if let (Some(alpha), Some(s)) = (ctx.neftune_alpha, ctx.dropout_seed) {
+            x = super::neftune::noised(&x, alpha, splitmix64(s ^ 0x4E))?;
         }
         if let Some(s) = ctx.dropout_seed {
             x = dropout(&x, self.cfg.dropout, splitmix64(s ^ 0xE), ctx)?;

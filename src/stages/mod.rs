@@ -167,6 +167,7 @@ impl Env {
             kernels: self.kernels,
             use_lora,
             dropout_seed,
+            neftune_alpha: None,
             tape: self.tape(),
             recompute_blocks: self.cfg.train.gradient_checkpointing,
         }

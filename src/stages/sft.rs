@@ -115,8 +115,10 @@ impl SftTask<'_> {
         // Right padding sits after every real token, so causal attention alone keeps real
         // tokens from seeing it; no key mask needed. In packed rows the segments keep each
         // example from seeing the ones before it.
+        let mut ctx = self.env.ctx(true, dropout_seed);
+        ctx.neftune_alpha = self.env.cfg.sft.neftune_noise_alpha;
         let f = Fwd {
-            ctx: self.env.ctx(true, dropout_seed),
+            ctx,
             positions: None,
             key_valid: None,
             segments,
@@ -168,8 +170,10 @@ impl Task for SftTask<'_> {
             .sampler
             .next_slice(self.env.cfg.train.batch_size, rank, world);
         self.micro += 1;
-        let seed = (self.env.cfg.lora.dropout > 0.0 || self.net.cfg.dropout > 0.0)
-            .then(|| splitmix64(self.env.cfg.train.seed ^ self.micro));
+        let cfg = &self.env.cfg;
+        let noisy = cfg.lora.dropout > 0.0 || self.net.cfg.dropout > 0.0;
+        let seed = (noisy || cfg.sft.neftune_noise_alpha.is_some())
+            .then(|| splitmix64(cfg.train.seed ^ self.micro));
         let (loss, tokens, counted) = match &self.rows {
             Some(rows) => {
                 let rows: Vec<&[usize]> = drawn.iter().map(|&r| rows[r].as_slice()).collect();

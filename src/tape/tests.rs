@@ -242,6 +242,7 @@ fn model_grads_with(
             kernels: KernelSet::default(),
             use_lora: lora.is_some(),
             dropout_seed: Some(17),
+            neftune_alpha: None,
             tape,
             recompute_blocks,
         },

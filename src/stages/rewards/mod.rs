@@ -129,6 +129,7 @@ impl RewardFn {
                     let ctx = Ctx {
                         use_lora: false,
                         dropout_seed: None,
+                        neftune_alpha: None,
                         tape: false,
                         recompute_blocks: false,
                         ..ctx
