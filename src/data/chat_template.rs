@@ -23,8 +23,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use minijinja::{Environment, ErrorKind};
 use serde_json::{Map, Value};
 
-use super::jinja_python;
 use super::records::{kind, read_text};
+use super::{jinja_python, jinja_text};
 
 const NAME: &str = "chat_template";
 /// The named template transformers renders a conversation given tools with.
@@ -195,12 +195,16 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_unknown_method_callback(jinja_text::unknown_method);
         env.add_function("raise_exception", |msg: String| -> Result<String, _> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", jinja_python::strftime_now);
         env.add_filter("tojson", jinja_python::tojson);
+        env.add_filter("truncate", jinja_text::truncate);
+        env.add_filter("wordcount", jinja_text::wordcount);
+        env.add_filter("center", jinja_text::center);
+        env.add_filter("striptags", jinja_text::striptags);
         env.add_filter(MARK_FILTER, |text: String| {
             format!("{MARK_OPEN}{text}{MARK_CLOSE}")
         });

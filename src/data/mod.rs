@@ -5,6 +5,7 @@ pub mod chat_template;
 pub mod corpus;
 pub mod encode;
 pub mod jinja_python;
+pub mod jinja_text;
 pub mod labelled;
 pub mod records;
 pub mod sampler;
