@@ -191,6 +191,10 @@ pub struct StageArgs {
     /// neftune_noise_alpha`; TRL's --neftune_noise_alpha; 5 in its paper).
     #[arg(long, value_name = "ALPHA")]
     pub neftune_noise_alpha: Option<f64>,
+    /// DPO: score every pair under the reference once before training, then drop it (`[dpo]
+    /// precompute_ref_log_probs`; TRL's --precompute_ref_log_probs).
+    #[arg(long)]
+    pub precompute_ref_log_probs: bool,
 }
 
 #[derive(Args, Debug)]
@@ -549,6 +553,15 @@ impl StageArgs {
                 bail!("--neftune-noise-alpha applies to sft, not {}", now.name());
             }
             cfg.sft.neftune_noise_alpha = Some(alpha);
+        }
+        if self.precompute_ref_log_probs {
+            if now != Stage::Dpo {
+                bail!(
+                    "--precompute-ref-log-probs applies to dpo, not {}",
+                    now.name()
+                );
+            }
+            cfg.dpo.precompute_ref_log_probs = true;
         }
         let packing = match now {
             Stage::Sft => Some(&mut cfg.sft.packing),

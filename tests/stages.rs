@@ -449,6 +449,27 @@ mod stage_chain {
                 "step {step}: {a} vs {b}"
             );
         }
+        // TRL's precompute_ref_log_probs: the reference scores every pair before training and
+        // is dropped; the steps and the held-out losses are the ones it would have given.
+        let early = [&extra[..], &["--precompute-ref-log-probs"]].concat();
+        let (out, args) = dpo("precomputed", "sigmoid", 0.1, "", &early);
+        let o = run_ok(&strs(&args));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("precomputed for 120 training and 24 held-out pairs"),
+            "{err}"
+        );
+        for (split, field) in [("train", "loss"), ("train", "dpo_loss"), ("val", "loss")] {
+            let early = series(&metrics(&out), split, field);
+            let late = series(&metrics(&dir.join("sigmoid")), split, field);
+            assert_eq!(early.len(), late.len());
+            for ((step, a), (_, b)) in early.iter().zip(&late) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs().max(1e-3),
+                    "{split} {field} at step {step}: {a} vs {b}"
+                );
+            }
+        }
         let e = run_err(&strs(&dpo("bad", "ipo", 0.1, "", &[]).1));
         assert!(
             e.contains("dpo.label_smoothing") && e.trim().lines().count() == 1,

@@ -263,6 +263,10 @@ pub struct DpoConfig {
     /// `--padding-free`): the same loss as the padded batch without the padding's compute. A
     /// batch that packing would not shrink stays padded.
     pub padding_free: bool,
+    /// Score every pair under the reference once, before training, and drop the reference
+    /// (TRL's `precompute_ref_log_probs`): a full fine-tuning then holds no frozen copy of
+    /// the model while it trains, and no step runs a reference forward.
+    pub precompute_ref_log_probs: bool,
     pub task_pairs: usize,
     pub eval_pairs: usize,
     pub eval_prompts: usize,
@@ -396,6 +400,7 @@ impl Default for DpoConfig {
             simpo_gamma: 0.5,
             discopop_tau: 0.05,
             padding_free: false,
+            precompute_ref_log_probs: false,
             task_pairs: 4000,
             eval_pairs: 200,
             eval_prompts: 1000,

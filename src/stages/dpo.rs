@@ -4,7 +4,8 @@
 //! `exo_pair`, `nca_pair`, `sppo_hard`, `apo_zero`, `apo_down`, `discopop` and the
 //! reference-free `simpo` and `orpo` (`[dpo] loss_type`; [`preference_loss`]). The
 //! reference is the base with adapters off under LoRA, else a frozen copy; SimPO and ORPO
-//! load none.
+//! load none. With `[dpo] precompute_ref_log_probs` the reference scores every pair once,
+//! before training, and is then dropped.
 
 use std::path::Path;
 
@@ -26,6 +27,7 @@ use crate::dist::Communicator;
 use crate::model::Transformer;
 use crate::train::loss::{log_sigmoid, scalar};
 use crate::train::params::{ParamInfo, Role};
+use crate::train::progress::Progress;
 use crate::train::runner::{Report, StepOut, Task};
 
 /// One side of a batch of pairs, each `[B]`: the chosen responses' and the rejected ones'.
@@ -182,25 +184,86 @@ fn encode_pairs(
     Ok(out)
 }
 
+/// The reference's summed log-probabilities of a pair's chosen and rejected responses.
+type RefLogps = [f32; 2];
+
 struct DpoTask<'a> {
     env: &'a Env,
     policy: Transformer,
-    /// None for a loss that reads no reference (SimPO, ORPO).
+    /// None for a loss that reads no reference (SimPO, ORPO), and once the reference's
+    /// log-probabilities are precomputed.
     reference: Option<FrozenReference>,
     tok: Tokenizer,
     train: Vec<EncodedPair>,
     eval: Vec<EncodedPair>,
+    /// The reference's log-probabilities of each training and held-out pair, where they were
+    /// precomputed.
+    train_ref: Option<Vec<RefLogps>>,
+    eval_ref: Option<Vec<RefLogps>>,
     eval_prompts: Vec<PromptRecord>,
     sampler: WindowSampler,
 }
 
 impl DpoTask<'_> {
-    /// The objective, DPO's loss, the reward accuracy and the token count of `pairs`. In
-    /// training, `comm` is the data-parallel group: RPO's NLL term is a mean over the global
-    /// batch's chosen tokens, so each rank divides by the ranks' mean count.
+    /// The reference's log-probabilities of every pair, `batch` pairs a forward; each rank
+    /// scores its share of the batches and one all-reduce gathers them. Prints its progress.
+    fn reference_logps(&self, pairs: &[EncodedPair], what: &str) -> Result<Vec<RefLogps>> {
+        let reference = self
+            .reference
+            .as_ref()
+            .expect("a loss that reads the reference loads one");
+        let net = reference.get().net(&self.policy);
+        let comm = self.env.comm.as_ref();
+        let (rank, world) = (comm.rank(), comm.world());
+        let batch = self.env.cfg.train.batch_size.max(1);
+        let mut flat = vec![0f32; 2 * pairs.len()];
+        let progress = Progress::new("dpo", 0, pairs.len()).unit(&format!("{what} pairs"));
+        let mut shown = std::time::Instant::now();
+        for (k, chunk) in pairs.chunks(batch).enumerate() {
+            if k % world != rank {
+                continue;
+            }
+            let seqs: Vec<_> = (0..2)
+                .flat_map(|side| chunk.iter().map(move |p| p[side].clone()))
+                .collect();
+            let b = SeqBatch::new(
+                &seqs,
+                self.tok.pad_id(),
+                self.policy.cfg.max_position_embeddings,
+                self.env.cfg.dpo.padding_free,
+                &self.env.device,
+            )?;
+            let logps = b.summed_logps(net, self.env.ctx(false, None))?;
+            let logps: Vec<f32> = logps.to_dtype(DType::F32)?.to_vec1()?;
+            let (n, first) = (chunk.len(), k * batch);
+            for i in 0..n {
+                flat[2 * (first + i)] = logps[i];
+                flat[2 * (first + i) + 1] = logps[n + i];
+            }
+            let done = (first + n).min(pairs.len());
+            if rank == 0 && (shown.elapsed().as_secs_f64() > 5.0 || done == pairs.len()) {
+                progress.update(done, "");
+                shown = std::time::Instant::now();
+            }
+        }
+        progress.finish();
+        if world > 1 {
+            // Every other rank holds zeros where this one scored: the mean times the ranks
+            // is each pair's one score.
+            comm.all_reduce_mean(&mut flat)?;
+            flat.iter_mut().for_each(|x| *x *= world as f32);
+        }
+        Ok(flat.chunks(2).map(|c| [c[0], c[1]]).collect())
+    }
+
+    /// The objective, DPO's loss, the reward accuracy and the token count of `pairs`, whose
+    /// reference log-probabilities are `refs` where they were precomputed. In training,
+    /// `comm` is the data-parallel group: RPO's NLL term is a mean over the global batch's
+    /// chosen tokens, so each rank divides by the ranks' mean count.
     fn loss(
         &self,
         pairs: &[&EncodedPair],
+        refs: Option<Vec<RefLogps>>,
         comm: Option<&dyn Communicator>,
     ) -> Result<(Tensor, Tensor, f64, usize)> {
         // Chosen sequences in the first n rows, rejected in the last n ([`halves`]).
@@ -215,12 +278,17 @@ impl DpoTask<'_> {
             &self.env.device,
         )?;
         let pol = b.summed_logps(&self.policy, self.env.ctx(true, None))?;
-        let refp = match &self.reference {
-            Some(r) => {
+        let refp = match (refs, &self.reference) {
+            (Some(refs), _) => {
+                let side = |s: usize| refs.iter().map(move |r| r[s]);
+                let v: Vec<f32> = side(0).chain(side(1)).collect();
+                Some(Tensor::from_vec(v, 2 * refs.len(), pol.device())?.to_dtype(pol.dtype())?)
+            }
+            (None, Some(r)) => {
                 let net = r.get().net(&self.policy);
                 Some(b.summed_logps(net, self.env.ctx(false, None))?.detach())
             }
-            None => None,
+            (None, None) => None,
         };
         let tokens = b.per_seq(&b.lm.loss_mask.to_dtype(pol.dtype())?)?;
         let (p, t) = (halves(&pol)?, halves(&tokens)?);
@@ -273,13 +341,12 @@ impl Task for DpoTask<'_> {
         // Each rank takes its slice of the global batch; the loss is a mean over pairs, so
         // the ranks' average is the global batch's.
         let comm = self.env.comm.as_ref();
-        let pairs: Vec<_> = self
-            .sampler
-            .next_slice(self.env.cfg.train.batch_size, comm.rank(), comm.world())
-            .into_iter()
-            .map(|i| &self.train[i])
-            .collect();
-        let (objective, dpo, acc, tokens) = self.loss(&pairs, Some(comm))?;
+        let drawn =
+            self.sampler
+                .next_slice(self.env.cfg.train.batch_size, comm.rank(), comm.world());
+        let pairs: Vec<_> = drawn.iter().map(|&i| &self.train[i]).collect();
+        let refs = (self.train_ref.as_ref()).map(|r| drawn.iter().map(|&i| r[i]).collect());
+        let (objective, dpo, acc, tokens) = self.loss(&pairs, refs, Some(comm))?;
         Ok(StepOut {
             loss: objective,
             tokens,
@@ -289,9 +356,11 @@ impl Task for DpoTask<'_> {
 
     fn evaluate(&mut self) -> Result<DpoEval> {
         let (mut l, mut a, mut n) = (0.0, 0.0, 0.0);
-        for c in self.eval.chunks(self.env.cfg.train.batch_size) {
+        let batch = self.env.cfg.train.batch_size.max(1);
+        for (k, c) in self.eval.chunks(batch).enumerate() {
+            let refs = (self.eval_ref.as_ref()).map(|r| r[k * batch..k * batch + c.len()].to_vec());
             // The held-out loss is the preference loss alone, without the RPO term.
-            let (_, loss, acc, _) = self.loss(&c.iter().collect::<Vec<_>>(), None)?;
+            let (_, loss, acc, _) = self.loss(&c.iter().collect::<Vec<_>>(), refs, None)?;
             l += scalar(&loss)? * c.len() as f64;
             a += acc * c.len() as f64;
             n += c.len() as f64;
@@ -391,8 +460,23 @@ pub fn run(env: &Env) -> Result<DpoResult> {
         sampler: WindowSampler::new(train.len(), cfg.train.seed),
         train,
         eval,
+        train_ref: None,
+        eval_ref: None,
         eval_prompts,
     };
+    if cfg.dpo.precompute_ref_log_probs && task.reference.is_some() {
+        // Recomputed on resume too: the reference is the --init model, which does not change.
+        task.train_ref = Some(task.reference_logps(&task.train, "training")?);
+        task.eval_ref = Some(task.reference_logps(&task.eval, "held-out")?);
+        task.reference = None;
+        if env.comm.rank() == 0 {
+            eprintln!(
+                "[dpo] reference log-probabilities precomputed for {} training and {} held-out pairs; the reference is dropped",
+                task.train.len(),
+                task.eval.len()
+            );
+        }
+    }
     let trainable = |p: ParamInfo| lora.is_none() || p.role == Role::Adapter;
     let summary = setup::train(
         env,
