@@ -524,6 +524,29 @@ fn sft_learns_trl_language_modelling_records() {
     );
     let cfg = std::fs::read_to_string(noised.join("config.toml")).unwrap();
     assert!(cfg.contains("neftune_noise_alpha = 5.0"), "{cfg}");
+    // DFT (TRL's loss_type = "dft"): each token's NLL weighed by its probability, so the
+    // first step's training loss is below the NLL's, and the held-out NLL still falls.
+    let dft = p(d.path(), "dft");
+    let table = p(d.path(), "dft.toml");
+    std::fs::write(&table, "[sft]\nloss_type = \"dft\"\n").unwrap();
+    let flags = ["--steps", "40", "--eval-every", "10", "--config"];
+    sft_on_cpu(
+        &fixture("llama"),
+        &data,
+        &dft,
+        &[&flags[..], &[table.to_str().unwrap()]].concat(),
+    );
+    assert!(
+        train(&dft) < 0.5 * train(&out),
+        "{} vs {}",
+        train(&dft),
+        train(&out)
+    );
+    let val_dft = series(&metrics(&dft), "val", "loss");
+    assert!(
+        val_dft.last().unwrap().1 < 0.9 * val_dft[0].1,
+        "held-out NLL under DFT: {val_dft:?}"
+    );
 }
 
 /// Qwen3's per-head norms of q and k, and Gemma's four norms a layer (Gemma 3's besides), train with

@@ -25,7 +25,7 @@ pub use run::{overlay, DataConfig, DeviceChoice, RunConfig, Stage, Truncation};
 pub use stages::{
     AdvantageEstimator, DpoConfig, DpoLoss, ExternalRewardConfig, GrpoConfig,
     ImportanceSamplingLevel, KlEstimator, KtoConfig, KtoLoss, LossType, OnlineDpoConfig, PpoConfig,
-    RewardConfig, RewardSource, RewardSpec, ScaleRewards, SftConfig,
+    RewardConfig, RewardSource, RewardSpec, ScaleRewards, SftConfig, SftLoss,
 };
 pub use train::{DTypeChoice, ShardOptimizer, TapeChoice, TrainConfig};
 

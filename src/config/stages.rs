@@ -35,6 +35,21 @@ pub struct SftConfig {
     /// `m = alpha / sqrt(T · H)`, on the token embeddings of each training batch `[B, T, H]`.
     /// Held-out losses and generation see none. None: off.
     pub neftune_noise_alpha: Option<f64>,
+    /// The per-token loss (TRL's `loss_type`): `nll`, or `dft` (Dynamic Fine-Tuning, Wu et al.
+    /// 2025: each token's NLL weighed by its probability, held constant). The held-out loss
+    /// stays the NLL either way, so runs compare.
+    pub loss_type: SftLoss,
+}
+
+/// SFT's per-token loss (TRL's `loss_type` names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SftLoss {
+    /// `-log p`.
+    Nll,
+    /// `-p log p` with `p` held constant: the NLL's gradient scaled by the token's
+    /// probability.
+    Dft,
 }
 
 impl SftConfig {
@@ -58,6 +73,7 @@ impl Default for SftConfig {
             completion_only_loss: true,
             assistant_only_loss: true,
             neftune_noise_alpha: None,
+            loss_type: SftLoss::Nll,
         }
     }
 }

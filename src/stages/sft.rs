@@ -12,7 +12,7 @@ use super::eval::accuracy;
 use super::setup::{self, split_holdout, Plan};
 use super::truncate::Fitter;
 use super::Env;
-use crate::config::Truncation;
+use crate::config::{SftLoss, Truncation};
 use crate::data::records::{load_sft_templated, place, LossScope, PromptRecord, SftExample};
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::data::synthetic::Split;
@@ -77,45 +77,53 @@ struct SftTask<'a> {
     micro: u64,
 }
 
+/// A forward in training, with the seed of its dropout masks and NEFTune's noise where it
+/// draws any, or in evaluation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Pass {
+    Train { seed: Option<u64> },
+    Eval,
+}
+
 impl SftTask<'_> {
     /// Examples one per right-padded row.
-    fn loss(&self, seqs: &[Encoded], dropout_seed: Option<u64>) -> Result<(Tensor, usize, f64)> {
+    fn loss(&self, seqs: &[Encoded], pass: Pass) -> Result<(Tensor, usize, f64)> {
         let b = lm_batch(
             seqs,
             self.tok.pad_id(),
             self.net.cfg.max_position_embeddings,
             &self.env.device,
         )?;
-        self.masked_loss(&b, None, dropout_seed)
+        self.masked_loss(&b, None, pass)
     }
 
     /// Packed rows of `[train] seq_len` positions, as `rows` lists the examples of each.
-    fn packed_loss(
-        &self,
-        rows: &[&[usize]],
-        dropout_seed: Option<u64>,
-    ) -> Result<(Tensor, usize, f64)> {
+    fn packed_loss(&self, rows: &[&[usize]], pass: Pass) -> Result<(Tensor, usize, f64)> {
         let rows: Vec<Vec<_>> = rows
             .iter()
             .map(|r| r.iter().map(|&i| &self.train[i]).collect())
             .collect();
         let len = self.env.cfg.train.seq_len;
         let p = packed_batch(&rows, self.tok.pad_id(), len, &self.env.device)?;
-        self.masked_loss(&p.lm, Some(&p.segments), dropout_seed)
+        self.masked_loss(&p.lm, Some(&p.segments), pass)
     }
 
-    /// The mean negative log-likelihood of the response tokens, the input positions and the
-    /// response tokens counted.
+    /// The mean loss of the response tokens (`[sft] loss_type` in training, the negative
+    /// log-likelihood in evaluation), the input positions and the response tokens counted.
     fn masked_loss(
         &self,
         b: &LmBatch,
         segments: Option<&Segments>,
-        dropout_seed: Option<u64>,
+        pass: Pass,
     ) -> Result<(Tensor, usize, f64)> {
         // Right padding sits after every real token, so causal attention alone keeps real
         // tokens from seeing it; no key mask needed. In packed rows the segments keep each
         // example from seeing the ones before it.
-        let mut ctx = self.env.ctx(true, dropout_seed);
+        let seed = match pass {
+            Pass::Train { seed } => seed,
+            Pass::Eval => None,
+        };
+        let mut ctx = self.env.ctx(true, seed);
         ctx.neftune_alpha = self.env.cfg.sft.neftune_noise_alpha;
         let f = Fwd {
             ctx,
@@ -125,7 +133,12 @@ impl SftTask<'_> {
         };
         let logp = self.net.target_logprobs(&b.inputs, &b.targets, &f)?;
         let counted = scalar(&b.loss_mask.sum_all()?)?;
-        Ok((masked_mean(&logp.neg()?, &b.loss_mask)?, b.tokens, counted))
+        let per_token = match (self.env.cfg.sft.loss_type, pass) {
+            // DFT: the probability is a weight, not a path for the gradient.
+            (SftLoss::Dft, Pass::Train { .. }) => (logp.neg()? * logp.detach().exp()?)?,
+            _ => logp.neg()?,
+        };
+        Ok((masked_mean(&per_token, &b.loss_mask)?, b.tokens, counted))
     }
 
     fn accuracy(&self) -> Result<Option<f64>> {
@@ -177,11 +190,11 @@ impl Task for SftTask<'_> {
         let (loss, tokens, counted) = match &self.rows {
             Some(rows) => {
                 let rows: Vec<&[usize]> = drawn.iter().map(|&r| rows[r].as_slice()).collect();
-                self.packed_loss(&rows, seed)?
+                self.packed_loss(&rows, Pass::Train { seed })?
             }
             None => {
                 let seqs: Vec<_> = drawn.iter().map(|&i| self.train[i].clone()).collect();
-                self.loss(&seqs, seed)?
+                self.loss(&seqs, Pass::Train { seed })?
             }
         };
         Ok(StepOut {
@@ -194,7 +207,7 @@ impl Task for SftTask<'_> {
     fn evaluate(&mut self) -> Result<SftEval> {
         Ok(SftEval {
             loss: held_out_mean(&self.eval, self.env.cfg.train.batch_size, |c| {
-                Ok(self.loss(c, None)?.0)
+                Ok(self.loss(c, Pass::Eval)?.0)
             })?,
             accuracy: self.accuracy()?,
         })
