@@ -389,6 +389,7 @@ mod stage_chain {
             ("apo_zero", 0.0, ""),
             ("apo_down", 0.0, ""),
             ("discopop", 0.0, "discopop_tau = 0.2"),
+            ("bco_pair", 0.0, ""),
         ] {
             let (out, args) = dpo(loss, loss, smoothing, more, &extra);
             let o = run_ok(&strs(&args));
@@ -420,7 +421,7 @@ mod stage_chain {
                 "ipo" => Some(25.0),
                 "sppo_hard" => Some(50.0),
                 "exo_pair" => Some(exo),
-                "nca_pair" => Some(2.0 * 2f64.ln()),
+                "nca_pair" | "bco_pair" => Some(2.0 * 2f64.ln()),
                 "discopop" => Some(0.5 * 2f64.ln() + 0.5),
                 _ => None,
             };

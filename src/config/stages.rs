@@ -334,6 +334,12 @@ pub enum DpoLoss {
     /// DiscoPOP (Chris Lu et al.), found by an LLM-driven search: the logistic loss and
     /// `exp(-z)` blended by `s(z / tau)`, `z = beta h`, `tau` = `discopop_tau`.
     Discopop,
+    /// BCO on pairs (Jung et al.): each response's reward classified against a shift `d`,
+    /// `-log s(beta c - d) - log s(-(beta r - d))`, `d` the running mean of the training
+    /// batches' mean rewards `beta c` and `beta r`, this batch's included (TRL's
+    /// RunningMoments). DPO only: the shift is the run's state, kept in its checkpoints.
+    #[serde(rename = "bco_pair")]
+    BcoPair,
 }
 
 impl DpoLoss {
@@ -352,6 +358,7 @@ impl DpoLoss {
             DpoLoss::ApoZero => "apo_zero",
             DpoLoss::ApoDown => "apo_down",
             DpoLoss::Discopop => "discopop",
+            DpoLoss::BcoPair => "bco_pair",
         }
     }
 
@@ -571,6 +578,12 @@ impl OnlineDpoConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.loss().validate_as("online_dpo")?;
+        if self.loss_type == DpoLoss::BcoPair {
+            bail!(
+                "online_dpo.loss_type = \"bco_pair\" is not taken: its reward shift is a running \
+                 mean over batches of fixed pairs (use it in dpo)"
+            );
+        }
         if !positive(self.temperature) {
             bail!(
                 "online_dpo.temperature must be positive, got {}",

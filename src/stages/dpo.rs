@@ -52,6 +52,17 @@ pub fn preference_loss(
     reference: Option<Pairwise>,
     tokens: Pairwise,
 ) -> Result<(Tensor, f64)> {
+    shifted_preference_loss(c, policy, reference, tokens, 0.0)
+}
+
+/// [`preference_loss`] with BCO's reward shift `shift` (read by `bco_pair` alone).
+pub fn shifted_preference_loss(
+    c: &DpoConfig,
+    policy: Pairwise,
+    reference: Option<Pairwise>,
+    tokens: Pairwise,
+    shift: f64,
+) -> Result<(Tensor, f64)> {
     let per_token = c.loss_type.per_token();
     let scaled = |lp: &Tensor, n: &Tensor| -> Result<Tensor> {
         Ok(if per_token {
@@ -138,6 +149,10 @@ pub fn preference_loss(
             // negative margin, where the blend is exactly 0.
             (logistic + (log_sigmoid(&zt)? - &z)?.exp()?)?
         }
+        DpoLoss::BcoPair => {
+            let (zc, zr) = beta_ratios()?;
+            (nls(&zc.affine(1.0, -shift)?)? + nls(&zr.affine(-1.0, shift)?)?)?
+        }
     };
     let m = h.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     let acc = m.iter().filter(|&&x| x > 0.0).count() as f64 / m.len().max(1) as f64;
@@ -187,6 +202,22 @@ fn encode_pairs(
 /// The reference's summed log-probabilities of a pair's chosen and rejected responses.
 type RefLogps = [f32; 2];
 
+/// BCO's reward shift: the running mean of the training batches' mean implicit rewards
+/// (TRL's RunningMoments, updated with one value a batch).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RewardShift {
+    pub mean: f64,
+    pub count: f64,
+}
+
+impl RewardShift {
+    /// The shift once a batch whose mean reward is `x` is counted.
+    pub fn update(&mut self, x: f64) {
+        self.count += 1.0;
+        self.mean += (x - self.mean) / self.count;
+    }
+}
+
 struct DpoTask<'a> {
     env: &'a Env,
     policy: Transformer,
@@ -202,6 +233,8 @@ struct DpoTask<'a> {
     eval_ref: Option<Vec<RefLogps>>,
     eval_prompts: Vec<PromptRecord>,
     sampler: WindowSampler,
+    /// `bco_pair`'s shift, moved by each training batch (held-out batches read it).
+    shift: std::cell::Cell<RewardShift>,
 }
 
 impl DpoTask<'_> {
@@ -293,11 +326,26 @@ impl DpoTask<'_> {
         let tokens = b.per_seq(&b.lm.loss_mask.to_dtype(pol.dtype())?)?;
         let (p, t) = (halves(&pol)?, halves(&tokens)?);
         let r = refp.as_ref().map(halves).transpose()?;
-        let (loss, acc) = preference_loss(
-            &self.env.cfg.dpo,
+        let c = &self.env.cfg.dpo;
+        let mut shift = self.shift.get();
+        if let (DpoLoss::BcoPair, Some(refp), Some(comm)) = (c.loss_type, &refp, comm) {
+            // This batch's mean reward over every rank, counted before the loss reads the
+            // shift, as TRL counts it.
+            let rewards = ((&pol - refp)? * c.beta)?.detach();
+            let mut mean = [rewards
+                .to_dtype(DType::F32)?
+                .mean_all()?
+                .to_scalar::<f32>()?];
+            comm.all_reduce_mean(&mut mean)?;
+            shift.update(f64::from(mean[0]));
+            self.shift.set(shift);
+        }
+        let (loss, acc) = shifted_preference_loss(
+            c,
             (&p).into(),
             r.as_ref().map(Into::into),
             (&t).into(),
+            shift.mean,
         )?;
         let mut chosen_tokens = [t.0.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?];
         if let Some(c) = comm {
@@ -379,10 +427,18 @@ impl Task for DpoTask<'_> {
     }
 
     fn state(&self) -> serde_json::Value {
-        self.sampler.state()
+        let mut s = self.sampler.state();
+        let shift = self.shift.get();
+        s["bco_shift"] = serde_json::json!({"mean": shift.mean, "count": shift.count});
+        s
     }
 
     fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
+        let read = |k: &str| s["bco_shift"][k].as_f64().unwrap_or(0.0);
+        self.shift.set(RewardShift {
+            mean: read("mean"),
+            count: read("count"),
+        });
         self.sampler.restore(s)
     }
 }
@@ -463,6 +519,7 @@ pub fn run(env: &Env) -> Result<DpoResult> {
         train_ref: None,
         eval_ref: None,
         eval_prompts,
+        shift: Default::default(),
     };
     if cfg.dpo.precompute_ref_log_probs && task.reference.is_some() {
         // Recomputed on resume too: the reference is the --init model, which does not change.
@@ -584,12 +641,30 @@ mod tests {
                 0.0,
                 sp(-0.5) * (1.0 - sig(10.0)) + (-0.5f64).exp() * sig(10.0),
             ),
+            // No shift yet: -log s(0.5) - log s(-0).
+            (DpoLoss::BcoPair, 0.0, sp(-0.5) + 2f64.ln()),
         ];
         for (kind, e, want) in cases {
             let (got, acc) = loss_of(&cfg(kind, 0.5, e), p, r, n);
             assert!((got - want).abs() < 1e-6, "{kind:?} e={e}: {got} vs {want}");
             assert_eq!(acc, 1.0, "{kind:?}");
         }
+        // BCO shifted by 0.25: -log s(0.5 - 0.25) - log s(-(0 - 0.25)).
+        let side = |a: &[f64], b: &[f64]| (v(a), v(b));
+        let (pol, rf, toks) = (side(p[0], p[1]), side(r[0], r[1]), side(n[0], n[1]));
+        let (got, _) = shifted_preference_loss(
+            &cfg(DpoLoss::BcoPair, 0.5, 0.0),
+            (&pol).into(),
+            Some((&rf).into()),
+            (&toks).into(),
+            0.25,
+        )
+        .unwrap();
+        assert!(
+            (s(&got) - 2.0 * sp(-0.25)).abs() < 1e-6,
+            "bco_pair: {}",
+            s(&got)
+        );
         // SimPO reads no reference: per-token -1/2 against -4/4 gives h = 0.5, and with
         // gamma 0.5, -log sigmoid(0.5 * 0.5 - 0.5).
         let simpo = cfg(DpoLoss::Simpo, 0.5, 0.0);
@@ -625,6 +700,7 @@ mod tests {
             DpoLoss::NcaPair,
             DpoLoss::SppoHard,
             DpoLoss::ApoZero,
+            DpoLoss::BcoPair,
         ] {
             let c = cfg(kind, 0.1, 0.0);
             let pc = candle_core::Var::new(&[-3.0f32, -2.0], &Device::Cpu).unwrap();
@@ -639,6 +715,19 @@ mod tests {
             let d = g.get(pc.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
             assert!(d.iter().all(|&x| x < 0.0), "{kind:?}: {d:?}");
         }
+    }
+
+    /// BCO's shift is the running mean of the batches' mean rewards, each batch counted once.
+    #[test]
+    fn the_reward_shift_is_the_mean_of_the_batch_means() {
+        let mut shift = RewardShift::default();
+        for x in [1.0, 2.0, 6.0] {
+            shift.update(x);
+        }
+        assert!(
+            (shift.mean - 3.0).abs() < 1e-12 && shift.count == 3.0,
+            "{shift:?}"
+        );
     }
 
     /// DiscoPOP stays finite where its exponential alone would overflow: a margin far below
