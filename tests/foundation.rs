@@ -434,6 +434,35 @@ fn kv_cache_gives_the_logits_of_a_full_forward() {
     }
 }
 
+/// NEFTune's noise reaches a training forward (one with a seed) and no other: a forward
+/// without a seed, as evaluation and generation run, gives the plain logits; two seeds give
+/// two noises.
+#[test]
+fn neftune_noise_reaches_training_forwards_alone() {
+    let mut cfg = ModelConfig::default();
+    let (_s, net) = tiny(&mut cfg);
+    let ids = Tensor::new(&[[3u32, 9, 4, 1, 7]], &Device::Cpu).unwrap();
+    let logits = |neftune_alpha, dropout_seed| {
+        let f = Fwd {
+            ctx: Ctx {
+                neftune_alpha,
+                dropout_seed,
+                ..ctx()
+            },
+            positions: None,
+            key_valid: None,
+            segments: None,
+        };
+        net.forward(&ids, &f, None).unwrap()
+    };
+    let plain = logits(None, None);
+    assert_eq!(max_abs_diff(&plain, &logits(Some(5.0), None)), 0.0);
+    let (a, b) = (logits(Some(5.0), Some(1)), logits(Some(5.0), Some(2)));
+    assert!(max_abs_diff(&plain, &a) > 1e-4);
+    assert!(max_abs_diff(&a, &b) > 1e-4);
+    assert_eq!(max_abs_diff(&a, &logits(Some(5.0), Some(1))), 0.0);
+}
+
 #[test]
 fn left_padded_generation_matches_unpadded() {
     let mut cfg = ModelConfig::default();

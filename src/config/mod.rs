@@ -102,6 +102,23 @@ mod tests {
         assert!(locate(&p, "nothing to find").ends_with("c.toml"));
     }
 
+    /// Dr. GRPO's normaliser counts a minibatch's responses, so a rollout must split into
+    /// equal minibatches.
+    #[test]
+    fn dr_grpo_needs_equal_minibatches() {
+        let mut cfg = RunConfig::for_stage(Stage::Grpo);
+        cfg.grpo.loss_type = LossType::DrGrpo;
+        (cfg.grpo.prompts_per_rollout, cfg.grpo.group_size) = (4, 8);
+        cfg.grpo.minibatch_size = 16;
+        cfg.validate().unwrap();
+        cfg.grpo.minibatch_size = 24;
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("grpo.loss_type = \"dr_grpo\"") && e.contains("32 responses"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn toml_errors_name_file_line_and_field() {
         let dir = tempfile::tempdir().unwrap();

@@ -343,7 +343,7 @@ impl RunConfig {
             Stage::Sft => self.sft.validate()?,
             Stage::Pretrain => {}
         }
-        self.check_dapo_steps()?;
+        self.check_rollout_minibatches()?;
         if !positive(self.external_reward.timeout_s) {
             anyhow::bail!("external_reward.timeout_s must be positive");
         }
@@ -388,7 +388,7 @@ impl RunConfig {
         (steps > self.train.checkpoint_every).then_some(steps)
     }
 
-    fn check_dapo_steps(&self) -> Result<()> {
+    fn check_rollout_minibatches(&self) -> Result<()> {
         let Some((loss, batches, table)) = self.rollout_minibatches() else {
             return Ok(());
         };
@@ -396,6 +396,20 @@ impl RunConfig {
             anyhow::bail!(
                 "{table}.loss_type = \"dapo\": a rollout makes {batches} minibatches, not a multiple of train.grad_accum = {}, so an optimizer step would mix two rollouts",
                 self.train.grad_accum
+            );
+        }
+        // Dr. GRPO divides by a minibatch's responses: a short last minibatch would weigh its
+        // tokens more than the others'.
+        let (rows, size) = match self.stage {
+            Stage::Ppo => (self.ppo.rollout_batch, self.ppo.minibatch_size),
+            _ => (
+                self.grpo.prompts_per_rollout * self.grpo.group_size,
+                self.grpo.minibatch_size,
+            ),
+        };
+        if loss == LossType::DrGrpo && !rows.is_multiple_of(size.max(1)) {
+            anyhow::bail!(
+                "{table}.loss_type = \"dr_grpo\": a rollout of {rows} responses is not a multiple of {table}.minibatch_size = {size}, so the last minibatch's tokens would weigh more than the others'"
             );
         }
         Ok(())

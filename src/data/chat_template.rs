@@ -29,6 +29,8 @@ use super::{jinja_python, jinja_text};
 const NAME: &str = "chat_template";
 /// The named template transformers renders a conversation given tools with.
 const TOOL_USE: &str = "tool_use";
+/// The named template transformers renders other conversations with.
+pub const DEFAULT: &str = "default";
 
 /// Where transformers saves a model's chat template; it wins over `tokenizer_config.json`'s.
 pub const TEMPLATE_FILE: &str = "chat_template.jinja";
@@ -74,13 +76,21 @@ impl ChatTemplate {
     /// other file name, from the file's text as Jinja source.
     pub fn load(path: &Path) -> Result<Self> {
         if path.is_dir() {
-            return Self::in_dir(path)?.with_context(|| {
+            let found = Self::in_dir(path)?.with_context(|| {
                 format!(
                     "{}: holds no chat template (neither {TEMPLATE_FILE} nor a \"chat_template\" \
                      in tokenizer_config.json)",
                     path.display()
                 )
-            });
+            })?;
+            // A template given to a run must render something; named templates that are
+            // neither the default nor tool_use render nothing unnamed.
+            if let (None, None, Some(why)) =
+                (&found.source, &found.tool_use_source, &found.no_default)
+            {
+                bail!("{why}");
+            }
+            return Ok(found);
         }
         let text = read_text(path)?;
         let is_json = path.extension().is_some_and(|e| e == "json");
@@ -101,9 +111,11 @@ impl ChatTemplate {
         }
     }
 
-    /// The chat template of the model directory `dir`, where transformers looks for it: its
-    /// `chat_template.jinja`, else the `chat_template` of its `tokenizer_config.json` (absent
-    /// or null: none), with the BOS and EOS tokens the config names either way.
+    /// The chat template of the model directory `dir`, where transformers 5 looks for it: a
+    /// named template `default` (`additional_chat_templates/default.jinja`, read after and so
+    /// over `chat_template.jinja`), else its `chat_template.jinja`, else the `chat_template` of
+    /// its `tokenizer_config.json` (absent or null: none), with the BOS and EOS tokens the
+    /// config names either way.
     pub fn in_dir(dir: &Path) -> Result<Option<Self>> {
         let tc = dir.join("tokenizer_config.json");
         let config = match std::fs::read_to_string(&tc) {
@@ -111,9 +123,18 @@ impl ChatTemplate {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => bail!("{}: cannot read: {e}", tc.display()),
         };
-        let jinja = dir.join(TEMPLATE_FILE);
-        let named = named_templates(dir)?;
-        if jinja.is_file() {
+        let mut named = named_templates(dir)?;
+        let default = match named.iter().position(|n| n == DEFAULT) {
+            Some(i) => {
+                named.remove(i);
+                Some(
+                    dir.join(NAMED_TEMPLATES_DIR)
+                        .join(format!("{DEFAULT}.jinja")),
+                )
+            }
+            None => Some(dir.join(TEMPLATE_FILE)).filter(|j| j.is_file()),
+        };
+        if let Some(jinja) = default {
             let (bos, eos) = match &config {
                 Some(cfg) => special_tokens(&tc, cfg)?,
                 None => Default::default(),
@@ -890,9 +911,15 @@ mod tests {
         let tools = Map::from_iter([("tools".to_string(), json!([{"name": "f"}]))]);
         assert_eq!(t.render_with(&m, &tools, true).unwrap(), "tools 1");
         std::fs::remove_file(named.join("tool_use.jinja")).unwrap();
-        let t = ChatTemplate::load(d.path()).unwrap();
+        // The model's own renders nothing, and says so when asked to; given to a run as its
+        // template, it is refused at once.
+        let t = ChatTemplate::in_dir(d.path())
+            .unwrap()
+            .expect("named templates");
         let e = t.render_with(&m, &tools, true).unwrap_err().to_string();
         assert!(e.contains("(rag)"), "{e}");
+        let e = ChatTemplate::load(d.path()).unwrap_err().to_string();
+        assert!(e.contains("(rag)") && e.contains("--chat-template"), "{e}");
         std::fs::write(named.join("tool_use.jinja"), "tools {{ tools | length }}").unwrap();
         std::fs::write(
             d.path().join(TEMPLATE_FILE),
@@ -908,6 +935,21 @@ mod tests {
             let vars = Map::from_iter([("tools".to_string(), tools)]);
             assert_eq!(t.render_with(&m, &vars, true).unwrap(), want);
         }
+        // A named `default` is transformers 5's default, over chat_template.jinja too.
+        std::fs::write(
+            named.join("default.jinja"),
+            "default {{ messages[0]['content'] }}",
+        )
+        .unwrap();
+        assert_eq!(render(d.path()), "default hi");
+        std::fs::remove_file(d.path().join(TEMPLATE_FILE)).unwrap();
+        assert_eq!(render(d.path()), "default hi");
+        std::fs::remove_file(named.join("default.jinja")).unwrap();
+        std::fs::write(
+            d.path().join(TEMPLATE_FILE),
+            "{{ bos_token }}jinja {{ messages[0]['content'] }}{{ eos_token }}",
+        )
+        .unwrap();
         std::fs::remove_file(d.path().join("tokenizer_config.json")).unwrap();
         assert_eq!(render(d.path()), "jinja hi");
         let empty = tempfile::tempdir().unwrap();

@@ -230,8 +230,8 @@ fn sft_example(
         (Some(msgs), false) => {
             let whole = !scope.assistant_only;
             match bind(at, obj, template)? {
-                None => chat_example(at, msgs, whole),
-                Some(chat) => templated_example(at, msgs, &chat, whole),
+                None => chat_example(at, "messages", msgs, whole),
+                Some(chat) => templated_example(at, "messages", msgs, &chat, whole),
             }
         }
         (None, false) => Err(at.field(
@@ -240,6 +240,18 @@ fn sft_example(
         )),
         (None, true) => {
             let mut ex = match obj.get("prompt").filter(|v| v.is_array()) {
+                Some(msgs) if !scope.completion_only => {
+                    // TRL trains the prompt and the completion as one conversation, under
+                    // its assistant mask where assistant_only_loss is on.
+                    let chat = bind(at, obj, template)?;
+                    let mut all = msgs.as_array().cloned().unwrap_or_default();
+                    all.push(reply_message(at, reply, obj.get(reply))?);
+                    let (all, whole) = (Value::Array(all), !scope.assistant_only);
+                    return match chat {
+                        None => chat_example(at, "prompt", &all, whole),
+                        Some(chat) => templated_example(at, "prompt", &all, &chat, whole),
+                    };
+                }
                 Some(msgs) => {
                     let chat = bind(at, obj, template)?;
                     conversational_example(at, obj, reply, msgs, chat.as_ref())?
@@ -290,6 +302,28 @@ fn conversational_example(
         chat.is_none(),
         Some(at.to_string()),
     ))
+}
+
+/// A conversational record's reply (its `field`): the assistant's text, or a list holding
+/// the one non-empty assistant message, as that message.
+fn reply_message(at: &Loc, field: &str, reply: Option<&Value>) -> Result<Value> {
+    let message = match reply {
+        Some(Value::String(text)) => serde_json::json!({"role": "assistant", "content": text}),
+        Some(Value::Array(list)) if list.len() == 1 => list[0].clone(),
+        None => return Err(at.field(field, "missing")),
+        Some(other) => {
+            let got = format!(
+                "expected the assistant's text or a list holding one assistant message, got {}",
+                kind(other)
+            );
+            return Err(at.field(field, &got));
+        }
+    };
+    let is_assistant = message.get("role").and_then(Value::as_str) == Some("assistant");
+    if !is_assistant || !says_something(&message) {
+        return Err(at.field(field, "expected one non-empty assistant message"));
+    }
+    Ok(message)
 }
 
 /// A Jinja chat template bound to one record's own variables, TRL's per-record columns: its
@@ -401,17 +435,17 @@ fn says_something(m: &Value) -> bool {
     non_empty("content") || non_empty("tool_calls")
 }
 
-/// A conversation in the built-in format; `whole`: every token trained, not only the
-/// assistant's.
-fn chat_example(at: &Loc, msgs: &Value, whole: bool) -> Result<SftExample> {
-    let (_, fields) = message_fields(at, "messages", msgs, false)?;
+/// A conversation in the built-in format (the record's `field`); `whole`: every token
+/// trained, not only the assistant's, and a conversation with no assistant message taken.
+fn chat_example(at: &Loc, field: &str, msgs: &Value, whole: bool) -> Result<SftExample> {
+    let (_, fields) = message_fields(at, field, msgs, false)?;
     if fields.is_empty() {
-        return Err(at.field("messages", "empty"));
+        return Err(at.field(field, "empty"));
     }
     let mut segments: Vec<Segment> = Vec::new();
     let mut assistant_turns = 0;
     for (i, (role, content)) in fields.into_iter().enumerate() {
-        let name = format!("messages[{i}]");
+        let name = format!("{field}[{i}]");
         match role {
             "assistant" => {
                 if content.is_empty() {
@@ -439,8 +473,8 @@ fn chat_example(at: &Loc, msgs: &Value, whole: bool) -> Result<SftExample> {
             }
         }
     }
-    if assistant_turns == 0 {
-        return Err(at.field("messages", "no assistant message"));
+    if assistant_turns == 0 && !whole {
+        return Err(at.field(field, "no assistant message"));
     }
     Ok(SftExample {
         segments,
@@ -454,16 +488,22 @@ fn chat_example(at: &Loc, msgs: &Value, whole: bool) -> Result<SftExample> {
 /// may accept "tool" or refuse "system"); each message still needs a string role. `whole`:
 /// rendered once and trained whole, as TRL trains without `assistant_only_loss`, so a
 /// template that rewrites earlier turns needs no `{% generation %}` marks.
-fn templated_example(at: &Loc, msgs: &Value, chat: &Chat, whole: bool) -> Result<SftExample> {
-    let (list, fields) = message_fields(at, "messages", msgs, true)?;
-    if !fields.iter().any(|(role, _)| *role == "assistant") {
-        return Err(at.field("messages", "no assistant message"));
+fn templated_example(
+    at: &Loc,
+    field: &str,
+    msgs: &Value,
+    chat: &Chat,
+    whole: bool,
+) -> Result<SftExample> {
+    let (list, fields) = message_fields(at, field, msgs, true)?;
+    if !whole && !fields.iter().any(|(role, _)| *role == "assistant") {
+        return Err(at.field(field, "no assistant message"));
     }
     let spans = match whole {
         true => chat.render(list, false).map(|text| vec![(text, true)]),
         false => chat.template.spans_with(list, &chat.vars),
     }
-    .map_err(|e| at.field("messages", &format!("{e:#}")))?;
+    .map_err(|e| at.field(field, &format!("{e:#}")))?;
     let mut segments = Vec::new();
     for (text, train) in spans {
         push_segment(&mut segments, &text, train);
@@ -888,38 +928,90 @@ mod tests {
             "sft.jsonl",
             concat!(
                 "{\"prompt\": \"Q: 2+3\\nA: \", \"completion\": \"5\"}\n",
-                "{\"prompt\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"completion\": \"Yo\"}\n",
+                "{\"prompt\": [{\"role\": \"user\", \"content\": \"Hi\"},",
+                " {\"role\": \"assistant\", \"content\": \"Hello\"},",
+                " {\"role\": \"user\", \"content\": \"Bye\"}], \"completion\": \"Yo\"}\n",
                 "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"},",
                 " {\"role\": \"assistant\", \"content\": \"Hello!\"}]}\n",
                 "{\"text\": \"2+2=4\"}\n",
+                "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}\n",
             ),
         );
         let scope = |completion_only, assistant_only| LossScope {
             completion_only,
             assistant_only,
         };
+        // The text each example trains, in order, and whether it trains every token.
+        let taught = |x: &SftExample| {
+            let texts: Vec<&str> = x
+                .segments
+                .iter()
+                .filter(|s| s.train)
+                .map(|s| s.text.as_str())
+                .collect();
+            (texts.join("|"), x.train_all)
+        };
         let t = bracketed();
         for template in [None, Some(&t)] {
-            let base = load_sft_templated(&p, template, LossScope::default()).unwrap();
-            assert!(base.iter().all(|x| !x.train_all));
-            let prompts = load_sft_templated(&p, template, scope(false, true)).unwrap();
-            let convs = load_sft_templated(&p, template, scope(true, false)).unwrap();
-            let trained = |xs: &[SftExample]| xs.iter().map(|x| x.train_all).collect::<Vec<_>>();
-            assert_eq!(trained(&prompts), [true, true, false, false]);
-            for i in [0, 1, 3] {
-                assert_eq!(prompts[i].segments, base[i].segments);
-                assert_eq!(convs[i], base[i]);
-            }
+            let load = |scope| load_sft_templated(&p, template, scope);
+            // A conversation with no assistant message trains only where every token does.
+            let e = err(load(LossScope::default()));
+            assert!(
+                e.contains("sft.jsonl:5") && e.contains("no assistant message"),
+                "{e}"
+            );
+            let all = load(scope(false, false)).unwrap();
+            assert_eq!(all.len(), 5);
+
+            let p2 = file(
+                &d,
+                "four.jsonl",
+                &std::fs::read_to_string(&p)
+                    .unwrap()
+                    .lines()
+                    .take(4)
+                    .map(|l| format!("{l}\n"))
+                    .collect::<String>(),
+            );
+            let load4 = |scope| load_sft_templated(&p2, template, scope).unwrap();
+            let (base, prompts, convs, whole) = (
+                load4(scope(true, true)),
+                load4(scope(false, true)),
+                load4(scope(true, false)),
+                load4(scope(false, false)),
+            );
+            let of = |xs: &[SftExample]| xs.iter().map(taught).collect::<Vec<_>>();
+            let (reply, earlier) = match template {
+                None => ("Yo", "Hello"),
+                Some(_) => ("Yo<end>", "Hello<end>"),
+            };
+            assert_eq!(of(&base)[1], (reply.to_string(), false));
+            assert_eq!(of(&base)[3], ("2+2=4".to_string(), false));
+            // completion_only off: the plain prompt trains, and a conversational prompt's
+            // earlier assistant turns train beside the completion (TRL's assistant mask).
+            assert!(of(&prompts)[0].1);
+            assert_eq!(of(&prompts)[1], (format!("{earlier}|{reply}"), false));
+            assert_eq!(of(&prompts)[2], of(&base)[2]);
+            // assistant_only off: conversations train whole; prompt-completion records do not.
+            assert_eq!(of(&convs)[0], of(&base)[0]);
+            assert_eq!(of(&convs)[1], of(&base)[1]);
             match template {
-                None => {
-                    assert_eq!(trained(&convs), [false, false, true, false]);
-                    assert_eq!(convs[2].segments, base[2].segments);
-                }
-                Some(_) => {
-                    let full = "[user]Hi<end>[assistant]Hello!<end>";
-                    assert_eq!(convs[2].segments, vec![seg(full, true)]);
-                    assert_ne!(base[2].segments, convs[2].segments);
-                }
+                None => assert!(of(&convs)[2].1),
+                Some(_) => assert_eq!(
+                    convs[2].segments,
+                    vec![seg("[user]Hi<end>[assistant]Hello!<end>", true)]
+                ),
+            }
+            // Both off: the conversational prompt-completion record trains whole too.
+            match template {
+                None => assert!(of(&whole)[1].1),
+                Some(_) => assert_eq!(
+                    whole[1].segments,
+                    vec![seg(
+                        "[user]Hi<end>[assistant]Hello<end>[user]Bye<end>[assistant]Yo<end>",
+                        true
+                    )]
+                ),
             }
         }
     }

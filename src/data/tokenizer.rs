@@ -10,7 +10,7 @@ use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::AddedToken;
 
-use super::chat_template::{named_templates, NAMED_TEMPLATES_DIR, TEMPLATE_FILE};
+use super::chat_template::{named_templates, DEFAULT, NAMED_TEMPLATES_DIR, TEMPLATE_FILE};
 use super::corpus::load_documents;
 
 /// End-of-sequence id of the byte tokenizer: the first id after the 256 byte values.
@@ -293,9 +293,11 @@ impl Tokenizer {
         };
         let mut specials = (*specials).clone();
         let tool_use_file = format!("{NAMED_TEMPLATES_DIR}/tool_use.jinja");
-        specials
-            .files
-            .retain(|(name, _)| name != TEMPLATE_FILE && *name != tool_use_file);
+        // A named default would win over the one written here.
+        let default_file = format!("{NAMED_TEMPLATES_DIR}/{DEFAULT}.jinja");
+        specials.files.retain(|(name, _)| {
+            name != TEMPLATE_FILE && *name != tool_use_file && *name != default_file
+        });
         if let Some(source) = source {
             specials
                 .files
@@ -679,6 +681,7 @@ mod tests {
             (TEMPLATE_FILE, "{{ messages }}"),
             ("special_tokens_map.json", r#"{"eos_token": "</s>"}"#),
             ("additional_chat_templates/tool_use.jinja", "{{ tools }}"),
+            ("additional_chat_templates/default.jinja", "{{ default }}"),
         ];
         for (name, text) in files {
             std::fs::write(src.join(name), text).unwrap();
@@ -696,6 +699,10 @@ mod tests {
             .save_dir(&mine)
             .unwrap();
         assert_eq!(read(&mine, TEMPLATE_FILE).as_deref(), Some("mine"));
+        // A named default would win over the template given.
+        assert!(!mine
+            .join("additional_chat_templates/default.jinja")
+            .exists());
         assert_eq!(
             read(&mine, "additional_chat_templates/tool_use.jinja").as_deref(),
             Some("my tools")

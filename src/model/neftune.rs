@@ -12,11 +12,14 @@ use candle_core::{Result, Tensor};
 
 use crate::train::rng::splitmix64;
 
-/// `x` `[B, T, H]` plus NEFTune's noise at strength `alpha` under `seed`. The noise is a
-/// constant: the gradient passes through unchanged.
-pub fn noised(x: &Tensor, alpha: f64, seed: u64) -> Result<Tensor> {
-    let (_, t, h) = x.dims3()?;
-    let m = alpha / ((t * h) as f64).sqrt();
+/// `x` `[B, T, H]` plus NEFTune's noise at strength `alpha` under `seed`. Rows of packed
+/// sequences (`packed`) count as one row of `B · T` tokens, as TRL's padding-free packing
+/// hands transformers the whole batch as one. The noise is a constant: the gradient passes
+/// through unchanged.
+pub fn noised(x: &Tensor, alpha: f64, seed: u64, packed: bool) -> Result<Tensor> {
+    let (b, t, h) = x.dims3()?;
+    let len = if packed { b * t } else { t };
+    let m = alpha / ((len * h) as f64).sqrt();
     let noise = Tensor::from_vec(
         uniform(x.elem_count(), m as f32, seed),
         x.shape(),
@@ -60,7 +63,7 @@ mod tests {
     fn the_noise_is_uniform_within_alpha_over_root_t_h() {
         let (b, t, h) = (3, 70, 1000);
         let x = Tensor::zeros((b, t, h), DType::F32, &Device::Cpu).unwrap();
-        let y = noised(&x, 5.0, 9).unwrap();
+        let y = noised(&x, 5.0, 9, false).unwrap();
         let v: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
         let m = 5.0 / ((t * h) as f64).sqrt();
         assert!(v.iter().all(|&e| (e as f64).abs() <= m), "outside ±{m}");
@@ -70,11 +73,19 @@ mod tests {
         assert!(mean.abs() < 0.01 * m, "mean {mean} against m {m}");
         assert!((var / (m * m / 3.0) - 1.0).abs() < 0.01, "variance {var}");
         assert_eq!(
-            noised(&x, 5.0, 9).unwrap().to_vec3::<f32>().unwrap(),
+            noised(&x, 5.0, 9, false).unwrap().to_vec3::<f32>().unwrap(),
             y.to_vec3::<f32>().unwrap()
         );
-        let other = noised(&x, 5.0, 10).unwrap();
+        let other = noised(&x, 5.0, 10, false).unwrap();
         assert_ne!(other.to_vec3::<f32>().unwrap(), y.to_vec3::<f32>().unwrap());
+        // Packed rows are one row of B T tokens: the bound shrinks by sqrt(B).
+        let packed = noised(&x, 5.0, 9, true).unwrap();
+        let (p, u) = (
+            packed.abs().unwrap().max_all().unwrap(),
+            y.abs().unwrap().max_all().unwrap(),
+        );
+        let ratio = p.to_scalar::<f32>().unwrap() / u.to_scalar::<f32>().unwrap();
+        assert!((ratio - 1.0 / (b as f32).sqrt()).abs() < 1e-4, "{ratio}");
         // Element i depends on (seed, i) alone: a shorter draw is the longer one's start.
         let short = uniform(1000, 1.0, 9);
         let long = uniform(300_000, 1.0, 9);
@@ -90,7 +101,7 @@ mod tests {
         )
         .unwrap();
         let w = Tensor::rand(-1f32, 1.0, (2, 5, 8), &Device::Cpu).unwrap();
-        let y = noised(x.as_tensor(), 5.0, 3).unwrap();
+        let y = noised(x.as_tensor(), 5.0, 3, false).unwrap();
         let g = (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let gx = g.get(&x).unwrap();
         assert_eq!(gx.to_vec3::<f32>().unwrap(), w.to_vec3::<f32>().unwrap());

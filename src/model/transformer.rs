@@ -153,7 +153,7 @@ impl Transformer {
                 .broadcast_as((b, t))?
                 .contiguous()?,
         };
-        let x = self.embed_tokens(ids, &positions, ctx)?;
+        let x = self.embed_tokens(ids, &positions, ctx, f.segments.is_some())?;
         let at = |r: &Option<Rope>| r.as_ref().map(|r| r.at(&positions, ctx.dtype)).transpose();
         let (rope, local_rope) = (at(&self.rope)?, at(&self.local_rope)?);
         let inp = AttnInputs {
@@ -191,7 +191,13 @@ impl Transformer {
 
     /// Token (plus learned position) embeddings of `ids` `[B, T]`, with NEFTune's noise and
     /// embedding dropout in training.
-    fn embed_tokens(&self, ids: &Tensor, positions: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+    fn embed_tokens(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        ctx: &Ctx,
+        packed: bool,
+    ) -> Result<Tensor> {
         use crate::kernels::embedding;
         // Where the fused lookup serves, a tied table is read as the LM head reads it (its
         // compute copy): the lookup's gradient and the head's then meet on one tensor, and
@@ -223,7 +229,7 @@ impl Transformer {
         // After Gemma's scale, as transformers hooks the scaled embedding module's output,
         // and before dropout.
         if let (Some(alpha), Some(s)) = (ctx.neftune_alpha, ctx.dropout_seed) {
-            x = super::neftune::noised(&x, alpha, splitmix64(s ^ 0x4E))?;
+            x = super::neftune::noised(&x, alpha, splitmix64(s ^ 0x4E), packed)?;
         }
         if let Some(s) = ctx.dropout_seed {
             x = dropout(&x, self.cfg.dropout, splitmix64(s ^ 0xE), ctx)?;

@@ -10,8 +10,10 @@
 //!
 //! Per-token losses are averaged per `loss_type` (TRL's names): `bnpo` over each minibatch's
 //! tokens (the default, which equals `dapo` only at `grad_accum = 1`), `grpo` per response
-//! then over responses, `dapo` over every token of the optimizer step. The maths lives in
-//! [`super::rl`].
+//! then over responses, `dapo` over every token of the optimizer step, `dr_grpo` summed and
+//! divided by the minibatch's responses times `max_new_tokens` (so its reported policy loss
+//! and KL read lower than a token mean where responses are short). `delta` clips two-sided.
+//! The maths lives in [`super::rl`].
 
 use anyhow::Result;
 use candle_core::Tensor;

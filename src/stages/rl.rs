@@ -100,7 +100,8 @@ pub struct PolicyLoss {
     /// under two-sided clipping `min(r, delta)` in the first term.
     pub loss: Tensor,
     /// Fraction of valid tokens where the clipped branch is the active one (so the token
-    /// gives no gradient), as TRL and OpenRLHF count it.
+    /// gives no gradient), as TRL and OpenRLHF count it. A token whose ratio passes the
+    /// two-sided cap `delta` gives none either and is not counted, as TRL counts it neither.
     pub clipfrac: f64,
     /// `0.5 * mean((logp - logp_old)^2)` (TRL's `approxkl`).
     pub approx_kl: f64,

@@ -55,7 +55,8 @@ impl Fitter {
             return Ok(Some(seqs));
         }
         let max = self.max_tokens;
-        // Text learnt whole (SFT's `text` records) has no prompt to lose.
+        // Text learnt whole (SFT's `text` records, and any record trained on every token) has
+        // no prompt to lose.
         let prompted: Vec<bool> = seqs
             .iter()
             .map(|(_, m)| m.first() == Some(&false))
@@ -241,7 +242,8 @@ mod tests {
         assert_eq!(out.unwrap()[0].1, vec![false, true, true, true]);
     }
 
-    /// Text learnt whole (an SFT `text` record) has no prompt to lose: it is cut, either end.
+    /// Text learnt whole (an SFT `text` record, or any trained on every token) has no prompt
+    /// to lose: it is cut, either end.
     #[test]
     fn text_learnt_whole_is_cut_not_left_out() {
         for how in [Truncation::KeepStart, Truncation::KeepEnd] {
