@@ -259,7 +259,10 @@ fn every_estimator_runs_and_logs_its_rollouts() {
         let dr = p(dir.path(), "dr.toml");
         if est == "rloo" {
             let base = std::fs::read_to_string(&chain().config).unwrap();
-            let cfg = base.replace("[grpo]\n", "[grpo]\nloss_type = \"dr_grpo\"\ndelta = 2.0\n");
+            let cfg = base.replace(
+                "[grpo]\n",
+                "[grpo]\nloss_type = \"dr_grpo\"\ndelta = 2.0\ntop_k = 20\ntop_p = 0.9\n",
+            );
             assert_ne!(cfg, base);
             std::fs::write(&dr, cfg).unwrap();
         }
@@ -281,6 +284,10 @@ fn every_estimator_runs_and_logs_its_rollouts() {
         if est == "rloo" {
             assert!(cfg.contains("loss_type = \"dr_grpo\""), "{cfg}");
             assert!(cfg.contains("delta = 2.0"), "{cfg}");
+            assert!(
+                cfg.contains("top_p = 0.9") && cfg.contains("top_k = 20"),
+                "{cfg}"
+            );
         }
         let level = if est == "group_norm" {
             "sequence"

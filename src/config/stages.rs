@@ -656,6 +656,11 @@ pub struct GrpoConfig {
     /// (GRPO), or each response as a whole (GSPO).
     pub importance_sampling_level: ImportanceSamplingLevel,
     pub temperature: f64,
+    /// Sampling filters of the rollouts (TRL's `top_k` and `top_p`; 0 and 1: off). The
+    /// ratios' old log-probabilities stay those of the full tempered softmax, as TRL computes
+    /// them.
+    pub top_k: usize,
+    pub top_p: f64,
     pub max_new_tokens: usize,
     pub eps: f64,
     pub loss_type: LossType,
@@ -739,6 +744,9 @@ impl GrpoConfig {
         if !(self.beta >= 0.0 && self.beta.is_finite()) {
             bail!("grpo.beta must be 0 or positive, got {}", self.beta);
         }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("grpo.top_p must be in (0, 1], got {}", self.top_p);
+        }
         if let Some(delta) = self.delta {
             let high = 1.0 + self.epsilon_high.unwrap_or(self.cliprange);
             if !(delta > high && delta.is_finite()) {
@@ -786,6 +794,8 @@ impl Default for GrpoConfig {
             delta: None,
             importance_sampling_level: ImportanceSamplingLevel::Token,
             temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
             max_new_tokens: 6,
             eps: 1e-4,
             loss_type: LossType::Bnpo,
@@ -989,6 +999,14 @@ mod tests {
         let c: GrpoConfig = toml::from_str("loss_type = \"dr_grpo\"\ndelta = 1.5").unwrap();
         assert_eq!((c.loss_type, c.delta), (LossType::DrGrpo, Some(1.5)));
         c.validate().unwrap();
+        let e = GrpoConfig {
+            top_p: 0.0,
+            ..GrpoConfig::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("grpo.top_p"), "{e}");
         for (delta, high) in [(1.2, None), (1.25, Some(0.28)), (f64::INFINITY, None)] {
             let c = GrpoConfig {
                 delta: Some(delta),

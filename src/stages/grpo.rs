@@ -110,6 +110,8 @@ impl GrpoTask<'_> {
         let cfg = SampleCfg {
             max_new_tokens: c.max_new_tokens,
             temperature: c.temperature,
+            top_k: c.top_k,
+            top_p: c.top_p,
             ..Default::default()
         };
         // Each rollout samples from its own seed, a function of the run's seed and the step,
