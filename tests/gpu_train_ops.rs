@@ -20,7 +20,8 @@
 //! - `gelu` (`kernels/gelu.cu`): one element, an odd count and a GPT-2 MLP activation of
 //!   3 x 1021 x 3072, f32, bf16 and f16, the output and its gradient.
 //! - `swiglu` (`kernels/swiglu.cu`): one element, an odd count and a Llama MLP activation of
-//!   3 x 1021 x 2752, gates out to +-12, f32, bf16 and f16, the output and both gradients.
+//!   3 x 1021 x 2752, gates out to +-12, f32, bf16 and f16, the output and both gradients;
+//!   the same for its GeGLU entry points (Gemma's gate) against candle's tanh GELU.
 //! - `rope` (`kernels/rope.cu`): head dims 2, 10 and 128, one and many heads (query and
 //!   grouped key head counts), odd lengths, each batch row at its own position offset (as in
 //!   decoding), f32, bf16 and f16, the output and its gradient.
@@ -621,15 +622,25 @@ mod gelu {
 }
 
 gpu_test!(swiglu::swiglu_kernel_matches_reference);
+gpu_test!(swiglu::geglu_kernel_matches_reference);
 
 #[cfg(feature = "cuda")]
 mod swiglu {
     use candle_core::{DType, Device, Tensor, Var};
-    use temper::kernels::swiglu::{fused, reference};
+    use temper::kernels::swiglu::{fused_gate, geglu_reference, reference, Gate};
 
     use super::common::gpu::{assert_close, elem_tol, grad_tol, tol, Rng};
 
     pub fn swiglu_kernel_matches_reference(dev: &Device) {
+        gated_kernel_matches_reference(dev, Gate::Silu);
+    }
+
+    /// Gemma's GeGLU: the same kernels with the tanh GELU as the gate's activation.
+    pub fn geglu_kernel_matches_reference(dev: &Device) {
+        gated_kernel_matches_reference(dev, Gate::GeluTanh);
+    }
+
+    fn gated_kernel_matches_reference(dev: &Device, gate: Gate) {
         let (mut rng, seed) = Rng::fresh(0x5e1a);
         for shape in [vec![1usize], vec![1031], vec![3, 1021, 2752]] {
             let n: usize = shape.iter().product();
@@ -649,9 +660,12 @@ mod swiglu {
                     let get = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
                     (y, get(&g), get(&u))
                 };
-                let ours = run(&fused);
-                let refs = run(&reference);
-                let what = |s: &str| format!("seed {seed:#x} {shape:?} {dtype:?} {s}");
+                let ours = run(&|g, u| fused_gate(g, u, gate));
+                let refs = match gate {
+                    Gate::Silu => run(&reference),
+                    Gate::GeluTanh => run(&geglu_reference),
+                };
+                let what = |s: &str| format!("seed {seed:#x} {gate:?} {shape:?} {dtype:?} {s}");
                 assert_close(&what("y"), &ours.0, &refs.0, tol(dtype), elem_tol(dtype));
                 assert_close(&what("dg"), &ours.1, &refs.1, tol(dtype), grad_tol(dtype));
                 assert_close(&what("du"), &ours.2, &refs.2, tol(dtype), grad_tol(dtype));

@@ -9,7 +9,7 @@ use super::linear::{Ctx, Linear};
 use crate::config::{LoraConfig, LoraTarget};
 use crate::config::{MlpKind, ModelConfig};
 use crate::kernels::bias::BiasAct;
-use crate::kernels::swiglu::swiglu;
+use crate::kernels::swiglu::{geglu, swiglu};
 use crate::train::params::Scope;
 
 pub struct Mlp {
@@ -68,7 +68,11 @@ impl Mlp {
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let hmid = match (&self.gate, self.kind) {
-            (Some(g), MlpKind::GeGlu) => geglu(&g.forward(x, ctx)?, &self.up.forward(x, ctx)?)?,
+            (Some(g), MlpKind::GeGlu) => geglu(
+                &g.forward(x, ctx)?,
+                &self.up.forward(x, ctx)?,
+                ctx.kernels.swiglu,
+            )?,
             (Some(g), _) => swiglu(
                 &g.forward(x, ctx)?,
                 &self.up.forward(x, ctx)?,
@@ -78,18 +82,4 @@ impl Mlp {
         };
         self.down.forward(&hmid, ctx)
     }
-}
-
-/// `gelu(gate) * up`, GELU's tanh approximation computed in f32 and the product rounded to
-/// the inputs' dtype, as transformers' `gelu_pytorch_tanh` in bf16 upcasts inside the
-/// activation. The reference composite, one op on the tape: no kernel of ours fuses it yet.
-fn geglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
-    crate::tape::island(&[gate, up], |a| {
-        let dtype = a[0].dtype();
-        let act = a[0]
-            .to_dtype(candle_core::DType::F32)?
-            .gelu()?
-            .to_dtype(dtype)?;
-        act * &a[1]
-    })
 }

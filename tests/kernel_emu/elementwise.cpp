@@ -7,7 +7,8 @@
 //   columns, widths below one 256-thread block and above it (partial last blocks), 16-byte chunk
 //   counts that are no multiple of the 32 lanes of a backward_vec block, one and several row
 //   groups (130 rows: three groups of 44 on the scalar path, 17 of 8 on the vector one);
-// - gelu_{fwd,bwd}{,_vec}_* and swiglu_{fwd,bwd}{,_vec}_* over n = 1, 37, 1221 (odd: scalar),
+// - gelu_{fwd,bwd}{,_vec}_*, swiglu_{fwd,bwd}{,_vec}_* and geglu_{fwd,bwd}{,_vec}_* (Gemma's
+//   gated GELU, on GELU's inputs) over n = 1, 37, 1221 (odd: scalar),
 //   2376, 100880, 101376 and 399360 (16-byte chunks for every dtype) elements, with inputs far in
 //   both tails (|x| up to 12 for GELU, |g| up to 100 for SwiGLU, where exp overflows f32 and
 //   the sigmoid must come out 0 rather than NaN);
@@ -105,6 +106,8 @@ template <> struct Dt<float> : emu_check::Dt<float> {
   static constexpr GeluK gelu_bwd = gelu_bwd_f32, gelu_bwd_vec = gelu_bwd_vec_f32;
   static constexpr SwiGluK swiglu_fwd = swiglu_fwd_f32, swiglu_fwd_vec = swiglu_fwd_vec_f32;
   static constexpr SwiGluK swiglu_bwd = swiglu_bwd_f32, swiglu_bwd_vec = swiglu_bwd_vec_f32;
+  static constexpr SwiGluK geglu_fwd = geglu_fwd_f32, geglu_fwd_vec = geglu_fwd_vec_f32;
+  static constexpr SwiGluK geglu_bwd = geglu_bwd_f32, geglu_bwd_vec = geglu_bwd_vec_f32;
   static constexpr RopeK rope_fwd = rope_fwd_f32, rope_bwd = rope_bwd_f32;
   static constexpr DropoutK dropout = dropout_f32;
 };
@@ -115,6 +118,8 @@ template <> struct Dt<bf16> : emu_check::Dt<bf16> {
   static constexpr GeluK gelu_bwd = gelu_bwd_bf16, gelu_bwd_vec = gelu_bwd_vec_bf16;
   static constexpr SwiGluK swiglu_fwd = swiglu_fwd_bf16, swiglu_fwd_vec = swiglu_fwd_vec_bf16;
   static constexpr SwiGluK swiglu_bwd = swiglu_bwd_bf16, swiglu_bwd_vec = swiglu_bwd_vec_bf16;
+  static constexpr SwiGluK geglu_fwd = geglu_fwd_bf16, geglu_fwd_vec = geglu_fwd_vec_bf16;
+  static constexpr SwiGluK geglu_bwd = geglu_bwd_bf16, geglu_bwd_vec = geglu_bwd_vec_bf16;
   static constexpr RopeK rope_fwd = rope_fwd_bf16, rope_bwd = rope_bwd_bf16;
   static constexpr DropoutK dropout = dropout_bf16;
 };
@@ -125,6 +130,8 @@ template <> struct Dt<f16> : emu_check::Dt<f16> {
   static constexpr GeluK gelu_bwd = gelu_bwd_f16, gelu_bwd_vec = gelu_bwd_vec_f16;
   static constexpr SwiGluK swiglu_fwd = swiglu_fwd_f16, swiglu_fwd_vec = swiglu_fwd_vec_f16;
   static constexpr SwiGluK swiglu_bwd = swiglu_bwd_f16, swiglu_bwd_vec = swiglu_bwd_vec_f16;
+  static constexpr SwiGluK geglu_fwd = geglu_fwd_f16, geglu_fwd_vec = geglu_fwd_vec_f16;
+  static constexpr SwiGluK geglu_bwd = geglu_bwd_f16, geglu_bwd_vec = geglu_bwd_vec_f16;
   static constexpr RopeK rope_fwd = rope_fwd_f16, rope_bwd = rope_bwd_f16;
   static constexpr DropoutK dropout = dropout_f16;
 };
@@ -474,6 +481,58 @@ template <typename T> bool swiglu_run(const NCase &c, const std::vector<float> &
   return ok;
 }
 
+// GeGLU (swiglu.rs with Gate::GeluTanh): y = gelu(g) u, dg = dy u gelu'(g), du = dy gelu(g).
+template <typename T> bool geglu_run(const NCase &c, const std::vector<float> &gs,
+                                     const std::vector<float> &us,
+                                     const std::vector<float> &ds, bool misalign) {
+  const size_t n = c.n, E = 16 / sizeof(T);
+  const Buf<T> g(gs, misalign), u(us, misalign), dy(ds, misalign);
+  Buf<T> y(n), both(2 * n);
+  bool ok = true;
+  {
+    const bool vec = takes_vec<T>(n, {g.aligned16(), u.aligned16()});
+    SwiGluParams p{};
+    p.g = g.p;
+    p.u = u.p;
+    p.out = y.p;
+    p.n = (long long)n;
+    run(grid_stride(n / (vec ? E : 1), c.sms), 1,
+        vec ? Dt<T>::geglu_fwd_vec : Dt<T>::geglu_fwd, p);
+    std::vector<double> want(n), tol(n);
+    for (size_t i = 0; i < n; ++i) {
+      const double v = g.at(i), w = u.at(i);
+      want[i] = gelu_ref(v) * w;
+      tol[i] = store_tol<T>(want[i], std::fabs(w) * gelu_err(v) + 2 * kEps * std::fabs(want[i]));
+    }
+    const std::string what = tag("geglu fwd", c.name, Dt<T>::name, vec);
+    ok &= within(what, y.p, want, tol) & guard(what, y);
+  }
+  {
+    const bool vec = takes_vec<T>(n, {g.aligned16(), u.aligned16(), dy.aligned16()});
+    SwiGluParams p{};
+    p.g = g.p;
+    p.u = u.p;
+    p.dy = dy.p;
+    p.out = both.p;
+    p.n = (long long)n;
+    run(grid_stride(n / (vec ? E : 1), c.sms), 1,
+        vec ? Dt<T>::geglu_bwd_vec : Dt<T>::geglu_bwd, p);
+    std::vector<double> want(2 * n), tol(2 * n);
+    for (size_t i = 0; i < n; ++i) {
+      const double v = g.at(i), d = dy.at(i), du_ = d * u.at(i);
+      want[i] = du_ * gelu_slope_ref(v);
+      tol[i] = store_tol<T>(want[i],
+                            std::fabs(du_) * gelu_slope_err(v) + 4 * kEps * std::fabs(want[i]));
+      want[n + i] = d * gelu_ref(v);
+      tol[n + i] = store_tol<T>(want[n + i],
+                                std::fabs(d) * gelu_err(v) + 2 * kEps * std::fabs(want[n + i]));
+    }
+    const std::string what = tag("geglu bwd", c.name, Dt<T>::name, vec);
+    ok &= within(what + " [dg | du]", both.p, want, tol) & guard(what, both);
+  }
+  return ok;
+}
+
 template <typename T> bool check_n(const NCase &c, emu_check::Rng &rng) {
   const size_t n = c.n;
   const std::vector<float> x = draw(n, 2.f, {-12.f, 12.f, -6.f, 6.f, -3.5f, 0.f, 1e-3f}, rng);
@@ -486,6 +545,8 @@ template <typename T> bool check_n(const NCase &c, emu_check::Rng &rng) {
     if (misalign && !takes_vec<T>(n, {})) continue;
     ok &= gelu_run<T>(c, x, dy, misalign);
     ok &= swiglu_run<T>(c, g, u, dy, misalign);
+    // GELU's inputs: its tails are where tanh saturates, and past |x| = 12 nothing changes.
+    ok &= geglu_run<T>(c, x, u, dy, misalign);
   }
   return ok;
 }

@@ -1,10 +1,11 @@
-//! Launcher of `kernels/swiglu.cu` for the op in `src/kernels/swiglu.rs`.
+//! Launcher of `kernels/swiglu.cu` (SwiGLU and GeGLU) for the op in `src/kernels/swiglu.rs`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 
+use super::super::swiglu::Gate;
 use super::{
     alloc_out, contiguous_view, grid_stride, launch, load_func, vec16_chunk, DevPtr, DevPtrs,
     KernelParams,
@@ -30,13 +31,14 @@ impl KernelParams for SwiGluParams {
 
 type Arg<'a> = (&'a CudaStorage, &'a Layout);
 
-/// The forward (`dy` absent: `n` elements of y) or the backward (`2 n` elements: dg, then du).
-pub fn run(g: Arg, u: Arg, dy: Option<Arg>) -> Result<CudaStorage> {
+/// The forward (`dy` absent: `n` elements of y) or the backward (`2 n` elements: dg, then du)
+/// of `gate`'s kernels.
+pub fn run(g: Arg, u: Arg, dy: Option<Arg>, gate: Gate) -> Result<CudaStorage> {
     match g.0.dtype() {
-        DType::F32 => run_t::<f32>(g, u, dy),
-        DType::BF16 => run_t::<half::bf16>(g, u, dy),
-        DType::F16 => run_t::<half::f16>(g, u, dy),
-        dt => candle_core::bail!("swiglu: no CUDA kernel for {dt:?}"),
+        DType::F32 => run_t::<f32>(g, u, dy, gate),
+        DType::BF16 => run_t::<half::bf16>(g, u, dy, gate),
+        DType::F16 => run_t::<half::f16>(g, u, dy, gate),
+        dt => candle_core::bail!("{}: no CUDA kernel for {dt:?}", gate.name()),
     }
 }
 
@@ -44,6 +46,7 @@ fn run_t<T: CudaDType + DeviceRepr + WithDType>(
     (sg, lg): Arg,
     (su, lu): Arg,
     dy: Option<Arg>,
+    gate: Gate,
 ) -> Result<CudaStorage> {
     let dev = sg.device();
     let n = lg.shape().elem_count();
@@ -60,9 +63,10 @@ fn run_t<T: CudaDType + DeviceRepr + WithDType>(
     if n > 0 {
         let pass = if d.is_some() { "bwd" } else { "fwd" };
         let chunk = vec16_chunk::<T>(n, &[lg.start_offset(), lu.start_offset(), dy_offset]);
+        let (op, dt) = (gate.name(), T::DTYPE.as_str());
         let name = match chunk {
-            Some(_) => format!("swiglu_{pass}_vec_{}", T::DTYPE.as_str()),
-            None => format!("swiglu_{pass}_{}", T::DTYPE.as_str()),
+            Some(_) => format!("{op}_{pass}_vec_{dt}"),
+            None => format!("{op}_{pass}_{dt}"),
         };
         let func = load_func(dev, "swiglu", &name)?;
         let stream = dev.cuda_stream();
