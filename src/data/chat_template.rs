@@ -134,28 +134,29 @@ impl ChatTemplate {
             }
             None => Some(dir.join(TEMPLATE_FILE)).filter(|j| j.is_file()),
         };
-        if let Some(jinja) = default {
-            let (bos, eos) = match &config {
-                Some(cfg) => special_tokens(&tc, cfg)?,
-                None => Default::default(),
-            };
-            let template = Self::from_source(read_text(&jinja)?, bos, eos, &jinja)?;
+        let specials = || match &config {
+            Some(cfg) => special_tokens(&tc, cfg),
+            None => Ok(Default::default()),
+        };
+        // The directory's `tool_use` template beside `template`, where it has one.
+        let with_tools = |template: Self| -> Result<Option<Self>> {
             if !named.iter().any(|n| n == TOOL_USE) {
                 return Ok(Some(template));
             }
             let tools = dir
                 .join(NAMED_TEMPLATES_DIR)
                 .join(format!("{TOOL_USE}.jinja"));
-            return template.with_tool_use(read_text(&tools)?, &tools).map(Some);
+            template.with_tool_use(read_text(&tools)?, &tools).map(Some)
+        };
+        if let Some(jinja) = default {
+            let (bos, eos) = specials()?;
+            return with_tools(Self::from_source(read_text(&jinja)?, bos, eos, &jinja)?);
         }
         // transformers takes named templates over the config's, and then has no default:
         // it renders a conversation given tools with `tool_use`, and refuses any other when
         // it is rendered, not when it is loaded (records that render none still train).
         if !named.is_empty() {
-            let (bos, eos) = match &config {
-                Some(cfg) => special_tokens(&tc, cfg)?,
-                None => Default::default(),
-            };
+            let (bos, eos) = specials()?;
             let why = format!(
                 "{}: holds named chat templates ({}) but no default one ({TEMPLATE_FILE}), and \
                  transformers renders none of them unnamed: pass --chat-template {}/NAME.jinja",
@@ -163,14 +164,7 @@ impl ChatTemplate {
                 named.join(", "),
                 dir.join(NAMED_TEMPLATES_DIR).display()
             );
-            let template = Self::without_default(why, bos, eos, dir);
-            if !named.iter().any(|n| n == TOOL_USE) {
-                return Ok(Some(template));
-            }
-            let tools = dir
-                .join(NAMED_TEMPLATES_DIR)
-                .join(format!("{TOOL_USE}.jinja"));
-            return template.with_tool_use(read_text(&tools)?, &tools).map(Some);
+            return with_tools(Self::without_default(why, bos, eos, dir));
         }
         match config {
             Some(cfg) if cfg.get("chat_template").is_some_and(|t| !t.is_null()) => {

@@ -1,8 +1,8 @@
 //! Jinja2's text filters and Python's string methods that minijinja lacks or gives otherwise,
 //! as a chat template written for transformers (Jinja2 under Python) expects them:
 //! - the filters `truncate` (positional arguments too, and Jinja2's leeway of 5), `wordcount`,
-//!   `center` and `striptags` (markupsafe's: comments and tags out, whitespace collapsed,
-//!   entities unescaped);
+//!   `center` and `striptags` (markupsafe 3's: comments and tags out, whitespace collapsed,
+//!   character references unescaped);
 //! - the methods `str.rsplit`, `str.index`, `str.rindex`, and `str.find` and `str.rfind`
 //!   counting characters, as Python does, not bytes (minijinja's pycompat counts bytes, so a
 //!   slice at the index a non-ASCII text gives would land elsewhere).
@@ -78,73 +78,126 @@ pub fn wordcount(s: String) -> usize {
 
 /// Jinja2's `center(s, width=80)`: Python's `str.center`, which puts the odd space on the
 /// left when both the margin and the width are odd.
-pub fn center(s: String, width: Option<usize>) -> String {
-    let width = width.unwrap_or(80);
+pub fn center(s: String, width: Option<usize>, kwargs: Kwargs) -> Result<String, Error> {
+    let width = kwargs
+        .get::<Option<usize>>("width")?
+        .or(width)
+        .unwrap_or(80);
+    kwargs.assert_all_used()?;
     let len = s.chars().count();
     if width <= len {
-        return s;
+        return Ok(s);
     }
     let margin = width - len;
     let left = margin / 2 + (margin & width & 1);
-    format!("{}{s}{}", " ".repeat(left), " ".repeat(margin - left))
+    Ok(format!(
+        "{}{s}{}",
+        " ".repeat(left),
+        " ".repeat(margin - left)
+    ))
 }
 
-/// Jinja2's `striptags` (markupsafe's `Markup.striptags`): comments, then tags, taken out;
-/// runs of whitespace made one space and the ends trimmed; HTML entities unescaped.
+/// Jinja2's `striptags` (markupsafe 3's `Markup.striptags`): comments and tags taken out in
+/// one pass from the left, which stops at the first one left open; runs of whitespace made
+/// one space and the ends trimmed; character references unescaped.
 pub fn striptags(s: String) -> String {
-    let mut text = s;
-    for (open, close) in [("<!--", "-->"), ("<", ">")] {
-        while let Some(start) = text.find(open) {
-            let Some(len) = text[start..].find(close) else {
-                break;
-            };
-            text.replace_range(start..start + len + close.len(), "");
-        }
+    let mut kept = String::with_capacity(s.len());
+    let mut pos = 0;
+    while let Some(start) = s[pos..].find('<').map(|i| pos + i) {
+        let end = match s[start..].starts_with("<!--") {
+            true => s[start + 4..].find("-->").map(|i| start + 4 + i + 3),
+            false => s[start..].find('>').map(|i| start + i + 1),
+        };
+        let Some(end) = end else { break };
+        kept.push_str(&s[pos..start]);
+        pos = end;
     }
-    unescape(&text.split_whitespace().collect::<Vec<_>>().join(" "))
+    kept.push_str(&s[pos..]);
+    let words: Vec<&str> = kept.split(is_py_space).filter(|w| !w.is_empty()).collect();
+    unescape(&words.join(" "))
 }
 
-/// The HTML entities text in templates meets: the five markupsafe escapes, `&nbsp;`, and
-/// numeric references. Others stay as written (Python's `html.unescape` knows them all).
+/// Python's `str.isspace`: Rust's whitespace and the four information separators.
+fn is_py_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// Python's `html.unescape` for numeric references (`&#65;`, `&#x41;`, the semicolon
+/// optional; the HTML 5 rules for invalid ones) and the named ones text in templates meets
+/// (`&amp;`, `&lt;`, `&gt;`, `&quot;` and `&apos;`, the first four also without the semicolon as
+/// HTML 5's legacy forms, and `&nbsp;`). Other named references stay as written.
 fn unescape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(amp) = rest.find('&') {
         out.push_str(&rest[..amp]);
-        rest = &rest[amp..];
-        let entity = rest.find(';').map(|semi| (&rest[1..semi], semi + 1));
-        let decoded = entity.and_then(|(name, len)| {
-            let c = match name {
-                "amp" => Some('&'),
-                "lt" => Some('<'),
-                "gt" => Some('>'),
-                "quot" => Some('"'),
-                "apos" => Some('\''),
-                "nbsp" => Some('\u{a0}'),
-                _ => {
-                    let num = name.strip_prefix('#')?;
-                    let code = match num.strip_prefix(['x', 'X']) {
-                        Some(hex) => u32::from_str_radix(hex, 16).ok()?,
-                        None => num.parse().ok()?,
-                    };
-                    char::from_u32(code)
-                }
-            };
-            c.map(|c| (c, len))
-        });
-        match decoded {
-            Some((c, len)) => {
-                out.push(c);
-                rest = &rest[len..];
+        rest = &rest[amp + 1..];
+        match reference(rest) {
+            Some((text, used)) => {
+                out.push_str(&text);
+                rest = &rest[used..];
             }
-            None => {
-                out.push('&');
-                rest = &rest[1..];
-            }
+            None => out.push('&'),
         }
     }
     out.push_str(rest);
     out
+}
+
+/// The character reference `rest` opens with (after its `&`): its text and the bytes it takes.
+fn reference(rest: &str) -> Option<(String, usize)> {
+    let semi = |at: usize| usize::from(rest[at..].starts_with(';'));
+    if let Some(num) = rest.strip_prefix('#') {
+        let (digits, radix, skip) = match num.strip_prefix(['x', 'X']) {
+            Some(hex) => (hex, 16, 2),
+            None => (num, 10, 1),
+        };
+        let len = digits
+            .find(|c: char| !c.is_digit(radix))
+            .unwrap_or(digits.len());
+        if len == 0 {
+            return None;
+        }
+        // Past any code point: saturate, as Python's big integer is past 0x10FFFF too.
+        let code = u32::from_str_radix(&digits[..len], radix).unwrap_or(u32::MAX);
+        return Some((numeric(code), skip + len + semi(skip + len)));
+    }
+    for (name, text, legacy) in [
+        ("amp", "&", true),
+        ("lt", "<", true),
+        ("gt", ">", true),
+        ("quot", "\"", true),
+        ("apos", "'", false),
+        ("nbsp", "\u{a0}", false),
+    ] {
+        if let Some(after) = rest.strip_prefix(name) {
+            let closed = after.starts_with(';');
+            if closed || legacy {
+                return Some((text.to_string(), name.len() + usize::from(closed)));
+            }
+        }
+    }
+    None
+}
+
+/// What `html.unescape` makes of the numeric reference `code`.
+fn numeric(code: u32) -> String {
+    const CP1252: [u32; 32] = [
+        0x20ac, 0x81, 0x201a, 0x192, 0x201e, 0x2026, 0x2020, 0x2021, 0x2c6, 0x2030, 0x160, 0x2039,
+        0x152, 0x8d, 0x17d, 0x8f, 0x90, 0x2018, 0x2019, 0x201c, 0x201d, 0x2022, 0x2013, 0x2014,
+        0x2dc, 0x2122, 0x161, 0x203a, 0x153, 0x9d, 0x17e, 0x178,
+    ];
+    let invalid = matches!(code, 0x1..=0x8 | 0xb | 0xe..=0x1f | 0x7f | 0xfdd0..=0xfdef)
+        || (code & 0xfffe == 0xfffe && code <= 0x10ffff);
+    let c = match code {
+        0 => Some('\u{fffd}'),
+        0x0d => Some('\r'),
+        0x80..=0x9f => char::from_u32(CP1252[(code - 0x80) as usize]),
+        0xd800..=0xdfff | 0x110000.. => Some('\u{fffd}'),
+        _ if invalid => None,
+        _ => char::from_u32(code),
+    };
+    c.map(String::from).unwrap_or_default()
 }
 
 /// Python's string methods that minijinja's pycompat lacks or counts in bytes; any other
@@ -198,13 +251,13 @@ fn rsplit(s: &str, sep: Option<&str>, maxsplit: Option<usize>) -> Result<Vec<Str
             .collect(),
         None => {
             let mut parts = Vec::new();
-            let mut rest = s.trim_end();
+            let mut rest = s.trim_end_matches(is_py_space);
             while !rest.is_empty() && parts.len() < limit {
-                match rest.rfind(char::is_whitespace) {
+                match rest.rfind(is_py_space) {
                     Some(i) => {
                         let ws = rest[i..].chars().next().map_or(1, char::len_utf8);
                         parts.push(rest[i + ws..].to_string());
-                        rest = rest[..i].trim_end();
+                        rest = rest[..i].trim_end_matches(is_py_space);
                     }
                     None => {
                         parts.push(rest.to_string());
@@ -234,8 +287,13 @@ fn find_chars(
     let hay: Vec<char> = s.chars().collect();
     let needle: Vec<char> = sub.chars().collect();
     let len = hay.len() as i64;
-    let bound = |i: i64| (if i < 0 { i + len } else { i }).clamp(0, len) as usize;
-    let (lo, hi) = (bound(start.unwrap_or(0)), bound(end.unwrap_or(len)));
+    let from_end = |i: i64| if i < 0 { (i + len).max(0) } else { i };
+    // Python finds nothing, not even an empty string, from past the end.
+    let lo = from_end(start.unwrap_or(0));
+    if lo > len {
+        return None;
+    }
+    let (lo, hi) = (lo as usize, from_end(end.unwrap_or(len)).min(len) as usize);
     if lo > hi || hi - lo < needle.len() {
         return None;
     }
@@ -292,6 +350,15 @@ mod tests {
             ("{{ 'héllo'.index('l') }} {{ 'héllo'.rindex('l', 0, 4) }}", "2 3"),
             ("{% set s = 'é<t>x' %}{{ s[s.find('<t>') + 3:] }}", "x"),
             ("{{ 'abc'.upper() }}", "ABC"),
+            ("{{ 'a <!-- x <b> y'|striptags }}", "a <!-- x <b> y"),
+            ("{{ 'x <b> y <!-- unclosed <i>z</i>'|striptags }}", "x y <!-- unclosed <i>z</i>"),
+            ("{{ 'x<!-->y-->z'|striptags }}", "xz"),
+            ("{{ 'a <!-- <b> --> c <!--> d'|striptags }}", "a c <!--> d"),
+            ("{{ '<a <!-- x --> b>c'|striptags }}", "b>c"),
+            ("{{ 'a&b &amp c &lt d &#65 e &#0; f &#x80; g &#xD800; h &#x110000; i &#1; j &#xfffe; k &apos; l &nbsp;m'|striptags }}", "a&b & c < d A e � f € g � h � i  j  k ' l  m"),
+            ("{{ 'a\u{1c}b\u{1d}c d'.rsplit()|join('|') }}", "a|b|c|d"),
+            ("{{ 'abc'.find('', 5) }} {{ 'abc'.rfind('', 5) }} {{ ''.find('', 1) }} {{ 'abc'.find('', 3) }} {{ 'abc'.find('c', -10) }}", "-1 -1 -1 3 2"),
+            ("[{{ 'ab'|center(width=6) }}]", "[  ab  ]"),
         ];
         for (source, want) in cases {
             assert_eq!(render(source).unwrap(), want, "{source}");

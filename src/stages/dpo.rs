@@ -202,6 +202,27 @@ fn encode_pairs(
 /// The reference's summed log-probabilities of a pair's chosen and rejected responses.
 type RefLogps = [f32; 2];
 
+/// Values each scored by one rank (zeros on the others), made every rank's exactly: a mean
+/// of f32s would round `x / world * world` where `world` is no power of two, so each value's
+/// bits travel as two 16-bit halves, whole numbers the mean and the product bring back to the
+/// nearest integer exactly.
+fn gather_exactly(comm: &dyn Communicator, flat: &[f32]) -> Result<Vec<f32>> {
+    let mut halves: Vec<f32> = flat
+        .iter()
+        .flat_map(|x| {
+            let bits = x.to_bits();
+            [(bits >> 16) as f32, (bits & 0xffff) as f32]
+        })
+        .collect();
+    comm.all_reduce_mean(&mut halves)?;
+    let world = comm.world() as f32;
+    let whole = |h: f32| (h * world).round() as u32;
+    Ok(halves
+        .chunks(2)
+        .map(|h| f32::from_bits(whole(h[0]) << 16 | whole(h[1])))
+        .collect())
+}
+
 /// BCO's reward shift: the running mean of the training batches' mean implicit rewards
 /// (TRL's RunningMoments, updated with one value a batch).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -238,6 +259,21 @@ struct DpoTask<'a> {
 }
 
 impl DpoTask<'_> {
+    /// The sequences of `pairs` as one batch: chosen in the first n rows, rejected in the last
+    /// n ([`halves`]), packed under `[dpo] padding_free`.
+    fn batch<'p>(&self, pairs: impl Iterator<Item = &'p EncodedPair> + Clone) -> Result<SeqBatch> {
+        let seqs: Vec<_> = (0..2)
+            .flat_map(|side| pairs.clone().map(move |p| p[side].clone()))
+            .collect();
+        SeqBatch::new(
+            &seqs,
+            self.tok.pad_id(),
+            self.policy.cfg.max_position_embeddings,
+            self.env.cfg.dpo.padding_free,
+            &self.env.device,
+        )
+    }
+
     /// The reference's log-probabilities of every pair, `batch` pairs a forward; each rank
     /// scores its share of the batches and one all-reduce gathers them. Prints its progress.
     fn reference_logps(&self, pairs: &[EncodedPair], what: &str) -> Result<Vec<RefLogps>> {
@@ -250,22 +286,15 @@ impl DpoTask<'_> {
         let (rank, world) = (comm.rank(), comm.world());
         let batch = self.env.cfg.train.batch_size.max(1);
         let mut flat = vec![0f32; 2 * pairs.len()];
-        let progress = Progress::new("dpo", 0, pairs.len()).unit(&format!("{what} pairs"));
+        // Rank 0 shows its own batches' progress (the others score theirs alongside).
+        let progress = (rank == 0)
+            .then(|| Progress::new("dpo", 0, pairs.len()).unit(&format!("{what} pairs")));
         let mut shown = std::time::Instant::now();
         for (k, chunk) in pairs.chunks(batch).enumerate() {
             if k % world != rank {
                 continue;
             }
-            let seqs: Vec<_> = (0..2)
-                .flat_map(|side| chunk.iter().map(move |p| p[side].clone()))
-                .collect();
-            let b = SeqBatch::new(
-                &seqs,
-                self.tok.pad_id(),
-                self.policy.cfg.max_position_embeddings,
-                self.env.cfg.dpo.padding_free,
-                &self.env.device,
-            )?;
+            let b = self.batch(chunk.iter())?;
             let logps = b.summed_logps(net, self.env.ctx(false, None))?;
             let logps: Vec<f32> = logps.to_dtype(DType::F32)?.to_vec1()?;
             let (n, first) = (chunk.len(), k * batch);
@@ -273,18 +302,20 @@ impl DpoTask<'_> {
                 flat[2 * (first + i)] = logps[i];
                 flat[2 * (first + i) + 1] = logps[n + i];
             }
-            let done = (first + n).min(pairs.len());
-            if rank == 0 && (shown.elapsed().as_secs_f64() > 5.0 || done == pairs.len()) {
-                progress.update(done, "");
+            if let Some(p) = progress
+                .as_ref()
+                .filter(|_| shown.elapsed().as_secs_f64() > 5.0)
+            {
+                p.update(first + n, "");
                 shown = std::time::Instant::now();
             }
         }
-        progress.finish();
         if world > 1 {
-            // Every other rank holds zeros where this one scored: the mean times the ranks
-            // is each pair's one score.
-            comm.all_reduce_mean(&mut flat)?;
-            flat.iter_mut().for_each(|x| *x *= world as f32);
+            flat = gather_exactly(comm, &flat)?;
+        }
+        if let Some(p) = progress {
+            p.update(pairs.len(), "");
+            p.finish();
         }
         Ok(flat.chunks(2).map(|c| [c[0], c[1]]).collect())
     }
@@ -299,17 +330,7 @@ impl DpoTask<'_> {
         refs: Option<Vec<RefLogps>>,
         comm: Option<&dyn Communicator>,
     ) -> Result<(Tensor, Tensor, f64, usize)> {
-        // Chosen sequences in the first n rows, rejected in the last n ([`halves`]).
-        let seqs: Vec<_> = (0..2)
-            .flat_map(|side| pairs.iter().map(move |p| p[side].clone()))
-            .collect();
-        let b = SeqBatch::new(
-            &seqs,
-            self.tok.pad_id(),
-            self.policy.cfg.max_position_embeddings,
-            self.env.cfg.dpo.padding_free,
-            &self.env.device,
-        )?;
+        let b = self.batch(pairs.iter().copied())?;
         let pol = b.summed_logps(&self.policy, self.env.ctx(true, None))?;
         let refp = match (refs, &self.reference) {
             (Some(refs), _) => {
@@ -714,6 +735,58 @@ mod tests {
             let g = loss.backward().unwrap();
             let d = g.get(pc.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
             assert!(d.iter().all(|&x| x < 0.0), "{kind:?}: {d:?}");
+        }
+    }
+
+    /// Precomputed scores reach every rank bit for bit, on three ranks too, where a mean of
+    /// f32s times three would move about one value in eight by an ulp.
+    #[test]
+    fn scores_are_gathered_exactly_on_any_number_of_ranks() {
+        use crate::dist::threads::ThreadGroup;
+        let want: Vec<f32> = (0..3000).map(|i| -5.0 - (i as f32) * 0.131_7).collect();
+        let group = ThreadGroup::new(3);
+        let naive_moved = std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .iter()
+                .map(|c| {
+                    let want = &want;
+                    s.spawn(move || {
+                        let mine: Vec<f32> = (want.iter().enumerate())
+                            .map(|(i, &x)| if i % 3 == c.rank() { x } else { 0.0 })
+                            .collect();
+                        assert_eq!(&gather_exactly(c, &mine).unwrap(), want);
+                        let mut naive = mine.clone();
+                        c.all_reduce_mean(&mut naive).unwrap();
+                        naive
+                            .iter()
+                            .zip(want)
+                            .filter(|(a, b)| **a * 3.0 != **b)
+                            .count()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).max()
+        });
+        assert!(
+            naive_moved.unwrap() > 0,
+            "the naive gather would have been exact here"
+        );
+    }
+
+    /// A checkpoint's state keeps f64s bit for bit (serde_json's `float_roundtrip`), so a
+    /// resumed run reads the shift it wrote.
+    #[test]
+    fn state_floats_survive_a_checkpoint_bit_for_bit() {
+        let mut x = 0.123_456_789_f64;
+        for _ in 0..20_000 {
+            x = (x * 7.919 + 0.317).fract() * 3.0 - 1.5;
+            let text = serde_json::json!({"mean": x}).to_string();
+            let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(
+                back["mean"].as_f64().unwrap().to_bits(),
+                x.to_bits(),
+                "{text}"
+            );
         }
     }
 

@@ -430,12 +430,30 @@ template <typename T> bool gelu_run(const NCase &c, const std::vector<float> &xs
 
 double sigmoid_ref(double g) { return 1 / (1 + std::exp(-g)); }
 
-template <typename T> bool swiglu_run(const NCase &c, const std::vector<float> &gs,
-                                      const std::vector<float> &us,
-                                      const std::vector<float> &ds, bool misalign) {
+// SwiGLU (swiglu_*: a = silu) and GeGLU (geglu_*: a = tanh GELU; Gate in swiglu.rs):
+// y = a(g) u, dg = dy u a'(g), du = dy a(g).
+template <typename T> bool gated_run(const NCase &c, bool gelu, const std::vector<float> &gs,
+                                     const std::vector<float> &us,
+                                     const std::vector<float> &ds, bool misalign) {
   const size_t n = c.n, E = 16 / sizeof(T);
   const Buf<T> g(gs, misalign), u(us, misalign), dy(ds, misalign);
   Buf<T> y(n), both(2 * n);
+  const char *op = gelu ? "geglu" : "swiglu";
+  // a(v) and a'(v), with the f32 error bounds of each (relative to |a| for silu).
+  const auto act = [&](double v) { return gelu ? gelu_ref(v) : v * sigmoid_ref(v); };
+  const auto act_err = [&](double v) {
+    return gelu ? gelu_err(v) + 2 * kEps * std::fabs(gelu_ref(v))
+                : 8 * kEps * std::fabs(v * sigmoid_ref(v));
+  };
+  const auto slope = [&](double v) {
+    const double s = sigmoid_ref(v);
+    return gelu ? gelu_slope_ref(v) : s * (1 + v * (1 - s));
+  };
+  const auto slope_err = [&](double v) {
+    if (gelu) return gelu_slope_err(v) + 4 * kEps * std::fabs(gelu_slope_ref(v));
+    const double s = sigmoid_ref(v);
+    return kEps * (12 * std::fabs(s * v) + 20 * std::fabs(s * (1 + v * (1 - s))));
+  };
   bool ok = true;
   {
     // run_t: vec16_chunk(n, [g's offset, u's offset, 0]) forward.
@@ -445,14 +463,16 @@ template <typename T> bool swiglu_run(const NCase &c, const std::vector<float> &
     p.u = u.p;
     p.out = y.p;
     p.n = (long long)n;
-    run(grid_stride(n / (vec ? E : 1), c.sms), 1,
-        vec ? Dt<T>::swiglu_fwd_vec : Dt<T>::swiglu_fwd, p);
+    const SwiGluK k = gelu ? (vec ? Dt<T>::geglu_fwd_vec : Dt<T>::geglu_fwd)
+                           : (vec ? Dt<T>::swiglu_fwd_vec : Dt<T>::swiglu_fwd);
+    run(grid_stride(n / (vec ? E : 1), c.sms), 1, k, p);
     std::vector<double> want(n), tol(n);
     for (size_t i = 0; i < n; ++i) {
-      want[i] = g.at(i) * sigmoid_ref(g.at(i)) * u.at(i);
-      tol[i] = store_tol<T>(want[i], 8 * kEps * std::fabs(want[i]));
+      const double v = g.at(i), w = u.at(i);
+      want[i] = act(v) * w;
+      tol[i] = store_tol<T>(want[i], std::fabs(w) * act_err(v));
     }
-    const std::string what = tag("swiglu fwd", c.name, Dt<T>::name, vec);
+    const std::string what = tag((std::string(op) + " fwd").c_str(), c.name, Dt<T>::name, vec);
     ok &= within(what, y.p, want, tol) & guard(what, y);
   }
   {
@@ -464,70 +484,18 @@ template <typename T> bool swiglu_run(const NCase &c, const std::vector<float> &
     p.dy = dy.p;
     p.out = both.p;
     p.n = (long long)n;
-    run(grid_stride(n / (vec ? E : 1), c.sms), 1,
-        vec ? Dt<T>::swiglu_bwd_vec : Dt<T>::swiglu_bwd, p);
+    const SwiGluK k = gelu ? (vec ? Dt<T>::geglu_bwd_vec : Dt<T>::geglu_bwd)
+                           : (vec ? Dt<T>::swiglu_bwd_vec : Dt<T>::swiglu_bwd);
+    run(grid_stride(n / (vec ? E : 1), c.sms), 1, k, p);
     std::vector<double> want(2 * n), tol(2 * n);
     for (size_t i = 0; i < n; ++i) {
-      const double v = g.at(i), s = sigmoid_ref(v), d = dy.at(i), w = 1 + v * (1 - s);
-      const double dus = d * u.at(i) * s;
-      want[i] = dus * w;
-      tol[i] = store_tol<T>(want[i], kEps * (12 * std::fabs(dus * v) + 20 * std::fabs(want[i])));
-      want[n + i] = d * v * s;
-      tol[n + i] = store_tol<T>(want[n + i], 8 * kEps * std::fabs(want[n + i]));
+      const double v = g.at(i), d = dy.at(i), du = d * u.at(i);
+      want[i] = du * slope(v);
+      tol[i] = store_tol<T>(want[i], std::fabs(du) * slope_err(v));
+      want[n + i] = d * act(v);
+      tol[n + i] = store_tol<T>(want[n + i], std::fabs(d) * act_err(v));
     }
-    const std::string what = tag("swiglu bwd", c.name, Dt<T>::name, vec);
-    ok &= within(what + " [dg | du]", both.p, want, tol) & guard(what, both);
-  }
-  return ok;
-}
-
-// GeGLU (swiglu.rs with Gate::GeluTanh): y = gelu(g) u, dg = dy u gelu'(g), du = dy gelu(g).
-template <typename T> bool geglu_run(const NCase &c, const std::vector<float> &gs,
-                                     const std::vector<float> &us,
-                                     const std::vector<float> &ds, bool misalign) {
-  const size_t n = c.n, E = 16 / sizeof(T);
-  const Buf<T> g(gs, misalign), u(us, misalign), dy(ds, misalign);
-  Buf<T> y(n), both(2 * n);
-  bool ok = true;
-  {
-    const bool vec = takes_vec<T>(n, {g.aligned16(), u.aligned16()});
-    SwiGluParams p{};
-    p.g = g.p;
-    p.u = u.p;
-    p.out = y.p;
-    p.n = (long long)n;
-    run(grid_stride(n / (vec ? E : 1), c.sms), 1,
-        vec ? Dt<T>::geglu_fwd_vec : Dt<T>::geglu_fwd, p);
-    std::vector<double> want(n), tol(n);
-    for (size_t i = 0; i < n; ++i) {
-      const double v = g.at(i), w = u.at(i);
-      want[i] = gelu_ref(v) * w;
-      tol[i] = store_tol<T>(want[i], std::fabs(w) * gelu_err(v) + 2 * kEps * std::fabs(want[i]));
-    }
-    const std::string what = tag("geglu fwd", c.name, Dt<T>::name, vec);
-    ok &= within(what, y.p, want, tol) & guard(what, y);
-  }
-  {
-    const bool vec = takes_vec<T>(n, {g.aligned16(), u.aligned16(), dy.aligned16()});
-    SwiGluParams p{};
-    p.g = g.p;
-    p.u = u.p;
-    p.dy = dy.p;
-    p.out = both.p;
-    p.n = (long long)n;
-    run(grid_stride(n / (vec ? E : 1), c.sms), 1,
-        vec ? Dt<T>::geglu_bwd_vec : Dt<T>::geglu_bwd, p);
-    std::vector<double> want(2 * n), tol(2 * n);
-    for (size_t i = 0; i < n; ++i) {
-      const double v = g.at(i), d = dy.at(i), du_ = d * u.at(i);
-      want[i] = du_ * gelu_slope_ref(v);
-      tol[i] = store_tol<T>(want[i],
-                            std::fabs(du_) * gelu_slope_err(v) + 4 * kEps * std::fabs(want[i]));
-      want[n + i] = d * gelu_ref(v);
-      tol[n + i] = store_tol<T>(want[n + i],
-                                std::fabs(d) * gelu_err(v) + 2 * kEps * std::fabs(want[n + i]));
-    }
-    const std::string what = tag("geglu bwd", c.name, Dt<T>::name, vec);
+    const std::string what = tag((std::string(op) + " bwd").c_str(), c.name, Dt<T>::name, vec);
     ok &= within(what + " [dg | du]", both.p, want, tol) & guard(what, both);
   }
   return ok;
@@ -544,9 +512,9 @@ template <typename T> bool check_n(const NCase &c, emu_check::Rng &rng) {
   for (bool misalign : {false, true}) {
     if (misalign && !takes_vec<T>(n, {})) continue;
     ok &= gelu_run<T>(c, x, dy, misalign);
-    ok &= swiglu_run<T>(c, g, u, dy, misalign);
+    ok &= gated_run<T>(c, false, g, u, dy, misalign);
     // GELU's inputs: its tails are where tanh saturates, and past |x| = 12 nothing changes.
-    ok &= geglu_run<T>(c, x, u, dy, misalign);
+    ok &= gated_run<T>(c, true, x, u, dy, misalign);
   }
   return ok;
 }
