@@ -22,7 +22,7 @@
 //! - layernorm (C = hidden): x in, y out, the f32 weight and bias: 2·R·C·e + 8·C
 //! - gelu (C = MLP): x in, y out: 2·R·C·e
 //! - bias (C = hidden), bias_gelu (C = MLP): y in, the output out, the f32 bias: 2·R·C·e + 4·C
-//! - swiglu (C = MLP): the gate and up projections in, the output out: 3·R·C·e
+//! - swiglu, geglu (C = MLP): the gate and up projections in, the output out: 3·R·C·e
 //! - rope (the queries `[B, heads, T, D]`): x in and out, the cos and sin tables
 //!   `[B, 1, T, D/2]` in: (2·B·heads·T·D + B·T·D)·e
 //! - heads (C = hidden): the `[B, T, C]` projection in, its `[B, heads, T, D]` copy out: 2·R·C·e
@@ -58,6 +58,7 @@ use temper::kernels::adamw::{self, Hyper, Slot};
 use temper::kernels::bias::{self, BiasAct};
 use temper::kernels::layernorm::{self, LayerNormDirect};
 use temper::kernels::logprobs::{self, LogprobsDirect};
+use temper::kernels::swiglu::Gate;
 use temper::kernels::{embedding, gelu, heads, rope, swiglu, KernelChoice};
 
 #[path = "common/timing.rs"]
@@ -76,12 +77,13 @@ const DIRECT: &str = "direct";
 const AUTOGRAD: &str = "autograd y*dy";
 
 /// The ops, in the order they are run. See [`Case`] for what a row needs.
-const CASES: [(&str, Build); 10] = [
+const CASES: [(&str, Build); 11] = [
     ("layernorm", layernorm),
     ("gelu", gelu),
     ("bias", bias),
     ("bias_gelu", bias_gelu),
     ("swiglu", swiglu),
+    ("geglu", geglu),
     ("rope", rope),
     ("heads", heads_split),
     ("embedding", embedding),
@@ -334,27 +336,40 @@ fn bias_gelu(d: &Dims) -> Result<Case> {
 
 /// Llama's gating `silu(g) * u`, at GPT-2's rows and MLP width.
 fn swiglu(d: &Dims) -> Result<Case> {
+    gated(d, Gate::Silu)
+}
+
+/// Gemma's gating `gelu_tanh(g) * u`, at the same shapes.
+fn geglu(d: &Dims) -> Result<Case> {
+    gated(d, Gate::GeluTanh)
+}
+
+fn gated(d: &Dims, gate: Gate) -> Result<Case> {
     let (r, c) = (d.rows(), d.cfg.intermediate_size);
     let (g, u, dy) = (d.act(&[r, c])?, d.act(&[r, c])?, d.act(&[r, c])?);
     let ours_fwd = {
         let (g, u) = (g.clone(), u.clone());
-        call(move || swiglu::fused(&g, &u))
+        call(move || swiglu::fused_gate(&g, &u, gate))
     };
     let ours_both: Run = {
         let (g, u, dy) = (g.clone(), u.clone(), dy.clone());
         Box::new(move || {
-            let y = swiglu::fused(&g, &u)?;
-            let (dg, du) = swiglu::backward(&g, &u, &dy)?;
+            let y = swiglu::fused_gate(&g, &u, gate)?;
+            let (dg, du) = swiglu::backward_gate(&g, &u, &dy, gate)?;
             Ok(vec![y, dg, du])
         })
     };
-    let ref_both = autograd(&[&g, &u], &dy, |v| swiglu::reference(&v[0], &v[1]))?;
+    let reference = move |g: &Tensor, u: &Tensor| match gate {
+        Gate::Silu => swiglu::reference(g, u),
+        Gate::GeluTanh => swiglu::geglu_reference(g, u),
+    };
+    let ref_both = autograd(&[&g, &u], &dy, move |v| reference(&v[0], &v[1]))?;
     Ok(Case {
         shape: format!("{r}x{c}"),
         fwd_bytes: (3 * r * c * d.elem()) as f64,
         compares: "y, dg, du",
         ours: Impl::new(ours_fwd, ours_both, DIRECT),
-        reference: Impl::new(call(move || swiglu::reference(&g, &u)), ref_both, AUTOGRAD),
+        reference: Impl::new(call(move || reference(&g, &u)), ref_both, AUTOGRAD),
     })
 }
 

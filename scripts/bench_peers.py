@@ -280,10 +280,9 @@ def train_ops():
         measure(op, f"{rows}x{cols}", lambda: act(y + b.to(dt)), (y, b), randn(rows, cols),
                 2 * rows * cols * e + 4 * cols)
 
-    def swiglu():
+    def gated(op, act):
         g, u = randn(rows, mlp, grad=True), randn(rows, mlp, grad=True)
-        measure("swiglu", f"{rows}x{mlp}", lambda: F.silu(g) * u, (g, u), randn(rows, mlp),
-                3 * rows * mlp * e)
+        measure(op, f"{rows}x{mlp}", lambda: act(g) * u, (g, u), randn(rows, mlp), 3 * rows * mlp * e)
 
     def rope():
         # transformers' apply_rotary_pos_emb on the queries: x cos + rotate_half(x) sin, with
@@ -352,7 +351,8 @@ def train_ops():
 
     tanh_gelu = lambda z: F.gelu(z, approximate="tanh")  # noqa: E731
     for f in [layernorm, gelu, lambda: bias("bias", hidden, lambda z: z),
-              lambda: bias("bias_gelu", mlp, tanh_gelu), swiglu, rope, heads, embedding, logprobs, adamw]:
+              lambda: bias("bias_gelu", mlp, tanh_gelu), lambda: gated("swiglu", F.silu),
+              lambda: gated("geglu", tanh_gelu), rope, heads, embedding, logprobs, adamw]:
         f()
         torch.cuda.empty_cache()
 

@@ -3,7 +3,7 @@
 # kernel bench beside its PyTorch peer, and the GPT-2 124M training step (B16 T1024 bf16)
 # beside PyTorch eager (SDPA, fused AdamW) and torch.compile, with tokens/s and peak memory.
 # The kernel benches: attention, LoRA, RMSNorm, GAE, the gradient all-reduce, and the
-# training step's ops (bench-train_ops: LayerNorm, GELU, bias and bias + GELU, SwiGLU, RoPE, head split,
+# training step's ops (bench-train_ops: LayerNorm, GELU, bias and bias + GELU, SwiGLU, GeGLU, RoPE, head split,
 # token + position embedding, the loss head's log-probabilities, fwd and fwd+bwd; one AdamW
 # step) at GPT-2 124M B16 T1024 bf16 shapes; the LoRA bench also times our cuBLASLt GEMM.
 # It ends with one table of ratios, temper over its peer measured in this same run.

@@ -229,7 +229,7 @@ for shape in sorted({r["shape"] for r in meas if r.get("bench") == "rmsnorm"}):
 # one optimizer step (clipping included) and it has no fwd+bwd. An op added to the bench and
 # its peer gets its rows here by its name.
 op_names = {"layernorm": "LayerNorm", "gelu": "GELU (tanh)", "bias": "bias add", "bias_gelu": "bias + GELU",
-            "swiglu": "SwiGLU", "rope": "RoPE (queries)", "heads": "attention head split",
+            "swiglu": "SwiGLU", "geglu": "GeGLU (Gemma)", "rope": "RoPE (queries)", "heads": "attention head split",
             "embedding": "embedding (token + position)", "logprobs": "loss head log-probs",
             "adamw": "AdamW step (clipped)"}
 train_ops = [r for r in meas if r.get("bench") == "train_ops"]
