@@ -53,6 +53,7 @@ mod cuda {
     use super::*;
     use candle_core::{DType, Var};
     use temper::kernels::cuda::rmsnorm::{rms_norm_op, RmsNormDirect};
+    use temper::kernels::rmsnorm::Gain;
 
     /// Untimed calls before timing: module loads, cuBLAS heuristics, allocator pools.
     const WARMUP: usize = 3;
@@ -68,7 +69,7 @@ mod cuda {
         eps: f64,
     ) -> candle_core::Result<()> {
         let vars = [Var::from_tensor(x)?, Var::from_tensor(w)?];
-        let grads = (rms_norm_op(&vars[0], &vars[1], eps)? * dy)?.backward()?;
+        let grads = (rms_norm_op(&vars[0], &vars[1], eps, Gain::AsIs)? * dy)?.backward()?;
         let yd = direct.forward()?;
         let (dx, dw) = direct.backward(&yd, dy)?;
         let mut worst = 0f64;
@@ -104,9 +105,11 @@ mod cuda {
             let elem = (rows * cols * 2) as f64;
             let (fwd_bytes, both_bytes) = (2.0 * elem, 5.0 * elem);
 
-            let direct = RmsNormDirect::new(&x, &w, eps)?;
+            let direct = RmsNormDirect::new(&x, &w, eps, Gain::AsIs)?;
             check_direct(&shape, &direct, &x, &w, &dy, eps)?;
-            let ours_fwd = cuda_time_ms(&dev, WARMUP, 50, || rms_norm_op(&x, &w, eps).map(|_| ()))?;
+            let ours_fwd = cuda_time_ms(&dev, WARMUP, 50, || {
+                rms_norm_op(&x, &w, eps, Gain::AsIs).map(|_| ())
+            })?;
             let ours_both = cuda_time_ms(&dev, WARMUP, 50, || {
                 let y = direct.forward()?;
                 direct.backward(&y, &dy).map(|_| ())

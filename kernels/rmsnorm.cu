@@ -1,9 +1,15 @@
 // RMSNorm forward and backward over the last dimension of a row-major [rows, cols] tensor.
 //
 //   forward:  r = 1 / sqrt(mean_j x_j^2 + eps)          (saved per row, f32)
-//             y_j = (x_j * r) * w_j
-//   backward: dx_j = r * dy_j * w_j - x_j * r^3 / cols * sum_k dy_k * w_k * x_k
+//             y_j = (x_j * r) * g_j
+//   backward: dx_j = r * dy_j * g_j - x_j * r^3 / cols * sum_k dy_k * g_k * x_k
 //             dw_j = sum_rows dy_j * (x_j * r)
+//
+// where the gain g_j = w_j + w_offset, formed in f32: w_offset is 0, or 1 for Gemma, whose
+// gains are stored as offsets from one and (in transformers) added to one in f32. Gemma's
+// offsets stay f32 under bf16 or f16 compute (`1 + w` rounded to bf16 would lose w's low
+// bits), so every 16-bit dtype also has `_wf32` entry points that read an f32 w; their dw is
+// reduced into f32 by rmsnorm_dw_reduce_f32.
 //
 // With a residual r, the forward normalises s = x + r (rounded to the storage dtype, as a
 // separate add would) and writes s as well; with ds, the backward adds it to dx (the residual
@@ -25,7 +31,8 @@
 //   values per thread, up to 512 threads: rows up to 8192 wide). K = 0 is the generic path for
 //   wider rows: the row is read twice (second read mostly from L2) and the backward keeps dw in
 //   its (block-private) partial row instead of registers.
-// Names: rmsnorm_{fwd,bwd}_{f32,bf16,f16}_v{V}_k{K}, rmsnorm_dw_reduce_{f32,bf16,f16}.
+// Names: rmsnorm_{fwd,bwd}_{f32,bf16,f16}_v{V}_k{K}, rmsnorm_{fwd,bwd}_{bf16,f16}_wf32_v{V}_k{K}
+// and rmsnorm_dw_reduce_{f32,bf16,f16} (named by w's dtype).
 
 #include "rmsnorm.cuh"
 
@@ -64,6 +71,26 @@ __device__ __forceinline__ void store_chunk(T *row, int c, const float (&in)[V])
   }
 }
 
+// V consecutive gains of chunk `c` (element offset c*V), w_offset added, as f32. An f32 gain
+// under a 16-bit T spans two 16-byte words per chunk of eight values.
+template <typename G, int V>
+__device__ __forceinline__ void load_gain(const G *w, int c, float off, float (&out)[V]) {
+  if constexpr (V == 1 || sizeof(G) == 16 / V) {
+    load_chunk<G, V>(w, c, out);
+  } else {
+    constexpr int N = Vec16<G>::N;
+    static_assert(V % N == 0, "a chunk of gains is whole 16-byte words");
+#pragma unroll
+    for (int h = 0; h < V / N; ++h) {
+      const Vec16<G> p = reinterpret_cast<const Vec16<G> *>(w)[c * (V / N) + h];
+#pragma unroll
+      for (int i = 0; i < N; ++i) out[h * N + i] = to_f32(p.v[i]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] += off;
+}
+
 // x + r for chunk `c` into `xv`, rounded to T, and written to `s`: what the norm then reads.
 template <typename T, int V>
 __device__ __forceinline__ void add_residual(const T *rr, T *sr, int c, float (&xv)[V]) {
@@ -74,11 +101,11 @@ __device__ __forceinline__ void add_residual(const T *rr, T *sr, int c, float (&
   store_chunk<T, V>(sr, c, xv);
 }
 
-template <typename T, int V, int K>
-__device__ __forceinline__ void fwd_body(const T *__restrict__ x, const T *__restrict__ w,
+template <typename T, typename G, int V, int K>
+__device__ __forceinline__ void fwd_body(const T *__restrict__ x, const G *__restrict__ w,
                                          const T *__restrict__ resid, T *__restrict__ sum,
                                          T *__restrict__ y, float *__restrict__ rstd, int cols,
-                                         float eps) {
+                                         float eps, float w_off) {
   __shared__ float scratch[32];
   const int row = blockIdx.x;
   const int nchunks = cols / V;
@@ -110,7 +137,7 @@ __device__ __forceinline__ void fwd_body(const T *__restrict__ x, const T *__res
       const int c = threadIdx.x + k * blockDim.x;
       if (c < nchunks) {
         float wv[V], out[V];
-        load_chunk<T, V>(w, c, wv);
+        load_gain<G, V>(w, c, w_off, wv);
 #pragma unroll
         for (int i = 0; i < V; ++i) out[i] = (xv[k][i] * r) * wv[i];
         store_chunk<T, V>(yr, c, out);
@@ -130,7 +157,7 @@ __device__ __forceinline__ void fwd_body(const T *__restrict__ x, const T *__res
     for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
       float xv[V], wv[V], out[V];
       load_chunk<T, V>(src, c, xv);
-      load_chunk<T, V>(w, c, wv);
+      load_gain<G, V>(w, c, w_off, wv);
 #pragma unroll
       for (int i = 0; i < V; ++i) out[i] = (xv[i] * r) * wv[i];
       store_chunk<T, V>(yr, c, out);
@@ -149,12 +176,13 @@ __device__ __forceinline__ void load_or_zero(const T *row, int c, float (&out)[V
   }
 }
 
-template <typename T, int V, int K>
-__device__ __forceinline__ void bwd_body(const T *__restrict__ x, const T *__restrict__ w,
+template <typename T, typename G, int V, int K>
+__device__ __forceinline__ void bwd_body(const T *__restrict__ x, const G *__restrict__ w,
                                          const T *__restrict__ dy,
                                          const float *__restrict__ rstd,
                                          const T *__restrict__ ds, T *__restrict__ dx,
-                                         float *__restrict__ dw_partial, int rows, int cols) {
+                                         float *__restrict__ dw_partial, int rows, int cols,
+                                         float w_off) {
   __shared__ float scratch[32];
   const int nchunks = cols / V;
   const float inv_cols = 1.f / (float)cols;
@@ -165,7 +193,7 @@ __device__ __forceinline__ void bwd_body(const T *__restrict__ x, const T *__res
     for (int k = 0; k < K; ++k) {
       const int c = threadIdx.x + k * blockDim.x;
       if (c < nchunks) {
-        load_chunk<T, V>(w, c, wv[k]);
+        load_gain<G, V>(w, c, w_off, wv[k]);
       } else {
 #pragma unroll
         for (int i = 0; i < V; ++i) wv[k][i] = 0.f;
@@ -236,7 +264,7 @@ __device__ __forceinline__ void bwd_body(const T *__restrict__ x, const T *__res
         float xv[V], gv[V], wv[V];
         load_chunk<T, V>(xr, c, xv);
         load_chunk<T, V>(dyr, c, gv);
-        load_chunk<T, V>(w, c, wv);
+        load_gain<G, V>(w, c, w_off, wv);
 #pragma unroll
         for (int i = 0; i < V; ++i) dot += gv[i] * wv[i] * xv[i];
       }
@@ -247,7 +275,7 @@ __device__ __forceinline__ void bwd_body(const T *__restrict__ x, const T *__res
         float xv[V], gv[V], wv[V], dv[V], out[V];
         load_chunk<T, V>(xr, c, xv);
         load_chunk<T, V>(dyr, c, gv);
-        load_chunk<T, V>(w, c, wv);
+        load_gain<G, V>(w, c, w_off, wv);
         load_or_zero<T, V>(dsr, c, dv);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
@@ -274,30 +302,33 @@ __device__ __forceinline__ void dw_reduce_body(const float *__restrict__ partial
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
-// Entry points: rmsnorm_{fwd,bwd}_<dtype>_v<V>_k<K>, rmsnorm_dw_reduce_<dtype>. Each takes one
-// RmsNormParams by value (rmsnorm.cuh).
+// Entry points: rmsnorm_{fwd,bwd}_<dtype>[_wf32]_v<V>_k<K>, rmsnorm_dw_reduce_<dtype>. Each
+// takes one RmsNormParams by value (rmsnorm.cuh).
 // ---------------------------------------------------------------------------------------
-#define RMS_INST(T, NAME, V, K)                                                              \
+#define RMS_INST(T, G, NAME, V, K)                                                           \
   extern "C" __global__ void __launch_bounds__(kMaxThreads)                                  \
       rmsnorm_fwd_##NAME##_v##V##_k##K(const RmsNormParams p) {                              \
-    fwd_body<T, V, K>(static_cast<const T *>(p.x), static_cast<const T *>(p.w),              \
-                      static_cast<const T *>(p.r), static_cast<T *>(p.s),                    \
-                      static_cast<T *>(p.y), p.rstd, p.cols, p.eps);                         \
+    fwd_body<T, G, V, K>(static_cast<const T *>(p.x), static_cast<const G *>(p.w),           \
+                         static_cast<const T *>(p.r), static_cast<T *>(p.s),                 \
+                         static_cast<T *>(p.y), p.rstd, p.cols, p.eps, p.w_offset);          \
   }                                                                                          \
   extern "C" __global__ void __launch_bounds__(kMaxThreads)                                  \
       rmsnorm_bwd_##NAME##_v##V##_k##K(const RmsNormParams p) {                              \
-    bwd_body<T, V, K>(static_cast<const T *>(p.x), static_cast<const T *>(p.w),              \
-                      static_cast<const T *>(p.dy), p.rstd, static_cast<const T *>(p.ds),    \
-                      static_cast<T *>(p.dx), p.dw_partial, p.rows, p.cols);                 \
+    bwd_body<T, G, V, K>(static_cast<const T *>(p.x), static_cast<const G *>(p.w),           \
+                         static_cast<const T *>(p.dy), p.rstd, static_cast<const T *>(p.ds), \
+                         static_cast<T *>(p.dx), p.dw_partial, p.rows, p.cols, p.w_offset);  \
   }
 
+#define RMS_SCALAR_K(T, G, NAME)                                                             \
+  RMS_INST(T, G, NAME, 1, 0)                                                                 \
+  RMS_INST(T, G, NAME, 1, 1)                                                                 \
+  RMS_INST(T, G, NAME, 1, 2)                                                                 \
+  RMS_INST(T, G, NAME, 1, 4)                                                                 \
+  RMS_INST(T, G, NAME, 1, 8)                                                                 \
+  RMS_INST(T, G, NAME, 1, 16)
+
 #define RMS_SCALAR(T, NAME)                                                                  \
-  RMS_INST(T, NAME, 1, 0)                                                                    \
-  RMS_INST(T, NAME, 1, 1)                                                                    \
-  RMS_INST(T, NAME, 1, 2)                                                                    \
-  RMS_INST(T, NAME, 1, 4)                                                                    \
-  RMS_INST(T, NAME, 1, 8)                                                                    \
-  RMS_INST(T, NAME, 1, 16)                                                                   \
+  RMS_SCALAR_K(T, T, NAME)                                                                   \
   extern "C" __global__ void rmsnorm_dw_reduce_##NAME(const RmsNormParams p) {               \
     dw_reduce_body<T>(p.dw_partial, static_cast<T *>(p.dw), p.groups, p.cols);               \
   }
@@ -305,15 +336,23 @@ __device__ __forceinline__ void dw_reduce_body(const float *__restrict__ partial
 RMS_SCALAR(float, f32)
 RMS_SCALAR(__nv_bfloat16, bf16)
 RMS_SCALAR(__half, f16)
+RMS_SCALAR_K(__nv_bfloat16, float, bf16_wf32)
+RMS_SCALAR_K(__half, float, f16_wf32)
 
 // 16-byte variants: K * V <= 16 values per thread.
-RMS_INST(float, f32, 4, 0)
-RMS_INST(float, f32, 4, 1)
-RMS_INST(float, f32, 4, 2)
-RMS_INST(float, f32, 4, 4)
-RMS_INST(__nv_bfloat16, bf16, 8, 0)
-RMS_INST(__nv_bfloat16, bf16, 8, 1)
-RMS_INST(__nv_bfloat16, bf16, 8, 2)
-RMS_INST(__half, f16, 8, 0)
-RMS_INST(__half, f16, 8, 1)
-RMS_INST(__half, f16, 8, 2)
+RMS_INST(float, float, f32, 4, 0)
+RMS_INST(float, float, f32, 4, 1)
+RMS_INST(float, float, f32, 4, 2)
+RMS_INST(float, float, f32, 4, 4)
+RMS_INST(__nv_bfloat16, __nv_bfloat16, bf16, 8, 0)
+RMS_INST(__nv_bfloat16, __nv_bfloat16, bf16, 8, 1)
+RMS_INST(__nv_bfloat16, __nv_bfloat16, bf16, 8, 2)
+RMS_INST(__half, __half, f16, 8, 0)
+RMS_INST(__half, __half, f16, 8, 1)
+RMS_INST(__half, __half, f16, 8, 2)
+RMS_INST(__nv_bfloat16, float, bf16_wf32, 8, 0)
+RMS_INST(__nv_bfloat16, float, bf16_wf32, 8, 1)
+RMS_INST(__nv_bfloat16, float, bf16_wf32, 8, 2)
+RMS_INST(__half, float, f16_wf32, 8, 0)
+RMS_INST(__half, float, f16_wf32, 8, 1)
+RMS_INST(__half, float, f16_wf32, 8, 2)

@@ -10,7 +10,7 @@
 // point's suffix). Field order and types must match the Rust `#[repr(C)]` mirror exactly.
 struct RmsNormParams {
   const void *x;      // [rows, cols] input                 fwd, bwd
-  const void *w;      // [cols] weight                      fwd, bwd
+  const void *w;      // [cols] gain: of T, or f32 (_wf32)  fwd, bwd
   void *y;            // [rows, cols] output                fwd writes
   float *rstd;        // [rows] 1 / rms per row             fwd writes, bwd reads
   const void *dy;     // [rows, cols] gradient of y         bwd
@@ -24,6 +24,7 @@ struct RmsNormParams {
   int cols;           // row length
   int groups;         // backward blocks = partial rows     dw_reduce
   float eps;          // added to the mean square           fwd
+  float w_offset;     // added to every gain in f32: 1 for gains held as offsets from one  fwd, bwd
 };
-static_assert(sizeof(RmsNormParams) == 104, "RmsNormParams: keep in step with the Rust mirror");
+static_assert(sizeof(RmsNormParams) == 112, "RmsNormParams: keep in step with the Rust mirror");
 static_assert(alignof(RmsNormParams) == 8, "RmsNormParams: keep in step with the Rust mirror");

@@ -20,6 +20,7 @@ gpu_test!(rmsnorm_forward_matches_reference);
 gpu_test!(rmsnorm_gradients_match_reference_autograd);
 gpu_test!(rmsnorm_dispatcher_uses_the_kernel);
 gpu_test!(rmsnorm_add_fused_matches_the_add_then_the_reference);
+gpu_test!(rmsnorm_plus_one_f32_gains_match_the_reference);
 gpu_test!(gae_matches_reference);
 gpu_test!(gae_padding_is_an_episode_boundary_and_never_leaks);
 gpu_test!(gae_empty_and_all_padding_batches);
@@ -29,6 +30,7 @@ gpu_test!(group_normalize_matches_reference);
 mod gpu {
     use candle_core::{DType, Device, Tensor, Var};
     use temper::kernels::cuda::{gae as kgae, rmsnorm as krms};
+    use temper::kernels::rmsnorm::Gain;
     use temper::kernels::{gae, rmsnorm, KernelChoice};
 
     use crate::common::gpu::*;
@@ -87,7 +89,7 @@ mod gpu {
                     } else {
                         (x, x_ref)
                     };
-                    let y = krms::rms_norm(&x, &w, 1e-5)
+                    let y = krms::rms_norm(&x, &w, 1e-5, Gain::AsIs)
                         .unwrap()
                         .expect("kernel covers dtype");
                     assert_eq!(y.dims(), x.dims());
@@ -110,7 +112,7 @@ mod gpu {
         let (w, w_ref) = input(&mut rng, (1, 100), 0.5, 1.5, DType::F32, dev, false);
         let x = x.reshape((2, 3, 100)).unwrap();
         let x_ref = x_ref.reshape((2, 3, 100)).unwrap();
-        let y = krms::rms_norm_op(&x, &w.squeeze(0).unwrap(), 1e-6).unwrap();
+        let y = krms::rms_norm_op(&x, &w.squeeze(0).unwrap(), 1e-6, Gain::AsIs).unwrap();
         let y_ref = rmsnorm::rms_norm_reference(&x_ref, &w_ref.squeeze(0).unwrap(), 1e-6).unwrap();
         assert_eq!(y.dims(), &[2, 3, 100]);
         assert_close(
@@ -144,7 +146,7 @@ mod gpu {
                 let x_ref = Var::from_tensor(&x_ref).unwrap();
                 let w_ref = Var::from_tensor(&w_ref.squeeze(0).unwrap()).unwrap();
 
-                let y = krms::rms_norm_op(&x, &w, 1e-5).unwrap();
+                let y = krms::rms_norm_op(&x, &w, 1e-5, Gain::AsIs).unwrap();
                 let grads = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
                 let y_ref = rmsnorm::rms_norm_reference(&x_ref, &w_ref, 1e-5).unwrap();
                 let grads_ref = (y_ref * &dy_ref)
@@ -212,7 +214,7 @@ mod gpu {
                     let w_ref = var(&w_ref.squeeze(0).unwrap());
                     let wt = w.as_tensor();
                     let y = temper::tape::segment(x.as_tensor(), |x| {
-                        let (s, n) = krms::add_fused(x, &r, wt, 1e-5)?;
+                        let (s, n) = krms::add_fused(x, &r, wt, 1e-5, Gain::AsIs)?;
                         Ok(temper::tape::add(&s, &n)?)
                     })
                     .unwrap();
@@ -254,7 +256,7 @@ mod gpu {
         let (x, x_ref) = input(&mut rng, (9, 320), -1.0, 1.0, DType::BF16, dev, false);
         let (w, w_ref) = input(&mut rng, (1, 320), 0.5, 1.5, DType::BF16, dev, false);
         let (w, w_ref) = (w.squeeze(0).unwrap(), w_ref.squeeze(0).unwrap());
-        let y = rmsnorm::rms_norm(&x, &w, 1e-5, KernelChoice::Custom).unwrap();
+        let y = rmsnorm::rms_norm(&x, &w, 1e-5, Gain::AsIs, KernelChoice::Custom).unwrap();
         assert!(y.device().is_cuda());
         let y_ref = rmsnorm::rms_norm_reference(&x_ref, &w_ref, 1e-5).unwrap();
         assert_close(
@@ -267,8 +269,88 @@ mod gpu {
         // f64 has no kernel: the dispatcher must fall back, not fail.
         let x64 = x.to_dtype(DType::F64).unwrap();
         let w64 = w.to_dtype(DType::F64).unwrap();
-        assert!(krms::rms_norm(&x64, &w64, 1e-5).unwrap().is_none());
-        rmsnorm::rms_norm(&x64, &w64, 1e-5, KernelChoice::Custom).unwrap();
+        assert!(krms::rms_norm(&x64, &w64, 1e-5, Gain::AsIs)
+            .unwrap()
+            .is_none());
+        rmsnorm::rms_norm(&x64, &w64, 1e-5, Gain::AsIs, KernelChoice::Custom).unwrap();
+    }
+
+    /// Gemma's norms: the gain `1 + w` formed in f32 from f32 offsets, under f32, bf16 and f16
+    /// compute (the `_wf32` kernels for the 16-bit ones), against the reference by
+    /// `Gain::PlusOne` on the CPU: the op's output and its gradients (dw in f32), and the
+    /// residual add fused in on a block tape; w also one element off alignment (the scalar
+    /// kernels), through the dispatcher.
+    pub fn rmsnorm_plus_one_f32_gains_match_the_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(5);
+        let shapes: &[(usize, usize)] = &[(3, 7), (37, 96), (129, 1152), (5, 1000), (3, 8200)];
+        let gain = Gain::PlusOne;
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for &shape in shapes {
+                let what = |s: &str| format!("rmsnorm 1+w {s} {dtype:?} {shape:?} (seed {seed})");
+                let (x, x_ref) = input(&mut rng, shape, -2.0, 2.0, dtype, dev, false);
+                let (r, r_ref) = input(&mut rng, shape, -2.0, 2.0, dtype, dev, false);
+                let (w, w_ref) = input(&mut rng, (1, shape.1), -0.6, 0.6, DType::F32, dev, false);
+                let (dy, dy_ref) = input(&mut rng, shape, -1.0, 1.0, dtype, dev, false);
+                let var = |t: &Tensor| Var::from_tensor(t).unwrap();
+                let (x, r, w) = (var(&x), var(&r), var(&w.squeeze(0).unwrap()));
+                let (x_ref, r_ref) = (var(&x_ref), var(&r_ref));
+                let w_ref = var(&w_ref.squeeze(0).unwrap());
+                let reference = |x: &Tensor| {
+                    let g = gain.of(w_ref.as_tensor()).unwrap();
+                    rmsnorm::rms_norm_reference(x, &g, 1e-6).unwrap()
+                };
+
+                // The op alone, through candle's autograd.
+                let y = krms::rms_norm_op(&x, &w, 1e-6, gain).unwrap();
+                assert_eq!(y.dtype(), dtype);
+                let y_ref = reference(x_ref.as_tensor());
+                assert_close(&what("y"), &y, &y_ref, tol(dtype), elem_tol(dtype));
+                let grads = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+                let loss_ref = (&y_ref * &dy_ref).unwrap().sum_all().unwrap();
+                let grads_ref = loss_ref.backward().unwrap();
+                let dw = grads.get(w.as_tensor()).expect("dw");
+                assert_eq!(dw.dtype(), DType::F32, "dw in the offsets' dtype");
+                for (name, ours, theirs) in [("dx", &x, &x_ref), ("dw", &w, &w_ref)] {
+                    let g = grads.get(ours).unwrap_or_else(|| panic!("{name}: none"));
+                    let g_ref = grads_ref.get(theirs).unwrap();
+                    assert_close(&what(name), g, g_ref, tol(dtype) * 2.0, grad_tol(dtype));
+                }
+
+                // The residual add fused in, on a block tape.
+                let wt = w.as_tensor();
+                let y = temper::tape::segment(x.as_tensor(), |x| {
+                    let (s, n) = krms::add_fused(x, &r, wt, 1e-6, gain)?;
+                    Ok(temper::tape::add(&s, &n)?)
+                })
+                .unwrap();
+                let grads = temper::tape::backward(&(&y * &dy).unwrap().sum_all().unwrap());
+                let grads = grads.unwrap();
+                let sum = (x_ref.as_tensor() + r_ref.as_tensor()).unwrap();
+                let y_ref = (&sum + reference(&sum)).unwrap();
+                let grads_ref = (&y_ref * &dy_ref).unwrap().sum_all().unwrap();
+                let grads_ref = grads_ref.backward().unwrap();
+                assert_close(&what("add y"), &y, &y_ref, tol(dtype), elem_tol(dtype));
+                for (name, ours, theirs) in [
+                    ("add dx", x.as_tensor(), x_ref.as_tensor()),
+                    ("add dr", r.as_tensor(), r_ref.as_tensor()),
+                    ("add dw", wt, w_ref.as_tensor()),
+                ] {
+                    let g = grads.get(ours).unwrap_or_else(|| panic!("{name}: none"));
+                    let g_ref = grads_ref.get(theirs).unwrap();
+                    assert_close(&what(name), g, g_ref, tol(dtype) * 2.0, grad_tol(dtype));
+                }
+
+                // w one element off its 16-byte boundary: the scalar kernels, via the
+                // dispatcher.
+                let (wm, wm_ref) = input(&mut rng, (1, shape.1), -0.6, 0.6, DType::F32, dev, true);
+                let (wm, wm_ref) = (wm.squeeze(0).unwrap(), wm_ref.squeeze(0).unwrap());
+                let y = rmsnorm::rms_norm(&x, &wm, 1e-6, gain, KernelChoice::Custom).unwrap();
+                let g = gain.of(&wm_ref).unwrap();
+                let y_ref = rmsnorm::rms_norm_reference(x_ref.as_tensor(), &g, 1e-6).unwrap();
+                let name = what("misaligned w");
+                assert_close(&name, &y, &y_ref, tol(dtype), elem_tol(dtype));
+            }
+        }
     }
 
     /// Right padding with random lengths (some rows empty, some full); with `holes`, also

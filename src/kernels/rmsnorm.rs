@@ -1,4 +1,5 @@
-//! RMSNorm: `y = x / sqrt(mean(x^2) + eps) * w`, computed in f32 whatever the input dtype.
+//! RMSNorm: `y = x / sqrt(mean(x^2) + eps) * g`, computed in f32 whatever the input dtype,
+//! with the gain `g` the stored weight or, for Gemma, one plus it ([`Gain`]).
 //!
 //! candle-nn's fused `rms_norm` has no backward, so training needs either this differentiable
 //! composite or our CUDA op (forward and backward kernels).
@@ -7,7 +8,44 @@ use candle_core::{DType, Result, Tensor, D};
 
 use super::registry::{warn_fallback, KernelChoice};
 
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, choice: KernelChoice) -> Result<Tensor> {
+/// How the stored weight `w` gives the gain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gain {
+    /// `w` itself (Llama, Qwen, Mistral, SmolLM3).
+    AsIs,
+    /// `1 + w`, formed in f32 (Gemma, which stores its gains as offsets from one, so that a
+    /// weight decayed towards zero is a gain decayed towards one).
+    PlusOne,
+}
+
+impl Gain {
+    /// What the kernels add to every stored weight, in f32.
+    pub fn offset(self) -> f32 {
+        match self {
+            Gain::AsIs => 0.0,
+            Gain::PlusOne => 1.0,
+        }
+    }
+
+    /// The gain as a tensor: `w`, or `1 + w` in f32 (as transformers forms Gemma's; in bf16
+    /// the sum would lose w's low bits).
+    pub fn of(self, w: &Tensor) -> Result<Tensor> {
+        match self {
+            Gain::AsIs => Ok(w.clone()),
+            Gain::PlusOne => w.to_dtype(DType::F32)?.affine(1.0, 1.0),
+        }
+    }
+}
+
+/// The norm of `x` by the gain of `w`. Our kernel takes `w` in x's dtype or f32 (Gemma's f32
+/// offsets under bf16 compute); the reference, any.
+pub fn rms_norm(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    gain: Gain,
+    choice: KernelChoice,
+) -> Result<Tensor> {
     if choice == KernelChoice::Custom {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
@@ -15,53 +53,59 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, choice: KernelChoice) -> Resul
                 super::KernelOp::RmsNorm,
                 super::spans::Pass::Forward,
                 x.device(),
-                || super::cuda::rmsnorm::rms_norm(x, w, eps),
+                || super::cuda::rmsnorm::rms_norm(x, w, eps, gain),
             )?;
             if let Some(y) = y {
                 return Ok(y);
             }
-            warn_fallback("rmsnorm", &format!("no CUDA kernel for {:?}", x.dtype()));
-            return reference_recorded(x, w, eps);
+            warn_fallback(
+                "rmsnorm",
+                &format!("no CUDA kernel for x {:?}, w {:?}", x.dtype(), w.dtype()),
+            );
+            return reference_recorded(x, w, eps, gain);
         }
         if !x.device().is_cpu() || cfg!(feature = "cuda") {
             warn_fallback("rmsnorm", "the fused kernel runs on CUDA only");
         }
     }
-    reference_recorded(x, w, eps)
+    reference_recorded(x, w, eps, gain)
 }
 
 /// `(x + r, RmsNorm(x + r))` as one op with two outputs, where our kernel serves (`choice`
-/// custom, CUDA, a block tape recording or no input wanting a gradient, `w` in x's dtype);
-/// `None` elsewhere, and the caller adds and norms apart.
+/// custom, CUDA, a block tape recording or no input wanting a gradient, `w` in x's dtype or
+/// f32); `None` elsewhere, and the caller adds and norms apart.
 pub fn add_fused(
     x: &Tensor,
     r: &Tensor,
     w: &Tensor,
     eps: f64,
+    gain: Gain,
     choice: KernelChoice,
 ) -> Result<Option<(Tensor, Tensor)>> {
     let serves = choice == KernelChoice::Custom
         && x.device().is_cuda()
         && (crate::tape::recording() || crate::tape::untracked(&[x, r, w]))
         && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
-        && w.dtype() == x.dtype();
+        && (w.dtype() == x.dtype() || w.dtype() == DType::F32);
     if !serves {
         return Ok(None);
     }
     #[cfg(feature = "cuda")]
     {
-        super::cuda::rmsnorm::add_fused(x, r, w, eps).map(Some)
+        super::cuda::rmsnorm::add_fused(x, r, w, eps, gain).map(Some)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (r, eps);
+        let _ = (r, eps, gain);
         Ok(None)
     }
 }
 
-/// [`rms_norm_reference`] as one op of a block tape (`crate::tape`).
-fn reference_recorded(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    crate::tape::island(&[x, w], |a| rms_norm_reference(&a[0], &a[1], eps))
+/// [`rms_norm_reference`] by `gain` as one op of a block tape (`crate::tape`).
+fn reference_recorded(x: &Tensor, w: &Tensor, eps: f64, gain: Gain) -> Result<Tensor> {
+    crate::tape::island(&[x, w], |a| {
+        rms_norm_reference(&a[0], &gain.of(&a[1])?, eps)
+    })
 }
 
 pub fn rms_norm_reference(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {

@@ -8,7 +8,7 @@ use candle_core::Tensor;
 
 use super::kv_cache::KvCache;
 use super::linear::{Ctx, Linear};
-use super::norm::plus_one_rms_norm;
+use super::norm;
 use super::rope::RopeAt;
 use crate::config::ModelConfig;
 use crate::config::{LoraConfig, LoraTarget};
@@ -17,7 +17,7 @@ use crate::kernels::attention::{
 };
 use crate::kernels::decode_step::HeadNorm;
 use crate::kernels::heads;
-use crate::kernels::rmsnorm::rms_norm;
+use crate::kernels::rmsnorm::{rms_norm, Gain};
 use crate::kernels::KernelChoice;
 use crate::train::params::Scope;
 
@@ -66,6 +66,18 @@ impl QkNorm {
     fn gains(&self, dtype: candle_core::DType) -> Result<(Tensor, Tensor, f64)> {
         let cast = |w: &Tensor| super::cast::weight(w, dtype);
         Ok((cast(&self.q)?, cast(&self.k)?, self.eps))
+    }
+
+    /// The weights RMSNorm reads for compute in `dtype`, and how they give the gains: Gemma's
+    /// offsets as held (f32, added to one in f32), others cast as [`Self::gains`] casts them.
+    fn weights(&self, dtype: candle_core::DType) -> Result<(Tensor, Tensor, Gain)> {
+        match self.plus_one {
+            true => Ok((norm::held(&self.q), norm::held(&self.k), Gain::PlusOne)),
+            false => {
+                let (q, k, _) = self.gains(dtype)?;
+                Ok((q, k, Gain::AsIs))
+            }
+        }
     }
 }
 
@@ -187,17 +199,10 @@ impl Attention {
         let mut q = split(self.q.forward(x, ctx)?, self.heads)?;
         let mut k = split(self.k.forward(x, ctx)?, self.kv_heads)?;
         let v = split(self.v.forward(x, ctx)?, self.kv_heads)?;
-        match &self.qk_norm {
-            Some(n) if n.plus_one => {
-                q = plus_one_rms_norm(&q, &n.q, n.eps)?;
-                k = plus_one_rms_norm(&k, &n.k, n.eps)?;
-            }
-            Some(n) => {
-                let (qg, kg, eps) = n.gains(q.dtype())?;
-                q = rms_norm(&q, &qg, eps, ctx.kernels.rmsnorm)?;
-                k = rms_norm(&k, &kg, eps, ctx.kernels.rmsnorm)?;
-            }
-            None => {}
+        if let Some(n) = &self.qk_norm {
+            let (qw, kw, gain) = n.weights(q.dtype())?;
+            q = rms_norm(&q, &qw, n.eps, gain, ctx.kernels.rmsnorm)?;
+            k = rms_norm(&k, &kw, n.eps, gain, ctx.kernels.rmsnorm)?;
         }
         if let Some(r) = rope {
             q = r.apply(&q, ctx.kernels.rope)?;

@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 use super::linear::Ctx;
 use crate::config::{ModelConfig, NormKind};
 use crate::kernels::layernorm::{self, layer_norm};
-use crate::kernels::rmsnorm::{self, rms_norm};
+use crate::kernels::rmsnorm::{self, rms_norm, Gain};
 use crate::tape;
 use crate::train::params::{Init, Scope};
 
@@ -51,8 +51,7 @@ impl Norm {
             return Ok((x.clone(), self.forward(x, ctx)?));
         };
         let frozen = super::cast::frozen();
-        // Gemma's f32 gain is not what the fused kernels take (a gain in x's dtype).
-        if (tape::recording() || frozen) && !self.plus_one {
+        if tape::recording() || frozen {
             let kept = |t: &Tensor| if frozen { t.detach() } else { t.clone() };
             let (x, r) = (&kept(x), &kept(r));
             match &self.b {
@@ -63,8 +62,9 @@ impl Norm {
                 }
                 Some(_) => {}
                 None => {
-                    let w = kept(&super::cast::weight(&self.w, x.dtype())?);
-                    let fused = rmsnorm::add_fused(x, r, &w, self.eps, ctx.kernels.rmsnorm)?;
+                    let w = kept(&self.rms_weight(x.dtype())?);
+                    let (eps, choice) = (self.eps, ctx.kernels.rmsnorm);
+                    let fused = rmsnorm::add_fused(x, r, &w, eps, self.gain(), choice)?;
                     if let Some(pair) = fused {
                         return Ok(pair);
                     }
@@ -79,14 +79,44 @@ impl Norm {
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         Ok(match &self.b {
             Some(b) => layer_norm(x, &self.w, b, self.eps, ctx.kernels.layernorm)?,
-            None if self.plus_one => plus_one_rms_norm(x, &self.w, self.eps)?,
             None => rms_norm(
                 x,
-                &super::cast::weight(&self.w, x.dtype())?,
+                &self.rms_weight(x.dtype())?,
                 self.eps,
+                self.gain(),
                 ctx.kernels.rmsnorm,
             )?,
         })
+    }
+
+    fn gain(&self) -> Gain {
+        gain(self.plus_one)
+    }
+
+    /// The weight RMSNorm reads for compute in `dtype`: its copy in that dtype, or Gemma's
+    /// offsets as held (f32 masters: [`Gain::PlusOne`] forms `1 + w` in f32).
+    fn rms_weight(&self, dtype: DType) -> Result<Tensor> {
+        match self.plus_one {
+            true => Ok(held(&self.w)),
+            false => Ok(super::cast::weight(&self.w, dtype)?),
+        }
+    }
+}
+
+/// [`Gain::PlusOne`] for Gemma's norms (`ModelConfig::norm_plus_one`), else [`Gain::AsIs`].
+pub fn gain(plus_one: bool) -> Gain {
+    match plus_one {
+        true => Gain::PlusOne,
+        false => Gain::AsIs,
+    }
+}
+
+/// A weight read as held (not cast to the compute dtype); detached in generation, which builds
+/// no graph from the f32 master.
+pub fn held(w: &Tensor) -> Tensor {
+    match super::cast::frozen() {
+        true => w.detach(),
+        false => w.clone(),
     }
 }
 
@@ -96,20 +126,4 @@ pub fn unit_gain(cfg: &ModelConfig) -> Init {
         true => Init::Zeros,
         false => Init::Ones,
     }
-}
-
-/// Gemma's RMSNorm: `x / sqrt(mean(x^2) + eps) * (1 + w)` in f32, cast back to x's dtype, as
-/// transformers computes it (the gain formed in f32: in bf16, `1 + w` would lose w's low
-/// bits). It runs the reference composite, on the tape as one op: our kernels take a gain in
-/// x's dtype.
-pub fn plus_one_rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    // Generation builds no graph from the f32 master.
-    let w = match super::cast::frozen() {
-        true => w.detach(),
-        false => w.clone(),
-    };
-    tape::island(&[x, &w], |a| {
-        let gain = a[1].to_dtype(DType::F32)?.affine(1.0, 1.0)?;
-        rmsnorm::rms_norm_reference(&a[0], &gain, eps)
-    })
 }

@@ -6,7 +6,9 @@
 //   lane: f32 rows up to 512 wide, bf16 and f16 up to 1024, the widest the launcher sends there)
 //   and layernorm_dwdb_reduce; rmsnorm_{fwd,bwd}_<dtype>_v<V>_k<K> for every V and K compiled
 //   (V = 1 or 16 bytes' worth, K = 0 the generic loop of rows wider than 8192, K > 0 the row in
-//   registers) and rmsnorm_dw_reduce_<dtype>; f32, bf16 and f16 each;
+//   registers) and rmsnorm_dw_reduce_<dtype>; f32, bf16 and f16 each; and Gemma's gains (w_offset
+//   1, the gain 1 + w formed in f32): under f32 by the f32 entry points, under bf16 and f16 by
+//   rmsnorm_{fwd,bwd}_<dtype>_wf32_v<V>_k<K>, which read f32 offsets and reduce dw into f32;
 // - widths 1, 72, 200, 320, 512, 768, 1000, 1024, 1500, 2050, 8192 and 8200, each launched as the
 //   launcher launches it, on buffers at 16-byte aligned bases or with one buffer (x, the
 //   residual, w, dy or ds) one element off, so that the launchers' alignment rules pick the
@@ -37,8 +39,9 @@
 //   dx = rstd (dy w - mean(dy w) - xhat mean(dy w xhat)) + ds, xhat = (x - mean) rstd;
 //   dw = sum_rows dy xhat, db = sum_rows dy (w, b, dw, db f32; mean, rstd the saved f32 ones);
 // RMSNorm
-//   y = (x r) w, r = 1 / sqrt(mean(x^2) + eps);
-//   dx = r dy w - r^3 / cols sum(dy w x) x + ds; dw = sum_rows dy (x r) (w and dw in the dtype);
+//   y = (x r) g, r = 1 / sqrt(mean(x^2) + eps), g = w + w_offset rounded to f32;
+//   dx = r dy g - r^3 / cols sum(dy g x) x + ds; dw = sum_rows dy (x r) (w and dw in the dtype,
+//   or both f32 for the _wf32 entry points);
 // the sum s = x + r is added in f32 and rounded once to the dtype (host::rounded_sum), and is
 // compared bit for bit with a rounding written here.
 //
@@ -78,6 +81,7 @@
 #include "rmsnorm.cu"
 
 #include <set>
+#include <type_traits>
 
 namespace {
 
@@ -152,6 +156,27 @@ template <> RmsKernel rms_entry<f16>(bool bwd, int v, int k) {
   RMS_ENTRY(f16, 8, 2)
   return nullptr;
 }
+// The same with f32 gains: rmsnorm_{fwd,bwd}_<dtype>_wf32_v<V>_k<K> (bf16 and f16 only).
+template <typename T> RmsKernel rms_entry_wf32(bool bwd, int v, int k);
+template <> RmsKernel rms_entry_wf32<bf16>(bool bwd, int v, int k) {
+  RMS_SCALAR_ENTRIES(bf16_wf32)
+  RMS_ENTRY(bf16_wf32, 8, 0)
+  RMS_ENTRY(bf16_wf32, 8, 1)
+  RMS_ENTRY(bf16_wf32, 8, 2)
+  return nullptr;
+}
+template <> RmsKernel rms_entry_wf32<f16>(bool bwd, int v, int k) {
+  RMS_SCALAR_ENTRIES(f16_wf32)
+  RMS_ENTRY(f16_wf32, 8, 0)
+  RMS_ENTRY(f16_wf32, 8, 1)
+  RMS_ENTRY(f16_wf32, 8, 2)
+  return nullptr;
+}
+// The entry point for x in T and w in G.
+template <typename T, typename G> RmsKernel rms_kernel(bool bwd, int v, int k) {
+  if constexpr (std::is_same_v<T, G>) return rms_entry<T>(bwd, v, k);
+  else return rms_entry_wf32<T>(bwd, v, k);
+}
 #undef RMS_SCALAR_ENTRIES
 #undef RMS_ENTRY
 
@@ -174,8 +199,10 @@ std::set<std::string> all_entry_points() {
     if (vec == 4) vk.push_back({4, 4});
     for (auto [v, k] : vk)
       for (const char *pass : {"fwd", "bwd"})
-        all.insert(std::string("rmsnorm_") + pass + "_" + s + "_v" + std::to_string(v) + "_k" +
-                   std::to_string(k));
+        for (const std::string &g : vec == 4 ? std::vector<std::string>{""}
+                                              : std::vector<std::string>{"", "_wf32"})
+          all.insert(std::string("rmsnorm_") + pass + "_" + s + g + "_v" + std::to_string(v) +
+                     "_k" + std::to_string(k));
   }
   all.insert("layernorm_dwdb_reduce");
   return all;
@@ -261,9 +288,10 @@ Plan rms_plan(size_t cols, size_t vec_width, bool aligned) {
 template <typename T> std::string ln_name(const char *pass, size_t k) {
   return std::string("layernorm_") + pass + "_" + Dt<T>::name + (k ? "_k" + std::to_string(k) : "");
 }
-template <typename T> std::string rms_name(const char *pass, const Plan &pl) {
-  return std::string("rmsnorm_") + pass + "_" + Dt<T>::name + "_v" + std::to_string(pl.v) + "_k" +
-         std::to_string(pl.k);
+template <typename T, typename G> std::string rms_name(const char *pass, const Plan &pl) {
+  const std::string g = std::is_same_v<T, G> ? "" : "_wf32";
+  return std::string("rmsnorm_") + pass + "_" + Dt<T>::name + g + "_v" + std::to_string(pl.v) +
+         "_k" + std::to_string(pl.k);
 }
 std::string plan_name(const Plan &pl) {
   return "v" + std::to_string(pl.v) + " k" + std::to_string(pl.k) + " t" +
@@ -342,10 +370,11 @@ struct Inputs {
   Case c;
   std::vector<float> x, r, dy, ds;  // [rows, cols], drawn in f32, rounded to each dtype
   std::vector<float> w, b;          // [cols] LayerNorm's f32 w, b; RMSNorm's w (rounded)
+  std::vector<float> off;           // [cols] Gemma's f32 offsets from one
 };
 
 Inputs make_inputs(const Case &c, emu_check::Rng &rng) {
-  Inputs in{c, {}, {}, {}, {}, {}, {}};
+  Inputs in{c, {}, {}, {}, {}, {}, {}, {}};
   const size_t n = (size_t)c.rows * c.cols;
   in.x.resize(n);
   in.r.resize(n);
@@ -372,6 +401,8 @@ Inputs make_inputs(const Case &c, emu_check::Rng &rng) {
   in.b.resize(c.cols);
   for (auto &v : in.w) v = 1.f + 0.5f * rng.normal();
   for (auto &v : in.b) v = 0.5f * rng.normal();
+  in.off.resize(c.cols);
+  for (auto &v : in.off) v = 0.5f * rng.normal();
   return in;
 }
 
@@ -571,17 +602,22 @@ template <typename T> bool run_layernorm(const Inputs &in) {
 // ---------------------------------------------------------------------------------------
 // RMSNorm: forward, backward and dw reduce, as src/kernels/cuda/rmsnorm.rs launches them.
 // ---------------------------------------------------------------------------------------
-template <typename T> bool run_rmsnorm(const Inputs &in) {
+// w in G, the gain w + w_offset (`plus_one`: Gemma's offsets, w_offset 1, G f32).
+template <typename T, typename G> bool run_rmsnorm(const Inputs &in, bool plus_one) {
   const Case &c = in.c;
   const size_t rows = c.rows, cols = c.cols, n = rows * cols;
   const size_t xo = c.mis & kMisX ? 1 : 0, ro = c.mis & kMisR ? 1 : 0, wo = c.mis & kMisW ? 1 : 0;
   const size_t dyo = c.mis & kMisDy ? 1 : 0, dso = c.mis & kMisDs ? 1 : 0;
   const std::vector<T> xt = convert<T>(in.x), rt = convert<T>(in.r);
-  const std::vector<T> dyt = convert<T>(in.dy), dst = convert<T>(in.ds), wt = convert<T>(in.w);
+  const std::vector<T> dyt = convert<T>(in.dy), dst = convert<T>(in.ds);
+  const std::vector<G> wt = convert<G>(plus_one ? in.off : in.w);
   Buf<T> x = fill(xt, xo), r = fill(rt, ro), dy = fill(dyt, dyo), ds = fill(dst, dso);
-  Buf<T> w = fill(wt, wo);
+  Buf<G> w = fill(wt, wo);
+  const float w_offset = plus_one ? 1.f : 0.f;
+  // The gains as the kernels form them: w + w_offset, rounded once to f32.
   std::vector<double> wv(cols);
-  for (size_t j = 0; j < cols; ++j) wv[j] = value(wt[j]);
+  for (size_t j = 0; j < cols; ++j) wv[j] = (double)((float)value(wt[j]) + w_offset);
+  const std::string gname = plus_one ? std::string(" 1+w ") + Dt<G>::name + " " : " ";
 
   std::vector<double> s(n);
   for (size_t i = 0; i < n; ++i)
@@ -592,17 +628,18 @@ template <typename T> bool run_rmsnorm(const Inputs &in) {
   const size_t outputs = c.resid ? 2 : 1;
   Buf<T> y(outputs * n);
   Buf<float> rstd(rows);
-  const Plan pf =
-      rms_plan(cols, 16 / sizeof(T), aligned16<T>({xo, wo, c.resid ? ro : 0, (outputs - 1) * n}));
+  const Plan pf = rms_plan(cols, 16 / sizeof(T),
+                           aligned16<T>({xo, c.resid ? ro : 0, (outputs - 1) * n}) &&
+                               aligned16<G>({wo}));
   const std::string vf = plan_name(pf);
   bool ok = true;
   if (n > 0) {
-    const RmsKernel k = rms_entry<T>(false, pf.v, pf.k);
+    const RmsKernel k = rms_kernel<T, G>(false, pf.v, pf.k);
     if (!k) {
       std::printf("FAIL rmsnorm: no forward entry point for plan %s\n", vf.c_str());
       return false;
     }
-    launched.insert(rms_name<T>("fwd", pf));
+    launched.insert(rms_name<T, G>("fwd", pf));
     RmsNormParams p{};
     p.x = x.p;
     p.w = w.p;
@@ -613,11 +650,12 @@ template <typename T> bool run_rmsnorm(const Inputs &in) {
     p.rows = (int)rows;
     p.cols = (int)cols;
     p.eps = c.eps;
+    p.w_offset = w_offset;
     emu::launch({(unsigned)rows, 1, 1}, {pf.threads, 1, 1}, 0, [&] { k(p); });
   }
   const double eps = c.eps, uT = Dt<T>::u, subT = Dt<T>::sub, D = depth(c.cols);
   if (n > 0) {
-    const std::string ctx = ctx_name("rms", c, Dt<T>::name, vf, "fwd");
+    const std::string ctx = ctx_name("rms", c, Dt<T>::name, gname + vf, "fwd");
     Report rep;
     std::vector<double> wy(n), by(n), wr(rows), br(rows);
     for (size_t i = 0; i < rows; ++i) {
@@ -644,15 +682,17 @@ template <typename T> bool run_rmsnorm(const Inputs &in) {
     ok &= rep.ok;
   }
 
-  // Backward: x is s where there is a residual (in y's buffer, n elements in); dx and dw packed
-  // [dx | dw] in one alloc_out buffer, the partial rows in another.
+  // Backward: x is s where there is a residual (in y's buffer, n elements in); dx (in T) and dw
+  // (in G) each in an alloc_out buffer, the partial rows in another.
   const T *xb = c.resid ? y.p + n : x.p;
   const size_t xbo = c.resid ? n : xo;
-  const Plan pb = rms_plan(cols, 16 / sizeof(T), aligned16<T>({xbo, wo, dyo, c.ds ? dso : 0}));
+  const Plan pb = rms_plan(cols, 16 / sizeof(T),
+                           aligned16<T>({xbo, dyo, c.ds ? dso : 0}) && aligned16<G>({wo}));
   const std::string vb = plan_name(pb);
   const size_t per_sm = std::max<size_t>(2048 / pb.threads, 1);
   const size_t groups = std::min<size_t>(rows, (size_t)c.sms * per_sm);
-  Buf<T> packed(n + cols);
+  Buf<T> dxb(n);
+  Buf<G> dwb(cols);
   Buf<float> partial(groups * cols);
   RmsNormParams p{};
   p.x = xb;
@@ -664,26 +704,28 @@ template <typename T> bool run_rmsnorm(const Inputs &in) {
   p.rows = (int)rows;
   p.cols = (int)cols;
   p.groups = (int)groups;
-  p.dx = packed.p;
-  p.dw = packed.p + n;
+  p.w_offset = w_offset;
+  p.dx = dxb.p;
   if (n > 0) {
-    const RmsKernel k = rms_entry<T>(true, pb.v, pb.k);
+    const RmsKernel k = rms_kernel<T, G>(true, pb.v, pb.k);
     if (!k) {
       std::printf("FAIL rmsnorm: no backward entry point for plan %s\n", vb.c_str());
       return false;
     }
-    launched.insert(rms_name<T>("bwd", pb));
+    launched.insert(rms_name<T, G>("bwd", pb));
     emu::launch({(unsigned)groups, 1, 1}, {pb.threads, 1, 1}, 0, [&] { k(p); });
   }
   if (cols > 0) {
-    launched.insert(std::string("rmsnorm_dw_reduce_") + Dt<T>::name);
+    // The reduce of w's dtype, into its own buffer (reduce_dw).
+    p.dw = dwb.p;
+    launched.insert(std::string("rmsnorm_dw_reduce_") + Dt<G>::name);
     // launch_1d(cols, 256)
     emu::launch({(unsigned)std::max<size_t>((cols + 255) / 256, 1), 1, 1}, {256, 1, 1}, 0,
-                [&] { Dt<T>::rms_reduce(p); });
+                [&] { Dt<G>::rms_reduce(p); });
   }
   {
     const std::string ctx =
-        ctx_name("rms", c, Dt<T>::name, vb + " g" + std::to_string(groups), "bwd");
+        ctx_name("rms", c, Dt<T>::name, gname + vb + " g" + std::to_string(groups), "bwd");
     Report rep;
     std::vector<double> wdx(n), bdx(n), wdw(cols, 0.0), mdw(cols, 0.0), bdw(cols);
     const double Dr = (double)rows + 16;
@@ -712,13 +754,15 @@ template <typename T> bool run_rmsnorm(const Inputs &in) {
         mdw[j] += std::fabs(g * xs[j] * rs);
       }
     }
+    const double uG = Dt<G>::u, subG = Dt<G>::sub;
     for (size_t j = 0; j < cols; ++j) {
       const double e = 1.01 * (Dr + 2) * kU * mdw[j];
-      bdw[j] = 1.5 * (e + uT * (std::fabs(wdw[j]) + e)) + subT;
+      bdw[j] = 1.5 * (e + uG * (std::fabs(wdw[j]) + e)) + subG;
     }
-    if (n > 0) within(rep, "dx", packed.p, wdx, bdx, ctx);
-    within(rep, "dw", packed.p + n, wdw, bdw, ctx);
-    guards(rep, "dx|dw", packed, ctx);
+    if (n > 0) within(rep, "dx", dxb.p, wdx, bdx, ctx);
+    within(rep, "dw", dwb.p, wdw, bdw, ctx);
+    guards(rep, "dx", dxb, ctx);
+    guards(rep, "dw", dwb, ctx);
     guards(rep, "partial", partial, ctx);
     print(rep, ctx);
     ok &= rep.ok;
@@ -787,9 +831,14 @@ int main(int argc, char **argv) {
   };
   for (const Case &c : rms_cases) {
     const Inputs in = make_inputs(c, rng);
-    if (c.dtypes & kF32) ok &= run_rmsnorm<float>(in);
-    if (c.dtypes & kBF16) ok &= run_rmsnorm<bf16>(in);
-    if (c.dtypes & kF16) ok &= run_rmsnorm<f16>(in);
+    // Each as stored, then as Gemma's f32 offsets from one.
+    for (bool plus_one : {false, true}) {
+      if (c.dtypes & kF32) ok &= run_rmsnorm<float, float>(in, plus_one);
+      if (c.dtypes & kBF16)
+        ok &= plus_one ? run_rmsnorm<bf16, float>(in, true) : run_rmsnorm<bf16, bf16>(in, false);
+      if (c.dtypes & kF16)
+        ok &= plus_one ? run_rmsnorm<f16, float>(in, true) : run_rmsnorm<f16, f16>(in, false);
+    }
   }
 
   // Every entry point of both files ran.

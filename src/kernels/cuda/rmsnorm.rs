@@ -3,13 +3,15 @@
 //!
 //! The forward saves the per-row inverse rms (f32) inside the op object, which candle keeps in
 //! the graph, so the backward reuses it instead of re-reducing every row. The backward is a
-//! second custom op whose single output packs `[dx (rows*cols) | dw (cols)]`; the two
-//! gradients are views into it.
+//! second custom op whose output is dx; dw, in w's dtype (f32 for Gemma's offsets under 16-bit
+//! compute), is left in the op object beside it, as the inverse rms is.
+//!
+//! The gain is `w` or, for Gemma ([`Gain::PlusOne`]), `1 + w` formed in f32 inside the kernels.
 
 use std::sync::{Mutex, PoisonError};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtrMut, DeviceRepr};
+use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
@@ -17,6 +19,7 @@ use candle_core::{
 };
 
 use super::super::host::{cpu_storage, norm_out_shape, rounded_sum, rows_cols, slice};
+use super::super::rmsnorm::Gain;
 use super::super::spans::{self, Pass};
 use super::super::KernelOp;
 use super::{
@@ -47,8 +50,9 @@ struct RmsNormParams {
     cols: i32,
     groups: i32,
     eps: f32,
+    w_offset: f32,
 }
-const _: () = assert!(std::mem::size_of::<RmsNormParams>() == 104);
+const _: () = assert!(std::mem::size_of::<RmsNormParams>() == 112);
 const _: () = assert!(std::mem::align_of::<RmsNormParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for RmsNormParams {}
@@ -58,21 +62,27 @@ impl KernelParams for RmsNormParams {
 
 /// Our op on a CUDA tensor; `None` for dtypes the kernel does not cover (the caller falls
 /// back to the reference).
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<Tensor>> {
-    if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) || w.dtype() != x.dtype() {
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, gain: Gain) -> Result<Option<Tensor>> {
+    if !covers(x, w) {
         return Ok(None);
     }
-    rms_norm_op(x, w, eps).map(Some)
+    rms_norm_op(x, w, eps, gain).map(Some)
+}
+
+/// Whether the kernels take `x` and `w`: x f32, bf16 or f16, w in x's dtype or f32.
+pub fn covers(x: &Tensor, w: &Tensor) -> bool {
+    matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && (w.dtype() == x.dtype() || w.dtype() == DType::F32)
 }
 
 /// The custom op on any device (CPU included), differentiable in `x` and `w`.
-/// `x: [..., cols]`, `w: [cols]`, same dtype (f32, bf16 or f16). On a tape its backward adds
-/// x's gradient so far (the first block's input, which the residual add reads too) to dx in
-/// the pass that writes it, as LayerNorm's does.
-pub fn rms_norm_op(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+/// `x: [..., cols]` (f32, bf16 or f16), `w: [cols]` in x's dtype or f32. On a tape its
+/// backward adds x's gradient so far (the first block's input, which the residual add reads
+/// too) to dx in the pass that writes it, as LayerNorm's does.
+pub fn rms_norm_op(x: &Tensor, w: &Tensor, eps: f64, gain: Gain) -> Result<Tensor> {
     use crate::tape;
     check(x, w)?;
-    let op = RmsNorm::new(eps, None);
+    let op = RmsNorm::new(eps, gain, None);
     let arg = |t: &Tensor| tape::arg(t).contiguous();
     let (xa, wa) = (arg(x)?, arg(w)?);
     if !tape::recording() {
@@ -94,8 +104,13 @@ fn check(x: &Tensor, w: &Tensor) -> Result<()> {
             w.dims()
         );
     }
-    if w.dtype() != x.dtype() {
-        candle_core::bail!("rms_norm: x is {:?} but w is {:?}", x.dtype(), w.dtype());
+    if !covers(x, w) {
+        candle_core::bail!(
+            "rms_norm: x is {:?} and w {:?} (the kernels take x f32, bf16 or f16 and w in x's \
+             dtype or f32)",
+            x.dtype(),
+            w.dtype()
+        );
     }
     Ok(())
 }
@@ -112,10 +127,10 @@ pub struct RmsNormDirect {
 
 impl RmsNormDirect {
     /// `x: [..., cols]`, `w: [cols]`, as [`rms_norm_op`] takes them.
-    pub fn new(x: &Tensor, w: &Tensor, eps: f64) -> Result<Self> {
+    pub fn new(x: &Tensor, w: &Tensor, eps: f64, gain: Gain) -> Result<Self> {
         check(x, w)?;
         Ok(Self {
-            op: RmsNorm::new(eps, None),
+            op: RmsNorm::new(eps, gain, None),
             x: x.contiguous()?,
             w: w.contiguous()?,
         })
@@ -138,6 +153,8 @@ impl RmsNormDirect {
 
 struct RmsNorm {
     eps: f32,
+    /// Added to every gain in f32 ([`Gain::offset`]).
+    offset: f32,
     /// `[rows]` f32, written by the forward for the backward.
     rstd: Mutex<Option<Tensor>>,
     /// Added to x before the norm ([`add_fused`]): the output is then `[2, ...]`, the norm
@@ -146,9 +163,10 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn new(eps: f64, residual: Option<Tensor>) -> Self {
+    fn new(eps: f64, gain: Gain, residual: Option<Tensor>) -> Self {
         Self {
             eps: eps as f32,
+            offset: gain.offset(),
             rstd: Mutex::new(None),
             residual,
         }
@@ -186,12 +204,18 @@ impl RmsNorm {
                 Some(d) => Some(d.to_dtype(x.dtype())?.contiguous()?),
                 None => None,
             };
-            let cols = w.elem_count();
-            let n = x.elem_count();
             let dy = dy.to_dtype(x.dtype())?.contiguous()?;
-            let packed = x.apply_op3_no_bwd(w, &dy, &RmsNormBwd { rstd, ds })?;
-            let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-            let dw = packed.narrow(0, n, cols)?;
+            let bwd = RmsNormBwd {
+                rstd,
+                ds,
+                offset: self.offset,
+                dw: Mutex::new(None),
+            };
+            let dx = x.apply_op3_no_bwd(w, &dy, &bwd)?.reshape(x.shape())?;
+            let dw = bwd.dw.lock().unwrap_or_else(PoisonError::into_inner).take();
+            let dw = dw.ok_or_else(|| {
+                candle_core::Error::Msg("rms_norm backward: the op left no dw".into())
+            })?;
             Ok((dx, dw))
         })
     }
@@ -200,21 +224,27 @@ impl RmsNorm {
 /// `(x + r, RmsNorm(x + r))` for a block tape (`crate::tape`): the residual stream's add
 /// fused into the norm that reads it, one pass over the rows each way (the backward adds the
 /// stream's own gradient to the norm's dx in the same pass). Outside a tape, the add and
-/// [`rms_norm_op`], two ops. `x`, `r` and `w` of one dtype.
-pub fn add_fused(x: &Tensor, r: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+/// [`rms_norm_op`], two ops. `x` and `r` of one dtype, `w` of theirs or f32.
+pub fn add_fused(
+    x: &Tensor,
+    r: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    gain: Gain,
+) -> Result<(Tensor, Tensor)> {
     use crate::tape;
     if !tape::recording() {
         if tape::untracked(&[x, r, w]) {
             return spans::timed(KernelOp::RmsNorm, Pass::Forward, x.device(), || {
                 check(x, w)?;
                 tape::check_residual(x, r, "rms_norm")?;
-                let op = RmsNorm::new(eps, Some(r.contiguous()?));
+                let op = RmsNorm::new(eps, gain, Some(r.contiguous()?));
                 let both = x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)?;
                 Ok((both.get(1)?, both.get(0)?))
             });
         }
         let s = (x + r)?;
-        let n = rms_norm_op(&s, w, eps)?;
+        let n = rms_norm_op(&s, w, eps, gain)?;
         return Ok((s, n));
     }
     spans::timed(KernelOp::RmsNorm, Pass::Forward, x.device(), || {
@@ -222,7 +252,7 @@ pub fn add_fused(x: &Tensor, r: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor
         tape::check_residual(x, r, "rms_norm")?;
         let arg = |t: &Tensor| tape::arg(t).contiguous();
         let (xa, wa) = (arg(x)?, arg(w)?);
-        let mut op = RmsNorm::new(eps, Some(arg(r)?));
+        let mut op = RmsNorm::new(eps, gain, Some(arg(r)?));
         let both = xa.apply_op2_no_bwd(&wa, &op)?;
         // The backward reads the sum and the saved inverse rms, not the residual.
         op.residual = None;
@@ -233,12 +263,12 @@ pub fn add_fused(x: &Tensor, r: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor
     })
 }
 
-/// `(y, rstd)`; with a residual `r`, y is the norm of the sum `x + r` (rounded to `T`, as a
-/// separate add rounds it) followed by the sum.
+/// `(y, rstd)` for the gains `w` (offset already added); with a residual `r`, y is the norm of
+/// the sum `x + r` (rounded to `T`, as a separate add rounds it) followed by the sum.
 fn cpu_forward<T: WithDType>(
     x: &[T],
     r: Option<&[T]>,
-    w: &[T],
+    w: &[f32],
     rows: usize,
     cols: usize,
     eps: f32,
@@ -247,7 +277,6 @@ fn cpu_forward<T: WithDType>(
     let sum = r.map_or_else(Vec::new, |r| rounded_sum(x, r));
     let x = if r.is_some() { &sum[..] } else { x };
     let mut rstd = Vec::with_capacity(rows);
-    let w: Vec<f32> = w.iter().map(|v| v.to_f64() as f32).collect();
     for row in x.chunks(cols.max(1)).take(rows) {
         let xf: Vec<f32> = row.iter().map(|v| v.to_f64() as f32).collect();
         let ss: f32 = xf.iter().map(|v| v * v).sum();
@@ -255,7 +284,7 @@ fn cpu_forward<T: WithDType>(
         rstd.push(r);
         y.extend(
             xf.iter()
-                .zip(&w)
+                .zip(w)
                 .map(|(&v, &wv)| T::from_f64(((v * r) * wv) as f64)),
         );
     }
@@ -264,19 +293,18 @@ fn cpu_forward<T: WithDType>(
     (y, rstd)
 }
 
-/// dx and dw (packed `[dx | dw]`) from the saved inverse rms, `ds` added to dx in f32;
-/// formulas in kernels/rmsnorm.cu.
+/// `(dx, dw)` for the gains `w` (offset already added) from the saved inverse rms, `ds` added
+/// to dx in f32; formulas in kernels/rmsnorm.cu.
 fn cpu_backward<T: WithDType>(
     x: &[T],
-    w: &[T],
+    w: &[f32],
     dy: &[T],
     ds: Option<&[T]>,
     rstd: &[f32],
     cols: usize,
-) -> Vec<T> {
-    let w: Vec<f32> = w.iter().map(|v| v.to_f64() as f32).collect();
+) -> (Vec<T>, Vec<f32>) {
     let mut dw = vec![0f32; cols];
-    let mut out = Vec::with_capacity(x.len() + cols);
+    let mut out = Vec::with_capacity(x.len());
     if cols > 0 {
         for (row, ((xr, gr), &r)) in x.chunks(cols).zip(dy.chunks(cols)).zip(rstd).enumerate() {
             let xf: Vec<f32> = xr.iter().map(|v| v.to_f64() as f32).collect();
@@ -292,8 +320,62 @@ fn cpu_backward<T: WithDType>(
             }
         }
     }
-    out.extend(dw.into_iter().map(|v| T::from_f64(v as f64)));
-    out
+    (out, dw)
+}
+
+/// The gains `w + offset` in f32, w of any float dtype: what the kernels form per element.
+fn cpu_gains(sw: &CpuStorage, lw: &Layout, offset: f32) -> Result<Vec<f32>> {
+    fn f32s<T: WithDType>(s: &CpuStorage, l: &Layout, offset: f32) -> Result<Vec<f32>> {
+        Ok(slice::<T>(s, l)?
+            .iter()
+            .map(|v| v.to_f64() as f32 + offset)
+            .collect())
+    }
+    match sw.dtype() {
+        DType::F32 => f32s::<f32>(sw, lw, offset),
+        DType::BF16 => f32s::<half::bf16>(sw, lw, offset),
+        DType::F16 => f32s::<half::f16>(sw, lw, offset),
+        dt => candle_core::bail!("rms_norm: unsupported gain dtype {dt:?}"),
+    }
+}
+
+/// w on the device: in x's dtype `T`, or f32 under a 16-bit `T` (the `_wf32` entry points).
+enum GainView<'a, T> {
+    Same(CudaView<'a, T>),
+    F32(CudaView<'a, f32>),
+}
+
+impl<'a, T: CudaDType + WithDType> GainView<'a, T> {
+    fn new(s: &'a CudaStorage, l: &Layout) -> Result<Self> {
+        match s.dtype() {
+            d if d == T::DTYPE => Ok(Self::Same(contiguous_view::<T>(s, l)?)),
+            DType::F32 => Ok(Self::F32(contiguous_view::<f32>(s, l)?)),
+            d => candle_core::bail!("rms_norm: gain {d:?} for x {:?}", T::DTYPE),
+        }
+    }
+
+    fn read<'p>(&'p self, ptrs: &mut DevPtrs<'p>) -> DevPtr {
+        match self {
+            Self::Same(v) => ptrs.read(v),
+            Self::F32(v) => ptrs.read(v),
+        }
+    }
+
+    /// The dtype part of the entry points' names: x's, with `_wf32` for an f32 gain.
+    fn kernel_dtype(&self) -> String {
+        match self {
+            Self::Same(_) => T::DTYPE.as_str().to_string(),
+            Self::F32(_) => format!("{}_wf32", T::DTYPE.as_str()),
+        }
+    }
+
+    /// Whether w at this element offset starts on a 16-byte boundary.
+    fn aligned(&self, offset: usize) -> bool {
+        match self {
+            Self::Same(_) => aligned16::<T>(&[offset]),
+            Self::F32(_) => aligned16::<f32>(&[offset]),
+        }
+    }
 }
 
 /// Which compiled variant to launch: V values per access, K accesses per thread held in
@@ -336,8 +418,9 @@ impl Plan {
         }
     }
 
-    fn kernel(&self, pass: &str, dtype: DType) -> String {
-        format!("rmsnorm_{pass}_{}_v{}_k{}", dtype.as_str(), self.v, self.k)
+    /// `dtype`: [`GainView::kernel_dtype`].
+    fn kernel(&self, pass: &str, dtype: &str) -> String {
+        format!("rmsnorm_{pass}_{dtype}_v{}_k{}", self.v, self.k)
     }
 }
 
@@ -352,7 +435,7 @@ fn cuda_forward<T: CudaDType + DeviceRepr + WithDType>(
     let (rows, cols) = rows_cols(lx)?;
     let n = rows * cols;
     let x = contiguous_view::<T>(sx, lx)?;
-    let w = contiguous_view::<T>(sw, lw)?;
+    let w = GainView::<T>::new(sw, lw)?;
     let held = op.residual.as_ref().map(|r| r.storage_and_layout());
     let (r, r_offset) = match &held {
         Some((g, l)) => {
@@ -373,15 +456,10 @@ fn cuda_forward<T: CudaDType + DeviceRepr + WithDType>(
     let mut rstd = unsafe { alloc_out::<f32>(dev, rows)? };
     if n > 0 {
         // The sum starts n elements into the output.
-        let offsets = [
-            lx.start_offset(),
-            lw.start_offset(),
-            r_offset,
-            (outputs - 1) * n,
-        ];
-        let aligned = aligned16::<T>(&offsets);
+        let offsets = [lx.start_offset(), r_offset, (outputs - 1) * n];
+        let aligned = aligned16::<T>(&offsets) && w.aligned(lw.start_offset());
         let plan = Plan::new(cols, 16 / std::mem::size_of::<T>(), aligned);
-        let name = plan.kernel("fwd", T::DTYPE);
+        let name = plan.kernel("fwd", &w.kernel_dtype());
         let func = load_func(dev, "rmsnorm", &name)?;
         let cfg = LaunchConfig {
             grid_dim: (to_i32(rows, "rows")? as u32, 1, 1),
@@ -399,7 +477,7 @@ fn cuda_forward<T: CudaDType + DeviceRepr + WithDType>(
         };
         let p = RmsNormParams {
             x: ptrs.read(&x),
-            w: ptrs.read(&w),
+            w: w.read(&mut ptrs),
             y: out,
             rstd: ptrs.write(&mut rstd),
             r: ptrs.read_opt(r.as_ref()),
@@ -407,6 +485,7 @@ fn cuda_forward<T: CudaDType + DeviceRepr + WithDType>(
             rows: to_i32(rows, "rows")?,
             cols: to_i32(cols, "cols")?,
             eps: op.eps,
+            w_offset: op.offset,
             ..RmsNormParams::default()
         };
         // SAFETY: x (and r) hold rows * cols, y rows * cols per output, w cols, rstd rows
@@ -447,8 +526,8 @@ impl CustomOp2 for RmsNorm {
                 Some((g, l)) => Some(slice::<T>(cpu_storage(g)?, l)?),
                 None => None,
             };
-            let (x, w) = (slice::<T>(sx, lx)?, slice::<T>(sw, lw)?);
-            let (y, rstd) = cpu_forward(x, r, w, rows, cols, op.eps);
+            let w = cpu_gains(sw, lw, op.offset)?;
+            let (y, rstd) = cpu_forward(slice::<T>(sx, lx)?, r, &w, rows, cols, op.eps);
             op.save(Tensor::from_vec(rstd, rows, &Device::Cpu)?);
             Ok(T::to_cpu_storage_owned(y))
         }
@@ -488,11 +567,40 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
-/// Backward of [`RmsNorm`]: `(x, w, dy) -> [dx | dw]`, reading the saved inverse rms; `ds`,
-/// where set, is added to dx.
+/// Backward of [`RmsNorm`]: `(x, w, dy) -> dx`, reading the saved inverse rms; `ds`, where
+/// set, is added to dx. dw, in w's dtype, is left in `dw`.
 struct RmsNormBwd {
     rstd: Tensor,
     ds: Option<Tensor>,
+    offset: f32,
+    dw: Mutex<Option<Tensor>>,
+}
+
+impl RmsNormBwd {
+    fn save_dw(&self, dw: Tensor) {
+        *self.dw.lock().unwrap_or_else(PoisonError::into_inner) = Some(dw);
+    }
+}
+
+/// dw in `G` (w's dtype) from the backward's f32 partial rows (`p.dw_partial`, `p.groups` of
+/// them): one launch of rmsnorm_dw_reduce_<G>, zeros when there are no rows.
+fn reduce_dw<G: CudaDType + DeviceRepr + WithDType>(
+    dev: &candle_core::CudaDevice,
+    p: &mut RmsNormParams,
+    cols: usize,
+) -> Result<Tensor> {
+    // SAFETY: the reduce kernel writes every dw entry.
+    let mut dw = unsafe { alloc_out::<G>(dev, cols)? };
+    if cols > 0 {
+        let stream = dev.cuda_stream();
+        let mut ptrs = DevPtrs::new(&stream);
+        p.dw = ptrs.write(&mut dw);
+        let name = format!("rmsnorm_dw_reduce_{}", G::DTYPE.as_str());
+        let func = load_func(dev, "rmsnorm", &name)?;
+        // SAFETY: `dw_partial` holds groups * cols values, dw cols.
+        unsafe { launch(dev, &func, &name, launch_1d(cols, 256), p) }?;
+    }
+    Ok(tensor_from_slice(dw, dev, cols))
 }
 
 fn cuda_backward<T: CudaDType + DeviceRepr + WithDType>(
@@ -505,7 +613,7 @@ fn cuda_backward<T: CudaDType + DeviceRepr + WithDType>(
     let (rows, cols) = rows_cols(lx)?;
     let n = rows * cols;
     let x = contiguous_view::<T>(sx, lx)?;
-    let w = contiguous_view::<T>(sw, lw)?;
+    let w = GainView::<T>::new(sw, lw)?;
     let g = contiguous_view::<T>(sg, lg)?;
     let (rs_guard, rs_layout) = op.rstd.storage_and_layout();
     let rstd = contiguous_view::<f32>(cuda_storage(&rs_guard)?, rs_layout)?;
@@ -523,41 +631,34 @@ fn cuda_backward<T: CudaDType + DeviceRepr + WithDType>(
         None => (None, 0),
     };
 
-    let offsets = [
-        lx.start_offset(),
-        lw.start_offset(),
-        lg.start_offset(),
-        ds_offset,
-    ];
-    let aligned = aligned16::<T>(&offsets);
+    let offsets = [lx.start_offset(), lg.start_offset(), ds_offset];
+    let aligned = aligned16::<T>(&offsets) && w.aligned(lw.start_offset());
     let plan = Plan::new(cols, 16 / std::mem::size_of::<T>(), aligned);
     // A few blocks per SM, each folding its rows' dw into one partial row.
     let per_sm = (2048 / plan.threads).max(1) as usize;
     let groups = rows.min(sm_count(dev)? as usize * per_sm);
     // SAFETY: the backward kernel writes all of dx and every column of its partial row; the
     // reduce kernel writes every dw entry (zeros when there are no rows).
-    let mut packed = unsafe { alloc_out::<T>(dev, n + cols)? };
+    let mut dx = unsafe { alloc_out::<T>(dev, n)? };
     let mut partial = unsafe { alloc_out::<f32>(dev, groups * cols)? };
     let stream = dev.cuda_stream();
     let mut ptrs = DevPtrs::new(&stream);
     let mut p = RmsNormParams {
         x: ptrs.read(&x),
-        w: ptrs.read(&w),
+        w: w.read(&mut ptrs),
         dy: ptrs.read(&g),
         ds: ptrs.read_opt(ds.as_ref()),
         rstd: ptrs.read(&rstd),
+        dx: ptrs.write(&mut dx),
         dw_partial: ptrs.write(&mut partial),
         rows: to_i32(rows, "rows")?,
         cols: to_i32(cols, "cols")?,
         groups: to_i32(groups, "groups")?,
+        w_offset: op.offset,
         ..RmsNormParams::default()
     };
-    // dx is the first n elements of `packed`, dw the last cols.
-    let (packed_ptr, packed_guard) = packed.device_ptr_mut(&stream);
-    p.dx = packed_ptr;
-    p.dw = packed_ptr + (n * std::mem::size_of::<T>()) as u64;
     if n > 0 {
-        let name = plan.kernel("bwd", T::DTYPE);
+        let name = plan.kernel("bwd", &w.kernel_dtype());
         let func = load_func(dev, "rmsnorm", &name)?;
         let cfg = LaunchConfig {
             grid_dim: (p.groups as u32, 1, 1),
@@ -567,19 +668,17 @@ fn cuda_backward<T: CudaDType + DeviceRepr + WithDType>(
         // SAFETY: x, dy, dx hold n elements, w cols, rstd rows, dw_partial groups * cols.
         unsafe { launch(dev, &func, &name, cfg, &p) }?;
     }
-    if cols > 0 {
-        let name = format!("rmsnorm_dw_reduce_{}", T::DTYPE.as_str());
-        let func = load_func(dev, "rmsnorm", &name)?;
-        // SAFETY: `partial` holds groups * cols values, dw (inside `packed`) cols.
-        unsafe { launch(dev, &func, &name, launch_1d(cols, 256), &p) }?;
-    }
-    drop(packed_guard);
+    let dw = match &w {
+        GainView::Same(_) => reduce_dw::<T>(dev, &mut p, cols)?,
+        GainView::F32(_) => reduce_dw::<f32>(dev, &mut p, cols)?,
+    };
+    op.save_dw(dw);
     drop(ptrs);
     drop(held);
     drop(rs_guard);
     Ok((
-        CudaStorage::wrap_cuda_slice(packed, dev.clone()),
-        Shape::from(n + cols),
+        CudaStorage::wrap_cuda_slice(dx, dev.clone()),
+        Shape::from(n),
     ))
 }
 
@@ -608,35 +707,32 @@ impl CustomOp3 for RmsNormBwd {
         }
         fn run<T: WithDType>(
             (sx, lx): (&CpuStorage, &Layout),
-            (sw, lw): (&CpuStorage, &Layout),
+            w: &[f32],
             (sg, lg): (&CpuStorage, &Layout),
             ds: Option<&Tensor>,
             rstd: &[f32],
             cols: usize,
-        ) -> Result<CpuStorage> {
+        ) -> Result<(CpuStorage, Vec<f32>)> {
             let g = ds.map(|d| d.storage_and_layout());
             let ds = match &g {
                 Some((g, l)) => Some(slice::<T>(cpu_storage(g)?, l)?),
                 None => None,
             };
-            let out = cpu_backward(
-                slice::<T>(sx, lx)?,
-                slice::<T>(sw, lw)?,
-                slice::<T>(sg, lg)?,
-                ds,
-                rstd,
-                cols,
-            );
-            Ok(T::to_cpu_storage_owned(out))
+            let (dx, dw) =
+                cpu_backward(slice::<T>(sx, lx)?, w, slice::<T>(sg, lg)?, ds, rstd, cols);
+            Ok((T::to_cpu_storage_owned(dx), dw))
         }
-        let (args, ds) = (((sx, lx), (sw, lw), (sg, lg)), self.ds.as_ref());
-        let out = match sx.dtype() {
+        let w = cpu_gains(sw, lw, self.offset)?;
+        let (args, ds) = (((sx, lx), &w[..], (sg, lg)), self.ds.as_ref());
+        let (out, dw) = match sx.dtype() {
             DType::F32 => run::<f32>(args.0, args.1, args.2, ds, &rstd, cols)?,
             DType::BF16 => run::<half::bf16>(args.0, args.1, args.2, ds, &rstd, cols)?,
             DType::F16 => run::<half::f16>(args.0, args.1, args.2, ds, &rstd, cols)?,
             dt => candle_core::bail!("rms_norm backward: unsupported dtype {dt:?}"),
         };
-        Ok((out, Shape::from(rows * cols + cols)))
+        // Rounded once from the f32 sums to w's dtype, as the reduce kernel stores it.
+        self.save_dw(Tensor::from_vec(dw, cols, &Device::Cpu)?.to_dtype(sw.dtype())?);
+        Ok((out, Shape::from(rows * cols)))
     }
 
     fn cuda_fwd(
@@ -725,20 +821,20 @@ mod tests {
                 let (rt, wt) = (r.as_tensor(), w.as_tensor());
                 let norms = std::cell::RefCell::new(vec![]);
                 let taped = crate::tape::segment(x.as_tensor(), |x| {
-                    let (s, n) = add_fused(x, rt, wt, 1e-5)?;
+                    let (s, n) = add_fused(x, rt, wt, 1e-5, Gain::AsIs)?;
                     norms.borrow_mut().push(n.clone());
                     Ok(crate::tape::add(&s, &n)?)
                 })
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                 let sum = (x.as_tensor() + rt)?;
-                let unfused = rms_norm_op(&sum, wt, 1e-5)?;
+                let unfused = rms_norm_op(&sum, wt, 1e-5, Gain::AsIs)?;
                 let bits = |t: &Tensor| -> Result<Vec<f32>> {
                     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
                 };
                 assert_eq!(bits(&norms.borrow()[0])?, bits(&unfused)?, "{dtype:?} norm");
                 // Off the tape with nothing tracked (generation): the same fused pass.
                 let (xd, rd, wd) = (x.as_tensor().detach(), rt.detach(), wt.detach());
-                let (s, n) = add_fused(&xd, &rd, &wd, 1e-5)?;
+                let (s, n) = add_fused(&xd, &rd, &wd, 1e-5, Gain::AsIs)?;
                 assert_eq!(bits(&s)?, bits(&sum)?, "{dtype:?} untracked sum");
                 assert_eq!(bits(&n)?, bits(&unfused)?, "{dtype:?} untracked norm");
                 let apart = (&sum + rms_norm_reference(&sum, wt, 1e-5)?)?;
@@ -767,7 +863,7 @@ mod tests {
             let x = candle_core::Var::from_vec(rand(&[rows, cols], 1), (rows, cols), &dev)?;
             let w = candle_core::Var::from_vec(rand(&[cols], 2), cols, &dev)?;
             let dy = Tensor::from_vec(rand(&[rows, cols], 3), (rows, cols), &dev)?;
-            let ours = rms_norm_op(&x, &w, 1e-5)?;
+            let ours = rms_norm_op(&x, &w, 1e-5, Gain::AsIs)?;
             let refr = rms_norm_reference(&x, &w, 1e-5)?;
             let g_ours = (&ours * &dy)?.sum_all()?.backward()?;
             let g_ref = (&refr * &dy)?.sum_all()?.backward()?;
@@ -781,6 +877,82 @@ mod tests {
                 let (a, b) = (g_ours.get(v).unwrap(), g_ref.get(v).unwrap());
                 let e = close(a, b)?;
                 assert!(e < 1e-5, "{rows}x{cols}: grad error {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Gemma's gains (`1 + w` from f32 offsets) under f32 and bf16 compute, through the CPU
+    /// implementation, alone and with the residual add fused in on a block tape: the output
+    /// and the gradients against the reference's autograd by `Gain::PlusOne`, dw in f32. With
+    /// the offset left out (`Gain::AsIs` on the same w) the output is far off: the offset is
+    /// what is checked, not a gain near one.
+    #[test]
+    fn cpu_op_forms_gemma_gains_in_f32() -> Result<()> {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::BF16] {
+            for (rows, cols) in [(3usize, 5usize), (7, 33)] {
+                let t = |seed: u64, shape: &[usize]| -> Result<Tensor> {
+                    Tensor::from_vec(rand(shape, seed), shape, &dev)?.to_dtype(dtype)
+                };
+                let x = candle_core::Var::from_tensor(&t(1, &[rows, cols])?)?;
+                let r = candle_core::Var::from_tensor(&t(4, &[rows, cols])?)?;
+                // f32 offsets in [-0.5, 0.5): gains 0.5 to 1.5.
+                let w = (Tensor::from_vec(rand(&[cols], 2), cols, &dev)? * 0.5)?;
+                let w = candle_core::Var::from_tensor(&w)?;
+                let dy = t(3, &[rows, cols])?;
+                let (xt, rt, wt) = (x.as_tensor(), r.as_tensor(), w.as_tensor());
+                let f32s = |t: &Tensor| -> Result<Vec<f32>> {
+                    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+                };
+                let worst = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                    let (a, b) = (f32s(a)?, f32s(b)?);
+                    let scale = b.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
+                    Ok(a.iter()
+                        .zip(&b)
+                        .fold(0f32, |m, (p, q)| m.max((p - q).abs()))
+                        / scale)
+                };
+                let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+                let reference = |x: &Tensor| {
+                    let g = Gain::PlusOne.of(wt)?;
+                    rms_norm_reference(x, &g, 1e-6)
+                };
+
+                let ours = rms_norm_op(xt, wt, 1e-6, Gain::PlusOne)?;
+                let refr = reference(xt)?;
+                assert_eq!(ours.dtype(), dtype);
+                assert!(worst(&ours, &refr)? <= tol, "{dtype:?} y");
+                let plain = rms_norm_op(xt, wt, 1e-6, Gain::AsIs)?;
+                assert!(
+                    worst(&plain, &refr)? > 0.3,
+                    "{dtype:?}: the offset is not applied"
+                );
+                let g_ours = (&ours * &dy)?.sum_all()?.backward()?;
+                let g_ref = (&refr * &dy)?.sum_all()?.backward()?;
+                assert_eq!(g_ours.get(wt).unwrap().dtype(), DType::F32, "dw in f32");
+                for (name, v) in [("dx", xt), ("dw", wt)] {
+                    let e = worst(g_ours.get(v).unwrap(), g_ref.get(v).unwrap())?;
+                    assert!(e <= 2.0 * tol, "{dtype:?} {rows}x{cols} {name}: off by {e}");
+                }
+
+                let taped = crate::tape::segment(xt, |x| {
+                    let (s, n) = add_fused(x, rt, wt, 1e-6, Gain::PlusOne)?;
+                    Ok(crate::tape::add(&s, &n)?)
+                })
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                let sum = (xt + rt)?;
+                let apart = (&sum + reference(&sum)?)?;
+                assert!(worst(&taped, &apart)? <= tol, "{dtype:?} add y");
+                let g_tape = crate::tape::backward(&(&taped * &dy)?.sum_all()?)?;
+                let g_ref = (&apart * &dy)?.sum_all()?.backward()?;
+                for (name, v) in [("dx", xt), ("dr", rt), ("dw", wt)] {
+                    let e = worst(g_tape.get(v).unwrap(), g_ref.get(v).unwrap())?;
+                    assert!(
+                        e <= 2.0 * tol,
+                        "{dtype:?} {rows}x{cols} add {name}: off by {e}"
+                    );
+                }
             }
         }
         Ok(())
