@@ -195,6 +195,10 @@ pub struct StageArgs {
     /// precompute_ref_log_probs`; TRL's --precompute_ref_log_probs).
     #[arg(long)]
     pub precompute_ref_log_probs: bool,
+    /// DPO: TR-DPO, the reference moved towards the policy every `[dpo]
+    /// ref_model_sync_steps` steps (`[dpo] sync_ref_model`; TRL's --sync_ref_model).
+    #[arg(long)]
+    pub sync_ref_model: bool,
 }
 
 #[derive(Args, Debug)]
@@ -562,6 +566,12 @@ impl StageArgs {
                 );
             }
             cfg.dpo.precompute_ref_log_probs = true;
+        }
+        if self.sync_ref_model {
+            if now != Stage::Dpo {
+                bail!("--sync-ref-model applies to dpo, not {}", now.name());
+            }
+            cfg.dpo.sync_ref_model = true;
         }
         let packing = match now {
             Stage::Sft => Some(&mut cfg.sft.packing),

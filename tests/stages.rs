@@ -471,6 +471,56 @@ mod stage_chain {
                 );
             }
         }
+        // TRL's sync_ref_model (TR-DPO): the reference moves 0.6 of the way to the policy
+        // after steps 10, 20 and 30, so the held-out loss parts from plain DPO's after step 10
+        // (and only then) and it still learns. A run cut at step 15 and resumed retraces the
+        // whole one: the checkpoint kept the moved reference.
+        let tr = "sync_ref_model = true\nref_model_sync_steps = 10\n";
+        let every_step = [&extra[..], &["--log-every", "1"]].concat();
+        let (out, args) = dpo("tr_dpo", "sigmoid", 0.1, tr, &every_step);
+        let o = run_ok(&strs(&args));
+        let err = String::from_utf8_lossy(&o.stderr);
+        let moves = err.matches("the reference moved 0.6 of the way").count();
+        assert_eq!(moves, 3, "{err}");
+        let m = metrics(&out);
+        let dpo_loss = series(&m, "train", "dpo_loss");
+        let (out_plain, args) = dpo("tr_plain", "sigmoid", 0.1, "", &every_step);
+        run_ok(&strs(&args));
+        let plain = series(&metrics(&out_plain), "train", "dpo_loss");
+        assert_eq!(dpo_loss.len(), 30);
+        for ((step, a), (_, b)) in dpo_loss.iter().zip(&plain) {
+            match *step <= 10 {
+                true => assert!((a - b).abs() <= 1e-6, "step {step}: {a} vs {b}"),
+                false => assert!(
+                    (a - b).abs() > 1e-6,
+                    "step {step}: the reference did not move"
+                ),
+            }
+        }
+        let acc = series(&m, "val", "reward_accuracy");
+        assert!(acc.last().unwrap().1 >= 0.9, "tr-dpo: {acc:?}");
+        let every = [&every_step[..], &["--checkpoint-every", "15"]].concat();
+        let (cut, args) = dpo("tr_cut", "sigmoid", 0.1, tr, &every);
+        run_ok(&strs(&args));
+        let ckpts = cut.join("checkpoints");
+        assert!(ckpts.join("step-0000015/reference.safetensors").exists());
+        std::fs::remove_dir_all(ckpts.join("step-0000030")).unwrap();
+        std::fs::remove_dir_all(cut.join("final")).unwrap();
+        std::fs::write(ckpts.join("latest"), "step-0000015").unwrap();
+        run_ok(&["dpo", "--resume", arg(&cut)]);
+        let resumed = series(&metrics(&cut), "train", "loss");
+        assert_eq!(
+            resumed,
+            series(&m, "train", "loss"),
+            "the resumed run left the curve"
+        );
+        let lora = [&extra[..], &["--sync-ref-model", "--lora-rank", "4"]].concat();
+        let e = run_err(&strs(&dpo("tr_lora", "sigmoid", 0.1, "", &lora).1));
+        assert!(
+            e.contains("dpo.sync_ref_model needs full fine-tuning")
+                && e.trim().lines().count() == 1,
+            "{e}"
+        );
         let e = run_err(&strs(&dpo("bad", "ipo", 0.1, "", &[]).1));
         assert!(
             e.contains("dpo.label_smoothing") && e.trim().lines().count() == 1,

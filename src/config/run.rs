@@ -327,7 +327,15 @@ impl RunConfig {
         match self.stage {
             Stage::Ppo => self.ppo.validate()?,
             Stage::Grpo => self.grpo.validate()?,
-            Stage::Dpo => self.dpo.validate()?,
+            Stage::Dpo => {
+                self.dpo.validate()?;
+                if self.dpo.sync_ref_model && self.lora.enabled() {
+                    anyhow::bail!(
+                        "dpo.sync_ref_model needs full fine-tuning: under LoRA the reference is \
+                         the base with the adapters off, which the policy shares"
+                    );
+                }
+            }
             Stage::OnlineDpo => self.online_dpo.validate()?,
             Stage::Kto => {
                 self.kto.validate()?;

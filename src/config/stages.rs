@@ -283,6 +283,19 @@ pub struct DpoConfig {
     /// (TRL's `precompute_ref_log_probs`): a full fine-tuning then holds no frozen copy of
     /// the model while it trains, and no step runs a reference forward.
     pub precompute_ref_log_probs: bool,
+    /// Move the reference towards the policy as it trains (TR-DPO, Gorbatovski et al.; TRL's
+    /// `sync_ref_model`; `--sync-ref-model`): after every `ref_model_sync_steps` optimizer
+    /// steps the reference becomes `alpha * policy + (1 - alpha) * reference`, alpha =
+    /// `ref_model_mixup_alpha`. Full fine-tuning only (under LoRA the reference is the base
+    /// the adapters sit on, as TRL refuses it with PEFT), not with precomputed reference
+    /// log-probabilities, and for a loss that reads a reference. Checkpoints then keep the
+    /// reference (`reference.safetensors`), so a resumed run goes on from the reference it
+    /// had, where TRL's resumes from the initial one.
+    pub sync_ref_model: bool,
+    /// TR-DPO's weight of the policy in each update of the reference (TRL's default, 0.6).
+    pub ref_model_mixup_alpha: f64,
+    /// Optimizer steps between TR-DPO's updates of the reference (TRL's default, 512).
+    pub ref_model_sync_steps: usize,
     pub task_pairs: usize,
     pub eval_pairs: usize,
     pub eval_prompts: usize,
@@ -375,7 +388,30 @@ impl DpoLoss {
 
 impl DpoConfig {
     pub fn validate(&self) -> Result<()> {
-        self.validate_as("dpo")
+        self.validate_as("dpo")?;
+        if !(self.ref_model_mixup_alpha > 0.0 && self.ref_model_mixup_alpha <= 1.0) {
+            bail!(
+                "dpo.ref_model_mixup_alpha must be in (0, 1], got {}",
+                self.ref_model_mixup_alpha
+            );
+        }
+        if self.ref_model_sync_steps == 0 {
+            bail!("dpo.ref_model_sync_steps must be at least 1");
+        }
+        if self.sync_ref_model && self.precompute_ref_log_probs {
+            bail!(
+                "dpo.sync_ref_model moves the reference as the policy trains, so its \
+                 log-probabilities cannot be precomputed: set one of sync_ref_model and \
+                 precompute_ref_log_probs to false"
+            );
+        }
+        if self.sync_ref_model && !self.loss_type.needs_reference() {
+            bail!(
+                "dpo.sync_ref_model: loss_type \"{}\" reads no reference to sync",
+                self.loss_type.name()
+            );
+        }
+        Ok(())
     }
 
     /// The loss's checks, errors naming the keys under `table` (online DPO's table holds
@@ -424,6 +460,9 @@ impl Default for DpoConfig {
             discopop_tau: 0.05,
             padding_free: false,
             precompute_ref_log_probs: false,
+            sync_ref_model: false,
+            ref_model_mixup_alpha: 0.6,
+            ref_model_sync_steps: 512,
             task_pairs: 4000,
             eval_pairs: 200,
             eval_prompts: 1000,
@@ -975,6 +1014,34 @@ mod tests {
             ..ok
         };
         assert_eq!(tau.loss().discopop_tau, 0.2);
+    }
+
+    /// TR-DPO reads TRL's names and refuses a reference it could not move: one precomputed,
+    /// or none (SimPO), or an update of none or past the policy.
+    #[test]
+    fn dpo_reads_tr_dpo_and_refuses_what_it_could_not_sync() {
+        let text = "sync_ref_model = true\nref_model_mixup_alpha = 0.5\nref_model_sync_steps = 64";
+        let c: DpoConfig = toml::from_str(text).unwrap();
+        assert!(c.sync_ref_model);
+        assert_eq!((c.ref_model_mixup_alpha, c.ref_model_sync_steps), (0.5, 64));
+        c.validate().unwrap();
+        let bad = |f: fn(&mut DpoConfig), field: &str| {
+            let mut c = DpoConfig {
+                sync_ref_model: true,
+                ..DpoConfig::default()
+            };
+            f(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("dpo.{field}")) && !e.contains('\n'),
+                "{e}"
+            );
+        };
+        bad(|c| c.ref_model_mixup_alpha = 0.0, "ref_model_mixup_alpha");
+        bad(|c| c.ref_model_mixup_alpha = 1.5, "ref_model_mixup_alpha");
+        bad(|c| c.ref_model_sync_steps = 0, "ref_model_sync_steps");
+        bad(|c| c.precompute_ref_log_probs = true, "sync_ref_model");
+        bad(|c| c.loss_type = DpoLoss::Simpo, "sync_ref_model");
     }
 
     /// GSPO's one ratio per response needs one advantage per response.

@@ -14,6 +14,7 @@ use candle_core::{DType, Tensor};
 
 use super::batch::{halves, Encoded, SeqBatch};
 use super::eval::task_accuracy;
+use super::ref_sync::RefSync;
 use super::rollout::FrozenReference;
 use super::setup::{self, prompt_sets, split_holdout, Plan, PolicyPair};
 use super::truncate::Fitter;
@@ -26,7 +27,7 @@ use crate::data::tokenizer::Tokenizer;
 use crate::dist::Communicator;
 use crate::model::Transformer;
 use crate::train::loss::{log_sigmoid, scalar};
-use crate::train::params::{ParamInfo, Role};
+use crate::train::params::{ParamInfo, ParamStore, Role};
 use crate::train::progress::Progress;
 use crate::train::runner::{Report, StepOut, Task};
 
@@ -256,6 +257,18 @@ struct DpoTask<'a> {
     sampler: WindowSampler,
     /// `bco_pair`'s shift, moved by each training batch (held-out batches read it).
     shift: std::cell::Cell<RewardShift>,
+    /// TR-DPO's updates of the reference (`[dpo] sync_ref_model`), towards `store`, the
+    /// policy's weights.
+    sync: Option<RefSync>,
+    store: &'a ParamStore,
+}
+
+impl DpoTask<'_> {
+    /// The moving reference's weights, where TR-DPO is on.
+    fn synced(&self) -> Option<(&RefSync, &ParamStore)> {
+        let store = self.reference.as_ref().and_then(FrozenReference::store);
+        self.sync.as_ref().zip(store)
+    }
 }
 
 impl DpoTask<'_> {
@@ -454,6 +467,33 @@ impl Task for DpoTask<'_> {
         s
     }
 
+    fn after_step(&mut self, done: usize) -> Result<()> {
+        if let Some((sync, reference)) = self.synced().filter(|(s, _)| s.due(done)) {
+            sync.mix(reference, self.store)?;
+            if self.env.comm.rank() == 0 {
+                eprintln!(
+                    "[dpo] step {done}: the reference moved {} of the way to the policy (TR-DPO)",
+                    sync.alpha
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn write_files(&self, dir: &Path) -> Result<()> {
+        match self.synced() {
+            Some((_, reference)) => RefSync::save(reference, dir),
+            None => Ok(()),
+        }
+    }
+
+    fn read_files(&mut self, dir: &Path) -> Result<()> {
+        match self.synced() {
+            Some((_, reference)) => RefSync::load(reference, dir),
+            None => Ok(()),
+        }
+    }
+
     fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
         let read = |k: &str| s["bco_shift"][k].as_f64().unwrap_or(0.0);
         self.shift.set(RewardShift {
@@ -508,8 +548,15 @@ pub fn run(env: &Env) -> Result<DpoResult> {
     let lora = setup::lora(cfg);
     let needs_reference = cfg.dpo.loss_type.needs_reference();
     let (store, policy, reference, tok) = PolicyPair::load_with(env, needs_reference)?.into_parts();
+    let moving = match cfg.dpo.sync_ref_model {
+        true => format!(
+            ", moved {} of the way to the policy every {} steps (TR-DPO)",
+            cfg.dpo.ref_model_mixup_alpha, cfg.dpo.ref_model_sync_steps
+        ),
+        false => String::new(),
+    };
     eprintln!(
-        "[dpo] loss {}, reference: {}",
+        "[dpo] loss {}, reference: {}{moving}",
         cfg.dpo.loss_type.name(),
         reference
             .as_ref()
@@ -541,6 +588,11 @@ pub fn run(env: &Env) -> Result<DpoResult> {
         eval_ref: None,
         eval_prompts,
         shift: Default::default(),
+        sync: cfg.dpo.sync_ref_model.then_some(RefSync {
+            alpha: cfg.dpo.ref_model_mixup_alpha,
+            every: cfg.dpo.ref_model_sync_steps,
+        }),
+        store: &store,
     };
     if cfg.dpo.precompute_ref_log_probs && task.reference.is_some() {
         // Recomputed on resume too: the reference is the --init model, which does not change.

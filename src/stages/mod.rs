@@ -19,6 +19,7 @@ pub mod online_dpo;
 pub mod pipeline;
 pub mod ppo;
 pub mod pretrain;
+pub mod ref_sync;
 pub mod reward;
 pub mod rewards;
 pub mod rl;

@@ -114,6 +114,11 @@ impl FrozenReference {
             None => "the base with adapters off",
         }
     }
+
+    /// The weights of a separate copy; none for the base with adapters off.
+    pub fn store(&self) -> Option<&ParamStore> {
+        self.0.as_ref().map(|(_, s)| s)
+    }
 }
 
 /// What trains on a rollout, which decides the log-probabilities it is built with.

@@ -58,6 +58,24 @@ pub trait Task {
     fn resumable_here(&self) -> bool {
         true
     }
+
+    /// Called once optimizer step `done` (1-based) has updated the weights on every rank,
+    /// before that step's evaluation and checkpoint (DPO's TR-DPO moves its reference here).
+    fn after_step(&mut self, _done: usize) -> Result<()> {
+        Ok(())
+    }
+
+    /// Writes what the task keeps in checkpoint `dir` beside the model, the optimizer and
+    /// [`Task::state`]: weights of its own (DPO's reference, once TR-DPO has moved it).
+    fn write_files(&self, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
+
+    /// Reads back what [`Task::write_files`] wrote to checkpoint `dir`, before
+    /// [`Task::restore`].
+    fn read_files(&mut self, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The model a checkpoint holds: which parameters, and what to call it.
@@ -299,6 +317,7 @@ fn resume<T: Task>(task: &mut T, saved: &Saved, opt: &mut AdamW, opts: &RunOpts)
     let st: LoopState = serde_json::from_str(&text)
         .with_context(|| format!("{}/state.json: malformed", dir.display()))?;
     opt.load(&dir.join("optimizer.safetensors"), st.adam_t)?;
+    task.read_files(&dir)?;
     task.restore(&st.task)?;
     write_resumed_files(opts)?;
     eprintln!(
@@ -389,6 +408,7 @@ impl<T: Task> Loop<'_, T> {
                 window.add(k, v);
             }
             let s = step + 1;
+            self.task.after_step(s)?;
             summary.last_train_loss = out.loss;
             if s % cfg.log_every == 0 || s == cfg.steps {
                 let secs = window_start.elapsed().as_secs_f64().max(1e-9);
@@ -563,6 +583,7 @@ impl<T: Task> Loop<'_, T> {
         self.ckpts.save(s, |dir| {
             saved.write_model(dir, s)?;
             AdamW::save(&state, &dir.join("optimizer.safetensors"))?;
+            task.write_files(dir)?;
             let st = LoopState {
                 step: s,
                 adam_t: opt.t,
