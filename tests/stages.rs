@@ -338,8 +338,12 @@ mod stage_chain {
         // `label_smoothing = smoothing` and the lines `more`, into `name`, with `extra` flags.
         let dpo = |name: &str, loss: &str, smoothing: f64, more: &str, extra: &[&str]| {
             let cfg = dir.join(format!("{name}.toml"));
-            let table =
-                format!("[dpo]\nloss_type = \"{loss}\"\nlabel_smoothing = {smoothing}\n{more}");
+            // One name quoted, or TRL's list as it is.
+            let loss = match loss.starts_with('[') {
+                true => loss.to_string(),
+                false => format!("\"{loss}\""),
+            };
+            let table = format!("[dpo]\nloss_type = {loss}\nlabel_smoothing = {smoothing}\n{more}");
             std::fs::write(&cfg, format!("{TINY_TOML}\n{table}")).unwrap();
             let out = dir.join(name);
             let mut args: Vec<String> = [
@@ -514,6 +518,20 @@ mod stage_chain {
             series(&m, "train", "loss"),
             "the resumed run left the curve"
         );
+        // TRL's list of losses: MPO's sigmoid, bco_pair and the chosen NLL, weighted.
+        let mpo = "[\"sigmoid\", \"bco_pair\", \"sft\"]";
+        let weights = "loss_weights = [0.8, 0.2, 1.0]\nrpo_alpha = 0.0\n";
+        let (out, args) = dpo("mpo", mpo, 0.0, weights, &extra);
+        let o = run_ok(&strs(&args));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("loss sigmoid + bco_pair + sft"), "{err}");
+        let m = metrics(&out);
+        let (acc, loss_v) = (
+            series(&m, "val", "reward_accuracy"),
+            series(&m, "val", "loss"),
+        );
+        assert!(acc.last().unwrap().1 >= 0.9, "mpo: {acc:?}");
+        assert!(loss_v.last().unwrap().1 < loss_v[0].1, "mpo: {loss_v:?}");
         let lora = [&extra[..], &["--sync-ref-model", "--lora-rank", "4"]].concat();
         let e = run_err(&strs(&dpo("tr_lora", "sigmoid", 0.1, "", &lora).1));
         assert!(

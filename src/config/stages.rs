@@ -264,8 +264,14 @@ pub struct DpoConfig {
     /// built-in task: without it DPO lowered the chosen answers along with the rejected ones
     /// and lost sums SFT had right (seed 1: 0.35 -> 0.38 held-out; with it 0.59).
     pub rpo_alpha: f64,
-    /// The preference loss (TRL's `loss_type`, and SimPO).
-    pub loss_type: DpoLoss,
+    /// The preference loss (TRL's `loss_type`, and SimPO), or a list of them (TRL's list:
+    /// MPO is `["sigmoid", "bco_pair", "sft"]` with `loss_weights = [0.8, 0.2, 1.0]`), whose
+    /// means are summed, each times its weight. `"sft"` in a list is the chosen responses'
+    /// per-token NLL, the term `rpo_alpha` adds, so a list naming it needs `rpo_alpha = 0`.
+    #[serde(with = "one_or_many")]
+    pub loss_type: Vec<DpoLoss>,
+    /// The weight of each of `loss_type`'s losses (TRL's `loss_weights`); all 1 when unset.
+    pub loss_weights: Option<Vec<f64>>,
     /// The probability that a pair's label is flipped (cDPO's `label_smoothing`): `sigmoid`,
     /// `robust` and `exo_pair` only, below 0.5.
     pub label_smoothing: f64,
@@ -353,6 +359,37 @@ pub enum DpoLoss {
     /// RunningMoments). DPO only: the shift is the run's state, kept in its checkpoints.
     #[serde(rename = "bco_pair")]
     BcoPair,
+    /// The chosen responses' per-token NLL (TRL's `"sft"`), in a list of losses: the term
+    /// `rpo_alpha` adds to any of them.
+    Sft,
+}
+
+/// `loss_type` as one name or a list of names (TRL takes either).
+mod one_or_many {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::DpoLoss;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        One(DpoLoss),
+        Many(Vec<DpoLoss>),
+    }
+
+    pub fn serialize<S: Serializer>(v: &[DpoLoss], s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<DpoLoss>, D::Error> {
+        Ok(match Given::deserialize(d)? {
+            Given::One(one) => vec![one],
+            Given::Many(many) => many,
+        })
+    }
 }
 
 impl DpoLoss {
@@ -372,12 +409,18 @@ impl DpoLoss {
             DpoLoss::ApoDown => "apo_down",
             DpoLoss::Discopop => "discopop",
             DpoLoss::BcoPair => "bco_pair",
+            DpoLoss::Sft => "sft",
         }
     }
 
-    /// Whether the loss reads the frozen reference (SimPO and ORPO do not: none is loaded).
+    /// Whether the loss reads the frozen reference (SimPO, ORPO and the NLL do not).
     pub fn needs_reference(self) -> bool {
-        !matches!(self, DpoLoss::Simpo | DpoLoss::Orpo)
+        !matches!(self, DpoLoss::Simpo | DpoLoss::Orpo | DpoLoss::Sft)
+    }
+
+    /// Whether `label_smoothing` applies to the loss.
+    pub fn smooths(self) -> bool {
+        matches!(self, DpoLoss::Sigmoid | DpoLoss::Robust | DpoLoss::ExoPair)
     }
 
     /// Whether the loss reads per-token averages rather than sums of log-probabilities.
@@ -387,6 +430,39 @@ impl DpoLoss {
 }
 
 impl DpoConfig {
+    /// Each loss with its weight.
+    pub fn losses(&self) -> impl Iterator<Item = (DpoLoss, f64)> + '_ {
+        let weight = |i: usize| self.loss_weights.as_ref().map_or(1.0, |w| w[i]);
+        self.loss_type
+            .iter()
+            .enumerate()
+            .map(move |(i, &l)| (l, weight(i)))
+    }
+
+    /// Whether the list names `loss`.
+    pub fn has(&self, loss: DpoLoss) -> bool {
+        self.loss_type.contains(&loss)
+    }
+
+    /// Whether any of the losses reads the frozen reference.
+    pub fn needs_reference(&self) -> bool {
+        self.loss_type.iter().any(|l| l.needs_reference())
+    }
+
+    /// The losses' names, joined by `+`.
+    pub fn loss_names(&self) -> String {
+        let names: Vec<&str> = self.loss_type.iter().map(|l| l.name()).collect();
+        names.join(" + ")
+    }
+
+    /// The weight of the listed `"sft"` term (0 when not listed).
+    pub fn sft_weight(&self) -> f64 {
+        self.losses()
+            .filter(|(l, _)| *l == DpoLoss::Sft)
+            .map(|(_, w)| w)
+            .sum()
+    }
+
     pub fn validate(&self) -> Result<()> {
         self.validate_as("dpo")?;
         if !(self.ref_model_mixup_alpha > 0.0 && self.ref_model_mixup_alpha <= 1.0) {
@@ -405,10 +481,10 @@ impl DpoConfig {
                  precompute_ref_log_probs to false"
             );
         }
-        if self.sync_ref_model && !self.loss_type.needs_reference() {
+        if self.sync_ref_model && !self.needs_reference() {
             bail!(
-                "dpo.sync_ref_model: loss_type \"{}\" reads no reference to sync",
-                self.loss_type.name()
+                "dpo.sync_ref_model: loss_type {} reads no reference to sync",
+                self.loss_names()
             );
         }
         Ok(())
@@ -426,14 +502,37 @@ impl DpoConfig {
                 self.label_smoothing
             );
         }
-        let smooths = matches!(
-            self.loss_type,
-            DpoLoss::Sigmoid | DpoLoss::Robust | DpoLoss::ExoPair
-        );
-        if self.label_smoothing > 0.0 && !smooths {
+        if self.label_smoothing > 0.0 && !self.loss_type.iter().any(|l| l.smooths()) {
             bail!(
-                "{table}.label_smoothing applies to loss_type \"sigmoid\", \"robust\" and \"exo_pair\", not \"{}\"",
-                self.loss_type.name()
+                "{table}.label_smoothing applies to loss_type \"sigmoid\", \"robust\" and \"exo_pair\", not {}",
+                self.loss_names()
+            );
+        }
+        if self.loss_type.is_empty() {
+            bail!("{table}.loss_type names no loss");
+        }
+        for (i, l) in self.loss_type.iter().enumerate() {
+            if self.loss_type[..i].contains(l) {
+                bail!("{table}.loss_type names \"{}\" twice", l.name());
+            }
+        }
+        if let Some(w) = &self.loss_weights {
+            if w.len() != self.loss_type.len() {
+                bail!(
+                    "{table}.loss_weights has {} weights for {} loss types",
+                    w.len(),
+                    self.loss_type.len()
+                );
+            }
+            if let Some(bad) = w.iter().find(|w| !(**w >= 0.0 && w.is_finite())) {
+                bail!("{table}.loss_weights must be 0 or positive, got {bad}");
+            }
+        }
+        if self.has(DpoLoss::Sft) && self.rpo_alpha != 0.0 {
+            bail!(
+                "{table}.loss_type lists \"sft\", the chosen responses' NLL that rpo_alpha (1 by \
+                 default here) also adds: set rpo_alpha = 0, or drop \"sft\" and set rpo_alpha \
+                 to its weight"
             );
         }
         if !self.simpo_gamma.is_finite() {
@@ -454,7 +553,8 @@ impl Default for DpoConfig {
         Self {
             beta: 0.1,
             rpo_alpha: 1.0,
-            loss_type: DpoLoss::Sigmoid,
+            loss_type: vec![DpoLoss::Sigmoid],
+            loss_weights: None,
             label_smoothing: 0.0,
             simpo_gamma: 0.5,
             discopop_tau: 0.05,
@@ -607,7 +707,7 @@ impl OnlineDpoConfig {
         DpoConfig {
             beta: self.beta,
             rpo_alpha: self.rpo_alpha,
-            loss_type: self.loss_type,
+            loss_type: vec![self.loss_type],
             label_smoothing: self.label_smoothing,
             simpo_gamma: self.simpo_gamma,
             discopop_tau: self.discopop_tau,
@@ -616,6 +716,12 @@ impl OnlineDpoConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        if self.loss_type == DpoLoss::Sft {
+            bail!(
+                "online_dpo.loss_type = \"sft\" is not taken: the chosen samples' NLL is \
+                 online_dpo.rpo_alpha"
+            );
+        }
         self.loss().validate_as("online_dpo")?;
         if self.loss_type == DpoLoss::BcoPair {
             bail!(
@@ -1041,7 +1147,61 @@ mod tests {
         bad(|c| c.ref_model_mixup_alpha = 1.5, "ref_model_mixup_alpha");
         bad(|c| c.ref_model_sync_steps = 0, "ref_model_sync_steps");
         bad(|c| c.precompute_ref_log_probs = true, "sync_ref_model");
-        bad(|c| c.loss_type = DpoLoss::Simpo, "sync_ref_model");
+        bad(|c| c.loss_type = vec![DpoLoss::Simpo], "sync_ref_model");
+    }
+
+    /// `loss_type` takes one name or TRL's list, with `loss_weights`; a list that names a loss
+    /// twice, weights that do not match it, and "sft" beside `rpo_alpha`'s own NLL are refused,
+    /// each in one line naming the key.
+    #[test]
+    fn dpo_reads_a_list_of_losses_with_weights() {
+        let one: DpoConfig = toml::from_str("loss_type = \"ipo\"").unwrap();
+        assert_eq!(one.loss_type, [DpoLoss::Ipo]);
+        let text = "loss_type = [\"sigmoid\", \"bco_pair\", \"sft\"]\n\
+                    loss_weights = [0.8, 0.2, 1.0]\nrpo_alpha = 0.0";
+        let mpo: DpoConfig = toml::from_str(text).unwrap();
+        mpo.validate().unwrap();
+        let losses: Vec<_> = mpo.losses().collect();
+        let want = [
+            (DpoLoss::Sigmoid, 0.8),
+            (DpoLoss::BcoPair, 0.2),
+            (DpoLoss::Sft, 1.0),
+        ];
+        assert_eq!(losses, want);
+        assert_eq!(mpo.sft_weight(), 1.0);
+        assert!(mpo.needs_reference() && mpo.has(DpoLoss::BcoPair));
+        assert_eq!(mpo.loss_names(), "sigmoid + bco_pair + sft");
+        let back: DpoConfig = toml::from_str(&toml::to_string(&mpo).unwrap()).unwrap();
+        assert_eq!(back, mpo);
+        let sft_only: DpoConfig = toml::from_str("loss_type = [\"sft\"]\nrpo_alpha = 0.0").unwrap();
+        sft_only.validate().unwrap();
+        assert!(!sft_only.needs_reference());
+        let bad = |text: &str, says: &str| {
+            let c: DpoConfig = toml::from_str(text).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(says) && !e.contains('\n'), "{e}");
+        };
+        bad(
+            "loss_type = [\"sigmoid\", \"sft\"]",
+            "dpo.loss_type lists \"sft\"",
+        );
+        bad("loss_type = [\"ipo\", \"ipo\"]", "names \"ipo\" twice");
+        bad("loss_type = []", "dpo.loss_type names no loss");
+        bad(
+            "loss_type = [\"sigmoid\", \"hinge\"]\nloss_weights = [1.0]",
+            "dpo.loss_weights has 1 weights for 2",
+        );
+        bad(
+            "loss_weights = [-1.0]",
+            "dpo.loss_weights must be 0 or positive",
+        );
+        bad(
+            "loss_type = [\"hinge\", \"ipo\"]\nlabel_smoothing = 0.1",
+            "not hinge + ipo",
+        );
+        let online: OnlineDpoConfig = toml::from_str("loss_type = \"sft\"").unwrap();
+        let e = online.validate().unwrap_err().to_string();
+        assert!(e.contains("online_dpo.loss_type = \"sft\""), "{e}");
     }
 
     /// GSPO's one ratio per response needs one advantage per response.

@@ -2,7 +2,8 @@
 //! over tokens: DPO's `-log sigmoid(beta * ((logp_c - logp_ref_c) - (logp_r - logp_ref_r)))`
 //! (TRL's `sigmoid` loss, with cDPO's label smoothing), `hinge` (SLiC), `ipo`, `robust`,
 //! `exo_pair`, `nca_pair`, `sppo_hard`, `apo_zero`, `apo_down`, `discopop` and the
-//! reference-free `simpo` and `orpo` (`[dpo] loss_type`; [`preference_loss`]). The
+//! reference-free `simpo` and `orpo` (`[dpo] loss_type`; [`preference_loss`]), or several of
+//! them summed with weights (TRL's list, `"sft"` among them: MPO). The
 //! reference is the base with adapters off under LoRA, else a frozen copy; SimPO and ORPO
 //! load none. With `[dpo] precompute_ref_log_probs` the reference scores every pair once,
 //! before training, and is then dropped.
@@ -44,9 +45,11 @@ impl<'a> From<&'a (Tensor, Tensor)> for Pairwise<'a> {
     }
 }
 
-/// The loss `c.loss_type` names (mean over pairs) and the share of pairs whose implicit reward
-/// ranks the chosen response first, from the policy's and (except SimPO) the reference's
-/// response log-probabilities summed over tokens, and each response's token count.
+/// The losses `c.loss_type` names (each a mean over pairs, times its weight, summed; `"sft"`
+/// left to [`with_chosen_nll`]) and the share of pairs whose implicit reward ranks the chosen
+/// response first (by the first loss listed), from the policy's and (where a loss reads one)
+/// the reference's response log-probabilities summed over tokens, and each response's token
+/// count.
 pub fn preference_loss(
     c: &DpoConfig,
     policy: Pairwise,
@@ -64,7 +67,44 @@ pub fn shifted_preference_loss(
     tokens: Pairwise,
     shift: f64,
 ) -> Result<(Tensor, f64)> {
-    let per_token = c.loss_type.per_token();
+    let mut total: Option<Tensor> = None;
+    let mut acc = None;
+    for (kind, weight) in c.losses().filter(|(l, _)| *l != DpoLoss::Sft) {
+        let (losses, h) = one_loss(kind, c, policy, reference, tokens, shift)?;
+        acc = acc.or(Some(chosen_first(&h)?));
+        let term = (losses.mean_all()? * weight)?;
+        total = Some(match total {
+            Some(t) => (t + term)?,
+            None => term,
+        });
+    }
+    match total {
+        Some(t) => Ok((t, acc.unwrap_or(0.0))),
+        // `"sft"` alone: no preference term; the accuracy is the policy's own ranking.
+        None => {
+            let h = (policy.chosen - policy.rejected)?;
+            let zero = Tensor::zeros((), h.dtype(), h.device())?;
+            Ok((zero, chosen_first(&h)?))
+        }
+    }
+}
+
+/// The share of pairs whose margin `h` (`[B]`) ranks the chosen response first.
+fn chosen_first(h: &Tensor) -> Result<f64> {
+    let m = h.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    Ok(m.iter().filter(|&&x| x > 0.0).count() as f64 / m.len().max(1) as f64)
+}
+
+/// One loss of the list, `[B]`, and its margin `h`.
+fn one_loss(
+    kind: DpoLoss,
+    c: &DpoConfig,
+    policy: Pairwise,
+    reference: Option<Pairwise>,
+    tokens: Pairwise,
+    shift: f64,
+) -> Result<(Tensor, Tensor)> {
+    let per_token = kind.per_token();
     let scaled = |lp: &Tensor, n: &Tensor| -> Result<Tensor> {
         Ok(if per_token {
             (lp / n.clamp(1.0, f64::INFINITY)?)?
@@ -78,7 +118,7 @@ pub fn shifted_preference_loss(
     );
     // The chosen and rejected responses' log-ratios to the reference, where the loss reads
     // one.
-    let ratios = match (c.loss_type.needs_reference(), reference) {
+    let ratios = match (kind.needs_reference(), reference) {
         (false, _) => None,
         (true, Some(r)) => {
             let rc = scaled(r.chosen, tokens.chosen)?;
@@ -87,7 +127,7 @@ pub fn shifted_preference_loss(
         }
         (true, None) => bail!(
             "dpo: loss_type {} needs the reference's log-probabilities",
-            c.loss_type.name()
+            kind.name()
         ),
     };
     // h: how much more the policy prefers the chosen response than the reference does (the
@@ -105,7 +145,7 @@ pub fn shifted_preference_loss(
         let (cr, rr) = ratios.as_ref().expect("these losses read the reference");
         Ok(((cr * c.beta)?, (rr * c.beta)?))
     };
-    let losses = match c.loss_type {
+    let losses = match kind {
         DpoLoss::Sigmoid => ((nls(&z)? * (1.0 - e))? + (nls(&z.neg()?)? * e)?)?,
         DpoLoss::Robust => (((nls(&z)? * (1.0 - e))? - (nls(&z.neg()?)? * e)?)? / (1.0 - 2.0 * e))?,
         DpoLoss::Hinge => z.affine(-1.0, 1.0)?.relu()?,
@@ -154,10 +194,9 @@ pub fn shifted_preference_loss(
             let (zc, zr) = beta_ratios()?;
             (nls(&zc.affine(1.0, -shift)?)? + nls(&zr.affine(-1.0, shift)?)?)?
         }
+        DpoLoss::Sft => bail!("dpo: \"sft\" is the chosen responses' NLL, not a pair loss"),
     };
-    let m = h.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    let acc = m.iter().filter(|&&x| x > 0.0).count() as f64 / m.len().max(1) as f64;
-    Ok((losses.mean_all()?, acc))
+    Ok((losses, h))
 }
 
 /// `loss + alpha * NLL`, the NLL per token over the chosen responses (summed log-probabilities
@@ -362,7 +401,7 @@ impl DpoTask<'_> {
         let r = refp.as_ref().map(halves).transpose()?;
         let c = &self.env.cfg.dpo;
         let mut shift = self.shift.get();
-        if let (DpoLoss::BcoPair, Some(refp), Some(comm)) = (c.loss_type, &refp, comm) {
+        if let (true, Some(refp), Some(comm)) = (c.has(DpoLoss::BcoPair), &refp, comm) {
             // This batch's mean reward over every rank, counted before the loss reads the
             // shift, as TRL counts it.
             let rewards = ((&pol - refp)? * c.beta)?.detach();
@@ -385,13 +424,11 @@ impl DpoTask<'_> {
         if let Some(c) = comm {
             c.all_reduce_mean(&mut chosen_tokens)?;
         }
-        let objective = with_chosen_nll(
-            &loss,
-            &p.0,
-            f64::from(chosen_tokens[0]),
-            self.env.cfg.dpo.rpo_alpha,
-        )?;
-        Ok((objective, loss, acc, b.lm.tokens))
+        let chosen_tokens = f64::from(chosen_tokens[0]);
+        // The listed losses, "sft" among them, then RPO's NLL on top.
+        let listed = with_chosen_nll(&loss, &p.0, chosen_tokens, c.sft_weight())?;
+        let objective = with_chosen_nll(&listed, &p.0, chosen_tokens, c.rpo_alpha)?;
+        Ok((objective, listed, acc, b.lm.tokens))
     }
 }
 
@@ -441,7 +478,7 @@ impl Task for DpoTask<'_> {
         let batch = self.env.cfg.train.batch_size.max(1);
         for (k, c) in self.eval.chunks(batch).enumerate() {
             let refs = (self.eval_ref.as_ref()).map(|r| r[k * batch..k * batch + c.len()].to_vec());
-            // The held-out loss is the preference loss alone, without the RPO term.
+            // The held-out loss is the listed losses' ("sft" among them), without RPO's term.
             let (_, loss, acc, _) = self.loss(&c.iter().collect::<Vec<_>>(), refs, None)?;
             l += scalar(&loss)? * c.len() as f64;
             a += acc * c.len() as f64;
@@ -546,7 +583,7 @@ fn datasets(env: &Env) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>, Vec<
 pub fn run(env: &Env) -> Result<DpoResult> {
     let cfg = &env.cfg;
     let lora = setup::lora(cfg);
-    let needs_reference = cfg.dpo.loss_type.needs_reference();
+    let needs_reference = cfg.dpo.needs_reference();
     let (store, policy, reference, tok) = PolicyPair::load_with(env, needs_reference)?.into_parts();
     let moving = match cfg.dpo.sync_ref_model {
         true => format!(
@@ -557,7 +594,7 @@ pub fn run(env: &Env) -> Result<DpoResult> {
     };
     eprintln!(
         "[dpo] loss {}, reference: {}{moving}",
-        cfg.dpo.loss_type.name(),
+        cfg.dpo.loss_names(),
         reference
             .as_ref()
             .map_or("none (the loss reads none)", FrozenReference::describe)
@@ -640,7 +677,7 @@ mod tests {
 
     fn cfg(loss_type: DpoLoss, beta: f64, label_smoothing: f64) -> DpoConfig {
         DpoConfig {
-            loss_type,
+            loss_type: vec![loss_type],
             beta,
             label_smoothing,
             ..DpoConfig::default()
@@ -652,7 +689,7 @@ mod tests {
     fn loss_of(c: &DpoConfig, p: [&[f64]; 2], r: [&[f64]; 2], n: [&[f64]; 2]) -> (f64, f64) {
         let (pc, pr, rc, rr, nc, nr) = (v(p[0]), v(p[1]), v(r[0]), v(r[1]), v(n[0]), v(n[1]));
         let side = |chosen, rejected| Pairwise { chosen, rejected };
-        let reference = c.loss_type.needs_reference().then(|| side(&rc, &rr));
+        let reference = c.needs_reference().then(|| side(&rc, &rr));
         let (loss, acc) = preference_loss(c, side(&pc, &pr), reference, side(&nc, &nr)).unwrap();
         (s(&loss), acc)
     }
@@ -668,6 +705,44 @@ mod tests {
         assert!((at_start(DpoLoss::Hinge, 0.0) - 1.0).abs() < 1e-6);
         // IPO's target margin is 1 / (2 beta) = 5.
         assert!((at_start(DpoLoss::Ipo, 0.0) - 25.0).abs() < 1e-4);
+    }
+
+    /// A list of losses is the sum of each one's mean times its weight; "sft" is left to the
+    /// NLL term; the accuracy is the first listed loss's.
+    #[test]
+    fn a_list_of_losses_is_their_weighted_sum() {
+        let (lp, lr, rp, rr, n) = (
+            [-3.0, -1.5, -7.0],
+            [-2.0, -4.0, -0.5],
+            [-2.5, -2.0, -6.0],
+            [-2.5, -3.0, -1.0],
+            [3.0, 2.0, 5.0],
+        );
+        let one = |kind| loss_of(&cfg(kind, 0.1, 0.0), [&lp, &lr], [&rp, &rr], [&n, &n]);
+        let mix = DpoConfig {
+            loss_type: vec![
+                DpoLoss::Sigmoid,
+                DpoLoss::BcoPair,
+                DpoLoss::Sft,
+                DpoLoss::Ipo,
+            ],
+            loss_weights: Some(vec![0.8, 0.2, 1.0, 0.5]),
+            ..cfg(DpoLoss::Sigmoid, 0.1, 0.0)
+        };
+        let (got, acc) = loss_of(&mix, [&lp, &lr], [&rp, &rr], [&n, &n]);
+        let want = 0.8 * one(DpoLoss::Sigmoid).0
+            + 0.2 * one(DpoLoss::BcoPair).0
+            + 0.5 * one(DpoLoss::Ipo).0;
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        assert_eq!(acc, one(DpoLoss::Sigmoid).1);
+        let sft = DpoConfig {
+            loss_type: vec![DpoLoss::Sft],
+            ..cfg(DpoLoss::Sigmoid, 0.1, 0.0)
+        };
+        let (zero, acc) = loss_of(&sft, [&lp, &lr], [&rp, &rr], [&n, &n]);
+        assert_eq!(zero, 0.0);
+        // The policy alone ranks the chosen response first in the second pair only.
+        assert!((acc - 1.0 / 3.0).abs() < 1e-9, "{acc}");
     }
 
     #[test]
