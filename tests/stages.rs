@@ -394,6 +394,9 @@ mod stage_chain {
             ("apo_down", 0.0, ""),
             ("discopop", 0.0, "discopop_tau = 0.2"),
             ("bco_pair", 0.0, ""),
+            ("sigmoid_norm", 0.0, ""),
+            ("aot", 0.1, ""),
+            ("aot_unpaired", 0.0, ""),
         ] {
             let (out, args) = dpo(loss, loss, smoothing, more, &extra);
             let o = run_ok(&strs(&args));
@@ -420,7 +423,7 @@ mod stage_chain {
             // more per-token probability on the lowercase responses.
             let exo = 0.5 * (0.5f64.ln() - 0.999f64.ln()) + 0.5 * (0.5f64.ln() - 1e-3f64.ln());
             let start = match loss {
-                "sigmoid" | "robust" => Some(2f64.ln()),
+                "sigmoid" | "robust" | "sigmoid_norm" | "aot" | "aot_unpaired" => Some(2f64.ln()),
                 "hinge" | "apo_zero" | "apo_down" => Some(1.0),
                 "ipo" => Some(25.0),
                 "sppo_hard" => Some(50.0),
@@ -518,6 +521,19 @@ mod stage_chain {
             series(&m, "train", "loss"),
             "the resumed run left the curve"
         );
+        // f-DPO: the sigmoid loss over the Jensen-Shannon scores log sigmoid(u) of the
+        // log-ratios, which start equal (ln 2 again) and learn the preference.
+        let js = "f_divergence_type = \"js_divergence\"\n";
+        let (out, args) = dpo("js", "sigmoid", 0.0, js, &extra);
+        run_ok(&strs(&args));
+        let m = metrics(&out);
+        let (acc, loss_v) = (
+            series(&m, "val", "reward_accuracy"),
+            series(&m, "val", "loss"),
+        );
+        assert!((loss_v[0].1 - 2f64.ln()).abs() < 1e-3, "js: {loss_v:?}");
+        assert!(acc.last().unwrap().1 >= 0.9, "js: {acc:?}");
+        assert!(loss_v.last().unwrap().1 < loss_v[0].1, "js: {loss_v:?}");
         // TRL's list of losses: MPO's sigmoid, bco_pair and the chosen NLL, weighted.
         let mpo = "[\"sigmoid\", \"bco_pair\", \"sft\"]";
         let weights = "loss_weights = [0.8, 0.2, 1.0]\nrpo_alpha = 0.0\n";

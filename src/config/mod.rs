@@ -23,7 +23,7 @@ pub use model::{
 };
 pub use run::{overlay, DataConfig, DeviceChoice, RunConfig, Stage, Truncation};
 pub use stages::{
-    AdvantageEstimator, DpoConfig, DpoLoss, ExternalRewardConfig, GrpoConfig,
+    AdvantageEstimator, DpoConfig, DpoLoss, ExternalRewardConfig, FDivergence, GrpoConfig,
     ImportanceSamplingLevel, KlEstimator, KtoConfig, KtoLoss, LossType, OnlineDpoConfig, PpoConfig,
     RewardConfig, RewardSource, RewardSpec, ScaleRewards, SftConfig, SftLoss,
 };

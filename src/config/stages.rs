@@ -280,6 +280,14 @@ pub struct DpoConfig {
     /// DiscoPOP's temperature of the blend between its logistic and exponential losses
     /// (TRL's `discopop_tau`).
     pub discopop_tau: f64,
+    /// The f-divergence between policy and reference that the losses regularise by (f-DPO,
+    /// Wang et al.; TRL's `f_divergence_type`): each log-ratio `u` enters the losses as `f(u)`,
+    /// `u` itself under `reverse_kl` (DPO), `-exp(-u)` under `forward_kl`, `log sigmoid(u)`
+    /// under `js_divergence`, `exp((a - 1) u) / (a - 1)` under `alpha_divergence`. As TRL,
+    /// `apo_zero` reads the log-ratios themselves and `aot` the log-probabilities.
+    pub f_divergence_type: FDivergence,
+    /// `a` of `alpha_divergence` (TRL's `f_alpha_divergence_coef`).
+    pub f_alpha_divergence_coef: f64,
     /// Pack each micro-batch's chosen and rejected sequences into rows of up to the model's
     /// context, each attending only to itself with positions from 0 (TRL's `padding_free`;
     /// `--padding-free`): the same loss as the padded batch without the padding's compute. A
@@ -362,6 +370,26 @@ pub enum DpoLoss {
     /// The chosen responses' per-token NLL (TRL's `"sft"`), in a list of losses: the term
     /// `rpo_alpha` adds to any of them.
     Sft,
+    /// DPO's sigmoid loss over log-ratios averaged per token (TRL's `sigmoid_norm`).
+    #[serde(rename = "sigmoid_norm")]
+    SigmoidNorm,
+    /// AOT (Melnyk et al., alignment via optimal transport), paired: the batch's policy
+    /// margins `logp_c - logp_r` and the reference's, each sorted, their differences under
+    /// DPO's smoothed sigmoid loss.
+    Aot,
+    /// AOT unpaired: the batch's chosen log-ratios and rejected log-ratios, each sorted.
+    #[serde(rename = "aot_unpaired")]
+    AotUnpaired,
+}
+
+/// `[dpo] f_divergence_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FDivergence {
+    ReverseKl,
+    ForwardKl,
+    JsDivergence,
+    AlphaDivergence,
 }
 
 /// `loss_type` as one name or a list of names (TRL takes either).
@@ -410,6 +438,9 @@ impl DpoLoss {
             DpoLoss::Discopop => "discopop",
             DpoLoss::BcoPair => "bco_pair",
             DpoLoss::Sft => "sft",
+            DpoLoss::SigmoidNorm => "sigmoid_norm",
+            DpoLoss::Aot => "aot",
+            DpoLoss::AotUnpaired => "aot_unpaired",
         }
     }
 
@@ -420,12 +451,22 @@ impl DpoLoss {
 
     /// Whether `label_smoothing` applies to the loss.
     pub fn smooths(self) -> bool {
-        matches!(self, DpoLoss::Sigmoid | DpoLoss::Robust | DpoLoss::ExoPair)
+        matches!(
+            self,
+            DpoLoss::Sigmoid
+                | DpoLoss::Robust
+                | DpoLoss::ExoPair
+                | DpoLoss::Aot
+                | DpoLoss::AotUnpaired
+        )
     }
 
     /// Whether the loss reads per-token averages rather than sums of log-probabilities.
     pub fn per_token(self) -> bool {
-        matches!(self, DpoLoss::Ipo | DpoLoss::Simpo | DpoLoss::Orpo)
+        matches!(
+            self,
+            DpoLoss::Ipo | DpoLoss::Simpo | DpoLoss::Orpo | DpoLoss::SigmoidNorm
+        )
     }
 }
 
@@ -504,7 +545,7 @@ impl DpoConfig {
         }
         if self.label_smoothing > 0.0 && !self.loss_type.iter().any(|l| l.smooths()) {
             bail!(
-                "{table}.label_smoothing applies to loss_type \"sigmoid\", \"robust\" and \"exo_pair\", not {}",
+                "{table}.label_smoothing applies to loss_type \"sigmoid\", \"robust\", \"exo_pair\", \"aot\" and \"aot_unpaired\", not {}",
                 self.loss_names()
             );
         }
@@ -527,6 +568,15 @@ impl DpoConfig {
             if let Some(bad) = w.iter().find(|w| !(**w >= 0.0 && w.is_finite())) {
                 bail!("{table}.loss_weights must be 0 or positive, got {bad}");
             }
+        }
+        if self.f_divergence_type != FDivergence::ReverseKl && !self.needs_reference() {
+            bail!(
+                "{table}.f_divergence_type: loss_type {} reads no reference to diverge from",
+                self.loss_names()
+            );
+        }
+        if !self.f_alpha_divergence_coef.is_finite() {
+            bail!("{table}.f_alpha_divergence_coef must be finite");
         }
         if self.has(DpoLoss::Sft) && self.rpo_alpha != 0.0 {
             bail!(
@@ -558,6 +608,8 @@ impl Default for DpoConfig {
             label_smoothing: 0.0,
             simpo_gamma: 0.5,
             discopop_tau: 0.05,
+            f_divergence_type: FDivergence::ReverseKl,
+            f_alpha_divergence_coef: 0.5,
             padding_free: false,
             precompute_ref_log_probs: false,
             sync_ref_model: false,
@@ -1199,6 +1251,19 @@ mod tests {
             "loss_type = [\"hinge\", \"ipo\"]\nlabel_smoothing = 0.1",
             "not hinge + ipo",
         );
+        let f: DpoConfig = toml::from_str(
+            "f_divergence_type = \"alpha_divergence\"\n\
+                                           f_alpha_divergence_coef = 0.3",
+        )
+        .unwrap();
+        assert_eq!(f.f_divergence_type, FDivergence::AlphaDivergence);
+        f.validate().unwrap();
+        bad(
+            "loss_type = \"simpo\"\nf_divergence_type = \"forward_kl\"",
+            "dpo.f_divergence_type",
+        );
+        let aot: DpoConfig = toml::from_str("loss_type = \"aot\"\nlabel_smoothing = 0.1").unwrap();
+        aot.validate().unwrap();
         let online: OnlineDpoConfig = toml::from_str("loss_type = \"sft\"").unwrap();
         let e = online.validate().unwrap_err().to_string();
         assert!(e.contains("online_dpo.loss_type = \"sft\""), "{e}");

@@ -1,7 +1,8 @@
 //! Direct preference optimisation and its relatives, over response log-probabilities summed
 //! over tokens: DPO's `-log sigmoid(beta * ((logp_c - logp_ref_c) - (logp_r - logp_ref_r)))`
 //! (TRL's `sigmoid` loss, with cDPO's label smoothing), `hinge` (SLiC), `ipo`, `robust`,
-//! `exo_pair`, `nca_pair`, `sppo_hard`, `apo_zero`, `apo_down`, `discopop` and the
+//! `exo_pair`, `nca_pair`, `sppo_hard`, `apo_zero`, `apo_down`, `discopop`, `bco_pair`,
+//! `sigmoid_norm`, `aot`, `aot_unpaired` (over f-DPO's scores of the log-ratios) and the
 //! reference-free `simpo` and `orpo` (`[dpo] loss_type`; [`preference_loss`]), or several of
 //! them summed with weights (TRL's list, `"sft"` among them: MPO). The
 //! reference is the base with adapters off under LoRA, else a frozen copy; SimPO and ORPO
@@ -20,7 +21,7 @@ use super::rollout::FrozenReference;
 use super::setup::{self, prompt_sets, split_holdout, Plan, PolicyPair};
 use super::truncate::Fitter;
 use super::Env;
-use crate::config::{DpoConfig, DpoLoss};
+use crate::config::{DpoConfig, DpoLoss, FDivergence};
 use crate::data::records::{load_preferences_templated, place, PreferencePair, PromptRecord};
 use crate::data::sampler::WindowSampler;
 use crate::data::synthetic::Split;
@@ -105,35 +106,41 @@ fn one_loss(
     shift: f64,
 ) -> Result<(Tensor, Tensor)> {
     let per_token = kind.per_token();
-    let scaled = |lp: &Tensor, n: &Tensor| -> Result<Tensor> {
+    let scaled = |x: &Tensor, n: &Tensor| -> Result<Tensor> {
         Ok(if per_token {
-            (lp / n.clamp(1.0, f64::INFINITY)?)?
+            (x / n.clamp(1.0, f64::INFINITY)?)?
         } else {
-            lp.clone()
+            x.clone()
         })
     };
-    let (pc, pr) = (
-        scaled(policy.chosen, tokens.chosen)?,
-        scaled(policy.rejected, tokens.rejected)?,
-    );
-    // The chosen and rejected responses' log-ratios to the reference, where the loss reads
-    // one.
+    // The chosen and rejected responses' log-ratios to the reference (over summed
+    // log-probabilities), where the loss reads one.
     let ratios = match (kind.needs_reference(), reference) {
         (false, _) => None,
-        (true, Some(r)) => {
-            let rc = scaled(r.chosen, tokens.chosen)?;
-            let rr = scaled(r.rejected, tokens.rejected)?;
-            Some(((&pc - &rc)?, (&pr - &rr)?))
-        }
+        (true, Some(r)) => Some(((policy.chosen - r.chosen)?, (policy.rejected - r.rejected)?)),
         (true, None) => bail!(
             "dpo: loss_type {} needs the reference's log-probabilities",
             kind.name()
         ),
     };
+    // What the losses compare: f(log-ratio) of `f_divergence_type`, averaged per token where
+    // the loss averages (TRL's scores). The reference-free losses read the policy's own
+    // log-probabilities, averaged per token.
+    let scores = match &ratios {
+        Some((cr, rr)) => Some((
+            scaled(&diverge(c, cr)?, tokens.chosen)?,
+            scaled(&diverge(c, rr)?, tokens.rejected)?,
+        )),
+        None => None,
+    };
+    let (pc, pr) = (
+        scaled(policy.chosen, tokens.chosen)?,
+        scaled(policy.rejected, tokens.rejected)?,
+    );
     // h: how much more the policy prefers the chosen response than the reference does (the
     // reference-free losses: than the rejected one).
-    let h = match &ratios {
-        Some((cr, rr)) => (cr - rr)?,
+    let h = match &scores {
+        Some((sc, sr)) => (sc - sr)?,
         None => (&pc - &pr)?,
     };
     let z = (&h * c.beta)?;
@@ -141,12 +148,21 @@ fn one_loss(
     // -log sigmoid(z) and -log sigmoid(-z), each [B].
     let nls = |z: &Tensor| -> Result<Tensor> { Ok(log_sigmoid(z)?.neg()?) };
     let sigmoid = |z: &Tensor| -> Result<Tensor> { Ok(log_sigmoid(z)?.exp()?) };
-    let beta_ratios = || -> Result<(Tensor, Tensor)> {
-        let (cr, rr) = ratios.as_ref().expect("these losses read the reference");
-        Ok(((cr * c.beta)?, (rr * c.beta)?))
+    // beta times each response's score (`raw`: its log-ratio itself, as APO reads it).
+    let beta_sides = |raw: bool| -> Result<(Tensor, Tensor)> {
+        let (sc, sr) = match raw {
+            true => ratios.as_ref(),
+            false => scores.as_ref(),
+        }
+        .expect("these losses read the reference");
+        Ok(((sc * c.beta)?, (sr * c.beta)?))
     };
+    // DPO's sigmoid loss with label smoothing, over margins `z`.
+    let smoothed =
+        |z: &Tensor| -> Result<Tensor> { Ok(((nls(z)? * (1.0 - e))? + (nls(&z.neg()?)? * e)?)?) };
     let losses = match kind {
-        DpoLoss::Sigmoid => ((nls(&z)? * (1.0 - e))? + (nls(&z.neg()?)? * e)?)?,
+        DpoLoss::Sigmoid => smoothed(&z)?,
+        DpoLoss::SigmoidNorm => nls(&z)?,
         DpoLoss::Robust => (((nls(&z)? * (1.0 - e))? - (nls(&z.neg()?)? * e)?)? / (1.0 - 2.0 * e))?,
         DpoLoss::Hinge => z.affine(-1.0, 1.0)?.relu()?,
         DpoLoss::Ipo => h.affine(1.0, -0.5 / c.beta)?.sqr()?,
@@ -167,20 +183,20 @@ fn one_loss(
             (side(&z, 1.0 - e)? + side(&z.neg()?, e)?)?
         }
         DpoLoss::NcaPair => {
-            let (zc, zr) = beta_ratios()?;
+            let (zc, zr) = beta_sides(false)?;
             ((nls(&zc)? + (nls(&zc.neg()?)? * 0.5)?)? + (nls(&zr.neg()?)? * 0.5)?)?
         }
         DpoLoss::SppoHard => {
-            let (cr, rr) = ratios.as_ref().expect("sppo_hard reads the reference");
+            let (sc, sr) = scores.as_ref().expect("sppo_hard reads the reference");
             let half = 0.5 / c.beta;
-            (cr.affine(1.0, -half)?.sqr()? + rr.affine(1.0, half)?.sqr()?)?
+            (sc.affine(1.0, -half)?.sqr()? + sr.affine(1.0, half)?.sqr()?)?
         }
         DpoLoss::ApoZero => {
-            let (zc, zr) = beta_ratios()?;
+            let (zc, zr) = beta_sides(true)?;
             (sigmoid(&zc)?.affine(-1.0, 1.0)? + sigmoid(&zr)?)?
         }
         DpoLoss::ApoDown => {
-            let (zc, _) = beta_ratios()?;
+            let (zc, _) = beta_sides(true)?;
             (sigmoid(&zc)? + sigmoid(&z)?.affine(-1.0, 1.0)?)?
         }
         DpoLoss::Discopop => {
@@ -191,12 +207,48 @@ fn one_loss(
             (logistic + (log_sigmoid(&zt)? - &z)?.exp()?)?
         }
         DpoLoss::BcoPair => {
-            let (zc, zr) = beta_ratios()?;
+            let (zc, zr) = beta_sides(false)?;
             (nls(&zc.affine(1.0, -shift)?)? + nls(&zr.affine(-1.0, shift)?)?)?
+        }
+        DpoLoss::Aot => {
+            let r = reference.expect("aot reads the reference");
+            let margins = |s: Pairwise| -> Result<Tensor> { sorted(&(s.chosen - s.rejected)?) };
+            smoothed(&((margins(policy)? - margins(r)?)? * c.beta)?)?
+        }
+        DpoLoss::AotUnpaired => {
+            let (cr, rr) = ratios.as_ref().expect("aot_unpaired reads the reference");
+            smoothed(&((sorted(cr)? - sorted(rr)?)? * c.beta)?)?
         }
         DpoLoss::Sft => bail!("dpo: \"sft\" is the chosen responses' NLL, not a pair loss"),
     };
     Ok((losses, h))
+}
+
+/// `u`'s values in ascending order (`[B]`): AOT compares the batch's distributions.
+fn sorted(u: &Tensor) -> Result<Tensor> {
+    let order = u.arg_sort_last_dim(true)?;
+    Ok(u.index_select(&order, 0)?)
+}
+
+/// f(u) of `[dpo] f_divergence_type` for log-ratios `u` (`[B]`), as TRL forms it: constants
+/// dropped, and `alpha_divergence`'s exponent capped (80, 11 in f16) in f32 so that it stays
+/// finite in the dtype, `a` within 1e-6 of 1 its limit `u`.
+fn diverge(c: &DpoConfig, u: &Tensor) -> Result<Tensor> {
+    Ok(match c.f_divergence_type {
+        FDivergence::ReverseKl => u.clone(),
+        FDivergence::ForwardKl => u.neg()?.exp()?.neg()?,
+        FDivergence::JsDivergence => log_sigmoid(u)?,
+        FDivergence::AlphaDivergence => {
+            let a = c.f_alpha_divergence_coef;
+            if (a - 1.0).abs() < 1e-6 {
+                u.clone()
+            } else {
+                let cap = if u.dtype() == DType::F16 { 11.0 } else { 80.0 };
+                let t = (u.to_dtype(DType::F32)? * (a - 1.0))?.minimum(cap)?;
+                (t.exp()?.to_dtype(u.dtype())? / (a - 1.0))?
+            }
+        }
+    })
 }
 
 /// `loss + alpha * NLL`, the NLL per token over the chosen responses (summed log-probabilities
@@ -849,20 +901,108 @@ mod tests {
             DpoLoss::SppoHard,
             DpoLoss::ApoZero,
             DpoLoss::BcoPair,
+            DpoLoss::SigmoidNorm,
+            DpoLoss::Aot,
+            DpoLoss::AotUnpaired,
         ] {
-            let c = cfg(kind, 0.1, 0.0);
-            let pc = candle_core::Var::new(&[-3.0f32, -2.0], &Device::Cpu).unwrap();
-            let pr = v(&[-3.0, -2.0]);
-            let n = v(&[3.0, 2.0]);
-            let side = |chosen, rejected| Pairwise { chosen, rejected };
-            let rc = v(&[-3.0, -2.0]);
-            let reference = kind.needs_reference().then(|| side(&rc, &pr));
-            let (loss, _) =
-                preference_loss(&c, side(pc.as_tensor(), &pr), reference, side(&n, &n)).unwrap();
-            let g = loss.backward().unwrap();
-            let d = g.get(pc.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
-            assert!(d.iter().all(|&x| x < 0.0), "{kind:?}: {d:?}");
+            for f in [
+                FDivergence::ReverseKl,
+                FDivergence::ForwardKl,
+                FDivergence::JsDivergence,
+                FDivergence::AlphaDivergence,
+            ] {
+                if f != FDivergence::ReverseKl && !kind.needs_reference() {
+                    continue;
+                }
+                let c = DpoConfig {
+                    f_divergence_type: f,
+                    ..cfg(kind, 0.1, 0.0)
+                };
+                let pc = candle_core::Var::new(&[-3.0f32, -2.0], &Device::Cpu).unwrap();
+                let pr = v(&[-3.0, -2.0]);
+                let n = v(&[3.0, 2.0]);
+                let side = |chosen, rejected| Pairwise { chosen, rejected };
+                let rc = v(&[-3.0, -2.0]);
+                let reference = kind.needs_reference().then(|| side(&rc, &pr));
+                let (loss, _) =
+                    preference_loss(&c, side(pc.as_tensor(), &pr), reference, side(&n, &n))
+                        .unwrap();
+                let g = loss.backward().unwrap();
+                let d = g.get(pc.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+                assert!(d.iter().all(|&x| x < 0.0), "{kind:?} {f:?}: {d:?}");
+            }
         }
+    }
+
+    /// TRL's f-divergences, sigmoid_norm and AOT against their formulas, on one batch.
+    #[test]
+    fn f_divergences_sigmoid_norm_and_aot_match_their_formulas() {
+        let (lp, lr, rp, rr, n) = (
+            [-3.0, -1.5, -7.0],
+            [-2.0, -4.0, -0.5],
+            [-2.5, -2.0, -6.0],
+            [-2.5, -3.0, -1.0],
+            [3.0, 2.0, 5.0],
+        );
+        let beta = 0.5;
+        let sp = |x: f64| (1.0 + x.exp()).ln(); // -log sigmoid(-x)
+        let ls = |x: f64| -sp(-x); // log sigmoid(x)
+        let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
+        let cr: Vec<f64> = (0..3).map(|i| lp[i] - rp[i]).collect();
+        let rj: Vec<f64> = (0..3).map(|i| lr[i] - rr[i]).collect();
+        let run = |kind, f, a: f64, e: f64| {
+            let c = DpoConfig {
+                f_divergence_type: f,
+                f_alpha_divergence_coef: a,
+                ..cfg(kind, beta, e)
+            };
+            loss_of(&c, [&lp, &lr], [&rp, &rr], [&n, &n]).0
+        };
+        let sigmoid_with = |f: &dyn Fn(f64) -> f64| {
+            mean((0..3).map(|i| sp(-beta * (f(cr[i]) - f(rj[i])))).collect())
+        };
+        let a = 0.3;
+        type Score = Box<dyn Fn(f64) -> f64>;
+        let cases: [(FDivergence, f64, Score); 4] = [
+            (FDivergence::ReverseKl, a, Box::new(|u| u)),
+            (FDivergence::ForwardKl, a, Box::new(|u: f64| -(-u).exp())),
+            (FDivergence::JsDivergence, a, Box::new(ls)),
+            (
+                FDivergence::AlphaDivergence,
+                a,
+                Box::new(move |u: f64| ((a - 1.0) * u).exp() / (a - 1.0)),
+            ),
+        ];
+        for (f, a, fun) in &cases {
+            let (got, want) = (run(DpoLoss::Sigmoid, *f, *a, 0.0), sigmoid_with(fun));
+            assert!((got - want).abs() < 1e-5, "{f:?}: {got} vs {want}");
+        }
+        // sigmoid_norm: the log-ratios averaged per token.
+        let want = mean((0..3).map(|i| sp(-beta * (cr[i] - rj[i]) / n[i])).collect());
+        let got = run(DpoLoss::SigmoidNorm, FDivergence::ReverseKl, 0.5, 0.0);
+        assert!((got - want).abs() < 1e-5, "sigmoid_norm: {got} vs {want}");
+        // AOT: sorted margins (paired) or sorted log-ratios (unpaired), smoothed by e.
+        let e = 0.1;
+        let sort = |mut v: Vec<f64>| {
+            v.sort_by(|x, y| x.partial_cmp(y).unwrap());
+            v
+        };
+        let smoothed = |d: Vec<f64>| {
+            mean(
+                d.iter()
+                    .map(|&x| (1.0 - e) * sp(-beta * x) + e * sp(beta * x))
+                    .collect(),
+            )
+        };
+        let pm = sort((0..3).map(|i| lp[i] - lr[i]).collect());
+        let rm = sort((0..3).map(|i| rp[i] - rr[i]).collect());
+        let want = smoothed((0..3).map(|i| pm[i] - rm[i]).collect());
+        let got = run(DpoLoss::Aot, FDivergence::ReverseKl, 0.5, e);
+        assert!((got - want).abs() < 1e-5, "aot: {got} vs {want}");
+        let (sc, sr) = (sort(cr.clone()), sort(rj.clone()));
+        let want = smoothed((0..3).map(|i| sc[i] - sr[i]).collect());
+        let got = run(DpoLoss::AotUnpaired, FDivergence::ReverseKl, 0.5, e);
+        assert!((got - want).abs() < 1e-5, "aot_unpaired: {got} vs {want}");
     }
 
     /// Precomputed scores reach every rank bit for bit, on three ranks too, where a mean of
