@@ -521,6 +521,31 @@ mod stage_chain {
             series(&m, "train", "loss"),
             "the resumed run left the curve"
         );
+        // Resumed again from step 15 with sync_ref_model off: the reference is the one the
+        // checkpoint kept (moved at step 10), held still, so the curve follows the synced run
+        // until its next move at step 20, and leaves it after.
+        std::fs::remove_dir_all(ckpts.join("step-0000030")).unwrap();
+        std::fs::remove_dir_all(cut.join("final")).unwrap();
+        std::fs::write(ckpts.join("latest"), "step-0000015").unwrap();
+        let config = cut.join("config.toml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        assert!(text.contains("sync_ref_model = true"), "{text}");
+        std::fs::write(
+            &config,
+            text.replace("sync_ref_model = true", "sync_ref_model = false"),
+        )
+        .unwrap();
+        let o = run_ok(&["dpo", "--resume", arg(&cut)]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("held still from here"), "{err}");
+        let still = series(&metrics(&cut), "train", "dpo_loss");
+        assert_eq!(still.len(), 30);
+        for ((step, a), (_, b)) in still.iter().zip(&dpo_loss) {
+            match *step <= 20 {
+                true => assert_eq!(a, b, "step {step}"),
+                false => assert_ne!(a, b, "step {step}: the reference moved"),
+            }
+        }
         // f-DPO: the sigmoid loss over the Jensen-Shannon scores log sigmoid(u) of the
         // log-ratios, which start equal (ln 2 again) and learn the preference.
         let js = "f_divergence_type = \"js_divergence\"\n";

@@ -94,7 +94,8 @@ impl Norm {
     }
 
     /// The weight RMSNorm reads for compute in `dtype`: its copy in that dtype, or Gemma's
-    /// offsets as held (f32 masters: [`Gain::PlusOne`] forms `1 + w` in f32).
+    /// offsets as held (f32 masters, or frozen in the compute dtype under LoRA; either way
+    /// [`Gain::PlusOne`] forms `1 + w` in f32).
     fn rms_weight(&self, dtype: DType) -> Result<Tensor> {
         match self.plus_one {
             true => Ok(held(&self.w)),

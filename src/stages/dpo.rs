@@ -577,9 +577,25 @@ impl Task for DpoTask<'_> {
     }
 
     fn read_files(&mut self, dir: &Path) -> Result<()> {
-        match self.synced() {
-            Some((_, reference)) => RefSync::load(reference, dir),
-            None => Ok(()),
+        if let Some((_, reference)) = self.synced() {
+            return RefSync::load(reference, dir);
+        }
+        // A run that moved its reference, resumed with sync_ref_model off: it goes on from
+        // the reference it had, now held still, not from the initial one.
+        let kept = dir.join(super::ref_sync::REFERENCE_FILE);
+        match self.reference.as_ref().and_then(FrozenReference::store) {
+            Some(reference) if kept.exists() => {
+                reference.load(&kept, |_| true, true)?;
+                if self.env.comm.rank() == 0 {
+                    eprintln!(
+                        "[dpo] the reference is the one {} kept, held still from here \
+                         (sync_ref_model is off)",
+                        kept.display()
+                    );
+                }
+                Ok(())
+            }
+            _ => Ok(()),
         }
     }
 
@@ -946,7 +962,7 @@ mod tests {
         );
         let beta = 0.5;
         let sp = |x: f64| (1.0 + x.exp()).ln(); // -log sigmoid(-x)
-        let ls = |x: f64| -sp(-x); // log sigmoid(x)
+        let ls = move |x: f64| -sp(-x); // log sigmoid(x)
         let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
         let cr: Vec<f64> = (0..3).map(|i| lp[i] - rp[i]).collect();
         let rj: Vec<f64> = (0..3).map(|i| lr[i] - rr[i]).collect();

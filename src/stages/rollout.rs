@@ -92,7 +92,8 @@ pub struct Sampled {
     pub temperature: f64,
 }
 
-/// The frozen reference a policy is held to: a copy of the init, or none under LoRA, where
+/// The frozen reference a policy is held to: a copy of the init (which DPO's TR-DPO moves
+/// towards the policy between steps), or none under LoRA, where
 /// the reference is the policy with its adapters off (one copy of the base weights).
 pub struct FrozenReference(Option<(Transformer, ParamStore)>);
 

@@ -4,7 +4,7 @@
 //! The forward saves the per-row inverse rms (f32) inside the op object, which candle keeps in
 //! the graph, so the backward reuses it instead of re-reducing every row. The backward is a
 //! second custom op whose output is dx; dw, in w's dtype (f32 for Gemma's offsets under 16-bit
-//! compute), is left in the op object beside it, as the inverse rms is.
+//! compute), is left in the backward op object, as the forward op keeps the inverse rms.
 //!
 //! The gain is `w` or, for Gemma ([`Gain::PlusOne`]), `1 + w` formed in f32 inside the kernels.
 
