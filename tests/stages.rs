@@ -559,6 +559,26 @@ mod stage_chain {
         assert!((loss_v[0].1 - 2f64.ln()).abs() < 1e-3, "js: {loss_v:?}");
         assert!(acc.last().unwrap().1 >= 0.9, "js: {acc:?}");
         assert!(loss_v.last().unwrap().1 < loss_v[0].1, "js: {loss_v:?}");
+        // LD-DPO: at ld_alpha 1 every token counts once, the plain curve to the bit; at 0.5
+        // the tokens past a pair's shared length count half, and it learns.
+        let every_step_extra = [&extra[..], &["--log-every", "1"]].concat();
+        let (one, args) = dpo(
+            "ld_one",
+            "sigmoid",
+            0.1,
+            "ld_alpha = 1.0\n",
+            &every_step_extra,
+        );
+        run_ok(&strs(&args));
+        assert_eq!(
+            series(&metrics(&one), "train", "loss"),
+            series(&metrics(&out_plain), "train", "loss"),
+            "ld_alpha = 1 is DPO"
+        );
+        let (half, args) = dpo("ld_half", "sigmoid", 0.1, "ld_alpha = 0.5\n", &extra);
+        run_ok(&strs(&args));
+        let acc = series(&metrics(&half), "val", "reward_accuracy");
+        assert!(acc.last().unwrap().1 >= 0.9, "ld_alpha 0.5: {acc:?}");
         // TRL's list of losses: MPO's sigmoid, bco_pair and the chosen NLL, weighted.
         let mpo = "[\"sigmoid\", \"bco_pair\", \"sft\"]";
         let weights = "loss_weights = [0.8, 0.2, 1.0]\nrpo_alpha = 0.0\n";

@@ -288,6 +288,10 @@ pub struct DpoConfig {
     pub f_divergence_type: FDivergence,
     /// `a` of `alpha_divergence` (TRL's `f_alpha_divergence_coef`).
     pub f_alpha_divergence_coef: f64,
+    /// LD-DPO (Liu et al., length desensitisation; TRL's `ld_alpha`): in every summed
+    /// log-probability, policy's and reference's, the response tokens past the length the
+    /// pair's two responses share count `ld_alpha` times, in [0, 1]; unset, all count once.
+    pub ld_alpha: Option<f64>,
     /// Pack each micro-batch's chosen and rejected sequences into rows of up to the model's
     /// context, each attending only to itself with positions from 0 (TRL's `padding_free`;
     /// `--padding-free`): the same loss as the padded batch without the padding's compute. A
@@ -575,6 +579,9 @@ impl DpoConfig {
                 self.loss_names()
             );
         }
+        if let Some(a) = self.ld_alpha.filter(|a| !(0.0..=1.0).contains(a)) {
+            bail!("{table}.ld_alpha must be in [0, 1], got {a}");
+        }
         if !self.f_alpha_divergence_coef.is_finite() {
             bail!("{table}.f_alpha_divergence_coef must be finite");
         }
@@ -610,6 +617,7 @@ impl Default for DpoConfig {
             discopop_tau: 0.05,
             f_divergence_type: FDivergence::ReverseKl,
             f_alpha_divergence_coef: 0.5,
+            ld_alpha: None,
             padding_free: false,
             precompute_ref_log_probs: false,
             sync_ref_model: false,
@@ -1247,6 +1255,7 @@ mod tests {
             "loss_weights = [-1.0]",
             "dpo.loss_weights must be 0 or positive",
         );
+        bad("ld_alpha = 1.5", "dpo.ld_alpha must be in [0, 1]");
         bad(
             "loss_type = [\"hinge\", \"ipo\"]\nlabel_smoothing = 0.1",
             "not hinge + ipo",

@@ -295,8 +295,19 @@ impl SeqBatch {
         net: &crate::model::Transformer,
         ctx: crate::model::linear::Ctx,
     ) -> Result<Tensor> {
+        self.weighted_logps(net, ctx, &self.lm.loss_mask)
+    }
+
+    /// `[S]`: each sequence's target log-probabilities times `weights` (`[R, L]`, laid out as
+    /// the loss mask), summed.
+    pub fn weighted_logps(
+        &self,
+        net: &crate::model::Transformer,
+        ctx: crate::model::linear::Ctx,
+        weights: &Tensor,
+    ) -> Result<Tensor> {
         let lp = net.target_logprobs(&self.lm.inputs, &self.lm.targets, &self.fwd(ctx))?;
-        self.per_seq(&(lp * &self.lm.loss_mask)?)
+        self.per_seq(&(lp * weights)?)
     }
 
     /// `[S]`: each sequence's sum of `x` (`[R, L]`, laid out as the inputs).

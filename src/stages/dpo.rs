@@ -224,6 +224,29 @@ fn one_loss(
     Ok((losses, h))
 }
 
+/// LD-DPO's tails of a batch laid out as [`DpoTask::batch`] lays it (chosen responses, then
+/// rejected, pair `i` at `i` and `n + i`): each sequence with only the loss-masked tokens
+/// past the count its pair's two responses share still marked.
+fn ld_tails(seqs: &[Encoded]) -> Vec<Encoded> {
+    let n = seqs.len() / 2;
+    let count = |s: &Encoded| s.1.iter().filter(|&&m| m).count();
+    seqs.iter()
+        .enumerate()
+        .map(|(i, (ids, mask))| {
+            let shared = count(&seqs[i % n]).min(count(&seqs[n + i % n]));
+            let mut seen = 0;
+            let tail = mask
+                .iter()
+                .map(|&m| {
+                    seen += usize::from(m);
+                    m && seen > shared
+                })
+                .collect();
+            (ids.clone(), tail)
+        })
+        .collect()
+}
+
 /// `u`'s values in ascending order (`[B]`): AOT compares the batch's distributions.
 fn sorted(u: &Tensor) -> Result<Tensor> {
     let order = u.arg_sort_last_dim(true)?;
@@ -364,18 +387,36 @@ impl DpoTask<'_> {
 
 impl DpoTask<'_> {
     /// The sequences of `pairs` as one batch: chosen in the first n rows, rejected in the last
-    /// n ([`halves`]), packed under `[dpo] padding_free`.
-    fn batch<'p>(&self, pairs: impl Iterator<Item = &'p EncodedPair> + Clone) -> Result<SeqBatch> {
+    /// n ([`halves`]), packed under `[dpo] padding_free`; and each token's weight in the
+    /// summed log-probabilities, laid out as the loss mask: the mask itself, or under `[dpo]
+    /// ld_alpha` (LD-DPO) `ld_alpha` on the response tokens past the length its pair's two
+    /// responses share.
+    fn batch<'p>(
+        &self,
+        pairs: impl Iterator<Item = &'p EncodedPair> + Clone,
+    ) -> Result<(SeqBatch, Tensor)> {
         let seqs: Vec<_> = (0..2)
             .flat_map(|side| pairs.clone().map(move |p| p[side].clone()))
             .collect();
-        SeqBatch::new(
-            &seqs,
-            self.tok.pad_id(),
-            self.policy.cfg.max_position_embeddings,
-            self.env.cfg.dpo.padding_free,
-            &self.env.device,
-        )
+        let build = |seqs: &[Encoded]| {
+            SeqBatch::new(
+                seqs,
+                self.tok.pad_id(),
+                self.policy.cfg.max_position_embeddings,
+                self.env.cfg.dpo.padding_free,
+                &self.env.device,
+            )
+        };
+        let b = build(&seqs)?;
+        let Some(alpha) = self.env.cfg.dpo.ld_alpha else {
+            let w = b.lm.loss_mask.clone();
+            return Ok((b, w));
+        };
+        // The same sequences with only their tails marked: one layout, the same packing.
+        let tails = ld_tails(&seqs);
+        let tail = build(&tails)?.lm.loss_mask;
+        let w = (&b.lm.loss_mask - (tail * (1.0 - alpha))?)?;
+        Ok((b, w))
     }
 
     /// The reference's log-probabilities of every pair, `batch` pairs a forward; each rank
@@ -398,8 +439,8 @@ impl DpoTask<'_> {
             if k % world != rank {
                 continue;
             }
-            let b = self.batch(chunk.iter())?;
-            let logps = b.summed_logps(net, self.env.ctx(false, None))?;
+            let (b, w) = self.batch(chunk.iter())?;
+            let logps = b.weighted_logps(net, self.env.ctx(false, None), &w)?;
             let logps: Vec<f32> = logps.to_dtype(DType::F32)?.to_vec1()?;
             let (n, first) = (chunk.len(), k * batch);
             for i in 0..n {
@@ -434,8 +475,8 @@ impl DpoTask<'_> {
         refs: Option<Vec<RefLogps>>,
         comm: Option<&dyn Communicator>,
     ) -> Result<(Tensor, Tensor, f64, usize)> {
-        let b = self.batch(pairs.iter().copied())?;
-        let pol = b.summed_logps(&self.policy, self.env.ctx(true, None))?;
+        let (b, w) = self.batch(pairs.iter().copied())?;
+        let pol = b.weighted_logps(&self.policy, self.env.ctx(true, None), &w)?;
         let refp = match (refs, &self.reference) {
             (Some(refs), _) => {
                 let side = |s: usize| refs.iter().map(move |r| r[s]);
@@ -444,7 +485,10 @@ impl DpoTask<'_> {
             }
             (None, Some(r)) => {
                 let net = r.get().net(&self.policy);
-                Some(b.summed_logps(net, self.env.ctx(false, None))?.detach())
+                Some(
+                    b.weighted_logps(net, self.env.ctx(false, None), &w)?
+                        .detach(),
+                )
             }
             (None, None) => None,
         };
@@ -773,6 +817,28 @@ mod tests {
         assert!((at_start(DpoLoss::Hinge, 0.0) - 1.0).abs() < 1e-6);
         // IPO's target margin is 1 / (2 beta) = 5.
         assert!((at_start(DpoLoss::Ipo, 0.0) - 25.0).abs() < 1e-4);
+    }
+
+    /// LD-DPO marks, in each response, the loss-masked tokens past the count its pair shares:
+    /// the longer response's last ones, none of the shorter's, wherever the prompt ends.
+    #[test]
+    fn ld_tails_are_the_tokens_past_the_shared_length() {
+        let seq = |mask: &[u8]| -> Encoded {
+            (vec![7; mask.len()], mask.iter().map(|&m| m == 1).collect())
+        };
+        // Two pairs: chosen 3 and 5 tokens, rejected 5 and 2.
+        let seqs = [
+            seq(&[0, 0, 1, 1, 1, 0]),
+            seq(&[0, 1, 1, 1, 1, 1]),
+            seq(&[0, 1, 1, 1, 1, 1, 0]),
+            seq(&[0, 0, 0, 1, 1]),
+        ];
+        let tails: Vec<Vec<bool>> = ld_tails(&seqs).into_iter().map(|t| t.1).collect();
+        let marks = |m: &[u8]| m.iter().map(|&x| x == 1).collect::<Vec<_>>();
+        assert_eq!(tails[0], marks(&[0, 0, 0, 0, 0, 0]));
+        assert_eq!(tails[1], marks(&[0, 0, 0, 1, 1, 1]));
+        assert_eq!(tails[2], marks(&[0, 0, 0, 0, 1, 1, 0]));
+        assert_eq!(tails[3], marks(&[0, 0, 0, 0, 0]));
     }
 
     /// A list of losses is the sum of each one's mean times its weight; "sft" is left to the
