@@ -85,8 +85,7 @@ pub fn add_fused(
     let serves = choice == KernelChoice::Custom
         && x.device().is_cuda()
         && (crate::tape::recording() || crate::tape::untracked(&[x, r, w]))
-        && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
-        && (w.dtype() == x.dtype() || w.dtype() == DType::F32);
+        && covers(x, w);
     if !serves {
         return Ok(None);
     }
@@ -99,6 +98,12 @@ pub fn add_fused(
         let _ = (r, eps, gain);
         Ok(None)
     }
+}
+
+/// Whether our kernels take `x` and `w`: x f32, bf16 or f16, w in x's dtype or f32.
+pub fn covers(x: &Tensor, w: &Tensor) -> bool {
+    matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && (w.dtype() == x.dtype() || w.dtype() == DType::F32)
 }
 
 /// [`rms_norm_reference`] by `gain` as one op of a block tape (`crate::tape`).

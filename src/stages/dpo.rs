@@ -626,21 +626,17 @@ impl Task for DpoTask<'_> {
         }
         // A run that moved its reference, resumed with sync_ref_model off: it goes on from
         // the reference it had, now held still, not from the initial one.
-        let kept = dir.join(super::ref_sync::REFERENCE_FILE);
-        match self.reference.as_ref().and_then(FrozenReference::store) {
-            Some(reference) if kept.exists() => {
-                reference.load(&kept, |_| true, true)?;
-                if self.env.comm.rank() == 0 {
-                    eprintln!(
-                        "[dpo] the reference is the one {} kept, held still from here \
-                         (sync_ref_model is off)",
-                        kept.display()
-                    );
-                }
-                Ok(())
-            }
-            _ => Ok(()),
+        let Some(reference) = self.reference.as_ref().and_then(FrozenReference::store) else {
+            return Ok(());
+        };
+        if RefSync::load_kept(reference, dir)? && self.env.comm.rank() == 0 {
+            eprintln!(
+                "[dpo] the reference is the one {} kept, held still from here \
+                 (sync_ref_model is off)",
+                dir.join(super::ref_sync::REFERENCE_FILE).display()
+            );
         }
+        Ok(())
     }
 
     fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
@@ -841,17 +837,21 @@ mod tests {
         assert_eq!(tails[3], marks(&[0, 0, 0, 0, 0]));
     }
 
+    /// Three pairs: policy chosen and rejected, reference chosen and rejected (summed
+    /// log-probabilities), tokens per response; margins of either sign.
+    const MIXED: [[f64; 3]; 5] = [
+        [-3.0, -1.5, -7.0],
+        [-2.0, -4.0, -0.5],
+        [-2.5, -2.0, -6.0],
+        [-2.5, -3.0, -1.0],
+        [3.0, 2.0, 5.0],
+    ];
+
     /// A list of losses is the sum of each one's mean times its weight; "sft" is left to the
     /// NLL term; the accuracy is the first listed loss's.
     #[test]
     fn a_list_of_losses_is_their_weighted_sum() {
-        let (lp, lr, rp, rr, n) = (
-            [-3.0, -1.5, -7.0],
-            [-2.0, -4.0, -0.5],
-            [-2.5, -2.0, -6.0],
-            [-2.5, -3.0, -1.0],
-            [3.0, 2.0, 5.0],
-        );
+        let [lp, lr, rp, rr, n] = MIXED;
         let one = |kind| loss_of(&cfg(kind, 0.1, 0.0), [&lp, &lr], [&rp, &rr], [&n, &n]);
         let mix = DpoConfig {
             loss_type: vec![
@@ -1019,13 +1019,7 @@ mod tests {
     /// TRL's f-divergences, sigmoid_norm and AOT against their formulas, on one batch.
     #[test]
     fn f_divergences_sigmoid_norm_and_aot_match_their_formulas() {
-        let (lp, lr, rp, rr, n) = (
-            [-3.0, -1.5, -7.0],
-            [-2.0, -4.0, -0.5],
-            [-2.5, -2.0, -6.0],
-            [-2.5, -3.0, -1.0],
-            [3.0, 2.0, 5.0],
-        );
+        let [lp, lr, rp, rr, n] = MIXED;
         let beta = 0.5;
         let sp = |x: f64| (1.0 + x.exp()).ln(); // -log sigmoid(-x)
         let ls = move |x: f64| -sp(-x); // log sigmoid(x)

@@ -53,16 +53,25 @@ impl RefSync {
     /// Reads the reference a checkpoint kept into `reference`; an error when the checkpoint
     /// has none (one written without `[dpo] sync_ref_model`).
     pub fn load(reference: &ParamStore, dir: &Path) -> Result<()> {
-        let path = dir.join(REFERENCE_FILE);
-        if !path.exists() {
+        if !Self::load_kept(reference, dir)? {
             anyhow::bail!(
                 "{}: missing; the run resumed with [dpo] sync_ref_model on, but this checkpoint \
                  was written without it (resume with it off, or start a new run)",
-                path.display()
+                dir.join(REFERENCE_FILE).display()
             );
         }
-        reference.load(&path, |_| true, true)?;
         Ok(())
+    }
+
+    /// Reads the reference checkpoint `dir` kept, if it kept one, into `reference`; whether
+    /// it did.
+    pub fn load_kept(reference: &ParamStore, dir: &Path) -> Result<bool> {
+        let path = dir.join(REFERENCE_FILE);
+        if !path.exists() {
+            return Ok(false);
+        }
+        reference.load(&path, |_| true, true)?;
+        Ok(true)
     }
 }
 

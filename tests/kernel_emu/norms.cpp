@@ -142,41 +142,29 @@ template <> RmsKernel rms_entry<float>(bool bwd, int v, int k) {
   RMS_ENTRY(f32, 4, 4)
   return nullptr;
 }
-template <> RmsKernel rms_entry<bf16>(bool bwd, int v, int k) {
-  RMS_SCALAR_ENTRIES(bf16)
-  RMS_ENTRY(bf16, 8, 0)
-  RMS_ENTRY(bf16, 8, 1)
-  RMS_ENTRY(bf16, 8, 2)
+// A 16-bit dtype's list: the scalar variants and V = 8 with K 0 to 2.
+#define RMS_HALF_ENTRIES(NAME) \
+  RMS_SCALAR_ENTRIES(NAME)     \
+  RMS_ENTRY(NAME, 8, 0)        \
+  RMS_ENTRY(NAME, 8, 1)        \
+  RMS_ENTRY(NAME, 8, 2)        \
   return nullptr;
-}
-template <> RmsKernel rms_entry<f16>(bool bwd, int v, int k) {
-  RMS_SCALAR_ENTRIES(f16)
-  RMS_ENTRY(f16, 8, 0)
-  RMS_ENTRY(f16, 8, 1)
-  RMS_ENTRY(f16, 8, 2)
-  return nullptr;
-}
+template <> RmsKernel rms_entry<bf16>(bool bwd, int v, int k) { RMS_HALF_ENTRIES(bf16) }
+template <> RmsKernel rms_entry<f16>(bool bwd, int v, int k) { RMS_HALF_ENTRIES(f16) }
 // The same with f32 gains: rmsnorm_{fwd,bwd}_<dtype>_wf32_v<V>_k<K> (bf16 and f16 only).
 template <typename T> RmsKernel rms_entry_wf32(bool bwd, int v, int k);
 template <> RmsKernel rms_entry_wf32<bf16>(bool bwd, int v, int k) {
-  RMS_SCALAR_ENTRIES(bf16_wf32)
-  RMS_ENTRY(bf16_wf32, 8, 0)
-  RMS_ENTRY(bf16_wf32, 8, 1)
-  RMS_ENTRY(bf16_wf32, 8, 2)
-  return nullptr;
+  RMS_HALF_ENTRIES(bf16_wf32)
 }
 template <> RmsKernel rms_entry_wf32<f16>(bool bwd, int v, int k) {
-  RMS_SCALAR_ENTRIES(f16_wf32)
-  RMS_ENTRY(f16_wf32, 8, 0)
-  RMS_ENTRY(f16_wf32, 8, 1)
-  RMS_ENTRY(f16_wf32, 8, 2)
-  return nullptr;
+  RMS_HALF_ENTRIES(f16_wf32)
 }
 // The entry point for x in T and w in G.
 template <typename T, typename G> RmsKernel rms_kernel(bool bwd, int v, int k) {
   if constexpr (std::is_same_v<T, G>) return rms_entry<T>(bwd, v, k);
   else return rms_entry_wf32<T>(bwd, v, k);
 }
+#undef RMS_HALF_ENTRIES
 #undef RMS_SCALAR_ENTRIES
 #undef RMS_ENTRY
 

@@ -19,7 +19,7 @@ use candle_core::{
 };
 
 use super::super::host::{cpu_storage, norm_out_shape, rounded_sum, rows_cols, slice};
-use super::super::rmsnorm::Gain;
+use super::super::rmsnorm::{covers, Gain};
 use super::super::spans::{self, Pass};
 use super::super::KernelOp;
 use super::{
@@ -67,12 +67,6 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, gain: Gain) -> Result<Option<T
         return Ok(None);
     }
     rms_norm_op(x, w, eps, gain).map(Some)
-}
-
-/// Whether the kernels take `x` and `w`: x f32, bf16 or f16, w in x's dtype or f32.
-pub fn covers(x: &Tensor, w: &Tensor) -> bool {
-    matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
-        && (w.dtype() == x.dtype() || w.dtype() == DType::F32)
 }
 
 /// The custom op on any device (CPU included), differentiable in `x` and `w`.
