@@ -501,6 +501,18 @@ fn grpo_over_two_ranks_follows_one_rank_and_resumes_exactly() {
     });
 }
 
+/// GRPO's collectives of TRL's newer knobs hold over two ranks too: the top-entropy mask's
+/// quantile over every rank's tokens, the entropy bonus weighed by each rank's share of the
+/// tokens it reads, the adaptive coefficient moved by the step's entropy over every rank, and
+/// GDPO's batch normalisation, under CISPO's loss.
+#[test]
+fn grpos_entropy_mask_and_bonus_over_two_ranks_follow_one_rank() {
+    let logged = ["entropy_coef", "kl_token"];
+    rl_over_two_ranks("grpo", false, &logged, &|prompts| {
+        format!("[grpo]\nprompts_per_rollout = {prompts}\ngroup_size = 2\nminibatch_size = {}\neval_prompts = 4\nlog_completions = 2\nloss_type = \"cispo\"\nepsilon_high = 5.0\ntop_entropy_quantile = 0.5\nuse_adaptive_entropy = true\nentropy_coef = 0.01\nentropy_target = 100.0\nmulti_objective_aggregation = \"normalize_then_sum\"\n", 2 * prompts)
+    });
+}
+
 /// PPO over two ranks (whitening over the global rollout, the value loss weighted by each
 /// rank's tokens, the adaptive KL reading the global KL) follows one rank, and resumes.
 #[test]

@@ -525,6 +525,150 @@ fn rl_checkpoints_wait_for_the_rollout_so_resume_is_exact() {
     }
 }
 
+/// TRL's newer GRPO objectives and knobs, each run from the shared SFT model on a reward that
+/// varies within groups, so every loss term is live:
+/// - CISPO with DeepSeek-V3.2's off-policy mask and importance-corrected KL, the top-entropy
+///   mask and adaptive entropy control, whose target is set above any entropy here, so its
+///   coefficient climbs by `entropy_coef_delta` each step and the bonus applies from step 2;
+/// - VESPO with GDPO's per-source normalisation over two rewards;
+/// - LUSPO at the sequence level;
+/// - SAPO with TR-DPO's moving reference, moved after every step, so the KL of every step
+///   after the first differs from a run without it; a run cut at step 2 and resumed
+///   retraces the whole one, reference and all;
+///
+/// and each logs its own metrics (the learning itself is `every_objective_learns_a_bandit`'s).
+#[test]
+fn grpos_newer_objectives_run_log_and_resume() {
+    let dir = tmp();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/varied_reward.py");
+    let reward = format!("cmd:python3 {}", script.display());
+    let run = |name: &str, knobs: &str, steps: &str, every: &str, rewards: &[&str]| {
+        let case = p(dir.path(), name);
+        std::fs::create_dir(&case).unwrap();
+        let cfg = p(&case, "c.toml");
+        let table = format!(
+            "[grpo]
+eval_prompts = 4
+prompts_per_rollout = 4
+group_size = 2
+minibatch_size = 8
+log_completions = 0
+beta = 0.04
+{knobs}"
+        );
+        std::fs::write(
+            &cfg,
+            format!(
+                "{TINY_TOML}
+log_every = 1
+{table}"
+            ),
+        )
+        .unwrap();
+        let out = p(&case, "run");
+        let init = sft();
+        let mut a = vec![
+            "grpo",
+            "--config",
+            s(&cfg),
+            "--init",
+            s(&init),
+            "--out",
+            s(&out),
+            "--steps",
+            steps,
+            "--checkpoint-every",
+            every,
+            "--eval-every",
+            "100",
+            "--device",
+            "cpu",
+        ];
+        for r in rewards {
+            a.extend(["--reward", r]);
+        }
+        let o = run_ok(&a);
+        (out, String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let one = [reward.as_str()];
+    let cispo = "loss_type = \"cispo\"\nepsilon_high = 5.0\noff_policy_mask_threshold = 0.5\nuse_bias_correction_kl = true\ntop_entropy_quantile = 0.5\nuse_adaptive_entropy = true\nentropy_coef = 0.01\nentropy_target = 100.0\n";
+    let (out, _) = run("cispo", cispo, "3", "100", &one);
+    let m = metrics(&out);
+    let coef: Vec<f64> = series(&m, "train", "entropy_coef")
+        .iter()
+        .map(|x| x.1)
+        .collect();
+    assert_eq!(coef.len(), 3, "{coef:?}");
+    for (c, want) in coef.iter().zip([0.01, 0.015, 0.02]) {
+        assert!((c - want).abs() < 1e-9, "{coef:?}");
+    }
+    for key in ["entropy", "off_policy_masked", "kl_token", "clipfrac"] {
+        let x = series(&m, "train", key);
+        assert_eq!(x.len(), 3, "cispo: no {key}");
+        assert!(
+            x.iter().all(|(_, v)| v.is_finite() && *v >= 0.0),
+            "{key}: {x:?}"
+        );
+    }
+    let vespo = "loss_type = \"vespo\"\nmulti_objective_aggregation = \"normalize_then_sum\"\n";
+    let (out, _) = run("vespo", vespo, "2", "100", &[reward.as_str(), "task:0.5"]);
+    let m = metrics(&out);
+    let phi = series(&m, "train", "vespo_phi");
+    // The first minibatch of each rollout is on-policy: every weight is 1.
+    assert!(
+        !phi.is_empty() && phi.iter().all(|(_, v)| (v - 1.0).abs() < 1e-4),
+        "{phi:?}"
+    );
+    let luspo = "loss_type = \"luspo\"\nimportance_sampling_level = \"sequence\"\n";
+    let (out, _) = run("luspo", luspo, "2", "100", &one);
+    assert!(series(&metrics(&out), "train", "loss")
+        .iter()
+        .any(|(_, l)| l.abs() > 1e-6));
+    let sapo = "loss_type = \"sapo\"\nsync_ref_model = true\nref_model_sync_steps = 1\n";
+    let (whole, err) = run("sapo", sapo, "4", "100", &one);
+    assert_eq!(
+        err.matches("the reference moved 0.6 of the way").count(),
+        4,
+        "{err}"
+    );
+    let (cut, _) = run("sapo_cut", sapo, "4", "2", &one);
+    let ckpts = cut.join("checkpoints");
+    assert!(ckpts.join("step-0000002/reference.safetensors").exists());
+    std::fs::remove_dir_all(ckpts.join("step-0000004")).unwrap();
+    std::fs::remove_dir_all(cut.join("final")).unwrap();
+    std::fs::write(ckpts.join("latest"), "step-0000002").unwrap();
+    run_ok(&["grpo", "--resume", s(&cut)]);
+    let kl = |run: &Path| series(&metrics(run), "train", "kl_token");
+    let (a, b) = (kl(&whole), kl(&cut));
+    assert_eq!(a.len(), 4, "{a:?}");
+    assert!(a.iter().skip(1).any(|(_, k)| k.abs() > 1e-9), "{a:?}");
+    assert_eq!(a, b, "the resumed run left the curve");
+    // Without the moves the first step is the same, and the KL of every later one differs.
+    let (plain, _) = run("sapo_plain", "loss_type = \"sapo\"\n", "4", "100", &one);
+    for ((step, x), (_, y)) in a.iter().zip(&kl(&plain)) {
+        assert_eq!(*step == 1, x == y, "step {step}: {x} vs {y}");
+    }
+    let cfg = p(&dir.path().join("sapo"), "c.toml");
+    let out = p(dir.path(), "lora");
+    let e = run_err(&[
+        "grpo",
+        "--config",
+        s(&cfg),
+        "--init",
+        s(&sft()),
+        "--out",
+        s(&out),
+        "--lora-rank",
+        "4",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        e.contains("grpo.sync_ref_model needs full fine-tuning") && e.trim().lines().count() == 1,
+        "{e}"
+    );
+}
+
 /// `--packing` (OpenRLHF's `--packing_samples`) changes the layout of PPO's, GRPO's and
 /// online DPO's training forward, not its maths: the packed runs take the unpacked runs' steps and log
 /// the share of the padded positions they compute, and a stage without packing refuses the

@@ -24,8 +24,9 @@ pub use model::{
 pub use run::{overlay, DataConfig, DeviceChoice, RunConfig, Stage, Truncation};
 pub use stages::{
     AdvantageEstimator, DpoConfig, DpoLoss, ExternalRewardConfig, FDivergence, GrpoConfig,
-    ImportanceSamplingLevel, KlEstimator, KtoConfig, KtoLoss, LossType, OnlineDpoConfig, PpoConfig,
-    RewardConfig, RewardSource, RewardSpec, ScaleRewards, SftConfig, SftLoss,
+    ImportanceSamplingLevel, KlEstimator, KtoConfig, KtoLoss, LossType, MultiObjective,
+    OnlineDpoConfig, PpoConfig, RewardConfig, RewardSource, RewardSpec, ScaleRewards, SftConfig,
+    SftLoss,
 };
 pub use train::{DTypeChoice, ShardOptimizer, TapeChoice, TrainConfig};
 

@@ -183,6 +183,10 @@ impl Default for RunConfig {
     }
 }
 
+/// Why TR-DPO's reference updates need full fine-tuning.
+const SHARED_BASE: &str =
+    "under LoRA the reference is the base with the adapters off, which the policy shares";
+
 impl RunConfig {
     /// Stage-specific defaults: what works on the built-in task on a CPU.
     pub fn for_stage(stage: Stage) -> Self {
@@ -326,14 +330,16 @@ impl RunConfig {
         }
         match self.stage {
             Stage::Ppo => self.ppo.validate()?,
-            Stage::Grpo => self.grpo.validate()?,
+            Stage::Grpo => {
+                self.grpo.validate()?;
+                if self.grpo.sync_ref_model && self.lora.enabled() {
+                    anyhow::bail!("grpo.sync_ref_model needs full fine-tuning: {SHARED_BASE}");
+                }
+            }
             Stage::Dpo => {
                 self.dpo.validate()?;
                 if self.dpo.sync_ref_model && self.lora.enabled() {
-                    anyhow::bail!(
-                        "dpo.sync_ref_model needs full fine-tuning: under LoRA the reference is \
-                         the base with the adapters off, which the policy shares"
-                    );
+                    anyhow::bail!("dpo.sync_ref_model needs full fine-tuning: {SHARED_BASE}");
                 }
             }
             Stage::OnlineDpo => self.online_dpo.validate()?,
@@ -400,9 +406,10 @@ impl RunConfig {
         let Some((loss, batches, table)) = self.rollout_minibatches() else {
             return Ok(());
         };
-        if loss == LossType::Dapo && !batches.is_multiple_of(self.train.grad_accum) {
+        if loss.per_step_tokens() && !batches.is_multiple_of(self.train.grad_accum) {
             anyhow::bail!(
-                "{table}.loss_type = \"dapo\": a rollout makes {batches} minibatches, not a multiple of train.grad_accum = {}, so an optimizer step would mix two rollouts",
+                "{table}.loss_type = \"{}\": a rollout makes {batches} minibatches, not a multiple of train.grad_accum = {}, so an optimizer step would mix two rollouts",
+                loss.name(),
                 self.train.grad_accum
             );
         }

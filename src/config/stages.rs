@@ -194,6 +194,12 @@ impl PpoConfig {
             );
         }
         check_sampling("ppo", self.temperature, self.cliprange, self.epsilon_high)?;
+        if self.loss_type.grpo_only() {
+            bail!(
+                "ppo.loss_type = \"{}\" is one of GRPO's losses; PPO takes bnpo, grpo, dapo or dr_grpo",
+                self.loss_type.name()
+            );
+        }
         if self.rollout_batch == 0 || self.minibatch_size == 0 || self.ppo_epochs == 0 {
             bail!("ppo.rollout_batch, ppo.minibatch_size and ppo.ppo_epochs must be positive");
         }
@@ -869,6 +875,54 @@ pub struct GrpoConfig {
     pub max_new_tokens: usize,
     pub eps: f64,
     pub loss_type: LossType,
+    /// SAPO's gate temperature for tokens with a positive advantage (TRL's
+    /// `sapo_temperature_pos`).
+    pub sapo_temperature_pos: f64,
+    /// SAPO's gate temperature for the others (TRL's `sapo_temperature_neg`).
+    pub sapo_temperature_neg: f64,
+    /// VESPO's power `k` of the sequence ratio where the advantage is not negative (TRL's
+    /// `vespo_k_pos`): how hard a response the policy now finds less likely is down-weighted.
+    pub vespo_k_pos: f64,
+    /// VESPO's decay `lambda` there (TRL's `vespo_lambda_pos`): how hard one it finds likelier.
+    pub vespo_lambda_pos: f64,
+    /// VESPO's `k` and `lambda` where the advantage is negative (TRL's `vespo_k_neg`,
+    /// `vespo_lambda_neg`).
+    pub vespo_k_neg: f64,
+    pub vespo_lambda_neg: f64,
+    /// DeepSeek-V3.2's off-policy sequence mask (TRL's `off_policy_mask_threshold`): a
+    /// response with a negative advantage whose mean `log pi_old - log pi` over its tokens
+    /// exceeds this carries no policy loss. None: off.
+    pub off_policy_mask_threshold: Option<f64>,
+    /// The KL term's importance-sampling correction (TRL's `use_bias_correction_kl`, from
+    /// DeepSeek-V3.2): each token's k3 KL is multiplied by the policy's ratio to the rollout's.
+    pub use_bias_correction_kl: bool,
+    /// Keep the policy loss only on this top fraction of the minibatch's response tokens by
+    /// the policy's entropy there (TRL's `top_entropy_quantile`, rho of "Beyond the 80/20
+    /// Rule", which recommends 0.2): 1 keeps all, 0 the highest alone. Over every rank's
+    /// tokens, truncated responses left out where they carry no loss.
+    pub top_entropy_quantile: f64,
+    /// The weight of an entropy bonus, the mean entropy of the tokens that carry the policy
+    /// loss, subtracted from the loss (TRL's `entropy_coef`).
+    pub entropy_coef: f64,
+    /// Skywork-OR1's adaptive entropy control (TRL's `use_adaptive_entropy`): after each
+    /// optimizer step `entropy_coef` moves `entropy_coef_delta` up when that step's mean
+    /// entropy was at most `entropy_target` and down otherwise, within `entropy_coef_min` and
+    /// `entropy_coef_max`, and the bonus applies only in steps after one at or below target.
+    pub use_adaptive_entropy: bool,
+    pub entropy_coef_min: f64,
+    pub entropy_coef_max: f64,
+    pub entropy_coef_delta: f64,
+    /// Nats; TRL's default 0.2 triggers only near collapse, so set it near the entropy
+    /// observed early in training.
+    pub entropy_target: f64,
+    /// How several rewards become one (TRL's `multi_objective_aggregation`).
+    pub multi_objective_aggregation: MultiObjective,
+    /// Move the reference towards the policy as it trains (TR-DPO's update, TRL's
+    /// `sync_ref_model`), as `[dpo] sync_ref_model` does: needs a reference (beta > 0) and
+    /// full fine-tuning.
+    pub sync_ref_model: bool,
+    pub ref_model_mixup_alpha: f64,
+    pub ref_model_sync_steps: usize,
     /// Responses cut off by `max_new_tokens` carry no loss (TRL's
     /// `mask_truncated_completions`).
     pub mask_truncated_completions: bool,
@@ -879,6 +933,19 @@ pub struct GrpoConfig {
     /// Pack each minibatch's prompts and responses into rows for the training forward
     /// (OpenRLHF's `--packing_samples`), as `[ppo] packing` does.
     pub packing: bool,
+}
+
+/// How GRPO combines several reward sources (TRL's `multi_objective_aggregation`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MultiObjective {
+    /// Sum the weighted scores, then form advantages from the sum.
+    #[default]
+    SumThenNormalize,
+    /// GDPO (group reward-decoupled normalisation): normalise each source's scores within
+    /// each group, `(r - mean) / (std + eps)`, sum them weighted, then normalise the sum over
+    /// the whole batch. `scale_rewards` does not apply.
+    NormalizeThenSum,
 }
 
 /// Critic-free advantage estimators over the `group_size` samples of each prompt, named as
@@ -941,6 +1008,48 @@ pub enum LossType {
     /// each of its tokens weighs.
     #[serde(rename = "dr_grpo")]
     DrGrpo,
+    /// GRPO only. CISPO (MiniMax-M1): `-min(r, epsilon_high) A log pi` with the clipped ratio
+    /// held constant, so every token keeps a gradient; `epsilon_high` caps the ratio itself
+    /// (ScaleRL recommends 5). Averaged as `dapo`.
+    Cispo,
+    /// GRPO only. SAPO (soft adaptive policy optimisation): a smooth gate
+    /// `-sigmoid(tau (r - 1)) 4 / tau A` in place of the hard clip, `tau` per the advantage's
+    /// sign (`sapo_temperature_pos` / `_neg`). Averaged as `grpo`.
+    Sapo,
+    /// GRPO only. LUSPO (length-unbiased GSPO): the clipped surrogate summed over each
+    /// response's tokens, then averaged over responses; with `importance_sampling_level =
+    /// "sequence"`, as its paper sets it, each response's loss times its length.
+    Luspo,
+    /// GRPO only. VESPO: `-phi(w) A log pi` with `phi(w) = e^lambda w^k e^(-lambda w)` of the
+    /// response's whole ratio `w` (the product of its tokens'), held constant; `k` and
+    /// `lambda` per the advantage's sign (`vespo_*`). Averaged as `dapo`.
+    Vespo,
+}
+
+impl LossType {
+    /// TRL's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bnpo => "bnpo",
+            Self::Grpo => "grpo",
+            Self::Dapo => "dapo",
+            Self::DrGrpo => "dr_grpo",
+            Self::Cispo => "cispo",
+            Self::Sapo => "sapo",
+            Self::Luspo => "luspo",
+            Self::Vespo => "vespo",
+        }
+    }
+
+    /// Whether it divides by the valid tokens of the whole optimizer step.
+    pub fn per_step_tokens(self) -> bool {
+        matches!(self, Self::Dapo | Self::Cispo | Self::Vespo)
+    }
+
+    /// Whether only GRPO's stage takes it (TRL's GRPOTrainer's newer losses).
+    pub fn grpo_only(self) -> bool {
+        matches!(self, Self::Cispo | Self::Sapo | Self::Luspo | Self::Vespo)
+    }
 }
 
 impl GrpoConfig {
@@ -979,7 +1088,106 @@ impl GrpoConfig {
         if self.prompts_per_rollout == 0 || self.minibatch_size == 0 {
             bail!("grpo.prompts_per_rollout and grpo.minibatch_size must be positive");
         }
+        self.validate_losses()?;
+        self.validate_entropy()?;
+        self.validate_reference()
+    }
+
+    fn validate_losses(&self) -> Result<()> {
+        match self.loss_type {
+            LossType::Cispo if self.epsilon_high.is_none() => bail!(
+                "grpo.loss_type = \"cispo\" caps the ratio itself at grpo.epsilon_high, which \
+                 is unset (ScaleRL recommends 5.0)"
+            ),
+            LossType::Vespo if self.importance_sampling_level != ImportanceSamplingLevel::Token => {
+                bail!(
+                    "grpo.loss_type = \"vespo\" weighs each response by its own whole ratio; \
+                     grpo.importance_sampling_level must stay \"token\""
+                )
+            }
+            _ => {}
+        }
+        if !positive(self.sapo_temperature_pos) || !positive(self.sapo_temperature_neg) {
+            bail!("grpo.sapo_temperature_pos and grpo.sapo_temperature_neg must be positive");
+        }
+        let ks = [self.vespo_k_pos, self.vespo_k_neg];
+        let lambdas = [self.vespo_lambda_pos, self.vespo_lambda_neg];
+        if !ks.iter().all(|k| k.is_finite() && *k >= 0.0) || !lambdas.iter().all(|&l| positive(l)) {
+            bail!(
+                "grpo.vespo_k_pos and vespo_k_neg must be 0 or more, vespo_lambda_pos and \
+                 vespo_lambda_neg positive"
+            );
+        }
+        if self.off_policy_mask_threshold.is_some_and(|t| !positive(t)) {
+            bail!("grpo.off_policy_mask_threshold must be positive (DeepSeek-V3.2 uses values like 0.5)");
+        }
+        if self.multi_objective_aggregation == MultiObjective::NormalizeThenSum
+            && self.advantage_estimator != AdvantageEstimator::GroupNorm
+        {
+            bail!(
+                "grpo.multi_objective_aggregation = \"normalize_then_sum\" forms group-normalised \
+                 advantages itself; it needs advantage_estimator = \"group_norm\""
+            );
+        }
         Ok(())
+    }
+
+    fn validate_entropy(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.top_entropy_quantile) {
+            bail!(
+                "grpo.top_entropy_quantile must be in [0, 1], got {}",
+                self.top_entropy_quantile
+            );
+        }
+        let (lo, hi) = (self.entropy_coef_min, self.entropy_coef_max);
+        let finite = [
+            self.entropy_coef,
+            lo,
+            hi,
+            self.entropy_coef_delta,
+            self.entropy_target,
+        ];
+        if !finite.iter().all(|x| x.is_finite()) {
+            bail!("grpo.entropy_coef and its adaptive control's bounds, step and target must be finite");
+        }
+        if self.use_adaptive_entropy && !(lo <= hi && self.entropy_coef_delta >= 0.0) {
+            bail!(
+                "grpo.use_adaptive_entropy needs entropy_coef_min <= entropy_coef_max and \
+                 entropy_coef_delta >= 0, got {lo}, {hi} and {}",
+                self.entropy_coef_delta
+            );
+        }
+        Ok(())
+    }
+
+    fn validate_reference(&self) -> Result<()> {
+        if !(self.ref_model_mixup_alpha > 0.0 && self.ref_model_mixup_alpha <= 1.0) {
+            bail!(
+                "grpo.ref_model_mixup_alpha must be in (0, 1], got {}",
+                self.ref_model_mixup_alpha
+            );
+        }
+        if self.ref_model_sync_steps == 0 {
+            bail!("grpo.ref_model_sync_steps must be at least 1");
+        }
+        if self.sync_ref_model && self.beta == 0.0 {
+            bail!(
+                "grpo.sync_ref_model: with beta = 0 no reference is loaded, so there is none to \
+                 sync (set beta above 0, or sync_ref_model = false)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether a step needs the policy's entropy at each response token.
+    pub fn needs_entropy(&self) -> bool {
+        self.top_entropy_quantile < 1.0 || self.entropy_bonus()
+    }
+
+    /// Whether the loss carries an entropy bonus (always under adaptive control, whose
+    /// coefficient may come back from 0).
+    pub fn entropy_bonus(&self) -> bool {
+        self.entropy_coef != 0.0 || self.use_adaptive_entropy
     }
 }
 
@@ -1004,6 +1212,25 @@ impl Default for GrpoConfig {
             max_new_tokens: 6,
             eps: 1e-4,
             loss_type: LossType::Bnpo,
+            sapo_temperature_pos: 1.0,
+            sapo_temperature_neg: 1.05,
+            vespo_k_pos: 2.0,
+            vespo_lambda_pos: 3.0,
+            vespo_k_neg: 3.0,
+            vespo_lambda_neg: 2.0,
+            off_policy_mask_threshold: None,
+            use_bias_correction_kl: false,
+            top_entropy_quantile: 1.0,
+            entropy_coef: 0.0,
+            use_adaptive_entropy: false,
+            entropy_coef_min: 0.0,
+            entropy_coef_max: 1.0,
+            entropy_coef_delta: 0.005,
+            entropy_target: 0.2,
+            multi_objective_aggregation: MultiObjective::SumThenNormalize,
+            sync_ref_model: false,
+            ref_model_mixup_alpha: 0.6,
+            ref_model_sync_steps: 512,
             mask_truncated_completions: false,
             log_completions: 8,
             task_prompts: 4000,
@@ -1291,6 +1518,102 @@ mod tests {
         c.advantage_estimator = AdvantageEstimator::ReinforcePlusPlus;
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("grpo.importance_sampling_level"), "{e}");
+    }
+
+    /// TRL's newer GRPO knobs read by their names, and each setting whose maths would not
+    /// hold is refused naming its key: CISPO without its ratio cap, VESPO over sequence
+    /// ratios, GDPO under another estimator, a quantile outside [0, 1], TR-DPO without a
+    /// reference, and GRPO's losses asked of PPO.
+    #[test]
+    fn grpo_reads_trls_newer_knobs_and_refuses_what_would_not_hold() {
+        let text = "loss_type = \"cispo\"\nepsilon_high = 5.0\ntop_entropy_quantile = 0.2\n\
+                    multi_objective_aggregation = \"normalize_then_sum\"\nsync_ref_model = true\n\
+                    off_policy_mask_threshold = 0.5\nuse_adaptive_entropy = true";
+        let c: GrpoConfig = toml::from_str(text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.loss_type, LossType::Cispo);
+        assert_eq!(
+            c.multi_objective_aggregation,
+            MultiObjective::NormalizeThenSum
+        );
+        assert!(c.needs_entropy() && c.entropy_bonus());
+        assert!(!GrpoConfig::default().needs_entropy());
+        let refused = |c: GrpoConfig, key: &str| {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        };
+        refused(
+            GrpoConfig {
+                loss_type: LossType::Cispo,
+                ..GrpoConfig::default()
+            },
+            "grpo.epsilon_high",
+        );
+        refused(
+            GrpoConfig {
+                loss_type: LossType::Vespo,
+                importance_sampling_level: ImportanceSamplingLevel::Sequence,
+                ..GrpoConfig::default()
+            },
+            "grpo.importance_sampling_level",
+        );
+        refused(
+            GrpoConfig {
+                multi_objective_aggregation: MultiObjective::NormalizeThenSum,
+                advantage_estimator: AdvantageEstimator::Rloo,
+                ..GrpoConfig::default()
+            },
+            "normalize_then_sum",
+        );
+        refused(
+            GrpoConfig {
+                top_entropy_quantile: 1.5,
+                ..GrpoConfig::default()
+            },
+            "grpo.top_entropy_quantile",
+        );
+        refused(
+            GrpoConfig {
+                sync_ref_model: true,
+                beta: 0.0,
+                ..GrpoConfig::default()
+            },
+            "grpo.sync_ref_model",
+        );
+        refused(
+            GrpoConfig {
+                off_policy_mask_threshold: Some(0.0),
+                ..GrpoConfig::default()
+            },
+            "grpo.off_policy_mask_threshold",
+        );
+        refused(
+            GrpoConfig {
+                use_adaptive_entropy: true,
+                entropy_coef_min: 1.0,
+                entropy_coef_max: 0.5,
+                ..GrpoConfig::default()
+            },
+            "grpo.use_adaptive_entropy",
+        );
+        for loss in [
+            LossType::Cispo,
+            LossType::Sapo,
+            LossType::Luspo,
+            LossType::Vespo,
+        ] {
+            let e = PpoConfig {
+                loss_type: loss,
+                ..PpoConfig::default()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("ppo.loss_type") && e.contains(loss.name()),
+                "{e}"
+            );
+        }
     }
 
     /// Two-sided clipping's cap must lie above the clipped ratio's upper bound; Dr. GRPO's

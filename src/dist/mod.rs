@@ -56,6 +56,32 @@ pub trait Communicator: Send + Sync {
     }
 }
 
+/// Every rank's `mine`, in rank order, on every rank (an all-gather of unequal lengths):
+/// the lengths by one all-reduce, then each rank's values by a broadcast from it.
+pub fn gather_f32(comm: &dyn Communicator, mine: &[f32]) -> Result<Vec<f32>> {
+    let world = comm.world();
+    if world == 1 {
+        return Ok(mine.to_vec());
+    }
+    let mut lens = vec![0f32; world];
+    lens[comm.rank()] = mine.len() as f32;
+    comm.all_reduce_mean(&mut lens)?;
+    let mut all = Vec::new();
+    for (root, mean) in lens.into_iter().enumerate() {
+        let n = (mean * world as f32).round() as usize;
+        if n == 0 {
+            continue;
+        }
+        let mut buf = match root == comm.rank() {
+            true => mine.to_vec(),
+            false => vec![0.0; n],
+        };
+        comm.broadcast(root, &mut buf)?;
+        all.extend(buf);
+    }
+    Ok(all)
+}
+
 /// What a rank waiting in a collective gets when another rank of its group failed: the
 /// failure to report is that rank's own.
 #[derive(Debug)]

@@ -167,6 +167,22 @@ mod tests {
         });
     }
 
+    /// Unequal lengths, one of them empty, gather in rank order on every rank.
+    #[test]
+    fn thread_ranks_gather_unequal_lengths() {
+        let group = ThreadGroup::new(3);
+        std::thread::scope(|s| {
+            for c in &group {
+                s.spawn(move || {
+                    let r = c.rank();
+                    let mine: Vec<f32> = (0..[2, 0, 3][r]).map(|i| (10 * r + i) as f32).collect();
+                    let all = crate::dist::gather_f32(c, &mine).unwrap();
+                    assert_eq!(all, [0.0, 1.0, 20.0, 21.0, 22.0]);
+                });
+            }
+        });
+    }
+
     #[test]
     fn an_aborted_group_releases_waiting_ranks() {
         let group = ThreadGroup::new(2);

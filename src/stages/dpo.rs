@@ -16,7 +16,7 @@ use candle_core::{DType, Tensor};
 
 use super::batch::{halves, Encoded, SeqBatch};
 use super::eval::task_accuracy;
-use super::ref_sync::RefSync;
+use super::ref_sync::{MovingReference, RefSync};
 use super::rollout::FrozenReference;
 use super::setup::{self, prompt_sets, split_holdout, Plan, PolicyPair};
 use super::truncate::Fitter;
@@ -373,15 +373,14 @@ struct DpoTask<'a> {
     shift: std::cell::Cell<RewardShift>,
     /// TR-DPO's updates of the reference (`[dpo] sync_ref_model`), towards `store`, the
     /// policy's weights.
-    sync: Option<RefSync>,
+    moving: MovingReference,
     store: &'a ParamStore,
 }
 
 impl DpoTask<'_> {
-    /// The moving reference's weights, where TR-DPO is on.
-    fn synced(&self) -> Option<(&RefSync, &ParamStore)> {
-        let store = self.reference.as_ref().and_then(FrozenReference::store);
-        self.sync.as_ref().zip(store)
+    /// The frozen reference copy's weights; none under LoRA or without a reference.
+    fn reference_store(&self) -> Option<&ParamStore> {
+        self.reference.as_ref().and_then(FrozenReference::store)
     }
 }
 
@@ -601,42 +600,16 @@ impl Task for DpoTask<'_> {
     }
 
     fn after_step(&mut self, done: usize) -> Result<()> {
-        if let Some((sync, reference)) = self.synced().filter(|(s, _)| s.due(done)) {
-            sync.mix(reference, self.store)?;
-            if self.env.comm.rank() == 0 {
-                eprintln!(
-                    "[dpo] step {done}: the reference moved {} of the way to the policy (TR-DPO)",
-                    sync.alpha
-                );
-            }
-        }
-        Ok(())
+        self.moving
+            .after_step(self.reference_store(), self.store, done)
     }
 
     fn write_files(&self, dir: &Path) -> Result<()> {
-        match self.synced() {
-            Some((_, reference)) => RefSync::save(reference, dir),
-            None => Ok(()),
-        }
+        self.moving.write(self.reference_store(), dir)
     }
 
     fn read_files(&mut self, dir: &Path) -> Result<()> {
-        if let Some((_, reference)) = self.synced() {
-            return RefSync::load(reference, dir);
-        }
-        // A run that moved its reference, resumed with sync_ref_model off: it goes on from
-        // the reference it had, now held still, not from the initial one.
-        let Some(reference) = self.reference.as_ref().and_then(FrozenReference::store) else {
-            return Ok(());
-        };
-        if RefSync::load_kept(reference, dir)? && self.env.comm.rank() == 0 {
-            eprintln!(
-                "[dpo] the reference is the one {} kept, held still from here \
-                 (sync_ref_model is off)",
-                dir.join(super::ref_sync::REFERENCE_FILE).display()
-            );
-        }
-        Ok(())
+        self.moving.read(self.reference_store(), dir)
     }
 
     fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
@@ -733,10 +706,14 @@ pub fn run(env: &Env) -> Result<DpoResult> {
         eval_ref: None,
         eval_prompts,
         shift: Default::default(),
-        sync: cfg.dpo.sync_ref_model.then_some(RefSync {
-            alpha: cfg.dpo.ref_model_mixup_alpha,
-            every: cfg.dpo.ref_model_sync_steps,
-        }),
+        moving: MovingReference {
+            sync: cfg.dpo.sync_ref_model.then_some(RefSync {
+                alpha: cfg.dpo.ref_model_mixup_alpha,
+                every: cfg.dpo.ref_model_sync_steps,
+            }),
+            stage: "dpo",
+            reports: env.comm.rank() == 0,
+        },
         store: &store,
     };
     if cfg.dpo.precompute_ref_log_probs && task.reference.is_some() {

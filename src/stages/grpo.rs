@@ -13,27 +13,39 @@
 //! then over responses, `dapo` over every token of the optimizer step, `dr_grpo` summed and
 //! divided by the minibatch's responses times `max_new_tokens` (so its reported policy loss
 //! and KL read lower than a token mean where responses are short). `delta` clips two-sided.
+//! TRL's newer objectives replace the clipped surrogate: `cispo`, `sapo`, `luspo` and `vespo`
+//! ([`crate::config::LossType`]). DeepSeek-V3.2's off-policy mask and importance-corrected KL,
+//! the top-entropy token mask, an entropy bonus ([`super::entropy_control`]), GDPO's
+//! per-source normalisation and TR-DPO's moving reference are TRL's knobs of the same names.
 //! The maths lives in [`super::rl`].
+
+use std::path::Path;
 
 use anyhow::Result;
 use candle_core::Tensor;
 
+use super::entropy_control::EntropyControl;
 use super::eval::{PolicyEval, PolicyResult};
+use super::ref_sync::{MovingReference, RefSync};
 use super::rl::{
-    aggregate, group_advantages, kl_estimate, reinforce_pp_advantages, row_sums,
-    sequence_advantages, Clip,
+    aggregate, decoupled_advantages, group_advantages, kl_estimate, reinforce_pp_advantages,
+    row_sums, sequence_advantages, Aggregation, Clip, Form, Surrogate, Vespo,
 };
 use super::rollout::{
-    mean_over_ranks, rollout_seed, rollout_stats, rows, surrogate, token_share, ActorKnobs, Actors,
-    Buffer, FrozenReference, Objective, PolicyStep, Rollout, RolloutClock, Schedule,
+    mean_over_ranks, rollout_seed, rollout_stats, rows, surrogate, token_shares, ActorKnobs,
+    Actors, Buffer, EntropyUse, FrozenReference, Objective, PolicyStep, Rollout, RolloutClock,
+    Schedule,
 };
 use super::setup::{self, Plan, PolicyPair};
 use super::Env;
-use crate::config::{AdvantageEstimator, GrpoConfig, KlEstimator, ScaleRewards};
+use crate::config::{
+    AdvantageEstimator, GrpoConfig, KlEstimator, LossType, MultiObjective, ScaleRewards,
+};
 use crate::data::records::PromptRecord;
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::generate::{RowKeys, SampleCfg};
-use crate::train::loss::scalar;
+use crate::train::loss::{masked_mean, scalar};
+use crate::train::params::ParamStore;
 use crate::train::params::{ParamInfo, Role};
 use crate::train::rng::Rng;
 use crate::train::runner::{StepOut, Task};
@@ -49,6 +61,32 @@ struct GrpoTask<'a> {
     /// The last rollout's KL to the reference; None without one (beta = 0).
     last_kl: Option<f64>,
     clock: RolloutClock,
+    entropy: EntropyControl,
+    /// TR-DPO's updates of the reference towards `store`, the policy's weights.
+    moving: MovingReference,
+    store: &'a ParamStore,
+}
+
+/// The per-token objective `c.loss_type` names.
+fn form(c: &GrpoConfig) -> Form {
+    match c.loss_type {
+        LossType::Cispo => Form::Cispo {
+            max: c.epsilon_high.expect("validated: cispo needs epsilon_high"),
+        },
+        LossType::Sapo => Form::Sapo {
+            tau_pos: c.sapo_temperature_pos,
+            tau_neg: c.sapo_temperature_neg,
+        },
+        LossType::Vespo => Form::Vespo(Vespo {
+            k_pos: c.vespo_k_pos,
+            lambda_pos: c.vespo_lambda_pos,
+            k_neg: c.vespo_k_neg,
+            lambda_neg: c.vespo_lambda_neg,
+        }),
+        LossType::Bnpo | LossType::Grpo | LossType::Dapo | LossType::DrGrpo | LossType::Luspo => {
+            Form::Clipped
+        }
+    }
 }
 
 impl GrpoTask<'_> {
@@ -61,6 +99,23 @@ impl GrpoTask<'_> {
         let c = self.cfg();
         let kernel = self.env.kernels.gae;
         let dev = ro.mask.device();
+        let per_response = |a: Vec<f64>| -> Result<Tensor> {
+            let b = a.len();
+            let a = Tensor::from_vec(a.iter().map(|&x| x as f32).collect(), (b, 1), dev)?;
+            Ok(a.broadcast_as((b, ro.resp_len))?.contiguous()?)
+        };
+        if c.multi_objective_aggregation == MultiObjective::NormalizeThenSum {
+            let by_source: Vec<&[f64]> = ro.scores_by_source.iter().map(|(_, s)| &s[..]).collect();
+            let weights: Vec<f64> = c.rewards.iter().map(|r| r.weight).collect();
+            let comm = self.env.comm.as_ref();
+            return per_response(decoupled_advantages(
+                &by_source,
+                &weights,
+                c.group_size,
+                c.eps,
+                comm,
+            )?);
+        }
         match (c.advantage_estimator, c.scale_rewards) {
             (AdvantageEstimator::GroupNorm, ScaleRewards::Group) => {
                 group_advantages(&ro.scores, c.group_size, c.eps, ro.resp_len, kernel, dev)
@@ -84,12 +139,24 @@ impl GrpoTask<'_> {
             }
             (est, scale) => {
                 let comm = self.env.comm.as_ref();
-                let a = sequence_advantages(&ro.scores, c.group_size, est, scale, c.eps, comm)?;
-                let b = a.len();
-                let a = Tensor::from_vec(a.iter().map(|&x| x as f32).collect(), (b, 1), dev)?;
-                Ok(a.broadcast_as((b, ro.resp_len))?.contiguous()?)
+                per_response(sequence_advantages(
+                    &ro.scores,
+                    c.group_size,
+                    est,
+                    scale,
+                    c.eps,
+                    comm,
+                )?)
             }
         }
+    }
+
+    /// The reference copy's weights; none under LoRA or without a reference.
+    fn reference_store(&self) -> Option<&ParamStore> {
+        self.actors
+            .reference
+            .as_ref()
+            .and_then(FrozenReference::store)
     }
 
     /// One rollout for optimizer step `step`: `group_size` samples of each of
@@ -165,41 +232,68 @@ impl Task for GrpoTask<'_> {
         }
         let c = &self.env.cfg.grpo;
         let ctx = self.env.ctx(true, None);
+        let comm = self.env.comm.as_ref();
         let buf = self.buffer.as_mut().expect("rollout just filled it");
         let (idx, norm) = buf.next_batch().expect("non-empty");
         let clip = Clip::new(c.cliprange, c.epsilon_high).two_sided(c.delta);
-        let sur = surrogate(
-            c.loss_type,
-            clip,
-            c.importance_sampling_level,
-            (norm, c.max_new_tokens),
-        );
+        let sur = Surrogate {
+            form: form(c),
+            off_policy: c.off_policy_mask_threshold,
+            ..surrogate(
+                c.loss_type,
+                clip,
+                c.importance_sampling_level,
+                (norm, c.max_new_tokens),
+            )
+        };
         let ro = &buf.ro;
+        let entropy = EntropyUse {
+            bonus: c.entropy_bonus(),
+            top: (c.top_entropy_quantile < 1.0).then_some((c.top_entropy_quantile, comm)),
+        };
         let pol = PolicyStep::compute(
             &self.actors.policy,
             ctx,
             ro,
             &buf.minibatch(&idx),
             sur,
-            false,
+            entropy,
         )?;
         metrics.extend(pol.metrics()?);
-        let mut loss = pol.loss;
-        let token_weight = token_share(self.env.comm.as_ref(), sur.agg, &pol.mask)?;
+        let mut loss = pol.loss.clone();
         // REINFORCE++ has its KL in the reward; the others hold the policy near the reference
         // with a k3 term in the loss.
         let in_the_loss = c.advantage_estimator != AdvantageEstimator::ReinforcePlusPlus;
         if let Some(ref_logprobs) = ro.ref_logprobs.as_ref().filter(|_| in_the_loss) {
+            let mut kl = kl_estimate(&pol.logp, &rows(ref_logprobs, &idx)?, KlEstimator::K3)?;
+            if c.use_bias_correction_kl {
+                kl = (kl * &pol.ratios)?;
+            }
             // Averaged as the policy loss is (TRL adds beta * KL to each token's loss).
-            let kl = aggregate(
-                &kl_estimate(&pol.logp, &rows(ref_logprobs, &idx)?, KlEstimator::K3)?,
-                &pol.mask,
-                sur.agg,
-            )?;
+            let kl = aggregate(&kl, &pol.mask, sur.agg)?;
             loss = (&loss + (&kl * c.beta)?)?;
             metrics.push(("kl_token", scalar(&kl)?));
         }
-        let loss = (loss * token_weight)?;
+        // The bonus reads the tokens the policy loss is kept on. Under data parallelism each
+        // term weighs by its rank's share of what it averages over.
+        let bonus_mask = pol.kept.as_ref().unwrap_or(&pol.mask);
+        let bonus_agg = match sur.agg {
+            dapo @ Aggregation::Dapo { .. } => dapo,
+            _ => Aggregation::Token,
+        };
+        let w = token_shares(comm, &[(sur.agg, &pol.mask), (bonus_agg, bonus_mask)])?;
+        let mut loss = (loss * w[0])?;
+        if let Some(ent) = &pol.entropy {
+            let mean = masked_mean(&ent.detach(), &pol.mask)?;
+            metrics.push(("entropy", scalar(&mean)?));
+            if c.entropy_bonus() {
+                let sum = scalar(&(ent.detach() * bonus_mask)?.sum_all()?)?;
+                self.entropy.observe(sum, scalar(&bonus_mask.sum_all()?)?);
+                let term = aggregate(ent, bonus_mask, bonus_agg)?;
+                loss = (loss - (term * (self.entropy.applied() * w[1]))?)?;
+                metrics.push(("entropy_coef", self.entropy.coef));
+            }
+        }
         Ok(StepOut {
             loss,
             tokens: ro.tokens(&idx),
@@ -220,15 +314,33 @@ impl Task for GrpoTask<'_> {
         self.buffer.as_ref().is_none_or(Buffer::is_spent)
     }
 
+    fn after_step(&mut self, done: usize) -> Result<()> {
+        if self.cfg().entropy_bonus() {
+            self.entropy.end_step(self.env.comm.as_ref())?;
+        }
+        self.moving
+            .after_step(self.reference_store(), self.store, done)
+    }
+
+    fn write_files(&self, dir: &Path) -> Result<()> {
+        self.moving.write(self.reference_store(), dir)
+    }
+
+    fn read_files(&mut self, dir: &Path) -> Result<()> {
+        self.moving.read(self.reference_store(), dir)
+    }
+
     fn state(&self) -> serde_json::Value {
         let mut s = self.sampler.state();
         s["rng"] = self.rng.state.into();
+        s["entropy_control"] = self.entropy.state();
         s
     }
 
     fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
         self.sampler.restore(s)?;
         self.rng.state = state_u64(s, "rng");
+        self.entropy.restore(&s["entropy_control"]);
         self.buffer = None;
         Ok(())
     }
@@ -272,6 +384,16 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         // KL is 0 before the first update; without a reference there is none to report.
         last_kl: with_reference.then_some(0.0),
         clock: RolloutClock::default(),
+        entropy: EntropyControl::new(c),
+        moving: MovingReference {
+            sync: c.sync_ref_model.then_some(RefSync {
+                alpha: c.ref_model_mixup_alpha,
+                every: c.ref_model_sync_steps,
+            }),
+            stage: "grpo",
+            reports: env.comm.rank() == 0,
+        },
+        store: &store,
     };
     let trainable = |p: ParamInfo| lora.is_none() || p.role == Role::Adapter;
     let summary = setup::train(

@@ -9,6 +9,7 @@ pub mod batch;
 pub mod completions;
 pub mod distill;
 pub mod dpo;
+pub mod entropy_control;
 pub mod eval;
 pub mod export;
 pub mod generate;

@@ -29,8 +29,8 @@ use super::rl::{
 };
 use super::rollout::{
     mean_over_ranks, response_values, rollout_seed, rollout_stats, rows, surrogate, token_shares,
-    ActorKnobs, Actors, Buffer, CollectTimes, FrozenReference, Objective, PolicyStep, Rollout,
-    RolloutClock, Schedule,
+    ActorKnobs, Actors, Buffer, CollectTimes, EntropyUse, FrozenReference, Objective, PolicyStep,
+    Rollout, RolloutClock, Schedule,
 };
 use super::setup::{self, Plan, PolicyPair};
 use super::Env;
@@ -221,7 +221,10 @@ impl Task for PpoTask<'_> {
             &buf.ro,
             &buf.minibatch(&idx),
             sur,
-            true,
+            EntropyUse {
+                bonus: true,
+                top: None,
+            },
         )?;
         let mask = rows(&buf.ro.mask, &idx)?;
         let v = response_values(&self.value, ctx, &buf.ro, &idx)?;

@@ -51,12 +51,12 @@ impl RefSync {
     }
 
     /// Reads the reference a checkpoint kept into `reference`; an error when the checkpoint
-    /// has none (one written without `[dpo] sync_ref_model`).
-    pub fn load(reference: &ParamStore, dir: &Path) -> Result<()> {
+    /// has none (one written without `[stage] sync_ref_model`).
+    pub fn load(reference: &ParamStore, dir: &Path, stage: &str) -> Result<()> {
         if !Self::load_kept(reference, dir)? {
             anyhow::bail!(
-                "{}: missing; the run resumed with [dpo] sync_ref_model on, but this checkpoint \
-                 was written without it (resume with it off, or start a new run)",
+                "{}: missing; the run resumed with [{stage}] sync_ref_model on, but this \
+                 checkpoint was written without it (resume with it off, or start a new run)",
                 dir.join(REFERENCE_FILE).display()
             );
         }
@@ -72,6 +72,70 @@ impl RefSync {
         }
         reference.load(&path, |_| true, true)?;
         Ok(true)
+    }
+}
+
+/// A stage's side of TR-DPO, for the runner's hooks (`train::runner::Task`): the updates,
+/// and the reference in checkpoints. The reference is passed in at each call, as the stage
+/// holds it: the frozen copy's weights, or none under LoRA.
+pub struct MovingReference {
+    /// The updates, where `[stage] sync_ref_model` is on.
+    pub sync: Option<RefSync>,
+    pub stage: &'static str,
+    /// Whether this process reports (rank 0).
+    pub reports: bool,
+}
+
+impl MovingReference {
+    /// Moves `reference` towards `policy` if optimizer step `done` is due.
+    pub fn after_step(
+        &self,
+        reference: Option<&ParamStore>,
+        policy: &ParamStore,
+        done: usize,
+    ) -> Result<()> {
+        let (Some(sync), Some(reference)) = (&self.sync, reference) else {
+            return Ok(());
+        };
+        if sync.due(done) {
+            sync.mix(reference, policy)?;
+            if self.reports {
+                eprintln!(
+                    "[{}] step {done}: the reference moved {} of the way to the policy (TR-DPO)",
+                    self.stage, sync.alpha
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the moving reference in checkpoint `dir`.
+    pub fn write(&self, reference: Option<&ParamStore>, dir: &Path) -> Result<()> {
+        match (&self.sync, reference) {
+            (Some(_), Some(reference)) => RefSync::save(reference, dir),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads back the reference checkpoint `dir` kept. A run that moved its reference and
+    /// resumes with sync off goes on from the reference it had, now held still, not from the
+    /// initial one.
+    pub fn read(&self, reference: Option<&ParamStore>, dir: &Path) -> Result<()> {
+        let Some(reference) = reference else {
+            return Ok(());
+        };
+        if self.sync.is_some() {
+            return RefSync::load(reference, dir, self.stage);
+        }
+        if RefSync::load_kept(reference, dir)? && self.reports {
+            eprintln!(
+                "[{}] the reference is the one {} kept, held still from here \
+                 (sync_ref_model is off)",
+                self.stage,
+                dir.join(REFERENCE_FILE).display()
+            );
+        }
+        Ok(())
     }
 }
 
@@ -118,11 +182,12 @@ mod tests {
         let moved = store(&[1.5, -2.0], 1);
         RefSync::save(&moved, &dir).unwrap();
         let fresh = store(&[0.0, 0.0], 2);
-        RefSync::load(&fresh, &dir).unwrap();
+        RefSync::load(&fresh, &dir, "dpo").unwrap();
         assert_eq!(values(&fresh), [1.5, -2.0]);
         std::fs::remove_file(dir.join(REFERENCE_FILE)).unwrap();
-        let e = RefSync::load(&fresh, &dir).unwrap_err().to_string();
+        let e = RefSync::load(&fresh, &dir, "grpo").unwrap_err().to_string();
         assert!(e.contains("reference.safetensors: missing"), "{e}");
+        assert!(e.contains("[grpo] sync_ref_model"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -63,6 +63,9 @@ pub enum Aggregation {
     /// Sum over the minibatch's tokens divided by its responses times this many tokens, the
     /// most a response may have (TRL's `dr_grpo`).
     DrGrpo { max_tokens: f64 },
+    /// Sum over each response's tokens, then mean over responses (TRL's `luspo`, which at
+    /// the sequence level weighs each response's loss by its length).
+    ResponseSum,
 }
 
 /// Aggregates per-token values `x` over the valid tokens `mask`.
@@ -81,41 +84,155 @@ pub fn aggregate(x: &Tensor, mask: &Tensor, agg: Aggregation) -> Result<Tensor> 
             let rows = x.dim(0)? as f64;
             ((x * mask)?.sum_all()? / (rows * max_tokens).max(1.0))?
         }
+        Aggregation::ResponseSum => ((x * mask)?.sum_all()? / x.dim(0)?.max(1) as f64)?,
     })
 }
 
-/// How the clipped surrogate is formed: the clip range, the token aggregation, and whether
-/// the ratio is a token's or its response's.
+/// The per-token objective of a surrogate, before aggregation (TRL's loss types).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Form {
+    /// PPO's clipped ratio, `max(-A r, -A clip(r))`.
+    Clipped,
+    /// CISPO: `-min(r, max) A log pi`, the capped ratio held constant.
+    Cispo { max: f64 },
+    /// SAPO: `-sigmoid(tau (r - 1)) 4 / tau A`, `tau` by the advantage's sign (positive:
+    /// `tau_pos`).
+    Sapo { tau_pos: f64, tau_neg: f64 },
+    /// VESPO: `-phi A log pi`, `phi` the gamma weight of the response's ratio, constant.
+    Vespo(Vespo),
+}
+
+/// VESPO's gamma weight `phi(w) = e^lambda w^k e^(-lambda w)` of a response's ratio `w`
+/// (1 at w = 1), with `k` and `lambda` by the advantage's sign (not negative: `_pos`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Vespo {
+    pub k_pos: f64,
+    pub lambda_pos: f64,
+    pub k_neg: f64,
+    pub lambda_neg: f64,
+}
+
+impl Vespo {
+    /// `phi [b, R]` of each row's whole ratio, the product of its valid tokens' `exp(diff)`
+    /// (each token's log-ratio clamped to +-20 and the sum to [ln 1e-8, 20], as TRL and the
+    /// paper's code bound them), with no gradient.
+    pub fn weights(&self, diff: &Tensor, adv: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let diff = diff.detach();
+        let seq = (diff.clamp(-20.0, 20.0)? * mask)?.sum_keepdim(1)?;
+        let log_w = seq.clamp(1e-8f64.ln(), 20.0)?.broadcast_as(diff.shape())?;
+        let pos = adv.ge(0.0)?.to_dtype(DType::F32)?;
+        let by_sign = |p: f64, n: f64| -> Result<Tensor> { Ok(((&pos * (p - n))? + n)?) };
+        let k = by_sign(self.k_pos, self.k_neg)?;
+        let lambda = by_sign(self.lambda_pos, self.lambda_neg)?;
+        let log_phi = ((&lambda + (k * &log_w)?)? - (&lambda * log_w.exp()?)?)?;
+        Ok(log_phi.exp()?)
+    }
+}
+
+/// `sigmoid(x)` elementwise.
+fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok((x.neg()?.exp()? + 1.0)?.recip()?)
+}
+
+/// DeepSeek-V3.2's off-policy sequence mask `[b, R]`: 0 on a response whose advantage is
+/// negative and whose mean `log pi_old - log pi` over its valid tokens exceeds `threshold`,
+/// 1 elsewhere (TRL's `off_policy_mask_threshold`).
+pub fn off_policy_keep(
+    diff: &Tensor,
+    adv: &Tensor,
+    mask: &Tensor,
+    threshold: f64,
+) -> Result<Tensor> {
+    let len = mask.sum_keepdim(1)?.clamp(1.0, f64::INFINITY)?;
+    let kl = ((diff.detach().neg()? * mask)?.sum_keepdim(1)? / len)?;
+    let low_kl = kl.le(threshold)?.broadcast_as(adv.shape())?;
+    let keep = adv.ge(0.0)?.maximum(&low_kl)?;
+    Ok(keep.to_dtype(DType::F32)?)
+}
+
+/// The valid tokens (`mask`) whose entropy is at least the `1 - top` quantile of every rank's
+/// valid tokens' entropies, taken as `torch.quantile` does (linear between order
+/// statistics): TRL's `top_entropy_quantile` mask. None valid anywhere: none kept.
+pub fn high_entropy_mask(
+    entropy: &Tensor,
+    mask: &Tensor,
+    top: f64,
+    comm: &dyn Communicator,
+) -> Result<Tensor> {
+    let e = entropy.detach().to_dtype(DType::F32)?;
+    let m = mask.to_dtype(DType::F32)?;
+    let mine: Vec<f32> = e
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .zip(m.flatten_all()?.to_vec1::<f32>()?)
+        .filter(|&(_, v)| v != 0.0)
+        .map(|(x, _)| x)
+        .collect();
+    let mut all = crate::dist::gather_f32(comm, &mine)?;
+    if all.is_empty() {
+        return Ok(m.zeros_like()?);
+    }
+    all.sort_by(f32::total_cmp);
+    let pos = (1.0 - top) * (all.len() - 1) as f64;
+    let (lo, frac) = (pos.floor() as usize, pos - pos.floor());
+    let hi = (lo + 1).min(all.len() - 1);
+    let threshold = f64::from(all[lo]) + frac * f64::from(all[hi] - all[lo]);
+    Ok((e.ge(threshold)?.to_dtype(DType::F32)? * m)?)
+}
+
+/// How the surrogate is formed: the clip range, the token aggregation, whether the ratio is
+/// a token's or its response's, the per-token objective, and the off-policy mask.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Surrogate {
     pub clip: Clip,
     pub agg: Aggregation,
     pub level: ImportanceSamplingLevel,
+    pub form: Form,
+    /// [`off_policy_keep`]'s threshold; none: off.
+    pub off_policy: Option<f64>,
 }
 
-/// The clipped surrogate and its diagnostics.
+/// The surrogate and its diagnostics.
 pub struct PolicyLoss {
-    /// `max(-A r, -A clip(r, 1-low, 1+high))`, aggregated over valid tokens; `r` is the
-    /// token's ratio, or at the sequence level its response's (the same at every token), and
-    /// under two-sided clipping `min(r, delta)` in the first term.
+    /// The per-token objective ([`Form`]; `max(-A r, -A clip(r, 1-low, 1+high))` for PPO's),
+    /// aggregated over valid tokens; `r` is the token's ratio, or at the sequence level its
+    /// response's (the same at every token), and under two-sided clipping `min(r, delta)` in
+    /// the first term.
     pub loss: Tensor,
+    /// `r` at every token `[b, R]`, with its gradient (the KL's importance correction).
+    pub ratios: Tensor,
     /// Fraction of valid tokens where the clipped branch is the active one (so the token
     /// gives no gradient), as TRL and OpenRLHF count it. A token whose ratio passes the
     /// two-sided cap `delta` gives none either and is not counted, as TRL counts it neither.
+    /// Under CISPO, the tokens whose ratio is capped with a positive advantage (TRL's
+    /// `cispo_clip_ratio`); under SAPO and VESPO, which clip nothing, 0.
     pub clipfrac: f64,
     /// `0.5 * mean((logp - logp_old)^2)` (TRL's `approxkl`).
     pub approx_kl: f64,
     pub ratio: f64,
+    /// The objective's own: VESPO's mean weight `vespo_phi`, the off-policy mask's share of
+    /// responses dropped `off_policy_masked`.
+    pub extra: Vec<(&'static str, f64)>,
 }
 
+/// The surrogate of `sur` over valid tokens `mask`, each token's loss times `keep` where
+/// given (the entropy mask) before aggregation, which still counts every valid token.
 pub fn policy_loss(
     logp: &Tensor,
     logp_old: &Tensor,
     adv: &Tensor,
     mask: &Tensor,
+    keep: Option<&Tensor>,
     sur: Surrogate,
 ) -> Result<PolicyLoss> {
-    let Surrogate { clip, agg, level } = sur;
+    let Surrogate {
+        clip,
+        agg,
+        level,
+        form,
+        off_policy,
+    } = sur;
     let diff = (logp - logp_old)?;
     let log_ratio = match level {
         ImportanceSamplingLevel::Token => diff.clone(),
@@ -127,20 +244,56 @@ pub fn policy_loss(
         }
     };
     let ratio = log_ratio.exp()?;
-    let unclipped = match clip.delta {
-        Some(delta) => ratio.minimum(delta)?,
-        None => ratio.clone(),
-    };
-    let l1 = (adv.neg()? * unclipped)?;
-    let l2 = (adv.neg()? * ratio.clamp(1.0 - clip.low, 1.0 + clip.high)?)?;
-    let loss = aggregate(&l1.maximum(&l2)?, mask, agg)?;
-    let clipped = (l2.gt(&l1)?.to_dtype(DType::F32)? * mask)?;
     let n = scalar(&mask.sum_all()?)?.max(1.0);
+    let share = |x: &Tensor| -> Result<f64> { Ok(scalar(&(x * mask)?.sum_all()?)? / n) };
+    let neg_adv = adv.neg()?;
+    let mut extra = vec![];
+    let (per_token, clipped) = match form {
+        Form::Clipped => {
+            let unclipped = match clip.delta {
+                Some(delta) => ratio.minimum(delta)?,
+                None => ratio.clone(),
+            };
+            let l1 = (&neg_adv * unclipped)?;
+            let l2 = (&neg_adv * ratio.clamp(1.0 - clip.low, 1.0 + clip.high)?)?;
+            let clipped = l2.gt(&l1)?.to_dtype(DType::F32)?;
+            (l1.maximum(&l2)?, Some(clipped))
+        }
+        Form::Cispo { max } => {
+            let weight = ratio.minimum(max)?.detach();
+            let capped =
+                (ratio.gt(max)?.to_dtype(DType::F32)? * adv.gt(0.0)?.to_dtype(DType::F32)?)?;
+            (((&neg_adv * weight)? * logp)?, Some(capped))
+        }
+        Form::Sapo { tau_pos, tau_neg } => {
+            let pos = adv.gt(0.0)?.to_dtype(DType::F32)?;
+            let tau = ((pos * (tau_pos - tau_neg))? + tau_neg)?;
+            let gate = (sigmoid(&((&ratio - 1.0)? * &tau)?)? * (tau.recip()? * 4.0)?)?;
+            ((&neg_adv * gate)?, None)
+        }
+        Form::Vespo(v) => {
+            let phi = v.weights(&diff, adv, mask)?;
+            extra.push(("vespo_phi", share(&phi)?));
+            (((&neg_adv * phi)? * logp)?, None)
+        }
+    };
+    let mut per_token = per_token;
+    if let Some(threshold) = off_policy {
+        let kept = off_policy_keep(&diff, adv, mask, threshold)?;
+        extra.push(("off_policy_masked", 1.0 - share(&kept)?));
+        per_token = (per_token * kept)?;
+    }
+    if let Some(keep) = keep {
+        per_token = (per_token * keep)?;
+    }
+    let loss = aggregate(&per_token, mask, agg)?;
     Ok(PolicyLoss {
         loss,
-        clipfrac: scalar(&clipped.sum_all()?)? / n,
-        approx_kl: 0.5 * scalar(&(diff.sqr()? * mask)?.sum_all()?)? / n,
-        ratio: scalar(&(ratio.detach() * mask)?.sum_all()?)? / n,
+        clipfrac: clipped.as_ref().map_or(Ok(0.0), share)?,
+        approx_kl: 0.5 * share(&diff.sqr()?)?,
+        ratio: share(&ratio.detach())?,
+        ratios: ratio,
+        extra,
     })
 }
 
@@ -295,6 +448,43 @@ pub fn sequence_advantages(
         }
     }
     Ok(out)
+}
+
+/// GDPO's sequence advantages (TRL's `multi_objective_aggregation = "normalize_then_sum"`),
+/// from each source's unweighted scores laid out group after group: each source normalised
+/// within each group, `(r - mean) / (std + eps)`, summed with `weights`, and the sum
+/// normalised over the whole batch on every rank the same way (stds unbiased). A source that
+/// separates the responses of a group little then weighs no less than one that separates them
+/// a lot, as it would in the sum of raw scores.
+pub fn decoupled_advantages(
+    by_source: &[&[f64]],
+    weights: &[f64],
+    group: usize,
+    eps: f64,
+    comm: &dyn Communicator,
+) -> Result<Vec<f64>> {
+    let n = by_source.first().map_or(0, |s| s.len());
+    let mut sum = vec![0f64; n];
+    for (scores, w) in by_source.iter().zip(weights) {
+        let normed = sequence_advantages(
+            scores,
+            group,
+            AdvantageEstimator::GroupNorm,
+            ScaleRewards::Group,
+            eps,
+            comm,
+        )?;
+        for (t, x) in sum.iter_mut().zip(normed) {
+            *t += w * x;
+        }
+    }
+    let all: Vec<f32> = sum.iter().map(|&x| x as f32).collect();
+    let (mean, var) = masked_mean_var(&all, &vec![1.0; n]);
+    let (mean, var) = global_mean_var(comm, n as f64, mean, var)?;
+    Ok(sum
+        .iter()
+        .map(|x| (x - mean) / (var.sqrt() + eps))
+        .collect())
 }
 
 /// REINFORCE++ advantages `[B, R]`: per-token reward `-beta * KL_t` plus the score at the last
@@ -484,6 +674,8 @@ mod tests {
             clip,
             agg: Aggregation::Token,
             level: ImportanceSamplingLevel::Token,
+            form: Form::Clipped,
+            off_policy: None,
         }
     }
 
@@ -504,9 +696,11 @@ mod tests {
             clip: Clip::new(eps, None),
             agg: Aggregation::Sequence,
             level: ImportanceSamplingLevel::Sequence,
+            form: Form::Clipped,
+            off_policy: None,
         };
         let s0 = 0.2f64.exp();
-        let pl = policy_loss(new.as_tensor(), &old, &adv, &mask, sur(0.3)).unwrap();
+        let pl = policy_loss(new.as_tensor(), &old, &adv, &mask, None, sur(0.3)).unwrap();
         assert!(
             (s(&pl.loss) - (-s0 + 1.0) / 2.0).abs() < 1e-6,
             "{}",
@@ -525,7 +719,7 @@ mod tests {
             }
         }
         // At eps 0.1 row 0's ratio 1.22 is past 1.1 with A > 0: all its tokens are clipped.
-        let pl = policy_loss(new.as_tensor(), &old, &adv, &mask, sur(0.1)).unwrap();
+        let pl = policy_loss(new.as_tensor(), &old, &adv, &mask, None, sur(0.1)).unwrap();
         assert!((pl.clipfrac - 3.0 / 5.0).abs() < 1e-9);
         let g = pl.loss.backward().unwrap();
         let g = g.get(&new).unwrap().to_vec2::<f32>().unwrap();
@@ -547,7 +741,7 @@ mod tests {
             clipfrac,
             approx_kl,
             ..
-        } = policy_loss(&new, &old, &adv, &mask, token(clip)).unwrap();
+        } = policy_loss(&new, &old, &adv, &mask, None, token(clip)).unwrap();
         assert!((s(&loss) - (-1.2 + 2.0) / 2.0).abs() < 1e-6, "{}", s(&loss));
         assert!((clipfrac - 0.5).abs() < 1e-9);
         assert!((approx_kl - 0.5 * 0.25 / 2.0).abs() < 1e-7);
@@ -558,6 +752,7 @@ mod tests {
             &t(&[0.0]),
             &t(&[-1.0]),
             &t(&[1.0]),
+            None,
             token(clip),
         )
         .unwrap();
@@ -581,11 +776,19 @@ mod tests {
         let new = t(&[0.5, 0.5, -0.5, -0.5]);
         let adv = t(&[1.0, -1.0, 1.0, -1.0]);
         let mask = t(&[1.0, 1.0, 1.0, 1.0]);
-        let pl = policy_loss(&new, &old, &adv, &mask, token(Clip::new(0.2, None))).unwrap();
+        let pl = policy_loss(&new, &old, &adv, &mask, None, token(Clip::new(0.2, None))).unwrap();
         assert_eq!(pl.clipfrac, 0.5);
         // Clip-higher: with epsilon_high 0.7 the upper bound is 1.7, so the first token is no
         // longer clipped.
-        let pl = policy_loss(&new, &old, &adv, &mask, token(Clip::new(0.2, Some(0.7)))).unwrap();
+        let pl = policy_loss(
+            &new,
+            &old,
+            &adv,
+            &mask,
+            None,
+            token(Clip::new(0.2, Some(0.7))),
+        )
+        .unwrap();
         assert_eq!(pl.clipfrac, 0.25);
     }
 
@@ -599,7 +802,7 @@ mod tests {
         let loss = |delta| {
             let new = candle_core::Var::from_tensor(&t(&[2.0, 0.1])).unwrap();
             let clip = Clip::new(0.2, None).two_sided(delta);
-            let pl = policy_loss(new.as_tensor(), &old, &adv, &mask, token(clip)).unwrap();
+            let pl = policy_loss(new.as_tensor(), &old, &adv, &mask, None, token(clip)).unwrap();
             let grads = pl.loss.backward().unwrap();
             let g = grads.get(&new).unwrap().flatten_all().unwrap();
             (s(&pl.loss), g.to_vec1::<f32>().unwrap())
@@ -645,6 +848,329 @@ mod tests {
         // Dr. GRPO: two responses of at most 5 tokens.
         let dr = Aggregation::DrGrpo { max_tokens: 5.0 };
         assert!((get(dr) - 8.0 / (2.0 * 5.0)).abs() < 1e-6);
+        // LUSPO: each response's sum, then the mean over responses.
+        assert!((get(Aggregation::ResponseSum) - (3.0 + 5.0) / 2.0).abs() < 1e-6);
+    }
+
+    fn objective(form: Form, agg: Aggregation) -> Surrogate {
+        Surrogate {
+            form,
+            agg,
+            ..token(Clip::new(0.2, None))
+        }
+    }
+
+    /// The loss and the gradient in the log-probabilities of `form` at `logp`.
+    fn loss_and_grad(
+        logp: &[f32],
+        old: &[f32],
+        adv: &[f32],
+        sur: Surrogate,
+    ) -> (PolicyLoss, Vec<f32>) {
+        let new = candle_core::Var::from_tensor(&t(logp)).unwrap();
+        let mask = t(&vec![1.0; logp.len()]);
+        let pl = policy_loss(new.as_tensor(), &t(old), &t(adv), &mask, None, sur).unwrap();
+        let g = pl.loss.backward().unwrap();
+        let g = g.get(&new).unwrap().flatten_all().unwrap();
+        (pl, g.to_vec1::<f32>().unwrap())
+    }
+
+    fn close(a: &[f32], b: &[f64]) -> bool {
+        a.iter()
+            .zip(b)
+            .all(|(x, y)| (f64::from(*x) - y).abs() < 1e-5)
+    }
+
+    /// CISPO weighs `-A log pi` by the ratio capped at `max`, held constant: a token past the
+    /// cap keeps its gradient (PPO's clip would give it none) and counts as capped.
+    #[test]
+    fn cispo_caps_the_ratio_and_keeps_every_tokens_gradient() {
+        let (logp, old, adv) = ([-1.0, -0.5], [-1.5, -0.5], [1.0, -1.0]);
+        let (pl, g) = loss_and_grad(
+            &logp,
+            &old,
+            &adv,
+            objective(Form::Cispo { max: 1.2 }, Aggregation::Token),
+        );
+        // Weights 1.2 (e^0.5 capped) and 1: losses 1.2 * 1 and -1 * 0.5, averaged.
+        assert!(
+            (s(&pl.loss) - (1.2 - 0.5) / 2.0).abs() < 1e-6,
+            "{}",
+            s(&pl.loss)
+        );
+        assert!(close(&g, &[-0.6, 0.5]), "{g:?}");
+        assert_eq!(pl.clipfrac, 0.5);
+        let (_, clipped) = loss_and_grad(&logp, &old, &adv, token(Clip::new(0.2, None)));
+        assert_eq!(clipped[0], 0.0, "PPO's clip stops the same token");
+    }
+
+    /// SAPO's gate is 2 / tau with slope 1 on the policy at the rollout's own policy, so it
+    /// starts as the plain policy gradient, and fades smoothly far off it instead of stopping.
+    #[test]
+    fn sapos_gate_is_the_policy_gradient_on_policy_and_fades_off_it() {
+        let sapo = objective(
+            Form::Sapo {
+                tau_pos: 1.0,
+                tau_neg: 2.0,
+            },
+            Aggregation::Token,
+        );
+        let (pl, g) = loss_and_grad(&[-1.0, -2.0], &[-1.0, -2.0], &[1.0, -1.0], sapo);
+        assert!(
+            (s(&pl.loss) - (-2.0 + 1.0) / 2.0).abs() < 1e-6,
+            "{}",
+            s(&pl.loss)
+        );
+        assert!(close(&g, &[-0.5, 0.5]), "{g:?}");
+        assert_eq!(pl.clipfrac, 0.0);
+        // Ratio e^0.3: slope 4 sig(0.3)(1 - sig(0.3)) times the ratio, less than 1, more than 0.
+        let (_, g) = loss_and_grad(&[-0.7], &[-1.0], &[1.0], sapo);
+        let sig = 1.0 / (1.0 + (-(0.3f64.exp() - 1.0)).exp());
+        let want = -4.0 * sig * (1.0 - sig) * 0.3f64.exp();
+        assert!(
+            close(&g, &[want]) && want > -1.4 && want < -0.5,
+            "{g:?} {want}"
+        );
+        let (_, far) = loss_and_grad(&[2.0], &[-1.0], &[1.0], sapo);
+        assert!(far[0].abs() < 1e-3 && far[0] != 0.0, "{far:?}");
+    }
+
+    /// VESPO's weight is 1 at the rollout's policy (the plain policy gradient) and, with the
+    /// response's ratio w = e^0.5 and a positive advantage, e^(3 + 2 * 0.5 - 3 e^0.5).
+    #[test]
+    fn vespos_weight_is_the_gamma_of_the_responses_ratio() {
+        let v = Vespo {
+            k_pos: 2.0,
+            lambda_pos: 3.0,
+            k_neg: 3.0,
+            lambda_neg: 2.0,
+        };
+        let sur = objective(
+            Form::Vespo(v),
+            Aggregation::Dapo {
+                tokens_per_micro: 2.0,
+            },
+        );
+        let (pl, g) = loss_and_grad(&[-1.0, -2.0], &[-1.0, -2.0], &[1.0, 1.0], sur);
+        assert!((s(&pl.loss) - 3.0 / 2.0).abs() < 1e-6, "{}", s(&pl.loss));
+        assert!(close(&g, &[-0.5, -0.5]), "{g:?}");
+        assert_eq!(pl.extra, [("vespo_phi", 1.0)]);
+        let (pl, g) = loss_and_grad(&[-0.8, -1.7], &[-1.0, -2.0], &[1.0, 1.0], sur);
+        let phi = (3.0 + 2.0 * 0.5 - 3.0 * 0.5f64.exp()).exp();
+        assert!(close(&g, &[-phi / 2.0, -phi / 2.0]), "{g:?} {phi}");
+        assert!((pl.extra[0].1 - phi).abs() < 1e-5);
+        // A negative advantage reads k_neg and lambda_neg.
+        let w = v
+            .weights(&t(&[0.25, 0.25]), &t(&[-1.0, -1.0]), &t(&[1.0, 1.0]))
+            .unwrap();
+        let want = (2.0 + 3.0 * 0.5 - 2.0 * 0.5f64.exp()).exp();
+        assert!(close(
+            &w.flatten_all().unwrap().to_vec1().unwrap(),
+            &[want, want]
+        ));
+    }
+
+    /// DeepSeek-V3.2's mask drops a response with a negative advantage that the policy has
+    /// moved away from by more than the threshold (mean `log pi_old - log pi`), and keeps the
+    /// rest: a positive advantage whatever the drift, a negative one that drifted little.
+    #[test]
+    fn the_off_policy_mask_drops_drifted_responses_with_negative_advantages() {
+        let two = |v: [[f32; 2]; 3]| Tensor::new(&v, &candle_core::Device::Cpu).unwrap();
+        // Mean drifts 0.6, 0.1 and 1.0 (row 1's second token is padding).
+        let diff = two([[-0.6, -0.6], [-0.1, -5.0], [-1.0, -1.0]]);
+        let adv = two([[-1.0; 2], [-1.0; 2], [2.0; 2]]);
+        let mask = two([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]]);
+        let keep = off_policy_keep(&diff, &adv, &mask, 0.5).unwrap();
+        assert_eq!(
+            keep.to_vec2::<f32>().unwrap(),
+            [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+        );
+        let sur = Surrogate {
+            off_policy: Some(0.5),
+            ..token(Clip::new(0.2, None))
+        };
+        let zero = two([[0.0; 2]; 3]);
+        let pl = policy_loss(&diff, &zero, &adv, &mask, None, sur).unwrap();
+        assert!((pl.extra[0].1 - 2.0 / 5.0).abs() < 1e-9, "{:?}", pl.extra);
+    }
+
+    /// The top-entropy mask keeps the valid tokens at or above `torch.quantile`'s `1 - top`
+    /// quantile (linear between order statistics) of every rank's valid tokens: the same
+    /// tokens whether the batch sits on one rank or is split unevenly over two.
+    #[test]
+    fn the_top_entropy_mask_takes_the_quantile_over_every_rank() {
+        let e = t(&[0.4, 0.1, 9.0, 0.3, 0.2]);
+        let m = t(&[1.0, 1.0, 0.0, 1.0, 1.0]);
+        let kept = |top| {
+            high_entropy_mask(&e, &m, top, &Solo)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        // Valid entropies 0.1..0.4: the median is 0.25.
+        assert_eq!(kept(0.5), [1.0, 0.0, 0.0, 1.0, 0.0]);
+        assert_eq!(kept(0.0), [1.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(kept(1.0), [1.0, 1.0, 0.0, 1.0, 1.0]);
+        let parts = [
+            (vec![0.4f32], vec![1.0f32]),
+            (vec![0.1, 9.0, 0.3, 0.2], vec![1.0, 0.0, 1.0, 1.0]),
+        ];
+        let group = ThreadGroup::new(2);
+        let got: Vec<Vec<f32>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = group
+                .iter()
+                .zip(&parts)
+                .map(|(c, (e, m))| {
+                    sc.spawn(move || {
+                        high_entropy_mask(&t(e), &t(m), 0.5, c)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(got, [vec![1.0], vec![0.0, 0.0, 1.0, 0.0]]);
+        let alone = high_entropy_mask(&t(&parts[0].0), &t(&parts[0].1), 0.0, &Solo).unwrap();
+        assert_eq!(
+            alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [1.0]
+        );
+    }
+
+    /// GDPO normalises each source within its group before the weighted sum, so a source
+    /// whose scores spread little weighs as much as one whose scores spread a lot; the sum is
+    /// then normalised over the batch.
+    #[test]
+    fn decoupled_advantages_normalise_each_source_in_its_group() {
+        // Two groups of two. Source a separates group 0 by 10, source b group 1 by 0.1.
+        let a = [10.0, 0.0, 5.0, 5.0];
+        let b = [0.0, 0.0, 0.1, 0.0];
+        let adv = decoupled_advantages(&[&a, &b], &[1.0, 1.0], 2, 1e-4, &Solo).unwrap();
+        // Per source within groups: a gives [z, -z, 0, 0], b gives [0, 0, z, -z] with
+        // z = 1 / sqrt(2) (the unbiased std of two values d apart is d / sqrt 2; eps moves
+        // b's by a part in 700); the sum [z, -z, z, -z] normalised over the batch (mean 0,
+        // unbiased std z sqrt(4/3)).
+        let want = 1.0 / (4.0f64 / 3.0).sqrt();
+        for (x, sign) in adv.iter().zip([1.0, -1.0, 1.0, -1.0]) {
+            assert!((x - sign * want).abs() < 2e-3, "{adv:?}");
+        }
+        // The raw sum would leave group 1's pair 100 times closer.
+        let summed: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        let plain = sequence_advantages(
+            &summed,
+            2,
+            AdvantageEstimator::GroupNorm,
+            ScaleRewards::Batch,
+            0.0,
+            &Solo,
+        )
+        .unwrap();
+        assert!((plain[0] - plain[1]).abs() > 50.0 * (plain[2] - plain[3]).abs());
+    }
+
+    /// Each objective learns a bandit: four actions, the last one rewarded, 16 samples a
+    /// round scored by group-normalised advantages, two passes per round so the ratios leave
+    /// 1, and the probability of the rewarded action grows from 1/4 past 0.8.
+    #[test]
+    fn every_objective_learns_a_bandit() {
+        use crate::train::rng::Rng;
+        use candle_core::{Device, Var, D};
+        let v = Vespo {
+            k_pos: 2.0,
+            lambda_pos: 3.0,
+            k_neg: 3.0,
+            lambda_neg: 2.0,
+        };
+        let forms = [
+            (Form::Clipped, Aggregation::Sequence),
+            (Form::Cispo { max: 5.0 }, Aggregation::Token),
+            (
+                Form::Sapo {
+                    tau_pos: 1.0,
+                    tau_neg: 1.05,
+                },
+                Aggregation::Sequence,
+            ),
+            (Form::Vespo(v), Aggregation::Token),
+            (Form::Clipped, Aggregation::ResponseSum),
+        ];
+        for (form, agg) in forms {
+            let logits = Var::zeros(4, DType::F32, &Device::Cpu).unwrap();
+            let mut rng = Rng::new(7);
+            let probs = |l: &Var| softmax(l.as_tensor()).to_vec1::<f32>().unwrap();
+            for _ in 0..40 {
+                let p = probs(&logits);
+                let actions: Vec<u32> = (0..16)
+                    .map(|_| {
+                        let mut u = rng.f64() as f32;
+                        p.iter()
+                            .position(|&pi| {
+                                u -= pi;
+                                u < 0.0
+                            })
+                            .unwrap_or(3) as u32
+                    })
+                    .collect();
+                let scores: Vec<f64> = actions
+                    .iter()
+                    .map(|&a| f64::from(u8::from(a == 3)))
+                    .collect();
+                let adv = sequence_advantages(
+                    &scores,
+                    16,
+                    AdvantageEstimator::GroupNorm,
+                    ScaleRewards::Group,
+                    1e-4,
+                    &Solo,
+                )
+                .unwrap();
+                let adv = Tensor::from_vec(
+                    adv.iter().map(|&x| x as f32).collect(),
+                    (16, 1),
+                    &Device::Cpu,
+                )
+                .unwrap();
+                let ids = Tensor::from_vec(actions, (16, 1), &Device::Cpu).unwrap();
+                let logp = |l: &Var| {
+                    let lp = crate::train::loss::log_softmax(&l.as_tensor().unsqueeze(0).unwrap())
+                        .unwrap();
+                    lp.broadcast_as((16, 4))
+                        .unwrap()
+                        .contiguous()
+                        .unwrap()
+                        .gather(&ids, D::Minus1)
+                        .unwrap()
+                };
+                let old = logp(&logits).detach();
+                let mask = Tensor::ones((16, 1), DType::F32, &Device::Cpu).unwrap();
+                for _ in 0..2 {
+                    let pl = policy_loss(
+                        &logp(&logits),
+                        &old,
+                        &adv,
+                        &mask,
+                        None,
+                        objective(form, agg),
+                    )
+                    .unwrap();
+                    let g = pl.loss.backward().unwrap();
+                    let step = (g.get(&logits).unwrap() * 0.5).unwrap();
+                    logits.set(&(logits.as_tensor() - step).unwrap()).unwrap();
+                }
+            }
+            let p = probs(&logits);
+            assert!(p[3] > 0.8, "{form:?} {agg:?}: {p:?}");
+        }
+    }
+
+    fn softmax(x: &Tensor) -> Tensor {
+        crate::train::loss::log_softmax(x).unwrap().exp().unwrap()
     }
 
     #[test]

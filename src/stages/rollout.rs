@@ -19,7 +19,8 @@ use super::eval::PolicyEval;
 use super::reward::Scorer;
 use super::rewards::{check_prompts, Batch, RewardFn};
 use super::rl::{
-    dapo_normalisers, kl_estimate, policy_loss, without_truncated, Aggregation, Clip, Surrogate,
+    dapo_normalisers, high_entropy_mask, kl_estimate, policy_loss, without_truncated, Aggregation,
+    Clip, Form, Surrogate,
 };
 use super::rollout_packing::RolloutDocs;
 use super::setup::rollout_prompt_sets;
@@ -465,15 +466,22 @@ pub fn surrogate(
 ) -> Surrogate {
     let agg = match loss_type {
         LossType::Bnpo => Aggregation::Token,
-        LossType::Grpo => Aggregation::Sequence,
-        LossType::Dapo => Aggregation::Dapo {
+        LossType::Grpo | LossType::Sapo => Aggregation::Sequence,
+        LossType::Dapo | LossType::Cispo | LossType::Vespo => Aggregation::Dapo {
             tokens_per_micro: norm,
         },
         LossType::DrGrpo => Aggregation::DrGrpo {
             max_tokens: max_new_tokens as f64,
         },
+        LossType::Luspo => Aggregation::ResponseSum,
     };
-    Surrogate { clip, agg, level }
+    Surrogate {
+        clip,
+        agg,
+        level,
+        form: Form::Clipped,
+        off_policy: None,
+    }
 }
 
 /// Greedy accuracy on prompts with answers (NaN when some have none) and the mean reward of
@@ -672,58 +680,91 @@ pub struct Minibatch<'a> {
     pub loss_mask: &'a Tensor,
 }
 
+/// Where a policy step needs the policy's entropy at each response token.
+#[derive(Clone, Copy)]
+pub struct EntropyUse<'c> {
+    /// For the loss itself (an entropy bonus), so with its gradient.
+    pub bonus: bool,
+    /// Keep the policy loss only on this top fraction of tokens by entropy over every rank
+    /// of `comm` ([`high_entropy_mask`]).
+    pub top: Option<(f64, &'c dyn Communicator)>,
+}
+
 /// The policy half of one minibatch: the current policy's log-probabilities on the rollout's
-/// responses and the clipped surrogate against the rollout's own.
+/// responses and the surrogate against the rollout's own.
 pub struct PolicyStep {
     pub loss: Tensor,
     pub logp: Tensor,
     /// `[b, R]` the minibatch's tokens that carry loss.
     pub mask: Tensor,
+    /// The policy's entropy at each response token, where asked for: with its gradient for a
+    /// bonus, detached otherwise.
     pub entropy: Option<Tensor>,
+    /// `[b, R]` the valid tokens the policy loss was kept on (top entropy), where it was
+    /// restricted.
+    pub kept: Option<Tensor>,
+    /// The importance ratio at each token, with its gradient.
+    pub ratios: Tensor,
     pub clipfrac: f64,
     pub approx_kl: f64,
     pub ratio: f64,
+    extra: Vec<(&'static str, f64)>,
 }
 
 impl PolicyStep {
-    /// The minibatch `mb` of rollout `ro`.
+    /// The minibatch `mb` of rollout `ro`; the entropy where `entropy` asks for it (PPO's
+    /// bonus passes `bonus` alone).
     pub fn compute(
         policy: &Transformer,
         ctx: Ctx,
         ro: &Rollout,
         mb: &Minibatch,
         sur: Surrogate,
-        want_entropy: bool,
+        entropy: EntropyUse,
     ) -> Result<Self> {
         let (idx, adv) = (mb.idx, mb.adv);
         let mask = rows(mb.loss_mask, idx)?;
-        let (logp, entropy) = response_logprobs(policy, ctx, ro, idx, want_entropy)?;
+        let want = entropy.bonus || entropy.top.is_some();
+        let (logp, mut ent) = response_logprobs(policy, ctx, ro, idx, want)?;
+        if !entropy.bonus {
+            ent = ent.map(|e| e.detach());
+        }
+        let kept = match (entropy.top, &ent) {
+            (Some((top, comm)), Some(e)) => Some(high_entropy_mask(e, &mask, top, comm)?),
+            _ => None,
+        };
         let pl = policy_loss(
             &logp,
             &rows(&ro.old_logprobs, idx)?,
             &rows(adv, idx)?,
             &mask,
+            kept.as_ref(),
             sur,
         )?;
         Ok(Self {
             loss: pl.loss,
             logp,
             mask,
-            entropy,
+            entropy: ent,
+            kept,
+            ratios: pl.ratios,
             clipfrac: pl.clipfrac,
             approx_kl: pl.approx_kl,
             ratio: pl.ratio,
+            extra: pl.extra,
         })
     }
 
-    /// What every policy-gradient stage logs per minibatch.
-    pub fn metrics(&self) -> Result<[(&'static str, f64); 4]> {
-        Ok([
+    /// What every policy-gradient stage logs per minibatch, and the objective's own.
+    pub fn metrics(&self) -> Result<Vec<(&'static str, f64)>> {
+        let mut m = vec![
             ("policy_loss", scalar(&self.loss)?),
             ("clipfrac", self.clipfrac),
             ("approx_kl", self.approx_kl),
             ("ratio", self.ratio),
-        ])
+        ];
+        m.extend(self.extra.iter().copied());
+        Ok(m)
     }
 }
 
