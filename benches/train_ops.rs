@@ -3,7 +3,7 @@
 //! R = 16384 rows, hidden 768, MLP 3072, vocabulary 50304): LayerNorm, GELU, the bias add,
 //! bias + GELU, Llama's SwiGLU and RoPE (at GPT-2's widths), attention's head split, the token +
 //! position embedding,
-//! the loss head's log-probabilities, and one
+//! the loss head's log-probabilities (alone, and with the entropy the RL stages read), and one
 //! AdamW step over GPT-2's 124M f32 parameters. PyTorch eager at the same shapes comes from
 //! scripts/bench_peers.py (`train_ops`), run in the same device call by scripts/gpu-check.sh,
 //! which divides one by the other.
@@ -29,7 +29,8 @@
 //! - embedding (H = hidden, T positions): the token ids, the token rows they read (f32 table),
 //!   the position table once (positions follow from the row), y out: 4·R + 4·R·H + 4·T·H + e·R·H
 //! - logprobs (V = vocabulary): the logits and targets in, the f32 log-probabilities out:
-//!   e·R·V + 8·R
+//!   e·R·V + 8·R; logprobs_entropy: the f32 entropies out too, e·R·V + 12·R (both sides drive
+//!   it through autograd, the two outputs stacked `[2, R]`)
 //! - adamw (P parameters, as temper trains with bf16 compute: every weight has a bf16 compute
 //!   copy, and the matrices' gradients are the copies' bf16 ones): the gradients twice (the
 //!   global norm must be complete before any update), the f32 parameters and both moments read
@@ -77,7 +78,7 @@ const DIRECT: &str = "direct";
 const AUTOGRAD: &str = "autograd y*dy";
 
 /// The ops, in the order they are run. See [`Case`] for what a row needs.
-const CASES: [(&str, Build); 11] = [
+const CASES: [(&str, Build); 12] = [
     ("layernorm", layernorm),
     ("gelu", gelu),
     ("bias", bias),
@@ -88,6 +89,7 @@ const CASES: [(&str, Build); 11] = [
     ("heads", heads_split),
     ("embedding", embedding),
     ("logprobs", logprobs),
+    ("logprobs_entropy", logprobs_entropy),
     ("adamw", adamw),
 ];
 
@@ -532,6 +534,40 @@ fn logprobs(d: &Dims) -> Result<Case> {
             ref_both,
             AUTOGRAD,
         ),
+    })
+}
+
+/// The loss head with the softmax's entropy (PPO's every minibatch, GRPO's entropy knobs):
+/// `[2, R]`, the log-probabilities over the entropies, and the logits' gradient of both.
+fn logprobs_entropy(d: &Dims) -> Result<Case> {
+    let (r, v) = (d.rows(), d.cfg.vocab_size);
+    let logits = d.act(&[r, v])?;
+    let targets = d.ids(r, v)?;
+    let dy = d.randn(&[2, r], 0.0, 1.0)?;
+    let ours = {
+        let targets = targets.clone();
+        move |x: &Tensor| -> Result<Tensor> {
+            let (lp, h) = logprobs::fused_entropy(x, &targets)?;
+            Tensor::stack(&[lp, h], 0)
+        }
+    };
+    let reference = {
+        let targets = targets.clone();
+        move |x: &Tensor| -> Result<Tensor> {
+            let lp = logprobs::reference(x, &targets)?;
+            Tensor::stack(&[lp, logprobs::reference_entropy(x)?], 0)
+        }
+    };
+    let (o, rf) = (ours.clone(), reference.clone());
+    let ours_both = autograd(&[&logits], &dy, move |x| o(&x[0]))?;
+    let ref_both = autograd(&[&logits], &dy, move |x| rf(&x[0]))?;
+    let (l1, l2) = (logits.clone(), logits);
+    Ok(Case {
+        shape: format!("{r}x{v}"),
+        fwd_bytes: (d.elem() * r * v + 12 * r) as f64,
+        compares: "[logp; entropy], dlogits",
+        ours: Impl::new(call(move || ours(&l1)), ours_both, AUTOGRAD),
+        reference: Impl::new(call(move || reference(&l2)), ref_both, AUTOGRAD),
     })
 }
 

@@ -6,6 +6,10 @@
 //   forward:  one pass, online max and sum (m, s): logp = x[t] - (m + log s); lse saved
 //   backward: dx_j = g * ([j == t] - exp(x_j - lse)); rows with g == 0 write zeros
 // A target outside the vocabulary gives logp = NaN, which stops training with a clear error.
+// Where asked (entropy non-null), the same pass gives the softmax's entropy: the running
+// triple (m, s, u) adds u = sum exp(x - m) (x - m), so H = log s - u / s, every term measured
+// from the max (no cancellation at logits of large magnitude); its gradient term is
+//   dx_j += gH * p_j * (-(x_j - lse) - H),   p_j = exp(x_j - lse) (0 where p_j is 0).
 #include "logprobs.cuh"
 
 namespace {
@@ -15,63 +19,87 @@ using temper::to_f32;
 
 constexpr int kThreads = 256;
 
-// Merges running (max, sum of exp(x - max)) pairs; an empty side is (-inf, 0).
-__device__ __forceinline__ void merge(float &m, float &s, float m2, float s2) {
-  if (m2 == -INFINITY) return;
-  if (m == -INFINITY) {
-    m = m2;
-    s = s2;
+// The running softmax statistics of a run of logits: their max m, s = sum exp(x - m) and
+// u = sum exp(x - m) (x - m). Empty: (-inf, 0, 0).
+struct Stats {
+  float m, s, u;
+};
+
+// Re-measures `a` from the max `mx` >= a.m: each term's exp scales by e = exp(a.m - mx) and
+// its (x - m) shifts by d = a.m - mx.
+__device__ __forceinline__ void rebase(Stats &a, float mx) {
+  if (a.m == -INFINITY) {
+    a = {mx, 0.f, 0.f};
     return;
   }
-  const float mx = fmaxf(m, m2);
-  s = s * expf(m - mx) + s2 * expf(m2 - mx);
-  m = mx;
+  const float d = a.m - mx, e = expf(d);
+  a.u = (a.u + d * a.s) * e;
+  a.s *= e;
+  a.m = mx;
 }
 
-// Adds a run of values, already max-reduced to `cm`, to the running (m, s): one rescale at
-// most, then exp(v - m) per value.
-template <int E>
-__device__ __forceinline__ void add_chunk(float &m, float &s, const float (&v)[E], float cm) {
-  if (cm == -INFINITY) return;  // all -inf: nothing to add (and exp(-inf - -inf) is NaN)
-  if (cm > m) {
-    s = m == -INFINITY ? 0.f : s * expf(m - cm);
-    m = cm;
+// Merges the statistics of two runs; an empty side changes nothing.
+__device__ __forceinline__ void merge(Stats &a, Stats b) {
+  if (b.m == -INFINITY) return;
+  if (a.m == -INFINITY) {
+    a = b;
+    return;
   }
-#pragma unroll
-  for (int i = 0; i < E; ++i) s += expf(v[i] - m);
+  const float mx = fmaxf(a.m, b.m);
+  rebase(a, mx);
+  rebase(b, mx);
+  a.s += b.s;
+  a.u += b.u;
 }
 
-// Reduces the block's (m, s) pairs and writes the row's lse and the target's log-probability.
-template <typename T>
-__device__ void finish_row(float m, float s, const T *x, int row, const LogprobsParams &p) {
-  __shared__ float sm[32], ss[32];
+// Adds a run of values, already max-reduced to `cm`, to the running statistics: one rebase
+// at most, then exp(v - m) per value (a -inf value adds nothing to u, where 0 * -inf is NaN).
+template <int E>
+__device__ __forceinline__ void add_chunk(Stats &a, const float (&v)[E], float cm) {
+  if (cm == -INFINITY) return;  // all -inf: nothing to add (and exp(-inf - -inf) is NaN)
+  if (cm > a.m) rebase(a, cm);
+#pragma unroll
+  for (int i = 0; i < E; ++i) {
+    const float d = v[i] - a.m, e = expf(d);
+    a.s += e;
+    a.u += e > 0.f ? e * d : 0.f;
+  }
+}
+
+__device__ __forceinline__ Stats shuffle_merge(Stats a) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
-    const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
-    const float s2 = __shfl_xor_sync(0xffffffffu, s, o);
-    merge(m, s, m2, s2);
+    const Stats b = {__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o),
+                     __shfl_xor_sync(0xffffffffu, a.u, o)};
+    merge(a, b);
   }
+  return a;
+}
+
+// Reduces the block's statistics and writes the row's lse, the target's log-probability and,
+// where asked, the entropy.
+template <typename T>
+__device__ void finish_row(Stats a, const T *x, int row, const LogprobsParams &p) {
+  __shared__ float sm[32], ss[32], su[32];
+  a = shuffle_merge(a);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) {
-    sm[warp] = m;
-    ss[warp] = s;
+    sm[warp] = a.m;
+    ss[warp] = a.s;
+    su[warp] = a.u;
   }
   __syncthreads();
   if (warp == 0) {
     const int nwarps = blockDim.x >> 5;
-    m = lane < nwarps ? sm[lane] : -INFINITY;
-    s = lane < nwarps ? ss[lane] : 0.f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
-      const float s2 = __shfl_xor_sync(0xffffffffu, s, o);
-      merge(m, s, m2, s2);
-    }
+    a = lane < nwarps ? Stats{sm[lane], ss[lane], su[lane]} : Stats{-INFINITY, 0.f, 0.f};
+    a = shuffle_merge(a);
     if (lane == 0) {
-      const float lse = m + logf(s);
+      const float log_s = logf(a.s);
+      const float lse = a.m + log_s;
       const unsigned int t = p.targets[row];
       p.lse[row] = lse;
       p.logp[row] = t < (unsigned int)p.vocab ? to_f32(x[t]) - lse : __int_as_float(0x7fc00000);
+      if (p.entropy != nullptr) p.entropy[row] = log_s - a.u / a.s;
     }
   }
 }
@@ -79,12 +107,12 @@ __device__ void finish_row(float m, float s, const T *x, int row, const Logprobs
 template <typename T> __device__ void forward(const LogprobsParams &p) {
   const int row = blockIdx.x;
   const T *x = static_cast<const T *>(p.logits) + (size_t)row * p.vocab;
-  float m = -INFINITY, s = 0.f;
+  Stats a{-INFINITY, 0.f, 0.f};
   for (int j = threadIdx.x; j < p.vocab; j += blockDim.x) {
     const float v[1] = {to_f32(x[j])};
-    add_chunk<1>(m, s, v, v[0]);
+    add_chunk<1>(a, v, v[0]);
   }
-  finish_row<T>(m, s, x, row, p);
+  finish_row<T>(a, x, row, p);
 }
 
 // The forward with 16-byte loads (a vocabulary a multiple of 16 bytes, aligned rows; the
@@ -96,32 +124,51 @@ template <typename T> __device__ void forward_vec(const LogprobsParams &p) {
   const T *x = static_cast<const T *>(p.logits) + (size_t)row * p.vocab;
   const V *xv = reinterpret_cast<const V *>(x);
   const int chunks = p.vocab / E;
-  float m = -INFINITY, s = 0.f;
+  Stats a{-INFINITY, 0.f, 0.f};
 #pragma unroll 2
   for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-    const V a = xv[c];
+    const V w = xv[c];
     float v[E];
     float cm = -INFINITY;
 #pragma unroll
     for (int i = 0; i < E; ++i) {
-      v[i] = to_f32(a.v[i]);
+      v[i] = to_f32(w.v[i]);
       cm = fmaxf(cm, v[i]);
     }
-    add_chunk<E>(m, s, v, cm);
+    add_chunk<E>(a, v, cm);
   }
-  finish_row<T>(m, s, x, row, p);
+  finish_row<T>(a, x, row, p);
+}
+
+// The row's upstream gradients and what their terms read: g (of logp), gh (of the entropy;
+// 0 without one) and the entropy itself.
+struct RowGrad {
+  float g, gh, h, lse;
+  unsigned int t;
+};
+
+__device__ __forceinline__ RowGrad row_grad(const LogprobsParams &p, int row) {
+  const bool ent = p.dentropy != nullptr;
+  return {p.dlogp[row], ent ? p.dentropy[row] : 0.f, ent ? p.entropy[row] : 0.f, p.lse[row],
+          p.targets[row]};
+}
+
+// dx_j for logit x at index j.
+__device__ __forceinline__ float grad_at(const RowGrad &r, unsigned int j, float x) {
+  const float z = x - r.lse, pj = expf(z);
+  float d = r.g * ((j == r.t ? 1.f : 0.f) - pj);
+  if (r.gh != 0.f && pj > 0.f) d -= r.gh * pj * (z + r.h);
+  return d;
 }
 
 template <typename T> __device__ void backward(const LogprobsParams &p) {
   const int row = blockIdx.x;
   const T *x = static_cast<const T *>(p.logits) + (size_t)row * p.vocab;
   T *dx = static_cast<T *>(p.dlogits) + (size_t)row * p.vocab;
-  const float g = p.dlogp[row];
-  const float lse = p.lse[row];
-  const unsigned int t = p.targets[row];
+  const RowGrad r = row_grad(p, row);
+  const bool live = r.g != 0.f || r.gh != 0.f;
   for (int j = threadIdx.x; j < p.vocab; j += blockDim.x) {
-    float d = 0.f;
-    if (g != 0.f) d = g * (((unsigned int)j == t ? 1.f : 0.f) - expf(to_f32(x[j]) - lse));
+    const float d = live ? grad_at(r, (unsigned int)j, to_f32(x[j])) : 0.f;
     dx[j] = from_f32<T>(d);
   }
 }
@@ -134,19 +181,18 @@ template <typename T> __device__ void backward_vec(const LogprobsParams &p) {
   const int row = blockIdx.x;
   const V *x = reinterpret_cast<const V *>(static_cast<const T *>(p.logits) + (size_t)row * p.vocab);
   V *dx = reinterpret_cast<V *>(static_cast<T *>(p.dlogits) + (size_t)row * p.vocab);
-  const float g = p.dlogp[row];
-  const float lse = p.lse[row];
-  const unsigned int t = p.targets[row];
+  const RowGrad r = row_grad(p, row);
+  const bool live = r.g != 0.f || r.gh != 0.f;
   const int chunks = p.vocab / E;
 #pragma unroll 2
   for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
     V o;
-    if (g != 0.f) {
+    if (live) {
       const V a = x[c];
 #pragma unroll
       for (int i = 0; i < E; ++i) {
         const unsigned int j = (unsigned int)(c * E + i);
-        o.v[i] = from_f32<T>(g * ((j == t ? 1.f : 0.f) - expf(to_f32(a.v[i]) - lse)));
+        o.v[i] = from_f32<T>(grad_at(r, j, to_f32(a.v[i])));
       }
     } else {
 #pragma unroll

@@ -14,8 +14,12 @@ struct LogprobsParams {
   float *lse;                    // [rows] forward writes, backward reads: log sum exp
   const float *dlogp;            // [rows] backward: the gradient of logp
   void *dlogits;                 // [rows, vocab] backward writes, logits' dtype
+  // The softmax's entropy, where asked for (null: none). The forward writes it; the backward
+  // reads it back with its gradient (dentropy null: no entropy term in the gradient).
+  float *entropy;                // [rows]
+  const float *dentropy;         // [rows]
   int rows;
   int vocab;
 };
-static_assert(sizeof(LogprobsParams) == 56, "LogprobsParams: keep in step with the Rust mirror");
+static_assert(sizeof(LogprobsParams) == 72, "LogprobsParams: keep in step with the Rust mirror");
 static_assert(alignof(LogprobsParams) == 8, "LogprobsParams: keep in step with the Rust mirror");

@@ -326,6 +326,19 @@ def train_ops():
                 lambda: F.cross_entropy(logits.float(), targets, reduction="none"), (logits,),
                 randn(rows, dtype=torch.float32), e * rows * vocab + 8 * rows)
 
+    def logprobs_entropy():
+        # The same with the softmax's entropy, as TRL's GRPO and PPO take it from the f32
+        # logits: log_softmax once, the target's entry and -(p * logp).sum, stacked [2, rows].
+        logits = randn(rows, vocab, grad=True)
+        targets = torch.randint(0, vocab, (rows,), device="cuda")
+
+        def both():
+            lp = F.log_softmax(logits.float(), dim=-1)
+            return torch.stack([lp.gather(-1, targets[:, None])[:, 0], -(lp.exp() * lp).sum(-1)])
+
+        measure("logprobs_entropy", f"{rows}x{vocab}", both, (logits,),
+                randn(2, rows, dtype=torch.float32), e * rows * vocab + 12 * rows)
+
     def adamw():
         # One optimizer step as scripts/gpt2_peer.py takes it: clipping to norm 1.0, then fused
         # AdamW over f32 parameters and f32 gradients (autocast's layout; temper's side reads
@@ -352,7 +365,8 @@ def train_ops():
     tanh_gelu = lambda z: F.gelu(z, approximate="tanh")  # noqa: E731
     for f in [layernorm, gelu, lambda: bias("bias", hidden, lambda z: z),
               lambda: bias("bias_gelu", mlp, tanh_gelu), lambda: gated("swiglu", F.silu),
-              lambda: gated("geglu", tanh_gelu), rope, heads, embedding, logprobs, adamw]:
+              lambda: gated("geglu", tanh_gelu), rope, heads, embedding, logprobs, logprobs_entropy,
+              adamw]:
         f()
         torch.cuda.empty_cache()
 

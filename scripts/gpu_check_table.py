@@ -231,6 +231,7 @@ for shape in sorted({r["shape"] for r in meas if r.get("bench") == "rmsnorm"}):
 op_names = {"layernorm": "LayerNorm", "gelu": "GELU (tanh)", "bias": "bias add", "bias_gelu": "bias + GELU",
             "swiglu": "SwiGLU", "geglu": "GeGLU (Gemma)", "rope": "RoPE (queries)", "heads": "attention head split",
             "embedding": "embedding (token + position)", "logprobs": "loss head log-probs",
+            "logprobs_entropy": "loss head log-probs + entropy",
             "adamw": "AdamW step (clipped)"}
 train_ops = [r for r in meas if r.get("bench") == "train_ops"]
 for op, shape in dict.fromkeys((r.get("op"), r.get("shape")) for r in train_ops):

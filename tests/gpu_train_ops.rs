@@ -9,7 +9,9 @@
 //!   within 1e-5 relative (the update repeats the reference's f32 operations one by one; only
 //!   the norm's summation order differs), every copy the weight rounded to bf16.
 //! - `logprobs` (`kernels/logprobs.cu`): vocabularies of 1, 37 and 50257, odd row counts, f32,
-//!   bf16 and f16, an upstream gradient that is zero on some rows (masked tokens).
+//!   bf16 and f16, an upstream gradient that is zero on some rows (masked tokens); with the
+//!   entropy, both outputs and the gradient of a mix of them, each upstream zero on rows where
+//!   the other is not. The fused loss head with the entropy likewise.
 //! - `embedding` (`kernels/embedding.cu`): many repeats of a few ids, a width not a multiple of
 //!   32, f32, bf16 and f16 outputs; the table's gradient bit-identical on two runs.
 //! - `layernorm` (`kernels/layernorm.cu`): one column, 768 and 1031 columns, one and many rows,
@@ -202,13 +204,68 @@ mod adamw {
 }
 
 gpu_test!(logprobs::logprobs_kernel_matches_reference);
+gpu_test!(logprobs::logprobs_entropy_kernel_matches_reference);
 
 #[cfg(feature = "cuda")]
 mod logprobs {
     use candle_core::{DType, Device, Tensor, Var};
-    use temper::kernels::logprobs::{fused, reference};
+    use temper::kernels::logprobs::{fused, fused_entropy, reference, reference_entropy};
 
     use super::common::gpu::{assert_close, grad_tol, tol, Rng};
+
+    type Pair = (Tensor, Tensor);
+
+    pub fn logprobs_entropy_kernel_matches_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0x10b6);
+        for &(rows, vocab) in &[
+            (3usize, 1usize),
+            (17, 37),
+            (5, 50257),
+            (9, 50304),
+            (2, 1000),
+        ] {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let x = Tensor::from_vec(rng.vec(rows * vocab, -8.0, 8.0), (rows, vocab), dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let t: Vec<u32> = (0..rows).map(|_| rng.below(vocab) as u32).collect();
+                let t = Tensor::from_vec(t, rows, dev).unwrap();
+                let mut upstream = |zero: usize| {
+                    let w: Vec<f32> = (0..rows)
+                        .map(|i| match i % 3 == zero {
+                            true => 0.0,
+                            false => rng.uniform(-1.0, 1.0),
+                        })
+                        .collect();
+                    Tensor::from_vec(w, rows, dev).unwrap()
+                };
+                let (w_lp, w_h) = (upstream(1), upstream(2));
+                let run = |f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Pair>| {
+                    let v = Var::from_tensor(&x).unwrap();
+                    let (lp, h) = f(v.as_tensor(), &t).unwrap();
+                    let loss = ((&lp * &w_lp).unwrap().sum_all().unwrap()
+                        + (&h * &w_h).unwrap().sum_all().unwrap())
+                    .unwrap();
+                    let g = loss.backward().unwrap();
+                    (lp, h, g.get(v.as_tensor()).unwrap().clone())
+                };
+                let (lp_k, h_k, dx_k) = run(&fused_entropy);
+                let (lp_r, h_r, dx_r) = run(&|x, t| Ok((reference(x, t)?, reference_entropy(x)?)));
+                let what = |s: &str| format!("seed {seed:#x} {rows}x{vocab} {dtype:?} {s}");
+                let f32_tol = tol(DType::F32) * 10.0;
+                assert_close(&what("logp"), &lp_k, &lp_r, f32_tol, (1e-4, 1e-4));
+                assert_close(&what("entropy"), &h_k, &h_r, f32_tol, (1e-4, 1e-4));
+                assert_close(
+                    &what("dlogits"),
+                    &dx_k,
+                    &dx_r.to_dtype(dtype).unwrap(),
+                    tol(dtype),
+                    grad_tol(dtype),
+                );
+            }
+        }
+    }
 
     pub fn logprobs_kernel_matches_reference(dev: &Device) {
         let (mut rng, seed) = Rng::fresh(0x10b5);
@@ -1173,14 +1230,55 @@ mod heads {
 }
 
 gpu_test!(loss_head::loss_head_matches_reference);
+gpu_test!(loss_head::loss_head_with_entropy_matches_reference);
 
 #[cfg(feature = "cuda")]
 mod loss_head {
     use candle_core::{DType, Device, Tensor, Var};
-    use temper::kernels::logprobs::head_logprobs;
+    use temper::kernels::logprobs::{head_logprobs, head_logprobs_entropy};
     use temper::kernels::KernelChoice;
 
     use super::common::gpu::{assert_close, grad_tol, Rng};
+
+    /// The fused head's entropies and the gradients of a mix of both outputs, against the
+    /// reference head's (logits, then the composite log-softmax and entropy).
+    pub fn loss_head_with_entropy_matches_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0x10ae);
+        let (b, t, k, v) = (3, 37, 768, 50304);
+        let dtype = DType::BF16;
+        let mk = |rng: &mut Rng, dims: &[usize], scale: f32| {
+            let n = dims.iter().product();
+            Tensor::from_vec(rng.vec(n, -scale, scale), dims, dev)
+                .and_then(|t| t.to_dtype(dtype))
+                .unwrap()
+        };
+        let h = mk(&mut rng, &[b, t, k], 1.0);
+        let w = mk(&mut rng, &[v, k], 0.1);
+        let ids: Vec<u32> = (0..b * t).map(|_| rng.below(v) as u32).collect();
+        let targets = Tensor::from_vec(ids, (b, t), dev).unwrap();
+        let dy = Tensor::from_vec(rng.vec(b * t, -1.0, 1.0), (b, t), dev).unwrap();
+        let dh_up = Tensor::from_vec(rng.vec(b * t, -1.0, 1.0), (b, t), dev).unwrap();
+        let run = |choice: KernelChoice| {
+            let hv = Var::from_tensor(&h).unwrap();
+            let wv = Var::from_tensor(&w).unwrap();
+            let (lp, ent) =
+                head_logprobs_entropy(hv.as_tensor(), wv.as_tensor(), &targets, choice, choice)
+                    .unwrap();
+            let loss = ((&lp * &dy).unwrap().sum_all().unwrap()
+                + (&ent * &dh_up).unwrap().sum_all().unwrap())
+            .unwrap();
+            let g = loss.backward().unwrap();
+            let dw = g.get(wv.as_tensor()).unwrap().clone();
+            (lp, ent, g.get(hv.as_tensor()).unwrap().clone(), dw)
+        };
+        let what = |s: &str| format!("seed {seed:#x} [{b},{t},{k}]x{v} {dtype:?} {s}");
+        let ours = run(KernelChoice::Custom);
+        let refs = run(KernelChoice::Reference);
+        assert_close(&what("logp"), &ours.0, &refs.0, 2e-3, (2e-3, 0.0));
+        assert_close(&what("entropy"), &ours.1, &refs.1, 2e-3, (2e-3, 0.0));
+        assert_close(&what("dh"), &ours.2, &refs.2, 3e-2, grad_tol(dtype));
+        assert_close(&what("dW"), &ours.3, &refs.3, 3e-2, grad_tol(dtype));
+    }
 
     pub fn loss_head_matches_reference(dev: &Device) {
         let (mut rng, seed) = Rng::fresh(0x10ad);

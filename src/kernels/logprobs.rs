@@ -8,6 +8,10 @@
 //! of the whole `[..., V]` tensor (and its gradient); [`fused`] is one custom op that never
 //! does: on CUDA `kernels/logprobs.cu`, on the CPU the same maths in Rust, so its forward and
 //! backward are checked against the reference without a GPU.
+//!
+//! The same pass gives the softmax's entropy where asked ([`token_logprobs_entropy`],
+//! [`fused_entropy`]), differentiable too: the RL stages' entropy bonus, metric and top-entropy
+//! mask without the logits' log-softmax (PPO computes it every minibatch).
 
 use std::sync::{Mutex, PoisonError};
 
@@ -36,6 +40,27 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor, choice: KernelChoice) -
     crate::tape::island(&[logits], |a| reference(&a[0], targets))
 }
 
+/// [`token_logprobs`] and each row's entropy `-sum p log p` of `softmax(logits)`, both f32
+/// `[...]` and differentiable in the logits.
+pub fn token_logprobs_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    choice: KernelChoice,
+) -> Result<(Tensor, Tensor)> {
+    if choice == KernelChoice::Custom && logits.device().is_cuda() {
+        if matches!(logits.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+            return fused_entropy(logits, targets);
+        }
+        warn_fallback(
+            "logprobs",
+            &format!("no kernel for {:?} logits", logits.dtype()),
+        );
+    }
+    let lp = crate::tape::island(&[logits], |a| reference(&a[0], targets))?;
+    let h = crate::tape::island(&[logits], |a| reference_entropy(&a[0]))?;
+    Ok((lp, h))
+}
+
 /// `log softmax(hidden W^T)[target]`: the LM head (`hidden [..., K]`, `W [V, K]`) and the
 /// loss head together. With both `gemm` and `logprobs` ours, on CUDA, the two are one autograd
 /// node whose logits never enter candle's graph (`cuda::loss_head`); otherwise the GEMM's
@@ -58,6 +83,35 @@ pub fn head_logprobs(
     token_logprobs(&logits, targets, logprobs)
 }
 
+/// [`head_logprobs`] and each row's entropy (as [`token_logprobs_entropy`]).
+pub fn head_logprobs_entropy(
+    hidden: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    gemm: KernelChoice,
+    logprobs: KernelChoice,
+) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if gemm == KernelChoice::Custom && logprobs == KernelChoice::Custom && hidden.device().is_cuda()
+    {
+        if let Some(pair) = super::cuda::loss_head::token_logprobs_entropy(hidden, w, targets)? {
+            return Ok(pair);
+        }
+    }
+    let logits = super::gemm::linear(hidden, w, None, gemm)?;
+    token_logprobs_entropy(&logits, targets, logprobs)
+}
+
+/// The entropy of `softmax(logits)` over the last dimension by candle's composite, in f32.
+pub fn reference_entropy(logits: &Tensor) -> Result<Tensor> {
+    let x = logits.to_dtype(DType::F32)?;
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let lp = shifted.broadcast_sub(&lse)?;
+    (lp.exp()? * &lp)?.sum(D::Minus1)?.neg()
+}
+
 /// candle's composite: an f32 log-softmax over the last dimension, then a gather.
 pub fn reference(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let x = logits.to_dtype(DType::F32)?;
@@ -72,13 +126,24 @@ pub fn reference(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 
 /// The fused op on any device, differentiable in the logits.
 pub fn fused(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    fused_op(logits, targets, false)
+}
+
+/// The fused op with the entropy on any device: `(logp, entropy)`, both differentiable in the
+/// logits (one op whose output is `[2, ...]`).
+pub fn fused_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+    let pair = fused_op(logits, targets, true)?;
+    Ok((pair.get(0)?, pair.get(1)?))
+}
+
+fn fused_op(logits: &Tensor, targets: &Tensor, entropy: bool) -> Result<Tensor> {
     spans::timed(KernelOp::Logprobs, Pass::Forward, logits.device(), || {
         check(logits, targets)?;
         let t = targets.to_dtype(DType::U32)?.contiguous()?;
         crate::tape::op2(
             [logits, targets],
             [crate::tape::arg(logits).contiguous()?, t],
-            Logprobs::new(),
+            Logprobs::new(entropy),
         )
     })
 }
@@ -109,7 +174,7 @@ impl LogprobsDirect {
     pub fn new(logits: &Tensor, targets: &Tensor) -> Result<Self> {
         check(logits, targets)?;
         Ok(Self {
-            op: Logprobs::new(),
+            op: Logprobs::new(false),
             logits: logits.contiguous()?,
             targets: targets.to_dtype(DType::U32)?.contiguous()?,
         })
@@ -140,12 +205,24 @@ impl LogprobsDirect {
 struct Logprobs {
     /// `[rows]` f32 log-sum-exp of each row, written by the forward for the backward.
     lse: Mutex<Option<Tensor>>,
+    /// Whether the output is `[2, ...]`, the log-probabilities then the entropies.
+    entropy: bool,
 }
 
 impl Logprobs {
-    fn new() -> Self {
+    fn new(entropy: bool) -> Self {
         Self {
             lse: Mutex::new(None),
+            entropy,
+        }
+    }
+
+    /// The output's shape for logits of layout `lx`.
+    fn out_shape(&self, lx: &Layout) -> Shape {
+        let lead = &lx.dims()[..lx.dims().len() - 1];
+        match self.entropy {
+            true => Shape::from([&[2], lead].concat()),
+            false => Shape::from(lead),
         }
     }
 
@@ -154,32 +231,66 @@ impl Logprobs {
     }
 }
 
-/// Per row: the log-sum-exp and the target's log-probability (NaN for a target outside the
-/// vocabulary), in f32 as the kernel computes them.
-fn cpu_forward<T: WithDType>(x: &[T], t: &[u32], vocab: usize) -> (Vec<f32>, Vec<f32>) {
-    let mut logp = Vec::with_capacity(t.len());
+/// Per row: the target's log-probability (NaN for a target outside the vocabulary), then with
+/// `entropy` each row's entropy `log s - u / s` (`u = sum exp(x - m) (x - m)`), and the
+/// log-sum-exp, in f32 as the kernel computes them.
+fn cpu_forward<T: WithDType>(
+    x: &[T],
+    t: &[u32],
+    vocab: usize,
+    entropy: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut logp = Vec::with_capacity(t.len() * if entropy { 2 } else { 1 });
+    let mut ents = Vec::new();
     let mut lses = Vec::with_capacity(t.len());
     for (row, &tgt) in x.chunks(vocab.max(1)).zip(t) {
         let xf: Vec<f32> = row.iter().map(|v| v.to_f64() as f32).collect();
         let m = xf.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let s: f32 = xf.iter().map(|v| (v - m).exp()).sum();
+        let (mut s, mut u) = (0f32, 0f32);
+        for v in &xf {
+            let (d, e) = (v - m, (v - m).exp());
+            s += e;
+            u += if e > 0.0 { e * d } else { 0.0 };
+        }
         let lse = m + s.ln();
         lses.push(lse);
         logp.push(match xf.get(tgt as usize) {
             Some(v) => v - lse,
             None => f32::NAN,
         });
+        ents.push(s.ln() - u / s);
+    }
+    if entropy {
+        logp.extend(ents);
     }
     (logp, lses)
 }
 
-fn cpu_backward<T: WithDType>(x: &[T], t: &[u32], g: &[f32], lse: &[f32], vocab: usize) -> Vec<T> {
+/// What the backward reads per row besides the logits and targets: the upstream gradient of
+/// the log-probabilities, and where there is one that of the entropies with the entropies.
+struct RowGrads<'a> {
+    g: &'a [f32],
+    entropy: Option<(&'a [f32], &'a [f32])>,
+    lse: &'a [f32],
+}
+
+fn cpu_backward<T: WithDType>(x: &[T], t: &[u32], r: &RowGrads, vocab: usize) -> Vec<T> {
     let mut out = Vec::with_capacity(x.len());
-    for (((row, &tgt), &g), &lse) in x.chunks(vocab.max(1)).zip(t).zip(g).zip(lse) {
+    for (i, (row, &tgt)) in x.chunks(vocab.max(1)).zip(t).enumerate() {
+        let (g, lse) = (r.g[i], r.lse[i]);
+        let (gh, h) = r.entropy.map_or((0.0, 0.0), |(gh, h)| (gh[i], h[i]));
         for (j, v) in row.iter().enumerate() {
-            let d = match g {
-                0.0 => 0.0,
-                _ => g * (f32::from(u8::from(j == tgt as usize)) - (v.to_f64() as f32 - lse).exp()),
+            let d = match (g, gh) {
+                (0.0, 0.0) => 0.0,
+                _ => {
+                    let z = v.to_f64() as f32 - lse;
+                    let p = z.exp();
+                    let mut d = g * (f32::from(u8::from(j == tgt as usize)) - p);
+                    if gh != 0.0 && p > 0.0 {
+                        d -= gh * p * (z + h);
+                    }
+                    d
+                }
             };
             out.push(T::from_f64(d as f64));
         }
@@ -201,15 +312,15 @@ impl CustomOp2 for Logprobs {
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, vocab) = rows_cols(lx)?;
         let t = slice::<u32>(st, lt)?;
+        let e = self.entropy;
         let (logp, lse) = match sx.dtype() {
-            DType::F32 => cpu_forward(slice::<f32>(sx, lx)?, t, vocab),
-            DType::BF16 => cpu_forward(slice::<half::bf16>(sx, lx)?, t, vocab),
-            DType::F16 => cpu_forward(slice::<half::f16>(sx, lx)?, t, vocab),
+            DType::F32 => cpu_forward(slice::<f32>(sx, lx)?, t, vocab, e),
+            DType::BF16 => cpu_forward(slice::<half::bf16>(sx, lx)?, t, vocab, e),
+            DType::F16 => cpu_forward(slice::<half::f16>(sx, lx)?, t, vocab, e),
             dt => candle_core::bail!("logprobs: unsupported dtype {dt:?}"),
         };
         self.save(Tensor::from_vec(lse, rows, &Device::Cpu)?);
-        let lead = &lx.dims()[..lx.dims().len() - 1];
-        Ok((CpuStorage::F32(logp), Shape::from(lead)))
+        Ok((CpuStorage::F32(logp), self.out_shape(lx)))
     }
 
     #[cfg(feature = "cuda")]
@@ -220,17 +331,16 @@ impl CustomOp2 for Logprobs {
         st: &candle_core::CudaStorage,
         lt: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (logp, lse) = super::cuda::logprobs::forward(sx, lx, st, lt)?;
+        let (logp, lse) = super::cuda::logprobs::forward(sx, lx, st, lt, self.entropy)?;
         self.save(lse);
-        let lead = &lx.dims()[..lx.dims().len() - 1];
-        Ok((logp, Shape::from(lead)))
+        Ok((logp, self.out_shape(lx)))
     }
 
     fn bwd(
         &self,
         logits: &Tensor,
         targets: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         spans::timed(KernelOp::Logprobs, Pass::Backward, logits.device(), || {
@@ -244,15 +354,22 @@ impl CustomOp2 for Logprobs {
                 candle_core::bail!("logprobs: backward before its forward");
             };
             let g = grad.to_dtype(DType::F32)?.contiguous()?;
-            let dx = logits.apply_op3_no_bwd(targets, &g, &LogprobsBwd { lse })?;
+            // The entropies are the output's second half.
+            let entropy = match self.entropy {
+                true => Some(res.get(1)?.contiguous()?),
+                false => None,
+            };
+            let dx = logits.apply_op3_no_bwd(targets, &g, &LogprobsBwd { lse, entropy })?;
             Ok((Some(dx), None))
         })
     }
 }
 
-/// Backward of [`Logprobs`]: `(logits, targets, dlogp) -> dlogits`, from the saved lse.
+/// Backward of [`Logprobs`]: `(logits, targets, dlogp) -> dlogits`, from the saved lse; with
+/// the forward's `entropy`, the upstream gradient is `[2, ...]`, that of the entropies second.
 struct LogprobsBwd {
     lse: Tensor,
+    entropy: Option<Tensor>,
 }
 
 impl CustomOp3 for LogprobsBwd {
@@ -269,18 +386,25 @@ impl CustomOp3 for LogprobsBwd {
         sg: &CpuStorage,
         lg: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, vocab) = rows_cols(lx)?;
+        let (rows, vocab) = rows_cols(lx)?;
         let t = slice::<u32>(st, lt)?;
         let g = slice::<f32>(sg, lg)?;
-        let lse = self
-            .lse
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let host = |x: &Tensor| x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        let lse = host(&self.lse)?;
+        let h = self.entropy.as_ref().map(host).transpose()?;
+        let outputs = if h.is_some() { 2 } else { 1 };
+        if g.len() != outputs * rows {
+            candle_core::bail!("logprobs backward: gradient of {} for {rows} rows", g.len());
+        }
+        let r = RowGrads {
+            g: &g[..rows],
+            entropy: h.as_deref().map(|h| (&g[rows..], h)),
+            lse: &lse,
+        };
         let out = match sx.dtype() {
-            DType::F32 => CpuStorage::F32(cpu_backward(slice(sx, lx)?, t, g, &lse, vocab)),
-            DType::BF16 => CpuStorage::BF16(cpu_backward(slice(sx, lx)?, t, g, &lse, vocab)),
-            DType::F16 => CpuStorage::F16(cpu_backward(slice(sx, lx)?, t, g, &lse, vocab)),
+            DType::F32 => CpuStorage::F32(cpu_backward(slice(sx, lx)?, t, &r, vocab)),
+            DType::BF16 => CpuStorage::BF16(cpu_backward(slice(sx, lx)?, t, &r, vocab)),
+            DType::F16 => CpuStorage::F16(cpu_backward(slice(sx, lx)?, t, &r, vocab)),
             dt => candle_core::bail!("logprobs backward: unsupported dtype {dt:?}"),
         };
         Ok((out, lx.shape().clone()))
@@ -296,7 +420,12 @@ impl CustomOp3 for LogprobsBwd {
         sg: &candle_core::CudaStorage,
         lg: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let dx = super::cuda::logprobs::backward((sx, lx), (st, lt), (sg, lg), &self.lse)?;
+        let up = super::cuda::logprobs::Upstream {
+            grad: (sg, lg),
+            lse: &self.lse,
+            entropy: self.entropy.as_ref(),
+        };
+        let dx = super::cuda::logprobs::backward((sx, lx), (st, lt), &up)?;
         Ok((dx, lx.shape().clone()))
     }
 }
@@ -348,6 +477,59 @@ mod tests {
             assert!(diff(&lp_f, &lp_r) < tol * 50.0, "{dtype:?} logp");
             assert!(diff(&dx_f, &dx_r) < tol, "{dtype:?} dlogits");
         }
+    }
+
+    /// With the entropy, the fused op's two outputs and the gradient of any mix of them equal
+    /// the reference composite's: upstream gradients uneven, zero for the log-probabilities
+    /// where the entropies' is not and the other way round, rows offset far from zero.
+    #[test]
+    fn fused_entropy_matches_the_reference_and_its_gradient() {
+        for (dtype, tol) in [(DType::F32, 2e-5f32), (DType::BF16, 1e-2)] {
+            let (logits, t) = inputs(dtype);
+            let logits = (logits + 40.0).unwrap();
+            let var = candle_core::Var::from_tensor(&logits).unwrap();
+            let weights = |cycle: [f32; 3]| {
+                let w: Vec<f32> = (0..15).map(|i| cycle[i % 3]).collect();
+                Tensor::from_vec(w, (3, 5), &Device::Cpu).unwrap()
+            };
+            let (w_lp, w_h) = (weights([0.0, 1.0, -0.5]), weights([0.7, 0.0, -1.3]));
+            type Pair = (Tensor, Tensor);
+            let run = |f: &dyn Fn(&Tensor, &Tensor) -> Result<Pair>| {
+                let (lp, h) = f(var.as_tensor(), &t).unwrap();
+                let loss = ((&lp * &w_lp).unwrap().sum_all().unwrap()
+                    + (&h * &w_h).unwrap().sum_all().unwrap())
+                .unwrap();
+                let g = loss.backward().unwrap();
+                let dx = g.get(var.as_tensor()).unwrap();
+                (lp, h, dx.to_dtype(DType::F32).unwrap())
+            };
+            let reference_pair =
+                |x: &Tensor, t: &Tensor| Ok((reference(x, t)?, reference_entropy(x)?));
+            let (lp_f, h_f, dx_f) = run(&fused_entropy);
+            let (lp_r, h_r, dx_r) = run(&reference_pair);
+            assert_eq!((lp_f.dims(), h_f.dims()), (&[3, 5][..], &[3, 5][..]));
+            let diff = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap());
+            assert!(diff(&lp_f, &lp_r) < tol * 50.0, "{dtype:?} logp");
+            assert!(diff(&h_f, &h_r) < tol * 50.0, "{dtype:?} entropy");
+            assert!(diff(&dx_f, &dx_r) < tol, "{dtype:?} dlogits");
+            // A control: the entropies' term is a sizeable part of that gradient.
+            let (_, _, dx_lp) = run(&|x, t| Ok((fused(x, t)?, reference_entropy(x)?.detach())));
+            let off = diff(&dx_lp, &dx_r);
+            assert!(
+                off > 1e-2 && off > 10.0 * diff(&dx_f, &dx_r),
+                "{dtype:?}: no entropy term ({off})"
+            );
+        }
+        // Uniform logits: the entropy is log V.
+        let (lp, h) = fused_entropy(
+            &Tensor::zeros((2, 7), DType::F32, &Device::Cpu).unwrap(),
+            &Tensor::new(&[1u32, 6], &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        for x in h.to_vec1::<f32>().unwrap() {
+            assert!((x - 7f32.ln()).abs() < 1e-6);
+        }
+        assert!((lp.to_vec1::<f32>().unwrap()[0] + 7f32.ln()).abs() < 1e-6);
     }
 
     /// The direct backward is the gradient autograd gives (the same op, without a graph),

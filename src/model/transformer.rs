@@ -302,6 +302,30 @@ impl Transformer {
             k.logprobs,
         )?)
     }
+
+    /// [`Self::head_logprobs`] and the entropy of the softmax at each position, both f32
+    /// `[..]` and differentiable, from the same pass over the logits.
+    pub fn head_logprobs_entropy(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+        ctx: Ctx,
+    ) -> Result<(Tensor, Tensor)> {
+        let k = ctx.kernels;
+        if self.cfg.final_logit_softcapping.is_some() {
+            let logits = self.compute_logits(hidden, k.gemm)?;
+            return Ok(crate::kernels::logprobs::token_logprobs_entropy(
+                &logits, targets, k.logprobs,
+            )?);
+        }
+        Ok(crate::kernels::logprobs::head_logprobs_entropy(
+            hidden,
+            &self.head_weight(hidden)?,
+            targets,
+            k.gemm,
+            k.logprobs,
+        )?)
+    }
 }
 
 /// Gemma 2's cap on the logits, `cap * tanh(l / cap)` in their dtype, as transformers caps

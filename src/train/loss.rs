@@ -21,12 +21,6 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor, kernel: KernelChoice) -
     )?)
 }
 
-/// Entropy of the softmax over the last dimension, `[B, T]`.
-pub fn entropy(logits: &Tensor) -> Result<Tensor> {
-    let lp = log_softmax(&logits.to_dtype(DType::F32)?)?;
-    Ok((lp.exp()? * &lp)?.sum(D::Minus1)?.neg()?)
-}
-
 /// Sum of `x * mask` over all elements divided by the number of valid elements.
 pub fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let n = mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
@@ -100,7 +94,8 @@ mod tests {
         let l = scalar(&cross_entropy(&logits, &targets, &mask, KernelChoice::Reference).unwrap())
             .unwrap();
         assert!((l - 5f64.ln()).abs() < 1e-6);
-        let h = entropy(&logits).unwrap().to_vec2::<f32>().unwrap();
+        let h = crate::kernels::logprobs::reference_entropy(&logits).unwrap();
+        let h = h.to_vec2::<f32>().unwrap();
         assert!((h[0][0] as f64 - 5f64.ln()).abs() < 1e-6);
     }
 

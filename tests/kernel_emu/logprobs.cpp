@@ -32,6 +32,12 @@
 // and cpu_backward) is the semantics checked here: logp = x[t] - lse, NaN for t >= vocab;
 // dx = g * ([j == t] - exp(x_j - lse)), exactly 0 where g == 0.
 //
+// - the entropy (LogprobsParams::entropy, dentropy): a second forward with the entropy asked
+//   for gives the same logp and lse bit for bit and each row's entropy -sum p log p; a second
+//   backward with an uneven upstream gradient of the entropies too (nonzero on rows whose
+//   logp gradient is zero, and zero on others) gives g ([j == t] - p_j) - gh p_j (x_j - lse +
+//   H), 0 where p_j is 0 (a -inf logit, whose (x_j - lse) p_j would be NaN).
+//
 // Tolerances (eps = 2^-23, the f32 spacing at 1), from the f32 maths of the kernel:
 // - lse and logp, absolute: the running sum s is a sum of exp(x - m) <= 1 terms, k = ceil(V/256)
 //   of them per thread plus 10 merges (5 shuffle steps, 5 across warps) each rescaling by one
@@ -50,8 +56,16 @@
 //   most u |dx_j| (u = 2^-24, 2^-8, 2^-11 for f32, bf16, f16; f16 subnormals 2^-25 absolutely).
 //   Bound: u + (G (d_lse + 4 eps) + sub) / R, R the largest |reference|, d_lse the bound above;
 //   where the reference is all zeros (vocabulary 1) the absolute G (d_lse + 4 eps) + sub.
+// - the entropy H = log s - u / s, u = sum exp(x - m) (x - m), every term measured from the
+//   max: s and u each carry about (2k + 64) eps relatively (u's terms one more rounding, of
+//   x - m), and |u / s| = H - log s <= log V, so d_H = (2k + 64) eps (2 + 2 log V).
+// - dlogits with the entropy term: the term gh p_j (z_j + H), z_j = x_j - lse, adds at most
+//   GH (d_lse (1 + |z_j| p_j + H p_j) + p_j d_H + 2 eps) <= GH (d_lse (2 + log V) + d_H +
+//   2 eps) (|z| e^z <= 1/e, H <= log V), GH the largest |gh|.
 //
 // Usage: logprobs [seed]  (a random seed when none is given; it is printed either way).
+#include <cstring>
+
 #include "emu_check.h"
 
 #include "logprobs.cu"
@@ -125,15 +139,17 @@ struct Inputs {
   std::vector<float> x;      // [rows, vocab], rounded to each dtype when used
   std::vector<unsigned> t;   // [rows]
   std::vector<float> g;      // [rows] the upstream gradient of logp
+  std::vector<float> gh;     // [rows] the upstream gradient of the entropy
 };
 
 Inputs make_inputs(const Case &c, emu_check::Rng &rng) {
-  Inputs in{c, {}, {}, {}};
+  Inputs in{c, {}, {}, {}, {}};
   const int V = c.vocab;
   auto index = [&](int n) { return std::min(n - 1, (int)(rng.uniform() * n)); };
   in.x.resize((size_t)c.rows * V);
   in.t.resize(c.rows);
   in.g.resize(c.rows);
+  in.gh.resize(c.rows);
   for (int r = 0; r < c.rows; ++r) {
     float *x = &in.x[(size_t)r * V];
     const float off = r % 2 == 0 ? c.offset : -c.offset;
@@ -142,6 +158,8 @@ Inputs make_inputs(const Case &c, emu_check::Rng &rng) {
     in.t[r] = r % 5 == 0 ? V - 1 : r % 5 == 1 ? 0 : (unsigned)index(V);
     // Zero rows, and otherwise of either sign and uneven size.
     in.g[r] = r % 4 == 2 ? 0.f : rng.normal();
+    // Live on the rows whose g is zero, zero on others.
+    in.gh[r] = r % 4 == 1 ? 0.f : rng.normal();
     if (c.neg_inf) {
       // A run (whole chunks at these lengths) and every third element of another stretch.
       const int a = index(V), len = index(V / 4 + 1);
@@ -170,6 +188,7 @@ Inputs make_inputs(const Case &c, emu_check::Rng &rng) {
 // ---------------------------------------------------------------------------------------
 struct Reference {
   std::vector<double> logp, lse, dx;
+  std::vector<double> entropy, dx_ent;  // dx_ent: dlogits with the entropy's gradient too
   double xmax = 0;  // the largest finite |logit|
 };
 
@@ -179,6 +198,8 @@ Reference reference(const Inputs &in, const std::vector<double> &x) {
   r.logp.resize(rows);
   r.lse.resize(rows);
   r.dx.resize(x.size());
+  r.entropy.resize(rows);
+  r.dx_ent.resize(x.size());
   for (int i = 0; i < rows; ++i) {
     const double *xi = &x[(size_t)i * V];
     double m = -INFINITY;
@@ -192,10 +213,19 @@ Reference reference(const Inputs &in, const std::vector<double> &x) {
     const unsigned t = in.t[i];
     r.lse[i] = lse;
     r.logp[i] = t < (unsigned)V ? xi[t] - lse : NAN;
-    const double g = in.g[i];
+    double h = 0;
+    for (int j = 0; j < V; ++j) {
+      const double lp = xi[j] - lse, pj = std::exp(lp);
+      if (pj > 0) h -= pj * lp;
+    }
+    r.entropy[i] = h;
+    const double g = in.g[i], gh = in.gh[i];
     for (int j = 0; j < V; ++j) {
       const double onehot = (unsigned)j == t ? 1.0 : 0.0;
-      r.dx[(size_t)i * V + j] = g == 0 ? 0.0 : g * (onehot - std::exp(xi[j] - lse));
+      const double z = xi[j] - lse, pj = std::exp(z);
+      const double d = g == 0 ? 0.0 : g * (onehot - pj);
+      r.dx[(size_t)i * V + j] = d;
+      r.dx_ent[(size_t)i * V + j] = d - (pj > 0 ? gh * pj * (z + h) : 0.0);
     }
   }
   return r;
@@ -300,6 +330,40 @@ template <typename T> bool run(const Inputs &in, bool misalign) {
   q.dlogits = xin.p;
   emu::launch(grid, block, 0, [&] { bwd(q); });
   ok &= compare(what + " dlogits in place", xin.vec(n));
+
+  // With the entropy: the forward again, then the backward with its gradient too.
+  std::vector<float> logp2(c.rows, -768.f), lse2(c.rows, NAN), ent(c.rows, NAN);
+  LogprobsParams pe = p;
+  pe.logp = logp2.data();
+  pe.lse = lse2.data();
+  pe.entropy = ent.data();
+  emu::launch(grid, block, 0, [&] { fwd(pe); });
+  const bool same = std::memcmp(logp.data(), logp2.data(), c.rows * sizeof(float)) == 0 &&
+                    std::memcmp(lse.data(), lse2.data(), c.rows * sizeof(float)) == 0;
+  std::printf("%s %-*s logp and lse unchanged by asking for the entropy\n", same ? "ok  " : "FAIL",
+              emu_check::kWhat, what.c_str());
+  ok &= same;
+  const double logV = std::log(V);
+  const double tol_h = kEps * (2 * std::ceil(V / kLaunchThreads) + 64) * (2 + 2 * logV);
+  ok &= emu_check::close_abs(what + " entropy", ent, r.entropy, tol_h);
+  double GH = 0, RE = 0;
+  for (float g : in.gh) GH = std::max(GH, (double)std::fabs(g));
+  for (double v : r.dx_ent) RE = std::max(RE, std::fabs(v));
+  const double tol_ent =
+      tol_abs + GH * (tol_lse * (2 + logV) + tol_h + 2 * kEps);
+  Buf<T> dxe(n, misalign);
+  for (size_t i = 0; i < n; ++i) dxe.p[i] = Dt<T>::from(NAN);
+  LogprobsParams qe = q;
+  qe.logits = x.p;
+  qe.dlogits = dxe.p;
+  qe.entropy = ent.data();
+  qe.dentropy = in.gh.data();
+  emu::launch(grid, block, 0, [&] { bwd(qe); });
+  const std::vector<T> got = dxe.vec(n);
+  if (RE == 0)
+    ok &= emu_check::close_abs(what + " dlogits with entropy", got, r.dx_ent, tol_ent);
+  else
+    ok &= emu_check::close(what + " dlogits with entropy", got, r.dx_ent, Dt<T>::u + tol_ent / RE);
   return ok;
 }
 

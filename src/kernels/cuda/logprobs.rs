@@ -1,5 +1,7 @@
 //! Launchers of `kernels/logprobs.cu` for the op in `src/kernels/logprobs.rs`: one block per
 //! row for the forward (log-probabilities and the saved log-sum-exp) and for the backward.
+//! With the entropy, the forward's output is `[2, rows]` (the log-probabilities, then the
+//! entropies) and so is the backward's upstream gradient.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
@@ -20,10 +22,12 @@ struct LogprobsParams {
     lse: DevPtr,
     dlogp: DevPtr,
     dlogits: DevPtr,
+    entropy: DevPtr,
+    dentropy: DevPtr,
     rows: i32,
     vocab: i32,
 }
-const _: () = assert!(std::mem::size_of::<LogprobsParams>() == 56);
+const _: () = assert!(std::mem::size_of::<LogprobsParams>() == 72);
 const _: () = assert!(std::mem::align_of::<LogprobsParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for LogprobsParams {}
@@ -42,19 +46,26 @@ fn config(rows: usize) -> Result<LaunchConfig> {
     })
 }
 
-/// `(logp [rows] f32, lse [rows] f32)` of contiguous logits and u32 targets.
+/// `(out, lse [rows] f32)` of contiguous logits and u32 targets: `out` the f32 log-probabilities
+/// `[rows]`, or with `entropy` `[2, rows]`, the softmax's entropies after them.
 pub fn forward(
     sx: &CudaStorage,
     lx: &Layout,
     st: &CudaStorage,
     lt: &Layout,
+    entropy: bool,
 ) -> Result<(CudaStorage, Tensor)> {
     match sx.dtype() {
-        DType::F32 => forward_t::<f32>(sx, lx, st, lt),
-        DType::BF16 => forward_t::<half::bf16>(sx, lx, st, lt),
-        DType::F16 => forward_t::<half::f16>(sx, lx, st, lt),
+        DType::F32 => forward_t::<f32>(sx, lx, st, lt, entropy),
+        DType::BF16 => forward_t::<half::bf16>(sx, lx, st, lt, entropy),
+        DType::F16 => forward_t::<half::f16>(sx, lx, st, lt, entropy),
         dt => candle_core::bail!("logprobs: no CUDA kernel for {dt:?}"),
     }
+}
+
+/// Bytes of `rows` f32 values: the offset of the second half of a `[2, rows]` buffer.
+fn half_offset(rows: usize) -> u64 {
+    (rows * std::mem::size_of::<f32>()) as u64
 }
 
 fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
@@ -62,13 +73,15 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
     lx: &Layout,
     st: &CudaStorage,
     lt: &Layout,
+    entropy: bool,
 ) -> Result<(CudaStorage, Tensor)> {
     let dev = sx.device();
     let (rows, vocab) = rows_cols(lx)?;
     let x = contiguous_view::<T>(sx, lx)?;
     let t = contiguous_view::<u32>(st, lt)?;
-    // SAFETY: one block per row writes its logp and lse.
-    let mut logp = unsafe { alloc_out::<f32>(dev, rows)? };
+    let outputs = if entropy { 2 } else { 1 };
+    // SAFETY: one block per row writes its logp, lse and (with entropy) entropy.
+    let mut out = unsafe { alloc_out::<f32>(dev, outputs * rows)? };
     let mut lse = unsafe { alloc_out::<f32>(dev, rows)? };
     if rows > 0 {
         let stream = dev.cuda_stream();
@@ -76,36 +89,45 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
         let logits = ptrs.read(&x);
         let name = kernel::<T>("fwd", vocab, &[logits]);
         let func = load_func(dev, "logprobs", &name)?;
+        let logp = ptrs.write(&mut out);
         let p = LogprobsParams {
             logits,
             targets: ptrs.read(&t),
-            logp: ptrs.write(&mut logp),
+            logp,
             lse: ptrs.write(&mut lse),
+            entropy: if entropy { logp + half_offset(rows) } else { 0 },
             rows: to_i32(rows, "rows")?,
             vocab: to_i32(vocab, "vocab")?,
             ..LogprobsParams::default()
         };
-        // SAFETY: logits hold rows * vocab, targets, logp and lse rows elements; the 16-byte
-        // variant only runs on aligned rows (`kernel`).
+        // SAFETY: logits hold rows * vocab, targets and lse rows elements, out rows per
+        // output; the 16-byte variant only runs on aligned rows (`kernel`).
         unsafe { launch(dev, &func, &name, config(rows)?, &p) }?;
     }
     Ok((
-        CudaStorage::wrap_cuda_slice(logp, dev.clone()),
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
         tensor_from_slice(lse, dev, rows),
     ))
 }
 
-/// `dlogits` (the logits' dtype) from the logits, targets, upstream f32 gradient and saved lse.
+/// What the backward reads besides the logits and targets: the upstream f32 gradient (`[rows]`,
+/// or `[2, rows]` with `entropy`), the saved lse, and the forward's entropies where it gave them.
+pub struct Upstream<'a> {
+    pub grad: (&'a CudaStorage, &'a Layout),
+    pub lse: &'a Tensor,
+    pub entropy: Option<&'a Tensor>,
+}
+
+/// `dlogits` (the logits' dtype) from the logits, targets and `up`.
 pub fn backward(
     (sx, lx): (&CudaStorage, &Layout),
     (st, lt): (&CudaStorage, &Layout),
-    (sg, lg): (&CudaStorage, &Layout),
-    lse: &Tensor,
+    up: &Upstream,
 ) -> Result<CudaStorage> {
     match sx.dtype() {
-        DType::F32 => backward_t::<f32>((sx, lx), (st, lt), (sg, lg), lse),
-        DType::BF16 => backward_t::<half::bf16>((sx, lx), (st, lt), (sg, lg), lse),
-        DType::F16 => backward_t::<half::f16>((sx, lx), (st, lt), (sg, lg), lse),
+        DType::F32 => backward_t::<f32>((sx, lx), (st, lt), up),
+        DType::BF16 => backward_t::<half::bf16>((sx, lx), (st, lt), up),
+        DType::F16 => backward_t::<half::f16>((sx, lx), (st, lt), up),
         dt => candle_core::bail!("logprobs backward: no CUDA kernel for {dt:?}"),
     }
 }
@@ -113,8 +135,7 @@ pub fn backward(
 fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
     (sx, lx): (&CudaStorage, &Layout),
     (st, lt): (&CudaStorage, &Layout),
-    (sg, lg): (&CudaStorage, &Layout),
-    lse: &Tensor,
+    up: &Upstream,
 ) -> Result<CudaStorage> {
     let dev = sx.device();
     let (rows, vocab) = rows_cols(lx)?;
@@ -125,7 +146,7 @@ fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
         let stream = dev.cuda_stream();
         let mut ptrs = DevPtrs::new(&stream);
         let (x, dx) = (ptrs.read(&x), ptrs.write(&mut dx));
-        launch_backward::<T>(dev, (rows, vocab), (x, dx), (st, lt), (sg, lg), lse)?;
+        launch_backward::<T>(dev, (rows, vocab), (x, dx), (st, lt), up)?;
     }
     Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
 }
@@ -138,15 +159,13 @@ pub fn backward_in_place(
     logits: &mut CudaStorage,
     (rows, vocab): (usize, usize),
     targets: (&CudaStorage, &Layout),
-    dlogp: (&CudaStorage, &Layout),
-    lse: &Tensor,
+    up: &Upstream,
 ) -> Result<()> {
     fn go<T: CudaDType + DeviceRepr + WithDType>(
         logits: &mut CudaStorage,
         (rows, vocab): (usize, usize),
         targets: (&CudaStorage, &Layout),
-        dlogp: (&CudaStorage, &Layout),
-        lse: &Tensor,
+        up: &Upstream,
     ) -> Result<()> {
         let dev = logits.device().clone();
         let x = logits.as_cuda_slice_mut::<T>()?;
@@ -157,14 +176,14 @@ pub fn backward_in_place(
             let stream = dev.cuda_stream();
             let mut ptrs = DevPtrs::new(&stream);
             let x = ptrs.write(x);
-            launch_backward::<T>(&dev, (rows, vocab), (x, x), targets, dlogp, lse)?;
+            launch_backward::<T>(&dev, (rows, vocab), (x, x), targets, up)?;
         }
         Ok(())
     }
     match logits.dtype() {
-        DType::F32 => go::<f32>(logits, (rows, vocab), targets, dlogp, lse),
-        DType::BF16 => go::<half::bf16>(logits, (rows, vocab), targets, dlogp, lse),
-        DType::F16 => go::<half::f16>(logits, (rows, vocab), targets, dlogp, lse),
+        DType::F32 => go::<f32>(logits, (rows, vocab), targets, up),
+        DType::BF16 => go::<half::bf16>(logits, (rows, vocab), targets, up),
+        DType::F16 => go::<half::f16>(logits, (rows, vocab), targets, up),
         dt => candle_core::bail!("logprobs backward: no CUDA kernel for {dt:?}"),
     }
 }
@@ -189,27 +208,45 @@ fn launch_backward<T: CudaDType + WithDType>(
     (rows, vocab): (usize, usize),
     (x, dx): (u64, u64),
     (st, lt): (&CudaStorage, &Layout),
-    (sg, lg): (&CudaStorage, &Layout),
-    lse: &Tensor,
+    up: &Upstream,
 ) -> Result<()> {
     let t = contiguous_view::<u32>(st, lt)?;
-    let g = contiguous_view::<f32>(sg, lg)?;
-    let lse = lse.to_dtype(DType::F32)?.contiguous()?;
+    let g = contiguous_view::<f32>(up.grad.0, up.grad.1)?;
+    let f32_view = |x: &Tensor| x.to_dtype(DType::F32)?.contiguous();
+    let lse = f32_view(up.lse)?;
     let (ls, ll) = lse.storage_and_layout();
     let lv = contiguous_view::<f32>(cuda_storage(&ls)?, ll)?;
-    if t.len() != rows || g.len() != rows || lv.len() != rows {
+    let h = up.entropy.map(f32_view).transpose()?;
+    let hs = h.as_ref().map(|h| h.storage_and_layout());
+    let hv = match &hs {
+        Some((s, l)) => Some(contiguous_view::<f32>(cuda_storage(s)?, l)?),
+        None => None,
+    };
+    let outputs = if hv.is_some() { 2 } else { 1 };
+    if t.len() != rows
+        || g.len() != outputs * rows
+        || lv.len() != rows
+        || hv.as_ref().is_some_and(|h| h.len() != rows)
+    {
         candle_core::bail!("logprobs backward: per-row inputs do not have {rows} rows");
     }
     let name = kernel::<T>("bwd", vocab, &[x, dx]);
     let func = load_func(dev, "logprobs", &name)?;
     let stream = dev.cuda_stream();
     let mut ptrs = DevPtrs::new(&stream);
+    let dlogp = ptrs.read(&g);
     let p = LogprobsParams {
         logits: x,
         targets: ptrs.read(&t),
         lse: ptrs.read(&lv),
-        dlogp: ptrs.read(&g),
+        dlogp,
         dlogits: dx,
+        entropy: ptrs.read_opt(hv.as_ref()),
+        dentropy: if hv.is_some() {
+            dlogp + half_offset(rows)
+        } else {
+            0
+        },
         rows: to_i32(rows, "rows")?,
         vocab: to_i32(vocab, "vocab")?,
         ..LogprobsParams::default()

@@ -25,6 +25,23 @@ type Result<T> = candle_core::Result<T>;
 /// `[...]` f32 log-probabilities of `targets [...]` under `hidden [..., K] W^T`, or `None`
 /// where cuBLASLt does not take the GEMM (f32, mixed dtypes, rows not a multiple of 16 bytes).
 pub fn token_logprobs(hidden: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Option<Tensor>> {
+    head(hidden, w, targets, false)
+}
+
+/// [`token_logprobs`] and each row's softmax entropy, both differentiable (one node whose
+/// output is `[2, ...]`), or `None` as there.
+pub fn token_logprobs_entropy(
+    hidden: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+) -> Result<Option<(Tensor, Tensor)>> {
+    match head(hidden, w, targets, true)? {
+        Some(pair) => Ok(Some((pair.get(0)?, pair.get(1)?))),
+        None => Ok(None),
+    }
+}
+
+fn head(hidden: &Tensor, w: &Tensor, targets: &Tensor, entropy: bool) -> Result<Option<Tensor>> {
     if gemm::takes_nt(hidden, w).is_none() {
         return Ok(None);
     }
@@ -38,6 +55,7 @@ pub fn token_logprobs(hidden: &Tensor, w: &Tensor, targets: &Tensor) -> Result<O
     let t = targets.to_dtype(DType::U32)?.contiguous()?;
     let op = LossHead {
         saved: Mutex::new(None),
+        entropy,
     };
     let arg = crate::tape::arg;
     let (h, wp) = (gemm::prepared(&arg(hidden))?, gemm::prepared(&arg(w))?);
@@ -47,8 +65,10 @@ pub fn token_logprobs(hidden: &Tensor, w: &Tensor, targets: &Tensor) -> Result<O
     // On a tape: the gradients are the GEMMs' fresh buffers, which a tied embedding's
     // backward then adds its rows into.
     let y = h.apply_op3_no_bwd(&wp, &t, &op)?;
+    // The entropies' gradient term reads them back from the output.
+    let out = entropy.then(|| y.clone());
     crate::tape::record_owned(&[hidden, w, targets], &y, move |g, want| {
-        let (dh, dw) = op.backward(&h, &wp, &t, &g, [want[0], want[1]])?;
+        let (dh, dw) = op.backward(&h, &wp, &t, (out.as_ref(), &g), [want[0], want[1]])?;
         Ok(vec![dh, dw, None])
     })?;
     Ok(Some(y))
@@ -65,6 +85,8 @@ struct Saved {
 
 struct LossHead {
     saved: Mutex<Option<Saved>>,
+    /// Whether the output is `[2, ...]`, the log-probabilities then the entropies.
+    entropy: bool,
 }
 
 impl CustomOp3 for LossHead {
@@ -99,7 +121,7 @@ impl CustomOp3 for LossHead {
         })?;
         let ll = Layout::contiguous(shape.clone());
         let (logp, lse) = spans::timed(KernelOp::Logprobs, Pass::Forward, &dev, || {
-            logprobs::forward(&logits, &ll, st, lt)
+            logprobs::forward(&logits, &ll, st, lt, self.entropy)
         })?;
         let dims = shape.dims();
         let vocab = dims[dims.len() - 1];
@@ -110,7 +132,12 @@ impl CustomOp3 for LossHead {
             vocab,
             lse,
         });
-        Ok((logp, Shape::from(&dims[..dims.len() - 1])))
+        let lead = &dims[..dims.len() - 1];
+        let out = match self.entropy {
+            true => Shape::from([&[2], lead].concat()),
+            false => Shape::from(lead),
+        };
+        Ok((logp, out))
     }
 
     fn bwd(
@@ -118,24 +145,26 @@ impl CustomOp3 for LossHead {
         hidden: &Tensor,
         w: &Tensor,
         targets: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let want = [hidden.track_op(), w.track_op()];
-        let (dh, dw) = self.backward(hidden, w, targets, grad, want)?;
+        let out = self.entropy.then_some(res);
+        let (dh, dw) = self.backward(hidden, w, targets, (out, grad), want)?;
         Ok((dh, dw, None))
     }
 }
 
 impl LossHead {
-    /// The gradients of the hidden states and the weight for `grad` (the log-probabilities'),
-    /// each `None` where `want` says none is needed.
+    /// The gradients of the hidden states and the weight for `grad` (the output's: with the
+    /// entropies, `out` is the forward's output, whose second half they are), each `None`
+    /// where `want` says none is needed.
     fn backward(
         &self,
         hidden: &Tensor,
         w: &Tensor,
         targets: &Tensor,
-        grad: &Tensor,
+        (out, grad): (Option<&Tensor>, &Tensor),
         want: [bool; 2],
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // Taken, not cloned: the logits' buffer becomes their gradient and is freed after the
@@ -156,16 +185,16 @@ impl LossHead {
         };
         let dev = hidden.device();
         let g = grad.to_dtype(DType::F32)?.contiguous()?;
+        let entropy = out.map(|o| o.get(1)).transpose()?;
         spans::timed(KernelOp::Logprobs, Pass::Backward, dev, || {
             let (ts, tl) = targets.storage_and_layout();
             let (gs, gl) = g.storage_and_layout();
-            logprobs::backward_in_place(
-                &mut logits,
-                (rows, vocab),
-                (cuda_storage(&ts)?, tl),
-                (cuda_storage(&gs)?, gl),
-                &lse,
-            )
+            let up = logprobs::Upstream {
+                grad: (cuda_storage(&gs)?, gl),
+                lse: &lse,
+                entropy: entropy.as_ref(),
+            };
+            logprobs::backward_in_place(&mut logits, (rows, vocab), (cuda_storage(&ts)?, tl), &up)
         })?;
         let mut dims = hidden.dims().to_vec();
         dims.pop();
