@@ -669,6 +669,53 @@ log_every = 1
     );
 }
 
+/// A reward that applies to some responses only (`{"reward": null}` for the others, as a
+/// multi-task verifier answers and TRL's reward functions return None): GRPO leaves those
+/// responses out of its groups and trains on the rest, logs the share it could not score and
+/// their null rewards; PPO, whose returns need every score, stops in one line naming the
+/// reward.
+#[test]
+fn a_reward_that_applies_to_some_responses_only() {
+    let dir = tmp();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/partial_reward.py");
+    let reward = format!("cmd:python3 {}", script.display());
+    let out = p(dir.path(), "grpo");
+    run_ok(&args(&grpo_args(&out, "2", &["--reward", &reward])));
+    let unscored = series(&metrics(&out), "train", "unscored");
+    assert!(
+        !unscored.is_empty() && unscored.iter().all(|(_, u)| *u > 0.0 && *u < 1.0),
+        "{unscored:?}"
+    );
+    let log = completions(&out);
+    assert!(
+        log.iter().any(|c| c["reward"].is_null()),
+        "no null reward logged"
+    );
+    assert!(log.iter().any(|c| c["reward"].is_f64()), "no reward logged");
+    let e = run_err(&[
+        "ppo",
+        "--config",
+        &chain().config,
+        "--init",
+        s(&sft()),
+        "--out",
+        s(&p(dir.path(), "ppo")),
+        "--steps",
+        "1",
+        "--reward",
+        &reward,
+        "--device",
+        "cpu",
+    ]);
+    let errors: Vec<&str> = e.lines().filter(|l| l.starts_with("error")).collect();
+    assert!(
+        errors.len() == 1
+            && errors[0].contains("ppo: ")
+            && errors[0].contains("scored by no reward"),
+        "{e}"
+    );
+}
+
 /// `--packing` (OpenRLHF's `--packing_samples`) changes the layout of PPO's, GRPO's and
 /// online DPO's training forward, not its maths: the packed runs take the unpacked runs' steps and log
 /// the share of the padded positions they compute, and a stage without packing refuses the

@@ -488,8 +488,11 @@ pub fn run(
                     .map(|(name, x)| (name.clone(), x[i].into()))
                     .collect();
                 v.insert("rewards".into(), Value::Object(by_source));
-                summary.reward_sum += s.total[i];
-                summary.scored += 1;
+                // A response no reward applies to (all answered null) is left out of the mean.
+                if !s.total[i].is_nan() {
+                    summary.reward_sum += s.total[i];
+                    summary.scored += 1;
+                }
             }
             lines.push_str(&Value::Object(v).to_string());
             lines.push('\n');

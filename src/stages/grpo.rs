@@ -32,9 +32,9 @@ use super::rl::{
     row_sums, sequence_advantages, Aggregation, Clip, Form, Surrogate, Vespo,
 };
 use super::rollout::{
-    mean_over_ranks, rollout_seed, rollout_stats, rows, surrogate, token_shares, ActorKnobs,
-    Actors, Buffer, EntropyUse, FrozenReference, Objective, PolicyStep, Rollout, RolloutClock,
-    Schedule,
+    mean_over_ranks, require_scored, rollout_seed, rollout_stats, rows, surrogate, token_shares,
+    ActorKnobs, Actors, Buffer, EntropyUse, FrozenReference, Objective, PolicyStep, Rollout,
+    RolloutClock, Schedule,
 };
 use super::setup::{self, Plan, PolicyPair};
 use super::Env;
@@ -116,11 +116,19 @@ impl GrpoTask<'_> {
                 comm,
             )?);
         }
+        // A response no reward applies to (NaN) takes the host path, which leaves it out.
+        let all_scored = ro.scores.iter().all(|x| !x.is_nan());
         match (c.advantage_estimator, c.scale_rewards) {
-            (AdvantageEstimator::GroupNorm, ScaleRewards::Group) => {
+            (AdvantageEstimator::GroupNorm, ScaleRewards::Group) if all_scored => {
                 group_advantages(&ro.scores, c.group_size, c.eps, ro.resp_len, kernel, dev)
             }
             (AdvantageEstimator::ReinforcePlusPlus, _) => {
+                require_scored(
+                    ro,
+                    "grpo",
+                    "reinforce_plus_plus whitens every response's reward-to-go, so it needs a \
+                     score for each (group_norm and rloo leave such responses out)",
+                )?;
                 // With beta = 0 there is no reference, and no KL in the reward.
                 let kl = match ro.kl(KlEstimator::K1)? {
                     Some(kl) => kl,

@@ -28,9 +28,9 @@ use super::rl::{
     Aggregation, Clip,
 };
 use super::rollout::{
-    mean_over_ranks, response_values, rollout_seed, rollout_stats, rows, surrogate, token_shares,
-    ActorKnobs, Actors, Buffer, CollectTimes, EntropyUse, FrozenReference, Objective, PolicyStep,
-    Rollout, RolloutClock, Schedule,
+    mean_over_ranks, require_scored, response_values, rollout_seed, rollout_stats, rows, surrogate,
+    token_shares, ActorKnobs, Actors, Buffer, CollectTimes, EntropyUse, FrozenReference, Objective,
+    PolicyStep, Rollout, RolloutClock, Schedule,
 };
 use super::setup::{self, Plan, PolicyPair};
 use super::Env;
@@ -127,6 +127,12 @@ impl PpoTask<'_> {
         let kl = ro.kl(c.kl_estimator)?.ok_or_else(|| {
             anyhow::anyhow!("ppo: the rollout has no reference log-probabilities")
         })?;
+        require_scored(
+            ro,
+            "ppo",
+            "PPO's returns need a score for every response (GRPO and online DPO leave such \
+             responses out)",
+        )?;
         let scores: Vec<f64> = eos_penalised(&ro.scores, &ro.finished, c.missing_eos_penalty)
             .into_iter()
             .map(|s| c.score_clip.map_or(s, |clip| s.clamp(-clip, clip)))

@@ -411,7 +411,31 @@ pub fn group_advantages(
 /// - `Rloo`: `r_i - mean of the other G - 1 scores of its group`.
 ///
 /// (`GroupNorm` with `Group` also has a kernel, [`group_advantages`], which the stages use.)
+///
+/// A NaN score (a response no reward applies to) is left out of its group's mean, std and
+/// leave-one-out baseline and of the batch's std, and its advantage is 0, as TRL's GRPO and
+/// RLOO treat one; so is a response whose group has no other scored member under `Rloo`.
 pub fn sequence_advantages(
+    scores: &[f64],
+    group: usize,
+    est: AdvantageEstimator,
+    scale: ScaleRewards,
+    eps: f64,
+    comm: &dyn Communicator,
+) -> Result<Vec<f64>> {
+    let a = baselined(scores, group, est, scale, eps, comm)?;
+    Ok(a.into_iter()
+        .map(|x| if x.is_nan() { 0.0 } else { x })
+        .collect())
+}
+
+/// Whether a score is a number (not the NaN of a response no reward applies to), as a mask.
+fn scored_mask(x: &[f64]) -> Vec<f32> {
+    x.iter().map(|v| f32::from(u8::from(!v.is_nan()))).collect()
+}
+
+/// [`sequence_advantages`] with NaN left where a response has none.
+fn baselined(
     scores: &[f64],
     group: usize,
     est: AdvantageEstimator,
@@ -422,24 +446,30 @@ pub fn sequence_advantages(
     let all: Vec<f32> = scores.iter().map(|&x| x as f32).collect();
     let batch_var = match scale {
         ScaleRewards::Batch => {
-            let (mean, var) = masked_mean_var(&all, &vec![1.0; all.len()]);
-            global_mean_var(comm, all.len() as f64, mean, var)?.1
+            let valid = scored_mask(scores);
+            let (mean, var) = masked_mean_var(&all, &valid);
+            let n = valid.iter().sum::<f32>();
+            global_mean_var(comm, f64::from(n), mean, var)?.1
         }
         _ => 0.0,
     };
     let mut out = Vec::with_capacity(scores.len());
     for g in scores.chunks(group) {
-        let n = g.len() as f64;
-        let sum: f64 = g.iter().sum();
+        let scored: Vec<f64> = g.iter().copied().filter(|x| !x.is_nan()).collect();
+        let n = scored.len() as f64;
+        let sum: f64 = scored.iter().sum();
         let mean = sum / n;
         match est {
             AdvantageEstimator::Rloo => {
-                out.extend(g.iter().map(|&r| r - (sum - r) / (n - 1.0).max(1.0)));
+                out.extend(g.iter().map(|&r| match n >= 2.0 {
+                    true => r - (sum - r) / (n - 1.0),
+                    false => f64::NAN,
+                }));
             }
             AdvantageEstimator::GroupNorm | AdvantageEstimator::ReinforcePlusPlus => {
                 let gf: Vec<f32> = g.iter().map(|&x| x as f32).collect();
                 let denom = match scale {
-                    ScaleRewards::Group => masked_mean_var(&gf, &vec![1.0; g.len()]).1.sqrt() + eps,
+                    ScaleRewards::Group => masked_mean_var(&gf, &scored_mask(g)).1.sqrt() + eps,
                     ScaleRewards::Batch => batch_var.sqrt() + eps,
                     ScaleRewards::None => 1.0,
                 };
@@ -464,9 +494,11 @@ pub fn decoupled_advantages(
     comm: &dyn Communicator,
 ) -> Result<Vec<f64>> {
     let n = by_source.first().map_or(0, |s| s.len());
-    let mut sum = vec![0f64; n];
+    // A source's NaN (it does not apply) adds nothing; a response none applies to stays NaN,
+    // out of the batch's statistics, and gets 0.
+    let mut sum = vec![f64::NAN; n];
     for (scores, w) in by_source.iter().zip(weights) {
-        let normed = sequence_advantages(
+        let normed = baselined(
             scores,
             group,
             AdvantageEstimator::GroupNorm,
@@ -475,15 +507,22 @@ pub fn decoupled_advantages(
             comm,
         )?;
         for (t, x) in sum.iter_mut().zip(normed) {
-            *t += w * x;
+            if !x.is_nan() {
+                *t = if t.is_nan() { w * x } else { *t + w * x };
+            }
         }
     }
     let all: Vec<f32> = sum.iter().map(|&x| x as f32).collect();
-    let (mean, var) = masked_mean_var(&all, &vec![1.0; n]);
-    let (mean, var) = global_mean_var(comm, n as f64, mean, var)?;
+    let valid = scored_mask(&sum);
+    let (mean, var) = masked_mean_var(&all, &valid);
+    let scored = f64::from(valid.iter().sum::<f32>());
+    let (mean, var) = global_mean_var(comm, scored, mean, var)?;
     Ok(sum
         .iter()
-        .map(|x| (x - mean) / (var.sqrt() + eps))
+        .map(|x| match x.is_nan() {
+            true => 0.0,
+            false => (x - mean) / (var.sqrt() + eps),
+        })
         .collect())
 }
 
@@ -1072,6 +1111,42 @@ mod tests {
         )
         .unwrap();
         assert!((plain[0] - plain[1]).abs() > 50.0 * (plain[2] - plain[3]).abs());
+    }
+
+    /// A response no reward applies to (NaN) is left out of its group's statistics and of the
+    /// batch's, and gets advantage 0, under each estimator and GDPO; a group with one scored
+    /// response gives RLOO no baseline, so 0 there too.
+    #[test]
+    fn unscored_responses_are_left_out_and_get_no_advantage() {
+        use AdvantageEstimator::*;
+        let nan = f64::NAN;
+        let r = [1.0, nan, 0.0, 2.0, nan, 4.0, nan, 5.0, nan];
+        let grp = sequence_advantages(&r, 3, GroupNorm, ScaleRewards::Group, 0.0, &Solo).unwrap();
+        // Group 0 over [1, 0]: mean 0.5, unbiased std sqrt(0.5); group 2 has one score, std 0.
+        let z = 0.5 / 0.5f64.sqrt();
+        let want = [z, 0.0, -z, -z, 0.0, z, 0.0, 0.0, 0.0];
+        for (a, w) in grp.iter().zip(want) {
+            assert!((a - w).abs() < 1e-9, "{grp:?}");
+        }
+        let rloo = sequence_advantages(&r, 3, Rloo, ScaleRewards::Group, 0.0, &Solo).unwrap();
+        assert_eq!(rloo, [1.0, 0.0, -1.0, -2.0, 0.0, 2.0, 0.0, 0.0, 0.0]);
+        // The batch's std is that of the five scores, as if the others were not there.
+        let bat = sequence_advantages(&r, 3, GroupNorm, ScaleRewards::Batch, 0.0, &Solo).unwrap();
+        let scored = [1.0, 0.0, 2.0, 4.0, 5.0];
+        let m = scored.iter().sum::<f64>() / 5.0;
+        let sd = (scored.iter().map(|x| (x - m).powi(2)).sum::<f64>() / 4.0).sqrt();
+        assert!((bat[0] - 0.5 / sd).abs() < 1e-6 && bat[1] == 0.0, "{bat:?}");
+        // GDPO: source a misses row 1, source b rows 0 and 1; row 1 is unscorable.
+        let a = [1.0, nan, 0.0, 3.0];
+        let b = [nan, nan, 0.0, 2.0];
+        let adv = decoupled_advantages(&[&a, &b], &[1.0, 1.0], 2, 1e-4, &Solo).unwrap();
+        // Row 0: a alone in its group, so 0 (TRL's eps makes 0 / 0 a 0); rows 2 and 3: a and b
+        // each -z and +z, summed to -2z and 2z; over the scored rows [0, -2z, 2z] the batch
+        // normalisation gives [0, -1, 1] (std 2z); row 1 none.
+        let want = [0.0, 0.0, -1.0, 1.0];
+        for (x, w) in adv.iter().zip(want) {
+            assert!((x - w).abs() < 1e-3, "{adv:?}");
+        }
     }
 
     /// Each objective learns a bandit: four actions, the last one rewarded, 16 samples a

@@ -372,12 +372,15 @@ impl RolloutClock {
     }
 }
 
-/// What every RL stage logs per rollout: mean score, mean summed KL `kl_seq`, response
-/// length, the fraction that ended with EOS, and a `rollout` marker.
+/// What every RL stage logs per rollout: mean score (of the scorable responses), mean summed
+/// KL `kl_seq`, response length, the fraction that ended with EOS, a `rollout` marker, and
+/// where some response was scored by no reward (`{"reward": null}` from all), the fraction
+/// `unscored`.
 pub fn rollout_stats(ro: &Rollout, kl_seq: Option<f64>) -> Vec<(&'static str, f64)> {
     let b = ro.lengths.len().max(1) as f64;
+    let (sum, scored) = scored_sum(&ro.scores);
     let mut stats = vec![
-        ("score", ro.scores.iter().sum::<f64>() / b),
+        ("score", sum / scored.max(1) as f64),
         (
             "response_length",
             ro.lengths.iter().sum::<usize>() as f64 / b,
@@ -388,6 +391,9 @@ pub fn rollout_stats(ro: &Rollout, kl_seq: Option<f64>) -> Vec<(&'static str, f6
         ),
         ("rollout", 1.0),
     ];
+    if scored < ro.scores.len() {
+        stats.push(("unscored", (ro.scores.len() - scored) as f64 / b));
+    }
     stats.extend(kl_seq.map(|kl| ("kl", kl)));
     // Under packing: the share of the padded layout's positions a forward over the whole
     // rollout computes (minibatches pack on their own, about as well).
@@ -502,7 +508,7 @@ pub fn greedy_eval(
         ..Default::default()
     };
     let has_answers = prompts.iter().all(|p| p.answer.is_some());
-    let (mut correct, mut total) = (0usize, 0.0);
+    let (mut correct, mut total, mut scored) = (0usize, 0.0, 0usize);
     for chunk in prompts.chunks(64) {
         let ids: Vec<Vec<u32>> = chunk.iter().map(|r| r.ids(tok)).collect::<Result<_>>()?;
         let keys = RowKeys::range(0, 0, ids.len());
@@ -517,11 +523,9 @@ pub fn greedy_eval(
             seqs: &g.sequences(&ids),
             texts: &g.texts,
         };
-        total += rewards
-            .score(&batch, tok.pad_id(), ctx)?
-            .total
-            .iter()
-            .sum::<f64>();
+        let (sum, n) = scored_sum(&rewards.score(&batch, tok.pad_id(), ctx)?.total);
+        total += sum;
+        scored += n;
     }
     let n = prompts.len().max(1) as f64;
     let acc = if has_answers {
@@ -529,7 +533,39 @@ pub fn greedy_eval(
     } else {
         f64::NAN
     };
-    Ok((acc, total / n))
+    // Over the responses some reward applies to; NaN where none does.
+    let mean = match scored {
+        0 => f64::NAN,
+        k => total / k as f64,
+    };
+    Ok((acc, mean))
+}
+
+/// The sum of the scores of scorable responses (not NaN), and how many there are.
+pub fn scored_sum(scores: &[f64]) -> (f64, usize) {
+    scores
+        .iter()
+        .filter(|x| !x.is_nan())
+        .fold((0.0, 0), |(s, n), x| (s + x, n + 1))
+}
+
+/// An error naming the reward that scored none of some response, where a stage needs every
+/// response scored (`why` says why).
+pub fn require_scored(ro: &Rollout, stage: &str, why: &str) -> Result<()> {
+    let unscored = ro.scores.iter().filter(|x| x.is_nan()).count();
+    if unscored == 0 {
+        return Ok(());
+    }
+    let names: Vec<&str> = ro
+        .scores_by_source
+        .iter()
+        .filter(|(_, s)| s.iter().any(|x| x.is_nan()))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    anyhow::bail!(
+        "{stage}: {unscored} responses were scored by no reward (null from {}); {why}",
+        names.join(", ")
+    )
 }
 
 /// Samples a response for every prompt (prompt `i` from the stream of `keys.rows[i]`).

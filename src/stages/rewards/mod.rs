@@ -48,7 +48,10 @@ pub struct RewardFn {
     pub pack_models: bool,
 }
 
-/// One batch's scores: the weighted total, and each source's unweighted scores.
+/// One batch's scores: the weighted total, and each source's unweighted scores. A source that
+/// does not apply to a response (an external reward answering `{"reward": null}`, as TRL's
+/// reward functions return None) scores it NaN; the total sums the sources that apply, and is
+/// NaN where none does (the response is unscorable).
 pub struct Scores {
     pub total: Vec<f64>,
     pub by_source: Vec<(String, Vec<f64>)>,
@@ -154,9 +157,16 @@ impl RewardFn {
                 }
             };
             for (t, x) in total.iter_mut().zip(&s) {
-                *t += src.weight * x;
+                if !x.is_nan() {
+                    *t += src.weight * x;
+                }
             }
             by_source.push((src.name.clone(), s));
+        }
+        for (i, t) in total.iter_mut().enumerate() {
+            if by_source.iter().all(|(_, s)| s[i].is_nan()) {
+                *t = f64::NAN;
+            }
         }
         Ok(Scores { total, by_source })
     }
@@ -200,11 +210,15 @@ fn requests(batch: &Batch) -> Vec<Value> {
         .collect()
 }
 
-/// Reads a reward from one reply object `{"reward": number}`; `what` says where it came from.
+/// Reads a reward from one reply object `{"reward": number}`, or `{"reward": null}` for a
+/// response the reward does not apply to (NaN); `what` says where it came from.
 pub(crate) fn parse_reply(v: &Value, what: &str) -> Result<f64> {
+    if v.get("reward").is_some_and(Value::is_null) {
+        return Ok(f64::NAN);
+    }
     let r = v.get("reward").and_then(Value::as_f64).with_context(|| {
         format!(
-            "{what}: expected {{\"reward\": number}}, got {}",
+            "{what}: expected {{\"reward\": number}} (or null), got {}",
             clip(&v.to_string())
         )
     })?;
@@ -237,4 +251,26 @@ pub fn check_prompts(rewards: &RewardFn, prompts: &[PromptRecord]) -> Result<()>
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reply's reward is a finite number, or null for a response it does not apply to (NaN
+    /// here); anything else is refused naming where it came from.
+    #[test]
+    fn a_reply_is_a_number_or_null() {
+        let read = |text: &str| parse_reply(&serde_json::from_str(text).unwrap(), "reply 1");
+        assert_eq!(read(r#"{"reward": 0.5}"#).unwrap(), 0.5);
+        assert!(read(r#"{"reward": null}"#).unwrap().is_nan());
+        for bad in [
+            r#"{"reward": "high"}"#,
+            r#"{"score": 1}"#,
+            r#"{"reward": [1]}"#,
+        ] {
+            let e = read(bad).map(|_| ()).unwrap_err().to_string();
+            assert!(e.starts_with("reply 1: "), "{bad}: {e}");
+        }
+    }
 }
