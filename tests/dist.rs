@@ -496,7 +496,7 @@ fn reward_modelling_over_two_ranks_follows_one_rank() {
 /// whole rollout, and a data-parallel run resumed at another step continues its curve.
 #[test]
 fn grpo_over_two_ranks_follows_one_rank_and_resumes_exactly() {
-    rl_over_two_ranks("grpo", false, &[], &|prompts| {
+    rl_over_two_ranks("grpo", false, &[], VARIED, &|prompts| {
         format!("[grpo]\nprompts_per_rollout = {prompts}\ngroup_size = 2\nminibatch_size = {}\neval_prompts = 4\nlog_completions = 2\n", 2 * prompts)
     });
 }
@@ -504,12 +504,13 @@ fn grpo_over_two_ranks_follows_one_rank_and_resumes_exactly() {
 /// GRPO's collectives of TRL's newer knobs hold over two ranks too: the top-entropy mask's
 /// quantile over every rank's tokens, the entropy bonus weighed by each rank's share of the
 /// tokens it reads, the adaptive coefficient moved by the step's entropy over every rank, and
-/// GDPO's batch normalisation, under CISPO's loss.
+/// GDPO's batch normalisation, under CISPO's loss, two epochs a rollout with the off-policy
+/// mask (whose second epoch is off-policy).
 #[test]
 fn grpos_entropy_mask_and_bonus_over_two_ranks_follow_one_rank() {
     let logged = ["entropy_coef", "kl_token"];
-    rl_over_two_ranks("grpo", false, &logged, &|prompts| {
-        format!("[grpo]\nprompts_per_rollout = {prompts}\ngroup_size = 2\nminibatch_size = {}\neval_prompts = 4\nlog_completions = 2\nloss_type = \"cispo\"\nepsilon_high = 5.0\ntop_entropy_quantile = 0.5\nuse_adaptive_entropy = true\nentropy_coef = 0.01\nentropy_target = 100.0\nmulti_objective_aggregation = \"normalize_then_sum\"\n", 2 * prompts)
+    rl_over_two_ranks("grpo", false, &logged, VARIED, &|prompts| {
+        format!("[grpo]\nprompts_per_rollout = {prompts}\ngroup_size = 2\nminibatch_size = {}\neval_prompts = 4\nlog_completions = 2\nloss_type = \"cispo\"\nepsilon_high = 5.0\nepochs = 2\noff_policy_mask_threshold = 1e-6\ntop_entropy_quantile = 0.5\nuse_adaptive_entropy = true\nentropy_coef = 0.01\nentropy_target = 100.0\nmulti_objective_aggregation = \"normalize_then_sum\"\n", 2 * prompts)
     });
 }
 
@@ -517,7 +518,7 @@ fn grpos_entropy_mask_and_bonus_over_two_ranks_follow_one_rank() {
 /// rank's tokens, the adaptive KL reading the global KL) follows one rank, and resumes.
 #[test]
 fn ppo_over_two_ranks_follows_one_rank_and_resumes_exactly() {
-    rl_over_two_ranks("ppo", false, &[], &|prompts| {
+    rl_over_two_ranks("ppo", false, &[], VARIED, &|prompts| {
         format!("[ppo]\nrollout_batch = {prompts}\nminibatch_size = {prompts}\nppo_epochs = 1\neval_prompts = 4\nlog_completions = 2\n")
     });
 }
@@ -529,9 +530,30 @@ fn ppo_over_two_ranks_follows_one_rank_and_resumes_exactly() {
 #[test]
 fn online_dpo_over_two_ranks_follows_one_rank_and_resumes_exactly() {
     let logged = ["dpo_loss", "ranked_share", "reward_accuracy", "kl"];
-    rl_over_two_ranks("online-dpo", true, &logged, &|_| {
+    rl_over_two_ranks("online-dpo", true, &logged, VARIED, &|_| {
         "[online_dpo]\neval_prompts = 4\nlog_completions = 2\nrpo_alpha = 1.0\n".to_string()
     });
+}
+
+/// A reward that differs between samples (tests/fixtures/varied_reward.py).
+const VARIED: &str = "varied_reward.py";
+
+/// GRPO over two ranks on a reward that answers null for some responses (the ranks hold
+/// different shares of them): the group and batch statistics leave them out alike, every rank
+/// logs the same metrics (`unscored` over the whole rollout too), and it follows one rank.
+/// Two epochs a rollout: at ratio 1 the loss is a mean of advantages, 0 when every response
+/// runs to the token limit.
+#[test]
+fn grpo_with_unscored_responses_over_two_ranks_follows_one_rank() {
+    rl_over_two_ranks(
+        "grpo",
+        false,
+        &["unscored"],
+        "partial_reward.py",
+        &|prompts| {
+            format!("[grpo]\nprompts_per_rollout = {prompts}\ngroup_size = 4\nminibatch_size = {}\neval_prompts = 4\nlog_completions = 2\nscale_rewards = \"batch\"\nepochs = 2\n", 4 * prompts)
+        },
+    );
 }
 
 /// Runs RL `stage` for 4 steps from a short pretraining, once with `table(4)` (4 prompts per
@@ -545,6 +567,7 @@ fn rl_over_two_ranks(
     stage: &str,
     batch_prompts: bool,
     logged: &[&str],
+    fixture: &str,
     table: &dyn Fn(usize) -> String,
 ) {
     let d = tmp();
@@ -560,7 +583,9 @@ fn rl_over_two_ranks(
     let pre = pre.to_str().unwrap();
     // The untrained model never solves the task: a reward that differs between samples gives
     // the advantages (and so the gradients) something to be.
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/varied_reward.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(fixture);
     let reward = format!("cmd:python3 {}", script.display());
     let run = |launched: bool, c: &str, out: &Path, extra: &[&str]| {
         let batch = match launched {

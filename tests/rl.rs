@@ -591,7 +591,9 @@ log_every = 1
         (out, String::from_utf8_lossy(&o.stderr).into_owned())
     };
     let one = [reward.as_str()];
-    let cispo = "loss_type = \"cispo\"\nepsilon_high = 5.0\noff_policy_mask_threshold = 0.5\nuse_bias_correction_kl = true\ntop_entropy_quantile = 0.5\nuse_adaptive_entropy = true\nentropy_coef = 0.01\nentropy_target = 100.0\n";
+    // Two epochs over each rollout: the second's ratios leave 1, so the off-policy mask (at a
+    // threshold any drift passes) and the importance-corrected KL have something to do.
+    let cispo = "loss_type = \"cispo\"\nepsilon_high = 5.0\nepochs = 2\noff_policy_mask_threshold = 1e-6\nuse_bias_correction_kl = true\ntop_entropy_quantile = 0.5\nuse_adaptive_entropy = true\nentropy_coef = 0.01\nentropy_target = 100.0\n";
     let (out, _) = run("cispo", cispo, "3", "100", &one);
     let m = metrics(&out);
     let coef: Vec<f64> = series(&m, "train", "entropy_coef")
@@ -610,13 +612,19 @@ log_every = 1
             "{key}: {x:?}"
         );
     }
-    let vespo = "loss_type = \"vespo\"\nmulti_objective_aggregation = \"normalize_then_sum\"\n";
+    // Step 2 is the second epoch over the first rollout: responses with a negative advantage
+    // the update made less likely are masked there, and none at the on-policy step 1.
+    let masked = series(&m, "train", "off_policy_masked");
+    assert!(masked[0].1 == 0.0 && masked[1].1 > 0.0, "{masked:?}");
+    let vespo =
+        "loss_type = \"vespo\"\nepochs = 2\nmulti_objective_aggregation = \"normalize_then_sum\"\n";
     let (out, _) = run("vespo", vespo, "2", "100", &[reward.as_str(), "task:0.5"]);
     let m = metrics(&out);
     let phi = series(&m, "train", "vespo_phi");
-    // The first minibatch of each rollout is on-policy: every weight is 1.
+    // The first epoch is on-policy, every weight 1; the second's responses have moved.
+    assert_eq!(phi.len(), 2, "{phi:?}");
     assert!(
-        !phi.is_empty() && phi.iter().all(|(_, v)| (v - 1.0).abs() < 1e-4),
+        (phi[0].1 - 1.0).abs() < 1e-4 && (phi[1].1 - 1.0).abs() > 1e-4,
         "{phi:?}"
     );
     let luspo = "loss_type = \"luspo\"\nimportance_sampling_level = \"sequence\"\n";

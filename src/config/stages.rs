@@ -1088,6 +1088,10 @@ impl GrpoConfig {
         if self.prompts_per_rollout == 0 || self.minibatch_size == 0 {
             bail!("grpo.prompts_per_rollout and grpo.minibatch_size must be positive");
         }
+        // A group whose scores tie has std 0: eps keeps its advantages 0, not 0 / 0.
+        if !positive(self.eps) {
+            bail!("grpo.eps must be positive (TRL's 1e-4), got {}", self.eps);
+        }
         self.validate_losses()?;
         self.validate_entropy()?;
         self.validate_reference()

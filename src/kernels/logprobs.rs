@@ -130,8 +130,12 @@ pub fn fused(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 }
 
 /// The fused op with the entropy on any device: `(logp, entropy)`, both differentiable in the
-/// logits (one op whose output is `[2, ...]`).
+/// logits (one op whose output is `[2, ...]`). Not on a tape: the split of the output is a
+/// candle op, which a tape segment would not record.
 pub fn fused_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+    if crate::tape::recording() {
+        candle_core::bail!("logprobs with entropy: not supported inside a tape segment");
+    }
     let pair = fused_op(logits, targets, true)?;
     Ok((pair.get(0)?, pair.get(1)?))
 }

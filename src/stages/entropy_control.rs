@@ -62,12 +62,12 @@ impl EntropyControl {
     /// At an optimizer step's end: the step's mean entropy over every rank, and under
     /// adaptive control the next coefficient.
     pub fn end_step(&mut self, comm: &dyn Communicator) -> Result<()> {
+        let w = std::mem::take(&mut self.window);
         let Some(a) = self.adaptive else {
             return Ok(());
         };
-        let mut w = [self.window.0 as f32, self.window.1 as f32];
+        let mut w = [w.0 as f32, w.1 as f32];
         comm.all_reduce_mean(&mut w)?;
-        self.window = (0.0, 0.0);
         // No tokens read counts as no entropy, as TRL's clamped count makes it.
         let entropy = match w[1] > 0.0 {
             true => f64::from(w[0]) / f64::from(w[1]),
@@ -86,14 +86,18 @@ impl EntropyControl {
         serde_json::json!({"coef": self.coef, "last_entropy": self.last})
     }
 
-    /// Reads [`EntropyControl::state`] back; a checkpoint from before the control keeps the
-    /// configured start.
+    /// Reads [`EntropyControl::state`] back under adaptive control, as TRL restores it; a
+    /// fixed coefficient is the configuration's (a run resumed with another one takes it),
+    /// and a checkpoint from before the control keeps the configured start.
     pub fn restore(&mut self, s: &serde_json::Value) {
+        self.window = (0.0, 0.0);
+        if self.adaptive.is_none() {
+            return;
+        }
         if let Some(coef) = s["coef"].as_f64() {
             self.coef = coef;
         }
         self.last = s["last_entropy"].as_f64();
-        self.window = (0.0, 0.0);
     }
 }
 
@@ -137,6 +141,14 @@ mod tests {
         let mut back = EntropyControl::new(&adaptive());
         back.restore(&kept);
         assert_eq!(back, e);
+        // A fixed coefficient is the configuration's, whatever the checkpoint kept.
+        let fixed_cfg = GrpoConfig {
+            entropy_coef: 0.03,
+            ..GrpoConfig::default()
+        };
+        let mut fixed = EntropyControl::new(&fixed_cfg);
+        fixed.restore(&kept);
+        assert_eq!(fixed, EntropyControl::new(&fixed_cfg));
         // A fixed coefficient applies from the first step and never moves.
         let mut fixed = EntropyControl::new(&GrpoConfig {
             entropy_coef: 0.01,

@@ -39,7 +39,8 @@ use super::rollout::{
 use super::setup::{self, Plan, PolicyPair};
 use super::Env;
 use crate::config::{
-    AdvantageEstimator, GrpoConfig, KlEstimator, LossType, MultiObjective, ScaleRewards,
+    AdvantageEstimator, GrpoConfig, ImportanceSamplingLevel, KlEstimator, LossType, MultiObjective,
+    ScaleRewards,
 };
 use crate::data::records::PromptRecord;
 use crate::data::sampler::{state_u64, WindowSampler};
@@ -125,6 +126,7 @@ impl GrpoTask<'_> {
             (AdvantageEstimator::ReinforcePlusPlus, _) => {
                 require_scored(
                     ro,
+                    self.env.comm.as_ref(),
                     "grpo",
                     "reinforce_plus_plus whitens every response's reward-to-go, so it needs a \
                      score for each (group_norm and rloo leave such responses out)",
@@ -215,7 +217,7 @@ impl GrpoTask<'_> {
         self.actors
             .completions
             .write(step + 1, &records, &ro, kl_rows.as_deref())?;
-        let mut stats = rollout_stats(&ro, self.last_kl);
+        let mut stats = rollout_stats(&ro, self.last_kl, comm)?;
         stats.extend(self.clock.metrics(&times));
         let plan = Schedule {
             epochs: c.epochs.max(1),
@@ -380,6 +382,18 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
             .as_ref()
             .map_or("none (beta = 0)", FrozenReference::describe)
     );
+    if c.loss_type == LossType::Luspo
+        && c.importance_sampling_level == ImportanceSamplingLevel::Token
+        && env.comm.rank() == 0
+    {
+        // As TRL warns: the paper takes one ratio per response.
+        eprintln!(
+            "[{}] warning: loss_type = \"luspo\" is set with importance_sampling_level = \
+             \"sequence\" in its paper; with \"token\" each response's clipped token losses \
+             are summed",
+            cfg.stage
+        );
+    }
     let model = actors.policy.cfg.clone();
     let mut task = GrpoTask {
         env,

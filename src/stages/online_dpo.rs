@@ -220,7 +220,7 @@ impl OnlineDpoTask<'_> {
         let (ro, times) = self
             .actors
             .collect(self.env.ctx(true, None), &records, &cfg, &keys)?;
-        let mut stats = rollout_stats(&ro, None);
+        let mut stats = rollout_stats(&ro, None, comm)?;
         stats.extend(self.clock.metrics(&times));
         let scores = eos_penalised(&ro.scores, &ro.finished, penalty);
         let ranked = ranked_pairs(&scores);

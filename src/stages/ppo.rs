@@ -129,6 +129,7 @@ impl PpoTask<'_> {
         })?;
         require_scored(
             ro,
+            self.env.comm.as_ref(),
             "ppo",
             "PPO's returns need a score for every response (GRPO and online DPO leave such \
              responses out)",
@@ -173,7 +174,7 @@ impl PpoTask<'_> {
         self.actors
             .completions
             .write(step + 1, &records, &ro, Some(&a.kl_rows))?;
-        let mut stats = rollout_stats(&ro, Some(kl_seq));
+        let mut stats = rollout_stats(&ro, Some(kl_seq), comm)?;
         stats.extend([
             ("beta", self.beta),
             ("explained_variance", a.explained),

@@ -129,6 +129,15 @@ impl Vespo {
     }
 }
 
+/// The mean over responses with a valid token of each one's mean of `x [b, R]` over its valid
+/// tokens (TRL's per-sequence metrics).
+fn response_mean(x: &Tensor, mask: &Tensor) -> Result<f64> {
+    let len = mask.sum(1)?;
+    let per = ((x * mask)?.sum(1)? / len.clamp(1.0, f64::INFINITY)?)?;
+    let rows = scalar(&len.gt(0.0)?.to_dtype(DType::F32)?.sum_all()?)?;
+    Ok(scalar(&per.sum_all()?)? / rows.max(1.0))
+}
+
 /// `sigmoid(x)` elementwise.
 fn sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok((x.neg()?.exp()? + 1.0)?.recip()?)
@@ -211,8 +220,8 @@ pub struct PolicyLoss {
     /// `0.5 * mean((logp - logp_old)^2)` (TRL's `approxkl`).
     pub approx_kl: f64,
     pub ratio: f64,
-    /// The objective's own: VESPO's mean weight `vespo_phi`, the off-policy mask's share of
-    /// responses dropped `off_policy_masked`.
+    /// The objective's own: VESPO's weight averaged over responses `vespo_phi`, the
+    /// off-policy mask's share of valid tokens dropped `off_policy_masked`.
     pub extra: Vec<(&'static str, f64)>,
 }
 
@@ -273,7 +282,7 @@ pub fn policy_loss(
         }
         Form::Vespo(v) => {
             let phi = v.weights(&diff, adv, mask)?;
-            extra.push(("vespo_phi", share(&phi)?));
+            extra.push(("vespo_phi", response_mean(&phi, mask)?));
             (((&neg_adv * phi)? * logp)?, None)
         }
     };

@@ -55,9 +55,11 @@ pub struct Rollout {
     /// The temperature log-probabilities are taken at: the sampling temperature, or 1 for a
     /// preference objective ([`Objective`]).
     pub temperature: f64,
-    /// Each response's weighted score.
+    /// Each response's weighted score; NaN where no reward applies to it
+    /// (`rewards::Scores`).
     pub scores: Vec<f64>,
-    /// Each source's unweighted scores, for the completion log.
+    /// Each source's unweighted scores (NaN where it does not apply), for the completion log
+    /// and GRPO's per-source normalisation.
     pub scores_by_source: Vec<(String, Vec<f64>)>,
     pub texts: Vec<String>,
     pub finished: Vec<bool>,
@@ -372,15 +374,25 @@ impl RolloutClock {
     }
 }
 
-/// What every RL stage logs per rollout: mean score (of the scorable responses), mean summed
-/// KL `kl_seq`, response length, the fraction that ended with EOS, a `rollout` marker, and
-/// where some response was scored by no reward (`{"reward": null}` from all), the fraction
-/// `unscored`.
-pub fn rollout_stats(ro: &Rollout, kl_seq: Option<f64>) -> Vec<(&'static str, f64)> {
+/// What every RL stage logs per rollout: mean score of the scorable responses over every rank
+/// (`comm`), mean summed KL `kl_seq`, response length, the fraction that ended with EOS, a
+/// `rollout` marker, and the fraction `unscored` that no reward scored (`{"reward": null}`
+/// from all). Every rank logs the same names: the loop averages the values by position.
+pub fn rollout_stats(
+    ro: &Rollout,
+    kl_seq: Option<f64>,
+    comm: &dyn Communicator,
+) -> Result<Vec<(&'static str, f64)>> {
     let b = ro.lengths.len().max(1) as f64;
     let (sum, scored) = scored_sum(&ro.scores);
+    let mut total = [sum as f32, scored as f32];
+    comm.all_reduce_mean(&mut total)?;
+    let score = match total[1] > 0.0 {
+        true => f64::from(total[0]) / f64::from(total[1]),
+        false => f64::NAN,
+    };
     let mut stats = vec![
-        ("score", sum / scored.max(1) as f64),
+        ("score", score),
         (
             "response_length",
             ro.lengths.iter().sum::<usize>() as f64 / b,
@@ -390,10 +402,8 @@ pub fn rollout_stats(ro: &Rollout, kl_seq: Option<f64>) -> Vec<(&'static str, f6
             ro.finished.iter().filter(|&&f| f).count() as f64 / b,
         ),
         ("rollout", 1.0),
+        ("unscored", (ro.scores.len() - scored) as f64 / b),
     ];
-    if scored < ro.scores.len() {
-        stats.push(("unscored", (ro.scores.len() - scored) as f64 / b));
-    }
     stats.extend(kl_seq.map(|kl| ("kl", kl)));
     // Under packing: the share of the padded layout's positions a forward over the whole
     // rollout computes (minibatches pack on their own, about as well).
@@ -401,17 +411,13 @@ pub fn rollout_stats(ro: &Rollout, kl_seq: Option<f64>) -> Vec<(&'static str, f6
     let width = ro.prompt_cols + ro.resp_len;
     let share = ro.packed.as_ref().map(|d| d.computed_share(&all, width));
     stats.extend(share.and_then(Result::ok).map(|s| ("packed_share", s)));
-    stats
+    Ok(stats)
 }
 
-/// The factor a rank's token-mean loss is multiplied by under data parallelism: its share of
-/// the ranks' loss-carrying tokens (1 alone, and for the other aggregations, whose ranks
-/// already weigh alike). The loop's mean over ranks then weighs every token alike.
-pub fn token_share(comm: &dyn Communicator, agg: Aggregation, mask: &Tensor) -> Result<f64> {
-    Ok(token_shares(comm, &[(agg, mask)])?[0])
-}
-
-/// [`token_share`] of several loss terms at once, in one all-reduce.
+/// The factor each of several loss terms of a rank is multiplied by under data parallelism,
+/// in one all-reduce: for a token mean, its share of the ranks' loss-carrying tokens (1 alone,
+/// and for the other aggregations, whose ranks already weigh alike). The loop's mean over
+/// ranks then weighs every token alike.
 pub fn token_shares(comm: &dyn Communicator, terms: &[(Aggregation, &Tensor)]) -> Result<Vec<f64>> {
     let counted: Vec<bool> = terms
         .iter()
@@ -550,9 +556,13 @@ pub fn scored_sum(scores: &[f64]) -> (f64, usize) {
 }
 
 /// An error naming the reward that scored none of some response, where a stage needs every
-/// response scored (`why` says why).
-pub fn require_scored(ro: &Rollout, stage: &str, why: &str) -> Result<()> {
-    let unscored = ro.scores.iter().filter(|x| x.is_nan()).count();
+/// response scored (`why` says why); on every rank alike, so that none waits in a collective
+/// for one that stopped.
+pub fn require_scored(ro: &Rollout, comm: &dyn Communicator, stage: &str, why: &str) -> Result<()> {
+    let mine = ro.scores.iter().filter(|x| x.is_nan()).count();
+    let mut all = [mine as f32];
+    comm.all_reduce_mean(&mut all)?;
+    let unscored = (all[0] * comm.world() as f32).round() as usize;
     if unscored == 0 {
         return Ok(());
     }

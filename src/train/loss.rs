@@ -1,5 +1,6 @@
 //! Losses and the per-token quantities the stages share: log-softmax, token log-probabilities,
-//! masked means, entropy. Everything here is composed of differentiable candle ops.
+//! masked means. Everything here is composed of differentiable candle ops (the entropy comes
+//! with the log-probabilities from `kernels::logprobs`).
 
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};

@@ -60,13 +60,14 @@ pub trait Task {
     }
 
     /// Called once optimizer step `done` (1-based) has updated the weights on every rank,
-    /// before that step's evaluation and checkpoint (DPO's TR-DPO moves its reference here).
+    /// before that step's evaluation and checkpoint (TR-DPO moves DPO's and GRPO's reference
+    /// here; GRPO's adaptive entropy control takes the step's entropy).
     fn after_step(&mut self, _done: usize) -> Result<()> {
         Ok(())
     }
 
     /// Writes what the task keeps in checkpoint `dir` beside the model, the optimizer and
-    /// [`Task::state`]: weights of its own (DPO's reference, once TR-DPO has moved it).
+    /// [`Task::state`]: weights of its own (DPO's or GRPO's reference, which TR-DPO moves).
     fn write_files(&self, _dir: &Path) -> Result<()> {
         Ok(())
     }

@@ -29,12 +29,16 @@ pub fn token_logprobs(hidden: &Tensor, w: &Tensor, targets: &Tensor) -> Result<O
 }
 
 /// [`token_logprobs`] and each row's softmax entropy, both differentiable (one node whose
-/// output is `[2, ...]`), or `None` as there.
+/// output is `[2, ...]`), or `None` as there. Not on a tape: the split of the output is a
+/// candle op, which a tape segment would not record.
 pub fn token_logprobs_entropy(
     hidden: &Tensor,
     w: &Tensor,
     targets: &Tensor,
 ) -> Result<Option<(Tensor, Tensor)>> {
+    if crate::tape::recording() {
+        candle_core::bail!("the loss head with entropy: not supported inside a tape segment");
+    }
     match head(hidden, w, targets, true)? {
         Some(pair) => Ok(Some((pair.get(0)?, pair.get(1)?))),
         None => Ok(None),

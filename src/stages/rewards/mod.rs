@@ -140,7 +140,12 @@ impl RewardFn {
                     let s = m
                         .score(batch.seqs, pad, ctx, self.pack_models)?
                         .to_dtype(DType::F32)?;
-                    s.to_vec1::<f32>()?.into_iter().map(f64::from).collect()
+                    let s: Vec<f64> = s.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
+                    // Only an explicit null means "does not apply": a model's NaN is a fault.
+                    if let Some(i) = s.iter().position(|x| !x.is_finite()) {
+                        bail!("reward {}: scored response {i} {}", src.name, s[i]);
+                    }
+                    s
                 }
                 Kind::External(e) => {
                     let s = e
