@@ -651,6 +651,21 @@ log_every = 1
     assert_eq!(a.len(), 4, "{a:?}");
     assert!(a.iter().skip(1).any(|(_, k)| k.abs() > 1e-9), "{a:?}");
     assert_eq!(a, b, "the resumed run left the curve");
+    // TRL's RLOO knobs: scores clipped into [0, 1e-9] leave the group's differences far below
+    // eps, so the first step's gradient all but vanishes next to the unclipped run's; the
+    // advantages normalised over the rollout train as well.
+    let rloo = "advantage_estimator = \"rloo\"\nnormalize_advantages = true\n";
+    let (free, _) = run("rloo", rloo, "1", "100", &one);
+    let clipped = format!("{rloo}reward_clip_range = [0.0, 1e-9]\n");
+    let grad = |r: &Path| series(&metrics(r), "train", "grad_norm")[0].1;
+    let (clip_run, _) = run("rloo_clip", &clipped, "1", "100", &one);
+    assert!(grad(&free) > 1e-4, "{}", grad(&free));
+    assert!(
+        grad(&clip_run) < 1e-3 * grad(&free),
+        "{} vs {}",
+        grad(&clip_run),
+        grad(&free)
+    );
     // Without the moves the first step is the same, and the KL of every later one differs.
     let (plain, _) = run("sapo_plain", "loss_type = \"sapo\"\n", "4", "100", &one);
     for ((step, x), (_, y)) in a.iter().zip(&kl(&plain)) {

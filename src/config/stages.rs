@@ -917,6 +917,13 @@ pub struct GrpoConfig {
     pub entropy_target: f64,
     /// How several rewards become one (TRL's `multi_objective_aggregation`).
     pub multi_objective_aggregation: MultiObjective,
+    /// Each response's score clipped to `[min, max]` before its advantage is formed (TRL's
+    /// RLOO `reward_clip_range`). None: off.
+    pub reward_clip_range: Option<[f64; 2]>,
+    /// The advantages normalised over the whole rollout (every rank's scored responses) to
+    /// mean 0 and std 1 (TRL's RLOO `normalize_advantages`); not for `reinforce_plus_plus`,
+    /// which whitens its own.
+    pub normalize_advantages: bool,
     /// Move the reference towards the policy as it trains (TR-DPO's update, TRL's
     /// `sync_ref_model`), as `[dpo] sync_ref_model` does: needs a reference (beta > 0) and
     /// full fine-tuning.
@@ -1125,6 +1132,19 @@ impl GrpoConfig {
         if self.off_policy_mask_threshold.is_some_and(|t| !positive(t)) {
             bail!("grpo.off_policy_mask_threshold must be positive (DeepSeek-V3.2 uses values like 0.5)");
         }
+        if let Some([lo, hi]) = self.reward_clip_range {
+            if !(lo < hi && lo.is_finite() && hi.is_finite()) {
+                bail!("grpo.reward_clip_range must be [min, max] with min < max, got [{lo}, {hi}]");
+            }
+        }
+        if self.normalize_advantages
+            && self.advantage_estimator == AdvantageEstimator::ReinforcePlusPlus
+        {
+            bail!(
+                "grpo.normalize_advantages: reinforce_plus_plus whitens its advantages already \
+                 (use group_norm or rloo)"
+            );
+        }
         if self.multi_objective_aggregation == MultiObjective::NormalizeThenSum
             && self.advantage_estimator != AdvantageEstimator::GroupNorm
         {
@@ -1232,6 +1252,8 @@ impl Default for GrpoConfig {
             entropy_coef_delta: 0.005,
             entropy_target: 0.2,
             multi_objective_aggregation: MultiObjective::SumThenNormalize,
+            reward_clip_range: None,
+            normalize_advantages: false,
             sync_ref_model: false,
             ref_model_mixup_alpha: 0.6,
             ref_model_sync_steps: 512,
@@ -1599,6 +1621,25 @@ mod tests {
                 ..GrpoConfig::default()
             },
             "grpo.use_adaptive_entropy",
+        );
+        let c: GrpoConfig =
+            toml::from_str("reward_clip_range = [-1.0, 2.5]\nnormalize_advantages = true").unwrap();
+        assert_eq!(c.reward_clip_range, Some([-1.0, 2.5]));
+        c.validate().unwrap();
+        refused(
+            GrpoConfig {
+                reward_clip_range: Some([1.0, 1.0]),
+                ..GrpoConfig::default()
+            },
+            "grpo.reward_clip_range",
+        );
+        refused(
+            GrpoConfig {
+                normalize_advantages: true,
+                advantage_estimator: AdvantageEstimator::ReinforcePlusPlus,
+                ..GrpoConfig::default()
+            },
+            "grpo.normalize_advantages",
         );
         for loss in [
             LossType::Cispo,

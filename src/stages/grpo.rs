@@ -28,8 +28,8 @@ use super::entropy_control::EntropyControl;
 use super::eval::{PolicyEval, PolicyResult};
 use super::ref_sync::{MovingReference, RefSync};
 use super::rl::{
-    aggregate, decoupled_advantages, group_advantages, kl_estimate, reinforce_pp_advantages,
-    row_sums, sequence_advantages, Aggregation, Clip, Form, Surrogate, Vespo,
+    aggregate, baselined, batch_normalized, decoupled_advantages, group_advantages, kl_estimate,
+    reinforce_pp_advantages, row_sums, Aggregation, Clip, Form, Surrogate, Vespo,
 };
 use super::rollout::{
     mean_over_ranks, require_scored, rollout_seed, rollout_stats, rows, surrogate, token_shares,
@@ -117,11 +117,18 @@ impl GrpoTask<'_> {
                 comm,
             )?);
         }
+        // TRL's RLOO clips the scores (NaN stays NaN).
+        let scores: Vec<f64> = match c.reward_clip_range {
+            Some([lo, hi]) => ro.scores.iter().map(|x| x.clamp(lo, hi)).collect(),
+            None => ro.scores.clone(),
+        };
         // A response no reward applies to (NaN) takes the host path, which leaves it out.
-        let all_scored = ro.scores.iter().all(|x| !x.is_nan());
+        let all_scored = scores.iter().all(|x| !x.is_nan());
         match (c.advantage_estimator, c.scale_rewards) {
-            (AdvantageEstimator::GroupNorm, ScaleRewards::Group) if all_scored => {
-                group_advantages(&ro.scores, c.group_size, c.eps, ro.resp_len, kernel, dev)
+            (AdvantageEstimator::GroupNorm, ScaleRewards::Group)
+                if all_scored && !c.normalize_advantages =>
+            {
+                group_advantages(&scores, c.group_size, c.eps, ro.resp_len, kernel, dev)
             }
             (AdvantageEstimator::ReinforcePlusPlus, _) => {
                 require_scored(
@@ -137,26 +144,20 @@ impl GrpoTask<'_> {
                     None => ro.mask.zeros_like()?,
                 };
                 let comm = self.env.comm.as_ref();
-                reinforce_pp_advantages(
-                    &kl,
-                    &ro.scores,
-                    &ro.lengths,
-                    &ro.mask,
-                    c.beta,
-                    kernel,
-                    comm,
-                )
+                reinforce_pp_advantages(&kl, &scores, &ro.lengths, &ro.mask, c.beta, kernel, comm)
             }
             (est, scale) => {
                 let comm = self.env.comm.as_ref();
-                per_response(sequence_advantages(
-                    &ro.scores,
-                    c.group_size,
-                    est,
-                    scale,
-                    c.eps,
-                    comm,
-                )?)
+                let mut a = baselined(&scores, c.group_size, est, scale, c.eps, comm)?;
+                if c.normalize_advantages {
+                    a = batch_normalized(&a, c.eps, comm)?;
+                }
+                // A response with no advantage (no score, or no scored sibling) gets 0.
+                per_response(
+                    a.into_iter()
+                        .map(|x| if x.is_nan() { 0.0 } else { x })
+                        .collect(),
+                )
             }
         }
     }

@@ -444,7 +444,7 @@ fn scored_mask(x: &[f64]) -> Vec<f32> {
 }
 
 /// [`sequence_advantages`] with NaN left where a response has none.
-fn baselined(
+pub fn baselined(
     scores: &[f64],
     group: usize,
     est: AdvantageEstimator,
@@ -487,6 +487,17 @@ fn baselined(
         }
     }
     Ok(out)
+}
+
+/// `a` normalised over every rank's numbers to mean 0 and unbiased std 1, `(x - mean) / (std
+/// + eps)`; NaN (a response with no advantage) left as it is and out of the statistics.
+pub fn batch_normalized(a: &[f64], eps: f64, comm: &dyn Communicator) -> Result<Vec<f64>> {
+    let all: Vec<f32> = a.iter().map(|&x| x as f32).collect();
+    let valid = scored_mask(a);
+    let (mean, var) = masked_mean_var(&all, &valid);
+    let n = f64::from(valid.iter().sum::<f32>());
+    let (mean, var) = global_mean_var(comm, n, mean, var)?;
+    Ok(a.iter().map(|x| (x - mean) / (var.sqrt() + eps)).collect())
 }
 
 /// GDPO's sequence advantages (TRL's `multi_objective_aggregation = "normalize_then_sum"`),
@@ -1155,6 +1166,38 @@ mod tests {
         let want = [0.0, 0.0, -1.0, 1.0];
         for (x, w) in adv.iter().zip(want) {
             assert!((x - w).abs() < 1e-3, "{adv:?}");
+        }
+    }
+
+    /// TRL's RLOO `normalize_advantages`: mean 0 and unbiased std 1 over the numbers, NaN left
+    /// out and kept, and over two ranks holding unequal shares the same as over one.
+    #[test]
+    fn batch_normalisation_leaves_nan_out_and_spans_ranks() {
+        let a = [1.0, f64::NAN, 3.0, 5.0, 7.0];
+        let got = batch_normalized(&a, 0.0, &Solo).unwrap();
+        let sd = (20.0f64 / 3.0).sqrt();
+        let want = [-3.0 / sd, f64::NAN, -1.0 / sd, 1.0 / sd, 3.0 / sd];
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                (g.is_nan() && w.is_nan()) || (g - w).abs() < 1e-9,
+                "{got:?}"
+            );
+        }
+        let group = ThreadGroup::new(2);
+        let parts: Vec<Vec<f64>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = group
+                .iter()
+                .zip([&a[..1], &a[1..]])
+                .map(|(c, part)| sc.spawn(move || batch_normalized(part, 0.0, c).unwrap()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let joined: Vec<f64> = parts.concat();
+        for (g, w) in joined.iter().zip(want) {
+            assert!(
+                (g.is_nan() && w.is_nan()) || (g - w).abs() < 1e-5,
+                "{joined:?}"
+            );
         }
     }
 
