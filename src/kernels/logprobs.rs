@@ -28,16 +28,26 @@ use super::KernelOp;
 type Result<T> = candle_core::Result<T>;
 
 pub fn token_logprobs(logits: &Tensor, targets: &Tensor, choice: KernelChoice) -> Result<Tensor> {
-    if choice == KernelChoice::Custom && logits.device().is_cuda() {
-        if matches!(logits.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-            return fused(logits, targets);
-        }
-        warn_fallback(
-            "logprobs",
-            &format!("no kernel for {:?} logits", logits.dtype()),
-        );
+    if takes_kernel(logits, choice) {
+        return fused(logits, targets);
     }
     crate::tape::island(&[logits], |a| reference(&a[0], targets))
+}
+
+/// Whether `choice` runs the kernel on `logits`: ours, on CUDA, in a dtype it has entry points
+/// for (another dtype falls back to the reference, with a warning).
+fn takes_kernel(logits: &Tensor, choice: KernelChoice) -> bool {
+    if choice != KernelChoice::Custom || !logits.device().is_cuda() {
+        return false;
+    }
+    if matches!(logits.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        return true;
+    }
+    warn_fallback(
+        "logprobs",
+        &format!("no kernel for {:?} logits", logits.dtype()),
+    );
+    false
 }
 
 /// [`token_logprobs`] and each row's entropy `-sum p log p` of `softmax(logits)`, both f32
@@ -47,14 +57,8 @@ pub fn token_logprobs_entropy(
     targets: &Tensor,
     choice: KernelChoice,
 ) -> Result<(Tensor, Tensor)> {
-    if choice == KernelChoice::Custom && logits.device().is_cuda() {
-        if matches!(logits.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-            return fused_entropy(logits, targets);
-        }
-        warn_fallback(
-            "logprobs",
-            &format!("no kernel for {:?} logits", logits.dtype()),
-        );
+    if takes_kernel(logits, choice) {
+        return fused_entropy(logits, targets);
     }
     let lp = crate::tape::island(&[logits], |a| reference(&a[0], targets))?;
     let h = crate::tape::island(&[logits], |a| reference_entropy(&a[0]))?;
@@ -104,24 +108,24 @@ pub fn head_logprobs_entropy(
 
 /// The entropy of `softmax(logits)` over the last dimension by candle's composite, in f32.
 pub fn reference_entropy(logits: &Tensor) -> Result<Tensor> {
-    let x = logits.to_dtype(DType::F32)?;
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let lp = shifted.broadcast_sub(&lse)?;
+    let lp = log_softmax_f32(logits)?;
     (lp.exp()? * &lp)?.sum(D::Minus1)?.neg()
 }
 
 /// candle's composite: an f32 log-softmax over the last dimension, then a gather.
 pub fn reference(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    log_softmax_f32(logits)?
+        .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
+        .squeeze(D::Minus1)
+}
+
+/// The references' f32 log-softmax over the last dimension, the max subtracted first.
+fn log_softmax_f32(logits: &Tensor) -> Result<Tensor> {
     let x = logits.to_dtype(DType::F32)?;
     let max = x.max_keepdim(D::Minus1)?.detach();
     let shifted = x.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    shifted
-        .broadcast_sub(&lse)?
-        .gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
-        .squeeze(D::Minus1)
+    shifted.broadcast_sub(&lse)
 }
 
 /// The fused op on any device, differentiable in the logits.

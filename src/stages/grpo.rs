@@ -29,7 +29,7 @@ use super::eval::{PolicyEval, PolicyResult};
 use super::ref_sync::{MovingReference, RefSync};
 use super::rl::{
     aggregate, baselined, batch_normalized, decoupled_advantages, group_advantages, kl_estimate,
-    reinforce_pp_advantages, row_sums, Aggregation, Clip, Form, Surrogate, Vespo,
+    reinforce_pp_advantages, row_sums, zero_unscored, Aggregation, Clip, Form, Surrogate, Vespo,
 };
 use super::rollout::{
     mean_over_ranks, require_scored, rollout_seed, rollout_stats, rows, surrogate, token_shares,
@@ -152,12 +152,7 @@ impl GrpoTask<'_> {
                 if c.normalize_advantages {
                     a = batch_normalized(&a, c.eps, comm)?;
                 }
-                // A response with no advantage (no score, or no scored sibling) gets 0.
-                per_response(
-                    a.into_iter()
-                        .map(|x| if x.is_nan() { 0.0 } else { x })
-                        .collect(),
-                )
+                per_response(zero_unscored(a))
             }
         }
     }

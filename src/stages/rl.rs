@@ -7,7 +7,7 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 
 use crate::config::{AdvantageEstimator, ImportanceSamplingLevel, KlEstimator, ScaleRewards};
-use crate::dist::Communicator;
+use crate::dist::{Communicator, Solo};
 use crate::kernels::gae::{gae, group_normalize, masked_mean_var, whiten};
 use crate::kernels::KernelChoice;
 use crate::train::loss::{masked_mean, scalar};
@@ -432,15 +432,25 @@ pub fn sequence_advantages(
     eps: f64,
     comm: &dyn Communicator,
 ) -> Result<Vec<f64>> {
-    let a = baselined(scores, group, est, scale, eps, comm)?;
-    Ok(a.into_iter()
-        .map(|x| if x.is_nan() { 0.0 } else { x })
-        .collect())
+    Ok(zero_unscored(baselined(
+        scores, group, est, scale, eps, comm,
+    )?))
 }
 
-/// Whether a score is a number (not the NaN of a response no reward applies to), as a mask.
-fn scored_mask(x: &[f64]) -> Vec<f32> {
-    x.iter().map(|v| f32::from(u8::from(!v.is_nan()))).collect()
+/// Advantages with 0 for a response that has none (NaN: no score, or no scored sibling).
+pub fn zero_unscored(a: Vec<f64>) -> Vec<f64> {
+    a.into_iter()
+        .map(|x| if x.is_nan() { 0.0 } else { x })
+        .collect()
+}
+
+/// The mean and unbiased variance of the numbers of `x` (NaN left out) over every rank.
+fn scored_mean_var(x: &[f64], comm: &dyn Communicator) -> Result<(f64, f64)> {
+    let all: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+    let valid: Vec<f32> = x.iter().map(|v| f32::from(u8::from(!v.is_nan()))).collect();
+    let (mean, var) = masked_mean_var(&all, &valid);
+    let n = f64::from(valid.iter().sum::<f32>());
+    global_mean_var(comm, n, mean, var)
 }
 
 /// [`sequence_advantages`] with NaN left where a response has none.
@@ -452,14 +462,8 @@ pub fn baselined(
     eps: f64,
     comm: &dyn Communicator,
 ) -> Result<Vec<f64>> {
-    let all: Vec<f32> = scores.iter().map(|&x| x as f32).collect();
     let batch_var = match scale {
-        ScaleRewards::Batch => {
-            let valid = scored_mask(scores);
-            let (mean, var) = masked_mean_var(&all, &valid);
-            let n = valid.iter().sum::<f32>();
-            global_mean_var(comm, f64::from(n), mean, var)?.1
-        }
+        ScaleRewards::Batch => scored_mean_var(scores, comm)?.1,
         _ => 0.0,
     };
     let mut out = Vec::with_capacity(scores.len());
@@ -476,9 +480,8 @@ pub fn baselined(
                 }));
             }
             AdvantageEstimator::GroupNorm | AdvantageEstimator::ReinforcePlusPlus => {
-                let gf: Vec<f32> = g.iter().map(|&x| x as f32).collect();
                 let denom = match scale {
-                    ScaleRewards::Group => masked_mean_var(&gf, &scored_mask(g)).1.sqrt() + eps,
+                    ScaleRewards::Group => scored_mean_var(g, &Solo)?.1.sqrt() + eps,
                     ScaleRewards::Batch => batch_var.sqrt() + eps,
                     ScaleRewards::None => 1.0,
                 };
@@ -492,11 +495,7 @@ pub fn baselined(
 /// `a` normalised over every rank's numbers to mean 0 and unbiased std 1, `(x - mean) / (std
 /// + eps)`; NaN (a response with no advantage) left as it is and out of the statistics.
 pub fn batch_normalized(a: &[f64], eps: f64, comm: &dyn Communicator) -> Result<Vec<f64>> {
-    let all: Vec<f32> = a.iter().map(|&x| x as f32).collect();
-    let valid = scored_mask(a);
-    let (mean, var) = masked_mean_var(&all, &valid);
-    let n = f64::from(valid.iter().sum::<f32>());
-    let (mean, var) = global_mean_var(comm, n, mean, var)?;
+    let (mean, var) = scored_mean_var(a, comm)?;
     Ok(a.iter().map(|x| (x - mean) / (var.sqrt() + eps)).collect())
 }
 
@@ -532,18 +531,7 @@ pub fn decoupled_advantages(
             }
         }
     }
-    let all: Vec<f32> = sum.iter().map(|&x| x as f32).collect();
-    let valid = scored_mask(&sum);
-    let (mean, var) = masked_mean_var(&all, &valid);
-    let scored = f64::from(valid.iter().sum::<f32>());
-    let (mean, var) = global_mean_var(comm, scored, mean, var)?;
-    Ok(sum
-        .iter()
-        .map(|x| match x.is_nan() {
-            true => 0.0,
-            false => (x - mean) / (var.sqrt() + eps),
-        })
-        .collect())
+    Ok(zero_unscored(batch_normalized(&sum, eps, comm)?))
 }
 
 /// REINFORCE++ advantages `[B, R]`: per-token reward `-beta * KL_t` plus the score at the last
