@@ -7,10 +7,13 @@
 //! tiny shape, so the harness itself stays checked.
 //!
 //! `cargo bench --bench generate [-- --batch B --prompt L --new N --reps R --group G --plain 1
-//! --decode graph|fixed|dynamic --model gpt2|qwen3]`
+//! --decode graph|fixed|dynamic --model gpt2|qwen3 --penalty R]`
 //! `--model qwen3` times Qwen3-0.6B's shape instead (28 layers of 1024, 16 query heads of 128 on
 //! 8 kv heads, RMSNorm of each q and k head, vocabulary 151936, tied embeddings), the model
 //! most GRPO runs start from; its peer is `scripts/bench_generate.py --model qwen3`.
+//! `--penalty R` samples under a repetition penalty R (Qwen2.5's generation config asks 1.05):
+//! the sampling kernel then reads each row's seen-token mask and marks it, and the peer passes
+//! `repetition_penalty=R` to `generate`.
 //! `--group G` repeats each prompt G times back to back (a GRPO group: one shared prefill per
 //! group); `--plain 1` switches the engine's savings off (no shared prefill, no compaction, a
 //! dynamic-shape decode step); `--decode` picks the decode step (`src/generate/mod.rs`,
@@ -97,6 +100,12 @@ fn main() -> Result<()> {
     let reps = arg("--reps", 3).max(1);
     let group = arg("--group", 1).max(1);
     let plain = arg("--plain", 0) != 0;
+    let penalty: f64 = match std::env::args().skip_while(|a| a != "--penalty").nth(1) {
+        None => 1.0,
+        Some(r) => r
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--penalty {r}: expected a number"))?,
+    };
     let decode = match std::env::args()
         .skip_while(|a| a != "--decode")
         .nth(1)
@@ -137,6 +146,7 @@ fn main() -> Result<()> {
             max_new_tokens: new,
             min_new_tokens: new,
             temperature: 0.7,
+            repetition_penalty: penalty,
             engine,
             ..Default::default()
         };
@@ -196,7 +206,7 @@ fn main() -> Result<()> {
                 (DecodeMode::Graph, true) => "ours-gemm-timed",
                 (DecodeMode::Fixed, _) => "ours-fixed-shapes",
                 (DecodeMode::Dynamic, _) => "ours-dynamic-shapes",
-            }, "shape": shape_label(if dev.is_cuda() { &model } else { "tiny" }, b, l, n, group),
+            }, "shape": shape_label(if dev.is_cuda() { &model } else { "tiny" }, (b, l, n), group, penalty),
             "tokens_per_s": tokens_per_s, "ms_total": total * 1e3, "ms_prefill": prefill * 1e3,
             "ms_decode_step": step * 1e3, "ms_floor_step": floor_step * 1e3,
             "floor_tokens_per_s": b as f64 / floor_step,
@@ -206,10 +216,18 @@ fn main() -> Result<()> {
 }
 
 /// The table's key, as the peer writes it: GPT-2's rows keep their first runs' label.
-fn shape_label(model: &str, b: usize, l: usize, n: usize, group: usize) -> String {
+fn shape_label(
+    model: &str,
+    (b, l, n): (usize, usize, usize),
+    group: usize,
+    penalty: f64,
+) -> String {
     let mut label = format!("B{b} L{l} N{n}");
     if group > 1 {
         label += &format!(" G{group}");
+    }
+    if penalty != 1.0 {
+        label += &format!(" pen{penalty}");
     }
     match model {
         "gpt2" => label,

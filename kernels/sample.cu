@@ -1,12 +1,17 @@
-// Next-token sampling: temperature, top-k, top-p and the draw, one block per row of logits.
+// Next-token sampling: repetition penalty, temperature, top-k, top-p, min-p and the draw,
+// one block per row of logits.
 //
 // The maths is the reference's (src/kernels/sample.rs, module doc), step for step:
+// 0. with a seen mask and a penalty, a seen token's logit is divided by it where positive and
+//    multiplied where negative, IEEE-rounded as the reference's f32 ops, wherever a logit is
+//    read (so greedy agrees exactly);
 // 1. m = max z (block argmax, ties to the lowest index; greedy stops here and writes it);
 //    w_i = exp((z_i - m) / T), recomputed from the logits on every pass instead of stored
 //    (a 50k-entry row does not fit shared memory; the row stays in L1/L2 across passes).
 // 2. top-k: the largest threshold t with #{w_i >= t} >= k, bisected over the bit patterns of
 //    f32 in [0, 1] (non-negative floats order like their bits), ~30 block reductions; no sort.
-// 3. top-p: the largest t' >= t whose kept mass reaches top_p times the top-k mass, the same way.
+// 3. top-p: the largest t' >= t whose kept mass reaches top_p times the top-k mass, the same way;
+//    min-p then raises the threshold to min_p (the largest weight is exactly 1).
 // 4. target = u * (kept mass), u from the counter-based hash of (row key, pos); the token is
 //    the first index, in vocabulary order, whose running kept mass exceeds target. The row is
 //    cut into one contiguous segment per warp; one pass sums each segment's kept mass (a warp
@@ -18,7 +23,7 @@
 // Each pass over a row is unrolled 4x, so that a thread has four loads in flight before the
 // first is used (its order of accumulation is unchanged). The two passes every draw makes (the
 // argmax, and the segments' masses) read 16 bytes a load where the row starts on a 16-byte
-// boundary and no hold mask applies: a row of GPT-2's vocabulary is 100 KB read by one
+// boundary and no hold mask or penalty applies: a row of GPT-2's vocabulary is 100 KB read by one
 // block, which 2-byte loads leave latency-bound.
 // Sums are f32 trees here and sequential f64 in the reference, so a draw whose u falls within
 // rounding of a bucket edge may pick the neighbour; greedy is exact. Where rounding leaves the
@@ -27,7 +32,8 @@
 //
 // Launch: grid (B), block kThreads; reads p.logits [B, V] in the model's dtype (rows
 // contiguous; converted to f32 as they are read, exactly as the reference's cast does), p.keys
-// [B] (and p.hold [V] while it applies), writes p.out [B] u32.
+// [B] (and p.hold [V] while it applies, p.seen [B, V] with a penalty), writes p.out [B] u32
+// and, with p.seen, marks each row's drawn token in it.
 
 #include "common.cuh"
 
@@ -47,8 +53,12 @@ struct SampleParams {
   float inv_temp;            // 1 / temperature (unused when greedy)
   float top_p;               // >= 1: no nucleus filter
   int greedy;                // 1: argmax, no draw
+  unsigned char *seen;       // null, or [B, V]: 1 at the tokens each row holds; read for the
+                             // penalty, and the drawn token marked
+  float min_p;               // <= 0: no min-p filter
+  float penalty;             // repetition penalty; 1: none
 };
-static_assert(sizeof(SampleParams) == 80, "SampleParams: keep in step with the Rust mirror");
+static_assert(sizeof(SampleParams) == 96, "SampleParams: keep in step with the Rust mirror");
 static_assert(alignof(SampleParams) == 8, "SampleParams: keep in step with the Rust mirror");
 
 namespace temper {
@@ -101,11 +111,15 @@ static __device__ __forceinline__ void load_vec(const T *z, int i, float (&out)[
 
 template <typename T> struct Row {
   const T *z;
-  const float *hold;  // null when no mask applies to this draw
+  const float *hold;          // null when no mask applies to this draw
+  const unsigned char *seen;  // null when no penalty applies
+  float penalty;
   int v;
   float m, inv_temp;
   __device__ __forceinline__ float logit(int i) const {
-    return hold ? to_f32(z[i]) + hold[i] : to_f32(z[i]);
+    float x = hold ? to_f32(z[i]) + hold[i] : to_f32(z[i]);
+    if (seen && seen[i]) x = x < 0.f ? __fmul_rn(x, penalty) : __fdiv_rn(x, penalty);
+    return x;
   }
   // The weight of a logit z already read (with its hold, if any).
   __device__ __forceinline__ float weight(float z) const { return expf((z - m) * inv_temp); }
@@ -156,11 +170,20 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
   const int row = blockIdx.x;
   const unsigned long long pos = p.pos_at ? (unsigned long long)*p.pos_at : p.pos;
   const float *hold = p.hold && pos < p.hold_until ? p.hold : nullptr;
-  Row<T> r{static_cast<const T *>(p.logits) + (size_t)row * p.v, hold, p.v, 0.f, p.inv_temp};
+  const size_t at = (size_t)row * p.v;
+  const unsigned char *seen = p.seen && p.penalty != 1.f ? p.seen + at : nullptr;
+  Row<T> r{static_cast<const T *>(p.logits) + at, hold, seen, p.penalty, p.v, 0.f, p.inv_temp};
+  // The one thread that writes the row's token marks it seen; every read of the row's seen
+  // mask is behind a barrier or a ballot by then.
+  auto emit = [&](int token) {
+    p.out[row] = (unsigned int)token;
+    if (p.seen) p.seen[at + token] = 1;
+  };
 
   constexpr int N = kVec<T>;
-  // 16-byte loads: the row starts on a 16-byte boundary and no hold mask is added.
-  const bool vec = hold == nullptr && reinterpret_cast<uintptr_t>(r.z) % 16 == 0;
+  // 16-byte loads: the row starts on a 16-byte boundary and no hold mask or penalty is added.
+  const bool vec =
+      hold == nullptr && seen == nullptr && reinterpret_cast<uintptr_t>(r.z) % 16 == 0;
   float best = __int_as_float(0xff800000);  // -inf
   int arg = 0x7fffffff;
   // Each thread sees its indices in increasing order, so `>` keeps its first of a tie.
@@ -182,7 +205,7 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
   }
   block_argmax(best, arg, sval, sidx);
   if (p.greedy) {
-    if (threadIdx.x == 0) p.out[row] = (unsigned int)(arg == 0x7fffffff ? 0 : arg);
+    if (threadIdx.x == 0) emit(arg == 0x7fffffff ? 0 : arg);
     return;
   }
   r.m = best;
@@ -193,6 +216,7 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
     const float goal = p.top_p * mass_at_least(r, t, scratch);
     t = threshold(r, false, goal, t, scratch);
   }
+  if (p.min_p > 0.f) t = fmaxf(t, p.min_p);
   // Each warp's segment: [w * seg, min((w + 1) * seg, v)), seg a multiple of 32.
   __shared__ float smass[kWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -235,7 +259,7 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
     if (acc > target) break;
   }
   if (chosen < 0) {  // nothing kept (every logit held back): token 0, as the reference
-    if (threadIdx.x == 0) p.out[row] = 0u;
+    if (threadIdx.x == 0) emit(0);
     return;
   }
   if (warp != chosen) return;
@@ -253,7 +277,7 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
     }
     const unsigned hits = __ballot_sync(0xffffffffu, x > 0.f && running + incl > target);
     if (hits != 0u) {
-      if (lane == 0) p.out[row] = (unsigned int)(base + __ffs(hits) - 1);
+      if (lane == 0) emit(base + __ffs(hits) - 1);
       return;
     }
     const unsigned kept = __ballot_sync(0xffffffffu, x > 0.f);
@@ -261,7 +285,7 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
     running += __shfl_sync(0xffffffffu, incl, 31);
   }
   // Rounding left the target at or past the mass this scan found: its last kept token.
-  if (lane == 0) p.out[row] = (unsigned int)max(last_kept, 0);
+  if (lane == 0) emit(max(last_kept, 0));
 }
 
 }  // namespace sample

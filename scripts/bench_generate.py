@@ -12,7 +12,10 @@ With `--model qwen3`, a Qwen3ForCausalLM of Qwen3-0.6B's shape instead (28 layer
 query heads of 128 on 8 kv heads, q/k head norms, vocabulary 151936, tied embeddings), the peer
 of `bench-generate --model qwen3`.
 
-Usage: python3 scripts/bench_generate.py [--reps N] [--quick] [--model gpt2|qwen3]
+With `--penalty R`, `generate` also takes `repetition_penalty=R`, the peer of
+`bench-generate --penalty R`.
+
+Usage: python3 scripts/bench_generate.py [--reps N] [--quick] [--model gpt2|qwen3] [--penalty R]
 """
 
 import json
@@ -40,6 +43,7 @@ def main():
         return 0
     reps = 1 if "--quick" in sys.argv else arg("--reps", 3)
     name = sys.argv[sys.argv.index("--model") + 1] if "--model" in sys.argv else "gpt2"
+    penalty = float(sys.argv[sys.argv.index("--penalty") + 1]) if "--penalty" in sys.argv else 1.0
     torch.manual_seed(0)
     if name == "qwen3":
         from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -56,6 +60,9 @@ def main():
         label = f"B{B} L{L} N{N}"
     else:
         raise SystemExit(f"--model {name}: expected gpt2 or qwen3")
+    if penalty != 1.0:
+        # As benches/generate.rs's label: Rust prints 1.05 as "1.05", 2.0 as "2".
+        label += f" pen{penalty:g}"
     model = model.to(device="cuda", dtype=torch.bfloat16).eval()
     ids = torch.randint(0, cfg.vocab_size, (B, L), device="cuda")
     mask = torch.ones_like(ids)
@@ -71,6 +78,7 @@ def main():
                 temperature=0.7,
                 top_k=0,
                 top_p=1.0,
+                repetition_penalty=penalty,
                 max_new_tokens=new,
                 min_new_tokens=new,
                 pad_token_id=cfg.eos_token_id,

@@ -61,7 +61,8 @@ PART_2=(ppo-init ppo-update gpt2-loss ncu-step ncu-decode bench-generate-timed t
   train-gemm-timed train-recompute ncu-lora ncu-attention bench-attention-packed
   peer-attention-packed)
 PART_3=(train-torch-compile train-graph bench-generate-fixed bench-generate-dynamic
-  bench-generate-qwen3 peer-generate-qwen3 bench-train_ops peer-train_ops bench-rmsnorm peer-rmsnorm bench-gae peer-gae bench-allreduce
+  bench-generate-qwen3 peer-generate-qwen3 bench-generate-penalty peer-generate-penalty
+  bench-train_ops peer-train_ops bench-rmsnorm peer-rmsnorm bench-gae peer-gae bench-allreduce
   peer-allreduce pipeline train-casts train-reference)
 if [[ -n "${TEMPER_CHECK_PART:-}" && -z "${TEMPER_CHECK_ONLY:-}" ]]; then
   case "$TEMPER_CHECK_PART" in
@@ -234,11 +235,15 @@ if has bench-generate; then
   [[ -z "$peer_cmd" && -f scripts/bench_generate.py ]] && peer_cmd="python3 scripts/bench_generate.py"
   # Qwen3-0.6B's shape: Qwen3's per-head norms of q and k inside the fused decode kernel.
   section bench-generate-qwen3 150 "$BUNDLE" bench-generate --bench --model qwen3
+  # Under Qwen2.5's repetition penalty: the sampling kernel reads and marks the seen mask.
+  section bench-generate-penalty 90 "$BUNDLE" bench-generate --bench --penalty 1.05 --reps 1
   if [[ -n "$peer_cmd" ]]; then
     # shellcheck disable=SC2086
     section peer-generate 120 $peer_cmd
     # shellcheck disable=SC2086
     section peer-generate-qwen3 150 $peer_cmd --model qwen3
+    # shellcheck disable=SC2086
+    section peer-generate-penalty 90 $peer_cmd --penalty 1.05 --reps 1
   else
     echo "== peer-generate: no scripts/bench_generate.py; skipped" >&2
     printf '{"section":"peer-generate","status":"skipped (no peer script)"}\n' >>"$RESULTS"

@@ -299,6 +299,16 @@ pub struct GenerateArgs {
     /// Default: the generation config's `top_p`, else 1.
     #[arg(long)]
     pub top_p: Option<f64>,
+    /// Drop tokens less likely than this share of the most likely one (after top-k and top-p,
+    /// as transformers orders them); 0 keeps them all. Default: the generation config's
+    /// `min_p`, else 0.
+    #[arg(long)]
+    pub min_p: Option<f64>,
+    /// Divide the logit of a token already in the prompt or the completion by this where it
+    /// is positive, multiply where negative (transformers' and vLLM's rule); 1 is none.
+    /// Default: the generation config's `repetition_penalty` (Qwen2.5's asks 1.05), else 1.
+    #[arg(long)]
+    pub repetition_penalty: Option<f64>,
     /// A string that ends a completion (cut before it); repeat the flag for more. EOS and
     /// the checkpoint's stop ids always end one.
     #[arg(long)]

@@ -189,6 +189,8 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         temperature: (a.temperature.or(own.temperature)).unwrap_or(sampling_defaults::TEMPERATURE),
         top_k: (a.top_k.or(own.top_k)).unwrap_or(sampling_defaults::TOP_K),
         top_p: (a.top_p.or(own.top_p)).unwrap_or(sampling_defaults::TOP_P),
+        min_p: (a.min_p.or(own.min_p)).unwrap_or(0.0),
+        repetition_penalty: (a.repetition_penalty.or(own.repetition_penalty)).unwrap_or(1.0),
         stop: a.stop.clone(),
         ..Default::default()
     };

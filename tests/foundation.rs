@@ -743,6 +743,31 @@ fn an_interrupted_generation_resumes_after_its_last_complete_line() {
     let e = err(run(&cut, &prompts, &["--resume", "--seed", "9"]));
     assert!(e.contains("cut.jsonl.settings.json: field seed"), "{e}");
     untouched(&e);
+    let e = err(run(
+        &cut,
+        &prompts,
+        &["--resume", "--repetition-penalty", "1.2"],
+    ));
+    assert!(
+        e.contains("settings.json: field repetition_penalty: nothing when"),
+        "{e}"
+    );
+    untouched(&e);
+    let e = err(run(&cut, &prompts, &["--resume", "--min-p", "1.5"]));
+    assert!(e.contains("--min-p must be in [0, 1]"), "{e}");
+    untouched(&e);
+    // The filters run (on the CPU reference here) and are recorded for a resume.
+    let filtered = p(d.path(), "filtered.jsonl");
+    let flags = ["--repetition-penalty", "1.3", "--min-p", "0.05"];
+    ok(run(&filtered, &prompts, &flags));
+    assert_eq!(
+        std::fs::read_to_string(&filtered).unwrap().lines().count(),
+        14
+    );
+    let meta = std::fs::read_to_string(p(d.path(), "filtered.jsonl.settings.json")).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
+    assert_eq!(meta["repetition_penalty"], 1.3);
+    assert_eq!(meta["min_p"], 0.05);
     let quiet = [
         "--resume",
         "--chat-template-kwargs",

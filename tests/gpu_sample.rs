@@ -22,6 +22,7 @@ gpu_test!(decode_step_kernels_match_reference);
 gpu_test!(qkv_write_matches_the_cpu_op);
 gpu_test!(fused_decode_step_matches_qkv_write_then_attention);
 gpu_test!(held_tokens_and_a_device_draw_index_sample_as_the_reference);
+gpu_test!(penalised_and_min_p_draws_sample_as_the_reference_and_mark_the_token);
 gpu_test!(graph_replay_gives_the_eager_fixed_steps_tokens, alone);
 
 #[cfg(feature = "cuda")]
@@ -35,8 +36,8 @@ mod gpu {
     use temper::kernels::cuda::GemmTune;
     use temper::kernels::decode_step::{advance, kv_write, qkv_write, HeadNorm};
     use temper::kernels::sample::{
-        keep_threshold, keys_tensor, row_key, sample, sample_draw, sample_reference, uniform, Draw,
-        Hold, SampleParams,
+        keep_threshold, keys_tensor, penalize_row, row_key, sample, sample_draw, sample_reference,
+        uniform, Draw, Hold, SampleParams,
     };
     use temper::kernels::KernelChoice;
     use temper::model::linear::Ctx;
@@ -53,6 +54,7 @@ mod gpu {
             temperature,
             top_k,
             top_p,
+            ..SampleParams::default()
         }
     }
 
@@ -65,7 +67,7 @@ mod gpu {
             .collect();
         let t = keep_threshold(&w, p);
         let rounding = 1e-5 * f64::from(t.max(1e-30));
-        let filtered = p.filters_top_k(row.len()) || p.filters_top_p();
+        let filtered = p.filters_top_k(row.len()) || p.filters_top_p() || p.filters_min_p();
         if filtered && f64::from((w[got] - t).abs()) <= rounding.max(1e-6) {
             return Ok(()); // at the threshold: kept on one side, dropped on the other
         }
@@ -121,7 +123,7 @@ mod gpu {
                     let draw_seed = rng.next();
                     let pos = rng.below(1000) as u64;
                     let keys = keys_tensor(draw_seed, &rows, &Device::Cpu).unwrap();
-                    let want = sample_reference(&cpu, &keys, pos, p)
+                    let want = sample_reference(&cpu, &keys, pos, None, p)
                         .unwrap()
                         .to_vec1::<u32>()
                         .unwrap();
@@ -612,6 +614,7 @@ mod gpu {
                                 mask: &gpu_mask,
                                 until,
                             }),
+                            None,
                             &p,
                             KernelChoice::Custom,
                         )
@@ -625,6 +628,7 @@ mod gpu {
                                 mask: &cpu_mask,
                                 until,
                             }),
+                            None,
                             &p,
                             KernelChoice::Reference,
                         )
@@ -670,6 +674,111 @@ mod gpu {
                             }
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// The repetition penalty (a random seen mask per row, row 0's largest logit among the
+    /// seen, so greedy must pass it over; penalties above and below 1) and min-p, alone and
+    /// with top-k and top-p, against the reference given the same: greedy exactly, draws up to
+    /// the rounding `explained` allows on the penalised logits; and the kernel marks each
+    /// row's drawn token in the seen mask, in place, and nothing else.
+    pub fn penalised_and_min_p_draws_sample_as_the_reference_and_mark_the_token(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0x9E9);
+        let with = |base: SampleParams, min_p: f32, repetition_penalty: f32| SampleParams {
+            min_p,
+            repetition_penalty,
+            ..base
+        };
+        for &(b, v) in &[(3, 7), (9, 3001), (33, 50257)] {
+            for p in [
+                with(params(0.0, 0, 1.0), 0.0, 1.3),
+                with(params(1.0, 0, 1.0), 0.0, 1.2),
+                with(params(1.0, 0, 1.0), 0.05, 1.0),
+                with(params(0.8, 40, 0.9), 0.1, 0.8),
+                with(params(1.5, 0, 0.95), 0.02, 2.0),
+            ] {
+                for dtype in [DType::F32, DType::BF16] {
+                    let ctx = format!("seed {seed:#x} {dtype:?} B {b} V {v} {p:?}");
+                    let cpu = Tensor::from_vec(rng.vec(b * v, -3.0, 3.0), (b, v), &Device::Cpu)
+                        .and_then(|t| t.to_dtype(dtype))
+                        .unwrap();
+                    let row0 = cpu.get(0).and_then(|r| r.to_dtype(DType::F32)).unwrap();
+                    let top = row0.argmax(0).and_then(|t| t.to_scalar::<u32>()).unwrap() as usize;
+                    let mut mask: Vec<u8> =
+                        (0..b * v).map(|_| u8::from(rng.below(10) == 0)).collect();
+                    mask[top] = 1;
+                    let seen_cpu = Tensor::from_vec(mask.clone(), (b, v), &Device::Cpu).unwrap();
+                    let seen_gpu = seen_cpu.to_device(dev).unwrap();
+                    let rows: Vec<u64> = (0..b as u64).map(|r| 3 * r + 2).collect();
+                    let key_seed = rng.next();
+                    let keys = keys_tensor(key_seed, &rows, &Device::Cpu).unwrap();
+                    let pos = rng.below(500) as u64;
+                    let got = sample_draw(
+                        &cpu.to_device(dev).unwrap(),
+                        &keys.to_device(dev).unwrap(),
+                        Draw::At(pos),
+                        None,
+                        Some(&seen_gpu),
+                        &p,
+                        KernelChoice::Custom,
+                    )
+                    .and_then(|t| t.to_vec1::<u32>())
+                    .unwrap();
+                    let want = sample_draw(
+                        &cpu,
+                        &keys,
+                        Draw::At(pos),
+                        None,
+                        Some(&seen_cpu),
+                        &p,
+                        KernelChoice::Reference,
+                    )
+                    .and_then(|t| t.to_vec1::<u32>())
+                    .unwrap();
+                    let mut logits = cpu
+                        .to_dtype(DType::F32)
+                        .and_then(|t| t.flatten_all())
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .unwrap();
+                    if p.penalizes() {
+                        for (row, s) in logits.chunks_mut(v).zip(mask.chunks(v)) {
+                            penalize_row(row, s, p.repetition_penalty);
+                        }
+                    }
+                    let mut marked = mask.clone();
+                    for i in 0..b {
+                        marked[i * v + got[i] as usize] = 1;
+                        if got[i] == want[i] {
+                            continue;
+                        }
+                        assert!(
+                            !p.is_greedy(),
+                            "{ctx} row {i}: greedy {} vs {}",
+                            got[i],
+                            want[i]
+                        );
+                        let row = &logits[i * v..(i + 1) * v];
+                        let u = uniform(row_key(key_seed, rows[i]), pos);
+                        if let Err(why) = explained(row, &p, u, got[i] as usize) {
+                            panic!(
+                                "{ctx} row {i}: kernel {} vs reference {}: {why}",
+                                got[i], want[i]
+                            );
+                        }
+                    }
+                    if p.is_greedy() && p.repetition_penalty > 1.0 {
+                        assert_ne!(got[0] as usize, top, "{ctx}: the seen top logit won");
+                    }
+                    let after = seen_gpu
+                        .flatten_all()
+                        .and_then(|t| t.to_vec1::<u8>())
+                        .unwrap();
+                    assert!(
+                        after == marked,
+                        "{ctx}: the seen mask is not the drawn tokens marked"
+                    );
                 }
             }
         }
@@ -734,9 +843,15 @@ mod gpu {
             .collect();
         let prompts: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
         for dtype in [DType::F32, DType::BF16] {
-            for (temperature, top_k, top_p, min_new) in
-                [(0.0, 0, 1.0, 0), (1.0, 0, 1.0, 6), (0.9, 30, 0.95, 0)]
-            {
+            for (temperature, top_k, top_p, min_new, min_p, penalty) in [
+                (0.0, 0, 1.0, 0, 0.0, 1.0),
+                (1.0, 0, 1.0, 6, 0.0, 1.0),
+                (0.9, 30, 0.95, 0, 0.0, 1.0),
+                // The seen mask, marked by the sampling inside the graph, across replays and
+                // the recaptures after compaction.
+                (0.0, 0, 1.0, 0, 0.0, 1.5),
+                (1.0, 0, 1.0, 0, 0.05, 1.3),
+            ] {
                 let run = |decode: DecodeMode| {
                     let sc = SampleCfg {
                         max_new_tokens: 40,
@@ -744,6 +859,8 @@ mod gpu {
                         temperature,
                         top_k,
                         top_p,
+                        min_p,
+                        repetition_penalty: penalty,
                         stop: ["q", "z", "x", "k", "j", "v"].map(String::from).to_vec(),
                         engine: EngineOpts {
                             decode,
@@ -762,7 +879,8 @@ mod gpu {
                     .unwrap()
                 };
                 let what = format!(
-                    "{name} {dtype:?} T {temperature} top-k {top_k} top-p {top_p} min_new {min_new}"
+                    "{name} {dtype:?} T {temperature} top-k {top_k} top-p {top_p} min_new \
+                     {min_new} min-p {min_p} penalty {penalty}"
                 );
                 let (graph, fixed, dynamic) = (
                     run(DecodeMode::Graph),

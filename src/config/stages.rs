@@ -223,6 +223,20 @@ fn check_sampling(stage: &str, temperature: f64, clip: f64, clip_high: Option<f6
     Ok(())
 }
 
+/// The sampling filters a stage's rollouts take (`top_k` needs no check).
+pub(crate) fn check_filters(stage: &str, top_p: f64, min_p: f64, penalty: f64) -> Result<()> {
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        bail!("{stage}.top_p must be in (0, 1], got {top_p}");
+    }
+    if !(0.0..=1.0).contains(&min_p) {
+        bail!("{stage}.min_p must be in [0, 1], got {min_p}");
+    }
+    if !positive(penalty) {
+        bail!("{stage}.repetition_penalty must be positive (1: none), got {penalty}");
+    }
+    Ok(())
+}
+
 impl Default for PpoConfig {
     fn default() -> Self {
         Self {
@@ -756,6 +770,10 @@ pub struct OnlineDpoConfig {
     pub temperature: f64,
     pub top_k: usize,
     pub top_p: f64,
+    /// As `[grpo] min_p`.
+    pub min_p: f64,
+    /// As `[grpo] repetition_penalty`.
+    pub repetition_penalty: f64,
     pub max_new_tokens: usize,
     /// Subtracted from the score of a sample that did not end with EOS, before ranking.
     pub missing_eos_penalty: Option<f64>,
@@ -801,9 +819,12 @@ impl OnlineDpoConfig {
                 self.temperature
             );
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            bail!("online_dpo.top_p must be in (0, 1], got {}", self.top_p);
-        }
+        check_filters(
+            "online_dpo",
+            self.top_p,
+            self.min_p,
+            self.repetition_penalty,
+        )?;
         if !(self.rpo_alpha >= 0.0 && self.rpo_alpha.is_finite()) {
             bail!(
                 "online_dpo.rpo_alpha must be 0 or positive, got {}",
@@ -830,6 +851,8 @@ impl Default for OnlineDpoConfig {
             temperature: 0.9,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
             max_new_tokens: 6,
             missing_eos_penalty: None,
             log_completions: 8,
@@ -872,6 +895,14 @@ pub struct GrpoConfig {
     /// them.
     pub top_k: usize,
     pub top_p: f64,
+    /// TRL's `min_p`: tokens less likely than this share of the most likely one are not
+    /// drawn (0: off), after top-k and top-p, as transformers orders them.
+    pub min_p: f64,
+    /// TRL's `repetition_penalty` (1: off): a token already in the prompt or the response so
+    /// far has its logit divided by it where positive and multiplied where negative, before
+    /// the temperature, as transformers and vLLM do. The old log-probabilities stay the
+    /// tempered softmax's, as with top-k and top-p.
+    pub repetition_penalty: f64,
     pub max_new_tokens: usize,
     pub eps: f64,
     pub loss_type: LossType,
@@ -1065,9 +1096,7 @@ impl GrpoConfig {
         if !(self.beta >= 0.0 && self.beta.is_finite()) {
             bail!("grpo.beta must be 0 or positive, got {}", self.beta);
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            bail!("grpo.top_p must be in (0, 1], got {}", self.top_p);
-        }
+        check_filters("grpo", self.top_p, self.min_p, self.repetition_penalty)?;
         if let Some(delta) = self.delta {
             let high = 1.0 + self.epsilon_high.unwrap_or(self.cliprange);
             if !(delta > high && delta.is_finite()) {
@@ -1233,6 +1262,8 @@ impl Default for GrpoConfig {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
             max_new_tokens: 6,
             eps: 1e-4,
             loss_type: LossType::Bnpo,
@@ -1417,6 +1448,13 @@ mod tests {
         bad(|c| c.beta = 0.0, "beta");
         bad(|c| c.temperature = f64::NAN, "temperature");
         bad(|c| c.top_p = 0.0, "top_p");
+        bad(|c| c.min_p = 1.5, "min_p");
+        bad(|c| c.min_p = f64::NAN, "min_p");
+        bad(|c| c.repetition_penalty = 0.0, "repetition_penalty");
+        bad(
+            |c| c.repetition_penalty = f64::INFINITY,
+            "repetition_penalty",
+        );
         bad(|c| c.rpo_alpha = -1.0, "rpo_alpha");
         bad(|c| c.max_new_tokens = 0, "max_new_tokens");
         bad(|c| c.label_smoothing = 0.6, "label_smoothing");
@@ -1597,6 +1635,24 @@ mod tests {
                 ..GrpoConfig::default()
             },
             "grpo.top_entropy_quantile",
+        );
+        let sampling: GrpoConfig =
+            toml::from_str("min_p = 0.05\nrepetition_penalty = 1.05\ntop_k = 20").unwrap();
+        sampling.validate().unwrap();
+        assert_eq!((sampling.min_p, sampling.repetition_penalty), (0.05, 1.05));
+        refused(
+            GrpoConfig {
+                min_p: -0.1,
+                ..GrpoConfig::default()
+            },
+            "grpo.min_p",
+        );
+        refused(
+            GrpoConfig {
+                repetition_penalty: -1.0,
+                ..GrpoConfig::default()
+            },
+            "grpo.repetition_penalty",
         );
         refused(
             GrpoConfig {

@@ -13,7 +13,7 @@ use super::static_step::{Entry, StaticStep};
 use super::{left_pad, DecodeMode, GenStats, Generation, RowKeys, SampleCfg};
 use crate::data::tokenizer::Tokenizer;
 use crate::kernels::host_ids::HostIds;
-use crate::kernels::sample::{keys_tensor, sample_draw, Draw, Hold};
+use crate::kernels::sample::{keys_tensor, sample_draw, seen_tokens, Draw, Hold};
 use crate::kernels::KernelChoice;
 use crate::model::cast::FrozenWeights;
 use crate::model::linear::Ctx;
@@ -88,6 +88,12 @@ pub fn generate(
 
     let mut active = Active::new(prompts, keys, &dev)?;
     let params = cfg.params();
+    // The tokens each row holds, for the repetition penalty: its prompt now, and each drawn
+    // token as the sampling marks it on the device.
+    let mut seen = match params.penalizes() {
+        true => Some(seen_tokens(prompts, last.dim(1)?, &dev)?),
+        false => None,
+    };
     let early = stop_mask(tok, &last, cfg.min_new_tokens)?;
     let hold = early.as_ref().map(|mask| Hold {
         mask,
@@ -134,6 +140,7 @@ pub fn generate(
         &active.keys,
         Draw::At(0),
         hold,
+        seen.as_ref(),
         &params,
         ctx.kernels.sample,
     )?;
@@ -172,6 +179,9 @@ pub fn generate(
                 None => {
                     valid = valid.index_select(&keep, 0)?;
                     next = next.index_select(&keep, 0)?;
+                    if let Some(s) = &mut seen {
+                        *s = s.index_select(&keep, 0)?;
+                    }
                 }
             }
             cache.select_rows(&keep)?;
@@ -187,6 +197,7 @@ pub fn generate(
                 positions: &active.positions,
                 valid: &valid,
                 keys: &active.keys,
+                seen: seen.take(),
                 draw: draw as u64,
             };
             fixed = Some(StaticStep::enter(&mut cache, entry, &dev)?);
@@ -219,6 +230,7 @@ pub fn generate(
             &active.keys,
             Draw::At(draw as u64),
             hold,
+            seen.as_ref(),
             &params,
             ctx.kernels.sample,
         )?;

@@ -36,6 +36,13 @@ pub struct SampleCfg {
     pub top_k: usize,
     /// 1.0 means no nucleus filter.
     pub top_p: f64,
+    /// 0.0 means no min-p filter (Hugging Face's `min_p`: tokens less likely than this share
+    /// of the most likely one are dropped).
+    pub min_p: f64,
+    /// 1.0 means none (Hugging Face's and vLLM's `repetition_penalty`: a token already in the
+    /// prompt or the response has its logit divided by it where positive, multiplied where
+    /// negative).
+    pub repetition_penalty: f64,
     pub stop: Vec<String>,
     pub engine: EngineOpts,
 }
@@ -48,6 +55,8 @@ impl Default for SampleCfg {
             temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
             stop: vec![],
             engine: EngineOpts::default(),
         }
@@ -60,6 +69,8 @@ impl SampleCfg {
             temperature: self.temperature as f32,
             top_k: self.top_k,
             top_p: self.top_p as f32,
+            min_p: self.min_p as f32,
+            repetition_penalty: self.repetition_penalty as f32,
         }
     }
 }

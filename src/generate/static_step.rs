@@ -34,17 +34,21 @@ pub(super) struct StaticStep {
     step: Tensor,
     /// `[n]` i64 row keys.
     keys: Tensor,
+    /// `[n, V]` u8: the tokens each row holds, where a repetition penalty reads them.
+    seen: Option<Tensor>,
     #[cfg(feature = "cuda")]
     graph: graph::Replay,
 }
 
 /// What the step is entered with: the ids just sampled (draw `draw - 1`), where each row feeds
-/// them, the key mask of the cached positions (`[n, >= len]`), and the row keys.
+/// them, the key mask of the cached positions (`[n, >= len]`), the row keys, and the tokens
+/// each row holds (which the step then owns and marks).
 pub(super) struct Entry<'a> {
     pub ids: &'a Tensor,
     pub positions: &'a Tensor,
     pub valid: &'a Tensor,
     pub keys: &'a Tensor,
+    pub seen: Option<Tensor>,
     pub draw: u64,
 }
 
@@ -75,6 +79,7 @@ impl StaticStep {
             mask,
             step,
             keys: e.keys.copy()?,
+            seen: e.seen,
             #[cfg(feature = "cuda")]
             graph: graph::Replay::default(),
         })
@@ -91,6 +96,9 @@ impl StaticStep {
         self.positions = self.positions.index_select(keep, 0)?;
         self.mask = self.mask.index_select(keep, 0)?;
         self.keys = self.keys.index_select(keep, 0)?;
+        if let Some(s) = &mut self.seen {
+            *s = s.index_select(keep, 0)?;
+        }
         #[cfg(feature = "cuda")]
         {
             self.graph = graph::Replay::default();
@@ -155,6 +163,7 @@ impl StaticStep {
             &self.keys,
             Draw::Device(&draw),
             hold,
+            self.seen.as_ref(),
             params,
             ctx.kernels.sample,
         )?;

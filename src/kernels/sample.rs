@@ -1,12 +1,17 @@
-//! Next-token sampling from a batch of logits `[B, V]`: temperature, top-k, top-p, with each
-//! row's uniform draw taken from a counter-based hash of (seed, global row id, position).
+//! Next-token sampling from a batch of logits `[B, V]`: repetition penalty, temperature,
+//! top-k, top-p and min-p, with each row's uniform draw taken from a counter-based hash of
+//! (seed, global row id, position).
 //!
 //! Why counter-based: a row's tokens must not depend on which batch, rank or slot it was
 //! generated in (data-parallel rollouts split a batch across ranks; the engine compacts
 //! finished rows away and shares a prompt's prefill across its group). A sequential stream
 //! would tie every draw to the draws before it in the batch.
 //!
-//! The maths, shared by the reference below and `kernels/sample.cu`:
+//! The maths, shared by the reference below and `kernels/sample.cu`, in Hugging Face
+//! `generate`'s order:
+//! 0. repetition penalty `r` (Hugging Face's and vLLM's): a token already in the row (its
+//!    prompt or its response so far, the `seen` mask) has its logit divided by `r` where
+//!    positive and multiplied by `r` where negative, in f32. It applies before greedy too.
 //! 1. `p_i = exp((z_i - max z) / T)` in f32 (unnormalised; the largest is exactly 1). `T <= 0`
 //!    is greedy: the first index of the largest logit, no draw.
 //! 2. top-k: the largest threshold `tk` with `#{p_i >= tk} >= k`, found by bisection over the
@@ -15,7 +20,10 @@
 //! 3. top-p: among the kept, the largest threshold `tp` whose kept mass reaches
 //!    `top_p * (kept mass)`, by the same bisection: the smallest set of most likely tokens
 //!    that reaches p (ties kept).
-//! 4. the draw: `target = u * (final kept mass)`; the token is the first index (vocabulary
+//! 4. min-p: tokens with `p_i < min_p` go as well (Hugging Face's `min_p` keeps
+//!    `prob >= min_p * max prob`, and the largest `p` is 1 here), after top-k and top-p as
+//!    there: the threshold is the larger of the two.
+//! 5. the draw: `target = u * (final kept mass)`; the token is the first index (vocabulary
 //!    order, no sort) whose running kept mass exceeds `target`.
 //!
 //! Sums differ in order between the reference (sequential) and the kernel (a tree), so a
@@ -36,14 +44,30 @@ pub struct SampleParams {
     pub top_k: usize,
     /// 1.0 means no nucleus filter.
     pub top_p: f32,
+    /// 0.0 means no min-p filter.
+    pub min_p: f32,
+    /// 1.0 means no repetition penalty.
+    pub repetition_penalty: f32,
+}
+
+impl Default for SampleParams {
+    /// Plain sampling at temperature 1.
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+        }
+    }
 }
 
 impl SampleParams {
     pub fn greedy() -> Self {
         Self {
             temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
+            ..Self::default()
         }
     }
 
@@ -58,6 +82,33 @@ impl SampleParams {
 
     pub fn filters_top_p(&self) -> bool {
         self.top_p < 1.0
+    }
+
+    pub fn filters_min_p(&self) -> bool {
+        self.min_p > 0.0
+    }
+
+    /// Whether the draw reads which tokens each row has seen.
+    pub fn penalizes(&self) -> bool {
+        self.repetition_penalty != 1.0
+    }
+}
+
+/// Step 0 of the module doc for one logit: `z` of a token the row has seen.
+pub fn penalized(z: f32, penalty: f32) -> f32 {
+    if z < 0.0 {
+        z * penalty
+    } else {
+        z / penalty
+    }
+}
+
+/// Step 0 over a row: `seen` holds 1 at the tokens the row has seen.
+pub fn penalize_row(logits: &mut [f32], seen: &[u8], penalty: f32) {
+    for (z, &s) in logits.iter_mut().zip(seen) {
+        if s != 0 {
+            *z = penalized(*z, penalty);
+        }
     }
 }
 
@@ -111,7 +162,7 @@ fn mass_above(p: &[f32], t: f32) -> f64 {
     p.iter().filter(|&&x| x >= t).map(|&x| f64::from(x)).sum()
 }
 
-/// The kept-set threshold of steps 2 and 3: tokens with `p_i >= threshold` may be drawn.
+/// The kept-set threshold of steps 2 to 4: tokens with `p_i >= threshold` may be drawn.
 pub fn keep_threshold(p: &[f32], params: &SampleParams) -> f32 {
     let mut t = 0.0f32;
     if params.filters_top_k(p.len()) {
@@ -123,10 +174,14 @@ pub fn keep_threshold(p: &[f32], params: &SampleParams) -> f32 {
         let tk = t;
         t = largest_threshold(|x| mass_above(p, x.max(tk)) >= goal).max(tk);
     }
+    if params.filters_min_p() {
+        t = t.max(params.min_p);
+    }
     t
 }
 
-/// One row: the token drawn from `logits` under `params` with uniform `u` (the reference).
+/// One row: the token drawn from `logits` (already penalised) under `params` with uniform `u`
+/// (the reference).
 pub fn sample_row(logits: &[f32], params: &SampleParams, u: f32) -> u32 {
     if params.is_greedy() {
         return argmax(logits);
@@ -177,7 +232,7 @@ pub fn sample(
     params: &SampleParams,
     choice: KernelChoice,
 ) -> Result<Tensor> {
-    sample_draw(logits, keys, Draw::At(pos), None, params, choice)
+    sample_draw(logits, keys, Draw::At(pos), None, None, params, choice)
 }
 
 /// Tokens held back from the first draws: `mask` (`[V]` f32, 0 or -inf, on the logits'
@@ -189,12 +244,16 @@ pub struct Hold<'a> {
     pub until: u64,
 }
 
-/// [`sample`] at a [`Draw`], with the tokens of `hold` held back while it applies.
+/// [`sample`] at a [`Draw`], with the tokens of `hold` held back while it applies. `seen`
+/// (`[B, V]` u8, 1 at the tokens each row already holds, on the logits' device) is what the
+/// repetition penalty reads, and each row's drawn token is marked in it, in place; it must be
+/// given where `params` penalizes.
 pub fn sample_draw(
     logits: &Tensor,
     keys: &Tensor,
     draw: Draw,
     hold: Option<Hold>,
+    seen: Option<&Tensor>,
     params: &SampleParams,
     choice: KernelChoice,
 ) -> Result<Tensor> {
@@ -213,37 +272,65 @@ pub fn sample_draw(
             candle_core::bail!("sample: the hold mask {:?} is not [{v}] f32", h.mask.dims());
         }
     }
+    match seen {
+        Some(s) if s.dims() != logits.dims() || s.dtype() != DType::U8 || !s.is_contiguous() => {
+            candle_core::bail!(
+                "sample: the seen mask {:?} {:?} is not a contiguous {:?} u8",
+                s.dims(),
+                s.dtype(),
+                logits.dims()
+            )
+        }
+        None if params.penalizes() => {
+            candle_core::bail!("sample: a repetition penalty needs the rows' seen tokens")
+        }
+        _ => {}
+    }
     if choice == KernelChoice::Custom {
         #[cfg(feature = "cuda")]
         if logits.device().is_cuda() {
-            return super::cuda::sample::sample(logits, keys, draw, hold, params);
+            return super::cuda::sample::sample(logits, keys, draw, hold, seen, params);
         }
         if !logits.device().is_cpu() || cfg!(feature = "cuda") {
             warn_fallback("sample", "the sampling kernel runs on CUDA only");
         }
     }
     let pos = draw.on_host()?;
-    match hold {
+    let ids = match hold {
         Some(h) if pos < h.until => {
             let held = logits.to_dtype(DType::F32)?.broadcast_add(h.mask)?;
-            sample_reference(&held, keys, pos, params)
+            sample_reference(&held, keys, pos, seen, params)?
         }
-        _ => sample_reference(logits, keys, pos, params),
+        _ => sample_reference(logits, keys, pos, seen, params)?,
+    };
+    if let Some(s) = seen {
+        mark_seen(s, &ids)?;
     }
+    Ok(ids)
 }
 
-/// [`sample`] on the host, row by row with [`sample_row`].
+/// [`sample`] on the host, row by row with [`sample_row`], each row penalised by its `seen`
+/// tokens first where `params` penalizes (`seen` is read, not marked).
 pub fn sample_reference(
     logits: &Tensor,
     keys: &Tensor,
     pos: u64,
+    seen: Option<&Tensor>,
     params: &SampleParams,
 ) -> Result<Tensor> {
     let (b, _) = logits.dims2()?;
-    let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let mut rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     let keys = keys.to_vec1::<i64>()?;
     if keys.len() != b {
         candle_core::bail!("sample: {} row keys for {b} rows", keys.len());
+    }
+    if params.penalizes() {
+        let Some(seen) = seen else {
+            candle_core::bail!("sample: a repetition penalty needs the rows' seen tokens");
+        };
+        for (row, s) in rows.iter_mut().zip(seen.to_vec2::<u8>()?) {
+            penalize_row(row, &s, params.repetition_penalty);
+        }
     }
     let ids: Vec<u32> = rows
         .iter()
@@ -251,6 +338,28 @@ pub fn sample_reference(
         .map(|(row, &k)| sample_row(row, params, uniform(k as u64, pos)))
         .collect();
     Tensor::from_vec(ids, b, logits.device())
+}
+
+/// `seen[r, ids[r]] = 1` for every row, in place (`seen` `[B, V]` u8, `ids` `[B]` u32).
+pub fn mark_seen(seen: &Tensor, ids: &Tensor) -> Result<()> {
+    let b = ids.elem_count();
+    let ones = Tensor::ones((b, 1), DType::U8, seen.device())?;
+    seen.scatter_set(&ids.to_dtype(DType::U32)?.reshape((b, 1))?, &ones, 1)
+}
+
+/// The `[B, V]` u8 mask of the tokens in each of `rows` (a row's prompt, say), which the
+/// repetition penalty reads. A token outside the vocabulary is an error.
+pub fn seen_tokens(rows: &[Vec<u32>], v: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    let mut mask = vec![0u8; rows.len() * v];
+    for (r, row) in rows.iter().enumerate() {
+        for &t in row {
+            if t as usize >= v {
+                candle_core::bail!("sample: token {t} of row {r} is outside the vocabulary of {v}");
+            }
+            mask[r * v + t as usize] = 1;
+        }
+    }
+    Tensor::from_vec(mask, (rows.len(), v), dev)
 }
 
 /// `keys` as the `[B]` i64 tensor [`sample`] takes.
@@ -268,6 +377,7 @@ mod tests {
             temperature,
             top_k,
             top_p,
+            ..SampleParams::default()
         }
     }
 
@@ -383,6 +493,143 @@ mod tests {
                 assert!(row[id as usize].is_finite(), "{params:?} u {u}: drew {id}");
             }
         }
+    }
+
+    #[test]
+    fn min_p_drops_tokens_below_a_share_of_the_most_likely() {
+        // Probabilities at T = 1 relative to the largest: [0.0067, 1, 0.018, 0.905, 0.0003, 0.165].
+        let logits = [0.0f32, 5.0, 1.0, 4.9, -3.0, 3.2];
+        let p = weights(&logits, 1.0);
+        for (min_p, kept) in [
+            (0.01f32, vec![1, 2, 3, 5]),
+            (0.1, vec![1, 3, 5]),
+            (0.5, vec![1, 3]),
+        ] {
+            let params = SampleParams {
+                min_p,
+                ..sampled(1.0, 0, 1.0)
+            };
+            let t = keep_threshold(&p, &params);
+            let set: Vec<usize> = (0..6).filter(|&i| p[i] >= t).collect();
+            assert_eq!(set, kept, "min_p {min_p}");
+            let counts = draws(&logits, &params, 4000);
+            let seen: Vec<usize> = (0..6).filter(|&i| counts[i] > 0).collect();
+            assert_eq!(seen, kept, "min_p {min_p}: {counts:?}");
+        }
+        // After top-k, as Hugging Face orders them: the stricter of the two wins.
+        let params = SampleParams {
+            min_p: 0.01,
+            ..sampled(1.0, 2, 1.0)
+        };
+        let t = keep_threshold(&p, &params);
+        assert_eq!((0..6).filter(|&i| p[i] >= t).collect::<Vec<_>>(), [1, 3]);
+        // At a higher temperature the same min_p keeps more.
+        let hot = SampleParams {
+            min_p: 0.1,
+            ..sampled(3.0, 0, 1.0)
+        };
+        let ph = weights(&logits, 3.0);
+        let t = keep_threshold(&ph, &hot);
+        assert_eq!((0..6).filter(|&i| ph[i] >= t).count(), 5);
+    }
+
+    #[test]
+    fn the_repetition_penalty_shrinks_seen_logits_toward_zero_from_either_side() {
+        assert_eq!(penalized(3.0, 1.5), 2.0);
+        assert_eq!(penalized(-3.0, 1.5), -4.5);
+        assert_eq!(penalized(0.0, 1.5), 0.0);
+        assert_eq!(penalized(f32::NEG_INFINITY, 1.5), f32::NEG_INFINITY);
+        // Below 1 it favours what was seen.
+        assert_eq!(penalized(3.0, 0.5), 6.0);
+        let mut row = [2.0f32, 1.9, -1.0, -1.2];
+        penalize_row(&mut row, &[1, 0, 1, 0], 1.25);
+        assert_eq!(row, [1.6, 1.9, -1.25, -1.2]);
+    }
+
+    /// Greedy under a strong penalty, on the same logits step after step: each drawn token is
+    /// marked in place, so the next step takes the best one not yet drawn, and a prompt's
+    /// tokens start marked.
+    #[test]
+    fn drawn_tokens_are_marked_and_penalised_from_the_next_step() {
+        let dev = candle_core::Device::Cpu;
+        let logits = Tensor::new(
+            &[[3.0f32, 2.9, 2.8, 2.7, 2.6], [1.0, 0.5, 0.2, 0.9, 0.8]],
+            &dev,
+        )
+        .unwrap();
+        let params = SampleParams {
+            repetition_penalty: 10.0,
+            ..SampleParams::greedy()
+        };
+        let keys = keys_tensor(1, &[0, 1], &dev).unwrap();
+        let seen = seen_tokens(&[vec![], vec![0, 3]], 5, &dev).unwrap();
+        let mut got = vec![];
+        for pos in 0..4 {
+            let ids = sample_draw(
+                &logits,
+                &keys,
+                Draw::At(pos),
+                None,
+                Some(&seen),
+                &params,
+                KernelChoice::Reference,
+            )
+            .unwrap();
+            got.push(ids.to_vec1::<u32>().unwrap());
+        }
+        assert_eq!(got, [[0, 4], [1, 1], [2, 2], [3, 0]]);
+        assert_eq!(
+            seen.to_vec2::<u8>().unwrap(),
+            [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+        );
+        let err = sample_draw(
+            &logits,
+            &keys,
+            Draw::At(0),
+            None,
+            None,
+            &params,
+            KernelChoice::Reference,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("seen tokens"), "{err}");
+        let err = seen_tokens(&[vec![5]], 5, &dev).unwrap_err();
+        assert!(err.to_string().contains("token 5 of row 0"), "{err}");
+    }
+
+    /// Sampled draws follow the softmax of the penalised logits.
+    #[test]
+    fn penalised_draws_follow_the_penalised_softmax() {
+        let dev = candle_core::Device::Cpu;
+        let raw = [0.3f32, -1.0, 2.0, 0.0, 1.1];
+        let mask = [0u8, 1, 1, 0, 1];
+        let params = SampleParams {
+            repetition_penalty: 1.8,
+            ..sampled(0.9, 0, 1.0)
+        };
+        let mut want = raw;
+        penalize_row(&mut want, &mask, 1.8);
+        let p = weights(&want, 0.9);
+        let total: f64 = p.iter().map(|&x| f64::from(x)).sum();
+        let logits = Tensor::new(&[raw], &dev).unwrap();
+        let seen = Tensor::new(&[mask], &dev).unwrap();
+        let keys = keys_tensor(5, &[2], &dev).unwrap();
+        let n = 20_000u64;
+        let mut counts = [0usize; 5];
+        for pos in 0..n {
+            let id = sample_reference(&logits, &keys, pos, Some(&seen), &params).unwrap();
+            counts[id.to_vec1::<u32>().unwrap()[0] as usize] += 1;
+        }
+        // 4 degrees of freedom: P(chi2 > 18.5) ~ 0.001.
+        let chi2: f64 = counts
+            .iter()
+            .zip(&p)
+            .map(|(&c, &w)| {
+                let e = n as f64 * f64::from(w) / total;
+                (c as f64 - e).powi(2) / e
+            })
+            .sum();
+        assert!(chi2 < 18.5, "chi2 {chi2}: {counts:?}");
     }
 
     #[test]

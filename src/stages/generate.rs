@@ -101,6 +101,19 @@ impl Job<'_> {
         if self.samples == 0 || self.batch_rows == 0 {
             bail!("generate: --samples and --batch-size must be at least 1");
         }
+        let c = self.cfg;
+        if !(c.top_p > 0.0 && c.top_p <= 1.0) {
+            bail!("generate: --top-p must be in (0, 1], got {}", c.top_p);
+        }
+        if !(0.0..=1.0).contains(&c.min_p) {
+            bail!("generate: --min-p must be in [0, 1], got {}", c.min_p);
+        }
+        if !(c.repetition_penalty > 0.0 && c.repetition_penalty.is_finite()) {
+            bail!(
+                "generate: --repetition-penalty must be positive (1: none), got {}",
+                c.repetition_penalty
+            );
+        }
         if self.best_of && (self.rewards.is_empty() || self.samples < 2) {
             bail!("generate: --best-of keeps each prompt's best-scored sample: it needs --reward and --samples 2 or more");
         }
@@ -155,6 +168,13 @@ impl Job<'_> {
         }
         if self.best_of {
             m.insert("best_of".into(), true.into());
+        }
+        // Named only where they filter, as the fields above that came later.
+        if c.min_p > 0.0 {
+            m.insert("min_p".into(), c.min_p.into());
+        }
+        if c.repetition_penalty != 1.0 {
+            m.insert("repetition_penalty".into(), c.repetition_penalty.into());
         }
         if let Some(t) = self.template {
             m.insert(

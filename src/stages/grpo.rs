@@ -185,6 +185,8 @@ impl GrpoTask<'_> {
             temperature: c.temperature,
             top_k: c.top_k,
             top_p: c.top_p,
+            min_p: c.min_p,
+            repetition_penalty: c.repetition_penalty,
             ..Default::default()
         };
         // Each rollout samples from its own seed, a function of the run's seed and the step,

@@ -205,6 +205,8 @@ impl OnlineDpoTask<'_> {
             temperature: c.temperature,
             top_k: c.top_k,
             top_p: c.top_p,
+            min_p: c.min_p,
+            repetition_penalty: c.repetition_penalty,
             ..Default::default()
         };
         // Rows are numbered in the step's global batch, micro-batch by micro-batch and rank by

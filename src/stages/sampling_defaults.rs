@@ -23,6 +23,8 @@ pub struct FromConfig {
     pub temperature: Option<f64>,
     pub top_k: Option<usize>,
     pub top_p: Option<f64>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
     pub max_new_tokens: Option<usize>,
 }
 
@@ -68,10 +70,22 @@ impl FromConfig {
             Some(false) => Some(0.0),
             _ => number("temperature")?,
         };
+        let within = |key: &str, ok: fn(f64) -> bool, want: &str| -> Result<Option<f64>> {
+            match number(key)? {
+                Some(x) if !ok(x) => Err(wrong(key, want)),
+                x => Ok(x),
+            }
+        };
         Ok(Self {
             temperature,
             top_k: count("top_k")?,
-            top_p: number("top_p")?,
+            top_p: within("top_p", |p| p > 0.0 && p <= 1.0, "a number in (0, 1]")?,
+            min_p: within("min_p", |p| (0.0..=1.0).contains(&p), "a number in [0, 1]")?,
+            repetition_penalty: within(
+                "repetition_penalty",
+                |r| r > 0.0 && r.is_finite(),
+                "a positive number",
+            )?,
             max_new_tokens: count("max_new_tokens")?,
         })
     }
@@ -87,6 +101,12 @@ impl FromConfig {
         }
         if let Some(p) = self.top_p {
             parts.push(format!("top_p {p}"));
+        }
+        if let Some(p) = self.min_p {
+            parts.push(format!("min_p {p}"));
+        }
+        if let Some(r) = self.repetition_penalty {
+            parts.push(format!("repetition_penalty {r}"));
         }
         if let Some(n) = self.max_new_tokens {
             parts.push(format!("max_new_tokens {n}"));
@@ -114,9 +134,23 @@ mod tests {
                 temperature: Some(0.6),
                 top_k: Some(20),
                 top_p: Some(0.95),
-                max_new_tokens: None,
+                ..FromConfig::default()
             }
         );
+        // Qwen2.5-Instruct's asks for a repetition penalty as well.
+        let qwen25 = json!({"do_sample": true, "repetition_penalty": 1.05, "temperature": 0.7,
+                            "top_p": 0.8, "top_k": 20, "min_p": 0.0});
+        let q = FromConfig::parse(&qwen25, file()).unwrap();
+        assert_eq!((q.repetition_penalty, q.min_p), (Some(1.05), Some(0.0)));
+        assert!(q.describe().unwrap().contains("repetition_penalty 1.05"));
+        for (bad, field) in [
+            (json!({"repetition_penalty": 0.0}), "repetition_penalty"),
+            (json!({"min_p": 2.0}), "min_p"),
+            (json!({"top_p": 0.0}), "top_p"),
+        ] {
+            let e = FromConfig::parse(&bad, file()).unwrap_err().to_string();
+            assert!(e.contains(&format!("field \"{field}\"")), "{e}");
+        }
         let greedy = json!({"do_sample": false, "temperature": 0.7, "max_new_tokens": 300});
         let g = FromConfig::parse(&greedy, file()).unwrap();
         assert_eq!((g.temperature, g.max_new_tokens), (Some(0.0), Some(300)));

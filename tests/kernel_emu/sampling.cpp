@@ -14,7 +14,10 @@
 //   built so that rounding sends the draw to the kernel's fallback (the last kept token);
 // - stop ids held back (the `hold` mask) on the last draw below `hold_until`, and not on the
 //   first at it; the draw index read from the device (`pos_at`);
-// - the distribution of many draws of one row, against its softmax (chi-square).
+// - the distribution of many draws of one row, against its softmax (chi-square);
+// - min-p, and the repetition penalty over a seen mask (each row's largest logit among the
+//   seen, penalties above and below 1): the reference sees the penalised logits, and every
+//   row's drawn token, and nothing else, is marked in the mask.
 // Decode step: kv_write_b2/b4 at positions inside, at and past the capacity (and negative),
 // into a cache at an offset; qkv_write_<dtype> the same way (q and both caches, GQA, rotated
 // or not, with Qwen3's per-head RMSNorm of q and k or without);
@@ -75,6 +78,8 @@ struct Sampling {
   float temperature;  // <= 0: greedy
   int top_k;          // 0: none
   float top_p;        // 1: none
+  float min_p = 0.f;    // 0: none
+  float penalty = 1.f;  // repetition penalty over the seen mask; 1: none
   bool greedy() const { return temperature <= 0.f; }
   bool filters_top_k(int v) const { return top_k > 0 && top_k < v; }
   bool filters_top_p() const { return top_p < 1.f; }
@@ -142,6 +147,7 @@ Thresholds keep_threshold(const std::vector<float> &w, const Sampling &s, double
     th.t = nucleus(goal);
     th.loose = nucleus(goal * (1 + slack));
   }
+  if (s.min_p > 0.f) th.t = std::fmax(th.t, s.min_p), th.loose = std::fmax(th.loose, s.min_p);
   return th;
 }
 
@@ -179,7 +185,7 @@ struct Hold {
 template <typename T>
 std::vector<uint32_t> run_sample(const std::vector<T> &logits, int b, int v,
                                  const std::vector<long long> &keys, Draw draw, Hold hold,
-                                 const Sampling &s) {
+                                 const Sampling &s, unsigned char *seen = nullptr) {
   std::vector<uint32_t> out(b, 0xDEADBEEFu);  // poisoned: a row nobody writes shows
   if (b == 0) return out;
   SampleParams p{};
@@ -196,6 +202,9 @@ std::vector<uint32_t> run_sample(const std::vector<T> &logits, int b, int v,
   p.inv_temp = s.greedy() ? 0.f : 1.f / s.temperature;
   p.top_p = s.top_p;
   p.greedy = s.greedy() ? 1 : 0;
+  p.seen = seen;
+  p.min_p = s.min_p;
+  p.penalty = s.penalty;
   emu::launch({(unsigned)b, 1, 1}, {512, 1, 1}, 0, [&] { sample_entry(logits.data(), p); });
   return out;
 }
@@ -217,6 +226,8 @@ enum Flags : unsigned {
   kPosAt = 16,    // the draw index read through pos_at (Draw::Device)
   kUEnds = 32,    // rows 0 and 1 drawn with u = 0 and u = 1 - 2^-24
   kUTop = 64,     // row 0 drawn with u = 0, every other row with u = 1 - 2^-24
+  kSeen = 128,    // a seen mask (an eighth of the tokens and each row's largest logit) that
+                  // the penalty reads and the kernel marks
 };
 
 struct Case {
@@ -233,6 +244,7 @@ template <typename T> struct Inputs {
   std::vector<T> logits;
   std::vector<float> z;  // the logits the reference sees: as f32, plus the hold mask if it applies
   std::vector<float> mask;
+  std::vector<unsigned char> seen, seen_before;  // [B, V] with kSeen, else empty
   std::vector<long long> keys;
   std::vector<float> u;
   long long step[2];  // the device's draw index: step[1]
@@ -269,10 +281,24 @@ template <typename T> Inputs<T> make_inputs(const Case &c, emu_check::Rng &rng) 
       row[stops[r / 2 % stops.size()]] = from_float<T>(mx + 2.f);
   }
   in.held = !in.mask.empty() && in.pos < in.until;
+  if (c.has(kSeen)) {
+    in.seen.resize(in.logits.size());
+    for (auto &x : in.seen) x = rng.gen() % 8 == 0;
+    for (int r = 0; r < c.b; ++r) {
+      int top = 0;
+      for (int i = 1; i < v; ++i)
+        if (as_float(in.logits[(size_t)r * v + i]) > as_float(in.logits[(size_t)r * v + top])) top = i;
+      in.seen[(size_t)r * v + top] = 1;
+    }
+    in.seen_before = in.seen;
+  }
   in.z.resize(in.logits.size());
   for (size_t i = 0; i < in.z.size(); ++i) {
     in.z[i] = as_float(in.logits[i]);
     if (in.held) in.z[i] += in.mask[i % v];
+    // The reference's penalty: f32 ops, as the kernel's IEEE-rounded ones.
+    if (!in.seen.empty() && in.seen[i] && c.s.penalty != 1.f)
+      in.z[i] = in.z[i] < 0.f ? in.z[i] * c.s.penalty : in.z[i] / c.s.penalty;
   }
   const uint64_t seed = rng.gen();
   for (int r = 0; r < c.b; ++r) {
@@ -292,7 +318,21 @@ template <typename T> std::vector<uint32_t> launch_case(const Case &c, Inputs<T>
   if (c.has(kPosAt)) draw.device = &in.step[1]; else draw.at = in.pos;
   Hold hold;
   if (!in.mask.empty()) hold = {&in.mask, in.until};
-  return run_sample(in.logits, c.b, c.v, in.keys, draw, hold, c.s);
+  return run_sample(in.logits, c.b, c.v, in.keys, draw, hold, c.s,
+                    in.seen.empty() ? nullptr : in.seen.data());
+}
+
+// With kSeen: the mask afterwards is the mask before with each row's drawn token set.
+template <typename T>
+bool check_marked(const Case &c, const Inputs<T> &in, const std::vector<uint32_t> &got) {
+  if (!c.has(kSeen)) return true;
+  std::vector<unsigned char> want = in.seen_before;
+  for (int r = 0; r < c.b; ++r)
+    if (got[r] < (uint32_t)c.v) want[(size_t)r * c.v + got[r]] = 1;
+  int wrong = 0;
+  for (size_t i = 0; i < want.size(); ++i) wrong += want[i] != in.seen[i];
+  return check(std::string(c.name) + " seen marked", wrong == 0, "%d of %zu mask bytes wrong",
+               wrong, want.size());
 }
 
 // Greedy: the argmax of every (held) row, exactly.
@@ -305,7 +345,8 @@ template <typename T> bool check_greedy(const Case &c, emu_check::Rng &rng) {
     ids[r] = got[r] == 0xDEADBEEFu ? NAN : (float)got[r];
     want[r] = argmax_ref(&in.z[(size_t)r * c.v], c.v);
   }
-  return emu_check::close_abs(std::string(c.name) + " ids", ids, want, 0);
+  bool ok = emu_check::close_abs(std::string(c.name) + " ids", ids, want, 0);
+  return check_marked(c, in, got) && ok;
 }
 
 // Rounding of the kernel's f32 sums (the running mass at a token, and u times the kept mass)
@@ -383,7 +424,8 @@ bool check_rows(const Case &c, Inputs<T> &in, std::vector<uint32_t> *draws = nul
   for (int r = 0; r < c.b; ++r) judge_row(c, &in.z[(size_t)r * c.v], in.u[r], got[r], r, vd);
   if (draws) *draws = got;
   const std::string name = c.name;
-  bool ok = check(name + " kept", vd.kept_bad == 0,
+  bool ok = check_marked(c, in, got);
+  ok &= check(name + " kept", vd.kept_bad == 0,
                    "%d rows: %d in the f64 nucleus, %d within rounding of its edge%s%s", c.b,
                    vd.in_nucleus, vd.nucleus_edge, vd.kept_bad ? "; " : "", vd.kept_why.c_str());
   // Rows whose token is not kept failed above and have no draw verdict.
@@ -404,10 +446,11 @@ template <typename T> bool check_sampled(const Case &c, emu_check::Rng &rng) {
 // approximation), so a correct kernel fails about once in 10^5 seeds.
 template <typename T> bool check_distribution(const Case &c, emu_check::Rng &rng) {
   Inputs<T> in = make_inputs<T>(c, rng);
-  for (int r = 1; r < c.b; ++r)  // every row the same logits, its own key
+  for (int r = 1; r < c.b; ++r)  // every row the same logits (and seen mask), its own key
     for (int i = 0; i < c.v; ++i) {
       in.logits[(size_t)r * c.v + i] = in.logits[i];
       in.z[(size_t)r * c.v + i] = in.z[i];
+      if (!in.seen.empty()) in.seen[(size_t)r * c.v + i] = in.seen_before[(size_t)r * c.v + i] = in.seen[i];
     }
   std::vector<uint32_t> got;
   bool ok = check_rows(c, in, &got);
@@ -761,6 +804,19 @@ int main(int argc, char **argv) {
       {"top-p1e-4 f32 V1000 ties", f32, 3, 1000, 1.f, {1.f, 0, 1e-4f}, kTies | kUEnds},
       {"T1 bf16 V50257", bf, 3, 50257, 2.f, {1.f, 0, 1.f}, kUEnds},
       {"top-k999 top-p0.5 f16 V1000 expired", f16, 2, 1000, 1.f, {1.f, 999, 0.5f}, kExpired},
+      // {temperature, top_k, top_p, min_p, penalty}
+      {"greedy pen1.3 bf16 V1000 seen ties", bf, 7, 1000, 1.f, {0.f, 0, 1.f, 0.f, 1.3f},
+       kSeen | kTies},
+      {"greedy pen0.7 f32 V37 seen held", f32, 5, 37, 1.f, {0.f, 0, 1.f, 0.f, 0.7f},
+       kSeen | kHeld},
+      {"min-p0.05 f32 V1000", f32, 5, 1000, 1.f, {1.f, 0, 1.f, 0.05f}, kUEnds},
+      {"top-k50 top-p0.9 min-p0.1 pen1.2 bf16 V50257 seen", bf, 3, 50257, 3.f,
+       {1.3f, 50, 0.9f, 0.1f, 1.2f}, kSeen | kUEnds},
+      {"min-p0.02 pen1.5 f16 V1000 seen pos_at", f16, 3, 1000, 2.f, {0.9f, 0, 1.f, 0.02f, 1.5f},
+       kSeen | kPosAt | kUEnds},
+      {"T0.7 pen1.4 f32 V37 x81 seen", f32, 81, 37, 1.f, {0.7f, 0, 1.f, 0.f, 1.4f},
+       kDistribution | kSeen},
+      {"T1 seen pen1 (marks only) bf16 V1000", bf, 3, 1000, 1.f, {1.f, 0, 1.f, 0.f, 1.f}, kSeen},
   };
   bool ok = true;
   for (const Case &c : cases) ok &= check_case(c, rng);

@@ -185,7 +185,9 @@ fn compaction_shared_prefill_and_fixed_shapes_leave_the_tokens_unchanged() {
     let ps = prompts(&tok, &texts);
     let keys = RowKeys::range(17, 100, ps.len());
     let mut runs = Vec::new();
-    for temperature in [0.0, 1.0] {
+    // The third pass also penalises repeats and filters by min-p: the seen tokens, marked on
+    // the device, follow their rows through compaction, shared prefill and the fixed step.
+    for (temperature, penalty) in [(0.0, 1.0), (1.0, 1.0), (1.0, 1.3)] {
         for (compact, share_prefill, decode) in [
             (false, false, DecodeMode::Dynamic),
             (true, false, DecodeMode::Dynamic),
@@ -203,6 +205,10 @@ fn compaction_shared_prefill_and_fixed_shapes_leave_the_tokens_unchanged() {
                 },
             );
             cfg.temperature = temperature;
+            cfg.repetition_penalty = penalty;
+            if penalty != 1.0 {
+                cfg.min_p = 0.02;
+            }
             let g = generate(&net, ctx(), &tok, &ps, &cfg, &keys).unwrap();
             let prefilled = if share_prefill { 4 } else { ps.len() };
             assert_eq!(g.stats.prefill_rows, prefilled);
@@ -231,6 +237,95 @@ fn compaction_shared_prefill_and_fixed_shapes_leave_the_tokens_unchanged() {
     let (_, sampled_run) = &runs[9];
     let group: Vec<&Vec<u32>> = sampled_run.tokens[..4].iter().collect();
     assert!(group.windows(2).any(|w| w[0] != w[1]), "{group:?}");
+    assert_ne!(
+        runs[12].1.tokens, sampled_run.tokens,
+        "the penalty changed nothing"
+    );
+}
+
+/// Greedy with a repetition penalty against a full recompute that penalises every token of
+/// the sequence so far (prompt and response) before its argmax, in both step shapes; and the
+/// penalty changes the responses of a model that repeats itself.
+#[test]
+fn repetition_penalty_equals_a_full_recompute_loop() {
+    let tok = Tokenizer::bytes();
+    let (_s, net) = net("tiny");
+    let texts = ["ab", "hello there", "hello there", "q", "xyz!"];
+    let ps = prompts(&tok, &texts);
+    let penalty = 2.5f32;
+    let naive = |prompt: &[u32], n: usize| {
+        let mut seq = prompt.to_vec();
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let ids = Tensor::new(seq.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let f = Fwd {
+                ctx: ctx(),
+                positions: None,
+                key_valid: None,
+                segments: None,
+            };
+            let logits = net.forward(&ids, &f, None).unwrap();
+            let last = logits.narrow(1, seq.len() - 1, 1).unwrap();
+            let mut row = last.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut seen = vec![0u8; row.len()];
+            seq.iter().for_each(|&t| seen[t as usize] = 1);
+            crate::kernels::sample::penalize_row(&mut row, &seen, penalty);
+            let id = argmax(&row);
+            out.push(id);
+            seq.push(id);
+            if tok.is_stop(id) {
+                break;
+            }
+        }
+        out
+    };
+    for decode in [DecodeMode::Dynamic, DecodeMode::Fixed] {
+        let cfg = SampleCfg {
+            max_new_tokens: 16,
+            temperature: 0.0,
+            repetition_penalty: f64::from(penalty),
+            engine: EngineOpts {
+                decode,
+                ..EngineOpts::default()
+            },
+            ..Default::default()
+        };
+        let keys = RowKeys::range(0, 0, ps.len());
+        let g = generate(&net, ctx(), &tok, &ps, &cfg, &keys).unwrap();
+        for (i, p) in ps.iter().enumerate() {
+            let want = naive(p, cfg.max_new_tokens);
+            assert_eq!(g.tokens[i], want, "{decode:?}: prompt {i} {:?}", texts[i]);
+        }
+        let plain = SampleCfg {
+            repetition_penalty: 1.0,
+            ..cfg
+        };
+        let p = generate(&net, ctx(), &tok, &ps, &plain, &keys).unwrap();
+        assert_ne!(
+            p.tokens, g.tokens,
+            "{decode:?}: the penalty changed nothing"
+        );
+        // Unpenalised greedy repeats tokens; under a penalty of 2.5 fewer do.
+        let repeats = |g: &Generation| -> usize {
+            g.tokens
+                .iter()
+                .zip(&ps)
+                .map(|(t, p)| {
+                    let mut seen: std::collections::HashSet<u32> = p.iter().copied().collect();
+                    t.iter().filter(|&&id| !seen.insert(id)).count()
+                })
+                .sum()
+        };
+        assert!(
+            repeats(&g) < repeats(&p),
+            "{decode:?}: {} repeats penalised, {} not",
+            repeats(&g),
+            repeats(&p)
+        );
+    }
 }
 
 #[test]

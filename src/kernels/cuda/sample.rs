@@ -28,8 +28,11 @@ struct SampleParams {
     inv_temp: f32,
     top_p: f32,
     greedy: i32,
+    seen: DevPtr,
+    min_p: f32,
+    penalty: f32,
 }
-const _: () = assert!(std::mem::size_of::<SampleParams>() == 80);
+const _: () = assert!(std::mem::size_of::<SampleParams>() == 96);
 const _: () = assert!(std::mem::align_of::<SampleParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernel's struct (asserted above).
 unsafe impl DeviceRepr for SampleParams {}
@@ -43,12 +46,14 @@ const THREADS: u32 = 512;
 /// `[B]` u32 ids sampled from `logits` (`[B, V]`: f32, bf16 and f16 are read as they are and
 /// converted in registers, so no f32 copy of the logits is made per decode step; other
 /// dtypes are converted to f32 first) with the uniforms of `keys` (`[B]` i64) at `draw`, the
-/// tokens of `hold` held back while it applies.
+/// tokens of `hold` held back while it applies, and each row's token marked in `seen`
+/// (`[B, V]` u8, contiguous, read for the repetition penalty), in place.
 pub fn sample(
     logits: &Tensor,
     keys: &Tensor,
     draw: Draw,
     hold: Option<Hold>,
+    seen: Option<&Tensor>,
     params: &Params,
 ) -> Result<Tensor> {
     let (b, v) = logits.dims2()?;
@@ -71,19 +76,30 @@ pub fn sample(
         _ => logits.to_dtype(DType::F32)?.contiguous()?,
     };
     let keys = keys.to_device(logits.device())?.contiguous()?;
+    if let Some(s) = seen {
+        if s.dims() != [b, v] || s.dtype() != DType::U8 || !s.is_contiguous() {
+            candle_core::bail!(
+                "sample: seen {:?} {:?} is not [{b}, {v}] u8",
+                s.dims(),
+                s.dtype()
+            );
+        }
+        if !s.device().same_device(logits.device()) {
+            candle_core::bail!("sample: the seen mask is on another device than the logits");
+        }
+    }
+    let args = (draw, hold, seen, params);
     match logits.dtype() {
-        DType::BF16 => launch_t::<half::bf16>(&logits, &keys, draw, hold, params),
-        DType::F16 => launch_t::<half::f16>(&logits, &keys, draw, hold, params),
-        _ => launch_t::<f32>(&logits, &keys, draw, hold, params),
+        DType::BF16 => launch_t::<half::bf16>(&logits, &keys, args),
+        DType::F16 => launch_t::<half::f16>(&logits, &keys, args),
+        _ => launch_t::<f32>(&logits, &keys, args),
     }
 }
 
 fn launch_t<T: CudaDType + DeviceRepr + WithDType>(
     logits: &Tensor,
     keys: &Tensor,
-    draw: Draw,
-    hold: Option<Hold>,
-    params: &Params,
+    (draw, hold, seen, params): (Draw, Option<Hold>, Option<&Tensor>, &Params),
 ) -> Result<Tensor> {
     let (b, v) = logits.dims2()?;
     let dev = logits.device().as_cuda_device()?;
@@ -101,6 +117,8 @@ fn launch_t<T: CudaDType + DeviceRepr + WithDType>(
         let at_view = opt_view::<i64>(&at)?;
         let held: Guarded = hold.map(|h| h.mask.storage_and_layout());
         let hold_view = opt_view::<f32>(&held)?;
+        let seen_guard: Guarded = seen.map(|s| s.storage_and_layout());
+        let seen_view = opt_view::<u8>(&seen_guard)?;
         let name = format!("sample_{}", T::DTYPE.as_str());
         let func = load_func(dev, "sample", &name)?;
         let cfg = LaunchConfig {
@@ -128,9 +146,14 @@ fn launch_t<T: CudaDType + DeviceRepr + WithDType>(
             },
             top_p: params.top_p,
             greedy: i32::from(params.is_greedy()),
+            // Written through a read guard: the kernel marks one byte per row, in place, as
+            // the decode step's state kernels write theirs (`decode_step.rs`).
+            seen: ptrs.read_opt(seen_view.as_ref()),
+            min_p: params.min_p,
+            penalty: params.repetition_penalty,
         };
-        // SAFETY: logits hold B * V elements of T, keys B i64, out B u32; the guards live in
-        // `ptrs`.
+        // SAFETY: logits hold B * V elements of T, keys B i64, out B u32, seen (when given)
+        // B * V u8; the guards live in `ptrs`.
         unsafe { launch(dev, &func, &name, cfg, &p) }?;
     }
     Ok(tensor_from_slice(out, dev, b))
