@@ -701,14 +701,22 @@ mod gpu {
             ] {
                 for dtype in [DType::F32, DType::BF16] {
                     let ctx = format!("seed {seed:#x} {dtype:?} B {b} V {v} {p:?}");
-                    let cpu = Tensor::from_vec(rng.vec(b * v, -3.0, 3.0), (b, v), &Device::Cpu)
-                        .and_then(|t| t.to_dtype(dtype))
-                        .unwrap();
-                    let row0 = cpu.get(0).and_then(|r| r.to_dtype(DType::F32)).unwrap();
-                    let top = row0.argmax(0).and_then(|t| t.to_scalar::<u32>()).unwrap() as usize;
+                    // Row 0's largest logit is seen and its runner-up not, close enough that a
+                    // penalty of 1.3 must hand greedy the runner-up (4 / 1.3 < 3.5).
+                    let mut raw = rng.vec(b * v, -3.0, 3.0);
+                    let top = rng.below(v);
+                    let second = (top + 1) % v;
+                    raw[top] = 4.0;
                     let mut mask: Vec<u8> =
                         (0..b * v).map(|_| u8::from(rng.below(10) == 0)).collect();
                     mask[top] = 1;
+                    if v > 1 {
+                        raw[second] = 3.5;
+                        mask[second] = 0;
+                    }
+                    let cpu = Tensor::from_vec(raw, (b, v), &Device::Cpu)
+                        .and_then(|t| t.to_dtype(dtype))
+                        .unwrap();
                     let seen_cpu = Tensor::from_vec(mask.clone(), (b, v), &Device::Cpu).unwrap();
                     let seen_gpu = seen_cpu.to_device(dev).unwrap();
                     let rows: Vec<u64> = (0..b as u64).map(|r| 3 * r + 2).collect();
@@ -769,7 +777,10 @@ mod gpu {
                         }
                     }
                     if p.is_greedy() && p.repetition_penalty > 1.0 {
-                        assert_ne!(got[0] as usize, top, "{ctx}: the seen top logit won");
+                        assert_eq!(
+                            got[0] as usize, second,
+                            "{ctx}: the penalty did not flip row 0"
+                        );
                     }
                     let after = seen_gpu
                         .flatten_all()
