@@ -579,6 +579,18 @@ mod stage_chain {
         run_ok(&strs(&args));
         let acc = series(&metrics(&half), "val", "reward_accuracy");
         assert!(acc.last().unwrap().1 >= 0.9, "ld_alpha 0.5: {acc:?}");
+        // WPO (TRL's use_weighting): each pair's loss times its responses' weights under the
+        // policy, so the held-out loss no longer starts at ln 2; it learns the preference.
+        let (wpo, args) = dpo("wpo", "sigmoid", 0.0, "use_weighting = true\n", &extra);
+        run_ok(&strs(&args));
+        let m = metrics(&wpo);
+        let (acc, loss_v) = (
+            series(&m, "val", "reward_accuracy"),
+            series(&m, "val", "loss"),
+        );
+        assert!((loss_v[0].1 - 2f64.ln()).abs() > 1e-3, "wpo: {loss_v:?}");
+        assert!(acc.last().unwrap().1 >= 0.9, "wpo: {acc:?}");
+        assert!(loss_v.last().unwrap().1 < loss_v[0].1, "wpo: {loss_v:?}");
         // TRL's list of losses: MPO's sigmoid, bco_pair and the chosen NLL, weighted.
         let mpo = "[\"sigmoid\", \"bco_pair\", \"sft\"]";
         let weights = "loss_weights = [0.8, 0.2, 1.0]\nrpo_alpha = 0.0\n";

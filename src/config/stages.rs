@@ -332,6 +332,13 @@ pub struct DpoConfig {
     pub sync_ref_model: bool,
     /// TR-DPO's weight of the policy in each update of the reference (TRL's default, 0.6).
     pub ref_model_mixup_alpha: f64,
+    /// WPO (Zhou et al., weighted preference optimisation; TRL's `use_weighting`): each pair's
+    /// losses times the product of its two responses' weights, each `exp` of the mean over
+    /// its tokens of `log p(y_t) - log sum_v p(v)^2` under the policy, with no gradient, so
+    /// that pairs the policy itself would likely sample count more. It costs one more policy
+    /// forward per step (the fused loss head does not give the sum of squares). Not with
+    /// `aot` or `aot_unpaired`, which sort the pairs, as TRL refuses them.
+    pub use_weighting: bool,
     /// Optimizer steps between TR-DPO's updates of the reference (TRL's default, 512).
     pub ref_model_sync_steps: usize,
     pub task_pairs: usize,
@@ -546,6 +553,16 @@ impl DpoConfig {
                  precompute_ref_log_probs to false"
             );
         }
+        if self.use_weighting
+            && self
+                .loss_type
+                .iter()
+                .any(|l| matches!(l, DpoLoss::Aot | DpoLoss::AotUnpaired))
+        {
+            bail!(
+                "dpo.use_weighting weighs each pair's loss, and aot and aot_unpaired sort the                  pairs' margins, which would misalign the weights (as TRL refuses them)"
+            );
+        }
         if self.sync_ref_model && !self.needs_reference() {
             bail!(
                 "dpo.sync_ref_model: loss_type {} reads no reference to sync",
@@ -642,6 +659,7 @@ impl Default for DpoConfig {
             precompute_ref_log_probs: false,
             sync_ref_model: false,
             ref_model_mixup_alpha: 0.6,
+            use_weighting: false,
             ref_model_sync_steps: 512,
             task_pairs: 4000,
             eval_pairs: 200,
@@ -1433,6 +1451,25 @@ impl std::fmt::Display for RewardSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// WPO reads TRL's name and refuses the losses that sort the pairs.
+    #[test]
+    fn dpo_reads_use_weighting_and_refuses_it_with_sorted_losses() {
+        let c: DpoConfig = toml::from_str("use_weighting = true").unwrap();
+        assert!(c.use_weighting);
+        c.validate().unwrap();
+        for loss in [DpoLoss::Aot, DpoLoss::AotUnpaired] {
+            let e = DpoConfig {
+                use_weighting: true,
+                loss_type: vec![DpoLoss::Sigmoid, loss],
+                ..DpoConfig::default()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("dpo.use_weighting") && !e.contains('\n'), "{e}");
+        }
+    }
 
     #[test]
     fn online_dpo_refuses_what_would_break_its_sampling_or_loss() {

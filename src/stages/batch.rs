@@ -310,6 +310,47 @@ impl SeqBatch {
         self.per_seq(&(lp * weights)?)
     }
 
+    /// `[S]` f32: WPO's weight of each sequence under `net` (Zhou et al., Eq. 2; TRL's
+    /// `use_weighting`), with no gradient: `exp` of the mean over its trained tokens of
+    /// `log p(y_t) - log sum_v p(v)^2`. A forward of its own, the logits one row at a time
+    /// (`[L, V]` at most, never `[R, L, V]`), since the fused loss head gives no sum of squares.
+    /// Per position, with `m` the largest logit, `s1 = sum exp(z - m)` and `s2 = sum
+    /// exp(2 (z - m))`: `log p(y_t) = z_t - m - ln s1` and `log sum p^2 = ln s2 - 2 ln s1`.
+    pub fn wpo_weights(
+        &self,
+        net: &crate::model::Transformer,
+        ctx: crate::model::linear::Ctx,
+    ) -> Result<Tensor> {
+        use candle_core::{DType, D};
+        // A plain forward: nothing here is differentiated, so no tape and no recomputation.
+        let ctx = crate::model::linear::Ctx {
+            tape: false,
+            recompute_blocks: false,
+            dropout_seed: None,
+            ..ctx
+        };
+        let hidden = net.hidden(&self.lm.inputs, &self.fwd(ctx), None)?.detach();
+        let rows = (0..hidden.dim(0)?)
+            .map(|r| -> Result<Tensor> {
+                let z = net
+                    .logits(&hidden.narrow(0, r, 1)?, ctx.kernels.gemm)?
+                    .squeeze(0)?
+                    .detach();
+                let d = z.broadcast_sub(&z.max_keepdim(D::Minus1)?)?;
+                let ln_s1 = d.exp()?.sum_keepdim(D::Minus1)?.log()?;
+                let ln_s2 = (&d * 2.0)?.exp()?.sum_keepdim(D::Minus1)?.log()?;
+                let targets = self.lm.targets.narrow(0, r, 1)?.squeeze(0)?.unsqueeze(1)?;
+                let dt = d.gather(&targets.contiguous()?, D::Minus1)?;
+                Ok(((dt + ln_s1)? - ln_s2)?.squeeze(1)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let aligned = Tensor::stack(&rows, 0)?;
+        let mask = self.lm.loss_mask.to_dtype(DType::F32)?;
+        let sums = self.per_seq(&(aligned * &mask)?)?;
+        let counts = self.per_seq(&mask)?.clamp(1.0, f64::INFINITY)?;
+        Ok((sums / counts)?.exp()?.detach())
+    }
+
     /// `[S]`: each sequence's sum of `x` (`[R, L]`, laid out as the inputs).
     pub fn per_seq(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match &self.packed {

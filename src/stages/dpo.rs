@@ -57,22 +57,28 @@ pub fn preference_loss(
     reference: Option<Pairwise>,
     tokens: Pairwise,
 ) -> Result<(Tensor, f64)> {
-    shifted_preference_loss(c, policy, reference, tokens, 0.0)
+    shifted_preference_loss(c, policy, reference, tokens, 0.0, None)
 }
 
-/// [`preference_loss`] with BCO's reward shift `shift` (read by `bco_pair` alone).
+/// [`preference_loss`] with BCO's reward shift `shift` (read by `bco_pair` alone), and each
+/// pair's losses times its weight in `pair_weights` (`[B]`, WPO's) where given.
 pub fn shifted_preference_loss(
     c: &DpoConfig,
     policy: Pairwise,
     reference: Option<Pairwise>,
     tokens: Pairwise,
     shift: f64,
+    pair_weights: Option<&Tensor>,
 ) -> Result<(Tensor, f64)> {
     let mut total: Option<Tensor> = None;
     let mut acc = None;
     for (kind, weight) in c.losses().filter(|(l, _)| *l != DpoLoss::Sft) {
         let (losses, h) = one_loss(kind, c, policy, reference, tokens, shift)?;
         acc = acc.or(Some(chosen_first(&h)?));
+        let losses = match pair_weights {
+            Some(w) => (losses * w)?,
+            None => losses,
+        };
         let term = (losses.mean_all()? * weight)?;
         total = Some(match total {
             Some(t) => (t + term)?,
@@ -475,7 +481,22 @@ impl DpoTask<'_> {
         comm: Option<&dyn Communicator>,
     ) -> Result<(Tensor, Tensor, f64, usize)> {
         let (b, w) = self.batch(pairs.iter().copied())?;
+        let c = &self.env.cfg.dpo;
+        // WPO's weight of each pair (TRL's `use_weighting`): the product of its two responses'
+        // weights, no gradient, from a forward run before the training one, so that the two
+        // forwards' activations are never held at once. The chosen NLL of a loss list
+        // ("sft") is weighted by their mean, as TRL weighs its per-pair copies of that one
+        // number; `rpo_alpha`'s is not.
+        let pair_weights = match c.use_weighting {
+            true => {
+                let w = b.wpo_weights(&self.policy, self.env.ctx(true, None))?;
+                let (wc, wr) = halves(&w)?;
+                Some((wc * wr)?)
+            }
+            false => None,
+        };
         let pol = b.weighted_logps(&self.policy, self.env.ctx(true, None), &w)?;
+        let pair_weights = pair_weights.map(|w| w.to_dtype(pol.dtype())).transpose()?;
         let refp = match (refs, &self.reference) {
             (Some(refs), _) => {
                 let side = |s: usize| refs.iter().map(move |r| r[s]);
@@ -494,7 +515,6 @@ impl DpoTask<'_> {
         let tokens = b.per_seq(&b.lm.loss_mask.to_dtype(pol.dtype())?)?;
         let (p, t) = (halves(&pol)?, halves(&tokens)?);
         let r = refp.as_ref().map(halves).transpose()?;
-        let c = &self.env.cfg.dpo;
         let mut shift = self.shift.get();
         if let (true, Some(refp), Some(comm)) = (c.has(DpoLoss::BcoPair), &refp, comm) {
             // This batch's mean reward over every rank, counted before the loss reads the
@@ -514,6 +534,7 @@ impl DpoTask<'_> {
             r.as_ref().map(Into::into),
             (&t).into(),
             shift.mean,
+            pair_weights.as_ref(),
         )?;
         let mut chosen_tokens = [t.0.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?];
         if let Some(c) = comm {
@@ -521,7 +542,13 @@ impl DpoTask<'_> {
         }
         let chosen_tokens = f64::from(chosen_tokens[0]);
         // The listed losses, "sft" among them, then RPO's NLL on top.
-        let listed = with_chosen_nll(&loss, &p.0, chosen_tokens, c.sft_weight())?;
+        let sft_weight = match &pair_weights {
+            Some(w) => {
+                c.sft_weight() * f64::from(w.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?)
+            }
+            None => c.sft_weight(),
+        };
+        let listed = with_chosen_nll(&loss, &p.0, chosen_tokens, sft_weight)?;
         let objective = with_chosen_nll(&listed, &p.0, chosen_tokens, c.rpo_alpha)?;
         Ok((objective, listed, acc, b.lm.tokens))
     }
@@ -917,11 +944,36 @@ mod tests {
             Some((&rf).into()),
             (&toks).into(),
             0.25,
+            None,
         )
         .unwrap();
         assert!(
             (s(&got) - 2.0 * sp(-0.25)).abs() < 1e-6,
             "bco_pair: {}",
+            s(&got)
+        );
+        // WPO's pair weights scale each pair's loss before the mean: two pairs, margins 0.5
+        // and -0.5 (sigmoid, beta 1), weighted 0.3 and 2.
+        let two = |a: [f64; 2], b: [f64; 2]| (v(&a), v(&b));
+        let (pol, rf, toks) = (
+            two([-1.0, -2.0], [-2.0, -1.0]),
+            two([-1.5, -1.5], [-2.0, -1.0]),
+            two([2.0, 2.0], [2.0, 2.0]),
+        );
+        let weights = v(&[0.3, 2.0]);
+        let (got, _) = shifted_preference_loss(
+            &cfg(DpoLoss::Sigmoid, 1.0, 0.0),
+            (&pol).into(),
+            Some((&rf).into()),
+            (&toks).into(),
+            0.0,
+            Some(&weights),
+        )
+        .unwrap();
+        let want = (0.3 * sp(-0.5) + 2.0 * sp(0.5)) / 2.0;
+        assert!(
+            (s(&got) - want).abs() < 1e-6,
+            "weighted: {} vs {want}",
             s(&got)
         );
         // SimPO reads no reference: per-token -1/2 against -4/4 gives h = 0.5, and with

@@ -305,3 +305,73 @@ fn an_example_opens_with_the_tokenizers_bos_once() {
         "{ids:?}"
     );
 }
+
+/// WPO's weights against each sequence computed alone from its full logits in f64 (the mean
+/// over its trained tokens of log p(y_t) - log sum_v p(v)^2, exponentiated), padded and
+/// packed alike.
+#[test]
+fn wpo_weights_match_each_sequence_computed_alone() {
+    let mut rng = Rng::new(4);
+    let lens = [5, 12, 3, 9];
+    let seqs: Vec<Example> = lens
+        .iter()
+        .map(|&n| {
+            let ids = (0..n).map(|_| rng.below(61) as u32).collect();
+            let train = (0..n).map(|j| j >= n / 2).collect();
+            (ids, train)
+        })
+        .collect();
+    let (_store, net) = small_model("tiny");
+    let f = Fwd {
+        ctx: Ctx::plain(DType::F32),
+        positions: None,
+        key_valid: None,
+        segments: None,
+    };
+    let want: Vec<f64> = seqs
+        .iter()
+        .map(|(ids, train)| {
+            let n = ids.len();
+            let input = Tensor::new(&ids[..n - 1], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = net.forward(&input, &f, None).unwrap().squeeze(0).unwrap();
+            let rows = logits.to_vec2::<f32>().unwrap();
+            let (mut sum, mut count) = (0f64, 0usize);
+            for (j, z) in rows.iter().enumerate() {
+                if !train[j + 1] {
+                    continue;
+                }
+                let m = z
+                    .iter()
+                    .fold(f64::NEG_INFINITY, |a, &x| a.max(f64::from(x)));
+                let s1: f64 = z.iter().map(|&x| (f64::from(x) - m).exp()).sum();
+                let s2: f64 = z.iter().map(|&x| (2.0 * (f64::from(x) - m)).exp()).sum();
+                let lp = f64::from(z[ids[j + 1] as usize]) - m - s1.ln();
+                sum += lp - (s2.ln() - 2.0 * s1.ln());
+                count += 1;
+            }
+            (sum / count.max(1) as f64).exp()
+        })
+        .collect();
+    for pack in [false, true] {
+        let b = SeqBatch::new(&seqs, 0, 16, pack, &Device::Cpu).unwrap();
+        let got = b
+            .wpo_weights(&net, Ctx::plain(DType::F32))
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (s, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (f64::from(*g) - w).abs() <= 1e-4 * w,
+                "pack {pack} seq {s}: {g} vs {w}"
+            );
+        }
+    }
+    // A response the policy finds likelier weighs more: the weights are not all one value.
+    assert!(
+        want.iter().any(|w| (w - want[0]).abs() > 1e-3 * want[0]),
+        "{want:?}"
+    );
+}
