@@ -589,6 +589,11 @@ mod stage_chain {
             series(&m, "val", "loss"),
         );
         assert!((loss_v[0].1 - 2f64.ln()).abs() > 1e-3, "wpo: {loss_v:?}");
+        let weights = series(&m, "train", "wpo_weight");
+        assert!(
+            !weights.is_empty() && weights.iter().all(|w| w.1 > 0.0 && w.1.is_finite()),
+            "wpo: {weights:?}"
+        );
         assert!(acc.last().unwrap().1 >= 0.9, "wpo: {acc:?}");
         assert!(loss_v.last().unwrap().1 < loss_v[0].1, "wpo: {loss_v:?}");
         // TRL's list of losses: MPO's sigmoid, bco_pair and the chosen NLL, weighted.

@@ -470,16 +470,15 @@ impl DpoTask<'_> {
         Ok(flat.chunks(2).map(|c| [c[0], c[1]]).collect())
     }
 
-    /// The objective, DPO's loss, the reward accuracy and the token count of `pairs`, whose
-    /// reference log-probabilities are `refs` where they were precomputed. In training,
-    /// `comm` is the data-parallel group: RPO's NLL term is a mean over the global batch's
-    /// chosen tokens, so each rank divides by the ranks' mean count.
+    /// The loss of `pairs`, whose reference log-probabilities are `refs` where they were
+    /// precomputed. In training, `comm` is the data-parallel group: RPO's NLL term is a mean
+    /// over the global batch's chosen tokens, so each rank divides by the ranks' mean count.
     fn loss(
         &self,
         pairs: &[&EncodedPair],
         refs: Option<Vec<RefLogps>>,
         comm: Option<&dyn Communicator>,
-    ) -> Result<(Tensor, Tensor, f64, usize)> {
+    ) -> Result<BatchLoss> {
         let (b, w) = self.batch(pairs.iter().copied())?;
         let c = &self.env.cfg.dpo;
         // WPO's weight of each pair (TRL's `use_weighting`): the product of its two responses'
@@ -542,16 +541,35 @@ impl DpoTask<'_> {
         }
         let chosen_tokens = f64::from(chosen_tokens[0]);
         // The listed losses, "sft" among them, then RPO's NLL on top.
-        let sft_weight = match &pair_weights {
-            Some(w) => {
-                c.sft_weight() * f64::from(w.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?)
-            }
-            None => c.sft_weight(),
+        let wpo_weight = match &pair_weights {
+            Some(w) => Some(f64::from(
+                w.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?,
+            )),
+            None => None,
         };
+        let sft_weight = c.sft_weight() * wpo_weight.unwrap_or(1.0);
         let listed = with_chosen_nll(&loss, &p.0, chosen_tokens, sft_weight)?;
         let objective = with_chosen_nll(&listed, &p.0, chosen_tokens, c.rpo_alpha)?;
-        Ok((objective, listed, acc, b.lm.tokens))
+        Ok(BatchLoss {
+            objective,
+            listed,
+            reward_accuracy: acc,
+            tokens: b.lm.tokens,
+            wpo_weight,
+        })
     }
+}
+
+/// What [`DpoTask::loss`] gives for a batch of pairs.
+struct BatchLoss {
+    /// What the step minimises: the listed losses and RPO's NLL.
+    objective: Tensor,
+    /// The listed losses alone ("sft" among them): the held-out loss.
+    listed: Tensor,
+    reward_accuracy: f64,
+    tokens: usize,
+    /// WPO's mean pair weight, where `use_weighting` is on.
+    wpo_weight: Option<f64>,
 }
 
 /// DPO's held-out numbers: the preference loss alone (for `sigmoid` and `robust`, log 2
@@ -587,11 +605,16 @@ impl Task for DpoTask<'_> {
                 .next_slice(self.env.cfg.train.batch_size, comm.rank(), comm.world());
         let pairs: Vec<_> = drawn.iter().map(|&i| &self.train[i]).collect();
         let refs = (self.train_ref.as_ref()).map(|r| drawn.iter().map(|&i| r[i]).collect());
-        let (objective, dpo, acc, tokens) = self.loss(&pairs, refs, Some(comm))?;
+        let b = self.loss(&pairs, refs, Some(comm))?;
+        let mut metrics = vec![
+            ("dpo_loss", scalar(&b.listed)?),
+            ("reward_accuracy", b.reward_accuracy),
+        ];
+        metrics.extend(b.wpo_weight.map(|w| ("wpo_weight", w)));
         Ok(StepOut {
-            loss: objective,
-            tokens,
-            metrics: vec![("dpo_loss", scalar(&dpo)?), ("reward_accuracy", acc)],
+            loss: b.objective,
+            tokens: b.tokens,
+            metrics,
         })
     }
 
@@ -601,9 +624,9 @@ impl Task for DpoTask<'_> {
         for (k, c) in self.eval.chunks(batch).enumerate() {
             let refs = (self.eval_ref.as_ref()).map(|r| r[k * batch..k * batch + c.len()].to_vec());
             // The held-out loss is the listed losses' ("sft" among them), without RPO's term.
-            let (_, loss, acc, _) = self.loss(&c.iter().collect::<Vec<_>>(), refs, None)?;
-            l += scalar(&loss)? * c.len() as f64;
-            a += acc * c.len() as f64;
+            let b = self.loss(&c.iter().collect::<Vec<_>>(), refs, None)?;
+            l += scalar(&b.listed)? * c.len() as f64;
+            a += b.reward_accuracy * c.len() as f64;
             n += c.len() as f64;
         }
         Ok(DpoEval {
