@@ -335,9 +335,10 @@ pub struct DpoConfig {
     /// WPO (Zhou et al., weighted preference optimisation; TRL's `use_weighting`): each pair's
     /// losses times the product of its two responses' weights, each `exp` of the mean over
     /// its tokens of `log p(y_t) - log sum_v p(v)^2` under the policy, with no gradient, so
-    /// that pairs the policy itself would likely sample count more. It costs one more policy
-    /// forward per step (the fused loss head does not give the sum of squares). Not with
-    /// `aot` or `aot_unpaired`, which sort the pairs, as TRL refuses them.
+    /// that pairs the policy itself would likely sample count more; the chosen NLL
+    /// (`rpo_alpha`'s, or a list's `"sft"`) by the batch's mean pair weight. It costs one more
+    /// policy forward per step (the fused loss head does not give the sum of squares). Not
+    /// with `aot` or `aot_unpaired`, which sort the pairs, as TRL refuses them.
     pub use_weighting: bool,
     /// Optimizer steps between TR-DPO's updates of the reference (TRL's default, 512).
     pub ref_model_sync_steps: usize,
@@ -560,7 +561,8 @@ impl DpoConfig {
                 .any(|l| matches!(l, DpoLoss::Aot | DpoLoss::AotUnpaired))
         {
             bail!(
-                "dpo.use_weighting weighs each pair's loss, and aot and aot_unpaired sort the                  pairs' margins, which would misalign the weights (as TRL refuses them)"
+                "dpo.use_weighting weighs each pair's loss, and aot and aot_unpaired sort the \
+                 pairs' margins, which would misalign the weights (as TRL refuses them)"
             );
         }
         if self.sync_ref_model && !self.needs_reference() {
@@ -1467,7 +1469,10 @@ mod tests {
             .validate()
             .unwrap_err()
             .to_string();
-            assert!(e.contains("dpo.use_weighting") && !e.contains('\n'), "{e}");
+            assert!(
+                e.contains("dpo.use_weighting") && !e.contains('\n') && !e.contains("  "),
+                "{e}"
+            );
         }
     }
 

@@ -312,38 +312,58 @@ impl SeqBatch {
 
     /// `[S]` f32: WPO's weight of each sequence under `net` (Zhou et al., Eq. 2; TRL's
     /// `use_weighting`), with no gradient: `exp` of the mean over its trained tokens of
-    /// `log p(y_t) - log sum_v p(v)^2`. A forward of its own, the logits one row at a time
-    /// (`[L, V]` at most, never `[R, L, V]`), since the fused loss head gives no sum of squares.
-    /// Per position, with `m` the largest logit, `s1 = sum exp(z - m)` and `s2 = sum
-    /// exp(2 (z - m))`: `log p(y_t) = z_t - m - ln s1` and `log sum p^2 = ln s2 - 2 ln s1`.
+    /// `log p(y_t) - log sum_v p(v)^2`. A forward of its own, since the fused loss head gives
+    /// no sum of squares. Per position, with `m` the largest logit, `s1 = sum exp(z - m)` and
+    /// `s2 = sum exp(2 (z - m))`: `log p(y_t) = z_t - m - ln s1` and `log sum p^2 = ln s2 -
+    /// 2 ln s1`.
     pub fn wpo_weights(
         &self,
         net: &crate::model::Transformer,
         ctx: crate::model::linear::Ctx,
     ) -> Result<Tensor> {
         use candle_core::{DType, D};
-        // A plain forward: nothing here is differentiated, so no tape and no recomputation.
+        /// Rows per forward and positions per block of logits: the weights are variables,
+        /// so a forward's activations live until its output is detached, and a block's logits
+        /// are `[positions, V]` f32 several times over.
+        const ROWS: usize = 4;
+        const POSITIONS: usize = 1024;
+        // Nothing here is differentiated: no tape, no recomputation, no dropout.
         let ctx = crate::model::linear::Ctx {
             tape: false,
             recompute_blocks: false,
             dropout_seed: None,
             ..ctx
         };
-        let hidden = net.hidden(&self.lm.inputs, &self.fwd(ctx), None)?.detach();
-        let rows = (0..hidden.dim(0)?)
-            .map(|r| -> Result<Tensor> {
-                let z = net
-                    .logits(&hidden.narrow(0, r, 1)?, ctx.kernels.gemm)?
-                    .squeeze(0)?
-                    .detach();
+        let (r, l) = self.lm.inputs.dims2()?;
+        // Padded rows are independent, so they go a few at a time; packed rows share one
+        // segment table, so they go together.
+        let hidden: Vec<Tensor> = match self.packed {
+            None => (0..r)
+                .step_by(ROWS)
+                .map(|r0| {
+                    let ids = self.lm.inputs.narrow(0, r0, ROWS.min(r - r0))?;
+                    Ok(net.hidden(&ids, &self.fwd(ctx), None)?.detach())
+                })
+                .collect::<Result<_>>()?,
+            Some(_) => vec![net.hidden(&self.lm.inputs, &self.fwd(ctx), None)?.detach()],
+        };
+        let hidden = Tensor::cat(&hidden, 0)?;
+        let mut rows = Vec::with_capacity(r);
+        for row in 0..r {
+            let mut blocks = Vec::new();
+            for p0 in (0..l).step_by(POSITIONS) {
+                let n = POSITIONS.min(l - p0);
+                let h = hidden.narrow(0, row, 1)?.narrow(1, p0, n)?;
+                let z = net.logits(&h, ctx.kernels.gemm)?.squeeze(0)?.detach();
                 let d = z.broadcast_sub(&z.max_keepdim(D::Minus1)?)?;
                 let ln_s1 = d.exp()?.sum_keepdim(D::Minus1)?.log()?;
                 let ln_s2 = (&d * 2.0)?.exp()?.sum_keepdim(D::Minus1)?.log()?;
-                let targets = self.lm.targets.narrow(0, r, 1)?.squeeze(0)?.unsqueeze(1)?;
-                let dt = d.gather(&targets.contiguous()?, D::Minus1)?;
-                Ok(((dt + ln_s1)? - ln_s2)?.squeeze(1)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
+                let targets = self.lm.targets.narrow(0, row, 1)?.narrow(1, p0, n)?;
+                let dt = d.gather(&targets.squeeze(0)?.unsqueeze(1)?.contiguous()?, D::Minus1)?;
+                blocks.push(((dt + ln_s1)? - ln_s2)?.squeeze(1)?);
+            }
+            rows.push(Tensor::cat(&blocks, 0)?);
+        }
         let aligned = Tensor::stack(&rows, 0)?;
         let mask = self.lm.loss_mask.to_dtype(DType::F32)?;
         let sums = self.per_seq(&(aligned * &mask)?)?;

@@ -27,6 +27,7 @@ use crate::data::sampler::WindowSampler;
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
 use crate::dist::Communicator;
+use crate::model::linear::Ctx;
 use crate::model::Transformer;
 use crate::train::loss::{log_sigmoid, scalar};
 use crate::train::params::{ParamInfo, ParamStore, Role};
@@ -481,17 +482,16 @@ impl DpoTask<'_> {
     ) -> Result<BatchLoss> {
         let (b, w) = self.batch(pairs.iter().copied())?;
         let c = &self.env.cfg.dpo;
-        // WPO's weight of each pair (TRL's `use_weighting`): the product of its two responses'
-        // weights, no gradient, from a forward run before the training one, so that the two
-        // forwards' activations are never held at once. The chosen NLL of a loss list
-        // ("sft") is weighted by their mean, as TRL weighs its per-pair copies of that one
-        // number; `rpo_alpha`'s is not.
+        // WPO's weight of each pair (TRL's `use_weighting`), from a forward run before the
+        // training one, so that the two forwards' activations are never held at once. The
+        // chosen NLL, a list's "sft" and `rpo_alpha`'s, is weighted by their mean, as TRL
+        // weighs its per-pair copies of that one number (and weighed RPO's before it).
         let pair_weights = match c.use_weighting {
-            true => {
-                let w = b.wpo_weights(&self.policy, self.env.ctx(true, None))?;
-                let (wc, wr) = halves(&w)?;
-                Some((wc * wr)?)
-            }
+            true => Some(wpo_pair_weights(
+                &b,
+                &self.policy,
+                self.env.ctx(true, None),
+            )?),
             false => None,
         };
         let pol = b.weighted_logps(&self.policy, self.env.ctx(true, None), &w)?;
@@ -549,7 +549,8 @@ impl DpoTask<'_> {
         };
         let sft_weight = c.sft_weight() * wpo_weight.unwrap_or(1.0);
         let listed = with_chosen_nll(&loss, &p.0, chosen_tokens, sft_weight)?;
-        let objective = with_chosen_nll(&listed, &p.0, chosen_tokens, c.rpo_alpha)?;
+        let rpo_weight = c.rpo_alpha * wpo_weight.unwrap_or(1.0);
+        let objective = with_chosen_nll(&listed, &p.0, chosen_tokens, rpo_weight)?;
         Ok(BatchLoss {
             objective,
             listed,
@@ -558,6 +559,14 @@ impl DpoTask<'_> {
             wpo_weight,
         })
     }
+}
+
+/// `[B]`: WPO's weight of each pair of a batch laid out as [`DpoTask::batch`] lays it
+/// (chosen responses, then rejected): the product of its two responses' weights
+/// ([`SeqBatch::wpo_weights`]), no gradient.
+fn wpo_pair_weights(b: &SeqBatch, net: &Transformer, ctx: Ctx) -> Result<Tensor> {
+    let (wc, wr) = halves(&b.wpo_weights(net, ctx)?)?;
+    Ok((wc * wr)?)
 }
 
 /// What [`DpoTask::loss`] gives for a batch of pairs.
@@ -1200,6 +1209,34 @@ mod tests {
 
     /// DiscoPOP stays finite where its exponential alone would overflow: a margin far below
     /// zero, where the blend is exactly 0 and the loss is the logistic one.
+    /// A pair's WPO weight is its own chosen response's weight times its own rejected one's,
+    /// in a batch laid out chosen first (pair i: sequences i and n + i).
+    #[test]
+    fn wpo_pairs_each_chosen_response_with_its_own_rejected_one() {
+        let (_store, net) = crate::model::test_model("tiny", 3);
+        let seq =
+            |ids: &[u32]| -> Encoded { (ids.to_vec(), (0..ids.len()).map(|j| j >= 2).collect()) };
+        let seqs = [
+            seq(&[1, 2, 3, 4]),
+            seq(&[5, 6, 7, 8, 9, 10]),
+            seq(&[1, 2, 11, 12, 13]),
+            seq(&[5, 6, 14]),
+        ];
+        let b = SeqBatch::new(&seqs, 0, 16, false, &candle_core::Device::Cpu).unwrap();
+        let ctx = Ctx::plain(DType::F32);
+        let w = b.wpo_weights(&net, ctx).unwrap().to_vec1::<f32>().unwrap();
+        let got = wpo_pair_weights(&b, &net, ctx)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(got, [w[0] * w[2], w[1] * w[3]]);
+        assert!(w.iter().all(|&x| x > 0.0 && x.is_finite()), "{w:?}");
+        assert!(
+            w.windows(2).any(|p| (p[0] - p[1]).abs() > 1e-4 * p[0]),
+            "{w:?}"
+        );
+    }
+
     #[test]
     fn discopop_is_finite_at_an_extreme_margin() {
         let c = cfg(DpoLoss::Discopop, 1.0, 0.0);
