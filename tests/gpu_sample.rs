@@ -95,6 +95,19 @@ mod gpu {
         }
     }
 
+    /// The kernel's `got` against the reference's `want` on one row (`row`: the logits the
+    /// reference sampled, `u` its uniform): the same token, or a sampled one whose difference
+    /// [`explained`] accounts for.
+    fn agrees(what: &str, row: &[f32], p: &SampleParams, u: f32, (got, want): (u32, u32)) {
+        if got == want {
+            return;
+        }
+        assert!(!p.is_greedy(), "{what}: greedy {got} vs {want}");
+        if let Err(why) = explained(row, p, u, got as usize) {
+            panic!("{what}: kernel {got} vs reference {want}: {why}");
+        }
+    }
+
     pub fn sample_kernel_matches_reference(dev: &Device) {
         let (mut rng, seed) = Rng::fresh(0x5A3);
         let settings = [
@@ -141,15 +154,9 @@ mod gpu {
                         let ctx =
                             format!("seed {seed:#x}, {dtype:?}, B {b}, V {v}, {p:?}, row {i}");
                         assert!((got[i] as usize) < v, "{ctx}: id {} out of range", got[i]);
-                        if got[i] == want[i] {
-                            continue;
-                        }
-                        assert!(!p.is_greedy(), "{ctx}: greedy {} vs {}", got[i], want[i]);
                         let row = &logits[i * v..(i + 1) * v];
                         let u = uniform(row_key(draw_seed, rows[i]), pos);
-                        if let Err(why) = explained(row, p, u, got[i] as usize) {
-                            panic!("{ctx}: kernel {} vs reference {}: {why}", got[i], want[i]);
-                        }
+                        agrees(&ctx, row, p, u, (got[i], want[i]));
                     }
                 }
             }
@@ -655,23 +662,9 @@ mod gpu {
                                     got[i]
                                 );
                             }
-                            if got[i] == want[i] {
-                                continue;
-                            }
-                            assert!(
-                                !p.is_greedy(),
-                                "{ctx} row {i}: greedy {} vs {}",
-                                got[i],
-                                want[i]
-                            );
                             let row = &logits[i * v..(i + 1) * v];
                             let u = uniform(row_key(key_seed, rows[i]), pos);
-                            if let Err(why) = explained(row, &p, u, got[i] as usize) {
-                                panic!(
-                                    "{ctx} row {i}: kernel {} vs reference {}: {why}",
-                                    got[i], want[i]
-                                );
-                            }
+                            agrees(&format!("{ctx} row {i}"), row, &p, u, (got[i], want[i]));
                         }
                     }
                 }
@@ -758,23 +751,9 @@ mod gpu {
                     let mut marked = mask.clone();
                     for i in 0..b {
                         marked[i * v + got[i] as usize] = 1;
-                        if got[i] == want[i] {
-                            continue;
-                        }
-                        assert!(
-                            !p.is_greedy(),
-                            "{ctx} row {i}: greedy {} vs {}",
-                            got[i],
-                            want[i]
-                        );
                         let row = &logits[i * v..(i + 1) * v];
                         let u = uniform(row_key(key_seed, rows[i]), pos);
-                        if let Err(why) = explained(row, &p, u, got[i] as usize) {
-                            panic!(
-                                "{ctx} row {i}: kernel {} vs reference {}: {why}",
-                                got[i], want[i]
-                            );
-                        }
+                        agrees(&format!("{ctx} row {i}"), row, &p, u, (got[i], want[i]));
                     }
                     if p.is_greedy() && p.repetition_penalty > 1.0 {
                         assert_eq!(

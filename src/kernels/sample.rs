@@ -402,6 +402,20 @@ mod tests {
         }
     }
 
+    /// Pearson's chi-square of draw `counts` against the unnormalised weights `p`.
+    fn chi_square(counts: &[usize], p: &[f32]) -> f64 {
+        let n = counts.iter().sum::<usize>() as f64;
+        let total: f64 = p.iter().map(|&x| f64::from(x)).sum();
+        counts
+            .iter()
+            .zip(p)
+            .map(|(&c, &w)| {
+                let e = n * f64::from(w) / total;
+                (c as f64 - e).powi(2) / e
+            })
+            .sum()
+    }
+
     fn draws(logits: &[f32], params: &SampleParams, n: u64) -> Vec<usize> {
         let mut counts = vec![0; logits.len()];
         for pos in 0..n {
@@ -484,18 +498,10 @@ mod tests {
         let logits = [0.3f32, -1.0, 2.0, 0.0, 1.1, -0.4, 1.7];
         let temp = 0.7f32;
         let p = weights(&logits, temp);
-        let total: f64 = p.iter().map(|&x| f64::from(x)).sum();
         let n = 40_000u64;
         let counts = draws(&logits, &sampled(temp, 0, 1.0), n);
         // Pearson's chi-square with 6 degrees of freedom: P(chi2 > 22.5) ~ 0.001.
-        let chi2: f64 = counts
-            .iter()
-            .zip(&p)
-            .map(|(&c, &w)| {
-                let e = n as f64 * f64::from(w) / total;
-                (c as f64 - e).powi(2) / e
-            })
-            .sum();
+        let chi2 = chi_square(&counts, &p);
         assert!(chi2 < 22.5, "chi2 {chi2}: {counts:?}");
     }
 
@@ -636,7 +642,6 @@ mod tests {
         let mut want = raw;
         penalize_row(&mut want, &mask, 1.8);
         let p = weights(&want, 0.9);
-        let total: f64 = p.iter().map(|&x| f64::from(x)).sum();
         let logits = Tensor::new(&[raw], &dev).unwrap();
         let seen = Tensor::new(&[mask], &dev).unwrap();
         let keys = keys_tensor(5, &[2], &dev).unwrap();
@@ -647,14 +652,7 @@ mod tests {
             counts[id.to_vec1::<u32>().unwrap()[0] as usize] += 1;
         }
         // 4 degrees of freedom: P(chi2 > 18.5) ~ 0.001.
-        let chi2: f64 = counts
-            .iter()
-            .zip(&p)
-            .map(|(&c, &w)| {
-                let e = n as f64 * f64::from(w) / total;
-                (c as f64 - e).powi(2) / e
-            })
-            .sum();
+        let chi2 = chi_square(&counts, &p);
         assert!(chi2 < 18.5, "chi2 {chi2}: {counts:?}");
     }
 

@@ -337,32 +337,30 @@ impl SeqBatch {
         let (r, l) = self.lm.inputs.dims2()?;
         // Padded rows are independent, so they go a few at a time; packed rows share one
         // segment table, so they go together.
-        let hidden: Vec<Tensor> = match self.packed {
-            None => (0..r)
-                .step_by(ROWS)
-                .map(|r0| {
-                    let ids = self.lm.inputs.narrow(0, r0, ROWS.min(r - r0))?;
-                    Ok(net.hidden(&ids, &self.fwd(ctx), None)?.detach())
-                })
-                .collect::<Result<_>>()?,
-            Some(_) => vec![net.hidden(&self.lm.inputs, &self.fwd(ctx), None)?.detach()],
+        let groups = match self.packed {
+            None => ROWS,
+            Some(_) => r.max(1),
         };
-        let hidden = Tensor::cat(&hidden, 0)?;
         let mut rows = Vec::with_capacity(r);
-        for row in 0..r {
-            let mut blocks = Vec::new();
-            for p0 in (0..l).step_by(POSITIONS) {
-                let n = POSITIONS.min(l - p0);
-                let h = hidden.narrow(0, row, 1)?.narrow(1, p0, n)?;
-                let z = net.logits(&h, ctx.kernels.gemm)?.squeeze(0)?.detach();
-                let d = z.broadcast_sub(&z.max_keepdim(D::Minus1)?)?;
-                let ln_s1 = d.exp()?.sum_keepdim(D::Minus1)?.log()?;
-                let ln_s2 = (&d * 2.0)?.exp()?.sum_keepdim(D::Minus1)?.log()?;
-                let targets = self.lm.targets.narrow(0, row, 1)?.narrow(1, p0, n)?;
-                let dt = d.gather(&targets.squeeze(0)?.unsqueeze(1)?.contiguous()?, D::Minus1)?;
-                blocks.push(((dt + ln_s1)? - ln_s2)?.squeeze(1)?);
+        for r0 in (0..r).step_by(groups) {
+            let ids = self.lm.inputs.narrow(0, r0, groups.min(r - r0))?;
+            let hidden = net.hidden(&ids, &self.fwd(ctx), None)?.detach();
+            for (i, row) in (r0..r0 + ids.dim(0)?).enumerate() {
+                let mut blocks = Vec::new();
+                for p0 in (0..l).step_by(POSITIONS) {
+                    let n = POSITIONS.min(l - p0);
+                    let h = hidden.narrow(0, i, 1)?.narrow(1, p0, n)?;
+                    let z = net.logits(&h, ctx.kernels.gemm)?.squeeze(0)?.detach();
+                    let d = z.broadcast_sub(&z.max_keepdim(D::Minus1)?)?;
+                    let ln_s1 = d.exp()?.sum_keepdim(D::Minus1)?.log()?;
+                    let ln_s2 = (&d * 2.0)?.exp()?.sum_keepdim(D::Minus1)?.log()?;
+                    let targets = self.lm.targets.narrow(0, row, 1)?.narrow(1, p0, n)?;
+                    let targets = targets.squeeze(0)?.unsqueeze(1)?.contiguous()?;
+                    let dt = d.gather(&targets, D::Minus1)?;
+                    blocks.push(((dt + ln_s1)? - ln_s2)?.squeeze(1)?);
+                }
+                rows.push(Tensor::cat(&blocks, 0)?);
             }
-            rows.push(Tensor::cat(&blocks, 0)?);
         }
         let aligned = Tensor::stack(&rows, 0)?;
         let mask = self.lm.loss_mask.to_dtype(DType::F32)?;

@@ -495,6 +495,11 @@ impl DpoTask<'_> {
             false => None,
         };
         let pol = b.weighted_logps(&self.policy, self.env.ctx(true, None), &w)?;
+        // Their mean, read while they are still f32.
+        let wpo_weight = match &pair_weights {
+            Some(w) => Some(f64::from(w.mean_all()?.to_scalar::<f32>()?)),
+            None => None,
+        };
         let pair_weights = pair_weights.map(|w| w.to_dtype(pol.dtype())).transpose()?;
         let refp = match (refs, &self.reference) {
             (Some(refs), _) => {
@@ -541,12 +546,6 @@ impl DpoTask<'_> {
         }
         let chosen_tokens = f64::from(chosen_tokens[0]);
         // The listed losses, "sft" among them, then RPO's NLL on top.
-        let wpo_weight = match &pair_weights {
-            Some(w) => Some(f64::from(
-                w.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?,
-            )),
-            None => None,
-        };
         let sft_weight = c.sft_weight() * wpo_weight.unwrap_or(1.0);
         let listed = with_chosen_nll(&loss, &p.0, chosen_tokens, sft_weight)?;
         let rpo_weight = c.rpo_alpha * wpo_weight.unwrap_or(1.0);

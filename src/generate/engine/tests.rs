@@ -72,8 +72,16 @@ fn prompts(tok: &Tokenizer, texts: &[&str]) -> Vec<Vec<u32>> {
     texts.iter().map(|t| tok.encode(t).unwrap()).collect()
 }
 
-/// Greedy decoding of one prompt with a full forward pass over the whole sequence per token.
-fn naive_greedy(net: &Transformer, tok: &Tokenizer, prompt: &[u32], n: usize) -> Vec<u32> {
+/// Greedy decoding of one prompt with a full forward pass over the whole sequence per token,
+/// every token of the sequence so far (prompt and response) penalised by `penalty` first (1:
+/// none).
+fn naive_greedy(
+    net: &Transformer,
+    tok: &Tokenizer,
+    prompt: &[u32],
+    n: usize,
+    penalty: f32,
+) -> Vec<u32> {
     let mut seq = prompt.to_vec();
     let mut out = Vec::new();
     for _ in 0..n {
@@ -89,7 +97,11 @@ fn naive_greedy(net: &Transformer, tok: &Tokenizer, prompt: &[u32], n: usize) ->
         };
         let logits = net.forward(&ids, &f, None).unwrap();
         let last = logits.narrow(1, seq.len() - 1, 1).unwrap();
-        let id = argmax(&last.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let mut row = last.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut seen = vec![0u8; row.len()];
+        seq.iter().for_each(|&t| seen[t as usize] = 1);
+        crate::kernels::sample::penalize_row(&mut row, &seen, penalty);
+        let id = argmax(&row);
         out.push(id);
         seq.push(id);
         if tok.is_stop(id) {
@@ -137,7 +149,7 @@ fn greedy_equals_a_full_recompute_loop() {
         )
         .unwrap();
         for (i, p) in ps.iter().enumerate() {
-            let want = naive_greedy(&net, &tok, p, cfg.max_new_tokens);
+            let want = naive_greedy(&net, &tok, p, cfg.max_new_tokens, 1.0);
             assert_eq!(
                 g.tokens[i], want,
                 "{preset} {decode:?}: prompt {i} {:?}",
@@ -263,35 +275,6 @@ fn repetition_penalty_equals_a_full_recompute_loop() {
     let texts = ["ab", "hello there", "hello there", "q", "xyz!"];
     let ps = prompts(&tok, &texts);
     let penalty = 2.5f32;
-    let naive = |prompt: &[u32], n: usize| {
-        let mut seq = prompt.to_vec();
-        let mut out = Vec::new();
-        for _ in 0..n {
-            let ids = Tensor::new(seq.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let f = Fwd {
-                ctx: ctx(),
-                positions: None,
-                key_valid: None,
-                segments: None,
-            };
-            let logits = net.forward(&ids, &f, None).unwrap();
-            let last = logits.narrow(1, seq.len() - 1, 1).unwrap();
-            let mut row = last.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let mut seen = vec![0u8; row.len()];
-            seq.iter().for_each(|&t| seen[t as usize] = 1);
-            crate::kernels::sample::penalize_row(&mut row, &seen, penalty);
-            let id = argmax(&row);
-            out.push(id);
-            seq.push(id);
-            if tok.is_stop(id) {
-                break;
-            }
-        }
-        out
-    };
     for decode in [DecodeMode::Dynamic, DecodeMode::Fixed] {
         let cfg = SampleCfg {
             max_new_tokens: 16,
@@ -306,7 +289,7 @@ fn repetition_penalty_equals_a_full_recompute_loop() {
         let keys = RowKeys::range(0, 0, ps.len());
         let g = generate(&net, ctx(), &tok, &ps, &cfg, &keys).unwrap();
         for (i, p) in ps.iter().enumerate() {
-            let want = naive(p, cfg.max_new_tokens);
+            let want = naive_greedy(&net, &tok, p, cfg.max_new_tokens, penalty);
             assert_eq!(g.tokens[i], want, "{decode:?}: prompt {i} {:?}", texts[i]);
         }
         let plain = SampleCfg {

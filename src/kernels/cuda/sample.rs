@@ -76,18 +76,7 @@ pub fn sample(
         _ => logits.to_dtype(DType::F32)?.contiguous()?,
     };
     let keys = keys.to_device(logits.device())?.contiguous()?;
-    if let Some(s) = seen {
-        if s.dims() != [b, v] || s.dtype() != DType::U8 || !s.is_contiguous() {
-            candle_core::bail!(
-                "sample: seen {:?} {:?} is not [{b}, {v}] u8",
-                s.dims(),
-                s.dtype()
-            );
-        }
-        if !s.device().same_device(logits.device()) {
-            candle_core::bail!("sample: the seen mask is on another device than the logits");
-        }
-    }
+    // `seen` is checked by `sample_draw`, the one caller: [B, V] u8, contiguous, here.
     let args = (draw, hold, seen, params);
     match logits.dtype() {
         DType::BF16 => launch_t::<half::bf16>(&logits, &keys, args),
