@@ -1,6 +1,7 @@
 //! Attention: our flash kernel against the materialised reference, causal bf16 at
-//! B=8 H=16 S=2048 D=128 and B=16 H=32 S=1024 D=64, and the decode forward (one query row
-//! per head against a cache) at GPT-2 small's and a GQA shape. The PyTorch peers (SDPA flash
+//! B=8 H=16 S=2048 D=128, B=16 H=32 S=1024 D=64 and (Gemma's head dim) B=8 H=8 S=2048 D=256,
+//! and the decode forward (one query row per head against a cache) at GPT-2 small's, a GQA
+//! shape and Gemma 3 1B's (4 query heads on 1 kv head, D 256). The PyTorch peers (SDPA flash
 //! and cuDNN; SDPA's own choice for decode) for the same shapes come from
 //! scripts/bench_peers.py, run in the same device call by scripts/gpu-check.sh, which divides
 //! one by the other.
@@ -89,7 +90,9 @@ mod cuda {
     use super::timing::cuda_time_ms;
     use super::*;
     use candle_core::{DType, Var};
-    use temper::kernels::cuda::attention::{attention_with, AttentionDirect, AttnImpl};
+    use temper::kernels::cuda::attention::{
+        attention_with, AttentionDirect, AttnImpl, MAX_HEAD_DIM,
+    };
 
     /// Untimed calls before timing: module loads, cuBLAS heuristics, allocator pools.
     const WARMUP: usize = 2;
@@ -190,7 +193,11 @@ mod cuda {
         println!(
             "attention, causal bf16 (medians of CUDA-event timings; peers: scripts/bench_peers.py)"
         );
-        for (b, h, s, d) in [(8usize, 16usize, 2048usize, 128usize), (16, 32, 1024, 64)] {
+        for (b, h, s, d) in [
+            (8usize, 16usize, 2048usize, 128usize),
+            (16, 32, 1024, 64),
+            (8, 8, 2048, 256),
+        ] {
             let shape = format!("B{b} H{h} S{s} D{d}");
             let fwd_flops = 4.0 * (b * h * s * s * d) as f64 / 2.0;
             let scale = 1.0 / (d as f64).sqrt();
@@ -208,7 +215,14 @@ mod cuda {
             ];
             let tensor_cores =
                 |w: &Which| matches!(w, Which::Ours(AttnImpl::Mma | AttnImpl::MmaWide));
-            for which in variants.into_iter().filter(|w| !once || tensor_cores(w)) {
+            // Head dim 256 has one tensor-core tiling (`MmaWide` is `Mma` there) and no simple
+            // kernel.
+            let runs = |w: &Which| match w {
+                Which::Ours(AttnImpl::MmaWide | AttnImpl::Simple) => d <= MAX_HEAD_DIM,
+                _ => true,
+            };
+            let variants = variants.into_iter().filter(runs);
+            for which in variants.filter(|w| !once || tensor_cores(w)) {
                 // The CUDA-core and materialised versions are far slower: fewer repeats.
                 let (warmup, reps) = match (once, tensor_cores(&which)) {
                     (true, _) => (0, 1),
@@ -312,6 +326,7 @@ mod cuda {
         for (b, hq, hkv, t, d) in [
             (64usize, 12usize, 12usize, 320usize, 64usize),
             (16, 32, 8, 2048, 128),
+            (64, 4, 1, 1024, 256),
         ] {
             let shape = format!("decode B{b} Hq{hq} Hkv{hkv} T{t} D{d}");
             let mk = |dims: (usize, usize, usize, usize)| -> candle_core::Result<Tensor> {
@@ -326,7 +341,11 @@ mod cuda {
             };
             let scale = 1.0 / (d as f64).sqrt();
             let bytes = (2 * b * hkv * t * d * 2) as f64;
-            for (name, imp) in [("ours", AttnImpl::Auto), ("ours-simple", AttnImpl::Simple)] {
+            let imps = [("ours", AttnImpl::Auto), ("ours-simple", AttnImpl::Simple)];
+            for (name, imp) in imps
+                .into_iter()
+                .filter(|(_, imp)| d <= MAX_HEAD_DIM || *imp != AttnImpl::Simple)
+            {
                 let ms = cuda_time_ms(dev, WARMUP, 50, || {
                     attention_with(&q, &k, &v, &mask, scale, imp).map(|_| ())
                 })?;

@@ -178,8 +178,9 @@ static_assert(kSimpleKT == 32, "lane j scores key j of a tile");
 static_assert(kSimpleWarps * 32 <= 256, "__launch_bounds__(256) of the simple kernels");
 
 // Tensor-core forward: 4 warps own 16 * MT query rows each (MT = 1: 64-row blocks, MT = 2:
-// 128-row blocks); K/V tiles of BK keys (64; 32 for D = 128 at MT = 2) in two cp.async
-// stages. With MT = 2 every K and V fragment a warp reads from shared memory feeds two mma
+// 128-row blocks); K/V tiles of BK keys (64; 32 for D = 128 at MT = 2 and for D = 256) in two
+// cp.async stages. D = 256 (Gemma) has 64-row blocks only: its O accumulator alone takes 128
+// registers a thread. With MT = 2 every K and V fragment a warp reads from shared memory feeds two mma
 // tiles instead of one (FlashAttention-2's tiling): at D = 64, where Q stays in registers,
 // that halves the shared-memory reads per mma; at D = 128 the Q fragments no longer fit in
 // registers and are re-read every k-step, so only P V's reads halve (about a quarter fewer in
@@ -188,19 +189,22 @@ static_assert(kSimpleWarps * 32 <= 256, "__launch_bounds__(256) of the simple ke
 // f32 key flags.
 template <int D, int MT = 1> struct MmaFwdTraits {
   static constexpr int kBlockQ = 64 * MT;  // query rows per block
-  // Keys per pipeline stage: 32 for D = 128 at MT = 2, where the scores of 64 keys would not
-  // fit in registers beside O.
-  static constexpr int kBlockK = (D == 128 && MT == 2) ? 32 : 64;
+  // Keys per pipeline stage: 32 where the scores of 64 keys would not fit in registers beside
+  // O (D = 128 at MT = 2, D = 256), which also keeps D = 256's shared memory (96.25 KiB) under
+  // the 99 KiB a block that sm_86 and sm_89 allow.
+  static constexpr int kBlockK = ((D == 128 && MT == 2) || D == 256) ? 32 : 64;
   static constexpr int kThreads = 128;     // 4 warps
   static constexpr bool kQInRegs = MT * (D / 16) * 4 <= 32;
   static constexpr int kSmemBytes = (kBlockQ + 4 * kBlockK) * D * 2 + 2 * kBlockK * 4;
-  static_assert(D == 64 || D == 128, "head dims the mma kernels are instantiated for");
+  static_assert(D == 64 || D == 128 || D == 256, "head dims the mma kernels are instantiated for");
   static_assert(MT == 1 || MT == 2, "one or two 16-row mma tiles per warp");
+  static_assert(D < 256 || MT == 1, "D = 256: one 16-row tile per warp");
   static_assert(kBlockQ == 16 * MT * (kThreads / 32), "MT 16-row mma tiles per warp");
   static_assert(kBlockK % 16 == 0, "k-steps of P V");
 };
 static_assert(MmaFwdTraits<128>::kSmemBytes == 82432, "fwd_mma_smem in attention.rs");
 static_assert(MmaFwdTraits<128, 2>::kSmemBytes == 65792, "fwd_mma_smem in attention.rs");
+static_assert(MmaFwdTraits<256>::kSmemBytes == 98560, "fwd_mma_smem in attention.rs");
 
 // Tensor-core backward: one block per 16 * W keys of one kv head (16 per warp, W = 4 or 8
 // warps); query tiles of BQ rows stream through two stages. BQ is 64 for D = 64 and 32 for
@@ -210,21 +214,32 @@ static_assert(MmaFwdTraits<128, 2>::kSmemBytes == 65792, "fwd_mma_smem in attent
 // reads of Q and dO and half the dQ atomics, at the same warps per SM (one 8-warp block where
 // two 4-warp blocks fit). Dynamic shared memory: sK, sV [BK][D] + 2 stages of sQ, sdO [BQ][D]
 // + sdS [BK][BQ + 8] (2-byte elements) + 2 stages of sL, sDv [BQ] f32.
+//
+// D = 256 (Gemma): one warp's dK and dV over the whole head would take 256 registers a thread,
+// so two warps share each 16-key tile (kSplit = 2; 8 warps, 64 keys a block, BQ 32). Of a pair,
+// the first computes S^T and P^T, the second dP^T, each over the whole head, and they swap them
+// through shared memory (sX: W warps' [BQ / 8 * 4][32 lanes] f32), so that both hold the same
+// P^T and dS^T; then each accumulates dK and dV for its half of the head dim. The dQ step is
+// the other head dims'. 149.5 KiB of shared memory: sm_80 and sm_90, not sm_86 / sm_89.
 template <int D, int W = 4> struct MmaBwdTraits {
-  static constexpr int kBlockK = 16 * W;
-  static constexpr int kBlockQ = D == 128 ? 32 : 64;
+  static constexpr int kSplit = D == 256 ? 2 : 1;  // warps per 16-key tile
+  static constexpr int kBlockK = 16 * W / kSplit;
+  static constexpr int kBlockQ = D >= 128 ? 32 : 64;
   static constexpr int kThreads = 32 * W;
-  static constexpr int kSmemBytes =
-      (2 * kBlockK + 4 * kBlockQ) * D * 2 + kBlockK * (kBlockQ + 8) * 2 + 4 * kBlockQ * 4;
-  static_assert(D == 64 || D == 128, "head dims the mma kernels are instantiated for");
+  static constexpr int kSmemBytes = (2 * kBlockK + 4 * kBlockQ) * D * 2 +
+                                    kBlockK * (kBlockQ + 8) * 2 + 4 * kBlockQ * 4 +
+                                    (kSplit > 1 ? W * kBlockQ / 8 * 4 * 32 * 4 : 0);
+  static_assert(D == 64 || D == 128 || D == 256, "head dims the mma kernels are instantiated for");
   static_assert(W == 4 || W == 8, "64- or 128-key blocks");
-  static_assert(kBlockK == 16 * (kThreads / 32), "one 16-key mma tile per warp");
+  static_assert(D < 256 || W == 8, "D = 256: 8 warps, two a 16-key tile");
+  static_assert(kBlockK * kSplit == 16 * (kThreads / 32), "kSplit warps a 16-key mma tile");
   static_assert(kBlockQ % 16 == 0, "dQ m-blocks");
 };
 static_assert(MmaBwdTraits<128>::kSmemBytes == 71168, "bwd_mma_smem in attention.rs");
 static_assert(MmaBwdTraits<64>::kSmemBytes == 59392, "bwd_mma_smem in attention.rs");
 static_assert(MmaBwdTraits<128, 8>::kSmemBytes == 109056, "bwd_mma_smem in attention.rs");
 static_assert(MmaBwdTraits<64, 8>::kSmemBytes == 84992, "bwd_mma_smem in attention.rs");
+static_assert(MmaBwdTraits<256, 8>::kSmemBytes == 153088, "bwd_mma_smem in attention.rs");
 
 }  // namespace attn
 }  // namespace temper

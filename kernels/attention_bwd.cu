@@ -11,10 +11,10 @@
 //    loop over key tiles) and dK/dV (warp per key row, loop over the query rows of every head
 //    in its GQA group, which sums the group's contributions for free).
 //
-// 2. "mma" (bf16/f16, D = 64 or 128; tiles in MmaBwdTraits): one block per 64 keys (4 warps;
-//    attn_bwd_mma2: 128 keys, 8 warps) of one kv head keeps K, V in shared memory and dK, dV
-//    in registers, and walks the query tiles of
-//    every head in the GQA group: S^T = K Q^T, P^T = exp2(S^T - lse), dV += P^T dO,
+// 2. "mma" (bf16/f16, D = 64, 128 or 256; tiles in MmaBwdTraits): one block per 64 keys (4
+//    warps; attn_bwd_mma2: 128 keys, 8 warps; D = 256: 64 keys, 8 warps, two a 16-key tile)
+//    of one kv head keeps K, V in shared memory and dK, dV in registers, and walks the query
+//    tiles of every head in the GQA group: S^T = K Q^T, P^T = exp2(S^T - lse), dV += P^T dO,
 //    dP^T = V dO^T, dS^T = P^T (dP^T - D), dK += dS^T Q, all with the key as the row so the
 //    accumulators are the warp's own rows. dQ += dS K needs the query as the row: dS^T goes
 //    through shared memory (read back transposed by ldmatrix.trans) and each block adds its
@@ -22,8 +22,8 @@
 //
 // Every entry point is `extern "C"`, takes one AttnParams by value, and carries its dtype in
 // its name: attn_bwd_dot_<dtype>, attn_bwd_dq_simple_<dtype>_d<DPL>,
-// attn_bwd_dkdv_simple_<dtype>_d<DPL>, attn_bwd_mma_<dtype>_h<D>, attn_bwd_mma2_<dtype>_h<D>,
-// attn_dq_convert_<dtype>.
+// attn_bwd_dkdv_simple_<dtype>_d<DPL>, attn_bwd_mma_<dtype>_h<D>, attn_bwd_mma2_<dtype>_h<D>
+// (D 64 and 128), attn_dq_convert_<dtype>.
 
 #include "attention.cuh"
 #include "mma.cuh"
@@ -277,12 +277,14 @@ static __device__ void dq_convert(const float *__restrict__ acc, T *__restrict__
 }
 
 // ---------------------------------------------------------------------------------------
-// Tensor-core path (bf16 / f16, D in {64, 128}), sm_80+.
+// Tensor-core path (bf16 / f16, D in {64, 128, 256}), sm_80+.
 // ---------------------------------------------------------------------------------------
 // dK, dV (and dQ through f32 atomics). grid (B*Hkv, ceil(Tk / BK)), block 32 * W, BK = 16 * W
-// keys (W = 4 or 8 warps), dynamic shared memory MmaBwdTraits<D, W>::kSmemBytes. BQ (query
-// rows per step) is 64 for D = 64 and 32 for D = 128, which keeps dK, dV (in registers for
-// the whole kernel) plus S^T and dP^T under the register budget.
+// / kSplit keys (W = 4 or 8 warps), dynamic shared memory MmaBwdTraits<D, W>::kSmemBytes. BQ
+// (query rows per step) is 64 for D = 64 and 32 for D = 128 and 256, which keeps dK, dV (in
+// registers for the whole kernel) plus S^T and dP^T under the register budget. At D = 256
+// two warps share a 16-key tile (MmaBwdTraits): `half` says which half of the head dim's dK
+// and dV a warp accumulates, and which of S^T (0) and dP^T (1) it computes for both.
 template <typename T, int D, int W>
 static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
                                const T *__restrict__ v, const T *__restrict__ dout,
@@ -294,9 +296,12 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
                                float scale_log2, float scale) {
   using Tiles = MmaBwdTraits<D, W>;
   constexpr int BQ = Tiles::kBlockQ, BK = Tiles::kBlockK, NT = Tiles::kThreads;
+  constexpr int SPLIT = Tiles::kSplit;  // warps a 16-key tile
+  constexpr int DH = D / SPLIT;         // head-dim columns of a warp's dK, dV
   constexpr int KSD = D / 16;  // k-steps over the head dim
   constexpr int NBQ = BQ / 8;  // n-blocks over the query tile
   constexpr int NBD = D / 8;   // n-blocks over the head dim
+  constexpr int NBH = DH / 8;  // n-blocks of a warp's dK, dV
   constexpr int DSS = BQ + 8;  // dS^T row stride: 16 bytes of padding keep ldmatrix conflict-free
   constexpr int MB = BQ / 16;  // m-blocks of the dQ tile
   constexpr int WPM = W / MB;  // warps per m-block in the dQ step
@@ -311,8 +316,12 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
   T *sdS = sdO + 2 * BQ * D;
   float *sL = reinterpret_cast<float *>(sdS + BK * DSS);  // two stages: lse * log2(e)
   float *sDv = sL + 2 * BQ;                               // two stages: rowsum(dO * O)
+  float *sX = sDv + 2 * BQ;  // SPLIT 2: each warp's P^T or dP^T, [NBQ * 4][32 lanes]
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int kw = warp / SPLIT, half = warp % SPLIT;  // the warp's 16-key tile, head-dim half
+  // Uniform across the warp: which of S^T and dP^T this warp computes.
+  const bool doS = SPLIT == 1 || half == 0, doP = SPLIT == 1 || half == 1;
   const int g = lane >> 2, c4 = lane & 3;
   const int G = Hq / Hkv;
   const int k0 = blockIdx.y * BK;
@@ -320,7 +329,7 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
   const size_t kvbase = ((size_t)b * Hkv + hkv) * Tk;
   const KeyRange kr = key_range(krange, b, Tk);
 
-  const int jA = k0 + warp * 16 + g, jB = jA + 8;
+  const int jA = k0 + kw * 16 + g, jB = jA + 8;
   const bool validA = jA >= kr.lo && jA < kr.hi && (kr.dense || kvalid[(size_t)b * Tk + jA] != 0.f);
   const bool validB = jB >= kr.lo && jB < kr.hi && (kr.dense || kvalid[(size_t)b * Tk + jB] != 0.f);
 
@@ -349,9 +358,9 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     }
   };
 
-  float dKa[NBD][4], dVa[NBD][4];
+  float dKa[NBH][4], dVa[NBH][4];
 #pragma unroll
-  for (int n = 0; n < NBD; ++n)
+  for (int n = 0; n < NBH; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dKa[n][e] = dVa[n][e] = 0.f;
 
@@ -384,9 +393,10 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     // Its P^T and dS^T are zero: it skips the products and only writes its zeros of dS^T,
     // leaving the issue slots it shares to a warp with work. Uniform across the warp.
     const int i_last = min(i0 + BQ, Tq) - 1;
-    const bool blind = causal && k0 + warp * 16 > offset + i_last;
+    const bool blind = causal && k0 + kw * 16 > offset + i_last;
 
-    // S^T = K_w Q^T and dP^T = V_w dO^T: rows are this warp's 16 keys, columns the BQ queries.
+    // S^T = K_w Q^T and dP^T = V_w dO^T: rows are this warp's 16 keys, columns the BQ queries
+    // (under SPLIT 2, this warp's one of them).
     float sT[NBQ][4], dpT[NBQ][4];
 #pragma unroll
     for (int n = 0; n < NBQ; ++n)
@@ -396,49 +406,87 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
 #pragma unroll
       for (int ks = 0; ks < KSD; ++ks) {
         uint32_t ka[4], va[4];
-        const int arow = warp * 16 + (lane & 15), acol = ks * 16 + (lane >> 4) * 8;
-        ldsm_x4(ka, smem_addr(sK + swz<D>(arow, acol)));
-        ldsm_x4(va, smem_addr(sV + swz<D>(arow, acol)));
+        const int arow = kw * 16 + (lane & 15), acol = ks * 16 + (lane >> 4) * 8;
+        if (doS) ldsm_x4(ka, smem_addr(sK + swz<D>(arow, acol)));
+        if (doP) ldsm_x4(va, smem_addr(sV + swz<D>(arow, acol)));
 #pragma unroll
         for (int n2 = 0; n2 < NBQ / 2; ++n2) {
           const int qrow = n2 * 16 + (lane & 7) + ((lane >> 4) << 3);
           const int col = ks * 16 + ((lane >> 3) & 1) * 8;
-          uint32_t bq[4], bo[4];
-          ldsm_x4(bq, smem_addr(sQs + swz<D>(qrow, col)));
-          ldsm_x4(bo, smem_addr(sdOs + swz<D>(qrow, col)));
-          Mma<T>::run(sT[2 * n2], ka, bq[0], bq[1]);
-          Mma<T>::run(sT[2 * n2 + 1], ka, bq[2], bq[3]);
-          Mma<T>::run(dpT[2 * n2], va, bo[0], bo[1]);
-          Mma<T>::run(dpT[2 * n2 + 1], va, bo[2], bo[3]);
+          if (doS) {
+            uint32_t bq[4];
+            ldsm_x4(bq, smem_addr(sQs + swz<D>(qrow, col)));
+            Mma<T>::run(sT[2 * n2], ka, bq[0], bq[1]);
+            Mma<T>::run(sT[2 * n2 + 1], ka, bq[2], bq[3]);
+          }
+          if (doP) {
+            uint32_t bo[4];
+            ldsm_x4(bo, smem_addr(sdOs + swz<D>(qrow, col)));
+            Mma<T>::run(dpT[2 * n2], va, bo[0], bo[1]);
+            Mma<T>::run(dpT[2 * n2 + 1], va, bo[2], bo[3]);
+          }
         }
       }
     }
 
-    // P^T = exp2(S^T * scale_log2 - lse), zero where the key is invisible to the query;
-    // then dS^T = P^T (dP^T - D). sT holds P^T, dpT becomes dS^T.
+    // P^T = exp2(S^T * scale_log2 - lse), zero where the key is invisible to the query; sT
+    // holds P^T.
+    if (doS) {
+#pragma unroll
+      for (int n = 0; n < NBQ; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = n * 8 + c4 * 2 + (e & 1);
+          const int i = i0 + col;
+          const int j = e < 2 ? jA : jB;
+          const bool vis = (e < 2 ? validA : validB) && i < (e < 2 ? endA : endB) &&
+                           (!causal || j <= offset + i);
+          sT[n][e] = vis ? exp2_ftz(sT[n][e] * scale_log2 - sLs[col]) : 0.f;
+        }
+      }
+    }
+    if constexpr (SPLIT == 2) {
+      // The pair swaps P^T and dP^T, lane for lane (the two share the fragment layout); past
+      // the barrier both hold the same values, so both form the same dS^T below. The buffer is
+      // read before this step's second barrier and next written after the next step's first.
+      float *mine = sX + warp * (NBQ * 4 * 32) + lane;
+      const float *theirs = sX + (warp ^ 1) * (NBQ * 4 * 32) + lane;
+#pragma unroll
+      for (int n = 0; n < NBQ; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) mine[(n * 4 + e) * 32] = doS ? sT[n][e] : dpT[n][e];
+      __syncthreads();
+#pragma unroll
+      for (int n = 0; n < NBQ; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float x = theirs[(n * 4 + e) * 32];
+          if (doS) dpT[n][e] = x;
+          else sT[n][e] = x;
+        }
+    }
+    // dS^T = P^T (dP^T - D): dpT becomes dS^T.
 #pragma unroll
     for (int n = 0; n < NBQ; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = n * 8 + c4 * 2 + (e & 1);
-        const int i = i0 + col;
-        const int j = e < 2 ? jA : jB;
-        const bool vis = (e < 2 ? validA : validB) && i < (e < 2 ? endA : endB) &&
-                         (!causal || j <= offset + i);
-        const float p = vis ? exp2_ftz(sT[n][e] * scale_log2 - sLs[col]) : 0.f;
-        sT[n][e] = p;
-        dpT[n][e] = p * (dpT[n][e] - sDvs[col]);
+        dpT[n][e] = sT[n][e] * (dpT[n][e] - sDvs[col]);
       }
     }
 
-    // dS^T to shared memory for the dQ step (rows = keys, columns = queries).
+    // dS^T to shared memory for the dQ step (rows = keys, columns = queries), by the first
+    // warp of a pair.
+    if (half == 0) {
 #pragma unroll
-    for (int n = 0; n < NBQ; ++n) {
-      store_pair(sdS + (warp * 16 + g) * DSS + n * 8 + c4 * 2, dpT[n][0], dpT[n][1]);
-      store_pair(sdS + (warp * 16 + g + 8) * DSS + n * 8 + c4 * 2, dpT[n][2], dpT[n][3]);
+      for (int n = 0; n < NBQ; ++n) {
+        store_pair(sdS + (kw * 16 + g) * DSS + n * 8 + c4 * 2, dpT[n][0], dpT[n][1]);
+        store_pair(sdS + (kw * 16 + g + 8) * DSS + n * 8 + c4 * 2, dpT[n][2], dpT[n][3]);
+      }
     }
 
-    // dV += P^T dO and dK += dS^T Q: A from registers, B = dO / Q via ldmatrix.trans.
+    // dV += P^T dO and dK += dS^T Q over this warp's head-dim columns: A from registers,
+    // B = dO / Q via ldmatrix.trans.
     if (!blind) {
 #pragma unroll
       for (int kk = 0; kk < BQ / 16; ++kk) {
@@ -446,8 +494,8 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
         acc_to_a<T>(ap, sT[2 * kk], sT[2 * kk + 1]);
         acc_to_a<T>(ad, dpT[2 * kk], dpT[2 * kk + 1]);
 #pragma unroll
-        for (int n2 = 0; n2 < NBD / 2; ++n2) {
-          const int row = kk * 16 + (lane & 15), col = n2 * 16 + (lane >> 4) * 8;
+        for (int n2 = 0; n2 < NBH / 2; ++n2) {
+          const int row = kk * 16 + (lane & 15), col = half * DH + n2 * 16 + (lane >> 4) * 8;
           uint32_t bo[4], bq[4];
           ldsm_x4_t(bo, smem_addr(sdOs + swz<D>(row, col)));
           ldsm_x4_t(bq, smem_addr(sQs + swz<D>(row, col)));
@@ -502,19 +550,19 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
   cp_async_wait<0>();
 
   if (jA < Tk) {
-    T *rk = dk + (kvbase + jA) * D;
-    T *rv = dv + (kvbase + jA) * D;
+    T *rk = dk + (kvbase + jA) * D + half * DH;
+    T *rv = dv + (kvbase + jA) * D + half * DH;
 #pragma unroll
-    for (int n = 0; n < NBD; ++n) {
+    for (int n = 0; n < NBH; ++n) {
       store_pair(rk + n * 8 + c4 * 2, dKa[n][0] * scale, dKa[n][1] * scale);
       store_pair(rv + n * 8 + c4 * 2, dVa[n][0], dVa[n][1]);
     }
   }
   if (jB < Tk) {
-    T *rk = dk + (kvbase + jB) * D;
-    T *rv = dv + (kvbase + jB) * D;
+    T *rk = dk + (kvbase + jB) * D + half * DH;
+    T *rv = dv + (kvbase + jB) * D + half * DH;
 #pragma unroll
-    for (int n = 0; n < NBD; ++n) {
+    for (int n = 0; n < NBH; ++n) {
       store_pair(rk + n * 8 + c4 * 2, dKa[n][2] * scale, dKa[n][3] * scale);
       store_pair(rv + n * 8 + c4 * 2, dVa[n][2], dVa[n][3]);
     }
@@ -598,7 +646,16 @@ BWD_DTYPE(__half, f16)
     BWD_MMA_CALL(T, D, 8);                                                                     \
   }
 
+// D = 256: 64-key blocks of 8 warps, two a 16-key tile (MmaBwdTraits).
+#define BWD_MMA_ENTRY_SPLIT(T, SUF, D)                                                         \
+  extern "C" __global__ void __launch_bounds__(MmaBwdTraits<D, 8>::kThreads)                   \
+      attn_bwd_mma_##SUF##_h##D(const AttnParams p) {                                          \
+    BWD_MMA_CALL(T, D, 8);                                                                     \
+  }
+
 BWD_MMA_ENTRY(__nv_bfloat16, bf16, 64)
 BWD_MMA_ENTRY(__nv_bfloat16, bf16, 128)
+BWD_MMA_ENTRY_SPLIT(__nv_bfloat16, bf16, 256)
 BWD_MMA_ENTRY(__half, f16, 64)
 BWD_MMA_ENTRY(__half, f16, 128)
+BWD_MMA_ENTRY_SPLIT(__half, f16, 256)

@@ -1,12 +1,12 @@
 // Attention decode: a few query rows against a long KV cache, and the merge of split-K
 // partials.
 //
-// attn_decode_<dtype>_h<D>_r<R> (bf16/f16, D = 64 or 128): the forward when the G * Tq query
+// attn_decode_<dtype>_h<D>_r<R> (bf16/f16, D = 64, 128 or 256): the forward when the G * Tq query
 // rows of a kv head are at most R (R = 1, or 4: GQA groups and short query blocks). A decode
 // step reads every cached key and value once and does two FMAs per element, so it is a
 // stream over the cache: each lane loads 16 bytes (8 values) of a key row and of its value
 // row per step, L = D / 8 lanes share a key, and a warp takes 32 / L consecutive keys (whole
-// 512-byte runs). Every key group keeps its own online softmax (m, l, acc) for all R rows;
+// 512-byte runs; at D = 256 the whole warp takes one key). Every key group keeps its own online softmax (m, l, acc) for all R rows;
 // the groups of a warp merge by butterfly shuffles, the warps of the block through shared
 // memory. One block (4 warps) per (batch, kv head) and key split: grid (B * Hkv, 1, nsplit).
 // The per-row scores are the reference's: x = (q . k) * scale * log2(e), with the key mask,
@@ -419,7 +419,11 @@ DECODE_ENTRY(__nv_bfloat16, bf16, 64, 1)
 DECODE_ENTRY(__nv_bfloat16, bf16, 64, 4)
 DECODE_ENTRY(__nv_bfloat16, bf16, 128, 1)
 DECODE_ENTRY(__nv_bfloat16, bf16, 128, 4)
+DECODE_ENTRY(__nv_bfloat16, bf16, 256, 1)
+DECODE_ENTRY(__nv_bfloat16, bf16, 256, 4)
 DECODE_ENTRY(__half, f16, 64, 1)
 DECODE_ENTRY(__half, f16, 64, 4)
 DECODE_ENTRY(__half, f16, 128, 1)
 DECODE_ENTRY(__half, f16, 128, 4)
+DECODE_ENTRY(__half, f16, 256, 1)
+DECODE_ENTRY(__half, f16, 256, 4)

@@ -16,7 +16,7 @@
 //    decode path: one or a few queries against a long KV cache fill the GPU by splitting the
 //    keys; the splits write partials that attn_combine (attention_decode.cu) merges.
 //
-// 2. "mma" (bf16/f16, D = 64 or 128): tensor cores through `mma.sync.m16n8k16` with f32
+// 2. "mma" (bf16/f16, D = 64, 128 or 256): tensor cores through `mma.sync.m16n8k16` with f32
 //    accumulation, FlashAttention-2 style (helpers in mma.cuh, tiles in MmaFwdTraits). A
 //    block of 4 warps owns 64 query rows (16 per warp, Q fragments held in registers); K/V
 //    tiles of 64 keys stream through a two-stage cp.async pipeline into XOR-swizzled shared
@@ -28,7 +28,8 @@
 //    and V fragment read from shared memory feeds two mmas.
 //
 // Every entry point is `extern "C"`, takes one AttnParams by value, and carries its dtype in
-// its name: attn_fwd_simple_<dtype>_d<DPL>, attn_fwd_mma_<dtype>_h<D>, attn_fwd_mma2_<dtype>_h<D>.
+// its name: attn_fwd_simple_<dtype>_d<DPL>, attn_fwd_mma_<dtype>_h<D>, attn_fwd_mma2_<dtype>_h<D>
+// (D 64 and 128).
 
 #include "attention.cuh"
 #include "mma.cuh"
@@ -164,7 +165,7 @@ static __device__ void fwd_simple(const T *__restrict__ q, const T *__restrict__
 
 
 // ---------------------------------------------------------------------------------------
-// Tensor-core path (bf16 / f16, D in {64, 128}), sm_80+.
+// Tensor-core path (bf16 / f16, D in {64, 128, 256}), sm_80+.
 // ---------------------------------------------------------------------------------------
 // Forward. grid (B*Hq, ceil(Tq / BQ)), block 128, dynamic shared memory
 // (BQ + 4 * BK) * D * sizeof(T) + 2 * BK * 4 bytes, BQ = 64 * MT and BK from MmaFwdTraits.
@@ -477,7 +478,16 @@ FWD_SIMPLE_DTYPE(__half, f16)
     FWD_MMA_CALL(T, D, 2);                                                                     \
   }
 
+// D = 256: 64-row blocks only (MmaFwdTraits).
+#define FWD_MMA_ENTRY_64ROWS(T, SUF, D)                                                        \
+  extern "C" __global__ void __launch_bounds__(MmaFwdTraits<D, 1>::kThreads)                   \
+      attn_fwd_mma_##SUF##_h##D(const AttnParams p) {                                          \
+    FWD_MMA_CALL(T, D, 1);                                                                     \
+  }
+
 FWD_MMA_ENTRY(__nv_bfloat16, bf16, 64)
 FWD_MMA_ENTRY(__nv_bfloat16, bf16, 128)
+FWD_MMA_ENTRY_64ROWS(__nv_bfloat16, bf16, 256)
 FWD_MMA_ENTRY(__half, f16, 64)
 FWD_MMA_ENTRY(__half, f16, 128)
+FWD_MMA_ENTRY_64ROWS(__half, f16, 256)

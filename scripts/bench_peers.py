@@ -4,7 +4,8 @@
 Prints one JSON object per line (the format benches/attention.rs and benches/lora.rs print),
 so scripts/gpu-check.sh can put ours and theirs in one table:
 
-- attention: SDPA, causal bf16, B=8 H=16 S=2048 D=128 and B=16 H=32 S=1024 D=64, with the
+- attention: SDPA, causal bf16, B=8 H=16 S=2048 D=128, B=16 H=32 S=1024 D=64 and
+  B=8 H=8 S=2048 D=256 (Gemma's head dim), with the
   flash (FA2) and cuDNN backends, plus the materialised version (matmul, mask, softmax,
   matmul) at the first shape: fwd and fwd+bwd TFLOP/s (FLOPs as benches/attention.rs: 4·B·H·S²·D,
   halved when causal; fwd+bwd = 3.5x).
@@ -73,7 +74,7 @@ def time_ms(fn, reps=20, warmup=3):
 def attention():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    for b, h, s, d in [(8, 16, 2048, 128), (16, 32, 1024, 64)]:
+    for b, h, s, d in [(8, 16, 2048, 128), (16, 32, 1024, 64), (8, 8, 2048, 256)]:
         shape = f"B{b} H{h} S{s} D{d}"
         fwd_flops = 4 * b * h * s * s * d / 2
         q, k, v, dy = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
@@ -107,7 +108,7 @@ def attention():
             emit(bench="attention", shape=shape, impl="torch-math", pass_="fwd", ms=fwd, tflops=fwd_flops / fwd / 1e9)
     # Decode: one query row per head against T keys, SDPA's own backend choice (as
     # transformers' generate calls it); the shapes of benches/attention.rs.
-    for b, hq, hkv, t, d in [(64, 12, 12, 320, 64), (16, 32, 8, 2048, 128)]:
+    for b, hq, hkv, t, d in [(64, 12, 12, 320, 64), (16, 32, 8, 2048, 128), (64, 4, 1, 1024, 256)]:
         shape = f"decode B{b} Hq{hq} Hkv{hkv} T{t} D{d}"
         q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(b, hkv, t, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))

@@ -30,7 +30,9 @@ gpu_test!(lora_dispatcher_uses_the_kernel);
 mod gpu {
     use candle_core::{DType, Device, Tensor, Var};
     use temper::kernels::attention::{self, AttnMask, Segments};
-    use temper::kernels::cuda::attention::{attention_with, bwd_block_k_on, AttnImpl};
+    use temper::kernels::cuda::attention::{
+        attention_with, bwd_block_k_on, takes_head_dim, AttnImpl,
+    };
     use temper::kernels::cuda::compute_capability;
     use temper::kernels::cuda::cudarc::driver::sys::CUdevice_attribute;
     use temper::kernels::cuda::lora::{lora_linear_with, DyPath};
@@ -106,7 +108,8 @@ mod gpu {
     }
 
     /// Sizes off every tile (64- and 128-row mma tiles, 32-key simple tiles), T = 1, batch 3, GQA 4:1,
-    /// heavy left and right padding, Tq < Tk with a causal offset, long-cache decode (split).
+    /// heavy left and right padding, Tq < Tk with a causal offset, long-cache decode (split),
+    /// and Gemma's head dim 256 (16-bit only).
     const CASES: &[Case] = &[
         case((3, 4, 1), (77, 77, 64), Some(0), Pad::Right),
         case((2, 2, 2), (130, 130, 128), Some(0), Pad::Left),
@@ -129,6 +132,14 @@ mod gpu {
         windowed(case((1, 8, 2), (5, 1000, 128), Some(995), Pad::None), 300),
         windowed(case((3, 4, 1), (1, 301, 64), Some(300), Pad::Left), 64),
         windowed(case((2, 6, 3), (97, 97, 96), Some(0), Pad::Left), 33),
+        // Head dim 256: the 64-row tensor-core forward and the backward whose warps split the
+        // head dim; the decode stream (4 rows a kv head, one key a warp, a split cache) under
+        // `Auto`; a short query block whose rows the stream does not take; a sliding window.
+        case((2, 4, 1), (97, 97, 256), Some(0), Pad::Left),
+        case((3, 4, 1), (1, 301, 256), Some(300), Pad::Left),
+        case((2, 8, 4), (5, 300, 256), Some(295), Pad::None),
+        case((2, 2, 2), (70, 130, 256), None, Pad::Holes),
+        windowed(case((2, 4, 1), (150, 150, 256), Some(0), Pad::Right), 40),
     ];
 
     /// `[B, Tk]` validity: heavy padding (down to a handful of valid keys), or none.
@@ -172,9 +183,24 @@ mod gpu {
         Some(m)
     }
 
-    fn impls(dtype: DType, d: usize) -> Vec<AttnImpl> {
+    /// The implementations that take the case. At head dim 256 (no simple kernel) `Auto` too,
+    /// which sends a few query rows to the decode stream; none where the card's blocks cannot
+    /// hold the 256 backward's shared memory (the reference's then).
+    fn impls(dtype: DType, d: usize, dev: &Device) -> Vec<AttnImpl> {
+        let sixteen = matches!(dtype, DType::BF16 | DType::F16);
+        if d == 256 {
+            if !sixteen {
+                return vec![];
+            }
+            let cuda = dev.as_cuda_device().unwrap();
+            if !takes_head_dim(cuda, dtype, d, AttnImpl::Mma).unwrap() {
+                eprintln!("attention: no kernel for head dim 256 on this card (shared memory)");
+                return vec![];
+            }
+            return vec![AttnImpl::Auto, AttnImpl::Mma, AttnImpl::MmaWide];
+        }
         let mut v = vec![AttnImpl::Simple];
-        if matches!(dtype, DType::BF16 | DType::F16) && (d == 64 || d == 128) {
+        if sixteen && (d == 64 || d == 128) {
             v.push(AttnImpl::Mma);
             v.push(AttnImpl::MmaWide);
         }
@@ -220,7 +246,7 @@ mod gpu {
                 let y_ref =
                     attention::attention_reference(&inp.q.1, &inp.k.1, &inp.v.1, &mask_c, scale)
                         .unwrap();
-                for imp in impls(dtype, c.d) {
+                for imp in impls(dtype, c.d, dev) {
                     let y = attention_with(&inp.q.0, &inp.k.0, &inp.v.0, &mask_g, scale, imp)
                         .unwrap()
                         .expect("kernel covers the case");
@@ -263,7 +289,7 @@ mod gpu {
                     .unwrap()
                     .backward()
                     .unwrap();
-                for imp in impls(dtype, c.d) {
+                for imp in impls(dtype, c.d, dev) {
                     let (qg, kg, vg) = (
                         Var::from_tensor(&inp.q.0).unwrap(),
                         Var::from_tensor(&inp.k.0).unwrap(),
@@ -358,7 +384,7 @@ mod gpu {
                     .unwrap()
                     .backward()
                     .unwrap();
-                for imp in impls(dtype, c.d) {
+                for imp in impls(dtype, c.d, dev) {
                     let what = format!("{imp:?} {dtype:?} {c:?} (seed {seed})");
                     let (qg, kg, vg) = (vars(&inp.q, true), vars(&inp.k, true), vars(&inp.v, true));
                     let y = attention_with(&qg, &kg, &vg, &mask, scale, imp)
@@ -447,7 +473,7 @@ mod gpu {
                  check cannot tell them apart (seed {seed})"
             );
         }
-        // f64 and head dim 256 have no kernel: the dispatcher must fall back, not fail.
+        // f64, and f32 at head dim 256, have no kernel: the dispatcher must fall back, not fail.
         let q64 = inp.q.0.to_dtype(DType::F64).unwrap();
         let k64 = inp.k.0.to_dtype(DType::F64).unwrap();
         let v64 = inp.v.0.to_dtype(DType::F64).unwrap();

@@ -1,13 +1,14 @@
 // The attention kernels (kernels/attention_*.cu) run in the CPU emulator (cuda_emu.h) against a
 // double-precision reference, launched as src/kernels/cuda/attention.rs launches them:
 // - bf16 cases: the tensor-core forward (64- and 128-row) and backward (64- and 128-key) where
-//   the head dim is 64 or 128, and for every case the CUDA-core backward in f32 on the same
-//   inputs widened (what f32 training runs);
+//   the head dim is 64 or 128 (64-row and 64-key, two warps a key tile, where it is 256), and
+//   for every case below 256 the CUDA-core backward in f32 on the same inputs widened (what
+//   f32 training runs);
 // - 16-bit cases, bf16 and f16: what the launcher's `Auto` takes for the shape (and `MmaWide`'s
 //   128-row forward and 128-key backward beside `Mma`'s): the tensor-core kernels where the
-//   head dim is 64 or 128 and the query block has more than DECODE_MAX_TQ rows, else the
-//   CUDA-core forward (one key slice) and backward in the storage dtype, at DPL 1 to 4 in
-//   each.
+//   head dim is 64 or 128 and the query block has more than DECODE_MAX_TQ rows, or the head dim
+//   is 256 and the decode stream does not take the rows, else the CUDA-core forward (one key
+//   slice) and backward in the storage dtype, at DPL 1 to 4 in each.
 // The decode stream and the split-key forward are attention_decode.cpp's.
 // Fresh random inputs of awkward sizes: causal with and without a position offset,
 // grouped-query heads, padded keys with a hole, sequences that end mid-tile, head dims only the
@@ -70,15 +71,22 @@ template <typename T> struct Dt;
                                                     attn_bwd_dkdv_simple_seg_##SUF##_d4};    \
   static constexpr Kernel bwd_dot = attn_bwd_dot_##SUF;
 
-// fwd_mma[h128][mt - 1]: attn_fwd_mma (64-row blocks) and attn_fwd_mma2 (128-row) per head dim.
+// fwd_mma[hd(d)][mt - 1]: attn_fwd_mma (64-row blocks) and attn_fwd_mma2 (128-row) per head
+// dim; bwd_mma[hd(d)][w == 8]: attn_bwd_mma (4 warps) and attn_bwd_mma2 (8). D = 256 has one
+// of each: 64-row forward blocks, and a backward of 8 warps named attn_bwd_mma.
 #define MMA_ENTRIES(SUF)                                                                      \
-  static constexpr Kernel fwd_mma[2][2] = {                                                   \
+  static constexpr Kernel fwd_mma[3][2] = {                                                   \
       {attn_fwd_mma_##SUF##_h64, attn_fwd_mma2_##SUF##_h64},                                  \
-      {attn_fwd_mma_##SUF##_h128, attn_fwd_mma2_##SUF##_h128}};                               \
-  static constexpr Kernel bwd_mma[2][2] = {                                                  \
+      {attn_fwd_mma_##SUF##_h128, attn_fwd_mma2_##SUF##_h128},                                \
+      {attn_fwd_mma_##SUF##_h256, nullptr}};                                                  \
+  static constexpr Kernel bwd_mma[3][2] = {                                                  \
       {attn_bwd_mma_##SUF##_h64, attn_bwd_mma2_##SUF##_h64},                                  \
-      {attn_bwd_mma_##SUF##_h128, attn_bwd_mma2_##SUF##_h128}};                               \
+      {attn_bwd_mma_##SUF##_h128, attn_bwd_mma2_##SUF##_h128},                                \
+      {nullptr, attn_bwd_mma_##SUF##_h256}};                                                  \
   static constexpr Kernel dq_convert = attn_dq_convert_##SUF;
+
+// The row of fwd_mma and bwd_mma for a head dim the tensor cores take.
+int hd(int d) { return d == 64 ? 0 : d == 128 ? 1 : 2; }
 
 template <> struct Dt<float> : emu_check::Dt<float> {
   SIMPLE_ENTRIES(f32)
@@ -220,13 +228,17 @@ template <typename T> AttnParams params(const Inputs<T> &in, std::vector<int> &k
 // AttnParams::simple_variant: the CUDA-core kernels' `_seg` entry points read the band.
 bool banded(const Case &c) { return c.packed || c.window > 0; }
 
-// FlashAttn::use_mma for a 16-bit dtype under Auto (Mma and MmaWide need only the head dim).
-bool use_mma_auto(const Case &c) { return (c.d == 64 || c.d == 128) && c.tq > 16; }
-
 // FlashAttn::decode_rows for a 16-bit dtype under Auto (rows 16-byte aligned here): whether
 // the forward would take the decode stream rather than the simple kernel.
 bool takes_decode_stream(const Case &c) {
-  return (c.d == 64 || c.d == 128) && c.hq / c.hkv * c.tq <= 4;
+  return (c.d == 64 || c.d == 128 || c.d == 256) && c.hq / c.hkv * c.tq <= 4;
+}
+
+// FlashAttn::use_mma for a 16-bit dtype under Auto (Mma and MmaWide need only the head dim):
+// at D = 256, which no simple kernel takes, every forward the decode stream does not take.
+bool use_mma_auto(const Case &c) {
+  if (c.d == 256) return !takes_decode_stream(c);
+  return (c.d == 64 || c.d == 128) && c.tq > 16;
 }
 
 // Dims::simple_row_blocks: (warps per block, blocks along y).
@@ -247,7 +259,14 @@ int decode_splits(const Case &c) {
 
 size_t fwd_smem(int d, int mt) {
   if (d == 64) return mt == 1 ? MmaFwdTraits<64, 1>::kSmemBytes : MmaFwdTraits<64, 2>::kSmemBytes;
+  if (d == 256) return MmaFwdTraits<256, 1>::kSmemBytes;
   return mt == 1 ? MmaFwdTraits<128, 1>::kSmemBytes : MmaFwdTraits<128, 2>::kSmemBytes;
+}
+
+size_t bwd_smem(int d, int w) {
+  if (d == 64) return w == 8 ? MmaBwdTraits<64, 8>::kSmemBytes : MmaBwdTraits<64, 4>::kSmemBytes;
+  if (d == 256) return MmaBwdTraits<256, 8>::kSmemBytes;
+  return w == 8 ? MmaBwdTraits<128, 8>::kSmemBytes : MmaBwdTraits<128, 4>::kSmemBytes;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -281,7 +300,7 @@ template <typename T> bool check_forward(const Inputs<T> &in, const Reference &r
   Forward<T> f(in);
   AttnParams &p = f.p;
   const int bq = 64 * mt;  // AttnImpl::fwd_block_q: 128 under MmaWide
-  const Kernel kernel = Dt<T>::fwd_mma[c.d == 128][mt - 1];
+  const Kernel kernel = Dt<T>::fwd_mma[hd(c.d)][mt - 1];
   emu::launch({(unsigned)(c.b * c.hq), div_ceil(c.tq, bq), 1}, {128, 1, 1}, fwd_smem(c.d, mt),
               [&] { kernel(p); });
   const std::string what = label(c, Dt<T>::name, mt == 1 ? "fwd mma" : "fwd mma2");
@@ -342,24 +361,23 @@ template <typename T> struct Backward {
 };
 
 // The tensor-core backward (launch_bwd_dot, launch_bwd_mma: bwd_mma, then dq_convert) with
-// W warps of 16 keys a block: attn_bwd_mma (W = 4) or attn_bwd_mma2 (W = 8, MmaWide's).
+// W warps of 16 keys a block: attn_bwd_mma (W = 4) or attn_bwd_mma2 (W = 8, MmaWide's); at
+// D = 256, W = 8 warps of 8 keys each (attn_bwd_mma_*_h256).
 template <typename T> bool check_backward(const Inputs<T> &in, const Reference &r, int w) {
   const Case &c = in.c;
   Backward<T> bw(in, r);
   AttnParams &p = bw.p;
   p.dq_acc = bw.dq_acc.data();
   emu::launch({div_ceil(p.nrows, 8), 1, 1}, {256, 1, 1}, 0, [&] { Dt<T>::bwd_dot(p); });
-  const Kernel kernel = Dt<T>::bwd_mma[c.d == 128][w == 8];
-  const size_t smem = c.d == 64 ? (w == 8 ? MmaBwdTraits<64, 8>::kSmemBytes
-                                          : MmaBwdTraits<64, 4>::kSmemBytes)
-                                : (w == 8 ? MmaBwdTraits<128, 8>::kSmemBytes
-                                          : MmaBwdTraits<128, 4>::kSmemBytes);
-  const int bk = 16 * w;  // AttnImpl::bwd_block_k: 128 under MmaWide
-  emu::launch({(unsigned)(c.b * c.hkv), div_ceil(c.tk, bk), 1}, {32u * w, 1, 1}, smem,
-              [&] { kernel(p); });
+  const Kernel kernel = Dt<T>::bwd_mma[hd(c.d)][w == 8];
+  // AttnImpl::bwd_block_k: 128 under MmaWide; 64 at D = 256 (bwd_mma_bk)
+  const int bk = c.d == 256 ? 64 : 16 * w;
+  emu::launch({(unsigned)(c.b * c.hkv), div_ceil(c.tk, bk), 1}, {32u * w, 1, 1},
+              bwd_smem(c.d, w), [&] { kernel(p); });
   emu::launch({emu_check::grid_stride(bw.dq.size(), kSmCount), 1, 1}, {256, 1, 1}, 0,
               [&] { Dt<T>::dq_convert(p); });
-  return bw.check(c, r, w == 8 ? "bwd mma2" : "bwd mma", Dt<T>::mma_grad_tol);
+  return bw.check(c, r, c.d == 256 ? "bwd mma split" : w == 8 ? "bwd mma2" : "bwd mma",
+                  Dt<T>::mma_grad_tol);
 }
 
 // The CUDA-core backward (launch_bwd_dot, launch_bwd_simple: bwd_dq_simple, then
@@ -379,11 +397,17 @@ bool check_backward_simple(const Inputs<S> &in, const Reference &r) {
   return bw.check(c, r, "bwd simple", Dt<T>::simple_grad_tol);
 }
 
+// The tensor-core forward and backward at D = 256: 64-row blocks and the split backward.
+template <typename T> bool check_mma_256(const Inputs<T> &in, const Reference &r) {
+  return check_forward(in, r, 1) & check_backward(in, r, 8);
+}
+
 // A bf16 case: the tensor-core kernels where they apply (both forward widths), and the f32
-// CUDA-core backward on the same values.
+// CUDA-core backward on the same values (which the launcher leaves to the reference at D = 256).
 bool run_bf16_and_f32(const Case &c, emu_check::Rng &rng) {
   const Inputs<bf16> in = make_inputs<bf16>(c, rng);
   const Reference r = reference(in);
+  if (c.d == 256) return check_mma_256(in, r);
   bool ok = true;
   if (c.d == 64 || c.d == 128) {
     ok &= check_forward(in, r, 1);
@@ -402,6 +426,7 @@ bool run_bf16_and_f32(const Case &c, emu_check::Rng &rng) {
 template <typename T> bool run_auto(const Case &c, emu_check::Rng &rng) {
   const Inputs<T> in = make_inputs<T>(c, rng);
   const Reference r = reference(in);
+  if (use_mma_auto(c) && c.d == 256) return check_mma_256(in, r);
   if (use_mma_auto(c)) {
     bool ok = check_forward(in, r, 1);
     ok &= check_forward(in, r, 2);
@@ -452,6 +477,11 @@ int main(int argc, char **argv) {
       {"window50 packed d128 tq173", 2, 2, 1, 173, 173, 128, true, 0, false, true, 50},
       {"window2 d64 tq70", 1, 2, 2, 70, 70, 64, true, 0, false, false, 2},
       {"window20 masked d40 gqa", 2, 4, 2, 45, 70, 40, true, 25, true, false, 20},
+      // Gemma's head dim: the 64-row forward, and the backward whose two warps a key tile
+      // split the head dim (a tile's last query sees exactly a warp's first key at tq 97).
+      {"causal d256 gqa4 tq97", 1, 4, 1, 97, 97, 256, true, 0, false},
+      {"masked d256 offset", 2, 2, 1, 70, 130, 256, true, 60, true},
+      {"window40 packed d256 tq150", 2, 2, 1, 150, 150, 256, true, 0, false, true, 40},
   };
   using D = Dtype;
   const TypedCase cases16[] = {
@@ -475,6 +505,10 @@ int main(int argc, char **argv) {
       {D::F16, {"window33 d64 gqa tq150", 1, 4, 2, 150, 150, 64, true, 0, false, false, 33}},
       {D::BF16, {"window30 masked d128 gqa4 tq12", 2, 4, 1, 12, 70, 128, true, 58, true, false, 30}},
       {D::F16, {"window9 d24 gqa tq70", 2, 4, 2, 70, 70, 24, true, 0, false, false, 9}},
+      // D = 256 in f16, and a query block short enough for the decode path whose rows (G * Tq
+      // = 24) the decode stream does not take: the 64-row tensor-core tile, mostly empty.
+      {D::F16, {"d256 full", 1, 2, 2, 40, 70, 256, false, 0, false}},
+      {D::BF16, {"masked d256 gqa2 tq12", 2, 4, 2, 12, 70, 256, true, 58, true}},
   };
   bool ok = true;
   for (const Case &c : cases) ok &= run_bf16_and_f32(c, rng);

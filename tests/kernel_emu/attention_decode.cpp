@@ -3,7 +3,7 @@
 // path of attn_fwd_simple_* (kernels/attention_fwd.cu) merged by attn_combine_*. One to a few
 // queries per sequence against a KV cache whose capacity exceeds the filled length (and
 // contiguous k, v), causal position offsets (with keys past every query's horizon), GQA,
-// every head dim the decode kernels take and a few the simple kernel takes, key masks with
+// every head dim the decode kernels take (64, 128, 256) and a few the simple kernel takes, key masks with
 // left padding and holes through attn_key_range (attention_prep.cu), among them a sequence
 // with only its last keys valid (empty splits) and an all-padding one (rows that see no key),
 // bf16, f16 and f32.
@@ -142,16 +142,21 @@ AttnParams params(const Case &c) {
   return p;
 }
 
-// FlashAttn::use_mma: never for these query blocks (Tq <= DECODE_MAX_TQ under Auto).
+// The head dims of the tensor-core and decode kernels.
+bool mma_dim(int d) { return d == 64 || d == 128 || d == 256; }
+
+// FlashAttn::use_mma: never for these query blocks below head dim 256 (Tq <= DECODE_MAX_TQ
+// under Auto); at 256, where the decode stream does not take them (FlashAttn::fwd_path asks
+// the stream first).
 bool use_mma(const Case &c, Impl imp) {
-  const bool applies = c.dt != Dtype::F32 && (c.d == 64 || c.d == 128);
-  return applies && imp == Impl::Auto && c.tq > 16;
+  const bool applies = c.dt != Dtype::F32 && mma_dim(c.d);
+  return applies && imp == Impl::Auto && (c.tq > 16 || c.d == 256);
 }
 
 // FlashAttn::decode_rows: R of the attn_decode kernel, or 0. The cache rows start 16-byte
 // aligned here (vectors from operator new, rows of D 16-bit values).
 int decode_rows(const Case &c, Impl imp) {
-  const bool fits = imp == Impl::Auto && c.dt != Dtype::F32 && (c.d == 64 || c.d == 128);
+  const bool fits = imp == Impl::Auto && c.dt != Dtype::F32 && mma_dim(c.d);
   const int rows = c.hq / c.hkv * c.tq;
   if (!fits) return 0;
   return rows == 1 ? 1 : rows <= 4 ? 4 : 0;
@@ -190,12 +195,14 @@ int decode_stream_splits(const Case &c) {
 template <typename T> Kernel decode_kernel(int d, int r, bool fresh);
 #define DECODE_TABLE(T, SUF)                                                                  \
   template <> Kernel decode_kernel<T>(int d, int r, bool fresh) {                             \
-    const Kernel k[2][2][2] = {                                                               \
+    const Kernel k[2][3][2] = {                                                               \
         {{attn_decode_##SUF##_h64_r1, attn_decode_##SUF##_h64_r4},                            \
-         {attn_decode_##SUF##_h128_r1, attn_decode_##SUF##_h128_r4}},                         \
+         {attn_decode_##SUF##_h128_r1, attn_decode_##SUF##_h128_r4},                          \
+         {attn_decode_##SUF##_h256_r1, attn_decode_##SUF##_h256_r4}},                         \
         {{attn_decode_fresh_##SUF##_h64_r1, attn_decode_fresh_##SUF##_h64_r4},                \
-         {attn_decode_fresh_##SUF##_h128_r1, attn_decode_fresh_##SUF##_h128_r4}}};            \
-    return k[fresh][d == 128][r != 1];                                                        \
+         {attn_decode_fresh_##SUF##_h128_r1, attn_decode_fresh_##SUF##_h128_r4},              \
+         {attn_decode_fresh_##SUF##_h256_r1, attn_decode_fresh_##SUF##_h256_r4}}};            \
+    return k[fresh][d == 64 ? 0 : d == 128 ? 1 : 2][r != 1];                                  \
   }
 DECODE_TABLE(bf16, bf16)
 DECODE_TABLE(f16, f16)
@@ -269,7 +276,7 @@ template <typename T> int launch_fwd_simple(const Case &c, const AttnParams &p) 
 // against the reference.
 template <typename T> bool check(const Inputs<T> &in, const Reference &ref, Impl imp) {
   const Case &c = in.c;
-  if (use_mma(c, imp)) {
+  if (decode_rows(c, imp) == 0 && use_mma(c, imp)) {
     std::printf("FAIL %s: the launcher would take the tensor-core forward\n", c.name);
     return false;
   }
@@ -304,7 +311,8 @@ template <typename T> bool run_case(const Case &c, emu_check::Rng &rng) {
   // Softmax attention in double, from the stored inputs.
   const Reference ref = attention_ref::reference(shape(c), in.q, in.k, in.v, in.kvalid);
   bool ok = check(in, ref, Impl::Auto);
-  if (decode_rows(c, Impl::Auto) > 0) ok &= check(in, ref, Impl::Simple);
+  // No simple kernel takes head dim 256 (the launcher leaves it to the reference).
+  if (decode_rows(c, Impl::Auto) > 0 && c.d <= 128) ok &= check(in, ref, Impl::Simple);
   return ok;
 }
 
@@ -470,7 +478,7 @@ int main(int argc, char **argv) {
   using D = Dtype;
   // name, dtype, b, hq, hkv, tq, tk, cap, d, causal, offset, mask
   const Case cases[] = {
-      // The decode stream (16-bit, D = 64 or 128, G * Tq <= 4).
+      // The decode stream (16-bit, D = 64, 128 or 256, G * Tq <= 4).
       {"d64 r1 cache", D::BF16, 2, 2, 2, 1, 700, 768, 64, true, 699, false},
       {"d128 gqa4 masked cache", D::BF16, 3, 4, 1, 1, 1100, 1152, 128, true, 1099, true},
       {"d64 gqa2 tq2 offset masked", D::BF16, 3, 4, 2, 2, 530, 600, 64, true, 400, true},
@@ -480,6 +488,10 @@ int main(int argc, char **argv) {
       {"d64 gqa2 tq2 masked cache", D::BF16, 3, 4, 2, 2, 900, 1024, 64, true, 898, true},
       {"d128 gqa2 long cache", D::BF16, 1, 4, 2, 1, 2300, 2400, 128, true, 2299, false},
       {"d64 r1 offset masked cache", D::F16, 3, 1, 1, 1, 520, 544, 64, true, 300, true},
+      // Gemma's head dim 256: the whole warp on one key, GQA (four rows), split or not.
+      {"d256 gqa4 masked cache", D::BF16, 3, 4, 1, 1, 700, 768, 256, true, 699, true},
+      {"d256 gqa2 tq2 offset", D::F16, 2, 4, 2, 2, 530, 600, 256, true, 400, false},
+      {"d256 r1 full", D::BF16, 40, 2, 2, 1, 70, 80, 256, false, 0, true},
       // The simple forward (f32, other head dims, more rows than the decode stream takes).
       {"d64 gqa4 tq2 masked cache", D::F32, 3, 4, 1, 2, 600, 640, 64, true, 598, true},
       {"d128 gqa2 cache", D::F32, 1, 4, 2, 1, 300, 320, 128, true, 299, false},
@@ -496,6 +508,7 @@ int main(int argc, char **argv) {
       {"window64 d96 gqa2 masked cache", D::BF16, 3, 4, 2, 1, 400, 512, 96, true, 399, true, 64},
       {"window9 d40 tq5 offset cache", D::F32, 1, 2, 2, 5, 330, 400, 40, true, 325, false, 9},
       {"window300 d40 tq5 split cache", D::F32, 1, 2, 2, 5, 700, 768, 40, true, 695, false, 300},
+      {"window512 d256 r1 split", D::BF16, 1, 2, 2, 1, 1100, 1152, 256, true, 1099, false, 512},
   };
   // name, b, hq, hkv, cap, len, d, rope, mask
   const FreshCase fresh[] = {
@@ -511,6 +524,9 @@ int main(int argc, char **argv) {
       {"d128 gqa2 norm rope", 3, 4, 2, 160, 97, 128, true, true, true},
       {"d64 r1 norm", 2, 2, 2, 70, 33, 64, false, false, true},
       {"d128 gqa4 norm rope split", 1, 4, 1, 1300, 1200, 128, true, false, true},
+      // Head dim 256: rotated with GQA (four rows) and a masked cache; normed, rotated, split.
+      {"d256 gqa4 rope", 3, 4, 1, 200, 130, 256, true, true},
+      {"d256 r1 norm rope split", 1, 2, 2, 1100, 1000, 256, true, false, true},
   };
   bool ok = true;
   for (const FreshCase &fc : fresh) {

@@ -11,12 +11,15 @@
 //!
 //! Three forwards (see the comments on top of the .cu files): `Simple` (CUDA cores, any
 //! dtype, head dim up to 128, with a split-K decode mode for a few queries against a long
-//! cache), `Mma` (tensor cores, bf16/f16, head dim 64 or 128; `MmaWide` is the same with
-//! 128-row forward blocks, two mma tiles per warp), and the decode stream
-//! (`attn_decode`, bf16/f16, head dim 64 or 128, at most 4 query rows per kv head: a
-//! generation step, 16-byte loads of the cache). `Auto` takes `Mma` where it applies and the
-//! query block is more than [`DECODE_MAX_TQ`] rows, else the decode stream where it applies,
-//! else `Simple`; every forward saves the same log-sum-exp, so the backward is the same.
+//! cache), `Mma` (tensor cores, bf16/f16, head dim 64, 128 or 256; `MmaWide` is the same with
+//! 128-row forward blocks, two mma tiles per warp, below 256), and the decode stream
+//! (`attn_decode`, bf16/f16, head dim 64, 128 or 256, at most 4 query rows per kv head: a
+//! generation step, 16-byte loads of the cache). `Auto` takes the decode stream where it
+//! applies, else `Mma` where it applies and the query block is more than [`DECODE_MAX_TQ`]
+//! rows or the head dim is past [`MAX_HEAD_DIM`], else `Simple`; every forward saves the same
+//! log-sum-exp, so the backward is the same. Head dim 256 (Gemma's) has tensor-core kernels
+//! only: 16-bit, on a card whose blocks may take the backward's 149.5 KiB of shared memory
+//! (sm_80, sm_90), and not under `Simple`; elsewhere it is the reference's.
 //! `TEMPER_ATTN_IMPL=simple` (or `mma`, `mma-wide`, `auto`) overrides the choice for the
 //! dispatcher.
 
@@ -47,6 +50,8 @@ use super::{
 pub const DECODE_MAX_TQ: usize = 16;
 /// Largest head dim of the simple kernels (instantiated for 32, 64, 96 and 128 lanes' worth).
 pub const MAX_HEAD_DIM: usize = 128;
+/// The head dim past [`MAX_HEAD_DIM`] that the tensor-core and decode kernels take (Gemma's).
+pub const WIDE_HEAD_DIM: usize = 256;
 /// CUDA's limit on `gridDim.y`. The kernels put query-row or key blocks on y, so a long enough
 /// sequence would not fit; the launches are checked against this before anything runs.
 const MAX_GRID_Y: usize = 65_535;
@@ -62,6 +67,7 @@ pub enum AttnImpl {
     /// memory feeds two mmas) and the backward's 128-key blocks of 8 warps (`attn_bwd_mma2`:
     /// each query tile loaded, and its dQ share added, once per 128 keys instead of 64). Not
     /// yet what `Auto` takes: it waits for its first GPU run against `Mma` and PyTorch's flash.
+    /// At head dim 256 it is `Mma`.
     MmaWide,
 }
 
@@ -76,25 +82,28 @@ impl AttnImpl {
         }
     }
 
-    /// Query rows per block of the tensor-core forward (`MmaFwdTraits::kBlockQ`).
-    fn fwd_block_q(self) -> usize {
+    /// Query rows per block of the tensor-core forward at head dim `d`
+    /// (`MmaFwdTraits::kBlockQ`; 64 at 256).
+    fn fwd_block_q(self, d: usize) -> usize {
         match self {
-            Self::MmaWide => 128,
+            Self::MmaWide if d <= MAX_HEAD_DIM => 128,
             _ => 64,
         }
     }
 
-    /// Keys per block of the tensor-core backward (`MmaBwdTraits::kBlockK`, 16 per warp).
-    fn bwd_block_k(self) -> usize {
+    /// Keys per block of the tensor-core backward at head dim `d` (`MmaBwdTraits::kBlockK`, 16
+    /// per warp; at 256, 64 keys over 8 warps).
+    fn bwd_block_k(self, d: usize) -> usize {
         match self {
-            Self::MmaWide => 128,
+            Self::MmaWide if d <= MAX_HEAD_DIM => 128,
             _ => 64,
         }
     }
 }
 
-/// Our kernel for a CUDA tensor, or `None` where it does not apply (dtype, head dim > 128,
-/// empty tensors, a GPU older than sm_80): the caller then falls back to the reference.
+/// Our kernel for a CUDA tensor, or `None` where it does not apply (dtype, a head dim the
+/// kernels do not take, empty tensors, a GPU older than sm_80): the caller then falls back to
+/// the reference.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -193,13 +202,13 @@ fn prepare(
             v.dims()
         );
     }
-    if d == 0 || d > MAX_HEAD_DIM || b * hq * tq == 0 || tk == 0 {
+    if b * hq * tq == 0 || tk == 0 {
         return Ok(None);
     }
     let Ok(dev) = q.device().as_cuda_device() else {
         return Ok(None);
     };
-    if compute_capability(dev)? < (8, 0) {
+    if compute_capability(dev)? < (8, 0) || !takes_head_dim(dev, dtype, d, imp)? {
         return Ok(None);
     }
     let offset = mask.causal_offset;
@@ -253,9 +262,9 @@ fn prepare(
     // Before any allocation or launch; the backward checks its own grids when it runs.
     op.check_grid_y(dtype, &dims, false)?;
     let q = contiguous16(q)?;
-    // The simple forward reads a KV cache in place (a view of its first positions); anything
-    // else is made contiguous.
-    let in_place = !op.use_mma(dtype, &dims)
+    // The simple forward and the decode stream read a KV cache in place (a view of its first
+    // positions); anything else is made contiguous.
+    let in_place = op.fwd_path(dtype, &dims, [k.layout(), v.layout()]) != FwdPath::Mma
         && cache_capacity(k.layout()).is_some()
         && cache_capacity(k.layout()) == cache_capacity(v.layout());
     let (k, v) = match in_place {
@@ -263,6 +272,20 @@ fn prepare(
         false => (contiguous16(k)?, contiguous16(v)?),
     };
     Ok(Some((op, q, k, v)))
+}
+
+/// Whether our kernels take head dim `d` in `dtype` on `dev` under `imp`: up to
+/// [`MAX_HEAD_DIM`] the simple kernels do; past it only the tensor cores' (and the decode
+/// stream's) take the forward and the tensor cores' the backward: [`WIDE_HEAD_DIM`] in 16 bits,
+/// not under `Simple`, on a card whose blocks may take that backward's shared memory (sm_80
+/// and sm_90; not sm_86 or sm_89, which allow 99 KiB).
+pub fn takes_head_dim(dev: &CudaDevice, dtype: DType, d: usize, imp: AttnImpl) -> Result<bool> {
+    if d <= MAX_HEAD_DIM {
+        return Ok(d > 0);
+    }
+    Ok(mma_applies(dtype, d)
+        && imp != AttnImpl::Simple
+        && bwd_mma_smem(d, imp.bwd_block_k(d)) <= smem_optin(dev)?)
 }
 
 /// The capacity `cap` when `l` is the first `Tk` positions of a contiguous `[B, H, cap, D]`
@@ -290,7 +313,16 @@ fn kv_view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<
 }
 
 fn mma_applies(dtype: DType, d: usize) -> bool {
-    matches!(dtype, DType::BF16 | DType::F16) && (d == 64 || d == 128)
+    matches!(dtype, DType::BF16 | DType::F16) && matches!(d, 64 | 128 | WIDE_HEAD_DIM)
+}
+
+/// Which forward kernel runs a call ([`FlashAttn::fwd_path`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FwdPath {
+    Mma,
+    /// The decode stream with this many query rows a kv head (1 or 4).
+    Decode(usize),
+    Simple,
 }
 
 struct FlashAttn {
@@ -313,20 +345,25 @@ struct FlashAttn {
 /// less than the 128-key backward takes at D = 128 (106.5 KiB). Public so that a GPU test can
 /// tell which one a card would be given.
 pub fn bwd_block_k_on(dev: &CudaDevice, imp: AttnImpl, d: usize) -> Result<usize> {
-    let bk = imp.bwd_block_k();
+    let bk = imp.bwd_block_k(d);
     if bk == 64 {
         return Ok(bk);
     }
+    Ok(if bwd_mma_smem(d, bk) <= smem_optin(dev)? {
+        bk
+    } else {
+        64
+    })
+}
+
+/// The shared memory a block of `dev` may opt in to.
+fn smem_optin(dev: &CudaDevice) -> Result<usize> {
     let optin = dev
         .cuda_stream()
         .context()
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
         .w()?;
-    Ok(if bwd_mma_smem(d, bk) <= optin.max(0) as usize {
-        bk
-    } else {
-        64
-    })
+    Ok(optin.max(0) as usize)
 }
 
 /// Written by the forward for the backward.
@@ -487,7 +524,7 @@ fn warp_per_row(rows: usize) -> LaunchConfig {
 /// Keys per stage of the tensor-core forward for `bq` query rows a block
 /// (`MmaFwdTraits::kBlockK`).
 fn fwd_mma_bk(d: usize, bq: usize) -> usize {
-    if d == 128 && bq == 128 {
+    if (d == 128 && bq == 128) || d == WIDE_HEAD_DIM {
         32
     } else {
         64
@@ -501,18 +538,29 @@ fn fwd_mma_smem(d: usize, bq: usize) -> usize {
 
 /// Query rows per step of the tensor-core backward (see `bwd_mma` in the .cu file).
 fn bwd_mma_bq(d: usize) -> usize {
-    if d == 128 {
+    if d >= 128 {
         32
     } else {
         64
     }
 }
 
+/// Warps of the tensor-core backward with `bk` keys a block: one a 16-key tile, two at head
+/// dim 256 (`MmaBwdTraits::kSplit`).
+fn bwd_mma_warps(d: usize, bk: usize) -> usize {
+    let split = if d == WIDE_HEAD_DIM { 2 } else { 1 };
+    bk / 16 * split
+}
+
 /// Dynamic shared memory of the tensor-core backward with `bk` keys a block
-/// (`MmaBwdTraits::kSmemBytes`).
+/// (`MmaBwdTraits::kSmemBytes`): at head dim 256 with the warps' P^T and dP^T exchange too.
 fn bwd_mma_smem(d: usize, bk: usize) -> usize {
     let bq = bwd_mma_bq(d);
-    (2 * bk + 4 * bq) * d * 2 + bk * (bq + 8) * 2 + 4 * bq * 4
+    let exchange = match d == WIDE_HEAD_DIM {
+        true => bwd_mma_warps(d, bk) * bq / 8 * 4 * 32 * 4,
+        false => 0,
+    };
+    (2 * bk + 4 * bq) * d * 2 + bk * (bq + 8) * 2 + 4 * bq * 4 + exchange
 }
 
 /// Grows a kernel's dynamic shared-memory limit past the 48 KiB default.
@@ -526,23 +574,37 @@ fn allow_smem(dev: &CudaDevice, func: &super::CudaFunction, bytes: usize) -> Res
 }
 
 impl FlashAttn {
+    /// Whether the tensor-core kernels run where the decode stream does not: the backward's
+    /// choice, and the forward's after [`Self::decode_rows`].
     fn use_mma(&self, dtype: DType, dims: &Dims) -> bool {
         mma_applies(dtype, dims.d)
             && match self.imp {
                 AttnImpl::Mma | AttnImpl::MmaWide => true,
                 AttnImpl::Simple => false,
-                AttnImpl::Auto => dims.tq > DECODE_MAX_TQ,
+                AttnImpl::Auto => dims.tq > DECODE_MAX_TQ || dims.d > MAX_HEAD_DIM,
             }
     }
 
+    /// The forward's kernel: the decode stream where it takes the call, else the tensor cores
+    /// where [`Self::use_mma`], else the simple kernel. At head dims up to 128 the first two
+    /// never both apply (the stream takes at most 4 query rows, the tensor cores under `Auto`
+    /// more than 16).
+    fn fwd_path(&self, dtype: DType, dims: &Dims, kv: [&Layout; 2]) -> FwdPath {
+        match self.decode_rows(dtype, dims, kv) {
+            Some(r) => FwdPath::Decode(r),
+            None if self.use_mma(dtype, dims) => FwdPath::Mma,
+            None => FwdPath::Simple,
+        }
+    }
+
     /// The row count `R` of the `attn_decode` kernel that takes this forward, or `None`:
-    /// 16-bit k and v with a head dim of 64 or 128 whose rows start 16-byte aligned (k and v
-    /// share their layout), at most 4 query rows per kv head, and no implementation forced.
+    /// 16-bit k and v with a head dim of 64, 128 or 256 whose rows start 16-byte aligned (k and
+    /// v share their layout), at most 4 query rows per kv head, and no implementation forced.
     fn decode_rows(&self, dtype: DType, dims: &Dims, kv: [&Layout; 2]) -> Option<usize> {
         let fits = self.imp == AttnImpl::Auto
             && self.segments.is_none()
             && matches!(dtype, DType::BF16 | DType::F16)
-            && matches!(dims.d, 64 | 128)
+            && matches!(dims.d, 64 | 128 | WIDE_HEAD_DIM)
             && kv.iter().all(|l| starts16(l, dtype));
         match dims.groups() * dims.tq {
             1 if fits => Some(1),
@@ -578,7 +640,7 @@ impl FlashAttn {
     /// fit. A clear error before anything runs beats a launch failure halfway through.
     fn check_grid_y(&self, dtype: DType, dims: &Dims, backward: bool) -> Result<()> {
         let launches: Vec<(&str, usize)> = match (self.use_mma(dtype, dims), backward) {
-            (true, false) => match self.imp.fwd_block_q() {
+            (true, false) => match self.imp.fwd_block_q(dims.d) {
                 128 => vec![("attn_fwd_mma2", dims.tq.div_ceil(128))],
                 bq => vec![("attn_fwd_mma", dims.tq.div_ceil(bq))],
             },
@@ -679,8 +741,9 @@ impl FlashAttn {
         let q = contiguous_view::<T>(sq, lq)?;
         let k = kv_view::<T>(sk, lk)?;
         let v = kv_view::<T>(sv, lv)?;
+        let path = self.fwd_path(T::DTYPE, &dims, [lk, lv]);
         if let Some(cap) = cache_capacity(lk) {
-            if self.use_mma(T::DTYPE, &dims) {
+            if path == FwdPath::Mma {
                 candle_core::bail!("attention: the tensor-core forward reads contiguous k, v only");
             }
             p.kv_cap = to_i32(cap, "KV cache capacity")?;
@@ -707,12 +770,12 @@ impl FlashAttn {
             p.seg_start = ptrs.read_opt(seg_start.as_ref());
             p.o = ptrs.write(&mut o);
             p.lse = ptrs.write(&mut lse);
-            if self.use_mma(T::DTYPE, &dims) {
-                launch_fwd_mma(dev, T::DTYPE, &dims, &p, self.imp.fwd_block_q())?;
-            } else if let Some(r) = self.decode_rows(T::DTYPE, &dims, [lk, lv]) {
-                launch_decode(dev, T::DTYPE, &dims, p, r, false)?;
-            } else {
-                launch_fwd_simple(dev, T::DTYPE, &dims, p)?;
+            match path {
+                FwdPath::Mma => {
+                    launch_fwd_mma(dev, T::DTYPE, &dims, &p, self.imp.fwd_block_q(dims.d))?
+                }
+                FwdPath::Decode(r) => launch_decode(dev, T::DTYPE, &dims, p, r, false)?,
+                FwdPath::Simple => launch_fwd_simple(dev, T::DTYPE, &dims, p)?,
             }
         }
         // The views above borrow the masks' storage guards, which are released here.
@@ -888,7 +951,7 @@ fn launch_decode(
 /// position `step[0]` (`[2]` i64) of the caches (`[B, Hkv, cap, D]`, contiguous), and q attends
 /// over the whole cache under `mask` (whose key mask `[B, cap]` already marks that position).
 /// Returns `[B, Hq, 1, D]`, or `None`, having run nothing, where the decode kernel does not
-/// take the step: f32, a head dim other than 64 or 128, more than 4 query heads per kv head,
+/// take the step: f32, a head dim other than 64, 128 or 256, more than 4 query heads per kv head,
 /// no key mask, rows not 16-byte aligned, norm gains not `[D]` in `y`'s dtype, contiguous and
 /// 16-byte aligned, a GPU older than sm_80, or `TEMPER_ATTN_IMPL` set.
 #[allow(clippy::too_many_arguments)]
@@ -937,7 +1000,7 @@ pub fn decode_fresh(
         bwd_bk: 64, // forward only
         saved: Mutex::new(None),
     };
-    // The decode stream's own conditions (`Auto`, 16-bit, D 64 or 128, at most 4 rows, aligned
+    // The decode stream's own conditions (`Auto`, 16-bit, D 64, 128 or 256, at most 4 rows, aligned
     // caches), then what the fused step adds.
     let Some(r) = op.decode_rows(dt, &dims, [kc.layout(), vc.layout()]) else {
         return Ok(None);
@@ -1102,8 +1165,8 @@ fn launch_bwd_dot(dev: &CudaDevice, dt: DType, dims: &Dims, p: &AttnParams) -> R
     unsafe { launch(dev, &func, &name, warp_per_row(dims.q_rows()), p) }
 }
 
-/// `attn_bwd_mma_*` (`bk` = 64 keys a block, 4 warps) or `attn_bwd_mma2_*` (128, 8 warps):
-/// dK, dV and an f32 dQ accumulator; then `attn_dq_convert_*`.
+/// `attn_bwd_mma_*` (`bk` = 64 keys a block, 4 warps; 8 at head dim 256) or `attn_bwd_mma2_*`
+/// (128, 8 warps): dK, dV and an f32 dQ accumulator; then `attn_dq_convert_*`.
 fn launch_bwd_mma(
     dev: &CudaDevice,
     dt: DType,
@@ -1127,7 +1190,7 @@ fn launch_bwd_mma(
     allow_smem(dev, &func, smem)?;
     let cfg = LaunchConfig {
         grid_dim: ((dims.b * dims.hkv) as u32, dims.tk.div_ceil(bk) as u32, 1),
-        block_dim: (2 * bk as u32, 1, 1),
+        block_dim: (32 * bwd_mma_warps(dims.d, bk) as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     // SAFETY: inputs and dk/dv set by the caller; acc is zeroed, [B, Hq, Tq, D] f32.
@@ -1256,6 +1319,50 @@ mod tests {
         assert!(!mma_applies(DType::F16, 96));
     }
 
+    #[test]
+    fn head_dim_256_plans_fit_sm80_and_keep_64_rows_and_keys() {
+        assert!(mma_applies(DType::BF16, 256) && !mma_applies(DType::F32, 256));
+        for imp in [AttnImpl::Mma, AttnImpl::MmaWide] {
+            assert_eq!(imp.fwd_block_q(256), 64, "{imp:?}");
+            assert_eq!(imp.bwd_block_k(256), 64, "{imp:?}");
+        }
+        assert_eq!(AttnImpl::MmaWide.fwd_block_q(128), 128);
+        // fwd: sQ [64][256] + two stages of sK and sV [32][256], then two stages of 32 flags;
+        // under the 99 KiB a block that sm_86 and sm_89 allow.
+        assert_eq!(fwd_mma_smem(256, 64), (64 + 4 * 32) * 256 * 2 + 2 * 32 * 4);
+        assert_eq!(fwd_mma_smem(256, 64), 98_560);
+        assert!(fwd_mma_smem(256, 64) <= 99 * 1024);
+        // bwd: 64 keys over 8 warps (two a 16-key tile), BQ 32, plus the pairs' exchange of
+        // P^T and dP^T, 8 warps x 16 f32 x 32 lanes: (2*64 + 4*32)*256*2 + 64*40*2 + 512 +
+        // 16_384, under sm_80's 163 KiB.
+        assert_eq!(bwd_mma_warps(256, 64), 8);
+        assert_eq!(bwd_mma_warps(128, 64), 4);
+        assert_eq!(bwd_mma_smem(256, 64), 153_088);
+        assert!(bwd_mma_smem(256, 64) <= 163 * 1024);
+    }
+
+    #[test]
+    fn auto_takes_the_decode_stream_then_the_tensor_cores_at_head_dim_256() {
+        let auto = op(AttnImpl::Auto);
+        let l = Layout::contiguous((1, 2, 40, 256));
+        // 4 query rows a kv head: the decode stream, as at 64 and 128.
+        assert_eq!(
+            auto.fwd_path(DType::BF16, &dims(4, 1, 40, 256), [&l, &l]),
+            FwdPath::Decode(4)
+        );
+        // 12 query rows: the tensor cores (no simple kernel takes 256), where at 128 the
+        // simple kernel would.
+        assert_eq!(
+            auto.fwd_path(DType::BF16, &dims(4, 3, 40, 256), [&l, &l]),
+            FwdPath::Mma
+        );
+        assert_eq!(
+            auto.fwd_path(DType::BF16, &dims(4, 3, 40, 128), [&l, &l]),
+            FwdPath::Simple
+        );
+        assert!(auto.use_mma(DType::F16, &dims(4, 1, 40, 256)));
+    }
+
     fn op(imp: AttnImpl) -> FlashAttn {
         FlashAttn {
             scale: 0.125,
@@ -1264,7 +1371,7 @@ mod tests {
             segments: None,
             window: None,
             imp,
-            bwd_bk: imp.bwd_block_k(),
+            bwd_bk: imp.bwd_block_k(64),
             saved: Mutex::new(None),
         }
     }
