@@ -78,15 +78,15 @@ struct AttnParams {
   const int *seg_start;  // [B, Tq], non-decreasing along a row: fwd, bwd_dq_simple
   const int *seg_end;    // [B, Tk]: bwd_dkdv_simple, bwd_mma
   // attn_decode_fresh's per-head RMSNorm of q and k before the rotation (Qwen3's q_norm,
-  // k_norm), as qkv_write computes it; null elsewhere.
-  const void *q_norm;  // [D] in T: q's gains, or null (no norm)
-  const void *k_norm;  // [D] in T: k's gains (with q_norm, or neither)
+  // k_norm; Gemma 3's), as qkv_write computes it; null elsewhere.
+  const void *q_norm;  // [D] in T: q's gains, or null (no norm); f32 with norm_plus_one
+  const void *k_norm;  // [D] in T: k's gains (with q_norm, or neither); as q_norm
   float norm_eps;      // the norm's epsilon
   // Sliding-window attention (causal): query i sees no key at or before offset + i - window;
   // 0: no window. Read by every kernel but attn_decode_fresh (whose offset is not the query's
   // position), through seg_lo / seg_hi.
   int window;
-  int pad_;  // keeps the size a multiple of 8 explicitly
+  int norm_plus_one;  // 1: q_norm, k_norm are Gemma's f32 offsets w, the gains 1 + w in f32
 };
 static_assert(sizeof(AttnParams) == 256, "AttnParams: keep in step with the Rust mirror");
 static_assert(alignof(AttnParams) == 8, "AttnParams: keep in step with the Rust mirror");

@@ -92,11 +92,21 @@ static __device__ __forceinline__ void merge_state(float &m, float &l, float (&a
   m = mx;
 }
 
-// (x * r) * g rounded to T, as rmsnorm.cu's forward stores it: 8 values and their gains.
+// (x * r) * g rounded to T, as rmsnorm.cu's forward stores it: 8 values and their gains, at
+// element j0 of `gain`: gains in T, or with `plus_one` Gemma's f32 offsets w, g = 1 + w.
 template <typename T>
-static __device__ __forceinline__ void norm8(float (&x)[8], float r, const T *gain) {
+static __device__ __forceinline__ void norm8(float (&x)[8], float r, const void *gain, int j0,
+                                             bool plus_one) {
   float g[8];
-  load8(gain, g);
+  if (plus_one) {
+    const float4 *w = reinterpret_cast<const float4 *>(static_cast<const float *>(gain) + j0);
+    const float4 lo = w[0], hi = w[1];
+    const float ws[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) g[e] = 1.f + ws[e];
+  } else {
+    load8(static_cast<const T *>(gain) + j0, g);
+  }
 #pragma unroll
   for (int e = 0; e < 8; ++e) x[e] = to_f32(from_f32<T>((x[e] * r) * g[e]));
 }
@@ -114,7 +124,8 @@ static __device__ __forceinline__ void fresh8(const AttnParams &p, int b, int co
   constexpr int L = D / 8;
   const int width = (p.hq + 2 * p.hkv) * D;
   const T *row = static_cast<const T *>(p.fresh) + (size_t)b * width + col;
-  const T *g = static_cast<const T *>(gain);
+  const void *g = gain;
+  const bool plus_one = p.norm_plus_one != 0;
   const int j0 = sub * 8;
   load8(row + j0, out);
   float r = 1.f;
@@ -125,7 +136,7 @@ static __device__ __forceinline__ void fresh8(const AttnParams &p, int b, int co
 #pragma unroll
     for (int o = 1; o < L; o <<= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     r = 1.f / sqrtf(ss / (float)D + p.norm_eps);
-    norm8<T>(out, r, g + j0);
+    norm8<T>(out, r, g, j0, plus_one);
   }
   if (!rotate || p.rope_cos == nullptr) return;
   constexpr int half = D / 2;  // a multiple of 8: the lane's 8 values lie in one half
@@ -134,7 +145,7 @@ static __device__ __forceinline__ void fresh8(const AttnParams &p, int b, int co
   const int pj0 = lower ? j0 + half : jj0;
   float partner[8];
   load8(row + pj0, partner);
-  if (g != nullptr) norm8<T>(partner, r, g + pj0);
+  if (g != nullptr) norm8<T>(partner, r, g, pj0, plus_one);
   const T *cs = static_cast<const T *>(p.rope_cos) + (size_t)b * half + jj0;
   const T *sn = static_cast<const T *>(p.rope_sin) + (size_t)b * half + jj0;
 #pragma unroll

@@ -11,8 +11,9 @@
 //   [B, d / 2] (the rows' positions), q and k are rotated on the way (rotary embeddings in the
 //   Llama / GPT-NeoX layout, in f32 exactly as rope.cu computes them). With gains qnorm, knorm
 //   [d], each q and k head is first RMS-normalised over its d values (Qwen3's q_norm and
-//   k_norm), as rmsnorm.cu computes it: r = 1 / sqrt(mean x^2 + eps), (x * r) * g, rounded to
-//   T, the rotation then reading the rounded values as rope.cu reads the norm's output. Each
+//   k_norm; Gemma 3's, whose f32 weights w give the gains g = 1 + w in f32, with
+//   norm_plus_one), as rmsnorm.cu computes it: r = 1 / sqrt(mean x^2 + eps), (x * r) * g,
+//   rounded to T, the rotation then reading the rounded values as rope.cu reads the norm's output. Each
 //   thread sums its own head's squares (d loads, from L1): this kernel is the step's fallback,
 //   so it stays one thread per element. With q, k and v in one
 //   GEMM this replaces two GEMM launches, two rotations and two KV writes per layer. Where
@@ -47,9 +48,11 @@ struct DecodeParams {
   const void *cos;         // qkv_write: null (no rotation), or [B, d / 2] in y's dtype
   const void *sin;         // qkv_write: as cos
   const void *qnorm;       // qkv_write: null (no norm), or q's per-head RMSNorm gains [d] in
-                           // y's dtype
+                           // y's dtype (f32 offsets from one with norm_plus_one)
   const void *knorm;       // qkv_write: as qnorm, for k (both or neither)
   float eps;               // qkv_write: the norm's epsilon
+  int norm_plus_one;       // qkv_write: 1 where qnorm, knorm are Gemma's f32 offsets w, the
+                           // gains 1 + w formed in f32
 };
 static_assert(sizeof(DecodeParams) == 104, "DecodeParams: keep in step with the Rust mirror");
 
@@ -70,7 +73,12 @@ template <typename T> __device__ void qkv_write(const DecodeParams &p) {
   const long long b = i / width, c = i % width;
   const T *y = static_cast<const T *>(p.src);
   T x = y[i];
-  const T *gain = c < p.nq ? static_cast<const T *>(p.qnorm) : static_cast<const T *>(p.knorm);
+  const void *gain = c < p.nq ? p.qnorm : p.knorm;
+  // Gain e of the head: g[e] in T, or 1 + w[e] from Gemma's f32 offsets.
+  auto gain_at = [&](int e) {
+    return p.norm_plus_one ? 1.f + static_cast<const float *>(gain)[e]
+                           : temper::to_f32(static_cast<const T *>(gain)[e]);
+  };
   if (c < p.nq + p.nkv && (p.cos != nullptr || gain != nullptr)) {
     const int j = (int)(c % p.d);
     const T *head = y + (i - j);
@@ -86,7 +94,7 @@ template <typename T> __device__ void qkv_write(const DecodeParams &p) {
     // Element e of the head as the rotation reads it: normalised and rounded, or as stored.
     auto at = [&](int e) {
       const float v = temper::to_f32(head[e]);
-      return gain ? temper::to_f32(temper::from_f32<T>((v * r) * temper::to_f32(gain[e]))) : v;
+      return gain ? temper::to_f32(temper::from_f32<T>((v * r) * gain_at(e))) : v;
     };
     if (p.cos == nullptr) {
       x = temper::from_f32<T>(at(j));

@@ -34,7 +34,7 @@ mod gpu {
     use temper::kernels::attention::{attention_reference, AttnMask};
     use temper::kernels::cuda::attention::{attention_with, decode_fresh, AttnImpl};
     use temper::kernels::cuda::GemmTune;
-    use temper::kernels::decode_step::{advance, kv_write, qkv_write, HeadNorm};
+    use temper::kernels::decode_step::{advance, kv_write, qkv_write, Gain, HeadNorm};
     use temper::kernels::sample::{
         keep_threshold, keys_tensor, penalize_row, row_key, sample, sample_draw, sample_reference,
         uniform, Draw, Hold, SampleParams,
@@ -394,10 +394,10 @@ mod gpu {
 
     /// The decode step's stacked q/k/v split (`qkv_write`) against its CPU op: q, and k and v
     /// at the device length of both caches, exactly without rotary tables or head norms; with
-    /// them (q and k normalised per head as Qwen3 does, rotated in f32, each rounded once, as
-    /// on the CPU) within one rounding of the dtype. GQA and MHA, head dims 64 and 128 and an
-    /// odd one, lengths at the start, the last position and past the capacity (nothing
-    /// written), y a view at an offset.
+    /// them (q and k normalised per head as Qwen3 does, or by Gemma's `1 + w` from f32
+    /// offsets, rotated in f32, each rounded once, as on the CPU) within one rounding of the
+    /// dtype. GQA and MHA, head dims 64, 128 and 256 and an odd one, lengths at the start, the
+    /// last position and past the capacity (nothing written), y a view at an offset.
     pub fn qkv_write_matches_the_cpu_op(dev: &Device) {
         let (mut rng, seed) = Rng::fresh(0x9C7);
         // (B, Hq, Hkv, cap, D)
@@ -406,16 +406,26 @@ mod gpu {
             (5, 12, 12, 9, 64),
             (3, 8, 2, 17, 128),
             (2, 6, 3, 5, 24),
+            (3, 4, 1, 7, 256),
+        ];
+        let kinds = [
+            (false, None),
+            (true, None),
+            (false, Some(Gain::AsIs)),
+            (true, Some(Gain::AsIs)),
+            (false, Some(Gain::PlusOne)),
+            (true, Some(Gain::PlusOne)),
         ];
         for &(b, hq, hkv, cap, d) in &shapes {
             let (nq, nkv) = (hq * d, hkv * d);
             let width = nq + 2 * nkv;
             for dtype in [DType::F32, DType::BF16, DType::F16] {
-                for (rope, norm) in [(false, false), (true, false), (false, true), (true, true)] {
+                for (rope, gain) in kinds {
+                    let norm = gain.is_some();
                     for len in [0, cap - 1, cap] {
                         let ctx = format!(
                             "seed {seed:#x}, {dtype:?}, B {b} Hq {hq} Hkv {hkv} cap {cap} \
-                             D {d}, rope {rope}, norm {norm}, L {len}"
+                             D {d}, rope {rope}, norm {gain:?}, L {len}"
                         );
                         let make = |n: usize, shape: &[usize], rng: &mut Rng| {
                             Tensor::from_vec(rng.vec(n, -3.0, 3.0), shape, &Device::Cpu)
@@ -440,17 +450,25 @@ mod gpu {
                         };
                         let (cos, sin) = (table(f32::cos), table(f32::sin));
                         let step = Tensor::new(&[len as i64, 4], &Device::Cpu).unwrap();
-                        let (qg, kg) = (make(d, &[d], &mut rng), make(d, &[d], &mut rng));
+                        // Gemma's weights are f32 offsets from one.
+                        let weights = |rng: &mut Rng| match gain {
+                            Some(Gain::PlusOne) => {
+                                Tensor::from_vec(rng.vec(d, -1.0, 1.0), d, &Device::Cpu).unwrap()
+                            }
+                            _ => make(d, &[d], rng),
+                        };
+                        let (qg, kg) = (weights(&mut rng), weights(&mut rng));
                         // The op on `at`: q and the two caches it wrote. On the CPU the caches
                         // are the inputs themselves, so the GPU's copies are taken first.
                         let run = |at: &Device| {
                             let to = |t: &Tensor| t.to_device(at).unwrap();
                             let (kc, vc, cos, sin) = (to(&kc), to(&vc), to(&cos), to(&sin));
                             let (qg, kg) = (to(&qg), to(&kg));
-                            let norm = norm.then_some(HeadNorm {
+                            let norm = gain.map(|gain| HeadNorm {
                                 q: &qg,
                                 k: &kg,
                                 eps: 1e-6,
+                                gain,
                             });
                             let tables = rope.then_some((&cos, &sin));
                             let q = qkv_write(&to(&y), &kc, &vc, &to(&step), nq, tables, norm);
@@ -490,20 +508,26 @@ mod gpu {
     /// every other position bit for bit). GPT-2's shape (no rotation, 64 rows of 12 heads),
     /// Llama-style GQA with rotation and a padded mask, the first position, a batch of one
     /// whose keys split across blocks; Qwen3's per-head norms of q and k (with and without
-    /// rotation, split and not).
+    /// rotation, split and not); Gemma 3's head dim 256 with its norms' f32 offsets (four query
+    /// heads on one kv head, and split), and Gemma 2's without norms.
     pub fn fused_decode_step_matches_qkv_write_then_attention(dev: &Device) {
         let (mut rng, seed) = Rng::fresh(0xF5E);
         // (B, Hq, Hkv, cap, L, D, rope, norm)
+        let (none, as_is, plus_one) = (None, Some(Gain::AsIs), Some(Gain::PlusOne));
         let shapes = [
-            (64, 12, 12, 384, 300, 64, false, false),
-            (3, 8, 2, 200, 130, 128, true, false),
-            (2, 4, 2, 48, 0, 64, true, false),
-            (1, 2, 2, 1500, 1400, 128, false, false),
-            (5, 16, 8, 160, 97, 128, true, true),
-            (3, 2, 2, 70, 33, 64, false, true),
-            (1, 4, 1, 1300, 1200, 128, true, true),
+            (64, 12, 12, 384, 300, 64, false, none),
+            (3, 8, 2, 200, 130, 128, true, none),
+            (2, 4, 2, 48, 0, 64, true, none),
+            (1, 2, 2, 1500, 1400, 128, false, none),
+            (5, 16, 8, 160, 97, 128, true, as_is),
+            (3, 2, 2, 70, 33, 64, false, as_is),
+            (1, 4, 1, 1300, 1200, 128, true, as_is),
+            (6, 4, 1, 300, 211, 256, true, plus_one),
+            (1, 4, 1, 1300, 1250, 256, true, plus_one),
+            (4, 8, 4, 200, 150, 256, true, none),
         ];
-        for &(b, hq, hkv, cap, len, d, rope, norm) in &shapes {
+        for &(b, hq, hkv, cap, len, d, rope, gain) in &shapes {
+            let norm = gain.is_some();
             for dtype in [DType::BF16, DType::F16] {
                 let ctx = format!(
                     "seed {seed:#x}, {dtype:?}, B {b} Hq {hq} Hkv {hkv} cap {cap} L {len} D {d} \
@@ -528,11 +552,16 @@ mod gpu {
                 };
                 let (cos, sin) = (table(f32::cos), table(f32::sin));
                 let tables = rope.then_some((&cos, &sin));
-                let (qg, kg) = (make(d, &[d], &mut rng), make(d, &[d], &mut rng));
-                let gains = norm.then_some(HeadNorm {
+                let weights = |rng: &mut Rng| match gain {
+                    Some(Gain::PlusOne) => Tensor::from_vec(rng.vec(d, -1.0, 1.0), d, dev).unwrap(),
+                    _ => make(d, &[d], rng),
+                };
+                let (qg, kg) = (weights(&mut rng), weights(&mut rng));
+                let gains = gain.map(|gain| HeadNorm {
                     q: &qg,
                     k: &kg,
                     eps: 1e-6,
+                    gain,
                 });
                 // Valid up to and including L, as advance leaves it; sequence 0 padded.
                 let mut valid = vec![0f32; b * cap];

@@ -13,6 +13,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Tensor};
 
 use super::host::slice;
+pub use super::rmsnorm::Gain;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -36,21 +37,29 @@ pub fn kv_write(cache: &Tensor, new: &Tensor, step: &Tensor) -> Result<()> {
     cache.inplace_op3(&new.contiguous()?, step, &KvWrite)
 }
 
-/// Qwen3's RMSNorm of each q and k head over its `D` values, applied before the rotation:
-/// the gains (`[D]` each, in the projections' dtype) and the epsilon.
+/// Qwen3's (and Gemma 3's) RMSNorm of each q and k head over its `D` values, applied before
+/// the rotation: the weights (`[D]` each) and the epsilon.
 #[derive(Clone, Copy, Debug)]
 pub struct HeadNorm<'a> {
     pub q: &'a Tensor,
     pub k: &'a Tensor,
     pub eps: f64,
+    /// How the weights give the gains: as they are, in the projections' dtype (Qwen3), or
+    /// Gemma's f32 offsets from one, the gain `1 + w` formed in f32 ([`Gain::PlusOne`]).
+    pub gain: Gain,
 }
 
 impl HeadNorm<'_> {
-    /// Whether the gains are `[d]` vectors of `dtype`.
+    /// Whether the weights are `[d]` vectors of the dtype the gain wants: `dtype`, or f32 for
+    /// Gemma's offsets.
     pub fn fits(&self, d: usize, dtype: DType) -> bool {
+        let want = match self.gain {
+            Gain::AsIs => dtype,
+            Gain::PlusOne => DType::F32,
+        };
         [self.q, self.k]
             .iter()
-            .all(|g| g.dims() == [d] && g.dtype() == dtype)
+            .all(|g| g.dims() == [d] && g.dtype() == want)
     }
 }
 
@@ -58,7 +67,8 @@ impl HeadNorm<'_> {
 /// each `[heads, D]`) split in one pass: returns q as `[B, nq / D, 1, D]` and writes k and v at
 /// position `L = step[0]` of `kcache` and `vcache` (`[B, nkv / D, cap, D]`, contiguous, `y`'s
 /// dtype), as [`kv_write`] does each (nothing once `L >= cap`). With `norm`, each q and k head
-/// is RMS-normalised as `rmsnorm::rms_norm` normalises it; with `rope` (`cos`, `sin`
+/// is RMS-normalised as `rmsnorm::rms_norm` normalises it (by its gains as they are, or
+/// Gemma's `1 + w`); with `rope` (`cos`, `sin`
 /// `[B, 1, 1, D / 2]` in `y`'s dtype, the rows' positions) q and k are then rotated, as
 /// `rope::fused` rotates them. With q, k and v from one GEMM this is one launch where the
 /// separate projections took three GEMMs, two norms, two rotations and two writes.
@@ -112,16 +122,19 @@ pub fn qkv_write(
             n.k.dims(),
             n.k.dtype()
         ),
-        Some(n) => Some((n.q.contiguous()?, n.k.contiguous()?, n.eps)),
+        Some(n) => Some((n.q.contiguous()?, n.k.contiguous()?, n.eps, n.gain)),
         None => None,
     };
     let y = y.reshape((b, width))?;
     #[cfg(feature = "cuda")]
     if y.device().is_cuda() {
         let rope = rope.as_ref().map(|(c, s)| (c, s));
-        let norm = norm
-            .as_ref()
-            .map(|(q, k, eps)| HeadNorm { q, k, eps: *eps });
+        let norm = norm.as_ref().map(|(q, k, eps, gain)| HeadNorm {
+            q,
+            k,
+            eps: *eps,
+            gain: *gain,
+        });
         let q = super::cuda::decode_step::qkv_write(&y, (kcache, vcache), step, nq, rope, norm)?;
         return q.reshape((b, nq / d.max(1), 1, d));
     }
@@ -132,8 +145,8 @@ pub fn qkv_write(
     // the norm) and rotated; None for v.
     let part = |from: usize, width: usize, gain: Option<Option<&Tensor>>| -> Result<Tensor> {
         let mut t = y.narrow(1, from, width)?.reshape((b, width / d, 1, d))?;
-        if let (Some(Some(g)), Some((_, _, eps))) = (gain, &norm) {
-            t = super::rmsnorm::rms_norm_reference(&t, g, *eps)?;
+        if let (Some(Some(w)), Some((_, _, eps, g))) = (gain, &norm) {
+            t = super::rmsnorm::rms_norm_reference(&t, &g.of(w)?, *eps)?;
         }
         match (&rope, gain) {
             (Some((cos, sin)), Some(_)) => super::rope::fused(&t, cos, sin),
@@ -142,7 +155,7 @@ pub fn qkv_write(
     };
     let nkv = hkv * d;
     let (qg, kg) = match &norm {
-        Some((q, k, _)) => (Some(q), Some(k)),
+        Some((q, k, _, _)) => (Some(q), Some(k)),
         None => (None, None),
     };
     kv_write(kcache, &part(nq, nkv, Some(kg))?, step)?;
@@ -505,6 +518,7 @@ mod tests {
             q: &qg,
             k: &kg,
             eps,
+            gain: Gain::AsIs,
         };
         let (kc, vc) = caches();
         let q = qkv_write(&y, &kc, &vc, &step, nq, Some((&cos, &sin)), Some(norm)).unwrap();
@@ -538,7 +552,39 @@ mod tests {
             q: &short,
             k: &kg,
             eps,
+            gain: Gain::AsIs,
         };
         assert!(qkv_write(&y, &kc, &vc, &step, nq, None, Some(bad)).is_err());
+        // Gemma's offsets: f32 weights w giving the gains 1 + w, as the norm of Gain::PlusOne;
+        // offsets in another dtype are refused.
+        let norm = HeadNorm {
+            gain: Gain::PlusOne,
+            ..norm
+        };
+        let (kc, vc) = caches();
+        let q = qkv_write(&y, &kc, &vc, &step, nq, Some((&cos, &sin)), Some(norm)).unwrap();
+        let plus_one = |t: Tensor, w: &Tensor| {
+            let g = Gain::PlusOne.of(w).unwrap();
+            rot(crate::kernels::rmsnorm::rms_norm_reference(&t, &g, eps).unwrap())
+        };
+        assert_eq!(flat(&q), flat(&plus_one(part(0, nq, hq), &qg)));
+        assert_ne!(
+            flat(&q),
+            flat(&normed(part(0, nq, hq), &qg)),
+            "the offset applied"
+        );
+        let (kw, _) = caches();
+        kv_write(&kw, &plus_one(part(nq, nkv, hkv), &kg), &step).unwrap();
+        assert_eq!(flat(&kc), flat(&kw));
+        let (qh, kh) = (
+            qg.to_dtype(DType::F16).unwrap(),
+            kg.to_dtype(DType::F16).unwrap(),
+        );
+        let half_offsets = HeadNorm {
+            q: &qh,
+            k: &kh,
+            ..norm
+        };
+        assert!(qkv_write(&y, &kc, &vc, &step, nq, None, Some(half_offsets)).is_err());
     }
 }

@@ -61,21 +61,15 @@ struct QkNorm {
 }
 
 impl QkNorm {
-    /// The gains in `dtype` (cast once per generation: `cast::weight` keeps the copy) and
-    /// the epsilon.
-    fn gains(&self, dtype: candle_core::DType) -> Result<(Tensor, Tensor, f64)> {
-        let cast = |w: &Tensor| super::cast::weight(w, dtype);
-        Ok((cast(&self.q)?, cast(&self.k)?, self.eps))
-    }
-
     /// The weights RMSNorm reads for compute in `dtype`, and how they give the gains: Gemma's
-    /// offsets as held (f32, added to one in f32), others cast as [`Self::gains`] casts them.
+    /// offsets as held (f32, added to one in f32), others in `dtype` (cast once per generation:
+    /// `cast::weight` keeps the copy).
     fn weights(&self, dtype: candle_core::DType) -> Result<(Tensor, Tensor, Gain)> {
         match self.plus_one {
             true => Ok((norm::held(&self.q), norm::held(&self.k), Gain::PlusOne)),
             false => {
-                let (q, k, _) = self.gains(dtype)?;
-                Ok((q, k, Gain::AsIs))
+                let cast = |w: &Tensor| super::cast::weight(w, dtype);
+                Ok((cast(&self.q)?, cast(&self.k)?, Gain::AsIs))
             }
         }
     }
@@ -160,11 +154,8 @@ impl Attention {
         if let Some((c, layer)) = cache.as_mut() {
             let kernels = &ctx.kernels;
             let rope_fuses = rope.is_none() || kernels.rope == KernelChoice::Custom;
-            // The fused kernels take gains in the compute dtype, not Gemma's f32 `1 + w`.
-            let norm_fuses = match &self.qk_norm {
-                None => true,
-                Some(n) => kernels.rmsnorm == KernelChoice::Custom && !n.plus_one,
-            };
+            // The fused kernels take gains in the compute dtype or Gemma's f32 offsets.
+            let norm_fuses = self.qk_norm.is_none() || kernels.rmsnorm == KernelChoice::Custom;
             // Nor do they cap scores.
             let plain = self.softcap.is_none();
             if c.is_fixed() && rope_fuses && norm_fuses && plain && x.dim(1)? == 1 {
@@ -172,13 +163,16 @@ impl Attention {
                 if let Some(y) = Linear::stacked(&qkv, x, ctx)? {
                     let nq = self.heads * self.head_dim;
                     let rope = rope.map(RopeAt::tables);
-                    let gains = match &self.qk_norm {
-                        Some(n) => Some(n.gains(y.dtype())?),
+                    let weights = match &self.qk_norm {
+                        Some(n) => Some((n.weights(y.dtype())?, n.eps)),
                         None => None,
                     };
-                    let norm = gains
-                        .as_ref()
-                        .map(|(q, k, eps)| HeadNorm { q, k, eps: *eps });
+                    let norm = weights.as_ref().map(|((q, k, gain), eps)| HeadNorm {
+                        q,
+                        k,
+                        eps: *eps,
+                        gain: *gain,
+                    });
                     if let Some((kc, vc, step)) = c.fixed_buffers(*layer)? {
                         let (mask, scale) = (self.mask(inp), self.scale());
                         let (caches, choice) = ((kc, vc), kernels.attention);

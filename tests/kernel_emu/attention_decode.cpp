@@ -9,7 +9,8 @@
 // bf16, f16 and f32.
 //
 // attn_decode_fresh_* (generation's fused decode step) runs on cases of its own (run_fresh):
-// q, k and v from a row of stacked projections, normalised per head (Qwen3) or not, rotated
+// q, k and v from a row of stacked projections, normalised per head (Qwen3; Gemma 3's gains
+// 1 + w from f32 offsets) or not, rotated
 // or not, against a cache whose next position holds NaN until the kernel writes it; checked
 // against qkv_write's rounding and
 // the reference attention over the cache with that position filled, and the cache itself
@@ -324,6 +325,7 @@ struct FreshCase {
   int b, hq, hkv, cap, len, d;  // len: the cache length L, the position the kernel writes
   bool rope, mask;              // mask: padding and holes below L in sequences b % 3 == 0
   bool norm = false;            // Qwen3's per-head RMSNorm of q and k, before the rotation
+  bool plus_one = false;        // the norm's gains Gemma's 1 + w, from f32 offsets w
 };
 
 // One step: y [B, (Hq + 2 Hkv) D], the caches with [0, L) filled and NaN from L on, the key
@@ -338,6 +340,9 @@ template <typename T> bool run_fresh(const FreshCase &fc, emu_check::Rng &rng) {
   std::vector<T> qg, kg;
   for (auto *g : {&qg, &kg})
     for (int e = 0; e < D; ++e) g->push_back(temper::from_f32<T>(1.f + 0.5f * (float)rng.normal()));
+  std::vector<float> qo, ko;  // Gemma's offsets (plus_one)
+  for (auto *g : {&qo, &ko})
+    for (int e = 0; e < D; ++e) g->push_back(0.5f * (float)rng.normal());
   std::vector<T> cos_t, sin_t;
   if (fc.rope)
     for (int i = 0; i < B * half; ++i) {
@@ -376,7 +381,8 @@ template <typename T> bool run_fresh(const FreshCase &fc, emu_check::Rng &rng) {
   auto normed = [&](int b, int col, bool rotate, int j) -> float {
     const T *row = &y[(size_t)b * width + col];
     if (!rotate || !fc.norm) return (float)value(row[j]);
-    const std::vector<T> &g = col < Hq * D ? qg : kg;
+    const bool is_q = col < Hq * D;
+    const float g = fc.plus_one ? 1.f + (is_q ? qo : ko)[j] : (float)value((is_q ? qg : kg)[j]);
     std::vector<float> lanes(D / 8, 0.f);
     for (int l = 0; l < D / 8; ++l)
       for (int e = 0; e < 8; ++e) {
@@ -389,7 +395,7 @@ template <typename T> bool run_fresh(const FreshCase &fc, emu_check::Rng &rng) {
       lanes = next;
     }
     const float r = 1.f / std::sqrt(lanes[j / 8] / (float)D + eps);
-    return (float)emu_check::round_as<T>(((float)value(row[j]) * r) * (float)value(g[j]));
+    return (float)emu_check::round_as<T>(((float)value(row[j]) * r) * g);
   };
   auto stored = [&](int b, int col, bool rotate, int j) -> double {
     if (!rotate || !fc.rope) return normed(b, col, rotate, j);
@@ -427,8 +433,9 @@ template <typename T> bool run_fresh(const FreshCase &fc, emu_check::Rng &rng) {
   p.step = step;
   p.rope_cos = fc.rope ? cos_t.data() : nullptr;
   p.rope_sin = fc.rope ? sin_t.data() : nullptr;
-  p.q_norm = fc.norm ? qg.data() : nullptr;
-  p.k_norm = fc.norm ? kg.data() : nullptr;
+  p.q_norm = !fc.norm ? nullptr : fc.plus_one ? (const void *)qo.data() : qg.data();
+  p.k_norm = !fc.norm ? nullptr : fc.plus_one ? (const void *)ko.data() : kg.data();
+  p.norm_plus_one = fc.plus_one ? 1 : 0;
   p.norm_eps = eps;
   p.k = k.data();
   p.v = v.data();
@@ -527,6 +534,9 @@ int main(int argc, char **argv) {
       // Head dim 256: rotated with GQA (four rows) and a masked cache; normed, rotated, split.
       {"d256 gqa4 rope", 3, 4, 1, 200, 130, 256, true, true},
       {"d256 r1 norm rope split", 1, 2, 2, 1100, 1000, 256, true, false, true},
+      // Gemma 3's norms: gains 1 + w from f32 offsets, at its head dim and at 128.
+      {"d256 gqa4 plus-one norm rope", 3, 4, 1, 200, 130, 256, true, true, true, true},
+      {"d128 r1 plus-one norm", 2, 2, 2, 70, 33, 128, false, false, true, true},
   };
   bool ok = true;
   for (const FreshCase &fc : fresh) {

@@ -14,7 +14,8 @@ fn ctx() -> Ctx {
 
 /// A small random model over the byte vocabulary; `gpt2` picks learned positions, LayerNorm
 /// and GELU instead of RoPE, RMSNorm and SwiGLU; `qwen3` adds Qwen3's per-head norms of q and
-/// k (large random gains, not the ones they start at) on heads wider than hidden / heads;
+/// k (large random gains, not the ones they start at) on heads wider than hidden / heads,
+/// `gemma3` the same norms with Gemma's gains (`1 + w` from f32 offsets, in every norm);
 /// `smollm3` leaves the rotary positions out of its second layer (NoPE); `window` slides a
 /// window of 3 positions over its first layer (the second sees everything), `window-wide` one
 /// of 40, longer than any sequence here, over both.
@@ -22,6 +23,12 @@ fn net(preset: &str) -> (ParamStore, Transformer) {
     let mut cfg = match preset {
         "qwen3" => ModelConfig {
             qk_norm: true,
+            head_dim: Some(16),
+            ..ModelConfig::preset("tiny").unwrap()
+        },
+        "gemma3" => ModelConfig {
+            qk_norm: true,
+            norm_plus_one: true,
             head_dim: Some(16),
             ..ModelConfig::preset("tiny").unwrap()
         },
@@ -122,6 +129,8 @@ fn greedy_equals_a_full_recompute_loop() {
         ("gpt2", DecodeMode::Fixed),
         ("qwen3", DecodeMode::Dynamic),
         ("qwen3", DecodeMode::Fixed),
+        ("gemma3", DecodeMode::Dynamic),
+        ("gemma3", DecodeMode::Fixed),
         ("smollm3", DecodeMode::Dynamic),
         ("smollm3", DecodeMode::Fixed),
         ("window", DecodeMode::Dynamic),

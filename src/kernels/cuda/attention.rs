@@ -35,7 +35,7 @@ use candle_core::{
 };
 
 use super::super::attention::AttnMask;
-use super::super::decode_step::HeadNorm;
+use super::super::decode_step::{Gain, HeadNorm};
 use super::super::spans::{self, Pass};
 use super::super::KernelOp;
 use super::{
@@ -485,7 +485,7 @@ struct AttnParams {
     k_norm: DevPtr,
     norm_eps: f32,
     window: i32,
-    pad_: i32,
+    norm_plus_one: i32,
 }
 const _: () = assert!(std::mem::size_of::<AttnParams>() == 256);
 
@@ -947,13 +947,15 @@ fn launch_decode(
 /// `decode_step::qkv_write` and then [`attention`] do one after the other. `y`
 /// (`[B, 1, (Hq + 2 Hkv) D]`) holds this position's q, k and v heads; q and k are rotated by
 /// `rope` (`cos`, `sin` `[B, 1, 1, D / 2]` in `y`'s dtype) where given, after each q and k head
-/// is RMS-normalised by `norm` (gains `[D]` in `y`'s dtype) where given, k and v are written at
+/// is RMS-normalised by `norm` (gains `[D]` in `y`'s dtype, or Gemma's f32 offsets) where
+/// given, k and v are written at
 /// position `step[0]` (`[2]` i64) of the caches (`[B, Hkv, cap, D]`, contiguous), and q attends
 /// over the whole cache under `mask` (whose key mask `[B, cap]` already marks that position).
 /// Returns `[B, Hq, 1, D]`, or `None`, having run nothing, where the decode kernel does not
 /// take the step: f32, a head dim other than 64, 128 or 256, more than 4 query heads per kv head,
-/// no key mask, rows not 16-byte aligned, norm gains not `[D]` in `y`'s dtype, contiguous and
-/// 16-byte aligned, a GPU older than sm_80, or `TEMPER_ATTN_IMPL` set.
+/// no key mask, rows not 16-byte aligned, norm weights not `[D]` in the dtype their gain wants
+/// ([`HeadNorm::fits`]), contiguous and 16-byte aligned, a GPU older than sm_80, or
+/// `TEMPER_ATTN_IMPL` set.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_fresh(
     y: &Tensor,
@@ -1013,7 +1015,7 @@ pub fn decode_fresh(
         n.fits(d, dt)
             && [n.q, n.k]
                 .iter()
-                .all(|g| g.is_contiguous() && starts16(g.layout(), dt))
+                .all(|g| g.is_contiguous() && starts16(g.layout(), g.dtype()))
     });
     let applies = kc.dtype() == dt
         && vc.dtype() == dt
@@ -1100,6 +1102,7 @@ impl FlashAttn {
             p.q_norm = ptrs.read_opt(qn.as_ref());
             p.k_norm = ptrs.read_opt(kn.as_ref());
             p.norm_eps = norm.map_or(0.0, |n| n.eps as f32);
+            p.norm_plus_one = i32::from(norm.is_some_and(|n| n.gain == Gain::PlusOne));
             p.kvalid = ptrs.read_opt(kvalid.as_ref());
             p.krange = ptrs.read_opt(krange.as_deref());
             p.o = ptrs.write(&mut o);

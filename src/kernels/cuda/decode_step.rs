@@ -6,7 +6,7 @@ use candle_core::cuda_backend::cudarc::driver::{DevicePtrMut, DeviceRepr};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Tensor, WithDType};
 
-use crate::kernels::decode_step::HeadNorm;
+use crate::kernels::decode_step::{Gain, HeadNorm};
 
 use super::{
     alloc_out, cuda_storage, launch, launch_1d, load_func, tensor_from_slice, DevPtr, DevPtrs,
@@ -32,6 +32,7 @@ struct DecodeParams {
     qnorm: DevPtr,
     knorm: DevPtr,
     eps: f32,
+    norm_plus_one: i32,
 }
 const _: () = assert!(std::mem::size_of::<DecodeParams>() == 104);
 // SAFETY: plain old data with the C layout of the kernel's struct (asserted above).
@@ -122,7 +123,8 @@ pub fn kv_write(
 /// `qkv_write_<dtype>`: `y` (`[B, nq + 2 nkv]`, contiguous) split into the returned q
 /// `[B, nq]` and position `step[0]` of the key and value caches (`[B, nkv / d, cap, d]` each,
 /// contiguous, in `y`'s dtype), which are written through their device pointers, in stream
-/// order; q and k normalised by `norm` (gains `[d]`, contiguous) and then rotated by `rope`
+/// order; q and k normalised by `norm` (weights `[d]`, contiguous: gains in `y`'s dtype, or
+/// Gemma's f32 offsets) and then rotated by `rope`
 /// (cos, sin `[B, d / 2]`, contiguous) where given. The shapes and dtypes are the caller's to
 /// check (`decode_step::qkv_write`).
 pub fn qkv_write(
@@ -200,6 +202,7 @@ fn qkv_write_t<T: CudaDType + DeviceRepr + WithDType>(
             qnorm,
             knorm,
             eps: norm.map_or(0.0, |n| n.eps as f32),
+            norm_plus_one: i32::from(norm.is_some_and(|n| n.gain == Gain::PlusOne)),
         };
         let name = format!("qkv_write_{}", T::DTYPE.as_str());
         run(dev, &name, n, p)?;
