@@ -812,7 +812,9 @@ mod gpu {
     /// head (RoPE's table lookup, RMSNorm, SwiGLU, the grouped decode kernel) and LoRA
     /// adapters on its projections (their GEMMs on candle's cuBLAS handle), and Qwen3's (the
     /// per-head norms of q and k inside the fused decode kernel, heads of 128 on a width of
-    /// 256).
+    /// 256), and Gemma 3's (heads of 256, its norms' f32 offsets in the fused kernel, a sliding
+    /// window of 12 on the first layer, shorter than the sequences: the window's own key mask,
+    /// made on the device inside the graph).
     pub fn graph_replay_gives_the_eager_fixed_steps_tokens(dev: &Device) {
         let mut gpt2 = ModelConfig::preset("gpt2").unwrap();
         gpt2.vocab_size = 259;
@@ -837,6 +839,14 @@ mod gpu {
             num_key_value_heads: 2,
             ..llama.clone()
         };
+        let gemma3 = ModelConfig {
+            qk_norm: true,
+            norm_plus_one: true,
+            head_dim: Some(256),
+            sliding_window: Some(12),
+            full_attention_layers: vec![1],
+            ..llama.clone()
+        };
         let lora = LoraConfig {
             rank: 8,
             ..LoraConfig::default()
@@ -846,6 +856,7 @@ mod gpu {
             ("llama gqa", &llama, None),
             ("llama gqa lora", &llama, Some(&lora)),
             ("qwen3 gqa", &qwen3, None),
+            ("gemma3 gqa window", &gemma3, None),
         ] {
             let mut store = ParamStore::new(dev.clone(), 8);
             let net = Transformer::new(&mut store.scope(Net::Policy), cfg, adapters).unwrap();

@@ -99,32 +99,14 @@ pub fn generate(
         mask,
         until: cfg.min_new_tokens as u64,
     });
-    // A fixed-shape step reads the whole cache with its query placed at the last position
-    // (the key mask hiding the unwritten ones), so a sliding window, which counts back from
-    // the query's true position, would hide the wrong keys: where one can hide a key the
-    // steps take dynamic shapes.
-    let window_binds = net
-        .cfg
-        .sliding_window
-        .is_some_and(|w| longest + cfg.max_new_tokens > w);
+    // A fixed-shape step places its query at the cache's end; a sliding window, which counts
+    // back from the query's true position, reaches the sliding layers as a key mask of its own
+    // made from the device length (`KvCache::windowed`).
     let asked_fixed = cfg.engine.decode == DecodeMode::Fixed;
     // Capped scores take the reference composite, whose mask is a host upload: no capture.
-    let graph_applies =
+    let graph =
         replays_graph(cfg.engine.decode, &ctx, &dev) && net.cfg.attn_logit_softcapping.is_none();
-    if window_binds && (asked_fixed || graph_applies) {
-        static SAID: std::sync::Once = std::sync::Once::new();
-        SAID.call_once(|| {
-            eprintln!(
-                "note: the model's sliding window of {} positions is shorter than a prompt of \
-                 {longest} tokens plus {} new ones: decode steps run at dynamic shapes, without \
-                 a CUDA graph",
-                net.cfg.sliding_window.unwrap_or(0),
-                cfg.max_new_tokens
-            )
-        });
-    }
-    let graph = !window_binds && graph_applies;
-    let fixed_shapes = graph || (!window_binds && asked_fixed);
+    let fixed_shapes = graph || asked_fixed;
     let mut fixed: Option<StaticStep> = None;
     // One fixed-shape step (a graph replay where it can), counted.
     let fixed_step = |step: &mut StaticStep, cache: &mut KvCache, stats: &mut GenStats| {

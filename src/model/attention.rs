@@ -87,6 +87,10 @@ pub struct AttnInputs<'a> {
     pub key_valid: Option<&'a Tensor>,
     /// Document boundaries of packed rows: no token attends across them.
     pub segments: Option<&'a Segments>,
+    /// A decode step at fixed shapes under a sliding window: the window and `key_valid` less
+    /// the keys it hides from the step's query (`KvCache::windowed`), which the sliding layers
+    /// read instead of counting the window back from the causal offset.
+    pub windowed: Option<(usize, &'a Tensor)>,
 }
 
 impl Attention {
@@ -229,11 +233,15 @@ impl Attention {
 
     /// Causal at the inputs' offset, under their key mask, within this layer's window.
     fn mask<'a>(&self, inp: &AttnInputs<'a>) -> AttnMask<'a> {
+        let (key_valid, window) = match inp.windowed {
+            Some((w, valid)) if self.window == Some(w) => (Some(valid), None),
+            _ => (inp.key_valid, self.window),
+        };
         AttnMask {
             causal_offset: Some(inp.offset),
-            key_valid: inp.key_valid,
+            key_valid,
             segments: inp.segments,
-            window: self.window,
+            window,
         }
     }
 

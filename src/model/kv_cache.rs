@@ -10,7 +10,7 @@
 //! (`crate::kernels::decode_step`) and attention reads the buffers at their full capacity,
 //! the positions past the length masked out by the step's key mask.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use crate::kernels::decode_step::{self, HeadNorm};
 
@@ -25,6 +25,8 @@ pub struct KvCache {
     /// After [`KvCache::fix_shapes`]: the decode step's `[2]` i64 state, whose first element
     /// is the length appends write at.
     fixed: Option<Tensor>,
+    /// After [`KvCache::fix_shapes`]: `[1, capacity]` f32, each key's index.
+    key_index: Option<Tensor>,
 }
 
 impl KvCache {
@@ -41,6 +43,7 @@ impl KvCache {
             len: 0,
             capacity,
             fixed: None,
+            key_index: None,
         }
     }
 
@@ -54,8 +57,26 @@ impl KvCache {
                 candle_core::bail!("a cache with fixed shapes needs its buffers at full capacity");
             }
         }
+        // Made here, before any capture: a step's ops upload nothing from the host.
+        let cap = u32::try_from(self.capacity).map_err(candle_core::Error::wrap)?;
+        let index = Tensor::arange(0u32, cap, step.device())?.to_dtype(DType::F32)?;
+        self.key_index = Some(index.reshape((1, self.capacity))?);
         self.fixed = Some(step);
         Ok(())
+    }
+
+    /// With fixed shapes, `key_valid` (`[B, capacity]`) less the keys that a sliding window of
+    /// `w` positions hides from this step's query, which sits at key index `L = step[0]` and
+    /// sees keys from `L - w + 1` on. Computed from the device length, so a replayed graph
+    /// stays right; each query otherwise sits at the cache's end (`causal_offset`), where a
+    /// window would count back from the wrong key. `None` without fixed shapes.
+    pub fn windowed(&self, key_valid: &Tensor, w: usize) -> Result<Option<Tensor>> {
+        let (Some(step), Some(index)) = (&self.fixed, &self.key_index) else {
+            return Ok(None);
+        };
+        let first = (step.narrow(0, 0, 1)?.to_dtype(DType::F32)? - (w as f64 - 1.0))?;
+        let inside = index.broadcast_ge(&first)?.to_dtype(key_valid.dtype())?;
+        Ok(Some(key_valid.broadcast_mul(&inside)?))
     }
 
     /// One more position was written by a step with fixed shapes.

@@ -46,6 +46,7 @@ fn recomputed_block(
     let (blk, ctx) = (blk.clone(), *ctx);
     let (rope, offset, key_valid) = (inp.rope.cloned(), inp.offset, inp.key_valid.cloned());
     let (local_rope, segments) = (inp.local_rope.cloned(), inp.segments.cloned());
+    let windowed = inp.windowed.map(|(w, m)| (w, m.clone()));
     let f: crate::tape::Recomputable = Arc::new(move |xs: &[Tensor]| {
         let inp = AttnInputs {
             rope: rope.as_ref(),
@@ -53,6 +54,7 @@ fn recomputed_block(
             offset,
             key_valid: key_valid.as_ref(),
             segments: segments.as_ref(),
+            windowed: windowed.as_ref().map(|(w, m)| (*w, m)),
         };
         let (stream, y) = blk.forward(&xs[0], xs.get(1), &ctx, &inp, None)?;
         Ok(vec![stream, y])
@@ -156,12 +158,17 @@ impl Transformer {
         let x = self.embed_tokens(ids, &positions, ctx, f.segments.is_some())?;
         let at = |r: &Option<Rope>| r.as_ref().map(|r| r.at(&positions, ctx.dtype)).transpose();
         let (rope, local_rope) = (at(&self.rope)?, at(&self.local_rope)?);
+        let windowed = match (&cache, self.cfg.sliding_window, f.key_valid) {
+            (Some(c), Some(w), Some(valid)) => c.windowed(valid, w)?.map(|m| (w, m)),
+            _ => None,
+        };
         let inp = AttnInputs {
             rope: rope.as_ref(),
             local_rope: local_rope.as_ref(),
             offset: causal_offset,
             key_valid: f.key_valid,
             segments: f.segments,
+            windowed: windowed.as_ref().map(|(w, m)| (*w, m)),
         };
         if ctx.tape && cache.is_none() {
             return crate::tape::segment(&x, |x| self.body(x, ctx, &inp, None));
