@@ -62,11 +62,16 @@ struct QkNorm {
 
 impl QkNorm {
     /// The weights RMSNorm reads for compute in `dtype`, and how they give the gains: Gemma's
-    /// offsets as held (f32, added to one in f32), others in `dtype` (cast once per generation:
-    /// `cast::weight` keeps the copy).
+    /// offsets in f32 (added to one in f32; as held, or where a frozen store keeps them in
+    /// the compute dtype, cast up, which the gains round alike), others in `dtype` (cast once
+    /// per generation: `cast::weight` keeps the copy).
     fn weights(&self, dtype: candle_core::DType) -> Result<(Tensor, Tensor, Gain)> {
+        let f32_offsets = |w: &Tensor| match w.dtype() {
+            candle_core::DType::F32 => Ok(norm::held(w)),
+            _ => super::cast::weight(w, candle_core::DType::F32),
+        };
         match self.plus_one {
-            true => Ok((norm::held(&self.q), norm::held(&self.k), Gain::PlusOne)),
+            true => Ok((f32_offsets(&self.q)?, f32_offsets(&self.k)?, Gain::PlusOne)),
             false => {
                 let cast = |w: &Tensor| super::cast::weight(w, dtype);
                 Ok((cast(&self.q)?, cast(&self.k)?, Gain::AsIs))

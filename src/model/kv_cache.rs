@@ -69,11 +69,16 @@ impl KvCache {
     /// `w` positions hides from this step's query, which sits at key index `L = step[0]` and
     /// sees keys from `L - w + 1` on. Computed from the device length, so a replayed graph
     /// stays right; each query otherwise sits at the cache's end (`causal_offset`), where a
-    /// window would count back from the wrong key. `None` without fixed shapes.
+    /// window would count back from the wrong key. `None` without fixed shapes, or where the
+    /// window is as long as the cache.
     pub fn windowed(&self, key_valid: &Tensor, w: usize) -> Result<Option<Tensor>> {
         let (Some(step), Some(index)) = (&self.fixed, &self.key_index) else {
             return Ok(None);
         };
+        // A window as long as the cache hides nothing from any query in it.
+        if w >= self.capacity {
+            return Ok(None);
+        }
         let first = (step.narrow(0, 0, 1)?.to_dtype(DType::F32)? - (w as f64 - 1.0))?;
         let inside = index.broadcast_ge(&first)?.to_dtype(key_valid.dtype())?;
         Ok(Some(key_valid.broadcast_mul(&inside)?))

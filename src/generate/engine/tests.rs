@@ -180,6 +180,47 @@ fn greedy_equals_a_full_recompute_loop() {
     }
 }
 
+/// A Gemma-3-shaped model whose store is frozen in bf16 (a distillation teacher's, a LoRA
+/// base's) keeps its norms' offsets in bf16: the fixed-shape step's fused q/k norm takes them
+/// cast up to f32, and generates what the dynamic-shape steps generate.
+#[test]
+fn a_frozen_gemma_decodes_in_fixed_shapes() {
+    let (mut store, _) = net("tiny");
+    let cfg = ModelConfig {
+        qk_norm: true,
+        norm_plus_one: true,
+        head_dim: Some(16),
+        vocab_size: Tokenizer::bytes().vocab_size(),
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        max_position_embeddings: 48,
+        ..ModelConfig::preset("tiny").unwrap()
+    };
+    store.freeze(Net::Value, &[crate::train::params::Role::Base], DType::BF16);
+    let net = Transformer::new(&mut store.scope(Net::Value), &cfg, None).unwrap();
+    let tok = Tokenizer::bytes();
+    let ps = prompts(&tok, &["ab", "hello there", "xyz!"]);
+    let run = |decode| {
+        let cfg = SampleCfg {
+            max_new_tokens: 8,
+            temperature: 0.0,
+            engine: EngineOpts {
+                decode,
+                ..EngineOpts::default()
+            },
+            ..Default::default()
+        };
+        let keys = RowKeys::range(0, 0, ps.len());
+        generate(&net, Ctx::plain(DType::BF16), &tok, &ps, &cfg, &keys).unwrap()
+    };
+    let (fixed, dynamic) = (run(DecodeMode::Fixed), run(DecodeMode::Dynamic));
+    assert!(fixed.stats.fixed_steps > 0);
+    assert_eq!(fixed.tokens, dynamic.tokens);
+}
+
 /// Sampling that ends rows at different steps: any lowercase letter is a stop string, about
 /// one chance in ten per token under a near-uniform random model.
 fn sampled(max_new_tokens: usize, engine: EngineOpts) -> SampleCfg {

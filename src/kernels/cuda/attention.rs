@@ -973,7 +973,8 @@ pub fn decode_fresh(
     };
     // A decode step has no packed rows; the general path refuses them with its reason. A
     // window shorter than the cache could hide a key, which the kernel would have to count
-    // back from the query's position `step[0]` (the engine takes dynamic shapes there).
+    // back from the query's position `step[0]`: the fixed-shape step hands the sliding layers
+    // the window as a key mask instead (`KvCache::windowed`), with no window here.
     let (b, hkv, cap, d) = kc.dims4()?;
     if mask.segments.is_some() || mask.window.is_some_and(|w| w < cap) {
         return Ok(None);
@@ -1080,7 +1081,22 @@ impl FlashAttn {
         let vv = contiguous_view::<T>(cuda_storage(&gv)?, lv)?;
         let sv = contiguous_view::<i64>(cuda_storage(&gs)?, ls)?;
         let (cos, sin) = (opt_view::<T>(&cos_guard)?, opt_view::<T>(&sin_guard)?);
-        let (qn, kn) = (opt_view::<T>(&qn_guard)?, opt_view::<T>(&kn_guard)?);
+        // The norm's weights: gains in T, or Gemma's f32 offsets.
+        let plus_one = norm.is_some_and(|n| n.gain == Gain::PlusOne);
+        let (qn, kn, qn32, kn32) = match plus_one {
+            true => (
+                None,
+                None,
+                opt_view::<f32>(&qn_guard)?,
+                opt_view::<f32>(&kn_guard)?,
+            ),
+            false => (
+                opt_view::<T>(&qn_guard)?,
+                opt_view::<T>(&kn_guard)?,
+                None,
+                None,
+            ),
+        };
         let nrows = dims.q_rows();
         // SAFETY: as the decode forward's: the block of each (batch, kv head) writes o and
         // lse of its rows, or with a split the combine writes them from every split's partials.
@@ -1099,10 +1115,12 @@ impl FlashAttn {
             (p.dk, p.dv) = (p.k, p.v);
             p.rope_cos = ptrs.read_opt(cos.as_ref());
             p.rope_sin = ptrs.read_opt(sin.as_ref());
-            p.q_norm = ptrs.read_opt(qn.as_ref());
-            p.k_norm = ptrs.read_opt(kn.as_ref());
+            (p.q_norm, p.k_norm) = match plus_one {
+                true => (ptrs.read_opt(qn32.as_ref()), ptrs.read_opt(kn32.as_ref())),
+                false => (ptrs.read_opt(qn.as_ref()), ptrs.read_opt(kn.as_ref())),
+            };
             p.norm_eps = norm.map_or(0.0, |n| n.eps as f32);
-            p.norm_plus_one = i32::from(norm.is_some_and(|n| n.gain == Gain::PlusOne));
+            p.norm_plus_one = i32::from(plus_one);
             p.kvalid = ptrs.read_opt(kvalid.as_ref());
             p.krange = ptrs.read_opt(krange.as_deref());
             p.o = ptrs.write(&mut o);
