@@ -4,7 +4,7 @@
 //! live in the op, which also keeps what the backward needs: the per-row log-sum-exp and the
 //! per-sequence key range (first valid key, end of the valid keys, whether there are holes),
 //! computed from `key_valid` by `attn_key_range` once per mask tensor (every layer of a pass
-//! shares it; `LAST_RANGE`). The backward recomputes the
+//! shares it, or one of two; `LAST_RANGE`). The backward recomputes the
 //! scores tile by tile from the saved log-sum-exp (FlashAttention-2), with `D = rowsum(dO*O)`
 //! precomputed; under GQA the dK/dV kernels loop over every query head of their kv head, so
 //! the group's gradients are summed without atomics.
@@ -379,18 +379,23 @@ struct Saved {
 /// [`forget_key_range`] around each step), so this names one key range.
 type RangeKey = (candle_core::TensorId, usize, usize);
 
+/// A key range kept for its mask.
+type KeptRange = (RangeKey, Arc<CudaSlice<i32>>);
+
 thread_local! {
-    /// The key range last computed on this thread. Every layer of a forward pass (and every
-    /// layer of a decode step) attends under the same mask tensor, so the range is computed
-    /// once per pass rather than once per layer.
-    static LAST_RANGE: RefCell<Option<(RangeKey, Arc<CudaSlice<i32>>)>> =
-        const { RefCell::new(None) };
+    /// The key ranges last computed on this thread, the last two, newest first. Every layer
+    /// of a forward pass (and every layer of a decode step) attends under the same mask
+    /// tensor, or under one of two (a windowed model's fixed-shape decode step alternates
+    /// between its global and its sliding layers' masks, `KvCache::windowed`), so a range is
+    /// computed once per pass rather than once per layer.
+    static LAST_RANGE: RefCell<[Option<KeptRange>; 2]> =
+        const { RefCell::new([None, None]) };
 }
 
 /// Forgets the key range kept for the last mask: a decode step with fixed shapes changes its
 /// mask in place, and a range computed during a CUDA graph capture belongs to the graph.
 pub fn forget_key_range() {
-    LAST_RANGE.with_borrow_mut(|last| *last = None);
+    LAST_RANGE.with_borrow_mut(|last| *last = [None, None]);
 }
 
 /// Problem sizes as the kernels take them.
@@ -684,15 +689,19 @@ impl FlashAttn {
         };
         let key = (kv.id(), dims.b, dims.tk);
         let hit = LAST_RANGE.with_borrow(|last| {
-            last.as_ref()
-                .filter(|(k, _)| *k == key)
+            last.iter()
+                .flatten()
+                .find(|(k, _)| *k == key)
                 .map(|(_, r)| r.clone())
         });
         if let Some(r) = hit {
             return Ok(Some(r));
         }
         let r = Arc::new(self.launch_key_range(dev, dims, kv)?);
-        LAST_RANGE.with_borrow_mut(|last| *last = Some((key, r.clone())));
+        LAST_RANGE.with_borrow_mut(|last| {
+            last[1] = last[0].take();
+            last[0] = Some((key, r.clone()));
+        });
         Ok(Some(r))
     }
 
