@@ -122,19 +122,14 @@ pub fn qkv_write(
             n.k.dims(),
             n.k.dtype()
         ),
-        Some(n) => Some((n.q.contiguous()?, n.k.contiguous()?, n.eps, n.gain)),
+        Some(n) => Some((n.q.contiguous()?, n.k.contiguous()?, n)),
         None => None,
     };
     let y = y.reshape((b, width))?;
     #[cfg(feature = "cuda")]
     if y.device().is_cuda() {
         let rope = rope.as_ref().map(|(c, s)| (c, s));
-        let norm = norm.as_ref().map(|(q, k, eps, gain)| HeadNorm {
-            q,
-            k,
-            eps: *eps,
-            gain: *gain,
-        });
+        let norm = norm.as_ref().map(|(q, k, n)| HeadNorm { q, k, ..*n });
         let q = super::cuda::decode_step::qkv_write(&y, (kcache, vcache), step, nq, rope, norm)?;
         return q.reshape((b, nq / d.max(1), 1, d));
     }
@@ -145,8 +140,8 @@ pub fn qkv_write(
     // the norm) and rotated; None for v.
     let part = |from: usize, width: usize, gain: Option<Option<&Tensor>>| -> Result<Tensor> {
         let mut t = y.narrow(1, from, width)?.reshape((b, width / d, 1, d))?;
-        if let (Some(Some(w)), Some((_, _, eps, g))) = (gain, &norm) {
-            t = super::rmsnorm::rms_norm_reference(&t, &g.of(w)?, *eps)?;
+        if let (Some(Some(w)), Some((_, _, n))) = (gain, &norm) {
+            t = super::rmsnorm::rms_norm_reference(&t, &n.gain.of(w)?, n.eps)?;
         }
         match (&rope, gain) {
             (Some((cos, sin)), Some(_)) => super::rope::fused(&t, cos, sin),
@@ -155,7 +150,7 @@ pub fn qkv_write(
     };
     let nkv = hkv * d;
     let (qg, kg) = match &norm {
-        Some((q, k, _, _)) => (Some(q), Some(k)),
+        Some((q, k, _)) => (Some(q), Some(k)),
         None => (None, None),
     };
     kv_write(kcache, &part(nq, nkv, Some(kg))?, step)?;

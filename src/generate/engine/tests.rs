@@ -20,6 +20,30 @@ fn ctx() -> Ctx {
 /// window of 3 positions over its first layer (the second sees everything), `window-wide` one
 /// of 40, longer than any sequence here, over both.
 fn net(preset: &str) -> (ParamStore, Transformer) {
+    let cfg = config(preset);
+    let mut store = ParamStore::new(Device::Cpu, 5);
+    let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
+    if cfg.qk_norm || !cfg.nope_layers.is_empty() || cfg.sliding_window.is_some() {
+        // Large gains sharpen attention, and matrices at 1 / sqrt(fan-in) let it move the
+        // residual stream: a wrong key or query then changes the tokens.
+        for (name, var, _) in store.iter() {
+            let value = match var.dims() {
+                _ if name.ends_with("q_norm.weight") || name.ends_with("k_norm.weight") => {
+                    Tensor::randn(0f32, 3.0, var.dims(), &Device::Cpu)
+                }
+                &[_, fan_in] => {
+                    Tensor::randn(0f32, (fan_in as f32).powf(-0.5), var.dims(), &Device::Cpu)
+                }
+                _ => continue,
+            };
+            var.set(&value.unwrap()).unwrap();
+        }
+    }
+    (store, net)
+}
+
+/// [`net`]'s model configuration for `preset`, at its small sizes.
+fn config(preset: &str) -> ModelConfig {
     let mut cfg = match preset {
         "qwen3" => ModelConfig {
             qk_norm: true,
@@ -54,25 +78,20 @@ fn net(preset: &str) -> (ParamStore, Transformer) {
     cfg.num_attention_heads = 4;
     cfg.num_key_value_heads = 2;
     cfg.max_position_embeddings = 48;
-    let mut store = ParamStore::new(Device::Cpu, 5);
-    let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
-    if cfg.qk_norm || !cfg.nope_layers.is_empty() || cfg.sliding_window.is_some() {
-        // Large gains sharpen attention, and matrices at 1 / sqrt(fan-in) let it move the
-        // residual stream: a wrong key or query then changes the tokens.
-        for (name, var, _) in store.iter() {
-            let value = match var.dims() {
-                _ if name.ends_with("q_norm.weight") || name.ends_with("k_norm.weight") => {
-                    Tensor::randn(0f32, 3.0, var.dims(), &Device::Cpu)
-                }
-                &[_, fan_in] => {
-                    Tensor::randn(0f32, (fan_in as f32).powf(-0.5), var.dims(), &Device::Cpu)
-                }
-                _ => continue,
-            };
-            var.set(&value.unwrap()).unwrap();
-        }
+    cfg
+}
+
+/// Greedy decoding of `max_new_tokens` tokens at `decode`'s shapes.
+fn greedy(max_new_tokens: usize, decode: DecodeMode) -> SampleCfg {
+    SampleCfg {
+        max_new_tokens,
+        temperature: 0.0,
+        engine: EngineOpts {
+            decode,
+            ..EngineOpts::default()
+        },
+        ..Default::default()
     }
-    (store, net)
 }
 
 fn prompts(tok: &Tokenizer, texts: &[&str]) -> Vec<Vec<u32>> {
@@ -139,15 +158,7 @@ fn greedy_equals_a_full_recompute_loop() {
     ] {
         let (_s, net) = net(preset);
         let ps = prompts(&tok, &texts);
-        let cfg = SampleCfg {
-            max_new_tokens: 12,
-            temperature: 0.0,
-            engine: EngineOpts {
-                decode,
-                ..EngineOpts::default()
-            },
-            ..Default::default()
-        };
+        let cfg = greedy(12, decode);
         let g = generate(
             &net,
             ctx(),
@@ -185,35 +196,18 @@ fn greedy_equals_a_full_recompute_loop() {
 /// cast up to f32, and generates what the dynamic-shape steps generate.
 #[test]
 fn a_frozen_gemma_decodes_in_fixed_shapes() {
-    let (mut store, _) = net("tiny");
-    let cfg = ModelConfig {
-        qk_norm: true,
-        norm_plus_one: true,
-        head_dim: Some(16),
-        vocab_size: Tokenizer::bytes().vocab_size(),
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        max_position_embeddings: 48,
-        ..ModelConfig::preset("tiny").unwrap()
-    };
-    store.freeze(Net::Value, &[crate::train::params::Role::Base], DType::BF16);
-    let net = Transformer::new(&mut store.scope(Net::Value), &cfg, None).unwrap();
+    let mut store = ParamStore::new(Device::Cpu, 5);
+    store.freeze(
+        Net::Policy,
+        &[crate::train::params::Role::Base],
+        DType::BF16,
+    );
+    let net = Transformer::new(&mut store.scope(Net::Policy), &config("gemma3"), None).unwrap();
     let tok = Tokenizer::bytes();
     let ps = prompts(&tok, &["ab", "hello there", "xyz!"]);
     let run = |decode| {
-        let cfg = SampleCfg {
-            max_new_tokens: 8,
-            temperature: 0.0,
-            engine: EngineOpts {
-                decode,
-                ..EngineOpts::default()
-            },
-            ..Default::default()
-        };
         let keys = RowKeys::range(0, 0, ps.len());
+        let cfg = greedy(8, decode);
         generate(&net, Ctx::plain(DType::BF16), &tok, &ps, &cfg, &keys).unwrap()
     };
     let (fixed, dynamic) = (run(DecodeMode::Fixed), run(DecodeMode::Dynamic));
@@ -327,14 +321,8 @@ fn repetition_penalty_equals_a_full_recompute_loop() {
     let penalty = 2.5f32;
     for decode in [DecodeMode::Dynamic, DecodeMode::Fixed] {
         let cfg = SampleCfg {
-            max_new_tokens: 16,
-            temperature: 0.0,
             repetition_penalty: f64::from(penalty),
-            engine: EngineOpts {
-                decode,
-                ..EngineOpts::default()
-            },
-            ..Default::default()
+            ..greedy(16, decode)
         };
         let keys = RowKeys::range(0, 0, ps.len());
         let g = generate(&net, ctx(), &tok, &ps, &cfg, &keys).unwrap();
