@@ -20,6 +20,13 @@
 //! FlexAttention with the same document mask (scripts/bench_peers.py `attention_packed`).
 //! FLOPs there count the visible (query, key) pairs: 4·B·H·D·Σ n(n+1)/2.
 //!
+//! With `TEMPER_BENCH_SOFTCAP=1` it times only Gemma 2's capped attention: scores capped as
+//! `50 tanh(s / 50)`, causal, at Gemma 2 2B's heads (8 query heads on 4 kv heads, D=256),
+//! B=4 S=2048 bf16; the PyTorch peers are transformers' eager Gemma 2 attention (the default
+//! it runs Gemma 2 with: the scores materialised, capped, masked, an f32 softmax) and
+//! FlexAttention compiled with the cap as its score modifier (scripts/bench_peers.py
+//! `attention_softcap`).
+//!
 //! Besides the pass times, the backward's own is printed as (fwd+bwd) - fwd. With
 //! `TEMPER_BENCH_ONCE=1` (scripts/gpu-check.sh's ncu section) only our tensor-core variants
 //! run, each pass once with no warm-up and no check, so that ncu's first launches are one of
@@ -66,6 +73,7 @@ fn main() -> candle_core::Result<()> {
         key_valid: None,
         segments: None,
         window: None,
+        softcap: None,
     };
     let scale = 1.0 / (d as f64).sqrt();
     attention_reference(&q, &k, &v, &mask, scale)?;
@@ -103,6 +111,7 @@ mod cuda {
             key_valid: None,
             segments: None,
             window: None,
+            softcap: None,
         }
     }
 
@@ -188,6 +197,9 @@ mod cuda {
         let dev = Device::new_cuda(0)?;
         if std::env::var_os("TEMPER_BENCH_PACKED").is_some() {
             return packed(&dev);
+        }
+        if std::env::var_os("TEMPER_BENCH_SOFTCAP").is_some() {
+            return softcapped(&dev);
         }
         let once = std::env::var_os("TEMPER_BENCH_ONCE").is_some();
         println!(
@@ -293,6 +305,7 @@ mod cuda {
             key_valid: None,
             segments: Some(&segments),
             window: None,
+            softcap: None,
         };
         let mk = |seed: f64| -> candle_core::Result<Tensor> {
             (Tensor::randn(0f32, 1.0, (b, h, s, d), dev)? + seed)?.to_dtype(DType::BF16)
@@ -312,6 +325,49 @@ mod cuda {
             println!("{shape:<28} ours     {pass:<8} {ms:>10.3} ms {tflops:>8.1} TFLOP/s");
             println!(
                 "{{\"bench\":\"attention_packed\",\"shape\":\"{shape}\",\"impl\":\"ours\",\"pass\":\"{pass}\",\"ms\":{ms:.4},\"tflops\":{tflops:.2}}}"
+            );
+        }
+        Ok(())
+    }
+
+    /// Gemma 2's capped scores: our kernels (`Auto`) at Gemma 2 2B's heads, forward and
+    /// forward+backward (direct, as above), checked against the reference's gradients first.
+    fn softcapped(dev: &Device) -> candle_core::Result<()> {
+        let (b, hq, hkv, s, d, cap) = (4usize, 8usize, 4usize, 2048usize, 256usize, 50.0);
+        let shape = format!("softcap B{b} Hq{hq} Hkv{hkv} S{s} D{d}");
+        let fwd_flops = 4.0 * (b * hq * s * s * d) as f64 / 2.0;
+        let mask = AttnMask {
+            softcap: Some(cap),
+            ..mask()
+        };
+        let mk = |h: usize, seed: f64| -> candle_core::Result<Tensor> {
+            (Tensor::randn(0f32, 1.0, (b, h, s, d), dev)? + seed)?.to_dtype(DType::BF16)
+        };
+        let (q, k, v, dy) = (mk(hq, 0.0)?, mk(hkv, 0.01)?, mk(hkv, -0.01)?, mk(hq, 0.0)?);
+        let scale = 1.0 / (d as f64).sqrt();
+        println!("attention with Gemma 2's soft cap ({cap}), causal bf16");
+        let direct = AttentionDirect::new(&q, &k, &v, &mask, scale, AttnImpl::Auto)?
+            .ok_or_else(|| candle_core::Error::Msg("no kernel for this shape".into()))?;
+        let y = direct.forward()?;
+        let y_ref = attention_reference(&q, &k, &v, &mask, scale)?;
+        let err = (y.to_dtype(DType::F32)? - y_ref.to_dtype(DType::F32)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        println!("{shape}: max |ours - reference| {err:.2e} (bf16 output)");
+        if err > 0.05 {
+            candle_core::bail!("{shape}: the capped kernel is off the reference by {err}");
+        }
+        let fwd = cuda_time_ms(dev, WARMUP, 20, || direct.forward().map(|_| ()))?;
+        let both = cuda_time_ms(dev, WARMUP, 20, || {
+            let y = direct.forward()?;
+            direct.backward(&y, &dy).map(|_| ())
+        })?;
+        for (pass, ms, flops) in [("fwd", fwd, fwd_flops), ("fwd+bwd", both, 3.5 * fwd_flops)] {
+            let tflops = flops / (ms * 1e-3) / 1e12;
+            println!("{shape:<36} ours     {pass:<8} {ms:>10.3} ms {tflops:>8.1} TFLOP/s");
+            println!(
+                "{{\"bench\":\"attention_softcap\",\"shape\":\"{shape}\",\"impl\":\"ours\",\"pass\":\"{pass}\",\"ms\":{ms:.4},\"tflops\":{tflops:.2}}}"
             );
         }
         Ok(())
@@ -338,6 +394,7 @@ mod cuda {
                 key_valid: None,
                 segments: None,
                 window: None,
+                softcap: None,
             };
             let scale = 1.0 / (d as f64).sqrt();
             let bytes = (2 * b * hkv * t * d * 2) as f64;

@@ -5,7 +5,7 @@
 //   SimpleTiles     tile sizes of the CUDA-core ("simple") kernels
 //   MmaFwdTraits<D> / MmaBwdTraits<D>   tile choices of the tensor-core kernels, with the
 //                   shared-memory size each launch asks for
-//   KeyRange, key_range, block_key_end, warp_max, pos_inf, neg_inf, kLog2e, kLn2
+//   KeyRange, key_range, block_key_end, warp_max, pos_inf, neg_inf, kLog2e, kLn2, SoftCap
 //
 // Conventions (all kernels): q, o, dq `[B, Hq, Tq, D]`; k, v, dk, dv `[B, Hkv, Tk, D]`
 // (contiguous, except that the simple forward reads k and v as the first Tk positions of a
@@ -87,8 +87,14 @@ struct AttnParams {
   // position), through seg_lo / seg_hi.
   int window;
   int norm_plus_one;  // 1: q_norm, k_norm are Gemma's f32 offsets w, the gains 1 + w in f32
+  // Gemma 2's cap on the scores, c tanh(s / c) after the scale and before the mask, given as
+  // C = c log2(e) (SoftCap says why) and 1 / C, both 0 for none: the host divides, so that no
+  // kernel carries a division's slow-path call (whose saved registers spilled). Read by every
+  // kernel that scores.
+  float softcap_log2;
+  float softcap_inv_log2;
 };
-static_assert(sizeof(AttnParams) == 256, "AttnParams: keep in step with the Rust mirror");
+static_assert(sizeof(AttnParams) == 264, "AttnParams: keep in step with the Rust mirror");
 static_assert(alignof(AttnParams) == 8, "AttnParams: keep in step with the Rust mirror");
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -102,6 +108,33 @@ static __device__ __forceinline__ float warp_max(float x) {
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
 }
+
+// Gemma 2's soft cap on the scores, applied in the log2 domain the kernels score in: a cap c
+// on a score s, c tanh(s / c), is on x = s log2(e) the same map with C = c log2(e), so every
+// kernel caps its x with C = AttnParams::softcap_log2 (0: no cap) before masking. tanh(y) is
+// 1 - 2 / (2^(2 y log2(e)) + 1): one exp2 and one reciprocal, 1 - 2 / inf = 1 at the far end,
+// off by an ulp of 1 absolutely near 0 (4e-6 on x for Gemma 2's c = 50), where a relative
+// bound is not needed: x is what the softmax reads. Its slope dx'/dx = 1 - (x' / C)^2 comes
+// from the capped x' (the backward recovers x' from P where it no longer holds it). The
+// reciprocal is the approximate one (__fdividef: 2 ulp, and 0 for an infinite divisor).
+struct SoftCap {
+  float c;    // C, or 0
+  float inv;  // 1 / C, or 0
+  __device__ __forceinline__ explicit SoftCap(const AttnParams &p)
+      : c(p.softcap_log2), inv(p.softcap_inv_log2) {}
+  __device__ __forceinline__ bool on() const { return c > 0.f; }
+  // C tanh(x / C); x itself without a cap.
+  __device__ __forceinline__ float operator()(float x) const {
+    if (!on()) return x;
+    return c * (1.f - __fdividef(2.f, exp2f(x * inv * (2.f * kLog2e)) + 1.f));
+  }
+  // dx'/dx at the capped x' = C tanh(x / C): 1 - (x' / C)^2; 1 without a cap.
+  __device__ __forceinline__ float slope(float capped) const {
+    if (!on()) return 1.f;
+    const float t = capped * inv;
+    return 1.f - t * t;
+  }
+};
 
 // Key range of sequence b: [lo, hi) holds every valid key; dense says no invalid key sits
 // inside it. Without a mask the whole cache is valid.

@@ -4,6 +4,8 @@
 // Shared conventions are in attention.cuh. With P = exp(S - lse) recomputed per tile:
 //   D_i = rowsum(dO * O)_i (attn_bwd_dot, first), dP = dO V^T, dS = P (dP - D),
 //   dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO.
+// Under a soft cap (SoftCap in attention.cuh) P is of the capped scores and dS takes the cap's
+// slope as well: dS = P (dP - D) (1 - tanh^2).
 //
 // Two implementations, chosen by src/kernels/cuda/attention.rs like the forward's:
 //
@@ -59,7 +61,7 @@ static __device__ void bwd_dq_simple(const T *__restrict__ q, const T *__restric
                                      const int *__restrict__ krange,
                                      const Band band, T *__restrict__ dq, int Hq,
                                      int Hkv, int Tq, int Tk, int D, int causal, int offset,
-                                     float scale_log2, float scale) {
+                                     float scale_log2, float scale, const SoftCap cap) {
   constexpr int DMAX = 32 * DPL;
   __shared__ float ks[kSimpleKT * (DMAX + 1)];
   __shared__ float vs[kSimpleKT * (DMAX + 1)];
@@ -129,8 +131,9 @@ static __device__ void bwd_dq_simple(const T *__restrict__ q, const T *__restric
           s = fmaf(qw[d], kr_[d], s);
           dp = fmaf(dow[d], vr_[d], dp);
         }
+        s = cap(s);
         const float p = exp2f(s - lse2);
-        ds = p * (dp - dr);
+        ds = p * (dp - dr) * cap.slope(s);
       }
       for (int jj = 0; jj < kSimpleKT; ++jj) {
         const float dsj = __shfl_sync(0xffffffffu, ds, jj);
@@ -163,7 +166,8 @@ static __device__ void bwd_dkdv_simple(const T *__restrict__ q, const T *__restr
                                        const int *__restrict__ krange,
                                        const Band band, T *__restrict__ dk,
                                        T *__restrict__ dv, int Hq, int Hkv, int Tq, int Tk, int D,
-                                       int causal, int offset, float scale_log2, float scale) {
+                                       int causal, int offset, float scale_log2, float scale,
+                                       const SoftCap cap) {
   constexpr int DMAX = 32 * DPL;
   __shared__ float qs[kSimpleKT * (DMAX + 1)];
   __shared__ float dos[kSimpleKT * (DMAX + 1)];
@@ -235,8 +239,9 @@ static __device__ void bwd_dkdv_simple(const T *__restrict__ q, const T *__restr
           s = fmaf(qr_[d], kwr[d], s);
           dp = fmaf(gr_[d], vwr[d], dp);
         }
-        p = exp2f(s * scale_log2 - lse2s[lane]);
-        ds = p * (dp - dvs[lane]);
+        const float x = cap(s * scale_log2);
+        p = exp2f(x - lse2s[lane]);
+        ds = p * (dp - dvs[lane]) * cap.slope(x);
       }
       // Not unrolled: the uniform skip below ends each iteration's block anyway, and an
       // unrolled loop let ptxas hoist shared-memory loads across iterations, which at DPL=2
@@ -293,7 +298,7 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
                                const Band band, T *__restrict__ dk,
                                T *__restrict__ dv, float *__restrict__ dq_acc,
                                int Hq, int Hkv, int Tq, int Tk, int causal, int offset,
-                               float scale_log2, float scale) {
+                               float scale_log2, float scale, const SoftCap cap) {
   using Tiles = MmaBwdTraits<D, W>;
   constexpr int BQ = Tiles::kBlockQ, BK = Tiles::kBlockK, NT = Tiles::kThreads;
   constexpr int SPLIT = Tiles::kSplit;  // warps a 16-key tile
@@ -441,7 +446,7 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
           const int j = e < 2 ? jA : jB;
           const bool vis = (e < 2 ? validA : validB) && i < (e < 2 ? endA : endB) &&
                            (!causal || j <= offset + i);
-          sT[n][e] = vis ? exp2_ftz(sT[n][e] * scale_log2 - sLs[col]) : 0.f;
+          sT[n][e] = vis ? exp2_ftz(cap(sT[n][e] * scale_log2) - sLs[col]) : 0.f;
         }
       }
     }
@@ -465,13 +470,17 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
           else sT[n][e] = x;
         }
     }
-    // dS^T = P^T (dP^T - D): dpT becomes dS^T.
+    // dS^T = P^T (dP^T - D): dpT becomes dS^T. Under a cap, times its slope at the capped
+    // score, which is log2(P) + lse (in the log2 domain): recovered from P rather than kept
+    // beside it in registers (or, for the second warp of a pair, swapped through sX too).
 #pragma unroll
     for (int n = 0; n < NBQ; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = n * 8 + c4 * 2 + (e & 1);
-        dpT[n][e] = sT[n][e] * (dpT[n][e] - sDvs[col]);
+        float ds = sT[n][e] * (dpT[n][e] - sDvs[col]);
+        if (cap.on() && sT[n][e] > 0.f) ds *= cap.slope(__log2f(sT[n][e]) + sLs[col]);
+        dpT[n][e] = ds;
       }
     }
 
@@ -582,14 +591,15 @@ using namespace temper::attn;
                              static_cast<const T *>(p.v), static_cast<const T *>(p.dout),      \
                              p.lse, p.dvec, p.kvalid, p.krange, band_of(p),                   \
                              static_cast<T *>(p.dq), p.hq, p.hkv, p.tq, p.tk, p.d, p.causal,   \
-                             p.offset, p.scale_log2, p.scale)
+                             p.offset, p.scale_log2, p.scale, SoftCap(p))
 
 #define BWD_DKDV_SIMPLE_CALL(T, DPL, SEG)                                                      \
   bwd_dkdv_simple<T, DPL, SEG>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),       \
                                static_cast<const T *>(p.v), static_cast<const T *>(p.dout),    \
                                p.lse, p.dvec, p.kvalid, p.krange, band_of(p),                   \
                                static_cast<T *>(p.dk), static_cast<T *>(p.dv), p.hq, p.hkv,    \
-                               p.tq, p.tk, p.d, p.causal, p.offset, p.scale_log2, p.scale)
+                               p.tq, p.tk, p.d, p.causal, p.offset, p.scale_log2, p.scale,     \
+                               SoftCap(p))
 
 // attn_bwd_*_simple_seg_*: packed rows or a sliding window.
 #define BWD_SIMPLE_ENTRY(T, SUF, DPL)                                                          \
@@ -633,7 +643,7 @@ BWD_DTYPE(__half, f16)
                    p.kvalid, p.krange, band_of(p), static_cast<T *>(p.dk),                      \
                    static_cast<T *>(p.dv),                                                     \
                    p.dq_acc, p.hq, p.hkv, p.tq, p.tk, p.causal, p.offset, p.scale_log2,        \
-                   p.scale)
+                   p.scale, SoftCap(p))
 
 // attn_bwd_mma_*: 64-key blocks of 4 warps; attn_bwd_mma2_*: 128-key blocks of 8 warps.
 #define BWD_MMA_ENTRY(T, SUF, D)                                                               \

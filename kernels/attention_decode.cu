@@ -179,6 +179,7 @@ static __device__ void decode(const AttnParams &p) {
   int row_hi[R], row_lo[R];
   int hi = kr.lo, lo = kr.hi;
   const int window = FRESH ? 0 : p.window;
+  const SoftCap softcap(p);
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     row_hi[r] = kr.lo;  // an absent row sees nothing
@@ -250,7 +251,7 @@ static __device__ void decode(const AttnParams &p) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       if (r >= rows) continue;  // the same for the whole block: the shuffles stay converged
-      const float s = group_dot<L>(qf[r], kf);
+      const float s = softcap(group_dot<L>(qf[r], kf));
       // The state is empty: folding one key in gives m = s, l = 2^0, acc = v.
       if (first && key_ok && fresh_j < row_hi[r]) {
         m[r] = s;
@@ -297,7 +298,7 @@ static __device__ void decode(const AttnParams &p) {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         if (r >= rows) continue;  // the same for the whole block: the shuffles stay converged
-        float s = group_dot<L>(qf[r], kf);
+        float s = softcap(group_dot<L>(qf[r], kf));
         const bool vis = valid[u] && j[u] < row_hi[r] && (window == 0 || j[u] >= row_lo[r]);
         if (!vis) s = neg_inf();
         const float m_new = fmaxf(m[r], s);

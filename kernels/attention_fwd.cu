@@ -54,7 +54,7 @@ static __device__ void fwd_simple(const T *__restrict__ q, const T *__restrict__
                                   const int *__restrict__ krange, float *__restrict__ opart,
                                   float *__restrict__ lsepart, const Band band,
                                   int Hq, int Hkv, int Tq, int Tk, int KvCap, int D, int causal,
-                                  int offset, float scale_log2) {
+                                  int offset, float scale_log2, const SoftCap cap) {
   constexpr int DMAX = 32 * DPL;
   // +1 word per key row: lane j reads row j at the same d, which would otherwise be a
   // 32-way bank conflict when DMAX is a multiple of 32.
@@ -122,6 +122,7 @@ static __device__ void fwd_simple(const T *__restrict__ q, const T *__restrict__
         s = 0.f;
         const float *kr_ = ks + lane * (DMAX + 1);
         for (int d = 0; d < D; ++d) s = fmaf(qw[d], kr_[d], s);
+        s = cap(s);
       }
       const float m_new = fmaxf(m, warp_max(s));
       // All keys so far masked: keep the reference at 0 so that -inf - -inf never appears.
@@ -175,7 +176,7 @@ static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
                                float *__restrict__ lse, const float *__restrict__ kvalid,
                                const int *__restrict__ krange, const Band band,
                                int Hq, int Hkv, int Tq, int Tk, int causal, int offset,
-                               float scale_log2) {
+                               float scale_log2, const SoftCap cap) {
   using Tiles = MmaFwdTraits<D, MT>;
   constexpr int BQ = Tiles::kBlockQ, BK = Tiles::kBlockK, NT = Tiles::kThreads;
   constexpr int KSTEPS = D / 16;  // k-steps of S = Q K^T
@@ -316,7 +317,7 @@ static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
       for (int n = 0; n < NBK; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          float x = s[mt][n][e] * scale_log2;
+          float x = cap(s[mt][n][e] * scale_log2);
           if (need_mask) {
             const int jj = n * 8 + c4 * 2 + (e & 1);
             const int j = k0 + jj;
@@ -437,7 +438,8 @@ using namespace temper::attn;
     fwd_simple<T, DPL, SEG>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),         \
                        static_cast<const T *>(p.v), static_cast<T *>(p.o), p.lse, p.kvalid,   \
                        p.krange, p.opart, p.lsepart, band_of(p), p.hq, p.hkv, p.tq, p.tk,    \
-                       p.kv_cap > 0 ? p.kv_cap : p.tk, p.d, p.causal, p.offset, p.scale_log2)
+                       p.kv_cap > 0 ? p.kv_cap : p.tk, p.d, p.causal, p.offset, p.scale_log2, \
+                       SoftCap(p))
 
 #define FWD_SIMPLE_ENTRY(T, SUF, DPL)                                                         \
   extern "C" __global__ void __launch_bounds__(256)                                           \
@@ -465,7 +467,7 @@ FWD_SIMPLE_DTYPE(__half, f16)
   fwd_mma<T, D, MT>(static_cast<const T *>(p.q), static_cast<const T *>(p.k),                  \
                     static_cast<const T *>(p.v), static_cast<T *>(p.o), p.lse, p.kvalid,       \
                     p.krange, band_of(p), p.hq, p.hkv, p.tq, p.tk, p.causal, p.offset,        \
-                    p.scale_log2)
+                    p.scale_log2, SoftCap(p))
 
 // attn_fwd_mma_*: 64-row blocks (one mma tile per warp); attn_fwd_mma2_*: 128-row blocks.
 #define FWD_MMA_ENTRY(T, SUF, D)                                                               \

@@ -6,6 +6,9 @@
 //   forward:  one pass, online max and sum (m, s): logp = x[t] - (m + log s); lse saved
 //   backward: dx_j = g * ([j == t] - exp(x_j - lse)); rows with g == 0 write zeros
 // A target outside the vocabulary gives logp = NaN, which stops training with a clear error.
+// Every formula reads the shaped logit y = shape(x) (LogprobsParams::cap, inv_temp), and the
+// backward's dx_j is dy_j times shape'(x_j) = inv_temp (1 - tanh^2(x_j / cap)), or inv_temp
+// without a cap: the capped f32 [rows, vocab] tensor never exists either.
 // Where asked (entropy non-null), the same pass gives the softmax's entropy: the running
 // triple (m, s, u) adds u = sum exp(x - m) (x - m), so H = log s - u / s, every term measured
 // from the max (no cancellation at logits of large magnitude); its gradient term is
@@ -66,6 +69,18 @@ __device__ __forceinline__ void add_chunk(Stats &a, const float (&v)[E], float c
   }
 }
 
+// The logit the softmax reads (see LogprobsParams::cap).
+__device__ __forceinline__ float shaped(float x, const LogprobsParams &p) {
+  return (p.cap > 0.f ? p.cap * tanhf(x / p.cap) : x) * p.inv_temp;
+}
+
+// d shaped(x) / dx.
+__device__ __forceinline__ float shaped_slope(float x, const LogprobsParams &p) {
+  if (p.cap <= 0.f) return p.inv_temp;
+  const float t = tanhf(x / p.cap);
+  return p.inv_temp * (1.f - t * t);
+}
+
 __device__ __forceinline__ Stats shuffle_merge(Stats a) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
@@ -98,7 +113,8 @@ __device__ void finish_row(Stats a, const T *x, int row, const LogprobsParams &p
       const float lse = a.m + log_s;
       const unsigned int t = p.targets[row];
       p.lse[row] = lse;
-      p.logp[row] = t < (unsigned int)p.vocab ? to_f32(x[t]) - lse : __int_as_float(0x7fc00000);
+      p.logp[row] = t < (unsigned int)p.vocab ? shaped(to_f32(x[t]), p) - lse
+                                              : __int_as_float(0x7fc00000);
       if (p.entropy != nullptr) p.entropy[row] = log_s - a.u / a.s;
     }
   }
@@ -109,7 +125,7 @@ template <typename T> __device__ void forward(const LogprobsParams &p) {
   const T *x = static_cast<const T *>(p.logits) + (size_t)row * p.vocab;
   Stats a{-INFINITY, 0.f, 0.f};
   for (int j = threadIdx.x; j < p.vocab; j += blockDim.x) {
-    const float v[1] = {to_f32(x[j])};
+    const float v[1] = {shaped(to_f32(x[j]), p)};
     add_chunk<1>(a, v, v[0]);
   }
   finish_row<T>(a, x, row, p);
@@ -132,7 +148,7 @@ template <typename T> __device__ void forward_vec(const LogprobsParams &p) {
     float cm = -INFINITY;
 #pragma unroll
     for (int i = 0; i < E; ++i) {
-      v[i] = to_f32(w.v[i]);
+      v[i] = shaped(to_f32(w.v[i]), p);
       cm = fmaxf(cm, v[i]);
     }
     add_chunk<E>(a, v, cm);
@@ -154,11 +170,12 @@ __device__ __forceinline__ RowGrad row_grad(const LogprobsParams &p, int row) {
 }
 
 // dx_j for logit x at index j.
-__device__ __forceinline__ float grad_at(const RowGrad &r, unsigned int j, float x) {
-  const float z = x - r.lse, pj = expf(z);
+__device__ __forceinline__ float grad_at(const RowGrad &r, unsigned int j, float x,
+                                         const LogprobsParams &p) {
+  const float z = shaped(x, p) - r.lse, pj = expf(z);
   float d = r.g * ((j == r.t ? 1.f : 0.f) - pj);
   if (r.gh != 0.f && pj > 0.f) d -= r.gh * pj * (z + r.h);
-  return d;
+  return d * shaped_slope(x, p);
 }
 
 template <typename T> __device__ void backward(const LogprobsParams &p) {
@@ -168,7 +185,7 @@ template <typename T> __device__ void backward(const LogprobsParams &p) {
   const RowGrad r = row_grad(p, row);
   const bool live = r.g != 0.f || r.gh != 0.f;
   for (int j = threadIdx.x; j < p.vocab; j += blockDim.x) {
-    const float d = live ? grad_at(r, (unsigned int)j, to_f32(x[j])) : 0.f;
+    const float d = live ? grad_at(r, (unsigned int)j, to_f32(x[j]), p) : 0.f;
     dx[j] = from_f32<T>(d);
   }
 }
@@ -192,7 +209,7 @@ template <typename T> __device__ void backward_vec(const LogprobsParams &p) {
 #pragma unroll
       for (int i = 0; i < E; ++i) {
         const unsigned int j = (unsigned int)(c * E + i);
-        o.v[i] = from_f32<T>(grad_at(r, j, to_f32(a.v[i])));
+        o.v[i] = from_f32<T>(grad_at(r, j, to_f32(a.v[i]), p));
       }
     } else {
 #pragma unroll

@@ -20,6 +20,10 @@ struct LogprobsParams {
   const float *dentropy;         // [rows]
   int rows;
   int vocab;
+  // Each logit x is shaped before the softmax into (cap > 0 ? cap tanh(x / cap) : x) * inv_temp:
+  // Gemma 2's soft cap, then a sampling temperature. cap 0 and inv_temp 1 leave x as it is.
+  float cap;
+  float inv_temp;
 };
-static_assert(sizeof(LogprobsParams) == 72, "LogprobsParams: keep in step with the Rust mirror");
+static_assert(sizeof(LogprobsParams) == 80, "LogprobsParams: keep in step with the Rust mirror");
 static_assert(alignof(LogprobsParams) == 8, "LogprobsParams: keep in step with the Rust mirror");

@@ -14,6 +14,11 @@ so scripts/gpu-check.sh can put ours and theirs in one table:
   FlexAttention compiled with that mask as its block mask (PyTorch's own way to train on
   packed documents), and, for scale, SDPA flash causal over the whole rows (what ignoring the
   documents costs): fwd and fwd+bwd ms and TFLOP/s over the visible pairs, 4·B·H·D·Σ n(n+1)/2.
+- attention_softcap: Gemma 2's capped scores (50 tanh(s / 50)), causal bf16, at Gemma 2 2B's
+  heads (8 query heads on 4 kv heads, D=256), B=4 S=2048: transformers' eager Gemma 2
+  attention (repeat the kv heads, scores materialised and capped, causal mask, f32 softmax:
+  what transformers runs Gemma 2 with by default) and FlexAttention compiled with the cap as
+  its score modifier and a causal block mask; fwd and fwd+bwd ms and TFLOP/s (causal FLOPs).
 - lora: the plain GEMM x W^T and unfused LoRA (x W^T + s (x A^T) B^T, W frozen), fwd and
   fwd+bwd milliseconds, r=16 M=8192 K=N=4096 and r=8 M=4096 K=N=768: the two yardsticks
   scripts/gpu-check.sh divides temper's fused LoRA by.
@@ -35,7 +40,8 @@ call their backward kernels: no scalar loss, and no `.grad` accumulation (which 
 elementwise pass per input to every repeat after the first).
 
 Usage: python3 scripts/bench_peers.py [--quick] [SECTION ...]   (sections: device copy
-attention attention_packed lora rmsnorm gae allreduce train_ops; default all). scripts/gpu-check.sh runs one section per process, each under
+attention attention_packed attention_softcap lora rmsnorm gae allreduce train_ops; default
+all). scripts/gpu-check.sh runs one section per process, each under
 its own timeout.
 """
 
@@ -157,6 +163,55 @@ def attention_packed():
 
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         measure("torch-flash-causal", lambda qq, kk, vv: F.scaled_dot_product_attention(qq, kk, vv, is_causal=True))
+
+
+def attention_softcap():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    b, hq, hkv, s, d, cap = 4, 8, 4, 2048, 256, 50.0
+    shape = f"softcap B{b} Hq{hq} Hkv{hkv} S{s} D{d}"
+    fwd_flops = 4 * b * hq * s * s * d / 2
+    scale = d ** -0.5
+    q, dy = (torch.randn(b, hq, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(b, hkv, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    causal = torch.full((s, s), float("-inf"), device="cuda", dtype=torch.bfloat16).triu(1)
+
+    def eager(qq, kk, vv):
+        # transformers' Gemma 2 eager attention: its default for Gemma 2.
+        kk, vv = (x.repeat_interleave(hq // hkv, dim=1) for x in (kk, vv))
+        w = (qq @ kk.transpose(-1, -2)) * scale
+        w = torch.tanh(w / cap) * cap + causal
+        w = w.softmax(-1, dtype=torch.float32).to(qq.dtype)
+        return w @ vv
+
+    def capped(score, bb, hh, qi, ki):
+        return cap * torch.tanh(score / cap)
+
+    def is_causal(bb, hh, qi, ki):
+        return qi >= ki
+
+    mask = create_block_mask(is_causal, B=None, H=None, Q_LEN=s, KV_LEN=s, device="cuda")
+    flex = torch.compile(flex_attention)
+
+    def flexed(qq, kk, vv):
+        return flex(qq, kk, vv, score_mod=capped, block_mask=mask, scale=scale, enable_gqa=True)
+
+    for name, attend in [("torch-eager", eager), ("torch-flex", flexed)]:
+        try:
+            fwd = time_ms(lambda: attend(q, k, v))
+
+            def both():
+                torch.autograd.grad(attend(qg, kg, vg), (qg, kg, vg), dy)
+
+            fb = time_ms(both)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+            emit(bench="attention_softcap", shape=shape, impl=name, error=str(e).splitlines()[0])
+            continue
+        emit(bench="attention_softcap", shape=shape, impl=name, pass_="fwd", ms=fwd,
+             tflops=fwd_flops / fwd / 1e9)
+        emit(bench="attention_softcap", shape=shape, impl=name, pass_="fwd+bwd", ms=fb,
+             tflops=3.5 * fwd_flops / fb / 1e9)
 
 
 def lora():
@@ -415,6 +470,7 @@ def main():
         ),
         "copy": copy_bandwidth,
         "attention": attention,
+        "attention_softcap": attention_softcap,
         "attention_packed": attention_packed,
         "lora": lora,
         "rmsnorm": rmsnorm,

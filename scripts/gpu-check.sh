@@ -59,7 +59,7 @@ PART_1=('test-.*' train-torch-eager bench-generate peer-generate bench-attention
   bench-lora peer-lora)
 PART_2=(ppo-init ppo-update gpt2-loss ncu-step ncu-decode bench-generate-timed train-attn-wide
   train-gemm-timed train-recompute ncu-lora ncu-attention bench-attention-packed
-  peer-attention-packed)
+  peer-attention-packed bench-attention-softcap peer-attention-softcap)
 PART_3=(train-torch-compile train-graph bench-generate-fixed bench-generate-dynamic
   bench-generate-qwen3 peer-generate-qwen3 bench-generate-penalty peer-generate-penalty
   bench-train_ops peer-train_ops bench-rmsnorm peer-rmsnorm bench-gae peer-gae bench-allreduce
@@ -350,6 +350,12 @@ if has bench-attention; then
   section bench-attention-packed 90 env TEMPER_BENCH_PACKED=1 "$BUNDLE" bench-attention --bench
 fi
 section peer-attention-packed 180 python3 scripts/bench_peers.py attention_packed
+# Gemma 2's capped scores: our kernels against transformers' eager Gemma 2 attention and
+# FlexAttention with the cap as its score modifier.
+if has bench-attention; then
+  section bench-attention-softcap 90 env TEMPER_BENCH_SOFTCAP=1 "$BUNDLE" bench-attention --bench
+fi
+section peer-attention-softcap 180 python3 scripts/bench_peers.py attention_softcap
 
 # --- the rest, as time allows, most useful first: the step with the wide attention tiles and
 # with cuBLASLt's candidates timed, the LoRA and attention profiles, torch.compile's step, the

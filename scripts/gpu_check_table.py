@@ -189,6 +189,16 @@ for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention_pa
             theirs = pick(bench="attention_packed", shape=shape, impl=peer, **{"pass": p}).get("ms")
             row("attention, document mask", shape, f"{p} ms", ours_ms, peer, theirs, note)
 
+# Gemma 2's capped scores: ours against transformers' eager Gemma 2 attention and FlexAttention
+# with the cap as its score modifier.
+for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention_softcap"}):
+    note = sec_state("bench-attention-softcap", "peer-attention-softcap")
+    for p in ["fwd", "fwd+bwd"]:
+        ours_ms = pick(bench="attention_softcap", shape=shape, impl="ours", **{"pass": p}).get("ms")
+        for peer in ["torch-eager", "torch-flex"]:
+            theirs = pick(bench="attention_softcap", shape=shape, impl=peer, **{"pass": p}).get("ms")
+            row("attention, soft cap (Gemma 2)", shape, f"{p} ms", ours_ms, peer, theirs, note)
+
 # Attention decode: time against SDPA, and bytes of keys and values per second against copy.
 for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention_decode"}):
     note = sec_state("bench-attention", "peer-attention")

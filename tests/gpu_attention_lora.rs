@@ -79,6 +79,8 @@ mod gpu {
         pad: Pad,
         /// A sliding window (causal cases only).
         window: Option<usize>,
+        /// Gemma 2's cap on the scores.
+        softcap: Option<f64>,
     }
 
     const fn case(
@@ -97,6 +99,14 @@ mod gpu {
             causal,
             pad,
             window: None,
+            softcap: None,
+        }
+    }
+
+    const fn capped(c: Case, cap: f64) -> Case {
+        Case {
+            softcap: Some(cap),
+            ..c
         }
     }
 
@@ -140,6 +150,17 @@ mod gpu {
         case((2, 8, 4), (5, 300, 256), Some(295), Pad::None),
         case((2, 2, 2), (70, 130, 256), None, Pad::Holes),
         windowed(case((2, 4, 1), (150, 150, 256), Some(0), Pad::Right), 40),
+        // Gemma 2's soft cap, where it bites (scores of about unit size): the tensor cores'
+        // forward and backward, the decode stream split over a long cache, the CUDA-core
+        // kernels at an odd head dim, a window at head dim 256.
+        capped(case((3, 4, 1), (77, 77, 64), Some(0), Pad::Right), 1.0),
+        capped(case((2, 2, 2), (130, 130, 128), None, Pad::Holes), 0.7),
+        capped(case((1, 8, 2), (1, 1000, 128), Some(999), Pad::Left), 1.0),
+        capped(case((2, 6, 3), (97, 97, 96), Some(0), Pad::Left), 0.8),
+        capped(
+            windowed(case((2, 4, 1), (150, 150, 256), Some(0), Pad::Right), 40),
+            1.0,
+        ),
     ];
 
     /// `[B, Tk]` validity: heavy padding (down to a handful of valid keys), or none.
@@ -236,12 +257,14 @@ mod gpu {
                     key_valid: inp.valid.as_ref().map(|v| &v.0),
                     segments: None,
                     window: c.window,
+                    softcap: c.softcap,
                 };
                 let mask_c = AttnMask {
                     causal_offset: c.causal,
                     key_valid: inp.valid.as_ref().map(|v| &v.1),
                     segments: None,
                     window: c.window,
+                    softcap: c.softcap,
                 };
                 let y_ref =
                     attention::attention_reference(&inp.q.1, &inp.k.1, &inp.v.1, &mask_c, scale)
@@ -276,6 +299,7 @@ mod gpu {
                     key_valid: inp.valid.as_ref().map(|v| &v.1),
                     segments: None,
                     window: c.window,
+                    softcap: c.softcap,
                 };
                 let (qc, kc, vc) = (
                     Var::from_tensor(&inp.q.1).unwrap(),
@@ -300,6 +324,7 @@ mod gpu {
                         key_valid: inp.valid.as_ref().map(|v| &v.0),
                         segments: None,
                         window: c.window,
+                        softcap: c.softcap,
                     };
                     let y = attention_with(&qg, &kg, &vg, &mask_g, scale, imp)
                         .unwrap()
@@ -367,6 +392,7 @@ mod gpu {
                     key_valid: None,
                     segments: Some(&segments),
                     window: None,
+                    softcap: None,
                 };
                 let scale = 1.0 / (c.d as f64).sqrt();
                 let vars = |x: &(Tensor, Tensor), on_gpu: bool| {
@@ -423,12 +449,14 @@ mod gpu {
             key_valid: inp.valid.as_ref().map(|v| &v.0),
             segments: None,
             window: None,
+            softcap: None,
         };
         let mask_c = AttnMask {
             causal_offset: c.causal,
             key_valid: inp.valid.as_ref().map(|v| &v.1),
             segments: None,
             window: None,
+            softcap: None,
         };
         let y = attention::attention(
             &inp.q.0,

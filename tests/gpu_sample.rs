@@ -256,6 +256,7 @@ mod gpu {
                         key_valid: Some(&cpu_valid),
                         segments: None,
                         window: None,
+                        softcap: None,
                     };
                     let want =
                         attention_reference(&host(&q), &host(&k), &host(&v), &cpu_mask, 0.125)
@@ -265,6 +266,7 @@ mod gpu {
                         key_valid: Some(&valid),
                         segments: None,
                         window: None,
+                        softcap: None,
                     };
                     for imp in [AttnImpl::Auto, AttnImpl::Simple] {
                         let ctx = format!(
@@ -509,7 +511,8 @@ mod gpu {
     /// Llama-style GQA with rotation and a padded mask, the first position, a batch of one
     /// whose keys split across blocks; Qwen3's per-head norms of q and k (with and without
     /// rotation, split and not); Gemma 3's head dim 256 with its norms' f32 offsets (four query
-    /// heads on one kv head, and split), and Gemma 2's without norms.
+    /// heads on one kv head, and split), and Gemma 2's without norms; each shape also under
+    /// Gemma 2's cap on the scores.
     pub fn fused_decode_step_matches_qkv_write_then_attention(dev: &Device) {
         let (mut rng, seed) = Rng::fresh(0xF5E);
         // (B, Hq, Hkv, cap, L, D, rope, norm)
@@ -526,12 +529,17 @@ mod gpu {
             (1, 4, 1, 1300, 1250, 256, true, plus_one),
             (4, 8, 4, 200, 150, 256, true, none),
         ];
-        for &(b, hq, hkv, cap, len, d, rope, gain) in &shapes {
+        // Every shape plain and under Gemma 2's cap on the scores (one that bites: the scores
+        // here reach several units).
+        let runs = shapes
+            .iter()
+            .flat_map(|&shape| [(shape, None), (shape, Some(1.5))]);
+        for ((b, hq, hkv, cap, len, d, rope, gain), softcap) in runs {
             let norm = gain.is_some();
             for dtype in [DType::BF16, DType::F16] {
                 let ctx = format!(
                     "seed {seed:#x}, {dtype:?}, B {b} Hq {hq} Hkv {hkv} cap {cap} L {len} D {d} \
-                     rope {rope} norm {norm}"
+                     rope {rope} norm {norm} softcap {softcap:?}"
                 );
                 let width = (hq + 2 * hkv) * d;
                 let make = |n: usize, shape: &[usize], rng: &mut Rng| {
@@ -575,6 +583,7 @@ mod gpu {
                     key_valid: Some(&valid),
                     segments: None,
                     window: None,
+                    softcap,
                 };
                 let step = Tensor::new(&[len as i64, 3], dev).unwrap();
                 let scale = 1.0 / (d as f64).sqrt();

@@ -205,11 +205,13 @@ mod adamw {
 
 gpu_test!(logprobs::logprobs_kernel_matches_reference);
 gpu_test!(logprobs::logprobs_entropy_kernel_matches_reference);
+gpu_test!(logprobs::shaped_logprobs_kernel_matches_reference);
 
 #[cfg(feature = "cuda")]
 mod logprobs {
     use candle_core::{DType, Device, Tensor, Var};
     use temper::kernels::logprobs::{fused, fused_entropy, reference, reference_entropy};
+    use temper::kernels::logprobs::{fused_pair, Shaping};
 
     use super::common::gpu::{assert_close, grad_tol, tol, Rng};
 
@@ -263,6 +265,65 @@ mod logprobs {
                     tol(dtype),
                     grad_tol(dtype),
                 );
+            }
+        }
+    }
+
+    /// Over shaped logits (Gemma 2's cap of 30 on logits reaching 40, then a temperature; a
+    /// temperature alone), the kernels' log-probabilities, entropies and gradient against the
+    /// reference composite over `Shaping::reference`, scalar and 16-byte entry points.
+    pub fn shaped_logprobs_kernel_matches_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0x10b7);
+        let shapings = [
+            Shaping {
+                softcap: Some(30.0),
+                temperature: 0.7,
+            },
+            Shaping {
+                softcap: None,
+                temperature: 1.3,
+            },
+        ];
+        for &(rows, vocab) in &[(17usize, 37usize), (5, 50257), (9, 50304)] {
+            for dtype in [DType::F32, DType::BF16] {
+                for shaping in shapings {
+                    let x = rng.vec(rows * vocab, -40.0, 40.0);
+                    let x = Tensor::from_vec(x, (rows, vocab), dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                    let t: Vec<u32> = (0..rows).map(|_| rng.below(vocab) as u32).collect();
+                    let t = Tensor::from_vec(t, rows, dev).unwrap();
+                    let w_lp = Tensor::from_vec(rng.vec(rows, -1.0, 1.0), rows, dev).unwrap();
+                    let w_h = Tensor::from_vec(rng.vec(rows, -1.0, 1.0), rows, dev).unwrap();
+                    let run = |f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Pair>| {
+                        let v = Var::from_tensor(&x).unwrap();
+                        let (lp, h) = f(v.as_tensor(), &t).unwrap();
+                        let loss = ((&lp * &w_lp).unwrap().sum_all().unwrap()
+                            + (&h * &w_h).unwrap().sum_all().unwrap())
+                        .unwrap();
+                        let g = loss.backward().unwrap();
+                        (lp, h, g.get(v.as_tensor()).unwrap().clone())
+                    };
+                    let (lp_k, h_k, dx_k) = run(&|x, t| fused_pair(x, t, shaping));
+                    let (lp_r, h_r, dx_r) = run(&|x, t| {
+                        let y = shaping.reference(x)?;
+                        Ok((reference(&y, t)?, reference_entropy(&y)?))
+                    });
+                    let what = |s: &str| {
+                        format!("seed {seed:#x} {rows}x{vocab} {dtype:?} {shaping:?} {s}")
+                    };
+                    let f32_tol = tol(DType::F32) * 10.0;
+                    assert_close(&what("logp"), &lp_k, &lp_r, f32_tol, (1e-4, 1e-4));
+                    assert_close(&what("entropy"), &h_k, &h_r, f32_tol, (1e-4, 1e-4));
+                    assert_close(
+                        &what("dlogits"),
+                        &dx_k,
+                        &dx_r.to_dtype(dtype).unwrap(),
+                        tol(dtype),
+                        grad_tol(dtype),
+                    );
+                }
             }
         }
     }
@@ -1235,14 +1296,25 @@ gpu_test!(loss_head::loss_head_with_entropy_matches_reference);
 #[cfg(feature = "cuda")]
 mod loss_head {
     use candle_core::{DType, Device, Tensor, Var};
-    use temper::kernels::logprobs::{head_logprobs, head_logprobs_entropy};
+    use temper::kernels::logprobs::{head_logprobs, head_logprobs_entropy, Head, Shaping};
     use temper::kernels::KernelChoice;
 
     use super::common::gpu::{assert_close, grad_tol, Rng};
 
     /// The fused head's entropies and the gradients of a mix of both outputs, against the
-    /// reference head's (logits, then the composite log-softmax and entropy).
+    /// reference head's (logits, then the composite log-softmax and entropy): plain logits,
+    /// and logits capped where the cap bites (1.5 on logits of about unit size) then tempered.
     pub fn loss_head_with_entropy_matches_reference(dev: &Device) {
+        let capped = Shaping {
+            softcap: Some(1.5),
+            temperature: 0.7,
+        };
+        for shaping in [Shaping::NONE, capped] {
+            shaped_head_matches_reference(dev, shaping);
+        }
+    }
+
+    fn shaped_head_matches_reference(dev: &Device, shaping: Shaping) {
         let (mut rng, seed) = Rng::fresh(0x10ae);
         let (b, t, k, v) = (3, 37, 768, 50304);
         let dtype = DType::BF16;
@@ -1261,9 +1333,12 @@ mod loss_head {
         let run = |choice: KernelChoice| {
             let hv = Var::from_tensor(&h).unwrap();
             let wv = Var::from_tensor(&w).unwrap();
+            let head = Head {
+                w: wv.as_tensor(),
+                shaping,
+            };
             let (lp, ent) =
-                head_logprobs_entropy(hv.as_tensor(), wv.as_tensor(), &targets, choice, choice)
-                    .unwrap();
+                head_logprobs_entropy(hv.as_tensor(), head, &targets, choice, choice).unwrap();
             let loss = ((&lp * &dy).unwrap().sum_all().unwrap()
                 + (&ent * &dh_up).unwrap().sum_all().unwrap())
             .unwrap();
@@ -1271,7 +1346,7 @@ mod loss_head {
             let dw = g.get(wv.as_tensor()).unwrap().clone();
             (lp, ent, g.get(hv.as_tensor()).unwrap().clone(), dw)
         };
-        let what = |s: &str| format!("seed {seed:#x} [{b},{t},{k}]x{v} {dtype:?} {s}");
+        let what = |s: &str| format!("seed {seed:#x} [{b},{t},{k}]x{v} {dtype:?} {shaping:?} {s}");
         let ours = run(KernelChoice::Custom);
         let refs = run(KernelChoice::Reference);
         assert_close(&what("logp"), &ours.0, &refs.0, 2e-3, (2e-3, 0.0));
@@ -1316,7 +1391,11 @@ mod loss_head {
                     } else {
                         wv.as_tensor().clone()
                     };
-                    let lp = head_logprobs(hv.as_tensor(), &wt, &targets, choice, choice).unwrap();
+                    let head = Head {
+                        w: &wt,
+                        shaping: Shaping::NONE,
+                    };
+                    let lp = head_logprobs(hv.as_tensor(), head, &targets, choice, choice).unwrap();
                     let g = (&lp * &dy).unwrap().sum_all().unwrap().backward().unwrap();
                     // The weight the op was handed: the variable, or the frozen tensor itself
                     // (a gradient the op returned for it would be stored under its id).

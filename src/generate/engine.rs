@@ -103,9 +103,7 @@ pub fn generate(
     // back from the query's true position, reaches the sliding layers as a key mask of its own
     // made from the device length (`KvCache::windowed`).
     let asked_fixed = cfg.engine.decode == DecodeMode::Fixed;
-    // Capped scores take the reference composite, whose mask is a host upload: no capture.
-    let graph =
-        replays_graph(cfg.engine.decode, &ctx, &dev) && net.cfg.attn_logit_softcapping.is_none();
+    let graph = replays_graph(cfg.engine.decode, &ctx, &dev);
     let fixed_shapes = graph || asked_fixed;
     let mut fixed: Option<StaticStep> = None;
     // One fixed-shape step (a graph replay where it can), counted.

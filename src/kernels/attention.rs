@@ -4,7 +4,8 @@
 //! Contract shared by the reference and the CUDA kernel: query `i` sits at absolute position
 //! `offset + i` and may see key `j` when `j <= offset + i` (if causal), `j > offset + i - w`
 //! (under a sliding window of `w`) and key `j` is valid; a query row that can see no key at
-//! all (a left-padding position) outputs zeros.
+//! all (a left-padding position) outputs zeros. Under a soft cap `c` (Gemma 2) each score `s`
+//! (after the scale) becomes `c tanh(s / c)` before the mask and the softmax.
 
 use candle_core::{DType, Result, Tensor, D};
 
@@ -25,6 +26,9 @@ pub struct AttnMask<'a> {
     /// Positions are key indices, so a left-padded row counts its padding, as transformers
     /// counts cache positions.
     pub window: Option<usize>,
+    /// Gemma 2's cap on the scores (`attn_logit_softcapping`): not a mask, but like one it is
+    /// part of which softmax a call computes, and it goes everywhere a mask goes.
+    pub softcap: Option<f64>,
 }
 
 impl AttnMask<'_> {
@@ -34,6 +38,16 @@ impl AttnMask<'_> {
             (Some(0), _) => candle_core::bail!("attention: a sliding window of 0 keys"),
             (Some(_), None) => {
                 candle_core::bail!("attention: a sliding window needs a causal mask")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A soft cap is a positive, finite number of score units.
+    pub fn check_softcap(&self) -> Result<()> {
+        match self.softcap {
+            Some(c) if !(c.is_finite() && c > 0.0) => {
+                candle_core::bail!("attention: a soft cap of {c} on the scores (it must be > 0)")
             }
             _ => Ok(()),
         }
@@ -198,39 +212,14 @@ pub fn allowed_mask(
     both(both(causal, keys)?, docs)
 }
 
+/// candle's composite in f32: the scores materialised, capped where the mask says, masked,
+/// softmaxed.
 pub fn attention_reference(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: &AttnMask,
     scale: f64,
-) -> Result<Tensor> {
-    capped_reference(q, k, v, mask, scale, None)
-}
-
-/// Attention whose scores are capped as `cap * tanh(s / cap)` after the scale and before the
-/// mask (Gemma 2's `attn_logit_softcapping`). The reference composite on every device, one op
-/// on the tape: no kernel of ours caps scores.
-pub fn attention_softcapped(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &AttnMask,
-    scale: f64,
-    cap: f64,
-) -> Result<Tensor> {
-    crate::tape::island(&[q, k, v], |a| {
-        capped_reference(&a[0], &a[1], &a[2], mask, scale, Some(cap))
-    })
-}
-
-fn capped_reference(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &AttnMask,
-    scale: f64,
-    cap: Option<f64>,
 ) -> Result<Tensor> {
     let (b, hq, tq, _) = q.dims4()?;
     let (_, hkv, tk, _) = k.dims4()?;
@@ -240,9 +229,10 @@ fn capped_reference(
     let dtype = q.dtype();
     let k = repeat_kv(&k.to_dtype(DType::F32)?, hq / hkv)?;
     let v = repeat_kv(&v.to_dtype(DType::F32)?, hq / hkv)?;
+    mask.check_softcap()?;
     let q = q.to_dtype(DType::F32)?;
     let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    if let Some(cap) = cap {
+    if let Some(cap) = mask.softcap {
         scores = ((scores / cap)?.tanh()? * cap)?;
     }
     let probs = match allowed_mask(mask, b, tq, tk, q.device())? {
@@ -270,6 +260,34 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// Under a cap `c` the softmax reads `c tanh(s / c)`: one query over three keys, by hand.
+    #[test]
+    fn a_soft_cap_bends_the_scores_before_the_softmax() {
+        let dev = Device::Cpu;
+        let q = Tensor::new(&[2.0f32], &dev).unwrap().reshape((1, 1, 1, 1));
+        let k = Tensor::new(&[-1.0f32, 0.5, 3.0], &dev)
+            .unwrap()
+            .reshape((1, 1, 3, 1));
+        let v = Tensor::new(&[1.0f32, 10.0, 100.0], &dev)
+            .unwrap()
+            .reshape((1, 1, 3, 1));
+        let (q, k, v) = (q.unwrap(), k.unwrap(), v.unwrap());
+        let (cap, scale) = (2.0f64, 0.5f64);
+        let mask = AttnMask {
+            softcap: Some(cap),
+            ..Default::default()
+        };
+        let y = attention_reference(&q, &k, &v, &mask, scale).unwrap();
+        let scores = [-1.0f64, 0.5, 3.0].map(|kj| cap * (2.0 * kj * scale / cap).tanh());
+        let e = scores.map(f64::exp);
+        let want = (e[0] + 10.0 * e[1] + 100.0 * e[2]) / e.iter().sum::<f64>();
+        let got = y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+        assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+        let plain = attention_reference(&q, &k, &v, &AttnMask::default(), scale).unwrap();
+        let plain = plain.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+        assert!((plain - want).abs() > 1.0, "the cap changed nothing");
+    }
+
     #[test]
     fn single_query_is_softmax_weighted_values() {
         let dev = Device::Cpu;
@@ -295,6 +313,7 @@ mod tests {
             key_valid: None,
             segments: None,
             window: None,
+            softcap: None,
         };
         let y = attention_reference(&q, &k, &v, &m, 1.0).unwrap();
         assert!((y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] - 4.0).abs() < 1e-6);
@@ -305,6 +324,7 @@ mod tests {
             key_valid: Some(&valid),
             segments: None,
             window: None,
+            softcap: None,
         };
         let y = attention_reference(&q, &k, &v, &m, 1.0).unwrap();
         assert!((y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] - 8.0).abs() < 1e-6);
@@ -313,6 +333,7 @@ mod tests {
             key_valid: Some(&valid),
             segments: None,
             window: None,
+            softcap: None,
         };
         let y = attention_reference(&q, &k, &v, &m, 1.0).unwrap();
         assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0], 0.0);
@@ -332,6 +353,7 @@ mod tests {
             key_valid: None,
             segments: Some(&segments),
             window: None,
+            softcap: None,
         };
         let y = attention_reference(&q, &k, &v, &packed, 0.3).unwrap();
         let alone = AttnMask {
@@ -339,6 +361,7 @@ mod tests {
             key_valid: None,
             segments: None,
             window: None,
+            softcap: None,
         };
         // Each document (and each row's padding) gives what it gives on its own.
         for (b, row) in docs.iter().enumerate() {
@@ -376,6 +399,7 @@ mod tests {
             key_valid: None,
             segments: None,
             window: Some(w),
+            softcap: None,
         };
         let y = attention_reference(&q, &k, &v, &windowed, 0.3).unwrap();
         let full = AttnMask {
@@ -429,6 +453,7 @@ mod tests {
             key_valid: None,
             segments: None,
             window: None,
+            softcap: None,
         };
         let a = attention_reference(&q, &k, &v, &m, 0.3).unwrap();
         let k2 = repeat_kv(&k, 2).unwrap();

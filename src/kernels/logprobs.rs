@@ -12,6 +12,10 @@
 //! The same pass gives the softmax's entropy where asked ([`token_logprobs_entropy`],
 //! [`fused_entropy`]), differentiable too: the RL stages' entropy bonus, metric and top-entropy
 //! mask without the logits' log-softmax (PPO computes it every minibatch).
+//!
+//! The softmax may read the logits shaped ([`Shaping`]): Gemma 2's soft cap and the RL
+//! stages' sampling temperature, applied per element in f32 by the same kernels, so that a
+//! capped model's loss head still never holds the capped logits as a tensor.
 
 use std::sync::{Mutex, PoisonError};
 
@@ -27,11 +31,94 @@ use super::KernelOp;
 
 type Result<T> = candle_core::Result<T>;
 
-pub fn token_logprobs(logits: &Tensor, targets: &Tensor, choice: KernelChoice) -> Result<Tensor> {
-    if takes_kernel(logits, choice) {
-        return fused(logits, targets);
+/// What the softmax does to each logit `x` first: Gemma 2's soft cap `c tanh(x / c)`
+/// (`ModelConfig::final_logit_softcapping`), then the division by a sampling temperature, in
+/// that order, as transformers caps the logits and the sampler then tempers them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Shaping {
+    pub softcap: Option<f32>,
+    pub temperature: f32,
+}
+
+impl Shaping {
+    /// The logits as they are.
+    pub const NONE: Self = Self {
+        softcap: None,
+        temperature: 1.0,
+    };
+
+    pub fn is_none(&self) -> bool {
+        *self == Self::NONE
     }
-    crate::tape::island(&[logits], |a| reference(&a[0], targets))
+
+    /// The shaped logit, in f32 as the kernels compute it.
+    fn apply(&self, x: f32) -> f32 {
+        let capped = match self.softcap {
+            Some(c) => c * (x / c).tanh(),
+            None => x,
+        };
+        capped * (1.0 / self.temperature)
+    }
+
+    /// `d apply(x) / dx`.
+    fn slope(&self, x: f32) -> f32 {
+        let inv_t = 1.0 / self.temperature;
+        match self.softcap {
+            Some(c) => {
+                let t = (x / c).tanh();
+                inv_t * (1.0 - t * t)
+            }
+            None => inv_t,
+        }
+    }
+
+    /// The shaped logits by candle's ops, in f32: what the references read.
+    pub fn reference(&self, logits: &Tensor) -> Result<Tensor> {
+        let mut x = logits.to_dtype(DType::F32)?;
+        if let Some(c) = self.softcap {
+            x = ((x / c as f64)?.tanh()? * c as f64)?;
+        }
+        if self.temperature != 1.0 {
+            x = (x / self.temperature as f64)?;
+        }
+        Ok(x)
+    }
+}
+
+pub fn token_logprobs(logits: &Tensor, targets: &Tensor, choice: KernelChoice) -> Result<Tensor> {
+    Ok(shaped_logprobs(logits, targets, Shaping::NONE, false, choice)?.0)
+}
+
+/// The log-probabilities of `targets` under the `shaping` of `logits`, with each row's entropy
+/// where `entropy` asks: the kernel where `choice` takes it, else candle's composite.
+pub fn shaped_logprobs(
+    logits: &Tensor,
+    targets: &Tensor,
+    shaping: Shaping,
+    entropy: bool,
+    choice: KernelChoice,
+) -> Result<(Tensor, Option<Tensor>)> {
+    if takes_kernel(logits, choice) {
+        return match entropy {
+            true => {
+                let (lp, h) = fused_pair(logits, targets, shaping)?;
+                Ok((lp, Some(h)))
+            }
+            false => Ok((fused_op(logits, targets, false, shaping)?, None)),
+        };
+    }
+    let shaped = |x: &Tensor| match shaping.is_none() {
+        true => Ok(x.clone()),
+        false => shaping.reference(x),
+    };
+    let lp = crate::tape::island(&[logits], |a| reference(&shaped(&a[0])?, targets))?;
+    let h = match entropy {
+        true => Some(crate::tape::island(&[logits], |a| {
+            reference_entropy(&shaped(&a[0])?)
+        })?),
+        false => None,
+    };
+    Ok((lp, h))
 }
 
 /// Whether `choice` runs the kernel on `logits`: ours, on CUDA, in a dtype it has entry points
@@ -57,53 +144,72 @@ pub fn token_logprobs_entropy(
     targets: &Tensor,
     choice: KernelChoice,
 ) -> Result<(Tensor, Tensor)> {
-    if takes_kernel(logits, choice) {
-        return fused_entropy(logits, targets);
-    }
-    let lp = crate::tape::island(&[logits], |a| reference(&a[0], targets))?;
-    let h = crate::tape::island(&[logits], |a| reference_entropy(&a[0]))?;
-    Ok((lp, h))
+    let (lp, h) = shaped_logprobs(logits, targets, Shaping::NONE, true, choice)?;
+    Ok((lp, h.expect("asked for the entropy")))
 }
 
-/// `log softmax(hidden W^T)[target]`: the LM head (`hidden [..., K]`, `W [V, K]`) and the
-/// loss head together. With both `gemm` and `logprobs` ours, on CUDA, the two are one autograd
-/// node whose logits never enter candle's graph (`cuda::loss_head`); otherwise the GEMM's
-/// logits go to [`token_logprobs`].
+/// The LM head's weight and how its logits are shaped before the softmax.
+#[derive(Clone, Copy)]
+pub struct Head<'a> {
+    /// `[V, K]`.
+    pub w: &'a Tensor,
+    pub shaping: Shaping,
+}
+
+/// `log softmax(shape(hidden W^T))[target]`: the LM head (`hidden [..., K]`, `W [V, K]`) and
+/// the loss head together. With both `gemm` and `logprobs` ours, on CUDA, the two are one
+/// autograd node whose logits never enter candle's graph (`cuda::loss_head`); otherwise the
+/// GEMM's logits go to [`shaped_logprobs`].
 pub fn head_logprobs(
     hidden: &Tensor,
-    w: &Tensor,
+    head: Head,
     targets: &Tensor,
     gemm: KernelChoice,
     logprobs: KernelChoice,
 ) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if gemm == KernelChoice::Custom && logprobs == KernelChoice::Custom && hidden.device().is_cuda()
-    {
-        if let Some(lp) = super::cuda::loss_head::token_logprobs(hidden, w, targets)? {
-            return Ok(lp);
-        }
-    }
-    let logits = super::gemm::linear(hidden, w, None, gemm)?;
-    token_logprobs(&logits, targets, logprobs)
+    Ok(head_pass(hidden, head, targets, false, [gemm, logprobs])?.0)
 }
 
 /// [`head_logprobs`] and each row's entropy (as [`token_logprobs_entropy`]).
 pub fn head_logprobs_entropy(
     hidden: &Tensor,
-    w: &Tensor,
+    head: Head,
     targets: &Tensor,
     gemm: KernelChoice,
     logprobs: KernelChoice,
 ) -> Result<(Tensor, Tensor)> {
+    let (lp, h) = head_pass(hidden, head, targets, true, [gemm, logprobs])?;
+    Ok((lp, h.expect("asked for the entropy")))
+}
+
+fn head_pass(
+    hidden: &Tensor,
+    head: Head,
+    targets: &Tensor,
+    entropy: bool,
+    [gemm, logprobs]: [KernelChoice; 2],
+) -> Result<(Tensor, Option<Tensor>)> {
     #[cfg(feature = "cuda")]
     if gemm == KernelChoice::Custom && logprobs == KernelChoice::Custom && hidden.device().is_cuda()
     {
-        if let Some(pair) = super::cuda::loss_head::token_logprobs_entropy(hidden, w, targets)? {
+        if let Some(pair) =
+            super::cuda::loss_head::logprobs(hidden, head.w, targets, entropy, head.shaping)?
+        {
             return Ok(pair);
         }
     }
-    let logits = super::gemm::linear(hidden, w, None, gemm)?;
-    token_logprobs_entropy(&logits, targets, logprobs)
+    let mut shaping = head.shaping;
+    let hidden = match shaping.softcap {
+        // The head is linear without a bias, so softmax(h W^T / T) = softmax((h / T) W^T):
+        // the temperature scales the [.., K] hidden states instead of the [.., V] logits.
+        None if shaping.temperature != 1.0 => {
+            let t = std::mem::replace(&mut shaping.temperature, 1.0);
+            (hidden / t as f64)?
+        }
+        _ => hidden.clone(),
+    };
+    let logits = super::gemm::linear(&hidden, head.w, None, gemm)?;
+    shaped_logprobs(&logits, targets, shaping, entropy, logprobs)
 }
 
 /// The entropy of `softmax(logits)` over the last dimension by candle's composite, in f32.
@@ -130,28 +236,38 @@ fn log_softmax_f32(logits: &Tensor) -> Result<Tensor> {
 
 /// The fused op on any device, differentiable in the logits.
 pub fn fused(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    fused_op(logits, targets, false)
+    fused_op(logits, targets, false, Shaping::NONE)
+}
+
+/// [`fused`] over the `shaping` of the logits.
+pub fn fused_shaped(logits: &Tensor, targets: &Tensor, shaping: Shaping) -> Result<Tensor> {
+    fused_op(logits, targets, false, shaping)
 }
 
 /// The fused op with the entropy on any device: `(logp, entropy)`, both differentiable in the
 /// logits (one op whose output is `[2, ...]`). Not on a tape: the split of the output is a
 /// candle op, which a tape segment would not record.
 pub fn fused_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+    fused_pair(logits, targets, Shaping::NONE)
+}
+
+/// [`fused_entropy`] over the `shaping` of the logits.
+pub fn fused_pair(logits: &Tensor, targets: &Tensor, shaping: Shaping) -> Result<(Tensor, Tensor)> {
     if crate::tape::recording() {
         candle_core::bail!("logprobs with entropy: not supported inside a tape segment");
     }
-    let pair = fused_op(logits, targets, true)?;
+    let pair = fused_op(logits, targets, true, shaping)?;
     Ok((pair.get(0)?, pair.get(1)?))
 }
 
-fn fused_op(logits: &Tensor, targets: &Tensor, entropy: bool) -> Result<Tensor> {
+fn fused_op(logits: &Tensor, targets: &Tensor, entropy: bool, shaping: Shaping) -> Result<Tensor> {
     spans::timed(KernelOp::Logprobs, Pass::Forward, logits.device(), || {
         check(logits, targets)?;
         let t = targets.to_dtype(DType::U32)?.contiguous()?;
         crate::tape::op2(
             [logits, targets],
             [crate::tape::arg(logits).contiguous()?, t],
-            Logprobs::new(entropy),
+            Logprobs::new(entropy, shaping),
         )
     })
 }
@@ -182,7 +298,7 @@ impl LogprobsDirect {
     pub fn new(logits: &Tensor, targets: &Tensor) -> Result<Self> {
         check(logits, targets)?;
         Ok(Self {
-            op: Logprobs::new(false),
+            op: Logprobs::new(false, Shaping::NONE),
             logits: logits.contiguous()?,
             targets: targets.to_dtype(DType::U32)?.contiguous()?,
         })
@@ -215,13 +331,15 @@ struct Logprobs {
     lse: Mutex<Option<Tensor>>,
     /// Whether the output is `[2, ...]`, the log-probabilities then the entropies.
     entropy: bool,
+    shaping: Shaping,
 }
 
 impl Logprobs {
-    fn new(entropy: bool) -> Self {
+    fn new(entropy: bool, shaping: Shaping) -> Self {
         Self {
             lse: Mutex::new(None),
             entropy,
+            shaping,
         }
     }
 
@@ -241,18 +359,21 @@ impl Logprobs {
 
 /// Per row: the target's log-probability (NaN for a target outside the vocabulary), then with
 /// `entropy` each row's entropy `log s - u / s` (`u = sum exp(x - m) (x - m)`), and the
-/// log-sum-exp, in f32 as the kernel computes them.
+/// log-sum-exp, in f32 as the kernel computes them, all of the shaped logits.
 fn cpu_forward<T: WithDType>(
     x: &[T],
     t: &[u32],
-    vocab: usize,
+    (vocab, shaping): (usize, Shaping),
     entropy: bool,
 ) -> (Vec<f32>, Vec<f32>) {
     let mut logp = Vec::with_capacity(t.len() * if entropy { 2 } else { 1 });
     let mut ents = Vec::new();
     let mut lses = Vec::with_capacity(t.len());
     for (row, &tgt) in x.chunks(vocab.max(1)).zip(t) {
-        let xf: Vec<f32> = row.iter().map(|v| v.to_f64() as f32).collect();
+        let xf: Vec<f32> = row
+            .iter()
+            .map(|v| shaping.apply(v.to_f64() as f32))
+            .collect();
         let m = xf.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let (mut s, mut u) = (0f32, 0f32);
         for v in &xf {
@@ -280,6 +401,7 @@ struct RowGrads<'a> {
     g: &'a [f32],
     entropy: Option<(&'a [f32], &'a [f32])>,
     lse: &'a [f32],
+    shaping: Shaping,
 }
 
 fn cpu_backward<T: WithDType>(x: &[T], t: &[u32], r: &RowGrads, vocab: usize) -> Vec<T> {
@@ -291,13 +413,14 @@ fn cpu_backward<T: WithDType>(x: &[T], t: &[u32], r: &RowGrads, vocab: usize) ->
             let d = match (g, gh) {
                 (0.0, 0.0) => 0.0,
                 _ => {
-                    let z = v.to_f64() as f32 - lse;
+                    let x = v.to_f64() as f32;
+                    let z = r.shaping.apply(x) - lse;
                     let p = z.exp();
                     let mut d = g * (f32::from(u8::from(j == tgt as usize)) - p);
                     if gh != 0.0 && p > 0.0 {
                         d -= gh * p * (z + h);
                     }
-                    d
+                    d * r.shaping.slope(x)
                 }
             };
             out.push(T::from_f64(d as f64));
@@ -320,11 +443,11 @@ impl CustomOp2 for Logprobs {
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, vocab) = rows_cols(lx)?;
         let t = slice::<u32>(st, lt)?;
-        let e = self.entropy;
+        let (e, vs) = (self.entropy, (vocab, self.shaping));
         let (logp, lse) = match sx.dtype() {
-            DType::F32 => cpu_forward(slice::<f32>(sx, lx)?, t, vocab, e),
-            DType::BF16 => cpu_forward(slice::<half::bf16>(sx, lx)?, t, vocab, e),
-            DType::F16 => cpu_forward(slice::<half::f16>(sx, lx)?, t, vocab, e),
+            DType::F32 => cpu_forward(slice::<f32>(sx, lx)?, t, vs, e),
+            DType::BF16 => cpu_forward(slice::<half::bf16>(sx, lx)?, t, vs, e),
+            DType::F16 => cpu_forward(slice::<half::f16>(sx, lx)?, t, vs, e),
             dt => candle_core::bail!("logprobs: unsupported dtype {dt:?}"),
         };
         self.save(Tensor::from_vec(lse, rows, &Device::Cpu)?);
@@ -339,7 +462,11 @@ impl CustomOp2 for Logprobs {
         st: &candle_core::CudaStorage,
         lt: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (logp, lse) = super::cuda::logprobs::forward(sx, lx, st, lt, self.entropy)?;
+        let o = super::cuda::logprobs::Outputs {
+            entropy: self.entropy,
+            shaping: self.shaping,
+        };
+        let (logp, lse) = super::cuda::logprobs::forward(sx, lx, st, lt, o)?;
         self.save(lse);
         Ok((logp, self.out_shape(lx)))
     }
@@ -367,7 +494,12 @@ impl CustomOp2 for Logprobs {
                 true => Some(res.get(1)?.contiguous()?),
                 false => None,
             };
-            let dx = logits.apply_op3_no_bwd(targets, &g, &LogprobsBwd { lse, entropy })?;
+            let bwd = LogprobsBwd {
+                lse,
+                entropy,
+                shaping: self.shaping,
+            };
+            let dx = logits.apply_op3_no_bwd(targets, &g, &bwd)?;
             Ok((Some(dx), None))
         })
     }
@@ -378,6 +510,7 @@ impl CustomOp2 for Logprobs {
 struct LogprobsBwd {
     lse: Tensor,
     entropy: Option<Tensor>,
+    shaping: Shaping,
 }
 
 impl CustomOp3 for LogprobsBwd {
@@ -408,6 +541,7 @@ impl CustomOp3 for LogprobsBwd {
             g: &g[..rows],
             entropy: h.as_deref().map(|h| (&g[rows..], h)),
             lse: &lse,
+            shaping: self.shaping,
         };
         let out = match sx.dtype() {
             DType::F32 => CpuStorage::F32(cpu_backward(slice(sx, lx)?, t, &r, vocab)),
@@ -432,6 +566,7 @@ impl CustomOp3 for LogprobsBwd {
             grad: (sg, lg),
             lse: &self.lse,
             entropy: self.entropy.as_ref(),
+            shaping: self.shaping,
         };
         let dx = super::cuda::logprobs::backward((sx, lx), (st, lt), &up)?;
         Ok((dx, lx.shape().clone()))
@@ -538,6 +673,99 @@ mod tests {
             assert!((x - 7f32.ln()).abs() < 1e-6);
         }
         assert!((lp.to_vec1::<f32>().unwrap()[0] + 7f32.ln()).abs() < 1e-6);
+    }
+
+    /// Over shaped logits (a cap that bites: the logits reach 18, the cap is 5; a temperature),
+    /// the fused op's log-probabilities, entropies and the gradient of a mix of them equal the
+    /// reference composite's over `Shaping::reference`, and the shaping changes them.
+    #[test]
+    fn shaped_fused_op_matches_the_reference_and_its_gradient() {
+        let shapings = [
+            Shaping {
+                softcap: Some(5.0),
+                temperature: 0.7,
+            },
+            Shaping {
+                softcap: Some(30.0),
+                temperature: 1.0,
+            },
+            Shaping {
+                softcap: None,
+                temperature: 1.6,
+            },
+        ];
+        for shaping in shapings {
+            for (dtype, tol) in [(DType::F32, 2e-5f32), (DType::BF16, 1e-2)] {
+                let (logits, t) = inputs(dtype);
+                let var = candle_core::Var::from_tensor(&logits).unwrap();
+                let weights = |cycle: [f32; 3]| {
+                    let w: Vec<f32> = (0..15).map(|i| cycle[i % 3]).collect();
+                    Tensor::from_vec(w, (3, 5), &Device::Cpu).unwrap()
+                };
+                let (w_lp, w_h) = (weights([0.0, 1.0, -0.5]), weights([0.7, 0.0, -1.3]));
+                let run = |kernel: bool| {
+                    let (lp, h) = match kernel {
+                        true => fused_pair(var.as_tensor(), &t, shaping).unwrap(),
+                        false => {
+                            let x = shaping.reference(var.as_tensor()).unwrap();
+                            (reference(&x, &t).unwrap(), reference_entropy(&x).unwrap())
+                        }
+                    };
+                    let loss = ((&lp * &w_lp).unwrap().sum_all().unwrap()
+                        + (&h * &w_h).unwrap().sum_all().unwrap())
+                    .unwrap();
+                    let g = loss.backward().unwrap();
+                    let dx = g.get(var.as_tensor()).unwrap();
+                    (lp, h, dx.to_dtype(DType::F32).unwrap())
+                };
+                let (lp_f, h_f, dx_f) = run(true);
+                let (lp_r, h_r, dx_r) = run(false);
+                let diff = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap());
+                let at = format!("{dtype:?} {shaping:?}");
+                assert!(diff(&lp_f, &lp_r) < tol * 50.0, "{at} logp");
+                assert!(diff(&h_f, &h_r) < tol * 50.0, "{at} entropy");
+                assert!(diff(&dx_f, &dx_r) < tol, "{at} dlogits");
+                // The single-output op gives the same log-probabilities.
+                let single = fused_shaped(var.as_tensor(), &t, shaping).unwrap();
+                assert_eq!(diff(&single, &lp_f), 0.0, "{at}");
+                // A control: unshaped, they differ.
+                let plain = fused(var.as_tensor(), &t).unwrap();
+                assert!(
+                    diff(&plain, &lp_f) > 0.1,
+                    "{at}: the shaping changed nothing"
+                );
+            }
+        }
+    }
+
+    /// The LM and loss heads together over a shaping, by each path the CPU takes (the
+    /// temperature folded into the hidden states where there is no cap, the logits shaped
+    /// where there is one), equal the shaped reference over the GEMM's logits.
+    #[test]
+    fn the_head_shapes_its_logits() {
+        let dev = Device::Cpu;
+        let hidden = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev).unwrap();
+        let w = Tensor::randn(0f32, 3.0, (11, 8), &dev).unwrap();
+        let t = Tensor::new(&[[1u32, 4, 10], [0, 7, 3]], &dev).unwrap();
+        let logits = hidden.broadcast_matmul(&w.t().unwrap()).unwrap();
+        for softcap in [None, Some(4.0)] {
+            let shaping = Shaping {
+                softcap,
+                temperature: 0.6,
+            };
+            let head = Head { w: &w, shaping };
+            let c = KernelChoice::Custom;
+            let (lp, h) = head_logprobs_entropy(&hidden, head, &t, c, c).unwrap();
+            let x = shaping.reference(&logits).unwrap();
+            let diff = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap());
+            assert!(diff(&lp, &reference(&x, &t).unwrap()) < 1e-4, "{shaping:?}");
+            assert!(
+                diff(&h, &reference_entropy(&x).unwrap()) < 1e-4,
+                "{shaping:?}"
+            );
+            let alone = head_logprobs(&hidden, head, &t, c, c).unwrap();
+            assert!(diff(&alone, &lp) < 1e-6, "{shaping:?}");
+        }
     }
 
     /// The direct backward is the gradient autograd gives (the same op, without a graph),

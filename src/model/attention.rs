@@ -12,9 +12,7 @@ use super::norm;
 use super::rope::RopeAt;
 use crate::config::ModelConfig;
 use crate::config::{LoraConfig, LoraTarget};
-use crate::kernels::attention::{
-    attention, attention_softcapped, attention_stacked, AttnMask, Segments,
-};
+use crate::kernels::attention::{attention, attention_stacked, AttnMask, Segments};
 use crate::kernels::decode_step::HeadNorm;
 use crate::kernels::heads;
 use crate::kernels::rmsnorm::{rms_norm, Gain};
@@ -165,9 +163,7 @@ impl Attention {
             let rope_fuses = rope.is_none() || kernels.rope == KernelChoice::Custom;
             // The fused kernels take gains in the compute dtype or Gemma's f32 offsets.
             let norm_fuses = self.qk_norm.is_none() || kernels.rmsnorm == KernelChoice::Custom;
-            // Nor do they cap scores.
-            let plain = self.softcap.is_none();
-            if c.is_fixed() && rope_fuses && norm_fuses && plain && x.dim(1)? == 1 {
+            if c.is_fixed() && rope_fuses && norm_fuses && x.dim(1)? == 1 {
                 let qkv = [&self.q, &self.k, &self.v];
                 if let Some(y) = Linear::stacked(&qkv, x, ctx)? {
                     let nq = self.heads * self.head_dim;
@@ -229,14 +225,12 @@ impl Attention {
         inp: &AttnInputs,
     ) -> Result<Tensor> {
         let (mask, scale) = (self.mask(inp), self.scale());
-        let y = match self.softcap {
-            Some(cap) => attention_softcapped(q, k, v, &mask, scale, cap)?,
-            None => attention(q, k, v, &mask, scale, ctx.kernels.attention)?,
-        };
+        let y = attention(q, k, v, &mask, scale, ctx.kernels.attention)?;
         self.project(&y, ctx)
     }
 
-    /// Causal at the inputs' offset, under their key mask, within this layer's window.
+    /// Causal at the inputs' offset, under their key mask, within this layer's window, the
+    /// scores under this layer's cap.
     fn mask<'a>(&self, inp: &AttnInputs<'a>) -> AttnMask<'a> {
         let (key_valid, window) = match inp.windowed {
             Some((w, valid)) if self.window == Some(w) => (Some(valid), None),
@@ -247,6 +241,7 @@ impl Attention {
             key_valid,
             segments: inp.segments,
             window,
+            softcap: self.softcap,
         }
     }
 

@@ -291,47 +291,41 @@ impl Transformer {
     /// `[..]` f32 log-probabilities of `targets` under the logits of `hidden` (`[.., H]`, after
     /// the final norm): the LM head and the loss head together
     /// (`kernels::logprobs::head_logprobs`), so that on CUDA the `[.., V]` logits are never
-    /// a tensor of their own.
+    /// a tensor of their own, capped (Gemma 2) or not.
     pub fn head_logprobs(&self, hidden: &Tensor, targets: &Tensor, ctx: Ctx) -> Result<Tensor> {
-        let k = ctx.kernels;
-        if self.cfg.final_logit_softcapping.is_some() {
-            // The fused head has no cap: the logits are a tensor of their own here.
-            let logits = self.compute_logits(hidden, k.gemm)?;
-            return Ok(crate::kernels::logprobs::token_logprobs(
-                &logits, targets, k.logprobs,
-            )?);
-        }
-        Ok(crate::kernels::logprobs::head_logprobs(
-            hidden,
-            &self.head_weight(hidden)?,
-            targets,
-            k.gemm,
-            k.logprobs,
-        )?)
+        Ok(self.tempered_logprobs(hidden, targets, 1.0, false, ctx)?.0)
     }
 
-    /// [`Self::head_logprobs`] and the entropy of the softmax at each position, both f32
-    /// `[..]` and differentiable, from the same pass over the logits.
-    pub fn head_logprobs_entropy(
+    /// [`Self::head_logprobs`] of the logits divided by `temperature` (after the cap), and with
+    /// `entropy` the entropy of that softmax at each position, both f32 `[..]` and
+    /// differentiable, from the same pass over the logits.
+    pub fn tempered_logprobs(
         &self,
         hidden: &Tensor,
         targets: &Tensor,
+        temperature: f64,
+        entropy: bool,
         ctx: Ctx,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        use crate::kernels::logprobs::{head_logprobs, head_logprobs_entropy, Head, Shaping};
+        let head = Head {
+            w: &self.head_weight(hidden)?,
+            shaping: Shaping {
+                softcap: self.cfg.final_logit_softcapping.map(|c| c as f32),
+                temperature: temperature as f32,
+            },
+        };
         let k = ctx.kernels;
-        if self.cfg.final_logit_softcapping.is_some() {
-            let logits = self.compute_logits(hidden, k.gemm)?;
-            return Ok(crate::kernels::logprobs::token_logprobs_entropy(
-                &logits, targets, k.logprobs,
-            )?);
-        }
-        Ok(crate::kernels::logprobs::head_logprobs_entropy(
-            hidden,
-            &self.head_weight(hidden)?,
-            targets,
-            k.gemm,
-            k.logprobs,
-        )?)
+        Ok(match entropy {
+            true => {
+                let (lp, h) = head_logprobs_entropy(hidden, head, targets, k.gemm, k.logprobs)?;
+                (lp, Some(h))
+            }
+            false => (
+                head_logprobs(hidden, head, targets, k.gemm, k.logprobs)?,
+                None,
+            ),
+        })
     }
 }
 

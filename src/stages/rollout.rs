@@ -31,10 +31,9 @@ use crate::data::synthetic::exact_match;
 use crate::data::tokenizer::Tokenizer;
 use crate::dist::Communicator;
 use crate::generate::{generate, left_pad, GenStats, RowKeys, SampleCfg};
-use crate::kernels::logprobs::token_logprobs_entropy;
 use crate::model::linear::Ctx;
 use crate::model::{Fwd, Transformer};
-use crate::train::loss::{scalar, token_logprobs};
+use crate::train::loss::scalar;
 use crate::train::params::ParamStore;
 use crate::train::rng::Rng;
 
@@ -863,40 +862,9 @@ pub fn response_logprobs(
 ) -> Result<(Tensor, Option<Tensor>)> {
     let h = response_hidden(net, ctx, ro, idx)?;
     let targets = rows(&ro.resp_tokens, idx)?;
-    // A cap on the logits (Gemma 2) comes before the temperature, as the sampler applies them.
-    let capped = net.cfg.final_logit_softcapping.is_some();
-    if !capped {
-        // The LM head is linear without a bias, so softmax(h W^T / T) = softmax((h / T) W^T):
-        // the temperature scales the [b, R, H] hidden states instead of the [b, R, V] logits,
-        // and the loss head then never materialises the logits on CUDA (an f32 [64, 128,
-        // 50304] is 1.6 GB at GPT-2's vocabulary, and the division made a second); the
-        // entropy comes from the same pass.
-        let h = match ro.temperature {
-            t if t != 1.0 => (h / t)?,
-            _ => h,
-        };
-        return Ok(match want_entropy {
-            true => {
-                let (lp, e) = net.head_logprobs_entropy(&h, &targets, ctx)?;
-                (lp, Some(e))
-            }
-            false => (net.head_logprobs(&h, &targets, ctx)?, None),
-        });
-    }
-    let mut logits = net.logits(&h, ctx.kernels.gemm)?;
-    if ro.temperature != 1.0 {
-        logits = (logits / ro.temperature)?;
-    }
-    Ok(match want_entropy {
-        true => {
-            let (lp, e) = token_logprobs_entropy(&logits, &targets, ctx.kernels.logprobs)?;
-            (lp, Some(e))
-        }
-        false => (
-            token_logprobs(&logits, &targets, ctx.kernels.logprobs)?,
-            None,
-        ),
-    })
+    // A cap on the logits (Gemma 2) comes before the temperature, as the sampler applies them;
+    // the loss head applies both to each logit in its one pass.
+    net.tempered_logprobs(&h, &targets, ro.temperature, want_entropy, ctx)
 }
 
 /// The reference's log-probabilities `[b, R]` of the response tokens of the selected rows, no

@@ -524,7 +524,11 @@ fn a_tied_tables_two_gradients_meet_in_the_lookups_backward() {
             };
             let h = island(&[&x], |a| a[0].tanh())?;
             let r = KernelChoice::Reference;
-            Ok(kernels::logprobs::head_logprobs(&h, t, &targets, r, r)?)
+            let head = kernels::logprobs::Head {
+                w: t,
+                shaping: kernels::logprobs::Shaping::NONE,
+            };
+            Ok(kernels::logprobs::head_logprobs(&h, head, &targets, r, r)?)
         };
         let y = match taped {
             true => segment(&ids, f).unwrap(),

@@ -129,6 +129,7 @@ struct Case {
   // padding as a document of its own (src/kernels/segments.rs).
   bool packed = false;
   int window = 0;  // a sliding window of this many keys (causal), 0: none
+  double softcap = 0;  // Gemma 2's cap on the scores, 0: none
 };
 
 template <typename T> struct Inputs {
@@ -194,7 +195,8 @@ template <typename T> std::vector<T> rounded(const std::vector<double> &x) {
 using Reference = attention_ref::Result;
 
 attention_ref::Shape shape(const Case &c) {
-  return {c.b, c.hq, c.hkv, c.tq, c.tk, c.tk, c.d, c.causal, c.offset, nullptr, c.window};
+  return {c.b, c.hq, c.hkv, c.tq, c.tk, c.tk, c.d, c.causal, c.offset, nullptr, c.window,
+          c.softcap};
 }
 
 // Softmax attention and its gradients in double, from the stored inputs.
@@ -482,6 +484,13 @@ int main(int argc, char **argv) {
       {"causal d256 gqa4 tq97", 1, 4, 1, 97, 97, 256, true, 0, false},
       {"masked d256 offset", 2, 2, 1, 70, 130, 256, true, 60, true},
       {"window40 packed d256 tq150", 2, 2, 1, 150, 150, 256, true, 0, false, true, 40},
+      // Gemma 2's soft cap, at caps that bite (scores of unit spread): every kernel's cap in
+      // the forward and its slope in the backward (the tensor cores' recovered from P), with
+      // GQA, a key mask and an offset, a window, and at D = 256.
+      {"softcap2 d64 gqa tq97", 1, 4, 2, 97, 97, 64, true, 0, false, false, 0, 2.0},
+      {"softcap1.5 masked d128 offset", 2, 2, 1, 70, 130, 128, true, 60, true, false, 0, 1.5},
+      {"softcap2 window20 d256 tq97", 1, 2, 1, 97, 97, 256, true, 0, false, false, 20, 2.0},
+      {"softcap1 d40 gqa full", 1, 4, 2, 33, 45, 40, false, 0, false, false, 0, 1.0},
   };
   using D = Dtype;
   const TypedCase cases16[] = {
@@ -509,6 +518,9 @@ int main(int argc, char **argv) {
       // = 24) the decode stream does not take: the 64-row tensor-core tile, mostly empty.
       {D::F16, {"d256 full", 1, 2, 2, 40, 70, 256, false, 0, false}},
       {D::BF16, {"masked d256 gqa2 tq12", 2, 4, 2, 12, 70, 256, true, 58, true}},
+      // The simple kernels in 16 bits under a cap.
+      {D::F16, {"softcap2 masked d40 gqa", 2, 4, 2, 37, 50, 40, true, 13, true, false, 0, 2.0}},
+      {D::BF16, {"softcap1.5 window9 d24", 2, 4, 2, 70, 70, 24, true, 0, false, false, 9, 1.5}},
   };
   bool ok = true;
   for (const Case &c : cases) ok &= run_bf16_and_f32(c, rng);

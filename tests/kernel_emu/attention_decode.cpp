@@ -61,6 +61,7 @@ struct Case {
   int offset;
   bool mask;  // sequence b % 3: left padding and a hole / only its last 1-3 keys / all padding
   int window = 0;  // a sliding window of this many keys (causal), 0: none
+  double softcap = 0;  // Gemma 2's cap on the scores, 0: none
 };
 
 // The bound on o relative to its largest magnitude, by dtype.
@@ -85,7 +86,8 @@ template <typename T> struct Inputs {
 using Reference = attention_ref::Result;
 
 attention_ref::Shape shape(const Case &c) {
-  return {c.b, c.hq, c.hkv, c.tq, c.tk, c.cap, c.d, c.causal, c.offset, nullptr, c.window};
+  return {c.b,      c.hq,     c.hkv,   c.tq,     c.tk, c.cap, c.d, c.causal,
+          c.offset, nullptr, c.window, c.softcap};
 }
 
 template <typename T> Inputs<T> make_inputs(const Case &c, emu_check::Rng &rng) {
@@ -326,6 +328,7 @@ struct FreshCase {
   bool rope, mask;              // mask: padding and holes below L in sequences b % 3 == 0
   bool norm = false;            // Qwen3's per-head RMSNorm of q and k, before the rotation
   bool plus_one = false;        // the norm's gains Gemma's 1 + w, from f32 offsets w
+  double softcap = 0;           // Gemma 2's cap on the scores, 0: none
 };
 
 // One step: y [B, (Hq + 2 Hkv) D], the caches with [0, L) filled and NaN from L on, the key
@@ -417,7 +420,8 @@ template <typename T> bool run_fresh(const FreshCase &fc, emu_check::Rng &rng) {
         v_ref[at] = temper::from_f32<T>((float)stored(b, (Hq + Hkv + h) * D, false, e));
       }
   }
-  const attention_ref::Shape shape{B, Hq, Hkv, 1, cap, cap, D, true, cap - 1};
+  const attention_ref::Shape shape{B, Hq, Hkv, 1, cap, cap, D, true, cap - 1, nullptr, 0,
+                                   fc.softcap};
   const Reference ref = attention_ref::reference(shape, q_ref, k_ref, v_ref, kvalid);
 
   AttnParams p = attention_ref::params(shape);
@@ -516,6 +520,11 @@ int main(int argc, char **argv) {
       {"window9 d40 tq5 offset cache", D::F32, 1, 2, 2, 5, 330, 400, 40, true, 325, false, 9},
       {"window300 d40 tq5 split cache", D::F32, 1, 2, 2, 5, 700, 768, 40, true, 695, false, 300},
       {"window512 d256 r1 split", D::BF16, 1, 2, 2, 1, 1100, 1152, 256, true, 1099, false, 512},
+      // Gemma 2's soft cap (one that bites at scores of unit spread): the stream at its head
+      // dim with GQA and a window, split; the simple forward.
+      {"softcap2 d256 gqa2 window", D::BF16, 2, 4, 2, 1, 700, 768, 256, true, 699, true, 300, 2.0},
+      {"softcap1.5 d64 r1 split", D::F16, 1, 2, 2, 1, 1100, 1152, 64, true, 1099, false, 0, 1.5},
+      {"softcap2 d40 tq5 cache", D::F32, 1, 2, 2, 5, 330, 400, 40, true, 200, false, 0, 2.0},
   };
   // name, b, hq, hkv, cap, len, d, rope, mask
   const FreshCase fresh[] = {
@@ -537,6 +546,8 @@ int main(int argc, char **argv) {
       // Gemma 3's norms: gains 1 + w from f32 offsets, at its head dim and at 128.
       {"d256 gqa4 plus-one norm rope", 3, 4, 1, 200, 130, 256, true, true, true, true},
       {"d128 r1 plus-one norm", 2, 2, 2, 70, 33, 128, false, false, true, true},
+      // Gemma 2's step: rotated, capped scores, GQA, a masked cache.
+      {"d256 gqa4 rope softcap", 3, 4, 1, 200, 130, 256, true, true, false, false, 2.0},
   };
   bool ok = true;
   for (const FreshCase &fc : fresh) {

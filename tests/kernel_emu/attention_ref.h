@@ -12,13 +12,15 @@ namespace attention_ref {
 // are filled (cap = tk for contiguous k, v); the hq / hkv query heads of a group share a kv
 // head. Under `causal` query i sees keys j <= offset + i, and under a sliding window (causal,
 // window > 0) only keys j > offset + i - window; in packed rows (seg_start [b, tq], the first
-// key of each query's document) only keys j >= seg_start[i].
+// key of each query's document) only keys j >= seg_start[i]. Under a soft cap c > 0 (Gemma 2)
+// each score s becomes c tanh(s / c) before the softmax.
 struct Shape {
   int b, hq, hkv, tq, tk, cap, d;
   bool causal;
   int offset;
   const std::vector<int> *seg_start = nullptr;
   int window = 0;
+  double softcap = 0;
 };
 
 // Query i of sequence b sees key j: a filled position, within the causal horizon, valid in
@@ -35,8 +37,9 @@ struct Result {
   std::vector<double> dq, dk, dv;  // empty without an upstream gradient
 };
 
-// Softmax attention in double from the stored inputs, scale 1 / sqrt(d), and with dout (the
-// upstream gradient of o, like q) its gradients. A key a query does not see never enters a sum,
+// Softmax attention in double from the stored inputs, scale 1 / sqrt(d), the scores capped
+// where the shape says, and with dout (the upstream gradient of o, like q) its gradients, the
+// scores' through the cap's slope 1 - tanh^2. A key a query does not see never enters a sum,
 // whatever k and v hold there.
 template <typename T>
 Result reference(const Shape &s, const std::vector<T> &q, const std::vector<T> &k,
@@ -53,7 +56,7 @@ Result reference(const Shape &s, const std::vector<T> &q, const std::vector<T> &
     r.dk.assign(k.size(), 0.0);
     r.dv.assign(v.size(), 0.0);
   }
-  std::vector<double> sc(s.tk), p(s.tk), dp(s.tk);
+  std::vector<double> sc(s.tk), p(s.tk), dp(s.tk), slope(s.tk, 1.0);
   for (int b = 0; b < s.b; ++b)
     for (int h = 0; h < s.hq; ++h) {
       const size_t qb = ((size_t)b * s.hq + h) * s.tq;
@@ -67,6 +70,11 @@ Result reference(const Shape &s, const std::vector<T> &q, const std::vector<T> &
           double dot = 0;
           for (int e = 0; e < s.d; ++e) dot += value(qi[e]) * value(k[(kb + j) * s.d + e]);
           sc[j] = dot * scale;
+          if (s.softcap > 0) {
+            const double t = std::tanh(sc[j] / s.softcap);
+            sc[j] = s.softcap * t;
+            slope[j] = 1 - t * t;
+          }
           m = std::max(m, sc[j]);
         }
         if (m == -INFINITY) {
@@ -93,7 +101,7 @@ Result reference(const Shape &s, const std::vector<T> &q, const std::vector<T> &
         if (!doi) continue;
         for (int j = 0; j < s.tk; ++j) {
           if (p[j] == 0) continue;
-          const double ds = p[j] * (dp[j] - dsum) * scale;
+          const double ds = p[j] * (dp[j] - dsum) * slope[j] * scale;
           for (int e = 0; e < s.d; ++e) {
             r.dq[(qb + i) * s.d + e] += ds * value(k[(kb + j) * s.d + e]);
             r.dk[(kb + j) * s.d + e] += ds * value(qi[e]);
@@ -105,7 +113,8 @@ Result reference(const Shape &s, const std::vector<T> &q, const std::vector<T> &
   return r;
 }
 
-// FlashAttn::params, the fields that follow from the shape; the caller sets the scale, the KV
+// FlashAttn::params, the fields that follow from the shape (the cap as the op passes it, in
+// f64 times log2(e), then f32); the caller sets the scale, the KV
 // cache capacity and the pointers.
 inline AttnParams params(const Shape &s) {
   AttnParams p{};
@@ -118,6 +127,8 @@ inline AttnParams params(const Shape &s) {
   p.causal = s.causal;
   p.offset = s.causal ? s.offset : 0;
   p.window = s.window;
+  p.softcap_log2 = (float)(s.softcap * 1.4426950408889634);
+  p.softcap_inv_log2 = s.softcap > 0 ? (float)(1 / (s.softcap * 1.4426950408889634)) : 0.f;
   p.nrows = s.b * s.hq * s.tq;
   p.nsplit = 1;
   return p;

@@ -37,6 +37,11 @@
 //   backward with an uneven upstream gradient of the entropies too (nonzero on rows whose
 //   logp gradient is zero, and zero on others) gives g ([j == t] - p_j) - gh p_j (x_j - lse +
 //   H), 0 where p_j is 0 (a -inf logit, whose (x_j - lse) p_j would be NaN).
+// - the shaping (LogprobsParams::cap, inv_temp): cases with Gemma 2's cap and a temperature,
+//   and with a temperature alone, check every output above against the same reference over
+//   y = cap tanh(x / cap) inv_temp, the gradient times y'(x) = inv_temp (1 - tanh^2(x / cap)).
+//   A capped -inf logit is -cap inv_temp, finite, with slope 0. Every other case runs
+//   unshaped (cap 0, inv_temp 1), and the launches set both fields as logprobs.rs does.
 //
 // Tolerances (eps = 2^-23, the f32 spacing at 1), from the f32 maths of the kernel:
 // - lse and logp, absolute: the running sum s is a sum of exp(x - m) <= 1 terms, k = ceil(V/256)
@@ -62,6 +67,9 @@
 // - dlogits with the entropy term: the term gh p_j (z_j + H), z_j = x_j - lse, adds at most
 //   GH (d_lse (1 + |z_j| p_j + H p_j) + p_j d_H + 2 eps) <= GH (d_lse (2 + log V) + d_H +
 //   2 eps) (|z| e^z <= 1/e, H <= log V), GH the largest |gh|.
+// - shaped: y carries the roundings of x / cap, tanhf (2 ulp), the two products, about
+//   8 (cap + 1) inv_temp eps absolutely (|y| <= cap inv_temp), which adds to d_lse through
+//   every term; the slope 1 - t^2 is off by about 4 eps absolutely, times G.
 //
 // Usage: logprobs [seed]  (a random seed when none is given; it is printed either way).
 #include <cstring>
@@ -130,6 +138,8 @@ struct Case {
   float offset;   // ... plus +offset on even rows, -offset on odd ones
   bool neg_inf;   // runs of -inf logits in every row, and one target's logit -inf
   bool outside;   // targets outside the vocabulary (rows 3 and 6 where there are that many)
+  float cap = 0.f;       // LogprobsParams::cap (0: none)
+  float inv_temp = 1.f;  // LogprobsParams::inv_temp
 };
 
 constexpr unsigned kTargetMax = 0xFFFFFFFFu;  // -1 as u32, e.g. an ignore index cast
@@ -192,8 +202,20 @@ struct Reference {
   double xmax = 0;  // the largest finite |logit|
 };
 
-Reference reference(const Inputs &in, const std::vector<double> &x) {
+// The shaped logit (LogprobsParams::cap) and its slope.
+double shaped(const Case &c, double x) {
+  return (c.cap > 0 ? c.cap * std::tanh(x / c.cap) : x) * c.inv_temp;
+}
+double slope(const Case &c, double x) {
+  if (c.cap <= 0) return c.inv_temp;
+  const double t = std::tanh(x / c.cap);
+  return c.inv_temp * (1 - t * t);
+}
+
+Reference reference(const Inputs &in, const std::vector<double> &raw) {
   const int V = in.c.vocab, rows = in.c.rows;
+  std::vector<double> x(raw.size());
+  for (size_t i = 0; i < raw.size(); ++i) x[i] = shaped(in.c, raw[i]);
   Reference r;
   r.logp.resize(rows);
   r.lse.resize(rows);
@@ -224,8 +246,9 @@ Reference reference(const Inputs &in, const std::vector<double> &x) {
       const double onehot = (unsigned)j == t ? 1.0 : 0.0;
       const double z = xi[j] - lse, pj = std::exp(z);
       const double d = g == 0 ? 0.0 : g * (onehot - pj);
-      r.dx[(size_t)i * V + j] = d;
-      r.dx_ent[(size_t)i * V + j] = d - (pj > 0 ? gh * pj * (z + h) : 0.0);
+      const double k = slope(in.c, raw[(size_t)i * V + j]);
+      r.dx[(size_t)i * V + j] = d * k;
+      r.dx_ent[(size_t)i * V + j] = (d - (pj > 0 ? gh * pj * (z + h) : 0.0)) * k;
     }
   }
   return r;
@@ -272,6 +295,7 @@ template <typename T> bool run(const Inputs &in, bool misalign) {
   }
   const std::string what =
       std::string(c.name) + " " + Dt<T>::name + (vec_fwd ? " vec" : " scalar");
+  const bool is_shaped = c.cap > 0 || c.inv_temp != 1.f;
   const emu::Dim grid{(unsigned)c.rows, 1, 1}, block{kLaunchThreads, 1, 1};
 
   // Forward: logits, targets, logp, lse, rows, vocab.
@@ -283,12 +307,15 @@ template <typename T> bool run(const Inputs &in, bool misalign) {
   p.lse = lse.data();
   p.rows = c.rows;
   p.vocab = c.vocab;
+  p.cap = c.cap;
+  p.inv_temp = c.inv_temp;
   const Kernel fwd = vec_fwd ? Dt<T>::fwd_vec : Dt<T>::fwd;
   emu::launch(grid, block, 0, [&] { fwd(p); });
 
   const double V = c.vocab;
+  const double tol_shape = is_shaped ? 8 * (c.cap + 1) * c.inv_temp * kEps : 0.0;
   const double tol_lse =
-      kEps * (2 * std::ceil(V / kLaunchThreads) + 64 + 4 * (r.xmax + std::log(V)));
+      kEps * (2 * std::ceil(V / kLaunchThreads) + 64 + 4 * (r.xmax + std::log(V))) + tol_shape;
   std::vector<float> logp_in;
   std::vector<double> want_in;
   bool outside = false;
@@ -308,7 +335,7 @@ template <typename T> bool run(const Inputs &in, bool misalign) {
   double G = 0, R = 0;
   for (float g : in.g) G = std::max(G, (double)std::fabs(g));
   for (double v : r.dx) R = std::max(R, std::fabs(v));
-  const double tol_abs = G * (tol_lse + 4 * kEps) + Dt<T>::sub;
+  const double tol_abs = G * (tol_lse + (is_shaped ? 8 : 4) * kEps) + Dt<T>::sub;
   auto compare = [&](const std::string &name, const std::vector<T> &got) {
     if (R == 0) return emu_check::close_abs(name, got, r.dx, tol_abs);
     return emu_check::close(name, got, r.dx, Dt<T>::u + tol_abs / R);
@@ -322,6 +349,8 @@ template <typename T> bool run(const Inputs &in, bool misalign) {
   q.dlogits = dx.p;
   q.rows = c.rows;
   q.vocab = c.vocab;
+  q.cap = c.cap;
+  q.inv_temp = c.inv_temp;
   emu::launch(grid, block, 0, [&] { bwd(q); });
   ok &= compare(what + " dlogits", dx.vec(n));
 
@@ -387,6 +416,11 @@ int main(int argc, char **argv) {
       {"r7 v50304 wide -inf", 7, 50304, 40.f, 0.f, true, true},
       {"r7 v8", 7, 8, 1.f, 0.f, false, true},
       {"r3 v1", 3, 1, 1.f, 0.f, false, false},
+      // Shaped: a cap that bites (logits to +-50 under a cap of 30) with a temperature,
+      // -inf logits under it; a cap far into saturation; a temperature alone.
+      {"r40 v1000 cap30 T0.7 -inf", 40, 1000, 15.f, 20.f, true, true, 30.f, 1.f / 0.7f},
+      {"r130 v37 cap50 +-100", 130, 37, 8.f, 100.f, false, true, 50.f, 1.f},
+      {"r7 v50304 T1.6", 7, 50304, 8.f, 0.f, false, false, 0.f, 1.f / 1.6f},
   };
   bool ok = true;
   for (const Case &c : cases) {

@@ -16,6 +16,7 @@ fn ctx() -> Ctx {
 /// and GELU instead of RoPE, RMSNorm and SwiGLU; `qwen3` adds Qwen3's per-head norms of q and
 /// k (large random gains, not the ones they start at) on heads wider than hidden / heads,
 /// `gemma3` the same norms with Gemma's gains (`1 + w` from f32 offsets, in every norm);
+/// `gemma2` caps the attention scores and the logits (Gemma 2's soft caps, tighter);
 /// `smollm3` leaves the rotary positions out of its second layer (NoPE); `window` slides a
 /// window of 3 positions over its first layer (the second sees everything), `window-wide` one
 /// of 40, longer than any sequence here, over both.
@@ -23,7 +24,11 @@ fn net(preset: &str) -> (ParamStore, Transformer) {
     let cfg = config(preset);
     let mut store = ParamStore::new(Device::Cpu, 5);
     let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
-    if cfg.qk_norm || !cfg.nope_layers.is_empty() || cfg.sliding_window.is_some() {
+    let sharpen = cfg.qk_norm
+        || !cfg.nope_layers.is_empty()
+        || cfg.sliding_window.is_some()
+        || cfg.attn_logit_softcapping.is_some();
+    if sharpen {
         // Large gains sharpen attention, and matrices at 1 / sqrt(fan-in) let it move the
         // residual stream: a wrong key or query then changes the tokens.
         for (name, var, _) in store.iter() {
@@ -54,6 +59,12 @@ fn config(preset: &str) -> ModelConfig {
             qk_norm: true,
             norm_plus_one: true,
             head_dim: Some(16),
+            ..ModelConfig::preset("tiny").unwrap()
+        },
+        // Caps that bite at these sizes' scores and logits.
+        "gemma2" => ModelConfig {
+            attn_logit_softcapping: Some(0.5),
+            final_logit_softcapping: Some(2.0),
             ..ModelConfig::preset("tiny").unwrap()
         },
         "smollm3" => ModelConfig {
@@ -150,6 +161,8 @@ fn greedy_equals_a_full_recompute_loop() {
         ("qwen3", DecodeMode::Fixed),
         ("gemma3", DecodeMode::Dynamic),
         ("gemma3", DecodeMode::Fixed),
+        ("gemma2", DecodeMode::Dynamic),
+        ("gemma2", DecodeMode::Fixed),
         ("smollm3", DecodeMode::Dynamic),
         ("smollm3", DecodeMode::Fixed),
         ("window", DecodeMode::Dynamic),

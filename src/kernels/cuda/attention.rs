@@ -217,6 +217,7 @@ fn prepare(
     }
     // The last query sits at offset + tq - 1: a window at least that long hides nothing.
     mask.check_window()?;
+    mask.check_softcap()?;
     let window = mask.window.filter(|&w| w < offset.unwrap_or(0) + tq);
     to_i32(b * hq * tq.max(tk), "rows")?;
     let key_valid = match mask.key_valid {
@@ -247,6 +248,7 @@ fn prepare(
         key_valid,
         segments,
         window,
+        softcap: mask.softcap,
         imp,
         bwd_bk: bwd_block_k_on(dev, imp, d)?,
         saved: Mutex::new(None),
@@ -334,6 +336,8 @@ struct FlashAttn {
     segments: Option<(Tensor, Tensor)>,
     /// A sliding window that hides a key from some query (one that hides none is dropped).
     window: Option<usize>,
+    /// Gemma 2's cap on the scores (`AttnMask::softcap`).
+    softcap: Option<f64>,
     imp: AttnImpl,
     /// Keys per block of the tensor-core backward ([`bwd_block_k_on`]).
     bwd_bk: usize,
@@ -491,8 +495,10 @@ struct AttnParams {
     norm_eps: f32,
     window: i32,
     norm_plus_one: i32,
+    softcap_log2: f32,
+    softcap_inv_log2: f32,
 }
-const _: () = assert!(std::mem::size_of::<AttnParams>() == 256);
+const _: () = assert!(std::mem::size_of::<AttnParams>() == 264);
 
 impl AttnParams {
     /// The CUDA-core kernels' name infix: their variants for packed rows and sliding windows
@@ -621,6 +627,7 @@ impl FlashAttn {
     /// Sizes and options of a call, every pointer null: the part of [`AttnParams`] that
     /// does not depend on the buffers.
     fn params(&self, dims: &Dims) -> Result<AttnParams> {
+        let cap_log2 = self.softcap.map(|c| c * std::f64::consts::LOG2_E);
         Ok(AttnParams {
             b: to_i32(dims.b, "batch")?,
             hq: to_i32(dims.hq, "query heads")?,
@@ -635,6 +642,10 @@ impl FlashAttn {
             scale_log2: (self.scale * std::f64::consts::LOG2_E) as f32,
             scale: self.scale as f32,
             window: to_i32(self.window.unwrap_or(0), "sliding window")?,
+            // The kernels cap in the log2 domain they score in (SoftCap in
+            // kernels/attention.cuh), and divide by nothing.
+            softcap_log2: (cap_log2.unwrap_or(0.0)) as f32,
+            softcap_inv_log2: cap_log2.map_or(0.0, |c| 1.0 / c) as f32,
             ..AttnParams::default()
         })
     }
@@ -976,6 +987,7 @@ pub fn decode_fresh(
     mask: &AttnMask,
     scale: f64,
 ) -> Result<Option<Tensor>> {
+    mask.check_softcap()?;
     let dt = y.dtype();
     let Ok(dev) = y.device().as_cuda_device() else {
         return Ok(None);
@@ -1008,6 +1020,7 @@ pub fn decode_fresh(
         key_valid: None,
         segments: None,
         window: None,
+        softcap: mask.softcap,
         imp: AttnImpl::from_env(),
         bwd_bk: 64, // forward only
         saved: Mutex::new(None),
@@ -1400,6 +1413,7 @@ mod tests {
             key_valid: None,
             segments: None,
             window: None,
+            softcap: None,
             imp,
             bwd_bk: imp.bwd_block_k(64),
             saved: Mutex::new(None),

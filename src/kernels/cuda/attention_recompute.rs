@@ -25,6 +25,7 @@ pub fn attention(
         key_valid: mask.key_valid.map(Tensor::detach),
         segments: mask.segments.cloned(),
         window: mask.window,
+        softcap: mask.softcap,
         scale,
     };
     q.contiguous()?
@@ -36,6 +37,7 @@ struct Recomputed {
     key_valid: Option<Tensor>,
     segments: Option<Segments>,
     window: Option<usize>,
+    softcap: Option<f64>,
     scale: f64,
 }
 
@@ -46,6 +48,7 @@ impl Recomputed {
             key_valid: self.key_valid.as_ref(),
             segments: self.segments.as_ref(),
             window: self.window,
+            softcap: self.softcap,
         };
         attention_reference(q, k, v, &mask, self.scale)
     }

@@ -9,12 +9,13 @@ use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Tensor, WithDType};
 
 use super::super::host::rows_cols;
+use super::super::logprobs::Shaping;
 use super::{alloc_out, contiguous_view, cuda_storage, launch, load_func, DevPtr, KernelParams};
 use super::{tensor_from_slice, to_i32, DevPtrs, LaunchConfig};
 
 /// The Rust mirror of `struct LogprobsParams` in kernels/logprobs.cuh (field comments there).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct LogprobsParams {
     logits: DevPtr,
     targets: DevPtr,
@@ -26,9 +27,30 @@ struct LogprobsParams {
     dentropy: DevPtr,
     rows: i32,
     vocab: i32,
+    cap: f32,
+    inv_temp: f32,
 }
-const _: () = assert!(std::mem::size_of::<LogprobsParams>() == 72);
+const _: () = assert!(std::mem::size_of::<LogprobsParams>() == 80);
 const _: () = assert!(std::mem::align_of::<LogprobsParams>() == 8);
+impl Default for LogprobsParams {
+    /// No buffers, logits unshaped.
+    fn default() -> Self {
+        Self {
+            logits: 0,
+            targets: 0,
+            logp: 0,
+            lse: 0,
+            dlogp: 0,
+            dlogits: 0,
+            entropy: 0,
+            dentropy: 0,
+            rows: 0,
+            vocab: 0,
+            cap: 0.0,
+            inv_temp: 1.0,
+        }
+    }
+}
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for LogprobsParams {}
 impl KernelParams for LogprobsParams {
@@ -46,19 +68,33 @@ fn config(rows: usize) -> Result<LaunchConfig> {
     })
 }
 
+/// What the forward computes besides the log-probabilities: the entropies too (the output
+/// `[2, rows]`), and the logits' shaping.
+#[derive(Clone, Copy, Debug)]
+pub struct Outputs {
+    pub entropy: bool,
+    pub shaping: Shaping,
+}
+
+/// The kernels' `(cap, inv_temp)` for `s` (0 is no cap).
+fn shaping_args(s: Shaping) -> (f32, f32) {
+    (s.softcap.unwrap_or(0.0), 1.0 / s.temperature)
+}
+
 /// `(out, lse [rows] f32)` of contiguous logits and u32 targets: `out` the f32 log-probabilities
-/// `[rows]`, or with `entropy` `[2, rows]`, the softmax's entropies after them.
+/// `[rows]` of the shaped logits, or with the entropy `[2, rows]`, the softmax's entropies
+/// after them.
 pub fn forward(
     sx: &CudaStorage,
     lx: &Layout,
     st: &CudaStorage,
     lt: &Layout,
-    entropy: bool,
+    o: Outputs,
 ) -> Result<(CudaStorage, Tensor)> {
     match sx.dtype() {
-        DType::F32 => forward_t::<f32>(sx, lx, st, lt, entropy),
-        DType::BF16 => forward_t::<half::bf16>(sx, lx, st, lt, entropy),
-        DType::F16 => forward_t::<half::f16>(sx, lx, st, lt, entropy),
+        DType::F32 => forward_t::<f32>(sx, lx, st, lt, o),
+        DType::BF16 => forward_t::<half::bf16>(sx, lx, st, lt, o),
+        DType::F16 => forward_t::<half::f16>(sx, lx, st, lt, o),
         dt => candle_core::bail!("logprobs: no CUDA kernel for {dt:?}"),
     }
 }
@@ -73,7 +109,7 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
     lx: &Layout,
     st: &CudaStorage,
     lt: &Layout,
-    entropy: bool,
+    Outputs { entropy, shaping }: Outputs,
 ) -> Result<(CudaStorage, Tensor)> {
     let dev = sx.device();
     let (rows, vocab) = rows_cols(lx)?;
@@ -90,6 +126,7 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
         let name = kernel::<T>("fwd", vocab, &[logits]);
         let func = load_func(dev, "logprobs", &name)?;
         let logp = ptrs.write(&mut out);
+        let (cap, inv_temp) = shaping_args(shaping);
         let p = LogprobsParams {
             logits,
             targets: ptrs.read(&t),
@@ -98,6 +135,8 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
             entropy: if entropy { logp + half_offset(rows) } else { 0 },
             rows: to_i32(rows, "rows")?,
             vocab: to_i32(vocab, "vocab")?,
+            cap,
+            inv_temp,
             ..LogprobsParams::default()
         };
         // SAFETY: logits hold rows * vocab, targets and lse rows elements, out rows per
@@ -111,11 +150,13 @@ fn forward_t<T: CudaDType + DeviceRepr + WithDType>(
 }
 
 /// What the backward reads besides the logits and targets: the upstream f32 gradient (`[rows]`,
-/// or `[2, rows]` with `entropy`), the saved lse, and the forward's entropies where it gave them.
+/// or `[2, rows]` with `entropy`), the saved lse, the forward's entropies where it gave them,
+/// and the forward's shaping of the logits.
 pub struct Upstream<'a> {
     pub grad: (&'a CudaStorage, &'a Layout),
     pub lse: &'a Tensor,
     pub entropy: Option<&'a Tensor>,
+    pub shaping: Shaping,
 }
 
 /// `dlogits` (the logits' dtype) from the logits, targets and `up`.
@@ -235,6 +276,7 @@ fn launch_backward<T: CudaDType + WithDType>(
     let stream = dev.cuda_stream();
     let mut ptrs = DevPtrs::new(&stream);
     let dlogp = ptrs.read(&g);
+    let (cap, inv_temp) = shaping_args(up.shaping);
     let p = LogprobsParams {
         logits: x,
         targets: ptrs.read(&t),
@@ -249,6 +291,8 @@ fn launch_backward<T: CudaDType + WithDType>(
         },
         rows: to_i32(rows, "rows")?,
         vocab: to_i32(vocab, "vocab")?,
+        cap,
+        inv_temp,
         ..LogprobsParams::default()
     };
     // SAFETY: the caller's buffers at x and dx hold rows * vocab elements (and outlive the

@@ -16,6 +16,7 @@ use std::sync::{Mutex, PoisonError};
 use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
+use super::super::logprobs::Shaping;
 use super::super::spans::{self, Pass};
 use super::super::KernelOp;
 use super::{cuda_storage, gemm, logprobs, tensor_from_storage};
@@ -25,27 +26,37 @@ type Result<T> = candle_core::Result<T>;
 /// `[...]` f32 log-probabilities of `targets [...]` under `hidden [..., K] W^T`, or `None`
 /// where cuBLASLt does not take the GEMM (f32, mixed dtypes, rows not a multiple of 16 bytes).
 pub fn token_logprobs(hidden: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Option<Tensor>> {
-    head(hidden, w, targets, false)
+    head(hidden, w, targets, false, Shaping::NONE)
 }
 
-/// [`token_logprobs`] and each row's softmax entropy, both differentiable (one node whose
-/// output is `[2, ...]`), or `None` as there. Not on a tape: the split of the output is a
-/// candle op, which a tape segment would not record.
-pub fn token_logprobs_entropy(
+/// The log-probabilities under the `shaping` of the logits and, with `entropy`, each row's
+/// softmax entropy, both differentiable (one node whose output is then `[2, ...]`), or `None`
+/// as [`token_logprobs`]. The entropy is not on a tape: the split of the output is a candle op,
+/// which a tape segment would not record.
+pub fn logprobs(
     hidden: &Tensor,
     w: &Tensor,
     targets: &Tensor,
-) -> Result<Option<(Tensor, Tensor)>> {
-    if crate::tape::recording() {
+    entropy: bool,
+    shaping: Shaping,
+) -> Result<Option<(Tensor, Option<Tensor>)>> {
+    if entropy && crate::tape::recording() {
         candle_core::bail!("the loss head with entropy: not supported inside a tape segment");
     }
-    match head(hidden, w, targets, true)? {
-        Some(pair) => Ok(Some((pair.get(0)?, pair.get(1)?))),
-        None => Ok(None),
-    }
+    Ok(match head(hidden, w, targets, entropy, shaping)? {
+        Some(pair) if entropy => Some((pair.get(0)?, Some(pair.get(1)?))),
+        Some(lp) => Some((lp, None)),
+        None => None,
+    })
 }
 
-fn head(hidden: &Tensor, w: &Tensor, targets: &Tensor, entropy: bool) -> Result<Option<Tensor>> {
+fn head(
+    hidden: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    entropy: bool,
+    shaping: Shaping,
+) -> Result<Option<Tensor>> {
     if gemm::takes_nt(hidden, w).is_none() {
         return Ok(None);
     }
@@ -60,6 +71,7 @@ fn head(hidden: &Tensor, w: &Tensor, targets: &Tensor, entropy: bool) -> Result<
     let op = LossHead {
         saved: Mutex::new(None),
         entropy,
+        shaping,
     };
     let arg = crate::tape::arg;
     let (h, wp) = (gemm::prepared(&arg(hidden))?, gemm::prepared(&arg(w))?);
@@ -91,6 +103,7 @@ struct LossHead {
     saved: Mutex<Option<Saved>>,
     /// Whether the output is `[2, ...]`, the log-probabilities then the entropies.
     entropy: bool,
+    shaping: Shaping,
 }
 
 impl CustomOp3 for LossHead {
@@ -125,7 +138,11 @@ impl CustomOp3 for LossHead {
         })?;
         let ll = Layout::contiguous(shape.clone());
         let (logp, lse) = spans::timed(KernelOp::Logprobs, Pass::Forward, &dev, || {
-            logprobs::forward(&logits, &ll, st, lt, self.entropy)
+            let o = logprobs::Outputs {
+                entropy: self.entropy,
+                shaping: self.shaping,
+            };
+            logprobs::forward(&logits, &ll, st, lt, o)
         })?;
         let dims = shape.dims();
         let vocab = dims[dims.len() - 1];
@@ -197,6 +214,7 @@ impl LossHead {
                 grad: (cuda_storage(&gs)?, gl),
                 lse: &lse,
                 entropy: entropy.as_ref(),
+                shaping: self.shaping,
             };
             logprobs::backward_in_place(&mut logits, (rows, vocab), (cuda_storage(&ts)?, tl), &up)
         })?;
