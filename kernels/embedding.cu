@@ -27,7 +27,8 @@ template <typename TT, typename T> __device__ void forward(const EmbeddingParams
     return;
   }
   const TT *row = static_cast<const TT *>(p.table) + (size_t)id * p.dim;
-  for (int c = threadIdx.x; c < p.dim; c += blockDim.x) out[c] = from_f32<T>(to_f32(row[c]));
+  for (int c = threadIdx.x; c < p.dim; c += blockDim.x)
+    out[c] = from_f32<T>(to_f32(row[c]) * p.scale);
 }
 
 // Token plus position embedding (GPT-2's input) in one pass: the two rows summed in f32 and
@@ -57,6 +58,7 @@ template <typename T> __device__ void backward(const EmbeddingParams &p) {
   for (int c = threadIdx.x; c < p.dim; c += blockDim.x) {
     float acc = 0.f;
     for (unsigned int k = begin; k < end; ++k) acc += to_f32(dy[(size_t)p.order[k] * p.dim + c]);
+    acc *= p.scale;
     // The sum first, then the add: the same rounding as adding two separate gradients.
     drow[c] = p.accumulate ? drow[c] + acc : acc;
   }

@@ -12,6 +12,10 @@
 //! sums that row's positions in a fixed order (grouped on the host): parallel and
 //! deterministic. Its CPU implementation is the same maths, tested against the reference.
 //!
+//! Gemma scales its embedding rows by `sqrt(hidden)`; [`scaled`] folds the scale into the
+//! fused lookup (each row times it in f32, rounded once) and its backward (each row's summed
+//! gradient times it), where the reference multiplies the rows by candle's `affine`.
+//!
 //! On the tape (`crate::tape`) the forward queues a copy of the ids to page-locked host memory
 //! and the backward groups them, the copy long finished: neither pass waits for the device to
 //! drain. In candle's graph the backward reads them, waiting for the device to reach it.
@@ -52,6 +56,23 @@ pub fn embedding(
         );
     }
     reference_recorded(table, ids, dtype)
+}
+
+/// [`embedding`] times `scale` (Gemma's embedding scale, already rounded as the model rounds
+/// it): one op where the fused lookup serves, else the reference's rows then candle's
+/// `affine`.
+pub fn scaled(
+    table: &Tensor,
+    ids: &Tensor,
+    dtype: DType,
+    scale: f32,
+    choice: KernelChoice,
+) -> Result<Tensor> {
+    if fused_serves(table.device(), choice) && floating(table.dtype()) && floating(dtype) {
+        return fused_scaled(table, ids, dtype, scale);
+    }
+    let x = embedding(table, ids, dtype, choice)?;
+    tape::island(&[&x], |a| a[0].affine(scale as f64, 0.0))
 }
 
 fn floating(dtype: DType) -> bool {
@@ -96,6 +117,11 @@ fn reference_recorded(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Tens
 
 /// The fused op on any device, differentiable in the table (on a tape, or in candle's graph).
 pub fn fused(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+    fused_scaled(table, ids, dtype, 1.0)
+}
+
+/// [`fused`] with each row times `scale`, and so its gradient.
+pub fn fused_scaled(table: &Tensor, ids: &Tensor, dtype: DType, scale: f32) -> Result<Tensor> {
     spans::timed(KernelOp::Embedding, Pass::Forward, table.device(), || {
         if table.rank() != 2 || !floating(table.dtype()) {
             candle_core::bail!(
@@ -113,6 +139,7 @@ pub fn fused(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Tensor> {
             ids: ids.flatten_all()?.to_dtype(DType::U32)?.contiguous()?,
             dtype,
             shape: Shape::from(shape),
+            scale,
         };
         let arg = tape::arg(table).contiguous()?;
         if !tape::recording() {
@@ -126,7 +153,7 @@ pub fn fused(table: &Tensor, ids: &Tensor, dtype: DType) -> Result<Tensor> {
         let host = HostIds::start(&op.ids)?;
         tape::record_into(&[table], &y, 0, move |g, _, acc| {
             spans::timed(KernelOp::Embedding, Pass::Backward, g.device(), || {
-                let dt = table_grad(&g, &host.get()?, vocab, acc.as_ref())?;
+                let dt = table_grad(&g, &host.get()?, (vocab, scale), acc.as_ref())?;
                 Ok(vec![Some(dt)])
             })
         })?;
@@ -139,6 +166,8 @@ struct Embedding {
     dtype: DType,
     /// The output's shape, `[..., H]` for ids `[...]`.
     shape: Shape,
+    /// Each row's factor (1: none).
+    scale: f32,
 }
 
 /// `tok[ids] + pos[positions]`, `[..., H]` in `dtype`: GPT-2's input, the token embedding
@@ -210,7 +239,7 @@ pub fn fused2(
         tape::record_into(&[tok, pos], &y, 0, move |g, _, acc| {
             spans::timed(KernelOp::Embedding, Pass::Backward, g.device(), || {
                 let grad = |host: HostIds, rows: usize, acc: Option<&Tensor>| {
-                    table_grad(&g, &host.get()?, rows, acc)
+                    table_grad(&g, &host.get()?, (rows, 1.0), acc)
                 };
                 let dt = match ht {
                     Some(host) => Some(grad(host, vocab, acc.as_ref())?),
@@ -262,8 +291,9 @@ impl CustomOp2 for Embedding2 {
         sp: &candle_core::CudaStorage,
         lp: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let pos = Some(((sp, lp), &self.positions));
-        let (out, _rows) = super::cuda::embedding::forward((st, lt), &self.ids, pos, self.dtype)?;
+        use super::cuda::embedding::{forward, Extra};
+        let pos = Extra::Positions(((sp, lp), &self.positions));
+        let (out, _rows) = forward((st, lt), &self.ids, pos, self.dtype)?;
         Ok((out, self.shape.clone()))
     }
 
@@ -278,7 +308,7 @@ impl CustomOp2 for Embedding2 {
         spans::timed(KernelOp::Embedding, Pass::Backward, tok.device(), || {
             let grad_of = |table: &Tensor, ids: &Tensor| -> Result<Tensor> {
                 let rows = table.dim(0)?;
-                table_grad(grad, &ids.to_vec1::<u32>()?, rows, None)?.to_dtype(table.dtype())
+                table_grad(grad, &ids.to_vec1::<u32>()?, (rows, 1.0), None)?.to_dtype(table.dtype())
             };
             let (dt, dp) = (grad_of(tok, &self.ids)?, grad_of(pos, &self.positions)?);
             Ok((Some(dt), Some(dp)))
@@ -360,11 +390,11 @@ fn cpu_rows<TT: WithDType>(table: &[TT], ids: &[u32], h: usize) -> Vec<f32> {
 }
 
 /// The table's f32 gradient on the CPU: `init` (zeros where none), each used row's sum of
-/// its positions' `dy` rows added to it.
+/// its positions' `dy` rows, times `scale`, added to it.
 fn cpu_grad<T: WithDType>(
     dy: &[T],
     grouping: &Grouping,
-    h: usize,
+    (h, scale): (usize, f32),
     mut d: Vec<f32>,
 ) -> Result<Vec<f32>> {
     let Some((uniq, offsets, order)) = &grouping.rows else {
@@ -383,7 +413,7 @@ fn cpu_grad<T: WithDType>(
                 acc += dy[p as usize * h + c].to_f64() as f32;
             }
             // The sum first, then the add, as the kernel does.
-            *r += acc;
+            *r += acc * scale;
         }
     }
     Ok(d)
@@ -395,7 +425,8 @@ impl CustomOp1 for Embedding {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let rows = rows_f32(s, l, &self.ids)?;
+        let mut rows = rows_f32(s, l, &self.ids)?;
+        rows.iter_mut().for_each(|x| *x *= self.scale);
         Ok((rounded(rows, self.dtype)?, self.shape.clone()))
     }
 
@@ -405,7 +436,9 @@ impl CustomOp1 for Embedding {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (out, _rows) = super::cuda::embedding::forward((s, l), &self.ids, None, self.dtype)?;
+        use super::cuda::embedding::{forward, Extra};
+        let scale = Extra::Scale(self.scale);
+        let (out, _rows) = forward((s, l), &self.ids, scale, self.dtype)?;
         Ok((out, self.shape.clone()))
     }
 
@@ -416,7 +449,7 @@ impl CustomOp1 for Embedding {
             // The grouping needs the ids on the host: read here, in the backward, so that a
             // forward alone (generation) never waits for the device.
             let ids = self.ids.to_vec1::<u32>()?;
-            let g = table_grad(grad, &ids, table.dim(0)?, None)?;
+            let g = table_grad(grad, &ids, (table.dim(0)?, self.scale), None)?;
             g.to_dtype(table.dtype()).map(Some)
         })
     }
@@ -439,13 +472,18 @@ pub fn backward_onto(
     init: Option<&Tensor>,
 ) -> Result<Tensor> {
     let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-    table_grad(dy, &ids, vocab, init)
+    table_grad(dy, &ids, (vocab, 1.0), init)
 }
 
 /// `dy [..., H]` of the positions that read the rows `ids` -> the `[vocab, H]` table's f32
 /// gradient, `init` (the gradient so far) added where one is given. Every backward of the
 /// lookup comes here: the positions grouped by row, then one launch.
-fn table_grad(dy: &Tensor, ids: &[u32], vocab: usize, init: Option<&Tensor>) -> Result<Tensor> {
+fn table_grad(
+    dy: &Tensor,
+    ids: &[u32],
+    (vocab, scale): (usize, f32),
+    init: Option<&Tensor>,
+) -> Result<Tensor> {
     let h = dy.dim(D::Minus1)?;
     let dy = dy.reshape((ids.len(), h))?;
     if let Some(i) = init {
@@ -464,6 +502,7 @@ fn table_grad(dy: &Tensor, ids: &[u32], vocab: usize, init: Option<&Tensor>) -> 
     let op = EmbeddingBwd {
         grouping: &grouping,
         vocab,
+        scale,
     };
     match init {
         None => dy.contiguous()?.apply_op1_no_bwd(&op),
@@ -476,16 +515,18 @@ fn table_grad(dy: &Tensor, ids: &[u32], vocab: usize, init: Option<&Tensor>) -> 
 struct EmbeddingBwd<'a> {
     grouping: &'a Grouping,
     vocab: usize,
+    /// The forward's scale, which each row's sum takes.
+    scale: f32,
 }
 
 impl EmbeddingBwd<'_> {
     fn cpu(&self, s: &CpuStorage, l: &Layout, init: Vec<f32>) -> Result<(CpuStorage, Shape)> {
         let (_, h) = l.shape().dims2()?;
-        let g = self.grouping;
+        let (g, hs) = (self.grouping, (h, self.scale));
         let d = match s.dtype() {
-            DType::F32 => cpu_grad(slice::<f32>(s, l)?, g, h, init)?,
-            DType::BF16 => cpu_grad(slice::<half::bf16>(s, l)?, g, h, init)?,
-            DType::F16 => cpu_grad(slice::<half::f16>(s, l)?, g, h, init)?,
+            DType::F32 => cpu_grad(slice::<f32>(s, l)?, g, hs, init)?,
+            DType::BF16 => cpu_grad(slice::<half::bf16>(s, l)?, g, hs, init)?,
+            DType::F16 => cpu_grad(slice::<half::f16>(s, l)?, g, hs, init)?,
             dt => candle_core::bail!("embedding backward: unsupported dtype {dt:?}"),
         };
         Ok((CpuStorage::F32(d), Shape::from((self.vocab, h))))
@@ -508,7 +549,8 @@ impl CustomOp1 for EmbeddingBwd<'_> {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::embedding::backward(s, l, self.grouping, self.vocab, None)
+        let rows = (self.vocab, self.scale);
+        super::cuda::embedding::backward((s, l), self.grouping, rows, None)
     }
 }
 
@@ -547,7 +589,8 @@ impl CustomOp2 for EmbeddingBwd<'_> {
         si: &candle_core::CudaStorage,
         li: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::embedding::backward(s, l, self.grouping, self.vocab, Some((si, li)))
+        let rows = (self.vocab, self.scale);
+        super::cuda::embedding::backward((s, l), self.grouping, rows, Some((si, li)))
     }
 }
 
@@ -749,6 +792,34 @@ pub(crate) mod tests {
                     "{dtype:?} grad {a} vs {b}"
                 );
             }
+            // Scaled (Gemma's lookup): the rows and the gradient times the scale, in candle's
+            // graph and on a tape.
+            let s = 6.0f32;
+            let (ys, gs) = run(&|t, i, d| fused_scaled(t, i, d, s));
+            // The f32 row times the scale, rounded once (the reference's rows would round
+            // twice in bf16: the row, then the product).
+            let scaled_ref = |t: &Tensor, i: &Tensor, d: DType| {
+                reference(t, i, DType::F32)?.affine(6.0, 0.0)?.to_dtype(d)
+            };
+            let (ysr, gsr) = run(&scaled_ref);
+            assert_eq!(f(&ys), f(&ysr), "{dtype:?} scaled rows");
+            for (a, b) in f(&gs).iter().zip(f(&gsr)) {
+                assert!(
+                    (a - b).abs() <= 6.0 * tol * b.abs().max(1.0),
+                    "{dtype:?} {a} vs {b}"
+                );
+            }
+            let taped = crate::tape::segment(&ids, |ids| {
+                let y = fused_scaled(table.as_tensor(), ids, dtype, s)?;
+                Ok(crate::tape::island(&[&y], |a| (&a[0] * &w)?.sum_all())?)
+            })
+            .unwrap();
+            let g_tape = crate::tape::backward(&taped).unwrap();
+            assert_eq!(
+                f(g_tape.get(table.as_tensor()).unwrap()),
+                f(&gs),
+                "{dtype:?} tape"
+            );
         }
     }
 }

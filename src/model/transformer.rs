@@ -228,10 +228,15 @@ impl Transformer {
                 ctx.dtype,
                 choice,
             )?,
+            None if self.cfg.embed_scale => {
+                let scale = embed_scale(self.cfg.hidden_size, ctx.dtype);
+                embedding::scaled(&table, ids, ctx.dtype, scale, choice)?
+            }
             None => embedding::embedding(&table, ids, ctx.dtype, choice)?,
         };
-        if self.cfg.embed_scale {
-            x = scaled_embedding(&x, self.cfg.hidden_size)?;
+        if self.cfg.embed_scale && self.pos_embed.is_some() {
+            let scale = embed_scale(self.cfg.hidden_size, ctx.dtype);
+            x = crate::tape::island(&[&x], |a| a[0].affine(scale as f64, 0.0))?;
         }
         // After Gemma's scale, as transformers hooks the scaled embedding module's output,
         // and before dropout.
@@ -335,17 +340,15 @@ fn soft_capped(logits: &Tensor, cap: f64) -> candle_core::Result<Tensor> {
     crate::tape::island(&[logits], |a| (&a[0] / cap)?.tanh()? * cap)
 }
 
-/// Gemma's embedding scale: `x * sqrt(hidden)`, the factor first rounded to x's dtype as
-/// transformers rounds it to the table's (in bf16 `sqrt(1152)` = 33.94 becomes 34.0).
-fn scaled_embedding(x: &Tensor, hidden: usize) -> candle_core::Result<Tensor> {
+/// Gemma's embedding scale `sqrt(hidden)`, rounded to the embeddings' dtype as transformers
+/// rounds it to the table's (in bf16 `sqrt(1152)` = 33.94 becomes 34.0).
+fn embed_scale(hidden: usize, dtype: DType) -> f32 {
     let exact = (hidden as f64).sqrt();
-    let factor = match x.dtype() {
-        DType::BF16 => half::bf16::from_f64(exact).to_f64(),
-        DType::F16 => half::f16::from_f64(exact).to_f64(),
-        DType::F32 => exact as f32 as f64,
-        _ => exact,
-    };
-    crate::tape::island(&[x], |a| a[0].affine(factor, 0.0))
+    match dtype {
+        DType::BF16 => half::bf16::from_f64(exact).to_f32(),
+        DType::F16 => half::f16::from_f64(exact).to_f32(),
+        _ => exact as f32,
+    }
 }
 
 #[cfg(test)]
@@ -353,16 +356,27 @@ mod tests {
     use super::*;
 
     /// The factor is rounded to the activations' dtype before it multiplies, as transformers
-    /// rounds Gemma's: in bf16 a width of 1152 scales by 34, not 33.94.
+    /// rounds Gemma's: in bf16 a width of 1152 scales by 34, not 33.94; each path of the
+    /// lookup (the fused op, the reference rows then `affine`) scales the rows by it.
     #[test]
     fn the_embedding_scale_is_rounded_to_the_compute_dtype() {
-        let x = Tensor::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
-        let scaled = |x: &Tensor| {
-            let y = scaled_embedding(x, 1152).unwrap();
-            y.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()
-        };
-        assert_eq!(scaled(&x.to_dtype(DType::BF16).unwrap()), [34.0, -68.0]);
-        let exact = 1152f32.sqrt();
-        assert_eq!(scaled(&x), [exact, -2.0 * exact]);
+        use crate::kernels::embedding::{fused_scaled, scaled};
+        use crate::kernels::KernelChoice;
+        assert_eq!(embed_scale(1152, DType::BF16), 34.0);
+        assert_eq!(embed_scale(1152, DType::F32), 1152f32.sqrt());
+        let table = Tensor::new(&[[1.0f32, -2.0], [0.5, 3.0]], &Device::Cpu).unwrap();
+        let ids = Tensor::new(&[1u32, 0], &Device::Cpu).unwrap();
+        for dtype in [DType::BF16, DType::F32] {
+            let s = embed_scale(1152, dtype);
+            let want = [0.5 * s, 3.0 * s, s, -2.0 * s];
+            let rows = |y: Tensor| {
+                let y = y.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+                y.to_vec1::<f32>().unwrap()
+            };
+            for choice in [KernelChoice::Custom, KernelChoice::Reference] {
+                assert_eq!(rows(scaled(&table, &ids, dtype, s, choice).unwrap()), want);
+            }
+            assert_eq!(rows(fused_scaled(&table, &ids, dtype, s).unwrap()), want);
+        }
     }
 }

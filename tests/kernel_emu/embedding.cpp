@@ -156,8 +156,10 @@ FwdInputs make_fwd(const FwdCase &c, emu_check::Rng &rng) {
   return in;
 }
 
-// One lookup entry point (two: fwd2) for table dtype TT and output dtype T.
-template <typename TT, typename T> bool check_forward(const FwdInputs &in, bool two) {
+// One lookup entry point (two: fwd2) for table dtype TT and output dtype T; `scale` (Gemma's
+// embedding scale, embedding_fwd only) multiplies each f32 row before its one rounding.
+template <typename TT, typename T>
+bool check_forward(const FwdInputs &in, bool two, float scale = 1.f) {
   const FwdCase &c = in.c;
   const std::vector<TT> table = convert<TT>(in.table), table2 = convert<TT>(in.table2);
   std::vector<double> want((size_t)in.n * c.dim);
@@ -172,7 +174,7 @@ template <typename TT, typename T> bool check_forward(const FwdInputs &in, bool 
           const float b = (float)emu_check::value(table2[(size_t)at * c.dim + col]);
           w = round_as<T>((double)(a + b));  // the f32 sum, rounded once
         } else {
-          w = round_as<T>(a);
+          w = round_as<T>((double)(a * scale));  // the f32 product, rounded once
         }
       }
       want[(size_t)i * c.dim + col] = w;
@@ -189,9 +191,11 @@ template <typename TT, typename T> bool check_forward(const FwdInputs &in, bool 
   p.dim = c.dim;
   p.vocab = c.vocab;
   p.vocab2 = two ? c.vocab2 : 0;
+  if (scale != 1.f) p.scale = scale;
   if (in.n > 0 && c.dim > 0) launch_blocks(in.n, fwd_entry<TT, T>(two), p);
-  const std::string what = std::string(c.name) + (two ? " fwd2_" : " fwd_") + Dt<TT>::name +
-                           "_" + Dt<T>::name;
+  std::string what = std::string(c.name) + (two ? " fwd2_" : " fwd_") + Dt<TT>::name + "_" +
+                     Dt<T>::name;
+  if (scale != 1.f) what += " scaled";
   return emu_check::exact(what, out, want, /*nan_expected=*/true);
 }
 
@@ -199,6 +203,11 @@ template <typename TT> bool check_forward_table(const FwdInputs &in, bool two) {
   bool ok = check_forward<TT, float>(in, two);
   ok &= check_forward<TT, bf16>(in, two);
   ok &= check_forward<TT, f16>(in, two);
+  // Gemma's scale (sqrt(1152) in bf16 is 34; an f32 one exactly as the model rounds it).
+  if (!two) {
+    ok &= check_forward<TT, bf16>(in, false, 34.f);
+    ok &= check_forward<TT, float>(in, false, 33.941125f);
+  }
   return ok;
 }
 
@@ -223,8 +232,9 @@ BwdInputs make_bwd(const std::string &name, int vocab, int dim, std::vector<unsi
 }
 
 // dy in T; with_init: the gradient so far in S, widened by embedding_init_S (grid of an H200),
-// then accumulate 1.
-template <typename T, typename S> bool check_backward(const BwdInputs &in, bool with_init) {
+// then accumulate 1; each row's sum times `scale` (Gemma's embedding scale) before the add.
+template <typename T, typename S>
+bool check_backward(const BwdInputs &in, bool with_init, float scale = 1.f) {
   const size_t n = in.ids.size(), dim = in.dim, total = (size_t)in.vocab * dim;
   const std::vector<T> dy = convert<T>(in.dy);
   const std::vector<S> init = convert<S>(in.init);
@@ -254,11 +264,13 @@ template <typename T, typename S> bool check_backward(const BwdInputs &in, bool 
       for (unsigned k = g.offsets[u]; k < g.offsets[u + 1]; ++k) {
         const double x = emu_check::value(dy[(size_t)g.order[k] * dim + col]);
         acc += (float)x;
-        want[row * dim + col] += x;
-        mag[row * dim + col] += std::fabs(x);
+        want[row * dim + col] += x * scale;
+        mag[row * dim + col] += std::fabs(x) * scale;
         terms[row * dim + col] += 1;
       }
-      cpu[row * dim + col] = (double)((float)cpu[row * dim + col] + acc);
+      // The product rounds once more: one term more in the bound.
+      if (scale != 1.f) terms[row * dim + col] += 1;
+      cpu[row * dim + col] = (double)((float)cpu[row * dim + col] + acc * scale);
     }
   }
   double bound = 0;
@@ -289,10 +301,11 @@ template <typename T, typename S> bool check_backward(const BwdInputs &in, bool 
   p.n_uniq = (int)keep;
   p.vocab = in.vocab;
   p.accumulate = with_init ? 1 : 0;
+  if (scale != 1.f) p.scale = scale;
   if (keep > 0 && dim > 0) launch_blocks(keep, bwd_entry<T>(), p);
   dtable.resize(total);
 
-  std::string what = in.name + " bwd_" + Dt<T>::name;
+  std::string what = in.name + " bwd_" + Dt<T>::name + (scale != 1.f ? " scaled" : "");
   what += with_init ? std::string(" onto init_") + Dt<S>::name : std::string(" from zeros");
   bool ok = emu_check::close_abs(what, dtable, want, bound);
   ok &= emu_check::exact(what + " (cpu order)", dtable, cpu, /*nan_expected=*/true);
@@ -304,6 +317,9 @@ template <typename T> bool check_backward_dy(const BwdInputs &in) {
   ok &= check_backward<T, float>(in, true);
   ok &= check_backward<T, bf16>(in, true);
   ok &= check_backward<T, f16>(in, true);
+  // Gemma's scale, from zeros and onto a tied head's gradient.
+  ok &= check_backward<T, float>(in, false, 34.f);
+  ok &= check_backward<T, bf16>(in, true, 34.f);
   return ok;
 }
 

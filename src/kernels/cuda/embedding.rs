@@ -19,7 +19,7 @@ use super::{to_i32, DevPtrs, LaunchConfig};
 
 /// The Rust mirror of `struct EmbeddingParams` in kernels/embedding.cuh (field comments there).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct EmbeddingParams {
     table: DevPtr,
     ids: DevPtr,
@@ -37,8 +37,36 @@ struct EmbeddingParams {
     vocab: i32,
     accumulate: i32,
     vocab2: i32,
+    scale: f32,
+    unused_: i32,
 }
-const _: () = assert!(std::mem::size_of::<EmbeddingParams>() == 104);
+const _: () = assert!(std::mem::size_of::<EmbeddingParams>() == 112);
+
+impl Default for EmbeddingParams {
+    /// No buffers, no sizes, a scale of 1 (the kernels' default too).
+    fn default() -> Self {
+        Self {
+            table: 0,
+            ids: 0,
+            out: 0,
+            dy: 0,
+            dtable: 0,
+            uniq: 0,
+            offsets: 0,
+            order: 0,
+            table2: 0,
+            ids2: 0,
+            n: 0,
+            dim: 0,
+            n_uniq: 0,
+            vocab: 0,
+            accumulate: 0,
+            vocab2: 0,
+            scale: 1.0,
+            unused_: 0,
+        }
+    }
+}
 const _: () = assert!(std::mem::align_of::<EmbeddingParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernels' struct (asserted above).
 unsafe impl DeviceRepr for EmbeddingParams {}
@@ -60,19 +88,25 @@ fn config(blocks: usize) -> Result<LaunchConfig> {
 /// A position table and the position of each row, for `embedding_fwd2`.
 pub type Positions<'a> = ((&'a CudaStorage, &'a Layout), &'a Tensor);
 
-/// `[n, H]` rows of the token table (f32, bf16 or f16) at `ids`, plus the rows of the position
-/// table at their positions where one is given (`embedding_fwd2`, one dtype for both tables),
-/// in `dtype`.
+/// What a lookup adds to the token table's rows: the position table's rows at their positions
+/// (`embedding_fwd2`, one dtype for both tables), or a scale (Gemma's).
+#[derive(Clone, Copy)]
+pub enum Extra<'a> {
+    Positions(Positions<'a>),
+    Scale(f32),
+}
+
+/// `[n, H]` rows of the token table (f32, bf16 or f16) at `ids` with `extra`, in `dtype`.
 pub fn forward(
     tok: (&CudaStorage, &Layout),
     ids: &Tensor,
-    pos: Option<Positions>,
+    extra: Extra,
     dtype: DType,
 ) -> Result<(CudaStorage, Shape)> {
     match dtype {
-        DType::F32 => forward_out::<f32>(tok, ids, pos),
-        DType::BF16 => forward_out::<half::bf16>(tok, ids, pos),
-        DType::F16 => forward_out::<half::f16>(tok, ids, pos),
+        DType::F32 => forward_out::<f32>(tok, ids, extra),
+        DType::BF16 => forward_out::<half::bf16>(tok, ids, extra),
+        DType::F16 => forward_out::<half::f16>(tok, ids, extra),
         dt => candle_core::bail!("embedding: no CUDA kernel for {dt:?}"),
     }
 }
@@ -80,10 +114,10 @@ pub fn forward(
 fn forward_out<T: CudaDType + DeviceRepr + WithDType>(
     tok: (&CudaStorage, &Layout),
     ids: &Tensor,
-    pos: Option<Positions>,
+    extra: Extra,
 ) -> Result<(CudaStorage, Shape)> {
     let dt = tok.0.dtype();
-    if let Some(((sp, _), _)) = pos {
+    if let Extra::Positions(((sp, _), _)) = extra {
         if sp.dtype() != dt {
             candle_core::bail!(
                 "embedding: token table {dt:?}, position table {:?}: one dtype",
@@ -92,9 +126,9 @@ fn forward_out<T: CudaDType + DeviceRepr + WithDType>(
         }
     }
     match dt {
-        DType::F32 => forward_t::<f32, T>(tok, ids, pos),
-        DType::BF16 => forward_t::<half::bf16, T>(tok, ids, pos),
-        DType::F16 => forward_t::<half::f16, T>(tok, ids, pos),
+        DType::F32 => forward_t::<f32, T>(tok, ids, extra),
+        DType::BF16 => forward_t::<half::bf16, T>(tok, ids, extra),
+        DType::F16 => forward_t::<half::f16, T>(tok, ids, extra),
         dt => candle_core::bail!("embedding: no CUDA kernel for a {dt:?} table"),
     }
 }
@@ -102,8 +136,12 @@ fn forward_out<T: CudaDType + DeviceRepr + WithDType>(
 fn forward_t<TT: CudaDType + WithDType, T: CudaDType + DeviceRepr + WithDType>(
     (s, l): (&CudaStorage, &Layout),
     ids: &Tensor,
-    pos: Option<Positions>,
+    extra: Extra,
 ) -> Result<(CudaStorage, Shape)> {
+    let (pos, scale) = match extra {
+        Extra::Positions(p) => (Some(p), 1.0),
+        Extra::Scale(s) => (None, s),
+    };
     let dev = s.device();
     let (vocab, h) = l.shape().dims2()?;
     let n = ids.elem_count();
@@ -155,6 +193,7 @@ fn forward_t<TT: CudaDType + WithDType, T: CudaDType + DeviceRepr + WithDType>(
             dim: to_i32(h, "dim")?,
             vocab: to_i32(vocab, "vocab")?,
             vocab2: to_i32(vocab2, "positions table")?,
+            scale,
             ..EmbeddingParams::default()
         };
         // SAFETY: the tables hold vocab * h (and vocab2 * h), ids (and positions) n, out n * h.
@@ -166,28 +205,28 @@ fn forward_t<TT: CudaDType + WithDType, T: CudaDType + DeviceRepr + WithDType>(
     ))
 }
 
-/// The f32 `[vocab, H]` gradient of the table from `dy [n, H]` and the positions' grouping:
-/// from zeros, or from `init` (the gradient so far, `[vocab, H]` in any float dtype).
+/// The f32 `[vocab, H]` gradient of the table from `dy [n, H]` and the positions' grouping,
+/// each row's sum times `scale` (the forward's): from zeros, or from `init` (the gradient so
+/// far, `[vocab, H]` in any float dtype).
 pub(crate) fn backward(
-    s: &CudaStorage,
-    l: &Layout,
+    (s, l): (&CudaStorage, &Layout),
     grouping: &Grouping,
-    vocab: usize,
+    (vocab, scale): (usize, f32),
     init: Option<(&CudaStorage, &Layout)>,
 ) -> Result<(CudaStorage, Shape)> {
+    let rows = (vocab, scale);
     match s.dtype() {
-        DType::F32 => backward_t::<f32>(s, l, grouping, vocab, init),
-        DType::BF16 => backward_t::<half::bf16>(s, l, grouping, vocab, init),
-        DType::F16 => backward_t::<half::f16>(s, l, grouping, vocab, init),
+        DType::F32 => backward_t::<f32>((s, l), grouping, rows, init),
+        DType::BF16 => backward_t::<half::bf16>((s, l), grouping, rows, init),
+        DType::F16 => backward_t::<half::f16>((s, l), grouping, rows, init),
         dt => candle_core::bail!("embedding backward: no CUDA kernel for {dt:?}"),
     }
 }
 
 fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
-    s: &CudaStorage,
-    l: &Layout,
+    (s, l): (&CudaStorage, &Layout),
     grouping: &Grouping,
-    vocab: usize,
+    (vocab, scale): (usize, f32),
     init: Option<(&CudaStorage, &Layout)>,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s.device();
@@ -231,6 +270,7 @@ fn backward_t<T: CudaDType + DeviceRepr + WithDType>(
             n_uniq: to_i32(keep, "rows")?,
             vocab: to_i32(vocab, "vocab")?,
             accumulate: i32::from(init.is_some()),
+            scale,
             ..EmbeddingParams::default()
         };
         // SAFETY: dy holds n * h, dtable vocab * h; every uniq row is below vocab and every
