@@ -48,12 +48,17 @@ impl Shaping {
     };
 
     pub fn is_none(&self) -> bool {
-        *self == Self::NONE
+        self.cap().is_none() && self.temperature == 1.0
+    }
+
+    /// The cap, where it is one: a cap of 0 or less is none, as the kernels read it.
+    pub fn cap(&self) -> Option<f32> {
+        self.softcap.filter(|&c| c > 0.0)
     }
 
     /// The shaped logit, in f32 as the kernels compute it.
     fn apply(&self, x: f32) -> f32 {
-        let capped = match self.softcap {
+        let capped = match self.cap() {
             Some(c) => c * (x / c).tanh(),
             None => x,
         };
@@ -63,7 +68,7 @@ impl Shaping {
     /// `d apply(x) / dx`.
     fn slope(&self, x: f32) -> f32 {
         let inv_t = 1.0 / self.temperature;
-        match self.softcap {
+        match self.cap() {
             Some(c) => {
                 let t = (x / c).tanh();
                 inv_t * (1.0 - t * t)
@@ -75,7 +80,7 @@ impl Shaping {
     /// The shaped logits by candle's ops, in f32: what the references read.
     pub fn reference(&self, logits: &Tensor) -> Result<Tensor> {
         let mut x = logits.to_dtype(DType::F32)?;
-        if let Some(c) = self.softcap {
+        if let Some(c) = self.cap() {
             x = ((x / c as f64)?.tanh()? * c as f64)?;
         }
         if self.temperature != 1.0 {
@@ -199,7 +204,7 @@ fn head_pass(
         }
     }
     let mut shaping = head.shaping;
-    let hidden = match shaping.softcap {
+    let hidden = match shaping.cap() {
         // The head is linear without a bias, so softmax(h W^T / T) = softmax((h / T) W^T):
         // the temperature scales the [.., K] hidden states instead of the [.., V] logits.
         None if shaping.temperature != 1.0 => {

@@ -254,8 +254,9 @@ impl Transformer {
         Ok(self.compute_logits(hidden, gemm)?.to_dtype(DType::F32)?)
     }
 
-    /// `[B, T, H]` hidden -> `[B, T, V]` logits in the compute dtype (bf16 on a GPU): what
-    /// the loss head reads, so that no f32 copy of the largest activation exists.
+    /// `[B, T, H]` hidden -> `[B, T, V]` logits in the compute dtype (bf16 on a GPU), or in
+    /// f32 where Gemma 2 caps them: what the sampler reads. (The training losses read no
+    /// logits tensor: [`Self::head_logprobs`].)
     pub fn compute_logits(&self, hidden: &Tensor, gemm: KernelChoice) -> Result<Tensor> {
         let logits = crate::kernels::gemm::linear(hidden, &self.head_weight(hidden)?, None, gemm)?;
         Ok(match self.cfg.final_logit_softcapping {
@@ -334,10 +335,14 @@ impl Transformer {
     }
 }
 
-/// Gemma 2's cap on the logits, `cap * tanh(l / cap)` in their dtype, as transformers caps
-/// them.
+/// Gemma 2's cap on the logits, `cap * tanh(l / cap)`, in f32 as the loss head caps them
+/// (`kernels::logprobs::Shaping`): the sampler then draws from the distribution the RL stages
+/// score, where capping in bf16 (as transformers does) would move logits near the cap by up
+/// to 0.06 between the two.
 fn soft_capped(logits: &Tensor, cap: f64) -> candle_core::Result<Tensor> {
-    crate::tape::island(&[logits], |a| (&a[0] / cap)?.tanh()? * cap)
+    crate::tape::island(&[logits], |a| {
+        (&a[0].to_dtype(DType::F32)? / cap)?.tanh()? * cap
+    })
 }
 
 /// Gemma's embedding scale `sqrt(hidden)`, rounded to the embeddings' dtype as transformers

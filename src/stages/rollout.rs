@@ -948,8 +948,7 @@ mod tests {
             let w = want[0][2 + j][tok];
             assert!((lp[0][j] - w).abs() < 1e-4, "{:?} vs {w}", lp[0]);
         }
-        // With the entropy the logits are made and divided; without it (and without a cap) the
-        // hidden states are scaled before the head. Both give the same log-probabilities.
+        // With the entropy or without it, the same log-probabilities.
         let (lp_ent, ent) = response_logprobs(&net, ctx, &ro, &[0, 1], true).unwrap();
         assert!(ent.is_some());
         let lp_ent = lp_ent.to_vec2::<f32>().unwrap();

@@ -78,7 +78,7 @@ pub struct Outputs {
 
 /// The kernels' `(cap, inv_temp)` for `s` (0 is no cap).
 fn shaping_args(s: Shaping) -> (f32, f32) {
-    (s.softcap.unwrap_or(0.0), 1.0 / s.temperature)
+    (s.cap().unwrap_or(0.0), 1.0 / s.temperature)
 }
 
 /// `(out, lse [rows] f32)` of contiguous logits and u32 targets: `out` the f32 log-probabilities
