@@ -125,8 +125,9 @@ pub fn attention_with(
     imp: AttnImpl,
 ) -> Result<Option<Tensor>> {
     let arg = crate::tape::arg;
+    let backward = may_backward([q, k, v]);
     Ok(
-        match prepare(&arg(q), &arg(k), &arg(v), mask, scale, imp)? {
+        match prepare(&arg(q), &arg(k), &arg(v), mask, scale, (imp, backward))? {
             Some((op, qa, ka, va)) => Some(crate::tape::op3([q, k, v], [qa, ka, va], op)?),
             None => None,
         },
@@ -154,7 +155,7 @@ impl AttentionDirect {
         scale: f64,
         imp: AttnImpl,
     ) -> Result<Option<Self>> {
-        Ok(prepare(q, k, v, mask, scale, imp)?.map(|(op, q, k, v)| Self { op, q, k, v }))
+        Ok(prepare(q, k, v, mask, scale, (imp, true))?.map(|(op, q, k, v)| Self { op, q, k, v }))
     }
 
     /// Runs the forward kernels (the same launches as [`attention_with`]) and keeps the
@@ -174,16 +175,27 @@ impl AttentionDirect {
     }
 }
 
+/// Whether a gradient may be asked of an op on `qkv`: on a tape, where the tape wants one of
+/// theirs; in candle's graph, where one of them tracks its ops. Not so (generation, a frozen
+/// reference model's scores, evaluation), a card may run a forward whose backward it could
+/// not ([`fits_head_dim`]).
+fn may_backward(qkv: [&Tensor; 3]) -> bool {
+    match crate::tape::recording() {
+        true => crate::tape::wanted(&qkv).into_iter().any(|w| w),
+        false => qkv.iter().any(|t| t.track_op()),
+    }
+}
+
 /// Checks shared by [`attention_with`] and [`AttentionDirect`]: the op and its inputs (q
 /// aligned; k and v aligned, or a KV cache view for the simple forward), or `None` where the
-/// kernels do not apply.
+/// kernels do not apply; `backward` says whether the op may be asked for its backward.
 fn prepare(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: &AttnMask,
     scale: f64,
-    imp: AttnImpl,
+    (imp, backward): (AttnImpl, bool),
 ) -> Result<Option<(FlashAttn, Tensor, Tensor, Tensor)>> {
     let dtype = q.dtype();
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
@@ -208,7 +220,12 @@ fn prepare(
     let Ok(dev) = q.device().as_cuda_device() else {
         return Ok(None);
     };
-    if compute_capability(dev)? < (8, 0) || !takes_head_dim(dev, dtype, d, imp)? {
+    let passes = match backward {
+        true => Passes::Both,
+        false => Passes::Forward,
+    };
+    if compute_capability(dev)? < (8, 0) || !fits_head_dim(smem_optin(dev)?, dtype, d, imp, passes)
+    {
         return Ok(None);
     }
     let offset = mask.causal_offset;
@@ -251,6 +268,7 @@ fn prepare(
         softcap: mask.softcap,
         imp,
         bwd_bk: bwd_block_k_on(dev, imp, d)?,
+        forward_only: !fits_head_dim(smem_optin(dev)?, dtype, d, imp, Passes::Both),
         saved: Mutex::new(None),
     };
     let dims = Dims {
@@ -282,12 +300,46 @@ fn prepare(
 /// not under `Simple`, on a card whose blocks may take that backward's shared memory (sm_80
 /// and sm_90; not sm_86 or sm_89, which allow 99 KiB).
 pub fn takes_head_dim(dev: &CudaDevice, dtype: DType, d: usize, imp: AttnImpl) -> Result<bool> {
+    Ok(fits_head_dim(smem_optin(dev)?, dtype, d, imp, Passes::Both))
+}
+
+/// [`takes_head_dim`] for a call no gradient can be asked of: the forward alone.
+pub fn takes_head_dim_forward(
+    dev: &CudaDevice,
+    dtype: DType,
+    d: usize,
+    imp: AttnImpl,
+) -> Result<bool> {
+    Ok(fits_head_dim(
+        smem_optin(dev)?,
+        dtype,
+        d,
+        imp,
+        Passes::Forward,
+    ))
+}
+
+/// Which passes of the op a call may run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Passes {
+    Forward,
+    Both,
+}
+
+/// [`takes_head_dim`] for a card whose blocks may opt in to `optin` bytes of shared memory,
+/// for `passes`: at [`WIDE_HEAD_DIM`] the forward (96.25 KiB) fits sm_86 and sm_89's 99 KiB
+/// where the backward (149.5 KiB) does not, so a call no gradient can be asked of (a prefill,
+/// a frozen model's scores) still takes our forward there.
+fn fits_head_dim(optin: usize, dtype: DType, d: usize, imp: AttnImpl, passes: Passes) -> bool {
     if d <= MAX_HEAD_DIM {
-        return Ok(d > 0);
+        return d > 0;
     }
-    Ok(mma_applies(dtype, d)
+    let forward = fwd_mma_smem(d, imp.fwd_block_q(d)) <= optin;
+    let backward = bwd_mma_smem(d, imp.bwd_block_k(d)) <= optin;
+    mma_applies(dtype, d)
         && imp != AttnImpl::Simple
-        && bwd_mma_smem(d, imp.bwd_block_k(d)) <= smem_optin(dev)?)
+        && forward
+        && (backward || passes == Passes::Forward)
 }
 
 /// The capacity `cap` when `l` is the first `Tk` positions of a contiguous `[B, H, cap, D]`
@@ -341,6 +393,9 @@ struct FlashAttn {
     imp: AttnImpl,
     /// Keys per block of the tensor-core backward ([`bwd_block_k_on`]).
     bwd_bk: usize,
+    /// The card runs this call's forward but not its backward ([`fits_head_dim`]); the op was
+    /// made for a call no gradient can be asked of.
+    forward_only: bool,
     saved: Mutex<Option<Saved>>,
 }
 
@@ -1023,6 +1078,7 @@ pub fn decode_fresh(
         softcap: mask.softcap,
         imp: AttnImpl::from_env(),
         bwd_bk: 64, // forward only
+        forward_only: true,
         saved: Mutex::new(None),
     };
     // The decode stream's own conditions (`Auto`, 16-bit, D 64, 128 or 256, at most 4 rows, aligned
@@ -1312,6 +1368,13 @@ impl CustomOp3 for FlashAttn {
         o: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.forward_only {
+            candle_core::bail!(
+                "attention backward at head dim {}: this card's blocks cannot hold its shared \
+                 memory, and the op was made for a call no gradient could be asked of",
+                q.dim(3)?
+            );
+        }
         spans::timed(KernelOp::Attention, Pass::Backward, q.device(), || {
             let dout = contiguous16(grad)?;
             // The backward kernels read contiguous k and v; a KV cache view is copied here.
@@ -1384,6 +1447,48 @@ mod tests {
         assert!(bwd_mma_smem(256, 64) <= 163 * 1024);
     }
 
+    /// sm_86 and sm_89 (99 KiB a block) take head dim 256's forward where no gradient can be
+    /// asked, never its backward; sm_80 and sm_90 both; f32 and the CUDA-core kernels neither.
+    #[test]
+    fn a_card_too_small_for_the_backward_still_runs_the_forward() {
+        use Passes::{Both, Forward};
+        let (sm89, sm80, sm90) = (99 * 1024, 163 * 1024, 227 * 1024);
+        for imp in [AttnImpl::Auto, AttnImpl::Mma, AttnImpl::MmaWide] {
+            for dt in [DType::BF16, DType::F16] {
+                assert!(fits_head_dim(sm89, dt, 256, imp, Forward), "{imp:?} {dt:?}");
+                assert!(!fits_head_dim(sm89, dt, 256, imp, Both), "{imp:?} {dt:?}");
+                for optin in [sm80, sm90] {
+                    assert!(fits_head_dim(optin, dt, 256, imp, Both), "{imp:?} {dt:?}");
+                }
+            }
+            assert!(!fits_head_dim(sm90, DType::F32, 256, imp, Forward));
+        }
+        assert!(!fits_head_dim(
+            sm90,
+            DType::BF16,
+            256,
+            AttnImpl::Simple,
+            Forward
+        ));
+        // Narrower heads fit every card, in every dtype.
+        assert!(fits_head_dim(sm89, DType::F32, 128, AttnImpl::Simple, Both));
+        assert!(!fits_head_dim(
+            sm89,
+            DType::BF16,
+            0,
+            AttnImpl::Auto,
+            Forward
+        ));
+        // Too small for either: nothing.
+        assert!(!fits_head_dim(
+            64 * 1024,
+            DType::BF16,
+            256,
+            AttnImpl::Auto,
+            Forward
+        ));
+    }
+
     #[test]
     fn auto_takes_the_decode_stream_then_the_tensor_cores_at_head_dim_256() {
         let auto = op(AttnImpl::Auto);
@@ -1416,6 +1521,7 @@ mod tests {
             softcap: None,
             imp,
             bwd_bk: imp.bwd_block_k(64),
+            forward_only: false,
             saved: Mutex::new(None),
         }
     }
