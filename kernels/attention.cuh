@@ -253,18 +253,19 @@ static_assert(MmaFwdTraits<256>::kSmemBytes == 98560, "fwd_mma_smem in attention
 // the first computes S^T and P^T, the second dP^T, each over the whole head, and they swap them
 // through shared memory (sX: W warps' [BQ / 8 * 4][32 lanes] f32), so that both hold the same
 // P^T and dS^T; then each accumulates dK and dV for its half of the head dim. The dQ step is
-// the other head dims'. 149.5 KiB of shared memory: sm_80 and sm_90, not sm_86 / sm_89.
+// the other head dims'. 149.5 KiB of shared memory: sm_80 and sm_90. The narrow variant
+// (W = 4: 32 keys a block, 16-row query tiles; attn_bwd_mma_narrow_*_h256) takes 69.75 KiB,
+// under the 99 KiB a block of sm_86 and sm_89 may hold, at twice the query-tile steps.
 template <int D, int W = 4> struct MmaBwdTraits {
   static constexpr int kSplit = D == 256 ? 2 : 1;  // warps per 16-key tile
   static constexpr int kBlockK = 16 * W / kSplit;
-  static constexpr int kBlockQ = D >= 128 ? 32 : 64;
+  static constexpr int kBlockQ = D == 256 && W == 4 ? 16 : D >= 128 ? 32 : 64;
   static constexpr int kThreads = 32 * W;
   static constexpr int kSmemBytes = (2 * kBlockK + 4 * kBlockQ) * D * 2 +
                                     kBlockK * (kBlockQ + 8) * 2 + 4 * kBlockQ * 4 +
                                     (kSplit > 1 ? W * kBlockQ / 8 * 4 * 32 * 4 : 0);
   static_assert(D == 64 || D == 128 || D == 256, "head dims the mma kernels are instantiated for");
   static_assert(W == 4 || W == 8, "64- or 128-key blocks");
-  static_assert(D < 256 || W == 8, "D = 256: 8 warps, two a 16-key tile");
   static_assert(kBlockK * kSplit == 16 * (kThreads / 32), "kSplit warps a 16-key mma tile");
   static_assert(kBlockQ % 16 == 0, "dQ m-blocks");
 };
@@ -273,6 +274,7 @@ static_assert(MmaBwdTraits<64>::kSmemBytes == 59392, "bwd_mma_smem in attention.
 static_assert(MmaBwdTraits<128, 8>::kSmemBytes == 109056, "bwd_mma_smem in attention.rs");
 static_assert(MmaBwdTraits<64, 8>::kSmemBytes == 84992, "bwd_mma_smem in attention.rs");
 static_assert(MmaBwdTraits<256, 8>::kSmemBytes == 153088, "bwd_mma_smem in attention.rs");
+static_assert(MmaBwdTraits<256, 4>::kSmemBytes == 71424, "bwd_mma_smem in attention.rs");
 
 }  // namespace attn
 }  // namespace temper

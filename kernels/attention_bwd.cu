@@ -25,7 +25,7 @@
 // Every entry point is `extern "C"`, takes one AttnParams by value, and carries its dtype in
 // its name: attn_bwd_dot_<dtype>, attn_bwd_dq_simple_<dtype>_d<DPL>,
 // attn_bwd_dkdv_simple_<dtype>_d<DPL>, attn_bwd_mma_<dtype>_h<D>, attn_bwd_mma2_<dtype>_h<D>
-// (D 64 and 128), attn_dq_convert_<dtype>.
+// (D 64 and 128), attn_bwd_mma_narrow_<dtype>_h256, attn_dq_convert_<dtype>.
 
 #include "attention.cuh"
 #include "mma.cuh"
@@ -286,8 +286,9 @@ static __device__ void dq_convert(const float *__restrict__ acc, T *__restrict__
 // ---------------------------------------------------------------------------------------
 // dK, dV (and dQ through f32 atomics). grid (B*Hkv, ceil(Tk / BK)), block 32 * W, BK = 16 * W
 // / kSplit keys (W = 4 or 8 warps), dynamic shared memory MmaBwdTraits<D, W>::kSmemBytes. BQ
-// (query rows per step) is 64 for D = 64 and 32 for D = 128 and 256, which keeps dK, dV (in
-// registers for the whole kernel) plus S^T and dP^T under the register budget. At D = 256
+// (query rows per step) is 64 for D = 64 and 32 for D = 128 and 256 (16 in D = 256's narrow
+// variant, W = 4), which keeps dK, dV (in registers for the whole kernel) plus S^T and dP^T
+// under the register budget. At D = 256
 // two warps share a 16-key tile (MmaBwdTraits): `half` says which half of the head dim's dK
 // and dV a warp accumulates, and which of S^T (0) and dP^T (1) it computes for both.
 template <typename T, int D, int W>
@@ -656,11 +657,16 @@ BWD_DTYPE(__half, f16)
     BWD_MMA_CALL(T, D, 8);                                                                     \
   }
 
-// D = 256: 64-key blocks of 8 warps, two a 16-key tile (MmaBwdTraits).
+// D = 256: 64-key blocks of 8 warps, two a 16-key tile (MmaBwdTraits); the narrow variant's
+// 32-key blocks of 4 warps and 16-row query tiles, for cards whose blocks hold 99 KiB.
 #define BWD_MMA_ENTRY_SPLIT(T, SUF, D)                                                         \
   extern "C" __global__ void __launch_bounds__(MmaBwdTraits<D, 8>::kThreads)                   \
       attn_bwd_mma_##SUF##_h##D(const AttnParams p) {                                          \
     BWD_MMA_CALL(T, D, 8);                                                                     \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(MmaBwdTraits<D, 4>::kThreads)                   \
+      attn_bwd_mma_narrow_##SUF##_h##D(const AttnParams p) {                                   \
+    BWD_MMA_CALL(T, D, 4);                                                                     \
   }
 
 BWD_MMA_ENTRY(__nv_bfloat16, bf16, 64)

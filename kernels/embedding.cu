@@ -58,7 +58,7 @@ template <typename T> __device__ void backward(const EmbeddingParams &p) {
   for (int c = threadIdx.x; c < p.dim; c += blockDim.x) {
     float acc = 0.f;
     for (unsigned int k = begin; k < end; ++k) acc += to_f32(dy[(size_t)p.order[k] * p.dim + c]);
-    acc *= p.scale;
+    acc = __fmul_rn(acc, p.scale);  // rounded before the add, as the CPU mirror: no FMA
     // The sum first, then the add: the same rounding as adding two separate gradients.
     drow[c] = p.accumulate ? drow[c] + acc : acc;
   }

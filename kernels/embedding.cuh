@@ -26,9 +26,9 @@ struct EmbeddingParams {
   int accumulate;              // backward: add each row's sum to dtable's row, not overwrite it
   int vocab2;                  // rows of the position table (embedding_fwd2)
   // Gemma's embedding scale: embedding_fwd multiplies each row by it (in f32, rounded once),
-  // embedding_bwd each row's summed gradient (before adding it to the gradient so far); 1
-  // elsewhere. embedding_fwd2 does not read it.
-  float scale = 1.f;
+  // embedding_bwd each row's summed gradient (before adding it to the gradient so far); 1 for
+  // none (the Rust mirror's default). embedding_fwd2 does not read it.
+  float scale;
   int unused_;
 };
 static_assert(sizeof(EmbeddingParams) == 112, "EmbeddingParams: keep in step with the Rust mirror");

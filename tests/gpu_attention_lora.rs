@@ -31,7 +31,7 @@ mod gpu {
     use candle_core::{DType, Device, Tensor, Var};
     use temper::kernels::attention::{self, AttnMask, Segments};
     use temper::kernels::cuda::attention::{
-        attention_with, bwd_block_k_on, takes_head_dim, takes_head_dim_forward, AttnImpl,
+        attention_with, bwd_block_k_on, takes_head_dim, AttnImpl,
     };
     use temper::kernels::cuda::compute_capability;
     use temper::kernels::cuda::cudarc::driver::sys::CUdevice_attribute;
@@ -204,22 +204,17 @@ mod gpu {
         Some(m)
     }
 
-    /// The implementations that take the case (`forward_only`: a call no gradient is asked
-    /// of). At head dim 256 (no simple kernel) `Auto` too, which sends a few query rows to the
-    /// decode stream; none where the card's blocks cannot hold the pass's shared memory (the
-    /// reference's then: the 256 backward's on sm_86 and sm_89).
-    fn impls(dtype: DType, d: usize, dev: &Device, forward_only: bool) -> Vec<AttnImpl> {
+    /// The implementations that take the case. At head dim 256 (no simple kernel) `Auto` too,
+    /// which sends a few query rows to the decode stream; none where the card's blocks cannot
+    /// hold the shared memory of its forward and of a backward (the reference's then).
+    fn impls(dtype: DType, d: usize, dev: &Device) -> Vec<AttnImpl> {
         let sixteen = matches!(dtype, DType::BF16 | DType::F16);
         if d == 256 {
             if !sixteen {
                 return vec![];
             }
             let cuda = dev.as_cuda_device().unwrap();
-            let takes = match forward_only {
-                true => takes_head_dim_forward(cuda, dtype, d, AttnImpl::Mma),
-                false => takes_head_dim(cuda, dtype, d, AttnImpl::Mma),
-            };
-            if !takes.unwrap() {
+            if !takes_head_dim(cuda, dtype, d, AttnImpl::Mma).unwrap() {
                 eprintln!("attention: no kernel for head dim 256 on this card (shared memory)");
                 return vec![];
             }
@@ -274,7 +269,7 @@ mod gpu {
                 let y_ref =
                     attention::attention_reference(&inp.q.1, &inp.k.1, &inp.v.1, &mask_c, scale)
                         .unwrap();
-                for imp in impls(dtype, c.d, dev, true) {
+                for imp in impls(dtype, c.d, dev) {
                     let y = attention_with(&inp.q.0, &inp.k.0, &inp.v.0, &mask_g, scale, imp)
                         .unwrap()
                         .expect("kernel covers the case");
@@ -318,7 +313,7 @@ mod gpu {
                     .unwrap()
                     .backward()
                     .unwrap();
-                for imp in impls(dtype, c.d, dev, false) {
+                for imp in impls(dtype, c.d, dev) {
                     let (qg, kg, vg) = (
                         Var::from_tensor(&inp.q.0).unwrap(),
                         Var::from_tensor(&inp.k.0).unwrap(),
@@ -415,7 +410,7 @@ mod gpu {
                     .unwrap()
                     .backward()
                     .unwrap();
-                for imp in impls(dtype, c.d, dev, false) {
+                for imp in impls(dtype, c.d, dev) {
                     let what = format!("{imp:?} {dtype:?} {c:?} (seed {seed})");
                     let (qg, kg, vg) = (vars(&inp.q, true), vars(&inp.k, true), vars(&inp.v, true));
                     let y = attention_with(&qg, &kg, &vg, &mask, scale, imp)

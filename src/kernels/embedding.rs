@@ -464,7 +464,7 @@ pub fn backward(dy: &Tensor, ids: &Tensor, vocab: usize) -> Result<Tensor> {
 }
 
 /// [`backward`] added to `init` (`[vocab, H]`, any float dtype: the gradient so far of a tied
-/// table) in one pass: what the tape runs for a tied embedding.
+/// table) in one pass: what the tape runs for a tied embedding read without a scale.
 pub fn backward_onto(
     dy: &Tensor,
     ids: &Tensor,

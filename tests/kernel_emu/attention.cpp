@@ -72,8 +72,9 @@ template <typename T> struct Dt;
   static constexpr Kernel bwd_dot = attn_bwd_dot_##SUF;
 
 // fwd_mma[hd(d)][mt - 1]: attn_fwd_mma (64-row blocks) and attn_fwd_mma2 (128-row) per head
-// dim; bwd_mma[hd(d)][w == 8]: attn_bwd_mma (4 warps) and attn_bwd_mma2 (8). D = 256 has one
-// of each: 64-row forward blocks, and a backward of 8 warps named attn_bwd_mma.
+// dim; bwd_mma[hd(d)][w == 8]: attn_bwd_mma (4 warps) and attn_bwd_mma2 (8). D = 256 has
+// 64-row forward blocks only, and two backwards: attn_bwd_mma (8 warps, 64 keys) and
+// attn_bwd_mma_narrow (4 warps, 32 keys, 16-row query tiles; sm_86 and sm_89).
 #define MMA_ENTRIES(SUF)                                                                      \
   static constexpr Kernel fwd_mma[3][2] = {                                                   \
       {attn_fwd_mma_##SUF##_h64, attn_fwd_mma2_##SUF##_h64},                                  \
@@ -82,7 +83,7 @@ template <typename T> struct Dt;
   static constexpr Kernel bwd_mma[3][2] = {                                                  \
       {attn_bwd_mma_##SUF##_h64, attn_bwd_mma2_##SUF##_h64},                                  \
       {attn_bwd_mma_##SUF##_h128, attn_bwd_mma2_##SUF##_h128},                                \
-      {nullptr, attn_bwd_mma_##SUF##_h256}};                                                  \
+      {attn_bwd_mma_narrow_##SUF##_h256, attn_bwd_mma_##SUF##_h256}};                         \
   static constexpr Kernel dq_convert = attn_dq_convert_##SUF;
 
 // The row of fwd_mma and bwd_mma for a head dim the tensor cores take.
@@ -267,7 +268,7 @@ size_t fwd_smem(int d, int mt) {
 
 size_t bwd_smem(int d, int w) {
   if (d == 64) return w == 8 ? MmaBwdTraits<64, 8>::kSmemBytes : MmaBwdTraits<64, 4>::kSmemBytes;
-  if (d == 256) return MmaBwdTraits<256, 8>::kSmemBytes;
+  if (d == 256) return w == 8 ? MmaBwdTraits<256, 8>::kSmemBytes : MmaBwdTraits<256, 4>::kSmemBytes;
   return w == 8 ? MmaBwdTraits<128, 8>::kSmemBytes : MmaBwdTraits<128, 4>::kSmemBytes;
 }
 
@@ -372,14 +373,17 @@ template <typename T> bool check_backward(const Inputs<T> &in, const Reference &
   p.dq_acc = bw.dq_acc.data();
   emu::launch({div_ceil(p.nrows, 8), 1, 1}, {256, 1, 1}, 0, [&] { Dt<T>::bwd_dot(p); });
   const Kernel kernel = Dt<T>::bwd_mma[hd(c.d)][w == 8];
-  // AttnImpl::bwd_block_k: 128 under MmaWide; 64 at D = 256 (bwd_mma_bk)
-  const int bk = c.d == 256 ? 64 : 16 * w;
+  // AttnImpl::bwd_block_k: 128 under MmaWide; 64 at D = 256, 32 in its narrow variant
+  // (bwd_block_k_within)
+  const int bk = c.d == 256 ? 8 * w : 16 * w;
   emu::launch({(unsigned)(c.b * c.hkv), div_ceil(c.tk, bk), 1}, {32u * w, 1, 1},
               bwd_smem(c.d, w), [&] { kernel(p); });
   emu::launch({emu_check::grid_stride(bw.dq.size(), kSmCount), 1, 1}, {256, 1, 1}, 0,
               [&] { Dt<T>::dq_convert(p); });
-  return bw.check(c, r, c.d == 256 ? "bwd mma split" : w == 8 ? "bwd mma2" : "bwd mma",
-                  Dt<T>::mma_grad_tol);
+  const char *what = c.d == 256 ? (w == 8 ? "bwd mma split" : "bwd mma narrow")
+                     : w == 8     ? "bwd mma2"
+                                  : "bwd mma";
+  return bw.check(c, r, what, Dt<T>::mma_grad_tol);
 }
 
 // The CUDA-core backward (launch_bwd_dot, launch_bwd_simple: bwd_dq_simple, then
@@ -399,9 +403,10 @@ bool check_backward_simple(const Inputs<S> &in, const Reference &r) {
   return bw.check(c, r, "bwd simple", Dt<T>::simple_grad_tol);
 }
 
-// The tensor-core forward and backward at D = 256: 64-row blocks and the split backward.
+// The tensor-core forward and backward at D = 256: 64-row blocks, the split backward and its
+// narrow variant.
 template <typename T> bool check_mma_256(const Inputs<T> &in, const Reference &r) {
-  return check_forward(in, r, 1) & check_backward(in, r, 8);
+  return check_forward(in, r, 1) & check_backward(in, r, 8) & check_backward(in, r, 4);
 }
 
 // A bf16 case: the tensor-core kernels where they apply (both forward widths), and the f32

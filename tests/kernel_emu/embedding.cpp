@@ -191,7 +191,7 @@ bool check_forward(const FwdInputs &in, bool two, float scale = 1.f) {
   p.dim = c.dim;
   p.vocab = c.vocab;
   p.vocab2 = two ? c.vocab2 : 0;
-  if (scale != 1.f) p.scale = scale;
+  p.scale = scale;  // 1: none, as the launcher's default
   if (in.n > 0 && c.dim > 0) launch_blocks(in.n, fwd_entry<TT, T>(two), p);
   std::string what = std::string(c.name) + (two ? " fwd2_" : " fwd_") + Dt<TT>::name + "_" +
                      Dt<T>::name;
@@ -284,6 +284,7 @@ bool check_backward(const BwdInputs &in, bool with_init, float scale = 1.f) {
   if (with_init) {
     std::memset(dtable.data(), 0xFF, dtable.size() * sizeof(float));
     EmbeddingParams pi{};
+    pi.scale = 1.f;  // the launcher's default
     pi.dy = init.data();
     pi.dtable = dtable.data();
     pi.dim = in.dim;
@@ -301,7 +302,7 @@ bool check_backward(const BwdInputs &in, bool with_init, float scale = 1.f) {
   p.n_uniq = (int)keep;
   p.vocab = in.vocab;
   p.accumulate = with_init ? 1 : 0;
-  if (scale != 1.f) p.scale = scale;
+  p.scale = scale;
   if (keep > 0 && dim > 0) launch_blocks(keep, bwd_entry<T>(), p);
   dtable.resize(total);
 
@@ -332,6 +333,7 @@ template <typename S> bool check_init(const BwdInputs &in, unsigned sms) {
   std::vector<float> dtable(std::max<size_t>(total, 1));
   std::memset(dtable.data(), 0xFF, dtable.size() * sizeof(float));
   EmbeddingParams p{};
+  p.scale = 1.f;  // the launcher's default
   p.dy = src.data();
   p.dtable = dtable.data();
   p.dim = in.dim;

@@ -125,9 +125,8 @@ pub fn attention_with(
     imp: AttnImpl,
 ) -> Result<Option<Tensor>> {
     let arg = crate::tape::arg;
-    let backward = may_backward([q, k, v]);
     Ok(
-        match prepare(&arg(q), &arg(k), &arg(v), mask, scale, (imp, backward))? {
+        match prepare(&arg(q), &arg(k), &arg(v), mask, scale, imp)? {
             Some((op, qa, ka, va)) => Some(crate::tape::op3([q, k, v], [qa, ka, va], op)?),
             None => None,
         },
@@ -155,7 +154,7 @@ impl AttentionDirect {
         scale: f64,
         imp: AttnImpl,
     ) -> Result<Option<Self>> {
-        Ok(prepare(q, k, v, mask, scale, (imp, true))?.map(|(op, q, k, v)| Self { op, q, k, v }))
+        Ok(prepare(q, k, v, mask, scale, imp)?.map(|(op, q, k, v)| Self { op, q, k, v }))
     }
 
     /// Runs the forward kernels (the same launches as [`attention_with`]) and keeps the
@@ -175,27 +174,16 @@ impl AttentionDirect {
     }
 }
 
-/// Whether a gradient may be asked of an op on `qkv`: on a tape, where the tape wants one of
-/// theirs; in candle's graph, where one of them tracks its ops. Not so (generation, a frozen
-/// reference model's scores, evaluation), a card may run a forward whose backward it could
-/// not ([`fits_head_dim`]).
-fn may_backward(qkv: [&Tensor; 3]) -> bool {
-    match crate::tape::recording() {
-        true => crate::tape::wanted(&qkv).into_iter().any(|w| w),
-        false => qkv.iter().any(|t| t.track_op()),
-    }
-}
-
 /// Checks shared by [`attention_with`] and [`AttentionDirect`]: the op and its inputs (q
 /// aligned; k and v aligned, or a KV cache view for the simple forward), or `None` where the
-/// kernels do not apply; `backward` says whether the op may be asked for its backward.
+/// kernels do not apply.
 fn prepare(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: &AttnMask,
     scale: f64,
-    (imp, backward): (AttnImpl, bool),
+    imp: AttnImpl,
 ) -> Result<Option<(FlashAttn, Tensor, Tensor, Tensor)>> {
     let dtype = q.dtype();
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
@@ -220,12 +208,7 @@ fn prepare(
     let Ok(dev) = q.device().as_cuda_device() else {
         return Ok(None);
     };
-    let passes = match backward {
-        true => Passes::Both,
-        false => Passes::Forward,
-    };
-    if compute_capability(dev)? < (8, 0) || !fits_head_dim(smem_optin(dev)?, dtype, d, imp, passes)
-    {
+    if compute_capability(dev)? < (8, 0) || !takes_head_dim(dev, dtype, d, imp)? {
         return Ok(None);
     }
     let offset = mask.causal_offset;
@@ -268,7 +251,6 @@ fn prepare(
         softcap: mask.softcap,
         imp,
         bwd_bk: bwd_block_k_on(dev, imp, d)?,
-        forward_only: !fits_head_dim(smem_optin(dev)?, dtype, d, imp, Passes::Both),
         saved: Mutex::new(None),
     };
     let dims = Dims {
@@ -297,49 +279,24 @@ fn prepare(
 /// Whether our kernels take head dim `d` in `dtype` on `dev` under `imp`: up to
 /// [`MAX_HEAD_DIM`] the simple kernels do; past it only the tensor cores' (and the decode
 /// stream's) take the forward and the tensor cores' the backward: [`WIDE_HEAD_DIM`] in 16 bits,
-/// not under `Simple`, on a card whose blocks may take that backward's shared memory (sm_80
-/// and sm_90; not sm_86 or sm_89, which allow 99 KiB).
+/// not under `Simple`, on a card whose blocks may take the shared memory of the forward and of
+/// a backward (sm_80 and sm_90 the 64-key one; sm_86 and sm_89, 99 KiB a block, the narrow
+/// 32-key one).
 pub fn takes_head_dim(dev: &CudaDevice, dtype: DType, d: usize, imp: AttnImpl) -> Result<bool> {
-    Ok(fits_head_dim(smem_optin(dev)?, dtype, d, imp, Passes::Both))
+    Ok(fits_head_dim(smem_optin(dev)?, dtype, d, imp))
 }
 
-/// [`takes_head_dim`] for a call no gradient can be asked of: the forward alone.
-pub fn takes_head_dim_forward(
-    dev: &CudaDevice,
-    dtype: DType,
-    d: usize,
-    imp: AttnImpl,
-) -> Result<bool> {
-    Ok(fits_head_dim(
-        smem_optin(dev)?,
-        dtype,
-        d,
-        imp,
-        Passes::Forward,
-    ))
-}
-
-/// Which passes of the op a call may run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Passes {
-    Forward,
-    Both,
-}
-
-/// [`takes_head_dim`] for a card whose blocks may opt in to `optin` bytes of shared memory,
-/// for `passes`: at [`WIDE_HEAD_DIM`] the forward (96.25 KiB) fits sm_86 and sm_89's 99 KiB
-/// where the backward (149.5 KiB) does not, so a call no gradient can be asked of (a prefill,
-/// a frozen model's scores) still takes our forward there.
-fn fits_head_dim(optin: usize, dtype: DType, d: usize, imp: AttnImpl, passes: Passes) -> bool {
+/// [`takes_head_dim`] for a card whose blocks may opt in to `optin` bytes of shared memory:
+/// at [`WIDE_HEAD_DIM`] the forward (96.25 KiB) and a backward ([`bwd_block_k_within`]; the
+/// narrow one, 69.75 KiB, where the 64-key one, 149.5 KiB, does not fit) must fit.
+fn fits_head_dim(optin: usize, dtype: DType, d: usize, imp: AttnImpl) -> bool {
     if d <= MAX_HEAD_DIM {
         return d > 0;
     }
-    let forward = fwd_mma_smem(d, imp.fwd_block_q(d)) <= optin;
-    let backward = bwd_mma_smem(d, imp.bwd_block_k(d)) <= optin;
     mma_applies(dtype, d)
         && imp != AttnImpl::Simple
-        && forward
-        && (backward || passes == Passes::Forward)
+        && fwd_mma_smem(d, imp.fwd_block_q(d)) <= optin
+        && bwd_block_k_within(optin, imp, d).is_some()
 }
 
 /// The capacity `cap` when `l` is the first `Tk` positions of a contiguous `[B, H, cap, D]`
@@ -393,9 +350,6 @@ struct FlashAttn {
     imp: AttnImpl,
     /// Keys per block of the tensor-core backward ([`bwd_block_k_on`]).
     bwd_bk: usize,
-    /// The card runs this call's forward but not its backward ([`fits_head_dim`]); the op was
-    /// made for a call no gradient can be asked of.
-    forward_only: bool,
     saved: Mutex<Option<Saved>>,
 }
 
@@ -404,16 +358,23 @@ struct FlashAttn {
 /// less than the 128-key backward takes at D = 128 (106.5 KiB). Public so that a GPU test can
 /// tell which one a card would be given.
 pub fn bwd_block_k_on(dev: &CudaDevice, imp: AttnImpl, d: usize) -> Result<usize> {
-    let bk = imp.bwd_block_k(d);
-    if bk == 64 {
-        return Ok(bk);
-    }
-    Ok(if bwd_mma_smem(d, bk) <= smem_optin(dev)? {
-        bk
-    } else {
-        64
-    })
+    Ok(bwd_block_k_within(smem_optin(dev)?, imp, d).unwrap_or(64))
 }
+
+/// Keys per block of the tensor-core backward for a card whose blocks hold `optin` bytes:
+/// `imp`'s choice, else 64 keys, else (head dim 256) the narrow variant's 32; `None` where
+/// none fits.
+fn bwd_block_k_within(optin: usize, imp: AttnImpl, d: usize) -> Option<usize> {
+    let narrow = (d == WIDE_HEAD_DIM).then_some(NARROW_BLOCK_K);
+    [Some(imp.bwd_block_k(d)), Some(64), narrow]
+        .into_iter()
+        .flatten()
+        .find(|&bk| bwd_mma_smem(d, bk) <= optin)
+}
+
+/// Keys per block of head dim 256's narrow backward (`attn_bwd_mma_narrow_*_h256`: 4 warps,
+/// 16-row query tiles, 69.75 KiB of shared memory).
+const NARROW_BLOCK_K: usize = 32;
 
 /// The shared memory a block of `dev` may opt in to.
 fn smem_optin(dev: &CudaDevice) -> Result<usize> {
@@ -603,11 +564,11 @@ fn fwd_mma_smem(d: usize, bq: usize) -> usize {
 }
 
 /// Query rows per step of the tensor-core backward (see `bwd_mma` in the .cu file).
-fn bwd_mma_bq(d: usize) -> usize {
-    if d >= 128 {
-        32
-    } else {
-        64
+fn bwd_mma_bq(d: usize, bk: usize) -> usize {
+    match (d, bk) {
+        (WIDE_HEAD_DIM, NARROW_BLOCK_K) => 16,
+        (d, _) if d >= 128 => 32,
+        _ => 64,
     }
 }
 
@@ -621,7 +582,7 @@ fn bwd_mma_warps(d: usize, bk: usize) -> usize {
 /// Dynamic shared memory of the tensor-core backward with `bk` keys a block
 /// (`MmaBwdTraits::kSmemBytes`): at head dim 256 with the warps' P^T and dP^T exchange too.
 fn bwd_mma_smem(d: usize, bk: usize) -> usize {
-    let bq = bwd_mma_bq(d);
+    let bq = bwd_mma_bq(d, bk);
     let exchange = match d == WIDE_HEAD_DIM {
         true => bwd_mma_warps(d, bk) * bq / 8 * 4 * 32 * 4,
         false => 0,
@@ -1078,7 +1039,6 @@ pub fn decode_fresh(
         softcap: mask.softcap,
         imp: AttnImpl::from_env(),
         bwd_bk: 64, // forward only
-        forward_only: true,
         saved: Mutex::new(None),
     };
     // The decode stream's own conditions (`Auto`, 16-bit, D 64, 128 or 256, at most 4 rows, aligned
@@ -1278,10 +1238,10 @@ fn launch_bwd_mma(
     let stream = dev.cuda_stream();
     let mut ptrs = DevPtrs::new(&stream);
     p.dq_acc = ptrs.write(&mut acc);
-    let kernel = if bk == 128 {
-        "attn_bwd_mma2"
-    } else {
-        "attn_bwd_mma"
+    let kernel = match (bk, dims.d) {
+        (128, _) => "attn_bwd_mma2",
+        (NARROW_BLOCK_K, WIDE_HEAD_DIM) => "attn_bwd_mma_narrow",
+        _ => "attn_bwd_mma",
     };
     let name = format!("{kernel}_{}_h{}", dt.as_str(), dims.d);
     let func = load_func(dev, BWD, &name)?;
@@ -1368,13 +1328,6 @@ impl CustomOp3 for FlashAttn {
         o: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if self.forward_only {
-            candle_core::bail!(
-                "attention backward at head dim {}: this card's blocks cannot hold its shared \
-                 memory, and the op was made for a call no gradient could be asked of",
-                q.dim(3)?
-            );
-        }
         spans::timed(KernelOp::Attention, Pass::Backward, q.device(), || {
             let dout = contiguous16(grad)?;
             // The backward kernels read contiguous k and v; a KV cache view is copied here.
@@ -1447,46 +1400,36 @@ mod tests {
         assert!(bwd_mma_smem(256, 64) <= 163 * 1024);
     }
 
-    /// sm_86 and sm_89 (99 KiB a block) take head dim 256's forward where no gradient can be
-    /// asked, never its backward; sm_80 and sm_90 both; f32 and the CUDA-core kernels neither.
+    /// Head dim 256 on each card: sm_80 and sm_90 take the 64-key backward (under MmaWide too,
+    /// which is Mma there), sm_86 and sm_89 (99 KiB a block) the narrow 32-key one; the
+    /// narrow plan's shared memory is what its kernel asks for (MmaBwdTraits<256, 4>); f32,
+    /// the CUDA-core kernels and a card too small for the forward take none.
     #[test]
-    fn a_card_too_small_for_the_backward_still_runs_the_forward() {
-        use Passes::{Both, Forward};
+    fn each_card_gets_a_head_dim_256_backward_that_fits() {
         let (sm89, sm80, sm90) = (99 * 1024, 163 * 1024, 227 * 1024);
+        assert_eq!(bwd_mma_bq(256, 32), 16);
+        assert_eq!(bwd_mma_warps(256, 32), 4);
+        // (2*32 + 4*16)*256*2 + 32*24*2 + 4*16*4 + 4 warps x 8 f32 x 32 lanes x 4 bytes.
+        assert_eq!(bwd_mma_smem(256, 32), 71_424);
         for imp in [AttnImpl::Auto, AttnImpl::Mma, AttnImpl::MmaWide] {
-            for dt in [DType::BF16, DType::F16] {
-                assert!(fits_head_dim(sm89, dt, 256, imp, Forward), "{imp:?} {dt:?}");
-                assert!(!fits_head_dim(sm89, dt, 256, imp, Both), "{imp:?} {dt:?}");
-                for optin in [sm80, sm90] {
-                    assert!(fits_head_dim(optin, dt, 256, imp, Both), "{imp:?} {dt:?}");
-                }
+            assert_eq!(bwd_block_k_within(sm89, imp, 256), Some(32), "{imp:?}");
+            for optin in [sm80, sm90] {
+                assert_eq!(bwd_block_k_within(optin, imp, 256), Some(64), "{imp:?}");
             }
-            assert!(!fits_head_dim(sm90, DType::F32, 256, imp, Forward));
+            for dt in [DType::BF16, DType::F16] {
+                for optin in [sm89, sm80, sm90] {
+                    assert!(fits_head_dim(optin, dt, 256, imp), "{imp:?} {dt:?} {optin}");
+                }
+                assert!(!fits_head_dim(64 * 1024, dt, 256, imp), "{imp:?} {dt:?}");
+            }
+            assert!(!fits_head_dim(sm90, DType::F32, 256, imp));
+            // Narrower heads: MmaWide's 128 keys where they fit, else 64; never the narrow 32.
+            assert_eq!(bwd_block_k_within(sm89, imp, 128), Some(64), "{imp:?}");
         }
-        assert!(!fits_head_dim(
-            sm90,
-            DType::BF16,
-            256,
-            AttnImpl::Simple,
-            Forward
-        ));
-        // Narrower heads fit every card, in every dtype.
-        assert!(fits_head_dim(sm89, DType::F32, 128, AttnImpl::Simple, Both));
-        assert!(!fits_head_dim(
-            sm89,
-            DType::BF16,
-            0,
-            AttnImpl::Auto,
-            Forward
-        ));
-        // Too small for either: nothing.
-        assert!(!fits_head_dim(
-            64 * 1024,
-            DType::BF16,
-            256,
-            AttnImpl::Auto,
-            Forward
-        ));
+        assert_eq!(bwd_block_k_within(sm90, AttnImpl::MmaWide, 128), Some(128));
+        assert!(!fits_head_dim(sm90, DType::BF16, 256, AttnImpl::Simple));
+        assert!(fits_head_dim(sm89, DType::F32, 128, AttnImpl::Simple));
+        assert!(!fits_head_dim(sm89, DType::BF16, 0, AttnImpl::Auto));
     }
 
     #[test]
@@ -1521,7 +1464,6 @@ mod tests {
             softcap: None,
             imp,
             bwd_bk: imp.bwd_block_k(64),
-            forward_only: false,
             saved: Mutex::new(None),
         }
     }
