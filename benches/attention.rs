@@ -126,6 +126,7 @@ mod cuda {
             match self {
                 Which::Ours(AttnImpl::Mma) => "ours-mma",
                 Which::Ours(AttnImpl::MmaWide) => "ours-mma-wide",
+                Which::Ours(AttnImpl::MmaNarrow) => "ours-mma-narrow",
                 Which::Ours(AttnImpl::Simple) => "ours-simple",
                 Which::Ours(AttnImpl::Auto) => "ours",
                 Which::Reference => "reference",
@@ -222,15 +223,21 @@ mod cuda {
             let variants = [
                 Which::Ours(AttnImpl::Mma),
                 Which::Ours(AttnImpl::MmaWide),
+                Which::Ours(AttnImpl::MmaNarrow),
                 Which::Ours(AttnImpl::Simple),
                 Which::Reference,
             ];
-            let tensor_cores =
-                |w: &Which| matches!(w, Which::Ours(AttnImpl::Mma | AttnImpl::MmaWide));
-            // Head dim 256 has one tensor-core tiling (`MmaWide` is `Mma` there) and no simple
-            // kernel.
+            let tensor_cores = |w: &Which| {
+                matches!(
+                    w,
+                    Which::Ours(AttnImpl::Mma | AttnImpl::MmaWide | AttnImpl::MmaNarrow)
+                )
+            };
+            // Head dim 256 has one forward tiling (`MmaWide` is `Mma` there), two backwards
+            // (`MmaNarrow`'s is the one sm_86 and sm_89 take), and no simple kernel.
             let runs = |w: &Which| match w {
                 Which::Ours(AttnImpl::MmaWide | AttnImpl::Simple) => d <= MAX_HEAD_DIM,
+                Which::Ours(AttnImpl::MmaNarrow) => d > MAX_HEAD_DIM,
                 _ => true,
             };
             let variants = variants.into_iter().filter(runs);

@@ -167,9 +167,12 @@ for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention"})
     for p in ["fwd", "fwd+bwd", "bwd"]:
         # ours-mma-wide: FlashAttention-2's tiles, the 128-row forward and the 128-key backward
         # (TEMPER_ATTN_IMPL=mma-wide), not yet the default.
-        for impl, what in [("ours-mma", "attention causal"), ("ours-mma-wide", "attention, wide tiles")]:
+        for impl, what in [("ours-mma", "attention causal"), ("ours-mma-wide", "attention, wide tiles"),
+                           ("ours-mma-narrow", "attention, narrow backward (sm_86/89's)")]:
             if impl == "ours-mma-wide" and shape.endswith("D256"):
                 continue  # one tiling at head dim 256
+            if impl == "ours-mma-narrow" and not shape.endswith("D256"):
+                continue  # head dim 256 only
             for peer in ["torch-flash", "torch-cudnn"]:
                 if p == "bwd":
                     o, theirs = attn_bwd_tflops(shape, impl), attn_bwd_tflops(shape, peer)

@@ -218,7 +218,13 @@ mod gpu {
                 eprintln!("attention: no kernel for head dim 256 on this card (shared memory)");
                 return vec![];
             }
-            return vec![AttnImpl::Auto, AttnImpl::Mma, AttnImpl::MmaWide];
+            // MmaNarrow: the narrow backward sm_86 and sm_89 take, tested here too.
+            return vec![
+                AttnImpl::Auto,
+                AttnImpl::Mma,
+                AttnImpl::MmaWide,
+                AttnImpl::MmaNarrow,
+            ];
         }
         let mut v = vec![AttnImpl::Simple];
         if sixteen && (d == 64 || d == 128) {

@@ -69,6 +69,10 @@ pub enum AttnImpl {
     /// yet what `Auto` takes: it waits for its first GPU run against `Mma` and PyTorch's flash.
     /// At head dim 256 it is `Mma`.
     MmaWide,
+    /// `Mma` with head dim 256's narrow backward (`attn_bwd_mma_narrow_*_h256`, 32 keys a
+    /// block), which sm_86 and sm_89 take on their own: so that a card with room for the
+    /// 64-key one (an H100, an H200) can test and time it too. Elsewhere it is `Mma`.
+    MmaNarrow,
 }
 
 impl AttnImpl {
@@ -78,6 +82,7 @@ impl AttnImpl {
             Ok("simple") => Self::Simple,
             Ok("mma") => Self::Mma,
             Ok("mma-wide") => Self::MmaWide,
+            Ok("mma-narrow") => Self::MmaNarrow,
             _ => Self::Auto,
         }
     }
@@ -96,6 +101,7 @@ impl AttnImpl {
     fn bwd_block_k(self, d: usize) -> usize {
         match self {
             Self::MmaWide if d <= MAX_HEAD_DIM => 128,
+            Self::MmaNarrow if d == WIDE_HEAD_DIM => NARROW_BLOCK_K,
             _ => 64,
         }
     }
@@ -606,7 +612,7 @@ impl FlashAttn {
     fn use_mma(&self, dtype: DType, dims: &Dims) -> bool {
         mma_applies(dtype, dims.d)
             && match self.imp {
-                AttnImpl::Mma | AttnImpl::MmaWide => true,
+                AttnImpl::Mma | AttnImpl::MmaWide | AttnImpl::MmaNarrow => true,
                 AttnImpl::Simple => false,
                 AttnImpl::Auto => dims.tq > DECODE_MAX_TQ || dims.d > MAX_HEAD_DIM,
             }
@@ -1416,6 +1422,10 @@ mod tests {
             for optin in [sm80, sm90] {
                 assert_eq!(bwd_block_k_within(optin, imp, 256), Some(64), "{imp:?}");
             }
+            // MmaNarrow takes the narrow one everywhere, at 256 only.
+            let narrow = AttnImpl::MmaNarrow;
+            assert_eq!(bwd_block_k_within(sm90, narrow, 256), Some(32));
+            assert_eq!(bwd_block_k_within(sm90, narrow, 128), Some(64));
             for dt in [DType::BF16, DType::F16] {
                 for optin in [sm89, sm80, sm90] {
                     assert!(fits_head_dim(optin, dt, 256, imp), "{imp:?} {dt:?} {optin}");
