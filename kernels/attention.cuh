@@ -265,7 +265,7 @@ template <int D, int W = 4> struct MmaBwdTraits {
                                     kBlockK * (kBlockQ + 8) * 2 + 4 * kBlockQ * 4 +
                                     (kSplit > 1 ? W * kBlockQ / 8 * 4 * 32 * 4 : 0);
   static_assert(D == 64 || D == 128 || D == 256, "head dims the mma kernels are instantiated for");
-  static_assert(W == 4 || W == 8, "64- or 128-key blocks");
+  static_assert(W == 4 || W == 8, "64- or 128-key blocks (32 or 64 at D = 256)");
   static_assert(kBlockK * kSplit == 16 * (kThreads / 32), "kSplit warps a 16-key mma tile");
   static_assert(kBlockQ % 16 == 0, "dQ m-blocks");
 };

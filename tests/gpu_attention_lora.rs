@@ -782,6 +782,8 @@ mod gpu {
     /// 128-key kernel having run. At D = 64 it needs 84,992 bytes; at D = 128, 109,056, which
     /// an A100 (163 KiB) or an H100/H200 (227 KiB) allows and sm_86/sm_89 (99 KiB) do not. `Auto` and `Mma` take 64:
     /// when `Auto` adopts the wide tiles this test is meant to fail, and to change with it.
+    /// At head dim 256 every card gets a backward: 64 keys, or where that does not fit the
+    /// narrow 32 (which `MmaNarrow` takes everywhere).
     pub fn wide_backward_takes_128_keys_where_the_card_allows(dev: &Device) {
         let cuda = dev.as_cuda_device().unwrap();
         let cc = compute_capability(cuda).unwrap();
@@ -804,6 +806,26 @@ mod gpu {
             if matches!(cc, (8, 0) | (9, 0)) {
                 assert_eq!(wide, 128, "{sm}");
             }
+        }
+        // Head dim 256: 64 keys where the card's blocks hold the 64-key backward (153,088
+        // bytes, sm_80 and sm_90), else the narrow 32 (71,424: sm_86, sm_89); MmaNarrow takes
+        // the narrow one everywhere, so that the gradient tests above run its kernel here.
+        let sm = format!("sm_{}{} (opt-in {optin} bytes) D 256", cc.0, cc.1);
+        let want = if 153_088 <= optin { 64 } else { 32 };
+        for imp in [AttnImpl::Auto, AttnImpl::Mma, AttnImpl::MmaWide] {
+            assert_eq!(
+                bwd_block_k_on(cuda, imp, 256).unwrap(),
+                want,
+                "{sm} {imp:?}"
+            );
+        }
+        assert_eq!(
+            bwd_block_k_on(cuda, AttnImpl::MmaNarrow, 256).unwrap(),
+            32,
+            "{sm}"
+        );
+        if matches!(cc, (8, 6) | (8, 9)) {
+            assert_eq!(want, 32, "{sm}: the narrow backward");
         }
     }
 }

@@ -18,10 +18,10 @@
 //! applies, else `Mma` where it applies and the query block is more than [`DECODE_MAX_TQ`]
 //! rows or the head dim is past [`MAX_HEAD_DIM`], else `Simple`; every forward saves the same
 //! log-sum-exp, so the backward is the same. Head dim 256 (Gemma's) has tensor-core kernels
-//! only: 16-bit, on a card whose blocks may take the backward's 149.5 KiB of shared memory
-//! (sm_80, sm_90), and not under `Simple`; elsewhere it is the reference's.
-//! `TEMPER_ATTN_IMPL=simple` (or `mma`, `mma-wide`, `auto`) overrides the choice for the
-//! dispatcher.
+//! only, 16-bit and not under `Simple`: the backward takes 149.5 KiB of shared memory a block
+//! (sm_80, sm_90), or in its narrow variant 69.75 KiB (sm_86, sm_89); f32 is the reference's.
+//! `TEMPER_ATTN_IMPL=simple` (or `mma`, `mma-wide`, `mma-narrow`, `auto`) overrides the choice
+//! for the dispatcher.
 
 use std::cell::RefCell;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -97,7 +97,7 @@ impl AttnImpl {
     }
 
     /// Keys per block of the tensor-core backward at head dim `d` (`MmaBwdTraits::kBlockK`, 16
-    /// per warp; at 256, 64 keys over 8 warps).
+    /// per warp; at 256, 64 keys over 8 warps, or the narrow variant's 32 over 4).
     fn bwd_block_k(self, d: usize) -> usize {
         match self {
             Self::MmaWide if d <= MAX_HEAD_DIM => 128,
@@ -360,9 +360,10 @@ struct FlashAttn {
 }
 
 /// Keys per block of the tensor-core backward on `dev`: `imp`'s choice where its shared memory
-/// fits the device's per-block opt-in limit, else 64. sm_86 and sm_89 allow 99 KiB a block,
-/// less than the 128-key backward takes at D = 128 (106.5 KiB). Public so that a GPU test can
-/// tell which one a card would be given.
+/// fits the device's per-block opt-in limit, else 64, else (head dim 256) the narrow 32
+/// ([`bwd_block_k_within`]). sm_86 and sm_89 allow 99 KiB a block, less than the 128-key
+/// backward takes at D = 128 (106.5 KiB) and the 64-key one at 256 (149.5 KiB). Public so that
+/// a GPU test can tell which one a card would be given.
 pub fn bwd_block_k_on(dev: &CudaDevice, imp: AttnImpl, d: usize) -> Result<usize> {
     Ok(bwd_block_k_within(smem_optin(dev)?, imp, d).unwrap_or(64))
 }
@@ -674,8 +675,8 @@ impl FlashAttn {
 
     /// `gridDim.y` of every launch of the forward (or of the backward) against CUDA's limit
     /// of 65535: the simple kernels put blocks of 8 query rows (all `G` heads of a kv head)
-    /// or 8 keys on y, the tensor-core ones blocks of 64, so a very long sequence does not
-    /// fit. A clear error before anything runs beats a launch failure halfway through.
+    /// or 8 keys on y, the tensor-core ones blocks of 32 to 128, so a very long sequence does
+    /// not fit. A clear error before anything runs beats a launch failure halfway through.
     fn check_grid_y(&self, dtype: DType, dims: &Dims, backward: bool) -> Result<()> {
         let launches: Vec<(&str, usize)> = match (self.use_mma(dtype, dims), backward) {
             (true, false) => match self.imp.fwd_block_q(dims.d) {
@@ -684,6 +685,7 @@ impl FlashAttn {
             },
             (true, true) => match self.bwd_bk {
                 128 => vec![("attn_bwd_mma2", dims.tk.div_ceil(128))],
+                NARROW_BLOCK_K => vec![("attn_bwd_mma_narrow", dims.tk.div_ceil(NARROW_BLOCK_K))],
                 bk => vec![("attn_bwd_mma", dims.tk.div_ceil(bk))],
             },
             (false, false) => vec![("attn_fwd_simple", dims.simple_row_blocks().1)],
@@ -1230,8 +1232,9 @@ fn launch_bwd_dot(dev: &CudaDevice, dt: DType, dims: &Dims, p: &AttnParams) -> R
     unsafe { launch(dev, &func, &name, warp_per_row(dims.q_rows()), p) }
 }
 
-/// `attn_bwd_mma_*` (`bk` = 64 keys a block, 4 warps; 8 at head dim 256) or `attn_bwd_mma2_*`
-/// (128, 8 warps): dK, dV and an f32 dQ accumulator; then `attn_dq_convert_*`.
+/// `attn_bwd_mma_*` (`bk` = 64 keys a block, 4 warps; 8 at head dim 256), `attn_bwd_mma2_*`
+/// (128, 8 warps) or `attn_bwd_mma_narrow_*_h256` (32, 4 warps): dK, dV and an f32 dQ
+/// accumulator; then `attn_dq_convert_*`.
 fn launch_bwd_mma(
     dev: &CudaDevice,
     dt: DType,
