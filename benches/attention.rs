@@ -322,16 +322,29 @@ mod cuda {
         println!("attention over packed rows (documents {PACKED_DOCS:?} in each row), bf16");
         let direct = AttentionDirect::new(&q, &k, &v, &mask, scale, AttnImpl::Auto)?
             .ok_or_else(|| candle_core::Error::Msg("no kernel for this shape".into()))?;
+        time_direct(dev, "attention_packed", &shape, &direct, &dy, fwd_flops)
+    }
+
+    /// Times `direct`'s forward and forward+backward (driven by `dy`) and prints both, as text
+    /// and as `bench` JSON lines (`impl` "ours"), TFLOP/s from the forward's `fwd_flops`.
+    fn time_direct(
+        dev: &Device,
+        bench: &str,
+        shape: &str,
+        direct: &AttentionDirect,
+        dy: &Tensor,
+        fwd_flops: f64,
+    ) -> candle_core::Result<()> {
         let fwd = cuda_time_ms(dev, WARMUP, 20, || direct.forward().map(|_| ()))?;
         let both = cuda_time_ms(dev, WARMUP, 20, || {
             let y = direct.forward()?;
-            direct.backward(&y, &dy).map(|_| ())
+            direct.backward(&y, dy).map(|_| ())
         })?;
         for (pass, ms, flops) in [("fwd", fwd, fwd_flops), ("fwd+bwd", both, 3.5 * fwd_flops)] {
             let tflops = flops / (ms * 1e-3) / 1e12;
-            println!("{shape:<28} ours     {pass:<8} {ms:>10.3} ms {tflops:>8.1} TFLOP/s");
+            println!("{shape:<36} ours     {pass:<8} {ms:>10.3} ms {tflops:>8.1} TFLOP/s");
             println!(
-                "{{\"bench\":\"attention_packed\",\"shape\":\"{shape}\",\"impl\":\"ours\",\"pass\":\"{pass}\",\"ms\":{ms:.4},\"tflops\":{tflops:.2}}}"
+                "{{\"bench\":\"{bench}\",\"shape\":\"{shape}\",\"impl\":\"ours\",\"pass\":\"{pass}\",\"ms\":{ms:.4},\"tflops\":{tflops:.2}}}"
             );
         }
         Ok(())
@@ -365,19 +378,7 @@ mod cuda {
         if err > 0.05 {
             candle_core::bail!("{shape}: the capped kernel is off the reference by {err}");
         }
-        let fwd = cuda_time_ms(dev, WARMUP, 20, || direct.forward().map(|_| ()))?;
-        let both = cuda_time_ms(dev, WARMUP, 20, || {
-            let y = direct.forward()?;
-            direct.backward(&y, &dy).map(|_| ())
-        })?;
-        for (pass, ms, flops) in [("fwd", fwd, fwd_flops), ("fwd+bwd", both, 3.5 * fwd_flops)] {
-            let tflops = flops / (ms * 1e-3) / 1e12;
-            println!("{shape:<36} ours     {pass:<8} {ms:>10.3} ms {tflops:>8.1} TFLOP/s");
-            println!(
-                "{{\"bench\":\"attention_softcap\",\"shape\":\"{shape}\",\"impl\":\"ours\",\"pass\":\"{pass}\",\"ms\":{ms:.4},\"tflops\":{tflops:.2}}}"
-            );
-        }
-        Ok(())
+        time_direct(dev, "attention_softcap", &shape, &direct, &dy, fwd_flops)
     }
 
     /// One query row per head against a cache of T keys (a generation step): GPT-2 small at

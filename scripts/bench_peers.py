@@ -122,6 +122,24 @@ def attention():
         emit(bench="attention_decode", shape=shape, impl="torch-sdpa", ms=ms, gbps=2 * b * hkv * t * d * 2 / ms / 1e6)
 
 
+def measure_attention(bench, shape, name, attend, inputs, grad_inputs, dy, fwd_flops):
+    """One attention peer's fwd and fwd+bwd (the backward to `grad_inputs`, driven by dy): ms
+    and TFLOP/s from the forward's `fwd_flops` (fwd+bwd 3.5x). A peer that cannot run is
+    reported, not fatal."""
+    try:
+        fwd = time_ms(lambda: attend(*inputs))
+
+        def both():
+            torch.autograd.grad(attend(*grad_inputs), grad_inputs, dy)
+
+        fb = time_ms(both)
+    except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+        emit(bench=bench, shape=shape, impl=name, error=str(e).splitlines()[0])
+        return
+    emit(bench=bench, shape=shape, impl=name, pass_="fwd", ms=fwd, tflops=fwd_flops / fwd / 1e9)
+    emit(bench=bench, shape=shape, impl=name, pass_="fwd+bwd", ms=fb, tflops=3.5 * fwd_flops / fb / 1e9)
+
+
 PACKED_DOCS = [300, 50, 700, 128, 17, 512, 90, 3, 248]
 
 
@@ -142,19 +160,7 @@ def attention_packed():
         return (doc[qi] == doc[ki]) & (qi >= ki)
 
     def measure(name, attend):
-        try:
-            fwd = time_ms(lambda: attend(q, k, v))
-
-            def both():
-                torch.autograd.grad(attend(qg, kg, vg), (qg, kg, vg), dy)
-
-            fb = time_ms(both)
-        except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
-            emit(bench="attention_packed", shape=shape, impl=name, error=str(e).splitlines()[0])
-            return
-        emit(bench="attention_packed", shape=shape, impl=name, pass_="fwd", ms=fwd, tflops=fwd_flops / fwd / 1e9)
-        emit(bench="attention_packed", shape=shape, impl=name, pass_="fwd+bwd", ms=fb,
-             tflops=3.5 * fwd_flops / fb / 1e9)
+        measure_attention("attention_packed", shape, name, attend, (q, k, v), (qg, kg, vg), dy, fwd_flops)
 
     mask = create_block_mask(document_causal, B=None, H=None, Q_LEN=s, KV_LEN=s, device="cuda")
     flex = torch.compile(flex_attention)
@@ -198,20 +204,7 @@ def attention_softcap():
         return flex(qq, kk, vv, score_mod=capped, block_mask=mask, scale=scale, enable_gqa=True)
 
     for name, attend in [("torch-eager", eager), ("torch-flex", flexed)]:
-        try:
-            fwd = time_ms(lambda: attend(q, k, v))
-
-            def both():
-                torch.autograd.grad(attend(qg, kg, vg), (qg, kg, vg), dy)
-
-            fb = time_ms(both)
-        except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
-            emit(bench="attention_softcap", shape=shape, impl=name, error=str(e).splitlines()[0])
-            continue
-        emit(bench="attention_softcap", shape=shape, impl=name, pass_="fwd", ms=fwd,
-             tflops=fwd_flops / fwd / 1e9)
-        emit(bench="attention_softcap", shape=shape, impl=name, pass_="fwd+bwd", ms=fb,
-             tflops=3.5 * fwd_flops / fb / 1e9)
+        measure_attention("attention_softcap", shape, name, attend, (q, k, v), (qg, kg, vg), dy, fwd_flops)
 
 
 def lora():

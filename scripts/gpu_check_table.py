@@ -182,25 +182,25 @@ for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention"})
                 label = "bwd TFLOP/s ((fwd+bwd) - fwd)" if p == "bwd" else f"{p} TFLOP/s"
                 row(what, shape, label, o, peer, theirs, note)
 
+def attention_ms_rows(bench, what, sections, peers):
+    """Our fwd and fwd+bwd ms in `bench` (impl "ours") over each peer's, per shape."""
+    note = sec_state(*sections)
+    for shape in sorted({r["shape"] for r in meas if r.get("bench") == bench}):
+        for p in ["fwd", "fwd+bwd"]:
+            ours_ms = pick(bench=bench, shape=shape, impl="ours", **{"pass": p}).get("ms")
+            for peer in peers:
+                theirs = pick(bench=bench, shape=shape, impl=peer, **{"pass": p}).get("ms")
+                row(what, shape, f"{p} ms", ours_ms, peer, theirs, note)
+
+
 # Packed rows: our document-masked attention against FlexAttention's, and against SDPA flash
 # causal over the whole rows (what ignoring the documents would cost).
-for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention_packed"}):
-    note = sec_state("bench-attention-packed", "peer-attention-packed")
-    for p in ["fwd", "fwd+bwd"]:
-        ours_ms = pick(bench="attention_packed", shape=shape, impl="ours", **{"pass": p}).get("ms")
-        for peer in ["torch-flex", "torch-flash-causal"]:
-            theirs = pick(bench="attention_packed", shape=shape, impl=peer, **{"pass": p}).get("ms")
-            row("attention, document mask", shape, f"{p} ms", ours_ms, peer, theirs, note)
-
+attention_ms_rows("attention_packed", "attention, document mask",
+                  ("bench-attention-packed", "peer-attention-packed"), ["torch-flex", "torch-flash-causal"])
 # Gemma 2's capped scores: ours against transformers' eager Gemma 2 attention and FlexAttention
 # with the cap as its score modifier.
-for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention_softcap"}):
-    note = sec_state("bench-attention-softcap", "peer-attention-softcap")
-    for p in ["fwd", "fwd+bwd"]:
-        ours_ms = pick(bench="attention_softcap", shape=shape, impl="ours", **{"pass": p}).get("ms")
-        for peer in ["torch-eager", "torch-flex"]:
-            theirs = pick(bench="attention_softcap", shape=shape, impl=peer, **{"pass": p}).get("ms")
-            row("attention, soft cap (Gemma 2)", shape, f"{p} ms", ours_ms, peer, theirs, note)
+attention_ms_rows("attention_softcap", "attention, soft cap (Gemma 2)",
+                  ("bench-attention-softcap", "peer-attention-softcap"), ["torch-eager", "torch-flex"])
 
 # Attention decode: time against SDPA, and bytes of keys and values per second against copy.
 for shape in sorted({r["shape"] for r in meas if r.get("bench") == "attention_decode"}):

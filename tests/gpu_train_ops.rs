@@ -210,12 +210,48 @@ gpu_test!(logprobs::shaped_logprobs_kernel_matches_reference);
 #[cfg(feature = "cuda")]
 mod logprobs {
     use candle_core::{DType, Device, Tensor, Var};
-    use temper::kernels::logprobs::{fused, fused_entropy, reference, reference_entropy};
+    use temper::kernels::logprobs::{fused, reference, reference_entropy};
     use temper::kernels::logprobs::{fused_pair, Shaping};
 
     use super::common::gpu::{assert_close, grad_tol, tol, Rng};
 
     type Pair = (Tensor, Tensor);
+
+    /// The kernels' log-probabilities and entropies over the `shaping` of logits `x` (targets
+    /// `t`), and the logits' gradient of `w[0]`-weighted log-probabilities plus `w[1]`-weighted
+    /// entropies, against the reference composite over `Shaping::reference`.
+    fn pair_matches_reference(
+        what: &dyn Fn(&str) -> String,
+        (x, t): (&Tensor, &Tensor),
+        [w_lp, w_h]: [&Tensor; 2],
+        shaping: Shaping,
+    ) {
+        let run = |f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Pair>| {
+            let v = Var::from_tensor(x).unwrap();
+            let (lp, h) = f(v.as_tensor(), t).unwrap();
+            let loss = ((&lp * w_lp).unwrap().sum_all().unwrap()
+                + (&h * w_h).unwrap().sum_all().unwrap())
+            .unwrap();
+            let g = loss.backward().unwrap();
+            (lp, h, g.get(v.as_tensor()).unwrap().clone())
+        };
+        let (lp_k, h_k, dx_k) = run(&|x, t| fused_pair(x, t, shaping));
+        let (lp_r, h_r, dx_r) = run(&|x, t| {
+            let y = shaping.reference(x)?;
+            Ok((reference(&y, t)?, reference_entropy(&y)?))
+        });
+        let dtype = x.dtype();
+        let f32_tol = tol(DType::F32) * 10.0;
+        assert_close(&what("logp"), &lp_k, &lp_r, f32_tol, (1e-4, 1e-4));
+        assert_close(&what("entropy"), &h_k, &h_r, f32_tol, (1e-4, 1e-4));
+        assert_close(
+            &what("dlogits"),
+            &dx_k,
+            &dx_r.to_dtype(dtype).unwrap(),
+            tol(dtype),
+            grad_tol(dtype),
+        );
+    }
 
     pub fn logprobs_entropy_kernel_matches_reference(dev: &Device) {
         let (mut rng, seed) = Rng::fresh(0x10b6);
@@ -243,28 +279,8 @@ mod logprobs {
                     Tensor::from_vec(w, rows, dev).unwrap()
                 };
                 let (w_lp, w_h) = (upstream(1), upstream(2));
-                let run = |f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Pair>| {
-                    let v = Var::from_tensor(&x).unwrap();
-                    let (lp, h) = f(v.as_tensor(), &t).unwrap();
-                    let loss = ((&lp * &w_lp).unwrap().sum_all().unwrap()
-                        + (&h * &w_h).unwrap().sum_all().unwrap())
-                    .unwrap();
-                    let g = loss.backward().unwrap();
-                    (lp, h, g.get(v.as_tensor()).unwrap().clone())
-                };
-                let (lp_k, h_k, dx_k) = run(&fused_entropy);
-                let (lp_r, h_r, dx_r) = run(&|x, t| Ok((reference(x, t)?, reference_entropy(x)?)));
                 let what = |s: &str| format!("seed {seed:#x} {rows}x{vocab} {dtype:?} {s}");
-                let f32_tol = tol(DType::F32) * 10.0;
-                assert_close(&what("logp"), &lp_k, &lp_r, f32_tol, (1e-4, 1e-4));
-                assert_close(&what("entropy"), &h_k, &h_r, f32_tol, (1e-4, 1e-4));
-                assert_close(
-                    &what("dlogits"),
-                    &dx_k,
-                    &dx_r.to_dtype(dtype).unwrap(),
-                    tol(dtype),
-                    grad_tol(dtype),
-                );
+                pair_matches_reference(&what, (&x, &t), [&w_lp, &w_h], Shaping::NONE);
             }
         }
     }
@@ -296,33 +312,10 @@ mod logprobs {
                     let t = Tensor::from_vec(t, rows, dev).unwrap();
                     let w_lp = Tensor::from_vec(rng.vec(rows, -1.0, 1.0), rows, dev).unwrap();
                     let w_h = Tensor::from_vec(rng.vec(rows, -1.0, 1.0), rows, dev).unwrap();
-                    let run = |f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Pair>| {
-                        let v = Var::from_tensor(&x).unwrap();
-                        let (lp, h) = f(v.as_tensor(), &t).unwrap();
-                        let loss = ((&lp * &w_lp).unwrap().sum_all().unwrap()
-                            + (&h * &w_h).unwrap().sum_all().unwrap())
-                        .unwrap();
-                        let g = loss.backward().unwrap();
-                        (lp, h, g.get(v.as_tensor()).unwrap().clone())
-                    };
-                    let (lp_k, h_k, dx_k) = run(&|x, t| fused_pair(x, t, shaping));
-                    let (lp_r, h_r, dx_r) = run(&|x, t| {
-                        let y = shaping.reference(x)?;
-                        Ok((reference(&y, t)?, reference_entropy(&y)?))
-                    });
                     let what = |s: &str| {
                         format!("seed {seed:#x} {rows}x{vocab} {dtype:?} {shaping:?} {s}")
                     };
-                    let f32_tol = tol(DType::F32) * 10.0;
-                    assert_close(&what("logp"), &lp_k, &lp_r, f32_tol, (1e-4, 1e-4));
-                    assert_close(&what("entropy"), &h_k, &h_r, f32_tol, (1e-4, 1e-4));
-                    assert_close(
-                        &what("dlogits"),
-                        &dx_k,
-                        &dx_r.to_dtype(dtype).unwrap(),
-                        tol(dtype),
-                        grad_tol(dtype),
-                    );
+                    pair_matches_reference(&what, (&x, &t), [&w_lp, &w_h], shaping);
                 }
             }
         }
