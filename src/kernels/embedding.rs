@@ -71,8 +71,12 @@ pub fn scaled(
     if fused_serves(table.device(), choice) && floating(table.dtype()) && floating(dtype) {
         return fused_scaled(table, ids, dtype, scale);
     }
-    let x = embedding(table, ids, dtype, choice)?;
-    tape::island(&[&x], |a| a[0].affine(scale as f64, 0.0))
+    times(&embedding(table, ids, dtype, choice)?, scale)
+}
+
+/// Rows already looked up, times `scale`: candle's `affine`, on a tape as an island.
+pub fn times(x: &Tensor, scale: f32) -> Result<Tensor> {
+    tape::island(&[x], |a| a[0].affine(scale as f64, 0.0))
 }
 
 fn floating(dtype: DType) -> bool {

@@ -597,6 +597,30 @@ mod tests {
         (logits, Tensor::from_vec(t, (3, 5), &dev).unwrap())
     }
 
+    type Pair = (Tensor, Tensor);
+
+    /// `pair`'s log-probabilities and entropies of `var`, and the gradient of a mix of them with
+    /// uneven weights, zero for the log-probabilities where the entropies' is not and the other
+    /// way round.
+    fn pair_and_gradient(
+        var: &candle_core::Var,
+        t: &Tensor,
+        pair: &dyn Fn(&Tensor, &Tensor) -> Result<Pair>,
+    ) -> (Tensor, Tensor, Tensor) {
+        let weights = |cycle: [f32; 3]| {
+            let w: Vec<f32> = (0..15).map(|i| cycle[i % 3]).collect();
+            Tensor::from_vec(w, (3, 5), &Device::Cpu).unwrap()
+        };
+        let (w_lp, w_h) = (weights([0.0, 1.0, -0.5]), weights([0.7, 0.0, -1.3]));
+        let (lp, h) = pair(var.as_tensor(), t).unwrap();
+        let loss = ((&lp * &w_lp).unwrap().sum_all().unwrap()
+            + (&h * &w_h).unwrap().sum_all().unwrap())
+        .unwrap();
+        let g = loss.backward().unwrap();
+        let dx = g.get(var.as_tensor()).unwrap();
+        (lp, h, dx.to_dtype(DType::F32).unwrap())
+    }
+
     /// The fused op's forward and its gradient (driven by an uneven upstream gradient, zeros
     /// included) equal the reference composite's under candle's autograd.
     #[test]
@@ -636,21 +660,7 @@ mod tests {
             let (logits, t) = inputs(dtype);
             let logits = (logits + 40.0).unwrap();
             let var = candle_core::Var::from_tensor(&logits).unwrap();
-            let weights = |cycle: [f32; 3]| {
-                let w: Vec<f32> = (0..15).map(|i| cycle[i % 3]).collect();
-                Tensor::from_vec(w, (3, 5), &Device::Cpu).unwrap()
-            };
-            let (w_lp, w_h) = (weights([0.0, 1.0, -0.5]), weights([0.7, 0.0, -1.3]));
-            type Pair = (Tensor, Tensor);
-            let run = |f: &dyn Fn(&Tensor, &Tensor) -> Result<Pair>| {
-                let (lp, h) = f(var.as_tensor(), &t).unwrap();
-                let loss = ((&lp * &w_lp).unwrap().sum_all().unwrap()
-                    + (&h * &w_h).unwrap().sum_all().unwrap())
-                .unwrap();
-                let g = loss.backward().unwrap();
-                let dx = g.get(var.as_tensor()).unwrap();
-                (lp, h, dx.to_dtype(DType::F32).unwrap())
-            };
+            let run = |f: &dyn Fn(&Tensor, &Tensor) -> Result<Pair>| pair_and_gradient(&var, &t, f);
             let reference_pair =
                 |x: &Tensor, t: &Tensor| Ok((reference(x, t)?, reference_entropy(x)?));
             let (lp_f, h_f, dx_f) = run(&fused_entropy);
@@ -703,28 +713,12 @@ mod tests {
             for (dtype, tol) in [(DType::F32, 2e-5f32), (DType::BF16, 1e-2)] {
                 let (logits, t) = inputs(dtype);
                 let var = candle_core::Var::from_tensor(&logits).unwrap();
-                let weights = |cycle: [f32; 3]| {
-                    let w: Vec<f32> = (0..15).map(|i| cycle[i % 3]).collect();
-                    Tensor::from_vec(w, (3, 5), &Device::Cpu).unwrap()
-                };
-                let (w_lp, w_h) = (weights([0.0, 1.0, -0.5]), weights([0.7, 0.0, -1.3]));
-                let run = |kernel: bool| {
-                    let (lp, h) = match kernel {
-                        true => fused_pair(var.as_tensor(), &t, shaping).unwrap(),
-                        false => {
-                            let x = shaping.reference(var.as_tensor()).unwrap();
-                            (reference(&x, &t).unwrap(), reference_entropy(&x).unwrap())
-                        }
-                    };
-                    let loss = ((&lp * &w_lp).unwrap().sum_all().unwrap()
-                        + (&h * &w_h).unwrap().sum_all().unwrap())
-                    .unwrap();
-                    let g = loss.backward().unwrap();
-                    let dx = g.get(var.as_tensor()).unwrap();
-                    (lp, h, dx.to_dtype(DType::F32).unwrap())
-                };
-                let (lp_f, h_f, dx_f) = run(true);
-                let (lp_r, h_r, dx_r) = run(false);
+                let (lp_f, h_f, dx_f) =
+                    pair_and_gradient(&var, &t, &|x, t| fused_pair(x, t, shaping));
+                let (lp_r, h_r, dx_r) = pair_and_gradient(&var, &t, &|x, t| {
+                    let x = shaping.reference(x)?;
+                    Ok((reference(&x, t)?, reference_entropy(&x)?))
+                });
                 let diff = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap());
                 let at = format!("{dtype:?} {shaping:?}");
                 assert!(diff(&lp_f, &lp_r) < tol * 50.0, "{at} logp");

@@ -219,25 +219,21 @@ impl Transformer {
             _ => Ok(w.clone()),
         };
         let table = read(&self.embed)?;
-        let mut x = match &self.pos_embed {
-            Some(pe) => embedding::token_and_position(
-                &table,
-                ids,
-                &read(pe)?,
-                positions,
-                ctx.dtype,
-                choice,
-            )?,
-            None if self.cfg.embed_scale => {
-                let scale = embed_scale(self.cfg.hidden_size, ctx.dtype);
-                embedding::scaled(&table, ids, ctx.dtype, scale, choice)?
+        let scale = (self.cfg.embed_scale).then(|| embed_scale(self.cfg.hidden_size, ctx.dtype));
+        let mut x = match (&self.pos_embed, scale) {
+            // No real model scales learned positions' sums; the lookup's op takes no scale.
+            (Some(pe), _) => {
+                let pos = read(pe)?;
+                let x =
+                    embedding::token_and_position(&table, ids, &pos, positions, ctx.dtype, choice)?;
+                match scale {
+                    Some(s) => embedding::times(&x, s)?,
+                    None => x,
+                }
             }
-            None => embedding::embedding(&table, ids, ctx.dtype, choice)?,
+            (None, Some(s)) => embedding::scaled(&table, ids, ctx.dtype, s, choice)?,
+            (None, None) => embedding::embedding(&table, ids, ctx.dtype, choice)?,
         };
-        if self.cfg.embed_scale && self.pos_embed.is_some() {
-            let scale = embed_scale(self.cfg.hidden_size, ctx.dtype);
-            x = crate::tape::island(&[&x], |a| a[0].affine(scale as f64, 0.0))?;
-        }
         // After Gemma's scale, as transformers hooks the scaled embedding module's output,
         // and before dropout.
         if let (Some(alpha), Some(s)) = (ctx.neftune_alpha, ctx.dropout_seed) {
