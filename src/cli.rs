@@ -12,6 +12,7 @@ use crate::config::{
     ModelConfig, RewardSpec, RunConfig, Stage,
 };
 use crate::stages::export::Format;
+use crate::stages::Start;
 
 /// A JSON object of chat-template variables.
 pub type Kwargs = serde_json::Map<String, serde_json::Value>;
@@ -83,6 +84,11 @@ pub struct StageArgs {
     /// Continue the run in DIR from its latest checkpoint.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
+    /// Start over in an --out that already holds a run: its checkpoints, final model, metrics
+    /// and run files are deleted first (nothing else there). Without it such an --out is
+    /// refused.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Checkpoint, run directory, Hugging Face model directory or PEFT adapter directory to
     /// start from (pretrain: continued pretraining).
     #[arg(long)]
@@ -222,6 +228,11 @@ pub struct PipelineArgs {
     /// TOML with per-stage tables: [pretrain.train], [sft.lora], [ppo.ppo], ...
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Start over where --out holds an earlier pipeline's runs: each stage's checkpoints,
+    /// final model, metrics and run files are deleted first. Without it such an --out is
+    /// refused.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Args, Debug)]
@@ -310,7 +321,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub repetition_penalty: Option<f64>,
     /// A string that ends a completion (cut before it); repeat the flag for more. EOS and
-    /// the checkpoint's stop ids always end one.
+    /// the checkpoint's stop ids always end one. Taken as given: in bash a newline is
+    /// `$'\n'` ("\n" is a backslash and an n).
     #[arg(long)]
     pub stop: Vec<String>,
     /// Score every completion as the RL stages' --reward does (task, a reward model's
@@ -417,9 +429,38 @@ pub enum TokenizerCmd {
     },
 }
 
+/// TRL's default learning rate of a stage's trainer, where it has one of its own.
+fn trl_lr(stage: Stage) -> Option<f64> {
+    match stage {
+        Stage::Sft => Some(2e-5),
+        Stage::Dpo | Stage::Kto | Stage::Grpo => Some(1e-6),
+        Stage::OnlineDpo => Some(5e-7),
+        _ => None,
+    }
+}
+
+/// The stages' default learning rates were tuned on the built-in task's small model; a
+/// Hugging Face model trained at them (SFT's 2e-3) loses what it knew. Said once, for a run
+/// from one, where the user set no rate of their own.
+fn warn_task_lr(cfg: &RunConfig, flag: bool, user: Option<&toml::Value>) {
+    let set = flag || user.is_some_and(|u| u.get("train").and_then(|t| t.get("lr")).is_some());
+    if set || cfg.stage == Stage::Pretrain {
+        return;
+    }
+    let trl = match trl_lr(cfg.stage) {
+        Some(lr) => format!("TRL's {} trainer defaults to {lr:e}", cfg.stage),
+        None => "a pretrained model is fine-tuned at 1e-6 to 1e-4".to_string(),
+    };
+    eprintln!(
+        "warning: [{}] lr {:e} is the built-in task's default, tuned for its small model from \
+         scratch; {trl} (set --lr or [train] lr)",
+        cfg.stage, cfg.train.lr
+    );
+}
+
 impl StageArgs {
     /// Stage defaults, then the config file (or the resumed run's config.toml), then flags.
-    pub fn resolve(&self, stage: Stage) -> Result<(RunConfig, PathBuf, bool)> {
+    pub fn resolve(&self, stage: Stage) -> Result<(RunConfig, PathBuf, Start)> {
         let (file, out, resume) = match &self.resume {
             Some(dir) => {
                 let saved = dir.join("config.toml");
@@ -445,6 +486,29 @@ impl StageArgs {
         };
         let (mut cfg, user) = RunConfig::load(stage, file.as_deref())?;
         self.apply(&mut cfg)?;
+        let pretrained = cfg
+            .init
+            .as_deref()
+            .is_some_and(|p| crate::model::hf::is_model_dir(p) || crate::model::hf::is_peft_dir(p));
+        if !resume && pretrained {
+            warn_task_lr(&cfg, self.lr.is_some(), user.as_ref());
+        }
+        // A run from --init builds the model it loads: a preset or a [model] table beside it
+        // is not used. (A resumed run's own config.toml always holds a [model] table, and one
+        // config file may serve a pretraining run and the stages after it: said only of a
+        // Hugging Face model, whose [model] a user may think adjusts it.)
+        if !resume && cfg.init.is_some() {
+            if let Some(p) = &self.model {
+                bail!("--model {p}: a run from --init trains the model it loads, not a preset");
+            }
+            let table = user.as_ref().is_some_and(|u| u.get("model").is_some());
+            if let (Some(f), true, true) = (&file, table, pretrained) {
+                eprintln!(
+                    "warning: {}: [model] is not used: a run from --init trains the model it loads",
+                    f.display()
+                );
+            }
+        }
         if !resume {
             crate::stages::setup::inherit_task_world(&mut cfg, user.as_ref())?;
         }
@@ -452,7 +516,12 @@ impl StageArgs {
         if let (Err(e), Some(f)) = (cfg.validate(), &file) {
             bail!("{}: {e}", crate::config::locate(f, &e.to_string()));
         }
-        Ok((cfg, out, resume))
+        let start = match (resume, self.overwrite) {
+            (true, _) => Start::Resume,
+            (false, true) => Start::Overwrite,
+            (false, false) => Start::Fresh,
+        };
+        Ok((cfg, out, start))
     }
 
     pub fn apply(&self, cfg: &mut RunConfig) -> Result<()> {
@@ -651,6 +720,7 @@ impl PipelineArgs {
             seed: self.seed,
             scale: self.scale,
             config: self.config.clone(),
+            overwrite: self.overwrite,
         }
     }
 }

@@ -21,6 +21,22 @@ pub fn rename_into_place(tmp: &Path, path: &Path) -> Result<()> {
     })
 }
 
+/// Gives `file` the permissions a newly created file gets here (0644 under umask 022), which
+/// a writer that goes through a private temporary file (0600) leaves it without: a checkpoint
+/// written by one user is then readable by the group that shares the runs.
+pub fn default_permissions(file: &Path) -> Result<()> {
+    let mut probe = file.as_os_str().to_os_string();
+    probe.push(".mode");
+    let probe = PathBuf::from(probe);
+    let perms = std::fs::File::create(&probe)
+        .and_then(|f| f.metadata())
+        .map(|m| m.permissions());
+    let _ = std::fs::remove_file(&probe);
+    let perms = perms.with_context(|| format!("{}: cannot create", probe.display()))?;
+    std::fs::set_permissions(file, perms)
+        .with_context(|| format!("{}: cannot set permissions", file.display()))
+}
+
 /// Writes `bytes` to `path` atomically, creating its directory if needed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -75,5 +91,23 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left, ["a.json"]);
+    }
+
+    /// Saved tensors get a plain new file's permissions, not the 0600 of the temporary file
+    /// the safetensors writer goes through.
+    #[test]
+    fn saved_tensors_are_as_readable_as_any_new_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"x").unwrap();
+        let f = dir.path().join("model.safetensors");
+        let t = candle_core::Tensor::zeros(3, candle_core::DType::F32, &candle_core::Device::Cpu);
+        let map = std::collections::HashMap::from([("w".to_string(), t.unwrap())]);
+        crate::train::params::save_tensors(&f, &map).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&f), mode(&plain));
+        let left = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(left, 2, "no probe or temporary left");
     }
 }

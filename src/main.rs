@@ -100,8 +100,8 @@ fn run(cli: Cli) -> Result<()> {
     if let Some((stage, a)) = training_stage(&cli.command) {
         let rank = Rank::from_env(|k| std::env::var(k).ok())?;
         preempt::install()?;
-        let (cfg, out, resume) = a.resolve(stage)?;
-        let env = Env::join(cfg, &out, resume, &rank)?;
+        let (cfg, out, start) = a.resolve(stage)?;
+        let env = Env::join(cfg, &out, start, &rank)?;
         let line = run_stage(stage, &env)?;
         if rank.is_main() {
             println!("{line}");
@@ -181,6 +181,12 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     }
     if requests.is_empty() {
         bail!("generate: give --prompt TEXT or --prompts FILE.jsonl");
+    }
+    if a.stop.iter().any(String::is_empty) {
+        bail!("generate: --stop \"\" would end every completion before its first token");
+    }
+    if a.max_new_tokens == Some(0) {
+        bail!("generate: --max-new-tokens must be positive");
     }
     let own = sampling_defaults::FromConfig::of(&loaded.tokenizer, &loaded.tokenizer_dir)?;
     let cfg = SampleCfg {
@@ -352,7 +358,7 @@ fn launch_cmd(a: &LaunchArgs) -> Result<()> {
 
 /// Ranks as threads of this process, sharing nothing but a [`ThreadGroup`].
 fn launch_threads(n: usize, stage: Stage, args: &StageArgs) -> Result<()> {
-    let (cfg, out, resume) = args.resolve(stage)?;
+    let (cfg, out, start) = args.resolve(stage)?;
     let group: Vec<Arc<ThreadGroup>> = ThreadGroup::new(n).into_iter().map(Arc::new).collect();
     let results: Vec<Result<String>> = std::thread::scope(|s| {
         let handles: Vec<_> = group
@@ -361,8 +367,8 @@ fn launch_threads(n: usize, stage: Stage, args: &StageArgs) -> Result<()> {
                 let (cfg, out) = (cfg.clone(), out.clone());
                 s.spawn(move || {
                     let c: Arc<dyn Communicator> = comm.clone();
-                    let r = Env::prepare_in(cfg, &out, resume, c)
-                        .and_then(|env| run_stage(stage, &env));
+                    let r =
+                        Env::prepare_in(cfg, &out, start, c).and_then(|env| run_stage(stage, &env));
                     if r.is_err() {
                         comm.abort();
                     }

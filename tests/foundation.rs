@@ -1,7 +1,8 @@
 //! The foundation end to end: pretraining learns, a SIGKILLed run resumes onto the same
 //! curve, the blocks' tape trains as candle's graph does, bad input fails with one clear line,
 //! the KV cache agrees with a full forward, every parameter receives a gradient, and `temper
-//! generate` samples a prompt file in batches, resumably, with chat prompts templated.
+//! generate` samples a prompt file in batches, resumably, with chat prompts templated, and a
+//! run directory holds one run.
 
 mod common;
 
@@ -1165,4 +1166,50 @@ fn pretraining_learns_from_token_shards() {
         e.contains("_000000.bin: token") && e.contains("--tokenizer"),
         "{e}"
     );
+}
+
+/// A run directory holds one run: a fresh start into one that holds a run is refused (its
+/// checkpoints and metrics untouched), `--overwrite` starts it over with the old run's files
+/// gone, and a resume with no steps left to train is refused before it writes anything.
+#[test]
+fn a_run_directory_is_not_reused_by_accident() {
+    let d = tmp();
+    let cfg = p(d.path(), "c.toml");
+    std::fs::write(
+        &cfg,
+        format!("{TINY_TOML}steps = 3\ncheckpoint_every = 1\n"),
+    )
+    .unwrap();
+    let out = p(d.path(), "run");
+    let (c, o) = (cfg.to_str().unwrap(), out.to_str().unwrap());
+    let pretrain = |extra: &[&'static str]| {
+        let mut a = vec!["pretrain", "--config", c, "--out", o, "--device", "cpu"];
+        a.extend(extra);
+        a
+    };
+    run_ok(&pretrain(&[]));
+    let before = std::fs::read(out.join("metrics.jsonl")).unwrap();
+    let e = run_err(&pretrain(&[]));
+    assert!(
+        e.contains("already holds a run") && e.contains("--overwrite"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), before);
+    let e = run_err(&["pretrain", "--resume", o, "--device", "cpu"]);
+    assert!(e.contains("nothing to train"), "{e}");
+    let toml = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(toml.contains("steps = 3"), "{toml}");
+    run_ok(&pretrain(&["--steps", "2", "--overwrite"]));
+    let steps: Vec<u64> = metrics(&out)
+        .iter()
+        .filter(|m| m["split"] == "train")
+        .map(|m| m["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps.last(), Some(&2), "{steps:?}");
+    assert!(
+        steps.iter().all(|&s| s <= 2),
+        "the old run's lines are gone: {steps:?}"
+    );
+    assert!(!out.join("checkpoints/step-0000003").exists());
+    run_ok(&["pretrain", "--resume", o, "--steps", "3", "--device", "cpu"]);
 }

@@ -35,7 +35,7 @@ mod gpu {
     use candle_core::{DType, Device, Tensor};
     use temper::config::{DeviceChoice, RunConfig, Stage};
     use temper::dist::{nccl::NcclGroup, Communicator, Rank, Solo};
-    use temper::stages::{pretrain, Env};
+    use temper::stages::{pretrain, Env, Start};
 
     fn group(dev: &Device) -> NcclGroup {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -91,7 +91,7 @@ mod gpu {
             cfg.train.steps = 8;
             cfg.train.eval_every = 8;
             cfg.train.log_every = 1;
-            let mut env = Env::prepare_in(cfg, dir, false, Arc::new(Solo)).unwrap();
+            let mut env = Env::prepare_in(cfg, dir, Start::Fresh, Arc::new(Solo)).unwrap();
             if nccl {
                 // On the run's own device, so NCCL shares its stream.
                 let c: Arc<dyn Communicator> = Arc::new(group(&env.device));

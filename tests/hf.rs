@@ -450,6 +450,22 @@ fn continued_pretraining_and_lora_sft_start_from_a_hugging_face_model_and_export
         cfg.contains("\"q_proj\"") && cfg.contains("\"LORA\""),
         "{cfg}"
     );
+    // It names its base, so it reads back: merged, the model the run's own export merges.
+    let v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    let base = std::fs::canonicalize(fixture("llama")).unwrap();
+    assert_eq!(v["base_model_name_or_path"], base.to_str().unwrap());
+    let (merged, back) = (p(d.path(), "merged"), p(d.path(), "back"));
+    export(&sft, &merged, "hf");
+    export(&peft, &back, "hf");
+    let (m, b) = (
+        safetensors_map(&merged.join("model.safetensors")),
+        safetensors_map(&back.join("model.safetensors")),
+    );
+    assert_eq!(m.len(), b.len());
+    for (name, t) in &m {
+        let moved = max_abs_diff(t, &b[name]);
+        assert!(moved < 1e-6, "{name}: {moved}");
+    }
 }
 
 /// `temper sft` from `init` on `data` into `out` on the CPU, with `extra` flags.

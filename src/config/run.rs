@@ -358,8 +358,12 @@ impl RunConfig {
             Stage::Pretrain => {}
         }
         self.check_rollout_minibatches()?;
-        if !positive(self.external_reward.timeout_s) {
-            anyhow::bail!("external_reward.timeout_s must be positive");
+        let timeout = self.external_reward.timeout_s;
+        // Beyond a Duration's range it would panic where the reward starts.
+        if !positive(timeout) || std::time::Duration::try_from_secs_f64(timeout).is_err() {
+            anyhow::bail!(
+                "external_reward.timeout_s must be a positive number of seconds, got {timeout}"
+            );
         }
         Ok(())
     }

@@ -203,6 +203,31 @@ impl PpoConfig {
         if self.rollout_batch == 0 || self.minibatch_size == 0 || self.ppo_epochs == 0 {
             bail!("ppo.rollout_batch, ppo.minibatch_size and ppo.ppo_epochs must be positive");
         }
+        check_new_tokens("ppo", self.max_new_tokens)?;
+        for (name, x) in [
+            ("kl_coef", self.kl_coef),
+            ("vf_coef", self.vf_coef),
+            ("entropy_coef", self.entropy_coef),
+        ] {
+            if !(x >= 0.0 && x.is_finite()) {
+                bail!("ppo.{name} must be 0 or positive, got {x}");
+            }
+        }
+        for (name, x) in [
+            ("cliprange_value", self.cliprange_value),
+            ("value_lr_scale", self.value_lr_scale),
+            ("target_kl", self.target_kl),
+            ("kl_horizon", self.kl_horizon),
+        ] {
+            if !positive(x) {
+                bail!("ppo.{name} must be positive, got {x}");
+            }
+        }
+        for (name, x) in [("gamma", self.gamma), ("lam", self.lam)] {
+            if !(0.0..=1.0).contains(&x) {
+                bail!("ppo.{name} must be in [0, 1], got {x}");
+            }
+        }
         Ok(())
     }
 }
@@ -219,6 +244,14 @@ fn check_sampling(stage: &str, temperature: f64, clip: f64, clip_high: Option<f6
     }
     if !positive(clip) || clip_high.is_some_and(|h| !positive(h)) {
         bail!("{stage}.cliprange and {stage}.epsilon_high must be positive");
+    }
+    Ok(())
+}
+
+/// A rollout's response length: a response of no tokens has nothing to train.
+pub(crate) fn check_new_tokens(stage: &str, n: usize) -> Result<()> {
+    if n == 0 {
+        bail!("{stage}.max_new_tokens must be positive");
     }
     Ok(())
 }
@@ -426,15 +459,24 @@ pub enum FDivergence {
 
 /// `loss_type` as one name or a list of names (TRL takes either).
 mod one_or_many {
+    use serde::de::{Error, IntoDeserializer};
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
     use super::DpoLoss;
 
+    /// Names first, each parsed on its own: an untagged enum of losses would answer a
+    /// misspelt one with "did not match any variant" instead of the names it takes.
     #[derive(Deserialize)]
-    #[serde(untagged)]
+    #[serde(untagged, expecting = "a loss name or a list of loss names")]
     enum Given {
-        One(DpoLoss),
-        Many(Vec<DpoLoss>),
+        One(String),
+        Many(Vec<String>),
+    }
+
+    fn parse<E: Error>(name: &str) -> Result<DpoLoss, E> {
+        let d: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+            name.into_deserializer();
+        DpoLoss::deserialize(d).map_err(E::custom)
     }
 
     pub fn serialize<S: Serializer>(v: &[DpoLoss], s: S) -> Result<S::Ok, S::Error> {
@@ -445,10 +487,10 @@ mod one_or_many {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<DpoLoss>, D::Error> {
-        Ok(match Given::deserialize(d)? {
-            Given::One(one) => vec![one],
-            Given::Many(many) => many,
-        })
+        match Given::deserialize(d)? {
+            Given::One(one) => Ok(vec![parse(&one)?]),
+            Given::Many(many) => many.iter().map(|n| parse(n)).collect(),
+        }
     }
 }
 
@@ -845,14 +887,12 @@ impl OnlineDpoConfig {
             self.min_p,
             self.repetition_penalty,
         )?;
+        check_new_tokens("online_dpo", self.max_new_tokens)?;
         if !(self.rpo_alpha >= 0.0 && self.rpo_alpha.is_finite()) {
             bail!(
                 "online_dpo.rpo_alpha must be 0 or positive, got {}",
                 self.rpo_alpha
             );
-        }
-        if self.max_new_tokens == 0 {
-            bail!("online_dpo.max_new_tokens must be positive");
         }
         Ok(())
     }
@@ -1141,9 +1181,10 @@ impl GrpoConfig {
                 self.group_size
             );
         }
-        if self.prompts_per_rollout == 0 || self.minibatch_size == 0 {
-            bail!("grpo.prompts_per_rollout and grpo.minibatch_size must be positive");
+        if self.prompts_per_rollout == 0 || self.minibatch_size == 0 || self.epochs == 0 {
+            bail!("grpo.prompts_per_rollout, grpo.minibatch_size and grpo.epochs must be positive");
         }
+        check_new_tokens("grpo", self.max_new_tokens)?;
         // A group whose scores tie has std 0: eps keeps its advantages 0, not 0 / 0.
         if !positive(self.eps) {
             bail!("grpo.eps must be positive (TRL's 1e-4), got {}", self.eps);
@@ -1477,6 +1518,32 @@ mod tests {
     }
 
     #[test]
+    fn ppo_and_grpo_refuse_coefficients_out_of_their_range() {
+        PpoConfig::default().validate().unwrap();
+        let bad = |f: fn(&mut PpoConfig), field: &str| {
+            let mut c = PpoConfig::default();
+            f(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("ppo.{field}")), "{e}");
+        };
+        bad(|c| c.max_new_tokens = 0, "max_new_tokens");
+        bad(|c| c.kl_coef = -1.0, "kl_coef");
+        bad(|c| c.vf_coef = f64::NAN, "vf_coef");
+        bad(|c| c.cliprange_value = -1.0, "cliprange_value");
+        bad(|c| c.gamma = 1.5, "gamma");
+        bad(|c| c.lam = 2.0, "lam");
+        bad(|c| c.target_kl = 0.0, "target_kl");
+        let grpo = |f: fn(&mut GrpoConfig), field: &str| {
+            let mut c = GrpoConfig::default();
+            f(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("grpo.{field}")), "{e}");
+        };
+        grpo(|c| c.max_new_tokens = 0, "max_new_tokens");
+        grpo(|c| c.epochs = 0, "epochs");
+    }
+
+    #[test]
     fn online_dpo_refuses_what_would_break_its_sampling_or_loss() {
         let ok = OnlineDpoConfig::default();
         ok.validate().unwrap();
@@ -1550,6 +1617,14 @@ mod tests {
     fn dpo_reads_a_list_of_losses_with_weights() {
         let one: DpoConfig = toml::from_str("loss_type = \"ipo\"").unwrap();
         assert_eq!(one.loss_type, [DpoLoss::Ipo]);
+        // A misspelt name, alone or in a list, is answered with the names it takes.
+        for text in [
+            "loss_type = \"sigmod\"",
+            "loss_type = [\"ipo\", \"sigmod\"]",
+        ] {
+            let e = toml::from_str::<DpoConfig>(text).unwrap_err().to_string();
+            assert!(e.contains("sigmod") && e.contains("apo_zero"), "{e}");
+        }
         let text = "loss_type = [\"sigmoid\", \"bco_pair\", \"sft\"]\n\
                     loss_weights = [0.8, 0.2, 1.0]\nrpo_alpha = 0.0";
         let mpo: DpoConfig = toml::from_str(text).unwrap();

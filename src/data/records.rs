@@ -705,7 +705,8 @@ fn conversational_pair(
     })
 }
 
-/// Reads prompts `{"prompt"}` with an optional string "answer"; every field is kept.
+/// Reads prompts `{"prompt"}` with an optional "answer" (a string, or a number read as its
+/// text); every field is kept.
 pub fn load_prompts(path: &Path) -> Result<Vec<PromptRecord>> {
     load_prompts_templated(path, None)
 }
@@ -753,8 +754,14 @@ fn prompts_from(
             let answer = match obj.get("answer") {
                 None | Some(Value::Null) => None,
                 Some(Value::String(s)) => Some(s.clone()),
+                // As written (`12`, `0.5`): what an exact match compares a response with. A
+                // reward process reads the record's own number.
+                Some(Value::Number(n)) => Some(n.to_string()),
                 Some(v) => {
-                    return Err(at.field("answer", &format!("expected a string, got {}", kind(v))))
+                    return Err(at.field(
+                        "answer",
+                        &format!("expected a string or a number, got {}", kind(v)),
+                    ))
                 }
             };
             Ok(PromptRecord {
@@ -1383,8 +1390,8 @@ mod tests {
                 "field \"prompt\": expected a string, got a number",
             ),
             (
-                r#"{"prompt": "q", "answer": 5}"#,
-                "field \"answer\": expected a string, got a number",
+                r#"{"prompt": "q", "answer": [5]}"#,
+                "field \"answer\": expected a string or a number, got an array",
             ),
         ];
         for (body, want) in cases {

@@ -38,7 +38,7 @@ const TRAINED_SPECIALS: [&str; 2] = ["<|endoftext|>", "<|pad|>"];
 pub const GENERATION_CONFIG: &str = "generation_config.json";
 
 /// File name of a saved tokenizer inside a run or checkpoint directory.
-const FILE_NAME: &str = "tokenizer.json";
+pub const FILE_NAME: &str = "tokenizer.json";
 
 #[derive(Clone)]
 pub enum Tokenizer {

@@ -121,8 +121,8 @@ impl Communicator for Solo {
 pub fn rendezvous_timeout() -> Result<Duration> {
     match std::env::var("TEMPER_DIST_TIMEOUT_S") {
         Err(_) => Ok(Duration::from_secs(300)),
-        Ok(v) => match v.trim().parse::<f64>() {
-            Ok(s) if s > 0.0 => Ok(Duration::from_secs_f64(s)),
+        Ok(v) => match v.trim().parse::<f64>().map(Duration::try_from_secs_f64) {
+            Ok(Ok(d)) if !d.is_zero() => Ok(d),
             _ => bail!("TEMPER_DIST_TIMEOUT_S={v:?} is not a positive number of seconds"),
         },
     }

@@ -1,7 +1,8 @@
 //! Preemption: SLURM warns a job before killing it (`--signal=USR1@90`) and schedulers send
-//! SIGTERM. The first SIGTERM or SIGUSR1 sets a flag that the training loop reads after each
-//! step: every rank finishes the step, rank 0 writes a checkpoint, and the run exits with
-//! [`EXIT_PREEMPTED`], so `--resume` continues on the exact curve.
+//! SIGTERM; a user at the terminal presses Ctrl-C (SIGINT). The first of these sets a flag
+//! that the training loop reads after each step: every rank finishes the step, rank 0 writes a
+//! checkpoint, and the run exits with [`EXIT_PREEMPTED`], so `--resume` continues on the exact
+//! curve and nothing since the last periodic checkpoint is lost.
 //!
 //! The same signal often arrives twice at once (SLURM signals every process of the step, and
 //! `temper launch` passes its own on to its ranks), so repeats within [`GRACE_S`] seconds of
@@ -42,6 +43,13 @@ extern "C" fn on_signal(sig: libc::c_int) {
     if !REQUESTED.swap(true, Ordering::SeqCst) {
         SIGNAL.store(sig, Ordering::SeqCst);
         FIRST_AT.store(now, Ordering::SeqCst);
+        // Otherwise a Ctrl-C would seem to do nothing until the step ends.
+        const _: () = assert!(GRACE_S == 5, "the message names the grace period");
+        let msg = b"\ntemper: stopping after this step, with a checkpoint (signal again after 5 s to stop at once)\n";
+        // SAFETY: write(2) is async-signal-safe; `msg` outlives the call.
+        unsafe {
+            libc::write(2, msg.as_ptr().cast(), msg.len());
+        }
         return;
     }
     if now - FIRST_AT.load(Ordering::SeqCst) > GRACE_S {
@@ -53,9 +61,9 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
-/// Installs the handler for SIGTERM and SIGUSR1.
+/// Installs the handler for SIGTERM, SIGUSR1 and SIGINT.
 pub fn install() -> Result<()> {
-    for sig in [libc::SIGTERM, libc::SIGUSR1] {
+    for sig in [libc::SIGTERM, libc::SIGUSR1, libc::SIGINT] {
         // SAFETY: the handler does only async-signal-safe work.
         let prev = unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
         if prev == libc::SIG_ERR {

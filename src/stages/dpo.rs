@@ -690,9 +690,13 @@ pub struct DpoResult {
 
 impl DpoResult {
     pub fn describe(&self) -> String {
+        use super::eval::from_start;
         format!(
-            "dpo: accuracy {:.3} (from {:.3}), implicit-reward accuracy {:.3} (from {:.3})",
-            self.accuracy, self.start_accuracy, self.reward_accuracy, self.start_reward_accuracy
+            "dpo: accuracy {:.3}{}, implicit-reward accuracy {:.3}{}",
+            self.accuracy,
+            from_start(self.start_accuracy),
+            self.reward_accuracy,
+            from_start(self.start_reward_accuracy)
         )
     }
 }

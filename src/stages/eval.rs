@@ -61,7 +61,12 @@ pub fn accuracy(
         let g = generate(net, ctx, tok, &ids, &cfg, &keys)?;
         for (p, text) in chunk.iter().zip(g.texts) {
             let Some(answer) = &p.answer else {
-                bail!("prompt {:?} has no `answer` to check against", p.prompt);
+                match &p.origin {
+                    Some(at) => bail!(
+                        "{at}: field \"answer\": missing (accuracy is an exact match with it)"
+                    ),
+                    None => bail!("prompt {:?} has no `answer` to check against", p.prompt),
+                }
             };
             let ok = exact_match(&text, answer);
             correct += ok as usize;
@@ -100,6 +105,15 @@ impl Report for PolicyEval {
     }
 }
 
+/// " (from X)" where the start was measured: a resumed run evaluates no start, and prompts
+/// without answers score no accuracy.
+pub fn from_start(x: f64) -> String {
+    match x.is_nan() {
+        true => String::new(),
+        false => format!(" (from {x:.3})"),
+    }
+}
+
 /// An RL stage's outcome: where the policy ended, against where it started.
 pub struct PolicyResult {
     pub stage: Stage,
@@ -126,16 +140,18 @@ impl PolicyResult {
     }
 
     pub fn describe(&self) -> String {
+        let evaluated = !(self.accuracy.is_nan() && self.mean_reward.is_nan());
         format!(
-            "{}: accuracy {:.3} (from {:.3}), mean reward {:.3} (from {:.3}), {}",
+            "{}: accuracy {:.3}{}, mean reward {:.3}{}, {}",
             self.stage,
             self.accuracy,
-            self.start_accuracy,
+            from_start(self.start_accuracy),
             self.mean_reward,
-            self.start_mean_reward,
-            match self.kl {
-                Some(kl) => format!("KL to reference {kl:.4}"),
-                None => "no reference (beta = 0)".to_string(),
+            from_start(self.start_mean_reward),
+            match (self.kl, evaluated) {
+                (Some(kl), _) => format!("KL to reference {kl:.4}"),
+                (None, true) => "no reference (beta = 0)".to_string(),
+                (None, false) => "no held-out evaluation ran".to_string(),
             }
         )
     }

@@ -74,6 +74,13 @@ fn hf_dir(checkpoint: &Path, out: &Path) -> Result<()> {
     };
     hf::write_safetensors(&out.join("model.safetensors"), &tensors)?;
     let tok = &loaded.tokenizer;
+    if matches!(tok, crate::data::tokenizer::Tokenizer::Bytes) {
+        eprintln!(
+            "warning: {}: the byte-level tokenizer has no tokenizer.json to write, and \
+             transformers (and temper's --init) need one beside the model",
+            out.display()
+        );
+    }
     let stops = tok.stop_ids();
     let mut config = hf::config_json(family, head, cfg, &stops, tok.bos_id(), tok.pad_id());
     if head == hf::Head::Score {
@@ -233,8 +240,16 @@ fn peft(checkpoint: &Path, out: &Path) -> Result<()> {
         "bias": "none",
         "fan_in_fan_out": false,
         "inference_mode": true,
-        "base_model_name_or_path": null,
+        "base_model_name_or_path": meta.base,
     });
+    if meta.base.is_none() {
+        eprintln!(
+            "warning: {}: the run's base was no Hugging Face model directory (a checkpoint, or \
+             a model with adapters merged in), so adapter_config.json names no \
+             base_model_name_or_path: set it to that base exported with --format hf",
+            out.display()
+        );
+    }
     crate::io::write_atomic(
         &out.join("adapter_config.json"),
         serde_json::to_string_pretty(&config)?.as_bytes(),

@@ -218,7 +218,7 @@ impl GrpoTask<'_> {
         let mut stats = rollout_stats(&ro, self.last_kl, comm)?;
         stats.extend(self.clock.metrics(&times));
         let plan = Schedule {
-            epochs: c.epochs.max(1),
+            epochs: c.epochs,
             minibatch_size: c.minibatch_size,
             grad_accum: self.env.cfg.train.grad_accum,
             mask_truncated: c.mask_truncated_completions,

@@ -331,12 +331,13 @@ pub struct KtoResult {
 
 impl KtoResult {
     pub fn describe(&self) -> String {
+        use super::eval::from_start;
         format!(
-            "kto: accuracy {:.3} (from {:.3}), held-out examples on their label's side {:.3} (from {:.3}), reward margin {:.3}",
+            "kto: accuracy {:.3}{}, held-out examples on their label's side {:.3}{}, reward margin {:.3}",
             self.accuracy,
-            self.start_accuracy,
+            from_start(self.start_accuracy),
             self.label_accuracy,
-            self.start_label_accuracy,
+            from_start(self.start_label_accuracy),
             self.reward_margin
         )
     }

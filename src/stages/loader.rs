@@ -65,6 +65,16 @@ pub fn read_checkpoint(path: &Path, device: &Device) -> Result<Loaded> {
 }
 
 fn import_hf(dir: &Path, device: &Device) -> Result<Loaded> {
+    // Without its tokenizer a model would read the byte-level ids of a run from scratch:
+    // wrong ids, and nothing would say so.
+    if !dir.join(crate::data::tokenizer::FILE_NAME).is_file() {
+        bail!(
+            "{}: no tokenizer.json: temper reads a Hugging Face model's tokenizer from it (for a \
+             model with a SentencePiece tokenizer.model only, transformers writes one: \
+             AutoTokenizer.from_pretrained(dir).save_pretrained(dir))",
+            dir.display()
+        );
+    }
     let imp = hf::import(dir, device)?;
     let tokenizer = Tokenizer::load_dir(dir)?;
     check_vocab(dir, &tokenizer, &imp.config)?;
@@ -81,6 +91,7 @@ fn import_hf(dir: &Path, device: &Device) -> Result<Loaded> {
             model: imp.config,
             lora: None,
             step: 0,
+            base: None,
         },
         tensors: imp.tensors,
         tokenizer,

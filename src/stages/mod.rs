@@ -26,6 +26,7 @@ pub mod rewards;
 pub mod rl;
 pub mod rollout;
 pub mod rollout_packing;
+pub mod run_dir;
 pub mod sampling_defaults;
 pub mod setup;
 pub mod sft;
@@ -40,6 +41,7 @@ use candle_core::Device;
 use crate::config::RunConfig;
 use crate::dist::{Communicator, Rank, Solo};
 use crate::kernels::KernelSet;
+pub use run_dir::Start;
 
 /// What every stage is handed by the CLI.
 pub struct Env {
@@ -56,8 +58,8 @@ impl Env {
     /// Validates the config, creates the run directory, writes `config.toml` (a resumed run:
     /// once its checkpoint is restored) and the run's metadata (device, kernels), and prints
     /// them.
-    pub fn prepare(cfg: RunConfig, run_dir: &Path, resume: bool) -> Result<Self> {
-        Self::prepare_in(cfg, run_dir, resume, Arc::new(Solo))
+    pub fn prepare(cfg: RunConfig, run_dir: &Path, start: Start) -> Result<Self> {
+        Self::prepare_in(cfg, run_dir, start, Arc::new(Solo))
     }
 
     /// [`Env::prepare`] for one rank of a data-parallel group: only rank 0 writes the run
@@ -65,32 +67,35 @@ impl Env {
     pub fn prepare_in(
         cfg: RunConfig,
         run_dir: &Path,
-        resume: bool,
+        start: Start,
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
         cfg.validate()?;
         let device = crate::device::select(cfg.device)?;
-        Self::assemble(cfg, run_dir, resume, device, comm)
+        Self::assemble(cfg, run_dir, start, device, comm)
     }
 
     /// [`Env::prepare`] for the process `rank` places in a job (torchrun, SLURM, `temper
-    /// launch`): its own GPU, and a communicator connected to the other ranks. The config is
-    /// checked before connecting, so a bad one fails every rank at once.
-    pub fn join(cfg: RunConfig, run_dir: &Path, resume: bool, rank: &Rank) -> Result<Self> {
+    /// launch`): its own GPU, and a communicator connected to the other ranks. The config and
+    /// the run directory are checked before connecting, so a bad one fails every rank at once.
+    pub fn join(cfg: RunConfig, run_dir: &Path, start: Start, rank: &Rank) -> Result<Self> {
         cfg.validate()?;
+        if start == Start::Fresh {
+            run_dir::check_fresh(run_dir)?;
+        }
         let ordinal = crate::device::rank_ordinal(
             rank.local_rank,
             std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(),
         );
         let device = crate::device::select_ordinal(cfg.device, ordinal)?;
         let comm = crate::dist::connect(rank, &device)?;
-        Self::assemble(cfg, run_dir, resume, device, comm)
+        Self::assemble(cfg, run_dir, start, device, comm)
     }
 
     fn assemble(
         cfg: RunConfig,
         run_dir: &Path,
-        resume: bool,
+        start: Start,
         device: Device,
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
@@ -99,7 +104,7 @@ impl Env {
             kernels: cfg.kernel_set()?,
             cfg,
             run_dir: run_dir.to_path_buf(),
-            resume,
+            resume: start == Start::Resume,
             comm,
         };
         if env.cfg.train.gradient_checkpointing && !env.weights_are_variables() {
@@ -109,6 +114,7 @@ impl Env {
             );
         }
         if env.comm.rank() == 0 {
+            run_dir::begin(run_dir, start)?;
             env.write_run_files()?;
         }
         Ok(env)

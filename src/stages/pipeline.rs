@@ -9,7 +9,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 
-use super::Env;
+use super::run_dir::earlier_run;
+use super::{Env, Start};
 use crate::config::{
     overlay, AdvantageEstimator, DeviceChoice, GrpoConfig, ImportanceSamplingLevel, LossType,
     RunConfig, Stage,
@@ -106,6 +107,8 @@ pub struct PipelineOptions {
     pub scale: f64,
     /// TOML with per-stage tables: `[pretrain.train]`, `[sft.lora]`, `[ppo.ppo]`, ...
     pub config: Option<PathBuf>,
+    /// Start over where `out` holds an earlier pipeline's runs (else it is refused).
+    pub overwrite: bool,
 }
 
 /// One step's configuration inside the pipeline: its stage's defaults, the pipeline's
@@ -247,10 +250,26 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
         }
         steps.push(step);
     }
+    let start = match opts.overwrite {
+        true => Start::Overwrite,
+        false => Start::Fresh,
+    };
+    if start == Start::Fresh {
+        for step in &steps {
+            let at = dir.join(step.name);
+            if let Some(mark) = earlier_run(&at) {
+                bail!(
+                    "{}: already holds a run ({mark}) of an earlier pipeline: start over with \
+                     --overwrite, or give another --out",
+                    at.display()
+                );
+            }
+        }
+    }
     for &step in &steps {
         let t0 = Instant::now();
         let cfg = stage_config(step, opts, user.as_ref())?;
-        let env = Env::prepare(cfg, &dir.join(step.name), false)?;
+        let env = Env::prepare(cfg, &dir.join(step.name), start)?;
         summary.insert(step.name.to_string(), run_stage(step.stage, &env)?);
         seconds.insert(step.name.to_string(), json!(t0.elapsed().as_secs_f64()));
         write_summary(dir, &summary, &seconds)?;

@@ -2,7 +2,7 @@
 //! the policy and its frozen reference, split data into train and held-out sets, check prompts
 //! against the context, and hand the task to the shared loop with its checkpoint identity.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
@@ -368,6 +368,14 @@ impl<'a> Plan<'a> {
     }
 }
 
+/// `init` as an absolute path where it is a Hugging Face model directory: the base a LoRA
+/// run's adapters sit on unchanged (a checkpoint's or a PEFT adapter's adapters are merged
+/// into the base they load, which is then no model directory of its own).
+fn hf_base(init: Option<&Path>) -> Option<PathBuf> {
+    let init = init.filter(|p| crate::model::hf::is_model_dir(p))?;
+    std::fs::canonicalize(init).ok()
+}
+
 /// Runs the shared loop on `task` over the parameters of `store` that `trainable` accepts,
 /// as `plan` says.
 pub fn train<T: Task>(
@@ -386,6 +394,7 @@ pub fn train<T: Task>(
             model: plan.model.clone(),
             lora: plan.lora.cloned(),
             step: 0,
+            base: plan.lora.and(hf_base(cfg.init.as_deref())),
         },
         tokenizer: plan.tokenizer,
     };

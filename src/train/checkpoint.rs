@@ -38,6 +38,10 @@ pub struct CheckpointMeta {
     pub model: ModelConfig,
     pub lora: Option<LoraConfig>,
     pub step: usize,
+    /// The Hugging Face model directory (absolute) whose weights are a LoRA run's frozen base,
+    /// where it began from one: what a PEFT export names as `base_model_name_or_path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<PathBuf>,
 }
 
 impl CheckpointMeta {

@@ -308,6 +308,7 @@ pub fn save_tensors(path: &Path, map: &HashMap<String, Tensor>) -> Result<()> {
     let tmp = crate::io::tmp_path(path);
     candle_core::safetensors::save(map, &tmp)
         .with_context(|| format!("{}: cannot write", tmp.display()))?;
+    crate::io::default_permissions(&tmp)?;
     crate::io::rename_into_place(&tmp, path)
 }
 

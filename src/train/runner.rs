@@ -312,11 +312,21 @@ fn resume<T: Task>(task: &mut T, saved: &Saved, opt: &mut AdamW, opts: &RunOpts)
         write_resumed_files(opts)?;
         return Ok(0);
     };
-    saved.load_model(&dir)?;
     let text = std::fs::read_to_string(dir.join("state.json"))
         .with_context(|| format!("{}: state.json missing", dir.display()))?;
     let st: LoopState = serde_json::from_str(&text)
         .with_context(|| format!("{}/state.json: malformed", dir.display()))?;
+    // Before anything is written: the run's config.toml keeps the steps it ran to.
+    if st.step >= opts.cfg.steps {
+        bail!(
+            "{}: the run is at step {} already, and steps is {}: nothing to train (give a \
+             larger --steps to continue it)",
+            opts.run_dir.display(),
+            st.step,
+            opts.cfg.steps
+        );
+    }
+    saved.load_model(&dir)?;
     opt.load(&dir.join("optimizer.safetensors"), st.adam_t)?;
     task.read_files(&dir)?;
     task.restore(&st.task)?;
