@@ -2,7 +2,7 @@
 //! pipeline. Every hyperparameter comes from the stage defaults, then `--config FILE`, then
 //! the flags below.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
@@ -229,8 +229,8 @@ pub struct PipelineArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Start over where --out holds an earlier pipeline's runs: each stage's checkpoints,
-    /// final model, metrics and run files are deleted first. Without it such an --out is
-    /// refused.
+    /// final model, metrics and run files are deleted as that stage starts. Without it such
+    /// an --out is refused.
     #[arg(long)]
     pub overwrite: bool,
 }
@@ -521,6 +521,11 @@ impl StageArgs {
             (false, true) => Start::Overwrite,
             (false, false) => Start::Fresh,
         };
+        if start == Start::Overwrite {
+            let inputs = [&cfg.init, &cfg.ppo.value_init, &cfg.distill.teacher];
+            let inputs: Vec<&Path> = inputs.into_iter().flatten().map(|p| p.as_path()).collect();
+            crate::stages::run_dir::check_inputs_outside(&out, &inputs)?;
+        }
         Ok((cfg, out, start))
     }
 

@@ -1211,5 +1211,16 @@ fn a_run_directory_is_not_reused_by_accident() {
         "the old run's lines are gone: {steps:?}"
     );
     assert!(!out.join("checkpoints/step-0000003").exists());
+    // Stopped at its last step's checkpoint before final/ (a signal there): the resume
+    // trains nothing and writes final/.
+    std::fs::remove_dir_all(out.join("final")).unwrap();
+    run_ok(&["pretrain", "--resume", o, "--device", "cpu"]);
+    assert!(out.join("final/model.safetensors").is_file());
+    // An --overwrite that would delete the model it starts from is refused.
+    let init = out.join("final");
+    let i = init.to_str().unwrap();
+    let e = run_err(&["pretrain", "--config", c, "--out", o, "--init", i, "--overwrite"]);
+    assert!(e.contains("would be deleted"), "{e}");
+    assert!(init.join("model.safetensors").is_file());
     run_ok(&["pretrain", "--resume", o, "--steps", "3", "--device", "cpu"]);
 }

@@ -46,9 +46,12 @@ extern "C" fn on_signal(sig: libc::c_int) {
         // Otherwise a Ctrl-C would seem to do nothing until the step ends.
         const _: () = assert!(GRACE_S == 5, "the message names the grace period");
         let msg = b"\ntemper: stopping after this step, with a checkpoint (signal again after 5 s to stop at once)\n";
-        // SAFETY: write(2) is async-signal-safe; `msg` outlives the call.
+        // SAFETY: write(2) is async-signal-safe; `msg` outlives the call; errno is put back
+        // for the code the signal interrupted.
         unsafe {
+            let errno = *libc::__errno_location();
             libc::write(2, msg.as_ptr().cast(), msg.len());
+            *libc::__errno_location() = errno;
         }
         return;
     }
@@ -68,6 +71,11 @@ pub fn install() -> Result<()> {
         let prev = unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
         if prev == libc::SIG_ERR {
             anyhow::bail!("cannot install the handler for signal {sig}");
+        }
+        // A job started in the background ignores the terminal's Ctrl-C, and keeps doing so.
+        if sig == libc::SIGINT && prev == libc::SIG_IGN {
+            // SAFETY: as above.
+            unsafe { libc::signal(sig, libc::SIG_IGN) };
         }
     }
     Ok(())

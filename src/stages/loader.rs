@@ -31,6 +31,7 @@ pub struct Loaded {
 /// it is a one-label `*ForSequenceClassification`).
 pub fn read_checkpoint(path: &Path, device: &Device) -> Result<Loaded> {
     if hf::is_model_dir(path) {
+        require_tokenizer(path)?;
         return import_hf(path, device);
     }
     if hf::is_peft_dir(path) {
@@ -64,9 +65,9 @@ pub fn read_checkpoint(path: &Path, device: &Device) -> Result<Loaded> {
     })
 }
 
-fn import_hf(dir: &Path, device: &Device) -> Result<Loaded> {
-    // Without its tokenizer a model would read the byte-level ids of a run from scratch:
-    // wrong ids, and nothing would say so.
+/// Without its tokenizer a model would read the byte-level ids of a run from scratch: wrong
+/// ids, and nothing would say so.
+fn require_tokenizer(dir: &Path) -> Result<()> {
     if !dir.join(crate::data::tokenizer::FILE_NAME).is_file() {
         bail!(
             "{}: no tokenizer.json: temper reads a Hugging Face model's tokenizer from it (for a \
@@ -75,6 +76,10 @@ fn import_hf(dir: &Path, device: &Device) -> Result<Loaded> {
             dir.display()
         );
     }
+    Ok(())
+}
+
+fn import_hf(dir: &Path, device: &Device) -> Result<Loaded> {
     let imp = hf::import(dir, device)?;
     let tokenizer = Tokenizer::load_dir(dir)?;
     check_vocab(dir, &tokenizer, &imp.config)?;
@@ -117,6 +122,10 @@ fn check_vocab(dir: &Path, tokenizer: &Tokenizer, cfg: &crate::config::ModelConf
 fn import_peft(dir: &Path, device: &Device) -> Result<Loaded> {
     let adapter = hf::read_peft(dir, device)?;
     let base = &adapter.base;
+    // TRL saves the tokenizer beside the adapter; the base's serves where it did not.
+    if !dir.join(crate::data::tokenizer::FILE_NAME).is_file() {
+        require_tokenizer(base)?;
+    }
     let mut loaded = import_hf(base, device)?;
     merge_adapters(&mut loaded.tensors, &adapter.tensors, adapter.scale).with_context(|| {
         format!(

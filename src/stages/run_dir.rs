@@ -18,9 +18,20 @@ pub enum Start {
     Resume,
 }
 
-/// What shows that `dir` holds a run: its checkpoints, final model or metrics. A start that
-/// failed before its first step leaves only `config.toml` and `run.json`, and holds none.
-const RUN_MARKS: [&str; 3] = ["checkpoints", "final", "metrics.jsonl"];
+/// What shows that `dir` holds a run: a checkpoint, a final model, or metrics. A start that
+/// failed in its first step leaves only `config.toml`, `run.json`, an empty `checkpoints/`
+/// (every rank makes one) and an empty `metrics.jsonl`, and holds none.
+fn run_marks(dir: &Path) -> [(&'static str, bool); 3] {
+    let metrics = std::fs::metadata(dir.join("metrics.jsonl")).is_ok_and(|m| m.len() > 0);
+    [
+        (
+            "checkpoints/latest",
+            dir.join("checkpoints/latest").exists(),
+        ),
+        ("final", dir.join("final").exists()),
+        ("metrics.jsonl", metrics),
+    ]
+}
 
 /// Everything a run writes in its directory, which `--overwrite` deletes.
 const RUN_FILES: [&str; 8] = [
@@ -36,7 +47,7 @@ const RUN_FILES: [&str; 8] = [
 
 /// The first sign that `dir` holds a run, if it does.
 pub fn earlier_run(dir: &Path) -> Option<&'static str> {
-    RUN_MARKS.into_iter().find(|m| dir.join(m).exists())
+    run_marks(dir).into_iter().find(|m| m.1).map(|m| m.0)
 }
 
 /// Refuses a fresh start in a directory that holds a run.
@@ -48,6 +59,24 @@ pub fn check_fresh(dir: &Path) -> Result<()> {
             dir.display(),
             dir.display()
         );
+    }
+    Ok(())
+}
+
+/// Refuses an overwrite of `dir` where a model the run reads (`inputs`: its `--init`, value
+/// model, teacher) lies inside it: the deletion would take the run's own starting point.
+pub fn check_inputs_outside(dir: &Path, inputs: &[&Path]) -> Result<()> {
+    let Ok(out) = std::fs::canonicalize(dir) else {
+        return Ok(());
+    };
+    for input in inputs {
+        if std::fs::canonicalize(input).is_ok_and(|p| p.starts_with(&out)) {
+            bail!(
+                "--overwrite {}: {} lies inside it and would be deleted; give another --out",
+                dir.display(),
+                input.display()
+            );
+        }
     }
     Ok(())
 }
@@ -87,8 +116,17 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("run");
         begin(&dir, Start::Fresh).unwrap();
+        // A failed first step's leftovers are no run.
+        std::fs::create_dir_all(dir.join("checkpoints")).unwrap();
+        std::fs::write(dir.join("metrics.jsonl"), "").unwrap();
+        begin(&dir, Start::Fresh).unwrap();
         std::fs::create_dir_all(dir.join("checkpoints/step-0000004")).unwrap();
-        for f in ["metrics.jsonl", "config.toml", "data.jsonl"] {
+        for f in [
+            "checkpoints/latest",
+            "metrics.jsonl",
+            "config.toml",
+            "data.jsonl",
+        ] {
             std::fs::write(dir.join(f), "x").unwrap();
         }
         let e = begin(&dir, Start::Fresh).unwrap_err().to_string();
@@ -97,13 +135,13 @@ mod tests {
             "{e}"
         );
         begin(&dir, Start::Resume).unwrap();
+        let init = dir.join("checkpoints/step-0000004");
+        let e = check_inputs_outside(&dir, &[d.path(), &init]).unwrap_err();
+        assert!(e.to_string().contains("step-0000004"), "{e}");
         begin(&dir, Start::Overwrite).unwrap();
         assert_eq!(earlier_run(&dir), None);
         assert!(!dir.join("config.toml").exists());
         assert!(dir.join("data.jsonl").exists(), "the user's own file stays");
-        begin(&dir, Start::Fresh).unwrap();
-        // A failed start's files alone are no run.
-        std::fs::write(dir.join("config.toml"), "x").unwrap();
         begin(&dir, Start::Fresh).unwrap();
     }
 }

@@ -316,8 +316,10 @@ fn resume<T: Task>(task: &mut T, saved: &Saved, opt: &mut AdamW, opts: &RunOpts)
         .with_context(|| format!("{}: state.json missing", dir.display()))?;
     let st: LoopState = serde_json::from_str(&text)
         .with_context(|| format!("{}/state.json: malformed", dir.display()))?;
-    // Before anything is written: the run's config.toml keeps the steps it ran to.
-    if st.step >= opts.cfg.steps {
+    // Before anything is written: the run's config.toml keeps the steps it ran to. A run
+    // stopped at its last step's checkpoint, before final/, resumes to write it.
+    let finished = st.step == opts.cfg.steps && opts.run_dir.join("final").exists();
+    if st.step > opts.cfg.steps || finished {
         bail!(
             "{}: the run is at step {} already, and steps is {}: nothing to train (give a \
              larger --steps to continue it)",
