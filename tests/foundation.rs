@@ -1219,7 +1219,16 @@ fn a_run_directory_is_not_reused_by_accident() {
     // An --overwrite that would delete the model it starts from is refused.
     let init = out.join("final");
     let i = init.to_str().unwrap();
-    let e = run_err(&["pretrain", "--config", c, "--out", o, "--init", i, "--overwrite"]);
+    let e = run_err(&[
+        "pretrain",
+        "--config",
+        c,
+        "--out",
+        o,
+        "--init",
+        i,
+        "--overwrite",
+    ]);
     assert!(e.contains("would be deleted"), "{e}");
     assert!(init.join("model.safetensors").is_file());
     run_ok(&["pretrain", "--resume", o, "--steps", "3", "--device", "cpu"]);
