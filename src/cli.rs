@@ -486,10 +486,7 @@ impl StageArgs {
         };
         let (mut cfg, user) = RunConfig::load(stage, file.as_deref())?;
         self.apply(&mut cfg)?;
-        let pretrained = cfg
-            .init
-            .as_deref()
-            .is_some_and(|p| crate::model::hf::is_model_dir(p) || crate::model::hf::is_peft_dir(p));
+        let pretrained = (cfg.init.as_deref()).is_some_and(crate::model::hf::is_pretrained_dir);
         if !resume && pretrained {
             warn_task_lr(&cfg, self.lr.is_some(), user.as_ref());
         }

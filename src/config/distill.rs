@@ -95,12 +95,8 @@ mod tests {
     #[test]
     fn distill_refuses_what_would_break_its_divergence_or_sampling() {
         assert!(DistillConfig::default().validate().is_ok());
-        let bad = |f: fn(&mut DistillConfig), field: &str| {
-            let mut c = DistillConfig::default();
-            f(&mut c);
-            let e = c.validate().unwrap_err().to_string();
-            assert!(e.contains(&format!("distill.{field}")), "{e}");
-        };
+        let bad =
+            |f, field| crate::config::assert_refuses(DistillConfig::validate, "distill", f, field);
         bad(|c| c.beta = 1.5, "beta");
         bad(|c| c.beta = f64::NAN, "beta");
         bad(|c| c.lmbda = -0.1, "lmbda");

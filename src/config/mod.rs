@@ -85,6 +85,21 @@ pub fn resolve(path: &Path, base: &Path) -> PathBuf {
     }
 }
 
+/// Asserts that `validate` refuses a default config changed by `change`, naming
+/// `table.field`.
+#[cfg(test)]
+pub(crate) fn assert_refuses<C: Default>(
+    validate: fn(&C) -> Result<()>,
+    table: &str,
+    change: fn(&mut C),
+    field: &str,
+) {
+    let mut c = C::default();
+    change(&mut c);
+    let e = validate(&c).unwrap_err().to_string();
+    assert!(e.contains(&format!("{table}.{field}")), "{e}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

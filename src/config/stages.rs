@@ -1494,6 +1494,7 @@ impl std::fmt::Display for RewardSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::assert_refuses;
 
     /// WPO reads TRL's name and refuses the losses that sort the pairs.
     #[test]
@@ -1520,12 +1521,7 @@ mod tests {
     #[test]
     fn ppo_and_grpo_refuse_coefficients_out_of_their_range() {
         PpoConfig::default().validate().unwrap();
-        let bad = |f: fn(&mut PpoConfig), field: &str| {
-            let mut c = PpoConfig::default();
-            f(&mut c);
-            let e = c.validate().unwrap_err().to_string();
-            assert!(e.contains(&format!("ppo.{field}")), "{e}");
-        };
+        let bad = |f, field| assert_refuses(PpoConfig::validate, "ppo", f, field);
         bad(|c| c.max_new_tokens = 0, "max_new_tokens");
         bad(|c| c.kl_coef = -1.0, "kl_coef");
         bad(|c| c.vf_coef = f64::NAN, "vf_coef");
@@ -1533,12 +1529,7 @@ mod tests {
         bad(|c| c.gamma = 1.5, "gamma");
         bad(|c| c.lam = 2.0, "lam");
         bad(|c| c.target_kl = 0.0, "target_kl");
-        let grpo = |f: fn(&mut GrpoConfig), field: &str| {
-            let mut c = GrpoConfig::default();
-            f(&mut c);
-            let e = c.validate().unwrap_err().to_string();
-            assert!(e.contains(&format!("grpo.{field}")), "{e}");
-        };
+        let grpo = |f, field| assert_refuses(GrpoConfig::validate, "grpo", f, field);
         grpo(|c| c.max_new_tokens = 0, "max_new_tokens");
         grpo(|c| c.epochs = 0, "epochs");
     }
@@ -1548,12 +1539,7 @@ mod tests {
         let ok = OnlineDpoConfig::default();
         ok.validate().unwrap();
         assert_eq!(ok.loss().beta, ok.beta);
-        let bad = |f: fn(&mut OnlineDpoConfig), field: &str| {
-            let mut c = OnlineDpoConfig::default();
-            f(&mut c);
-            let e = c.validate().unwrap_err().to_string();
-            assert!(e.contains(&format!("online_dpo.{field}")), "{e}");
-        };
+        let bad = |f, field| assert_refuses(OnlineDpoConfig::validate, "online_dpo", f, field);
         bad(|c| c.beta = 0.0, "beta");
         bad(|c| c.temperature = f64::NAN, "temperature");
         bad(|c| c.top_p = 0.0, "top_p");

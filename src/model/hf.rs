@@ -1348,6 +1348,12 @@ pub fn is_peft_dir(dir: &Path) -> bool {
     dir.join("adapter_config.json").is_file() && dir.join("adapter_model.safetensors").is_file()
 }
 
+/// Whether `dir` is a Hugging Face model or a PEFT adapter on one: a model trained elsewhere,
+/// never on the built-in task.
+pub fn is_pretrained_dir(dir: &Path) -> bool {
+    is_model_dir(dir) || is_peft_dir(dir)
+}
+
 /// The parsed `adapter_config.json` of the adapter directory `dir`, and its path.
 fn peft_config(dir: &Path) -> Result<(serde_json::Value, PathBuf)> {
     let cfg_path = dir.join("adapter_config.json");

@@ -427,7 +427,7 @@ pub fn inherit_task_world(cfg: &mut RunConfig, user: Option<&toml::Value>) -> Re
         return Ok(());
     };
     // A Hugging Face model was never trained on the built-in task: no world to inherit.
-    if cfg.data.path.is_some() || hf::is_model_dir(init) || hf::is_peft_dir(init) {
+    if cfg.data.path.is_some() || hf::is_pretrained_dir(init) {
         return Ok(());
     }
     let user_sets = user
