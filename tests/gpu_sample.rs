@@ -860,6 +860,7 @@ mod gpu {
             rank: 8,
             ..LoraConfig::default()
         };
+        let mut compactions = 0;
         for (name, cfg, adapters) in [
             ("gpt2", &gpt2, None),
             ("llama gqa", &llama, None),
@@ -871,11 +872,37 @@ mod gpu {
             let net = Transformer::new(&mut store.scope(Net::Policy), cfg, adapters).unwrap();
             // Under TEMPER_GEMM_TUNE=timed a later run's GEMM could switch algorithm between
             // the runs compared, and its last bits with it.
-            GemmTune::Heuristic.scope(|| graph_replay_matches(&net, name));
+            compactions += GemmTune::Heuristic.scope(|| graph_replay_matches(&net, name));
         }
+        assert!(
+            compactions > 0,
+            "no run compacted its batch: no recapture was tested"
+        );
     }
 
-    fn graph_replay_matches(net: &Transformer, name: &str) {
+    /// The compactions the engine makes for `tokens` (each row's output, its stop token
+    /// included): after each step, once at least a quarter of the active rows (and not all
+    /// of them, nor at the last step) have finished, it drops them.
+    fn expected_compactions(tokens: &[Vec<u32>], max_new: usize) -> usize {
+        let done = |r: usize, t: usize| tokens[r].len() < max_new && tokens[r].len() <= t + 1;
+        let mut active: Vec<usize> = (0..tokens.len()).collect();
+        let mut n = 0;
+        for t in 0..max_new {
+            let d = active.iter().filter(|&&r| done(r, t)).count();
+            if d == active.len() || t + 1 == max_new {
+                break;
+            }
+            if d > 0 && 4 * d >= active.len() {
+                n += 1;
+                active.retain(|&r| !done(r, t));
+            }
+        }
+        n
+    }
+
+    /// Checks one model's graph replays and returns how many compactions its runs made.
+    fn graph_replay_matches(net: &Transformer, name: &str) -> usize {
+        let mut compactions = 0;
         let tok = Tokenizer::bytes();
         let texts: Vec<String> = (0..23)
             .map(|i| format!("prompt {i}: {}", "ab".repeat(i % 5)))
@@ -936,12 +963,15 @@ mod gpu {
                     graph.stats
                 );
                 assert_eq!(fixed.stats.graph_replays, 0);
-                if temperature > 0.0 {
-                    assert!(
-                        graph.stats.compactions > 0,
-                        "{what}: no compaction to recapture at"
-                    );
-                }
+                // Whether rows stop early enough to compact depends on the random model's draws
+                // (on the H200, Llama with LoRA at top-k 30 never did): the count must be the
+                // one the outputs imply, and some run must compact.
+                assert_eq!(
+                    graph.stats.compactions,
+                    expected_compactions(&graph.tokens, 40),
+                    "{what}: compactions"
+                );
+                compactions += graph.stats.compactions;
                 for t in &graph.tokens {
                     let early = &t[..t.len().min(min_new)];
                     assert!(early.iter().all(|&id| !tok.is_stop(id)), "{what}: {t:?}");
@@ -959,5 +989,6 @@ mod gpu {
                 }
             }
         }
+        compactions
     }
 }

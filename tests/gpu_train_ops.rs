@@ -1094,7 +1094,8 @@ mod gemm {
             assert_close(&what("db"), &ob[3], &rb[3], tol(dtype), grad_tol(dtype));
             // Generation's bias + tanh GELU in the epilogue, against the reference GEMM, the
             // bias add and candle's (tanh) GELU; refused for an input that wants a gradient.
-            let bc = bias.as_tensor().to_dtype(dtype).unwrap();
+            // Detached: the cast of a tracked variable is tracked too, and would be refused.
+            let bc = bias.as_tensor().detach().to_dtype(dtype).unwrap();
             let gelu_epilogue = temper::kernels::cuda::gemm::matmul_nt_bias_gelu;
             let og = gelu_epilogue(&x, &w, &bc)
                 .unwrap()
@@ -1747,7 +1748,14 @@ mod tape {
                     2 * kept < full,
                     "{preset} lora {lora}: recomputed blocks record {kept} bytes, the tape {full}"
                 );
-                assert_eq!(l1, l0, "{preset} lora {lora}: the loss differs");
+                // Not bit for bit: on the H200 (2026-12-04) GPT-2's bf16 loss without LoRA was
+                // 6.2737675 on the tape and 6.2740498 in the graph, a rounding apart (the two
+                // paths do not round the same intermediates); the gradients below, against f32,
+                // are the real check.
+                assert!(
+                    (l1 - l0).abs() <= 1e-3 * l0.abs(),
+                    "{preset} lora {lora}: the loss differs: tape {l1}, graph {l0}"
+                );
                 assert_eq!(
                     l2, l1,
                     "{preset} lora {lora}: recomputed blocks change the loss"
@@ -1819,7 +1827,11 @@ mod packed_rollout {
         all
     }
 
-    /// The packed run's output and gradients against the padded run's.
+    /// The packed run's output and gradients against the padded run's. A gradient that is
+    /// zero but for rounding (a key bias's: softmax ignores a shift shared by every key; the
+    /// final norm's bias under reward weights that sum to zero) is the remainder of a sum
+    /// that cancels, and differs between layouts as rounding does: it is held to being that
+    /// small in both, not to a relative error.
     fn compare(output: &str, got: &[Tensor], want: &[Tensor], dtype: DType, what: &str) {
         assert_close(
             &format!("packed {output} {what}"),
@@ -1828,7 +1840,25 @@ mod packed_rollout {
             tol(dtype),
             elem_tol(dtype),
         );
+        let norm = |t: &Tensor| -> f64 {
+            let s = t.sqr().and_then(|t| t.sum_all()).unwrap();
+            f64::from(s.to_scalar::<f32>().unwrap()).sqrt()
+        };
+        let largest = want[1..].iter().map(norm).fold(0.0, f64::max);
+        let remainder = largest * if dtype == DType::F32 { 1e-4 } else { 3e-3 };
         for (k, (a, b)) in got.iter().zip(want).enumerate().skip(1) {
+            if norm(b) <= remainder {
+                let diff = norm(&(a - b).unwrap());
+                assert!(
+                    norm(a) <= 4.0 * remainder && diff <= 4.0 * remainder,
+                    "packed gradient {k} {what}: the padded run's is a remainder ({:.3e} of \
+                     the largest gradient's {largest:.3e}), the packed run's {:.3e}, {diff:.3e} \
+                     apart",
+                    norm(b),
+                    norm(a)
+                );
+                continue;
+            }
             assert_close(
                 &format!("packed gradient {k} {what}"),
                 a,
