@@ -451,10 +451,11 @@ fn warn_task_lr(cfg: &RunConfig, flag: bool, user: Option<&toml::Value>) {
         Some(lr) => format!("TRL's {} trainer defaults to {lr:e}", cfg.stage),
         None => "a pretrained model is fine-tuned at 1e-6 to 1e-4".to_string(),
     };
-    eprintln!(
+    errln!(
         "warning: [{}] lr {:e} is the built-in task's default, tuned for its small model from \
          scratch; {trl} (set --lr or [train] lr)",
-        cfg.stage, cfg.train.lr
+        cfg.stage,
+        cfg.train.lr
     );
 }
 
@@ -500,7 +501,7 @@ impl StageArgs {
             }
             let table = user.as_ref().is_some_and(|u| u.get("model").is_some());
             if let (Some(f), true, true) = (&file, table, pretrained) {
-                eprintln!(
+                errln!(
                     "warning: {}: [model] is not used: a run from --init trains the model it loads",
                     f.display()
                 );

@@ -1,6 +1,8 @@
 //! temper: one crate that trains a decoder-only language model through pretraining, SFT (with
 //! LoRA), reward modelling, PPO, DPO and GRPO, with swappable CUDA kernels for the hot paths.
 
+#[macro_use]
+mod console;
 pub mod cli;
 pub mod config;
 pub mod data;

@@ -22,11 +22,13 @@ use temper::stages::sampling_defaults;
 use temper::stages::setup::chat_template_of;
 use temper::stages::{self, Env};
 use temper::train::params::ParamStore;
+use temper::{errln, outln};
 
 fn main() -> ExitCode {
-    // A bug should still end with one readable line, not a backtrace.
+    // A bug should still end with one readable line, not a backtrace; one that cannot panic
+    // again on a closed stderr, as a panic inside the hook aborts (src/console.rs).
     std::panic::set_hook(Box::new(|info| {
-        eprintln!("error: internal error: {info}");
+        errln!("error: internal error: {info}");
     }));
     // candle's CPU thread pool spins at every barrier; on a small or shared machine (CI, a
     // laptop running other work) that costs more than the parallelism gains, so CPU runs use
@@ -38,11 +40,11 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<Preempted>().is_some() => {
-            eprintln!("{e}");
+            errln!("{e}");
             ExitCode::from(EXIT_PREEMPTED)
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            errln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -104,7 +106,7 @@ fn run(cli: Cli) -> Result<()> {
         let env = Env::join(cfg, &out, start, &rank)?;
         let line = run_stage(stage, &env)?;
         if rank.is_main() {
-            println!("{line}");
+            outln!("{line}");
         }
         return Ok(());
     }
@@ -130,7 +132,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
         }) => {
             let t = train_bpe(&files, vocab_size, &out)?;
-            println!("wrote {} ({})", out.display(), t.describe());
+            outln!("wrote {} ({})", out.display(), t.describe());
         }
         Command::Tokenizer(TokenizerCmd::Encode {
             corpus,
@@ -153,7 +155,7 @@ fn run(cli: Cli) -> Result<()> {
                 seed,
             };
             let e = encode_corpus(&corpus, &opts)?;
-            println!(
+            outln!(
                 "wrote {} shards to {}: {} documents, {} train / {} val tokens ({})",
                 e.shards.len(),
                 out.display(),
@@ -201,9 +203,7 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         ..Default::default()
     };
     if let Some(said) = own.describe() {
-        eprintln!(
-            "[generate] the checkpoint's generation_config.json sets {said} (flags override)"
-        );
+        errln!("[generate] the checkpoint's generation_config.json sets {said} (flags override)");
     }
     let ctx = Ctx {
         dtype: temper::device::compute_dtype(Default::default(), &device),
@@ -256,9 +256,9 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     let per_line = a.samples / job.lines_per_prompt();
     if s.resumed > 0 {
         let lines = s.resumed / per_line;
-        eprintln!("resumed after {lines} completions already written");
+        errln!("resumed after {lines} completions already written");
     }
-    eprintln!(
+    errln!(
         "generated {} completions, {} tokens in {:.2}s ({:.1} tokens/s)",
         s.rows,
         s.new_tokens,
@@ -270,7 +270,7 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
             true => format!(", the best of each prompt's {}", a.samples),
             false => String::new(),
         };
-        eprintln!(
+        errln!(
             "wrote {} scored completions{what}: mean reward {mean:.4}",
             s.scored
         );
@@ -304,15 +304,15 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
     };
     let r = stages::eval::accuracy(&net, ctx, &loaded.tokenizer, &prompts, a.max_new_tokens, 64)?;
     for (p, t, ok) in &r.samples {
-        eprintln!("{} {:?} -> {:?}", if *ok { "ok " } else { "bad" }, p, t);
+        errln!("{} {:?} -> {:?}", if *ok { "ok " } else { "bad" }, p, t);
     }
-    println!("{}", serde_json::json!({"accuracy": r.accuracy, "n": r.n}));
+    outln!("{}", serde_json::json!({"accuracy": r.accuracy, "n": r.n}));
     Ok(())
 }
 
 fn export_cmd(a: &ExportArgs) -> Result<()> {
     stages::export::export(&a.checkpoint, &a.out, a.format)?;
-    println!("wrote {} ({:?})", a.out.display(), a.format);
+    outln!("wrote {} ({:?})", a.out.display(), a.format);
     Ok(())
 }
 
@@ -389,7 +389,7 @@ fn launch_threads(n: usize, stage: Stage, args: &StageArgs) -> Result<()> {
     let mut stopped: Option<anyhow::Error> = None;
     for (rank, r) in results.into_iter().enumerate() {
         match r {
-            Ok(line) if rank == 0 => println!("{line}"),
+            Ok(line) if rank == 0 => outln!("{line}"),
             Ok(_) => {}
             Err(e) => {
                 let slot = match e.downcast_ref::<PeerFailed>() {

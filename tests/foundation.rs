@@ -1,8 +1,8 @@
 //! The foundation end to end: pretraining learns, a SIGKILLed run resumes onto the same
 //! curve, the blocks' tape trains as candle's graph does, bad input fails with one clear line,
 //! the KV cache agrees with a full forward, every parameter receives a gradient, and `temper
-//! generate` samples a prompt file in batches, resumably, with chat prompts templated, and a
-//! run directory holds one run.
+//! generate` samples a prompt file in batches, resumably, with chat prompts templated, a
+//! run directory holds one run, and a closed stdout/stderr pipe does not end a run.
 
 mod common;
 
@@ -1232,4 +1232,71 @@ fn a_run_directory_is_not_reused_by_accident() {
     assert!(e.contains("would be deleted"), "{e}");
     assert!(init.join("model.safetensors").is_file());
     run_ok(&["pretrain", "--resume", o, "--steps", "3", "--device", "cpu"]);
+}
+
+/// `temper pretrain ... 2>&1 | tee log` and Ctrl-C: the signal ends `tee` too, and every later
+/// line goes to a pipe nobody reads. A write error there must not end the run: it trains to
+/// `final/`, or, signalled, checkpoints and exits 75 as src/dist/preempt.rs says.
+#[test]
+fn a_closed_output_pipe_does_not_end_a_run() {
+    use std::process::Stdio;
+    let d = tmp();
+    let cfg = p(d.path(), "c.toml");
+    std::fs::write(&cfg, format!("{TINY_TOML}log_every = 1\n")).unwrap();
+    let start = |name: &str, steps: &str| {
+        let out = p(d.path(), name);
+        let mut child = temper()
+            .args([
+                "pretrain",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--steps",
+                steps,
+                "--eval-every",
+                "2",
+                "--device",
+                "cpu",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Closes the read ends: every write the run makes fails with EPIPE.
+        drop(child.stdout.take());
+        drop(child.stderr.take());
+        (child, out)
+    };
+
+    let (mut child, out) = start("done", "4");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(out.join("final/model.safetensors").is_file());
+
+    // SIGTERM rather than SIGINT: a test run from a shell's background job inherits an
+    // ignored SIGINT, which src/dist/preempt.rs keeps ignored; both take the same path.
+    let (mut child, out) = start("stopped", "1000");
+    let t0 = Instant::now();
+    while metrics_if_any(&out) < 2 {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the run logged nothing"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(75), "{status}");
+    let at = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
+    assert!(out.join("checkpoints").join(at.trim()).is_dir(), "{at}");
+}
+
+/// How many lines of metrics.jsonl the run in `dir` has written so far.
+fn metrics_if_any(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("metrics.jsonl")).map_or(0, |t| t.lines().count())
 }

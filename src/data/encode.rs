@@ -81,7 +81,7 @@ impl Split<'_> {
             .out
             .join(format!("{}_{:06}.bin", self.name, self.shards.len()));
         write_shard(&path, &self.pending, self.width)?;
-        eprintln!(
+        errln!(
             "[encode] wrote {} ({} tokens)",
             path.display(),
             self.pending.len()
@@ -150,7 +150,7 @@ pub fn encode_corpus(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
             documents += 1;
         }
         let secs = start.elapsed().as_secs_f64().max(1e-9);
-        eprintln!(
+        errln!(
             "[encode] {} files of {} read ({documents} documents, {:.0} tokens/s so far)",
             next,
             files.len(),

@@ -281,7 +281,7 @@ mod graph {
                              stream capturing ({status:?})"
                         );
                     }
-                    eprintln!("warning: the decode step runs without a CUDA graph: {why}");
+                    errln!("warning: the decode step runs without a CUDA graph: {why}");
                     State::Failed
                 }
             };

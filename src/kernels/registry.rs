@@ -290,7 +290,7 @@ pub fn warn_fallback(op: &str, reason: &str) {
     let key = format!("{op}: {reason}");
     let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
     if warned.insert(key) {
-        eprintln!("warning: kernel {op}: {reason}; using the reference implementation");
+        errln!("warning: kernel {op}: {reason}; using the reference implementation");
     }
 }
 

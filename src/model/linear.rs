@@ -176,7 +176,7 @@ impl Linear {
                             linear_bias_epilogue(&xd, &wd, &bd, act).unwrap_or_else(|e| {
                                 static WARNED: std::sync::Once = std::sync::Once::new();
                                 WARNED.call_once(|| {
-                                    eprintln!(
+                                    errln!(
                                         "warning: cuBLASLt's GELU epilogue failed ({e}); the \
                                          bias kernel adds the bias and the GELU instead"
                                     )

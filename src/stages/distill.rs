@@ -423,10 +423,10 @@ pub fn run(env: &Env) -> Result<DistillResult> {
         false => task.accuracy(&task.teacher, task.teacher_ctx())?,
     };
     if let (Some(t), true) = (teacher_accuracy, env.comm.rank() == 0) {
-        eprintln!("[distill] the teacher's held-out accuracy: {t:.3}");
+        errln!("[distill] the teacher's held-out accuracy: {t:.3}");
     }
     if env.comm.rank() == 0 {
-        eprintln!(
+        errln!(
             "[distill] beta {} ({}), on-policy share {}, temperature {}",
             c.beta,
             match c.beta {

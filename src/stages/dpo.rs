@@ -735,7 +735,7 @@ pub fn run(env: &Env) -> Result<DpoResult> {
         ),
         false => String::new(),
     };
-    eprintln!(
+    errln!(
         "[dpo] loss {}, reference: {}{moving}",
         cfg.dpo.loss_names(),
         reference
@@ -784,7 +784,7 @@ pub fn run(env: &Env) -> Result<DpoResult> {
         task.eval_ref = Some(task.reference_logps(&task.eval, "held-out")?);
         task.reference = None;
         if env.comm.rank() == 0 {
-            eprintln!(
+            errln!(
                 "[dpo] reference log-probabilities precomputed for {} training and {} held-out pairs; the reference is dropped",
                 task.train.len(),
                 task.eval.len()

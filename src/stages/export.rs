@@ -75,7 +75,7 @@ fn hf_dir(checkpoint: &Path, out: &Path) -> Result<()> {
     hf::write_safetensors(&out.join("model.safetensors"), &tensors)?;
     let tok = &loaded.tokenizer;
     if matches!(tok, crate::data::tokenizer::Tokenizer::Bytes) {
-        eprintln!(
+        errln!(
             "warning: {}: the byte-level tokenizer has no tokenizer.json to write, and \
              transformers (and temper's --init) need one beside the model",
             out.display()
@@ -87,7 +87,7 @@ fn hf_dir(checkpoint: &Path, out: &Path) -> Result<()> {
         // Without a padding id transformers reads the last token as temper does, and refuses
         // batches of more than one (loud) instead of reading one token earlier (silent).
         if config["pad_token_id"].is_null() {
-            eprintln!(
+            errln!(
                 "warning: the tokenizer pads with a stop token ({}), which ends the sequences \
                  temper scores: config.json names no pad_token_id, so that transformers reads \
                  the last token as temper does (and refuses batches of more than one)",
@@ -96,7 +96,7 @@ fn hf_dir(checkpoint: &Path, out: &Path) -> Result<()> {
         }
         if bias != 0.0 {
             config[hf::SCORE_BIAS_FIELD] = json!(bias);
-            eprintln!(
+            errln!(
                 "warning: the reward model's score.bias ({bias}) has no place in a Hugging Face \
                  classifier: transformers' scores are temper's minus it; config.json keeps it \
                  as {}, which temper reads back",
@@ -243,7 +243,7 @@ fn peft(checkpoint: &Path, out: &Path) -> Result<()> {
         "base_model_name_or_path": meta.base,
     });
     if meta.base.is_none() {
-        eprintln!(
+        errln!(
             "warning: {}: the run's base was no Hugging Face model directory (a checkpoint, or \
              a model with adapters merged in), so adapter_config.json names no \
              base_model_name_or_path: set it to that base exported with --format hf",

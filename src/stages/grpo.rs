@@ -370,7 +370,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         objective: Objective::PolicyGradient,
     };
     let (actors, prompts, eval_prompts) = Actors::load(env, policy, reference, &tok, knobs)?;
-    eprintln!(
+    errln!(
         "[{}] advantage estimator {:?}, reward {}, reference: {}",
         cfg.stage,
         c.advantage_estimator,
@@ -385,7 +385,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         && env.comm.rank() == 0
     {
         // As TRL warns: the paper takes one ratio per response.
-        eprintln!(
+        errln!(
             "[{}] warning: loss_type = \"luspo\" is set with importance_sampling_level = \
              \"sequence\" in its paper; with \"token\" each response's clipped token losses \
              are summed",

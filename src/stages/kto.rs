@@ -424,7 +424,7 @@ pub fn run(env: &Env) -> Result<KtoResult> {
     let lora = setup::lora(cfg);
     let (store, policy, reference, tok) = PolicyPair::load(env)?.into_parts();
     let reference = reference.expect("PolicyPair::load holds a reference");
-    eprintln!(
+    errln!(
         "[kto] loss {}, reference: {}",
         cfg.kto.loss_type.name(),
         reference.describe()
@@ -444,7 +444,7 @@ pub fn run(env: &Env) -> Result<KtoResult> {
         bail!("kto: no training or no held-out example is left at this context");
     }
     if env.comm.rank() == 0 {
-        eprintln!("{}", balance(&cfg.kto, &train));
+        errln!("{}", balance(&cfg.kto, &train));
     }
     let model = policy.cfg.clone();
     let mut task = KtoTask {

@@ -149,7 +149,7 @@ impl Env {
             self.save_run_files()?;
         }
         let device = crate::device::describe(&self.device);
-        eprintln!(
+        errln!(
             "[{}] device {device} dtype {:?} kernels {} -> {}",
             cfg.stage,
             self.dtype(),
@@ -157,7 +157,7 @@ impl Env {
             dir.display()
         );
         if let Some(steps) = cfg.steps_between_rl_checkpoints() {
-            eprintln!(
+            errln!(
                 "[{}] checkpoints every {steps} steps, not {}: a checkpoint waits for the end of a rollout, which trains for {steps} (so that a resumed run continues exactly)",
                 cfg.stage, cfg.train.checkpoint_every
             );
@@ -189,7 +189,7 @@ impl Env {
         if t.tape == crate::config::TapeChoice::On && !variables {
             static ONCE: std::sync::Once = std::sync::Once::new();
             ONCE.call_once(|| {
-                eprintln!(
+                errln!(
                     "warning: [train] tape = \"on\" is ignored: the tape needs every weight read \
                      as a variable (f32 compute, or bf16 with compute_copies = true)"
                 )

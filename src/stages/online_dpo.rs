@@ -378,7 +378,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
     };
     let (actors, prompts, eval_prompts) = Actors::load(env, policy, reference, &tok, knobs)?;
     if env.comm.rank() == 0 {
-        eprintln!(
+        errln!(
             "[{}] loss {}, reward {}, reference: {}",
             cfg.stage,
             c.loss_type.name(),

@@ -277,7 +277,7 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
     seconds.insert("total".into(), json!(started.elapsed().as_secs_f64()));
     write_summary(dir, &summary, &seconds)?;
     print_table(&steps, &summary);
-    println!("summary: {}", dir.join("summary.json").display());
+    outln!("summary: {}", dir.join("summary.json").display());
     Ok(())
 }
 
@@ -299,7 +299,7 @@ fn print_table(steps: &[Step], summary: &Map<String, Value>) {
         v.and_then(Value::as_f64)
             .map_or("-".to_string(), |x| format!("{x:.3}"))
     };
-    println!("{:<12} {:<28} compared with", "stage", "held-out result");
+    outln!("{:<12} {:<28} compared with", "stage", "held-out result");
     for step in steps {
         let v = &summary[step.name];
         let (what, base) = match step.stage {
@@ -338,6 +338,6 @@ fn print_table(steps: &[Step], summary: &Map<String, Value>) {
                 ),
             ),
         };
-        println!("{:<12} {what:<28} {base}", step.name);
+        outln!("{:<12} {what:<28} {base}", step.name);
     }
 }

@@ -354,7 +354,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         objective: Objective::PolicyGradient,
     };
     let (actors, prompts, eval_prompts) = Actors::load(env, policy, reference, &tok, knobs)?;
-    eprintln!(
+    errln!(
         "[ppo] reward {}, value model from {}, reference: {}",
         actors.rewards.names.join(" + "),
         value_src

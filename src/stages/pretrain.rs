@@ -219,13 +219,13 @@ fn document_mask_note(train: &TokenStream, t: usize, vocab: usize, eos: u32) -> 
     let mut ids = Vec::with_capacity(n);
     train.read(0, n, vocab, &mut ids)?;
     let ends = ids.iter().filter(|&&id| id == eos).count();
-    eprintln!(
+    errln!(
         "[pretrain] document mask: {ends} documents end (EOS id {eos}) in the first {n} tokens, \
          {:.1} a window of {t}",
         ends as f64 * t as f64 / n as f64
     );
     if ends == 0 {
-        eprintln!(
+        errln!(
             "[pretrain] warning: no EOS in the first {n} tokens; if the corpus separates its \
              documents by another token, [data] document_mask masks nothing"
         );
@@ -269,7 +269,7 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
             val.len()
         );
     }
-    eprintln!(
+    errln!(
         "[pretrain] tokenizer {}, {source}, {} train / {} val tokens",
         tok.describe(),
         train.len(),

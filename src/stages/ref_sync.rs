@@ -100,9 +100,10 @@ impl MovingReference {
         if sync.due(done) {
             sync.mix(reference, policy)?;
             if self.reports {
-                eprintln!(
+                errln!(
                     "[{}] step {done}: the reference moved {} of the way to the policy (TR-DPO)",
-                    self.stage, sync.alpha
+                    self.stage,
+                    sync.alpha
                 );
             }
         }
@@ -128,7 +129,7 @@ impl MovingReference {
             return RefSync::load(reference, dir, self.stage);
         }
         if RefSync::load_kept(reference, dir)? && self.reports {
-            eprintln!(
+            errln!(
                 "[{}] the reference is the one {} kept, held still from here \
                  (sync_ref_model is off)",
                 self.stage,

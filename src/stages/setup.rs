@@ -53,7 +53,7 @@ pub fn init_checkpoint(env: &Env, what: &str) -> Result<Loaded> {
     }
     if matches!(loaded.tokenizer, Tokenizer::Bytes) {
         if env.comm.rank() == 0 {
-            eprintln!(
+            errln!(
                 "warning: the byte-level tokenizer keeps no files, so this run's checkpoints do \
                  not keep its chat template: give it to the next stage too"
             );
@@ -333,7 +333,7 @@ fn fit_prompts(
     }
     let dropped = n - kept.len();
     if dropped > 0 && env.comm.rank() == 0 {
-        eprintln!(
+        errln!(
             "[{}] {dropped} of {n} {what} prompts left no room for {new_tokens} new tokens in the model's context of {ctx} ([data] truncation = \"drop\"): left out",
             env.cfg.stage
         );

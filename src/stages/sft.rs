@@ -344,7 +344,7 @@ fn pack(
     }
     let rows = best_fit_decreasing(&sizes, seq_len)?;
     let used: usize = sizes.iter().sum();
-    eprintln!(
+    errln!(
         "[sft] packing: {} examples into {} rows of {seq_len} positions, {:.1}% of them real tokens",
         train.len(),
         rows.len(),
@@ -402,7 +402,7 @@ pub fn run(env: &Env) -> Result<SftResult> {
     };
     let base_accuracy = if env.resume { None } else { task.accuracy()? };
     if let Some(a) = base_accuracy {
-        eprintln!("[sft] base model accuracy on held-out prompts: {a:.3}");
+        errln!("[sft] base model accuracy on held-out prompts: {a:.3}");
     }
     let trainable = |p: ParamInfo| lora.is_none() || p.role == Role::Adapter;
     let summary = setup::train(

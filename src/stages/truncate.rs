@@ -152,7 +152,7 @@ impl Fitter {
             return;
         }
         if let Some(line) = self.report(env.cfg.stage.name()) {
-            eprintln!("{line}");
+            errln!("{line}");
         }
     }
 }

@@ -84,7 +84,7 @@ pub fn segment(
 fn warn_foreign(what: &str) {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        eprintln!(
+        errln!(
             "warning: the tape is off for this run's forwards: an op read a {what} tensor \
              that carries candle's graph without being a parameter (a weight cast in the \
              graph: [train] compute_copies = false?)"

@@ -59,7 +59,7 @@ impl Progress {
                 let done = step.saturating_sub(self.start_step).max(1) as f64;
                 let per = self.start.elapsed().as_secs_f64() / done;
                 let eta = per * self.total.saturating_sub(step) as f64;
-                eprintln!(
+                errln!(
                     "[{}] {} {step}/{} {summary} eta {}",
                     self.label,
                     self.unit,
@@ -74,7 +74,7 @@ impl Progress {
     pub fn println(&self, line: &str) {
         match &self.bar {
             Some(b) => b.println(line),
-            None => eprintln!("{line}"),
+            None => errln!("{line}"),
         }
     }
 

@@ -235,7 +235,7 @@ pub fn train<T: Task>(
         false => None,
     };
     if main {
-        eprintln!(
+        errln!(
             "[{}] {} trainable parameters, steps {}..{}{}",
             opts.label,
             opt.num_params(),
@@ -304,7 +304,7 @@ fn write_resumed_files(opts: &RunOpts) -> Result<()> {
 /// returns the step to continue from.
 fn resume<T: Task>(task: &mut T, saved: &Saved, opt: &mut AdamW, opts: &RunOpts) -> Result<usize> {
     let Some(dir) = Checkpoints::latest(opts.run_dir)? else {
-        eprintln!(
+        errln!(
             "[{}] nothing to resume in {}; starting fresh",
             opts.label,
             opts.run_dir.display()
@@ -333,7 +333,7 @@ fn resume<T: Task>(task: &mut T, saved: &Saved, opt: &mut AdamW, opts: &RunOpts)
     task.read_files(&dir)?;
     task.restore(&st.task)?;
     write_resumed_files(opts)?;
-    eprintln!(
+    errln!(
         "[{}] resumed from {} at step {}",
         opts.label,
         dir.display(),
@@ -363,7 +363,7 @@ impl<T: Task> Loop<'_, T> {
         let ev = self.task.evaluate()?;
         let fields = ev.fields();
         self.log(s, "val", &fields)?;
-        eprintln!(
+        errln!(
             "[{}] step {s} val {}",
             self.opts.label,
             fmt_metrics(&fields)
@@ -395,7 +395,7 @@ impl<T: Task> Loop<'_, T> {
             let out = self.step(step, lr, timed)?;
             if step == start && self.main() && self.opt.compute_copies() > 0 {
                 // After the first step, which dropped the copies the forward does not read.
-                eprintln!(
+                errln!(
                     "[{label}] {} of {} parameter tensors are read as bf16 compute copies, the \
                      others as f32 masters",
                     self.opt.compute_copies(),
@@ -404,7 +404,7 @@ impl<T: Task> Loop<'_, T> {
             }
             if step == start && self.main() {
                 if let Some(s) = crate::tape::last_segment() {
-                    eprintln!(
+                    errln!(
                         "[{label}] the forward runs on temper's tape ([train] tape): {} ops a \
                          forward, outside candle's autograd graph, holding {:.2} MiB of outputs",
                         s.ops,
@@ -466,7 +466,7 @@ impl<T: Task> Loop<'_, T> {
             self.saved.write_final(self.opts.run_dir, cfg.steps)?;
             if let Some(p) = self.prof.as_ref().filter(|p| p.steps() > 0) {
                 let per_step = self.prof_tokens as f64 / p.steps() as f64;
-                eprint!("[{label}] {}", p.table(per_step)?);
+                errprint!("[{label}] {}", p.table(per_step)?);
                 p.write(self.opts.run_dir, per_step)?;
             }
         }

@@ -193,9 +193,11 @@ impl External for CommandReward {
                         );
                     }
                     self.restarts += 1;
-                    eprintln!(
+                    errln!(
                         "warning: reward process `{}`: {why}; restarting it ({} of {})",
-                        self.cmd, self.restarts, self.max_restarts
+                        self.cmd,
+                        self.restarts,
+                        self.max_restarts
                     );
                 }
             }

@@ -228,9 +228,11 @@ impl External for HttpReward {
                         )));
                     }
                     self.retries += 1;
-                    eprintln!(
+                    errln!(
                         "warning: reward {}: {e:#}; retrying ({} of {})",
-                        self.url, self.retries, self.max_restarts
+                        self.url,
+                        self.retries,
+                        self.max_restarts
                     );
                 }
             }

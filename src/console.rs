@@ -1,0 +1,32 @@
+//! Lines for the terminal that ignore write errors. Rust ignores SIGPIPE, so once the reader of
+//! a pipe is gone (`temper ... 2>&1 | tee log` and a Ctrl-C, which ends `tee` too; `temper ...
+//! | head`) every write fails with EPIPE, and `eprintln!`/`println!` panic on that: a run
+//! stopping with a checkpoint (src/dist/preempt.rs) would die before writing it. Output the run
+//! does not depend on goes through these macros instead.
+
+/// `eprintln!` that ignores a failed write.
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
+/// `eprint!` that ignores a failed write.
+#[macro_export]
+macro_rules! errprint {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::write!(::std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
+/// `println!` that ignores a failed write.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stdout().lock(), $($arg)*);
+    }};
+}
