@@ -158,6 +158,8 @@ has() { [[ -n "${LISTING:-}" ]] && grep -qx "$1" <<<"$LISTING"; }
 section device 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv; python3 scripts/bench_peers.py device'
 section unpack 120 "$BUNDLE" list
 LISTING="$(cat "$WORK/unpack.log" 2>/dev/null)"
+# A TEMPER_CHECK_ONLY that leaves `unpack` out still runs the bundle's sections.
+[[ -z "$LISTING" ]] && LISTING="$("$BUNDLE" list 2>/dev/null)"
 
 # --- tests: every packed test executable, one section each --------------------------------
 for t in $(grep '^test-' <<<"$LISTING"); do
