@@ -1303,14 +1303,22 @@ mod loss_head {
             softcap: Some(1.5),
             temperature: 0.7,
         };
-        for shaping in [Shaping::NONE, capped] {
-            shaped_head_matches_reference(dev, shaping);
+        let warm = Shaping {
+            softcap: None,
+            temperature: 0.7,
+        };
+        // GPT-2's own vocabulary is padded inside the op with -inf logits, except under a cap
+        // (the reference then serves both sides).
+        for v in [50304, 50257] {
+            for shaping in [Shaping::NONE, warm, capped] {
+                shaped_head_matches_reference(dev, shaping, v);
+            }
         }
     }
 
-    fn shaped_head_matches_reference(dev: &Device, shaping: Shaping) {
+    fn shaped_head_matches_reference(dev: &Device, shaping: Shaping, v: usize) {
         let (mut rng, seed) = Rng::fresh(0x10ae);
-        let (b, t, k, v) = (3, 37, 768, 50304);
+        let (b, t, k) = (3, 37, 768);
         let dtype = DType::BF16;
         let mk = |rng: &mut Rng, dims: &[usize], scale: f32| {
             let n = dims.iter().product();
@@ -1351,9 +1359,15 @@ mod loss_head {
 
     pub fn loss_head_matches_reference(dev: &Device) {
         let (mut rng, seed) = Rng::fresh(0x10ad);
-        // (B, T, K, V): GPT-2's width and padded vocabulary at an odd length; a small odd
-        // vocabulary (a multiple of 8, as cuBLASLt needs) with one row.
-        for (b, t, k, v) in [(3, 37, 768, 50304), (1, 1, 64, 1000)] {
+        // (B, T, K, V): GPT-2's width and padded vocabulary at an odd length; a small
+        // vocabulary (a multiple of 8, as cuBLASLt needs) with one row; GPT-2's own 50,257 and
+        // an odd 259, which the op pads to a multiple of 8 with -inf logits.
+        for (b, t, k, v) in [
+            (3, 37, 768, 50304),
+            (1, 1, 64, 1000),
+            (2, 19, 768, 50257),
+            (1, 5, 64, 259),
+        ] {
             for dtype in [DType::BF16, DType::F16] {
                 let mk = |rng: &mut Rng, dims: &[usize], scale: f32| {
                     let n = dims.iter().product();

@@ -5,7 +5,8 @@
 //! workspace); the custom one calls cuBLASLt directly as PyTorch does for bf16 and f16: the
 //! algorithm from cuBLASLt's heuristic with a 32 MiB workspace on Hopper, f32 accumulation.
 //! f32 inputs stay on the reference (cuBLASLt would run them as TF32, which changes results),
-//! as do rows whose length is not a multiple of 16 bytes. The maths is one GEMM either way,
+//! as do rows whose length is not a multiple of 16 bytes (but in the loss head, which pads
+//! them: src/kernels/cuda/loss_head.rs). The maths is one GEMM either way,
 //! so there is no CPU implementation to test: the GPU test compares the two.
 
 use candle_core::{Result, Tensor, D};

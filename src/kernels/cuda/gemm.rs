@@ -121,6 +121,16 @@ pub(crate) fn takes_nt(x: &Tensor, w: &Tensor) -> Option<usize> {
     (x.rank() >= 2 && takes(x, w, (k, kw), (k, n))).then_some(n)
 }
 
+/// `N` where cuBLASLt would take `x W^T` once `W` has zero rows appended up to a multiple of 8
+/// (its output rows then a multiple of 16 bytes): [`takes_nt`] but for `N`'s alignment. For
+/// the loss head, whose logits live inside its own op (GPT-2's vocabulary of 50,257).
+pub(crate) fn takes_nt_padded(x: &Tensor, w: &Tensor) -> Option<usize> {
+    let (Some(&k), Ok((n, kw))) = (x.dims().last(), w.dims2()) else {
+        return None;
+    };
+    (x.rank() >= 2 && takes(x, w, (k, kw), (k, n.next_multiple_of(8)))).then_some(n)
+}
+
 /// `x W^T` through cuBLASLt for `x [..., K]` (any number of leading dimensions, taken as the
 /// rows) and `W [N, K]`, giving `[..., N]`; `None` where it does not apply (f32, mixed dtypes,
 /// rows not a multiple of 16 bytes, a scalar `x`). Taking the leading dimensions as they are
@@ -561,5 +571,37 @@ fn rows_cols(l: &Layout) -> Result<(usize, usize)> {
     match l.shape().dims().split_last() {
         Some((&cols, lead)) if !lead.is_empty() => Ok((lead.iter().product(), cols)),
         _ => candle_core::bail!("gemm: an operand of shape {:?}", l.shape()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::{takes_nt, takes_nt_padded};
+
+    fn t(dims: &[usize], dtype: DType) -> Tensor {
+        Tensor::zeros(dims, dtype, &Device::Cpu).unwrap()
+    }
+
+    /// GPT-2's vocabulary (50,257 rows of W) is no multiple of 8: cuBLASLt is not handed its
+    /// logits' rows as they are, but the loss head takes it padded. An inner size off 8, f32
+    /// or a single row stay off both.
+    #[test]
+    fn an_odd_vocabulary_is_taken_once_padded() {
+        let x = t(&[2, 3, 64], DType::BF16);
+        for n in [259, 50257] {
+            let w = t(&[n, 64], DType::BF16);
+            assert_eq!(takes_nt(&x, &w), None, "{n}");
+            assert_eq!(takes_nt_padded(&x, &w), Some(n), "{n}");
+        }
+        let w = t(&[264, 64], DType::BF16);
+        assert_eq!(takes_nt(&x, &w), Some(264));
+        assert_eq!(takes_nt_padded(&x, &w), Some(264));
+        let odd_k = (t(&[2, 3, 60], DType::BF16), t(&[259, 60], DType::BF16));
+        assert_eq!(takes_nt_padded(&odd_k.0, &odd_k.1), None);
+        let f32s = (t(&[2, 64], DType::F32), t(&[259, 64], DType::F32));
+        assert_eq!(takes_nt_padded(&f32s.0, &f32s.1), None);
+        assert_eq!(takes_nt_padded(&t(&[64], DType::BF16), &w), None);
     }
 }

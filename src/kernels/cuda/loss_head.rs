@@ -9,22 +9,33 @@
 //! forward keeps them (with each row's log-sum-exp) for the backward, which writes the
 //! gradient over them in place and hands it to the two GEMMs; the buffer is freed there.
 //!
+//! A vocabulary whose rows are not a multiple of 16 bytes (GPT-2's 50,257) would leave every
+//! GEMM here off cuBLASLt, and the head on the reference's f32 `[B, T, V]` logits. Instead the
+//! weight gets zero rows up to a multiple of 8 (a copy per call, 77 MB for GPT-2, freed after
+//! the backward), the padded logits are set to -inf, which the softmax gives no weight and
+//! the backward a zero gradient, and the weight's gradient is the first `V` rows of the
+//! padded one. A soft cap would turn -inf into -cap, so capped logits are not padded.
+//!
 //! Timing: the GEMMs are counted as `gemm` and the softmax as `logprobs` in `--profile`.
 
+use std::ops::Range;
 use std::sync::{Mutex, PoisonError};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CudaStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
+use candle_core::cuda_backend::cudarc::driver::sys;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CudaStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, WithDType};
 
 use super::super::logprobs::Shaping;
 use super::super::spans::{self, Pass};
 use super::super::KernelOp;
-use super::{cuda_storage, gemm, logprobs, tensor_from_storage};
+use super::{contiguous_view, cuda_storage, gemm, logprobs, tensor_from_storage, DevPtrs};
 
 type Result<T> = candle_core::Result<T>;
 
 /// `[...]` f32 log-probabilities of `targets [...]` under `hidden [..., K] W^T`, or `None`
-/// where cuBLASLt does not take the GEMM (f32, mixed dtypes, rows not a multiple of 16 bytes).
+/// where cuBLASLt does not take the GEMM (f32, mixed dtypes, a width not a multiple of 8).
 pub fn token_logprobs(hidden: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Option<Tensor>> {
     head(hidden, w, targets, false, Shaping::NONE)
 }
@@ -57,9 +68,13 @@ fn head(
     entropy: bool,
     shaping: Shaping,
 ) -> Result<Option<Tensor>> {
-    if gemm::takes_nt(hidden, w).is_none() {
-        return Ok(None);
-    }
+    let pad = match gemm::takes_nt(hidden, w) {
+        Some(_) => None,
+        None => match gemm::takes_nt_padded(hidden, w) {
+            Some(n) if shaping.cap().is_none() => Some(n.next_multiple_of(8)),
+            _ => return Ok(None),
+        },
+    };
     if targets.dims() != &hidden.dims()[..hidden.rank() - 1] {
         candle_core::bail!(
             "loss head: hidden {:?} and targets {:?} do not match",
@@ -72,6 +87,7 @@ fn head(
         saved: Mutex::new(None),
         entropy,
         shaping,
+        pad,
     };
     let arg = crate::tape::arg;
     let (h, wp) = (gemm::prepared(&arg(hidden))?, gemm::prepared(&arg(w))?);
@@ -90,13 +106,28 @@ fn head(
     Ok(Some(y))
 }
 
-/// What the forward leaves for the backward: the logits' storage `[rows, vocab]` and each
-/// row's f32 log-sum-exp.
+/// What the forward leaves for the backward: the logits' storage `[rows, vocab]` (`vocab`
+/// padded where the weight was) and each row's f32 log-sum-exp; and the padded weight.
 struct Saved {
     logits: CudaStorage,
     rows: usize,
     vocab: usize,
     lse: Tensor,
+    padded: Option<Padded>,
+}
+
+/// The weight `[rows, cols]` with zero rows appended, `[width, cols]`.
+struct Padded {
+    weight: CudaStorage,
+    rows: usize,
+    cols: usize,
+    width: usize,
+}
+
+impl Padded {
+    fn layout(&self) -> Layout {
+        Layout::contiguous((self.width, self.cols))
+    }
 }
 
 struct LossHead {
@@ -104,6 +135,8 @@ struct LossHead {
     /// Whether the output is `[2, ...]`, the log-probabilities then the entropies.
     entropy: bool,
     shaping: Shaping,
+    /// The vocabulary padded to a multiple of 8, where it is not one.
+    pad: Option<usize>,
 }
 
 impl CustomOp3 for LossHead {
@@ -133,9 +166,19 @@ impl CustomOp3 for LossHead {
         lt: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let dev = Device::Cuda(sh.device().clone());
-        let (logits, shape) = spans::timed(KernelOp::Gemm, Pass::Forward, &dev, || {
-            gemm::nt_storage((sh, lh), (sw, lw))
-        })?;
+        let padded = match self.pad {
+            Some(to) => Some(padded_weight(sw, lw, to)?),
+            None => None,
+        };
+        let (mut logits, shape) =
+            spans::timed(KernelOp::Gemm, Pass::Forward, &dev, || match &padded {
+                Some(p) => gemm::nt_storage((sh, lh), (&p.weight, &p.layout())),
+                None => gemm::nt_storage((sh, lh), (sw, lw)),
+            })?;
+        if let Some(p) = &padded {
+            let rows = shape.elem_count() / p.width;
+            fill_neg_inf(&mut logits, rows, p.rows..p.width)?;
+        }
         let ll = Layout::contiguous(shape.clone());
         let (logp, lse) = spans::timed(KernelOp::Logprobs, Pass::Forward, &dev, || {
             let o = logprobs::Outputs {
@@ -152,6 +195,7 @@ impl CustomOp3 for LossHead {
             rows,
             vocab,
             lse,
+            padded,
         });
         let lead = &dims[..dims.len() - 1];
         let out = match self.entropy {
@@ -200,6 +244,7 @@ impl LossHead {
             rows,
             vocab,
             lse,
+            padded,
         }) = saved
         else {
             candle_core::bail!("loss head: backward before its forward, or twice");
@@ -222,9 +267,91 @@ impl LossHead {
         dims.pop();
         dims.push(vocab);
         let dlogits = tensor_from_storage(logits, Shape::from(dims));
-        let (dh, dw) = spans::timed(KernelOp::Gemm, Pass::Backward, dev, || {
-            gemm::grads(&dlogits, hidden, w, want)
+        // The -inf logits' gradients are zeros, which the padded weight's zero rows meet.
+        let (dh, dw) = spans::timed(KernelOp::Gemm, Pass::Backward, dev, || match padded {
+            Some(p) => {
+                let wp = tensor_from_storage(p.weight, Shape::from((p.width, p.cols)));
+                let (dh, dw) = gemm::grads(&dlogits, hidden, &wp, want)?;
+                Ok((dh, dw.map(|d| d.narrow(0, 0, p.rows)).transpose()?))
+            }
+            None => gemm::grads(&dlogits, hidden, w, want),
         })?;
         Ok((dh, dw))
     }
+}
+
+/// `W [N, K]` (16-bit) with zero rows appended up to `to` rows, in fresh storage.
+fn padded_weight(sw: &CudaStorage, lw: &Layout, to: usize) -> Result<Padded> {
+    fn go<T: CudaDType + DeviceRepr + ValidAsZeroBits + WithDType>(
+        sw: &CudaStorage,
+        lw: &Layout,
+        to: usize,
+    ) -> Result<Padded> {
+        let dev = sw.device();
+        let (rows, cols) = lw.shape().dims2()?;
+        if to < rows {
+            candle_core::bail!("loss head: padding {rows} weight rows to {to}");
+        }
+        let src = contiguous_view::<T>(sw, lw)?;
+        let mut out = dev.alloc_zeros::<T>(to * cols)?;
+        dev.cuda_stream()
+            .memcpy_dtod(&src, &mut out.slice_mut(..rows * cols))
+            .w()?;
+        Ok(Padded {
+            weight: CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            rows,
+            cols,
+            width: to,
+        })
+    }
+    match sw.dtype() {
+        DType::BF16 => go::<half::bf16>(sw, lw, to),
+        DType::F16 => go::<half::f16>(sw, lw, to),
+        dt => candle_core::bail!("loss head: no padded weight for {dt:?}"),
+    }
+}
+
+/// Sets columns `cols` of each of the `rows` rows of a 16-bit matrix stored `cols.end` wide
+/// (the padded logits) to -inf, by the driver's 2D memset: no kernel of candle's.
+fn fill_neg_inf(s: &mut CudaStorage, rows: usize, cols: Range<usize>) -> Result<()> {
+    if rows == 0 || cols.is_empty() {
+        return Ok(());
+    }
+    let dev = s.device().clone();
+    let value = match s.dtype() {
+        DType::BF16 => half::bf16::NEG_INFINITY.to_bits(),
+        DType::F16 => half::f16::NEG_INFINITY.to_bits(),
+        dt => candle_core::bail!("loss head: no 16-bit fill for {dt:?}"),
+    };
+    let width = cols.end;
+    let len = match s.dtype() {
+        DType::BF16 => s.as_cuda_slice::<half::bf16>()?.len(),
+        _ => s.as_cuda_slice::<half::f16>()?.len(),
+    };
+    if len < rows * width {
+        candle_core::bail!("loss head: {len} logits for {rows} rows of {width}");
+    }
+    let stream = dev.cuda_stream();
+    let mut ptrs = DevPtrs::new(&stream);
+    let base = match s.dtype() {
+        DType::BF16 => ptrs.write(s.as_cuda_slice_mut::<half::bf16>()?),
+        _ => ptrs.write(s.as_cuda_slice_mut::<half::f16>()?),
+    };
+    stream.context().bind_to_thread().w()?;
+    // SAFETY: the buffer holds `rows * width` 16-bit elements (the GEMM's output), and the
+    // region starts inside each row and ends at its end; the guard in `ptrs` outlives the call.
+    unsafe {
+        sys::cuMemsetD2D16Async(
+            base + 2 * cols.start as u64,
+            2 * width,
+            value,
+            cols.len(),
+            rows,
+            stream.cu_stream(),
+        )
+        .result()
+        .w()?;
+    }
+    drop(ptrs);
+    Ok(())
 }

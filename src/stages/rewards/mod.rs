@@ -227,8 +227,13 @@ pub(crate) fn parse_reply(v: &Value, what: &str) -> Result<f64> {
             clip(&v.to_string())
         )
     })?;
-    if !r.is_finite() {
-        bail!("{what}: reward {r} is not finite");
+    // Training reads rewards as f32: a larger one would be an infinite reward there, and the
+    // loss NaN with nothing to say which reply gave it.
+    if !(r as f32).is_finite() {
+        bail!(
+            "{what}: reward {r} is not finite in f32 (|reward| <= {:e})",
+            f32::MAX
+        );
     }
     Ok(r)
 }
@@ -273,6 +278,8 @@ mod tests {
             r#"{"reward": "high"}"#,
             r#"{"score": 1}"#,
             r#"{"reward": [1]}"#,
+            r#"{"reward": 1e39}"#,
+            r#"{"reward": -1e300}"#,
         ] {
             let e = read(bad).map(|_| ()).unwrap_err().to_string();
             assert!(e.starts_with("reply 1: "), "{bad}: {e}");
