@@ -459,6 +459,28 @@ fn warn_task_lr(cfg: &RunConfig, flag: bool, user: Option<&toml::Value>) {
     );
 }
 
+/// PPO and GRPO size their batches by rollouts, not by `[train] batch_size`: a `--batch-size`
+/// given to them changed nothing, and said nothing.
+fn warn_unused_batch_size(cfg: &RunConfig, flag: bool) {
+    if !flag {
+        return;
+    }
+    let how = match cfg.stage {
+        Stage::Ppo => format!(
+            "a rollout is [ppo] rollout_batch = {} prompts, trained in minibatches of [ppo] \
+             minibatch_size = {}",
+            cfg.ppo.rollout_batch, cfg.ppo.minibatch_size
+        ),
+        Stage::Grpo => format!(
+            "a rollout is [grpo] prompts_per_rollout = {} prompts of group_size = {} samples \
+             each, trained in minibatches of [grpo] minibatch_size = {}",
+            cfg.grpo.prompts_per_rollout, cfg.grpo.group_size, cfg.grpo.minibatch_size
+        ),
+        _ => return,
+    };
+    errln!("warning: --batch-size is not used by {}: {how}", cfg.stage);
+}
+
 impl StageArgs {
     /// Stage defaults, then the config file (or the resumed run's config.toml), then flags.
     pub fn resolve(&self, stage: Stage) -> Result<(RunConfig, PathBuf, Start)> {
@@ -487,6 +509,7 @@ impl StageArgs {
         };
         let (mut cfg, user) = RunConfig::load(stage, file.as_deref())?;
         self.apply(&mut cfg)?;
+        warn_unused_batch_size(&cfg, self.batch_size.is_some());
         let pretrained = (cfg.init.as_deref()).is_some_and(crate::model::hf::is_pretrained_dir);
         if !resume && pretrained {
             warn_task_lr(&cfg, self.lr.is_some(), user.as_ref());

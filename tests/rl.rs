@@ -1112,3 +1112,41 @@ fn distill_brings_the_student_to_its_teacher_and_resumes_exactly() {
     ]);
     assert!(e.contains("--teacher applies to distill, not sft"), "{e}");
 }
+
+/// `--batch-size` sizes nothing in PPO or GRPO (their rollouts do): said, with what does.
+#[test]
+fn batch_size_is_said_to_be_unused_by_the_rollout_stages() {
+    let d = tmp();
+    for (stage, table) in [
+        ("ppo", "[ppo] rollout_batch"),
+        ("grpo", "[grpo] prompts_per_rollout"),
+    ] {
+        let out = p(d.path(), stage);
+        let err = run_err(&[
+            stage,
+            "--batch-size",
+            "8",
+            "--out",
+            s(&out),
+            "--device",
+            "cpu",
+        ]);
+        assert!(
+            err.contains(&format!(
+                "warning: --batch-size is not used by {stage}: a rollout is {table}"
+            )),
+            "{stage}: {err}"
+        );
+    }
+    let out = p(d.path(), "sft");
+    let err = run_err(&[
+        "sft",
+        "--batch-size",
+        "8",
+        "--out",
+        s(&out),
+        "--device",
+        "cpu",
+    ]);
+    assert!(!err.contains("--batch-size is not used"), "{err}");
+}
