@@ -83,21 +83,13 @@ fn sigterm_checkpoints_stops_and_resume_continues_the_same_curve() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    while losses_if_any(&cut).len() < 5 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "the run logged nothing"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(120, "the run logged nothing", || {
+        losses_if_any(&cut).len() >= 5
+    });
     // Twice, as SLURM and a launcher together deliver it: the repeat within the grace period
     // must not kill the run before its checkpoint.
     for _ in 0..2 {
-        // SAFETY: kill(2) on our own child.
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
-        }
+        sigterm(&child);
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = child.wait_with_output().unwrap();
@@ -278,18 +270,10 @@ fn sigterm_to_a_launch_checkpoints_every_rank_and_resumes_the_curve() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    while losses_if_any(&cut).len() < 5 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "the run logged nothing"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // SAFETY: kill(2) on our own child.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
+    wait_until(120, "the run logged nothing", || {
+        losses_if_any(&cut).len() >= 5
+    });
+    sigterm(&child);
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(75), "{err}");

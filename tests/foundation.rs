@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
@@ -178,17 +177,9 @@ fn kill_at_checkpoint(args: &[String], out: &Path, step: usize) {
     let mut child = temper().args(args).spawn().unwrap();
     let latest = out.join("checkpoints/latest");
     let want = format!("step-{step:07}");
-    let t0 = Instant::now();
-    loop {
-        if std::fs::read_to_string(&latest).is_ok_and(|s| s.trim() >= want.as_str()) {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(300, "no checkpoint appeared", || {
+        std::fs::read_to_string(&latest).is_ok_and(|s| s.trim() >= want.as_str())
+    });
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 }
@@ -1277,19 +1268,13 @@ fn a_closed_output_pipe_does_not_end_a_run() {
     // SIGTERM rather than SIGINT: a test run from a shell's background job inherits an
     // ignored SIGINT, which src/dist/preempt.rs keeps ignored; both take the same path.
     let (mut child, out) = start("stopped", "1000");
-    let t0 = Instant::now();
-    while metrics_if_any(&out) < 2 {
-        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "the run logged nothing"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // SAFETY: kill(2) on our own child.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
+    wait_until(120, "the run logged nothing", || {
+        metrics_if_any(&out) >= 2 || {
+            assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+            false
+        }
+    });
+    sigterm(&child);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(75), "{status}");
     let at = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();

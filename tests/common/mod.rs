@@ -47,7 +47,25 @@ pub fn skipped(reason: &str, name: &str) {
 }
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+/// Polls `ready` every 20 ms until it holds, failing with `what` after `limit_s` seconds.
+pub fn wait_until(limit_s: u64, what: &str, mut ready: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !ready() {
+        assert!(t0.elapsed() < Duration::from_secs(limit_s), "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends SIGTERM to a child of this test, as a scheduler's preemption notice.
+pub fn sigterm(child: &Child) {
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+}
 
 pub fn temper() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_temper"));

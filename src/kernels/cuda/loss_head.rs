@@ -314,44 +314,44 @@ fn padded_weight(sw: &CudaStorage, lw: &Layout, to: usize) -> Result<Padded> {
 /// Sets columns `cols` of each of the `rows` rows of a 16-bit matrix stored `cols.end` wide
 /// (the padded logits) to -inf, by the driver's 2D memset: no kernel of candle's.
 fn fill_neg_inf(s: &mut CudaStorage, rows: usize, cols: Range<usize>) -> Result<()> {
+    fn go<T: CudaDType + DeviceRepr>(
+        s: &mut CudaStorage,
+        rows: usize,
+        cols: Range<usize>,
+        neg_inf: u16,
+    ) -> Result<()> {
+        let dev = s.device().clone();
+        let width = cols.end;
+        let x = s.as_cuda_slice_mut::<T>()?;
+        if x.len() < rows * width {
+            candle_core::bail!("loss head: {} logits for {rows} rows of {width}", x.len());
+        }
+        let stream = dev.cuda_stream();
+        let mut ptrs = DevPtrs::new(&stream);
+        let base = ptrs.write(x);
+        stream.context().bind_to_thread().w()?;
+        // SAFETY: the buffer holds `rows * width` 16-bit elements (the GEMM's output), and the
+        // region starts inside each row and ends at its end; the guard in `ptrs` outlives the
+        // call.
+        unsafe {
+            sys::cuMemsetD2D16Async(
+                base + 2 * cols.start as u64,
+                2 * width,
+                neg_inf,
+                cols.len(),
+                rows,
+                stream.cu_stream(),
+            )
+            .result()
+            .w()
+        }
+    }
     if rows == 0 || cols.is_empty() {
         return Ok(());
     }
-    let dev = s.device().clone();
-    let value = match s.dtype() {
-        DType::BF16 => half::bf16::NEG_INFINITY.to_bits(),
-        DType::F16 => half::f16::NEG_INFINITY.to_bits(),
+    match s.dtype() {
+        DType::BF16 => go::<half::bf16>(s, rows, cols, half::bf16::NEG_INFINITY.to_bits()),
+        DType::F16 => go::<half::f16>(s, rows, cols, half::f16::NEG_INFINITY.to_bits()),
         dt => candle_core::bail!("loss head: no 16-bit fill for {dt:?}"),
-    };
-    let width = cols.end;
-    let len = match s.dtype() {
-        DType::BF16 => s.as_cuda_slice::<half::bf16>()?.len(),
-        _ => s.as_cuda_slice::<half::f16>()?.len(),
-    };
-    if len < rows * width {
-        candle_core::bail!("loss head: {len} logits for {rows} rows of {width}");
     }
-    let stream = dev.cuda_stream();
-    let mut ptrs = DevPtrs::new(&stream);
-    let base = match s.dtype() {
-        DType::BF16 => ptrs.write(s.as_cuda_slice_mut::<half::bf16>()?),
-        _ => ptrs.write(s.as_cuda_slice_mut::<half::f16>()?),
-    };
-    stream.context().bind_to_thread().w()?;
-    // SAFETY: the buffer holds `rows * width` 16-bit elements (the GEMM's output), and the
-    // region starts inside each row and ends at its end; the guard in `ptrs` outlives the call.
-    unsafe {
-        sys::cuMemsetD2D16Async(
-            base + 2 * cols.start as u64,
-            2 * width,
-            value,
-            cols.len(),
-            rows,
-            stream.cu_stream(),
-        )
-        .result()
-        .w()?;
-    }
-    drop(ptrs);
-    Ok(())
 }
