@@ -117,6 +117,11 @@ static __device__ __forceinline__ float warp_max(float x) {
 // bound is not needed: x is what the softmax reads. Its slope dx'/dx = 1 - (x' / C)^2 comes
 // from the capped x' (the backward recovers x' from P where it no longer holds it). The
 // reciprocal is the approximate one (__fdividef: 2 ulp, and 0 for an infinite divisor).
+// A compile-time bool as a value, for a generic lambda compiled once per case.
+template <bool B> struct Flag {
+  static constexpr bool value = B;
+};
+
 struct SoftCap {
   float c;    // C, or 0
   float inv;  // 1 / C, or 0

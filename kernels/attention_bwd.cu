@@ -532,22 +532,32 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
       float c[NBW][4];
 #pragma unroll
       for (int n = 0; n < NBW; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.f;
+      // Compiled twice: the steps whole (every tile off the diagonal) as one straight-line
+      // run whose ldmatrix ptxas schedules ahead of the mmas, and with the diagonal's exits.
+      auto dq = [&](auto full) {
 #pragma unroll
-      for (int kk = 0; kk < BK / 16; ++kk) {
-        if (kk >= kk_end) break;
-        uint32_t a[4];
-        const int key = kk * 16 + (lane & 7) + ((lane >> 4) << 3);
-        const int qcol = mb * 16 + ((lane >> 3) & 1) * 8;
-        ldsm_x4_t(a, smem_addr(sdS + key * DSS + qcol));
+        for (int kk = 0; kk < BK / 16; ++kk) {
+          if constexpr (!decltype(full)::value) {
+            if (kk >= kk_end) break;
+          }
+          uint32_t a[4];
+          const int key = kk * 16 + (lane & 7) + ((lane >> 4) << 3);
+          const int qcol = mb * 16 + ((lane >> 3) & 1) * 8;
+          ldsm_x4_t(a, smem_addr(sdS + key * DSS + qcol));
 #pragma unroll
-        for (int n2 = 0; n2 < NBW / 2; ++n2) {
-          uint32_t bf[4];
-          ldsm_x4_t(bf, smem_addr(sK + swz<D>(kk * 16 + (lane & 15),
-                                             (nbase + 2 * n2) * 8 + (lane >> 4) * 8)));
-          Mma<T>::run(c[2 * n2], a, bf[0], bf[1]);
-          Mma<T>::run(c[2 * n2 + 1], a, bf[2], bf[3]);
+          for (int n2 = 0; n2 < NBW / 2; ++n2) {
+            uint32_t bf[4];
+            ldsm_x4_t(bf, smem_addr(sK + swz<D>(kk * 16 + (lane & 15),
+                                               (nbase + 2 * n2) * 8 + (lane >> 4) * 8)));
+            Mma<T>::run(c[2 * n2], a, bf[0], bf[1]);
+            Mma<T>::run(c[2 * n2 + 1], a, bf[2], bf[3]);
+          }
         }
-      }
+      };
+      if (kk_end == BK / 16)
+        dq(Flag<true>{});
+      else
+        dq(Flag<false>{});
       const int iA = i0 + mb * 16 + g, iB = iA + 8;
 #pragma unroll
       for (int n = 0; n < NBW; ++n) {

@@ -30,10 +30,10 @@
 // target at or past the mass the chosen warp finds, the token is the last kept one of its
 // segment (the last kept one of the row when the target is past every segment).
 //
-// Launch: grid (B), block kThreads; reads p.logits [B, V] in the model's dtype (rows
-// contiguous; converted to f32 as they are read, exactly as the reference's cast does), p.keys
-// [B] (and p.hold [V] while it applies, p.seen [B, V] with a penalty), writes p.out [B] u32
-// and, with p.seen, marks each row's drawn token in it.
+// Launch: grid (B), block kThreads; reads p.logits [B, V] in the model's dtype (rows p.ld
+// elements apart, each contiguous; converted to f32 as they are read, exactly as the
+// reference's cast does), p.keys [B] (and p.hold [V] while it applies, p.seen [B, V] with a
+// penalty), writes p.out [B] u32 and, with p.seen, marks each row's drawn token in it.
 
 #include "common.cuh"
 
@@ -57,8 +57,10 @@ struct SampleParams {
                              // penalty, and the drawn token marked
   float min_p;               // <= 0: no min-p filter
   float penalty;             // repetition penalty; 1: none
+  int ld;                    // elements from one row of logits to the next (>= v): generation's
+                             // LM head writes rows padded to a multiple of 8 (GPT-2's 50,257)
 };
-static_assert(sizeof(SampleParams) == 96, "SampleParams: keep in step with the Rust mirror");
+static_assert(sizeof(SampleParams) == 104, "SampleParams: keep in step with the Rust mirror");
 static_assert(alignof(SampleParams) == 8, "SampleParams: keep in step with the Rust mirror");
 
 namespace temper {
@@ -172,7 +174,8 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
   const float *hold = p.hold && pos < p.hold_until ? p.hold : nullptr;
   const size_t at = (size_t)row * p.v;
   const unsigned char *seen = p.seen && p.penalty != 1.f ? p.seen + at : nullptr;
-  Row<T> r{static_cast<const T *>(p.logits) + at, hold, seen, p.penalty, p.v, 0.f, p.inv_temp};
+  const T *z = static_cast<const T *>(p.logits) + (size_t)row * p.ld;
+  Row<T> r{z, hold, seen, p.penalty, p.v, 0.f, p.inv_temp};
   // The one thread that writes the row's token marks it seen; every read of the row's seen
   // mask is behind a barrier or a ballot by then.
   auto emit = [&](int token) {

@@ -24,6 +24,8 @@ gpu_test!(fused_decode_step_matches_qkv_write_then_attention);
 gpu_test!(held_tokens_and_a_device_draw_index_sample_as_the_reference);
 gpu_test!(penalised_and_min_p_draws_sample_as_the_reference_and_mark_the_token);
 gpu_test!(graph_replay_gives_the_eager_fixed_steps_tokens, alone);
+gpu_test!(padded_rows_sample_in_place_as_the_reference);
+gpu_test!(the_padded_lm_head_gives_the_heads_logits);
 
 #[cfg(feature = "cuda")]
 mod gpu {
@@ -159,6 +161,115 @@ mod gpu {
                         agrees(&ctx, row, p, u, (got[i], want[i]));
                     }
                 }
+            }
+        }
+    }
+
+    /// Rows further apart than the vocabulary (generation's padded LM head narrowed to `V`:
+    /// 16-byte aligned rows at GPT-2's 50,257) are read in place, and nothing past `V` is
+    /// read: the padding holds a logit larger than any row's, which greedy would pick.
+    pub fn padded_rows_sample_in_place_as_the_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0x9AD);
+        let settings = [
+            params(0.0, 0, 1.0),
+            params(0.8, 40, 0.9),
+            params(1.0, 0, 1.0),
+        ];
+        for &(b, v) in SHAPES {
+            let ld = v.next_multiple_of(8) + 8;
+            for p in &settings {
+                for dtype in [DType::F32, DType::BF16] {
+                    let raw = rng.vec(b * v, -6.0, 6.0);
+                    let mut wide = vec![1e4f32; b * ld];
+                    for r in 0..b {
+                        wide[r * ld..r * ld + v].copy_from_slice(&raw[r * v..(r + 1) * v]);
+                    }
+                    let cpu = Tensor::from_vec(raw.clone(), (b, v), &Device::Cpu)
+                        .and_then(|t| t.to_dtype(dtype))
+                        .unwrap();
+                    let logits = Tensor::from_vec(wide, (b, ld), dev)
+                        .and_then(|t| t.to_dtype(dtype))
+                        .and_then(|t| t.narrow(1, 0, v))
+                        .unwrap();
+                    assert_eq!(logits.stride()[0], ld);
+                    let rows: Vec<u64> = (0..b as u64).collect();
+                    let (draw_seed, pos) = (rng.next(), rng.below(1000) as u64);
+                    let keys = keys_tensor(draw_seed, &rows, &Device::Cpu).unwrap();
+                    let want = sample_reference(&cpu, &keys, pos, None, p)
+                        .unwrap()
+                        .to_vec1::<u32>()
+                        .unwrap();
+                    let got = sample(
+                        &logits,
+                        &keys.to_device(dev).unwrap(),
+                        pos,
+                        p,
+                        KernelChoice::Custom,
+                    )
+                    .unwrap()
+                    .to_vec1::<u32>()
+                    .unwrap();
+                    let exact = cpu
+                        .to_dtype(DType::F32)
+                        .and_then(|t| t.flatten_all())
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .unwrap();
+                    for i in 0..b {
+                        let ctx = format!(
+                            "seed {seed:#x}, {dtype:?}, B {b}, V {v}, ld {ld}, {p:?}, row {i}"
+                        );
+                        assert!(
+                            (got[i] as usize) < v,
+                            "{ctx}: id {} read the padding",
+                            got[i]
+                        );
+                        let u = uniform(row_key(draw_seed, rows[i]), pos);
+                        agrees(&ctx, &exact[i * v..(i + 1) * v], p, u, (got[i], want[i]));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Generation's LM head at vocabularies no multiple of 8 (the presets' 258, GPT-2's
+    /// 50,257), tied and untied: inside the frozen weights the padded head's logits, narrowed
+    /// to `V` with rows a multiple of 8 apart, are the head's (candle's matmul) up to bf16
+    /// rounding; outside them, and in f32, the head is not padded.
+    pub fn the_padded_lm_head_gives_the_heads_logits(dev: &Device) {
+        use temper::model::cast::FrozenWeights;
+        let (mut rng, seed) = Rng::fresh(0x4EAD);
+        for (vocab, tied) in [(258, true), (50257, true), (1003, false)] {
+            let mut cfg = ModelConfig::preset("tiny").unwrap();
+            cfg.vocab_size = vocab;
+            cfg.tie_word_embeddings = tied;
+            let mut store = ParamStore::new(dev.clone(), rng.next());
+            let net = Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
+            let h = cfg.hidden_size;
+            for (b, t) in [(5, 1), (3, 2)] {
+                let hidden = Tensor::from_vec(rng.vec(b * t * h, -2.0, 2.0), (b, t, h), dev)
+                    .and_then(|x| x.to_dtype(DType::BF16))
+                    .unwrap();
+                let what = format!("seed {seed:#x}, V {vocab}, tied {tied}, B {b}, T {t}");
+                let outside = net.sampling_logits(&hidden, KernelChoice::Custom).unwrap();
+                assert!(outside.is_contiguous(), "{what}: padded outside generation");
+                let _gen = FrozenWeights::enter();
+                let got = net.sampling_logits(&hidden, KernelChoice::Custom).unwrap();
+                assert_eq!(got.dims(), [b, t, vocab], "{what}");
+                assert_eq!(
+                    got.stride()[1],
+                    vocab.next_multiple_of(8),
+                    "{what}: not padded"
+                );
+                let want = net
+                    .compute_logits(&hidden, KernelChoice::Reference)
+                    .unwrap();
+                let (atol, rtol) = elem_tol(DType::BF16);
+                assert_close(&what, &got, &want, tol(DType::BF16), (atol, rtol));
+                let f32_hidden = hidden.to_dtype(DType::F32).unwrap();
+                let f32_logits = net
+                    .sampling_logits(&f32_hidden, KernelChoice::Custom)
+                    .unwrap();
+                assert!(f32_logits.is_contiguous(), "{what}: f32 padded");
             }
         }
     }

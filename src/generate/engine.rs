@@ -73,7 +73,7 @@ pub fn generate(
     let hidden = net.hidden(&ids, &f, Some(&mut cache))?;
     // Logits stay in the compute dtype: the sampling kernel reads bf16 as it is.
     let mut last = net
-        .compute_logits(&hidden.narrow(1, longest - 1, 1)?, ctx.kernels.gemm)?
+        .sampling_logits(&hidden.narrow(1, longest - 1, 1)?, ctx.kernels.gemm)?
         .squeeze(1)?
         .detach();
     drop(hidden);
@@ -82,7 +82,8 @@ pub fn generate(
     let mut valid = Tensor::cat(&[&prompt_valid, &ones], 1)?;
     if let Some(rows) = plan.expansion(&dev)? {
         cache.select_rows(&rows)?;
-        last = last.index_select(&rows, 0)?;
+        // Contiguous first: candle's index_select reads no narrowed view (the padded head's).
+        last = last.contiguous()?.index_select(&rows, 0)?;
         valid = valid.index_select(&rows, 0)?;
     }
 
@@ -201,7 +202,7 @@ pub fn generate(
         };
         let hidden = net.hidden(&next.reshape((n, 1))?, &f, Some(&mut cache))?;
         let logits = net
-            .compute_logits(&hidden, ctx.kernels.gemm)?
+            .sampling_logits(&hidden, ctx.kernels.gemm)?
             .squeeze(1)?
             .detach();
         active.positions = active.positions.affine(1.0, 1.0)?;

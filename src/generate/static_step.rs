@@ -153,7 +153,7 @@ impl StaticStep {
             .hidden(&self.ids.reshape((n, 1))?, &f, Some(cache))
             .map_err(candle_core::Error::wrap)?;
         let logits = net
-            .compute_logits(&hidden, ctx.kernels.gemm)
+            .sampling_logits(&hidden, ctx.kernels.gemm)
             .map_err(candle_core::Error::wrap)?
             .squeeze(1)?;
         drop(hidden);

@@ -20,6 +20,8 @@ thread_local! {
     static FROZEN: RefCell<Option<HashMap<(TensorId, DType), Tensor>>> = const { RefCell::new(None) };
     /// [`frozen_stack`]'s stacks, by (first part, parts, dtype); emptied with the scope.
     static STACKS: RefCell<HashMap<(TensorId, usize, DType), Tensor>> = RefCell::new(HashMap::new());
+    /// [`frozen_padded`]'s weights, by (weight, rows, dtype); emptied with the scope.
+    static PADDED: RefCell<HashMap<(TensorId, usize, DType), Tensor>> = RefCell::new(HashMap::new());
 }
 
 /// Compute copies by their master's id. Global rather than per thread: tensor ids are unique
@@ -139,6 +141,28 @@ pub fn frozen_stack(parts: &[&Tensor], dtype: DType) -> Result<Option<Tensor>> {
     Ok(Some(stacked))
 }
 
+/// `w` (`[N, K]`) in `dtype` as [`weight`] gives it, with zero rows appended up to `rows`,
+/// built once per [`FrozenWeights`] scope and untracked; `None` outside one. Generation's LM
+/// head at a vocabulary whose rows cuBLASLt is not handed (GPT-2's 50,257): the padded head
+/// is one GEMM of ours, where the head as it is fell to candle's matmul every decode step.
+/// Held beside the cast (which the embedding lookup reads): for GPT-2 77 MB more.
+pub fn frozen_padded(w: &Tensor, rows: usize, dtype: DType) -> Result<Option<Tensor>> {
+    if !frozen() {
+        return Ok(None);
+    }
+    let key = (w.id(), rows, dtype);
+    if let Some(hit) = PADDED.with_borrow(|m| m.get(&key).cloned()) {
+        return Ok(Some(hit));
+    }
+    let n = w.dim(0)?;
+    if rows < n {
+        candle_core::bail!("frozen_padded: {rows} rows are fewer than the weight's {n}");
+    }
+    let padded = weight(w, dtype)?.pad_with_zeros(0, 0, rows - n)?.detach();
+    PADDED.with_borrow_mut(|m| m.insert(key, padded.clone()));
+    Ok(Some(padded))
+}
+
 /// While alive, weights are taken to be constant on this thread: each is cast once. Nothing
 /// may update a weight inside the scope (generation only reads them); the copies are dropped
 /// with the guard.
@@ -164,6 +188,7 @@ impl Drop for FrozenWeights {
         if self.outermost {
             FROZEN.with_borrow_mut(|m| *m = None);
             STACKS.with_borrow_mut(HashMap::clear);
+            PADDED.with_borrow_mut(HashMap::clear);
         }
     }
 }
@@ -220,6 +245,32 @@ mod tests {
         let _next = FrozenWeights::enter();
         let fresh = frozen_stack(&[&q, &k], DType::BF16).unwrap().unwrap();
         assert_eq!(fresh.dims(), [3, 2], "a new scope builds its own");
+    }
+
+    #[test]
+    fn a_padded_weight_is_built_once_per_scope_with_zero_rows() {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[1.5f32, -2.0], [0.25, 3.0], [4.0, 5.0]], &dev).unwrap();
+        assert!(frozen_padded(&w, 8, DType::BF16).unwrap().is_none());
+        {
+            let _gen = FrozenWeights::enter();
+            let p = frozen_padded(&w, 8, DType::BF16).unwrap().unwrap();
+            assert_eq!((p.dims(), p.dtype()), (&[8, 2][..], DType::BF16));
+            assert!(!p.track_op());
+            let rows = p.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+            let mut want = vec![vec![1.5, -2.0], vec![0.25, 3.0], vec![4.0, 5.0]];
+            want.resize(8, vec![0.0, 0.0]);
+            assert_eq!(rows, want);
+            let again = frozen_padded(&w, 8, DType::BF16).unwrap().unwrap();
+            assert_eq!(again.id(), p.id(), "built once per scope");
+            assert!(
+                frozen_padded(&w, 2, DType::BF16).is_err(),
+                "fewer rows than the weight"
+            );
+        }
+        let _next = FrozenWeights::enter();
+        let fresh = frozen_padded(&w, 8, DType::BF16).unwrap().unwrap();
+        assert_eq!(fresh.dims(), [8, 2], "a new scope builds its own");
     }
 
     #[test]

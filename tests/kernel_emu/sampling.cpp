@@ -182,10 +182,11 @@ struct Hold {
   uint64_t until = 0;
 };
 
+// `logits` holds B rows `ld` elements apart (`ld` 0: V, rows back to back).
 template <typename T>
 std::vector<uint32_t> run_sample(const std::vector<T> &logits, int b, int v,
                                  const std::vector<long long> &keys, Draw draw, Hold hold,
-                                 const Sampling &s, unsigned char *seen = nullptr) {
+                                 const Sampling &s, unsigned char *seen = nullptr, int ld = 0) {
   std::vector<uint32_t> out(b, 0xDEADBEEFu);  // poisoned: a row nobody writes shows
   if (b == 0) return out;
   SampleParams p{};
@@ -205,6 +206,7 @@ std::vector<uint32_t> run_sample(const std::vector<T> &logits, int b, int v,
   p.seen = seen;
   p.min_p = s.min_p;
   p.penalty = s.penalty;
+  p.ld = ld ? ld : v;
   emu::launch({(unsigned)b, 1, 1}, {512, 1, 1}, 0, [&] { sample_entry(logits.data(), p); });
   return out;
 }
@@ -228,6 +230,9 @@ enum Flags : unsigned {
   kUTop = 64,     // row 0 drawn with u = 0, every other row with u = 1 - 2^-24
   kSeen = 128,    // a seen mask (an eighth of the tokens and each row's largest logit) that
                   // the penalty reads and the kernel marks
+  kPadded = 256,  // rows a multiple of 8 elements apart and at least 8 more than V (as
+                  // generation's padded LM head writes them), the padding a logit larger than
+                  // any row's: read, it would be drawn
 };
 
 struct Case {
@@ -318,8 +323,13 @@ template <typename T> std::vector<uint32_t> launch_case(const Case &c, Inputs<T>
   if (c.has(kPosAt)) draw.device = &in.step[1]; else draw.at = in.pos;
   Hold hold;
   if (!in.mask.empty()) hold = {&in.mask, in.until};
-  return run_sample(in.logits, c.b, c.v, in.keys, draw, hold, c.s,
-                    in.seen.empty() ? nullptr : in.seen.data());
+  unsigned char *seen = in.seen.empty() ? nullptr : in.seen.data();
+  if (!c.has(kPadded)) return run_sample(in.logits, c.b, c.v, in.keys, draw, hold, c.s, seen);
+  const int ld = (c.v + 7) / 8 * 8 + 8;
+  std::vector<T> padded((size_t)c.b * ld, from_float<T>(30000.f));
+  for (int r = 0; r < c.b; ++r)
+    std::copy_n(&in.logits[(size_t)r * c.v], c.v, &padded[(size_t)r * ld]);
+  return run_sample(padded, c.b, c.v, in.keys, draw, hold, c.s, seen, ld);
 }
 
 // With kSeen: the mask afterwards is the mask before with each row's drawn token set.
@@ -817,6 +827,15 @@ int main(int argc, char **argv) {
       {"T0.7 pen1.4 f32 V37 x81 seen", f32, 81, 37, 1.f, {0.7f, 0, 1.f, 0.f, 1.4f},
        kDistribution | kSeen},
       {"T1 seen pen1 (marks only) bf16 V1000", bf, 3, 1000, 1.f, {1.f, 0, 1.f, 0.f, 1.f}, kSeen},
+      // Rows padded apart: 16-byte loads on every row (V50257's own rows are unaligned but
+      // the first), and the scalar path under a hold mask and a penalty.
+      {"greedy bf16 V50257 padded rows ties", bf, 5, 50257, 2.f, greedy, kTies | kPadded},
+      {"top-k50 top-p0.9 f16 V259 padded rows", f16, 6, 259, 2.f, {1.3f, 50, 0.9f}, kPadded | kUEnds},
+      {"T0.7 f32 V37 x81 padded rows", f32, 81, 37, 1.f, {0.7f, 0, 1.f}, kDistribution | kPadded},
+      {"greedy pen1.3 bf16 V1003 padded rows seen held", bf, 4, 1003, 1.f,
+       {0.f, 0, 1.f, 0.f, 1.3f}, kSeen | kHeld | kPadded},
+      {"min-p0.05 pen1.2 bf16 V1003 padded rows seen", bf, 3, 1003, 2.f,
+       {1.f, 0, 1.f, 0.05f, 1.2f}, kSeen | kPadded | kUEnds},
   };
   bool ok = true;
   for (const Case &c : cases) ok &= check_case(c, rng);

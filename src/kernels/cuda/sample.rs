@@ -31,8 +31,9 @@ struct SampleParams {
     seen: DevPtr,
     min_p: f32,
     penalty: f32,
+    ld: i32,
 }
-const _: () = assert!(std::mem::size_of::<SampleParams>() == 96);
+const _: () = assert!(std::mem::size_of::<SampleParams>() == 104);
 const _: () = assert!(std::mem::align_of::<SampleParams>() == 8);
 // SAFETY: plain old data with the C layout of the kernel's struct (asserted above).
 unsafe impl DeviceRepr for SampleParams {}
@@ -45,7 +46,8 @@ const THREADS: u32 = 512;
 
 /// `[B]` u32 ids sampled from `logits` (`[B, V]`: f32, bf16 and f16 are read as they are and
 /// converted in registers, so no f32 copy of the logits is made per decode step; other
-/// dtypes are converted to f32 first) with the uniforms of `keys` (`[B]` i64) at `draw`, the
+/// dtypes are converted to f32 first; rows may lie further apart than `V`, as generation's
+/// padded LM head leaves them, and are read in place) with the uniforms of `keys` (`[B]` i64) at `draw`, the
 /// tokens of `hold` held back while it applies, and each row's token marked in `seen`
 /// (`[B, V]` u8, contiguous, read for the repetition penalty), in place.
 pub fn sample(
@@ -72,6 +74,9 @@ pub fn sample(
         candle_core::bail!("sample: empty vocabulary");
     }
     let logits = match logits.dtype() {
+        DType::F32 | DType::BF16 | DType::F16 if row_stride(logits.layout()).is_some() => {
+            logits.clone()
+        }
         DType::F32 | DType::BF16 | DType::F16 => logits.contiguous()?,
         _ => logits.to_dtype(DType::F32)?.contiguous()?,
     };
@@ -97,7 +102,13 @@ fn launch_t<T: CudaDType + DeviceRepr + WithDType>(
     {
         let (ls, ll) = logits.storage_and_layout();
         let (ks, kl) = keys.storage_and_layout();
-        let lv = contiguous_view::<T>(cuda_storage(&ls)?, ll)?;
+        let Some(ld) = row_stride(ll) else {
+            candle_core::bail!("sample: logits {ll:?} are not rows of contiguous elements");
+        };
+        let start = ll.start_offset();
+        let lv = cuda_storage(&ls)?
+            .as_cuda_slice::<T>()?
+            .slice(start..start + (b - 1) * ld + v);
         let kv = contiguous_view::<i64>(cuda_storage(&ks)?, kl)?;
         let (pos, at): (u64, Guarded) = match draw {
             Draw::At(p) => (p, None),
@@ -140,10 +151,25 @@ fn launch_t<T: CudaDType + DeviceRepr + WithDType>(
             seen: ptrs.read_opt(seen_view.as_ref()),
             min_p: params.min_p,
             penalty: params.repetition_penalty,
+            ld: to_i32(ld, "logits' row stride")?,
         };
-        // SAFETY: logits hold B * V elements of T, keys B i64, out B u32, seen (when given)
+        // SAFETY: logits hold B rows of V elements of T, `ld` apart, keys B i64, out B u32, seen (when given)
         // B * V u8; the guards live in `ptrs`.
         unsafe { launch(dev, &func, &name, cfg, &p) }?;
     }
     Ok(tensor_from_slice(out, dev, b))
+}
+
+/// The elements from one row of `[B, V]` logits to the next where each row is contiguous and
+/// rows do not overlap (a contiguous tensor, or a narrowed view of wider rows); `None` else.
+fn row_stride(l: &candle_core::Layout) -> Option<usize> {
+    let (&[b, v], &[ld, step]) = (l.dims(), l.stride()) else {
+        return None;
+    };
+    let rows_contiguous = step == 1 || v <= 1;
+    match b {
+        _ if !rows_contiguous => None,
+        0 | 1 => Some(v),
+        _ => (ld >= v).then_some(ld),
+    }
 }
