@@ -201,11 +201,12 @@ fn main() -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "bench": "generate", "impl": match (decode, gemm_timed()) {
-                (DecodeMode::Graph, false) => "temper",
-                (DecodeMode::Graph, true) => "ours-gemm-timed",
-                (DecodeMode::Fixed, _) => "ours-fixed-shapes",
-                (DecodeMode::Dynamic, _) => "ours-dynamic-shapes",
+            "bench": "generate", "impl": match (decode, gemm_timed(), decode_gemm_ours()) {
+                (DecodeMode::Graph, _, true) => "ours-decode-gemm",
+                (DecodeMode::Graph, false, false) => "temper",
+                (DecodeMode::Graph, true, false) => "ours-gemm-timed",
+                (DecodeMode::Fixed, ..) => "ours-fixed-shapes",
+                (DecodeMode::Dynamic, ..) => "ours-dynamic-shapes",
             }, "shape": shape_label(if dev.is_cuda() { &model } else { "tiny" }, (b, l, n), group, penalty),
             "tokens_per_s": tokens_per_s, "ms_total": total * 1e3, "ms_prefill": prefill * 1e3,
             "ms_decode_step": step * 1e3, "ms_floor_step": floor_step * 1e3,
@@ -237,6 +238,17 @@ fn shape_label(
 
 /// Whether cuBLASLt's candidates are timed (`TEMPER_GEMM_TUNE=timed`): the run is then an
 /// ablation, not temper's default.
+/// Whether generation's few-row GEMMs are ours (`TEMPER_DECODE_GEMM=ours`), not cuBLASLt's.
+fn decode_gemm_ours() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        use temper::kernels::cuda::decode_gemm::DecodeGemm;
+        DecodeGemm::from_env() == DecodeGemm::Ours
+    }
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
 fn gemm_timed() -> bool {
     #[cfg(feature = "cuda")]
     {

@@ -57,7 +57,8 @@ START=$SECONDS
 SHARED=(device unpack peer-copy train-ours)
 PART_1=('test-.*' train-torch-eager bench-generate peer-generate bench-attention peer-attention
   bench-lora peer-lora)
-PART_2=(ppo-init ppo-update gpt2-loss ncu-step ncu-decode bench-generate-timed train-attn-wide
+PART_2=(ppo-init ppo-update gpt2-loss ncu-step ncu-decode bench-generate-timed
+  bench-generate-decode-gemm train-attn-wide
   train-gemm-timed train-recompute ncu-lora ncu-attention bench-attention-packed
   peer-attention-packed bench-attention-softcap peer-attention-softcap)
 PART_3=(train-torch-compile train-graph bench-generate-fixed bench-generate-dynamic
@@ -233,6 +234,9 @@ if has bench-generate; then
   # And the graph with cuBLASLt's candidates timed for the decode step's small GEMMs
   # (TEMPER_GEMM_TUNE=timed; not the default, see src/kernels/cuda/lt_plans.rs).
   section bench-generate-timed 90 env TEMPER_GEMM_TUNE=timed "$BUNDLE" bench-generate --bench
+  # And with our few-row GEMM in place of cuBLASLt's for every GEMM of the step
+  # (TEMPER_DECODE_GEMM=ours; not the default until it wins, see src/kernels/cuda/decode_gemm.rs).
+  section bench-generate-decode-gemm 90 env TEMPER_DECODE_GEMM=ours "$BUNDLE" bench-generate --bench
   peer_cmd="${TEMPER_GENERATE_PEER:-}"
   [[ -z "$peer_cmd" && -f scripts/bench_generate.py ]] && peer_cmd="python3 scripts/bench_generate.py"
   # Qwen3-0.6B's shape: Qwen3's per-head norms of q and k inside the fused decode kernel.

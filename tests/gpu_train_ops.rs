@@ -928,6 +928,102 @@ mod bias {
 
 gpu_test!(gemm::gemm_matches_reference);
 gpu_test!(gemm::an_accumulated_gradient_holds_when_its_gemm_is_timed);
+gpu_test!(decode_gemm::decode_gemm_matches_the_reference);
+
+#[cfg(feature = "cuda")]
+mod decode_gemm {
+    use candle_core::{DType, Device, Tensor};
+    use temper::kernels::cuda::decode_gemm::{decode_gemm, Plan};
+    use temper::kernels::gemm::reference;
+
+    use super::common::gpu::{assert_close, elem_tol, tol, Rng};
+
+    /// Generation's few-row GEMM (`kernels/decode_gemm.cu`) against candle's matmul, with the
+    /// bias and the GELU after it: row counts inside and at the ends of each 16-row tile,
+    /// GPT-2's decode shapes (one K slice, several, eleven for the MLP's projection; the padded
+    /// LM head's 50,264 columns), a K no multiple of 32 and N no multiple of 32. Each shape runs
+    /// twice, so a slice counter left non-zero by the first launch would spoil the second.
+    pub fn decode_gemm_matches_the_reference(dev: &Device) {
+        let (mut rng, seed) = Rng::fresh(0xdec0);
+        let sms = temper::kernels::cuda::sm_count(dev.as_cuda_device().unwrap()).unwrap() as usize;
+        for (m, k, n) in [
+            (1, 8, 8),
+            (64, 768, 2304),
+            (17, 768, 768),
+            (33, 3072, 768),
+            (48, 768, 3072),
+            (5, 768, 50264),
+            (64, 200, 77),
+        ] {
+            for dtype in [DType::BF16, DType::F16] {
+                let mk = |rng: &mut Rng, r: usize, c: usize| {
+                    Tensor::from_vec(rng.vec(r * c, -1.0, 1.0), (r, c), dev)
+                        .and_then(|t| t.to_dtype(dtype))
+                        .unwrap()
+                };
+                let (x, w) = (mk(&mut rng, m, k), mk(&mut rng, n, k));
+                // The kernel reads the bias in the matrices' dtype: the reference adds the same.
+                let b = Tensor::from_vec(rng.vec(n, -1.0, 1.0), n, dev)
+                    .and_then(|b| b.to_dtype(dtype))
+                    .and_then(|b| b.to_dtype(DType::F32))
+                    .unwrap();
+                let plan = Plan::new(m, n, k, sms);
+                let what = |s: &str| format!("seed {seed:#x} {m}x{k}x{n} {dtype:?} {plan:?} {s}");
+                let plain = reference(&x, &w).unwrap();
+                let biased = plain
+                    .to_dtype(DType::F32)
+                    .and_then(|y| y.broadcast_add(&b))
+                    .unwrap();
+                let gelu = biased.gelu().and_then(|y| y.to_dtype(dtype)).unwrap();
+                let biased = biased.to_dtype(dtype).unwrap();
+                let (atol, rtol) = elem_tol(dtype);
+                for round in 0..2 {
+                    let got = |bias: Option<&Tensor>, act: bool| {
+                        decode_gemm(&x, &w, bias, act)
+                            .unwrap()
+                            .expect("the kernel takes it")
+                    };
+                    let case = |s: &str| what(&format!("{s}, launch {round}"));
+                    assert_close(
+                        &case("x W^T"),
+                        &got(None, false),
+                        &plain,
+                        tol(dtype),
+                        (atol, rtol),
+                    );
+                    assert_close(
+                        &case("+ b"),
+                        &got(Some(&b), false),
+                        &biased,
+                        tol(dtype),
+                        (atol, rtol),
+                    );
+                    assert_close(
+                        &case("gelu(+ b)"),
+                        &got(Some(&b), true),
+                        &gelu,
+                        tol(dtype),
+                        (atol, rtol),
+                    );
+                }
+                // Three leading dimensions, as a decode step's [B, 1, H] hidden state.
+                let x3 = x.reshape((m, 1, k)).unwrap();
+                let y3 = decode_gemm(&x3, &w, None, false).unwrap().unwrap();
+                assert_eq!(y3.dims(), [m, 1, n], "{}", what("shape"));
+            }
+        }
+        // Beyond 64 rows, f32, or K off 8: not taken.
+        let x = Tensor::zeros((65, 64), DType::BF16, dev).unwrap();
+        let w = Tensor::zeros((8, 64), DType::BF16, dev).unwrap();
+        assert!(decode_gemm(&x, &w, None, false).unwrap().is_none());
+        let xf = Tensor::zeros((4, 64), DType::F32, dev).unwrap();
+        let wf = Tensor::zeros((8, 64), DType::F32, dev).unwrap();
+        assert!(decode_gemm(&xf, &wf, None, false).unwrap().is_none());
+        let xo = Tensor::zeros((4, 12), DType::BF16, dev).unwrap();
+        let wo = Tensor::zeros((8, 12), DType::BF16, dev).unwrap();
+        assert!(decode_gemm(&xo, &wo, None, false).unwrap().is_none());
+    }
+}
 
 #[cfg(feature = "cuda")]
 mod gemm {

@@ -140,6 +140,9 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     if takes_nt(x, w).is_none() {
         return Ok(None);
     }
+    if let Some(y) = super::decode_gemm::for_generation(x, w, None, false)? {
+        return Ok(Some(y));
+    }
     let arg = crate::tape::arg;
     let args = [prepared(&arg(x))?, prepared(&arg(w))?];
     let y = crate::tape::op2_with([x, w], args, Gemm(Form::Nt), |_, [x, w], g, want, acc| {
@@ -310,6 +313,9 @@ pub fn matmul_nt_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tenso
         Some(n) if b.dims() == [n] => {}
         _ => return Ok(None),
     }
+    if let Some(y) = super::decode_gemm::for_generation(x, w, Some(b), false)? {
+        return Ok(Some(y));
+    }
     let arg = crate::tape::arg;
     let args = [prepared(&arg(x))?, prepared(&arg(w))?, arg(b).contiguous()?];
     let op = GemmBias(BiasAct::Identity);
@@ -335,6 +341,9 @@ pub fn matmul_nt_bias_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<
     }
     if crate::tape::recording() || !crate::tape::untracked(&[x, w, b]) {
         candle_core::bail!("gemm: the GELU epilogue has no backward; its inputs want a gradient");
+    }
+    if let Some(y) = super::decode_gemm::for_generation(x, w, Some(b), true)? {
+        return Ok(Some(y));
     }
     let op = GemmBias(BiasAct::GeluTanh);
     let y = prepared(x)?.apply_op3_no_bwd(&prepared(w)?, &b.contiguous()?, &op)?;

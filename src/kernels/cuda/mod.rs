@@ -45,6 +45,7 @@ pub mod adamw;
 pub mod attention;
 pub mod attention_recompute;
 pub mod bias;
+pub mod decode_gemm;
 pub mod decode_step;
 pub mod dropout;
 pub mod embedding;
