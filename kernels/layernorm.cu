@@ -112,52 +112,67 @@ template <typename T> __device__ __forceinline__ V16<T> *vrow_mut(void *base, si
 
 template <typename T, int K> __device__ void forward_warp(const LayerNormParams &p) {
   constexpr int E = V16<T>::N;
+  // The gains and biases once per block, in shared memory, their loads issued with the rows':
+  // read per lane after the row's two reductions they were one more memory round trip in a
+  // chain of them (a decode step's norms are a few rows each), and every warp of the block
+  // read them again.
+  __shared__ float sw[32 * K * E], sb[32 * K * E];
+  for (int i = threadIdx.x; i < p.cols; i += blockDim.x) {
+    sw[i] = __ldg(p.w + i);
+    sb[i] = __ldg(p.b + i);
+  }
   const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * kWarps + (threadIdx.x >> 5);
-  if (row >= p.rows) return;
+  // A warp past the last row still reaches the barrier below.
+  const bool live = row < p.rows;
   const int chunks = p.cols / E;
   const size_t at = (size_t)row * p.cols;
-  const V16<T> *x = vrow<T>(p.x, at);
   float v[K][E];
-  float s = 0.f;
+  float mean = 0.f, rstd = 0.f;
+  if (live) {
+    const V16<T> *x = vrow<T>(p.x, at);
+    float s = 0.f;
 #pragma unroll
-  for (int k = 0; k < K; ++k) {
-    const int c = k * 32 + lane;
-    if (c < chunks) {
-      const V16<T> a = x[c];
-      if (p.r) {
-        const V16<T> b = vrow<T>(p.r, at)[c];
-        V16<T> sum;
+    for (int k = 0; k < K; ++k) {
+      const int c = k * 32 + lane;
+      if (c < chunks) {
+        const V16<T> a = x[c];
+        if (p.r) {
+          const V16<T> b = vrow<T>(p.r, at)[c];
+          V16<T> sum;
 #pragma unroll
-        for (int i = 0; i < E; ++i) {
-          sum.v[i] = from_f32<T>(to_f32(a.v[i]) + to_f32(b.v[i]));
-          v[k][i] = to_f32(sum.v[i]);
+          for (int i = 0; i < E; ++i) {
+            sum.v[i] = from_f32<T>(to_f32(a.v[i]) + to_f32(b.v[i]));
+            v[k][i] = to_f32(sum.v[i]);
+          }
+          vrow_mut<T>(p.s, at)[c] = sum;
+        } else {
+#pragma unroll
+          for (int i = 0; i < E; ++i) v[k][i] = to_f32(a.v[i]);
         }
-        vrow_mut<T>(p.s, at)[c] = sum;
       } else {
 #pragma unroll
-        for (int i = 0; i < E; ++i) v[k][i] = to_f32(a.v[i]);
+        for (int i = 0; i < E; ++i) v[k][i] = 0.f;
       }
-    } else {
 #pragma unroll
-      for (int i = 0; i < E; ++i) v[k][i] = 0.f;
+      for (int i = 0; i < E; ++i) s += v[k][i];
     }
+    mean = warp_sum(s) / p.cols;
+    float ss = 0.f;
 #pragma unroll
-    for (int i = 0; i < E; ++i) s += v[k][i];
-  }
-  const float mean = warp_sum(s) / p.cols;
-  float ss = 0.f;
+    for (int k = 0; k < K; ++k) {
+      if (k * 32 + lane < chunks) {
 #pragma unroll
-  for (int k = 0; k < K; ++k) {
-    if (k * 32 + lane < chunks) {
-#pragma unroll
-      for (int i = 0; i < E; ++i) {
-        const float d = v[k][i] - mean;
-        ss += d * d;
+        for (int i = 0; i < E; ++i) {
+          const float d = v[k][i] - mean;
+          ss += d * d;
+        }
       }
     }
+    rstd = rsqrtf(warp_sum(ss) / p.cols + p.eps);
   }
-  const float rstd = rsqrtf(warp_sum(ss) / p.cols + p.eps);
+  __syncthreads();
+  if (!live) return;
   V16<T> *y = vrow_mut<T>(p.y, at);
 #pragma unroll
   for (int k = 0; k < K; ++k) {
@@ -167,7 +182,7 @@ template <typename T, int K> __device__ void forward_warp(const LayerNormParams 
 #pragma unroll
       for (int i = 0; i < E; ++i) {
         const int col = c * E + i;
-        out.v[i] = from_f32<T>((v[k][i] - mean) * rstd * __ldg(p.w + col) + __ldg(p.b + col));
+        out.v[i] = from_f32<T>((v[k][i] - mean) * rstd * sw[col] + sb[col]);
       }
       y[c] = out;
     }
