@@ -236,8 +236,6 @@ fn shape_label(
     }
 }
 
-/// Whether cuBLASLt's candidates are timed (`TEMPER_GEMM_TUNE=timed`): the run is then an
-/// ablation, not temper's default.
 /// Whether generation's few-row GEMMs are ours (`TEMPER_DECODE_GEMM=ours`), not cuBLASLt's.
 fn decode_gemm_ours() -> bool {
     #[cfg(feature = "cuda")]
@@ -249,6 +247,8 @@ fn decode_gemm_ours() -> bool {
     false
 }
 
+/// Whether cuBLASLt's candidates are timed (`TEMPER_GEMM_TUNE=timed`): the run is then an
+/// ablation, not temper's default.
 fn gemm_timed() -> bool {
     #[cfg(feature = "cuda")]
     {

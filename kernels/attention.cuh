@@ -109,6 +109,11 @@ static __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
+// A compile-time bool as a value, for a generic lambda compiled once per case.
+template <bool B> struct Flag {
+  static constexpr bool value = B;
+};
+
 // Gemma 2's soft cap on the scores, applied in the log2 domain the kernels score in: a cap c
 // on a score s, c tanh(s / c), is on x = s log2(e) the same map with C = c log2(e), so every
 // kernel caps its x with C = AttnParams::softcap_log2 (0: no cap) before masking. tanh(y) is
@@ -117,11 +122,6 @@ static __device__ __forceinline__ float warp_max(float x) {
 // bound is not needed: x is what the softmax reads. Its slope dx'/dx = 1 - (x' / C)^2 comes
 // from the capped x' (the backward recovers x' from P where it no longer holds it). The
 // reciprocal is the approximate one (__fdividef: 2 ulp, and 0 for an infinite divisor).
-// A compile-time bool as a value, for a generic lambda compiled once per case.
-template <bool B> struct Flag {
-  static constexpr bool value = B;
-};
-
 struct SoftCap {
   float c;    // C, or 0
   float inv;  // 1 / C, or 0

@@ -128,20 +128,18 @@ pub fn linear_bias_epilogue(
     }
 }
 
-/// The rows (a multiple of 8) that `W` would need, padded with zeros, for our GEMM to take
-/// `x W^T` where it does not take `W` as it is only because `W`'s row count `N` is no multiple
-/// of 8 (GPT-2's vocabulary of 50,257; the built-in presets' 258); `None` where it takes `W`
-/// already, or would not either way (off CUDA, f32, the reference chosen).
+/// The rows (a multiple of 8) that `W`, cast to `x`'s dtype and padded with zero rows, would
+/// need for our GEMM to take `x W^T` where it does not take `W` as it is only because `W`'s
+/// row count `N` is no multiple of 8 (GPT-2's vocabulary of 50,257; the built-in presets'
+/// 258); `None` where it takes `W` already, or would not either way (off CUDA, f32, the
+/// reference chosen). Reads `W`'s shape only (`W` may be the f32 master): no cast is made.
 pub fn padded_rows(x: &Tensor, w: &Tensor, choice: KernelChoice) -> Option<usize> {
     if choice != KernelChoice::Custom || !x.device().is_cuda() {
         return None;
     }
     #[cfg(feature = "cuda")]
-    {
-        use super::cuda::gemm::{takes_nt, takes_nt_padded};
-        if takes_nt(x, w).is_none() {
-            return takes_nt_padded(x, w).map(|n| n.next_multiple_of(8));
-        }
+    if let Ok(dims) = w.dims2() {
+        return super::cuda::gemm::pads_nt(x, dims);
     }
     let _ = w;
     None

@@ -145,7 +145,8 @@ pub fn frozen_stack(parts: &[&Tensor], dtype: DType) -> Result<Option<Tensor>> {
 /// built once per [`FrozenWeights`] scope and untracked; `None` outside one. Generation's LM
 /// head at a vocabulary whose rows cuBLASLt is not handed (GPT-2's 50,257): the padded head
 /// is one GEMM of ours, where the head as it is fell to candle's matmul every decode step.
-/// Held beside the cast (which the embedding lookup reads): for GPT-2 77 MB more.
+/// A tied head's cast, which the embedding lookup reads, is kept beside it (for GPT-2 77 MB
+/// more); an untied head's, made here, is not.
 pub fn frozen_padded(w: &Tensor, rows: usize, dtype: DType) -> Result<Option<Tensor>> {
     if !frozen() {
         return Ok(None);
@@ -158,7 +159,14 @@ pub fn frozen_padded(w: &Tensor, rows: usize, dtype: DType) -> Result<Option<Ten
     if rows < n {
         candle_core::bail!("frozen_padded: {rows} rows are fewer than the weight's {n}");
     }
+    // A cast this call makes is dropped once padded: the scope holds an untied head once.
+    // A tied table's cast, which the embedding lookup read first, stays for the lookup.
+    let cast_key = (w.id(), dtype);
+    let kept = FROZEN.with_borrow(|m| m.as_ref().is_some_and(|m| m.contains_key(&cast_key)));
     let padded = weight(w, dtype)?.pad_with_zeros(0, 0, rows - n)?.detach();
+    if !kept {
+        FROZEN.with_borrow_mut(|m| m.as_mut().map(|m| m.remove(&cast_key)));
+    }
     PADDED.with_borrow_mut(|m| m.insert(key, padded.clone()));
     Ok(Some(padded))
 }
@@ -263,6 +271,17 @@ mod tests {
             assert_eq!(rows, want);
             let again = frozen_padded(&w, 8, DType::BF16).unwrap().unwrap();
             assert_eq!(again.id(), p.id(), "built once per scope");
+            // The cast made to pad was not kept; one made before (a tied table's) is.
+            assert!(
+                FROZEN.with_borrow(|m| !m.as_ref().unwrap().contains_key(&(w.id(), DType::BF16)))
+            );
+            let cast = weight(&w, DType::BF16).unwrap();
+            assert!(frozen_padded(&w, 16, DType::BF16).unwrap().is_some());
+            assert_eq!(
+                weight(&w, DType::BF16).unwrap().id(),
+                cast.id(),
+                "a kept cast stays"
+            );
             assert!(
                 frozen_padded(&w, 2, DType::BF16).is_err(),
                 "fewer rows than the weight"

@@ -267,11 +267,12 @@ impl Transformer {
     /// step on the H200, where its 77 MB read takes 19 µs at copy bandwidth).
     pub fn sampling_logits(&self, hidden: &Tensor, gemm: KernelChoice) -> Result<Tensor> {
         let w = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let padded =
-            match crate::kernels::gemm::padded_rows(hidden, &self.head_weight(hidden)?, gemm) {
-                Some(rows) => super::cast::frozen_padded(w, rows, hidden.dtype())?,
-                None => None,
-            };
+        // Asked of the master's shape: a cast made only to ask would be kept beside the padded
+        // copy for the whole call (an untied head's is read nowhere else).
+        let padded = match crate::kernels::gemm::padded_rows(hidden, w, gemm) {
+            Some(rows) => super::cast::frozen_padded(w, rows, hidden.dtype())?,
+            None => None,
+        };
         let Some(padded) = padded else {
             return self.compute_logits(hidden, gemm);
         };

@@ -8,9 +8,11 @@
 //! measured yet (`scripts/gpu-check.sh`, section `bench-generate-decode-gemm`); it becomes the
 //! default where it wins.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr};
+use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{DType, Result, Tensor, WithDType};
 
@@ -176,6 +178,11 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
     if !aligned(xv.device_ptr(&stream).0) || !aligned(wv.device_ptr(&stream).0) {
         return Ok(None);
     }
+    let split = plan.splits > 1;
+    let mut counters = Counters::lock();
+    let Some(count) = counters.at_least(&stream, if split { plan.tiles } else { 0 })? else {
+        return Ok(None);
+    };
     let bias = b.map(|b| b.storage_and_layout());
     let bv = match &bias {
         Some((s, l)) => Some(contiguous_view::<T>(cuda_storage(s)?, l)?),
@@ -184,10 +191,11 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
     // SAFETY: every (row < m, column < n) is written: by its tile's CTA (one slice) or by
     // the tile's last slice.
     let mut y = unsafe { alloc_out::<T>(dev, m * n)? };
-    let split = plan.splits > 1;
     // SAFETY: with slices, each writes its [m, n] partial sums before any is read.
-    let mut part = unsafe { alloc_out::<f32>(dev, if split { plan.splits * m * n } else { 1 })? };
-    let mut count = dev.alloc_zeros::<u32>(if split { plan.tiles } else { 1 })?;
+    let mut part = match split {
+        true => Some(unsafe { alloc_out::<f32>(dev, plan.splits * m * n)? }),
+        false => None,
+    };
     let name = format!("decode_gemm_{}_m{}", T::DTYPE.as_str(), plan.mt);
     let func = load_func(dev, "decode_gemm", &name)?;
     let cfg = LaunchConfig {
@@ -206,8 +214,8 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
             w: ptrs.read(&wv),
             bias: ptrs.read_opt(bv.as_ref()),
             y: ptrs.write(&mut y),
-            part: if split { ptrs.write(&mut part) } else { 0 },
-            count: if split { ptrs.write(&mut count) } else { 0 },
+            part: part.as_mut().map_or(0, |b| ptrs.write(b)),
+            count: if split { ptrs.write(count) } else { 0 },
             m: to_i32(m, "rows")?,
             n: to_i32(n, "columns")?,
             k: to_i32(k, "K")?,
@@ -216,12 +224,52 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
             gelu: i32::from(gelu),
         };
         // SAFETY: x holds m rows of k, W n rows of k (16-byte aligned, checked above), bias n
-        // elements, y m * n, part splits * m * n and count one counter per column tile, zeroed.
+        // elements, y m * n; with slices part splits * m * n and count at least one zeroed
+        // counter per column tile (each launch's last slices leave them zeroed).
         unsafe { launch(dev, &func, &name, cfg, &p) }?;
     }
     let mut dims = x.dims().to_vec();
     *dims.last_mut().expect("rank >= 2") = n;
     Ok(Some(tensor_from_slice(y, dev, dims)))
+}
+
+/// The slice counters of each stream: zeroed once, and left zeroed by every launch (the last
+/// slice of a tile resets its counter), so a decode step's GEMMs add no memset each (48 for
+/// GPT-2 small, in its CUDA graph too). Grown only outside a graph capture: the eager step
+/// before a capture runs the same GEMMs first, and a capture that would need more counters
+/// leaves the GEMM to cuBLASLt.
+struct Counters(HashMap<usize, (Arc<CudaStream>, CudaSlice<u32>)>);
+
+impl Counters {
+    fn lock() -> std::sync::MutexGuard<'static, Counters> {
+        static ALL: OnceLock<Mutex<Counters>> = OnceLock::new();
+        ALL.get_or_init(|| Mutex::new(Counters(HashMap::new())))
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// At least `n` zeroed counters on `stream` (`n` 0: none needed, a spare one handed out);
+    /// `None` where they would have to grow inside a capture.
+    fn at_least(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        n: usize,
+    ) -> Result<Option<&mut CudaSlice<u32>>> {
+        let key = Arc::as_ptr(stream) as usize;
+        let have = self.0.get(&key).map_or(0, |(_, c)| c.len());
+        if have < n.max(1) {
+            let capturing = stream.capture_status().map_err(candle_core::Error::wrap)?
+                != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+            if capturing {
+                return Ok(None);
+            }
+            let fresh = stream
+                .alloc_zeros::<u32>(n.max(64))
+                .map_err(candle_core::Error::wrap)?;
+            self.0.insert(key, (stream.clone(), fresh));
+        }
+        Ok(self.0.get_mut(&key).map(|(_, c)| c))
+    }
 }
 
 #[cfg(test)]

@@ -105,10 +105,15 @@ pub fn prepared(t: &Tensor) -> Result<Tensor> {
 /// Whether cuBLASLt serves `a` and `b`, whose last dimensions the GEMM contracts or writes as
 /// rows (`k`, `n`; `inner` pairs the two sizes that must agree): both bf16 or both f16, the
 /// inner sizes equal, and every row a non-empty multiple of 16 bytes.
-fn takes(a: &Tensor, b: &Tensor, inner: (usize, usize), (k, n): (usize, usize)) -> bool {
-    let half = matches!(a.dtype(), DType::BF16 | DType::F16);
+fn takes(a: &Tensor, b: &Tensor, inner: (usize, usize), kn: (usize, usize)) -> bool {
+    b.dtype() == a.dtype() && fits(a.dtype(), inner, kn)
+}
+
+/// [`takes`] for operands both in `dtype`.
+fn fits(dtype: DType, inner: (usize, usize), (k, n): (usize, usize)) -> bool {
+    let half = matches!(dtype, DType::BF16 | DType::F16);
     let rows_fit = k > 0 && n > 0 && k % 8 == 0 && n % 8 == 0;
-    half && b.dtype() == a.dtype() && inner.0 == inner.1 && rows_fit
+    half && inner.0 == inner.1 && rows_fit
 }
 
 /// `N` where cuBLASLt takes the forward form `x W^T` (`x [..., K]` of at least two dimensions,
@@ -129,6 +134,15 @@ pub(crate) fn takes_nt_padded(x: &Tensor, w: &Tensor) -> Option<usize> {
         return None;
     };
     (x.rank() >= 2 && takes(x, w, (k, kw), (k, n.next_multiple_of(8)))).then_some(n)
+}
+
+/// The rows (a multiple of 8) that a weight of `n` rows of `k`, cast to `x`'s dtype, needs for
+/// cuBLASLt to take `x W^T` where it does not take it as it is only because `n` is no multiple
+/// of 8; `None` otherwise. Only the weight's shape is read: no cast is made to ask.
+pub(crate) fn pads_nt(x: &Tensor, (n, kw): (usize, usize)) -> Option<usize> {
+    let &k = x.dims().last()?;
+    let to = n.next_multiple_of(8);
+    (x.rank() >= 2 && to != n && fits(x.dtype(), (k, kw), (k, to))).then_some(to)
 }
 
 /// `x W^T` through cuBLASLt for `x [..., K]` (any number of leading dimensions, taken as the
