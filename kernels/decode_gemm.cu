@@ -55,9 +55,13 @@ constexpr int kCols = 32;         // output columns per CTA
 constexpr int kNB = kCols / 8;    // n8 blocks per CTA
 constexpr int kUnroll = 2;        // chunks a warp loads before its first mma
 
+// 16 bytes at byte `at` of `base`, or zeros where not `valid`. The load itself is
+// unconditional (an invalid one reads the first 16 bytes, which every operand has), so that
+// no branch splits a chunk's loads from one another: they issue back to back.
 static __device__ __forceinline__ uint4 load16(const void *base, size_t at, bool valid) {
-  if (!valid) return make_uint4(0u, 0u, 0u, 0u);
-  return *reinterpret_cast<const uint4 *>(static_cast<const unsigned char *>(base) + at);
+  const uint4 raw =
+      *reinterpret_cast<const uint4 *>(static_cast<const unsigned char *>(base) + (valid ? at : 0));
+  return valid ? raw : make_uint4(0u, 0u, 0u, 0u);
 }
 
 // The sum for (row, col) of the tile's columns, biased, activated and rounded into y.
