@@ -173,3 +173,44 @@ fn row_stride(l: &candle_core::Layout) -> Option<usize> {
         _ => (ld >= v).then_some(ld),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::row_stride;
+
+    /// Rows read in place: contiguous logits and a narrowed view of wider rows (generation's
+    /// padded LM head); copied first: overlapping, transposed or broadcast rows.
+    #[test]
+    fn rows_a_stride_apart_are_read_in_place_and_nothing_else() {
+        let dev = Device::Cpu;
+        let wide = Tensor::zeros((5, 264), DType::BF16, &dev).unwrap();
+        assert_eq!(row_stride(wide.layout()), Some(264));
+        let narrowed = wide.narrow(1, 0, 258).unwrap();
+        assert_eq!(row_stride(narrowed.layout()), Some(264));
+        // A view that starts past the first column keeps the stride; the launcher adds the
+        // offset.
+        assert_eq!(
+            row_stride(wide.narrow(1, 6, 258).unwrap().layout()),
+            Some(264)
+        );
+        let one = Tensor::zeros((1, 1, 264), DType::BF16, &dev).unwrap();
+        let squeezed = one.narrow(2, 0, 257).unwrap().squeeze(1).unwrap();
+        assert_eq!(row_stride(squeezed.layout()), Some(257));
+        let transposed = Tensor::zeros((258, 5), DType::BF16, &dev)
+            .unwrap()
+            .t()
+            .unwrap();
+        assert_eq!(row_stride(transposed.layout()), None);
+        let broadcast = Tensor::zeros(258, DType::BF16, &dev)
+            .unwrap()
+            .broadcast_as((5, 258))
+            .unwrap();
+        assert_eq!(row_stride(broadcast.layout()), None);
+        assert_eq!(
+            row_stride(Tensor::zeros(7, DType::BF16, &dev).unwrap().layout()),
+            None
+        );
+    }
+}
