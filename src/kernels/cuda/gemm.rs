@@ -126,19 +126,11 @@ pub(crate) fn takes_nt(x: &Tensor, w: &Tensor) -> Option<usize> {
     (x.rank() >= 2 && takes(x, w, (k, kw), (k, n))).then_some(n)
 }
 
-/// `N` where cuBLASLt would take `x W^T` once `W` has zero rows appended up to a multiple of 8
-/// (its output rows then a multiple of 16 bytes): [`takes_nt`] but for `N`'s alignment. For
-/// the loss head, whose logits live inside its own op (GPT-2's vocabulary of 50,257).
-pub(crate) fn takes_nt_padded(x: &Tensor, w: &Tensor) -> Option<usize> {
-    let (Some(&k), Ok((n, kw))) = (x.dims().last(), w.dims2()) else {
-        return None;
-    };
-    (x.rank() >= 2 && takes(x, w, (k, kw), (k, n.next_multiple_of(8)))).then_some(n)
-}
-
 /// The rows (a multiple of 8) that a weight of `n` rows of `k`, cast to `x`'s dtype, needs for
 /// cuBLASLt to take `x W^T` where it does not take it as it is only because `n` is no multiple
-/// of 8; `None` otherwise. Only the weight's shape is read: no cast is made to ask.
+/// of 8 (its output rows then a multiple of 16 bytes; GPT-2's vocabulary of 50,257); `None`
+/// otherwise. Only the weight's shape is read: no cast is made to ask. The loss head, whose
+/// logits live inside its own op, and generation's LM head pad by it.
 pub(crate) fn pads_nt(x: &Tensor, (n, kw): (usize, usize)) -> Option<usize> {
     let &k = x.dims().last()?;
     let to = n.next_multiple_of(8);
@@ -601,7 +593,7 @@ fn rows_cols(l: &Layout) -> Result<(usize, usize)> {
 mod tests {
     use candle_core::{DType, Device, Tensor};
 
-    use super::{takes_nt, takes_nt_padded};
+    use super::{pads_nt, takes_nt};
 
     fn t(dims: &[usize], dtype: DType) -> Tensor {
         Tensor::zeros(dims, dtype, &Device::Cpu).unwrap()
@@ -616,15 +608,16 @@ mod tests {
         for n in [259, 50257] {
             let w = t(&[n, 64], DType::BF16);
             assert_eq!(takes_nt(&x, &w), None, "{n}");
-            assert_eq!(takes_nt_padded(&x, &w), Some(n), "{n}");
+            assert_eq!(pads_nt(&x, (n, 64)), Some(n.next_multiple_of(8)), "{n}");
         }
+        // Taken as it is: nothing to pad.
         let w = t(&[264, 64], DType::BF16);
         assert_eq!(takes_nt(&x, &w), Some(264));
-        assert_eq!(takes_nt_padded(&x, &w), Some(264));
-        let odd_k = (t(&[2, 3, 60], DType::BF16), t(&[259, 60], DType::BF16));
-        assert_eq!(takes_nt_padded(&odd_k.0, &odd_k.1), None);
-        let f32s = (t(&[2, 64], DType::F32), t(&[259, 64], DType::F32));
-        assert_eq!(takes_nt_padded(&f32s.0, &f32s.1), None);
-        assert_eq!(takes_nt_padded(&t(&[64], DType::BF16), &w), None);
+        assert_eq!(pads_nt(&x, (264, 64)), None);
+        let odd_k = t(&[2, 3, 60], DType::BF16);
+        assert_eq!(pads_nt(&odd_k, (259, 60)), None);
+        assert_eq!(pads_nt(&x, (259, 60)), None, "inner sizes differ");
+        assert_eq!(pads_nt(&t(&[2, 64], DType::F32), (259, 64)), None);
+        assert_eq!(pads_nt(&t(&[64], DType::BF16), (259, 64)), None);
     }
 }

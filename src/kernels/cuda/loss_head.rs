@@ -70,10 +70,15 @@ fn head(
 ) -> Result<Option<Tensor>> {
     let pad = match gemm::takes_nt(hidden, w) {
         Some(_) => None,
-        None => match gemm::takes_nt_padded(hidden, w) {
-            Some(n) if shaping.cap().is_none() => Some(n.next_multiple_of(8)),
-            _ => return Ok(None),
-        },
+        None => {
+            // A cap would turn the padded logits' -inf into -cap: capped heads keep the reference.
+            let padding = w.dtype() == hidden.dtype() && shaping.cap().is_none();
+            let dims = w.dims2().ok().filter(|_| padding);
+            let Some(to) = dims.and_then(|d| gemm::pads_nt(hidden, d)) else {
+                return Ok(None);
+            };
+            Some(to)
+        }
     };
     if targets.dims() != &hidden.dims()[..hidden.rank() - 1] {
         candle_core::bail!(
