@@ -127,9 +127,12 @@ pub fn for_generation(
     b: Option<&Tensor>,
     gelu: bool,
 ) -> Result<Option<Tensor>> {
-    let untracked = crate::tape::untracked(&[x, w]) && b.is_none_or(|b| !b.track_op());
+    // Every GEMM of training passes here: the switch first, the operands only when asked.
     let asked = DecodeGemm::from_env() == DecodeGemm::Ours && crate::model::cast::frozen();
-    if !asked || !untracked || crate::tape::recording() {
+    if !asked || crate::tape::recording() {
+        return Ok(None);
+    }
+    if !crate::tape::untracked(&[x, w]) || b.is_some_and(|b| b.track_op()) {
         return Ok(None);
     }
     decode_gemm(x, w, b, gelu)
