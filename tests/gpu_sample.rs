@@ -110,6 +110,40 @@ mod gpu {
         }
     }
 
+    /// The kernel's draws from `on_device` (the logits of `cpu`, `[B, V]` on the host, as the
+    /// kernel is handed them) against the reference's from `cpu`, row `i` keyed by `rows[i]`:
+    /// every id below `V`, and each row the reference's or a difference [`agrees`] explains.
+    fn draws_agree(
+        what: &str,
+        (cpu, on_device): (&Tensor, &Tensor),
+        rows: &[u64],
+        (draw_seed, pos): (u64, u64),
+        p: &SampleParams,
+    ) {
+        let (b, v) = cpu.dims2().unwrap();
+        let keys = keys_tensor(draw_seed, rows, &Device::Cpu).unwrap();
+        let want = sample_reference(cpu, &keys, pos, None, p)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        let keys = keys.to_device(on_device.device()).unwrap();
+        let got = sample(on_device, &keys, pos, p, KernelChoice::Custom)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        let logits = cpu
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap();
+        for i in 0..b {
+            let ctx = format!("{what}, row {i}");
+            assert!((got[i] as usize) < v, "{ctx}: id {} out of range", got[i]);
+            let u = uniform(row_key(draw_seed, rows[i]), pos);
+            agrees(&ctx, &logits[i * v..(i + 1) * v], p, u, (got[i], want[i]));
+        }
+    }
+
     pub fn sample_kernel_matches_reference(dev: &Device) {
         let (mut rng, seed) = Rng::fresh(0x5A3);
         let settings = [
@@ -129,37 +163,10 @@ mod gpu {
                     let cpu = Tensor::from_vec(raw, (b, v), &Device::Cpu)
                         .and_then(|t| t.to_dtype(dtype))
                         .unwrap();
-                    let logits = cpu
-                        .to_dtype(DType::F32)
-                        .and_then(|t| t.flatten_all())
-                        .and_then(|t| t.to_vec1::<f32>())
-                        .unwrap();
                     let rows: Vec<u64> = (0..b as u64).map(|r| r * 7 + 3).collect();
-                    let draw_seed = rng.next();
-                    let pos = rng.below(1000) as u64;
-                    let keys = keys_tensor(draw_seed, &rows, &Device::Cpu).unwrap();
-                    let want = sample_reference(&cpu, &keys, pos, None, p)
-                        .unwrap()
-                        .to_vec1::<u32>()
-                        .unwrap();
-                    let got = sample(
-                        &cpu.to_device(dev).unwrap(),
-                        &keys.to_device(dev).unwrap(),
-                        pos,
-                        p,
-                        KernelChoice::Custom,
-                    )
-                    .unwrap()
-                    .to_vec1::<u32>()
-                    .unwrap();
-                    for i in 0..b {
-                        let ctx =
-                            format!("seed {seed:#x}, {dtype:?}, B {b}, V {v}, {p:?}, row {i}");
-                        assert!((got[i] as usize) < v, "{ctx}: id {} out of range", got[i]);
-                        let row = &logits[i * v..(i + 1) * v];
-                        let u = uniform(row_key(draw_seed, rows[i]), pos);
-                        agrees(&ctx, row, p, u, (got[i], want[i]));
-                    }
+                    let draw = (rng.next(), rng.below(1000) as u64);
+                    let what = format!("seed {seed:#x}, {dtype:?}, B {b}, V {v}, {p:?}");
+                    draws_agree(&what, (&cpu, &cpu.to_device(dev).unwrap()), &rows, draw, p);
                 }
             }
         }
@@ -193,39 +200,9 @@ mod gpu {
                         .unwrap();
                     assert_eq!(logits.stride()[0], ld);
                     let rows: Vec<u64> = (0..b as u64).collect();
-                    let (draw_seed, pos) = (rng.next(), rng.below(1000) as u64);
-                    let keys = keys_tensor(draw_seed, &rows, &Device::Cpu).unwrap();
-                    let want = sample_reference(&cpu, &keys, pos, None, p)
-                        .unwrap()
-                        .to_vec1::<u32>()
-                        .unwrap();
-                    let got = sample(
-                        &logits,
-                        &keys.to_device(dev).unwrap(),
-                        pos,
-                        p,
-                        KernelChoice::Custom,
-                    )
-                    .unwrap()
-                    .to_vec1::<u32>()
-                    .unwrap();
-                    let exact = cpu
-                        .to_dtype(DType::F32)
-                        .and_then(|t| t.flatten_all())
-                        .and_then(|t| t.to_vec1::<f32>())
-                        .unwrap();
-                    for i in 0..b {
-                        let ctx = format!(
-                            "seed {seed:#x}, {dtype:?}, B {b}, V {v}, ld {ld}, {p:?}, row {i}"
-                        );
-                        assert!(
-                            (got[i] as usize) < v,
-                            "{ctx}: id {} read the padding",
-                            got[i]
-                        );
-                        let u = uniform(row_key(draw_seed, rows[i]), pos);
-                        agrees(&ctx, &exact[i * v..(i + 1) * v], p, u, (got[i], want[i]));
-                    }
+                    let draw = (rng.next(), rng.below(1000) as u64);
+                    let what = format!("seed {seed:#x}, {dtype:?}, B {b}, V {v}, ld {ld}, {p:?}");
+                    draws_agree(&what, (&cpu, &logits), &rows, draw, p);
                 }
             }
         }
