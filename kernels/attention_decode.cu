@@ -57,6 +57,13 @@ constexpr int kDecodeThreads = 32 * kDecodeWarps;
 // their registers under the launch bound: two there.
 template <int R> constexpr int kDecodeKeysPerPass = R == 1 ? 4 : 2;
 
+// Blocks per multiprocessor the launch bound asks for. A decode step is one wave of blocks, each
+// a few dependent passes over its keys, so a grid one block over what fits runs a second wave
+// at the first one's latency for a sliver of the work: GPT-2's 64 x 12 blocks at 88 registers
+// (5 blocks per SM, 660 on an H200) left 108 for a second wave. At R = 1 six blocks fit in 80
+// registers without spilling (ptxas, sm_80 and sm_90); four rows need their 128.
+template <int R> constexpr int kDecodeMinBlocks = R == 1 ? 6 : 4;
+
 // 8 values of T (16 bytes, as loaded) as f32.
 template <typename T>
 static __device__ __forceinline__ void unpack8(const uint4 &raw, float (&out)[8]) {
@@ -418,11 +425,11 @@ COMBINE_ENTRY(__half, f16)
 
 // Entry points: attn_decode_<dtype>_h<D>_r<R>, attn_decode_fresh_<dtype>_h<D>_r<R>.
 #define DECODE_ENTRY(T, SUF, D, R)                                                            \
-  extern "C" __global__ void __launch_bounds__(kDecodeThreads, 4)                             \
+  extern "C" __global__ void __launch_bounds__(kDecodeThreads, kDecodeMinBlocks<R>)          \
       attn_decode_##SUF##_h##D##_r##R(const AttnParams p) {                                   \
     decode<T, D, R, false>(p);                                                                \
   }                                                                                           \
-  extern "C" __global__ void __launch_bounds__(kDecodeThreads, 4)                             \
+  extern "C" __global__ void __launch_bounds__(kDecodeThreads, kDecodeMinBlocks<R>)          \
       attn_decode_fresh_##SUF##_h##D##_r##R(const AttnParams p) {                             \
     decode<T, D, R, true>(p);                                                                 \
   }

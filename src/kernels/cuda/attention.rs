@@ -544,6 +544,8 @@ impl KernelParams for AttnParams {
 const PREP: &str = "attention_prep";
 const FWD: &str = "attention_fwd";
 const DECODE: &str = "attention_decode";
+/// `kDecodeThreads` of kernels/attention_decode.cu.
+const DECODE_THREADS: u32 = 128;
 const BWD: &str = "attention_bwd";
 
 /// One warp per row, 8 rows per 256-thread block.
@@ -946,11 +948,33 @@ fn decode_splits(dev: &CudaDevice, dims: &Dims, window: i32) -> Result<usize> {
     })
 }
 
+/// Key slices for a decode launch of `base` blocks (one per batch row and kv head), of which the
+/// GPU holds `fit` at once, over `keys` keys: the count, up to 64 slices of at least 256 keys,
+/// that finishes first under a wave model. A decode block is a few dependent passes over its
+/// keys, so it takes about as long alone as beside the others that fit; a grid runs in
+/// ceil(blocks / fit) waves, each as long as one block's stream of keys / slices plus its fixed
+/// part (q, the merges, the partial row), and any split adds the combine's launch. One block
+/// past a wave costs a whole wave: GPT-2's 768 blocks against 660 that fit took two.
+fn decode_wave_splits(base: usize, fit: usize, keys: usize) -> usize {
+    // In units of one unsplit block's stream; rough, but the wave count dominates the choice.
+    const FIXED: f64 = 0.05;
+    const COMBINE: f64 = 0.1;
+    let (base, fit) = (base.max(1), fit.max(1));
+    let most = keys.div_ceil(256).clamp(1, 64);
+    let cost = |s: usize| {
+        let waves = (base * s).div_ceil(fit) as f64;
+        waves * (1.0 / s as f64 + FIXED) + if s > 1 { COMBINE } else { 0.0 }
+    };
+    // The first of equal costs: the fewest slices.
+    (1..=most)
+        .min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
+        .unwrap_or(1)
+}
+
 /// `attn_decode_*` (`kernels/attention_decode.cu`; `attn_decode_fresh_*` with `fresh`, for
-/// [`decode_fresh`]): one block of 4 warps per (batch, kv head), split over the keys (up to 64
-/// splits of at least 256 keys of the view) until there are four blocks per multiprocessor,
-/// the splits merged by `attn_combine_*`. A split's fixed costs (q, the merge, its partial
-/// row, the combine) outweigh fewer keys.
+/// [`decode_fresh`]): one block of 4 warps per (batch, kv head), split over the keys as
+/// [`decode_wave_splits`] chooses from the kernel's occupancy, the splits merged by
+/// `attn_combine_*`.
 fn launch_decode(
     dev: &CudaDevice,
     dt: DType,
@@ -967,17 +991,14 @@ fn launch_decode(
     let name = format!("{kernel}_{}_h{}_r{r}", dt.as_str(), dims.d);
     let func = load_func(dev, DECODE, &name)?;
     let base = dims.b * dims.hkv;
-    let target = 4 * sm_count(dev)? as usize;
-    let nsplit = match base < target {
-        true => target
-            .div_ceil(base)
-            .min(dims.keys_seen(p.window).div_ceil(256))
-            .clamp(1, 64),
-        false => 1,
-    };
+    let per_sm = func
+        .occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, 0, None)
+        .w()?;
+    let fit = per_sm as usize * sm_count(dev)? as usize;
+    let nsplit = decode_wave_splits(base, fit, dims.keys_seen(p.window));
     let cfg = LaunchConfig {
         grid_dim: (base as u32, 1, nsplit as u32),
-        block_dim: (128, 1, 1),
+        block_dim: (DECODE_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
     if nsplit == 1 {
@@ -1355,6 +1376,27 @@ impl CustomOp3 for FlashAttn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_splits_keep_the_grid_to_whole_waves() {
+        // GPT-2's bench step on an H200: 64 x 12 blocks, 6 a multiprocessor fit (792): one
+        // wave, unsplit. At 5 a multiprocessor (660), 2 x 768 blocks of half the keys each run
+        // in three waves of half a block's time, better than a wave and a sliver of whole ones.
+        assert_eq!(decode_wave_splits(768, 792, 384), 1);
+        assert_eq!(decode_wave_splits(768, 660, 384), 2);
+        // Half the batch: two slices still fit one wave, three would spill into a second.
+        assert_eq!(decode_wave_splits(384, 792, 384), 2);
+        // One sequence of 12 heads over 4096 keys: as many slices as 256-key slices allow.
+        assert_eq!(decode_wave_splits(12, 792, 4096), 16);
+        // Few keys: never a slice of fewer than 256.
+        assert_eq!(decode_wave_splits(12, 792, 256), 1);
+        assert_eq!(decode_wave_splits(12, 792, 257), 2);
+        // A grid many waves deep gains nothing from slicing.
+        assert_eq!(decode_wave_splits(8 * 792, 792, 4096), 1);
+        // Degenerate occupancy answers still give a launchable count.
+        assert_eq!(decode_wave_splits(0, 0, 0), 1);
+        assert!((1..=64).contains(&decode_wave_splits(1, 1, 1 << 20)));
+    }
 
     #[test]
     fn shared_memory_plans_fit_an_sm80_block() {
