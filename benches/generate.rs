@@ -201,13 +201,7 @@ fn main() -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "bench": "generate", "impl": match (decode, gemm_timed(), decode_gemm_ours()) {
-                (DecodeMode::Graph, _, true) => "ours-decode-gemm",
-                (DecodeMode::Graph, false, false) => "temper",
-                (DecodeMode::Graph, true, false) => "ours-gemm-timed",
-                (DecodeMode::Fixed, ..) => "ours-fixed-shapes",
-                (DecodeMode::Dynamic, ..) => "ours-dynamic-shapes",
-            }, "shape": shape_label(if dev.is_cuda() { &model } else { "tiny" }, (b, l, n), group, penalty),
+            "bench": "generate", "impl": impl_label(decode), "shape": shape_label(if dev.is_cuda() { &model } else { "tiny" }, (b, l, n), group, penalty),
             "tokens_per_s": tokens_per_s, "ms_total": total * 1e3, "ms_prefill": prefill * 1e3,
             "ms_decode_step": step * 1e3, "ms_floor_step": floor_step * 1e3,
             "floor_tokens_per_s": b as f64 / floor_step,
@@ -236,12 +230,45 @@ fn shape_label(
     }
 }
 
+/// The run's name in the results: `temper` for the default, else `ours-` and what differs.
+fn impl_label(decode: DecodeMode) -> String {
+    match decode {
+        DecodeMode::Fixed => "ours-fixed-shapes".into(),
+        DecodeMode::Dynamic => "ours-dynamic-shapes".into(),
+        DecodeMode::Graph => {
+            let switched: Vec<&str> = [
+                (decode_gemm_ours(), "decode-gemm"),
+                (gemm_timed(), "gemm-timed"),
+                (pdl_on(), "pdl"),
+            ]
+            .into_iter()
+            .filter_map(|(on, tag)| on.then_some(tag))
+            .collect();
+            match switched.is_empty() {
+                true => "temper".into(),
+                false => format!("ours-{}", switched.join("-")),
+            }
+        }
+    }
+}
+
+/// Whether our decode step's kernels launch programmatically (`TEMPER_PDL=on`).
+fn pdl_on() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        use temper::kernels::cuda::pdl::Pdl;
+        Pdl::current().is_ok_and(|p| p == Pdl::On)
+    }
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
 /// Whether generation's few-row GEMMs are ours (`TEMPER_DECODE_GEMM=ours`), not cuBLASLt's.
 fn decode_gemm_ours() -> bool {
     #[cfg(feature = "cuda")]
     {
         use temper::kernels::cuda::decode_gemm::DecodeGemm;
-        DecodeGemm::from_env() == DecodeGemm::Ours
+        DecodeGemm::current() == DecodeGemm::Ours
     }
     #[cfg(not(feature = "cuda"))]
     false

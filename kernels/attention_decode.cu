@@ -416,6 +416,7 @@ using namespace temper::attn;
 // ---------------------------------------------------------------------------------------
 #define COMBINE_ENTRY(T, SUF)                                                                 \
   extern "C" __global__ void attn_combine_##SUF(const AttnParams p) {                         \
+    temper::pdl_enter();                                                                      \
     combine<T>(p.opart, p.lsepart, static_cast<T *>(p.o), p.lse, p.nrows, p.d, p.nsplit);     \
   }
 
@@ -427,10 +428,12 @@ COMBINE_ENTRY(__half, f16)
 #define DECODE_ENTRY(T, SUF, D, R)                                                            \
   extern "C" __global__ void __launch_bounds__(kDecodeThreads, kDecodeMinBlocks<R>)          \
       attn_decode_##SUF##_h##D##_r##R(const AttnParams p) {                                   \
+    temper::pdl_enter();                                                                      \
     decode<T, D, R, false>(p);                                                                \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(kDecodeThreads, kDecodeMinBlocks<R>)          \
       attn_decode_fresh_##SUF##_h##D##_r##R(const AttnParams p) {                             \
+    temper::pdl_enter();                                                                      \
     decode<T, D, R, true>(p);                                                                 \
   }
 

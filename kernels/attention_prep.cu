@@ -21,6 +21,7 @@ namespace attn {
 // Kernel
 // ---------------------------------------------------------------------------------------
 extern "C" __global__ void attn_key_range(const AttnParams p) {
+  temper::pdl_enter();
   const float *__restrict__ kvalid = p.kvalid;
   int *__restrict__ out = p.krange;
   const int Tk = p.tk;

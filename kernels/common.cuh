@@ -66,4 +66,21 @@ template <typename F> static __device__ __forceinline__ F block_sum(F x, F *scra
   return warp_sum(total);
 }
 
+// Programmatic dependent launch (sm_90 and later). With TEMPER_PDL=on the files listed in
+// PDL_STEMS (src/kernels/cuda/pdl.rs) are launched so that the kernel may start before the one
+// ahead of it on the stream has finished: it must not read what that kernel writes, nor write
+// anything, before `pdl_enter`, which waits until the kernel ahead has finished and its writes
+// are visible, then lets the kernel behind start in turn. Every entry point of those files calls
+// it first (checked by the tests of src/kernels/cuda/pdl.rs); only reads of what no kernel of the step writes (a weight)
+// may come before it. Without such a launch both instructions return at once, and before
+// sm_90 they are not compiled. Each kernel lets the next start only after its own wait, so a
+// kernel that starts early overlaps at most the one just ahead of it: what any earlier kernel
+// wrote is complete when it starts.
+static __device__ __forceinline__ void pdl_enter() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 }  // namespace temper

@@ -64,6 +64,25 @@ static __device__ __forceinline__ uint4 load16(const void *base, size_t at, bool
   return valid ? raw : make_uint4(0u, 0u, 0u, 0u);
 }
 
+// The CTA's slice of W into L2, one row of it a thread (sm_90's bulk prefetch; nothing before).
+// W is a weight, which no kernel of a decode step writes, so this runs before `pdl_enter`:
+// launched early (TEMPER_PDL), the CTA fetches its weights while the kernel ahead of it still
+// runs, and its loads after the wait find them in L2. Rows are 16-byte aligned and the slice
+// ends at a 32-wide chunk or at K, a multiple of 8: whole 16-byte units, as the prefetch needs.
+template <typename T>
+static __device__ __forceinline__ void prefetch_w(const DecodeGemmParams &p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const int n = blockIdx.x * kCols + threadIdx.x;
+  const int k0 = blockIdx.y * p.chunks * 32;
+  const int k1 = min(p.k, k0 + p.chunks * 32);
+  if (threadIdx.x < kCols && n < p.n && k0 < k1) {
+    const T *row = static_cast<const T *>(p.w) + (size_t)n * p.k + k0;
+    const unsigned bytes = (unsigned)(k1 - k0) * (unsigned)sizeof(T);
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(row), "r"(bytes) : "memory");
+  }
+#endif
+}
+
 // The sum for (row, col) of the tile's columns, biased, activated and rounded into y.
 template <typename T>
 static __device__ __forceinline__ void emit(const DecodeGemmParams &p, int row, int col,
@@ -177,6 +196,8 @@ template <typename T, int MT> static __device__ void run(const DecodeGemmParams 
 #define DECODE_GEMM_ENTRY(T, SUFFIX, MT)                                                      \
   extern "C" __global__ void __launch_bounds__(temper::decode_gemm::kThreads)                 \
       decode_gemm_##SUFFIX##_m##MT(const DecodeGemmParams p) {                                 \
+    temper::decode_gemm::prefetch_w<T>(p);                                                     \
+    temper::pdl_enter();                                                                       \
     temper::decode_gemm::run<T, MT>(p);                                                       \
   }
 

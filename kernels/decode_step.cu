@@ -123,14 +123,30 @@ template <typename T> __device__ void qkv_write(const DecodeParams &p) {
 
 }  // namespace
 
-extern "C" __global__ void kv_write_b2(const DecodeParams p) { kv_write<unsigned short>(p); }
-extern "C" __global__ void kv_write_b4(const DecodeParams p) { kv_write<unsigned int>(p); }
+extern "C" __global__ void kv_write_b2(const DecodeParams p) {
+  temper::pdl_enter();
+  kv_write<unsigned short>(p);
+}
+extern "C" __global__ void kv_write_b4(const DecodeParams p) {
+  temper::pdl_enter();
+  kv_write<unsigned int>(p);
+}
 
-extern "C" __global__ void qkv_write_f32(const DecodeParams p) { qkv_write<float>(p); }
-extern "C" __global__ void qkv_write_bf16(const DecodeParams p) { qkv_write<__nv_bfloat16>(p); }
-extern "C" __global__ void qkv_write_f16(const DecodeParams p) { qkv_write<__half>(p); }
+extern "C" __global__ void qkv_write_f32(const DecodeParams p) {
+  temper::pdl_enter();
+  qkv_write<float>(p);
+}
+extern "C" __global__ void qkv_write_bf16(const DecodeParams p) {
+  temper::pdl_enter();
+  qkv_write<__nv_bfloat16>(p);
+}
+extern "C" __global__ void qkv_write_f16(const DecodeParams p) {
+  temper::pdl_enter();
+  qkv_write<__half>(p);
+}
 
 extern "C" __global__ void advance_step(const DecodeParams p) {
+  temper::pdl_enter();
   long long *step = const_cast<long long *>(p.step);
   const long long next = step[0] + 1;  // the position the next step writes
   __syncthreads();                     // every thread has read L before thread 0 moves it

@@ -79,10 +79,12 @@ template <typename T> __device__ void init(const EmbeddingParams &p) {
 #define EMBEDDING_FWD(TAB, TT, OUT, T)                                                    \
   extern "C" __global__ void __launch_bounds__(kThreads)                                  \
       embedding_fwd_##TAB##_##OUT(const EmbeddingParams p) {                              \
+    temper::pdl_enter();                                                                  \
     forward<TT, T>(p);                                                                    \
   }                                                                                       \
   extern "C" __global__ void __launch_bounds__(kThreads)                                  \
       embedding_fwd2_##TAB##_##OUT(const EmbeddingParams p) {                             \
+    temper::pdl_enter();                                                                  \
     forward2<TT, T>(p);                                                                   \
   }
 
@@ -92,10 +94,12 @@ template <typename T> __device__ void init(const EmbeddingParams &p) {
   EMBEDDING_FWD(f16, __half, SUFFIX, T)                                                   \
   extern "C" __global__ void __launch_bounds__(kThreads)                                  \
       embedding_bwd_##SUFFIX(const EmbeddingParams p) {                                   \
+    temper::pdl_enter();                                                                  \
     backward<T>(p);                                                                       \
   }                                                                                       \
   extern "C" __global__ void __launch_bounds__(kThreads)                                  \
       embedding_init_##SUFFIX(const EmbeddingParams p) {                                  \
+    temper::pdl_enter();                                                                  \
     init<T>(p);                                                                           \
   }
 

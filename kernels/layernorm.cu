@@ -284,6 +284,7 @@ template <typename T, int K> __device__ void backward_warp(const LayerNormParams
 // groups w, w + 8, ... in order, then the 8 warp sums in warp order: the same on every run.
 extern "C" __global__ void __launch_bounds__(kThreads)
     layernorm_dwdb_reduce(const LayerNormParams p) {
+  temper::pdl_enter();
   __shared__ float sw[kWarps][32], sb[kWarps][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int c = blockIdx.x * 32 + lane;
@@ -314,10 +315,12 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 #define LAYERNORM_ENTRY(SUFFIX, T)                                                        \
   extern "C" __global__ void __launch_bounds__(kThreads)                                  \
       layernorm_fwd_##SUFFIX(const LayerNormParams p) {                                   \
+    temper::pdl_enter();                                                                  \
     forward<T>(p);                                                                        \
   }                                                                                       \
   extern "C" __global__ void __launch_bounds__(kThreads)                                  \
       layernorm_bwd_##SUFFIX(const LayerNormParams p) {                                   \
+    temper::pdl_enter();                                                                  \
     backward<T>(p);                                                                       \
   }
 
@@ -329,10 +332,12 @@ LAYERNORM_ENTRY(f16, __half)
 #define LAYERNORM_WARP(SUFFIX, T, K)                                                      \
   extern "C" __global__ void __launch_bounds__(kThreads)                                  \
       layernorm_fwd_##SUFFIX##_k##K(const LayerNormParams p) {                            \
+    temper::pdl_enter();                                                                  \
     forward_warp<T, K>(p);                                                                \
   }                                                                                       \
   extern "C" __global__ void __launch_bounds__(kBwdThreads)                               \
       layernorm_bwd_##SUFFIX##_k##K(const LayerNormParams p) {                            \
+    temper::pdl_enter();                                                                  \
     backward_warp<T, K>(p);                                                               \
   }
 #define LAYERNORM_WARPS(SUFFIX, T)                                                        \

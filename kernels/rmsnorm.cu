@@ -308,12 +308,14 @@ __device__ __forceinline__ void dw_reduce_body(const float *__restrict__ partial
 #define RMS_INST(T, G, NAME, V, K)                                                           \
   extern "C" __global__ void __launch_bounds__(kMaxThreads)                                  \
       rmsnorm_fwd_##NAME##_v##V##_k##K(const RmsNormParams p) {                              \
+    temper::pdl_enter();                                                                     \
     fwd_body<T, G, V, K>(static_cast<const T *>(p.x), static_cast<const G *>(p.w),           \
                          static_cast<const T *>(p.r), static_cast<T *>(p.s),                 \
                          static_cast<T *>(p.y), p.rstd, p.cols, p.eps, p.w_offset);          \
   }                                                                                          \
   extern "C" __global__ void __launch_bounds__(kMaxThreads)                                  \
       rmsnorm_bwd_##NAME##_v##V##_k##K(const RmsNormParams p) {                              \
+    temper::pdl_enter();                                                                     \
     bwd_body<T, G, V, K>(static_cast<const T *>(p.x), static_cast<const G *>(p.w),           \
                          static_cast<const T *>(p.dy), p.rstd, static_cast<const T *>(p.ds), \
                          static_cast<T *>(p.dx), p.dw_partial, p.rows, p.cols, p.w_offset);  \
@@ -330,6 +332,7 @@ __device__ __forceinline__ void dw_reduce_body(const float *__restrict__ partial
 #define RMS_SCALAR(T, NAME)                                                                  \
   RMS_SCALAR_K(T, T, NAME)                                                                   \
   extern "C" __global__ void rmsnorm_dw_reduce_##NAME(const RmsNormParams p) {               \
+    temper::pdl_enter();                                                                     \
     dw_reduce_body<T>(p.dw_partial, static_cast<T *>(p.dw), p.groups, p.cols);               \
   }
 

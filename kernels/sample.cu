@@ -300,6 +300,7 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
 #define SAMPLE_ENTRY(SUFFIX, T)                                                                \
   extern "C" __global__ void __launch_bounds__(temper::sample::kThreads, 1)                    \
       sample_##SUFFIX(const SampleParams p) {                                                  \
+    temper::pdl_enter();                                                                       \
     temper::sample::sample_row<T>(p);                                                          \
   }
 

@@ -58,7 +58,7 @@ SHARED=(device unpack peer-copy train-ours)
 PART_1=('test-.*' train-torch-eager bench-generate peer-generate bench-attention peer-attention
   bench-lora peer-lora)
 PART_2=(ppo-init ppo-update gpt2-loss ncu-step ncu-decode bench-generate-timed
-  bench-generate-decode-gemm train-attn-wide
+  bench-generate-decode-gemm bench-generate-pdl bench-generate-pdl-decode-gemm train-attn-wide
   train-gemm-timed train-recompute ncu-lora ncu-attention bench-attention-packed
   peer-attention-packed bench-attention-softcap peer-attention-softcap)
 PART_3=(train-torch-compile train-graph bench-generate-fixed bench-generate-dynamic
@@ -237,6 +237,12 @@ if has bench-generate; then
   # And with our few-row GEMM in place of cuBLASLt's for every GEMM of the step
   # (TEMPER_DECODE_GEMM=ours; not the default until it wins, see src/kernels/cuda/decode_gemm.rs).
   section bench-generate-decode-gemm 90 env TEMPER_DECODE_GEMM=ours "$BUNDLE" bench-generate --bench
+  # And with our step's kernels launched programmatically, so that each may start while the one
+  # ahead finishes (TEMPER_PDL=on; not the default until it wins, see src/kernels/cuda/pdl.rs),
+  # alone and with our GEMM, which then fetches its weights before the kernel ahead ends.
+  section bench-generate-pdl 90 env TEMPER_PDL=on "$BUNDLE" bench-generate --bench
+  section bench-generate-pdl-decode-gemm 90 env TEMPER_PDL=on TEMPER_DECODE_GEMM=ours "$BUNDLE" \
+    bench-generate --bench
   peer_cmd="${TEMPER_GENERATE_PEER:-}"
   [[ -z "$peer_cmd" && -f scripts/bench_generate.py ]] && peer_cmd="python3 scripts/bench_generate.py"
   # Qwen3-0.6B's shape: Qwen3's per-head norms of q and k inside the fused decode kernel.

@@ -283,9 +283,11 @@ for shape in sorted({r.get("shape", "") for r in meas if r.get("bench") == "gene
         row("generate", shape, "tokens/s", o.get("tokens_per_s"), p["impl"], p.get("tokens_per_s"),
             sec_state(o.get("section", "bench-generate"), p.get("section", "peer-generate")))
         for a in ablations:
-            what = ("cuBLASLt's candidates timed (TEMPER_GEMM_TUNE=timed)" if "gemm-timed" in a["impl"]
-                    else "our few-row GEMM for the decode step's (TEMPER_DECODE_GEMM=ours)"
-                    if "decode-gemm" in a["impl"] else "the decode step without its CUDA graph")
+            switched = [d for tag, d in [
+                ("decode-gemm", "our few-row GEMM for the decode step's (TEMPER_DECODE_GEMM=ours)"),
+                ("gemm-timed", "cuBLASLt's candidates timed (TEMPER_GEMM_TUNE=timed)"),
+                ("pdl", "programmatic dependent launches (TEMPER_PDL=on)")] if tag in a["impl"]]
+            what = " + ".join(switched) or "the decode step without its CUDA graph"
             row("generate", shape, f"{a['impl']} tokens/s", a.get("tokens_per_s"), p["impl"],
                 p.get("tokens_per_s"), f"ablation: {what}")
     # Against the floor every variant has its own row, peer or no peer in this run.

@@ -26,6 +26,7 @@ gpu_test!(penalised_and_min_p_draws_sample_as_the_reference_and_mark_the_token);
 gpu_test!(graph_replay_gives_the_eager_fixed_steps_tokens, alone);
 gpu_test!(padded_rows_sample_in_place_as_the_reference);
 gpu_test!(the_padded_lm_head_gives_the_heads_logits);
+gpu_test!(programmatic_launches_give_the_plain_launches_tokens, alone);
 
 #[cfg(feature = "cuda")]
 mod gpu {
@@ -35,7 +36,9 @@ mod gpu {
     use temper::generate::{generate, DecodeMode, EngineOpts, RowKeys, SampleCfg};
     use temper::kernels::attention::{attention_reference, AttnMask};
     use temper::kernels::cuda::attention::{attention_with, decode_fresh, AttnImpl};
-    use temper::kernels::cuda::GemmTune;
+    use temper::kernels::cuda::decode_gemm::DecodeGemm;
+    use temper::kernels::cuda::pdl::Pdl;
+    use temper::kernels::cuda::{compute_capability, GemmTune};
     use temper::kernels::decode_step::{advance, kv_write, qkv_write, Gain, HeadNorm};
     use temper::kernels::sample::{
         keep_threshold, keys_tensor, penalize_row, row_key, sample, sample_draw, sample_reference,
@@ -1078,5 +1081,72 @@ mod gpu {
             }
         }
         compactions
+    }
+    /// `TEMPER_PDL=on` (src/kernels/cuda/pdl.rs) changes how the decode step's kernels are
+    /// launched, not what they compute: every token the same, greedy and sampled, with
+    /// cuBLASLt's GEMMs and with ours (whose weight prefetch runs before its wait), through
+    /// graphs that captured the programmatic launches (a failed capture would fall back to the
+    /// eager step and pass the token check alone).
+    pub fn programmatic_launches_give_the_plain_launches_tokens(dev: &Device) {
+        let cuda = dev.as_cuda_device().unwrap();
+        if compute_capability(cuda).unwrap() < (9, 0) {
+            eprintln!(
+                "SKIPPED (programmatic launches need compute capability 9.0): \
+                 programmatic_launches_give_the_plain_launches_tokens"
+            );
+            return;
+        }
+        let mut gpt2 = ModelConfig::preset("gpt2").unwrap();
+        gpt2.vocab_size = 259;
+        gpt2.hidden_size = 128;
+        gpt2.intermediate_size = 256;
+        gpt2.num_hidden_layers = 3;
+        gpt2.num_attention_heads = 2;
+        gpt2.num_key_value_heads = 2;
+        gpt2.max_position_embeddings = 128;
+        let mut llama = ModelConfig::preset("llama-tiny").unwrap();
+        llama.vocab_size = 259;
+        llama.hidden_size = 256;
+        llama.intermediate_size = 512;
+        llama.num_hidden_layers = 2;
+        llama.num_attention_heads = 4;
+        llama.num_key_value_heads = 1;
+        llama.max_position_embeddings = 128;
+        let tok = Tokenizer::bytes();
+        let prompts: Vec<Vec<u32>> = (0..19)
+            .map(|i| tok.encode(&format!("p{i} {}", "xy".repeat(i % 4))).unwrap())
+            .collect();
+        for (name, cfg) in [("gpt2", &gpt2), ("llama gqa", &llama)] {
+            let mut store = ParamStore::new(dev.clone(), 11);
+            let net = Transformer::new(&mut store.scope(Net::Policy), cfg, None).unwrap();
+            for gemm in [DecodeGemm::Cublaslt, DecodeGemm::Ours] {
+                for (temperature, top_k, top_p) in [(0.0, 0, 1.0), (0.9, 30, 0.95)] {
+                    let run = |pdl: Pdl| {
+                        let sc = SampleCfg {
+                            max_new_tokens: 24,
+                            temperature,
+                            top_k,
+                            top_p,
+                            stop: ["q", "z"].map(String::from).to_vec(),
+                            ..SampleCfg::default()
+                        };
+                        let keys = RowKeys::range(5, 0, prompts.len());
+                        let go =
+                            || generate(&net, Ctx::plain(DType::BF16), &tok, &prompts, &sc, &keys);
+                        GemmTune::Heuristic
+                            .scope(|| gemm.scope(|| pdl.scope(go)))
+                            .unwrap()
+                    };
+                    let what = format!("{name} {gemm:?} T {temperature} top-k {top_k}");
+                    let (plain, pdl) = (run(Pdl::Off), run(Pdl::On));
+                    assert_eq!(plain.tokens, pdl.tokens, "{what}");
+                    assert!(pdl.stats.graph_replays > 0, "{what}: {:?}", pdl.stats);
+                    assert_eq!(
+                        plain.stats.graph_replays, pdl.stats.graph_replays,
+                        "{what}: a capture failed under one launch and not the other"
+                    );
+                }
+            }
+        }
     }
 }

@@ -8,6 +8,7 @@
 //! measured yet (`scripts/gpu-check.sh`, section `bench-generate-decode-gemm`); it becomes the
 //! default where it wins.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
@@ -63,6 +64,11 @@ pub enum DecodeGemm {
     Ours,
 }
 
+thread_local! {
+    /// Set by [`DecodeGemm::scope`].
+    static SCOPE: Cell<Option<DecodeGemm>> = const { Cell::new(None) };
+}
+
 impl DecodeGemm {
     /// Read once per process.
     pub fn from_env() -> Self {
@@ -71,6 +77,16 @@ impl DecodeGemm {
             Ok("ours") => Self::Ours,
             _ => Self::Cublaslt,
         })
+    }
+
+    /// This thread's choice: a [`DecodeGemm::scope`]'s, else [`DecodeGemm::from_env`].
+    pub fn current() -> Self {
+        SCOPE.with(Cell::get).unwrap_or_else(Self::from_env)
+    }
+
+    /// Runs `f` with `self` as this thread's choice (a test comparing the two in one process).
+    pub fn scope<R>(self, f: impl FnOnce() -> R) -> R {
+        super::lt_plans::scoped(&SCOPE, Some(self), f)
     }
 }
 
@@ -128,7 +144,7 @@ pub fn for_generation(
     gelu: bool,
 ) -> Result<Option<Tensor>> {
     // Every GEMM of training passes here: the switch first, the operands only when asked.
-    let asked = DecodeGemm::from_env() == DecodeGemm::Ours && crate::model::cast::frozen();
+    let asked = DecodeGemm::current() == DecodeGemm::Ours && crate::model::cast::frozen();
     if !asked || crate::tape::recording() {
         return Ok(None);
     }

@@ -155,7 +155,7 @@ pub fn timing_first_calls<R>(f: impl FnOnce() -> R) -> R {
 
 /// Runs `f` with this thread's `key` set to `value`, and puts the old value back however `f`
 /// ends.
-fn scoped<T: Copy + 'static, R>(
+pub(super) fn scoped<T: Copy + 'static, R>(
     key: &'static LocalKey<Cell<T>>,
     value: T,
     f: impl FnOnce() -> R,

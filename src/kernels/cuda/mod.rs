@@ -58,6 +58,7 @@ pub mod logprobs;
 pub mod lora;
 pub mod loss_head;
 mod lt_plans;
+pub mod pdl;
 pub use lt_plans::{timing_first_calls, GemmTune};
 pub mod rmsnorm;
 pub mod rope;
@@ -295,10 +296,16 @@ pub unsafe fn launch<P: KernelParams>(
 ) -> Result<()> {
     check_params::<P>(func.stem, name)?;
     let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&func.func);
-    b.arg(params);
-    // SAFETY: the caller's contract above.
-    unsafe { b.launch(cfg) }.w()?;
+    if pdl::applies(dev, func.stem)? {
+        // SAFETY: the caller's contract above; every entry point of a PDL_STEMS file waits
+        // for the kernel ahead before it touches what that kernel may read or write.
+        unsafe { pdl::launch(&stream, &func.func, cfg, params) }?;
+    } else {
+        let mut b = stream.launch_builder(&func.func);
+        b.arg(params);
+        // SAFETY: the caller's contract above.
+        unsafe { b.launch(cfg) }.w()?;
+    }
     after_launch(dev, name)
 }
 
