@@ -185,13 +185,21 @@ int decode_splits(const Case &c) {
   return 1;
 }
 
-// launch_decode's key slices.
-int decode_stream_splits(const Case &c) {
-  const int base = c.b * c.hkv;
-  const int target = 4 * kSmCount;
-  if (base < target)
-    return std::clamp(std::min(div_ceil(target, base), div_ceil(keys_seen(c), 256)), 1, 64);
-  return 1;
+// launch_decode's key slices (decode_wave_splits), for the kernel of r rows: the blocks that
+// fit at once are its launch bound's minimum a multiprocessor (kDecodeMinBlocks), where the
+// launcher asks the driver for the kernel's occupancy.
+int decode_stream_splits(const Case &c, int r) {
+  const int base = std::max(c.b * c.hkv, 1);
+  const int fit = (r == 1 ? kDecodeMinBlocks<1> : kDecodeMinBlocks<4>) * kSmCount;
+  const int most = std::clamp(div_ceil(keys_seen(c), 256), 1, 64);
+  const auto cost = [&](int s) {
+    const double waves = div_ceil(base * s, fit);
+    return waves * (1.0 / s + 0.05) + (s > 1 ? 0.1 : 0.0);
+  };
+  int best = 1;
+  for (int s = 2; s <= most; ++s)
+    if (cost(s) < cost(best)) best = s;
+  return best;
 }
 
 // attn_decode_* (or with `fresh`, attn_decode_fresh_*) for head dim d and r rows.
@@ -251,7 +259,7 @@ void split_and_combine(const Case &c, AttnParams p, const Launch &fwd, int nspli
 
 // launch_decode: one block of 4 warps per (batch, kv head), grid z the key slices.
 template <typename T> int launch_decode(const Case &c, const AttnParams &p, int r) {
-  const int nsplit = decode_stream_splits(c);
+  const int nsplit = decode_stream_splits(c, r);
   const Launch fwd{decode_kernel<T>(c.d, r, false), {(unsigned)(c.b * c.hkv), 1, (unsigned)nsplit},
                    {128, 1, 1}};
   if (nsplit == 1)
@@ -450,7 +458,7 @@ template <typename T> bool run_fresh(const FreshCase &fc, emu_check::Rng &rng) {
   const int r = Hq / Hkv == 1 ? 1 : 4;
   const Dtype dt = std::is_same_v<T, bf16> ? Dtype::BF16 : Dtype::F16;
   const Case c{fc.name, dt, B, Hq, Hkv, 1, cap, cap, D, true, cap - 1, true};
-  const int nsplit = decode_stream_splits(c);
+  const int nsplit = decode_stream_splits(c, r);
   const Launch fwd{decode_kernel<T>(D, r, true), {(unsigned)(B * Hkv), 1, (unsigned)nsplit},
                    {128, 1, 1}};
   if (nsplit == 1)
