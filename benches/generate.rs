@@ -252,12 +252,12 @@ fn impl_label(decode: DecodeMode) -> String {
     }
 }
 
-/// Whether our decode step's kernels launch programmatically (`TEMPER_PDL=on`).
+/// Whether our decode step's kernels launched programmatically (`TEMPER_PDL=on` on sm_90 or
+/// later): asked after the run, of the launches themselves.
 fn pdl_on() -> bool {
     #[cfg(feature = "cuda")]
     {
-        use temper::kernels::cuda::pdl::Pdl;
-        Pdl::current().is_ok_and(|p| p == Pdl::On)
+        temper::kernels::cuda::pdl::launches() > 0
     }
     #[cfg(not(feature = "cuda"))]
     false

@@ -65,9 +65,11 @@ static __device__ __forceinline__ uint4 load16(const void *base, size_t at, bool
 }
 
 // The CTA's slice of W into L2, one row of it a thread (sm_90's bulk prefetch; nothing before).
-// W is a weight, which no kernel of a decode step writes, so this runs before `pdl_enter`:
-// launched early (TEMPER_PDL), the CTA fetches its weights while the kernel ahead of it still
-// runs, and its loads after the wait find them in L2. Rows are 16-byte aligned and the slice
+// This runs before `pdl_enter`: launched early (TEMPER_PDL), the CTA fetches its weights while
+// the kernel ahead of it still runs, and its loads after the wait find them in L2. A prefetch
+// only moves lines into L2, where every write to them lands too, so it reads nothing stale
+// even where the kernel ahead wrote W (a generation's first step, after the weights' casts);
+// the loads that use W come after the wait. Rows are 16-byte aligned and the slice
 // ends at a 32-wide chunk or at K, a multiple of 8: whole 16-byte units, as the prefetch needs.
 template <typename T>
 static __device__ __forceinline__ void prefetch_w(const DecodeGemmParams &p) {

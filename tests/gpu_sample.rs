@@ -37,7 +37,7 @@ mod gpu {
     use temper::kernels::attention::{attention_reference, AttnMask};
     use temper::kernels::cuda::attention::{attention_with, decode_fresh, AttnImpl};
     use temper::kernels::cuda::decode_gemm::DecodeGemm;
-    use temper::kernels::cuda::pdl::Pdl;
+    use temper::kernels::cuda::pdl::{self, Pdl};
     use temper::kernels::cuda::{compute_capability, GemmTune};
     use temper::kernels::decode_step::{advance, kv_write, qkv_write, Gain, HeadNorm};
     use temper::kernels::sample::{
@@ -1086,7 +1086,8 @@ mod gpu {
     /// launched, not what they compute: every token the same, greedy and sampled, with
     /// cuBLASLt's GEMMs and with ours (whose weight prefetch runs before its wait), through
     /// graphs that captured the programmatic launches (a failed capture would fall back to the
-    /// eager step and pass the token check alone).
+    /// eager step and pass the token check alone). Outputs are not poisoned here: the memset
+    /// before each output would order every kernel after the one ahead as a plain launch does.
     pub fn programmatic_launches_give_the_plain_launches_tokens(dev: &Device) {
         let cuda = dev.as_cuda_device().unwrap();
         if compute_capability(cuda).unwrap() < (9, 0) {
@@ -1116,6 +1117,9 @@ mod gpu {
         let prompts: Vec<Vec<u32>> = (0..19)
             .map(|i| tok.encode(&format!("p{i} {}", "xy".repeat(i % 4))).unwrap())
             .collect();
+        let poisoned = temper::kernels::cuda::poison_enabled();
+        temper::kernels::cuda::set_poison(false);
+        let launched = pdl::launches();
         for (name, cfg) in [("gpt2", &gpt2), ("llama gqa", &llama)] {
             let mut store = ParamStore::new(dev.clone(), 11);
             let net = Transformer::new(&mut store.scope(Net::Policy), cfg, None).unwrap();
@@ -1138,15 +1142,20 @@ mod gpu {
                             .unwrap()
                     };
                     let what = format!("{name} {gemm:?} T {temperature} top-k {top_k}");
-                    let (plain, pdl) = (run(Pdl::Off), run(Pdl::On));
-                    assert_eq!(plain.tokens, pdl.tokens, "{what}");
-                    assert!(pdl.stats.graph_replays > 0, "{what}: {:?}", pdl.stats);
+                    let plain = run(Pdl::Off);
+                    let before = pdl::launches();
+                    let early = run(Pdl::On);
+                    assert!(pdl::launches() > before, "{what}: no programmatic launch");
+                    assert_eq!(plain.tokens, early.tokens, "{what}");
+                    assert!(early.stats.graph_replays > 0, "{what}: {:?}", early.stats);
                     assert_eq!(
-                        plain.stats.graph_replays, pdl.stats.graph_replays,
+                        plain.stats.graph_replays, early.stats.graph_replays,
                         "{what}: a capture failed under one launch and not the other"
                     );
                 }
             }
         }
+        temper::kernels::cuda::set_poison(poisoned);
+        assert!(pdl::launches() > launched);
     }
 }

@@ -142,6 +142,8 @@ pub trait KernelParams: DeviceRepr {
 pub struct Kernel {
     func: CudaFunction,
     stem: &'static str,
+    /// The arch number of the PTX it was loaded from (90 for `90` and `90a`).
+    arch: u32,
 }
 
 impl std::ops::Deref for Kernel {
@@ -174,7 +176,8 @@ pub fn load_func(dev: &CudaDevice, stem: &'static str, func: &str) -> Result<Ker
     let func = dev
         .get_or_load_custom_func(func, &module, ptx)?
         .into_cuda_function();
-    Ok(Kernel { func, stem })
+    let arch = parse_arch(arch).map_or(0, |(n, _)| n);
+    Ok(Kernel { func, stem, arch })
 }
 
 /// One thread per element, `threads` per block (a multiple of 32).
@@ -296,7 +299,7 @@ pub unsafe fn launch<P: KernelParams>(
 ) -> Result<()> {
     check_params::<P>(func.stem, name)?;
     let stream = dev.cuda_stream();
-    if pdl::applies(dev, func.stem)? {
+    if pdl::applies(func.stem, func.arch)? {
         // SAFETY: the caller's contract above; every entry point of a PDL_STEMS file waits
         // for the kernel ahead before it touches what that kernel may read or write.
         unsafe { pdl::launch(&stream, &func.func, cfg, params) }?;

@@ -6,19 +6,20 @@
 //! part of each. Launched this way, the next kernel's blocks are placed and its weights
 //! fetched (the decode GEMM's `prefetch_w`) while the one ahead still runs. Off by default
 //! until it is measured against the plain launch: `TEMPER_PDL=on` turns it on for the kernel
-//! files in [`PDL_STEMS`], on devices of compute capability 9.0 or later; other kernels
+//! files in [`PDL_STEMS`], where their PTX was built for sm_90 or later; other kernels
 //! (cuBLAS's, candle's, ours in other files) launch as before, and a kernel launched plainly
 //! after one of these waits for it in full as always.
 
 use std::cell::Cell;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaFunction, CudaStream};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CudaDevice, Result};
+use candle_core::Result;
 
-use super::{compute_capability, LaunchConfig};
+use super::LaunchConfig;
 
 /// The kernel files every entry point of which calls `pdl_enter` before it reads what another
 /// kernel writes or writes anything (the tests below check the files): generation's decode
@@ -75,12 +76,20 @@ impl Pdl {
     }
 }
 
-/// Whether a kernel of file `stem` launches programmatically on `dev`.
-pub fn applies(dev: &CudaDevice, stem: &str) -> Result<bool> {
-    Ok(Pdl::current()? == Pdl::On
-        && PDL_STEMS.contains(&stem)
-        && compute_capability(dev)? >= (9, 0))
+/// Whether a kernel of file `stem`, loaded from the PTX of `arch`, launches programmatically:
+/// `pdl_enter` waits only where that PTX was built for sm_90 or later (a build for sm_80 alone
+/// run on a Hopper card loads PTX without the wait).
+pub fn applies(stem: &str, arch: u32) -> Result<bool> {
+    Ok(PDL_STEMS.contains(&stem) && arch >= 90 && Pdl::current()? == Pdl::On)
 }
+
+/// Programmatic launches made by this process, for benches and tests to tell that they
+/// happened.
+pub fn launches() -> u64 {
+    LAUNCHES.load(Ordering::Relaxed)
+}
+
+static LAUNCHES: AtomicU64 = AtomicU64::new(0);
 
 /// `func` on `stream` with `params` as its one argument, allowed to start before the kernel
 /// ahead of it has finished.
@@ -123,7 +132,9 @@ pub unsafe fn launch<P>(
         )
     }
     .result()
-    .w()
+    .w()?;
+    LAUNCHES.fetch_add(1, Ordering::Relaxed);
+    Ok(())
 }
 
 #[cfg(test)]
