@@ -4,13 +4,15 @@
 // attn_decode_<dtype>_h<D>_r<R> (bf16/f16, D = 64, 128 or 256): the forward when the G * Tq query
 // rows of a kv head are at most R (R = 1, or 4: GQA groups and short query blocks). A decode
 // step reads every cached key and value once and does two FMAs per element, so it is a
-// stream over the cache: each lane loads 16 bytes (8 values) of a key row and of its value
+// stream over the cache: each lane copies 16 bytes (8 values) of a key row and of its value
 // row per step, L = D / 8 lanes share a key, and a warp takes 32 / L consecutive keys (whole
-// 512-byte runs; at D = 256 the whole warp takes one key). Every key group keeps its own online softmax (m, l, acc) for all R rows;
-// the groups of a warp merge by butterfly shuffles, the warps of the block through shared
-// memory. One block (4 warps) per (batch, kv head) and key split: grid (B * Hkv, 1, nsplit).
-// The per-row scores are the reference's: x = (q . k) * scale * log2(e), with the key mask,
-// the key range and the causal horizon offset + i applied per row. With nsplit = 1 it writes
+// 512-byte runs; at D = 256 the whole warp takes one key), through a ring of cp.async stages
+// in shared memory a few passes ahead of the one it sums. Every key group keeps its own
+// online softmax (m, l, acc) for all R rows; the groups of a warp merge by butterfly
+// shuffles, the warps of the block through shared memory. One block (4 warps) per (batch,
+// kv head) and key split: grid (B * Hkv, 1, nsplit). The per-row scores are the reference's:
+// x = (q . k) * scale * log2(e), with the key mask, the key range and the causal horizon
+// offset + i applied per row. With nsplit = 1 it writes
 // o and lse as the simple forward does (zeros and lse = +inf for a row that sees no key);
 // with a split, normalised partials and their lse (-inf when empty) for attn_combine.
 //
@@ -36,11 +38,13 @@
 // lse = +inf, as the unsplit forward writes.
 //
 // Launch (src/kernels/cuda/attention.rs): decode: grid (B * Hkv, 1, nsplit), block
-// kDecodeThreads, k and v rows 16-byte aligned (a cache view's rows: p.kv_cap); combine: one
+// kDecodeThreads, dynamic shared memory kDecodeRingBytes, k and v rows 16-byte aligned (a
+// cache view's rows: p.kv_cap); combine: one
 // warp per row, grid ceil(nrows / 8), block 256; reads p.opart, p.lsepart, p.nrows, p.d,
 // p.nsplit, writes p.o (dtype T) and p.lse.
 
 #include "attention.cuh"
+#include "mma_ptx.cuh"
 
 namespace temper {
 namespace attn {
@@ -51,11 +55,19 @@ namespace attn {
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = 32 * kDecodeWarps;
 
-// Keys a lane group loads per pass before using any, for R query rows: the loads in flight per
-// lane (2 * 16 bytes a key) are what hides the memory's latency in a stream with ~6 blocks
-// per SM. Four rows do four times the arithmetic per key, and four keys in flight would spill
-// their registers under the launch bound: two there.
+// Keys a lane group takes per pass (one cp.async group), for R query rows. Four rows do four
+// times the arithmetic per key, so they take fewer keys a pass and more passes ahead.
 template <int R> constexpr int kDecodeKeysPerPass = R == 1 ? 4 : 2;
+
+// Stages of the cp.async ring a warp streams its keys through (the pass being summed and S - 1
+// ahead): the loads in flight per lane, S * U * 32 bytes, are what hides the memory's latency.
+// 32 KiB of shared memory a block either way, so that six blocks of one row (H100/H200:
+// 227 KiB) or four of four rows fit a multiprocessor.
+template <int R> constexpr int kDecodeStages = R == 1 ? 2 : 4;
+template <int R>
+constexpr int kDecodeRingBytes = kDecodeStages<R> * kDecodeKeysPerPass<R> * 32 * kDecodeThreads;
+static_assert(kDecodeRingBytes<1> == 32768 && kDecodeRingBytes<4> == 32768,
+              "the launch's dynamic shared memory: src/kernels/cuda/attention.rs, DECODE_RING");
 
 // Blocks per multiprocessor the launch bound asks for. A decode step is one wave of blocks, each
 // a few dependent passes over its keys, so a grid one block over what fits runs a second wave
@@ -182,7 +194,6 @@ static __device__ void decode(const AttnParams &p) {
 
   // Row r is query i = r % Tq of query head hkv * G + r / Tq. Under a sliding window (not in
   // the fused step, whose offset is not the query's position) row r sees keys from row_lo[r].
-  float qf[R][VEC];
   int row_hi[R], row_lo[R];
   int hi = kr.lo, lo = kr.hi;
   const int window = FRESH ? 0 : p.window;
@@ -192,21 +203,10 @@ static __device__ void decode(const AttnParams &p) {
     row_hi[r] = kr.lo;  // an absent row sees nothing
     row_lo[r] = kr.lo;
     if (r < rows) {
-      const int g = r / Tq, i = r % Tq;
+      const int i = r % Tq;
       row_hi[r] = p.causal ? min(kr.hi, p.offset + i + 1) : kr.hi;
       if (window > 0) row_lo[r] = max(kr.lo, p.offset + i - window + 1);
       lo = min(lo, row_lo[r]);
-      if constexpr (FRESH) {
-        fresh8<T, D>(p, b, (hkv * G + g) * D, sub, p.q_norm, true, qf[r]);  // Tq = 1: i = 0
-      } else {
-        const size_t qrow = ((size_t)b * p.hq + hkv * G + g) * Tq + i;
-        load8(q + qrow * D + sub * VEC, qf[r]);
-      }
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) qf[r][e] *= p.scale_log2;
-    } else {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) qf[r][e] = 0.f;
     }
     hi = max(hi, row_hi[r]);
   }
@@ -219,15 +219,6 @@ static __device__ void decode(const AttnParams &p) {
   const int k_end = min(hi, k_begin + per);
   const size_t kvbase = ((size_t)b * Hkv + hkv) * (p.kv_cap > 0 ? p.kv_cap : Tk);
 
-  float m[R], l[R], acc[R][VEC];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    m[r] = neg_inf();
-    l[r] = 0.f;
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) acc[r][e] = 0.f;
-  }
-
   // The fresh position (FRESH): written here, never read from the cache (the streams skip
   // it); -1 where there is none, or where L is past the cache (qkv_write writes nothing
   // there; the key then counts nowhere, as no key past the mask's end would).
@@ -237,12 +228,80 @@ static __device__ void decode(const AttnParams &p) {
     const int cap = p.kv_cap > 0 ? p.kv_cap : Tk;
     if (len >= 0 && len < cap) fresh_j = (int)len;
   }
+
+  // The stream. A pass takes U keys per lane group, kStride apart; the warp's passes go
+  // through a ring of S stages in shared memory, filled by cp.async S - 1 passes ahead of
+  // the pass being summed, so that a lane has S passes of loads in flight without holding
+  // them in registers (which the launch bound caps): with the loads in registers, each pass's
+  // loads waited on the previous pass's arithmetic. A lane reads back only the 16 bytes it
+  // copied itself, so no barrier is needed between a stage's copy and its use. The first
+  // passes are issued here, before q and the fresh key are worked out, whose loads then
+  // overlap theirs. Every lane of a warp runs the same passes (the score reductions shuffle).
+  constexpr int U = kDecodeKeysPerPass<R>;
+  constexpr int S = kDecodeStages<R>;
+  constexpr int kStride = kDecodeWarps * KPW;
+  constexpr int kPassKeys = U * kStride;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint4 *const ring = reinterpret_cast<uint4 *>(smem_raw);
+  // This thread's slot for stage s, key u, k (0) or v (1): a warp's 32 slots are contiguous.
+  const auto slot = [&](int s, int u, int kv) {
+    return ring + ((s * U + u) * 2 + kv) * kDecodeThreads + threadIdx.x;
+  };
+  const int first = k_begin + warp * KPW;
+  const int passes = first < k_end ? (k_end - first + kPassKeys - 1) / kPassKeys : 0;
+  // Whether key j of a pass is copied: in this split's share and not the fresh position.
+  const auto loaded = [&](int pass, int j) { return pass < passes && j < k_end && j != fresh_j; };
+  const auto issue = [&](int s, int pass) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = first + pass * kPassKeys + u * kStride + grp;
+      // Position fresh_j is written in this launch (by split 0's block): never loaded, even
+      // to be dropped, which would race with the write. A key not loaded is zero-filled
+      // from a safe address (the sequence's first row).
+      const bool in = loaded(pass, j);
+      const size_t at = (kvbase + (in ? j : 0)) * D + sub * VEC;
+      cp_async16(smem_addr(slot(s, u, 0)), k + at, in);
+      cp_async16(smem_addr(slot(s, u, 1)), v + at, in);
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) issue(s, s);
+
+  float qf[R][VEC];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r < rows) {
+      const int g = r / Tq, i = r % Tq;
+      if constexpr (FRESH) {
+        fresh8<T, D>(p, b, (hkv * G + g) * D, sub, p.q_norm, true, qf[r]);  // Tq = 1: i = 0
+      } else {
+        const size_t qrow = ((size_t)b * p.hq + hkv * G + g) * Tq + i;
+        load8(q + qrow * D + sub * VEC, qf[r]);
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) qf[r][e] *= p.scale_log2;
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) qf[r][e] = 0.f;
+    }
+  }
+
+  float m[R], l[R], acc[R][VEC];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    m[r] = neg_inf();
+    l[r] = 0.f;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[r][e] = 0.f;
+  }
+
   if (FRESH && fresh_j >= 0 && blockIdx.z == 0) {  // uniform across the block
     float kf[VEC], vf[VEC];
     fresh8<T, D>(p, b, (p.hq + hkv) * D, sub, p.k_norm, true, kf);
     fresh8<T, D>(p, b, (p.hq + Hkv + hkv) * D, sub, nullptr, false, vf);
-    const bool first = warp == 0 && grp == 0;  // the one lane group that writes and counts it
-    if (first) {
+    const bool first_group = warp == 0 && grp == 0;  // the one lane group that writes and counts it
+    if (first_group) {
       // p.dk, p.dv are the caches k, v again: written here, at the one position no stream
       // loads, so k and v stay read-only pointers to the compiler (non-coherent loads).
       T *kw = static_cast<T *>(p.dk) + (kvbase + fresh_j) * D + sub * VEC;
@@ -260,7 +319,7 @@ static __device__ void decode(const AttnParams &p) {
       if (r >= rows) continue;  // the same for the whole block: the shuffles stay converged
       const float s = softcap(group_dot<L>(qf[r], kf));
       // The state is empty: folding one key in gives m = s, l = 2^0, acc = v.
-      if (first && key_ok && fresh_j < row_hi[r]) {
+      if (first_group && key_ok && fresh_j < row_hi[r]) {
         m[r] = s;
         l[r] = 1.f;
 #pragma unroll
@@ -269,57 +328,56 @@ static __device__ void decode(const AttnParams &p) {
     }
   }
 
-  // Every lane of a warp runs the same number of passes (the score reductions shuffle); a
-  // pass loads U keys per group, raw (4 registers each for k and v), before using any, so that
-  // more loads are in flight.
-  constexpr int U = kDecodeKeysPerPass<R>;
-  constexpr int kStride = kDecodeWarps * KPW;
-  for (int base = k_begin + warp * KPW; base < k_end; base += U * kStride) {
-    uint4 kraw[U], vraw[U];
-    int j[U];
-    bool valid[U];
+  // Stage s of the ring holds passes s, s + S, ...: the loop over passes is unrolled S-fold so
+  // that every stage index is known at compile time.
+  for (int p0 = 0; p0 < passes; p0 += S) {
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      j[u] = base + u * kStride + grp;
-      // Position fresh_j is written in this launch (by split 0's block): never loaded, even
-      // to be dropped, which would race with the write.
-      const bool in = j[u] < k_end && j[u] != fresh_j;
-      kraw[u] = vraw[u] = make_uint4(0u, 0u, 0u, 0u);
-      if (in) {
-        kraw[u] = *reinterpret_cast<const uint4 *>(k + (kvbase + j[u]) * D + sub * VEC);
-        vraw[u] = *reinterpret_cast<const uint4 *>(v + (kvbase + j[u]) * D + sub * VEC);
-      }
-      valid[u] = in && (kr.dense || p.kvalid[(size_t)b * Tk + j[u]] != 0.f);
-    }
+    for (int s = 0; s < S; ++s) {
+      const int pass = p0 + s;
+      // The stage the previous pass was summed from takes the pass S - 1 ahead (or an empty
+      // group past the last, so that every wait below counts the same groups).
+      issue((s + S - 1) % S, pass + S - 1);
+      cp_async_wait<S - 1>();
+      if (pass >= passes) break;  // the same for the whole warp
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      float kf[VEC], vf[VEC];
-      unpack8<T>(kraw[u], kf);
-      unpack8<T>(vraw[u], vf);
-      // A masked position's value never enters a sum, whatever it holds (as fwd_simple,
-      // which skips zero probabilities): 0 * NaN would poison the row.
-      if (!valid[u]) {
+      for (int u = 0; u < U; ++u) {
+        const int j = first + pass * kPassKeys + u * kStride + grp;
+        // A key mask with holes is read here, its latency not hidden (the key range marks
+        // the usual masks, left padding and a window, dense).
+        const bool valid = loaded(pass, j) && (kr.dense || p.kvalid[(size_t)b * Tk + j] != 0.f);
+        // Whole 16-byte reads into registers first: unpacked straight from shared memory,
+        // each value was its own 2-byte read.
+        const uint4 kraw = *slot(s, u, 0), vraw = *slot(s, u, 1);
+        float kf[VEC], vf[VEC];
+        unpack8<T>(kraw, kf);
+        unpack8<T>(vraw, vf);
+        // A masked position's value never enters a sum, whatever it holds (as fwd_simple,
+        // which skips zero probabilities): 0 * NaN would poison the row.
+        if (!valid) {
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) vf[e] = 0.f;
-      }
+          for (int e = 0; e < VEC; ++e) vf[e] = 0.f;
+        }
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (r >= rows) continue;  // the same for the whole block: the shuffles stay converged
-        float s = softcap(group_dot<L>(qf[r], kf));
-        const bool vis = valid[u] && j[u] < row_hi[r] && (window == 0 || j[u] >= row_lo[r]);
-        if (!vis) s = neg_inf();
-        const float m_new = fmaxf(m[r], s);
-        const float ref = m_new == neg_inf() ? 0.f : m_new;
-        const float alpha = exp2f(m[r] - ref), pj = exp2f(s - ref);
-        l[r] = l[r] * alpha + pj;
-        // A key past this row's causal horizon may hold a value for another row.
+        for (int r = 0; r < R; ++r) {
+          if (r >= rows) continue;  // the same for the whole block: the shuffles stay converged
+          float sc = softcap(group_dot<L>(qf[r], kf));
+          const bool vis = valid && j < row_hi[r] && (window == 0 || j >= row_lo[r]);
+          if (!vis) sc = neg_inf();
+          const float m_new = fmaxf(m[r], sc);
+          const float ref = m_new == neg_inf() ? 0.f : m_new;
+          const float alpha = exp2f(m[r] - ref), pj = exp2f(sc - ref);
+          l[r] = l[r] * alpha + pj;
+          // A key past this row's causal horizon may hold a value for another row.
 #pragma unroll
-        for (int e = 0; e < VEC; ++e)
-          acc[r][e] = vis ? fmaf(pj, vf[e], acc[r][e] * alpha) : acc[r][e] * alpha;
-        m[r] = m_new;
+          for (int e = 0; e < VEC; ++e)
+            acc[r][e] = vis ? fmaf(pj, vf[e], acc[r][e] * alpha) : acc[r][e] * alpha;
+          m[r] = m_new;
+        }
       }
     }
   }
+  // No copy may land after the block has gone (the empty groups past the last pass included).
+  cp_async_wait<0>();
 
   // The key groups of the warp (lanes L apart hold the same output columns).
 #pragma unroll

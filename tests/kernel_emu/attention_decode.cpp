@@ -27,11 +27,11 @@
 // Usage: attention_decode [seed]  (a random seed when none is given; it is printed either way).
 #include "emu_check.h"
 
-// attention_fwd.cu declares the tensor-core forward's dynamic shared memory; nothing here
-// launches that kernel, so the array only has to exist.
+// The decode kernels' cp.async ring (kDecodeRingBytes); attention_fwd.cu declares the same
+// array for the tensor-core forward, which nothing here launches.
 namespace temper {
 namespace attn {
-EMU_DYNAMIC_SHARED(smem_raw, 1024)
+EMU_DYNAMIC_SHARED(smem_raw, 32768)
 }
 }  // namespace temper
 
@@ -241,7 +241,11 @@ template <> Kernel combine_kernel<f16>() { return attn_combine_f16; }
 struct Launch {
   Kernel kernel;
   emu::Dim grid, block;
+  size_t shared = 0;  // dynamic shared memory, bytes
 };
+
+// The decode kernel's dynamic shared memory for r rows (launch_decode's DECODE_RING).
+size_t decode_ring_bytes(int r) { return r == 1 ? kDecodeRingBytes<1> : kDecodeRingBytes<4>; }
 
 // split_and_combine: the forward into NaN-filled f32 partials (the launcher's are
 // uninitialised), then attn_combine_* with one warp per row (warp_per_row).
@@ -252,7 +256,7 @@ void split_and_combine(const Case &c, AttnParams p, const Launch &fwd, int nspli
   p.opart = opart.data();
   p.lsepart = lpart.data();
   p.nsplit = nsplit;
-  emu::launch(fwd.grid, fwd.block, 0, [&] { fwd.kernel(p); });
+  emu::launch(fwd.grid, fwd.block, fwd.shared, [&] { fwd.kernel(p); });
   const Kernel combine = combine_kernel<T>();
   emu::launch({(unsigned)div_ceil(nrows, 8), 1, 1}, {256, 1, 1}, 0, [&] { combine(p); });
 }
@@ -261,9 +265,9 @@ void split_and_combine(const Case &c, AttnParams p, const Launch &fwd, int nspli
 template <typename T> int launch_decode(const Case &c, const AttnParams &p, int r) {
   const int nsplit = decode_stream_splits(c, r);
   const Launch fwd{decode_kernel<T>(c.d, r, false), {(unsigned)(c.b * c.hkv), 1, (unsigned)nsplit},
-                   {128, 1, 1}};
+                   {128, 1, 1}, decode_ring_bytes(r)};
   if (nsplit == 1)
-    emu::launch(fwd.grid, fwd.block, 0, [&] { fwd.kernel(p); });
+    emu::launch(fwd.grid, fwd.block, fwd.shared, [&] { fwd.kernel(p); });
   else
     split_and_combine<T>(c, p, fwd, nsplit);
   return nsplit;
@@ -277,7 +281,7 @@ template <typename T> int launch_fwd_simple(const Case &c, const AttnParams &p) 
                    {(unsigned)(c.b * c.hkv), (unsigned)row_blocks, (unsigned)nsplit},
                    {(unsigned)(32 * nw), 1, 1}};
   if (nsplit == 1)
-    emu::launch(fwd.grid, fwd.block, 0, [&] { fwd.kernel(p); });
+    emu::launch(fwd.grid, fwd.block, fwd.shared, [&] { fwd.kernel(p); });
   else
     split_and_combine<T>(c, p, fwd, nsplit);
   return nsplit;
@@ -460,9 +464,9 @@ template <typename T> bool run_fresh(const FreshCase &fc, emu_check::Rng &rng) {
   const Case c{fc.name, dt, B, Hq, Hkv, 1, cap, cap, D, true, cap - 1, true};
   const int nsplit = decode_stream_splits(c, r);
   const Launch fwd{decode_kernel<T>(D, r, true), {(unsigned)(B * Hkv), 1, (unsigned)nsplit},
-                   {128, 1, 1}};
+                   {128, 1, 1}, decode_ring_bytes(r)};
   if (nsplit == 1)
-    emu::launch(fwd.grid, fwd.block, 0, [&] { fwd.kernel(p); });
+    emu::launch(fwd.grid, fwd.block, fwd.shared, [&] { fwd.kernel(p); });
   else
     split_and_combine<T>(c, p, fwd, nsplit);
   const std::string what = std::string(fc.name) + " " + Dt<T>::name + " fresh r" +

@@ -546,6 +546,9 @@ const FWD: &str = "attention_fwd";
 const DECODE: &str = "attention_decode";
 /// `kDecodeThreads` of kernels/attention_decode.cu.
 const DECODE_THREADS: u32 = 128;
+/// `kDecodeRingBytes` of kernels/attention_decode.cu (both row counts): the dynamic shared
+/// memory of a decode block, its cp.async ring.
+const DECODE_RING: u32 = 32 * 1024;
 const BWD: &str = "attention_bwd";
 
 /// One warp per row, 8 rows per 256-thread block.
@@ -991,15 +994,23 @@ fn launch_decode(
     let name = format!("{kernel}_{}_h{}_r{r}", dt.as_str(), dims.d);
     let func = load_func(dev, DECODE, &name)?;
     let base = dims.b * dims.hkv;
+    // The ring and the block's static arrays pass the 48 KiB default at head dim 256 and four
+    // rows; and a multiprocessor holds six rings only with its shared memory at the most.
+    allow_smem(dev, &func, DECODE_RING as usize)?;
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+        100,
+    )
+    .w()?;
     let per_sm = func
-        .occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, 0, None)
+        .occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, DECODE_RING as usize, None)
         .w()?;
     let fit = per_sm as usize * sm_count(dev)? as usize;
     let nsplit = decode_wave_splits(base, fit, dims.keys_seen(p.window));
     let cfg = LaunchConfig {
         grid_dim: (base as u32, 1, nsplit as u32),
         block_dim: (DECODE_THREADS, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: DECODE_RING,
     };
     if nsplit == 1 {
         // SAFETY: the block of (batch, kv head) writes o and lse of each of its <= r rows.
