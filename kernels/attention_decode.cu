@@ -55,18 +55,15 @@ namespace attn {
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = 32 * kDecodeWarps;
 
-// Keys a lane group takes per pass (one cp.async group), for R query rows. Four rows do four
-// times the arithmetic per key, so they take fewer keys a pass and more passes ahead.
-template <int R> constexpr int kDecodeKeysPerPass = R == 1 ? 4 : 2;
-
-// Stages of the cp.async ring a warp streams its keys through (the pass being summed and S - 1
-// ahead): the loads in flight per lane, S * U * 32 bytes, are what hides the memory's latency.
-// 32 KiB of shared memory a block either way, so that six blocks of one row (H100/H200:
-// 227 KiB) or four of four rows fit a multiprocessor.
-template <int R> constexpr int kDecodeStages = R == 1 ? 2 : 4;
-template <int R>
-constexpr int kDecodeRingBytes = kDecodeStages<R> * kDecodeKeysPerPass<R> * 32 * kDecodeThreads;
-static_assert(kDecodeRingBytes<1> == 32768 && kDecodeRingBytes<4> == 32768,
+// The cp.async ring a warp streams its keys through: a pass takes kDecodeKeysPerPass keys per
+// lane group (one cp.async group), and the ring's kDecodeStages stages hold the pass being
+// summed and the next three, so a lane has up to 4 * 2 keys (256 bytes) of loads in flight
+// while it sums, in shared memory rather than registers (which the launch bound caps). 32 KiB
+// a block: six fit an H100/H200 multiprocessor's 227 KiB (at one row, 80 registers).
+constexpr int kDecodeKeysPerPass = 2;
+constexpr int kDecodeStages = 4;
+constexpr int kDecodeRingBytes = kDecodeStages * kDecodeKeysPerPass * 32 * kDecodeThreads;
+static_assert(kDecodeRingBytes == 32768,
               "the launch's dynamic shared memory: src/kernels/cuda/attention.rs, DECODE_RING");
 
 // Blocks per multiprocessor the launch bound asks for. A decode step is one wave of blocks, each
@@ -237,8 +234,8 @@ static __device__ void decode(const AttnParams &p) {
   // copied itself, so no barrier is needed between a stage's copy and its use. The first
   // passes are issued here, before q and the fresh key are worked out, whose loads then
   // overlap theirs. Every lane of a warp runs the same passes (the score reductions shuffle).
-  constexpr int U = kDecodeKeysPerPass<R>;
-  constexpr int S = kDecodeStages<R>;
+  constexpr int U = kDecodeKeysPerPass;
+  constexpr int S = kDecodeStages;
   constexpr int kStride = kDecodeWarps * KPW;
   constexpr int kPassKeys = U * kStride;
   extern __shared__ __align__(16) unsigned char smem_raw[];

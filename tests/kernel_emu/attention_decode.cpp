@@ -244,8 +244,6 @@ struct Launch {
   size_t shared = 0;  // dynamic shared memory, bytes
 };
 
-// The decode kernel's dynamic shared memory for r rows (launch_decode's DECODE_RING).
-size_t decode_ring_bytes(int r) { return r == 1 ? kDecodeRingBytes<1> : kDecodeRingBytes<4>; }
 
 // split_and_combine: the forward into NaN-filled f32 partials (the launcher's are
 // uninitialised), then attn_combine_* with one warp per row (warp_per_row).
@@ -265,7 +263,7 @@ void split_and_combine(const Case &c, AttnParams p, const Launch &fwd, int nspli
 template <typename T> int launch_decode(const Case &c, const AttnParams &p, int r) {
   const int nsplit = decode_stream_splits(c, r);
   const Launch fwd{decode_kernel<T>(c.d, r, false), {(unsigned)(c.b * c.hkv), 1, (unsigned)nsplit},
-                   {128, 1, 1}, decode_ring_bytes(r)};
+                   {128, 1, 1}, kDecodeRingBytes};
   if (nsplit == 1)
     emu::launch(fwd.grid, fwd.block, fwd.shared, [&] { fwd.kernel(p); });
   else
@@ -464,7 +462,7 @@ template <typename T> bool run_fresh(const FreshCase &fc, emu_check::Rng &rng) {
   const Case c{fc.name, dt, B, Hq, Hkv, 1, cap, cap, D, true, cap - 1, true};
   const int nsplit = decode_stream_splits(c, r);
   const Launch fwd{decode_kernel<T>(D, r, true), {(unsigned)(B * Hkv), 1, (unsigned)nsplit},
-                   {128, 1, 1}, decode_ring_bytes(r)};
+                   {128, 1, 1}, kDecodeRingBytes};
   if (nsplit == 1)
     emu::launch(fwd.grid, fwd.block, fwd.shared, [&] { fwd.kernel(p); });
   else

@@ -546,8 +546,8 @@ const FWD: &str = "attention_fwd";
 const DECODE: &str = "attention_decode";
 /// `kDecodeThreads` of kernels/attention_decode.cu.
 const DECODE_THREADS: u32 = 128;
-/// `kDecodeRingBytes` of kernels/attention_decode.cu (both row counts): the dynamic shared
-/// memory of a decode block, its cp.async ring.
+/// `kDecodeRingBytes` of kernels/attention_decode.cu: the dynamic shared memory of a decode
+/// block, its cp.async ring.
 const DECODE_RING: u32 = 32 * 1024;
 const BWD: &str = "attention_bwd";
 
