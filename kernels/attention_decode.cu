@@ -57,14 +57,20 @@ constexpr int kDecodeThreads = 32 * kDecodeWarps;
 
 // The cp.async ring a warp streams its keys through: a pass takes kDecodeKeysPerPass keys per
 // lane group (one cp.async group), and the ring's kDecodeStages stages hold the pass being
-// summed and the next three, so a lane has up to 4 * 2 keys (256 bytes) of loads in flight
-// while it sums, in shared memory rather than registers (which the launch bound caps). 32 KiB
-// a block: six fit an H100/H200 multiprocessor's 227 KiB (at one row, 80 registers).
+// summed and the ones after it, so a lane has up to S * 2 keys (S * 64 bytes) of loads in
+// flight while it sums, in shared memory rather than registers (which the launch bound caps).
+// Four stages, 32 KiB a block, where six blocks fit a multiprocessor (H100/H200: 227 KiB, at
+// one row and 80 registers); two, 16 KiB, in the PTX for sm_80, which A100 (163 KiB) and
+// sm_86/sm_89 (99 KiB) run, whose multiprocessors six 32 KiB rings would not fit.
 constexpr int kDecodeKeysPerPass = 2;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kDecodeStages = 2;
+#else
 constexpr int kDecodeStages = 4;
+#endif
 constexpr int kDecodeRingBytes = kDecodeStages * kDecodeKeysPerPass * 32 * kDecodeThreads;
-static_assert(kDecodeRingBytes == 32768,
-              "the launch's dynamic shared memory: src/kernels/cuda/attention.rs, DECODE_RING");
+static_assert(kDecodeRingBytes == (kDecodeStages == 4 ? 32768 : 16384),
+              "the launch's dynamic shared memory: decode_ring in src/kernels/cuda/attention.rs");
 
 // Blocks per multiprocessor the launch bound asks for. A decode step is one wave of blocks, each
 // a few dependent passes over its keys, so a grid one block over what fits runs a second wave

@@ -21,13 +21,17 @@ static __device__ __forceinline__ uint32_t smem_addr(const void *p) {
 // source is then not read, but is still given a safe address).
 static __device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, bool valid) {
   const int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n)
+               : "memory");
 }
+// The "memory" clobbers keep the compiler from moving shared-memory reads and writes across
+// the copies and their fences: a stage read with no barrier after its wait (the decode
+// attention's ring) relies on the wait staying before the read.
 static __device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
 template <int N> static __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 static __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {

@@ -314,6 +314,11 @@ inline void wait(State s) {
 inline void entry() {
   block->body();
   Fiber &f = me();
+  // A copy still in flight when its thread exits would land in shared memory the block no
+  // longer owns (empty groups committed past the last stage are fine).
+  bool pending = !f.open.empty();
+  for (const auto &g : f.groups) pending |= !g.empty();
+  if (pending) fail("a thread exited with cp.async copies it never waited for");
   f.state = State::Done;
   swapcontext(&f.ctx, &block->main);
 }

@@ -24,6 +24,7 @@
 //! for the dispatcher.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use candle_core::backend::BackendStorage;
@@ -546,9 +547,47 @@ const FWD: &str = "attention_fwd";
 const DECODE: &str = "attention_decode";
 /// `kDecodeThreads` of kernels/attention_decode.cu.
 const DECODE_THREADS: u32 = 128;
-/// `kDecodeRingBytes` of kernels/attention_decode.cu: the dynamic shared memory of a decode
-/// block, its cp.async ring.
-const DECODE_RING: u32 = 32 * 1024;
+/// `kDecodeRingBytes` of kernels/attention_decode.cu in the PTX of `arch`: the dynamic shared
+/// memory of a decode block, its cp.async ring (four stages from sm_90, two before).
+fn decode_ring(arch: u32) -> u32 {
+    match arch >= 90 {
+        true => 32 << 10,
+        false => 16 << 10,
+    }
+}
+
+thread_local! {
+    /// Per decode kernel and device: the blocks a multiprocessor holds, once its shared memory
+    /// limits are set (two attributes and a query, not repeated every token).
+    static DECODE_FIT: RefCell<HashMap<(String, usize), u32>> = RefCell::new(HashMap::new());
+}
+
+/// Blocks of decode kernel `name` a multiprocessor holds with a ring of `ring` bytes: its
+/// shared-memory limit raised first (the ring and the block's static arrays pass the 48 KiB
+/// default at head dim 256 and four rows) and its carveout set to the most shared memory (six
+/// rings a multiprocessor on an H100/H200).
+fn decode_blocks_per_sm(
+    dev: &CudaDevice,
+    func: &super::Kernel,
+    name: &str,
+    ring: u32,
+) -> Result<u32> {
+    let key = (name.to_string(), dev.cuda_stream().context().ordinal());
+    if let Some(n) = DECODE_FIT.with_borrow(|m| m.get(&key).copied()) {
+        return Ok(n);
+    }
+    allow_smem(dev, func, ring as usize)?;
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+        100,
+    )
+    .w()?;
+    let n = func
+        .occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, ring as usize, None)
+        .w()?;
+    DECODE_FIT.with_borrow_mut(|m| m.insert(key, n));
+    Ok(n)
+}
 const BWD: &str = "attention_bwd";
 
 /// One warp per row, 8 rows per 256-thread block.
@@ -952,7 +991,7 @@ fn decode_splits(dev: &CudaDevice, dims: &Dims, window: i32) -> Result<usize> {
 }
 
 /// Key slices for a decode launch of `base` blocks (one per batch row and kv head), of which the
-/// GPU holds `fit` at once, over `keys` keys: the count, up to 64 slices of at least 256 keys,
+/// GPU holds `fit` at once, over `keys` keys: the count, up to 64 and one per 256 keys begun,
 /// that finishes first under a wave model. A decode block is a few dependent passes over its
 /// keys, so it takes about as long alone as beside the others that fit; a grid runs in
 /// ceil(blocks / fit) waves, each as long as one block's stream of keys / slices plus its fixed
@@ -994,23 +1033,14 @@ fn launch_decode(
     let name = format!("{kernel}_{}_h{}_r{r}", dt.as_str(), dims.d);
     let func = load_func(dev, DECODE, &name)?;
     let base = dims.b * dims.hkv;
-    // The ring and the block's static arrays pass the 48 KiB default at head dim 256 and four
-    // rows; and a multiprocessor holds six rings only with its shared memory at the most.
-    allow_smem(dev, &func, DECODE_RING as usize)?;
-    func.set_attribute(
-        CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-        100,
-    )
-    .w()?;
-    let per_sm = func
-        .occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, DECODE_RING as usize, None)
-        .w()?;
+    let ring = decode_ring(func.arch());
+    let per_sm = decode_blocks_per_sm(dev, &func, &name, ring)?;
     let fit = per_sm as usize * sm_count(dev)? as usize;
     let nsplit = decode_wave_splits(base, fit, dims.keys_seen(p.window));
     let cfg = LaunchConfig {
         grid_dim: (base as u32, 1, nsplit as u32),
         block_dim: (DECODE_THREADS, 1, 1),
-        shared_mem_bytes: DECODE_RING,
+        shared_mem_bytes: ring,
     };
     if nsplit == 1 {
         // SAFETY: the block of (batch, kv head) writes o and lse of each of its <= r rows.
@@ -1389,6 +1419,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_decode_ring_is_the_kernels() {
+        // kernels/attention_decode.cu asserts its ring's size per arch against these numbers.
+        let src = include_str!("../../../kernels/attention_decode.cu");
+        assert!(src.contains("kDecodeRingBytes == (kDecodeStages == 4 ? 32768 : 16384)"));
+        assert!(src.contains("__CUDA_ARCH__ < 900\nconstexpr int kDecodeStages = 2;"));
+        assert_eq!(decode_ring(90), 32768);
+        assert_eq!(decode_ring(100), 32768);
+        assert_eq!(decode_ring(80), 16384);
+        assert_eq!(decode_ring(86), 16384);
+    }
+
+    #[test]
     fn decode_splits_keep_the_grid_to_whole_waves() {
         // GPT-2's bench step on an H200: 64 x 12 blocks, 6 a multiprocessor fit (792): one
         // wave, unsplit. At 5 a multiprocessor (660), 2 x 768 blocks of half the keys each run
@@ -1399,7 +1441,7 @@ mod tests {
         assert_eq!(decode_wave_splits(384, 792, 384), 2);
         // One sequence of 12 heads over 4096 keys: as many slices as 256-key slices allow.
         assert_eq!(decode_wave_splits(12, 792, 4096), 16);
-        // Few keys: never a slice of fewer than 256.
+        // Few keys: at most one slice per 256 keys begun.
         assert_eq!(decode_wave_splits(12, 792, 256), 1);
         assert_eq!(decode_wave_splits(12, 792, 257), 2);
         // A grid many waves deep gains nothing from slicing.

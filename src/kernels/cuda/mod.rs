@@ -146,6 +146,14 @@ pub struct Kernel {
     arch: u32,
 }
 
+impl Kernel {
+    /// The arch number of the PTX it was loaded from: what `__CUDA_ARCH__` was when it was
+    /// compiled, which some kernels' shapes depend on.
+    pub fn arch(&self) -> u32 {
+        self.arch
+    }
+}
+
 impl std::ops::Deref for Kernel {
     type Target = CudaFunction;
 
