@@ -469,11 +469,17 @@ fn embedding(d: &Dims) -> Result<Case> {
     let ours_both: Run = {
         let (wte, wpe, ids, pos) = (wte.clone(), wpe.clone(), ids.clone(), pos.clone());
         let dy = dy.clone();
+        // The training step's tape holds the ids on the host by its backward (their copy starts
+        // at the forward): the backward groups them by row on the host and runs the kernel,
+        // with no wait for the device. `embedding::backward` adds that wait and the copy (the
+        // row's 2.06 ms on the H200, 2026-12-04, timed them, against the 0.22 ms of device time
+        // the step's profile gave the lookup's backward); the grouping is timed either way.
+        let (ids_host, pos_host) = (ids.to_vec1::<u32>()?, pos.to_vec1::<u32>()?);
         Box::new(move || {
             let y = embedding::fused2(&wte, &ids, &wpe, &pos, dt)?;
             // Each table's gradient sums dY's rows by its own ids.
-            let dwte = embedding::backward(&dy, &ids, v)?;
-            let dwpe = embedding::backward(&dy, &pos, t)?;
+            let dwte = embedding::backward_from_host(&dy, &ids_host, v)?;
+            let dwpe = embedding::backward_from_host(&dy, &pos_host, t)?;
             Ok(vec![y, dwte, dwpe])
         })
     };

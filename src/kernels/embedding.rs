@@ -461,10 +461,17 @@ impl CustomOp1 for Embedding {
 
 /// The fused op's backward for a given `dy` `[..., H]` of the rows `ids` `[...]` read: the
 /// f32 gradient of a `[vocab, H]` table. What candle's autograd calls for [`fused`], here
-/// without a graph (benches/train_ops.rs times it so); it reads the ids on the host, as the
-/// op's own backward does.
+/// without a graph; it copies the ids to the host (a wait for the device), as candle's graph's
+/// backward of the op does. The tape's has them by then: [`backward_from_host`].
 pub fn backward(dy: &Tensor, ids: &Tensor, vocab: usize) -> Result<Tensor> {
     backward_onto(dy, ids, vocab, None)
+}
+
+/// [`backward`] from ids already on the host, as a training step's tape has them by its
+/// backward (their copy starts at the forward, `HostIds`): the grouping by row, its upload and
+/// the kernel, without [`backward`]'s wait for the device and copy of the ids.
+pub fn backward_from_host(dy: &Tensor, ids: &[u32], vocab: usize) -> Result<Tensor> {
+    table_grad(dy, ids, (vocab, 1.0), None)
 }
 
 /// [`backward`] added to `init` (`[vocab, H]`, any float dtype: the gradient so far of a tied
