@@ -2,7 +2,7 @@
 // partials.
 //
 // attn_decode_<dtype>_h<D>_r<R> (bf16/f16, D = 64, 128 or 256): the forward when the G * Tq query
-// rows of a kv head are at most R (R = 1, or 4: GQA groups and short query blocks). A decode
+// rows of a kv head are at most R (R = 1, 2 or 4: GQA groups and short query blocks). A decode
 // step reads every cached key and value once and does two FMAs per element, so it is a
 // stream over the cache: each lane copies 16 bytes (8 values) of a key row and of its value
 // row per step, L = D / 8 lanes share a key, and a warp takes 32 / L consecutive keys (whole
@@ -76,8 +76,9 @@ static_assert(kDecodeRingBytes == (kDecodeStages == 4 ? 32768 : 16384),
 // a few dependent passes over its keys, so a grid one block over what fits runs a second wave
 // at the first one's latency for a sliver of the work: GPT-2's 64 x 12 blocks at 88 registers
 // (5 blocks per SM, 660 on an H200) left 108 for a second wave. At R = 1 six blocks fit in 80
-// registers without spilling (ptxas, sm_80 and sm_90); four rows need their 128.
-template <int R> constexpr int kDecodeMinBlocks = R == 1 ? 6 : 4;
+// registers without spilling (ptxas, sm_80 and sm_90); two rows (Qwen3's and Gemma's two query
+// heads a kv head) spill there on sm_80 and take five (96); four rows need their 128.
+template <int R> constexpr int kDecodeMinBlocks = R == 1 ? 6 : R == 2 ? 5 : 4;
 
 // 8 values of T (16 bytes, as loaded) as f32.
 template <typename T>
@@ -499,14 +500,20 @@ COMBINE_ENTRY(__half, f16)
   }
 
 DECODE_ENTRY(__nv_bfloat16, bf16, 64, 1)
+DECODE_ENTRY(__nv_bfloat16, bf16, 64, 2)
 DECODE_ENTRY(__nv_bfloat16, bf16, 64, 4)
 DECODE_ENTRY(__nv_bfloat16, bf16, 128, 1)
+DECODE_ENTRY(__nv_bfloat16, bf16, 128, 2)
 DECODE_ENTRY(__nv_bfloat16, bf16, 128, 4)
 DECODE_ENTRY(__nv_bfloat16, bf16, 256, 1)
+DECODE_ENTRY(__nv_bfloat16, bf16, 256, 2)
 DECODE_ENTRY(__nv_bfloat16, bf16, 256, 4)
 DECODE_ENTRY(__half, f16, 64, 1)
+DECODE_ENTRY(__half, f16, 64, 2)
 DECODE_ENTRY(__half, f16, 64, 4)
 DECODE_ENTRY(__half, f16, 128, 1)
+DECODE_ENTRY(__half, f16, 128, 2)
 DECODE_ENTRY(__half, f16, 128, 4)
 DECODE_ENTRY(__half, f16, 256, 1)
+DECODE_ENTRY(__half, f16, 256, 2)
 DECODE_ENTRY(__half, f16, 256, 4)

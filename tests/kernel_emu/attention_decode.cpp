@@ -162,7 +162,7 @@ int decode_rows(const Case &c, Impl imp) {
   const bool fits = imp == Impl::Auto && c.dt != Dtype::F32 && mma_dim(c.d);
   const int rows = c.hq / c.hkv * c.tq;
   if (!fits) return 0;
-  return rows == 1 ? 1 : rows <= 4 ? 4 : 0;
+  return rows <= 2 ? rows : rows <= 4 ? 4 : 0;
 }
 
 // Dims::simple_row_blocks: (warps per block, blocks along y).
@@ -190,7 +190,9 @@ int decode_splits(const Case &c) {
 // launcher asks the driver for the kernel's occupancy.
 int decode_stream_splits(const Case &c, int r) {
   const int base = std::max(c.b * c.hkv, 1);
-  const int fit = (r == 1 ? kDecodeMinBlocks<1> : kDecodeMinBlocks<4>) * kSmCount;
+  const int per_sm =
+      r == 1 ? kDecodeMinBlocks<1> : r == 2 ? kDecodeMinBlocks<2> : kDecodeMinBlocks<4>;
+  const int fit = per_sm * kSmCount;
   const int most = std::clamp(div_ceil(keys_seen(c), 256), 1, 64);
   const auto cost = [&](int s) {
     const double waves = div_ceil(base * s, fit);
@@ -204,16 +206,15 @@ int decode_stream_splits(const Case &c, int r) {
 
 // attn_decode_* (or with `fresh`, attn_decode_fresh_*) for head dim d and r rows.
 template <typename T> Kernel decode_kernel(int d, int r, bool fresh);
+#define DECODE_ROWS(SUF, D)                                                                   \
+  {attn_decode_##SUF##_h##D##_r1, attn_decode_##SUF##_h##D##_r2, attn_decode_##SUF##_h##D##_r4}
 #define DECODE_TABLE(T, SUF)                                                                  \
   template <> Kernel decode_kernel<T>(int d, int r, bool fresh) {                             \
-    const Kernel k[2][3][2] = {                                                               \
-        {{attn_decode_##SUF##_h64_r1, attn_decode_##SUF##_h64_r4},                            \
-         {attn_decode_##SUF##_h128_r1, attn_decode_##SUF##_h128_r4},                          \
-         {attn_decode_##SUF##_h256_r1, attn_decode_##SUF##_h256_r4}},                         \
-        {{attn_decode_fresh_##SUF##_h64_r1, attn_decode_fresh_##SUF##_h64_r4},                \
-         {attn_decode_fresh_##SUF##_h128_r1, attn_decode_fresh_##SUF##_h128_r4},              \
-         {attn_decode_fresh_##SUF##_h256_r1, attn_decode_fresh_##SUF##_h256_r4}}};            \
-    return k[fresh][d == 64 ? 0 : d == 128 ? 1 : 2][r != 1];                                  \
+    const Kernel k[2][3][3] = {                                                               \
+        {DECODE_ROWS(SUF, 64), DECODE_ROWS(SUF, 128), DECODE_ROWS(SUF, 256)},                 \
+        {DECODE_ROWS(fresh_##SUF, 64), DECODE_ROWS(fresh_##SUF, 128),                         \
+         DECODE_ROWS(fresh_##SUF, 256)}};                                                     \
+    return k[fresh][d == 64 ? 0 : d == 128 ? 1 : 2][r == 1 ? 0 : r == 2 ? 1 : 2];             \
   }
 DECODE_TABLE(bf16, bf16)
 DECODE_TABLE(f16, f16)
@@ -457,7 +458,7 @@ template <typename T> bool run_fresh(const FreshCase &fc, emu_check::Rng &rng) {
   p.dv = v.data();
   p.o = o.data();
   p.lse = lse.data();
-  const int r = Hq / Hkv == 1 ? 1 : 4;
+  const int r = Hq / Hkv <= 2 ? Hq / Hkv : 4;
   const Dtype dt = std::is_same_v<T, bf16> ? Dtype::BF16 : Dtype::F16;
   const Case c{fc.name, dt, B, Hq, Hkv, 1, cap, cap, D, true, cap - 1, true};
   const int nsplit = decode_stream_splits(c, r);

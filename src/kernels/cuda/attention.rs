@@ -686,7 +686,8 @@ impl FlashAttn {
             && kv.iter().all(|l| starts16(l, dtype));
         match dims.groups() * dims.tq {
             1 if fits => Some(1),
-            2..=4 if fits => Some(4),
+            2 if fits => Some(2),
+            3..=4 if fits => Some(4),
             _ => None,
         }
     }
