@@ -903,6 +903,32 @@ mod gpu {
         }
     }
 
+    /// GPT-2's layout at a test's size: 3 layers of width 128, two heads of 64, 259 tokens.
+    fn small_gpt2() -> ModelConfig {
+        let mut gpt2 = ModelConfig::preset("gpt2").unwrap();
+        gpt2.vocab_size = 259;
+        gpt2.hidden_size = 128;
+        gpt2.intermediate_size = 256;
+        gpt2.num_hidden_layers = 3;
+        gpt2.num_attention_heads = 2;
+        gpt2.num_key_value_heads = 2;
+        gpt2.max_position_embeddings = 128;
+        gpt2
+    }
+
+    /// Llama's layout at a test's size: 2 layers of width 256, four query heads on one kv head.
+    fn small_llama() -> ModelConfig {
+        let mut llama = ModelConfig::preset("llama-tiny").unwrap();
+        llama.vocab_size = 259;
+        llama.hidden_size = 256;
+        llama.intermediate_size = 512;
+        llama.num_hidden_layers = 2;
+        llama.num_attention_heads = 4;
+        llama.num_key_value_heads = 1;
+        llama.max_position_embeddings = 128;
+        llama
+    }
+
     /// The decode step replayed as a CUDA graph against the same fixed-shape step run op by
     /// op: the same kernels at the same shapes, so the same tokens exactly, sampled included;
     /// rows that end early make the engine compact (a new batch size: a new capture), and
@@ -916,23 +942,9 @@ mod gpu {
     /// window of 12 on the first layer, shorter than the sequences: the window's own key mask,
     /// made on the device inside the graph).
     pub fn graph_replay_gives_the_eager_fixed_steps_tokens(dev: &Device) {
-        let mut gpt2 = ModelConfig::preset("gpt2").unwrap();
-        gpt2.vocab_size = 259;
         // Head dim 64: bf16 steps take the decode stream, f32 ones the simple kernel.
-        gpt2.hidden_size = 128;
-        gpt2.intermediate_size = 256;
-        gpt2.num_hidden_layers = 3;
-        gpt2.num_attention_heads = 2;
-        gpt2.num_key_value_heads = 2;
-        gpt2.max_position_embeddings = 128;
-        let mut llama = ModelConfig::preset("llama-tiny").unwrap();
-        llama.vocab_size = 259;
-        llama.hidden_size = 256;
-        llama.intermediate_size = 512;
-        llama.num_hidden_layers = 2;
-        llama.num_attention_heads = 4;
-        llama.num_key_value_heads = 1;
-        llama.max_position_embeddings = 128;
+        let gpt2 = small_gpt2();
+        let llama = small_llama();
         let qwen3 = ModelConfig {
             qk_norm: true,
             head_dim: Some(128),
@@ -1097,22 +1109,7 @@ mod gpu {
             );
             return;
         }
-        let mut gpt2 = ModelConfig::preset("gpt2").unwrap();
-        gpt2.vocab_size = 259;
-        gpt2.hidden_size = 128;
-        gpt2.intermediate_size = 256;
-        gpt2.num_hidden_layers = 3;
-        gpt2.num_attention_heads = 2;
-        gpt2.num_key_value_heads = 2;
-        gpt2.max_position_embeddings = 128;
-        let mut llama = ModelConfig::preset("llama-tiny").unwrap();
-        llama.vocab_size = 259;
-        llama.hidden_size = 256;
-        llama.intermediate_size = 512;
-        llama.num_hidden_layers = 2;
-        llama.num_attention_heads = 4;
-        llama.num_key_value_heads = 1;
-        llama.max_position_embeddings = 128;
+        let (gpt2, llama) = (small_gpt2(), small_llama());
         let tok = Tokenizer::bytes();
         let prompts: Vec<Vec<u32>> = (0..19)
             .map(|i| tok.encode(&format!("p{i} {}", "xy".repeat(i % 4))).unwrap())
