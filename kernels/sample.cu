@@ -14,23 +14,25 @@
 //    min-p then raises the threshold to min_p (the largest weight is exactly 1).
 // 4. target = u * (kept mass), u from the counter-based hash of (row key, pos); the token is
 //    the first index, in vocabulary order, whose running kept mass exceeds target. The row is
-//    cut into one contiguous segment per warp; one pass sums each segment's kept mass (a warp
-//    reads its segment 32 entries at a time), their running sums (in warp order) name the
-//    segment that holds the target, and that one warp scans its segment with warp prefix sums,
-//    no block barrier per step. (A block-wide scan over the whole row in chunks of blockDim.x
-//    cost four barriers a chunk, ~100 chunks at GPT-2's vocabulary: tens of microseconds a
-//    decode step.)
-// Each pass over a row is unrolled 4x, so that a thread has four loads in flight before the
-// first is used (its order of accumulation is unchanged). The two passes every draw makes (the
-// argmax, and the segments' masses) read 16 bytes a load where the row starts on a 16-byte
-// boundary and no hold mask or penalty applies: a row of GPT-2's vocabulary is 100 KB read by one
-// block, which 2-byte loads leave latency-bound.
+//    read in chunks of 256 (a lane's 8 consecutive entries each), chunk c by warp c % 16. One
+//    pass writes every chunk's kept mass to shared memory; one warp then takes their running
+//    sums (a warp scan per 32 chunks), bisects them for the chunk that holds the target, and
+//    reads that one chunk again: a warp scan of its lanes' masses names the lane, which walks
+//    its 8 entries. (Before, the warp that held the target walked its whole 1/16 of the row
+//    32 entries a step, one dependent load a step: ~100 steps at GPT-2's vocabulary, tens of
+//    microseconds a decode step.)
+// The argmax pass and the masses' pass load 16 bytes of logits (and 32 of the hold mask, f32)
+// at a time where the row and the mask start on 16-byte boundaries and no penalty applies,
+// and each is unrolled 4x, so that a thread has four chunks' loads in flight before the first
+// is used. Rows of GPT-2's vocabulary are 100 KB read by one block; 2-byte loads left those
+// passes latency-bound (the bench's rows are held back from their stop ids for every draw:
+// `min_new_tokens`).
 // Sums are f32 trees here and sequential f64 in the reference, so a draw whose u falls within
 // rounding of a bucket edge may pick the neighbour; greedy is exact. Where rounding leaves the
-// target at or past the mass the chosen warp finds, the token is the last kept one of its
-// segment (the last kept one of the row when the target is past every segment).
+// target at or past the mass the chosen chunk (or lane) finds, the token is the last kept one
+// of it (of the last chunk with kept mass where the target is past every chunk).
 //
-// Launch: grid (B), block kThreads; reads p.logits [B, V] in the model's dtype (rows p.ld
+// Launch: grid (B), block kThreads, V <= kMaxChunks * kChunk; reads p.logits [B, V] in the model's dtype (rows p.ld
 // elements apart, each contiguous; converted to f32 as they are read, exactly as the
 // reference's cast does), p.keys [B] (and p.hold [V] while it applies, p.seen [B, V] with a
 // penalty), writes p.out [B] u32 and, with p.seen, marks each row's drawn token in it.
@@ -68,6 +70,8 @@ namespace sample {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
+constexpr int kChunk = 256;  // entries a warp reads at a time: 8 a lane
+constexpr int kMaxChunks = 2048;  // V <= 524,288 (src/kernels/cuda/sample.rs checks)
 
 static __device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
   z += 0x9E3779B97F4A7C15ull;
@@ -165,10 +169,64 @@ static __device__ float threshold(const Row<T> &r, bool by_count, float k_or_goa
   return fmaxf(__uint_as_float(lo), floor);
 }
 
+// Entries i..i+7 of the row (i a multiple of 8) as the draw sees them, hold and penalty
+// applied; entries past the row are -inf.
+template <typename T>
+static __device__ __forceinline__ void logits8(const Row<T> &r, int i, float (&x)[8]) {
+#pragma unroll
+  for (int k = 0; k < 8; ++k) x[k] = i + k < r.v ? r.logit(i + k) : __int_as_float(0xff800000);
+}
+// The same for a whole 8 inside the row, by one 16-byte load of T (two of f32) and two of the
+// hold mask: the row and the mask start 16-byte aligned, and no penalty applies.
+template <typename T>
+static __device__ __forceinline__ void logits8_vec(const Row<T> &r, int i, float (&x)[8]) {
+  constexpr int N = kVec<T>;
+#pragma unroll
+  for (int h = 0; h < 8; h += N) {
+    float part[N];
+    load_vec(r.z, i + h, part);
+#pragma unroll
+    for (int k = 0; k < N; ++k) x[h + k] = part[k];
+  }
+  if (r.hold) {
+    const float4 h0 = *reinterpret_cast<const float4 *>(r.hold + i);
+    const float4 h1 = *reinterpret_cast<const float4 *>(r.hold + i + 4);
+    x[0] += h0.x, x[1] += h0.y, x[2] += h0.z, x[3] += h0.w;
+    x[4] += h1.x, x[5] += h1.y, x[6] += h1.z, x[7] += h1.w;
+  }
+}
+
+// f(c, i, x) for every chunk c of this warp (c % kWarps == warp) in increasing order, x the
+// lane's 8 entries from i. With `vec`, the chunks wholly inside the row take logits8_vec in a
+// loop of their own: no branch between the chunks' loads, which the unrolling issues together.
+// Warp-uniform: every lane of a warp makes the same calls.
+template <typename T, typename F>
+static __device__ __forceinline__ void each_chunk(const Row<T> &r, bool vec, F f) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int chunks = (r.v + kChunk - 1) / kChunk;
+  const int full = vec ? r.v / kChunk : 0;
+#pragma unroll 4
+  for (int c = warp; c < full; c += kWarps) {
+    const int i = c * kChunk + lane * 8;
+    float x[8];
+    logits8_vec(r, i, x);
+    f(c, i, x);
+  }
+#pragma unroll 2
+  for (int c = full + (warp - full % kWarps + kWarps) % kWarps; c < chunks; c += kWarps) {
+    const int i = c * kChunk + lane * 8;
+    float x[8];
+    logits8(r, i, x);
+    f(c, i, x);
+  }
+}
+
 template <typename T> static __device__ void sample_row(const SampleParams &p) {
   __shared__ float sval[kWarps];
   __shared__ int sidx[kWarps];
   __shared__ float scratch[32];
+  __shared__ float cmass[kMaxChunks];  // each chunk's kept mass
+  __shared__ float cpref[kMaxChunks];  // their running sums, in chunk order
   const int row = blockIdx.x;
   const unsigned long long pos = p.pos_at ? (unsigned long long)*p.pos_at : p.pos;
   const float *hold = p.hold && pos < p.hold_until ? p.hold : nullptr;
@@ -183,29 +241,18 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
     if (p.seen) p.seen[at + token] = 1;
   };
 
-  constexpr int N = kVec<T>;
-  // 16-byte loads: the row starts on a 16-byte boundary and no hold mask or penalty is added.
-  const bool vec =
-      hold == nullptr && seen == nullptr && reinterpret_cast<uintptr_t>(r.z) % 16 == 0;
+  const bool vec = seen == nullptr && reinterpret_cast<uintptr_t>(r.z) % 16 == 0 &&
+                   (hold == nullptr || reinterpret_cast<uintptr_t>(hold) % 16 == 0);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int chunks = (r.v + kChunk - 1) / kChunk;
   float best = __int_as_float(0xff800000);  // -inf
   int arg = 0x7fffffff;
   // Each thread sees its indices in increasing order, so `>` keeps its first of a tie.
-  int scalar_from = 0;
-  if (vec) {
-    scalar_from = r.v / N * N;
-    for (int i = threadIdx.x * N; i < scalar_from; i += kThreads * N) {
-      float x[N];
-      load_vec(r.z, i, x);
+  each_chunk(r, vec, [&](int, int i, const float (&x)[8]) {
 #pragma unroll
-      for (int k = 0; k < N; ++k)
-        if (x[k] > best) best = x[k], arg = i + k;
-    }
-  }
-#pragma unroll 4
-  for (int i = scalar_from + threadIdx.x; i < r.v; i += kThreads) {
-    const float z = r.logit(i);
-    if (z > best) best = z, arg = i;
-  }
+    for (int k = 0; k < 8; ++k)
+      if (x[k] > best) best = x[k], arg = i + k;
+  });
   block_argmax(best, arg, sval, sidx);
   if (p.greedy) {
     if (threadIdx.x == 0) emit(arg == 0x7fffffff ? 0 : arg);
@@ -220,75 +267,102 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
     t = threshold(r, false, goal, t, scratch);
   }
   if (p.min_p > 0.f) t = fmaxf(t, p.min_p);
-  // Each warp's segment: [w * seg, min((w + 1) * seg, v)), seg a multiple of 32.
-  __shared__ float smass[kWarps];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int seg = (r.v + kThreads - 1) / kThreads * 32;
   // A zero weight (a logit masked to -inf, or one that underflows) is never kept: with no
   // top-k threshold (t = 0) it would otherwise count, and the fallback could pick it.
   auto kept = [&](float x) { return x >= t && x > 0.f ? x : 0.f; };
-  auto kept_w = [&](int i) { return kept(i < r.v ? r.w(i) : 0.f); };
-  {
-    const int lo = warp * seg, hi = min(lo + seg, r.v);
-    float m = 0.f;
-    // lo is a multiple of 32 elements, so on a 16-byte aligned row so is its address.
-    int scalar_lo = lo;
-    if (vec && hi > lo) {
-      scalar_lo = lo + (hi - lo) / N * N;
-      for (int i = lo + lane * N; i < scalar_lo; i += 32 * N) {
-        float x[N];
-        load_vec(r.z, i, x);
+  // A lane's 8 kept weights and their sum, in index order.
+  auto kept8 = [&](const float (&x)[8], float (&w)[8]) {
+    float s = 0.f;
 #pragma unroll
-        for (int k = 0; k < N; ++k) m += kept(r.weight(x[k]));
-      }
+    for (int k = 0; k < 8; ++k) {
+      w[k] = kept(r.weight(x[k]));
+      s += w[k];
     }
-#pragma unroll 4
-    for (int i = scalar_lo + lane; i < hi; i += 32) m += kept_w(i);
-    m = warp_sum(m);
-    if (lane == 0) smass[warp] = m;
-  }
+    return s;
+  };
+  each_chunk(r, vec, [&](int c, int, const float (&x)[8]) {
+    float w[8];
+    const float m = warp_sum(kept8(x, w));
+    if (lane == 0) cmass[c] = m;
+  });
   __syncthreads();
-  // Every thread walks the segments' running sums alike: the first whose running sum exceeds
-  // the target, else (rounding) the last with any kept mass.
-  float total = 0.f;
-  for (int w = 0; w < kWarps; ++w) total += smass[w];
-  const float target = uniform((unsigned long long)p.keys[row], pos) * total;
-  int chosen = -1;
-  float before = 0.f, acc = 0.f;
-  for (int w = 0; w < kWarps; ++w) {
-    if (smass[w] <= 0.f) continue;
-    chosen = w, before = acc;
-    acc += smass[w];
-    if (acc > target) break;
-  }
-  if (chosen < 0) {  // nothing kept (every logit held back): token 0, as the reference
-    if (threadIdx.x == 0) emit(0);
-    return;
-  }
-  if (warp != chosen) return;
-  const int lo = chosen * seg, hi = min(lo + seg, r.v);
-  float running = before;
-  int last_kept = -1;
-  for (int base = lo; base < hi; base += 32) {
-    const int i = base + lane;
-    const float x = i < hi ? kept_w(i) : 0.f;
-    float incl = x;
+  if (warp != 0) return;
+
+  // One warp from here. The chunks' running sums, 32 chunks a scan.
+  float carry = 0.f;
+  for (int c0 = 0; c0 < chunks; c0 += 32) {
+    const int c = c0 + lane;
+    float incl = c < chunks ? cmass[c] : 0.f;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
       const float y = __shfl_up_sync(0xffffffffu, incl, o);
       if (lane >= o) incl += y;
     }
-    const unsigned hits = __ballot_sync(0xffffffffu, x > 0.f && running + incl > target);
-    if (hits != 0u) {
-      if (lane == 0) emit(base + __ffs(hits) - 1);
-      return;
-    }
-    const unsigned kept = __ballot_sync(0xffffffffu, x > 0.f);
-    if (kept != 0u) last_kept = base + 31 - __clz(kept);
-    running += __shfl_sync(0xffffffffu, incl, 31);
+    incl += carry;
+    if (c < chunks) cpref[c] = incl;
+    carry = __shfl_sync(0xffffffffu, incl, 31);
   }
-  // Rounding left the target at or past the mass this scan found: its last kept token.
-  if (lane == 0) emit(max(last_kept, 0));
+  __syncwarp();
+  const float total = carry;
+  if (!(total > 0.f)) {  // nothing kept (every logit held back): token 0, as the reference
+    if (lane == 0) emit(0);
+    return;
+  }
+  const float target = uniform((unsigned long long)p.keys[row], pos) * total;
+  // The first chunk whose running sum exceeds the target (its own mass is then > 0) ...
+  int lo = 0, hi = chunks;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (cpref[mid] > target) hi = mid; else lo = mid + 1;
+  }
+  int chosen = lo;
+  if (chosen == chunks) {
+    // ... else (rounding) the last chunk with any kept mass.
+    for (int c0 = (chunks - 1) / 32 * 32; c0 >= 0; c0 -= 32) {
+      const int c = c0 + lane;
+      const unsigned any = __ballot_sync(0xffffffffu, c < chunks && cmass[c] > 0.f);
+      if (any != 0u) {
+        chosen = c0 + 31 - __clz(any);
+        break;
+      }
+    }
+  }
+  // The chosen chunk again: its lanes' masses scanned name the lane that holds the target.
+  const float before = chosen > 0 ? cpref[chosen - 1] : 0.f;
+  const int i = chosen * kChunk + lane * 8;
+  float x[8], w[8];
+  if (vec && i + 8 <= r.v)
+    logits8_vec(r, i, x);
+  else
+    logits8(r, i, x);
+  const float mine = kept8(x, w);
+  float incl = mine;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const float y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  float excl = __shfl_up_sync(0xffffffffu, incl, 1);
+  if (lane == 0) excl = 0.f;
+  const unsigned hits = __ballot_sync(0xffffffffu, mine > 0.f && before + incl > target);
+  // Rounding left the target at or past the mass this chunk sums to: its last kept token.
+  const unsigned with_mass = __ballot_sync(0xffffffffu, mine > 0.f);
+  const int holder = hits != 0u ? __ffs(hits) - 1 : 31 - __clz(with_mass);
+  if (lane != holder) return;
+  float running = before + excl;
+  int last = -1;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    if (w[k] > 0.f) {
+      running += w[k];
+      last = i + k;
+      if (hits != 0u && running > target) {
+        emit(i + k);
+        return;
+      }
+    }
+  }
+  emit(last);  // rounding again, within the lane: its last kept token
 }
 
 }  // namespace sample

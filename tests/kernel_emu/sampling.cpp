@@ -832,6 +832,10 @@ int main(int argc, char **argv) {
       {"greedy bf16 V50257 padded rows ties", bf, 5, 50257, 2.f, greedy, kTies | kPadded},
       {"top-k50 top-p0.9 f16 V259 padded rows", f16, 6, 259, 2.f, {1.3f, 50, 0.9f}, kPadded | kUEnds},
       {"T0.7 f32 V37 x81 padded rows", f32, 81, 37, 1.f, {0.7f, 0, 1.f}, kDistribution | kPadded},
+      // The generation bench's draw: stop ids held back (16-byte loads of the logits and the
+      // mask), rows padded to a multiple of 8.
+      {"T0.7 bf16 V50257 padded rows held", bf, 5, 50257, 2.f, {0.7f, 0, 1.f},
+       kPadded | kHeld | kUEnds},
       {"greedy pen1.3 bf16 V1003 padded rows seen held", bf, 4, 1003, 1.f,
        {0.f, 0, 1.f, 0.f, 1.3f}, kSeen | kHeld | kPadded},
       {"min-p0.05 pen1.2 bf16 V1003 padded rows seen", bf, 3, 1003, 2.f,

@@ -43,6 +43,9 @@ impl KernelParams for SampleParams {
 
 /// Threads per block (`kThreads` in the kernel).
 const THREADS: u32 = 512;
+/// The longest row the kernel's shared memory holds the chunk sums of
+/// (`kMaxChunks * kChunk` in the kernel).
+const MAX_VOCAB: usize = 2048 * 256;
 
 /// `[B]` u32 ids sampled from `logits` (`[B, V]`: f32, bf16 and f16 are read as they are and
 /// converted in registers, so no f32 copy of the logits is made per decode step; other
@@ -72,6 +75,9 @@ pub fn sample(
     }
     if v == 0 {
         candle_core::bail!("sample: empty vocabulary");
+    }
+    if v > MAX_VOCAB {
+        candle_core::bail!("sample: a vocabulary of {v} is past the kernel's {MAX_VOCAB}");
     }
     let logits = match logits.dtype() {
         DType::F32 | DType::BF16 | DType::F16 if row_stride(logits.layout()).is_some() => {
