@@ -129,45 +129,7 @@ template <typename T> struct Row {
   }
   // The weight of a logit z already read (with its hold, if any).
   __device__ __forceinline__ float weight(float z) const { return expf((z - m) * inv_temp); }
-  __device__ __forceinline__ float w(int i) const { return weight(logit(i)); }
 };
-
-// #{w_i >= t} over the block (exact in f32 for V < 2^24).
-template <typename T>
-static __device__ __forceinline__ float count_at_least(const Row<T> &r, float t, float *scratch) {
-  float c = 0.f;
-#pragma unroll 4
-  for (int i = threadIdx.x; i < r.v; i += kThreads) c += r.w(i) >= t ? 1.f : 0.f;
-  return block_sum(c, scratch);
-}
-
-// Mass of the w_i >= t over the block.
-template <typename T>
-static __device__ __forceinline__ float mass_at_least(const Row<T> &r, float t, float *scratch) {
-  float s = 0.f;
-#pragma unroll 4
-  for (int i = threadIdx.x; i < r.v; i += kThreads) {
-    const float x = r.w(i);
-    s += x >= t ? x : 0.f;
-  }
-  return block_sum(s, scratch);
-}
-
-// The reference's `largest_threshold` for "at least k kept" (top-k) or "mass at least goal,
-// above floor" (top-p): bisection over the bits of f32 in [0, 1].
-template <typename T>
-static __device__ float threshold(const Row<T> &r, bool by_count, float k_or_goal, float floor,
-                                  float *scratch) {
-  unsigned int lo = 0u, hi = __float_as_uint(1.0f) + 1u;
-  while (hi - lo > 1u) {
-    const unsigned int mid = lo + (hi - lo) / 2u;
-    const float t = fmaxf(__uint_as_float(mid), floor);
-    const bool holds = by_count ? count_at_least(r, t, scratch) >= k_or_goal
-                                : mass_at_least(r, t, scratch) >= k_or_goal;
-    if (holds) lo = mid; else hi = mid;
-  }
-  return fmaxf(__uint_as_float(lo), floor);
-}
 
 // Entries i..i+7 of the row (i a multiple of 8) as the draw sees them, hold and penalty
 // applied; entries past the row are -inf.
@@ -221,6 +183,49 @@ static __device__ __forceinline__ void each_chunk(const Row<T> &r, bool vec, F f
   }
 }
 
+// #{w_i >= t} over the block (exact in f32 for V < 2^24). Entries past the row weigh 0 < t.
+template <typename T>
+static __device__ __forceinline__ float count_at_least(const Row<T> &r, bool vec, float t,
+                                                       float *scratch) {
+  float c = 0.f;
+  each_chunk(r, vec, [&](int, int, const float (&x)[8]) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) c += r.weight(x[k]) >= t ? 1.f : 0.f;
+  });
+  return block_sum(c, scratch);
+}
+
+// Mass of the w_i >= t over the block.
+template <typename T>
+static __device__ __forceinline__ float mass_at_least(const Row<T> &r, bool vec, float t,
+                                                      float *scratch) {
+  float s = 0.f;
+  each_chunk(r, vec, [&](int, int, const float (&x)[8]) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const float w = r.weight(x[k]);
+      s += w >= t ? w : 0.f;
+    }
+  });
+  return block_sum(s, scratch);
+}
+
+// The reference's `largest_threshold` for "at least k kept" (top-k) or "mass at least goal,
+// above floor" (top-p): bisection over the bits of f32 in [0, 1], a pass over the row a step.
+template <typename T>
+static __device__ float threshold(const Row<T> &r, bool vec, bool by_count, float k_or_goal,
+                                  float floor, float *scratch) {
+  unsigned int lo = 0u, hi = __float_as_uint(1.0f) + 1u;
+  while (hi - lo > 1u) {
+    const unsigned int mid = lo + (hi - lo) / 2u;
+    const float t = fmaxf(__uint_as_float(mid), floor);
+    const bool holds = by_count ? count_at_least(r, vec, t, scratch) >= k_or_goal
+                                : mass_at_least(r, vec, t, scratch) >= k_or_goal;
+    if (holds) lo = mid; else hi = mid;
+  }
+  return fmaxf(__uint_as_float(lo), floor);
+}
+
 template <typename T> static __device__ void sample_row(const SampleParams &p) {
   __shared__ float sval[kWarps];
   __shared__ int sidx[kWarps];
@@ -261,10 +266,10 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
   r.m = best;
 
   float t = 0.f;
-  if (p.top_k > 0 && p.top_k < p.v) t = threshold(r, true, (float)p.top_k, 0.f, scratch);
+  if (p.top_k > 0 && p.top_k < p.v) t = threshold(r, vec, true, (float)p.top_k, 0.f, scratch);
   if (p.top_p < 1.f) {
-    const float goal = p.top_p * mass_at_least(r, t, scratch);
-    t = threshold(r, false, goal, t, scratch);
+    const float goal = p.top_p * mass_at_least(r, vec, t, scratch);
+    t = threshold(r, vec, false, goal, t, scratch);
   }
   if (p.min_p > 0.f) t = fmaxf(t, p.min_p);
   // A zero weight (a logit masked to -inf, or one that underflows) is never kept: with no

@@ -361,11 +361,14 @@ template <typename T> bool check_greedy(const Case &c, emu_check::Rng &rng) {
 
 // Rounding of the kernel's f32 sums (the running mass at a token, and u times the kept mass)
 // relative to the kept mass: at most (additions on the longest path) * 2^-24 (the standard
-// bound for recursive summation): per thread ceil(V / 512) terms, 5 + 4 tree levels, 15
-// warps before this one, one add per earlier chunk, the product with u.
+// bound for recursive summation). The kernel's longest path: a lane's 8 entries, a warp's 5
+// tree levels (a chunk's mass), the chunks' scan (5 levels, one carry per 32 chunks before),
+// the chosen chunk's lane scan (5) and the lane's walk (8), the product with u: under
+// 40 + V / 8192. The nucleus mass (per thread 8 entries of each of its ceil(V / 4096) chunk
+// rounds, 5 + 4 tree levels) is under 10 + V / 512. The bound below covers both.
 double rounding(int v) {
-  const double chunks = (v + 511) / 512;
-  return (2 * chunks + 40) * std::ldexp(1.0, -24);
+  const double per_512 = (v + 511) / 512;
+  return (2 * per_512 + 40) * std::ldexp(1.0, -24);
 }
 
 struct Verdict {
