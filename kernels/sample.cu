@@ -314,15 +314,25 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
     return;
   }
   const float target = uniform((unsigned long long)p.keys[row], pos) * total;
-  // The first chunk whose running sum exceeds the target (its own mass is then > 0) ...
+  // A chunk whose running sum exceeds the target where the one before does not. The scan's
+  // tree rounds each lane's sum its own way, so the running sums may dip by an ulp or rise
+  // at a chunk with no kept mass: that chunk stands for the next one with mass ...
   int lo = 0, hi = chunks;
   while (lo < hi) {
     const int mid = (lo + hi) / 2;
     if (cpref[mid] > target) hi = mid; else lo = mid + 1;
   }
-  int chosen = lo;
+  int chosen = chunks;
+  for (int c0 = lo / 32 * 32; c0 < chunks; c0 += 32) {
+    const int c = c0 + lane;
+    const unsigned any = __ballot_sync(0xffffffffu, c >= lo && c < chunks && cmass[c] > 0.f);
+    if (any != 0u) {
+      chosen = c0 + __ffs(any) - 1;
+      break;
+    }
+  }
   if (chosen == chunks) {
-    // ... else (rounding) the last chunk with any kept mass.
+    // ... and past the last chunk with mass (rounding), the target falls in that chunk.
     for (int c0 = (chunks - 1) / 32 * 32; c0 >= 0; c0 -= 32) {
       const int c = c0 + lane;
       const unsigned any = __ballot_sync(0xffffffffu, c < chunks && cmass[c] > 0.f);
