@@ -390,6 +390,11 @@ pub struct ExportArgs {
     /// Merge LoRA adapters into the base weights (what temper and hf always do).
     #[arg(long, default_value_t = true)]
     pub merge: bool,
+    /// Write into an --out that already holds files: those export writes are replaced, the
+    /// rest left as they are. Without it such an --out is refused (a Hugging Face model's
+    /// directory, say, would have its weights and config replaced by another model's).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Subcommand, Debug)]

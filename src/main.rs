@@ -311,7 +311,7 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
 }
 
 fn export_cmd(a: &ExportArgs) -> Result<()> {
-    stages::export::export(&a.checkpoint, &a.out, a.format)?;
+    stages::export::export(&a.checkpoint, &a.out, a.format, a.overwrite)?;
     outln!("wrote {} ({:?})", a.out.display(), a.format);
     Ok(())
 }

@@ -154,6 +154,44 @@ fn exporting_an_import_writes_back_the_same_tensors_bit_for_bit() {
     }
 }
 
+/// An export into a directory that already holds files (a user's Hugging Face model, say) is
+/// refused, leaving it as it was, unless `--overwrite` asks for it; one into the directory it
+/// reads from, or one holding it, is refused even then.
+#[test]
+fn export_refuses_a_non_empty_out_unless_asked_and_never_its_own_checkpoint() {
+    let d = tmp();
+    let theirs = p(d.path(), "theirs");
+    export(&fixture("gpt2"), &theirs, "hf");
+    let before = std::fs::read(theirs.join("model.safetensors")).unwrap();
+    let llama = fixture("llama");
+    let args = |from: &Path, out: &Path, extra: &[&'static str]| {
+        let mut a = vec!["export".to_string(), "--checkpoint".into()];
+        a.push(from.to_str().unwrap().into());
+        a.extend(["--out".into(), out.to_str().unwrap().into()]);
+        a.extend(["--format".into(), "hf".into()]);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let e = run_err(&strs(&args(&llama, &theirs, &[])));
+    assert!(e.contains("not empty") && e.contains("--overwrite"), "{e}");
+    assert_eq!(
+        std::fs::read(theirs.join("model.safetensors")).unwrap(),
+        before
+    );
+    assert_eq!(config_of(&theirs)["model_type"], "gpt2");
+
+    run_ok(&strs(&args(&llama, &theirs, &["--overwrite"])));
+    assert_eq!(config_of(&theirs)["model_type"], "llama");
+    let (net, _) = load(&theirs);
+    let e = expected(&llama);
+    assert!(max_diff(&net, &ids_of(&e["input_ids"][0]), &e["logits"][0]) <= 1e-4);
+
+    for out in [theirs.as_path(), d.path()] {
+        let e = run_err(&strs(&args(&theirs, out, &["--overwrite"])));
+        assert!(e.contains("holds the checkpoint being exported"), "{e}");
+    }
+}
+
 /// Gemma 3's image-and-text model (4B and up) is read as its language model: the vision tower
 /// is left out, the full layers' linear rotary scaling kept, and the export is that language
 /// model (`Gemma3ForCausalLM`), its tensors the originals' bit for bit.

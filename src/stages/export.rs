@@ -29,13 +29,45 @@ pub enum Format {
     Peft,
 }
 
-pub fn export(checkpoint: &Path, out: &Path, format: Format) -> Result<()> {
+/// `overwrite`: write into an `out` that already holds files (never the checkpoint's own
+/// directory, or one holding it).
+pub fn export(checkpoint: &Path, out: &Path, format: Format, overwrite: bool) -> Result<()> {
+    check_out(checkpoint, out, overwrite)?;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     match format {
         Format::Temper => temper(checkpoint, out),
         Format::Hf => hf_dir(checkpoint, out),
         Format::Peft => peft(checkpoint, out),
     }
+}
+
+/// An `out` that holds files is refused unless `overwrite` says to write into it; one that is
+/// or holds the checkpoint being read always is: the export would replace the files it reads
+/// (or mix its own into a run directory) and a failure halfway would leave neither whole.
+fn check_out(checkpoint: &Path, out: &Path, overwrite: bool) -> Result<()> {
+    let Ok(mut entries) = std::fs::read_dir(out) else {
+        return Ok(()); // absent (created next), or not a directory (which that says)
+    };
+    if let (Ok(o), Ok(c)) = (out.canonicalize(), checkpoint.canonicalize()) {
+        if c.starts_with(&o) {
+            bail!(
+                "--out {}: holds the checkpoint being exported ({}); export into another directory",
+                out.display(),
+                checkpoint.display()
+            );
+        }
+    }
+    if let (Some(first), false) = (entries.next(), overwrite) {
+        let name = first.map_or_else(
+            |_| "?".into(),
+            |e| e.file_name().to_string_lossy().into_owned(),
+        );
+        bail!(
+            "--out {}: not empty (it holds {name}, among others maybe); pass --overwrite to write into it anyway (files of the same names are replaced), or choose a new directory",
+            out.display()
+        );
+    }
+    Ok(())
 }
 
 fn temper(checkpoint: &Path, out: &Path) -> Result<()> {
