@@ -21,10 +21,11 @@
 //    its 8 entries. (Before, the warp that held the target walked its whole 1/16 of the row
 //    32 entries a step, one dependent load a step: ~100 steps at GPT-2's vocabulary, tens of
 //    microseconds a decode step.)
-// The argmax pass and the masses' pass load 16 bytes of logits (and 32 of the hold mask, f32)
-// at a time where the row and the mask start on 16-byte boundaries and no penalty applies,
-// and each is unrolled 4x, so that a thread has four chunks' loads in flight before the first
-// is used. Rows of GPT-2's vocabulary are 100 KB read by one block; 2-byte loads left those
+// Every pass over the row (the argmax, top-k's and top-p's bisection steps, the masses) loads
+// a lane's 8 entries by 16-byte loads (16 bytes of logits, 32 of f32 ones, and 32 of the hold
+// mask) where the row and the mask start on 16-byte boundaries and no penalty applies, and
+// the loop over a warp's whole chunks is unrolled 4x, so that a thread has four chunks' loads
+// in flight before the first is used. Rows of GPT-2's vocabulary are 100 KB read by one block; 2-byte loads left those
 // passes latency-bound (the bench's rows are held back from their stop ids for every draw:
 // `min_new_tokens`).
 // Sums are f32 trees here and sequential f64 in the reference, so a draw whose u falls within

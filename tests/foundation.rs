@@ -1159,6 +1159,61 @@ fn pretraining_learns_from_token_shards() {
     );
 }
 
+/// The run's saved configuration names its files by absolute paths, so that a run started
+/// with relative ones (in its config file, from its directory) resumes from any other
+/// directory and reads the same files.
+#[test]
+fn a_run_with_relative_paths_resumes_from_another_directory() {
+    let d = tmp();
+    let (work, elsewhere) = (p(d.path(), "work"), p(d.path(), "elsewhere"));
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let words = "the quick brown fox jumps over the lazy dog. ".repeat(200);
+    std::fs::write(work.join("corpus.txt"), words).unwrap();
+    let toml = format!("{TINY_TOML}checkpoint_every = 1\n\n[data]\npath = \"corpus.txt\"\n");
+    std::fs::write(work.join("c.toml"), toml).unwrap();
+    let run = |dir: &Path, args: &[&str]| {
+        let out = temper().current_dir(dir).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            out.status.success(),
+            "temper {args:?} in {}:\n{err}",
+            dir.display()
+        );
+    };
+    let common = ["--device", "cpu"];
+    run(
+        &work,
+        &[
+            &[
+                "pretrain", "--config", "c.toml", "--out", "run", "--steps", "2",
+            ],
+            &common[..],
+        ]
+        .concat(),
+    );
+    let saved = std::fs::read_to_string(work.join("run/config.toml")).unwrap();
+    let corpus = std::path::absolute(work.join("corpus.txt")).unwrap();
+    assert!(
+        saved.contains(&format!("path = \"{}\"", corpus.display())),
+        "{saved}"
+    );
+    run(
+        &elsewhere,
+        &[
+            &["pretrain", "--resume", "../work/run", "--steps", "4"],
+            &common[..],
+        ]
+        .concat(),
+    );
+    let steps: Vec<u64> = metrics(&work.join("run"))
+        .iter()
+        .filter(|m| m["split"] == "train")
+        .map(|m| m["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps.last(), Some(&4), "{steps:?}");
+}
+
 /// A run directory holds one run: a fresh start into one that holds a run is refused (its
 /// checkpoints and metrics untouched), `--overwrite` starts it over with the old run's files
 /// gone, and a resume with no steps left to train is refused before it writes anything.

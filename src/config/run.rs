@@ -434,8 +434,47 @@ impl RunConfig {
         Ok(())
     }
 
+    /// `config.toml` in the run directory, every relative path in it made absolute (see
+    /// [`RunConfig::with_absolute_paths`]).
     pub fn save(&self, run_dir: &Path) -> Result<()> {
-        write_toml(&run_dir.join("config.toml"), self)
+        write_toml(&run_dir.join("config.toml"), &self.with_absolute_paths()?)
+    }
+
+    /// The configuration with its relative paths (data, eval data, tokenizer, chat template,
+    /// init, value model, teacher, reward models) made absolute against the current
+    /// directory, which is where the run reads them from: a run resumed from another directory
+    /// (`--resume`) then reads the same files. A `cmd:` reward's command line is left as it is,
+    /// run by `sh` in the directory temper runs in.
+    pub fn with_absolute_paths(&self) -> Result<Self> {
+        fn abs(p: &mut PathBuf) -> Result<()> {
+            *p = std::path::absolute(&*p).with_context(|| format!("{}", p.display()))?;
+            Ok(())
+        }
+        let mut c = self.clone();
+        let d = &mut c.data;
+        let opts = [
+            &mut d.path,
+            &mut d.tokenizer,
+            &mut d.chat_template,
+            &mut d.eval_path,
+            &mut c.init,
+            &mut c.ppo.value_init,
+            &mut c.distill.teacher,
+        ];
+        for p in opts.into_iter().flatten() {
+            abs(p)?;
+        }
+        let specs = [
+            &mut c.ppo.rewards,
+            &mut c.grpo.rewards,
+            &mut c.online_dpo.rewards,
+        ];
+        for spec in specs.into_iter().flatten() {
+            if let super::stages::RewardSource::Model(p) = &mut spec.source {
+                abs(p)?;
+            }
+        }
+        Ok(c)
     }
 }
 

@@ -3,8 +3,9 @@
 // here from src/kernels/sample.rs and src/kernels/decode_step.rs, with the launches of
 // src/kernels/cuda/sample.rs and src/kernels/cuda/decode_step.rs.
 //
-// Sampling, on fresh random logits (f32, bf16, f16; vocabularies 37, 1000, 50257; batches off
-// multiples of 8; rows whose largest logit repeats, in one thread's stride and across warps):
+// Sampling, on fresh random logits (f32, bf16, f16; vocabularies 1, 3, 37, 256, 264, 1000,
+// 50257; batches off multiples of 8; rows whose largest logit repeats, in one thread's stride
+// and across warps; a hold mask off a 16-byte boundary):
 // - greedy: the first index of the largest (held) logit, exactly;
 // - sampled: every token is kept (weight > 0, in the top-k set exactly, in the top-p nucleus
 //   computed in f64), and equals the reference's draw with the same uniform over the same
@@ -13,7 +14,8 @@
 // - keys chosen (by inverting splitmix64) so that u = 0 and u = 1 - 2^-24 exactly, and a row
 //   built so that rounding sends the draw to the kernel's fallback (the last kept token);
 // - stop ids held back (the `hold` mask) on the last draw below `hold_until`, and not on the
-//   first at it; the draw index read from the device (`pos_at`);
+//   first at it; every token held (token 0, greedy or drawn); the draw index read from the
+//   device (`pos_at`);
 // - the distribution of many draws of one row, against its softmax (chi-square);
 // - min-p, and the repetition penalty over a seen mask (each row's largest logit among the
 //   seen, penalties above and below 1): the reference sees the penalised logits, and every
@@ -180,6 +182,7 @@ struct Draw {
 struct Hold {
   const std::vector<float> *mask = nullptr;  // [V]: 0 or -inf
   uint64_t until = 0;
+  bool misaligned = false;  // handed to the kernel 4 bytes past a 16-byte boundary
 };
 
 // `logits` holds B rows `ld` elements apart (`ld` 0: V, rows back to back).
@@ -195,7 +198,12 @@ std::vector<uint32_t> run_sample(const std::vector<T> &logits, int b, int v,
   p.out = out.data();
   p.pos = draw.device ? 0 : draw.at;
   p.pos_at = draw.device;
-  p.hold = hold.mask ? hold.mask->data() : nullptr;
+  std::vector<float> shifted;  // the mask one float into a buffer: off 16-byte alignment
+  if (hold.mask && hold.misaligned) {
+    shifted.assign(hold.mask->size() + 4, 0.f);
+    std::copy(hold.mask->begin(), hold.mask->end(), shifted.begin() + 1);
+  }
+  p.hold = !hold.mask ? nullptr : hold.misaligned ? shifted.data() + 1 : hold.mask->data();
   p.hold_until = hold.mask ? hold.until : 0;
   p.b = b;
   p.v = v;
@@ -233,6 +241,7 @@ enum Flags : unsigned {
   kPadded = 256,  // rows a multiple of 8 elements apart and at least 8 more than V (as
                   // generation's padded LM head writes them), the padding a logit larger than
                   // any row's: read, it would be drawn
+  kMisHold = 512,  // the hold mask off a 16-byte boundary: the kernel must read it by scalars
 };
 
 struct Case {
@@ -322,7 +331,7 @@ template <typename T> std::vector<uint32_t> launch_case(const Case &c, Inputs<T>
   Draw draw;
   if (c.has(kPosAt)) draw.device = &in.step[1]; else draw.at = in.pos;
   Hold hold;
-  if (!in.mask.empty()) hold = {&in.mask, in.until};
+  if (!in.mask.empty()) hold = {&in.mask, in.until, c.has(kMisHold)};
   unsigned char *seen = in.seen.empty() ? nullptr : in.seen.data();
   if (!c.has(kPadded)) return run_sample(in.logits, c.b, c.v, in.keys, draw, hold, c.s, seen);
   const int ld = (c.v + 7) / 8 * 8 + 8;
@@ -365,7 +374,8 @@ template <typename T> bool check_greedy(const Case &c, emu_check::Rng &rng) {
 // tree levels (a chunk's mass), the chunks' scan (5 levels, one carry per 32 chunks before),
 // the chosen chunk's lane scan (5) and the lane's walk (8), the product with u: under
 // 40 + V / 8192. The nucleus mass (per thread 8 entries of each of its ceil(V / 4096) chunk
-// rounds, 5 + 4 tree levels) is under 10 + V / 512. The bound below covers both.
+// rounds, 5 + 4 tree levels) is 8 ceil(V / 4096) + 9, under 17 + V / 512. The bound below
+// covers both.
 double rounding(int v) {
   const double per_512 = (v + 511) / 512;
   return (2 * per_512 + 40) * std::ldexp(1.0, -24);
@@ -775,8 +785,19 @@ bool check_steps(emu_check::Rng &rng) {
 // One case in its dtype: greedy, sampled, or many draws of one row (kDistribution).
 constexpr unsigned kDistribution = 1u << 16;
 
+// Every token held back and a draw: nothing is kept, and every row gets token 0, as the
+// reference's.
+template <typename T> bool check_all_held(const Case &c, emu_check::Rng &rng) {
+  Inputs<T> in = make_inputs<T>(c, rng);
+  const std::vector<uint32_t> got = launch_case(c, in);
+  int bad = 0;
+  for (int r = 0; r < c.b; ++r) bad += got[r] != 0u;
+  return check(std::string(c.name) + " ids", bad == 0, "%d of %d rows not token 0", bad, c.b);
+}
+
 template <typename T> bool check_case(const Case &c, emu_check::Rng &rng) {
   if (c.s.greedy()) return check_greedy<T>(c, rng);
+  if (c.has(kAllHeld)) return check_all_held<T>(c, rng);
   if (c.has(kDistribution)) return check_distribution<T>(c, rng);
   return check_sampled<T>(c, rng);
 }
@@ -839,6 +860,16 @@ int main(int argc, char **argv) {
       // mask), rows padded to a multiple of 8.
       {"T0.7 bf16 V50257 padded rows held", bf, 5, 50257, 2.f, {0.7f, 0, 1.f},
        kPadded | kHeld | kUEnds},
+      // The chunks' edges: a row of one chunk exactly, one of a chunk and 8 entries, rows
+      // shorter than a lane's 8; the hold mask off a 16-byte boundary; every token held.
+      {"T1 bf16 V256 held", bf, 4, 256, 2.f, {1.f, 0, 1.f}, kHeld | kUEnds},
+      {"top-k2 f16 V264 held", f16, 4, 264, 2.f, {1.f, 2, 1.f}, kHeld | kUEnds},
+      {"T1 f32 V3", f32, 4, 3, 2.f, {1.f, 0, 1.f}, kUEnds},
+      {"T1 f32 V1", f32, 2, 1, 2.f, {1.f, 0, 1.f}, kUEnds},
+      {"T0.7 bf16 V50257 padded rows held, mask unaligned", bf, 4, 50257, 2.f, {0.7f, 0, 1.f},
+       kHeld | kUEnds | kPadded | kMisHold},
+      {"top-k50 top-p0.9 bf16 V50257 padded rows all held", bf, 3, 50257, 1.f, {1.f, 50, 0.9f},
+       kAllHeld | kPadded},
       {"greedy pen1.3 bf16 V1003 padded rows seen held", bf, 4, 1003, 1.f,
        {0.f, 0, 1.f, 0.f, 1.3f}, kSeen | kHeld | kPadded},
       {"min-p0.05 pen1.2 bf16 V1003 padded rows seen", bf, 3, 1003, 2.f,
