@@ -121,8 +121,12 @@ pub struct StageArgs {
     /// Model preset: tiny, small, llama-tiny, gpt2 (pretrain only).
     #[arg(long)]
     pub model: Option<String>,
+    /// Optimizer steps (over any `[train] epochs`).
     #[arg(long)]
     pub steps: Option<usize>,
+    /// Passes over the training set, which then decide the steps (`[train] epochs`).
+    #[arg(long, conflicts_with = "steps")]
+    pub epochs: Option<f64>,
     #[arg(long)]
     pub seed: Option<u64>,
     #[arg(long)]
@@ -578,7 +582,12 @@ impl StageArgs {
         set!(self.device, cfg.device);
         set!(self.dtype, cfg.train.dtype);
         set!(self.kernels, cfg.kernels);
-        set!(self.steps, cfg.train.steps);
+        if let Some(s) = self.steps {
+            (cfg.train.steps, cfg.train.epochs) = (s, None);
+        }
+        if self.epochs.is_some() {
+            cfg.train.epochs = self.epochs;
+        }
         set!(self.seed, cfg.train.seed);
         set!(self.batch_size, cfg.train.batch_size);
         set!(self.grad_accum, cfg.train.grad_accum);
@@ -591,7 +600,7 @@ impl StageArgs {
             // Only the timed steps and their warm-up; no evaluation or checkpoint between.
             let steps = n + crate::train::profile::WARMUP_STEPS;
             cfg.train.profile = n;
-            cfg.train.steps = steps;
+            (cfg.train.steps, cfg.train.epochs) = (steps, None);
             cfg.train.eval_every = steps;
             cfg.train.checkpoint_every = steps;
         }

@@ -1214,6 +1214,70 @@ fn a_run_with_relative_paths_resumes_from_another_directory() {
     assert_eq!(steps.last(), Some(&4), "{steps:?}");
 }
 
+/// `[train] epochs` (TRL's `num_train_epochs`) decides the steps from the training set's size:
+/// said at the start, run, and written to the run's config.toml; `--steps` on the command line
+/// overrides it, and a rollout stage refuses it.
+#[test]
+fn epochs_decide_the_steps_from_the_training_set() {
+    let d = tmp();
+    let corpus = p(d.path(), "corpus.txt");
+    std::fs::write(&corpus, "a stitch in time saves nine. ".repeat(150)).unwrap();
+    let cfg = p(d.path(), "c.toml");
+    std::fs::write(
+        &cfg,
+        format!("{TINY_TOML}epochs = 1.5\neval_every = 1000\n"),
+    )
+    .unwrap();
+    let out = p(d.path(), "run");
+    let (c, o, data) = (
+        cfg.to_str().unwrap(),
+        out.to_str().unwrap(),
+        corpus.to_str().unwrap(),
+    );
+    let log = run_ok(&[
+        "pretrain", "--config", c, "--data", data, "--out", o, "--device", "cpu",
+    ]);
+    let err = String::from_utf8_lossy(&log.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.contains("epochs of"))
+        .unwrap_or_else(|| panic!("{err}"));
+    // "[pretrain] 1.5 epochs of N items at 16 a step: S steps"
+    let num = |after: &str| -> usize {
+        let rest = &line[line.find(after).unwrap() + after.len()..];
+        rest.split(' ').next().unwrap().parse().unwrap()
+    };
+    let (items, steps) = (num("epochs of "), num("a step: "));
+    assert!(items > 16, "{line}");
+    assert_eq!(steps, (1.5 * items as f64 / 16.0).ceil() as usize, "{line}");
+    let trained = |dir: &Path| {
+        metrics(dir)
+            .iter()
+            .filter(|m| m["split"] == "train")
+            .map(|m| m["step"].as_u64().unwrap() as usize)
+            .max()
+    };
+    assert_eq!(trained(&out), Some(steps));
+    let saved = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        saved.contains(&format!("steps = {steps}\n")) && saved.contains("epochs = 1.5"),
+        "{saved}"
+    );
+
+    let out2 = p(d.path(), "run2");
+    let o2 = out2.to_str().unwrap();
+    run_ok(&[
+        "pretrain", "--config", c, "--data", data, "--out", o2, "--device", "cpu", "--steps", "2",
+    ]);
+    assert_eq!(trained(&out2), Some(2));
+
+    let e = run_err(&["grpo", "--epochs", "2", "--out", o2, "--device", "cpu"]);
+    assert!(
+        e.contains("train.epochs") && e.contains("train.steps"),
+        "{e}"
+    );
+}
+
 /// A run directory holds one run: a fresh start into one that holds a run is refused (its
 /// checkpoints and metrics untouched), `--overwrite` starts it over with the old run's files
 /// gone, and a resume with no steps left to train is refused before it writes anything.

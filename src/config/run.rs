@@ -321,6 +321,12 @@ impl RunConfig {
             );
         }
         let rollouts = matches!(self.stage, Stage::Ppo | Stage::Grpo | Stage::OnlineDpo);
+        if rollouts && self.train.epochs.is_some() {
+            anyhow::bail!(
+                "train.epochs: {} draws its prompts per rollout and runs train.steps; epochs apply to the stages that step through a training set (pretrain, sft, reward, dpo, kto, distill)",
+                self.stage
+            );
+        }
         if rollouts && self.data.truncation.cuts() {
             anyhow::bail!(
                 "data.truncation = \"{}\": {}'s prompts are not cut (a cut prompt asks something else); use \"drop\" to leave out those too long for max_new_tokens, or \"error\"",

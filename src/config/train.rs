@@ -66,6 +66,13 @@ impl TapeChoice {
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     pub steps: usize,
+    /// Passes over the training set (TRL's `num_train_epochs`; a fraction is a part of one):
+    /// when set, it decides `steps`, `ceil(epochs × items / (batch_size × grad_accum × world
+    /// size))`, items being the stage's training examples, pairs or pretraining windows
+    /// (packed rows under `[sft] packing`). pretrain, sft, reward, dpo, kto and distill; a
+    /// rollout stage (ppo, grpo, online_dpo) draws its prompts per rollout and runs `steps`.
+    /// `--steps` on the command line sets `steps` instead.
+    pub epochs: Option<f64>,
     pub batch_size: usize,
     pub grad_accum: usize,
     pub seq_len: usize,
@@ -106,6 +113,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             steps: 300,
+            epochs: None,
             batch_size: 32,
             grad_accum: 1,
             seq_len: 64,
@@ -153,6 +161,11 @@ impl TrainConfig {
         ] {
             if v == 0 {
                 bail!("train.{name} must be positive");
+            }
+        }
+        if let Some(e) = self.epochs {
+            if !(e > 0.0 && e.is_finite()) {
+                bail!("train.epochs must be a positive number, got {e}");
             }
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {

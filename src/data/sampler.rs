@@ -31,6 +31,15 @@ impl WindowSampler {
         Rng::new(self.seed ^ splitmix64(self.epoch)).shuffle(&mut self.order);
     }
 
+    /// The items of one epoch.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
     pub fn position(&self) -> (u64, usize) {
         (self.epoch, self.cursor)
     }

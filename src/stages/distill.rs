@@ -235,6 +235,10 @@ impl DistillTask<'_> {
 impl Task for DistillTask<'_> {
     type Eval = SftEval;
 
+    fn epoch_items(&self) -> Option<usize> {
+        Some(self.sampler.len())
+    }
+
     fn micro_batch(&mut self, step: usize) -> Result<StepOut> {
         let comm = self.env.comm.as_ref();
         let (rank, world) = (comm.rank(), comm.world());

@@ -604,6 +604,10 @@ impl Report for DpoEval {
 impl Task for DpoTask<'_> {
     type Eval = DpoEval;
 
+    fn epoch_items(&self) -> Option<usize> {
+        Some(self.sampler.len())
+    }
+
     fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
         // Each rank takes its slice of the global batch; the loss is a mean over pairs, so
         // the ranks' average is the global batch's.

@@ -252,6 +252,10 @@ impl Report for KtoEval {
 impl Task for KtoTask<'_> {
     type Eval = KtoEval;
 
+    fn epoch_items(&self) -> Option<usize> {
+        Some(self.sampler.len())
+    }
+
     fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
         // Every rank draws the global batch and trains on its slice; the loss is a mean over
         // examples, so the ranks' average is the global batch's.

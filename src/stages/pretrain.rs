@@ -90,6 +90,10 @@ impl Report for PretrainEval {
 impl Task for PretrainTask<'_> {
     type Eval = PretrainEval;
 
+    fn epoch_items(&self) -> Option<usize> {
+        Some(self.sampler.len())
+    }
+
     fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
         let t = self.env.cfg.train.seq_len;
         let comm = self.env.comm.as_ref();

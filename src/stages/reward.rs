@@ -240,6 +240,10 @@ impl Report for RewardEval {
 impl Task for RewardTask<'_> {
     type Eval = RewardEval;
 
+    fn epoch_items(&self) -> Option<usize> {
+        Some(self.sampler.len())
+    }
+
     fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
         // Each rank scores its slice of the global batch; every pair weighs the same.
         let comm = self.env.comm.as_ref();

@@ -376,6 +376,27 @@ fn hf_base(init: Option<&Path>) -> Option<PathBuf> {
     std::fs::canonicalize(init).ok()
 }
 
+/// The run's configuration with `steps` from `[train] epochs` where that is set: enough steps
+/// of `batch_size × grad_accum × world` items for `epochs` passes over the task's training set
+/// (said on stderr).
+fn epochs_to_steps<T: Task>(env: &Env, task: &T) -> RunConfig {
+    let mut cfg = env.cfg.clone();
+    let (Some(epochs), Some(items)) = (cfg.train.epochs, task.epoch_items()) else {
+        return cfg;
+    };
+    let t = &mut cfg.train;
+    let per_step = t.batch_size * t.grad_accum * env.comm.world();
+    t.steps = ((epochs * items as f64 / per_step as f64).ceil() as usize).max(1);
+    if env.comm.rank() == 0 {
+        errln!(
+            "[{}] {epochs} epochs of {items} items at {per_step} a step: {} steps",
+            cfg.stage,
+            t.steps
+        );
+    }
+    cfg
+}
+
 /// Runs the shared loop on `task` over the parameters of `store` that `trainable` accepts,
 /// as `plan` says.
 pub fn train<T: Task>(
@@ -398,13 +419,25 @@ pub fn train<T: Task>(
         },
         tokenizer: plan.tokenizer,
     };
-    let write_files = || env.save_run_files();
+    // The run's files name the steps the epochs came to (the rank that writes them, again on
+    // a resume).
+    let run = epochs_to_steps(env, task);
+    let write_files = || {
+        env.save_run_files()?;
+        match run.train.steps == cfg.train.steps {
+            true => Ok(()),
+            false => run.save(&env.run_dir),
+        }
+    };
+    if env.comm.rank() == 0 && !env.resume && run.train.steps != cfg.train.steps {
+        run.save(&env.run_dir)?;
+    }
     runner::train(
         task,
         &saved,
         trainable,
         &RunOpts {
-            cfg: &cfg.train,
+            cfg: &run.train,
             comm: env.comm.as_ref(),
             run_dir: &env.run_dir,
             resume: env.resume,

@@ -176,6 +176,10 @@ impl Report for SftEval {
 impl Task for SftTask<'_> {
     type Eval = SftEval;
 
+    fn epoch_items(&self) -> Option<usize> {
+        Some(self.sampler.len())
+    }
+
     fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
         let comm = self.env.comm.as_ref();
         let (rank, world) = (comm.rank(), comm.world());

@@ -59,6 +59,12 @@ pub trait Task {
         true
     }
 
+    /// The items one pass over the training set draws (examples, pairs, windows), for
+    /// `[train] epochs`; `None` for a stage whose length is `train.steps` alone.
+    fn epoch_items(&self) -> Option<usize> {
+        None
+    }
+
     /// Called once optimizer step `done` (1-based) has updated the weights on every rank,
     /// before that step's evaluation and checkpoint (TR-DPO moves DPO's and GRPO's reference
     /// here; GRPO's adaptive entropy control takes the step's entropy).
