@@ -190,6 +190,18 @@ fn export_refuses_a_non_empty_out_unless_asked_and_never_its_own_checkpoint() {
         let e = run_err(&strs(&args(&theirs, out, &["--overwrite"])));
         assert!(e.contains("holds the checkpoint being exported"), "{e}");
     }
+    // A run directory is read from its final/: that is refused as --out too.
+    let run = p(d.path(), "run");
+    let toml = p(d.path(), "c.toml");
+    std::fs::write(&toml, TINY_TOML).unwrap();
+    pretrain_on_cpu(toml.to_str().unwrap(), &run, 1);
+    let model = std::fs::read(run.join("final/model.safetensors")).unwrap();
+    let e = run_err(&strs(&args(&run, &run.join("final"), &["--overwrite"])));
+    assert!(e.contains("holds the checkpoint being exported"), "{e}");
+    assert_eq!(
+        std::fs::read(run.join("final/model.safetensors")).unwrap(),
+        model
+    );
 }
 
 /// Gemma 3's image-and-text model (4B and up) is read as its language model: the vision tower

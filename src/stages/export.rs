@@ -48,13 +48,20 @@ fn check_out(checkpoint: &Path, out: &Path, overwrite: bool) -> Result<()> {
     let Ok(mut entries) = std::fs::read_dir(out) else {
         return Ok(()); // absent (created next), or not a directory (which that says)
     };
-    if let (Ok(o), Ok(c)) = (out.canonicalize(), checkpoint.canonicalize()) {
-        if c.starts_with(&o) {
-            bail!(
-                "--out {}: holds the checkpoint being exported ({}); export into another directory",
-                out.display(),
-                checkpoint.display()
-            );
+    // The directory given and the one read (a run's final/ or latest checkpoint).
+    let read = [
+        Some(checkpoint.to_path_buf()),
+        resolve_checkpoint(checkpoint).ok(),
+    ];
+    if let Ok(o) = out.canonicalize() {
+        for c in read.iter().flatten() {
+            if c.canonicalize().is_ok_and(|c| c.starts_with(&o)) {
+                bail!(
+                    "--out {}: holds the checkpoint being exported ({}); export into another directory",
+                    out.display(),
+                    c.display()
+                );
+            }
         }
     }
     if let (Some(first), false) = (entries.next(), overwrite) {

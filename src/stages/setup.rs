@@ -379,14 +379,19 @@ fn hf_base(init: Option<&Path>) -> Option<PathBuf> {
 /// The run's configuration with `steps` from `[train] epochs` where that is set: enough steps
 /// of `batch_size × grad_accum × world` items for `epochs` passes over the task's training set
 /// (said on stderr).
-fn epochs_to_steps<T: Task>(env: &Env, task: &T) -> RunConfig {
+fn epochs_to_steps<T: Task>(env: &Env, task: &T) -> Result<RunConfig> {
     let mut cfg = env.cfg.clone();
     let (Some(epochs), Some(items)) = (cfg.train.epochs, task.epoch_items()) else {
-        return cfg;
+        return Ok(cfg);
     };
     let t = &mut cfg.train;
     let per_step = t.batch_size * t.grad_accum * env.comm.world();
-    t.steps = ((epochs * items as f64 / per_step as f64).ceil() as usize).max(1);
+    let steps = (epochs * items as f64 / per_step as f64).ceil();
+    // config.toml holds steps as an i64.
+    if steps > i64::MAX as f64 {
+        bail!("train.epochs = {epochs}: {items} items at {per_step} a step come to {steps:.0} steps, more than a run can count");
+    }
+    t.steps = (steps as usize).max(1);
     if env.comm.rank() == 0 {
         errln!(
             "[{}] {epochs} epochs of {items} items at {per_step} a step: {} steps",
@@ -394,7 +399,7 @@ fn epochs_to_steps<T: Task>(env: &Env, task: &T) -> RunConfig {
             t.steps
         );
     }
-    cfg
+    Ok(cfg)
 }
 
 /// Runs the shared loop on `task` over the parameters of `store` that `trainable` accepts,
@@ -421,7 +426,7 @@ pub fn train<T: Task>(
     };
     // The run's files name the steps the epochs came to (the rank that writes them, again on
     // a resume).
-    let run = epochs_to_steps(env, task);
+    let run = epochs_to_steps(env, task)?;
     let write_files = || {
         env.save_run_files()?;
         match run.train.steps == cfg.train.steps {

@@ -328,7 +328,7 @@ fn resume<T: Task>(task: &mut T, saved: &Saved, opt: &mut AdamW, opts: &RunOpts)
     if st.step > opts.cfg.steps || finished {
         bail!(
             "{}: the run is at step {} already, and steps is {}: nothing to train (give a \
-             larger --steps to continue it)",
+             larger --steps, or --epochs, to continue it)",
             opts.run_dir.display(),
             st.step,
             opts.cfg.steps
