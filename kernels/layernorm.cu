@@ -112,43 +112,65 @@ template <typename T> __device__ __forceinline__ V16<T> *vrow_mut(void *base, si
 
 template <typename T, int K> __device__ void forward_warp(const LayerNormParams &p) {
   constexpr int E = V16<T>::N;
-  // The gains and biases once per block, in shared memory, their loads issued with the rows':
-  // read per lane after the row's two reductions they were one more memory round trip in a
-  // chain of them (a decode step's norms are a few rows each), and every warp of the block
-  // read them again.
+  // The gains and biases once per block, in shared memory: read per lane after the row's two
+  // reductions they were one more memory round trip in a chain of them (a decode step's norms
+  // are a few rows each), and every warp of the block read them again.
   __shared__ float sw[32 * K * E], sb[32 * K * E];
-  for (int i = threadIdx.x; i < p.cols; i += blockDim.x) {
-    sw[i] = __ldg(p.w + i);
-    sb[i] = __ldg(p.b + i);
-  }
   const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * kWarps + (threadIdx.x >> 5);
   // A warp past the last row still reaches the barrier below.
   const bool live = row < p.rows;
   const int chunks = p.cols / E;
   const size_t at = (size_t)row * p.cols;
+  // Every load of the thread is issued before any is used: the row's chunks (and the
+  // residual's), then its share of the gains and biases. Interleaved with the sum's stores
+  // (p.s may alias x or r, for all the compiler knows) and with the shared-memory fill, each
+  // chunk and each fill step waited for the one before: six memory round trips in a row at
+  // GPT-2's width, where one will do.
+  V16<T> xa[K], ra[K];
+  if (live) {
+    const V16<T> *x = vrow<T>(p.x, at);
+    const V16<T> *r = p.r ? vrow<T>(p.r, at) : nullptr;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int c = k * 32 + lane;
+      if (c < chunks) {
+        xa[k] = x[c];
+        if (r) ra[k] = r[c];
+      }
+    }
+  }
+  constexpr int kFill = (32 * K * E + kThreads - 1) / kThreads;
+  float wv[kFill], bv[kFill];
+#pragma unroll
+  for (int j = 0; j < kFill; ++j) {
+    const int i = threadIdx.x + j * kThreads;
+    if (i < p.cols) wv[j] = __ldg(p.w + i), bv[j] = __ldg(p.b + i);
+  }
+#pragma unroll
+  for (int j = 0; j < kFill; ++j) {
+    const int i = threadIdx.x + j * kThreads;
+    if (i < p.cols) sw[i] = wv[j], sb[i] = bv[j];
+  }
   float v[K][E];
   float mean = 0.f, rstd = 0.f;
   if (live) {
-    const V16<T> *x = vrow<T>(p.x, at);
     float s = 0.f;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int c = k * 32 + lane;
       if (c < chunks) {
-        const V16<T> a = x[c];
         if (p.r) {
-          const V16<T> b = vrow<T>(p.r, at)[c];
           V16<T> sum;
 #pragma unroll
           for (int i = 0; i < E; ++i) {
-            sum.v[i] = from_f32<T>(to_f32(a.v[i]) + to_f32(b.v[i]));
+            sum.v[i] = from_f32<T>(to_f32(xa[k].v[i]) + to_f32(ra[k].v[i]));
             v[k][i] = to_f32(sum.v[i]);
           }
           vrow_mut<T>(p.s, at)[c] = sum;
         } else {
 #pragma unroll
-          for (int i = 0; i < E; ++i) v[k][i] = to_f32(a.v[i]);
+          for (int i = 0; i < E; ++i) v[k][i] = to_f32(xa[k].v[i]);
         }
       } else {
 #pragma unroll

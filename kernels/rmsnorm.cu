@@ -116,13 +116,30 @@ __device__ __forceinline__ void fwd_body(const T *__restrict__ x, const G *__res
   T *sr = resid ? sum + (size_t)row * cols : nullptr;
   float ss = 0.f;
   if constexpr (K > 0) {
-    float xv[K][V];
+    // Every load first, in one straight run: the row's chunks, the residual's and the gains
+    // (a thread past the row's end reads chunk 0 and drops it). Loaded where they were used,
+    // each behind a branch, the gains came a memory round trip after the row (after the
+    // reduction, before this), and in a decode step's norms of a few rows each such trip
+    // is most of the kernel.
+    float xv[K][V], rv[K][V], wv[K][V];
+    const T *rsrc = rr ? rr : xr;  // without a residual, x again (from L1), unused
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int c = threadIdx.x + k * blockDim.x;
+      const int cc = c < nchunks ? c : 0;
+      load_chunk<T, V>(xr, cc, xv[k]);
+      load_chunk<T, V>(rsrc, cc, rv[k]);
+      load_gain<G, V>(w, cc, w_off, wv[k]);
+    }
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int c = threadIdx.x + k * blockDim.x;
       if (c < nchunks) {
-        load_chunk<T, V>(xr, c, xv[k]);
-        if (rr) add_residual<T, V>(rr, sr, c, xv[k]);
+        if (rr) {
+#pragma unroll
+          for (int i = 0; i < V; ++i) xv[k][i] = to_f32(from_f32<T>(xv[k][i] + rv[k][i]));
+          store_chunk<T, V>(sr, c, xv[k]);
+        }
       } else {
 #pragma unroll
         for (int i = 0; i < V; ++i) xv[k][i] = 0.f;
@@ -136,10 +153,9 @@ __device__ __forceinline__ void fwd_body(const T *__restrict__ x, const G *__res
     for (int k = 0; k < K; ++k) {
       const int c = threadIdx.x + k * blockDim.x;
       if (c < nchunks) {
-        float wv[V], out[V];
-        load_gain<G, V>(w, c, w_off, wv);
+        float out[V];
 #pragma unroll
-        for (int i = 0; i < V; ++i) out[i] = (xv[k][i] * r) * wv[i];
+        for (int i = 0; i < V; ++i) out[i] = (xv[k][i] * r) * wv[k][i];
         store_chunk<T, V>(yr, c, out);
       }
     }
