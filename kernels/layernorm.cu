@@ -233,15 +233,25 @@ template <typename T, int K> __device__ void backward_warp(const LayerNormParams
     const V16<T> *dy = vrow<T>(p.dy, at);
     const float mean = p.mean[row], rstd = p.rstd[row];
     // The row stays in registers in its storage dtype (half the registers of f32 copies)
-    // and is converted again in the second pass.
-    V16<T> xs[K], gs[K];
+    // and is converted again in the second pass. Every load of the row comes first, in one
+    // straight run (a lane past the row's end reads chunk 0 and drops it; without ds, x
+    // again): loaded where each chunk was used, the next chunk's loads waited on this one's
+    // arithmetic, a memory round trip a chunk with few rows in flight to hide it.
+    V16<T> xs[K], gs[K], dsa[K];
+    const V16<T> *ds = p.ds ? vrow<T>(p.ds, at) : x;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int c = k * 32 + lane;
+      const int cc = c < chunks ? c : 0;
+      xs[k] = x[cc];
+      gs[k] = dy[cc];
+      dsa[k] = ds[cc];
+    }
     float a = 0.f, b = 0.f;  // sum(dy w), sum(dy w xhat)
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int c = k * 32 + lane;
       if (c < chunks) {
-        xs[k] = x[c];
-        gs[k] = dy[c];
 #pragma unroll
         for (int i = 0; i < E; ++i) {
           const float xh = (to_f32(xs[k].v[i]) - mean) * rstd;
@@ -259,14 +269,12 @@ template <typename T, int K> __device__ void backward_warp(const LayerNormParams
       const int c = k * 32 + lane;
       if (c < chunks) {
         V16<T> out;
-        V16<T> dsa;
-        if (p.ds) dsa = vrow<T>(p.ds, at)[c];
 #pragma unroll
         for (int i = 0; i < E; ++i) {
           const float xh = (to_f32(xs[k].v[i]) - mean) * rstd;
           const float g = to_f32(gs[k].v[i]);
           float d = rstd * (g * __ldg(p.w + c * E + i) - ma - xh * mb);
-          if (p.ds) d += to_f32(dsa.v[i]);
+          if (p.ds) d += to_f32(dsa[k].v[i]);
           out.v[i] = from_f32<T>(d);
           dw[k][i] += g * xh;
           db[k][i] += g;
