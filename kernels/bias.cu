@@ -82,7 +82,57 @@ template <typename T> __device__ void forward_vec(const BiasParams &p) {
 // The backward with 16-byte accesses, for rows a multiple of 16 bytes long with aligned bases
 // (the launcher checks): a block covers 32 16-byte column chunks, one per lane, and its
 // group's rows, warp w taking rows w, w + 8, ...; the warps' column sums are added in warp
-// order through shared memory into the group's partial row.
+// order through shared memory into the group's partial row. A warp loads kRowsAhead of its
+// rows (dy, and y under GELU) before it uses any: loaded one row at a time, each row's loads
+// waited for the store of the row before (out may alias dy or y, for all the compiler knows),
+// one memory round trip a row with one row's loads in flight. The sums run in row order as
+// before.
+constexpr int kRowsAhead = 4;
+
+template <typename T, bool GELU>
+__device__ void backward_vec_rows(const BiasParams &p, int vc, int r0, int r1, float (&acc)[temper::Vec16<T>::N]) {
+  using V = temper::Vec16<T>;
+  constexpr int E = V::N;
+  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int vcols = p.cols / E;
+  const V *dy = static_cast<const V *>(p.dy);
+  const V *y = static_cast<const V *>(p.y);
+  V *out = static_cast<V *>(p.out);
+  float b[E];
+#pragma unroll
+  for (int i = 0; i < E; ++i) b[i] = p.b[vc * E + i];
+  for (int r = r0 + warp; r < r1; r += kRowsAhead * nwarps) {
+    V g[kRowsAhead], z[kRowsAhead];
+#pragma unroll
+    for (int u = 0; u < kRowsAhead; ++u) {
+      const int row = r + u * nwarps;
+      // A row past the group's end reads row r again and is dropped.
+      const size_t at = (size_t)(row < r1 ? row : r) * vcols + vc;
+      g[u] = dy[at];
+      if constexpr (GELU) z[u] = y[at];
+    }
+#pragma unroll
+    for (int u = 0; u < kRowsAhead; ++u) {
+      const int row = r + u * nwarps;
+      if (row >= r1) break;
+      const size_t at = (size_t)row * vcols + vc;
+      V o;
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        if constexpr (GELU) {
+          const float d = to_f32(g[u].v[i]) * gelu_tanh_slope(to_f32(z[u].v[i]) + b[i]);
+          o.v[i] = from_f32<T>(d);
+          acc[i] += d;
+        } else {
+          acc[i] += to_f32(g[u].v[i]);
+          o.v[i] = g[u].v[i];
+        }
+      }
+      if (out != nullptr) out[at] = o;
+    }
+  }
+}
+
 template <typename T> __device__ void backward_vec(const BiasParams &p) {
   using V = temper::Vec16<T>;
   constexpr int E = V::N;
@@ -97,34 +147,10 @@ template <typename T> __device__ void backward_vec(const BiasParams &p) {
 #pragma unroll
   for (int i = 0; i < E; ++i) acc[i] = 0.f;
   if (vc < vcols) {
-    const V *dy = static_cast<const V *>(p.dy);
-    const V *y = static_cast<const V *>(p.y);
-    V *out = static_cast<V *>(p.out);
-    float b[E];
-#pragma unroll
-    for (int i = 0; i < E; ++i) b[i] = p.b[vc * E + i];
-#pragma unroll 4
-    for (int r = r0 + warp; r < r1; r += nwarps) {
-      const size_t at = (size_t)r * vcols + vc;
-      const V g = dy[at];
-      V o;
-      if (p.act == kGeluTanh) {
-        const V z = y[at];
-#pragma unroll
-        for (int i = 0; i < E; ++i) {
-          const float d = to_f32(g.v[i]) * gelu_tanh_slope(to_f32(z.v[i]) + b[i]);
-          o.v[i] = from_f32<T>(d);
-          acc[i] += d;
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < E; ++i) {
-          acc[i] += to_f32(g.v[i]);
-          o.v[i] = g.v[i];
-        }
-      }
-      if (out != nullptr) out[at] = o;
-    }
+    if (p.act == kGeluTanh)
+      backward_vec_rows<T, true>(p, vc, r0, r1, acc);
+    else
+      backward_vec_rows<T, false>(p, vc, r0, r1, acc);
   }
 #pragma unroll
   for (int i = 0; i < E; ++i) red[warp][lane][i] = acc[i];
