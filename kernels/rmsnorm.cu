@@ -221,37 +221,86 @@ __device__ __forceinline__ void bwd_body(const T *__restrict__ x, const G *__res
       const T *xr = x + (size_t)row * cols;
       const T *dyr = dy + (size_t)row * cols;
       T *dxr = dx + (size_t)row * cols;
-      const T *dsr = ds ? ds + (size_t)row * cols : nullptr;
-      float xv[K][V], gv[K][V];
-      float dot = 0.f;
+      // In the 16-byte variants every load of the row comes first, in one straight run (a
+      // thread past the row's end reads chunk 0 and drops it; without ds, x again): the next
+      // chunk's loads waited on this one's arithmetic, and rstd and ds came after the
+      // reduction's barriers, a memory round trip each. The scalar variants, whose K reaches
+      // 16, spilled with it and load as they go.
+      if constexpr (V > 1) {
+        const T *dsr = ds ? ds + (size_t)row * cols : xr;
+        float xv[K][V], gv[K][V], dv[K][V];
+        const float r = rstd[row];
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        const int c = threadIdx.x + k * blockDim.x;
-        if (c < nchunks) {
-          load_chunk<T, V>(xr, c, xv[k]);
-          load_chunk<T, V>(dyr, c, gv[k]);
-        } else {
-#pragma unroll
-          for (int i = 0; i < V; ++i) xv[k][i] = gv[k][i] = 0.f;
+        for (int k = 0; k < K; ++k) {
+          const int c = threadIdx.x + k * blockDim.x;
+          const int cc = c < nchunks ? c : 0;
+          load_chunk<T, V>(xr, cc, xv[k]);
+          load_chunk<T, V>(dyr, cc, gv[k]);
+          load_chunk<T, V>(dsr, cc, dv[k]);
         }
+        float dot = 0.f;
 #pragma unroll
-        for (int i = 0; i < V; ++i) dot += gv[k][i] * wv[k][i] * xv[k][i];
-      }
-      dot = block_sum(dot, scratch);
-      const float r = rstd[row];
-      const float coef = r * r * r * dot * inv_cols;
+        for (int k = 0; k < K; ++k) {
+          const int c = threadIdx.x + k * blockDim.x;
+          if (c >= nchunks) {
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        const int c = threadIdx.x + k * blockDim.x;
-        if (c < nchunks) {
-          float out[V], dv[V];
-          load_or_zero<T, V>(dsr, c, dv);
-#pragma unroll
-          for (int i = 0; i < V; ++i) {
-            out[i] = r * gv[k][i] * wv[k][i] - coef * xv[k][i] + dv[i];
-            acc[k][i] += gv[k][i] * (xv[k][i] * r);
+            for (int i = 0; i < V; ++i) xv[k][i] = gv[k][i] = 0.f;
           }
-          store_chunk<T, V>(dxr, c, out);
+          if (c >= nchunks || !ds) {
+#pragma unroll
+            for (int i = 0; i < V; ++i) dv[k][i] = 0.f;
+          }
+#pragma unroll
+          for (int i = 0; i < V; ++i) dot += gv[k][i] * wv[k][i] * xv[k][i];
+        }
+        dot = block_sum(dot, scratch);
+        const float coef = r * r * r * dot * inv_cols;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const int c = threadIdx.x + k * blockDim.x;
+          if (c < nchunks) {
+            float out[V];
+#pragma unroll
+            for (int i = 0; i < V; ++i) {
+              out[i] = r * gv[k][i] * wv[k][i] - coef * xv[k][i] + dv[k][i];
+              acc[k][i] += gv[k][i] * (xv[k][i] * r);
+            }
+            store_chunk<T, V>(dxr, c, out);
+          }
+        }
+      } else {
+        const T *dsr = ds ? ds + (size_t)row * cols : nullptr;
+        float xv[K][V], gv[K][V];
+        float dot = 0.f;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const int c = threadIdx.x + k * blockDim.x;
+          if (c < nchunks) {
+            load_chunk<T, V>(xr, c, xv[k]);
+            load_chunk<T, V>(dyr, c, gv[k]);
+          } else {
+#pragma unroll
+            for (int i = 0; i < V; ++i) xv[k][i] = gv[k][i] = 0.f;
+          }
+#pragma unroll
+          for (int i = 0; i < V; ++i) dot += gv[k][i] * wv[k][i] * xv[k][i];
+        }
+        dot = block_sum(dot, scratch);
+        const float r = rstd[row];
+        const float coef = r * r * r * dot * inv_cols;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const int c = threadIdx.x + k * blockDim.x;
+          if (c < nchunks) {
+            float out[V], dv[V];
+            load_or_zero<T, V>(dsr, c, dv);
+#pragma unroll
+            for (int i = 0; i < V; ++i) {
+              out[i] = r * gv[k][i] * wv[k][i] - coef * xv[k][i] + dv[i];
+              acc[k][i] += gv[k][i] * (xv[k][i] * r);
+            }
+            store_chunk<T, V>(dxr, c, out);
+          }
         }
       }
     }
