@@ -96,8 +96,9 @@ template <typename T> __device__ void backward(const LayerNormParams &p) {
 
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxK = 4;
-// The backward holds four [K][E] register arrays per lane (up to ~170 registers at K = 4), so
-// its blocks are smaller: more of them fit an SM's register file.
+// The backward holds five [K][E] register arrays per lane (the row's x, dy and residual
+// gradient, its dw and db; up to ~170 registers at K = 4), so its blocks are smaller: more of
+// them fit an SM's register file.
 constexpr int kBwdThreads = 128;
 
 template <typename T> using V16 = temper::Vec16<T>;

@@ -117,10 +117,9 @@ __device__ __forceinline__ void fwd_body(const T *__restrict__ x, const G *__res
   float ss = 0.f;
   if constexpr (K > 0) {
     // Every load first, in one straight run: the row's chunks, the residual's and the gains
-    // (a thread past the row's end reads chunk 0 and drops it). Loaded where they were used,
-    // each behind a branch, the gains came a memory round trip after the row (after the
-    // reduction, before this), and in a decode step's norms of a few rows each such trip
-    // is most of the kernel.
+    // (a thread past the row's end reads chunk 0 and drops it). Loaded after the reduction,
+    // the gains would be a memory round trip after the row's, and in a decode step's norms
+    // of a few rows each such trip is most of the kernel.
     float xv[K][V], rv[K][V], wv[K][V];
     const T *rsrc = rr ? rr : xr;  // without a residual, x again (from L1), unused
 #pragma unroll
