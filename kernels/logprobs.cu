@@ -57,7 +57,9 @@ __device__ __forceinline__ void merge(Stats &a, Stats b) {
 
 // Adds a run of values, already max-reduced to `cm`, to the running statistics: one rebase
 // at most, then exp(v - m) per value (a -inf value adds nothing to u, where 0 * -inf is NaN).
-template <int E>
+// U: u is wanted (an entropy was asked for). Without it u stays 0: the forward is bound by
+// its instructions per logit, of which u's are a fifth, and (m, s) do not depend on u.
+template <int E, bool U>
 __device__ __forceinline__ void add_chunk(Stats &a, const float (&v)[E], float cm) {
   if (cm == -INFINITY) return;  // all -inf: nothing to add (and exp(-inf - -inf) is NaN)
   if (cm > a.m) rebase(a, cm);
@@ -65,7 +67,7 @@ __device__ __forceinline__ void add_chunk(Stats &a, const float (&v)[E], float c
   for (int i = 0; i < E; ++i) {
     const float d = v[i] - a.m, e = expf(d);
     a.s += e;
-    a.u += e > 0.f ? e * d : 0.f;
+    if constexpr (U) a.u += e > 0.f ? e * d : 0.f;
   }
 }
 
@@ -120,20 +122,20 @@ __device__ void finish_row(Stats a, const T *x, int row, const LogprobsParams &p
   }
 }
 
-template <typename T> __device__ void forward(const LogprobsParams &p) {
+template <typename T, bool U> __device__ void forward(const LogprobsParams &p) {
   const int row = blockIdx.x;
   const T *x = static_cast<const T *>(p.logits) + (size_t)row * p.vocab;
   Stats a{-INFINITY, 0.f, 0.f};
   for (int j = threadIdx.x; j < p.vocab; j += blockDim.x) {
     const float v[1] = {shaped(to_f32(x[j]), p)};
-    add_chunk<1>(a, v, v[0]);
+    add_chunk<1, U>(a, v, v[0]);
   }
   finish_row<T>(a, x, row, p);
 }
 
 // The forward with 16-byte loads (a vocabulary a multiple of 16 bytes, aligned rows; the
 // launcher checks): each chunk's max first, so a chunk costs one rescale at most.
-template <typename T> __device__ void forward_vec(const LogprobsParams &p) {
+template <typename T, bool U> __device__ void forward_vec(const LogprobsParams &p) {
   using V = temper::Vec16<T>;
   constexpr int E = V::N;
   const int row = blockIdx.x;
@@ -151,7 +153,7 @@ template <typename T> __device__ void forward_vec(const LogprobsParams &p) {
       v[i] = shaped(to_f32(w.v[i]), p);
       cm = fmaxf(cm, v[i]);
     }
-    add_chunk<E>(a, v, cm);
+    add_chunk<E, U>(a, v, cm);
   }
   finish_row<T>(a, x, row, p);
 }
@@ -224,7 +226,10 @@ template <typename T> __device__ void backward_vec(const LogprobsParams &p) {
 #define LOGPROBS_ENTRY(SUFFIX, T)                                                         \
   extern "C" __global__ void __launch_bounds__(kThreads)                                  \
       logprobs_fwd_##SUFFIX(const LogprobsParams p) {                                     \
-    forward<T>(p);                                                                        \
+    if (p.entropy != nullptr)                                                             \
+      forward<T, true>(p);                                                                \
+    else                                                                                  \
+      forward<T, false>(p);                                                               \
   }                                                                                       \
   extern "C" __global__ void __launch_bounds__(kThreads)                                  \
       logprobs_bwd_##SUFFIX(const LogprobsParams p) {                                     \
@@ -232,7 +237,10 @@ template <typename T> __device__ void backward_vec(const LogprobsParams &p) {
   }                                                                                       \
   extern "C" __global__ void __launch_bounds__(kThreads)                                  \
       logprobs_fwd_vec_##SUFFIX(const LogprobsParams p) {                                 \
-    forward_vec<T>(p);                                                                    \
+    if (p.entropy != nullptr)                                                             \
+      forward_vec<T, true>(p);                                                            \
+    else                                                                                  \
+      forward_vec<T, false>(p);                                                           \
   }                                                                                       \
   extern "C" __global__ void __launch_bounds__(kThreads)                                  \
       logprobs_bwd_vec_##SUFFIX(const LogprobsParams p) {                                 \
