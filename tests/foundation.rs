@@ -1206,11 +1206,7 @@ fn a_run_with_relative_paths_resumes_from_another_directory() {
         ]
         .concat(),
     );
-    let steps: Vec<u64> = metrics(&work.join("run"))
-        .iter()
-        .filter(|m| m["split"] == "train")
-        .map(|m| m["step"].as_u64().unwrap())
-        .collect();
+    let steps = train_steps(&work.join("run"));
     assert_eq!(steps.last(), Some(&4), "{steps:?}");
 }
 
@@ -1250,13 +1246,7 @@ fn epochs_decide_the_steps_from_the_training_set() {
     let (items, steps) = (num("epochs of "), num("a step: "));
     assert!(items > 16, "{line}");
     assert_eq!(steps, (1.5 * items as f64 / 16.0).ceil() as usize, "{line}");
-    let trained = |dir: &Path| {
-        metrics(dir)
-            .iter()
-            .filter(|m| m["split"] == "train")
-            .map(|m| m["step"].as_u64().unwrap() as usize)
-            .max()
-    };
+    let trained = |dir: &Path| train_steps(dir).into_iter().max().map(|s| s as usize);
     assert_eq!(trained(&out), Some(steps));
     let saved = std::fs::read_to_string(out.join("config.toml")).unwrap();
     assert!(
@@ -1310,11 +1300,7 @@ fn a_run_directory_is_not_reused_by_accident() {
     let toml = std::fs::read_to_string(out.join("config.toml")).unwrap();
     assert!(toml.contains("steps = 3"), "{toml}");
     run_ok(&pretrain(&["--steps", "2", "--overwrite"]));
-    let steps: Vec<u64> = metrics(&out)
-        .iter()
-        .filter(|m| m["split"] == "train")
-        .map(|m| m["step"].as_u64().unwrap())
-        .collect();
+    let steps = train_steps(&out);
     assert_eq!(steps.last(), Some(&2), "{steps:?}");
     assert!(
         steps.iter().all(|&s| s <= 2),

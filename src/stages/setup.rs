@@ -427,14 +427,15 @@ pub fn train<T: Task>(
     // The run's files name the steps the epochs came to (the rank that writes them, again on
     // a resume).
     let run = epochs_to_steps(env, task)?;
+    let by_epochs = run.train.steps != cfg.train.steps;
     let write_files = || {
         env.save_run_files()?;
-        match run.train.steps == cfg.train.steps {
-            true => Ok(()),
-            false => run.save(&env.run_dir),
+        match by_epochs {
+            true => run.save(&env.run_dir),
+            false => Ok(()),
         }
     };
-    if env.comm.rank() == 0 && !env.resume && run.train.steps != cfg.train.steps {
+    if by_epochs && env.comm.rank() == 0 && !env.resume {
         run.save(&env.run_dir)?;
     }
     runner::train(

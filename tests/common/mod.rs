@@ -124,6 +124,15 @@ pub fn metrics(dir: &Path) -> Vec<serde_json::Value> {
     temper::train::metrics::read(&dir.join("metrics.jsonl")).unwrap()
 }
 
+/// The steps of a run's training metric lines, in the order logged.
+pub fn train_steps(dir: &Path) -> Vec<u64> {
+    metrics(dir)
+        .iter()
+        .filter(|m| m["split"] == "train")
+        .map(|m| m["step"].as_u64().unwrap())
+        .collect()
+}
+
 pub fn series(m: &[serde_json::Value], split: &str, key: &str) -> Vec<(u64, f64)> {
     m.iter()
         .filter(|v| v["split"] == split)
