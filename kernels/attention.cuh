@@ -114,6 +114,16 @@ template <bool B> struct Flag {
   static constexpr bool value = B;
 };
 
+// Bounds of a range of rows (queries or keys) that compare with every row index: before the
+// first, past the last.
+constexpr int kFirstRow = -2147483647 - 1;
+constexpr int kNoRow = 2147483647;
+
+// Two adjacent f32 of shared memory in one 8-byte load; p must be 8-byte aligned.
+static __device__ __forceinline__ float2 lds_f2(const float *p) {
+  return *reinterpret_cast<const float2 *>(p);
+}
+
 // Gemma 2's soft cap on the scores, applied in the log2 domain the kernels score in: a cap c
 // on a score s, c tanh(s / c), is on x = s log2(e) the same map with C = c log2(e), so every
 // kernel caps its x with C = AttnParams::softcap_log2 (0: no cap) before masking. tanh(y) is

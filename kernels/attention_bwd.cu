@@ -322,6 +322,9 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
   T *sdS = sdO + 2 * BQ * D;
   float *sL = reinterpret_cast<float *>(sdS + BK * DSS);  // two stages: lse * log2(e)
   float *sDv = sL + 2 * BQ;                               // two stages: rowsum(dO * O)
+  // lds_f2 reads a lane's two columns of sL and sDv at once: 8-byte aligned.
+  static_assert((2 * BK * D + 4 * BQ * D + BK * DSS) * sizeof(T) % 8 == 0 && BQ % 2 == 0,
+                "sL, sDv 8-byte aligned");
   float *sX = sDv + 2 * BQ;  // SPLIT 2: each warp's P^T or dP^T, [NBQ * 4][32 lanes]
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -342,6 +345,12 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
   // One past the last query that sees key jA / jB: in packed rows the end of its document.
   const int endA = jA < Tk ? seg_hi(band, b, Tk, jA, Tq) : 0;
   const int endB = jB < Tk ? seg_hi(band, b, Tk, jB, Tq) : 0;
+  // The first query that sees it (past endA for a key no query sees): with endA, each score's
+  // visibility is two compares, no branch. The per-score tests this replaces compiled to
+  // about a dozen instructions and three branches a score, more than the score's share of
+  // the mmas, in a kernel that issues one instruction a cycle.
+  const int firstA = validA ? (causal ? jA - offset : kFirstRow) : kNoRow;
+  const int firstB = validB ? (causal ? jB - offset : kFirstRow) : kNoRow;
 
   const bool any = k0 < kr.hi && k0 + BK > kr.lo;
   // Queries from the first that sees the block's first key to the last that sees its last
@@ -357,10 +366,26 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     const size_t qbase = ((size_t)b * Hq + hkv * G + gq) * Tq;
     load_tile<T, BQ, D, NT>(sQ + st * BQ * D, q + (qbase + i0) * D, Tq - i0, q);
     load_tile<T, BQ, D, NT>(sdO + st * BQ * D, dout + (qbase + i0) * D, Tq - i0, dout);
-    for (int x = threadIdx.x; x < BQ; x += NT) {
-      const int i = i0 + x;
-      sL[st * BQ + x] = i < Tq ? lse[qbase + i] * kLog2e : pos_inf();
-      sDv[st * BQ + x] = i < Tq ? dvec[qbase + i] : 0.f;
+  };
+  // A query tile's lse and rowsum(dO * O), thread x < BQ's row: loaded into registers with the
+  // tile's copies and stored to shared memory only at the end of the step before the tile's.
+  // Stored where they were loaded, the store waited out the loads' round trip at the top of
+  // every step, and the step's first barrier held the whole block behind it.
+  static_assert(BQ <= NT, "one row of lse and rowsum(dO * O) a thread");
+  float row_lse = 0.f, row_dv = 0.f;
+  auto fetch_rows = [&](int it) {
+    const int gq = it / nqt, qt = it - gq * nqt;
+    const int i = i_start + qt * BQ + threadIdx.x;
+    const size_t qbase = ((size_t)b * Hq + hkv * G + gq) * Tq;
+    if (threadIdx.x < BQ) {
+      row_lse = i < Tq ? lse[qbase + i] : pos_inf();
+      row_dv = i < Tq ? dvec[qbase + i] : 0.f;
+    }
+  };
+  auto store_rows = [&](int st) {
+    if (threadIdx.x < BQ) {
+      sL[st * BQ + threadIdx.x] = row_lse * kLog2e;
+      sDv[st * BQ + threadIdx.x] = row_dv;
     }
   };
 
@@ -374,6 +399,8 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     load_tile<T, BK, D, NT>(sK, k + (kvbase + k0) * D, Tk - k0, k);
     load_tile<T, BK, D, NT>(sV, v + (kvbase + k0) * D, Tk - k0, v);
     load_q(0, 0);
+    fetch_rows(0);
+    store_rows(0);
   }
   cp_async_commit();
 
@@ -381,6 +408,7 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     const int st = it & 1;
     if (it + 1 < niter) {
       load_q(it + 1, st ^ 1);
+      fetch_rows(it + 1);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -436,20 +464,32 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     }
 
     // P^T = exp2(S^T * scale_log2 - lse), zero where the key is invisible to the query; sT
-    // holds P^T.
+    // holds P^T. Compiled with and without the cap, chosen once a step: a test of the cap
+    // inside the loop made a branch of every score. Each score's exp is computed and then
+    // selected, so the loop is straight-line code. __fmul_rn: the product is rounded before
+    // lse is subtracted, as it always was (an FFMA would round once, and P would differ from
+    // the forward's in the last bit).
     if (doS) {
+      auto p_of = [&](auto capped) {
 #pragma unroll
-      for (int n = 0; n < NBQ; ++n) {
+        for (int n = 0; n < NBQ; ++n) {
+          const int col = n * 8 + c4 * 2;
+          const float2 l2 = lds_f2(sLs + col);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = n * 8 + c4 * 2 + (e & 1);
-          const int i = i0 + col;
-          const int j = e < 2 ? jA : jB;
-          const bool vis = (e < 2 ? validA : validB) && i < (e < 2 ? endA : endB) &&
-                           (!causal || j <= offset + i);
-          sT[n][e] = vis ? exp2_ftz(cap(sT[n][e] * scale_log2) - sLs[col]) : 0.f;
+          for (int e = 0; e < 4; ++e) {
+            const int i = i0 + col + (e & 1);
+            const bool vis = i >= (e < 2 ? firstA : firstB) && i < (e < 2 ? endA : endB);
+            float x = __fmul_rn(sT[n][e], scale_log2);
+            if constexpr (decltype(capped)::value) x = cap(x);
+            const float p = exp2_ftz(x - ((e & 1) ? l2.y : l2.x));
+            sT[n][e] = vis ? p : 0.f;
+          }
         }
-      }
+      };
+      if (cap.on())
+        p_of(Flag<true>{});
+      else
+        p_of(Flag<false>{});
     }
     if constexpr (SPLIT == 2) {
       // The pair swaps P^T and dP^T, lane for lane (the two share the fragment layout); past
@@ -474,16 +514,25 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     // dS^T = P^T (dP^T - D): dpT becomes dS^T. Under a cap, times its slope at the capped
     // score, which is log2(P) + lse (in the log2 domain): recovered from P rather than kept
     // beside it in registers (or, for the second warp of a pair, swapped through sX too).
+    auto ds_of = [&](auto capped) {
 #pragma unroll
-    for (int n = 0; n < NBQ; ++n) {
+      for (int n = 0; n < NBQ; ++n) {
+        const int col = n * 8 + c4 * 2;
+        const float2 d2 = lds_f2(sDvs + col);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = n * 8 + c4 * 2 + (e & 1);
-        float ds = sT[n][e] * (dpT[n][e] - sDvs[col]);
-        if (cap.on() && sT[n][e] > 0.f) ds *= cap.slope(__log2f(sT[n][e]) + sLs[col]);
-        dpT[n][e] = ds;
+        for (int e = 0; e < 4; ++e) {
+          float ds = sT[n][e] * (dpT[n][e] - ((e & 1) ? d2.y : d2.x));
+          if constexpr (decltype(capped)::value) {
+            if (sT[n][e] > 0.f) ds *= cap.slope(__log2f(sT[n][e]) + sLs[col + (e & 1)]);
+          }
+          dpT[n][e] = ds;
+        }
       }
-    }
+    };
+    if (cap.on())
+      ds_of(Flag<true>{});
+    else
+      ds_of(Flag<false>{});
 
     // dS^T to shared memory for the dQ step (rows = keys, columns = queries), by the first
     // warp of a pair.
@@ -558,14 +607,25 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
         dq(Flag<true>{});
       else
         dq(Flag<false>{});
+      // A row's adds from one pointer at constant offsets, behind one test: tested per add,
+      // each add recomputed its 64-bit address behind its own branch (11 instructions an
+      // add, 16 adds a step).
       const int iA = i0 + mb * 16 + g, iB = iA + 8;
+      const int d0 = nbase * 8 + c4 * 2;
+      if (iA < Tq) {
+        float *rowA = dq_acc + (qbase + iA) * D + d0;
 #pragma unroll
-      for (int n = 0; n < NBW; ++n) {
-        const int d0 = (nbase + n) * 8 + c4 * 2;
-        if (iA < Tq) atomic_add2(dq_acc + (qbase + iA) * D + d0, c[n][0], c[n][1]);
-        if (iB < Tq) atomic_add2(dq_acc + (qbase + iB) * D + d0, c[n][2], c[n][3]);
+        for (int n = 0; n < NBW; ++n) atomic_add2(rowA + n * 8, c[n][0], c[n][1]);
+      }
+      if (iB < Tq) {
+        float *rowB = dq_acc + (qbase + iB) * D + d0;
+#pragma unroll
+        for (int n = 0; n < NBW; ++n) atomic_add2(rowB + n * 8, c[n][2], c[n][3]);
       }
     }
+    // The next tile's rows, into the stage the previous step last read before its second
+    // barrier: the barrier at the top of the next step orders them before its reads.
+    if (it + 1 < niter) store_rows(st ^ 1);
   }
   cp_async_wait<0>();
 

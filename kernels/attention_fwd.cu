@@ -336,25 +336,45 @@ static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
         }
       }
 
-      // Scale to the log2 domain; mask only tiles that straddle a boundary or have holes.
-      const bool need_mask = !kr.dense || k0 + BK > kfull || k0 < kseg;
+      // Scale to the log2 domain, cap, and mask only tiles that straddle a boundary or have
+      // holes. Each in its own pass with its tests hoisted out of the scores' loop: tested
+      // per score, the cap and the mask made about a dozen instructions and three branches
+      // of every score of the diagonal's tiles.
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int n = 0; n < NBK; ++n) {
+        for (int n = 0; n < NBK; ++n)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float scaled = s[mt][n][e] * scale_log2;
-            float x = FULL ? scaled : cap(scaled);
-            if (need_mask) {
+          for (int e = 0; e < 4; ++e) s[mt][n][e] *= scale_log2;
+      if constexpr (!FULL) {
+        if (cap.on()) {
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int n = 0; n < NBK; ++n)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) s[mt][n][e] = cap(s[mt][n][e]);
+        }
+      }
+      if (!kr.dense || k0 + BK > kfull || k0 < kseg) {
+        const bool holes = !kr.dense;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          // Row A's and row B's visible keys: [first, end).
+          const int rA = rowA(mt), rB = rA + 8;
+          const int endA = horizon(rA), endB = horizon(rB);
+          const int firstA = k0 >= kseg ? kFirstRow : seg_lo(band, b, Tq, min(rA, Tq - 1), 0);
+          const int firstB = k0 >= kseg ? kFirstRow : seg_lo(band, b, Tq, min(rB, Tq - 1), 0);
+#pragma unroll
+          for (int n = 0; n < NBK; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
               const int jj = n * 8 + c4 * 2 + (e & 1);
               const int j = k0 + jj;
-              const int row = rowA(mt) + (e < 2 ? 0 : 8);
-              const bool ok = j < horizon(row) && (kr.dense || sM[st * BK + jj] != 0.f) &&
-                              (k0 >= kseg || j >= seg_lo(band, b, Tq, min(row, Tq - 1), 0));
-              if (!ok) x = neg_inf();
+              const bool ok = j >= (e < 2 ? firstA : firstB) && j < (e < 2 ? endA : endB) &&
+                              (!holes || sM[st * BK + jj] != 0.f);
+              if (!ok) s[mt][n][e] = neg_inf();
             }
-            s[mt][n][e] = x;
           }
         }
       }
@@ -424,11 +444,8 @@ static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
         }
       }
     };
-    // Not for 128-row blocks at D = 128, already at 255 registers: the straight-line copy
-    // spills on sm_80.
-    constexpr bool kStraight = !(MT == 2 && D == 128);
-    if (kStraight && steps == BK / 16 && !cap.on())
-      tile(Flag<kStraight>{});
+    if (steps == BK / 16 && !cap.on())
+      tile(Flag<true>{});
     else
       tile(Flag<false>{});
     __syncthreads();  // this stage is read by every warp before the next prefetch reuses it
