@@ -343,17 +343,38 @@ static __device__ void decode(const AttnParams &p) {
       issue((s + S - 1) % S, pass + S - 1);
       cp_async_wait<S - 1>();
       if (pass >= passes) break;  // the same for the whole warp
+      // The pass's scores first, every key's for every row: they depend only on the key, so
+      // their dot products and shuffles overlap, and the cap is tested once a pass (worked
+      // out beside each key's update, each key's shuffles waited on the previous key's
+      // update). Row 0 is always computed, so its test compiles away: a launch has a row.
+      float sc[U][R];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        // Whole 16-byte reads into registers first: unpacked straight from shared memory,
+        // each value was its own 2-byte read.
+        const uint4 kraw = *slot(s, u, 0);
+        float kf[VEC];
+        unpack8<T>(kraw, kf);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          // The same for the whole block: the shuffles stay converged.
+          sc[u][r] = r > 0 && r >= rows ? neg_inf() : group_dot<L>(qf[r], kf);
+        }
+      }
+      if (softcap.on()) {
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+          for (int r = 0; r < R; ++r) sc[u][r] = softcap(sc[u][r]);
+      }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int j = first + pass * kPassKeys + u * kStride + grp;
         // A key mask with holes is read here, its latency not hidden (the key range marks
         // the usual masks, left padding and a window, dense).
         const bool valid = loaded(pass, j) && (kr.dense || p.kvalid[(size_t)b * Tk + j] != 0.f);
-        // Whole 16-byte reads into registers first: unpacked straight from shared memory,
-        // each value was its own 2-byte read.
-        const uint4 kraw = *slot(s, u, 0), vraw = *slot(s, u, 1);
-        float kf[VEC], vf[VEC];
-        unpack8<T>(kraw, kf);
+        const uint4 vraw = *slot(s, u, 1);
+        float vf[VEC];
         unpack8<T>(vraw, vf);
         // A masked position's value never enters a sum, whatever it holds (as fwd_simple,
         // which skips zero probabilities): 0 * NaN would poison the row.
@@ -363,13 +384,13 @@ static __device__ void decode(const AttnParams &p) {
         }
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          if (r >= rows) continue;  // the same for the whole block: the shuffles stay converged
-          float sc = softcap(group_dot<L>(qf[r], kf));
+          if (r > 0 && r >= rows) continue;
+          float sc_r = sc[u][r];
           const bool vis = valid && j < row_hi[r] && (window == 0 || j >= row_lo[r]);
-          if (!vis) sc = neg_inf();
-          const float m_new = fmaxf(m[r], sc);
+          if (!vis) sc_r = neg_inf();
+          const float m_new = fmaxf(m[r], sc_r);
           const float ref = m_new == neg_inf() ? 0.f : m_new;
-          const float alpha = exp2f(m[r] - ref), pj = exp2f(sc - ref);
+          const float alpha = exp2f(m[r] - ref), pj = exp2f(sc_r - ref);
           l[r] = l[r] * alpha + pj;
           // A key past this row's causal horizon may hold a value for another row.
 #pragma unroll
