@@ -14,6 +14,7 @@
 // from the max (no cancellation at logits of large magnitude); its gradient term is
 //   dx_j += gH * p_j * (-(x_j - lse) - H),   p_j = exp(x_j - lse) (0 where p_j is 0).
 #include "logprobs.cuh"
+#include "mma_ptx.cuh"
 
 namespace {
 
@@ -21,6 +22,7 @@ using temper::from_f32;
 using temper::to_f32;
 
 constexpr int kThreads = 256;
+constexpr float kLog2e = 1.4426950408889634f;
 
 // The running softmax statistics of a run of logits: their max m, s = sum exp(x - m) and
 // u = sum exp(x - m) (x - m). Empty: (-inf, 0, 0).
@@ -57,15 +59,22 @@ __device__ __forceinline__ void merge(Stats &a, Stats b) {
 
 // Adds a run of values, already max-reduced to `cm`, to the running statistics: one rebase
 // at most, then exp(v - m) per value (a -inf value adds nothing to u, where 0 * -inf is NaN).
-// U: u is wanted (an entropy was asked for). Without it u stays 0: the forward is bound by
-// its instructions per logit, of which u's are a fifth, and (m, s) do not depend on u.
+// U: u is wanted (an entropy was asked for). Without it u stays 0: the forward looks bound
+// by its instructions per logit, and (m, s) do not depend on u.
+// exp(v - m) is 2^((v - m) log2 e) in one ex2.approx: expf's accurate path made a logit cost
+// ~14 instructions instead of ~9 (19 instead of 13 with u; SASS, sm_90), which may be what
+// held the bf16 forward near 2.5 TB/s. The difference is taken first (exact near the max, by
+// Sterbenz), so each term's error is relative to its own distance from the max plus the
+// approximation's 2 ulp, and the terms that carry the sum are as accurate as expf's.
+// (2^(v log2 e - m log2 e) in one FFMA would save the subtraction, but m log2 e rounded at
+// |m| ~ 100 moves every term by ~5e-6.) rebase keeps expf (once a chunk at most).
 template <int E, bool U>
 __device__ __forceinline__ void add_chunk(Stats &a, const float (&v)[E], float cm) {
   if (cm == -INFINITY) return;  // all -inf: nothing to add (and exp(-inf - -inf) is NaN)
   if (cm > a.m) rebase(a, cm);
 #pragma unroll
   for (int i = 0; i < E; ++i) {
-    const float d = v[i] - a.m, e = expf(d);
+    const float d = v[i] - a.m, e = temper::exp2_ftz(d * kLog2e);
     a.s += e;
     if constexpr (U) a.u += e > 0.f ? e * d : 0.f;
   }
