@@ -466,9 +466,9 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     // P^T = exp2(S^T * scale_log2 - lse), zero where the key is invisible to the query; sT
     // holds P^T. Compiled with and without the cap, chosen once a step: a test of the cap
     // inside the loop made a branch of every score. Each score's exp is computed and then
-    // selected, so the loop is straight-line code. __fmul_rn: the product is rounded before
-    // lse is subtracted, as it always was (an FFMA would round once, and P would differ from
-    // the forward's in the last bit).
+    // selected, so the loop is straight-line code. __fmul_rn and __fsub_rn: the scaled score,
+    // and the cap's product, are rounded before lse is subtracted, as they always were (an
+    // FFMA would round once, and P would differ from the forward's in the last bit).
     if (doS) {
       auto p_of = [&](auto capped) {
 #pragma unroll
@@ -481,7 +481,7 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
             const bool vis = i >= (e < 2 ? firstA : firstB) && i < (e < 2 ? endA : endB);
             float x = __fmul_rn(sT[n][e], scale_log2);
             if constexpr (decltype(capped)::value) x = cap(x);
-            const float p = exp2_ftz(x - ((e & 1) ? l2.y : l2.x));
+            const float p = exp2_ftz(__fsub_rn(x, (e & 1) ? l2.y : l2.x));
             sT[n][e] = vis ? p : 0.f;
           }
         }

@@ -278,9 +278,9 @@ static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     // The tile's work, compiled twice: FULL for a tile every warp computes whole without a
     // soft cap (every tile off the causal diagonal: the hot path, straight-line code whose
     // ldmatrix and mma ptxas schedules across the k-steps), and the general one, whose
-    // per-step exits on the diagonal and per-score cap test split that code into blocks (S =
-    // Q K^T in blocks of two mmas: the D = 128 forward measured 105.8 TFLOP/s on the H200
-    // against 134.6 before the exits came in).
+    // per-step exits on the diagonal split that code into blocks (S = Q K^T in blocks of two
+    // mmas: the D = 128 forward measured 105.8 TFLOP/s on the H200 against 134.6 before the
+    // exits came in).
     auto tile = [&](auto full) {
       constexpr bool FULL = decltype(full)::value;
       // S = Q K^T for this warp's 16 * MT rows and the tile's BK keys: each K fragment read
@@ -396,7 +396,8 @@ static __device__ void fwd_mma(const T *__restrict__ q, const T *__restrict__ k,
         const float refA = mnA == neg_inf() ? 0.f : mnA;
         const float refB = mnB == neg_inf() ? 0.f : mnB;
         // Two rescale factors a row keep exp2f; the per-score exps below take exp2_ftz. With
-        // it here too, the 128-row D = 128 kernel (at 255 registers) spills on sm_90.
+        // it here too, the 128-row D = 128 kernel spilled on sm_90 (when it was at 255
+        // registers).
         const float alA = exp2f(mA[mt] - refA), alB = exp2f(mB[mt] - refB);
         mA[mt] = mnA;
         mB[mt] = mnB;
