@@ -226,7 +226,8 @@ pub struct PipelineArgs {
     pub kernels: Option<String>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Scale every stage's step count (0.25 for a quick smoke run).
+    /// Scale every stage's step count (0.25 for a quick smoke run), or its epochs where the
+    /// config sets them.
     #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
     /// TOML with per-stage tables: [pretrain.train], [sft.lora], [ppo.ppo], ...

@@ -154,11 +154,19 @@ fn stage_config(
             .try_into()
             .with_context(|| format!("pipeline config: invalid [{}] table", step.name))?;
     }
-    let scaled = ((cfg.train.steps as f64) * opts.scale).round().max(1.0) as usize;
-    cfg.train.steps = scaled;
-    cfg.train.eval_every = cfg.train.eval_every.min(scaled);
-    cfg.train.checkpoint_every = cfg.train.checkpoint_every.min(scaled);
-    cfg.train.warmup_steps = cfg.train.warmup_steps.min(scaled / 2);
+    match cfg.train.epochs {
+        // The training set's size decides this step's count (setup's epochs_to_steps, once
+        // the data is read): --scale scales the passes over it instead. Scaling `steps` would
+        // do nothing, as the epochs would override it.
+        Some(e) => cfg.train.epochs = Some(e * opts.scale),
+        None => {
+            let scaled = ((cfg.train.steps as f64) * opts.scale).round().max(1.0) as usize;
+            cfg.train.steps = scaled;
+            cfg.train.eval_every = cfg.train.eval_every.min(scaled);
+            cfg.train.checkpoint_every = cfg.train.checkpoint_every.min(scaled);
+            cfg.train.warmup_steps = cfg.train.warmup_steps.min(scaled / 2);
+        }
+    }
     Ok(cfg)
 }
 
@@ -223,6 +231,9 @@ fn run_stage(stage: Stage, env: &Env) -> Result<Value> {
 }
 
 pub fn run(opts: &PipelineOptions) -> Result<()> {
+    if !(opts.scale.is_finite() && opts.scale > 0.0) {
+        bail!("--scale must be a positive number, got {}", opts.scale);
+    }
     let user: Option<toml::Value> = match &opts.config {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -339,5 +350,51 @@ fn print_table(steps: &[Step], summary: &Map<String, Value>) {
             ),
         };
         outln!("{:<12} {what:<28} {base}", step.name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(scale: f64) -> PipelineOptions {
+        PipelineOptions {
+            out: PathBuf::from("unused"),
+            with: vec![],
+            device: None,
+            kernels: None,
+            seed: 0,
+            scale,
+            config: None,
+            overwrite: false,
+        }
+    }
+
+    /// `--scale` scales a step's count, or, where the user's table sets `epochs` (which then
+    /// decide the count), the epochs.
+    #[test]
+    fn scale_takes_the_epochs_where_they_decide_the_steps() {
+        let user: toml::Value = toml::from_str("[sft.train]\nepochs = 2.0\n").unwrap();
+        let sft = stage_config(Step::plain(Stage::Sft), &options(0.25), Some(&user)).unwrap();
+        assert_eq!(sft.train.epochs, Some(0.5));
+        let unscaled = RunConfig::for_stage(Stage::Sft).train.steps;
+        assert_eq!(sft.train.steps, unscaled, "steps are left to the epochs");
+
+        let pretrain =
+            stage_config(Step::plain(Stage::Pretrain), &options(0.25), Some(&user)).unwrap();
+        let want = RunConfig::for_stage(Stage::Pretrain).train.steps as f64 * 0.25;
+        assert_eq!(pretrain.train.epochs, None);
+        assert_eq!(pretrain.train.steps, want.round() as usize);
+    }
+
+    #[test]
+    fn scale_must_be_a_positive_number() {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let err = run(&options(bad)).unwrap_err().to_string();
+            assert!(
+                err.contains("--scale must be a positive number"),
+                "{bad}: {err}"
+            );
+        }
     }
 }
