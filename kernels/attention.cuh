@@ -5,7 +5,7 @@
 //   SimpleTiles     tile sizes of the CUDA-core ("simple") kernels
 //   MmaFwdTraits<D> / MmaBwdTraits<D>   tile choices of the tensor-core kernels, with the
 //                   shared-memory size each launch asks for
-//   KeyRange, key_range, block_key_end, warp_max, pos_inf, neg_inf, kLog2e, kLn2, SoftCap
+//   KeyRange, key_range, block_key_end, warp_max, pos_inf, neg_inf, SoftCap
 //
 // Conventions (all kernels): q, o, dq `[B, Hq, Tq, D]`; k, v, dk, dv `[B, Hkv, Tk, D]`
 // (contiguous, except that the simple forward reads k and v as the first Tk positions of a
@@ -96,9 +96,6 @@ struct AttnParams {
 };
 static_assert(sizeof(AttnParams) == 264, "AttnParams: keep in step with the Rust mirror");
 static_assert(alignof(AttnParams) == 8, "AttnParams: keep in step with the Rust mirror");
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 static __device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
 static __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }

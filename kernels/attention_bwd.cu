@@ -360,23 +360,20 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
   const int nqt = i_end > i_start ? (i_end - i_start + BQ - 1) / BQ : 0;
   const int niter = G * nqt;
 
+  // A query tile: Q and dO copied into stage st, and its lse and rowsum(dO * O) (thread
+  // x < BQ's row) loaded into registers, stored to shared memory by store_rows only at the
+  // end of the step before the tile's. Stored where they were loaded, the store waited out
+  // the loads' round trip at the top of every step, and the step's first barrier held the
+  // whole block behind it.
+  static_assert(BQ <= NT, "one row of lse and rowsum(dO * O) a thread");
+  float row_lse = 0.f, row_dv = 0.f;
   auto load_q = [&](int it, int st) {
     const int gq = it / nqt, qt = it - gq * nqt;
     const int i0 = i_start + qt * BQ;
     const size_t qbase = ((size_t)b * Hq + hkv * G + gq) * Tq;
     load_tile<T, BQ, D, NT>(sQ + st * BQ * D, q + (qbase + i0) * D, Tq - i0, q);
     load_tile<T, BQ, D, NT>(sdO + st * BQ * D, dout + (qbase + i0) * D, Tq - i0, dout);
-  };
-  // A query tile's lse and rowsum(dO * O), thread x < BQ's row: loaded into registers with the
-  // tile's copies and stored to shared memory only at the end of the step before the tile's.
-  // Stored where they were loaded, the store waited out the loads' round trip at the top of
-  // every step, and the step's first barrier held the whole block behind it.
-  static_assert(BQ <= NT, "one row of lse and rowsum(dO * O) a thread");
-  float row_lse = 0.f, row_dv = 0.f;
-  auto fetch_rows = [&](int it) {
-    const int gq = it / nqt, qt = it - gq * nqt;
-    const int i = i_start + qt * BQ + threadIdx.x;
-    const size_t qbase = ((size_t)b * Hq + hkv * G + gq) * Tq;
+    const int i = i0 + threadIdx.x;
     if (threadIdx.x < BQ) {
       row_lse = i < Tq ? lse[qbase + i] : pos_inf();
       row_dv = i < Tq ? dvec[qbase + i] : 0.f;
@@ -399,7 +396,6 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     load_tile<T, BK, D, NT>(sK, k + (kvbase + k0) * D, Tk - k0, k);
     load_tile<T, BK, D, NT>(sV, v + (kvbase + k0) * D, Tk - k0, v);
     load_q(0, 0);
-    fetch_rows(0);
     store_rows(0);
   }
   cp_async_commit();
@@ -408,7 +404,6 @@ static __device__ void bwd_mma(const T *__restrict__ q, const T *__restrict__ k,
     const int st = it & 1;
     if (it + 1 < niter) {
       load_q(it + 1, st ^ 1);
-      fetch_rows(it + 1);
       cp_async_commit();
       cp_async_wait<1>();
     } else {

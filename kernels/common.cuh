@@ -18,6 +18,10 @@
 
 namespace temper {
 
+// log2(e) and ln(2) in f32: the softmax kernels' exps are 2^((x - m) log2 e).
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
 static __device__ __forceinline__ float to_f32(float x) { return x; }
 static __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 static __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }

@@ -19,10 +19,10 @@
 namespace {
 
 using temper::from_f32;
+using temper::kLog2e;
 using temper::to_f32;
 
 constexpr int kThreads = 256;
-constexpr float kLog2e = 1.4426950408889634f;
 
 // The running softmax statistics of a run of logits: their max m, s = sum exp(x - m) and
 // u = sum exp(x - m) (x - m). Empty: (-inf, 0, 0).
