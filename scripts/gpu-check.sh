@@ -30,7 +30,8 @@
 #   ncu-train-step.csv  ncu's per-kernel summary of one steady-state step of ours
 #   ncu-decode-step.csv the same for one decode step of generation
 #   ncu-lora.csv        the same for one fused LoRA fwd+bwd (r16 M8192 K4096 N4096)
-#   ncu-attention.txt   ncu's detail sections for the attention kernels (as time allows)
+#   ncu-attention.txt   ncu's detail sections for the attention kernels, then their stall
+#                       samples by SASS instruction (as time allows)
 # (seven files: the device tool returns at most 8.)
 set -u
 
@@ -59,7 +60,7 @@ PART_1=('test-.*' train-torch-eager bench-generate peer-generate bench-attention
   bench-lora peer-lora)
 PART_2=(ppo-init ppo-update gpt2-loss ncu-step ncu-decode bench-generate-timed
   bench-generate-decode-gemm bench-generate-pdl bench-generate-pdl-decode-gemm train-attn-wide
-  train-gemm-timed train-recompute ncu-lora ncu-attention bench-attention-packed
+  train-gemm-timed train-recompute ncu-lora ncu-attention ncu-attention-stalls bench-attention-packed
   peer-attention-packed bench-attention-softcap peer-attention-softcap)
 PART_3=(train-torch-compile train-graph bench-generate-fixed bench-generate-dynamic
   bench-generate-qwen3 peer-generate-qwen3 bench-generate-penalty peer-generate-penalty
@@ -404,6 +405,24 @@ if has bench-attention && [[ -x "$NCU" ]]; then
     --section WarpStateStats --section Occupancy --section LaunchStats \
     /tmp/temper-gpu/bin/bench-attention --bench
   [[ -f "$WORK/ncu-attention.log" ]] && cp "$WORK/ncu-attention.log" "$DEST/ncu-attention.txt"
+fi
+# Where their warps wait, instruction by instruction: ncu's PC sampling (SourceCounters) of
+# one launch each of the D = 64 forward and backward, summarised by scripts/ncu_stalls.py (the
+# samples by stall reason, then the SASS instructions holding the most) at the end of
+# ncu-attention.txt. The aggregate stall sections above say what kind of wait; this says which
+# instruction waits, which is what a change to the kernel can act on.
+if has bench-attention && [[ -x "$NCU" ]]; then
+  section ncu-attention-stalls 150 bash -c '
+    for k in attn_fwd_mma_bf16_h64 attn_bwd_mma_bf16_h64; do
+      TEMPER_BENCH_ONCE=1 "$0" --clock-control none -k "regex:^$k\$" --launch-count 1 \
+        --section WarpStateStats --section SourceCounters -f -o "$1/$k" \
+        /tmp/temper-gpu/bin/bench-attention --bench >/dev/null
+      "$0" --import "$1/$k.ncu-rep" --page source --csv --print-source sass >"$1/$k.csv" 2>&1
+      echo "===== $k: stall samples by SASS instruction"
+      python3 scripts/ncu_stalls.py "$1/$k.csv"
+    done' "$NCU" "$WORK"
+  [[ -f "$WORK/ncu-attention-stalls.log" ]] &&
+    cat "$WORK/ncu-attention-stalls.log" >>"$DEST/ncu-attention.txt"
 fi
 
 # torch.compile on the same step (its compilation takes a minute or more, untimed): after the
