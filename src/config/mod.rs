@@ -24,7 +24,7 @@ pub use model::{
 pub use run::{overlay, DataConfig, DeviceChoice, RunConfig, Stage, Truncation};
 pub use stages::{
     AdvantageEstimator, DpoConfig, DpoLoss, ExternalRewardConfig, FDivergence, GrpoConfig,
-    ImportanceSamplingLevel, KlEstimator, KtoConfig, KtoLoss, LossType, MultiObjective,
+    ImportanceSamplingLevel, KlEstimator, KlPlace, KtoConfig, KtoLoss, LossType, MultiObjective,
     OnlineDpoConfig, PpoConfig, RewardConfig, RewardSource, RewardSpec, ScaleRewards, SftConfig,
     SftLoss,
 };
@@ -40,7 +40,9 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
             .map(|s| text[..s.start].matches('\n').count() + 1)
             .map(|l| format!(":{l}"))
             .unwrap_or_default();
-        anyhow::anyhow!("{}{line}: {}", path.display(), e.message())
+        // One line: toml's messages may run over several ("invalid table header" and why).
+        let message: Vec<&str> = e.message().lines().map(str::trim).collect();
+        anyhow::anyhow!("{}{line}: {}", path.display(), message.join(": "))
     })
 }
 

@@ -103,6 +103,9 @@ impl RewardConfig {
         if !(c >= 0.0 && c.is_finite()) {
             bail!("reward.center_rewards_coefficient must be 0 or positive, got {c}");
         }
+        if !self.margin.is_finite() {
+            bail!("reward.margin must be a finite number, got {}", self.margin);
+        }
         Ok(())
     }
 }
@@ -935,10 +938,15 @@ pub struct GrpoConfig {
     pub advantage_estimator: AdvantageEstimator,
     /// What `group_norm` divides by (TRL's `scale_rewards`).
     pub scale_rewards: ScaleRewards,
-    /// The KL coefficient: a k3 term in the loss (GRPO, RLOO), or for REINFORCE++ a k1
-    /// penalty in the per-token reward. At 0 (TRL's default, DAPO's and Dr. GRPO's choice) no
-    /// reference is loaded or run, and no KL is reported.
+    /// The KL coefficient, where [`GrpoConfig::kl_place`] puts it: a k3 term in the loss
+    /// (GRPO), `beta` times each response's summed k1 KL off its score (RLOO), or for
+    /// REINFORCE++ a k1 penalty in the per-token reward. At 0 (TRL's default, DAPO's and Dr.
+    /// GRPO's choice) no reference is loaded or run, and no KL is reported.
     pub beta: f64,
+    /// The KL in each response's reward rather than in the loss (ms-swift's `kl_in_reward`):
+    /// unset, in the reward for `rloo` (as TRL's RLOOTrainer and OpenRLHF put it) and in the
+    /// loss for `group_norm`; `reinforce_plus_plus` always has it in its per-token reward.
+    pub kl_in_reward: Option<bool>,
     pub cliprange: f64,
     /// Upper clip range of the ratio (DAPO's clip-higher; TRL's `epsilon_high`).
     pub epsilon_high: Option<f64>,
@@ -1060,6 +1068,19 @@ pub enum AdvantageEstimator {
     /// reward-to-go, whitened over the whole batch; no group baseline.
     #[serde(alias = "reinforce++")]
     ReinforcePlusPlus,
+}
+
+/// Where the grpo stage's KL to the reference acts ([`GrpoConfig::kl_place`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KlPlace {
+    /// `beta` times the k3 estimate at each token, averaged into the loss as the policy loss
+    /// is (GRPO, TRL's GRPOTrainer).
+    Loss,
+    /// `beta` times the response's summed k1 estimate `sum_t (log pi_old - log pi_ref)`
+    /// taken off its score before the advantages are formed (TRL's RLOOTrainer).
+    SequenceReward,
+    /// `-beta` times the k1 estimate at each token in the per-token reward (REINFORCE++).
+    TokenReward,
 }
 
 /// What GRPO's group-normalised advantage is divided by (TRL's `scale_rewards`).
@@ -1235,6 +1256,22 @@ impl GrpoConfig {
                  (use group_norm or rloo)"
             );
         }
+        match (self.advantage_estimator, self.kl_in_reward) {
+            (AdvantageEstimator::ReinforcePlusPlus, Some(false)) => bail!(
+                "grpo.kl_in_reward = false: reinforce_plus_plus has its KL in the per-token \
+                 reward (use group_norm or rloo for a KL term in the loss)"
+            ),
+            (_, Some(true))
+                if self.multi_objective_aggregation == MultiObjective::NormalizeThenSum =>
+            {
+                bail!(
+                    "grpo.kl_in_reward = true: multi_objective_aggregation = \"normalize_then_sum\" \
+                     normalises each source's scores, so a KL taken off the summed reward would \
+                     not reach the advantages (leave kl_in_reward unset)"
+                )
+            }
+            _ => {}
+        }
         if self.multi_objective_aggregation == MultiObjective::NormalizeThenSum
             && self.advantage_estimator != AdvantageEstimator::GroupNorm
         {
@@ -1293,6 +1330,15 @@ impl GrpoConfig {
         Ok(())
     }
 
+    /// Where the KL to the reference acts: `kl_in_reward`, else the estimator's own place.
+    pub fn kl_place(&self) -> KlPlace {
+        match (self.advantage_estimator, self.kl_in_reward) {
+            (AdvantageEstimator::ReinforcePlusPlus, _) => KlPlace::TokenReward,
+            (_, Some(true)) | (AdvantageEstimator::Rloo, None) => KlPlace::SequenceReward,
+            (AdvantageEstimator::GroupNorm, None) | (_, Some(false)) => KlPlace::Loss,
+        }
+    }
+
     /// Whether a step needs the policy's entropy at each response token.
     pub fn needs_entropy(&self) -> bool {
         self.top_entropy_quantile < 1.0 || self.entropy_bonus()
@@ -1316,6 +1362,7 @@ impl Default for GrpoConfig {
             advantage_estimator: AdvantageEstimator::GroupNorm,
             scale_rewards: ScaleRewards::Group,
             beta: 0.04,
+            kl_in_reward: None,
             cliprange: 0.2,
             epsilon_high: None,
             delta: None,
@@ -1685,6 +1732,45 @@ mod tests {
         c.advantage_estimator = AdvantageEstimator::ReinforcePlusPlus;
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("grpo.importance_sampling_level"), "{e}");
+    }
+
+    /// The KL acts where each peer puts it by default: GRPO's in the loss, RLOO's off the
+    /// score (TRL's RLOOTrainer), REINFORCE++'s in the per-token reward; `kl_in_reward` moves
+    /// GRPO's and RLOO's, and is refused where it could not take effect.
+    #[test]
+    fn grpo_places_the_kl_as_each_estimator_does_unless_told() {
+        use AdvantageEstimator::*;
+        let at = |est, kl_in_reward| GrpoConfig {
+            advantage_estimator: est,
+            kl_in_reward,
+            ..GrpoConfig::default()
+        };
+        assert_eq!(at(GroupNorm, None).kl_place(), KlPlace::Loss);
+        assert_eq!(at(Rloo, None).kl_place(), KlPlace::SequenceReward);
+        assert_eq!(at(ReinforcePlusPlus, None).kl_place(), KlPlace::TokenReward);
+        assert_eq!(
+            at(GroupNorm, Some(true)).kl_place(),
+            KlPlace::SequenceReward
+        );
+        assert_eq!(at(Rloo, Some(false)).kl_place(), KlPlace::Loss);
+        assert_eq!(
+            at(ReinforcePlusPlus, Some(true)).kl_place(),
+            KlPlace::TokenReward
+        );
+        let c: GrpoConfig = toml::from_str("kl_in_reward = true").unwrap();
+        assert_eq!(c.kl_in_reward, Some(true));
+        c.validate().unwrap();
+        let e = at(ReinforcePlusPlus, Some(false))
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("grpo.kl_in_reward"), "{e}");
+        let gdpo = GrpoConfig {
+            multi_objective_aggregation: MultiObjective::NormalizeThenSum,
+            ..at(GroupNorm, Some(true))
+        };
+        let e = gdpo.validate().unwrap_err().to_string();
+        assert!(e.contains("grpo.kl_in_reward"), "{e}");
     }
 
     /// TRL's newer GRPO knobs read by their names, and each setting whose maths would not

@@ -4,7 +4,8 @@
 //! - `group_norm` (GRPO): `(r - mean_group) / scale` for every token of the response, where
 //!   `scale_rewards` (TRL's knob) is the group's std, the batch's std, or 1 (Dr. GRPO); KL as
 //!   a k3 term `beta * KL` in the loss;
-//! - `rloo`: `r - mean of the other samples of its group`; KL in the loss as GRPO;
+//! - `rloo`: `r - mean of the other samples of its group`, where `r` is the score less
+//!   `beta` times the response's summed k1 KL (TRL's RLOOTrainer); no KL term in the loss;
 //! - `reinforce_plus_plus`: per-token reward `-beta * KL_t` (k1) plus the score at the last
 //!   token, reward-to-go, whitened over the batch; no KL term in the loss.
 //!
@@ -29,7 +30,8 @@ use super::eval::{PolicyEval, PolicyResult};
 use super::ref_sync::{MovingReference, RefSync};
 use super::rl::{
     aggregate, baselined, batch_normalized, decoupled_advantages, group_advantages, kl_estimate,
-    reinforce_pp_advantages, row_sums, zero_unscored, Aggregation, Clip, Form, Surrogate, Vespo,
+    kl_penalized, reinforce_pp_advantages, row_sums, zero_unscored, Aggregation, Clip, Form,
+    Surrogate, Vespo,
 };
 use super::rollout::{
     mean_over_ranks, require_scored, rollout_seed, rollout_stats, rows, surrogate, token_shares,
@@ -39,8 +41,8 @@ use super::rollout::{
 use super::setup::{self, Plan, PolicyPair};
 use super::Env;
 use crate::config::{
-    AdvantageEstimator, GrpoConfig, ImportanceSamplingLevel, KlEstimator, LossType, MultiObjective,
-    ScaleRewards,
+    AdvantageEstimator, GrpoConfig, ImportanceSamplingLevel, KlEstimator, KlPlace, LossType,
+    MultiObjective, ScaleRewards,
 };
 use crate::data::records::PromptRecord;
 use crate::data::sampler::{state_u64, WindowSampler};
@@ -118,10 +120,15 @@ impl GrpoTask<'_> {
             )?);
         }
         // TRL's RLOO clips the scores (NaN stays NaN).
-        let scores: Vec<f64> = match c.reward_clip_range {
+        let mut scores: Vec<f64> = match c.reward_clip_range {
             Some([lo, hi]) => ro.scores.iter().map(|x| x.clamp(lo, hi)).collect(),
             None => ro.scores.clone(),
         };
+        if c.kl_place() == KlPlace::SequenceReward {
+            if let Some(kl) = ro.kl(KlEstimator::K1)? {
+                scores = kl_penalized(&scores, &row_sums(&kl)?, c.beta);
+            }
+        }
         // A response no reward applies to (NaN) takes the host path, which leaves it out.
         let all_scored = scores.iter().all(|x| !x.is_nan());
         match (c.advantage_estimator, c.scale_rewards) {
@@ -269,9 +276,9 @@ impl Task for GrpoTask<'_> {
         )?;
         metrics.extend(pol.metrics()?);
         let mut loss = pol.loss.clone();
-        // REINFORCE++ has its KL in the reward; the others hold the policy near the reference
-        // with a k3 term in the loss.
-        let in_the_loss = c.advantage_estimator != AdvantageEstimator::ReinforcePlusPlus;
+        // REINFORCE++ and RLOO have their KL in the reward; GRPO holds the policy near the
+        // reference with a k3 term in the loss.
+        let in_the_loss = c.kl_place() == KlPlace::Loss;
         if let Some(ref_logprobs) = ro.ref_logprobs.as_ref().filter(|_| in_the_loss) {
             let mut kl = kl_estimate(&pol.logp, &rows(ref_logprobs, &idx)?, KlEstimator::K3)?;
             if c.use_bias_correction_kl {

@@ -453,6 +453,16 @@ fn scored_mean_var(x: &[f64], comm: &dyn Communicator) -> Result<(f64, f64)> {
     global_mean_var(comm, n, mean, var)
 }
 
+/// Each score less `beta` times its response's summed KL (TRL's RLOO puts the KL in the
+/// reward this way, before the leave-one-out baseline); a NaN score (none) stays NaN.
+pub fn kl_penalized(scores: &[f64], kl_sums: &[f64], beta: f64) -> Vec<f64> {
+    scores
+        .iter()
+        .zip(kl_sums)
+        .map(|(r, kl)| r - beta * kl)
+        .collect()
+}
+
 /// [`sequence_advantages`] with NaN left where a response has none.
 pub fn baselined(
     scores: &[f64],
@@ -1119,6 +1129,32 @@ mod tests {
         )
         .unwrap();
         assert!((plain[0] - plain[1]).abs() > 50.0 * (plain[2] - plain[3]).abs());
+    }
+
+    /// TRL's RLOO: each score less beta times its response's summed KL, then the leave-one-out
+    /// baseline. Scores [1, 0], KL sums [0.5, 0.1], beta 0.1: rewards [0.95, -0.01], so
+    /// advantages [0.96, -0.96]; a NaN score stays NaN.
+    #[test]
+    fn rloo_takes_the_summed_kl_off_each_score_before_its_baseline() {
+        let r = kl_penalized(&[1.0, 0.0, f64::NAN], &[0.5, 0.1, 2.0], 0.1);
+        assert!(
+            (r[0] - 0.95).abs() < 1e-12 && (r[1] + 0.01).abs() < 1e-12,
+            "{r:?}"
+        );
+        assert!(r[2].is_nan());
+        let a = sequence_advantages(
+            &r[..2],
+            2,
+            AdvantageEstimator::Rloo,
+            ScaleRewards::Group,
+            0.0,
+            &Solo,
+        )
+        .unwrap();
+        assert!(
+            (a[0] - 0.96).abs() < 1e-12 && (a[1] + 0.96).abs() < 1e-12,
+            "{a:?}"
+        );
     }
 
     /// A response no reward applies to (NaN) is left out of its group's statistics and of the
