@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    AdvantageEstimator, DTypeChoice, DeviceChoice, ImportanceSamplingLevel, LoraConfig,
+    read_toml, AdvantageEstimator, DTypeChoice, DeviceChoice, ImportanceSamplingLevel, LoraConfig,
     ModelConfig, RewardSpec, RunConfig, Stage,
 };
 use crate::stages::export::Format;
@@ -79,7 +79,7 @@ pub struct StageArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Run directory (config.toml, metrics.jsonl, checkpoints/, final/).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub out: Option<PathBuf>,
     /// Continue the run in DIR from its latest checkpoint.
     #[arg(long, value_name = "DIR")]
@@ -492,9 +492,9 @@ fn warn_unused_batch_size(cfg: &RunConfig, flag: bool) {
 }
 
 impl StageArgs {
-    /// Stage defaults, then the config file (or the resumed run's config.toml), then flags.
+    /// Stage defaults, then the resumed run's config.toml, then the config file, then flags.
     pub fn resolve(&self, stage: Stage) -> Result<(RunConfig, PathBuf, Start)> {
-        let (file, out, resume) = match &self.resume {
+        let (files, out, resume): (Vec<PathBuf>, _, _) = match &self.resume {
             Some(dir) => {
                 let saved = dir.join("config.toml");
                 if !saved.exists() {
@@ -503,21 +503,32 @@ impl StageArgs {
                         dir.display()
                     );
                 }
-                (
-                    Some(self.config.clone().unwrap_or(saved)),
-                    dir.clone(),
-                    true,
-                )
+                // Another stage's loss, learning rate and reference over this run's weights
+                // would replace its final model and append to its metrics.
+                let held = read_toml::<RunConfig>(&saved)?.stage;
+                if held != stage {
+                    bail!(
+                        "--resume {}: it holds a {held} run, not a {stage} one (continue it with \
+                         `temper {held} --resume {}`, or start a {stage} run from it with --init)",
+                        dir.display(),
+                        dir.display()
+                    );
+                }
+                // A --config beside --resume changes what it names and keeps the rest of
+                // the run's own settings.
+                let files = std::iter::once(saved).chain(self.config.clone()).collect();
+                (files, dir.clone(), true)
             }
             None => (
-                self.config.clone(),
+                self.config.clone().into_iter().collect(),
                 self.out
                     .clone()
                     .unwrap_or_else(|| PathBuf::from(format!("runs/{stage}"))),
                 false,
             ),
         };
-        let (mut cfg, user) = RunConfig::load(stage, file.as_deref())?;
+        let (mut cfg, user) = RunConfig::load_layers(stage, &files)?;
+        let file = files.last();
         self.apply(&mut cfg)?;
         warn_unused_batch_size(&cfg, self.batch_size.is_some());
         let pretrained = (cfg.init.as_deref()).is_some_and(crate::model::hf::is_pretrained_dir);
@@ -533,7 +544,7 @@ impl StageArgs {
                 bail!("--model {p}: a run from --init trains the model it loads, not a preset");
             }
             let table = user.as_ref().is_some_and(|u| u.get("model").is_some());
-            if let (Some(f), true, true) = (&file, table, pretrained) {
+            if let (Some(f), true, true) = (file, table, pretrained) {
                 errln!(
                     "warning: {}: [model] is not used: a run from --init trains the model it loads",
                     f.display()
@@ -544,7 +555,7 @@ impl StageArgs {
             crate::stages::setup::inherit_task_world(&mut cfg, user.as_ref())?;
         }
         // A value the file set that fails validation is named by the file and line.
-        if let (Err(e), Some(f)) = (cfg.validate(), &file) {
+        if let (Err(e), Some(f)) = (cfg.validate(), file) {
             bail!("{}: {e}", crate::config::locate(f, &e.to_string()));
         }
         let start = match (resume, self.overwrite) {

@@ -748,6 +748,15 @@ fn an_interrupted_generation_resumes_after_its_last_complete_line() {
     let e = err(run(&cut, &prompts, &["--resume", "--min-p", "1.5"]));
     assert!(e.contains("--min-p must be in [0, 1]"), "{e}");
     untouched(&e);
+    for t in ["nan", "-1", "inf"] {
+        let e = err(run(
+            &cut,
+            &prompts,
+            &["--resume", &format!("--temperature={t}")],
+        ));
+        assert!(e.contains("--temperature must be 0 (greedy)"), "{e}");
+        untouched(&e);
+    }
     // The filters run (on the CPU reference here) and are recorded for a resume.
     let filtered = p(d.path(), "filtered.jsonl");
     let flags = ["--repetition-penalty", "1.3", "--min-p", "0.05"];
@@ -1328,6 +1337,39 @@ fn a_run_directory_is_not_reused_by_accident() {
     assert!(e.contains("would be deleted"), "{e}");
     assert!(init.join("model.safetensors").is_file());
     run_ok(&["pretrain", "--resume", o, "--steps", "3", "--device", "cpu"]);
+    // Resumed past it, the shorter schedule's final/ is set aside under its step, so that a
+    // stage started from the run takes the newer model; nothing is deleted.
+    let step = |dir: &Path| {
+        let meta = std::fs::read_to_string(dir.join("meta.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&meta).unwrap()["step"].as_u64()
+    };
+    assert_eq!(step(&out.join("final")), Some(3));
+    assert_eq!(step(&out.join("final-step-0000002")), Some(2));
+    // Another stage does not continue this run (it would replace its final model).
+    let e = run_err(&["sft", "--resume", o, "--device", "cpu"]);
+    assert!(e.contains("holds a pretrain run"), "{e}");
+    let e = run_err(&["pretrain", "--resume", o, "--out", c, "--steps", "4"]);
+    assert!(e.contains("--out") && e.contains("--resume"), "{e}");
+    // A --config beside --resume is laid over the run's own: its small [model] stays (the
+    // defaults' larger one would not load the checkpoint).
+    let more = p(d.path(), "more.toml");
+    std::fs::write(&more, "[train]\nsteps = 4\n").unwrap();
+    let m = more.to_str().unwrap();
+    run_ok(&["pretrain", "--resume", o, "--config", m, "--device", "cpu"]);
+    let toml = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        toml.contains("steps = 4") && toml.contains("hidden_size = 64"),
+        "{toml}"
+    );
+    // Without checkpoints/latest (lost, or emptied), the newest complete checkpoint is taken:
+    // the run goes on from step 4, where it used to start over and prune its checkpoints.
+    std::fs::write(out.join("checkpoints/latest"), "").unwrap();
+    let e = run_ok(&["pretrain", "--resume", o, "--steps", "5", "--device", "cpu"]);
+    let e = String::from_utf8_lossy(&e.stderr);
+    assert!(e.contains("newest complete checkpoint"), "{e}");
+    let steps = train_steps(&out);
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+    assert_eq!(steps.last(), Some(&5), "{steps:?}");
 }
 
 /// `temper pretrain ... 2>&1 | tee log` and Ctrl-C: the signal ends `tee` too, and every later

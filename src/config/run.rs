@@ -284,21 +284,29 @@ impl RunConfig {
     /// Stage defaults overlaid with a TOML file: only the keys the file sets change. Also
     /// returns the file's own table, for callers that need to know what the user set.
     pub fn load(stage: Stage, file: Option<&Path>) -> Result<(Self, Option<toml::Value>)> {
-        let defaults = Self::for_stage(stage);
-        let Some(file) = file else {
-            return Ok((defaults, None));
-        };
-        // Parse once on its own for errors that name the file, line and field.
-        let _: RunConfig = read_toml(file)?;
-        let text = std::fs::read_to_string(file)?;
-        let user: toml::Value = toml::from_str(&text)?;
-        let mut base = toml::Value::try_from(&defaults)?;
-        overlay(&mut base, user.clone());
-        let mut cfg: RunConfig = base
-            .try_into()
-            .with_context(|| format!("{}: invalid config", file.display()))?;
+        let files: Vec<PathBuf> = file.map(Path::to_path_buf).into_iter().collect();
+        Self::load_layers(stage, &files)
+    }
+
+    /// [`RunConfig::load`] over several files, each laid over the ones before it (a resumed
+    /// run's config.toml, then a --config); returns the last file's own table.
+    pub fn load_layers(stage: Stage, files: &[PathBuf]) -> Result<(Self, Option<toml::Value>)> {
+        let mut base = toml::Value::try_from(Self::for_stage(stage))?;
+        let mut user = None;
+        for file in files {
+            // Parse once on its own for errors that name the file, line and field.
+            let _: RunConfig = read_toml(file)?;
+            let text = std::fs::read_to_string(file)?;
+            let table: toml::Value = toml::from_str(&text)?;
+            overlay(&mut base, table.clone());
+            user = Some(table);
+        }
+        let mut cfg: RunConfig = base.try_into().with_context(|| match files.last() {
+            Some(f) => format!("{}: invalid config", f.display()),
+            None => "invalid default config".to_string(),
+        })?;
         cfg.stage = stage;
-        Ok((cfg, Some(user)))
+        Ok((cfg, user))
     }
 
     pub fn kernel_set(&self) -> Result<KernelSet> {

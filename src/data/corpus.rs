@@ -127,7 +127,7 @@ pub fn pack_documents(
     seed: u64,
 ) -> Result<PackedCorpus> {
     if !(val_fraction > 0.0 && val_fraction < 1.0) {
-        bail!("val_fraction must be between 0 and 1 (exclusive), got {val_fraction}: pretraining needs both a training and a validation split");
+        bail!("data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}: pretraining on text needs both a training and a validation split");
     }
     if block == 0 {
         bail!("pack_documents: block length must be at least 1");

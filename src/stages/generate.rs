@@ -102,6 +102,13 @@ impl Job<'_> {
             bail!("generate: --samples and --batch-size must be at least 1");
         }
         let c = self.cfg;
+        // NaN sampled NUL bytes, a negative temperature ran greedy and inf uniformly, unsaid.
+        if !(c.temperature.is_finite() && c.temperature >= 0.0) {
+            bail!(
+                "generate: --temperature must be 0 (greedy) or a finite positive number, got {}",
+                c.temperature
+            );
+        }
         if !(c.top_p > 0.0 && c.top_p <= 1.0) {
             bail!("generate: --top-p must be in (0, 1], got {}", c.top_p);
         }

@@ -100,30 +100,40 @@ impl Checkpoints {
     }
 
     fn prune(&self) -> Result<()> {
-        let mut done: Vec<PathBuf> = std::fs::read_dir(&self.dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.is_dir()
-                    && p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with("step-") && !n.contains('.'))
-            })
-            .collect();
-        done.sort();
+        let mut done = complete_steps(&self.dir)?;
         while done.len() > self.keep {
             std::fs::remove_dir_all(done.remove(0))?;
         }
         Ok(())
     }
 
-    /// The newest complete checkpoint of a run directory.
+    /// The newest complete checkpoint of a run directory: the one `checkpoints/latest` names,
+    /// or where that pointer is missing or empty (lost, or cut off as it was written) the
+    /// newest complete `step-*` directory, said on the terminal. Without the fallback a
+    /// resume found nothing, started over, and pruned the run's real checkpoints.
     pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
-        let pointer = run_dir.join("checkpoints").join("latest");
-        if !pointer.exists() {
-            return Ok(None);
+        let dir = run_dir.join("checkpoints");
+        let pointer = dir.join("latest");
+        let name = match std::fs::read_to_string(&pointer) {
+            Ok(name) => name.trim().to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("{}", pointer.display())),
+        };
+        if name.is_empty() {
+            let newest = match dir.is_dir() {
+                true => complete_steps(&dir)?.pop(),
+                false => None,
+            };
+            if let Some(p) = &newest {
+                crate::errln!(
+                    "{}: missing or empty; taking the newest complete checkpoint, {}",
+                    pointer.display(),
+                    p.display()
+                );
+            }
+            return Ok(newest);
         }
-        let name = std::fs::read_to_string(&pointer)?;
-        let p = run_dir.join("checkpoints").join(name.trim());
+        let p = dir.join(&name);
         if !p.is_dir() {
             bail!(
                 "{}: points to a missing checkpoint {}",
@@ -133,6 +143,23 @@ impl Checkpoints {
         }
         Ok(Some(p))
     }
+}
+
+/// A checkpoint directory's `step-*` directories whose writing finished (a directory is
+/// renamed to its final name once complete), oldest first.
+fn complete_steps(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut done: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("step-") && !n.contains('.'))
+        })
+        .collect();
+    done.sort();
+    Ok(done)
 }
 
 /// Accepts a checkpoint directory, or a run directory (its `final/`, else its latest

@@ -339,6 +339,9 @@ fn resume<T: Task>(task: &mut T, saved: &Saved, opt: &mut AdamW, opts: &RunOpts)
     task.read_files(&dir)?;
     task.restore(&st.task)?;
     write_resumed_files(opts)?;
+    if opts.comm.rank() == 0 {
+        set_aside_stale_final(opts)?;
+    }
     errln!(
         "[{}] resumed from {} at step {}",
         opts.label,
@@ -346,6 +349,36 @@ fn resume<T: Task>(task: &mut T, saved: &Saved, opt: &mut AdamW, opts: &RunOpts)
         st.step
     );
     Ok(st.step)
+}
+
+/// A run resumed to train further has a final/ of its earlier, shorter schedule: renamed to
+/// `final-step-N` (its step), so that `--init`, `generate` and `export` of the run take the
+/// newer checkpoints instead of it, and nothing is deleted.
+fn set_aside_stale_final(opts: &RunOpts) -> Result<()> {
+    let fin = opts.run_dir.join("final");
+    if !fin.is_dir() {
+        return Ok(());
+    }
+    let step = std::fs::read_to_string(fin.join("meta.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|m| m["step"].as_u64());
+    let name = match step {
+        Some(s) => format!("final-step-{s:07}"),
+        None => "final-earlier".to_string(),
+    };
+    let aside = opts.run_dir.join(&name);
+    if aside.exists() {
+        std::fs::remove_dir_all(&fin)?;
+    } else {
+        std::fs::rename(&fin, &aside)?;
+        errln!(
+            "[{}] {}: the earlier schedule's final model, now {name}",
+            opts.label,
+            fin.display()
+        );
+    }
+    Ok(())
 }
 
 impl<T: Task> Loop<'_, T> {
