@@ -353,6 +353,14 @@ fn bad_configs_and_tensors_fail_naming_the_file() {
         e.contains("config.json") && e.contains("layer_types") && e.contains("chunked_attention"),
         "{e}"
     );
+    let untied = broken("gpt2", &p(d.path(), "k"), |c, _| {
+        c["tie_word_embeddings"] = false.into()
+    });
+    let e = sft_err(&untied, d.path());
+    assert!(
+        e.contains("config.json") && e.contains("tie_word_embeddings"),
+        "{e}"
+    );
     let flags = broken("smollm3", &p(d.path(), "h"), |c, _| {
         c["no_rope_layers"] = serde_json::json!([1, 0])
     });
@@ -1149,5 +1157,73 @@ fn a_trl_lora_reward_adapter_scores_as_it_was_trained() {
     ] {
         let e = err(&edited(name, &from, task));
         assert!(e.contains("adapter_") && e.contains(says), "{name}: {e}");
+    }
+}
+
+/// A chat is tokenised as transformers tokenises it: the whole rendering at once. Encoded span
+/// by span, a SentencePiece tokenizer starts each span afresh: Llama 2's legacy normalizer
+/// prepends a `▁` to every trained turn, and Mistral v0.3's `Metaspace` writes `▁[` for a
+/// later turn's `[INST]`. Loss falls on the answers' tokens (their opening `▁` included) and
+/// EOS, nothing else.
+#[test]
+fn a_chat_is_tokenised_whole_on_sentencepiece_tokenizers() {
+    use temper::data::chat_template::ChatTemplate;
+    use temper::data::records::{load_sft_templated, LossScope, SftExample};
+    use temper::data::tokenizer::Tokenizer;
+    use temper::stages::batch::encode_example;
+
+    let d = tmp();
+    let data = p(d.path(), "chat.jsonl");
+    let turn = |role: &str, text: &str| serde_json::json!({"role": role, "content": text});
+    let msgs = [
+        turn("user", "hi"),
+        turn("assistant", "ok"),
+        turn("user", "hi"),
+        turn("assistant", "ok"),
+    ];
+    std::fs::write(&data, serde_json::json!({ "messages": msgs }).to_string()).unwrap();
+    let rendered = "<s>[INST] hi [/INST] ok</s>[INST] hi [/INST] ok</s>";
+    for name in ["legacy", "metaspace"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/sentencepiece")
+            .join(name);
+        let tok = Tokenizer::load_dir(&dir).unwrap();
+        let template = ChatTemplate::load(&dir).unwrap();
+        assert_eq!(template.render(&msgs, false).unwrap(), rendered);
+        let xs = load_sft_templated(&data, Some(&template), LossScope::default()).unwrap();
+        let (ids, train) = encode_example(&tok, &xs[0]).unwrap();
+        assert_eq!(ids, tok.encode(rendered).unwrap(), "{name}");
+        let piecewise: Vec<u32> = xs[0]
+            .segments
+            .iter()
+            .flat_map(|s| tok.encode(&s.text).unwrap())
+            .collect();
+        assert_ne!(
+            piecewise, ids,
+            "{name}: the fixture must tell the two apart"
+        );
+        let (ok, eos) = (tok.encode("[/INST] ok").unwrap(), tok.eos_id());
+        let answer = *ok.last().unwrap();
+        let trained: Vec<u32> = ids
+            .iter()
+            .zip(&train)
+            .filter(|(_, &t)| t)
+            .map(|(&i, _)| i)
+            .collect();
+        assert_eq!(trained, [answer, eos, answer, eos], "{name}: {train:?}");
+        assert_eq!(tok.decode(&[answer]).unwrap().trim(), "ok", "{name}");
+        // A token that starts in the prompt (the space before the answer) and ends in the
+        // answer carries loss: else the answer's first word would teach nothing.
+        let split = SftExample::prompt_response("[INST] hi [/INST] ", "ok</s>", false, None);
+        let (ids, train) = encode_example(&tok, &split).unwrap();
+        assert_eq!(
+            ids,
+            tok.encode("[INST] hi [/INST] ok</s>").unwrap(),
+            "{name}"
+        );
+        let n = ids.len();
+        assert_eq!(&ids[n - 2..], [answer, eos], "{name}");
+        assert_eq!(train.iter().filter(|&&t| t).count(), 2, "{name}: {train:?}");
+        assert!(train[n - 2] && train[n - 1], "{name}: {train:?}");
     }
 }

@@ -1,6 +1,7 @@
 //! Tokenizers: a byte-level one that needs no training (the default, so that every stage
 //! works out of the box) and any Hugging Face `tokenizer.json`, plus a BPE trainer.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -67,7 +68,9 @@ pub struct Specials {
     /// named chat templates.
     pub files: Vec<(String, String)>,
     /// The special tokens the tokenizer's post-processor puts before a text (Llama's and
-    /// Mistral's BOS; none for Qwen or GPT-2), as transformers' `tokenizer(text)` adds them.
+    /// Mistral's BOS; none for Qwen or GPT-2), as transformers' `tokenizer(text)` adds them:
+    /// BOS or nothing as `add_bos_token` says where `tokenizer_config.json` sets it or
+    /// `add_eos_token` (see [`flagged_opening`]).
     pub opening: Vec<u32>,
 }
 
@@ -88,6 +91,61 @@ fn opening_ids(inner: &tokenizers::Tokenizer) -> Vec<u32> {
         Some(at) => with[..at].to_vec(),
         None => vec![],
     }
+}
+
+/// The opening tokens `tokenizer_config.json` (`cfg`, read from `path`) asks for, where it sets
+/// `add_bos_token` or `add_eos_token`: transformers then rebuilds the post-processor from the
+/// two flags (one left out counts as false), whatever `tokenizer.json` says. None where it
+/// sets neither. `add_eos_token` adds nothing here: temper ends every plain document and
+/// every trained segment with one EOS already, as TRL does whatever the flag says, so the
+/// flag only decides whether the tokenizer's own encoding would have written it.
+fn flagged_opening(
+    cfg: &serde_json::Value,
+    path: &Path,
+    bos: Option<u32>,
+) -> Result<Option<Vec<u32>>> {
+    let flag = |key: &str| -> Result<Option<bool>> {
+        match cfg.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::Bool(b)) => Ok(Some(*b)),
+            Some(other) => bail!(
+                "{}: field \"{key}\": expected true or false, got {other}",
+                path.display()
+            ),
+        }
+    };
+    let (add_bos, add_eos) = (flag("add_bos_token")?, flag("add_eos_token")?);
+    if add_bos.is_none() && add_eos.is_none() {
+        return Ok(None);
+    }
+    match (add_bos.unwrap_or(false), bos) {
+        (false, _) => Ok(Some(vec![])),
+        (true, Some(id)) => Ok(Some(vec![id])),
+        (true, None) => bail!(
+            "{}: field \"add_bos_token\": true, but no \"bos_token\" names the token to add",
+            path.display()
+        ),
+    }
+}
+
+/// The id of the `eos_token` that `dir`'s `tokenizer_config.json` names, where it has one.
+fn named_eos(dir: &Path, inner: &tokenizers::Tokenizer) -> Result<Option<u32>> {
+    let files: Vec<_> = carried_file(dir, "tokenizer_config.json".to_string())?
+        .into_iter()
+        .collect();
+    let Some(v) = carried_json(&files, dir, "tokenizer_config.json")? else {
+        return Ok(None);
+    };
+    let Some(name) = token_field(&v, "eos_token") else {
+        return Ok(None);
+    };
+    let path = dir.join("tokenizer_config.json");
+    inner.token_to_id(&name).map(Some).with_context(|| {
+        format!(
+            "{}: field \"eos_token\": token {name:?} is not in tokenizer.json",
+            path.display()
+        )
+    })
 }
 
 /// The files beside `tokenizer.json` that go wherever the tokenizer goes: its config and
@@ -176,6 +234,13 @@ impl Tokenizer {
 
     /// Loads any Hugging Face `tokenizer.json`, finding its EOS and PAD tokens by name.
     pub fn from_file(path: &Path) -> Result<Self> {
+        Self::from_file_in(path, None)
+    }
+
+    /// [`Tokenizer::from_file`] for the `tokenizer.json` of model directory `dir`: the EOS its
+    /// `tokenizer_config.json` names (`eos_token`) comes before any name searched for, so a
+    /// vocabulary that spells its EOS otherwise still loads.
+    fn from_file_in(path: &Path, dir: Option<&Path>) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read tokenizer", path.display()))?;
         let inner: tokenizers::Tokenizer = text.parse().map_err(|e| {
@@ -184,13 +249,21 @@ impl Tokenizer {
                 path.display()
             )
         })?;
-        Self::from_hf(inner).with_context(|| path.display().to_string())
+        let named = match dir {
+            Some(dir) => named_eos(dir, &inner)?,
+            None => None,
+        };
+        Self::from_hf(inner, named).with_context(|| path.display().to_string())
     }
 
-    fn from_hf(inner: tokenizers::Tokenizer) -> Result<Self> {
-        let Some(eos) = EOS_NAMES.iter().find_map(|t| inner.token_to_id(t)) else {
+    /// A tokenizer of `inner` whose EOS is `eos` where given, else the first of [`EOS_NAMES`]
+    /// it has.
+    fn from_hf(inner: tokenizers::Tokenizer, eos: Option<u32>) -> Result<Self> {
+        let found = || EOS_NAMES.iter().find_map(|t| inner.token_to_id(t));
+        let Some(eos) = eos.or_else(found) else {
             bail!(
-                "no end-of-sequence token (looked for {})",
+                "no end-of-sequence token (tokenizer_config.json names no \"eos_token\", and the \
+                 vocabulary has none of {})",
                 EOS_NAMES
                     .iter()
                     .map(|t| format!("\"{t}\""))
@@ -260,6 +333,9 @@ impl Tokenizer {
             };
             if let Some(t) = token_field(&v, "bos_token") {
                 specials.bos = Some(id_of(&tc_path, "bos_token", &t)?);
+            }
+            if let Some(opening) = flagged_opening(&v, &tc_path, specials.bos)? {
+                specials.opening = opening;
             }
         }
         specials.stops.push(eos);
@@ -355,7 +431,7 @@ impl Tokenizer {
     pub fn load_dir(dir: &Path) -> Result<Self> {
         let path = dir.join(FILE_NAME);
         if path.is_file() {
-            Self::from_file(&path)?.with_model_files(dir, dir)
+            Self::from_file_in(&path, Some(dir))?.with_model_files(dir, dir)
         } else {
             Ok(Tokenizer::Bytes)
         }
@@ -369,7 +445,7 @@ impl Tokenizer {
             true => dir,
             false => base,
         };
-        Self::from_file(&dir.join(FILE_NAME))?.with_model_files(dir, generation)
+        Self::from_file_in(&dir.join(FILE_NAME), Some(dir))?.with_model_files(dir, generation)
     }
 
     pub fn save_dir(&self, dir: &Path) -> Result<()> {
@@ -400,19 +476,47 @@ impl Tokenizer {
         }
     }
 
+    /// [`Tokenizer::encode`] with each token's byte range in `text`: where the tokenizer
+    /// rewrites the text (a SentencePiece `▁` it prepends, say), the range of the text the
+    /// token came from.
+    pub fn encode_offsets(&self, text: &str) -> Result<Vec<(u32, Range<usize>)>> {
+        match self {
+            Tokenizer::Bytes => Ok(text
+                .bytes()
+                .enumerate()
+                .map(|(i, b)| (u32::from(b), i..i + 1))
+                .collect()),
+            Tokenizer::Hf { inner, .. } => {
+                let enc = inner
+                    .encode(text, false)
+                    .map_err(|e| anyhow!("tokenizer failed to encode text: {e}"))?;
+                Ok(enc
+                    .get_ids()
+                    .iter()
+                    .zip(enc.get_offsets())
+                    .map(|(&id, &(a, b))| (id, a..b))
+                    .collect())
+            }
+        }
+    }
+
     /// Token ids of plain text where a sequence opens (a document, a prompt, an example): as
     /// [`Tokenizer::encode`], after the special tokens the tokenizer puts first (Llama's BOS),
     /// as transformers' `tokenizer(text)` and TRL's SFT of plain text do, unless the text
     /// begins with them already.
     pub fn encode_start(&self, text: &str) -> Result<Vec<u32>> {
         let ids = self.encode(text)?;
+        Ok([self.opening_before(&ids), &ids].concat())
+    }
+
+    /// The special tokens [`Tokenizer::encode_start`] puts before `ids`: the opening ones
+    /// (BOS), unless `ids` begins with them already.
+    pub fn opening_before(&self, ids: &[u32]) -> &[u32] {
         match self {
-            Tokenizer::Hf { specials, .. }
-                if !specials.opening.is_empty() && !ids.starts_with(&specials.opening) =>
-            {
-                Ok([specials.opening.as_slice(), &ids].concat())
+            Tokenizer::Hf { specials, .. } if !ids.starts_with(&specials.opening) => {
+                &specials.opening
             }
-            _ => Ok(ids),
+            _ => &[],
         }
     }
 
@@ -558,7 +662,7 @@ pub fn train_bpe(files: &[PathBuf], vocab_size: usize, out: &Path) -> Result<Tok
         .map_err(|e| anyhow!("BPE training failed: {e}"))?;
 
     write_hf(&tok, out)?;
-    Tokenizer::from_hf(tok)
+    Tokenizer::from_hf(tok, None)
 }
 
 #[cfg(test)]
@@ -755,6 +859,70 @@ mod tests {
         );
     }
 
+    /// `add_bos_token` and `add_eos_token` rule over tokenizer.json's post-processor, as
+    /// transformers rebuilds it from them: Llama's fixture writes BOS, but not once its config
+    /// says `add_bos_token: false`; a tokenizer.json that writes none opens with BOS under
+    /// `add_bos_token: true`. `add_eos_token: true` leaves a plain document ending with one EOS.
+    #[test]
+    fn add_bos_and_eos_token_flags_decide_the_opening() {
+        use crate::data::records::{Segment, SftExample};
+        use crate::stages::batch::encode_example;
+        let d = tempfile::tempdir().unwrap();
+        let llama = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama");
+        let with_config = |name: &str, tokenizer: &str, config: &str| {
+            let dir = d.path().join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(FILE_NAME), tokenizer).unwrap();
+            std::fs::write(dir.join("tokenizer_config.json"), config).unwrap();
+            Tokenizer::load_dir(&dir)
+        };
+        let llama_json = std::fs::read_to_string(llama.join(FILE_NAME)).unwrap();
+        let config = r#"{"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
+            "add_bos_token": false, "add_eos_token": true}"#;
+        let t = with_config("no_bos", &llama_json, config).unwrap();
+        let bare = t.encode("hello world").unwrap();
+        assert_eq!(
+            Tokenizer::load_dir(&llama)
+                .unwrap()
+                .encode_start("hello world")
+                .unwrap()[0],
+            300
+        );
+        assert_eq!(t.encode_start("hello world").unwrap(), bare);
+        let doc = SftExample {
+            segments: vec![Segment {
+                text: "hello world".into(),
+                train: true,
+            }],
+            append_eos: true,
+            origin: None,
+            train_all: false,
+        };
+        let (ids, _) = encode_example(&t, &doc).unwrap();
+        assert_eq!(ids, [bare.as_slice(), &[t.eos_id()]].concat());
+
+        let plain = word_level_json(&["<s>", "</s>"]);
+        let t = with_config(
+            "bos",
+            &plain,
+            r#"{"bos_token": "<s>", "add_bos_token": true}"#,
+        )
+        .unwrap();
+        assert_eq!(t.encode_start("a b").unwrap(), [2, 0, 1]);
+        let e = with_config("no_name", &plain, r#"{"add_bos_token": true}"#).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("tokenizer_config.json") && e.contains("add_bos_token"),
+            "{e}"
+        );
+        let e = with_config("bad", &plain, r#"{"add_eos_token": "yes"}"#).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("tokenizer_config.json") && e.contains("add_eos_token"),
+            "{e}"
+        );
+    }
+
     /// A minimal WordLevel tokenizer.json with the given extra vocabulary entries.
     fn word_level_json(extra: &[&str]) -> String {
         let mut vocab = vec![("\"a\"".to_string(), 0), ("\"b\"".to_string(), 1)];
@@ -792,6 +960,27 @@ mod tests {
         assert!(e.contains("t.json"), "{e}");
         assert!(e.contains("no end-of-sequence token"), "{e}");
         assert!(!e.contains('\n'));
+    }
+
+    /// The `eos_token` tokenizer_config.json names is taken even where the vocabulary has none
+    /// of the names searched for; the search is the fallback for a config that names none.
+    #[test]
+    fn the_configs_eos_token_needs_no_known_name() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(FILE_NAME), word_level_json(&["<|im_end|>"])).unwrap();
+        let e = format!("{:#}", Tokenizer::load_dir(d.path()).unwrap_err());
+        assert!(e.contains("no end-of-sequence token"), "{e}");
+        let config = d.path().join("tokenizer_config.json");
+        std::fs::write(&config, r#"{"eos_token": {"content": "<|im_end|>"}}"#).unwrap();
+        let t = Tokenizer::load_dir(d.path()).unwrap();
+        assert_eq!((t.eos_id(), t.pad_id()), (2, 2));
+        assert_eq!(t.stop_ids(), [2]);
+        std::fs::write(&config, r#"{"eos_token": "<|eot|>"}"#).unwrap();
+        let e = format!("{:#}", Tokenizer::load_dir(d.path()).unwrap_err());
+        assert!(
+            e.contains("tokenizer_config.json") && e.contains("eos_token") && !e.contains('\n'),
+            "{e}"
+        );
     }
 
     #[test]

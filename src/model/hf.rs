@@ -96,6 +96,7 @@ pub struct HfConfig {
     layer_norm_epsilon: Option<f64>,
     activation_function: Option<String>,
     scale_attn_by_inverse_layer_idx: Option<bool>,
+    scale_attn_weights: Option<bool>,
 }
 
 /// A field that may be absent (`None`) or null (`Some(None)`).
@@ -281,7 +282,12 @@ impl HfConfig {
         let gemma3 = family == Family::Gemma3;
         if gemma {
             self.gemma_refusals(&at)?;
-        } else if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
+        } else if let Some(act) = self
+            .hidden_act
+            .as_deref()
+            // transformers' ACT2FN maps both names to the same SiLU.
+            .filter(|a| !matches!(*a, "silu" | "swish"))
+        {
             return Err(at.refuse(
                 "hidden_act",
                 format!("`{act}`: only silu (SwiGLU) is implemented"),
@@ -313,9 +319,11 @@ impl HfConfig {
         let sliding = self.sliding_layers(path, family, layers, &nope_layers)?;
         let (sliding_window, full_attention_layers) = self.windows(path, family, ctx, &sliding)?;
         // Gemma's defaults where its config leaves a field out (transformers' own).
-        let (kv_default, tied_default, head_dim) = match gemma {
-            true => (4, true, Some(self.head_dim.unwrap_or(256))),
-            false => (heads, false, self.head_dim),
+        // Qwen3Config's head_dim is 128 where absent, not hidden_size / heads.
+        let (kv_default, tied_default, head_dim) = match (gemma, family) {
+            (true, _) => (4, true, Some(self.head_dim.unwrap_or(256))),
+            (false, Family::Qwen3) => (heads, false, Some(self.head_dim.unwrap_or(128))),
+            (false, _) => (heads, false, self.head_dim),
         };
         let rope_local = match gemma3 {
             true => Some(LocalRope {
@@ -608,6 +616,21 @@ impl HfConfig {
             return Err(at.refuse(
                 "scale_attn_by_inverse_layer_idx",
                 "scaling attention by the layer index is not implemented",
+            ));
+        }
+        // transformers divides the attention scores by sqrt(head_dim) only where this is true.
+        if self.scale_attn_weights == Some(false) {
+            return Err(at.refuse(
+                "scale_attn_weights",
+                "false: attention scores not divided by sqrt(head_dim) are not implemented",
+            ));
+        }
+        // temper's GPT-2 reads its logits through the embedding; an untied lm_head.weight
+        // would be dropped as the tied copy.
+        if self.tie_word_embeddings == Some(false) {
+            return Err(at.refuse(
+                "tie_word_embeddings",
+                "false: a GPT-2 head apart from its embedding is not implemented",
             ));
         }
         let hidden = at.need(self.n_embd, "n_embd")?;
@@ -1509,6 +1532,68 @@ mod tests {
         let mut e = extra;
         e["model_type"] = model_type.into();
         smollm3(e)
+    }
+
+    /// What GPT-2's config asks for that temper's GPT-2 does not compute is refused by field
+    /// (an untied head would otherwise be dropped, unscaled scores silently scaled); the
+    /// values transformers defaults to read.
+    #[test]
+    fn gpt2_configs_temper_cannot_compute_are_refused_by_field() {
+        let gpt2 = |extra: serde_json::Value| {
+            let mut v = serde_json::json!({
+                "model_type": "gpt2", "vocab_size": 64, "n_embd": 32, "n_layer": 2,
+                "n_head": 4, "n_positions": 64,
+            });
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            let cfg: HfConfig = serde_json::from_value(v).unwrap();
+            cfg.to_model(Path::new("m/config.json")).map(|(_, c)| c)
+        };
+        let fine = serde_json::json!({"tie_word_embeddings": true, "scale_attn_weights": true,
+            "scale_attn_by_inverse_layer_idx": false, "activation_function": "gelu_new"});
+        assert!(gpt2(fine).unwrap().tie_word_embeddings);
+        assert!(gpt2(serde_json::json!({})).unwrap().tie_word_embeddings);
+        for (extra, field) in [
+            (
+                serde_json::json!({"tie_word_embeddings": false}),
+                "tie_word_embeddings",
+            ),
+            (
+                serde_json::json!({"scale_attn_weights": false}),
+                "scale_attn_weights",
+            ),
+            (
+                serde_json::json!({"scale_attn_by_inverse_layer_idx": true}),
+                "scale_attn_by_inverse_layer_idx",
+            ),
+            (
+                serde_json::json!({"activation_function": "relu"}),
+                "activation_function",
+            ),
+        ] {
+            let e = gpt2(extra).unwrap_err().to_string();
+            assert!(
+                e.contains("m/config.json") && e.contains(&format!("\"{field}\"")),
+                "{e}"
+            );
+        }
+    }
+
+    /// Qwen3Config's head_dim is 128 where config.json leaves it out (other families derive
+    /// it from hidden_size / heads), and `swish` is transformers' other name for silu.
+    #[test]
+    fn qwen3s_default_head_dim_and_swish_read_as_transformers_reads_them() {
+        let qwen3 = family_config("qwen3", serde_json::json!({})).unwrap();
+        assert_eq!((qwen3.head_dim, qwen3.head_dim()), (Some(128), 128));
+        let given = family_config("qwen3", serde_json::json!({"head_dim": 16})).unwrap();
+        assert_eq!(given.head_dim(), 16);
+        let llama = family_config("llama", serde_json::json!({})).unwrap();
+        assert_eq!(llama.head_dim(), 8);
+        let swish = family_config("llama", serde_json::json!({"hidden_act": "swish"})).unwrap();
+        assert_eq!((swish.mlp, &swish), (MlpKind::SwiGlu, &llama));
+        let e = family_config("llama", serde_json::json!({"hidden_act": "gelu"})).unwrap_err();
+        assert!(e.to_string().contains("hidden_act"), "{e}");
     }
 
     /// Sliding windows as transformers assigns them to layers, and back through the export.

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
-use crate::data::records::SftExample;
+use crate::data::records::{Segment, SftExample};
 use crate::data::tokenizer::Tokenizer;
 use crate::kernels::segments::Segments;
 
@@ -18,24 +18,66 @@ pub type Encoded = (Vec<u32>, Vec<bool>);
 /// is followed by EOS, trained too, so the model learns to stop (unless the segment ends with
 /// one already, as TRL adds it); a Jinja-rendered example is as the template wrote it. An
 /// example that trains all its tokens ([`SftExample::train_all`]) marks every one.
+///
+/// The text between two EOS that temper adds (for a rendered example, all of it) is
+/// tokenised once, as transformers tokenises a rendered conversation: a SentencePiece
+/// tokenizer (Llama 2's prepended `▁`, Mistral's `Metaspace`) splits text differently at the
+/// start of an encoding, so segments encoded one by one would get ids the model never saw.
+/// See [`encode_run`] for which of those tokens carry loss.
 pub fn encode_example(tok: &Tokenizer, ex: &SftExample) -> Result<Encoded> {
     let mut ids = Vec::new();
     let mut train = Vec::new();
+    let mut from = 0;
     for (i, seg) in ex.segments.iter().enumerate() {
-        let t = if i == 0 && ex.append_eos {
-            tok.encode_start(&seg.text)?
-        } else {
-            tok.encode(&seg.text)?
-        };
-        train.extend(std::iter::repeat_n(seg.train || ex.train_all, t.len()));
+        let ends_turn = seg.train && ex.append_eos;
+        if !ends_turn && i + 1 < ex.segments.len() {
+            continue;
+        }
+        let (t, m) = encode_run(tok, &ex.segments[from..=i], ex.train_all)?;
+        if from == 0 && ex.append_eos {
+            let opening = tok.opening_before(&t);
+            let first = ex.segments[0].train || ex.train_all;
+            ids.extend_from_slice(opening);
+            train.extend(std::iter::repeat_n(first, opening.len()));
+        }
         let ends_with_eos = t.last() == Some(&tok.eos_id());
         ids.extend(t);
-        if seg.train && ex.append_eos && !ends_with_eos {
+        train.extend(m);
+        if ends_turn && !ends_with_eos {
             ids.push(tok.eos_id());
             train.push(true);
         }
+        from = i + 1;
     }
     Ok((ids, train))
+}
+
+/// The segments' text tokenised as one, each token trained where any of its bytes lies in a
+/// trained segment (or, for `all`, every token). A token that straddles a boundary goes with
+/// the trained side because transformers' assistant mask does the same (it marks from the
+/// token holding a block's first character to the one holding its last), and because the
+/// other choice would leave untrained the answer's first word where the tokenizer joins it to
+/// the space before (`▁Sure` after `[/INST] `). A token covering no text goes with the
+/// segment where it stands.
+fn encode_run(tok: &Tokenizer, segments: &[Segment], all: bool) -> Result<Encoded> {
+    let text: String = segments.iter().map(|s| s.text.as_str()).collect();
+    let mut spans = Vec::with_capacity(segments.len());
+    let mut at = 0;
+    for s in segments {
+        spans.push((at..at + s.text.len(), s.train));
+        at += s.text.len();
+    }
+    let toks = tok.encode_offsets(&text)?;
+    let trained = |r: &std::ops::Range<usize>| {
+        if r.is_empty() {
+            let holder = spans.iter().find(|(s, _)| s.contains(&r.start));
+            return holder.or(spans.last()).is_some_and(|(_, t)| *t);
+        }
+        spans
+            .iter()
+            .any(|(s, t)| *t && s.start < r.end && r.start < s.end)
+    };
+    Ok(toks.iter().map(|(id, r)| (*id, all || trained(r))).unzip())
 }
 
 /// A right-padded batch for teacher forcing: inputs `[B, T]`, targets `[B, T]` (the inputs
