@@ -300,7 +300,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// New tokens at most per completion. Default: the checkpoint's generation_config.json
-    /// `max_new_tokens`, else 64.
+    /// `max_new_tokens`, else 64 or half the model's context, whichever is less.
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
     /// Sampling temperature; 0 is greedy. Default: the checkpoint's generation_config.json

@@ -191,9 +191,15 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         bail!("generate: --max-new-tokens must be positive");
     }
     let own = sampling_defaults::FromConfig::of(&loaded.tokenizer, &loaded.tokenizer_dir)?;
+    // Unset, at most half the context: the built-in task's model holds 64 positions, and the
+    // default 64 new tokens refused every prompt there.
+    let context = loaded.meta.model.max_position_embeddings;
+    let max_new_tokens = match a.max_new_tokens.or(own.max_new_tokens) {
+        Some(n) => n,
+        None => sampling_defaults::MAX_NEW_TOKENS.min((context / 2).max(1)),
+    };
     let cfg = SampleCfg {
-        max_new_tokens: (a.max_new_tokens.or(own.max_new_tokens))
-            .unwrap_or(sampling_defaults::MAX_NEW_TOKENS),
+        max_new_tokens,
         temperature: (a.temperature.or(own.temperature)).unwrap_or(sampling_defaults::TEMPERATURE),
         top_k: (a.top_k.or(own.top_k)).unwrap_or(sampling_defaults::TOP_K),
         top_p: (a.top_p.or(own.top_p)).unwrap_or(sampling_defaults::TOP_P),

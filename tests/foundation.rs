@@ -81,6 +81,18 @@ fn pretrain_learns_the_builtin_task() {
         v["completion"].as_str().unwrap().contains('\n')
             || v["completion"].as_str().unwrap().starts_with('=')
     );
+    // With no --max-new-tokens the default fits the small model's context (64 new tokens
+    // would fill all of it, and every prompt was refused).
+    let out = run_ok(&[
+        "generate",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--prompt",
+        "12+3",
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
 }
 
 /// The training loop with the blocks on temper's tape (`[train] tape = "on"`, which the CPU

@@ -755,8 +755,15 @@ fn prompts_from(
                 None | Some(Value::Null) => None,
                 Some(Value::String(s)) => Some(s.clone()),
                 // As written (`12`, `0.5`): what an exact match compares a response with. A
-                // reward process reads the record's own number.
-                Some(Value::Number(n)) => Some(n.to_string()),
+                // reward process reads the record's own number. JSON reads `4.0` and `1e2` as
+                // floats, which print as "4.0" and "100.0" and matched no response "4" or
+                // "100": an integral one is written as the integer.
+                Some(Value::Number(n)) => Some(match n.as_f64() {
+                    Some(x) if n.is_f64() && x.fract() == 0.0 && x.abs() < 9.0e15 => {
+                        format!("{}", x as i64)
+                    }
+                    _ => n.to_string(),
+                }),
                 Some(v) => {
                     return Err(at.field(
                         "answer",
@@ -1381,6 +1388,20 @@ mod tests {
         );
         assert_eq!(xs[1].answer, None);
         assert_eq!(xs[2].answer, None);
+        // Numbers as an exact match would read them: integral floats as integers.
+        let n = file(
+            &d,
+            "n.jsonl",
+            "{\"prompt\": \"a\", \"answer\": 4.0}\n{\"prompt\": \"b\", \"answer\": 1e2}\n\
+             {\"prompt\": \"c\", \"answer\": 0.5}\n{\"prompt\": \"d\", \"answer\": -12}\n",
+        );
+        let answers: Vec<_> = load_prompts(&n)
+            .unwrap()
+            .into_iter()
+            .map(|x| x.answer)
+            .collect();
+        let want = ["4", "100", "0.5", "-12"].map(|a| Some(a.to_string()));
+        assert_eq!(answers, want);
 
         let cases: &[(&str, &str)] = &[
             (r#"{"answer": "5"}"#, "field \"prompt\": missing"),

@@ -24,6 +24,8 @@ pub struct Fitter {
     seen: usize,
     cut: usize,
     dropped: usize,
+    /// Pairs whose two sequences are the same tokens, left out before any cut.
+    identical: usize,
 }
 
 impl Fitter {
@@ -35,6 +37,7 @@ impl Fitter {
             seen: 0,
             cut: 0,
             dropped: 0,
+            identical: 0,
         }
     }
 
@@ -50,6 +53,12 @@ impl Fitter {
         context: usize,
     ) -> Result<Option<Vec<Encoded>>> {
         self.seen += 1;
+        // The same sequence on both sides prefers nothing (DPO's and the reward model's losses
+        // sit at log 2 with no gradient): left out and counted, not trained on in silence.
+        if seqs.len() > 1 && seqs.iter().all(|s| s.0 == seqs[0].0) {
+            self.identical += 1;
+            return Ok(None);
+        }
         let longest = seqs.iter().map(|s| s.0.len()).max().unwrap_or(0);
         if longest <= self.max_tokens {
             return Ok(Some(seqs));
@@ -154,6 +163,20 @@ impl Fitter {
         if let Some(line) = self.report(env.cfg.stage.name()) {
             errln!("{line}");
         }
+        if let Some(line) = self.identical_report(env.cfg.stage.name()) {
+            errln!("{line}");
+        }
+    }
+
+    /// The line to print when any pair's two sides were the same tokens.
+    pub fn identical_report(&self, stage: &str) -> Option<String> {
+        (self.identical > 0).then(|| {
+            format!(
+                "[{stage}] {} of {} {} were left out: their two sides are the same tokens, so \
+                 there is nothing to prefer",
+                self.identical, self.seen, self.what
+            )
+        })
     }
 }
 
@@ -227,6 +250,22 @@ mod tests {
         let (out, f) = fit(Truncation::KeepStart, 6, vec![seq(3, 5), seq(3, 4)]);
         assert!(out.is_none());
         assert!(f.report("dpo").unwrap().ends_with("1 left out"));
+    }
+
+    /// A pair whose sides are the same tokens is left out whether or not it fits, and said
+    /// apart from the cuts; a single record is never "the same" as itself.
+    #[test]
+    fn a_pair_with_the_same_sides_is_left_out_and_counted() {
+        let (out, f) = fit(Truncation::Error, 8, vec![seq(3, 2), seq(3, 2)]);
+        assert!(out.is_none());
+        assert_eq!(f.report("dpo"), None);
+        assert_eq!(
+            f.identical_report("dpo").unwrap(),
+            "[dpo] 1 of 1 pairs were left out: their two sides are the same tokens, so there \
+             is nothing to prefer"
+        );
+        let (out, f) = fit(Truncation::Error, 8, vec![seq(3, 2)]);
+        assert!(out.is_some() && f.identical_report("sft").is_none());
     }
 
     #[test]

@@ -495,6 +495,15 @@ impl<T: Task> Loop<'_, T> {
                 if !checkpointed {
                     self.checkpoint(s)?;
                 }
+                // Waiting out the rollout's last minibatches could outlast a preemption's
+                // grace period, so the checkpoint is taken here, and said to be inexact.
+                if !self.task.resumable_here() && self.main() {
+                    errln!(
+                        "[{label}] stopped inside a rollout: a resume from step {s} samples a \
+                         new rollout there, so it will not follow an uninterrupted run's curve \
+                         exactly (checkpoints that fall due mid-rollout wait for its end)"
+                    );
+                }
                 return Err(Preempted { step: Some(s) }.into());
             }
         }
