@@ -236,8 +236,13 @@ pub struct PipelineArgs {
     /// Start over where --out holds an earlier pipeline's runs: each stage's checkpoints,
     /// final model, metrics and run files are deleted as that stage starts. Without it such
     /// an --out is refused.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
+    /// Continue the pipeline in --out: stages that finished are kept (their results read
+    /// from summary.json), the one that was stopped resumes from its latest checkpoint with
+    /// its own config.toml, and the rest run.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 #[derive(Args, Debug)]
@@ -773,6 +778,7 @@ impl PipelineArgs {
             scale: self.scale,
             config: self.config.clone(),
             overwrite: self.overwrite,
+            resume: self.resume,
         }
     }
 }

@@ -122,7 +122,11 @@ fn run(cli: Cli) -> Result<()> {
         | Command::Grpo(_)
         | Command::Distill(_) => {}
         Command::Launch(a) => launch_cmd(&a)?,
-        Command::Pipeline(a) => stages::pipeline::run(&a.options())?,
+        Command::Pipeline(a) => {
+            // A signal stops the running stage at a checkpoint, as it stops a stage's own run.
+            preempt::install()?;
+            stages::pipeline::run(&a.options())?
+        }
         Command::Generate(a) => generate_cmd(&a)?,
         Command::Eval(a) => eval_cmd(&a)?,
         Command::Export(a) => export_cmd(&a)?,

@@ -109,3 +109,52 @@ fn pipeline_runs_every_stage_and_each_learns() {
         );
     }
 }
+
+/// A pipeline stopped by a signal checkpoints the stage it is in and exits 75; `--resume`
+/// keeps the stages that finished, resumes the stopped one and runs the rest, and the same
+/// --out without it is refused, naming --resume.
+#[test]
+fn a_stopped_pipeline_resumes_where_it_stopped() {
+    let d = tmp();
+    let out = p(d.path(), "pipe");
+    let o = out.to_str().unwrap();
+    let args = ["pipeline", "--out", o, "--scale", "0.05", "--device", "cpu"];
+    let mut child = temper()
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Stopped once the SFT stage has logged a step: pretraining has finished by then.
+    let sft_lines =
+        || std::fs::read_to_string(out.join("sft/metrics.jsonl")).map_or(0, |t| t.lines().count());
+    wait_until(300, "the SFT stage logged nothing", || {
+        sft_lines() >= 1 || {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the pipeline ended early"
+            );
+            false
+        }
+    });
+    sigterm(&child);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(75), "{status}");
+    assert!(out.join("pretrain/final/meta.json").exists());
+    assert!(!out.join("sft/final").exists());
+    let e = run_err(&args);
+    assert!(e.contains("--resume"), "{e}");
+    let mut again = args.to_vec();
+    again.push("--resume");
+    let done = run_ok(&again);
+    let said = String::from_utf8_lossy(&done.stdout);
+    assert!(said.contains("pretrain: finished earlier, kept"), "{said}");
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(err.contains("[sft] resumed from"), "{err}");
+    let text = std::fs::read_to_string(out.join("summary.json")).unwrap();
+    let s: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for stage in ["pretrain", "sft", "reward", "ppo"] {
+        assert!(s[stage].is_object(), "{stage}: {text}");
+        assert!(out.join(stage).join("final/meta.json").exists(), "{stage}");
+    }
+}

@@ -15,6 +15,7 @@ use crate::config::{
     overlay, AdvantageEstimator, DeviceChoice, GrpoConfig, ImportanceSamplingLevel, LossType,
     RunConfig, Stage,
 };
+use crate::dist::preempt::Preempted;
 
 /// The stages `--with` can add after PPO, each from the SFT model. `rloo` and
 /// `reinforce_pp` are the grpo stage with another advantage estimator, `gspo` with
@@ -109,6 +110,50 @@ pub struct PipelineOptions {
     pub config: Option<PathBuf>,
     /// Start over where `out` holds an earlier pipeline's runs (else it is refused).
     pub overwrite: bool,
+    /// Continue the pipeline in `out` ([`resume_step`]).
+    pub resume: bool,
+}
+
+/// How a resumed pipeline treats one of its steps.
+enum Resumed {
+    /// Finished: its result is read from summary.json.
+    Done(Value),
+    /// Stopped part-way: resumed from its latest checkpoint with its own config.toml.
+    Stopped,
+    /// Never started.
+    NotStarted,
+}
+
+/// What a step's directory says of it under `--resume`: finished where it has a final model
+/// and summary.json holds its result, stopped where it holds a run, else not started.
+fn resume_step(at: &Path, name: &str, summary: &Map<String, Value>) -> Result<Resumed> {
+    let finished = at.join("final").join("meta.json").exists();
+    match (summary.get(name), finished) {
+        (Some(v), true) => Ok(Resumed::Done(v.clone())),
+        (None, true) => bail!(
+            "{}: the stage finished but summary.json holds no result for it (the pipeline \
+             stopped between the two): start it over with --overwrite",
+            at.display()
+        ),
+        _ if earlier_run(at).is_some() => Ok(Resumed::Stopped),
+        _ => Ok(Resumed::NotStarted),
+    }
+}
+
+/// summary.json's stage results and seconds, as an earlier run of the pipeline left them.
+fn read_summary(dir: &Path) -> Result<(Map<String, Value>, Map<String, Value>)> {
+    let path = dir.join("summary.json");
+    if !path.exists() {
+        return Ok((Map::new(), Map::new()));
+    }
+    let text = std::fs::read_to_string(&path)?;
+    let mut all: Map<String, Value> = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a pipeline summary", path.display()))?;
+    let seconds = match all.remove("seconds") {
+        Some(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
+    Ok((all, seconds))
 }
 
 /// One step's configuration inside the pipeline: its stage's defaults, the pipeline's
@@ -246,9 +291,15 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
         None => None,
     };
     let dir = &opts.out;
+    if opts.resume && !dir.is_dir() {
+        bail!("--resume: {} holds no pipeline", dir.display());
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let mut summary = Map::new();
-    let mut seconds = Map::new();
+    let (mut summary, mut seconds) = match opts.resume {
+        true => read_summary(dir)?,
+        false => (Map::new(), Map::new()),
+    };
+    seconds.remove("total");
     let started = Instant::now();
     let mut steps: Vec<Step> = [Stage::Pretrain, Stage::Sft, Stage::Reward, Stage::Ppo]
         .into_iter()
@@ -265,13 +316,13 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
         true => Start::Overwrite,
         false => Start::Fresh,
     };
-    if start == Start::Fresh {
+    if start == Start::Fresh && !opts.resume {
         for step in &steps {
             let at = dir.join(step.name);
             if let Some(mark) = earlier_run(&at) {
                 bail!(
-                    "{}: already holds a run ({mark}) of an earlier pipeline: start over with \
-                     --overwrite, or give another --out",
+                    "{}: already holds a run ({mark}) of an earlier pipeline: continue it with \
+                     --resume, start over with --overwrite, or give another --out",
                     at.display()
                 );
             }
@@ -279,9 +330,38 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
     }
     for &step in &steps {
         let t0 = Instant::now();
-        let cfg = stage_config(step, opts, user.as_ref())?;
-        let env = Env::prepare(cfg, &dir.join(step.name), start)?;
-        summary.insert(step.name.to_string(), run_stage(step.stage, &env)?);
+        let at = dir.join(step.name);
+        let (cfg, start) = match opts.resume {
+            false => (stage_config(step, opts, user.as_ref())?, start),
+            true => match resume_step(&at, step.name, &summary)? {
+                Resumed::Done(v) => {
+                    outln!("[pipeline] {}: finished earlier, kept", step.name);
+                    summary.insert(step.name.to_string(), v);
+                    continue;
+                }
+                // As `temper <stage> --resume` continues a run: with the config it started with.
+                Resumed::Stopped => {
+                    let saved = [at.join("config.toml")];
+                    (RunConfig::load_layers(step.stage, &saved)?.0, Start::Resume)
+                }
+                Resumed::NotStarted => (stage_config(step, opts, user.as_ref())?, Start::Fresh),
+            },
+        };
+        let env = Env::prepare(cfg, &at, start)?;
+        let result = run_stage(step.stage, &env).map_err(|e| {
+            // A signal's line says --resume of the stage's directory; the pipeline goes on from
+            // the same place with its own --resume.
+            if e.downcast_ref::<Preempted>().is_none() {
+                return e;
+            }
+            let said = e.to_string();
+            e.context(format!(
+                "{}: {said}; continue the pipeline with `temper pipeline --out {} --resume`",
+                step.name,
+                dir.display()
+            ))
+        })?;
+        summary.insert(step.name.to_string(), result);
         seconds.insert(step.name.to_string(), json!(t0.elapsed().as_secs_f64()));
         write_summary(dir, &summary, &seconds)?;
     }
@@ -367,6 +447,7 @@ mod tests {
             scale,
             config: None,
             overwrite: false,
+            resume: false,
         }
     }
 
