@@ -1368,11 +1368,15 @@ fn packed_sft_learns_the_task() {
     let (acc, base) = (nums[0], nums[1]);
     assert!(acc > base + 0.25, "{line}");
 
-    // The sampler's position counts packed rows: resuming without packing is refused.
+    // The sampler's position counts packed rows: resuming without packing is refused (a
+    // --config beside --resume is laid over the run's own, so it says packing = false).
     let unpacked = p(dir, "unpacked.toml");
     std::fs::write(
         &unpacked,
-        format!("{TINY_TOML}\n[data]\ntask_max_operand = 9\ntask_carry_slip = 0.0\n"),
+        format!(
+            "{TINY_TOML}\n[data]\ntask_max_operand = 9\ntask_carry_slip = 0.0\n\
+             [sft]\npacking = false\n"
+        ),
     )
     .unwrap();
     #[rustfmt::skip]
