@@ -1475,6 +1475,11 @@ impl std::str::FromStr for RewardSpec {
         if name.is_empty() {
             bail!("--reward {spec}: names no reward (use task, cmd:PROGRAM, http://HOST:PORT/PATH or a reward model's directory)");
         }
+        // `task:` with a weight that is not a number was read as a model directory named
+        // "task:abc", and refused as a missing checkpoint.
+        if let Some(w) = name.strip_prefix("task:") {
+            bail!("--reward {spec}: the weight `{w}` is not a number (task[:W], e.g. task:0.5)");
+        }
         let source = if name == "task" {
             RewardSource::Task
         } else if let Some(cmd) = name.strip_prefix("cmd:") {
@@ -1947,6 +1952,8 @@ mod tests {
             (RewardSource::Model("c:/rm".into()), 1.0)
         );
         assert!("task:inf".parse::<RewardSpec>().is_err());
+        let e = "task:abc".parse::<RewardSpec>().unwrap_err().to_string();
+        assert!(e.contains("the weight `abc` is not a number"), "{e}");
         let c: RewardSpec = "cmd:python3 v.py --strict:0.5".parse().unwrap();
         assert_eq!(
             c.source,

@@ -14,8 +14,8 @@ use super::tokenizer::Tokenizer;
 /// skipped so that a dataset folder can be pointed at as it is.
 const CORPUS_EXTS: [&str; 4] = [".txt", ".md", ".text", ".jsonl"];
 
-/// Reads a corpus: a text file (one document; a file whose name ends .jsonl is JSONL with a
-/// string field "text", one document per line, blank lines skipped), or a directory
+/// Reads a corpus: a text file (one document; a file whose name ends .jsonl or .json is JSONL
+/// with a string field "text", one document per line, blank lines skipped), or a directory
 /// (recursively; files ending .txt, .md, .text, .jsonl in sorted path order; others
 /// ignored). Empty documents are dropped; a corpus left with none is an error.
 pub fn load_documents(path: &Path) -> Result<Vec<String>> {
@@ -85,9 +85,12 @@ fn is_corpus_file(p: &Path) -> bool {
 /// Appends the documents of one corpus file (empty ones too) to `docs`.
 pub(crate) fn read_file_documents(path: &Path, docs: &mut Vec<String>) -> Result<()> {
     let text = read_text(path)?;
-    let is_jsonl = path
-        .file_name()
-        .is_some_and(|n| n.to_string_lossy().ends_with(".jsonl"));
+    // `.json` too, as the other stages read their data files: JSON lines (what `datasets`
+    // writes under that name); read as plain text, its records were one document of JSON.
+    let is_jsonl = path.file_name().is_some_and(|n| {
+        let n = n.to_string_lossy();
+        n.ends_with(".jsonl") || n.ends_with(".json")
+    });
     if !is_jsonl {
         docs.push(text);
         return Ok(());
@@ -293,6 +296,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(load_documents(&p).unwrap(), vec!["a\nb", "c"]);
+        // A .json file given directly is JSON lines too, as the other stages read it.
+        let j = d.path().join("c.json");
+        std::fs::copy(&p, &j).unwrap();
+        assert_eq!(load_documents(&j).unwrap(), vec!["a\nb", "c"]);
     }
 
     #[test]

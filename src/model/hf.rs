@@ -97,6 +97,8 @@ pub struct HfConfig {
     activation_function: Option<String>,
     scale_attn_by_inverse_layer_idx: Option<bool>,
     scale_attn_weights: Option<bool>,
+    /// GPTQ's, AWQ's, FP8's or bitsandbytes' packing of the weights, which temper does not read.
+    quantization_config: Option<serde_json::Value>,
 }
 
 /// A field that may be absent (`None`) or null (`Some(None)`).
@@ -267,6 +269,17 @@ impl HfConfig {
     /// refused naming the field.
     pub fn to_model(&self, path: &Path) -> Result<(Family, ModelConfig)> {
         let family = self.family(path)?;
+        // Said here, by field: the first packed tensor (`qweight`, `weight_scale_inv`) would
+        // otherwise be refused as not a weight of the model.
+        if let Some(q) = &self.quantization_config {
+            let method = q["quant_method"].as_str().unwrap_or("unnamed");
+            return Err(At(path).refuse(
+                "quantization_config",
+                format!(
+                    "a {method}-quantized checkpoint is not read: give its bf16 or f32 weights"
+                ),
+            ));
+        }
         let cfg = match family {
             Family::Gpt2 => self.gpt2(path)?,
             _ => self.llama_like(path, family)?,
@@ -605,7 +618,8 @@ impl HfConfig {
         if let Some(act) = self
             .activation_function
             .as_deref()
-            .filter(|a| !matches!(*a, "gelu_new" | "gelu_pytorch_tanh"))
+            // transformers' gelu_fast is the same tanh approximation, written another way.
+            .filter(|a| !matches!(*a, "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast"))
         {
             return Err(at.refuse(
                 "activation_function",
@@ -1553,6 +1567,14 @@ mod tests {
         let fine = serde_json::json!({"tie_word_embeddings": true, "scale_attn_weights": true,
             "scale_attn_by_inverse_layer_idx": false, "activation_function": "gelu_new"});
         assert!(gpt2(fine).unwrap().tie_word_embeddings);
+        let fast = serde_json::json!({"activation_function": "gelu_fast"});
+        assert!(gpt2(fast).is_ok());
+        let packed = serde_json::json!({"quantization_config": {"quant_method": "gptq"}});
+        let e = gpt2(packed).unwrap_err().to_string();
+        assert!(
+            e.contains("field \"quantization_config\": a gptq-quantized checkpoint"),
+            "{e}"
+        );
         assert!(gpt2(serde_json::json!({})).unwrap().tie_word_embeddings);
         for (extra, field) in [
             (

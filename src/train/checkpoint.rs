@@ -177,8 +177,52 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
     if !path.exists() {
         bail!("{}: no such checkpoint or run directory", path.display());
     }
+    // A Hugging Face directory is read before this; one here lacks its weights.
+    if path.join("config.json").exists() {
+        let bin = match path.join("pytorch_model.bin").exists() {
+            true => " (temper reads safetensors, not pytorch_model.bin: convert it first)",
+            false => ": not a complete Hugging Face model",
+        };
+        bail!(
+            "{}: has a config.json but no model.safetensors (or model.safetensors.index.json) \
+             beside it{bin}",
+            path.display()
+        );
+    }
     bail!(
         "{}: holds no checkpoint (no meta.json, final/ or checkpoints/latest)",
         path.display()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a directory lacks is said: a Hugging Face config without its weights, a run
+    /// whose `latest` pointer was lost (the newest complete checkpoint is taken, not a
+    /// half-written one).
+    #[test]
+    fn a_directory_without_a_usable_checkpoint_says_what_it_lacks() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("config.json"), "{}").unwrap();
+        let e = resolve_checkpoint(d.path()).unwrap_err().to_string();
+        assert!(e.contains("no model.safetensors"), "{e}");
+        std::fs::write(d.path().join("pytorch_model.bin"), "").unwrap();
+        let e = resolve_checkpoint(d.path()).unwrap_err().to_string();
+        assert!(e.contains("not pytorch_model.bin"), "{e}");
+
+        let run = tempfile::tempdir().unwrap();
+        let ck = run.path().join("checkpoints");
+        for name in ["step-0000002", "step-0000004", "step-0000006.partial"] {
+            std::fs::create_dir_all(ck.join(name)).unwrap();
+        }
+        let newest = Checkpoints::latest(run.path()).unwrap().unwrap();
+        assert_eq!(newest, ck.join("step-0000004"));
+        std::fs::write(ck.join("latest"), "step-0000002\n").unwrap();
+        assert_eq!(
+            Checkpoints::latest(run.path()).unwrap().unwrap(),
+            ck.join("step-0000002")
+        );
+    }
 }
