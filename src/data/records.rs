@@ -93,6 +93,9 @@ pub struct PreferencePair {
     pub append_eos: bool,
     /// `path:line` of the record it came from; none for the built-in task.
     pub origin: Option<String>,
+    /// The record's own `margin` (TRL's reward-modelling column): how far the chosen
+    /// response's reward should clear the rejected one's. None where the record has none.
+    pub margin: Option<f64>,
 }
 
 impl PreferencePair {
@@ -571,7 +574,20 @@ pub(crate) fn preference_record(
         rejected: at.non_empty_str(obj, "rejected")?.to_string(),
         append_eos: true,
         origin: Some(at.to_string()),
+        margin: margin_of(at, obj)?,
     })
+}
+
+/// A preference record's optional `margin`: a finite number, or absent or null.
+fn margin_of(at: &Loc, obj: &Map<String, Value>) -> Result<Option<f64>> {
+    match obj.get("margin") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_f64().filter(|x| x.is_finite()) {
+            Some(x) => Ok(Some(x)),
+            None => Err(at.field("margin", "expected a finite number")),
+        },
+        Some(v) => Err(at.field("margin", &format!("expected a number, got {}", kind(v)))),
+    }
 }
 
 /// A record without a `prompt` whose `chosen` and `rejected` hold it (TRL's implicit prompt,
@@ -702,6 +718,7 @@ fn conversational_pair(
         rejected,
         append_eos: chat.is_none(),
         origin: Some(at.to_string()),
+        margin: margin_of(at, obj)?,
     })
 }
 
@@ -1321,9 +1338,33 @@ mod tests {
                 rejected: "bad".into(),
                 append_eos: true,
                 origin: Some(format!("{}:1", p.display())),
+                margin: None,
             }
         );
         assert_eq!(xs.len(), 2);
+        // TRL's per-record margin, read where given and refused by field where not a number.
+        let m = file(
+            &d,
+            "m.jsonl",
+            "{\"prompt\": \"Q\", \"chosen\": \"a\", \"rejected\": \"b\", \"margin\": 0.5}\n\
+             {\"prompt\": \"Q\", \"chosen\": \"a\", \"rejected\": \"b\", \"margin\": null}\n",
+        );
+        let ms: Vec<_> = load_preferences(&m)
+            .unwrap()
+            .iter()
+            .map(|x| x.margin)
+            .collect();
+        assert_eq!(ms, [Some(0.5), None]);
+        let bad = file(
+            &d,
+            "bad.jsonl",
+            "{\"prompt\": \"Q\", \"chosen\": \"a\", \"rejected\": \"b\", \"margin\": \"big\"}\n",
+        );
+        let e = load_preferences(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("bad.jsonl:1: field \"margin\": expected a number"),
+            "{e}"
+        );
 
         let cases: &[(&str, &str)] = &[
             (

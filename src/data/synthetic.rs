@@ -188,6 +188,7 @@ impl Synthetic {
                     rejected: rejected.to_string(),
                     append_eos: true,
                     origin: None,
+                    margin: None,
                 }
             })
             .collect()

@@ -129,16 +129,20 @@ fn trim_trailing(seq: &[u32], pad: u32) -> Vec<u32> {
     seq[..keep.min(seq.len())].to_vec()
 }
 
-/// Every pair as (chosen, rejected) token ids, fitted to the context under `[data]
-/// truncation` (a pair is cut or left out whole; errors name the record). A cut that leaves a
-/// side none of its reply leaves the pair out.
+/// A pair as scored: the chosen and the rejected token ids, and the margin its chosen reward
+/// should clear (the record's own, else `[reward] margin`).
+type EncodedPair = (Vec<u32>, Vec<u32>, f64);
+
+/// Every pair as (chosen, rejected) token ids with its margin, fitted to the context under
+/// `[data] truncation` (a pair is cut or left out whole; errors name the record). A cut that
+/// leaves a side none of its reply leaves the pair out.
 fn encode_pairs(
     env: &Env,
     tok: &Tokenizer,
     pairs: &[PreferencePair],
     ctx: usize,
     what: &str,
-) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+) -> Result<Vec<EncodedPair>> {
     let mut fit = Fitter::new(env.cfg.data.truncation, ctx, &format!("{what} pairs"));
     let mut out = Vec::new();
     for (i, p) in pairs.iter().enumerate() {
@@ -147,7 +151,8 @@ fn encode_pairs(
         let place = || place(&p.origin, &format!("{what} preference pair"), i);
         if let Some(mut both) = fit.encode(tok, &p.examples(), place, ctx)? {
             let rejected = both.pop().expect("two sequences").0;
-            out.push((both.pop().expect("two sequences").0, rejected));
+            let margin = p.margin.unwrap_or(env.cfg.reward.margin);
+            out.push((both.pop().expect("two sequences").0, rejected, margin));
         }
     }
     fit.say(env);
@@ -158,14 +163,14 @@ struct RewardTask<'a> {
     env: &'a Env,
     model: Scorer,
     tok: Tokenizer,
-    train: Vec<(Vec<u32>, Vec<u32>)>,
-    eval: Vec<(Vec<u32>, Vec<u32>)>,
+    train: Vec<EncodedPair>,
+    eval: Vec<EncodedPair>,
     sampler: WindowSampler,
 }
 
 impl RewardTask<'_> {
     /// A batch of pairs, scored.
-    fn pairs(&self, pairs: &[(Vec<u32>, Vec<u32>)]) -> Result<Scored> {
+    fn pairs(&self, pairs: &[EncodedPair]) -> Result<Scored> {
         let mut seqs: Vec<Vec<u32>> = pairs.iter().map(|p| p.0.clone()).collect();
         seqs.extend(pairs.iter().map(|p| p.1.clone()));
         let tokens = seqs.iter().map(Vec::len).sum();
@@ -178,7 +183,9 @@ impl RewardTask<'_> {
         let n = pairs.len();
         let (chosen, rejected) = halves(&scores)?;
         let c = &self.env.cfg.reward;
-        let loss = pairwise_loss(&chosen, &rejected, c.margin)?;
+        let margins: Vec<f32> = pairs.iter().map(|p| p.2 as f32).collect();
+        let margins = Tensor::from_vec(margins, n, chosen.device())?.to_dtype(chosen.dtype())?;
+        let loss = pairwise_loss(&chosen, &rejected, &margins)?;
         // One read of the scores for both numbers the host needs.
         let host = scores.to_vec1::<f32>()?;
         let (c_host, r_host) = host.split_at(n);
@@ -203,8 +210,8 @@ struct Scored {
     tokens: usize,
 }
 
-/// Bradley-Terry's `-mean log sigmoid(r_chosen - r_rejected - margin)`.
-fn pairwise_loss(chosen: &Tensor, rejected: &Tensor, margin: f64) -> Result<Tensor> {
+/// Bradley-Terry's `-mean log sigmoid(r_chosen - r_rejected - margin)`, a margin a pair.
+fn pairwise_loss(chosen: &Tensor, rejected: &Tensor, margin: &Tensor) -> Result<Tensor> {
     Ok(log_sigmoid(&((chosen - rejected)? - margin)?)?
         .mean_all()?
         .neg()?)
@@ -387,8 +394,12 @@ mod tests {
         let (chosen, rejected) = (t(&[2.0, 0.5]), t(&[1.0, 1.5]));
         let sp = |x: f64| (1.0 + x.exp()).ln(); // -log sigmoid(-x)
                                                 // Differences 1 and -1, less the margin 0.5.
-        let got = scalar(&pairwise_loss(&chosen, &rejected, 0.5).unwrap()).unwrap();
+        let got = scalar(&pairwise_loss(&chosen, &rejected, &t(&[0.5, 0.5])).unwrap()).unwrap();
         let want = (sp(-0.5) + sp(1.5)) / 2.0;
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        // A margin a pair (a record's own): 1 - 0 and -1 - 2.
+        let got = scalar(&pairwise_loss(&chosen, &rejected, &t(&[0.0, 2.0])).unwrap()).unwrap();
+        let want = (sp(-1.0) + sp(3.0)) / 2.0;
         assert!((got - want).abs() < 1e-6, "{got} vs {want}");
         // Sums 3 and 2: 0.1 * (9 + 4) / 2.
         let c = centring(&chosen, &rejected, 0.1).unwrap().unwrap();
