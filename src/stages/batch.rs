@@ -352,6 +352,17 @@ impl SeqBatch {
         self.per_seq(&(lp * weights)?)
     }
 
+    /// [`SeqBatch::weighted_logps`] under each of `weights`, from one forward.
+    pub fn weighted_logps_each(
+        &self,
+        net: &crate::model::Transformer,
+        ctx: crate::model::linear::Ctx,
+        weights: &[&Tensor],
+    ) -> Result<Vec<Tensor>> {
+        let lp = net.target_logprobs(&self.lm.inputs, &self.lm.targets, &self.fwd(ctx))?;
+        weights.iter().map(|w| self.per_seq(&(&lp * *w)?)).collect()
+    }
+
     /// `[S]` f32: WPO's weight of each sequence under `net` (Zhou et al., Eq. 2; TRL's
     /// `use_weighting`), with no gradient: `exp` of the mean over its trained tokens of
     /// `log p(y_t) - log sum_v p(v)^2`. A forward of its own, since the fused loss head gives

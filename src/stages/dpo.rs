@@ -494,7 +494,26 @@ impl DpoTask<'_> {
             )?),
             false => None,
         };
-        let pol = b.weighted_logps(&self.policy, self.env.ctx(true, None), &w)?;
+        // Under ld_alpha the preference reads the reweighted sums, and the chosen NLL (RPO's,
+        // a list's "sft") the plain ones, as TRL's SFT term is plain cross-entropy: the same
+        // forward gives both.
+        let nll_weight = c.sft_weight() + c.rpo_alpha;
+        let reweighted = c.ld_alpha.is_some_and(|a| a != 1.0);
+        let (pol, plain) = match reweighted && nll_weight != 0.0 {
+            true => {
+                let mut both = b.weighted_logps_each(
+                    &self.policy,
+                    self.env.ctx(true, None),
+                    &[&w, &b.lm.loss_mask],
+                )?;
+                let plain = both.pop().expect("two sums");
+                (both.pop().expect("two sums"), Some(plain))
+            }
+            false => (
+                b.weighted_logps(&self.policy, self.env.ctx(true, None), &w)?,
+                None,
+            ),
+        };
         // Their mean, read while they are still f32.
         let wpo_weight = match &pair_weights {
             Some(w) => Some(f64::from(w.mean_all()?.to_scalar::<f32>()?)),
@@ -518,6 +537,10 @@ impl DpoTask<'_> {
         };
         let tokens = b.per_seq(&b.lm.loss_mask.to_dtype(pol.dtype())?)?;
         let (p, t) = (halves(&pol)?, halves(&tokens)?);
+        let chosen_nll_logps = match &plain {
+            Some(plain) => halves(plain)?.0,
+            None => p.0.clone(),
+        };
         let r = refp.as_ref().map(halves).transpose()?;
         let mut shift = self.shift.get();
         if let (true, Some(refp), Some(comm)) = (c.has(DpoLoss::BcoPair), &refp, comm) {
@@ -547,9 +570,9 @@ impl DpoTask<'_> {
         let chosen_tokens = f64::from(chosen_tokens[0]);
         // The listed losses, "sft" among them, then RPO's NLL on top.
         let sft_weight = c.sft_weight() * wpo_weight.unwrap_or(1.0);
-        let listed = with_chosen_nll(&loss, &p.0, chosen_tokens, sft_weight)?;
+        let listed = with_chosen_nll(&loss, &chosen_nll_logps, chosen_tokens, sft_weight)?;
         let rpo_weight = c.rpo_alpha * wpo_weight.unwrap_or(1.0);
-        let objective = with_chosen_nll(&listed, &p.0, chosen_tokens, rpo_weight)?;
+        let objective = with_chosen_nll(&listed, &chosen_nll_logps, chosen_tokens, rpo_weight)?;
         Ok(BatchLoss {
             objective,
             listed,
