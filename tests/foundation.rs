@@ -1170,6 +1170,19 @@ fn pretraining_learns_from_token_shards() {
         err.contains("tokenizer bpe(vocab="),
         "not found beside the shards: {err}"
     );
+    // Exported for transformers, the trained vocabulary goes with a tokenizer_config.json
+    // naming its own special tokens (without one AutoTokenizer takes model_type's defaults).
+    let hf_out = p(d.path(), "bpe-hf");
+    let run = p(d.path(), "bpe-run");
+    let (r, h) = (run.to_str().unwrap(), hf_out.to_str().unwrap());
+    run_ok(&["export", "--checkpoint", r, "--out", h, "--format", "hf"]);
+    let tc = std::fs::read_to_string(hf_out.join("tokenizer_config.json")).unwrap();
+    let tc: serde_json::Value = serde_json::from_str(&tc).unwrap();
+    assert_eq!(tc["tokenizer_class"], "PreTrainedTokenizerFast", "{tc}");
+    assert!(
+        tc["eos_token"].is_string() && tc["pad_token"].is_string(),
+        "{tc}"
+    );
     std::fs::remove_file(bpe_shards.join("tokenizer.json")).unwrap();
     let args = pretrain("lost-run");
     let args = strs(&args);

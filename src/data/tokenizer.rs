@@ -589,6 +589,14 @@ impl Tokenizer {
         }
     }
 
+    /// The vocabulary's spelling of token `id` (a Hugging Face tokenizer's; none for bytes).
+    pub fn token_name(&self, id: u32) -> Option<String> {
+        match self {
+            Tokenizer::Bytes => None,
+            Tokenizer::Hf { inner, .. } => inner.id_to_token(id),
+        }
+    }
+
     pub fn pad_id(&self) -> u32 {
         match self {
             Tokenizer::Bytes => BYTE_PAD,

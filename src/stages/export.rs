@@ -149,6 +149,28 @@ fn hf_dir(checkpoint: &Path, out: &Path) -> Result<()> {
     )?;
     // An imported model's own tokenizer files (and generation config) go back as they came.
     tok.save_dir(out)?;
+    // One temper trained (`temper tokenizer train`) has no tokenizer_config.json: without one
+    // AutoTokenizer picks a class by model_type, whose defaults (Llama's <s> BOS, say) are not
+    // this vocabulary's. PreTrainedTokenizerFast reads tokenizer.json as it is (transformers
+    // 5 keeps the name for its TokenizersBackend).
+    if !out.join("tokenizer_config.json").exists() && out.join("tokenizer.json").exists() {
+        let name = |id: Option<u32>| id.and_then(|i| tok.token_name(i));
+        let tokenizer_config = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": name(Some(tok.eos_id())),
+            // A classifier's config.json names no pad_token_id, on purpose (above).
+            "pad_token": match head {
+                hf::Head::Score => None,
+                hf::Head::Lm => name(Some(tok.pad_id())),
+            },
+            "bos_token": name(tok.bos_id()),
+            "model_max_length": cfg.max_position_embeddings,
+        });
+        crate::io::write_atomic(
+            &out.join("tokenizer_config.json"),
+            serde_json::to_string_pretty(&tokenizer_config)?.as_bytes(),
+        )?;
+    }
     if !out.join("generation_config.json").exists() {
         let gen = json!({"bos_token_id": tok.bos_id(), "eos_token_id": stops});
         crate::io::write_atomic(
