@@ -36,7 +36,7 @@ body = [r for r in rows[head_at + 1:] if len(r) == len(head) and r != rows[head_
 addr = next((i for i, h in enumerate(low) if h == "address"), None)
 src = next((i for i, h in enumerate(low) if h == "source"), None)
 # All samples of a row: "Warp Stall Sampling (All Samples)" in the versions seen documented.
-total_col = next((i for i, h in enumerate(low) if "sampling" in h and "all" in h), None)
+total_col = next((i for i, h in enumerate(low) if "sampling" in h and "all samples" in h), None)
 if total_col is None:
     total_col = next((i for i, h in enumerate(low) if "sampl" in h), None)
 # Per-reason columns: named after a stall (stall_barrier, "Stall Long Scoreboard", ...).

@@ -560,8 +560,18 @@ impl StageArgs {
             crate::stages::setup::inherit_task_world(&mut cfg, user.as_ref())?;
         }
         // A value the file set that fails validation is named by the file and line.
+        // Under --resume the value may be the run's own config.toml's, not the --config's:
+        // the last file that sets the key names it.
         if let (Err(e), Some(f)) = (cfg.validate(), file) {
-            bail!("{}: {e}", crate::config::locate(f, &e.to_string()));
+            let e = e.to_string();
+            let located = files.iter().rev().find_map(|f| {
+                let at = crate::config::locate(f, &e);
+                (at != f.display().to_string()).then_some(at)
+            });
+            bail!(
+                "{}: {e}",
+                located.unwrap_or_else(|| f.display().to_string())
+            );
         }
         let start = match (resume, self.overwrite) {
             (true, _) => Start::Resume,

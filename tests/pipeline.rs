@@ -157,4 +157,42 @@ fn a_stopped_pipeline_resumes_where_it_stopped() {
         assert!(s[stage].is_object(), "{stage}: {text}");
         assert!(out.join(stage).join("final/meta.json").exists(), "{stage}");
     }
+    // Other options would keep stages trained under these beside new ones: refused.
+    let mut other = again.clone();
+    other[4] = "0.06";
+    let e = run_err(&other);
+    assert!(e.contains("resume with the same --seed, --scale"), "{e}");
+    // An --overwrite stopped in pretraining leaves the old SFT, reward and PPO runs behind;
+    // a resume runs them again from the new pretraining, never keeps them.
+    let mut over = args.to_vec();
+    over.push("--overwrite");
+    let mut child = temper()
+        .args(&over)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pretrain_lines = || {
+        std::fs::read_to_string(out.join("pretrain/metrics.jsonl")).map_or(0, |t| t.lines().count())
+    };
+    // Once the overwrite has cleared the old pretraining run and logged a step of its own.
+    let cleared = || !out.join("pretrain/final").exists() && pretrain_lines() >= 1;
+    wait_until(300, "the overwrite's pretraining logged nothing", || {
+        cleared() || {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the pipeline ended early"
+            );
+            false
+        }
+    });
+    sigterm(&child);
+    assert_eq!(child.wait().unwrap().code(), Some(75));
+    assert!(
+        out.join("sft/final/meta.json").exists(),
+        "the old SFT run is still there"
+    );
+    let done = run_ok(&again);
+    let said = String::from_utf8_lossy(&done.stdout);
+    assert!(!said.contains("finished earlier, kept"), "{said}");
 }

@@ -137,6 +137,30 @@ mod tests {
         );
     }
 
+    /// A resumed run's config.toml with a --config over it: the later file's keys win, the
+    /// rest stay; its steps without epochs end the epochs the run began with.
+    #[test]
+    fn config_layers_overlay_and_steps_end_earlier_epochs() {
+        let d = tempfile::tempdir().unwrap();
+        let saved = d.path().join("config.toml");
+        std::fs::write(
+            &saved,
+            "[train]\nepochs = 2.0\nlr = 0.001\n[model]\nhidden_size = 64\n",
+        )
+        .unwrap();
+        let more = d.path().join("more.toml");
+        std::fs::write(&more, "[train]\nsteps = 50\n").unwrap();
+        let (cfg, user) = RunConfig::load_layers(Stage::Sft, &[saved.clone(), more]).unwrap();
+        assert_eq!((cfg.train.steps, cfg.train.epochs), (50, None));
+        assert_eq!((cfg.train.lr, cfg.model.hidden_size), (0.001, 64));
+        assert!(
+            user.unwrap().get("model").is_none(),
+            "the last file's own table"
+        );
+        let (cfg, _) = RunConfig::load_layers(Stage::Sft, &[saved]).unwrap();
+        assert_eq!(cfg.train.epochs, Some(2.0));
+    }
+
     #[test]
     fn toml_errors_name_file_line_and_field() {
         let dir = tempfile::tempdir().unwrap();

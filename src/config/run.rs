@@ -298,6 +298,14 @@ impl RunConfig {
             let _: RunConfig = read_toml(file)?;
             let text = std::fs::read_to_string(file)?;
             let table: toml::Value = toml::from_str(&text)?;
+            // A layer's steps, given without epochs, are the run's length (as --steps clears
+            // them): epochs an earlier layer set would otherwise decide the steps instead.
+            let sets = |k: &str| table.get("train").and_then(|t| t.get(k)).is_some();
+            if sets("steps") && !sets("epochs") {
+                if let Some(train) = base.get_mut("train").and_then(toml::Value::as_table_mut) {
+                    train.remove("epochs");
+                }
+            }
             overlay(&mut base, table.clone());
             user = Some(table);
         }

@@ -1256,6 +1256,13 @@ impl GrpoConfig {
                  (use group_norm or rloo)"
             );
         }
+        if self.use_bias_correction_kl && self.kl_place() != KlPlace::Loss {
+            bail!(
+                "grpo.use_bias_correction_kl corrects a KL term in the loss, and this run's KL \
+                 is in the reward (rloo and reinforce_plus_plus put it there; kl_in_reward = \
+                 false moves rloo's)"
+            );
+        }
         match (self.advantage_estimator, self.kl_in_reward) {
             (AdvantageEstimator::ReinforcePlusPlus, Some(false)) => bail!(
                 "grpo.kl_in_reward = false: reinforce_plus_plus has its KL in the per-token \
@@ -1776,6 +1783,18 @@ mod tests {
         };
         let e = gdpo.validate().unwrap_err().to_string();
         assert!(e.contains("grpo.kl_in_reward"), "{e}");
+        let corrected = GrpoConfig {
+            use_bias_correction_kl: true,
+            ..at(Rloo, None)
+        };
+        let e = corrected.validate().unwrap_err().to_string();
+        assert!(e.contains("grpo.use_bias_correction_kl"), "{e}");
+        GrpoConfig {
+            use_bias_correction_kl: true,
+            ..at(Rloo, Some(false))
+        }
+        .validate()
+        .unwrap();
     }
 
     /// TRL's newer GRPO knobs read by their names, and each setting whose maths would not

@@ -776,8 +776,9 @@ fn prompts_from(
                 // floats, which print as "4.0" and "100.0" and matched no response "4" or
                 // "100": an integral one is written as the integer.
                 Some(Value::Number(n)) => Some(match n.as_f64() {
-                    Some(x) if n.is_f64() && x.fract() == 0.0 && x.abs() < 9.0e15 => {
-                        format!("{}", x as i64)
+                    Some(x) if n.is_f64() && x.is_finite() && x.fract() == 0.0 => {
+                        // `{:.0}` writes every digit (1e16 as 10000000000000000); -0 as 0.
+                        format!("{:.0}", x + 0.0)
                     }
                     _ => n.to_string(),
                 }),
@@ -1434,14 +1435,16 @@ mod tests {
             &d,
             "n.jsonl",
             "{\"prompt\": \"a\", \"answer\": 4.0}\n{\"prompt\": \"b\", \"answer\": 1e2}\n\
-             {\"prompt\": \"c\", \"answer\": 0.5}\n{\"prompt\": \"d\", \"answer\": -12}\n",
+             {\"prompt\": \"c\", \"answer\": 0.5}\n{\"prompt\": \"d\", \"answer\": -12}\n\
+             {\"prompt\": \"e\", \"answer\": 1e16}\n{\"prompt\": \"f\", \"answer\": -0.0}\n",
         );
         let answers: Vec<_> = load_prompts(&n)
             .unwrap()
             .into_iter()
             .map(|x| x.answer)
             .collect();
-        let want = ["4", "100", "0.5", "-12"].map(|a| Some(a.to_string()));
+        let want =
+            ["4", "100", "0.5", "-12", "10000000000000000", "0"].map(|a| Some(a.to_string()));
         assert_eq!(answers, want);
 
         let cases: &[(&str, &str)] = &[

@@ -122,29 +122,39 @@ enum Resumed {
     Stopped,
     /// Never started.
     NotStarted,
+    /// A final model summary.json does not record: an earlier pipeline's, left by an
+    /// `--overwrite` stopped before it reached this stage. Started over.
+    Stale,
 }
 
 /// What a step's directory says of it under `--resume`: finished where it has a final model
-/// and summary.json holds its result, stopped where it holds a run, else not started.
-fn resume_step(at: &Path, name: &str, summary: &Map<String, Value>) -> Result<Resumed> {
+/// and summary.json holds its result, stale where only the final model is there, stopped where
+/// it holds a run, else not started.
+fn resume_step(at: &Path, name: &str, summary: &Map<String, Value>) -> Resumed {
     let finished = at.join("final").join("meta.json").exists();
     match (summary.get(name), finished) {
-        (Some(v), true) => Ok(Resumed::Done(v.clone())),
-        (None, true) => bail!(
-            "{}: the stage finished but summary.json holds no result for it (the pipeline \
-             stopped between the two): start it over with --overwrite",
-            at.display()
-        ),
-        _ if earlier_run(at).is_some() => Ok(Resumed::Stopped),
-        _ => Ok(Resumed::NotStarted),
+        (Some(v), true) => Resumed::Done(v.clone()),
+        (None, true) => Resumed::Stale,
+        _ if earlier_run(at).is_some() => Resumed::Stopped,
+        _ => Resumed::NotStarted,
     }
 }
 
-/// summary.json's stage results and seconds, as an earlier run of the pipeline left them.
-fn read_summary(dir: &Path) -> Result<(Map<String, Value>, Map<String, Value>)> {
+/// summary.json as a pipeline left it: each stage's result, each stage's seconds, and the
+/// options it began with.
+#[derive(Default)]
+struct Summary {
+    results: Map<String, Value>,
+    seconds: Map<String, Value>,
+    options: Option<Value>,
+}
+
+/// summary.json's stage results, seconds and options, as an earlier run of the pipeline left
+/// them.
+fn read_summary(dir: &Path) -> Result<Summary> {
     let path = dir.join("summary.json");
     if !path.exists() {
-        return Ok((Map::new(), Map::new()));
+        return Ok(Summary::default());
     }
     let text = std::fs::read_to_string(&path)?;
     let mut all: Map<String, Value> = serde_json::from_str(&text)
@@ -153,7 +163,23 @@ fn read_summary(dir: &Path) -> Result<(Map<String, Value>, Map<String, Value>)> 
         Some(Value::Object(m)) => m,
         _ => Map::new(),
     };
-    Ok((all, seconds))
+    let options = all.remove("options");
+    Ok(Summary {
+        results: all,
+        seconds,
+        options,
+    })
+}
+
+/// What decides the pipeline's stages, kept in summary.json: a resume under other options would
+/// keep stages trained under the old ones beside new ones. The device and kernels may change.
+fn options_json(opts: &PipelineOptions) -> Value {
+    let config = opts.config.as_ref().map(|p| {
+        let p = p.canonicalize().unwrap_or_else(|_| p.clone());
+        p.display().to_string()
+    });
+    let with: Vec<&str> = opts.with.iter().map(|e| Step::from(*e).name).collect();
+    json!({"seed": opts.seed, "scale": opts.scale, "with": with, "config": config})
 }
 
 /// One step's configuration inside the pipeline: its stage's defaults, the pipeline's
@@ -295,8 +321,23 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
         bail!("--resume: {} holds no pipeline", dir.display());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let options = options_json(opts);
     let (mut summary, mut seconds) = match opts.resume {
-        true => read_summary(dir)?,
+        true => {
+            let Summary {
+                results,
+                seconds,
+                options: saved,
+            } = read_summary(dir)?;
+            if let Some(saved) = saved.filter(|s| *s != options) {
+                bail!(
+                    "--resume: {} was started with {saved}, and this resume asks for {options}: \
+                     resume with the same --seed, --scale, --with and --config",
+                    dir.display()
+                );
+            }
+            (results, seconds)
+        }
         false => (Map::new(), Map::new()),
     };
     seconds.remove("total");
@@ -328,12 +369,25 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
             }
         }
     }
+    // Written before the first stage: an earlier pipeline's results, which a fresh start or an
+    // overwrite leaves behind until each stage is run again, are not read as this one's.
+    write_summary(dir, &summary, &seconds, &options)?;
+    // Under --resume, once a stage runs again, the runs after it were trained from its
+    // earlier self (an overwrite stopped part-way leaves them): started over, never kept.
+    let mut upstream_ran = false;
     for &step in &steps {
         let t0 = Instant::now();
         let at = dir.join(step.name);
-        let (cfg, start) = match opts.resume {
-            false => (stage_config(step, opts, user.as_ref())?, start),
-            true => match resume_step(&at, step.name, &summary)? {
+        let (cfg, start) = match (opts.resume, upstream_ran) {
+            (false, _) => (stage_config(step, opts, user.as_ref())?, start),
+            (true, true) => {
+                let start = match earlier_run(&at) {
+                    Some(_) => Start::Overwrite,
+                    None => Start::Fresh,
+                };
+                (stage_config(step, opts, user.as_ref())?, start)
+            }
+            (true, false) => match resume_step(&at, step.name, &summary) {
                 Resumed::Done(v) => {
                     outln!("[pipeline] {}: finished earlier, kept", step.name);
                     summary.insert(step.name.to_string(), v);
@@ -341,10 +395,18 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
                 }
                 // As `temper <stage> --resume` continues a run: with the config it started with.
                 Resumed::Stopped => {
+                    upstream_ran = true;
                     let saved = [at.join("config.toml")];
                     (RunConfig::load_layers(step.stage, &saved)?.0, Start::Resume)
                 }
-                Resumed::NotStarted => (stage_config(step, opts, user.as_ref())?, Start::Fresh),
+                Resumed::NotStarted => {
+                    upstream_ran = true;
+                    (stage_config(step, opts, user.as_ref())?, Start::Fresh)
+                }
+                Resumed::Stale => {
+                    upstream_ran = true;
+                    (stage_config(step, opts, user.as_ref())?, Start::Overwrite)
+                }
             },
         };
         let env = Env::prepare(cfg, &at, start)?;
@@ -363,10 +425,10 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
         })?;
         summary.insert(step.name.to_string(), result);
         seconds.insert(step.name.to_string(), json!(t0.elapsed().as_secs_f64()));
-        write_summary(dir, &summary, &seconds)?;
+        write_summary(dir, &summary, &seconds, &options)?;
     }
     seconds.insert("total".into(), json!(started.elapsed().as_secs_f64()));
-    write_summary(dir, &summary, &seconds)?;
+    write_summary(dir, &summary, &seconds, &options)?;
     print_table(&steps, &summary);
     outln!("summary: {}", dir.join("summary.json").display());
     Ok(())
@@ -376,9 +438,11 @@ fn write_summary(
     dir: &Path,
     summary: &Map<String, Value>,
     seconds: &Map<String, Value>,
+    options: &Value,
 ) -> Result<()> {
     let mut all = summary.clone();
     all.insert("seconds".into(), Value::Object(seconds.clone()));
+    all.insert("options".into(), options.clone());
     crate::io::write_atomic(
         &dir.join("summary.json"),
         serde_json::to_string_pretty(&Value::Object(all))?.as_bytes(),

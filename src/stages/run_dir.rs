@@ -23,10 +23,14 @@ pub enum Start {
 /// (every rank makes one) and an empty `metrics.jsonl`, and holds none.
 fn run_marks(dir: &Path) -> [(&'static str, bool); 3] {
     let metrics = std::fs::metadata(dir.join("metrics.jsonl")).is_ok_and(|m| m.len() > 0);
+    // Complete checkpoints count without their pointer: a fresh start would prune them.
+    let ckpts = dir.join("checkpoints");
+    let steps = ckpts.is_dir()
+        && crate::train::checkpoint::complete_steps(&ckpts).is_ok_and(|s| !s.is_empty());
     [
         (
-            "checkpoints/latest",
-            dir.join("checkpoints/latest").exists(),
+            "checkpoints",
+            dir.join("checkpoints/latest").exists() || steps,
         ),
         ("final", dir.join("final").exists()),
         ("metrics.jsonl", metrics),
@@ -83,7 +87,19 @@ pub fn check_inputs_outside(dir: &Path, inputs: &[&Path]) -> Result<()> {
 
 /// Deletes the files of the run `dir` holds, and nothing else there.
 pub fn clear(dir: &Path) -> Result<()> {
-    for name in RUN_FILES {
+    // The final models an earlier run's resumes set aside (`final-step-N`) are its too.
+    let aside: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("final-step-") || n.starts_with("final-earlier"))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    for name in RUN_FILES
+        .iter()
+        .copied()
+        .chain(aside.iter().map(String::as_str))
+    {
         let p = dir.join(name);
         let gone = match std::fs::symlink_metadata(&p) {
             Err(_) => continue,
@@ -138,10 +154,21 @@ mod tests {
         let init = dir.join("checkpoints/step-0000004");
         let e = check_inputs_outside(&dir, &[d.path(), &init]).unwrap_err();
         assert!(e.to_string().contains("step-0000004"), "{e}");
+        std::fs::create_dir_all(dir.join("final-step-0000002")).unwrap();
         begin(&dir, Start::Overwrite).unwrap();
         assert_eq!(earlier_run(&dir), None);
         assert!(!dir.join("config.toml").exists());
+        assert!(
+            !dir.join("final-step-0000002").exists(),
+            "a set-aside final is the run's"
+        );
         assert!(dir.join("data.jsonl").exists(), "the user's own file stays");
         begin(&dir, Start::Fresh).unwrap();
+        // Complete checkpoints without their pointer are a run: a fresh start would prune them.
+        let step = dir.join("checkpoints/step-0000006");
+        std::fs::create_dir_all(&step).unwrap();
+        std::fs::write(step.join("state.json"), "{}").unwrap();
+        std::fs::write(step.join("meta.json"), "{}").unwrap();
+        assert_eq!(earlier_run(&dir), Some("checkpoints"));
     }
 }

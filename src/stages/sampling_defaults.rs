@@ -66,15 +66,20 @@ impl FromConfig {
                     .ok_or_else(|| wrong("do_sample", "true or false"))
             })
             .transpose()?;
-        let temperature = match do_sample {
-            Some(false) => Some(0.0),
-            _ => number("temperature")?,
-        };
         let within = |key: &str, ok: fn(f64) -> bool, want: &str| -> Result<Option<f64>> {
             match number(key)? {
                 Some(x) if !ok(x) => Err(wrong(key, want)),
                 x => Ok(x),
             }
+        };
+        // Checked here, naming the file: past this point a bad value reads as a bad flag.
+        let temperature = match do_sample {
+            Some(false) => Some(0.0),
+            _ => within(
+                "temperature",
+                |t| t.is_finite() && t >= 0.0,
+                "0 or a finite positive number",
+            )?,
         };
         Ok(Self {
             temperature,
@@ -147,6 +152,7 @@ mod tests {
             (json!({"repetition_penalty": 0.0}), "repetition_penalty"),
             (json!({"min_p": 2.0}), "min_p"),
             (json!({"top_p": 0.0}), "top_p"),
+            (json!({"temperature": -1.0}), "temperature"),
         ] {
             let e = FromConfig::parse(&bad, file()).unwrap_err().to_string();
             assert!(e.contains(&format!("field \"{field}\"")), "{e}");

@@ -146,8 +146,8 @@ impl Checkpoints {
 }
 
 /// A checkpoint directory's `step-*` directories whose writing finished (a directory is
-/// renamed to its final name once complete), oldest first.
-fn complete_steps(dir: &Path) -> Result<Vec<PathBuf>> {
+/// renamed to its final name once complete, and holds its state and meta), oldest first.
+pub(crate) fn complete_steps(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut done: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("{}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -156,6 +156,8 @@ fn complete_steps(dir: &Path) -> Result<Vec<PathBuf>> {
                 && p.file_name()
                     .and_then(|n| n.to_str())
                     .is_some_and(|n| n.starts_with("step-") && !n.contains('.'))
+                && p.join("state.json").is_file()
+                && p.join("meta.json").is_file()
         })
         .collect();
     done.sort();
@@ -214,8 +216,18 @@ mod tests {
 
         let run = tempfile::tempdir().unwrap();
         let ck = run.path().join("checkpoints");
-        for name in ["step-0000002", "step-0000004", "step-0000006.partial"] {
+        for name in [
+            "step-0000002",
+            "step-0000004",
+            "step-0000006.partial",
+            "step-0000008",
+        ] {
             std::fs::create_dir_all(ck.join(name)).unwrap();
+            // step-0000008 was copied without its files: not complete either.
+            if name != "step-0000008" {
+                std::fs::write(ck.join(name).join("state.json"), "{}").unwrap();
+                std::fs::write(ck.join(name).join("meta.json"), "{}").unwrap();
+            }
         }
         let newest = Checkpoints::latest(run.path()).unwrap().unwrap();
         assert_eq!(newest, ck.join("step-0000004"));

@@ -363,21 +363,25 @@ fn set_aside_stale_final(opts: &RunOpts) -> Result<()> {
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|m| m["step"].as_u64());
-    let name = match step {
+    let base = match step {
         Some(s) => format!("final-step-{s:07}"),
         None => "final-earlier".to_string(),
     };
-    let aside = opts.run_dir.join(&name);
-    if aside.exists() {
-        std::fs::remove_dir_all(&fin)?;
-    } else {
-        std::fs::rename(&fin, &aside)?;
-        errln!(
-            "[{}] {}: the earlier schedule's final model, now {name}",
-            opts.label,
-            fin.display()
-        );
-    }
+    // A name already taken (a resume of an earlier resume that ended at the same step) gets
+    // a suffix: neither model is deleted.
+    let name = (1..)
+        .map(|k| match k {
+            1 => base.clone(),
+            k => format!("{base}-{k}"),
+        })
+        .find(|n| !opts.run_dir.join(n).exists())
+        .expect("an unused name");
+    std::fs::rename(&fin, opts.run_dir.join(&name))?;
+    errln!(
+        "[{}] {}: the earlier schedule's final model, now {name}",
+        opts.label,
+        fin.display()
+    );
     Ok(())
 }
 
