@@ -159,11 +159,7 @@ fn a_rank_that_cannot_reach_master_addr_fails_within_its_timeout() {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    temper::dist::launch::free_port().unwrap()
 }
 
 /// Two processes started with torchrun's variables (TCP, optimizer state sharded) end with

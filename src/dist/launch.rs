@@ -66,10 +66,19 @@ pub enum Ended {
     Preempted,
 }
 
-/// A port on this machine that nothing listens on now, for a single-node job.
+/// A port on this machine that nothing holds now, for a single-node job's rank 0 to listen
+/// on once it starts. Below the kernel's ephemeral range (32768 and up on Linux): a port the
+/// kernel handed out and took back could go to any connecting socket before rank 0 binds it
+/// (seen as "cannot listen on MASTER_PORT" among parallel tests). Each call of a process tries
+/// the next candidate, so calls close together get different ports.
 pub fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("launch: finding a free port")?;
-    Ok(l.local_addr()?.port())
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 500) as u16 * 20;
+    (0..2000)
+        .map(|_| base + NEXT.fetch_add(1, Ordering::Relaxed) % 2000)
+        .find(|&p| std::net::TcpListener::bind(("0.0.0.0", p)).is_ok())
+        .context("launch: no free port between 20000 and 32000")
 }
 
 /// Runs `program args` once per local rank and waits for all of them.
