@@ -62,19 +62,20 @@ fn pretrain_learns_the_builtin_task() {
     }
     assert!(run.join("config.toml").exists() && run.join("final/model.safetensors").exists());
     // The final checkpoint generates text of the task's shape.
-    let out = run_ok(&[
-        "generate",
-        "--checkpoint",
-        run.to_str().unwrap(),
-        "--prompt",
-        "12+3",
-        "--max-new-tokens",
-        "12",
-        "--temperature",
-        "0",
-        "--device",
-        "cpu",
-    ]);
+    let generate = |extra: &[&str]| {
+        let r = run.to_str().unwrap();
+        let base = [
+            "generate",
+            "--checkpoint",
+            r,
+            "--prompt",
+            "12+3",
+            "--device",
+            "cpu",
+        ];
+        run_ok(&[&base[..], extra].concat())
+    };
+    let out = generate(&["--max-new-tokens", "12", "--temperature", "0"]);
     let line = String::from_utf8_lossy(&out.stdout);
     let v: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
     assert!(
@@ -83,15 +84,7 @@ fn pretrain_learns_the_builtin_task() {
     );
     // With no --max-new-tokens the default fits the small model's context (64 new tokens
     // would fill all of it, and every prompt was refused).
-    let out = run_ok(&[
-        "generate",
-        "--checkpoint",
-        run.to_str().unwrap(),
-        "--prompt",
-        "12+3",
-        "--device",
-        "cpu",
-    ]);
+    let out = generate(&[]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
 }
 

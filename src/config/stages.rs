@@ -1346,6 +1346,20 @@ impl GrpoConfig {
         }
     }
 
+    /// Writes where the KL acts into `kl_in_reward`, so that config.toml records it and a
+    /// resume keeps it. A `resumed` rloo run whose config.toml does not say began before rloo
+    /// took its KL off the score, and keeps it in the loss as it trained: true then.
+    pub fn record_kl_place(&mut self, resumed: bool) -> bool {
+        if self.kl_in_reward.is_some()
+            || self.advantage_estimator == AdvantageEstimator::ReinforcePlusPlus
+        {
+            return false;
+        }
+        let before_the_move = resumed && self.advantage_estimator == AdvantageEstimator::Rloo;
+        self.kl_in_reward = Some(!before_the_move && self.kl_place() == KlPlace::SequenceReward);
+        before_the_move
+    }
+
     /// Whether a step needs the policy's entropy at each response token.
     pub fn needs_entropy(&self) -> bool {
         self.top_entropy_quantile < 1.0 || self.entropy_bonus()
@@ -1795,6 +1809,19 @@ mod tests {
         }
         .validate()
         .unwrap();
+        // A new run records where its KL acts; a resumed rloo run that recorded nothing keeps
+        // the loss term it began with; what a run recorded stays.
+        let recorded = |mut c: GrpoConfig, resumed| (c.record_kl_place(resumed), c);
+        let (old, c) = recorded(at(Rloo, None), false);
+        assert_eq!((old, c.kl_in_reward), (false, Some(true)));
+        let (old, c) = recorded(at(GroupNorm, None), false);
+        assert_eq!((old, c.kl_in_reward), (false, Some(false)));
+        let (old, c) = recorded(at(Rloo, None), true);
+        assert_eq!((old, c.kl_place()), (true, KlPlace::Loss));
+        let (old, c) = recorded(at(Rloo, Some(true)), true);
+        assert_eq!((old, c.kl_place()), (false, KlPlace::SequenceReward));
+        let (old, c) = recorded(at(ReinforcePlusPlus, None), false);
+        assert_eq!((old, c.kl_in_reward), (false, None));
     }
 
     /// TRL's newer GRPO knobs read by their names, and each setting whose maths would not

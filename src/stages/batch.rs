@@ -348,8 +348,8 @@ impl SeqBatch {
         ctx: crate::model::linear::Ctx,
         weights: &Tensor,
     ) -> Result<Tensor> {
-        let lp = net.target_logprobs(&self.lm.inputs, &self.lm.targets, &self.fwd(ctx))?;
-        self.per_seq(&(lp * weights)?)
+        let mut sums = self.weighted_logps_each(net, ctx, &[weights])?;
+        Ok(sums.pop().expect("one sum"))
     }
 
     /// [`SeqBatch::weighted_logps`] under each of `weights`, from one forward.

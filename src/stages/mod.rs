@@ -100,8 +100,13 @@ impl Env {
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
         let mut cfg = cfg;
-        if cfg.stage == crate::config::Stage::Grpo {
-            settle_kl_place(&mut cfg.grpo, start == Start::Resume, comm.rank() == 0);
+        let kept_in_loss = cfg.stage == crate::config::Stage::Grpo
+            && cfg.grpo.record_kl_place(start == Start::Resume);
+        if kept_in_loss && comm.rank() == 0 {
+            crate::errln!(
+                "[grpo] this rloo run began before rloo took its KL off the score: it keeps its \
+                 KL term in the loss (kl_in_reward = false in its config.toml)"
+            );
         }
         let env = Self {
             device,
@@ -211,58 +216,5 @@ impl Env {
             candle_core::DType::BF16 => self.cfg.train.compute_copies,
             _ => false,
         }
-    }
-}
-
-/// Writes where the grpo stage's KL acts into its config (`kl_in_reward`), so that config.toml
-/// records it and a resume keeps it. A resumed `rloo` run whose config.toml does not say began
-/// before `rloo` took its KL off the score, and keeps it in the loss as it trained.
-fn settle_kl_place(c: &mut crate::config::GrpoConfig, resumed: bool, say: bool) {
-    use crate::config::{AdvantageEstimator, KlPlace};
-    if c.kl_in_reward.is_some() || c.advantage_estimator == AdvantageEstimator::ReinforcePlusPlus {
-        return;
-    }
-    if resumed && c.advantage_estimator == AdvantageEstimator::Rloo {
-        c.kl_in_reward = Some(false);
-        if say {
-            crate::errln!(
-                "[grpo] this rloo run began before rloo took its KL off the score: it keeps its \
-                 KL term in the loss (kl_in_reward = false in its config.toml)"
-            );
-        }
-        return;
-    }
-    c.kl_in_reward = Some(c.kl_place() == KlPlace::SequenceReward);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{AdvantageEstimator, GrpoConfig, KlPlace};
-
-    /// A new run records where its KL acts; a resumed rloo run that recorded nothing keeps
-    /// the loss term it began with; what a run recorded stays.
-    #[test]
-    fn the_kl_place_is_recorded_at_the_start_and_kept_by_a_resume() {
-        let at = |est, kl_in_reward| GrpoConfig {
-            advantage_estimator: est,
-            kl_in_reward,
-            ..GrpoConfig::default()
-        };
-        let mut c = at(AdvantageEstimator::Rloo, None);
-        settle_kl_place(&mut c, false, false);
-        assert_eq!(c.kl_in_reward, Some(true));
-        let mut c = at(AdvantageEstimator::GroupNorm, None);
-        settle_kl_place(&mut c, false, false);
-        assert_eq!(c.kl_in_reward, Some(false));
-        let mut old = at(AdvantageEstimator::Rloo, None);
-        settle_kl_place(&mut old, true, false);
-        assert_eq!(old.kl_place(), KlPlace::Loss);
-        let mut kept = at(AdvantageEstimator::Rloo, Some(true));
-        settle_kl_place(&mut kept, true, false);
-        assert_eq!(kept.kl_place(), KlPlace::SequenceReward);
-        let mut rpp = at(AdvantageEstimator::ReinforcePlusPlus, None);
-        settle_kl_place(&mut rpp, false, false);
-        assert_eq!(rpp.kl_in_reward, None);
     }
 }

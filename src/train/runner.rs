@@ -359,11 +359,7 @@ fn set_aside_stale_final(opts: &RunOpts) -> Result<()> {
     if !fin.is_dir() {
         return Ok(());
     }
-    let step = std::fs::read_to_string(fin.join("meta.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|m| m["step"].as_u64());
-    let base = match step {
+    let base = match CheckpointMeta::read(&fin).ok().map(|m| m.step) {
         Some(s) => format!("final-step-{s:07}"),
         None => "final-earlier".to_string(),
     };
