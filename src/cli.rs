@@ -11,7 +11,7 @@ use crate::config::{
     read_toml, AdvantageEstimator, DTypeChoice, DeviceChoice, ImportanceSamplingLevel, LoraConfig,
     ModelConfig, RewardSpec, RunConfig, Stage,
 };
-use crate::stages::export::Format;
+use crate::stages::export::{Dtype as ExportDtype, Format};
 use crate::stages::Start;
 
 /// A JSON object of chat-template variables.
@@ -31,6 +31,90 @@ use crate::stages::pipeline::{Extra, PipelineOptions};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The command line, where a value that reads as a negative number (`--seed -5`,
+    /// `--temperature -1`) goes to its option's parser, which takes or refuses it, instead of
+    /// being read as an unknown flag `-5` (clap's default). Set on every option that takes a
+    /// value, so that one added later needs nothing of its own.
+    pub fn command_line() -> clap::Command {
+        fn negatives(cmd: clap::Command) -> clap::Command {
+            cmd.mut_args(|a| match a.get_action().takes_values() {
+                true => a.allow_negative_numbers(true),
+                false => a,
+            })
+            .mut_subcommands(negatives)
+        }
+        negatives(<Cli as clap::CommandFactory>::command())
+    }
+
+    /// Parses `args` (the program's name first) with [`Cli::command_line`].
+    pub fn try_parse_args<I, T>(args: I) -> std::result::Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut cmd = Self::command_line();
+        let mut m = cmd.try_get_matches_from_mut(args)?;
+        <Cli as clap::FromArgMatches>::from_arg_matches_mut(&mut m).map_err(|e| e.format(&mut cmd))
+    }
+}
+
+/// A usage error of the command line `args` as one line, as temper's other errors are:
+/// clap's message with the details it sets on lines of their own (a missing argument, the
+/// possible values, a tip) and, for its usage block, a pointer to the help of the command
+/// given. A negative number given to a count or a seed is said as such (clap says "invalid
+/// digit found in string").
+pub fn usage_error_line(e: &clap::Error, args: &[std::ffi::OsString]) -> String {
+    let line = negative_count(e).unwrap_or_else(|| {
+        let text = e.render().to_string();
+        let mut lines = text.lines();
+        let first = lines.next().unwrap_or_default();
+        let first = first.strip_prefix("error: ").unwrap_or(first).trim_end();
+        let details: Vec<&str> = lines
+            .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+            .map(|l| l.trim().trim_start_matches('[').trim_end_matches(']'))
+            .filter(|l| !l.is_empty())
+            .collect();
+        match (details.is_empty(), first.ends_with(':')) {
+            (true, _) => first.to_string(),
+            (false, true) => format!("{first} {}", details.join(", ")),
+            (false, false) => format!("{first}; {}", details.join("; ")),
+        }
+    });
+    format!("{line} (see `{} --help`)", command_path(args))
+}
+
+fn negative_count(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::ValueValidation {
+        return None;
+    }
+    let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
+        e.get(ContextKind::InvalidArg),
+        e.get(ContextKind::InvalidValue),
+    ) else {
+        return None;
+    };
+    let negative = value.trim().parse::<f64>().is_ok_and(|v| v < 0.0);
+    let unsigned = std::error::Error::source(e).is_some_and(|s| s.is::<std::num::ParseIntError>());
+    (negative && unsigned)
+        .then(|| format!("invalid value '{value}' for '{arg}': a whole number, 0 or more"))
+}
+
+/// The (sub)command `args` name, as far as they name one: `temper tokenizer train`.
+fn command_path(args: &[std::ffi::OsString]) -> String {
+    let mut cmd = Cli::command_line();
+    let mut path = vec![cmd.get_name().to_string()];
+    for a in args.iter().skip(1) {
+        let Some(sub) = cmd.find_subcommand(a).cloned() else {
+            break;
+        };
+        path.push(sub.get_name().to_string());
+        cmd = sub;
+    }
+    path.join(" ")
 }
 
 #[derive(Subcommand, Debug)]
@@ -400,11 +484,23 @@ pub struct ExportArgs {
     /// Merge LoRA adapters into the base weights (what temper and hf always do).
     #[arg(long, default_value_t = true)]
     pub merge: bool,
-    /// Write into an --out that already holds files: those export writes are replaced, the
-    /// rest left as they are. Without it such an --out is refused (a Hugging Face model's
-    /// directory, say, would have its weights and config replaced by another model's).
+    /// Write into an --out that already holds files: those export writes are replaced (and
+    /// an earlier export's weight files these do not replace, model.safetensors or shards,
+    /// removed), the rest left as they are. Without it such an --out is refused (a Hugging
+    /// Face model's directory, say, would have its weights and config replaced by another
+    /// model's).
     #[arg(long)]
     pub overwrite: bool,
+    /// The weights' type for hf and peft, named in config.json as transformers' `dtype`:
+    /// f32 (default: the weights as trained, unrounded), bf16 or f16 (half the size, rounded).
+    #[arg(long, value_enum)]
+    pub dtype: Option<ExportDtype>,
+    /// hf: split weights past SIZE bytes into model-0000K-of-0000N.safetensors with
+    /// model.safetensors.index.json, as transformers' max_shard_size (5GB, 500MB, 2GiB).
+    /// Default: 50GB, transformers' own.
+    // No allow_hyphen_values: it would take a forgotten value's next flag as the size.
+    #[arg(long, value_name = "SIZE", value_parser = crate::stages::export::parse_size)]
+    pub max_shard_size: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -796,6 +892,46 @@ impl PipelineArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// clap's own checks of the whole command line (a setting that does not fit an option's
+    /// kind, as negative numbers on a flag that takes no value, say), where clap is built with
+    /// debug assertions (Cargo.toml's dev profile builds dependencies without them).
+    #[test]
+    fn the_command_line_passes_claps_checks() {
+        Cli::command_line().debug_assert();
+    }
+
+    /// A negative number reaches its option: taken by a signed one, refused by an unsigned
+    /// one in a line naming it; clap's other errors come out as one line too.
+    #[test]
+    fn negative_numbers_reach_their_options() {
+        let parse = |line: &str| {
+            let args: Vec<std::ffi::OsString> = line.split(' ').map(Into::into).collect();
+            Cli::try_parse_args(&args).map_err(|e| usage_error_line(&e, &args))
+        };
+        let Ok(Cli {
+            command: Command::Generate(g),
+        }) = parse("temper generate --checkpoint c --temperature -1 --prompt -2")
+        else {
+            panic!("a negative temperature and prompt are values")
+        };
+        assert_eq!(
+            (g.temperature, &g.prompt[..]),
+            (Some(-1.0), &["-2".to_string()][..])
+        );
+        let e = parse("temper sft --lora-rank -4").unwrap_err();
+        assert_eq!(
+            e,
+            "invalid value '-4' for '--lora-rank <LORA_RANK>': a whole number, 0 or more \
+             (see `temper sft --help`)"
+        );
+        let e = parse("temper tokenizer encode c --out o --shard-tokens").unwrap_err();
+        assert!(
+            e.contains("'--shard-tokens <SHARD_TOKENS>'") && !e.contains('\n'),
+            "{e}"
+        );
+        assert!(e.ends_with("(see `temper tokenizer encode --help`)"), "{e}");
+    }
 
     #[test]
     fn the_gpt2_preset_brings_its_own_schedule_and_flags_still_win() {

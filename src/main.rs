@@ -2,7 +2,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use clap::Parser;
 
 use temper::cli::{
     Cli, Command, EvalArgs, ExportArgs, GenerateArgs, LaunchArgs, StageArgs, TokenizerCmd,
@@ -36,7 +35,11 @@ fn main() -> ExitCode {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_args(&args) {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e, &args),
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<Preempted>().is_some() => {
@@ -49,6 +52,20 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Help and version as clap prints them (help on stdout, or on stderr where a command was
+/// left out); any other usage error as one line, with exit code 2 as clap gives it.
+fn usage_error(e: &clap::Error, args: &[std::ffi::OsString]) -> ExitCode {
+    use clap::error::ErrorKind;
+    if !e.use_stderr() || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        e.exit();
+    }
+    errln!("error: {}", temper::cli::usage_error_line(e, args));
+    ExitCode::from(USAGE_ERROR)
+}
+
+/// clap's exit code for a command line it cannot read, kept for scripts that test for it.
+const USAGE_ERROR: u8 = 2;
 
 /// The training stage a command runs, with its arguments.
 fn training_stage(c: &Command) -> Option<(Stage, &StageArgs)> {
@@ -321,8 +338,14 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
 }
 
 fn export_cmd(a: &ExportArgs) -> Result<()> {
-    stages::export::export(&a.checkpoint, &a.out, a.format, a.overwrite)?;
-    outln!("wrote {} ({:?})", a.out.display(), a.format);
+    let opts = stages::export::Options {
+        format: a.format,
+        overwrite: a.overwrite,
+        dtype: a.dtype,
+        max_shard_size: a.max_shard_size,
+    };
+    let what = stages::export::export(&a.checkpoint, &a.out, &opts)?;
+    outln!("wrote {} ({what})", a.out.display());
     Ok(())
 }
 
@@ -331,8 +354,15 @@ fn export_cmd(a: &ExportArgs) -> Result<()> {
 /// as child processes (or, with `--threads`, as threads of this process). A rank that fails
 /// stops the others, and the launch fails with its error.
 fn launch_cmd(a: &LaunchArgs) -> Result<()> {
-    let inner = Cli::try_parse_from(std::iter::once("temper".to_string()).chain(a.command.clone()))
-        .map_err(|e| anyhow::anyhow!("launch: {e}"))?;
+    let argv: Vec<std::ffi::OsString> = std::iter::once("temper".into())
+        .chain(a.command.iter().map(Into::into))
+        .collect();
+    let inner = match Cli::try_parse_args(&argv) {
+        Ok(inner) => inner,
+        // `launch ... -- sft --help`: the stage's own help.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => bail!("launch: {}", temper::cli::usage_error_line(&e, &argv)),
+    };
     let Some((stage, args)) = training_stage(&inner.command) else {
         bail!("launch runs a training stage (pretrain, sft, reward, ppo, dpo, grpo)");
     };

@@ -295,6 +295,75 @@ fn llama3_stop_ids_come_from_the_generation_config() {
     );
 }
 
+/// Without a generation_config.json transformers builds the generation config from
+/// config.json, whose `eos_token_id` then ends generations (an image-and-text model's
+/// from its text_config where the top level names none); with one, config.json's counts for
+/// nothing. The stop ids stay with the tokenizer wherever it is saved; a classifier, which
+/// transformers never generates with, takes none from config.json; a bad id is refused by
+/// file and field.
+#[test]
+fn without_a_generation_config_config_jsons_stop_ids_end_generations() {
+    let d = tmp();
+    let with_config = |name: &str, fam: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let dir = p(d.path(), name);
+        copy_files(&fixture(fam), &dir);
+        std::fs::remove_file(dir.join("generation_config.json")).ok();
+        let mut cfg = config_of(&dir);
+        edit(&mut cfg);
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+        dir
+    };
+    // config.json names <|end_of_text|> (301), tokenizer_config.json <|eot_id|> (302).
+    let llama = with_config("llama", "llama", &|_| {});
+    let tok = read_checkpoint(&llama, &Device::Cpu).unwrap().tokenizer;
+    assert_eq!(tok.stop_ids(), [301, 302]);
+    let saved = p(d.path(), "saved");
+    std::fs::create_dir_all(&saved).unwrap();
+    tok.save_dir(&saved).unwrap();
+    let again = temper::data::tokenizer::Tokenizer::load_dir(&saved).unwrap();
+    assert_eq!(again.stop_ids(), [301, 302], "saved with the tokenizer");
+    let listed = with_config("listed", "llama", &|c| {
+        c["eos_token_id"] = serde_json::json!([7, 301])
+    });
+    let tok = read_checkpoint(&listed, &Device::Cpu).unwrap().tokenizer;
+    assert_eq!(tok.stop_ids(), [7, 301, 302]);
+    // generation_config.json (eos_token_id [301, 302]) wins.
+    std::fs::copy(
+        fixture("llama").join("generation_config.json"),
+        listed.join("generation_config.json"),
+    )
+    .unwrap();
+    let tok = read_checkpoint(&listed, &Device::Cpu).unwrap().tokenizer;
+    assert_eq!(tok.stop_ids(), [301, 302]);
+    let mm = with_config("mm", "gemma3_mm", &|c| {
+        c["eos_token_id"] = serde_json::Value::Null;
+        c["text_config"]["eos_token_id"] = serde_json::json!([1, 305]);
+    });
+    let tok = read_checkpoint(&mm, &Device::Cpu).unwrap().tokenizer;
+    assert!(tok.is_stop(305), "{:?}", tok.stop_ids());
+    let rm = read_checkpoint(&fixture("llama_rm"), &Device::Cpu).unwrap();
+    assert_eq!(
+        rm.tokenizer.stop_ids(),
+        [302],
+        "a classifier's config.json stops nothing"
+    );
+    let bad = with_config("bad", "llama", &|c| c["eos_token_id"] = "<|eot_id|>".into());
+    let e = read_err(&bad);
+    assert!(
+        e.contains("bad/config.json: field \"eos_token_id\"") && e.contains("token id"),
+        "{e}"
+    );
+    let bad = with_config("bad_mm", "gemma3_mm", &|c| {
+        c.as_object_mut().unwrap().remove("eos_token_id");
+        c["text_config"]["eos_token_id"] = serde_json::json!([1, -1]);
+    });
+    let e = read_err(&bad);
+    assert!(
+        e.contains("bad_mm/config.json: field \"text_config.eos_token_id\""),
+        "{e}"
+    );
+}
+
 /// A copy of fixture `fam` with `edit` applied to its config and tensors.
 fn broken(
     fam: &str,
@@ -389,12 +458,20 @@ fn bad_configs_and_tensors_fail_naming_the_file() {
         t.remove("model.layers.0.self_attn.k_norm.weight");
     });
     let e = sft_err(&no_norm, d.path());
-    assert!(e.contains("model.layers.0.attn.k_norm.weight"), "{e}");
+    assert!(
+        e.contains(
+            "qwen3-broken/model.safetensors: no tensor model.layers.0.self_attn.k_norm.weight"
+        ),
+        "{e}"
+    );
     let missing = broken("llama", &p(d.path(), "c"), |_, t| {
         t.remove("model.layers.1.mlp.up_proj.weight");
     });
     let e = sft_err(&missing, d.path());
-    assert!(e.contains("model.layers.1.mlp.up.weight"), "{e}");
+    assert!(
+        e.contains("model.safetensors: no tensor model.layers.1.mlp.up_proj.weight"),
+        "{e}"
+    );
     let extra = broken("llama", &p(d.path(), "d"), |_, t| {
         let x = t["model.norm.weight"].clone();
         t.insert("model.extra.weight".into(), x);
@@ -409,7 +486,10 @@ fn bad_configs_and_tensors_fail_naming_the_file() {
         t.insert("model.layers.0.self_attn.q_proj.bias".into(), x);
     });
     let e = sft_err(&shape, d.path());
-    assert!(e.contains("q.bias") && e.contains("[7]"), "{e}");
+    assert!(
+        e.contains("model.safetensors: tensor model.layers.0.self_attn.q_proj.bias has shape [7]"),
+        "{e}"
+    );
     let errors: Vec<&str> = e.lines().filter(|l| l.starts_with("error")).collect();
     assert_eq!(errors.len(), 1, "one error line: {e}");
 }
@@ -692,11 +772,13 @@ fn a_smollm3_model_trains_and_exports_its_nope_layers_back() {
     assert!(pad < cfg["vocab_size"].as_u64().unwrap(), "{cfg}");
 }
 
-#[test]
-fn a_sharded_checkpoint_loads_through_its_index() {
-    let d = tmp();
-    let out = p(d.path(), "sharded");
-    std::fs::create_dir_all(&out).unwrap();
+/// The llama fixture as a checkpoint of two shards and their index, in `out`, with `edit`
+/// applied to the index's `weight_map` and to the shards' tensors (by file name).
+fn sharded_llama(
+    out: &Path,
+    edit: impl Fn(&mut serde_json::Map<String, serde_json::Value>, &str, &mut HashMap<String, Tensor>),
+) {
+    std::fs::create_dir_all(out).unwrap();
     for f in [
         "config.json",
         "tokenizer.json",
@@ -709,22 +791,121 @@ fn a_sharded_checkpoint_loads_through_its_index() {
     let mut names: Vec<&String> = all.keys().collect();
     names.sort();
     let mut weight_map = serde_json::Map::new();
+    let mut shards = Vec::new();
     for (k, part) in names.chunks(names.len() / 2 + 1).enumerate() {
         let file = format!("model-{:05}-of-00002.safetensors", k + 1);
         let shard: HashMap<String, Tensor> = part
             .iter()
             .map(|n| ((*n).clone(), all[*n].clone()))
             .collect();
-        candle_core::safetensors::save(&shard, out.join(&file)).unwrap();
         for n in part {
             weight_map.insert((*n).clone(), file.clone().into());
         }
+        shards.push((file, shard));
+    }
+    for (file, mut shard) in shards {
+        edit(&mut weight_map, &file, &mut shard);
+        candle_core::safetensors::save(&shard, out.join(&file)).unwrap();
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
     std::fs::write(out.join("model.safetensors.index.json"), index.to_string()).unwrap();
+}
+
+#[test]
+fn a_sharded_checkpoint_loads_through_its_index() {
+    let d = tmp();
+    let out = p(d.path(), "sharded");
+    sharded_llama(&out, |_, _, _| {});
     let e = expected(&fixture("llama"));
     let (net, _) = load(&out);
     assert!(max_diff(&net, &ids_of(&e["input_ids"][1]), &e["logits"][1]) <= 1e-4);
+}
+
+/// The one-line error of reading the model at `dir`.
+fn read_err(dir: &Path) -> String {
+    let e = read_checkpoint(dir, &Device::Cpu).err().expect("an error");
+    assert_eq!(e.chain().count(), 1, "one line: {e:#}");
+    e.to_string()
+}
+
+/// A tensor missing from a Hugging Face checkpoint, or of the wrong shape, is named as the
+/// files name it, with the file it should be in: the single file, the shard the index
+/// places it in, or the index that lists no such tensor.
+#[test]
+fn a_missing_or_misshapen_tensor_is_named_as_its_files_name_it() {
+    let d = tmp();
+    let q = "model.layers.1.self_attn.q_proj.weight";
+    let gone = p(d.path(), "gone");
+    sharded_llama(&gone, |_, _, t| {
+        t.remove(q);
+    });
+    let e = read_err(&gone);
+    assert!(
+        e.contains(&format!("gone/model-00002-of-00002.safetensors: no tensor {q}, which model.safetensors.index.json places there")),
+        "{e}"
+    );
+    let unlisted = p(d.path(), "unlisted");
+    sharded_llama(&unlisted, |m, _, t| {
+        m.remove(q);
+        t.remove(q);
+    });
+    let e = read_err(&unlisted);
+    assert!(
+        e.contains(&format!(
+            "unlisted/model.safetensors.index.json: field \"weight_map\" names no tensor {q}"
+        )),
+        "{e}"
+    );
+    let wide = p(d.path(), "wide");
+    sharded_llama(&wide, |_, _, t| {
+        if t.contains_key(q) {
+            t.insert(
+                q.into(),
+                Tensor::zeros((3, 32), DType::F32, &Device::Cpu).unwrap(),
+            );
+        }
+    });
+    let e = read_err(&wide);
+    assert!(
+        e.contains(&format!("wide/model-00002-of-00002.safetensors: tensor {q} has shape [3, 32], config.json's llama model wants [32, 32]")),
+        "{e}"
+    );
+    // GPT-2's fused q, k and v under the prefix its file has; Gemma 3's language model inside
+    // its image-and-text model likewise.
+    let gpt2 = broken("gpt2", &p(d.path(), "g"), |_, t| {
+        t.remove("transformer.h.1.attn.c_attn.weight");
+    });
+    let e = read_err(&gpt2);
+    assert!(
+        e.contains("model.safetensors: no tensor transformer.h.1.attn.c_attn.weight"),
+        "{e}"
+    );
+    let gpt2 = broken("gpt2", &p(d.path(), "h"), |_, t| {
+        let x = Tensor::zeros((96, 32), DType::F32, &Device::Cpu).unwrap();
+        t.insert("transformer.h.0.attn.c_attn.weight".into(), x);
+    });
+    let e = read_err(&gpt2);
+    assert!(
+        e.contains("tensor transformer.h.0.attn.c_attn.weight has shape [96, 32], config.json's gpt2 model wants [32, 96]"),
+        "{e}"
+    );
+    let mm = broken("gemma3_mm", &p(d.path(), "m"), |_, t| {
+        t.remove("language_model.model.layers.1.self_attn.k_norm.weight");
+    });
+    let e = read_err(&mm);
+    assert!(
+        e.contains("no tensor language_model.model.layers.1.self_attn.k_norm.weight"),
+        "{e}"
+    );
+    // A reward model's classifier head, which transformers saves without a bias.
+    let rm = broken("llama_rm", &p(d.path(), "r"), |_, t| {
+        t.remove("score.weight");
+    });
+    let e = read_err(&rm);
+    assert!(
+        e.contains("model.safetensors: no tensor score.weight"),
+        "{e}"
+    );
 }
 
 /// Conversational records (TRL's format) are rendered with the model's own chat template in

@@ -230,6 +230,41 @@ mod stage_chain {
         assert!(!merged().join("adapter.safetensors").exists());
     }
 
+    /// `export --format peft --dtype bf16` writes the adapters in bf16 (PEFT reads any type),
+    /// the same factors as the run's to bf16's rounding.
+    #[test]
+    fn peft_export_writes_its_adapters_in_the_dtype_asked_for() {
+        let out = run_dir("peft-bf16");
+        #[rustfmt::skip]
+        run_ok(&["export", "--checkpoint", arg(sft()), "--out", arg(&out), "--format", "peft",
+                 "--dtype", "bf16"]);
+        let file = out.join("adapter_model.safetensors");
+        let written = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+        assert!(written
+            .values()
+            .all(|t| t.dtype() == candle_core::DType::BF16));
+        // Each tensor's values, in order; the two sides name them differently.
+        let trained = weights(&sft().join("final/adapter.safetensors"));
+        let mut want: Vec<Vec<f32>> = trained
+            .values()
+            .map(|v| {
+                v.iter()
+                    .map(|x| half::bf16::from_f32(*x).to_f32())
+                    .collect()
+            })
+            .collect();
+        let mut got: Vec<Vec<f32>> = written
+            .values()
+            .map(|t| {
+                let t = t.to_dtype(candle_core::DType::F32).unwrap();
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            })
+            .collect();
+        want.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        got.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        assert_eq!(got, want);
+    }
+
     #[test]
     fn ppo_refuses_a_policy_where_a_reward_model_is_expected() {
         let e = run_err(&[
@@ -1462,4 +1497,270 @@ fn later_stages_inherit_the_task_world_of_their_init() {
              "--out", sft.to_str().unwrap(), "--steps", "1", "--device", "cpu"]);
     let written = std::fs::read_to_string(sft.join("config.toml")).unwrap();
     assert!(written.contains("task_seed = 3"), "{written}");
+}
+
+/// The Hugging Face fixture of `family` (tests/fixtures/hf/), a model directory temper reads.
+fn hf_fixture(family: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(family)
+}
+
+/// temper's logits (`[T, V]`, f32) of `ids` under the model in `dir`, as read by `--init`.
+fn logits_of(dir: &std::path::Path, ids: &[u32]) -> candle_core::Tensor {
+    use candle_core::{DType, Device, Tensor};
+    use temper::model::linear::Ctx;
+    use temper::model::Fwd;
+    let loaded = temper::stages::loader::read_checkpoint(dir, &Device::Cpu).unwrap();
+    let mut store = temper::train::params::ParamStore::new(Device::Cpu, 0);
+    let net = temper::stages::loader::policy_from(&loaded, &mut store, None).unwrap();
+    let x = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let f = Fwd {
+        ctx: Ctx::plain(DType::F32),
+        positions: None,
+        key_valid: None,
+        segments: None,
+    };
+    net.forward(&x, &f, None).unwrap().squeeze(0).unwrap()
+}
+
+/// `export --format hf` writes the type `--dtype` asks for, says it in config.json, and past
+/// `--max-shard-size` writes transformers' shards and index; temper reads each back (`--init`
+/// and generate), with the f32 export's logits to rounding of the type; an export over an
+/// earlier one with the other layout leaves none of the earlier weight files to be read.
+#[test]
+fn hf_export_writes_the_dtype_and_shards_asked_for_and_reads_them_back() {
+    use candle_core::{DType, Device};
+    let d = tmp();
+    let src = hf_fixture("llama");
+    let export = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["export", "--checkpoint", src.to_str().unwrap()];
+        args.extend(["--out", out.to_str().unwrap(), "--format", "hf"]);
+        args.extend(extra);
+        run_ok(&args)
+    };
+    let config = |dir: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+    };
+    let ids: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 300).collect();
+
+    // The default: f32, one file, as before.
+    let f32_dir = p(d.path(), "f32");
+    export(&f32_dir, &[]);
+    assert!(f32_dir.join("model.safetensors").is_file());
+    assert!(!f32_dir.join("model.safetensors.index.json").exists());
+    assert_eq!(config(&f32_dir)["dtype"], "float32");
+    let want = logits_of(&f32_dir, &ids);
+    let source = logits_of(&src, &ids);
+    assert!(max_abs_diff(&want, &source) <= 1e-5);
+    let scale = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+
+    // The tolerances are a few times what was measured: 0.7% and 0.08% of the largest logit.
+    for (dtype, torch, stored, tol) in [
+        ("bf16", "bfloat16", DType::BF16, 0.02),
+        ("f16", "float16", DType::F16, 0.004),
+    ] {
+        let dir = p(d.path(), dtype);
+        let said = export(&dir, &["--dtype", dtype, "--max-shard-size", "40KB"]);
+        let said = String::from_utf8_lossy(&said.stdout);
+        assert!(said.contains(dtype) && said.contains("shards"), "{said}");
+        assert!(!dir.join("model.safetensors").exists());
+        let c = config(&dir);
+        assert_eq!(
+            (&c["dtype"], &c["torch_dtype"]),
+            (&torch.into(), &torch.into())
+        );
+        let index: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap(),
+        )
+        .unwrap();
+        let map = index["weight_map"].as_object().unwrap();
+        let mut files: Vec<&str> = map.values().map(|f| f.as_str().unwrap()).collect();
+        files.sort();
+        files.dedup();
+        let n = files.len();
+        assert!(n > 2, "{n} shards of a 300 KB model at 40 KB");
+        let (mut total, mut seen) = (0u64, 0);
+        for (k, file) in files.iter().enumerate() {
+            assert_eq!(*file, format!("model-{:05}-of-{n:05}.safetensors", k + 1));
+            let tensors = candle_core::safetensors::load(dir.join(file), &Device::Cpu).unwrap();
+            let mut bytes = 0u64;
+            for (name, t) in &tensors {
+                assert_eq!(t.dtype(), stored, "{name}");
+                assert_eq!(map[name], *file, "{name}");
+                bytes += (t.elem_count() * stored.size_in_bytes()) as u64;
+            }
+            assert!(
+                bytes <= 40_000 || tensors.len() == 1,
+                "{file}: {bytes} bytes"
+            );
+            (total, seen) = (total + bytes, seen + tensors.len());
+        }
+        assert_eq!(seen, map.len());
+        assert_eq!(index["metadata"]["total_size"], total);
+        let got = logits_of(&dir, &ids);
+        let diff = max_abs_diff(&got, &want);
+        assert!(
+            diff <= tol * scale,
+            "{dtype}: logits differ by {diff} (of {scale})"
+        );
+    }
+
+    // The sharded bf16 model through the CLI: sampled from, and trained from.
+    let bf16 = p(d.path(), "bf16");
+    run_ok(&[
+        "generate",
+        "--checkpoint",
+        bf16.to_str().unwrap(),
+        "--prompt",
+        "ab",
+        "--max-new-tokens",
+        "2",
+        "--temperature",
+        "0",
+        "--device",
+        "cpu",
+    ]);
+    let cfg = p(d.path(), "c.toml");
+    std::fs::write(
+        &cfg,
+        "[sft]\neval_prompts = 4\n[train]\nbatch_size = 4\nseq_len = 32\neval_batches = 1\n",
+    )
+    .unwrap();
+    #[rustfmt::skip]
+    run_ok(&["sft", "--config", cfg.to_str().unwrap(), "--init", bf16.to_str().unwrap(),
+             "--out", p(d.path(), "sft").to_str().unwrap(), "--steps", "1", "--device", "cpu"]);
+
+    // One layout over the other: the earlier weight files go, so the new ones are read.
+    export(&bf16, &["--overwrite"]);
+    let left: Vec<String> = std::fs::read_dir(&bf16)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("safetensors"))
+        .collect();
+    assert_eq!(left, ["model.safetensors"]);
+    assert!(max_abs_diff(&logits_of(&bf16, &ids), &want) <= 1e-5);
+    export(
+        &f32_dir,
+        &["--overwrite", "--max-shard-size", "2GiB", "--dtype", "bf16"],
+    );
+    assert!(f32_dir.join("model.safetensors").is_file());
+    export(&f32_dir, &["--overwrite", "--max-shard-size", "100000"]);
+    assert!(!f32_dir.join("model.safetensors").exists());
+    assert!(max_abs_diff(&logits_of(&f32_dir, &ids), &want) <= 1e-5);
+
+    // What does not apply is refused, in one line.
+    let out = p(d.path(), "refused");
+    for (extra, said) in [
+        (
+            &["--format", "temper", "--dtype", "bf16"][..],
+            "f32 weights",
+        ),
+        (
+            &["--format", "peft", "--max-shard-size", "1GB"][..],
+            "applies to --format hf",
+        ),
+    ] {
+        let mut args = vec!["export", "--checkpoint", src.to_str().unwrap(), "--out"];
+        args.push(out.to_str().unwrap());
+        args.extend(extra);
+        let e = run_err(&args);
+        assert!(e.contains(said) && e.trim().lines().count() == 1, "{e}");
+    }
+    assert!(!out.exists());
+}
+
+/// A negative number reaches its option's parser (clap alone reads `-1` as an unknown flag):
+/// temper's own refusal of a negative temperature, a one-line refusal naming an unsigned
+/// option. Usage errors are one line pointing at the command's help, with clap's exit code
+/// 2; help and version are clap's own.
+#[test]
+fn negative_numbers_reach_their_options_and_usage_errors_are_one_line() {
+    let model = hf_fixture("llama");
+    let model = model.to_str().unwrap();
+    let usage = |args: &[&str]| {
+        let out = temper().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("error: ") && !err.contains("Usage:"),
+            "{err}"
+        );
+        err
+    };
+    let e = run_err(&[
+        "generate",
+        "--checkpoint",
+        model,
+        "--prompt",
+        "ab",
+        "--temperature",
+        "-1",
+    ]);
+    assert!(
+        e.contains("--temperature must be 0 (greedy) or a finite positive number, got -1"),
+        "{e}"
+    );
+    let e = usage(&["generate", "--checkpoint", model, "--seed", "-5"]);
+    assert!(
+        e.contains("'--seed <SEED>'") && e.contains("0 or more"),
+        "{e}"
+    );
+    let e = usage(&["pretrain", "--steps", "-1"]);
+    assert!(
+        e.contains("--steps") && e.contains("`temper pretrain --help`"),
+        "{e}"
+    );
+    let e = usage(&["generate", "--checkpoint", model, "--sed", "5"]);
+    assert!(
+        e.contains("'--sed'") && e.contains("'--seed'") && e.contains("`temper generate --help`"),
+        "{e}"
+    );
+    let e = usage(&["export", "--checkpoint", model]);
+    assert!(e.contains("not provided: --out <OUT>"), "{e}");
+    let e = usage(&[
+        "export",
+        "--checkpoint",
+        model,
+        "--out",
+        "x",
+        "--dtype",
+        "f64",
+    ]);
+    assert!(e.contains("possible values: f32, bf16, f16"), "{e}");
+    let e = usage(&[
+        "export",
+        "--checkpoint",
+        model,
+        "--out",
+        "x",
+        "--max-shard-size=-5GB",
+    ]);
+    assert!(e.contains("'--max-shard-size <SIZE>'"), "{e}");
+    let e = usage(&["tokenizer", "train", "--out", "x"]);
+    assert!(e.contains("`temper tokenizer train --help`"), "{e}");
+
+    let help = temper().args(["generate", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.status.success() && text.starts_with("Sample from a checkpoint"),
+        "{text}"
+    );
+    assert!(text.contains("Usage: temper generate") && text.lines().count() > 20);
+    let version = temper().arg("--version").output().unwrap();
+    assert!(version.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout),
+        format!("temper {}\n", env!("CARGO_PKG_VERSION"))
+    );
 }

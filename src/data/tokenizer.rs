@@ -38,6 +38,10 @@ const TRAINED_SPECIALS: [&str; 2] = ["<|endoftext|>", "<|pad|>"];
 
 pub const GENERATION_CONFIG: &str = "generation_config.json";
 
+/// A Hugging Face model directory's own config, whose stop ids count where it has no
+/// [`GENERATION_CONFIG`].
+const MODEL_CONFIG: &str = "config.json";
+
 /// File name of a saved tokenizer inside a run or checkpoint directory.
 pub const FILE_NAME: &str = "tokenizer.json";
 
@@ -166,17 +170,80 @@ fn token_field(v: &serde_json::Value, key: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// One id or a list of ids.
-fn ids_field(v: &serde_json::Value, key: &str) -> Vec<u32> {
-    match v.get(key) {
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| x as u32)
-            .collect(),
-        Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        None => vec![],
+/// Field `field` of a file at `path`, `x` (absent: none): one id or a list of ids; none where
+/// it is null. Anything else is an error naming the file and the field: a stop id dropped
+/// unread would let generations run past their end.
+fn ids_field(x: Option<&serde_json::Value>, field: &str, path: &Path) -> Result<Vec<u32>> {
+    let id = |x: &serde_json::Value| {
+        x.as_u64()
+            .and_then(|i| u32::try_from(i).ok())
+            .with_context(|| {
+                format!(
+                    "{}: field \"{field}\": expected a token id or a list of them, got {x}",
+                    path.display()
+                )
+            })
+    };
+    match x {
+        None | Some(serde_json::Value::Null) => Ok(vec![]),
+        Some(serde_json::Value::Array(a)) => a.iter().map(id).collect(),
+        Some(x) => Ok(vec![id(x)?]),
     }
+}
+
+/// The generation config transformers builds where model directory `dir` has no
+/// `generation_config.json`: from its `config.json` (`GenerationConfig.from_model_config`),
+/// whose `eos_token_id` and `bos_token_id` count (where one is null or absent, that of the
+/// model inside it: an image-and-text model's `text_config`). None where `dir` has no
+/// `config.json`, it names no `eos_token_id`, or it is a classifier's, which generates
+/// nothing. Returned as a `generation_config.json` that says the same, so that the stop ids
+/// stay with the tokenizer wherever it is saved, as transformers' `save_pretrained` writes one.
+fn generation_of_model_config(dir: &Path) -> Result<Option<String>> {
+    let Some((_, text)) = carried_file(dir, MODEL_CONFIG.to_string())? else {
+        return Ok(None);
+    };
+    let path = dir.join(MODEL_CONFIG);
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}: {e}", path.display(), e.line()))?;
+    let classifier = v["architectures"]
+        .get(0)
+        .and_then(|a| a.as_str())
+        .is_some_and(|a| a.ends_with("ForSequenceClassification"));
+    if classifier {
+        return Ok(None);
+    }
+    let inner = ["decoder", "generator", "text_config"]
+        .iter()
+        .find_map(|k| {
+            let c = v
+                .get(*k)
+                .filter(|c| c.as_object().is_some_and(|o| !o.is_empty()))?;
+            Some((*k, c))
+        });
+    let mut generation = serde_json::Map::new();
+    for key in ["bos_token_id", "eos_token_id"] {
+        let (x, field) = match (v.get(key).filter(|x| !x.is_null()), inner) {
+            (Some(x), _) => (x, key.to_string()),
+            (None, Some((name, c))) => match c.get(key).filter(|x| !x.is_null()) {
+                Some(x) => (x, format!("{name}.{key}")),
+                None => continue,
+            },
+            (None, None) => continue,
+        };
+        // The stop ids are checked; a BOS temper does not read from here goes along only
+        // where it is one.
+        match (key, ids_field(Some(x), &field, &path)) {
+            (_, Ok(_)) => {
+                generation.insert(key.into(), x.clone());
+            }
+            ("eos_token_id", Err(e)) => return Err(e),
+            (_, Err(_)) => {}
+        }
+    }
+    if !generation.contains_key("eos_token_id") {
+        return Ok(None);
+    }
+    Ok(Some(serde_json::to_string_pretty(&generation)?))
 }
 
 /// The files of [`CARRIED`] that `dir` has, and its named chat templates.
@@ -339,8 +406,17 @@ impl Tokenizer {
             }
         }
         specials.stops.push(eos);
+        // transformers reads generation_config.json alone where there is one.
+        if carried_json(&files, generation, GENERATION_CONFIG)?.is_none() {
+            if let Some(text) = generation_of_model_config(generation)? {
+                files.push((GENERATION_CONFIG.to_string(), text));
+            }
+        }
         if let Some(v) = carried_json(&files, generation, GENERATION_CONFIG)? {
-            specials.stops.extend(ids_field(&v, "eos_token_id"));
+            let path = generation.join(GENERATION_CONFIG);
+            specials
+                .stops
+                .extend(ids_field(v.get("eos_token_id"), "eos_token_id", &path)?);
         }
         specials.files = files;
         specials.stops.sort_unstable();

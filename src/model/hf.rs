@@ -49,7 +49,10 @@ pub struct HfConfig {
     intermediate_size: Option<usize>,
     num_hidden_layers: Option<usize>,
     num_attention_heads: Option<usize>,
-    num_key_value_heads: Option<usize>,
+    /// Absent (the config class's default: 8 in Mistral, 32 in Qwen, 4 in SmolLM3 and Gemma)
+    /// differs from null (as many as the query heads).
+    #[serde(default, deserialize_with = "present")]
+    num_key_value_heads: Option<Option<usize>>,
     head_dim: Option<usize>,
     max_position_embeddings: Option<usize>,
     rms_norm_eps: Option<f64>,
@@ -57,6 +60,9 @@ pub struct HfConfig {
     rope_scaling: Option<serde_json::Value>,
     /// transformers 5 writes the rotary settings (theta included) here instead.
     rope_parameters: Option<serde_json::Value>,
+    /// Rotary positions on only part of each head, which temper does not implement (also
+    /// read inside the rotary settings).
+    partial_rotary_factor: Option<f64>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
@@ -331,13 +337,17 @@ impl HfConfig {
         };
         let sliding = self.sliding_layers(path, family, layers, &nope_layers)?;
         let (sliding_window, full_attention_layers) = self.windows(path, family, ctx, &sliding)?;
-        // Gemma's defaults where its config leaves a field out (transformers' own).
-        // Qwen3Config's head_dim is 128 where absent, not hidden_size / heads.
+        // The config classes' defaults where the file leaves a field out (transformers' own):
+        // Qwen3Config's head_dim is 128, not hidden_size / heads; SmolLM3 ties its head.
         let (kv_default, tied_default, head_dim) = match (gemma, family) {
             (true, _) => (4, true, Some(self.head_dim.unwrap_or(256))),
-            (false, Family::Qwen3) => (heads, false, Some(self.head_dim.unwrap_or(128))),
+            (false, Family::Qwen3) => (32, false, Some(self.head_dim.unwrap_or(128))),
+            (false, Family::Qwen2) => (32, false, self.head_dim),
+            (false, Family::Mistral) => (8, false, self.head_dim),
+            (false, Family::SmolLm3) => (4, true, self.head_dim),
             (false, _) => (heads, false, self.head_dim),
         };
+        self.rope_refusals(&at, family)?;
         let rope_local = match gemma3 {
             true => Some(LocalRope {
                 theta: self.local_theta(),
@@ -352,7 +362,9 @@ impl HfConfig {
                 .need(or_gemma(self.intermediate_size, 9216), "intermediate_size")?,
             num_hidden_layers: layers,
             num_attention_heads: heads,
-            num_key_value_heads: self.num_key_value_heads.unwrap_or(kv_default),
+            num_key_value_heads: self
+                .num_key_value_heads
+                .map_or(kv_default, |n| n.unwrap_or(heads)),
             max_position_embeddings: ctx,
             rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: self.theta(family),
@@ -370,7 +382,7 @@ impl HfConfig {
             sliding_window,
             full_attention_layers,
             head_dim,
-            rope_scaling: self.rope_scaling(path, family)?,
+            rope_scaling: self.rope_scaling(path, family, ctx)?,
             rope_local,
             norm_plus_one: gemma,
             post_norms: gemma,
@@ -538,12 +550,14 @@ impl HfConfig {
             }
             return Ok((0..layers).filter(|l| (l + 1) % every == 0).collect());
         };
-        if flags.len() != layers {
+        // transformers reads the first flag of each layer, so a longer list is no error.
+        if flags.len() < layers {
             return Err(at.refuse(
                 "no_rope_layers",
                 format!("{} flags for {layers} layers", flags.len()),
             ));
         }
+        let flags = &flags[..layers];
         if let Some(f) = flags.iter().find(|&&f| f > 1) {
             return Err(at.refuse(
                 "no_rope_layers",
@@ -553,20 +567,75 @@ impl HfConfig {
         Ok((0..layers).filter(|&l| flags[l] == 0).collect())
     }
 
-    /// The rotary settings of one kind of layer as transformers 5 writes them: the whole
-    /// `rope_parameters` object, or Gemma 3's entry for `full_attention` or
-    /// `sliding_attention` in it.
+    /// The rotary settings of one kind of layer: Gemma 3's entry for `full_attention` or
+    /// `sliding_attention` in `rope_parameters`; elsewhere the whole object, which a
+    /// `rope_scaling` that says anything replaces, as transformers reads them.
     fn rope_params(&self, family: Family, kind: &str) -> Option<&serde_json::Value> {
-        let p = self.rope_parameters.as_ref()?;
-        match family {
-            Family::Gemma3 => p.get(kind),
-            _ => Some(p),
+        if family == Family::Gemma3 {
+            return self.rope_parameters.as_ref()?.get(kind);
         }
+        self.rope_scaling
+            .as_ref()
+            .filter(|v| says_anything(v))
+            .or(self.rope_parameters.as_ref())
+    }
+
+    /// Rotary positions on part of each head (`partial_rotary_factor` below 1), at the top
+    /// level or in the rotary settings, are refused by field; so are settings per kind of
+    /// layer outside Gemma 3, which would otherwise read as no settings at all.
+    fn rope_refusals(&self, at: &At, family: Family) -> Result<()> {
+        let nested = self
+            .rope_params(family, "full_attention")
+            .filter(|_| family != Family::Gemma3)
+            .and_then(|p| p.as_object())
+            .is_some_and(|o| {
+                o.contains_key("full_attention") || o.contains_key("sliding_attention")
+            });
+        if nested {
+            return Err(at.refuse(
+                self.rope_field(family),
+                "rotary settings per kind of layer are read for Gemma 3 only",
+            ));
+        }
+        let settings: Vec<(&serde_json::Value, &str)> = match family {
+            Family::Gemma3 => ["full_attention", "sliding_attention"]
+                .into_iter()
+                .filter_map(|kind| self.rope_params(family, kind))
+                .map(|p| (p, "rope_parameters"))
+                .chain(self.rope_scaling.iter().map(|s| (s, "rope_scaling")))
+                .collect(),
+            _ => self
+                .rope_params(family, "full_attention")
+                .map(|p| (p, self.rope_field(family)))
+                .into_iter()
+                .collect(),
+        };
+        let inner = settings
+            .into_iter()
+            .filter_map(|(p, field)| Some((p.get("partial_rotary_factor")?.as_f64(), field)));
+        let top = self
+            .partial_rotary_factor
+            .map(|f| (Some(f), "partial_rotary_factor"));
+        for (factor, field) in top.into_iter().chain(inner) {
+            if factor != Some(1.0) {
+                return Err(at.refuse(
+                    field,
+                    format!(
+                        "partial_rotary_factor {}: rotary positions on part of each head are \
+                         not implemented",
+                        factor.map_or("(not a number)".into(), |f| f.to_string())
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn theta(&self, family: Family) -> f64 {
         let default = match family {
             Family::Gemma3 => 1_000_000.0,
+            // SmolLM3Config's `default_theta`.
+            Family::SmolLm3 => 2_000_000.0,
             _ => 10000.0,
         };
         self.rope_params(family, "full_attention")
@@ -585,17 +654,15 @@ impl HfConfig {
             .unwrap_or(10000.0)
     }
 
-    /// The rotary scaling of the model's positions: `rope_scaling`, else what transformers 5
-    /// writes in `rope_parameters` (Gemma 3: its full layers'; its sliding layers take none).
-    fn rope_scaling(&self, path: &Path, family: Family) -> Result<Option<RopeScaling>> {
+    /// The rotary scaling of the model's positions: `rope_scaling` where it says anything, else
+    /// what transformers 5 writes in `rope_parameters` (Gemma 3: `rope_scaling` over its full
+    /// layers'; its sliding layers take none).
+    fn rope_scaling(&self, path: &Path, family: Family, ctx: usize) -> Result<Option<RopeScaling>> {
         let at = At(path);
-        let field = match self.rope_scaling.is_some() {
-            true => "rope_scaling",
-            false => "rope_parameters",
-        };
+        let field = self.rope_field(family);
         if family == Family::Gemma3 {
             if let Some(v) = self.rope_params(family, "sliding_attention") {
-                if parse_scaling(v, &at, "rope_parameters")?.is_some() {
+                if parse_scaling(v, &at, "rope_parameters", ctx)?.is_some() {
                     return Err(at.refuse(
                         "rope_parameters",
                         "scaled rotary positions in the sliding layers are not implemented",
@@ -603,13 +670,39 @@ impl HfConfig {
                 }
             }
         }
-        let full = self
-            .rope_scaling
-            .as_ref()
-            .or(self.rope_params(family, "full_attention"));
+        // Gemma 3 lays `rope_scaling`'s keys over its full layers' settings (a `{"factor": 8}`
+        // keeps their `rope_type`, a `{}` all of them), as its config class updates the one
+        // with the other.
+        let laid;
+        let full = match (family, self.rope_scaling.as_ref()) {
+            (Family::Gemma3, Some(serde_json::Value::Object(over))) => {
+                let mut params = match self.rope_params(family, "full_attention") {
+                    Some(serde_json::Value::Object(o)) => o.clone(),
+                    _ => serde_json::Map::new(),
+                };
+                params.extend(over.iter().map(|(k, v)| (k.clone(), v.clone())));
+                laid = serde_json::Value::Object(params);
+                Some(&laid)
+            }
+            (Family::Gemma3, Some(v)) if !v.is_null() => Some(v),
+            _ => self.rope_params(family, "full_attention"),
+        };
         match full {
-            Some(v) => parse_scaling(v, &at, field),
+            Some(v) => parse_scaling(v, &at, field, ctx),
             None => Ok(None),
+        }
+    }
+
+    /// The field the rotary settings of [`Self::rope_params`] come from.
+    fn rope_field(&self, family: Family) -> &'static str {
+        let scaling = self.rope_scaling.as_ref();
+        let read = match family {
+            Family::Gemma3 => scaling.is_some(),
+            _ => scaling.is_some_and(says_anything),
+        };
+        match read {
+            true => "rope_scaling",
+            false => "rope_parameters",
         }
     }
 
@@ -667,9 +760,22 @@ impl HfConfig {
     }
 }
 
+/// Whether a JSON value is one Python counts as true (not null, not an empty object), as
+/// transformers asks of `rope_scaling` before it takes it over `rope_parameters`.
+fn says_anything(v: &serde_json::Value) -> bool {
+    !v.is_null() && v.as_object().is_none_or(|o| !o.is_empty())
+}
+
 /// One rotary scaling object of `config.json` (`rope_type` or the older `type`; none for
-/// `default`), refused by `field` where temper does not implement it.
-fn parse_scaling(v: &serde_json::Value, at: &At, field: &str) -> Result<Option<RopeScaling>> {
+/// `default`, as where it names neither), refused by `field` where temper does not implement
+/// it. Llama 3's scaling counts from the context (`ctx`) where it names no
+/// `original_max_position_embeddings`, as transformers fills it in.
+fn parse_scaling(
+    v: &serde_json::Value,
+    at: &At,
+    field: &str,
+    ctx: usize,
+) -> Result<Option<RopeScaling>> {
     if v.is_null() {
         return Ok(None);
     }
@@ -677,7 +783,7 @@ fn parse_scaling(v: &serde_json::Value, at: &At, field: &str) -> Result<Option<R
         .get("rope_type")
         .or_else(|| v.get("type"))
         .and_then(|t| t.as_str())
-        .unwrap_or("");
+        .unwrap_or("default");
     let num = |k: &str| -> Result<f64> {
         v.get(k)
             .and_then(|x| x.as_f64())
@@ -689,7 +795,10 @@ fn parse_scaling(v: &serde_json::Value, at: &At, field: &str) -> Result<Option<R
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
             high_freq_factor: num("high_freq_factor")?,
-            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+            original_max_position_embeddings: match v.get("original_max_position_embeddings") {
+                None => ctx,
+                Some(_) => num("original_max_position_embeddings")? as usize,
+            },
         })),
         "linear" => Some(RopeScaling::Linear(LinearScaling {
             factor: num("factor")?,
@@ -725,30 +834,69 @@ pub fn is_model_dir(dir: &Path) -> bool {
             || dir.join("model.safetensors.index.json").is_file())
 }
 
-/// The safetensors files of a model directory: the single file, or the shards its index
-/// names.
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
+/// The safetensors files of a model directory: the single `model.safetensors`, or the shards
+/// its `model.safetensors.index.json` names, with that index's path and `weight_map`.
+struct Weights {
+    files: Vec<PathBuf>,
+    index: Option<(PathBuf, serde_json::Map<String, serde_json::Value>)>,
+}
+
+impl Weights {
+    fn of(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        if single.is_file() {
+            return Ok(Self {
+                files: vec![single],
+                index: None,
+            });
+        }
+        let index = dir.join("model.safetensors.index.json");
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("{}: cannot read", index.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", index.display(), e.line()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .with_context(|| format!("{}: field \"weight_map\" is missing", index.display()))?
+            .clone();
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(|f| f.as_str())
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        Ok(Self {
+            files,
+            index: Some((index, map)),
+        })
     }
-    let index = dir.join("model.safetensors.index.json");
-    let text = std::fs::read_to_string(&index)
-        .with_context(|| format!("{}: cannot read", index.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}:{}: {e}", index.display(), e.line()))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .with_context(|| format!("{}: field \"weight_map\" is missing", index.display()))?;
-    let mut files: Vec<PathBuf> = map
-        .values()
-        .filter_map(|f| f.as_str())
-        .map(|f| dir.join(f))
-        .collect();
-    files.sort();
-    files.dedup();
-    Ok(files)
+
+    /// Tensor `name` (as the file names it) is in none of the files: the error names the file
+    /// it should be in (the single file, the shard the index places it in) or the index that
+    /// does not list it.
+    fn missing(&self, name: &str, family: Family) -> anyhow::Error {
+        let model = format!("config.json's {} model has one", family.name());
+        let Some((index, map)) = &self.index else {
+            return anyhow::anyhow!("{}: no tensor {name} ({model})", self.files[0].display());
+        };
+        match map.get(name).and_then(|f| f.as_str()) {
+            Some(shard) => anyhow::anyhow!(
+                "{}: no tensor {name}, which {} places there ({model})",
+                index
+                    .parent()
+                    .unwrap_or(Path::new(""))
+                    .join(shard)
+                    .display(),
+                index.file_name().unwrap_or_default().to_string_lossy()
+            ),
+            None => anyhow::anyhow!(
+                "{}: field \"weight_map\" names no tensor {name} ({model})",
+                index.display()
+            ),
+        }
+    }
 }
 
 /// A Hugging Face model read into temper's names: its family, shape and tensors (f32).
@@ -784,16 +932,56 @@ pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
         config.tie_word_embeddings = true;
         config.score_pad = classifier_pad(family, hf.pad_token_id);
     }
+    // Checked here, under the names and shapes of the files, before anything is converted.
+    let expected = hf_shapes(family, head, &config)?;
+    let want: HashMap<&str, &[usize]> = expected
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.as_slice()))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    // A name the files spell with GPT-2's or Gemma 3's prefix, to name a missing one so.
+    let mut like = None;
     let mut tensors = HashMap::new();
     let mut vision = 0;
-    for file in weight_files(dir)? {
+    let weights = Weights::of(dir)?;
+    // Every file's header is read, and every name and shape checked, before any tensor is
+    // converted: a 7B model missing one tensor fails in a moment, not after minutes of loading.
+    let mut maps = Vec::with_capacity(weights.files.len());
+    for file in &weights.files {
         // SAFETY: the file is memory-mapped read-only and each tensor copied out of it at
         // once; temper never writes a file it has mapped.
-        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&file) }
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }
             .with_context(|| format!("{}: cannot map weights", file.display()))?;
-        for (name, _) in st.tensors() {
+        for (name, view) in st.tensors() {
             if family == Family::Gemma3 && is_gemma3_vision(&name) {
                 vision += 1;
+                continue;
+            }
+            let canon = canonical_name(family, &name);
+            if let Some(&shape) = want.get(canon) {
+                if view.shape() != shape {
+                    bail!(
+                        "{}: tensor {name} has shape {:?}, config.json's {} model wants {shape:?}",
+                        file.display(),
+                        view.shape(),
+                        family.name()
+                    );
+                }
+                seen.insert(canon.to_string());
+            }
+            if canon != name {
+                like.get_or_insert_with(|| name.clone());
+            }
+        }
+        maps.push((file, st));
+    }
+    if let Some((name, _)) = expected.iter().find(|(n, _)| !seen.contains(n)) {
+        let named = name_in_file(family, name, like.as_deref().unwrap_or(""));
+        return Err(weights.missing(&named, family));
+    }
+    for (file, st) in &maps {
+        for (name, _) in st.tensors() {
+            if family == Family::Gemma3 && is_gemma3_vision(&name) {
                 continue;
             }
             let t = st
@@ -821,12 +1009,6 @@ pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
         );
     }
     if head == Head::Score {
-        if !tensors.contains_key("score.weight") {
-            bail!(
-                "{}: a reward model (*ForSequenceClassification) without its score.weight",
-                dir.display()
-            );
-        }
         fill_score_bias(&mut tensors, hf.temper_score_bias.unwrap_or(0.0))?;
     }
     Ok(Imported {
@@ -886,6 +1068,130 @@ pub fn score_to_hf(w: &Tensor, b: &Tensor) -> Result<(Tensor, f32)> {
         w.reshape((1, w.elem_count()))?,
         bias.first().copied().unwrap_or(0.0),
     ))
+}
+
+/// Every tensor of a model of `cfg` under temper's names, with its shape, in the model's
+/// order: what `Transformer::new` creates (a test holds the two together).
+fn temper_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+    let (qw, kv) = (cfg.attn_width(), cfg.num_key_value_heads * hd);
+    let mut out = vec![("model.embed.weight".to_string(), vec![cfg.vocab_size, h])];
+    if cfg.position == PositionKind::Learned {
+        out.push((
+            "model.pos_embed.weight".into(),
+            vec![cfg.max_position_embeddings, h],
+        ));
+    }
+    let norm = |out: &mut Vec<(String, Vec<usize>)>, pre: &str| {
+        out.push((format!("{pre}.weight"), vec![h]));
+        if cfg.norm == NormKind::LayerNorm {
+            out.push((format!("{pre}.bias"), vec![h]));
+        }
+    };
+    let linear = |out: &mut Vec<(String, Vec<usize>)>, pre: &str, inp, width, bias| {
+        out.push((format!("{pre}.weight"), vec![width, inp]));
+        if bias {
+            out.push((format!("{pre}.bias"), vec![width]));
+        }
+    };
+    let qkv_bias = cfg.bias || cfg.qkv_bias;
+    for l in 0..cfg.num_hidden_layers {
+        let pre = format!("model.layers.{l}");
+        norm(&mut out, &format!("{pre}.attn_norm"));
+        linear(&mut out, &format!("{pre}.attn.q"), h, qw, qkv_bias);
+        linear(&mut out, &format!("{pre}.attn.k"), h, kv, qkv_bias);
+        linear(&mut out, &format!("{pre}.attn.v"), h, kv, qkv_bias);
+        linear(&mut out, &format!("{pre}.attn.o"), qw, h, cfg.bias);
+        if cfg.qk_norm {
+            out.push((format!("{pre}.attn.q_norm.weight"), vec![hd]));
+            out.push((format!("{pre}.attn.k_norm.weight"), vec![hd]));
+        }
+        if cfg.post_norms {
+            norm(&mut out, &format!("{pre}.attn_post_norm"));
+        }
+        norm(&mut out, &format!("{pre}.mlp_norm"));
+        if cfg.mlp != MlpKind::Gelu {
+            linear(&mut out, &format!("{pre}.mlp.gate"), h, i, cfg.bias);
+        }
+        linear(&mut out, &format!("{pre}.mlp.up"), h, i, cfg.bias);
+        linear(&mut out, &format!("{pre}.mlp.down"), i, h, cfg.bias);
+        if cfg.post_norms {
+            norm(&mut out, &format!("{pre}.mlp_post_norm"));
+        }
+    }
+    norm(&mut out, "model.final_norm");
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".into(), vec![cfg.vocab_size, h]));
+    }
+    out
+}
+
+/// The tensors a Hugging Face file of `family` holds for a model of `cfg` with `head` on top,
+/// with their shapes there, under the names of [`canonical_name`]: GPT-2's Conv1D weights
+/// `[in, out]` and q, k, v fused in `c_attn`; a classifier's `score.weight` `[1, H]` (its
+/// bias, which it lacks, temper fills in).
+fn hf_shapes(family: Family, head: Head, cfg: &ModelConfig) -> Result<Vec<(String, Vec<usize>)>> {
+    let ours = temper_shapes(cfg);
+    let width = |name: &str| {
+        ours.iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, s)| s[0])
+    };
+    let mut out = Vec::with_capacity(ours.len() + 1);
+    for (name, shape) in &ours {
+        if family != Family::Gpt2 {
+            out.push((temper_to_llama(family, name)?, shape.clone()));
+            continue;
+        }
+        let Some((hf, conv)) = gpt2_place(name)? else {
+            continue;
+        };
+        let mut shape = shape.clone();
+        if name.contains(".attn.q.") {
+            shape[0] = ["q", "k", "v"]
+                .iter()
+                .map(|w| width(&name.replace(".attn.q.", &format!(".attn.{w}."))))
+                .sum();
+        }
+        if conv {
+            shape.reverse();
+        }
+        out.push((hf, shape));
+    }
+    if head == Head::Score {
+        out.push(("score.weight".into(), vec![1, cfg.hidden_size]));
+    }
+    Ok(out)
+}
+
+/// A tensor's name in a file of `family` as [`hf_shapes`] names it: GPT-2's without the
+/// `transformer.` that `save_pretrained` puts before it, Gemma 3's as its language model's.
+fn canonical_name(family: Family, name: &str) -> &str {
+    match family {
+        Family::Gpt2 => name.strip_prefix("transformer.").unwrap_or(name),
+        Family::Gemma3 => gemma3_language_name(name),
+        _ => name,
+    }
+}
+
+/// Name `canon` of [`hf_shapes`] as spelled by files whose tensors include one named `like`:
+/// with GPT-2's `transformer.`, or the prefixes of Gemma 3's image-and-text models, where
+/// `like` has them. A classifier's head has none.
+fn name_in_file(family: Family, canon: &str, like: &str) -> String {
+    if canon.starts_with("score.") {
+        return canon.into();
+    }
+    match family {
+        Family::Gpt2 if like.starts_with("transformer.") => format!("transformer.{canon}"),
+        Family::Gemma3 if like.starts_with("language_model.") => format!("language_model.{canon}"),
+        Family::Gemma3 if like.starts_with("model.language_model.") => {
+            match canon.strip_prefix("model.") {
+                Some(rest) => format!("model.language_model.{rest}"),
+                None => canon.into(),
+            }
+        }
+        _ => canon.into(),
+    }
 }
 
 /// GPT-2 buffers saved by older checkpoints: the causal mask, not weights.
@@ -1109,38 +1415,48 @@ fn temper_to_gpt2(
     t: &Tensor,
     all: &HashMap<String, Tensor>,
 ) -> Result<Option<(String, Tensor)>> {
+    let Some((hf, conv)) = gpt2_place(name)? else {
+        return Ok(None);
+    };
+    let t = match name.contains(".attn.q.") {
+        true => {
+            let part = |w: &str| {
+                let n = name.replace(".attn.q.", &format!(".attn.{w}."));
+                all.get(&n).with_context(|| format!("{n} missing"))
+            };
+            Tensor::cat(&[t, part("k")?, part("v")?], 0)?
+        }
+        false => t.clone(),
+    };
+    let t = match conv {
+        true => t.t()?.contiguous()?,
+        false => t,
+    };
+    Ok(Some((format!("transformer.{hf}"), t)))
+}
+
+/// Where temper's GPT-2 tensor `name` goes in a Hugging Face file (less `transformer.`): its
+/// name there, and whether it is a Conv1D weight, stored `[in, out]`. None for k and v,
+/// which join q in `c_attn`.
+fn gpt2_place(name: &str) -> Result<Option<(String, bool)>> {
     if let Some((hf, _)) = GPT2_TOP.iter().find(|(_, ours)| *ours == name) {
-        return Ok(Some((format!("transformer.{hf}"), t.clone())));
+        return Ok(Some((hf.to_string(), false)));
     }
     let (i, tail) = layer_of(name, "model.layers.")
         .with_context(|| format!("temper tensor {name} has no GPT-2 name"))?;
-    let pre = format!("transformer.h.{i}");
+    let pre = format!("h.{i}");
     if let Some((hf, _)) = GPT2_LAYER.iter().find(|(_, ours)| *ours == tail) {
-        return Ok(Some((format!("{pre}.{hf}"), t.clone())));
+        return Ok(Some((format!("{pre}.{hf}"), false)));
     }
     let (module, param) = tail
         .rsplit_once('.')
         .with_context(|| format!("temper tensor {name} has no GPT-2 name"))?;
-    let conv = |t: &Tensor| -> Result<Tensor> {
-        Ok(if param == "weight" {
-            t.t()?.contiguous()?
-        } else {
-            t.clone()
-        })
-    };
+    let conv = param == "weight";
     match module {
-        // k and v join q in c_attn.
         "attn.k" | "attn.v" => Ok(None),
-        "attn.q" => {
-            let part = |w: &str| {
-                all.get(&format!("model.layers.{i}.attn.{w}.{param}"))
-                    .with_context(|| format!("model.layers.{i}.attn.{w}.{param} missing"))
-            };
-            let fused = Tensor::cat(&[part("q")?, part("k")?, part("v")?], 0)?;
-            Ok(Some((format!("{pre}.attn.c_attn.{param}"), conv(&fused)?)))
-        }
+        "attn.q" => Ok(Some((format!("{pre}.attn.c_attn.{param}"), conv))),
         _ => match GPT2_CONV.iter().find(|(_, ours)| *ours == module) {
-            Some((hf, _)) => Ok(Some((format!("{pre}.{hf}.{param}"), conv(t)?))),
+            Some((hf, _)) => Ok(Some((format!("{pre}.{hf}.{param}"), conv))),
             None => bail!("temper tensor {name} has no GPT-2 name"),
         },
     }
@@ -1333,35 +1649,6 @@ fn gemma_fields(
     if (0..layers).all(|l| slides(l) != (l + 1).is_multiple_of(every)) {
         obj.insert("sliding_window_pattern".into(), json!(every));
     }
-}
-
-/// Writes `tensors` (HF names) as `model.safetensors` with the `{"format": "pt"}` metadata
-/// transformers expects.
-pub fn write_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort();
-    let mut data = Vec::with_capacity(names.len());
-    for n in &names {
-        let t = tensors[*n].to_dtype(DType::F32)?.contiguous()?;
-        let v = t.flatten_all()?.to_vec1::<f32>()?;
-        data.push((n.to_string(), t.dims().to_vec(), v));
-    }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
-        .iter()
-        .map(|(n, shape, v)| {
-            let bytes: &[u8] = bytemuck::cast_slice(v);
-            let view = safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                shape.clone(),
-                bytes,
-            )?;
-            Ok((n.clone(), view))
-        })
-        .collect::<Result<_>>()?;
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::serialize(views, Some(meta))
-        .with_context(|| format!("{}: cannot serialise", path.display()))?;
-    crate::io::write_atomic(path, &bytes)
 }
 
 /// A PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`):
@@ -1618,6 +1905,181 @@ mod tests {
         assert!(e.to_string().contains("hidden_act"), "{e}");
     }
 
+    /// What each family's config class defaults a field to where config.json leaves it out
+    /// (transformers 5.25's AutoConfig gives these): the key-value heads (as many as the
+    /// query heads where null), SmolLM3's tied head and rotary base.
+    #[test]
+    fn absent_fields_take_each_config_classs_default() {
+        let kv = |family: &str, given: Option<serde_json::Value>| {
+            let mut v = serde_json::json!({
+                "model_type": family, "vocab_size": 64, "hidden_size": 64,
+                "intermediate_size": 64, "num_hidden_layers": 8, "num_attention_heads": 32,
+                "max_position_embeddings": 64, "head_dim": 2,
+            });
+            if let Some(g) = given {
+                v["num_key_value_heads"] = g;
+            }
+            let cfg: HfConfig = serde_json::from_value(v).unwrap();
+            cfg.to_model(Path::new("m/config.json"))
+                .unwrap()
+                .1
+                .num_key_value_heads
+        };
+        for (family, absent) in [
+            ("llama", 32),
+            ("mistral", 8),
+            ("qwen2", 32),
+            ("qwen3", 32),
+            ("smollm3", 4),
+            ("gemma2", 4),
+            ("gemma3_text", 4),
+        ] {
+            assert_eq!(kv(family, None), absent, "{family}: absent");
+            // Mistral's and Gemma's classes refuse a null.
+            if !matches!(family, "mistral" | "gemma2" | "gemma3_text") {
+                let null = kv(family, Some(serde_json::Value::Null));
+                assert_eq!(null, 32, "{family}: null");
+            }
+            assert_eq!(kv(family, Some(2.into())), 2, "{family}: given");
+        }
+        let bare = serde_json::json!({});
+        let smol = family_config("smollm3", bare.clone()).unwrap();
+        assert!(smol.tie_word_embeddings, "SmolLM3Config ties its head");
+        assert_eq!(
+            smol.rope_theta, 2_000_000.0,
+            "SmolLM3Config's default_theta"
+        );
+        for family in ["llama", "mistral", "qwen2", "qwen3"] {
+            let cfg = family_config(family, bare.clone()).unwrap();
+            assert!(!cfg.tie_word_embeddings, "{family}");
+            assert_eq!(
+                (cfg.rope_theta, cfg.rms_norm_eps),
+                (10000.0, 1e-6),
+                "{family}"
+            );
+        }
+        let untied = serde_json::json!({"tie_word_embeddings": false, "rope_theta": 5e4});
+        let smol = family_config("smollm3", untied).unwrap();
+        assert_eq!((smol.tie_word_embeddings, smol.rope_theta), (false, 5e4));
+        // transformers reads the first flag of each layer, so a longer list reads.
+        let longer = serde_json::json!({"no_rope_layers": [1, 1, 0, 1, 1, 1, 0, 1, 0, 0]});
+        assert_eq!(smollm3(longer).unwrap().nope_layers, [2, 6]);
+    }
+
+    /// Rotary settings as transformers 5.25 reads them: a `rope_scaling` that says anything
+    /// replaces `rope_parameters` (its base with it), the type defaults to `default`, Llama 3's
+    /// scaling counts from the context where it names no original length; rotary positions
+    /// on part of each head are refused by field.
+    #[test]
+    fn rotary_settings_read_as_transformers_reads_them() {
+        let cfg = family_config(
+            "llama",
+            serde_json::json!({"rope_scaling": {"rope_type": "linear", "factor": 2.0},
+                "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}, "rope_theta": 5.0}),
+        )
+        .unwrap();
+        let linear = Some(RopeScaling::Linear(LinearScaling { factor: 2.0 }));
+        assert_eq!((cfg.rope_theta, &cfg.rope_scaling), (5.0, &linear));
+        let empty = serde_json::json!({"rope_scaling": {},
+            "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 7.0}});
+        let cfg = family_config("qwen2", empty).unwrap();
+        assert_eq!((cfg.rope_theta, &cfg.rope_scaling), (7.0, &linear));
+        let untyped = serde_json::json!({"rope_parameters": {"rope_theta": 5e5}});
+        let cfg = family_config("mistral", untyped).unwrap();
+        assert_eq!((cfg.rope_theta, &cfg.rope_scaling), (5e5, &None));
+        let llama3 = serde_json::json!({"rope_parameters": {"rope_type": "llama3",
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "rope_theta": 5e5}});
+        match family_config("llama", llama3).unwrap().rope_scaling {
+            Some(RopeScaling::Llama3(s)) => assert_eq!(s.original_max_position_embeddings, 64),
+            other => panic!("{other:?}"),
+        }
+        let whole = serde_json::json!({"partial_rotary_factor": 1.0});
+        assert!(family_config("llama", whole).is_ok());
+        for (extra, field) in [
+            (
+                serde_json::json!({"partial_rotary_factor": 0.5}),
+                "\"partial_rotary_factor\"",
+            ),
+            (
+                serde_json::json!({"rope_parameters": {"rope_type": "default",
+                    "rope_theta": 1e4, "partial_rotary_factor": 0.5}}),
+                "\"rope_parameters\"",
+            ),
+            (
+                serde_json::json!({"rope_scaling": {"rope_type": "linear", "factor": 2.0,
+                    "partial_rotary_factor": 0.25}}),
+                "\"rope_scaling\"",
+            ),
+        ] {
+            let e = family_config("qwen3", extra).unwrap_err().to_string();
+            assert!(
+                e.contains("m/config.json") && e.contains(field) && e.contains("part of each"),
+                "{e}"
+            );
+        }
+        let per_kind = serde_json::json!({"rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6}}});
+        let e = family_config("qwen2", per_kind).unwrap_err().to_string();
+        assert!(
+            e.contains("\"rope_parameters\"") && e.contains("Gemma 3 only"),
+            "{e}"
+        );
+    }
+
+    /// The tensors the import expects, by name and shape, are those the model creates, and
+    /// under Hugging Face's names (GPT-2's fused and transposed) they convert back to them.
+    #[test]
+    fn expected_tensors_are_what_the_model_creates() {
+        use crate::train::params::{Net, ParamStore};
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf");
+        let sorted = |mut v: Vec<(String, Vec<usize>)>| {
+            v.sort();
+            v
+        };
+        for fam in [
+            "llama",
+            "qwen2",
+            "qwen3",
+            "mistral",
+            "smollm3",
+            "gemma2",
+            "gemma3",
+            "gemma3_mm",
+            "gpt2",
+            "llama_rm",
+        ] {
+            let path = fixtures.join(fam).join("config.json");
+            let hf = HfConfig::read(&path).unwrap();
+            let head = hf.head(&path).unwrap();
+            let (family, mut cfg) = hf.to_model(&path).unwrap();
+            if head == Head::Score {
+                cfg.tie_word_embeddings = true;
+            }
+            let mut store = ParamStore::new(Device::Cpu, 0);
+            crate::model::Transformer::new(&mut store.scope(Net::Policy), &cfg, None).unwrap();
+            let made: Vec<(String, Vec<usize>)> = store
+                .net(Net::Policy)
+                .map(|(n, v, _)| (n.to_string(), v.dims().to_vec()))
+                .collect();
+            let ours = sorted(temper_shapes(&cfg));
+            assert_eq!(sorted(made), ours, "{fam}");
+            let mut back = Vec::new();
+            for (name, shape) in hf_shapes(family, head, &cfg).unwrap() {
+                let t = Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+                let parts = match name.as_str() {
+                    "score.weight" => vec![score_to_temper(&name, &t, cfg.hidden_size).unwrap()],
+                    _ => to_temper(family, &name, &t, &cfg).unwrap(),
+                };
+                back.extend(parts.into_iter().map(|(n, t)| (n, t.dims().to_vec())));
+            }
+            let mut want = ours;
+            if head == Head::Score {
+                want.push(("score.weight".into(), vec![cfg.hidden_size]));
+            }
+            assert_eq!(sorted(back), sorted(want), "{fam}");
+        }
+    }
+
     /// Sliding windows as transformers assigns them to layers, and back through the export.
     #[test]
     fn sliding_windows_come_from_each_familys_fields_and_export_back() {
@@ -1872,6 +2334,11 @@ mod tests {
             serde_json::json!({"rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
             serde_json::json!({"rope_parameters": {"full_attention":
                 {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}}),
+            // rope_scaling's keys laid over the full layers' (transformers' dict update).
+            serde_json::json!({"rope_scaling": {}, "rope_parameters": {"full_attention":
+                {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}}),
+            serde_json::json!({"rope_scaling": {"factor": 8.0}, "rope_parameters":
+                {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}}}),
         ] {
             let cfg = family_config("gemma3_text", extra).unwrap();
             assert_eq!(cfg.rope_scaling, linear);

@@ -3,24 +3,30 @@
 //! `transformers.AutoModelForCausalLM.from_pretrained` loads as it is (a reward model:
 //! `AutoModelForSequenceClassification`, one label, as TRL's RewardTrainer saves one), or as a
 //! PEFT adapter directory for `PeftModel.from_pretrained` on the exported base.
+//!
+//! A Hugging Face directory's weights are written as transformers' `save_pretrained` writes
+//! them: in the `--dtype` asked for, named in config.json, and past `--max-shard-size` split
+//! into `model-0000K-of-0000N.safetensors` with a `model.safetensors.index.json`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use super::loader::{read_checkpoint, Loaded};
 use crate::config::HfFamily;
+use crate::data::tokenizer::GENERATION_CONFIG;
 use crate::model::hf;
 use crate::train::checkpoint::{resolve_checkpoint, CheckpointKind};
 use crate::train::params::Net;
 
 /// What `export` writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     /// A temper checkpoint, adapters merged into the base weights.
+    #[default]
     Temper,
     /// A Hugging Face model directory (adapters merged).
     Hf,
@@ -29,15 +35,143 @@ pub enum Format {
     Peft,
 }
 
-/// `overwrite`: write into an `out` that already holds files (never the checkpoint's own
-/// directory, or one holding it).
-pub fn export(checkpoint: &Path, out: &Path, format: Format, overwrite: bool) -> Result<()> {
-    check_out(checkpoint, out, overwrite)?;
+/// The type a Hugging Face or PEFT export writes its weights in.
+///
+/// f32 is the default: temper trains f32 master weights (bf16 is its compute type on a GPU,
+/// not its weights' type), so an f32 export holds exactly what was trained, and `--init` from
+/// it continues from the same weights. bf16 halves the files and is what transformers 5
+/// saves after TRL trains a bf16 model as loaded (its `dtype="auto"`), but it rounds every
+/// weight to 8 bits of mantissa: a fine-tuning update smaller than that rounding (most of one
+/// at a learning rate of 1e-5) is lost, so it is asked for, not assumed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dtype {
+    /// The f32 weights temper trains, unrounded.
+    #[default]
+    F32,
+    /// bfloat16: half the size, f32's range, 8 bits of mantissa.
+    Bf16,
+    /// float16: half the size, 11 bits of mantissa, magnitudes up to 65504.
+    F16,
+}
+
+impl Dtype {
+    fn candle(self) -> DType {
+        match self {
+            Dtype::F32 => DType::F32,
+            Dtype::Bf16 => DType::BF16,
+            Dtype::F16 => DType::F16,
+        }
+    }
+
+    /// Its name in config.json (`dtype`, and `torch_dtype` before transformers 4.56).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "float32",
+            Dtype::Bf16 => "bfloat16",
+            Dtype::F16 => "float16",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        }
+    }
+}
+
+/// `save_pretrained`'s default `max_shard_size` in transformers 5 ("50GB"; 4.x had "5GB").
+pub const DEFAULT_MAX_SHARD_SIZE: u64 = 50_000_000_000;
+
+/// A shard size as transformers takes `max_shard_size`: a number and a unit, KB, MB, GB or TB
+/// in powers of 1000 as huggingface_hub reads them (any case, a fraction allowed: "1.5GB"),
+/// or KiB, MiB, GiB or TiB in powers of 1024 as transformers' own `convert_file_size_to_int`
+/// reads them; a bare whole number is bytes, as transformers takes an int.
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (number, unit) = (t[..split].trim(), &t[split..]);
+    let scale: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        "KIB" => 1 << 10,
+        "MIB" => 1 << 20,
+        "GIB" => 1 << 30,
+        "TIB" => 1 << 40,
+        _ => return Err(format!(
+            "unit `{unit}`: KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 5GB, 500MB, 2GiB"
+        )),
+    };
+    let bytes = match (
+        unit.is_empty(),
+        number.parse::<u64>(),
+        number.parse::<f64>(),
+    ) {
+        (_, Ok(n), _) => n.checked_mul(scale),
+        (false, _, Ok(x)) if x.is_finite() && x >= 0.0 => Some((x * scale as f64) as u64),
+        _ => {
+            return Err(format!(
+                "`{t}`: a size is a number and a unit, e.g. 5GB, 500MB, 2GiB (a bare number: bytes)"
+            ))
+        }
+    };
+    match bytes {
+        Some(0) => Err(format!("`{t}`: a shard holds at least one byte")),
+        Some(b) => Ok(b),
+        None => Err(format!("`{t}`: too large")),
+    }
+}
+
+/// What `export` writes, and how.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    pub format: Format,
+    /// Write into an `out` that already holds files (never the checkpoint's own directory,
+    /// or one holding it).
+    pub overwrite: bool,
+    /// The weights' type (hf and peft); f32 where not given.
+    pub dtype: Option<Dtype>,
+    /// Bytes of tensors in one file at most (hf); [`DEFAULT_MAX_SHARD_SIZE`] where not given.
+    pub max_shard_size: Option<u64>,
+}
+
+/// Writes the export and says what it wrote (format, type, files), for the user.
+pub fn export(checkpoint: &Path, out: &Path, opts: &Options) -> Result<String> {
+    let format = opts.format;
+    if let (Some(d), Format::Temper) = (opts.dtype, format) {
+        if d != Dtype::F32 {
+            bail!(
+                "--dtype {}: a temper checkpoint keeps the f32 weights training resumes from; \
+                 give --format hf or peft for {} weights",
+                d.name(),
+                d.name()
+            );
+        }
+    }
+    if opts.max_shard_size.is_some() && format != Format::Hf {
+        bail!("--max-shard-size applies to --format hf (a temper checkpoint and a PEFT adapter are one file each)");
+    }
+    check_out(checkpoint, out, opts.overwrite)?;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let dtype = opts.dtype.unwrap_or_default();
     match format {
-        Format::Temper => temper(checkpoint, out),
-        Format::Hf => hf_dir(checkpoint, out),
-        Format::Peft => peft(checkpoint, out),
+        Format::Temper => temper(checkpoint, out).map(|()| "temper checkpoint".into()),
+        Format::Hf => {
+            let max = opts.max_shard_size.unwrap_or(DEFAULT_MAX_SHARD_SIZE);
+            let files = hf_dir(checkpoint, out, dtype, max)?;
+            let files = match files {
+                1 => "one file".to_string(),
+                n => format!("{n} shards"),
+            };
+            Ok(format!("Hugging Face model, {}, {files}", dtype.name()))
+        }
+        Format::Peft => {
+            peft(checkpoint, out, dtype).map(|()| format!("PEFT adapter, {}", dtype.name()))
+        }
     }
 }
 
@@ -99,7 +233,8 @@ fn policy_tensors(loaded: &Loaded) -> Result<HashMap<String, Tensor>> {
         .collect())
 }
 
-fn hf_dir(checkpoint: &Path, out: &Path) -> Result<()> {
+/// Writes the Hugging Face model directory; returns how many weight files it wrote.
+fn hf_dir(checkpoint: &Path, out: &Path, dtype: Dtype, max_shard: u64) -> Result<usize> {
     let loaded = read_checkpoint(checkpoint, &Device::Cpu)?;
     let cfg = &loaded.meta.model;
     let family = family_of(cfg)?;
@@ -111,7 +246,7 @@ fn hf_dir(checkpoint: &Path, out: &Path) -> Result<()> {
         hf::Head::Score => reward_tensors(family, &loaded)?,
         hf::Head::Lm => (hf::export_tensors(family, &policy_tensors(&loaded)?)?, 0.0),
     };
-    hf::write_safetensors(&out.join("model.safetensors"), &tensors)?;
+    let files = write_weights(out, &tensors, dtype, max_shard)?;
     let tok = &loaded.tokenizer;
     if matches!(tok, crate::data::tokenizer::Tokenizer::Bytes) {
         errln!(
@@ -122,6 +257,9 @@ fn hf_dir(checkpoint: &Path, out: &Path) -> Result<()> {
     }
     let stops = tok.stop_ids();
     let mut config = hf::config_json(family, head, cfg, &stops, tok.bos_id(), tok.pad_id());
+    // transformers 5 reads `dtype` and loads in it by default; earlier versions `torch_dtype`.
+    config["dtype"] = json!(dtype.torch_name());
+    config["torch_dtype"] = json!(dtype.torch_name());
     if head == hf::Head::Score {
         // Without a padding id transformers reads the last token as temper does, and refuses
         // batches of more than one (loud) instead of reading one token earlier (silent).
@@ -153,7 +291,10 @@ fn hf_dir(checkpoint: &Path, out: &Path) -> Result<()> {
     // AutoTokenizer picks a class by model_type, whose defaults (Llama's <s> BOS, say) are not
     // this vocabulary's. PreTrainedTokenizerFast reads tokenizer.json as it is (transformers
     // 5 keeps the name for its TokenizersBackend).
-    if !out.join("tokenizer_config.json").exists() && out.join("tokenizer.json").exists() {
+    // Decided by what the tokenizer carries, not by what --out holds: an --overwrite of
+    // another model's export would otherwise keep its files.
+    let hf_tokenizer = !matches!(tok, crate::data::tokenizer::Tokenizer::Bytes);
+    if hf_tokenizer && tok.carried("tokenizer_config.json").is_none() {
         let name = |id: Option<u32>| id.and_then(|i| tok.token_name(i));
         let tokenizer_config = json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -171,12 +312,210 @@ fn hf_dir(checkpoint: &Path, out: &Path) -> Result<()> {
             serde_json::to_string_pretty(&tokenizer_config)?.as_bytes(),
         )?;
     }
-    if !out.join("generation_config.json").exists() {
-        let gen = json!({"bos_token_id": tok.bos_id(), "eos_token_id": stops});
-        crate::io::write_atomic(
-            &out.join("generation_config.json"),
-            serde_json::to_string_pretty(&gen)?.as_bytes(),
-        )?;
+    let gen = generation_config(tok.carried(GENERATION_CONFIG), tok.bos_id(), &stops)?;
+    crate::io::write_atomic(
+        &out.join(GENERATION_CONFIG),
+        serde_json::to_string_pretty(&gen)?.as_bytes(),
+    )?;
+    if out.join("adapter_config.json").is_file() {
+        errln!(
+            "warning: {}: adapter_config.json is an earlier PEFT export's: transformers with \
+             peft installed would load it over these merged weights; remove it",
+            out.display()
+        );
+    }
+    Ok(files)
+}
+
+/// The exported generation config: the model's own where it came with one, its other fields
+/// kept, and every id temper stops on in `eos_token_id`, the only stops transformers reads
+/// (the tokenizer's EOS, which SFT trains a model to end with, may be missing from a base
+/// model's list). Its own ids keep their order: `generate` pads with the first.
+fn generation_config(
+    carried: Option<&str>,
+    bos: Option<u32>,
+    stops: &[u32],
+) -> Result<serde_json::Value> {
+    let Some(text) = carried else {
+        return Ok(json!({"bos_token_id": bos, "eos_token_id": stops}));
+    };
+    let mut gen: serde_json::Value = serde_json::from_str(text)
+        .with_context(|| format!("the tokenizer's carried {GENERATION_CONFIG}"))?;
+    if !gen.is_object() {
+        bail!("the tokenizer's carried {GENERATION_CONFIG} is not a JSON object");
+    }
+    let mut ids: Vec<u32> = match gen.get("eos_token_id") {
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(json_id).collect(),
+        Some(v) => json_id(v).into_iter().collect(),
+        None => Vec::new(),
+    };
+    for &s in stops {
+        if !ids.contains(&s) {
+            ids.push(s);
+        }
+    }
+    gen["eos_token_id"] = match ids[..] {
+        [one] => json!(one),
+        _ => json!(ids),
+    };
+    Ok(gen)
+}
+
+fn json_id(v: &serde_json::Value) -> Option<u32> {
+    v.as_u64().and_then(|i| u32::try_from(i).ok())
+}
+
+/// The name of shard `k` (from 1) of `n`, as transformers names them.
+fn shard_name(k: usize, n: usize) -> String {
+    format!("model-{k:05}-of-{n:05}.safetensors")
+}
+
+/// Whether `name` is a shard's name (`model-00001-of-00003.safetensors`).
+fn is_shard_name(name: &str) -> bool {
+    let Some(mid) = name
+        .strip_prefix("model-")
+        .and_then(|n| n.strip_suffix(".safetensors"))
+    else {
+        return false;
+    };
+    let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+    mid.split_once("-of-")
+        .is_some_and(|(k, n)| digits(k) && digits(n))
+}
+
+/// `names` ordered as a model's layers are (`layers.2` before `layers.10`), so that a shard
+/// holds neighbouring layers.
+fn layer_order(names: &mut [&String]) {
+    fn key(name: &str) -> Vec<(String, u64)> {
+        name.split('.')
+            .map(|part| match part.parse::<u64>() {
+                Ok(n) => (String::new(), n),
+                Err(_) => (part.to_string(), 0),
+            })
+            .collect()
+    }
+    names.sort_by_cached_key(|n| key(n));
+}
+
+/// The shards of tensors of `sizes` bytes (in order), as huggingface_hub splits a state dict:
+/// each shard takes tensors while they fit in `max` bytes, and a tensor larger than that gets
+/// a shard of its own.
+fn plan_shards(sizes: &[u64], max: u64) -> Vec<std::ops::Range<usize>> {
+    let mut shards = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, &size) in sizes.iter().enumerate() {
+        if i > start && bytes + size > max {
+            shards.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < sizes.len() {
+        shards.push(start..sizes.len());
+    }
+    shards
+}
+
+/// Refuses f16 for weights past its range, which would be written as infinities; checked
+/// before any file is written.
+fn check_range(tensors: &HashMap<String, Tensor>, dtype: Dtype) -> Result<()> {
+    if dtype != Dtype::F16 {
+        return Ok(());
+    }
+    for (name, t) in tensors {
+        let max = t
+            .abs()?
+            .max_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
+        if max > f32::from(half::f16::MAX) {
+            bail!("{name} holds values up to {max}, past f16's 65504: export as bf16 or f32");
+        }
+    }
+    Ok(())
+}
+
+/// Writes `tensors` in `dtype` as one safetensors file with the `{"format": "pt"}` metadata
+/// transformers expects, converting only these tensors, so that a model is never held twice.
+fn write_file(
+    path: &Path,
+    names: &[&String],
+    tensors: &HashMap<String, Tensor>,
+    dtype: Dtype,
+) -> Result<()> {
+    let mut views = Vec::with_capacity(names.len());
+    for &name in names {
+        let t = tensors[name].to_dtype(dtype.candle())?.contiguous()?;
+        views.push((name.as_str(), t));
+    }
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::serialize(views.iter().map(|(n, t)| (*n, t)), Some(meta))
+        .with_context(|| format!("{}: cannot serialise", path.display()))?;
+    crate::io::write_atomic(path, &bytes)
+}
+
+/// Writes a model's weights as `save_pretrained` does: `model.safetensors`, or where they
+/// pass `max_shard` bytes, shards and `model.safetensors.index.json`. Weight files of an
+/// earlier export into the same directory that these do not replace are removed: a stale
+/// `model.safetensors` would be read instead of the index (by transformers and temper alike),
+/// and stale shards would lie beside the ones the index names. Returns the number of files.
+/// (`model.safetensors` is read before an index, so the single file replaces the model the
+/// moment it is renamed into place, and the rest goes after it.)
+fn write_weights(
+    out: &Path,
+    tensors: &HashMap<String, Tensor>,
+    dtype: Dtype,
+    max_shard: u64,
+) -> Result<usize> {
+    check_range(tensors, dtype)?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    layer_order(&mut names);
+    let bytes = |n: &String| (tensors[n].elem_count() * dtype.candle().size_in_bytes()) as u64;
+    let sizes: Vec<u64> = names.iter().map(|n| bytes(n)).collect();
+    let shards = plan_shards(&sizes, max_shard);
+    if shards.len() <= 1 {
+        write_file(&out.join(SINGLE), &names, tensors, dtype)?;
+        remove_stale(out, &[SINGLE.to_string()])?;
+        return Ok(1);
+    }
+    // An earlier model.safetensors would be read instead of the index, and an earlier index
+    // would name shards half replaced: all go first, so that until the new index is written
+    // a reader finds no weights at all, never stale or mixed ones.
+    remove_stale(out, &[])?;
+    let n = shards.len();
+    let mut weight_map = BTreeMap::new();
+    for (k, range) in shards.into_iter().enumerate() {
+        let file = shard_name(k + 1, n);
+        write_file(&out.join(&file), &names[range.clone()], tensors, dtype)?;
+        for name in &names[range] {
+            weight_map.insert(name.as_str(), file.clone());
+        }
+    }
+    let total_parameters: usize = tensors.values().map(Tensor::elem_count).sum();
+    let index = json!({
+        "metadata": {"total_parameters": total_parameters, "total_size": sizes.iter().sum::<u64>()},
+        "weight_map": weight_map,
+    });
+    let text = serde_json::to_string_pretty(&index)? + "\n";
+    crate::io::write_atomic(&out.join(INDEX), text.as_bytes())?;
+    Ok(n)
+}
+
+const SINGLE: &str = "model.safetensors";
+const INDEX: &str = "model.safetensors.index.json";
+
+/// Removes the weight files (`model.safetensors`, its index, shards) in `out` other than
+/// `keep`.
+fn remove_stale(out: &Path, keep: &[String]) -> Result<()> {
+    let entries =
+        std::fs::read_dir(out).with_context(|| format!("{}: cannot list", out.display()))?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let weights = name == SINGLE || name == INDEX || is_shard_name(&name);
+        if weights && !keep.contains(&name) && e.path().is_file() {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("{}: cannot remove", e.path().display()))?;
+        }
     }
     Ok(())
 }
@@ -257,7 +596,7 @@ fn peft_name(name: &str, family: HfFamily) -> Result<String> {
     Ok(format!("base_model.model.{hf_module}.{which}.weight"))
 }
 
-fn peft(checkpoint: &Path, out: &Path) -> Result<()> {
+fn peft(checkpoint: &Path, out: &Path, dtype: Dtype) -> Result<()> {
     let dir = resolve_checkpoint(checkpoint)?;
     let meta = crate::train::checkpoint::CheckpointMeta::read(&dir)?;
     let Some(lora) = &meta.lora else {
@@ -290,7 +629,15 @@ fn peft(checkpoint: &Path, out: &Path) -> Result<()> {
     }
     modules.sort();
     modules.dedup();
-    hf::write_safetensors(&out.join("adapter_model.safetensors"), &tensors)?;
+    check_range(&tensors, dtype)?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    layer_order(&mut names);
+    write_file(
+        &out.join("adapter_model.safetensors"),
+        &names,
+        &tensors,
+        dtype,
+    )?;
     let config = json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -321,11 +668,116 @@ fn peft(checkpoint: &Path, out: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    /// The model's own stop ids keep their order, temper's are added, other fields stay.
+    #[test]
+    fn the_generation_config_stops_where_temper_stops() {
+        let own = r#"{"bos_token_id": 1, "eos_token_id": 9, "temperature": 0.6}"#;
+        let gen = super::generation_config(Some(own), Some(1), &[2, 9]).unwrap();
+        assert_eq!(gen["eos_token_id"], serde_json::json!([9, 2]));
+        assert_eq!(gen["temperature"], serde_json::json!(0.6));
+        let gen = super::generation_config(Some(own), Some(1), &[9]).unwrap();
+        assert_eq!(gen["eos_token_id"], serde_json::json!(9));
+        let gen = super::generation_config(None, None, &[3, 4]).unwrap();
+        assert_eq!(gen["eos_token_id"], serde_json::json!([3, 4]));
+        assert!(super::generation_config(Some("[1]"), None, &[3]).is_err());
+    }
+
     use super::*;
     use crate::config::ModelConfig;
 
     /// A family named in the config that would drop NoPE layers or a sliding window is
     /// refused naming what it would drop.
+    /// Sizes read as transformers (and huggingface_hub under it) read `max_shard_size`, and a
+    /// size that is not one is refused saying what one is.
+    #[test]
+    fn shard_sizes_read_as_transformers_reads_them() {
+        for (text, bytes) in [
+            ("5GB", 5_000_000_000),
+            ("500MB", 500_000_000),
+            ("2GiB", 2 << 30),
+            ("1.5gb", 1_500_000_000),
+            (" 20 KB ", 20_000),
+            ("3KiB", 3072),
+            ("1TB", 1_000_000_000_000),
+            ("4096", 4096),
+        ] {
+            assert_eq!(parse_size(text), Ok(bytes), "{text}");
+        }
+        for bad in [
+            "",
+            "0GB",
+            "-1GB",
+            "5XB",
+            "GB",
+            "1.5",
+            "nanGB",
+            "99999999999TB",
+        ] {
+            let Err(e) = parse_size(bad) else {
+                panic!("{bad:?} accepted")
+            };
+            assert!(
+                !e.contains('\n')
+                    && (e.contains("GB") || e.contains("byte") || e.contains("large")),
+                "{bad:?}: {e}"
+            );
+        }
+        assert_eq!(parse_size("5"), Ok(5));
+    }
+
+    /// Tensors fill a shard in order while they fit; one larger than a shard is alone.
+    #[test]
+    fn shards_split_as_huggingface_hub_splits_them() {
+        let one = plan_shards(&[4, 4, 4], 100);
+        assert!(one.len() == 1 && one[0] == (0..3), "{one:?}");
+        assert_eq!(plan_shards(&[4, 4, 4], 8), [0..2, 2..3]);
+        assert_eq!(plan_shards(&[4, 20, 4, 4], 8), [0..1, 1..2, 2..4]);
+        assert_eq!(plan_shards(&[20, 4], 8), [0..1, 1..2]);
+        assert!(plan_shards(&[], 8).is_empty());
+        assert_eq!(shard_name(2, 11), "model-00002-of-00011.safetensors");
+        assert!(is_shard_name(&shard_name(2, 11)));
+        for not in [
+            "model.safetensors",
+            "model-1-of-2.safetensors",
+            "model-00001-of-00002.bin",
+        ] {
+            assert!(!is_shard_name(not), "{not}");
+        }
+        let names: Vec<String> = [
+            "model.layers.10.w",
+            "model.norm.weight",
+            "model.layers.2.w",
+            "lm_head.weight",
+        ]
+        .map(String::from)
+        .into();
+        let mut order: Vec<&String> = names.iter().collect();
+        layer_order(&mut order);
+        assert_eq!(
+            order,
+            [
+                "lm_head.weight",
+                "model.layers.2.w",
+                "model.layers.10.w",
+                "model.norm.weight"
+            ]
+        );
+    }
+
+    /// A weight past f16's range is refused for f16 (it would be written as an infinity), not
+    /// for bf16, whose range is f32's.
+    #[test]
+    fn f16_refuses_weights_past_its_range() {
+        let big = Tensor::new(&[1.0f32, -7e4], &Device::Cpu).unwrap();
+        let tensors = HashMap::from([("w".to_string(), big)]);
+        let e = check_range(&tensors, Dtype::F16).unwrap_err().to_string();
+        assert!(
+            e.contains("w holds values up to 70000") && e.contains("bf16"),
+            "{e}"
+        );
+        check_range(&tensors, Dtype::Bf16).unwrap();
+    }
+
     #[test]
     fn a_family_that_would_drop_layers_or_windows_names_them() {
         let tiny = ModelConfig::preset("tiny").unwrap();
