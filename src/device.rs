@@ -4,6 +4,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 
 use crate::config::{DTypeChoice, DeviceChoice};
+use crate::kernels::KernelSet;
 
 pub fn select(choice: DeviceChoice) -> Result<Device> {
     select_ordinal(choice, 0)
@@ -63,6 +64,17 @@ pub fn describe(device: &Device) -> String {
     }
 }
 
+/// The kernel choices as a run on `device` takes them, for the line a run starts with: on
+/// CUDA each op's choice; on the CPU every op runs the reference whatever `--kernels` chose
+/// (temper's kernels are CUDA's), so naming flash attention or cuBLASLt there would mislead.
+/// run.json keeps the choices themselves, which a resume on a GPU takes up.
+pub fn describe_kernels(device: &Device, kernels: &KernelSet) -> String {
+    match device.is_cuda() {
+        true => kernels.to_string(),
+        false => "reference (temper's own kernels run on CUDA only)".to_string(),
+    }
+}
+
 /// Host memory the kernel says is available (`MemAvailable` of /proc/meminfo), if known.
 pub fn host_available_bytes() -> Option<u128> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -97,5 +109,27 @@ mod tests {
         assert_eq!(rank_ordinal(3, None), 3);
         assert_eq!(rank_ordinal(3, Some("0,1,2,3")), 3);
         assert_eq!(rank_ordinal(3, Some("5")), 0);
+    }
+
+    /// On the CPU the start line names no CUDA kernel, whatever was chosen.
+    #[test]
+    fn the_cpu_names_only_the_reference_kernels() {
+        for k in [KernelSet::default(), KernelSet::reference()] {
+            let line = describe_kernels(&Device::Cpu, &k);
+            assert_eq!(line, "reference (temper's own kernels run on CUDA only)");
+        }
+    }
+
+    /// On CUDA the start line lists every op's choice, as `--kernels` takes them.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_names_every_choice() {
+        let Ok(dev) = Device::new_cuda(0) else {
+            return;
+        };
+        let k = KernelSet::default()
+            .apply_spec("attention=reference")
+            .unwrap();
+        assert_eq!(describe_kernels(&dev, &k), k.to_string());
     }
 }

@@ -83,29 +83,31 @@ fn training_stage(c: &Command) -> Option<(Stage, &StageArgs)> {
     })
 }
 
+/// What a stage says where it ran no held-out evaluation (a resumed run that had finished, say).
+const NOT_EVALUATED: &str = "no held-out evaluation ran";
+
 /// Runs a training stage in `env` and returns what it achieved, as a line for the user.
 fn run_stage(stage: Stage, env: &Env) -> Result<String> {
     Ok(match stage {
-        Stage::Pretrain => {
-            let r = stages::pretrain::run(env)?;
-            format!(
-                "pretrain: val loss {:.4} (perplexity {:.2})",
-                r.val_loss,
-                r.val_loss.exp()
-            )
-        }
+        Stage::Pretrain => match stages::pretrain::run(env)?.val_loss {
+            Some(l) => format!("pretrain: val loss {l:.4} (perplexity {:.2})", l.exp()),
+            None => format!("pretrain: {NOT_EVALUATED}"),
+        },
         Stage::Sft => {
             let r = stages::sft::run(env)?;
-            let mut line = format!("sft: held-out loss {:.4}", r.eval_loss);
+            let mut line = match r.eval_loss {
+                Some(l) => format!("sft: held-out loss {l:.4}"),
+                None => format!("sft: {NOT_EVALUATED}"),
+            };
             if let (Some(b), Some(acc)) = (r.base_accuracy, r.accuracy) {
                 line.push_str(&format!("\nsft: accuracy {acc:.3} (base model {b:.3})"));
             }
             line
         }
-        Stage::Reward => {
-            let r = stages::reward::run(env)?;
-            format!("reward: held-out pairwise accuracy {:.3}", r.accuracy)
-        }
+        Stage::Reward => match stages::reward::run(env)?.accuracy {
+            Some(a) => format!("reward: held-out pairwise accuracy {a:.3}"),
+            None => format!("reward: {NOT_EVALUATED}"),
+        },
         Stage::Ppo => stages::ppo::run(env)?.describe(),
         Stage::Dpo => stages::dpo::run(env)?.describe(),
         Stage::Kto => stages::kto::run(env)?.describe(),

@@ -1143,3 +1143,112 @@ fn batch_size_is_said_to_be_unused_by_the_rollout_stages() {
         }
     }
 }
+
+/// Where there is nothing to score (held-out prompts without answers, a user's preference pairs
+/// or labelled records, held-out records of one label), a stage's summary says so in place of
+/// a NaN, its held-out lines in metrics.jsonl leave the number out, and what was measured is
+/// reported as ever.
+#[test]
+fn a_stage_with_nothing_to_score_says_so_in_place_of_nan() {
+    let dir = tmp();
+    let summary = |o: &std::process::Output| {
+        let line = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(!line.to_lowercase().contains("nan"), "{line}");
+        line
+    };
+    let held_out = |out: &Path| -> Vec<serde_json::Value> {
+        let m = metrics(out);
+        let val: Vec<_> = m.into_iter().filter(|m| m["split"] == "val").collect();
+        assert!(!val.is_empty());
+        for m in &val {
+            assert!(m.as_object().unwrap().values().all(|v| !v.is_null()), "{m}");
+        }
+        val
+    };
+    // GRPO scored by a reward of its own, on prompts without answers: no accuracy.
+    let prompts = p(dir.path(), "prompts.jsonl");
+    let lines: String = (0..8)
+        .map(|i| format!("{{\"prompt\": \"{i}+1=\"}}\n"))
+        .collect();
+    std::fs::write(&prompts, lines).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/constant_reward.py");
+    let reward = format!("cmd:python3 {}", script.display());
+    let out = p(dir.path(), "grpo");
+    let flags = ["--reward", &reward, "--data", s(&prompts)];
+    let flags = [&flags[..], &["--eval-data", s(&prompts)]].concat();
+    let o = run_ok(&args(&grpo_args(&out, "1", &flags)));
+    let line = summary(&o);
+    assert!(
+        line.contains("grpo: no accuracy (a held-out prompt has no answer")
+            && line.contains("mean reward 1.000 (from 1.000)"),
+        "{line}"
+    );
+    for m in held_out(&out) {
+        assert!(
+            m.get("accuracy").is_none() && m["mean_reward"] == 1.0,
+            "{m}"
+        );
+    }
+
+    // DPO on a user's pairs, KTO on a user's records whose held-out ones are all desirable.
+    let words = [
+        "apple", "river", "stone", "cloud", "green", "table", "music", "light",
+    ];
+    let records = |name: &str, line: &dyn Fn(&str) -> serde_json::Value| {
+        let path = p(dir.path(), name);
+        let body: String = (0..16)
+            .map(|i| format!("{}\n", line(words[i % 8])))
+            .collect();
+        std::fs::write(&path, body).unwrap();
+        path
+    };
+    let pairs = records(
+        "pairs.jsonl",
+        &|w| serde_json::json!({"prompt": format!("say {w}: "), "chosen": w, "rejected": w.to_uppercase()}),
+    );
+    let desirable = records(
+        "desirable.jsonl",
+        &|w| serde_json::json!({"prompt": format!("say {w}: "), "completion": w, "label": true}),
+    );
+    let run = |stage: &str, data: &Path, eval: &Path| {
+        let out = p(dir.path(), stage);
+        let o = run_ok(&[
+            stage,
+            "--config",
+            &chain().config,
+            "--init",
+            s(&sft()),
+            "--data",
+            s(data),
+            "--eval-data",
+            s(eval),
+            "--out",
+            s(&out),
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+        ]);
+        (summary(&o), held_out(&out))
+    };
+    let (line, val) = run("dpo", &pairs, &pairs);
+    assert!(
+        line.contains(
+            "dpo: no task accuracy (no held-out prompts with answers), implicit-reward accuracy"
+        ),
+        "{line}"
+    );
+    assert!(val.iter().all(|m| m.get("accuracy").is_none()), "{val:?}");
+    let (line, val) = run("kto", &pairs, &desirable);
+    assert!(
+        line.contains(
+            "kto: no task accuracy (no held-out prompts with answers), held-out examples"
+        ) && line.contains("no reward margin (the held-out examples have one label only)"),
+        "{line}"
+    );
+    assert!(
+        val.iter()
+            .all(|m| m.get("reward_margin").is_none() && m["reward_desirable"].is_f64()),
+        "{val:?}"
+    );
+}

@@ -18,6 +18,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
 
+use super::tokenizer::{Tokenizer, FILE_NAME};
+
 /// Bytes of a shard's header.
 pub const HEADER_BYTES: usize = 256 * 4;
 
@@ -342,6 +344,62 @@ pub fn open_corpus(path: &Path) -> Result<(Shards, Option<Shards>)> {
     Ok((train, val))
 }
 
+/// The tokenizer.json beside a shard corpus (in its directory, or beside a shard file), which
+/// `temper tokenizer encode` copies there: the tokenizer whose ids the shards hold.
+pub fn corpus_tokenizer_file(corpus: &Path) -> Option<PathBuf> {
+    let dir = match corpus.is_dir() {
+        true => Some(corpus),
+        false => corpus.parent(),
+    };
+    dir.map(|d| d.join(FILE_NAME)).filter(|p| p.is_file())
+}
+
+/// Text encoded by both tokenizers: a vocabulary alike with other merges, normalizer or
+/// pre-tokenizer cuts text otherwise, which the ids of this (cases, digits, punctuation,
+/// runs of spaces, newlines and tabs, accents, CJK, an emoji) show.
+const PROBE: &str = "The quick brown fox, 1234567890 -- jumped!  Over\tthe lazy dog's\n\n\
+    \"naïve café\" (Ünïcödé) 東京 🙂 <|endoftext|> </s> [INST] x=y+1; print(a[0])\r\n  end.";
+
+/// Refuses a run whose tokenizer `tok` (read from `from`: a tokenizer.json, or the directory
+/// of a model whose tokenizer it is) is not the tokenizer a shard corpus was written with,
+/// where its tokenizer.json is beside it: the ids would stand for other text. Tokenizers
+/// agree where they map every token to the same id (special tokens included) and cut the
+/// probe text alike; how their files are formatted does not matter. A text corpus, or
+/// shards with no tokenizer.json (llm.c's, or encoded with the byte tokenizer), pass.
+pub fn check_corpus_tokenizer(corpus: &Path, tok: &Tokenizer, from: &Path) -> Result<()> {
+    if !is_shard_corpus(corpus) {
+        return Ok(());
+    }
+    let Some(file) = corpus_tokenizer_file(corpus) else {
+        return Ok(());
+    };
+    let written = Tokenizer::from_file(&file)?;
+    if same_tokenizer(&written, tok)? {
+        return Ok(());
+    }
+    let from = match from.join(FILE_NAME) {
+        inside if from.is_dir() && inside.is_file() => inside,
+        _ => from.to_path_buf(),
+    };
+    bail!(
+        "{}: the token shards of {} were written with this tokenizer ({}), and the run's \
+         tokenizer, from {} ({}), is another, whose ids stand for other text: encode the corpus \
+         again with the run's tokenizer (temper tokenizer encode --tokenizer), or train from \
+         scratch with the shards' (--tokenizer {})",
+        file.display(),
+        corpus.display(),
+        written.describe(),
+        from.display(),
+        tok.describe(),
+        file.display()
+    )
+}
+
+/// Whether `a` and `b` give every token the same id and cut [`PROBE`] alike.
+fn same_tokenizer(a: &Tokenizer, b: &Tokenizer) -> Result<bool> {
+    Ok(a.same_vocabulary(b) && a.encode(PROBE)? == b.encode(PROBE)?)
+}
+
 /// Writes `tokens` as a shard at `path`, atomically: a reader never sees half a shard.
 pub fn write_shard(path: &Path, tokens: &[u32], width: Width) -> Result<()> {
     let ntok = i32::try_from(tokens.len()).map_err(|_| {
@@ -438,6 +496,81 @@ mod tests {
         ));
         assert!(e.contains("big.bin") && e.contains("70000"), "{e}");
         assert!(!d.path().join("big.bin").exists());
+    }
+
+    /// Shards keep the tokenizer they were encoded with beside them. A run whose tokenizer is
+    /// another (other special tokens, another vocabulary, the byte tokenizer, the same
+    /// vocabulary cutting text otherwise) is refused in one line naming both files; the same
+    /// tokenizer from a file formatted otherwise, a text corpus, and shards with no
+    /// tokenizer.json pass.
+    #[test]
+    fn shards_refuse_a_run_whose_tokenizer_is_not_theirs() {
+        use crate::data::encode::{encode_corpus, EncodeOpts};
+        let d = tempfile::tempdir().unwrap();
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let gpt2 = fixtures.join("hf/gpt2/tokenizer.json");
+        let tok = Tokenizer::from_file(&gpt2).unwrap();
+        let corpus = d.path().join("corpus.txt");
+        std::fs::write(
+            &corpus,
+            "the quick brown fox jumps over the lazy dog\n".repeat(20),
+        )
+        .unwrap();
+        let shards = d.path().join("shards");
+        let opts = EncodeOpts {
+            tok: &tok,
+            tokenizer_file: Some(&gpt2),
+            out: &shards,
+            shard_tokens: 1000,
+            val_fraction: 0.0,
+            seed: 0,
+        };
+        encode_corpus(&corpus, &opts).unwrap();
+        let beside = shards.join(FILE_NAME).display().to_string();
+        check_corpus_tokenizer(&shards, &tok, &gpt2).unwrap();
+        check_corpus_tokenizer(&shards.join("train_000000.bin"), &tok, &gpt2).unwrap();
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&gpt2).unwrap()).unwrap();
+        let write = |name: &str, json: &serde_json::Value| {
+            let p = d.path().join(name);
+            std::fs::write(&p, serde_json::to_string(json).unwrap()).unwrap();
+            (Tokenizer::from_file(&p).unwrap(), p)
+        };
+        // Compact, its keys in reverse order: the same tokenizer.
+        let reversed: serde_json::Map<String, serde_json::Value> = (json.as_object().unwrap())
+            .iter()
+            .rev()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let (compact, at) = write("compact.json", &reversed.into());
+        assert_ne!(std::fs::read(&at).unwrap(), std::fs::read(&gpt2).unwrap());
+        check_corpus_tokenizer(&shards, &compact, &at).unwrap();
+        let refused = |other: &Tokenizer, from: &Path, named: &Path| {
+            let e = err(check_corpus_tokenizer(&shards, other, from));
+            let named = named.display().to_string();
+            assert!(e.contains(&beside) && e.contains(&named), "{e}");
+        };
+        // Llama's specials where GPT-2 has <|endoftext|>: id 300 stands for another token.
+        let llama = fixtures.join("hf/llama");
+        let llama_tok = Tokenizer::from_file(&llama.join(FILE_NAME)).unwrap();
+        refused(&llama_tok, &llama, &llama.join(FILE_NAME));
+        let metaspace = fixtures.join("sentencepiece/metaspace/tokenizer.json");
+        refused(
+            &Tokenizer::from_file(&metaspace).unwrap(),
+            &metaspace,
+            &metaspace,
+        );
+        let run = d.path().join("byte-run");
+        refused(&Tokenizer::bytes(), &run, &run);
+        // The same vocabulary without its merges: every word cut into letters.
+        json["model"]["merges"] = serde_json::json!([]);
+        let (unmerged, at) = write("unmerged.json", &json);
+        assert!(unmerged.same_vocabulary(&tok));
+        refused(&unmerged, &at, &at);
+        // Nothing to compare with.
+        check_corpus_tokenizer(&corpus, &Tokenizer::bytes(), &run).unwrap();
+        std::fs::remove_file(shards.join(FILE_NAME)).unwrap();
+        check_corpus_tokenizer(&shards, &Tokenizer::bytes(), &run).unwrap();
     }
 
     #[test]

@@ -302,16 +302,17 @@ pub struct DistillResult {
     pub start_accuracy: Option<f64>,
     pub accuracy: Option<f64>,
     pub teacher_accuracy: Option<f64>,
-    /// The held-out divergence to the teacher, at the end.
-    pub eval_loss: f64,
+    /// The held-out divergence to the teacher, at the end (None where no held-out evaluation
+    /// ran).
+    pub eval_loss: Option<f64>,
 }
 
 impl DistillResult {
     pub fn describe(&self) -> String {
-        let mut line = format!(
-            "distill: held-out divergence to the teacher {:.4}",
-            self.eval_loss
-        );
+        let Some(eval_loss) = self.eval_loss else {
+            return "distill: no held-out evaluation ran".to_string();
+        };
+        let mut line = format!("distill: held-out divergence to the teacher {eval_loss:.4}");
         if let Some(a) = self.accuracy {
             let f = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.3}"));
             line.push_str(&format!(
@@ -455,7 +456,7 @@ pub fn run(env: &Env) -> Result<DistillResult> {
         start_accuracy: summary.first_eval.and_then(|e| e.accuracy),
         accuracy: last.and_then(|e| e.accuracy),
         teacher_accuracy,
-        eval_loss: last.map_or(f64::NAN, |e| e.loss),
+        eval_loss: last.map(|e| e.loss),
     })
 }
 

@@ -707,22 +707,30 @@ impl Task for DpoTask<'_> {
     }
 }
 
-/// DPO's outcome against the SFT model it started from.
+/// DPO's outcome against the SFT model it started from. None where a number was not
+/// measured: task accuracy without held-out prompts with answers (a user's pairs), a start on
+/// a resumed run, anything where no held-out evaluation ran.
 pub struct DpoResult {
-    pub accuracy: f64,
-    pub start_accuracy: f64,
-    pub reward_accuracy: f64,
-    pub start_reward_accuracy: f64,
+    pub accuracy: Option<f64>,
+    pub start_accuracy: Option<f64>,
+    pub reward_accuracy: Option<f64>,
+    pub start_reward_accuracy: Option<f64>,
 }
 
 impl DpoResult {
     pub fn describe(&self) -> String {
-        use super::eval::from_start;
+        use super::eval::{from_start, measured};
+        let Some(reward_accuracy) = self.reward_accuracy else {
+            return "dpo: no held-out evaluation ran".to_string();
+        };
         format!(
-            "dpo: accuracy {:.3}{}, implicit-reward accuracy {:.3}{}",
-            self.accuracy,
-            from_start(self.start_accuracy),
-            self.reward_accuracy,
+            "dpo: {}, implicit-reward accuracy {reward_accuracy:.3}{}",
+            measured(
+                "accuracy",
+                self.accuracy,
+                self.start_accuracy,
+                "no task accuracy (no held-out prompts with answers)"
+            ),
             from_start(self.start_reward_accuracy)
         )
     }
@@ -827,8 +835,8 @@ pub fn run(env: &Env) -> Result<DpoResult> {
         &trainable,
     )?;
     let (first, last) = (summary.first_eval.as_ref(), summary.last_eval.as_ref());
-    let acc = |e: Option<&DpoEval>| e.and_then(|e| e.accuracy).unwrap_or(f64::NAN);
-    let racc = |e: Option<&DpoEval>| e.map_or(f64::NAN, |e| e.reward_accuracy);
+    let acc = |e: Option<&DpoEval>| e.and_then(|e| e.accuracy);
+    let racc = |e: Option<&DpoEval>| e.map(|e| e.reward_accuracy);
     Ok(DpoResult {
         accuracy: acc(last),
         start_accuracy: acc(first),

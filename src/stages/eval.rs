@@ -86,8 +86,11 @@ pub fn accuracy(
 /// last rollout's KL to the reference (and PPO's KL coefficient).
 #[derive(Clone, Debug)]
 pub struct PolicyEval {
-    pub accuracy: f64,
-    pub mean_reward: f64,
+    /// None where some held-out prompt has no answer to check against (a user's prompts
+    /// scored by a reward of their own).
+    pub accuracy: Option<f64>,
+    /// None where no reward scored any held-out response.
+    pub mean_reward: Option<f64>,
     /// KL to the reference; None where the stage holds none (GRPO with beta = 0).
     pub kl: Option<f64>,
     pub beta: Option<f64>,
@@ -95,10 +98,9 @@ pub struct PolicyEval {
 
 impl Report for PolicyEval {
     fn fields(&self) -> Vec<(&'static str, f64)> {
-        let mut f = vec![
-            ("accuracy", self.accuracy),
-            ("mean_reward", self.mean_reward),
-        ];
+        let mut f = vec![];
+        f.extend(self.accuracy.map(|a| ("accuracy", a)));
+        f.extend(self.mean_reward.map(|r| ("mean_reward", r)));
         f.extend(self.kl.map(|kl| ("kl", kl)));
         f.extend(self.beta.map(|b| ("beta", b)));
         f
@@ -107,20 +109,32 @@ impl Report for PolicyEval {
 
 /// " (from X)" where the start was measured: a resumed run evaluates no start, and prompts
 /// without answers score no accuracy.
-pub fn from_start(x: f64) -> String {
-    match x.is_nan() {
-        true => String::new(),
-        false => format!(" (from {x:.3})"),
+pub fn from_start(x: Option<f64>) -> String {
+    match x {
+        Some(x) => format!(" (from {x:.3})"),
+        None => String::new(),
     }
 }
 
-/// An RL stage's outcome: where the policy ended, against where it started.
+/// `what X (from Y)` where `what` was measured, else `missing`: a summary says what it could
+/// not score rather than print NaN.
+pub fn measured(what: &str, end: Option<f64>, start: Option<f64>, missing: &str) -> String {
+    match end {
+        Some(x) => format!("{what} {x:.3}{}", from_start(start)),
+        None => missing.to_string(),
+    }
+}
+
+/// An RL stage's outcome: where the policy ended, against where it started. None where a
+/// number was not measured (see [`PolicyEval`]; a resumed run measures no start).
 pub struct PolicyResult {
     pub stage: Stage,
-    pub accuracy: f64,
-    pub start_accuracy: f64,
-    pub mean_reward: f64,
-    pub start_mean_reward: f64,
+    /// Whether a held-out evaluation ran at all.
+    pub evaluated: bool,
+    pub accuracy: Option<f64>,
+    pub start_accuracy: Option<f64>,
+    pub mean_reward: Option<f64>,
+    pub start_mean_reward: Option<f64>,
     /// None without a reference (GRPO with beta = 0).
     pub kl: Option<f64>,
 }
@@ -131,28 +145,81 @@ impl PolicyResult {
         let first = s.first_eval.as_ref();
         Self {
             stage,
-            accuracy: last.map_or(f64::NAN, |e| e.accuracy),
-            start_accuracy: first.map_or(f64::NAN, |e| e.accuracy),
-            mean_reward: last.map_or(f64::NAN, |e| e.mean_reward),
-            start_mean_reward: first.map_or(f64::NAN, |e| e.mean_reward),
+            evaluated: last.is_some(),
+            accuracy: last.and_then(|e| e.accuracy),
+            start_accuracy: first.and_then(|e| e.accuracy),
+            mean_reward: last.and_then(|e| e.mean_reward),
+            start_mean_reward: first.and_then(|e| e.mean_reward),
             kl: last.and_then(|e| e.kl),
         }
     }
 
     pub fn describe(&self) -> String {
-        let evaluated = !(self.accuracy.is_nan() && self.mean_reward.is_nan());
-        format!(
-            "{}: accuracy {:.3}{}, mean reward {:.3}{}, {}",
-            self.stage,
+        if !self.evaluated {
+            return format!("{}: no held-out evaluation ran", self.stage);
+        }
+        let accuracy = measured(
+            "accuracy",
             self.accuracy,
-            from_start(self.start_accuracy),
+            self.start_accuracy,
+            "no accuracy (a held-out prompt has no answer to check against)",
+        );
+        let reward = measured(
+            "mean reward",
             self.mean_reward,
-            from_start(self.start_mean_reward),
-            match (self.kl, evaluated) {
-                (Some(kl), _) => format!("KL to reference {kl:.4}"),
-                (None, true) => "no reference (beta = 0)".to_string(),
-                (None, false) => "no held-out evaluation ran".to_string(),
-            }
-        )
+            self.start_mean_reward,
+            "no mean reward (no reward scored a held-out response)",
+        );
+        let kl = match self.kl {
+            Some(kl) => format!("KL to reference {kl:.4}"),
+            None => "no reference (beta = 0)".to_string(),
+        };
+        format!("{}: {accuracy}, {reward}, {kl}", self.stage)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(accuracy: Option<f64>, mean_reward: Option<f64>) -> PolicyResult {
+        PolicyResult {
+            stage: Stage::Grpo,
+            evaluated: true,
+            accuracy,
+            start_accuracy: accuracy.map(|a| a / 2.0),
+            mean_reward,
+            start_mean_reward: None,
+            kl: Some(0.01),
+        }
+    }
+
+    /// Prompts without answers, or responses no reward scored, leave a number unmeasured: the
+    /// summary and the metrics log say so, and hold no NaN.
+    #[test]
+    fn an_unmeasured_number_is_said_not_printed_as_nan() {
+        let line = result(None, Some(0.25)).describe();
+        assert_eq!(
+            line,
+            "grpo: no accuracy (a held-out prompt has no answer to check against), mean reward \
+             0.250, KL to reference 0.0100"
+        );
+        let line = result(Some(0.5), None).describe();
+        assert!(
+            line.starts_with("grpo: accuracy 0.500 (from 0.250), no mean reward"),
+            "{line}"
+        );
+        let none = PolicyResult {
+            evaluated: false,
+            ..result(None, None)
+        };
+        assert_eq!(none.describe(), "grpo: no held-out evaluation ran");
+        let eval = PolicyEval {
+            accuracy: None,
+            mean_reward: Some(0.25),
+            kl: None,
+            beta: None,
+        };
+        assert_eq!(eval.fields(), vec![("mean_reward", 0.25)]);
     }
 }

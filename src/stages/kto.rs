@@ -324,25 +324,37 @@ impl Task for KtoTask<'_> {
     }
 }
 
-/// KTO's outcome against the SFT model it started from.
+/// KTO's outcome against the SFT model it started from. None where a number was not
+/// measured: task accuracy without held-out prompts with answers (a user's records), the
+/// reward margin where the held-out examples hold one label only, a start on a resumed run,
+/// anything where no held-out evaluation ran.
 pub struct KtoResult {
-    pub accuracy: f64,
-    pub start_accuracy: f64,
-    pub label_accuracy: f64,
-    pub start_label_accuracy: f64,
-    pub reward_margin: f64,
+    pub accuracy: Option<f64>,
+    pub start_accuracy: Option<f64>,
+    pub label_accuracy: Option<f64>,
+    pub start_label_accuracy: Option<f64>,
+    pub reward_margin: Option<f64>,
 }
 
 impl KtoResult {
     pub fn describe(&self) -> String {
-        use super::eval::from_start;
+        use super::eval::{from_start, measured};
+        let Some(label_accuracy) = self.label_accuracy else {
+            return "kto: no held-out evaluation ran".to_string();
+        };
+        let margin = match self.reward_margin {
+            Some(m) => format!("reward margin {m:.3}"),
+            None => "no reward margin (the held-out examples have one label only)".to_string(),
+        };
         format!(
-            "kto: accuracy {:.3}{}, held-out examples on their label's side {:.3}{}, reward margin {:.3}",
-            self.accuracy,
-            from_start(self.start_accuracy),
-            self.label_accuracy,
+            "kto: {}, held-out examples on their label's side {label_accuracy:.3}{}, {margin}",
+            measured(
+                "accuracy",
+                self.accuracy,
+                self.start_accuracy,
+                "no task accuracy (no held-out prompts with answers)"
+            ),
             from_start(self.start_label_accuracy),
-            self.reward_margin
         )
     }
 }
@@ -470,14 +482,14 @@ pub fn run(env: &Env) -> Result<KtoResult> {
         &trainable,
     )?;
     let (first, last) = (summary.first_eval.as_ref(), summary.last_eval.as_ref());
-    let acc = |e: Option<&KtoEval>| e.and_then(|e| e.accuracy).unwrap_or(f64::NAN);
-    let lacc = |e: Option<&KtoEval>| e.map_or(f64::NAN, |e| e.label_accuracy);
+    let acc = |e: Option<&KtoEval>| e.and_then(|e| e.accuracy);
+    let lacc = |e: Option<&KtoEval>| e.map(|e| e.label_accuracy);
     Ok(KtoResult {
         accuracy: acc(last),
         start_accuracy: acc(first),
         label_accuracy: lacc(last),
         start_label_accuracy: lacc(first),
-        reward_margin: last.and_then(KtoEval::reward_margin).unwrap_or(f64::NAN),
+        reward_margin: last.and_then(KtoEval::reward_margin),
     })
 }
 

@@ -162,7 +162,7 @@ impl Env {
             "[{}] device {device} dtype {:?} kernels {} -> {}",
             cfg.stage,
             self.dtype(),
-            self.kernels,
+            crate::device::describe_kernels(&self.device, &self.kernels),
             dir.display()
         );
         if let Some(steps) = cfg.steps_between_rl_checkpoints() {

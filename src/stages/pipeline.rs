@@ -241,32 +241,31 @@ fn stage_config(
     Ok(cfg)
 }
 
-fn num(x: f64) -> Value {
-    if x.is_finite() {
-        json!(x)
-    } else {
-        Value::Null
+/// A measured number, or null where there was nothing to measure (JSON holds no NaN): a check
+/// that reads the number then fails naming the field rather than comparing a NaN.
+fn num(x: impl Into<Option<f64>>) -> Value {
+    match x.into() {
+        Some(x) if x.is_finite() => json!(x),
+        _ => Value::Null,
     }
 }
 
 /// Runs one stage and returns its `summary.json` entry.
 fn run_stage(stage: Stage, env: &Env) -> Result<Value> {
-    let nan = f64::NAN;
     Ok(match stage {
         Stage::Pretrain => {
             let r = super::pretrain::run(env)?;
-            json!({"val_loss": num(r.val_loss), "first_val_loss": num(r.first_val_loss.unwrap_or(nan)),
+            json!({"val_loss": num(r.val_loss), "first_val_loss": num(r.first_val_loss),
                    "train_loss": num(r.train_loss)})
         }
         Stage::Sft => {
             let r = super::sft::run(env)?;
-            json!({"accuracy": num(r.accuracy.unwrap_or(nan)),
-                   "base_accuracy": num(r.base_accuracy.unwrap_or(nan)),
+            json!({"accuracy": num(r.accuracy), "base_accuracy": num(r.base_accuracy),
                    "eval_loss": num(r.eval_loss)})
         }
         Stage::Reward => {
             let r = super::reward::run(env)?;
-            json!({"accuracy": num(r.accuracy), "initial_accuracy": num(r.first_accuracy.unwrap_or(nan))})
+            json!({"accuracy": num(r.accuracy), "initial_accuracy": num(r.first_accuracy)})
         }
         Stage::Ppo | Stage::Grpo | Stage::OnlineDpo => {
             let r = match stage {
@@ -276,7 +275,7 @@ fn run_stage(stage: Stage, env: &Env) -> Result<Value> {
             };
             json!({"accuracy": num(r.accuracy), "sft_accuracy": num(r.start_accuracy),
                    "mean_reward": num(r.mean_reward), "sft_mean_reward": num(r.start_mean_reward),
-                   "kl": num(r.kl.unwrap_or(f64::NAN))})
+                   "kl": num(r.kl)})
         }
         Stage::Dpo => {
             let r = super::dpo::run(env)?;
@@ -293,10 +292,8 @@ fn run_stage(stage: Stage, env: &Env) -> Result<Value> {
         }
         Stage::Distill => {
             let r = super::distill::run(env)?;
-            json!({"accuracy": num(r.accuracy.unwrap_or(nan)),
-                   "sft_accuracy": num(r.start_accuracy.unwrap_or(nan)),
-                   "teacher_accuracy": num(r.teacher_accuracy.unwrap_or(nan)),
-                   "eval_loss": num(r.eval_loss)})
+            json!({"accuracy": num(r.accuracy), "sft_accuracy": num(r.start_accuracy),
+                   "teacher_accuracy": num(r.teacher_accuracy), "eval_loss": num(r.eval_loss)})
         }
     })
 }

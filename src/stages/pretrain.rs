@@ -9,7 +9,7 @@ use super::setup::{self, Plan};
 use super::Env;
 use crate::data::corpus::{load_documents, pack_documents};
 use crate::data::sampler::{state_u64, WindowSampler};
-use crate::data::shards::{is_shard_corpus, open_corpus, TokenStream};
+use crate::data::shards::{check_corpus_tokenizer, is_shard_corpus, open_corpus, TokenStream};
 use crate::data::tokenizer::Tokenizer;
 use crate::kernels::segments::Segments;
 use crate::model::{Fwd, Transformer};
@@ -148,7 +148,8 @@ impl Task for PretrainTask<'_> {
 
 pub struct PretrainResult {
     pub first_val_loss: Option<f64>,
-    pub val_loss: f64,
+    /// None where no held-out evaluation ran (a resumed run that had finished, say).
+    pub val_loss: Option<f64>,
     pub train_loss: f64,
 }
 
@@ -249,6 +250,14 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
         Some(l) => l.tokenizer.clone(),
         None => tokenizer(env)?,
     };
+    // Where the run's tokenizer came from, unless it is the one beside the shards.
+    let tok_from = match &init {
+        Some(l) => Some(l.tokenizer_dir.as_path()),
+        None => cfg.data.tokenizer.as_deref(),
+    };
+    if let (Some(data), Some(from)) = (cfg.data.path.as_deref(), tok_from) {
+        check_corpus_tokenizer(data, &tok, from)?;
+    }
     let mut model_cfg = match &init {
         Some(l) => l.meta.model.clone(),
         None => cfg.model.clone(),
@@ -306,7 +315,7 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
     )?;
     Ok(PretrainResult {
         first_val_loss: summary.first_eval.map(|e| e.loss),
-        val_loss: summary.last_eval.map_or(f64::NAN, |e| e.loss),
+        val_loss: summary.last_eval.map(|e| e.loss),
         train_loss: summary.last_train_loss,
     })
 }

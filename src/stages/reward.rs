@@ -303,7 +303,8 @@ impl Task for RewardTask<'_> {
 }
 
 pub struct RewardResult {
-    pub accuracy: f64,
+    /// None where no held-out evaluation ran (a resumed run that had finished, say).
+    pub accuracy: Option<f64>,
     pub first_accuracy: Option<f64>,
 }
 
@@ -372,7 +373,7 @@ pub fn run(env: &Env) -> Result<RewardResult> {
         &trainable,
     )?;
     Ok(RewardResult {
-        accuracy: summary.last_eval.map_or(f64::NAN, |e| e.accuracy),
+        accuracy: summary.last_eval.map(|e| e.accuracy),
         first_accuracy: summary.first_eval.map(|e| e.accuracy),
     })
 }

@@ -386,12 +386,11 @@ pub fn rollout_stats(
     let (sum, scored) = scored_sum(&ro.scores);
     let mut total = [sum as f32, scored as f32];
     comm.all_reduce_mean(&mut total)?;
-    let score = match total[1] > 0.0 {
-        true => f64::from(total[0]) / f64::from(total[1]),
-        false => f64::NAN,
-    };
-    let mut stats = vec![
-        ("score", score),
+    // Left out where no response of any rank was scored (the same on every rank, as the
+    // loop reduces the numbers by position): a NaN would turn the window's mean NaN too.
+    let score = (total[1] > 0.0).then(|| ("score", f64::from(total[0]) / f64::from(total[1])));
+    let mut stats: Vec<(&'static str, f64)> = score.into_iter().collect();
+    stats.extend([
         (
             "response_length",
             ro.lengths.iter().sum::<usize>() as f64 / b,
@@ -402,7 +401,7 @@ pub fn rollout_stats(
         ),
         ("rollout", 1.0),
         ("unscored", (ro.scores.len() - scored) as f64 / b),
-    ];
+    ]);
     stats.extend(kl_seq.map(|kl| ("kl", kl)));
     // Under packing: the share of the padded layout's positions a forward over the whole
     // rollout computes (minibatches pack on their own, about as well).
@@ -496,9 +495,10 @@ pub fn surrogate(
     }
 }
 
-/// Greedy accuracy on prompts with answers (NaN when some have none) and the mean reward of
-/// the greedy responses, as PPO and GRPO report them before and after training. One greedy
-/// generation serves both: exact match reads only the first line of each response.
+/// Greedy accuracy on prompts with answers (None when some have none) and the mean reward of
+/// the greedy responses (None when no reward scored any), as PPO and GRPO report them before
+/// and after training. One greedy generation serves both: exact match reads only the first
+/// line of each response.
 pub fn greedy_eval(
     policy: &Transformer,
     ctx: Ctx,
@@ -506,7 +506,7 @@ pub fn greedy_eval(
     prompts: &[PromptRecord],
     rewards: &mut RewardFn,
     max_new_tokens: usize,
-) -> Result<(f64, f64)> {
+) -> Result<(Option<f64>, Option<f64>)> {
     let cfg = SampleCfg {
         max_new_tokens,
         temperature: 0.0,
@@ -532,17 +532,9 @@ pub fn greedy_eval(
         total += sum;
         scored += n;
     }
-    let n = prompts.len().max(1) as f64;
-    let acc = if has_answers {
-        correct as f64 / n
-    } else {
-        f64::NAN
-    };
-    // Over the responses some reward applies to; NaN where none does.
-    let mean = match scored {
-        0 => f64::NAN,
-        k => total / k as f64,
-    };
+    let acc = (has_answers && !prompts.is_empty()).then(|| correct as f64 / prompts.len() as f64);
+    // Over the responses some reward applies to.
+    let mean = (scored > 0).then(|| total / scored as f64);
     Ok((acc, mean))
 }
 

@@ -295,7 +295,8 @@ pub(super) fn held_out_mean(
 pub struct SftResult {
     pub base_accuracy: Option<f64>,
     pub accuracy: Option<f64>,
-    pub eval_loss: f64,
+    /// None where no held-out evaluation ran (a resumed run that had finished, say).
+    pub eval_loss: Option<f64>,
 }
 
 /// Every example encoded and fitted to a context of `max_len` inputs (`max_len + 1` tokens)
@@ -423,6 +424,6 @@ pub fn run(env: &Env) -> Result<SftResult> {
     Ok(SftResult {
         base_accuracy,
         accuracy: last.and_then(|e| e.accuracy),
-        eval_loss: last.map_or(f64::NAN, |e| e.loss),
+        eval_loss: last.map(|e| e.loss),
     })
 }
