@@ -8,9 +8,7 @@ use anyhow::{anyhow, Context, Result};
 
 /// `path` with `.tmpPID` appended to its file name.
 pub fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp{}", std::process::id()));
-    path.with_file_name(name)
+    with_suffix(path, &format!(".tmp{}", std::process::id()))
 }
 
 /// Renames a finished temporary file over `path`, removing the temporary if that fails.
@@ -51,23 +49,58 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     rename_into_place(&tmp, path)
 }
 
+/// `path` with `suffix` appended to its file name.
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+/// Removes `path` whatever it is: a directory with its contents, a file or a link.
+fn remove_any(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Fills directory `path` with `write(tmp_dir)` in `path.partial` and renames it into place:
 /// the directory is complete or absent (an older version stays until the new one is whole).
+/// A `path.partial` left by a process killed while writing is replaced; one this call made is
+/// removed when the write fails.
 pub fn write_dir_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    let tmp = path.with_file_name(name);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)
-            .with_context(|| format!("{}: cannot remove", tmp.display()))?;
+    let tmp = with_suffix(path, ".partial");
+    remove_any(&tmp).with_context(|| format!("{}: cannot remove", tmp.display()))?;
+    let filled = std::fs::create_dir_all(&tmp)
+        .with_context(|| format!("{}: cannot create", tmp.display()))
+        .and_then(|()| write(&tmp));
+    if let Err(e) = filled {
+        // The write's error is the one to report; a temporary that cannot be removed either
+        // is replaced by the next write.
+        let _ = remove_any(&tmp);
+        return Err(e);
     }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    write(&tmp)?;
-    if path.exists() {
-        std::fs::remove_dir_all(path)
+    // The old directory is renamed aside, not deleted, until the new one is in place: a kill
+    // between the two renames leaves it whole as `path.old`, and a failed rename puts it back.
+    let old = with_suffix(path, ".old");
+    let replacing = path.exists();
+    if replacing {
+        remove_any(&old).with_context(|| format!("{}: cannot remove", old.display()))?;
+        std::fs::rename(path, &old)
             .with_context(|| format!("{}: cannot replace", path.display()))?;
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        if replacing {
+            let _ = std::fs::rename(&old, path);
+        }
+        return Err(anyhow!("{}: cannot write: {e}", path.display()));
+    }
+    if replacing {
+        let _ = remove_any(&old);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -91,6 +124,51 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left, ["a.json"]);
+        // A replaced directory leaves nothing beside it.
+        write_dir_atomic(&d, |t| write_atomic(&t.join("y"), b"y")).unwrap();
+        assert!(!d.join("x").exists() && d.join("y").exists());
+        let mut beside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        beside.sort();
+        assert_eq!(beside, ["final", "sub"]);
+    }
+
+    /// A directory write that fails leaves no `.partial` beside the directory, and one left
+    /// by a killed writer (a directory with files in it, or a stray file) does not stop the
+    /// next write.
+    #[test]
+    fn a_failed_directory_write_leaves_no_partial() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("step-0000004");
+        let names = || -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            v.sort();
+            v
+        };
+        let e = write_dir_atomic(&d, |t| {
+            write_atomic(&t.join("half"), b"x")?;
+            Err(anyhow!("disk full"))
+        })
+        .unwrap_err();
+        assert_eq!(e.to_string(), "disk full");
+        assert!(names().is_empty(), "{:?}", names());
+
+        let partial = dir.path().join("step-0000004.partial");
+        std::fs::create_dir_all(partial.join("sub")).unwrap();
+        std::fs::write(partial.join("sub").join("stale"), b"old").unwrap();
+        write_dir_atomic(&d, |t| write_atomic(&t.join("x"), b"1")).unwrap();
+        assert_eq!(names(), ["step-0000004"]);
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1, "nothing stale");
+
+        std::fs::write(&partial, b"stray").unwrap();
+        write_dir_atomic(&d, |t| write_atomic(&t.join("x"), b"2")).unwrap();
+        assert_eq!(names(), ["step-0000004"]);
+        assert_eq!(std::fs::read_to_string(d.join("x")).unwrap(), "2");
     }
 
     /// Saved tensors get a plain new file's permissions, not the 0600 of the temporary file

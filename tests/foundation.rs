@@ -1021,8 +1021,9 @@ fn chat_prompts_are_rendered_with_the_checkpoints_template() {
 
 /// `temper tokenizer encode` writes a corpus as token shards once, and pretraining on them
 /// (memory-mapped, no tokenizing) learns as it does from the text: held-out loss halves. The
-/// tokenizer travels with the shards; without it, a shard's id past the fallback byte
-/// tokenizer fails the run naming the shard.
+/// tokenizer travels with the shards, and a run with another (named, or an --init model's) is
+/// refused naming both files; without it, a shard's id past the fallback byte tokenizer fails
+/// the run naming the shard.
 #[test]
 fn pretraining_learns_from_token_shards() {
     let d = tmp();
@@ -1176,6 +1177,23 @@ fn pretraining_learns_from_token_shards() {
         tc["eos_token"].is_string() && tc["pad_token"].is_string(),
         "{tc}"
     );
+    // Another tokenizer than the shards' (named, or an --init model's) is refused, naming
+    // both files: its ids would stand for other text.
+    let gpt2 = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/gpt2");
+    let gpt2 = gpt2.join("tokenizer.json");
+    let beside = bpe_shards.join("tokenizer.json").display().to_string();
+    let mut named = pretrain("named-run");
+    named.extend(["--tokenizer".to_string(), gpt2.display().to_string()]);
+    let e = run_err(&strs(&named));
+    assert!(
+        e.contains(&beside) && e.contains(&gpt2.display().to_string()),
+        "{e}"
+    );
+    let r_bytes = p(d.path(), "run").display().to_string();
+    let mut from_bytes = pretrain("init-run");
+    from_bytes.extend(["--init".to_string(), r_bytes.clone()]);
+    let e = run_err(&strs(&from_bytes));
+    assert!(e.contains(&beside) && e.contains(&r_bytes), "{e}");
     std::fs::remove_file(bpe_shards.join("tokenizer.json")).unwrap();
     let args = pretrain("lost-run");
     let args = strs(&args);
@@ -1449,4 +1467,161 @@ fn a_closed_output_pipe_does_not_end_a_run() {
 /// How many lines of metrics.jsonl the run in `dir` has written so far.
 fn metrics_if_any(dir: &Path) -> usize {
     std::fs::read_to_string(dir.join("metrics.jsonl")).map_or(0, |t| t.lines().count())
+}
+
+/// A copy of directory `from` and everything under it, as `to`.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let f = e.unwrap().path();
+        let dest = to.join(f.file_name().unwrap());
+        match f.is_dir() {
+            true => copy_tree(&f, &dest),
+            false => drop(std::fs::copy(&f, dest).unwrap()),
+        }
+    }
+}
+
+/// The lines of a run's stderr that contain `what`.
+fn lines_with<'a>(err: &'a str, what: &str) -> Vec<&'a str> {
+    err.lines().filter(|l| l.contains(what)).collect()
+}
+
+/// A latest checkpoint that does not load (cut short, or garbled) does not end a resume: the
+/// run goes on from the newest older one that loads, onto the curve of a run never stopped,
+/// says so in one line, and renames the bad one `step-N.corrupt` (kept, not pruned, not
+/// tried again). Where none loads, the error names the newest one's file and nothing moves.
+#[test]
+fn a_corrupt_latest_checkpoint_resumes_from_the_one_before() {
+    let d = tmp();
+    let cfg = p(d.path(), "c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{TINY_TOML}steps = 6\ncheckpoint_every = 2\nkeep_checkpoints = 3\nlog_every = 1\n\
+             eval_every = 2\n"
+        ),
+    )
+    .unwrap();
+    let full = p(d.path(), "full");
+    let (c, f) = (cfg.to_str().unwrap(), full.to_str().unwrap());
+    run_ok(&["pretrain", "--config", c, "--out", f, "--device", "cpu"]);
+    let curve = |dir: &Path| {
+        let m = metrics(dir);
+        (series(&m, "train", "loss"), series(&m, "val", "loss"))
+    };
+    let truncate = |file: &Path| {
+        let bytes = std::fs::read(file).unwrap();
+        std::fs::write(file, &bytes[..bytes.len() / 2]).unwrap();
+    };
+    // What a kill after step 4's checkpoint leaves, with that checkpoint's `file` cut short.
+    let stopped = |name: &str, file: &str| {
+        let dir = p(d.path(), name);
+        copy_tree(&full, &dir);
+        std::fs::remove_dir_all(dir.join("final")).unwrap();
+        std::fs::remove_dir_all(dir.join("checkpoints/step-0000006")).unwrap();
+        std::fs::write(dir.join("checkpoints/latest"), "step-0000004").unwrap();
+        truncate(&dir.join("checkpoints/step-0000004").join(file));
+        dir
+    };
+    for (name, file) in [("cut", "model.safetensors"), ("garbled", "state.json")] {
+        let dir = stopped(name, file);
+        let file = format!("step-0000004/{file}");
+        let o = dir.to_str().unwrap();
+        let out = run_ok(&["pretrain", "--resume", o, "--device", "cpu"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        let warned = lines_with(&err, "warning:");
+        assert_eq!(warned.len(), 1, "{name}: {err}");
+        assert!(
+            warned[0].contains(&file)
+                && warned[0].contains("step-0000004.corrupt")
+                && warned[0].contains("resuming from"),
+            "{name}: {}",
+            warned[0]
+        );
+        assert_eq!(lines_with(&err, "resumed from").len(), 1, "{name}: {err}");
+        assert!(err.contains("step-0000002 at step 2"), "{name}: {err}");
+        assert_eq!(curve(&dir), curve(&full), "{name}: not the same curve");
+        let ck = dir.join("checkpoints");
+        let mut left: Vec<String> = std::fs::read_dir(&ck)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "latest",
+                "step-0000002",
+                "step-0000004",
+                "step-0000004.corrupt",
+                "step-0000006"
+            ],
+            "{name}"
+        );
+        let latest = std::fs::read_to_string(ck.join("latest")).unwrap();
+        assert_eq!(latest.trim(), "step-0000006");
+        assert!(dir.join("final/model.safetensors").is_file());
+    }
+
+    // Neither checkpoint loads: the newest one's file and reason, and the directory as it was.
+    let dir = stopped("none", "model.safetensors");
+    truncate(&dir.join("checkpoints/step-0000002/optimizer.safetensors"));
+    let e = run_err(&[
+        "pretrain",
+        "--resume",
+        dir.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        e.contains("step-0000004/model.safetensors") && e.contains("cannot read safetensors"),
+        "{e}"
+    );
+    assert!(!dir.join("checkpoints/step-0000004.corrupt").exists());
+    let latest = std::fs::read_to_string(dir.join("checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), "step-0000004");
+}
+
+/// A `[train] warmup_steps` a config file chose that is longer than the run is said once,
+/// naming the key and the file's line; the default's (20, longer than a short run) is not,
+/// nor is the run's own config.toml's on a resume.
+#[test]
+fn a_chosen_warmup_longer_than_the_run_is_said_once() {
+    let d = tmp();
+    let chosen = p(d.path(), "w.toml");
+    std::fs::write(&chosen, format!("{TINY_TOML}warmup_steps = 50\n")).unwrap();
+    let plain = p(d.path(), "c.toml");
+    std::fs::write(&plain, TINY_TOML).unwrap();
+    let run = |cfg: &Path, name: &str, steps: &str| {
+        let out = p(d.path(), name);
+        let o = run_ok(&[
+            "pretrain",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            steps,
+            "--device",
+            "cpu",
+        ]);
+        (String::from_utf8_lossy(&o.stderr).into_owned(), out)
+    };
+    let (err, out) = run(&chosen, "chosen", "2");
+    let said = lines_with(&err, "warmup_steps");
+    assert_eq!(said.len(), 1, "{err}");
+    let line = TINY_TOML.lines().count() + 1;
+    assert!(
+        said[0].starts_with("warning:")
+            && said[0].contains(&format!("w.toml:{line}: train.warmup_steps = 50")),
+        "{}",
+        said[0]
+    );
+    let o = out.to_str().unwrap();
+    let resumed = run_ok(&["pretrain", "--resume", o, "--steps", "3", "--device", "cpu"]);
+    let err = String::from_utf8_lossy(&resumed.stderr);
+    assert!(lines_with(&err, "warmup_steps").is_empty(), "{err}");
+    let (err, _) = run(&plain, "default", "2");
+    assert!(lines_with(&err, "warmup_steps").is_empty(), "{err}");
 }

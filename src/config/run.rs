@@ -293,18 +293,27 @@ impl RunConfig {
     pub fn load_layers(stage: Stage, files: &[PathBuf]) -> Result<(Self, Option<toml::Value>)> {
         let mut base = toml::Value::try_from(Self::for_stage(stage))?;
         let mut user = None;
+        let mut warmup_from = None;
         for file in files {
-            // Parse once on its own for errors that name the file, line and field.
-            let _: RunConfig = read_toml(file)?;
-            let text = std::fs::read_to_string(file)?;
-            let table: toml::Value = toml::from_str(&text)?;
+            let table = read_layer(file)?;
             // A layer's steps, given without epochs, are the run's length (as --steps clears
             // them): epochs an earlier layer set would otherwise decide the steps instead.
-            let sets = |k: &str| table.get("train").and_then(|t| t.get(k)).is_some();
+            let train = table.get("train");
+            let sets = |k: &str| train.and_then(|t| t.get(k)).is_some();
             if sets("steps") && !sets("epochs") {
                 if let Some(train) = base.get_mut("train").and_then(toml::Value::as_table_mut) {
                     train.remove("epochs");
                 }
+            }
+            if let Some(w) = train.and_then(|t| t.get("warmup_steps")) {
+                // A run's own config.toml (laid first on a resume) records every value, the
+                // defaults too; what [`RunConfig::save`] writes starts with `stage`, which a
+                // user's file has no use for (the command names the stage).
+                let chosen = table.get("stage").is_none();
+                warmup_from = match (chosen, w.as_integer()) {
+                    (true, Some(n)) => usize::try_from(n).ok().map(|n| (file.clone(), n)),
+                    _ => None,
+                };
             }
             overlay(&mut base, table.clone());
             user = Some(table);
@@ -314,6 +323,7 @@ impl RunConfig {
             None => "invalid default config".to_string(),
         })?;
         cfg.stage = stage;
+        cfg.train.warmup_steps_from = warmup_from;
         Ok((cfg, user))
     }
 
@@ -500,6 +510,25 @@ impl RunConfig {
     }
 }
 
+/// One config layer's own table, read and parsed once. It must make a whole config by itself,
+/// so that an error names the file, line and field rather than the merged result.
+fn read_layer(file: &Path) -> Result<toml::Value> {
+    let checked = std::fs::read_to_string(file)
+        .map_err(anyhow::Error::from)
+        .and_then(|text| Ok(toml::from_str::<toml::Value>(&text)?))
+        .and_then(|table| {
+            table.clone().try_into::<RunConfig>()?;
+            Ok(table)
+        });
+    checked.or_else(|e| {
+        // Said as read_toml says it, with the line, which the table's error lacks: only here
+        // is the file read again. It reads well only where it changed (a pipe gives its text
+        // to one read), and the first read's error stands.
+        read_toml::<RunConfig>(file)?;
+        Err(e.context(format!("{}: invalid config", file.display())))
+    })
+}
+
 /// Overlays `user`'s keys on `base`, table by table.
 pub fn overlay(base: &mut toml::Value, user: toml::Value) {
     match (base, user) {
@@ -514,5 +543,89 @@ pub fn overlay(base: &mut toml::Value, user: toml::Value) {
             }
         }
         (slot, v) => *slot = v,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `--config <(...)`: a pipe, which gives its text to one read. Each layer is read
+    /// once; read a second time it came back empty and the file's settings were dropped.
+    #[test]
+    fn a_config_layer_is_read_once() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let piped = |text: &str| {
+            let (reader, mut writer) = std::io::pipe().unwrap();
+            writer.write_all(text.as_bytes()).unwrap();
+            drop(writer);
+            let path = PathBuf::from(format!("/dev/fd/{}", reader.as_raw_fd()));
+            RunConfig::load_layers(Stage::Sft, &[path])
+        };
+        let (cfg, user) = piped("[train]\nlr = 0.5\n").unwrap();
+        assert_eq!(cfg.train.lr, 0.5);
+        assert!(user.unwrap()["train"].get("lr").is_some());
+        // What is wrong in it is said, though a second read finds nothing.
+        let e = format!("{:#}", piped("[train]\nlr = \"fast\"\n").unwrap_err());
+        assert!(e.contains("invalid config") && e.contains("fast"), "{e}");
+    }
+
+    /// What a layer gets wrong is named by its file, line and field, the merged config's
+    /// check coming only after each layer's.
+    #[test]
+    fn a_bad_layer_is_named_with_its_line() {
+        let d = tempfile::tempdir().unwrap();
+        let good = d.path().join("good.toml");
+        std::fs::write(&good, "[train]\nsteps = 5\n").unwrap();
+        for (body, want) in [
+            ("[train]\nsteps = 5\nwarmup = 3\n", "bad.toml:3"),
+            ("[train]\n\nsteps = \"five\"\n", "bad.toml:3"),
+            ("[train\nsteps = 5\n", "bad.toml:1"),
+        ] {
+            let bad = d.path().join("bad.toml");
+            std::fs::write(&bad, body).unwrap();
+            let e = RunConfig::load_layers(Stage::Sft, &[good.clone(), bad])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{body:?}: {e}");
+        }
+        let gone = d.path().join("gone.toml");
+        let e = RunConfig::load_layers(Stage::Sft, &[gone]).unwrap_err();
+        assert!(
+            e.to_string().contains("gone.toml: cannot read config"),
+            "{e}"
+        );
+    }
+
+    /// `warmup_steps` is known to be chosen where a user's file sets it, with the file; not
+    /// where it is the default, nor where it comes from a run's own config.toml, which
+    /// records every value (a resume lays it first).
+    #[test]
+    fn a_chosen_warmup_is_known_by_its_file() {
+        let d = tempfile::tempdir().unwrap();
+        let mine = d.path().join("mine.toml");
+        std::fs::write(&mine, "[train]\nsteps = 5\nwarmup_steps = 50\n").unwrap();
+        let plain = d.path().join("plain.toml");
+        std::fs::write(&plain, "[train]\nsteps = 5\n").unwrap();
+        let from = |files: &[PathBuf]| {
+            RunConfig::load_layers(Stage::Pretrain, files)
+                .unwrap()
+                .0
+                .train
+                .warmup_steps_from
+        };
+        assert_eq!(from(&[]), None);
+        assert_eq!(from(std::slice::from_ref(&plain)), None);
+        assert_eq!(from(std::slice::from_ref(&mine)), Some((mine.clone(), 50)));
+        let run = d.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        let (cfg, _) =
+            RunConfig::load_layers(Stage::Pretrain, std::slice::from_ref(&mine)).unwrap();
+        cfg.save(&run).unwrap();
+        let saved = run.join("config.toml");
+        assert_eq!(from(std::slice::from_ref(&saved)), None);
+        assert_eq!(from(&[saved.clone(), plain]), None);
+        assert_eq!(from(&[saved, mine.clone()]), Some((mine, 50)));
     }
 }

@@ -1,5 +1,7 @@
 //! The one training loop's knobs, shared by every stage.
 
+use std::path::PathBuf;
+
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
@@ -107,6 +109,12 @@ pub struct TrainConfig {
     pub shard_optimizer: ShardOptimizer,
     /// Time this many steps by region after a warm-up and print the table (0: off).
     pub profile: usize,
+    /// The config file that chose `warmup_steps`, with the value it chose; none for a default
+    /// (`RunConfig::load_layers` fills it in). Never written or read as a key: a run's
+    /// `config.toml` records every value, chosen or not. A warmup longer than the run is
+    /// said only of a value a user chose, as a short run shortens the default's silently.
+    #[serde(skip)]
+    pub warmup_steps_from: Option<(PathBuf, usize)>,
 }
 
 impl Default for TrainConfig {
@@ -137,6 +145,7 @@ impl Default for TrainConfig {
             gradient_checkpointing: false,
             shard_optimizer: ShardOptimizer::Auto,
             profile: 0,
+            warmup_steps_from: None,
         }
     }
 }

@@ -87,11 +87,16 @@ pub fn check_inputs_outside(dir: &Path, inputs: &[&Path]) -> Result<()> {
 
 /// Deletes the files of the run `dir` holds, and nothing else there.
 pub fn clear(dir: &Path) -> Result<()> {
-    // The final models an earlier run's resumes set aside (`final-step-N`) are its too.
+    // The final models an earlier run's resumes set aside (`final-step-N`) are its too, and
+    // so is a `final.partial` its kill left half-written.
     let aside: Vec<String> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| n.starts_with("final-step-") || n.starts_with("final-earlier"))
+            .filter(|n| {
+                n.starts_with("final-step-")
+                    || n.starts_with("final-earlier")
+                    || n == "final.partial"
+            })
             .collect(),
         Err(_) => Vec::new(),
     };
@@ -155,12 +160,17 @@ mod tests {
         let e = check_inputs_outside(&dir, &[d.path(), &init]).unwrap_err();
         assert!(e.to_string().contains("step-0000004"), "{e}");
         std::fs::create_dir_all(dir.join("final-step-0000002")).unwrap();
+        std::fs::create_dir_all(dir.join("final.partial")).unwrap();
         begin(&dir, Start::Overwrite).unwrap();
         assert_eq!(earlier_run(&dir), None);
         assert!(!dir.join("config.toml").exists());
         assert!(
             !dir.join("final-step-0000002").exists(),
             "a set-aside final is the run's"
+        );
+        assert!(
+            !dir.join("final.partial").exists(),
+            "a killed write's leftover too"
         );
         assert!(dir.join("data.jsonl").exists(), "the user's own file stays");
         begin(&dir, Start::Fresh).unwrap();

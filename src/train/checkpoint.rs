@@ -91,18 +91,31 @@ impl Checkpoints {
 
     /// Writes checkpoint `step` with `write(dir)` and makes it the latest.
     pub fn save(&self, step: usize, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
-        let name = format!("step-{step:07}");
-        let fin = self.dir.join(&name);
+        let fin = self.dir.join(format!("step-{step:07}"));
         write_dir_atomic(&fin, write)?;
-        write_atomic(&self.dir.join("latest"), name.as_bytes())?;
-        self.prune()?;
+        self.make_latest(&fin)?;
+        self.prune(step)?;
         Ok(fin)
     }
 
-    fn prune(&self) -> Result<()> {
+    /// Points `checkpoints/latest` at checkpoint `dir`.
+    pub fn make_latest(&self, dir: &Path) -> Result<()> {
+        let name = dir.file_name().unwrap_or_default().to_string_lossy();
+        write_atomic(&self.dir.join("latest"), name.as_bytes())
+    }
+
+    /// Removes the oldest complete checkpoints up to `saved`, the step just written, beyond
+    /// `keep`. Those of higher steps, left by an earlier attempt that went further than the
+    /// checkpoint this one resumed from, are not counted: they would otherwise outrank, and
+    /// prune, the checkpoints this attempt wrote and the one it resumed from. Each is replaced
+    /// when the run reaches its step.
+    fn prune(&self, saved: usize) -> Result<()> {
         let mut done = complete_steps(&self.dir)?;
+        done.retain(|p| step_of(p).is_some_and(|s| s <= saved));
         while done.len() > self.keep {
-            std::fs::remove_dir_all(done.remove(0))?;
+            let old = done.remove(0);
+            std::fs::remove_dir_all(&old)
+                .with_context(|| format!("{}: cannot remove", old.display()))?;
         }
         Ok(())
     }
@@ -112,6 +125,17 @@ impl Checkpoints {
     /// newest complete `step-*` directory, said on the terminal. Without the fallback a
     /// resume found nothing, started over, and pruned the run's real checkpoints.
     pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
+        let newest = Self::newest_first(run_dir)?.into_iter().next();
+        if let Some(p) = newest.as_ref().filter(|p| !p.is_dir()) {
+            bail!("{}", missing_latest(run_dir, p));
+        }
+        Ok(newest)
+    }
+
+    /// What a resume may continue from, best first: [`Checkpoints::latest`]'s choice (which
+    /// may be missing, where the pointer names a directory that is gone), then the complete
+    /// checkpoints of lower steps, newest first.
+    pub fn newest_first(run_dir: &Path) -> Result<Vec<PathBuf>> {
         let dir = run_dir.join("checkpoints");
         let pointer = dir.join("latest");
         let name = match std::fs::read_to_string(&pointer) {
@@ -119,49 +143,80 @@ impl Checkpoints {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(e).with_context(|| format!("{}", pointer.display())),
         };
-        if name.is_empty() {
-            let newest = match dir.is_dir() {
-                true => complete_steps(&dir)?.pop(),
-                false => None,
-            };
-            if let Some(p) = &newest {
-                crate::errln!(
-                    "{}: missing or empty; taking the newest complete checkpoint, {}",
-                    pointer.display(),
-                    p.display()
-                );
-            }
-            return Ok(newest);
-        }
-        let p = dir.join(&name);
-        if !p.is_dir() {
-            bail!(
-                "{}: points to a missing checkpoint {}",
-                pointer.display(),
-                p.display()
-            );
-        }
-        Ok(Some(p))
+        let mut older = match dir.is_dir() {
+            true => complete_steps(&dir)?,
+            false => Vec::new(),
+        };
+        let newest = match name.is_empty() {
+            false => dir.join(&name),
+            true => match older.pop() {
+                Some(p) => {
+                    crate::errln!(
+                        "{}: missing or empty; taking the newest complete checkpoint, {}",
+                        pointer.display(),
+                        p.display()
+                    );
+                    p
+                }
+                None => return Ok(Vec::new()),
+            },
+        };
+        let below = step_of(&newest);
+        older.retain(|p| p != &newest && below.is_none_or(|b| step_of(p) < Some(b)));
+        Ok(std::iter::once(newest)
+            .chain(older.into_iter().rev())
+            .collect())
+    }
+}
+
+/// What [`Checkpoints::latest`] says of a pointer to a directory that is not there.
+pub fn missing_latest(run_dir: &Path, target: &Path) -> String {
+    format!(
+        "{}: points to a missing checkpoint {}",
+        run_dir.join("checkpoints").join("latest").display(),
+        target.display()
+    )
+}
+
+/// Renames checkpoint `dir` that does not load to `step-N.corrupt` (`.corrupt-2`, ... where
+/// that is taken): out of [`complete_steps`], so that it is neither tried again nor pruned,
+/// and kept for a look. Returns the new path.
+pub fn set_aside(dir: &Path) -> Result<PathBuf> {
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let aside = (1..)
+        .map(|k| match k {
+            1 => dir.with_file_name(format!("{name}.corrupt")),
+            k => dir.with_file_name(format!("{name}.corrupt-{k}")),
+        })
+        .find(|p| std::fs::symlink_metadata(p).is_err())
+        .expect("an unused name");
+    std::fs::rename(dir, &aside)
+        .with_context(|| format!("{}: cannot rename to {}", dir.display(), aside.display()))?;
+    Ok(aside)
+}
+
+/// The step of a checkpoint directory named `step-N`; none for any other name (`.partial`,
+/// `.corrupt`, `latest`).
+fn step_of(p: &Path) -> Option<usize> {
+    let digits = p.file_name()?.to_str()?.strip_prefix("step-")?;
+    match digits.bytes().all(|b| b.is_ascii_digit()) {
+        true => digits.parse().ok(),
+        false => None,
     }
 }
 
 /// A checkpoint directory's `step-*` directories whose writing finished (a directory is
-/// renamed to its final name once complete, and holds its state and meta), oldest first.
+/// renamed to its final name once complete, and holds its state and meta), oldest first: by
+/// step, which a name's zero padding orders only below ten million.
 pub(crate) fn complete_steps(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut done: Vec<PathBuf> = std::fs::read_dir(dir)
+    let mut done: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
         .with_context(|| format!("{}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_dir()
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("step-") && !n.contains('.'))
-                && p.join("state.json").is_file()
-                && p.join("meta.json").is_file()
-        })
+        .filter(|p| p.is_dir() && p.join("state.json").is_file() && p.join("meta.json").is_file())
+        .filter_map(|p| Some((step_of(&p)?, p)))
         .collect();
     done.sort();
-    Ok(done)
+    Ok(done.into_iter().map(|(_, p)| p).collect())
 }
 
 /// Accepts a checkpoint directory, or a run directory (its `final/`, else its latest
@@ -236,5 +291,103 @@ mod tests {
             Checkpoints::latest(run.path()).unwrap().unwrap(),
             ck.join("step-0000002")
         );
+    }
+
+    /// A complete checkpoint directory `name` under `ck`.
+    fn complete(ck: &Path, name: &str) -> PathBuf {
+        let d = ck.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("state.json"), "{}").unwrap();
+        std::fs::write(d.join("meta.json"), "{}").unwrap();
+        d
+    }
+
+    fn names(ps: &[PathBuf]) -> Vec<String> {
+        ps.iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// Checkpoints count by their step, not their name's order (which the zero padding keeps
+    /// only below ten million); a `.partial` or `.corrupt` one never counts, whatever its step.
+    #[test]
+    fn complete_checkpoints_are_ordered_by_step_and_leftovers_do_not_count() {
+        let d = tempfile::tempdir().unwrap();
+        let ck = d.path();
+        for name in [
+            "step-10000000",
+            "step-9999999",
+            "step-0000004.partial",
+            "step-20000000.corrupt",
+            "step-+000005",
+        ] {
+            complete(ck, name);
+        }
+        std::fs::write(ck.join("latest"), "step-10000000").unwrap();
+        assert_eq!(
+            names(&complete_steps(ck).unwrap()),
+            ["step-9999999", "step-10000000"]
+        );
+    }
+
+    /// A save prunes the oldest of the checkpoints up to its own step: never the one it wrote,
+    /// nor (for one of a higher step, left by an earlier attempt that went further) the one
+    /// before it that a resume continued from, and nothing set aside or unfinished.
+    #[test]
+    fn pruning_keeps_the_checkpoint_just_written_and_the_one_resumed_from() {
+        let run = tempfile::tempdir().unwrap();
+        let ckpts = Checkpoints::new(run.path(), 2).unwrap();
+        let ck = &ckpts.dir;
+        // An earlier attempt reached step 30; this one resumed from step 10.
+        for name in ["step-0000005", "step-0000010", "step-0000030"] {
+            complete(ck, name);
+        }
+        std::fs::create_dir_all(ck.join("step-0000040.partial")).unwrap();
+        let bad = complete(ck, "step-0000050");
+        assert_eq!(set_aside(&bad).unwrap(), ck.join("step-0000050.corrupt"));
+        let write = |dir: &Path| {
+            std::fs::write(dir.join("state.json"), "{}")?;
+            Ok(std::fs::write(dir.join("meta.json"), "{}")?)
+        };
+        ckpts.save(20, write).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(ck)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "latest",
+                "step-0000010",
+                "step-0000020",
+                "step-0000030",
+                "step-0000040.partial",
+                "step-0000050.corrupt"
+            ]
+        );
+        assert_eq!(
+            Checkpoints::latest(run.path()).unwrap().unwrap(),
+            ck.join("step-0000020")
+        );
+        // What a resume tries: the pointer's, then the complete ones below it, newest first.
+        assert_eq!(
+            names(&Checkpoints::newest_first(run.path()).unwrap()),
+            ["step-0000020", "step-0000010"]
+        );
+        // A second bad checkpoint of one step keeps the first one set aside.
+        let again = complete(ck, "step-0000050");
+        assert_eq!(
+            set_aside(&again).unwrap(),
+            ck.join("step-0000050.corrupt-2")
+        );
+        // A pointer to a directory that is gone: tried first (and failing), then the others.
+        std::fs::write(ck.join("latest"), "step-0000025").unwrap();
+        assert_eq!(
+            names(&Checkpoints::newest_first(run.path()).unwrap()),
+            ["step-0000025", "step-0000020", "step-0000010"]
+        );
+        let e = Checkpoints::latest(run.path()).unwrap_err().to_string();
+        assert!(e.contains("points to a missing checkpoint"), "{e}");
     }
 }

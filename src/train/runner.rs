@@ -2,21 +2,21 @@
 //! clipping, AdamW under the LR schedule, metrics, evaluation, checkpoints and resume. A stage
 //! only says how to build a batch and compute its loss ([`Task`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::{CheckpointMeta, Checkpoints};
+use super::checkpoint::{missing_latest, set_aside, CheckpointMeta, Checkpoints};
 use super::loss::scalar;
 use super::metrics::MetricsLog;
 use super::optimizer::AdamW;
 use super::params::{ParamInfo, ParamStore, Role};
 use super::profile::{Mark, Profiler, Region, WARMUP_STEPS};
 use super::progress::Progress;
-use super::schedule::lr_at;
+use super::schedule::{lr_at, warmup_cut};
 use crate::config::TrainConfig;
 use crate::data::tokenizer::Tokenizer;
 use crate::dist::preempt::{self, Preempted};
@@ -224,7 +224,7 @@ pub fn train<T: Task>(
     }
     let ckpts = Checkpoints::new(opts.run_dir, cfg.keep_checkpoints)?;
     let start = if opts.resume {
-        resume(task, saved, &mut opt, opts)?
+        resume(task, saved, &mut opt, &ckpts, opts)?
     } else {
         0
     };
@@ -264,6 +264,9 @@ pub fn train<T: Task>(
                 ),
             }
         );
+    }
+    if let Some(cut) = warmup_cut(cfg).filter(|_| main) {
+        errln!("warning: [{}] {cut}", opts.label);
     }
     let prof = (cfg.profile > 0).then(|| Profiler::new(&saved.store.device));
     let mut lp = Loop {
@@ -306,10 +309,19 @@ fn write_resumed_files(opts: &RunOpts) -> Result<()> {
     }
 }
 
-/// Restores weights, optimizer, data position and RNG from the run's latest checkpoint;
-/// returns the step to continue from.
-fn resume<T: Task>(task: &mut T, saved: &Saved, opt: &mut AdamW, opts: &RunOpts) -> Result<usize> {
-    let Some(dir) = Checkpoints::latest(opts.run_dir)? else {
+/// Restores weights, optimizer, data position and RNG from the run's latest checkpoint that
+/// loads; returns the step to continue from. A newer one that does not load (cut short, or
+/// garbled) is renamed aside by [`set_aside`], said in one line each: the run continues from
+/// its last good checkpoint, as a run that never wrote the bad one would.
+fn resume<T: Task>(
+    task: &mut T,
+    saved: &Saved,
+    opt: &mut AdamW,
+    ckpts: &Checkpoints,
+    opts: &RunOpts,
+) -> Result<usize> {
+    let candidates = Checkpoints::newest_first(opts.run_dir)?;
+    if candidates.is_empty() {
         errln!(
             "[{}] nothing to resume in {}; starting fresh",
             opts.label,
@@ -317,11 +329,96 @@ fn resume<T: Task>(task: &mut T, saved: &Saved, opt: &mut AdamW, opts: &RunOpts)
         );
         write_resumed_files(opts)?;
         return Ok(0);
+    }
+    let mut failed: Vec<(PathBuf, anyhow::Error)> = Vec::new();
+    let mut loaded = None;
+    for dir in candidates {
+        match load_checkpoint(&dir, task, saved, opt, opts)? {
+            Ok(st) => {
+                loaded = Some((dir, st));
+                break;
+            }
+            Err(e) => failed.push((dir, e)),
+        }
+    }
+    let Some((dir, st)) = loaded else {
+        let older = failed.len() - 1;
+        let (newest, e) = failed.remove(0);
+        return Err(match older {
+            0 => e,
+            n => e.context(format!(
+                "{}: cannot resume from it, nor from the {n} older checkpoint{} beside it",
+                newest.display(),
+                if n == 1 { "" } else { "s" }
+            )),
+        });
     };
-    let text = std::fs::read_to_string(dir.join("state.json"))
-        .with_context(|| format!("{}: state.json missing", dir.display()))?;
-    let st: LoopState = serde_json::from_str(&text)
-        .with_context(|| format!("{}/state.json: malformed", dir.display()))?;
+    task.restore(&st.task)?;
+    if !ranks_agree(opts.comm, st.step)? {
+        bail!(
+            "[{}] the ranks did not all resume from the same checkpoint (this one from {}): \
+             a checkpoint read on one rank did not load on another",
+            opts.label,
+            dir.display()
+        );
+    }
+    if opts.comm.rank() == 0 && !failed.is_empty() {
+        // The pointer first: a reader between the two steps finds the good checkpoint.
+        ckpts.make_latest(&dir)?;
+        for (bad, e) in &failed {
+            let aside = match bad.is_dir() {
+                true => format!(
+                    "; {} is set aside as {}",
+                    bad.display(),
+                    set_aside(bad)?.display()
+                ),
+                false => String::new(),
+            };
+            errln!(
+                "warning: [{}] {}{aside}; resuming from {}",
+                opts.label,
+                one_line(e),
+                dir.display()
+            );
+        }
+    }
+    write_resumed_files(opts)?;
+    if opts.comm.rank() == 0 {
+        set_aside_stale_final(opts)?;
+    }
+    errln!(
+        "[{}] resumed from {} at step {}",
+        opts.label,
+        dir.display(),
+        st.step
+    );
+    Ok(st.step)
+}
+
+/// Reads checkpoint `dir`'s state and restores its weights, optimizer state and task files:
+/// the inner error where one of them does not load, the outer one where the state says the
+/// run is past `steps`, which no older checkpoint would mend.
+fn load_checkpoint<T: Task>(
+    dir: &Path,
+    task: &mut T,
+    saved: &Saved,
+    opt: &mut AdamW,
+    opts: &RunOpts,
+) -> Result<Result<LoopState>> {
+    if !dir.is_dir() {
+        return Ok(Err(anyhow!(missing_latest(opts.run_dir, dir))));
+    }
+    let state = dir.join("state.json");
+    let st = std::fs::read_to_string(&state)
+        .with_context(|| format!("{}: state.json missing", dir.display()))
+        .and_then(|text| {
+            serde_json::from_str::<LoopState>(&text)
+                .with_context(|| format!("{}: malformed", state.display()))
+        });
+    let st = match st {
+        Ok(st) => st,
+        Err(e) => return Ok(Err(e)),
+    };
     // Before anything is written: the run's config.toml keeps the steps it ran to. A run
     // stopped at its last step's checkpoint, before final/, resumes to write it.
     let finished = st.step == opts.cfg.steps && opts.run_dir.join("final").exists();
@@ -334,21 +431,36 @@ fn resume<T: Task>(task: &mut T, saved: &Saved, opt: &mut AdamW, opts: &RunOpts)
             opts.cfg.steps
         );
     }
-    saved.load_model(&dir)?;
-    opt.load(&dir.join("optimizer.safetensors"), st.adam_t)?;
-    task.read_files(&dir)?;
-    task.restore(&st.task)?;
-    write_resumed_files(opts)?;
-    if opts.comm.rank() == 0 {
-        set_aside_stale_final(opts)?;
+    // Each load replaces everything it sets, so one that failed part-way leaves nothing the
+    // next checkpoint's does not overwrite.
+    let files = saved
+        .load_model(dir)
+        .and_then(|()| opt.load(&dir.join("optimizer.safetensors"), st.adam_t))
+        .and_then(|()| task.read_files(dir));
+    Ok(files.map(|()| st))
+}
+
+/// Whether every rank resumed from the step rank 0 did: each reads the checkpoints itself,
+/// and one whose read failed where another's did not would train from another step.
+fn ranks_agree(comm: &dyn Communicator, step: usize) -> Result<bool> {
+    if comm.world() == 1 {
+        return Ok(true);
     }
-    errln!(
-        "[{}] resumed from {} at step {}",
-        opts.label,
-        dir.display(),
-        st.step
-    );
-    Ok(st.step)
+    // Two halves, each exact in an f32.
+    let halves = |s: usize| [(s >> 24) as f32, (s & 0xff_ffff) as f32];
+    let mut first = halves(step);
+    comm.broadcast(0, &mut first)?;
+    let mut differs = [f32::from(u8::from(first != halves(step)))];
+    comm.all_reduce_mean(&mut differs)?;
+    Ok(differs[0] == 0.0)
+}
+
+/// An error's chain on one line, for a warning that must not run over several.
+fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A run resumed to train further has a final/ of its earlier, shorter schedule: renamed to

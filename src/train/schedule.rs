@@ -2,8 +2,30 @@
 
 use crate::config::TrainConfig;
 
+/// The steps the learning rate warms up over: `warmup_steps`, short of the whole run.
+fn warmup(cfg: &TrainConfig) -> usize {
+    cfg.warmup_steps.min(cfg.steps.saturating_sub(1))
+}
+
+/// What to say where a `warmup_steps` the user chose is longer than the run and so cut to
+/// [`warmup`]: the file and line that chose it, the value and what the schedule becomes.
+pub fn warmup_cut(cfg: &TrainConfig) -> Option<String> {
+    let (file, chosen) = cfg.warmup_steps_from.as_ref()?;
+    if *chosen != cfg.warmup_steps || cfg.warmup_steps <= cfg.steps {
+        return None;
+    }
+    Some(format!(
+        "{}: train.warmup_steps = {} is more than the run's {} steps: the learning rate warms \
+         up over its first {} and does not decay",
+        crate::config::locate(file, "train.warmup_steps"),
+        cfg.warmup_steps,
+        cfg.steps,
+        warmup(cfg)
+    ))
+}
+
 pub fn lr_at(cfg: &TrainConfig, step: usize) -> f64 {
-    let warm = cfg.warmup_steps.min(cfg.steps.saturating_sub(1));
+    let warm = warmup(cfg);
     if step < warm {
         return cfg.lr * (step + 1) as f64 / warm as f64;
     }
@@ -32,5 +54,30 @@ mod tests {
         assert!((lr_at(&cfg, 60) - 0.55).abs() < 1e-12);
         assert!((lr_at(&cfg, 110) - 0.1).abs() < 1e-12);
         assert!((1..110).all(|s| s <= 10 || lr_at(&cfg, s) <= lr_at(&cfg, s - 1)));
+    }
+
+    /// A `warmup_steps` a file chose, longer than the run, is said with the file's line;
+    /// the default, or one that fits, or one replaced after the file (a preset's), is not.
+    #[test]
+    fn a_chosen_warmup_longer_than_the_run_is_said() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("c.toml");
+        std::fs::write(&file, "[train]\nsteps = 5\nwarmup_steps = 50\n").unwrap();
+        let mut cfg = TrainConfig {
+            steps: 5,
+            warmup_steps: 50,
+            ..TrainConfig::default()
+        };
+        assert_eq!(warmup_cut(&cfg), None, "the default is cut silently");
+        cfg.warmup_steps_from = Some((file.clone(), 50));
+        let said = warmup_cut(&cfg).unwrap();
+        assert!(
+            said.contains("c.toml:3: train.warmup_steps = 50") && said.contains("first 4"),
+            "{said}"
+        );
+        cfg.warmup_steps = 700;
+        assert_eq!(warmup_cut(&cfg), None, "not the file's value");
+        (cfg.warmup_steps, cfg.steps) = (50, 50);
+        assert_eq!(warmup_cut(&cfg), None, "it fits");
     }
 }
