@@ -69,7 +69,13 @@ pub fn describe(device: &Device) -> String {
 /// (temper's kernels are CUDA's), so naming flash attention or cuBLASLt there would mislead.
 /// run.json keeps the choices themselves, which a resume on a GPU takes up.
 pub fn describe_kernels(device: &Device, kernels: &KernelSet) -> String {
-    match device.is_cuda() {
+    kernels_line(device.is_cuda(), kernels)
+}
+
+/// [`describe_kernels`] by whether the device is CUDA, so that the CUDA line is tested
+/// without a GPU.
+fn kernels_line(cuda: bool, kernels: &KernelSet) -> String {
+    match cuda {
         true => kernels.to_string(),
         false => "reference (temper's own kernels run on CUDA only)".to_string(),
     }
@@ -120,16 +126,21 @@ mod tests {
         }
     }
 
-    /// On CUDA the start line lists every op's choice, as `--kernels` takes them.
-    #[cfg(feature = "cuda")]
+    /// On CUDA the start line lists every op's choice as `--kernels` spells it: given back
+    /// to `--kernels`, it makes the same choices, whichever ops run the reference.
     #[test]
-    fn cuda_names_every_choice() {
-        let Ok(dev) = Device::new_cuda(0) else {
-            return;
-        };
-        let k = KernelSet::default()
-            .apply_spec("attention=reference")
-            .unwrap();
-        assert_eq!(describe_kernels(&dev, &k), k.to_string());
+    fn cuda_names_every_choice_as_kernels_takes_it() {
+        for spec in [
+            "",
+            "attention=reference",
+            "all=reference",
+            "gemm=reference,lora=ref",
+        ] {
+            let k = KernelSet::default().apply_spec(spec).unwrap();
+            let line = kernels_line(true, &k);
+            let back = KernelSet::reference().apply_spec(&line).unwrap();
+            assert_eq!(back, k, "{spec:?}: {line}");
+            assert_ne!(line, kernels_line(false, &k));
+        }
     }
 }

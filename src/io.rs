@@ -97,9 +97,8 @@ pub fn write_dir_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
         }
         return Err(anyhow!("{}: cannot write: {e}", path.display()));
     }
-    if replacing {
-        let _ = remove_any(&old);
-    }
+    // Also one a kill between the renames of an earlier replacement left.
+    let _ = remove_any(&old);
     Ok(())
 }
 
@@ -124,7 +123,9 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left, ["a.json"]);
-        // A replaced directory leaves nothing beside it.
+        // A replaced directory leaves nothing beside it, nor does one a kill between the
+        // renames left as `final.old`.
+        std::fs::create_dir_all(dir.path().join("final.old")).unwrap();
         write_dir_atomic(&d, |t| write_atomic(&t.join("y"), b"y")).unwrap();
         assert!(!d.join("x").exists() && d.join("y").exists());
         let mut beside: Vec<_> = std::fs::read_dir(dir.path())

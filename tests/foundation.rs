@@ -1177,8 +1177,8 @@ fn pretraining_learns_from_token_shards() {
         tc["eos_token"].is_string() && tc["pad_token"].is_string(),
         "{tc}"
     );
-    // Another tokenizer than the shards' (named, or an --init model's) is refused, naming
-    // both files: its ids would stand for other text.
+    // Another tokenizer than the shards' (named, or an --init model's byte tokenizer) is
+    // refused, naming both files: the shards' ids would stand for other tokens.
     let gpt2 = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/gpt2");
     let gpt2 = gpt2.join("tokenizer.json");
     let beside = bpe_shards.join("tokenizer.json").display().to_string();
@@ -1194,6 +1194,37 @@ fn pretraining_learns_from_token_shards() {
     from_bytes.extend(["--init".to_string(), r_bytes.clone()]);
     let e = run_err(&strs(&from_bytes));
     assert!(e.contains(&beside) && e.contains(&r_bytes), "{e}");
+    // The shards' tokenizer with a chat token added keeps every shard id: it trains, silently.
+    // Lowercasing first, the same ids split text otherwise: it trains, and says so.
+    let shards_tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&bpe).unwrap()).unwrap();
+    let variant = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut json = shards_tok.clone();
+        edit(&mut json);
+        let path = p(d.path(), name);
+        std::fs::write(&path, json.to_string()).unwrap();
+        let mut args = pretrain(&format!("{name}-run"));
+        args.extend(["--tokenizer".to_string(), path.display().to_string()]);
+        let o = run_ok(&strs(&args));
+        (path, String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    let (_, err) = variant("added.json", &|json| {
+        let tokens = json["added_tokens"].as_array_mut().unwrap();
+        let mut chat = tokens[0].clone();
+        chat["id"] = 1000.into();
+        chat["content"] = "<|im_start|>".into();
+        tokens.push(chat);
+    });
+    let tokenizer_warning = |l: &str| l.contains("warning") && l.contains("tokenizer");
+    assert!(!err.lines().any(tokenizer_warning), "{err}");
+    let (lower, err) = variant("lower.json", &|json| {
+        json["normalizer"] = serde_json::json!({"type": "Lowercase"});
+    });
+    let warned = err.lines().find(|l| l.contains("split text differently"));
+    assert!(
+        warned.is_some_and(|l| l.contains(&beside) && l.contains(&lower.display().to_string())),
+        "{err}"
+    );
     std::fs::remove_file(bpe_shards.join("tokenizer.json")).unwrap();
     let args = pretrain("lost-run");
     let args = strs(&args);
@@ -1528,6 +1559,12 @@ fn a_corrupt_latest_checkpoint_resumes_from_the_one_before() {
         let dir = stopped(name, file);
         let file = format!("step-0000004/{file}");
         let o = dir.to_str().unwrap();
+        // A reader takes no other checkpoint on its own; it names the intact one.
+        let e = run_err(&["generate", "--checkpoint", o, "--prompt", "a"]);
+        assert!(
+            e.contains(&file) && e.contains("step-0000002 is intact"),
+            "{name}: {e}"
+        );
         let out = run_ok(&["pretrain", "--resume", o, "--device", "cpu"]);
         let err = String::from_utf8_lossy(&out.stderr);
         let warned = lines_with(&err, "warning:");
@@ -1564,7 +1601,30 @@ fn a_corrupt_latest_checkpoint_resumes_from_the_one_before() {
         assert!(dir.join("final/model.safetensors").is_file());
     }
 
-    // Neither checkpoint loads: the newest one's file and reason, and the directory as it was.
+    // An intact checkpoint that does not load (here weights of another model) is the run's
+    // fault, not the checkpoint's: the resume stops, and nothing is set aside or passed over.
+    let dir = stopped("other", "meta.json");
+    std::fs::write(dir.join("checkpoints/step-0000004/meta.json"), "{}").unwrap();
+    let other = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+    let weights = dir.join("checkpoints/step-0000004/model.safetensors");
+    candle_core::safetensors::save(&std::collections::HashMap::from([("x", other)]), &weights)
+        .unwrap();
+    let e = run_err(&[
+        "pretrain",
+        "--resume",
+        dir.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(e.contains("step-0000004"), "{e}");
+    assert!(
+        !dir.join("checkpoints/step-0000004.corrupt").exists(),
+        "{e}"
+    );
+    let latest = std::fs::read_to_string(dir.join("checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), "step-0000004");
+
+    // Neither checkpoint loads: each one's file and reason, and the directory as it was.
     let dir = stopped("none", "model.safetensors");
     truncate(&dir.join("checkpoints/step-0000002/optimizer.safetensors"));
     let e = run_err(&[
@@ -1577,6 +1637,10 @@ fn a_corrupt_latest_checkpoint_resumes_from_the_one_before() {
     assert!(
         e.contains("step-0000004/model.safetensors") && e.contains("cannot read safetensors"),
         "{e}"
+    );
+    assert!(
+        e.contains("step-0000002/optimizer.safetensors"),
+        "the older one's reason too: {e}"
     );
     assert!(!dir.join("checkpoints/step-0000004.corrupt").exists());
     let latest = std::fs::read_to_string(dir.join("checkpoints/latest")).unwrap();

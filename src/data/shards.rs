@@ -12,13 +12,14 @@
 //! size, and a batch copies its windows out of the page cache.
 
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
 
-use super::tokenizer::{Tokenizer, FILE_NAME};
+use super::tokenizer::{Tokenizer, BYTE_EOS, BYTE_PAD, FILE_NAME};
 
 /// Bytes of a shard's header.
 pub const HEADER_BYTES: usize = 256 * 4;
@@ -356,48 +357,197 @@ pub fn corpus_tokenizer_file(corpus: &Path) -> Option<PathBuf> {
 
 /// Text encoded by both tokenizers: a vocabulary alike with other merges, normalizer or
 /// pre-tokenizer cuts text otherwise, which the ids of this (cases, digits, punctuation,
-/// runs of spaces, newlines and tabs, accents, CJK, an emoji) show.
+/// runs of spaces, newlines and tabs, accents, CJK, an emoji, special tokens after a space)
+/// show.
 const PROBE: &str = "The quick brown fox, 1234567890 -- jumped!  Over\tthe lazy dog's\n\n\
     \"naïve café\" (Ünïcödé) 東京 🙂 <|endoftext|> </s> [INST] x=y+1; print(a[0])\r\n  end.";
 
-/// Refuses a run whose tokenizer `tok` (read from `from`: a tokenizer.json, or the directory
-/// of a model whose tokenizer it is) is not the tokenizer a shard corpus was written with,
-/// where its tokenizer.json is beside it: the ids would stand for other text. Tokenizers
-/// agree where they map every token to the same id (special tokens included) and cut the
-/// probe text alike; how their files are formatted does not matter. A text corpus, or
-/// shards with no tokenizer.json (llm.c's, or encoded with the byte tokenizer), pass.
-pub fn check_corpus_tokenizer(corpus: &Path, tok: &Tokenizer, from: &Path) -> Result<()> {
+/// Checks a run's tokenizer `tok` (read from `from`: a tokenizer.json, or the directory of a
+/// model whose tokenizer it is) against the tokenizer.json a shard corpus was written with,
+/// where one is beside it. Refused, in one line naming both files and the first id that
+/// differs: a run in which some shard id stands for another token than in the shards'
+/// tokenizer. A run tokenizer that only adds tokens (chat tokens for continued pretraining)
+/// passes, as every shard id keeps its meaning. Returns a warning, for the caller to print,
+/// where the ids agree but the two split text differently, or where the file beside the
+/// shards cannot be read as a tokenizer. A text corpus, or shards with no tokenizer.json
+/// (llm.c's, or encoded with the byte tokenizer), pass silently.
+pub fn check_corpus_tokenizer(
+    corpus: &Path,
+    tok: &Tokenizer,
+    from: &Path,
+) -> Result<Option<String>> {
     if !is_shard_corpus(corpus) {
-        return Ok(());
+        return Ok(None);
     }
     let Some(file) = corpus_tokenizer_file(corpus) else {
-        return Ok(());
+        return Ok(None);
     };
-    let written = Tokenizer::from_file(&file)?;
-    if same_tokenizer(&written, tok)? {
-        return Ok(());
-    }
     let from = match from.join(FILE_NAME) {
         inside if from.is_dir() && inside.is_file() => inside,
         _ => from.to_path_buf(),
     };
-    bail!(
-        "{}: the token shards of {} were written with this tokenizer ({}), and the run's \
-         tokenizer, from {} ({}), is another, whose ids stand for other text: encode the corpus \
-         again with the run's tokenizer (temper tokenizer encode --tokenizer), or train from \
-         scratch with the shards' (--tokenizer {})",
-        file.display(),
-        corpus.display(),
-        written.describe(),
-        from.display(),
-        tok.describe(),
-        file.display()
-    )
+    // The raw tokenizer, not `Tokenizer::from_file`: that one wants an EOS it can find by
+    // name, which the shards' ids do not depend on (an --init model's tokenizer_config.json
+    // may name an EOS spelt otherwise, DeepSeek's `<|EOT|>`). A file that is no tokenizer at
+    // all only costs the check: before it existed such runs trained, and the ids themselves
+    // are still checked against the vocabulary's size as they are read.
+    let written = match std::fs::read_to_string(&file)
+        .map_err(anyhow::Error::from)
+        .and_then(|t| {
+            t.parse::<tokenizers::Tokenizer>()
+                .map_err(|e| anyhow::anyhow!("{e}"))
+        }) {
+        Ok(w) => w,
+        Err(e) => {
+            return Ok(Some(format!(
+                "warning: {}: not a tokenizer.json ({e}), so whether the token shards of {} \
+                 hold the ids of the run's tokenizer ({}) is not checked",
+                file.display(),
+                corpus.display(),
+                from.display()
+            )))
+        }
+    };
+    match compare(&written, tok)? {
+        Agreement::Same => Ok(None),
+        Agreement::OtherIds { id, shards, run } => bail!(
+            "{}: the token shards of {} were written with this tokenizer, and the run's \
+             tokenizer, from {}, is another, in which the shards' ids stand for other tokens: \
+             id {id} is {shards:?} in the shards' and {} in the run's; encode the corpus again \
+             with the run's tokenizer (temper tokenizer encode --tokenizer), or train from \
+             scratch with the shards' (--tokenizer {})",
+            file.display(),
+            corpus.display(),
+            from.display(),
+            match run {
+                Some(t) => format!("{t:?}"),
+                None => "no token".to_string(),
+            },
+            file.display()
+        ),
+        // Not refused: the ids are fixed in the shards and mean the same tokens to both, so
+        // the model learns what it would with the shards' tokenizer. What differs is how text
+        // becomes ids later (generation, evaluation, the exported model), where the run's
+        // tokenizer will split some text in ways the model never saw; a tokenizer fixed up on
+        // purpose (a normalizer, SentencePiece's prefix space) does exactly that, so the user
+        // is told rather than stopped.
+        Agreement::OtherSplit {
+            at,
+            part,
+            shards,
+            run,
+        } => Ok(Some(format!(
+            "warning: {} (the tokenizer the token shards of {} were written with) and the run's \
+             tokenizer, {}, give every token the same id but split text differently: from byte \
+             {at} of a probe text, {part:?}, the shards' tokenizer gives {shards:?} and the \
+             run's {run:?}; the model learns the shards' split and will be used with the \
+             run's (encode the corpus again with the run's tokenizer for them to agree)",
+            file.display(),
+            corpus.display(),
+            from.display()
+        ))),
+    }
 }
 
-/// Whether `a` and `b` give every token the same id and cut [`PROBE`] alike.
-fn same_tokenizer(a: &Tokenizer, b: &Tokenizer) -> Result<bool> {
-    Ok(a.same_vocabulary(b) && a.encode(PROBE)? == b.encode(PROBE)?)
+/// How a run's tokenizer stands to the one a shard corpus was written with.
+#[derive(Debug, PartialEq)]
+enum Agreement {
+    /// Every shard id is the same token to the run, and both split the probe alike.
+    Same,
+    /// Shard id `id` is token `shards` to the shards' tokenizer and `run` (none: no token)
+    /// to the run's.
+    OtherIds {
+        id: u32,
+        shards: String,
+        run: Option<String>,
+    },
+    /// The ids agree, but the probe splits otherwise from byte `at` (`part` of it on): the
+    /// next few tokens of each.
+    OtherSplit {
+        at: usize,
+        part: String,
+        shards: Vec<String>,
+        run: Vec<String>,
+    },
+}
+
+/// Token `id` of the run's tokenizer, as the vocabulary spells it; the byte tokenizer's are
+/// named so that no vocabulary's spelling equals one.
+fn run_token(tok: &Tokenizer, id: u32) -> Option<String> {
+    match tok {
+        Tokenizer::Bytes => match id {
+            0..=255 => Some(format!("<byte {id:#04x}>")),
+            _ if id == BYTE_EOS => Some("<byte-tokenizer EOS>".to_string()),
+            _ if id == BYTE_PAD => Some("<byte-tokenizer PAD>".to_string()),
+            _ => None,
+        },
+        Tokenizer::Hf { inner, .. } => inner.id_to_token(id),
+    }
+}
+
+/// Compares the shards' tokenizer `written` with the run's `tok`: first every id of
+/// `written` (smallest first, so the error names the first that differs), then the split of
+/// [`PROBE`] without the tokens only the run has (they cut the text where the shards'
+/// tokenizer cannot, and no shard holds them).
+fn compare(written: &tokenizers::Tokenizer, tok: &Tokenizer) -> Result<Agreement> {
+    let mut ids: Vec<u32> = written.get_vocab(true).into_values().collect();
+    ids.sort_unstable();
+    ids.dedup();
+    for &id in &ids {
+        let Some(shards) = written.id_to_token(id) else {
+            continue;
+        };
+        let run = run_token(tok, id);
+        if run.as_deref() != Some(shards.as_str()) {
+            return Ok(Agreement::OtherIds { id, shards, run });
+        }
+    }
+    let mut probe = PROBE.to_string();
+    if let Tokenizer::Hf { inner, .. } = tok {
+        for (id, added) in inner.get_added_tokens_decoder() {
+            if written.id_to_token(id).is_none() && !added.content.is_empty() {
+                probe = probe.replace(&added.content, "");
+            }
+        }
+    }
+    let enc = written
+        .encode(probe.as_str(), false)
+        .map_err(|e| anyhow::anyhow!("tokenizer failed to encode text: {e}"))?;
+    let shards: Vec<(u32, Range<usize>)> = (enc.get_ids().iter())
+        .zip(enc.get_offsets())
+        .map(|(&id, &(a, b))| (id, a..b))
+        .collect();
+    let run = tok.encode_offsets(&probe)?;
+    let Some(i) = (0..shards.len().max(run.len()))
+        .find(|&i| shards.get(i).map(|t| t.0) != run.get(i).map(|t| t.0))
+    else {
+        return Ok(Agreement::Same);
+    };
+    let start = |t: Option<&(u32, Range<usize>)>| t.map_or(probe.len(), |t| t.1.start);
+    let at = start(shards.get(i)).min(start(run.get(i)));
+    // Whole characters: an offset can fall inside one a byte-level token cuts.
+    let at = (0..=at)
+        .rev()
+        .find(|&b| probe.is_char_boundary(b))
+        .unwrap_or(0);
+    let part: String = probe[at..].chars().take(16).collect();
+    let names = |ids: &[(u32, Range<usize>)]| -> Vec<String> {
+        ids.iter()
+            .skip(i)
+            .take(4)
+            .map(|(id, _)| {
+                written
+                    .id_to_token(*id)
+                    .unwrap_or_else(|| format!("<id {id}>"))
+            })
+            .collect()
+    };
+    Ok(Agreement::OtherSplit {
+        at,
+        part,
+        shards: names(&shards),
+        run: names(&run),
+    })
 }
 
 /// Writes `tokens` as a shard at `path`, atomically: a reader never sees half a shard.
@@ -498,11 +648,13 @@ mod tests {
         assert!(!d.path().join("big.bin").exists());
     }
 
-    /// Shards keep the tokenizer they were encoded with beside them. A run whose tokenizer is
-    /// another (other special tokens, another vocabulary, the byte tokenizer, the same
-    /// vocabulary cutting text otherwise) is refused in one line naming both files; the same
-    /// tokenizer from a file formatted otherwise, a text corpus, and shards with no
-    /// tokenizer.json pass.
+    /// Shards keep the tokenizer they were encoded with beside them. A run tokenizer in
+    /// which a shard id stands for another token (other special tokens, another vocabulary,
+    /// the byte tokenizer) is refused in one line naming both files and the first id that
+    /// differs; the same tokenizer from a file formatted otherwise, one that only adds tokens,
+    /// one whose EOS no built-in name finds, a text corpus and shards with no tokenizer.json
+    /// pass; the same ids splitting text otherwise, or a file beside the shards that is no
+    /// tokenizer, pass with a warning naming the files.
     #[test]
     fn shards_refuse_a_run_whose_tokenizer_is_not_theirs() {
         use crate::data::encode::{encode_corpus, EncodeOpts};
@@ -527,50 +679,153 @@ mod tests {
         };
         encode_corpus(&corpus, &opts).unwrap();
         let beside = shards.join(FILE_NAME).display().to_string();
-        check_corpus_tokenizer(&shards, &tok, &gpt2).unwrap();
-        check_corpus_tokenizer(&shards.join("train_000000.bin"), &tok, &gpt2).unwrap();
-        let mut json: serde_json::Value =
+        let passes = |other: &Tokenizer, from: &Path| {
+            let w = check_corpus_tokenizer(&shards, other, from).unwrap();
+            assert_eq!(w, None, "{}", from.display());
+        };
+        passes(&tok, &gpt2);
+        let w = check_corpus_tokenizer(&shards.join("train_000000.bin"), &tok, &gpt2).unwrap();
+        assert_eq!(w, None);
+        let json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&gpt2).unwrap()).unwrap();
         let write = |name: &str, json: &serde_json::Value| {
             let p = d.path().join(name);
             std::fs::write(&p, serde_json::to_string(json).unwrap()).unwrap();
-            (Tokenizer::from_file(&p).unwrap(), p)
+            p
         };
+        let load = |p: &Path| Tokenizer::from_file(p).unwrap();
         // Compact, its keys in reverse order: the same tokenizer.
         let reversed: serde_json::Map<String, serde_json::Value> = (json.as_object().unwrap())
             .iter()
             .rev()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let (compact, at) = write("compact.json", &reversed.into());
+        let at = write("compact.json", &reversed.into());
         assert_ne!(std::fs::read(&at).unwrap(), std::fs::read(&gpt2).unwrap());
-        check_corpus_tokenizer(&shards, &compact, &at).unwrap();
-        let refused = |other: &Tokenizer, from: &Path, named: &Path| {
+        passes(&load(&at), &at);
+        // Chat tokens added after the vocabulary: every shard id keeps its token. `[INST]` is
+        // in the probe, which the shards' tokenizer splits into pieces.
+        let mut added = json.clone();
+        let tokens = added["added_tokens"].as_array_mut().unwrap();
+        for (id, content) in [(301, "[INST]"), (302, "<|im_start|>")] {
+            let mut t = tokens[0].clone();
+            t["id"] = id.into();
+            t["content"] = content.into();
+            tokens.push(t);
+        }
+        let at = write("added.json", &added);
+        assert!(load(&at).encode("[INST]").unwrap() == vec![301]);
+        passes(&load(&at), &at);
+        // Refused naming both files, the first id that differs and its token on each side.
+        let refused = |other: &Tokenizer, from: &Path, named: &Path, differs: &str| {
             let e = err(check_corpus_tokenizer(&shards, other, from));
             let named = named.display().to_string();
-            assert!(e.contains(&beside) && e.contains(&named), "{e}");
+            assert!(
+                e.contains(&beside) && e.contains(&named) && e.contains(differs),
+                "{e}"
+            );
+            assert!(!e.contains("bpe(vocab="), "{e}");
         };
-        // Llama's specials where GPT-2 has <|endoftext|>: id 300 stands for another token.
+        // Llama's specials where GPT-2 has <|endoftext|>, its vocabulary otherwise the same.
         let llama = fixtures.join("hf/llama");
-        let llama_tok = Tokenizer::from_file(&llama.join(FILE_NAME)).unwrap();
-        refused(&llama_tok, &llama, &llama.join(FILE_NAME));
-        let metaspace = fixtures.join("sentencepiece/metaspace/tokenizer.json");
         refused(
-            &Tokenizer::from_file(&metaspace).unwrap(),
-            &metaspace,
-            &metaspace,
+            &load(&llama.join(FILE_NAME)),
+            &llama,
+            &llama.join(FILE_NAME),
+            "id 300 is \"<|endoftext|>\" in the shards' and \"<|begin_of_text|>\" in the run's",
         );
+        let metaspace = fixtures.join("sentencepiece/metaspace/tokenizer.json");
+        refused(&load(&metaspace), &metaspace, &metaspace, "id 0 is \"!\"");
+        // The byte tokenizer, as an --init model trained on byte shards has it.
         let run = d.path().join("byte-run");
-        refused(&Tokenizer::bytes(), &run, &run);
+        std::fs::create_dir(&run).unwrap();
+        refused(
+            &Tokenizer::bytes(),
+            &run,
+            &run,
+            "\"<byte 0x00>\" in the run's",
+        );
+        // Past the shards' vocabulary: no token.
+        let mut fewer = json.clone();
+        fewer["added_tokens"] = serde_json::json!([]);
+        let at = write("fewer.json", &fewer);
+        let mut named = load(&gpt2);
+        if let Tokenizer::Hf { inner, .. } = &mut named {
+            *inner = std::sync::Arc::new(std::fs::read_to_string(&at).unwrap().parse().unwrap());
+        }
+        refused(&named, &at, &at, "and no token in the run's");
         // The same vocabulary without its merges: every word cut into letters.
-        json["model"]["merges"] = serde_json::json!([]);
-        let (unmerged, at) = write("unmerged.json", &json);
-        assert!(unmerged.same_vocabulary(&tok));
-        refused(&unmerged, &at, &at);
+        let warned = |other: &Tokenizer, from: &Path, split: &str| {
+            let w = check_corpus_tokenizer(&shards, other, from).unwrap();
+            let w = w.expect("a warning");
+            let from = from.display().to_string();
+            assert!(
+                w.contains(&beside)
+                    && w.contains(&from)
+                    && w.contains("same id but split text differently")
+                    && w.contains(split)
+                    && !w.contains('\n'),
+                "{w}"
+            );
+        };
+        let mut unmerged = json.clone();
+        unmerged["model"]["merges"] = serde_json::json!([]);
+        let at = write("unmerged.json", &unmerged);
+        assert!(load(&at).same_vocabulary(&tok));
+        warned(
+            &load(&at),
+            &at,
+            "from byte 0 of a probe text, \"The quick brown ",
+        );
         // Nothing to compare with.
-        check_corpus_tokenizer(&corpus, &Tokenizer::bytes(), &run).unwrap();
+        let w = check_corpus_tokenizer(&corpus, &Tokenizer::bytes(), &run).unwrap();
+        assert_eq!(w, None);
+        // A file beside the shards that is no tokenizer costs the check, not the run.
+        std::fs::write(shards.join(FILE_NAME), "{").unwrap();
+        let w = check_corpus_tokenizer(&shards, &Tokenizer::bytes(), &run).unwrap();
+        let w = w.expect("a warning");
+        assert!(
+            w.contains(&beside) && w.contains("not a tokenizer.json"),
+            "{w}"
+        );
         std::fs::remove_file(shards.join(FILE_NAME)).unwrap();
-        check_corpus_tokenizer(&shards, &Tokenizer::bytes(), &run).unwrap();
+        let w = check_corpus_tokenizer(&shards, &Tokenizer::bytes(), &run).unwrap();
+        assert_eq!(w, None);
+
+        // SentencePiece's two ways to put `▁` before words: the same vocabulary and ids, a
+        // space after a special token split otherwise. One line saying so, not "other text".
+        let sp = d.path().join("sp");
+        std::fs::create_dir(&sp).unwrap();
+        write_shard(&sp.join("train_000000.bin"), &[3, 4, 5], Width::U16).unwrap();
+        let legacy = fixtures.join("sentencepiece/legacy/tokenizer.json");
+        std::fs::copy(&legacy, sp.join(FILE_NAME)).unwrap();
+        let w = check_corpus_tokenizer(&sp, &load(&metaspace), &metaspace).unwrap();
+        let w = w.expect("a warning");
+        let (sp_beside, m) = (sp.join(FILE_NAME), metaspace.display().to_string());
+        assert!(
+            w.contains(&sp_beside.display().to_string())
+                && w.contains(&m)
+                && w.contains("same id but split text differently"),
+            "{w}"
+        );
+
+        // An EOS only a model's tokenizer_config.json names (DeepSeek's spelling): the
+        // shards' tokenizer.json is compared as it is, with no EOS to find.
+        let mut eot = json.clone();
+        eot["added_tokens"][0]["content"] = "<|EOT|>".into();
+        let model = d.path().join("model");
+        std::fs::create_dir(&model).unwrap();
+        let eot_file = model.join(FILE_NAME);
+        std::fs::write(&eot_file, serde_json::to_string(&eot).unwrap()).unwrap();
+        std::fs::write(
+            model.join("tokenizer_config.json"),
+            r#"{"eos_token": "<|EOT|>"}"#,
+        )
+        .unwrap();
+        assert!(Tokenizer::from_file(&eot_file).is_err());
+        let eot_tok = Tokenizer::load_dir(&model).unwrap();
+        std::fs::copy(&eot_file, shards.join(FILE_NAME)).unwrap();
+        passes(&eot_tok, &model);
     }
 
     #[test]

@@ -654,6 +654,8 @@ impl Task for DpoTask<'_> {
     }
 
     fn evaluate(&mut self) -> Result<DpoEval> {
+        // `run` refuses an empty held-out set (before and after fitting it to the context),
+        // so `n` is never 0 and the means below are never NaN.
         let (mut l, mut a, mut n) = (0.0, 0.0, 0.0);
         let batch = self.env.cfg.train.batch_size.max(1);
         for (k, c) in self.eval.chunks(batch).enumerate() {
@@ -708,8 +710,8 @@ impl Task for DpoTask<'_> {
 }
 
 /// DPO's outcome against the SFT model it started from. None where a number was not
-/// measured: task accuracy without held-out prompts with answers (a user's pairs), a start on
-/// a resumed run, anything where no held-out evaluation ran.
+/// measured: task accuracy without held-out prompts (a user's pairs) or with one that has
+/// no answer, a start on a resumed run, anything where no held-out evaluation ran.
 pub struct DpoResult {
     pub accuracy: Option<f64>,
     pub start_accuracy: Option<f64>,
@@ -719,7 +721,7 @@ pub struct DpoResult {
 
 impl DpoResult {
     pub fn describe(&self) -> String {
-        use super::eval::{from_start, measured};
+        use super::eval::{from_start, measured, NO_TASK_ACCURACY};
         let Some(reward_accuracy) = self.reward_accuracy else {
             return "dpo: no held-out evaluation ran".to_string();
         };
@@ -729,7 +731,7 @@ impl DpoResult {
                 "accuracy",
                 self.accuracy,
                 self.start_accuracy,
-                "no task accuracy (no held-out prompts with answers)"
+                NO_TASK_ACCURACY
             ),
             from_start(self.start_reward_accuracy)
         )

@@ -18,6 +18,11 @@ pub struct Accuracy {
     pub samples: Vec<(String, String, bool)>,
 }
 
+/// What a preference stage's summary says where [`task_accuracy`] is None: it covers both
+/// cases, no held-out prompts (a user's pairs or records) and one without an answer.
+pub const NO_TASK_ACCURACY: &str =
+    "no task accuracy (no held-out prompts, or one has no answer to check against)";
+
 /// The held-out task accuracy the preference stages report: [`accuracy`] over `prompts` in
 /// batches of 64, or None where there are none or some have no answer (a user's data).
 pub fn task_accuracy(

@@ -297,6 +297,7 @@ impl Task for KtoTask<'_> {
                 s.1 += 1;
             }
         }
+        // Never 0: `run` refuses an empty held-out set.
         let n = self.eval.len() as f64;
         let average = |(sum, k): (f64, usize)| (k > 0).then(|| sum / k as f64);
         Ok(KtoEval {
@@ -325,9 +326,9 @@ impl Task for KtoTask<'_> {
 }
 
 /// KTO's outcome against the SFT model it started from. None where a number was not
-/// measured: task accuracy without held-out prompts with answers (a user's records), the
-/// reward margin where the held-out examples hold one label only, a start on a resumed run,
-/// anything where no held-out evaluation ran.
+/// measured: task accuracy without held-out prompts (a user's records) or with one that has
+/// no answer, the reward margin where the held-out examples hold one label only, a start on
+/// a resumed run, anything where no held-out evaluation ran.
 pub struct KtoResult {
     pub accuracy: Option<f64>,
     pub start_accuracy: Option<f64>,
@@ -338,7 +339,7 @@ pub struct KtoResult {
 
 impl KtoResult {
     pub fn describe(&self) -> String {
-        use super::eval::{from_start, measured};
+        use super::eval::{from_start, measured, NO_TASK_ACCURACY};
         let Some(label_accuracy) = self.label_accuracy else {
             return "kto: no held-out evaluation ran".to_string();
         };
@@ -352,7 +353,7 @@ impl KtoResult {
                 "accuracy",
                 self.accuracy,
                 self.start_accuracy,
-                "no task accuracy (no held-out prompts with answers)"
+                NO_TASK_ACCURACY
             ),
             from_start(self.start_label_accuracy),
         )

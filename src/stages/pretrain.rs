@@ -9,7 +9,9 @@ use super::setup::{self, Plan};
 use super::Env;
 use crate::data::corpus::{load_documents, pack_documents};
 use crate::data::sampler::{state_u64, WindowSampler};
-use crate::data::shards::{check_corpus_tokenizer, is_shard_corpus, open_corpus, TokenStream};
+use crate::data::shards::{
+    check_corpus_tokenizer, corpus_tokenizer_file, is_shard_corpus, open_corpus, TokenStream,
+};
 use crate::data::tokenizer::Tokenizer;
 use crate::kernels::segments::Segments;
 use crate::model::{Fwd, Transformer};
@@ -150,7 +152,8 @@ pub struct PretrainResult {
     pub first_val_loss: Option<f64>,
     /// None where no held-out evaluation ran (a resumed run that had finished, say).
     pub val_loss: Option<f64>,
-    pub train_loss: f64,
+    /// The last step's loss; None where no step ran (a resumed run that had finished).
+    pub train_loss: Option<f64>,
 }
 
 /// The training and validation token streams, and what they came from (for the log).
@@ -205,12 +208,7 @@ pub fn tokenizer(env: &Env) -> Result<Tokenizer> {
         return Tokenizer::from_file(p);
     }
     if let Some(data) = env.cfg.data.path.as_deref().filter(|p| is_shard_corpus(p)) {
-        let dir = if data.is_dir() {
-            Some(data)
-        } else {
-            data.parent()
-        };
-        if let Some(beside) = dir.map(|d| d.join("tokenizer.json")).filter(|p| p.exists()) {
+        if let Some(beside) = corpus_tokenizer_file(data) {
             return Tokenizer::from_file(&beside);
         }
     }
@@ -256,7 +254,9 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
         None => cfg.data.tokenizer.as_deref(),
     };
     if let (Some(data), Some(from)) = (cfg.data.path.as_deref(), tok_from) {
-        check_corpus_tokenizer(data, &tok, from)?;
+        if let Some(warning) = check_corpus_tokenizer(data, &tok, from)? {
+            errln!("[pretrain] {warning}");
+        }
     }
     let mut model_cfg = match &init {
         Some(l) => l.meta.model.clone(),

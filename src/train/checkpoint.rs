@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{LoraConfig, ModelConfig, Stage};
@@ -195,9 +195,82 @@ pub fn set_aside(dir: &Path) -> Result<PathBuf> {
     Ok(aside)
 }
 
+/// What makes checkpoint `dir` unreadable as written, where anything does: a file every
+/// checkpoint has (state, meta, weights, optimizer state) missing, a JSON file that does not
+/// parse, or a safetensors file whose length is not what its header describes (cut short by
+/// a full disk or a torn copy). Only such damage lets a resume fall back to an older
+/// checkpoint: an intact one that does not load (another model's shapes, a setting the run
+/// began without) is the run's configuration at fault, which no older checkpoint mends.
+pub fn damage(dir: &Path) -> Option<anyhow::Error> {
+    for name in [
+        "state.json",
+        "meta.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+    ] {
+        if !dir.join(name).is_file() {
+            return Some(anyhow!("{}: missing", dir.join(name).display()));
+        }
+    }
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => return Some(anyhow!("{}: cannot list: {e}", dir.display())),
+    };
+    let mut files: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+    files.sort();
+    files.into_iter().find_map(|f| {
+        let reason = match f.extension().and_then(|e| e.to_str()) {
+            Some("json") => std::fs::read(&f)
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    serde_json::from_slice::<serde_json::Value>(&b)
+                        .map(drop)
+                        .map_err(|e| format!("malformed: {e}"))
+                })
+                .err(),
+            Some("safetensors") => safetensors_damage(&f)
+                .err()
+                .map(|r| format!("cannot read safetensors: {r}")),
+            _ => None,
+        }?;
+        Some(anyhow!("{}: {reason}", f.display()))
+    })
+}
+
+/// Whether a safetensors file is as long as its header says, read without its data.
+fn safetensors_damage(path: &Path) -> std::result::Result<(), String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| format!("{len} bytes, shorter than a header"))?;
+    let n = u64::from_le_bytes(n);
+    if n > len - 8 {
+        return Err(format!("a header of {n} bytes in a file of {len}"));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| e.to_string())?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| format!("header: {e}"))?;
+    let end = header
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    match 8 + n + end == len {
+        true => Ok(()),
+        false => Err(format!(
+            "{len} bytes where its header describes {}",
+            8 + n + end
+        )),
+    }
+}
+
 /// The step of a checkpoint directory named `step-N`; none for any other name (`.partial`,
 /// `.corrupt`, `latest`).
-fn step_of(p: &Path) -> Option<usize> {
+pub(crate) fn step_of(p: &Path) -> Option<usize> {
     let digits = p.file_name()?.to_str()?.strip_prefix("step-")?;
     match digits.bytes().all(|b| b.is_ascii_digit()) {
         true => digits.parse().ok(),
@@ -229,6 +302,21 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
         return Ok(path.join("final"));
     }
     if let Some(p) = Checkpoints::latest(path)? {
+        // Only a resume passes over a damaged checkpoint (and sets it aside); a reader names
+        // the one it could take instead.
+        if let Some(e) = damage(&p) {
+            let intact = Checkpoints::newest_first(path)?
+                .into_iter()
+                .skip(1)
+                .find(|c| damage(c).is_none());
+            match intact {
+                Some(c) => bail!(
+                    "{e}; {} is intact: name it, or --resume the run to set this one aside",
+                    c.display()
+                ),
+                None => bail!("{e}"),
+            }
+        }
         return Ok(p);
     }
     if !path.exists() {

@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::{missing_latest, set_aside, CheckpointMeta, Checkpoints};
+use super::checkpoint::{damage, missing_latest, set_aside, step_of, CheckpointMeta, Checkpoints};
 use super::loss::scalar;
 use super::metrics::MetricsLog;
 use super::optimizer::AdamW;
@@ -138,7 +138,8 @@ struct LoopState {
 #[derive(Clone, Debug)]
 pub struct TrainSummary<E> {
     pub steps: usize,
-    pub last_train_loss: f64,
+    /// None where no step ran (a resumed run that had finished).
+    pub last_train_loss: Option<f64>,
     /// The evaluation before the first step (with `eval_at_start`, on a fresh run).
     pub first_eval: Option<E>,
     pub last_eval: Option<E>,
@@ -341,32 +342,41 @@ fn resume<T: Task>(
             Err(e) => failed.push((dir, e)),
         }
     }
+    // Every rank says what it loaded before any gives up, so that none waits on a rank that
+    // has left.
+    let step = loaded.as_ref().map_or(NONE_LOADED, |(_, st)| st.step);
+    if !ranks_agree(opts.comm, step)? {
+        bail!(
+            "[{}] the ranks did not all resume from the same checkpoint (this one {}): a \
+             checkpoint read on one rank did not load on another{}",
+            opts.label,
+            match &loaded {
+                Some((dir, _)) => format!("from {}", dir.display()),
+                None => "from none".to_string(),
+            },
+            reasons(&failed)
+        );
+    }
     let Some((dir, st)) = loaded else {
-        let older = failed.len() - 1;
         let (newest, e) = failed.remove(0);
-        return Err(match older {
-            0 => e,
-            n => e.context(format!(
-                "{}: cannot resume from it, nor from the {n} older checkpoint{} beside it",
+        return Err(match failed.is_empty() {
+            true => e,
+            false => e.context(format!(
+                "{}: cannot resume from it, nor from an older checkpoint{}",
                 newest.display(),
-                if n == 1 { "" } else { "s" }
+                reasons(&failed)
             )),
         });
     };
     task.restore(&st.task)?;
-    if !ranks_agree(opts.comm, st.step)? {
-        bail!(
-            "[{}] the ranks did not all resume from the same checkpoint (this one from {}): \
-             a checkpoint read on one rank did not load on another",
-            opts.label,
-            dir.display()
-        );
-    }
     if opts.comm.rank() == 0 && !failed.is_empty() {
         // The pointer first: a reader between the two steps finds the good checkpoint.
         ckpts.make_latest(&dir)?;
         for (bad, e) in &failed {
-            let aside = match bad.is_dir() {
+            // Only a step directory of this run's own: `latest` may name another path.
+            let own = bad.parent() == Some(opts.run_dir.join("checkpoints").as_path())
+                && step_of(bad).is_some();
+            let aside = match own && bad.is_dir() {
                 true => format!(
                     "; {} is set aside as {}",
                     bad.display(),
@@ -395,9 +405,21 @@ fn resume<T: Task>(
     Ok(st.step)
 }
 
+/// A step no checkpoint has, for a rank that loaded none.
+const NONE_LOADED: usize = usize::MAX >> 16;
+
+/// The reasons checkpoints did not load, one per checkpoint, for the end of one line.
+fn reasons(failed: &[(PathBuf, anyhow::Error)]) -> String {
+    failed
+        .iter()
+        .map(|(_, e)| format!(" ({})", one_line(e)))
+        .collect()
+}
+
 /// Reads checkpoint `dir`'s state and restores its weights, optimizer state and task files:
-/// the inner error where one of them does not load, the outer one where the state says the
-/// run is past `steps`, which no older checkpoint would mend.
+/// the inner error where the checkpoint is damaged (see [`damage`]), which an older one may
+/// mend, the outer one where an intact checkpoint does not load or the run is past `steps`,
+/// which no older checkpoint would mend.
 fn load_checkpoint<T: Task>(
     dir: &Path,
     task: &mut T,
@@ -408,17 +430,16 @@ fn load_checkpoint<T: Task>(
     if !dir.is_dir() {
         return Ok(Err(anyhow!(missing_latest(opts.run_dir, dir))));
     }
+    if let Some(e) = damage(dir) {
+        return Ok(Err(e));
+    }
     let state = dir.join("state.json");
     let st = std::fs::read_to_string(&state)
-        .with_context(|| format!("{}: state.json missing", dir.display()))
+        .with_context(|| format!("{}: cannot read", state.display()))
         .and_then(|text| {
             serde_json::from_str::<LoopState>(&text)
                 .with_context(|| format!("{}: malformed", state.display()))
-        });
-    let st = match st {
-        Ok(st) => st,
-        Err(e) => return Ok(Err(e)),
-    };
+        })?;
     // Before anything is written: the run's config.toml keeps the steps it ran to. A run
     // stopped at its last step's checkpoint, before final/, resumes to write it.
     let finished = st.step == opts.cfg.steps && opts.run_dir.join("final").exists();
@@ -431,13 +452,10 @@ fn load_checkpoint<T: Task>(
             opts.cfg.steps
         );
     }
-    // Each load replaces everything it sets, so one that failed part-way leaves nothing the
-    // next checkpoint's does not overwrite.
-    let files = saved
-        .load_model(dir)
-        .and_then(|()| opt.load(&dir.join("optimizer.safetensors"), st.adam_t))
-        .and_then(|()| task.read_files(dir));
-    Ok(files.map(|()| st))
+    saved.load_model(dir)?;
+    opt.load(&dir.join("optimizer.safetensors"), st.adam_t)?;
+    task.read_files(dir)?;
+    Ok(Ok(st))
 }
 
 /// Whether every rank resumed from the step rank 0 did: each reads the checkpoints itself,
@@ -527,7 +545,7 @@ impl<T: Task> Loop<'_, T> {
         let label = self.opts.label;
         let mut summary = TrainSummary {
             steps: cfg.steps,
-            last_train_loss: f64::NAN,
+            last_train_loss: None,
             first_eval: None,
             last_eval: None,
         };
@@ -573,7 +591,7 @@ impl<T: Task> Loop<'_, T> {
             }
             let s = step + 1;
             self.task.after_step(s)?;
-            summary.last_train_loss = out.loss;
+            summary.last_train_loss = Some(out.loss);
             if s % cfg.log_every == 0 || s == cfg.steps {
                 let secs = window_start.elapsed().as_secs_f64().max(1e-9);
                 let tps = window_tokens as f64 / secs;
