@@ -66,6 +66,9 @@ fn remove_any(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// The suffix of a directory [`write_dir_atomic`] replaces, while it does.
+const SUPERSEDED: &str = ".superseded";
+
 /// Fills directory `path` with `write(tmp_dir)` in `path.partial` and renames it into place:
 /// the directory is complete or absent (an older version stays until the new one is whole).
 /// A `path.partial` left by a process killed while writing is replaced; one this call made is
@@ -83,8 +86,9 @@ pub fn write_dir_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
         return Err(e);
     }
     // The old directory is renamed aside, not deleted, until the new one is in place: a kill
-    // between the two renames leaves it whole as `path.old`, and a failed rename puts it back.
-    let old = with_suffix(path, ".old");
+    // between the two renames leaves it whole as `path.superseded`, and a failed rename puts
+    // it back. (Not `.old`, a name a user may give a copy of their own.)
+    let old = with_suffix(path, SUPERSEDED);
     let replacing = path.exists();
     if replacing {
         remove_any(&old).with_context(|| format!("{}: cannot remove", old.display()))?;
@@ -124,8 +128,8 @@ mod tests {
             .collect();
         assert_eq!(left, ["a.json"]);
         // A replaced directory leaves nothing beside it, nor does one a kill between the
-        // renames left as `final.old`.
-        std::fs::create_dir_all(dir.path().join("final.old")).unwrap();
+        // renames left as `final.superseded`.
+        std::fs::create_dir_all(dir.path().join("final.superseded")).unwrap();
         write_dir_atomic(&d, |t| write_atomic(&t.join("y"), b"y")).unwrap();
         assert!(!d.join("x").exists() && d.join("y").exists());
         let mut beside: Vec<_> = std::fs::read_dir(dir.path())

@@ -1559,12 +1559,18 @@ fn a_corrupt_latest_checkpoint_resumes_from_the_one_before() {
         let dir = stopped(name, file);
         let file = format!("step-0000004/{file}");
         let o = dir.to_str().unwrap();
-        // A reader takes no other checkpoint on its own; it names the intact one.
-        let e = run_err(&["generate", "--checkpoint", o, "--prompt", "a"]);
-        assert!(
-            e.contains(&file) && e.contains("step-0000002 is intact"),
-            "{name}: {e}"
-        );
+        // A reader takes no other checkpoint on its own; it names the intact one where what
+        // it reads is damaged (the weights), and reads on where only a resume's file is.
+        let gen = ["generate", "--checkpoint", o, "--prompt", "a"];
+        if name == "cut" {
+            let e = run_err(&gen);
+            assert!(
+                e.contains(&file) && e.contains("step-0000002 is intact"),
+                "{name}: {e}"
+            );
+        } else {
+            run_ok(&gen);
+        }
         let out = run_ok(&["pretrain", "--resume", o, "--device", "cpu"]);
         let err = String::from_utf8_lossy(&out.stderr);
         let warned = lines_with(&err, "warning:");

@@ -88,8 +88,8 @@ pub fn check_inputs_outside(dir: &Path, inputs: &[&Path]) -> Result<()> {
 /// Deletes the files of the run `dir` holds, and nothing else there.
 pub fn clear(dir: &Path) -> Result<()> {
     // The final models an earlier run's resumes set aside (`final-step-N`) are its too, and
-    // so are a `final.partial` its kill left half-written and a `final.old` one left between
-    // the two renames of a replacement.
+    // so are a `final.partial` its kill left half-written and a `final.superseded` one left
+    // between the two renames of a replacement.
     let aside: Vec<String> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -97,7 +97,7 @@ pub fn clear(dir: &Path) -> Result<()> {
                 n.starts_with("final-step-")
                     || n.starts_with("final-earlier")
                     || n == "final.partial"
-                    || n == "final.old"
+                    || n == "final.superseded"
             })
             .collect(),
         Err(_) => Vec::new(),
@@ -163,7 +163,7 @@ mod tests {
         assert!(e.to_string().contains("step-0000004"), "{e}");
         std::fs::create_dir_all(dir.join("final-step-0000002")).unwrap();
         std::fs::create_dir_all(dir.join("final.partial")).unwrap();
-        std::fs::create_dir_all(dir.join("final.old")).unwrap();
+        std::fs::create_dir_all(dir.join("final.superseded")).unwrap();
         begin(&dir, Start::Overwrite).unwrap();
         assert_eq!(earlier_run(&dir), None);
         assert!(!dir.join("config.toml").exists());
@@ -172,7 +172,7 @@ mod tests {
             "a set-aside final is the run's"
         );
         assert!(
-            !dir.join("final.partial").exists() && !dir.join("final.old").exists(),
+            !dir.join("final.partial").exists() && !dir.join("final.superseded").exists(),
             "a killed write's leftovers too"
         );
         assert!(dir.join("data.jsonl").exists(), "the user's own file stays");

@@ -195,19 +195,42 @@ pub fn set_aside(dir: &Path) -> Result<PathBuf> {
     Ok(aside)
 }
 
-/// What makes checkpoint `dir` unreadable as written, where anything does: a file every
-/// checkpoint has (state, meta, weights, optimizer state) missing, a JSON file that does not
-/// parse, or a safetensors file whose length is not what its header describes (cut short by
-/// a full disk or a torn copy). Only such damage lets a resume fall back to an older
-/// checkpoint: an intact one that does not load (another model's shapes, a setting the run
-/// began without) is the run's configuration at fault, which no older checkpoint mends.
-pub fn damage(dir: &Path) -> Option<anyhow::Error> {
-    for name in [
-        "state.json",
-        "meta.json",
-        "model.safetensors",
-        "optimizer.safetensors",
-    ] {
+/// Who reads a checkpoint, which decides the files whose damage matters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadFor {
+    /// A resume: everything, optimizer state and the task's own files included.
+    Resume,
+    /// generate, export, eval, --init: the model and its tokenizer.
+    Model,
+}
+
+/// The JSON files temper parses from a checkpoint (others, as a carried
+/// `special_tokens_map.json`, are copied and never read, so they cannot damage it).
+const READ_JSON: [&str; 5] = [
+    "state.json",
+    "meta.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+];
+
+/// What makes checkpoint `dir` unreadable as written for `use_`, where anything does: a file
+/// every checkpoint has missing, a JSON file temper reads that does not parse, or a
+/// safetensors file whose length is not what its header describes (cut short by a full disk
+/// or a torn copy). Only such damage lets a resume fall back to an older checkpoint: an
+/// intact one that does not load (another model's weights, a setting the run began without)
+/// is the run's configuration at fault, which no older checkpoint mends.
+pub fn damage(dir: &Path, use_: ReadFor) -> Option<anyhow::Error> {
+    let needed: &[&str] = match use_ {
+        ReadFor::Resume => &[
+            "state.json",
+            "meta.json",
+            "model.safetensors",
+            "optimizer.safetensors",
+        ],
+        ReadFor::Model => &["meta.json", "model.safetensors"],
+    };
+    for name in needed {
         if !dir.join(name).is_file() {
             return Some(anyhow!("{}: missing", dir.join(name).display()));
         }
@@ -219,8 +242,20 @@ pub fn damage(dir: &Path) -> Option<anyhow::Error> {
     let mut files: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
     files.sort();
     files.into_iter().find_map(|f| {
+        let name = f.file_name()?.to_str()?;
+        let read = match use_ {
+            ReadFor::Resume => true,
+            ReadFor::Model => {
+                matches!(name, "model.safetensors" | "adapter.safetensors")
+                    || name.starts_with("tokenizer")
+                    || name == "meta.json"
+            }
+        };
+        if !read {
+            return None;
+        }
         let reason = match f.extension().and_then(|e| e.to_str()) {
-            Some("json") => std::fs::read(&f)
+            Some("json") if READ_JSON.contains(&name) => std::fs::read(&f)
                 .map_err(|e| e.to_string())
                 .and_then(|b| {
                     serde_json::from_slice::<serde_json::Value>(&b)
@@ -246,7 +281,8 @@ fn safetensors_damage(path: &Path) -> std::result::Result<(), String> {
     f.read_exact(&mut n)
         .map_err(|_| format!("{len} bytes, shorter than a header"))?;
     let n = u64::from_le_bytes(n);
-    if n > len - 8 {
+    // The safetensors crate's own bound on a header.
+    if n > len - 8 || n > 100_000_000 {
         return Err(format!("a header of {n} bytes in a file of {len}"));
     }
     let mut header = vec![0u8; n as usize];
@@ -259,12 +295,10 @@ fn safetensors_damage(path: &Path) -> std::result::Result<(), String> {
         .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
         .max()
         .unwrap_or(0);
-    match 8 + n + end == len {
-        true => Ok(()),
-        false => Err(format!(
-            "{len} bytes where its header describes {}",
-            8 + n + end
-        )),
+    match (8 + n).checked_add(end) {
+        Some(want) if want == len => Ok(()),
+        Some(want) => Err(format!("{len} bytes where its header describes {want}")),
+        None => Err(format!("a data offset of {end} bytes")),
     }
 }
 
@@ -304,11 +338,11 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
     if let Some(p) = Checkpoints::latest(path)? {
         // Only a resume passes over a damaged checkpoint (and sets it aside); a reader names
         // the one it could take instead.
-        if let Some(e) = damage(&p) {
+        if let Some(e) = damage(&p, ReadFor::Model) {
             let intact = Checkpoints::newest_first(path)?
                 .into_iter()
-                .skip(1)
-                .find(|c| damage(c).is_none());
+                .filter(|c| c != &p)
+                .find(|c| damage(c, ReadFor::Model).is_none());
             match intact {
                 Some(c) => bail!(
                     "{e}; {} is intact: name it, or --resume the run to set this one aside",
@@ -343,6 +377,59 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Damage is what a reader would trip over: a resume over every file, a model's reader
+    /// over the model's; a file temper never parses, however written, is not damage.
+    #[test]
+    fn damage_is_what_the_reader_reads_cut_short() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let t = candle_core::Tensor::zeros(5, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+        let weights = std::collections::HashMap::from([("w", t)]);
+        for f in ["model.safetensors", "optimizer.safetensors"] {
+            candle_core::safetensors::save(&weights, dir.join(f)).unwrap();
+        }
+        for f in ["state.json", "meta.json"] {
+            std::fs::write(dir.join(f), "{}").unwrap();
+        }
+        std::fs::write(dir.join("special_tokens_map.json"), "{\"x\": NaN}").unwrap();
+        assert!(damage(dir, ReadFor::Resume).is_none());
+        let cut = |f: &str, keep: usize| {
+            let b = std::fs::read(dir.join(f)).unwrap();
+            std::fs::write(dir.join(f), &b[..keep.min(b.len())]).unwrap();
+        };
+        cut("optimizer.safetensors", 30);
+        let e = damage(dir, ReadFor::Resume).unwrap().to_string();
+        assert!(
+            e.contains("optimizer.safetensors: cannot read safetensors"),
+            "{e}"
+        );
+        assert!(
+            damage(dir, ReadFor::Model).is_none(),
+            "a model's reader reads no optimizer"
+        );
+        std::fs::remove_file(dir.join("optimizer.safetensors")).unwrap();
+        let e = damage(dir, ReadFor::Resume).unwrap().to_string();
+        assert!(e.contains("optimizer.safetensors: missing"), "{e}");
+        // A header whose offsets run past any file, and one of 2^64 - 1 bytes.
+        let mut huge =
+            br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,18446744073709551615]}}"#
+                .to_vec();
+        let mut file = (huge.len() as u64).to_le_bytes().to_vec();
+        file.append(&mut huge);
+        std::fs::write(dir.join("model.safetensors"), &file).unwrap();
+        let e = damage(dir, ReadFor::Model).unwrap().to_string();
+        assert!(
+            e.contains("model.safetensors: cannot read safetensors"),
+            "{e}"
+        );
+        std::fs::write(dir.join("model.safetensors"), u64::MAX.to_le_bytes()).unwrap();
+        assert!(damage(dir, ReadFor::Model).is_some());
+        std::fs::write(dir.join("meta.json"), "{").unwrap();
+        let e = damage(dir, ReadFor::Model).unwrap().to_string();
+        assert!(e.contains("meta.json: malformed"), "{e}");
+    }
 
     /// What a directory lacks is said: a Hugging Face config without its weights, a run
     /// whose `latest` pointer was lost (the newest complete checkpoint is taken, not a

@@ -9,7 +9,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::{damage, missing_latest, set_aside, step_of, CheckpointMeta, Checkpoints};
+use super::checkpoint::{
+    damage, missing_latest, set_aside, step_of, CheckpointMeta, Checkpoints, ReadFor,
+};
 use super::loss::scalar;
 use super::metrics::MetricsLog;
 use super::optimizer::AdamW;
@@ -333,19 +335,28 @@ fn resume<T: Task>(
     }
     let mut failed: Vec<(PathBuf, anyhow::Error)> = Vec::new();
     let mut loaded = None;
+    let mut fatal = None;
     for dir in candidates {
-        match load_checkpoint(&dir, task, saved, opt, opts)? {
-            Ok(st) => {
+        match load_checkpoint(&dir, task, saved, opt, opts) {
+            Ok(Ok(st)) => {
                 loaded = Some((dir, st));
                 break;
             }
-            Err(e) => failed.push((dir, e)),
+            Ok(Err(e)) => failed.push((dir, e)),
+            Err(e) => {
+                fatal = Some(e);
+                break;
+            }
         }
     }
     // Every rank says what it loaded before any gives up, so that none waits on a rank that
-    // has left.
+    // has left (an optimizer shard, say, fails on its own rank alone).
     let step = loaded.as_ref().map_or(NONE_LOADED, |(_, st)| st.step);
-    if !ranks_agree(opts.comm, step)? {
+    let agree = ranks_agree(opts.comm, step)?;
+    if let Some(e) = fatal {
+        return Err(e);
+    }
+    if !agree {
         bail!(
             "[{}] the ranks did not all resume from the same checkpoint (this one {}): a \
              checkpoint read on one rank did not load on another{}",
@@ -430,7 +441,7 @@ fn load_checkpoint<T: Task>(
     if !dir.is_dir() {
         return Ok(Err(anyhow!(missing_latest(opts.run_dir, dir))));
     }
-    if let Some(e) = damage(dir) {
+    if let Some(e) = damage(dir, ReadFor::Resume) {
         return Ok(Err(e));
     }
     let state = dir.join("state.json");
