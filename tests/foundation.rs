@@ -1194,6 +1194,9 @@ fn pretraining_learns_from_token_shards() {
     from_bytes.extend(["--init".to_string(), r_bytes.clone()]);
     let e = run_err(&strs(&from_bytes));
     assert!(e.contains(&beside) && e.contains(&r_bytes), "{e}");
+    from_bytes.extend(["--tokenizer".to_string(), gpt2.display().to_string()]);
+    let e = run_err(&strs(&from_bytes));
+    assert!(e.contains("leave out --tokenizer"), "{e}");
     // The shards' tokenizer with a chat token added keeps every shard id: it trains, silently.
     // Lowercasing first, the same ids split text otherwise: it trains, and says so.
     let shards_tok: serde_json::Value =

@@ -239,7 +239,15 @@ fn document_mask_note(train: &TokenStream, t: usize, vocab: usize, eos: u32) -> 
 pub fn run(env: &Env) -> Result<PretrainResult> {
     let cfg = &env.cfg;
     // Continued pretraining starts from `--init` (a temper checkpoint or a Hugging Face
-    // model) with its own shape and tokenizer.
+    // model) with its own shape and tokenizer: its embedding rows are that tokenizer's ids.
+    if let (Some(i), Some(t)) = (&cfg.init, &cfg.data.tokenizer) {
+        bail!(
+            "--tokenizer {} with --init {}: continued pretraining keeps the model's own \
+             tokenizer (its embedding rows are that tokenizer's ids); leave out --tokenizer",
+            t.display(),
+            i.display()
+        );
+    }
     let init = match &cfg.init {
         Some(p) => Some(read_checkpoint(p, &env.device)?),
         None => None,
