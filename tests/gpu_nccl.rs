@@ -97,7 +97,8 @@ mod gpu {
                 let c: Arc<dyn Communicator> = Arc::new(group(&env.device));
                 env.comm = c;
             }
-            pretrain::run(&env).unwrap().train_loss
+            let loss = pretrain::run(&env).unwrap().train_loss;
+            loss.expect("eight steps trained")
         };
         let d = tempfile::tempdir().unwrap();
         let solo = run(false, &d.path().join("solo"));
