@@ -66,15 +66,22 @@ fn remove_any(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// The suffix of the directory [`write_dir_atomic`] fills before it renames it into place.
+const PARTIAL: &str = ".partial";
+
 /// The suffix of a directory [`write_dir_atomic`] replaces, while it does.
 const SUPERSEDED: &str = ".superseded";
+
+/// The suffixes of what [`write_dir_atomic`] may leave beside a directory when killed: a run
+/// directory's clean-up removes them with the rest of the run.
+pub const LEFTOVER_SUFFIXES: [&str; 2] = [PARTIAL, SUPERSEDED];
 
 /// Fills directory `path` with `write(tmp_dir)` in `path.partial` and renames it into place:
 /// the directory is complete or absent (an older version stays until the new one is whole).
 /// A `path.partial` left by a process killed while writing is replaced; one this call made is
 /// removed when the write fails.
 pub fn write_dir_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = with_suffix(path, ".partial");
+    let tmp = with_suffix(path, PARTIAL);
     remove_any(&tmp).with_context(|| format!("{}: cannot remove", tmp.display()))?;
     let filled = std::fs::create_dir_all(&tmp)
         .with_context(|| format!("{}: cannot create", tmp.display()))
@@ -110,6 +117,16 @@ pub fn write_dir_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
 mod tests {
     use super::*;
 
+    /// The names in directory `dir`, sorted.
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
     #[test]
     fn atomic_writes_leave_no_temporaries() {
         let dir = tempfile::tempdir().unwrap();
@@ -122,22 +139,13 @@ mod tests {
         assert!(write_dir_atomic(&d, |_| Err(anyhow!("boom"))).is_err());
         // A failed write leaves the previous complete directory readable.
         assert_eq!(std::fs::read_to_string(d.join("x")).unwrap(), "x");
-        let left: Vec<_> = std::fs::read_dir(dir.path().join("sub"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(left, ["a.json"]);
+        assert_eq!(listing(&dir.path().join("sub")), ["a.json"]);
         // A replaced directory leaves nothing beside it, nor does one a kill between the
         // renames left as `final.superseded`.
         std::fs::create_dir_all(dir.path().join("final.superseded")).unwrap();
         write_dir_atomic(&d, |t| write_atomic(&t.join("y"), b"y")).unwrap();
         assert!(!d.join("x").exists() && d.join("y").exists());
-        let mut beside: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        beside.sort();
-        assert_eq!(beside, ["final", "sub"]);
+        assert_eq!(listing(dir.path()), ["final", "sub"]);
     }
 
     /// A directory write that fails leaves no `.partial` beside the directory, and one left
@@ -147,14 +155,7 @@ mod tests {
     fn a_failed_directory_write_leaves_no_partial() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().join("step-0000004");
-        let names = || -> Vec<String> {
-            let mut v: Vec<String> = std::fs::read_dir(dir.path())
-                .unwrap()
-                .map(|e| e.unwrap().file_name().into_string().unwrap())
-                .collect();
-            v.sort();
-            v
-        };
+        let names = || listing(dir.path());
         let e = write_dir_atomic(&d, |t| {
             write_atomic(&t.join("half"), b"x")?;
             Err(anyhow!("disk full"))

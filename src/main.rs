@@ -15,6 +15,7 @@ use temper::dist::{launch, Communicator, PeerFailed, Rank, ThreadGroup};
 use temper::generate::SampleCfg;
 use temper::kernels::KernelSet;
 use temper::model::linear::Ctx;
+use temper::stages::eval::NOT_EVALUATED;
 use temper::stages::loader::{policy_from, read_checkpoint};
 use temper::stages::rewards::{check_prompts, RewardFn};
 use temper::stages::sampling_defaults;
@@ -82,9 +83,6 @@ fn training_stage(c: &Command) -> Option<(Stage, &StageArgs)> {
         _ => return None,
     })
 }
-
-/// What a stage says where it ran no held-out evaluation (a resumed run that had finished, say).
-const NOT_EVALUATED: &str = "no held-out evaluation ran";
 
 /// Runs a training stage in `env` and returns what it achieved, as a line for the user.
 fn run_stage(stage: Stage, env: &Env) -> Result<String> {

@@ -400,7 +400,7 @@ pub fn check_corpus_tokenizer(
         Ok(w) => w,
         Err(e) => {
             return Ok(Some(format!(
-                "warning: {}: not a tokenizer.json ({e}), so whether the token shards of {} \
+                "{}: not a tokenizer.json ({e}), so whether the token shards of {} \
                  hold the ids of the run's tokenizer ({}) is not checked",
                 file.display(),
                 corpus.display(),
@@ -437,7 +437,7 @@ pub fn check_corpus_tokenizer(
             shards,
             run,
         } => Ok(Some(format!(
-            "warning: {} (the tokenizer the token shards of {} were written with) and the run's \
+            "{} (the tokenizer the token shards of {} were written with) and the run's \
              tokenizer, {}, give every token the same id but split text differently: from byte \
              {at} of a probe text, {part:?}, the shards' tokenizer gives {shards:?} and the \
              run's {run:?}; the model learns the shards' split and will be used with the \

@@ -173,7 +173,11 @@ fn token_field(v: &serde_json::Value, key: &str) -> Option<String> {
 /// Field `field` of a file at `path`, `x` (absent: none): one id or a list of ids; none where
 /// it is null. Anything else is an error naming the file and the field: a stop id dropped
 /// unread would let generations run past their end.
-fn ids_field(x: Option<&serde_json::Value>, field: &str, path: &Path) -> Result<Vec<u32>> {
+pub(crate) fn ids_field(
+    x: Option<&serde_json::Value>,
+    field: &str,
+    path: &Path,
+) -> Result<Vec<u32>> {
     let id = |x: &serde_json::Value| {
         x.as_u64()
             .and_then(|i| u32::try_from(i).ok())
@@ -199,12 +203,11 @@ fn ids_field(x: Option<&serde_json::Value>, field: &str, path: &Path) -> Result<
 /// nothing. Returned as a `generation_config.json` that says the same, so that the stop ids
 /// stay with the tokenizer wherever it is saved, as transformers' `save_pretrained` writes one.
 fn generation_of_model_config(dir: &Path) -> Result<Option<String>> {
-    let Some((_, text)) = carried_file(dir, MODEL_CONFIG.to_string())? else {
+    let config = carried_file(dir, MODEL_CONFIG.to_string())?;
+    let Some(v) = carried_json(config.as_slice(), dir, MODEL_CONFIG)? else {
         return Ok(None);
     };
     let path = dir.join(MODEL_CONFIG);
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}: {e}", path.display(), e.line()))?;
     let classifier = v["architectures"]
         .get(0)
         .and_then(|a| a.as_str())
@@ -407,7 +410,7 @@ impl Tokenizer {
         }
         specials.stops.push(eos);
         // transformers reads generation_config.json alone where there is one.
-        if carried_json(&files, generation, GENERATION_CONFIG)?.is_none() {
+        if !files.iter().any(|(n, _)| n == GENERATION_CONFIG) {
             if let Some(text) = generation_of_model_config(generation)? {
                 files.push((GENERATION_CONFIG.to_string(), text));
             }

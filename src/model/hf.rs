@@ -826,12 +826,16 @@ fn scaling_json(scaling: &RopeScaling) -> serde_json::Value {
     }
 }
 
+/// A Hugging Face model's weights in one file, as `save_pretrained` names it.
+pub const WEIGHTS: &str = "model.safetensors";
+/// The index of a model's weights in shards, as `save_pretrained` names it.
+pub const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
+
 /// Whether `dir` is a Hugging Face model directory (and not a temper checkpoint).
 pub fn is_model_dir(dir: &Path) -> bool {
     dir.join("config.json").is_file()
         && !dir.join("meta.json").exists()
-        && (dir.join("model.safetensors").is_file()
-            || dir.join("model.safetensors.index.json").is_file())
+        && (dir.join(WEIGHTS).is_file() || dir.join(WEIGHTS_INDEX).is_file())
 }
 
 /// The safetensors files of a model directory: the single `model.safetensors`, or the shards
@@ -843,14 +847,14 @@ struct Weights {
 
 impl Weights {
     fn of(dir: &Path) -> Result<Self> {
-        let single = dir.join("model.safetensors");
+        let single = dir.join(WEIGHTS);
         if single.is_file() {
             return Ok(Self {
                 files: vec![single],
                 index: None,
             });
         }
-        let index = dir.join("model.safetensors.index.json");
+        let index = dir.join(WEIGHTS_INDEX);
         let text = std::fs::read_to_string(&index)
             .with_context(|| format!("{}: cannot read", index.display()))?;
         let v: serde_json::Value = serde_json::from_str(&text)

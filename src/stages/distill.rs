@@ -310,7 +310,7 @@ pub struct DistillResult {
 impl DistillResult {
     pub fn describe(&self) -> String {
         let Some(eval_loss) = self.eval_loss else {
-            return "distill: no held-out evaluation ran".to_string();
+            return format!("distill: {}", super::eval::NOT_EVALUATED);
         };
         let mut line = format!("distill: held-out divergence to the teacher {eval_loss:.4}");
         if let Some(a) = self.accuracy {

@@ -721,9 +721,9 @@ pub struct DpoResult {
 
 impl DpoResult {
     pub fn describe(&self) -> String {
-        use super::eval::{from_start, measured, NO_TASK_ACCURACY};
+        use super::eval::{from_start, measured, NOT_EVALUATED, NO_TASK_ACCURACY};
         let Some(reward_accuracy) = self.reward_accuracy else {
-            return "dpo: no held-out evaluation ran".to_string();
+            return format!("dpo: {NOT_EVALUATED}");
         };
         format!(
             "dpo: {}, implicit-reward accuracy {reward_accuracy:.3}{}",

@@ -18,6 +18,10 @@ pub struct Accuracy {
     pub samples: Vec<(String, String, bool)>,
 }
 
+/// What a stage's summary says where it ran no held-out evaluation (a resumed run that had
+/// finished, say).
+pub const NOT_EVALUATED: &str = "no held-out evaluation ran";
+
 /// What a preference stage's summary says where [`task_accuracy`] is None: it covers both
 /// cases, no held-out prompts (a user's pairs or records) and one without an answer.
 pub const NO_TASK_ACCURACY: &str =
@@ -161,7 +165,7 @@ impl PolicyResult {
 
     pub fn describe(&self) -> String {
         if !self.evaluated {
-            return format!("{}: no held-out evaluation ran", self.stage);
+            return format!("{}: {NOT_EVALUATED}", self.stage);
         }
         let accuracy = measured(
             "accuracy",

@@ -17,7 +17,7 @@ use serde_json::json;
 
 use super::loader::{read_checkpoint, Loaded};
 use crate::config::HfFamily;
-use crate::data::tokenizer::GENERATION_CONFIG;
+use crate::data::tokenizer::{ids_field, GENERATION_CONFIG};
 use crate::model::hf;
 use crate::train::checkpoint::{resolve_checkpoint, CheckpointKind};
 use crate::train::params::Net;
@@ -344,11 +344,9 @@ fn generation_config(
     if !gen.is_object() {
         bail!("the tokenizer's carried {GENERATION_CONFIG} is not a JSON object");
     }
-    let mut ids: Vec<u32> = match gen.get("eos_token_id") {
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(json_id).collect(),
-        Some(v) => json_id(v).into_iter().collect(),
-        None => Vec::new(),
-    };
+    // Read as the tokenizer read it when it loaded the file, which it refused otherwise.
+    let field = gen.get("eos_token_id");
+    let mut ids = ids_field(field, "eos_token_id", Path::new(GENERATION_CONFIG))?;
     for &s in stops {
         if !ids.contains(&s) {
             ids.push(s);
@@ -359,10 +357,6 @@ fn generation_config(
         _ => json!(ids),
     };
     Ok(gen)
-}
-
-fn json_id(v: &serde_json::Value) -> Option<u32> {
-    v.as_u64().and_then(|i| u32::try_from(i).ok())
 }
 
 /// The name of shard `k` (from 1) of `n`, as transformers names them.
@@ -474,8 +468,8 @@ fn write_weights(
     let sizes: Vec<u64> = names.iter().map(|n| bytes(n)).collect();
     let shards = plan_shards(&sizes, max_shard);
     if shards.len() <= 1 {
-        write_file(&out.join(SINGLE), &names, tensors, dtype)?;
-        remove_stale(out, &[SINGLE.to_string()])?;
+        write_file(&out.join(hf::WEIGHTS), &names, tensors, dtype)?;
+        remove_stale(out, &[hf::WEIGHTS.to_string()])?;
         return Ok(1);
     }
     // An earlier model.safetensors would be read instead of the index, and an earlier index
@@ -497,12 +491,9 @@ fn write_weights(
         "weight_map": weight_map,
     });
     let text = serde_json::to_string_pretty(&index)? + "\n";
-    crate::io::write_atomic(&out.join(INDEX), text.as_bytes())?;
+    crate::io::write_atomic(&out.join(hf::WEIGHTS_INDEX), text.as_bytes())?;
     Ok(n)
 }
-
-const SINGLE: &str = "model.safetensors";
-const INDEX: &str = "model.safetensors.index.json";
 
 /// Removes the weight files (`model.safetensors`, its index, shards) in `out` other than
 /// `keep`.
@@ -511,7 +502,7 @@ fn remove_stale(out: &Path, keep: &[String]) -> Result<()> {
         std::fs::read_dir(out).with_context(|| format!("{}: cannot list", out.display()))?;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let weights = name == SINGLE || name == INDEX || is_shard_name(&name);
+        let weights = name == hf::WEIGHTS || name == hf::WEIGHTS_INDEX || is_shard_name(&name);
         if weights && !keep.contains(&name) && e.path().is_file() {
             std::fs::remove_file(e.path())
                 .with_context(|| format!("{}: cannot remove", e.path().display()))?;
@@ -668,25 +659,23 @@ fn peft(checkpoint: &Path, out: &Path, dtype: Dtype) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+
     /// The model's own stop ids keep their order, temper's are added, other fields stay.
     #[test]
     fn the_generation_config_stops_where_temper_stops() {
         let own = r#"{"bos_token_id": 1, "eos_token_id": 9, "temperature": 0.6}"#;
-        let gen = super::generation_config(Some(own), Some(1), &[2, 9]).unwrap();
+        let gen = generation_config(Some(own), Some(1), &[2, 9]).unwrap();
         assert_eq!(gen["eos_token_id"], serde_json::json!([9, 2]));
         assert_eq!(gen["temperature"], serde_json::json!(0.6));
-        let gen = super::generation_config(Some(own), Some(1), &[9]).unwrap();
+        let gen = generation_config(Some(own), Some(1), &[9]).unwrap();
         assert_eq!(gen["eos_token_id"], serde_json::json!(9));
-        let gen = super::generation_config(None, None, &[3, 4]).unwrap();
+        let gen = generation_config(None, None, &[3, 4]).unwrap();
         assert_eq!(gen["eos_token_id"], serde_json::json!([3, 4]));
-        assert!(super::generation_config(Some("[1]"), None, &[3]).is_err());
+        assert!(generation_config(Some("[1]"), None, &[3]).is_err());
     }
 
-    use super::*;
-    use crate::config::ModelConfig;
-
-    /// A family named in the config that would drop NoPE layers or a sliding window is
-    /// refused naming what it would drop.
     /// Sizes read as transformers (and huggingface_hub under it) read `max_shard_size`, and a
     /// size that is not one is refused saying what one is.
     #[test]
@@ -778,6 +767,8 @@ mod tests {
         check_range(&tensors, Dtype::Bf16).unwrap();
     }
 
+    /// A family named in the config that would drop NoPE layers or a sliding window is
+    /// refused naming what it would drop.
     #[test]
     fn a_family_that_would_drop_layers_or_windows_names_them() {
         let tiny = ModelConfig::preset("tiny").unwrap();

@@ -339,9 +339,9 @@ pub struct KtoResult {
 
 impl KtoResult {
     pub fn describe(&self) -> String {
-        use super::eval::{from_start, measured, NO_TASK_ACCURACY};
+        use super::eval::{from_start, measured, NOT_EVALUATED, NO_TASK_ACCURACY};
         let Some(label_accuracy) = self.label_accuracy else {
-            return "kto: no held-out evaluation ran".to_string();
+            return format!("kto: {NOT_EVALUATED}");
         };
         let margin = match self.reward_margin {
             Some(m) => format!("reward margin {m:.3}"),

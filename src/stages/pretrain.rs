@@ -263,7 +263,7 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
     };
     if let (Some(data), Some(from)) = (cfg.data.path.as_deref(), tok_from) {
         if let Some(warning) = check_corpus_tokenizer(data, &tok, from)? {
-            errln!("{}", warning.replacen("warning:", "warning: [pretrain]", 1));
+            errln!("warning: [pretrain] {warning}");
         }
     }
     let mut model_cfg = match &init {

@@ -96,8 +96,8 @@ pub fn clear(dir: &Path) -> Result<()> {
             .filter(|n| {
                 n.starts_with("final-step-")
                     || n.starts_with("final-earlier")
-                    || n == "final.partial"
-                    || n == "final.superseded"
+                    || n.strip_prefix("final")
+                        .is_some_and(|s| crate::io::LEFTOVER_SUFFIXES.contains(&s))
             })
             .collect(),
         Err(_) => Vec::new(),
