@@ -481,9 +481,6 @@ pub struct ExportArgs {
     /// merged) or peft (the adapters alone, for PeftModel on the exported base).
     #[arg(long, value_enum, default_value = "temper")]
     pub format: Format,
-    /// Merge LoRA adapters into the base weights (what temper and hf always do).
-    #[arg(long, default_value_t = true)]
-    pub merge: bool,
     /// Write into an --out that already holds files: those export writes are replaced (and
     /// an earlier export's weight files these do not replace, model.safetensors or shards,
     /// removed), the rest left as they are. Without it such an --out is refused (a Hugging
@@ -628,7 +625,11 @@ impl StageArgs {
                 false,
             ),
         };
-        let (mut cfg, user) = RunConfig::load_layers(stage, &files)?;
+        let defaults = match &self.model {
+            Some(p) => RunConfig::for_preset(stage, p),
+            None => RunConfig::for_stage(stage),
+        };
+        let (mut cfg, user) = RunConfig::load_layers_over(defaults, &files)?;
         let file = files.last();
         self.apply(&mut cfg)?;
         warn_unused_batch_size(&cfg, self.batch_size.is_some());
@@ -684,16 +685,9 @@ impl StageArgs {
 
     pub fn apply(&self, cfg: &mut RunConfig) -> Result<()> {
         if let Some(p) = &self.model {
+            // The preset's training schedule is a default below the config files
+            // (`RunConfig::for_preset`, in `resolve`); its shape replaces theirs.
             cfg.model = ModelConfig::preset(p)?;
-            // GPT-2 small diverged at the tiny model's lr 3e-3 (loss 18-21 within 8 steps on
-            // the H200); it gets llm.c's / nanoGPT's schedule unless the config set its own.
-            let stage_default = RunConfig::for_stage(cfg.stage).train;
-            if p == "gpt2" && cfg.train.lr == stage_default.lr {
-                cfg.train.lr = 6e-4;
-            }
-            if p == "gpt2" && cfg.train.warmup_steps == stage_default.warmup_steps {
-                cfg.train.warmup_steps = 700;
-            }
         }
         macro_rules! set {
             ($src:expr, $dst:expr) => {
@@ -933,23 +927,39 @@ mod tests {
         assert!(e.ends_with("(see `temper tokenizer encode --help`)"), "{e}");
     }
 
+    /// The `gpt2` preset's schedule is a default: a config file's value stands, even one equal
+    /// to the stage's own default, and a flag beats both.
     #[test]
-    fn the_gpt2_preset_brings_its_own_schedule_and_flags_still_win() {
-        let mut cfg = RunConfig::for_stage(Stage::Pretrain);
-        let args = StageArgs {
-            model: Some("gpt2".into()),
-            ..Default::default()
+    fn the_gpt2_preset_brings_its_own_schedule_and_files_and_flags_still_win() {
+        let d = tempfile::tempdir().unwrap();
+        let resolve = |file: Option<&str>, lr: Option<f64>| {
+            let config = file.map(|text| {
+                let f = d.path().join("c.toml");
+                std::fs::write(&f, text).unwrap();
+                f
+            });
+            let args = StageArgs {
+                model: Some("gpt2".into()),
+                config,
+                lr,
+                out: Some(d.path().join("run")),
+                ..Default::default()
+            };
+            let (cfg, _, _) = args.resolve(Stage::Pretrain).unwrap();
+            (cfg.train.lr, cfg.train.warmup_steps)
         };
-        args.apply(&mut cfg).unwrap();
-        assert_eq!((cfg.train.lr, cfg.train.warmup_steps), (6e-4, 700));
-        let mut cfg = RunConfig::for_stage(Stage::Pretrain);
-        let args = StageArgs {
-            model: Some("gpt2".into()),
-            lr: Some(1e-4),
-            ..Default::default()
-        };
-        args.apply(&mut cfg).unwrap();
-        assert_eq!(cfg.train.lr, 1e-4);
+        assert_eq!(resolve(None, None), (6e-4, 700));
+        let stage_default = RunConfig::for_stage(Stage::Pretrain).train;
+        let text = format!(
+            "[train]\nlr = {:?}\nwarmup_steps = {}\n",
+            stage_default.lr, stage_default.warmup_steps
+        );
+        assert_eq!(
+            resolve(Some(&text), None),
+            (stage_default.lr, stage_default.warmup_steps)
+        );
+        assert_eq!(resolve(Some("[train]\nsteps = 9\n"), None), (6e-4, 700));
+        assert_eq!(resolve(Some(&text), Some(1e-4)).0, 1e-4);
     }
 
     /// GRPO's flags set GRPO's config, and elsewhere are refused rather than ignored.

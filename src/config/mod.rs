@@ -34,7 +34,12 @@ pub use train::{DTypeChoice, ShardOptimizer, TapeChoice, TrainConfig};
 pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read config", path.display()))?;
-    toml::from_str(&text).map_err(|e| {
+    parse_toml(path, &text)
+}
+
+/// `text`, read from `path`, as a `T`; an error names the file and the line.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
+    toml::from_str(text).map_err(|e| {
         let line = e
             .span()
             .map(|s| text[..s.start].matches('\n').count() + 1)
