@@ -79,13 +79,15 @@ pub const LEFTOVER_SUFFIXES: [&str; 2] = [PARTIAL, SUPERSEDED];
 /// Fills directory `path` with `write(tmp_dir)` in `path.partial` and renames it into place:
 /// the directory is complete or absent (an older version stays until the new one is whole).
 /// A `path.partial` left by a process killed while writing is replaced; one this call made is
-/// removed when the write fails.
+/// removed when the write fails. The files are on the disk before the directory is renamed,
+/// and the rename is before this returns.
 pub fn write_dir_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = with_suffix(path, PARTIAL);
     remove_any(&tmp).with_context(|| format!("{}: cannot remove", tmp.display()))?;
     let filled = std::fs::create_dir_all(&tmp)
         .with_context(|| format!("{}: cannot create", tmp.display()))
-        .and_then(|()| write(&tmp));
+        .and_then(|()| write(&tmp))
+        .and_then(|()| sync_tree(&tmp));
     if let Err(e) = filled {
         // The write's error is the one to report; a temporary that cannot be removed either
         // is replaced by the next write.
@@ -110,7 +112,49 @@ pub fn write_dir_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
     }
     // Also one a kill between the renames of an earlier replacement left.
     let _ = remove_any(&old);
-    Ok(())
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(parent) => sync_dir(parent),
+        None => sync_dir(Path::new(".")),
+    }
+}
+
+/// Flushes every file under `dir`, and `dir` itself, to the disk. Without it the rename that
+/// publishes a directory can reach the disk before its files' contents do: after a power
+/// loss or a crash of the machine, a checkpoint that was complete and named `latest` reads
+/// back as empty files, while the prune that followed its write removed the older ones.
+fn sync_tree(dir: &Path) -> Result<()> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))?;
+    for entry in entries {
+        let p = entry
+            .with_context(|| format!("{}: cannot list", dir.display()))?
+            .path();
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
+            sync_tree(&p)?;
+        } else {
+            std::fs::File::open(&p)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("{}: cannot flush to disk", p.display()))?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// Flushes directory `dir`'s entries (names created, renamed or removed in it) to the disk.
+/// A file system that cannot flush a directory (some network and user-space ones refuse the
+/// call) keeps its own guarantees, and is not an error.
+fn sync_dir(dir: &Path) -> Result<()> {
+    match std::fs::File::open(dir).and_then(|f| f.sync_all()) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported
+            ) =>
+        {
+            Ok(())
+        }
+        r => r.with_context(|| format!("{}: cannot flush to disk", dir.display())),
+    }
 }
 
 #[cfg(test)]
