@@ -47,6 +47,10 @@ fn main() -> ExitCode {
             errln!("{e}");
             ExitCode::from(EXIT_PREEMPTED)
         }
+        Err(e) if e.downcast_ref::<UsageError>().is_some() => {
+            errln!("error: {e}");
+            ExitCode::from(USAGE_ERROR)
+        }
         Err(e) => {
             errln!("error: {e:#}");
             ExitCode::FAILURE
@@ -67,6 +71,19 @@ fn usage_error(e: &clap::Error, args: &[std::ffi::OsString]) -> ExitCode {
 
 /// clap's exit code for a command line it cannot read, kept for scripts that test for it.
 const USAGE_ERROR: u8 = 2;
+
+/// A command line that a command reads further than clap does (`launch -- STAGE ...`) and
+/// cannot: it exits as clap's own usage errors do.
+#[derive(Debug)]
+struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
 
 /// The training stage a command runs, with its arguments.
 fn training_stage(c: &Command) -> Option<(Stage, &StageArgs)> {
@@ -361,10 +378,15 @@ fn launch_cmd(a: &LaunchArgs) -> Result<()> {
         Ok(inner) => inner,
         // `launch ... -- sft --help`: the stage's own help.
         Err(e) if !e.use_stderr() => e.exit(),
-        Err(e) => bail!("launch: {}", temper::cli::usage_error_line(&e, &argv)),
+        Err(e) => {
+            let line = temper::cli::usage_error_line(&e, &argv);
+            return Err(UsageError(format!("launch: {line}")).into());
+        }
     };
     let Some((stage, args)) = training_stage(&inner.command) else {
-        bail!("launch runs a training stage (pretrain, sft, reward, ppo, dpo, grpo)");
+        let e = "launch runs a training stage (pretrain, sft, reward, ppo, dpo, kto, \
+                 online-dpo, grpo, distill)";
+        return Err(UsageError(e.to_string()).into());
     };
     preempt::install()?;
     if a.threads {

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 
-/// The chain pretrain -> sft (LoRA) -> export --merge, reward -> ppo (LoRA), dpo (LoRA) on a
+/// The chain pretrain -> sft (LoRA) -> export (adapters merged), reward -> ppo (LoRA), dpo (LoRA) on a
 /// tiny model, run once per test binary and shared by the tests in here, each of which checks
 /// one promise a stage keeps besides learning (which the pipeline test checks). Their names,
 /// `stage_chain::*`, sort after the other tests', which libtest starts first: the slowest of
@@ -86,19 +86,12 @@ mod stage_chain {
         .as_path()
     }
 
-    /// `export --merge` of the LoRA SFT run.
+    /// `export` of the LoRA SFT run: a temper checkpoint, its adapters merged.
     fn merged() -> &'static Path {
         static MERGED: Shared<PathBuf> = OnceLock::new();
         shared(&MERGED, "merged export of the SFT run", || {
             let merged = run_dir("merged");
-            run_ok(&[
-                "export",
-                "--checkpoint",
-                arg(sft()),
-                "--out",
-                arg(&merged),
-                "--merge",
-            ]);
+            run_ok(&["export", "--checkpoint", arg(sft()), "--out", arg(&merged)]);
             merged
         })
         .as_path()
@@ -1682,7 +1675,7 @@ fn hf_export_writes_the_dtype_and_shards_asked_for_and_reads_them_back() {
 /// A negative number reaches its option's parser (clap alone reads `-1` as an unknown flag):
 /// temper's own refusal of a negative temperature, a one-line refusal naming an unsigned
 /// option. Usage errors are one line pointing at the command's help, with clap's exit code
-/// 2; help and version are clap's own.
+/// 2, those of a stage `launch` runs included; help and version are clap's own.
 #[test]
 fn negative_numbers_reach_their_options_and_usage_errors_are_one_line() {
     let model = hf_fixture("llama");
@@ -1749,6 +1742,33 @@ fn negative_numbers_reach_their_options_and_usage_errors_are_one_line() {
     assert!(e.contains("'--max-shard-size <SIZE>'"), "{e}");
     let e = usage(&["tokenizer", "train", "--out", "x"]);
     assert!(e.contains("`temper tokenizer train --help`"), "{e}");
+    // Inside `launch -- STAGE`, the stage's command line too.
+    let e = usage(&[
+        "launch",
+        "--nproc-per-node",
+        "1",
+        "--",
+        "sft",
+        "--stpes",
+        "3",
+    ]);
+    assert!(
+        e.starts_with("error: launch: ") && e.contains("'--stpes'") && e.contains("'--steps'"),
+        "{e}"
+    );
+    let e = usage(&[
+        "launch",
+        "--nproc-per-node",
+        "1",
+        "--",
+        "generate",
+        "--checkpoint",
+        model,
+    ]);
+    assert!(
+        e.contains("launch runs a training stage") && e.contains("online-dpo, grpo, distill"),
+        "{e}"
+    );
 
     let help = temper().args(["generate", "--help"]).output().unwrap();
     let text = String::from_utf8_lossy(&help.stdout);

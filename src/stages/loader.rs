@@ -1,6 +1,6 @@
 //! Building models from checkpoints. Adapters found in a checkpoint are merged into its base
 //! weights (`W + s * B A`), so a stage that adds LoRA on top of a LoRA-trained model gets the
-//! trained model as its frozen base, and `export --merge` is the same operation.
+//! trained model as its frozen base; `export` merges them the same way.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
