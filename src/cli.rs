@@ -842,6 +842,48 @@ impl StageArgs {
                 None => {}
             }
         }
+        // Flags read by some stages only; elsewhere they would do nothing, so they are refused.
+        let lora_flags = [
+            ("--lora-rank", self.lora_rank.is_some()),
+            ("--lora-alpha", self.lora_alpha.is_some()),
+            ("--lora-dropout", self.lora_dropout.is_some()),
+            ("--lora-targets", self.lora_targets.is_some()),
+        ];
+        let scoped = [
+            (
+                !self.rewards.is_empty(),
+                "--reward",
+                [Stage::Ppo, Stage::Grpo, Stage::OnlineDpo].as_slice(),
+                "ppo, grpo and online-dpo (the stages that score their own samples)",
+            ),
+            (
+                self.beta.is_some(),
+                "--beta",
+                &[
+                    Stage::Ppo,
+                    Stage::Dpo,
+                    Stage::Kto,
+                    Stage::OnlineDpo,
+                    Stage::Grpo,
+                    Stage::Distill,
+                ],
+                "ppo, dpo, kto, online-dpo, grpo and distill",
+            ),
+            (
+                self.tokenizer.is_some(),
+                "--tokenizer",
+                &[Stage::Pretrain],
+                "pretrain (a stage from --init uses its model's tokenizer)",
+            ),
+        ];
+        for (set, flag, stages, which) in scoped {
+            if set && !stages.contains(&now) {
+                bail!("{flag} applies to {which}, not {}", now.name());
+            }
+        }
+        if let (Stage::Pretrain, Some((flag, _))) = (now, lora_flags.iter().find(|(_, set)| *set)) {
+            bail!("{flag} applies to the stages from --init, not pretrain (which trains every weight)");
+        }
         if let Some(b) = self.beta {
             cfg.ppo.kl_coef = b;
             cfg.dpo.beta = b;
@@ -960,6 +1002,57 @@ mod tests {
         );
         assert_eq!(resolve(Some("[train]\nsteps = 9\n"), None), (6e-4, 700));
         assert_eq!(resolve(Some(&text), Some(1e-4)).0, 1e-4);
+    }
+
+    /// --reward, --beta, --tokenizer and LoRA's flags are refused where the stage would not
+    /// read them, and taken where it would.
+    #[test]
+    fn flags_a_stage_would_not_read_are_refused() {
+        let refused = |args: StageArgs, stage: Stage| {
+            args.apply(&mut RunConfig::for_stage(stage))
+                .unwrap_err()
+                .to_string()
+        };
+        let reward = || StageArgs {
+            rewards: vec!["task".parse().unwrap()],
+            ..Default::default()
+        };
+        let e = refused(reward(), Stage::Sft);
+        assert!(
+            e.starts_with("--reward applies to ppo, grpo and online-dpo"),
+            "{e}"
+        );
+        assert!(e.ends_with("not sft"), "{e}");
+        for stage in [Stage::Ppo, Stage::Grpo, Stage::OnlineDpo] {
+            reward().apply(&mut RunConfig::for_stage(stage)).unwrap();
+        }
+        let beta = || StageArgs {
+            beta: Some(0.3),
+            ..Default::default()
+        };
+        assert!(refused(beta(), Stage::Sft).contains("--beta applies to ppo, dpo"));
+        assert!(refused(beta(), Stage::Reward).ends_with("not reward"));
+        let mut cfg = RunConfig::for_stage(Stage::Dpo);
+        beta().apply(&mut cfg).unwrap();
+        assert_eq!(cfg.dpo.beta, 0.3);
+        let tokenizer = StageArgs {
+            tokenizer: Some("tok.json".into()),
+            ..Default::default()
+        };
+        let e = refused(tokenizer, Stage::Sft);
+        assert!(e.starts_with("--tokenizer applies to pretrain"), "{e}");
+        let lora = || StageArgs {
+            lora_rank: Some(4),
+            ..Default::default()
+        };
+        let e = refused(lora(), Stage::Pretrain);
+        assert!(
+            e.starts_with("--lora-rank applies to the stages from --init"),
+            "{e}"
+        );
+        let mut cfg = RunConfig::for_stage(Stage::Sft);
+        lora().apply(&mut cfg).unwrap();
+        assert_eq!(cfg.lora.rank, 4);
     }
 
     /// GRPO's flags set GRPO's config, and elsewhere are refused rather than ignored.

@@ -67,7 +67,8 @@ pub fn describe(device: &Device) -> String {
 /// The kernel choices as a run on `device` takes them, for the line a run starts with: on
 /// CUDA each op's choice; on the CPU every op runs the reference whatever `--kernels` chose
 /// (temper's kernels are CUDA's), so naming flash attention or cuBLASLt there would mislead.
-/// run.json keeps the choices themselves, which a resume on a GPU takes up.
+/// run.json has both: this as `kernels`, the choices as `kernel_choices` (what the run's
+/// config.toml asks of a resume on a GPU).
 pub fn describe_kernels(device: &Device, kernels: &KernelSet) -> String {
     kernels_line(device.is_cuda(), kernels)
 }

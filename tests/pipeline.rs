@@ -111,8 +111,8 @@ fn pipeline_runs_every_stage_and_each_learns() {
 }
 
 /// A pipeline stopped by a signal checkpoints the stage it is in and exits 75; `--resume`
-/// keeps the stages that finished, resumes the stopped one and runs the rest, and the same
-/// --out without it is refused, naming --resume.
+/// keeps the stages that finished, resumes the stopped one (its summary whole) and runs the
+/// rest, and the same --out without it is refused, naming --resume.
 #[test]
 fn a_stopped_pipeline_resumes_where_it_stopped() {
     let d = tmp();
@@ -157,6 +157,8 @@ fn a_stopped_pipeline_resumes_where_it_stopped() {
         assert!(s[stage].is_object(), "{stage}: {text}");
         assert!(out.join(stage).join("final/meta.json").exists(), "{stage}");
     }
+    // The resumed SFT stage still compares with its base model.
+    assert!(s["sft"]["base_accuracy"].is_f64(), "{text}");
     // Other options would keep stages trained under these beside new ones: refused.
     let mut other = again.clone();
     other[4] = "0.06";

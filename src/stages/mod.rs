@@ -129,14 +129,16 @@ impl Env {
         Ok(env)
     }
 
-    /// `config.toml` and `run.json` (device, kernels, dtype) in the run directory.
+    /// `config.toml` and `run.json` (device, the kernels that run and those chosen, dtype) in
+    /// the run directory.
     pub fn save_run_files(&self) -> Result<()> {
         let (cfg, dir) = (&self.cfg, &self.run_dir);
         cfg.save(dir)?;
         let meta = serde_json::json!({
             "stage": cfg.stage,
             "device": crate::device::describe(&self.device),
-            "kernels": self.kernels.to_string(),
+            "kernels": crate::device::describe_kernels(&self.device, &self.kernels),
+            "kernel_choices": self.kernels.to_string(),
             "dtype": format!("{:?}", self.dtype()),
             "temper_version": env!("CARGO_PKG_VERSION"),
         });

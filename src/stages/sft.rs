@@ -405,7 +405,9 @@ pub fn run(env: &Env) -> Result<SftResult> {
         prompts,
         micro: 0,
     };
-    let base_accuracy = if env.resume { None } else { task.accuracy()? };
+    // Measured on a resume too (the checkpoint is restored later, in `setup::train`): the
+    // summary compares with it either way.
+    let base_accuracy = task.accuracy()?;
     if let Some(a) = base_accuracy {
         errln!("[sft] base model accuracy on held-out prompts: {a:.3}");
     }
