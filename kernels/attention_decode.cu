@@ -367,36 +367,60 @@ static __device__ void decode(const AttnParams &p) {
 #pragma unroll
           for (int r = 0; r < R; ++r) sc[u][r] = softcap(sc[u][r]);
       }
+      // Which of the pass's keys count (in this split's share, not the fresh position, and
+      // not masked); a key mask with holes is read here, its latency not hidden (the key
+      // range marks the usual masks, left padding and a window, dense).
+      int jk[U];
+      bool valid[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int j = first + pass * kPassKeys + u * kStride + grp;
-        // A key mask with holes is read here, its latency not hidden (the key range marks
-        // the usual masks, left padding and a window, dense).
-        const bool valid = loaded(pass, j) && (kr.dense || p.kvalid[(size_t)b * Tk + j] != 0.f);
+        jk[u] = first + pass * kPassKeys + u * kStride + grp;
+        valid[u] = loaded(pass, jk[u]) && (kr.dense || p.kvalid[(size_t)b * Tk + jk[u]] != 0.f);
+      }
+      // One online-softmax rescale per row for the whole pass, not one per key: the running
+      // max moves once, to the pass's largest visible score, and the sums are rescaled once.
+      // At four rows of D = 128 (a GQA group) the per-key rescale was about a quarter of a
+      // lane's arithmetic, which that shape may be bound by (0.23 of copy bandwidth on the
+      // H200, 2.5x SDPA's time, 2026-12-04). Each key's score becomes -inf where this row
+      // does not see it (a key past its causal horizon may hold a value for another row).
+      float ref[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        ref[r] = 0.f;
+        if (r > 0 && r >= rows) continue;
+        float m_new = m[r];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const bool vis = valid[u] && jk[u] < row_hi[r] && (window == 0 || jk[u] >= row_lo[r]);
+          sc[u][r] = vis ? sc[u][r] : neg_inf();
+          m_new = fmaxf(m_new, sc[u][r]);
+        }
+        ref[r] = m_new == neg_inf() ? 0.f : m_new;
+        const float alpha = exp2f(m[r] - ref[r]);
+        l[r] *= alpha;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[r][e] *= alpha;
+        m[r] = m_new;
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
         const uint4 vraw = *slot(s, u, 1);
         float vf[VEC];
         unpack8<T>(vraw, vf);
         // A masked position's value never enters a sum, whatever it holds (as fwd_simple,
         // which skips zero probabilities): 0 * NaN would poison the row.
-        if (!valid) {
+        if (!valid[u]) {
 #pragma unroll
           for (int e = 0; e < VEC; ++e) vf[e] = 0.f;
         }
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           if (r > 0 && r >= rows) continue;
-          float sc_r = sc[u][r];
-          const bool vis = valid && j < row_hi[r] && (window == 0 || j >= row_lo[r]);
-          if (!vis) sc_r = neg_inf();
-          const float m_new = fmaxf(m[r], sc_r);
-          const float ref = m_new == neg_inf() ? 0.f : m_new;
-          const float alpha = exp2f(m[r] - ref), pj = exp2f(sc_r - ref);
-          l[r] = l[r] * alpha + pj;
-          // A key past this row's causal horizon may hold a value for another row.
+          if (sc[u][r] == neg_inf()) continue;  // unseen by this row: adds nothing
+          const float pj = exp2f(sc[u][r] - ref[r]);
+          l[r] += pj;
 #pragma unroll
-          for (int e = 0; e < VEC; ++e)
-            acc[r][e] = vis ? fmaf(pj, vf[e], acc[r][e] * alpha) : acc[r][e] * alpha;
-          m[r] = m_new;
+          for (int e = 0; e < VEC; ++e) acc[r][e] = fmaf(pj, vf[e], acc[r][e]);
         }
       }
     }
