@@ -180,7 +180,8 @@ pub struct StageArgs {
     /// Data file or directory; the built-in task when absent.
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Held-out data file.
+    /// Held-out data, in --data's form (a corpus or token shards for pretrain, records for
+    /// the later stages): evaluated on instead of a part of --data, all of which then trains.
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
     /// A tokenizer.json (pretrain only; later stages use their checkpoint's).
@@ -466,9 +467,10 @@ pub struct EvalArgs {
     pub max_new_tokens: usize,
     #[arg(long, value_enum, default_value_t)]
     pub device: DeviceChoice,
-    /// Seed of the built-in task's world (its held-out prompts).
-    #[arg(long, default_value_t = 0)]
-    pub task_seed: u64,
+    /// Seed of the built-in task's world (its held-out prompts). Default: the checkpoint's
+    /// run's (0 for a model not trained on the built-in task).
+    #[arg(long)]
+    pub task_seed: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -670,6 +672,9 @@ impl StageArgs {
                 located.unwrap_or_else(|| f.display().to_string())
             );
         }
+        // A held-out file the stage would not read, or cannot, is refused before --overwrite
+        // clears anything.
+        crate::stages::setup::eval_data_of(&cfg)?;
         let start = match (resume, self.overwrite) {
             (true, _) => Start::Resume,
             (false, true) => Start::Overwrite,

@@ -327,15 +327,30 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
     let loaded = read_checkpoint(&a.checkpoint, &device)?;
     let mut store = ParamStore::new(device.clone(), 0);
     let net = policy_from(&loaded, &mut store, None)?;
+    let task_seed = a.task_seed;
+    // The built-in task's world where its held-out pairs are scored, for the result line.
+    let mut task = None;
     let prompts = match &a.prompts {
         Some(p) => {
+            if task_seed.is_some() {
+                errln!("warning: --task-seed is not used: --prompts gives the prompts");
+            }
             let kwargs = a.chat_template_kwargs.clone().unwrap_or_default();
             load_prompts_lazily(p, || {
                 chat_template_of(a.chat_template.as_deref(), &kwargs, &loaded)
             })?
         }
-        None => temper::data::synthetic::Synthetic::new(a.task_seed)
-            .prompts(temper::data::synthetic::Split::Eval, usize::MAX),
+        None => {
+            let world = stages::eval::TaskWorld::of_checkpoint(&a.checkpoint, task_seed)?;
+            let prompts = world.prompts();
+            errln!(
+                "[eval] the built-in task's {} held-out pairs: {}",
+                prompts.len(),
+                world.describe()
+            );
+            task = Some(world.task);
+            prompts
+        }
     };
     let ctx = Ctx {
         dtype: temper::device::compute_dtype(Default::default(), &device),
@@ -350,7 +365,12 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
     for (p, t, ok) in &r.samples {
         errln!("{} {:?} -> {:?}", if *ok { "ok " } else { "bad" }, p, t);
     }
-    outln!("{}", serde_json::json!({"accuracy": r.accuracy, "n": r.n}));
+    let mut line = serde_json::json!({"accuracy": r.accuracy, "n": r.n});
+    if let Some(t) = task {
+        line["task_seed"] = t.seed.into();
+        line["task_max_operand"] = t.max_operand.into();
+    }
+    outln!("{line}");
     Ok(())
 }
 

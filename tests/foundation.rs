@@ -1698,3 +1698,102 @@ fn a_chosen_warmup_longer_than_the_run_is_said_once() {
     let (err, _) = run(&plain, "default", "2");
     assert!(lines_with(&err, "warmup_steps").is_empty(), "{err}");
 }
+
+/// `temper eval` without `--prompts` scores a checkpoint on the held-out pairs of the world
+/// its run trained in (`[data] task_seed` and `task_max_operand` of the run's config.toml),
+/// from the run directory or its final/, and says which; `--task-seed` given replaces the
+/// run's seed (0 too, the flag's old default), keeping its operand range.
+#[test]
+fn eval_scores_the_held_out_pairs_of_the_checkpoints_world() {
+    use temper::data::synthetic::{Split, Synthetic};
+    let d = tmp();
+    let cfg = p(d.path(), "c.toml");
+    let world = "[data]\ntask_seed = 3\ntask_max_operand = 29\n";
+    std::fs::write(&cfg, format!("{TINY_TOML}{world}")).unwrap();
+    let run = p(d.path(), "run");
+    pretrain_on_cpu(cfg.to_str().unwrap(), &run, 2);
+    let held_out = |seed, max_operand| {
+        let mut s = Synthetic::new(seed);
+        s.max_operand = max_operand;
+        s.pairs(Split::Eval).len()
+    };
+    let eval = |ckpt: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        let o = run_ok(&args);
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        (v, String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let n = held_out(3, 29);
+    assert_ne!(n, held_out(0, 19));
+    for ckpt in [run.clone(), run.join("final")] {
+        let (v, err) = eval(&ckpt, &[]);
+        assert_eq!(v["n"], n, "{v}");
+        assert_eq!(
+            (v["task_seed"].as_u64(), v["task_max_operand"].as_u64()),
+            (Some(3), Some(29))
+        );
+        let said = lines_with(&err, "held-out pairs");
+        assert_eq!(said.len(), 1, "{err}");
+        assert!(
+            said[0].contains("task_seed 3 (the checkpoint's run's)")
+                && said[0].contains("task_max_operand 29 (the checkpoint's run's)"),
+            "{err}"
+        );
+    }
+    for (flag, seed) in [(&["--task-seed", "0"][..], 0), (&["--task-seed=5"][..], 5)] {
+        let (v, err) = eval(&run, flag);
+        assert_eq!(v["n"], held_out(seed, 29), "{flag:?}: {v}");
+        assert_eq!(
+            (v["task_seed"].as_u64(), v["task_max_operand"].as_u64()),
+            (Some(seed), Some(29))
+        );
+        assert!(err.contains(&format!("task_seed {seed} (given)")), "{err}");
+    }
+}
+
+/// A `temper generate` line whose sample stopped at once (`"completion": ""`, `"stop"`)
+/// trains `temper sft --data` as it is: the EOS after the prompt, which teaches stopping,
+/// is its target (a plain prompt's and, under the built-in chat template, a chat prompt's).
+#[test]
+fn sft_trains_on_generates_empty_completions() {
+    let d = tmp();
+    let cfg = p(d.path(), "c.toml");
+    std::fs::write(&cfg, TINY_TOML).unwrap();
+    let init = p(d.path(), "init");
+    pretrain_on_cpu(cfg.to_str().unwrap(), &init, 2);
+    let data = p(d.path(), "bo.jsonl");
+    let lines = [
+        serde_json::json!({"prompt": "Q: 2+3\nA: ", "completion": "", "finish_reason": "stop"}),
+        serde_json::json!({"prompt": "Q: 1+3\nA: ", "completion": "4", "finish_reason": "stop"}),
+        serde_json::json!({
+            "prompt": [{"role": "user", "content": "Hi"}],
+            "completion": "",
+            "finish_reason": "stop",
+        }),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&data, text).unwrap();
+    let out = p(d.path(), "sft");
+    run_ok(&[
+        "sft",
+        "--init",
+        init.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+    ]);
+    assert!(out.join("final/model.safetensors").exists());
+}

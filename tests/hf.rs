@@ -1408,3 +1408,148 @@ fn a_chat_is_tokenised_whole_on_sentencepiece_tokenizers() {
         assert!(train[n - 2] && train[n - 1], "{name}: {train:?}");
     }
 }
+
+/// A chat template given to a byte-level run (`--chat-template`) goes into its checkpoints as
+/// `chat_template.jinja`, as it does for a Hugging Face tokenizer (the byte tokenizer has no
+/// tokenizer.json, and the template's markers are plain bytes to it): the next stage renders
+/// prompts with it unasked (Qwen2's `<|im_start|>`), not with the built-in template.
+#[test]
+fn a_byte_level_runs_chat_template_goes_into_its_checkpoints() {
+    let d = tmp();
+    let cfg = p(d.path(), "c.toml");
+    let toml = TINY_TOML
+        .replace(
+            "max_position_embeddings = 64",
+            "max_position_embeddings = 256",
+        )
+        .replace("seq_len = 48", "seq_len = 128");
+    let grpo = "[grpo]\nprompts_per_rollout = 2\ngroup_size = 2\nminibatch_size = 4\nlog_completions = 2\n";
+    std::fs::write(&cfg, format!("{toml}\n{grpo}")).unwrap();
+    let c = cfg.to_str().unwrap();
+    let pre = p(d.path(), "pre");
+    pretrain_on_cpu(c, &pre, 2);
+    assert!(!pre.join("final/tokenizer.json").exists());
+    let (chat, prompts) = (p(d.path(), "chat.jsonl"), p(d.path(), "prompts.jsonl"));
+    let (mut a, mut b) = (String::new(), String::new());
+    for i in 0..12 {
+        let user = format!(r#"{{"role": "user", "content": "{i}+1?"}}"#);
+        a.push_str(&format!(
+            "{{\"messages\": [{user}, {{\"role\": \"assistant\", \"content\": \"{}\"}}]}}\n",
+            i + 1
+        ));
+        b.push_str(&format!(
+            "{{\"prompt\": [{user}], \"answer\": \"{}\"}}\n",
+            i + 1
+        ));
+    }
+    std::fs::write(&chat, a).unwrap();
+    std::fs::write(&prompts, b).unwrap();
+    let qwen2 = fixture("qwen2");
+    let config = std::fs::read_to_string(qwen2.join("tokenizer_config.json")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    let template = config["chat_template"].as_str().unwrap().to_string();
+    let flags = ["--config", c, "--steps", "2", "--batch-size", "4"];
+    let sft = p(d.path(), "sft");
+    let given = ["--chat-template", qwen2.to_str().unwrap()];
+    stage_on_cpu("sft", &pre, &chat, &sft, &[&flags[..], &given[..]].concat());
+    let final_dir = sft.join("final");
+    let kept = std::fs::read_to_string(final_dir.join("chat_template.jinja")).unwrap();
+    assert_eq!(kept, template);
+    assert!(!final_dir.join("tokenizer.json").exists());
+    let grpo = p(d.path(), "grpo");
+    stage_on_cpu("grpo", &sft, &prompts, &grpo, &flags);
+    let log = std::fs::read_to_string(grpo.join("completions.jsonl")).unwrap();
+    assert!(
+        log.contains("<|im_start|>user\\n")
+            && log.contains("+1?<|im_end|>\\n<|im_start|>assistant\\n"),
+        "{log}"
+    );
+    assert!(!log.contains("<|user|>"), "{log}");
+    // And its checkpoints keep it in turn.
+    let again = std::fs::read_to_string(grpo.join("final/chat_template.jinja")).unwrap();
+    assert_eq!(again, template);
+}
+
+/// The lines of `stderr` from the error on (the log before it aside).
+fn error_lines(stderr: &str) -> usize {
+    let at = stderr.find("error: ").expect("an error");
+    stderr[at..].trim().lines().count()
+}
+
+/// Token shards of the byte tokenizer (`temper tokenizer encode` without --tokenizer) are
+/// marked as such beside them, as a BPE's have its tokenizer.json: another tokenizer over them
+/// is refused in one line naming the shards, as the byte tokenizer over a BPE's shards is, and
+/// the byte tokenizer trains on them.
+#[test]
+fn byte_shards_and_bpe_shards_each_refuse_the_others_tokenizer() {
+    let d = tmp();
+    let docs = p(d.path(), "docs.jsonl");
+    let body: String = (0..300)
+        .map(|i| {
+            format!(
+                "{{\"text\": \"document {i}: the quick brown fox, {}\"}}\n",
+                i * 7
+            )
+        })
+        .collect();
+    std::fs::write(&docs, body).unwrap();
+    let cfg = p(d.path(), "c.toml");
+    std::fs::write(&cfg, TINY_TOML).unwrap();
+    let gpt2 = fixture("gpt2").join("tokenizer.json");
+    let encode = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "tokenizer",
+            "encode",
+            docs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        run_ok(&args);
+    };
+    let pretrain = |data: &Path, out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "pretrain".to_string(),
+            "--config".to_string(),
+            cfg.display().to_string(),
+            "--data".to_string(),
+            data.display().to_string(),
+            "--out".to_string(),
+            p(d.path(), out).display().to_string(),
+            "--steps".to_string(),
+            "2".to_string(),
+            "--device".to_string(),
+            "cpu".to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+    let sh3 = p(d.path(), "sh3");
+    encode(&sh3, &[]);
+    assert!(sh3.join("tokenizer.bytes").is_file() && !sh3.join("tokenizer.json").exists());
+    let e = run_err(&strs(&pretrain(
+        &sh3,
+        "bpe-run",
+        &["--tokenizer", gpt2.to_str().unwrap()],
+    )));
+    assert!(
+        e.contains(&sh3.display().to_string())
+            && e.contains("byte-level tokenizer")
+            && e.contains(&gpt2.display().to_string()),
+        "{e}"
+    );
+    assert_eq!(error_lines(&e), 1, "{e}");
+    assert!(!p(d.path(), "bpe-run").join("final").exists());
+    run_ok(&strs(&pretrain(&sh3, "byte-run", &[])));
+
+    let bpe = p(d.path(), "bpe");
+    encode(&bpe, &["--tokenizer", gpt2.to_str().unwrap()]);
+    assert!(bpe.join("tokenizer.json").is_file() && !bpe.join("tokenizer.bytes").exists());
+    let byte_run = p(d.path(), "byte-run").display().to_string();
+    let e = run_err(&strs(&pretrain(&bpe, "init-run", &["--init", &byte_run])));
+    assert!(
+        e.contains(&bpe.display().to_string()) && e.contains("<byte 0x"),
+        "{e}"
+    );
+    assert_eq!(error_lines(&e), 1, "{e}");
+}

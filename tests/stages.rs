@@ -1784,3 +1784,126 @@ fn negative_numbers_reach_their_options_and_usage_errors_are_one_line() {
         format!("temper {}\n", env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// `--eval-data` is the held-out set of `--data`: pretraining evaluates on it (text, JSONL or
+/// token shards, as `--data` is read) and trains on the whole of `--data`; a file that cannot
+/// be read is an error naming it; a stage on the built-in task, which holds out its own
+/// examples, refuses it in one line rather than leaving it unread.
+#[test]
+fn eval_data_is_pretrainings_held_out_set_or_refused() {
+    use temper::data::shards::{write_shard, Width};
+    let d = tmp();
+    let dir = d.path();
+    let cfg = p(dir, "c.toml");
+    std::fs::write(&cfg, TINY_TOML).unwrap();
+    let c = cfg.to_str().unwrap();
+    let s = |path: &std::path::Path| path.to_str().unwrap().to_string();
+    let pretrain = |out: &str, extra: &[&str]| {
+        let out = p(dir, out);
+        let mut args = vec!["pretrain", "--config", c, "--steps", "1", "--device", "cpu"];
+        let out_s = s(&out);
+        args.extend(["--out", &out_s]);
+        args.extend(extra);
+        let log = run_ok(&args);
+        (out, String::from_utf8_lossy(&log.stderr).to_string())
+    };
+    let first_val = |out: &std::path::Path| series(&metrics(out), "val", "loss")[0];
+
+    // One document of words (the byte tokenizer: a token a byte, and EOS after each document).
+    let words = ["the", "cat", "sat", "on", "a", "mat", "and", "ran", "far"];
+    let text: Vec<&str> = (0..600).map(|i| words[(i * 7 + i / 9) % 9]).collect();
+    let text = text.join(" ");
+    let corpus = p(dir, "corpus.txt");
+    std::fs::write(&corpus, &text).unwrap();
+    // A held-out JSONL file of two documents, unlike the corpus.
+    let (a, b) = ("zq".repeat(60), "xv".repeat(45));
+    let eval = p(dir, "eval.jsonl");
+    std::fs::write(
+        &eval,
+        format!("{{\"text\": \"{a}\"}}\n{{\"text\": \"{b}\"}}\n"),
+    )
+    .unwrap();
+    let (corpus_s, eval_s) = (s(&corpus), s(&eval));
+
+    let (split, log) = pretrain("split", &["--data", &corpus_s]);
+    let whole = text.len() + 1;
+    assert!(!log.contains(&format!("{whole} train")), "{log}");
+    let (held, log) = pretrain("held", &["--data", &corpus_s, "--eval-data", &eval_s]);
+    let val_tokens = a.len() + 1 + b.len() + 1;
+    assert!(
+        log.contains(&format!("{whole} train / {val_tokens} val tokens"))
+            && log.contains("held out (--eval-data): 2 documents of"),
+        "{log}"
+    );
+    let (s0, h0) = (first_val(&split), first_val(&held));
+    assert_eq!((s0.0, h0.0), (0, 0));
+    assert!((s0.1 - h0.1).abs() > 1e-3, "{} vs {}", s0.1, h0.1);
+    let saved = std::fs::read_to_string(held.join("config.toml")).unwrap();
+    assert!(saved.contains("eval_path"), "{saved}");
+
+    // Token shards: the whole of --data's training shards trains (its validation shard is not
+    // read); of a held-out directory holding validation shards alone, all of them evaluate.
+    let shards = p(dir, "shards");
+    let held_shards = p(dir, "held_shards");
+    std::fs::create_dir_all(&shards).unwrap();
+    std::fs::create_dir_all(&held_shards).unwrap();
+    let ids = |n: usize, k: u32| (0..n as u32).map(|i| (i * k) % 250).collect::<Vec<_>>();
+    write_shard(&shards.join("d_train_000.bin"), &ids(3000, 7), Width::U16).unwrap();
+    write_shard(&shards.join("d_val_000.bin"), &ids(400, 3), Width::U16).unwrap();
+    write_shard(
+        &held_shards.join("e_val_000.bin"),
+        &ids(150, 11),
+        Width::U16,
+    )
+    .unwrap();
+    write_shard(&held_shards.join("e_val_001.bin"), &ids(90, 13), Width::U16).unwrap();
+    let (_, log) = pretrain(
+        "shards",
+        &["--data", &s(&shards), "--eval-data", &s(&held_shards)],
+    );
+    assert!(log.contains("3000 train / 240 val tokens"), "{log}");
+
+    // One line naming the missing file: pretraining, and a stage on --data (split_holdout).
+    let missing = s(&p(dir, "missing.jsonl"));
+    let one_error_line = |e: &str, needles: &[&str]| {
+        let errors: Vec<&str> = e.lines().filter(|l| l.starts_with("error")).collect();
+        assert!(
+            errors.len() == 1 && e.trim_end().ends_with(errors[0]),
+            "{e}"
+        );
+        for n in needles {
+            assert!(errors[0].contains(n), "{n}: {e}");
+        }
+    };
+    #[rustfmt::skip]
+    let e = run_err(&["pretrain", "--config", c, "--data", &corpus_s, "--eval-data", &missing,
+                      "--out", &s(&p(dir, "m1")), "--steps", "1", "--device", "cpu"]);
+    one_error_line(&e, &["--eval-data", &missing]);
+    let sft_data = p(dir, "sft.jsonl");
+    std::fs::write(
+        &sft_data,
+        "{\"prompt\": \"the cat \", \"response\": \"sat\"}\n{\"prompt\": \"a \", \"response\": \"mat\"}\n",
+    )
+    .unwrap();
+    let held_s = s(&held);
+    #[rustfmt::skip]
+    let e = run_err(&["sft", "--config", c, "--init", &held_s, "--data", &s(&sft_data),
+                      "--eval-data", &missing, "--out", &s(&p(dir, "m2")), "--device", "cpu"]);
+    one_error_line(&e, &["--eval-data", &missing]);
+    // ... and a held-out file that is there serves the stage.
+    #[rustfmt::skip]
+    run_ok(&["sft", "--config", c, "--init", &held_s, "--data", &s(&sft_data), "--eval-data",
+             &s(&sft_data), "--out", &s(&p(dir, "sft")), "--steps", "1", "--device", "cpu"]);
+
+    // The built-in task (no --data) holds out its own examples: refused, in one line.
+    for stage in ["pretrain", "sft", "reward", "dpo", "grpo"] {
+        let out = s(&p(dir, &format!("builtin-{stage}")));
+        let mut args = vec![stage, "--config", c, "--eval-data", &eval_s, "--out", &out];
+        if stage != "pretrain" {
+            args.extend(["--init", &held_s]);
+        }
+        args.extend(["--steps", "1", "--device", "cpu"]);
+        let e = run_err(&args);
+        one_error_line(&e, &["--eval-data", &eval_s, "built-in task", "--data"]);
+    }
+}

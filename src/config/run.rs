@@ -80,8 +80,9 @@ pub struct DataConfig {
     /// `chat_template_kwargs`), e.g. `{ enable_thinking = false }` for Qwen3.
     pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
     pub val_fraction: f64,
-    /// Held-out file for the alignment stages (SFT, preferences, prompts); none splits off
-    /// `val_fraction` of `path`.
+    /// Held-out data of `path`'s kind (a corpus or token shards for pretraining; SFT,
+    /// preference or prompt records for the later stages); none splits off `val_fraction` of
+    /// `path`. Refused without `path` (the built-in task holds out its own).
     pub eval_path: Option<PathBuf>,
     /// Seed of the built-in task's world.
     pub task_seed: u64,

@@ -184,6 +184,11 @@ impl ChatTemplate {
         self.tool_use_source.as_deref()
     }
 
+    /// The `bos_token` and `eos_token` it renders (empty where its config names none).
+    pub fn special_tokens(&self) -> (&str, &str) {
+        (&self.bos, &self.eos)
+    }
+
     /// Whether `other` renders every conversation as this one does: the same default and
     /// `tool_use` templates.
     pub fn same_as(&self, other: &ChatTemplate) -> bool {

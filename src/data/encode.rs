@@ -10,6 +10,10 @@
 //! tokenizer.json and seed, where that split is by document (20 documents or more, the hash
 //! sending at least one each way, each side at least a block). Shards written before
 //! documents opened with BOS (temper before 2026-12-02) hold none.
+//!
+//! Beside the shards goes what names their tokenizer, which pretraining checks the run's
+//! against ([`super::shards::check_corpus_tokenizer`]): a copy of its tokenizer.json, or for
+//! the byte tokenizer, which has none, a [`BYTES_MARKER`].
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -17,8 +21,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use super::corpus::{corpus_files, held_out, read_file_documents};
-use super::shards::{write_shard, Width};
-use super::tokenizer::Tokenizer;
+use super::shards::{write_shard, Width, BYTES_MARKER, BYTES_MARKER_TEXT};
+use super::tokenizer::{Tokenizer, FILE_NAME};
 
 /// Text read before a group of files is encoded: bounds the memory, and gives every core
 /// documents even when each file is one document.
@@ -28,7 +32,7 @@ pub const GROUP_BYTES: usize = 64 << 20;
 pub struct EncodeOpts<'a> {
     pub tok: &'a Tokenizer,
     /// The tokenizer.json `tok` came from: copied beside the shards, where pretraining finds
-    /// it.
+    /// it. The byte tokenizer has none: a [`BYTES_MARKER`] goes there instead.
     pub tokenizer_file: Option<&'a Path>,
     pub out: &'a Path,
     /// Tokens per shard (the last of each split holds the rest).
@@ -113,6 +117,18 @@ pub fn encode_corpus(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
             opts.out.display()
         );
     }
+    // What another tokenizer left there would name it as these shards' tokenizer.
+    let other = match opts.tok.is_bytes() {
+        true => FILE_NAME,
+        false => BYTES_MARKER,
+    };
+    if opts.out.join(other).exists() {
+        bail!(
+            "{}: already holds a {other} of another encode, which would name the wrong \
+             tokenizer for these shards; encode into an empty directory",
+            opts.out.display()
+        );
+    }
     let width = Width::for_vocab(opts.tok.vocab_size());
     let split = |name| Split {
         name,
@@ -168,9 +184,13 @@ pub fn encode_corpus(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
             corpus.display()
         );
     }
-    if let Some(src) = opts.tokenizer_file {
-        let dst = opts.out.join("tokenizer.json");
-        crate::io::write_atomic(&dst, &std::fs::read(src)?)?;
+    if opts.tok.is_bytes() {
+        let dst = opts.out.join(BYTES_MARKER);
+        crate::io::write_atomic(&dst, BYTES_MARKER_TEXT.as_bytes())?;
+    } else if let Some(src) = opts.tokenizer_file {
+        let dst = opts.out.join(FILE_NAME);
+        let text = std::fs::read(src).with_context(|| format!("{}: cannot read", src.display()))?;
+        crate::io::write_atomic(&dst, &text)?;
     }
     Ok(Encoded {
         documents,

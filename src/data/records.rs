@@ -170,7 +170,8 @@ pub fn render_chat_prompt(messages: &[(String, String)]) -> String {
 /// Reads an SFT dataset: one record per line, either `{"prompt": P, "response": R}` (the
 /// prompt used verbatim, no template; `"completion"` for `"response"`, TRL's prompt-completion
 /// format, as `temper generate` writes it; a `prompt` that is a list of messages is TRL's
-/// conversational prompt-completion, rendered with the chat template), `{"messages":
+/// conversational prompt-completion, rendered with the chat template; an empty completion
+/// trains the EOS after it, where temper adds one), `{"messages":
 /// [{"role", "content"}, ...]}` rendered with the built-in chat template, or TRL's language
 /// modelling `{"text": T}`, every token of it trained, EOS after.
 pub fn load_sft(path: &Path) -> Result<Vec<SftExample>> {
@@ -233,7 +234,7 @@ fn sft_example(
         (Some(msgs), false) => {
             let whole = !scope.assistant_only;
             match bind(at, obj, template)? {
-                None => chat_example(at, "messages", msgs, whole),
+                None => chat_example(at, "messages", msgs, whole, false),
                 Some(chat) => templated_example(at, "messages", msgs, &chat, whole),
             }
         }
@@ -248,10 +249,10 @@ fn sft_example(
                     // its assistant mask where assistant_only_loss is on.
                     let chat = bind(at, obj, template)?;
                     let mut all = msgs.as_array().cloned().unwrap_or_default();
-                    all.push(reply_message(at, reply, obj.get(reply))?);
+                    all.push(reply_message(at, reply, obj.get(reply), chat.is_none())?);
                     let (all, whole) = (Value::Array(all), !scope.assistant_only);
                     return match chat {
-                        None => chat_example(at, "prompt", &all, whole),
+                        None => chat_example(at, "prompt", &all, whole, true),
                         Some(chat) => templated_example(at, "prompt", &all, &chat, whole),
                     };
                 }
@@ -261,7 +262,8 @@ fn sft_example(
                 }
                 None => {
                     let prompt = at.non_empty_str(obj, "prompt")?;
-                    let response = at.non_empty_str(obj, reply)?;
+                    // Followed by a trained EOS: may be empty ([`empty_reply`]).
+                    let response = at.string(obj, reply)?;
                     SftExample::prompt_response(prompt, response, true, Some(at.to_string()))
                 }
             };
@@ -298,7 +300,7 @@ fn conversational_example(
             return Err(at.field(field, &got));
         }
     };
-    let reply = render_reply(at, field, reply, (msgs, &prompt), chat)?;
+    let reply = reply_text(at, field, reply, (msgs, &prompt), chat, true)?;
     Ok(SftExample::prompt_response(
         &prompt,
         &reply,
@@ -307,9 +309,26 @@ fn conversational_example(
     ))
 }
 
-/// A conversational record's reply (its `field`): the assistant's text, or a list holding
-/// the one non-empty assistant message, as that message.
-fn reply_message(at: &Loc, field: &str, reply: Option<&Value>) -> Result<Value> {
+/// An SFT record's reply may be empty where temper ends it with a trained EOS: a plain
+/// prompt's completion, a reply in the built-in chat template (`eos_after`). Trained, that
+/// EOS teaches the model to stop at once, as a `temper generate` sample that stopped there
+/// (`"finish_reason": "stop"`, `""`) says it did; TRL takes such a record too. A Jinja chat
+/// template ends the turn itself and temper adds no EOS: refused there, as before.
+fn empty_reply(at: &Loc, field: &str, eos_after: bool) -> Result<()> {
+    match eos_after {
+        true => Ok(()),
+        false => Err(at.field(
+            field,
+            "empty (an empty reply is taken where temper ends it with EOS, which a Jinja chat \
+             template's turn does not get)",
+        )),
+    }
+}
+
+/// A conversational SFT record's reply (its `field`): the assistant's text, or a list
+/// holding the one non-empty assistant message, as that message; empty where [`empty_reply`]
+/// takes it (`eos_after`).
+fn reply_message(at: &Loc, field: &str, reply: Option<&Value>, eos_after: bool) -> Result<Value> {
     let message = match reply {
         Some(Value::String(text)) => serde_json::json!({"role": "assistant", "content": text}),
         Some(Value::Array(list)) if list.len() == 1 => list[0].clone(),
@@ -323,8 +342,14 @@ fn reply_message(at: &Loc, field: &str, reply: Option<&Value>) -> Result<Value> 
         }
     };
     let is_assistant = message.get("role").and_then(Value::as_str) == Some("assistant");
-    if !is_assistant || !says_something(&message) {
+    if !is_assistant {
         return Err(at.field(field, "expected one non-empty assistant message"));
+    }
+    if !says_something(&message) {
+        match message.get("content") {
+            Some(Value::String(_)) => empty_reply(at, field, eos_after)?,
+            _ => return Err(at.field(field, "expected one non-empty assistant message")),
+        }
     }
     Ok(message)
 }
@@ -439,19 +464,28 @@ fn says_something(m: &Value) -> bool {
 }
 
 /// A conversation in the built-in format (the record's `field`); `whole`: every token
-/// trained, not only the assistant's, and a conversation with no assistant message taken.
-fn chat_example(at: &Loc, field: &str, msgs: &Value, whole: bool) -> Result<SftExample> {
+/// trained, not only the assistant's, and a conversation with no assistant message taken;
+/// `reply_last`: the last message is a prompt-completion record's reply, which may be empty
+/// ([`empty_reply`]: the built-in template ends it with EOS).
+fn chat_example(
+    at: &Loc,
+    field: &str,
+    msgs: &Value,
+    whole: bool,
+    reply_last: bool,
+) -> Result<SftExample> {
     let (_, fields) = message_fields(at, field, msgs, false)?;
     if fields.is_empty() {
         return Err(at.field(field, "empty"));
     }
     let mut segments: Vec<Segment> = Vec::new();
     let mut assistant_turns = 0;
+    let last = fields.len() - 1;
     for (i, (role, content)) in fields.into_iter().enumerate() {
         let name = format!("{field}[{i}]");
         match role {
             "assistant" => {
-                if content.is_empty() {
+                if content.is_empty() && !(reply_last && i == last) {
                     return Err(at.field(&format!("{name}.content"), "empty"));
                 }
                 assistant_turns += 1;
@@ -670,6 +704,19 @@ pub(crate) fn render_reply(
     prompt: (&Value, &str),
     chat: Option<&Chat>,
 ) -> Result<String> {
+    reply_text(at, field, reply, prompt, chat, false)
+}
+
+/// [`render_reply`], for an SFT record (`sft`) an empty reply taken where [`empty_reply`]
+/// takes it: preference and KTO responses stay non-empty.
+fn reply_text(
+    at: &Loc,
+    field: &str,
+    reply: Option<&Value>,
+    prompt: (&Value, &str),
+    chat: Option<&Chat>,
+    sft: bool,
+) -> Result<String> {
     let reply = reply.ok_or_else(|| at.field(field, "missing"))?;
     if !reply.is_array() {
         let got = format!(
@@ -682,8 +729,15 @@ pub(crate) fn render_reply(
     let [(role, content)] = rfields.as_slice() else {
         return Err(at.field(field, "expected a list holding one assistant message"));
     };
-    if *role != "assistant" || !says_something(&rlist[0]) {
-        return Err(at.field(field, "expected one non-empty assistant message"));
+    let non_empty = || at.field(field, "expected one non-empty assistant message");
+    if *role != "assistant" {
+        return Err(non_empty());
+    }
+    if !says_something(&rlist[0]) {
+        match (sft, rlist[0].get("content")) {
+            (true, Some(Value::String(_))) => empty_reply(at, field, chat.is_none())?,
+            _ => return Err(non_empty()),
+        }
     }
     let Some(t) = chat else {
         return Ok(content.to_string());
@@ -1048,6 +1102,102 @@ mod tests {
         }
     }
 
+    /// An empty completion, as `temper generate` writes a sample that stopped at once, trains
+    /// `temper sft` as it is where temper ends it with EOS (a plain prompt, the built-in chat
+    /// template, in every loss scope): the prompt untrained, then the trained EOS alone. Under
+    /// a Jinja chat template (no EOS added), and for a record with nothing else to train on
+    /// (an empty prompt, an empty `text`), it is refused; preference and KTO responses stay
+    /// non-empty.
+    #[test]
+    fn an_empty_completion_trains_the_eos_after_it() {
+        let d = tempfile::tempdir().unwrap();
+        let p = file(
+            &d,
+            "bo.jsonl",
+            concat!(
+                "{\"prompt\": \"Q: 2+3\\nA: \", \"completion\": \"\", \"finish_reason\": \"stop\"}\n",
+                "{\"prompt\": \"Q: 2+3\\nA: \", \"response\": \"\"}\n",
+                "{\"prompt\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"completion\": \"\"}\n",
+                "{\"prompt\": [{\"role\": \"user\", \"content\": \"Hi\"}],",
+                " \"completion\": [{\"role\": \"assistant\", \"content\": \"\"}]}\n",
+            ),
+        );
+        let tok = Tokenizer::Bytes;
+        let scopes = [(true, true), (false, true), (true, false), (false, false)];
+        for (completion_only, assistant_only) in scopes {
+            let scope = LossScope {
+                completion_only,
+                assistant_only,
+            };
+            let xs = load_sft_templated(&p, None, scope).unwrap();
+            assert_eq!(xs.len(), 4);
+            for x in &xs {
+                assert!(x.append_eos, "{x:?}");
+                let last = x.segments.last().unwrap();
+                assert_eq!(last, &seg("", true), "{x:?}");
+                let (ids, train) = crate::stages::batch::encode_example(&tok, x).unwrap();
+                assert_eq!(ids.last(), Some(&tok.eos_id()), "{x:?}");
+                assert_eq!(train.last(), Some(&true), "{x:?}");
+                if completion_only && assistant_only {
+                    // Only the EOS trains.
+                    assert_eq!(train.iter().filter(|t| **t).count(), 1, "{x:?}");
+                }
+            }
+            // The prompt and what trains of it are as a non-empty completion's record has them.
+            let full = file(
+                &d,
+                "5.jsonl",
+                "{\"prompt\": \"Q: 2+3\\nA: \", \"completion\": \"5\"}\n",
+            );
+            let five = &load_sft_templated(&full, None, scope).unwrap()[0];
+            assert_eq!(xs[0].segments[0], five.segments[0]);
+            assert_eq!(xs[0].train_all, five.train_all);
+
+            // A Jinja template ends the turn itself: nothing of temper's marks the stop.
+            let t = bracketed();
+            for line in [3, 4] {
+                let body = std::fs::read_to_string(&p).unwrap();
+                let one = file(&d, "j.jsonl", body.lines().nth(line - 1).unwrap());
+                let e = err(load_sft_templated(&one, Some(&t), scope));
+                assert!(
+                    e.contains("j.jsonl:1: field \"completion\": empty") && e.contains("Jinja"),
+                    "{e}"
+                );
+            }
+        }
+        // Nothing else to train on: refused.
+        for (body, want) in [
+            (
+                r#"{"prompt": "", "completion": ""}"#,
+                "field \"prompt\": empty",
+            ),
+            (r#"{"text": ""}"#, "field \"text\": empty"),
+        ] {
+            let e = err(load_sft(&file(&d, "n.jsonl", body)));
+            assert!(e.contains(want), "{body}: {e}");
+        }
+        // A `messages` conversation's own assistant turns stay non-empty.
+        let m = file(
+            &d,
+            "m.jsonl",
+            r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}"#,
+        );
+        assert!(err(load_sft(&m)).contains("field \"messages[1].content\": empty"));
+        // Preference pairs (which SFT does not read) keep their non-empty responses.
+        let pr = file(
+            &d,
+            "pr.jsonl",
+            r#"{"prompt": "x", "chosen": "", "rejected": "y"}"#,
+        );
+        assert!(err(load_preferences(&pr)).contains("field \"chosen\": empty"));
+        let pr = file(
+            &d,
+            "pr.jsonl",
+            r#"{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": ""}], "rejected": [{"role": "assistant", "content": "y"}]}"#,
+        );
+        assert!(err(load_preferences(&pr)).contains("non-empty assistant message"));
+    }
+
     #[test]
     fn sft_plain_and_chat() {
         let d = tempfile::tempdir().unwrap();
@@ -1156,10 +1306,6 @@ mod tests {
                 "f.jsonl:1: field \"prompt\": empty",
             ),
             (
-                r#"{"prompt": "x", "response": ""}"#,
-                "f.jsonl:1: field \"response\": empty",
-            ),
-            (
                 r#"{"prompt": "x", "response": 3}"#,
                 "f.jsonl:1: field \"response\": expected a string, got a number",
             ),
@@ -1167,8 +1313,12 @@ mod tests {
             (r#"{"text": 3}"#, "f.jsonl:1: field \"text\": expected a string"),
             (r#"{"tex": "x"}"#, "f.jsonl:1: field \"prompt\": missing"),
             (
-                r#"{"prompt": "x", "completion": ""}"#,
-                "f.jsonl:1: field \"completion\": empty",
+                r#"{"prompt": "", "completion": ""}"#,
+                "f.jsonl:1: field \"prompt\": empty",
+            ),
+            (
+                r#"{"prompt": "x", "completion": null}"#,
+                "f.jsonl:1: field \"completion\": expected a string, got null",
             ),
             (
                 r#"{"messages": [{"role": "assistant", "content": "a"}], "completion": "z"}"#,
@@ -1644,11 +1794,13 @@ mod tests {
             format!("{{\"prompt\": {user}, \"completion\": \"\"}}\n"),
         )
         .unwrap();
-        let e = err(load_sft(&s));
+        // An empty reply: the built-in template ends it with EOS, which trains; a Jinja
+        // template's turn gets none (an_empty_completion_trains_the_eos_after_it).
+        let x = &load_sft(&s).unwrap()[0];
+        assert_eq!(x.segments[1], seg("", true));
+        let e = err(load_sft_templated(&s, Some(&t), LossScope::default()));
         assert!(
-            e.contains(
-                "sft.jsonl:1: field \"completion\": expected one non-empty assistant message"
-            ),
+            e.contains("sft.jsonl:1: field \"completion\": empty (an empty reply is taken"),
             "{e}"
         );
         let q = dir.path().join("prompts.jsonl");

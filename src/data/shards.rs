@@ -4,10 +4,12 @@
 //! a version, the token count) followed by the tokens: u16 under magic 20240520 (version 1,
 //! llm.c's GPT-2 shards) or u32 under magic 20240801 (version 7, its Llama 3 shards). So the
 //! shards llm.c's scripts write (FineWeb, TinyStories, ...) train temper as they are, and
-//! `temper tokenizer encode` writes the same files from text. A corpus is a shard file, or a
-//! directory holding shards (`.bin` files that start with a shard's magic number; other files
-//! there, a README or a stray `.bin`, are left alone): those whose name has a `_`-separated
-//! part `val` (`fineweb_val_000000.bin`, `val_000000.bin`) are the validation split, the others
+//! `temper tokenizer encode` writes the same files from text, with what names their tokenizer
+//! beside them (a copy of its tokenizer.json, or for the byte tokenizer a [`BYTES_MARKER`]),
+//! which a run's tokenizer is checked against ([`check_corpus_tokenizer`]). A corpus is a shard
+//! file, or a directory holding shards (`.bin` files that start with a shard's magic number;
+//! other files there, a README or a stray `.bin`, are left alone): those whose name has a
+//! `_`-separated part `val` (`fineweb_val_000000.bin`, `val_000000.bin`) are the validation split, the others
 //! the training split, each read in name order as one stream. Nothing is read ahead: a run starts at once whatever the corpus
 //! size, and a batch copies its windows out of the page cache.
 
@@ -345,14 +347,45 @@ pub fn open_corpus(path: &Path) -> Result<(Shards, Option<Shards>)> {
     Ok((train, val))
 }
 
-/// The tokenizer.json beside a shard corpus (in its directory, or beside a shard file), which
-/// `temper tokenizer encode` copies there: the tokenizer whose ids the shards hold.
-pub fn corpus_tokenizer_file(corpus: &Path) -> Option<PathBuf> {
+/// A held-out shard corpus (`--eval-data`): the shard file itself, or a directory's validation
+/// shards where it has any, else all its shards (a directory of validation shards alone is no
+/// training corpus to [`open_corpus`], but is held-out data).
+pub fn open_held_out(path: &Path) -> Result<Shards> {
+    if !path.is_dir() {
+        return Shards::open(&[path.to_path_buf()]);
+    }
+    let files = shard_files(path)?;
+    let val: Vec<PathBuf> = files.iter().filter(|p| is_val_shard(p)).cloned().collect();
+    Shards::open(if val.is_empty() { &files } else { &val })
+}
+
+/// The file `temper tokenizer encode` writes beside shards of the byte tokenizer, which has
+/// no tokenizer.json: the ids they hold are bytes (0-255), EOS ([`BYTE_EOS`]) and PAD.
+pub const BYTES_MARKER: &str = "tokenizer.bytes";
+
+/// What [`BYTES_MARKER`] says, for whoever opens it.
+pub const BYTES_MARKER_TEXT: &str =
+    "temper's byte-level tokenizer: ids 0-255 are bytes, 256 is EOS, 257 is PAD\n";
+
+/// File `name` beside a shard corpus (in its directory, or beside a shard file), where it is.
+fn beside_corpus(corpus: &Path, name: &str) -> Option<PathBuf> {
     let dir = match corpus.is_dir() {
         true => Some(corpus),
         false => corpus.parent(),
     };
-    dir.map(|d| d.join(FILE_NAME)).filter(|p| p.is_file())
+    dir.map(|d| d.join(name)).filter(|p| p.is_file())
+}
+
+/// The tokenizer.json beside a shard corpus (in its directory, or beside a shard file), which
+/// `temper tokenizer encode` copies there: the tokenizer whose ids the shards hold.
+pub fn corpus_tokenizer_file(corpus: &Path) -> Option<PathBuf> {
+    beside_corpus(corpus, FILE_NAME)
+}
+
+/// The [`BYTES_MARKER`] beside a shard corpus, where `temper tokenizer encode` wrote its shards
+/// with the byte tokenizer.
+pub fn corpus_bytes_marker(corpus: &Path) -> Option<PathBuf> {
+    beside_corpus(corpus, BYTES_MARKER)
 }
 
 /// Text encoded by both tokenizers: a vocabulary alike with other merges, normalizer or
@@ -367,10 +400,13 @@ const PROBE: &str = "The quick brown fox, 1234567890 -- jumped!  Over\tthe lazy 
 /// where one is beside it. Refused, in one line naming both files and the first id that
 /// differs: a run in which some shard id stands for another token than in the shards'
 /// tokenizer. A run tokenizer that only adds tokens (chat tokens for continued pretraining)
-/// passes, as every shard id keeps its meaning. Returns a warning, for the caller to print,
-/// where the ids agree but the two split text differently, or where the file beside the
-/// shards cannot be read as a tokenizer. A text corpus, or shards with no tokenizer.json
-/// (llm.c's, or encoded with the byte tokenizer), pass silently.
+/// passes, as every shard id keeps its meaning. Shards of the byte tokenizer (a
+/// [`BYTES_MARKER`] beside them) refuse any other tokenizer, in one line naming the corpus,
+/// and pass the byte tokenizer. Returns a warning, for the caller to print, where the ids agree
+/// but the two split text differently, where the file beside the shards cannot be read as a
+/// tokenizer, or where the shards have neither file beside them (llm.c's, or byte shards
+/// temper wrote before it marked them): nothing to check against. A text corpus passes
+/// silently.
 pub fn check_corpus_tokenizer(
     corpus: &Path,
     tok: &Tokenizer,
@@ -379,12 +415,39 @@ pub fn check_corpus_tokenizer(
     if !is_shard_corpus(corpus) {
         return Ok(None);
     }
-    let Some(file) = corpus_tokenizer_file(corpus) else {
-        return Ok(None);
-    };
     let from = match from.join(FILE_NAME) {
         inside if from.is_dir() && inside.is_file() => inside,
         _ => from.to_path_buf(),
+    };
+    let file = match (corpus_tokenizer_file(corpus), corpus_bytes_marker(corpus)) {
+        (Some(file), None) => file,
+        (Some(file), Some(marker)) => bail!(
+            "{}: token shards with both {} and {} beside them, so which tokenizer wrote them \
+             is unknown: remove the file of the one that did not",
+            corpus.display(),
+            file.display(),
+            marker.display()
+        ),
+        (None, Some(_)) if tok.is_bytes() => return Ok(None),
+        (None, Some(marker)) => bail!(
+            "{}: the token shards there were written with temper's byte-level tokenizer ({} \
+             says so), and the run's tokenizer, from {}, is another, in which their ids (bytes) \
+             stand for other tokens; encode the corpus again with the run's tokenizer (temper \
+             tokenizer encode --tokenizer), or train from scratch with the shards' (without \
+             --tokenizer or --init)",
+            corpus.display(),
+            marker.display(),
+            from.display()
+        ),
+        (None, None) => {
+            return Ok(Some(format!(
+                "{}: the token shards there have neither a {FILE_NAME} nor a {BYTES_MARKER} \
+                 beside them (llm.c's, or temper's from before it marked byte-level shards), \
+                 so whether they hold the ids of the run's tokenizer ({}) is not checked",
+                corpus.display(),
+                from.display()
+            )))
+        }
     };
     // The raw tokenizer, not `Tokenizer::from_file`: that one wants an EOS it can find by
     // name, which the shards' ids do not depend on (an --init model's tokenizer_config.json
@@ -475,13 +538,13 @@ enum Agreement {
 /// named so that no vocabulary's spelling equals one.
 fn run_token(tok: &Tokenizer, id: u32) -> Option<String> {
     match tok {
-        Tokenizer::Bytes => match id {
+        Tokenizer::Hf { inner, .. } => inner.id_to_token(id),
+        _ => match id {
             0..=255 => Some(format!("<byte {id:#04x}>")),
             _ if id == BYTE_EOS => Some("<byte-tokenizer EOS>".to_string()),
             _ if id == BYTE_PAD => Some("<byte-tokenizer PAD>".to_string()),
             _ => None,
         },
-        Tokenizer::Hf { inner, .. } => inner.id_to_token(id),
     }
 }
 
@@ -653,9 +716,9 @@ mod tests {
     /// which a shard id stands for another token (other special tokens, another vocabulary,
     /// the byte tokenizer) is refused in one line naming both files and the first id that
     /// differs; the same tokenizer from a file formatted otherwise, one that only adds tokens,
-    /// one whose EOS no built-in name finds, a text corpus and shards with no tokenizer.json
-    /// pass; the same ids splitting text otherwise, or a file beside the shards that is no
-    /// tokenizer, pass with a warning naming the files.
+    /// one whose EOS no built-in name finds and a text corpus pass; the same ids splitting text
+    /// otherwise, a file beside the shards that is no tokenizer, or shards with no tokenizer.json
+    /// (nor a byte tokenizer's mark), pass with a warning naming the files.
     #[test]
     fn shards_refuse_a_run_whose_tokenizer_is_not_theirs() {
         use crate::data::encode::{encode_corpus, EncodeOpts};
@@ -789,9 +852,14 @@ mod tests {
             w.contains(&beside) && w.contains("not a tokenizer.json"),
             "{w}"
         );
+        // Nothing beside the shards (llm.c's): nothing to check against, and the run is told.
         std::fs::remove_file(shards.join(FILE_NAME)).unwrap();
         let w = check_corpus_tokenizer(&shards, &Tokenizer::bytes(), &run).unwrap();
-        assert_eq!(w, None);
+        let w = w.expect("a warning");
+        assert!(
+            w.contains(&shards.display().to_string()) && w.contains("is not checked"),
+            "{w}"
+        );
 
         // SentencePiece's two ways to put `▁` before words: the same vocabulary and ids, a
         // space after a special token split otherwise. One line saying so, not "other text".
@@ -827,6 +895,101 @@ mod tests {
         let eot_tok = Tokenizer::load_dir(&model).unwrap();
         std::fs::copy(&eot_file, shards.join(FILE_NAME)).unwrap();
         passes(&eot_tok, &model);
+    }
+
+    /// Shards of the byte tokenizer are marked as such ([`BYTES_MARKER`], as it has no
+    /// tokenizer.json): a run of another tokenizer over them is refused in one line naming
+    /// the corpus, a byte-level one (with a chat template or without) passes, and a byte-level
+    /// run over shards of another tokenizer is refused as before. Shards from before the mark
+    /// (nothing beside them) train with a warning that nothing was checked; shards with both
+    /// files are refused, and an encode into a directory holding the other's file too.
+    #[test]
+    fn byte_shards_refuse_another_tokenizer_and_another_tokenizers_shards_refuse_bytes() {
+        use crate::data::encode::{encode_corpus, EncodeOpts};
+        let d = tempfile::tempdir().unwrap();
+        let gpt2 = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/gpt2");
+        let gpt2_file = gpt2.join(FILE_NAME);
+        let bpe = Tokenizer::from_file(&gpt2_file).unwrap();
+        let corpus = d.path().join("docs.jsonl");
+        std::fs::write(&corpus, "{\"text\": \"the quick brown fox\"}\n".repeat(20)).unwrap();
+        let encode = |tok: &Tokenizer, file: Option<&Path>, out: &Path| {
+            let opts = EncodeOpts {
+                tok,
+                tokenizer_file: file,
+                out,
+                shard_tokens: 100,
+                val_fraction: 0.0,
+                seed: 0,
+            };
+            encode_corpus(&corpus, &opts)
+        };
+        let bytes = d.path().join("sh3");
+        encode(&Tokenizer::bytes(), None, &bytes).unwrap();
+        let marker = bytes.join(BYTES_MARKER);
+        assert_eq!(std::fs::read_to_string(&marker).unwrap(), BYTES_MARKER_TEXT);
+        assert!(!bytes.join(FILE_NAME).exists());
+        assert_eq!(corpus_bytes_marker(&bytes), Some(marker.clone()));
+
+        let run = d.path().join("byte-run");
+        std::fs::create_dir(&run).unwrap();
+        let templated = Tokenizer::bytes().with_chat_template(Some("{{ messages }}"), None);
+        for tok in [Tokenizer::bytes(), templated] {
+            assert_eq!(check_corpus_tokenizer(&bytes, &tok, &run).unwrap(), None);
+        }
+        let dir = bytes.display().to_string();
+        for (corpus, from) in [
+            (bytes.clone(), gpt2_file.clone()),
+            (bytes.join("train_000000.bin"), gpt2.clone()),
+        ] {
+            let e = err(check_corpus_tokenizer(&corpus, &bpe, &from));
+            assert!(
+                e.contains(&dir)
+                    && e.contains("byte-level tokenizer")
+                    && e.contains(&gpt2_file.display().to_string()),
+                "{e}"
+            );
+        }
+
+        // A byte-level run over the shards of another tokenizer.
+        let shards = d.path().join("bpe");
+        encode(&bpe, Some(&gpt2_file), &shards).unwrap();
+        assert!(shards.join(FILE_NAME).is_file() && !shards.join(BYTES_MARKER).exists());
+        let e = err(check_corpus_tokenizer(&shards, &Tokenizer::bytes(), &run));
+        assert!(
+            e.contains(&shards.display().to_string()) && e.contains("<byte 0x00>"),
+            "{e}"
+        );
+
+        // Both files: which one wrote the shards is unknown.
+        std::fs::copy(&marker, shards.join(BYTES_MARKER)).unwrap();
+        for tok in [&bpe, &Tokenizer::bytes()] {
+            let e = err(check_corpus_tokenizer(&shards, tok, &gpt2_file));
+            assert!(e.contains(BYTES_MARKER) && e.contains("unknown"), "{e}");
+        }
+
+        // Shards from before the mark: unchecked, with a warning naming them.
+        std::fs::remove_file(&marker).unwrap();
+        for tok in [&bpe, &Tokenizer::bytes()] {
+            let w = check_corpus_tokenizer(&bytes, tok, &gpt2_file).unwrap();
+            let w = w.expect("a warning");
+            assert!(
+                w.contains(&dir) && w.contains("is not checked") && !w.contains('\n'),
+                "{w}"
+            );
+        }
+
+        // An encode leaves no other tokenizer's file beside its shards.
+        for (tok, file, left) in [
+            (&Tokenizer::bytes(), None, FILE_NAME),
+            (&bpe, Some(gpt2_file.as_path()), BYTES_MARKER),
+        ] {
+            let out = d.path().join(format!("left-{left}"));
+            std::fs::create_dir(&out).unwrap();
+            std::fs::write(out.join(left), "{}").unwrap();
+            let e = err(encode(tok, file, &out));
+            assert!(e.contains(left) && e.contains("empty directory"), "{e}");
+            assert!(!is_shard_corpus(&out));
+        }
     }
 
     #[test]

@@ -48,6 +48,18 @@ pub const FILE_NAME: &str = "tokenizer.json";
 #[derive(Clone)]
 pub enum Tokenizer {
     Bytes,
+    /// The byte tokenizer with the chat template a run chose for it: the ids of
+    /// [`Tokenizer::Bytes`], and `files`, `(path relative to the directory, text)` of its
+    /// template files and of the `tokenizer_config.json` that names the `bos_token` and
+    /// `eos_token` the template renders (see [`Tokenizer::with_template_tokens`]), saved
+    /// beside its checkpoints as a Hugging Face tokenizer's are, so that the next stage renders
+    /// conversations as the run trained on them. A template's markers (`<|im_start|>`) are
+    /// plain text to the byte tokenizer, encoded byte by byte alike wherever it renders, so
+    /// nothing else needs keeping. Never without a template file: the byte tokenizer without
+    /// one is [`Tokenizer::Bytes`].
+    BytesWithTemplate {
+        files: Arc<Vec<(String, String)>>,
+    },
     Hf {
         inner: Arc<tokenizers::Tokenizer>,
         eos: u32,
@@ -161,6 +173,55 @@ const CARRIED: [&str; 4] = [
     TEMPLATE_FILE,
     "special_tokens_map.json",
 ];
+
+/// The config that names the `bos_token` and `eos_token` a byte tokenizer's chat template
+/// renders (the byte tokenizer has no such tokens of its own).
+const BYTE_TOKENS_FILE: &str = "tokenizer_config.json";
+
+/// Whether carried file `name` is a chat template (the default one or a named one).
+fn is_template_file(name: &str) -> bool {
+    name == TEMPLATE_FILE
+        || name
+            .strip_prefix(NAMED_TEMPLATES_DIR)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// `files` with `source` as the chat template and `tool_use` as the `tool_use` template
+/// (none: none), in place of the ones it had.
+fn replace_templates(
+    files: &mut Vec<(String, String)>,
+    source: Option<&str>,
+    tool_use: Option<&str>,
+) {
+    let tool_use_file = format!("{NAMED_TEMPLATES_DIR}/tool_use.jinja");
+    // A named default would win over the one written here.
+    let default_file = format!("{NAMED_TEMPLATES_DIR}/{DEFAULT}.jinja");
+    files.retain(|(name, _)| {
+        name != TEMPLATE_FILE && *name != tool_use_file && *name != default_file
+    });
+    if let Some(source) = source {
+        files.push((TEMPLATE_FILE.to_string(), source.to_string()));
+    }
+    if let Some(t) = tool_use {
+        files.push((tool_use_file, t.to_string()));
+    }
+}
+
+/// The files a byte-level run directory `dir` keeps for its chat template: its templates
+/// and the config naming the tokens they render (see [`Tokenizer::BytesWithTemplate`]).
+fn byte_template_files(dir: &Path) -> Result<Vec<(String, String)>> {
+    let mut names = vec![TEMPLATE_FILE.to_string(), BYTE_TOKENS_FILE.to_string()];
+    names.extend(
+        named_templates(dir)?
+            .into_iter()
+            .map(|n| format!("{NAMED_TEMPLATES_DIR}/{n}.jinja")),
+    );
+    let mut files = Vec::new();
+    for name in names {
+        files.extend(carried_file(dir, name)?);
+    }
+    Ok(files)
+}
 
 /// `"<tok>"` or `{"content": "<tok>", ...}` (both appear in tokenizer_config.json files).
 fn token_field(v: &serde_json::Value, key: &str) -> Option<String> {
@@ -302,6 +363,34 @@ impl Tokenizer {
         Tokenizer::Bytes
     }
 
+    /// The byte tokenizer keeping `files` (see [`Tokenizer::BytesWithTemplate`]); plain
+    /// [`Tokenizer::Bytes`] where they hold no chat template, as the rest serves none.
+    fn bytes_with(files: Vec<(String, String)>) -> Self {
+        if files.iter().any(|(name, _)| is_template_file(name)) {
+            Tokenizer::BytesWithTemplate {
+                files: Arc::new(files),
+            }
+        } else {
+            Tokenizer::Bytes
+        }
+    }
+
+    /// Whether this is temper's byte-level tokenizer (ids 0-255 the bytes, then EOS and PAD),
+    /// with a chat template or without.
+    pub fn is_bytes(&self) -> bool {
+        matches!(self, Tokenizer::Bytes | Tokenizer::BytesWithTemplate { .. })
+    }
+
+    /// The files this tokenizer writes beside `tokenizer.json` (the byte tokenizer: instead
+    /// of one).
+    fn files(&self) -> &[(String, String)] {
+        match self {
+            Tokenizer::Bytes => &[],
+            Tokenizer::BytesWithTemplate { files } => files,
+            Tokenizer::Hf { specials, .. } => &specials.files,
+        }
+    }
+
     /// Loads any Hugging Face `tokenizer.json`, finding its EOS and PAD tokens by name.
     pub fn from_file(path: &Path) -> Result<Self> {
         Self::from_file_in(path, None)
@@ -434,58 +523,76 @@ impl Tokenizer {
 
     /// This tokenizer with `source` as its chat template (`chat_template.jinja`, which wins
     /// over a template in `tokenizer_config.json` here as in transformers) and `tool_use` as
-    /// its `tool_use` template (none: none). The byte tokenizer saves no files, so it keeps
-    /// none.
+    /// its `tool_use` template (none: none). The byte tokenizer keeps them too (see
+    /// [`Tokenizer::BytesWithTemplate`]), without the tokens its former template rendered:
+    /// [`Tokenizer::with_template_tokens`] gives those of the new one.
     pub fn with_chat_template(self, source: Option<&str>, tool_use: Option<&str>) -> Self {
-        let Tokenizer::Hf {
-            inner,
-            eos,
-            pad,
-            specials,
-        } = self
-        else {
-            return self;
-        };
-        let mut specials = (*specials).clone();
-        let tool_use_file = format!("{NAMED_TEMPLATES_DIR}/tool_use.jinja");
-        // A named default would win over the one written here.
-        let default_file = format!("{NAMED_TEMPLATES_DIR}/{DEFAULT}.jinja");
-        specials.files.retain(|(name, _)| {
-            name != TEMPLATE_FILE && *name != tool_use_file && *name != default_file
-        });
-        if let Some(source) = source {
-            specials
-                .files
-                .push((TEMPLATE_FILE.to_string(), source.to_string()));
-        }
-        if let Some(t) = tool_use {
-            specials.files.push((tool_use_file, t.to_string()));
-        }
-        Tokenizer::Hf {
-            inner,
-            eos,
-            pad,
-            specials: Arc::new(specials),
+        match self {
+            Tokenizer::Hf {
+                inner,
+                eos,
+                pad,
+                specials,
+            } => {
+                let mut specials = (*specials).clone();
+                replace_templates(&mut specials.files, source, tool_use);
+                Tokenizer::Hf {
+                    inner,
+                    eos,
+                    pad,
+                    specials: Arc::new(specials),
+                }
+            }
+            Tokenizer::Bytes | Tokenizer::BytesWithTemplate { .. } => {
+                let mut files = self.files().to_vec();
+                // The tokens the template it had rendered go with it.
+                files.retain(|(name, _)| name != BYTE_TOKENS_FILE);
+                replace_templates(&mut files, source, tool_use);
+                Self::bytes_with(files)
+            }
         }
     }
 
-    /// The text of a file carried beside `tokenizer.json` (see [`CARRIED`]), where it has it.
-    pub fn carried(&self, name: &str) -> Option<&str> {
-        match self {
-            Tokenizer::Bytes => None,
-            Tokenizer::Hf { specials, .. } => specials
-                .files
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, text)| text.as_str()),
+    /// This tokenizer with `bos` and `eos` as the `bos_token` and `eos_token` its chat template
+    /// renders, as the template's `tokenizer_config.json` names them (empty: it names none).
+    /// The byte tokenizer has no such tokens, so a template given to a byte-level run renders
+    /// its config's: they go into a `tokenizer_config.json` beside its template (none where both
+    /// are empty), where the next stage reads them with it. A Hugging Face tokenizer keeps its
+    /// own config, which names its own tokens; a byte tokenizer without a chat template keeps
+    /// none.
+    pub fn with_template_tokens(self, bos: &str, eos: &str) -> Self {
+        let Tokenizer::BytesWithTemplate { files } = &self else {
+            return self;
+        };
+        let mut files = (**files).clone();
+        files.retain(|(name, _)| name != BYTE_TOKENS_FILE);
+        let mut config = serde_json::Map::new();
+        for (key, token) in [("bos_token", bos), ("eos_token", eos)] {
+            if !token.is_empty() {
+                config.insert(key.into(), token.into());
+            }
         }
+        if !config.is_empty() {
+            let text = serde_json::to_string_pretty(&config).expect("a map of strings");
+            files.push((BYTE_TOKENS_FILE.to_string(), text));
+        }
+        Self::bytes_with(files)
+    }
+
+    /// The text of a file carried beside `tokenizer.json` (see [`CARRIED`]; the byte
+    /// tokenizer's chat template files, see [`Tokenizer::BytesWithTemplate`]), where it has it.
+    pub fn carried(&self, name: &str) -> Option<&str> {
+        self.files()
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, text)| text.as_str())
     }
 
     /// Whether `id` ends a generation (EOS, or another stop id of the model's
     /// `generation_config.json`).
     pub fn is_stop(&self, id: u32) -> bool {
         match self {
-            Tokenizer::Bytes => id == BYTE_EOS,
+            Tokenizer::Bytes | Tokenizer::BytesWithTemplate { .. } => id == BYTE_EOS,
             Tokenizer::Hf { specials, .. } => specials.stops.contains(&id),
         }
     }
@@ -493,26 +600,27 @@ impl Tokenizer {
     /// The ids that end a generation.
     pub fn stop_ids(&self) -> Vec<u32> {
         match self {
-            Tokenizer::Bytes => vec![BYTE_EOS],
+            Tokenizer::Bytes | Tokenizer::BytesWithTemplate { .. } => vec![BYTE_EOS],
             Tokenizer::Hf { specials, .. } => specials.stops.clone(),
         }
     }
 
     pub fn bos_id(&self) -> Option<u32> {
         match self {
-            Tokenizer::Bytes => None,
+            Tokenizer::Bytes | Tokenizer::BytesWithTemplate { .. } => None,
             Tokenizer::Hf { specials, .. } => specials.bos,
         }
     }
 
     /// The tokenizer saved in a run directory, or the byte tokenizer when none was saved
-    /// (byte-level runs save nothing, see [`Tokenizer::save_dir`]).
+    /// (byte-level runs save no tokenizer.json, only the chat template a run chose, see
+    /// [`Tokenizer::save_dir`]), with that template.
     pub fn load_dir(dir: &Path) -> Result<Self> {
         let path = dir.join(FILE_NAME);
         if path.is_file() {
             Self::from_file_in(&path, Some(dir))?.with_model_files(dir, dir)
         } else {
-            Ok(Tokenizer::Bytes)
+            Ok(Self::bytes_with(byte_template_files(dir)?))
         }
     }
 
@@ -527,25 +635,24 @@ impl Tokenizer {
         Self::from_file_in(&dir.join(FILE_NAME), Some(dir))?.with_model_files(dir, generation)
     }
 
+    /// Writes `tokenizer.json` and the files carried beside it into `dir`; the byte tokenizer
+    /// writes only the chat template files it keeps (none for plain [`Tokenizer::Bytes`]).
     pub fn save_dir(&self, dir: &Path) -> Result<()> {
-        match self {
-            Tokenizer::Bytes => Ok(()),
-            Tokenizer::Hf {
-                inner, specials, ..
-            } => {
-                write_hf(inner, &dir.join(FILE_NAME))?;
-                for (name, text) in &specials.files {
-                    crate::io::write_atomic(&dir.join(name), text.as_bytes())?;
-                }
-                Ok(())
-            }
+        if let Tokenizer::Hf { inner, .. } = self {
+            write_hf(inner, &dir.join(FILE_NAME))?;
         }
+        for (name, text) in self.files() {
+            crate::io::write_atomic(&dir.join(name), text.as_bytes())?;
+        }
+        Ok(())
     }
 
     /// Token ids of `text`, without BOS/EOS or any other added special token.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match self {
-            Tokenizer::Bytes => Ok(text.bytes().map(u32::from).collect()),
+            Tokenizer::Bytes | Tokenizer::BytesWithTemplate { .. } => {
+                Ok(text.bytes().map(u32::from).collect())
+            }
             Tokenizer::Hf { inner, .. } => {
                 let enc = inner
                     .encode_fast(text, false)
@@ -560,7 +667,7 @@ impl Tokenizer {
     /// token came from.
     pub fn encode_offsets(&self, text: &str) -> Result<Vec<(u32, Range<usize>)>> {
         match self {
-            Tokenizer::Bytes => Ok(text
+            Tokenizer::Bytes | Tokenizer::BytesWithTemplate { .. } => Ok(text
                 .bytes()
                 .enumerate()
                 .map(|(i, b)| (u32::from(b), i..i + 1))
@@ -609,7 +716,7 @@ impl Tokenizer {
             .copied()
             .filter(|&i| !self.is_stop(i) && i != pad);
         match self {
-            Tokenizer::Bytes => {
+            Tokenizer::Bytes | Tokenizer::BytesWithTemplate { .. } => {
                 let mut out = String::new();
                 let mut run = Vec::new();
                 for id in kept {
@@ -640,17 +747,16 @@ impl Tokenizer {
     /// whose distributions are compared token by token need that.
     pub fn same_vocabulary(&self, other: &Tokenizer) -> bool {
         match (self, other) {
-            (Tokenizer::Bytes, Tokenizer::Bytes) => true,
             (Tokenizer::Hf { inner: a, .. }, Tokenizer::Hf { inner: b, .. }) => {
                 a.get_vocab(true) == b.get_vocab(true)
             }
-            _ => false,
+            _ => self.is_bytes() && other.is_bytes(),
         }
     }
 
     pub fn vocab_size(&self) -> usize {
         match self {
-            Tokenizer::Bytes => BYTE_VOCAB,
+            Tokenizer::Bytes | Tokenizer::BytesWithTemplate { .. } => BYTE_VOCAB,
             Tokenizer::Hf { inner, .. } => {
                 let vocab = inner.get_vocab(true);
                 // Sparse added-token ids can lie past the count; the model's embedding must
@@ -663,7 +769,7 @@ impl Tokenizer {
 
     pub fn eos_id(&self) -> u32 {
         match self {
-            Tokenizer::Bytes => BYTE_EOS,
+            Tokenizer::Bytes | Tokenizer::BytesWithTemplate { .. } => BYTE_EOS,
             Tokenizer::Hf { eos, .. } => *eos,
         }
     }
@@ -671,14 +777,14 @@ impl Tokenizer {
     /// The vocabulary's spelling of token `id` (a Hugging Face tokenizer's; none for bytes).
     pub fn token_name(&self, id: u32) -> Option<String> {
         match self {
-            Tokenizer::Bytes => None,
+            Tokenizer::Bytes | Tokenizer::BytesWithTemplate { .. } => None,
             Tokenizer::Hf { inner, .. } => inner.id_to_token(id),
         }
     }
 
     pub fn pad_id(&self) -> u32 {
         match self {
-            Tokenizer::Bytes => BYTE_PAD,
+            Tokenizer::Bytes | Tokenizer::BytesWithTemplate { .. } => BYTE_PAD,
             Tokenizer::Hf { pad, .. } => *pad,
         }
     }
@@ -694,7 +800,7 @@ impl Tokenizer {
 
     pub fn describe(&self) -> String {
         match self {
-            Tokenizer::Bytes => "bytes".to_string(),
+            Tokenizer::Bytes | Tokenizer::BytesWithTemplate { .. } => "bytes".to_string(),
             Tokenizer::Hf { .. } => format!("bpe(vocab={})", self.vocab_size()),
         }
     }
@@ -906,6 +1012,83 @@ mod tests {
         assert!(!plain.join("additional_chat_templates").exists());
         let reread = Tokenizer::load_dir(&mine).unwrap();
         assert_eq!(reread.eos_id(), t.eos_id());
+    }
+
+    /// A chat template given to a byte-level run stays with its tokenizer: saved beside its
+    /// checkpoint (with the `bos_token` and `eos_token` it rendered), loaded back with it, and
+    /// saved again by the next stage, so that a run from that checkpoint renders conversations
+    /// as this one trained on them. The ids are the byte tokenizer's all along; without a
+    /// template it is the plain byte tokenizer again, and writes nothing.
+    #[test]
+    fn the_byte_tokenizer_keeps_a_chosen_chat_template() {
+        use crate::data::chat_template::ChatTemplate;
+        let d = tempfile::tempdir().unwrap();
+        let read = |dir: &Path, name: &str| std::fs::read_to_string(dir.join(name)).ok();
+        let chatml = "{% for m in messages %}{{ bos_token }}<|im_start|>{{ m['role'] }}\n\
+                      {{ m['content'] }}<|im_end|>{{ eos_token }}\n{% endfor %}\
+                      {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+        let tools = "{{ tools }}";
+        let tok = Tokenizer::bytes()
+            .with_chat_template(Some(chatml), Some(tools))
+            .with_template_tokens("", "</s>");
+        assert!(tok.is_bytes() && tok.same_vocabulary(&Tokenizer::bytes()));
+        assert_eq!(
+            (tok.vocab_size(), tok.eos_id(), tok.pad_id()),
+            (BYTE_VOCAB, BYTE_EOS, BYTE_PAD)
+        );
+        assert_eq!(tok.encode("<|im_start|>").unwrap().len(), 12);
+        assert_eq!(tok.describe(), "bytes");
+        let ckpt = d.path().join("ckpt");
+        std::fs::create_dir(&ckpt).unwrap();
+        tok.save_dir(&ckpt).unwrap();
+        assert!(!ckpt.join(FILE_NAME).exists());
+        assert_eq!(read(&ckpt, TEMPLATE_FILE).as_deref(), Some(chatml));
+        let tool_use = format!("{NAMED_TEMPLATES_DIR}/tool_use.jinja");
+        assert_eq!(read(&ckpt, &tool_use).as_deref(), Some(tools));
+
+        // Loaded back, the template renders as it did where it was given.
+        let back = Tokenizer::load_dir(&ckpt).unwrap();
+        assert!(matches!(back, Tokenizer::BytesWithTemplate { .. }));
+        assert_eq!(back.carried(TEMPLATE_FILE), Some(chatml));
+        let given =
+            ChatTemplate::from_source(chatml.into(), "".into(), "</s>".into(), &ckpt).unwrap();
+        let reread = ChatTemplate::in_dir(&ckpt).unwrap().unwrap();
+        assert_eq!(reread.source(), Some(chatml));
+        assert_eq!(reread.tool_use_source(), Some(tools));
+        let msgs = [serde_json::json!({"role": "user", "content": "hi"})];
+        let rendered = reread.render(&msgs, true).unwrap();
+        assert_eq!(rendered, given.render(&msgs, true).unwrap());
+        assert_eq!(
+            rendered,
+            "<|im_start|>user\nhi<|im_end|></s>\n<|im_start|>assistant\n"
+        );
+
+        // The next stage's checkpoint keeps it too.
+        let next = d.path().join("next");
+        std::fs::create_dir(&next).unwrap();
+        back.save_dir(&next).unwrap();
+        for name in [TEMPLATE_FILE, &tool_use, BYTE_TOKENS_FILE] {
+            assert_eq!(read(&next, name), read(&ckpt, name), "{name}");
+        }
+
+        // Another template replaces this one and the tokens it rendered.
+        let other = back
+            .clone()
+            .with_chat_template(Some("{{ messages }}"), None);
+        assert_eq!(other.carried(TEMPLATE_FILE), Some("{{ messages }}"));
+        assert_eq!(other.carried(&tool_use), None);
+        assert_eq!(other.carried(BYTE_TOKENS_FILE), None);
+        // None: the plain byte tokenizer, which keeps no files.
+        let none = back.with_chat_template(None, None);
+        assert!(matches!(none, Tokenizer::Bytes));
+        assert!(matches!(
+            Tokenizer::bytes().with_template_tokens("<s>", "</s>"),
+            Tokenizer::Bytes
+        ));
+        let empty = d.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        none.save_dir(&empty).unwrap();
+        assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0);
     }
 
     /// A sequence opens as transformers' `tokenizer(text)` opens it: with BOS where the

@@ -1,11 +1,13 @@
 //! Task accuracy: greedy answers to held-out prompts, judged by the programmatic checker
 //! (exact match against each prompt's `answer`), and what the RL stages report.
 
+use std::path::Path;
+
 use anyhow::{bail, Result};
 
-use crate::config::Stage;
+use crate::config::{RunConfig, Stage};
 use crate::data::records::PromptRecord;
-use crate::data::synthetic::exact_match;
+use crate::data::synthetic::{exact_match, Split, Synthetic};
 use crate::data::tokenizer::Tokenizer;
 use crate::generate::{generate, RowKeys, SampleCfg};
 use crate::model::linear::Ctx;
@@ -42,6 +44,95 @@ pub fn task_accuracy(
     Ok(Some(
         accuracy(net, ctx, tok, prompts, max_new_tokens, 64)?.accuracy,
     ))
+}
+
+/// Where a setting of the built-in task's world came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The command line (`--task-seed`).
+    Given,
+    /// The checkpoint's run's `config.toml`.
+    Checkpoint,
+    /// temper's default: the checkpoint's run records none (a Hugging Face model, a run on
+    /// the user's data, a checkpoint away from its run directory).
+    Default,
+}
+
+impl Source {
+    fn said(self) -> &'static str {
+        match self {
+            Source::Given => "given",
+            Source::Checkpoint => "the checkpoint's run's",
+            Source::Default => "the default: the checkpoint's run records none",
+        }
+    }
+}
+
+/// The built-in task's world `temper eval` scores a checkpoint in, with where its settings
+/// came from.
+#[derive(Clone, Debug)]
+pub struct TaskWorld {
+    pub task: Synthetic,
+    pub seed_from: Source,
+    pub max_operand_from: Source,
+}
+
+impl TaskWorld {
+    /// The world the checkpoint `checkpoint` was trained in, as later stages take it from
+    /// their `--init` run ([`inherit_task_world`](crate::stages::setup::inherit_task_world)):
+    /// its held-out pairs are the ones its training never saw. `seed` (`--task-seed`), where
+    /// given, replaces the seed; the operand range stays the checkpoint's.
+    pub fn of_checkpoint(checkpoint: &Path, seed: Option<u64>) -> Result<Self> {
+        // The world is read the way the training stages read it, from two different
+        // starting points: a setting the checkpoint's run records comes out the same from
+        // both, one it does not record keeps each start's value.
+        let read = |seed: u64, max_operand: u32| -> Result<(u64, u32)> {
+            let mut cfg = RunConfig {
+                init: Some(checkpoint.to_path_buf()),
+                ..RunConfig::default()
+            };
+            cfg.data.task_seed = seed;
+            cfg.data.task_max_operand = max_operand;
+            crate::stages::setup::inherit_task_world(&mut cfg, None)?;
+            Ok((cfg.data.task_seed, cfg.data.task_max_operand))
+        };
+        let defaults = Synthetic::default();
+        let (s0, m0) = (defaults.seed, defaults.max_operand);
+        let (seed_a, max_a) = read(s0, m0)?;
+        let (seed_b, max_b) = read(s0.wrapping_add(1), m0.wrapping_add(1))?;
+        let from = |same: bool| match same {
+            true => Source::Checkpoint,
+            false => Source::Default,
+        };
+        let (seed, seed_from) = match seed {
+            Some(s) => (s, Source::Given),
+            None => (seed_a, from(seed_a == seed_b)),
+        };
+        let mut task = Synthetic::new(seed);
+        task.max_operand = max_a;
+        Ok(Self {
+            task,
+            seed_from,
+            max_operand_from: from(max_a == max_b),
+        })
+    }
+
+    /// Every held-out pair of the world, once, in order.
+    pub fn prompts(&self) -> Vec<PromptRecord> {
+        self.task.prompts(Split::Eval, usize::MAX)
+    }
+
+    /// The settings, for the user: `task_seed 3 (given), task_max_operand 29 (the
+    /// checkpoint's run's)`.
+    pub fn describe(&self) -> String {
+        format!(
+            "task_seed {} ({}), task_max_operand {} ({})",
+            self.task.seed,
+            self.seed_from.said(),
+            self.task.max_operand,
+            self.max_operand_from.said()
+        )
+    }
 }
 
 /// Greedy decoding of every prompt (in batches), scored by exact match.
@@ -190,6 +281,84 @@ impl PolicyResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `temper eval` scores a checkpoint in the world its run trained in (the run's
+    /// config.toml, found from the run directory, its final/ or a step checkpoint), a given
+    /// seed in place of the run's; a checkpoint whose run records no world gets the defaults.
+    #[test]
+    fn eval_takes_the_task_world_from_the_checkpoints_run() {
+        let d = tempfile::tempdir().unwrap();
+        let run = d.path().join("run");
+        let step = run.join("checkpoints").join("step_00000002");
+        for ckpt in [run.join("final"), step.clone()] {
+            std::fs::create_dir_all(&ckpt).unwrap();
+            std::fs::write(ckpt.join("meta.json"), "{}").unwrap();
+        }
+        let world = |dir: &Path, seed| TaskWorld::of_checkpoint(dir, seed).unwrap();
+        // No config.toml: the defaults.
+        let w = world(&run, None);
+        assert_eq!((w.task.seed, w.task.max_operand), (0, 19));
+        assert_eq!(
+            (w.seed_from, w.max_operand_from),
+            (Source::Default, Source::Default)
+        );
+        assert_eq!(
+            w.describe(),
+            "task_seed 0 (the default: the checkpoint's run records none), task_max_operand 19 \
+             (the default: the checkpoint's run records none)"
+        );
+        std::fs::write(
+            run.join("config.toml"),
+            "stage = \"pretrain\"\n[data]\ntask_seed = 3\ntask_max_operand = 29\n",
+        )
+        .unwrap();
+        for dir in [run.clone(), run.join("final"), step] {
+            let w = world(&dir, None);
+            assert_eq!(
+                (w.task.seed, w.task.max_operand),
+                (3, 29),
+                "{}",
+                dir.display()
+            );
+            assert_eq!(w.seed_from, Source::Checkpoint);
+            assert_eq!(w.max_operand_from, Source::Checkpoint);
+            let mut want = Synthetic::new(3);
+            want.max_operand = 29;
+            let pairs: Vec<String> = w.prompts().into_iter().map(|p| p.prompt).collect();
+            let held: Vec<String> = want
+                .prompts(Split::Eval, usize::MAX)
+                .into_iter()
+                .map(|p| p.prompt)
+                .collect();
+            assert_eq!(pairs, held);
+            // Operands past the default range are tested.
+            let operands = |p: &str| -> Vec<u32> {
+                let sum = p.strip_prefix("Q: ").unwrap().lines().next().unwrap();
+                sum.split('+').map(|x| x.parse().unwrap()).collect()
+            };
+            assert!(pairs.iter().any(|p| operands(p).iter().any(|&x| x > 19)));
+        }
+        // A seed given wins; the operand range stays the run's.
+        let w = world(&run, Some(0));
+        assert_eq!((w.task.seed, w.task.max_operand), (0, 29));
+        assert_eq!(
+            (w.seed_from, w.max_operand_from),
+            (Source::Given, Source::Checkpoint)
+        );
+        assert_eq!(
+            w.describe(),
+            "task_seed 0 (given), task_max_operand 29 (the checkpoint's run's)"
+        );
+        // A run on the user's data trained in no world of the built-in task.
+        std::fs::write(
+            run.join("config.toml"),
+            "[data]\npath = \"x.jsonl\"\ntask_seed = 3\n",
+        )
+        .unwrap();
+        let w = world(&run, None);
+        assert_eq!((w.task.seed, w.task.max_operand), (0, 19));
+        assert_eq!(w.seed_from, Source::Default);
+    }
 
     fn result(accuracy: Option<f64>, mean_reward: Option<f64>) -> PolicyResult {
         PolicyResult {

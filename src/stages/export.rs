@@ -248,7 +248,7 @@ fn hf_dir(checkpoint: &Path, out: &Path, dtype: Dtype, max_shard: u64) -> Result
     };
     let files = write_weights(out, &tensors, dtype, max_shard)?;
     let tok = &loaded.tokenizer;
-    if matches!(tok, crate::data::tokenizer::Tokenizer::Bytes) {
+    if tok.is_bytes() {
         errln!(
             "warning: {}: the byte-level tokenizer has no tokenizer.json to write, and \
              transformers (and temper's --init) need one beside the model",
@@ -293,7 +293,7 @@ fn hf_dir(checkpoint: &Path, out: &Path, dtype: Dtype, max_shard: u64) -> Result
     // 5 keeps the name for its TokenizersBackend).
     // Decided by what the tokenizer carries, not by what --out holds: an --overwrite of
     // another model's export would otherwise keep its files.
-    let hf_tokenizer = !matches!(tok, crate::data::tokenizer::Tokenizer::Bytes);
+    let hf_tokenizer = !tok.is_bytes();
     if hf_tokenizer && tok.carried("tokenizer_config.json").is_none() {
         let name = |id: Option<u32>| id.and_then(|i| tok.token_name(i));
         let tokenizer_config = json!({

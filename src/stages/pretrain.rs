@@ -1,7 +1,10 @@
 //! Pretraining: next-token cross-entropy over packed token streams (documents joined with
-//! EOS), with held-out loss and perplexity.
+//! EOS), with held-out loss and perplexity (on `--eval-data` where it is given, else on a part
+//! of `--data` held out).
 
-use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
 use super::loader::{policy_from, read_checkpoint};
@@ -10,7 +13,8 @@ use super::Env;
 use crate::data::corpus::{load_documents, pack_documents};
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::data::shards::{
-    check_corpus_tokenizer, corpus_tokenizer_file, is_shard_corpus, open_corpus, TokenStream,
+    check_corpus_tokenizer, corpus_tokenizer_file, is_shard_corpus, open_corpus, open_held_out,
+    TokenStream,
 };
 use crate::data::tokenizer::Tokenizer;
 use crate::kernels::segments::Segments;
@@ -158,13 +162,23 @@ pub struct PretrainResult {
 
 /// The training and validation token streams, and what they came from (for the log).
 ///
-/// A token-shard corpus (`temper tokenizer encode`, or llm.c's) is memory-mapped: its
-/// validation shards, or where they hold less than one window (or there are none) the last
-/// `val_fraction` of its training stream (at least one window), are held out. A text corpus,
-/// or the built-in task, is tokenized and split by document ([`pack_documents`]).
-fn streams(env: &Env, tok: &Tokenizer) -> Result<(TokenStream, TokenStream, String)> {
+/// With a held-out file (`--eval-data`) the whole of `--data` trains and the file is the
+/// validation stream ([`held_out_streams`]). Otherwise a token-shard corpus (`temper tokenizer
+/// encode`, or llm.c's) is memory-mapped: its validation shards, or where they hold less than
+/// one window (or there are none) the last `val_fraction` of its training stream (at least one
+/// window), are held out. A text corpus, or the built-in task, is tokenized and split by
+/// document ([`pack_documents`]).
+fn streams(
+    env: &Env,
+    tok: &Tokenizer,
+    eval: Option<&Path>,
+) -> Result<(TokenStream, TokenStream, String)> {
     let cfg = &env.cfg;
     let t = cfg.train.seq_len;
+    if let Some(eval) = eval {
+        let data = (cfg.data.path.as_deref()).context("--eval-data is refused without --data")?;
+        return held_out_streams(data, eval, tok, t);
+    }
     if let Some(path) = cfg.data.path.as_deref().filter(|p| is_shard_corpus(p)) {
         let (train, val) = open_corpus(path)?;
         let train = TokenStream::mapped(train);
@@ -199,6 +213,74 @@ fn streams(env: &Env, tok: &Tokenizer) -> Result<(TokenStream, TokenStream, Stri
         TokenStream::owned(packed.val),
         format!("{} documents", docs.len()),
     ))
+}
+
+/// `--data` whole as the training stream and the held-out file `eval` as the validation
+/// stream, each read as `--data` is: token shards memory-mapped (of `--data`, its training
+/// shards; of `eval`, the file, or a directory's validation shards where it has any, else all
+/// its shards), text, JSONL or a directory of them tokenized document by document, each
+/// document followed by EOS (as [`pack_documents`] packs them). Either too short for a window
+/// of `t + 1` tokens is an error naming it.
+fn held_out_streams(
+    data: &Path,
+    eval: &Path,
+    tok: &Tokenizer,
+    t: usize,
+) -> Result<(TokenStream, TokenStream, String)> {
+    let (train, train_what) = match is_shard_corpus(data) {
+        true => {
+            let (train, val) = open_corpus(data)?;
+            let unread = match val {
+                Some(_) => "; its validation shards are not read: --eval-data is held out instead",
+                None => "",
+            };
+            let what = format!("token shards {} (memory-mapped{unread})", data.display());
+            (TokenStream::mapped(train), what)
+        }
+        false => text_stream(data, tok)?,
+    };
+    let (val, val_what) = match is_shard_corpus(eval) {
+        true => {
+            let what = format!("token shards {} (memory-mapped)", eval.display());
+            (TokenStream::mapped(open_held_out(eval)?), what)
+        }
+        false => text_stream(eval, tok)?,
+    };
+    if train.len() <= t {
+        bail!(
+            "{}: {} training tokens, too few for a window of {} (with --eval-data the whole of \
+             --data trains)",
+            data.display(),
+            train.len(),
+            t + 1
+        );
+    }
+    if val.len() <= t {
+        bail!(
+            "--eval-data {}: {} tokens, too few for a held-out window of {}",
+            eval.display(),
+            val.len(),
+            t + 1
+        );
+    }
+    let what = format!("{train_what}, all of it trained; held out (--eval-data): {val_what}");
+    Ok((train, val, what))
+}
+
+/// A text corpus (a file, JSONL, or a directory of them: [`load_documents`]) as one token
+/// stream, each document followed by EOS, and what it is (for the log).
+fn text_stream(path: &Path, tok: &Tokenizer) -> Result<(TokenStream, String)> {
+    let docs = load_documents(path)?;
+    let mut ids = Vec::new();
+    for (i, d) in docs.iter().enumerate() {
+        let doc = tok
+            .encode_start(d)
+            .with_context(|| format!("{}: document {}", path.display(), i + 1))?;
+        ids.extend(doc);
+        ids.push(tok.eos_id());
+    }
+    let what = format!("{} documents of {}", docs.len(), path.display());
+    Ok((TokenStream::owned(ids), what))
 }
 
 /// `--tokenizer`, else the tokenizer.json that `temper tokenizer encode` left beside a shard
@@ -238,6 +320,9 @@ fn document_mask_note(train: &TokenStream, t: usize, vocab: usize, eos: u32) -> 
 
 pub fn run(env: &Env) -> Result<PretrainResult> {
     let cfg = &env.cfg;
+    // The held-out file, refused on the built-in task and named when it cannot be read,
+    // before anything is loaded.
+    let eval = setup::eval_data(env)?;
     // Continued pretraining starts from `--init` (a temper checkpoint or a Hugging Face
     // model) with its own shape and tokenizer: its embedding rows are that tokenizer's ids.
     if let (Some(i), Some(t)) = (&cfg.init, &cfg.data.tokenizer) {
@@ -266,6 +351,22 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
             errln!("warning: [pretrain] {warning}");
         }
     }
+    // Held-out shards are checked as the training shards are, against the tokenizer the run
+    // reads them with: the one named, else the one beside the training shards, else the
+    // byte-level tokenizer (which a held-out corpus written with a tokenizer.json is not).
+    if let Some(eval) = eval.filter(|p| is_shard_corpus(p)) {
+        let beside = (cfg.data.path.as_deref())
+            .filter(|p| is_shard_corpus(p))
+            .and_then(corpus_tokenizer_file);
+        let from = match (tok_from, beside) {
+            (Some(from), _) => from.to_path_buf(),
+            (None, Some(beside)) => beside,
+            (None, None) => PathBuf::from("the default byte-level tokenizer"),
+        };
+        if let Some(warning) = check_corpus_tokenizer(eval, &tok, &from)? {
+            errln!("warning: [pretrain] --eval-data: {warning}");
+        }
+    }
     let mut model_cfg = match &init {
         Some(l) => l.meta.model.clone(),
         None => cfg.model.clone(),
@@ -280,7 +381,7 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
             model_cfg.max_position_embeddings
         );
     }
-    let (train, val, source) = streams(env, &tok)?;
+    let (train, val, source) = streams(env, &tok, eval)?;
     let t = cfg.train.seq_len;
     let windows = train.len().saturating_sub(1) / t;
     if windows == 0 || val.len() <= t {

@@ -28,12 +28,44 @@ pub fn synthetic(env: &Env) -> Synthetic {
     s
 }
 
+/// The held-out data file (`--eval-data`, `[data] eval_path`) where one is named, checked
+/// to exist (an error naming it otherwise). It is the held-out set of `--data`: on the
+/// built-in task (no `--data`), which holds out its own examples, it is refused rather than
+/// left unread.
+pub fn eval_data(env: &Env) -> Result<Option<&Path>> {
+    eval_data_of(&env.cfg)
+}
+
+/// [`eval_data`] of a run's settings, before the run directory is touched (the command line's
+/// check, `StageArgs::resolve`).
+pub fn eval_data_of(cfg: &RunConfig) -> Result<Option<&Path>> {
+    let data = &cfg.data;
+    let Some(eval) = data.eval_path.as_deref() else {
+        return Ok(None);
+    };
+    if data.path.is_none() {
+        bail!(
+            "--eval-data {}: {} without --data runs the built-in task, which holds out its own \
+             examples; --eval-data is the held-out set of a --data corpus: give --data too, or \
+             leave --eval-data out",
+            eval.display(),
+            cfg.stage.name()
+        );
+    }
+    std::fs::metadata(eval)
+        .with_context(|| format!("--eval-data {}: cannot read", eval.display()))?;
+    Ok(Some(eval))
+}
+
 /// The checkpoint named by `--init`, with adapters merged; `what` says what the stage needs.
 /// The chat template the run renders conversations with goes into its tokenizer's files
 /// where they do not hold it already (a template given with `[data] chat_template`, as TRL's
 /// `chat_template_path` does; a PEFT adapter's base's where its own tokenizer has none), so
 /// that its checkpoints and exports render conversations as it trained on them.
 pub fn init_checkpoint(env: &Env, what: &str) -> Result<Loaded> {
+    // Every stage after pretraining starts here: a held-out file it cannot use is refused
+    // before the model loads.
+    eval_data(env)?;
     let init =
         env.cfg.init.as_ref().with_context(|| {
             format!("{} needs --init CHECKPOINT ({what})", env.cfg.stage.name())
@@ -51,18 +83,12 @@ pub fn init_checkpoint(env: &Env, what: &str) -> Result<Loaded> {
     if own.is_some_and(|own| own.same_as(&used)) {
         return Ok(loaded);
     }
-    if matches!(loaded.tokenizer, Tokenizer::Bytes) {
-        if env.comm.rank() == 0 {
-            errln!(
-                "warning: the byte-level tokenizer keeps no files, so this run's checkpoints do \
-                 not keep its chat template: give it to the next stage too"
-            );
-        }
-        return Ok(loaded);
-    }
+    // The byte-level tokenizer keeps the template too, with the tokens it names (text to it).
+    let (bos, eos) = used.special_tokens();
     loaded.tokenizer = loaded
         .tokenizer
-        .with_chat_template(used.source(), used.tool_use_source());
+        .with_chat_template(used.source(), used.tool_use_source())
+        .with_template_tokens(bos, eos);
     Ok(loaded)
 }
 
@@ -185,16 +211,17 @@ fn with_kwargs(
     }
 }
 
-/// `(train, held-out)`: the held-out file when one is named, else the last `val_fraction` of
-/// the data (at least one record).
+/// `(train, held-out)`: the held-out file when one is named (all of the data then trains),
+/// else the last `val_fraction` of the data (at least one record).
 pub fn split_holdout<T>(
     env: &Env,
     path: &Path,
     load: impl Fn(&Path) -> Result<Vec<T>>,
     what: &str,
 ) -> Result<(Vec<T>, Vec<T>)> {
+    let eval = eval_data(env)?;
     let mut all = load(path)?;
-    if let Some(e) = &env.cfg.data.eval_path {
+    if let Some(e) = eval {
         return Ok((all, load(e)?));
     }
     if all.len() < 2 {
@@ -233,6 +260,8 @@ fn prompt_sets_unchecked(
 ) -> Result<(Vec<PromptRecord>, Vec<PromptRecord>)> {
     match &env.cfg.data.path {
         None => {
+            // The built-in task's own held-out prompts: a held-out file is refused.
+            eval_data(env)?;
             let s = synthetic(env);
             Ok((
                 s.prompts(Split::Train, n_train),
@@ -412,6 +441,9 @@ pub fn train<T: Task>(
     trainable: &dyn Fn(ParamInfo) -> bool,
 ) -> Result<TrainSummary<T::Eval>> {
     let cfg = &env.cfg;
+    // No stage trains with a held-out file it does not read (each refuses it earlier; this
+    // holds for any stage that would not).
+    eval_data(env)?;
     let saved = Saved {
         store,
         meta: CheckpointMeta {
