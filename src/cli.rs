@@ -159,7 +159,7 @@ pub enum Command {
 #[derive(Args, Debug, Clone, Default)]
 pub struct StageArgs {
     /// TOML file with [model], [train], [lora], [data], [sft], [reward], [ppo], [dpo], [kto],
-    /// [online_dpo], [grpo], [distill].
+    /// [online_dpo], [grpo], [distill], [external_reward].
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Run directory (config.toml, metrics.jsonl, checkpoints/, final/).
@@ -591,6 +591,25 @@ fn warn_unused_batch_size(cfg: &RunConfig, flag: bool) {
     errln!("warning: --batch-size is not used by {}: {how}", cfg.stage);
 }
 
+/// The preference, reward and RL stages train with dropout off: their losses compare the
+/// policy's log-probabilities or scores with a reference's, a rollout's or another
+/// response's, which dropout's noise would perturb. A LoRA dropout the run asks for is said to
+/// be unused rather than left in config.toml as if applied.
+fn warn_unused_dropout(cfg: &RunConfig) {
+    let off = matches!(
+        cfg.stage,
+        Stage::Reward | Stage::Ppo | Stage::Dpo | Stage::Kto | Stage::OnlineDpo | Stage::Grpo
+    );
+    if off && cfg.lora.enabled() && cfg.lora.dropout > 0.0 {
+        errln!(
+            "warning: [lora] dropout {} is not applied: {} trains with dropout off (sft and \
+             distill apply it)",
+            cfg.lora.dropout,
+            cfg.stage
+        );
+    }
+}
+
 impl StageArgs {
     /// Stage defaults, then the resumed run's config.toml, then the config file, then flags.
     pub fn resolve(&self, stage: Stage) -> Result<(RunConfig, PathBuf, Start)> {
@@ -635,6 +654,7 @@ impl StageArgs {
         let file = files.last();
         self.apply(&mut cfg)?;
         warn_unused_batch_size(&cfg, self.batch_size.is_some());
+        warn_unused_dropout(&cfg);
         let pretrained = (cfg.init.as_deref()).is_some_and(crate::model::hf::is_pretrained_dir);
         if !resume && pretrained {
             warn_task_lr(&cfg, self.lr.is_some(), user.as_ref());
@@ -718,14 +738,8 @@ impl StageArgs {
         set!(self.eval_every, cfg.train.eval_every);
         set!(self.checkpoint_every, cfg.train.checkpoint_every);
         set!(self.log_every, cfg.train.log_every);
-        if let Some(n) = self.profile {
-            // Only the timed steps and their warm-up; no evaluation or checkpoint between.
-            let steps = n + crate::train::profile::WARMUP_STEPS;
-            cfg.train.profile = n;
-            (cfg.train.steps, cfg.train.epochs) = (steps, None);
-            cfg.train.eval_every = steps;
-            cfg.train.checkpoint_every = steps;
-        }
+        set!(self.profile, cfg.train.profile);
+        cfg.train.limit_to_profile();
         set!(self.lora_rank, cfg.lora.rank);
         set!(self.lora_alpha, cfg.lora.alpha);
         set!(self.lora_dropout, cfg.lora.dropout);
@@ -880,11 +894,39 @@ impl StageArgs {
                 &[Stage::Pretrain],
                 "pretrain (a stage from --init uses its model's tokenizer)",
             ),
+            (
+                self.chat_template.is_some(),
+                "--chat-template",
+                &[
+                    Stage::Sft,
+                    Stage::Reward,
+                    Stage::Ppo,
+                    Stage::Dpo,
+                    Stage::Kto,
+                    Stage::OnlineDpo,
+                    Stage::Grpo,
+                    Stage::Distill,
+                ],
+                "the stages that render conversations (pretraining reads text as it is)",
+            ),
         ];
         for (set, flag, stages, which) in scoped {
             if set && !stages.contains(&now) {
                 bail!("{flag} applies to {which}, not {}", now.name());
             }
+        }
+        // Rows of seq_len tokens are pretraining's and packed SFT's; the other stages take each
+        // record whole, up to the model's context ([data] truncation).
+        let packed_sft = now == Stage::Sft && cfg.sft.packing;
+        if self.seq_len.is_some() && now != Stage::Pretrain && !packed_sft {
+            bail!(
+                "--seq-len applies to pretrain and to sft with --packing (whose rows it sizes), \
+                 not {}: records are taken whole, up to the model's context",
+                match now {
+                    Stage::Sft => "sft without packing",
+                    other => other.name(),
+                }
+            );
         }
         if let (Stage::Pretrain, Some((flag, _))) = (now, lora_flags.iter().find(|(_, set)| *set)) {
             bail!("{flag} applies to the stages from --init, not pretrain (which trains every weight)");
@@ -1058,6 +1100,58 @@ mod tests {
         let mut cfg = RunConfig::for_stage(Stage::Sft);
         lora().apply(&mut cfg).unwrap();
         assert_eq!(cfg.lora.rank, 4);
+        let template = StageArgs {
+            chat_template: Some("t.jinja".into()),
+            ..Default::default()
+        };
+        let e = refused(template, Stage::Pretrain);
+        assert!(
+            e.starts_with("--chat-template applies to the stages that render"),
+            "{e}"
+        );
+        // --seq-len sizes the rows of pretraining and of packed SFT only.
+        let seq = |packing: bool| StageArgs {
+            seq_len: Some(32),
+            packing,
+            ..Default::default()
+        };
+        let e = refused(seq(false), Stage::Sft);
+        assert!(
+            e.contains("--seq-len") && e.contains("not sft without packing"),
+            "{e}"
+        );
+        assert!(refused(seq(false), Stage::Dpo).contains("not dpo"));
+        for (stage, packing) in [(Stage::Pretrain, false), (Stage::Sft, true)] {
+            let mut cfg = RunConfig::for_stage(stage);
+            seq(packing).apply(&mut cfg).unwrap();
+            assert_eq!(cfg.train.seq_len, 32);
+        }
+    }
+
+    /// `[train] profile` in a config file limits the run as `--profile` does: the timed steps
+    /// and their warm-up, with no evaluation or checkpoint between.
+    #[test]
+    fn a_profile_from_a_file_limits_the_run_as_the_flag_does() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("p.toml");
+        std::fs::write(&f, "[train]\nsteps = 500\nprofile = 3\n").unwrap();
+        let from_file = StageArgs {
+            config: Some(f),
+            out: Some(d.path().join("a")),
+            ..Default::default()
+        };
+        let from_flag = StageArgs {
+            profile: Some(3),
+            out: Some(d.path().join("b")),
+            ..Default::default()
+        };
+        let train = |a: StageArgs| a.resolve(Stage::Pretrain).unwrap().0.train;
+        let (a, b) = (train(from_file), train(from_flag));
+        let steps = 3 + crate::train::profile::WARMUP_STEPS;
+        for t in [a, b] {
+            assert_eq!((t.profile, t.steps, t.epochs), (3, steps, None));
+            assert_eq!((t.eval_every, t.checkpoint_every), (steps, steps));
+        }
     }
 
     /// GRPO's flags set GRPO's config, and elsewhere are refused rather than ignored.

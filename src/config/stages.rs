@@ -174,7 +174,10 @@ pub struct PpoConfig {
     pub mask_truncated_completions: bool,
     /// Completions written to `completions.jsonl` per rollout.
     pub log_completions: usize,
+    /// Built-in task: the prompts rollouts draw from (with `--data`, the file's prompts).
     pub task_prompts: usize,
+    /// Built-in task: held-out prompts scored at each evaluation (with `--data`, every
+    /// held-out prompt is).
     pub eval_prompts: usize,
     /// Pack each minibatch's prompts and responses into rows for the training forward
     /// (OpenRLHF's `--packing_samples`): each row attends only to itself with positions from
@@ -844,7 +847,10 @@ pub struct OnlineDpoConfig {
     pub missing_eos_penalty: Option<f64>,
     /// Completions written to `completions.jsonl` per step.
     pub log_completions: usize,
+    /// Built-in task: the prompts rollouts draw from (with `--data`, the file's prompts).
     pub task_prompts: usize,
+    /// Built-in task: held-out prompts scored at each evaluation (with `--data`, every
+    /// held-out prompt is).
     pub eval_prompts: usize,
     /// Pack each step's sequences into rows for the training forward, as `[grpo] packing`.
     pub packing: bool,
@@ -1034,7 +1040,10 @@ pub struct GrpoConfig {
     pub mask_truncated_completions: bool,
     /// Completions written to `completions.jsonl` per rollout.
     pub log_completions: usize,
+    /// Built-in task: the prompts rollouts draw from (with `--data`, the file's prompts).
     pub task_prompts: usize,
+    /// Built-in task: held-out prompts scored at each evaluation (with `--data`, every
+    /// held-out prompt is).
     pub eval_prompts: usize,
     /// Pack each minibatch's prompts and responses into rows for the training forward
     /// (OpenRLHF's `--packing_samples`), as `[ppo] packing` does.

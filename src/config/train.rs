@@ -87,6 +87,8 @@ pub struct TrainConfig {
     pub adam_eps: f64,
     pub grad_clip: f64,
     pub eval_every: usize,
+    /// Held-out batches each pretraining evaluation reads (the later stages evaluate their
+    /// whole held-out split).
     pub eval_batches: usize,
     pub checkpoint_every: usize,
     pub keep_checkpoints: usize,
@@ -107,7 +109,9 @@ pub struct TrainConfig {
     pub gradient_checkpointing: bool,
     /// Shard AdamW's state across data-parallel ranks (ZeRO-1).
     pub shard_optimizer: ShardOptimizer,
-    /// Time this many steps by region after a warm-up and print the table (0: off).
+    /// Time this many steps by region after a warm-up and print the table (0: off); the run
+    /// then takes those steps and the warm-up only, with no evaluation or checkpoint between
+    /// (`TrainConfig::limit_to_profile`).
     pub profile: usize,
     /// The config file that chose `warmup_steps`, with the value it chose; none for a default
     /// (`RunConfig::load_layers` fills it in). Never written or read as a key: a run's
@@ -151,6 +155,17 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// With `profile` on, only the timed steps and their warm-up, and no evaluation or
+    /// checkpoint between them, whether `--profile` or a config file asked.
+    pub fn limit_to_profile(&mut self) {
+        if self.profile > 0 {
+            let steps = self.profile + crate::train::profile::WARMUP_STEPS;
+            (self.steps, self.epochs) = (steps, None);
+            self.eval_every = steps;
+            self.checkpoint_every = steps;
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.gradient_checkpointing && self.tape == TapeChoice::Off {
             anyhow::bail!(
