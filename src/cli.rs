@@ -315,7 +315,8 @@ pub struct PipelineArgs {
     /// config sets them.
     #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
-    /// TOML with per-stage tables: [pretrain.train], [sft.lora], [ppo.ppo], ...
+    /// TOML with one table per step: [pretrain.train], [sft.lora], [ppo.ppo], ...; all of it
+    /// checked before any step runs.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Start over where --out holds an earlier pipeline's runs: each stage's checkpoints,

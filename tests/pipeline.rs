@@ -198,3 +198,58 @@ fn a_stopped_pipeline_resumes_where_it_stopped() {
     let said = String::from_utf8_lossy(&done.stdout);
     assert!(!said.contains("finished earlier, kept"), "{said}");
 }
+
+/// `--config` is checked whole before any step trains: a top-level table that names no step,
+/// a misspelt key in a step's table and a value a later step refuses each fail at once, in
+/// one line naming the file, the line and the key, with no step directory made.
+#[test]
+fn a_bad_config_is_refused_before_any_step_trains() {
+    let d = tmp();
+    let config = p(d.path(), "pl.toml");
+    let out = p(d.path(), "pipe");
+    for (body, want) in [
+        (
+            "[pretrain.train]\nsteps = 3\n\n[train]\nlr = 1.0\n",
+            &[
+                "pl.toml:4: [train] is not a step",
+                "pretrain, sft, reward, ppo",
+            ][..],
+        ),
+        (
+            "[pretrian.train]\nsteps = 3\n",
+            &["pl.toml:1: [pretrian] is not a step"][..],
+        ),
+        (
+            "[ppo.ppo]\nrollout_btach = 8\n",
+            &["pl.toml:2: ", "unknown field `rollout_btach`"][..],
+        ),
+        (
+            "[sft.train]\nsteps = 3\n[ppo.ppo]\nkl_coef = 0.1\nrollout_batch = 0\n",
+            &["pl.toml:5: [ppo] ppo.rollout_batch"][..],
+        ),
+    ] {
+        std::fs::write(&config, body).unwrap();
+        let t0 = std::time::Instant::now();
+        let args = [
+            "pipeline",
+            "--out",
+            out.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--scale",
+            "0.05",
+            "--device",
+            "cpu",
+        ];
+        let e = run_err(&args);
+        let took = t0.elapsed().as_secs_f64();
+        assert!(took < 10.0, "{body:?}: refused after {took:.1} s: {e}");
+        assert_eq!(e.trim_end().lines().count(), 1, "one line: {e}");
+        for w in want {
+            assert!(e.contains(w), "{body:?}: {e}");
+        }
+        for step in ["pretrain", "sft", "reward", "ppo"] {
+            assert!(!out.join(step).exists(), "{body:?}: {step} ran");
+        }
+    }
+}

@@ -2,18 +2,28 @@
 //! grpo, each from the SFT model, and distill, PPO's policy taught to the SFT model) on the
 //! built-in task, one subdirectory per stage, ending
 //! with a table of what each stage achieved on held-out data, also written to `summary.json`.
+//!
+//! `--config FILE` holds one top-level table per step, named as the step's directory
+//! (`pretrain`, `sft`, `reward`, `ppo`, and `--with`'s `dpo` ... `distill`), each laid over
+//! that step's configuration as a stage's own `--config` is: `[pretrain.train]`, `[sft.lora]`,
+//! `[ppo.ppo]`, `[rloo.grpo]`. There is no table shared by every step. The whole file is
+//! checked before any step runs ([`check_config`]): a top-level table that names no step, a key
+//! its stage does not know, a value of the wrong type and a value the stage refuses are each
+//! named by the file's line. A step's table the run does not select (`[dpo]` without `--with
+//! dpo`) is checked as well, so one file may serve several pipelines, and is said not to run.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
 use serde_json::{json, Map, Value};
 
 use super::run_dir::earlier_run;
 use super::{Env, Start};
 use crate::config::{
-    overlay, AdvantageEstimator, DeviceChoice, GrpoConfig, ImportanceSamplingLevel, LossType,
-    RunConfig, Stage,
+    overlay, parse_toml, AdvantageEstimator, DeviceChoice, GrpoConfig, ImportanceSamplingLevel,
+    LossType, RunConfig, Stage,
 };
 use crate::dist::preempt::Preempted;
 
@@ -241,6 +251,156 @@ fn stage_config(
     Ok(cfg)
 }
 
+/// The steps a pipeline runs: pretrain, sft, reward and ppo, then `with`'s in its order.
+fn pipeline_steps(with: &[Extra]) -> Result<Vec<Step>> {
+    let mut steps: Vec<Step> = [Stage::Pretrain, Stage::Sft, Stage::Reward, Stage::Ppo]
+        .into_iter()
+        .map(Step::plain)
+        .collect();
+    for e in with {
+        let step = Step::from(*e);
+        if steps.iter().any(|s| s.name == step.name) {
+            bail!("--with: `{}` is named twice", step.name);
+        }
+        steps.push(step);
+    }
+    Ok(steps)
+}
+
+/// Every step a pipeline can run, each a top-level table `--config` may hold.
+fn known_steps() -> Vec<Step> {
+    let mut all = pipeline_steps(&[]).expect("no extra named twice");
+    all.extend(Extra::value_variants().iter().map(|e| Step::from(*e)));
+    all
+}
+
+/// Reads `--config` and checks all of it before any step runs: every top-level table names a
+/// step, each step's table parses as its stage's config (no unknown key, no wrong type), its
+/// `stage`, if given, is the step's, and the configuration each step would run with (the
+/// steps selected, and any other step the file holds a table for) passes the stage's checks.
+/// An error names the file and the line of the key at fault, else of the step's table. Without
+/// a file the selected steps' configurations are checked all the same (`--kernels` among
+/// them). Returns the file's table.
+fn check_config(opts: &PipelineOptions, steps: &[Step]) -> Result<Option<toml::Value>> {
+    let known = known_steps();
+    let Some(path) = &opts.config else {
+        for &step in steps {
+            let cfg = stage_config(step, opts, None)?;
+            cfg.validate()
+                .map_err(|e| anyhow::anyhow!("pipeline step {}: {e:#}", step.name))?;
+        }
+        return Ok(None);
+    };
+    let shown = path.display().to_string();
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("{shown}: cannot read config"))?;
+    let table: toml::Table = parse_toml(path, &text)?;
+    let at = |line: Option<usize>| match line {
+        Some(l) => format!("{shown}:{l}"),
+        None => shown.clone(),
+    };
+    for key in table.keys() {
+        if !known.iter().any(|s| s.name == key) {
+            let names: Vec<&str> = known.iter().map(|s| s.name).collect();
+            let shown_key = match table[key].is_table() {
+                true => format!("[{key}]"),
+                false => format!("`{key}`"),
+            };
+            bail!(
+                "{}: {shown_key} is not a step of the pipeline: its top-level tables are the steps ({}), each holding that stage's config, e.g. [pretrain.train], [ppo.ppo]; no table is shared by every step",
+                at(key_line(&text, &[key], true)),
+                names.join(", ")
+            );
+        }
+    }
+    // Each step's table as its stage's config, for the line of an unknown key or a wrong type.
+    parse_toml::<std::collections::BTreeMap<String, RunConfig>>(path, &text)?;
+    let user = toml::Value::Table(table);
+    for &step in &known {
+        let Some(own) = user.get(step.name) else {
+            if steps.contains(&step) {
+                stage_config(step, opts, None)?
+                    .validate()
+                    .map_err(|e| anyhow::anyhow!("pipeline step {}: {e:#}", step.name))?;
+            }
+            continue;
+        };
+        let table_line = key_line(&text, &[step.name], true);
+        if let Some(stage) = own.get("stage") {
+            if stage.as_str() != Some(step.stage.name()) {
+                bail!(
+                    "{}: [{}] stage = {stage}: the step runs stage \"{}\" (a step's stage is its own; leave `stage` out)",
+                    at(key_line(&text, &[step.name, "stage"], false).or(table_line)),
+                    step.name,
+                    step.stage.name()
+                );
+            }
+        }
+        let cfg = stage_config(step, opts, Some(&user))
+            .with_context(|| format!("{}: [{}]", at(table_line), step.name))?;
+        if let Err(e) = cfg.validate() {
+            let e = format!("{e:#}");
+            // `ppo.rollout_batch must ...`: the line of [ppo.ppo]'s rollout_batch; else of the
+            // first other key the message names that the file sets (`... train.batch_size`).
+            let named = e
+                .split_whitespace()
+                .map(|w| w.trim_matches(|c: char| !(c.is_alphanumeric() || c == '_')))
+                .filter(|w| w.contains('.'))
+                .find_map(|w| {
+                    let mut key = vec![step.name];
+                    key.extend(w.split('.'));
+                    key_line(&text, &key, false)
+                });
+            bail!("{}: [{}] {e}", at(named.or(table_line)), step.name);
+        }
+        if !steps.contains(&step) {
+            crate::errln!(
+                "warning: {}: [{}] is checked but not run: the pipeline runs {} only with --with {}",
+                at(table_line),
+                step.name,
+                step.name,
+                step.name
+            );
+        }
+    }
+    Ok(Some(user))
+}
+
+/// The 1-based line of TOML `text` that sets the dotted key `key` (a table header or a
+/// `key = value` line, dotted keys and the tables they sit in joined), or with `prefix`, the
+/// first line that sets anything under it. Lines only: a key inside an inline table or a
+/// multi-line value is not found.
+fn key_line(text: &str, key: &[&str], prefix: bool) -> Option<usize> {
+    fn split(dotted: &str) -> Vec<String> {
+        dotted
+            .split('.')
+            .map(|k| k.trim().trim_matches(|c| c == '"' || c == '\'').to_string())
+            .collect()
+    }
+    let mut header: Vec<String> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        let path = if let Some(h) = l.strip_prefix('[') {
+            let h = h.trim_start_matches('[');
+            let Some(end) = h.find(']') else { continue };
+            header = split(&h[..end]);
+            header.clone()
+        } else if let Some((k, _)) = l.split_once('=').filter(|_| !l.starts_with('#')) {
+            header.iter().cloned().chain(split(k)).collect()
+        } else {
+            continue;
+        };
+        let hit = match prefix {
+            true => path.len() >= key.len() && path.iter().zip(key).all(|(a, b)| a == b),
+            false => path.len() == key.len() && path.iter().zip(key).all(|(a, b)| a == b),
+        };
+        if hit {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
 /// A measured number, or null where there was nothing to measure (JSON holds no NaN): a check
 /// that reads the number then fails naming the field rather than comparing a NaN.
 fn num(x: impl Into<Option<f64>>) -> Value {
@@ -302,17 +462,9 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
     if !(opts.scale.is_finite() && opts.scale > 0.0) {
         bail!("--scale must be a positive number, got {}", opts.scale);
     }
-    let user: Option<toml::Value> = match &opts.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("{}: cannot read", p.display()))?;
-            Some(
-                toml::from_str(&text)
-                    .map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.message()))?,
-            )
-        }
-        None => None,
-    };
+    let steps = pipeline_steps(&opts.with)?;
+    // Checked whole before anything is created or trained.
+    let user = check_config(opts, &steps)?;
     let dir = &opts.out;
     if opts.resume && !dir.is_dir() {
         bail!("--resume: {} holds no pipeline", dir.display());
@@ -339,17 +491,6 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
     };
     seconds.remove("total");
     let started = Instant::now();
-    let mut steps: Vec<Step> = [Stage::Pretrain, Stage::Sft, Stage::Reward, Stage::Ppo]
-        .into_iter()
-        .map(Step::plain)
-        .collect();
-    for e in &opts.with {
-        let step = Step::from(*e);
-        if steps.iter().any(|s| s.name == step.name) {
-            bail!("--with: `{}` is named twice", step.name);
-        }
-        steps.push(step);
-    }
     let start = match opts.overwrite {
         true => Start::Overwrite,
         false => Start::Fresh,
@@ -527,6 +668,137 @@ mod tests {
         let want = RunConfig::for_stage(Stage::Pretrain).train.steps as f64 * 0.25;
         assert_eq!(pretrain.train.epochs, None);
         assert_eq!(pretrain.train.steps, want.round() as usize);
+    }
+
+    /// `check_config` on `body` written to `pl.toml`, with `--with` `with`: its error.
+    fn config_error(body: &str, with: &[Extra]) -> String {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("pl.toml");
+        std::fs::write(&path, body).unwrap();
+        let mut opts = options(1.0);
+        opts.config = Some(path);
+        opts.with = with.to_vec();
+        let steps = pipeline_steps(with).unwrap();
+        let e = format!("{:#}", check_config(&opts, &steps).unwrap_err());
+        assert!(!e.contains('\n'), "one line: {e}");
+        e
+    }
+
+    /// Only the steps are top-level tables: a shared `[train]`, a misspelt step or a bare key
+    /// is named with its line and the steps there are.
+    #[test]
+    fn a_top_level_table_must_name_a_step() {
+        for (body, want) in [
+            ("[train]\nlr = 1.0\n", "pl.toml:1: [train] is not a step"),
+            (
+                "[sft.train]\nsteps = 3\n\n[pretrian.train]\nsteps = 3\n",
+                "pl.toml:4: [pretrian] is not a step",
+            ),
+            ("# seed\n\nseed = 3\n", "pl.toml:3: `seed` is not a step"),
+        ] {
+            let e = config_error(body, &[]);
+            assert!(e.contains(want), "{body:?}: {e}");
+            assert!(e.contains("pretrain, sft, reward, ppo, dpo"), "{e}");
+            assert!(e.contains("rloo, reinforce_pp, gspo, distill"), "{e}");
+        }
+    }
+
+    /// A step's table is its stage's config: an unknown key, a wrong type and a refused value
+    /// are named by the line that sets them, in a later step's table and in one the run does
+    /// not select.
+    #[test]
+    fn each_step_table_is_checked_as_its_stage_config() {
+        let cases: [(&str, &[Extra], &[&str]); 7] = [
+            (
+                "[sft.train]\nsteps = 3\n\n[ppo.ppo]\nrollout_btach = 8\n",
+                &[],
+                &["pl.toml:5: ", "unknown field `rollout_btach`"],
+            ),
+            (
+                "[ppo.train]\nlr = \"fast\"\n",
+                &[],
+                &["pl.toml:2: ", "\"fast\""],
+            ),
+            (
+                "[pretrain.train]\nsteps = 3\n[ppo.ppo]\nkl_coef = 0.1\nrollout_batch = 0\n",
+                &[],
+                &["pl.toml:5: [ppo] ppo.rollout_batch"],
+            ),
+            (
+                "[ppo]\nppo.cliprange = -1.0\n",
+                &[],
+                &["pl.toml:2: [ppo] ppo.cliprange"],
+            ),
+            // The message's first key is a default; the line is the one of the key it names
+            // that the file sets.
+            (
+                "[kto.kto]\nbeta = 1.0\n[kto.train]\nlr = 1e-4\nbatch_size = 1\n",
+                &[Extra::Kto],
+                &["pl.toml:5: [kto] ", "train.batch_size must be at least 2"],
+            ),
+            // Not selected, checked all the same; the variant's own table name.
+            (
+                "[rloo.grpo]\nbeta = -1.0\n",
+                &[],
+                &["pl.toml:2: [rloo] grpo.beta"],
+            ),
+            (
+                "[ppo]\nstage = \"sft\"\n",
+                &[],
+                &["pl.toml:2: [ppo] stage = \"sft\""],
+            ),
+        ];
+        for (body, with, want) in cases {
+            let e = config_error(body, with);
+            for w in want {
+                assert!(e.contains(w), "{body:?}: {e}");
+            }
+        }
+    }
+
+    /// A good file is returned whole; a step's `stage` may be said where it is the step's.
+    #[test]
+    fn a_good_config_passes() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("pl.toml");
+        let body = "[pretrain.train]\nsteps = 3\n[ppo]\nstage = \"ppo\"\nppo.kl_coef = 0.2\n\
+                    [gspo.train]\nsteps = 2\n";
+        std::fs::write(&path, body).unwrap();
+        let mut opts = options(1.0);
+        opts.config = Some(path);
+        let steps = pipeline_steps(&[Extra::Gspo]).unwrap();
+        let user = check_config(&opts, &steps).unwrap().unwrap();
+        assert_eq!(user["ppo"]["ppo"]["kl_coef"].as_float(), Some(0.2));
+        assert!(check_config(&options(1.0), &steps).unwrap().is_none());
+    }
+
+    /// A bad file stops the pipeline before its directory is made.
+    #[test]
+    fn a_bad_config_stops_the_pipeline_before_it_starts() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("pl.toml");
+        std::fs::write(&path, "[ppo.ppo]\nrollout_btach = 8\n").unwrap();
+        let mut opts = options(1.0);
+        (opts.out, opts.config) = (d.path().join("pipe"), Some(path));
+        let e = format!("{:#}", run(&opts).unwrap_err());
+        assert!(
+            e.contains("pl.toml:2: unknown field `rollout_btach`"),
+            "{e}"
+        );
+        assert!(!opts.out.exists());
+    }
+
+    #[test]
+    fn key_lines_join_headers_and_dotted_keys() {
+        let text = "# [ppo]\n[ppo]\nppo.kl_coef = 1 # a = b\n\n[ppo.train]\n  lr=2\n\
+                    [[x.y]]\n\"q\" . r = 3\n";
+        assert_eq!(key_line(text, &["ppo"], true), Some(2));
+        assert_eq!(key_line(text, &["ppo", "ppo", "kl_coef"], false), Some(3));
+        assert_eq!(key_line(text, &["ppo", "train"], false), Some(5));
+        assert_eq!(key_line(text, &["ppo", "train", "lr"], false), Some(6));
+        assert_eq!(key_line(text, &["x", "y", "q", "r"], false), Some(8));
+        assert_eq!(key_line(text, &["ppo", "ppo", "lr"], false), None);
+        assert_eq!(key_line(text, &["sft"], true), None);
     }
 
     #[test]
