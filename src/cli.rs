@@ -653,6 +653,9 @@ impl StageArgs {
         };
         let (mut cfg, user) = RunConfig::load_layers_over(defaults, &files)?;
         let file = files.last();
+        // Whether the files alone make a valid config: if so, a value that fails below came
+        // from a flag, and no file's line is to blame.
+        let files_valid = cfg.validate().is_ok();
         self.apply(&mut cfg)?;
         warn_unused_batch_size(&cfg, self.batch_size.is_some());
         warn_unused_dropout(&cfg);
@@ -684,6 +687,9 @@ impl StageArgs {
         // the last file that sets the key names it.
         if let (Err(e), Some(f)) = (cfg.validate(), file) {
             let e = e.to_string();
+            if files_valid {
+                bail!("{e}");
+            }
             let located = files.iter().rev().find_map(|f| {
                 let at = crate::config::locate(f, &e);
                 (at != f.display().to_string()).then_some(at)
@@ -1127,6 +1133,37 @@ mod tests {
             seq(packing).apply(&mut cfg).unwrap();
             assert_eq!(cfg.train.seq_len, 32);
         }
+    }
+
+    /// A value that fails validation is named by the line of the file that set it, and not
+    /// by a file's line where a flag set it.
+    #[test]
+    fn a_bad_value_is_blamed_on_what_set_it() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("e.toml");
+        std::fs::write(
+            &f,
+            "[train]\nbeta1 = 0.9\nbeta2 = 1.5\n[lora]\ndropout = 0.1\n",
+        )
+        .unwrap();
+        let resolve = |file: &Path, dropout: Option<f64>| {
+            let args = StageArgs {
+                config: Some(file.to_path_buf()),
+                lora_dropout: dropout,
+                out: Some(d.path().join("run")),
+                ..Default::default()
+            };
+            args.resolve(Stage::Sft).unwrap_err().to_string()
+        };
+        let e = resolve(&f, None);
+        assert!(
+            e.starts_with(&format!("{}:3: train.beta2", f.display())),
+            "{e}"
+        );
+        let good = d.path().join("good.toml");
+        std::fs::write(&good, "[lora]\nrank = 4\ndropout = 0.1\n").unwrap();
+        let e = resolve(&good, Some(1.5));
+        assert_eq!(e, "lora.dropout must be in [0, 1)");
     }
 
     /// `[train] profile` in a config file limits the run as `--profile` does: the timed steps

@@ -201,8 +201,10 @@ impl TrainConfig {
                 self.min_lr_ratio
             );
         }
-        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
-            bail!("train.beta1 and train.beta2 must be in [0, 1)");
+        for (name, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                bail!("train.{name} must be in [0, 1), got {beta}");
+            }
         }
         if self.grad_clip < 0.0 || self.weight_decay < 0.0 {
             bail!("train.grad_clip and train.weight_decay must not be negative");
