@@ -699,9 +699,6 @@ impl StageArgs {
                 located.unwrap_or_else(|| f.display().to_string())
             );
         }
-        // A held-out file the stage would not read, or cannot, is refused before --overwrite
-        // clears anything.
-        crate::stages::setup::eval_data_of(&cfg)?;
         let start = match (resume, self.overwrite) {
             (true, _) => Start::Resume,
             (false, true) => Start::Overwrite,

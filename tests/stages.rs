@@ -1906,4 +1906,11 @@ fn eval_data_is_pretrainings_held_out_set_or_refused() {
         let e = run_err(&args);
         one_error_line(&e, &["--eval-data", &eval_s, "built-in task", "--data"]);
     }
+    // Refused before --overwrite clears anything: the earlier run is left whole.
+    let sft_run = s(&p(dir, "sft"));
+    #[rustfmt::skip]
+    let e = run_err(&["sft", "--config", c, "--init", &held_s, "--eval-data", &eval_s,
+                      "--out", &sft_run, "--overwrite", "--device", "cpu"]);
+    one_error_line(&e, &["--eval-data", "built-in task"]);
+    assert!(p(dir, "sft").join("final/meta.json").exists());
 }

@@ -54,6 +54,13 @@ pub struct Env {
     pub comm: Arc<dyn Communicator>,
 }
 
+/// The settings' own checks and the held-out file's, before a run directory is touched
+/// (`--overwrite` would clear it) or a rank connects.
+fn check_settings(cfg: &RunConfig) -> Result<()> {
+    cfg.validate()?;
+    setup::check_eval_data(cfg)
+}
+
 impl Env {
     /// Validates the config, creates the run directory, writes `config.toml` (a resumed run:
     /// once its checkpoint is restored) and the run's metadata (device, kernels), and prints
@@ -70,7 +77,7 @@ impl Env {
         start: Start,
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
-        cfg.validate()?;
+        check_settings(&cfg)?;
         let device = crate::device::select(cfg.device)?;
         Self::assemble(cfg, run_dir, start, device, comm)
     }
@@ -79,7 +86,7 @@ impl Env {
     /// launch`): its own GPU, and a communicator connected to the other ranks. The config and
     /// the run directory are checked before connecting, so a bad one fails every rank at once.
     pub fn join(cfg: RunConfig, run_dir: &Path, start: Start, rank: &Rank) -> Result<Self> {
-        cfg.validate()?;
+        check_settings(&cfg)?;
         if start == Start::Fresh {
             run_dir::check_fresh(run_dir)?;
         }

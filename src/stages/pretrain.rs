@@ -320,9 +320,8 @@ fn document_mask_note(train: &TokenStream, t: usize, vocab: usize, eos: u32) -> 
 
 pub fn run(env: &Env) -> Result<PretrainResult> {
     let cfg = &env.cfg;
-    // The held-out file, refused on the built-in task and named when it cannot be read,
-    // before anything is loaded.
-    let eval = setup::eval_data(env)?;
+    // The held-out file (checked by `Env`'s preparation).
+    let eval = cfg.data.eval_path.as_deref();
     // Continued pretraining starts from `--init` (a temper checkpoint or a Hugging Face
     // model) with its own shape and tokenizer: its embedding rows are that tokenizer's ids.
     if let (Some(i), Some(t)) = (&cfg.init, &cfg.data.tokenizer) {

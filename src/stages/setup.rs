@@ -28,20 +28,15 @@ pub fn synthetic(env: &Env) -> Synthetic {
     s
 }
 
-/// The held-out data file (`--eval-data`, `[data] eval_path`) where one is named, checked
-/// to exist (an error naming it otherwise). It is the held-out set of `--data`: on the
+/// Checks the held-out data file (`--eval-data`, `[data] eval_path`) where one is named: it
+/// must exist (an error naming it otherwise), and it is the held-out set of `--data`, so on the
 /// built-in task (no `--data`), which holds out its own examples, it is refused rather than
-/// left unread.
-pub fn eval_data(env: &Env) -> Result<Option<&Path>> {
-    eval_data_of(&env.cfg)
-}
-
-/// [`eval_data`] of a run's settings, before the run directory is touched (the command line's
-/// check, `StageArgs::resolve`).
-pub fn eval_data_of(cfg: &RunConfig) -> Result<Option<&Path>> {
+/// left unread. Run once per stage, by `Env`'s preparation, before the run directory is
+/// touched; the stages then read `eval_path` as it is.
+pub fn check_eval_data(cfg: &RunConfig) -> Result<()> {
     let data = &cfg.data;
     let Some(eval) = data.eval_path.as_deref() else {
-        return Ok(None);
+        return Ok(());
     };
     if data.path.is_none() {
         bail!(
@@ -54,7 +49,7 @@ pub fn eval_data_of(cfg: &RunConfig) -> Result<Option<&Path>> {
     }
     std::fs::metadata(eval)
         .with_context(|| format!("--eval-data {}: cannot read", eval.display()))?;
-    Ok(Some(eval))
+    Ok(())
 }
 
 /// The checkpoint named by `--init`, with adapters merged; `what` says what the stage needs.
@@ -63,9 +58,6 @@ pub fn eval_data_of(cfg: &RunConfig) -> Result<Option<&Path>> {
 /// `chat_template_path` does; a PEFT adapter's base's where its own tokenizer has none), so
 /// that its checkpoints and exports render conversations as it trained on them.
 pub fn init_checkpoint(env: &Env, what: &str) -> Result<Loaded> {
-    // Every stage after pretraining starts here: a held-out file it cannot use is refused
-    // before the model loads.
-    eval_data(env)?;
     let init =
         env.cfg.init.as_ref().with_context(|| {
             format!("{} needs --init CHECKPOINT ({what})", env.cfg.stage.name())
@@ -219,9 +211,8 @@ pub fn split_holdout<T>(
     load: impl Fn(&Path) -> Result<Vec<T>>,
     what: &str,
 ) -> Result<(Vec<T>, Vec<T>)> {
-    let eval = eval_data(env)?;
     let mut all = load(path)?;
-    if let Some(e) = eval {
+    if let Some(e) = &env.cfg.data.eval_path {
         return Ok((all, load(e)?));
     }
     if all.len() < 2 {
@@ -260,8 +251,6 @@ fn prompt_sets_unchecked(
 ) -> Result<(Vec<PromptRecord>, Vec<PromptRecord>)> {
     match &env.cfg.data.path {
         None => {
-            // The built-in task's own held-out prompts: a held-out file is refused.
-            eval_data(env)?;
             let s = synthetic(env);
             Ok((
                 s.prompts(Split::Train, n_train),
@@ -441,9 +430,6 @@ pub fn train<T: Task>(
     trainable: &dyn Fn(ParamInfo) -> bool,
 ) -> Result<TrainSummary<T::Eval>> {
     let cfg = &env.cfg;
-    // No stage trains with a held-out file it does not read (each refuses it earlier; this
-    // holds for any stage that would not).
-    eval_data(env)?;
     let saved = Saved {
         store,
         meta: CheckpointMeta {
