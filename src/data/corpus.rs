@@ -115,6 +115,21 @@ pub struct PackedCorpus {
 /// validation set, so blocks are split instead.
 const MIN_DOCS_FOR_DOC_SPLIT: usize = 20;
 
+/// Each document's ids, followed by EOS: what pretraining packs.
+pub fn document_ids(docs: &[String], tok: &Tokenizer) -> Result<Vec<Vec<u32>>> {
+    let eos = tok.eos_id();
+    docs.iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let mut ids = tok
+                .encode_start(d)
+                .with_context(|| format!("document {}", i + 1))?;
+            ids.push(eos);
+            Ok(ids)
+        })
+        .collect()
+}
+
 /// Tokenises each document, appends EOS after each, and splits deterministically by `seed`.
 ///
 /// With at least 20 documents whole documents go to validation with probability
@@ -135,16 +150,7 @@ pub fn pack_documents(
     if block == 0 {
         bail!("pack_documents: block length must be at least 1");
     }
-    let eos = tok.eos_id();
-    let mut streams = Vec::with_capacity(docs.len());
-    for (i, d) in docs.iter().enumerate() {
-        let mut ids = tok
-            .encode_start(d)
-            .with_context(|| format!("document {}", i + 1))?;
-        ids.push(eos);
-        streams.push(ids);
-    }
-
+    let streams = document_ids(docs, tok)?;
     if streams.len() >= MIN_DOCS_FOR_DOC_SPLIT {
         if let Some(p) = split_documents(&streams, val_fraction, block, seed) {
             return Ok(p);

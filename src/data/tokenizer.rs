@@ -210,17 +210,7 @@ fn replace_templates(
 /// The files a byte-level run directory `dir` keeps for its chat template: its templates
 /// and the config naming the tokens they render (see [`Tokenizer::BytesWithTemplate`]).
 fn byte_template_files(dir: &Path) -> Result<Vec<(String, String)>> {
-    let mut names = vec![TEMPLATE_FILE.to_string(), BYTE_TOKENS_FILE.to_string()];
-    names.extend(
-        named_templates(dir)?
-            .into_iter()
-            .map(|n| format!("{NAMED_TEMPLATES_DIR}/{n}.jinja")),
-    );
-    let mut files = Vec::new();
-    for name in names {
-        files.extend(carried_file(dir, name)?);
-    }
-    Ok(files)
+    files_with_templates(dir, &[TEMPLATE_FILE, BYTE_TOKENS_FILE])
 }
 
 /// `"<tok>"` or `{"content": "<tok>", ...}` (both appear in tokenizer_config.json files).
@@ -312,7 +302,12 @@ fn generation_of_model_config(dir: &Path) -> Result<Option<String>> {
 
 /// The files of [`CARRIED`] that `dir` has, and its named chat templates.
 fn carried_files(dir: &Path) -> Result<Vec<(String, String)>> {
-    let mut names: Vec<String> = CARRIED.iter().map(|n| n.to_string()).collect();
+    files_with_templates(dir, &CARRIED)
+}
+
+/// The files `names` that `dir` has, and its named chat templates.
+fn files_with_templates(dir: &Path, names: &[&str]) -> Result<Vec<(String, String)>> {
+    let mut names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
     names.extend(
         named_templates(dir)?
             .into_iter()

@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use super::loader::{policy_from, read_checkpoint};
 use super::setup::{self, Plan};
 use super::Env;
-use crate::data::corpus::{load_documents, pack_documents};
+use crate::data::corpus::{document_ids, load_documents, pack_documents};
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::data::shards::{
     check_corpus_tokenizer, corpus_tokenizer_file, is_shard_corpus, open_corpus, open_held_out,
@@ -271,14 +271,9 @@ fn held_out_streams(
 /// stream, each document followed by EOS, and what it is (for the log).
 fn text_stream(path: &Path, tok: &Tokenizer) -> Result<(TokenStream, String)> {
     let docs = load_documents(path)?;
-    let mut ids = Vec::new();
-    for (i, d) in docs.iter().enumerate() {
-        let doc = tok
-            .encode_start(d)
-            .with_context(|| format!("{}: document {}", path.display(), i + 1))?;
-        ids.extend(doc);
-        ids.push(tok.eos_id());
-    }
+    let ids = document_ids(&docs, tok)
+        .with_context(|| path.display().to_string())?
+        .concat();
     let what = format!("{} documents of {}", docs.len(), path.display());
     Ok((TokenStream::owned(ids), what))
 }
