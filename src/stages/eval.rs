@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 
-use crate::config::{RunConfig, Stage};
+use crate::config::Stage;
 use crate::data::records::PromptRecord;
 use crate::data::synthetic::{exact_match, Split, Synthetic};
 use crate::data::tokenizer::Tokenizer;
@@ -83,37 +83,22 @@ impl TaskWorld {
     /// its held-out pairs are the ones its training never saw. `seed` (`--task-seed`), where
     /// given, replaces the seed; the operand range stays the checkpoint's.
     pub fn of_checkpoint(checkpoint: &Path, seed: Option<u64>) -> Result<Self> {
-        // The world is read the way the training stages read it, from two different
-        // starting points: a setting the checkpoint's run records comes out the same from
-        // both, one it does not record keeps each start's value.
-        let read = |seed: u64, max_operand: u32| -> Result<(u64, u32)> {
-            let mut cfg = RunConfig {
-                init: Some(checkpoint.to_path_buf()),
-                ..RunConfig::default()
-            };
-            cfg.data.task_seed = seed;
-            cfg.data.task_max_operand = max_operand;
-            crate::stages::setup::inherit_task_world(&mut cfg, None)?;
-            Ok((cfg.data.task_seed, cfg.data.task_max_operand))
-        };
+        let (recorded_seed, recorded_max) = crate::stages::setup::recorded_task_world(checkpoint)?;
         let defaults = Synthetic::default();
-        let (s0, m0) = (defaults.seed, defaults.max_operand);
-        let (seed_a, max_a) = read(s0, m0)?;
-        let (seed_b, max_b) = read(s0.wrapping_add(1), m0.wrapping_add(1))?;
-        let from = |same: bool| match same {
+        let from = |recorded: bool| match recorded {
             true => Source::Checkpoint,
             false => Source::Default,
         };
-        let (seed, seed_from) = match seed {
-            Some(s) => (s, Source::Given),
-            None => (seed_a, from(seed_a == seed_b)),
+        let (seed, seed_from) = match (seed, recorded_seed) {
+            (Some(s), _) => (s, Source::Given),
+            (None, r) => (r.unwrap_or(defaults.seed), from(r.is_some())),
         };
         let mut task = Synthetic::new(seed);
-        task.max_operand = max_a;
+        task.max_operand = recorded_max.unwrap_or(defaults.max_operand);
         Ok(Self {
             task,
             seed_from,
-            max_operand_from: from(max_a == max_b),
+            max_operand_from: from(recorded_max.is_some()),
         })
     }
 

@@ -483,8 +483,9 @@ pub fn inherit_task_world(cfg: &mut RunConfig, user: Option<&toml::Value>) -> Re
     let Some(init) = &cfg.init else {
         return Ok(());
     };
-    // A Hugging Face model was never trained on the built-in task: no world to inherit.
-    if cfg.data.path.is_some() || hf::is_pretrained_dir(init) {
+    // A run on the user's data has no world to take; nor has a Hugging Face model, never
+    // trained on the built-in task (`recorded_task_world`).
+    if cfg.data.path.is_some() {
         return Ok(());
     }
     let user_sets = user
@@ -493,6 +494,23 @@ pub fn inherit_task_world(cfg: &mut RunConfig, user: Option<&toml::Value>) -> Re
     if user_sets {
         return Ok(());
     }
+    let (seed, max) = recorded_task_world(init)?;
+    if let Some(seed) = seed {
+        cfg.data.task_seed = seed;
+    }
+    if let Some(max) = max {
+        cfg.data.task_max_operand = max;
+    }
+    Ok(())
+}
+
+/// The built-in task's `task_seed` and `task_max_operand` that the run of checkpoint `init`
+/// records in its `config.toml`, each where it records one: none for a Hugging Face model, a
+/// run on the user's data or a checkpoint away from its run directory.
+pub fn recorded_task_world(init: &Path) -> Result<(Option<u64>, Option<u32>)> {
+    if hf::is_pretrained_dir(init) {
+        return Ok((None, None));
+    }
     let ckpt = resolve_checkpoint(init)?;
     let Some(run_cfg) = ckpt
         .ancestors()
@@ -500,25 +518,19 @@ pub fn inherit_task_world(cfg: &mut RunConfig, user: Option<&toml::Value>) -> Re
         .map(|d| d.join("config.toml"))
         .find(|p| p.is_file())
     else {
-        return Ok(());
+        return Ok((None, None));
     };
     let text = std::fs::read_to_string(&run_cfg)?;
     let v: toml::Value = toml::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{}: {}", run_cfg.display(), e.message()))?;
-    let Some(data) = v.get("data") else {
-        return Ok(());
+    let Some(data) = v.get("data").filter(|d| d.get("path").is_none()) else {
+        return Ok((None, None));
     };
-    if data.get("path").is_some() {
-        return Ok(());
-    }
     let int = |key: &str| data.get(key).and_then(toml::Value::as_integer);
-    if let Some(seed) = int("task_seed") {
-        cfg.data.task_seed = seed as u64;
-    }
-    if let Some(max) = int("task_max_operand") {
-        cfg.data.task_max_operand = max as u32;
-    }
-    Ok(())
+    Ok((
+        int("task_seed").map(|s| s as u64),
+        int("task_max_operand").map(|m| m as u32),
+    ))
 }
 
 #[cfg(test)]
