@@ -66,16 +66,45 @@ pub fn locate(file: &Path, message: &str) -> String {
     let Ok(text) = std::fs::read_to_string(file) else {
         return shown;
     };
-    let mut current = String::new();
+    match key_line(&text, &[table, key], false) {
+        Some(line) => format!("{shown}:{line}"),
+        None => shown,
+    }
+}
+
+/// The 1-based line of TOML `text` that sets the dotted key `key` (a table header or a
+/// `key = value` line, dotted keys and the tables they sit in joined), or with `prefix`, the
+/// first line that sets anything under it. Lines only: a key inside an inline table or a
+/// multi-line value is not found.
+pub fn key_line(text: &str, key: &[&str], prefix: bool) -> Option<usize> {
+    fn split(dotted: &str) -> Vec<String> {
+        dotted
+            .split('.')
+            .map(|k| k.trim().trim_matches(|c| c == '"' || c == '\'').to_string())
+            .collect()
+    }
+    let mut header: Vec<String> = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let l = line.trim();
-        if let Some(h) = l.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-            current = h.trim().to_string();
-        } else if current == table && l.split('=').next().map(str::trim) == Some(key) {
-            return format!("{shown}:{}", i + 1);
+        let path = if let Some(h) = l.strip_prefix('[') {
+            let h = h.trim_start_matches('[');
+            let Some(end) = h.find(']') else { continue };
+            header = split(&h[..end]);
+            header.clone()
+        } else if let Some((k, _)) = l.split_once('=').filter(|_| !l.starts_with('#')) {
+            header.iter().cloned().chain(split(k)).collect()
+        } else {
+            continue;
+        };
+        let hit = match prefix {
+            true => path.len() >= key.len() && path.iter().zip(key).all(|(a, b)| a == b),
+            false => path.len() == key.len() && path.iter().zip(key).all(|(a, b)| a == b),
+        };
+        if hit {
+            return Some(i + 1);
         }
     }
-    shown
+    None
 }
 
 /// Writes `value` as TOML to `path` atomically.
@@ -110,6 +139,19 @@ pub(crate) fn assert_refuses<C: Default>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_lines_join_headers_and_dotted_keys() {
+        let text = "# [ppo]\n[ppo]\nppo.kl_coef = 1 # a = b\n\n[ppo.train]\n  lr=2\n\
+                    [[x.y]]\n\"q\" . r = 3\n";
+        assert_eq!(key_line(text, &["ppo"], true), Some(2));
+        assert_eq!(key_line(text, &["ppo", "ppo", "kl_coef"], false), Some(3));
+        assert_eq!(key_line(text, &["ppo", "train"], false), Some(5));
+        assert_eq!(key_line(text, &["ppo", "train", "lr"], false), Some(6));
+        assert_eq!(key_line(text, &["x", "y", "q", "r"], false), Some(8));
+        assert_eq!(key_line(text, &["ppo", "ppo", "lr"], false), None);
+        assert_eq!(key_line(text, &["sft"], true), None);
+    }
 
     #[test]
     fn validation_errors_point_at_the_line_that_set_the_value() {

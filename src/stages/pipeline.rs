@@ -22,8 +22,8 @@ use serde_json::{json, Map, Value};
 use super::run_dir::earlier_run;
 use super::{Env, Start};
 use crate::config::{
-    overlay, parse_toml, AdvantageEstimator, DeviceChoice, GrpoConfig, ImportanceSamplingLevel,
-    LossType, RunConfig, Stage,
+    key_line, overlay, parse_toml, AdvantageEstimator, DeviceChoice, GrpoConfig,
+    ImportanceSamplingLevel, LossType, RunConfig, Stage,
 };
 use crate::dist::preempt::Preempted;
 
@@ -364,41 +364,6 @@ fn check_config(opts: &PipelineOptions, steps: &[Step]) -> Result<Option<toml::V
         }
     }
     Ok(Some(user))
-}
-
-/// The 1-based line of TOML `text` that sets the dotted key `key` (a table header or a
-/// `key = value` line, dotted keys and the tables they sit in joined), or with `prefix`, the
-/// first line that sets anything under it. Lines only: a key inside an inline table or a
-/// multi-line value is not found.
-fn key_line(text: &str, key: &[&str], prefix: bool) -> Option<usize> {
-    fn split(dotted: &str) -> Vec<String> {
-        dotted
-            .split('.')
-            .map(|k| k.trim().trim_matches(|c| c == '"' || c == '\'').to_string())
-            .collect()
-    }
-    let mut header: Vec<String> = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let l = line.trim();
-        let path = if let Some(h) = l.strip_prefix('[') {
-            let h = h.trim_start_matches('[');
-            let Some(end) = h.find(']') else { continue };
-            header = split(&h[..end]);
-            header.clone()
-        } else if let Some((k, _)) = l.split_once('=').filter(|_| !l.starts_with('#')) {
-            header.iter().cloned().chain(split(k)).collect()
-        } else {
-            continue;
-        };
-        let hit = match prefix {
-            true => path.len() >= key.len() && path.iter().zip(key).all(|(a, b)| a == b),
-            false => path.len() == key.len() && path.iter().zip(key).all(|(a, b)| a == b),
-        };
-        if hit {
-            return Some(i + 1);
-        }
-    }
-    None
 }
 
 /// A measured number, or null where there was nothing to measure (JSON holds no NaN): a check
@@ -786,19 +751,6 @@ mod tests {
             "{e}"
         );
         assert!(!opts.out.exists());
-    }
-
-    #[test]
-    fn key_lines_join_headers_and_dotted_keys() {
-        let text = "# [ppo]\n[ppo]\nppo.kl_coef = 1 # a = b\n\n[ppo.train]\n  lr=2\n\
-                    [[x.y]]\n\"q\" . r = 3\n";
-        assert_eq!(key_line(text, &["ppo"], true), Some(2));
-        assert_eq!(key_line(text, &["ppo", "ppo", "kl_coef"], false), Some(3));
-        assert_eq!(key_line(text, &["ppo", "train"], false), Some(5));
-        assert_eq!(key_line(text, &["ppo", "train", "lr"], false), Some(6));
-        assert_eq!(key_line(text, &["x", "y", "q", "r"], false), Some(8));
-        assert_eq!(key_line(text, &["ppo", "ppo", "lr"], false), None);
-        assert_eq!(key_line(text, &["sft"], true), None);
     }
 
     #[test]
