@@ -8,8 +8,9 @@ it with `AutoModelForCausalLM.from_pretrained`, and compares its logits with the
 expected.json (recorded from the original model; the mistral and qwen2 fixtures slide a window
 of 4 positions, as do two of the gemma3 fixture's three layers; gemma3_mm, an image-and-text
 model, exports as its language model). Then it fine-tunes the llama, qwen2,
-qwen3, smollm3, gemma2 and gemma3 fixtures with LoRA
-for a few steps, exports the merged model and the adapter (`--format peft`),
+qwen3, smollm3, gemma2, gemma3 and gpt2 fixtures with LoRA
+for a few steps, exports the merged model and the adapter (`--format peft`; GPT-2's as one
+adapter on c_attn),
 and checks that `PeftModel.from_pretrained(base, adapter)` gives the merged model's logits, and
 that `AutoTokenizer` reads from both the chat template the fine-tuning was given; and
 the llama_rm reward model, exported, scores as the original under
@@ -73,10 +74,13 @@ def main(out):
     with open(template, "w") as f:
         f.write("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    for fam in ["llama", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3"]:
+    # GPT-2's q and v adapters leave as one block adapter on the c_attn they share (k's rows
+    # zero), and its attn.c_proj and mlp.c_proj are told apart.
+    for fam in ["llama", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3", "gpt2"]:
         sft = os.path.join(out, f"sft-{fam}")
+        targets = "q,v,o,down" if fam == "gpt2" else "q,k,v,o"
         temper("sft", "--init", os.path.join(ROOT, "tests/fixtures/hf", fam), "--data", data, "--out", sft,
-               "--steps", "30", "--lora-rank", "4", "--lora-targets", "q,k,v,o", "--device", "cpu",
+               "--steps", "30", "--lora-rank", "4", "--lora-targets", targets, "--device", "cpu",
                "--chat-template", template)
         merged, adapter = os.path.join(out, f"merged-{fam}"), os.path.join(out, f"adapter-{fam}")
         temper("export", "--checkpoint", sft, "--out", merged, "--format", "hf")

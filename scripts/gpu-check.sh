@@ -65,7 +65,7 @@ PART_2=(ppo-init ppo-update gpt2-loss ncu-step ncu-decode bench-generate-timed
 PART_3=(train-torch-compile train-graph bench-generate-fixed bench-generate-dynamic
   bench-generate-qwen3 peer-generate-qwen3 bench-generate-penalty peer-generate-penalty
   bench-train_ops peer-train_ops bench-rmsnorm peer-rmsnorm bench-gae peer-gae bench-allreduce
-  peer-allreduce pipeline train-casts train-reference)
+  peer-allreduce pipeline hf-export train-casts train-reference)
 if [[ -n "${TEMPER_CHECK_PART:-}" && -z "${TEMPER_CHECK_ONLY:-}" ]]; then
   case "$TEMPER_CHECK_PART" in
     1) parts=("${SHARED[@]}" "${PART_1[@]}") ;;
@@ -435,6 +435,11 @@ MEM=1 section train-torch-compile 240 python3 scripts/gpt2_peer.py --compile --s
 if has temper; then
   section pipeline 240 "$BUNDLE" temper pipeline --device cuda --with dpo,kto,online_dpo,grpo,distill \
     --out "$WORK/pipeline"
+  # temper's Hugging Face and PEFT exports of every fixture, loaded by transformers and PEFT
+  # themselves, which the device has and CI has not (CPU work; the script exits non-zero past
+  # 1e-4).
+  section hf-export 240 env TEMPER=/tmp/temper-gpu/bin/temper python3 scripts/check_hf_export.py \
+    "$WORK/hf-export"
 fi
 if has bench-train_step; then
   # Ablation: each f32 master cast in every step instead of AdamW's bf16 compute copies.

@@ -606,6 +606,102 @@ fn continued_pretraining_and_lora_sft_start_from_a_hugging_face_model_and_export
     }
 }
 
+/// GPT-2's q, k and v share one Conv1D, c_attn, where temper gives each its own adapter. The
+/// PEFT export holds them as PEFT would one adapter on c_attn: A stacked, B block-diagonal
+/// (here q's and v's, k's rows zero), `rank_pattern` and `alpha_pattern` keeping the scale,
+/// and attn.c_proj told apart from mlp.c_proj. PEFT's own merge of it, `W + alpha/r (B A)^T`
+/// on Conv1D's `[in, out]` weights (computed here from the files alone, as PEFT's
+/// `get_delta_weight` with `fan_in_fan_out` does), is the run's merged export, and temper reads
+/// the adapter back to the same model.
+#[test]
+fn gpt2_adapters_export_to_peft_on_c_attn_and_read_back_merged() {
+    let d = tmp();
+    let data = p(d.path(), "sft.jsonl");
+    let lines: String = (0..40)
+        .map(|i| format!("{{\"prompt\": \"{i}+1=\", \"response\": \"{}\"}}\n", i + 1))
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let sft = p(d.path(), "sft");
+    let flags = ["--steps", "10", "--lora-rank", "4", "--lora-alpha", "8"];
+    let flags = [&flags[..], &["--lora-targets", "q,v,o,down"]].concat();
+    sft_on_cpu(&fixture("gpt2"), &data, &sft, &flags);
+    let peft = p(d.path(), "peft");
+    export(&sft, &peft, "peft");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["attn.c_attn", "attn.c_proj", "mlp.c_proj"]),
+        "{cfg}"
+    );
+    assert_eq!(cfg["rank_pattern"], serde_json::json!({"attn.c_attn": 8}));
+    assert_eq!(
+        cfg["alpha_pattern"],
+        serde_json::json!({"attn.c_attn": 16.0})
+    );
+    assert_eq!(cfg["fan_in_fan_out"], true);
+    let adapter = safetensors_map(&peft.join("adapter_model.safetensors"));
+    // Two layers of three modules, A and B each.
+    assert_eq!(adapter.len(), 12, "{:?}", adapter.keys());
+    let factor = |layer: usize, module: &str, which: &str| {
+        let name = format!("base_model.model.transformer.h.{layer}.{module}.lora_{which}.weight");
+        adapter[&name].to_dtype(DType::F32).unwrap()
+    };
+    let b = factor(0, "attn.c_attn", "B");
+    assert_eq!(b.dims(), &[96, 8]);
+    assert_eq!(factor(0, "attn.c_attn", "A").dims(), &[8, 32]);
+    let k_rows = b
+        .narrow(0, 32, 32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert_eq!(k_rows.to_scalar::<f32>().unwrap(), 0.0, "k is not adapted");
+    let (q_b, v_b) = (b.narrow(0, 0, 32).unwrap(), b.narrow(0, 64, 32).unwrap());
+    let block = |t: &Tensor, col: usize| t.narrow(1, col, 4).unwrap().abs().unwrap().max_all();
+    let off_diagonal = block(&q_b, 4).unwrap().to_scalar::<f32>().unwrap()
+        + block(&v_b, 0).unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(off_diagonal, 0.0, "B is block-diagonal");
+    assert!(
+        block(&q_b, 0).unwrap().to_scalar::<f32>().unwrap() > 0.0,
+        "q trained"
+    );
+    let base = safetensors_map(&fixture("gpt2").join("model.safetensors"));
+    let merged = p(d.path(), "merged");
+    export(&sft, &merged, "hf");
+    let m = safetensors_map(&merged.join("model.safetensors"));
+    for layer in 0..2 {
+        for (module, scale) in [
+            ("attn.c_attn", 16.0 / 8.0),
+            ("attn.c_proj", 8.0 / 4.0),
+            ("mlp.c_proj", 8.0 / 4.0),
+            ("mlp.c_fc", 0.0),
+        ] {
+            let name = format!("transformer.h.{layer}.{module}.weight");
+            let w = base[&name].to_dtype(DType::F32).unwrap();
+            let want = match scale > 0.0 {
+                true => {
+                    let (a, b) = (factor(layer, module, "A"), factor(layer, module, "B"));
+                    (w + (b.matmul(&a).unwrap().t().unwrap() * scale).unwrap()).unwrap()
+                }
+                false => w,
+            };
+            let moved = max_abs_diff(&want, &m[&name].to_dtype(DType::F32).unwrap());
+            assert!(moved < 1e-5, "{name}: PEFT's merge differs by {moved}");
+        }
+    }
+    let back = p(d.path(), "back");
+    export(&peft, &back, "hf");
+    let b = safetensors_map(&back.join("model.safetensors"));
+    assert_eq!(m.len(), b.len());
+    for (name, t) in &m {
+        let moved = max_abs_diff(t, &b[name]);
+        assert!(moved < 1e-6, "{name}: read back, {moved}");
+    }
+}
+
 /// `temper sft` from `init` on `data` into `out` on the CPU, with `extra` flags.
 fn sft_on_cpu(init: &Path, data: &Path, out: &Path, extra: &[&str]) {
     stage_on_cpu("sft", init, data, out, extra);

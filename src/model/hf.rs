@@ -1341,6 +1341,15 @@ const GPT2_CONV: [(&str, &str); 3] = [
     ("mlp.c_fc", "mlp.up"),
     ("mlp.c_proj", "mlp.down"),
 ];
+/// GPT-2's name of temper's projection `module` (`attn.o` -> `attn.c_proj`), for the three
+/// that are GPT-2 modules of their own (q, k and v share `attn.c_attn`).
+pub fn gpt2_conv_of(module: &str) -> Option<&'static str> {
+    GPT2_CONV
+        .iter()
+        .find(|(_, ours)| *ours == module)
+        .map(|(hf, _)| *hf)
+}
+
 const GPT2_TOP: [(&str, &str); 4] = [
     ("wte.weight", "model.embed.weight"),
     ("wpe.weight", "model.pos_embed.weight"),
@@ -1656,14 +1665,14 @@ fn gemma_fields(
 }
 
 /// A PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`):
-/// its base model's path, its scale `lora_alpha / r`, and its factors under temper's names
-/// (`model.layers.0.attn.q.lora_a` `[r, in]`, `..lora_b` `[out, r]`). An adapter of TRL's
+/// its base model's path, and its factors under temper's names (`model.layers.0.attn.q.lora_a`
+/// `[r, in]`, `..lora_b` `[out, r]`), each B scaled by its module's `lora_alpha / r` (the
+/// config's, or `alpha_pattern`'s and `rank_pattern`'s where they name the module). An adapter of TRL's
 /// RewardTrainer with a peft_config makes its base a one-label classifier, a reward model,
 /// whose new score head it saves whole (`modules_to_save`): task type `SEQ_CLS`, or none (the
 /// `LoraConfig(modules_to_save=["score"])` of TRL's documentation) beside a score head.
 pub struct PeftAdapter {
     pub base: PathBuf,
-    pub scale: f64,
     pub tensors: HashMap<String, Tensor>,
     pub head: Head,
     /// A reward adapter's score head, under its Hugging Face names (`score.weight`
@@ -1734,14 +1743,6 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             return Err(at.refuse(flag, format!("{what} is not implemented")));
         }
     }
-    for field in ["rank_pattern", "alpha_pattern"] {
-        if v.get(field)
-            .and_then(|p| p.as_object())
-            .is_some_and(|m| !m.is_empty())
-        {
-            return Err(at.refuse(field, "per-module ranks and alphas are not implemented"));
-        }
-    }
     // None where the adapter names no task: then its tensors decide.
     let declared = match v.get("task_type").and_then(|t| t.as_str()) {
         None => None,
@@ -1756,6 +1757,8 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     };
     let r = at.need(v.get("r").and_then(|x| x.as_f64()), "r")?;
     let alpha = at.need(v.get("lora_alpha").and_then(|x| x.as_f64()), "lora_alpha")?;
+    let ranks = ModulePattern::read(&v, "rank_pattern", &at)?;
+    let alphas = ModulePattern::read(&v, "alpha_pattern", &at)?;
     let base = base_named(dir, &v, &cfg_path)?;
     let file = dir.join("adapter_model.safetensors");
     let raw = candle_core::safetensors::load(&file, device)
@@ -1768,9 +1771,14 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             score.insert(m.to_string(), t);
             continue;
         }
-        let ours =
-            peft_to_temper(&name).with_context(|| format!("{}: tensor {name}", file.display()))?;
-        tensors.insert(ours, t);
+        let module = module.and_then(|m| m.rsplit_once(".lora_").map(|(m, _)| m));
+        let t = match (module, name.ends_with(".lora_B.weight")) {
+            (Some(m), true) => (t * (alphas.of(m).unwrap_or(alpha) / ranks.of(m).unwrap_or(r)))?,
+            _ => t,
+        };
+        let ours = peft_to_temper(&name, &t)
+            .with_context(|| format!("{}: tensor {name}", file.display()))?;
+        tensors.extend(ours);
     }
     let head = match declared {
         Some(h) => h,
@@ -1786,16 +1794,44 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     }
     Ok(PeftAdapter {
         base,
-        scale: alpha / r,
         tensors,
         head,
         score,
     })
 }
 
+/// PEFT's `rank_pattern` or `alpha_pattern`: values for the modules whose names end in a key
+/// (a regular expression), the first such key deciding, as PEFT reads them.
+struct ModulePattern(Vec<(regex::Regex, f64)>);
+
+impl ModulePattern {
+    fn read(v: &serde_json::Value, field: &str, at: &At) -> Result<Self> {
+        let Some(map) = v.get(field).and_then(|p| p.as_object()) else {
+            return Ok(Self(Vec::new()));
+        };
+        let entries = map.iter().map(|(key, value)| {
+            let re = regex::Regex::new(&format!("^(.*\\.)?(?:{key})$"))
+                .map_err(|e| at.refuse(field, format!("key `{key}`: {e}")))?;
+            let value = value
+                .as_f64()
+                .ok_or_else(|| at.refuse(field, format!("key `{key}`: not a number")))?;
+            Ok((re, value))
+        });
+        Ok(Self(entries.collect::<Result<_>>()?))
+    }
+
+    /// The value for module `name` (`transformer.h.0.attn.c_attn`), if a key matches it.
+    fn of(&self, name: &str) -> Option<f64> {
+        self.0
+            .iter()
+            .find(|(re, _)| re.is_match(name))
+            .map(|(_, v)| *v)
+    }
+}
+
 /// `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` ->
-/// `model.layers.0.attn.q.lora_a`.
-fn peft_to_temper(name: &str) -> Result<String> {
+/// `model.layers.0.attn.q.lora_a`, and GPT-2's through [`gpt2_peft_to_temper`].
+fn peft_to_temper(name: &str, t: &Tensor) -> Result<Vec<(String, Tensor)>> {
     let rest = name
         .strip_prefix("base_model.model.")
         .context("not a PEFT LoRA tensor name")?;
@@ -1806,6 +1842,9 @@ fn peft_to_temper(name: &str) -> Result<String> {
     } else {
         bail!("not a LoRA factor (lora_A / lora_B)");
     };
+    if let Some(gpt2) = module.strip_prefix("transformer.") {
+        return gpt2_peft_to_temper(gpt2, factor, t);
+    }
     // LoRA factors sit on the projections, named alike in every llama-like family (in Gemma
     // 3's image-and-text models, inside its language model).
     if is_gemma3_vision(module) {
@@ -1813,7 +1852,42 @@ fn peft_to_temper(name: &str) -> Result<String> {
     }
     let module = gemma3_language_name(module);
     let ours = llama_to_temper(Family::Llama, &format!("{module}.weight"))?;
-    Ok(format!("{}.{factor}", ours.trim_end_matches(".weight")))
+    let ours = format!("{}.{factor}", ours.trim_end_matches(".weight"));
+    Ok(vec![(ours, t.clone())])
+}
+
+/// A PEFT factor of GPT-2's module `module` (`h.0.attn.c_attn`) under temper's names. PEFT
+/// keeps a Conv1D's factors in a linear layer's layout (A `[r, in]`, B `[out, r]`;
+/// `fan_in_fan_out` transposes only their product), so they map as they stand, except that
+/// c_attn's output rows are q's, k's and v's in turn: each of the three takes its third of B,
+/// with the whole A.
+fn gpt2_peft_to_temper(module: &str, factor: &str, t: &Tensor) -> Result<Vec<(String, Tensor)>> {
+    let (i, tail) = layer_of(module, "h.")
+        .context("not a LoRA factor of a GPT-2 layer (transformer.h.N....)")?;
+    let pre = format!("model.layers.{i}");
+    if tail == "attn.c_attn" {
+        let rows = t.dim(0)?;
+        if factor == "lora_b" && rows % 3 != 0 {
+            bail!("c_attn's lora_B has {rows} rows, not q's, k's and v's outputs in three equal parts");
+        }
+        return ["q", "k", "v"]
+            .iter()
+            .enumerate()
+            .map(|(j, which)| {
+                let part = match factor {
+                    "lora_b" => t.narrow(0, j * rows / 3, rows / 3)?.contiguous()?,
+                    _ => t.clone(),
+                };
+                Ok((format!("{pre}.attn.{which}.{factor}"), part))
+            })
+            .collect();
+    }
+    match GPT2_CONV.iter().find(|(hf, _)| *hf == tail) {
+        Some((_, ours)) => Ok(vec![(format!("{pre}.{ours}.{factor}"), t.clone())]),
+        None => {
+            bail!("{tail}: LoRA on GPT-2 is read on c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj")
+        }
+    }
 }
 
 #[cfg(test)]
@@ -2449,16 +2523,66 @@ mod tests {
             "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight",
             "base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_A.weight",
         ] {
-            assert_eq!(
-                peft_to_temper(name).unwrap(),
-                "model.layers.0.attn.q.lora_a"
-            );
+            let t = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+            let mapped = peft_to_temper(name, &t).unwrap();
+            assert_eq!(mapped[0].0, "model.layers.0.attn.q.lora_a");
+            assert_eq!(mapped.len(), 1);
         }
         let vision = "base_model.model.model.vision_tower.vision_model.encoder.layers.0.\
                       self_attn.q_proj.lora_A.weight";
-        assert!(peft_to_temper(vision)
+        let t = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(peft_to_temper(vision, &t)
             .unwrap_err()
             .to_string()
             .contains("vision"));
+    }
+
+    /// `rank_pattern` and `alpha_pattern` give their modules their own scale, the first key
+    /// that ends a module's name deciding, as PEFT's `get_pattern_key` reads them; a key that
+    /// is no regular expression is refused by field.
+    #[test]
+    fn per_module_ranks_and_alphas_scale_their_modules() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize("tests/fixtures/hf/llama").unwrap();
+        let config = |ranks: serde_json::Value| {
+            let v = serde_json::json!({
+                "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+                "rank_pattern": ranks, "alpha_pattern": {"layers\\.1\\.self_attn\\.v_proj": 3},
+                "base_model_name_or_path": base,
+            });
+            std::fs::write(dir.path().join("adapter_config.json"), v.to_string()).unwrap();
+        };
+        config(serde_json::json!({"q_proj": 2, "proj": 100}));
+        let ones = Tensor::ones((6, 2), DType::F32, &Device::Cpu).unwrap();
+        let mut tensors = HashMap::new();
+        for layer in 0..2 {
+            for m in ["q_proj", "v_proj"] {
+                let name =
+                    format!("base_model.model.model.layers.{layer}.self_attn.{m}.lora_B.weight");
+                tensors.insert(name, ones.clone());
+            }
+        }
+        candle_core::safetensors::save(&tensors, dir.path().join("adapter_model.safetensors"))
+            .unwrap();
+        let adapter = read_peft(dir.path(), &Device::Cpu).unwrap();
+        let scale = |name: &str| {
+            let t = &adapter.tensors[name];
+            t.mean_all().unwrap().to_scalar::<f32>().unwrap()
+        };
+        // q: 8 / 2; v of layer 1: 3 / 4; v of layer 0: the config's 8 / 4 ("proj" ends no name
+        // at a dot).
+        assert_eq!(scale("model.layers.0.attn.q.lora_b"), 4.0);
+        assert_eq!(scale("model.layers.1.attn.q.lora_b"), 4.0);
+        assert_eq!(scale("model.layers.1.attn.v.lora_b"), 0.75);
+        assert_eq!(scale("model.layers.0.attn.v.lora_b"), 2.0);
+        config(serde_json::json!({"q_proj(": 2}));
+        let e = read_peft(dir.path(), &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("adapter_config.json: field \"rank_pattern\": key `q_proj(`"),
+            "{e}"
+        );
     }
 }

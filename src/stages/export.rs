@@ -22,6 +22,8 @@ use crate::model::hf;
 use crate::train::checkpoint::{resolve_checkpoint, CheckpointKind};
 use crate::train::params::Net;
 
+mod peft;
+
 /// What `export` writes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -170,7 +172,7 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &Options) -> Result<String> {
             Ok(format!("Hugging Face model, {}, {files}", dtype.name()))
         }
         Format::Peft => {
-            peft(checkpoint, out, dtype).map(|()| format!("PEFT adapter, {}", dtype.name()))
+            peft::peft(checkpoint, out, dtype).map(|()| format!("PEFT adapter, {}", dtype.name()))
         }
     }
 }
@@ -567,94 +569,6 @@ fn family_of(cfg: &crate::config::ModelConfig) -> Result<HfFamily> {
     HfFamily::of(cfg).context(
         "this model's layout (norm, positions, MLP, biases) matches no Hugging Face family temper writes (llama, qwen2, qwen3, mistral, smollm3, gemma2, gemma3_text, gpt2)",
     )
-}
-
-/// PEFT's name of temper's LoRA factor `name` (`model.layers.0.attn.q.lora_a`).
-fn peft_name(name: &str, family: HfFamily) -> Result<String> {
-    let (module, factor) = name
-        .rsplit_once('.')
-        .with_context(|| format!("{name}: not an adapter"))?;
-    let which = match factor {
-        "lora_a" => "lora_A",
-        "lora_b" => "lora_B",
-        _ => bail!("{name}: not an adapter"),
-    };
-    if family == HfFamily::Gpt2 {
-        bail!("PEFT export of GPT-2 adapters is not supported (its q, k, v share one c_attn): use --format hf, which merges them");
-    }
-    let hf_weight = hf::hf_name(family, &format!("{module}.weight"))?;
-    let hf_module = hf_weight.trim_end_matches(".weight");
-    Ok(format!("base_model.model.{hf_module}.{which}.weight"))
-}
-
-fn peft(checkpoint: &Path, out: &Path, dtype: Dtype) -> Result<()> {
-    let dir = resolve_checkpoint(checkpoint)?;
-    let meta = crate::train::checkpoint::CheckpointMeta::read(&dir)?;
-    let Some(lora) = &meta.lora else {
-        bail!(
-            "{}: holds no LoRA adapters (meta.json names no lora config)",
-            dir.display()
-        );
-    };
-    let file = dir.join("adapter.safetensors");
-    let adapters = candle_core::safetensors::load(&file, &Device::Cpu)
-        .with_context(|| format!("{}: cannot read adapters", file.display()))?;
-    if meta.kind != CheckpointKind::Policy {
-        bail!(
-            "{}: a reward model's adapters leave its score head out of a PEFT causal-LM \
-             adapter: use --format hf, which merges them and writes the classifier",
-            dir.display()
-        );
-    }
-    let family = family_of(&meta.model)?;
-    let mut tensors = HashMap::new();
-    let mut modules = Vec::new();
-    for (name, t) in adapters
-        .iter()
-        .filter(|(n, _)| !n.starts_with(Net::Value.prefix()))
-    {
-        let p = peft_name(name, family)?;
-        let module = p.rsplit('.').nth(2).context("adapter name")?.to_string();
-        modules.push(module);
-        tensors.insert(p, t.clone());
-    }
-    modules.sort();
-    modules.dedup();
-    check_range(&tensors, dtype)?;
-    let mut names: Vec<&String> = tensors.keys().collect();
-    layer_order(&mut names);
-    write_file(
-        &out.join("adapter_model.safetensors"),
-        &names,
-        &tensors,
-        dtype,
-    )?;
-    let config = json!({
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": lora.rank,
-        "lora_alpha": lora.alpha,
-        "lora_dropout": lora.dropout,
-        "target_modules": modules,
-        "bias": "none",
-        "fan_in_fan_out": false,
-        "inference_mode": true,
-        "base_model_name_or_path": meta.base,
-    });
-    if meta.base.is_none() {
-        errln!(
-            "warning: {}: the run's base was no Hugging Face model directory (a checkpoint, or \
-             a model with adapters merged in), so adapter_config.json names no \
-             base_model_name_or_path: set it to that base exported with --format hf",
-            out.display()
-        );
-    }
-    crate::io::write_atomic(
-        &out.join("adapter_config.json"),
-        serde_json::to_string_pretty(&config)?.as_bytes(),
-    )?;
-    // As TRL saves an adapter: with the tokenizer (and chat template) it trained with.
-    crate::data::tokenizer::Tokenizer::load_dir(&dir)?.save_dir(out)
 }
 
 #[cfg(test)]

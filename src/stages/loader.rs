@@ -127,7 +127,8 @@ fn import_peft(dir: &Path, device: &Device) -> Result<Loaded> {
         require_tokenizer(base)?;
     }
     let mut loaded = import_hf(base, device)?;
-    merge_adapters(&mut loaded.tensors, &adapter.tensors, adapter.scale).with_context(|| {
+    // Each B already carries its module's scale.
+    merge_adapters(&mut loaded.tensors, &adapter.tensors, 1.0).with_context(|| {
         format!(
             "{}: cannot merge the adapter into {}",
             dir.display(),

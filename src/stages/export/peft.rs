@@ -1,0 +1,222 @@
+//! `temper export --format peft`: the LoRA adapters alone, under PEFT's names with its
+//! `adapter_config.json`, for `PeftModel.from_pretrained` on the exported base.
+//!
+//! GPT-2's q, k and v share one Conv1D, `c_attn`, where temper gives each its own adapter.
+//! PEFT holds them exactly as one adapter on `c_attn` of rank `n * r` (n of q, k, v adapted):
+//! A stacks the n A's, and B is block-diagonal, each B in its projection's rows and its own
+//! columns, so that `B A` is the three updates side by side. `rank_pattern` and
+//! `alpha_pattern` give `c_attn` that rank and `n * lora_alpha`, which keeps its scale.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde_json::json;
+
+use super::{check_range, family_of, layer_order, write_file, Dtype};
+use crate::config::{HfFamily, LoraConfig, LoraTarget, ModelConfig};
+use crate::model::hf;
+use crate::train::checkpoint::{resolve_checkpoint, CheckpointKind};
+use crate::train::params::Net;
+
+/// PEFT's name of temper's LoRA factor `name` (`model.layers.0.attn.q.lora_a`) in a
+/// llama-like family.
+fn peft_name(name: &str, family: HfFamily) -> Result<String> {
+    let (module, factor) = split_factor(name)?;
+    let hf_weight = hf::hf_name(family, &format!("{module}.weight"))?;
+    let hf_module = hf_weight.trim_end_matches(".weight");
+    Ok(format!("base_model.model.{hf_module}.{factor}.weight"))
+}
+
+/// `model.layers.0.attn.q.lora_a` -> (`model.layers.0.attn.q`, PEFT's `lora_A`).
+fn split_factor(name: &str) -> Result<(&str, &'static str)> {
+    let (module, factor) = name
+        .rsplit_once('.')
+        .with_context(|| format!("{name}: not an adapter"))?;
+    match factor {
+        "lora_a" => Ok((module, "lora_A")),
+        "lora_b" => Ok((module, "lora_B")),
+        _ => bail!("{name}: not an adapter"),
+    }
+}
+
+/// The q, k, v projections, in the order of their rows in GPT-2's `c_attn`.
+const QKV: [(&str, LoraTarget); 3] = [
+    ("q", LoraTarget::Q),
+    ("k", LoraTarget::K),
+    ("v", LoraTarget::V),
+];
+
+/// GPT-2's adapters under PEFT's names, q, k and v joined on `c_attn` (see the module's
+/// comment), and how many of the three each layer's `c_attn` adapter joins.
+fn gpt2_tensors(
+    adapters: &HashMap<String, Tensor>,
+    lora: &LoraConfig,
+    model: &ModelConfig,
+) -> Result<(HashMap<String, Tensor>, usize)> {
+    let mut used = HashSet::new();
+    let mut get = |name: String| {
+        let t = adapters
+            .get(&name)
+            .cloned()
+            .with_context(|| format!("{name}: missing from the checkpoint's adapters"));
+        used.insert(name);
+        t
+    };
+    let joined: Vec<&str> = QKV
+        .iter()
+        .filter(|(_, t)| lora.targets.contains(t))
+        .map(|(w, _)| *w)
+        .collect();
+    let mut out = HashMap::new();
+    for i in 0..model.num_hidden_layers {
+        let pre = format!("model.layers.{i}");
+        let peft = |module: &str, factor: &str| {
+            format!("base_model.model.transformer.h.{i}.{module}.{factor}.weight")
+        };
+        if !joined.is_empty() {
+            let mut a = Vec::new();
+            let mut b = HashMap::new();
+            for w in &joined {
+                a.push(get(format!("{pre}.attn.{w}.lora_a"))?);
+                b.insert(*w, get(format!("{pre}.attn.{w}.lora_b"))?);
+            }
+            let zeros = Tensor::zeros((model.hidden_size, lora.rank), a[0].dtype(), &Device::Cpu)?;
+            let rows = QKV
+                .iter()
+                .map(|(w, _)| {
+                    let blocks: Vec<&Tensor> = joined
+                        .iter()
+                        .map(|j| b.get(w).filter(|_| j == w).unwrap_or(&zeros))
+                        .collect();
+                    Tensor::cat(&blocks, 1)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            out.insert(peft("attn.c_attn", "lora_A"), Tensor::cat(&a, 0)?);
+            out.insert(peft("attn.c_attn", "lora_B"), Tensor::cat(&rows, 0)?);
+        }
+        for (ours, target) in [
+            ("attn.o", LoraTarget::O),
+            ("mlp.up", LoraTarget::Up),
+            ("mlp.down", LoraTarget::Down),
+        ] {
+            if !lora.targets.contains(&target) {
+                continue;
+            }
+            let conv = hf::gpt2_conv_of(ours).context("GPT-2's modules")?;
+            for (factor, peft_factor) in [("lora_a", "lora_A"), ("lora_b", "lora_B")] {
+                let t = get(format!("{pre}.{ours}.{factor}"))?;
+                out.insert(peft(conv, peft_factor), t);
+            }
+        }
+    }
+    let mut left: Vec<&String> = adapters.keys().filter(|n| !used.contains(*n)).collect();
+    if !left.is_empty() {
+        left.sort();
+        bail!(
+            "adapters its lora config (targets {:?}) does not account for: {left:?}",
+            lora.targets
+        );
+    }
+    Ok((out, joined.len()))
+}
+
+/// The module a PEFT tensor name adapts, as `target_modules` names it: the projection
+/// (`q_proj`), or for GPT-2 with its parent (`attn.c_proj`, which `mlp.c_proj` shares a name
+/// with).
+fn target_of(name: &str, family: HfFamily) -> Result<String> {
+    let module = name
+        .strip_suffix(".lora_A.weight")
+        .or_else(|| name.strip_suffix(".lora_B.weight"))
+        .context("adapter name")?;
+    let parts: Vec<&str> = module.rsplit('.').take(2).collect();
+    Ok(match family {
+        HfFamily::Gpt2 => format!("{}.{}", parts[1], parts[0]),
+        _ => parts[0].to_string(),
+    })
+}
+
+pub(super) fn peft(checkpoint: &Path, out: &Path, dtype: Dtype) -> Result<()> {
+    let dir = resolve_checkpoint(checkpoint)?;
+    let meta = crate::train::checkpoint::CheckpointMeta::read(&dir)?;
+    let Some(lora) = &meta.lora else {
+        bail!(
+            "{}: holds no LoRA adapters (meta.json names no lora config)",
+            dir.display()
+        );
+    };
+    let file = dir.join("adapter.safetensors");
+    let adapters = candle_core::safetensors::load(&file, &Device::Cpu)
+        .with_context(|| format!("{}: cannot read adapters", file.display()))?;
+    if meta.kind != CheckpointKind::Policy {
+        bail!(
+            "{}: a reward model's adapters leave its score head out of a PEFT causal-LM \
+             adapter: use --format hf, which merges them and writes the classifier",
+            dir.display()
+        );
+    }
+    let family = family_of(&meta.model)?;
+    let policy: HashMap<String, Tensor> = adapters
+        .into_iter()
+        .filter(|(n, _)| !n.starts_with(Net::Value.prefix()))
+        .collect();
+    let (tensors, joined) = match family {
+        HfFamily::Gpt2 => gpt2_tensors(&policy, lora, &meta.model)?,
+        _ => {
+            let named = policy
+                .iter()
+                .map(|(name, t)| Ok((peft_name(name, family)?, t.clone())));
+            (named.collect::<Result<_>>()?, 0)
+        }
+    };
+    let mut modules = tensors
+        .keys()
+        .map(|n| target_of(n, family))
+        .collect::<Result<Vec<_>>>()?;
+    modules.sort();
+    modules.dedup();
+    check_range(&tensors, dtype)?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    layer_order(&mut names);
+    write_file(
+        &out.join("adapter_model.safetensors"),
+        &names,
+        &tensors,
+        dtype,
+    )?;
+    let (mut ranks, mut alphas) = (json!({}), json!({}));
+    if joined > 1 {
+        ranks["attn.c_attn"] = json!(joined * lora.rank);
+        alphas["attn.c_attn"] = json!(joined as f64 * lora.alpha);
+    }
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "rank_pattern": ranks,
+        "alpha_pattern": alphas,
+        "lora_dropout": lora.dropout,
+        "target_modules": modules,
+        "bias": "none",
+        // PEFT sets it for GPT-2's Conv1D layers whatever the file says, with a warning.
+        "fan_in_fan_out": family == HfFamily::Gpt2,
+        "inference_mode": true,
+        "base_model_name_or_path": meta.base,
+    });
+    if meta.base.is_none() {
+        crate::errln!(
+            "warning: {}: the run's base was no Hugging Face model directory (a checkpoint, or \
+             a model with adapters merged in), so adapter_config.json names no \
+             base_model_name_or_path: set it to that base exported with --format hf",
+            out.display()
+        );
+    }
+    crate::io::write_atomic(
+        &out.join("adapter_config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )?;
+    // As TRL saves an adapter: with the tokenizer (and chat template) it trained with.
+    crate::data::tokenizer::Tokenizer::load_dir(&dir)?.save_dir(out)
+}
