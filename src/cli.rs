@@ -935,6 +935,13 @@ impl StageArgs {
         if let (Stage::Pretrain, Some((flag, _))) = (now, lora_flags.iter().find(|(_, set)| *set)) {
             bail!("{flag} applies to the stages from --init, not pretrain (which trains every weight)");
         }
+        // LoRA's other settings shape adapters that only a rank creates: without one the run
+        // would fine-tune every weight, as if they had not been given.
+        if !cfg.lora.enabled() {
+            if let Some((flag, _)) = lora_flags[1..].iter().find(|(_, set)| *set) {
+                bail!("{flag} needs --lora-rank (or [lora] rank): without a rank there are no adapters, and every weight trains");
+            }
+        }
         if let Some(b) = self.beta {
             cfg.ppo.kl_coef = b;
             cfg.dpo.beta = b;

@@ -1,3 +1,4 @@
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -219,6 +220,11 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
             chat_template_of(a.chat_template.as_deref(), &kwargs, &loaded)
         })?);
     }
+    check_template_used(
+        a.chat_template.as_deref(),
+        a.chat_template_kwargs.is_some(),
+        &requests,
+    )?;
     if requests.is_empty() {
         bail!("generate: give --prompt TEXT or --prompts FILE.jsonl");
     }
@@ -322,7 +328,39 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--chat-template` and `--chat-template-kwargs` render conversational prompts (`"prompt":
+/// [messages]`) only. The template file is read even where no prompt needs it, so that a wrong
+/// path is refused rather than passed over; given for plain prompts, both are said to be
+/// unused.
+fn check_template_used(
+    template: Option<&Path>,
+    kwargs: bool,
+    prompts: &[temper::data::records::PromptRecord],
+) -> Result<()> {
+    if let Some(t) = template {
+        temper::data::chat_template::ChatTemplate::load(t)?;
+    }
+    let chat = prompts
+        .iter()
+        .any(|r| r.fields.get("prompt").is_some_and(|p| p.is_array()));
+    for (given, flag) in [
+        (template.is_some(), "--chat-template"),
+        (kwargs, "--chat-template-kwargs"),
+    ] {
+        if given && !chat {
+            errln!(
+                "warning: {flag} is not used: no prompt is a conversation (a {{\"prompt\": \
+                 [messages]}} record); plain text is tokenized as it is"
+            );
+        }
+    }
+    Ok(())
+}
+
 fn eval_cmd(a: &EvalArgs) -> Result<()> {
+    if a.max_new_tokens == 0 {
+        bail!("eval: --max-new-tokens must be positive (every answer would be empty)");
+    }
     let device = temper::device::select(a.device)?;
     let loaded = read_checkpoint(&a.checkpoint, &device)?;
     let mut store = ParamStore::new(device.clone(), 0);
@@ -352,6 +390,11 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
             prompts
         }
     };
+    check_template_used(
+        a.chat_template.as_deref(),
+        a.chat_template_kwargs.is_some(),
+        &prompts,
+    )?;
     let ctx = Ctx {
         dtype: temper::device::compute_dtype(Default::default(), &device),
         kernels: KernelSet::default(),
@@ -362,8 +405,15 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
         recompute_blocks: false,
     };
     let r = stages::eval::accuracy(&net, ctx, &loaded.tokenizer, &prompts, a.max_new_tokens, 64)?;
+    // Prompt and answer as JSON strings: escaped as a Python or JSON reader reads them back.
+    let json = |s: &str| serde_json::Value::from(s).to_string();
     for (p, t, ok) in &r.samples {
-        errln!("{} {:?} -> {:?}", if *ok { "ok " } else { "bad" }, p, t);
+        errln!(
+            "{} {} -> {}",
+            if *ok { "ok " } else { "bad" },
+            json(p),
+            json(t)
+        );
     }
     let mut line = serde_json::json!({"accuracy": r.accuracy, "n": r.n});
     if let Some(t) = task {

@@ -702,6 +702,110 @@ fn gpt2_adapters_export_to_peft_on_c_attn_and_read_back_merged() {
     }
 }
 
+/// What a run or an export would not use is refused, or said to be unused, in one line:
+/// LoRA settings without a rank, a projection the model has not, a file named where a model
+/// directory is read, `--format peft` of a model without temper's adapters, no new tokens,
+/// and a chat template plain prompts do not read.
+#[test]
+fn settings_and_inputs_that_would_do_nothing_are_refused_or_named() {
+    let d = tmp();
+    let data = p(d.path(), "sft.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"1+1=\", \"response\": \"2\"}\n".repeat(8),
+    )
+    .unwrap();
+    let sft = |init: &Path, out: &str, extra: &[&str]| {
+        let (init, data, out) = (
+            init.to_str().unwrap(),
+            data.to_str().unwrap(),
+            p(d.path(), out),
+        );
+        let mut args = vec!["sft", "--init", init, "--data", data, "--device", "cpu"];
+        args.extend(["--steps", "1", "--out", out.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let e = run_err(&strs(&sft(&fixture("llama"), "a", &["--lora-alpha", "4"])));
+    assert!(e.contains("--lora-alpha needs --lora-rank"), "{e}");
+    let flags = ["--lora-rank", "2", "--lora-targets", "q,gate"];
+    let e = run_err(&strs(&sft(&fixture("gpt2"), "b", &flags)));
+    assert!(
+        e.contains("names gate, which this model's MLP has not"),
+        "{e}"
+    );
+    // `all` adapts the projections GPT-2 has.
+    run_ok(&strs(&sft(
+        &fixture("gpt2"),
+        "c",
+        &["--lora-rank", "2", "--lora-targets", "all"],
+    )));
+    let weights = fixture("llama").join("model.safetensors");
+    let e = run_err(&strs(&sft(&weights, "d", &[])));
+    assert!(e.contains("a file, where a directory is read"), "{e}");
+    let out = p(d.path(), "x");
+    let export = |from: &Path| {
+        let args = ["export", "--checkpoint", from.to_str().unwrap(), "--out"];
+        run_err(&[&args[..], &[out.to_str().unwrap(), "--format", "peft"]].concat())
+    };
+    assert!(
+        export(&fixture("llama")).contains("a Hugging Face model, which holds no LoRA adapters")
+    );
+    assert!(export(&fixture("llama_lora")).contains("already a PEFT adapter"));
+    let model = fixture("llama");
+    let eval = [
+        "eval",
+        "--checkpoint",
+        model.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ];
+    let e = run_err(&[&eval[..], &["--max-new-tokens", "0"]].concat());
+    assert!(e.contains("--max-new-tokens must be positive"), "{e}");
+    let e = run_err(&[&eval[..], &["--chat-template", "/nonexistent/t.jinja"]].concat());
+    assert!(e.contains("/nonexistent/t.jinja"), "{e}");
+    let template = p(d.path(), "t.jinja");
+    std::fs::write(
+        &template,
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    )
+    .unwrap();
+    let flags = [
+        "--chat-template",
+        template.to_str().unwrap(),
+        "--max-new-tokens",
+        "1",
+    ];
+    let out = run_ok(&[&eval[..], &flags].concat());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("warning: --chat-template is not used"),
+        "{said}"
+    );
+}
+
+/// An adapter whose tokenizer has no chat template renders with its base's, and an export of
+/// it carries that template, so transformers renders the exported model the same way.
+#[test]
+fn an_adapter_exports_with_the_template_it_renders_with() {
+    let d = tmp();
+    let out = p(d.path(), "rm");
+    export(&fixture("llama_rm_lora"), &out, "hf");
+    let base: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("llama").join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    let want = base["chat_template"].as_str().unwrap();
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    let got = match std::fs::read_to_string(out.join("chat_template.jinja")) {
+        Ok(text) => text,
+        Err(_) => tc["chat_template"].as_str().unwrap_or_default().to_string(),
+    };
+    assert_eq!(got, want);
+}
+
 /// `temper sft` from `init` on `data` into `out` on the CPU, with `extra` flags.
 fn sft_on_cpu(init: &Path, data: &Path, out: &Path, extra: &[&str]) {
     stage_on_cpu("sft", init, data, out, extra);

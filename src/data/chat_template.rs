@@ -103,8 +103,16 @@ impl ChatTemplate {
     /// The template of the tokenizer config `cfg` read from `path` (see
     /// [`from_tokenizer_config`]), with its `tool_use` template where it has one.
     fn from_config(path: &Path, cfg: &Map<String, Value>) -> Result<Self> {
-        let (source, tool_use, bos, eos) = from_tokenizer_config(path, cfg)?;
-        let template = Self::from_source(source, bos, eos, path)?;
+        let ConfigTemplates {
+            default,
+            tool_use,
+            bos,
+            eos,
+        } = from_tokenizer_config(path, cfg)?;
+        let template = match default {
+            Ok(source) => Self::from_source(source, bos, eos, path)?,
+            Err(why) => Self::without_default(why, bos, eos, path),
+        };
         match tool_use {
             Some(t) => template.with_tool_use(t, path),
             None => Ok(template),
@@ -616,10 +624,18 @@ fn describe(e: &minijinja::Error) -> String {
 /// The template, its `tool_use` template if it has one, and the special tokens of a tokenizer
 /// config. `chat_template` is a string or, in configs with several, a list of `{"name",
 /// "template"}` of which "default" is used (and "tool_use" where tools are given).
-fn from_tokenizer_config(
-    path: &Path,
-    cfg: &Map<String, Value>,
-) -> Result<(String, Option<String>, String, String)> {
+/// What a tokenizer config's `chat_template` holds.
+struct ConfigTemplates {
+    /// The default template, or why there is none: a list of named templates without
+    /// `default`, which transformers renders only by name (or, given tools, as `tool_use`).
+    default: std::result::Result<String, String>,
+    tool_use: Option<String>,
+    /// The BOS and EOS tokens the config names.
+    bos: String,
+    eos: String,
+}
+
+fn from_tokenizer_config(path: &Path, cfg: &Map<String, Value>) -> Result<ConfigTemplates> {
     let at = |field: &str, msg: &str| anyhow!("{}: field \"{field}\": {msg}", path.display());
     let mut tool_use = None;
     let source = match cfg.get("chat_template") {
@@ -629,19 +645,35 @@ fn from_tokenizer_config(
                 "missing (this tokenizer config has no chat template)",
             ))
         }
-        Some(Value::String(s)) => s.clone(),
+        Some(Value::String(s)) => Ok(s.clone()),
         Some(Value::Array(list)) => {
-            let named = |want: Option<&str>| {
+            let mut names = Vec::new();
+            for t in list {
+                let name = t.get("name").and_then(Value::as_str);
+                let body = t.get("template").and_then(Value::as_str);
+                let (Some(name), Some(_)) = (name, body) else {
+                    return Err(at(
+                        "chat_template",
+                        "a list entry without a \"name\" and a \"template\" string",
+                    ));
+                };
+                names.push(name);
+            }
+            let named = |want: &str| {
                 list.iter().find_map(|t| {
-                    let name = t.get("name").and_then(Value::as_str);
                     let body = t.get("template").and_then(Value::as_str)?;
-                    (want.is_none() || name == want).then(|| body.to_string())
+                    (t.get("name").and_then(Value::as_str) == Some(want)).then(|| body.to_string())
                 })
             };
-            tool_use = named(Some(TOOL_USE));
-            named(Some("default"))
-                .or_else(|| named(None))
-                .ok_or_else(|| at("chat_template", "a list with no {\"name\", \"template\"}"))?
+            tool_use = named(TOOL_USE);
+            named(DEFAULT).ok_or_else(|| {
+                format!(
+                    "{}: field \"chat_template\": named templates ({}) but no `default`, and \
+                     transformers renders none of them unnamed: pass --chat-template FILE.jinja holding the one to use",
+                    path.display(),
+                    names.join(", ")
+                )
+            })
         }
         Some(v) => {
             return Err(at(
@@ -651,7 +683,12 @@ fn from_tokenizer_config(
         }
     };
     let (bos, eos) = special_tokens(path, cfg)?;
-    Ok((source, tool_use, bos, eos))
+    Ok(ConfigTemplates {
+        default: source,
+        tool_use,
+        bos,
+        eos,
+    })
 }
 
 fn parse_config(path: &Path, text: &str) -> Result<Map<String, Value>> {
@@ -983,6 +1020,24 @@ mod tests {
             t.render_with(&m, &tools, false).unwrap(),
             "x",
             "the list's tool_use"
+        );
+        // Without a `default`, transformers renders none unnamed: not the list's first, which
+        // is what a conversation without tools used to get.
+        let cfg = json!({
+            "eos_token": "</s>",
+            "chat_template": [{"name": "tool_use", "template": "x"}, {"name": "rag", "template": tpl}],
+        });
+        std::fs::write(&p, cfg.to_string()).unwrap();
+        let t = ChatTemplate::load(&p).unwrap();
+        let e = t.render(&m, false).unwrap_err().to_string();
+        assert!(
+            e.contains("named templates (tool_use, rag) but no `default`"),
+            "{e}"
+        );
+        assert_eq!(
+            t.render_with(&m, &tools, false).unwrap(),
+            "x",
+            "tools still render"
         );
     }
 

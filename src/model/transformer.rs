@@ -14,8 +14,7 @@ use super::kv_cache::KvCache;
 use super::linear::{dropout, Ctx};
 use super::norm::Norm;
 use super::rope::Rope;
-use crate::config::LoraConfig;
-use crate::config::{ModelConfig, PositionKind};
+use crate::config::{LoraConfig, LoraTarget, MlpKind, ModelConfig, PositionKind};
 use crate::kernels::segments::Segments;
 use crate::kernels::KernelChoice;
 use crate::train::params::{Init, Scope};
@@ -79,6 +78,19 @@ pub struct Fwd<'a> {
     pub segments: Option<&'a Segments>,
 }
 
+/// A projection LoRA is asked for by name must be one the model has: GELU MLPs (GPT-2's) have
+/// no gate. `all` (every projection named) adapts those it has.
+fn check_targets(lora: &LoraConfig, cfg: &ModelConfig) -> Result<()> {
+    let all = LoraConfig::parse_targets("all")?;
+    if cfg.mlp == MlpKind::Gelu && lora.targets.contains(&LoraTarget::Gate) && lora.targets != all {
+        bail!(
+            "lora.targets (--lora-targets) names gate, which this model's MLP has not: a GELU \
+             MLP has up and down only (GPT-2's c_fc and mlp.c_proj); `all` adapts what it has"
+        );
+    }
+    Ok(())
+}
+
 impl Transformer {
     /// Creates the body under `model.` in `scope` (a network's root scope) and, when the output
     /// embedding is not tied, `lm_head.weight` beside it.
@@ -86,6 +98,9 @@ impl Transformer {
         cfg.validate()?;
         crate::device::ensure_fits(cfg)?;
         let lora = lora.filter(|l| l.enabled());
+        if let Some(l) = lora {
+            check_targets(l, cfg)?;
+        }
         let h = cfg.hidden_size;
         let std = 0.02;
         let mut body = scope.pp("model");

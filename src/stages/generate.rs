@@ -302,7 +302,11 @@ impl Sink {
                 );
             };
             if v.get("prompt") != req.fields.get("prompt") {
-                bail!("{at}: field prompt: not the prompt of line {lines} (resume with the same prompts)");
+                let which = (req.origin.clone())
+                    .unwrap_or_else(|| format!("--prompt number {}", lines / per_prompt + 1));
+                bail!(
+                    "{at}: field prompt: not the prompt at {which} (resume with the same prompts)"
+                );
             }
             if samples > 1 {
                 let sample = v.get("sample").and_then(Value::as_u64);

@@ -141,6 +141,17 @@ fn import_peft(dir: &Path, device: &Device) -> Result<Loaded> {
         loaded.tokenizer = Tokenizer::load_adapter_dir(dir, base)?;
         loaded.tokenizer_dir = dir.to_path_buf();
         check_vocab(dir, &loaded.tokenizer, &loaded.meta.model)?;
+        // An adapter's tokenizer without a template renders with its base's
+        // ([`template_of`]): carried in its files, so that what is written from it (an
+        // export, a run's checkpoints) renders as it was rendered.
+        if ChatTemplate::in_dir(dir)?.is_none() {
+            if let Some(t) = ChatTemplate::in_dir(base)? {
+                let (bos, eos) = t.special_tokens();
+                loaded.tokenizer = (loaded.tokenizer)
+                    .with_chat_template(t.source(), t.tool_use_source())
+                    .with_template_tokens(bos, eos);
+            }
+        }
     }
     if adapter.head == hf::Head::Score {
         let file = dir.join("adapter_model.safetensors");

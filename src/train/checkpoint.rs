@@ -329,6 +329,13 @@ pub(crate) fn complete_steps(dir: &Path) -> Result<Vec<PathBuf>> {
 /// Accepts a checkpoint directory, or a run directory (its `final/`, else its latest
 /// checkpoint).
 pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
+    if path.is_file() {
+        bail!(
+            "{}: a file, where a directory is read (a temper run or checkpoint, a Hugging Face \
+             model or a PEFT adapter): name the directory",
+            path.display()
+        );
+    }
     if path.join("meta.json").exists() {
         return Ok(path.to_path_buf());
     }

@@ -138,6 +138,20 @@ fn target_of(name: &str, family: HfFamily) -> Result<String> {
 }
 
 pub(super) fn peft(checkpoint: &Path, out: &Path, dtype: Dtype) -> Result<()> {
+    if hf::is_peft_dir(checkpoint) {
+        bail!(
+            "{}: already a PEFT adapter, which temper reads merged into its base: use it as it \
+             is, or --format hf for the merged model",
+            checkpoint.display()
+        );
+    }
+    if hf::is_model_dir(checkpoint) {
+        bail!(
+            "{}: a Hugging Face model, which holds no LoRA adapters: --format peft writes a \
+             temper LoRA run's",
+            checkpoint.display()
+        );
+    }
     let dir = resolve_checkpoint(checkpoint)?;
     let meta = crate::train::checkpoint::CheckpointMeta::read(&dir)?;
     let Some(lora) = &meta.lora else {
