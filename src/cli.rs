@@ -476,8 +476,11 @@ pub struct EvalArgs {
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
+    /// What to export: a run directory (its final/ checkpoint, else its latest), a checkpoint
+    /// directory, a Hugging Face model or a PEFT adapter directory (read merged).
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// The directory to write (created; one that holds files needs --overwrite).
     #[arg(long)]
     pub out: PathBuf,
     /// temper (a checkpoint, adapters merged), hf (a Hugging Face model directory, adapters
@@ -507,12 +510,17 @@ pub struct ExportArgs {
 pub enum TokenizerCmd {
     /// Train a byte-level BPE tokenizer on text files.
     Train {
+        /// Text or .jsonl files to learn the merges from.
         #[arg(required = true)]
         files: Vec<PathBuf>,
         #[arg(long, default_value_t = 4096)]
         vocab_size: usize,
+        /// The tokenizer.json to write; an existing file needs --overwrite.
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing --out.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Tokenize a corpus once into token shards (llm.c's .bin layout) that `pretrain --data
     /// DIR` memory-maps: no tokenizing at the start of every run, no corpus in memory.

@@ -169,7 +169,14 @@ fn run(cli: Cli) -> Result<()> {
             files,
             vocab_size,
             out,
+            overwrite,
         }) => {
+            if out.exists() && !overwrite {
+                bail!(
+                    "tokenizer train: {} exists: give --overwrite to replace it",
+                    out.display()
+                );
+            }
             let t = train_bpe(&files, vocab_size, &out)?;
             outln!("wrote {} ({})", out.display(), t.describe());
         }
@@ -185,9 +192,14 @@ fn run(cli: Cli) -> Result<()> {
                 Some(p) => Tokenizer::from_file(p)?,
                 None => Tokenizer::bytes(),
             };
+            // A model directory's tokenizer.json is the file copied beside the shards.
+            let file = tokenizer.map(|p| match p.is_dir() {
+                true => p.join(temper::data::tokenizer::FILE_NAME),
+                false => p,
+            });
             let opts = EncodeOpts {
                 tok: &tok,
-                tokenizer_file: tokenizer.as_deref(),
+                tokenizer_file: file.as_deref(),
                 out: &out,
                 shard_tokens,
                 val_fraction,

@@ -1117,7 +1117,7 @@ fn pretraining_learns_from_token_shards() {
 
     // Shards of a BPE tokenizer, found beside them; gone, the byte tokenizer cannot read them.
     let bpe = p(d.path(), "bpe.json");
-    run_ok(&[
+    let train = [
         "tokenizer",
         "train",
         corpus,
@@ -1125,7 +1125,12 @@ fn pretraining_learns_from_token_shards() {
         "400",
         "--out",
         bpe.to_str().unwrap(),
-    ]);
+    ];
+    run_ok(&train);
+    // A second train does not overwrite it unasked.
+    let e = run_err(&train);
+    assert!(e.contains("bpe.json exists: give --overwrite"), "{e}");
+    run_ok(&[&train[..], &["--overwrite"]].concat());
     let bpe_shards = p(d.path(), "bpe-shards");
     let b = bpe_shards.to_str().unwrap();
     run_ok(&[

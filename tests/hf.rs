@@ -782,6 +782,18 @@ fn settings_and_inputs_that_would_do_nothing_are_refused_or_named() {
         said.contains("warning: --chat-template is not used"),
         "{said}"
     );
+    // A model directory serves as --tokenizer, as --chat-template takes one.
+    let corpus = p(d.path(), "corpus.txt");
+    std::fs::write(&corpus, "the cat sat on the mat\n").unwrap();
+    let shards = p(d.path(), "shards");
+    let args = ["tokenizer", "encode", corpus.to_str().unwrap(), "--out"];
+    let more = [
+        shards.to_str().unwrap(),
+        "--tokenizer",
+        model.to_str().unwrap(),
+    ];
+    run_ok(&[&args[..], &more].concat());
+    assert!(shards.join("tokenizer.json").is_file());
 }
 
 /// An adapter whose tokenizer has no chat template renders with its base's, and an export of

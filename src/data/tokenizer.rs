@@ -386,8 +386,13 @@ impl Tokenizer {
         }
     }
 
-    /// Loads any Hugging Face `tokenizer.json`, finding its EOS and PAD tokens by name.
+    /// Loads any Hugging Face `tokenizer.json` (or a model directory's), finding its EOS and PAD
+    /// tokens by name.
     pub fn from_file(path: &Path) -> Result<Self> {
+        // A model directory's tokenizer is its tokenizer.json, read with its config's EOS.
+        if path.is_dir() {
+            return Self::from_file_in(&path.join(FILE_NAME), Some(path));
+        }
         Self::from_file_in(path, None)
     }
 
