@@ -1354,7 +1354,8 @@ fn epochs_decide_the_steps_from_the_training_set() {
 
 /// A run directory holds one run: a fresh start into one that holds a run is refused (its
 /// checkpoints and metrics untouched), `--overwrite` starts it over with the old run's files
-/// gone, and a resume with no steps left to train is refused before it writes anything.
+/// gone once the new one has a checkpoint (and back if it fails before), and a resume with no
+/// steps left to train is refused before it writes anything.
 #[test]
 fn a_run_directory_is_not_reused_by_accident() {
     let d = tmp();
@@ -1379,6 +1380,19 @@ fn a_run_directory_is_not_reused_by_accident() {
         "{e}"
     );
     assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), before);
+    // An --overwrite whose data cannot be read fails before its first checkpoint: the run it
+    // would have replaced is put back whole.
+    let e = run_err(&pretrain(&[
+        "--overwrite",
+        "--data",
+        "/nonexistent/corpus.txt",
+    ]));
+    assert!(
+        e.contains("/nonexistent/corpus.txt") && e.contains("set aside is back in its place"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(out.join("metrics.jsonl")).unwrap(), before);
+    assert!(out.join("final/model.safetensors").is_file() && !out.join(".overwritten").exists());
     let e = run_err(&["pretrain", "--resume", o, "--device", "cpu"]);
     assert!(e.contains("nothing to train"), "{e}");
     let toml = std::fs::read_to_string(out.join("config.toml")).unwrap();

@@ -52,6 +52,8 @@ pub struct Env {
     pub resume: bool,
     /// The data-parallel group this process (or thread) trains in.
     pub comm: Arc<dyn Communicator>,
+    /// The earlier run `--overwrite` set aside, until this one has a checkpoint (rank 0).
+    set_aside: Option<run_dir::SetAside>,
 }
 
 /// The settings' own checks and the held-out file's, before a run directory is touched
@@ -115,13 +117,14 @@ impl Env {
                  KL term in the loss (kl_in_reward = false in its config.toml)"
             );
         }
-        let env = Self {
+        let mut env = Self {
             device,
             kernels: cfg.kernel_set()?,
             cfg,
             run_dir: run_dir.to_path_buf(),
             resume: start == Start::Resume,
             comm,
+            set_aside: None,
         };
         if env.cfg.train.gradient_checkpointing && !env.weights_are_variables() {
             anyhow::bail!(
@@ -130,10 +133,19 @@ impl Env {
             );
         }
         if env.comm.rank() == 0 {
-            run_dir::begin(run_dir, start)?;
+            env.set_aside = run_dir::begin(run_dir, start)?;
             env.write_run_files()?;
         }
         Ok(env)
+    }
+
+    /// Called once the run has written a checkpoint: an earlier run `--overwrite` set aside
+    /// is deleted now that this one can stand in its place.
+    pub fn checkpointed(&self) -> Result<()> {
+        match &self.set_aside {
+            Some(s) => s.discard(),
+            None => Ok(()),
+        }
     }
 
     /// `config.toml` and `run.json` (device, the kernels that run and those chosen, dtype) in

@@ -2,8 +2,13 @@
 //! two runs' metrics, and the checkpoint pruning (which keeps the highest steps) would delete
 //! the new run's checkpoints in favour of the old one's, leaving `checkpoints/latest` pointing
 //! at nothing. So a stage refuses such a directory unless told to resume it or start it over.
+//!
+//! Started over (`--overwrite`), the earlier run is set aside in the directory, not deleted,
+//! until the new run writes its first checkpoint: a new run that fails before that (a bad
+//! data file, a reward that will not answer, a signal) puts the earlier one back.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context, Result};
 
@@ -37,7 +42,7 @@ fn run_marks(dir: &Path) -> [(&'static str, bool); 3] {
     ]
 }
 
-/// Everything a run writes in its directory, which `--overwrite` deletes.
+/// Everything a run writes in its directory, which `--overwrite` replaces.
 const RUN_FILES: [&str; 8] = [
     "checkpoints",
     "final",
@@ -85,8 +90,11 @@ pub fn check_inputs_outside(dir: &Path, inputs: &[&Path]) -> Result<()> {
     Ok(())
 }
 
-/// Deletes the files of the run `dir` holds, and nothing else there.
-pub fn clear(dir: &Path) -> Result<()> {
+/// Where `--overwrite` keeps the earlier run until the new one has a checkpoint.
+pub const SET_ASIDE: &str = ".overwritten";
+
+/// The names of the entries of the run `dir` holds, and nothing else there.
+fn run_entries(dir: &Path) -> Vec<String> {
     // The final models an earlier run's resumes set aside (`final-step-N`) are its too, and
     // so are a `final.partial` its kill left half-written and a `final.superseded` one left
     // between the two renames of a replacement.
@@ -102,29 +110,118 @@ pub fn clear(dir: &Path) -> Result<()> {
             .collect(),
         Err(_) => Vec::new(),
     };
-    for name in RUN_FILES
+    RUN_FILES
         .iter()
-        .copied()
-        .chain(aside.iter().map(String::as_str))
-    {
+        .map(|n| n.to_string())
+        .chain(aside)
+        .filter(|n| std::fs::symlink_metadata(dir.join(n)).is_ok())
+        .collect()
+}
+
+fn remove(p: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(p)?.is_dir() {
+        true => std::fs::remove_dir_all(p),
+        false => std::fs::remove_file(p),
+    }
+}
+
+/// Deletes the files of the run `dir` holds, and nothing else there.
+pub fn clear(dir: &Path) -> Result<()> {
+    for name in run_entries(dir) {
         let p = dir.join(name);
-        let gone = match std::fs::symlink_metadata(&p) {
-            Err(_) => continue,
-            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&p),
-            Ok(_) => std::fs::remove_file(&p),
-        };
-        gone.with_context(|| format!("{}: cannot delete (--overwrite)", p.display()))?;
+        remove(&p).with_context(|| format!("{}: cannot delete (--overwrite)", p.display()))?;
     }
     Ok(())
 }
 
-/// Prepares `dir` for a start: refuses a fresh one over an earlier run, clears one for an
-/// overwrite.
-pub fn begin(dir: &Path, start: Start) -> Result<()> {
+/// An earlier run `--overwrite` set aside in `dir/`[`SET_ASIDE`]: deleted by
+/// [`SetAside::discard`] once the new run has a checkpoint, put back if it is dropped before
+/// (the new run failed first).
+#[derive(Debug)]
+pub struct SetAside {
+    dir: PathBuf,
+    discarded: AtomicBool,
+}
+
+impl SetAside {
+    /// Moves the run `dir` holds into `dir/`[`SET_ASIDE`]. One an interrupted overwrite left
+    /// there stays the earlier run where the directory holds no run beside it (the interrupted
+    /// one wrote no checkpoint); otherwise it is the older of two, and deleted.
+    fn take(dir: &Path) -> Result<Self> {
+        let aside = dir.join(SET_ASIDE);
+        let entries = run_entries(dir);
+        if aside.exists() && earlier_run(dir).is_none() {
+            clear(dir)?;
+        } else if !entries.is_empty() {
+            if aside.exists() {
+                std::fs::remove_dir_all(&aside)
+                    .with_context(|| format!("{}: cannot delete (--overwrite)", aside.display()))?;
+            }
+            std::fs::create_dir_all(&aside)
+                .with_context(|| format!("{}: cannot create (--overwrite)", aside.display()))?;
+            for name in entries {
+                std::fs::rename(dir.join(&name), aside.join(&name)).with_context(|| {
+                    format!(
+                        "{}: cannot set aside (--overwrite)",
+                        dir.join(&name).display()
+                    )
+                })?;
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            discarded: AtomicBool::new(!aside.exists()),
+        })
+    }
+
+    /// Deletes the earlier run: the new one has a checkpoint to stand in its place.
+    pub fn discard(&self) -> Result<()> {
+        if self.discarded.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let aside = self.dir.join(SET_ASIDE);
+        std::fs::remove_dir_all(&aside)
+            .with_context(|| format!("{}: cannot delete (--overwrite)", aside.display()))
+    }
+
+    fn restore(&self) -> Result<()> {
+        let aside = self.dir.join(SET_ASIDE);
+        clear(&self.dir)?;
+        for entry in std::fs::read_dir(&aside)? {
+            let name = entry?.file_name();
+            std::fs::rename(aside.join(&name), self.dir.join(&name))?;
+        }
+        std::fs::remove_dir(&aside)?;
+        Ok(())
+    }
+}
+
+impl Drop for SetAside {
+    fn drop(&mut self) {
+        if self.discarded.load(Ordering::SeqCst) {
+            return;
+        }
+        let (dir, aside) = (self.dir.display(), SET_ASIDE);
+        match self.restore() {
+            Ok(()) => crate::errln!(
+                "{dir}: the new run stopped before its first checkpoint, so the run --overwrite \
+                 set aside is back in its place"
+            ),
+            Err(e) => crate::errln!(
+                "{dir}: the new run stopped before its first checkpoint, and the run --overwrite \
+                 set aside could not be put back ({e}): it is in {dir}/{aside}"
+            ),
+        }
+    }
+}
+
+/// Prepares `dir` for a start: refuses a fresh one over an earlier run, sets one aside for an
+/// overwrite (returned, to be discarded once the new run has a checkpoint).
+pub fn begin(dir: &Path, start: Start) -> Result<Option<SetAside>> {
     match start {
-        Start::Fresh => check_fresh(dir),
-        Start::Overwrite => clear(dir),
-        Start::Resume => Ok(()),
+        Start::Fresh => check_fresh(dir).map(|()| None),
+        Start::Overwrite => SetAside::take(dir).map(Some),
+        Start::Resume => Ok(None),
     }
 }
 
@@ -164,7 +261,7 @@ mod tests {
         std::fs::create_dir_all(dir.join("final-step-0000002")).unwrap();
         std::fs::create_dir_all(dir.join("final.partial")).unwrap();
         std::fs::create_dir_all(dir.join("final.superseded")).unwrap();
-        begin(&dir, Start::Overwrite).unwrap();
+        let aside = begin(&dir, Start::Overwrite).unwrap().unwrap();
         assert_eq!(earlier_run(&dir), None);
         assert!(!dir.join("config.toml").exists());
         assert!(
@@ -176,6 +273,26 @@ mod tests {
             "a killed write's leftovers too"
         );
         assert!(dir.join("data.jsonl").exists(), "the user's own file stays");
+        let kept = dir.join(SET_ASIDE);
+        assert!(kept.join("config.toml").exists() && kept.join("checkpoints/latest").exists());
+        // The new run fails before its first checkpoint: the earlier one is put back, and the
+        // new one's files go.
+        std::fs::write(dir.join("run.json"), "new").unwrap();
+        drop(aside);
+        assert_eq!(earlier_run(&dir), Some("checkpoints"));
+        assert!(dir.join("final-step-0000002").exists() && !kept.exists());
+        assert!(!dir.join("run.json").exists(), "the failed run's own file");
+        // Killed before its first checkpoint (the guard never dropped): the next overwrite
+        // keeps the earlier run set aside, as the interrupted one left nothing in its place.
+        std::mem::forget(begin(&dir, Start::Overwrite).unwrap());
+        std::fs::write(dir.join("config.toml"), "interrupted").unwrap();
+        let aside = begin(&dir, Start::Overwrite).unwrap().unwrap();
+        assert!(kept.join("checkpoints/latest").exists() && !dir.join("config.toml").exists());
+        // A checkpoint written, the earlier run is deleted for good.
+        aside.discard().unwrap();
+        drop(aside);
+        assert!(!kept.exists() && earlier_run(&dir).is_none());
+        assert!(dir.join("data.jsonl").exists());
         begin(&dir, Start::Fresh).unwrap();
         // Complete checkpoints without their pointer are a run: a fresh start would prune them.
         let step = dir.join("checkpoints/step-0000006");

@@ -456,6 +456,7 @@ pub fn train<T: Task>(
     if by_epochs && env.comm.rank() == 0 && !env.resume {
         run.save(&env.run_dir)?;
     }
+    let checkpointed = || env.checkpointed();
     runner::train(
         task,
         &saved,
@@ -468,6 +469,7 @@ pub fn train<T: Task>(
             on_resumed: env
                 .resume
                 .then_some(&write_files as &dyn Fn() -> Result<()>),
+            on_checkpoint: Some(&checkpointed),
             label: cfg.stage.name(),
             eval_at_start: plan.eval_at_start,
             optimizer: env.kernels.adamw,

@@ -158,6 +158,9 @@ pub struct RunOpts<'a> {
     /// its checkpoint has been restored (rank 0 only): a resume refused for a setting the
     /// checkpoint cannot continue under leaves the run's own files in place.
     pub on_resumed: Option<&'a dyn Fn() -> Result<()>>,
+    /// Called after each checkpoint and the final model are written (rank 0): what stood in
+    /// the run directory before an `--overwrite` can go.
+    pub on_checkpoint: Option<&'a dyn Fn() -> Result<()>>,
     pub label: &'a str,
     /// Evaluate before the first step too (a baseline for the curve).
     pub eval_at_start: bool,
@@ -653,6 +656,7 @@ impl<T: Task> Loop<'_, T> {
         }
         if self.main() {
             self.saved.write_final(self.opts.run_dir, cfg.steps)?;
+            self.checkpointed()?;
             if let Some(p) = self.prof.as_ref().filter(|p| p.steps() > 0) {
                 let per_step = self.prof_tokens as f64 / p.steps() as f64;
                 errprint!("[{label}] {}", p.table(per_step)?);
@@ -796,7 +800,14 @@ impl<T: Task> Loop<'_, T> {
                 serde_json::to_string(&st)?.as_bytes(),
             )
         })?;
-        Ok(())
+        self.checkpointed()
+    }
+
+    fn checkpointed(&self) -> Result<()> {
+        match self.opts.on_checkpoint {
+            Some(f) => f(),
+            None => Ok(()),
+        }
     }
 }
 
