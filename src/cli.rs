@@ -671,21 +671,15 @@ impl StageArgs {
         if !resume && pretrained {
             warn_task_lr(&cfg, self.lr.is_some(), user.as_ref());
         }
-        // A run from --init builds the model it loads: a preset or a [model] table beside it
-        // is not used. (A resumed run's own config.toml always holds a [model] table, and one
-        // config file may serve a pretraining run and the stages after it: said only of a
-        // Hugging Face model, whose [model] a user may think adjusts it.)
+        // A run from --init builds the model it loads: a preset is refused, and a [model]
+        // table beside it that says otherwise is named. (A resumed run's config.toml records
+        // the model it trains.)
         if !resume && cfg.init.is_some() {
             if let Some(p) = &self.model {
                 bail!("--model {p}: a run from --init trains the model it loads, not a preset");
             }
-            let table = user.as_ref().is_some_and(|u| u.get("model").is_some());
-            if let (Some(f), true, true) = (file, table, pretrained) {
-                errln!(
-                    "warning: {}: [model] is not used: a run from --init trains the model it loads",
-                    f.display()
-                );
-            }
+            let table = user.as_ref().and_then(|u| u.get("model"));
+            crate::stages::setup::take_init_model(&mut cfg, table, file.map(PathBuf::as_path))?;
         }
         if !resume {
             crate::stages::setup::inherit_task_world(&mut cfg, user.as_ref())?;

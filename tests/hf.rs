@@ -734,6 +734,22 @@ fn settings_and_inputs_that_would_do_nothing_are_refused_or_named() {
         e.contains("names gate, which this model's MLP has not"),
         "{e}"
     );
+    // A [model] table beside --init that says otherwise is named as unused, and config.toml
+    // records the model the run trains.
+    let cfg = p(d.path(), "model.toml");
+    std::fs::write(&cfg, "[model]\nhidden_size = 256\nnum_hidden_layers = 2\n").unwrap();
+    let out = run_ok(&strs(&sft(
+        &fixture("llama"),
+        "m",
+        &["--config", cfg.to_str().unwrap()],
+    )));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("model.toml: [model] hidden_size is not used"),
+        "{said}"
+    );
+    let recorded = std::fs::read_to_string(p(d.path(), "m").join("config.toml")).unwrap();
+    assert!(recorded.contains("hidden_size = 32\n"), "{recorded}");
     // `all` adapts the projections GPT-2 has.
     run_ok(&strs(&sft(
         &fixture("gpt2"),

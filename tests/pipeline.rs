@@ -119,10 +119,11 @@ fn a_stopped_pipeline_resumes_where_it_stopped() {
     let out = p(d.path(), "pipe");
     let o = out.to_str().unwrap();
     let args = ["pipeline", "--out", o, "--scale", "0.05", "--device", "cpu"];
+    let log = p(d.path(), "stderr.txt");
     let mut child = temper()
         .args(args)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     // Stopped once the SFT stage has logged a step: pretraining has finished by then.
@@ -140,6 +141,10 @@ fn a_stopped_pipeline_resumes_where_it_stopped() {
     sigterm(&child);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(75), "{status}");
+    // The line it stops with names the resume this pipeline takes, its --scale included.
+    let said = std::fs::read_to_string(&log).unwrap();
+    let resume = format!("`temper pipeline --out {o} --resume --scale 0.05`");
+    assert!(said.contains(&resume), "{said}");
     assert!(out.join("pretrain/final/meta.json").exists());
     assert!(!out.join("sft/final").exists());
     let e = run_err(&args);

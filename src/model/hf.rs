@@ -926,7 +926,9 @@ fn classifier_pad(family: Family, given: Option<Option<i64>>) -> Option<u32> {
 
 /// Reads a model directory: its config, then every tensor (memory-mapped, one at a time),
 /// renamed to temper's names. A tensor of no known name is an error naming it and its file.
-pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
+/// The model of the Hugging Face model directory `dir`, its family and head, from its
+/// config.json alone.
+pub fn model_config(dir: &Path) -> Result<(Family, Head, ModelConfig)> {
     let cfg_path = dir.join("config.json");
     let hf = HfConfig::read(&cfg_path)?;
     let head = hf.head(&cfg_path)?;
@@ -936,6 +938,12 @@ pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
         config.tie_word_embeddings = true;
         config.score_pad = classifier_pad(family, hf.pad_token_id);
     }
+    Ok((family, head, config))
+}
+
+pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
+    let (family, head, config) = model_config(dir)?;
+    let hf = HfConfig::read(&dir.join("config.json"))?;
     // Checked here, under the names and shapes of the files, before anything is converted.
     let expected = hf_shapes(family, head, &config)?;
     let want: HashMap<&str, &[usize]> = expected

@@ -79,6 +79,18 @@ fn require_tokenizer(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The model `path` (what `--init` names) holds, read from its config alone: a temper
+/// checkpoint's meta.json, a Hugging Face model's config.json, a PEFT adapter's base's.
+pub fn model_of(path: &Path) -> Result<crate::config::ModelConfig> {
+    if hf::is_model_dir(path) {
+        return Ok(hf::model_config(path)?.2);
+    }
+    if hf::is_peft_dir(path) {
+        return Ok(hf::model_config(&hf::peft_base(path)?)?.2);
+    }
+    Ok(CheckpointMeta::read(&resolve_checkpoint(path)?)?.model)
+}
+
 fn import_hf(dir: &Path, device: &Device) -> Result<Loaded> {
     let imp = hf::import(dir, device)?;
     let tokenizer = Tokenizer::load_dir(dir)?;

@@ -512,6 +512,11 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
                 }
             },
         };
+        let mut cfg = cfg;
+        if start != Start::Resume {
+            let table = user.as_ref().and_then(|u| u.get(step.name)?.get("model"));
+            super::setup::take_init_model(&mut cfg, table, opts.config.as_deref())?;
+        }
         let env = Env::prepare(cfg, &at, start)?;
         let result = run_stage(step.stage, &env).map_err(|e| {
             // A signal's line says --resume of the stage's directory; the pipeline goes on from
@@ -521,9 +526,9 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
             }
             let said = e.to_string();
             e.context(format!(
-                "{}: {said}; continue the pipeline with `temper pipeline --out {} --resume`",
+                "{}: {said}; continue the pipeline with `{}`",
                 step.name,
-                dir.display()
+                resume_command(opts)
             ))
         })?;
         summary.insert(step.name.to_string(), result);
@@ -535,6 +540,26 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
     print_table(&steps, &summary);
     outln!("summary: {}", dir.join("summary.json").display());
     Ok(())
+}
+
+/// The command that continues the pipeline `opts` began: a resume checks that it asks for the
+/// same seed, scale, stages and config.
+fn resume_command(opts: &PipelineOptions) -> String {
+    let mut cmd = format!("temper pipeline --out {} --resume", opts.out.display());
+    if !opts.with.is_empty() {
+        let with: Vec<&str> = opts.with.iter().map(|e| Step::from(*e).name).collect();
+        cmd += &format!(" --with {}", with.join(","));
+    }
+    if opts.seed != 0 {
+        cmd += &format!(" --seed {}", opts.seed);
+    }
+    if opts.scale != 1.0 {
+        cmd += &format!(" --scale {}", opts.scale);
+    }
+    if let Some(c) = &opts.config {
+        cmd += &format!(" --config {}", c.display());
+    }
+    cmd
 }
 
 fn write_summary(

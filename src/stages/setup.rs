@@ -477,6 +477,43 @@ pub fn train<T: Task>(
     )
 }
 
+/// A run from `--init` trains the model it loads: `cfg.model` becomes that model, so that the
+/// run's checks and its config.toml are about it. Keys of `user_model` (a config file's
+/// `[model]` table, from `file`) that say otherwise are named as unused: one file may serve a
+/// pretraining run and the stages after it, where they agree.
+pub fn take_init_model(
+    cfg: &mut RunConfig,
+    user_model: Option<&toml::Value>,
+    file: Option<&Path>,
+) -> Result<()> {
+    let Some(init) = &cfg.init else {
+        return Ok(());
+    };
+    cfg.model = super::loader::model_of(init)?;
+    let (Some(toml::Value::Table(user)), Some(file)) = (user_model, file) else {
+        return Ok(());
+    };
+    let ours = toml::Value::try_from(&cfg.model)?;
+    let differ: Vec<&str> = user
+        .iter()
+        .filter(|(k, v)| ours.get(k.as_str()) != Some(*v))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    if !differ.is_empty() {
+        errln!(
+            "warning: {}: [model] {} not used: a run from --init trains the model it loads \
+             ({}), which its config.toml records",
+            file.display(),
+            match differ.len() {
+                1 => format!("{} is", differ[0]),
+                _ => format!("{} are", differ.join(", ")),
+            },
+            init.display()
+        );
+    }
+    Ok(())
+}
+
 /// Later stages on the built-in task use the world their init was trained in: a different
 /// task seed would put the new stage's held-out pairs into the init's training data. The world
 /// comes from the init run's `config.toml` unless the user's config (`user`, the file's table)
