@@ -558,8 +558,13 @@ impl ModelConfig {
         if !self.full_attention_layers.is_empty() && self.sliding_window.is_none() {
             bail!("model.full_attention_layers needs model.sliding_window for the other layers");
         }
-        if self.rms_norm_eps <= 0.0 || self.rope_theta <= 0.0 {
-            bail!("model.rms_norm_eps and model.rope_theta must be positive");
+        for (name, v) in [
+            ("rms_norm_eps", self.rms_norm_eps),
+            ("rope_theta", self.rope_theta),
+        ] {
+            if v.is_nan() || v <= 0.0 {
+                bail!("model.{name} must be positive, got {v}");
+            }
         }
         if let Some(local) = &self.rope_local {
             if local.theta <= 0.0 {

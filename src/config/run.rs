@@ -308,6 +308,28 @@ impl RunConfig {
         let mut warmup_from = None;
         for file in files {
             let table = read_layer(file)?;
+            // A run's config.toml names its stage: another stage's would bring that stage's
+            // --init and schedule along unsaid.
+            if let Some(theirs) = table.get("stage") {
+                let theirs: Stage = theirs
+                    .clone()
+                    .try_into()
+                    .with_context(|| format!("{}: field stage", file.display()))?;
+                if theirs != stage {
+                    let text = std::fs::read_to_string(file).unwrap_or_default();
+                    let at = match super::key_line(&text, &["stage"], false) {
+                        Some(line) => format!("{}:{line}", file.display()),
+                        None => file.display().to_string(),
+                    };
+                    anyhow::bail!(
+                        "{at}: stage = \"{}\": the config.toml of a {} run, which `temper {}` \
+                         does not take (give it a config without `stage`)",
+                        theirs.name(),
+                        theirs.name(),
+                        stage.name()
+                    );
+                }
+            }
             // A layer's steps, given without epochs, are the run's length (as --steps clears
             // them): epochs an earlier layer set would otherwise decide the steps instead.
             let train = table.get("train");
@@ -363,6 +385,12 @@ impl RunConfig {
         if !(0.0..1.0).contains(&self.data.val_fraction) {
             anyhow::bail!("data.val_fraction must be in [0, 1)");
         }
+        if !(0.0..=1.0).contains(&self.data.task_carry_slip) {
+            anyhow::bail!(
+                "data.task_carry_slip must be a probability in [0, 1], got {}",
+                self.data.task_carry_slip
+            );
+        }
         crate::data::chat_template::check_kwargs(&self.data.chat_template_kwargs)
             .map_err(|e| anyhow::anyhow!("data.{e}"))?;
         if self.stage == Stage::Reward && self.data.truncation == Truncation::KeepStart {
@@ -384,34 +412,32 @@ impl RunConfig {
                 self.stage
             );
         }
+        // Every stage's own table, the ones this stage does not read too: a config file may
+        // serve several stages, and a value one of them would refuse is refused here as well,
+        // by file and line, rather than recorded in config.toml as if it were good.
+        self.ppo.validate()?;
+        self.grpo.validate()?;
+        self.dpo.validate()?;
+        self.online_dpo.validate()?;
+        self.kto.validate()?;
+        self.reward.validate()?;
+        self.distill.validate()?;
+        self.sft.validate()?;
+        let shared_base = self.lora.enabled();
         match self.stage {
-            Stage::Ppo => self.ppo.validate()?,
-            Stage::Grpo => {
-                self.grpo.validate()?;
-                if self.grpo.sync_ref_model && self.lora.enabled() {
-                    anyhow::bail!("grpo.sync_ref_model needs full fine-tuning: {SHARED_BASE}");
-                }
+            Stage::Grpo if self.grpo.sync_ref_model && shared_base => {
+                anyhow::bail!("grpo.sync_ref_model needs full fine-tuning: {SHARED_BASE}");
             }
-            Stage::Dpo => {
-                self.dpo.validate()?;
-                if self.dpo.sync_ref_model && self.lora.enabled() {
-                    anyhow::bail!("dpo.sync_ref_model needs full fine-tuning: {SHARED_BASE}");
-                }
+            Stage::Dpo if self.dpo.sync_ref_model && shared_base => {
+                anyhow::bail!("dpo.sync_ref_model needs full fine-tuning: {SHARED_BASE}");
             }
-            Stage::OnlineDpo => self.online_dpo.validate()?,
-            Stage::Kto => {
-                self.kto.validate()?;
-                if self.kto.loss_type.estimates_kl() && self.train.batch_size < 2 {
-                    anyhow::bail!(
-                        "kto.loss_type = \"kto\" pairs each prompt with another example's completion of its batch to estimate the KL baseline: train.batch_size must be at least 2, got {}",
-                        self.train.batch_size
-                    );
-                }
+            Stage::Kto if self.kto.loss_type.estimates_kl() && self.train.batch_size < 2 => {
+                anyhow::bail!(
+                    "kto.loss_type = \"kto\" pairs each prompt with another example's completion of its batch to estimate the KL baseline: train.batch_size must be at least 2, got {}",
+                    self.train.batch_size
+                );
             }
-            Stage::Reward => self.reward.validate()?,
-            Stage::Distill => self.distill.validate()?,
-            Stage::Sft => self.sft.validate()?,
-            Stage::Pretrain => {}
+            _ => {}
         }
         self.check_rollout_minibatches()?;
         let timeout = self.external_reward.timeout_s;

@@ -206,8 +206,14 @@ impl PpoConfig {
                 self.loss_type.name()
             );
         }
-        if self.rollout_batch == 0 || self.minibatch_size == 0 || self.ppo_epochs == 0 {
-            bail!("ppo.rollout_batch, ppo.minibatch_size and ppo.ppo_epochs must be positive");
+        for (name, v) in [
+            ("rollout_batch", self.rollout_batch),
+            ("minibatch_size", self.minibatch_size),
+            ("ppo_epochs", self.ppo_epochs),
+        ] {
+            if v == 0 {
+                bail!("ppo.{name} must be positive");
+            }
         }
         check_new_tokens("ppo", self.max_new_tokens)?;
         for (name, x) in [
@@ -248,8 +254,11 @@ fn check_sampling(stage: &str, temperature: f64, clip: f64, clip_high: Option<f6
     if !positive(temperature) {
         bail!("{stage}.temperature must be positive, got {temperature}");
     }
-    if !positive(clip) || clip_high.is_some_and(|h| !positive(h)) {
-        bail!("{stage}.cliprange and {stage}.epsilon_high must be positive");
+    if !positive(clip) {
+        bail!("{stage}.cliprange must be positive, got {clip}");
+    }
+    if let Some(h) = clip_high.filter(|h| !positive(*h)) {
+        bail!("{stage}.epsilon_high must be positive, got {h}");
     }
     Ok(())
 }
@@ -1211,8 +1220,14 @@ impl GrpoConfig {
                 self.group_size
             );
         }
-        if self.prompts_per_rollout == 0 || self.minibatch_size == 0 || self.epochs == 0 {
-            bail!("grpo.prompts_per_rollout, grpo.minibatch_size and grpo.epochs must be positive");
+        for (name, v) in [
+            ("prompts_per_rollout", self.prompts_per_rollout),
+            ("minibatch_size", self.minibatch_size),
+            ("epochs", self.epochs),
+        ] {
+            if v == 0 {
+                bail!("grpo.{name} must be positive");
+            }
         }
         check_new_tokens("grpo", self.max_new_tokens)?;
         // A group whose scores tie has std 0: eps keeps its advantages 0, not 0 / 0.
@@ -1238,8 +1253,13 @@ impl GrpoConfig {
             }
             _ => {}
         }
-        if !positive(self.sapo_temperature_pos) || !positive(self.sapo_temperature_neg) {
-            bail!("grpo.sapo_temperature_pos and grpo.sapo_temperature_neg must be positive");
+        for (name, t) in [
+            ("sapo_temperature_pos", self.sapo_temperature_pos),
+            ("sapo_temperature_neg", self.sapo_temperature_neg),
+        ] {
+            if !positive(t) {
+                bail!("grpo.{name} must be positive, got {t}");
+            }
         }
         let ks = [self.vespo_k_pos, self.vespo_k_neg];
         let lambdas = [self.vespo_lambda_pos, self.vespo_lambda_neg];

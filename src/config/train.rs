@@ -206,8 +206,17 @@ impl TrainConfig {
                 bail!("train.{name} must be in [0, 1), got {beta}");
             }
         }
-        if self.grad_clip < 0.0 || self.weight_decay < 0.0 {
-            bail!("train.grad_clip and train.weight_decay must not be negative");
+        for (name, v) in [
+            ("grad_clip", self.grad_clip),
+            ("weight_decay", self.weight_decay),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                bail!("train.{name} must be 0 or more, got {v}");
+            }
+        }
+        // As PyTorch's AdamW refuses it: a negative epsilon can divide by a near-zero root.
+        if !(self.adam_eps >= 0.0 && self.adam_eps.is_finite()) {
+            bail!("train.adam_eps must be 0 or more, got {}", self.adam_eps);
         }
         Ok(())
     }

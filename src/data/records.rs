@@ -444,6 +444,16 @@ fn message_fields<'v>(at: &Loc, field: &str, msgs: &'v Value, jinja: bool) -> Re
             return Err(at.field(&name, &format!("expected an object, got {}", kind(m))));
         };
         let role = at.str_field(m, "role", &format!("{name}.role"))?;
+        // The built-in template renders these three; a Jinja template judges roles itself.
+        if !jinja && !ROLES.contains(&role) {
+            return Err(at.field(
+                &format!("{name}.role"),
+                &format!(
+                    "unknown role \"{role}\" (expected {})",
+                    ROLES.map(|r| format!("\"{r}\"")).join(", ")
+                ),
+            ));
+        }
         let content = match m.get("content") {
             None | Some(Value::Null) | Some(Value::Array(_)) if jinja => "",
             _ => at.str_field(m, "content", &format!("{name}.content"))?,
@@ -499,15 +509,7 @@ fn chat_example(
                     false,
                 );
             }
-            other => {
-                return Err(at.field(
-                    &format!("{name}.role"),
-                    &format!(
-                        "unknown role \"{other}\" (expected {})",
-                        ROLES.map(|r| format!("\"{r}\"")).join(", ")
-                    ),
-                ));
-            }
+            other => unreachable!("message_fields refuses role {other}"),
         }
     }
     if assistant_turns == 0 && !whole {
@@ -1363,6 +1365,15 @@ mod tests {
             (
                 r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}"#,
                 "f.jsonl:1: field \"messages[1].content\": empty",
+            ),
+            // Prompt and completion positions too, under the built-in template.
+            (
+                r#"{"prompt": [{"role": "wizard", "content": "a"}], "completion": "b"}"#,
+                "f.jsonl:1: field \"prompt[0].role\": unknown role \"wizard\"",
+            ),
+            (
+                r#"{"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "bot", "content": "b"}]}"#,
+                "f.jsonl:1: field \"completion[0].role\": unknown role \"bot\"",
             ),
             (
                 r#"{"messages": [{"role": "user", "content": "a"}]}"#,
