@@ -204,7 +204,9 @@ fn with_kwargs(
 }
 
 /// `(train, held-out)`: the held-out file when one is named (all of the data then trains),
-/// else the last `val_fraction` of the data (at least one record).
+/// else `val_fraction` of the records (at least one), drawn by the run's seed from the whole
+/// file as TRL's `train_test_split` shuffles: a file sorted by label or topic would otherwise
+/// hold out only its tail. Each part keeps the file's order.
 pub fn split_holdout<T>(
     env: &Env,
     path: &Path,
@@ -222,8 +224,25 @@ pub fn split_holdout<T>(
         );
     }
     let n = ((all.len() as f64 * env.cfg.data.val_fraction).round() as usize).max(1);
-    let eval = all.split_off(all.len() - n);
-    Ok((all, eval))
+    let held = held_out_indices(all.len(), n, env.cfg.train.seed);
+    let (mut train, mut eval) = (Vec::with_capacity(all.len() - n), Vec::with_capacity(n));
+    for (i, record) in all.drain(..).enumerate() {
+        match held.contains(&i) {
+            true => eval.push(record),
+            false => train.push(record),
+        }
+    }
+    Ok((train, eval))
+}
+
+/// `n` of the indices `0..len`, chosen by `seed`: those whose hashes are smallest.
+fn held_out_indices(len: usize, n: usize, seed: u64) -> std::collections::HashSet<usize> {
+    let key = crate::train::rng::splitmix64(seed ^ 0x5EED_0F_4E1D);
+    let mut order: Vec<(u64, usize)> = (0..len)
+        .map(|i| (crate::train::rng::splitmix64(key ^ i as u64), i))
+        .collect();
+    order.sort_unstable();
+    order.into_iter().take(n).map(|(_, i)| i).collect()
 }
 
 /// Training and held-out prompts: the built-in task's, or the prompt files named.
@@ -591,5 +610,17 @@ mod tests {
         let t = ChatTemplate::in_dir(d.path()).unwrap().expect("a template");
         let m = [serde_json::json!({"role": "user", "content": "hi"})];
         assert_eq!(t.render(&m, true).unwrap(), "hi!");
+    }
+
+    /// The held-out records are drawn from the whole file by the seed, not its tail: a file
+    /// sorted by label holds out some of each.
+    #[test]
+    fn held_out_records_come_from_the_whole_file() {
+        let held = held_out_indices(100, 10, 7);
+        assert_eq!(held.len(), 10);
+        assert_eq!(held, held_out_indices(100, 10, 7), "the seed decides");
+        assert_ne!(held, held_out_indices(100, 10, 8));
+        let first_half = held.iter().filter(|&&i| i < 50).count();
+        assert!((1..10).contains(&first_half), "{held:?}");
     }
 }
