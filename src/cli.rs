@@ -660,6 +660,9 @@ impl StageArgs {
             None => RunConfig::for_stage(stage),
         };
         let (mut cfg, user) = RunConfig::load_layers_over(defaults, &files)?;
+        if resume {
+            self.check_resume_flags(&cfg)?;
+        }
         let file = files.last();
         // Whether the files alone make a valid config: if so, a value that fails below came
         // from a flag, and no file's line is to blame.
@@ -712,6 +715,59 @@ impl StageArgs {
             crate::stages::run_dir::check_inputs_outside(&out, &inputs)?;
         }
         Ok((cfg, out, start))
+    }
+
+    /// A resumed run continues under what its checkpoint holds it to: its starting model, the
+    /// seed and window its data position counts in, and its adapters. A flag that changes one
+    /// is refused here, naming the run's value, rather than failing later on what it breaks.
+    fn check_resume_flags(&self, run: &RunConfig) -> Result<()> {
+        if let Some(init) = &self.init {
+            let began = match &run.init {
+                Some(p) => format!("began from {}", p.display()),
+                None => "began from scratch".to_string(),
+            };
+            bail!(
+                "--init {}: a resumed run continues from its own checkpoint (it {began}); start a \
+                 new run to begin from another model",
+                init.display()
+            );
+        }
+        let names = |ts: &[crate::config::LoraTarget]| {
+            let names: Vec<String> = ts.iter().map(|t| format!("{t:?}").to_lowercase()).collect();
+            names.join(",")
+        };
+        let targets = match &self.lora_targets {
+            Some(t) => Some(names(&LoraConfig::parse_targets(t)?)),
+            None => None,
+        };
+        let fixed = [
+            (
+                "--seed",
+                self.seed.map(|v| v.to_string()),
+                run.train.seed.to_string(),
+            ),
+            (
+                "--seq-len",
+                self.seq_len.map(|v| v.to_string()),
+                run.train.seq_len.to_string(),
+            ),
+            (
+                "--lora-rank",
+                self.lora_rank.map(|v| v.to_string()),
+                run.lora.rank.to_string(),
+            ),
+            ("--lora-targets", targets, names(&run.lora.targets)),
+        ];
+        for (flag, given, held) in fixed {
+            if given.as_ref().is_some_and(|g| *g != held) {
+                bail!(
+                    "{flag} {}: the run trains with {held}, which its checkpoint holds a resume \
+                     to; resume without it, or start a new run",
+                    given.unwrap_or_default()
+                );
+            }
+        }
+        Ok(())
     }
 
     pub fn apply(&self, cfg: &mut RunConfig) -> Result<()> {

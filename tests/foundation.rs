@@ -1439,6 +1439,11 @@ fn a_run_directory_is_not_reused_by_accident() {
     // Stopped at its last step's checkpoint before final/ (a signal there): the resume
     // trains nothing and writes final/.
     std::fs::remove_dir_all(out.join("final")).unwrap();
+    // What the checkpoint holds a resume to is refused as a flag, naming the run's value.
+    let e = run_err(&["pretrain", "--resume", o, "--seed", "5"]);
+    assert!(e.contains("--seed 5: the run trains with 1234"), "{e}");
+    let e = run_err(&["pretrain", "--resume", o, "--init", c]);
+    assert!(e.contains("continues from its own checkpoint"), "{e}");
     run_ok(&["pretrain", "--resume", o, "--device", "cpu"]);
     assert!(out.join("final/model.safetensors").is_file());
     // An --overwrite that would delete the model it starts from is refused.

@@ -16,8 +16,9 @@ const CORPUS_EXTS: [&str; 4] = [".txt", ".md", ".text", ".jsonl"];
 
 /// Reads a corpus: a text file (one document; a file whose name ends .jsonl or .json is JSONL
 /// with a string field "text", one document per line, blank lines skipped), or a directory
-/// (recursively; files ending .txt, .md, .text, .jsonl in sorted path order; others
-/// ignored). Empty documents are dropped; a corpus left with none is an error.
+/// (recursively; files ending .txt, .md, .text, .jsonl, in any case, in sorted path order;
+/// others left out, and said to be). Empty documents are dropped; a corpus left with none is
+/// an error.
 pub fn load_documents(path: &Path) -> Result<Vec<String>> {
     let mut docs = Vec::new();
     for f in corpus_files(path)? {
@@ -43,14 +44,39 @@ pub(crate) fn corpus_files(path: &Path) -> Result<Vec<PathBuf>> {
     if !meta.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
-    let mut files = Vec::new();
+    let (mut files, mut left_out) = (Vec::new(), Vec::new());
     let mut seen = HashSet::new();
-    collect_files(path, &mut files, &mut seen)?;
+    collect_files(path, &mut files, &mut left_out, &mut seen)?;
     files.sort();
+    left_out.sort();
+    // Hidden files (.DS_Store, a .gitignore) are nobody's documents: passed over unsaid.
+    left_out.retain(|p| {
+        !p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+    });
+    if !left_out.is_empty() {
+        let names: Vec<String> = left_out
+            .iter()
+            .take(3)
+            .map(|p| p.strip_prefix(path).unwrap_or(p).display().to_string())
+            .collect();
+        crate::errln!(
+            "warning: {}: {} files left out, not .txt, .md, .text or .jsonl ({}{})",
+            path.display(),
+            left_out.len(),
+            names.join(", "),
+            if left_out.len() > 3 { ", ..." } else { "" }
+        );
+    }
     Ok(files)
 }
 
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut HashSet<PathBuf>) -> Result<()> {
+fn collect_files(
+    dir: &Path,
+    out: &mut Vec<PathBuf>,
+    left_out: &mut Vec<PathBuf>,
+    seen: &mut HashSet<PathBuf>,
+) -> Result<()> {
     // Symlinked directories are followed, so a link back up the tree must not loop forever.
     let canonical = dir
         .canonicalize()
@@ -66,9 +92,11 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut HashSet<PathBuf>
         let meta =
             std::fs::metadata(&p).with_context(|| format!("{}: cannot read", p.display()))?;
         if meta.is_dir() {
-            collect_files(&p, out, seen)?;
+            collect_files(&p, out, left_out, seen)?;
         } else if is_corpus_file(&p) {
             out.push(p);
+        } else {
+            left_out.push(p);
         }
     }
     Ok(())
@@ -77,7 +105,7 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut HashSet<PathBuf>
 fn is_corpus_file(p: &Path) -> bool {
     let name = p
         .file_name()
-        .map(|n| n.to_string_lossy())
+        .map(|n| n.to_string_lossy().to_lowercase())
         .unwrap_or_default();
     CORPUS_EXTS.iter().any(|e| name.ends_with(e))
 }
@@ -88,7 +116,7 @@ pub(crate) fn read_file_documents(path: &Path, docs: &mut Vec<String>) -> Result
     // `.json` too, as the other stages read their data files: JSON lines (what `datasets`
     // writes under that name); read as plain text, its records were one document of JSON.
     let is_jsonl = path.file_name().is_some_and(|n| {
-        let n = n.to_string_lossy();
+        let n = n.to_string_lossy().to_lowercase();
         n.ends_with(".jsonl") || n.ends_with(".json")
     });
     if !is_jsonl {
@@ -325,10 +353,18 @@ mod tests {
         std::fs::write(root.join("c.json"), "{ignored").unwrap();
         std::fs::write(root.join("img.png"), [0xffu8, 0x00]).unwrap();
         std::fs::write(root.join("empty.txt"), "").unwrap();
+        std::fs::write(root.join("d.TXT"), "upper").unwrap();
+        std::fs::write(root.join(".DS_Store"), "x").unwrap();
         assert_eq!(
             load_documents(root).unwrap(),
-            vec!["j1", "j2", "text", "md", "txt"]
+            vec!["j1", "j2", "text", "md", "txt", "upper"]
         );
+        // The files left out, hidden ones aside: the two a warning names.
+        let (mut files, mut left_out) = (Vec::new(), Vec::new());
+        collect_files(root, &mut files, &mut left_out, &mut HashSet::new()).unwrap();
+        left_out.sort();
+        let names: Vec<_> = left_out.iter().map(|p| p.file_name().unwrap()).collect();
+        assert_eq!(names, [".DS_Store", "c.json", "img.png"]);
     }
 
     #[cfg(unix)]
