@@ -237,7 +237,7 @@ pub fn split_holdout<T>(
 
 /// `n` of the indices `0..len`, chosen by `seed`: those whose hashes are smallest.
 fn held_out_indices(len: usize, n: usize, seed: u64) -> std::collections::HashSet<usize> {
-    let key = crate::train::rng::splitmix64(seed ^ 0x5EED_0F_4E1D);
+    let key = crate::train::rng::splitmix64(seed ^ 0x5EED_4E1D);
     let mut order: Vec<(u64, usize)> = (0..len)
         .map(|i| (crate::train::rng::splitmix64(key ^ i as u64), i))
         .collect();
