@@ -808,8 +808,14 @@ fn settings_and_inputs_that_would_do_nothing_are_refused_or_named() {
         "--tokenizer",
         model.to_str().unwrap(),
     ];
-    run_ok(&[&args[..], &more].concat());
+    let out = run_ok(&[&args[..], &more].concat());
     assert!(shards.join("tokenizer.json").is_file());
+    // One document: none held out, and said so.
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("no document went to validation (1 documents"),
+        "{said}"
+    );
 }
 
 /// An adapter whose tokenizer has no chat template renders with its base's, and an export of
