@@ -659,9 +659,11 @@ impl StageArgs {
             Some(p) => RunConfig::for_preset(stage, p),
             None => RunConfig::for_stage(stage),
         };
-        let (mut cfg, user) = RunConfig::load_layers_over(defaults, &files)?;
+        let (mut cfg, user) = RunConfig::load_layers_over(defaults.clone(), &files)?;
         if resume {
-            self.check_resume_flags(&cfg)?;
+            // The run's own config.toml alone: what a --config beside it changes is checked.
+            let run = RunConfig::load_layers_over(defaults, &files[..1])?.0;
+            self.check_resume_flags(&run, &cfg)?;
         }
         let file = files.last();
         // Whether the files alone make a valid config: if so, a value that fails below came
@@ -683,6 +685,9 @@ impl StageArgs {
             }
             let table = user.as_ref().and_then(|u| u.get("model"));
             crate::stages::setup::take_init_model(&mut cfg, table, file.map(PathBuf::as_path))?;
+            if cfg.lora.enabled() {
+                crate::model::transformer::check_lora_targets(&cfg.lora, &cfg.model)?;
+            }
         }
         if !resume {
             crate::stages::setup::inherit_task_world(&mut cfg, user.as_ref())?;
@@ -720,8 +725,14 @@ impl StageArgs {
     /// A resumed run continues under what its checkpoint holds it to: its starting model, the
     /// seed and window its data position counts in, and its adapters. A flag that changes one
     /// is refused here, naming the run's value, rather than failing later on what it breaks.
-    fn check_resume_flags(&self, run: &RunConfig) -> Result<()> {
-        if let Some(init) = &self.init {
+    fn check_resume_flags(&self, run: &RunConfig, merged: &RunConfig) -> Result<()> {
+        let same = |a: &Path, b: &Path| {
+            let real = |p: &Path| std::fs::canonicalize(p).ok();
+            a == b || real(a).is_some_and(|a| Some(a) == real(b))
+        };
+        if let Some(init) =
+            (self.init.as_ref()).filter(|i| !run.init.as_ref().is_some_and(|r| same(i, r)))
+        {
             let began = match &run.init {
                 Some(p) => format!("began from {}", p.display()),
                 None => "began from scratch".to_string(),
@@ -732,39 +743,63 @@ impl StageArgs {
                 init.display()
             );
         }
+        // Sorted: a config file lists targets in any order. A full fine-tune has none to keep.
         let names = |ts: &[crate::config::LoraTarget]| {
-            let names: Vec<String> = ts.iter().map(|t| format!("{t:?}").to_lowercase()).collect();
+            let mut names: Vec<String> =
+                ts.iter().map(|t| format!("{t:?}").to_lowercase()).collect();
+            names.sort();
+            names.dedup();
             names.join(",")
         };
         let targets = match &self.lora_targets {
-            Some(t) => Some(names(&LoraConfig::parse_targets(t)?)),
-            None => None,
+            Some(t) if run.lora.enabled() => Some(names(&LoraConfig::parse_targets(t)?)),
+            _ => None,
         };
-        let fixed = [
+        let adapted = |c: &RunConfig| match c.lora.enabled() && run.lora.enabled() {
+            true => names(&c.lora.targets),
+            false => String::new(),
+        };
+        type Of = fn(&RunConfig) -> String;
+        let fixed: [(&str, &str, Option<String>, Of); 3] = [
             (
                 "--seed",
+                "train.seed",
                 self.seed.map(|v| v.to_string()),
-                run.train.seed.to_string(),
+                |c| c.train.seed.to_string(),
             ),
             (
                 "--seq-len",
+                "train.seq_len",
                 self.seq_len.map(|v| v.to_string()),
-                run.train.seq_len.to_string(),
+                |c| c.train.seq_len.to_string(),
             ),
             (
                 "--lora-rank",
+                "lora.rank",
                 self.lora_rank.map(|v| v.to_string()),
-                run.lora.rank.to_string(),
+                |c| c.lora.rank.to_string(),
             ),
-            ("--lora-targets", targets, names(&run.lora.targets)),
         ];
-        for (flag, given, held) in fixed {
-            if given.as_ref().is_some_and(|g| *g != held) {
-                bail!(
-                    "{flag} {}: the run trains with {held}, which its checkpoint holds a resume \
-                     to; resume without it, or start a new run",
-                    given.unwrap_or_default()
-                );
+        let mut checks: Vec<(&str, &str, Option<String>, String, String)> = fixed
+            .into_iter()
+            .map(|(flag, key, given, of)| (flag, key, given, of(run), of(merged)))
+            .collect();
+        checks.push((
+            "--lora-targets",
+            "lora.targets",
+            targets,
+            adapted(run),
+            adapted(merged),
+        ));
+        let config = self.config.as_deref().unwrap_or(Path::new("--config"));
+        for (flag, key, given, held, laid) in checks {
+            let held_to =
+                format!("the run trains with {held}, which its checkpoint holds a resume to");
+            if let Some(g) = given.filter(|g| *g != held) {
+                bail!("{flag} {g}: {held_to}; resume without it");
+            }
+            if laid != held {
+                bail!("{}: {key} = {laid}: {held_to}", config.display());
             }
         }
         Ok(())
@@ -1000,13 +1035,18 @@ impl StageArgs {
                 bail!("{flag} needs --lora-rank (or [lora] rank): without a rank there are no adapters, and every weight trains");
             }
         }
+        // The running stage's coefficient only: another stage's table keeps its own value
+        // (and its own checks).
         if let Some(b) = self.beta {
-            cfg.ppo.kl_coef = b;
-            cfg.dpo.beta = b;
-            cfg.kto.beta = b;
-            cfg.online_dpo.beta = b;
-            cfg.grpo.beta = b;
-            cfg.distill.beta = b;
+            match now {
+                Stage::Ppo => cfg.ppo.kl_coef = b,
+                Stage::Dpo => cfg.dpo.beta = b,
+                Stage::Kto => cfg.kto.beta = b,
+                Stage::OnlineDpo => cfg.online_dpo.beta = b,
+                Stage::Grpo => cfg.grpo.beta = b,
+                Stage::Distill => cfg.distill.beta = b,
+                Stage::Pretrain | Stage::Sft | Stage::Reward => {}
+            }
         }
         // Distillation's own flags; elsewhere they would do nothing, so they are refused.
         for (set, flag) in [

@@ -80,6 +80,8 @@ pub struct DataConfig {
     /// `chat_template_kwargs`), e.g. `{ enable_thinking = false }` for Qwen3.
     pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
     pub val_fraction: f64,
+    /// Which `val_fraction` of a data file is held out where no `eval_path` is named.
+    pub holdout: Holdout,
     /// Held-out data of `path`'s kind (a corpus or token shards for pretraining; SFT,
     /// preference or prompt records for the later stages); none splits off `val_fraction` of
     /// `path`. Refused without `path` (the built-in task holds out its own).
@@ -98,6 +100,19 @@ pub struct DataConfig {
     /// What a stage does with a record longer than the model's context (TRL's `max_length`
     /// with `truncation_mode`).
     pub truncation: Truncation,
+}
+
+/// `[data] holdout`: which records of a data file are held out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Holdout {
+    /// Drawn from the whole file by a fixed hash of each record's place, as TRL's
+    /// `train_test_split` shuffles: the same records whatever the run's seed or stage.
+    #[default]
+    Random,
+    /// The file's last records (time-ordered data; what runs begun before 2026-12-05 held
+    /// out, and resume with).
+    Tail,
 }
 
 /// `[data] truncation`: what becomes of a record longer than the model's context. The cut
@@ -143,6 +158,7 @@ impl Default for DataConfig {
             chat_template: None,
             chat_template_kwargs: serde_json::Map::new(),
             val_fraction: 0.1,
+            holdout: Holdout::Random,
             eval_path: None,
             task_seed: 0,
             task_max_operand: 19,
@@ -348,6 +364,14 @@ impl RunConfig {
                     (true, Some(n)) => usize::try_from(n).ok().map(|n| (file.clone(), n)),
                     _ => None,
                 };
+            }
+            // A run's own config.toml from before `holdout` held out the file's tail, and its
+            // resume must hold out the same records.
+            let data = table.get("data");
+            if table.get("stage").is_some() && data.and_then(|d| d.get("holdout")).is_none() {
+                if let Some(d) = base.get_mut("data").and_then(toml::Value::as_table_mut) {
+                    d.insert("holdout".into(), "tail".into());
+                }
             }
             overlay(&mut base, table.clone());
             user = Some(table);

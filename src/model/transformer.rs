@@ -78,11 +78,13 @@ pub struct Fwd<'a> {
     pub segments: Option<&'a Segments>,
 }
 
-/// A projection LoRA is asked for by name must be one the model has: GELU MLPs (GPT-2's) have
-/// no gate. `all` (every projection named) adapts those it has.
-fn check_targets(lora: &LoraConfig, cfg: &ModelConfig) -> Result<()> {
+/// A projection a new run asks LoRA for by name must be one the model has: GELU MLPs (GPT-2's)
+/// have no gate. `all` (every projection named) adapts those it has. Checked where a run
+/// begins, not where a model is built: a checkpoint that named one anyway still loads.
+pub fn check_lora_targets(lora: &LoraConfig, cfg: &ModelConfig) -> Result<()> {
     let all = LoraConfig::parse_targets("all")?;
-    if cfg.mlp == MlpKind::Gelu && lora.targets.contains(&LoraTarget::Gate) && lora.targets != all {
+    let every = all.iter().all(|t| lora.targets.contains(t));
+    if cfg.mlp == MlpKind::Gelu && lora.targets.contains(&LoraTarget::Gate) && !every {
         bail!(
             "lora.targets (--lora-targets) names gate, which this model's MLP has not: a GELU \
              MLP has up and down only (GPT-2's c_fc and mlp.c_proj); `all` adapts what it has"
@@ -98,9 +100,6 @@ impl Transformer {
         cfg.validate()?;
         crate::device::ensure_fits(cfg)?;
         let lora = lora.filter(|l| l.enabled());
-        if let Some(l) = lora {
-            check_targets(l, cfg)?;
-        }
         let h = cfg.hidden_size;
         let std = 0.02;
         let mut body = scope.pp("model");

@@ -141,11 +141,13 @@ impl Env {
 
     /// Called once the run has written a checkpoint: an earlier run `--overwrite` set aside
     /// is deleted now that this one can stand in its place.
+    /// A set-aside that cannot be deleted is said to be, and the run goes on: it has a good
+    /// checkpoint, and the leftover costs only disk.
     pub fn checkpointed(&self) -> Result<()> {
-        match &self.set_aside {
-            Some(s) => s.discard(),
-            None => Ok(()),
+        if let Some(Err(e)) = self.set_aside.as_ref().map(|s| s.discard()) {
+            errln!("warning: {e:#}: delete it by hand");
         }
+        Ok(())
     }
 
     /// `config.toml` and `run.json` (device, the kernels that run and those chosen, dtype) in

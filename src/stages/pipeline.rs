@@ -518,6 +518,10 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
             super::setup::take_init_model(&mut cfg, table, opts.config.as_deref())?;
         }
         let env = Env::prepare(cfg, &at, start)?;
+        // A step started over replaces what was there at once: the pipeline's summary decides
+        // what is stale, and a step trained from an earlier upstream model put back would be
+        // resumed as if it were this pipeline's.
+        env.checkpointed()?;
         let result = run_stage(step.stage, &env).map_err(|e| {
             // A signal's line says --resume of the stage's directory; the pipeline goes on from
             // the same place with its own --resume.

@@ -5,7 +5,9 @@
 //!
 //! Started over (`--overwrite`), the earlier run is set aside in the directory, not deleted,
 //! until the new run writes its first checkpoint: a new run that fails before that (a bad
-//! data file, a reward that will not answer, a signal) puts the earlier one back.
+//! data file, a reward that will not answer) puts the earlier one back. A signal checkpoints
+//! the new run, which then stands in the earlier one's place. Until then the directory holds
+//! both runs' files.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +19,8 @@ use anyhow::{bail, Context, Result};
 pub enum Start {
     /// A new run: the directory must hold none.
     Fresh,
-    /// A new run where an earlier one's files are deleted first (`--overwrite`).
+    /// A new run in place of an earlier one, whose files are set aside until the new run has
+    /// a checkpoint (`--overwrite`).
     Overwrite,
     /// The run the directory holds, from its latest checkpoint (`--resume`).
     Resume,
@@ -73,7 +76,7 @@ pub fn check_fresh(dir: &Path) -> Result<()> {
 }
 
 /// Refuses an overwrite of `dir` where a model the run reads (`inputs`: its `--init`, value
-/// model, teacher) lies inside it: the deletion would take the run's own starting point.
+/// model, teacher) lies inside it: replacing the run would take the run's own starting point.
 pub fn check_inputs_outside(dir: &Path, inputs: &[&Path]) -> Result<()> {
     let Ok(out) = std::fs::canonicalize(dir) else {
         return Ok(());
@@ -92,6 +95,27 @@ pub fn check_inputs_outside(dir: &Path, inputs: &[&Path]) -> Result<()> {
 
 /// Where `--overwrite` keeps the earlier run until the new one has a checkpoint.
 pub const SET_ASIDE: &str = ".overwritten";
+/// Written in [`SET_ASIDE`] once the whole earlier run is there: without it, a setting aside
+/// or a putting back was cut short, and what the directory holds of a run belongs with it.
+const WHOLE: &str = ".whole";
+
+/// Whether `dir` holds a model of its run: a checkpoint or a final model (metrics alone,
+/// which a run logs before its first checkpoint, are not one).
+fn holds_model(dir: &Path) -> bool {
+    run_marks(dir)
+        .into_iter()
+        .any(|(mark, set)| set && mark != "metrics.jsonl")
+}
+
+/// What is said of a set-aside run that a start finds in `dir` with no checkpoint beside it.
+fn left_aside(dir: &Path) -> String {
+    format!(
+        "{}: holds no checkpoint of its own, and the run an interrupted --overwrite set aside \
+         in {}: move its files back to --resume it, or --overwrite to replace it",
+        dir.display(),
+        dir.join(SET_ASIDE).display()
+    )
+}
 
 /// The names of the entries of the run `dir` holds, and nothing else there.
 fn run_entries(dir: &Path) -> Vec<String> {
@@ -149,23 +173,37 @@ impl SetAside {
     /// one wrote no checkpoint); otherwise it is the older of two, and deleted.
     fn take(dir: &Path) -> Result<Self> {
         let aside = dir.join(SET_ASIDE);
-        let entries = run_entries(dir);
-        if aside.exists() && earlier_run(dir).is_none() {
+        let whole = aside.join(WHOLE);
+        let cut_short = aside.exists() && !whole.exists();
+        if aside.exists() && !cut_short && !holds_model(dir) {
+            // An overwrite stopped before its first checkpoint: the run it set aside is still
+            // the earlier one, and what stands beside it is nothing.
             clear(dir)?;
-        } else if !entries.is_empty() {
-            if aside.exists() {
+        } else {
+            if aside.exists() && !cut_short {
+                // Stopped after its checkpoint, before the set-aside was deleted: the newer
+                // run is the one in the directory.
                 std::fs::remove_dir_all(&aside)
                     .with_context(|| format!("{}: cannot delete (--overwrite)", aside.display()))?;
             }
-            std::fs::create_dir_all(&aside)
-                .with_context(|| format!("{}: cannot create (--overwrite)", aside.display()))?;
-            for name in entries {
-                std::fs::rename(dir.join(&name), aside.join(&name)).with_context(|| {
-                    format!(
-                        "{}: cannot set aside (--overwrite)",
-                        dir.join(&name).display()
-                    )
-                })?;
+            let entries = run_entries(dir);
+            if !entries.is_empty() || cut_short {
+                std::fs::create_dir_all(&aside)
+                    .with_context(|| format!("{}: cannot create (--overwrite)", aside.display()))?;
+                for name in entries {
+                    let (from, to) = (dir.join(&name), aside.join(&name));
+                    // Cut short, an entry is on one side or the other; one on both is the
+                    // set-aside's.
+                    let moved = match to.exists() {
+                        true => remove(&from),
+                        false => std::fs::rename(&from, &to),
+                    };
+                    moved.with_context(|| {
+                        format!("{}: cannot set aside (--overwrite)", from.display())
+                    })?;
+                }
+                std::fs::write(&whole, b"")
+                    .with_context(|| format!("{}: cannot write", whole.display()))?;
             }
         }
         Ok(Self {
@@ -186,6 +224,9 @@ impl SetAside {
 
     fn restore(&self) -> Result<()> {
         let aside = self.dir.join(SET_ASIDE);
+        // First: a kill from here on leaves a set-aside the next start completes, not one it
+        // takes for whole beside a model that is half the earlier run's.
+        std::fs::remove_file(aside.join(WHOLE))?;
         clear(&self.dir)?;
         for entry in std::fs::read_dir(&aside)? {
             let name = entry?.file_name();
@@ -218,9 +259,24 @@ impl Drop for SetAside {
 /// Prepares `dir` for a start: refuses a fresh one over an earlier run, sets one aside for an
 /// overwrite (returned, to be discarded once the new run has a checkpoint).
 pub fn begin(dir: &Path, start: Start) -> Result<Option<SetAside>> {
+    let aside = dir.join(SET_ASIDE);
     match start {
-        Start::Fresh => check_fresh(dir).map(|()| None),
+        Start::Fresh => {
+            if aside.exists() && !holds_model(dir) {
+                bail!("{}", left_aside(dir));
+            }
+            check_fresh(dir).map(|()| None)
+        }
         Start::Overwrite => SetAside::take(dir).map(Some),
+        Start::Resume if aside.exists() => {
+            if !holds_model(dir) {
+                bail!("{}", left_aside(dir));
+            }
+            // The run checkpointed and stopped before the set-aside was deleted.
+            std::fs::remove_dir_all(&aside)
+                .with_context(|| format!("{}: cannot delete", aside.display()))?;
+            Ok(None)
+        }
         Start::Resume => Ok(None),
     }
 }
@@ -282,17 +338,38 @@ mod tests {
         assert_eq!(earlier_run(&dir), Some("checkpoints"));
         assert!(dir.join("final-step-0000002").exists() && !kept.exists());
         assert!(!dir.join("run.json").exists(), "the failed run's own file");
-        // Killed before its first checkpoint (the guard never dropped): the next overwrite
-        // keeps the earlier run set aside, as the interrupted one left nothing in its place.
+        // Killed before its first checkpoint (the guard never dropped), with metrics logged:
+        // a fresh start or a resume says where the earlier run is, and the next overwrite
+        // keeps it set aside, as the interrupted one left no model in its place.
         std::mem::forget(begin(&dir, Start::Overwrite).unwrap());
         std::fs::write(dir.join("config.toml"), "interrupted").unwrap();
+        std::fs::write(dir.join("metrics.jsonl"), "{}\n").unwrap();
+        for start in [Start::Fresh, Start::Resume] {
+            let e = begin(&dir, start).unwrap_err().to_string();
+            assert!(e.contains(".overwritten: move its files back"), "{e}");
+        }
         let aside = begin(&dir, Start::Overwrite).unwrap().unwrap();
         assert!(kept.join("checkpoints/latest").exists() && !dir.join("config.toml").exists());
+        // Killed while setting aside: the next overwrite completes it.
+        drop(aside);
+        std::fs::create_dir_all(&kept).unwrap();
+        std::fs::rename(dir.join("config.toml"), kept.join("config.toml")).unwrap();
+        let aside = begin(&dir, Start::Overwrite).unwrap().unwrap();
+        assert!(kept.join("config.toml").exists() && kept.join("checkpoints/latest").exists());
+        assert!(earlier_run(&dir).is_none());
         // A checkpoint written, the earlier run is deleted for good.
         aside.discard().unwrap();
         drop(aside);
         assert!(!kept.exists() && earlier_run(&dir).is_none());
         assert!(dir.join("data.jsonl").exists());
+        // Killed between a checkpoint and the deletion: a resume deletes the set-aside.
+        std::fs::create_dir_all(dir.join("final")).unwrap();
+        std::mem::forget(begin(&dir, Start::Overwrite).unwrap());
+        std::fs::create_dir_all(dir.join("final")).unwrap();
+        assert!(kept.exists());
+        begin(&dir, Start::Resume).unwrap();
+        assert!(!kept.exists());
+        clear(&dir).unwrap();
         begin(&dir, Start::Fresh).unwrap();
         // Complete checkpoints without their pointer are a run: a fresh start would prune them.
         let step = dir.join("checkpoints/step-0000006");

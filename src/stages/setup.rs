@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use super::loader::{policy_from, read_checkpoint, template_of, Loaded};
 use super::rollout::FrozenReference;
 use super::Env;
-use crate::config::{LoraConfig, ModelConfig, RunConfig, Truncation};
+use crate::config::{Holdout, LoraConfig, ModelConfig, RunConfig, Truncation};
 use crate::data::chat_template::ChatTemplate;
 use crate::data::records::{load_prompts_templated, place, PromptRecord};
 use crate::data::synthetic::{Split, Synthetic};
@@ -204,9 +204,11 @@ fn with_kwargs(
 }
 
 /// `(train, held-out)`: the held-out file when one is named (all of the data then trains),
-/// else `val_fraction` of the records (at least one), drawn by the run's seed from the whole
-/// file as TRL's `train_test_split` shuffles: a file sorted by label or topic would otherwise
-/// hold out only its tail. Each part keeps the file's order.
+/// else `val_fraction` of the records (at least one), as `[data] holdout` says: drawn from
+/// the whole file by a fixed hash of each record's place, as TRL's `train_test_split`
+/// shuffles (a file sorted by label or topic would otherwise hold out only its tail), and the
+/// same whatever the seed, so that a later stage on the same file holds out the same records;
+/// or the file's tail. Each part keeps the file's order.
 pub fn split_holdout<T>(
     env: &Env,
     path: &Path,
@@ -224,7 +226,10 @@ pub fn split_holdout<T>(
         );
     }
     let n = ((all.len() as f64 * env.cfg.data.val_fraction).round() as usize).max(1);
-    let held = held_out_indices(all.len(), n, env.cfg.train.seed);
+    let held: std::collections::HashSet<usize> = match env.cfg.data.holdout {
+        Holdout::Random => held_out_indices(all.len(), n),
+        Holdout::Tail => (all.len() - n..all.len()).collect(),
+    };
     let (mut train, mut eval) = (Vec::with_capacity(all.len() - n), Vec::with_capacity(n));
     for (i, record) in all.drain(..).enumerate() {
         match held.contains(&i) {
@@ -235,9 +240,9 @@ pub fn split_holdout<T>(
     Ok((train, eval))
 }
 
-/// `n` of the indices `0..len`, chosen by `seed`: those whose hashes are smallest.
-fn held_out_indices(len: usize, n: usize, seed: u64) -> std::collections::HashSet<usize> {
-    let key = crate::train::rng::splitmix64(seed ^ 0x5EED_4E1D);
+/// `n` of the indices `0..len`: those whose hashes are smallest.
+fn held_out_indices(len: usize, n: usize) -> std::collections::HashSet<usize> {
+    let key = crate::train::rng::splitmix64(0x5EED_4E1D);
     let mut order: Vec<(u64, usize)> = (0..len)
         .map(|i| (crate::train::rng::splitmix64(key ^ i as u64), i))
         .collect();
@@ -513,9 +518,15 @@ pub fn take_init_model(
         return Ok(());
     };
     let ours = toml::Value::try_from(&cfg.model)?;
+    // `rope_theta = 10000` is the model's 10000.0.
+    let number = |v: &toml::Value| v.as_float().or(v.as_integer().map(|i| i as f64));
+    let same = |a: &toml::Value, b: &toml::Value| match (number(a), number(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    };
     let differ: Vec<&str> = user
         .iter()
-        .filter(|(k, v)| ours.get(k.as_str()) != Some(*v))
+        .filter(|(k, v)| !ours.get(k.as_str()).is_some_and(|o| same(o, v)))
         .map(|(k, _)| k.as_str())
         .collect();
     if !differ.is_empty() {
@@ -612,14 +623,14 @@ mod tests {
         assert_eq!(t.render(&m, true).unwrap(), "hi!");
     }
 
-    /// The held-out records are drawn from the whole file by the seed, not its tail: a file
-    /// sorted by label holds out some of each.
+    /// The held-out records are drawn from the whole file, not its tail: a file sorted by
+    /// label holds out some of each.
     #[test]
     fn held_out_records_come_from_the_whole_file() {
-        let held = held_out_indices(100, 10, 7);
+        let held = held_out_indices(100, 10);
         assert_eq!(held.len(), 10);
-        assert_eq!(held, held_out_indices(100, 10, 7), "the seed decides");
-        assert_ne!(held, held_out_indices(100, 10, 8));
+        // A smaller fraction holds out some of the same records, never others.
+        assert!(held_out_indices(100, 3).is_subset(&held_out_indices(100, 10)));
         let first_half = held.iter().filter(|&&i| i < 50).count();
         assert!((1..10).contains(&first_half), "{held:?}");
     }
