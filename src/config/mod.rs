@@ -204,12 +204,12 @@ mod tests {
             user.unwrap().get("model").is_none(),
             "the last file's own table"
         );
-        let (cfg, _) = RunConfig::load_layers(Stage::Sft, &[saved.clone()]).unwrap();
+        let (cfg, _) = RunConfig::load_layers(Stage::Sft, std::slice::from_ref(&saved)).unwrap();
         assert_eq!(cfg.train.epochs, Some(2.0));
         assert_eq!(cfg.data.holdout, Holdout::Random, "a user's file");
         // A run's own config.toml from before `holdout` resumes holding out the file's tail.
         std::fs::write(&saved, "stage = \"sft\"\n[train]\nlr = 0.001\n").unwrap();
-        let (cfg, _) = RunConfig::load_layers(Stage::Sft, &[saved.clone()]).unwrap();
+        let (cfg, _) = RunConfig::load_layers(Stage::Sft, std::slice::from_ref(&saved)).unwrap();
         assert_eq!(cfg.data.holdout, Holdout::Tail);
         let text = "stage = \"sft\"\n[data]\nholdout = \"random\"\n";
         std::fs::write(&saved, text).unwrap();
