@@ -399,6 +399,14 @@ fn bad_input_ends_with_one_clear_line() {
             "c.toml:2: data.task_carry_slip must be",
         ),
         (
+            "[train]\nsteps = 3\nlr = \"fast\"\n",
+            "c.toml:3: train.lr: invalid type: string \"fast\", expected f64",
+        ),
+        (
+            "[train]\nbatch_size = -2\n",
+            "c.toml:2: train.batch_size: invalid value",
+        ),
+        (
             "stage = \"sft\"\n\n[train]\nsteps = 3\n",
             "c.toml:1: stage = \"sft\": the config.toml of a sft run",
         ),

@@ -47,7 +47,36 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Re
             .unwrap_or_default();
         // One line: toml's messages may run over several ("invalid table header" and why).
         let message: Vec<&str> = e.message().lines().map(str::trim).collect();
-        anyhow::anyhow!("{}{line}: {}", path.display(), message.join(": "))
+        let message = message.join(": ");
+        // A value of the wrong type or range is named by its key, which toml's message leaves
+        // out ("invalid type: string \"fast\", expected f64").
+        let key = e.span().and_then(|s| key_at(text, s.start));
+        match key.filter(|_| message.starts_with("invalid ")) {
+            Some(key) => anyhow::anyhow!("{}{line}: {key}: {message}", path.display()),
+            None => anyhow::anyhow!("{}{line}: {message}", path.display()),
+        }
+    })
+}
+
+/// The dotted key of the `key = value` line that byte `start` of TOML `text` falls on, under
+/// the nearest `[table]` header above it; none on a line that sets no key.
+fn key_at(text: &str, start: usize) -> Option<String> {
+    let line_start = text[..start.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
+    if key.is_empty() || key.starts_with('[') {
+        return None;
+    }
+    let table = text[..line_start].lines().rev().find_map(|l| {
+        let header = l.trim().strip_prefix('[')?.split(']').next()?;
+        Some(header.trim_start_matches('[').trim().to_string())
+    });
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_string(),
     })
 }
 
