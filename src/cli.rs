@@ -759,38 +759,37 @@ impl StageArgs {
             true => names(&c.lora.targets),
             false => String::new(),
         };
-        type Of = fn(&RunConfig) -> String;
-        let fixed: [(&str, &str, Option<String>, Of); 3] = [
+        // (flag, key, the flag's value, the run's, the run's with --config laid over it)
+        let checks = [
             (
                 "--seed",
                 "train.seed",
                 self.seed.map(|v| v.to_string()),
-                |c| c.train.seed.to_string(),
+                run.train.seed.to_string(),
+                merged.train.seed.to_string(),
             ),
             (
                 "--seq-len",
                 "train.seq_len",
                 self.seq_len.map(|v| v.to_string()),
-                |c| c.train.seq_len.to_string(),
+                run.train.seq_len.to_string(),
+                merged.train.seq_len.to_string(),
             ),
             (
                 "--lora-rank",
                 "lora.rank",
                 self.lora_rank.map(|v| v.to_string()),
-                |c| c.lora.rank.to_string(),
+                run.lora.rank.to_string(),
+                merged.lora.rank.to_string(),
+            ),
+            (
+                "--lora-targets",
+                "lora.targets",
+                targets,
+                adapted(run),
+                adapted(merged),
             ),
         ];
-        let mut checks: Vec<(&str, &str, Option<String>, String, String)> = fixed
-            .into_iter()
-            .map(|(flag, key, given, of)| (flag, key, given, of(run), of(merged)))
-            .collect();
-        checks.push((
-            "--lora-targets",
-            "lora.targets",
-            targets,
-            adapted(run),
-            adapted(merged),
-        ));
         let config = self.config.as_deref().unwrap_or(Path::new("--config"));
         for (flag, key, given, held, laid) in checks {
             let held_to =
