@@ -193,10 +193,7 @@ fn run(cli: Cli) -> Result<()> {
                 None => Tokenizer::bytes(),
             };
             // A model directory's tokenizer.json is the file copied beside the shards.
-            let file = tokenizer.map(|p| match p.is_dir() {
-                true => p.join(temper::data::tokenizer::FILE_NAME),
-                false => p,
-            });
+            let file = tokenizer.as_deref().map(temper::data::tokenizer::file_of);
             let opts = EncodeOpts {
                 tok: &tok,
                 tokenizer_file: file.as_deref(),

@@ -353,6 +353,14 @@ impl std::fmt::Debug for Tokenizer {
     }
 }
 
+/// The tokenizer.json `path` names: itself, or a model directory's.
+pub fn file_of(path: &Path) -> PathBuf {
+    match path.is_dir() {
+        true => path.join(FILE_NAME),
+        false => path.to_path_buf(),
+    }
+}
+
 impl Tokenizer {
     pub fn bytes() -> Self {
         Tokenizer::Bytes
@@ -389,11 +397,9 @@ impl Tokenizer {
     /// Loads any Hugging Face `tokenizer.json` (or a model directory's), finding its EOS and PAD
     /// tokens by name.
     pub fn from_file(path: &Path) -> Result<Self> {
-        // A model directory's tokenizer is its tokenizer.json, read with its config's EOS.
-        if path.is_dir() {
-            return Self::from_file_in(&path.join(FILE_NAME), Some(path));
-        }
-        Self::from_file_in(path, None)
+        // A model directory's tokenizer is read with its config's EOS.
+        let dir = Some(path).filter(|p| p.is_dir());
+        Self::from_file_in(&file_of(path), dir)
     }
 
     /// [`Tokenizer::from_file`] for the `tokenizer.json` of model directory `dir`: the EOS its
