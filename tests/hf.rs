@@ -561,11 +561,7 @@ fn continued_pretraining_and_lora_sft_start_from_a_hugging_face_model_and_export
     assert!(cfg.contains("\"qwen2\""), "{cfg}");
     assert!(out.join("tokenizer_config.json").is_file());
     // LoRA SFT on the Llama fixture, its adapter written with PEFT's names.
-    let data = p(d.path(), "sft.jsonl");
-    let lines: String = (0..40)
-        .map(|i| format!("{{\"prompt\": \"{i}+1=\", \"response\": \"{}\"}}\n", i + 1))
-        .collect();
-    std::fs::write(&data, lines).unwrap();
+    let data = counting_data(d.path());
     let sft = p(d.path(), "sft");
     sft_on_cpu(
         &fixture("llama"),
@@ -595,14 +591,29 @@ fn continued_pretraining_and_lora_sft_start_from_a_hugging_face_model_and_export
     let (merged, back) = (p(d.path(), "merged"), p(d.path(), "back"));
     export(&sft, &merged, "hf");
     export(&peft, &back, "hf");
-    let (m, b) = (
-        safetensors_map(&merged.join("model.safetensors")),
-        safetensors_map(&back.join("model.safetensors")),
+    assert_same_weights(&merged, &back, 1e-6);
+}
+
+/// 40 SFT records, `{i}+1=` answered `{i + 1}`, in `dir/sft.jsonl`.
+fn counting_data(dir: &Path) -> PathBuf {
+    let data = p(dir, "sft.jsonl");
+    let lines: String = (0..40)
+        .map(|i| format!("{{\"prompt\": \"{i}+1=\", \"response\": \"{}\"}}\n", i + 1))
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    data
+}
+
+/// The Hugging Face exports in `a` and `b` hold the same tensors, each within `tol`.
+fn assert_same_weights(a: &Path, b: &Path, tol: f32) {
+    let (a, b) = (
+        safetensors_map(&a.join("model.safetensors")),
+        safetensors_map(&b.join("model.safetensors")),
     );
-    assert_eq!(m.len(), b.len());
-    for (name, t) in &m {
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
         let moved = max_abs_diff(t, &b[name]);
-        assert!(moved < 1e-6, "{name}: {moved}");
+        assert!(moved < tol, "{name}: {moved}");
     }
 }
 
@@ -616,11 +627,7 @@ fn continued_pretraining_and_lora_sft_start_from_a_hugging_face_model_and_export
 #[test]
 fn gpt2_adapters_export_to_peft_on_c_attn_and_read_back_merged() {
     let d = tmp();
-    let data = p(d.path(), "sft.jsonl");
-    let lines: String = (0..40)
-        .map(|i| format!("{{\"prompt\": \"{i}+1=\", \"response\": \"{}\"}}\n", i + 1))
-        .collect();
-    std::fs::write(&data, lines).unwrap();
+    let data = counting_data(d.path());
     let sft = p(d.path(), "sft");
     let flags = ["--steps", "10", "--lora-rank", "4", "--lora-alpha", "8"];
     let flags = [&flags[..], &["--lora-targets", "q,v,o,down"]].concat();
@@ -694,12 +701,7 @@ fn gpt2_adapters_export_to_peft_on_c_attn_and_read_back_merged() {
     }
     let back = p(d.path(), "back");
     export(&peft, &back, "hf");
-    let b = safetensors_map(&back.join("model.safetensors"));
-    assert_eq!(m.len(), b.len());
-    for (name, t) in &m {
-        let moved = max_abs_diff(t, &b[name]);
-        assert!(moved < 1e-6, "{name}: read back, {moved}");
-    }
+    assert_same_weights(&merged, &back, 1e-6);
 }
 
 /// What a run or an export would not use is refused, or said to be unused, in one line:
