@@ -80,6 +80,14 @@ fn key_at(text: &str, start: usize) -> Option<String> {
     })
 }
 
+/// Refuses the first of `counts` (settings of table `table`) that is 0.
+pub(crate) fn check_counts(table: &str, counts: &[(&str, usize)]) -> Result<()> {
+    match counts.iter().find(|(_, v)| *v == 0) {
+        Some((name, _)) => anyhow::bail!("{table}.{name} must be positive"),
+        None => Ok(()),
+    }
+}
+
 /// `file:line` of the key a validation message starts with (`model.num_hidden_layers must
 /// ...` -> the `num_hidden_layers` line of the file's `[model]` table), else `file`.
 pub fn locate(file: &Path, message: &str) -> String {

@@ -504,11 +504,7 @@ impl ModelConfig {
             ("num_key_value_heads", self.num_key_value_heads),
             ("max_position_embeddings", self.max_position_embeddings),
         ];
-        for (name, v) in positive {
-            if v == 0 {
-                bail!("model.{name} must be positive");
-            }
-        }
+        super::check_counts("model", &positive)?;
         if self.head_dim == Some(0) {
             bail!("model.head_dim must be positive");
         }

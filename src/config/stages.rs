@@ -206,15 +206,14 @@ impl PpoConfig {
                 self.loss_type.name()
             );
         }
-        for (name, v) in [
-            ("rollout_batch", self.rollout_batch),
-            ("minibatch_size", self.minibatch_size),
-            ("ppo_epochs", self.ppo_epochs),
-        ] {
-            if v == 0 {
-                bail!("ppo.{name} must be positive");
-            }
-        }
+        super::check_counts(
+            "ppo",
+            &[
+                ("rollout_batch", self.rollout_batch),
+                ("minibatch_size", self.minibatch_size),
+                ("ppo_epochs", self.ppo_epochs),
+            ],
+        )?;
         check_new_tokens("ppo", self.max_new_tokens)?;
         for (name, x) in [
             ("kl_coef", self.kl_coef),
@@ -1220,15 +1219,14 @@ impl GrpoConfig {
                 self.group_size
             );
         }
-        for (name, v) in [
-            ("prompts_per_rollout", self.prompts_per_rollout),
-            ("minibatch_size", self.minibatch_size),
-            ("epochs", self.epochs),
-        ] {
-            if v == 0 {
-                bail!("grpo.{name} must be positive");
-            }
-        }
+        super::check_counts(
+            "grpo",
+            &[
+                ("prompts_per_rollout", self.prompts_per_rollout),
+                ("minibatch_size", self.minibatch_size),
+                ("epochs", self.epochs),
+            ],
+        )?;
         check_new_tokens("grpo", self.max_new_tokens)?;
         // A group whose scores tie has std 0: eps keeps its advantages 0, not 0 / 0.
         if !positive(self.eps) {

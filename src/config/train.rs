@@ -172,21 +172,20 @@ impl TrainConfig {
                 "train.gradient_checkpointing needs the blocks on temper's tape, but train.tape is \"off\""
             );
         }
-        for (name, v) in [
-            ("steps", self.steps),
-            ("batch_size", self.batch_size),
-            ("grad_accum", self.grad_accum),
-            ("seq_len", self.seq_len),
-            ("eval_every", self.eval_every),
-            ("eval_batches", self.eval_batches),
-            ("checkpoint_every", self.checkpoint_every),
-            ("keep_checkpoints", self.keep_checkpoints),
-            ("log_every", self.log_every),
-        ] {
-            if v == 0 {
-                bail!("train.{name} must be positive");
-            }
-        }
+        super::check_counts(
+            "train",
+            &[
+                ("steps", self.steps),
+                ("batch_size", self.batch_size),
+                ("grad_accum", self.grad_accum),
+                ("seq_len", self.seq_len),
+                ("eval_every", self.eval_every),
+                ("eval_batches", self.eval_batches),
+                ("checkpoint_every", self.checkpoint_every),
+                ("keep_checkpoints", self.keep_checkpoints),
+                ("log_every", self.log_every),
+            ],
+        )?;
         if let Some(e) = self.epochs {
             if !(e > 0.0 && e.is_finite()) {
                 bail!("train.epochs must be a positive number, got {e}");
