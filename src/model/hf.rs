@@ -1343,6 +1343,16 @@ const GPT2_LAYER: [(&str, &str); 4] = [
     ("ln_2.weight", "mlp_norm.weight"),
     ("ln_2.bias", "mlp_norm.bias"),
 ];
+/// The projections GPT-2's `c_attn` fuses, in the order of its output rows.
+const QKV: [&str; 3] = ["q", "k", "v"];
+
+/// q's, k's and v's rows (`h` each) of a tensor laid out as `c_attn`'s output.
+fn qkv_rows(t: &Tensor, h: usize) -> Result<Vec<Tensor>> {
+    (0..QKV.len())
+        .map(|j| Ok(t.narrow(0, j * h, h)?.contiguous()?))
+        .collect()
+}
+
 /// GPT-2's Conv1D layers (weights stored `[in, out]`) and temper's linear for each.
 const GPT2_CONV: [(&str, &str); 3] = [
     ("attn.c_proj", "attn.o"),
@@ -1390,17 +1400,11 @@ fn gpt2_to_temper(name: &str, t: &Tensor, cfg: &ModelConfig) -> Result<Vec<(Stri
         t.clone()
     };
     if module == "attn.c_attn" {
-        let h = cfg.hidden_size;
-        return ["q", "k", "v"]
-            .iter()
-            .enumerate()
-            .map(|(j, which)| {
-                Ok((
-                    format!("{pre}.attn.{which}.{param}"),
-                    t.narrow(0, j * h, h)?.contiguous()?,
-                ))
-            })
-            .collect();
+        let parts = qkv_rows(&t, cfg.hidden_size)?;
+        let named = QKV.iter().zip(parts);
+        return Ok(named
+            .map(|(which, part)| (format!("{pre}.attn.{which}.{param}"), part))
+            .collect());
     }
     match GPT2_CONV.iter().find(|(hf, _)| *hf == module) {
         Some((_, ours)) => Ok(vec![(format!("{pre}.{ours}.{param}"), t)]),
@@ -1878,17 +1882,14 @@ fn gpt2_peft_to_temper(module: &str, factor: &str, t: &Tensor) -> Result<Vec<(St
         if factor == "lora_b" && rows % 3 != 0 {
             bail!("c_attn's lora_B has {rows} rows, not q's, k's and v's outputs in three equal parts");
         }
-        return ["q", "k", "v"]
-            .iter()
-            .enumerate()
-            .map(|(j, which)| {
-                let part = match factor {
-                    "lora_b" => t.narrow(0, j * rows / 3, rows / 3)?.contiguous()?,
-                    _ => t.clone(),
-                };
-                Ok((format!("{pre}.attn.{which}.{factor}"), part))
-            })
-            .collect();
+        let parts = match factor {
+            "lora_b" => qkv_rows(t, rows / 3)?,
+            _ => vec![t.clone(); 3],
+        };
+        let named = QKV.iter().zip(parts);
+        return Ok(named
+            .map(|(which, part)| (format!("{pre}.attn.{which}.{factor}"), part))
+            .collect());
     }
     match GPT2_CONV.iter().find(|(hf, _)| *hf == tail) {
         Some((_, ours)) => Ok(vec![(format!("{pre}.{ours}.{factor}"), t.clone())]),
