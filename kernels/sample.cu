@@ -8,9 +8,14 @@
 // 1. m = max z (block argmax, ties to the lowest index; greedy stops here and writes it);
 //    w_i = exp((z_i - m) / T), recomputed from the logits on every pass instead of stored
 //    (a 50k-entry row does not fit shared memory; the row stays in L1/L2 across passes).
-// 2. top-k: the largest threshold t with #{w_i >= t} >= k, bisected over the bit patterns of
-//    f32 in [0, 1] (non-negative floats order like their bits), ~30 block reductions; no sort.
-// 3. top-p: the largest t' >= t whose kept mass reaches top_p times the top-k mass, the same way;
+// 2. top-k: the largest threshold t with #{w_i >= t} >= k, which is the k-th largest weight,
+//    selected by radix over the bit patterns of f32 in [0, 1] (non-negative floats order like
+//    their bits, and bits 31 and 30 are zero there): three passes of 10 bits, each an integer
+//    histogram in shared memory of the weights that match the bits chosen so far. Integer
+//    counts make it exact and independent of the order the atomics land in. (Before, a
+//    bisection over the same bits took ~30 passes over the row, most of the sampler's time.)
+// 3. top-p: the largest t' >= t whose kept mass reaches top_p times the top-k mass, bisected
+//    over the same bits (~30 passes; a float histogram would sum in the order atomics land);
 //    min-p then raises the threshold to min_p (the largest weight is exactly 1).
 // 4. target = u * (kept mass), u from the counter-based hash of (row key, pos); the token is
 //    the first index, in vocabulary order, whose running kept mass exceeds target. The row is
@@ -73,6 +78,10 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 256;  // entries a warp reads at a time: 8 a lane
 constexpr int kMaxChunks = 2048;  // V <= 524,288 (src/kernels/cuda/sample.rs checks)
+constexpr int kRadixBits = 10;
+constexpr int kBins = 1 << kRadixBits;
+// The bin search gives each thread two bins.
+static_assert(kBins == 2 * kThreads, "top_k_threshold: two histogram bins a thread");
 
 static __device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
   z += 0x9E3779B97F4A7C15ull;
@@ -184,18 +193,6 @@ static __device__ __forceinline__ void each_chunk(const Row<T> &r, bool vec, F f
   }
 }
 
-// #{w_i >= t} over the block (exact in f32 for V < 2^24). Entries past the row weigh 0 < t.
-template <typename T>
-static __device__ __forceinline__ float count_at_least(const Row<T> &r, bool vec, float t,
-                                                       float *scratch) {
-  float c = 0.f;
-  each_chunk(r, vec, [&](int, int, const float (&x)[8]) {
-#pragma unroll
-    for (int k = 0; k < 8; ++k) c += r.weight(x[k]) >= t ? 1.f : 0.f;
-  });
-  return block_sum(c, scratch);
-}
-
 // Mass of the w_i >= t over the block.
 template <typename T>
 static __device__ __forceinline__ float mass_at_least(const Row<T> &r, bool vec, float t,
@@ -211,20 +208,73 @@ static __device__ __forceinline__ float mass_at_least(const Row<T> &r, bool vec,
   return block_sum(s, scratch);
 }
 
-// The reference's `largest_threshold` for "at least k kept" (top-k) or "mass at least goal,
-// above floor" (top-p): bisection over the bits of f32 in [0, 1], a pass over the row a step.
+// The reference's `largest_threshold` for "mass at least goal, above floor" (top-p):
+// bisection over the bits of f32 in [0, 1], a pass over the row a step. Not by radix as
+// top-k: a float histogram's sums would depend on the order its atomics land in.
 template <typename T>
-static __device__ float threshold(const Row<T> &r, bool vec, bool by_count, float k_or_goal,
-                                  float floor, float *scratch) {
+static __device__ float nucleus_threshold(const Row<T> &r, bool vec, float goal, float floor,
+                                          float *scratch) {
   unsigned int lo = 0u, hi = __float_as_uint(1.0f) + 1u;
   while (hi - lo > 1u) {
     const unsigned int mid = lo + (hi - lo) / 2u;
     const float t = fmaxf(__uint_as_float(mid), floor);
-    const bool holds = by_count ? count_at_least(r, vec, t, scratch) >= k_or_goal
-                                : mass_at_least(r, vec, t, scratch) >= k_or_goal;
-    if (holds) lo = mid; else hi = mid;
+    if (mass_at_least(r, vec, t, scratch) >= goal) lo = mid; else hi = mid;
   }
   return fmaxf(__uint_as_float(lo), floor);
+}
+
+// The top-k threshold: the k-th largest weight (the largest t with #{w_i >= t} >= k, as the
+// reference bisects it), 0 where fewer than k weights are positive. A pass a 10-bit digit,
+// from the top: the weights whose higher digits match `prefix` are counted per digit, and
+// the digit whose bin holds the rank still sought is appended. Zero weights (a logit held
+// back or underflowed, entries past the row, NaN) are not counted: they cannot be the k-th
+// largest unless fewer than k are positive, which the first pass sees.
+template <typename T>
+static __device__ float top_k_threshold(const Row<T> &r, bool vec, int k, unsigned int *hist,
+                                        unsigned int *wsum, int *found) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  unsigned int prefix = 0u, mask = 0u;
+  unsigned int need = (unsigned int)k;  // rank sought among the weights matching prefix
+  for (int shift = 30 - kRadixBits; shift >= 0; shift -= kRadixBits) {
+    for (int b = threadIdx.x; b < kBins; b += kThreads) hist[b] = 0u;
+    __syncthreads();
+    each_chunk(r, vec, [&](int, int, const float (&x)[8]) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float w = r.weight(x[e]);
+        const unsigned int u = w > 0.f && w <= 1.f ? __float_as_uint(w) : 0u;
+        if (u != 0u && (u & mask) == prefix) atomicAdd(&hist[(u >> shift) & (kBins - 1)], 1u);
+      }
+    });
+    __syncthreads();
+    // Thread i takes bins kBins-1-2i and kBins-2-2i: a block scan in thread order counts
+    // from the top bin down.
+    const unsigned int upper = hist[kBins - 1 - 2 * threadIdx.x];
+    const unsigned int lower = hist[kBins - 2 - 2 * threadIdx.x];
+    unsigned int incl = upper + lower;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const unsigned int y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    if (lane == 31) wsum[warp] = incl;
+    __syncthreads();
+    for (int w = 0; w < warp; ++w) incl += wsum[w];
+    const unsigned int excl = incl - upper - lower;
+    if (excl < need && need <= incl) {  // exactly one thread, where the rank is held
+      const bool up = need <= excl + upper;
+      found[0] = kBins - (up ? 1 : 2) - 2 * (int)threadIdx.x;
+      found[1] = (int)(need - excl - (up ? 0u : upper));
+    } else if (threadIdx.x == kThreads - 1 && incl < need) {
+      found[0] = -1;  // fewer than `need` match: fewer than k positive weights
+    }
+    __syncthreads();
+    if (found[0] < 0) return 0.f;
+    prefix |= (unsigned int)found[0] << shift;
+    mask |= (unsigned int)(kBins - 1) << shift;
+    need = (unsigned int)found[1];
+  }
+  return __uint_as_float(prefix);
 }
 
 template <typename T> static __device__ void sample_row(const SampleParams &p) {
@@ -233,6 +283,9 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
   __shared__ float scratch[32];
   __shared__ float cmass[kMaxChunks];  // each chunk's kept mass
   __shared__ float cpref[kMaxChunks];  // their running sums, in chunk order
+  __shared__ unsigned int hist[kBins];  // top-k's digit counts
+  __shared__ unsigned int wsum[kWarps];
+  __shared__ int found[2];
   const int row = blockIdx.x;
   const unsigned long long pos = p.pos_at ? (unsigned long long)*p.pos_at : p.pos;
   const float *hold = p.hold && pos < p.hold_until ? p.hold : nullptr;
@@ -267,10 +320,10 @@ template <typename T> static __device__ void sample_row(const SampleParams &p) {
   r.m = best;
 
   float t = 0.f;
-  if (p.top_k > 0 && p.top_k < p.v) t = threshold(r, vec, true, (float)p.top_k, 0.f, scratch);
+  if (p.top_k > 0 && p.top_k < p.v) t = top_k_threshold(r, vec, p.top_k, hist, wsum, found);
   if (p.top_p < 1.f) {
     const float goal = p.top_p * mass_at_least(r, vec, t, scratch);
-    t = threshold(r, vec, false, goal, t, scratch);
+    t = nucleus_threshold(r, vec, goal, t, scratch);
   }
   if (p.min_p > 0.f) t = fmaxf(t, p.min_p);
   // A zero weight (a logit masked to -inf, or one that underflows) is never kept: with no

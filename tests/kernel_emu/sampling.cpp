@@ -242,6 +242,7 @@ enum Flags : unsigned {
                   // generation's padded LM head writes them), the padding a logit larger than
                   // any row's: read, it would be drawn
   kMisHold = 512,  // the hold mask off a 16-byte boundary: the kernel must read it by scalars
+  kSparse = 1024,  // every logit -inf but seven: fewer positive weights than top-k keeps
 };
 
 struct Case {
@@ -293,6 +294,16 @@ template <typename T> Inputs<T> make_inputs(const Case &c, emu_check::Rng &rng) 
     }
     if (c.has(kHeld | kExpired) && r % 2 == 0)
       row[stops[r / 2 % stops.size()]] = from_float<T>(mx + 2.f);
+    if (c.has(kSparse)) {
+      std::vector<T> few;
+      std::vector<int> at;
+      for (int j = 0; j < 7; ++j) {
+        at.push_back((int)(rng.gen() % v));
+        few.push_back(row[at.back()]);
+      }
+      for (int i = 0; i < v; ++i) row[i] = from_float<T>(-INFINITY);
+      for (int j = 0; j < 7; ++j) row[at[j]] = few[j];
+    }
   }
   in.held = !in.mask.empty() && in.pos < in.until;
   if (c.has(kSeen)) {
@@ -835,6 +846,13 @@ int main(int argc, char **argv) {
        kHeld | kPosAt | kUEnds},
       {"T0.05 f32 V37 underflow", f32, 6, 37, 3.f, {0.05f, 0, 1.f}, kTies | kUEnds},
       {"top-k5000 bf16 V1000 (no filter)", bf, 3, 1000, 1.f, {1.f, 5000, 1.f}, kUEnds},
+      // Top-k's radix selection: fewer positive weights than k (every one kept); the bench's
+      // draw over flat weights, where one token too many or too few moves most draws; a wide
+      // k whose edge falls in a run of equal f16 logits.
+      {"top-k40 bf16 V1000 sparse", bf, 4, 1000, 1.f, {1.f, 40, 1.f}, kSparse | kUEnds},
+      {"top-k50 bf16 V50257 padded rows held", bf, 8, 50257, 0.3f, {0.7f, 50, 1.f},
+       kPadded | kHeld | kUEnds},
+      {"top-k500 f16 V50257 ties", f16, 6, 50257, 0.5f, {1.f, 500, 1.f}, kTies | kUEnds},
       {"top-p1e-4 f32 V1000 ties", f32, 3, 1000, 1.f, {1.f, 0, 1e-4f}, kTies | kUEnds},
       {"T1 bf16 V50257", bf, 3, 50257, 2.f, {1.f, 0, 1.f}, kUEnds},
       {"top-k999 top-p0.5 f16 V1000 expired", f16, 2, 1000, 1.f, {1.f, 999, 0.5f}, kExpired},
