@@ -7,13 +7,16 @@
 //! tiny shape, so the harness itself stays checked.
 //!
 //! `cargo bench --bench generate [-- --batch B --prompt L --new N --reps R --group G --plain 1
-//! --decode graph|fixed|dynamic --model gpt2|qwen3 --penalty R]`
+//! --decode graph|fixed|dynamic --model gpt2|qwen3 --penalty R --top-k K]`
 //! `--model qwen3` times Qwen3-0.6B's shape instead (28 layers of 1024, 16 query heads of 128 on
 //! 8 kv heads, RMSNorm of each q and k head, vocabulary 151936, tied embeddings), the model
 //! most GRPO runs start from; its peer is `scripts/bench_generate.py --model qwen3`.
 //! `--penalty R` samples under a repetition penalty R (Qwen2.5's generation config asks 1.05):
 //! the sampling kernel then reads each row's seen-token mask and marks it, and the peer passes
 //! `repetition_penalty=R` to `generate`.
+//! `--top-k K` samples from each row's K most likely tokens (transformers' `generate` defaults
+//! to 50): the sampling kernel then selects each row's K-th largest weight first; the peer
+//! passes `top_k=K`.
 //! `--group G` repeats each prompt G times back to back (a GRPO group: one shared prefill per
 //! group); `--plain 1` switches the engine's savings off (no shared prefill, no compaction, a
 //! dynamic-shape decode step); `--decode` picks the decode step (`src/generate/mod.rs`,
@@ -106,6 +109,7 @@ fn main() -> Result<()> {
             .parse()
             .map_err(|_| anyhow::anyhow!("--penalty {r}: expected a number"))?,
     };
+    let top_k = arg("--top-k", 0);
     let decode = match std::env::args()
         .skip_while(|a| a != "--decode")
         .nth(1)
@@ -147,6 +151,7 @@ fn main() -> Result<()> {
             min_new_tokens: new,
             temperature: 0.7,
             repetition_penalty: penalty,
+            top_k,
             engine,
             ..Default::default()
         };
@@ -201,7 +206,7 @@ fn main() -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "bench": "generate", "impl": impl_label(decode), "shape": shape_label(if dev.is_cuda() { &model } else { "tiny" }, (b, l, n), group, penalty),
+            "bench": "generate", "impl": impl_label(decode), "shape": shape_label(if dev.is_cuda() { &model } else { "tiny" }, (b, l, n), group, penalty, top_k),
             "tokens_per_s": tokens_per_s, "ms_total": total * 1e3, "ms_prefill": prefill * 1e3,
             "ms_decode_step": step * 1e3, "ms_floor_step": floor_step * 1e3,
             "floor_tokens_per_s": b as f64 / floor_step,
@@ -216,6 +221,7 @@ fn shape_label(
     (b, l, n): (usize, usize, usize),
     group: usize,
     penalty: f64,
+    top_k: usize,
 ) -> String {
     let mut label = format!("B{b} L{l} N{n}");
     if group > 1 {
@@ -223,6 +229,9 @@ fn shape_label(
     }
     if penalty != 1.0 {
         label += &format!(" pen{penalty}");
+    }
+    if top_k > 0 {
+        label += &format!(" topk{top_k}");
     }
     match model {
         "gpt2" => label,

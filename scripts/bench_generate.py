@@ -13,9 +13,11 @@ query heads of 128 on 8 kv heads, q/k head norms, vocabulary 151936, tied embedd
 of `bench-generate --model qwen3`.
 
 With `--penalty R`, `generate` also takes `repetition_penalty=R`, the peer of
-`bench-generate --penalty R`.
+`bench-generate --penalty R`; with `--top-k K`, `top_k=K` (transformers' own default is 50),
+the peer of `bench-generate --top-k K`.
 
 Usage: python3 scripts/bench_generate.py [--reps N] [--quick] [--model gpt2|qwen3] [--penalty R]
+       [--top-k K]
 """
 
 import json
@@ -44,6 +46,7 @@ def main():
     reps = 1 if "--quick" in sys.argv else arg("--reps", 3)
     name = sys.argv[sys.argv.index("--model") + 1] if "--model" in sys.argv else "gpt2"
     penalty = float(sys.argv[sys.argv.index("--penalty") + 1]) if "--penalty" in sys.argv else 1.0
+    top_k = int(sys.argv[sys.argv.index("--top-k") + 1]) if "--top-k" in sys.argv else 0
     torch.manual_seed(0)
     if name == "qwen3":
         from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -63,6 +66,8 @@ def main():
     if penalty != 1.0:
         # As benches/generate.rs's label: Rust prints 1.05 as "1.05", 2.0 as "2".
         label += f" pen{penalty:g}"
+    if top_k > 0:
+        label += f" topk{top_k}"
     model = model.to(device="cuda", dtype=torch.bfloat16).eval()
     ids = torch.randint(0, cfg.vocab_size, (B, L), device="cuda")
     mask = torch.ones_like(ids)
@@ -76,7 +81,7 @@ def main():
                 attention_mask=mask,
                 do_sample=True,
                 temperature=0.7,
-                top_k=0,
+                top_k=top_k,
                 top_p=1.0,
                 repetition_penalty=penalty,
                 max_new_tokens=new,

@@ -64,7 +64,7 @@ PART_2=(ppo-init ppo-update gpt2-loss ncu-step ncu-decode bench-generate-timed
   peer-attention-packed bench-attention-softcap peer-attention-softcap)
 PART_3=(train-torch-compile train-graph bench-generate-fixed bench-generate-dynamic
   bench-generate-qwen3 peer-generate-qwen3 bench-generate-penalty peer-generate-penalty
-  bench-train_ops peer-train_ops bench-rmsnorm peer-rmsnorm bench-gae peer-gae bench-allreduce
+  bench-generate-topk peer-generate-topk bench-train_ops peer-train_ops bench-rmsnorm peer-rmsnorm bench-gae peer-gae bench-allreduce
   peer-allreduce pipeline hf-export train-casts train-reference)
 if [[ -n "${TEMPER_CHECK_PART:-}" && -z "${TEMPER_CHECK_ONLY:-}" ]]; then
   case "$TEMPER_CHECK_PART" in
@@ -250,6 +250,8 @@ if has bench-generate; then
   section bench-generate-qwen3 150 "$BUNDLE" bench-generate --bench --model qwen3
   # Under Qwen2.5's repetition penalty: the sampling kernel reads and marks the seen mask.
   section bench-generate-penalty 90 "$BUNDLE" bench-generate --bench --penalty 1.05 --reps 1
+  # Under transformers' default top_k = 50: the sampler's radix selection of each row's 50th.
+  section bench-generate-topk 90 "$BUNDLE" bench-generate --bench --top-k 50 --reps 1
   if [[ -n "$peer_cmd" ]]; then
     # shellcheck disable=SC2086
     section peer-generate 120 $peer_cmd
@@ -257,6 +259,8 @@ if has bench-generate; then
     section peer-generate-qwen3 150 $peer_cmd --model qwen3
     # shellcheck disable=SC2086
     section peer-generate-penalty 90 $peer_cmd --penalty 1.05 --reps 1
+    # shellcheck disable=SC2086
+    section peer-generate-topk 90 $peer_cmd --top-k 50 --reps 1
   else
     echo "== peer-generate: no scripts/bench_generate.py; skipped" >&2
     printf '{"section":"peer-generate","status":"skipped (no peer script)"}\n' >>"$RESULTS"
