@@ -46,7 +46,7 @@ impl Cli {
             })
             .mut_subcommands(negatives)
         }
-        negatives(<Cli as clap::CommandFactory>::command())
+        per_stage_help(negatives(<Cli as clap::CommandFactory>::command()))
     }
 
     /// Parses `args` (the program's name first) with [`Cli::command_line`].
@@ -61,29 +61,142 @@ impl Cli {
     }
 }
 
+/// The stage subcommands and the stage each runs.
+const STAGE_COMMANDS: [(&str, Stage); 9] = [
+    ("pretrain", Stage::Pretrain),
+    ("sft", Stage::Sft),
+    ("reward", Stage::Reward),
+    ("ppo", Stage::Ppo),
+    ("dpo", Stage::Dpo),
+    ("kto", Stage::Kto),
+    ("online-dpo", Stage::OnlineDpo),
+    ("grpo", Stage::Grpo),
+    ("distill", Stage::Distill),
+];
+
+/// The stage flags (by field) that only some stages read, and those stages: each stage's
+/// `--help` leaves out the others' (which `apply` refuses where given).
+fn flag_stages(flag: &str) -> Option<&'static [Stage]> {
+    use Stage::*;
+    Some(match flag {
+        "teacher" | "lmbda" => &[Distill],
+        "advantage_estimator" | "importance_sampling_level" => &[Grpo],
+        "packing" => &[Sft, Ppo, Grpo, OnlineDpo],
+        "padding_free" => &[Dpo, Kto, Reward],
+        "completion_only_loss" | "assistant_only_loss" | "neftune_noise_alpha" => &[Sft],
+        "precompute_ref_log_probs" | "sync_ref_model" => &[Dpo],
+        "rewards" => &[Ppo, Grpo, OnlineDpo],
+        "beta" => &[Ppo, Dpo, Kto, OnlineDpo, Grpo, Distill],
+        "max_new_tokens" => &[Ppo, Grpo, OnlineDpo, Distill],
+        "tokenizer" | "model" => &[Pretrain],
+        "seq_len" => &[Pretrain, Sft],
+        "chat_template"
+        | "chat_template_kwargs"
+        | "lora_rank"
+        | "lora_alpha"
+        | "lora_dropout"
+        | "lora_targets" => &[Sft, Reward, Ppo, Dpo, Kto, OnlineDpo, Grpo, Distill],
+        _ => return None,
+    })
+}
+
+/// Each stage's `--help`: its own flags only, and after them its defaults, as the tables of a
+/// `--config` file would set them.
+fn per_stage_help(cmd: clap::Command) -> clap::Command {
+    STAGE_COMMANDS.iter().fold(cmd, |cmd, &(name, stage)| {
+        cmd.mut_subcommand(name, |sub| {
+            let sub = sub.after_help(stage_defaults(name, stage));
+            sub.mut_args(|a| {
+                match flag_stages(a.get_id().as_str()).is_some_and(|s| !s.contains(&stage)) {
+                    true => a.hide(true),
+                    false => a,
+                }
+            })
+        })
+    })
+}
+
+/// The defaults of `stage`'s run as TOML: `[train]`, pretraining's `[model]`, and the stage's
+/// own table.
+fn stage_defaults(name: &str, stage: Stage) -> String {
+    let cfg = RunConfig::for_stage(stage);
+    let Ok(all) = toml::Value::try_from(&cfg) else {
+        return String::new();
+    };
+    let mut tables = vec!["train"];
+    match stage {
+        Stage::Pretrain => tables.push("model"),
+        other => tables.push(other.name()),
+    }
+    let mut text = format!(
+        "Defaults of `temper {name}` on the built-in task (a --config file's tables set them; \
+         the flags above override both):"
+    );
+    for t in tables {
+        let Some(table) = all.get(t) else { continue };
+        let body = toml::to_string(table).unwrap_or_default();
+        text.push_str(&format!("\n\n[{t}]\n{}", body.trim_end()));
+    }
+    text
+}
+
 /// A usage error of the command line `args` as one line, as temper's other errors are:
 /// clap's message with the details it sets on lines of their own (a missing argument, the
 /// possible values, a tip) and, for its usage block, a pointer to the help of the command
 /// given. A negative number given to a count or a seed is said as such (clap says "invalid
 /// digit found in string").
 pub fn usage_error_line(e: &clap::Error, args: &[std::ffi::OsString]) -> String {
-    let line = negative_count(e).unwrap_or_else(|| {
-        let text = e.render().to_string();
-        let mut lines = text.lines();
-        let first = lines.next().unwrap_or_default();
-        let first = first.strip_prefix("error: ").unwrap_or(first).trim_end();
-        let details: Vec<&str> = lines
-            .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
-            .map(|l| l.trim().trim_start_matches('[').trim_end_matches(']'))
-            .filter(|l| !l.is_empty())
-            .collect();
-        match (details.is_empty(), first.ends_with(':')) {
-            (true, _) => first.to_string(),
-            (false, true) => format!("{first} {}", details.join(", ")),
-            (false, false) => format!("{first}; {}", details.join("; ")),
-        }
-    });
+    let line = negative_count(e)
+        .or_else(|| negative_value(e, args))
+        .unwrap_or_else(|| {
+            let text = e.render().to_string();
+            let mut lines = text.lines();
+            let first = lines.next().unwrap_or_default();
+            let first = first.strip_prefix("error: ").unwrap_or(first).trim_end();
+            let details: Vec<&str> = lines
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .map(|l| l.trim().trim_start_matches('[').trim_end_matches(']'))
+                .filter(|l| !l.is_empty())
+                .collect();
+            match (details.is_empty(), first.ends_with(':')) {
+                (true, _) => first.to_string(),
+                (false, true) => format!("{first} {}", details.join(", ")),
+                (false, false) => format!("{first}; {}", details.join("; ")),
+            }
+        });
     format!("{line} (see `{} --help`)", command_path(args))
+}
+
+/// clap takes a value such as `-1e-3`, `-.5` or a prompt "-1e5 is small" after a flag for a
+/// flag of its own, and says only that `-1` is unexpected: the flag and the `=` spelling that
+/// passes the value are named instead.
+fn negative_value(e: &clap::Error, args: &[std::ffi::OsString]) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    // What clap could not place ("-1" of "-1e-3"): the value after a flag that starts so.
+    let Some(ContextValue::String(unexpected)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let args: Vec<&str> = args.iter().filter_map(|a| a.to_str()).collect();
+    args.windows(2).find_map(|w| {
+        let (flag, value) = (w[0], w[1]);
+        let numeric = value
+            .strip_prefix('-')
+            .is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit() || c == '.'));
+        let placed = value.starts_with(unexpected.as_str());
+        (numeric && placed && flag.starts_with("--") && !flag.contains('=')).then(|| {
+            let quoted = match value.contains(' ') {
+                true => format!("'{value}'"),
+                false => value.to_string(),
+            };
+            format!(
+                "{flag} {quoted}: a value that starts like '-1e' or '-.' is read as a flag; \
+                 write it {flag}={quoted}"
+            )
+        })
+    })
 }
 
 fn negative_count(e: &clap::Error) -> Option<String> {
@@ -196,8 +309,10 @@ pub struct StageArgs {
     /// '{"enable_thinking": false}' for Qwen3.
     #[arg(long, value_name = "JSON", value_parser = parse_kwargs)]
     pub chat_template_kwargs: Option<Kwargs>,
+    /// auto (a CUDA device where there is one), cpu or cuda.
     #[arg(long, value_enum)]
     pub device: Option<DeviceChoice>,
+    /// The compute dtype: bf16 on a GPU by default (f32 masters), f32 on a CPU.
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeChoice>,
     /// e.g. attention=flash,lora=fused,gae=cuda or all=reference.
@@ -212,30 +327,41 @@ pub struct StageArgs {
     /// Passes over the training set, which then decide the steps (`[train] epochs`).
     #[arg(long, conflicts_with = "steps")]
     pub epochs: Option<f64>,
+    /// Seed of the weights' initialisation, the data order, dropout and sampling.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Sequences (examples, pairs) a micro-batch, per rank.
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Micro-batches a step accumulates.
     #[arg(long)]
     pub grad_accum: Option<usize>,
+    /// Tokens a training row (pretrain, packed SFT).
     #[arg(long)]
     pub seq_len: Option<usize>,
+    /// Peak learning rate (warmup, then cosine decay to `[train] min_lr_ratio` of it).
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Steps between held-out evaluations.
     #[arg(long)]
     pub eval_every: Option<usize>,
+    /// Steps between checkpoints.
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
+    /// Steps between training lines (each a mean over its steps).
     #[arg(long)]
     pub log_every: Option<usize>,
     /// Time N steps (after 2 warm-up steps) by region, print the table and write
     /// profile.json; the run stops after them.
     #[arg(long, value_name = "N")]
     pub profile: Option<usize>,
+    /// LoRA adapters of this rank (0: full fine-tuning).
     #[arg(long)]
     pub lora_rank: Option<usize>,
+    /// LoRA's scale is alpha / rank.
     #[arg(long)]
     pub lora_alpha: Option<f64>,
+    /// Dropout on the adapters' input.
     #[arg(long)]
     pub lora_dropout: Option<f64>,
     /// q,k,v,o,gate,up,down (or GPT-2's c_attn,c_proj,c_fc).
@@ -249,6 +375,11 @@ pub struct StageArgs {
     /// distill, the divergence's interpolation (0 forward KL, 1 reverse KL).
     #[arg(long)]
     pub beta: Option<f64>,
+    /// PPO, GRPO, online DPO, distill: new tokens at most per sampled completion (`[ppo]` /
+    /// `[grpo]` / `[online_dpo]` / `[distill] max_new_tokens`; TRL's --max_completion_length).
+    /// Default 6, for the built-in task's answers of a few tokens.
+    #[arg(long, value_name = "N")]
+    pub max_new_tokens: Option<usize>,
     /// Distill: the model to learn from (`[distill] teacher`).
     #[arg(long, value_name = "RUN_OR_CKPT")]
     pub teacher: Option<PathBuf>,
@@ -560,7 +691,7 @@ fn trl_lr(stage: Stage) -> Option<f64> {
 
 /// The stages' default learning rates were tuned on the built-in task's small model; a
 /// Hugging Face model trained at them (SFT's 2e-3) loses what it knew. Said once, for a run
-/// from one, where the user set no rate of their own.
+/// from one or from a run that began from one, where the user set no rate of their own.
 fn warn_task_lr(cfg: &RunConfig, flag: bool, user: Option<&toml::Value>) {
     let set = flag || user.is_some_and(|u| u.get("train").and_then(|t| t.get("lr")).is_some());
     if set || cfg.stage == Stage::Pretrain {
@@ -570,12 +701,135 @@ fn warn_task_lr(cfg: &RunConfig, flag: bool, user: Option<&toml::Value>) {
         Some(lr) => format!("TRL's {} trainer defaults to {lr:e}", cfg.stage),
         None => "a pretrained model is fine-tuned at 1e-6 to 1e-4".to_string(),
     };
-    errln!(
+    warnln!(
         "warning: [{}] lr {:e} is the built-in task's default, tuned for its small model from \
          scratch; {trl} (set --lr or [train] lr)",
         cfg.stage,
         cfg.train.lr
     );
+}
+
+/// A resume takes the settings a flag or a `--config` beside it changes (a longer schedule, a
+/// lower learning rate) and records them in config.toml, which then no longer says what the
+/// run's first part trained with: each change is said, with the value it replaces.
+fn note_resume_changes(run: &RunConfig, now: &RunConfig, dir: &Path) -> Result<()> {
+    fn leaves(prefix: &str, v: &toml::Value, out: &mut Vec<(String, toml::Value)>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, x) in t {
+                    let key = match prefix {
+                        "" => k.clone(),
+                        p => format!("{p}.{k}"),
+                    };
+                    leaves(&key, x, out);
+                }
+            }
+            other => out.push((prefix.to_string(), other.clone())),
+        }
+    }
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    leaves("", &toml::Value::try_from(run)?, &mut before);
+    leaves("", &toml::Value::try_from(now)?, &mut after);
+    let shown = |v: Option<&toml::Value>| v.map_or("none".to_string(), |v| v.to_string());
+    let changes: Vec<String> = after
+        .iter()
+        .filter_map(|(k, v)| {
+            let old = before.iter().find(|(b, _)| b == k).map(|(_, v)| v);
+            (old != Some(v)).then(|| format!("{k} {} -> {v}", shown(old)))
+        })
+        .chain(
+            before
+                .iter()
+                .filter(|(k, _)| !after.iter().any(|(a, _)| a == k))
+                .map(|(k, v)| format!("{k} {v} -> none")),
+        )
+        .collect();
+    if !changes.is_empty() {
+        warnln!(
+            "note: resuming {} with changed settings, which its config.toml will record: {}",
+            dir.display(),
+            changes.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// A config file may serve several stages, each reading its own table; one that sets only
+/// other stages' tables (`[dpo] beta` given to online-dpo, whose table is `[online_dpo]`)
+/// changed nothing, and said nothing.
+fn warn_other_stages_tables(stage: Stage, file: &Path, user: &toml::Value) {
+    let own: &[&str] = match stage {
+        Stage::Ppo | Stage::Grpo | Stage::OnlineDpo => &[stage.name(), "external_reward"],
+        _ => &[stage.name()],
+    };
+    let tables = [
+        "sft",
+        "reward",
+        "ppo",
+        "dpo",
+        "kto",
+        "online_dpo",
+        "grpo",
+        "distill",
+        "external_reward",
+    ];
+    let set: Vec<&str> = tables
+        .into_iter()
+        .filter(|t| user.get(*t).is_some())
+        .collect();
+    if set.is_empty() || set.iter().any(|t| own.contains(t)) {
+        return;
+    }
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let at = match crate::config::key_line(&text, &[set[0]], true) {
+        Some(line) => format!("{}:{line}", file.display()),
+        None => file.display().to_string(),
+    };
+    let named: Vec<String> = set.iter().map(|t| format!("[{t}]")).collect();
+    warnln!(
+        "warning: {at}: {} not read by {stage}, whose settings are in [{}]: ignored",
+        match named.len() {
+            1 => format!("{} is", named[0]),
+            _ => format!("{} are", named.join(", ")),
+        },
+        stage.name()
+    );
+}
+
+/// The sampling stages' `max_new_tokens` (6) fits the built-in task's answers; on the user's
+/// own prompts it cut nearly every completion short, and said nothing.
+fn warn_task_new_tokens(cfg: &RunConfig, flag: bool, user: Option<&toml::Value>) {
+    if flag || cfg.data.path.is_none() {
+        return;
+    }
+    let (n, trl) = match cfg.stage {
+        Stage::Ppo => (
+            cfg.ppo.max_new_tokens,
+            "TRL's PPO trainer samples up to 53 (response_length)",
+        ),
+        Stage::Grpo => (
+            cfg.grpo.max_new_tokens,
+            "TRL's GRPO and RLOO trainers sample up to 256 (max_completion_length)",
+        ),
+        Stage::OnlineDpo => (
+            cfg.online_dpo.max_new_tokens,
+            "TRL's online DPO trainer samples up to 64 (max_new_tokens)",
+        ),
+        Stage::Distill if !cfg.distill.samples() => return,
+        Stage::Distill => (
+            cfg.distill.max_new_tokens,
+            "TRL's GKD trainer samples up to 128 (max_new_tokens)",
+        ),
+        _ => return,
+    };
+    let table = cfg.stage.name();
+    let set = user.is_some_and(|u| u.get(table).and_then(|t| t.get("max_new_tokens")).is_some());
+    if !set {
+        warnln!(
+            "warning: [{table}] max_new_tokens {n} is the built-in task's default, for its \
+             answers of a few tokens; {trl} (set --max-new-tokens or [{table}] max_new_tokens)"
+        );
+    }
 }
 
 /// PPO and GRPO size their batches by rollouts, not by `[train] batch_size`: a `--batch-size`
@@ -597,7 +851,7 @@ fn warn_unused_batch_size(cfg: &RunConfig, flag: bool) {
         ),
         _ => return,
     };
-    errln!("warning: --batch-size is not used by {}: {how}", cfg.stage);
+    warnln!("warning: --batch-size is not used by {}: {how}", cfg.stage);
 }
 
 /// The preference, reward and RL stages train with dropout off: their losses compare the
@@ -610,7 +864,7 @@ fn warn_unused_dropout(cfg: &RunConfig) {
         Stage::Reward | Stage::Ppo | Stage::Dpo | Stage::Kto | Stage::OnlineDpo | Stage::Grpo
     );
     if off && cfg.lora.enabled() && cfg.lora.dropout > 0.0 {
-        errln!(
+        warnln!(
             "warning: [lora] dropout {} is not applied: {} trains with dropout off (sft and \
              distill apply it)",
             cfg.lora.dropout,
@@ -660,10 +914,13 @@ impl StageArgs {
             None => RunConfig::for_stage(stage),
         };
         let (mut cfg, user) = RunConfig::load_layers_over(defaults.clone(), &files)?;
-        if resume {
-            // The run's own config.toml alone: what a --config beside it changes is checked.
-            let run = RunConfig::load_layers_over(defaults, &files[..1])?.0;
-            self.check_resume_flags(&run, &cfg)?;
+        // The run's own config.toml alone: what a --config beside it changes is checked.
+        let run = match resume {
+            true => Some(RunConfig::load_layers_over(defaults, &files[..1])?.0),
+            false => None,
+        };
+        if let Some(run) = &run {
+            self.check_resume_flags(run, &cfg)?;
         }
         let file = files.last();
         // Whether the files alone make a valid config: if so, a value that fails below came
@@ -672,9 +929,16 @@ impl StageArgs {
         self.apply(&mut cfg)?;
         warn_unused_batch_size(&cfg, self.batch_size.is_some());
         warn_unused_dropout(&cfg);
-        let pretrained = (cfg.init.as_deref()).is_some_and(crate::model::hf::is_pretrained_dir);
+        let pretrained =
+            (cfg.init.as_deref()).is_some_and(crate::stages::setup::descends_from_pretrained);
         if !resume && pretrained {
             warn_task_lr(&cfg, self.lr.is_some(), user.as_ref());
+        }
+        if !resume {
+            warn_task_new_tokens(&cfg, self.max_new_tokens.is_some(), user.as_ref());
+            if let (Some(f), Some(u)) = (file, user.as_ref()) {
+                warn_other_stages_tables(stage, f, u);
+            }
         }
         // A run from --init builds the model it loads: a preset is refused, and a [model]
         // table beside it that says otherwise is named. (A resumed run's config.toml records
@@ -708,6 +972,9 @@ impl StageArgs {
                 "{}: {e}",
                 located.unwrap_or_else(|| f.display().to_string())
             );
+        }
+        if let Some(run) = &run {
+            note_resume_changes(run, &cfg, &out)?;
         }
         let start = match (resume, self.overwrite) {
             (true, _) => Start::Resume,
@@ -870,6 +1137,19 @@ impl StageArgs {
         }
         if let Some(level) = self.importance_sampling_level {
             cfg.grpo.importance_sampling_level = level;
+        }
+        if let Some(n) = self.max_new_tokens {
+            match cfg.stage {
+                Stage::Ppo => cfg.ppo.max_new_tokens = n,
+                Stage::Grpo => cfg.grpo.max_new_tokens = n,
+                Stage::OnlineDpo => cfg.online_dpo.max_new_tokens = n,
+                Stage::Distill => cfg.distill.max_new_tokens = n,
+                other => bail!(
+                    "--max-new-tokens applies to ppo, grpo, online-dpo and distill (the stages \
+                     that sample), not {}",
+                    other.name()
+                ),
+            }
         }
         // Each stage's own packing flag; elsewhere it would do nothing, so it is refused.
         let now = cfg.stage;

@@ -13,6 +13,28 @@ macro_rules! errln {
     }};
 }
 
+static FOLLOWER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Marks this process as a data-parallel rank other than 0: rank 0 already gives the
+/// warnings about the run's settings that every rank would find ([`warnln!`]).
+pub fn set_follower(on: bool) {
+    FOLLOWER.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn follower() -> bool {
+    FOLLOWER.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// [`errln!`] on rank 0 (and in a single process) only: a warning about the run's settings.
+#[macro_export]
+macro_rules! warnln {
+    ($($arg:tt)*) => {{
+        if !$crate::console::follower() {
+            $crate::errln!($($arg)*);
+        }
+    }};
+}
+
 /// `eprint!` that ignores a failed write.
 #[macro_export]
 macro_rules! errprint {

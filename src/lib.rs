@@ -2,7 +2,7 @@
 //! LoRA), reward modelling, PPO, DPO and GRPO, with swappable CUDA kernels for the hot paths.
 
 #[macro_use]
-mod console;
+pub mod console;
 pub mod cli;
 pub mod config;
 pub mod data;

@@ -136,6 +136,7 @@ fn run_stage(stage: Stage, env: &Env) -> Result<String> {
 fn run(cli: Cli) -> Result<()> {
     if let Some((stage, a)) = training_stage(&cli.command) {
         let rank = Rank::from_env(|k| std::env::var(k).ok())?;
+        temper::console::set_follower(!rank.is_main());
         preempt::install()?;
         let (cfg, out, start) = a.resolve(stage)?;
         let env = Env::join(cfg, &out, start, &rank)?;
@@ -301,6 +302,7 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
                 (&device, ctx.dtype),
                 &loaded.tokenizer,
                 &Default::default(),
+                &|_, _| Ok(()),
             )?;
             check_prompts(&r, &requests)?;
             Some(r)

@@ -288,8 +288,10 @@ fn sigkill_then_resume_continues_the_same_curve() {
             "10".into(),
             "--eval-every".into(),
             "10".into(),
+            // The checkpoint at 10 falls inside a logging window (8..12): the resumed run
+            // averages the window's steps from before the stop too.
             "--log-every".into(),
-            "1".into(),
+            "4".into(),
             "--device".into(),
             "cpu".into(),
         ]
@@ -307,12 +309,25 @@ fn sigkill_then_resume_continues_the_same_curve() {
     run_ok(&["pretrain", "--resume", cut.to_str().unwrap()]);
     let a = series(&metrics(&full), "train", "loss");
     let b = series(&metrics(&cut), "train", "loss");
-    assert_eq!(a.len(), 30);
+    assert_eq!(a.len(), 8);
     assert_eq!(a, b, "the resumed curve differs from the uninterrupted one");
     assert_eq!(
         series(&metrics(&full), "val", "loss"),
         series(&metrics(&cut), "val", "loss")
     );
+
+    // With no checkpoint to resume from, the run starts over: its step-0 evaluation is
+    // logged once, not after the one the stopped run logged.
+    std::fs::remove_dir_all(cut.join("checkpoints")).unwrap();
+    std::fs::remove_dir_all(cut.join("final")).unwrap();
+    let o = run_ok(&["pretrain", "--resume", cut.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nothing to resume"));
+    let m = metrics(&cut);
+    assert_eq!(
+        series(&m, "val", "loss"),
+        series(&metrics(&full), "val", "loss")
+    );
+    assert_eq!(series(&m, "train", "loss"), a);
 }
 
 #[test]

@@ -186,6 +186,63 @@ mod stage_chain {
         .as_path()
     }
 
+    /// A full fine-tune reads its reference from `--init` again on a resume: one that changed
+    /// since the run began is refused, naming it, rather than trained against. A resume that
+    /// changes a setting says so, with the value it replaces; a config file that sets only
+    /// another stage's table is said to be ignored.
+    #[test]
+    fn a_resume_refuses_a_changed_reference_and_says_what_it_changes() {
+        let init = run_dir("moving-init");
+        copy_files(merged(), &init);
+        let out = run_dir("frozen-ref");
+        let other = run_dir("frozen-ref.toml");
+        std::fs::write(&other, "[kto]\nbeta = 0.5\n").unwrap();
+        let o = run_ok(&[
+            "dpo",
+            "--config",
+            arg(&other),
+            "--init",
+            arg(&init),
+            "--out",
+            arg(&out),
+            "--steps",
+            "4",
+            "--checkpoint-every",
+            "2",
+            "--device",
+            "cpu",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("frozen-ref.toml:1: [kto] is not read by dpo"),
+            "{err}"
+        );
+        let ckpts = out.join("checkpoints");
+        std::fs::remove_dir_all(ckpts.join("step-0000004")).unwrap();
+        std::fs::remove_dir_all(out.join("final")).unwrap();
+        std::fs::write(ckpts.join("latest"), "step-0000002").unwrap();
+        let o = run_ok(&["dpo", "--resume", arg(&out), "--lr", "1e-4"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("changed settings") && err.contains("train.lr"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(ckpts.join("step-0000004")).unwrap();
+        std::fs::remove_dir_all(out.join("final")).unwrap();
+        std::fs::write(ckpts.join("latest"), "step-0000002").unwrap();
+        // The init rewritten in place: the same path, other weights' file.
+        let weights = init.join("model.safetensors");
+        let bytes = std::fs::read(&weights).unwrap();
+        std::fs::remove_file(&weights).unwrap();
+        std::fs::write(&weights, bytes).unwrap();
+        let e = run_err(&["dpo", "--resume", arg(&out)]);
+        assert!(
+            e.contains("the reference (--init) changed since the run began")
+                && e.contains("model.safetensors was rewritten"),
+            "{e}"
+        );
+    }
+
     /// A checkpoint's tensors, flattened.
     fn weights(file: &Path) -> HashMap<String, Vec<f32>> {
         candle_core::safetensors::load(file, &Device::Cpu)
@@ -1739,6 +1796,17 @@ fn negative_numbers_reach_their_options_and_usage_errors_are_one_line() {
     assert!(e.contains("'--max-shard-size <SIZE>'"), "{e}");
     let e = usage(&["tokenizer", "train", "--out", "x"]);
     assert!(e.contains("`temper tokenizer train --help`"), "{e}");
+    // clap reads these values as flags: the error names the flag and the spelling that works.
+    let e = usage(&["dpo", "--init", model, "--lr", "-1e-3"]);
+    assert!(e.contains("--lr -1e-3") && e.contains("--lr=-1e-3"), "{e}");
+    let e = usage(&[
+        "generate",
+        "--checkpoint",
+        model,
+        "--prompt",
+        "-1e5 is small",
+    ]);
+    assert!(e.contains("--prompt='-1e5 is small'"), "{e}");
     // Inside `launch -- STAGE`, the stage's command line too.
     let e = usage(&[
         "launch",
@@ -1774,6 +1842,28 @@ fn negative_numbers_reach_their_options_and_usage_errors_are_one_line() {
         "{text}"
     );
     assert!(text.contains("Usage: temper generate") && text.lines().count() > 20);
+    // A stage's help lists its own flags only, and ends with its defaults.
+    let help = temper().args(["dpo", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(help.status.success(), "{text}");
+    assert!(
+        text.contains("--beta") && text.contains("--sync-ref-model") && !text.contains("--teacher"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Defaults of `temper dpo`")
+            && text.contains("[dpo]\n")
+            && text.contains("beta = 0.1"),
+        "{text}"
+    );
+    let help = temper().args(["grpo", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        text.contains("--max-new-tokens")
+            && text.contains("group_size = ")
+            && !text.contains("--padding-free"),
+        "{text}"
+    );
     let version = temper().arg("--version").output().unwrap();
     assert!(version.status.success());
     assert_eq!(

@@ -50,12 +50,80 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Re
         let message = message.join(": ");
         // A value of the wrong type or range is named by its key, which toml's message leaves
         // out ("invalid type: string \"fast\", expected f64").
+        let message = suggest_field(&message).unwrap_or(message);
         let key = e.span().and_then(|s| key_at(text, s.start));
         match key.filter(|_| message.starts_with("invalid ")) {
             Some(key) => anyhow::anyhow!("{}{line}: {key}: {message}", path.display()),
             None => anyhow::anyhow!("{}{line}: {message}", path.display()),
         }
     })
+}
+
+/// TRL's (and transformers' TrainingArguments') names for temper's settings, for a config
+/// written from a TRL recipe.
+const TRL_NAMES: [(&str, &str); 17] = [
+    ("num_generations", "group_size"),
+    ("max_completion_length", "max_new_tokens"),
+    ("response_length", "max_new_tokens"),
+    ("learning_rate", "lr"),
+    ("per_device_train_batch_size", "batch_size"),
+    ("gradient_accumulation_steps", "grad_accum"),
+    ("max_steps", "steps"),
+    ("num_train_epochs", "epochs"),
+    ("max_grad_norm", "grad_clip"),
+    ("logging_steps", "log_every"),
+    ("eval_steps", "eval_every"),
+    ("save_steps", "checkpoint_every"),
+    ("save_total_limit", "keep_checkpoints"),
+    ("num_ppo_epochs", "ppo_epochs"),
+    ("lora_r", "rank"),
+    ("r", "rank"),
+    ("target_modules", "targets"),
+];
+
+/// serde's "unknown field `x`, expected one of `a`, `b`, ..." (fifty names for some tables)
+/// as the one field meant, where TRL names it `x` or it is a letter or two from `x`.
+fn suggest_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (field, rest) = rest.split_once('`')?;
+    let known: Vec<&str> = rest
+        .strip_prefix(", expected one of ")
+        .or_else(|| rest.strip_prefix(", expected "))?
+        .split(", ")
+        .flat_map(|k| k.split(" or "))
+        .map(|k| k.trim_matches('`'))
+        .collect();
+    let alias = TRL_NAMES
+        .iter()
+        .find(|(trl, ours)| *trl == field && known.contains(ours))
+        .map(|(_, ours)| format!("`{ours}` (TRL's `{field}`)"));
+    let close = || {
+        let (best, d) = known
+            .iter()
+            .map(|k| (*k, edit_distance(field, k)))
+            .min_by_key(|(_, d)| *d)?;
+        (d <= 1.max(field.len() / 4)).then(|| format!("`{best}`"))
+    };
+    let meant = alias.or_else(close)?;
+    Some(format!("unknown field `{field}`: did you mean {meant}?"))
+}
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (row[j + 1] + 1)
+                .min(row[j] + 1)
+                .min(prev + usize::from(ca != *cb));
+            prev = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
 }
 
 /// The dotted key of the `key = value` line that byte `start` of TOML `text` falls on, under
@@ -188,6 +256,40 @@ mod tests {
         assert_eq!(key_line(text, &["x", "y", "q", "r"], false), Some(8));
         assert_eq!(key_line(text, &["ppo", "ppo", "lr"], false), None);
         assert_eq!(key_line(text, &["sft"], true), None);
+    }
+
+    /// A TRL name, or a near miss, is answered with the field meant; a name far from every
+    /// field keeps serde's list.
+    #[test]
+    fn unknown_fields_name_the_one_meant() {
+        let parse = |text: &str| {
+            parse_toml::<crate::config::RunConfig>(Path::new("c.toml"), text)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = parse("[grpo]\nnum_generations = 4\n");
+        assert_eq!(
+            e,
+            "c.toml:2: unknown field `num_generations`: did you mean `group_size` (TRL's \
+             `num_generations`)?"
+        );
+        let e = parse("[train]\nlearning_rate = 1e-5\n");
+        assert!(
+            e.ends_with("did you mean `lr` (TRL's `learning_rate`)?"),
+            "{e}"
+        );
+        let e = parse("[ppo]\nmax_new_token = 8\n");
+        assert!(
+            e.ends_with("unknown field `max_new_token`: did you mean `max_new_tokens`?"),
+            "{e}"
+        );
+        let e = parse("[ppo]\nzzzz = 8\n");
+        assert!(
+            e.contains("expected one of") && e.contains("`max_new_tokens`"),
+            "{e}"
+        );
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "ab"), 2);
     }
 
     #[test]

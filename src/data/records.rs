@@ -186,6 +186,18 @@ pub fn load_sft_templated(
     scope: LossScope,
 ) -> Result<Vec<SftExample>> {
     let lines = read_records(path)?;
+    // A KTO file given to SFT trains its undesirable completions as readily as the rest.
+    let undesirable = lines
+        .iter()
+        .filter(|(_, obj)| obj.get("label") == Some(&Value::Bool(false)))
+        .count();
+    if undesirable > 0 {
+        crate::warnln!(
+            "warning: {}: {undesirable} records have \"label\": false (KTO's undesirable \
+             completions), which SFT trains on as it does every other (it reads no label)",
+            path.display()
+        );
+    }
     lines
         .iter()
         .map(|(line, obj)| {
@@ -933,6 +945,19 @@ pub(crate) fn read_text(path: &Path) -> Result<String> {
 
 /// Parses JSONL text into `(line number, object)` pairs, skipping blank lines.
 pub(crate) fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<(usize, Map<String, Value>)>> {
+    // `json.dump(records, f)` writes one array, which `datasets` reads too: said as such
+    // rather than as the first line's parse error.
+    if text.trim_start().starts_with('[') {
+        if let Ok(Value::Array(all)) = serde_json::from_str::<Value>(text) {
+            bail!(
+                "{}: one JSON array of {} records; temper reads JSONL, one JSON object per line \
+                 (`jq -c '.[]' {} > records.jsonl` writes it so)",
+                path.display(),
+                all.len(),
+                path.display()
+            );
+        }
+    }
     let mut out = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let at = Loc { path, line: i + 1 };
@@ -1003,6 +1028,24 @@ mod tests {
         let e = format!("{:#}", r.unwrap_err());
         assert!(!e.contains('\n'), "multi-line error: {e}");
         e
+    }
+
+    /// A file that is one JSON array (as `json.dump` writes it, over several lines or one) is
+    /// named as such; a JSONL line that is an array is refused by its line.
+    #[test]
+    fn a_json_array_file_is_named_as_one() {
+        let d = tempfile::tempdir().unwrap();
+        for body in [
+            "[\n  {\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"},\n  {\"prompt\": \"d\"}\n]\n",
+            "[{\"prompt\": \"a\"}, {\"prompt\": \"d\"}]",
+        ] {
+            let p = file(&d, "pairs.json", body);
+            let e = err(read_records(&p));
+            assert!(e.contains("one JSON array of 2 records") && e.contains("JSONL"), "{e}");
+        }
+        let p = file(&d, "mixed.jsonl", "{\"prompt\": \"a\"}\n[1, 2]\n");
+        let e = err(read_records(&p));
+        assert!(e.contains("mixed.jsonl:2: expected a JSON object"), "{e}");
     }
 
     /// TRL's `completion_only_loss` and `assistant_only_loss`: off, a record's every token

@@ -298,7 +298,8 @@ impl Task for DistillTask<'_> {
 
 pub struct DistillResult {
     /// Held-out accuracy of the student before and after, and of the teacher (the built-in
-    /// task; None for data without answers or, before, on a resumed run).
+    /// task; None for data without answers or, before, on a run resumed from a checkpoint
+    /// that did not keep it).
     pub start_accuracy: Option<f64>,
     pub accuracy: Option<f64>,
     pub teacher_accuracy: Option<f64>,
@@ -331,6 +332,7 @@ fn load_teacher(env: &Env, student_tok: &Tokenizer) -> Result<(Transformer, Para
         "distill needs --teacher RUN_OR_CKPT (or [distill] teacher): the model to learn from",
     )?;
     let loaded = read_checkpoint(path, &env.device)?;
+    env.check_frozen("the teacher", &loaded)?;
     if !loaded.tokenizer.same_vocabulary(student_tok) {
         bail!(
             "{}: the teacher's tokenizer ({}) is not the student's ({}): distillation compares \

@@ -573,9 +573,11 @@ impl DpoTask<'_> {
         let listed = with_chosen_nll(&loss, &chosen_nll_logps, chosen_tokens, sft_weight)?;
         let rpo_weight = c.rpo_alpha * wpo_weight.unwrap_or(1.0);
         let objective = with_chosen_nll(&listed, &chosen_nll_logps, chosen_tokens, rpo_weight)?;
+        let sides = Sides::of(&p, r.as_ref(), c.beta)?;
         Ok(BatchLoss {
             objective,
             listed,
+            sides,
             reward_accuracy: acc,
             tokens: b.lm.tokens,
             wpo_weight,
@@ -591,12 +593,89 @@ fn wpo_pair_weights(b: &SeqBatch, net: &Transformer, ctx: Ctx) -> Result<Tensor>
     Ok((wc * wr)?)
 }
 
+/// A batch's mean summed log-probabilities of its chosen and rejected responses (`ld_alpha`'s
+/// reweighted sums where it is set), and where a reference is read their implicit rewards
+/// `beta * (policy - reference)` over those sums. For the length-normalised losses (IPO,
+/// SimPO, `sigmoid_norm`) these are sums still, where TRL logs the per-token means:
+/// what TRL logs as `logps/chosen`, `logps/rejected`, `rewards/chosen`, `rewards/rejected`
+/// and `rewards/margins`, here in the names online DPO and KTO log theirs by.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Sides {
+    pub logps_chosen: f64,
+    pub logps_rejected: f64,
+    pub rewards: Option<(f64, f64)>,
+}
+
+impl Sides {
+    fn of(
+        policy: &(Tensor, Tensor),
+        reference: Option<&(Tensor, Tensor)>,
+        beta: f64,
+    ) -> Result<Self> {
+        let mean = |t: &Tensor| -> Result<f64> {
+            Ok(f64::from(
+                t.detach()
+                    .to_dtype(DType::F32)?
+                    .mean_all()?
+                    .to_scalar::<f32>()?,
+            ))
+        };
+        let rewards = match reference {
+            Some(r) => Some((
+                beta * mean(&(&policy.0 - &r.0)?)?,
+                beta * mean(&(&policy.1 - &r.1)?)?,
+            )),
+            None => None,
+        };
+        Ok(Self {
+            logps_chosen: mean(&policy.0)?,
+            logps_rejected: mean(&policy.1)?,
+            rewards,
+        })
+    }
+
+    fn fields(&self) -> Vec<(&'static str, f64)> {
+        let mut f = vec![
+            ("logps_chosen", self.logps_chosen),
+            ("logps_rejected", self.logps_rejected),
+        ];
+        if let Some((c, r)) = self.rewards {
+            f.extend([
+                ("reward_chosen", c),
+                ("reward_rejected", r),
+                ("reward_margin", c - r),
+            ]);
+        }
+        f
+    }
+
+    /// `self` + `w` times `other`, for a mean over batches of different sizes.
+    fn add_weighted(&mut self, other: &Sides, w: f64) {
+        self.logps_chosen += w * other.logps_chosen;
+        self.logps_rejected += w * other.logps_rejected;
+        self.rewards = match (self.rewards, other.rewards) {
+            (Some((a, b)), Some((c, d))) => Some((a + w * c, b + w * d)),
+            (None, Some((c, d))) => Some((w * c, w * d)),
+            (kept, None) => kept,
+        };
+    }
+
+    fn scaled(&self, by: f64) -> Sides {
+        Sides {
+            logps_chosen: self.logps_chosen * by,
+            logps_rejected: self.logps_rejected * by,
+            rewards: self.rewards.map(|(c, r)| (c * by, r * by)),
+        }
+    }
+}
+
 /// What [`DpoTask::loss`] gives for a batch of pairs.
 struct BatchLoss {
     /// What the step minimises: the listed losses and RPO's NLL.
     objective: Tensor,
     /// The listed losses alone ("sft" among them): the held-out loss.
     listed: Tensor,
+    sides: Sides,
     reward_accuracy: f64,
     tokens: usize,
     /// WPO's mean pair weight, where `use_weighting` is on.
@@ -606,11 +685,13 @@ struct BatchLoss {
 /// DPO's held-out numbers: the preference loss alone (for `sigmoid` and `robust`, log 2
 /// where policy and reference agree), how often the implicit reward ranks the chosen response
 /// first, and task accuracy where prompts have answers.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct DpoEval {
     pub loss: f64,
     pub reward_accuracy: f64,
     pub accuracy: Option<f64>,
+    #[serde(default)]
+    pub sides: Sides,
 }
 
 impl Report for DpoEval {
@@ -620,6 +701,7 @@ impl Report for DpoEval {
             ("reward_accuracy", self.reward_accuracy),
         ];
         f.extend(self.accuracy.map(|a| ("accuracy", a)));
+        f.extend(self.sides.fields());
         f
     }
 }
@@ -646,6 +728,7 @@ impl Task for DpoTask<'_> {
             ("reward_accuracy", b.reward_accuracy),
         ];
         metrics.extend(b.wpo_weight.map(|w| ("wpo_weight", w)));
+        metrics.extend(b.sides.fields());
         Ok(StepOut {
             loss: b.objective,
             tokens: b.tokens,
@@ -657,6 +740,7 @@ impl Task for DpoTask<'_> {
         // `run` refuses an empty held-out set (before and after fitting it to the context),
         // so `n` is never 0 and the means below are never NaN.
         let (mut l, mut a, mut n) = (0.0, 0.0, 0.0);
+        let mut sides = Sides::default();
         let batch = self.env.cfg.train.batch_size.max(1);
         for (k, c) in self.eval.chunks(batch).enumerate() {
             let refs = (self.eval_ref.as_ref()).map(|r| r[k * batch..k * batch + c.len()].to_vec());
@@ -664,11 +748,13 @@ impl Task for DpoTask<'_> {
             let b = self.loss(&c.iter().collect::<Vec<_>>(), refs, None)?;
             l += scalar(&b.listed)? * c.len() as f64;
             a += b.reward_accuracy * c.len() as f64;
+            sides.add_weighted(&b.sides, c.len() as f64);
             n += c.len() as f64;
         }
         Ok(DpoEval {
             loss: l / n,
             reward_accuracy: a / n,
+            sides: sides.scaled(1.0 / n),
             accuracy: task_accuracy(
                 &self.policy,
                 self.env.ctx(true, None),
@@ -711,7 +797,8 @@ impl Task for DpoTask<'_> {
 
 /// DPO's outcome against the SFT model it started from. None where a number was not
 /// measured: task accuracy without held-out prompts (a user's pairs) or with one that has
-/// no answer, a start on a resumed run, anything where no held-out evaluation ran.
+/// no answer, a start a resumed run's checkpoint did not keep, anything where no held-out
+/// evaluation ran.
 pub struct DpoResult {
     pub accuracy: Option<f64>,
     pub start_accuracy: Option<f64>,

@@ -168,8 +168,9 @@ pub fn accuracy(
 }
 
 /// What PPO and GRPO report on held-out prompts: greedy accuracy and mean reward, with the
-/// last rollout's KL to the reference (and PPO's KL coefficient).
-#[derive(Clone, Debug)]
+/// last training rollout's KL to the reference as it was sampled (logged as `rollout_kl`:
+/// not a held-out number, and a rollout behind the steps since), and PPO's KL coefficient.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct PolicyEval {
     /// None where some held-out prompt has no answer to check against (a user's prompts
     /// scored by a reward of their own).
@@ -186,14 +187,14 @@ impl Report for PolicyEval {
         let mut f = vec![];
         f.extend(self.accuracy.map(|a| ("accuracy", a)));
         f.extend(self.mean_reward.map(|r| ("mean_reward", r)));
-        f.extend(self.kl.map(|kl| ("kl", kl)));
+        f.extend(self.kl.map(|kl| ("rollout_kl", kl)));
         f.extend(self.beta.map(|b| ("beta", b)));
         f
     }
 }
 
-/// " (from X)" where the start was measured: a resumed run evaluates no start, and prompts
-/// without answers score no accuracy.
+/// " (from X)" where the start was measured: prompts without answers score no accuracy, and
+/// a run resumed from a checkpoint written before checkpoints kept the start has none.
 pub fn from_start(x: Option<f64>) -> String {
     match x {
         Some(x) => format!(" (from {x:.3})"),
@@ -211,7 +212,8 @@ pub fn measured(what: &str, end: Option<f64>, start: Option<f64>, missing: &str)
 }
 
 /// An RL stage's outcome: where the policy ended, against where it started. None where a
-/// number was not measured (see [`PolicyEval`]; a resumed run measures no start).
+/// number was not measured (see [`PolicyEval`]; a start a resumed run's checkpoint did not
+/// keep).
 pub struct PolicyResult {
     pub stage: Stage,
     /// Whether a held-out evaluation ran at all.
@@ -256,7 +258,7 @@ impl PolicyResult {
             "no mean reward (no reward scored a held-out response)",
         );
         let kl = match self.kl {
-            Some(kl) => format!("KL to reference {kl:.4}"),
+            Some(kl) => format!("KL to reference {kl:.4} (its last rollout's)"),
             None => "no reference (beta = 0)".to_string(),
         };
         format!("{}: {accuracy}, {reward}, {kl}", self.stage)
@@ -365,7 +367,7 @@ mod tests {
         assert_eq!(
             line,
             "grpo: no accuracy (a held-out prompt has no answer to check against), mean reward \
-             0.250, KL to reference 0.0100"
+             0.250, KL to reference 0.0100 (its last rollout's)"
         );
         let line = result(Some(0.5), None).describe();
         assert!(

@@ -220,7 +220,7 @@ fn mean(xs: &[f64]) -> f64 {
 /// examples and their margin, the share of examples on their label's side of the baseline
 /// (a tie counting one half, so 0.5 where policy and reference agree), and task accuracy
 /// where prompts have answers.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct KtoEval {
     pub loss: f64,
     pub kl: Option<f64>,

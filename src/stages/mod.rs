@@ -12,6 +12,7 @@ pub mod dpo;
 pub mod entropy_control;
 pub mod eval;
 pub mod export;
+pub mod frozen_inputs;
 pub mod generate;
 pub mod grpo;
 pub mod kto;

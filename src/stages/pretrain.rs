@@ -82,7 +82,7 @@ impl PretrainTask<'_> {
 }
 
 /// Held-out next-token loss and its perplexity.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct PretrainEval {
     pub loss: f64,
 }

@@ -227,7 +227,7 @@ fn centring(chosen: &Tensor, rejected: &Tensor, coef: f64) -> Result<Option<Tens
 
 /// The reward model's held-out numbers: Bradley-Terry loss, pairwise accuracy, and the
 /// scores' mean (where centring holds it).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RewardEval {
     pub loss: f64,
     pub accuracy: f64,

@@ -183,6 +183,7 @@ impl Actors {
             (&env.device, env.dtype()),
             tok,
             &cfg.external_reward,
+            &|role, loaded| env.check_frozen(role, loaded),
         )?;
         rewards.pack_models = k.packing;
         let (prompts, eval_prompts) = rollout_prompt_sets(

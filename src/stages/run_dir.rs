@@ -46,8 +46,9 @@ fn run_marks(dir: &Path) -> [(&'static str, bool); 3] {
 }
 
 /// Everything a run writes in its directory, which `--overwrite` replaces.
-const RUN_FILES: [&str; 8] = [
+const RUN_FILES: [&str; 9] = [
     "checkpoints",
+    super::frozen_inputs::FILE,
     "final",
     "metrics.jsonl",
     "config.toml",

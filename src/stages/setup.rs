@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use super::loader::{policy_from, read_checkpoint, template_of, Loaded};
 use super::rollout::FrozenReference;
 use super::Env;
-use crate::config::{Holdout, LoraConfig, ModelConfig, RunConfig, Truncation};
+use crate::config::{Holdout, LoraConfig, ModelConfig, RunConfig, Stage, Truncation};
 use crate::data::chat_template::ChatTemplate;
 use crate::data::records::{load_prompts_templated, place, PromptRecord};
 use crate::data::synthetic::{Split, Synthetic};
@@ -144,6 +144,15 @@ impl PolicyPair {
             Some(_) => None,
             None if !reference => None,
             None => {
+                // TR-DPO's moved reference is restored from the checkpoint instead.
+                let synced = match env.cfg.stage {
+                    Stage::Dpo => env.cfg.dpo.sync_ref_model,
+                    Stage::Grpo => env.cfg.grpo.sync_ref_model,
+                    _ => false,
+                };
+                if !synced {
+                    env.check_frozen("the reference (--init)", &loaded)?;
+                }
                 let mut rs = ParamStore::new(env.device.clone(), 0);
                 rs.freeze(Net::Policy, &[Role::Base, Role::Head], env.dtype());
                 let net = policy_from(&loaded, &mut rs, None)?;
@@ -225,6 +234,15 @@ pub fn split_holdout<T>(
             path.display()
         );
     }
+    // A run begun before this was refused resumes holding out the one it held out then.
+    if env.cfg.data.val_fraction == 0.0 && !env.resume {
+        bail!(
+            "data.val_fraction = 0: every stage evaluates on held-out records, at least one, so \
+             0 would hold one out all the same; to train on all of {}, name held-out records \
+             with --eval-data",
+            path.display()
+        );
+    }
     let n = ((all.len() as f64 * env.cfg.data.val_fraction).round() as usize).max(1);
     let held: std::collections::HashSet<usize> = match env.cfg.data.holdout {
         Holdout::Random => held_out_indices(all.len(), n),
@@ -236,6 +254,21 @@ pub fn split_holdout<T>(
             true => eval.push(record),
             false => train.push(record),
         }
+    }
+    if env.comm.rank() == 0 {
+        crate::errln!(
+            "[{}] {}: {} {what} train, {} held out ([data] val_fraction {}, holdout {}; \
+             --eval-data names others)",
+            env.cfg.stage,
+            path.display(),
+            train.len(),
+            eval.len(),
+            env.cfg.data.val_fraction,
+            match env.cfg.data.holdout {
+                Holdout::Random => "random",
+                Holdout::Tail => "tail",
+            }
+        );
     }
     Ok((train, eval))
 }
@@ -530,7 +563,7 @@ pub fn take_init_model(
         .map(|(k, _)| k.as_str())
         .collect();
     if !differ.is_empty() {
-        errln!(
+        crate::warnln!(
             "warning: {}: [model] {} not used: a run from --init trains the model it loads \
              ({}), which its config.toml records",
             file.display(),
@@ -571,6 +604,43 @@ pub fn inherit_task_world(cfg: &mut RunConfig, user: Option<&toml::Value>) -> Re
         cfg.data.task_max_operand = max;
     }
     Ok(())
+}
+
+/// Whether `init` is a Hugging Face model, or a run (or one of its checkpoints) that began
+/// from one through any chain of runs, each `config.toml` naming its own `init`: a stage from
+/// an SFT run of a pretrained model holds that model's knowledge as much as one from the
+/// model itself. Unreadable links end the chain (no).
+pub fn descends_from_pretrained(init: &Path) -> bool {
+    let mut at = init.to_path_buf();
+    for _ in 0..64 {
+        if hf::is_pretrained_dir(&at) {
+            return true;
+        }
+        let Ok(ckpt) = resolve_checkpoint(&at) else {
+            return false;
+        };
+        let Some(run_cfg) = ckpt
+            .ancestors()
+            .take(3)
+            .map(|d| d.join("config.toml"))
+            .find(|p| p.is_file())
+        else {
+            return false;
+        };
+        let text = std::fs::read_to_string(&run_cfg).unwrap_or_default();
+        let next = toml::from_str::<toml::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("init")?.as_str().map(PathBuf::from));
+        let Some(next) = next else {
+            return false;
+        };
+        // A relative init is the run's own working directory's; failing that, its directory's.
+        at = match next.is_relative() && !next.exists() {
+            true => run_cfg.parent().map_or(next.clone(), |d| d.join(&next)),
+            false => next,
+        };
+    }
+    false
 }
 
 /// The built-in task's `task_seed` and `task_max_operand` that the run of checkpoint `init`

@@ -159,7 +159,7 @@ impl SftTask<'_> {
 
 /// SFT's held-out numbers: the loss on response tokens, and task accuracy where prompts have
 /// answers.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct SftEval {
     pub loss: f64,
     pub accuracy: Option<f64>,

@@ -72,7 +72,7 @@ impl Fitter {
             .collect();
         match self.how {
             Truncation::Error => bail!(
-                "{}: {longest} tokens, more than the {max} that fit the model's context of {context} ([data] truncation = \"keep_end\", \"keep_start\" or \"drop\" fits such records instead)",
+                "{}: {longest} tokens, more than the {max} that fit the model's context of {context} (the last token is only a target) ([data] truncation = \"keep_end\", \"keep_start\" or \"drop\" fits such records instead)",
                 place()
             ),
             Truncation::Drop => {
@@ -210,7 +210,7 @@ mod tests {
         let e = e.to_string();
         assert!(
             e.starts_with(
-                "data.jsonl:7: 8 tokens, more than the 6 that fit the model's context of 5"
+                "data.jsonl:7: 8 tokens, more than the 6 that fit the model's context of 5 (the last token is only a target)"
             ),
             "{e}"
         );

@@ -35,7 +35,7 @@ pub struct StepOut {
 }
 
 /// A stage's held-out evaluation: typed for the stage that reads it, flattened for the log.
-pub trait Report: Clone {
+pub trait Report: Clone + Serialize + serde::de::DeserializeOwned {
     /// Name and value of every number, for `metrics.jsonl` (`loss` first where there is one).
     fn fields(&self) -> Vec<(&'static str, f64)>;
 }
@@ -135,6 +135,49 @@ struct LoopState {
     step: usize,
     adam_t: usize,
     task: serde_json::Value,
+    /// The logging window the checkpoint fell inside (absent from checkpoints before it was
+    /// kept: their resumes average from the restart).
+    #[serde(default)]
+    window: Window,
+    /// The evaluation before the first step, for the summary's "from" of a resumed run.
+    #[serde(default)]
+    first_eval: Option<serde_json::Value>,
+}
+
+/// The train loss and extra metrics summed since the last log, each with its count: a log
+/// line averages over its window, as the Hugging Face Trainer's loss does. Kept in the
+/// checkpoint, so that a run resumed between two logs averages over the same steps as one
+/// never stopped.
+#[derive(Clone, Default, Serialize, Deserialize)]
+struct Window {
+    loss: f64,
+    steps: usize,
+    metrics: Vec<(String, f64, usize)>,
+}
+
+impl Window {
+    /// A non-finite metric is left out of its mean (the log writes it as null, and the
+    /// checkpoint's JSON could not read it back); the loss is finite, or the step stopped.
+    fn add(&mut self, out: &Stepped) {
+        self.loss += out.loss;
+        self.steps += 1;
+        for (key, v) in out.extras.iter().filter(|(_, v)| v.is_finite()) {
+            match self.metrics.iter_mut().find(|(k, _, _)| k == key) {
+                Some((_, s, c)) => {
+                    *s += v;
+                    *c += 1;
+                }
+                None => self.metrics.push((key.to_string(), *v, 1)),
+            }
+        }
+    }
+
+    /// The window's mean loss and metric means, and a fresh window.
+    fn drain(&mut self) -> (f64, Vec<(String, f64)>) {
+        let w = std::mem::take(self);
+        let means = w.metrics.into_iter().map(|(k, s, c)| (k, s / c as f64));
+        (w.loss / w.steps.max(1) as f64, means.collect())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -142,7 +185,8 @@ pub struct TrainSummary<E> {
     pub steps: usize,
     /// None where no step ran (a resumed run that had finished).
     pub last_train_loss: Option<f64>,
-    /// The evaluation before the first step (with `eval_at_start`, on a fresh run).
+    /// The evaluation before the first step (with `eval_at_start`; a resumed run's from its
+    /// checkpoint).
     pub first_eval: Option<E>,
     pub last_eval: Option<E>,
 }
@@ -213,6 +257,8 @@ struct Loop<'a, T: Task> {
     /// `--profile`: region times of the steps after the warm-up.
     prof: Option<Profiler>,
     prof_tokens: usize,
+    window: Window,
+    first_eval: Option<T::Eval>,
 }
 
 pub fn train<T: Task>(
@@ -229,20 +275,30 @@ pub fn train<T: Task>(
         opt.shard(opts.comm.rank(), world);
     }
     let ckpts = Checkpoints::new(opts.run_dir, cfg.keep_checkpoints)?;
-    let start = if opts.resume {
-        resume(task, saved, &mut opt, &ckpts, opts)?
-    } else {
-        0
+    let resumed = match opts.resume {
+        true => resume(task, saved, &mut opt, &ckpts, opts)?,
+        false => None,
     };
+    let start = resumed.as_ref().map_or(0, |st| st.step);
     // After the resume, which rewrites the masters the copies start from.
     if cfg.compute_copies {
         opt.keep_compute_copies(crate::device::compute_dtype(cfg.dtype, &saved.store.device))?;
     }
     let main = opts.comm.rank() == 0;
+    if main && opts.resume && resumed.is_none() {
+        // Nothing to resume: the run starts over, and its step-0 evaluation would be logged
+        // a second time.
+        match std::fs::remove_file(opts.run_dir.join("metrics.jsonl")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).context("metrics.jsonl: cannot remove before starting over")
+            }
+            _ => {}
+        }
+    }
     let metrics = match main {
         true => Some(MetricsLog::open(
             opts.run_dir,
-            opts.resume.then_some(start),
+            resumed.is_some().then_some(start),
         )?),
         false => None,
     };
@@ -275,6 +331,15 @@ pub fn train<T: Task>(
         errln!("warning: [{}] {cut}", opts.label);
     }
     let prof = (cfg.profile > 0).then(|| Profiler::new(&saved.store.device));
+    let (window, first_eval) = match resumed {
+        Some(st) => {
+            // A baseline that does not read back (a non-finite number, written as null) only
+            // costs the summary its "from".
+            let first = st.first_eval.and_then(|v| serde_json::from_value(v).ok());
+            (st.window, first)
+        }
+        None => Default::default(),
+    };
     let mut lp = Loop {
         task,
         saved,
@@ -284,6 +349,8 @@ pub fn train<T: Task>(
         metrics,
         prof,
         prof_tokens: 0,
+        window,
+        first_eval,
     };
     lp.run(start)
 }
@@ -325,7 +392,7 @@ fn resume<T: Task>(
     opt: &mut AdamW,
     ckpts: &Checkpoints,
     opts: &RunOpts,
-) -> Result<usize> {
+) -> Result<Option<LoopState>> {
     let candidates = Checkpoints::newest_first(opts.run_dir)?;
     if candidates.is_empty() {
         errln!(
@@ -334,7 +401,7 @@ fn resume<T: Task>(
             opts.run_dir.display()
         );
         write_resumed_files(opts)?;
-        return Ok(0);
+        return Ok(None);
     }
     let mut failed: Vec<(PathBuf, anyhow::Error)> = Vec::new();
     let mut loaded = None;
@@ -416,7 +483,7 @@ fn resume<T: Task>(
         dir.display(),
         st.step
     );
-    Ok(st.step)
+    Ok(Some(st))
 }
 
 /// A step no checkpoint has, for a rank that loaded none.
@@ -564,12 +631,12 @@ impl<T: Task> Loop<'_, T> {
             last_eval: None,
         };
         if self.opts.eval_at_start && start == 0 {
-            summary.first_eval = self.evaluate(0)?;
+            self.first_eval = self.evaluate(0)?;
         }
+        summary.first_eval = self.first_eval.clone();
         let progress = self.main().then(|| Progress::new(label, start, cfg.steps));
         let mut window_tokens = 0usize;
         let mut window_start = Instant::now();
-        let mut window = Averages::default();
         // A checkpoint has fallen due and waits for a step the task resumes exactly from.
         let mut due = false;
         for step in start..cfg.steps {
@@ -600,24 +667,22 @@ impl<T: Task> Loop<'_, T> {
                 self.prof_tokens += out.tokens;
             }
             window_tokens += out.tokens;
-            for (k, v) in out.extras {
-                window.add(k, v);
-            }
+            self.window.add(&out);
             let s = step + 1;
             self.task.after_step(s)?;
             summary.last_train_loss = Some(out.loss);
             if s % cfg.log_every == 0 || s == cfg.steps {
                 let secs = window_start.elapsed().as_secs_f64().max(1e-9);
                 let tps = window_tokens as f64 / secs;
+                let (loss, means) = self.window.drain();
                 let mut fields = vec![
-                    ("loss", out.loss),
+                    ("loss", loss),
                     ("lr", lr),
                     ("grad_norm", out.grad_norm),
                     ("tokens_per_s", tps),
                 ];
-                fields.extend(window.drain());
+                fields.extend(means.iter().map(|(k, v)| (k.as_str(), *v)));
                 self.log(s, "train", &fields)?;
-                let loss = out.loss;
                 if let Some(p) = &progress {
                     p.update(s, &format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
                 }
@@ -786,6 +851,7 @@ impl<T: Task> Loop<'_, T> {
             return Ok(());
         };
         let (saved, opt, task) = (self.saved, &self.opt, &*self.task);
+        let (window, first_eval) = (&self.window, self.first_eval.as_ref());
         self.ckpts.save(s, |dir| {
             saved.write_model(dir, s)?;
             AdamW::save(&state, &dir.join("optimizer.safetensors"))?;
@@ -794,6 +860,8 @@ impl<T: Task> Loop<'_, T> {
                 step: s,
                 adam_t: opt.t,
                 task: task.state(),
+                window: window.clone(),
+                first_eval: first_eval.map(serde_json::to_value).transpose()?,
             };
             write_atomic(
                 &dir.join("state.json"),

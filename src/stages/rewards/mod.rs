@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use serde_json::{Map, Value};
 
-use super::loader::{read_checkpoint, scored_from};
+use super::loader::{read_checkpoint, scored_from, Loaded};
 use super::reward::Scorer;
 use crate::config::{ExternalRewardConfig, RewardSource, RewardSpec};
 use crate::data::records::{place, PromptRecord};
@@ -69,12 +69,14 @@ pub struct Batch<'a> {
 impl RewardFn {
     /// Loads every source `specs` names: reward models into their own frozen stores, external
     /// processes started.
-    /// Reward models are frozen in `dtype` (the compute dtype).
+    /// Reward models are frozen in `dtype` (the compute dtype); `read` is told each one read,
+    /// by its name (a run checks that a resume reads the models it began with).
     pub fn load(
         specs: &[RewardSpec],
         (device, dtype): (&Device, DType),
         tok: &Tokenizer,
         ext: &ExternalRewardConfig,
+        read: &dyn Fn(&str, &Loaded) -> Result<()>,
     ) -> Result<Self> {
         if specs.is_empty() {
             bail!("no reward named: use --reward task, --reward PATH[:WEIGHT], --reward cmd:PROGRAM or --reward http://HOST:PORT/PATH");
@@ -86,6 +88,7 @@ impl RewardFn {
                 RewardSource::Task => Kind::Task,
                 RewardSource::Model(path) => {
                     let loaded = read_checkpoint(path, device)?;
+                    read(&format!("the reward model {name}"), &loaded)?;
                     if loaded.tokenizer.vocab_size() != tok.vocab_size() {
                         bail!(
                             "{}: the reward model's tokenizer differs from the policy's",
