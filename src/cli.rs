@@ -90,6 +90,8 @@ fn flag_stages(flag: &str) -> Option<&'static [Stage]> {
         "max_new_tokens" => &[Ppo, Grpo, OnlineDpo, Distill],
         "tokenizer" | "model" => &[Pretrain],
         "seq_len" => &[Pretrain, Sft],
+        // PPO and GRPO size their batches by rollouts.
+        "batch_size" => &[Pretrain, Sft, Reward, Dpo, Kto, OnlineDpo, Distill],
         "chat_template"
         | "chat_template_kwargs"
         | "lora_rank"
@@ -123,14 +125,18 @@ fn stage_defaults(name: &str, stage: Stage) -> String {
     let Ok(all) = toml::Value::try_from(&cfg) else {
         return String::new();
     };
-    let mut tables = vec!["train"];
-    match stage {
-        Stage::Pretrain => tables.push("model"),
-        other => tables.push(other.name()),
-    }
+    let tables = match stage {
+        Stage::Pretrain => vec!["train", "model", "data"],
+        other => vec!["train", "data", "lora", other.name()],
+    };
     let mut text = format!(
         "Defaults of `temper {name}` on the built-in task (a --config file's tables set them; \
-         the flags above override both):"
+         the flags above override both{}):",
+        match stage {
+            Stage::Pretrain => "; `--model gpt2` brings nanoGPT's schedule",
+            Stage::Distill => "; --teacher is required",
+            _ => "",
+        }
     );
     for t in tables {
         let Some(table) = all.get(t) else { continue };
@@ -192,8 +198,8 @@ fn negative_value(e: &clap::Error, args: &[std::ffi::OsString]) -> Option<String
                 false => value.to_string(),
             };
             format!(
-                "{flag} {quoted}: a value that starts like '-1e' or '-.' is read as a flag; \
-                 write it {flag}={quoted}"
+                "{flag} {quoted}: a value that starts with '-' and a digit or '.' is read as a \
+                 flag here; write it {flag}={quoted}"
             )
         })
     })
@@ -731,16 +737,31 @@ fn note_resume_changes(run: &RunConfig, now: &RunConfig, dir: &Path) -> Result<(
     leaves("", &toml::Value::try_from(run)?, &mut before);
     leaves("", &toml::Value::try_from(now)?, &mut after);
     let shown = |v: Option<&toml::Value>| v.map_or("none".to_string(), |v| v.to_string());
+    // A path given relative names the file config.toml records absolute.
+    let same = |a: &toml::Value, b: &toml::Value| {
+        a == b
+            || match (a.as_str(), b.as_str()) {
+                (Some(x), Some(y)) => std::fs::canonicalize(x)
+                    .is_ok_and(|x| std::fs::canonicalize(y).is_ok_and(|y| x == y)),
+                _ => false,
+            }
+    };
+    // Another stage's table changes nothing this run reads.
+    let read = |k: &str| {
+        let table = k.split('.').next().unwrap_or_default();
+        !STAGE_TABLES.contains(&table) || own_tables(now.stage).contains(&table)
+    };
     let changes: Vec<String> = after
         .iter()
+        .filter(|(k, _)| read(k))
         .filter_map(|(k, v)| {
             let old = before.iter().find(|(b, _)| b == k).map(|(_, v)| v);
-            (old != Some(v)).then(|| format!("{k} {} -> {v}", shown(old)))
+            (!old.is_some_and(|o| same(o, v))).then(|| format!("{k} {} -> {v}", shown(old)))
         })
         .chain(
             before
                 .iter()
-                .filter(|(k, _)| !after.iter().any(|(a, _)| a == k))
+                .filter(|(k, _)| read(k) && !after.iter().any(|(a, _)| a == k))
                 .map(|(k, v)| format!("{k} {v} -> none")),
         )
         .collect();
@@ -758,22 +779,8 @@ fn note_resume_changes(run: &RunConfig, now: &RunConfig, dir: &Path) -> Result<(
 /// other stages' tables (`[dpo] beta` given to online-dpo, whose table is `[online_dpo]`)
 /// changed nothing, and said nothing.
 fn warn_other_stages_tables(stage: Stage, file: &Path, user: &toml::Value) {
-    let own: &[&str] = match stage {
-        Stage::Ppo | Stage::Grpo | Stage::OnlineDpo => &[stage.name(), "external_reward"],
-        _ => &[stage.name()],
-    };
-    let tables = [
-        "sft",
-        "reward",
-        "ppo",
-        "dpo",
-        "kto",
-        "online_dpo",
-        "grpo",
-        "distill",
-        "external_reward",
-    ];
-    let set: Vec<&str> = tables
+    let own = own_tables(stage);
+    let set: Vec<&str> = STAGE_TABLES
         .into_iter()
         .filter(|t| user.get(*t).is_some())
         .collect();
@@ -781,19 +788,54 @@ fn warn_other_stages_tables(stage: Stage, file: &Path, user: &toml::Value) {
         return;
     }
     let text = std::fs::read_to_string(file).unwrap_or_default();
-    let at = match crate::config::key_line(&text, &[set[0]], true) {
+    let first = set
+        .iter()
+        .filter_map(|t| crate::config::key_line(&text, &[t], true))
+        .min();
+    let at = match first {
         Some(line) => format!("{}:{line}", file.display()),
         None => file.display().to_string(),
     };
     let named: Vec<String> = set.iter().map(|t| format!("[{t}]")).collect();
+    let whose = match stage {
+        Stage::Pretrain => "whose settings are in [train] and [model]".to_string(),
+        _ => format!("whose settings are in [{}]", stage.name()),
+    };
     warnln!(
-        "warning: {at}: {} not read by {stage}, whose settings are in [{}]: ignored",
+        "warning: {at}: {} not read by {stage}, {whose}: ignored",
         match named.len() {
             1 => format!("{} is", named[0]),
             _ => format!("{} are", named.join(", ")),
-        },
-        stage.name()
+        }
     );
+}
+
+/// The stages' own tables of a config file.
+const STAGE_TABLES: [&str; 9] = [
+    "sft",
+    "reward",
+    "ppo",
+    "dpo",
+    "kto",
+    "online_dpo",
+    "grpo",
+    "distill",
+    "external_reward",
+];
+
+/// Those of [`STAGE_TABLES`] that `stage` reads.
+fn own_tables(stage: Stage) -> &'static [&'static str] {
+    match stage {
+        Stage::Pretrain => &[],
+        Stage::Sft => &["sft"],
+        Stage::Reward => &["reward"],
+        Stage::Ppo => &["ppo", "external_reward"],
+        Stage::Dpo => &["dpo"],
+        Stage::Kto => &["kto"],
+        Stage::OnlineDpo => &["online_dpo", "external_reward"],
+        Stage::Grpo => &["grpo", "external_reward"],
+        Stage::Distill => &["distill"],
+    }
 }
 
 /// The sampling stages' `max_new_tokens` (6) fits the built-in task's answers; on the user's
@@ -936,9 +978,10 @@ impl StageArgs {
         }
         if !resume {
             warn_task_new_tokens(&cfg, self.max_new_tokens.is_some(), user.as_ref());
-            if let (Some(f), Some(u)) = (file, user.as_ref()) {
-                warn_other_stages_tables(stage, f, u);
-            }
+        }
+        // The user's file (beside a --resume, the --config, not the run's config.toml).
+        if let (Some(f), Some(u), Some(_)) = (file, user.as_ref(), &self.config) {
+            warn_other_stages_tables(stage, f, u);
         }
         // A run from --init builds the model it loads: a preset is refused, and a [model]
         // table beside it that says otherwise is named. (A resumed run's config.toml records
@@ -975,6 +1018,29 @@ impl StageArgs {
         }
         if let Some(run) = &run {
             note_resume_changes(run, &cfg, &out)?;
+        }
+        if self.max_new_tokens.is_some() && stage == Stage::Distill && !cfg.distill.samples() {
+            bail!(
+                "--max-new-tokens: distill samples nothing with [distill] lmbda = 0 and seq_kd \
+                 off (it learns the data's own completions), so it would change nothing"
+            );
+        }
+        // Refused before any model loads; a run that continues a checkpoint keeps what it
+        // held out when it began.
+        let continues = resume
+            && crate::train::checkpoint::Checkpoints::newest_first(&out)
+                .is_ok_and(|c| !c.is_empty());
+        let holds_out =
+            stage != Stage::Pretrain && cfg.data.path.is_some() && cfg.data.eval_path.is_none();
+        if holds_out && cfg.data.val_fraction == 0.0 && !continues {
+            let e = "data.val_fraction = 0: every stage evaluates on held-out records, at least \
+                     one, so 0 would hold one out all the same; to train on all of --data, name \
+                     held-out records with --eval-data";
+            let at = files.iter().rev().find_map(|f| {
+                let at = crate::config::locate(f, e);
+                (at != f.display().to_string()).then_some(at)
+            });
+            bail!("{}{e}", at.map(|a| format!("{a}: ")).unwrap_or_default());
         }
         let start = match (resume, self.overwrite) {
             (true, _) => Start::Resume,

@@ -1861,8 +1861,36 @@ fn negative_numbers_reach_their_options_and_usage_errors_are_one_line() {
     assert!(
         text.contains("--max-new-tokens")
             && text.contains("group_size = ")
-            && !text.contains("--padding-free"),
+            && text.contains("[lora]\n")
+            && !text.contains("--padding-free")
+            && !text.contains("--batch-size"),
         "{text}"
+    );
+    // val_fraction = 0 would hold out one record all the same: refused by its line, before
+    // any model loads.
+    let d = tmp();
+    let prefs = p(d.path(), "prefs.jsonl");
+    std::fs::write(
+        &prefs,
+        "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n".repeat(4),
+    )
+    .unwrap();
+    let vf0 = p(d.path(), "vf0.toml");
+    std::fs::write(&vf0, "[data]\nval_fraction = 0\n").unwrap();
+    let e = run_err(&[
+        "dpo",
+        "--init",
+        model,
+        "--data",
+        prefs.to_str().unwrap(),
+        "--config",
+        vf0.to_str().unwrap(),
+        "--out",
+        p(d.path(), "vf0").to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("vf0.toml:2: data.val_fraction = 0") && e.contains("--eval-data"),
+        "{e}"
     );
     let version = temper().arg("--version").output().unwrap();
     assert!(version.status.success());

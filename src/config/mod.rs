@@ -59,30 +59,32 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Re
     })
 }
 
-/// TRL's (and transformers' TrainingArguments') names for temper's settings, for a config
-/// written from a TRL recipe.
-const TRL_NAMES: [(&str, &str); 17] = [
-    ("num_generations", "group_size"),
-    ("max_completion_length", "max_new_tokens"),
-    ("response_length", "max_new_tokens"),
-    ("learning_rate", "lr"),
-    ("per_device_train_batch_size", "batch_size"),
-    ("gradient_accumulation_steps", "grad_accum"),
-    ("max_steps", "steps"),
-    ("num_train_epochs", "epochs"),
-    ("max_grad_norm", "grad_clip"),
-    ("logging_steps", "log_every"),
-    ("eval_steps", "eval_every"),
-    ("save_steps", "checkpoint_every"),
-    ("save_total_limit", "keep_checkpoints"),
-    ("num_ppo_epochs", "ppo_epochs"),
-    ("lora_r", "rank"),
-    ("r", "rank"),
-    ("target_modules", "targets"),
+/// TRL's (and transformers' TrainingArguments') names for temper's settings, with the table
+/// that holds each, for a config written from a TRL recipe.
+const TRL_NAMES: [(&str, &str, &str); 18] = [
+    ("num_generations", "group_size", "grpo"),
+    ("max_completion_length", "max_new_tokens", "grpo"),
+    ("response_length", "max_new_tokens", "ppo"),
+    ("num_ppo_epochs", "ppo_epochs", "ppo"),
+    ("beta", "kl_coef", "ppo"),
+    ("learning_rate", "lr", "train"),
+    ("per_device_train_batch_size", "batch_size", "train"),
+    ("gradient_accumulation_steps", "grad_accum", "train"),
+    ("max_steps", "steps", "train"),
+    ("num_train_epochs", "epochs", "train"),
+    ("max_grad_norm", "grad_clip", "train"),
+    ("logging_steps", "log_every", "train"),
+    ("eval_steps", "eval_every", "train"),
+    ("save_steps", "checkpoint_every", "train"),
+    ("save_total_limit", "keep_checkpoints", "train"),
+    ("lora_r", "rank", "lora"),
+    ("r", "rank", "lora"),
+    ("target_modules", "targets", "lora"),
 ];
 
 /// serde's "unknown field `x`, expected one of `a`, `b`, ..." (fifty names for some tables)
-/// as the one field meant, where TRL names it `x` or it is a letter or two from `x`.
+/// as the one field meant: TRL's name for one of the table's fields (or, where the table has
+/// none by that name, where temper keeps it), else a field a letter or two from `x`.
 fn suggest_field(message: &str) -> Option<String> {
     let rest = message.strip_prefix("unknown field `")?;
     let (field, rest) = rest.split_once('`')?;
@@ -93,19 +95,26 @@ fn suggest_field(message: &str) -> Option<String> {
         .flat_map(|k| k.split(" or "))
         .map(|k| k.trim_matches('`'))
         .collect();
-    let alias = TRL_NAMES
-        .iter()
-        .find(|(trl, ours)| *trl == field && known.contains(ours))
-        .map(|(_, ours)| format!("`{ours}` (TRL's `{field}`)"));
-    let close = || {
-        let (best, d) = known
+    let trl = |here: bool| {
+        TRL_NAMES
             .iter()
-            .map(|k| (*k, edit_distance(field, k)))
-            .min_by_key(|(_, d)| *d)?;
-        (d <= 1.max(field.len() / 4)).then(|| format!("`{best}`"))
+            .find(|(trl, ours, _)| *trl == field && known.contains(ours) == here)
     };
-    let meant = alias.or_else(close)?;
-    Some(format!("unknown field `{field}`: did you mean {meant}?"))
+    if let Some((_, ours, _)) = trl(true) {
+        return Some(format!(
+            "unknown field `{field}`: did you mean `{ours}` (TRL's `{field}`)?"
+        ));
+    }
+    let (best, d) = known
+        .iter()
+        .map(|k| (*k, edit_distance(field, k)))
+        .min_by_key(|(_, d)| *d)?;
+    if d <= 1.max(field.len() / 4) {
+        return Some(format!("unknown field `{field}`: did you mean `{best}`?"));
+    }
+    trl(false).map(|(_, ours, table)| {
+        format!("unknown field `{field}`: TRL's `{field}` is `[{table}] {ours}` in temper")
+    })
 }
 
 /// Levenshtein distance, by characters.
@@ -288,6 +297,16 @@ mod tests {
             e.contains("expected one of") && e.contains("`max_new_tokens`"),
             "{e}"
         );
+        // Outside the table that holds it: where temper keeps it.
+        let e = parse("learning_rate = 1e-5\n");
+        assert!(
+            e.ends_with("TRL's `learning_rate` is `[train] lr` in temper"),
+            "{e}"
+        );
+        let e = parse("[train]\nnum_generations = 4\n");
+        assert!(e.ends_with("is `[grpo] group_size` in temper"), "{e}");
+        let e = parse("[ppo]\nbeta = 0.1\n");
+        assert!(e.ends_with("did you mean `kl_coef` (TRL's `beta`)?"), "{e}");
         assert_eq!(edit_distance("kitten", "sitting"), 3);
         assert_eq!(edit_distance("", "ab"), 2);
     }

@@ -109,9 +109,7 @@ impl Env {
         let path = self.run_dir.join(FILE);
         let mut all = read(&path)?;
         // A resume with no checkpoint to continue starts over: nothing trained against it yet.
-        let continues = self.resume
-            && crate::train::checkpoint::Checkpoints::newest_first(&self.run_dir)
-                .is_ok_and(|c| !c.is_empty());
+        let continues = self.continues();
         match all.get(role) {
             Some(before) if continues && *before != now => bail!(
                 "{}: {role} changed since the run began ({}): a resumed run reads it again, and \

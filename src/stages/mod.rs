@@ -140,6 +140,14 @@ impl Env {
         Ok(env)
     }
 
+    /// Whether the run continues from a checkpoint: a `--resume` that finds none starts over,
+    /// and is checked as a fresh start is.
+    pub fn continues(&self) -> bool {
+        self.resume
+            && crate::train::checkpoint::Checkpoints::newest_first(&self.run_dir)
+                .is_ok_and(|c| !c.is_empty())
+    }
+
     /// Called once the run has written a checkpoint: an earlier run `--overwrite` set aside
     /// is deleted now that this one can stand in its place.
     /// A set-aside that cannot be deleted is said to be, and the run goes on: it has a good

@@ -235,7 +235,7 @@ pub fn split_holdout<T>(
         );
     }
     // A run begun before this was refused resumes holding out the one it held out then.
-    if env.cfg.data.val_fraction == 0.0 && !env.resume {
+    if env.cfg.data.val_fraction == 0.0 && !env.continues() {
         bail!(
             "data.val_fraction = 0: every stage evaluates on held-out records, at least one, so \
              0 would hold one out all the same; to train on all of {}, name held-out records \
@@ -675,6 +675,38 @@ pub fn recorded_task_world(init: &Path) -> Result<(Option<u64>, Option<u32>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A run from a Hugging Face model, and a run from that run (by its directory or its
+    /// final checkpoint, a relative init among them), descend from it; a run from scratch
+    /// does not, nor does a chain with a missing link.
+    #[test]
+    fn init_chains_lead_back_to_a_pretrained_model() {
+        let d = tempfile::tempdir().unwrap();
+        let run = |name: &str, init: Option<&str>| {
+            let dir = d.path().join(name);
+            std::fs::create_dir_all(dir.join("final")).unwrap();
+            std::fs::write(dir.join("final/meta.json"), "{}").unwrap();
+            let line = init.map_or(String::new(), |i| format!("init = {i:?}\n"));
+            std::fs::write(dir.join("config.toml"), format!("{line}stage = \"sft\"\n")).unwrap();
+            dir
+        };
+        let hf = d.path().join("hf");
+        std::fs::create_dir_all(&hf).unwrap();
+        std::fs::write(hf.join("config.json"), "{}").unwrap();
+        std::fs::write(hf.join("model.safetensors"), "").unwrap();
+        assert!(descends_from_pretrained(&hf));
+        let sft = run("sft", Some(hf.to_str().unwrap()));
+        let dpo = run("dpo", Some(sft.join("final").to_str().unwrap()));
+        assert!(descends_from_pretrained(&sft));
+        assert!(descends_from_pretrained(&dpo.join("final")));
+        // Relative to the run's directory where it is not found as given.
+        let rel = run("rel", Some("../sft"));
+        assert!(descends_from_pretrained(&rel));
+        let scratch = run("scratch", None);
+        assert!(!descends_from_pretrained(&scratch));
+        let broken = run("broken", Some("/nonexistent/run"));
+        assert!(!descends_from_pretrained(&broken));
+    }
 
     /// A tokenizer_config.json without a template, or with `"chat_template": null` (as some
     /// base models ship), has none; one with a template gives it.
