@@ -607,30 +607,29 @@ pub struct Sides {
 }
 
 impl Sides {
+    /// One read from the device for all four means: the loss's own reads already wait for
+    /// the forward, and each further read would wait again.
     fn of(
         policy: &(Tensor, Tensor),
         reference: Option<&(Tensor, Tensor)>,
         beta: f64,
     ) -> Result<Self> {
-        let mean = |t: &Tensor| -> Result<f64> {
-            Ok(f64::from(
-                t.detach()
-                    .to_dtype(DType::F32)?
-                    .mean_all()?
-                    .to_scalar::<f32>()?,
-            ))
-        };
-        let rewards = match reference {
-            Some(r) => Some((
-                beta * mean(&(&policy.0 - &r.0)?)?,
-                beta * mean(&(&policy.1 - &r.1)?)?,
-            )),
-            None => None,
-        };
+        let mean =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.detach().to_dtype(DType::F32)?.mean_all()?) };
+        let mut means = vec![mean(&policy.0)?, mean(&policy.1)?];
+        if let Some(r) = reference {
+            means.push(mean(&(&policy.0 - &r.0)?)?);
+            means.push(mean(&(&policy.1 - &r.1)?)?);
+        }
+        let v: Vec<f64> = Tensor::stack(&means, 0)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f64::from)
+            .collect();
         Ok(Self {
-            logps_chosen: mean(&policy.0)?,
-            logps_rejected: mean(&policy.1)?,
-            rewards,
+            logps_chosen: v[0],
+            logps_rejected: v[1],
+            rewards: (v.len() == 4).then(|| (beta * v[2], beta * v[3])),
         })
     }
 
