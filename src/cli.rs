@@ -1027,9 +1027,7 @@ impl StageArgs {
         }
         // Refused before any model loads; a run that continues a checkpoint keeps what it
         // held out when it began.
-        let continues = resume
-            && crate::train::checkpoint::Checkpoints::newest_first(&out)
-                .is_ok_and(|c| !c.is_empty());
+        let continues = resume && crate::train::checkpoint::Checkpoints::any(&out);
         let holds_out =
             stage != Stage::Pretrain && cfg.data.path.is_some() && cfg.data.eval_path.is_none();
         if holds_out && cfg.data.val_fraction == 0.0 && !continues {

@@ -143,9 +143,7 @@ impl Env {
     /// Whether the run continues from a checkpoint: a `--resume` that finds none starts over,
     /// and is checked as a fresh start is.
     pub fn continues(&self) -> bool {
-        self.resume
-            && crate::train::checkpoint::Checkpoints::newest_first(&self.run_dir)
-                .is_ok_and(|c| !c.is_empty())
+        self.resume && crate::train::checkpoint::Checkpoints::any(&self.run_dir)
     }
 
     /// Called once the run has written a checkpoint: an earlier run `--overwrite` set aside

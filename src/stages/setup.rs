@@ -234,15 +234,6 @@ pub fn split_holdout<T>(
             path.display()
         );
     }
-    // A run begun before this was refused resumes holding out the one it held out then.
-    if env.cfg.data.val_fraction == 0.0 && !env.continues() {
-        bail!(
-            "data.val_fraction = 0: every stage evaluates on held-out records, at least one, so \
-             0 would hold one out all the same; to train on all of {}, name held-out records \
-             with --eval-data",
-            path.display()
-        );
-    }
     let n = ((all.len() as f64 * env.cfg.data.val_fraction).round() as usize).max(1);
     let held: std::collections::HashSet<usize> = match env.cfg.data.holdout {
         Holdout::Random => held_out_indices(all.len(), n),
@@ -619,12 +610,7 @@ pub fn descends_from_pretrained(init: &Path) -> bool {
         let Ok(ckpt) = resolve_checkpoint(&at) else {
             return false;
         };
-        let Some(run_cfg) = ckpt
-            .ancestors()
-            .take(3)
-            .map(|d| d.join("config.toml"))
-            .find(|p| p.is_file())
-        else {
+        let Some(run_cfg) = run_config_of(&ckpt) else {
             return false;
         };
         let text = std::fs::read_to_string(&run_cfg).unwrap_or_default();
@@ -643,6 +629,15 @@ pub fn descends_from_pretrained(init: &Path) -> bool {
     false
 }
 
+/// The `config.toml` of the run checkpoint `ckpt` belongs to (`RUN/final`,
+/// `RUN/checkpoints/step-N`, or a run directory itself); none for one away from its run.
+fn run_config_of(ckpt: &Path) -> Option<PathBuf> {
+    ckpt.ancestors()
+        .take(3)
+        .map(|d| d.join("config.toml"))
+        .find(|p| p.is_file())
+}
+
 /// The built-in task's `task_seed` and `task_max_operand` that the run of checkpoint `init`
 /// records in its `config.toml`, each where it records one: none for a Hugging Face model, a
 /// run on the user's data or a checkpoint away from its run directory.
@@ -650,13 +645,7 @@ pub fn recorded_task_world(init: &Path) -> Result<(Option<u64>, Option<u32>)> {
     if hf::is_pretrained_dir(init) {
         return Ok((None, None));
     }
-    let ckpt = resolve_checkpoint(init)?;
-    let Some(run_cfg) = ckpt
-        .ancestors()
-        .take(3)
-        .map(|d| d.join("config.toml"))
-        .find(|p| p.is_file())
-    else {
+    let Some(run_cfg) = run_config_of(&resolve_checkpoint(init)?) else {
         return Ok((None, None));
     };
     let text = std::fs::read_to_string(&run_cfg)?;

@@ -132,6 +132,12 @@ impl Checkpoints {
         Ok(newest)
     }
 
+    /// Whether `run_dir` holds a checkpoint a resume may continue from (a `--resume` that
+    /// finds none starts over).
+    pub fn any(run_dir: &Path) -> bool {
+        Self::newest_first(run_dir).is_ok_and(|c| !c.is_empty())
+    }
+
     /// What a resume may continue from, best first: [`Checkpoints::latest`]'s choice (which
     /// may be missing, where the pointer names a directory that is gone), then the complete
     /// checkpoints of lower steps, newest first.

@@ -152,7 +152,7 @@ struct LoopState {
 struct Window {
     loss: f64,
     steps: usize,
-    metrics: Vec<(String, f64, usize)>,
+    metrics: Averages<String>,
 }
 
 impl Window {
@@ -162,21 +162,14 @@ impl Window {
         self.loss += out.loss;
         self.steps += 1;
         for (key, v) in out.extras.iter().filter(|(_, v)| v.is_finite()) {
-            match self.metrics.iter_mut().find(|(k, _, _)| k == key) {
-                Some((_, s, c)) => {
-                    *s += v;
-                    *c += 1;
-                }
-                None => self.metrics.push((key.to_string(), *v, 1)),
-            }
+            self.metrics.add(key.to_string(), *v);
         }
     }
 
     /// The window's mean loss and metric means, and a fresh window.
     fn drain(&mut self) -> (f64, Vec<(String, f64)>) {
-        let w = std::mem::take(self);
-        let means = w.metrics.into_iter().map(|(k, s, c)| (k, s / c as f64));
-        (w.loss / w.steps.max(1) as f64, means.collect())
+        let mut w = std::mem::take(self);
+        (w.loss / w.steps.max(1) as f64, w.metrics.drain())
     }
 }
 
@@ -215,11 +208,13 @@ pub struct RunOpts<'a> {
 /// Sums of the extra metrics over one step's micro-batches or one logging window, each with
 /// the number of reports, so that a number reported once (a PPO rollout's statistics) is not
 /// diluted by the micro-batches that did not report it.
-#[derive(Default)]
-struct Averages(Vec<(&'static str, f64, usize)>);
+/// Keyed by `&'static str` within a step, by `String` in a [`Window`], which a checkpoint
+/// writes and reads back.
+#[derive(Clone, Default, Serialize, Deserialize)]
+struct Averages<K>(Vec<(K, f64, usize)>);
 
-impl Averages {
-    fn add(&mut self, key: &'static str, v: f64) {
+impl<K: PartialEq> Averages<K> {
+    fn add(&mut self, key: K, v: f64) {
         match self.0.iter_mut().find(|(k, _, _)| *k == key) {
             Some((_, s, c)) => {
                 *s += v;
@@ -229,7 +224,7 @@ impl Averages {
         }
     }
 
-    fn drain(&mut self) -> Vec<(&'static str, f64)> {
+    fn drain(&mut self) -> Vec<(K, f64)> {
         self.0
             .drain(..)
             .map(|(k, s, c)| (k, s / c as f64))
