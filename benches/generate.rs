@@ -203,10 +203,27 @@ fn main() -> Result<()> {
         step_bytes(&cfg, params, b, l + n / 2, dtype) / 1e6,
         step / floor_step
     );
+    #[cfg(feature = "cuda")]
+    {
+        use temper::kernels::cuda::decode_gemm::{self, DecodeGemm};
+        anyhow::ensure!(
+            DecodeGemm::current() != DecodeGemm::Ours || decode_gemm::launches() > 0,
+            "TEMPER_DECODE_GEMM=ours, but no GEMM of the run was ours (cuBLASLt served them all)"
+        );
+    }
+    // Whether the timed graph could overlap its kernels (programmatic edges join two kernel
+    // nodes only).
+    #[cfg(feature = "cuda")]
+    let graph = temper::generate::last_capture();
+    #[cfg(not(feature = "cuda"))]
+    let graph: Option<()> = None;
+    if let Some(g) = &graph {
+        println!("decode step's graph: {g:?}");
+    }
     println!(
         "{}",
         serde_json::json!({
-            "bench": "generate", "impl": impl_label(decode), "shape": shape_label(if dev.is_cuda() { &model } else { "tiny" }, (b, l, n), group, penalty, top_k),
+            "bench": "generate", "impl": impl_label(decode), "graph": graph, "shape": shape_label(if dev.is_cuda() { &model } else { "tiny" }, (b, l, n), group, penalty, top_k),
             "tokens_per_s": tokens_per_s, "ms_total": total * 1e3, "ms_prefill": prefill * 1e3,
             "ms_decode_step": step * 1e3, "ms_floor_step": floor_step * 1e3,
             "floor_tokens_per_s": b as f64 / floor_step,
@@ -239,25 +256,29 @@ fn shape_label(
     }
 }
 
-/// The run's name in the results: `temper` for the default, else `ours-` and what differs.
+/// The run's name in the results: `temper` for the default, else `ours-` and what differs:
+/// the decode step without its graph, and each switch the run's launches show.
 fn impl_label(decode: DecodeMode) -> String {
-    match decode {
-        DecodeMode::Fixed => "ours-fixed-shapes".into(),
-        DecodeMode::Dynamic => "ours-dynamic-shapes".into(),
-        DecodeMode::Graph => {
-            let switched: Vec<&str> = [
+    let mode = match decode {
+        DecodeMode::Fixed => Some("fixed-shapes"),
+        DecodeMode::Dynamic => Some("dynamic-shapes"),
+        DecodeMode::Graph => None,
+    };
+    let switched: Vec<&str> = mode
+        .into_iter()
+        .chain(
+            [
                 (decode_gemm_ours(), "decode-gemm"),
                 (gemm_timed(), "gemm-timed"),
                 (pdl_on(), "pdl"),
             ]
             .into_iter()
-            .filter_map(|(on, tag)| on.then_some(tag))
-            .collect();
-            match switched.is_empty() {
-                true => "temper".into(),
-                false => format!("ours-{}", switched.join("-")),
-            }
-        }
+            .filter_map(|(on, tag)| on.then_some(tag)),
+        )
+        .collect();
+    match switched.is_empty() {
+        true => "temper".into(),
+        false => format!("ours-{}", switched.join("-")),
     }
 }
 
@@ -272,12 +293,13 @@ fn pdl_on() -> bool {
     false
 }
 
-/// Whether generation's few-row GEMMs are ours (`TEMPER_DECODE_GEMM=ours`), not cuBLASLt's.
+/// Whether generation's few-row GEMMs were ours (`TEMPER_DECODE_GEMM=ours`), not cuBLASLt's:
+/// asked after the run, of the launches themselves (where our kernel does not take a product,
+/// cuBLASLt serves it without a word).
 fn decode_gemm_ours() -> bool {
     #[cfg(feature = "cuda")]
     {
-        use temper::kernels::cuda::decode_gemm::DecodeGemm;
-        DecodeGemm::current() == DecodeGemm::Ours
+        temper::kernels::cuda::decode_gemm::launches() > 0
     }
     #[cfg(not(feature = "cuda"))]
     false

@@ -59,7 +59,8 @@ SHARED=(device unpack peer-copy train-ours)
 PART_1=('test-.*' train-torch-eager bench-generate peer-generate bench-attention peer-attention
   bench-lora peer-lora)
 PART_2=(ppo-init ppo-update gpt2-loss ncu-step ncu-decode bench-generate-timed
-  bench-generate-decode-gemm bench-generate-pdl bench-generate-pdl-decode-gemm train-attn-wide
+  bench-generate-decode-gemm bench-generate-pdl bench-generate-pdl-decode-gemm
+  bench-generate-pdl-fixed train-attn-wide
   train-gemm-timed train-recompute ncu-lora ncu-attention ncu-attention-stalls bench-attention-packed
   peer-attention-packed bench-attention-softcap peer-attention-softcap)
 PART_3=(train-torch-compile train-graph bench-generate-fixed bench-generate-dynamic
@@ -244,6 +245,11 @@ if has bench-generate; then
   section bench-generate-pdl 90 env TEMPER_PDL=on "$BUNDLE" bench-generate --bench
   section bench-generate-pdl-decode-gemm 90 env TEMPER_PDL=on TEMPER_DECODE_GEMM=ours "$BUNDLE" \
     bench-generate --bench
+  # And programmatic launches in the fixed-shape step run op by op: no graph, so no memory
+  # node between two kernels (the bench prints the graph's census, where the programmatic
+  # edges show whether the graph kept any overlap).
+  section bench-generate-pdl-fixed 90 env TEMPER_PDL=on "$BUNDLE" bench-generate --bench \
+    --decode fixed --reps 1
   peer_cmd="${TEMPER_GENERATE_PEER:-}"
   [[ -z "$peer_cmd" && -f scripts/bench_generate.py ]] && peer_cmd="python3 scripts/bench_generate.py"
   # Qwen3-0.6B's shape: Qwen3's per-head norms of q and k inside the fused decode kernel.
@@ -264,7 +270,9 @@ if has bench-generate; then
   else
     echo "== peer-generate: no scripts/bench_generate.py; skipped" >&2
     printf '{"section":"peer-generate","status":"skipped (no peer script)"}\n' >>"$RESULTS"
-    printf '{"section":"peer-generate-qwen3","status":"skipped (no peer script)"}\n' >>"$RESULTS"
+    for sec in peer-generate-qwen3 peer-generate-penalty peer-generate-topk; do
+      printf '{"section":"%s","status":"skipped (no peer script)"}\n' "$sec" >>"$RESULTS"
+    done
   fi
 else
   echo "== bench-generate: not in .gpu yet; skipped" >&2

@@ -284,18 +284,28 @@ for shape in sorted({r.get("shape", "") for r in meas if r.get("bench") == "gene
             sec_state(o.get("section", "bench-generate"), p.get("section", "peer-generate")))
         for a in ablations:
             switched = [d for tag, d in [
+                ("fixed-shapes", "the fixed-shape decode step op by op, without its CUDA graph"),
+                ("dynamic-shapes", "the decode step at the cache's shapes, without its CUDA graph"),
                 ("decode-gemm", "our few-row GEMM for the decode step's (TEMPER_DECODE_GEMM=ours)"),
                 ("gemm-timed", "cuBLASLt's candidates timed (TEMPER_GEMM_TUNE=timed)"),
                 ("pdl", "programmatic dependent launches (TEMPER_PDL=on)")] if tag in a["impl"]]
-            what = " + ".join(switched) or "the decode step without its CUDA graph"
+            what = " + ".join(switched) or a["impl"]
             row("generate", shape, f"{a['impl']} tokens/s", a.get("tokens_per_s"), p["impl"],
                 p.get("tokens_per_s"), f"ablation: {what}")
     # Against the floor every variant has its own row, peer or no peer in this run.
     for r in [o] + ablations:
         if r.get("ms_floor_step"):
             what = "ms" if r is o else f"{r['impl'].removeprefix('ours-')} ms"
+            note = "weights + KV cache bytes per step over copy bandwidth; goal <= 2"
+            g = r.get("graph") or {}
+            if g:
+                # A programmatic launch overlaps the kernel ahead only across a programmatic
+                # edge; memory nodes between two kernels leave a plain one.
+                note += (f"; graph: {g.get('kernels')} kernels, {g.get('mem_allocs')} allocs, "
+                         f"{g.get('mem_frees')} frees, {g.get('kernel_to_kernel')} kernel-to-kernel "
+                         f"edges, {g.get('programmatic')} programmatic")
             row("generate decode step", shape, what, r.get("ms_decode_step"), "bandwidth floor (4.1 TB/s)",
-                r.get("ms_floor_step"), "weights + KV cache bytes per step over copy bandwidth; goal <= 2")
+                r.get("ms_floor_step"), note)
 
 # One PPO update (temper alone: the goal is a share, generation under half of the update).
 for r in [m for m in meas if m.get("bench") == "ppo_update"]:

@@ -36,7 +36,7 @@ mod gpu {
     use temper::generate::{generate, DecodeMode, EngineOpts, RowKeys, SampleCfg};
     use temper::kernels::attention::{attention_reference, AttnMask};
     use temper::kernels::cuda::attention::{attention_with, decode_fresh, AttnImpl};
-    use temper::kernels::cuda::decode_gemm::DecodeGemm;
+    use temper::kernels::cuda::decode_gemm::{self, DecodeGemm};
     use temper::kernels::cuda::pdl::{self, Pdl};
     use temper::kernels::cuda::{compute_capability, GemmTune};
     use temper::kernels::decode_step::{advance, kv_write, qkv_write, Gain, HeadNorm};
@@ -1139,10 +1139,16 @@ mod gpu {
                             .unwrap()
                     };
                     let what = format!("{name} {gemm:?} T {temperature} top-k {top_k}");
+                    let ours = decode_gemm::launches();
                     let plain = run(Pdl::Off);
+                    if gemm == DecodeGemm::Ours {
+                        assert!(decode_gemm::launches() > ours, "{what}: no GEMM was ours");
+                    }
                     let before = pdl::launches();
                     let early = run(Pdl::On);
                     assert!(pdl::launches() > before, "{what}: no programmatic launch");
+                    // Whether the graph kept any overlap is the bench's to say; shown here.
+                    eprintln!("{what}: graph {:?}", temper::generate::last_capture());
                     assert_eq!(plain.tokens, early.tokens, "{what}");
                     assert!(early.stats.graph_replays > 0, "{what}: {:?}", early.stats);
                     assert_eq!(

@@ -941,7 +941,8 @@ mod decode_gemm {
     /// Generation's few-row GEMM (`kernels/decode_gemm.cu`) against candle's matmul, with the
     /// bias and the GELU after it: row counts inside and at the ends of each 16-row tile,
     /// GPT-2's decode shapes (one K slice, several, eleven for the MLP's projection; the padded
-    /// LM head's 50,264 columns), a K no multiple of 32 and N no multiple of 32. Each shape runs
+    /// LM head's 50,264 columns), a K no multiple of 32 (in one slice, and in four whose last
+    /// ends in a part chunk) and N no multiple of 32. Each shape runs
     /// twice, so a slice counter left non-zero by the first launch would spoil the second.
     pub fn decode_gemm_matches_the_reference(dev: &Device) {
         let (mut rng, seed) = Rng::fresh(0xdec0);
@@ -954,6 +955,7 @@ mod decode_gemm {
             (48, 768, 3072),
             (5, 768, 50264),
             (64, 200, 77),
+            (64, 520, 768),
         ] {
             for dtype in [DType::BF16, DType::F16] {
                 let mk = |rng: &mut Rng, r: usize, c: usize| {

@@ -21,6 +21,8 @@ use candle_core::{Device, Tensor};
 use crate::kernels::sample::SampleParams;
 
 pub use engine::generate;
+#[cfg(feature = "cuda")]
+pub use static_step::{last_capture, GraphCensus};
 
 #[derive(Clone, Debug)]
 pub struct SampleCfg {

@@ -208,11 +208,14 @@ pub(super) fn capturable(dev: &Device) -> bool {
 }
 
 #[cfg(feature = "cuda")]
+pub use graph::{last_capture, GraphCensus};
+
+#[cfg(feature = "cuda")]
 mod graph {
     //! Capture and replay of the step on candle's stream.
 
     use std::cell::RefCell;
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex, PoisonError};
 
     use candle_core::cuda_backend::cudarc::driver::sys::{
         self, CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus,
@@ -332,7 +335,104 @@ mod graph {
             (Ok(()), Ok(Some(g))) => g,
         };
         graph.upload().map_err(|e| format!("{e:?}"))?;
+        *LAST.lock().unwrap_or_else(PoisonError::into_inner) = census(&graph).ok();
         Ok(graph)
+    }
+
+    /// What a captured decode step holds: its nodes by type, and its edges. Programmatic
+    /// launches (`TEMPER_PDL=on`) overlap a kernel with the one ahead only through a
+    /// programmatic edge, which capture makes only between two kernel nodes: a buffer
+    /// allocated or freed between two launches puts a memory node between them.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+    pub struct GraphCensus {
+        pub kernels: usize,
+        pub mem_allocs: usize,
+        pub mem_frees: usize,
+        pub memsets: usize,
+        pub memcpys: usize,
+        pub other_nodes: usize,
+        pub edges: usize,
+        /// Edges from one kernel node to another.
+        pub kernel_to_kernel: usize,
+        /// Edges of type programmatic: where a kernel may start before the one ahead ends.
+        pub programmatic: usize,
+    }
+
+    static LAST: Mutex<Option<GraphCensus>> = Mutex::new(None);
+
+    /// The census of this process's last decode-step capture (`None` before any, or where
+    /// the driver would not say), for the generate bench to show whether programmatic
+    /// launches could overlap in the graph it timed.
+    pub fn last_capture() -> Option<GraphCensus> {
+        *LAST.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn census(graph: &CudaGraph) -> Result<GraphCensus, sys::CUresult> {
+        use sys::CUgraphNodeType as T;
+        let g = graph.cu_graph();
+        let ok = |r: sys::CUresult| match r {
+            sys::CUresult::CUDA_SUCCESS => Ok(()),
+            e => Err(e),
+        };
+        let mut n = 0usize;
+        // SAFETY: queries of a graph the CudaGraph owns and keeps alive; each array holds the
+        // count the first call of the pair returned.
+        ok(unsafe { sys::cuGraphGetNodes(g, std::ptr::null_mut(), &mut n) })?;
+        let mut nodes = vec![std::ptr::null_mut(); n];
+        ok(unsafe { sys::cuGraphGetNodes(g, nodes.as_mut_ptr(), &mut n) })?;
+        nodes.truncate(n);
+        let mut c = GraphCensus::default();
+        let mut kernel = std::collections::HashSet::new();
+        for &node in &nodes {
+            let mut t = T::CU_GRAPH_NODE_TYPE_EMPTY;
+            // SAFETY: as above.
+            ok(unsafe { sys::cuGraphNodeGetType(node, &mut t) })?;
+            match t {
+                T::CU_GRAPH_NODE_TYPE_KERNEL => {
+                    c.kernels += 1;
+                    kernel.insert(node as usize);
+                }
+                T::CU_GRAPH_NODE_TYPE_MEM_ALLOC => c.mem_allocs += 1,
+                T::CU_GRAPH_NODE_TYPE_MEM_FREE => c.mem_frees += 1,
+                T::CU_GRAPH_NODE_TYPE_MEMSET => c.memsets += 1,
+                T::CU_GRAPH_NODE_TYPE_MEMCPY => c.memcpys += 1,
+                _ => c.other_nodes += 1,
+            }
+        }
+        let mut e = 0usize;
+        let no = std::ptr::null_mut::<sys::CUgraphNode>;
+        // SAFETY: as above; the edge data is asked for with the edges, or the driver refuses
+        // a graph with programmatic edges as a lossy query.
+        ok(unsafe { sys::cuGraphGetEdges_v2(g, no(), no(), std::ptr::null_mut(), &mut e) })?;
+        let mut from = vec![std::ptr::null_mut(); e];
+        let mut to = vec![std::ptr::null_mut(); e];
+        let blank = sys::CUgraphEdgeData {
+            from_port: 0,
+            to_port: 0,
+            type_: 0,
+            reserved: [0; 5],
+        };
+        let mut data = vec![blank; e];
+        ok(unsafe {
+            sys::cuGraphGetEdges_v2(
+                g,
+                from.as_mut_ptr(),
+                to.as_mut_ptr(),
+                data.as_mut_ptr(),
+                &mut e,
+            )
+        })?;
+        c.edges = e;
+        let programmatic = sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u8;
+        for i in 0..e {
+            if kernel.contains(&(from[i] as usize)) && kernel.contains(&(to[i] as usize)) {
+                c.kernel_to_kernel += 1;
+            }
+            if data[i].type_ == programmatic {
+                c.programmatic += 1;
+            }
+        }
+        Ok(c)
     }
 
     impl Drop for Replay {

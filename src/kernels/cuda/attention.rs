@@ -557,31 +557,33 @@ fn decode_ring(arch: u32) -> u32 {
 }
 
 thread_local! {
-    /// Per decode kernel and device: the blocks a multiprocessor holds, once its shared memory
-    /// limits are set (two attributes and a query, not repeated every token).
+    /// Per loaded decode kernel: the blocks a multiprocessor holds (a query not repeated every
+    /// token). Keyed by the function's handle as well as its name: every device created loads
+    /// the modules anew (a pipeline's stages each create one), and its copy has no limits set.
     static DECODE_FIT: RefCell<HashMap<(String, usize), u32>> = RefCell::new(HashMap::new());
 }
 
-/// Blocks of decode kernel `name` a multiprocessor holds with a ring of `ring` bytes: its
-/// shared-memory limit raised first (the ring and the block's static arrays pass the 48 KiB
+/// Blocks of decode kernel `name` a multiprocessor holds with a ring of `ring` bytes. Its
+/// shared-memory limit is raised first (the ring and the block's static arrays pass the 48 KiB
 /// default at head dim 256 and four rows) and its carveout set to the most shared memory (six
-/// rings a multiprocessor on an H100/H200).
+/// rings a multiprocessor on an H100/H200), on every call: the attributes belong to the loaded
+/// function, and two host calls cost nothing beside a launch.
 fn decode_blocks_per_sm(
     dev: &CudaDevice,
     func: &super::Kernel,
     name: &str,
     ring: u32,
 ) -> Result<u32> {
-    let key = (name.to_string(), dev.cuda_stream().context().ordinal());
-    if let Some(n) = DECODE_FIT.with_borrow(|m| m.get(&key).copied()) {
-        return Ok(n);
-    }
     allow_smem(dev, func, ring as usize)?;
     func.set_attribute(
         CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
         100,
     )
     .w()?;
+    let key = (name.to_string(), func.cu_function() as usize);
+    if let Some(n) = DECODE_FIT.with_borrow(|m| m.get(&key).copied()) {
+        return Ok(n);
+    }
     let n = func
         .occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, ring as usize, None)
         .w()?;

@@ -9,7 +9,9 @@
 //! default where it wins.
 
 use std::cell::Cell;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus;
@@ -117,6 +119,15 @@ impl Plan {
     }
 }
 
+/// Launches of this kernel by this process: [`for_generation`] leaves a product to cuBLASLt
+/// without a word wherever the kernel does not take it, so benches and tests ask this whether
+/// it ran.
+pub fn launches() -> u64 {
+    LAUNCHES.load(Ordering::Relaxed)
+}
+
+static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+
 /// Whether the kernel takes `x W^T`: `x [..., K]` (rows at most [`MAX_ROWS`]) and `W [N, K]`
 /// both bf16 or both f16, K a multiple of 8 (16-byte rows), N at least 1.
 pub fn takes(x: &Tensor, w: &Tensor) -> bool {
@@ -187,7 +198,8 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
     let dev = x.device().as_cuda_device()?;
     let (n, k) = w.dims2()?;
     let m = x.elem_count() / k;
-    let plan = Plan::new(m, n, k, sm_count(dev)? as usize);
+    let sms = sm_count(dev)? as usize;
+    let plan = Plan::new(m, n, k, sms);
     let stream = dev.cuda_stream();
     let (xs, xl) = x.storage_and_layout();
     let (ws, wl) = w.storage_and_layout();
@@ -199,7 +211,7 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
     }
     let split = plan.splits > 1;
     let mut counters = Counters::lock();
-    let Some(count) = counters.at_least(&stream, if split { plan.tiles } else { 0 })? else {
+    let Some(count) = counters.at_least(&stream, sms, if split { plan.tiles } else { 0 })? else {
         return Ok(None);
     };
     let bias = b.map(|b| b.storage_and_layout());
@@ -247,6 +259,7 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
         // counter per column tile (each launch's last slices leave them zeroed).
         unsafe { launch(dev, &func, &name, cfg, &p) }?;
     }
+    LAUNCHES.fetch_add(1, Ordering::Relaxed);
     let mut dims = x.dims().to_vec();
     *dims.last_mut().expect("rank >= 2") = n;
     Ok(Some(tensor_from_slice(y, dev, dims)))
@@ -254,9 +267,11 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
 
 /// The slice counters of each stream: zeroed once, and left zeroed by every launch (the last
 /// slice of a tile resets its counter), so a decode step's GEMMs add no memset each (48 for
-/// GPT-2 small, in its CUDA graph too). Grown only outside a graph capture: the eager step
-/// before a capture runs the same GEMMs first, and a capture that would need more counters
-/// leaves the GEMM to cuBLASLt.
+/// GPT-2 small, in its CUDA graph too). Allocated once, outside a graph capture, and never
+/// replaced: a captured graph keeps the counters' address for as long as it lives, so a
+/// replacement would free memory its replays still count in. [`Plan`] splits K only where the
+/// column tiles number under two an SM, so `2 * sms` counters serve every split launch; a
+/// launch that would need more is left to cuBLASLt.
 struct Counters(HashMap<usize, (Arc<CudaStream>, CudaSlice<u32>)>);
 
 impl Counters {
@@ -267,33 +282,43 @@ impl Counters {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// At least `n` zeroed counters on `stream` (`n` 0: none needed, a spare one handed out);
-    /// `None` where they would have to grow inside a capture.
+    /// At least `n` zeroed counters on `stream` (`n` 0: none needed, a spare one handed out),
+    /// from the stream's one buffer of `counters_for(sms)`; `None` where `n` is more than
+    /// that, or where the buffer would first be made inside a capture.
     fn at_least(
         &mut self,
         stream: &Arc<CudaStream>,
+        sms: usize,
         n: usize,
     ) -> Result<Option<&mut CudaSlice<u32>>> {
         let key = Arc::as_ptr(stream) as usize;
-        let have = self.0.get(&key).map_or(0, |(_, c)| c.len());
-        if have < n.max(1) {
+        if let Entry::Vacant(slot) = self.0.entry(key) {
             let capturing = stream.capture_status().map_err(candle_core::Error::wrap)?
                 != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
             if capturing {
                 return Ok(None);
             }
             let fresh = stream
-                .alloc_zeros::<u32>(n.max(64))
+                .alloc_zeros::<u32>(counters_for(sms))
                 .map_err(candle_core::Error::wrap)?;
-            self.0.insert(key, (stream.clone(), fresh));
+            slot.insert((stream.clone(), fresh));
         }
-        Ok(self.0.get_mut(&key).map(|(_, c)| c))
+        Ok(self
+            .0
+            .get_mut(&key)
+            .map(|(_, c)| c)
+            .filter(|c| c.len() >= n.max(1)))
     }
+}
+
+/// The counters a stream's buffer holds: one per column tile of any launch [`Plan`] splits.
+fn counters_for(sms: usize) -> usize {
+    (2 * sms).max(64)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Plan;
+    use super::{counters_for, Plan};
 
     /// GPT-2's decode GEMMs at 64 rows on 132 SMs: every slice has chunks, every warp work
     /// where the K allows, and the grid about two CTAs an SM where the columns alone are few.
@@ -317,6 +342,16 @@ mod tests {
                 assert!(p.chunks * p.splits >= nchunks, "{n}x{k} on {sms}: {p:?}");
                 assert!(p.splits == 1 || p.chunks >= 4, "{n}x{k} on {sms}: {p:?}");
                 assert_eq!(p.mt, 4);
+            }
+        }
+        // Every split launch finds a counter per column tile in the stream's one buffer.
+        for sms in [1, 8, 132, 200] {
+            for n in (8..4 * 2 * sms * 32).step_by(8) {
+                let p = Plan::new(64, n, 3072, sms);
+                assert!(
+                    p.splits == 1 || p.tiles <= counters_for(sms),
+                    "{n} on {sms}: {p:?}"
+                );
             }
         }
         assert_eq!(Plan::new(64, 768, 3072, 132).splits, 11);
