@@ -270,8 +270,7 @@ fn impl_label(decode: DecodeMode) -> String {
             [
                 (decode_gemm_ours(), "decode-gemm"),
                 (gemm_timed(), "gemm-timed"),
-                (pdl_on() && !pdl_chain(), "pdl"),
-                (pdl_on() && pdl_chain(), "pdl-chain"),
+                (pdl_on(), "pdl"),
             ]
             .into_iter()
             .filter_map(|(on, tag)| on.then_some(tag)),
@@ -289,18 +288,6 @@ fn pdl_on() -> bool {
     #[cfg(feature = "cuda")]
     {
         temper::kernels::cuda::pdl::launches() > 0
-    }
-    #[cfg(not(feature = "cuda"))]
-    false
-}
-
-/// Whether the decode step's graph was rewired for programmatic launches to overlap in it
-/// (`TEMPER_PDL=chain`).
-fn pdl_chain() -> bool {
-    #[cfg(feature = "cuda")]
-    {
-        use temper::kernels::cuda::pdl::Pdl;
-        Pdl::current().is_ok_and(|p| p == Pdl::Chain)
     }
     #[cfg(not(feature = "cuda"))]
     false

@@ -60,8 +60,7 @@ PART_1=('test-.*' train-torch-eager bench-generate peer-generate bench-attention
   bench-lora peer-lora)
 PART_2=(ppo-init ppo-update gpt2-loss ncu-step ncu-decode bench-generate-timed
   bench-generate-decode-gemm bench-generate-pdl bench-generate-pdl-decode-gemm
-  bench-generate-pdl-fixed bench-generate-pdl-chain bench-generate-pdl-chain-decode-gemm
-  train-attn-wide
+  bench-generate-pdl-fixed train-attn-wide
   train-gemm-timed train-recompute ncu-lora ncu-attention ncu-attention-stalls bench-attention-packed
   peer-attention-packed bench-attention-softcap peer-attention-softcap)
 PART_3=(train-torch-compile train-graph bench-generate-fixed bench-generate-dynamic
@@ -251,11 +250,6 @@ if has bench-generate; then
   # edges show whether the graph kept any overlap).
   section bench-generate-pdl-fixed 90 env TEMPER_PDL=on "$BUNDLE" bench-generate --bench \
     --decode fixed --reps 1
-  # And the captured step rewired so that the programmatic launches can overlap in the graph:
-  # its memory nodes out of the kernels' chain (src/kernels/cuda/graph_chain.rs).
-  section bench-generate-pdl-chain 90 env TEMPER_PDL=chain "$BUNDLE" bench-generate --bench
-  section bench-generate-pdl-chain-decode-gemm 90 env TEMPER_PDL=chain TEMPER_DECODE_GEMM=ours \
-    "$BUNDLE" bench-generate --bench
   peer_cmd="${TEMPER_GENERATE_PEER:-}"
   [[ -z "$peer_cmd" && -f scripts/bench_generate.py ]] && peer_cmd="python3 scripts/bench_generate.py"
   # Qwen3-0.6B's shape: Qwen3's per-head norms of q and k inside the fused decode kernel.

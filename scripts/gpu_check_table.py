@@ -288,9 +288,7 @@ for shape in sorted({r.get("shape", "") for r in meas if r.get("bench") == "gene
                 ("dynamic-shapes", "the decode step at the cache's shapes, without its CUDA graph"),
                 ("decode-gemm", "our few-row GEMM for the decode step's (TEMPER_DECODE_GEMM=ours)"),
                 ("gemm-timed", "cuBLASLt's candidates timed (TEMPER_GEMM_TUNE=timed)"),
-                ("pdl-chain", "programmatic dependent launches in a rewired graph (TEMPER_PDL=chain)"),
-                ("pdl", "programmatic dependent launches (TEMPER_PDL=on)")]
-                if tag in a["impl"] and not (tag == "pdl" and "pdl-chain" in a["impl"])]
+                ("pdl", "programmatic dependent launches (TEMPER_PDL=on)")] if tag in a["impl"]]
             what = " + ".join(switched) or a["impl"]
             row("generate", shape, f"{a['impl']} tokens/s", a.get("tokens_per_s"), p["impl"],
                 p.get("tokens_per_s"), f"ablation: {what}")

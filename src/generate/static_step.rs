@@ -223,8 +223,6 @@ mod graph {
     use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaStream};
     use candle_core::Device;
 
-    use crate::kernels::cuda::graph_chain::Chained;
-    use crate::kernels::cuda::pdl::{self, Pdl};
     use crate::model::KvCache;
 
     /// Nothing captured yet, a graph to replay, or a capture that failed (steps run eagerly).
@@ -235,7 +233,7 @@ mod graph {
     enum State {
         #[default]
         Fresh,
-        Ready(Captured, Arc<CudaStream>),
+        Ready(CudaGraph, Arc<CudaStream>),
         Failed,
     }
 
@@ -305,36 +303,14 @@ mod graph {
         !ctx.is_managing_stream_synchronization() && ctx.has_async_alloc()
     }
 
-    /// A captured step: as cudarc instantiates it, or rewired for programmatic launches to
-    /// overlap in it (`TEMPER_PDL=chain`).
-    enum Captured {
-        Cudarc(CudaGraph),
-        Chained(Chained),
-    }
-
-    impl Captured {
-        fn launch(&self) -> candle_core::Result<()> {
-            match self {
-                Self::Cudarc(g) => g.launch().map_err(candle_core::Error::wrap),
-                Self::Chained(g) => g.launch(),
-            }
-        }
-
-        fn cu_graph(&self) -> sys::CUgraph {
-            match self {
-                Self::Cudarc(g) => g.cu_graph(),
-                Self::Chained(g) => g.cu_graph(),
-            }
-        }
-    }
-
     /// Records `body` on `stream` (in cudarc's relaxed mode: other threads may go on using
     /// CUDA) and instantiates the graph.
     fn capture(
         stream: &Arc<CudaStream>,
         body: impl FnOnce() -> candle_core::Result<()>,
-    ) -> Result<Captured, String> {
-        let chain = Pdl::current().map_err(|e| format!("{e}"))? == Pdl::Chain;
+    ) -> Result<CudaGraph, String> {
+        // A failed capture leaves no census: the bench must not show an earlier graph's.
+        *LAST.lock().unwrap_or_else(PoisonError::into_inner) = None;
         let ctx = stream.context();
         // cudarc returns an error some earlier drop recorded before doing what was asked, so
         // a stale one would fail the capture's start, or worse its end (below).
@@ -347,14 +323,7 @@ mod graph {
         // capture's error; cleared here, or `end_capture` would return it without ending
         // the capture.
         let cleared = ctx.check_err();
-        let ended = match chain {
-            true => Chained::end_capture(stream, &pdl::programmatic_functions())
-                .map(|g| g.map(Captured::Chained)),
-            false => stream
-                .end_capture(CUgraphInstantiate_flags(0))
-                .map(|g| g.map(Captured::Cudarc))
-                .map_err(|e| format!("{e:?}")),
-        };
+        let ended = stream.end_capture(CUgraphInstantiate_flags(0));
         let recorded = match (recorded, cleared) {
             (Ok(()), Err(e)) => Err(candle_core::Error::Msg(format!(
                 "during the capture: {e:?}"
@@ -363,14 +332,12 @@ mod graph {
         };
         let graph = match (recorded, ended) {
             (Err(e), _) => return Err(format!("{e}")),
-            (_, Err(e)) => return Err(e),
+            (_, Err(e)) => return Err(format!("{e:?}")),
             (Ok(()), Ok(None)) => return Err("an empty capture".into()),
             (Ok(()), Ok(Some(g))) => g,
         };
-        if let Captured::Cudarc(g) = &graph {
-            g.upload().map_err(|e| format!("{e:?}"))?;
-        }
-        *LAST.lock().unwrap_or_else(PoisonError::into_inner) = census(graph.cu_graph()).ok();
+        graph.upload().map_err(|e| format!("{e:?}"))?;
+        *LAST.lock().unwrap_or_else(PoisonError::into_inner) = census(&graph).ok();
         Ok(graph)
     }
 
@@ -402,8 +369,9 @@ mod graph {
         *LAST.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn census(g: sys::CUgraph) -> Result<GraphCensus, sys::CUresult> {
+    fn census(graph: &CudaGraph) -> Result<GraphCensus, sys::CUresult> {
         use sys::CUgraphNodeType as T;
+        let g = graph.cu_graph();
         let ok = |r: sys::CUresult| match r {
             sys::CUresult::CUDA_SUCCESS => Ok(()),
             e => Err(e),

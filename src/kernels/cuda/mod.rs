@@ -52,7 +52,6 @@ pub mod embedding;
 pub mod gae;
 pub mod gelu;
 pub mod gemm;
-pub mod graph_chain;
 pub mod heads;
 pub mod layernorm;
 pub mod logprobs;

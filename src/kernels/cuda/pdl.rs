@@ -11,17 +11,18 @@
 //! after one of these waits for it in full as always.
 //!
 //! In the decode step's CUDA graph a launch overlaps the kernel ahead only across a
-//! programmatic edge, which capture makes only where the node ahead is a kernel; candle's
-//! allocations and frees put memory nodes between most kernels of the step.
-//! `TEMPER_PDL=chain` launches the same way and rewires the captured graph so that the kernels
-//! meet ([`super::graph_chain`]); the generate bench prints each graph's census
-//! (`generate::last_capture`), which says how many programmatic edges it kept.
+//! programmatic edge, which capture makes only where the node ahead is a kernel, and candle's
+//! allocations and frees (stream-ordered, so memory nodes in a capture) fall between most of
+//! the step's kernels. The generate bench prints each graph's census
+//! (`generate::last_capture`): how many edges are programmatic. Rewiring the captured graph
+//! cannot mend it: the driver refuses to remove an edge from a graph that holds memory nodes,
+//! and it fixes each allocation's address when the node is made, from the order captured.
+//! What would is a step whose temporaries are allocated before the capture.
 
 use std::cell::Cell;
-use std::collections::HashSet;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::OnceLock;
 
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaFunction, CudaStream};
 use candle_core::cuda_backend::WrapErr;
@@ -44,13 +45,11 @@ pub const PDL_STEMS: &[&str] = &[
 ];
 
 /// How our kernels of [`PDL_STEMS`] are launched: `TEMPER_PDL=on` for programmatic dependent
-/// launches, `off` (or nothing) for plain ones, `chain` for programmatic ones with the decode
-/// step's captured graph rewired so that they can overlap in it ([`super::graph_chain`]).
+/// launches, `off` (or nothing) for plain ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pdl {
     Off,
     On,
-    Chain,
 }
 
 thread_local! {
@@ -81,8 +80,7 @@ impl Pdl {
         match value.map(str::trim) {
             None | Some("" | "off" | "0") => Ok(Self::Off),
             Some("on" | "1") => Ok(Self::On),
-            Some("chain") => Ok(Self::Chain),
-            Some(v) => Err(format!("TEMPER_PDL={v:?}: expected `on`, `off` or `chain`")),
+            Some(v) => Err(format!("TEMPER_PDL={v:?}: expected `on` or `off`")),
         }
     }
 }
@@ -91,7 +89,7 @@ impl Pdl {
 /// `pdl_enter` waits only where that PTX was built for sm_90 or later (a build for sm_80 alone
 /// run on a Hopper card loads PTX without the wait).
 pub fn applies(stem: &str, arch: u32) -> Result<bool> {
-    Ok(PDL_STEMS.contains(&stem) && arch >= 90 && Pdl::current()? != Pdl::Off)
+    Ok(PDL_STEMS.contains(&stem) && arch >= 90 && Pdl::current()? == Pdl::On)
 }
 
 /// Programmatic launches made by this process, for benches and tests to tell that they
@@ -101,18 +99,6 @@ pub fn launches() -> u64 {
 }
 
 static LAUNCHES: AtomicU64 = AtomicU64::new(0);
-
-/// The functions launched programmatically so far (their handles): the kernel nodes a
-/// rewired graph joins to the kernel ahead by a programmatic edge.
-pub fn programmatic_functions() -> HashSet<usize> {
-    FUNCTIONS
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone()
-        .unwrap_or_default()
-}
-
-static FUNCTIONS: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
 
 /// `func` on `stream` with `params` as its one argument, allowed to start before the kernel
 /// ahead of it has finished.
@@ -157,11 +143,6 @@ pub unsafe fn launch<P>(
     .result()
     .w()?;
     LAUNCHES.fetch_add(1, Ordering::Relaxed);
-    FUNCTIONS
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get_or_insert_with(HashSet::new)
-        .insert(func.cu_function() as usize);
     Ok(())
 }
 
@@ -267,7 +248,6 @@ mod tests {
         assert_eq!(Pdl::parse(Some("0")), Ok(Pdl::Off));
         assert_eq!(Pdl::parse(Some("on")), Ok(Pdl::On));
         assert_eq!(Pdl::parse(Some(" 1 ")), Ok(Pdl::On));
-        assert_eq!(Pdl::parse(Some("chain")), Ok(Pdl::Chain));
         let err = Pdl::parse(Some("yes")).unwrap_err();
         assert!(err.contains("TEMPER_PDL") && err.contains("yes"), "{err}");
     }
