@@ -30,7 +30,8 @@
 //! Besides the pass times, the backward's own is printed as (fwd+bwd) - fwd. With
 //! `TEMPER_BENCH_ONCE=1` (scripts/gpu-check.sh's ncu section) only our tensor-core variants
 //! run, each pass once with no warm-up and no check, so that ncu's first launches are one of
-//! each kernel rather than twenty of the first.
+//! each kernel rather than twenty of the first. `TEMPER_BENCH_DECODE=1` runs the decode
+//! shapes alone (with `TEMPER_BENCH_ONCE=1`, each kernel once: gpu-check's decode profile).
 //!
 //! Run: `cargo bench --features cuda --bench attention` (or the packed binary from
 //! scripts/gpu-build.sh). Without feature `cuda` (or a device) it times the reference on a
@@ -203,6 +204,9 @@ mod cuda {
             return softcapped(&dev);
         }
         let once = std::env::var_os("TEMPER_BENCH_ONCE").is_some();
+        if std::env::var_os("TEMPER_BENCH_DECODE").is_some() {
+            return decode(&dev, once);
+        }
         println!(
             "attention, causal bf16 (medians of CUDA-event timings; peers: scripts/bench_peers.py)"
         );
@@ -294,7 +298,7 @@ mod cuda {
         if once {
             return Ok(());
         }
-        decode(&dev)
+        decode(&dev, false)
     }
 
     /// Packed rows: our kernels (`Auto`: the tensor cores) under the document mask of
@@ -385,7 +389,9 @@ mod cuda {
     /// 64 rows and the mean cache length of `bench-generate`, and a Llama-style GQA shape.
     /// A decode step streams the cache, so the figure beside the time is the bytes of keys
     /// and values read per second, against the card's copy bandwidth.
-    fn decode(dev: &Device) -> candle_core::Result<()> {
+    /// `once`: each kernel launched once, untimed but for ncu (`TEMPER_BENCH_DECODE=1` with
+    /// `TEMPER_BENCH_ONCE=1`: scripts/gpu-check.sh's decode profile).
+    fn decode(dev: &Device, once: bool) -> candle_core::Result<()> {
         println!("attention decode, bf16, one query row per head (GB/s: keys and values read)");
         for (b, hq, hkv, t, d) in [
             (64usize, 12usize, 12usize, 320usize, 64usize),
@@ -411,7 +417,8 @@ mod cuda {
                 .into_iter()
                 .filter(|(_, imp)| d <= MAX_HEAD_DIM || *imp != AttnImpl::Simple)
             {
-                let ms = cuda_time_ms(dev, WARMUP, 50, || {
+                let (warmup, reps) = if once { (0, 1) } else { (WARMUP, 50) };
+                let ms = cuda_time_ms(dev, warmup, reps, || {
                     attention_with(&q, &k, &v, &mask, scale, imp).map(|_| ())
                 })?;
                 let gbps = bytes / (ms * 1e-3) / 1e9;

@@ -31,7 +31,8 @@
 #   ncu-decode-step.csv the same for one decode step of generation
 #   ncu-lora.csv        the same for one fused LoRA fwd+bwd (r16 M8192 K4096 N4096)
 #   ncu-attention.txt   ncu's detail sections for the attention kernels, then their stall
-#                       samples by SASS instruction (as time allows)
+#                       samples by SASS instruction, then the decode kernels' sections (as
+#                       time allows)
 # (seven files: the device tool returns at most 8.)
 set -u
 
@@ -61,7 +62,8 @@ PART_1=('test-.*' train-torch-eager bench-generate peer-generate bench-attention
 PART_2=(ppo-init ppo-update gpt2-loss ncu-step ncu-decode bench-generate-timed
   bench-generate-decode-gemm bench-generate-pdl bench-generate-pdl-decode-gemm
   bench-generate-pdl-fixed train-attn-wide
-  train-gemm-timed train-recompute ncu-lora ncu-attention ncu-attention-stalls bench-attention-packed
+  train-gemm-timed train-recompute ncu-lora ncu-attention ncu-attention-stalls ncu-decode-attention
+  bench-attention-packed
   peer-attention-packed bench-attention-softcap peer-attention-softcap)
 PART_3=(train-torch-compile train-graph bench-generate-fixed bench-generate-dynamic
   bench-generate-qwen3 peer-generate-qwen3 bench-generate-penalty peer-generate-penalty
@@ -435,6 +437,19 @@ if has bench-attention && [[ -x "$NCU" ]]; then
     done' "$NCU" "$WORK"
   [[ -f "$WORK/ncu-attention-stalls.log" ]] &&
     cat "$WORK/ncu-attention-stalls.log" >>"$DEST/ncu-attention.txt"
+fi
+# The decode step's attention (29% of GPT-2's decode step on 2026-12-04, at 0.59 of copy
+# bandwidth in the bench): ncu's throughput, memory, occupancy and stall sections for one
+# launch of each decode kernel (and their combines) at the bench's three decode shapes,
+# appended to ncu-attention.txt.
+if has bench-attention && [[ -x "$NCU" ]]; then
+  section ncu-decode-attention 90 env TEMPER_BENCH_DECODE=1 TEMPER_BENCH_ONCE=1 "$NCU" \
+    --clock-control none -k 'regex:attn_(decode|combine)' --launch-count 8 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+    --section Occupancy --section LaunchStats --section SchedulerStats \
+    /tmp/temper-gpu/bin/bench-attention --bench
+  [[ -f "$WORK/ncu-decode-attention.log" ]] &&
+    cat "$WORK/ncu-decode-attention.log" >>"$DEST/ncu-attention.txt"
 fi
 
 # torch.compile on the same step (its compilation takes a minute or more, untimed): after the
