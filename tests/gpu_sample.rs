@@ -1098,7 +1098,8 @@ mod gpu {
     /// launched, not what they compute: every token the same, greedy and sampled, with
     /// cuBLASLt's GEMMs and with ours (whose weight prefetch runs before its wait), through
     /// graphs that captured the programmatic launches (a failed capture would fall back to the
-    /// eager step and pass the token check alone). Outputs are not poisoned here: the memset
+    /// eager step and pass the token check alone), with programmatic edges in them (our
+    /// outputs allocated at the capture's start, src/kernels/cuda/capture_arena.rs). Outputs are not poisoned here: the memset
     /// before each output would order every kernel after the one ahead as a plain launch does.
     pub fn programmatic_launches_give_the_plain_launches_tokens(dev: &Device) {
         let cuda = dev.as_cuda_device().unwrap();
@@ -1147,8 +1148,13 @@ mod gpu {
                     let before = pdl::launches();
                     let early = run(Pdl::On);
                     assert!(pdl::launches() > before, "{what}: no programmatic launch");
-                    // Whether the graph kept any overlap is the bench's to say; shown here.
-                    eprintln!("{what}: graph {:?}", temper::generate::last_capture());
+                    // The capture allocates our kernels' outputs before its first kernel
+                    // (capture_arena), so some of ours follow a kernel with no memory node
+                    // between: a programmatic edge each.
+                    let graph = temper::generate::last_capture();
+                    eprintln!("{what}: graph {graph:?}");
+                    let g = graph.expect("a census of the captured step");
+                    assert!(g.programmatic > 0, "{what}: no programmatic edge: {g:?}");
                     assert_eq!(plain.tokens, early.tokens, "{what}");
                     assert!(early.stats.graph_replays > 0, "{what}: {:?}", early.stats);
                     assert_eq!(

@@ -223,6 +223,8 @@ mod graph {
     use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaStream};
     use candle_core::Device;
 
+    use crate::kernels::cuda::capture_arena;
+    use crate::kernels::cuda::pdl::Pdl;
     use crate::model::KvCache;
 
     /// Nothing captured yet, a graph to replay, or a capture that failed (steps run eagerly).
@@ -263,10 +265,31 @@ mod graph {
             // into its cache, where the capture finds them. Under `TEMPER_GEMM_TUNE=timed` its
             // GEMMs are timed now: the graph replays them and calls none of them again.
             let _uploads = cuda.enable_cuda_graph_htod_cache();
-            crate::kernels::cuda::timing_first_calls(|| body(cache))?;
+            // Under programmatic launches the eager step notes its outputs' sizes, and the
+            // capture allocates them all before its first kernel (capture_arena): kernels
+            // with no memory node between them can overlap in the graph.
+            let arena = Pdl::current()? == Pdl::On;
+            let mut eager = || crate::kernels::cuda::timing_first_calls(|| body(cache));
+            let plan = match arena {
+                true => {
+                    let (ran, plan) = capture_arena::record(eager);
+                    ran?;
+                    Some(plan)
+                }
+                false => {
+                    eager()?;
+                    None
+                }
+            };
             // From here the step has run: whatever fails leaves the eager step in use.
             let stream = cuda.cuda_stream();
-            *state = match capture(&stream, || body(cache)) {
+            let captured = match &plan {
+                Some(plan) => capture(&stream, || {
+                    capture_arena::serve(&stream, plan, || body(cache))?
+                }),
+                None => capture(&stream, || body(cache)),
+            };
+            *state = match captured {
                 Ok(g) => State::Ready(g, stream),
                 Err(why) => {
                     // Driver errors that an aborted capture's frees recorded would surface

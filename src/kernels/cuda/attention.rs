@@ -1266,7 +1266,12 @@ fn split_and_combine(
     let name = format!("attn_combine_{}", dt.as_str());
     let func = load_func(dev, DECODE, &name)?;
     // SAFETY: reads the partials just written, writes every row of o and lse.
-    unsafe { launch(dev, &func, &name, warp_per_row(nrows), &p) }
+    let combined = unsafe { launch(dev, &func, &name, warp_per_row(nrows), &p) };
+    drop(ptrs);
+    // In a decode step's capture, freed after its last kernel rather than before the next.
+    super::capture_arena::keep(opart);
+    super::capture_arena::keep(lpart);
+    combined
 }
 
 /// `attn_fwd_simple_*`, split over the keys for decode and then merged by `attn_combine_*`.

@@ -262,6 +262,10 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
     LAUNCHES.fetch_add(1, Ordering::Relaxed);
     let mut dims = x.dims().to_vec();
     *dims.last_mut().expect("rank >= 2") = n;
+    if let Some(part) = part {
+        // In a decode step's capture, freed after its last kernel rather than before the next.
+        super::capture_arena::keep(part);
+    }
     Ok(Some(tensor_from_slice(y, dev, dims)))
 }
 

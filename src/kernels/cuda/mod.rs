@@ -45,6 +45,7 @@ pub mod adamw;
 pub mod attention;
 pub mod attention_recompute;
 pub mod bias;
+pub mod capture_arena;
 pub mod decode_gemm;
 pub mod decode_step;
 pub mod dropout;
@@ -240,9 +241,14 @@ pub fn poison_enabled() -> bool {
 /// element before anything reads it.
 pub unsafe fn alloc_out<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
     // Zero-byte allocations are an error in the driver; an empty tensor gets one spare element.
-    let mut out = dev.alloc::<T>(len.max(1))?;
+    let stream = dev.cuda_stream();
+    // Inside a decode step's capture under programmatic launches, a buffer allocated at the
+    // capture's start (capture_arena).
+    let mut out = match capture_arena::take::<T>(&stream, len.max(1)) {
+        Some(buf) => buf,
+        None => dev.alloc::<T>(len.max(1))?,
+    };
     if poison_enabled() && len > 0 {
-        let stream = dev.cuda_stream();
         let bytes = out.num_bytes();
         let (ptr, _record) = out.device_ptr_mut(&stream);
         driver::result::memset_d8_async(ptr, 0xff, bytes, stream.cu_stream()).w()?;
@@ -437,7 +443,12 @@ pub fn tensor_from_slice<T: CudaDType, S: Into<Shape>>(
     shape: S,
 ) -> Tensor {
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
-    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+    let t = Tensor::from_storage(storage, shape, BackpropOp::none(), false);
+    if capture_arena::serving() {
+        // Freed after the step's last kernel, not between two of them.
+        capture_arena::keep(t.clone());
+    }
+    t
 }
 
 #[cfg(test)]

@@ -17,7 +17,9 @@
 //! (`generate::last_capture`): how many edges are programmatic. Rewiring the captured graph
 //! cannot mend it: the driver refuses to remove an edge from a graph that holds memory nodes,
 //! and it fixes each allocation's address when the node is made, from the order captured.
-//! What would is a step whose temporaries are allocated before the capture.
+//! Instead the capture allocates our kernels' outputs before its first kernel
+//! ([`super::capture_arena`], under `TEMPER_PDL=on` only), so that only the frees where the
+//! model's code drops a tensor, and candle's own ops, still stand between two kernels.
 
 use std::cell::Cell;
 use std::ffi::c_void;
