@@ -1099,8 +1099,9 @@ mod gpu {
     /// cuBLASLt's GEMMs and with ours (whose weight prefetch runs before its wait), through
     /// graphs that captured the programmatic launches (a failed capture would fall back to the
     /// eager step and pass the token check alone), with programmatic edges in them (our
-    /// outputs allocated at the capture's start, src/kernels/cuda/capture_arena.rs). Outputs are not poisoned here: the memset
-    /// before each output would order every kernel after the one ahead as a plain launch does.
+    /// outputs allocated at the capture's start, src/kernels/cuda/capture_arena.rs). Outputs
+    /// are not poisoned here: the memset before each output would order every kernel after
+    /// the one ahead as a plain launch does.
     pub fn programmatic_launches_give_the_plain_launches_tokens(dev: &Device) {
         let cuda = dev.as_cuda_device().unwrap();
         if compute_capability(cuda).unwrap() < (9, 0) {

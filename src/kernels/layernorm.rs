@@ -226,6 +226,7 @@ pub fn add_fused(
                 let both =
                     x.contiguous()?
                         .apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &op)?;
+                let both = super::kept_in_capture(both);
                 Ok((both.get(1)?, both.get(0)?))
             });
         }

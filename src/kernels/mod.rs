@@ -27,3 +27,13 @@ pub mod spans;
 pub mod swiglu;
 
 pub use registry::{KernelChoice, KernelOp, KernelSet};
+
+/// `t`, kept alive until the capture of a decode step ends where one is allocating our
+/// outputs up front (`cuda::capture_arena`, under programmatic launches), so that its free
+/// falls after the step's last kernel instead of between two; `t` as it is otherwise.
+pub fn kept_in_capture(t: candle_core::Tensor) -> candle_core::Tensor {
+    #[cfg(feature = "cuda")]
+    return cuda::capture_arena::kept(t);
+    #[cfg(not(feature = "cuda"))]
+    t
+}

@@ -91,7 +91,8 @@ pub fn add_fused(
     }
     #[cfg(feature = "cuda")]
     {
-        super::cuda::rmsnorm::add_fused(x, r, w, eps, gain).map(Some)
+        let (s, n) = super::cuda::rmsnorm::add_fused(x, r, w, eps, gain)?;
+        Ok(Some((super::kept_in_capture(s), super::kept_in_capture(n))))
     }
     #[cfg(not(feature = "cuda"))]
     {

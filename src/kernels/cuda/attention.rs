@@ -1238,6 +1238,8 @@ impl FlashAttn {
             p.lse = ptrs.write(&mut lse);
             launch_decode(dev, T::DTYPE, dims, p, r, true)?;
         }
+        // In a decode step's capture, freed after its last kernel rather than before the next.
+        super::capture_arena::keep(lse);
         Ok(tensor_from_slice(o, dev, (dims.b, dims.hq, 1, dims.d)))
     }
 }

@@ -50,7 +50,9 @@ pub struct Plan(Vec<usize>);
 /// Runs `f` noting the bytes of each output `alloc_out` allocates on this thread.
 pub fn record<R>(f: impl FnOnce() -> R) -> (R, Plan) {
     STATE.with_borrow_mut(|s| *s = State::Recording(Vec::new()));
+    let guard = Reset;
     let r = f();
+    std::mem::forget(guard);
     let plan = match STATE.with_borrow_mut(|s| std::mem::replace(s, State::Off)) {
         State::Recording(sizes) => Plan(sizes),
         _ => Plan::default(),
@@ -70,7 +72,7 @@ pub fn serve<R>(
     for &bytes in &plan.0 {
         // SAFETY: uninitialised memory, handed out only to launchers whose kernels write it
         // all before anything reads it (alloc_out's contract).
-        match unsafe { stream.alloc::<u8>(bytes.max(1)) } {
+        match unsafe { stream.alloc::<u8>(bytes) } {
             Ok(buf) => ready.push((bytes, buf.leak())),
             Err(e) => {
                 release(stream, ready);
@@ -85,17 +87,34 @@ pub fn serve<R>(
             stream: stream.clone(),
         }
     });
+    let guard = Reset;
     let r = f();
-    if let State::Serving {
-        ready,
-        kept,
-        stream,
-    } = STATE.with_borrow_mut(|s| std::mem::replace(s, State::Off))
-    {
-        drop(kept);
-        release(&stream, ready);
+    std::mem::forget(guard);
+    match STATE.with_borrow_mut(|s| std::mem::replace(s, State::Off)) {
+        State::Serving {
+            ready,
+            kept,
+            stream,
+        } => {
+            drop(kept);
+            release(&stream, ready);
+            Ok(r)
+        }
+        // A buffer never freed in the graph would fail its every replay.
+        _ => candle_core::bail!("capture_arena: the capture's buffers were lost before its end"),
     }
-    Ok(r)
+}
+
+/// Puts the state back to `Off` where a record or a serve unwinds: no later allocation on
+/// this thread may be noted, or handed an abandoned capture's buffer. What was kept drops
+/// (outside the borrow); the unused buffers are abandoned with their capture.
+struct Reset;
+
+impl Drop for Reset {
+    fn drop(&mut self) {
+        let abandoned = STATE.with_borrow_mut(|s| std::mem::replace(s, State::Off));
+        drop(abandoned);
+    }
 }
 
 /// Frees buffers allocated by [`serve`] and never handed out.
@@ -103,7 +122,7 @@ fn release(stream: &Arc<CudaStream>, ready: Vec<(usize, sys::CUdeviceptr)>) {
     for (bytes, ptr) in ready {
         // SAFETY: a buffer of this many bytes that `serve` allocated on `stream` and leaked;
         // owned again here, once, and freed on drop.
-        drop(unsafe { stream.upgrade_device_ptr::<u8>(ptr, bytes.max(1)) });
+        drop(unsafe { stream.upgrade_device_ptr::<u8>(ptr, bytes) });
     }
 }
 
@@ -152,6 +171,15 @@ pub fn keep<A: Any>(what: A) {
         _ => Some(what),
     });
     drop(spare);
+}
+
+/// `t`, kept until the capture's body returns where one is being served: a custom op's
+/// output, which the model's code would otherwise drop (and free) between two kernels.
+pub fn kept(t: candle_core::Tensor) -> candle_core::Tensor {
+    if serving() {
+        keep(t.clone());
+    }
+    t
 }
 
 /// Whether a capture is being served on this thread.

@@ -157,7 +157,8 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         })?;
         Ok(vec![dx, dw])
     })?;
-    Ok(Some(y))
+    // In a decode step's capture, freed after its last kernel (capture_arena).
+    Ok(Some(super::capture_arena::kept(y)))
 }
 
 /// `dy W` through cuBLASLt (`dy [M, N]`, `W [N, K]`): the input gradient of [`matmul_nt`],
@@ -332,7 +333,7 @@ pub fn matmul_nt_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tenso
         let (dx, dw, db) = bias_epilogue_grads(&g, x, w, b, want, acc, DType::F32)?;
         Ok(vec![dx, dw, db])
     })?;
-    Ok(Some(y))
+    Ok(Some(super::capture_arena::kept(y)))
 }
 
 /// `gelu_tanh(x W^T + b)` through cuBLASLt, the bias and the GELU both in its epilogue
@@ -353,7 +354,7 @@ pub fn matmul_nt_bias_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<
     }
     let op = GemmBias(BiasAct::GeluTanh);
     let y = prepared(x)?.apply_op3_no_bwd(&prepared(w)?, &b.contiguous()?, &op)?;
-    Ok(Some(y))
+    Ok(Some(super::capture_arena::kept(y)))
 }
 
 /// `act(x W^T + b)`, `b` in any float dtype, added (and `act` applied) by the epilogue.
