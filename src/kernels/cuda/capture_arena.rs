@@ -214,6 +214,22 @@ mod tests {
         assert_eq!(std::rc::Rc::strong_count(&dropped), 1);
     }
 
+    /// A record whose body unwinds leaves nothing behind: the next allocation on the thread
+    /// is noted by nobody, and the next record starts empty.
+    #[test]
+    fn an_unwinding_record_puts_the_state_back() {
+        let unwound = std::panic::catch_unwind(|| {
+            record(|| {
+                note(8);
+                panic!("the eager step failed");
+            })
+        });
+        assert!(unwound.is_err());
+        assert!(STATE.with_borrow(|s| matches!(s, State::Off)));
+        let ((), plan) = record(|| note(4));
+        assert_eq!(plan, Plan(vec![4]));
+    }
+
     /// Each request takes the first ready buffer of its size; a size with none left (an
     /// extra request) takes nothing, and the requests after it still find theirs.
     #[test]
