@@ -220,7 +220,7 @@ mod graph {
     use candle_core::cuda_backend::cudarc::driver::sys::{
         self, CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus,
     };
-    use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaStream};
+    use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaStream, DriverError};
     use candle_core::Device;
 
     use crate::kernels::cuda::capture_arena;
@@ -283,12 +283,10 @@ mod graph {
             };
             // From here the step has run: whatever fails leaves the eager step in use.
             let stream = cuda.cuda_stream();
-            let captured = match &plan {
-                Some(plan) => capture(&stream, || {
-                    capture_arena::serve(&stream, plan, || body(cache))?
-                }),
-                None => capture(&stream, || body(cache)),
-            };
+            let captured = capture(&stream, || match &plan {
+                Some(plan) => capture_arena::serve(&stream, plan, || body(cache))?,
+                None => body(cache),
+            });
             *state = match captured {
                 Ok(g) => State::Ready(g, stream),
                 Err(why) => {
@@ -392,26 +390,22 @@ mod graph {
         *LAST.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn census(graph: &CudaGraph) -> Result<GraphCensus, sys::CUresult> {
+    fn census(graph: &CudaGraph) -> Result<GraphCensus, DriverError> {
         use sys::CUgraphNodeType as T;
         let g = graph.cu_graph();
-        let ok = |r: sys::CUresult| match r {
-            sys::CUresult::CUDA_SUCCESS => Ok(()),
-            e => Err(e),
-        };
         let mut n = 0usize;
         // SAFETY: queries of a graph the CudaGraph owns and keeps alive; each array holds the
         // count the first call of the pair returned.
-        ok(unsafe { sys::cuGraphGetNodes(g, std::ptr::null_mut(), &mut n) })?;
+        unsafe { sys::cuGraphGetNodes(g, std::ptr::null_mut(), &mut n) }.result()?;
         let mut nodes = vec![std::ptr::null_mut(); n];
-        ok(unsafe { sys::cuGraphGetNodes(g, nodes.as_mut_ptr(), &mut n) })?;
+        unsafe { sys::cuGraphGetNodes(g, nodes.as_mut_ptr(), &mut n) }.result()?;
         nodes.truncate(n);
         let mut c = GraphCensus::default();
         let mut kernel = std::collections::HashSet::new();
         for &node in &nodes {
             let mut t = T::CU_GRAPH_NODE_TYPE_EMPTY;
             // SAFETY: as above.
-            ok(unsafe { sys::cuGraphNodeGetType(node, &mut t) })?;
+            unsafe { sys::cuGraphNodeGetType(node, &mut t) }.result()?;
             match t {
                 T::CU_GRAPH_NODE_TYPE_KERNEL => {
                     c.kernels += 1;
@@ -428,7 +422,7 @@ mod graph {
         let no = std::ptr::null_mut::<sys::CUgraphNode>;
         // SAFETY: as above; the edge data is asked for with the edges, or the driver refuses
         // a graph with programmatic edges as a lossy query.
-        ok(unsafe { sys::cuGraphGetEdges_v2(g, no(), no(), std::ptr::null_mut(), &mut e) })?;
+        unsafe { sys::cuGraphGetEdges_v2(g, no(), no(), std::ptr::null_mut(), &mut e) }.result()?;
         let mut from = vec![std::ptr::null_mut(); e];
         let mut to = vec![std::ptr::null_mut(); e];
         let blank = sys::CUgraphEdgeData {
@@ -438,7 +432,7 @@ mod graph {
             reserved: [0; 5],
         };
         let mut data = vec![blank; e];
-        ok(unsafe {
+        unsafe {
             sys::cuGraphGetEdges_v2(
                 g,
                 from.as_mut_ptr(),
@@ -446,7 +440,8 @@ mod graph {
                 data.as_mut_ptr(),
                 &mut e,
             )
-        })?;
+        }
+        .result()?;
         c.edges = e;
         let programmatic = sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u8;
         for i in 0..e {

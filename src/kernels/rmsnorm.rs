@@ -91,8 +91,7 @@ pub fn add_fused(
     }
     #[cfg(feature = "cuda")]
     {
-        let (s, n) = super::cuda::rmsnorm::add_fused(x, r, w, eps, gain)?;
-        Ok(Some((super::kept_in_capture(s), super::kept_in_capture(n))))
+        super::cuda::rmsnorm::add_fused(x, r, w, eps, gain).map(Some)
     }
     #[cfg(not(feature = "cuda"))]
     {

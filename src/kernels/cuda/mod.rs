@@ -443,12 +443,13 @@ pub fn tensor_from_slice<T: CudaDType, S: Into<Shape>>(
     shape: S,
 ) -> Tensor {
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
-    let t = Tensor::from_storage(storage, shape, BackpropOp::none(), false);
-    if capture_arena::serving() {
-        // Freed after the step's last kernel, not between two of them.
-        capture_arena::keep(t.clone());
-    }
-    t
+    // In a decode step's capture, freed after its last kernel, not between two of them.
+    capture_arena::kept(Tensor::from_storage(
+        storage,
+        shape,
+        BackpropOp::none(),
+        false,
+    ))
 }
 
 #[cfg(test)]

@@ -234,6 +234,7 @@ pub fn add_fused(
                 tape::check_residual(x, r, "rms_norm")?;
                 let op = RmsNorm::new(eps, gain, Some(r.contiguous()?));
                 let both = x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)?;
+                let both = super::capture_arena::kept(both);
                 Ok((both.get(1)?, both.get(0)?))
             });
         }
