@@ -308,7 +308,9 @@ PY
   if [[ -s "$WORK/ppo/metrics.jsonl" ]]; then
     python3 - "$WORK/ppo/metrics.jsonl" >>"$RESULTS" <<'PY'
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if '"gen_s"' in l]
+# The first rollout logs no train_s (nothing before it to time from): its share would leave
+# the update's training out.
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"gen_s"' in l and '"train_s"' in l]
 for r in rows:
     split = {k: r.get(k) for k in ["gen_s", "score_s", "train_s", "gen_tokens_per_s", "gen_graph_replays"]}
     total = sum(v for k, v in split.items() if k in ("gen_s", "score_s", "train_s") and isinstance(v, (int, float)))

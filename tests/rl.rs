@@ -444,29 +444,46 @@ fn grpo_without_kl_runs_no_reference_and_takes_the_same_first_step() {
     assert!((l0[0].1 - l1[0].1).abs() < 1e-6, "{l0:?} vs {l1:?}");
 }
 
-/// With several optimizer steps per rollout, a checkpoint that falls due mid-rollout waits for
-/// the rollout's last step (a checkpoint holds no rollout), so `--resume` continues the curve
-/// exactly. Two cases: minibatches of 4 of a rollout's 8 rows (two steps a rollout) with
-/// checkpoints every 3 steps, which land at 4 and 6; minibatches of 3 (three a rollout) and
-/// two per step, so rollouts straddle steps and end with one every 3 steps, with checkpoints
-/// every 2, which land at 3 and 6 (and the run says so). Each run resumed from its first
-/// checkpoint retraces the uninterrupted one.
+/// With several optimizer steps per rollout, a checkpoint falls due inside a rollout and is
+/// taken there: it keeps the rest of the rollout (`rollout.safetensors`), so `--resume`
+/// trains on exactly what the uninterrupted run did. Three cases:
+/// - GRPO, minibatches of 4 of a rollout's 8 rows (two steps a rollout), checkpoints every 3:
+///   step 3 is the first half of the second rollout;
+/// - GRPO packed, minibatches of 3 (three a rollout) and two per step, so rollouts straddle
+///   steps, checkpoints every 2: step 2 ends one minibatch into the second rollout;
+/// - PPO (with its critic's values and returns), minibatches of 4 of 8 rows over two epochs
+///   (four steps a rollout), checkpoints every 5: one step into the second rollout, whose
+///   KL (unlike the first's, taken where the policy is the reference) is not zero.
+///
+/// Each run resumed from its first checkpoint retraces the whole one: its training losses and
+/// its evaluations. In the last two an evaluation falls after the resume and before the next
+/// rollout (GRPO's at 3, PPO's at 6), where it reports the KL of the rollout the checkpoint
+/// kept.
 #[test]
-fn rl_checkpoints_wait_for_the_rollout_so_resume_is_exact() {
+fn rl_checkpoints_inside_a_rollout_resume_exactly() {
     let dir = tmp();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/varied_reward.py");
     let reward = format!("cmd:python3 {}", script.display());
-    for (minibatch, accum, every, first) in [("4", 1, "3", 4), ("3", 2, "2", 3)] {
-        let case = p(dir.path(), &format!("mb{minibatch}"));
+    let grpo = |mb: usize| {
+        format!("[grpo]\neval_prompts = 4\nprompts_per_rollout = 4\ngroup_size = 2\nminibatch_size = {mb}\nlog_completions = 0\nbeta = 0.04\n")
+    };
+    let ppo = "[ppo]\neval_prompts = 4\nrollout_batch = 8\nminibatch_size = 4\nppo_epochs = 2\nlog_completions = 0\n";
+    let cases = [
+        ("grpo", grpo(4), 1, (3, 3), &[3, 6][..], &[][..]),
+        ("grpo", grpo(3), 2, (2, 3), &[2, 4, 6], &["--packing"]),
+        ("ppo", ppo.to_string(), 1, (5, 3), &[5, 6], &[]),
+    ];
+    for (i, (stage, table, accum, (every, eval), want, extra)) in cases.into_iter().enumerate() {
+        let case = p(dir.path(), &format!("case{i}"));
         std::fs::create_dir(&case).unwrap();
         let cfg = p(&case, "c.toml");
-        let table = format!("[grpo]\neval_prompts = 4\nprompts_per_rollout = 4\ngroup_size = 2\nminibatch_size = {minibatch}\nlog_completions = 0\n");
-        let train = format!("log_every = 1\ngrad_accum = {accum}\n");
+        let train = format!("log_every = 1\ngrad_accum = {accum}\nkeep_checkpoints = 5\n");
         std::fs::write(&cfg, format!("{TINY_TOML}\n{train}{table}")).unwrap();
-        let run = |out: &Path, every: &str| {
+        let run = |out: &Path, every: usize| {
             let init = sft();
-            let o = run_ok(&[
-                "grpo",
+            let (every, eval) = (every.to_string(), eval.to_string());
+            let mut a = vec![
+                stage,
                 "--config",
                 s(&cfg),
                 "--init",
@@ -476,52 +493,55 @@ fn rl_checkpoints_wait_for_the_rollout_so_resume_is_exact() {
                 "--steps",
                 "6",
                 "--checkpoint-every",
-                every,
+                &every,
                 "--eval-every",
-                "100",
+                &eval,
                 "--reward",
                 &reward,
                 "--device",
                 "cpu",
-            ]);
+            ];
+            a.extend(extra);
+            let o = run_ok(&a);
             String::from_utf8_lossy(&o.stderr).into_owned()
         };
         let (whole, cut) = (p(&case, "whole"), p(&case, "cut"));
-        run(&whole, "100");
+        run(&whole, 100);
         let err = run(&cut, every);
+        assert!(!err.contains("checkpoints every"), "case {i}: {err}");
         let ckpts = cut.join("checkpoints");
-        let names: Vec<String> = std::fs::read_dir(&ckpts)
+        let mut names: Vec<String> = std::fs::read_dir(&ckpts)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|n| n.starts_with("step-"))
             .collect();
-        let mut names = names;
         names.sort();
-        let want = vec![format!("step-{first:07}"), "step-0000006".to_string()];
-        assert_eq!(
-            names, want,
-            "minibatch {minibatch}: checkpoints inside a rollout"
+        let steps: Vec<String> = want.iter().map(|k| format!("step-{k:07}")).collect();
+        assert_eq!(names, steps, "case {i}: checkpoints on schedule");
+        let first = ckpts.join(&steps[0]);
+        assert!(
+            first.join("rollout.safetensors").is_file(),
+            "case {i}: the first checkpoint keeps its rollout"
         );
-        if accum == 2 {
-            assert!(err.contains("checkpoints every 3 steps, not 2"), "{err}");
+        for later in &steps[1..] {
+            std::fs::remove_dir_all(ckpts.join(later)).unwrap();
         }
-        std::fs::remove_dir_all(ckpts.join("step-0000006")).unwrap();
         std::fs::remove_dir_all(cut.join("final")).unwrap();
-        std::fs::write(ckpts.join("latest"), format!("step-{first:07}")).unwrap();
-        run_ok(&["grpo", "--resume", s(&cut)]);
-        let (a, b) = (
-            series(&metrics(&whole), "train", "loss"),
-            series(&metrics(&cut), "train", "loss"),
-        );
+        std::fs::write(ckpts.join("latest"), &steps[0]).unwrap();
+        run_ok(&[stage, "--resume", s(&cut)]);
+        let (mw, mc) = (metrics(&whole), metrics(&cut));
+        let (a, b) = (series(&mw, "train", "loss"), series(&mc, "train", "loss"));
         assert_eq!(a.len(), 6, "{a:?}");
         assert!(
             a.iter().any(|(_, l)| l.abs() > 1e-6),
             "every loss is zero: {a:?}"
         );
-        assert_eq!(
-            a, b,
-            "minibatch {minibatch}: the resumed run left the curve"
-        );
+        assert_eq!(a, b, "case {i}: the resumed run left the curve");
+        for key in ["rollout_kl", "mean_reward"] {
+            let (a, b) = (series(&mw, "val", key), series(&mc, "val", key));
+            assert_eq!(a.len(), 1 + 6 / eval, "case {i} val {key}: {a:?}");
+            assert_eq!(a, b, "case {i}: val {key}");
+        }
     }
 }
 

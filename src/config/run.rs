@@ -499,8 +499,8 @@ impl RunConfig {
     }
 
     /// Optimizer steps from one rollout's end to the next one that ends with a step (where
-    /// an RL checkpoint can fall: `train::runner::Task::resumable_here`), when that is more
-    /// than `checkpoint_every`.
+    /// an RL checkpoint over several ranks can fall: `train::runner::Task::resumable_here`),
+    /// when that is more than `checkpoint_every`.
     pub fn steps_between_rl_checkpoints(&self) -> Option<usize> {
         let (_, batches, _) = self.rollout_minibatches()?;
         let accum = self.train.grad_accum.max(1);

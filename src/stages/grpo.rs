@@ -38,6 +38,7 @@ use super::rollout::{
     ActorKnobs, Actors, Buffer, EntropyUse, FrozenReference, Objective, PolicyStep, Rollout,
     RolloutClock, Schedule,
 };
+use super::rollout::{read_unfinished, resumable_now, write_unfinished};
 use super::setup::{self, Plan, PolicyPair};
 use super::Env;
 use crate::config::{
@@ -326,7 +327,7 @@ impl Task for GrpoTask<'_> {
     }
 
     fn resumable_here(&self) -> bool {
-        self.buffer.as_ref().is_none_or(Buffer::is_spent)
+        resumable_now(self.buffer.as_ref(), self.env.comm.as_ref())
     }
 
     fn after_step(&mut self, done: usize) -> Result<()> {
@@ -338,17 +339,22 @@ impl Task for GrpoTask<'_> {
     }
 
     fn write_files(&self, dir: &Path) -> Result<()> {
-        self.moving.write(self.reference_store(), dir)
+        self.moving.write(self.reference_store(), dir)?;
+        write_unfinished(self.buffer.as_ref(), self.env.comm.as_ref(), dir)
     }
 
     fn read_files(&mut self, dir: &Path) -> Result<()> {
-        self.moving.read(self.reference_store(), dir)
+        self.moving.read(self.reference_store(), dir)?;
+        let (dev, comm) = (&self.env.device, self.env.comm.as_ref());
+        self.buffer = read_unfinished(dir, dev, comm, "grpo")?;
+        Ok(())
     }
 
     fn state(&self) -> serde_json::Value {
         let mut s = self.sampler.state();
         s["rng"] = self.rng.state.into();
         s["entropy_control"] = self.entropy.state();
+        s["last_kl"] = self.last_kl.into();
         s
     }
 
@@ -356,7 +362,11 @@ impl Task for GrpoTask<'_> {
         self.sampler.restore(s)?;
         self.rng.state = state_u64(s, "rng");
         self.entropy.restore(&s["entropy_control"]);
-        self.buffer = None;
+        // Evaluation reports the last rollout's KL, which a resume inside a rollout does
+        // not sample again (older checkpoints lack it: they were taken between rollouts).
+        if let Some(kl) = s.get("last_kl").filter(|_| self.last_kl.is_some()) {
+            self.last_kl = kl.as_f64().or(self.last_kl);
+        }
         Ok(())
     }
 }

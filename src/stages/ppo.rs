@@ -14,7 +14,7 @@
 //!    clipped policy loss (`loss_type`, `epsilon_high`) + `vf_coef` x clipped value loss
 //!    (`micro_batch`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Result;
@@ -32,6 +32,7 @@ use super::rollout::{
     token_shares, ActorKnobs, Actors, Buffer, CollectTimes, EntropyUse, FrozenReference, Objective,
     PolicyStep, Rollout, RolloutClock, Schedule,
 };
+use super::rollout::{read_unfinished, resumable_now, write_unfinished, Extra, Tensors};
 use super::setup::{self, Plan, PolicyPair};
 use super::Env;
 use crate::config::{ImportanceSamplingLevel, PpoConfig, RewardSpec};
@@ -47,6 +48,22 @@ use crate::train::runner::{StepOut, Task};
 struct Critic {
     values: Tensor,
     ret: Tensor,
+}
+
+impl Extra for Critic {
+    fn tensors(&self) -> Vec<(&'static str, Tensor)> {
+        vec![
+            ("values", self.values.clone()),
+            ("returns", self.ret.clone()),
+        ]
+    }
+
+    fn from_tensors(t: &mut Tensors) -> Result<Self> {
+        Ok(Self {
+            values: t.take("values")?,
+            ret: t.take("returns")?,
+        })
+    }
 }
 
 struct PpoTask<'a> {
@@ -275,11 +292,24 @@ impl Task for PpoTask<'_> {
         let mut s = self.sampler.state();
         s["rng"] = self.rng.state.into();
         s["beta"] = self.beta.into();
+        s["last_kl"] = self.last_kl.into();
+        s["gen_time_total_s"] = self.gen_secs.into();
+        s["train_time_total_s"] = self.train_secs.into();
         s
     }
 
     fn resumable_here(&self) -> bool {
-        self.buffer.as_ref().is_none_or(Buffer::is_spent)
+        resumable_now(self.buffer.as_ref(), self.env.comm.as_ref())
+    }
+
+    fn write_files(&self, dir: &Path) -> Result<()> {
+        write_unfinished(self.buffer.as_ref(), self.env.comm.as_ref(), dir)
+    }
+
+    fn read_files(&mut self, dir: &Path) -> Result<()> {
+        let (dev, comm) = (&self.env.device, self.env.comm.as_ref());
+        self.buffer = read_unfinished(dir, dev, comm, "ppo")?;
+        Ok(())
     }
 
     fn lr_scale(&self, p: ParamInfo) -> f64 {
@@ -292,9 +322,13 @@ impl Task for PpoTask<'_> {
     fn restore(&mut self, s: &serde_json::Value) -> Result<()> {
         self.sampler.restore(s)?;
         self.rng.state = state_u64(s, "rng");
-        self.beta = s.get("beta").and_then(|v| v.as_f64()).unwrap_or(self.beta);
-        // A rollout interrupted mid-way is sampled afresh.
-        self.buffer = None;
+        // Older checkpoints lack the last three; they were taken between rollouts, where the
+        // next step samples a rollout that sets the KL again.
+        let f = |key: &str, or: f64| s.get(key).and_then(|v| v.as_f64()).unwrap_or(or);
+        self.beta = f("beta", self.beta);
+        self.last_kl = f("last_kl", self.last_kl);
+        self.gen_secs = f("gen_time_total_s", self.gen_secs);
+        self.train_secs = f("train_time_total_s", self.train_secs);
         Ok(())
     }
 }

@@ -8,6 +8,8 @@
 //! Layout: prompts are left-padded to `L` columns and responses right-padded to `R`, so every
 //! response starts at column `L`; the logits at column `L - 1 + t` predict response token `t`.
 
+mod saved;
+
 use std::collections::VecDeque;
 use std::time::Instant;
 
@@ -36,6 +38,8 @@ use crate::model::{Fwd, Transformer};
 use crate::train::loss::scalar;
 use crate::train::params::ParamStore;
 use crate::train::rng::Rng;
+
+pub use saved::{read_unfinished, resumable_now, write_unfinished, Extra, Tensors};
 
 pub struct Rollout {
     pub ids: Tensor,
@@ -350,7 +354,9 @@ pub struct CollectTimes {
 
 /// The time split an RL stage logs per rollout: `gen_s`, `gen_tokens_per_s`,
 /// `gen_graph_replays`, `score_s`, and `train_s`, the wall time since the previous rollout was
-/// collected (the updates on it).
+/// collected (the updates on it). The first rollout of a process (a run's, or a resumed
+/// run's) has no previous one to time from, and logs no `train_s` rather than a 0 that would
+/// read as free training.
 #[derive(Default)]
 pub struct RolloutClock {
     last: Option<Instant>,
@@ -359,18 +365,18 @@ pub struct RolloutClock {
 impl RolloutClock {
     pub fn metrics(&mut self, t: &CollectTimes) -> Vec<(&'static str, f64)> {
         let now = Instant::now();
-        let since = self
-            .last
-            .map_or(0.0, |l| now.duration_since(l).as_secs_f64());
+        let since = self.last.map(|l| now.duration_since(l).as_secs_f64());
         self.last = Some(now);
-        vec![
+        let mut m = vec![
             ("gen_s", t.gen.seconds),
             ("gen_tokens_per_s", t.gen.tokens_per_s()),
             // Decode steps replayed as a CUDA graph (0 on the CPU).
             ("gen_graph_replays", t.gen.graph_replays as f64),
             ("score_s", t.score_s),
-            ("train_s", (since - t.gen.seconds - t.score_s).max(0.0)),
-        ]
+        ];
+        // The previous rollout was collected before this one's generation and scoring began.
+        m.extend(since.map(|s| ("train_s", (s - t.gen.seconds - t.score_s).max(0.0))));
+        m
     }
 }
 

@@ -23,7 +23,7 @@ use crate::model::pick::pick_rows;
 use crate::model::{Fwd, Transformer};
 
 /// Each rollout row's tokens, kept on the host to lay out packed minibatches.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RolloutDocs {
     prompts: Vec<Vec<u32>>,
     responses: Vec<Vec<u32>>,

@@ -2,6 +2,7 @@
 //! clipping, AdamW under the LR schedule, metrics, evaluation, checkpoints and resume. A stage
 //! only says how to build a batch and compute its loss ([`Task`]).
 
+use std::borrow::Borrow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -54,9 +55,11 @@ pub trait Task {
         1.0
     }
 
-    /// Whether [`Task::state`] after this step resumes exactly. The RL stages say no while a
-    /// rollout still has minibatches to train on: their state does not hold the rollout, so a
-    /// checkpoint that falls due then waits for the rollout's last step.
+    /// Whether a checkpoint after this step resumes exactly. The RL stages say no under data
+    /// parallelism while a rollout still has minibatches to train on: each rank holds its
+    /// share of the rollout, which rank 0's checkpoint does not keep, so a checkpoint that
+    /// falls due then waits for the rollout's last step. A single process keeps it
+    /// ([`Task::write_files`]) and checkpoints anywhere.
     fn resumable_here(&self) -> bool {
         true
     }
@@ -162,7 +165,7 @@ impl Window {
         self.loss += out.loss;
         self.steps += 1;
         for (key, v) in out.extras.iter().filter(|(_, v)| v.is_finite()) {
-            self.metrics.add(key.to_string(), *v);
+            self.metrics.add(*key, *v);
         }
     }
 
@@ -213,14 +216,20 @@ pub struct RunOpts<'a> {
 #[derive(Clone, Default, Serialize, Deserialize)]
 struct Averages<K>(Vec<(K, f64, usize)>);
 
-impl<K: PartialEq> Averages<K> {
-    fn add(&mut self, key: K, v: f64) {
-        match self.0.iter_mut().find(|(k, _, _)| *k == key) {
+impl<K> Averages<K> {
+    /// Compares by `Q` and makes a key only for a metric not seen before: a [`Window`] takes
+    /// the same names at every step.
+    fn add<Q>(&mut self, key: &Q, v: f64)
+    where
+        K: Borrow<Q>,
+        Q: PartialEq + ToOwned<Owned = K> + ?Sized,
+    {
+        match self.0.iter_mut().find(|(k, _, _)| k.borrow() == key) {
             Some((_, s, c)) => {
                 *s += v;
                 *c += 1;
             }
-            None => self.0.push((key, v, 1)),
+            None => self.0.push((key.to_owned(), v, 1)),
         }
     }
 
@@ -703,9 +712,10 @@ impl<T: Task> Loop<'_, T> {
                 // grace period, so the checkpoint is taken here, and said to be inexact.
                 if !self.task.resumable_here() && self.main() {
                     errln!(
-                        "[{label}] stopped inside a rollout: a resume from step {s} samples a \
-                         new rollout there, so it will not follow an uninterrupted run's curve \
-                         exactly (checkpoints that fall due mid-rollout wait for its end)"
+                        "[{label}] stopped inside a rollout, whose shares the ranks hold: a \
+                         resume from step {s} samples a new rollout there, so it will not \
+                         follow an uninterrupted run's curve exactly (over several ranks, \
+                         checkpoints that fall due mid-rollout wait for its end)"
                     );
                 }
                 return Err(Preempted { step: Some(s) }.into());
@@ -800,7 +810,7 @@ impl<T: Task> Loop<'_, T> {
             });
             span(self, Region::Backward, m)?;
             for (k, v) in out.metrics {
-                extras.add(k, v);
+                extras.add(&k, v);
             }
         }
         let mut grads = acc.expect("grad_accum >= 1");
@@ -888,9 +898,9 @@ mod tests {
     #[test]
     fn each_metric_is_averaged_over_the_reports_it_has() {
         let mut a = Averages::default();
-        a.add("kl", 0.4);
-        a.add("loss", 1.0);
-        a.add("loss", 3.0);
+        a.add(&"kl", 0.4);
+        a.add(&"loss", 1.0);
+        a.add(&"loss", 3.0);
         assert_eq!(a.drain(), [("kl", 0.4), ("loss", 2.0)]);
         assert!(a.drain().is_empty());
     }
