@@ -663,3 +663,99 @@ fn distill_over_two_ranks_follows_one_rank() {
         assert_same_curve(&x, &y);
     }
 }
+
+/// Over two launched ranks, a checkpoint that falls inside a rollout is taken there too: each
+/// rank's share of the rollout is gathered into it (`rollout.rank-0` and `-1`), and the run
+/// resumed from it on two ranks retraces the uninterrupted one exactly, for GRPO and for PPO
+/// (whose shares hold the critic's values and returns). Resumed on one rank, it cannot split
+/// the shares again: it says so, samples a new rollout, and trains on.
+#[test]
+fn rl_over_two_ranks_checkpoints_inside_a_rollout_and_resumes_exactly() {
+    let d = tmp();
+    let (cfg, pre) = pretrained(d.path());
+    let base = std::fs::read_to_string(&cfg).unwrap();
+    let pre = pre.to_str().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/varied_reward.py");
+    let reward = format!("cmd:python3 {}", script.display());
+    // Per rank: 4 rows a rollout in minibatches of 2, so two steps a rollout (PPO: two
+    // epochs, four steps); the checkpoint at step 3 falls one step into a rollout.
+    let tables = [
+        ("grpo", "[grpo]\nprompts_per_rollout = 2\ngroup_size = 2\nminibatch_size = 2\neval_prompts = 4\nlog_completions = 0\nbeta = 0.04\n"),
+        ("ppo", "[ppo]\nrollout_batch = 4\nminibatch_size = 2\nppo_epochs = 1\neval_prompts = 4\nlog_completions = 0\n"),
+    ];
+    for (stage, table) in tables {
+        let c = p(d.path(), &format!("{stage}.toml"));
+        std::fs::write(&c, format!("{base}\nkeep_checkpoints = 5\n{table}")).unwrap();
+        let c = c.to_str().unwrap();
+        let run = |out: &Path, every: &str| {
+            run_ok(&[
+                "launch",
+                "--nproc-per-node",
+                "2",
+                "--",
+                stage,
+                "--config",
+                c,
+                "--init",
+                pre,
+                "--out",
+                out.to_str().unwrap(),
+                "--steps",
+                "6",
+                "--checkpoint-every",
+                every,
+                "--eval-every",
+                "100",
+                "--reward",
+                &reward,
+                "--device",
+                "cpu",
+            ]);
+        };
+        let (whole, cut) = (
+            p(d.path(), &format!("{stage}-whole")),
+            p(d.path(), &format!("{stage}-cut")),
+        );
+        run(&whole, "100");
+        run(&cut, "3");
+        let at3 = cut.join("checkpoints/step-0000003");
+        for f in [
+            "rollout.json",
+            "rollout.rank-0.safetensors",
+            "rollout.rank-1.safetensors",
+        ] {
+            assert!(at3.join(f).is_file(), "{stage}: {f}");
+        }
+        let one = p(d.path(), &format!("{stage}-one-rank"));
+        copy_tree(&cut, &one);
+        for run_dir in [&cut, &one] {
+            std::fs::remove_dir_all(run_dir.join("checkpoints/step-0000006")).unwrap();
+            std::fs::remove_dir_all(run_dir.join("final")).unwrap();
+            std::fs::write(run_dir.join("checkpoints/latest"), "step-0000003").unwrap();
+        }
+        let cut_s = cut.to_str().unwrap();
+        run_ok(&[
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--",
+            stage,
+            "--resume",
+            cut_s,
+        ]);
+        let x = losses(&whole);
+        assert_eq!(x.len(), 6, "{x:?}");
+        assert!(
+            x.iter().any(|(_, l)| l.abs() > 1e-6),
+            "{stage}: every loss is zero"
+        );
+        assert_eq!(losses(&cut), x, "{stage}: the resumed run left the curve");
+        let o = run_ok(&[stage, "--resume", one.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("holds the rest of a rollout 2 rank(s) were training on; on 1 the run samples a new rollout instead"),
+            "{stage}: {err}"
+        );
+        assert_eq!(losses(&one).len(), 6, "{stage}");
+    }
+}

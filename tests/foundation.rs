@@ -1581,19 +1581,6 @@ fn metrics_if_any(dir: &Path) -> usize {
     std::fs::read_to_string(dir.join("metrics.jsonl")).map_or(0, |t| t.lines().count())
 }
 
-/// A copy of directory `from` and everything under it, as `to`.
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let f = e.unwrap().path();
-        let dest = to.join(f.file_name().unwrap());
-        match f.is_dir() {
-            true => copy_tree(&f, &dest),
-            false => drop(std::fs::copy(&f, dest).unwrap()),
-        }
-    }
-}
-
 /// The lines of a run's stderr that contain `what`.
 fn lines_with<'a>(err: &'a str, what: &str) -> Vec<&'a str> {
     err.lines().filter(|l| l.contains(what)).collect()

@@ -445,7 +445,7 @@ fn grpo_without_kl_runs_no_reference_and_takes_the_same_first_step() {
 }
 
 /// With several optimizer steps per rollout, a checkpoint falls due inside a rollout and is
-/// taken there: it keeps the rest of the rollout (`rollout.safetensors`), so `--resume`
+/// taken there: it keeps the rest of the rollout (`rollout.json` and its share), so `--resume`
 /// trains on exactly what the uninterrupted run did. Three cases:
 /// - GRPO, minibatches of 4 of a rollout's 8 rows (two steps a rollout), checkpoints every 3:
 ///   step 3 is the first half of the second rollout;
@@ -520,7 +520,8 @@ fn rl_checkpoints_inside_a_rollout_resume_exactly() {
         assert_eq!(names, steps, "case {i}: checkpoints on schedule");
         let first = ckpts.join(&steps[0]);
         assert!(
-            first.join("rollout.safetensors").is_file(),
+            first.join("rollout.json").is_file()
+                && first.join("rollout.rank-0.safetensors").is_file(),
             "case {i}: the first checkpoint keeps its rollout"
         );
         for later in &steps[1..] {

@@ -498,20 +498,6 @@ impl RunConfig {
         })
     }
 
-    /// Optimizer steps from one rollout's end to the next one that ends with a step (where
-    /// an RL checkpoint over several ranks can fall: `train::runner::Task::resumable_here`),
-    /// when that is more than `checkpoint_every`.
-    pub fn steps_between_rl_checkpoints(&self) -> Option<usize> {
-        let (_, batches, _) = self.rollout_minibatches()?;
-        let accum = self.train.grad_accum.max(1);
-        let (mut a, mut b) = (batches.max(1), accum);
-        while b != 0 {
-            (a, b) = (b, a % b);
-        }
-        let steps = batches.max(1) / a;
-        (steps > self.train.checkpoint_every).then_some(steps)
-    }
-
     fn check_rollout_minibatches(&self) -> Result<()> {
         let Some((loss, batches, table)) = self.rollout_minibatches() else {
             return Ok(());

@@ -10,6 +10,7 @@
 //! Every backend sums in rank order, so all of them give bit-identical results on the CPU.
 
 pub mod buckets;
+pub mod bytes;
 pub mod launch;
 #[cfg(feature = "nccl")]
 pub mod nccl;

@@ -38,7 +38,7 @@ use super::rollout::{
     ActorKnobs, Actors, Buffer, EntropyUse, FrozenReference, Objective, PolicyStep, Rollout,
     RolloutClock, Schedule,
 };
-use super::rollout::{read_unfinished, resumable_now, write_unfinished};
+use super::rollout::{read_unfinished, Unfinished};
 use super::setup::{self, Plan, PolicyPair};
 use super::Env;
 use crate::config::{
@@ -62,6 +62,8 @@ struct GrpoTask<'a> {
     sampler: WindowSampler,
     rng: Rng,
     buffer: Option<Buffer<()>>,
+    /// The ranks' shares of `buffer`, gathered on rank 0 for the checkpoint being written.
+    unfinished: Unfinished,
     /// The last rollout's KL to the reference; None without one (beta = 0).
     last_kl: Option<f64>,
     clock: RolloutClock,
@@ -326,8 +328,10 @@ impl Task for GrpoTask<'_> {
         )
     }
 
-    fn resumable_here(&self) -> bool {
-        resumable_now(self.buffer.as_ref(), self.env.comm.as_ref())
+    fn before_checkpoint(&mut self) -> Result<()> {
+        let comm = self.env.comm.as_ref();
+        self.unfinished = Unfinished::gather(self.buffer.as_ref(), comm)?;
+        Ok(())
     }
 
     fn after_step(&mut self, done: usize) -> Result<()> {
@@ -340,7 +344,7 @@ impl Task for GrpoTask<'_> {
 
     fn write_files(&self, dir: &Path) -> Result<()> {
         self.moving.write(self.reference_store(), dir)?;
-        write_unfinished(self.buffer.as_ref(), self.env.comm.as_ref(), dir)
+        self.unfinished.write(dir)
     }
 
     fn read_files(&mut self, dir: &Path) -> Result<()> {
@@ -418,6 +422,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         eval_prompts,
         rng: Rng::new(cfg.train.seed ^ 0x6290),
         buffer: None,
+        unfinished: Unfinished::default(),
         // KL is 0 before the first update; without a reference there is none to report.
         last_kl: with_reference.then_some(0.0),
         clock: RolloutClock::default(),

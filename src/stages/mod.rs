@@ -195,13 +195,6 @@ impl Env {
             crate::device::describe_kernels(&self.device, &self.kernels),
             dir.display()
         );
-        let steps = cfg.steps_between_rl_checkpoints();
-        if let Some(steps) = steps.filter(|_| self.comm.world() > 1) {
-            errln!(
-                "[{}] checkpoints every {steps} steps, not {}: over several ranks a checkpoint waits for the end of a rollout, which trains for {steps} (so that a resumed run continues exactly)",
-                cfg.stage, cfg.train.checkpoint_every
-            );
-        }
         Ok(())
     }
 

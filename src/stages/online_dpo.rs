@@ -348,10 +348,6 @@ impl Task for OnlineDpoTask<'_> {
         )
     }
 
-    fn resumable_here(&self) -> bool {
-        self.pending.is_empty()
-    }
-
     fn state(&self) -> serde_json::Value {
         self.sampler.state()
     }

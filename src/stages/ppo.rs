@@ -32,7 +32,7 @@ use super::rollout::{
     token_shares, ActorKnobs, Actors, Buffer, CollectTimes, EntropyUse, FrozenReference, Objective,
     PolicyStep, Rollout, RolloutClock, Schedule,
 };
-use super::rollout::{read_unfinished, resumable_now, write_unfinished, Extra, Tensors};
+use super::rollout::{read_unfinished, Extra, Tensors, Unfinished};
 use super::setup::{self, Plan, PolicyPair};
 use super::Env;
 use crate::config::{ImportanceSamplingLevel, PpoConfig, RewardSpec};
@@ -75,6 +75,8 @@ struct PpoTask<'a> {
     sampler: WindowSampler,
     rng: Rng,
     buffer: Option<Buffer<Critic>>,
+    /// The ranks' shares of `buffer`, gathered on rank 0 for the checkpoint being written.
+    unfinished: Unfinished,
     beta: f64,
     last_kl: f64,
     gen_secs: f64,
@@ -298,12 +300,14 @@ impl Task for PpoTask<'_> {
         s
     }
 
-    fn resumable_here(&self) -> bool {
-        resumable_now(self.buffer.as_ref(), self.env.comm.as_ref())
+    fn before_checkpoint(&mut self) -> Result<()> {
+        let comm = self.env.comm.as_ref();
+        self.unfinished = Unfinished::gather(self.buffer.as_ref(), comm)?;
+        Ok(())
     }
 
     fn write_files(&self, dir: &Path) -> Result<()> {
-        write_unfinished(self.buffer.as_ref(), self.env.comm.as_ref(), dir)
+        self.unfinished.write(dir)
     }
 
     fn read_files(&mut self, dir: &Path) -> Result<()> {
@@ -411,6 +415,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         eval_prompts,
         rng: Rng::new(cfg.train.seed ^ 0x990),
         buffer: None,
+        unfinished: Unfinished::default(),
         beta: c.kl_coef,
         last_kl: 0.0,
         gen_secs: 0.0,

@@ -39,7 +39,7 @@ use crate::train::loss::scalar;
 use crate::train::params::ParamStore;
 use crate::train::rng::Rng;
 
-pub use saved::{read_unfinished, resumable_now, write_unfinished, Extra, Tensors};
+pub use saved::{read_unfinished, Extra, Tensors, Unfinished, MANIFEST as ROLLOUT_MANIFEST};
 
 pub struct Rollout {
     pub ids: Tensor,

@@ -212,13 +212,41 @@ pub enum ReadFor {
 
 /// The JSON files temper parses from a checkpoint (others, as a carried
 /// `special_tokens_map.json`, are copied and never read, so they cannot damage it).
-const READ_JSON: [&str; 5] = [
+const READ_JSON: [&str; 6] = [
     "state.json",
     "meta.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "generation_config.json",
+    LIST,
 ];
+
+/// A checkpoint's JSON that names other files of it in `files`, each of which a resume reads:
+/// an unfinished rollout's shares, one per rank (src/stages/rollout/saved.rs).
+const LIST: &str = "rollout.json";
+
+/// The first file [`LIST`] names that `dir` lacks, or why the list does not read.
+fn listed_missing(dir: &Path) -> Option<anyhow::Error> {
+    let list = dir.join(LIST);
+    let bytes = std::fs::read(&list).ok()?;
+    let files = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| {
+            v["files"]
+                .as_array()?
+                .iter()
+                .map(|f| f.as_str().map(str::to_owned))
+                .collect::<Option<Vec<String>>>()
+        });
+    let Some(files) = files else {
+        return Some(anyhow!("{}: malformed: no list of files", list.display()));
+    };
+    files
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|f| !f.is_file())
+        .map(|f| anyhow!("{}: missing (named in {LIST})", f.display()))
+}
 
 /// What makes checkpoint `dir` unreadable as written for `use_`, where anything does: a file
 /// every checkpoint has missing, a JSON file temper reads that does not parse, or a
@@ -239,6 +267,11 @@ pub fn damage(dir: &Path, use_: ReadFor) -> Option<anyhow::Error> {
     for name in needed {
         if !dir.join(name).is_file() {
             return Some(anyhow!("{}: missing", dir.join(name).display()));
+        }
+    }
+    if use_ == ReadFor::Resume {
+        if let Some(e) = listed_missing(dir) {
+            return Some(e);
         }
     }
     let entries = match std::fs::read_dir(dir) {
@@ -442,6 +475,42 @@ mod tests {
         std::fs::write(dir.join("meta.json"), "{").unwrap();
         let e = damage(dir, ReadFor::Model).unwrap().to_string();
         assert!(e.contains("meta.json: malformed"), "{e}");
+    }
+
+    /// A resume needs every share its `rollout.json` names; a model's reader needs none.
+    #[test]
+    fn a_rollout_share_the_list_names_is_needed_to_resume() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let t = candle_core::Tensor::zeros(5, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+        let weights = std::collections::HashMap::from([("w", t)]);
+        for f in [
+            "model.safetensors",
+            "optimizer.safetensors",
+            "r0.safetensors",
+        ] {
+            candle_core::safetensors::save(&weights, dir.join(f)).unwrap();
+        }
+        for f in ["state.json", "meta.json"] {
+            std::fs::write(dir.join(f), "{}").unwrap();
+        }
+        let list = |files: &str| {
+            let text = format!("{{\"world\": 2, \"files\": {files}}}");
+            std::fs::write(dir.join(LIST), text).unwrap();
+        };
+        list(r#"["r0.safetensors", "r1.safetensors"]"#);
+        let e = damage(dir, ReadFor::Resume).unwrap().to_string();
+        assert!(
+            e.contains("r1.safetensors: missing (named in rollout.json)"),
+            "{e}"
+        );
+        assert!(damage(dir, ReadFor::Model).is_none());
+        list("3");
+        let e = damage(dir, ReadFor::Resume).unwrap().to_string();
+        assert!(e.contains("rollout.json: malformed"), "{e}");
+        list(r#"["r0.safetensors"]"#);
+        assert!(damage(dir, ReadFor::Resume).is_none());
     }
 
     /// What a directory lacks is said: a Hugging Face config without its weights, a run

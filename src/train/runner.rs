@@ -55,13 +55,11 @@ pub trait Task {
         1.0
     }
 
-    /// Whether a checkpoint after this step resumes exactly. The RL stages say no under data
-    /// parallelism while a rollout still has minibatches to train on: each rank holds its
-    /// share of the rollout, which rank 0's checkpoint does not keep, so a checkpoint that
-    /// falls due then waits for the rollout's last step. A single process keeps it
-    /// ([`Task::write_files`]) and checkpoints anywhere.
-    fn resumable_here(&self) -> bool {
-        true
+    /// Called on every rank before each checkpoint, which rank 0 alone writes: a collective
+    /// where a task's state lies on every rank (PPO's and GRPO's shares of a rollout still
+    /// being trained on, gathered for [`Task::write_files`]).
+    fn before_checkpoint(&mut self) -> Result<()> {
+        Ok(())
     }
 
     /// The items one pass over the training set draws (examples, pairs, windows), for
@@ -641,8 +639,6 @@ impl<T: Task> Loop<'_, T> {
         let progress = self.main().then(|| Progress::new(label, start, cfg.steps));
         let mut window_tokens = 0usize;
         let mut window_start = Instant::now();
-        // A checkpoint has fallen due and waits for a step the task resumes exactly from.
-        let mut due = false;
         for step in start..cfg.steps {
             let lr = lr_at(cfg, step);
             let timed = step >= start + WARMUP_STEPS;
@@ -698,25 +694,13 @@ impl<T: Task> Loop<'_, T> {
                     summary.last_eval = Some(ev);
                 }
             }
-            due |= s % cfg.checkpoint_every == 0;
-            let checkpointed = s == cfg.steps || (due && self.task.resumable_here());
+            let checkpointed = s == cfg.steps || s % cfg.checkpoint_every == 0;
             if checkpointed {
                 self.checkpoint(s)?;
-                due = false;
             }
             if self.stop_requested()? {
                 if !checkpointed {
                     self.checkpoint(s)?;
-                }
-                // Waiting out the rollout's last minibatches could outlast a preemption's
-                // grace period, so the checkpoint is taken here, and said to be inexact.
-                if !self.task.resumable_here() && self.main() {
-                    errln!(
-                        "[{label}] stopped inside a rollout, whose shares the ranks hold: a \
-                         resume from step {s} samples a new rollout there, so it will not \
-                         follow an uninterrupted run's curve exactly (over several ranks, \
-                         checkpoints that fall due mid-rollout wait for its end)"
-                    );
                 }
                 return Err(Preempted { step: Some(s) }.into());
             }
@@ -852,6 +836,7 @@ impl<T: Task> Loop<'_, T> {
     /// Rank 0 writes the checkpoint; with a sharded optimizer every rank first sends it its
     /// share of the state.
     fn checkpoint(&mut self, s: usize) -> Result<()> {
+        self.task.before_checkpoint()?;
         let Some(state) = self.opt.gather_state(self.opts.comm)? else {
             return Ok(());
         };

@@ -171,6 +171,19 @@ pub fn copy_files(from: &Path, to: &Path) {
     }
 }
 
+/// A copy of directory `from` and everything under it, as `to`.
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let f = e.unwrap().path();
+        let dest = to.join(f.file_name().unwrap());
+        match f.is_dir() {
+            true => copy_tree(&f, &dest),
+            false => drop(std::fs::copy(&f, dest).unwrap()),
+        }
+    }
+}
+
 /// A small, fast model config for tests.
 pub const TINY_TOML: &str = r#"
 [model]

@@ -4,25 +4,43 @@
 //! holds the rest of the rollout, so the resumed run trains on exactly what an uninterrupted
 //! one would have.
 //!
-//! One file, `rollout.safetensors`: the rollout's tensors as they are (their dtype and bits),
-//! and its host part as JSON in a `u8` tensor beside them. One file is whole or damaged as one
-//! (a checkpoint's damage check reads every safetensors' length), never half of a pair.
-//! Floating-point numbers in the JSON are written as their bits: a response no reward scored
-//! is NaN, which JSON has no word for.
+//! Under data parallelism every rank holds its own share of the rollout. Each is gathered on
+//! rank 0 at the checkpoint ([`Unfinished::gather`]), which writes one file per rank,
+//! `rollout.rank-R.safetensors`, and `rollout.json` naming them and the number of ranks. A
+//! checkpoint missing a file it names is damaged (`train::checkpoint::damage`); a resume on
+//! another number of ranks cannot split the shares again, and samples a new rollout.
+//!
+//! A share's file holds the rollout's tensors as they are (their dtype and bits), and its host
+//! part as JSON in a `u8` tensor beside them. Floating-point numbers in the JSON are written
+//! as their bits: a response no reward scored is NaN, which JSON has no word for.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{Buffer, Rollout};
+use crate::dist::bytes::gather_on_root;
 use crate::dist::Communicator;
 use crate::stages::rollout_packing::RolloutDocs;
 
-/// The file a checkpoint keeps an unfinished rollout in.
-pub const FILE: &str = "rollout.safetensors";
+/// The file that names an unfinished rollout's shares in a checkpoint.
+pub const MANIFEST: &str = "rollout.json";
+
+/// What [`MANIFEST`] holds.
+#[derive(Serialize, Deserialize)]
+pub struct Manifest {
+    /// The ranks that held the rollout: a resume on as many reads it back.
+    pub world: usize,
+    /// Each rank's share, in rank order.
+    pub files: Vec<String>,
+}
+
+fn share_file(rank: usize) -> String {
+    format!("rollout.rank-{rank}.safetensors")
+}
 
 const HOST: &str = "host_json";
 
@@ -87,8 +105,8 @@ fn floats(x: &[u64]) -> Vec<f64> {
 }
 
 impl<X: Extra> Buffer<X> {
-    /// Writes the rollout and the minibatches still to come into checkpoint `dir`.
-    pub fn write(&self, dir: &Path) -> Result<()> {
+    /// The rollout and the minibatches still to come, as a safetensors file's bytes.
+    fn to_bytes(&self) -> Result<Vec<u8>> {
         let ro = &self.ro;
         let host = Host {
             prompt_cols: ro.prompt_cols,
@@ -132,22 +150,14 @@ impl<X: Extra> Buffer<X> {
         for (name, t) in self.extra.tensors() {
             put(&format!("extra.{name}"), &t);
         }
-        let path = dir.join(FILE);
-        candle_core::safetensors::save(&map, &path)
-            .with_context(|| format!("{}: cannot write", path.display()))
+        Ok(safetensors::serialize(&map, None)?)
     }
 
-    /// The rollout checkpoint `dir` holds, on `dev`; None where it holds none (it was taken
-    /// between rollouts).
-    pub fn read(dir: &Path, dev: &Device) -> Result<Option<Self>> {
-        let path = dir.join(FILE);
-        if !path.is_file() {
-            return Ok(None);
-        }
-        let shown = path.display().to_string();
-        let map = candle_core::safetensors::load(&path, dev)
-            .with_context(|| format!("{shown}: cannot read"))?;
-        let mut t = Tensors { map, path: shown };
+    /// What [`Buffer::to_bytes`] wrote, read back onto `dev`; `path` names it in errors.
+    fn from_bytes(bytes: &[u8], dev: &Device, path: String) -> Result<Self> {
+        let map = candle_core::safetensors::load_buffer(bytes, dev)
+            .with_context(|| format!("{path}: cannot read"))?;
+        let mut t = Tensors { map, path };
         let json = t.take(HOST)?.to_vec1::<u8>()?;
         let h: Host =
             serde_json::from_slice(&json).with_context(|| format!("{}: malformed", t.path))?;
@@ -176,7 +186,7 @@ impl<X: Extra> Buffer<X> {
         };
         let rows = ro.lengths.len();
         if let Some(i) = h.batches.iter().flat_map(|(r, _)| r).find(|&&i| i >= rows) {
-            anyhow::bail!("{}: minibatch row {i} of a rollout of {rows}", t.path);
+            bail!("{}: minibatch row {i} of a rollout of {rows}", t.path);
         }
         let adv = t.take("adv")?;
         let loss_mask = t.take("loss_mask")?;
@@ -188,7 +198,7 @@ impl<X: Extra> Buffer<X> {
                 .collect(),
             path: t.path.clone(),
         };
-        Ok(Some(Self {
+        Ok(Self {
             ro,
             adv,
             loss_mask,
@@ -198,52 +208,83 @@ impl<X: Extra> Buffer<X> {
                 .map(|(rows, norm)| (rows, f64::from_bits(norm)))
                 .collect::<VecDeque<_>>(),
             extra: X::from_tensors(&mut extras)?,
-        }))
+        })
     }
 }
 
-/// Whether a checkpoint taken now resumes exactly: between rollouts, or anywhere in a
-/// single process, whose checkpoint keeps the rollout. Under data parallelism each rank holds
-/// its own share of the rollout, which rank 0's checkpoint does not, so there a checkpoint
-/// that falls due mid-rollout waits for the rollout's end.
-pub fn resumable_now<X>(buffer: Option<&Buffer<X>>, comm: &dyn Communicator) -> bool {
-    comm.world() == 1 || buffer.is_none_or(Buffer::is_spent)
-}
+/// Every rank's unfinished rollout, serialised and gathered on rank 0 for its checkpoint; none
+/// between rollouts.
+#[derive(Default)]
+pub struct Unfinished(Option<Vec<Vec<u8>>>);
 
-/// Writes the rollout still being trained on, if any, into checkpoint `dir`.
-pub fn write_unfinished<X: Extra>(
-    buffer: Option<&Buffer<X>>,
-    comm: &dyn Communicator,
-    dir: &Path,
-) -> Result<()> {
-    match buffer.filter(|b| !b.is_spent() && comm.world() == 1) {
-        Some(b) => b.write(dir),
-        None => Ok(()),
+impl Unfinished {
+    /// Collective: every rank calls it before every checkpoint. The ranks' buffers are spent
+    /// alike (each trains the same number of minibatches on its share).
+    pub fn gather<X: Extra>(buffer: Option<&Buffer<X>>, comm: &dyn Communicator) -> Result<Self> {
+        let mine = match buffer.filter(|b| !b.is_spent()) {
+            Some(b) => b.to_bytes()?,
+            None => vec![],
+        };
+        Ok(Self(gather_on_root(comm, &mine)?))
+    }
+
+    /// Writes the shares and their manifest into checkpoint `dir` (rank 0's call).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let Some(shares) = self.0.as_ref().filter(|s| s.iter().any(|b| !b.is_empty())) else {
+            return Ok(());
+        };
+        if let Some(r) = shares.iter().position(Vec::is_empty) {
+            bail!("rank {r} had trained on all of its rollout where another had not");
+        }
+        let files: Vec<String> = (0..shares.len()).map(share_file).collect();
+        for (f, b) in files.iter().zip(shares) {
+            let path = dir.join(f);
+            std::fs::write(&path, b)
+                .with_context(|| format!("{}: cannot write", path.display()))?;
+        }
+        let m = Manifest {
+            world: shares.len(),
+            files,
+        };
+        let path = dir.join(MANIFEST);
+        std::fs::write(&path, serde_json::to_vec_pretty(&m)?)
+            .with_context(|| format!("{}: cannot write", path.display()))
     }
 }
 
-/// The rollout checkpoint `dir` holds, if any. Over several ranks, one a single process
-/// wrote is left: a rank would need its share of the rows, and the minibatches are the whole
-/// rollout's, so the run samples a new rollout and says that it leaves the curve.
+/// This rank's share of the rollout checkpoint `dir` holds, on `dev`; None where it holds
+/// none (taken between rollouts), or where it was written by another number of ranks: then
+/// the run samples a new rollout, and rank 0 says that it leaves the curve.
 pub fn read_unfinished<X: Extra>(
     dir: &Path,
     dev: &Device,
     comm: &dyn Communicator,
     stage: &str,
 ) -> Result<Option<Buffer<X>>> {
-    if comm.world() == 1 {
-        return Buffer::read(dir, dev);
+    let path = dir.join(MANIFEST);
+    if !path.is_file() {
+        return Ok(None);
     }
-    if dir.join(FILE).is_file() && comm.rank() == 0 {
-        errln!(
-            "[{stage}] {} holds the rest of a rollout one process was training on; over {} \
-             ranks the run samples a new rollout instead, so it will not follow the curve of \
-             an uninterrupted run exactly",
-            dir.display(),
-            comm.world()
-        );
+    let m: Manifest = std::fs::read(&path)
+        .map_err(anyhow::Error::from)
+        .and_then(|b| Ok(serde_json::from_slice(&b)?))
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    if m.world != comm.world() || m.files.len() != m.world {
+        if comm.rank() == 0 {
+            errln!(
+                "[{stage}] {} holds the rest of a rollout {} rank(s) were training on; on {} \
+                 the run samples a new rollout instead, so it will not follow the curve of an \
+                 uninterrupted run exactly",
+                dir.display(),
+                m.world,
+                comm.world()
+            );
+        }
+        return Ok(None);
     }
-    Ok(None)
+    let f = dir.join(&m.files[comm.rank()]);
+    let bytes = std::fs::read(&f).with_context(|| format!("{}: cannot read", f.display()))?;
+    Buffer::from_bytes(&bytes, dev, f.display().to_string()).map(Some)
 }
 
 #[cfg(test)]
@@ -328,9 +369,8 @@ mod tests {
         };
         let mut buf = Buffer::new(ro, adv, Two(values), &plan, &mut Rng::new(7)).unwrap();
         buf.next_batch().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        buf.write(dir.path()).unwrap();
-        let mut back = Buffer::<Two>::read(dir.path(), &dev).unwrap().unwrap();
+        let mut back =
+            Buffer::<Two>::from_bytes(&buf.to_bytes().unwrap(), &dev, "f".into()).unwrap();
         let (a, b) = (&buf.ro, &back.ro);
         for (x, y) in [
             (&a.ids, &b.ids),
@@ -378,11 +418,13 @@ mod tests {
         assert!(back.is_spent());
     }
 
-    /// A buffer without a reference's log-probabilities reads back without them; a
-    /// checkpoint with no rollout file holds none; a file that misses a tensor is refused,
+    /// Through a checkpoint directory: one with no manifest holds no rollout; a spent buffer
+    /// writes none; a buffer without a reference's log-probabilities reads back without them;
+    /// a manifest of two ranks is left on one rank; a file that misses a tensor is refused,
     /// naming the file and the tensor.
     #[test]
-    fn what_a_rollout_file_lacks_reads_back_as_lacking() {
+    fn a_checkpoint_keeps_a_rollout_only_while_it_has_minibatches_left() {
+        use crate::dist::Solo;
         let dev = Device::Cpu;
         let mut ro = rollout(&dev);
         ro.ref_logprobs = None;
@@ -390,23 +432,44 @@ mod tests {
         let adv = ro.mask.clone();
         let plan = Schedule {
             epochs: 1,
-            minibatch_size: 5,
+            minibatch_size: 3,
             grad_accum: 1,
             mask_truncated: false,
         };
-        let buf = Buffer::new(ro, adv, (), &plan, &mut Rng::new(1)).unwrap();
+        let mut buf = Buffer::new(ro, adv, (), &plan, &mut Rng::new(1)).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        assert!(Buffer::<()>::read(dir.path(), &dev).unwrap().is_none());
-        buf.write(dir.path()).unwrap();
-        let back = Buffer::<()>::read(dir.path(), &dev).unwrap().unwrap();
+        let (d, solo) = (dir.path(), &Solo);
+        let read = |d: &Path| read_unfinished::<()>(d, &dev, solo, "grpo").unwrap();
+        assert!(read(d).is_none());
+        buf.next_batch().unwrap();
+        Unfinished::gather(Some(&buf), solo)
+            .unwrap()
+            .write(d)
+            .unwrap();
+        let back = read(d).expect("one minibatch left");
         assert!(back.ro.ref_logprobs.is_none() && back.ro.packed.is_none());
-        let e = Buffer::<Two>::read(dir.path(), &dev)
+        assert!(d.join("rollout.rank-0.safetensors").is_file());
+        let e = read_unfinished::<Two>(d, &dev, solo, "ppo")
             .err()
             .expect("no values in the file")
             .to_string();
         assert!(
-            e.contains("rollout.safetensors") && e.contains("no tensor `values`"),
+            e.contains("rollout.rank-0.safetensors") && e.contains("no tensor `values`"),
             "{e}"
         );
+        let m = Manifest {
+            world: 2,
+            files: vec![share_file(0), share_file(1)],
+        };
+        std::fs::write(d.join(MANIFEST), serde_json::to_vec(&m).unwrap()).unwrap();
+        assert!(read(d).is_none(), "written by two ranks, read by one");
+
+        buf.next_batch().unwrap();
+        let spent = tempfile::tempdir().unwrap();
+        Unfinished::gather(Some(&buf), solo)
+            .unwrap()
+            .write(spent.path())
+            .unwrap();
+        assert_eq!(std::fs::read_dir(spent.path()).unwrap().count(), 0);
     }
 }
