@@ -74,32 +74,90 @@ const STAGE_COMMANDS: [(&str, Stage); 9] = [
     ("distill", Stage::Distill),
 ];
 
+/// The stage command that runs `stage` (`online-dpo` for [`Stage::OnlineDpo`]).
+fn command_name(stage: Stage) -> &'static str {
+    STAGE_COMMANDS
+        .iter()
+        .find(|(_, s)| *s == stage)
+        .map_or(stage.name(), |(name, _)| name)
+}
+
+/// The stages a stage flag applies to, and what a refusal calls them where the list alone
+/// would not say why.
+struct Scope {
+    stages: &'static [Stage],
+    which: Option<&'static str>,
+}
+
 /// The stage flags (by field) that only some stages read, and those stages: each stage's
-/// `--help` leaves out the others' (which `apply` refuses where given).
-fn flag_stages(flag: &str) -> Option<&'static [Stage]> {
+/// `--help` leaves out the others' flags, and [`StageArgs::apply`] refuses them where given.
+fn flag_scope(flag: &str) -> Option<Scope> {
     use Stage::*;
-    Some(match flag {
-        "teacher" | "lmbda" => &[Distill],
-        "advantage_estimator" | "importance_sampling_level" => &[Grpo],
-        "packing" => &[Sft, Ppo, Grpo, OnlineDpo],
-        "padding_free" => &[Dpo, Kto, Reward],
-        "completion_only_loss" | "assistant_only_loss" | "neftune_noise_alpha" => &[Sft],
-        "precompute_ref_log_probs" | "sync_ref_model" => &[Dpo],
-        "rewards" => &[Ppo, Grpo, OnlineDpo],
-        "beta" => &[Ppo, Dpo, Kto, OnlineDpo, Grpo, Distill],
-        "max_new_tokens" => &[Ppo, Grpo, OnlineDpo, Distill],
-        "tokenizer" | "model" => &[Pretrain],
-        "seq_len" => &[Pretrain, Sft],
+    const FROM_INIT: &[Stage] = &[Sft, Reward, Ppo, Dpo, Kto, OnlineDpo, Grpo, Distill];
+    let (stages, which): (&'static [Stage], _) = match flag {
+        "teacher" | "lmbda" => (&[Distill], None),
+        "advantage_estimator" | "importance_sampling_level" => (&[Grpo], None),
+        "packing" => (&[Sft, Ppo, Grpo, OnlineDpo], None),
+        "padding_free" => (&[Dpo, Kto, Reward], None),
+        "completion_only_loss" | "assistant_only_loss" | "neftune_noise_alpha" => (&[Sft], None),
+        "precompute_ref_log_probs" | "sync_ref_model" => (&[Dpo], None),
+        "rewards" => (
+            &[Ppo, Grpo, OnlineDpo],
+            Some("ppo, grpo and online-dpo (the stages that score their own samples)"),
+        ),
+        "beta" => (&[Ppo, Dpo, Kto, OnlineDpo, Grpo, Distill], None),
+        "max_new_tokens" => (
+            &[Ppo, Grpo, OnlineDpo, Distill],
+            Some("ppo, grpo, online-dpo and distill (the stages that sample)"),
+        ),
+        "tokenizer" | "model" => (
+            &[Pretrain],
+            Some("pretrain (a stage from --init uses its model's tokenizer)"),
+        ),
+        // Refused by `apply` with more than the stage to go by.
+        "seq_len" => (&[Pretrain, Sft], None),
         // PPO and GRPO size their batches by rollouts.
-        "batch_size" => &[Pretrain, Sft, Reward, Dpo, Kto, OnlineDpo, Distill],
-        "chat_template"
-        | "chat_template_kwargs"
-        | "lora_rank"
-        | "lora_alpha"
-        | "lora_dropout"
-        | "lora_targets" => &[Sft, Reward, Ppo, Dpo, Kto, OnlineDpo, Grpo, Distill],
+        "batch_size" => (&[Pretrain, Sft, Reward, Dpo, Kto, OnlineDpo, Distill], None),
+        "chat_template" | "chat_template_kwargs" => (
+            FROM_INIT,
+            Some("the stages that render conversations (pretraining reads text as it is)"),
+        ),
+        "lora_rank" | "lora_alpha" | "lora_dropout" | "lora_targets" => (
+            FROM_INIT,
+            Some("the stages from --init (pretraining trains every weight)"),
+        ),
         _ => return None,
-    })
+    };
+    Some(Scope { stages, which })
+}
+
+fn flag_stages(flag: &str) -> Option<&'static [Stage]> {
+    flag_scope(flag).map(|s| s.stages)
+}
+
+/// Refuses each of `given` (field, flag as typed, whether it was given) that `now` would not
+/// read.
+fn refuse_out_of_scope(given: &[(&str, &str, bool)], now: Stage) -> Result<()> {
+    for &(field, flag, _) in given.iter().filter(|g| g.2) {
+        let scope = flag_scope(field).expect("a scoped flag");
+        if scope.stages.contains(&now) {
+            continue;
+        }
+        let which = scope.which.map_or_else(
+            || {
+                let names: Vec<&str> = scope.stages.iter().map(|&s| command_name(s)).collect();
+                match names.split_last() {
+                    Some((last, rest)) if !rest.is_empty() => {
+                        format!("{} and {last}", rest.join(", "))
+                    }
+                    _ => names.join(""),
+                }
+            },
+            str::to_string,
+        );
+        bail!("{flag} applies to {which}, not {}", command_name(now));
+    }
+    Ok(())
 }
 
 /// Each stage's `--help`: its own flags only, and after them its defaults, as the tables of a
@@ -1136,6 +1194,78 @@ impl StageArgs {
     }
 
     pub fn apply(&self, cfg: &mut RunConfig) -> Result<()> {
+        let now = cfg.stage;
+        // Flags read by some stages only; elsewhere they would do nothing, so they are refused.
+        refuse_out_of_scope(
+            &[
+                ("teacher", "--teacher", self.teacher.is_some()),
+                ("lmbda", "--lmbda", self.lmbda.is_some()),
+                (
+                    "advantage_estimator",
+                    "--advantage-estimator",
+                    self.advantage_estimator.is_some(),
+                ),
+                (
+                    "importance_sampling_level",
+                    "--importance-sampling-level",
+                    self.importance_sampling_level.is_some(),
+                ),
+                ("packing", "--packing", self.packing),
+                ("padding_free", "--padding-free", self.padding_free),
+                (
+                    "completion_only_loss",
+                    "--completion-only-loss",
+                    self.completion_only_loss.is_some(),
+                ),
+                (
+                    "assistant_only_loss",
+                    "--assistant-only-loss",
+                    self.assistant_only_loss.is_some(),
+                ),
+                (
+                    "neftune_noise_alpha",
+                    "--neftune-noise-alpha",
+                    self.neftune_noise_alpha.is_some(),
+                ),
+                (
+                    "precompute_ref_log_probs",
+                    "--precompute-ref-log-probs",
+                    self.precompute_ref_log_probs,
+                ),
+                ("sync_ref_model", "--sync-ref-model", self.sync_ref_model),
+                ("rewards", "--reward", !self.rewards.is_empty()),
+                ("beta", "--beta", self.beta.is_some()),
+                (
+                    "max_new_tokens",
+                    "--max-new-tokens",
+                    self.max_new_tokens.is_some(),
+                ),
+                ("tokenizer", "--tokenizer", self.tokenizer.is_some()),
+                (
+                    "chat_template",
+                    "--chat-template",
+                    self.chat_template.is_some(),
+                ),
+                (
+                    "chat_template_kwargs",
+                    "--chat-template-kwargs",
+                    self.chat_template_kwargs.is_some(),
+                ),
+                ("lora_rank", "--lora-rank", self.lora_rank.is_some()),
+                ("lora_alpha", "--lora-alpha", self.lora_alpha.is_some()),
+                (
+                    "lora_dropout",
+                    "--lora-dropout",
+                    self.lora_dropout.is_some(),
+                ),
+                (
+                    "lora_targets",
+                    "--lora-targets",
+                    self.lora_targets.is_some(),
+                ),
+            ],
+            now,
+        )?;
         if let Some(p) = &self.model {
             // The preset's training schedule is a default below the config files
             // (`RunConfig::for_preset`, in `resolve`); its shape replaces theirs.
@@ -1208,66 +1338,17 @@ impl StageArgs {
                 Stage::Grpo => cfg.grpo.max_new_tokens = n,
                 Stage::OnlineDpo => cfg.online_dpo.max_new_tokens = n,
                 Stage::Distill => cfg.distill.max_new_tokens = n,
-                other => bail!(
-                    "--max-new-tokens applies to ppo, grpo, online-dpo and distill (the stages \
-                     that sample), not {}",
-                    other.name()
-                ),
+                // Refused above.
+                _ => {}
             }
         }
-        // Each stage's own packing flag; elsewhere it would do nothing, so it is refused.
-        let now = cfg.stage;
-        let grpo_only = [
-            ("--advantage-estimator", self.advantage_estimator.is_some()),
-            (
-                "--importance-sampling-level",
-                self.importance_sampling_level.is_some(),
-            ),
-        ];
-        if let Some((flag, _)) = grpo_only.iter().find(|(_, set)| *set) {
-            if now != Stage::Grpo {
-                bail!("{flag} applies to grpo, not {}", now.name());
-            }
+        set!(self.completion_only_loss, cfg.sft.completion_only_loss);
+        set!(self.assistant_only_loss, cfg.sft.assistant_only_loss);
+        if self.neftune_noise_alpha.is_some() {
+            cfg.sft.neftune_noise_alpha = self.neftune_noise_alpha;
         }
-        for (set, flag, field) in [
-            (
-                self.completion_only_loss,
-                "--completion-only-loss",
-                &mut cfg.sft.completion_only_loss,
-            ),
-            (
-                self.assistant_only_loss,
-                "--assistant-only-loss",
-                &mut cfg.sft.assistant_only_loss,
-            ),
-        ] {
-            let Some(on) = set else { continue };
-            if now != Stage::Sft {
-                bail!("{flag} applies to sft, not {}", now.name());
-            }
-            *field = on;
-        }
-        if let Some(alpha) = self.neftune_noise_alpha {
-            if now != Stage::Sft {
-                bail!("--neftune-noise-alpha applies to sft, not {}", now.name());
-            }
-            cfg.sft.neftune_noise_alpha = Some(alpha);
-        }
-        if self.precompute_ref_log_probs {
-            if now != Stage::Dpo {
-                bail!(
-                    "--precompute-ref-log-probs applies to dpo, not {}",
-                    now.name()
-                );
-            }
-            cfg.dpo.precompute_ref_log_probs = true;
-        }
-        if self.sync_ref_model {
-            if now != Stage::Dpo {
-                bail!("--sync-ref-model applies to dpo, not {}", now.name());
-            }
-            cfg.dpo.sync_ref_model = true;
-        }
+        cfg.dpo.precompute_ref_log_probs |= self.precompute_ref_log_probs;
+        cfg.dpo.sync_ref_model |= self.sync_ref_model;
         let packing = match now {
             Stage::Sft => Some(&mut cfg.sft.packing),
             Stage::Ppo => Some(&mut cfg.ppo.packing),
@@ -1281,80 +1362,17 @@ impl StageArgs {
             Stage::Reward => Some(&mut cfg.reward.padding_free),
             _ => None,
         };
-        for (set, flag, on, stages) in [
-            (
-                self.packing,
-                "--packing",
-                packing,
-                "sft, ppo, grpo and online_dpo",
-            ),
-            (
-                self.padding_free,
-                "--padding-free",
-                padding_free,
-                "dpo, kto and reward",
-            ),
-        ] {
-            match on {
-                Some(on) => *on |= set,
-                None if set => bail!("{flag} applies to {stages}, not {}", now.name()),
-                None => {}
+        for (set, on) in [(self.packing, packing), (self.padding_free, padding_free)] {
+            if let Some(on) = on {
+                *on |= set;
             }
         }
-        // Flags read by some stages only; elsewhere they would do nothing, so they are refused.
         let lora_flags = [
             ("--lora-rank", self.lora_rank.is_some()),
             ("--lora-alpha", self.lora_alpha.is_some()),
             ("--lora-dropout", self.lora_dropout.is_some()),
             ("--lora-targets", self.lora_targets.is_some()),
         ];
-        let scoped = [
-            (
-                !self.rewards.is_empty(),
-                "--reward",
-                [Stage::Ppo, Stage::Grpo, Stage::OnlineDpo].as_slice(),
-                "ppo, grpo and online-dpo (the stages that score their own samples)",
-            ),
-            (
-                self.beta.is_some(),
-                "--beta",
-                &[
-                    Stage::Ppo,
-                    Stage::Dpo,
-                    Stage::Kto,
-                    Stage::OnlineDpo,
-                    Stage::Grpo,
-                    Stage::Distill,
-                ],
-                "ppo, dpo, kto, online-dpo, grpo and distill",
-            ),
-            (
-                self.tokenizer.is_some(),
-                "--tokenizer",
-                &[Stage::Pretrain],
-                "pretrain (a stage from --init uses its model's tokenizer)",
-            ),
-            (
-                self.chat_template.is_some(),
-                "--chat-template",
-                &[
-                    Stage::Sft,
-                    Stage::Reward,
-                    Stage::Ppo,
-                    Stage::Dpo,
-                    Stage::Kto,
-                    Stage::OnlineDpo,
-                    Stage::Grpo,
-                    Stage::Distill,
-                ],
-                "the stages that render conversations (pretraining reads text as it is)",
-            ),
-        ];
-        for (set, flag, stages, which) in scoped {
-            if set && !stages.contains(&now) {
-                bail!("{flag} applies to {which}, not {}", now.name());
-            }
-        }
         // Rows of seq_len tokens are pretraining's and packed SFT's; the other stages take each
         // record whole, up to the model's context ([data] truncation).
         let packed_sft = now == Stage::Sft && cfg.sft.packing;
@@ -1364,12 +1382,9 @@ impl StageArgs {
                  not {}: records are taken whole, up to the model's context",
                 match now {
                     Stage::Sft => "sft without packing",
-                    other => other.name(),
+                    other => command_name(other),
                 }
             );
-        }
-        if let (Stage::Pretrain, Some((flag, _))) = (now, lora_flags.iter().find(|(_, set)| *set)) {
-            bail!("{flag} applies to the stages from --init, not pretrain (which trains every weight)");
         }
         // LoRA's other settings shape adapters that only a rank creates: without one the run
         // would fine-tune every weight, as if they had not been given.
@@ -1389,15 +1404,6 @@ impl StageArgs {
                 Stage::Grpo => cfg.grpo.beta = b,
                 Stage::Distill => cfg.distill.beta = b,
                 Stage::Pretrain | Stage::Sft | Stage::Reward => {}
-            }
-        }
-        // Distillation's own flags; elsewhere they would do nothing, so they are refused.
-        for (set, flag) in [
-            (self.teacher.is_some(), "--teacher"),
-            (self.lmbda.is_some(), "--lmbda"),
-        ] {
-            if set && now != Stage::Distill {
-                bail!("{flag} applies to distill, not {}", now.name());
             }
         }
         if self.teacher.is_some() {
@@ -1635,6 +1641,102 @@ mod tests {
             assert_eq!((t.profile, t.steps, t.epochs), (3, steps, None));
             assert_eq!((t.eval_every, t.checkpoint_every), (steps, steps));
         }
+    }
+
+    /// Every scoped flag is refused by exactly the stages whose `--help` leaves it out (one
+    /// list, `flag_scope`, decides both), with the flag as typed and the stage's command.
+    #[test]
+    fn a_scoped_flag_is_refused_where_its_help_is_hidden() {
+        type Set = fn(&mut StageArgs);
+        let flags: [(&str, &str, Set); 21] = [
+            ("teacher", "--teacher", |a| a.teacher = Some("t".into())),
+            ("lmbda", "--lmbda", |a| a.lmbda = Some(0.5)),
+            ("advantage_estimator", "--advantage-estimator", |a| {
+                a.advantage_estimator = Some(AdvantageEstimator::Rloo)
+            }),
+            (
+                "importance_sampling_level",
+                "--importance-sampling-level",
+                |a| a.importance_sampling_level = Some(ImportanceSamplingLevel::Sequence),
+            ),
+            ("packing", "--packing", |a| a.packing = true),
+            ("padding_free", "--padding-free", |a| a.padding_free = true),
+            ("completion_only_loss", "--completion-only-loss", |a| {
+                a.completion_only_loss = Some(false)
+            }),
+            ("assistant_only_loss", "--assistant-only-loss", |a| {
+                a.assistant_only_loss = Some(false)
+            }),
+            ("neftune_noise_alpha", "--neftune-noise-alpha", |a| {
+                a.neftune_noise_alpha = Some(5.0)
+            }),
+            (
+                "precompute_ref_log_probs",
+                "--precompute-ref-log-probs",
+                |a| a.precompute_ref_log_probs = true,
+            ),
+            ("sync_ref_model", "--sync-ref-model", |a| {
+                a.sync_ref_model = true
+            }),
+            ("rewards", "--reward", |a| {
+                a.rewards = vec!["task".parse().unwrap()]
+            }),
+            ("beta", "--beta", |a| a.beta = Some(0.2)),
+            ("max_new_tokens", "--max-new-tokens", |a| {
+                a.max_new_tokens = Some(8)
+            }),
+            ("tokenizer", "--tokenizer", |a| {
+                a.tokenizer = Some("t.json".into())
+            }),
+            ("chat_template", "--chat-template", |a| {
+                a.chat_template = Some("t.jinja".into())
+            }),
+            ("chat_template_kwargs", "--chat-template-kwargs", |a| {
+                a.chat_template_kwargs = Some(Kwargs::new())
+            }),
+            ("lora_rank", "--lora-rank", |a| a.lora_rank = Some(4)),
+            ("lora_alpha", "--lora-alpha", |a| a.lora_alpha = Some(8.0)),
+            ("lora_dropout", "--lora-dropout", |a| {
+                a.lora_dropout = Some(0.1)
+            }),
+            ("lora_targets", "--lora-targets", |a| {
+                a.lora_targets = Some("q".into())
+            }),
+        ];
+        for (field, flag, set) in flags {
+            let stages = flag_stages(field).expect(field);
+            for (command, stage) in STAGE_COMMANDS {
+                let mut args = StageArgs::default();
+                set(&mut args);
+                let got = args.apply(&mut RunConfig::for_stage(stage));
+                match stages.contains(&stage) {
+                    true => assert!(
+                        got.as_ref()
+                            .map_or_else(|e| !e.to_string().contains("applies to"), |_| true),
+                        "{flag} on {command}: {got:?}"
+                    ),
+                    false => {
+                        let e = got.expect_err(flag).to_string();
+                        assert!(
+                            e.starts_with(&format!("{flag} applies to"))
+                                && e.ends_with(&format!("not {command}")),
+                            "{flag} on {command}: {e}"
+                        );
+                    }
+                }
+            }
+        }
+        let e = StageArgs {
+            packing: true,
+            ..Default::default()
+        }
+        .apply(&mut RunConfig::for_stage(Stage::Kto))
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "--packing applies to sft, ppo, grpo and online-dpo, not kto"
+        );
     }
 
     /// GRPO's flags set GRPO's config, and elsewhere are refused rather than ignored.

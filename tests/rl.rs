@@ -819,7 +819,7 @@ fn packed_rl_training_takes_the_padded_steps() {
     }
     let e = run_err(&["reward", "--packing", "--device", "cpu"]);
     assert!(
-        e.contains("--packing applies to sft, ppo, grpo and online_dpo, not reward"),
+        e.contains("--packing applies to sft, ppo, grpo and online-dpo, not reward"),
         "{e}"
     );
 }

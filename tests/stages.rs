@@ -1477,7 +1477,7 @@ fn packed_sft_learns_the_task() {
     #[rustfmt::skip]
     let e = run_err(&["dpo", "--packing", "--init", sft.to_str().unwrap(), "--device", "cpu"]);
     assert!(
-        e.contains("--packing applies to sft, ppo, grpo and online_dpo, not dpo"),
+        e.contains("--packing applies to sft, ppo, grpo and online-dpo, not dpo"),
         "{e}"
     );
     // A refused resume leaves the run's configuration as it was.
