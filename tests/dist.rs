@@ -667,8 +667,8 @@ fn distill_over_two_ranks_follows_one_rank() {
 /// Over two launched ranks, a checkpoint that falls inside a rollout is taken there too: each
 /// rank's share of the rollout is gathered into it (`rollout.rank-0` and `-1`), and the run
 /// resumed from it on two ranks retraces the uninterrupted one exactly, for GRPO and for PPO
-/// (whose shares hold the critic's values and returns). Resumed on one rank, it cannot split
-/// the shares again: it says so, samples a new rollout, and trains on.
+/// (whose shares hold the critic's values and returns), evaluations included. Resumed on one
+/// rank, it cannot split the shares again: it says so, samples a new rollout, and trains on.
 #[test]
 fn rl_over_two_ranks_checkpoints_inside_a_rollout_and_resumes_exactly() {
     let d = tmp();
@@ -705,7 +705,7 @@ fn rl_over_two_ranks_checkpoints_inside_a_rollout_and_resumes_exactly() {
                 "--checkpoint-every",
                 every,
                 "--eval-every",
-                "100",
+                "2",
                 "--reward",
                 &reward,
                 "--device",
@@ -750,10 +750,15 @@ fn rl_over_two_ranks_checkpoints_inside_a_rollout_and_resumes_exactly() {
             "{stage}: every loss is zero"
         );
         assert_eq!(losses(&cut), x, "{stage}: the resumed run left the curve");
+        // The evaluation at step 4, after the resume and before the next rollout, reports the
+        // KL of the rollout the checkpoint kept.
+        let kl = |r: &Path| series(&metrics(r), "val", "rollout_kl");
+        assert_eq!(kl(&whole).len(), 4, "{stage}");
+        assert_eq!(kl(&cut), kl(&whole), "{stage}: evaluations");
         let o = run_ok(&[stage, "--resume", one.to_str().unwrap()]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(
-            err.contains("holds the rest of a rollout 2 rank(s) were training on; on 1 the run samples a new rollout instead"),
+            err.contains("holds the rest of a rollout 2 rank(s) were training on, and this run has 1: the run samples a new rollout instead"),
             "{stage}: {err}"
         );
         assert_eq!(losses(&one).len(), 6, "{stage}");

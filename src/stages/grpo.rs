@@ -62,7 +62,8 @@ struct GrpoTask<'a> {
     sampler: WindowSampler,
     rng: Rng,
     buffer: Option<Buffer<()>>,
-    /// The ranks' shares of `buffer`, gathered on rank 0 for the checkpoint being written.
+    /// The ranks' shares of `buffer`, gathered on rank 0 for the checkpoint being written
+    /// (and let go at the next step's end).
     unfinished: Unfinished,
     /// The last rollout's KL to the reference; None without one (beta = 0).
     last_kl: Option<f64>,
@@ -167,6 +168,17 @@ impl GrpoTask<'_> {
         }
     }
 
+    /// How a rollout is cut into minibatches.
+    fn plan(&self) -> Schedule {
+        let c = self.cfg();
+        Schedule {
+            epochs: c.epochs,
+            minibatch_size: c.minibatch_size,
+            grad_accum: self.env.cfg.train.grad_accum,
+            mask_truncated: c.mask_truncated_completions,
+        }
+    }
+
     /// The reference copy's weights; none under LoRA or without a reference.
     fn reference_store(&self) -> Option<&ParamStore> {
         self.actors
@@ -227,13 +239,7 @@ impl GrpoTask<'_> {
             .write(step + 1, &records, &ro, kl_rows.as_deref())?;
         let mut stats = rollout_stats(&ro, self.last_kl, comm)?;
         stats.extend(self.clock.metrics(&times));
-        let plan = Schedule {
-            epochs: c.epochs,
-            minibatch_size: c.minibatch_size,
-            grad_accum: self.env.cfg.train.grad_accum,
-            mask_truncated: c.mask_truncated_completions,
-        };
-        let mut buffer = Buffer::new(ro, adv, (), &plan, &mut self.rng)?;
+        let mut buffer = Buffer::new(ro, adv, (), &self.plan(), &mut self.rng)?;
         buffer.share_normalisers(comm)?;
         self.buffer = Some(buffer);
         Ok(stats)
@@ -335,6 +341,7 @@ impl Task for GrpoTask<'_> {
     }
 
     fn after_step(&mut self, done: usize) -> Result<()> {
+        self.unfinished = Unfinished::default();
         if self.cfg().entropy_bonus() {
             self.entropy.end_step(self.env.comm.as_ref())?;
         }
@@ -350,7 +357,7 @@ impl Task for GrpoTask<'_> {
     fn read_files(&mut self, dir: &Path) -> Result<()> {
         self.moving.read(self.reference_store(), dir)?;
         let (dev, comm) = (&self.env.device, self.env.comm.as_ref());
-        self.buffer = read_unfinished(dir, dev, comm, "grpo")?;
+        self.buffer = read_unfinished(dir, dev, comm, ("grpo", &self.plan()))?;
         Ok(())
     }
 

@@ -75,7 +75,8 @@ struct PpoTask<'a> {
     sampler: WindowSampler,
     rng: Rng,
     buffer: Option<Buffer<Critic>>,
-    /// The ranks' shares of `buffer`, gathered on rank 0 for the checkpoint being written.
+    /// The ranks' shares of `buffer`, gathered on rank 0 for the checkpoint being written
+    /// (and let go at the next step's end).
     unfinished: Unfinished,
     beta: f64,
     last_kl: f64,
@@ -97,6 +98,17 @@ struct Advantages {
 impl PpoTask<'_> {
     fn cfg(&self) -> &PpoConfig {
         &self.env.cfg.ppo
+    }
+
+    /// How a rollout is cut into minibatches.
+    fn plan(&self) -> Schedule {
+        let c = self.cfg();
+        Schedule {
+            epochs: c.ppo_epochs,
+            minibatch_size: c.minibatch_size,
+            grad_accum: self.env.cfg.train.grad_accum,
+            mask_truncated: c.mask_truncated_completions,
+        }
     }
 
     fn sample_cfg(&self) -> SampleCfg {
@@ -207,13 +219,7 @@ impl PpoTask<'_> {
             let err = (kl_seq / c.target_kl - 1.0).clamp(-0.2, 0.2);
             self.beta *= 1.0 + err * b / c.kl_horizon;
         }
-        let plan = Schedule {
-            epochs: c.ppo_epochs,
-            minibatch_size: c.minibatch_size,
-            grad_accum: self.env.cfg.train.grad_accum,
-            mask_truncated: c.mask_truncated_completions,
-        };
-        let mut buffer = Buffer::new(ro, a.adv, a.critic, &plan, &mut self.rng)?;
+        let mut buffer = Buffer::new(ro, a.adv, a.critic, &self.plan(), &mut self.rng)?;
         buffer.share_normalisers(comm)?;
         self.buffer = Some(buffer);
         Ok(stats)
@@ -300,6 +306,11 @@ impl Task for PpoTask<'_> {
         s
     }
 
+    fn after_step(&mut self, _done: usize) -> Result<()> {
+        self.unfinished = Unfinished::default();
+        Ok(())
+    }
+
     fn before_checkpoint(&mut self) -> Result<()> {
         let comm = self.env.comm.as_ref();
         self.unfinished = Unfinished::gather(self.buffer.as_ref(), comm)?;
@@ -312,7 +323,7 @@ impl Task for PpoTask<'_> {
 
     fn read_files(&mut self, dir: &Path) -> Result<()> {
         let (dev, comm) = (&self.env.device, self.env.comm.as_ref());
-        self.buffer = read_unfinished(dir, dev, comm, "ppo")?;
+        self.buffer = read_unfinished(dir, dev, comm, ("ppo", &self.plan()))?;
         Ok(())
     }
 

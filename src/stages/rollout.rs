@@ -274,17 +274,36 @@ pub struct Buffer<X> {
     pub adv: Tensor,
     pub loss_mask: Tensor,
     batches: VecDeque<(Vec<usize>, f64)>,
+    /// How its minibatches were cut, which a checkpoint keeps with the rest of them.
+    plan: Schedule,
     /// What else a stage keeps per rollout (PPO: values and returns).
     pub extra: X,
 }
 
 /// How a rollout is cut into minibatches.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Schedule {
     pub epochs: usize,
     pub minibatch_size: usize,
     pub grad_accum: usize,
     /// Drop the loss of responses that ran out of tokens before EOS.
     pub mask_truncated: bool,
+}
+
+impl std::fmt::Display for Schedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} epoch(s) of minibatches of {} with grad_accum {}{}",
+            self.epochs,
+            self.minibatch_size,
+            self.grad_accum,
+            match self.mask_truncated {
+                true => ", truncated responses masked",
+                false => "",
+            }
+        )
+    }
 }
 
 impl<X> Buffer<X> {
@@ -308,6 +327,7 @@ impl<X> Buffer<X> {
             adv,
             loss_mask,
             batches: rows.into_iter().zip(norms).collect(),
+            plan: plan.clone(),
             extra,
         })
     }

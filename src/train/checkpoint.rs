@@ -225,10 +225,28 @@ const READ_JSON: [&str; 6] = [
 /// an unfinished rollout's shares, one per rank (src/stages/rollout/saved.rs).
 const LIST: &str = "rollout.json";
 
-/// The first file [`LIST`] names that `dir` lacks, or why the list does not read.
+/// How the files [`LIST`] names begin.
+const LISTED: &str = "rollout.rank-";
+
+/// The first file [`LIST`] names that `dir` lacks, or why the list does not read; the list
+/// itself where `dir` has files it would name.
 fn listed_missing(dir: &Path) -> Option<anyhow::Error> {
     let list = dir.join(LIST);
-    let bytes = std::fs::read(&list).ok()?;
+    let Ok(bytes) = std::fs::read(&list) else {
+        let listed = std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .find(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(LISTED))
+            })?;
+        return Some(anyhow!(
+            "{}: missing (it names {})",
+            list.display(),
+            listed.file_name().to_string_lossy()
+        ));
+    };
     let files = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
         .and_then(|v| {
@@ -477,7 +495,8 @@ mod tests {
         assert!(e.contains("meta.json: malformed"), "{e}");
     }
 
-    /// A resume needs every share its `rollout.json` names; a model's reader needs none.
+    /// A resume needs every share its `rollout.json` names, and the list where shares are;
+    /// a model's reader needs none.
     #[test]
     fn a_rollout_share_the_list_names_is_needed_to_resume() {
         let d = tempfile::tempdir().unwrap();
@@ -511,6 +530,17 @@ mod tests {
         assert!(e.contains("rollout.json: malformed"), "{e}");
         list(r#"["r0.safetensors"]"#);
         assert!(damage(dir, ReadFor::Resume).is_none());
+        std::fs::rename(
+            dir.join("r0.safetensors"),
+            dir.join("rollout.rank-0.safetensors"),
+        )
+        .unwrap();
+        std::fs::remove_file(dir.join(LIST)).unwrap();
+        let e = damage(dir, ReadFor::Resume).unwrap().to_string();
+        assert!(
+            e.contains("rollout.json: missing (it names rollout.rank-0.safetensors)"),
+            "{e}"
+        );
     }
 
     /// What a directory lacks is said: a Hugging Face config without its weights, a run

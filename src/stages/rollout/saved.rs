@@ -21,7 +21,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{Buffer, Rollout};
+use super::{Buffer, Rollout, Schedule};
 use crate::dist::bytes::gather_on_root;
 use crate::dist::Communicator;
 use crate::stages::rollout_packing::RolloutDocs;
@@ -94,6 +94,8 @@ struct Host {
     packed: Option<RolloutDocs>,
     /// The minibatches still to train on: their rows and DAPO normalisers.
     batches: Vec<(Vec<usize>, u64)>,
+    /// How they were cut: a resume that cuts rollouts otherwise samples a new one.
+    plan: Schedule,
 }
 
 fn bits(x: &[f64]) -> Vec<u64> {
@@ -128,6 +130,7 @@ impl<X: Extra> Buffer<X> {
                 .iter()
                 .map(|(rows, norm)| (rows.clone(), norm.to_bits()))
                 .collect(),
+            plan: self.plan.clone(),
         };
         let json = serde_json::to_vec(&host)?;
         let n = json.len();
@@ -207,6 +210,7 @@ impl<X: Extra> Buffer<X> {
                 .into_iter()
                 .map(|(rows, norm)| (rows, f64::from_bits(norm)))
                 .collect::<VecDeque<_>>(),
+            plan: h.plan,
             extra: X::from_tensors(&mut extras)?,
         })
     }
@@ -253,14 +257,26 @@ impl Unfinished {
 }
 
 /// This rank's share of the rollout checkpoint `dir` holds, on `dev`; None where it holds
-/// none (taken between rollouts), or where it was written by another number of ranks: then
-/// the run samples a new rollout, and rank 0 says that it leaves the curve.
+/// none (taken between rollouts), or where this run cannot go on with it: written by another
+/// number of ranks, or cut into minibatches otherwise than `plan` cuts them (a resume that
+/// changed `grad_accum`, say, whose DAPO normalisers the kept ones are not). Then the run
+/// samples a new rollout, and rank 0 says that it leaves the curve.
 pub fn read_unfinished<X: Extra>(
     dir: &Path,
     dev: &Device,
     comm: &dyn Communicator,
-    stage: &str,
+    (stage, plan): (&str, &Schedule),
 ) -> Result<Option<Buffer<X>>> {
+    let leave = |why: String| {
+        if comm.rank() == 0 {
+            errln!(
+                "[{stage}] {} holds the rest of a rollout {why}: the run samples a new rollout \
+                 instead, so it will not follow the curve of an uninterrupted run exactly",
+                dir.display()
+            );
+        }
+        Ok(None)
+    };
     let path = dir.join(MANIFEST);
     if !path.is_file() {
         return Ok(None);
@@ -270,21 +286,20 @@ pub fn read_unfinished<X: Extra>(
         .and_then(|b| Ok(serde_json::from_slice(&b)?))
         .with_context(|| format!("{}: cannot read", path.display()))?;
     if m.world != comm.world() || m.files.len() != m.world {
-        if comm.rank() == 0 {
-            errln!(
-                "[{stage}] {} holds the rest of a rollout {} rank(s) were training on; on {} \
-                 the run samples a new rollout instead, so it will not follow the curve of an \
-                 uninterrupted run exactly",
-                dir.display(),
-                m.world,
-                comm.world()
-            );
-        }
-        return Ok(None);
+        let ranks = comm.world();
+        return leave(format!(
+            "{} rank(s) were training on, and this run has {ranks}",
+            m.world
+        ));
     }
     let f = dir.join(&m.files[comm.rank()]);
     let bytes = std::fs::read(&f).with_context(|| format!("{}: cannot read", f.display()))?;
-    Buffer::from_bytes(&bytes, dev, f.display().to_string()).map(Some)
+    let buf = Buffer::from_bytes(&bytes, dev, f.display().to_string())?;
+    // Every rank's share was cut by the same plan, so the ranks leave theirs alike.
+    if buf.plan != *plan {
+        return leave(format!("cut as {}, where this run cuts {plan}", buf.plan));
+    }
+    Ok(Some(buf))
 }
 
 #[cfg(test)]
@@ -420,8 +435,8 @@ mod tests {
 
     /// Through a checkpoint directory: one with no manifest holds no rollout; a spent buffer
     /// writes none; a buffer without a reference's log-probabilities reads back without them;
-    /// a manifest of two ranks is left on one rank; a file that misses a tensor is refused,
-    /// naming the file and the tensor.
+    /// a run that cuts rollouts otherwise, or a manifest of two ranks on one, leaves it; a
+    /// file that misses a tensor is refused, naming the file and the tensor.
     #[test]
     fn a_checkpoint_keeps_a_rollout_only_while_it_has_minibatches_left() {
         use crate::dist::Solo;
@@ -439,7 +454,7 @@ mod tests {
         let mut buf = Buffer::new(ro, adv, (), &plan, &mut Rng::new(1)).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let (d, solo) = (dir.path(), &Solo);
-        let read = |d: &Path| read_unfinished::<()>(d, &dev, solo, "grpo").unwrap();
+        let read = |d: &Path| read_unfinished::<()>(d, &dev, solo, ("grpo", &plan)).unwrap();
         assert!(read(d).is_none());
         buf.next_batch().unwrap();
         Unfinished::gather(Some(&buf), solo)
@@ -449,7 +464,13 @@ mod tests {
         let back = read(d).expect("one minibatch left");
         assert!(back.ro.ref_logprobs.is_none() && back.ro.packed.is_none());
         assert!(d.join("rollout.rank-0.safetensors").is_file());
-        let e = read_unfinished::<Two>(d, &dev, solo, "ppo")
+        let other = Schedule {
+            grad_accum: 2,
+            ..plan.clone()
+        };
+        let cut_otherwise = read_unfinished::<()>(d, &dev, solo, ("grpo", &other)).unwrap();
+        assert!(cut_otherwise.is_none(), "another grad_accum's normalisers");
+        let e = read_unfinished::<Two>(d, &dev, solo, ("ppo", &plan))
             .err()
             .expect("no values in the file")
             .to_string();
