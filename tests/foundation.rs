@@ -1520,6 +1520,63 @@ fn a_run_directory_is_not_reused_by_accident() {
     assert_eq!(steps.last(), Some(&5), "{steps:?}");
 }
 
+/// A run that diverges stops at the first step whose gradient norm is not finite, before any
+/// checkpoint holds the spoilt weights: its error names the step and the last good checkpoint
+/// (or says there is none yet), whose weights are all finite.
+#[test]
+fn a_diverging_run_stops_before_a_checkpoint_holds_its_spoilt_weights() {
+    let d = tmp();
+    let cfg = p(d.path(), "c.toml");
+    std::fs::write(&cfg, TINY_TOML).unwrap();
+    let run = |name: &str, every: &str| {
+        let out = p(d.path(), name);
+        let e = run_err(&[
+            "pretrain",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--lr",
+            "1e30",
+            "--steps",
+            "30",
+            "--checkpoint-every",
+            every,
+            "--device",
+            "cpu",
+        ]);
+        (out, e)
+    };
+    let (out, e) = run("every-step", "1");
+    let latest = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
+    let ckpt = out.join("checkpoints").join(latest.trim());
+    assert!(
+        e.contains("gradient norm is NaN at step ")
+            && e.contains(&format!("the last good checkpoint is {}", ckpt.display())),
+        "{e}"
+    );
+    let weights =
+        candle_core::safetensors::load(ckpt.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    for (name, t) in weights {
+        let v = t
+            .flatten_all()
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
+        assert!(
+            v.to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite()),
+            "{name} in {}",
+            ckpt.display()
+        );
+    }
+    let (_, e) = run("never", "100");
+    assert!(
+        e.contains("stopping (no checkpoint was written yet)"),
+        "{e}"
+    );
+}
+
 /// `temper pretrain ... 2>&1 | tee log` and Ctrl-C: the signal ends `tee` too, and every later
 /// line goes to a pipe nobody reads. A write error there must not end the run: it trains to
 /// `final/`, or, signalled, checkpoints and exits 75 as src/dist/preempt.rs says.

@@ -175,6 +175,24 @@ impl ParamStore {
             .sum()
     }
 
+    /// The first parameter (in name order) holding a value that is not finite: each one's sum
+    /// of magnitudes in f32, read back in one transfer.
+    pub fn first_non_finite(&self) -> Result<Option<&str>> {
+        let sums = self
+            .iter()
+            .map(|(_, v, _)| v.as_tensor().to_dtype(DType::F32)?.abs()?.sum_all())
+            .collect::<candle_core::Result<Vec<Tensor>>>()?;
+        if sums.is_empty() {
+            return Ok(None);
+        }
+        let sums = Tensor::stack(&sums, 0)?.to_vec1::<f32>()?;
+        Ok(self
+            .names()
+            .zip(sums)
+            .find(|(_, s)| !s.is_finite())
+            .map(|(n, _)| n.as_str()))
+    }
+
     /// Writes the selected tensors to a safetensors file atomically.
     pub fn save(&self, path: &Path, filter: impl Fn(ParamInfo) -> bool) -> Result<()> {
         let map: HashMap<String, Tensor> = self
@@ -315,6 +333,28 @@ pub fn save_tensors(path: &Path, map: &HashMap<String, Tensor>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A weight that overflowed to infinity, or went NaN, is named; finite ones, however
+    /// large in f16 terms, are not.
+    #[test]
+    fn the_first_weight_that_is_not_finite_is_named() {
+        let mut store = ParamStore::new(Device::Cpu, 0);
+        {
+            let mut root = store.scope(Net::Policy);
+            root.weight("a", &[3], Init::Zeros).unwrap();
+            root.weight("b", &[2, 2], Init::Zeros).unwrap();
+        }
+        let set = |name: &str, v: &[f32], shape: &[usize]| {
+            let t = Tensor::from_slice(v, shape, &Device::Cpu).unwrap();
+            store.get(name).unwrap().set(&t).unwrap();
+        };
+        set("a", &[6e4, 6e4, 6e4], &[3]);
+        assert_eq!(store.first_non_finite().unwrap(), None);
+        set("b", &[1.0, f32::INFINITY, 0.0, 0.0], &[2, 2]);
+        assert_eq!(store.first_non_finite().unwrap(), Some("b"));
+        set("a", &[f32::NAN, 0.0, 0.0], &[3]);
+        assert_eq!(store.first_non_finite().unwrap(), Some("a"));
+    }
 
     #[test]
     fn scopes_name_and_tag_parameters() {

@@ -815,16 +815,29 @@ impl<T: Task> Loop<'_, T> {
         // the same step, none waits in a collective for one that left.
         if !out.loss.is_finite() {
             bail!(
-                "[{}] loss is {} at step {step}; stopping (the last good checkpoint is in {})",
+                "[{}] loss is {} at step {}; stopping ({})",
                 self.opts.label,
                 out.loss,
-                self.ckpts.dir.display()
+                step + 1,
+                self.last_good()
             );
         }
         let m = prof(self)?;
         let clip = self.opts.cfg.grad_clip;
         out.grad_norm = self.opt.update(&grads, lr, clip, self.opts.optimizer)?;
         span(self, Region::Optimizer, m)?;
+        // The norm comes back with the update applied, so the weights are spoilt: the run
+        // stops before any checkpoint holds them (every rank has the same global norm).
+        if !out.grad_norm.is_finite() {
+            bail!(
+                "[{}] gradient norm is {} at step {} (loss {:.4}); stopping ({})",
+                self.opts.label,
+                out.grad_norm,
+                step + 1,
+                out.loss,
+                self.last_good()
+            );
+        }
         if self.opt.sharded() {
             let m = prof(self)?;
             self.opt.sync_weights(self.opts.comm)?;
@@ -833,9 +846,30 @@ impl<T: Task> Loop<'_, T> {
         Ok(out)
     }
 
+    /// Where a run that stops now can be resumed from, for its error.
+    fn last_good(&self) -> String {
+        match Checkpoints::latest(self.opts.run_dir) {
+            Ok(Some(dir)) => format!("the last good checkpoint is {}", dir.display()),
+            Ok(None) => "no checkpoint was written yet".to_string(),
+            Err(e) => format!(
+                "the last good checkpoint is in {}: {e}",
+                self.ckpts.dir.display()
+            ),
+        }
+    }
+
     /// Rank 0 writes the checkpoint; with a sharded optimizer every rank first sends it its
-    /// share of the state.
+    /// share of the state. Weights that are not finite (an update that overflowed) are not
+    /// written: every rank holds them all, and stops alike.
     fn checkpoint(&mut self, s: usize) -> Result<()> {
+        if let Some(name) = self.saved.store.first_non_finite()? {
+            bail!(
+                "[{}] after step {s} {name} holds values that are not finite; stopping without \
+                 a checkpoint ({})",
+                self.opts.label,
+                self.last_good()
+            );
+        }
         self.task.before_checkpoint()?;
         let Some(state) = self.opt.gather_state(self.opts.comm)? else {
             return Ok(());
