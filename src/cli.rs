@@ -981,8 +981,13 @@ impl StageArgs {
                 let saved = dir.join("config.toml");
                 if !saved.exists() {
                     bail!(
-                        "--resume {}: no config.toml there (not a run directory)",
-                        dir.display()
+                        "--resume {}: {}",
+                        dir.display(),
+                        match (dir.exists(), dir.is_dir()) {
+                            (false, _) => "does not exist",
+                            (true, false) => "is a file, not a run directory",
+                            (true, true) => "no config.toml there (not a run directory)",
+                        }
                     );
                 }
                 // Another stage's loss, learning rate and reference over this run's weights

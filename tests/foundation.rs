@@ -334,6 +334,28 @@ fn sigkill_then_resume_continues_the_same_curve() {
 fn bad_input_ends_with_one_clear_line() {
     let d = tmp();
     let dir = d.path();
+    // --resume names what the path is, where it is no run directory; generate's --out is a
+    // file, never a directory.
+    let file = p(dir, "afile");
+    std::fs::write(&file, "x").unwrap();
+    for (path, says) in [
+        (p(dir, "nosuch"), "does not exist"),
+        (file, "is a file, not a run directory"),
+        (
+            dir.to_path_buf(),
+            "no config.toml there (not a run directory)",
+        ),
+    ] {
+        let e = run_err(&["sft", "--resume", path.to_str().unwrap()]);
+        assert!(
+            e.contains(&format!("--resume {}: {says}", path.display())),
+            "{e}"
+        );
+    }
+    let llama = fixture("llama");
+    let gen = ["generate", "--checkpoint", &llama, "--prompt", "a", "--out"];
+    let e = run_err(&[&gen[..], &[dir.to_str().unwrap(), "--device", "cpu"]].concat());
+    assert!(e.contains("is a directory; name the JSONL file"), "{e}");
     let missing = p(dir, "nope.txt");
     let e = run_err(&[
         "pretrain",

@@ -52,7 +52,8 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Re
         // out ("invalid type: string \"fast\", expected f64").
         let message = suggest_field(&message).unwrap_or(message);
         let key = e.span().and_then(|s| key_at(text, s.start));
-        match key.filter(|_| message.starts_with("invalid ")) {
+        let of_a_value = ["invalid ", "unknown variant", "number too "];
+        match key.filter(|_| of_a_value.iter().any(|m| message.starts_with(m))) {
             Some(key) => anyhow::anyhow!("{}{line}: {key}: {message}", path.display()),
             None => anyhow::anyhow!("{}{line}: {message}", path.display()),
         }
@@ -253,6 +254,30 @@ pub(crate) fn assert_refuses<C: Default>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A value toml or serde refuses is named by its table and key: a wrong type, a word no
+    /// variant has, an integer no field type holds.
+    #[test]
+    fn a_refused_value_names_its_key() {
+        let path = Path::new("c.toml");
+        for (text, want) in [
+            (
+                "[train]\nlr = \"fast\"\n",
+                "c.toml:2: train.lr: invalid type",
+            ),
+            (
+                "[train]\ndtype = \"fp8\"\n",
+                "c.toml:2: train.dtype: unknown variant `fp8`",
+            ),
+            (
+                "[train]\nseed = 1\nwarmup_steps = 18446744073709551615\n",
+                "c.toml:3: train.warmup_steps: number too large",
+            ),
+        ] {
+            let e = parse_toml::<RunConfig>(path, text).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{e}");
+        }
+    }
 
     #[test]
     fn key_lines_join_headers_and_dotted_keys() {

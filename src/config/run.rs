@@ -409,6 +409,17 @@ impl RunConfig {
         if !(0.0..1.0).contains(&self.data.val_fraction) {
             anyhow::bail!("data.val_fraction must be in [0, 1)");
         }
+        // Pretraining's model is this one (a stage from --init takes its model's, which
+        // `take_init_model` sets before the last check).
+        let windows =
+            self.stage == Stage::Pretrain || (self.stage == Stage::Sft && self.sft.packing);
+        if windows && self.train.seq_len > self.model.max_position_embeddings {
+            anyhow::bail!(
+                "train.seq_len ({}) exceeds model.max_position_embeddings ({})",
+                self.train.seq_len,
+                self.model.max_position_embeddings
+            );
+        }
         if !(0.0..=1.0).contains(&self.data.task_carry_slip) {
             anyhow::bail!(
                 "data.task_carry_slip must be a probability in [0, 1], got {}",

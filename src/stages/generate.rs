@@ -234,6 +234,12 @@ impl Sink {
                 path.display()
             );
         }
+        if path.is_dir() {
+            bail!(
+                "--out {}: is a directory; name the JSONL file to write the completions to",
+                path.display()
+            );
+        }
         let nonempty = std::fs::metadata(path).is_ok_and(|m| m.len() > 0);
         if nonempty && !resume {
             bail!(

@@ -346,7 +346,7 @@ pub fn run(env: &Env) -> Result<RewardResult> {
         encode_pairs(env, &tok, &eval, ctx, "held-out")?,
     );
     if train.is_empty() || eval.is_empty() {
-        bail!("reward: no training or no held-out pair is left at this context");
+        bail!("reward: no training or no held-out pair is left once fitted to the model's context (the lines above say which were left out, and why)");
     }
     let model_cfg = model.net.cfg.clone();
     let mut task = RewardTask {

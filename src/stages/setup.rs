@@ -356,7 +356,7 @@ pub fn rollout_prompt_sets(
     let (train, eval) = (fit(train, "training")?, fit(eval, "held-out")?);
     if train.is_empty() || eval.is_empty() {
         bail!(
-            "{}: no training or no held-out prompt is left at this context",
+            "{}: no training or no held-out prompt is left once fitted to the model's context with room for its responses (the lines above say which were left out, and why)",
             env.cfg.stage
         );
     }
