@@ -974,6 +974,56 @@ fn warn_unused_dropout(cfg: &RunConfig) {
 }
 
 impl StageArgs {
+    /// The flag this command line gave that sets the key a validation error `e` begins with
+    /// (`train.steps must be positive` for `--steps 0`).
+    fn flag_setting(&self, e: &str) -> Option<&'static str> {
+        let key = e.split_whitespace().next()?.trim_end_matches(':');
+        let given = [
+            ("train.steps", "--steps", self.steps.is_some()),
+            ("train.epochs", "--epochs", self.epochs.is_some()),
+            (
+                "train.batch_size",
+                "--batch-size",
+                self.batch_size.is_some(),
+            ),
+            (
+                "train.grad_accum",
+                "--grad-accum",
+                self.grad_accum.is_some(),
+            ),
+            ("train.seq_len", "--seq-len", self.seq_len.is_some()),
+            ("train.lr", "--lr", self.lr.is_some()),
+            (
+                "train.eval_every",
+                "--eval-every",
+                self.eval_every.is_some(),
+            ),
+            (
+                "train.checkpoint_every",
+                "--checkpoint-every",
+                self.checkpoint_every.is_some(),
+            ),
+            ("train.log_every", "--log-every", self.log_every.is_some()),
+            ("train.profile", "--profile", self.profile.is_some()),
+            ("lora.rank", "--lora-rank", self.lora_rank.is_some()),
+            ("lora.alpha", "--lora-alpha", self.lora_alpha.is_some()),
+            (
+                "lora.dropout",
+                "--lora-dropout",
+                self.lora_dropout.is_some(),
+            ),
+            (
+                "lora.targets",
+                "--lora-targets",
+                self.lora_targets.is_some(),
+            ),
+        ];
+        given
+            .iter()
+            .find(|(k, _, set)| *k == key && *set)
+            .map(|(_, flag, _)| *flag)
+    }
+
     /// Stage defaults, then the resumed run's config.toml, then the config file, then flags.
     pub fn resolve(&self, stage: Stage) -> Result<(RunConfig, PathBuf, Start)> {
         let (files, out, resume): (Vec<PathBuf>, _, _) = match &self.resume {
@@ -1065,11 +1115,14 @@ impl StageArgs {
         // A value the file set that fails validation is named by the file and line.
         // Under --resume the value may be the run's own config.toml's, not the --config's:
         // the last file that sets the key names it.
-        if let (Err(e), Some(f)) = (cfg.validate(), file) {
+        if let Err(e) = cfg.validate() {
             let e = e.to_string();
-            if files_valid {
-                bail!("{e}");
-            }
+            let Some(f) = file.filter(|_| !files_valid) else {
+                match self.flag_setting(&e) {
+                    Some(flag) => bail!("{flag}: {e}"),
+                    None => bail!("{e}"),
+                }
+            };
             let located = files.iter().rev().find_map(|f| {
                 let at = crate::config::locate(f, &e);
                 (at != f.display().to_string()).then_some(at)
@@ -1591,8 +1644,8 @@ mod tests {
         }
     }
 
-    /// A value that fails validation is named by the line of the file that set it, and not
-    /// by a file's line where a flag set it.
+    /// A value that fails validation is named by the line of the file that set it, and by
+    /// the flag where a flag set it.
     #[test]
     fn a_bad_value_is_blamed_on_what_set_it() {
         let d = tempfile::tempdir().unwrap();
@@ -1619,7 +1672,15 @@ mod tests {
         let good = d.path().join("good.toml");
         std::fs::write(&good, "[lora]\nrank = 4\ndropout = 0.1\n").unwrap();
         let e = resolve(&good, Some(1.5));
-        assert_eq!(e, "lora.dropout must be in [0, 1)");
+        assert_eq!(e, "--lora-dropout: lora.dropout must be in [0, 1)");
+        // With no file at all, the flag is named too.
+        let no_file = StageArgs {
+            steps: Some(0),
+            out: Some(d.path().join("run")),
+            ..Default::default()
+        };
+        let e = no_file.resolve(Stage::Sft).unwrap_err().to_string();
+        assert_eq!(e, "--steps: train.steps must be positive");
     }
 
     /// `[train] profile` in a config file limits the run as `--profile` does: the timed steps

@@ -10,6 +10,7 @@ pub mod device;
 pub mod dist;
 pub mod generate;
 pub mod io;
+pub mod json_error;
 pub mod kernels;
 pub mod model;
 pub mod stages;

@@ -437,7 +437,7 @@ fn bad_input_ends_with_one_clear_line() {
         ),
         (
             "[train]\nsteps = 3\nlr = \"fast\"\n",
-            "c.toml:3: train.lr: invalid type: string \"fast\", expected f64",
+            "c.toml:3: train.lr: invalid type: string \"fast\", expected a number",
         ),
         (
             "[train]\nbatch_size = -2\n",

@@ -51,6 +51,7 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Re
         // A value of the wrong type or range is named by its key, which toml's message leaves
         // out ("invalid type: string \"fast\", expected f64").
         let message = suggest_field(&message).unwrap_or(message);
+        let message = crate::json_error::plain_types(&message);
         let key = e.span().and_then(|s| key_at(text, s.start));
         let of_a_value = ["invalid ", "unknown variant", "number too "];
         match key.filter(|_| of_a_value.iter().any(|m| message.starts_with(m))) {
@@ -158,8 +159,12 @@ fn key_at(text: &str, start: usize) -> Option<String> {
     })
 }
 
-/// Refuses the first of `counts` (settings of table `table`) that is 0.
+/// Refuses the first of `counts` (settings of table `table`) that is 0, or more than a TOML
+/// integer holds (a run's config.toml records every setting).
 pub(crate) fn check_counts(table: &str, counts: &[(&str, usize)]) -> Result<()> {
+    if let Some((name, v)) = counts.iter().find(|(_, v)| *v as u64 > i64::MAX as u64) {
+        anyhow::bail!("{table}.{name} must be at most {}, got {v}", i64::MAX);
+    }
     match counts.iter().find(|(_, v)| *v == 0) {
         Some((name, _)) => anyhow::bail!("{table}.{name} must be positive"),
         None => Ok(()),

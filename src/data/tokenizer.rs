@@ -343,7 +343,7 @@ fn carried_json(
     let path = dir.join(name);
     serde_json::from_str(text)
         .map(Some)
-        .map_err(|e| anyhow!("{}:{}: {e}", path.display(), e.line()))
+        .map_err(|e| crate::json_error::json_error(&path, text, &e))
 }
 
 impl std::fmt::Debug for Tokenizer {

@@ -22,6 +22,7 @@ use crate::config::{
     LinearScaling, Llama3Scaling, LocalRope, MlpKind, ModelConfig, NormKind, PositionKind,
     RopeScaling,
 };
+use crate::json_error::json_error;
 
 /// The fields of a `config.json` temper reads; everything else in the file is ignored unless
 /// it changes the architecture (checked in [`HfConfig::to_model`]).
@@ -175,8 +176,7 @@ impl HfConfig {
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read", path.display()))?;
-        let cfg: Self = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), e.line()))?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| json_error(path, &text, &e))?;
         if cfg.model_type.as_deref() != Some(GEMMA3_MULTIMODAL) {
             return Ok(cfg);
         }
@@ -857,8 +857,8 @@ impl Weights {
         let index = dir.join(WEIGHTS_INDEX);
         let text = std::fs::read_to_string(&index)
             .with_context(|| format!("{}: cannot read", index.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", index.display(), e.line()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| json_error(&index, &text, &e))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -1708,8 +1708,7 @@ fn peft_config(dir: &Path) -> Result<(serde_json::Value, PathBuf)> {
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path)
         .with_context(|| format!("{}: cannot read", cfg_path.display()))?;
-    let v = serde_json::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}:{}: {e}", cfg_path.display(), e.line()))?;
+    let v = serde_json::from_str(&text).map_err(|e| json_error(&cfg_path, &text, &e))?;
     Ok((v, cfg_path))
 }
 

@@ -362,8 +362,8 @@ fn check_settings(meta: &Path, out: &Path, now: &Map<String, Value>) -> Result<(
             out.display()
         )
     })?;
-    let then: Map<String, Value> = serde_json::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}:{}: {e}", meta.display(), e.line()))?;
+    let then: Map<String, Value> =
+        serde_json::from_str(&text).map_err(|e| crate::json_error::json_error(meta, &text, &e))?;
     let fields = now
         .keys()
         .chain(then.keys().filter(|k| !now.contains_key(*k)));

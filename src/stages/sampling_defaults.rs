@@ -38,7 +38,7 @@ impl FromConfig {
         };
         let file = dir.join(GENERATION_CONFIG);
         let v: Value = serde_json::from_str(text)
-            .map_err(|e| anyhow!("{}:{}: {e}", file.display(), e.line()))?;
+            .map_err(|e| crate::json_error::json_error(&file, text, &e))?;
         Self::parse(&v, &file)
     }
 

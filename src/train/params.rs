@@ -176,11 +176,20 @@ impl ParamStore {
     }
 
     /// The first parameter (in name order) holding a value that is not finite: each one's sum
-    /// of magnitudes in f32, read back in one transfer.
+    /// of magnitudes, read back in one transfer. Summed in the parameter's own dtype (bf16
+    /// has f32's range, and no f32 copy of a vocabulary-sized matrix is made), but for f16,
+    /// whose sums of legitimate weights can pass its 65504.
     pub fn first_non_finite(&self) -> Result<Option<&str>> {
+        let sum = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let t = match t.dtype() {
+                DType::F16 => t.to_dtype(DType::F32)?,
+                _ => t.clone(),
+            };
+            t.abs()?.sum_all()?.to_dtype(DType::F32)
+        };
         let sums = self
             .iter()
-            .map(|(_, v, _)| v.as_tensor().to_dtype(DType::F32)?.abs()?.sum_all())
+            .map(|(_, v, _)| sum(v.as_tensor()))
             .collect::<candle_core::Result<Vec<Tensor>>>()?;
         if sums.is_empty() {
             return Ok(None);
@@ -350,6 +359,19 @@ mod tests {
         };
         set("a", &[6e4, 6e4, 6e4], &[3]);
         assert_eq!(store.first_non_finite().unwrap(), None);
+        // Three of f16's largest, whose f16 sum would overflow.
+        let half = Tensor::from_slice(&[6e4f32, 6e4, 6e4], 3, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        let mut f16_store = ParamStore::new(Device::Cpu, 0);
+        f16_store.freeze(Net::Policy, &[Role::Base], DType::F16);
+        f16_store
+            .scope(Net::Policy)
+            .weight("h", &[3], Init::Zeros)
+            .unwrap();
+        f16_store.get("h").unwrap().set(&half).unwrap();
+        assert_eq!(f16_store.first_non_finite().unwrap(), None);
         set("b", &[1.0, f32::INFINITY, 0.0, 0.0], &[2, 2]);
         assert_eq!(store.first_non_finite().unwrap(), Some("b"));
         set("a", &[f32::NAN, 0.0, 0.0], &[3]);
