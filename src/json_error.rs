@@ -26,14 +26,32 @@ pub fn json_error(path: &Path, text: &str, e: &serde_json::Error) -> anyhow::Err
     }
 }
 
-/// The last `"key":` on line `line` (1-based) of `text` before `column` (1-based; serde puts
-/// it just past the value it refused).
+/// The last key (a string then `:`, outside any string) on line `line` (1-based) of `text`
+/// before byte `column` (1-based; serde puts it just past the value it refused). None where
+/// the line sets no key before it (a value on the line after its key, say).
 fn key_on_line(text: &str, line: usize, column: usize) -> Option<String> {
     let l = text.lines().nth(line - 1)?;
     let head = l.get(..column.min(l.len()))?;
-    let colon = head.rfind("\":")?;
-    let open = head[..colon].rfind('"')?;
-    Some(head[open + 1..colon].to_string())
+    let (mut key, mut last, mut chars) = (None, None::<String>, head.chars());
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                let mut s = String::new();
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => s.extend(chars.next()),
+                        '"' => break,
+                        c => s.push(c),
+                    }
+                }
+                last = Some(s);
+            }
+            ':' => key = last.take().or(key),
+            c if c.is_whitespace() => {}
+            _ => last = None,
+        }
+    }
+    key
 }
 
 /// serde's message with Rust's type names in words: "expected usize" means a whole number.
@@ -41,11 +59,11 @@ pub fn plain_types(msg: &str) -> String {
     const WORDS: [(&str, &str); 11] = [
         ("usize", "a whole number, 0 or more"),
         ("u64", "a whole number, 0 or more"),
-        ("u32", "a whole number, 0 or more"),
-        ("u16", "a whole number, 0 or more"),
-        ("u8", "a whole number, 0 or more"),
+        ("u32", "a whole number from 0 to 4294967295"),
+        ("u16", "a whole number from 0 to 65535"),
+        ("u8", "a whole number from 0 to 255"),
         ("i64", "a whole number"),
-        ("i32", "a whole number"),
+        ("i32", "a whole number from -2147483648 to 2147483647"),
         ("f64", "a number"),
         ("f32", "a number"),
         ("a boolean", "true or false"),
@@ -90,5 +108,13 @@ mod tests {
             e.starts_with("config.json:3: trailing comma (column "),
             "{e}"
         );
+        // A value that itself holds a quote and a colon; keys on one line.
+        let e = err("{\"vocab\": 2, \"hidden_size\": \"a\\\": b\"}");
+        assert!(
+            e.starts_with("config.json:1: field \"hidden_size\": invalid type"),
+            "{e}"
+        );
+        assert_eq!(key_on_line("\"a\": 1, \"b\": [", 1, 14), Some("b".into()));
+        assert_eq!(key_on_line("  \"x\"", 1, 5), None);
     }
 }

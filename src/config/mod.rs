@@ -159,15 +159,31 @@ fn key_at(text: &str, start: usize) -> Option<String> {
     })
 }
 
-/// Refuses the first of `counts` (settings of table `table`) that is 0, or more than a TOML
-/// integer holds (a run's config.toml records every setting).
+/// Refuses the first of `counts` (settings of table `table`) that is 0.
 pub(crate) fn check_counts(table: &str, counts: &[(&str, usize)]) -> Result<()> {
-    if let Some((name, v)) = counts.iter().find(|(_, v)| *v as u64 > i64::MAX as u64) {
-        anyhow::bail!("{table}.{name} must be at most {}, got {v}", i64::MAX);
-    }
     match counts.iter().find(|(_, v)| *v == 0) {
         Some((name, _)) => anyhow::bail!("{table}.{name} must be positive"),
         None => Ok(()),
+    }
+}
+
+/// The first setting (dotted, under `at`) whose integer a TOML file cannot hold: a run's
+/// config.toml records every setting, and TOML's integers stop at `i64::MAX`.
+pub(crate) fn beyond_toml(v: &serde_json::Value, at: &str) -> Option<String> {
+    match v {
+        serde_json::Value::Number(n) => n
+            .as_u64()
+            .is_some_and(|n| n > i64::MAX as u64)
+            .then(|| at.to_string()),
+        serde_json::Value::Object(m) => m.iter().find_map(|(k, v)| {
+            let key = match at {
+                "" => k.clone(),
+                _ => format!("{at}.{k}"),
+            };
+            beyond_toml(v, &key)
+        }),
+        serde_json::Value::Array(a) => a.iter().find_map(|v| beyond_toml(v, at)),
+        _ => None,
     }
 }
 
@@ -259,6 +275,21 @@ pub(crate) fn assert_refuses<C: Default>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A setting a run's config.toml could not record (TOML's integers stop at i64::MAX) is
+    /// refused by its key.
+    #[test]
+    fn a_setting_beyond_tomls_integers_is_named() {
+        let mut cfg = RunConfig::for_stage(Stage::Grpo);
+        cfg.validate().unwrap();
+        cfg.grpo.max_new_tokens = usize::MAX;
+        let e = cfg.validate().unwrap_err().to_string();
+        assert_eq!(e, "grpo.max_new_tokens must be at most 9223372036854775807");
+        cfg.grpo.max_new_tokens = 8;
+        cfg.train.seed = u64::MAX;
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.starts_with("train.seed must be at most"), "{e}");
+    }
 
     /// A value toml or serde refuses is named by its table and key: a wrong type, a word no
     /// variant has, an integer no field type holds.

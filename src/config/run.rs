@@ -402,6 +402,9 @@ impl RunConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        if let Some(key) = super::beyond_toml(&serde_json::to_value(self)?, "") {
+            anyhow::bail!("{key} must be at most {}", i64::MAX);
+        }
         self.model.validate()?;
         self.train.validate()?;
         self.lora.validate()?;
@@ -409,11 +412,11 @@ impl RunConfig {
         if !(0.0..1.0).contains(&self.data.val_fraction) {
             anyhow::bail!("data.val_fraction must be in [0, 1)");
         }
-        // Pretraining's model is this one (a stage from --init takes its model's, which
-        // `take_init_model` sets before the last check).
-        let windows =
-            self.stage == Stage::Pretrain || (self.stage == Stage::Sft && self.sft.packing);
-        if windows && self.train.seq_len > self.model.max_position_embeddings {
+        // A fresh pretraining run's model is this one. A run from --init (packed SFT, continued
+        // pretraining) trains its init's model, which a pipeline's check does not know yet:
+        // the stage checks that when it loads it.
+        let fresh = self.stage == Stage::Pretrain && self.init.is_none();
+        if fresh && self.train.seq_len > self.model.max_position_embeddings {
             anyhow::bail!(
                 "train.seq_len ({}) exceeds model.max_position_embeddings ({})",
                 self.train.seq_len,

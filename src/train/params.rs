@@ -175,31 +175,36 @@ impl ParamStore {
             .sum()
     }
 
-    /// The first parameter (in name order) holding a value that is not finite: each one's sum
-    /// of magnitudes, read back in one transfer. Summed in the parameter's own dtype (bf16
-    /// has f32's range, and no f32 copy of a vocabulary-sized matrix is made), but for f16,
-    /// whose sums of legitimate weights can pass its 65504.
+    /// The first trained parameter (in name order) holding a value that is not finite: each
+    /// one's sum, which carries a NaN or an infinity through and which finite weights are far
+    /// from overflowing, read back in one transfer. Summed in the parameter's own dtype (no
+    /// copy of a vocabulary-sized matrix), but for f16, whose sums of legitimate weights can
+    /// pass its 65504. Frozen weights are left out: training never changes them.
     pub fn first_non_finite(&self) -> Result<Option<&str>> {
         let sum = |t: &Tensor| -> candle_core::Result<Tensor> {
-            let t = match t.dtype() {
-                DType::F16 => t.to_dtype(DType::F32)?,
-                _ => t.clone(),
-            };
-            t.abs()?.sum_all()?.to_dtype(DType::F32)
+            match t.dtype() {
+                DType::F16 => t.to_dtype(DType::F32)?.sum_all(),
+                _ => t.sum_all()?.to_dtype(DType::F32),
+            }
         };
-        let sums = self
+        let trained: Vec<(&String, &Var)> = self
             .iter()
-            .map(|(_, v, _)| sum(v.as_tensor()))
-            .collect::<candle_core::Result<Vec<Tensor>>>()?;
-        if sums.is_empty() {
+            .filter(|(_, _, i)| !i.frozen)
+            .map(|(n, v, _)| (n, v))
+            .collect();
+        if trained.is_empty() {
             return Ok(None);
         }
+        let sums = trained
+            .iter()
+            .map(|(_, v)| sum(v.as_tensor()))
+            .collect::<candle_core::Result<Vec<Tensor>>>()?;
         let sums = Tensor::stack(&sums, 0)?.to_vec1::<f32>()?;
-        Ok(self
-            .names()
+        Ok(trained
+            .into_iter()
             .zip(sums)
             .find(|(_, s)| !s.is_finite())
-            .map(|(n, _)| n.as_str()))
+            .map(|((n, _), _)| n.as_str()))
     }
 
     /// Writes the selected tensors to a safetensors file atomically.
@@ -343,8 +348,8 @@ pub fn save_tensors(path: &Path, map: &HashMap<String, Tensor>) -> Result<()> {
 mod tests {
     use super::*;
 
-    /// A weight that overflowed to infinity, or went NaN, is named; finite ones, however
-    /// large in f16 terms, are not.
+    /// A trained weight that overflowed to infinity, or went NaN, is named; finite ones,
+    /// however large, are not; a frozen one is not read.
     #[test]
     fn the_first_weight_that_is_not_finite_is_named() {
         let mut store = ParamStore::new(Device::Cpu, 0);
@@ -359,19 +364,23 @@ mod tests {
         };
         set("a", &[6e4, 6e4, 6e4], &[3]);
         assert_eq!(store.first_non_finite().unwrap(), None);
-        // Three of f16's largest, whose f16 sum would overflow.
-        let half = Tensor::from_slice(&[6e4f32, 6e4, 6e4], 3, &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F16)
-            .unwrap();
-        let mut f16_store = ParamStore::new(Device::Cpu, 0);
-        f16_store.freeze(Net::Policy, &[Role::Base], DType::F16);
-        f16_store
+        // A frozen weight is not read (training never changes it).
+        let mut frozen = ParamStore::new(Device::Cpu, 0);
+        frozen.freeze(Net::Policy, &[Role::Base], DType::BF16);
+        frozen
             .scope(Net::Policy)
             .weight("h", &[3], Init::Zeros)
             .unwrap();
-        f16_store.get("h").unwrap().set(&half).unwrap();
-        assert_eq!(f16_store.first_non_finite().unwrap(), None);
+        frozen
+            .scope(Net::Policy)
+            .adapter("g", &[3], Init::Zeros)
+            .unwrap();
+        let inf = Tensor::from_slice(&[f32::INFINITY, 0.0, 0.0], 3, &Device::Cpu).unwrap();
+        let h = frozen.get("h").unwrap();
+        h.set(&inf.to_dtype(h.dtype()).unwrap()).unwrap();
+        assert_eq!(frozen.first_non_finite().unwrap(), None, "frozen");
+        frozen.get("g").unwrap().set(&inf).unwrap();
+        assert_eq!(frozen.first_non_finite().unwrap(), Some("g"));
         set("b", &[1.0, f32::INFINITY, 0.0, 0.0], &[2, 2]);
         assert_eq!(store.first_non_finite().unwrap(), Some("b"));
         set("a", &[f32::NAN, 0.0, 0.0], &[3]);
