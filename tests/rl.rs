@@ -538,6 +538,12 @@ fn rl_checkpoints_inside_a_rollout_resume_exactly() {
             "every loss is zero: {a:?}"
         );
         assert_eq!(a, b, "case {i}: the resumed run left the curve");
+        // A rollout's train_s is the training since the rollout before: none for the first.
+        let rollouts: Vec<_> = mw.iter().filter(|v| v.get("gen_s").is_some()).collect();
+        assert!(rollouts.len() > 1, "case {i}: {rollouts:?}");
+        for (k, v) in rollouts.iter().enumerate() {
+            assert_eq!(v.get("train_s").is_some(), k > 0, "case {i}: {v}");
+        }
         for key in ["rollout_kl", "mean_reward"] {
             let (a, b) = (series(&mw, "val", key), series(&mc, "val", key));
             assert_eq!(a.len(), 1 + 6 / eval, "case {i} val {key}: {a:?}");
