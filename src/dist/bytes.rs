@@ -12,11 +12,12 @@ use super::Communicator;
 const HALF: u64 = 1 << 24;
 
 /// Every rank's `mine` on rank 0, in rank order; None on the other ranks. Collective: every
-/// rank calls it, with a buffer of any length (empty included).
-pub fn gather_on_root(comm: &dyn Communicator, mine: &[u8]) -> Result<Option<Vec<Vec<u8>>>> {
+/// rank calls it, with a buffer of any length (empty included). Taken by value: a single
+/// process hands its own back without a copy.
+pub fn gather_on_root(comm: &dyn Communicator, mine: Vec<u8>) -> Result<Option<Vec<Vec<u8>>>> {
     let world = comm.world();
     if world == 1 {
-        return Ok(Some(vec![mine.to_vec()]));
+        return Ok(Some(vec![mine]));
     }
     let root = comm.rank() == 0;
     let mut all = Vec::with_capacity(world);
@@ -34,7 +35,7 @@ pub fn gather_on_root(comm: &dyn Communicator, mine: &[u8]) -> Result<Option<Vec
             continue;
         }
         let mut words = match own {
-            true => pack(mine),
+            true => pack(&mine),
             false => vec![0.0; (n as usize).div_ceil(3)],
         };
         comm.broadcast(from, &mut words)?;
@@ -92,7 +93,7 @@ mod tests {
         let got: Vec<_> = std::thread::scope(|s| {
             let hs: Vec<_> = group
                 .iter()
-                .map(|c| s.spawn(move || gather_on_root(c, &mine(c.rank())).unwrap()))
+                .map(|c| s.spawn(move || gather_on_root(c, mine(c.rank())).unwrap()))
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });

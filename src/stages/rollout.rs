@@ -39,7 +39,7 @@ use crate::train::loss::scalar;
 use crate::train::params::ParamStore;
 use crate::train::rng::Rng;
 
-pub use saved::{read_unfinished, Extra, Tensors, Unfinished, MANIFEST as ROLLOUT_MANIFEST};
+pub use saved::{read_unfinished, Extra, Tensors, Unfinished};
 
 pub struct Rollout {
     pub ids: Tensor,

@@ -222,11 +222,11 @@ const READ_JSON: [&str; 6] = [
 ];
 
 /// A checkpoint's JSON that names other files of it in `files`, each of which a resume reads:
-/// an unfinished rollout's shares, one per rank (src/stages/rollout/saved.rs).
-const LIST: &str = "rollout.json";
+/// an unfinished rollout's shares, one per rank (src/stages/rollout/saved.rs writes both).
+pub const LIST: &str = "rollout.json";
 
 /// How the files [`LIST`] names begin.
-const LISTED: &str = "rollout.rank-";
+pub const LISTED: &str = "rollout.rank-";
 
 /// The first file [`LIST`] names that `dir` lacks, or why the list does not read; the list
 /// itself where `dir` has files it would name.

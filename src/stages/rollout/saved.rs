@@ -25,21 +25,19 @@ use super::{Buffer, Rollout, Schedule};
 use crate::dist::bytes::gather_on_root;
 use crate::dist::Communicator;
 use crate::stages::rollout_packing::RolloutDocs;
-
-/// The file that names an unfinished rollout's shares in a checkpoint.
-pub const MANIFEST: &str = "rollout.json";
+use crate::train::checkpoint::{LIST as MANIFEST, LISTED};
 
 /// What [`MANIFEST`] holds.
 #[derive(Serialize, Deserialize)]
-pub struct Manifest {
+struct Manifest {
     /// The ranks that held the rollout: a resume on as many reads it back.
-    pub world: usize,
+    world: usize,
     /// Each rank's share, in rank order.
-    pub files: Vec<String>,
+    files: Vec<String>,
 }
 
 fn share_file(rank: usize) -> String {
-    format!("rollout.rank-{rank}.safetensors")
+    format!("{LISTED}{rank}.safetensors")
 }
 
 const HOST: &str = "host_json";
@@ -229,7 +227,7 @@ impl Unfinished {
             Some(b) => b.to_bytes()?,
             None => vec![],
         };
-        Ok(Self(gather_on_root(comm, &mine)?))
+        Ok(Self(gather_on_root(comm, mine)?))
     }
 
     /// Writes the shares and their manifest into checkpoint `dir` (rank 0's call).
