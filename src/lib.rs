@@ -13,6 +13,7 @@ pub mod io;
 pub mod json_error;
 pub mod kernels;
 pub mod model;
+pub mod out_of_memory;
 pub mod stages;
 pub mod tape;
 pub mod train;

@@ -25,6 +25,9 @@ use temper::stages::{self, Env};
 use temper::train::params::ParamStore;
 use temper::{errln, outln};
 
+#[global_allocator]
+static HOST: temper::out_of_memory::HostAlloc = temper::out_of_memory::HostAlloc;
+
 fn main() -> ExitCode {
     // A bug should still end with one readable line, not a backtrace; one that cannot panic
     // again on a closed stderr, as a panic inside the hook aborts (src/console.rs).
@@ -294,6 +297,14 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         template_kwargs: &kwargs,
     };
     job.check()?;
+    temper::out_of_memory::set_hint(temper::out_of_memory::hint_of(
+        "temper generate",
+        &[
+            ("--batch-size", a.batch_size),
+            ("--samples", a.samples),
+            ("--max-new-tokens", max_new_tokens),
+        ],
+    ));
     let mut rewards = match a.rewards.is_empty() {
         true => None,
         false => {
@@ -380,6 +391,10 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
     if a.max_new_tokens == 0 {
         bail!("eval: --max-new-tokens must be positive (every answer would be empty)");
     }
+    temper::out_of_memory::set_hint(temper::out_of_memory::hint_of(
+        "temper eval",
+        &[("--max-new-tokens", a.max_new_tokens)],
+    ));
     let device = temper::device::select(a.device)?;
     let loaded = read_checkpoint(&a.checkpoint, &device)?;
     let mut store = ParamStore::new(device.clone(), 0);

@@ -1599,6 +1599,45 @@ fn a_diverging_run_stops_before_a_checkpoint_holds_its_spoilt_weights() {
     );
 }
 
+/// A batch size with digits too many asks the host for more memory than any machine has: the
+/// run ends with one line that says so and names the settings that size it, not with Rust's
+/// abort on a refused allocation (a byte count and a core dump). 10^14 rows of token ids are
+/// 800 TB, more than a 64-bit process can map whatever the kernel's overcommit policy.
+#[test]
+fn a_batch_too_large_for_memory_ends_with_one_line_naming_its_size() {
+    let d = tmp();
+    let cfg = p(d.path(), "c.toml");
+    std::fs::write(&cfg, TINY_TOML).unwrap();
+    let out = temper()
+        .args([
+            "pretrain",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            p(d.path(), "run").to_str().unwrap(),
+            "--batch-size",
+            "100000000000000",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+        ])
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    let last = e.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: out of host memory: ")
+            && last.contains(
+                "in the pretrain run (train.batch_size = 100000000000000, train.seq_len = "
+            )
+            && !e.contains("memory allocation of"),
+        "{e}"
+    );
+}
+
 /// `temper pretrain ... 2>&1 | tee log` and Ctrl-C: the signal ends `tee` too, and every later
 /// line goes to a pipe nobody reads. A write error there must not end the run: it trains to
 /// `final/`, or, signalled, checkpoints and exits 75 as src/dist/preempt.rs says.

@@ -204,6 +204,36 @@ const SHARED_BASE: &str =
     "under LoRA the reference is the base with the adapters off, which the policy shares";
 
 impl RunConfig {
+    /// The settings that decide how much memory a step of this stage holds, for the line a
+    /// refused host allocation prints (src/out_of_memory.rs).
+    pub fn memory_sizes(&self) -> Vec<(&'static str, usize)> {
+        let t = &self.train;
+        let mut sizes = match self.stage {
+            Stage::Ppo => vec![
+                ("ppo.rollout_batch", self.ppo.rollout_batch),
+                ("ppo.minibatch_size", self.ppo.minibatch_size),
+                ("ppo.max_new_tokens", self.ppo.max_new_tokens),
+            ],
+            Stage::Grpo => vec![
+                ("grpo.prompts_per_rollout", self.grpo.prompts_per_rollout),
+                ("grpo.group_size", self.grpo.group_size),
+                ("grpo.minibatch_size", self.grpo.minibatch_size),
+                ("grpo.max_new_tokens", self.grpo.max_new_tokens),
+            ],
+            Stage::OnlineDpo => vec![
+                ("train.batch_size", t.batch_size),
+                ("online_dpo.max_new_tokens", self.online_dpo.max_new_tokens),
+            ],
+            Stage::Distill => vec![
+                ("train.batch_size", t.batch_size),
+                ("distill.max_new_tokens", self.distill.max_new_tokens),
+            ],
+            _ => vec![("train.batch_size", t.batch_size)],
+        };
+        sizes.push(("train.seq_len", t.seq_len));
+        sizes
+    }
+
     /// Stage-specific defaults: what works on the built-in task on a CPU. ("Seeds 0-2" below
     /// were measured when task seeds 1 and 2 held out seed 0's pairs relabelled; BENCHMARKS.md
     /// has every stage at these defaults on three independent splits, each beating SFT.)

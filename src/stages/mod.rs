@@ -133,6 +133,10 @@ impl Env {
                  a variable: f32 compute, or bf16 with train.compute_copies = true"
             );
         }
+        crate::out_of_memory::set_hint(crate::out_of_memory::hint_of(
+            &format!("the {} run", env.cfg.stage.name()),
+            &env.cfg.memory_sizes(),
+        ));
         if env.comm.rank() == 0 {
             env.set_aside = run_dir::begin(run_dir, start)?;
             env.write_run_files()?;
