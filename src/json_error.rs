@@ -9,10 +9,7 @@ use serde_json::error::Category;
 /// is the key its line sets, where a value is of the wrong type or range (a syntax error has
 /// no field to name, only its column).
 pub fn json_error(path: &Path, text: &str, e: &serde_json::Error) -> anyhow::Error {
-    let msg = e.to_string();
-    let at = format!(" at line {} column {}", e.line(), e.column());
-    let msg = msg.strip_suffix(&at).unwrap_or(&msg);
-    let msg = plain_types(msg);
+    let msg = plain_types(&without_position(e));
     let line = e.line().max(1);
     let key = (e.classify() == Category::Data)
         .then(|| key_on_line(text, line, e.column()))
@@ -24,6 +21,14 @@ pub fn json_error(path: &Path, text: &str, e: &serde_json::Error) -> anyhow::Err
         }
         (None, _) => anyhow::anyhow!("{}:{line}: {msg}", path.display()),
     }
+}
+
+/// serde's message without its " at line L column C", which a caller says its own way (a
+/// JSONL record is one line of the file, so serde's line 1 is not the file's).
+pub fn without_position(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    let at = format!(" at line {} column {}", e.line(), e.column());
+    msg.strip_suffix(&at).unwrap_or(&msg).to_string()
 }
 
 /// The last key (a string then `:`, outside any string) on line `line` (1-based) of `text`

@@ -10,5 +10,6 @@ pub mod labelled;
 pub mod records;
 pub mod sampler;
 pub mod shards;
+pub mod strict_json;
 pub mod synthetic;
 pub mod tokenizer;

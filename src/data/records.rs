@@ -964,25 +964,16 @@ pub(crate) fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<(usize, Map<Str
         if raw.trim().is_empty() {
             continue;
         }
-        let value: Value = serde_json::from_str(raw)
-            .map_err(|e| anyhow!("{at}: not valid JSON: {}", json_error(&e)))?;
+        let value = super::strict_json::from_str(raw).map_err(|e| {
+            let msg = crate::json_error::without_position(&e);
+            anyhow!("{at}: not valid JSON: {msg} at column {}", e.column())
+        })?;
         match value {
             Value::Object(obj) => out.push((at.line, obj)),
             other => bail!("{at}: expected a JSON object, got {}", kind(&other)),
         }
     }
     Ok(out)
-}
-
-/// serde_json's message without its "at line 1" part: each record is one line, and the
-/// file's own line number is already in the error.
-fn json_error(e: &serde_json::Error) -> String {
-    let msg = e.to_string();
-    let pos = format!(" at line {} column {}", e.line(), e.column());
-    match msg.strip_suffix(&pos) {
-        Some(head) => format!("{head} at column {}", e.column()),
-        None => msg,
-    }
 }
 
 /// The records of a stage dataset; a file with none is an error.
@@ -1446,6 +1437,14 @@ mod tests {
         assert!(err(load_sft(&p)).ends_with("x.jsonl:3: field \"response\": missing"));
         let p = file(&d, "x.jsonl", &format!("{ok}\n[1, 2]\n"));
         assert!(err(load_sft(&p)).ends_with("x.jsonl:2: expected a JSON object, got an array"));
+        // Python's json keeps the last of a repeated key, and so would serde_json: refused.
+        let twice = r#"{"prompt": "a", "prompt": "b", "response": "c"}"#;
+        let p = file(&d, "x.jsonl", &format!("{ok}\n{twice}\n"));
+        let e = err(load_sft(&p));
+        assert!(
+            e.ends_with("x.jsonl:2: not valid JSON: key \"prompt\" appears twice in one object at column 24"),
+            "{e}"
+        );
         let p = file(&d, "x.jsonl", &format!("{ok} trailing\n"));
         assert!(err(load_sft(&p)).contains("x.jsonl:1: not valid JSON: trailing characters"));
         let p = file(&d, "x.jsonl", "");
