@@ -63,7 +63,9 @@ pub fn generate(
     let firsts: Vec<Vec<u32>> = plan.firsts.iter().map(|&i| prompts[i].clone()).collect();
     stats.prefill_rows = firsts.len();
     let (ids, prompt_valid, positions) = left_pad(&firsts, tok.pad_id(), &dev)?;
-    let mut cache = KvCache::with_capacity(net.num_layers(), longest + cfg.max_new_tokens);
+    let capacity = longest + cfg.max_new_tokens;
+    check_cache_fits(&net.cfg, b, capacity, ctx.dtype, &dev)?;
+    let mut cache = KvCache::with_capacity(net.num_layers(), capacity);
     let f = Fwd {
         ctx,
         positions: Some(&positions),
@@ -395,6 +397,46 @@ impl Responses {
             stats,
         })
     }
+}
+
+/// Refuses, on the CPU, a generation whose KV cache alone (`rows` × `capacity` positions)
+/// would not fit in the host's available memory: the kernel's overcommit would let it start
+/// and its out-of-memory killer end it without a word. (A GPU's allocator reports its own.)
+fn check_cache_fits(
+    cfg: &crate::config::ModelConfig,
+    rows: usize,
+    capacity: usize,
+    dtype: DType,
+    dev: &candle_core::Device,
+) -> Result<()> {
+    if !dev.is_cpu() {
+        return Ok(());
+    }
+    let bytes = cache_bytes(cfg, rows, capacity, dtype);
+    let Some(avail) = crate::device::host_available_bytes() else {
+        return Ok(());
+    };
+    if bytes > avail {
+        let place = crate::out_of_memory::hint().map_or(String::new(), |h| format!(" in {h}"));
+        bail!(
+            "generating {rows} rows of up to {capacity} positions needs {:.1} GB for the KV cache \
+             alone, and {:.1} GB are available{place}: generate fewer rows at once",
+            bytes as f64 / 1e9,
+            avail as f64 / 1e9
+        );
+    }
+    Ok(())
+}
+
+/// Bytes of the keys and values of `rows` sequences of `capacity` positions in every layer.
+fn cache_bytes(
+    cfg: &crate::config::ModelConfig,
+    rows: usize,
+    capacity: usize,
+    dtype: DType,
+) -> u128 {
+    let per_position = 2 * cfg.num_key_value_heads * cfg.head_dim() * dtype.size_in_bytes();
+    rows as u128 * capacity as u128 * cfg.num_hidden_layers as u128 * per_position as u128
 }
 
 #[cfg(test)]

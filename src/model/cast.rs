@@ -59,26 +59,35 @@ pub fn unregister_copy(master: &Tensor, copy: &Tensor) {
 /// [`FrozenWeights`] scope, or every call outside one.
 pub fn weight(w: &Tensor, dtype: DType) -> Result<Tensor> {
     if w.dtype() == dtype {
-        return Ok(w.clone());
+        return Ok(super::norm::held(w));
     }
     let copy = copies()
         .as_ref()
         .and_then(|m| m.get(&w.id()).filter(|c| c.dtype() == dtype).cloned());
     if let Some(c) = copy {
-        // Generation records no graph: the same storage, untracked.
-        return Ok(if frozen() { c.detach() } else { c });
+        // Generation and scoring record no graph: the same storage, untracked.
+        return Ok(if untracked() { c.detach() } else { c });
     }
     let key = (w.id(), dtype);
     if let Some(hit) = FROZEN.with_borrow(|m| m.as_ref().and_then(|m| m.get(&key).cloned())) {
         return Ok(hit);
     }
     let cast = w.to_dtype(dtype)?;
-    FROZEN.with_borrow_mut(|m| {
-        if let Some(m) = m.as_mut() {
-            m.insert(key, cast.detach());
-        }
+    // In generation the first read is untracked too: a tracked weight makes every tensor
+    // computed from it hold its inputs, so a forward would keep all of its activations alive
+    // until its output is dropped (a prefill's whole graph).
+    let frozen = FROZEN.with_borrow_mut(|m| {
+        m.as_mut().map(|m| {
+            let kept = cast.detach();
+            m.insert(key, kept.clone());
+            kept
+        })
     });
-    Ok(cast)
+    Ok(match frozen {
+        Some(kept) => kept,
+        None if untracked() => cast.detach(),
+        None => cast,
+    })
 }
 
 /// `w` in `dtype` where that costs no cast of its own and its gradient can stay f32: its
@@ -94,7 +103,7 @@ pub fn weight_if_kept(w: &Tensor, dtype: DType) -> Result<Tensor> {
             .is_some_and(|m| m.get(&w.id()).is_some_and(|c| c.dtype() == dtype));
     match kept || frozen() {
         true => weight(w, dtype),
-        false => Ok(w.clone()),
+        false => Ok(super::norm::held(w)),
     }
 }
 
@@ -102,6 +111,37 @@ pub fn weight_if_kept(w: &Tensor, dtype: DType) -> Result<Tensor> {
 /// gradient.
 pub fn frozen() -> bool {
     FROZEN.with_borrow(|m| m.is_some())
+}
+
+thread_local! {
+    /// Open [`Untracked`] scopes on this thread.
+    static UNTRACKED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A scope in which forwards read every weight detached, so that they build no graph:
+/// scoring a rollout (its old and reference log-probabilities, values and rewards), a frozen
+/// reference's or teacher's forward, an evaluation. A weight read tracked makes each tensor
+/// computed from it hold its inputs, so a forward would keep all of its activations alive
+/// until its output is dropped, as if a backward were to follow. Unlike [`FrozenWeights`] it
+/// caches no casts and changes no kernel choice: what it computes equals the tracked forward.
+pub struct Untracked(());
+
+impl Untracked {
+    pub fn enter() -> Self {
+        UNTRACKED.set(UNTRACKED.get() + 1);
+        Untracked(())
+    }
+}
+
+impl Drop for Untracked {
+    fn drop(&mut self) {
+        UNTRACKED.set(UNTRACKED.get() - 1);
+    }
+}
+
+/// Whether weights are read detached here: in generation or in an [`Untracked`] scope.
+pub fn untracked() -> bool {
+    frozen() || UNTRACKED.get() > 0
 }
 
 /// `parts` in `dtype` (each as [`weight`] gives it) stacked along their first dimension, built
@@ -226,6 +266,35 @@ mod tests {
         let d = weight(&w, DType::BF16).unwrap();
         assert_ne!(d.id(), weight(&w, DType::BF16).unwrap().id());
         assert_eq!(weight(&w, DType::F32).unwrap().id(), w.id());
+    }
+
+    /// Variables (f32 masters, registered compute copies) are read detached in an
+    /// untracked scope, in either dtype, and tracked again once every scope has closed.
+    #[test]
+    fn an_untracked_scope_reads_every_weight_detached() {
+        let w = candle_core::Var::new(&[1.5f32, -2.0], &Device::Cpu).unwrap();
+        let w = w.as_tensor();
+        let tracked = |t: Tensor| t.track_op();
+        assert!(tracked(weight(w, DType::F32).unwrap()));
+        assert!(tracked(weight(w, DType::BF16).unwrap()));
+        {
+            let _outer = Untracked::enter();
+            {
+                let _inner = Untracked::enter();
+                assert!(!tracked(weight(w, DType::BF16).unwrap()));
+            }
+            assert!(!tracked(weight(w, DType::F32).unwrap()));
+            assert!(!tracked(weight(w, DType::BF16).unwrap()));
+            assert!(!tracked(super::super::norm::held(w)));
+            assert!(!tracked(weight_if_kept(w, DType::BF16).unwrap()));
+        }
+        assert!(tracked(weight(w, DType::F32).unwrap()));
+        assert!(tracked(super::super::norm::held(w)));
+        // And in generation's scope, the first read of a weight as well as the cached ones.
+        let _frozen = FrozenWeights::enter();
+        assert!(!tracked(weight(w, DType::F32).unwrap()));
+        assert!(!tracked(weight(w, DType::BF16).unwrap()));
+        assert!(!tracked(weight(w, DType::BF16).unwrap()));
     }
 
     #[test]

@@ -78,7 +78,7 @@ impl Norm {
 
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         Ok(match &self.b {
-            Some(b) => layer_norm(x, &self.w, b, self.eps, ctx.kernels.layernorm)?,
+            Some(b) => layer_norm(x, &held(&self.w), &held(b), self.eps, ctx.kernels.layernorm)?,
             None => rms_norm(
                 x,
                 &self.rms_weight(x.dtype())?,
@@ -112,10 +112,11 @@ pub fn gain(plus_one: bool) -> Gain {
     }
 }
 
-/// A weight read as held (not cast to the compute dtype); detached in generation, which builds
-/// no graph from the f32 master.
+/// A weight read as held (not cast to the compute dtype); detached in generation and in
+/// scoring ([`super::cast::Untracked`]), which build no graph: a tracked weight would make a
+/// forward keep every activation computed from it until its output is dropped.
 pub fn held(w: &Tensor) -> Tensor {
-    match super::cast::frozen() {
+    match super::cast::untracked() {
         true => w.detach(),
         false => w.clone(),
     }

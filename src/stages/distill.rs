@@ -121,7 +121,10 @@ fn divergence(
         let l = net.logits(&h.unsqueeze(0)?, ctx.kernels.gemm)?.squeeze(0)?;
         Ok(l.narrow(D::Minus1, 0, vocab)?)
     };
-    let t = logits(teacher, t_ctx)?.detach();
+    let t = {
+        let _untracked = crate::model::cast::Untracked::enter();
+        logits(teacher, t_ctx)?.detach()
+    };
     let s = logits(student, s_ctx)?;
     Ok(Some(generalized_jsd(&s, &t, c.beta, c.temperature)?))
 }

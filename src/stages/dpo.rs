@@ -433,6 +433,7 @@ impl DpoTask<'_> {
             .as_ref()
             .expect("a loss that reads the reference loads one");
         let net = reference.get().net(&self.policy);
+        let _untracked = crate::model::cast::Untracked::enter();
         let comm = self.env.comm.as_ref();
         let (rank, world) = (comm.rank(), comm.world());
         let batch = self.env.cfg.train.batch_size.max(1);
@@ -528,6 +529,7 @@ impl DpoTask<'_> {
             }
             (None, Some(r)) => {
                 let net = r.get().net(&self.policy);
+                let _untracked = crate::model::cast::Untracked::enter();
                 Some(
                     b.weighted_logps(net, self.env.ctx(false, None), &w)?
                         .detach(),

@@ -155,9 +155,17 @@ impl KtoTask<'_> {
     /// `h = log pi - log ref` of `b`'s sequences, `[n]`; the policy's forward keeps its
     /// graph only when `grad`.
     fn implicit_rewards(&self, b: &SeqBatch, grad: bool) -> Result<Tensor> {
-        let pol = b.summed_logps(&self.policy, self.env.ctx(true, None))?;
-        let pol = if grad { pol } else { pol.detach() };
+        let untracked = || crate::model::cast::Untracked::enter();
+        let pol = match grad {
+            true => b.summed_logps(&self.policy, self.env.ctx(true, None))?,
+            false => {
+                let _untracked = untracked();
+                b.summed_logps(&self.policy, self.env.ctx(true, None))?
+                    .detach()
+            }
+        };
         let net = self.reference.get().net(&self.policy);
+        let _untracked = untracked();
         let refp = b.summed_logps(net, self.env.ctx(false, None))?.detach();
         Ok((pol - refp)?)
     }

@@ -154,7 +154,10 @@ impl PpoTask<'_> {
         let c = self.cfg();
         let ctx = self.env.ctx(true, None);
         let all: Vec<usize> = (0..ro.lengths.len()).collect();
-        let values = (response_values(&self.value, ctx, ro, &all)?.detach() * &ro.mask)?;
+        let values = {
+            let _untracked = crate::model::cast::Untracked::enter();
+            (response_values(&self.value, ctx, ro, &all)?.detach() * &ro.mask)?
+        };
         let kl = ro.kl(c.kl_estimator)?.ok_or_else(|| {
             anyhow::anyhow!("ppo: the rollout has no reference log-probabilities")
         })?;

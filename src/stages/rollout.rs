@@ -697,6 +697,8 @@ pub fn build(
     rewards: &mut RewardFn,
     (packing, objective): (bool, Objective),
 ) -> Result<Rollout> {
+    // Scoring keeps no graph: the rollout's forwards hold no activations past their outputs.
+    let _untracked = crate::model::cast::Untracked::enter();
     let mut ro = layout(prompts, &s, tok.pad_id(), net.device())?;
     if packing {
         ro.packed = Some(RolloutDocs::new(prompts, &s.gen_tokens, tok.pad_id())?);
@@ -899,6 +901,7 @@ pub fn reference_logprobs(
         use_lora: false,
         ..ctx
     };
+    let _untracked = crate::model::cast::Untracked::enter();
     let lp = response_logprobs(reference.net(policy), ctx, ro, idx, false)?.0;
     Ok(lp.detach())
 }

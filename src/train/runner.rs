@@ -612,7 +612,11 @@ impl<T: Task> Loop<'_, T> {
         if !self.main() {
             return Ok(None);
         }
-        let ev = self.task.evaluate()?;
+        // Evaluation keeps no graph: its forwards hold no activations past their outputs.
+        let ev = {
+            let _untracked = crate::model::cast::Untracked::enter();
+            self.task.evaluate()?
+        };
         let fields = ev.fields();
         self.log(s, "val", &fields)?;
         errln!(

@@ -475,3 +475,55 @@ fn stop_strings_are_found_from_the_tail() {
         }
     }
 }
+
+/// The cache's bytes are its layers' keys and values at every position of every row, and a
+/// cache beyond the host's memory is refused before a row is prefilled.
+#[test]
+fn a_cache_beyond_host_memory_is_refused_before_prefill() {
+    let cfg = ModelConfig {
+        head_dim: Some(16),
+        ..ModelConfig::preset("tiny").unwrap()
+    };
+    let per_position = 2 * cfg.num_key_value_heads * 16 * 4 * cfg.num_hidden_layers;
+    assert_eq!(
+        cache_bytes(&cfg, 3, 5, DType::F32),
+        15 * per_position as u128
+    );
+    assert_eq!(
+        cache_bytes(&cfg, 3, 5, DType::BF16),
+        15 * per_position as u128 / 2
+    );
+    check_cache_fits(&cfg, 3, 5, DType::F32, &Device::Cpu).unwrap();
+    if crate::device::host_available_bytes().is_some() {
+        let e = check_cache_fits(&cfg, usize::MAX / 2, 64, DType::F32, &Device::Cpu);
+        let e = e.unwrap_err().to_string();
+        assert!(
+            e.contains("for the KV cache alone") && e.ends_with("generate fewer rows at once"),
+            "{e}"
+        );
+    }
+}
+
+/// Inside generation's frozen scope a forward builds no graph: were any weight read tracked,
+/// every activation computed from it would hold its inputs, and a prefill would keep all of
+/// its activations alive until its logits were dropped (800 KB a row on the tiny model, where
+/// the cache holds 45). Outside the scope the same forward is tracked, for training.
+#[test]
+fn generation_builds_no_graph_from_the_weights() {
+    for preset in ["tiny", "gpt2", "qwen3", "gemma3"] {
+        let (_store, net) = net(preset);
+        let ids = Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).unwrap();
+        let f = Fwd {
+            ctx: ctx(),
+            positions: None,
+            key_valid: None,
+            segments: None,
+        };
+        assert!(net.forward(&ids, &f, None).unwrap().track_op(), "{preset}");
+        let _frozen = FrozenWeights::enter();
+        for pass in ["first", "cached"] {
+            let logits = net.forward(&ids, &f, None).unwrap();
+            assert!(!logits.track_op(), "{preset}, {pass} pass");
+        }
+    }
+}
