@@ -977,10 +977,10 @@ fn warn_unused_dropout(cfg: &RunConfig) {
 }
 
 impl StageArgs {
-    /// The flag this command line gave that sets the key a validation error `e` begins with
-    /// (`train.steps must be positive` for `--steps 0`).
+    /// The flag this command line gave that sets the first key a validation error `e` names
+    /// of those it set (`train.steps must be positive` for `--steps 0`).
     fn flag_setting(&self, e: &str) -> Option<&'static str> {
-        let key = e.split_whitespace().next()?.trim_end_matches(':');
+        let (beta, new_tokens) = (self.beta.is_some(), self.max_new_tokens.is_some());
         let given = [
             ("train.steps", "--steps", self.steps.is_some()),
             ("train.epochs", "--epochs", self.epochs.is_some()),
@@ -1020,11 +1020,29 @@ impl StageArgs {
                 "--lora-targets",
                 self.lora_targets.is_some(),
             ),
+            (
+                "sft.neftune_noise_alpha",
+                "--neftune-noise-alpha",
+                self.neftune_noise_alpha.is_some(),
+            ),
+            ("ppo.kl_coef", "--beta", beta),
+            ("dpo.beta", "--beta", beta),
+            ("kto.beta", "--beta", beta),
+            ("online_dpo.beta", "--beta", beta),
+            ("grpo.beta", "--beta", beta),
+            ("distill.beta", "--beta", beta),
+            ("distill.lmbda", "--lmbda", self.lmbda.is_some()),
+            ("ppo.max_new_tokens", "--max-new-tokens", new_tokens),
+            ("grpo.max_new_tokens", "--max-new-tokens", new_tokens),
+            ("online_dpo.max_new_tokens", "--max-new-tokens", new_tokens),
+            ("distill.max_new_tokens", "--max-new-tokens", new_tokens),
         ];
-        given
-            .iter()
-            .find(|(k, _, set)| *k == key && *set)
-            .map(|(_, flag, _)| *flag)
+        crate::config::settings_named(e).find_map(|(table, key)| {
+            given
+                .iter()
+                .find(|(k, _, set)| *set && k.split_once('.') == Some((table, key)))
+                .map(|(_, flag, _)| *flag)
+        })
     }
 
     /// Stage defaults, then the resumed run's config.toml, then the config file, then flags.
@@ -1109,7 +1127,12 @@ impl StageArgs {
             let table = user.as_ref().and_then(|u| u.get("model"));
             crate::stages::setup::take_init_model(&mut cfg, table, file.map(PathBuf::as_path))?;
             if cfg.lora.enabled() {
-                crate::model::transformer::check_lora_targets(&cfg.lora, &cfg.model)?;
+                crate::model::transformer::check_lora_targets(&cfg.lora, &cfg.model).map_err(
+                    |e| match self.flag_setting(&e.to_string()) {
+                        Some(flag) => anyhow::anyhow!("{flag}: {e}"),
+                        None => e,
+                    },
+                )?;
             }
         }
         if !resume {
@@ -1149,10 +1172,25 @@ impl StageArgs {
         let continues = resume && crate::train::checkpoint::Checkpoints::any(&out);
         let holds_out =
             stage != Stage::Pretrain && cfg.data.path.is_some() && cfg.data.eval_path.is_none();
-        if holds_out && cfg.data.val_fraction == 0.0 && !continues {
-            let e = "data.val_fraction = 0: every stage evaluates on held-out records, at least \
-                     one, so 0 would hold one out all the same; to train on all of --data, name \
-                     held-out records with --eval-data";
+        // Pretraining's text (not token shards, which are split when encoded) is cut into
+        // a training and a validation split by val_fraction.
+        let splits_text = stage == Stage::Pretrain
+            && cfg.data.eval_path.is_none()
+            && !(cfg.data.path.as_deref()).is_some_and(crate::data::shards::is_shard_corpus);
+        let zero = cfg.data.val_fraction == 0.0 && !continues;
+        let e = match (holds_out, splits_text) {
+            (true, _) if zero => Some(
+                "data.val_fraction = 0: every stage evaluates on held-out records, at least \
+                 one, so 0 would hold one out all the same; to train on all of --data, name \
+                 held-out records with --eval-data",
+            ),
+            (_, true) if zero => Some(
+                "data.val_fraction = 0: pretraining on text evaluates on a validation split of \
+                 it; to train on all of --data, name held-out text with --eval-data",
+            ),
+            _ => None,
+        };
+        if let Some(e) = e {
             let at = files.iter().rev().find_map(|f| {
                 let at = crate::config::locate(f, e);
                 (at != f.display().to_string()).then_some(at)
@@ -1684,6 +1722,14 @@ mod tests {
         };
         let e = no_file.resolve(Stage::Sft).unwrap_err().to_string();
         assert_eq!(e, "--steps: train.steps must be positive");
+        // A stage's own coefficient, set by the shared --beta.
+        let beta = StageArgs {
+            beta: Some(0.0),
+            out: Some(d.path().join("run")),
+            ..Default::default()
+        };
+        let e = beta.resolve(Stage::Dpo).unwrap_err().to_string();
+        assert!(e.starts_with("--beta: dpo.beta must be positive"), "{e}");
     }
 
     /// `[train] profile` in a config file limits the run as `--profile` does: the timed steps

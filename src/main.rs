@@ -438,6 +438,16 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
         tape: false,
         recompute_blocks: false,
     };
+    let context = loaded.meta.model.max_position_embeddings;
+    if a.max_new_tokens >= context {
+        bail!(
+            "eval: --max-new-tokens {} leaves no room for a prompt in the model's context of {context} tokens",
+            a.max_new_tokens
+        );
+    }
+    // Each prompt that does not fit is named by its record, before any is answered.
+    stages::setup::encode_prompts(&loaded.tokenizer, &prompts, a.max_new_tokens, context)
+        .map_err(|e| anyhow::anyhow!("eval: {e} (--max-new-tokens {})", a.max_new_tokens))?;
     let r = stages::eval::accuracy(&net, ctx, &loaded.tokenizer, &prompts, a.max_new_tokens, 64)?;
     // Prompt and answer as JSON strings: escaped as a Python or JSON reader reads them back.
     let json = |s: &str| serde_json::Value::from(s).to_string();
@@ -492,6 +502,7 @@ fn launch_cmd(a: &LaunchArgs) -> Result<()> {
                  online-dpo, grpo, distill)";
         return Err(UsageError(e.to_string()).into());
     };
+    launch::check_counts(a.nproc_per_node, a.nnodes)?;
     preempt::install()?;
     if a.threads {
         if a.nnodes != 1 {

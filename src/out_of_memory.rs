@@ -28,6 +28,13 @@ pub fn set_hint(hint: String) {
     HINT.store(Box::into_raw(Box::new(hint)), Ordering::Release);
 }
 
+/// The hint last set, for an error that a size check raises before allocating.
+pub fn hint() -> Option<&'static str> {
+    let hint = HINT.load(Ordering::Acquire);
+    // SAFETY: a hint is leaked when replaced, so a pointer once stored stays valid for ever.
+    (!hint.is_null()).then(|| unsafe { (*hint).as_str() })
+}
+
 /// "`what` (key = value, ...)", the hint of a run or command sized by `sizes`.
 pub fn hint_of(what: &str, sizes: &[(&str, usize)]) -> String {
     let sizes: Vec<String> = sizes.iter().map(|(k, v)| format!("{k} = {v}")).collect();
@@ -61,10 +68,7 @@ unsafe impl GlobalAlloc for HostAlloc {
 fn refused_ends_process(ptr: *mut u8, size: usize) -> *mut u8 {
     if ptr.is_null() {
         let mut line = StackLine::default();
-        let hint = HINT.load(Ordering::Acquire);
-        // SAFETY: a hint is leaked when replaced, so a pointer once stored stays valid.
-        let hint = (!hint.is_null()).then(|| unsafe { (*hint).as_str() });
-        write_line(&mut line, size, available_bytes(), hint);
+        write_line(&mut line, size, available_bytes(), hint());
         // SAFETY: fd 2 is the process's stderr; a failed or short write leaves nothing to do.
         unsafe {
             libc::write(2, line.buf.as_ptr().cast(), line.len);

@@ -1757,9 +1757,22 @@ fn negative_numbers_reach_their_options_and_usage_errors_are_one_line() {
         "-1",
     ]);
     assert!(
-        e.contains("--temperature must be 0 (greedy) or a finite positive number, got -1"),
+        e.contains(
+            "--temperature must be 0 (greedy) or a finite number of at least 0.00001, got -1"
+        ),
         "{e}"
     );
+    // A temperature so low that the logits over it overflow: refused, not sampled as NUL bytes.
+    let e = run_err(&[
+        "generate",
+        "--checkpoint",
+        model,
+        "--prompt",
+        "ab",
+        "--temperature",
+        "1e-40",
+    ]);
+    assert!(e.contains("--temperature must be 0 (greedy)"), "{e}");
     let e = usage(&["generate", "--checkpoint", model, "--seed", "-5"]);
     assert!(
         e.contains("'--seed <SEED>'") && e.contains("0 or more"),

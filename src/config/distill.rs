@@ -7,8 +7,6 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-use super::stages::positive;
-
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DistillConfig {
@@ -52,12 +50,7 @@ impl DistillConfig {
         if !(0.0..=1.0).contains(&self.lmbda) {
             bail!("distill.lmbda must be in [0, 1], got {}", self.lmbda);
         }
-        if !positive(self.temperature) {
-            bail!(
-                "distill.temperature must be positive, got {}",
-                self.temperature
-            );
-        }
+        super::stages::check_temperature("distill.temperature", self.temperature)?;
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             bail!("distill.top_p must be in (0, 1], got {}", self.top_p);
         }

@@ -26,7 +26,7 @@ pub use stages::{
     AdvantageEstimator, DpoConfig, DpoLoss, ExternalRewardConfig, FDivergence, GrpoConfig,
     ImportanceSamplingLevel, KlEstimator, KlPlace, KtoConfig, KtoLoss, LossType, MultiObjective,
     OnlineDpoConfig, PpoConfig, RewardConfig, RewardSource, RewardSpec, ScaleRewards, SftConfig,
-    SftLoss,
+    SftLoss, MIN_TEMPERATURE,
 };
 pub use train::{DTypeChoice, ShardOptimizer, TapeChoice, TrainConfig};
 
@@ -159,6 +159,16 @@ fn key_at(text: &str, start: usize) -> Option<String> {
     })
 }
 
+/// `x` as a person writes it: plainly where that is short, else in exponent form (`1e-40`,
+/// not forty digits after the point).
+pub fn shown_f64(x: f64) -> String {
+    let plain = x.to_string();
+    match plain.len() > 12 && x.is_finite() && x != 0.0 {
+        true => format!("{x:e}"),
+        false => plain,
+    }
+}
+
 /// Refuses the first of `counts` (settings of table `table`) that is 0.
 pub(crate) fn check_counts(table: &str, counts: &[(&str, usize)]) -> Result<()> {
     match counts.iter().find(|(_, v)| *v == 0) {
@@ -187,22 +197,31 @@ pub(crate) fn beyond_toml(v: &serde_json::Value, at: &str) -> Option<String> {
     }
 }
 
-/// `file:line` of the key a validation message starts with (`model.num_hidden_layers must
-/// ...` -> the `num_hidden_layers` line of the file's `[model]` table), else `file`.
+/// The settings (`table.key`) a validation message names, in its order: `model.num_heads (4)
+/// must divide model.hidden_size (130)` names two, of which the file may set either.
+pub fn settings_named(message: &str) -> impl Iterator<Item = (&str, &str)> {
+    let word = |w: &str| {
+        w.starts_with(|c: char| c.is_ascii_lowercase())
+            && w.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    message
+        .split(|c: char| c.is_whitespace() || "()[],:;=`\"'/".contains(c))
+        .filter_map(|w| w.split_once('.'))
+        .filter(move |(t, k)| word(t) && word(k))
+}
+
+/// `file:line` of the first setting a validation message names that the file sets
+/// (`model.num_hidden_layers must ...` -> the `num_hidden_layers` line of the file's
+/// `[model]` table), else `file`.
 pub fn locate(file: &Path, message: &str) -> String {
     let shown = file.display().to_string();
-    let Some((table, key)) = message
-        .split_whitespace()
-        .next()
-        .map(|w| w.trim_end_matches(':'))
-        .and_then(|w| w.split_once('.'))
-    else {
-        return shown;
-    };
     let Ok(text) = std::fs::read_to_string(file) else {
         return shown;
     };
-    match key_line(&text, &[table, key], false) {
+    let line =
+        settings_named(message).find_map(|(table, key)| key_line(&text, &[table, key], false));
+    match line {
         Some(line) => format!("{shown}:{line}"),
         None => shown,
     }
@@ -373,6 +392,21 @@ mod tests {
     }
 
     #[test]
+    fn numbers_are_shown_as_written() {
+        let cases = [
+            (0.25, "0.25"),
+            (-1.0, "-1"),
+            (1e-40, "1e-40"),
+            (1e300, "1e300"),
+        ];
+        for (x, shown) in cases {
+            assert_eq!(shown_f64(x), shown);
+        }
+        assert_eq!(shown_f64(f64::NAN), "NaN");
+        assert_eq!(shown_f64(0.123456789012345), "1.23456789012345e-1");
+    }
+
+    #[test]
     fn validation_errors_point_at_the_line_that_set_the_value() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
@@ -384,6 +418,41 @@ mod tests {
         let at = locate(&p, "model.num_hidden_layers must be positive");
         assert!(at.ends_with("c.toml:6"), "{at}");
         assert!(locate(&p, "nothing to find").ends_with("c.toml"));
+        // The message's first setting is not the file's: the one it sets is found.
+        let at = locate(
+            &p,
+            "model.num_attention_heads (4) must divide model.hidden_size (130)",
+        );
+        assert!(at.ends_with("c.toml:5"), "{at}");
+        let at = locate(&p, "ppo.top_k / train.steps: e.g. 0.5 or 1.0");
+        assert!(at.ends_with("c.toml:2"), "{at}");
+    }
+
+    /// A stage's sampled lengths must leave room for a prompt; its built-in task counts must
+    /// be positive; the task's operands must split into both sides.
+    #[test]
+    fn sizes_a_stage_cannot_run_with_are_refused_by_key() {
+        let mut cfg = RunConfig::for_stage(Stage::Ppo);
+        cfg.ppo.max_new_tokens = 64;
+        let e = cfg.check_new_tokens(64).unwrap_err().to_string();
+        assert!(
+            e.starts_with("ppo.max_new_tokens = 64 leaves no room"),
+            "{e}"
+        );
+        cfg.check_new_tokens(65).unwrap();
+        let mut cfg = RunConfig::for_stage(Stage::Sft);
+        cfg.sft.eval_max_new_tokens = 100;
+        let e = cfg.check_new_tokens(64).unwrap_err().to_string();
+        assert!(e.starts_with("sft.eval_max_new_tokens = 100"), "{e}");
+        let mut cfg = RunConfig::for_stage(Stage::Dpo);
+        cfg.dpo.eval_pairs = 0;
+        let e = cfg.validate().unwrap_err().to_string();
+        assert_eq!(e, "dpo.eval_pairs must be positive");
+        let mut cfg = RunConfig::for_stage(Stage::Sft);
+        for (operand, ok) in [(8, false), (9, true), (999, true), (1000, false)] {
+            cfg.data.task_max_operand = operand;
+            assert_eq!(cfg.validate().is_ok(), ok, "{operand}");
+        }
     }
 
     /// Dr. GRPO's normaliser counts a minibatch's responses, so a rollout must split into

@@ -204,6 +204,85 @@ const SHARED_BASE: &str =
     "under LoRA the reference is the base with the adapters off, which the policy shares";
 
 impl RunConfig {
+    /// The stage's settings of how many tokens it samples after a prompt (for its rollouts or
+    /// its held-out accuracy), each of which must leave room for a prompt in the context.
+    pub fn new_token_settings(&self) -> Vec<(&'static str, usize)> {
+        match self.stage {
+            Stage::Pretrain | Stage::Reward => vec![],
+            Stage::Sft => vec![("sft.eval_max_new_tokens", self.sft.eval_max_new_tokens)],
+            Stage::Dpo => vec![("dpo.eval_max_new_tokens", self.dpo.eval_max_new_tokens)],
+            Stage::Kto => vec![("kto.eval_max_new_tokens", self.kto.eval_max_new_tokens)],
+            Stage::Distill => vec![
+                ("distill.max_new_tokens", self.distill.max_new_tokens),
+                (
+                    "distill.eval_max_new_tokens",
+                    self.distill.eval_max_new_tokens,
+                ),
+            ],
+            Stage::Ppo => vec![("ppo.max_new_tokens", self.ppo.max_new_tokens)],
+            Stage::Grpo => vec![("grpo.max_new_tokens", self.grpo.max_new_tokens)],
+            Stage::OnlineDpo => vec![("online_dpo.max_new_tokens", self.online_dpo.max_new_tokens)],
+        }
+    }
+
+    /// Refuses a [`RunConfig::new_token_settings`] that leaves no room for a prompt in a
+    /// model's context of `context` tokens (known once the `--init` model is read).
+    pub fn check_new_tokens(&self, context: usize) -> Result<()> {
+        match self
+            .new_token_settings()
+            .into_iter()
+            .find(|&(_, n)| n >= context)
+        {
+            Some((key, n)) => anyhow::bail!(
+                "{key} = {n} leaves no room for a prompt in the model's context of {context} tokens"
+            ),
+            None => Ok(()),
+        }
+    }
+
+    /// The stage's counts of what it draws from the built-in task to train and evaluate on;
+    /// each must be positive, since a stage without training or held-out items cannot run.
+    fn task_counts(&self) -> Vec<(&'static str, usize)> {
+        let (sft, dpo, kto) = (&self.sft, &self.dpo, &self.kto);
+        match self.stage {
+            Stage::Pretrain => vec![],
+            Stage::Sft => vec![
+                ("sft.task_examples", sft.task_examples),
+                ("sft.eval_prompts", sft.eval_prompts),
+            ],
+            Stage::Reward => vec![
+                ("reward.task_pairs", self.reward.task_pairs),
+                ("reward.eval_pairs", self.reward.eval_pairs),
+            ],
+            Stage::Ppo => vec![
+                ("ppo.task_prompts", self.ppo.task_prompts),
+                ("ppo.eval_prompts", self.ppo.eval_prompts),
+            ],
+            Stage::Dpo => vec![
+                ("dpo.task_pairs", dpo.task_pairs),
+                ("dpo.eval_pairs", dpo.eval_pairs),
+                ("dpo.eval_prompts", dpo.eval_prompts),
+            ],
+            Stage::Kto => vec![
+                ("kto.task_pairs", kto.task_pairs),
+                ("kto.eval_pairs", kto.eval_pairs),
+                ("kto.eval_prompts", kto.eval_prompts),
+            ],
+            Stage::OnlineDpo => vec![
+                ("online_dpo.task_prompts", self.online_dpo.task_prompts),
+                ("online_dpo.eval_prompts", self.online_dpo.eval_prompts),
+            ],
+            Stage::Grpo => vec![
+                ("grpo.task_prompts", self.grpo.task_prompts),
+                ("grpo.eval_prompts", self.grpo.eval_prompts),
+            ],
+            Stage::Distill => vec![
+                ("distill.task_examples", self.distill.task_examples),
+                ("distill.eval_prompts", self.distill.eval_prompts),
+            ],
+        }
+    }
+
     /// The settings that decide how much memory a step of this stage holds, for the line a
     /// refused host allocation prints (src/out_of_memory.rs).
     pub fn memory_sizes(&self) -> Vec<(&'static str, usize)> {
@@ -231,6 +310,13 @@ impl RunConfig {
             _ => vec![("train.batch_size", t.batch_size)],
         };
         sizes.push(("train.seq_len", t.seq_len));
+        sizes.push(("train.grad_accum", t.grad_accum));
+        if self.lora.enabled() {
+            sizes.push(("lora.rank", self.lora.rank));
+        }
+        if self.data.path.is_none() {
+            sizes.extend(self.task_counts());
+        }
         sizes
     }
 
@@ -451,6 +537,17 @@ impl RunConfig {
                 "train.seq_len ({}) exceeds model.max_position_embeddings ({})",
                 self.train.seq_len,
                 self.model.max_position_embeddings
+            );
+        }
+        if let Some((key, _)) = self.task_counts().into_iter().find(|&(_, n)| n == 0) {
+            anyhow::bail!("{key} must be positive");
+        }
+        if !(9..=999).contains(&self.data.task_max_operand) {
+            anyhow::bail!(
+                "data.task_max_operand must be from 9 to 999, got {}: the built-in task holds out \
+                 one pair of operands in five, so fewer leave too few pairs on one side, and it \
+                 draws from all (n+1)^2 pairs, so many more exhaust memory",
+                self.data.task_max_operand
             );
         }
         if !(0.0..=1.0).contains(&self.data.task_carry_slip) {

@@ -248,11 +248,26 @@ pub(crate) fn positive(x: f64) -> bool {
     x.is_finite() && x > 0.0
 }
 
+/// The lowest sampling temperature taken. Below it sampling is greedy in all but name (as
+/// vLLM treats it), and far below it the logits over it overflow: 1e-40 sampled NUL bytes
+/// and stopped RL runs at a NaN loss that named nothing.
+pub const MIN_TEMPERATURE: f64 = 1e-5;
+
+/// A sampling temperature at least [`MIN_TEMPERATURE`], finite, else the line that says so.
+pub(crate) fn check_temperature(key: &str, t: f64) -> Result<()> {
+    if !(t.is_finite() && t >= MIN_TEMPERATURE) {
+        bail!(
+            "{key} must be at least {} and finite, got {}",
+            super::shown_f64(MIN_TEMPERATURE),
+            super::shown_f64(t)
+        );
+    }
+    Ok(())
+}
+
 /// Checks shared by the RL stages' sampling and clipping knobs.
 fn check_sampling(stage: &str, temperature: f64, clip: f64, clip_high: Option<f64>) -> Result<()> {
-    if !positive(temperature) {
-        bail!("{stage}.temperature must be positive, got {temperature}");
-    }
+    check_temperature(&format!("{stage}.temperature"), temperature)?;
     if !positive(clip) {
         bail!("{stage}.cliprange must be positive, got {clip}");
     }
@@ -892,12 +907,7 @@ impl OnlineDpoConfig {
                  mean over batches of fixed pairs (use it in dpo)"
             );
         }
-        if !positive(self.temperature) {
-            bail!(
-                "online_dpo.temperature must be positive, got {}",
-                self.temperature
-            );
-        }
+        check_temperature("online_dpo.temperature", self.temperature)?;
         check_filters(
             "online_dpo",
             self.top_p,

@@ -158,7 +158,23 @@ impl Shards {
         let shards = paths
             .iter()
             .map(|p| Shard::open(p))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>>>()
+            .map_err(|e| {
+                // Each shard is one memory map, and the kernel allows about 65,000 a process
+                // (vm.max_map_count): tiny shards run out of maps, not memory.
+                let maps_out = e
+                    .root_cause()
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.raw_os_error() == Some(libc::ENOMEM));
+                match maps_out {
+                    true => e.context(format!(
+                        "{} shards, one memory map each: too many for the kernel's limit of \
+                         maps (vm.max_map_count); re-encode with a larger --shard-tokens",
+                        paths.len()
+                    )),
+                    false => e,
+                }
+            })?;
         let mut starts = vec![0];
         for s in &shards {
             starts.push(starts.last().expect("starts at 0") + s.len);

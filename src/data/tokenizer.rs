@@ -821,6 +821,9 @@ fn write_hf(tok: &tokenizers::Tokenizer, path: &Path) -> Result<()> {
     crate::io::write_atomic(path, json.as_bytes())
 }
 
+/// The largest vocabulary [`train_bpe`] trains.
+pub const MAX_TRAINED_VOCAB: usize = 1 << 20;
+
 /// Trains a byte-level BPE of `vocab_size` tokens on `files` and writes it to `out`.
 ///
 /// Each entry of `files` is read as a corpus by [`load_documents`], so directories and
@@ -831,6 +834,11 @@ pub fn train_bpe(files: &[PathBuf], vocab_size: usize, out: &Path) -> Result<Tok
     let min = 256 + TRAINED_SPECIALS.len();
     if vocab_size < min {
         bail!("tokenizer vocab_size {vocab_size} is too small: a byte-level BPE needs at least {min} (256 bytes + {} special tokens)", TRAINED_SPECIALS.len());
+    }
+    // The trainer sizes its tables by the vocabulary asked for, so an absurd size aborts
+    // (or overflows a capacity) before a merge is learnt.
+    if vocab_size > MAX_TRAINED_VOCAB {
+        bail!("tokenizer vocab_size {vocab_size} is too large: at most {MAX_TRAINED_VOCAB}, four times the largest vocabulary of the model families temper reads (Gemma 3's 262144)");
     }
     if files.is_empty() {
         bail!("train_bpe: no training files given");
@@ -867,6 +875,22 @@ pub fn train_bpe(files: &[PathBuf], vocab_size: usize, out: &Path) -> Result<Tok
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sizes outside what a byte-level BPE can be, or what the trainer can hold, are refused
+    /// before any file is read.
+    #[test]
+    fn a_vocabulary_size_out_of_range_is_refused() {
+        let out = Path::new("/nonexistent/tok.json");
+        let e = train_bpe(&[], 100, out).unwrap_err().to_string();
+        assert!(e.contains("vocab_size 100 is too small"), "{e}");
+        for size in [MAX_TRAINED_VOCAB + 1, usize::MAX] {
+            let e = train_bpe(&[], size, out).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("vocab_size {size} is too large")),
+                "{e}"
+            );
+        }
+    }
 
     fn sample_text() -> String {
         let mut s = String::new();

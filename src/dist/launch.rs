@@ -12,6 +12,24 @@ use anyhow::{bail, Context, Result};
 
 use super::preempt::{self, EXIT_PREEMPTED};
 
+/// The most ranks `launch` starts on one node: each loads its own model, and no machine has
+/// GPUs or cores for more (a digit too many started threads until the kernel killed them).
+pub const MAX_LOCAL_RANKS: usize = 1024;
+
+/// Refuses a job of no ranks, or of more on a node than [`MAX_LOCAL_RANKS`].
+pub fn check_counts(nproc_per_node: usize, nnodes: usize) -> Result<()> {
+    if nproc_per_node == 0 || nnodes == 0 {
+        bail!("launch: --nproc-per-node and --nnodes must be at least 1");
+    }
+    if nproc_per_node > MAX_LOCAL_RANKS {
+        bail!(
+            "launch: --nproc-per-node {nproc_per_node} is more than {MAX_LOCAL_RANKS} ranks on \
+             one node, each with its own copy of the model"
+        );
+    }
+    Ok(())
+}
+
 /// Where this node's ranks sit in the job.
 #[derive(Clone, Debug)]
 pub struct Layout {
@@ -28,9 +46,7 @@ impl Layout {
     }
 
     fn check(&self) -> Result<()> {
-        if self.nproc_per_node == 0 || self.nnodes == 0 {
-            bail!("launch: --nproc-per-node and --nnodes must be at least 1");
-        }
+        check_counts(self.nproc_per_node, self.nnodes)?;
         if self.node_rank >= self.nnodes {
             bail!(
                 "launch: --node-rank {} is not below --nnodes {}",
@@ -194,6 +210,21 @@ mod tests {
         assert_eq!(get("WORLD_SIZE"), "8");
         assert_eq!(get("LOCAL_RANK"), "2");
         assert_eq!(get("MASTER_ADDR"), "n0");
+    }
+
+    #[test]
+    fn rank_counts_are_checked_before_any_rank_starts() {
+        check_counts(8, 2).unwrap();
+        check_counts(MAX_LOCAL_RANKS, 1).unwrap();
+        for (n, nodes) in [(0, 1), (1, 0)] {
+            let e = check_counts(n, nodes).unwrap_err().to_string();
+            assert!(e.contains("must be at least 1"), "{e}");
+        }
+        let e = check_counts(100_000, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("--nproc-per-node 100000 is more than 1024"),
+            "{e}"
+        );
     }
 
     #[test]

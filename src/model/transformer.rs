@@ -90,6 +90,16 @@ pub fn check_lora_targets(lora: &LoraConfig, cfg: &ModelConfig) -> Result<()> {
              MLP has up and down only (GPT-2's c_fc and mlp.c_proj); `all` adapts what it has"
         );
     }
+    // Every adapted matrix has the model's width on one side, so an adapter of a rank above
+    // it holds more parameters than a full update and can express no more.
+    if lora.rank > cfg.hidden_size {
+        bail!(
+            "lora.rank ({}) exceeds the model's width, model.hidden_size ({}): an adapter's rank \
+             is at most the smaller side of the matrix it adapts",
+            lora.rank,
+            cfg.hidden_size
+        );
+    }
     Ok(())
 }
 
@@ -230,7 +240,7 @@ impl Transformer {
         let fused = embedding::fused_serves(self.embed.device(), choice);
         let read = |w: &Tensor| match (&self.lm_head, fused) {
             (None, true) => super::cast::weight_if_kept(w, ctx.dtype),
-            _ => Ok(w.clone()),
+            _ => Ok(super::norm::held(w)),
         };
         let table = read(&self.embed)?;
         let scale = (self.cfg.embed_scale).then(|| embed_scale(self.cfg.hidden_size, ctx.dtype));

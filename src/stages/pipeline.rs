@@ -241,7 +241,17 @@ fn stage_config(
         // do nothing, as the epochs would override it.
         Some(e) => cfg.train.epochs = Some(e * opts.scale),
         None => {
-            let scaled = ((cfg.train.steps as f64) * opts.scale).round().max(1.0) as usize;
+            let scaled = ((cfg.train.steps as f64) * opts.scale).round().max(1.0);
+            // config.toml holds steps as an i64.
+            if scaled > i64::MAX as f64 {
+                bail!(
+                    "--scale {}: {} steps scale to {}, more than a run can count",
+                    crate::config::shown_f64(opts.scale),
+                    cfg.train.steps,
+                    crate::config::shown_f64(scaled)
+                );
+            }
+            let scaled = scaled as usize;
             cfg.train.steps = scaled;
             cfg.train.eval_every = cfg.train.eval_every.min(scaled);
             cfg.train.checkpoint_every = cfg.train.checkpoint_every.min(scaled);
@@ -791,5 +801,10 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+        let err = run(&options(1e300)).unwrap_err().to_string();
+        assert!(
+            err.contains("--scale 1e300: ") && err.ends_with("more than a run can count"),
+            "{err}"
+        );
     }
 }

@@ -366,6 +366,14 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
         None => cfg.model.clone(),
     };
     if model_cfg.vocab_size < tok.vocab_size() {
+        if env.comm.rank() == 0 {
+            errln!(
+                "[pretrain] the model's vocabulary is the tokenizer's {} tokens, more than \
+                 model.vocab_size = {} (a larger size is kept: padding, as GPT-2's 50304)",
+                tok.vocab_size(),
+                model_cfg.vocab_size
+            );
+        }
         model_cfg.vocab_size = tok.vocab_size();
     }
     if cfg.train.seq_len > model_cfg.max_position_embeddings {

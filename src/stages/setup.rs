@@ -63,6 +63,8 @@ pub fn init_checkpoint(env: &Env, what: &str) -> Result<Loaded> {
             format!("{} needs --init CHECKPOINT ({what})", env.cfg.stage.name())
         })?;
     let mut loaded = read_checkpoint(init, &env.device)?;
+    env.cfg
+        .check_new_tokens(loaded.meta.model.max_position_embeddings)?;
     let used = match &env.cfg.data.chat_template {
         Some(path) => Some(ChatTemplate::load(path)?),
         // A model whose template cannot be read still serves runs that render none.
