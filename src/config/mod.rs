@@ -207,6 +207,7 @@ pub fn settings_named(message: &str) -> impl Iterator<Item = (&str, &str)> {
     };
     message
         .split(|c: char| c.is_whitespace() || "()[],:;=`\"'/".contains(c))
+        .map(|w| w.trim_end_matches('.'))
         .filter_map(|w| w.split_once('.'))
         .filter(move |(t, k)| word(t) && word(k))
 }
@@ -426,6 +427,8 @@ mod tests {
         assert!(at.ends_with("c.toml:5"), "{at}");
         let at = locate(&p, "ppo.top_k / train.steps: e.g. 0.5 or 1.0");
         assert!(at.ends_with("c.toml:2"), "{at}");
+        let at = locate(&p, "it must be less than train.steps.");
+        assert!(at.ends_with("c.toml:2"), "{at}");
     }
 
     /// A stage's sampled lengths must leave room for a prompt; its built-in task counts must
@@ -444,10 +447,23 @@ mod tests {
         cfg.sft.eval_max_new_tokens = 100;
         let e = cfg.check_new_tokens(64).unwrap_err().to_string();
         assert!(e.starts_with("sft.eval_max_new_tokens = 100"), "{e}");
+        // With --data the built-in task's held-out accuracy, and its lengths, are not taken.
+        cfg.data.path = Some("records.jsonl".into());
+        cfg.check_new_tokens(64).unwrap();
+        let mut cfg = RunConfig::for_stage(Stage::Distill);
+        cfg.distill.max_new_tokens = 100;
+        cfg.distill.lmbda = 0.0;
+        cfg.check_new_tokens(64).unwrap();
         let mut cfg = RunConfig::for_stage(Stage::Dpo);
         cfg.dpo.eval_pairs = 0;
         let e = cfg.validate().unwrap_err().to_string();
         assert_eq!(e, "dpo.eval_pairs must be positive");
+        cfg.data.path = Some("pairs.jsonl".into());
+        cfg.validate().unwrap();
+        // SFT without a held-out accuracy is a choice.
+        let mut cfg = RunConfig::for_stage(Stage::Sft);
+        cfg.sft.eval_prompts = 0;
+        cfg.validate().unwrap();
         let mut cfg = RunConfig::for_stage(Stage::Sft);
         for (operand, ok) in [(8, false), (9, true), (999, true), (1000, false)] {
             cfg.data.task_max_operand = operand;

@@ -205,9 +205,11 @@ const SHARED_BASE: &str =
 
 impl RunConfig {
     /// The stage's settings of how many tokens it samples after a prompt (for its rollouts or
-    /// its held-out accuracy), each of which must leave room for a prompt in the context.
+    /// its held-out accuracy on the built-in task), each of which must leave room for a prompt
+    /// in the context. Those the run does not use are left out.
     pub fn new_token_settings(&self) -> Vec<(&'static str, usize)> {
-        match self.stage {
+        let task = self.data.path.is_none();
+        let mut settings = match self.stage {
             Stage::Pretrain | Stage::Reward => vec![],
             Stage::Sft => vec![("sft.eval_max_new_tokens", self.sft.eval_max_new_tokens)],
             Stage::Dpo => vec![("dpo.eval_max_new_tokens", self.dpo.eval_max_new_tokens)],
@@ -222,7 +224,13 @@ impl RunConfig {
             Stage::Ppo => vec![("ppo.max_new_tokens", self.ppo.max_new_tokens)],
             Stage::Grpo => vec![("grpo.max_new_tokens", self.grpo.max_new_tokens)],
             Stage::OnlineDpo => vec![("online_dpo.max_new_tokens", self.online_dpo.max_new_tokens)],
-        }
+        };
+        settings.retain(|(key, _)| match *key {
+            "distill.max_new_tokens" => self.distill.samples(),
+            k if k.ends_with(".eval_max_new_tokens") => task,
+            _ => true,
+        });
+        settings
     }
 
     /// Refuses a [`RunConfig::new_token_settings`] that leaves no room for a prompt in a
@@ -240,8 +248,7 @@ impl RunConfig {
         }
     }
 
-    /// The stage's counts of what it draws from the built-in task to train and evaluate on;
-    /// each must be positive, since a stage without training or held-out items cannot run.
+    /// The stage's counts of what it draws from the built-in task to train and evaluate on.
     fn task_counts(&self) -> Vec<(&'static str, usize)> {
         let (sft, dpo, kto) = (&self.sft, &self.dpo, &self.kto);
         match self.stage {
@@ -539,7 +546,14 @@ impl RunConfig {
                 self.model.max_position_embeddings
             );
         }
-        if let Some((key, _)) = self.task_counts().into_iter().find(|&(_, n)| n == 0) {
+        // SFT and distillation take no held-out accuracy at eval_prompts = 0; --data replaces
+        // the built-in task and its counts.
+        let optional = ["sft.eval_prompts", "distill.eval_prompts"];
+        let zero = self
+            .task_counts()
+            .into_iter()
+            .find(|&(key, n)| n == 0 && !optional.contains(&key));
+        if let (Some((key, _)), None) = (zero, &self.data.path) {
             anyhow::bail!("{key} must be positive");
         }
         if !(9..=999).contains(&self.data.task_max_operand) {

@@ -123,13 +123,17 @@ thread_local! {
 /// reference's or teacher's forward, an evaluation. A weight read tracked makes each tensor
 /// computed from it hold its inputs, so a forward would keep all of its activations alive
 /// until its output is dropped, as if a backward were to follow. Unlike [`FrozenWeights`] it
-/// caches no casts and changes no kernel choice: what it computes equals the tracked forward.
-pub struct Untracked(());
+/// caches no casts and picks no generation-only kernel (the GELU epilogue, the few-row decode
+/// GEMM). On CUDA the fused residual-add norms take their forward-only pass for inputs that
+/// carry no gradient, as a frozen reference's forward already did; on the CPU what it computes
+/// is bit for bit the tracked forward's.
+pub struct Untracked(std::marker::PhantomData<*const ()>);
 
 impl Untracked {
+    /// Opens the scope on this thread (the guard cannot leave it: it is not `Send`).
     pub fn enter() -> Self {
         UNTRACKED.set(UNTRACKED.get() + 1);
-        Untracked(())
+        Untracked(std::marker::PhantomData)
     }
 }
 

@@ -243,7 +243,7 @@ fn stage_config(
         None => {
             let scaled = ((cfg.train.steps as f64) * opts.scale).round().max(1.0);
             // config.toml holds steps as an i64.
-            if scaled > i64::MAX as f64 {
+            if scaled >= i64::MAX as f64 {
                 bail!(
                     "--scale {}: {} steps scale to {}, more than a run can count",
                     crate::config::shown_f64(opts.scale),

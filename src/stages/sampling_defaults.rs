@@ -77,8 +77,8 @@ impl FromConfig {
             Some(false) => Some(0.0),
             _ => within(
                 "temperature",
-                |t| t.is_finite() && t >= 0.0,
-                "0 or a finite positive number",
+                |t| t == 0.0 || t.is_finite() && t >= crate::config::MIN_TEMPERATURE,
+                "0 (greedy) or a finite number of at least 0.00001",
             )?,
         };
         Ok(Self {
@@ -153,6 +153,7 @@ mod tests {
             (json!({"min_p": 2.0}), "min_p"),
             (json!({"top_p": 0.0}), "top_p"),
             (json!({"temperature": -1.0}), "temperature"),
+            (json!({"temperature": 1e-40}), "temperature"),
         ] {
             let e = FromConfig::parse(&bad, file()).unwrap_err().to_string();
             assert!(e.contains(&format!("field \"{field}\"")), "{e}");
