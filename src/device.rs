@@ -84,10 +84,7 @@ fn kernels_line(cuda: bool, kernels: &KernelSet) -> String {
 
 /// Host memory the kernel says is available (`MemAvailable` of /proc/meminfo), if known.
 pub fn host_available_bytes() -> Option<u128> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    crate::out_of_memory::available_bytes().map(u128::from)
 }
 
 /// Refuses a model whose f32 weights alone exceed the host's available memory, before any

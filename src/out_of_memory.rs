@@ -138,8 +138,9 @@ impl std::fmt::Write for StackLine {
     }
 }
 
-/// `MemAvailable` of /proc/meminfo, read without the heap.
-fn available_bytes() -> Option<u64> {
+/// `MemAvailable` of /proc/meminfo, read without the heap (so that the failure line can read
+/// it; every other reader goes through [`crate::device::host_available_bytes`]).
+pub fn available_bytes() -> Option<u64> {
     let mut buf = [0u8; 4096];
     // SAFETY: a NUL-terminated path, and a read into a buffer of the length given.
     let n = unsafe {

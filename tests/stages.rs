@@ -1747,15 +1747,18 @@ fn negative_numbers_reach_their_options_and_usage_errors_are_one_line() {
         );
         err
     };
-    let e = run_err(&[
-        "generate",
-        "--checkpoint",
-        model,
-        "--prompt",
-        "ab",
-        "--temperature",
-        "-1",
-    ]);
+    let at_temperature = |t: &str| {
+        run_err(&[
+            "generate",
+            "--checkpoint",
+            model,
+            "--prompt",
+            "ab",
+            "--temperature",
+            t,
+        ])
+    };
+    let e = at_temperature("-1");
     assert!(
         e.contains(
             "--temperature must be 0 (greedy) or a finite number of at least 0.00001, got -1"
@@ -1763,15 +1766,7 @@ fn negative_numbers_reach_their_options_and_usage_errors_are_one_line() {
         "{e}"
     );
     // A temperature so low that the logits over it overflow: refused, not sampled as NUL bytes.
-    let e = run_err(&[
-        "generate",
-        "--checkpoint",
-        model,
-        "--prompt",
-        "ab",
-        "--temperature",
-        "1e-40",
-    ]);
+    let e = at_temperature("1e-40");
     assert!(e.contains("--temperature must be 0 (greedy)"), "{e}");
     let e = usage(&["generate", "--checkpoint", model, "--seed", "-5"]);
     assert!(

@@ -23,10 +23,10 @@ pub use model::{
 };
 pub use run::{overlay, DataConfig, DeviceChoice, Holdout, RunConfig, Stage, Truncation};
 pub use stages::{
-    AdvantageEstimator, DpoConfig, DpoLoss, ExternalRewardConfig, FDivergence, GrpoConfig,
-    ImportanceSamplingLevel, KlEstimator, KlPlace, KtoConfig, KtoLoss, LossType, MultiObjective,
-    OnlineDpoConfig, PpoConfig, RewardConfig, RewardSource, RewardSpec, ScaleRewards, SftConfig,
-    SftLoss, MIN_TEMPERATURE,
+    greedy_or_sampling, greedy_or_sampling_words, AdvantageEstimator, DpoConfig, DpoLoss,
+    ExternalRewardConfig, FDivergence, GrpoConfig, ImportanceSamplingLevel, KlEstimator, KlPlace,
+    KtoConfig, KtoLoss, LossType, MultiObjective, OnlineDpoConfig, PpoConfig, RewardConfig,
+    RewardSource, RewardSpec, ScaleRewards, SftConfig, SftLoss,
 };
 pub use train::{DTypeChoice, ShardOptimizer, TapeChoice, TrainConfig};
 

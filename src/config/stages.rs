@@ -253,9 +253,28 @@ pub(crate) fn positive(x: f64) -> bool {
 /// and stopped RL runs at a NaN loss that named nothing.
 pub const MIN_TEMPERATURE: f64 = 1e-5;
 
+/// Whether `t` samples: finite and at least [`MIN_TEMPERATURE`].
+fn samples_at(t: f64) -> bool {
+    t.is_finite() && t >= MIN_TEMPERATURE
+}
+
+/// Whether `t` is greedy (0) or samples: what generation takes, from a flag or a model's
+/// generation_config.json.
+pub fn greedy_or_sampling(t: f64) -> bool {
+    t == 0.0 || samples_at(t)
+}
+
+/// What [`greedy_or_sampling`] takes, in words.
+pub fn greedy_or_sampling_words() -> String {
+    format!(
+        "0 (greedy) or a finite number of at least {}",
+        super::shown_f64(MIN_TEMPERATURE)
+    )
+}
+
 /// A sampling temperature at least [`MIN_TEMPERATURE`], finite, else the line that says so.
 pub(crate) fn check_temperature(key: &str, t: f64) -> Result<()> {
-    if !(t.is_finite() && t >= MIN_TEMPERATURE) {
+    if !samples_at(t) {
         bail!(
             "{key} must be at least {} and finite, got {}",
             super::shown_f64(MIN_TEMPERATURE),

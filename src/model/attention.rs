@@ -8,7 +8,6 @@ use candle_core::Tensor;
 
 use super::kv_cache::KvCache;
 use super::linear::{Ctx, Linear};
-use super::norm;
 use super::rope::RopeAt;
 use crate::config::ModelConfig;
 use crate::config::{LoraConfig, LoraTarget};
@@ -65,7 +64,7 @@ impl QkNorm {
     /// per generation: `cast::weight` keeps the copy).
     fn weights(&self, dtype: candle_core::DType) -> Result<(Tensor, Tensor, Gain)> {
         let f32_offsets = |w: &Tensor| match w.dtype() {
-            candle_core::DType::F32 => Ok(norm::held(w)),
+            candle_core::DType::F32 => Ok(super::cast::held(w)),
             _ => super::cast::weight(w, candle_core::DType::F32),
         };
         match self.plus_one {

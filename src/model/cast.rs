@@ -59,7 +59,7 @@ pub fn unregister_copy(master: &Tensor, copy: &Tensor) {
 /// [`FrozenWeights`] scope, or every call outside one.
 pub fn weight(w: &Tensor, dtype: DType) -> Result<Tensor> {
     if w.dtype() == dtype {
-        return Ok(super::norm::held(w));
+        return Ok(held(w));
     }
     let copy = copies()
         .as_ref()
@@ -103,7 +103,7 @@ pub fn weight_if_kept(w: &Tensor, dtype: DType) -> Result<Tensor> {
             .is_some_and(|m| m.get(&w.id()).is_some_and(|c| c.dtype() == dtype));
     match kept || frozen() {
         true => weight(w, dtype),
-        false => Ok(super::norm::held(w)),
+        false => Ok(held(w)),
     }
 }
 
@@ -146,6 +146,16 @@ impl Drop for Untracked {
 /// Whether weights are read detached here: in generation or in an [`Untracked`] scope.
 pub fn untracked() -> bool {
     frozen() || UNTRACKED.get() > 0
+}
+
+/// A weight read as held (not cast to the compute dtype); detached in generation and in
+/// scoring ([`Untracked`]), which build no graph: a tracked weight would make a forward keep
+/// every activation computed from it until its output is dropped.
+pub fn held(w: &Tensor) -> Tensor {
+    match untracked() {
+        true => w.detach(),
+        false => w.clone(),
+    }
 }
 
 /// `parts` in `dtype` (each as [`weight`] gives it) stacked along their first dimension, built
@@ -289,11 +299,11 @@ mod tests {
             }
             assert!(!tracked(weight(w, DType::F32).unwrap()));
             assert!(!tracked(weight(w, DType::BF16).unwrap()));
-            assert!(!tracked(super::super::norm::held(w)));
+            assert!(!tracked(held(w)));
             assert!(!tracked(weight_if_kept(w, DType::BF16).unwrap()));
         }
         assert!(tracked(weight(w, DType::F32).unwrap()));
-        assert!(tracked(super::super::norm::held(w)));
+        assert!(tracked(held(w)));
         // And in generation's scope, the first read of a weight as well as the cached ones.
         let _frozen = FrozenWeights::enter();
         assert!(!tracked(weight(w, DType::F32).unwrap()));

@@ -195,10 +195,10 @@ impl Linear {
                     // fuses.
                     return match (act, ctx.kernels.gelu) {
                         (BiasAct::GeluTanh, KernelChoice::Reference) => gelu(
-                            &bias::fused(&y, &super::norm::held(b), BiasAct::Identity)?,
+                            &bias::fused(&y, &super::cast::held(b), BiasAct::Identity)?,
                             KernelChoice::Reference,
                         ),
-                        _ => bias::fused(&y, &super::norm::held(b), act),
+                        _ => bias::fused(&y, &super::cast::held(b), act),
                     }
                     .map_err(Into::into);
                 }

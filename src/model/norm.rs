@@ -4,6 +4,7 @@
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 
+use super::cast::held;
 use super::linear::Ctx;
 use crate::config::{ModelConfig, NormKind};
 use crate::kernels::layernorm::{self, layer_norm};
@@ -109,16 +110,6 @@ pub fn gain(plus_one: bool) -> Gain {
     match plus_one {
         true => Gain::PlusOne,
         false => Gain::AsIs,
-    }
-}
-
-/// A weight read as held (not cast to the compute dtype); detached in generation and in
-/// scoring ([`super::cast::Untracked`]), which build no graph: a tracked weight would make a
-/// forward keep every activation computed from it until its output is dropped.
-pub fn held(w: &Tensor) -> Tensor {
-    match super::cast::untracked() {
-        true => w.detach(),
-        false => w.clone(),
     }
 }
 

@@ -240,7 +240,7 @@ impl Transformer {
         let fused = embedding::fused_serves(self.embed.device(), choice);
         let read = |w: &Tensor| match (&self.lm_head, fused) {
             (None, true) => super::cast::weight_if_kept(w, ctx.dtype),
-            _ => Ok(super::norm::held(w)),
+            _ => Ok(super::cast::held(w)),
         };
         let table = read(&self.embed)?;
         let scale = (self.cfg.embed_scale).then(|| embed_scale(self.cfg.hidden_size, ctx.dtype));

@@ -103,13 +103,11 @@ impl Job<'_> {
         }
         let c = self.cfg;
         // NaN sampled NUL bytes, a negative temperature ran greedy and inf uniformly, unsaid.
-        let min = crate::config::MIN_TEMPERATURE;
-        let shown_f64 = crate::config::shown_f64;
-        if !(c.temperature == 0.0 || c.temperature.is_finite() && c.temperature >= min) {
+        if !crate::config::greedy_or_sampling(c.temperature) {
             bail!(
-                "generate: --temperature must be 0 (greedy) or a finite number of at least {}, got {}",
-                shown_f64(min),
-                shown_f64(c.temperature)
+                "generate: --temperature must be {}, got {}",
+                crate::config::greedy_or_sampling_words(),
+                crate::config::shown_f64(c.temperature)
             );
         }
         if !(c.top_p > 0.0 && c.top_p <= 1.0) {

@@ -77,8 +77,8 @@ impl FromConfig {
             Some(false) => Some(0.0),
             _ => within(
                 "temperature",
-                |t| t == 0.0 || t.is_finite() && t >= crate::config::MIN_TEMPERATURE,
-                "0 (greedy) or a finite number of at least 0.00001",
+                crate::config::greedy_or_sampling,
+                &crate::config::greedy_or_sampling_words(),
             )?,
         };
         Ok(Self {
