@@ -1,0 +1,93 @@
+//! clap's usage errors as one line, naming the flag a negative number was meant for.
+
+use super::Cli;
+
+/// A usage error of the command line `args` as one line, as temper's other errors are:
+/// clap's message with the details it sets on lines of their own (a missing argument, the
+/// possible values, a tip) and, for its usage block, a pointer to the help of the command
+/// given. A negative number given to a count or a seed is said as such (clap says "invalid
+/// digit found in string").
+pub fn usage_error_line(e: &clap::Error, args: &[std::ffi::OsString]) -> String {
+    let line = negative_count(e)
+        .or_else(|| negative_value(e, args))
+        .unwrap_or_else(|| {
+            let text = e.render().to_string();
+            let mut lines = text.lines();
+            let first = lines.next().unwrap_or_default();
+            let first = first.strip_prefix("error: ").unwrap_or(first).trim_end();
+            let details: Vec<&str> = lines
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .map(|l| l.trim().trim_start_matches('[').trim_end_matches(']'))
+                .filter(|l| !l.is_empty())
+                .collect();
+            match (details.is_empty(), first.ends_with(':')) {
+                (true, _) => first.to_string(),
+                (false, true) => format!("{first} {}", details.join(", ")),
+                (false, false) => format!("{first}; {}", details.join("; ")),
+            }
+        });
+    format!("{line} (see `{} --help`)", command_path(args))
+}
+
+/// clap takes a value such as `-1e-3`, `-.5` or a prompt "-1e5 is small" after a flag for a
+/// flag of its own, and says only that `-1` is unexpected: the flag and the `=` spelling that
+/// passes the value are named instead.
+fn negative_value(e: &clap::Error, args: &[std::ffi::OsString]) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    // What clap could not place ("-1" of "-1e-3"): the value after a flag that starts so.
+    let Some(ContextValue::String(unexpected)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let args: Vec<&str> = args.iter().filter_map(|a| a.to_str()).collect();
+    args.windows(2).find_map(|w| {
+        let (flag, value) = (w[0], w[1]);
+        let numeric = value
+            .strip_prefix('-')
+            .is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit() || c == '.'));
+        let placed = value.starts_with(unexpected.as_str());
+        (numeric && placed && flag.starts_with("--") && !flag.contains('=')).then(|| {
+            let quoted = match value.contains(' ') {
+                true => format!("'{value}'"),
+                false => value.to_string(),
+            };
+            format!(
+                "{flag} {quoted}: a value that starts with '-' and a digit or '.' is read as a \
+                 flag here; write it {flag}={quoted}"
+            )
+        })
+    })
+}
+
+fn negative_count(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::ValueValidation {
+        return None;
+    }
+    let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
+        e.get(ContextKind::InvalidArg),
+        e.get(ContextKind::InvalidValue),
+    ) else {
+        return None;
+    };
+    let negative = value.trim().parse::<f64>().is_ok_and(|v| v < 0.0);
+    let unsigned = std::error::Error::source(e).is_some_and(|s| s.is::<std::num::ParseIntError>());
+    (negative && unsigned)
+        .then(|| format!("invalid value '{value}' for '{arg}': a whole number, 0 or more"))
+}
+
+/// The (sub)command `args` name, as far as they name one: `temper tokenizer train`.
+fn command_path(args: &[std::ffi::OsString]) -> String {
+    let mut cmd = Cli::command_line();
+    let mut path = vec![cmd.get_name().to_string()];
+    for a in args.iter().skip(1) {
+        let Some(sub) = cmd.find_subcommand(a).cloned() else {
+            break;
+        };
+        path.push(sub.get_name().to_string());
+        cmd = sub;
+    }
+    path.join(" ")
+}

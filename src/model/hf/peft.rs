@@ -1,0 +1,236 @@
+//! PEFT LoRA adapter directories: the base they name, and their factors under temper's names.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use super::config::At;
+use super::names::{
+    gemma3_language_name, is_gemma3_vision, layer_of, llama_to_temper, qkv_rows, GPT2_CONV, QKV,
+};
+use super::{is_model_dir, Family, Head};
+use crate::json_error::json_error;
+
+/// A PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`):
+/// its base model's path, and its factors under temper's names (`model.layers.0.attn.q.lora_a`
+/// `[r, in]`, `..lora_b` `[out, r]`), each B scaled by its module's `lora_alpha / r` (the
+/// config's, or `alpha_pattern`'s and `rank_pattern`'s where they name the module). An adapter of TRL's
+/// RewardTrainer with a peft_config makes its base a one-label classifier, a reward model,
+/// whose new score head it saves whole (`modules_to_save`): task type `SEQ_CLS`, or none (the
+/// `LoraConfig(modules_to_save=["score"])` of TRL's documentation) beside a score head.
+pub struct PeftAdapter {
+    pub base: PathBuf,
+    pub tensors: HashMap<String, Tensor>,
+    pub head: Head,
+    /// A reward adapter's score head, under its Hugging Face names (`score.weight`
+    /// `[1, H]`, perhaps `score.bias`).
+    pub score: HashMap<String, Tensor>,
+}
+
+/// Whether `dir` is a PEFT adapter directory.
+pub fn is_peft_dir(dir: &Path) -> bool {
+    dir.join("adapter_config.json").is_file() && dir.join("adapter_model.safetensors").is_file()
+}
+
+/// Whether `dir` is a Hugging Face model or a PEFT adapter on one: a model trained elsewhere,
+/// never on the built-in task.
+pub fn is_pretrained_dir(dir: &Path) -> bool {
+    is_model_dir(dir) || is_peft_dir(dir)
+}
+
+/// The parsed `adapter_config.json` of the adapter directory `dir`, and its path.
+fn peft_config(dir: &Path) -> Result<(serde_json::Value, PathBuf)> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("{}: cannot read", cfg_path.display()))?;
+    let v = serde_json::from_str(&text).map_err(|e| json_error(&cfg_path, &text, &e))?;
+    Ok((v, cfg_path))
+}
+
+/// The base model directory an adapter names: `base_model_name_or_path`, relative to the
+/// current directory or to the adapter's.
+pub fn peft_base(dir: &Path) -> Result<PathBuf> {
+    let (v, cfg_path) = peft_config(dir)?;
+    base_named(dir, &v, &cfg_path)
+}
+
+/// [`peft_base`] of the adapter at `dir` whose `adapter_config.json` (at `cfg_path`) is `v`.
+fn base_named(dir: &Path, v: &serde_json::Value, cfg_path: &Path) -> Result<PathBuf> {
+    let at = At(cfg_path);
+    let named = v
+        .get("base_model_name_or_path")
+        .and_then(|b| b.as_str())
+        .map(PathBuf::from)
+        .ok_or_else(|| {
+            at.refuse(
+                "base_model_name_or_path",
+                "missing: the base model's directory is needed",
+            )
+        })?;
+    [named.clone(), dir.join(&named)]
+        .into_iter()
+        .find(|p| is_model_dir(p))
+        .ok_or_else(|| {
+            at.refuse(
+                "base_model_name_or_path",
+                format!("{} is not a Hugging Face model directory", named.display()),
+            )
+        })
+}
+
+pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
+    let (v, cfg_path) = peft_config(dir)?;
+    let at = At(&cfg_path);
+    if v.get("peft_type").and_then(|t| t.as_str()) != Some("LORA") {
+        return Err(at.refuse("peft_type", "only LORA adapters are read"));
+    }
+    for (flag, what) in [("use_dora", "DoRA"), ("use_rslora", "rsLoRA scaling")] {
+        if v.get(flag).and_then(|f| f.as_bool()) == Some(true) {
+            return Err(at.refuse(flag, format!("{what} is not implemented")));
+        }
+    }
+    // None where the adapter names no task: then its tensors decide.
+    let declared = match v.get("task_type").and_then(|t| t.as_str()) {
+        None => None,
+        Some("CAUSAL_LM") => Some(Head::Lm),
+        Some("SEQ_CLS") => Some(Head::Score),
+        Some(other) => {
+            return Err(at.refuse(
+                "task_type",
+                format!("`{other}`: CAUSAL_LM and SEQ_CLS (a reward model) adapters are read"),
+            ))
+        }
+    };
+    let r = at.need(v.get("r").and_then(|x| x.as_f64()), "r")?;
+    let alpha = at.need(v.get("lora_alpha").and_then(|x| x.as_f64()), "lora_alpha")?;
+    let ranks = ModulePattern::read(&v, "rank_pattern", &at)?;
+    let alphas = ModulePattern::read(&v, "alpha_pattern", &at)?;
+    let base = base_named(dir, &v, &cfg_path)?;
+    let file = dir.join("adapter_model.safetensors");
+    let raw = candle_core::safetensors::load(&file, device)
+        .with_context(|| format!("{}: cannot read", file.display()))?;
+    let (mut tensors, mut score) = (HashMap::new(), HashMap::new());
+    for (name, t) in raw {
+        let t = t.to_dtype(DType::F32)?;
+        let module = name.strip_prefix("base_model.model.");
+        if let Some(m) = module.filter(|m| declared != Some(Head::Lm) && m.starts_with("score.")) {
+            score.insert(m.to_string(), t);
+            continue;
+        }
+        let module = module.and_then(|m| m.rsplit_once(".lora_").map(|(m, _)| m));
+        let t = match (module, name.ends_with(".lora_B.weight")) {
+            (Some(m), true) => (t * (alphas.of(m).unwrap_or(alpha) / ranks.of(m).unwrap_or(r)))?,
+            _ => t,
+        };
+        let ours = peft_to_temper(&name, &t)
+            .with_context(|| format!("{}: tensor {name}", file.display()))?;
+        tensors.extend(ours);
+    }
+    let head = match declared {
+        Some(h) => h,
+        None if score.is_empty() => Head::Lm,
+        None => Head::Score,
+    };
+    if head == Head::Score && !score.contains_key("score.weight") {
+        bail!(
+            "{}: a SEQ_CLS adapter without its score head (base_model.model.score.weight): \
+             the classifier's head is not saved",
+            file.display()
+        );
+    }
+    Ok(PeftAdapter {
+        base,
+        tensors,
+        head,
+        score,
+    })
+}
+
+/// PEFT's `rank_pattern` or `alpha_pattern`: values for the modules whose names end in a key
+/// (a regular expression), the first such key deciding, as PEFT reads them.
+struct ModulePattern(Vec<(regex::Regex, f64)>);
+
+impl ModulePattern {
+    fn read(v: &serde_json::Value, field: &str, at: &At) -> Result<Self> {
+        let Some(map) = v.get(field).and_then(|p| p.as_object()) else {
+            return Ok(Self(Vec::new()));
+        };
+        let entries = map.iter().map(|(key, value)| {
+            let re = regex::Regex::new(&format!("^(.*\\.)?(?:{key})$"))
+                .map_err(|e| at.refuse(field, format!("key `{key}`: {e}")))?;
+            let value = value
+                .as_f64()
+                .ok_or_else(|| at.refuse(field, format!("key `{key}`: not a number")))?;
+            Ok((re, value))
+        });
+        Ok(Self(entries.collect::<Result<_>>()?))
+    }
+
+    /// The value for module `name` (`transformer.h.0.attn.c_attn`), if a key matches it.
+    fn of(&self, name: &str) -> Option<f64> {
+        self.0
+            .iter()
+            .find(|(re, _)| re.is_match(name))
+            .map(|(_, v)| *v)
+    }
+}
+
+/// `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` ->
+/// `model.layers.0.attn.q.lora_a`, and GPT-2's through [`gpt2_peft_to_temper`].
+pub(super) fn peft_to_temper(name: &str, t: &Tensor) -> Result<Vec<(String, Tensor)>> {
+    let rest = name
+        .strip_prefix("base_model.model.")
+        .context("not a PEFT LoRA tensor name")?;
+    let (module, factor) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
+        (m, "lora_a")
+    } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
+        (m, "lora_b")
+    } else {
+        bail!("not a LoRA factor (lora_A / lora_B)");
+    };
+    if let Some(gpt2) = module.strip_prefix("transformer.") {
+        return gpt2_peft_to_temper(gpt2, factor, t);
+    }
+    // LoRA factors sit on the projections, named alike in every llama-like family (in Gemma
+    // 3's image-and-text models, inside its language model).
+    if is_gemma3_vision(module) {
+        bail!("a LoRA factor of Gemma 3's vision tower: temper trains the language model alone");
+    }
+    let module = gemma3_language_name(module);
+    let ours = llama_to_temper(Family::Llama, &format!("{module}.weight"))?;
+    let ours = format!("{}.{factor}", ours.trim_end_matches(".weight"));
+    Ok(vec![(ours, t.clone())])
+}
+
+/// A PEFT factor of GPT-2's module `module` (`h.0.attn.c_attn`) under temper's names. PEFT
+/// keeps a Conv1D's factors in a linear layer's layout (A `[r, in]`, B `[out, r]`;
+/// `fan_in_fan_out` transposes only their product), so they map as they stand, except that
+/// c_attn's output rows are q's, k's and v's in turn: each of the three takes its third of B,
+/// with the whole A.
+fn gpt2_peft_to_temper(module: &str, factor: &str, t: &Tensor) -> Result<Vec<(String, Tensor)>> {
+    let (i, tail) = layer_of(module, "h.")
+        .context("not a LoRA factor of a GPT-2 layer (transformer.h.N....)")?;
+    let pre = format!("model.layers.{i}");
+    if tail == "attn.c_attn" {
+        let rows = t.dim(0)?;
+        if factor == "lora_b" && rows % 3 != 0 {
+            bail!("c_attn's lora_B has {rows} rows, not q's, k's and v's outputs in three equal parts");
+        }
+        let parts = match factor {
+            "lora_b" => qkv_rows(t, rows / 3)?,
+            _ => vec![t.clone(); 3],
+        };
+        let named = QKV.iter().zip(parts);
+        return Ok(named
+            .map(|(which, part)| (format!("{pre}.attn.{which}.{factor}"), part))
+            .collect());
+    }
+    match GPT2_CONV.iter().find(|(hf, _)| *hf == tail) {
+        Some((_, ours)) => Ok(vec![(format!("{pre}.{ours}.{factor}"), t.clone())]),
+        None => {
+            bail!("{tail}: LoRA on GPT-2 is read on c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj")
+        }
+    }
+}
