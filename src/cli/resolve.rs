@@ -44,7 +44,7 @@ fn warn_task_lr(cfg: &RunConfig, flag: bool, user: Option<&toml::Value>) {
 /// lower learning rate) and records them in config.toml, which then no longer says what the
 /// run's first part trained with: each change is said, with the value it replaces.
 fn note_resume_changes(run: &RunConfig, now: &RunConfig, dir: &Path) -> Result<()> {
-    pub(super) fn leaves(prefix: &str, v: &toml::Value, out: &mut Vec<(String, toml::Value)>) {
+    fn leaves(prefix: &str, v: &toml::Value, out: &mut Vec<(String, toml::Value)>) {
         match v {
             toml::Value::Table(t) => {
                 for (k, x) in t {
@@ -243,7 +243,7 @@ fn warn_unused_dropout(cfg: &RunConfig) {
 impl StageArgs {
     /// The flag this command line gave that sets the first key a validation error `e` names
     /// of those it set (`train.steps must be positive` for `--steps 0`).
-    pub(super) fn flag_setting(&self, e: &str) -> Option<&'static str> {
+    fn flag_setting(&self, e: &str) -> Option<&'static str> {
         let (beta, new_tokens) = (self.beta.is_some(), self.max_new_tokens.is_some());
         let given = [
             ("train.steps", "--steps", self.steps.is_some()),
@@ -477,7 +477,7 @@ impl StageArgs {
     /// A resumed run continues under what its checkpoint holds it to: its starting model, the
     /// seed and window its data position counts in, and its adapters. A flag that changes one
     /// is refused here, naming the run's value, rather than failing later on what it breaks.
-    pub(super) fn check_resume_flags(&self, run: &RunConfig, merged: &RunConfig) -> Result<()> {
+    fn check_resume_flags(&self, run: &RunConfig, merged: &RunConfig) -> Result<()> {
         let same = |a: &Path, b: &Path| {
             let real = |p: &Path| std::fs::canonicalize(p).ok();
             a == b || real(a).is_some_and(|a| Some(a) == real(b))

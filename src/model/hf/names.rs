@@ -138,7 +138,7 @@ pub(super) fn name_in_file(family: Family, canon: &str, like: &str) -> String {
 }
 
 /// GPT-2 buffers saved by older checkpoints: the causal mask, not weights.
-pub(super) fn is_buffer(family: Family, name: &str) -> bool {
+fn is_buffer(family: Family, name: &str) -> bool {
     match family {
         Family::Gpt2 => name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias"),
         _ => name.ends_with(".rotary_emb.inv_freq"),
@@ -187,7 +187,7 @@ pub(super) fn is_gemma3_vision(name: &str) -> bool {
     name.starts_with("vision_tower.") || name.starts_with("multi_modal_projector.")
 }
 
-pub(super) const LLAMA_LAYER: [(&str, &str); 11] = [
+const LLAMA_LAYER: [(&str, &str); 11] = [
     ("input_layernorm.weight", "attn_norm.weight"),
     ("post_attention_layernorm.weight", "mlp_norm.weight"),
     ("self_attn.q_proj.weight", "attn.q.weight"),
@@ -200,12 +200,12 @@ pub(super) const LLAMA_LAYER: [(&str, &str); 11] = [
     ("mlp.gate_proj.weight", "mlp.gate.weight"),
     ("mlp.up_proj.weight", "mlp.up.weight"),
 ];
-pub(super) const LLAMA_LAYER_MORE: [(&str, &str); 3] = [
+const LLAMA_LAYER_MORE: [(&str, &str); 3] = [
     ("mlp.down_proj.weight", "mlp.down.weight"),
     ("self_attn.q_norm.weight", "attn.q_norm.weight"),
     ("self_attn.k_norm.weight", "attn.k_norm.weight"),
 ];
-pub(super) const LLAMA_TOP: [(&str, &str); 3] = [
+const LLAMA_TOP: [(&str, &str); 3] = [
     ("model.embed_tokens.weight", "model.embed.weight"),
     ("model.norm.weight", "model.final_norm.weight"),
     ("lm_head.weight", "lm_head.weight"),
@@ -213,7 +213,7 @@ pub(super) const LLAMA_TOP: [(&str, &str); 3] = [
 
 /// Gemma's four norms a layer: Llama's `post_attention_layernorm` is the MLP's input norm,
 /// Gemma's the attention output's.
-pub(super) const GEMMA_NORMS: [(&str, &str); 4] = [
+const GEMMA_NORMS: [(&str, &str); 4] = [
     ("input_layernorm.weight", "attn_norm.weight"),
     ("post_attention_layernorm.weight", "attn_post_norm.weight"),
     ("pre_feedforward_layernorm.weight", "mlp_norm.weight"),
@@ -221,9 +221,7 @@ pub(super) const GEMMA_NORMS: [(&str, &str); 4] = [
 ];
 
 /// The per-layer name pairs of a llama-like `family`, its own first.
-pub(super) fn layer_names(
-    family: Family,
-) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+fn layer_names(family: Family) -> impl Iterator<Item = &'static (&'static str, &'static str)> {
     let own: &[(&str, &str)] = match family {
         Family::Gemma2 | Family::Gemma3 => &GEMMA_NORMS,
         _ => &[],
@@ -257,7 +255,7 @@ pub fn hf_name(family: Family, name: &str) -> Result<String> {
     }
 }
 
-pub(super) fn temper_to_llama(family: Family, name: &str) -> Result<String> {
+fn temper_to_llama(family: Family, name: &str) -> Result<String> {
     if let Some((hf, _)) = LLAMA_TOP.iter().find(|(_, ours)| *ours == name) {
         return Ok(hf.to_string());
     }
@@ -270,7 +268,7 @@ pub(super) fn temper_to_llama(family: Family, name: &str) -> Result<String> {
 }
 
 /// GPT-2's per-layer tensors that are renamed without reshaping.
-pub(super) const GPT2_LAYER: [(&str, &str); 4] = [
+const GPT2_LAYER: [(&str, &str); 4] = [
     ("ln_1.weight", "attn_norm.weight"),
     ("ln_1.bias", "attn_norm.bias"),
     ("ln_2.weight", "mlp_norm.weight"),
@@ -301,18 +299,14 @@ pub fn gpt2_conv_of(module: &str) -> Option<&'static str> {
         .map(|(hf, _)| *hf)
 }
 
-pub(super) const GPT2_TOP: [(&str, &str); 4] = [
+const GPT2_TOP: [(&str, &str); 4] = [
     ("wte.weight", "model.embed.weight"),
     ("wpe.weight", "model.pos_embed.weight"),
     ("ln_f.weight", "model.final_norm.weight"),
     ("ln_f.bias", "model.final_norm.bias"),
 ];
 
-pub(super) fn gpt2_to_temper(
-    name: &str,
-    t: &Tensor,
-    cfg: &ModelConfig,
-) -> Result<Vec<(String, Tensor)>> {
+fn gpt2_to_temper(name: &str, t: &Tensor, cfg: &ModelConfig) -> Result<Vec<(String, Tensor)>> {
     // `save_pretrained` of GPT2LMHeadModel prefixes `transformer.`; the original hub files
     // do not.
     let name = name.strip_prefix("transformer.").unwrap_or(name);
@@ -372,7 +366,7 @@ pub fn export_tensors(
     Ok(out)
 }
 
-pub(super) fn temper_to_gpt2(
+fn temper_to_gpt2(
     name: &str,
     t: &Tensor,
     all: &HashMap<String, Tensor>,
@@ -400,7 +394,7 @@ pub(super) fn temper_to_gpt2(
 /// Where temper's GPT-2 tensor `name` goes in a Hugging Face file (less `transformer.`): its
 /// name there, and whether it is a Conv1D weight, stored `[in, out]`. None for k and v,
 /// which join q in `c_attn`.
-pub(super) fn gpt2_place(name: &str) -> Result<Option<(String, bool)>> {
+fn gpt2_place(name: &str) -> Result<Option<(String, bool)>> {
     if let Some((hf, _)) = GPT2_TOP.iter().find(|(_, ours)| *ours == name) {
         return Ok(Some((hf.to_string(), false)));
     }

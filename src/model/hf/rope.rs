@@ -13,7 +13,7 @@ impl HfConfig {
     /// The rotary settings of one kind of layer: Gemma 3's entry for `full_attention` or
     /// `sliding_attention` in `rope_parameters`; elsewhere the whole object, which a
     /// `rope_scaling` that says anything replaces, as transformers reads them.
-    pub(super) fn rope_params(&self, family: Family, kind: &str) -> Option<&serde_json::Value> {
+    fn rope_params(&self, family: Family, kind: &str) -> Option<&serde_json::Value> {
         if family == Family::Gemma3 {
             return self.rope_parameters.as_ref()?.get(kind);
         }
@@ -142,7 +142,7 @@ impl HfConfig {
     }
 
     /// The field the rotary settings of [`Self::rope_params`] come from.
-    pub(super) fn rope_field(&self, family: Family) -> &'static str {
+    fn rope_field(&self, family: Family) -> &'static str {
         let scaling = self.rope_scaling.as_ref();
         let read = match family {
             Family::Gemma3 => scaling.is_some(),
@@ -157,7 +157,7 @@ impl HfConfig {
 
 /// Whether a JSON value is one Python counts as true (not null, not an empty object), as
 /// transformers asks of `rope_scaling` before it takes it over `rope_parameters`.
-pub(super) fn says_anything(v: &serde_json::Value) -> bool {
+fn says_anything(v: &serde_json::Value) -> bool {
     !v.is_null() && v.as_object().is_none_or(|o| !o.is_empty())
 }
 
@@ -165,7 +165,7 @@ pub(super) fn says_anything(v: &serde_json::Value) -> bool {
 /// `default`, as where it names neither), refused by `field` where temper does not implement
 /// it. Llama 3's scaling counts from the context (`ctx`) where it names no
 /// `original_max_position_embeddings`, as transformers fills it in.
-pub(super) fn parse_scaling(
+fn parse_scaling(
     v: &serde_json::Value,
     at: &At,
     field: &str,
