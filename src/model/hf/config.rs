@@ -24,7 +24,8 @@ pub struct HfConfig {
     pub(super) architectures: Option<Vec<String>>,
     /// A classifier's labels: a reward model has one.
     pub(super) id2label: Option<serde_json::Map<String, serde_json::Value>>,
-    /// The reward bias temper's export keeps beside the classifier ([`SCORE_BIAS_FIELD`]).
+    /// The reward bias temper's export keeps beside the classifier
+    /// ([`SCORE_BIAS_FIELD`](super::SCORE_BIAS_FIELD)).
     pub(super) temper_score_bias: Option<f32>,
     pub(super) num_labels: Option<usize>,
     /// A classifier scores each sequence at its last token that is not this id (some older

@@ -1,14 +1,18 @@
-//! Hugging Face model directories in and out: `config.json` (read through its own serde
-//! struct, then converted to [`ModelConfig`]), `model.safetensors` or shards listed in
-//! `model.safetensors.index.json` (memory-mapped, read tensor by tensor), for the families
-//! `llama` (Llama 3's `rope_scaling` included), `qwen2` (bias on q/k/v), `qwen3` (RMSNorm of
-//! each head's q and k), `mistral` (a sliding window), `smollm3` (Llama's layout with every
-//! fourth layer's rotary positions left out), `gemma3_text` (Gemma 3's text model: norms
-//! after each branch with gains held as offsets from one, GeGLU, a scaled embedding, and
-//! sliding layers with a rotary base of their own) and `gpt2`; sliding windows where the family has
-//! them (`sliding_window`, `use_sliding_window`, `max_window_layers`, `layer_types`)
-//! (Conv1D weights stored `[in, out]`, q/k/v fused in `c_attn`, learned positions). Names are
-//! translated both ways, so `export --format hf` writes back exactly what was read.
+//! Hugging Face model directories in and out, for the families `llama` (Llama 3's
+//! `rope_scaling` included), `qwen2` (bias on q/k/v), `qwen3` (RMSNorm of each head's q and k),
+//! `mistral` (a sliding window), `smollm3` (Llama's layout with every fourth layer's rotary
+//! positions left out), `gemma2` and `gemma3_text` (norms after each branch with gains held as
+//! offsets from one, GeGLU, a scaled embedding, sliding layers) and `gpt2` (Conv1D weights stored
+//! `[in, out]`, q/k/v fused in `c_attn`, learned positions):
+//! - `config.rs` reads `config.json` through its own serde struct into a
+//!   [`ModelConfig`](crate::config::ModelConfig), with `rope.rs` (rotary settings) and
+//!   `windows.rs` (sliding and NoPE layers);
+//! - `import.rs` reads `model.safetensors` or the shards `model.safetensors.index.json` lists
+//!   (memory-mapped, tensor by tensor), every name and shape checked first;
+//! - `names.rs` translates names and shapes both ways, so `export --format hf` writes back
+//!   exactly what was read, and `config_json.rs` writes `config.json`;
+//! - `score.rs` holds a reward model's head as a one-label classifier does; `peft.rs` reads PEFT
+//!   LoRA adapter directories.
 
 mod config;
 mod config_json;
