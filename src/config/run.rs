@@ -629,8 +629,6 @@ impl RunConfig {
         Ok(())
     }
 
-    /// DAPO normalises by the tokens of a whole optimizer step, which it can count only when
-    /// every step's `grad_accum` minibatches come from one rollout.
     /// The RL stages' minibatches per rollout, with their loss type and table name.
     fn rollout_minibatches(&self) -> Option<(LossType, usize, &'static str)> {
         Some(match self.stage {
@@ -653,6 +651,9 @@ impl RunConfig {
         })
     }
 
+    /// DAPO normalises by the tokens of a whole optimizer step, which it can count only when
+    /// every step's `grad_accum` minibatches come from one rollout; Dr. GRPO by a minibatch's
+    /// responses, which a short last minibatch would make unequal.
     fn check_rollout_minibatches(&self) -> Result<()> {
         let Some((loss, batches, table)) = self.rollout_minibatches() else {
             return Ok(());
