@@ -690,23 +690,85 @@ fn shared_opening<T: PartialEq>(a: &[T], b: &[T], is_space: impl Fn(&T) -> bool)
     (at > 0).then_some(at)
 }
 
-/// A conversational prompt rendered ready for the assistant's reply.
+/// A conversational prompt rendered ready for the assistant's reply. A prompt whose last
+/// message is the assistant's is continued rather than closed: the reply goes on from that
+/// message's text (a prefilled answer, "Let me think"), as TRL renders such prompts
+/// (transformers' `continue_final_message`), where opening a new turn after it would train
+/// and sample a different conversation than the one written.
 pub(crate) fn render_prompt(at: &Loc, msgs: &Value, chat: Option<&Chat>) -> Result<String> {
     let (list, fields) = message_fields(at, "prompt", msgs, chat.is_some())?;
-    if fields.is_empty() {
+    let Some(&(last_role, _)) = fields.last() else {
         return Err(at.field("prompt", "empty"));
+    };
+    let owned = |fields: &[(&str, &str)]| -> Vec<(String, String)> {
+        fields
+            .iter()
+            .map(|(r, c)| (r.to_string(), c.to_string()))
+            .collect()
+    };
+    let render = |t: &Chat, open: bool| {
+        t.render(list, open)
+            .map_err(|e| at.field("prompt", &format!("{e:#}")))
+    };
+    if last_role != "assistant" {
+        return match chat {
+            Some(t) => render(t, true),
+            None => Ok(render_chat_prompt(&owned(&fields))),
+        };
     }
+    let last = &list[fields.len() - 1];
+    let field = format!("prompt[{}].content", fields.len() - 1);
+    let text = final_text(last).ok_or_else(|| {
+        at.field(
+            &field,
+            "a prompt that ends with an assistant message is continued from its text, and this one has none",
+        )
+    })?;
     match chat {
-        Some(t) => t
-            .render(list, true)
-            .map_err(|e| at.field("prompt", &format!("{e:#}"))),
-        None => Ok(render_chat_prompt(
-            &fields
-                .iter()
-                .map(|(r, c)| (r.to_string(), c.to_string()))
-                .collect::<Vec<_>>(),
-        )),
+        Some(t) => continued(&render(t, false)?, text).ok_or_else(|| {
+            at.field(
+                &field,
+                "the chat template's rendering of the prompt does not hold this text, so it cannot be continued",
+            )
+        }),
+        None => {
+            let (head, tail) = fields.split_at(fields.len() - 1);
+            let mut out = render_chat_prompt(&owned(head));
+            out.push_str(tail[0].1);
+            // render_chat_prompt opened an assistant turn after the earlier messages; the
+            // final message's own header is that one.
+            Ok(out)
+        }
     }
+}
+
+/// The text a continued final message ends with: its string content, or the last text part
+/// of a list of parts.
+fn final_text(m: &Value) -> Option<&str> {
+    let text = match m.get("content")? {
+        Value::String(s) => s.as_str(),
+        Value::Array(parts) => parts
+            .iter()
+            .rev()
+            .find_map(|p| p.get("text").and_then(Value::as_str))?,
+        _ => return None,
+    };
+    (!text.trim().is_empty()).then_some(text)
+}
+
+/// `rendered` (a conversation closed after its final message) cut just after that message's
+/// `text`, so that generation continues it. Templates may trim a message's surrounding
+/// whitespace: the cut is after the text's last occurrence, keeping its trailing whitespace
+/// only where the rendering kept it.
+fn continued(rendered: &str, text: &str) -> Option<String> {
+    let core = text.trim();
+    let at = rendered.rfind(core)?;
+    let kept = text.trim_start();
+    let end = match rendered[at..].starts_with(kept) {
+        true => at + kept.len(),
+        false => at + core.len(),
+    };
+    Some(rendered[..end].to_string())
 }
 
 /// The text an assistant reply (`reply`, the record's `field`: a one-message list) adds
@@ -1762,6 +1824,88 @@ mod tests {
             ));
             assert!(e.contains("bad.jsonl:1") && e.contains(says), "{bad}: {e}");
         }
+    }
+
+    /// A prompt ending with the assistant's message is continued from its text, as TRL
+    /// renders it (transformers' continue_final_message), by either template; one whose last
+    /// message has no text, or whose template drops it, is refused by field.
+    #[test]
+    fn a_prompt_ending_with_the_assistants_message_is_continued() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = file(
+            &dir,
+            "p.jsonl",
+            concat!(
+                r#"{"prompt": [{"role": "user", "content": "2+4?"}, {"role": "assistant", "content": "Let me see:"}]}"#,
+                "\n",
+                r#"{"prompt": [{"role": "assistant", "content": "I"}]}"#,
+                "\n"
+            ),
+        );
+        let prompts = |t: Option<&ChatTemplate>| -> Vec<String> {
+            load_prompts_templated(&p, t)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.prompt)
+                .collect()
+        };
+        assert_eq!(
+            prompts(None),
+            [
+                "<|user|>\n2+4?\n<|assistant|>\nLet me see:",
+                "<|assistant|>\nI"
+            ]
+        );
+        assert_eq!(
+            prompts(Some(&bracketed())),
+            ["[user]2+4?<end>[assistant]Let me see:", "[assistant]I"]
+        );
+        // Trailing whitespace stays where the template kept it, and goes where it trimmed.
+        assert_eq!(continued("[a]so <end>", "so ").as_deref(), Some("[a]so "));
+        assert_eq!(continued("[a]so<end>", "so ").as_deref(), Some("[a]so"));
+        assert_eq!(continued("[a]x<end>", "so"), None);
+        // A preference pair after a continued prompt: each reply is what follows it.
+        let pairs = file(
+            &dir,
+            "pairs.jsonl",
+            concat!(
+                r#"{"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "A:"}], "#,
+                r#""chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}"#,
+                "\n"
+            ),
+        );
+        let x = &load_preferences_templated(&pairs, Some(&bracketed())).unwrap()[0];
+        assert_eq!(
+            (x.prompt.as_str(), x.chosen.as_str()),
+            ("[user]q<end>[assistant]A:", "<end>[assistant]4<end>")
+        );
+        let refused = |body: &str, t: Option<&ChatTemplate>| {
+            let bad = file(&dir, "bad.jsonl", body);
+            load_prompts_templated(&bad, t).unwrap_err().to_string()
+        };
+        let e = refused(
+            r#"{"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}"#,
+            None,
+        );
+        assert!(
+            e.contains("bad.jsonl:1") && e.contains("prompt[1].content"),
+            "{e}"
+        );
+        let silent = ChatTemplate::from_source(
+            "{% for m in messages %}[{{ m.role }}]<end>{% endfor %}".into(),
+            String::new(),
+            String::new(),
+            Path::new("t.jinja"),
+        )
+        .unwrap();
+        let e = refused(
+            r#"{"prompt": [{"role": "assistant", "content": "so"}]}"#,
+            Some(&silent),
+        );
+        assert!(
+            e.contains("prompt[0].content") && e.contains("cannot be continued"),
+            "{e}"
+        );
     }
 
     #[test]
