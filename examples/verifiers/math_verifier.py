@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """A verifiable reward for math answers, for `temper ppo|grpo --reward cmd:...` or `--reward http://...`.
 
-Each request is a JSON object: the prompt record's fields (so its "answer"), plus "prompt" and
-"response". The reward is 1.0 when the response's final answer equals the record's "answer",
+Each request is a JSON object: the prompt record's fields (so its "answer"), "prompt" and
+"completion" as TRL passes them to a reward function, "response" (the completion's text) and
+"prompt_text" (the prompt as rendered). The reward is 1.0 when the response's final answer equals the record's "answer",
 else 0.0. The final answer is the content of the last \\boxed{...} in the response if there is
 one, else its last number. Numbers compare as numbers (so "12", "12.0" and "1,2"-free "12"
 agree); anything else compares as trimmed text.

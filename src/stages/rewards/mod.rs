@@ -199,8 +199,12 @@ fn task_scores(batch: &Batch) -> Result<Vec<f64>> {
         .collect()
 }
 
-/// The payload an external reward sees per response: the prompt record's fields (its
-/// `answer` included), with `prompt` and `response`.
+/// The payload an external reward sees per response, shaped as TRL hands its reward
+/// functions their arguments, so that one ported from TRL reads what it read there: the
+/// prompt record's fields (its `answer` included), `prompt` as the record wrote it (a string,
+/// or a conversation's list of messages), `completion` as TRL's `completions` (the text, or
+/// for a conversation `[{"role": "assistant", "content": text}]`), `response` (the text) and
+/// `prompt_text` (the prompt as the model read it, rendered by its chat template).
 fn requests(batch: &Batch) -> Vec<Value> {
     batch
         .records
@@ -211,8 +215,16 @@ fn requests(batch: &Batch) -> Vec<Value> {
             if let Some(a) = &p.answer {
                 m.entry("answer").or_insert_with(|| Value::from(a.clone()));
             }
-            m.insert("prompt".into(), Value::from(p.prompt.clone()));
-            m.insert("response".into(), Value::from(t.clone()));
+            let text = Value::from(t.clone());
+            let completion = match m.get("prompt") {
+                Some(Value::Array(_)) => serde_json::json!([{"role": "assistant", "content": t}]),
+                _ => text.clone(),
+            };
+            m.entry("prompt")
+                .or_insert_with(|| Value::from(p.prompt.clone()));
+            m.insert("prompt_text".into(), Value::from(p.prompt.clone()));
+            m.insert("completion".into(), completion);
+            m.insert("response".into(), text);
             Value::Object(m)
         })
         .collect()
@@ -269,6 +281,56 @@ pub fn check_prompts(rewards: &RewardFn, prompts: &[PromptRecord]) -> Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request carries the prompt as its record wrote it and the completion as TRL hands
+    /// them to a reward function, with the text forms beside them.
+    #[test]
+    fn requests_read_as_trls_reward_arguments() {
+        let record = |prompt: Value, rendered: &str| {
+            let mut fields = Map::new();
+            fields.insert("prompt".into(), prompt);
+            fields.insert("solution".into(), "6".into());
+            PromptRecord {
+                prompt: rendered.into(),
+                answer: None,
+                fields,
+                origin: None,
+                templated: false,
+            }
+        };
+        let chat = serde_json::json!([{"role": "user", "content": "2+4?"}]);
+        let records = [
+            record(chat.clone(), "<|user|>\n2+4?\n<|assistant|>\n"),
+            record("2+4=".into(), "2+4="),
+        ];
+        let texts = ["6".to_string(), "6".to_string()];
+        let seqs = [vec![], vec![]];
+        let got = requests(&Batch {
+            records: &records,
+            seqs: &seqs,
+            texts: &texts,
+        });
+        assert_eq!(
+            got[0],
+            serde_json::json!({
+                "prompt": chat,
+                "solution": "6",
+                "completion": [{"role": "assistant", "content": "6"}],
+                "response": "6",
+                "prompt_text": "<|user|>\n2+4?\n<|assistant|>\n",
+            })
+        );
+        assert_eq!(
+            got[1],
+            serde_json::json!({
+                "prompt": "2+4=",
+                "solution": "6",
+                "completion": "6",
+                "response": "6",
+                "prompt_text": "2+4=",
+            })
+        );
+    }
 
     /// A reply's reward is a finite number, or null for a response it does not apply to (NaN
     /// here); anything else is refused naming where it came from.
