@@ -127,7 +127,8 @@ pub struct StageArgs {
     /// start from (pretrain: continued pretraining).
     #[arg(long)]
     pub init: Option<PathBuf>,
-    /// Data file or directory; the built-in task when absent.
+    /// The training data: a JSONL file (pretraining: text or JSONL files, or a directory of
+    /// them); the built-in task when absent.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Held-out data, in --data's form (a corpus or token shards for pretrain, records for

@@ -221,7 +221,12 @@ fn sft_example(
             ))
         }
         (false, true) => "completion",
-        _ => "response",
+        (true, false) => "response",
+        // Named by TRL's name: a record that gives neither is most likely TRL's.
+        (false, false) if obj.contains_key("prompt") && !obj.contains_key("messages") => {
+            return Err(at.field("completion", "missing (or \"response\", its other name)"))
+        }
+        (false, false) => "response",
     };
     let plain = obj.contains_key("prompt") || obj.contains_key(reply);
     // TRL's order: a prompt, else messages, else text (a rendered `text` column beside
@@ -252,7 +257,7 @@ fn sft_example(
         }
         (None, false) => Err(at.field(
             "prompt",
-            "missing (a record needs \"prompt\" and \"response\", or \"messages\")",
+            "missing (a record needs \"prompt\" and \"completion\" (or \"response\"), \"messages\", or \"text\")",
         )),
         (None, true) => {
             let mut ex = match obj.get("prompt").filter(|v| v.is_array()) {
@@ -988,6 +993,9 @@ pub(crate) fn kind(v: &Value) -> &'static str {
 
 /// Reads a whole UTF-8 text file; errors name the file, and for invalid UTF-8 the line too.
 pub(crate) fn read_text(path: &Path) -> Result<String> {
+    if path.is_dir() {
+        bail!("{}: a directory, where one file is read", path.display());
+    }
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     match String::from_utf8(bytes) {
         Ok(mut s) => {
@@ -1393,7 +1401,7 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             (
                 r#"{"prompt": "x"}"#,
-                "f.jsonl:1: field \"response\": missing",
+                "f.jsonl:1: field \"completion\": missing (or \"response\"",
             ),
             (
                 r#"{"response": "x"}"#,
@@ -1496,7 +1504,9 @@ mod tests {
             "x.jsonl",
             &format!("{ok}\r\n\r\n{{\"prompt\": \"a\"}}\r\n"),
         );
-        assert!(err(load_sft(&p)).ends_with("x.jsonl:3: field \"response\": missing"));
+        assert!(err(load_sft(&p)).ends_with(
+            "x.jsonl:3: field \"completion\": missing (or \"response\", its other name)"
+        ));
         let p = file(&d, "x.jsonl", &format!("{ok}\n[1, 2]\n"));
         assert!(err(load_sft(&p)).ends_with("x.jsonl:2: expected a JSON object, got an array"));
         // Python's json keeps the last of a repeated key, and so would serde_json: refused.

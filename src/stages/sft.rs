@@ -342,7 +342,7 @@ fn pack(
     if let Some(i) = sizes.iter().position(|&n| n > seq_len) {
         let place = place(&xs[i].origin, "training example", i);
         bail!(
-            "{place}: {} tokens take {} positions, more than a packed row of [train] seq_len = {seq_len} holds; raise seq_len (up to the model's context, {ctx_len}) or turn [sft] packing off",
+            "{place}: {} tokens take {} positions, more than a packed row of [train] seq_len = {seq_len} holds; raise seq_len (up to the model's context, {ctx_len}), cut or leave out such records ([data] truncation = \"keep_end\", \"keep_start\" or \"drop\"), or turn [sft] packing off",
             sizes[i] + 1,
             sizes[i]
         );

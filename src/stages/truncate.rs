@@ -72,8 +72,10 @@ impl Fitter {
             .collect();
         match self.how {
             Truncation::Error => bail!(
-                "{}: {longest} tokens, more than the {max} that fit the model's context of {context} (the last token is only a target) ([data] truncation = \"keep_end\", \"keep_start\" or \"drop\" fits such records instead)",
-                place()
+                "{}: {longest} tokens, more than the {max} that fit the model's context of {context}{} ([data] truncation = \"keep_end\", \"keep_start\" or \"drop\" fits such records instead)",
+                place(),
+                // A language model's last token is only ever a target; a scorer reads every one.
+                if max > context { " (the last token is only a target)" } else { "" }
             ),
             Truncation::Drop => {
                 self.dropped += 1;
