@@ -156,7 +156,25 @@ fn encode_pairs(
         }
     }
     fit.say(env);
+    if let Some(line) = margin_note(pairs, env.cfg.reward.margin, what) {
+        if env.comm.rank() == 0 {
+            errln!("{line}");
+        }
+    }
     Ok(out)
+}
+
+/// Said where some of a file's pairs give their own margin and others none: those take
+/// `[reward] margin`, which a file that meant every pair to carry one would not expect (TRL
+/// stops at such a gap in its column).
+fn margin_note(pairs: &[PreferencePair], default: f64, what: &str) -> Option<String> {
+    let without = pairs.iter().filter(|p| p.margin.is_none()).count();
+    (without > 0 && without < pairs.len()).then(|| {
+        format!(
+            "[reward] {without} of {} {what} pairs give no \"margin\": they take [reward] margin = {default}",
+            pairs.len()
+        )
+    })
 }
 
 struct RewardTask<'a> {
@@ -387,6 +405,32 @@ mod tests {
     use crate::model::linear::Ctx;
     use crate::train::params::Net;
     use crate::train::rng::Rng;
+
+    /// A file whose pairs give margins to some and none to others is told which take the
+    /// default; all or none giving one is no news.
+    #[test]
+    fn pairs_without_a_margin_among_some_with_one_are_counted() {
+        let pair = |margin| PreferencePair {
+            prompt: "p".into(),
+            chosen: "c".into(),
+            rejected: "r".into(),
+            append_eos: true,
+            origin: None,
+            margin,
+        };
+        let some = [pair(Some(1.5)), pair(None), pair(None)];
+        assert_eq!(
+            margin_note(&some, 0.0, "training").as_deref(),
+            Some(
+                "[reward] 2 of 3 training pairs give no \"margin\": they take [reward] margin = 0"
+            )
+        );
+        assert_eq!(
+            margin_note(&[pair(None), pair(None)], 0.0, "training"),
+            None
+        );
+        assert_eq!(margin_note(&[pair(Some(1.0))], 0.0, "training"), None);
+    }
 
     /// Bradley-Terry with a margin, and TRL's centring term, against numbers worked by hand.
     #[test]
