@@ -16,7 +16,7 @@ macro_rules! errln {
 static FOLLOWER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Marks this process as a data-parallel rank other than 0: rank 0 already gives the
-/// warnings about the run's settings that every rank would find ([`warnln!`]).
+/// warnings about the run's settings that every rank would find (`warnln!`).
 pub fn set_follower(on: bool) {
     FOLLOWER.store(on, std::sync::atomic::Ordering::Relaxed);
 }

@@ -106,6 +106,8 @@ pub enum Command {
     Tokenizer(TokenizerCmd),
 }
 
+// clap prints these doc comments as --help, where `[model]` is a TOML table, not a link.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Args, Debug, Clone, Default)]
 pub struct StageArgs {
     /// TOML file with [model], [train], [lora], [data], [sft], [reward], [ppo], [dpo], [kto],
@@ -325,6 +327,8 @@ pub struct LaunchArgs {
     pub command: Vec<String>,
 }
 
+// As StageArgs: clap prints these docs, where `[:WEIGHT]` is an optional suffix, not a link.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// A checkpoint, run directory, Hugging Face model directory or PEFT adapter directory.

@@ -70,7 +70,7 @@ pub enum Tokenizer {
 
 /// What a model directory says about special tokens besides `tokenizer.json`: the stop ids of
 /// `generation_config.json` (`eos_token_id`, one id or a list: Llama 3 stops on both
-/// `<|end_of_text|>` and `<|eot_id|>`), and the files around it (see [`CARRIED`]), kept to
+/// `<|end_of_text|>` and `<|eot_id|>`), and the files around it (see `CARRIED`), kept to
 /// write back.
 #[derive(Clone, Debug, Default)]
 pub struct Specials {
@@ -80,13 +80,13 @@ pub struct Specials {
     /// Whether `tokenizer_config.json` names the padding token (`pad_token`), rather than
     /// temper choosing one.
     pub pad_named: bool,
-    /// `(path relative to the directory, text)` of each file of [`CARRIED`] it has, and of its
+    /// `(path relative to the directory, text)` of each file of `CARRIED` it has, and of its
     /// named chat templates.
     pub files: Vec<(String, String)>,
     /// The special tokens the tokenizer's post-processor puts before a text (Llama's and
     /// Mistral's BOS; none for Qwen or GPT-2), as transformers' `tokenizer(text)` adds them:
     /// BOS or nothing as `add_bos_token` says where `tokenizer_config.json` sets it or
-    /// `add_eos_token` (see [`flagged_opening`]).
+    /// `add_eos_token` (see `flagged_opening`).
     pub opening: Vec<u32>,
 }
 
@@ -585,7 +585,7 @@ impl Tokenizer {
         Self::bytes_with(files)
     }
 
-    /// The text of a file carried beside `tokenizer.json` (see [`CARRIED`]; the byte
+    /// The text of a file carried beside `tokenizer.json` (see `CARRIED`; the byte
     /// tokenizer's chat template files, see [`Tokenizer::BytesWithTemplate`]), where it has it.
     pub fn carried(&self, name: &str) -> Option<&str> {
         self.files()

@@ -1,7 +1,7 @@
 //! Data parallelism: where a process sits in a job ([`Rank`], from torchrun's or SLURM's
 //! environment), the collective operations the training loop needs ([`Communicator`]), and
 //! three backends for them:
-//! - [`nccl::NcclGroup`] (feature `nccl`): one process per GPU, NCCL collectives on candle's
+//! - `nccl::NcclGroup` (feature `nccl`): one process per GPU, NCCL collectives on candle's
 //!   stream, its unique id handed out by rank 0 over TCP ([`rendezvous`]);
 //! - [`tcp::TcpGroup`]: CPU processes (torchrun-style runs without a GPU, `temper launch` on a
 //!   CPU), collectives relayed through rank 0 over the same TCP connections;

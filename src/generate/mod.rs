@@ -2,9 +2,9 @@
 //! evaluation and every RL stage.
 //!
 //! Per call: prompts repeated back to back (a GRPO/RLOO group) are prefilled once and their
-//! cache rows copied on the device ([`prefill`]); each step samples every active row on the
+//! cache rows copied on the device (`prefill`); each step samples every active row on the
 //! device ([`crate::kernels::sample`]) and only the chosen ids come to the host; rows that have
-//! finished leave the batch once enough of them have ([`engine`]). Each row's uniforms are
+//! finished leave the batch once enough of them have (`engine`). Each row's uniforms are
 //! keyed by (seed, global row id, position), so the random stream a row sees does not depend
 //! on the batch, the rank, or whether compaction and shared prefill are on. On the CPU its
 //! tokens are then bit-identical too (tested); on a GPU the logits themselves round

@@ -57,7 +57,7 @@ fn reference_recorded(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(y)
 }
 
-/// The gradients of [`reference`]'s `y = x W^T` for `dy` (`[..., N]`) with candle's matmul:
+/// The gradients of [`reference()`]'s `y = x W^T` for `dy` (`[..., N]`) with candle's matmul:
 /// `(dy W, dy^T x)`, each `None` where `want` says its operand needs none.
 pub fn reference_grads(
     dy: &Tensor,

@@ -23,7 +23,7 @@ pub type Encoded = (Vec<u32>, Vec<bool>);
 /// tokenised once, as transformers tokenises a rendered conversation: a SentencePiece
 /// tokenizer (Llama 2's prepended `▁`, Mistral's `Metaspace`) splits text differently at the
 /// start of an encoding, so segments encoded one by one would get ids the model never saw.
-/// See [`encode_run`] for which of those tokens carry loss.
+/// See `encode_run` for which of those tokens carry loss.
 pub fn encode_example(tok: &Tokenizer, ex: &SftExample) -> Result<Encoded> {
     let mut ids = Vec::new();
     let mut train = Vec::new();

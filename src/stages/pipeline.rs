@@ -7,7 +7,7 @@
 //! (`pretrain`, `sft`, `reward`, `ppo`, and `--with`'s `dpo` ... `distill`), each laid over
 //! that step's configuration as a stage's own `--config` is: `[pretrain.train]`, `[sft.lora]`,
 //! `[ppo.ppo]`, `[rloo.grpo]`. There is no table shared by every step. The whole file is
-//! checked before any step runs ([`check_config`]): a top-level table that names no step, a key
+//! checked before any step runs (`check_config`): a top-level table that names no step, a key
 //! its stage does not know, a value of the wrong type and a value the stage refuses are each
 //! named by the file's line. A step's table the run does not select (`[dpo]` without `--with
 //! dpo`) is checked as well, so one file may serve several pipelines, and is said not to run.
@@ -120,7 +120,7 @@ pub struct PipelineOptions {
     pub config: Option<PathBuf>,
     /// Start over where `out` holds an earlier pipeline's runs (else it is refused).
     pub overwrite: bool,
-    /// Continue the pipeline in `out` ([`resume_step`]).
+    /// Continue the pipeline in `out` (`resume_step`).
     pub resume: bool,
 }
 

@@ -109,7 +109,7 @@ impl RolloutDocs {
         })
     }
 
-    /// Rows `idx` packed as [`Self::plan`] lays them out, their responses picked out to
+    /// Rows `idx` packed as `Self::plan` lays them out, their responses picked out to
     /// `resp_len` slots; None where the padded layout is no larger.
     pub fn pack(
         &self,

@@ -343,7 +343,7 @@ pub fn encode_prompts(
 }
 
 /// PPO's and GRPO's training and held-out prompts ([`prompt_sets`]) fitted to the context
-/// with room for `new_tokens` ([`fit_prompts`]), each set checked by `check` (that the
+/// with room for `new_tokens` (`fit_prompts`), each set checked by `check` (that the
 /// reward sources find what they need).
 pub fn rollout_prompt_sets(
     env: &Env,

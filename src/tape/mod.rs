@@ -362,7 +362,7 @@ pub fn record_owned(
 
 /// Records an op of one output whose backward returns buffers of its own and adds its
 /// gradient of input `into` into the gradient that input already has, when handed one (see
-/// [`Record::into`]): the handed gradient may be in another dtype than the one returned.
+/// `Record::into`): the handed gradient may be in another dtype than the one returned.
 pub fn record_into(
     inputs: &[&Tensor],
     output: &Tensor,

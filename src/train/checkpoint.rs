@@ -185,7 +185,7 @@ pub fn missing_latest(run_dir: &Path, target: &Path) -> String {
 }
 
 /// Renames checkpoint `dir` that does not load to `step-N.corrupt` (`.corrupt-2`, ... where
-/// that is taken): out of [`complete_steps`], so that it is neither tried again nor pruned,
+/// that is taken): out of `complete_steps`, so that it is neither tried again nor pruned,
 /// and kept for a look. Returns the new path.
 pub fn set_aside(dir: &Path) -> Result<PathBuf> {
     let name = dir.file_name().unwrap_or_default().to_string_lossy();

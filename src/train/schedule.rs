@@ -8,7 +8,7 @@ fn warmup(cfg: &TrainConfig) -> usize {
 }
 
 /// What to say where a `warmup_steps` the user chose is longer than the run and so cut to
-/// [`warmup`]: the file and line that chose it, the value and what the schedule becomes.
+/// `warmup`: the file and line that chose it, the value and what the schedule becomes.
 pub fn warmup_cut(cfg: &TrainConfig) -> Option<String> {
     let (file, chosen) = cfg.warmup_steps_from.as_ref()?;
     if *chosen != cfg.warmup_steps || cfg.warmup_steps <= cfg.steps {
