@@ -1072,8 +1072,8 @@ fn chat_prompts_are_rendered_with_the_checkpoints_template() {
     ));
     let mine = plain(rendered(&jinja));
     let builtin = plain(temper::data::records::render_chat_prompt(&[(
-        "user".to_string(),
-        "What is 2+3?".to_string(),
+        "user",
+        "What is 2+3?",
     )]));
     // The three renderings must generate apart for this test to tell them apart.
     assert!(

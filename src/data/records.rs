@@ -156,7 +156,7 @@ fn role_header(role: &str) -> String {
 /// Renders a conversation with the built-in template and opens an assistant turn, ready for
 /// generation. A single-turn prompt matches training exactly; earlier assistant turns end
 /// with "\n" here because a string cannot hold the EOS token they end with in training.
-pub fn render_chat_prompt(messages: &[(String, String)]) -> String {
+pub fn render_chat_prompt(messages: &[(&str, &str)]) -> String {
     let mut out = String::new();
     for (role, content) in messages {
         out.push_str(&role_header(role));
@@ -702,14 +702,8 @@ fn shared_opening<T: PartialEq>(a: &[T], b: &[T], is_space: impl Fn(&T) -> bool)
 /// and sample a different conversation than the one written.
 pub(crate) fn render_prompt(at: &Loc, msgs: &Value, chat: Option<&Chat>) -> Result<String> {
     let (list, fields) = message_fields(at, "prompt", msgs, chat.is_some())?;
-    let Some(&(last_role, _)) = fields.last() else {
+    let Some((&(last_role, _), earlier)) = fields.split_last() else {
         return Err(at.field("prompt", "empty"));
-    };
-    let owned = |fields: &[(&str, &str)]| -> Vec<(String, String)> {
-        fields
-            .iter()
-            .map(|(r, c)| (r.to_string(), c.to_string()))
-            .collect()
     };
     let render = |t: &Chat, open: bool| {
         t.render(list, open)
@@ -718,12 +712,11 @@ pub(crate) fn render_prompt(at: &Loc, msgs: &Value, chat: Option<&Chat>) -> Resu
     if last_role != "assistant" {
         return match chat {
             Some(t) => render(t, true),
-            None => Ok(render_chat_prompt(&owned(&fields))),
+            None => Ok(render_chat_prompt(&fields)),
         };
     }
-    let last = &list[fields.len() - 1];
-    let field = format!("prompt[{}].content", fields.len() - 1);
-    let text = final_text(last).ok_or_else(|| {
+    let field = format!("prompt[{}].content", earlier.len());
+    let text = final_text(&list[earlier.len()]).ok_or_else(|| {
         at.field(
             &field,
             "a prompt that ends with an assistant message is continued from its text, and this one has none",
@@ -736,14 +729,9 @@ pub(crate) fn render_prompt(at: &Loc, msgs: &Value, chat: Option<&Chat>) -> Resu
                 "the chat template's rendering of the prompt does not hold this text, so it cannot be continued",
             )
         }),
-        None => {
-            let (head, tail) = fields.split_at(fields.len() - 1);
-            let mut out = render_chat_prompt(&owned(head));
-            out.push_str(tail[0].1);
-            // render_chat_prompt opened an assistant turn after the earlier messages; the
-            // final message's own header is that one.
-            Ok(out)
-        }
+        // render_chat_prompt opens an assistant turn after the earlier messages: the final
+        // message's own header, which its text goes on from.
+        None => Ok(render_chat_prompt(earlier) + text),
     }
 }
 
@@ -1375,11 +1363,7 @@ mod tests {
 
     #[test]
     fn chat_prompt_matches_training_render() {
-        let msgs = vec![
-            ("system".to_string(), "Be brief.".to_string()),
-            ("user".to_string(), "Hi".to_string()),
-        ];
-        let prompt = render_chat_prompt(&msgs);
+        let prompt = render_chat_prompt(&[("system", "Be brief."), ("user", "Hi")]);
         assert_eq!(
             prompt,
             "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n"

@@ -157,9 +157,7 @@ fn encode_pairs(
     }
     fit.say(env);
     if let Some(line) = margin_note(pairs, env.cfg.reward.margin, what) {
-        if env.comm.rank() == 0 {
-            errln!("{line}");
-        }
+        crate::warnln!("{line}");
     }
     Ok(out)
 }
