@@ -350,6 +350,20 @@ impl ChatTemplate {
         messages: &[Value],
         vars: &Map<String, Value>,
     ) -> Result<Vec<(String, bool)>> {
+        self.spans_from(messages, vars, 0)
+    }
+
+    /// [`ChatTemplate::spans_with`], where a template without `{% generation %}` blocks trains
+    /// only the assistant messages from `messages[from]` on (a prompt-completion record's
+    /// completion): the earlier ones are the prompt, which need not render as the start of
+    /// their continuation. A template with the blocks marks every block, the caller cutting
+    /// away what falls in the prompt.
+    pub fn spans_from(
+        &self,
+        messages: &[Value],
+        vars: &Map<String, Value>,
+        from: usize,
+    ) -> Result<Vec<(String, bool)>> {
         if self.chosen(vars).1 {
             return self.marked_spans(messages, vars);
         }
@@ -358,7 +372,7 @@ impl ChatTemplate {
         let mut spans = Vec::new();
         let mut pos = 0;
         for (i, m) in messages.iter().enumerate() {
-            if m.get("role").and_then(Value::as_str) != Some("assistant") {
+            if i < from || m.get("role").and_then(Value::as_str) != Some("assistant") {
                 continue;
             }
             let prompt = render(&messages[..i], true)?;

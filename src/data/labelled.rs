@@ -1,6 +1,6 @@
 //! KTO's dataset: completions each labelled desirable or undesirable, in TRL's unpaired
 //! preference format `{"prompt", "completion", "label": true | false}` (plain strings, or a
-//! conversational prompt with a one-message completion). A file of preference pairs
+//! conversational prompt with a completion of one message or several). A file of preference pairs
 //! `{"prompt", "chosen", "rejected"}` is read too, each pair as a desirable and an
 //! undesirable completion, as TRL unpairs one.
 //!
@@ -212,7 +212,7 @@ mod tests {
             ),
             (
                 r#"{"prompt": [{"role": "user", "content": "q"}], "completion": "c", "label": true}"#,
-                "kto.jsonl:1: field \"completion\": expected a list holding one assistant message, got a string",
+                "kto.jsonl:1: field \"completion\": expected a list of messages opening with the assistant's, got a string",
             ),
         ];
         for (body, want) in cases {

@@ -13,6 +13,8 @@ use serde_json::{Map, Value};
 use super::chat_template::ChatTemplate;
 use super::tokenizer::Tokenizer;
 
+mod replies;
+
 /// One training conversation as text segments; `train` marks the segments whose tokens carry
 /// loss (responses / assistant turns). The tokenising code appends one trained EOS after
 /// every trained segment, which is how the model learns where a turn ends.
@@ -266,7 +268,8 @@ fn sft_example(
                     // its assistant mask where assistant_only_loss is on.
                     let chat = bind(at, obj, template)?;
                     let mut all = msgs.as_array().cloned().unwrap_or_default();
-                    all.push(reply_message(at, reply, obj.get(reply), chat.is_none())?);
+                    let jinja = chat.is_some();
+                    all.extend(reply_messages(at, reply, obj.get(reply), jinja)?);
                     let (all, whole) = (Value::Array(all), !scope.assistant_only);
                     return match chat {
                         None => chat_example(at, "prompt", &all, whole, true),
@@ -275,7 +278,8 @@ fn sft_example(
                 }
                 Some(msgs) => {
                     let chat = bind(at, obj, template)?;
-                    conversational_example(at, obj, reply, msgs, chat.as_ref())?
+                    let assistant_only = scope.assistant_only;
+                    conversational_example(at, obj, reply, msgs, chat.as_ref(), assistant_only)?
                 }
                 None => {
                     let prompt = at.non_empty_str(obj, "prompt")?;
@@ -291,8 +295,9 @@ fn sft_example(
 }
 
 /// TRL's conversational prompt-completion record: `prompt` a list of messages rendered ready
-/// for the assistant's reply, and the reply (`field`) a list holding the one assistant
-/// message, or that message's text alone, as `temper generate` writes a chat prompt's
+/// for the assistant's reply, and the reply (`field`) a list of messages opening with the
+/// assistant's ([`replies`]; the assistant's alone where `assistant_only` and it holds
+/// others), or the assistant's text alone, as `temper generate` writes a chat prompt's
 /// completion.
 fn conversational_example(
     at: &Loc,
@@ -300,6 +305,7 @@ fn conversational_example(
     field: &str,
     msgs: &Value,
     chat: Option<&Chat>,
+    assistant_only: bool,
 ) -> Result<SftExample> {
     let prompt = render_prompt(at, msgs, chat)?;
     let wrapped;
@@ -311,12 +317,18 @@ fn conversational_example(
         Some(Value::Array(_)) | None => obj.get(field),
         Some(other) => {
             let got = format!(
-                "expected the assistant's text or a list holding one assistant message, got {}",
+                "expected the assistant's text or a list of messages, got {}",
                 kind(other)
             );
             return Err(at.field(field, &got));
         }
     };
+    if let Some(several) = reply.filter(|r| r.as_array().is_some_and(|l| l.len() > 1)) {
+        let (list, fields) = message_fields(at, field, several, chat.is_some())?;
+        replies::check(at, field, list, &fields, chat.is_some())?;
+        let (prompt, reply) = ((msgs, prompt.as_str()), (list, fields.as_slice()));
+        return replies::several_example(at, field, prompt, reply, chat, assistant_only);
+    }
     let reply = reply_text(at, field, reply, (msgs, &prompt), chat, true)?;
     Ok(SftExample::prompt_response(
         &prompt,
@@ -342,17 +354,24 @@ fn empty_reply(at: &Loc, field: &str, eos_after: bool) -> Result<()> {
     }
 }
 
-/// A conversational SFT record's reply (its `field`): the assistant's text, or a list
-/// holding the one non-empty assistant message, as that message; empty where [`empty_reply`]
-/// takes it (`eos_after`).
-fn reply_message(at: &Loc, field: &str, reply: Option<&Value>, eos_after: bool) -> Result<Value> {
+/// A conversational SFT record's reply (its `field`) as messages: the assistant's text as its
+/// message, a list holding one non-empty assistant message, empty where [`empty_reply`] takes
+/// it (where the built-in template, not a `jinja` one, ends it with EOS), or a list of several
+/// that [`replies::check`] takes.
+fn reply_messages(at: &Loc, field: &str, reply: Option<&Value>, jinja: bool) -> Result<Vec<Value>> {
     let message = match reply {
         Some(Value::String(text)) => serde_json::json!({"role": "assistant", "content": text}),
         Some(Value::Array(list)) if list.len() == 1 => list[0].clone(),
+        Some(several @ Value::Array(list)) if list.len() > 1 => {
+            let (list, fields) = message_fields(at, field, several, jinja)?;
+            replies::check(at, field, list, &fields, jinja)?;
+            return Ok(list.to_vec());
+        }
         None => return Err(at.field(field, "missing")),
+        Some(Value::Array(_)) => return Err(at.field(field, "an empty list of messages")),
         Some(other) => {
             let got = format!(
-                "expected the assistant's text or a list holding one assistant message, got {}",
+                "expected the assistant's text or a list of messages, got {}",
                 kind(other)
             );
             return Err(at.field(field, &got));
@@ -364,11 +383,11 @@ fn reply_message(at: &Loc, field: &str, reply: Option<&Value>, eos_after: bool) 
     }
     if !says_something(&message) {
         match message.get("content") {
-            Some(Value::String(_)) => empty_reply(at, field, eos_after)?,
+            Some(Value::String(_)) => empty_reply(at, field, !jinja)?,
             _ => return Err(at.field(field, "expected one non-empty assistant message")),
         }
     }
-    Ok(message)
+    Ok(vec![message])
 }
 
 /// A Jinja chat template bound to one record's own variables, TRL's per-record columns: its
@@ -764,8 +783,8 @@ fn continued(rendered: &str, text: &str) -> Option<String> {
     Some(rendered[..end].to_string())
 }
 
-/// The text an assistant reply (`reply`, the record's `field`: a one-message list) adds
-/// after the rendered prompt.
+/// The text an assistant reply (`reply`, the record's `field`: a list of messages opening with
+/// the assistant's, see [`replies`]) adds after the rendered prompt.
 pub(crate) fn render_reply(
     at: &Loc,
     field: &str,
@@ -789,14 +808,21 @@ fn reply_text(
     let reply = reply.ok_or_else(|| at.field(field, "missing"))?;
     if !reply.is_array() {
         let got = format!(
-            "expected a list holding one assistant message, got {}",
+            "expected a list of messages opening with the assistant's, got {}",
             kind(reply)
         );
         return Err(at.field(field, &got));
     }
     let (rlist, rfields) = message_fields(at, field, reply, chat.is_some())?;
+    if rfields.len() > 1 {
+        replies::check(at, field, rlist, &rfields, chat.is_some())?;
+        return match chat {
+            None => Ok(replies::builtin_text(&rfields)),
+            Some(t) => after_prompt(at, field, rlist, prompt, t),
+        };
+    }
     let [(role, content)] = rfields.as_slice() else {
-        return Err(at.field(field, "expected a list holding one assistant message"));
+        return Err(at.field(field, "an empty list of messages"));
     };
     let non_empty = || at.field(field, "expected one non-empty assistant message");
     if *role != "assistant" {
@@ -808,11 +834,23 @@ fn reply_text(
             _ => return Err(non_empty()),
         }
     }
-    let Some(t) = chat else {
-        return Ok(content.to_string());
-    };
+    match chat {
+        None => Ok(content.to_string()),
+        Some(t) => after_prompt(at, field, rlist, prompt, t),
+    }
+}
+
+/// What the chat template writes after the rendered `prompt` (its messages and text) once
+/// `reply`, the record's `field`, follows it.
+fn after_prompt(
+    at: &Loc,
+    field: &str,
+    reply: &[Value],
+    prompt: (&Value, &str),
+    t: &Chat,
+) -> Result<String> {
     let mut all: Vec<Value> = prompt.0.as_array().cloned().unwrap_or_default();
-    all.extend(rlist.iter().cloned());
+    all.extend(reply.iter().cloned());
     let full = t
         .render(&all, false)
         .map_err(|e| at.field(field, &format!("{e:#}")))?;
