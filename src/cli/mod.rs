@@ -129,8 +129,8 @@ pub struct StageArgs {
     /// start from (pretrain: continued pretraining).
     #[arg(long)]
     pub init: Option<PathBuf>,
-    /// The training data: a JSONL file (pretraining: text or JSONL files, or a directory of
-    /// them); the built-in task when absent.
+    /// The training data: a JSONL or Parquet file (pretraining: text, JSONL or Parquet files,
+    /// or a directory of them); the built-in task when absent.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Held-out data, in --data's form (a corpus or token shards for pretrain, records for
@@ -337,7 +337,7 @@ pub struct GenerateArgs {
     /// A prompt, used as written (repeat the flag for more).
     #[arg(long)]
     pub prompt: Vec<String>,
-    /// JSONL file of {"prompt": ...} records; a prompt may be a list of chat messages, rendered
+    /// JSONL (or Parquet) file of {"prompt": ...} records; a prompt may be a list of chat messages, rendered
     /// with the chat template. Every field of a record is copied to its output lines.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
@@ -424,7 +424,7 @@ pub struct EvalArgs {
     /// A checkpoint, run directory, Hugging Face model directory or PEFT adapter directory.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// JSONL of {"prompt", "answer"}; the built-in task's held-out prompts when absent. A
+    /// JSONL or Parquet of {"prompt", "answer"}; the built-in task's held-out prompts when absent. A
     /// prompt may be a list of chat messages, rendered with the chat template.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
@@ -483,7 +483,7 @@ pub struct ExportArgs {
 pub enum TokenizerCmd {
     /// Train a byte-level BPE tokenizer on text files.
     Train {
-        /// Text or .jsonl files to learn the merges from.
+        /// Text, .jsonl or .parquet files (or directories of them) to learn the merges from.
         #[arg(required = true)]
         files: Vec<PathBuf>,
         #[arg(long, default_value_t = 4096)]
@@ -498,7 +498,8 @@ pub enum TokenizerCmd {
     /// Tokenize a corpus once into token shards (llm.c's .bin layout) that `pretrain --data
     /// DIR` memory-maps: no tokenizing at the start of every run, no corpus in memory.
     Encode {
-        /// The corpus: a text or .jsonl file, or a directory, as `pretrain --data` reads one.
+        /// The corpus: a text, .jsonl or .parquet file, or a directory, as `pretrain --data`
+        /// reads one.
         corpus: PathBuf,
         /// The tokenizer.json to encode with (copied beside the shards, where pretraining
         /// finds it); the byte tokenizer when absent.

@@ -7,17 +7,19 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use super::parquet_rows::{is_parquet, read_rows};
 use super::records::{kind, parse_jsonl, read_text, Loc};
 use super::tokenizer::Tokenizer;
 
 /// File endings read from a corpus directory; anything else there (images, configs, ...) is
 /// skipped so that a dataset folder can be pointed at as it is.
-const CORPUS_EXTS: [&str; 4] = [".txt", ".md", ".text", ".jsonl"];
+const CORPUS_EXTS: [&str; 5] = [".txt", ".md", ".text", ".jsonl", ".parquet"];
 
 /// Reads a corpus: a text file (one document; a file whose name ends .jsonl or .json is JSONL
-/// with a string field "text", one document per line, blank lines skipped), or a directory
-/// (recursively; files ending .txt, .md, .text, .jsonl, in any case, in sorted path order;
-/// others left out, and said to be). Empty documents are dropped; a corpus left with none is
+/// with a string field "text", one document per line, blank lines skipped; one ending .parquet
+/// a Parquet file with a string column "text", one document per row), or a directory
+/// (recursively; files ending .txt, .md, .text, .jsonl, .parquet, in any case, in sorted path
+/// order; others left out, and said to be). Empty documents are dropped; a corpus left with none is
 /// an error.
 pub fn load_documents(path: &Path) -> Result<Vec<String>> {
     let mut docs = Vec::new();
@@ -27,7 +29,7 @@ pub fn load_documents(path: &Path) -> Result<Vec<String>> {
     docs.retain(|d| !d.is_empty());
     if docs.is_empty() {
         let what = if path.is_dir() {
-            " (no non-empty .txt, .md, .text or .jsonl file under it)"
+            " (no non-empty .txt, .md, .text, .jsonl or .parquet file under it)"
         } else {
             ""
         };
@@ -61,7 +63,7 @@ pub(crate) fn corpus_files(path: &Path) -> Result<Vec<PathBuf>> {
             .map(|p| p.strip_prefix(path).unwrap_or(p).display().to_string())
             .collect();
         crate::errln!(
-            "warning: {}: {} files left out, not .txt, .md, .text or .jsonl ({}{})",
+            "warning: {}: {} files left out, not .txt, .md, .text, .jsonl or .parquet ({}{})",
             path.display(),
             left_out.len(),
             names.join(", "),
@@ -112,6 +114,12 @@ fn is_corpus_file(p: &Path) -> bool {
 
 /// Appends the documents of one corpus file (empty ones too) to `docs`.
 pub(crate) fn read_file_documents(path: &Path, docs: &mut Vec<String>) -> Result<()> {
+    if is_parquet(path) {
+        let rows = read_rows(path, Some(&["text"]))?;
+        return (1..).zip(rows).try_for_each(|(line, row)| {
+            document(&Loc { path, line }, &row).map(|d| docs.push(d.to_string()))
+        });
+    }
     let text = read_text(path)?;
     // `.json` too, as the other stages read their data files: JSON lines (what `datasets`
     // writes under that name); read as plain text, its records were one document of JSON.
@@ -124,14 +132,18 @@ pub(crate) fn read_file_documents(path: &Path, docs: &mut Vec<String>) -> Result
         return Ok(());
     }
     for (line, obj) in parse_jsonl(path, &text)? {
-        let at = Loc { path, line };
-        match obj.get("text") {
-            Some(Value::String(s)) => docs.push(s.clone()),
-            None => return Err(at.field("text", "missing")),
-            Some(v) => return Err(at.field("text", &format!("expected a string, got {}", kind(v)))),
-        }
+        docs.push(document(&Loc { path, line }, &obj)?.to_string());
     }
     Ok(())
+}
+
+/// A record's document: its string field "text".
+fn document<'o>(at: &Loc, obj: &'o serde_json::Map<String, Value>) -> Result<&'o str> {
+    match obj.get("text") {
+        Some(Value::String(s)) => Ok(s),
+        None => Err(at.field("text", "missing")),
+        Some(v) => Err(at.field("text", &format!("expected a string, got {}", kind(v)))),
+    }
 }
 
 pub struct PackedCorpus {

@@ -7,6 +7,7 @@ pub mod encode;
 pub mod jinja_python;
 pub mod jinja_text;
 pub mod labelled;
+pub(crate) mod parquet_rows;
 pub mod records;
 pub mod sampler;
 pub mod shards;

@@ -11,6 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
 
 use super::chat_template::ChatTemplate;
+use super::parquet_rows::{is_parquet, read_rows};
 use super::tokenizer::Tokenizer;
 
 mod replies;
@@ -961,7 +962,8 @@ fn prompts_from(
         .collect()
 }
 
-/// A place in a JSONL file, printed as `path:line`.
+/// A place in a JSONL file, printed as `path:line`; in a Parquet file, whose `line` is its
+/// row's 1-based number, as `path[row]`, the row's 0-based index, as `datasets` indexes it.
 pub(crate) struct Loc<'a> {
     pub path: &'a Path,
     pub line: usize,
@@ -969,7 +971,10 @@ pub(crate) struct Loc<'a> {
 
 impl fmt::Display for Loc<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.path.display(), self.line)
+        match is_parquet(self.path) {
+            true => write!(f, "{}[{}]", self.path.display(), self.line - 1),
+            false => write!(f, "{}:{}", self.path.display(), self.line),
+        }
     }
 }
 
@@ -1072,10 +1077,13 @@ pub(crate) fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<(usize, Map<Str
     Ok(out)
 }
 
-/// The records of a stage dataset; a file with none is an error.
+/// The records of a stage dataset, JSONL or Parquet (each with its line, or its row's 1-based
+/// number); a file with none is an error.
 pub(crate) fn read_records(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>> {
-    let text = read_text(path)?;
-    let records = parse_jsonl(path, &text)?;
+    let records = match is_parquet(path) {
+        true => (1..).zip(read_rows(path, None)?).collect(),
+        false => parse_jsonl(path, &read_text(path)?)?,
+    };
     if records.is_empty() {
         bail!("{}: empty file: no records", path.display());
     }

@@ -1,0 +1,246 @@
+//! Apache Parquet files, as the Hugging Face Hub stores datasets (`hf download ORG/NAME
+//! --repo-type dataset` fetches `data/train-00000-of-00001.parquet`): each row read as the
+//! JSON object `datasets` gives for it (a struct column an object, a list an array), so that
+//! every record format reads from a Parquet file as from JSONL.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::record::{Field, Row};
+use parquet::schema::types::Type;
+use serde_json::{Map, Number, Value};
+
+/// Whether `path` names a Parquet file: by its ending, as `datasets` picks a loader.
+pub(crate) fn is_parquet(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+}
+
+/// The rows of a Parquet file, each as a JSON object; with `columns`, only those (a corpus
+/// reads `text` alone, and a web crawl's other columns are most of its bytes). A column the
+/// file lacks is named with the ones it has.
+pub(crate) fn read_rows(path: &Path, columns: Option<&[&str]>) -> Result<Vec<Map<String, Value>>> {
+    let file = File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let reader = SerializedFileReader::new(file)
+        .map_err(|e| anyhow!("{}: not a Parquet file we can read: {e}", path.display()))?;
+    let schema = reader.metadata().file_metadata().schema();
+    let projection = match columns {
+        None => None,
+        Some(names) => Some(project(path, schema, names)?),
+    };
+    let rows = reader
+        .get_row_iter(projection)
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let mut out = Vec::with_capacity(reader.metadata().file_metadata().num_rows().max(0) as usize);
+    for (i, row) in rows.enumerate() {
+        let row = row.map_err(|e| {
+            anyhow!(
+                "{}[{i}]: cannot read the row: {}",
+                path.display(),
+                codec_hint(e)
+            )
+        })?;
+        out.push(object(&row));
+    }
+    Ok(out)
+}
+
+/// The file's schema cut to the top-level `names`.
+fn project(path: &Path, schema: &Type, names: &[&str]) -> Result<Type> {
+    let fields = schema.get_fields();
+    let mut kept = Vec::with_capacity(names.len());
+    for name in names {
+        match fields.iter().find(|f| f.name() == *name) {
+            Some(f) => kept.push(Arc::clone(f)),
+            None => {
+                let has: Vec<&str> = fields.iter().map(|f| f.name()).collect();
+                bail!(
+                    "{}: no column \"{name}\" (its columns: {})",
+                    path.display(),
+                    has.join(", ")
+                );
+            }
+        }
+    }
+    Type::group_type_builder(schema.name())
+        .with_fields(kept)
+        .build()
+        .map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+/// A codec this build leaves out (Brotli, say) is said as such, with the ones it reads.
+fn codec_hint(e: parquet::errors::ParquetError) -> String {
+    let text = e.to_string();
+    match text.contains("Disabled feature") {
+        true => format!(
+            "{text} (temper reads Parquet compressed with Snappy, zstd, LZ4 or gzip, or not at \
+             all: rewrite it with one of those, pyarrow's `compression=\"snappy\"`)"
+        ),
+        false => text,
+    }
+}
+
+fn object(row: &Row) -> Map<String, Value> {
+    row.get_column_iter()
+        .map(|(name, field)| (name.clone(), value(field)))
+        .collect()
+}
+
+/// A field as JSON, as `datasets` hands it to Python: a float32 as the shortest decimal that
+/// rounds to it (0.1, not 0.10000000149011612), a non-finite float as null (JSON has none);
+/// dates, decimals and bytes as the parquet crate writes them (text, bytes in base64).
+fn value(field: &Field) -> Value {
+    let float = |x: f64| Number::from_f64(x).map_or(Value::Null, Value::Number);
+    match field {
+        Field::Null => Value::Null,
+        Field::Bool(b) => Value::Bool(*b),
+        Field::Byte(n) => Value::from(*n),
+        Field::Short(n) => Value::from(*n),
+        Field::Int(n) => Value::from(*n),
+        Field::Long(n) => Value::from(*n),
+        Field::UByte(n) => Value::from(*n),
+        Field::UShort(n) => Value::from(*n),
+        Field::UInt(n) => Value::from(*n),
+        Field::ULong(n) => Value::from(*n),
+        Field::Float(x) => float(x.to_string().parse().unwrap_or(f64::NAN)),
+        Field::Double(x) => float(*x),
+        Field::Str(s) => Value::String(s.clone()),
+        Field::Group(row) => Value::Object(object(row)),
+        Field::ListInternal(list) => Value::Array(list.elements().iter().map(value).collect()),
+        other => other.to_json_value(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::data::chat_template::ChatTemplate;
+    use crate::data::corpus::load_documents;
+    use crate::data::labelled::load_labelled_records;
+    use crate::data::records::{
+        load_preferences, load_prompts_templated, load_sft_templated, LossScope,
+    };
+
+    /// Files pyarrow wrote (tests/fixtures/parquet/make.py).
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/parquet")
+            .join(name)
+    }
+
+    fn err<T: std::fmt::Debug>(r: Result<T>) -> String {
+        let e = format!("{:#}", r.unwrap_err());
+        assert!(!e.contains('\n'), "multi-line error: {e}");
+        e
+    }
+
+    /// `[role]content<end>` per message.
+    fn bracketed() -> ChatTemplate {
+        let source = "{% for m in messages %}[{{ m.role }}]{{ m.content }}<end>{% endfor %}\
+                      {% if add_generation_prompt %}[assistant]{% endif %}";
+        ChatTemplate::from_source(source.into(), String::new(), String::new(), Path::new("t"))
+            .unwrap()
+    }
+
+    /// Each row is the object `datasets` gives: lists of structs as lists of objects, a null
+    /// as null, a float32 as the decimal written (0.1), every row group read in order.
+    #[test]
+    fn rows_read_as_the_objects_datasets_gives() {
+        let rows = read_rows(&fixture("records.parquet"), None).unwrap();
+        assert_eq!(rows.len(), 3);
+        let want = json!({
+            "prompt": [{"role": "user", "content": "2+2?"}],
+            "completion": [{"role": "assistant", "content": "4"}],
+            "label": true,
+            "answer": 4,
+            "weight": 0.1,
+            "note": "first",
+        });
+        assert_eq!(Value::Object(rows[0].clone()), want);
+        assert_eq!(rows[1]["note"], Value::Null);
+        assert_eq!(
+            rows[2]["completion"][1],
+            json!({"role": "tool", "content": "21"})
+        );
+        // zstd, in two row groups.
+        let rows = read_rows(&fixture("prefs.parquet"), None).unwrap();
+        let last: Vec<&Value> = rows.iter().map(|r| &r["chosen"][1]["content"]).collect();
+        assert_eq!(last, ["Blue", "Red", "Green"]);
+    }
+
+    /// Every stage's loader reads a Parquet file as it reads JSONL, and names a bad record by
+    /// its row as `datasets` indexes it.
+    #[test]
+    fn every_record_format_reads_from_parquet() {
+        let records = fixture("records.parquet");
+        let t = bracketed();
+        let kto = load_labelled_records(&records, Some(&t)).unwrap();
+        let labels: Vec<bool> = kto.iter().map(|r| r[0].desirable).collect();
+        assert_eq!(labels, [true, false, true]);
+        assert_eq!(
+            kto[2][0].completion,
+            "call<end>[tool]21<end>[assistant]Hello<end>"
+        );
+        // The built-in template has no tool role: refused at the row and field.
+        let e = err(load_labelled_records(&records, None));
+        assert!(
+            e.contains("records.parquet[2]: field \"completion[1].role\": unknown role \"tool\""),
+            "{e}"
+        );
+        let sft = load_sft_templated(&records, Some(&t), LossScope::default()).unwrap();
+        assert_eq!(sft.len(), 3);
+        assert_eq!(
+            sft[1]
+                .origin
+                .as_deref()
+                .map(|o| o.ends_with("records.parquet[1]")),
+            Some(true)
+        );
+        let prompts = load_prompts_templated(&records, Some(&t)).unwrap();
+        assert_eq!(prompts[0].prompt, "[user]2+2?<end>[assistant]");
+        assert_eq!(prompts[1].answer.as_deref(), Some("6"));
+        assert_eq!(prompts[0].fields["weight"], json!(0.1));
+        // HH's shape: the prompt implicit in the two conversations.
+        let pairs = load_preferences(&fixture("prefs.parquet")).unwrap();
+        assert_eq!(pairs.len(), 3);
+        assert_eq!(pairs[2].prompt, "<|user|>\nName a colour\n<|assistant|>\n");
+        assert_eq!(
+            (pairs[2].chosen.as_str(), pairs[2].rejected.as_str()),
+            ("Green", "No")
+        );
+    }
+
+    /// A corpus reads its `text` column alone (gzip here), an empty document dropped as from
+    /// any corpus; a file without the column, a codec this build leaves out and a file that
+    /// is not Parquet are each said in one line naming the file.
+    #[test]
+    fn a_corpus_reads_its_text_column_and_bad_files_say_why() {
+        let docs = load_documents(&fixture("corpus.parquet")).unwrap();
+        assert_eq!(
+            docs,
+            ["The first document.", "The third, after an empty one."]
+        );
+        let e = err(load_documents(&fixture("records.parquet")));
+        assert!(
+            e.contains("records.parquet: no column \"text\" (its columns: prompt, completion, label, answer, weight, note)"),
+            "{e}"
+        );
+        let e = err(load_documents(&fixture("brotli.parquet")));
+        assert!(
+            e.contains("brotli.parquet[0]: cannot read the row") && e.contains("Snappy, zstd"),
+            "{e}"
+        );
+        let d = tempfile::tempdir().unwrap();
+        let fake = d.path().join("train.parquet");
+        std::fs::write(&fake, "{\"text\": \"json, not parquet\"}\n").unwrap();
+        let e = err(load_preferences(&fake));
+        assert!(e.contains("train.parquet: not a Parquet file"), "{e}");
+    }
+}
