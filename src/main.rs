@@ -8,6 +8,7 @@ use temper::cli::{
     Cli, Command, EvalArgs, ExportArgs, GenerateArgs, LaunchArgs, StageArgs, TokenizerCmd,
 };
 use temper::config::Stage;
+use temper::data::columns::Columns;
 use temper::data::encode::{encode_corpus, EncodeOpts};
 use temper::data::records::load_prompts_lazily;
 use temper::data::tokenizer::{train_bpe, Tokenizer};
@@ -229,6 +230,13 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// `--columns` of a prompt file, checked against the fields `who` reads.
+fn prompt_columns(given: Option<&Columns>, who: &str) -> Result<Columns> {
+    let columns = given.cloned().unwrap_or_default();
+    columns.check(Stage::Grpo.record_fields(), who)?;
+    Ok(columns)
+}
+
 fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     let device = temper::device::select(a.device)?;
     let loaded = read_checkpoint(&a.checkpoint, &device)?;
@@ -237,7 +245,8 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     let mut requests = stages::generate::inline_prompts(&a.prompt);
     let kwargs = a.chat_template_kwargs.clone().unwrap_or_default();
     if let Some(p) = &a.prompts {
-        requests.extend(load_prompts_lazily(p, || {
+        let columns = prompt_columns(a.columns.as_ref(), "generate")?;
+        requests.extend(load_prompts_lazily(p, &columns, || {
             chat_template_of(a.chat_template.as_deref(), &kwargs, &loaded)
         })?);
     }
@@ -408,7 +417,8 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
                 errln!("warning: --task-seed is not used: --prompts gives the prompts");
             }
             let kwargs = a.chat_template_kwargs.clone().unwrap_or_default();
-            load_prompts_lazily(p, || {
+            let columns = prompt_columns(a.columns.as_ref(), "eval")?;
+            load_prompts_lazily(p, &columns, || {
                 chat_template_of(a.chat_template.as_deref(), &kwargs, &loaded)
             })?
         }

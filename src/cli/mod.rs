@@ -24,6 +24,8 @@ pub use usage::usage_error_line;
 /// A JSON object of chat-template variables.
 pub type Kwargs = serde_json::Map<String, serde_json::Value>;
 
+use crate::data::columns::Columns;
+
 fn parse_kwargs(text: &str) -> Result<Kwargs> {
     crate::data::chat_template::parse_kwargs(text)
 }
@@ -137,6 +139,10 @@ pub struct StageArgs {
     /// the later stages): evaluated on instead of a part of --data, all of which then trains.
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
+    /// The columns of --data (and --eval-data) that hold the fields the stage reads, where a
+    /// dataset names them otherwise: e.g. prompt=question,answer=solution ([data] columns).
+    #[arg(long, value_name = "FIELD=COLUMN,...", value_parser = Columns::parse)]
+    pub columns: Option<Columns>,
     /// A tokenizer.json (pretrain only; later stages use their checkpoint's).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -341,6 +347,10 @@ pub struct GenerateArgs {
     /// with the chat template. Every field of a record is copied to its output lines.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
+    /// The columns of --prompts that hold the fields read, where the file names them
+    /// otherwise: e.g. prompt=question,answer=solution.
+    #[arg(long, value_name = "FIELD=COLUMN,...", value_parser = Columns::parse)]
+    pub columns: Option<Columns>,
     /// The chat template for message-list prompts: a .jinja file, a tokenizer_config.json or a
     /// model directory. Default: the checkpoint's own (its chat_template.jinja, else its
     /// tokenizer_config.json's), else the built-in template.
@@ -428,6 +438,10 @@ pub struct EvalArgs {
     /// prompt may be a list of chat messages, rendered with the chat template.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
+    /// The columns of --prompts that hold the fields read, where the file names them
+    /// otherwise: e.g. prompt=question,answer=solution.
+    #[arg(long, value_name = "FIELD=COLUMN,...", value_parser = Columns::parse)]
+    pub columns: Option<Columns>,
     /// The chat template for message-list prompts: a .jinja file, a tokenizer_config.json or a
     /// model directory. Default: the checkpoint's own (its chat_template.jinja, else its
     /// tokenizer_config.json's), else the built-in template.

@@ -672,6 +672,9 @@ impl StageArgs {
         if self.eval_data.is_some() {
             cfg.data.eval_path = self.eval_data.clone();
         }
+        if let Some(c) = &self.columns {
+            cfg.data.columns = c.clone();
+        }
         if self.tokenizer.is_some() {
             cfg.data.tokenizer = self.tokenizer.clone();
         }

@@ -12,6 +12,7 @@ use super::{
     write_toml, DistillConfig, DpoConfig, ExternalRewardConfig, GrpoConfig, KtoConfig, LoraConfig,
     LossType, ModelConfig, OnlineDpoConfig, PpoConfig, RewardConfig, SftConfig, TrainConfig,
 };
+use crate::data::columns::Columns;
 use crate::kernels::KernelSet;
 
 /// The training stages, in pipeline order.
@@ -43,6 +44,37 @@ impl Stage {
             Stage::OnlineDpo => "online_dpo",
             Stage::Grpo => "grpo",
             Stage::Distill => "distill",
+        }
+    }
+
+    /// The record fields the stage reads from a `--data` file, which `[data] columns` may
+    /// name other columns for.
+    pub fn record_fields(self) -> &'static [&'static str] {
+        const CHAT: [&str; 2] = ["tools", "chat_template_kwargs"];
+        match self {
+            Stage::Pretrain => &["text"],
+            Stage::Sft | Stage::Distill => &[
+                "prompt",
+                "completion",
+                "response",
+                "messages",
+                "text",
+                CHAT[0],
+                CHAT[1],
+            ],
+            Stage::Reward | Stage::Dpo => {
+                &["prompt", "chosen", "rejected", "margin", CHAT[0], CHAT[1]]
+            }
+            Stage::Kto => &[
+                "prompt",
+                "completion",
+                "label",
+                "chosen",
+                "rejected",
+                CHAT[0],
+                CHAT[1],
+            ],
+            Stage::Ppo | Stage::Grpo | Stage::OnlineDpo => &["prompt", "answer", CHAT[0], CHAT[1]],
         }
     }
 }
@@ -100,6 +132,9 @@ pub struct DataConfig {
     /// What a stage does with a record longer than the model's context (TRL's `max_length`
     /// with `truncation_mode`).
     pub truncation: Truncation,
+    /// Which column of the data files holds each field the stage reads, where a dataset names
+    /// its own otherwise (`{ prompt = "question" }`; OpenRLHF's `--input_key`).
+    pub columns: Columns,
 }
 
 /// `[data] holdout`: which records of a data file are held out.
@@ -165,6 +200,7 @@ impl Default for DataConfig {
             task_carry_slip: 0.6,
             document_mask: false,
             truncation: Truncation::Error,
+            columns: Columns::default(),
         }
     }
 }
@@ -534,6 +570,18 @@ impl RunConfig {
         self.kernel_set()?;
         if !(0.0..1.0).contains(&self.data.val_fraction) {
             anyhow::bail!("data.val_fraction must be in [0, 1)");
+        }
+        if !self.data.columns.is_empty() {
+            if self.data.path.is_none() {
+                anyhow::bail!(
+                    "data.columns names the columns of a --data file, and {} without --data runs \
+                     the built-in task: give --data too, or leave the columns out",
+                    self.stage
+                );
+            }
+            self.data
+                .columns
+                .check(self.stage.record_fields(), self.stage.name())?;
         }
         // A fresh pretraining run's model is this one. A run from --init (packed SFT, continued
         // pretraining) trains its init's model, which a pipeline's check does not know yet:

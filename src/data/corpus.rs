@@ -22,9 +22,15 @@ const CORPUS_EXTS: [&str; 5] = [".txt", ".md", ".text", ".jsonl", ".parquet"];
 /// order; others left out, and said to be). Empty documents are dropped; a corpus left with none is
 /// an error.
 pub fn load_documents(path: &Path) -> Result<Vec<String>> {
+    load_documents_from(path, "text")
+}
+
+/// [`load_documents`], JSONL and Parquet documents read from the field `column` (TRL's
+/// `dataset_text_field`).
+pub fn load_documents_from(path: &Path, column: &str) -> Result<Vec<String>> {
     let mut docs = Vec::new();
     for f in corpus_files(path)? {
-        read_file_documents(&f, &mut docs)?;
+        read_file_documents(&f, column, &mut docs)?;
     }
     docs.retain(|d| !d.is_empty());
     if docs.is_empty() {
@@ -51,6 +57,7 @@ pub(crate) fn corpus_files(path: &Path) -> Result<Vec<PathBuf>> {
     collect_files(path, &mut files, &mut left_out, &mut seen)?;
     files.sort();
     left_out.sort();
+    let files = train_split(path, files);
     // Hidden files (.DS_Store, a .gitignore) are nobody's documents: passed over unsaid.
     left_out.retain(|p| {
         !p.file_name()
@@ -71,6 +78,61 @@ pub(crate) fn corpus_files(path: &Path) -> Result<Vec<PathBuf>> {
         );
     }
     Ok(files)
+}
+
+/// Of a directory that names its splits as a Hugging Face dataset does (`data/train-00000-of-
+/// 00002.parquet` beside `data/test-00000-of-00001.parquet` and the README dataset card), the
+/// train split's files, as `datasets` loads `split="train"`; the others are said to be left
+/// out. A directory with no train split is read whole.
+fn train_split(root: &Path, files: Vec<PathBuf>) -> Vec<PathBuf> {
+    let is_train = |f: &PathBuf| split_of(f.strip_prefix(root).unwrap_or(f)) == Some("train");
+    if !files.iter().any(is_train) {
+        return files;
+    }
+    let (train, other): (Vec<PathBuf>, Vec<PathBuf>) = files.into_iter().partition(is_train);
+    if !other.is_empty() {
+        let names: Vec<String> = other
+            .iter()
+            .take(3)
+            .map(|p| p.strip_prefix(root).unwrap_or(p).display().to_string())
+            .collect();
+        crate::errln!(
+            "warning: {}: its train split is read ({} files named so, as `datasets` names \
+             splits); {} other files left out ({}{}): --eval-data names a held-out split",
+            root.display(),
+            train.len(),
+            other.len(),
+            names.join(", "),
+            if other.len() > 3 { ", ..." } else { "" }
+        );
+    }
+    train
+}
+
+/// The split a file belongs to by its path, as `datasets` infers splits from file names: a
+/// directory or file name that starts with a split's keyword and then a separator, a digit or
+/// nothing (`train-00000-of-00002.parquet`, `test/part.jsonl`, `validation.jsonl`).
+fn split_of(rel: &Path) -> Option<&'static str> {
+    const SPLITS: [(&str, &[&str]); 3] = [
+        ("train", &["train", "training"]),
+        ("validation", &["validation", "valid", "dev", "val"]),
+        ("test", &["test", "testing", "eval", "evaluation"]),
+    ];
+    for part in rel.components() {
+        let name = part.as_os_str().to_string_lossy().to_lowercase();
+        for (split, words) in SPLITS {
+            let named = words.iter().any(|w| {
+                name.strip_prefix(w).is_some_and(|rest| {
+                    rest.is_empty()
+                        || rest.starts_with(|c: char| "-._ ".contains(c) || c.is_ascii_digit())
+                })
+            });
+            if named {
+                return Some(split);
+            }
+        }
+    }
+    None
 }
 
 fn collect_files(
@@ -112,12 +174,13 @@ fn is_corpus_file(p: &Path) -> bool {
     CORPUS_EXTS.iter().any(|e| name.ends_with(e))
 }
 
-/// Appends the documents of one corpus file (empty ones too) to `docs`.
-pub(crate) fn read_file_documents(path: &Path, docs: &mut Vec<String>) -> Result<()> {
+/// Appends the documents of one corpus file (empty ones too) to `docs`, a JSONL or Parquet
+/// file's from its field `column`.
+pub(crate) fn read_file_documents(path: &Path, column: &str, docs: &mut Vec<String>) -> Result<()> {
     if is_parquet(path) {
-        let rows = read_rows(path, Some(&["text"]))?;
+        let rows = read_rows(path, Some(&[column]))?;
         return (1..).zip(rows).try_for_each(|(line, row)| {
-            document(&Loc { path, line }, &row).map(|d| docs.push(d.to_string()))
+            document(&Loc { path, line }, &row, column).map(|d| docs.push(d.to_string()))
         });
     }
     let text = read_text(path)?;
@@ -132,17 +195,21 @@ pub(crate) fn read_file_documents(path: &Path, docs: &mut Vec<String>) -> Result
         return Ok(());
     }
     for (line, obj) in parse_jsonl(path, &text)? {
-        docs.push(document(&Loc { path, line }, &obj)?.to_string());
+        docs.push(document(&Loc { path, line }, &obj, column)?.to_string());
     }
     Ok(())
 }
 
-/// A record's document: its string field "text".
-fn document<'o>(at: &Loc, obj: &'o serde_json::Map<String, Value>) -> Result<&'o str> {
-    match obj.get("text") {
+/// A record's document: its string field `column`.
+fn document<'o>(
+    at: &Loc,
+    obj: &'o serde_json::Map<String, Value>,
+    column: &str,
+) -> Result<&'o str> {
+    match obj.get(column) {
         Some(Value::String(s)) => Ok(s),
-        None => Err(at.field("text", "missing")),
-        Some(v) => Err(at.field("text", &format!("expected a string, got {}", kind(v)))),
+        None => Err(at.field(column, "missing")),
+        Some(v) => Err(at.field(column, &format!("expected a string, got {}", kind(v)))),
     }
 }
 
@@ -346,6 +413,34 @@ mod tests {
         let j = d.path().join("c.json");
         std::fs::copy(&p, &j).unwrap();
         assert_eq!(load_documents(&j).unwrap(), vec!["a\nb", "c"]);
+    }
+
+    #[test]
+    fn a_dataset_snapshot_is_read_as_its_train_split() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::create_dir_all(root.join("data")).unwrap();
+        std::fs::write(root.join("README.md"), "---\nlicense: mit\n---\n# card").unwrap();
+        for (name, text) in [
+            ("data/train-00000-of-00002.jsonl", "t0"),
+            ("data/train-00001-of-00002.jsonl", "t1"),
+            ("data/test-00000-of-00001.jsonl", "held"),
+            ("data/validation.jsonl", "val"),
+        ] {
+            std::fs::write(root.join(name), format!("{{\"text\": \"{text}\"}}\n")).unwrap();
+        }
+        assert_eq!(load_documents(root).unwrap(), ["t0", "t1"]);
+        let split = |p: &str| split_of(Path::new(p));
+        assert_eq!(split("train/part.txt"), Some("train"));
+        assert_eq!(split("training_set.jsonl"), Some("train"));
+        assert_eq!(split("valid2.jsonl"), Some("validation"));
+        assert_eq!(split("eval.jsonl"), Some("test"));
+        assert_eq!(split("trainers.md"), None);
+        assert_eq!(split("devices.txt"), None);
+        // No train split: the directory is read whole.
+        std::fs::remove_file(root.join("data/train-00000-of-00002.jsonl")).unwrap();
+        std::fs::remove_file(root.join("data/train-00001-of-00002.jsonl")).unwrap();
+        assert_eq!(load_documents(root).unwrap().len(), 3);
     }
 
     #[test]

@@ -149,7 +149,7 @@ pub fn encode_corpus(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
         let mut bytes = 0;
         while next < files.len() && (bytes < GROUP_BYTES || docs.is_empty()) {
             let before = docs.len();
-            read_file_documents(&files[next], &mut docs)?;
+            read_file_documents(&files[next], "text", &mut docs)?;
             bytes += docs[before..].iter().map(String::len).sum::<usize>();
             next += 1;
         }

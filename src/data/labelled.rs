@@ -14,8 +14,8 @@ use serde_json::{Map, Value};
 
 use super::chat_template::ChatTemplate;
 use super::records::{
-    bind, kind, preference_record, read_records, render_prompt, render_reply, Loc, PreferencePair,
-    SftExample,
+    bind, kind, preference_record, read_records, render_prompt, render_reply, Lines, Loc,
+    PreferencePair, SftExample,
 };
 
 #[derive(Clone, Debug, PartialEq)]
@@ -62,7 +62,16 @@ pub fn load_labelled_records(
     path: &Path,
     template: Option<&ChatTemplate>,
 ) -> Result<Vec<Vec<LabelledCompletion>>> {
-    read_records(path)?
+    labelled_from(path, read_records(path)?, template)
+}
+
+/// [`load_labelled_records`] of records already read ([`super::records::read_records_with`]).
+pub fn labelled_from(
+    path: &Path,
+    lines: Lines,
+    template: Option<&ChatTemplate>,
+) -> Result<Vec<Vec<LabelledCompletion>>> {
+    lines
         .into_iter()
         .map(|(line, obj)| labelled_record(&Loc { path, line }, &obj, template))
         .collect()

@@ -2,6 +2,7 @@
 //! stage, the built-in synthetic task, and the sampler that orders training data.
 
 pub mod chat_template;
+pub mod columns;
 pub mod corpus;
 pub mod encode;
 pub mod jinja_python;

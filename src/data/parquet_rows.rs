@@ -23,9 +23,20 @@ pub(crate) fn is_parquet(path: &Path) -> bool {
 /// reads `text` alone, and a web crawl's other columns are most of its bytes). A column the
 /// file lacks is named with the ones it has.
 pub(crate) fn read_rows(path: &Path, columns: Option<&[&str]>) -> Result<Vec<Map<String, Value>>> {
-    let file = File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    if path.is_dir() {
+        bail!("{}: a directory, where one file is read", path.display());
+    }
+    let mut file = File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    if !ends_with_magic(&mut file) {
+        bail!(
+            "{}: not a Parquet file (it does not end with Parquet's PAR1 marker); JSONL is read \
+             from a file ending .jsonl",
+            path.display()
+        );
+    }
     let reader = SerializedFileReader::new(file)
         .map_err(|e| anyhow!("{}: not a Parquet file we can read: {e}", path.display()))?;
+    check_codecs(path, &reader)?;
     let schema = reader.metadata().file_metadata().schema();
     let projection = match columns {
         None => None,
@@ -36,13 +47,7 @@ pub(crate) fn read_rows(path: &Path, columns: Option<&[&str]>) -> Result<Vec<Map
         .map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let mut out = Vec::with_capacity(reader.metadata().file_metadata().num_rows().max(0) as usize);
     for (i, row) in rows.enumerate() {
-        let row = row.map_err(|e| {
-            anyhow!(
-                "{}[{i}]: cannot read the row: {}",
-                path.display(),
-                codec_hint(e)
-            )
-        })?;
+        let row = row.map_err(|e| anyhow!("{}[{i}]: cannot read the row: {e}", path.display()))?;
         out.push(object(&row));
     }
     Ok(out)
@@ -71,16 +76,34 @@ fn project(path: &Path, schema: &Type, names: &[&str]) -> Result<Type> {
         .map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
-/// A codec this build leaves out (Brotli, say) is said as such, with the ones it reads.
-fn codec_hint(e: parquet::errors::ParquetError) -> String {
-    let text = e.to_string();
-    match text.contains("Disabled feature") {
-        true => format!(
-            "{text} (temper reads Parquet compressed with Snappy, zstd, LZ4 or gzip, or not at \
-             all: rewrite it with one of those, pyarrow's `compression=\"snappy\"`)"
-        ),
-        false => text,
+/// Whether the file ends with Parquet's magic bytes (its footer's marker).
+fn ends_with_magic(file: &mut File) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut tail = [0u8; 4];
+    file.seek(SeekFrom::End(-4)).is_ok() && file.read_exact(&mut tail).is_ok() && &tail == b"PAR1"
+}
+
+/// Refuses, before any row is read, a file whose columns use a codec this build leaves out
+/// (Brotli, LZO), naming it and the ones it reads.
+fn check_codecs(path: &Path, reader: &SerializedFileReader<File>) -> Result<()> {
+    use parquet::basic::Compression as C;
+    for group in reader.metadata().row_groups() {
+        for column in group.columns() {
+            let name = match column.compression() {
+                C::BROTLI(_) => "Brotli",
+                C::LZO => "LZO",
+                _ => continue,
+            };
+            bail!(
+                "{}: column {} is compressed with {name}, which temper does not read (it \
+                 reads Snappy, zstd, LZ4, gzip or none): rewrite the file with one of those, as \
+                 pyarrow's `compression=\"snappy\"` does",
+                path.display(),
+                column.column_path()
+            );
+        }
     }
+    Ok(())
 }
 
 fn object(row: &Row) -> Map<String, Value> {
@@ -91,7 +114,9 @@ fn object(row: &Row) -> Map<String, Value> {
 
 /// A field as JSON, as `datasets` hands it to Python: a float32 as the shortest decimal that
 /// rounds to it (0.1, not 0.10000000149011612), a non-finite float as null (JSON has none);
-/// dates, decimals and bytes as the parquet crate writes them (text, bytes in base64).
+/// bytes as the text they hold where they are UTF-8 (some writers store strings so), else as
+/// `{"base64": ...}`, which no field that wants text takes (an image's bytes); dates and
+/// decimals as the parquet crate writes them.
 fn value(field: &Field) -> Value {
     let float = |x: f64| Number::from_f64(x).map_or(Value::Null, Value::Number);
     match field {
@@ -108,6 +133,10 @@ fn value(field: &Field) -> Value {
         Field::Float(x) => float(x.to_string().parse().unwrap_or(f64::NAN)),
         Field::Double(x) => float(*x),
         Field::Str(s) => Value::String(s.clone()),
+        Field::Bytes(b) => match std::str::from_utf8(b.data()) {
+            Ok(text) => Value::String(text.to_string()),
+            Err(_) => serde_json::json!({ "base64": field.to_json_value() }),
+        },
         Field::Group(row) => Value::Object(object(row)),
         Field::ListInternal(list) => Value::Array(list.elements().iter().map(value).collect()),
         other => other.to_json_value(),
@@ -122,7 +151,7 @@ mod tests {
 
     use super::*;
     use crate::data::chat_template::ChatTemplate;
-    use crate::data::corpus::load_documents;
+    use crate::data::corpus::{load_documents, load_documents_from};
     use crate::data::labelled::load_labelled_records;
     use crate::data::records::{
         load_preferences, load_prompts_templated, load_sft_templated, LossScope,
@@ -234,7 +263,18 @@ mod tests {
         );
         let e = err(load_documents(&fixture("brotli.parquet")));
         assert!(
-            e.contains("brotli.parquet[0]: cannot read the row") && e.contains("Snappy, zstd"),
+            e.contains("brotli.parquet: column \"text\" is compressed with Brotli")
+                && e.contains("Snappy, zstd"),
+            "{e}"
+        );
+        // Bytes that are UTF-8 are the text they hold; others are no text.
+        let docs = load_documents(&fixture("binary.parquet")).unwrap();
+        assert_eq!(docs, ["Bytes that are text."]);
+        let row = &read_rows(&fixture("binary.parquet"), None).unwrap()[0];
+        assert_eq!(row["image"], json!({"base64": "iVBOR/8="}));
+        let e = err(load_documents_from(&fixture("binary.parquet"), "image"));
+        assert!(
+            e.contains("binary.parquet[0]: field \"image\": expected a string, got an object"),
             "{e}"
         );
         let d = tempfile::tempdir().unwrap();

@@ -11,6 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
 
 use super::chat_template::ChatTemplate;
+use super::columns::Columns;
 use super::parquet_rows::{is_parquet, read_rows};
 use super::tokenizer::Tokenizer;
 
@@ -188,7 +189,16 @@ pub fn load_sft_templated(
     template: Option<&ChatTemplate>,
     scope: LossScope,
 ) -> Result<Vec<SftExample>> {
-    let lines = read_records(path)?;
+    sft_from(path, read_records(path)?, template, scope)
+}
+
+/// [`load_sft_templated`] of records already read ([`read_records_with`]).
+pub fn sft_from(
+    path: &Path,
+    lines: Lines,
+    template: Option<&ChatTemplate>,
+    scope: LossScope,
+) -> Result<Vec<SftExample>> {
     // A KTO file given to SFT trains its undesirable completions as readily as the rest.
     let undesirable = lines
         .iter()
@@ -284,6 +294,13 @@ fn sft_example(
                 }
                 None => {
                     let prompt = at.non_empty_str(obj, "prompt")?;
+                    if obj.get(reply).is_some_and(Value::is_array) {
+                        return Err(at.field(
+                            reply,
+                            "a list of messages, after a \"prompt\" that is text: a conversation's \
+                             reply follows a prompt that is a list of messages too",
+                        ));
+                    }
                     // Followed by a trained EOS: may be empty ([`empty_reply`]).
                     let response = at.string(obj, reply)?;
                     SftExample::prompt_response(prompt, response, true, Some(at.to_string()))
@@ -486,7 +503,8 @@ fn message_fields<'v>(at: &Loc, field: &str, msgs: &'v Value, jinja: bool) -> Re
             return Err(at.field(
                 &format!("{name}.role"),
                 &format!(
-                    "unknown role \"{role}\" (expected {})",
+                    "unknown role \"{role}\" (the built-in template renders {}; a Jinja chat \
+                     template, --chat-template, takes the roles it renders)",
                     ROLES.map(|r| format!("\"{r}\"")).join(", ")
                 ),
             ));
@@ -617,7 +635,15 @@ pub fn load_preferences_templated(
     path: &Path,
     template: Option<&ChatTemplate>,
 ) -> Result<Vec<PreferencePair>> {
-    let lines = read_records(path)?;
+    preferences_from(path, read_records(path)?, template)
+}
+
+/// [`load_preferences_templated`] of records already read ([`read_records_with`]).
+pub fn preferences_from(
+    path: &Path,
+    lines: Lines,
+    template: Option<&ChatTemplate>,
+) -> Result<Vec<PreferencePair>> {
     lines
         .iter()
         .map(|(line, obj)| preference_record(&Loc { path, line: *line }, obj, template))
@@ -901,12 +927,14 @@ pub fn load_prompts_templated(
 }
 
 /// [`load_prompts_templated`] with the template asked for only if some prompt is a list of
-/// messages: a checkpoint whose own template cannot be loaded still serves plain prompts.
+/// messages: a checkpoint whose own template cannot be loaded still serves plain prompts. The
+/// fields are read from the columns `columns` names.
 pub fn load_prompts_lazily(
     path: &Path,
+    columns: &Columns,
     template: impl FnOnce() -> Result<Option<ChatTemplate>>,
 ) -> Result<Vec<PromptRecord>> {
-    let lines = read_records(path)?;
+    let lines = read_records_with(path, columns)?;
     let chat = lines
         .iter()
         .any(|(_, obj)| matches!(obj.get("prompt"), Some(Value::Array(_))));
@@ -914,9 +942,10 @@ pub fn load_prompts_lazily(
     prompts_from(path, lines, template.as_ref())
 }
 
-fn prompts_from(
+/// [`load_prompts_templated`] of records already read ([`read_records_with`]).
+pub fn prompts_from(
     path: &Path,
-    lines: Vec<(usize, Map<String, Value>)>,
+    lines: Lines,
     template: Option<&ChatTemplate>,
 ) -> Result<Vec<PromptRecord>> {
     lines
@@ -1077,13 +1106,23 @@ pub(crate) fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<(usize, Map<Str
     Ok(out)
 }
 
-/// The records of a stage dataset, JSONL or Parquet (each with its line, or its row's 1-based
-/// number); a file with none is an error.
-pub(crate) fn read_records(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>> {
-    let records = match is_parquet(path) {
+/// A data file's records, each with its line (a Parquet row its 1-based number).
+pub type Lines = Vec<(usize, Map<String, Value>)>;
+
+/// The records of a stage dataset, JSONL or Parquet; a file with none is an error.
+pub(crate) fn read_records(path: &Path) -> Result<Lines> {
+    read_records_with(path, &Columns::default())
+}
+
+/// [`read_records`], each record's fields read from the columns `columns` names.
+pub fn read_records_with(path: &Path, columns: &Columns) -> Result<Lines> {
+    let mut records: Lines = match is_parquet(path) {
         true => (1..).zip(read_rows(path, None)?).collect(),
         false => parse_jsonl(path, &read_text(path)?)?,
     };
+    for (line, obj) in &mut records {
+        columns.apply(&Loc { path, line: *line }, obj)?;
+    }
     if records.is_empty() {
         bail!("{}: empty file: no records", path.display());
     }

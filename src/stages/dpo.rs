@@ -22,7 +22,9 @@ use super::setup::{self, prompt_sets, split_holdout, Plan, PolicyPair};
 use super::truncate::Fitter;
 use super::Env;
 use crate::config::{DpoConfig, DpoLoss, FDivergence};
-use crate::data::records::{load_preferences_templated, place, PreferencePair, PromptRecord};
+use crate::data::records::{
+    place, preferences_from, read_records_with, PreferencePair, PromptRecord,
+};
 use crate::data::sampler::WindowSampler;
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
@@ -841,7 +843,8 @@ fn datasets(env: &Env) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>, Vec<
         }
         Some(p) => {
             let template = setup::chat_template(env)?;
-            let load = |f: &Path| load_preferences_templated(f, template.as_ref());
+            let read = |f: &Path| read_records_with(f, &env.cfg.data.columns);
+            let load = |f: &Path| preferences_from(f, read(f)?, template.as_ref());
             let (train, eval) = split_holdout(env, p, load, "preference pairs")?;
             (train, eval, vec![])
         }

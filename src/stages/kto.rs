@@ -24,8 +24,8 @@ use super::setup::{self, prompt_sets, split_holdout, Plan, PolicyPair};
 use super::truncate::Fitter;
 use super::Env;
 use crate::config::KtoConfig;
-use crate::data::labelled::{load_labelled_records, LabelledCompletion};
-use crate::data::records::{place, PromptRecord};
+use crate::data::labelled::{labelled_from, LabelledCompletion};
+use crate::data::records::{place, read_records_with, PromptRecord};
 use crate::data::sampler::WindowSampler;
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
@@ -397,7 +397,8 @@ fn datasets(env: &Env) -> Result<Datasets> {
         }
         Some(p) => {
             let template = setup::chat_template(env)?;
-            let load = |f: &Path| load_labelled_records(f, template.as_ref());
+            let read = |f: &Path| read_records_with(f, &env.cfg.data.columns);
+            let load = |f: &Path| labelled_from(f, read(f)?, template.as_ref());
             let (train, eval) = split_holdout(env, p, load, "records")?;
             (train, eval, vec![])
         }

@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use super::loader::{policy_from, read_checkpoint};
 use super::setup::{self, Plan};
 use super::Env;
-use crate::data::corpus::{document_ids, load_documents, pack_documents};
+use crate::data::corpus::{document_ids, load_documents_from, pack_documents};
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::data::shards::{
     check_corpus_tokenizer, corpus_tokenizer_file, is_shard_corpus, open_corpus, open_held_out,
@@ -177,7 +177,7 @@ fn streams(
     let t = cfg.train.seq_len;
     if let Some(eval) = eval {
         let data = (cfg.data.path.as_deref()).context("--eval-data is refused without --data")?;
-        return held_out_streams(data, eval, tok, t);
+        return held_out_streams((data, eval), cfg.data.columns.column("text"), tok, t);
     }
     if let Some(path) = cfg.data.path.as_deref().filter(|p| is_shard_corpus(p)) {
         let (train, val) = open_corpus(path)?;
@@ -204,7 +204,7 @@ fn streams(
         return Ok((train, val, what));
     }
     let docs = match &cfg.data.path {
-        Some(p) => load_documents(p)?,
+        Some(p) => load_documents_from(p, cfg.data.columns.column("text"))?,
         None => setup::synthetic(env).pretrain_documents(4000),
     };
     let packed = pack_documents(&docs, tok, cfg.data.val_fraction, t + 1, cfg.train.seed)?;
@@ -222,8 +222,8 @@ fn streams(
 /// document followed by EOS (as [`pack_documents`] packs them). Either too short for a window
 /// of `t + 1` tokens is an error naming it.
 fn held_out_streams(
-    data: &Path,
-    eval: &Path,
+    (data, eval): (&Path, &Path),
+    column: &str,
     tok: &Tokenizer,
     t: usize,
 ) -> Result<(TokenStream, TokenStream, String)> {
@@ -237,14 +237,14 @@ fn held_out_streams(
             let what = format!("token shards {} (memory-mapped{unread})", data.display());
             (TokenStream::mapped(train), what)
         }
-        false => text_stream(data, tok)?,
+        false => text_stream(data, column, tok)?,
     };
     let (val, val_what) = match is_shard_corpus(eval) {
         true => {
             let what = format!("token shards {} (memory-mapped)", eval.display());
             (TokenStream::mapped(open_held_out(eval)?), what)
         }
-        false => text_stream(eval, tok)?,
+        false => text_stream(eval, column, tok)?,
     };
     if train.len() <= t {
         bail!(
@@ -269,8 +269,8 @@ fn held_out_streams(
 
 /// A text corpus (a file, JSONL, or a directory of them: [`load_documents`]) as one token
 /// stream, each document followed by EOS, and what it is (for the log).
-fn text_stream(path: &Path, tok: &Tokenizer) -> Result<(TokenStream, String)> {
-    let docs = load_documents(path)?;
+fn text_stream(path: &Path, column: &str, tok: &Tokenizer) -> Result<(TokenStream, String)> {
+    let docs = load_documents_from(path, column)?;
     let ids = document_ids(&docs, tok)
         .with_context(|| path.display().to_string())?
         .concat();

@@ -13,7 +13,7 @@ use super::loader::scored_from;
 use super::setup::{self, init_checkpoint, split_holdout, Plan};
 use super::truncate::Fitter;
 use super::Env;
-use crate::data::records::{load_preferences_templated, place, PreferencePair};
+use crate::data::records::{place, preferences_from, read_records_with, PreferencePair};
 use crate::data::sampler::WindowSampler;
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
@@ -336,7 +336,8 @@ fn datasets(env: &Env) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>)> {
         }
         Some(p) => {
             let template = setup::chat_template(env)?;
-            let load = |f: &Path| load_preferences_templated(f, template.as_ref());
+            let read = |f: &Path| read_records_with(f, &env.cfg.data.columns);
+            let load = |f: &Path| preferences_from(f, read(f)?, template.as_ref());
             split_holdout(env, p, load, "pairs")
         }
     }

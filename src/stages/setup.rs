@@ -11,7 +11,7 @@ use super::rollout::FrozenReference;
 use super::Env;
 use crate::config::{Holdout, LoraConfig, ModelConfig, RunConfig, Stage, Truncation};
 use crate::data::chat_template::ChatTemplate;
-use crate::data::records::{load_prompts_templated, place, PromptRecord};
+use crate::data::records::{place, prompts_from, read_records_with, PromptRecord};
 use crate::data::synthetic::{Split, Synthetic};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::{hf, Transformer};
@@ -309,7 +309,8 @@ fn prompt_sets_unchecked(
         }
         Some(p) => {
             let template = chat_template(env)?;
-            let load = |f: &Path| load_prompts_templated(f, template.as_ref());
+            let read = |f: &Path| read_records_with(f, &env.cfg.data.columns);
+            let load = |f: &Path| prompts_from(f, read(f)?, template.as_ref());
             split_holdout(env, p, load, "prompts")
         }
     }

@@ -13,7 +13,9 @@ use super::setup::{self, split_holdout, Plan};
 use super::truncate::Fitter;
 use super::Env;
 use crate::config::{SftLoss, Truncation};
-use crate::data::records::{load_sft_templated, place, LossScope, PromptRecord, SftExample};
+use crate::data::records::{
+    place, read_records_with, sft_from, LossScope, PromptRecord, SftExample,
+};
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
@@ -54,7 +56,8 @@ pub(super) fn datasets(
         }
         Some(p) => {
             let template = setup::chat_template(env)?;
-            let load = |path: &Path| load_sft_templated(path, template.as_ref(), scope);
+            let read = |f: &Path| read_records_with(f, &env.cfg.data.columns);
+            let load = |f: &Path| sft_from(f, read(f)?, template.as_ref(), scope);
             let (train, eval) = split_holdout(env, p, load, "examples")?;
             // Task accuracy needs answers, which SFT files do not carry: with user data the
             // held-out loss is the measure.

@@ -391,6 +391,14 @@ mod tests {
                 "{completion}: {e}"
             );
         }
+        // A reply of messages after a prompt that is text.
+        let body = format!("{{\"prompt\": \"Q\", \"completion\": {}}}\n", list(&TURN));
+        let p = write(&d, "f.jsonl", &body);
+        let e = format!(
+            "{:#}",
+            load_sft_templated(&p, None, scope(true, true)).unwrap_err()
+        );
+        assert!(e.contains("f.jsonl:1: field \"completion\": a list of messages, after a \"prompt\" that is text"), "{e}");
         // A template's reply may close with a tool's answer, as an agent's trace can.
         let body = format!(
             "{{\"prompt\": {q}, \"completion\": {}}}\n",

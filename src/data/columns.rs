@@ -1,0 +1,179 @@
+//! `[data] columns` (`--columns`): which column of a data file holds each field temper reads,
+//! for datasets that name theirs otherwise, as OpenRLHF's `--input_key` and `--output_key`
+//! and TRL's `dataset_text_field` name them (GSM8K's `question`, the Stack's `content`).
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::records::Loc;
+
+/// The record fields a column can be read as.
+pub const FIELDS: [&str; 12] = [
+    "prompt",
+    "completion",
+    "response",
+    "messages",
+    "text",
+    "chosen",
+    "rejected",
+    "label",
+    "margin",
+    "answer",
+    "tools",
+    "chat_template_kwargs",
+];
+
+/// Field name to the file's column name; a field not named is read from its own column.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Columns(BTreeMap<String, String>);
+
+impl Columns {
+    /// `--columns prompt=question,answer=solution`.
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut map = BTreeMap::new();
+        for pair in text.split(',').filter(|p| !p.trim().is_empty()) {
+            let Some((field, column)) = pair.split_once('=') else {
+                bail!("--columns: \"{pair}\" is not FIELD=COLUMN (e.g. prompt=question)");
+            };
+            let (field, column) = (field.trim(), column.trim());
+            if map.insert(field.to_string(), column.to_string()).is_some() {
+                bail!("--columns: \"{field}\" is given twice");
+            }
+        }
+        Ok(Self(map))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Refuses a field temper does not read, one the stage does not read (`reads`, for `who`),
+    /// an empty column name, and two fields read from one column.
+    pub fn check(&self, reads: &[&str], who: &str) -> Result<()> {
+        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+        for (field, column) in &self.0 {
+            if !FIELDS.contains(&field.as_str()) {
+                bail!(
+                    "data.columns: \"{field}\" is no field temper reads (it reads {})",
+                    FIELDS.join(", ")
+                );
+            }
+            if !reads.contains(&field.as_str()) {
+                bail!(
+                    "data.columns: {who} reads no \"{field}\" (it reads {})",
+                    reads.join(", ")
+                );
+            }
+            if column.is_empty() {
+                bail!("data.columns: \"{field}\" names no column");
+            }
+            if let Some(other) = seen.insert(column, field) {
+                bail!("data.columns: \"{other}\" and \"{field}\" are both read from column \"{column}\"");
+            }
+        }
+        Ok(())
+    }
+
+    /// The column holding `field`.
+    pub fn column<'a>(&'a self, field: &'a str) -> &'a str {
+        self.0.get(field).map_or(field, String::as_str)
+    }
+
+    /// Renames a record's columns to the fields they hold. All are taken out before any is put
+    /// back, so that a swap (`chosen=rejected,rejected=chosen`) swaps; a field's own column,
+    /// where the file has one too, gives way to the column named for it. A named column the
+    /// record lacks is an error at the record, naming both.
+    pub(crate) fn apply(&self, at: &Loc, obj: &mut Map<String, Value>) -> Result<()> {
+        let mut taken = Vec::with_capacity(self.0.len());
+        for (field, column) in self.0.iter().filter(|(f, c)| f != c) {
+            match obj.remove(column) {
+                Some(v) => taken.push((field, v)),
+                None => {
+                    let msg = format!("missing (data.columns reads it as \"{field}\")");
+                    return Err(at.field(column, &msg));
+                }
+            }
+        }
+        for (field, v) in taken {
+            obj.insert(field.clone(), v);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Columns become the fields they are named for, a swap swaps, a field's own column gives
+    /// way, and a missing column is named at its record.
+    #[test]
+    fn columns_are_read_as_the_fields_they_are_named_for() {
+        let at = Loc {
+            path: Path::new("gsm8k.jsonl"),
+            line: 3,
+        };
+        let c = Columns::parse("prompt=question, answer=solution").unwrap();
+        let mut r = obj(json!({"question": "2+2?", "solution": "4", "prompt": "old", "id": 7}));
+        c.apply(&at, &mut r).unwrap();
+        assert_eq!(
+            Value::Object(r),
+            json!({"prompt": "2+2?", "answer": "4", "id": 7})
+        );
+        let swap = Columns::parse("chosen=rejected,rejected=chosen").unwrap();
+        let mut r = obj(json!({"prompt": "q", "chosen": "bad", "rejected": "good"}));
+        swap.apply(&at, &mut r).unwrap();
+        assert_eq!(
+            (&r["chosen"], &r["rejected"]),
+            (&json!("good"), &json!("bad"))
+        );
+        let e = c
+            .apply(&at, &mut obj(json!({"question": "q"})))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "gsm8k.jsonl:3: field \"solution\": missing (data.columns reads it as \"answer\")"
+        );
+        assert_eq!(c.column("prompt"), "question");
+        assert_eq!(c.column("text"), "text");
+    }
+
+    #[test]
+    fn bad_columns_are_refused() {
+        let e = |text: &str, reads: &[&str]| {
+            Columns::parse(text)
+                .and_then(|c| c.check(reads, "sft"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(e("prompt", &["prompt"]).contains("\"prompt\" is not FIELD=COLUMN"));
+        assert!(e("prompt=a,prompt=b", &["prompt"]).contains("given twice"));
+        assert!(e("promt=q", &["prompt"]).contains("\"promt\" is no field temper reads"));
+        assert!(e("chosen=q", &["prompt"]).contains("sft reads no \"chosen\" (it reads prompt)"));
+        assert!(e("prompt=", &["prompt"]).contains("names no column"));
+        let two = e("prompt=q,completion=q", &["prompt", "completion"]);
+        assert!(
+            two.contains("\"completion\" and \"prompt\" are both read from column \"q\""),
+            "{two}"
+        );
+        Columns::parse("prompt=question,completion=answer")
+            .unwrap()
+            .check(&["prompt", "completion"], "sft")
+            .unwrap();
+    }
+}
