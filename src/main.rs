@@ -230,10 +230,14 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// `--columns` of a prompt file, checked against the fields `who` reads.
-fn prompt_columns(given: Option<&Columns>, who: &str) -> Result<Columns> {
+/// `--columns` of a prompt file, checked against the fields `who` reads; refused without
+/// `--prompts` (`file`), which it would leave unread.
+fn prompt_columns(given: Option<&Columns>, file: Option<&Path>, who: &str) -> Result<Columns> {
+    if given.is_some() && file.is_none() {
+        bail!("--columns names the columns of a --prompts file, and {who} is given none");
+    }
     let columns = given.cloned().unwrap_or_default();
-    columns.check(Stage::Grpo.record_fields(), who)?;
+    columns.check_as(Stage::Grpo.record_fields(), who, "--columns")?;
     Ok(columns)
 }
 
@@ -244,8 +248,8 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     let net = policy_from(&loaded, &mut store, None)?;
     let mut requests = stages::generate::inline_prompts(&a.prompt);
     let kwargs = a.chat_template_kwargs.clone().unwrap_or_default();
+    let columns = prompt_columns(a.columns.as_ref(), a.prompts.as_deref(), "generate")?;
     if let Some(p) = &a.prompts {
-        let columns = prompt_columns(a.columns.as_ref(), "generate")?;
         requests.extend(load_prompts_lazily(p, &columns, || {
             chat_template_of(a.chat_template.as_deref(), &kwargs, &loaded)
         })?);
@@ -411,13 +415,13 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
     let task_seed = a.task_seed;
     // The built-in task's world where its held-out pairs are scored, for the result line.
     let mut task = None;
+    let columns = prompt_columns(a.columns.as_ref(), a.prompts.as_deref(), "eval")?;
     let prompts = match &a.prompts {
         Some(p) => {
             if task_seed.is_some() {
                 errln!("warning: --task-seed is not used: --prompts gives the prompts");
             }
             let kwargs = a.chat_template_kwargs.clone().unwrap_or_default();
-            let columns = prompt_columns(a.columns.as_ref(), "eval")?;
             load_prompts_lazily(p, &columns, || {
                 chat_template_of(a.chat_template.as_deref(), &kwargs, &loaded)
             })?

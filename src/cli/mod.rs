@@ -344,7 +344,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub prompt: Vec<String>,
     /// JSONL (or Parquet) file of {"prompt": ...} records; a prompt may be a list of chat messages, rendered
-    /// with the chat template. Every field of a record is copied to its output lines.
+    /// with the chat template. Every field of a record is copied to its output lines (under
+    /// the names --columns gives).
     #[arg(long)]
     pub prompts: Option<PathBuf>,
     /// The columns of --prompts that hold the fields read, where the file names them

@@ -26,6 +26,9 @@ pub const FIELDS: [&str; 12] = [
     "chat_template_kwargs",
 ];
 
+/// The fields a record may leave out: a named column it lacks leaves the field out too.
+const OPTIONAL: [&str; 4] = ["answer", "margin", "tools", "chat_template_kwargs"];
+
 /// Field name to the file's column name; a field not named is read from its own column.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -54,25 +57,33 @@ impl Columns {
     /// Refuses a field temper does not read, one the stage does not read (`reads`, for `who`),
     /// an empty column name, and two fields read from one column.
     pub fn check(&self, reads: &[&str], who: &str) -> Result<()> {
+        self.check_as(reads, who, "data.columns")
+    }
+
+    /// [`Columns::check`], errors naming the setting `setting` (`--columns` where no config
+    /// file can give it).
+    pub fn check_as(&self, reads: &[&str], who: &str, setting: &str) -> Result<()> {
         let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
         for (field, column) in &self.0 {
             if !FIELDS.contains(&field.as_str()) {
                 bail!(
-                    "data.columns: \"{field}\" is no field temper reads (it reads {})",
+                    "{setting}: \"{field}\" is no field temper reads (it reads {})",
                     FIELDS.join(", ")
                 );
             }
             if !reads.contains(&field.as_str()) {
                 bail!(
-                    "data.columns: {who} reads no \"{field}\" (it reads {})",
+                    "{setting}: {who} reads no \"{field}\" (it reads {})",
                     reads.join(", ")
                 );
             }
             if column.is_empty() {
-                bail!("data.columns: \"{field}\" names no column");
+                bail!("{setting}: \"{field}\" names no column");
             }
             if let Some(other) = seen.insert(column, field) {
-                bail!("data.columns: \"{other}\" and \"{field}\" are both read from column \"{column}\"");
+                bail!(
+                    "{setting}: \"{other}\" and \"{field}\" are both read from column \"{column}\""
+                );
             }
         }
         Ok(())
@@ -86,12 +97,16 @@ impl Columns {
     /// Renames a record's columns to the fields they hold. All are taken out before any is put
     /// back, so that a swap (`chosen=rejected,rejected=chosen`) swaps; a field's own column,
     /// where the file has one too, gives way to the column named for it. A named column the
-    /// record lacks is an error at the record, naming both.
+    /// record lacks is an error at the record, naming both, unless its field is one a record
+    /// may leave out ([`OPTIONAL`]).
     pub(crate) fn apply(&self, at: &Loc, obj: &mut Map<String, Value>) -> Result<()> {
         let mut taken = Vec::with_capacity(self.0.len());
         for (field, column) in self.0.iter().filter(|(f, c)| f != c) {
             match obj.remove(column) {
                 Some(v) => taken.push((field, v)),
+                None if OPTIONAL.contains(&field.as_str()) => {
+                    obj.remove(field);
+                }
                 None => {
                     let msg = format!("missing (data.columns reads it as \"{field}\")");
                     return Err(at.field(column, &msg));
@@ -143,13 +158,18 @@ mod tests {
             (&json!("good"), &json!("bad"))
         );
         let e = c
-            .apply(&at, &mut obj(json!({"question": "q"})))
+            .apply(&at, &mut obj(json!({"solution": "4"})))
             .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "gsm8k.jsonl:3: field \"solution\": missing (data.columns reads it as \"answer\")"
+            "gsm8k.jsonl:3: field \"question\": missing (data.columns reads it as \"prompt\")"
         );
         assert_eq!(c.column("prompt"), "question");
+        // An optional field's column may be missing from a record.
+        let mut r = obj(json!({"solution": "4", "answer": "own"}));
+        let tools = Columns::parse("answer=solution,tools=functions").unwrap();
+        tools.apply(&at, &mut r).unwrap();
+        assert_eq!(Value::Object(r), json!({"answer": "4"}));
         assert_eq!(c.column("text"), "text");
     }
 

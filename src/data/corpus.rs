@@ -19,17 +19,17 @@ const CORPUS_EXTS: [&str; 5] = [".txt", ".md", ".text", ".jsonl", ".parquet"];
 /// with a string field "text", one document per line, blank lines skipped; one ending .parquet
 /// a Parquet file with a string column "text", one document per row), or a directory
 /// (recursively; files ending .txt, .md, .text, .jsonl, .parquet, in any case, in sorted path
-/// order; others left out, and said to be). Empty documents are dropped; a corpus left with none is
-/// an error.
+/// order; others left out, and said to be; of one whose files name their splits, the train
+/// split's: [`Part`]). Empty documents are dropped; a corpus left with none is an error.
 pub fn load_documents(path: &Path) -> Result<Vec<String>> {
-    load_documents_from(path, "text")
+    load_documents_from(path, "text", Part::Train)
 }
 
 /// [`load_documents`], JSONL and Parquet documents read from the field `column` (TRL's
-/// `dataset_text_field`).
-pub fn load_documents_from(path: &Path, column: &str) -> Result<Vec<String>> {
+/// `dataset_text_field`), of a directory that names its splits the `part`.
+pub fn load_documents_from(path: &Path, column: &str, part: Part) -> Result<Vec<String>> {
     let mut docs = Vec::new();
-    for f in corpus_files(path)? {
+    for f in corpus_files(path, part)? {
         read_file_documents(&f, column, &mut docs)?;
     }
     docs.retain(|d| !d.is_empty());
@@ -45,8 +45,9 @@ pub fn load_documents_from(path: &Path, column: &str) -> Result<Vec<String>> {
 }
 
 /// The files of a corpus in the order [`load_documents`] reads them: the file itself, or a
-/// directory's corpus files (recursively, in sorted path order).
-pub(crate) fn corpus_files(path: &Path) -> Result<Vec<PathBuf>> {
+/// directory's corpus files (recursively, in sorted path order; of its `part` where its files
+/// name their splits).
+pub(crate) fn corpus_files(path: &Path, part: Part) -> Result<Vec<PathBuf>> {
     let meta = std::fs::metadata(path)
         .with_context(|| format!("{}: cannot read corpus", path.display()))?;
     if !meta.is_dir() {
@@ -57,7 +58,7 @@ pub(crate) fn corpus_files(path: &Path) -> Result<Vec<PathBuf>> {
     collect_files(path, &mut files, &mut left_out, &mut seen)?;
     files.sort();
     left_out.sort();
-    let files = train_split(path, files);
+    let files = split_files(path, files, part)?;
     // Hidden files (.DS_Store, a .gitignore) are nobody's documents: passed over unsaid.
     left_out.retain(|p| {
         !p.file_name()
@@ -80,16 +81,42 @@ pub(crate) fn corpus_files(path: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Of a directory that names its splits as a Hugging Face dataset does (`data/train-00000-of-
-/// 00002.parquet` beside `data/test-00000-of-00001.parquet` and the README dataset card), the
-/// train split's files, as `datasets` loads `split="train"`; the others are said to be left
-/// out. A directory with no train split is read whole.
-fn train_split(root: &Path, files: Vec<PathBuf>) -> Vec<PathBuf> {
-    let is_train = |f: &PathBuf| split_of(f.strip_prefix(root).unwrap_or(f)) == Some("train");
-    if !files.iter().any(is_train) {
-        return files;
-    }
-    let (train, other): (Vec<PathBuf>, Vec<PathBuf>) = files.into_iter().partition(is_train);
+/// Which part of a corpus directory that names its splits (a Hugging Face dataset's
+/// `data/train-00000-of-00002.parquet` beside `data/test-00000-of-00001.parquet`) is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// The train split, as `datasets` loads `split="train"`: `--data`.
+    Train,
+    /// The validation split, else the test split: `--eval-data`.
+    HeldOut,
+}
+
+/// A dataset split, as `datasets` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Split {
+    Train,
+    Validation,
+    Test,
+}
+
+/// Of a directory whose files name their splits, the files of `part`; the others are said to
+/// be left out (the README dataset card among them). A directory that names no split is read
+/// whole.
+fn split_files(root: &Path, files: Vec<PathBuf>, part: Part) -> Result<Vec<PathBuf>> {
+    let split = |f: &PathBuf| split_of(f.strip_prefix(root).unwrap_or(f));
+    let has = |s: Split| files.iter().any(|f| split(f) == Some(s));
+    let want = match part {
+        Part::Train if has(Split::Train) => Split::Train,
+        Part::HeldOut if has(Split::Validation) => Split::Validation,
+        Part::HeldOut if has(Split::Test) => Split::Test,
+        Part::HeldOut if has(Split::Train) => bail!(
+            "{}: names a train split and no validation or test split to hold out",
+            root.display()
+        ),
+        _ => return Ok(files),
+    };
+    let (kept, other): (Vec<PathBuf>, Vec<PathBuf>) =
+        files.into_iter().partition(|f| split(f) == Some(want));
     if !other.is_empty() {
         let names: Vec<String> = other
             .iter()
@@ -97,42 +124,47 @@ fn train_split(root: &Path, files: Vec<PathBuf>) -> Vec<PathBuf> {
             .map(|p| p.strip_prefix(root).unwrap_or(p).display().to_string())
             .collect();
         crate::errln!(
-            "warning: {}: its train split is read ({} files named so, as `datasets` names \
-             splits); {} other files left out ({}{}): --eval-data names a held-out split",
+            "warning: {}: its {} split is read ({} files named so, as a Hugging Face dataset \
+             names its splits); {} other files left out ({}{})",
             root.display(),
-            train.len(),
+            format!("{want:?}").to_lowercase(),
+            kept.len(),
             other.len(),
             names.join(", "),
             if other.len() > 3 { ", ..." } else { "" }
         );
     }
-    train
+    Ok(kept)
 }
 
-/// The split a file belongs to by its path, as `datasets` infers splits from file names: a
-/// directory or file name that starts with a split's keyword and then a separator, a digit or
-/// nothing (`train-00000-of-00002.parquet`, `test/part.jsonl`, `validation.jsonl`).
-fn split_of(rel: &Path) -> Option<&'static str> {
-    const SPLITS: [(&str, &[&str]); 3] = [
-        ("train", &["train", "training"]),
-        ("validation", &["validation", "valid", "dev", "val"]),
-        ("test", &["test", "testing", "eval", "evaluation"]),
-    ];
-    for part in rel.components() {
-        let name = part.as_os_str().to_string_lossy().to_lowercase();
-        for (split, words) in SPLITS {
-            let named = words.iter().any(|w| {
-                name.strip_prefix(w).is_some_and(|rest| {
-                    rest.is_empty()
-                        || rest.starts_with(|c: char| "-._ ".contains(c) || c.is_ascii_digit())
-                })
-            });
-            if named {
-                return Some(split);
-            }
-        }
+/// The split a file belongs to by its path: under a directory named for it (`train/`,
+/// `validation/`), or a file named for it (`test.jsonl`) or one of its shards
+/// (`train-00000-of-00002.parquet`). Other names that merely start with a split's word
+/// (`training_day.txt`) belong to none.
+fn split_of(rel: &Path) -> Option<Split> {
+    let named = |name: &str| match name {
+        "train" | "training" => Some(Split::Train),
+        "validation" | "valid" | "dev" | "val" => Some(Split::Validation),
+        "test" | "testing" | "eval" | "evaluation" => Some(Split::Test),
+        _ => None,
+    };
+    let parts: Vec<String> = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().to_lowercase())
+        .collect();
+    let (file, dirs) = parts.split_last()?;
+    if let Some(s) = dirs.iter().find_map(|d| named(d)) {
+        return Some(s);
     }
-    None
+    let stem = file.split('.').next().unwrap_or(file);
+    if let Some(s) = named(stem) {
+        return Some(s);
+    }
+    // `train-00000-of-00002`: a shard of its split.
+    let (word, shard) = stem.split_once('-')?;
+    let (i, n) = shard.split_once("-of-")?;
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    (digits(i) && digits(n)).then(|| named(word)).flatten()
 }
 
 fn collect_files(
@@ -430,17 +462,37 @@ mod tests {
             std::fs::write(root.join(name), format!("{{\"text\": \"{text}\"}}\n")).unwrap();
         }
         assert_eq!(load_documents(root).unwrap(), ["t0", "t1"]);
+        // Held out: the validation split, else the test split.
+        let held = |root: &Path| load_documents_from(root, "text", Part::HeldOut);
+        assert_eq!(held(root).unwrap(), ["val"]);
+        std::fs::remove_file(root.join("data/validation.jsonl")).unwrap();
+        assert_eq!(held(root).unwrap(), ["held"]);
+        std::fs::remove_file(root.join("data/test-00000-of-00001.jsonl")).unwrap();
+        assert!(err(held(root)).contains("names a train split and no validation or test split"));
         let split = |p: &str| split_of(Path::new(p));
-        assert_eq!(split("train/part.txt"), Some("train"));
-        assert_eq!(split("training_set.jsonl"), Some("train"));
-        assert_eq!(split("valid2.jsonl"), Some("validation"));
-        assert_eq!(split("eval.jsonl"), Some("test"));
-        assert_eq!(split("trainers.md"), None);
-        assert_eq!(split("devices.txt"), None);
-        // No train split: the directory is read whole.
-        std::fs::remove_file(root.join("data/train-00000-of-00002.jsonl")).unwrap();
-        std::fs::remove_file(root.join("data/train-00001-of-00002.jsonl")).unwrap();
-        assert_eq!(load_documents(root).unwrap().len(), 3);
+        assert_eq!(split("train/part.txt"), Some(Split::Train));
+        assert_eq!(split("data/valid.jsonl"), Some(Split::Validation));
+        assert_eq!(split("eval.jsonl"), Some(Split::Test));
+        assert_eq!(split("test-00003-of-00010.parquet"), Some(Split::Test));
+        // Names that only start with a split's word name none, so an ordinary corpus with a
+        // `training_day.txt` is read whole.
+        for name in [
+            "training_day.txt",
+            "Train_station.txt",
+            "train-robbery.txt",
+            "devices.txt",
+        ] {
+            assert_eq!(split(name), None, "{name}");
+        }
+        // No split named: the directory is read whole.
+        for f in [
+            "data/train-00000-of-00002.jsonl",
+            "data/train-00001-of-00002.jsonl",
+        ] {
+            std::fs::remove_file(root.join(f)).unwrap();
+        }
+        std::fs::write(root.join("training_day.txt"), "day").unwrap();
+        assert_eq!(load_documents(root).unwrap().len(), 2);
     }
 
     #[test]

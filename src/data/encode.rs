@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use super::corpus::{corpus_files, held_out, read_file_documents};
+use super::corpus::{corpus_files, held_out, read_file_documents, Part};
 use super::shards::{write_shard, Width, BYTES_MARKER, BYTES_MARKER_TEXT};
 use super::tokenizer::{Tokenizer, FILE_NAME};
 
@@ -142,7 +142,7 @@ pub fn encode_corpus(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
     let start = Instant::now();
     let mut documents = 0;
     let mut encoded_tokens = 0usize;
-    let files = corpus_files(corpus)?;
+    let files = corpus_files(corpus, Part::Train)?;
     let mut next = 0;
     while next < files.len() {
         let mut docs = Vec::new();

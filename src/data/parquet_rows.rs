@@ -151,7 +151,7 @@ mod tests {
 
     use super::*;
     use crate::data::chat_template::ChatTemplate;
-    use crate::data::corpus::{load_documents, load_documents_from};
+    use crate::data::corpus::{load_documents, load_documents_from, Part};
     use crate::data::labelled::load_labelled_records;
     use crate::data::records::{
         load_preferences, load_prompts_templated, load_sft_templated, LossScope,
@@ -272,7 +272,11 @@ mod tests {
         assert_eq!(docs, ["Bytes that are text."]);
         let row = &read_rows(&fixture("binary.parquet"), None).unwrap()[0];
         assert_eq!(row["image"], json!({"base64": "iVBOR/8="}));
-        let e = err(load_documents_from(&fixture("binary.parquet"), "image"));
+        let e = err(load_documents_from(
+            &fixture("binary.parquet"),
+            "image",
+            Part::Train,
+        ));
         assert!(
             e.contains("binary.parquet[0]: field \"image\": expected a string, got an object"),
             "{e}"

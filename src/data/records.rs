@@ -624,7 +624,7 @@ fn push_segment(segments: &mut Vec<Segment>, text: &str, train: bool) {
 
 /// Reads preference pairs `{"prompt", "chosen", "rejected"}`, all non-empty strings (chosen
 /// and rejected may be equal), or in TRL's conversational form: `prompt` a list of messages,
-/// `chosen` and `rejected` each a list holding the one assistant message.
+/// `chosen` and `rejected` each a list of messages opening with the assistant's.
 pub fn load_preferences(path: &Path) -> Result<Vec<PreferencePair>> {
     load_preferences_templated(path, None)
 }

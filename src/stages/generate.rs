@@ -438,6 +438,30 @@ pub fn inline_prompts(texts: &[String]) -> Vec<PromptRecord> {
         .collect()
 }
 
+/// Says which of the prompt records' own fields the output lines replace (a prompt-completion
+/// dataset's reference `completion`, a scored file's `reward`), so that none is lost unsaid.
+fn warn_replaced_fields(requests: &[PromptRecord], job: &Job, scored: bool) {
+    let mut written = vec!["completion", "finish_reason"];
+    if job.samples > 1 {
+        written.push("sample");
+    }
+    if scored {
+        written.extend(["reward", "rewards"]);
+    }
+    for field in written {
+        let n = requests
+            .iter()
+            .filter(|r| r.fields.contains_key(field))
+            .count();
+        if n > 0 {
+            crate::warnln!(
+                "warning: {n} prompt records have their own \"{field}\", which the output lines \
+                 replace with generate's (rename it in the file to keep it)"
+            );
+        }
+    }
+}
+
 /// Samples `job.samples` completions for every request of `job.shard`'s part into `sink`:
 /// one line per row, the request's fields (its `prompt` as given) with `completion`,
 /// `finish_reason` (`stop`: EOS or a stop string; `length`: `max_new_tokens` ran out) and,
@@ -466,6 +490,7 @@ pub fn run(
     let part = job.shard.range(requests.len());
     let first_row = part.start * job.samples;
     let requests = &requests[part];
+    warn_replaced_fields(requests, job, rewards.is_some());
     let context = net.cfg.max_position_embeddings;
     let encoded = encode_prompts(tok, requests, job.cfg.max_new_tokens, context)?;
     let total = requests.len() * job.samples;

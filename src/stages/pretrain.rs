@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use super::loader::{policy_from, read_checkpoint};
 use super::setup::{self, Plan};
 use super::Env;
-use crate::data::corpus::{document_ids, load_documents_from, pack_documents};
+use crate::data::corpus::{document_ids, load_documents_from, pack_documents, Part};
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::data::shards::{
     check_corpus_tokenizer, corpus_tokenizer_file, is_shard_corpus, open_corpus, open_held_out,
@@ -175,6 +175,17 @@ fn streams(
 ) -> Result<(TokenStream, TokenStream, String)> {
     let cfg = &env.cfg;
     let t = cfg.train.seq_len;
+    let shards = [cfg.data.path.as_deref(), eval]
+        .into_iter()
+        .flatten()
+        .find(|p| is_shard_corpus(p));
+    if let (Some(p), false) = (shards, cfg.data.columns.is_empty()) {
+        bail!(
+            "data.columns names the text column of a text corpus, and {} is token shards, \
+             already tokenized: leave the columns out",
+            p.display()
+        );
+    }
     if let Some(eval) = eval {
         let data = (cfg.data.path.as_deref()).context("--eval-data is refused without --data")?;
         return held_out_streams((data, eval), cfg.data.columns.column("text"), tok, t);
@@ -204,7 +215,7 @@ fn streams(
         return Ok((train, val, what));
     }
     let docs = match &cfg.data.path {
-        Some(p) => load_documents_from(p, cfg.data.columns.column("text"))?,
+        Some(p) => load_documents_from(p, cfg.data.columns.column("text"), Part::Train)?,
         None => setup::synthetic(env).pretrain_documents(4000),
     };
     let packed = pack_documents(&docs, tok, cfg.data.val_fraction, t + 1, cfg.train.seed)?;
@@ -237,14 +248,14 @@ fn held_out_streams(
             let what = format!("token shards {} (memory-mapped{unread})", data.display());
             (TokenStream::mapped(train), what)
         }
-        false => text_stream(data, column, tok)?,
+        false => text_stream(data, (column, Part::Train), tok)?,
     };
     let (val, val_what) = match is_shard_corpus(eval) {
         true => {
             let what = format!("token shards {} (memory-mapped)", eval.display());
             (TokenStream::mapped(open_held_out(eval)?), what)
         }
-        false => text_stream(eval, column, tok)?,
+        false => text_stream(eval, (column, Part::HeldOut), tok)?,
     };
     if train.len() <= t {
         bail!(
@@ -269,8 +280,12 @@ fn held_out_streams(
 
 /// A text corpus (a file, JSONL, or a directory of them: [`load_documents`]) as one token
 /// stream, each document followed by EOS, and what it is (for the log).
-fn text_stream(path: &Path, column: &str, tok: &Tokenizer) -> Result<(TokenStream, String)> {
-    let docs = load_documents_from(path, column)?;
+fn text_stream(
+    path: &Path,
+    (column, part): (&str, Part),
+    tok: &Tokenizer,
+) -> Result<(TokenStream, String)> {
+    let docs = load_documents_from(path, column, part)?;
     let ids = document_ids(&docs, tok)
         .with_context(|| path.display().to_string())?
         .concat();
