@@ -14,8 +14,8 @@ use serde_json::{Map, Value};
 
 use super::chat_template::ChatTemplate;
 use super::records::{
-    bind, kind, preference_record, read_records, render_prompt, render_reply, Lines, Loc,
-    PreferencePair, SftExample,
+    bind, kind, preference_record, read_records, refuse_messages_after_text, render_prompt,
+    render_reply, Lines, Loc, PreferencePair, SftExample,
 };
 
 #[derive(Clone, Debug, PartialEq)]
@@ -119,11 +119,15 @@ fn labelled_record(
             )?;
             (prompt, completion, chat.is_none())
         }
-        _ => (
-            at.non_empty_str(obj, "prompt")?.to_string(),
-            at.non_empty_str(obj, "completion")?.to_string(),
-            true,
-        ),
+        _ => {
+            let prompt = at.non_empty_str(obj, "prompt")?.to_string();
+            refuse_messages_after_text(at, obj, "completion")?;
+            (
+                prompt,
+                at.non_empty_str(obj, "completion")?.to_string(),
+                true,
+            )
+        }
     };
     Ok(vec![LabelledCompletion {
         prompt,

@@ -294,13 +294,7 @@ fn sft_example(
                 }
                 None => {
                     let prompt = at.non_empty_str(obj, "prompt")?;
-                    if obj.get(reply).is_some_and(Value::is_array) {
-                        return Err(at.field(
-                            reply,
-                            "a list of messages, after a \"prompt\" that is text: a conversation's \
-                             reply follows a prompt that is a list of messages too",
-                        ));
-                    }
+                    refuse_messages_after_text(at, obj, reply)?;
                     // Followed by a trained EOS: may be empty ([`empty_reply`]).
                     let response = at.string(obj, reply)?;
                     SftExample::prompt_response(prompt, response, true, Some(at.to_string()))
@@ -667,14 +661,35 @@ pub(crate) fn preference_record(
     if obj.get("prompt").is_some_and(Value::is_array) {
         return conversational_pair(at, obj, bind(at, obj, template)?.as_ref());
     }
+    let prompt = at.non_empty_str(obj, "prompt")?.to_string();
+    for field in ["chosen", "rejected"] {
+        refuse_messages_after_text(at, obj, field)?;
+    }
     Ok(PreferencePair {
-        prompt: at.non_empty_str(obj, "prompt")?.to_string(),
+        prompt,
         chosen: at.non_empty_str(obj, "chosen")?.to_string(),
         rejected: at.non_empty_str(obj, "rejected")?.to_string(),
         append_eos: true,
         origin: Some(at.to_string()),
         margin: margin_of(at, obj)?,
     })
+}
+
+/// Refuses a reply (`field`) that is a list of messages after a `prompt` that is text, by what
+/// is wrong rather than as a string that is not one.
+pub(crate) fn refuse_messages_after_text(
+    at: &Loc,
+    obj: &Map<String, Value>,
+    field: &str,
+) -> Result<()> {
+    match obj.get(field).is_some_and(Value::is_array) {
+        true => Err(at.field(
+            field,
+            "a list of messages, after a \"prompt\" that is text: a conversation's reply follows \
+             a prompt that is a list of messages too",
+        )),
+        false => Ok(()),
+    }
 }
 
 /// A preference record's optional `margin`: a finite number, or absent or null.
@@ -1742,7 +1757,7 @@ mod tests {
             ),
             (
                 r#"{"prompt": "q", "chosen": "a", "rejected": ["b"]}"#,
-                "field \"rejected\": expected a string, got an array",
+                "field \"rejected\": a list of messages, after a \"prompt\" that is text: a conversation's reply follows a prompt that is a list of messages too",
             ),
         ];
         for (body, want) in cases {

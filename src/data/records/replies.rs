@@ -398,7 +398,31 @@ mod tests {
             "{:#}",
             load_sft_templated(&p, None, scope(true, true)).unwrap_err()
         );
-        assert!(e.contains("f.jsonl:1: field \"completion\": a list of messages, after a \"prompt\" that is text"), "{e}");
+        let after_text = "a list of messages, after a \"prompt\" that is text";
+        assert!(
+            e.contains(&format!("f.jsonl:1: field \"completion\": {after_text}")),
+            "{e}"
+        );
+        let kto = format!(
+            "{{\"prompt\": \"Q\", \"completion\": {}, \"label\": true}}\n",
+            list(&TURN)
+        );
+        let k = write(&d, "k.jsonl", &kto);
+        let ek = format!("{:#}", load_labelled_records(&k, None).unwrap_err());
+        assert!(
+            ek.contains(&format!("k.jsonl:1: field \"completion\": {after_text}")),
+            "{ek}"
+        );
+        let pair = format!(
+            "{{\"prompt\": \"Q\", \"chosen\": {}, \"rejected\": \"r\"}}\n",
+            list(&TURN)
+        );
+        let pp = write(&d, "p.jsonl", &pair);
+        let ep = format!("{:#}", load_preferences_templated(&pp, None).unwrap_err());
+        assert!(
+            ep.contains(&format!("p.jsonl:1: field \"chosen\": {after_text}")),
+            "{ep}"
+        );
         // A template's reply may close with a tool's answer, as an agent's trace can.
         let body = format!(
             "{{\"prompt\": {q}, \"completion\": {}}}\n",
