@@ -172,6 +172,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => export_cmd(&a)?,
         Command::Tokenizer(TokenizerCmd::Train {
             files,
+            columns,
             vocab_size,
             out,
             overwrite,
@@ -182,11 +183,13 @@ fn run(cli: Cli) -> Result<()> {
                     out.display()
                 );
             }
-            let t = train_bpe(&files, vocab_size, &out)?;
+            let columns = text_columns(columns, "tokenizer train")?;
+            let t = train_bpe(&files, columns.column("text"), vocab_size, &out)?;
             outln!("wrote {} ({})", out.display(), t.describe());
         }
         Command::Tokenizer(TokenizerCmd::Encode {
             corpus,
+            columns,
             tokenizer,
             out,
             shard_tokens,
@@ -199,7 +202,9 @@ fn run(cli: Cli) -> Result<()> {
             };
             // A model directory's tokenizer.json is the file copied beside the shards.
             let file = tokenizer.as_deref().map(temper::data::tokenizer::file_of);
+            let columns = text_columns(columns, "tokenizer encode")?;
             let opts = EncodeOpts {
+                column: columns.column("text"),
                 tok: &tok,
                 tokenizer_file: file.as_deref(),
                 out: &out,
@@ -228,6 +233,13 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A tokenizer command's `--columns`, which names the text column alone.
+fn text_columns(given: Option<Columns>, who: &str) -> Result<Columns> {
+    let columns = given.unwrap_or_default();
+    columns.check_as(Stage::Pretrain.record_fields(), who, "--columns")?;
+    Ok(columns)
 }
 
 /// `--columns` of a prompt file, checked against the fields `who` reads; refused without

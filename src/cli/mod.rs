@@ -501,6 +501,9 @@ pub enum TokenizerCmd {
         /// Text, .jsonl or .parquet files (or directories of them) to learn the merges from.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// text=COLUMN: the column of .jsonl and .parquet files that holds the text.
+        #[arg(long, value_name = "text=COLUMN", value_parser = Columns::parse)]
+        columns: Option<Columns>,
         #[arg(long, default_value_t = 4096)]
         vocab_size: usize,
         /// The tokenizer.json to write; an existing file needs --overwrite.
@@ -516,6 +519,9 @@ pub enum TokenizerCmd {
         /// The corpus: a text, .jsonl or .parquet file, or a directory, as `pretrain --data`
         /// reads one.
         corpus: PathBuf,
+        /// text=COLUMN: the column of .jsonl and .parquet files that holds the text.
+        #[arg(long, value_name = "text=COLUMN", value_parser = Columns::parse)]
+        columns: Option<Columns>,
         /// The tokenizer.json to encode with (copied beside the shards, where pretraining
         /// finds it); the byte tokenizer when absent.
         #[arg(long)]

@@ -39,6 +39,8 @@ pub struct EncodeOpts<'a> {
     pub shard_tokens: usize,
     pub val_fraction: f64,
     pub seed: u64,
+    /// The field of JSONL and Parquet documents that holds their text.
+    pub column: &'a str,
 }
 
 /// What was written.
@@ -109,6 +111,7 @@ pub fn encode_corpus(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
             opts.val_fraction
         );
     }
+    let created = !opts.out.exists();
     std::fs::create_dir_all(opts.out)
         .with_context(|| format!("{}: cannot create", opts.out.display()))?;
     if super::shards::is_shard_corpus(opts.out) {
@@ -129,6 +132,35 @@ pub fn encode_corpus(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
             opts.out.display()
         );
     }
+    let encoded = encode_into(corpus, opts);
+    if encoded.is_err() {
+        remove_partial(opts.out, created);
+    }
+    encoded
+}
+
+/// After a failed encode, the shards it wrote (the directory held none before it began, so
+/// every shard there is its own), and the directory where it made it: a half-encoded corpus
+/// left behind would pretrain as if whole.
+fn remove_partial(out: &Path, created: bool) {
+    let ours = |name: &str| {
+        let stem = name.strip_suffix(".bin").unwrap_or("");
+        let number = stem.strip_prefix("train_").or(stem.strip_prefix("val_"));
+        number.is_some_and(|n| n.len() == 6 && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    for entry in std::fs::read_dir(out).into_iter().flatten().flatten() {
+        if ours(&entry.file_name().to_string_lossy()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    if created {
+        // Only where nothing else was put there meanwhile: remove_dir leaves a full one.
+        let _ = std::fs::remove_dir(out);
+    }
+}
+
+/// [`encode_corpus`] into an `opts.out` checked to hold no shards.
+fn encode_into(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
     let width = Width::for_vocab(opts.tok.vocab_size());
     let split = |name| Split {
         name,
@@ -149,7 +181,7 @@ pub fn encode_corpus(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
         let mut bytes = 0;
         while next < files.len() && (bytes < GROUP_BYTES || docs.is_empty()) {
             let before = docs.len();
-            read_file_documents(&files[next], "text", &mut docs)?;
+            read_file_documents(&files[next], opts.column, &mut docs)?;
             bytes += docs[before..].iter().map(String::len).sum::<usize>();
             next += 1;
         }
@@ -261,6 +293,7 @@ mod tests {
             out: &out,
             shard_tokens: 100,
             val_fraction: 0.2,
+            column: "text",
             seed: 3,
         };
         let enc = encode_corpus(&corpus, &opts).unwrap();
@@ -279,5 +312,66 @@ mod tests {
         // A second encode into the same directory would mix two corpora.
         let e = format!("{:#}", encode_corpus(&corpus, &opts).unwrap_err());
         assert!(e.contains("already holds token shards"), "{e}");
+    }
+
+    /// An encode that fails (a later file without the text column) leaves no directory it made
+    /// and none of its shards (the shard cleanup itself runs only past a 64 MB group, which
+    /// this corpus does not reach); one that was there keeps its other files. The column read
+    /// is the one named.
+    #[test]
+    fn a_failed_encode_leaves_no_shards_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let corpus = d.path().join("corpus");
+        std::fs::create_dir(&corpus).unwrap();
+        let lines: String = (0..20)
+            .map(|i| format!("{{\"content\": \"document {i} of the stack\"}}\n"))
+            .collect();
+        std::fs::write(corpus.join("a.jsonl"), lines).unwrap();
+        std::fs::write(corpus.join("b.jsonl"), "{\"text\": \"no content\"}\n").unwrap();
+        let tok = Tokenizer::bytes();
+        let out = d.path().join("shards");
+        let opts = EncodeOpts {
+            tok: &tok,
+            tokenizer_file: None,
+            out: &out,
+            shard_tokens: 50,
+            val_fraction: 0.0,
+            column: "content",
+            seed: 0,
+        };
+        let e = format!("{:#}", encode_corpus(&corpus, &opts).unwrap_err());
+        assert!(e.contains("b.jsonl:1: field \"content\": missing"), "{e}");
+        assert!(!out.exists());
+        // Into a directory that was there before: the shards go, the directory stays.
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(out.join("notes.txt"), "mine").unwrap();
+        encode_corpus(&corpus, &opts).unwrap_err();
+        let left: Vec<_> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["notes.txt"]);
+        std::fs::remove_file(corpus.join("b.jsonl")).unwrap();
+        let enc = encode_corpus(&corpus, &opts).unwrap();
+        assert_eq!(enc.documents, 20);
+        // The cleanup takes the shards' names alone.
+        let names = [
+            "train_000000.bin",
+            "val_000012.bin",
+            "train_1.bin",
+            "model.bin",
+        ];
+        let mixed = d.path().join("mixed");
+        std::fs::create_dir(&mixed).unwrap();
+        for n in names {
+            std::fs::write(mixed.join(n), "x").unwrap();
+        }
+        remove_partial(&mixed, true);
+        let mut left: Vec<_> = std::fs::read_dir(&mixed)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["model.bin", "train_1.bin"]);
     }
 }

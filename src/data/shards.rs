@@ -755,6 +755,7 @@ mod tests {
             out: &shards,
             shard_tokens: 1000,
             val_fraction: 0.0,
+            column: "text",
             seed: 0,
         };
         encode_corpus(&corpus, &opts).unwrap();
@@ -935,6 +936,7 @@ mod tests {
                 out,
                 shard_tokens: 100,
                 val_fraction: 0.0,
+                column: "text",
                 seed: 0,
             };
             encode_corpus(&corpus, &opts)

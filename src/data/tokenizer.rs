@@ -12,7 +12,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::AddedToken;
 
 use super::chat_template::{named_templates, DEFAULT, NAMED_TEMPLATES_DIR, TEMPLATE_FILE};
-use super::corpus::load_documents;
+use super::corpus::{load_documents_from, Part};
 
 /// End-of-sequence id of the byte tokenizer: the first id after the 256 byte values.
 pub const BYTE_EOS: u32 = 256;
@@ -826,9 +826,14 @@ pub const MAX_TRAINED_VOCAB: usize = 1 << 20;
 
 /// Trains a byte-level BPE of `vocab_size` tokens on `files` and writes it to `out`.
 ///
-/// Each entry of `files` is read as a corpus by [`load_documents`], so directories and
-/// `.jsonl` files (their "text" fields) work as they do for pretraining.
-pub fn train_bpe(files: &[PathBuf], vocab_size: usize, out: &Path) -> Result<Tokenizer> {
+/// Each entry of `files` is read as a corpus by [`load_documents_from`], so directories and
+/// `.jsonl` and `.parquet` files (their `column` fields) work as they do for pretraining.
+pub fn train_bpe(
+    files: &[PathBuf],
+    column: &str,
+    vocab_size: usize,
+    out: &Path,
+) -> Result<Tokenizer> {
     // The byte alphabet and the special tokens are always in the vocabulary, so a smaller
     // size could not be honoured.
     let min = 256 + TRAINED_SPECIALS.len();
@@ -845,7 +850,7 @@ pub fn train_bpe(files: &[PathBuf], vocab_size: usize, out: &Path) -> Result<Tok
     }
     let mut docs = Vec::new();
     for f in files {
-        docs.extend(load_documents(f)?);
+        docs.extend(load_documents_from(f, column, Part::Train)?);
     }
 
     let mut tok = tokenizers::Tokenizer::new(BPE::default());
@@ -881,10 +886,10 @@ mod tests {
     #[test]
     fn a_vocabulary_size_out_of_range_is_refused() {
         let out = Path::new("/nonexistent/tok.json");
-        let e = train_bpe(&[], 100, out).unwrap_err().to_string();
+        let e = train_bpe(&[], "text", 100, out).unwrap_err().to_string();
         assert!(e.contains("vocab_size 100 is too small"), "{e}");
         for size in [MAX_TRAINED_VOCAB + 1, usize::MAX] {
-            let e = train_bpe(&[], size, out).unwrap_err().to_string();
+            let e = train_bpe(&[], "text", size, out).unwrap_err().to_string();
             assert!(
                 e.contains(&format!("vocab_size {size} is too large")),
                 "{e}"
@@ -934,7 +939,7 @@ mod tests {
         let corpus = dir.path().join("c.txt");
         std::fs::write(&corpus, sample_text()).unwrap();
         let out = dir.path().join("sub/tok.json");
-        let t = train_bpe(&[corpus], 300, &out).unwrap();
+        let t = train_bpe(&[corpus], "text", 300, &out).unwrap();
         assert!(out.is_file());
         assert!(t.vocab_size() > BYTE_VOCAB && t.vocab_size() <= 300);
         assert_eq!(t.describe(), format!("bpe(vocab={})", t.vocab_size()));
@@ -981,7 +986,7 @@ mod tests {
 
         let corpus = dir.path().join("c.txt");
         std::fs::write(&corpus, sample_text()).unwrap();
-        let t = train_bpe(&[corpus], 280, &dir.path().join("a.json")).unwrap();
+        let t = train_bpe(&[corpus], "text", 280, &dir.path().join("a.json")).unwrap();
         let run = dir.path().join("run");
         t.save_dir(&run).unwrap();
         let names: Vec<_> = std::fs::read_dir(&run)
@@ -1299,6 +1304,7 @@ mod tests {
             "{:#}",
             train_bpe(
                 std::slice::from_ref(&missing),
+                "text",
                 300,
                 &dir.path().join("o.json")
             )
@@ -1307,7 +1313,7 @@ mod tests {
         assert!(e.contains(&missing.display().to_string()), "{e}");
         let e = format!(
             "{:#}",
-            train_bpe(&[bad], 10, &dir.path().join("o.json")).unwrap_err()
+            train_bpe(&[bad], "text", 10, &dir.path().join("o.json")).unwrap_err()
         );
         assert!(e.contains("vocab_size 10"), "{e}");
     }
