@@ -115,8 +115,8 @@ fn object(row: &Row) -> Map<String, Value> {
 /// A field as JSON, as `datasets` hands it to Python: a float32 as the shortest decimal that
 /// rounds to it (0.1, not 0.10000000149011612), a non-finite float as null (JSON has none);
 /// bytes as the text they hold where they are UTF-8 (some writers store strings so), else as
-/// `{"base64": ...}`, which no field that wants text takes (an image's bytes); dates and
-/// decimals as the parquet crate writes them.
+/// `{"base64": ...}`, which no field that wants text takes (an image's bytes); a map as its
+/// list of key-value pairs; dates and decimals as the parquet crate writes them.
 fn value(field: &Field) -> Value {
     let float = |x: f64| Number::from_f64(x).map_or(Value::Null, Value::Number);
     match field {
@@ -139,6 +139,14 @@ fn value(field: &Field) -> Value {
         },
         Field::Group(row) => Value::Object(object(row)),
         Field::ListInternal(list) => Value::Array(list.elements().iter().map(value).collect()),
+        // A list of `{"key", "value"}` pairs, as Arrow stores a map (a list of structs; pyarrow
+        // gives `(key, value)` tuples): keys that are not strings survive, and order too.
+        Field::MapInternal(map) => Value::Array(
+            map.entries()
+                .iter()
+                .map(|(k, v)| serde_json::json!({"key": value(k), "value": value(v)}))
+                .collect(),
+        ),
         other => other.to_json_value(),
     }
 }
@@ -272,6 +280,8 @@ mod tests {
         assert_eq!(docs, ["Bytes that are text."]);
         let row = &read_rows(&fixture("binary.parquet"), None).unwrap()[0];
         assert_eq!(row["image"], json!({"base64": "iVBOR/8="}));
+        let pairs = json!([{"key": "a", "value": 1}, {"key": "b", "value": 2}]);
+        assert_eq!(row["scores"], pairs);
         let e = err(load_documents_from(
             &fixture("binary.parquet"),
             "image",
