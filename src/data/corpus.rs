@@ -65,17 +65,11 @@ pub(crate) fn corpus_files(path: &Path, part: Part) -> Result<Vec<PathBuf>> {
             .is_some_and(|n| n.to_string_lossy().starts_with('.'))
     });
     if !left_out.is_empty() {
-        let names: Vec<String> = left_out
-            .iter()
-            .take(3)
-            .map(|p| p.strip_prefix(path).unwrap_or(p).display().to_string())
-            .collect();
         crate::errln!(
-            "warning: {}: {} files left out, not .txt, .md, .text, .jsonl or .parquet ({}{})",
+            "warning: {}: {} files left out, not .txt, .md, .text, .jsonl or .parquet ({})",
             path.display(),
             left_out.len(),
-            names.join(", "),
-            if left_out.len() > 3 { ", ..." } else { "" }
+            first_names(path, &left_out)
         );
     }
     Ok(files)
@@ -118,23 +112,31 @@ fn split_files(root: &Path, files: Vec<PathBuf>, part: Part) -> Result<Vec<PathB
     let (kept, other): (Vec<PathBuf>, Vec<PathBuf>) =
         files.into_iter().partition(|f| split(f) == Some(want));
     if !other.is_empty() {
-        let names: Vec<String> = other
-            .iter()
-            .take(3)
-            .map(|p| p.strip_prefix(root).unwrap_or(p).display().to_string())
-            .collect();
         crate::errln!(
             "warning: {}: its {} split is read ({} files named so, as a Hugging Face dataset \
-             names its splits); {} other files left out ({}{})",
+             names its splits); {} other files left out ({})",
             root.display(),
             format!("{want:?}").to_lowercase(),
             kept.len(),
             other.len(),
-            names.join(", "),
-            if other.len() > 3 { ", ..." } else { "" }
+            first_names(root, &other)
         );
     }
     Ok(kept)
+}
+
+/// The first three of `files` by their paths under `root`, "..." after them where there are
+/// more: what a warning about left-out files names.
+fn first_names(root: &Path, files: &[PathBuf]) -> String {
+    let mut names: Vec<String> = files
+        .iter()
+        .take(3)
+        .map(|p| p.strip_prefix(root).unwrap_or(p).display().to_string())
+        .collect();
+    if files.len() > 3 {
+        names.push("...".into());
+    }
+    names.join(", ")
 }
 
 /// The split a file belongs to by its path: under a directory named for it (`train/`,
