@@ -11,6 +11,7 @@ use temper::config::Stage;
 use temper::data::columns::Columns;
 use temper::data::encode::{encode_corpus, EncodeOpts};
 use temper::data::records::load_prompts_lazily;
+use temper::data::splits::Part;
 use temper::data::tokenizer::{train_bpe, Tokenizer};
 use temper::dist::preempt::{self, Preempted, EXIT_PREEMPTED};
 use temper::dist::{launch, Communicator, PeerFailed, Rank, ThreadGroup};
@@ -173,6 +174,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tokenizer(TokenizerCmd::Train {
             files,
             columns,
+            split,
             vocab_size,
             out,
             overwrite,
@@ -184,12 +186,14 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             let columns = text_columns(columns, "tokenizer train")?;
-            let t = train_bpe(&files, columns.column("text"), vocab_size, &out)?;
+            let part = Part::train().named(split.as_deref()).asked_by("--split");
+            let t = train_bpe(&files, (columns.column("text"), part), vocab_size, &out)?;
             outln!("wrote {} ({})", out.display(), t.describe());
         }
         Command::Tokenizer(TokenizerCmd::Encode {
             corpus,
             columns,
+            split,
             tokenizer,
             out,
             shard_tokens,
@@ -205,6 +209,7 @@ fn run(cli: Cli) -> Result<()> {
             let columns = text_columns(columns, "tokenizer encode")?;
             let opts = EncodeOpts {
                 column: columns.column("text"),
+                part: Part::train().named(split.as_deref()).asked_by("--split"),
                 tok: &tok,
                 tokenizer_file: file.as_deref(),
                 out: &out,
@@ -262,7 +267,8 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     let kwargs = a.chat_template_kwargs.clone().unwrap_or_default();
     let columns = prompt_columns(a.columns.as_ref(), a.prompts.as_deref(), "generate")?;
     if let Some(p) = &a.prompts {
-        requests.extend(load_prompts_lazily(p, &columns, || {
+        let part = Part::train().named(a.split.as_deref()).asked_by("--split");
+        requests.extend(load_prompts_lazily((p, part), &columns, || {
             chat_template_of(a.chat_template.as_deref(), &kwargs, &loaded)
         })?);
     }
@@ -434,7 +440,10 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
                 errln!("warning: --task-seed is not used: --prompts gives the prompts");
             }
             let kwargs = a.chat_template_kwargs.clone().unwrap_or_default();
-            load_prompts_lazily(p, &columns, || {
+            let part = Part::held_out()
+                .named(a.split.as_deref())
+                .asked_by("--split");
+            load_prompts_lazily((p, part), &columns, || {
                 chat_template_of(a.chat_template.as_deref(), &kwargs, &loaded)
             })?
         }

@@ -2039,3 +2039,169 @@ fn eval_data_is_pretrainings_held_out_set_or_refused() {
     one_error_line(&e, &["--eval-data", "built-in task"]);
     assert!(p(dir, "sft").join("final/meta.json").exists());
 }
+
+/// A Hugging Face dataset as `hf download --repo-type dataset` leaves it: shards named for
+/// splits of the dataset's own names under data/, and a README card. Each command reads the
+/// split asked for, and one that cannot tell which to read says so in one line.
+#[test]
+fn a_dataset_directory_is_read_by_the_split_asked_for() {
+    let d = tmp();
+    let dir = d.path();
+    let cfg = p(dir, "c.toml");
+    std::fs::write(&cfg, TINY_TOML).unwrap();
+    let c = cfg.to_str().unwrap();
+    let pre = p(dir, "pre");
+    pretrain_on_cpu(c, &pre, 2);
+    let s = |path: &std::path::Path| path.to_str().unwrap().to_string();
+    let ds = p(dir, "ds");
+    std::fs::create_dir_all(ds.join("data")).unwrap();
+    std::fs::write(ds.join("README.md"), "---\nlicense: mit\n---\n").unwrap();
+    let sft = |from: usize, n: usize| -> String {
+        (from..from + n)
+            .map(|i| {
+                format!(
+                    "{{\"prompt\": \"{i} + 1 = \", \"completion\": \"{}\"}}\n",
+                    i + 1
+                )
+            })
+            .collect()
+    };
+    let shards = [
+        ("train_sft-00000-of-00002.jsonl", sft(0, 7)),
+        ("train_sft-00001-of-00002.jsonl", sft(7, 5)),
+        ("test_sft-00000-of-00001.jsonl", sft(50, 3)),
+        (
+            "train_prefs-00000-of-00001.jsonl",
+            "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n".into(),
+        ),
+    ];
+    for (name, body) in &shards {
+        std::fs::write(ds.join("data").join(name), body).unwrap();
+    }
+    let (pre_s, ds_s) = (s(&pre), s(&ds));
+    let sft_run = |out: &str, extra: &[&str]| {
+        let out = s(&p(dir, out));
+        let mut args = vec!["sft", "--config", c, "--init", &pre_s, "--data", &ds_s];
+        args.extend(extra);
+        args.extend(["--out", &out, "--steps", "1", "--device", "cpu"]);
+        args.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    fn argv(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+
+    // No split named train: refused in one line that lists the splits and the flag.
+    let e = run_err(&argv(&sft_run("none", &[])));
+    let errors: Vec<&str> = e.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "{e}");
+    assert!(
+        errors[0].contains("its files name the splits test_sft, train_prefs, train_sft")
+            && errors[0].contains("--train-split NAME"),
+        "{e}"
+    );
+    // Both splits named: all twelve training records train, the three of test_sft evaluate.
+    let log = run_ok(&argv(&sft_run(
+        "both",
+        &["--train-split", "train_sft", "--eval-split", "test_sft"],
+    )));
+    let log = String::from_utf8_lossy(&log.stderr);
+    assert!(
+        log.contains("12 examples train;") && log.contains(": 3 held out"),
+        "{log}"
+    );
+    assert!(
+        log.contains("its train_sft split is read (2 files"),
+        "{log}"
+    );
+    // The training split alone: a part of it is held out, as of a file.
+    let log = run_ok(&argv(&sft_run("train", &["--train-split", "TRAIN_SFT"])));
+    let log = String::from_utf8_lossy(&log.stderr);
+    assert!(log.contains("11 examples train, 1 held out"), "{log}");
+    // A split asked of one file, or one the directory lacks, is refused.
+    let one = ds.join("data/test_sft-00000-of-00001.jsonl");
+    let e = run_err(&argv(&sft_run(
+        "file",
+        &[
+            "--eval-data",
+            &s(&one),
+            "--train-split",
+            "train_sft",
+            "--eval-split",
+            "x",
+        ],
+    )));
+    assert!(
+        e.contains("--eval-split x names a split of a directory"),
+        "{e}"
+    );
+    let e = run_err(&argv(&sft_run("lacks", &["--train-split", "train_gen"])));
+    assert!(e.contains("--train-split train_gen: no split of that name; its files name test_sft, train_prefs, train_sft"), "{e}");
+    // Without --data the split names nothing.
+    let e = run_err(&[
+        "sft",
+        "--config",
+        c,
+        "--init",
+        &pre_s,
+        "--train-split",
+        "train_sft",
+        "--out",
+        &s(&p(dir, "builtin")),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        e.contains("data.train_split = \"train_sft\" names a split of a --data directory"),
+        "{e}"
+    );
+
+    // generate reads its --prompts directory's split: the three test prompts, in order.
+    let out = run_ok(&[
+        "generate",
+        "--checkpoint",
+        &pre_s,
+        "--prompts",
+        &ds_s,
+        "--split",
+        "test_sft",
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cpu",
+    ]);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let prompts: Vec<&str> = lines
+        .iter()
+        .map(|l| l["prompt"].as_str().unwrap())
+        .collect();
+    assert_eq!(prompts, ["50 + 1 = ", "51 + 1 = ", "52 + 1 = "]);
+
+    // Pretraining: a corpus directory's own train and held-out splits by name.
+    let corpus = p(dir, "corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    let doc = |w: &str| format!("{{\"text\": \"{}\"}}\n", w.repeat(40));
+    std::fs::write(corpus.join("web-00000-of-00001.jsonl"), doc("the cat sat ")).unwrap();
+    std::fs::write(corpus.join("heldout-00000-of-00001.jsonl"), doc("zq")).unwrap();
+    let log = run_ok(&[
+        "pretrain",
+        "--config",
+        c,
+        "--data",
+        &s(&corpus),
+        "--train-split",
+        "web",
+        "--eval-split",
+        "heldout",
+        "--out",
+        &s(&p(dir, "pre2")),
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+    ]);
+    let log = String::from_utf8_lossy(&log.stderr);
+    assert!(log.contains("481 train / 81 val tokens"), "{log}");
+}

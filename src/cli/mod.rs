@@ -143,6 +143,15 @@ pub struct StageArgs {
     /// dataset names them otherwise: e.g. prompt=question,answer=solution ([data] columns).
     #[arg(long, value_name = "FIELD=COLUMN,...", value_parser = Columns::parse)]
     pub columns: Option<Columns>,
+    /// The split of a --data directory that trains, where its files name their splits as a
+    /// Hugging Face dataset does (data/train_sft-00000-of-00001.parquet): e.g. train_sft
+    /// ([data] train_split). Default: the one named train.
+    #[arg(long, value_name = "NAME")]
+    pub train_split: Option<String>,
+    /// The split held out: of --eval-data, or of --data where no --eval-data is given
+    /// ([data] eval_split). Default: validation, else test.
+    #[arg(long, value_name = "NAME")]
+    pub eval_split: Option<String>,
     /// A tokenizer.json (pretrain only; later stages use their checkpoint's).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -343,8 +352,8 @@ pub struct GenerateArgs {
     /// A prompt, used as written (repeat the flag for more).
     #[arg(long)]
     pub prompt: Vec<String>,
-    /// JSONL (or Parquet) file of {"prompt": ...} records; a prompt may be a list of chat messages, rendered
-    /// with the chat template. Every field of a record is copied to its output lines (under
+    /// JSONL or Parquet file of {"prompt": ...} records, or a directory of them; a prompt may
+    /// be a list of chat messages, rendered with the chat template. Every field of a record is copied to its output lines (under
     /// the names --columns gives).
     #[arg(long)]
     pub prompts: Option<PathBuf>,
@@ -352,6 +361,11 @@ pub struct GenerateArgs {
     /// otherwise: e.g. prompt=question,answer=solution.
     #[arg(long, value_name = "FIELD=COLUMN,...", value_parser = Columns::parse)]
     pub columns: Option<Columns>,
+    /// The split of a --prompts directory to read, where its files name their splits as a
+    /// Hugging Face dataset does (data/train_prefs-00000-of-00001.parquet). Default: the one
+    /// named train.
+    #[arg(long, value_name = "NAME", requires = "prompts")]
+    pub split: Option<String>,
     /// The chat template for message-list prompts: a .jinja file, a tokenizer_config.json or a
     /// model directory. Default: the checkpoint's own (its chat_template.jinja, else its
     /// tokenizer_config.json's), else the built-in template.
@@ -435,14 +449,20 @@ pub struct EvalArgs {
     /// A checkpoint, run directory, Hugging Face model directory or PEFT adapter directory.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// JSONL or Parquet of {"prompt", "answer"}; the built-in task's held-out prompts when absent. A
-    /// prompt may be a list of chat messages, rendered with the chat template.
+    /// JSONL or Parquet of {"prompt", "answer"}, or a directory of them; the built-in task's
+    /// held-out prompts when absent. A prompt may be a list of chat messages, rendered with the
+    /// chat template.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
     /// The columns of --prompts that hold the fields read, where the file names them
     /// otherwise: e.g. prompt=question,answer=solution.
     #[arg(long, value_name = "FIELD=COLUMN,...", value_parser = Columns::parse)]
     pub columns: Option<Columns>,
+    /// The split of a --prompts directory to read, where its files name their splits as a
+    /// Hugging Face dataset does (data/test_prefs-00000-of-00001.parquet). Default:
+    /// validation, else test.
+    #[arg(long, value_name = "NAME", requires = "prompts")]
+    pub split: Option<String>,
     /// The chat template for message-list prompts: a .jinja file, a tokenizer_config.json or a
     /// model directory. Default: the checkpoint's own (its chat_template.jinja, else its
     /// tokenizer_config.json's), else the built-in template.
@@ -504,6 +524,11 @@ pub enum TokenizerCmd {
         /// text=COLUMN: the column of .jsonl and .parquet files that holds the text.
         #[arg(long, value_name = "text=COLUMN", value_parser = Columns::parse)]
         columns: Option<Columns>,
+        /// The split of a directory to read, where its files name their splits as a Hugging
+        /// Face dataset does (data/train_sft-00000-of-00001.parquet). Default: the one named
+        /// train.
+        #[arg(long, value_name = "NAME")]
+        split: Option<String>,
         #[arg(long, default_value_t = 4096)]
         vocab_size: usize,
         /// The tokenizer.json to write; an existing file needs --overwrite.
@@ -522,6 +547,11 @@ pub enum TokenizerCmd {
         /// text=COLUMN: the column of .jsonl and .parquet files that holds the text.
         #[arg(long, value_name = "text=COLUMN", value_parser = Columns::parse)]
         columns: Option<Columns>,
+        /// The split of a directory to read, where its files name their splits as a Hugging
+        /// Face dataset does (data/train_sft-00000-of-00001.parquet). Default: the one named
+        /// train.
+        #[arg(long, value_name = "NAME")]
+        split: Option<String>,
         /// The tokenizer.json to encode with (copied beside the shards, where pretraining
         /// finds it); the byte tokenizer when absent.
         #[arg(long)]

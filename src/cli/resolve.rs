@@ -434,12 +434,13 @@ impl StageArgs {
         // Refused before any model loads; a run that continues a checkpoint keeps what it
         // held out when it began.
         let continues = resume && crate::train::checkpoint::Checkpoints::any(&out);
-        let holds_out =
-            stage != Stage::Pretrain && cfg.data.path.is_some() && cfg.data.eval_path.is_none();
+        let holds_out = stage != Stage::Pretrain
+            && cfg.data.path.is_some()
+            && cfg.data.held_out_path().is_none();
         // Pretraining's text (not token shards, which are split when encoded) is cut into
         // a training and a validation split by val_fraction.
         let splits_text = stage == Stage::Pretrain
-            && cfg.data.eval_path.is_none()
+            && cfg.data.held_out_path().is_none()
             && !(cfg.data.path.as_deref()).is_some_and(crate::data::shards::is_shard_corpus);
         let zero = cfg.data.val_fraction == 0.0 && !continues;
         let e = match (holds_out, splits_text) {
@@ -674,6 +675,12 @@ impl StageArgs {
         }
         if let Some(c) = &self.columns {
             cfg.data.columns = c.clone();
+        }
+        if self.train_split.is_some() {
+            cfg.data.train_split = self.train_split.clone();
+        }
+        if self.eval_split.is_some() {
+            cfg.data.eval_split = self.eval_split.clone();
         }
         if self.tokenizer.is_some() {
             cfg.data.tokenizer = self.tokenizer.clone();

@@ -13,6 +13,7 @@ use super::{
     LossType, ModelConfig, OnlineDpoConfig, PpoConfig, RewardConfig, SftConfig, TrainConfig,
 };
 use crate::data::columns::Columns;
+use crate::data::splits::Part;
 use crate::kernels::KernelSet;
 
 /// The training stages, in pipeline order.
@@ -135,6 +136,12 @@ pub struct DataConfig {
     /// Which column of the data files holds each field the stage reads, where a dataset names
     /// its own otherwise (`{ prompt = "question" }`; OpenRLHF's `--input_key`).
     pub columns: Columns,
+    /// The split of a `path` directory that trains, where its files name their splits
+    /// (TRL's `dataset_train_split`); none means the one named train.
+    pub train_split: Option<String>,
+    /// The split held out (TRL's `dataset_test_split`): of `eval_path`, or of `path` where no
+    /// `eval_path` is named; none means validation, else test.
+    pub eval_split: Option<String>,
 }
 
 /// `[data] holdout`: which records of a data file are held out.
@@ -201,7 +208,30 @@ impl Default for DataConfig {
             document_mask: false,
             truncation: Truncation::Error,
             columns: Columns::default(),
+            train_split: None,
+            eval_split: None,
         }
+    }
+}
+
+impl DataConfig {
+    /// The held-out data: `eval_path`, else `path` where `eval_split` names a split of it.
+    pub fn held_out_path(&self) -> Option<&Path> {
+        match (&self.eval_path, &self.eval_split) {
+            (Some(e), _) => Some(e),
+            (None, Some(_)) => self.path.as_deref(),
+            (None, None) => None,
+        }
+    }
+
+    /// Which split of `path` trains.
+    pub fn train_part(&self) -> Part<'_> {
+        Part::train().named(self.train_split.as_deref())
+    }
+
+    /// Which split of [`Self::held_out_path`] is held out.
+    pub fn held_out_part(&self) -> Part<'_> {
+        Part::held_out().named(self.eval_split.as_deref())
     }
 }
 
@@ -582,6 +612,21 @@ impl RunConfig {
             self.data
                 .columns
                 .check(self.stage.record_fields(), self.stage.name())?;
+        }
+        let splits = [
+            ("train_split", &self.data.train_split),
+            ("eval_split", &self.data.eval_split),
+        ];
+        for (key, split) in splits {
+            match split.as_deref() {
+                Some("") => anyhow::bail!("data.{key} is empty: name a split, or leave it out"),
+                Some(name) if self.data.path.is_none() => anyhow::bail!(
+                    "data.{key} = \"{name}\" names a split of a --data directory, and {} \
+                     without --data runs the built-in task: give --data too, or leave it out",
+                    self.stage
+                ),
+                _ => {}
+            }
         }
         // A fresh pretraining run's model is this one. A run from --init (packed SFT, continued
         // pretraining) trains its init's model, which a pipeline's check does not know yet:

@@ -1,7 +1,6 @@
 //! Pretraining corpora: reading documents from files or directory trees, and packing them
 //! into train / validation token streams.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -9,6 +8,8 @@ use serde_json::Value;
 
 use super::parquet_rows::{is_parquet, read_rows};
 use super::records::{kind, parse_jsonl, read_text, Loc};
+use super::splits::data_files;
+pub use super::splits::Part;
 use super::tokenizer::Tokenizer;
 
 /// File endings read from a corpus directory; anything else there (images, configs, ...) is
@@ -22,7 +23,7 @@ const CORPUS_EXTS: [&str; 5] = [".txt", ".md", ".text", ".jsonl", ".parquet"];
 /// order; others left out, and said to be; of one whose files name their splits, the train
 /// split's: [`Part`]). Empty documents are dropped; a corpus left with none is an error.
 pub fn load_documents(path: &Path) -> Result<Vec<String>> {
-    load_documents_from(path, "text", Part::Train)
+    load_documents_from(path, "text", Part::train())
 }
 
 /// [`load_documents`], JSONL and Parquet documents read from the field `column` (TRL's
@@ -48,164 +49,8 @@ pub fn load_documents_from(path: &Path, column: &str, part: Part) -> Result<Vec<
 /// directory's corpus files (recursively, in sorted path order; of its `part` where its files
 /// name their splits).
 pub(crate) fn corpus_files(path: &Path, part: Part) -> Result<Vec<PathBuf>> {
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("{}: cannot read corpus", path.display()))?;
-    if !meta.is_dir() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    let (mut files, mut left_out) = (Vec::new(), Vec::new());
-    let mut seen = HashSet::new();
-    collect_files(path, &mut files, &mut left_out, &mut seen)?;
-    files.sort();
-    left_out.sort();
-    let files = split_files(path, files, part)?;
-    // Hidden files (.DS_Store, a .gitignore) are nobody's documents: passed over unsaid.
-    left_out.retain(|p| {
-        !p.file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-    });
-    if !left_out.is_empty() {
-        crate::errln!(
-            "warning: {}: {} files left out, not .txt, .md, .text, .jsonl or .parquet ({})",
-            path.display(),
-            left_out.len(),
-            first_names(path, &left_out)
-        );
-    }
-    Ok(files)
-}
-
-/// Which part of a corpus directory that names its splits (a Hugging Face dataset's
-/// `data/train-00000-of-00002.parquet` beside `data/test-00000-of-00001.parquet`) is read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Part {
-    /// The train split, as `datasets` loads `split="train"`: `--data`.
-    Train,
-    /// The validation split, else the test split: `--eval-data`.
-    HeldOut,
-}
-
-/// A dataset split, as `datasets` names them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Split {
-    Train,
-    Validation,
-    Test,
-}
-
-/// Of a directory whose files name their splits, the files of `part`; the others are said to
-/// be left out (the README dataset card among them). A directory that names no split is read
-/// whole.
-fn split_files(root: &Path, files: Vec<PathBuf>, part: Part) -> Result<Vec<PathBuf>> {
-    let split = |f: &PathBuf| split_of(f.strip_prefix(root).unwrap_or(f));
-    let has = |s: Split| files.iter().any(|f| split(f) == Some(s));
-    let want = match part {
-        Part::Train if has(Split::Train) => Split::Train,
-        Part::HeldOut if has(Split::Validation) => Split::Validation,
-        Part::HeldOut if has(Split::Test) => Split::Test,
-        Part::HeldOut if has(Split::Train) => bail!(
-            "{}: names a train split and no validation or test split to hold out",
-            root.display()
-        ),
-        _ => return Ok(files),
-    };
-    let (kept, other): (Vec<PathBuf>, Vec<PathBuf>) =
-        files.into_iter().partition(|f| split(f) == Some(want));
-    if !other.is_empty() {
-        crate::errln!(
-            "warning: {}: its {} split is read ({} files named so, as a Hugging Face dataset \
-             names its splits); {} other files left out ({})",
-            root.display(),
-            format!("{want:?}").to_lowercase(),
-            kept.len(),
-            other.len(),
-            first_names(root, &other)
-        );
-    }
-    Ok(kept)
-}
-
-/// The first three of `files` by their paths under `root`, "..." after them where there are
-/// more: what a warning about left-out files names.
-fn first_names(root: &Path, files: &[PathBuf]) -> String {
-    let mut names: Vec<String> = files
-        .iter()
-        .take(3)
-        .map(|p| p.strip_prefix(root).unwrap_or(p).display().to_string())
-        .collect();
-    if files.len() > 3 {
-        names.push("...".into());
-    }
-    names.join(", ")
-}
-
-/// The split a file belongs to by its path: under a directory named for it (`train/`,
-/// `validation/`), or a file named for it (`test.jsonl`) or one of its shards
-/// (`train-00000-of-00002.parquet`). Other names that merely start with a split's word
-/// (`training_day.txt`) belong to none.
-fn split_of(rel: &Path) -> Option<Split> {
-    let named = |name: &str| match name {
-        "train" | "training" => Some(Split::Train),
-        "validation" | "valid" | "dev" | "val" => Some(Split::Validation),
-        "test" | "testing" | "eval" | "evaluation" => Some(Split::Test),
-        _ => None,
-    };
-    let parts: Vec<String> = rel
-        .components()
-        .map(|c| c.as_os_str().to_string_lossy().to_lowercase())
-        .collect();
-    let (file, dirs) = parts.split_last()?;
-    if let Some(s) = dirs.iter().find_map(|d| named(d)) {
-        return Some(s);
-    }
-    let stem = file.split('.').next().unwrap_or(file);
-    if let Some(s) = named(stem) {
-        return Some(s);
-    }
-    // `train-00000-of-00002`: a shard of its split.
-    let (word, shard) = stem.split_once('-')?;
-    let (i, n) = shard.split_once("-of-")?;
-    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
-    (digits(i) && digits(n)).then(|| named(word)).flatten()
-}
-
-fn collect_files(
-    dir: &Path,
-    out: &mut Vec<PathBuf>,
-    left_out: &mut Vec<PathBuf>,
-    seen: &mut HashSet<PathBuf>,
-) -> Result<()> {
-    // Symlinked directories are followed, so a link back up the tree must not loop forever.
-    let canonical = dir
-        .canonicalize()
-        .with_context(|| format!("{}: cannot read directory", dir.display()))?;
-    if !seen.insert(canonical) {
-        return Ok(());
-    }
-    let entries = std::fs::read_dir(dir)
-        .with_context(|| format!("{}: cannot read directory", dir.display()))?;
-    for entry in entries {
-        let entry = entry.with_context(|| format!("{}: cannot read directory", dir.display()))?;
-        let p = entry.path();
-        let meta =
-            std::fs::metadata(&p).with_context(|| format!("{}: cannot read", p.display()))?;
-        if meta.is_dir() {
-            collect_files(&p, out, left_out, seen)?;
-        } else if is_corpus_file(&p) {
-            out.push(p);
-        } else {
-            left_out.push(p);
-        }
-    }
-    Ok(())
-}
-
-fn is_corpus_file(p: &Path) -> bool {
-    let name = p
-        .file_name()
-        .map(|n| n.to_string_lossy().to_lowercase())
-        .unwrap_or_default();
-    CORPUS_EXTS.iter().any(|e| name.ends_with(e))
+    std::fs::metadata(path).with_context(|| format!("{}: cannot read corpus", path.display()))?;
+    data_files(path, part, &CORPUS_EXTS)
 }
 
 /// Appends the documents of one corpus file (empty ones too) to `docs`, a JSONL or Parquet
@@ -465,27 +310,12 @@ mod tests {
         }
         assert_eq!(load_documents(root).unwrap(), ["t0", "t1"]);
         // Held out: the validation split, else the test split.
-        let held = |root: &Path| load_documents_from(root, "text", Part::HeldOut);
+        let held = |root: &Path| load_documents_from(root, "text", Part::held_out());
         assert_eq!(held(root).unwrap(), ["val"]);
         std::fs::remove_file(root.join("data/validation.jsonl")).unwrap();
         assert_eq!(held(root).unwrap(), ["held"]);
         std::fs::remove_file(root.join("data/test-00000-of-00001.jsonl")).unwrap();
         assert!(err(held(root)).contains("names a train split and no validation or test split"));
-        let split = |p: &str| split_of(Path::new(p));
-        assert_eq!(split("train/part.txt"), Some(Split::Train));
-        assert_eq!(split("data/valid.jsonl"), Some(Split::Validation));
-        assert_eq!(split("eval.jsonl"), Some(Split::Test));
-        assert_eq!(split("test-00003-of-00010.parquet"), Some(Split::Test));
-        // Names that only start with a split's word name none, so an ordinary corpus with a
-        // `training_day.txt` is read whole.
-        for name in [
-            "training_day.txt",
-            "Train_station.txt",
-            "train-robbery.txt",
-            "devices.txt",
-        ] {
-            assert_eq!(split(name), None, "{name}");
-        }
         // No split named: the directory is read whole.
         for f in [
             "data/train-00000-of-00002.jsonl",
@@ -520,12 +350,6 @@ mod tests {
             load_documents(root).unwrap(),
             vec!["j1", "j2", "text", "md", "txt", "upper"]
         );
-        // The files left out, hidden ones aside: the two a warning names.
-        let (mut files, mut left_out) = (Vec::new(), Vec::new());
-        collect_files(root, &mut files, &mut left_out, &mut HashSet::new()).unwrap();
-        left_out.sort();
-        let names: Vec<_> = left_out.iter().map(|p| p.file_name().unwrap()).collect();
-        assert_eq!(names, [".DS_Store", "c.json", "img.png"]);
     }
 
     #[cfg(unix)]

@@ -41,6 +41,8 @@ pub struct EncodeOpts<'a> {
     pub seed: u64,
     /// The field of JSONL and Parquet documents that holds their text.
     pub column: &'a str,
+    /// Of a corpus directory that names its splits, the one encoded.
+    pub part: Part<'a>,
 }
 
 /// What was written.
@@ -174,7 +176,7 @@ fn encode_into(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
     let start = Instant::now();
     let mut documents = 0;
     let mut encoded_tokens = 0usize;
-    let files = corpus_files(corpus, Part::Train)?;
+    let files = corpus_files(corpus, opts.part)?;
     let mut next = 0;
     while next < files.len() {
         let mut docs = Vec::new();
@@ -294,6 +296,7 @@ mod tests {
             shard_tokens: 100,
             val_fraction: 0.2,
             column: "text",
+            part: Part::train(),
             seed: 3,
         };
         let enc = encode_corpus(&corpus, &opts).unwrap();
@@ -337,6 +340,7 @@ mod tests {
             shard_tokens: 50,
             val_fraction: 0.0,
             column: "content",
+            part: Part::train(),
             seed: 0,
         };
         let e = format!("{:#}", encode_corpus(&corpus, &opts).unwrap_err());

@@ -12,6 +12,7 @@ pub(crate) mod parquet_rows;
 pub mod records;
 pub mod sampler;
 pub mod shards;
+pub mod splits;
 pub mod strict_json;
 pub mod synthetic;
 pub mod tokenizer;

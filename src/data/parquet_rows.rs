@@ -285,7 +285,7 @@ mod tests {
         let e = err(load_documents_from(
             &fixture("binary.parquet"),
             "image",
-            Part::Train,
+            Part::train(),
         ));
         assert!(
             e.contains("binary.parquet[0]: field \"image\": expected a string, got an object"),

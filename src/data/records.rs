@@ -5,7 +5,7 @@
 //! record in a large dataset can be found and fixed without guessing.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use super::chat_template::ChatTemplate;
 use super::columns::Columns;
 use super::parquet_rows::{is_parquet, read_rows};
+use super::splits::{data_files, Part};
 use super::tokenizer::Tokenizer;
 
 mod replies;
@@ -945,16 +946,26 @@ pub fn load_prompts_templated(
 /// messages: a checkpoint whose own template cannot be loaded still serves plain prompts. The
 /// fields are read from the columns `columns` names.
 pub fn load_prompts_lazily(
-    path: &Path,
+    (path, part): (&Path, Part),
     columns: &Columns,
     template: impl FnOnce() -> Result<Option<ChatTemplate>>,
 ) -> Result<Vec<PromptRecord>> {
-    let lines = read_records_with(path, columns)?;
-    let chat = lines
-        .iter()
-        .any(|(_, obj)| matches!(obj.get("prompt"), Some(Value::Array(_))));
+    let mut files = Vec::new();
+    for f in record_files(path, part)? {
+        let lines = read_records_with(&f, columns)?;
+        files.push((f, lines));
+    }
+    let chat = files.iter().any(|(_, lines)| {
+        lines
+            .iter()
+            .any(|(_, obj)| matches!(obj.get("prompt"), Some(Value::Array(_))))
+    });
     let template = if chat { template()? } else { None };
-    prompts_from(path, lines, template.as_ref())
+    let mut prompts = Vec::new();
+    for (f, lines) in files {
+        prompts.extend(prompts_from(&f, lines, template.as_ref())?);
+    }
+    Ok(prompts)
 }
 
 /// [`load_prompts_templated`] of records already read ([`read_records_with`]).
@@ -1119,6 +1130,17 @@ pub(crate) fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<(usize, Map<Str
         }
     }
     Ok(out)
+}
+
+/// The record files of `path`: the file itself, or a directory's JSONL and Parquet files
+/// (recursively, in sorted path order; of its `part` where its files name their splits, as a
+/// Hugging Face dataset's `data/train-00000-of-00002.parquet` do).
+pub fn record_files(path: &Path, part: Part) -> Result<Vec<PathBuf>> {
+    let files = data_files(path, part, &[".jsonl", ".parquet"])?;
+    if files.is_empty() {
+        bail!("{}: no .jsonl or .parquet file under it", path.display());
+    }
+    Ok(files)
 }
 
 /// A data file's records, each with its line (a Parquet row its 1-based number).

@@ -756,6 +756,7 @@ mod tests {
             shard_tokens: 1000,
             val_fraction: 0.0,
             column: "text",
+            part: crate::data::splits::Part::train(),
             seed: 0,
         };
         encode_corpus(&corpus, &opts).unwrap();
@@ -937,6 +938,7 @@ mod tests {
                 shard_tokens: 100,
                 val_fraction: 0.0,
                 column: "text",
+                part: crate::data::splits::Part::train(),
                 seed: 0,
             };
             encode_corpus(&corpus, &opts)

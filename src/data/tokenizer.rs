@@ -827,10 +827,11 @@ pub const MAX_TRAINED_VOCAB: usize = 1 << 20;
 /// Trains a byte-level BPE of `vocab_size` tokens on `files` and writes it to `out`.
 ///
 /// Each entry of `files` is read as a corpus by [`load_documents_from`], so directories and
-/// `.jsonl` and `.parquet` files (their `column` fields) work as they do for pretraining.
+/// `.jsonl` and `.parquet` files (their `column` fields; of a directory that names its splits,
+/// the `part`) work as they do for pretraining.
 pub fn train_bpe(
     files: &[PathBuf],
-    column: &str,
+    (column, part): (&str, Part),
     vocab_size: usize,
     out: &Path,
 ) -> Result<Tokenizer> {
@@ -850,7 +851,7 @@ pub fn train_bpe(
     }
     let mut docs = Vec::new();
     for f in files {
-        docs.extend(load_documents_from(f, column, Part::Train)?);
+        docs.extend(load_documents_from(f, column, part)?);
     }
 
     let mut tok = tokenizers::Tokenizer::new(BPE::default());
@@ -886,10 +887,14 @@ mod tests {
     #[test]
     fn a_vocabulary_size_out_of_range_is_refused() {
         let out = Path::new("/nonexistent/tok.json");
-        let e = train_bpe(&[], "text", 100, out).unwrap_err().to_string();
+        let e = train_bpe(&[], ("text", Part::train()), 100, out)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("vocab_size 100 is too small"), "{e}");
         for size in [MAX_TRAINED_VOCAB + 1, usize::MAX] {
-            let e = train_bpe(&[], "text", size, out).unwrap_err().to_string();
+            let e = train_bpe(&[], ("text", Part::train()), size, out)
+                .unwrap_err()
+                .to_string();
             assert!(
                 e.contains(&format!("vocab_size {size} is too large")),
                 "{e}"
@@ -939,7 +944,7 @@ mod tests {
         let corpus = dir.path().join("c.txt");
         std::fs::write(&corpus, sample_text()).unwrap();
         let out = dir.path().join("sub/tok.json");
-        let t = train_bpe(&[corpus], "text", 300, &out).unwrap();
+        let t = train_bpe(&[corpus], ("text", Part::train()), 300, &out).unwrap();
         assert!(out.is_file());
         assert!(t.vocab_size() > BYTE_VOCAB && t.vocab_size() <= 300);
         assert_eq!(t.describe(), format!("bpe(vocab={})", t.vocab_size()));
@@ -986,7 +991,13 @@ mod tests {
 
         let corpus = dir.path().join("c.txt");
         std::fs::write(&corpus, sample_text()).unwrap();
-        let t = train_bpe(&[corpus], "text", 280, &dir.path().join("a.json")).unwrap();
+        let t = train_bpe(
+            &[corpus],
+            ("text", Part::train()),
+            280,
+            &dir.path().join("a.json"),
+        )
+        .unwrap();
         let run = dir.path().join("run");
         t.save_dir(&run).unwrap();
         let names: Vec<_> = std::fs::read_dir(&run)
@@ -1304,7 +1315,7 @@ mod tests {
             "{:#}",
             train_bpe(
                 std::slice::from_ref(&missing),
-                "text",
+                ("text", Part::train()),
                 300,
                 &dir.path().join("o.json")
             )
@@ -1313,7 +1324,13 @@ mod tests {
         assert!(e.contains(&missing.display().to_string()), "{e}");
         let e = format!(
             "{:#}",
-            train_bpe(&[bad], "text", 10, &dir.path().join("o.json")).unwrap_err()
+            train_bpe(
+                &[bad],
+                ("text", Part::train()),
+                10,
+                &dir.path().join("o.json")
+            )
+            .unwrap_err()
         );
         assert!(e.contains("vocab_size 10"), "{e}");
     }

@@ -186,9 +186,21 @@ fn streams(
             p.display()
         );
     }
+    let split = (cfg.data.train_split.iter())
+        .chain(&cfg.data.eval_split)
+        .next();
+    if let (Some(p), Some(name)) = (shards, split) {
+        bail!(
+            "data split {name}: {} is token shards, whose training and validation shards are \
+             named by `temper tokenizer encode`, not by a dataset's splits: leave the split out",
+            p.display()
+        );
+    }
     if let Some(eval) = eval {
         let data = (cfg.data.path.as_deref()).context("--eval-data is refused without --data")?;
-        return held_out_streams((data, eval), cfg.data.columns.column("text"), tok, t);
+        let parts = (cfg.data.train_part(), cfg.data.held_out_part());
+        let column = cfg.data.columns.column("text");
+        return held_out_streams((data, eval), (column, parts), tok, t);
     }
     if let Some(path) = cfg.data.path.as_deref().filter(|p| is_shard_corpus(p)) {
         let (train, val) = open_corpus(path)?;
@@ -215,7 +227,7 @@ fn streams(
         return Ok((train, val, what));
     }
     let docs = match &cfg.data.path {
-        Some(p) => load_documents_from(p, cfg.data.columns.column("text"), Part::Train)?,
+        Some(p) => load_documents_from(p, cfg.data.columns.column("text"), cfg.data.train_part())?,
         None => setup::synthetic(env).pretrain_documents(4000),
     };
     let packed = pack_documents(&docs, tok, cfg.data.val_fraction, t + 1, cfg.train.seed)?;
@@ -234,7 +246,7 @@ fn streams(
 /// of `t + 1` tokens is an error naming it.
 fn held_out_streams(
     (data, eval): (&Path, &Path),
-    column: &str,
+    (column, parts): (&str, (Part, Part)),
     tok: &Tokenizer,
     t: usize,
 ) -> Result<(TokenStream, TokenStream, String)> {
@@ -248,14 +260,14 @@ fn held_out_streams(
             let what = format!("token shards {} (memory-mapped{unread})", data.display());
             (TokenStream::mapped(train), what)
         }
-        false => text_stream(data, (column, Part::Train), tok)?,
+        false => text_stream(data, (column, parts.0), tok)?,
     };
     let (val, val_what) = match is_shard_corpus(eval) {
         true => {
             let what = format!("token shards {} (memory-mapped)", eval.display());
             (TokenStream::mapped(open_held_out(eval)?), what)
         }
-        false => text_stream(eval, (column, Part::HeldOut), tok)?,
+        false => text_stream(eval, (column, parts.1), tok)?,
     };
     if train.len() <= t {
         bail!(
@@ -331,7 +343,7 @@ fn document_mask_note(train: &TokenStream, t: usize, vocab: usize, eos: u32) -> 
 pub fn run(env: &Env) -> Result<PretrainResult> {
     let cfg = &env.cfg;
     // The held-out file (checked by `Env`'s preparation).
-    let eval = cfg.data.eval_path.as_deref();
+    let eval = cfg.data.held_out_path();
     // Continued pretraining starts from `--init` (a temper checkpoint or a Hugging Face
     // model) with its own shape and tokenizer: its embedding rows are that tokenizer's ids.
     if let (Some(i), Some(t)) = (&cfg.init, &cfg.data.tokenizer) {

@@ -11,7 +11,7 @@ use super::rollout::FrozenReference;
 use super::Env;
 use crate::config::{Holdout, LoraConfig, ModelConfig, RunConfig, Stage, Truncation};
 use crate::data::chat_template::ChatTemplate;
-use crate::data::records::{place, prompts_from, read_records_with, PromptRecord};
+use crate::data::records::{place, prompts_from, read_records_with, record_files, PromptRecord};
 use crate::data::synthetic::{Split, Synthetic};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::{hf, Transformer};
@@ -226,9 +226,29 @@ pub fn split_holdout<T>(
     load: impl Fn(&Path) -> Result<Vec<T>>,
     what: &str,
 ) -> Result<(Vec<T>, Vec<T>)> {
-    let mut all = load(path)?;
-    if let Some(e) = &env.cfg.data.eval_path {
-        return Ok((all, load(e)?));
+    let data = &env.cfg.data;
+    // A directory's files, of the split asked for, one after another.
+    let load_all = |path: &Path, part| -> Result<Vec<T>> {
+        let mut all = Vec::new();
+        for f in record_files(path, part)? {
+            all.extend(load(&f)?);
+        }
+        Ok(all)
+    };
+    let mut all = load_all(path, data.train_part())?;
+    if let Some(e) = data.held_out_path() {
+        let eval = load_all(e, data.held_out_part())?;
+        if env.comm.rank() == 0 {
+            crate::errln!(
+                "[{}] {}: {} {what} train; {}: {} held out",
+                env.cfg.stage,
+                path.display(),
+                all.len(),
+                e.display(),
+                eval.len()
+            );
+        }
+        return Ok((all, eval));
     }
     if all.len() < 2 {
         bail!(
