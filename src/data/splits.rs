@@ -99,14 +99,22 @@ pub(crate) fn data_files(path: &Path, part: Part, exts: &[&str]) -> Result<Vec<P
     });
     if !left_out.is_empty() {
         crate::errln!(
-            "warning: {}: {} files left out, not {} ({})",
+            "warning: {}: {} left out, not {} ({})",
             path.display(),
-            left_out.len(),
+            n_files(left_out.len()),
             or_list(exts),
             first_names(path, &left_out)
         );
     }
     Ok(files)
+}
+
+/// `1 file`, `2 files`.
+fn n_files(n: usize) -> String {
+    match n {
+        1 => "1 file".into(),
+        n => format!("{n} files"),
+    }
 }
 
 /// `.a, .b or .c`.
@@ -124,11 +132,11 @@ fn or_list(exts: &[&str]) -> String {
 /// read whole.
 fn split_files(root: &Path, files: Vec<PathBuf>, part: Part) -> Result<Vec<PathBuf>> {
     let asked = part.name.map(str::to_lowercase);
-    let names: Vec<Option<String>> = files
+    let placed: Vec<Option<(String, PathBuf)>> = files
         .iter()
-        .map(|f| split_of(f.strip_prefix(root).unwrap_or(f), asked.as_deref()))
+        .map(|f| split_at(f.strip_prefix(root).unwrap_or(f), asked.as_deref()))
         .collect();
-    let splits: BTreeSet<&str> = names.iter().flatten().map(String::as_str).collect();
+    let splits: BTreeSet<&str> = placed.iter().flatten().map(|(s, _)| s.as_str()).collect();
     let listed = || {
         let v: Vec<&str> = splits.iter().copied().collect();
         v.join(", ")
@@ -174,25 +182,39 @@ fn split_files(root: &Path, files: Vec<PathBuf>, part: Part) -> Result<Vec<PathB
         ),
     };
     let (mut kept, mut other) = (Vec::new(), Vec::new());
-    let mut read = BTreeSet::new();
-    for (f, name) in files.into_iter().zip(&names) {
-        match name.as_deref().filter(|s| want(s)) {
-            Some(s) => {
-                read.insert(s.to_string());
+    let (mut read, mut homes) = (BTreeSet::new(), BTreeSet::new());
+    for (f, at) in files.into_iter().zip(&placed) {
+        match at.as_ref().filter(|(s, _)| want(s)) {
+            Some((s, home)) => {
+                read.insert(s.as_str());
+                homes.insert(home.as_path());
                 kept.push(f);
             }
             None => other.push(f),
         }
     }
+    // `openai/gsm8k` holds `main/train-*` and `socratic/train-*`: one split of two configs,
+    // which `datasets` loads one at a time, never mixed.
+    if homes.len() > 1 {
+        let homes: Vec<PathBuf> = homes.iter().map(|h| root.join(h)).collect();
+        bail!(
+            "{}: its {} split lies in {} directories ({}), as the configs of a Hugging Face \
+             dataset do: name one of them",
+            root.display(),
+            read.into_iter().collect::<Vec<_>>().join(" and "),
+            homes.len(),
+            first_names(root, &homes)
+        );
+    }
     if !other.is_empty() {
-        let read: Vec<String> = read.into_iter().collect();
+        let read: Vec<&str> = read.into_iter().collect();
         crate::errln!(
-            "warning: {}: its {} split is read ({} files named so, as a Hugging Face dataset \
-             names its splits); {} other files left out ({})",
+            "warning: {}: its {} split is read ({} named so, as a Hugging Face dataset names \
+             its splits); {} left out ({})",
             root.display(),
             read.join(" and "),
-            kept.len(),
-            other.len(),
+            n_files(kept.len()),
+            n_files(other.len()).replacen(' ', " other ", 1),
             first_names(root, &other)
         );
     }
@@ -217,25 +239,33 @@ fn first_names(root: &Path, files: &[PathBuf]) -> String {
 /// train, validation or test split (`train/`, `validation/`) or for `asked`, a file named so
 /// (`test.jsonl`), or a shard of any split (`train_prefs-00000-of-00002.parquet`). Other names
 /// that merely start with a split's word (`training_day.txt`) belong to none.
+#[cfg(test)]
 fn split_of(rel: &Path, asked: Option<&str>) -> Option<String> {
+    split_at(rel, asked).map(|(name, _)| name)
+}
+
+/// [`split_of`], and where the split lies: the directory named for it, else the file's own
+/// directory (relative, as `rel` is).
+fn split_at(rel: &Path, asked: Option<&str>) -> Option<(String, PathBuf)> {
     let named = |name: &str| kind(name).is_some() || asked == Some(name);
     let parts: Vec<String> = rel
         .components()
         .map(|c| c.as_os_str().to_string_lossy().to_lowercase())
         .collect();
     let (file, dirs) = parts.split_last()?;
-    if let Some(d) = dirs.iter().find(|d| named(d)) {
-        return Some(d.clone());
+    if let Some(i) = dirs.iter().position(|d| named(d)) {
+        return Some((dirs[i].clone(), rel.iter().take(i + 1).collect()));
     }
+    let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
     let stem = file.split('.').next().unwrap_or(file);
     if named(stem) {
-        return Some(stem.to_string());
+        return Some((stem.to_string(), parent));
     }
     // `train-00000-of-00002`: a shard of its split.
     let (word, shard) = stem.split_once('-')?;
     let (i, n) = shard.split_once("-of-")?;
     let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
-    (!word.is_empty() && digits(i) && digits(n)).then(|| word.to_string())
+    (!word.is_empty() && digits(i) && digits(n)).then(|| (word.to_string(), parent))
 }
 
 fn collect_files(
@@ -415,6 +445,31 @@ mod tests {
         assert_eq!(
             read(&d, Part::held_out().named(Some("test_prefs"))).unwrap(),
             ["data/test_prefs-00000-of-00001.parquet"]
+        );
+    }
+
+    #[test]
+    fn one_split_in_two_configs_is_refused() {
+        let d = tree(&[
+            "main/train-00000-of-00001.parquet",
+            "main/test-00000-of-00001.parquet",
+            "socratic/train-00000-of-00001.parquet",
+            "socratic/test-00000-of-00001.parquet",
+        ]);
+        let e = err(read(&d, Part::train()));
+        assert!(
+            e.contains("its train split lies in 2 directories (main, socratic), as the configs"),
+            "{e}"
+        );
+        assert_eq!(
+            data_files(&d.path().join("main"), Part::held_out(), &EXTS).unwrap(),
+            [d.path().join("main/test-00000-of-00001.parquet")]
+        );
+        // Files under one split's directory are one split, however deep.
+        let deep = tree(&["train/a/x.jsonl", "train/b/y.jsonl", "test/z.jsonl"]);
+        assert_eq!(
+            read(&deep, Part::train()).unwrap(),
+            ["train/a/x.jsonl", "train/b/y.jsonl"]
         );
     }
 
