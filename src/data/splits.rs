@@ -92,11 +92,6 @@ pub(crate) fn data_files(path: &Path, part: Part, exts: &[&str]) -> Result<Vec<P
     files.sort();
     left_out.sort();
     let files = split_files(path, files, part)?;
-    // Hidden files (.DS_Store, a .gitignore) are nobody's data: passed over unsaid.
-    left_out.retain(|p| {
-        !p.file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-    });
     if !left_out.is_empty() {
         crate::errln!(
             "warning: {}: {} left out, not {} ({})",
@@ -293,6 +288,12 @@ fn collect_files(
             .file_name()
             .map(|n| n.to_string_lossy().to_lowercase())
             .unwrap_or_default();
+        // Hidden files and directories are nobody's data, as `datasets` passes them over:
+        // `hf download --local-dir` keeps its `.cache/huggingface/` beside the files, a
+        // .DS_Store or a .gitattributes lies about, all left out unsaid.
+        if name.starts_with('.') {
+            continue;
+        }
         if meta.is_dir() {
             collect_files(&p, exts, out, left_out, seen)?;
         } else if exts.iter().any(|e| name.ends_with(e)) {
@@ -525,6 +526,8 @@ mod tests {
             "c.json",
             "img.PNG",
             ".DS_Store",
+            ".cache/huggingface/download/a.jsonl",
+            ".cache/huggingface/download/a.jsonl.metadata",
         ]);
         let (mut files, mut left_out) = (Vec::new(), Vec::new());
         collect_files(
@@ -535,9 +538,15 @@ mod tests {
             &mut HashSet::new(),
         )
         .unwrap();
+        files.sort();
         left_out.sort();
-        let names: Vec<_> = left_out.iter().map(|p| p.file_name().unwrap()).collect();
-        assert_eq!(names, [".DS_Store", "c.json", "img.PNG"]);
+        let names = |v: &[PathBuf]| -> Vec<String> {
+            v.iter()
+                .map(|p| p.strip_prefix(d.path()).unwrap().display().to_string())
+                .collect()
+        };
+        assert_eq!(names(&files), ["a.jsonl", "b/deep/z.parquet"]);
+        assert_eq!(names(&left_out), ["c.json", "img.PNG"]);
         assert_eq!(or_list(&EXTS), ".jsonl or .parquet");
         assert_eq!(or_list(&[".txt", ".md", ".jsonl"]), ".txt, .md or .jsonl");
     }
