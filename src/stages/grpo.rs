@@ -38,7 +38,7 @@ use super::rollout::{
     ActorKnobs, Actors, Buffer, EntropyUse, FrozenReference, Objective, PolicyStep, Rollout,
     RolloutClock, Schedule,
 };
-use super::rollout::{read_unfinished, Unfinished};
+use super::rollout::{minibatch_warning, read_unfinished, Unfinished};
 use super::setup::{self, Plan, PolicyPair};
 use super::Env;
 use crate::config::{
@@ -419,6 +419,10 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
              are summed",
             cfg.stage
         );
+    }
+    let rows = c.prompts_per_rollout * c.group_size;
+    if let Some(w) = minibatch_warning("grpo.minibatch_size", rows, c.minibatch_size) {
+        errln!("[{}] warning: {w}", cfg.stage);
     }
     let model = actors.policy.cfg.clone();
     let mut task = GrpoTask {

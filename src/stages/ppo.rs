@@ -32,7 +32,7 @@ use super::rollout::{
     token_shares, ActorKnobs, Actors, Buffer, CollectTimes, EntropyUse, FrozenReference, Objective,
     PolicyStep, Rollout, RolloutClock, Schedule,
 };
-use super::rollout::{read_unfinished, Extra, Tensors, Unfinished};
+use super::rollout::{minibatch_warning, read_unfinished, Extra, Tensors, Unfinished};
 use super::setup::{self, Plan, PolicyPair};
 use super::Env;
 use crate::config::{ImportanceSamplingLevel, PpoConfig, RewardSpec};
@@ -419,6 +419,9 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
             .as_ref()
             .map_or("none", FrozenReference::describe)
     );
+    if let Some(w) = minibatch_warning("ppo.minibatch_size", c.rollout_batch, c.minibatch_size) {
+        errln!("[ppo] warning: {w}");
+    }
     let model = actors.policy.cfg.clone();
     let mut task = PpoTask {
         env,

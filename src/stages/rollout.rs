@@ -726,6 +726,25 @@ pub fn build(
 }
 
 /// A rollout's minibatches: `epochs` shuffled passes over its `n` rows, `size` rows each.
+/// What a rank's rollout of `rows` responses cut into minibatches of `size` does other than
+/// what the size says: a size above the rows takes them all as one minibatch (one optimizer
+/// step an epoch), and one that does not divide them leaves each epoch a smaller last one.
+pub fn minibatch_warning(key: &str, rows: usize, size: usize) -> Option<String> {
+    if size > rows {
+        return Some(format!(
+            "{key} = {size} exceeds the {rows} responses of a rollout (per rank): each epoch \
+             takes them as one minibatch, one optimizer step"
+        ));
+    }
+    let rest = rows % size.max(1);
+    (rest != 0).then(|| {
+        format!(
+            "{key} = {size} does not divide the {rows} responses of a rollout (per rank): each \
+             epoch's last minibatch holds {rest}"
+        )
+    })
+}
+
 pub fn minibatches(n: usize, epochs: usize, size: usize, rng: &mut Rng) -> VecDeque<Vec<usize>> {
     let mut batches = VecDeque::new();
     for _ in 0..epochs {
@@ -919,6 +938,23 @@ mod tests {
     use crate::config::ModelConfig;
     use crate::train::loss::log_softmax;
     use crate::train::params::Net;
+
+    #[test]
+    fn minibatch_sizes_that_do_other_than_they_say_are_named() {
+        let w = |rows, size| minibatch_warning("ppo.minibatch_size", rows, size);
+        assert_eq!(w(64, 16), None);
+        assert_eq!(w(16, 16), None);
+        let big = w(16, 64).unwrap();
+        assert!(big.contains("= 64 exceeds the 16 responses"), "{big}");
+        let uneven = w(48, 32).unwrap();
+        assert!(
+            uneven.ends_with("each epoch's last minibatch holds 16"),
+            "{uneven}"
+        );
+        // As cut: 48 rows in minibatches of 32 are 32 and 16.
+        let cut = minibatches(48, 1, 32, &mut Rng::new(0));
+        assert_eq!(cut.iter().map(Vec::len).collect::<Vec<_>>(), [32, 16]);
+    }
 
     /// The log-probabilities PPO and GRPO train on are those of the distribution the tokens
     /// were sampled from: softmax(logits / T), the logits capped first where the model caps
