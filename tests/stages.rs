@@ -2131,11 +2131,11 @@ fn a_dataset_directory_is_read_by_the_split_asked_for() {
         ],
     )));
     assert!(
-        e.contains("--eval-split x names a split of a directory"),
+        e.contains("split \"x\" (--eval-split or [data] eval_split) names a split of a directory"),
         "{e}"
     );
     let e = run_err(&argv(&sft_run("lacks", &["--train-split", "train_gen"])));
-    assert!(e.contains("--train-split train_gen: no split of that name; its files name test_sft, train_prefs, train_sft"), "{e}");
+    assert!(e.contains("no split \"train_gen\" (--train-split or [data] train_split); its files name the splits test_sft, train_prefs, train_sft"), "{e}");
     // Without --data the split names nothing.
     let e = run_err(&[
         "sft",
@@ -2204,4 +2204,18 @@ fn a_dataset_directory_is_read_by_the_split_asked_for() {
     ]);
     let log = String::from_utf8_lossy(&log.stderr);
     assert!(log.contains("481 train / 81 val tokens"), "{log}");
+    assert!(
+        log.contains("held out (--eval-split heldout): 1 documents of"),
+        "{log}"
+    );
+    // A held-out split that is the training split is said to be.
+    let log = run_ok(&argv(&sft_run(
+        "same",
+        &["--train-split", "train_sft", "--eval-split", "train_sft"],
+    )));
+    let log = String::from_utf8_lossy(&log.stderr);
+    assert!(
+        log.contains("warning: --eval-split train_sft reads 2 of 2 files that --data trains on"),
+        "{log}"
+    );
 }

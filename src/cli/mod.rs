@@ -131,12 +131,14 @@ pub struct StageArgs {
     /// start from (pretrain: continued pretraining).
     #[arg(long)]
     pub init: Option<PathBuf>,
-    /// The training data: a JSONL or Parquet file (pretraining: text, JSONL or Parquet files,
-    /// or a directory of them); the built-in task when absent.
+    /// The training data: a JSONL or Parquet file, or a directory of them (its train split
+    /// where its files name their splits, as a Hugging Face dataset's do; pretraining: text
+    /// files too, or token shards); the built-in task when absent.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Held-out data, in --data's form (a corpus or token shards for pretrain, records for
-    /// the later stages): evaluated on instead of a part of --data, all of which then trains.
+    /// the later stages; of a directory that names its splits, its validation split, else its
+    /// test split): evaluated on instead of a part of --data, all of which then trains.
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
     /// The columns of --data (and --eval-data) that hold the fields the stage reads, where a
@@ -145,11 +147,11 @@ pub struct StageArgs {
     pub columns: Option<Columns>,
     /// The split of a --data directory that trains, where its files name their splits as a
     /// Hugging Face dataset does (data/train_sft-00000-of-00001.parquet): e.g. train_sft
-    /// ([data] train_split). Default: the one named train.
+    /// ([data] train_split). Default: the one named train. "" clears a name the config gave.
     #[arg(long, value_name = "NAME")]
     pub train_split: Option<String>,
     /// The split held out: of --eval-data, or of --data where no --eval-data is given
-    /// ([data] eval_split). Default: validation, else test.
+    /// ([data] eval_split). Default: validation, else test. "" clears a name the config gave.
     #[arg(long, value_name = "NAME")]
     pub eval_split: Option<String>,
     /// A tokenizer.json (pretrain only; later stages use their checkpoint's).

@@ -272,6 +272,12 @@ impl StageArgs {
             ),
             ("train.log_every", "--log-every", self.log_every.is_some()),
             ("train.profile", "--profile", self.profile.is_some()),
+            (
+                "data.train_split",
+                "--train-split",
+                self.train_split.is_some(),
+            ),
+            ("data.eval_split", "--eval-split", self.eval_split.is_some()),
             ("lora.rank", "--lora-rank", self.lora_rank.is_some()),
             ("lora.alpha", "--lora-alpha", self.lora_alpha.is_some()),
             (
@@ -676,11 +682,12 @@ impl StageArgs {
         if let Some(c) = &self.columns {
             cfg.data.columns = c.clone();
         }
-        if self.train_split.is_some() {
-            cfg.data.train_split = self.train_split.clone();
+        // An empty name clears one that a resumed run's config.toml or a config file gave.
+        if let Some(s) = &self.train_split {
+            cfg.data.train_split = Some(s.clone()).filter(|s| !s.is_empty());
         }
-        if self.eval_split.is_some() {
-            cfg.data.eval_split = self.eval_split.clone();
+        if let Some(s) = &self.eval_split {
+            cfg.data.eval_split = Some(s.clone()).filter(|s| !s.is_empty());
         }
         if self.tokenizer.is_some() {
             cfg.data.tokenizer = self.tokenizer.clone();

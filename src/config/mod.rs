@@ -63,8 +63,10 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Re
 
 /// TRL's (and transformers' TrainingArguments') names for temper's settings, with the table
 /// that holds each, for a config written from a TRL recipe.
-const TRL_NAMES: [(&str, &str, &str); 18] = [
+const TRL_NAMES: [(&str, &str, &str); 20] = [
     ("num_generations", "group_size", "grpo"),
+    ("dataset_train_split", "train_split", "data"),
+    ("dataset_test_split", "eval_split", "data"),
     ("max_completion_length", "max_new_tokens", "grpo"),
     ("response_length", "max_new_tokens", "ppo"),
     ("num_ppo_epochs", "ppo_epochs", "ppo"),

@@ -224,6 +224,15 @@ impl DataConfig {
         }
     }
 
+    /// What chose the held-out data, for messages: `--eval-data`, or `--eval-split NAME` of
+    /// `path`.
+    pub fn held_out_by(&self) -> String {
+        match (&self.eval_path, &self.eval_split) {
+            (None, Some(split)) => format!("--eval-split {split}"),
+            _ => "--eval-data".to_string(),
+        }
+    }
+
     /// Which split of `path` trains.
     pub fn train_part(&self) -> Part<'_> {
         Part::train().named(self.train_split.as_deref())

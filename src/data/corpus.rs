@@ -29,9 +29,14 @@ pub fn load_documents(path: &Path) -> Result<Vec<String>> {
 /// [`load_documents`], JSONL and Parquet documents read from the field `column` (TRL's
 /// `dataset_text_field`), of a directory that names its splits the `part`.
 pub fn load_documents_from(path: &Path, column: &str, part: Part) -> Result<Vec<String>> {
+    documents_of(path, &corpus_files(path, part)?, column)
+}
+
+/// The documents of the corpus `path`'s `files` ([`corpus_files`]).
+pub(crate) fn documents_of(path: &Path, files: &[PathBuf], column: &str) -> Result<Vec<String>> {
     let mut docs = Vec::new();
-    for f in corpus_files(path, part)? {
-        read_file_documents(&f, column, &mut docs)?;
+    for f in files {
+        read_file_documents(f, column, &mut docs)?;
     }
     docs.retain(|d| !d.is_empty());
     if docs.is_empty() {
@@ -315,8 +320,11 @@ mod tests {
         std::fs::remove_file(root.join("data/validation.jsonl")).unwrap();
         assert_eq!(held(root).unwrap(), ["held"]);
         std::fs::remove_file(root.join("data/test-00000-of-00001.jsonl")).unwrap();
-        assert!(err(held(root)).contains("names a train split and no validation or test split"));
-        // No split named: the directory is read whole.
+        assert!(err(held(root)).contains(
+            "its files name the split train and none is a validation or test split by name"
+        ));
+        // No split named: the directory is read whole, its dataset card aside (a README.md
+        // that is no card is a document).
         for f in [
             "data/train-00000-of-00002.jsonl",
             "data/train-00001-of-00002.jsonl",
@@ -324,7 +332,9 @@ mod tests {
             std::fs::remove_file(root.join(f)).unwrap();
         }
         std::fs::write(root.join("training_day.txt"), "day").unwrap();
-        assert_eq!(load_documents(root).unwrap().len(), 2);
+        assert_eq!(load_documents(root).unwrap(), ["day"]);
+        std::fs::write(root.join("README.md"), "# notes").unwrap();
+        assert_eq!(load_documents(root).unwrap(), ["# notes", "day"]);
     }
 
     #[test]

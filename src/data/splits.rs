@@ -18,6 +18,8 @@ pub struct Part<'a> {
     name: Option<&'a str>,
     /// The flag that names a split here, for errors that ask for one.
     flag: &'static str,
+    /// The config setting that names it too, where one does.
+    key: Option<&'static str>,
 }
 
 impl<'a> Part<'a> {
@@ -27,6 +29,7 @@ impl<'a> Part<'a> {
             held_out: false,
             name: None,
             flag: "--train-split",
+            key: Some("[data] train_split"),
         }
     }
 
@@ -36,6 +39,7 @@ impl<'a> Part<'a> {
             held_out: true,
             name: None,
             flag: "--eval-split",
+            key: Some("[data] eval_split"),
         }
     }
 
@@ -49,7 +53,19 @@ impl<'a> Part<'a> {
 
     /// The same part, asked for by `flag` in errors (a command whose flag is not the stages').
     pub fn asked_by(self, flag: &'static str) -> Self {
-        Part { flag, ..self }
+        Part {
+            flag,
+            key: None,
+            ..self
+        }
+    }
+
+    /// How errors name the setting: the flag, or the config key where there is one.
+    fn setting(&self) -> String {
+        match self.key {
+            Some(key) => format!("{} or {key}", self.flag),
+            None => self.flag.to_string(),
+        }
     }
 }
 
@@ -61,13 +77,26 @@ enum Kind {
     Test,
 }
 
-fn kind(name: &str) -> Option<Kind> {
-    match name {
+fn keyword(word: &str) -> Option<Kind> {
+    match word {
         "train" | "training" => Some(Kind::Train),
         "validation" | "valid" | "dev" | "val" => Some(Kind::Validation),
         "test" | "testing" | "eval" | "evaluation" => Some(Kind::Test),
         _ => None,
     }
+}
+
+/// The kind of split a name (a file's stem, a directory) is, as `datasets` reads a split's
+/// word between separators: the word alone, or with numbers (`train_00000`), or last after
+/// others (`sft_train.jsonl`, the Hub converter's `partial-train/`). A word followed by
+/// others names none (`training_day.txt`, `train-robbery.txt`, `train_prefs`: a split of its
+/// own name).
+fn kind(name: &str) -> Option<Kind> {
+    let words: Vec<&str> = name
+        .split(|c: char| "-_. ".contains(c))
+        .filter(|w| !w.is_empty() && !w.bytes().all(|b| b.is_ascii_digit()))
+        .collect();
+    keyword(words.last()?)
 }
 
 /// The files of a data file or directory: the file itself, or a directory's files whose names
@@ -79,10 +108,10 @@ pub(crate) fn data_files(path: &Path, part: Part, exts: &[&str]) -> Result<Vec<P
     if !meta.is_dir() {
         if let Some(name) = part.name {
             bail!(
-                "{}: {} {name} names a split of a directory whose files name their splits, and \
-                 this is one file: read whole, it needs no split named",
+                "{}: split \"{name}\" ({}) names a split of a directory whose files name \
+                 their splits, and this is one file",
                 path.display(),
-                part.flag
+                part.setting()
             );
         }
         return Ok(vec![path.to_path_buf()]);
@@ -91,7 +120,14 @@ pub(crate) fn data_files(path: &Path, part: Part, exts: &[&str]) -> Result<Vec<P
     collect_files(path, exts, &mut files, &mut left_out, &mut HashSet::new())?;
     files.sort();
     left_out.sort();
-    let files = split_files(path, files, part)?;
+    if let Some(i) = files.iter().position(|f| is_dataset_card(path, f)) {
+        crate::errln!(
+            "warning: {}: {} left out: a dataset card, not data",
+            path.display(),
+            first_names(path, &files[i..=i])
+        );
+        files.remove(i);
+    }
     if !left_out.is_empty() {
         crate::errln!(
             "warning: {}: {} left out, not {} ({})",
@@ -101,7 +137,39 @@ pub(crate) fn data_files(path: &Path, part: Part, exts: &[&str]) -> Result<Vec<P
             first_names(path, &left_out)
         );
     }
-    Ok(files)
+    split_files(path, files, part)
+}
+
+/// A Hugging Face dataset card: the README.md at a dataset's top, which opens with its YAML
+/// metadata (`---`).
+fn is_dataset_card(root: &Path, file: &Path) -> bool {
+    let top = file.parent() == Some(root);
+    let named = file
+        .file_name()
+        .is_some_and(|n| n.eq_ignore_ascii_case("readme.md"));
+    top && named
+        && std::fs::read(file).is_ok_and(|b| b.starts_with(b"---\n") || b.starts_with(b"---\r\n"))
+}
+
+/// Warns where held-out files are among the training files: the held-out loss would be
+/// measured on what the run trains on. `by` names what chose them (`--eval-data`).
+pub fn warn_shared(train: &[PathBuf], held: &[PathBuf], by: &str) {
+    let canon = |p: &PathBuf| p.canonicalize().unwrap_or_else(|_| p.clone());
+    let trained: HashSet<PathBuf> = train.iter().map(canon).collect();
+    let shared: Vec<PathBuf> = held
+        .iter()
+        .filter(|p| trained.contains(&canon(p)))
+        .cloned()
+        .collect();
+    if !shared.is_empty() {
+        crate::errln!(
+            "warning: {by} reads {} of {} that --data trains on ({}): its held-out loss is \
+             measured on training data",
+            shared.len(),
+            n_files(held.len()),
+            first_names(Path::new(""), &shared)
+        );
+    }
 }
 
 /// `1 file`, `2 files`.
@@ -122,50 +190,47 @@ fn or_list(exts: &[&str]) -> String {
 }
 
 /// Of a directory whose files name their splits, the files of `part`; the others are said to
-/// be left out (the README dataset card among them). A directory that names no split, or only
-/// one that is no train, validation or test split by name (`chapter-00001-of-00009.txt`), is
-/// read whole.
+/// be left out. A directory that names no split is read whole.
 fn split_files(root: &Path, files: Vec<PathBuf>, part: Part) -> Result<Vec<PathBuf>> {
     let asked = part.name.map(str::to_lowercase);
-    let placed: Vec<Option<(String, PathBuf)>> = files
+    let placed: Vec<Option<Placed>> = files
         .iter()
         .map(|f| split_at(f.strip_prefix(root).unwrap_or(f), asked.as_deref()))
         .collect();
-    let splits: BTreeSet<&str> = placed.iter().flatten().map(|(s, _)| s.as_str()).collect();
+    let splits: BTreeSet<&str> = placed.iter().flatten().map(|p| p.name.as_str()).collect();
     let listed = || {
         let v: Vec<&str> = splits.iter().copied().collect();
-        v.join(", ")
+        match v.len() {
+            1 => format!("the split {}", v[0]),
+            _ => format!("the splits {}", v.join(", ")),
+        }
     };
     let has = |k: Kind| splits.iter().any(|s| kind(s) == Some(k));
-    let whole = splits.len() <= 1 && !splits.iter().any(|s| kind(s).is_some());
+    let own = splits.len() == 1 && !splits.iter().any(|s| kind(s).is_some());
     let want: Box<dyn Fn(&str) -> bool> = match (&asked, part.held_out) {
         (Some(n), _) if splits.contains(n.as_str()) => Box::new(move |s| s == n),
         (Some(n), _) if splits.is_empty() => bail!(
-            "{}: {} {n}: its files name no splits (as `{n}-00000-of-00001.parquet` or a `{n}/` \
-             directory would)",
+            "{}: split \"{n}\" ({}): its files name no splits (as \
+             `{n}-00000-of-00001.parquet` or a `{n}/` directory would)",
             root.display(),
-            part.flag
+            part.setting()
         ),
         (Some(n), _) => bail!(
-            "{}: {} {n}: no split of that name; its files name {}",
+            "{}: no split \"{n}\" ({}); its files name {}",
             root.display(),
-            part.flag,
+            part.setting(),
             listed()
         ),
-        (None, _) if whole => return Ok(files),
+        (None, _) if splits.is_empty() => return Ok(files),
+        // One split of its own name, as a dataset of one split names it: read, its card and
+        // other files left out as `datasets` leaves them.
+        (None, _) if own => Box::new(|_| true),
         (None, false) if has(Kind::Train) => Box::new(|s| kind(s) == Some(Kind::Train)),
         (None, true) if has(Kind::Validation) => Box::new(|s| kind(s) == Some(Kind::Validation)),
         (None, true) if has(Kind::Test) => Box::new(|s| kind(s) == Some(Kind::Test)),
-        (None, true) if has(Kind::Train) => bail!(
-            "{}: names a train split and no validation or test split to hold out (its files \
-             name {}; {} names one)",
-            root.display(),
-            listed(),
-            part.flag
-        ),
         (None, held_out) => bail!(
-            "{}: its files name the splits {} and none is a {} split by name: name the one to \
-             read with {} NAME",
+            "{}: its files name {} and none is a {} split by name: name the one to read with \
+             {} NAME{}",
             root.display(),
             listed(),
             if held_out {
@@ -173,20 +238,36 @@ fn split_files(root: &Path, files: Vec<PathBuf>, part: Part) -> Result<Vec<PathB
             } else {
                 "train"
             },
-            part.flag
+            part.flag,
+            part.key.map_or(String::new(), |k| format!(" ({k})"))
         ),
     };
     let (mut kept, mut other) = (Vec::new(), Vec::new());
-    let (mut read, mut homes) = (BTreeSet::new(), BTreeSet::new());
+    let (mut read, mut homes, mut inner) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
     for (f, at) in files.into_iter().zip(&placed) {
-        match at.as_ref().filter(|(s, _)| want(s)) {
-            Some((s, home)) => {
-                read.insert(s.as_str());
-                homes.insert(home.as_path());
+        match at.as_ref().filter(|p| want(&p.name)) {
+            Some(p) => {
+                read.insert(p.name.as_str());
+                homes.insert(p.home.as_path());
+                inner.extend(p.inner.as_deref());
                 kept.push(f);
             }
             None => other.push(f),
         }
+    }
+    let read: Vec<&str> = read.into_iter().collect();
+    // `--train-split data` of `data/train_prefs-*` and `data/test_prefs-*`: a directory of
+    // several splits, which read as one would train on the held-out records.
+    if inner.len() > 1 {
+        let inner: Vec<&str> = inner.into_iter().collect();
+        bail!(
+            "{}: split \"{}\" ({}) is a directory whose files name splits of their own ({}): \
+             name one of those",
+            root.display(),
+            read.join(", "),
+            part.setting(),
+            inner.join(", ")
+        );
     }
     // `openai/gsm8k` holds `main/train-*` and `socratic/train-*`: one split of two configs,
     // which `datasets` loads one at a time, never mixed.
@@ -194,20 +275,25 @@ fn split_files(root: &Path, files: Vec<PathBuf>, part: Part) -> Result<Vec<PathB
         let homes: Vec<PathBuf> = homes.iter().map(|h| root.join(h)).collect();
         bail!(
             "{}: its {} split lies in {} directories ({}), as the configs of a Hugging Face \
-             dataset do: name one of them",
+             dataset do: give the directory of one ({}) instead",
             root.display(),
-            read.into_iter().collect::<Vec<_>>().join(" and "),
+            read.join(" and "),
             homes.len(),
-            first_names(root, &homes)
+            first_names(root, &homes),
+            homes[0].display()
         );
     }
     if !other.is_empty() {
-        let read: Vec<&str> = read.into_iter().collect();
         crate::errln!(
-            "warning: {}: its {} split is read ({} named so, as a Hugging Face dataset names \
-             its splits); {} left out ({})",
+            "warning: {}: its {} {} read ({} named so, as a Hugging Face dataset names its \
+             splits); {} left out ({})",
             root.display(),
             read.join(" and "),
+            if read.len() == 1 {
+                "split is"
+            } else {
+                "splits are"
+            },
             n_files(kept.len()),
             n_files(other.len()).replacen(' ', " other ", 1),
             first_names(root, &other)
@@ -230,37 +316,64 @@ fn first_names(root: &Path, files: &[PathBuf]) -> String {
     names.join(", ")
 }
 
-/// The split a file belongs to by its path (in lower case): under a directory named for a
-/// train, validation or test split (`train/`, `validation/`) or for `asked`, a file named so
-/// (`test.jsonl`), or a shard of any split (`train_prefs-00000-of-00002.parquet`). Other names
-/// that merely start with a split's word (`training_day.txt`) belong to none.
+/// The split a file belongs to by its path (in lower case), named at the innermost level
+/// that names one: the file, named for a train, validation or test split (`test.jsonl`,
+/// `sft_train.jsonl`) or for `asked`, or a shard of one (`train-00000-of-00002.parquet`); else
+/// a directory named so (`train/`, the Hub converter's `default/partial-train/`); else a shard
+/// of a split of its own name (`train_prefs-00000-of-00002.parquet`). Names that merely start
+/// with a split's word (`training_day.txt`) name none.
 #[cfg(test)]
 fn split_of(rel: &Path, asked: Option<&str>) -> Option<String> {
-    split_at(rel, asked).map(|(name, _)| name)
+    split_at(rel, asked).map(|p| p.name)
 }
 
-/// [`split_of`], and where the split lies: the directory named for it, else the file's own
-/// directory (relative, as `rel` is).
-fn split_at(rel: &Path, asked: Option<&str>) -> Option<(String, PathBuf)> {
+/// Where a file lies among a directory's splits.
+struct Placed {
+    /// Its split.
+    name: String,
+    /// Where the split lies: the directory named for it, else the file's own directory
+    /// (relative to the root).
+    home: PathBuf,
+    /// Of a file under a directory named for its split, the split of its own name the file
+    /// names besides (a directory of several splits' shards, asked for by its name).
+    inner: Option<String>,
+}
+
+/// [`split_of`], and where the split lies.
+fn split_at(rel: &Path, asked: Option<&str>) -> Option<Placed> {
     let named = |name: &str| kind(name).is_some() || asked == Some(name);
     let parts: Vec<String> = rel
         .components()
         .map(|c| c.as_os_str().to_string_lossy().to_lowercase())
         .collect();
     let (file, dirs) = parts.split_last()?;
-    if let Some(i) = dirs.iter().position(|d| named(d)) {
-        return Some((dirs[i].clone(), rel.iter().take(i + 1).collect()));
-    }
     let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
-    let stem = file.split('.').next().unwrap_or(file);
+    let at = |name: &str, home: PathBuf, inner: Option<&str>| Placed {
+        name: name.to_string(),
+        home,
+        inner: inner.map(str::to_string),
+    };
+    let stem = file.rsplit_once('.').map_or(file.as_str(), |(s, _)| s);
+    let shard = shard_of(stem);
     if named(stem) {
-        return Some((stem.to_string(), parent));
+        return Some(at(stem, parent, None));
     }
-    // `train-00000-of-00002`: a shard of its split.
-    let (word, shard) = stem.split_once('-')?;
-    let (i, n) = shard.split_once("-of-")?;
+    if let Some(word) = shard.filter(|w| named(w)) {
+        return Some(at(word, parent, None));
+    }
+    if let Some(i) = dirs.iter().rposition(|d| named(d)) {
+        return Some(at(&dirs[i], rel.iter().take(i + 1).collect(), shard));
+    }
+    shard.map(|word| at(word, parent, None))
+}
+
+/// The split a shard's stem names: `train_prefs` of `train_prefs-00000-of-00002`, dots and
+/// dashes in the name kept (`train.clean.100-00000-of-00001`).
+fn shard_of(stem: &str) -> Option<&str> {
+    let (head, n) = stem.rsplit_once("-of-")?;
+    let (word, i) = head.rsplit_once('-')?;
     let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
-    (!word.is_empty() && digits(i) && digits(n)).then(|| (word.to_string(), parent))
+    (!word.is_empty() && digits(i) && digits(n)).then_some(word)
 }
 
 fn collect_files(
@@ -400,7 +513,7 @@ mod tests {
         );
         let e = err(read(&d, Part::train().named(Some("train_sft"))));
         assert!(
-            e.contains("--train-split train_sft: no split of that name; its files name test, train, validation"),
+            e.contains("no split \"train_sft\" (--train-split or [data] train_split); its files name the splits test, train, validation"),
             "{e}"
         );
         std::fs::remove_file(d.path().join("data/validation.jsonl")).unwrap();
@@ -411,7 +524,7 @@ mod tests {
         std::fs::remove_file(d.path().join("data/test-00000-of-00001.parquet")).unwrap();
         let e = err(read(&d, Part::held_out()));
         assert!(
-            e.contains("names a train split and no validation or test split to hold out"),
+            e.contains("its files name the split train and none is a validation or test split by name: name the one to read with --eval-split NAME ([data] eval_split)"),
             "{e}"
         );
     }
@@ -430,7 +543,8 @@ mod tests {
         assert!(
             e.contains(
                 "its files name the splits test_prefs, test_sft, train_prefs, train_sft and none \
-                 is a train split by name: name the one to read with --train-split NAME"
+                 is a train split by name: name the one to read with --train-split NAME \
+                 ([data] train_split)"
             ),
             "{e}"
         );
@@ -450,6 +564,47 @@ mod tests {
     }
 
     #[test]
+    fn split_words_between_separators_and_inner_splits() {
+        let split = |p: &str| split_of(Path::new(p), None);
+        for (path, want) in [
+            ("sft_train.jsonl", Some("sft_train")),
+            ("train_00000.jsonl", Some("train_00000")),
+            ("default/partial-train/0000.parquet", Some("partial-train")),
+            (
+                "train.clean.100-00000-of-00001.jsonl",
+                Some("train.clean.100"),
+            ),
+            ("dev-notes.txt", None),
+        ] {
+            assert_eq!(split(path).as_deref(), want, "{path}");
+        }
+        assert_eq!(kind("sft_train"), Some(Kind::Train));
+        assert_eq!(kind("partial-test"), Some(Kind::Test));
+        assert_eq!(kind("train.clean.100"), None);
+        assert_eq!(kind("train_prefs"), None);
+        // The innermost name wins: a shard under a split's directory is of that split.
+        assert_eq!(
+            split("data/train/shard-00000-of-00004.jsonl").as_deref(),
+            Some("train")
+        );
+        let d = tree(&[
+            "sft_train.jsonl",
+            "sft_test.jsonl",
+            "data/train_prefs-00000-of-00001.parquet",
+            "data/test_prefs-00000-of-00001.parquet",
+        ]);
+        assert_eq!(read(&d, Part::train()).unwrap(), ["sft_train.jsonl"]);
+        assert_eq!(read(&d, Part::held_out()).unwrap(), ["sft_test.jsonl"]);
+        // A directory asked for by name whose files name several splits of their own would
+        // train on the held-out ones: refused.
+        let e = err(read(&d, Part::train().named(Some("data"))));
+        assert!(
+            e.contains("split \"data\" (--train-split or [data] train_split) is a directory whose files name splits of their own (test_prefs, train_prefs)"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn one_split_in_two_configs_is_refused() {
         let d = tree(&[
             "main/train-00000-of-00001.parquet",
@@ -459,7 +614,7 @@ mod tests {
         ]);
         let e = err(read(&d, Part::train()));
         assert!(
-            e.contains("its train split lies in 2 directories (main, socratic), as the configs"),
+            e.contains("its train split lies in 2 directories (main, socratic), as the configs of a Hugging Face dataset do: give the directory of one ("),
             "{e}"
         );
         assert_eq!(
@@ -476,19 +631,20 @@ mod tests {
 
     #[test]
     fn one_split_of_its_own_or_none_is_read_whole() {
+        // One split of its own name is read, as `datasets` reads a dataset of one split; its
+        // dataset card and the files that name no split are left out.
         let d = tree(&[
             "chapter-00000-of-00002.jsonl",
             "chapter-00001-of-00002.jsonl",
             "notes.jsonl",
             "picture.png",
         ]);
-        let all = [
+        let chapters = [
             "chapter-00000-of-00002.jsonl",
             "chapter-00001-of-00002.jsonl",
-            "notes.jsonl",
         ];
-        assert_eq!(read(&d, Part::train()).unwrap(), all);
-        assert_eq!(read(&d, Part::held_out()).unwrap(), all);
+        assert_eq!(read(&d, Part::train()).unwrap(), chapters);
+        assert_eq!(read(&d, Part::held_out()).unwrap(), chapters);
         let plain = tree(&["a.jsonl", "b/c.parquet"]);
         assert_eq!(
             read(&plain, Part::train()).unwrap(),
@@ -496,7 +652,7 @@ mod tests {
         );
         let e = err(read(&plain, Part::train().named(Some("train_sft"))));
         assert!(
-            e.contains("--train-split train_sft: its files name no splits"),
+            e.contains("split \"train_sft\" (--train-split or [data] train_split): its files name no splits"),
             "{e}"
         );
         // A file is read as it is, whatever its name; a split asked of it is an error rather
@@ -513,7 +669,9 @@ mod tests {
             &EXTS,
         ));
         assert!(
-            e.contains("--eval-split train names a split of a directory"),
+            e.contains(
+                "split \"train\" (--eval-split or [data] eval_split) names a split of a directory"
+            ),
             "{e}"
         );
     }

@@ -10,12 +10,15 @@ use candle_core::Tensor;
 use super::loader::{policy_from, read_checkpoint};
 use super::setup::{self, Plan};
 use super::Env;
-use crate::data::corpus::{document_ids, load_documents_from, pack_documents, Part};
+use crate::data::corpus::{
+    corpus_files, document_ids, documents_of, load_documents_from, pack_documents, Part,
+};
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::data::shards::{
     check_corpus_tokenizer, corpus_tokenizer_file, is_shard_corpus, open_corpus, open_held_out,
     TokenStream,
 };
+use crate::data::splits::warn_shared;
 use crate::data::tokenizer::Tokenizer;
 use crate::kernels::segments::Segments;
 use crate::model::{Fwd, Transformer};
@@ -186,21 +189,30 @@ fn streams(
             p.display()
         );
     }
-    let split = (cfg.data.train_split.iter())
-        .chain(&cfg.data.eval_split)
-        .next();
-    if let (Some(p), Some(name)) = (shards, split) {
-        bail!(
-            "data split {name}: {} is token shards, whose training and validation shards are \
-             named by `temper tokenizer encode`, not by a dataset's splits: leave the split out",
-            p.display()
-        );
+    let sides = [
+        (
+            cfg.data.path.as_deref(),
+            &cfg.data.train_split,
+            "--train-split",
+        ),
+        (eval, &cfg.data.eval_split, "--eval-split"),
+    ];
+    for (path, split, flag) in sides {
+        if let (Some(p), Some(name)) = (path.filter(|p| is_shard_corpus(p)), split) {
+            bail!(
+                "{flag} {name}: {} is token shards, whose training and validation shards are \
+                 named by `temper tokenizer encode`, not by a dataset's splits: leave the split \
+                 out",
+                p.display()
+            );
+        }
     }
     if let Some(eval) = eval {
         let data = (cfg.data.path.as_deref()).context("--eval-data is refused without --data")?;
         let parts = (cfg.data.train_part(), cfg.data.held_out_part());
         let column = cfg.data.columns.column("text");
-        return held_out_streams((data, eval), (column, parts), tok, t);
+        let by = cfg.data.held_out_by();
+        return held_out_streams((data, eval, &by), (column, parts), tok, t);
     }
     if let Some(path) = cfg.data.path.as_deref().filter(|p| is_shard_corpus(p)) {
         let (train, val) = open_corpus(path)?;
@@ -245,29 +257,40 @@ fn streams(
 /// document followed by EOS (as [`pack_documents`] packs them). Either too short for a window
 /// of `t + 1` tokens is an error naming it.
 fn held_out_streams(
-    (data, eval): (&Path, &Path),
+    (data, eval, by): (&Path, &Path, &str),
     (column, parts): (&str, (Part, Part)),
     tok: &Tokenizer,
     t: usize,
 ) -> Result<(TokenStream, TokenStream, String)> {
-    let (train, train_what) = match is_shard_corpus(data) {
-        true => {
+    // A text corpus's files, of the split asked for; token shards have none.
+    let text_files = |p: &Path, part| match is_shard_corpus(p) {
+        true => Ok(None),
+        false => corpus_files(p, part).map(Some),
+    };
+    let (train_files, eval_files) = (text_files(data, parts.0)?, text_files(eval, parts.1)?);
+    if let (Some(a), Some(b)) = (&train_files, &eval_files) {
+        warn_shared(a, b, by);
+    }
+    let (train, train_what) = match &train_files {
+        None => {
             let (train, val) = open_corpus(data)?;
             let unread = match val {
-                Some(_) => "; its validation shards are not read: --eval-data is held out instead",
-                None => "",
+                Some(_) => {
+                    format!("; its validation shards are not read: {by} is held out instead")
+                }
+                None => String::new(),
             };
             let what = format!("token shards {} (memory-mapped{unread})", data.display());
             (TokenStream::mapped(train), what)
         }
-        false => text_stream(data, (column, parts.0), tok)?,
+        Some(files) => text_stream(data, (files, column), tok)?,
     };
-    let (val, val_what) = match is_shard_corpus(eval) {
-        true => {
+    let (val, val_what) = match &eval_files {
+        None => {
             let what = format!("token shards {} (memory-mapped)", eval.display());
             (TokenStream::mapped(open_held_out(eval)?), what)
         }
-        false => text_stream(eval, (column, parts.1), tok)?,
+        Some(files) => text_stream(eval, (files, column), tok)?,
     };
     if train.len() <= t {
         bail!(
@@ -280,24 +303,24 @@ fn held_out_streams(
     }
     if val.len() <= t {
         bail!(
-            "--eval-data {}: {} tokens, too few for a held-out window of {}",
+            "{by} {}: {} tokens, too few for a held-out window of {}",
             eval.display(),
             val.len(),
             t + 1
         );
     }
-    let what = format!("{train_what}, all of it trained; held out (--eval-data): {val_what}");
+    let what = format!("{train_what}, all of it trained; held out ({by}): {val_what}");
     Ok((train, val, what))
 }
 
-/// A text corpus (a file, JSONL, or a directory of them: [`load_documents`]) as one token
-/// stream, each document followed by EOS, and what it is (for the log).
+/// A text corpus (a file, JSONL, or a directory of them: [`load_documents`]), its `files`,
+/// as one token stream, each document followed by EOS, and what it is (for the log).
 fn text_stream(
     path: &Path,
-    (column, part): (&str, Part),
+    (files, column): (&[PathBuf], &str),
     tok: &Tokenizer,
 ) -> Result<(TokenStream, String)> {
-    let docs = load_documents_from(path, column, part)?;
+    let docs = documents_of(path, files, column)?;
     let ids = document_ids(&docs, tok)
         .with_context(|| path.display().to_string())?
         .concat();

@@ -12,6 +12,7 @@ use super::Env;
 use crate::config::{Holdout, LoraConfig, ModelConfig, RunConfig, Stage, Truncation};
 use crate::data::chat_template::ChatTemplate;
 use crate::data::records::{place, prompts_from, read_records_with, record_files, PromptRecord};
+use crate::data::splits::warn_shared;
 use crate::data::synthetic::{Split, Synthetic};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::{hf, Transformer};
@@ -228,16 +229,21 @@ pub fn split_holdout<T>(
 ) -> Result<(Vec<T>, Vec<T>)> {
     let data = &env.cfg.data;
     // A directory's files, of the split asked for, one after another.
-    let load_all = |path: &Path, part| -> Result<Vec<T>> {
+    let load_all = |files: &[std::path::PathBuf]| -> Result<Vec<T>> {
         let mut all = Vec::new();
-        for f in record_files(path, part)? {
-            all.extend(load(&f)?);
+        for f in files {
+            all.extend(load(f)?);
         }
         Ok(all)
     };
-    let mut all = load_all(path, data.train_part())?;
+    let train_files = record_files(path, data.train_part())?;
+    let mut all = load_all(&train_files)?;
     if let Some(e) = data.held_out_path() {
-        let eval = load_all(e, data.held_out_part())?;
+        let eval_files = record_files(e, data.held_out_part())?;
+        if env.comm.rank() == 0 {
+            warn_shared(&train_files, &eval_files, &data.held_out_by());
+        }
+        let eval = load_all(&eval_files)?;
         if env.comm.rank() == 0 {
             crate::errln!(
                 "[{}] {}: {} {what} train; {}: {} held out",
