@@ -9,6 +9,7 @@ pub mod data;
 pub mod device;
 pub mod dist;
 pub mod generate;
+pub mod hub_cache;
 pub mod io;
 pub mod json_error;
 pub mod kernels;

@@ -16,6 +16,7 @@ use temper::data::tokenizer::{train_bpe, Tokenizer};
 use temper::dist::preempt::{self, Preempted, EXIT_PREEMPTED};
 use temper::dist::{launch, Communicator, PeerFailed, Rank, ThreadGroup};
 use temper::generate::SampleCfg;
+use temper::hub_cache::{locate, Repo};
 use temper::kernels::KernelSet;
 use temper::model::linear::Ctx;
 use temper::stages::eval::NOT_EVALUATED;
@@ -168,9 +169,32 @@ fn run(cli: Cli) -> Result<()> {
             preempt::install()?;
             stages::pipeline::run(&a.options())?
         }
-        Command::Generate(a) => generate_cmd(&a)?,
-        Command::Eval(a) => eval_cmd(&a)?,
-        Command::Export(a) => export_cmd(&a)?,
+        Command::Generate(mut a) => {
+            a.checkpoint = locate(&a.checkpoint, Repo::Model, "--checkpoint")?;
+            a.prompts = a
+                .prompts
+                .map(|p| locate(&p, Repo::Dataset, "--prompts"))
+                .transpose()?;
+            a.chat_template = (a.chat_template)
+                .map(|p| locate(&p, Repo::Model, "--chat-template"))
+                .transpose()?;
+            generate_cmd(&a)?
+        }
+        Command::Eval(mut a) => {
+            a.checkpoint = locate(&a.checkpoint, Repo::Model, "--checkpoint")?;
+            a.prompts = a
+                .prompts
+                .map(|p| locate(&p, Repo::Dataset, "--prompts"))
+                .transpose()?;
+            a.chat_template = (a.chat_template)
+                .map(|p| locate(&p, Repo::Model, "--chat-template"))
+                .transpose()?;
+            eval_cmd(&a)?
+        }
+        Command::Export(mut a) => {
+            a.checkpoint = locate(&a.checkpoint, Repo::Model, "--checkpoint")?;
+            export_cmd(&a)?
+        }
         Command::Tokenizer(TokenizerCmd::Train {
             files,
             columns,

@@ -1789,3 +1789,90 @@ fn byte_shards_and_bpe_shards_each_refuse_the_others_tokenizer() {
     );
     assert_eq!(error_lines(&e), 1, "{e}");
 }
+
+/// Hub names read from the Hugging Face cache, as `from_pretrained` and `load_dataset` read
+/// them: a model and a dataset that `hf download` fetched, laid out as huggingface_hub lays
+/// out its cache (snapshots by revision, `refs/main` naming the one in use).
+#[test]
+fn hub_names_are_read_from_the_hugging_face_cache() {
+    let d = tmp();
+    let cache = p(d.path(), "hub");
+    let model = cache.join("models--org--tiny-llama");
+    let snapshot = model.join("snapshots/0123abc");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for f in std::fs::read_dir(fixture("llama")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, snapshot.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::create_dir_all(model.join("refs")).unwrap();
+    std::fs::write(model.join("refs/main"), "0123abc").unwrap();
+    let data = cache.join("datasets--org--sums/snapshots/r1/data");
+    std::fs::create_dir_all(&data).unwrap();
+    let records: String = (0..12)
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"{i}+1=\", \"completion\": \"{}\"}}\n",
+                i + 1
+            )
+        })
+        .collect();
+    std::fs::write(data.join("train-00000-of-00001.jsonl"), records).unwrap();
+    let hub = |args: &[&str]| {
+        let mut c = temper();
+        c.env("HF_HUB_CACHE", &cache).args(args);
+        c.output().unwrap()
+    };
+    let out = p(d.path(), "sft");
+    let run = hub(&[
+        "sft",
+        "--init",
+        "org/tiny-llama",
+        "--data",
+        "org/sums",
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let log = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{log}");
+    assert!(
+        log.contains(&format!("[hub] org/tiny-llama: {}", snapshot.display())),
+        "{log}"
+    );
+    // config.toml records the snapshots, which a resumed run reads wherever it runs.
+    let saved = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(saved.contains(&snapshot.display().to_string()), "{saved}");
+    assert!(
+        saved.contains("datasets--org--sums/snapshots/r1"),
+        "{saved}"
+    );
+    let gen = hub(&[
+        "generate",
+        "--checkpoint",
+        "org/tiny-llama",
+        "--prompt",
+        "ab",
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        gen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gen.stderr)
+    );
+    // A name the cache does not hold says how to fetch it, in one line.
+    let absent = hub(&["generate", "--checkpoint", "org/absent", "--prompt", "ab"]);
+    let e = String::from_utf8_lossy(&absent.stderr);
+    assert!(!absent.status.success());
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.contains("--checkpoint org/absent: no such file or directory, nor a model the Hugging Face cache holds")
+            && e.contains("`hf download org/absent` fetches it"),
+        "{e}"
+    );
+}

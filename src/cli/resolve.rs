@@ -373,6 +373,7 @@ impl StageArgs {
         // from a flag, and no file's line is to blame.
         let files_valid = cfg.validate().is_ok();
         self.apply(&mut cfg)?;
+        cfg.locate_hub_repos()?;
         warn_unused_batch_size(&cfg, self.batch_size.is_some());
         warn_unused_dropout(&cfg);
         let pretrained =

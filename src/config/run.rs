@@ -784,6 +784,40 @@ impl RunConfig {
         Ok(())
     }
 
+    /// Each model and dataset path that is no local path but a Hub repository's name
+    /// (`--init Qwen/Qwen2.5-0.5B`, `--data trl-lib/tldr`) made that repository's snapshot
+    /// in the Hugging Face cache ([`crate::hub_cache::locate`]), before anything reads them
+    /// or `config.toml` records them.
+    pub fn locate_hub_repos(&mut self) -> Result<()> {
+        use crate::hub_cache::{locate, Repo};
+        let d = &mut self.data;
+        let paths = [
+            (&mut self.init, Repo::Model, "--init"),
+            (&mut d.path, Repo::Dataset, "--data"),
+            (&mut d.eval_path, Repo::Dataset, "--eval-data"),
+            (&mut d.tokenizer, Repo::Model, "--tokenizer"),
+            (&mut d.chat_template, Repo::Model, "--chat-template"),
+            (&mut self.ppo.value_init, Repo::Model, "ppo.value_init"),
+            (&mut self.distill.teacher, Repo::Model, "--teacher"),
+        ];
+        for (path, repo, flag) in paths {
+            if let Some(p) = path {
+                *p = locate(p, repo, flag)?;
+            }
+        }
+        let specs = [
+            &mut self.ppo.rewards,
+            &mut self.grpo.rewards,
+            &mut self.online_dpo.rewards,
+        ];
+        for spec in specs.into_iter().flatten() {
+            if let super::stages::RewardSource::Model(p) = &mut spec.source {
+                *p = locate(p, Repo::Model, "--reward")?;
+            }
+        }
+        Ok(())
+    }
+
     /// `config.toml` in the run directory, every relative path in it made absolute (see
     /// [`RunConfig::with_absolute_paths`]).
     pub fn save(&self, run_dir: &Path) -> Result<()> {
