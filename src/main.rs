@@ -209,6 +209,9 @@ fn run(cli: Cli) -> Result<()> {
                     out.display()
                 );
             }
+            let files = (files.iter())
+                .map(|f| locate(f, Repo::Dataset, "tokenizer train"))
+                .collect::<Result<Vec<_>>>()?;
             let columns = text_columns(columns, "tokenizer train")?;
             let part = Part::train().named(split.as_deref()).asked_by("--split");
             let t = train_bpe(&files, (columns.column("text"), part), vocab_size, &out)?;
@@ -224,6 +227,10 @@ fn run(cli: Cli) -> Result<()> {
             val_fraction,
             seed,
         }) => {
+            let corpus = locate(&corpus, Repo::Dataset, "tokenizer encode")?;
+            let tokenizer = (tokenizer.as_deref())
+                .map(|t| locate(t, Repo::Model, "--tokenizer"))
+                .transpose()?;
             let tok = match &tokenizer {
                 Some(p) => Tokenizer::from_file(p)?,
                 None => Tokenizer::bytes(),

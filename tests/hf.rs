@@ -1831,6 +1831,8 @@ fn hub_names_are_read_from_the_hugging_face_cache() {
         "org/sums",
         "--steps",
         "1",
+        "--lora-rank",
+        "2",
         "--device",
         "cpu",
         "--out",
@@ -1853,6 +1855,62 @@ fn hub_names_are_read_from_the_hugging_face_cache() {
         "generate",
         "--checkpoint",
         "org/tiny-llama",
+        "--prompt",
+        "ab",
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        gen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gen.stderr)
+    );
+    // Resumed with the same Hub name it began from.
+    let out_s = out.to_str().unwrap();
+    let more = hub(&[
+        "sft",
+        "--resume",
+        out_s,
+        "--init",
+        "org/tiny-llama",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        more.status.success(),
+        "{}",
+        String::from_utf8_lossy(&more.stderr)
+    );
+    // Its adapter names its base by the Hub name, which loads on any machine, and the adapter
+    // is read back through the cache.
+    let adapter = p(d.path(), "adapter");
+    let export = hub(&[
+        "export",
+        "--checkpoint",
+        out_s,
+        "--out",
+        adapter.to_str().unwrap(),
+        "--format",
+        "peft",
+    ]);
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["base_model_name_or_path"], "org/tiny-llama");
+    let gen = hub(&[
+        "generate",
+        "--checkpoint",
+        adapter.to_str().unwrap(),
         "--prompt",
         "ab",
         "--max-new-tokens",

@@ -2106,7 +2106,8 @@ fn a_dataset_directory_is_read_by_the_split_asked_for() {
     )));
     let log = String::from_utf8_lossy(&log.stderr);
     assert!(
-        log.contains("12 examples train;") && log.contains(": 3 held out"),
+        log.contains("12 examples train;")
+            && log.contains("12 examples train; 3 held out (--eval-split test_sft)"),
         "{log}"
     );
     assert!(

@@ -490,8 +490,12 @@ impl StageArgs {
             let real = |p: &Path| std::fs::canonicalize(p).ok();
             a == b || real(a).is_some_and(|a| Some(a) == real(b))
         };
+        // A Hub name is the snapshot the run's config.toml records.
+        let init = (self.init.as_deref())
+            .map(|i| crate::hub_cache::locate(i, crate::hub_cache::Repo::Model, "--init"))
+            .transpose()?;
         if let Some(init) =
-            (self.init.as_ref()).filter(|i| !run.init.as_ref().is_some_and(|r| same(i, r)))
+            (init.as_ref()).filter(|i| !run.init.as_ref().is_some_and(|r| same(i, r)))
         {
             let began = match &run.init {
                 Some(p) => format!("began from {}", p.display()),

@@ -789,7 +789,17 @@ impl RunConfig {
     /// in the Hugging Face cache ([`crate::hub_cache::locate`]), before anything reads them
     /// or `config.toml` records them.
     pub fn locate_hub_repos(&mut self) -> Result<()> {
+        self.locate_hub_repos_but(&[])
+    }
+
+    /// [`Self::locate_hub_repos`], the paths in `made` (a pipeline's own run directories,
+    /// not made yet) left as they are.
+    pub fn locate_hub_repos_but(&mut self, made: &[PathBuf]) -> Result<()> {
         use crate::hub_cache::{locate, Repo};
+        let locate = |p: &Path, repo, flag: &str| match made.iter().any(|m| m == p) {
+            true => Ok(p.to_path_buf()),
+            false => locate(p, repo, flag),
+        };
         let d = &mut self.data;
         let paths = [
             (&mut self.init, Repo::Model, "--init"),
@@ -797,7 +807,7 @@ impl RunConfig {
             (&mut d.eval_path, Repo::Dataset, "--eval-data"),
             (&mut d.tokenizer, Repo::Model, "--tokenizer"),
             (&mut d.chat_template, Repo::Model, "--chat-template"),
-            (&mut self.ppo.value_init, Repo::Model, "ppo.value_init"),
+            (&mut self.ppo.value_init, Repo::Model, "[ppo] value_init"),
             (&mut self.distill.teacher, Repo::Model, "--teacher"),
         ];
         for (path, repo, flag) in paths {

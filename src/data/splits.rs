@@ -120,24 +120,41 @@ pub(crate) fn data_files(path: &Path, part: Part, exts: &[&str]) -> Result<Vec<P
     collect_files(path, exts, &mut files, &mut left_out, &mut HashSet::new())?;
     files.sort();
     left_out.sort();
-    if let Some(i) = files.iter().position(|f| is_dataset_card(path, f)) {
-        crate::errln!(
+    // The card is said to be left out as what it is, whichever list it fell in.
+    let card = |f: &PathBuf| is_dataset_card(path, f);
+    let cards: Vec<PathBuf> = (files.iter().chain(&left_out))
+        .filter(|f| card(f))
+        .cloned()
+        .collect();
+    files.retain(|f| !card(f));
+    left_out.retain(|f| !card(f));
+    if !cards.is_empty() {
+        warn_once(format!(
             "warning: {}: {} left out: a dataset card, not data",
             path.display(),
-            first_names(path, &files[i..=i])
-        );
-        files.remove(i);
+            first_names(path, &cards)
+        ));
     }
     if !left_out.is_empty() {
-        crate::errln!(
+        warn_once(format!(
             "warning: {}: {} left out, not {} ({})",
             path.display(),
             n_files(left_out.len()),
             or_list(exts),
             first_names(path, &left_out)
-        );
+        ));
     }
     split_files(path, files, part)
+}
+
+/// Prints a warning the first time this process meets it: a directory read for its train
+/// split and again for its held-out one says what it leaves out once.
+fn warn_once(line: String) {
+    static SAID: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if said.insert(line.clone()) {
+        crate::errln!("{line}");
+    }
 }
 
 /// A Hugging Face dataset card: the README.md at a dataset's top, which opens with its YAML
@@ -260,13 +277,16 @@ fn split_files(root: &Path, files: Vec<PathBuf>, part: Part) -> Result<Vec<PathB
     // several splits, which read as one would train on the held-out records.
     if inner.len() > 1 {
         let inner: Vec<&str> = inner.into_iter().collect();
+        let chosen = match &asked {
+            Some(_) => format!("split \"{}\" ({})", read.join(", "), part.setting()),
+            None => format!("its {} split", read.join(" and ")),
+        };
         bail!(
-            "{}: split \"{}\" ({}) is a directory whose files name splits of their own ({}): \
-             name one of those",
+            "{}: {chosen} is a directory whose files name splits of their own ({}): name one \
+             of those with {} NAME",
             root.display(),
-            read.join(", "),
-            part.setting(),
-            inner.join(", ")
+            inner.join(", "),
+            part.flag
         );
     }
     // `openai/gsm8k` holds `main/train-*` and `socratic/train-*`: one split of two configs,
@@ -600,6 +620,15 @@ mod tests {
         let e = err(read(&d, Part::train().named(Some("data"))));
         assert!(
             e.contains("split \"data\" (--train-split or [data] train_split) is a directory whose files name splits of their own (test_prefs, train_prefs)"),
+            "{e}"
+        );
+        let nested = tree(&[
+            "train/data/train_prefs-00000-of-00001.jsonl",
+            "train/data/test_prefs-00000-of-00001.jsonl",
+        ]);
+        let e = err(read(&nested, Part::train()));
+        assert!(
+            e.contains("its train split is a directory whose files name splits of their own (test_prefs, train_prefs): name one of those with --train-split NAME"),
             "{e}"
         );
     }

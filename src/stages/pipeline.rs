@@ -235,6 +235,11 @@ fn stage_config(
             .try_into()
             .with_context(|| format!("pipeline config: invalid [{}] table", step.name))?;
     }
+    let made: Vec<PathBuf> = ["pretrain", "sft", "reward", "ppo"]
+        .iter()
+        .map(|s| dir.join(s))
+        .collect();
+    cfg.locate_hub_repos_but(&made)?;
     match cfg.train.epochs {
         // The training set's size decides this step's count (setup's epochs_to_steps, once
         // the data is read): --scale scales the passes over it instead. Scaling `steps` would

@@ -245,12 +245,15 @@ pub fn split_holdout<T>(
         }
         let eval = load_all(&eval_files)?;
         if env.comm.rank() == 0 {
+            let from = match e == path {
+                true => data.held_out_by(),
+                false => e.display().to_string(),
+            };
             crate::errln!(
-                "[{}] {}: {} {what} train; {}: {} held out",
+                "[{}] {}: {} {what} train; {} held out ({from})",
                 env.cfg.stage,
                 path.display(),
                 all.len(),
-                e.display(),
                 eval.len()
             );
         }

@@ -69,8 +69,16 @@ fn base_named(dir: &Path, v: &serde_json::Value, cfg_path: &Path) -> Result<Path
                 "missing: the base model's directory is needed",
             )
         })?;
-    [named.clone(), dir.join(&named)]
+    // A Hub adapter names its base by its Hub name, which the cache may hold.
+    let cached = crate::hub_cache::locate(
+        &named,
+        crate::hub_cache::Repo::Model,
+        "base_model_name_or_path",
+    )
+    .ok();
+    [Some(named.clone()), Some(dir.join(&named)), cached]
         .into_iter()
+        .flatten()
         .find(|p| is_model_dir(p))
         .ok_or_else(|| {
             at.refuse(

@@ -217,7 +217,10 @@ pub(super) fn peft(checkpoint: &Path, out: &Path, dtype: Dtype) -> Result<()> {
         // PEFT sets it for GPT-2's Conv1D layers whatever the file says, with a warning.
         "fan_in_fan_out": family == HfFamily::Gpt2,
         "inference_mode": true,
-        "base_model_name_or_path": meta.base,
+        // A base from the Hub cache by its Hub name, which loads on any machine.
+        "base_model_name_or_path": meta.base.as_deref().map(|b| {
+            crate::hub_cache::repo_of_snapshot(b).unwrap_or_else(|| b.display().to_string())
+        }),
     });
     if meta.base.is_none() {
         crate::errln!(
