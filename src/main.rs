@@ -1,4 +1,4 @@
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -170,25 +170,11 @@ fn run(cli: Cli) -> Result<()> {
             stages::pipeline::run(&a.options())?
         }
         Command::Generate(mut a) => {
-            a.checkpoint = locate(&a.checkpoint, Repo::Model, "--checkpoint")?;
-            a.prompts = a
-                .prompts
-                .map(|p| locate(&p, Repo::Dataset, "--prompts"))
-                .transpose()?;
-            a.chat_template = (a.chat_template)
-                .map(|p| locate(&p, Repo::Model, "--chat-template"))
-                .transpose()?;
+            locate_inputs(&mut a.checkpoint, &mut a.prompts, &mut a.chat_template)?;
             generate_cmd(&a)?
         }
         Command::Eval(mut a) => {
-            a.checkpoint = locate(&a.checkpoint, Repo::Model, "--checkpoint")?;
-            a.prompts = a
-                .prompts
-                .map(|p| locate(&p, Repo::Dataset, "--prompts"))
-                .transpose()?;
-            a.chat_template = (a.chat_template)
-                .map(|p| locate(&p, Repo::Model, "--chat-template"))
-                .transpose()?;
+            locate_inputs(&mut a.checkpoint, &mut a.prompts, &mut a.chat_template)?;
             eval_cmd(&a)?
         }
         Command::Export(mut a) => {
@@ -280,6 +266,22 @@ fn text_columns(given: Option<Columns>, who: &str) -> Result<Columns> {
 
 /// `--columns` of a prompt file, checked against the fields `who` reads; refused without
 /// `--prompts` (`file`), which it would leave unread.
+/// The Hub names among `generate`'s and `eval`'s inputs, read from the Hugging Face cache.
+fn locate_inputs(
+    checkpoint: &mut PathBuf,
+    prompts: &mut Option<PathBuf>,
+    chat_template: &mut Option<PathBuf>,
+) -> Result<()> {
+    *checkpoint = locate(checkpoint, Repo::Model, "--checkpoint")?;
+    if let Some(p) = prompts {
+        *p = locate(p, Repo::Dataset, "--prompts")?;
+    }
+    if let Some(t) = chat_template {
+        *t = locate(t, Repo::Model, "--chat-template")?;
+    }
+    Ok(())
+}
+
 fn prompt_columns(given: Option<&Columns>, file: Option<&Path>, who: &str) -> Result<Columns> {
     if given.is_some() && file.is_none() {
         bail!("--columns names the columns of a --prompts file, and {who} is given none");

@@ -14,6 +14,7 @@ use super::{
 };
 use crate::data::columns::Columns;
 use crate::data::splits::Part;
+use crate::hub_cache::Repo;
 use crate::kernels::KernelSet;
 
 /// The training stages, in pipeline order.
@@ -731,33 +732,37 @@ impl RunConfig {
         Ok(())
     }
 
-    /// The RL stages' minibatches per rollout, with their loss type and table name.
-    fn rollout_minibatches(&self) -> Option<(LossType, usize, &'static str)> {
+    /// An RL stage's rollout as it is cut into minibatches: the responses of a rank's
+    /// rollout, the minibatch size, and the stage's table.
+    pub fn rollout_rows(&self) -> Option<(usize, usize, &'static str)> {
         Some(match self.stage {
-            Stage::Ppo => (
-                self.ppo.loss_type,
-                self.ppo
-                    .rollout_batch
-                    .div_ceil(self.ppo.minibatch_size.max(1))
-                    * self.ppo.ppo_epochs,
-                "ppo",
-            ),
+            Stage::Ppo => (self.ppo.rollout_batch, self.ppo.minibatch_size, "ppo"),
             Stage::Grpo => (
-                self.grpo.loss_type,
-                (self.grpo.prompts_per_rollout * self.grpo.group_size)
-                    .div_ceil(self.grpo.minibatch_size.max(1))
-                    * self.grpo.epochs.max(1),
+                self.grpo.prompts_per_rollout * self.grpo.group_size,
+                self.grpo.minibatch_size,
                 "grpo",
             ),
             _ => return None,
         })
     }
 
+    /// The RL stages' minibatches per rollout, with their loss type and table name.
+    fn rollout_minibatches(&self) -> Option<(LossType, usize, &'static str)> {
+        let (rows, size, table) = self.rollout_rows()?;
+        let (loss, epochs) = match self.stage {
+            Stage::Ppo => (self.ppo.loss_type, self.ppo.ppo_epochs),
+            _ => (self.grpo.loss_type, self.grpo.epochs.max(1)),
+        };
+        Some((loss, rows.div_ceil(size.max(1)) * epochs, table))
+    }
+
     /// DAPO normalises by the tokens of a whole optimizer step, which it can count only when
     /// every step's `grad_accum` minibatches come from one rollout; Dr. GRPO by a minibatch's
     /// responses, which a short last minibatch would make unequal.
     fn check_rollout_minibatches(&self) -> Result<()> {
-        let Some((loss, batches, table)) = self.rollout_minibatches() else {
+        let (Some((loss, batches, table)), Some((rows, size, _))) =
+            (self.rollout_minibatches(), self.rollout_rows())
+        else {
             return Ok(());
         };
         if loss.per_step_tokens() && !batches.is_multiple_of(self.train.grad_accum) {
@@ -769,13 +774,6 @@ impl RunConfig {
         }
         // Dr. GRPO divides by a minibatch's responses: a short last minibatch would weigh its
         // tokens more than the others'.
-        let (rows, size) = match self.stage {
-            Stage::Ppo => (self.ppo.rollout_batch, self.ppo.minibatch_size),
-            _ => (
-                self.grpo.prompts_per_rollout * self.grpo.group_size,
-                self.grpo.minibatch_size,
-            ),
-        };
         if loss == LossType::DrGrpo && !rows.is_multiple_of(size.max(1)) {
             anyhow::bail!(
                 "{table}.loss_type = \"dr_grpo\": a rollout of {rows} responses is not a multiple of {table}.minibatch_size = {size}, so the last minibatch's tokens would weigh more than the others'"
@@ -795,13 +793,20 @@ impl RunConfig {
     /// [`Self::locate_hub_repos`], the paths in `made` (a pipeline's own run directories,
     /// not made yet) left as they are.
     pub fn locate_hub_repos_but(&mut self, made: &[PathBuf]) -> Result<()> {
-        use crate::hub_cache::{locate, Repo};
-        let locate = |p: &Path, repo, flag: &str| match made.iter().any(|m| m == p) {
-            true => Ok(p.to_path_buf()),
-            false => locate(p, repo, flag),
-        };
+        for (p, repo, flag) in self.input_paths() {
+            if !made.contains(p) {
+                *p = crate::hub_cache::locate(p, repo, flag)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every file or directory the run reads (data, eval data, tokenizer, chat template,
+    /// init, value model, teacher, reward models), with what it is on the Hub and the setting
+    /// that names it.
+    fn input_paths(&mut self) -> Vec<(&mut PathBuf, Repo, &'static str)> {
         let d = &mut self.data;
-        let paths = [
+        let named = [
             (&mut self.init, Repo::Model, "--init"),
             (&mut d.path, Repo::Dataset, "--data"),
             (&mut d.eval_path, Repo::Dataset, "--eval-data"),
@@ -810,11 +815,9 @@ impl RunConfig {
             (&mut self.ppo.value_init, Repo::Model, "[ppo] value_init"),
             (&mut self.distill.teacher, Repo::Model, "--teacher"),
         ];
-        for (path, repo, flag) in paths {
-            if let Some(p) = path {
-                *p = locate(p, repo, flag)?;
-            }
-        }
+        let mut paths: Vec<_> = (named.into_iter())
+            .filter_map(|(p, repo, flag)| Some((p.as_mut()?, repo, flag)))
+            .collect();
         let specs = [
             &mut self.ppo.rewards,
             &mut self.grpo.rewards,
@@ -822,10 +825,10 @@ impl RunConfig {
         ];
         for spec in specs.into_iter().flatten() {
             if let super::stages::RewardSource::Model(p) = &mut spec.source {
-                *p = locate(p, Repo::Model, "--reward")?;
+                paths.push((p, Repo::Model, "--reward"));
             }
         }
-        Ok(())
+        paths
     }
 
     /// `config.toml` in the run directory, every relative path in it made absolute (see
@@ -845,28 +848,8 @@ impl RunConfig {
             Ok(())
         }
         let mut c = self.clone();
-        let d = &mut c.data;
-        let opts = [
-            &mut d.path,
-            &mut d.tokenizer,
-            &mut d.chat_template,
-            &mut d.eval_path,
-            &mut c.init,
-            &mut c.ppo.value_init,
-            &mut c.distill.teacher,
-        ];
-        for p in opts.into_iter().flatten() {
+        for (p, ..) in c.input_paths() {
             abs(p)?;
-        }
-        let specs = [
-            &mut c.ppo.rewards,
-            &mut c.grpo.rewards,
-            &mut c.online_dpo.rewards,
-        ];
-        for spec in specs.into_iter().flatten() {
-            if let super::stages::RewardSource::Model(p) = &mut spec.source {
-                abs(p)?;
-            }
         }
         Ok(c)
     }

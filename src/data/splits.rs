@@ -121,13 +121,12 @@ pub(crate) fn data_files(path: &Path, part: Part, exts: &[&str]) -> Result<Vec<P
     files.sort();
     left_out.sort();
     // The card is said to be left out as what it is, whichever list it fell in.
-    let card = |f: &PathBuf| is_dataset_card(path, f);
     let cards: Vec<PathBuf> = (files.iter().chain(&left_out))
-        .filter(|f| card(f))
+        .filter(|f| is_dataset_card(path, f))
         .cloned()
         .collect();
-    files.retain(|f| !card(f));
-    left_out.retain(|f| !card(f));
+    files.retain(|f| !cards.contains(f));
+    left_out.retain(|f| !cards.contains(f));
     if !cards.is_empty() {
         warn_once(format!(
             "warning: {}: {} left out: a dataset card, not data",

@@ -420,8 +420,8 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
             cfg.stage
         );
     }
-    let rows = c.prompts_per_rollout * c.group_size;
-    if let Some(w) = minibatch_warning("grpo.minibatch_size", rows, c.minibatch_size) {
+    let rows = cfg.rollout_rows();
+    if let Some(w) = rows.and_then(|(rows, size, table)| minibatch_warning(table, rows, size)) {
         errln!("[{}] warning: {w}", cfg.stage);
     }
     let model = actors.policy.cfg.clone();

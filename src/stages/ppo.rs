@@ -419,7 +419,8 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
             .as_ref()
             .map_or("none", FrozenReference::describe)
     );
-    if let Some(w) = minibatch_warning("ppo.minibatch_size", c.rollout_batch, c.minibatch_size) {
+    let rows = cfg.rollout_rows();
+    if let Some(w) = rows.and_then(|(rows, size, table)| minibatch_warning(table, rows, size)) {
         errln!("[ppo] warning: {w}");
     }
     let model = actors.policy.cfg.clone();

@@ -729,7 +729,8 @@ pub fn build(
 /// What a rank's rollout of `rows` responses cut into minibatches of `size` does other than
 /// what the size says: a size above the rows takes them all as one minibatch (one optimizer
 /// step an epoch), and one that does not divide them leaves each epoch a smaller last one.
-pub fn minibatch_warning(key: &str, rows: usize, size: usize) -> Option<String> {
+pub fn minibatch_warning(table: &str, rows: usize, size: usize) -> Option<String> {
+    let key = format!("{table}.minibatch_size");
     if size > rows {
         return Some(format!(
             "{key} = {size} exceeds the {rows} responses of a rollout (per rank): each epoch \
@@ -941,7 +942,7 @@ mod tests {
 
     #[test]
     fn minibatch_sizes_that_do_other_than_they_say_are_named() {
-        let w = |rows, size| minibatch_warning("ppo.minibatch_size", rows, size);
+        let w = |rows, size| minibatch_warning("ppo", rows, size);
         assert_eq!(w(64, 16), None);
         assert_eq!(w(16, 16), None);
         let big = w(16, 64).unwrap();

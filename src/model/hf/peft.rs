@@ -69,17 +69,16 @@ fn base_named(dir: &Path, v: &serde_json::Value, cfg_path: &Path) -> Result<Path
                 "missing: the base model's directory is needed",
             )
         })?;
-    // A Hub adapter names its base by its Hub name, which the cache may hold.
-    let cached = crate::hub_cache::locate(
-        &named,
-        crate::hub_cache::Repo::Model,
-        "base_model_name_or_path",
-    )
-    .ok();
-    [Some(named.clone()), Some(dir.join(&named)), cached]
+    // A Hub adapter names its base by its Hub name, which the cache may hold: looked up
+    // only where no local directory is the base.
+    let cached = || {
+        let hub = crate::hub_cache::Repo::Model;
+        crate::hub_cache::locate(&named, hub, "base_model_name_or_path").ok()
+    };
+    [named.clone(), dir.join(&named)]
         .into_iter()
-        .flatten()
         .find(|p| is_model_dir(p))
+        .or_else(|| cached().filter(|p| is_model_dir(p)))
         .ok_or_else(|| {
             at.refuse(
                 "base_model_name_or_path",
