@@ -68,7 +68,7 @@ PART_2=(ppo-init ppo-update gpt2-loss ncu-step ncu-decode bench-generate-timed
 PART_3=(train-torch-compile train-graph bench-generate-fixed bench-generate-dynamic
   bench-generate-qwen3 peer-generate-qwen3 bench-generate-penalty peer-generate-penalty
   bench-generate-topk peer-generate-topk bench-train_ops peer-train_ops bench-rmsnorm peer-rmsnorm bench-gae peer-gae bench-allreduce
-  peer-allreduce pipeline hf-export train-casts train-reference)
+  peer-allreduce pipeline tensorboard hf-export train-casts train-reference)
 if [[ -n "${TEMPER_CHECK_PART:-}" && -z "${TEMPER_CHECK_ONLY:-}" ]]; then
   case "$TEMPER_CHECK_PART" in
     1) parts=("${SHARED[@]}" "${PART_1[@]}") ;;
@@ -463,7 +463,12 @@ MEM=1 section train-torch-compile 240 python3 scripts/gpt2_peer.py --compile --s
 # PPO, so that every kind of stage trains there once, with whatever time is left.
 if has temper; then
   section pipeline 240 "$BUNDLE" temper pipeline --device cuda --with dpo,kto,online_dpo,grpo,distill \
-    --out "$WORK/pipeline"
+    --report-to tensorboard --out "$WORK/pipeline"
+  # Its stages' TensorBoard event files, read by TensorBoard's own loader where the device
+  # has the package (CI reads them with temper's reader only).
+  if [[ -d "$WORK/pipeline" ]]; then
+    section tensorboard 30 python3 scripts/check_tensorboard.py "$WORK/pipeline"
+  fi
   # temper's Hugging Face and PEFT exports of every fixture, loaded by transformers and PEFT
   # themselves, which the device has and CI has not (CPU work; the script exits non-zero past
   # 1e-4).

@@ -57,7 +57,7 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 }
 
 /// Removes `path` whatever it is: a directory with its contents, a file or a link.
-fn remove_any(path: &Path) -> std::io::Result<()> {
+pub fn remove_any(path: &Path) -> std::io::Result<()> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
         Ok(_) => std::fs::remove_file(path),

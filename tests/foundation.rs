@@ -1704,6 +1704,97 @@ fn lines_with<'a>(err: &'a str, what: &str) -> Vec<&'a str> {
     err.lines().filter(|l| l.contains(what)).collect()
 }
 
+/// `--report-to tensorboard` writes every number of `metrics.jsonl` as a TensorBoard scalar
+/// `SPLIT/FIELD` at its step, and a resumed run's event file shows one curve, as its
+/// `metrics.jsonl` does: what the stopped run logged after its last checkpoint is dropped.
+#[test]
+fn tensorboard_scalars_follow_metrics_jsonl_through_a_resume() {
+    let d = tmp();
+    let cfg = p(d.path(), "c.toml");
+    std::fs::write(
+        &cfg,
+        format!("{TINY_TOML}steps = 6\ncheckpoint_every = 2\nlog_every = 1\neval_every = 2\n"),
+    )
+    .unwrap();
+    let full = p(d.path(), "full");
+    let (c, f) = (cfg.to_str().unwrap(), full.to_str().unwrap());
+    let tb = ["--report-to", "tensorboard"];
+    run_ok(
+        &[
+            &["pretrain", "--config", c, "--out", f, "--device", "cpu"][..],
+            &tb,
+        ]
+        .concat(),
+    );
+    // Every logged number, as TensorBoard holds it (f32).
+    let logged = |dir: &Path| -> Vec<(u64, String, f32)> {
+        let mut out = Vec::new();
+        for m in metrics(dir) {
+            let (step, split) = (m["step"].as_u64().unwrap(), m["split"].as_str().unwrap());
+            for (k, v) in m.as_object().unwrap() {
+                if let Some(v) = v.as_f64().filter(|_| k != "step") {
+                    out.push((step, format!("{split}/{k}"), v as f32));
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        out
+    };
+    let scalars = |dir: &Path| {
+        let mut s = temper::train::tensorboard::read_scalars(dir).unwrap();
+        s.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        s
+    };
+    let whole = logged(&full);
+    let tags: Vec<&str> = whole.iter().map(|s| s.1.as_str()).collect();
+    assert!(
+        tags.contains(&"train/loss") && tags.contains(&"val/loss"),
+        "{tags:?}"
+    );
+    assert_eq!(scalars(&full), whole);
+
+    // A kill after step 4's checkpoint, with steps 5 and 6 logged: the resume drops them
+    // from both logs and logs them again.
+    let dir = p(d.path(), "stopped");
+    copy_tree(&full, &dir);
+    std::fs::remove_dir_all(dir.join("final")).unwrap();
+    std::fs::remove_dir_all(dir.join("checkpoints/step-0000006")).unwrap();
+    std::fs::write(dir.join("checkpoints/latest"), "step-0000004").unwrap();
+    run_ok(&[
+        "pretrain",
+        "--resume",
+        dir.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    let resumed = scalars(&dir);
+    assert_eq!(resumed, logged(&dir));
+    let steps = |s: &[(u64, String, f32)]| s.iter().map(|r| (r.0, r.1.clone())).collect::<Vec<_>>();
+    assert_eq!(steps(&resumed), steps(&whole), "one curve, each step once");
+    for (a, b) in resumed.iter().zip(&whole) {
+        if a.1.ends_with("loss") {
+            assert!(
+                (a.2 - b.2).abs() <= 1e-4 * b.2.abs().max(1.0),
+                "{a:?} vs {b:?}"
+            );
+        }
+    }
+    let files = std::fs::read_dir(dir.join("tensorboard")).unwrap().count();
+    assert_eq!(files, 1, "the resume continues the run's event file");
+
+    // Asked for on a resume only, it begins at the resumed step.
+    let late = p(d.path(), "late");
+    copy_tree(&dir, &late);
+    std::fs::remove_dir_all(late.join("tensorboard")).unwrap();
+    std::fs::remove_dir_all(late.join("final")).unwrap();
+    std::fs::remove_dir_all(late.join("checkpoints/step-0000006")).unwrap();
+    std::fs::write(late.join("checkpoints/latest"), "step-0000004").unwrap();
+    let o = late.to_str().unwrap();
+    run_ok(&[&["pretrain", "--resume", o, "--device", "cpu"][..], &tb].concat());
+    let first = scalars(&late).first().map(|s| s.0);
+    assert_eq!(first, Some(5));
+}
+
 /// A latest checkpoint that does not load (cut short, or garbled) does not end a resume: the
 /// run goes on from the newest older one that loads, onto the curve of a run never stopped,
 /// says so in one line, and renames the bad one `step-N.corrupt` (kept, not pruned, not

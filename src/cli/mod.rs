@@ -14,7 +14,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    AdvantageEstimator, DTypeChoice, DeviceChoice, ImportanceSamplingLevel, RewardSpec,
+    AdvantageEstimator, DTypeChoice, DeviceChoice, ImportanceSamplingLevel, ReportTo, RewardSpec,
 };
 use crate::stages::export::{Dtype as ExportDtype, Format};
 use crate::stages::pipeline::{Extra, PipelineOptions};
@@ -212,6 +212,10 @@ pub struct StageArgs {
     /// profile.json; the run stops after them.
     #[arg(long, value_name = "N")]
     pub profile: Option<usize>,
+    /// Also write the metrics as TensorBoard event files in the run directory's
+    /// `tensorboard/` (TRL's `report_to`; `tensorboard --logdir runs/`).
+    #[arg(long, value_enum)]
+    pub report_to: Option<ReportTo>,
     /// LoRA adapters of this rank (0: full fine-tuning).
     #[arg(long)]
     pub lora_rank: Option<usize>,
@@ -317,6 +321,10 @@ pub struct PipelineArgs {
     /// its own config.toml, and the rest run.
     #[arg(long)]
     pub resume: bool,
+    /// Every stage also writes its metrics as TensorBoard event files, in its run directory's
+    /// `tensorboard/` (`tensorboard --logdir` the pipeline's --out shows them side by side).
+    #[arg(long, value_enum)]
+    pub report_to: Option<ReportTo>,
 }
 
 #[derive(Args, Debug)]
@@ -587,6 +595,7 @@ impl PipelineArgs {
             config: self.config.clone(),
             overwrite: self.overwrite,
             resume: self.resume,
+            report_to: self.report_to,
         }
     }
 }

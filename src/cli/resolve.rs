@@ -272,6 +272,7 @@ impl StageArgs {
             ),
             ("train.log_every", "--log-every", self.log_every.is_some()),
             ("train.profile", "--profile", self.profile.is_some()),
+            ("train.report_to", "--report-to", self.report_to.is_some()),
             (
                 "data.train_split",
                 "--train-split",
@@ -671,6 +672,7 @@ impl StageArgs {
         set!(self.checkpoint_every, cfg.train.checkpoint_every);
         set!(self.log_every, cfg.train.log_every);
         set!(self.profile, cfg.train.profile);
+        set!(self.report_to, cfg.train.report_to);
         cfg.train.limit_to_profile();
         set!(self.lora_rank, cfg.lora.rank);
         set!(self.lora_alpha, cfg.lora.alpha);

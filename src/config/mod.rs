@@ -28,7 +28,7 @@ pub use stages::{
     KtoConfig, KtoLoss, LossType, MultiObjective, OnlineDpoConfig, PpoConfig, RewardConfig,
     RewardSource, RewardSpec, ScaleRewards, SftConfig, SftLoss,
 };
-pub use train::{DTypeChoice, ShardOptimizer, TapeChoice, TrainConfig};
+pub use train::{DTypeChoice, ReportTo, ShardOptimizer, TapeChoice, TrainConfig};
 
 /// Reads a TOML file into `T`, naming the file (and TOML's line/column and field) on error.
 pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {

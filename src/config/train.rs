@@ -15,6 +15,18 @@ pub enum DTypeChoice {
     Bf16,
 }
 
+/// Where a run's metrics go besides `metrics.jsonl` and the terminal (TRL's `report_to`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportTo {
+    /// Nowhere else.
+    #[default]
+    None,
+    /// TensorBoard event files in the run directory's `tensorboard/` (`tensorboard --logdir
+    /// runs/`; `wandb sync --sync-tensorboard` uploads them).
+    Tensorboard,
+}
+
 /// ZeRO stage 1: whether each data-parallel rank keeps only its share of AdamW's moments.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -113,6 +125,8 @@ pub struct TrainConfig {
     /// then takes those steps and the warm-up only, with no evaluation or checkpoint between
     /// (`TrainConfig::limit_to_profile`).
     pub profile: usize,
+    /// Where metrics go besides `metrics.jsonl` and the terminal.
+    pub report_to: ReportTo,
     /// The config file that chose `warmup_steps`, with the value it chose; none for a default
     /// (`RunConfig::load_layers` fills it in). Never written or read as a key: a run's
     /// `config.toml` records every value, chosen or not. A warmup longer than the run is
@@ -149,6 +163,7 @@ impl Default for TrainConfig {
             gradient_checkpointing: false,
             shard_optimizer: ShardOptimizer::Auto,
             profile: 0,
+            report_to: ReportTo::None,
             warmup_steps_from: None,
         }
     }

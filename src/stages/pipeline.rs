@@ -23,7 +23,7 @@ use super::run_dir::earlier_run;
 use super::{Env, Start};
 use crate::config::{
     key_line, overlay, parse_toml, AdvantageEstimator, DeviceChoice, GrpoConfig,
-    ImportanceSamplingLevel, LossType, RunConfig, Stage,
+    ImportanceSamplingLevel, LossType, ReportTo, RunConfig, Stage,
 };
 use crate::dist::preempt::Preempted;
 
@@ -122,6 +122,8 @@ pub struct PipelineOptions {
     pub overwrite: bool,
     /// Continue the pipeline in `out` (`resume_step`).
     pub resume: bool,
+    /// Every step's `[train] report_to`, unless its table says otherwise.
+    pub report_to: Option<ReportTo>,
 }
 
 /// How a resumed pipeline treats one of its steps.
@@ -210,6 +212,9 @@ fn stage_config(
     }
     if let Some(k) = &opts.kernels {
         cfg.kernels = k.clone();
+    }
+    if let Some(r) = opts.report_to {
+        cfg.train.report_to = r;
     }
     cfg.train.seed = opts.seed.wrapping_mul(1000).wrapping_add(cfg.train.seed);
     cfg.data.task_seed = opts.seed;
@@ -659,6 +664,7 @@ mod tests {
             config: None,
             overwrite: false,
             resume: false,
+            report_to: None,
         }
     }
 

@@ -46,11 +46,12 @@ fn run_marks(dir: &Path) -> [(&'static str, bool); 3] {
 }
 
 /// Everything a run writes in its directory, which `--overwrite` replaces.
-const RUN_FILES: [&str; 9] = [
+const RUN_FILES: [&str; 10] = [
     "checkpoints",
     super::frozen_inputs::FILE,
     "final",
     "metrics.jsonl",
+    crate::train::tensorboard::DIR,
     "config.toml",
     "run.json",
     "profile.json",

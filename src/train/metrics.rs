@@ -1,5 +1,6 @@
 //! `metrics.jsonl`: one JSON object per line (`step`, `split`, `loss`, ...), appended and
-//! flushed as it goes so a killed run keeps everything it logged.
+//! flushed as it goes so a killed run keeps everything it logged; with `[train] report_to =
+//! "tensorboard"`, TensorBoard's event files as well.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -8,16 +9,21 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde_json::{Map, Value};
 
+use super::tensorboard::EventFile;
+use crate::config::ReportTo;
+
 pub struct MetricsLog {
     path: PathBuf,
     file: File,
+    /// `[train] report_to = "tensorboard"`: the same numbers as TensorBoard scalars.
+    events: Option<EventFile>,
 }
 
 impl MetricsLog {
     /// Opens `run_dir/metrics.jsonl` for appending. When resuming from `keep_upto`, lines of
     /// later steps (written after that checkpoint by the interrupted run) are dropped, so the
     /// file shows one curve.
-    pub fn open(run_dir: &Path, keep_upto: Option<usize>) -> Result<Self> {
+    pub fn open(run_dir: &Path, keep_upto: Option<usize>, report_to: ReportTo) -> Result<Self> {
         let path = run_dir.join("metrics.jsonl");
         if let Some(upto) = keep_upto {
             keep_steps_upto(&path, upto)?;
@@ -27,7 +33,11 @@ impl MetricsLog {
             .append(true)
             .open(&path)
             .with_context(|| format!("{}: cannot open", path.display()))?;
-        Ok(Self { path, file })
+        let events = match report_to {
+            ReportTo::Tensorboard => Some(EventFile::open(run_dir, keep_upto)?),
+            ReportTo::None => None,
+        };
+        Ok(Self { path, file, events })
     }
 
     pub fn log(&mut self, step: usize, split: &str, fields: &[(&str, f64)]) -> Result<()> {
@@ -45,6 +55,12 @@ impl MetricsLog {
         writeln!(self.file, "{}", Value::Object(m))
             .with_context(|| format!("{}: cannot write", self.path.display()))?;
         self.file.flush()?;
+        if let Some(events) = &mut self.events {
+            events.scalars(
+                step,
+                fields.iter().map(|(k, v)| (format!("{split}/{k}"), *v)),
+            )?;
+        }
         Ok(())
     }
 }

@@ -11,3 +11,4 @@ pub mod progress;
 pub mod rng;
 pub mod runner;
 pub mod schedule;
+pub mod tensorboard;

@@ -290,17 +290,16 @@ pub fn train<T: Task>(
     if main && opts.resume && resumed.is_none() {
         // Nothing to resume: the run starts over, and its step-0 evaluation would be logged
         // a second time.
-        match std::fs::remove_file(opts.run_dir.join("metrics.jsonl")) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(e).context("metrics.jsonl: cannot remove before starting over")
-            }
-            _ => {}
+        for log in ["metrics.jsonl", super::tensorboard::DIR] {
+            crate::io::remove_any(&opts.run_dir.join(log))
+                .with_context(|| format!("{log}: cannot remove before starting over"))?;
         }
     }
     let metrics = match main {
         true => Some(MetricsLog::open(
             opts.run_dir,
             resumed.is_some().then_some(start),
+            cfg.report_to,
         )?),
         false => None,
     };
