@@ -14,7 +14,8 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    AdvantageEstimator, DTypeChoice, DeviceChoice, ImportanceSamplingLevel, ReportTo, RewardSpec,
+    AdvantageEstimator, DTypeChoice, DeviceChoice, ImportanceSamplingLevel, LrScheduler, ReportTo,
+    RewardSpec,
 };
 use crate::stages::export::{Dtype as ExportDtype, Format};
 use crate::stages::pipeline::{Extra, PipelineOptions};
@@ -196,9 +197,17 @@ pub struct StageArgs {
     /// Tokens a training row (pretrain, packed SFT).
     #[arg(long)]
     pub seq_len: Option<usize>,
-    /// Peak learning rate (warmup, then cosine decay to `[train] min_lr_ratio` of it).
+    /// Peak learning rate (warmup, then `--lr-scheduler`'s decay to `[train] min_lr_ratio`
+    /// of it).
     #[arg(long)]
     pub lr: Option<f64>,
+    /// How the learning rate falls after the warmup: cosine (the default), linear, or
+    /// constant (transformers' `cosine_with_min_lr` and `constant_with_warmup` are read too).
+    #[arg(long, value_enum)]
+    pub lr_scheduler: Option<LrScheduler>,
+    /// The warmup as a share of the run's steps, instead of `[train] warmup_steps`.
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
     /// Steps between held-out evaluations.
     #[arg(long)]
     pub eval_every: Option<usize>,

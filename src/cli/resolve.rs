@@ -261,6 +261,11 @@ impl StageArgs {
             ("train.seq_len", "--seq-len", self.seq_len.is_some()),
             ("train.lr", "--lr", self.lr.is_some()),
             (
+                "train.warmup_ratio",
+                "--warmup-ratio",
+                self.warmup_ratio.is_some(),
+            ),
+            (
                 "train.eval_every",
                 "--eval-every",
                 self.eval_every.is_some(),
@@ -668,6 +673,10 @@ impl StageArgs {
         set!(self.grad_accum, cfg.train.grad_accum);
         set!(self.seq_len, cfg.train.seq_len);
         set!(self.lr, cfg.train.lr);
+        set!(self.lr_scheduler, cfg.train.lr_scheduler);
+        if self.warmup_ratio.is_some() {
+            cfg.train.warmup_ratio = self.warmup_ratio;
+        }
         set!(self.eval_every, cfg.train.eval_every);
         set!(self.checkpoint_every, cfg.train.checkpoint_every);
         set!(self.log_every, cfg.train.log_every);

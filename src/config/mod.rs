@@ -28,7 +28,7 @@ pub use stages::{
     KtoConfig, KtoLoss, LossType, MultiObjective, OnlineDpoConfig, PpoConfig, RewardConfig,
     RewardSource, RewardSpec, ScaleRewards, SftConfig, SftLoss,
 };
-pub use train::{DTypeChoice, ReportTo, ShardOptimizer, TapeChoice, TrainConfig};
+pub use train::{DTypeChoice, LrScheduler, ReportTo, ShardOptimizer, TapeChoice, TrainConfig};
 
 /// Reads a TOML file into `T`, naming the file (and TOML's line/column and field) on error.
 pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
@@ -63,7 +63,8 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Re
 
 /// TRL's (and transformers' TrainingArguments') names for temper's settings, with the table
 /// that holds each, for a config written from a TRL recipe.
-const TRL_NAMES: [(&str, &str, &str); 20] = [
+const TRL_NAMES: [(&str, &str, &str); 21] = [
+    ("lr_scheduler_type", "lr_scheduler", "train"),
     ("num_generations", "group_size", "grpo"),
     ("dataset_train_split", "train_split", "data"),
     ("dataset_test_split", "eval_split", "data"),

@@ -15,6 +15,24 @@ pub enum DTypeChoice {
     Bf16,
 }
 
+/// How the learning rate falls after its warmup, to `min_lr_ratio` of its peak at the last
+/// step (TRL's and transformers' `lr_scheduler_type`, whose names are taken too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScheduler {
+    /// Half a cosine wave (nanoGPT's, llm.c's).
+    #[default]
+    #[serde(alias = "cosine_with_min_lr")]
+    #[value(alias = "cosine_with_min_lr")]
+    Cosine,
+    /// A straight line.
+    Linear,
+    /// It does not fall: the peak from the warmup's end to the last step.
+    #[serde(alias = "constant_with_warmup")]
+    #[value(alias = "constant_with_warmup")]
+    Constant,
+}
+
 /// Where a run's metrics go besides `metrics.jsonl` and the terminal (TRL's `report_to`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -92,7 +110,12 @@ pub struct TrainConfig {
     pub seq_len: usize,
     pub lr: f64,
     pub min_lr_ratio: f64,
+    /// How the learning rate falls after the warmup.
+    pub lr_scheduler: LrScheduler,
     pub warmup_steps: usize,
+    /// The warmup as a share of the run's steps (TRL's `warmup_ratio`): where set, it decides
+    /// the warmup instead of `warmup_steps`, and scales with `steps` or `epochs`.
+    pub warmup_ratio: Option<f64>,
     pub weight_decay: f64,
     pub beta1: f64,
     pub beta2: f64,
@@ -145,7 +168,9 @@ impl Default for TrainConfig {
             seq_len: 64,
             lr: 3e-3,
             min_lr_ratio: 0.1,
+            lr_scheduler: LrScheduler::Cosine,
             warmup_steps: 20,
+            warmup_ratio: None,
             weight_decay: 0.1,
             beta1: 0.9,
             beta2: 0.95,
@@ -208,6 +233,11 @@ impl TrainConfig {
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             bail!("train.lr must be a positive number, got {}", self.lr);
+        }
+        if let Some(r) = self.warmup_ratio {
+            if !(0.0..=1.0).contains(&r) {
+                bail!("train.warmup_ratio must be in [0, 1], got {r}");
+            }
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             bail!(
