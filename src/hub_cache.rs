@@ -21,25 +21,34 @@ impl Repo {
         }
     }
 
-    fn download(self, id: &str) -> String {
+    fn download(self, id: &str, revision: Option<&str>) -> String {
+        let rev = revision.map_or(String::new(), |r| format!(" --revision {r}"));
         match self {
-            Repo::Model => format!("hf download {id}"),
-            Repo::Dataset => format!("hf download {id} --repo-type dataset"),
+            Repo::Model => format!("hf download {id}{rev}"),
+            Repo::Dataset => format!("hf download {id}{rev} --repo-type dataset"),
         }
     }
 }
 
 /// `path` as given where it is there; else, where it reads as a Hub repository's name
 /// (`ORG/NAME`, or a directory inside one: `openai/gsm8k/main`), that repository's snapshot
-/// in the Hub cache (its `refs/main` revision), said in one line. An `ORG/NAME` the cache does
-/// not hold is an error naming `flag` and saying how to fetch it.
+/// in the Hub cache (its `refs/main` revision, or the one `ORG/NAME@REVISION` names: a branch,
+/// a tag or a commit), said in one line. An `ORG/NAME` the cache does not hold is an error
+/// naming `flag` and saying how to fetch it.
 pub fn locate(path: &Path, repo: Repo, flag: &str) -> Result<PathBuf> {
     if path.exists() {
         return Ok(path.to_path_buf());
     }
-    let Some((id, inner)) = repo_id(path) else {
+    let Some(Named {
+        id,
+        revision,
+        inner,
+    }) = repo_id(path)
+    else {
         return Ok(path.to_path_buf());
     };
+    let id = id.as_str();
+    let revision = revision.as_deref();
     let Some(root) = cache_root() else {
         return Ok(path.to_path_buf());
     };
@@ -58,14 +67,14 @@ pub fn locate(path: &Path, repo: Repo, flag: &str) -> Result<PathBuf> {
              ({}): `{}` fetches it (temper downloads nothing)",
             path.display(),
             root.display(),
-            repo.download(id)
+            repo.download(id, revision)
         );
     }
-    let snapshot = snapshot_of(&dir).map_err(|e| {
+    let snapshot = snapshot_of(&dir, revision).map_err(|e| {
         anyhow::anyhow!(
-            "{flag} {}: the Hugging Face cache's {what} {id}: {e:#}; `{}` fetches it again",
+            "{flag} {}: the Hugging Face cache's {what} {id}: {e:#}; `{}` fetches it",
             path.display(),
-            repo.download(id)
+            repo.download(id, revision)
         )
     })?;
     let at = snapshot.join(inner);
@@ -75,8 +84,9 @@ pub fn locate(path: &Path, repo: Repo, flag: &str) -> Result<PathBuf> {
 
 /// The Hub name of a snapshot in the cache (`ORG/NAME` of
 /// `.../models--ORG--NAME/snapshots/REV`), what an exported adapter names as its base so that
-/// it loads on another machine.
-pub fn repo_of_snapshot(path: &Path) -> Option<String> {
+/// it loads on another machine; with its commit where that is not the one `refs/main` names
+/// (PEFT's `revision`).
+pub fn repo_of_snapshot(path: &Path) -> Option<(String, Option<String>)> {
     let parts: Vec<String> = path
         .components()
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
@@ -87,13 +97,23 @@ pub fn repo_of_snapshot(path: &Path) -> Option<String> {
         return None;
     }
     let repo = parts[i - 1].strip_prefix("models--")?;
-    Some(repo.replacen("--", "/", 1))
+    let commit = &parts[i + 1];
+    let main = std::fs::read_to_string(path.parent()?.parent()?.join("refs/main"));
+    let revision = match main {
+        Ok(m) if m.trim() == commit => None,
+        _ => Some(commit.clone()),
+    };
+    Some((repo.replacen("--", "/", 1), revision))
 }
 
-/// The snapshot of a cached repository that `refs/main` names; without one (a download of
-/// another revision), the only snapshot there is.
-fn snapshot_of(dir: &Path) -> Result<PathBuf> {
+/// The snapshot of a cached repository at `revision`: a branch or tag its `refs/` holds, a
+/// commit, or seven or more of a commit's first characters. Without one, what `refs/main`
+/// names, or where there is none (a download of another revision), the only snapshot there is.
+fn snapshot_of(dir: &Path, revision: Option<&str>) -> Result<PathBuf> {
     let snapshots = dir.join("snapshots");
+    if let Some(rev) = revision {
+        return snapshot_at(dir, rev);
+    }
     if let Ok(rev) = std::fs::read_to_string(dir.join("refs/main")) {
         let at = snapshots.join(rev.trim());
         if !at.is_dir() {
@@ -122,6 +142,57 @@ fn snapshot_of(dir: &Path) -> Result<PathBuf> {
     }
 }
 
+/// The snapshot of revision `rev` (see [`snapshot_of`]).
+fn snapshot_at(dir: &Path, rev: &str) -> Result<PathBuf> {
+    let snapshots = dir.join("snapshots");
+    if let Ok(commit) = std::fs::read_to_string(dir.join("refs").join(rev)) {
+        let at = snapshots.join(commit.trim());
+        if !at.is_dir() {
+            bail!(
+                "refs/{rev} names revision {}, which snapshots/ lacks",
+                commit.trim()
+            );
+        }
+        return Ok(at);
+    }
+    let mut all: Vec<String> = match std::fs::read_dir(&snapshots) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    all.sort();
+    let hits: Vec<&String> = match all.iter().find(|s| *s == rev) {
+        Some(exact) => vec![exact],
+        None if rev.len() >= 7 => all.iter().filter(|s| s.starts_with(rev)).collect(),
+        None => Vec::new(),
+    };
+    match hits[..] {
+        [one] => Ok(snapshots.join(one)),
+        [] => {
+            let mut refs: Vec<String> = match std::fs::read_dir(dir.join("refs")) {
+                Ok(entries) => entries
+                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            refs.sort();
+            bail!(
+                "no revision {rev} (it holds {}{}the commits {})",
+                refs.join(", "),
+                if refs.is_empty() { "" } else { " and " },
+                all.join(", ")
+            )
+        }
+        _ => bail!(
+            "revision {rev} is the start of {} commits' names: give more of it",
+            hits.len()
+        ),
+    }
+}
+
 /// File endings of what a path names where it names a file: such a path is a file that is not
 /// there, not a Hub name.
 const FILE_ENDINGS: [&str; 9] = [
@@ -136,14 +207,26 @@ const FILE_ENDINGS: [&str; 9] = [
     ".md",
 ];
 
+/// A Hub repository a path names.
+#[derive(Debug, PartialEq)]
+struct Named {
+    /// `NAME` or `ORG/NAME`.
+    id: String,
+    /// The revision after an `@`, where one is given.
+    revision: Option<String>,
+    /// The directory inside the snapshot.
+    inner: PathBuf,
+}
+
 /// The repository a missing path names where it reads as one, and the directory inside its
-/// snapshot: `NAME` or `ORG/NAME`, then any directories, each part of letters, digits, `-`,
-/// `_` and `.`, none opening with a dot; not where its first part is a local directory (a
-/// run's `runs/sft` not yet made) or its name ends as a file's does (`data/trian.jsonl`).
-fn repo_id(path: &Path) -> Option<(&str, PathBuf)> {
+/// snapshot: `NAME` or `ORG/NAME`, with `@REVISION` where it asks for one, then any
+/// directories, each part of letters, digits, `-`, `_` and `.`, none opening with a dot; not
+/// where its first part is a local directory (a run's `runs/sft` not yet made) or its name
+/// ends as a file's does (`data/trian.jsonl`).
+fn repo_id(path: &Path) -> Option<Named> {
     let s = path.to_str()?;
     let parts: Vec<&str> = s.split('/').collect();
-    let ok = |p: &&str| {
+    let ok = |p: &str| {
         !p.is_empty()
             && !p.starts_with('.')
             && p.bytes()
@@ -152,12 +235,33 @@ fn repo_id(path: &Path) -> Option<(&str, PathBuf)> {
     let lower = s.to_lowercase();
     let local = parts.len() > 1 && Path::new(parts[0]).is_dir();
     let file = FILE_ENDINGS.iter().any(|e| lower.ends_with(e));
-    if !parts.iter().all(ok) || local || file {
+    // The repository's name is the first part where it carries the revision, else the second.
+    let n = match parts[0].contains('@') {
+        true => 1,
+        false => parts.len().min(2),
+    };
+    let (name, revision) = match parts[n - 1].split_once('@') {
+        Some((name, rev)) => (name, Some(rev)),
+        None => (parts[n - 1], None),
+    };
+    let all_ok = parts[..n - 1].iter().all(|p| ok(p))
+        && ok(name)
+        && revision.is_none_or(ok)
+        && parts[n..].iter().all(|p| ok(p));
+    if !all_ok || local || file {
         return None;
     }
-    let n = parts.len().min(2);
-    let id = &s[..parts[..n].iter().map(|p| p.len()).sum::<usize>() + n - 1];
-    Some((id, parts[n..].iter().collect()))
+    let id = parts[..n - 1]
+        .iter()
+        .copied()
+        .chain([name])
+        .collect::<Vec<_>>()
+        .join("/");
+    Some(Named {
+        id,
+        revision: revision.map(str::to_string),
+        inner: parts[n..].iter().collect(),
+    })
 }
 
 /// Where the Hub cache is, as huggingface_hub finds it: `HF_HUB_CACHE` (or its older name
@@ -185,17 +289,28 @@ mod tests {
 
     #[test]
     fn names_that_read_as_repositories() {
+        let named = |id: &str, revision: Option<&str>, inner: &str| {
+            Some(Named {
+                id: id.into(),
+                revision: revision.map(str::to_string),
+                inner: inner.into(),
+            })
+        };
         for id in [
             "gpt2",
             "Qwen/Qwen2.5-0.5B",
             "trl-lib/ultrafeedback_binarized",
         ] {
-            assert_eq!(repo_id(Path::new(id)), Some((id, PathBuf::new())));
+            assert_eq!(repo_id(Path::new(id)), named(id, None, ""));
         }
+        let of = |p: &str| repo_id(Path::new(p));
+        assert_eq!(of("openai/gsm8k/main"), named("openai/gsm8k", None, "main"));
         assert_eq!(
-            repo_id(Path::new("openai/gsm8k/main")),
-            Some(("openai/gsm8k", PathBuf::from("main")))
+            of("openai/gsm8k@e53f048/socratic"),
+            named("openai/gsm8k", Some("e53f048"), "socratic")
         );
+        assert_eq!(of("gpt2@v1.0"), named("gpt2", Some("v1.0"), ""));
+        assert_eq!(of("gpt2@v1/onnx"), named("gpt2", Some("v1"), "onnx"));
         let names_none = [
             "/abs/x",
             "./x",
@@ -206,6 +321,10 @@ mod tests {
             "",
             "data/trian.jsonl",
             "org/model.safetensors",
+            "org/m@",
+            "org@x/m@y",
+            "org/m@a@b",
+            "org/m@../x",
             // The crate's own directory: a local folder's missing child is no Hub name.
             "src/x",
         ];
@@ -214,12 +333,12 @@ mod tests {
         }
         let of = |p: &str| repo_of_snapshot(Path::new(p));
         assert_eq!(
-            of("/c/hub/models--Qwen--Qwen2.5-0.5B/snapshots/abc").as_deref(),
-            Some("Qwen/Qwen2.5-0.5B")
+            of("/c/hub/models--Qwen--Qwen2.5-0.5B/snapshots/abc"),
+            Some(("Qwen/Qwen2.5-0.5B".into(), Some("abc".into())))
         );
         assert_eq!(
-            of("/c/hub/models--gpt2/snapshots/abc").as_deref(),
-            Some("gpt2")
+            of("/c/hub/models--gpt2/snapshots/abc"),
+            Some(("gpt2".into(), Some("abc".into())))
         );
         assert_eq!(of("/c/hub/models--o--m/snapshots/abc/sub"), None);
         assert_eq!(of("/c/hub/datasets--o--d/snapshots/abc"), None);
@@ -244,25 +363,54 @@ mod tests {
     fn snapshots_by_refs_main_else_the_only_one() {
         let d = tempfile::tempdir().unwrap();
         let r = cache(d.path(), "models--o--m", &["aaa", "bbb"], Some("bbb"));
-        assert_eq!(snapshot_of(&r).unwrap(), r.join("snapshots/bbb"));
+        assert_eq!(snapshot_of(&r, None).unwrap(), r.join("snapshots/bbb"));
+        // Named by its Hub name, and by its commit where main is another.
+        let named = |rev: &str| repo_of_snapshot(&r.join("snapshots").join(rev)).unwrap();
+        assert_eq!(named("bbb"), ("o/m".into(), None));
+        assert_eq!(named("aaa"), ("o/m".into(), Some("aaa".into())));
         let r = cache(d.path(), "models--o--one", &["ccc"], None);
-        assert_eq!(snapshot_of(&r).unwrap(), r.join("snapshots/ccc"));
+        assert_eq!(snapshot_of(&r, None).unwrap(), r.join("snapshots/ccc"));
         let r = cache(d.path(), "models--o--two", &["d1", "d2"], None);
-        let e = format!("{:#}", snapshot_of(&r).unwrap_err());
+        let e = format!("{:#}", snapshot_of(&r, None).unwrap_err());
         assert!(e.contains("2 snapshots and no refs/main"), "{e}");
         let r = cache(d.path(), "models--o--gone", &["e1"], Some("e2"));
-        let e = format!("{:#}", snapshot_of(&r).unwrap_err());
+        let e = format!("{:#}", snapshot_of(&r, None).unwrap_err());
         assert!(
             e.contains("refs/main names revision e2, which snapshots/ lacks"),
             "{e}"
         );
         let r = d.path().join("models--o--none");
         std::fs::create_dir_all(&r).unwrap();
-        let e = format!("{:#}", snapshot_of(&r).unwrap_err());
+        let e = format!("{:#}", snapshot_of(&r, None).unwrap_err());
         assert!(
             e.contains("no snapshot: the download did not finish"),
             "{e}"
         );
+    }
+
+    /// `@REVISION`: a branch or tag `refs/` holds, a commit, or its first seven characters or
+    /// more, whatever `refs/main` says.
+    #[test]
+    fn snapshots_by_revision() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = ("a1b2c3d4e5f6", "a1b2c3d9e9f9");
+        let r = cache(d.path(), "models--o--m", &[a, b, "c0ffee0000"], Some(a));
+        std::fs::write(r.join("refs/v2"), b).unwrap();
+        let at = |rev: &str| snapshot_of(&r, Some(rev));
+        assert_eq!(at("main").unwrap(), r.join("snapshots").join(a));
+        assert_eq!(at("v2").unwrap(), r.join("snapshots").join(b));
+        assert_eq!(at(b).unwrap(), r.join("snapshots").join(b));
+        assert_eq!(at("c0ffee0").unwrap(), r.join("snapshots/c0ffee0000"));
+        let e = format!("{:#}", at("a1b2c3d").unwrap_err());
+        assert!(e.contains("the start of 2 commits' names"), "{e}");
+        let e = format!("{:#}", at("c0ffee").unwrap_err());
+        assert!(
+            e.starts_with("no revision c0ffee (it holds main, v2 and the commits a1b2c3d4e5f6,"),
+            "{e}"
+        );
+        std::fs::write(r.join("refs/old"), "gone").unwrap();
+        let e = format!("{:#}", at("old").unwrap_err());
+        assert!(e.contains("refs/old names revision gone"), "{e}");
     }
 
     /// The variables are read by every test of the binary, so one test sets them and checks
@@ -277,6 +425,17 @@ mod tests {
         assert_eq!(got, r.join("snapshots/abc"));
         let got = locate(Path::new("org/set/main"), Repo::Dataset, "--data").unwrap();
         assert_eq!(got, r.join("snapshots/abc/main"));
+        let got = locate(Path::new("org/set@abc/main"), Repo::Dataset, "--data").unwrap();
+        assert_eq!(got, r.join("snapshots/abc/main"));
+        let e = locate(Path::new("org/set@v9"), Repo::Dataset, "--data").unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("no revision v9")
+                && e.ends_with(
+                    "`hf download org/set --revision v9 --repo-type dataset` fetches it"
+                ),
+            "{e}"
+        );
         // A cache entry without its snapshot says so, naming the flag, and how to fetch it.
         std::fs::create_dir_all(d.path().join("models--org--broken")).unwrap();
         let e = locate(Path::new("org/broken"), Repo::Model, "--init").unwrap_err();
@@ -284,7 +443,7 @@ mod tests {
         assert!(
             e.starts_with(
                 "--init org/broken: the Hugging Face cache's model org/broken: no snapshot"
-            ) && e.ends_with("`hf download org/broken` fetches it again"),
+            ) && e.ends_with("`hf download org/broken` fetches it"),
             "{e}"
         );
         // A model of that name is not there: the error says how to fetch it.

@@ -69,11 +69,15 @@ fn base_named(dir: &Path, v: &serde_json::Value, cfg_path: &Path) -> Result<Path
                 "missing: the base model's directory is needed",
             )
         })?;
-    // A Hub adapter names its base by its Hub name, which the cache may hold: looked up
-    // only where no local directory is the base.
+    // A Hub adapter names its base by its Hub name (at PEFT's `revision`, where it gives
+    // one), which the cache may hold: looked up only where no local directory is the base.
     let cached = || {
         let hub = crate::hub_cache::Repo::Model;
-        crate::hub_cache::locate(&named, hub, "base_model_name_or_path").ok()
+        let at = match v.get("revision").and_then(|r| r.as_str()) {
+            Some(r) => PathBuf::from(format!("{}@{r}", named.display())),
+            None => named.clone(),
+        };
+        crate::hub_cache::locate(&at, hub, "base_model_name_or_path").ok()
     };
     [named.clone(), dir.join(&named)]
         .into_iter()

@@ -204,6 +204,16 @@ pub(super) fn peft(checkpoint: &Path, out: &Path, dtype: Dtype) -> Result<()> {
         ranks["attn.c_attn"] = json!(joined * lora.rank);
         alphas["attn.c_attn"] = json!(joined as f64 * lora.alpha);
     }
+    // A base from the Hub cache by its Hub name (and its commit, where that is not main's),
+    // which loads on any machine.
+    let hub = meta
+        .base
+        .as_deref()
+        .and_then(crate::hub_cache::repo_of_snapshot);
+    let (base, revision) = match (hub, meta.base.as_deref()) {
+        (Some((name, rev)), _) => (Some(name), rev),
+        (None, b) => (b.map(|b| b.display().to_string()), None),
+    };
     let config = json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -217,10 +227,8 @@ pub(super) fn peft(checkpoint: &Path, out: &Path, dtype: Dtype) -> Result<()> {
         // PEFT sets it for GPT-2's Conv1D layers whatever the file says, with a warning.
         "fan_in_fan_out": family == HfFamily::Gpt2,
         "inference_mode": true,
-        // A base from the Hub cache by its Hub name, which loads on any machine.
-        "base_model_name_or_path": meta.base.as_deref().map(|b| {
-            crate::hub_cache::repo_of_snapshot(b).unwrap_or_else(|| b.display().to_string())
-        }),
+        "base_model_name_or_path": base,
+        "revision": revision,
     });
     if meta.base.is_none() {
         crate::errln!(
