@@ -1795,6 +1795,89 @@ fn tensorboard_scalars_follow_metrics_jsonl_through_a_resume() {
     assert_eq!(first, Some(5));
 }
 
+/// A run stopped after its last step's checkpoint, before its final model, ends on resume
+/// with the evaluation that checkpoint kept: the same result as the run never stopped, and
+/// metrics.jsonl logs it once. A finished run whose checkpoints were deleted is refused, not
+/// started over over its metrics; so is another `--lora-alpha` for a LoRA run's adapters.
+#[test]
+fn a_run_stopped_at_its_last_checkpoint_ends_with_its_evaluation() {
+    let d = tmp();
+    let cfg = p(d.path(), "c.toml");
+    std::fs::write(
+        &cfg,
+        format!("{TINY_TOML}steps = 4\ncheckpoint_every = 2\nlog_every = 1\neval_every = 2\n"),
+    )
+    .unwrap();
+    let full = p(d.path(), "full");
+    let (c, f) = (cfg.to_str().unwrap(), full.to_str().unwrap());
+    let done = run_ok(&["pretrain", "--config", c, "--out", f, "--device", "cpu"]);
+    let result = |out: &std::process::Output| {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("pretrain:"))
+            .map(str::to_string);
+        line.unwrap_or_else(|| panic!("no result line: {text}"))
+    };
+    assert!(result(&done).contains("val loss"), "{}", result(&done));
+
+    let stopped = p(d.path(), "stopped");
+    copy_tree(&full, &stopped);
+    std::fs::remove_dir_all(stopped.join("final")).unwrap();
+    let o = stopped.to_str().unwrap();
+    let again = run_ok(&["pretrain", "--resume", o, "--device", "cpu"]);
+    assert_eq!(result(&again), result(&done));
+    assert!(stopped.join("final/model.safetensors").is_file());
+    assert_eq!(
+        metrics(&stopped),
+        metrics(&full),
+        "the last evaluation logged once"
+    );
+
+    let bare = p(d.path(), "bare");
+    copy_tree(&full, &bare);
+    std::fs::remove_dir_all(bare.join("checkpoints")).unwrap();
+    let o = bare.to_str().unwrap();
+    let e = run_err(&["pretrain", "--resume", o, "--device", "cpu", "--steps", "6"]);
+    assert!(
+        e.contains("holds a final model but no checkpoint to resume from") && e.contains("--init"),
+        "{e}"
+    );
+    assert_eq!(
+        metrics(&bare),
+        metrics(&full),
+        "nothing of the run is touched"
+    );
+
+    // LoRA: the adapters' alpha is the run's.
+    let sft = p(d.path(), "sft");
+    let s = sft.to_str().unwrap();
+    let lora = ["--lora-rank", "4", "--lora-alpha", "8", "--steps", "2"];
+    run_ok(
+        &[
+            &["sft", "--init", f, "--out", s, "--device", "cpu"][..],
+            &lora,
+        ]
+        .concat(),
+    );
+    let e = run_err(&["sft", "--resume", s, "--lora-alpha", "16", "--steps", "3"]);
+    assert!(
+        e.contains("--lora-alpha 16") && e.contains("trains with 8"),
+        "{e}"
+    );
+    run_ok(&[
+        "sft",
+        "--resume",
+        s,
+        "--lora-alpha",
+        "8",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+    ]);
+}
+
 /// A latest checkpoint that does not load (cut short, or garbled) does not end a resume: the
 /// run goes on from the newest older one that loads, onto the curve of a run never stopped,
 /// says so in one line, and renames the bad one `step-N.corrupt` (kept, not pruned, not

@@ -559,7 +559,30 @@ impl StageArgs {
                 adapted(run),
                 adapted(merged),
             ),
+            // The adapters' scale: the checkpoint's adapters were trained under it, and
+            // another would change the model they make (a full fine-tune has none).
+            (
+                "--lora-alpha",
+                "lora.alpha",
+                self.lora_alpha
+                    .filter(|_| run.lora.enabled())
+                    .map(|v| v.to_string()),
+                run.lora.alpha.to_string(),
+                match run.lora.enabled() {
+                    true => merged.lora.alpha.to_string(),
+                    false => run.lora.alpha.to_string(),
+                },
+            ),
         ];
+        // The model's shape is the checkpoint's: another preset would fail on its weights.
+        if let Some(p) = &self.model {
+            if ModelConfig::preset(p)? != run.model {
+                bail!(
+                    "--model {p}: the run trains the model its config.toml holds ([model]), \
+                     whose weights its checkpoint has; resume without it"
+                );
+            }
+        }
         let config = self.config.as_deref().unwrap_or(Path::new("--config"));
         for (flag, key, given, held, laid) in checks {
             let held_to =

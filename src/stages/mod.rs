@@ -55,6 +55,8 @@ pub struct Env {
     pub comm: Arc<dyn Communicator>,
     /// The earlier run `--overwrite` set aside, until this one has a checkpoint (rank 0).
     set_aside: Option<run_dir::SetAside>,
+    /// The run directory's lock, held while the run lasts (rank 0).
+    _lock: Option<std::fs::File>,
 }
 
 /// The settings' own checks and the held-out file's, before a run directory is touched
@@ -126,6 +128,7 @@ impl Env {
             resume: start == Start::Resume,
             comm,
             set_aside: None,
+            _lock: None,
         };
         if env.cfg.train.gradient_checkpointing && !env.weights_are_variables() {
             anyhow::bail!(
@@ -138,6 +141,7 @@ impl Env {
             &env.cfg.memory_sizes(),
         ));
         if env.comm.rank() == 0 {
+            env._lock = Some(run_dir::lock(run_dir)?);
             env.set_aside = run_dir::begin(run_dir, start)?;
             env.write_run_files()?;
         }

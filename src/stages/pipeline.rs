@@ -137,28 +137,45 @@ enum Resumed {
     /// A final model summary.json does not record: an earlier pipeline's, left by an
     /// `--overwrite` stopped before it reached this stage. Started over.
     Stale,
+    /// A final model of this pipeline's that summary.json does not record: the stage that
+    /// was running when the pipeline stopped, finished since by `temper <stage> --resume`, or
+    /// killed between its final model and the summary. Its result is read again from its
+    /// last checkpoint, not trained again.
+    Unrecorded,
 }
 
 /// What a step's directory says of it under `--resume`: finished where it has a final model
 /// and summary.json holds its result, stale where only the final model is there, stopped where
 /// it holds a run, else not started.
-fn resume_step(at: &Path, name: &str, summary: &Map<String, Value>) -> Resumed {
+fn resume_step(
+    at: &Path,
+    name: &str,
+    results: &Map<String, Value>,
+    running: Option<&str>,
+) -> Resumed {
     let finished = at.join("final").join("meta.json").exists();
-    match (summary.get(name), finished) {
+    match (results.get(name), finished) {
         (Some(v), true) => Resumed::Done(v.clone()),
+        (None, true) if running == Some(name) && has_checkpoint(at) => Resumed::Unrecorded,
         (None, true) => Resumed::Stale,
         _ if earlier_run(at).is_some() => Resumed::Stopped,
         _ => Resumed::NotStarted,
     }
 }
 
-/// summary.json as a pipeline left it: each stage's result, each stage's seconds, and the
-/// options it began with.
+/// Whether the run in `at` has a complete checkpoint to resume from.
+fn has_checkpoint(at: &Path) -> bool {
+    crate::train::checkpoint::complete_steps(&at.join("checkpoints")).is_ok_and(|s| !s.is_empty())
+}
+
+/// summary.json as a pipeline left it: each stage's result, each stage's seconds, the
+/// options it began with, and the stage it was running when it stopped.
 #[derive(Default)]
 struct Summary {
     results: Map<String, Value>,
     seconds: Map<String, Value>,
     options: Option<Value>,
+    running: Option<String>,
 }
 
 /// summary.json's stage results, seconds and options, as an earlier run of the pipeline left
@@ -176,10 +193,15 @@ fn read_summary(dir: &Path) -> Result<Summary> {
         _ => Map::new(),
     };
     let options = all.remove("options");
+    let running = match all.remove("running") {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    };
     Ok(Summary {
         results: all,
         seconds,
         options,
+        running,
     })
 }
 
@@ -451,17 +473,24 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
     // Checked whole before anything is created or trained.
     let user = check_config(opts, &steps)?;
     let dir = &opts.out;
-    if opts.resume && !dir.is_dir() {
-        bail!("--resume: {} holds no pipeline", dir.display());
+    // summary.json is written before the first stage: a directory without it never held one
+    // of temper's pipelines, and a resume there would run a whole new pipeline.
+    if opts.resume && !dir.join("summary.json").is_file() {
+        bail!(
+            "--resume: {} holds no pipeline (no summary.json): start one without --resume",
+            dir.display()
+        );
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    // Held while the pipeline lasts: a second pipeline in --out would race for summary.json.
+    let _lock = super::run_dir::lock(dir)?;
     let options = options_json(opts);
-    let (mut summary, mut seconds) = match opts.resume {
+    let (mut summary, mut seconds, running) = match opts.resume {
         true => {
             let Summary {
                 results,
                 seconds,
                 options: saved,
+                running,
             } = read_summary(dir)?;
             if let Some(saved) = saved.filter(|s| *s != options) {
                 bail!(
@@ -470,9 +499,9 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
                     dir.display()
                 );
             }
-            (results, seconds)
+            (results, seconds, running)
         }
-        false => (Map::new(), Map::new()),
+        false => (Map::new(), Map::new(), None),
     };
     seconds.remove("total");
     let started = Instant::now();
@@ -494,7 +523,7 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
     }
     // Written before the first stage: an earlier pipeline's results, which a fresh start or an
     // overwrite leaves behind until each stage is run again, are not read as this one's.
-    write_summary(dir, &summary, &seconds, &options)?;
+    write_summary(dir, &summary, &seconds, &options, None)?;
     // Under --resume, once a stage runs again, the runs after it were trained from its
     // earlier self (an overwrite stopped part-way leaves them): started over, never kept.
     let mut upstream_ran = false;
@@ -510,7 +539,7 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
                 };
                 (stage_config(step, opts, user.as_ref())?, start)
             }
-            (true, false) => match resume_step(&at, step.name, &summary) {
+            (true, false) => match resume_step(&at, step.name, &summary, running.as_deref()) {
                 Resumed::Done(v) => {
                     outln!("[pipeline] {}: finished earlier, kept", step.name);
                     summary.insert(step.name.to_string(), v);
@@ -528,7 +557,23 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
                 }
                 Resumed::Stale => {
                     upstream_ran = true;
+                    outln!(
+                        "[pipeline] {}: its final model is an earlier pipeline's: trained again",
+                        step.name
+                    );
                     (stage_config(step, opts, user.as_ref())?, Start::Overwrite)
+                }
+                // Its final model set aside as a resume sets aside an earlier schedule's,
+                // the run resumes at its last checkpoint, which ends it again with its result.
+                Resumed::Unrecorded => {
+                    super::run_dir::set_final_aside_for_result(&at)?;
+                    outln!(
+                        "[pipeline] {}: finished, but summary.json lacks its result: read again \
+                         from its last checkpoint",
+                        step.name
+                    );
+                    let saved = [at.join("config.toml")];
+                    (RunConfig::load_layers(step.stage, &saved)?.0, Start::Resume)
                 }
             },
         };
@@ -537,6 +582,9 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
             let table = user.as_ref().and_then(|u| u.get(step.name)?.get("model"));
             super::setup::take_init_model(&mut cfg, table, opts.config.as_deref())?;
         }
+        // The stage running is named, so that a resume knows a final model summary.json
+        // lacks for this pipeline's, not an earlier one's.
+        write_summary(dir, &summary, &seconds, &options, Some(step.name))?;
         let env = Env::prepare(cfg, &at, start)?;
         // A step started over replaces what was there at once: the pipeline's summary decides
         // what is stale, and a step trained from an earlier upstream model put back would be
@@ -545,22 +593,25 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
         let result = run_stage(step.stage, &env).map_err(|e| {
             // A signal's line says --resume of the stage's directory; the pipeline goes on from
             // the same place with its own --resume.
-            if e.downcast_ref::<Preempted>().is_none() {
+            let Some(p) = e.downcast_ref::<Preempted>() else {
                 return e;
-            }
-            let said = e.to_string();
+            };
+            // Only the pipeline's command: resuming the stage on its own would leave the
+            // pipeline's summary without its result.
+            let at_step = p.step.map_or(String::new(), |s| format!(" after step {s}"));
             e.context(format!(
-                "{}: {said}; continue the pipeline with `{}`",
+                "{}: stopped by a signal{at_step}, with a checkpoint there; continue the \
+                 pipeline with `{}`",
                 step.name,
                 resume_command(opts)
             ))
         })?;
         summary.insert(step.name.to_string(), result);
         seconds.insert(step.name.to_string(), json!(t0.elapsed().as_secs_f64()));
-        write_summary(dir, &summary, &seconds, &options)?;
+        write_summary(dir, &summary, &seconds, &options, None)?;
     }
     seconds.insert("total".into(), json!(started.elapsed().as_secs_f64()));
-    write_summary(dir, &summary, &seconds, &options)?;
+    write_summary(dir, &summary, &seconds, &options, None)?;
     print_table(&steps, &summary);
     outln!("summary: {}", dir.join("summary.json").display());
     Ok(())
@@ -591,10 +642,14 @@ fn write_summary(
     summary: &Map<String, Value>,
     seconds: &Map<String, Value>,
     options: &Value,
+    running: Option<&str>,
 ) -> Result<()> {
     let mut all = summary.clone();
     all.insert("seconds".into(), Value::Object(seconds.clone()));
     all.insert("options".into(), options.clone());
+    if let Some(name) = running {
+        all.insert("running".into(), json!(name));
+    }
     crate::io::write_atomic(
         &dir.join("summary.json"),
         serde_json::to_string_pretty(&Value::Object(all))?.as_bytes(),
@@ -666,6 +721,51 @@ mod tests {
             resume: false,
             report_to: None,
         }
+    }
+
+    /// A final model summary.json lacks a result for is this pipeline's where summary.json
+    /// names its stage as the one running when the pipeline stopped (and a checkpoint is there
+    /// to end it again from), else an earlier pipeline's.
+    #[test]
+    fn a_final_model_without_a_result_is_the_running_stages_or_stale() {
+        let d = tempfile::tempdir().unwrap();
+        let at = d.path().join("sft");
+        std::fs::create_dir_all(at.join("final")).unwrap();
+        std::fs::write(at.join("final/meta.json"), "{}").unwrap();
+        let none = Map::new();
+        let kind = |running| match resume_step(&at, "sft", &none, running) {
+            Resumed::Unrecorded => "unrecorded",
+            Resumed::Stale => "stale",
+            _ => "other",
+        };
+        assert_eq!(kind(Some("sft")), "stale", "no checkpoint to end it from");
+        let ck = at.join("checkpoints/step-0000004");
+        std::fs::create_dir_all(&ck).unwrap();
+        for f in ["state.json", "meta.json"] {
+            std::fs::write(ck.join(f), "{}").unwrap();
+        }
+        assert_eq!(kind(Some("sft")), "unrecorded");
+        assert_eq!(kind(Some("pretrain")), "stale");
+        assert_eq!(kind(None), "stale");
+        let mut done = Map::new();
+        done.insert("sft".into(), json!({"accuracy": 0.5}));
+        assert!(matches!(
+            resume_step(&at, "sft", &done, Some("sft")),
+            Resumed::Done(_)
+        ));
+        // summary.json names the running stage, and reads it back apart from the results.
+        write_summary(d.path(), &done, &Map::new(), &json!({}), Some("reward")).unwrap();
+        let back = read_summary(d.path()).unwrap();
+        assert_eq!(back.running.as_deref(), Some("reward"));
+        assert_eq!(back.results, done);
+        // A directory without summary.json holds no pipeline to resume.
+        let opts = PipelineOptions {
+            out: d.path().join("sft"),
+            resume: true,
+            ..options(1.0)
+        };
+        let e = run(&opts).unwrap_err().to_string();
+        assert!(e.contains("holds no pipeline (no summary.json)"), "{e}");
     }
 
     /// `--scale` scales a step's count, or, where the user's table sets `epochs` (which then

@@ -59,6 +59,46 @@ const RUN_FILES: [&str; 10] = [
     "summary.json",
 ];
 
+/// Renames the final model of the run in `dir` as a replacement of it does while it writes
+/// the new one (`final.superseded`, which the next final model's write removes): a run
+/// resumed at its last checkpoint then ends again, with its result, instead of refusing to
+/// train a finished run. A pipeline's stage that finished without its result recorded.
+pub fn set_final_aside_for_result(dir: &Path) -> Result<()> {
+    let (fin, aside) = (dir.join("final"), dir.join("final.superseded"));
+    crate::io::remove_any(&aside).with_context(|| format!("{}: cannot remove", aside.display()))?;
+    std::fs::rename(&fin, &aside).with_context(|| format!("{}: cannot rename", fin.display()))
+}
+
+/// Holds `dir` (made where it is not there) for this process until the returned file is
+/// dropped: a second run started in it while the first trains (a requeued job beside the one
+/// still running, a resume typed twice) would write the same checkpoints and rewrite the
+/// metrics the first still appends to. The OS lets the lock go with the process, however it
+/// ends, so a killed run leaves nothing to clean up.
+pub fn lock(dir: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let path = dir.join(LOCK);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("{}: cannot open", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "{}: another temper process is running in it (it holds {}): wait for it to end, \
+             or give another --out",
+            dir.display(),
+            path.display()
+        ),
+        // A file system without locks (some network mounts) runs unguarded, as before.
+        Err(std::fs::TryLockError::Error(_)) => Ok(file),
+    }
+}
+
+/// The file [`lock`] holds, hidden as tools' own files are.
+const LOCK: &str = ".lock";
+
 /// The first sign that `dir` holds a run, if it does.
 pub fn earlier_run(dir: &Path) -> Option<&'static str> {
     run_marks(dir).into_iter().find(|m| m.1).map(|m| m.0)
@@ -286,6 +326,18 @@ pub fn begin(dir: &Path, start: Start) -> Result<Option<SetAside>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A second lock of a held directory is refused, naming it; the lock goes with its file.
+    #[test]
+    fn a_run_directory_is_held_by_one_process() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("run");
+        let held = lock(&dir).unwrap();
+        let e = lock(&dir).unwrap_err().to_string();
+        assert!(e.contains("another temper process is running in it"), "{e}");
+        drop(held);
+        lock(&dir).unwrap();
+    }
 
     /// A directory with a run's files is refused for a fresh start, naming the flags that
     /// continue or replace it; an overwrite deletes those files and keeps the user's own.

@@ -408,26 +408,19 @@ pub fn run(env: &Env) -> Result<SftResult> {
         prompts,
         micro: 0,
     };
-    // Measured on a resume too (the checkpoint is restored later, in `setup::train`): the
-    // summary compares with it either way.
-    let base_accuracy = task.accuracy()?;
-    if let Some(a) = base_accuracy {
-        errln!("[sft] base model accuracy on held-out prompts: {a:.3}");
-    }
     let trainable = |p: ParamInfo| lora.is_none() || p.role == Role::Adapter;
     let summary = setup::train(
         env,
         &mut task,
         &store,
-        Plan {
-            eval_at_start: false,
-            ..Plan::policy(&model, lora, &tok)
-        },
+        // The base model's held-out loss and accuracy, logged at step 0 (`metrics.jsonl`) and
+        // kept in every checkpoint for a resumed run's summary.
+        Plan::policy(&model, lora, &tok),
         &trainable,
     )?;
     let last = summary.last_eval.as_ref();
     Ok(SftResult {
-        base_accuracy,
+        base_accuracy: summary.first_eval.as_ref().and_then(|e| e.accuracy),
         accuracy: last.and_then(|e| e.accuracy),
         eval_loss: last.map(|e| e.loss),
     })

@@ -143,6 +143,12 @@ struct LoopState {
     /// The evaluation before the first step, for the summary's "from" of a resumed run.
     #[serde(default)]
     first_eval: Option<serde_json::Value>,
+    /// The latest evaluation and train loss, for the summary of a run resumed at its last
+    /// step (stopped after its last checkpoint, before its final model).
+    #[serde(default)]
+    last_eval: Option<serde_json::Value>,
+    #[serde(default)]
+    last_train_loss: Option<f64>,
 }
 
 /// The train loss and extra metrics summed since the last log, each with its count: a log
@@ -261,6 +267,10 @@ struct Loop<'a, T: Task> {
     prof_tokens: usize,
     window: Window,
     first_eval: Option<T::Eval>,
+    /// The latest evaluation and train loss: the summary's, and the checkpoint's for a run
+    /// resumed at its last step.
+    last_eval: Option<T::Eval>,
+    last_train_loss: Option<f64>,
 }
 
 pub fn train<T: Task>(
@@ -332,12 +342,13 @@ pub fn train<T: Task>(
         errln!("warning: [{}] {cut}", opts.label);
     }
     let prof = (cfg.profile > 0).then(|| Profiler::new(&saved.store.device));
-    let (window, first_eval) = match resumed {
+    let (window, first_eval, last) = match resumed {
         Some(st) => {
             // A baseline that does not read back (a non-finite number, written as null) only
             // costs the summary its "from".
             let first = st.first_eval.and_then(|v| serde_json::from_value(v).ok());
-            (st.window, first)
+            let last_eval = st.last_eval.and_then(|v| serde_json::from_value(v).ok());
+            (st.window, first, (last_eval, st.last_train_loss))
         }
         None => Default::default(),
     };
@@ -352,6 +363,8 @@ pub fn train<T: Task>(
         prof_tokens: 0,
         window,
         first_eval,
+        last_eval: last.0,
+        last_train_loss: last.1,
     };
     lp.run(start)
 }
@@ -395,6 +408,18 @@ fn resume<T: Task>(
     opts: &RunOpts,
 ) -> Result<Option<LoopState>> {
     let candidates = Checkpoints::newest_first(opts.run_dir)?;
+    let fin = opts.run_dir.join("final");
+    if candidates.is_empty() && fin.exists() {
+        // Its checkpoints deleted to save space, a finished run would start over, and its
+        // metrics and final model go with the new run's.
+        bail!(
+            "{}: holds a final model but no checkpoint to resume from (checkpoints/ is empty \
+             or gone): begin a new run from it with --init {}, or start this one over with \
+             --overwrite",
+            opts.run_dir.display(),
+            fin.display()
+        );
+    }
     if candidates.is_empty() {
         errln!(
             "[{}] nothing to resume in {}; starting fresh",
@@ -629,16 +654,14 @@ impl<T: Task> Loop<'_, T> {
     fn run(&mut self, start: usize) -> Result<TrainSummary<T::Eval>> {
         let cfg = self.opts.cfg;
         let label = self.opts.label;
-        let mut summary = TrainSummary {
-            steps: cfg.steps,
-            last_train_loss: None,
-            first_eval: None,
-            last_eval: None,
-        };
         if self.opts.eval_at_start && start == 0 {
             self.first_eval = self.evaluate(0)?;
         }
-        summary.first_eval = self.first_eval.clone();
+        // Resumed at its last step (stopped after that step's checkpoint, before its final
+        // model): the evaluation that checkpoint kept, else one now, so the run ends with one.
+        if start == cfg.steps && self.last_eval.is_none() {
+            self.last_eval = self.evaluate(start)?;
+        }
         let progress = self.main().then(|| Progress::new(label, start, cfg.steps));
         let mut window_tokens = 0usize;
         let mut window_start = Instant::now();
@@ -673,7 +696,7 @@ impl<T: Task> Loop<'_, T> {
             self.window.add(&out);
             let s = step + 1;
             self.task.after_step(s)?;
-            summary.last_train_loss = Some(out.loss);
+            self.last_train_loss = Some(out.loss);
             if s % cfg.log_every == 0 || s == cfg.steps {
                 let secs = window_start.elapsed().as_secs_f64().max(1e-9);
                 let tps = window_tokens as f64 / secs;
@@ -694,7 +717,7 @@ impl<T: Task> Loop<'_, T> {
             }
             if s % cfg.eval_every == 0 || s == cfg.steps {
                 if let Some(ev) = self.evaluate(s)? {
-                    summary.last_eval = Some(ev);
+                    self.last_eval = Some(ev);
                 }
             }
             let checkpointed = s == cfg.steps || s % cfg.checkpoint_every == 0;
@@ -720,7 +743,12 @@ impl<T: Task> Loop<'_, T> {
                 p.write(self.opts.run_dir, per_step)?;
             }
         }
-        Ok(summary)
+        Ok(TrainSummary {
+            steps: cfg.steps,
+            last_train_loss: self.last_train_loss,
+            first_eval: self.first_eval.clone(),
+            last_eval: self.last_eval.clone(),
+        })
     }
 
     /// Whether any rank saw SIGTERM or SIGUSR1: every rank must stop after the same step.
@@ -879,6 +907,7 @@ impl<T: Task> Loop<'_, T> {
         };
         let (saved, opt, task) = (self.saved, &self.opt, &*self.task);
         let (window, first_eval) = (&self.window, self.first_eval.as_ref());
+        let (last_eval, last_train_loss) = (self.last_eval.as_ref(), self.last_train_loss);
         self.ckpts.save(s, |dir| {
             saved.write_model(dir, s)?;
             AdamW::save(&state, &dir.join("optimizer.safetensors"))?;
@@ -889,6 +918,8 @@ impl<T: Task> Loop<'_, T> {
                 task: task.state(),
                 window: window.clone(),
                 first_eval: first_eval.map(serde_json::to_value).transpose()?,
+                last_eval: last_eval.map(serde_json::to_value).transpose()?,
+                last_train_loss,
             };
             write_atomic(
                 &dir.join("state.json"),
