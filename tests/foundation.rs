@@ -1967,6 +1967,48 @@ fn a_corrupt_latest_checkpoint_resumes_from_the_one_before() {
         assert!(dir.join("final/model.safetensors").is_file());
     }
 
+    // Damage that reads as files: a state.json that parses but lacks what temper writes, and
+    // weights that are not finite (no checkpoint is written so). Set aside as the others.
+    let state4 = full.join("checkpoints/step-0000004/state.json");
+    for name in ["fields", "nan"] {
+        let dir = stopped(name, "state.json");
+        let ck = dir.join("checkpoints/step-0000004");
+        match name {
+            "fields" => std::fs::write(ck.join("state.json"), "{\"step\": 4}").unwrap(),
+            _ => {
+                std::fs::copy(&state4, ck.join("state.json")).unwrap();
+                let weights = ck.join("model.safetensors");
+                let mut all = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+                let (key, t) = all
+                    .iter()
+                    .next()
+                    .map(|(k, t)| (k.clone(), t.clone()))
+                    .unwrap();
+                let nan = (t.ones_like().unwrap() * f64::NAN).unwrap();
+                all.insert(key, nan);
+                candle_core::safetensors::save(&all, &weights).unwrap();
+            }
+        }
+        let out = run_ok(&[
+            "pretrain",
+            "--resume",
+            dir.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        let warned = lines_with(&err, "warning:");
+        let why = match name {
+            "fields" => "malformed",
+            _ => "not finite",
+        };
+        assert!(
+            warned.len() == 1 && warned[0].contains(why) && warned[0].contains(".corrupt"),
+            "{name}: {err}"
+        );
+        assert_eq!(curve(&dir), curve(&full), "{name}: not the same curve");
+    }
+
     // An intact checkpoint that does not load (here weights of another model) is the run's
     // fault, not the checkpoint's: the resume stops, and nothing is set aside or passed over.
     let dir = stopped("other", "meta.json");

@@ -158,8 +158,20 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &Options) -> Result<String> {
         bail!("--max-shard-size applies to --format hf (a temper checkpoint and a PEFT adapter are one file each)");
     }
     check_out(checkpoint, out, opts.overwrite)?;
+    let made = !out.exists();
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
-    let dtype = opts.dtype.unwrap_or_default();
+    let written = write(checkpoint, out, opts);
+    // A directory this export made and left empty (its checkpoint did not read) goes again.
+    let empty = || std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_none());
+    if written.is_err() && made && empty() {
+        let _ = std::fs::remove_dir(out);
+    }
+    written
+}
+
+/// [`export`]'s writing into `out`, which is there.
+fn write(checkpoint: &Path, out: &Path, opts: &Options) -> Result<String> {
+    let (format, dtype) = (opts.format, opts.dtype.unwrap_or_default());
     match format {
         Format::Temper => temper(checkpoint, out).map(|()| "temper checkpoint".into()),
         Format::Hf => {

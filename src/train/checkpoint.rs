@@ -135,13 +135,19 @@ impl Checkpoints {
     /// Whether `run_dir` holds a checkpoint a resume may continue from (a `--resume` that
     /// finds none starts over).
     pub fn any(run_dir: &Path) -> bool {
-        Self::newest_first(run_dir).is_ok_and(|c| !c.is_empty())
+        Self::candidates(run_dir, false).is_ok_and(|c| !c.is_empty())
     }
 
     /// What a resume may continue from, best first: [`Checkpoints::latest`]'s choice (which
     /// may be missing, where the pointer names a directory that is gone), then the complete
     /// checkpoints of lower steps, newest first.
     pub fn newest_first(run_dir: &Path) -> Result<Vec<PathBuf>> {
+        Self::candidates(run_dir, true)
+    }
+
+    /// [`Checkpoints::newest_first`], saying a fallback from a lost pointer where `say`
+    /// (once a resume: a check before it stays quiet).
+    fn candidates(run_dir: &Path, say: bool) -> Result<Vec<PathBuf>> {
         let dir = run_dir.join("checkpoints");
         let pointer = dir.join("latest");
         let name = match std::fs::read_to_string(&pointer) {
@@ -157,11 +163,13 @@ impl Checkpoints {
             false => dir.join(&name),
             true => match older.pop() {
                 Some(p) => {
-                    crate::errln!(
-                        "{}: missing or empty; taking the newest complete checkpoint, {}",
-                        pointer.display(),
-                        p.display()
-                    );
+                    if say {
+                        crate::errln!(
+                            "{}: missing or empty; taking the newest complete checkpoint, {}",
+                            pointer.display(),
+                            p.display()
+                        );
+                    }
                     p
                 }
                 None => return Ok(Vec::new()),

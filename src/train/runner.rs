@@ -541,12 +541,14 @@ fn load_checkpoint<T: Task>(
         return Ok(Err(e));
     }
     let state = dir.join("state.json");
-    let st = std::fs::read_to_string(&state)
-        .with_context(|| format!("{}: cannot read", state.display()))
-        .and_then(|text| {
-            serde_json::from_str::<LoopState>(&text)
-                .with_context(|| format!("{}: malformed", state.display()))
-        })?;
+    let text = std::fs::read_to_string(&state)
+        .with_context(|| format!("{}: cannot read", state.display()))?;
+    // temper writes every field (later ones default where an older checkpoint lacks them):
+    // JSON that parses without them is damage, which an older checkpoint may mend.
+    let st = match serde_json::from_str::<LoopState>(&text) {
+        Ok(st) => st,
+        Err(e) => return Ok(Err(anyhow!("{}: malformed: {e}", state.display()))),
+    };
     // Before anything is written: the run's config.toml keeps the steps it ran to. A run
     // stopped at its last step's checkpoint, before final/, resumes to write it.
     let finished = st.step == opts.cfg.steps && opts.run_dir.join("final").exists();
@@ -560,6 +562,15 @@ fn load_checkpoint<T: Task>(
         );
     }
     saved.load_model(dir)?;
+    // No checkpoint is written with weights that are not finite: such weights were damaged
+    // on disk, and training on would stop at its first loss naming this checkpoint as good.
+    if let Some(name) = saved.store.first_non_finite()? {
+        return Ok(Err(anyhow!(
+            "{}: {name} holds values that are not finite (damaged on disk: no checkpoint is \
+             written so)",
+            dir.join("model.safetensors").display()
+        )));
+    }
     opt.load(&dir.join("optimizer.safetensors"), st.adam_t)?;
     task.read_files(dir)?;
     Ok(Ok(st))
