@@ -1876,6 +1876,13 @@ fn a_run_stopped_at_its_last_checkpoint_ends_with_its_evaluation() {
         "--device",
         "cpu",
     ]);
+    // Its base moved: named by the line of the run's config.toml that holds it.
+    std::fs::rename(&full, p(d.path(), "moved")).unwrap();
+    let e = run_err(&["sft", "--resume", s, "--steps", "4", "--device", "cpu"]);
+    assert!(
+        e.contains("config.toml:") && e.contains("init = ") && e.contains("put it back"),
+        "{e}"
+    );
 }
 
 /// A latest checkpoint that does not load (cut short, or garbled) does not end a resume: the

@@ -380,6 +380,24 @@ impl StageArgs {
         let files_valid = cfg.validate().is_ok();
         self.apply(&mut cfg)?;
         cfg.locate_hub_repos()?;
+        // A resume reads its starting model again (a LoRA run's base, a full fine-tune's
+        // reference): one moved since is named by the run's own file, which says where it was.
+        if let (true, Some(init)) = (resume, cfg.init.as_deref()) {
+            if !init.exists() {
+                let saved = files[0].as_path();
+                let text = std::fs::read_to_string(saved).unwrap_or_default();
+                let at = match crate::config::key_line(&text, &["init"], false) {
+                    Some(line) => format!("{}:{line}", saved.display()),
+                    None => saved.display().to_string(),
+                };
+                bail!(
+                    "{at}: init = {}: no such directory; a resume reads the model the run began \
+                     from again: put it back there, or set init in {} to where it is now",
+                    init.display(),
+                    saved.display()
+                );
+            }
+        }
         warn_unused_batch_size(&cfg, self.batch_size.is_some());
         warn_unused_dropout(&cfg);
         let pretrained =
