@@ -33,9 +33,17 @@ impl MetricsLog {
             .append(true)
             .open(&path)
             .with_context(|| format!("{}: cannot open", path.display()))?;
-        let events = match report_to {
-            ReportTo::Tensorboard => Some(EventFile::open(run_dir, keep_upto)?),
-            ReportTo::None => None,
+        let events = match (report_to, keep_upto) {
+            (ReportTo::Tensorboard, _) => {
+                let logged = scalars(&path)?;
+                Some(EventFile::open(run_dir, keep_upto, &logged)?)
+            }
+            // Not written now, but left consistent with metrics.jsonl for a later resume.
+            (ReportTo::None, Some(upto)) => {
+                super::tensorboard::keep_upto_if_any(run_dir, upto)?;
+                None
+            }
+            (ReportTo::None, None) => None,
         };
         Ok(Self { path, file, events })
     }
@@ -84,6 +92,26 @@ pub fn keep_steps_upto(path: &Path, upto: usize) -> Result<()> {
         .collect();
     let text: String = kept.iter().map(|l| format!("{l}\n")).collect();
     crate::io::write_atomic(path, text.as_bytes())
+}
+
+/// Every number of a metrics file as `(step, SPLIT/FIELD, value)`, a null as NaN (what
+/// [`MetricsLog::log`] gives TensorBoard); none where there is no file.
+fn scalars(path: &Path) -> Result<Vec<super::tensorboard::Scalar>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for rec in read(path)? {
+        let (Some(step), Some(split)) = (rec["step"].as_u64(), rec["split"].as_str()) else {
+            continue;
+        };
+        for (k, v) in rec.as_object().into_iter().flatten() {
+            if k != "step" && k != "split" {
+                out.push((step, format!("{split}/{k}"), v.as_f64().unwrap_or(f64::NAN)));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Reads back every record of a metrics file (tests and the pipeline summary use it).

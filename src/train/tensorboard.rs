@@ -33,14 +33,22 @@ impl EventFile {
     /// Opens the event file in `run_dir/tensorboard`, made on a run's first call. A resumed
     /// run (`keep_upto`) keeps only the events of steps up to its checkpoint's, as
     /// `metrics.jsonl` keeps its lines, and continues the same file; a record a kill cut short
-    /// at the end goes too, else TensorBoard would stop reading there.
-    pub fn open(run_dir: &Path, keep_upto: Option<usize>) -> Result<Self> {
+    /// at the end goes too, else TensorBoard would stop reading there. `logged` is what
+    /// `metrics.jsonl` holds by then, `(step, tag, value)`: where the file holds other scalars
+    /// (a resume that wrote no event files between, or event files asked for only now), it is
+    /// written again from them, so that the two show one curve.
+    pub fn open(run_dir: &Path, keep_upto: Option<usize>, logged: &[Scalar]) -> Result<Self> {
         let dir = run_dir.join(DIR);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("{}: cannot create directory", dir.display()))?;
         let path = match existing(&dir)? {
             Some(path) => {
                 keep_steps_upto(&path, keep_upto.map_or(u64::MAX, |s| s as u64))?;
+                let held = scalars_of(&std::fs::read(&path)?);
+                if tags(&held) != tags(logged) {
+                    std::fs::remove_file(&path)
+                        .with_context(|| format!("{}: cannot remove", path.display()))?;
+                }
                 path
             }
             None => dir.join(new_name()),
@@ -56,6 +64,15 @@ impl EventFile {
             let mut body = Vec::new();
             string_field(&mut body, 3, FILE_VERSION.as_bytes());
             events.write(&event(0, &body))?;
+            // Stamped now: metrics.jsonl keeps no times.
+            let mut at = 0;
+            while at < logged.len() {
+                let step = logged[at].0;
+                let n = logged[at..].iter().take_while(|s| s.0 == step).count();
+                let values = logged[at..at + n].iter().map(|s| (s.1.clone(), s.2));
+                events.scalars(step as usize, values)?;
+                at += n;
+            }
         }
         Ok(events)
     }
@@ -85,6 +102,38 @@ impl EventFile {
             .and_then(|()| self.file.flush())
             .with_context(|| format!("{}: cannot write", self.path.display()))
     }
+}
+
+/// One scalar: step, tag, value.
+pub type Scalar = (u64, String, f64);
+
+/// Trims the event file of a run that writes none now (`report_to` off on a resume) to the
+/// steps up to its checkpoint's, as its `metrics.jsonl` is trimmed.
+pub fn keep_upto_if_any(run_dir: &Path, upto: usize) -> Result<()> {
+    match existing(&run_dir.join(DIR)) {
+        Ok(Some(path)) => keep_steps_upto(&path, upto as u64),
+        _ => Ok(()),
+    }
+}
+
+/// The `(step, tag)` of each scalar, sorted.
+fn tags(s: &[Scalar]) -> Vec<(u64, &str)> {
+    let mut t: Vec<(u64, &str)> = s.iter().map(|x| (x.0, x.1.as_str())).collect();
+    t.sort_unstable();
+    t
+}
+
+/// The scalars of an event file's whole records.
+fn scalars_of(bytes: &[u8]) -> Vec<Scalar> {
+    let (events, _) = read_records(bytes);
+    let mut out = Vec::new();
+    for e in events {
+        let step = step_of(e);
+        for (tag, v) in summary_values(e) {
+            out.push((step, tag, f64::from(v)));
+        }
+    }
+    out
 }
 
 /// The newest event file in `dir`, if any: TensorBoard's names start with the time they
@@ -441,7 +490,7 @@ mod tests {
     #[test]
     fn a_resume_keeps_the_steps_up_to_its_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
-        let mut ev = EventFile::open(dir.path(), None).unwrap();
+        let mut ev = EventFile::open(dir.path(), None, &[]).unwrap();
         for s in 1..=6 {
             ev.scalars(s, [("train/loss".to_string(), s as f64 / 2.0)])
                 .unwrap();
@@ -457,13 +506,29 @@ mod tests {
         let path = existing(&dir.path().join(DIR)).unwrap().unwrap();
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
-        let mut ev = EventFile::open(dir.path(), Some(4)).unwrap();
+        let logged: Vec<Scalar> = (1..=4u64)
+            .map(|s| (s, "train/loss".to_string(), s as f64 / 2.0))
+            .collect();
+        let mut ev = EventFile::open(dir.path(), Some(4), &logged).unwrap();
         ev.scalars(5, [("train/loss".to_string(), 9.0)]).unwrap();
         let read = read_scalars(dir.path()).unwrap();
         let steps: Vec<u64> = read.iter().map(|r| r.0).collect();
         assert_eq!(steps, [1, 2, 3, 4, 5]);
         assert_eq!(read[4].2, 9.0);
+        // A file that holds other steps than metrics.jsonl (a resume that wrote none between)
+        // is written again from metrics.jsonl.
+        drop(ev);
+        let mut logged = logged;
+        logged.push((5, "train/loss".to_string(), 9.0));
+        logged.push((6, "train/loss".to_string(), 7.0));
+        let ev = EventFile::open(dir.path(), Some(6), &logged).unwrap();
+        drop(ev);
+        let read = read_scalars(dir.path()).unwrap();
+        let steps: Vec<u64> = read.iter().map(|r| r.0).collect();
+        assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+        assert_eq!(read[5].2, 7.0);
         // One file, opening with its version.
+        let path = existing(&dir.path().join(DIR)).unwrap().unwrap();
         let files = std::fs::read_dir(dir.path().join(DIR)).unwrap().count();
         assert_eq!(files, 1);
         let bytes = std::fs::read(&path).unwrap();
