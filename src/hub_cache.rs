@@ -71,10 +71,13 @@ pub fn locate(path: &Path, repo: Repo, flag: &str) -> Result<PathBuf> {
         );
     }
     let snapshot = snapshot_of(&dir, revision).map_err(|e| {
+        let fetch = match e.downcast_ref::<Ambiguous>() {
+            Some(_) => String::new(),
+            None => format!("; `{}` fetches it", repo.download(id, revision)),
+        };
         anyhow::anyhow!(
-            "{flag} {}: the Hugging Face cache's {what} {id}: {e:#}; `{}` fetches it",
+            "{flag} {}: the Hugging Face cache's {what} {id}: {e:#}{fetch}",
             path.display(),
-            repo.download(id, revision)
         )
     })?;
     let at = snapshot.join(inner);
@@ -172,26 +175,46 @@ fn snapshot_at(dir: &Path, rev: &str) -> Result<PathBuf> {
     match hits[..] {
         [one] => Ok(snapshots.join(one)),
         [] => {
+            // Branches and tags are files; `refs/refs/pr/N`, a pull request's, is deeper.
             let mut refs: Vec<String> = match std::fs::read_dir(dir.join("refs")) {
                 Ok(entries) => entries
-                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter_map(|e| e.ok())
+                    .filter(|e| e.path().is_file())
+                    .filter_map(|e| e.file_name().into_string().ok())
                     .collect(),
                 Err(_) => Vec::new(),
             };
             refs.sort();
+            let short = match rev.len() < 7 && all.iter().any(|s| s.starts_with(rev)) {
+                true => "; a commit is named by seven of its characters or more",
+                false => "",
+            };
             bail!(
-                "no revision {rev} (it holds {}{}the commits {})",
+                "no revision {rev} (it holds {}{}the commits {}){short}",
                 refs.join(", "),
                 if refs.is_empty() { "" } else { " and " },
                 all.join(", ")
             )
         }
-        _ => bail!(
+        _ => Err(Ambiguous(format!(
             "revision {rev} is the start of {} commits' names: give more of it",
             hits.len()
-        ),
+        ))
+        .into()),
     }
 }
+
+/// A revision that names several snapshots: the cache holds it, so no download is its cure.
+#[derive(Debug)]
+struct Ambiguous(String);
+
+impl std::fmt::Display for Ambiguous {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Ambiguous {}
 
 /// File endings of what a path names where it names a file: such a path is a file that is not
 /// there, not a Hub name.
@@ -240,14 +263,25 @@ fn repo_id(path: &Path) -> Option<Named> {
         true => 1,
         false => parts.len().min(2),
     };
-    let (name, revision) = match parts[n - 1].split_once('@') {
-        Some((name, rev)) => (name, Some(rev)),
+    let (name, mut revision) = match parts[n - 1].split_once('@') {
+        Some((name, rev)) => (name, Some(rev.to_string())),
         None => (parts[n - 1], None),
     };
+    // A pull request's revision, `refs/pr/N`, spans three parts.
+    let mut n_inner = n;
+    if revision.as_deref() == Some("refs")
+        && parts.get(n) == Some(&"pr")
+        && parts
+            .get(n + 1)
+            .is_some_and(|k| k.bytes().all(|b| b.is_ascii_digit()))
+    {
+        revision = Some(format!("refs/pr/{}", parts[n + 1]));
+        n_inner = n + 2;
+    }
     let all_ok = parts[..n - 1].iter().all(|p| ok(p))
         && ok(name)
-        && revision.is_none_or(ok)
-        && parts[n..].iter().all(|p| ok(p));
+        && revision.as_deref().is_none_or(|r| r.split('/').all(ok))
+        && parts[n_inner..].iter().all(|p| ok(p));
     if !all_ok || local || file {
         return None;
     }
@@ -259,8 +293,8 @@ fn repo_id(path: &Path) -> Option<Named> {
         .join("/");
     Some(Named {
         id,
-        revision: revision.map(str::to_string),
-        inner: parts[n..].iter().collect(),
+        revision,
+        inner: parts[n_inner..].iter().collect(),
     })
 }
 
@@ -311,6 +345,10 @@ mod tests {
         );
         assert_eq!(of("gpt2@v1.0"), named("gpt2", Some("v1.0"), ""));
         assert_eq!(of("gpt2@v1/onnx"), named("gpt2", Some("v1"), "onnx"));
+        assert_eq!(
+            of("o/m@refs/pr/12/sub"),
+            named("o/m", Some("refs/pr/12"), "sub")
+        );
         let names_none = [
             "/abs/x",
             "./x",
@@ -405,9 +443,16 @@ mod tests {
         assert!(e.contains("the start of 2 commits' names"), "{e}");
         let e = format!("{:#}", at("c0ffee").unwrap_err());
         assert!(
-            e.starts_with("no revision c0ffee (it holds main, v2 and the commits a1b2c3d4e5f6,"),
+            e.starts_with("no revision c0ffee (it holds main, v2 and the commits a1b2c3d4e5f6,")
+                && e.ends_with("seven of its characters or more"),
             "{e}"
         );
+        // A pull request's ref, deeper in refs/, which is no revision of its own.
+        std::fs::create_dir_all(r.join("refs/refs/pr")).unwrap();
+        std::fs::write(r.join("refs/refs/pr/3"), "c0ffee0000").unwrap();
+        assert_eq!(at("refs/pr/3").unwrap(), r.join("snapshots/c0ffee0000"));
+        let e = format!("{:#}", at("nope").unwrap_err());
+        assert!(e.contains("it holds main, v2 and"), "{e}");
         std::fs::write(r.join("refs/old"), "gone").unwrap();
         let e = format!("{:#}", at("old").unwrap_err());
         assert!(e.contains("refs/old names revision gone"), "{e}");

@@ -201,10 +201,16 @@ pub struct StageArgs {
     /// of it).
     #[arg(long)]
     pub lr: Option<f64>,
-    /// How the learning rate falls after the warmup: cosine (the default), linear, or
-    /// constant (transformers' `cosine_with_min_lr` and `constant_with_warmup` are read too).
+    /// How the learning rate falls after the warmup, to `--min-lr-ratio` of its peak: cosine,
+    /// linear, or constant (transformers' `cosine_with_min_lr` and `constant_with_warmup` are
+    /// read too). Default: cosine (pretrain, sft, reward, dpo, kto, distill fall to 0.1 of the
+    /// peak; ppo, grpo and online-dpo keep it constant, min_lr_ratio 1).
     #[arg(long, value_enum)]
     pub lr_scheduler: Option<LrScheduler>,
+    /// Where the learning rate ends, as a share of its peak (0 for transformers' linear and
+    /// cosine schedules).
+    #[arg(long)]
+    pub min_lr_ratio: Option<f64>,
     /// The warmup as a share of the run's steps, instead of `[train] warmup_steps`.
     #[arg(long)]
     pub warmup_ratio: Option<f64>,

@@ -199,6 +199,23 @@ fn warn_task_new_tokens(cfg: &RunConfig, flag: bool, user: Option<&toml::Value>)
     }
 }
 
+/// A schedule that falls to its own peak does not fall: the RL stages' `min_lr_ratio` is 1 (a
+/// constant rate, as TRL's PPO trainer once kept), so a `linear` or `cosine` asked of them
+/// would change nothing, and say nothing.
+fn warn_flat_schedule(cfg: &RunConfig) {
+    let t = &cfg.train;
+    if t.lr_scheduler != crate::config::LrScheduler::Cosine && t.min_lr_ratio >= 1.0 {
+        warnln!(
+            "warning: train.lr_scheduler {} changes nothing with train.min_lr_ratio = {} ({}'s \
+             default): the learning rate stays at its peak; give --min-lr-ratio (0 for \
+             transformers' schedules)",
+            format!("{:?}", t.lr_scheduler).to_lowercase(),
+            t.min_lr_ratio,
+            cfg.stage
+        );
+    }
+}
+
 /// PPO and GRPO size their batches by rollouts, not by `[train] batch_size`: a `--batch-size`
 /// given to them changed nothing, and said nothing.
 fn warn_unused_batch_size(cfg: &RunConfig, flag: bool) {
@@ -264,6 +281,11 @@ impl StageArgs {
                 "train.warmup_ratio",
                 "--warmup-ratio",
                 self.warmup_ratio.is_some(),
+            ),
+            (
+                "train.min_lr_ratio",
+                "--min-lr-ratio",
+                self.min_lr_ratio.is_some(),
             ),
             (
                 "train.eval_every",
@@ -399,6 +421,7 @@ impl StageArgs {
             }
         }
         warn_unused_batch_size(&cfg, self.batch_size.is_some());
+        warn_flat_schedule(&cfg);
         warn_unused_dropout(&cfg);
         let pretrained =
             (cfg.init.as_deref()).is_some_and(crate::stages::setup::descends_from_pretrained);
@@ -715,6 +738,7 @@ impl StageArgs {
         set!(self.seq_len, cfg.train.seq_len);
         set!(self.lr, cfg.train.lr);
         set!(self.lr_scheduler, cfg.train.lr_scheduler);
+        set!(self.min_lr_ratio, cfg.train.min_lr_ratio);
         if self.warmup_ratio.is_some() {
             cfg.train.warmup_ratio = self.warmup_ratio;
         }

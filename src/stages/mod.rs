@@ -92,6 +92,11 @@ impl Env {
     /// the run directory are checked before connecting, so a bad one fails every rank at once.
     pub fn join(cfg: RunConfig, run_dir: &Path, start: Start, rank: &Rank) -> Result<Self> {
         check_settings(&cfg)?;
+        // A directory another run holds is said so first: it holds a run, whose --resume or
+        // --overwrite would be refused too.
+        if rank.rank == 0 && run_dir.is_dir() {
+            drop(run_dir::lock(run_dir)?);
+        }
         if start == Start::Fresh {
             run_dir::check_fresh(run_dir)?;
         }

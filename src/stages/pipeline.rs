@@ -107,6 +107,7 @@ impl From<Extra> for Step {
 }
 
 /// What the pipeline is asked to do.
+#[derive(Clone)]
 pub struct PipelineOptions {
     pub out: PathBuf,
     /// Extra stages after PPO, each from the SFT model.
@@ -163,6 +164,16 @@ fn resume_step(
     }
 }
 
+/// A stage resumed as `temper <stage> --resume` resumes it: with its own config.toml, and the
+/// pipeline's `--report-to` where it has one.
+fn resumed_config(step: Step, at: &Path, opts: &PipelineOptions) -> Result<RunConfig> {
+    let mut cfg = RunConfig::load_layers(step.stage, &[at.join("config.toml")])?.0;
+    if let Some(r) = opts.report_to {
+        cfg.train.report_to = r;
+    }
+    Ok(cfg)
+}
+
 /// Whether the run in `at` has a complete checkpoint to resume from.
 fn has_checkpoint(at: &Path) -> bool {
     crate::train::checkpoint::complete_steps(&at.join("checkpoints")).is_ok_and(|s| !s.is_empty())
@@ -176,6 +187,8 @@ struct Summary {
     seconds: Map<String, Value>,
     options: Option<Value>,
     running: Option<String>,
+    /// `--report-to` as the pipeline began with it, which a resume keeps where it gives none.
+    report_to: Option<ReportTo>,
 }
 
 /// summary.json's stage results, seconds and options, as an earlier run of the pipeline left
@@ -197,11 +210,15 @@ fn read_summary(dir: &Path) -> Result<Summary> {
         Some(Value::String(s)) => Some(s),
         _ => None,
     };
+    let report_to = all
+        .remove("report_to")
+        .and_then(|v| serde_json::from_value(v).ok());
     Ok(Summary {
         results: all,
         seconds,
         options,
         running,
+        report_to,
     })
 }
 
@@ -484,13 +501,14 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
     // Held while the pipeline lasts: a second pipeline in --out would race for summary.json.
     let _lock = super::run_dir::lock(dir)?;
     let options = options_json(opts);
-    let (mut summary, mut seconds, running) = match opts.resume {
+    let (mut summary, mut seconds, running, report_to) = match opts.resume {
         true => {
             let Summary {
                 results,
                 seconds,
                 options: saved,
                 running,
+                report_to,
             } = read_summary(dir)?;
             if let Some(saved) = saved.filter(|s| *s != options) {
                 bail!(
@@ -499,9 +517,14 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
                     dir.display()
                 );
             }
-            (results, seconds, running)
+            (results, seconds, running, report_to)
         }
-        false => (Map::new(), Map::new(), None),
+        false => (Map::new(), Map::new(), None, None),
+    };
+    // A resume reports where the pipeline began reporting, unless told otherwise.
+    let opts = &PipelineOptions {
+        report_to: opts.report_to.or(report_to),
+        ..opts.clone()
     };
     seconds.remove("total");
     let started = Instant::now();
@@ -523,7 +546,7 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
     }
     // Written before the first stage: an earlier pipeline's results, which a fresh start or an
     // overwrite leaves behind until each stage is run again, are not read as this one's.
-    write_summary(dir, &summary, &seconds, &options, None)?;
+    write_summary(dir, &summary, &seconds, (&options, opts.report_to), None)?;
     // Under --resume, once a stage runs again, the runs after it were trained from its
     // earlier self (an overwrite stopped part-way leaves them): started over, never kept.
     let mut upstream_ran = false;
@@ -548,8 +571,7 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
                 // As `temper <stage> --resume` continues a run: with the config it started with.
                 Resumed::Stopped => {
                     upstream_ran = true;
-                    let saved = [at.join("config.toml")];
-                    (RunConfig::load_layers(step.stage, &saved)?.0, Start::Resume)
+                    (resumed_config(step, &at, opts)?, Start::Resume)
                 }
                 Resumed::NotStarted => {
                     upstream_ran = true;
@@ -572,8 +594,7 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
                          from its last checkpoint",
                         step.name
                     );
-                    let saved = [at.join("config.toml")];
-                    (RunConfig::load_layers(step.stage, &saved)?.0, Start::Resume)
+                    (resumed_config(step, &at, opts)?, Start::Resume)
                 }
             },
         };
@@ -584,7 +605,13 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
         }
         // The stage running is named, so that a resume knows a final model summary.json
         // lacks for this pipeline's, not an earlier one's.
-        write_summary(dir, &summary, &seconds, &options, Some(step.name))?;
+        write_summary(
+            dir,
+            &summary,
+            &seconds,
+            (&options, opts.report_to),
+            Some(step.name),
+        )?;
         let env = Env::prepare(cfg, &at, start)?;
         // A step started over replaces what was there at once: the pipeline's summary decides
         // what is stale, and a step trained from an earlier upstream model put back would be
@@ -608,10 +635,10 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
         })?;
         summary.insert(step.name.to_string(), result);
         seconds.insert(step.name.to_string(), json!(t0.elapsed().as_secs_f64()));
-        write_summary(dir, &summary, &seconds, &options, None)?;
+        write_summary(dir, &summary, &seconds, (&options, opts.report_to), None)?;
     }
     seconds.insert("total".into(), json!(started.elapsed().as_secs_f64()));
-    write_summary(dir, &summary, &seconds, &options, None)?;
+    write_summary(dir, &summary, &seconds, (&options, opts.report_to), None)?;
     print_table(&steps, &summary);
     outln!("summary: {}", dir.join("summary.json").display());
     Ok(())
@@ -641,12 +668,15 @@ fn write_summary(
     dir: &Path,
     summary: &Map<String, Value>,
     seconds: &Map<String, Value>,
-    options: &Value,
+    (options, report_to): (&Value, Option<ReportTo>),
     running: Option<&str>,
 ) -> Result<()> {
     let mut all = summary.clone();
     all.insert("seconds".into(), Value::Object(seconds.clone()));
     all.insert("options".into(), options.clone());
+    if let Some(r) = report_to {
+        all.insert("report_to".into(), serde_json::to_value(r)?);
+    }
     if let Some(name) = running {
         all.insert("running".into(), json!(name));
     }
@@ -754,9 +784,18 @@ mod tests {
             Resumed::Done(_)
         ));
         // summary.json names the running stage, and reads it back apart from the results.
-        write_summary(d.path(), &done, &Map::new(), &json!({}), Some("reward")).unwrap();
+        let report = Some(ReportTo::Tensorboard);
+        write_summary(
+            d.path(),
+            &done,
+            &Map::new(),
+            (&json!({}), report),
+            Some("reward"),
+        )
+        .unwrap();
         let back = read_summary(d.path()).unwrap();
         assert_eq!(back.running.as_deref(), Some("reward"));
+        assert_eq!(back.report_to, report);
         assert_eq!(back.results, done);
         // A directory without summary.json holds no pipeline to resume.
         let opts = PipelineOptions {

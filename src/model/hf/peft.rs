@@ -77,18 +77,23 @@ fn base_named(dir: &Path, v: &serde_json::Value, cfg_path: &Path) -> Result<Path
             Some(r) => PathBuf::from(format!("{}@{r}", named.display())),
             None => named.clone(),
         };
-        crate::hub_cache::locate(&at, hub, "base_model_name_or_path").ok()
+        crate::hub_cache::locate(&at, hub, "base_model_name_or_path")
     };
-    [named.clone(), dir.join(&named)]
+    if let Some(local) = [named.clone(), dir.join(&named)]
         .into_iter()
         .find(|p| is_model_dir(p))
-        .or_else(|| cached().filter(|p| is_model_dir(p)))
-        .ok_or_else(|| {
-            at.refuse(
-                "base_model_name_or_path",
-                format!("{} is not a Hugging Face model directory", named.display()),
-            )
-        })
+    {
+        return Ok(local);
+    }
+    match cached() {
+        Ok(p) if is_model_dir(&p) => Ok(p),
+        // The cache's own reason (a revision it lacks, and the download that fetches it).
+        Err(e) => Err(at.refuse("base_model_name_or_path", format!("{e:#}"))),
+        Ok(_) => Err(at.refuse(
+            "base_model_name_or_path",
+            format!("{} is not a Hugging Face model directory", named.display()),
+        )),
+    }
 }
 
 pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
