@@ -113,52 +113,40 @@ pub fn repo_of_snapshot(path: &Path) -> Option<(String, Option<String>)> {
 /// commit, or seven or more of a commit's first characters. Without one, what `refs/main`
 /// names, or where there is none (a download of another revision), the only snapshot there is.
 fn snapshot_of(dir: &Path, revision: Option<&str>) -> Result<PathBuf> {
-    let snapshots = dir.join("snapshots");
     if let Some(rev) = revision {
         return snapshot_at(dir, rev);
     }
-    if let Ok(rev) = std::fs::read_to_string(dir.join("refs/main")) {
-        let at = snapshots.join(rev.trim());
-        if !at.is_dir() {
-            bail!(
-                "refs/main names revision {}, which snapshots/ lacks",
-                rev.trim()
-            );
-        }
-        return Ok(at);
+    if let Some(at) = by_ref(dir, "main") {
+        return at;
     }
-    let mut all: Vec<PathBuf> = match std::fs::read_dir(&snapshots) {
-        Ok(entries) => entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir())
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    all.sort();
+    let all = snapshot_names(dir);
     match all.len() {
-        1 => Ok(all.remove(0)),
+        1 => Ok(dir.join("snapshots").join(&all[0])),
         0 => bail!("no snapshot: the download did not finish"),
         n => bail!(
             "{n} snapshots and no refs/main to choose one: give the snapshot's directory ({})",
-            all[0].display()
+            dir.join("snapshots").join(&all[0]).display()
         ),
     }
 }
 
-/// The snapshot of revision `rev` (see [`snapshot_of`]).
-fn snapshot_at(dir: &Path, rev: &str) -> Result<PathBuf> {
-    let snapshots = dir.join("snapshots");
-    if let Ok(commit) = std::fs::read_to_string(dir.join("refs").join(rev)) {
-        let at = snapshots.join(commit.trim());
-        if !at.is_dir() {
-            bail!(
-                "refs/{rev} names revision {}, which snapshots/ lacks",
-                commit.trim()
-            );
-        }
-        return Ok(at);
-    }
-    let mut all: Vec<String> = match std::fs::read_dir(&snapshots) {
+/// The snapshot that `refs/NAME` names (a branch, a tag, a pull request's `refs/pr/N`), where
+/// the cache holds that ref.
+fn by_ref(dir: &Path, name: &str) -> Option<Result<PathBuf>> {
+    let commit = std::fs::read_to_string(dir.join("refs").join(name)).ok()?;
+    let at = dir.join("snapshots").join(commit.trim());
+    Some(match at.is_dir() {
+        true => Ok(at),
+        false => Err(anyhow::anyhow!(
+            "refs/{name} names revision {}, which snapshots/ lacks",
+            commit.trim()
+        )),
+    })
+}
+
+/// The names of the snapshots (commits) the cache holds of a repository, sorted.
+fn snapshot_names(dir: &Path) -> Vec<String> {
+    let mut all: Vec<String> = match std::fs::read_dir(dir.join("snapshots")) {
         Ok(entries) => entries
             .filter_map(|e| e.ok())
             .filter(|e| e.path().is_dir())
@@ -167,13 +155,22 @@ fn snapshot_at(dir: &Path, rev: &str) -> Result<PathBuf> {
         Err(_) => Vec::new(),
     };
     all.sort();
+    all
+}
+
+/// The snapshot of revision `rev` (see [`snapshot_of`]).
+fn snapshot_at(dir: &Path, rev: &str) -> Result<PathBuf> {
+    if let Some(at) = by_ref(dir, rev) {
+        return at;
+    }
+    let all = snapshot_names(dir);
     let hits: Vec<&String> = match all.iter().find(|s| *s == rev) {
         Some(exact) => vec![exact],
         None if rev.len() >= 7 => all.iter().filter(|s| s.starts_with(rev)).collect(),
         None => Vec::new(),
     };
     match hits[..] {
-        [one] => Ok(snapshots.join(one)),
+        [one] => Ok(dir.join("snapshots").join(one)),
         [] => {
             // Branches and tags are files; `refs/refs/pr/N`, a pull request's, is deeper.
             let mut refs: Vec<String> = match std::fs::read_dir(dir.join("refs")) {

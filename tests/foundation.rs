@@ -1704,6 +1704,15 @@ fn lines_with<'a>(err: &'a str, what: &str) -> Vec<&'a str> {
     err.lines().filter(|l| l.contains(what)).collect()
 }
 
+/// What a kill after step 4's checkpoint leaves of a 6-step run that checkpoints every 2
+/// steps: no final model, no step-6 checkpoint, `latest` naming step 4 (the metrics the run
+/// logged after it stay, as a killed run leaves them).
+fn stop_after_step_4(dir: &Path) {
+    std::fs::remove_dir_all(dir.join("final")).unwrap();
+    std::fs::remove_dir_all(dir.join("checkpoints/step-0000006")).unwrap();
+    std::fs::write(dir.join("checkpoints/latest"), "step-0000004").unwrap();
+}
+
 /// `--report-to tensorboard` writes every number of `metrics.jsonl` as a TensorBoard scalar
 /// `SPLIT/FIELD` at its step, and a resumed run's event file shows one curve, as its
 /// `metrics.jsonl` does: what the stopped run logged after its last checkpoint is dropped.
@@ -1757,9 +1766,7 @@ fn tensorboard_scalars_follow_metrics_jsonl_through_a_resume() {
     // from both logs and logs them again.
     let dir = p(d.path(), "stopped");
     copy_tree(&full, &dir);
-    std::fs::remove_dir_all(dir.join("final")).unwrap();
-    std::fs::remove_dir_all(dir.join("checkpoints/step-0000006")).unwrap();
-    std::fs::write(dir.join("checkpoints/latest"), "step-0000004").unwrap();
+    stop_after_step_4(&dir);
     run_ok(&[
         "pretrain",
         "--resume",
@@ -1787,15 +1794,11 @@ fn tensorboard_scalars_follow_metrics_jsonl_through_a_resume() {
     let late = p(d.path(), "late");
     copy_tree(&dir, &late);
     std::fs::remove_dir_all(late.join("tensorboard")).unwrap();
-    std::fs::remove_dir_all(late.join("final")).unwrap();
-    std::fs::remove_dir_all(late.join("checkpoints/step-0000006")).unwrap();
-    std::fs::write(late.join("checkpoints/latest"), "step-0000004").unwrap();
+    stop_after_step_4(&late);
     let o = late.to_str().unwrap();
     run_ok(&[&["pretrain", "--resume", o, "--device", "cpu"][..], &tb].concat());
     assert_eq!(scalars(&late), logged(&late));
-    std::fs::remove_dir_all(late.join("final")).unwrap();
-    std::fs::remove_dir_all(late.join("checkpoints/step-0000006")).unwrap();
-    std::fs::write(late.join("checkpoints/latest"), "step-0000004").unwrap();
+    stop_after_step_4(&late);
     let off = ["--report-to", "none", "--steps", "8"];
     run_ok(&[&["pretrain", "--resume", o, "--device", "cpu"][..], &off].concat());
     let on = ["--report-to", "tensorboard", "--steps", "10"];
@@ -1928,9 +1931,7 @@ fn a_corrupt_latest_checkpoint_resumes_from_the_one_before() {
     let stopped = |name: &str, file: &str| {
         let dir = p(d.path(), name);
         copy_tree(&full, &dir);
-        std::fs::remove_dir_all(dir.join("final")).unwrap();
-        std::fs::remove_dir_all(dir.join("checkpoints/step-0000006")).unwrap();
-        std::fs::write(dir.join("checkpoints/latest"), "step-0000004").unwrap();
+        stop_after_step_4(&dir);
         truncate(&dir.join("checkpoints/step-0000004").join(file));
         dir
     };

@@ -84,7 +84,7 @@ impl Env {
     ) -> Result<Self> {
         check_settings(&cfg)?;
         let device = crate::device::select(cfg.device)?;
-        Self::assemble(cfg, run_dir, start, device, comm)
+        Self::assemble(cfg, run_dir, start, device, comm, None)
     }
 
     /// [`Env::prepare`] for the process `rank` places in a job (torchrun, SLURM, `temper
@@ -94,9 +94,10 @@ impl Env {
         check_settings(&cfg)?;
         // A directory another run holds is said so first: it holds a run, whose --resume or
         // --overwrite would be refused too.
-        if rank.rank == 0 && run_dir.is_dir() {
-            drop(run_dir::lock(run_dir)?);
-        }
+        let held = match rank.rank == 0 && run_dir.is_dir() {
+            true => Some(run_dir::lock(run_dir)?),
+            false => None,
+        };
         if start == Start::Fresh {
             run_dir::check_fresh(run_dir)?;
         }
@@ -106,15 +107,17 @@ impl Env {
         );
         let device = crate::device::select_ordinal(cfg.device, ordinal)?;
         let comm = crate::dist::connect(rank, &device)?;
-        Self::assemble(cfg, run_dir, start, device, comm)
+        Self::assemble(cfg, run_dir, start, device, comm, held)
     }
 
+    /// `held`: the run directory's lock where the caller took it already.
     fn assemble(
         cfg: RunConfig,
         run_dir: &Path,
         start: Start,
         device: Device,
         comm: Arc<dyn Communicator>,
+        held: Option<std::fs::File>,
     ) -> Result<Self> {
         let mut cfg = cfg;
         let kept_in_loss = cfg.stage == crate::config::Stage::Grpo
@@ -146,7 +149,10 @@ impl Env {
             &env.cfg.memory_sizes(),
         ));
         if env.comm.rank() == 0 {
-            env._lock = Some(run_dir::lock(run_dir)?);
+            env._lock = Some(match held {
+                Some(lock) => lock,
+                None => run_dir::lock(run_dir)?,
+            });
             env.set_aside = run_dir::begin(run_dir, start)?;
             env.write_run_files()?;
         }

@@ -501,32 +501,26 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
     // Held while the pipeline lasts: a second pipeline in --out would race for summary.json.
     let _lock = super::run_dir::lock(dir)?;
     let options = options_json(opts);
-    let (mut summary, mut seconds, running, report_to) = match opts.resume {
-        true => {
-            let Summary {
-                results,
-                seconds,
-                options: saved,
-                running,
-                report_to,
-            } = read_summary(dir)?;
-            if let Some(saved) = saved.filter(|s| *s != options) {
-                bail!(
-                    "--resume: {} was started with {saved}, and this resume asks for {options}: \
-                     resume with the same --seed, --scale, --with and --config",
-                    dir.display()
-                );
-            }
-            (results, seconds, running, report_to)
-        }
-        false => (Map::new(), Map::new(), None, None),
+    let mut summary = match opts.resume {
+        true => read_summary(dir)?,
+        false => Summary::default(),
     };
+    if let Some(saved) = summary.options.as_ref().filter(|s| **s != options) {
+        bail!(
+            "--resume: {} was started with {saved}, and this resume asks for {options}: \
+             resume with the same --seed, --scale, --with and --config",
+            dir.display()
+        );
+    }
+    summary.options = Some(options);
     // A resume reports where the pipeline began reporting, unless told otherwise.
     let opts = &PipelineOptions {
-        report_to: opts.report_to.or(report_to),
+        report_to: opts.report_to.or(summary.report_to),
         ..opts.clone()
     };
-    seconds.remove("total");
+    summary.report_to = opts.report_to;
+    let running = summary.running.take();
+    summary.seconds.remove("total");
     let started = Instant::now();
     let start = match opts.overwrite {
         true => Start::Overwrite,
@@ -546,7 +540,7 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
     }
     // Written before the first stage: an earlier pipeline's results, which a fresh start or an
     // overwrite leaves behind until each stage is run again, are not read as this one's.
-    write_summary(dir, &summary, &seconds, (&options, opts.report_to), None)?;
+    summary.write(dir)?;
     // Under --resume, once a stage runs again, the runs after it were trained from its
     // earlier self (an overwrite stopped part-way leaves them): started over, never kept.
     let mut upstream_ran = false;
@@ -562,41 +556,43 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
                 };
                 (stage_config(step, opts, user.as_ref())?, start)
             }
-            (true, false) => match resume_step(&at, step.name, &summary, running.as_deref()) {
-                Resumed::Done(v) => {
-                    outln!("[pipeline] {}: finished earlier, kept", step.name);
-                    summary.insert(step.name.to_string(), v);
-                    continue;
-                }
-                // As `temper <stage> --resume` continues a run: with the config it started with.
-                Resumed::Stopped => {
-                    upstream_ran = true;
-                    (resumed_config(step, &at, opts)?, Start::Resume)
-                }
-                Resumed::NotStarted => {
-                    upstream_ran = true;
-                    (stage_config(step, opts, user.as_ref())?, Start::Fresh)
-                }
-                Resumed::Stale => {
-                    upstream_ran = true;
-                    outln!(
+            (true, false) => {
+                match resume_step(&at, step.name, &summary.results, running.as_deref()) {
+                    Resumed::Done(v) => {
+                        outln!("[pipeline] {}: finished earlier, kept", step.name);
+                        summary.results.insert(step.name.to_string(), v);
+                        continue;
+                    }
+                    // As `temper <stage> --resume` continues a run: with the config it started with.
+                    Resumed::Stopped => {
+                        upstream_ran = true;
+                        (resumed_config(step, &at, opts)?, Start::Resume)
+                    }
+                    Resumed::NotStarted => {
+                        upstream_ran = true;
+                        (stage_config(step, opts, user.as_ref())?, Start::Fresh)
+                    }
+                    Resumed::Stale => {
+                        upstream_ran = true;
+                        outln!(
                         "[pipeline] {}: its final model is an earlier pipeline's: trained again",
                         step.name
                     );
-                    (stage_config(step, opts, user.as_ref())?, Start::Overwrite)
-                }
-                // Its final model set aside as a resume sets aside an earlier schedule's,
-                // the run resumes at its last checkpoint, which ends it again with its result.
-                Resumed::Unrecorded => {
-                    super::run_dir::set_final_aside_for_result(&at)?;
-                    outln!(
+                        (stage_config(step, opts, user.as_ref())?, Start::Overwrite)
+                    }
+                    // Its final model set aside as a resume sets aside an earlier schedule's,
+                    // the run resumes at its last checkpoint, which ends it again with its result.
+                    Resumed::Unrecorded => {
+                        super::run_dir::set_final_aside_for_result(&at)?;
+                        outln!(
                         "[pipeline] {}: finished, but summary.json lacks its result: read again \
                          from its last checkpoint",
                         step.name
                     );
-                    (resumed_config(step, &at, opts)?, Start::Resume)
+                        (resumed_config(step, &at, opts)?, Start::Resume)
+                    }
                 }
-            },
+            }
         };
         let mut cfg = cfg;
         if start != Start::Resume {
@@ -605,13 +601,8 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
         }
         // The stage running is named, so that a resume knows a final model summary.json
         // lacks for this pipeline's, not an earlier one's.
-        write_summary(
-            dir,
-            &summary,
-            &seconds,
-            (&options, opts.report_to),
-            Some(step.name),
-        )?;
+        summary.running = Some(step.name.to_string());
+        summary.write(dir)?;
         let env = Env::prepare(cfg, &at, start)?;
         // A step started over replaces what was there at once: the pipeline's summary decides
         // what is stale, and a step trained from an earlier upstream model put back would be
@@ -633,13 +624,16 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
                 resume_command(opts)
             ))
         })?;
-        summary.insert(step.name.to_string(), result);
-        seconds.insert(step.name.to_string(), json!(t0.elapsed().as_secs_f64()));
-        write_summary(dir, &summary, &seconds, (&options, opts.report_to), None)?;
+        summary.results.insert(step.name.to_string(), result);
+        let secs = json!(t0.elapsed().as_secs_f64());
+        summary.seconds.insert(step.name.to_string(), secs);
+        summary.running = None;
+        summary.write(dir)?;
     }
-    seconds.insert("total".into(), json!(started.elapsed().as_secs_f64()));
-    write_summary(dir, &summary, &seconds, (&options, opts.report_to), None)?;
-    print_table(&steps, &summary);
+    let total = json!(started.elapsed().as_secs_f64());
+    summary.seconds.insert("total".into(), total);
+    summary.write(dir)?;
+    print_table(&steps, &summary.results);
     outln!("summary: {}", dir.join("summary.json").display());
     Ok(())
 }
@@ -664,26 +658,25 @@ fn resume_command(opts: &PipelineOptions) -> String {
     cmd
 }
 
-fn write_summary(
-    dir: &Path,
-    summary: &Map<String, Value>,
-    seconds: &Map<String, Value>,
-    (options, report_to): (&Value, Option<ReportTo>),
-    running: Option<&str>,
-) -> Result<()> {
-    let mut all = summary.clone();
-    all.insert("seconds".into(), Value::Object(seconds.clone()));
-    all.insert("options".into(), options.clone());
-    if let Some(r) = report_to {
-        all.insert("report_to".into(), serde_json::to_value(r)?);
+impl Summary {
+    /// summary.json: the results beside the seconds, the options, and what is set of the rest.
+    fn write(&self, dir: &Path) -> Result<()> {
+        let mut all = self.results.clone();
+        all.insert("seconds".into(), Value::Object(self.seconds.clone()));
+        if let Some(o) = &self.options {
+            all.insert("options".into(), o.clone());
+        }
+        if let Some(r) = self.report_to {
+            all.insert("report_to".into(), serde_json::to_value(r)?);
+        }
+        if let Some(name) = &self.running {
+            all.insert("running".into(), json!(name));
+        }
+        crate::io::write_atomic(
+            &dir.join("summary.json"),
+            serde_json::to_string_pretty(&Value::Object(all))?.as_bytes(),
+        )
     }
-    if let Some(name) = running {
-        all.insert("running".into(), json!(name));
-    }
-    crate::io::write_atomic(
-        &dir.join("summary.json"),
-        serde_json::to_string_pretty(&Value::Object(all))?.as_bytes(),
-    )
 }
 
 fn print_table(steps: &[Step], summary: &Map<String, Value>) {
@@ -785,14 +778,14 @@ mod tests {
         ));
         // summary.json names the running stage, and reads it back apart from the results.
         let report = Some(ReportTo::Tensorboard);
-        write_summary(
-            d.path(),
-            &done,
-            &Map::new(),
-            (&json!({}), report),
-            Some("reward"),
-        )
-        .unwrap();
+        let written = Summary {
+            results: done.clone(),
+            options: Some(json!({})),
+            running: Some("reward".into()),
+            report_to: report,
+            ..Summary::default()
+        };
+        written.write(d.path()).unwrap();
         let back = read_summary(d.path()).unwrap();
         assert_eq!(back.running.as_deref(), Some("reward"));
         assert_eq!(back.report_to, report);

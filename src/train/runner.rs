@@ -408,19 +408,19 @@ fn resume<T: Task>(
     opts: &RunOpts,
 ) -> Result<Option<LoopState>> {
     let candidates = Checkpoints::newest_first(opts.run_dir)?;
-    let fin = opts.run_dir.join("final");
-    if candidates.is_empty() && fin.exists() {
-        // Its checkpoints deleted to save space, a finished run would start over, and its
-        // metrics and final model go with the new run's.
-        bail!(
-            "{}: holds a final model but no checkpoint to resume from (checkpoints/ is empty \
-             or gone): begin a new run from it with --init {}, or start this one over with \
-             --overwrite",
-            opts.run_dir.display(),
-            fin.display()
-        );
-    }
     if candidates.is_empty() {
+        let fin = opts.run_dir.join("final");
+        if fin.exists() {
+            // Its checkpoints deleted to save space, a finished run would start over, and its
+            // metrics and final model go with the new run's.
+            bail!(
+                "{}: holds a final model but no checkpoint to resume from (checkpoints/ is \
+                 empty or gone): begin a new run from it with --init {}, or start this one over \
+                 with --overwrite",
+                opts.run_dir.display(),
+                fin.display()
+            );
+        }
         errln!(
             "[{}] nothing to resume in {}; starting fresh",
             opts.label,

@@ -43,8 +43,7 @@ impl EventFile {
             .with_context(|| format!("{}: cannot create directory", dir.display()))?;
         let path = match existing(&dir)? {
             Some(path) => {
-                keep_steps_upto(&path, keep_upto.map_or(u64::MAX, |s| s as u64))?;
-                let held = scalars_of(&std::fs::read(&path)?);
+                let held = keep_steps_upto(&path, keep_upto.map_or(u64::MAX, |s| s as u64))?;
                 if tags(&held) != tags(logged) {
                     std::fs::remove_file(&path)
                         .with_context(|| format!("{}: cannot remove", path.display()))?;
@@ -111,7 +110,7 @@ pub type Scalar = (u64, String, f64);
 /// steps up to its checkpoint's, as its `metrics.jsonl` is trimmed.
 pub fn keep_upto_if_any(run_dir: &Path, upto: usize) -> Result<()> {
     match existing(&run_dir.join(DIR)) {
-        Ok(Some(path)) => keep_steps_upto(&path, upto as u64),
+        Ok(Some(path)) => keep_steps_upto(&path, upto as u64).map(drop),
         _ => Ok(()),
     }
 }
@@ -123,17 +122,12 @@ fn tags(s: &[Scalar]) -> Vec<(u64, &str)> {
     t
 }
 
-/// The scalars of an event file's whole records.
-fn scalars_of(bytes: &[u8]) -> Vec<Scalar> {
-    let (events, _) = read_records(bytes);
-    let mut out = Vec::new();
-    for e in events {
-        let step = step_of(e);
-        for (tag, v) in summary_values(e) {
-            out.push((step, tag, f64::from(v)));
-        }
-    }
-    out
+/// The scalars of one event.
+fn event_scalars(event: &[u8]) -> impl Iterator<Item = Scalar> {
+    let step = step_of(event);
+    summary_values(event)
+        .into_iter()
+        .map(move |(tag, v)| (step, tag, f64::from(v)))
 }
 
 /// The newest event file in `dir`, if any: TensorBoard's names start with the time they
@@ -167,8 +161,9 @@ fn new_name() -> String {
 }
 
 /// Rewrites the event file at `path` with only its whole records whose step is at most
-/// `upto` (the file version's, step 0, always); unchanged where that is all of it.
-fn keep_steps_upto(path: &Path, upto: u64) -> Result<()> {
+/// `upto` (the file version's, step 0, always); unchanged where that is all of it. Returns the
+/// scalars it keeps.
+fn keep_steps_upto(path: &Path, upto: u64) -> Result<Vec<Scalar>> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let (events, whole) = read_records(&bytes);
     let kept: Vec<&[u8]> = events
@@ -176,11 +171,11 @@ fn keep_steps_upto(path: &Path, upto: u64) -> Result<()> {
         .copied()
         .filter(|e| step_of(e) <= upto)
         .collect();
-    if kept.len() == events.len() && whole {
-        return Ok(());
+    if kept.len() != events.len() || !whole {
+        let text: Vec<u8> = kept.iter().flat_map(|e| record(e)).collect();
+        crate::io::write_atomic(path, &text)?;
     }
-    let text: Vec<u8> = kept.iter().flat_map(|e| record(e)).collect();
-    crate::io::write_atomic(path, &text)
+    Ok(kept.into_iter().flat_map(event_scalars).collect())
 }
 
 const WIRE_VARINT: u8 = 0;
@@ -266,38 +261,16 @@ fn read_records(bytes: &[u8]) -> (Vec<&[u8]>, bool) {
 /// An event's `step` (0 where it has none, as protobuf reads a missing field), or `u64::MAX`
 /// for a message that does not parse, which a resume drops.
 fn step_of(event: &[u8]) -> u64 {
-    let mut at = 0;
     let mut step = 0;
-    while at < event.len() {
-        let Some(k) = read_varint(event, &mut at) else {
-            return u64::MAX;
-        };
-        let skip = match (k >> 3, (k & 7) as u8) {
-            (2, WIRE_VARINT) => match read_varint(event, &mut at) {
-                Some(s) => {
-                    step = s;
-                    0
-                }
-                None => return u64::MAX,
-            },
-            (_, WIRE_VARINT) => match read_varint(event, &mut at) {
-                Some(_) => 0,
-                None => return u64::MAX,
-            },
-            (_, WIRE_FIXED64) => 8,
-            (_, WIRE_FIXED32) => 4,
-            (_, WIRE_BYTES) => match read_varint(event, &mut at) {
-                Some(n) => n as usize,
-                None => return u64::MAX,
-            },
-            _ => return u64::MAX,
-        };
-        at = match at.checked_add(skip) {
-            Some(next) if next <= event.len() => next,
-            _ => return u64::MAX,
-        };
+    let whole = walk(event, |field, wire, _, v| {
+        if field == 2 && wire == WIRE_VARINT {
+            step = v;
+        }
+    });
+    match whole {
+        true => step,
+        false => u64::MAX,
     }
-    step
 }
 
 fn read_varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
@@ -363,12 +336,8 @@ pub fn read_scalars(run_dir: &Path) -> Result<Vec<(u64, String, f32)>> {
             "{}: a record is cut short or garbled",
             path.display()
         );
-        for e in events {
-            let step = step_of(e);
-            for (tag, v) in summary_values(e) {
-                out.push((step, tag, v));
-            }
-        }
+        let scalars = events.into_iter().flat_map(event_scalars);
+        out.extend(scalars.map(|(step, tag, v)| (step, tag, v as f32)));
     }
     Ok(out)
 }
@@ -400,7 +369,7 @@ fn summary_values(event: &[u8]) -> Vec<(String, f32)> {
 /// A message's length-delimited fields, `(number, bytes)`, stopping where it does not parse.
 fn bytes_fields(msg: &[u8]) -> Vec<(u64, &[u8])> {
     let mut out = Vec::new();
-    walk(msg, |field, wire, bytes| {
+    walk(msg, |field, wire, bytes, _| {
         if wire == WIRE_BYTES {
             out.push((field, bytes));
         }
@@ -410,7 +379,7 @@ fn bytes_fields(msg: &[u8]) -> Vec<(u64, &[u8])> {
 
 fn fixed32_field(msg: &[u8], number: u64) -> Option<u32> {
     let mut found = None;
-    walk(msg, |field, wire, bytes| {
+    walk(msg, |field, wire, bytes, _| {
         if field == number && wire == WIRE_FIXED32 {
             found = bytes.try_into().ok().map(u32::from_le_bytes);
         }
@@ -418,36 +387,36 @@ fn fixed32_field(msg: &[u8], number: u64) -> Option<u32> {
     found
 }
 
-/// Calls `f(field, wire type, payload)` for each field of a message (a varint's payload is
-/// empty), stopping where it does not parse.
-fn walk<'a>(msg: &'a [u8], mut f: impl FnMut(u64, u8, &'a [u8])) {
+/// Calls `f(field, wire type, payload, varint)` for each field of a message (a varint's
+/// payload is empty and its value the fourth argument, 0 for the other types), stopping where
+/// it does not parse; whether it read the whole message.
+fn walk<'a>(msg: &'a [u8], mut f: impl FnMut(u64, u8, &'a [u8], u64)) -> bool {
     let mut at = 0;
     while at < msg.len() {
         let Some(k) = read_varint(msg, &mut at) else {
-            return;
+            return false;
         };
         let (field, wire) = (k >> 3, (k & 7) as u8);
-        let len = match wire {
-            WIRE_VARINT => {
-                if read_varint(msg, &mut at).is_none() {
-                    return;
-                }
-                0
-            }
-            WIRE_FIXED64 => 8,
-            WIRE_FIXED32 => 4,
-            WIRE_BYTES => match read_varint(msg, &mut at) {
-                Some(n) => n as usize,
-                None => return,
+        let (len, value) = match wire {
+            WIRE_VARINT => match read_varint(msg, &mut at) {
+                Some(v) => (0, v),
+                None => return false,
             },
-            _ => return,
+            WIRE_FIXED64 => (8, 0),
+            WIRE_FIXED32 => (4, 0),
+            WIRE_BYTES => match read_varint(msg, &mut at) {
+                Some(n) => (n as usize, 0),
+                None => return false,
+            },
+            _ => return false,
         };
         let Some(payload) = at.checked_add(len).and_then(|end| msg.get(at..end)) else {
-            return;
+            return false;
         };
-        f(field, wire, payload);
+        f(field, wire, payload, value);
         at += len;
     }
+    true
 }
 
 #[cfg(test)]
