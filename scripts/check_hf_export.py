@@ -15,7 +15,10 @@ and checks that `PeftModel.from_pretrained(base, adapter)` gives the merged mode
 that `AutoTokenizer` reads from both the chat template the fine-tuning was given; and
 the llama_rm reward model, exported, scores as the original under
 `AutoModelForSequenceClassification`, as does the llama_rm_lora adapter (TRL's LoRA reward
-model), merged and exported, against the PEFT model's scores. Needs the
+model), merged and exported, against the PEFT model's scores. Adapters PEFT makes itself
+with DoRA (`use_dora`) and rsLoRA (`use_rslora`) on the llama and gpt2 fixtures, merged by
+temper and exported, give the PEFT model's logits, and an rsLoRA fine-tune's adapter
+(`--use-rslora`) gives its merged export's under PEFT. Needs the
 venv of scripts/make_hf_fixtures.py and a built temper (`cargo build`); CI does not run it.
 """
 
@@ -40,6 +43,48 @@ def logits(model_dir, ids):
     m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return m(torch.tensor([ids])).logits[0]
+
+
+def peft_made_adapters(out):
+    """DoRA and rsLoRA adapters made and saved by PEFT (random factors and magnitudes), each
+    merged by temper (`export --format hf` of the adapter directory): max |diff| of the
+    export's logits from the PEFT model's."""
+    from peft import LoraConfig, get_peft_model
+
+    worst = 0.0
+    ids = [17, 200, 3, 99, 45, 128, 255]
+    for fam, targets in [("llama", ["q_proj", "v_proj", "down_proj"]), ("gpt2", ["c_attn", "c_fc"])]:
+        for kind in ["dora", "rslora", "dora+rslora"]:
+            src = os.path.join(ROOT, "tests/fixtures/hf", fam)
+            base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+            cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
+                             use_dora="dora" in kind, use_rslora="rslora" in kind,
+                             task_type="CAUSAL_LM")
+            pm = get_peft_model(base, cfg)
+            torch.manual_seed(7)
+            with torch.no_grad():
+                for n, p in pm.named_parameters():
+                    if "lora_magnitude_vector" in n:
+                        # Near the base's row norms, where PEFT starts them, moved enough to matter.
+                        p.add_(0.2 * p.abs().mean() * torch.randn_like(p))
+                    elif "lora_" in n:
+                        p.copy_(0.1 * torch.randn_like(p))
+            pm.eval()
+            adapter = os.path.join(out, f"peft-{fam}-{kind}")
+            pm.save_pretrained(adapter)
+            with open(os.path.join(adapter, "adapter_config.json")) as f:
+                ac = json.load(f)
+            ac["base_model_name_or_path"] = src
+            with open(os.path.join(adapter, "adapter_config.json"), "w") as f:
+                json.dump(ac, f)
+            with torch.no_grad():
+                want = pm(torch.tensor([ids])).logits[0]
+            merged = os.path.join(out, f"merged-peft-{fam}-{kind}")
+            temper("export", "--checkpoint", adapter, "--out", merged, "--format", "hf")
+            d = (logits(merged, ids) - want).abs().max().item()
+            print(f"{fam} {kind}: PEFT's own adapter merged by temper vs the PEFT model: max |diff| {d:.2e}")
+            worst = max(worst, d)
+    return worst
 
 
 def main(out):
@@ -76,13 +121,17 @@ def main(out):
                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     # GPT-2's q and v adapters leave as one block adapter on the c_attn they share (k's rows
     # zero), and its attn.c_proj and mlp.c_proj are told apart.
-    for fam in ["llama", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3", "gpt2"]:
-        sft = os.path.join(out, f"sft-{fam}")
+    # rsLoRA too, on llama and on GPT-2's joined c_attn (whose alpha_pattern keeps the scale).
+    runs = [(fam, []) for fam in ["llama", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3", "gpt2"]]
+    runs += [("llama", ["--use-rslora"]), ("gpt2", ["--use-rslora"])]
+    for fam, extra in runs:
+        name = fam + "".join(extra).replace("--", "-")
+        sft = os.path.join(out, f"sft-{name}")
         targets = "q,v,o,down" if fam == "gpt2" else "q,k,v,o"
         temper("sft", "--init", os.path.join(ROOT, "tests/fixtures/hf", fam), "--data", data, "--out", sft,
                "--steps", "30", "--lora-rank", "4", "--lora-targets", targets, "--device", "cpu",
-               "--chat-template", template)
-        merged, adapter = os.path.join(out, f"merged-{fam}"), os.path.join(out, f"adapter-{fam}")
+               "--chat-template", template, *extra)
+        merged, adapter = os.path.join(out, f"merged-{name}"), os.path.join(out, f"adapter-{name}")
         temper("export", "--checkpoint", sft, "--out", merged, "--format", "hf")
         temper("export", "--checkpoint", sft, "--out", adapter, "--format", "peft")
         ids = torch.tensor([[17, 200, 3, 99, 45, 128, 255]])
@@ -90,12 +139,13 @@ def main(out):
         peft = PeftModel.from_pretrained(base, adapter).eval()
         with torch.no_grad():
             d = (peft(ids).logits[0] - logits(merged, ids[0].tolist())).abs().max().item()
-        print(f"{fam}: PEFT adapter on the exported base vs temper's merged export: max |diff| {d:.2e}")
+        print(f"{name}: PEFT adapter on the exported base vs temper's merged export: max |diff| {d:.2e}")
         worst = max(worst, d)
         for d in [merged, adapter]:
             if AutoTokenizer.from_pretrained(d).chat_template != open(template).read():
                 print(f"{fam}: {d}: transformers does not read the chat template the run was given")
                 worst = float("inf")
+    worst = max(worst, peft_made_adapters(out))
     sys.exit(0 if worst <= 1e-4 else 1)
 
 

@@ -1813,7 +1813,8 @@ fn tensorboard_scalars_follow_metrics_jsonl_through_a_resume() {
 /// A run stopped after its last step's checkpoint, before its final model, ends on resume
 /// with the evaluation that checkpoint kept: the same result as the run never stopped, and
 /// metrics.jsonl logs it once. A finished run whose checkpoints were deleted is refused, not
-/// started over over its metrics; so is another `--lora-alpha` for a LoRA run's adapters.
+/// started over over its metrics; so is another `--lora-alpha` (or `--use-rslora`) for a LoRA
+/// run's adapters.
 #[test]
 fn a_run_stopped_at_its_last_checkpoint_ends_with_its_evaluation() {
     let d = tmp();
@@ -1878,6 +1879,12 @@ fn a_run_stopped_at_its_last_checkpoint_ends_with_its_evaluation() {
     let e = run_err(&["sft", "--resume", s, "--lora-alpha", "16", "--steps", "3"]);
     assert!(
         e.contains("--lora-alpha 16") && e.contains("trains with 8"),
+        "{e}"
+    );
+    // rsLoRA's scale too.
+    let e = run_err(&["sft", "--resume", s, "--use-rslora", "--steps", "3"]);
+    assert!(
+        e.contains("--use-rslora true") && e.contains("trains with false"),
         "{e}"
     );
     run_ok(&[

@@ -1783,6 +1783,8 @@ mod tape {
                 LoraTarget::Up,
                 LoraTarget::Down,
             ],
+            use_rslora: false,
+            use_dora: false,
         };
         let mut store = ParamStore::new(dev.clone(), 3);
         if lora {

@@ -623,14 +623,23 @@ fn assert_same_weights(a: &Path, b: &Path, tol: f32) {
 /// and attn.c_proj told apart from mlp.c_proj. PEFT's own merge of it, `W + alpha/r (B A)^T`
 /// on Conv1D's `[in, out]` weights (computed here from the files alone, as PEFT's
 /// `get_delta_weight` with `fan_in_fan_out` does), is the run's merged export, and temper reads
-/// the adapter back to the same model.
+/// the adapter back to the same model. Under rsLoRA (`--use-rslora`) the scale is `alpha /
+/// sqrt(r)`, c_attn's alpha `sqrt(2) alpha` for its joined rank `2 r`, and the config says
+/// `use_rslora`.
 #[test]
 fn gpt2_adapters_export_to_peft_on_c_attn_and_read_back_merged() {
+    for rslora in [false, true] {
+        gpt2_adapters_export_to_peft(rslora);
+    }
+}
+
+fn gpt2_adapters_export_to_peft(rslora: bool) {
     let d = tmp();
     let data = counting_data(d.path());
     let sft = p(d.path(), "sft");
     let flags = ["--steps", "10", "--lora-rank", "4", "--lora-alpha", "8"];
-    let flags = [&flags[..], &["--lora-targets", "q,v,o,down"]].concat();
+    let rs: &[&str] = if rslora { &["--use-rslora"] } else { &[] };
+    let flags = [&flags[..], &["--lora-targets", "q,v,o,down"], rs].concat();
     sft_on_cpu(&fixture("gpt2"), &data, &sft, &flags);
     let peft = p(d.path(), "peft");
     export(&sft, &peft, "peft");
@@ -643,10 +652,17 @@ fn gpt2_adapters_export_to_peft_on_c_attn_and_read_back_merged() {
         "{cfg}"
     );
     assert_eq!(cfg["rank_pattern"], serde_json::json!({"attn.c_attn": 8}));
-    assert_eq!(
-        cfg["alpha_pattern"],
-        serde_json::json!({"attn.c_attn": 16.0})
+    // PEFT's scale of each module: its alpha over its rank, or the rank's root.
+    let scale = |alpha: f64, rank: f64| match rslora {
+        true => alpha / rank.sqrt(),
+        false => alpha / rank,
+    };
+    let c_attn_alpha = cfg["alpha_pattern"]["attn.c_attn"].as_f64().unwrap();
+    assert!(
+        (scale(c_attn_alpha, 8.0) - scale(8.0, 4.0)).abs() < 1e-12,
+        "{cfg}"
     );
+    assert_eq!(cfg["use_rslora"], rslora);
     assert_eq!(cfg["fan_in_fan_out"], true);
     let adapter = safetensors_map(&peft.join("adapter_model.safetensors"));
     // Two layers of three modules, A and B each.
@@ -681,9 +697,9 @@ fn gpt2_adapters_export_to_peft_on_c_attn_and_read_back_merged() {
     let m = safetensors_map(&merged.join("model.safetensors"));
     for layer in 0..2 {
         for (module, scale) in [
-            ("attn.c_attn", 16.0 / 8.0),
-            ("attn.c_proj", 8.0 / 4.0),
-            ("mlp.c_proj", 8.0 / 4.0),
+            ("attn.c_attn", scale(c_attn_alpha, 8.0)),
+            ("attn.c_proj", scale(8.0, 4.0)),
+            ("mlp.c_proj", scale(8.0, 4.0)),
             ("mlp.c_fc", 0.0),
         ] {
             let name = format!("transformer.h.{layer}.{module}.weight");
@@ -702,6 +718,86 @@ fn gpt2_adapters_export_to_peft_on_c_attn_and_read_back_merged() {
     let back = p(d.path(), "back");
     export(&peft, &back, "hf");
     assert_same_weights(&merged, &back, 1e-6);
+}
+
+/// DoRA (`--use-dora`) trains: a fresh DoRA model is its base (its first held-out loss is
+/// plain LoRA's), the loss falls, and its PEFT export (`use_dora`, a magnitude vector per
+/// adapted module, GPT-2's c_attn one of all its 96 outputs where k has no adapter) reads back
+/// to the run's merged export, k's weights as they were.
+#[test]
+fn dora_adapters_train_and_export_to_peft_and_back() {
+    let d = tmp();
+    let data = counting_data(d.path());
+    let val_losses = |run: &Path| -> Vec<f64> {
+        let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["split"] == "val")
+            .map(|v| v["loss"].as_f64().unwrap())
+            .collect()
+    };
+    for (fam, targets) in [("gpt2", "q,v,o,down"), ("llama", "q,v,down")] {
+        let flags = [
+            "--steps",
+            "30",
+            "--lora-rank",
+            "4",
+            "--lora-targets",
+            targets,
+        ];
+        let (lora, dora) = (
+            p(d.path(), &format!("lora-{fam}")),
+            p(d.path(), &format!("dora-{fam}")),
+        );
+        sft_on_cpu(&fixture(fam), &data, &lora, &flags);
+        sft_on_cpu(
+            &fixture(fam),
+            &data,
+            &dora,
+            &[&flags[..], &["--use-dora"]].concat(),
+        );
+        let (plain, ours) = (val_losses(&lora), val_losses(&dora));
+        assert_eq!(plain[0], ours[0], "{fam}: a fresh DoRA model is its base");
+        assert!(
+            ours[ours.len() - 1] < ours[0] - 0.2,
+            "{fam}: DoRA learns: {ours:?}"
+        );
+        let (peft, merged, back) = (
+            p(d.path(), &format!("peft-{fam}")),
+            p(d.path(), &format!("merged-{fam}")),
+            p(d.path(), &format!("back-{fam}")),
+        );
+        export(&dora, &peft, "peft");
+        export(&dora, &merged, "hf");
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(peft.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["use_dora"], true, "{cfg}");
+        let adapter = safetensors_map(&peft.join("adapter_model.safetensors"));
+        let magnitudes: Vec<&String> = adapter
+            .keys()
+            .filter(|n| n.ends_with(".lora_magnitude_vector"))
+            .collect();
+        let modules = targets.split(',').count() - usize::from(fam == "gpt2");
+        assert_eq!(magnitudes.len(), 2 * modules, "{fam}: {magnitudes:?}");
+        export(&peft, &back, "hf");
+        assert_same_weights(&merged, &back, 1e-5);
+        if fam == "gpt2" {
+            let m = &adapter["base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"];
+            assert_eq!(m.dims(), &[96]);
+            // k's columns of c_attn (Conv1D: [in, out]), read back through PEFT's DoRA on all
+            // of c_attn, are the base's.
+            let w = |dir: &Path| {
+                let t = safetensors_map(&dir.join("model.safetensors"))
+                    .remove("transformer.h.0.attn.c_attn.weight")
+                    .unwrap();
+                t.narrow(1, 32, 32).unwrap()
+            };
+            let moved = max_abs_diff(&w(&back), &w(&fixture("gpt2")));
+            assert!(moved < 1e-6, "k moved by {moved}");
+        }
+    }
 }
 
 /// What a run or an export would not use is refused, or said to be unused, in one line:

@@ -234,9 +234,17 @@ pub struct StageArgs {
     /// LoRA adapters of this rank (0: full fine-tuning).
     #[arg(long)]
     pub lora_rank: Option<usize>,
-    /// LoRA's scale is alpha / rank.
+    /// LoRA's scale is alpha / rank (alpha / sqrt(rank) with --use-rslora).
     #[arg(long)]
     pub lora_alpha: Option<f64>,
+    /// rsLoRA: scale the adapters by alpha / sqrt(rank) (`[lora] use_rslora`; TRL's and
+    /// PEFT's use_rslora).
+    #[arg(long)]
+    pub use_rslora: bool,
+    /// DoRA: adapters that also train each adapted weight's row lengths (`[lora] use_dora`;
+    /// TRL's and PEFT's use_dora).
+    #[arg(long)]
+    pub use_dora: bool,
     /// Dropout on the adapters' input.
     #[arg(long)]
     pub lora_dropout: Option<f64>,

@@ -308,6 +308,8 @@ impl StageArgs {
             ("data.eval_split", "--eval-split", self.eval_split.is_some()),
             ("lora.rank", "--lora-rank", self.lora_rank.is_some()),
             ("lora.alpha", "--lora-alpha", self.lora_alpha.is_some()),
+            ("lora.use_rslora", "--use-rslora", self.use_rslora),
+            ("lora.use_dora", "--use-dora", self.use_dora),
             (
                 "lora.dropout",
                 "--lora-dropout",
@@ -614,6 +616,31 @@ impl StageArgs {
                     false => run.lora.alpha.to_string(),
                 },
             ),
+            (
+                "--use-rslora",
+                "lora.use_rslora",
+                Some(true)
+                    .filter(|_| self.use_rslora && run.lora.enabled())
+                    .map(|v| v.to_string()),
+                run.lora.use_rslora.to_string(),
+                match run.lora.enabled() {
+                    true => merged.lora.use_rslora.to_string(),
+                    false => run.lora.use_rslora.to_string(),
+                },
+            ),
+            // DoRA's magnitudes are adapter tensors the checkpoint holds, or does not.
+            (
+                "--use-dora",
+                "lora.use_dora",
+                Some(true)
+                    .filter(|_| self.use_dora && run.lora.enabled())
+                    .map(|v| v.to_string()),
+                run.lora.use_dora.to_string(),
+                match run.lora.enabled() {
+                    true => merged.lora.use_dora.to_string(),
+                    false => run.lora.use_dora.to_string(),
+                },
+            ),
         ];
         // The model's shape is the checkpoint's: another preset would fail on its weights.
         if let Some(p) = &self.model {
@@ -698,6 +725,8 @@ impl StageArgs {
                 ),
                 ("lora_rank", "--lora-rank", self.lora_rank.is_some()),
                 ("lora_alpha", "--lora-alpha", self.lora_alpha.is_some()),
+                ("use_rslora", "--use-rslora", self.use_rslora),
+                ("use_dora", "--use-dora", self.use_dora),
                 (
                     "lora_dropout",
                     "--lora-dropout",
@@ -751,6 +780,8 @@ impl StageArgs {
         set!(self.lora_rank, cfg.lora.rank);
         set!(self.lora_alpha, cfg.lora.alpha);
         set!(self.lora_dropout, cfg.lora.dropout);
+        cfg.lora.use_rslora |= self.use_rslora;
+        cfg.lora.use_dora |= self.use_dora;
         if let Some(t) = &self.lora_targets {
             cfg.lora.targets = LoraConfig::parse_targets(t)?;
         }
@@ -831,6 +862,8 @@ impl StageArgs {
         let lora_flags = [
             ("--lora-rank", self.lora_rank.is_some()),
             ("--lora-alpha", self.lora_alpha.is_some()),
+            ("--use-rslora", self.use_rslora),
+            ("--use-dora", self.use_dora),
             ("--lora-dropout", self.lora_dropout.is_some()),
             ("--lora-targets", self.lora_targets.is_some()),
         ];

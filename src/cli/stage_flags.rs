@@ -68,7 +68,8 @@ fn flag_scope(flag: &str) -> Option<Scope> {
             FROM_INIT,
             Some("the stages that render conversations (pretraining reads text as it is)"),
         ),
-        "lora_rank" | "lora_alpha" | "lora_dropout" | "lora_targets" => (
+        "lora_rank" | "lora_alpha" | "use_rslora" | "use_dora" | "lora_dropout"
+        | "lora_targets" => (
             FROM_INIT,
             Some("the stages from --init (pretraining trains every weight)"),
         ),

@@ -236,7 +236,7 @@ fn a_profile_from_a_file_limits_the_run_as_the_flag_does() {
 #[test]
 fn a_scoped_flag_is_refused_where_its_help_is_hidden() {
     type Set = fn(&mut StageArgs);
-    let flags: [(&str, &str, Set); 21] = [
+    let flags: [(&str, &str, Set); 23] = [
         ("teacher", "--teacher", |a| a.teacher = Some("t".into())),
         ("lmbda", "--lmbda", |a| a.lmbda = Some(0.5)),
         ("advantage_estimator", "--advantage-estimator", |a| {
@@ -284,6 +284,8 @@ fn a_scoped_flag_is_refused_where_its_help_is_hidden() {
         }),
         ("lora_rank", "--lora-rank", |a| a.lora_rank = Some(4)),
         ("lora_alpha", "--lora-alpha", |a| a.lora_alpha = Some(8.0)),
+        ("use_rslora", "--use-rslora", |a| a.use_rslora = true),
+        ("use_dora", "--use-dora", |a| a.use_dora = true),
         ("lora_dropout", "--lora-dropout", |a| {
             a.lora_dropout = Some(0.1)
         }),

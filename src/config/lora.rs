@@ -23,6 +23,12 @@ pub struct LoraConfig {
     pub alpha: f64,
     pub dropout: f64,
     pub targets: Vec<LoraTarget>,
+    /// rsLoRA (PEFT's `use_rslora`): scale by alpha / sqrt(rank) rather than alpha / rank, so
+    /// that a higher rank does not shrink the adapter's updates.
+    pub use_rslora: bool,
+    /// DoRA (PEFT's `use_dora`): each adapted weight's rows get a trained length, the
+    /// magnitude vector, apart from their direction, `W + s B A`.
+    pub use_dora: bool,
 }
 
 impl Default for LoraConfig {
@@ -32,7 +38,17 @@ impl Default for LoraConfig {
             alpha: 16.0,
             dropout: 0.0,
             targets: vec![LoraTarget::Q, LoraTarget::K, LoraTarget::V, LoraTarget::O],
+            use_rslora: false,
+            use_dora: false,
         }
+    }
+}
+
+/// An adapter's scale as PEFT computes it: `alpha / r`, or under rsLoRA `alpha / sqrt(r)`.
+pub fn scale_of(alpha: f64, rank: f64, rslora: bool) -> f64 {
+    match rslora {
+        true => alpha / rank.sqrt(),
+        false => alpha / rank,
     }
 }
 
@@ -47,7 +63,7 @@ impl LoraConfig {
     }
 
     pub fn scale(&self) -> f64 {
-        self.alpha / self.rank.max(1) as f64
+        scale_of(self.alpha, self.rank.max(1) as f64, self.use_rslora)
     }
 
     /// Parses `q,k,v,o,gate,up,down`, also accepting GPT-2's names (`c_attn` = q,k,v;

@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 pub use distill::DistillConfig;
-pub use lora::{LoraConfig, LoraTarget};
+pub use lora::{scale_of, LoraConfig, LoraTarget};
 pub use model::{
     HfFamily, LinearScaling, Llama3Scaling, LocalRope, MlpKind, ModelConfig, NormKind,
     PositionKind, RopeScaling,

@@ -22,6 +22,8 @@ thread_local! {
     static STACKS: RefCell<HashMap<(TensorId, usize, DType), Tensor>> = RefCell::new(HashMap::new());
     /// [`frozen_padded`]'s weights, by (weight, rows, dtype); emptied with the scope.
     static PADDED: RefCell<HashMap<(TensorId, usize, DType), Tensor>> = RefCell::new(HashMap::new());
+    /// [`frozen_derived`]'s weights, by (key, dtype); emptied with the scope.
+    static DERIVED: RefCell<HashMap<(TensorId, DType), Tensor>> = RefCell::new(HashMap::new());
 }
 
 /// Compute copies by their master's id. Global rather than per thread: tensor ids are unique
@@ -225,6 +227,27 @@ pub fn frozen_padded(w: &Tensor, rows: usize, dtype: DType) -> Result<Option<Ten
     Ok(Some(padded))
 }
 
+/// A weight that `make` builds from parameters (DoRA's merged weight, under the key of its
+/// magnitude vector), built once per [`FrozenWeights`] scope and untracked; `None` outside
+/// one. Built in the eager step before a decode step's graph capture, so the capture reads it
+/// and allocates nothing for it.
+pub fn frozen_derived(
+    key: &Tensor,
+    dtype: DType,
+    make: impl FnOnce() -> Result<Tensor>,
+) -> Result<Option<Tensor>> {
+    if !frozen() {
+        return Ok(None);
+    }
+    let key = (key.id(), dtype);
+    if let Some(hit) = DERIVED.with_borrow(|m| m.get(&key).cloned()) {
+        return Ok(Some(hit));
+    }
+    let made = make()?.to_dtype(dtype)?.detach();
+    DERIVED.with_borrow_mut(|m| m.insert(key, made.clone()));
+    Ok(Some(made))
+}
+
 /// While alive, weights are taken to be constant on this thread: each is cast once. Nothing
 /// may update a weight inside the scope (generation only reads them); the copies are dropped
 /// with the guard.
@@ -251,6 +274,7 @@ impl Drop for FrozenWeights {
             FROZEN.with_borrow_mut(|m| *m = None);
             STACKS.with_borrow_mut(HashMap::clear);
             PADDED.with_borrow_mut(HashMap::clear);
+            DERIVED.with_borrow_mut(HashMap::clear);
         }
     }
 }

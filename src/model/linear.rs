@@ -1,5 +1,6 @@
 //! A linear layer with an optional LoRA adapter (`y = x W^T + b + s * (x A^T) B^T`, A random,
-//! B zero, s = alpha / r), plus the per-forward context every layer reads.
+//! B zero, s = alpha / r), or DoRA's (each output scaled by `m / ||W + s B A||_row`, the
+//! norm held constant as PEFT holds it), plus the per-forward context every layer reads.
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -53,6 +54,8 @@ impl Ctx {
 struct Adapter {
     a: Tensor,
     b: Tensor,
+    /// DoRA's magnitude vector `[out]`, where the adapter is DoRA's.
+    magnitude: Option<Tensor>,
     scale: f64,
     dropout: f64,
 }
@@ -89,6 +92,12 @@ impl Linear {
                     Init::Normal(1.0 / (inp as f64).sqrt()),
                 )?,
                 b: scope.adapter("lora_b", &[out, cfg.rank], Init::Zeros)?,
+                // Ones until the base weight is read: `init_dora_magnitudes` then gives each
+                // row its length, so that the adapted layer starts as the base.
+                magnitude: match cfg.use_dora {
+                    true => Some(scope.adapter_gain(DORA_MAGNITUDE, &[out], Init::Ones)?),
+                    false => None,
+                },
                 scale: cfg.scale(),
                 dropout: cfg.dropout,
             }),
@@ -219,6 +228,7 @@ impl Linear {
             None => None,
         };
         let y = match (&self.adapter, ctx.use_lora) {
+            (Some(ad), true) if ad.magnitude.is_some() => self.dora(x, &w, b.as_ref(), ad, ctx)?,
             (Some(ad), true) => {
                 let a = super::cast::weight(&ad.a, ctx.dtype)?;
                 let bb = super::cast::weight(&ad.b, ctx.dtype)?;
@@ -243,6 +253,104 @@ impl Linear {
     }
 }
 
+/// The name of a DoRA magnitude vector beside its layer's `weight`.
+pub const DORA_MAGNITUDE: &str = "lora_magnitude";
+
+impl Linear {
+    /// DoRA's forward, as PEFT's: `y = x W^T + b + (g - 1) (x_d W^T) + g s (x_d A^T) B^T`, `x_d`
+    /// the adapter's input after its dropout and `g = m / ||W + s B A||_row` with the norm held
+    /// constant (DoRA's section 4.3), so that without dropout `y = g (x W^T + s (x A^T) B^T) + b`.
+    /// Candle's ops throughout (one island of the tape), the norm in f32: DoRA has no fused
+    /// kernel.
+    fn dora(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        ad: &Adapter,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        let m = ad.magnitude.as_ref().expect("a DoRA adapter");
+        // Generation: the merged weight, once per rollout, and the layer is a plain one.
+        let merged = super::cast::frozen_derived(m, ctx.dtype, || {
+            let f32 = |t: &Tensor| t.detach().to_dtype(DType::F32);
+            let adapted = (f32(&self.w)? + (f32(&ad.b)?.matmul(&f32(&ad.a)?)? * ad.scale)?)?;
+            dora_rescaled(&adapted, m)
+        })?;
+        if let Some(w) = merged {
+            let bias = bias.map(Tensor::detach);
+            return Ok(linear(&x.detach(), &w, bias.as_ref(), ctx.kernels.gemm)?);
+        }
+        let a = super::cast::weight(&ad.a, ctx.dtype)?;
+        let bb = super::cast::weight(&ad.b, ctx.dtype)?;
+        let xd = match ctx.dropout_seed {
+            Some(seed) if ad.dropout > 0.0 => Some(dropout(x, ad.dropout, seed ^ self.site, ctx)?),
+            _ => None,
+        };
+        let norm = {
+            let f32 = |t: &Tensor| t.detach().to_dtype(DType::F32);
+            let adapted = (f32(w)? + (f32(&bb)?.matmul(&f32(&a)?)? * ad.scale)?)?;
+            adapted.sqr()?.sum(1)?.sqrt()?
+        };
+        let scale = ad.scale;
+        // Inputs by place: x, W, A, B, m, then the bias and the dropped-out input where there
+        // are, all inside the island so that the tape differentiates each.
+        let mut inputs = vec![x, w, &a, &bb, m];
+        let (has_bias, has_xd) = (bias.is_some(), xd.is_some());
+        inputs.extend(bias);
+        inputs.extend(xd.as_ref());
+        Ok(crate::tape::island(&inputs, move |t| {
+            let (x, w, a, b) = (&t[0], &t[1], &t[2], &t[3]);
+            let g = (t[4].to_dtype(DType::F32)? / &norm)?.to_dtype(x.dtype())?;
+            let bias = has_bias.then(|| &t[5]);
+            let xd = has_xd.then(|| &t[t.len() - 1]);
+            let lin = |x: &Tensor, w: &Tensor| x.broadcast_matmul(&w.t()?);
+            let up = (lin(&lin(xd.unwrap_or(x), a)?, b)? * scale)?;
+            let y = match xd {
+                None => (lin(x, w)? + up)?.broadcast_mul(&g)?,
+                Some(xd) => {
+                    let g1 = (&g - 1.0)?;
+                    (lin(x, w)? + (lin(xd, w)?.broadcast_mul(&g1)? + up.broadcast_mul(&g)?)?)?
+                }
+            };
+            match bias {
+                Some(bias) => y.broadcast_add(bias),
+                None => Ok(y),
+            }
+        })?)
+    }
+}
+
+/// DoRA's merged weight (PEFT's `use_dora`): the adapted weight `W + s B A` (f32) with each
+/// output's row rescaled to the length its magnitude `m` gives it, `m / ||W + s B A||_row`.
+pub fn dora_rescaled(adapted: &Tensor, m: &Tensor) -> candle_core::Result<Tensor> {
+    let norms = adapted.sqr()?.sum_keepdim(1)?.sqrt()?;
+    let m = m.to_dtype(DType::F32)?.reshape(norms.shape())?;
+    adapted.broadcast_mul(&(m / norms)?)
+}
+
+/// Each DoRA magnitude of network `net` in `store` set to its weight's row lengths, so that
+/// every adapted layer starts as its base layer (B is zero): what PEFT does on creating a DoRA
+/// adapter. Called once the base weights are read; a resume then sets the adapters' own.
+pub fn init_dora_magnitudes(
+    store: &crate::train::params::ParamStore,
+    net: crate::train::params::Net,
+) -> Result<()> {
+    let suffix = format!(".{DORA_MAGNITUDE}");
+    for (name, var, _) in store.net(net) {
+        let Some(stem) = name.strip_suffix(&suffix) else {
+            continue;
+        };
+        let full = format!("{}{stem}.weight", net.prefix());
+        let w = store
+            .get(&full)
+            .ok_or_else(|| anyhow::anyhow!("{name}: no {stem}.weight beside it"))?;
+        let rows = w.as_tensor().to_dtype(DType::F32)?.sqr()?.sum(1)?.sqrt()?;
+        var.set(&rows.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
 /// Inverted dropout whose mask is a function of `seed` and each element's index, so runs are
 /// reproducible and resumable (`kernels::dropout`); `p == 0` is the identity.
 pub fn dropout(x: &Tensor, p: f64, seed: u64, ctx: &Ctx) -> Result<Tensor> {
@@ -252,4 +360,114 @@ pub fn dropout(x: &Tensor, p: f64, seed: u64, ctx: &Ctx) -> Result<Tensor> {
         seed,
         ctx.kernels.dropout,
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::train::params::{Net, ParamStore};
+
+    /// A DoRA layer's forward is the layer PEFT's merge makes: `x W'^T + b` with each row of
+    /// `W' = W + s B A` rescaled to its magnitude (computed here on the host, row by row), and
+    /// a fresh one, its magnitudes set to its weight's row lengths, is the base layer;
+    /// generation's merged weight gives the same outputs.
+    #[test]
+    fn a_dora_layer_is_its_merged_layer_and_starts_as_its_base() {
+        let (inp, out, r) = (6usize, 5usize, 3usize);
+        let cfg = LoraConfig {
+            rank: r,
+            alpha: 6.0,
+            use_dora: true,
+            ..LoraConfig::default()
+        };
+        let mut store = ParamStore::new(Device::Cpu, 3);
+        let layer = Linear::load(
+            store.scope(Net::Policy).pp("l"),
+            inp,
+            out,
+            true,
+            0.5,
+            Some(&cfg),
+        )
+        .unwrap();
+        let ctx = Ctx {
+            use_lora: true,
+            ..Ctx::plain(DType::F32)
+        };
+        let x = Tensor::randn(0f32, 1.0, (2, 4, inp), &Device::Cpu).unwrap();
+        let base = Ctx::plain(DType::F32);
+        init_dora_magnitudes(&store, Net::Policy).unwrap();
+        let diff = (layer.forward(&x, &ctx).unwrap() - layer.forward(&x, &base).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-6, "a fresh DoRA layer is its base: {diff}");
+        let set = |name: &str, shape: &[usize]| {
+            let t = Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
+            store.get(name).unwrap().set(&t).unwrap();
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let a = set("l.lora_a", &[r, inp]);
+        let b = set("l.lora_b", &[out, r]);
+        let m = set("l.lora_magnitude", &[out]);
+        let w: Vec<f32> = store
+            .get("l.weight")
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let bias: Vec<f32> = store.get("l.bias").unwrap().to_vec1().unwrap();
+        let s = cfg.scale() as f32;
+        let mut merged = vec![0f32; out * inp];
+        for o in 0..out {
+            let row: Vec<f32> = (0..inp)
+                .map(|i| {
+                    w[o * inp + i] + s * (0..r).map(|k| b[o * r + k] * a[k * inp + i]).sum::<f32>()
+                })
+                .collect();
+            let len = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+            for i in 0..inp {
+                merged[o * inp + i] = m[o] / len * row[i];
+            }
+        }
+        // Generation's merged weight, built once in a frozen scope, gives the same outputs.
+        let unmerged = layer.forward(&x, &ctx).unwrap();
+        {
+            let _frozen = super::super::cast::FrozenWeights::enter();
+            let y = layer.forward(&x, &ctx).unwrap();
+            let d = (y - &unmerged).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(
+                d.to_scalar::<f32>().unwrap() < 1e-5,
+                "merged in generation: {d}"
+            );
+        }
+        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = layer
+            .forward(&x, &ctx)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (row, g) in got.chunks(out).enumerate() {
+            for o in 0..out {
+                let want = bias[o]
+                    + (0..inp)
+                        .map(|i| merged[o * inp + i] * xs[row * inp + i])
+                        .sum::<f32>();
+                assert!(
+                    (g[o] - want).abs() < 1e-4,
+                    "row {row} out {o}: {} vs {want}",
+                    g[o]
+                );
+            }
+        }
+    }
 }

@@ -219,7 +219,9 @@ fn classifier_from(loaded: &mut Loaded, score: &HashMap<String, Tensor>) -> Resu
     Ok(())
 }
 
-/// `W <- W + scale * B A` for every `X.lora_a` / `X.lora_b` pair.
+/// `W <- W + scale * B A` for every `X.lora_a` / `X.lora_b` pair, under DoRA (an
+/// `X.lora_magnitude` beside them) with its rows rescaled by
+/// [`crate::model::linear::dora_rescaled`].
 pub fn merge_adapters(
     base: &mut HashMap<String, Tensor>,
     adapters: &HashMap<String, Tensor>,
@@ -235,7 +237,10 @@ pub fn merge_adapters(
             .get(&wname)
             .with_context(|| format!("{wname} missing"))?;
         let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
-        let merged = (w.to_dtype(DType::F32)? + delta)?;
+        let mut merged = (w.to_dtype(DType::F32)? + delta)?;
+        if let Some(m) = adapters.get(&format!("{stem}.lora_magnitude")) {
+            merged = crate::model::linear::dora_rescaled(&merged, m)?;
+        }
         base.insert(wname, merged);
     }
     Ok(())
@@ -263,7 +268,7 @@ pub fn fill_store(
         };
         set_checked(var, t, name, dir)?;
     }
-    Ok(())
+    crate::model::linear::init_dora_magnitudes(store, net)
 }
 
 /// A policy (transformer + LM head) from a `policy` checkpoint, with fresh adapters when

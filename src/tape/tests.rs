@@ -128,6 +128,8 @@ struct Setup {
     lora: Option<f64>,
     dtype: DType,
     copies: bool,
+    /// The adapters are DoRA's.
+    dora: bool,
 }
 
 impl Setup {
@@ -137,7 +139,12 @@ impl Setup {
             lora,
             dtype,
             copies,
+            dora: false,
         }
+    }
+
+    const fn dora(self) -> Self {
+        Self { dora: true, ..self }
     }
 
     fn describe(&self) -> String {
@@ -146,8 +153,9 @@ impl Setup {
             lora,
             dtype,
             copies,
+            dora,
         } = self;
-        format!("{preset} lora {lora:?} {dtype:?} copies {copies}")
+        format!("{preset} lora {lora:?} dora {dora} {dtype:?} copies {copies}")
     }
 }
 
@@ -226,6 +234,8 @@ fn model_grads_with(
             LoraTarget::Up,
             LoraTarget::Down,
         ],
+        use_rslora: false,
+        use_dora: s.dora,
     });
     let mut store = ParamStore::new(Device::Cpu, 5);
     if lora.is_some() {
@@ -268,8 +278,8 @@ fn model_grads_with(
 }
 
 /// The models the tape is checked on: LoRA without its dropout (the adapter reads x itself)
-/// and with it, f32 and bf16 with compute copies.
-const TAPE_MODELS: [Setup; 12] = [
+/// and with it, f32 and bf16 with compute copies; DoRA's adapters with and without dropout.
+const TAPE_MODELS: [Setup; 14] = [
     Setup::new("gpt2", None, DType::F32, false),
     Setup::new("tiny", None, DType::F32, false),
     Setup::new("gpt2", Some(0.0), DType::F32, false),
@@ -282,6 +292,8 @@ const TAPE_MODELS: [Setup; 12] = [
     Setup::new("gemma3", None, DType::F32, false),
     Setup::new("gemma3", Some(0.1), DType::BF16, true),
     Setup::new("gemma2", Some(0.1), DType::BF16, true),
+    Setup::new("tiny", Some(0.1), DType::F32, false).dora(),
+    Setup::new("gpt2", Some(0.0), DType::BF16, true).dora(),
 ];
 
 /// Whole models (GPT-2, Llama, Qwen3 and Gemma 3 shapes and a sliding window, with dropout; LoRA with a frozen embedding, so the

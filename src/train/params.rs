@@ -330,6 +330,12 @@ impl Scope<'_> {
         self.make(name, shape, init, Role::Adapter, true)
     }
 
+    /// An adapter's vector that scales (DoRA's magnitudes): no weight decay, which would pull
+    /// a layer's rows towards zero length rather than towards the base layer.
+    pub fn adapter_gain(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        self.make(name, shape, init, Role::Adapter, false)
+    }
+
     /// A scalar head's weight (`decay`) or bias.
     pub fn head(&mut self, name: &str, shape: &[usize], init: Init, decay: bool) -> Result<Tensor> {
         self.make(name, shape, init, Role::Head, decay)

@@ -16,7 +16,9 @@ use crate::json_error::json_error;
 /// A PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`):
 /// its base model's path, and its factors under temper's names (`model.layers.0.attn.q.lora_a`
 /// `[r, in]`, `..lora_b` `[out, r]`), each B scaled by its module's `lora_alpha / r` (the
-/// config's, or `alpha_pattern`'s and `rank_pattern`'s where they name the module). An adapter of TRL's
+/// config's, or `alpha_pattern`'s and `rank_pattern`'s where they name the module; `lora_alpha /
+/// sqrt(r)` under `use_rslora`), and under `use_dora` each module's magnitude vector
+/// (`..lora_magnitude`, `[out]`), which the merge (`merge_adapters` in stages/loader.rs) applies. An adapter of TRL's
 /// RewardTrainer with a peft_config makes its base a one-label classifier, a reward model,
 /// whose new score head it saves whole (`modules_to_save`): task type `SEQ_CLS`, or none (the
 /// `LoraConfig(modules_to_save=["score"])` of TRL's documentation) beside a score head.
@@ -102,11 +104,15 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     if v.get("peft_type").and_then(|t| t.as_str()) != Some("LORA") {
         return Err(at.refuse("peft_type", "only LORA adapters are read"));
     }
-    for (flag, what) in [("use_dora", "DoRA"), ("use_rslora", "rsLoRA scaling")] {
-        if v.get(flag).and_then(|f| f.as_bool()) == Some(true) {
-            return Err(at.refuse(flag, format!("{what} is not implemented")));
+    let flag = |name: &str| -> Result<bool> {
+        match v.get(name) {
+            None | Some(serde_json::Value::Null) => Ok(false),
+            Some(f) => f
+                .as_bool()
+                .ok_or_else(|| at.refuse(name, "not true or false")),
         }
-    }
+    };
+    let (rslora, dora) = (flag("use_rslora")?, flag("use_dora")?);
     // None where the adapter names no task: then its tensors decide.
     let declared = match v.get("task_type").and_then(|t| t.as_str()) {
         None => None,
@@ -137,12 +143,30 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         }
         let module = module.and_then(|m| m.rsplit_once(".lora_").map(|(m, _)| m));
         let t = match (module, name.ends_with(".lora_B.weight")) {
-            (Some(m), true) => (t * (alphas.of(m).unwrap_or(alpha) / ranks.of(m).unwrap_or(r)))?,
+            (Some(m), true) => {
+                let (a, r) = (alphas.of(m).unwrap_or(alpha), ranks.of(m).unwrap_or(r));
+                (t * crate::config::scale_of(a, r, rslora))?
+            }
             _ => t,
         };
+        if name.ends_with(MAGNITUDE) && !dora {
+            return Err(at.refuse(
+                "use_dora",
+                format!("false, but the adapter holds DoRA's magnitude {name}"),
+            ));
+        }
         let ours = peft_to_temper(&name, &t)
             .with_context(|| format!("{}: tensor {name}", file.display()))?;
         tensors.extend(ours);
+    }
+    if dora {
+        check_magnitudes(&tensors).with_context(|| {
+            format!(
+                "{}: use_dora is true in {}",
+                file.display(),
+                cfg_path.display()
+            )
+        })?;
     }
     let head = match declared {
         Some(h) => h,
@@ -193,6 +217,28 @@ impl ModulePattern {
     }
 }
 
+/// The suffix of a DoRA magnitude vector's name in a PEFT adapter (PEFT saves the parameter
+/// `lora_magnitude_vector.default.weight` under this name).
+const MAGNITUDE: &str = ".lora_magnitude_vector";
+
+/// Every adapted module of a DoRA adapter has its magnitude vector, one per output.
+fn check_magnitudes(tensors: &HashMap<String, Tensor>) -> Result<()> {
+    for (name, b) in tensors.iter().filter(|(n, _)| n.ends_with(".lora_b")) {
+        let stem = name.trim_end_matches(".lora_b");
+        let Some(m) = tensors.get(&format!("{stem}.lora_magnitude")) else {
+            bail!("the adapter on {stem} has no magnitude vector (lora_magnitude_vector)");
+        };
+        if m.dims() != [b.dim(0)?] {
+            bail!(
+                "the magnitude vector of {stem} has shape {:?}, not its {} outputs",
+                m.dims(),
+                b.dim(0)?
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` ->
 /// `model.layers.0.attn.q.lora_a`, and GPT-2's through [`gpt2_peft_to_temper`].
 pub(super) fn peft_to_temper(name: &str, t: &Tensor) -> Result<Vec<(String, Tensor)>> {
@@ -203,8 +249,10 @@ pub(super) fn peft_to_temper(name: &str, t: &Tensor) -> Result<Vec<(String, Tens
         (m, "lora_a")
     } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
         (m, "lora_b")
+    } else if let Some(m) = rest.strip_suffix(MAGNITUDE) {
+        (m, "lora_magnitude")
     } else {
-        bail!("not a LoRA factor (lora_A / lora_B)");
+        bail!("not a LoRA factor (lora_A / lora_B) or DoRA magnitude (lora_magnitude_vector)");
     };
     if let Some(gpt2) = module.strip_prefix("transformer.") {
         return gpt2_peft_to_temper(gpt2, factor, t);
@@ -230,13 +278,15 @@ fn gpt2_peft_to_temper(module: &str, factor: &str, t: &Tensor) -> Result<Vec<(St
         .context("not a LoRA factor of a GPT-2 layer (transformer.h.N....)")?;
     let pre = format!("model.layers.{i}");
     if tail == "attn.c_attn" {
+        // B's rows, and DoRA's magnitudes, are outputs: q's, k's and v's in turn.
         let rows = t.dim(0)?;
-        if factor == "lora_b" && rows % 3 != 0 {
-            bail!("c_attn's lora_B has {rows} rows, not q's, k's and v's outputs in three equal parts");
+        let by_output = factor != "lora_a";
+        if by_output && rows % 3 != 0 {
+            bail!("c_attn's {factor} has {rows} rows, not q's, k's and v's outputs in three equal parts");
         }
-        let parts = match factor {
-            "lora_b" => qkv_rows(t, rows / 3)?,
-            _ => vec![t.clone(); 3],
+        let parts = match by_output {
+            true => qkv_rows(t, rows / 3)?,
+            false => vec![t.clone(); 3],
         };
         let named = QKV.iter().zip(parts);
         return Ok(named

@@ -700,3 +700,110 @@ fn per_module_ranks_and_alphas_scale_their_modules() {
         "{e}"
     );
 }
+
+/// A PEFT adapter with `use_rslora` and `use_dora` merges as PEFT merges one: each B scaled
+/// by `lora_alpha / sqrt(r)`, and each output row of `W + s B A` rescaled to its magnitude
+/// (computed here on the host, row by row); GPT-2's c_attn magnitudes split into q's, k's
+/// and v's outputs; a DoRA adapter without its magnitudes, or magnitudes in an adapter that
+/// says it is none, are refused.
+#[test]
+fn dora_and_rslora_adapters_merge_as_peft_merges_them() {
+    use crate::stages::loader::read_checkpoint;
+    let dir = tempfile::tempdir().unwrap();
+    let base_dir = std::fs::canonicalize("tests/fixtures/hf/llama").unwrap();
+    let config = |dora: bool| {
+        let v = serde_json::json!({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+            "use_rslora": true, "use_dora": dora, "base_model_name_or_path": base_dir,
+        });
+        std::fs::write(dir.path().join("adapter_config.json"), v.to_string()).unwrap();
+    };
+    let dev = Device::Cpu;
+    let randn = |shape: &[usize], seed: u64| -> Vec<f32> {
+        let n: usize = shape.iter().product();
+        (0..n)
+            .map(|i| {
+                let h = crate::train::rng::splitmix64(seed * 1_000_003 + i as u64);
+                (h >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    };
+    let (out, inp, r) = (32usize, 32usize, 4usize);
+    let (a, b) = (randn(&[r, inp], 1), randn(&[out, r], 2));
+    let m: Vec<f32> = randn(&[out], 3).iter().map(|x| 1.0 + x).collect();
+    let pre = "base_model.model.model.layers.0.self_attn.q_proj";
+    let mut tensors = HashMap::new();
+    tensors.insert(
+        format!("{pre}.lora_A.weight"),
+        Tensor::from_vec(a.clone(), (r, inp), &dev).unwrap(),
+    );
+    tensors.insert(
+        format!("{pre}.lora_B.weight"),
+        Tensor::from_vec(b.clone(), (out, r), &dev).unwrap(),
+    );
+    let file = dir.path().join("adapter_model.safetensors");
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    config(true);
+    let e = format!("{:#}", read_checkpoint(dir.path(), &dev).err().unwrap());
+    assert!(
+        e.contains("use_dora is true") && e.contains("no magnitude vector"),
+        "{e}"
+    );
+    tensors.insert(
+        format!("{pre}.lora_magnitude_vector"),
+        Tensor::from_vec(m.clone(), out, &dev).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    config(false);
+    let e = format!("{:#}", read_checkpoint(dir.path(), &dev).err().unwrap());
+    assert!(
+        e.contains("field \"use_dora\"") && e.contains("magnitude"),
+        "{e}"
+    );
+    config(true);
+    let merged = read_checkpoint(dir.path(), &dev).unwrap().tensors;
+    let base = read_checkpoint(&base_dir, &dev).unwrap().tensors;
+    let name = "model.layers.0.attn.q.weight";
+    let w: Vec<Vec<f32>> = base[name].to_vec2().unwrap();
+    let got: Vec<Vec<f32>> = merged[name].to_vec2().unwrap();
+    let s = 8.0 / 2.0; // rsLoRA: alpha / sqrt(r)
+    for o in 0..out {
+        let row: Vec<f32> = (0..inp)
+            .map(|i| w[o][i] + s * (0..r).map(|k| b[o * r + k] * a[k * inp + i]).sum::<f32>())
+            .collect();
+        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        for i in 0..inp {
+            let want = m[o] / norm * row[i];
+            assert!((got[o][i] - want).abs() <= 1e-5, "row {o} col {i}");
+        }
+    }
+    // Layers without an adapter are the base's.
+    let other = "model.layers.1.attn.q.weight";
+    assert_eq!(
+        (&merged[other] - &base[other])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+    let mag = Tensor::arange(0f32, 12.0, &dev).unwrap();
+    let parts = peft_to_temper(
+        "base_model.model.transformer.h.1.attn.c_attn.lora_magnitude_vector",
+        &mag,
+    )
+    .unwrap();
+    let names: Vec<&str> = parts.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "model.layers.1.attn.q.lora_magnitude",
+            "model.layers.1.attn.k.lora_magnitude",
+            "model.layers.1.attn.v.lora_magnitude"
+        ]
+    );
+    assert_eq!(parts[2].1.to_vec1::<f32>().unwrap(), [8.0, 9.0, 10.0, 11.0]);
+}

@@ -5,7 +5,8 @@
 //! PEFT holds them exactly as one adapter on `c_attn` of rank `n * r` (n of q, k, v adapted):
 //! A stacks the n A's, and B is block-diagonal, each B in its projection's rows and its own
 //! columns, so that `B A` is the three updates side by side. `rank_pattern` and
-//! `alpha_pattern` give `c_attn` that rank and `n * lora_alpha`, which keeps its scale.
+//! `alpha_pattern` give `c_attn` that rank and `n * lora_alpha` (`sqrt(n) * lora_alpha` under
+//! rsLoRA), which keeps its scale.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -17,6 +18,7 @@ use serde_json::json;
 use super::{check_range, family_of, layer_order, write_file, Dtype};
 use crate::config::{HfFamily, LoraConfig, LoraTarget, ModelConfig};
 use crate::model::hf;
+use crate::model::linear::DORA_MAGNITUDE;
 use crate::train::checkpoint::{resolve_checkpoint, CheckpointKind};
 use crate::train::params::Net;
 
@@ -26,20 +28,28 @@ fn peft_name(name: &str, family: HfFamily) -> Result<String> {
     let (module, factor) = split_factor(name)?;
     let hf_weight = hf::hf_name(family, &format!("{module}.weight"))?;
     let hf_module = hf_weight.trim_end_matches(".weight");
-    Ok(format!("base_model.model.{hf_module}.{factor}.weight"))
+    Ok(format!("base_model.model.{hf_module}.{factor}"))
 }
 
-/// `model.layers.0.attn.q.lora_a` -> (`model.layers.0.attn.q`, PEFT's `lora_A`).
+/// `model.layers.0.attn.q.lora_a` -> (`model.layers.0.attn.q`, PEFT's `lora_A.weight`).
 fn split_factor(name: &str) -> Result<(&str, &'static str)> {
     let (module, factor) = name
         .rsplit_once('.')
         .with_context(|| format!("{name}: not an adapter"))?;
-    match factor {
-        "lora_a" => Ok((module, "lora_A")),
-        "lora_b" => Ok((module, "lora_B")),
-        _ => bail!("{name}: not an adapter"),
+    let peft = PEFT_FACTORS.iter().find(|(ours, _)| *ours == factor);
+    match peft {
+        Some((_, theirs)) => Ok((module, theirs)),
+        None => bail!("{name}: not an adapter"),
     }
 }
+
+/// temper's adapter tensors and the name PEFT saves each under, after its module's: A, B and
+/// DoRA's magnitude vector (saved without PEFT's `.weight`, as PEFT saves it).
+const PEFT_FACTORS: [(&str, &str); 3] = [
+    ("lora_a", "lora_A.weight"),
+    ("lora_b", "lora_B.weight"),
+    (DORA_MAGNITUDE, "lora_magnitude_vector"),
+];
 
 /// The q, k, v projections, in the order of their rows in GPT-2's `c_attn`.
 const QKV: [(&str, LoraTarget); 3] = [
@@ -54,6 +64,7 @@ fn gpt2_tensors(
     adapters: &HashMap<String, Tensor>,
     lora: &LoraConfig,
     model: &ModelConfig,
+    base: &dyn Fn(&str) -> Result<Tensor>,
 ) -> Result<(HashMap<String, Tensor>, usize)> {
     let mut used = HashSet::new();
     let mut get = |name: String| {
@@ -73,7 +84,7 @@ fn gpt2_tensors(
     for i in 0..model.num_hidden_layers {
         let pre = format!("model.layers.{i}");
         let peft = |module: &str, factor: &str| {
-            format!("base_model.model.transformer.h.{i}.{module}.{factor}.weight")
+            format!("base_model.model.transformer.h.{i}.{module}.{factor}")
         };
         if !joined.is_empty() {
             let mut a = Vec::new();
@@ -93,8 +104,21 @@ fn gpt2_tensors(
                     Tensor::cat(&blocks, 1)
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            out.insert(peft("attn.c_attn", "lora_A"), Tensor::cat(&a, 0)?);
-            out.insert(peft("attn.c_attn", "lora_B"), Tensor::cat(&rows, 0)?);
+            out.insert(peft("attn.c_attn", "lora_A.weight"), Tensor::cat(&a, 0)?);
+            out.insert(peft("attn.c_attn", "lora_B.weight"), Tensor::cat(&rows, 0)?);
+            if lora.use_dora {
+                // DoRA on c_attn rescales all of its rows: a projection temper did not adapt
+                // keeps its rows' own lengths, which leave it as it is.
+                let lengths = QKV
+                    .iter()
+                    .map(|(w, _)| match joined.contains(w) {
+                        true => get(format!("{pre}.attn.{w}.{DORA_MAGNITUDE}")),
+                        false => row_lengths(&base(&format!("{pre}.attn.{w}.weight"))?),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let m = Tensor::cat(&lengths, 0)?;
+                out.insert(peft("attn.c_attn", "lora_magnitude_vector"), m);
+            }
         }
         for (ours, target) in [
             ("attn.o", LoraTarget::O),
@@ -105,7 +129,10 @@ fn gpt2_tensors(
                 continue;
             }
             let conv = hf::gpt2_conv_of(ours).context("GPT-2's modules")?;
-            for (factor, peft_factor) in [("lora_a", "lora_A"), ("lora_b", "lora_B")] {
+            for (factor, peft_factor) in PEFT_FACTORS {
+                if factor == DORA_MAGNITUDE && !lora.use_dora {
+                    continue;
+                }
                 let t = get(format!("{pre}.{ours}.{factor}"))?;
                 out.insert(peft(conv, peft_factor), t);
             }
@@ -122,13 +149,19 @@ fn gpt2_tensors(
     Ok((out, joined.len()))
 }
 
+/// Each row's length, in f32: a DoRA magnitude that leaves its layer as it is.
+fn row_lengths(w: &Tensor) -> Result<Tensor> {
+    let w = w.to_dtype(candle_core::DType::F32)?;
+    Ok(w.sqr()?.sum(1)?.sqrt()?)
+}
+
 /// The module a PEFT tensor name adapts, as `target_modules` names it: the projection
 /// (`q_proj`), or for GPT-2 with its parent (`attn.c_proj`, which `mlp.c_proj` shares a name
 /// with).
 fn target_of(name: &str, family: HfFamily) -> Result<String> {
-    let module = name
-        .strip_suffix(".lora_A.weight")
-        .or_else(|| name.strip_suffix(".lora_B.weight"))
+    let module = PEFT_FACTORS
+        .iter()
+        .find_map(|(_, theirs)| name.strip_suffix(&format!(".{theirs}")))
         .context("adapter name")?;
     let parts: Vec<&str> = module.rsplit('.').take(2).collect();
     Ok(match family {
@@ -175,8 +208,18 @@ pub(super) fn peft(checkpoint: &Path, out: &Path, dtype: Dtype) -> Result<()> {
         .into_iter()
         .filter(|(n, _)| !n.starts_with(Net::Value.prefix()))
         .collect();
+    let weights = dir.join("model.safetensors");
+    // Read only for a GPT-2 DoRA adapter that leaves one of q, k, v out.
+    let base = |name: &str| -> Result<Tensor> {
+        // SAFETY: mapped read-only and the tensor copied out at once; temper never writes a
+        // file it has mapped.
+        let file = unsafe { candle_core::safetensors::MmapedSafetensors::new(&weights) }
+            .with_context(|| format!("{}: cannot read", weights.display()))?;
+        file.load(name, &Device::Cpu)
+            .with_context(|| format!("{}: tensor {name}", weights.display()))
+    };
     let (tensors, joined) = match family {
-        HfFamily::Gpt2 => gpt2_tensors(&policy, lora, &meta.model)?,
+        HfFamily::Gpt2 => gpt2_tensors(&policy, lora, &meta.model, &base)?,
         _ => {
             let named = policy
                 .iter()
@@ -201,8 +244,13 @@ pub(super) fn peft(checkpoint: &Path, out: &Path, dtype: Dtype) -> Result<()> {
     )?;
     let (mut ranks, mut alphas) = (json!({}), json!({}));
     if joined > 1 {
+        // The joined adapter's scale must stay the one each part trained under.
+        let n = joined as f64;
         ranks["attn.c_attn"] = json!(joined * lora.rank);
-        alphas["attn.c_attn"] = json!(joined as f64 * lora.alpha);
+        alphas["attn.c_attn"] = json!(match lora.use_rslora {
+            true => n.sqrt() * lora.alpha,
+            false => n * lora.alpha,
+        });
     }
     // A base from the Hub cache by its Hub name (and its commit, where that is not main's),
     // which loads on any machine.
@@ -219,6 +267,8 @@ pub(super) fn peft(checkpoint: &Path, out: &Path, dtype: Dtype) -> Result<()> {
         "task_type": "CAUSAL_LM",
         "r": lora.rank,
         "lora_alpha": lora.alpha,
+        "use_rslora": lora.use_rslora,
+        "use_dora": lora.use_dora,
         "rank_pattern": ranks,
         "alpha_pattern": alphas,
         "lora_dropout": lora.dropout,
