@@ -338,6 +338,31 @@ mod tests {
         }
     }
 
+    /// `report_to` takes TRL's list as well as a name: `[]` and `["none"]` are none, `all`
+    /// is TensorBoard; a destination temper does not write is refused by its key.
+    #[test]
+    fn report_to_reads_a_name_or_trls_list() {
+        let path = Path::new("c.toml");
+        for (value, want) in [
+            ("\"tensorboard\"", ReportTo::Tensorboard),
+            ("[\"tensorboard\"]", ReportTo::Tensorboard),
+            ("[\"none\", \"all\"]", ReportTo::Tensorboard),
+            ("[]", ReportTo::None),
+            ("[\"none\"]", ReportTo::None),
+            ("\"none\"", ReportTo::None),
+        ] {
+            let text = format!("[train]\nreport_to = {value}\n");
+            let cfg = parse_toml::<RunConfig>(path, &text).unwrap();
+            assert_eq!(cfg.train.report_to, want, "{value}");
+        }
+        let text = "[train]\nreport_to = [\"tensorboard\", \"wandb\"]\n";
+        let e = parse_toml::<RunConfig>(path, text).unwrap_err().to_string();
+        assert!(
+            e.starts_with("c.toml:2: train.report_to: unknown variant `wandb`"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn key_lines_join_headers_and_dotted_keys() {
         let text = "# [ppo]\n[ppo]\nppo.kl_coef = 1 # a = b\n\n[ppo.train]\n  lr=2\n\

@@ -34,7 +34,19 @@ pub enum LrScheduler {
 }
 
 /// Where a run's metrics go besides `metrics.jsonl` and the terminal (TRL's `report_to`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    Default,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ReportTo {
     /// Nowhere else.
@@ -43,6 +55,39 @@ pub enum ReportTo {
     /// TensorBoard event files in the run directory's `tensorboard/` (`tensorboard --logdir
     /// runs/`; `wandb sync --sync-tensorboard` uploads them).
     Tensorboard,
+}
+
+impl ReportTo {
+    /// A name, or a list of them as TRL's `report_to` takes it: `[]` and `["none"]` are
+    /// `none`; `all` (a name or in a list) is every destination temper writes, TensorBoard.
+    fn one_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Clone, Copy)]
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ReportTo;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("`none`, `tensorboard`, `all`, or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ReportTo, E> {
+                match v {
+                    "none" => Ok(ReportTo::None),
+                    "tensorboard" | "all" => Ok(ReportTo::Tensorboard),
+                    other => Err(E::unknown_variant(other, &["none", "tensorboard", "all"])),
+                }
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<ReportTo, A::Error> {
+                let mut to = ReportTo::None;
+                while let Some(name) = seq.next_element::<String>()? {
+                    to = to.max(self.visit_str(&name)?);
+                }
+                Ok(to)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// ZeRO stage 1: whether each data-parallel rank keeps only its share of AdamW's moments.
@@ -148,7 +193,9 @@ pub struct TrainConfig {
     /// then takes those steps and the warm-up only, with no evaluation or checkpoint between
     /// (`TrainConfig::limit_to_profile`).
     pub profile: usize,
-    /// Where metrics go besides `metrics.jsonl` and the terminal.
+    /// Where metrics go besides `metrics.jsonl` and the terminal: a name, or TRL's list of
+    /// them (`["tensorboard"]`).
+    #[serde(deserialize_with = "ReportTo::one_or_list")]
     pub report_to: ReportTo,
     /// The config file that chose `warmup_steps`, with the value it chose; none for a default
     /// (`RunConfig::load_layers` fills it in). Never written or read as a key: a run's
