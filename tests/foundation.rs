@@ -1887,6 +1887,19 @@ fn a_run_stopped_at_its_last_checkpoint_ends_with_its_evaluation() {
         e.contains("--use-rslora true") && e.contains("trains with false"),
         "{e}"
     );
+    // And the run's config.toml edited since: the checkpoint's adapters decide.
+    let toml = sft.join("config.toml");
+    let held = std::fs::read_to_string(&toml).unwrap();
+    let edited = held.replace("use_dora = false", "use_dora = true");
+    assert_ne!(edited, held);
+    std::fs::write(&toml, edited).unwrap();
+    let e = run_err(&["sft", "--resume", s, "--steps", "3", "--device", "cpu"]);
+    assert!(
+        e.contains("meta.json: its adapters are rank 4, alpha 8, targets k,o,q,v, where")
+            && e.contains("asks for rank 4, alpha 8, targets k,o,q,v, DoRA"),
+        "{e}"
+    );
+    std::fs::write(&toml, held).unwrap();
     run_ok(&[
         "sft",
         "--resume",

@@ -98,6 +98,12 @@ impl LoraConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        // Without a rank there are no adapters, and every weight would train.
+        for (on, key) in [(self.use_rslora, "use_rslora"), (self.use_dora, "use_dora")] {
+            if on && !self.enabled() {
+                bail!("lora.{key} needs lora.rank: without a rank there are no adapters, and every weight trains");
+            }
+        }
         if self.enabled() && self.alpha.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
             bail!("lora.alpha must be positive");
         }

@@ -338,6 +338,20 @@ mod tests {
         }
     }
 
+    /// rsLoRA and DoRA without a rank are refused: there would be no adapters, and every
+    /// weight would train.
+    #[test]
+    fn adapter_kinds_without_a_rank_are_refused() {
+        for key in ["use_rslora", "use_dora"] {
+            let text = format!("[lora]\n{key} = true\n");
+            let mut cfg = parse_toml::<RunConfig>(Path::new("c.toml"), &text).unwrap();
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.starts_with(&format!("lora.{key} needs lora.rank")), "{e}");
+            cfg.lora.rank = 4;
+            cfg.validate().unwrap();
+        }
+    }
+
     /// `report_to` takes TRL's list as well as a name: `[]` and `["none"]` are none, `all`
     /// is TensorBoard; a destination temper does not write is refused by its key.
     #[test]

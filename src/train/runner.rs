@@ -121,11 +121,60 @@ impl Saved<'_> {
 
     /// Restores weights from checkpoint `dir` (adapters from their own file).
     fn load_model(&self, dir: &Path) -> Result<()> {
+        self.check_adapters(dir)?;
         self.store
             .load(&dir.join("model.safetensors"), |p| !is_adapter(p), true)?;
         if dir.join("adapter.safetensors").exists() {
             self.store
                 .load(&dir.join("adapter.safetensors"), is_adapter, true)?;
+        }
+        Ok(())
+    }
+}
+
+impl Saved<'_> {
+    /// The adapters checkpoint `dir` holds are the ones this run would make: a `config.toml`
+    /// edited since (another alpha, rsLoRA or DoRA) would train them at another scale, or
+    /// leave DoRA's magnitudes unread. A checkpoint whose meta.json does not read is left to
+    /// the damage checks.
+    fn check_adapters(&self, dir: &Path) -> Result<()> {
+        let Ok(held) = CheckpointMeta::read(dir) else {
+            return Ok(());
+        };
+        let describe = |l: Option<&crate::config::LoraConfig>| match l.filter(|l| l.enabled()) {
+            None => "none (full fine-tuning)".to_string(),
+            Some(l) => {
+                let mut targets: Vec<String> = l
+                    .targets
+                    .iter()
+                    .map(|t| format!("{t:?}").to_lowercase())
+                    .collect();
+                targets.sort();
+                let mut d = format!(
+                    "rank {}, alpha {}, targets {}",
+                    l.rank,
+                    l.alpha,
+                    targets.join(",")
+                );
+                if l.use_rslora {
+                    d.push_str(", rsLoRA");
+                }
+                if l.use_dora {
+                    d.push_str(", DoRA");
+                }
+                d
+            }
+        };
+        let (theirs, ours) = (
+            describe(held.lora.as_ref()),
+            describe(self.meta.lora.as_ref()),
+        );
+        if theirs != ours {
+            bail!(
+                "{}: its adapters are {theirs}, where the run's config.toml asks for {ours}: a \
+                 resume trains the adapters its checkpoint holds (put config.toml's [lora] back)",
+                dir.join("meta.json").display()
+            );
         }
         Ok(())
     }

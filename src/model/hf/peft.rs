@@ -61,14 +61,20 @@ pub fn peft_base(dir: &Path) -> Result<PathBuf> {
 /// [`peft_base`] of the adapter at `dir` whose `adapter_config.json` (at `cfg_path`) is `v`.
 fn base_named(dir: &Path, v: &serde_json::Value, cfg_path: &Path) -> Result<PathBuf> {
     let at = At(cfg_path);
-    let named = v
-        .get("base_model_name_or_path")
+    let field = v.get("base_model_name_or_path");
+    let named = field
         .and_then(|b| b.as_str())
         .map(PathBuf::from)
         .ok_or_else(|| {
+            // temper's export leaves it null where the run's base was no Hugging Face model.
+            let what = match field {
+                None => "missing",
+                Some(serde_json::Value::Null) => "null",
+                Some(_) => "not a path",
+            };
             at.refuse(
                 "base_model_name_or_path",
-                "missing: the base model's directory is needed",
+                format!("{what}: the base model's directory is needed (set it to that directory)"),
             )
         })?;
     // A Hub adapter names its base by its Hub name (at PEFT's `revision`, where it gives
@@ -133,6 +139,25 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     let file = dir.join("adapter_model.safetensors");
     let raw = candle_core::safetensors::load(&file, device)
         .with_context(|| format!("{}: cannot read", file.display()))?;
+    let mut names: Vec<&String> = raw.keys().collect();
+    names.sort();
+    match dora {
+        true => check_magnitudes(&raw, &names).with_context(|| {
+            format!(
+                "{}: use_dora is true in {}",
+                file.display(),
+                cfg_path.display()
+            )
+        })?,
+        false => {
+            if let Some(name) = names.iter().find(|n| n.ends_with(MAGNITUDE)) {
+                return Err(at.refuse(
+                    "use_dora",
+                    format!("false, but the adapter holds DoRA's magnitude {name}"),
+                ));
+            }
+        }
+    }
     let (mut tensors, mut score) = (HashMap::new(), HashMap::new());
     for (name, t) in raw {
         let t = t.to_dtype(DType::F32)?;
@@ -149,24 +174,10 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             }
             _ => t,
         };
-        if name.ends_with(MAGNITUDE) && !dora {
-            return Err(at.refuse(
-                "use_dora",
-                format!("false, but the adapter holds DoRA's magnitude {name}"),
-            ));
-        }
+
         let ours = peft_to_temper(&name, &t)
             .with_context(|| format!("{}: tensor {name}", file.display()))?;
         tensors.extend(ours);
-    }
-    if dora {
-        check_magnitudes(&tensors).with_context(|| {
-            format!(
-                "{}: use_dora is true in {}",
-                file.display(),
-                cfg_path.display()
-            )
-        })?;
     }
     let head = match declared {
         Some(h) => h,
@@ -221,19 +232,26 @@ impl ModulePattern {
 /// `lora_magnitude_vector.default.weight` under this name).
 const MAGNITUDE: &str = ".lora_magnitude_vector";
 
-/// Every adapted module of a DoRA adapter has its magnitude vector, one per output.
-fn check_magnitudes(tensors: &HashMap<String, Tensor>) -> Result<()> {
-    for (name, b) in tensors.iter().filter(|(n, _)| n.ends_with(".lora_b")) {
-        let stem = name.trim_end_matches(".lora_b");
-        let Some(m) = tensors.get(&format!("{stem}.lora_magnitude")) else {
-            bail!("the adapter on {stem} has no magnitude vector (lora_magnitude_vector)");
-        };
-        if m.dims() != [b.dim(0)?] {
-            bail!(
-                "the magnitude vector of {stem} has shape {:?}, not its {} outputs",
-                m.dims(),
-                b.dim(0)?
-            );
+/// Every module of a DoRA adapter (the file's tensors `raw`, their `names` sorted) with a B
+/// has its magnitude vector, one length per output, and every magnitude its module's B.
+fn check_magnitudes(raw: &HashMap<String, Tensor>, names: &[&String]) -> Result<()> {
+    for name in names {
+        if let Some(module) = name.strip_suffix(".lora_B.weight") {
+            let key = format!("{module}{MAGNITUDE}");
+            let Some(m) = raw.get(&key) else {
+                bail!("{key} is missing: a DoRA adapter has a magnitude vector for each module");
+            };
+            let out = raw[*name].dim(0)?;
+            if m.dims() != [out] {
+                bail!(
+                    "{key} has shape {:?}, not [{out}], its module's outputs",
+                    m.dims()
+                );
+            }
+        } else if let Some(module) = name.strip_suffix(MAGNITUDE) {
+            if !raw.contains_key(&format!("{module}.lora_B.weight")) {
+                bail!("{name} has no {module}.lora_B.weight beside it: no adapter to scale");
+            }
         }
     }
     Ok(())

@@ -704,8 +704,8 @@ fn per_module_ranks_and_alphas_scale_their_modules() {
 /// A PEFT adapter with `use_rslora` and `use_dora` merges as PEFT merges one: each B scaled
 /// by `lora_alpha / sqrt(r)`, and each output row of `W + s B A` rescaled to its magnitude
 /// (computed here on the host, row by row); GPT-2's c_attn magnitudes split into q's, k's
-/// and v's outputs; a DoRA adapter without its magnitudes, or magnitudes in an adapter that
-/// says it is none, are refused.
+/// and v's outputs; a DoRA adapter without its magnitudes, a magnitude without its adapter,
+/// or magnitudes in an adapter that says it is none, are refused.
 #[test]
 fn dora_and_rslora_adapters_merge_as_peft_merges_them() {
     use crate::stages::loader::read_checkpoint;
@@ -746,9 +746,21 @@ fn dora_and_rslora_adapters_merge_as_peft_merges_them() {
     config(true);
     let e = format!("{:#}", read_checkpoint(dir.path(), &dev).err().unwrap());
     assert!(
-        e.contains("use_dora is true") && e.contains("no magnitude vector"),
+        e.contains("use_dora is true")
+            && e.contains(&format!("{pre}.lora_magnitude_vector is missing")),
         "{e}"
     );
+    // A magnitude with no adapter beside it scales nothing.
+    let stray = "base_model.model.model.layers.1.mlp.up_proj.lora_magnitude_vector";
+    tensors.insert(stray.into(), Tensor::ones(64, DType::F32, &dev).unwrap());
+    tensors.insert(
+        format!("{pre}.lora_magnitude_vector"),
+        Tensor::ones(out, DType::F32, &dev).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let e = format!("{:#}", read_checkpoint(dir.path(), &dev).err().unwrap());
+    assert!(e.contains(&format!("{stray} has no")), "{e}");
+    tensors.remove(stray);
     tensors.insert(
         format!("{pre}.lora_magnitude_vector"),
         Tensor::from_vec(m.clone(), out, &dev).unwrap(),
