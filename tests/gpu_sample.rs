@@ -936,8 +936,8 @@ mod gpu {
     /// differently (its attention reads fewer keys), so it need only agree on most rows.
     /// GPT-2's shape (learned positions, LayerNorm), then Llama's with four query heads per kv
     /// head (RoPE's table lookup, RMSNorm, SwiGLU, the grouped decode kernel) and LoRA
-    /// adapters on its projections (their GEMMs on candle's cuBLAS handle), DoRA's too (a merged
-    /// weight, made before the capture), and Qwen3's (the
+    /// adapters on its projections (their GEMMs on candle's cuBLAS handle), DoRA's too (row scales
+    /// made before the capture), and Qwen3's (the
     /// per-head norms of q and k inside the fused decode kernel, heads of 128 on a width of
     /// 256), and Gemma 3's (heads of 256, its norms' f32 offsets in the fused kernel, a sliding
     /// window of 12 on the first layer, shorter than the sequences: the window's own key mask,
@@ -964,7 +964,7 @@ mod gpu {
             rank: 8,
             ..LoraConfig::default()
         };
-        // DoRA's generation reads a merged weight, made in the eager step before the capture.
+        // DoRA's generation reads its row scales, made in the eager step before the capture.
         let dora = LoraConfig {
             use_dora: true,
             ..lora.clone()

@@ -227,7 +227,7 @@ pub fn frozen_padded(w: &Tensor, rows: usize, dtype: DType) -> Result<Option<Ten
     Ok(Some(padded))
 }
 
-/// A weight that `make` builds from parameters (DoRA's merged weight, under the key of its
+/// A tensor that `make` builds from parameters (DoRA's `g - 1` of a layer, under the key of its
 /// magnitude vector), built once per [`FrozenWeights`] scope and untracked; `None` outside
 /// one. Built in the eager step before a decode step's graph capture, so the capture reads it
 /// and allocates nothing for it.

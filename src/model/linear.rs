@@ -69,7 +69,8 @@ pub struct Linear {
 
 impl Linear {
     /// Creates `weight` (`[out, inp]`) and, with `bias`, `bias` in `scope`; with `lora`,
-    /// `lora_a` (`[r, inp]`, Kaiming-like random) and `lora_b` (`[out, r]`, zero).
+    /// `lora_a` (`[r, inp]`, Kaiming-like random) and `lora_b` (`[out, r]`, zero), and under
+    /// DoRA `lora_magnitude` (`[out]`).
     pub fn load(
         mut scope: Scope,
         inp: usize,
@@ -260,8 +261,9 @@ impl Linear {
     /// DoRA's forward, as PEFT's: `y = x W^T + b + (g - 1) (x_d W^T) + g s (x_d A^T) B^T`, `x_d`
     /// the adapter's input after its dropout and `g = m / ||W + s B A||_row` with the norm held
     /// constant (DoRA's section 4.3), so that without dropout `y = g (x W^T + s (x A^T) B^T) + b`.
-    /// Candle's ops throughout (one island of the tape), the norm in f32: DoRA has no fused
-    /// kernel.
+    /// `g - 1` is formed in f32 and scales a term of its own: near 1, a 16-bit `g` would round
+    /// a small change of a row's length away. The base GEMMs are the tape's, which skip the
+    /// frozen W's gradient; the rest is candle's ops, one island of the tape.
     fn dora(
         &self,
         x: &Tensor,
@@ -270,52 +272,74 @@ impl Linear {
         ad: &Adapter,
         ctx: &Ctx,
     ) -> Result<Tensor> {
-        let m = ad.magnitude.as_ref().expect("a DoRA adapter");
-        // Generation: the merged weight, once per rollout, and the layer is a plain one.
-        let merged = super::cast::frozen_derived(m, ctx.dtype, || {
-            let f32 = |t: &Tensor| t.detach().to_dtype(DType::F32);
-            let adapted = (f32(&self.w)? + (f32(&ad.b)?.matmul(&f32(&ad.a)?)? * ad.scale)?)?;
-            dora_rescaled(&adapted, m)
-        })?;
-        if let Some(w) = merged {
-            let bias = bias.map(Tensor::detach);
-            return Ok(linear(&x.detach(), &w, bias.as_ref(), ctx.kernels.gemm)?);
-        }
+        // Held: detached where nothing wants a gradient (scoring, evaluation, generation).
+        let m = super::cast::held(ad.magnitude.as_ref().expect("a DoRA adapter"));
         let a = super::cast::weight(&ad.a, ctx.dtype)?;
         let bb = super::cast::weight(&ad.b, ctx.dtype)?;
+        let scale = ad.scale;
+        let norm = || -> candle_core::Result<Tensor> {
+            let f32 = |t: &Tensor| t.detach().to_dtype(DType::F32);
+            let adapted = (f32(w)? + (f32(&bb)?.matmul(&f32(&a)?)? * scale)?)?;
+            adapted.sqr()?.sum(1)?.sqrt()
+        };
+        let add_bias = |y: Tensor| -> Result<Tensor> {
+            Ok(match bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            })
+        };
+        // Generation: `g - 1` once per rollout (an `[out]` vector, where a merged weight would
+        // be a second copy of W), and the LoRA kernel.
+        let lengthen = super::cast::frozen_derived(&m, ctx.dtype, || {
+            let n = norm()?;
+            (m.detach() - &n)? / n
+        })?;
+        if let Some(g1) = lengthen {
+            let args = LoraArgs {
+                w,
+                bias: None,
+                a: &a,
+                b: &bb,
+                scale,
+            };
+            let y = lora_linear(&x.detach(), &args, ctx.kernels.lora)?;
+            return add_bias((&y + y.broadcast_mul(&g1)?)?);
+        }
         let xd = match ctx.dropout_seed {
             Some(seed) if ad.dropout > 0.0 => Some(dropout(x, ad.dropout, seed ^ self.site, ctx)?),
             _ => None,
         };
-        let norm = {
-            let f32 = |t: &Tensor| t.detach().to_dtype(DType::F32);
-            let adapted = (f32(w)? + (f32(&bb)?.matmul(&f32(&a)?)? * ad.scale)?)?;
-            adapted.sqr()?.sum(1)?.sqrt()?
+        let base = linear(x, w, None, ctx.kernels.gemm)?;
+        let base_d = match &xd {
+            Some(xd) => Some(linear(xd, w, None, ctx.kernels.gemm)?),
+            None => None,
         };
-        let scale = ad.scale;
-        // Inputs by place: x, W, A, B, m, then the bias and the dropped-out input where there
-        // are, all inside the island so that the tape differentiates each.
-        let mut inputs = vec![x, w, &a, &bb, m];
-        let (has_bias, has_xd) = (bias.is_some(), xd.is_some());
+        let n = norm()?;
+        // Inputs by place: x W^T, the adapter's input, A, B, m, then the bias and x_d W^T
+        // where there are, all inside the island so that the tape differentiates each.
+        let mut inputs = vec![&base, xd.as_ref().unwrap_or(x), &a, &bb, &m];
+        let (has_bias, has_dropout) = (bias.is_some(), base_d.is_some());
         inputs.extend(bias);
-        inputs.extend(xd.as_ref());
+        inputs.extend(base_d.as_ref());
         Ok(crate::tape::island(&inputs, move |t| {
-            let (x, w, a, b) = (&t[0], &t[1], &t[2], &t[3]);
-            let g = (t[4].to_dtype(DType::F32)? / &norm)?.to_dtype(x.dtype())?;
-            let bias = has_bias.then(|| &t[5]);
-            let xd = has_xd.then(|| &t[t.len() - 1]);
+            let (base, xl, a, b) = (&t[0], &t[1], &t[2], &t[3]);
+            let g1 = ((t[4].to_dtype(DType::F32)? - &n)? / &n)?.to_dtype(base.dtype())?;
             let lin = |x: &Tensor, w: &Tensor| x.broadcast_matmul(&w.t()?);
-            let up = (lin(&lin(xd.unwrap_or(x), a)?, b)? * scale)?;
-            let y = match xd {
-                None => (lin(x, w)? + up)?.broadcast_mul(&g)?,
-                Some(xd) => {
-                    let g1 = (&g - 1.0)?;
-                    (lin(x, w)? + (lin(xd, w)?.broadcast_mul(&g1)? + up.broadcast_mul(&g)?)?)?
+            let up = (lin(&lin(xl, a)?, b)? * scale)?;
+            let y = match has_dropout {
+                false => {
+                    let s = (base + up)?;
+                    (&s + s.broadcast_mul(&g1)?)?
+                }
+                true => {
+                    let base_d = &t[t.len() - 1];
+                    let scaled = (base_d.broadcast_mul(&g1)? + up.broadcast_mul(&g1)?)?;
+                    ((base + up)? + scaled)?
                 }
             };
-            match bias {
-                Some(bias) => y.broadcast_add(bias),
-                None => Ok(y),
+            match has_bias {
+                true => y.broadcast_add(&t[5]),
+                false => Ok(y),
             }
         })?)
     }
@@ -372,7 +396,8 @@ mod tests {
     /// A DoRA layer's forward is the layer PEFT's merge makes: `x W'^T + b` with each row of
     /// `W' = W + s B A` rescaled to its magnitude (computed here on the host, row by row), and
     /// a fresh one, its magnitudes set to its weight's row lengths, is the base layer;
-    /// generation's merged weight gives the same outputs.
+    /// generation's path gives the same outputs; A's, B's and m's gradients are the merged
+    /// layer's with its row lengths held constant.
     #[test]
     fn a_dora_layer_is_its_merged_layer_and_starts_as_its_base() {
         let (inp, out, r) = (6usize, 5usize, 3usize);
@@ -437,7 +462,7 @@ mod tests {
                 merged[o * inp + i] = m[o] / len * row[i];
             }
         }
-        // Generation's merged weight, built once in a frozen scope, gives the same outputs.
+        // Generation's path, its `g - 1` built once in a frozen scope, gives the same outputs.
         let unmerged = layer.forward(&x, &ctx).unwrap();
         {
             let _frozen = super::super::cast::FrozenWeights::enter();
@@ -447,6 +472,51 @@ mod tests {
                 d.to_scalar::<f32>().unwrap() < 1e-5,
                 "merged in generation: {d}"
             );
+        }
+        // Gradients of A, B and m: those of the merged weight's layer with its row lengths
+        // held constant, by candle's autograd on fresh variables.
+        let dy = Tensor::randn(0f32, 1.0, (2, 4, out), &Device::Cpu).unwrap();
+        let ours = (layer.forward(&x, &ctx).unwrap() * &dy)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let ours = ours.backward().unwrap();
+        let var = |v: &[f32], shape: &[usize]| {
+            candle_core::Var::from_tensor(
+                &Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap(),
+            )
+            .unwrap()
+        };
+        let (va, vb, vm) = (var(&a, &[r, inp]), var(&b, &[out, r]), var(&m, &[out]));
+        let wt = Tensor::from_vec(w.clone(), (out, inp), &Device::Cpu).unwrap();
+        let adapted = (&wt + (vb.matmul(&va).unwrap() * cfg.scale()).unwrap()).unwrap();
+        let lengths = adapted
+            .detach()
+            .sqr()
+            .unwrap()
+            .sum_keepdim(1)
+            .unwrap()
+            .sqrt()
+            .unwrap();
+        let g = (vm.as_tensor().reshape((out, 1)).unwrap() / lengths).unwrap();
+        let merged_w = adapted.broadcast_mul(&g).unwrap();
+        let bt = Tensor::from_vec(bias.clone(), out, &Device::Cpu).unwrap();
+        let y2 = x
+            .broadcast_matmul(&merged_w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bt)
+            .unwrap();
+        let theirs = (y2 * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [
+            ("l.lora_a", &va),
+            ("l.lora_b", &vb),
+            ("l.lora_magnitude", &vm),
+        ] {
+            let got = ours.get(store.get(name).unwrap().as_tensor()).unwrap();
+            let want = theirs.get(v.as_tensor()).unwrap();
+            let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+            let d = d.to_scalar::<f32>().unwrap();
+            assert!(d < 1e-3, "{name}: gradient off by {d}");
         }
         let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
         let got: Vec<f32> = layer

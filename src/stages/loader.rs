@@ -52,6 +52,21 @@ pub fn read_checkpoint(path: &Path, device: &Device) -> Result<Loaded> {
         };
         let ad = candle_core::safetensors::load(&adapter, device)
             .with_context(|| format!("{}: cannot read adapters", adapter.display()))?;
+        let magnitudes = ad
+            .keys()
+            .any(|n| n.ends_with(crate::model::linear::DORA_MAGNITUDE));
+        if magnitudes != lora.use_dora {
+            bail!(
+                "{}: meta.json's lora config has use_dora = {}, but the file holds {} \
+                 (damaged, or from another run?)",
+                adapter.display(),
+                lora.use_dora,
+                match magnitudes {
+                    true => "DoRA magnitudes",
+                    false => "no DoRA magnitudes",
+                }
+            );
+        }
         merge_adapters(&mut tensors, &ad, lora.scale())
             .with_context(|| format!("{}: cannot merge adapters", adapter.display()))?;
     }
@@ -238,7 +253,7 @@ pub fn merge_adapters(
             .with_context(|| format!("{wname} missing"))?;
         let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
         let mut merged = (w.to_dtype(DType::F32)? + delta)?;
-        if let Some(m) = adapters.get(&format!("{stem}.lora_magnitude")) {
+        if let Some(m) = adapters.get(&format!("{stem}.{}", crate::model::linear::DORA_MAGNITUDE)) {
             merged = crate::model::linear::dora_rescaled(&merged, m)?;
         }
         base.insert(wname, merged);

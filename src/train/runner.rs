@@ -120,8 +120,8 @@ impl Saved<'_> {
     }
 
     /// Restores weights from checkpoint `dir` (adapters from their own file).
-    fn load_model(&self, dir: &Path) -> Result<()> {
-        self.check_adapters(dir)?;
+    fn load_model(&self, dir: &Path, run_dir: &Path) -> Result<()> {
+        self.check_adapters(dir, run_dir)?;
         self.store
             .load(&dir.join("model.safetensors"), |p| !is_adapter(p), true)?;
         if dir.join("adapter.safetensors").exists() {
@@ -134,49 +134,49 @@ impl Saved<'_> {
 
 impl Saved<'_> {
     /// The adapters checkpoint `dir` holds are the ones this run would make: a `config.toml`
-    /// edited since (another alpha, rsLoRA or DoRA) would train them at another scale, or
-    /// leave DoRA's magnitudes unread. A checkpoint whose meta.json does not read is left to
-    /// the damage checks.
-    fn check_adapters(&self, dir: &Path) -> Result<()> {
+    /// (in `run_dir`) edited since (another alpha, rsLoRA or DoRA) would train them at another
+    /// scale, or leave DoRA's magnitudes unread. The first field that differs is named at its
+    /// line. A checkpoint whose meta.json does not read is left to the damage checks.
+    fn check_adapters(&self, dir: &Path, run_dir: &Path) -> Result<()> {
         let Ok(held) = CheckpointMeta::read(dir) else {
             return Ok(());
         };
-        let describe = |l: Option<&crate::config::LoraConfig>| match l.filter(|l| l.enabled()) {
-            None => "none (full fine-tuning)".to_string(),
-            Some(l) => {
-                let mut targets: Vec<String> = l
-                    .targets
-                    .iter()
-                    .map(|t| format!("{t:?}").to_lowercase())
-                    .collect();
-                targets.sort();
-                let mut d = format!(
-                    "rank {}, alpha {}, targets {}",
-                    l.rank,
-                    l.alpha,
-                    targets.join(",")
-                );
-                if l.use_rslora {
-                    d.push_str(", rsLoRA");
-                }
-                if l.use_dora {
-                    d.push_str(", DoRA");
-                }
-                d
-            }
+        let fields = |l: Option<&crate::config::LoraConfig>| -> [(&str, String); 5] {
+            let none = crate::config::LoraConfig {
+                rank: 0,
+                ..Default::default()
+            };
+            let l = l.filter(|l| l.enabled()).unwrap_or(&none);
+            let mut targets: Vec<String> = l
+                .targets
+                .iter()
+                .map(|t| format!("{t:?}").to_lowercase())
+                .collect();
+            targets.sort();
+            [
+                ("rank", l.rank.to_string()),
+                ("alpha", l.alpha.to_string()),
+                ("targets", targets.join(",")),
+                ("use_rslora", l.use_rslora.to_string()),
+                ("use_dora", l.use_dora.to_string()),
+            ]
         };
-        let (theirs, ours) = (
-            describe(held.lora.as_ref()),
-            describe(self.meta.lora.as_ref()),
-        );
-        if theirs != ours {
-            bail!(
-                "{}: its adapters are {theirs}, where the run's config.toml asks for {ours}: a \
-                 resume trains the adapters its checkpoint holds (put config.toml's [lora] back)",
-                dir.join("meta.json").display()
-            );
-        }
-        Ok(())
+        let (theirs, ours) = (fields(held.lora.as_ref()), fields(self.meta.lora.as_ref()));
+        let Some(((key, was), (_, now))) = theirs.iter().zip(&ours).find(|(t, o)| t.1 != o.1)
+        else {
+            return Ok(());
+        };
+        let toml = run_dir.join("config.toml");
+        let line = std::fs::read_to_string(&toml)
+            .ok()
+            .and_then(|text| crate::config::key_line(&text, &["lora", key], false))
+            .map_or(String::new(), |n| format!(":{n}"));
+        bail!(
+            "{}{line}: lora.{key} = {now}: the checkpoint's adapters ({}) were trained with \
+             {was}; a resume trains the adapters its checkpoint holds (put it back)",
+            toml.display(),
+            dir.join("meta.json").display()
+        )
     }
 }
 
@@ -610,7 +610,7 @@ fn load_checkpoint<T: Task>(
             opts.cfg.steps
         );
     }
-    saved.load_model(dir)?;
+    saved.load_model(dir, opts.run_dir)?;
     // No checkpoint is written with weights that are not finite: such weights were damaged
     // on disk, and training on would stop at its first loss naming this checkpoint as good.
     if let Some(name) = saved.store.first_non_finite()? {

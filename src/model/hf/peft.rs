@@ -174,7 +174,6 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             }
             _ => t,
         };
-
         let ours = peft_to_temper(&name, &t)
             .with_context(|| format!("{}: tensor {name}", file.display()))?;
         tensors.extend(ours);
