@@ -572,6 +572,22 @@ impl StageArgs {
             true => names(&c.lora.targets),
             false => String::new(),
         };
+        // A setting of the adapters, held only where the run has them: (flag, key, the
+        // flag's value, the run's, the run's with --config laid over it).
+        let held_by_adapters =
+            |flag, key, given: Option<String>, field: fn(&LoraConfig) -> String| {
+                let laid = match run.lora.enabled() {
+                    true => field(&merged.lora),
+                    false => field(&run.lora),
+                };
+                (
+                    flag,
+                    key,
+                    given.filter(|_| run.lora.enabled()),
+                    field(&run.lora),
+                    laid,
+                )
+            };
         // (flag, key, the flag's value, the run's, the run's with --config laid over it)
         let checks = [
             (
@@ -604,42 +620,24 @@ impl StageArgs {
             ),
             // The adapters' scale: the checkpoint's adapters were trained under it, and
             // another would change the model they make (a full fine-tune has none).
-            (
+            held_by_adapters(
                 "--lora-alpha",
                 "lora.alpha",
-                self.lora_alpha
-                    .filter(|_| run.lora.enabled())
-                    .map(|v| v.to_string()),
-                run.lora.alpha.to_string(),
-                match run.lora.enabled() {
-                    true => merged.lora.alpha.to_string(),
-                    false => run.lora.alpha.to_string(),
-                },
+                self.lora_alpha.map(|v| v.to_string()),
+                |l| l.alpha.to_string(),
             ),
-            (
+            held_by_adapters(
                 "--use-rslora",
                 "lora.use_rslora",
-                Some(true)
-                    .filter(|_| self.use_rslora && run.lora.enabled())
-                    .map(|v| v.to_string()),
-                run.lora.use_rslora.to_string(),
-                match run.lora.enabled() {
-                    true => merged.lora.use_rslora.to_string(),
-                    false => run.lora.use_rslora.to_string(),
-                },
+                self.use_rslora.then(|| true.to_string()),
+                |l| l.use_rslora.to_string(),
             ),
             // DoRA's magnitudes are adapter tensors the checkpoint holds, or does not.
-            (
+            held_by_adapters(
                 "--use-dora",
                 "lora.use_dora",
-                Some(true)
-                    .filter(|_| self.use_dora && run.lora.enabled())
-                    .map(|v| v.to_string()),
-                run.lora.use_dora.to_string(),
-                match run.lora.enabled() {
-                    true => merged.lora.use_dora.to_string(),
-                    false => run.lora.use_dora.to_string(),
-                },
+                self.use_dora.then(|| true.to_string()),
+                |l| l.use_dora.to_string(),
             ),
         ];
         // The model's shape is the checkpoint's: another preset would fail on its weights.
