@@ -15,17 +15,28 @@ macro_rules! errln {
 
 static FOLLOWER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+std::thread_local! {
+    static FOLLOWER_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Marks this process as a data-parallel rank other than 0: rank 0 already gives the
-/// warnings about the run's settings that every rank would find (`warnln!`).
+/// lines about the run that every rank would print (`warnln!`).
 pub fn set_follower(on: bool) {
     FOLLOWER.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-pub fn follower() -> bool {
-    FOLLOWER.load(std::sync::atomic::Ordering::Relaxed)
+/// Marks the calling thread as a rank other than 0, for ranks that are threads of one
+/// process (`launch --threads`).
+pub fn set_follower_thread(on: bool) {
+    FOLLOWER_THREAD.with(|f| f.set(on));
 }
 
-/// [`errln!`] on rank 0 (and in a single process) only: a warning about the run's settings.
+pub fn follower() -> bool {
+    FOLLOWER.load(std::sync::atomic::Ordering::Relaxed) || FOLLOWER_THREAD.with(|f| f.get())
+}
+
+/// [`errln!`] on rank 0 (and in a single process) only: a line about the run as a whole (its
+/// data, its settings, where it resumed), which every rank would print alike.
 #[macro_export]
 macro_rules! warnln {
     ($($arg:tt)*) => {{

@@ -81,7 +81,7 @@ pub fn locate(path: &Path, repo: Repo, flag: &str) -> Result<PathBuf> {
         )
     })?;
     let at = snapshot.join(inner);
-    crate::errln!("[hub] {}: {}", path.display(), at.display());
+    crate::warnln!("[hub] {}: {}", path.display(), at.display());
     Ok(at)
 }
 

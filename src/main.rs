@@ -13,7 +13,7 @@ use temper::data::encode::{encode_corpus, EncodeOpts};
 use temper::data::records::load_prompts_lazily;
 use temper::data::splits::Part;
 use temper::data::tokenizer::{train_bpe, Tokenizer};
-use temper::dist::preempt::{self, Preempted, EXIT_PREEMPTED};
+use temper::dist::preempt::{self, Preempted, StopPoint, EXIT_PREEMPTED};
 use temper::dist::{launch, Communicator, PeerFailed, Rank, ThreadGroup};
 use temper::generate::SampleCfg;
 use temper::hub_cache::{locate, Repo};
@@ -51,7 +51,11 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<Preempted>().is_some() => {
-            errln!("{e}");
+            // Rank 0 says where the run stopped; the other ranks, and a launcher whose rank 0
+            // said it on the same terminal, add nothing.
+            if !e.downcast_ref::<Preempted>().is_some_and(|p| p.told) {
+                temper::warnln!("{e}");
+            }
             ExitCode::from(EXIT_PREEMPTED)
         }
         Err(e) if e.downcast_ref::<UsageError>().is_some() => {
@@ -143,6 +147,9 @@ fn run(cli: Cli) -> Result<()> {
     if let Some((stage, a)) = training_stage(&cli.command) {
         let rank = Rank::from_env(|k| std::env::var(k).ok())?;
         temper::console::set_follower(!rank.is_main());
+        // Under `temper launch` the launcher says that a signal came; so does rank 0 alone
+        // under torchrun or srun, which signal every rank.
+        preempt::set_quiet(!rank.is_main() || launch::launched(|k| std::env::var_os(k)));
         preempt::install()?;
         let (cfg, out, start) = a.resolve(stage)?;
         let env = Env::join(cfg, &out, start, &rank)?;
@@ -597,7 +604,11 @@ fn launch_cmd(a: &LaunchArgs) -> Result<()> {
     let exe = std::env::current_exe()?;
     match launch::run(&layout, &exe, &a.command)? {
         launch::Ended::Done => Ok(()),
-        launch::Ended::Preempted => Err(Preempted { step: None }.into()),
+        launch::Ended::Preempted => Err(Preempted {
+            at: StopPoint::Unknown,
+            told: layout.node_rank == 0,
+        }
+        .into()),
     }
 }
 
@@ -611,6 +622,7 @@ fn launch_threads(n: usize, stage: Stage, args: &StageArgs) -> Result<()> {
             .map(|comm| {
                 let (cfg, out) = (cfg.clone(), out.clone());
                 s.spawn(move || {
+                    temper::console::set_follower_thread(comm.rank() != 0);
                     let c: Arc<dyn Communicator> = comm.clone();
                     let r =
                         Env::prepare_in(cfg, &out, start, c).and_then(|env| run_stage(stage, &env));
@@ -641,7 +653,12 @@ fn launch_threads(n: usize, stage: Stage, args: &StageArgs) -> Result<()> {
                     Some(_) => &mut stopped,
                     None => &mut own,
                 };
-                slot.get_or_insert(e.context(format!("rank {rank}")));
+                // A stop's own line says all: every rank stopped alike.
+                let e = match e.downcast_ref::<Preempted>() {
+                    Some(_) => e,
+                    None => e.context(format!("rank {rank}")),
+                };
+                slot.get_or_insert(e);
             }
         }
     }

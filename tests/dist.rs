@@ -107,6 +107,129 @@ fn sigterm_checkpoints_stops_and_resume_continues_the_same_curve() {
     }
 }
 
+/// A signal during a run's setup stops it before its first evaluation and step, which may
+/// take minutes more: a resumed run keeps the checkpoint it resumed from, a fresh run writes
+/// nothing. The corpus is a FIFO the run blocks on until the signal has come, so the signal
+/// lands in the setup every time.
+#[test]
+fn a_signal_during_setup_stops_the_run_before_it_trains() {
+    let d = tmp();
+    let corpus = p(d.path(), "corpus.txt");
+    let c = std::ffi::CString::new(corpus.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let text = "the quick brown fox jumps over the lazy dog. ".repeat(4000);
+    // Once the run opens the FIFO to read: a run that failed first would leave a plain write
+    // blocked for ever.
+    let feed = || {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut fifo = None;
+        wait_until(120, "the run never opened its corpus", || {
+            fifo = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&corpus)
+                .ok();
+            fifo.is_some()
+        });
+        let mut fifo = fifo.unwrap();
+        // SAFETY: fcntl(2) on an open descriptor: blocking writes from here.
+        unsafe {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&fifo);
+            libc::fcntl(fd, libc::F_SETFL, 0);
+        }
+        fifo.write_all(text.as_bytes()).unwrap();
+    };
+    let run = p(d.path(), "run");
+    let mut args = vec![
+        "pretrain",
+        "--data",
+        corpus.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--seq-len",
+        "32",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+    ];
+    let first = temper().args(&args).spawn().unwrap();
+    feed();
+    assert!(first.wait_with_output().unwrap().status.success());
+    let trained = losses(&run);
+    // Resumed (to more steps), and signalled while it waits for its corpus.
+    let stop_in_setup = |args: &[&str]| {
+        use std::io::BufRead;
+        let mut child = temper()
+            .args(args)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let err = std::io::BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in err.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        // The run names its device before it reads its data.
+        let mut said = String::new();
+        while !said.contains("] device ") {
+            match rx.recv_timeout(Duration::from_secs(120)) {
+                Ok(line) => said += &(line + "\n"),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("no device line within 120 s:\n{said}");
+                }
+            }
+        }
+        sigterm(&child);
+        feed();
+        let status = child.wait().unwrap();
+        said.extend(rx.iter().map(|l| l + "\n"));
+        assert_eq!(status.code(), Some(75), "{said}");
+        said
+    };
+    let err = stop_in_setup(&[
+        "pretrain",
+        "--resume",
+        run.to_str().unwrap(),
+        "--steps",
+        "6",
+    ]);
+    assert!(
+        err.contains("stopped by a signal after step 3, with a checkpoint there"),
+        "{err}"
+    );
+    assert!(!err.contains("val loss"), "it evaluated: {err}");
+    assert_eq!(losses(&run), trained, "it trained on");
+    let fresh = p(d.path(), "fresh");
+    args[4] = fresh.to_str().unwrap();
+    let err = stop_in_setup(&args);
+    assert!(
+        err.contains("stopped by a signal before its first step, with nothing trained; run the same command again"),
+        "{err}"
+    );
+    assert!(!fresh.join("checkpoints/latest").exists(), "{err}");
+    assert!(losses_if_any(&fresh).is_empty(), "{err}");
+    // As the line says, the same command starts it.
+    let child = temper()
+        .args(&args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    feed();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(losses(&fresh).last().map(|l| l.0), Some(3));
+}
+
 fn losses_if_any(run: &Path) -> Vec<(u64, f64)> {
     match std::fs::read_to_string(run.join("metrics.jsonl")) {
         Ok(t) => t
@@ -227,15 +350,16 @@ fn torchrun_style_processes_match_thread_ranks_bit_for_bit() {
 }
 
 /// SIGTERM to `temper launch` reaches every rank: they finish the step, rank 0 checkpoints,
-/// the launcher exits with the preemption status, and `--resume` continues the curve.
+/// the launcher exits with the preemption status, the terminal gets one line of each kind
+/// (not one a rank), and `--resume` continues the curve. So does a SIGKILL of the launcher,
+/// which cannot pass anything on: its ranks get SIGTERM from the kernel as it dies.
 #[test]
-fn sigterm_to_a_launch_checkpoints_every_rank_and_resumes_the_curve() {
+fn a_signal_to_a_launch_checkpoints_every_rank_and_resumes_the_curve() {
     let d = tmp();
     let cfg = p(d.path(), "c.toml");
     let text = TINY_TOML.replace("batch_size = 16", "batch_size = 8\nlog_every = 1");
     std::fs::write(&cfg, text).unwrap();
     let cfg = cfg.to_str().unwrap();
-    let (full, cut) = (p(d.path(), "full"), p(d.path(), "cut"));
     let run = |out: &Path| -> Vec<String> {
         [
             "launch",
@@ -259,36 +383,64 @@ fn sigterm_to_a_launch_checkpoints_every_rank_and_resumes_the_curve() {
         .map(String::from)
         .to_vec()
     };
-    let a = run(&full);
-    run_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    let child = temper()
-        .args(run(&cut))
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until(120, "the run logged nothing", || {
-        losses_if_any(&cut).len() >= 5
-    });
-    sigterm(&child);
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(75), "{err}");
-    let at = std::fs::read_to_string(cut.join("checkpoints/latest")).unwrap();
-    let step: u64 = at.trim().trim_start_matches("step-").parse().unwrap();
-    assert!((5..40).contains(&step), "checkpoint at {step}");
-    run_ok(&[
-        "launch",
-        "--nproc-per-node",
-        "2",
-        "--",
-        "pretrain",
-        "--resume",
-        cut.to_str().unwrap(),
-    ]);
-    let (x, y) = (losses(&full), losses(&cut));
-    assert_eq!(x.len(), y.len(), "{y:?}");
-    for ((s, l1), (_, l2)) in x.iter().zip(&y) {
-        assert_eq!(l1, l2, "step {s} differs after resuming from step {step}");
+    let full = p(d.path(), "full");
+    run_ok(&run(&full).iter().map(String::as_str).collect::<Vec<_>>());
+    for kill in [false, true] {
+        let cut = p(d.path(), if kill { "killed" } else { "cut" });
+        // A killed launcher's ranks hold its stderr until they end: a pipe read to its end
+        // would hang the test where they never do.
+        let stderr = match kill {
+            true => std::process::Stdio::null(),
+            false => std::process::Stdio::piped(),
+        };
+        let mut child = temper().args(run(&cut)).stderr(stderr).spawn().unwrap();
+        wait_until(120, "the run logged nothing", || {
+            losses_if_any(&cut).len() >= 5
+        });
+        if kill {
+            child.kill().unwrap();
+        } else {
+            sigterm(&child);
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        // The ranks outlive a killed launcher: rank 0 lets the run directory go as it exits.
+        wait_until(
+            120,
+            "the ranks kept the run after their launcher died",
+            || std::fs::File::create(cut.join(".lock")).is_ok_and(|f| f.try_lock().is_ok()),
+        );
+        let at = std::fs::read_to_string(cut.join("checkpoints/latest"))
+            .unwrap_or_else(|e| panic!("no checkpoint (kill {kill}): {e}\n{err}"));
+        let step: u64 = at.trim().trim_start_matches("step-").parse().unwrap();
+        assert!((5..40).contains(&step), "checkpoint at {step}");
+        if !kill {
+            assert_eq!(out.status.code(), Some(75), "{err}");
+            for line in [
+                "temper: stopping after this step",
+                "stopped by a signal after step",
+                "[pretrain] tokenizer",
+            ] {
+                assert_eq!(err.matches(line).count(), 1, "{line:?} in:\n{err}");
+            }
+        }
+        run_ok(&[
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--",
+            "pretrain",
+            "--resume",
+            cut.to_str().unwrap(),
+        ]);
+        let (x, y) = (losses(&full), losses(&cut));
+        assert_eq!(x.len(), y.len(), "{y:?}");
+        for ((s, l1), (_, l2)) in x.iter().zip(&y) {
+            assert_eq!(
+                l1, l2,
+                "step {s} differs after resuming from step {step} (kill {kill})"
+            );
+        }
     }
 }
 

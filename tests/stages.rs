@@ -196,7 +196,7 @@ mod stage_chain {
         copy_files(merged(), &init);
         let out = run_dir("frozen-ref");
         let other = run_dir("frozen-ref.toml");
-        std::fs::write(&other, "[kto]\nbeta = 0.5\n").unwrap();
+        std::fs::write(&other, "[kto]\nbeta = 0.5\n[lora]\nalpha = 32\n").unwrap();
         let o = run_ok(&[
             "dpo",
             "--config",
@@ -215,6 +215,10 @@ mod stage_chain {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(
             err.contains("frozen-ref.toml:1: [kto] is not read by dpo"),
+            "{err}"
+        );
+        assert!(
+            err.contains("frozen-ref.toml:4: lora.alpha without lora.rank"),
             "{err}"
         );
         let ckpts = out.join("checkpoints");

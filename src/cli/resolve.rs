@@ -238,6 +238,37 @@ fn warn_unused_batch_size(cfg: &RunConfig, flag: bool) {
     warnln!("warning: --batch-size is not used by {}: {how}", cfg.stage);
 }
 
+/// `[lora]` settings in a config file that gives no rank shape adapters nobody makes: the flags
+/// are refused so, but a file may serve a stage that gets its rank from `--lora-rank` and
+/// another that trains every weight.
+fn warn_lora_without_rank(cfg: &RunConfig, file: &Path, user: &toml::Value) {
+    let Some(lora) = user.get("lora").and_then(toml::Value::as_table) else {
+        return;
+    };
+    let set: Vec<&str> = ["alpha", "dropout", "targets"]
+        .into_iter()
+        .filter(|k| lora.contains_key(*k))
+        .collect();
+    if cfg.lora.enabled() || set.is_empty() {
+        return;
+    }
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let at = match crate::config::key_line(&text, &["lora", set[0]], false) {
+        Some(line) => format!("{}:{line}", file.display()),
+        None => file.display().to_string(),
+    };
+    let keys: Vec<String> = set.iter().map(|k| format!("lora.{k}")).collect();
+    warnln!(
+        "warning: {at}: {} without lora.rank (or --lora-rank): no adapters are made, every \
+         weight trains, and {} ignored",
+        keys.join(", "),
+        match keys.len() {
+            1 => "it is",
+            _ => "they are",
+        }
+    );
+}
+
 /// The preference, reward and RL stages train with dropout off: their losses compare the
 /// policy's log-probabilities or scores with a reference's, a rollout's or another
 /// response's, which dropout's noise would perturb. A LoRA dropout the run asks for is said to
@@ -436,6 +467,7 @@ impl StageArgs {
         // The user's file (beside a --resume, the --config, not the run's config.toml).
         if let (Some(f), Some(u), Some(_)) = (file, user.as_ref(), &self.config) {
             warn_other_stages_tables(stage, f, u);
+            warn_lora_without_rank(&cfg, f, u);
         }
         // A run from --init builds the model it loads: a preset is refused, and a [model]
         // table beside it that says otherwise is named. (A resumed run's config.toml records

@@ -149,6 +149,10 @@ pub(crate) fn data_files(path: &Path, part: Part, exts: &[&str]) -> Result<Vec<P
 /// Prints a warning the first time this process meets it: a directory read for its train
 /// split and again for its held-out one says what it leaves out once.
 fn warn_once(line: String) {
+    // Before the line is kept: a rank thread that says nothing must not use up rank 0's.
+    if crate::console::follower() {
+        return;
+    }
     static SAID: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
     let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
     if said.insert(line.clone()) {
@@ -178,7 +182,7 @@ pub fn warn_shared(train: &[PathBuf], held: &[PathBuf], by: &str) {
         .cloned()
         .collect();
     if !shared.is_empty() {
-        crate::errln!(
+        crate::warnln!(
             "warning: {by} reads {} of {} that --data trains on ({}): its held-out loss is \
              measured on training data",
             shared.len(),
@@ -303,7 +307,7 @@ fn split_files(root: &Path, files: Vec<PathBuf>, part: Part) -> Result<Vec<PathB
         );
     }
     if !other.is_empty() {
-        crate::errln!(
+        crate::warnln!(
             "warning: {}: its {} {} read ({} named so, as a Hugging Face dataset names its \
              splits); {} left out ({})",
             root.display(),

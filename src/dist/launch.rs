@@ -3,7 +3,11 @@
 //! watches them, and stops this node's ranks when one of them fails, so that they never hang
 //! on a dead local rank. (A whole node that vanishes is the scheduler's to clean up: NCCL has
 //! no timeout of its own.) SIGTERM or SIGUSR1 sent to the launcher is passed on to every rank,
-//! which then checkpoint and stop together.
+//! which then checkpoint and stop together. A launcher that is killed outright (SIGKILL, the
+//! OOM killer) cannot pass anything on: the kernel sends its ranks SIGTERM as it dies
+//! (`PR_SET_PDEATHSIG`), so they checkpoint and stop rather than train on, orphaned, holding
+//! the run directory and the GPUs. (A launcher killed more than 5 s after it passed a signal
+//! on ends its ranks at once, as a second signal to them would: the kill escalates the stop.)
 
 use std::process::{Child, Command, ExitStatus};
 use std::time::Duration;
@@ -57,9 +61,10 @@ impl Layout {
         Ok(())
     }
 
-    /// The torchrun environment of local rank `local`.
+    /// The torchrun environment of local rank `local`, and [`LAUNCHED`].
     pub fn env(&self, local: usize) -> Vec<(&'static str, String)> {
         vec![
+            (LAUNCHED, "1".into()),
             (
                 "RANK",
                 (self.node_rank * self.nproc_per_node + local).to_string(),
@@ -72,6 +77,40 @@ impl Layout {
         ]
     }
 }
+
+/// Set in the environment of the ranks `temper launch` starts.
+const LAUNCHED: &str = "TEMPER_LAUNCHED";
+
+/// Whether this process is a rank of `temper launch` (`var` reads the environment).
+pub fn launched(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> bool {
+    var(LAUNCHED).is_some()
+}
+
+/// Has the kernel send the child SIGTERM when the launcher dies, however it dies.
+#[cfg(target_os = "linux")]
+fn stop_with_launcher(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let launcher = std::process::id() as libc::pid_t;
+    // SAFETY: between fork and exec the closure calls only async-signal-safe functions
+    // (prctl, getppid, raise) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The launcher died before the prctl took hold, so nobody will send it: the rank
+            // ends here, before it execs. (raise would run the launcher's own handler, which
+            // the child keeps until exec.)
+            if libc::getppid() != launcher {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn stop_with_launcher(_: &mut Command) {}
 
 /// How the ranks of a launch ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -108,6 +147,7 @@ pub fn run(layout: &Layout, program: &std::path::Path, args: &[String]) -> Resul
         for k in ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"] {
             cmd.env_remove(k);
         }
+        stop_with_launcher(&mut cmd);
         match cmd.spawn() {
             Ok(c) => children.push((local, c)),
             Err(e) => {

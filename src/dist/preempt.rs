@@ -24,6 +24,14 @@ static REQUESTED: AtomicBool = AtomicBool::new(false);
 /// The first signal's number and time (CLOCK_MONOTONIC seconds).
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 static FIRST_AT: AtomicI64 = AtomicI64::new(0);
+/// Whether the handler keeps the first signal's line to itself (a rank whose launcher, or
+/// whose rank 0, says it).
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Keeps the "stopping after this step" line of [`install`]'s handler off the terminal.
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::SeqCst);
+}
 
 fn monotonic_s() -> i64 {
     let mut ts = libc::timespec {
@@ -44,6 +52,9 @@ extern "C" fn on_signal(sig: libc::c_int) {
         SIGNAL.store(sig, Ordering::SeqCst);
         FIRST_AT.store(now, Ordering::SeqCst);
         // Otherwise a Ctrl-C would seem to do nothing until the step ends.
+        if QUIET.load(Ordering::SeqCst) {
+            return;
+        }
         const _: () = assert!(GRACE_S == 5, "the message names the grace period");
         let msg = b"\ntemper: stopping after this step, with a checkpoint (signal again after 5 s to stop at once)\n";
         // SAFETY: write(2) is async-signal-safe; `msg` outlives the call; errno is put back
@@ -94,22 +105,42 @@ pub fn signal() -> i32 {
 /// The error a preempted run returns, so `main` exits with [`EXIT_PREEMPTED`].
 #[derive(Debug)]
 pub struct Preempted {
-    /// The step the checkpoint holds; unknown to a launcher, which only sees its ranks exit.
-    pub step: Option<usize>,
+    pub at: StopPoint,
+    /// Already said on this terminal: a launcher of the node whose rank 0 said it.
+    pub told: bool,
+}
+
+/// Where a stopped run stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopPoint {
+    /// After this step, whose checkpoint the run holds (written then, or resumed from).
+    After(usize),
+    /// A fresh run stopped before its first step, during its setup: nothing was trained or
+    /// checkpointed (an `--overwrite` run's predecessor is back in its place), and the same
+    /// command starts it again.
+    BeforeTraining,
+    /// A launcher's view, which only sees its ranks exit.
+    Unknown,
+}
+
+impl StopPoint {
+    /// The run's state in a few words, for a line that goes on to say how to continue it.
+    pub fn state(self) -> String {
+        match self {
+            StopPoint::After(s) => format!("after step {s}, with a checkpoint there"),
+            StopPoint::BeforeTraining => "before its first step, with nothing trained".into(),
+            StopPoint::Unknown => "where its ranks stopped".into(),
+        }
+    }
 }
 
 impl std::fmt::Display for Preempted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.step {
-            Some(s) => write!(
-                f,
-                "stopped by a signal after step {s}, with a checkpoint there; continue with --resume"
-            ),
-            None => write!(
-                f,
-                "stopped by a signal after a checkpoint; continue with --resume"
-            ),
-        }
+        let next = match self.at {
+            StopPoint::BeforeTraining => "run the same command again to start it",
+            StopPoint::After(_) | StopPoint::Unknown => "continue with --resume",
+        };
+        write!(f, "stopped by a signal {}; {next}", self.at.state())
     }
 }
 

@@ -287,6 +287,10 @@ static WARNED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
 /// A custom kernel that cannot serve a call (wrong device, dtype or shape) falls back to the
 /// reference; the user hears about it once per op and reason, never silently gets a wrong answer.
 pub fn warn_fallback(op: &str, reason: &str) {
+    // Before the key is kept: a rank thread that says nothing must not use up rank 0's line.
+    if crate::console::follower() {
+        return;
+    }
     let key = format!("{op}: {reason}");
     let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
     if warned.insert(key) {

@@ -863,7 +863,7 @@ pub fn run(env: &Env) -> Result<DpoResult> {
         ),
         false => String::new(),
     };
-    errln!(
+    warnln!(
         "[dpo] loss {}, reference: {}{moving}",
         cfg.dpo.loss_names(),
         reference

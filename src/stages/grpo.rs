@@ -398,7 +398,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         objective: Objective::PolicyGradient,
     };
     let (actors, prompts, eval_prompts) = Actors::load(env, policy, reference, &tok, knobs)?;
-    errln!(
+    warnln!(
         "[{}] advantage estimator {:?}, reward {}, reference: {}",
         cfg.stage,
         c.advantage_estimator,
@@ -422,7 +422,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
     }
     let rows = cfg.rollout_rows();
     if let Some(w) = rows.and_then(|(rows, size, table)| minibatch_warning(table, rows, size)) {
-        errln!("[{}] warning: {w}", cfg.stage);
+        warnln!("[{}] warning: {w}", cfg.stage);
     }
     let model = actors.policy.cfg.clone();
     let mut task = GrpoTask {

@@ -450,7 +450,7 @@ pub fn run(env: &Env) -> Result<KtoResult> {
     let lora = setup::lora(cfg);
     let (store, policy, reference, tok) = PolicyPair::load(env)?.into_parts();
     let reference = reference.expect("PolicyPair::load holds a reference");
-    errln!(
+    warnln!(
         "[kto] loss {}, reference: {}",
         cfg.kto.loss_type.name(),
         reference.describe()

@@ -238,7 +238,7 @@ impl Env {
     fn tape(&self) -> bool {
         let t = &self.cfg.train;
         let variables = self.weights_are_variables();
-        if t.tape == crate::config::TapeChoice::On && !variables {
+        if t.tape == crate::config::TapeChoice::On && !variables && !crate::console::follower() {
             static ONCE: std::sync::Once = std::sync::Once::new();
             ONCE.call_once(|| {
                 errln!(

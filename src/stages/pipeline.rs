@@ -611,16 +611,15 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
         let result = run_stage(step.stage, &env).map_err(|e| {
             // A signal's line says --resume of the stage's directory; the pipeline goes on from
             // the same place with its own --resume.
-            let Some(p) = e.downcast_ref::<Preempted>() else {
+            let Some(at) = e.downcast_ref::<Preempted>().map(|p| p.at) else {
                 return e;
             };
             // Only the pipeline's command: resuming the stage on its own would leave the
             // pipeline's summary without its result.
-            let at_step = p.step.map_or(String::new(), |s| format!(" after step {s}"));
             e.context(format!(
-                "{}: stopped by a signal{at_step}, with a checkpoint there; continue the \
-                 pipeline with `{}`",
+                "{}: stopped by a signal {}; continue the pipeline with `{}`",
                 step.name,
+                at.state(),
                 resume_command(opts)
             ))
         })?;

@@ -406,7 +406,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         objective: Objective::PolicyGradient,
     };
     let (actors, prompts, eval_prompts) = Actors::load(env, policy, reference, &tok, knobs)?;
-    errln!(
+    warnln!(
         "[ppo] reward {}, value model from {}, reference: {}",
         actors.rewards.names.join(" + "),
         value_src
@@ -421,7 +421,7 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
     );
     let rows = cfg.rollout_rows();
     if let Some(w) = rows.and_then(|(rows, size, table)| minibatch_warning(table, rows, size)) {
-        errln!("[ppo] warning: {w}");
+        warnln!("[ppo] warning: {w}");
     }
     let model = actors.policy.cfg.clone();
     let mut task = PpoTask {

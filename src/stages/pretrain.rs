@@ -349,13 +349,13 @@ fn document_mask_note(train: &TokenStream, t: usize, vocab: usize, eos: u32) -> 
     let mut ids = Vec::with_capacity(n);
     train.read(0, n, vocab, &mut ids)?;
     let ends = ids.iter().filter(|&&id| id == eos).count();
-    errln!(
+    warnln!(
         "[pretrain] document mask: {ends} documents end (EOS id {eos}) in the first {n} tokens, \
          {:.1} a window of {t}",
         ends as f64 * t as f64 / n as f64
     );
     if ends == 0 {
-        errln!(
+        warnln!(
             "[pretrain] warning: no EOS in the first {n} tokens; if the corpus separates its \
              documents by another token, [data] document_mask masks nothing"
         );
@@ -392,7 +392,7 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
     };
     if let (Some(data), Some(from)) = (cfg.data.path.as_deref(), tok_from) {
         if let Some(warning) = check_corpus_tokenizer(data, &tok, from)? {
-            errln!("warning: [pretrain] {warning}");
+            warnln!("warning: [pretrain] {warning}");
         }
     }
     // Held-out shards are checked as the training shards are, against the tokenizer the run
@@ -408,7 +408,7 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
             (None, None) => PathBuf::from("the default byte-level tokenizer"),
         };
         if let Some(warning) = check_corpus_tokenizer(eval, &tok, &from)? {
-            errln!("warning: [pretrain] --eval-data: {warning}");
+            warnln!("warning: [pretrain] --eval-data: {warning}");
         }
     }
     let mut model_cfg = match &init {
@@ -443,7 +443,7 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
             val.len()
         );
     }
-    errln!(
+    warnln!(
         "[pretrain] tokenizer {}, {source}, {} train / {} val tokens",
         tok.describe(),
         train.len(),

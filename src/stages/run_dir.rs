@@ -5,9 +5,10 @@
 //!
 //! Started over (`--overwrite`), the earlier run is set aside in the directory, not deleted,
 //! until the new run writes its first checkpoint: a new run that fails before that (a bad
-//! data file, a reward that will not answer) puts the earlier one back. A signal checkpoints
-//! the new run, which then stands in the earlier one's place. Until then the directory holds
-//! both runs' files.
+//! data file, a reward that will not answer) puts the earlier one back. A signal after its
+//! first step checkpoints the new run, which then stands in the earlier one's place; one
+//! during its setup puts the earlier one back too. Until then the directory holds both runs'
+//! files.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -352,7 +352,7 @@ fn pack(
     }
     let rows = best_fit_decreasing(&sizes, seq_len)?;
     let used: usize = sizes.iter().sum();
-    errln!(
+    warnln!(
         "[sft] packing: {} examples into {} rows of {seq_len} positions, {:.1}% of them real tokens",
         train.len(),
         rows.len(),

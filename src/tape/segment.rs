@@ -82,6 +82,10 @@ pub fn segment(
 }
 
 fn warn_foreign(what: &str) {
+    // Before the Once is spent: a rank thread that says nothing must not use up rank 0's line.
+    if crate::console::follower() {
+        return;
+    }
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         errln!(

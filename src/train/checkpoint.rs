@@ -164,7 +164,7 @@ impl Checkpoints {
             true => match older.pop() {
                 Some(p) => {
                     if say {
-                        crate::errln!(
+                        crate::warnln!(
                             "{}: missing or empty; taking the newest complete checkpoint, {}",
                             pointer.display(),
                             p.display()

@@ -22,7 +22,7 @@ use super::progress::Progress;
 use super::schedule::{lr_at, warmup_cut};
 use crate::config::TrainConfig;
 use crate::data::tokenizer::Tokenizer;
-use crate::dist::preempt::{self, Preempted};
+use crate::dist::preempt::{self, Preempted, StopPoint};
 use crate::dist::Communicator;
 use crate::io::{write_atomic, write_dir_atomic};
 use crate::kernels::KernelChoice;
@@ -470,7 +470,7 @@ fn resume<T: Task>(
                 fin.display()
             );
         }
-        errln!(
+        warnln!(
             "[{}] nothing to resume in {}; starting fresh",
             opts.label,
             opts.run_dir.display()
@@ -540,7 +540,7 @@ fn resume<T: Task>(
                 ),
                 false => String::new(),
             };
-            errln!(
+            warnln!(
                 "warning: [{}] {}{aside}; resuming from {}",
                 opts.label,
                 one_line(e),
@@ -552,7 +552,7 @@ fn resume<T: Task>(
     if opts.comm.rank() == 0 {
         set_aside_stale_final(opts)?;
     }
-    errln!(
+    warnln!(
         "[{}] resumed from {} at step {}",
         opts.label,
         dir.display(),
@@ -714,6 +714,16 @@ impl<T: Task> Loop<'_, T> {
     fn run(&mut self, start: usize) -> Result<TrainSummary<T::Eval>> {
         let cfg = self.opts.cfg;
         let label = self.opts.label;
+        // A signal during the setup (loading a large model, reading the data) stops the run
+        // here, before an evaluation and a step that may take minutes more: a resumed run
+        // holds its checkpoint already, and a fresh one has nothing to keep.
+        if self.stop_requested()? {
+            let at = match start {
+                0 => StopPoint::BeforeTraining,
+                s => StopPoint::After(s),
+            };
+            return Err(Preempted { at, told: false }.into());
+        }
         if self.opts.eval_at_start && start == 0 {
             self.first_eval = self.evaluate(0)?;
         }
@@ -788,7 +798,11 @@ impl<T: Task> Loop<'_, T> {
                 if !checkpointed {
                     self.checkpoint(s)?;
                 }
-                return Err(Preempted { step: Some(s) }.into());
+                return Err(Preempted {
+                    at: StopPoint::After(s),
+                    told: false,
+                }
+                .into());
             }
         }
         if let Some(p) = &progress {

@@ -190,7 +190,7 @@ pub fn import(dir: &Path, device: &Device) -> Result<Imported> {
         }
     }
     if vision > 0 {
-        errln!(
+        warnln!(
             "{}: {vision} tensors of Gemma 3's vision tower and projector left out: temper \
              trains, and exports, the language model alone",
             dir.display()
