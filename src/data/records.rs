@@ -1146,6 +1146,19 @@ pub fn record_files(path: &Path, part: Part) -> Result<Vec<PathBuf>> {
 /// A data file's records, each with its line (a Parquet row its 1-based number).
 pub type Lines = Vec<(usize, Map<String, Value>)>;
 
+/// The error of a data file that holds no record: alone it is the whole dataset, and fatal;
+/// among a split's several shards it is skipped ([`crate::stages::setup::load_files`]).
+#[derive(Debug)]
+pub struct NoRecords(pub PathBuf);
+
+impl std::fmt::Display for NoRecords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: empty file: no records", self.0.display())
+    }
+}
+
+impl std::error::Error for NoRecords {}
+
 /// The records of a stage dataset, JSONL or Parquet; a file with none is an error.
 pub(crate) fn read_records(path: &Path) -> Result<Lines> {
     read_records_with(path, &Columns::default())
@@ -1161,7 +1174,7 @@ pub fn read_records_with(path: &Path, columns: &Columns) -> Result<Lines> {
         columns.apply(&Loc { path, line: *line }, obj)?;
     }
     if records.is_empty() {
-        bail!("{}: empty file: no records", path.display());
+        return Err(NoRecords(path.to_path_buf()).into());
     }
     Ok(records)
 }
