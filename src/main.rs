@@ -578,6 +578,9 @@ fn launch_cmd(a: &LaunchArgs) -> Result<()> {
         return Err(UsageError(e.to_string()).into());
     };
     launch::check_counts(a.nproc_per_node, a.nnodes)?;
+    if !a.threads {
+        preempt::set_phase(preempt::Phase::Launching);
+    }
     preempt::install()?;
     if a.threads {
         if a.nnodes != 1 {

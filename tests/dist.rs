@@ -209,7 +209,8 @@ fn a_signal_during_setup_stops_the_run_before_it_trains() {
     args[4] = fresh.to_str().unwrap();
     let err = stop_in_setup(&args);
     assert!(
-        err.contains("stopped by a signal before its first step, with nothing trained; run the same command again"),
+        err.contains("stopped by a signal before its first step, with nothing trained; run the same command again")
+            && err.contains("temper: stopping once the setup is done, before the first step"),
         "{err}"
     );
     assert!(!fresh.join("checkpoints/latest").exists(), "{err}");
@@ -417,7 +418,8 @@ fn a_signal_to_a_launch_checkpoints_every_rank_and_resumes_the_curve() {
         if !kill {
             assert_eq!(out.status.code(), Some(75), "{err}");
             for line in [
-                "temper: stopping after this step",
+                "temper: stopping the ranks, each after its step",
+                "temper: stopping",
                 "stopped by a signal after step",
                 "[pretrain] tokenizer",
             ] {

@@ -9,7 +9,7 @@
 //! the first are ignored; a signal after that ends the process at once (the default action).
 //! Checkpoints are written atomically, so the last complete one stays readable.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU8, Ordering};
 
 use anyhow::Result;
 
@@ -31,6 +31,33 @@ static QUIET: AtomicBool = AtomicBool::new(false);
 /// Keeps the "stopping after this step" line of [`install`]'s handler off the terminal.
 pub fn set_quiet(quiet: bool) {
     QUIET.store(quiet, Ordering::SeqCst);
+}
+
+/// What the process is doing when a signal comes, which the handler's line says: a run in
+/// its setup stops before its first step, one training after the step under way, and a
+/// launcher passes the signal on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    Setup = 0,
+    Training = 1,
+    Launching = 2,
+}
+
+static PHASE: AtomicU8 = AtomicU8::new(Phase::Setup as u8);
+
+pub fn set_phase(phase: Phase) {
+    PHASE.store(phase as u8, Ordering::SeqCst);
+}
+
+/// The handler's first line for the phase numbered `phase`.
+fn stopping_line(phase: u8) -> &'static [u8] {
+    const _: () = assert!(GRACE_S == 5, "the lines name the grace period");
+    match phase {
+        p if p == Phase::Training as u8 => b"\ntemper: stopping after this step, with a checkpoint (signal again after 5 s to stop at once)\n",
+        p if p == Phase::Launching as u8 => b"\ntemper: stopping the ranks, each after its step, with a checkpoint (signal again after 5 s to stop at once)\n",
+        _ => b"\ntemper: stopping once the setup is done, before the first step (signal again after 5 s to stop at once)\n",
+    }
 }
 
 fn monotonic_s() -> i64 {
@@ -55,8 +82,7 @@ extern "C" fn on_signal(sig: libc::c_int) {
         if QUIET.load(Ordering::SeqCst) {
             return;
         }
-        const _: () = assert!(GRACE_S == 5, "the message names the grace period");
-        let msg = b"\ntemper: stopping after this step, with a checkpoint (signal again after 5 s to stop at once)\n";
+        let msg = stopping_line(PHASE.load(Ordering::SeqCst));
         // SAFETY: write(2) is async-signal-safe; `msg` outlives the call; errno is put back
         // for the code the signal interrupted.
         unsafe {

@@ -724,6 +724,15 @@ impl<T: Task> Loop<'_, T> {
             };
             return Err(Preempted { at, told: false }.into());
         }
+        // Back to setup when the loop ends, for a pipeline's next stage.
+        struct Training;
+        impl Drop for Training {
+            fn drop(&mut self) {
+                preempt::set_phase(preempt::Phase::Setup);
+            }
+        }
+        preempt::set_phase(preempt::Phase::Training);
+        let _training = Training;
         if self.opts.eval_at_start && start == 0 {
             self.first_eval = self.evaluate(0)?;
         }
