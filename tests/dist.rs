@@ -282,6 +282,43 @@ fn a_rank_that_cannot_reach_master_addr_fails_within_its_timeout() {
     );
 }
 
+/// A signal to a rank that waits for its peers (rank 0 listening, another rank retrying its
+/// connection) stops the wait and the run at once, as one during the rest of the setup does,
+/// rather than after the rendezvous's timeout.
+#[test]
+fn a_signal_stops_a_rank_waiting_for_its_peers() {
+    let d = tmp();
+    let port = free_port().to_string();
+    for rank in ["0", "1"] {
+        let child = temper()
+            .args([
+                "pretrain",
+                "--out",
+                p(d.path(), rank).to_str().unwrap(),
+                "--device",
+                "cpu",
+            ])
+            .env("RANK", rank)
+            .env("WORLD_SIZE", "3")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", &port)
+            .env("TEMPER_DIST_TIMEOUT_S", "120")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        let t0 = Instant::now();
+        sigterm(&child);
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(75), "rank {rank}: {err}");
+        assert!(t0.elapsed() < Duration::from_secs(20), "rank {rank}: {err}");
+        // Rank 0 says where the run stopped; the others say nothing of it.
+        let said = err.contains("stopped by a signal before its first step");
+        assert_eq!(said, rank == "0", "rank {rank}: {err}");
+    }
+}
+
 fn free_port() -> u16 {
     temper::dist::launch::free_port().unwrap()
 }

@@ -141,9 +141,10 @@ fn a_stopped_pipeline_resumes_where_it_stopped() {
     sigterm(&child);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(75), "{status}");
-    // The line it stops with names the resume this pipeline takes, its --scale included.
+    // The line it stops with names the resume this pipeline takes, its --scale and --device
+    // included.
     let said = std::fs::read_to_string(&log).unwrap();
-    let resume = format!("`temper pipeline --out {o} --resume --scale 0.05`");
+    let resume = format!("`temper pipeline --out {o} --resume --device cpu --scale 0.05`");
     assert!(said.contains(&resume), "{said}");
     assert!(out.join("pretrain/final/meta.json").exists());
     assert!(!out.join("sft/final").exists());

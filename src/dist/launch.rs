@@ -212,8 +212,29 @@ pub fn run(layout: &Layout, program: &std::path::Path, args: &[String]) -> Resul
     })
 }
 
-/// Kills and reaps every child (std refuses to signal one already reaped).
+/// How long the ranks left running get to end on SIGTERM once one has failed, before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Stops and reaps every child: SIGTERM first, so that a rank ends as a failed run does (an
+/// `--overwrite`'s set-aside run put back; a dead peer fails its next collective), then
+/// SIGKILL for those still running after [`STOP_GRACE`] (one blocked in an NCCL collective
+/// with a dead peer never returns).
 fn kill_all(children: &mut [(usize, Child)]) {
+    // try_wait reaps an ended child, and only a child not yet reaped may be signalled: its pid
+    // is still its own.
+    let running = |c: &mut Child| matches!(c.try_wait(), Ok(None));
+    for (_, c) in children.iter_mut() {
+        if running(c) {
+            // SAFETY: kill(2) on our own, not yet reaped, child's pid.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+            }
+        }
+    }
+    let deadline = std::time::Instant::now() + STOP_GRACE;
+    while std::time::Instant::now() < deadline && children.iter_mut().any(|(_, c)| running(c)) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     for (_, c) in children.iter_mut() {
         let _ = c.kill();
     }
@@ -283,5 +304,32 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(20));
         let msg = e.to_string();
         assert!(msg.contains("rank 1 failed (exit status 3)"), "{msg}");
+    }
+
+    /// The ranks left running get SIGTERM and time to end on it (a run puts back what its
+    /// `--overwrite` set aside), not an outright SIGKILL.
+    #[test]
+    fn the_other_ranks_get_to_end_on_sigterm() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().display();
+        let l = Layout {
+            nproc_per_node: 2,
+            nnodes: 1,
+            node_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: 1,
+        };
+        // Rank 1 fails once rank 0 is ready to clean up.
+        let script = format!(
+            "if [ \"$RANK\" = 1 ]; then while [ ! -e {dir}/ready ]; do sleep 0.05; done; exit 3; fi; \
+             trap 'touch {dir}/cleaned; exit 0' TERM; touch {dir}/ready; \
+             while :; do sleep 0.1; done"
+        );
+        let e = run(&l, std::path::Path::new("sh"), &["-c".into(), script]).unwrap_err();
+        assert!(e.to_string().contains("rank 1 failed"), "{e}");
+        assert!(
+            d.path().join("cleaned").exists(),
+            "rank 0 was killed outright"
+        );
     }
 }

@@ -11,6 +11,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::preempt::{self, Preempted, StopPoint};
+
+/// A signal that came while the ranks wait for each other stops the wait, as one during the
+/// rest of a run's setup stops it before its first step: the wait may last its whole timeout.
+fn stop_if_asked() -> Result<()> {
+    if preempt::requested() {
+        return Err(Preempted {
+            at: StopPoint::BeforeTraining,
+            told: false,
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// "tmpr": a stray connection (a port scanner, another job) is told apart from a rank.
 const MAGIC: u32 = 0x746d_7072;
 
@@ -52,6 +67,7 @@ pub fn serve(
                 arrived += 1;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                stop_if_asked()?;
                 if Instant::now() >= deadline {
                     let missing: Vec<String> = (1..world)
                         .filter(|&r| peers[r].is_none())
@@ -132,6 +148,7 @@ pub fn join(
             }
             Err(e) => format!("cannot resolve {addr}: {e}"),
         };
+        stop_if_asked()?;
         if Instant::now() >= deadline {
             return Err(unreachable(last));
         }

@@ -638,9 +638,16 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
 }
 
 /// The command that continues the pipeline `opts` began: a resume checks that it asks for the
-/// same seed, scale, stages and config.
+/// same seed, scale, stages and config, and takes the device and kernels it is given (so they
+/// are given again: the later stages would otherwise take the defaults).
 fn resume_command(opts: &PipelineOptions) -> String {
     let mut cmd = format!("temper pipeline --out {} --resume", opts.out.display());
+    if let Some(d) = opts.device {
+        cmd += &format!(" --device {}", d.name());
+    }
+    if let Some(k) = &opts.kernels {
+        cmd += &format!(" --kernels {k}");
+    }
     if !opts.with.is_empty() {
         let with: Vec<&str> = opts.with.iter().map(|e| Step::from(*e).name).collect();
         cmd += &format!(" --with {}", with.join(","));
@@ -743,6 +750,35 @@ mod tests {
             resume: false,
             report_to: None,
         }
+    }
+
+    /// The resume command a stopped pipeline prints reads back, through the CLI, as the options
+    /// it began with, `--resume` aside: its device and kernels too, which summary.json does
+    /// not keep, so that the later stages do not fall back to the defaults.
+    #[test]
+    fn the_printed_resume_command_reads_back_as_the_pipelines_options() {
+        let mut began = options(0.05);
+        began.out = PathBuf::from("runs/pipe");
+        began.with = vec![Extra::Dpo, Extra::Rloo];
+        began.device = Some(DeviceChoice::Cpu);
+        began.kernels = Some("all=reference".into());
+        began.seed = 3;
+        began.config = Some(PathBuf::from("pipe.toml"));
+        let cmd = resume_command(&began);
+        let args: Vec<&str> = cmd.split(' ').collect();
+        let crate::cli::Command::Pipeline(a) =
+            crate::cli::Cli::try_parse_args(&args).unwrap().command
+        else {
+            panic!("{cmd}: not a pipeline");
+        };
+        let back = a.options();
+        assert!(back.resume, "{cmd}");
+        assert_eq!(back.out, began.out, "{cmd}");
+        assert_eq!(back.with, began.with, "{cmd}");
+        assert_eq!(back.device, began.device, "{cmd}");
+        assert_eq!(back.kernels, began.kernels, "{cmd}");
+        assert_eq!((back.seed, back.scale), (began.seed, began.scale), "{cmd}");
+        assert_eq!(back.config, began.config, "{cmd}");
     }
 
     /// A final model summary.json lacks a result for is this pipeline's where summary.json
