@@ -314,7 +314,10 @@ fn a_signal_stops_a_rank_waiting_for_its_peers() {
         assert_eq!(out.status.code(), Some(75), "rank {rank}: {err}");
         assert!(t0.elapsed() < Duration::from_secs(20), "rank {rank}: {err}");
         // Rank 0 says where the run stopped; the others say nothing of it.
-        let said = err.contains("stopped by a signal before its first step");
+        let said = err.contains(
+            "stopped by a signal while its ranks waited for each other, its run directory \
+             untouched; run the same command again",
+        );
         assert_eq!(said, rank == "0", "rank {rank}: {err}");
     }
 }
@@ -456,6 +459,7 @@ fn a_signal_to_a_launch_checkpoints_every_rank_and_resumes_the_curve() {
             assert_eq!(out.status.code(), Some(75), "{err}");
             for line in [
                 "temper: stopping the ranks, each after its step",
+                // and no rank's own
                 "temper: stopping",
                 "stopped by a signal after step",
                 "[pretrain] tokenizer",

@@ -145,6 +145,9 @@ pub enum StopPoint {
     /// checkpointed (an `--overwrite` run's predecessor is back in its place), and the same
     /// command starts it again.
     BeforeTraining,
+    /// While the ranks waited for each other, before anything of the run was read or
+    /// written: the same command (a resume among them) starts it again.
+    Meeting,
     /// A launcher's view, which only sees its ranks exit.
     Unknown,
 }
@@ -155,6 +158,9 @@ impl StopPoint {
         match self {
             StopPoint::After(s) => format!("after step {s}, with a checkpoint there"),
             StopPoint::BeforeTraining => "before its first step, with nothing trained".into(),
+            StopPoint::Meeting => {
+                "while its ranks waited for each other, its run directory untouched".into()
+            }
             StopPoint::Unknown => "where its ranks stopped".into(),
         }
     }
@@ -163,7 +169,9 @@ impl StopPoint {
 impl std::fmt::Display for Preempted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let next = match self.at {
-            StopPoint::BeforeTraining => "run the same command again to start it",
+            StopPoint::BeforeTraining | StopPoint::Meeting => {
+                "run the same command again to start it"
+            }
             StopPoint::After(_) | StopPoint::Unknown => "continue with --resume",
         };
         write!(f, "stopped by a signal {}; {next}", self.at.state())

@@ -18,7 +18,7 @@ use super::preempt::{self, Preempted, StopPoint};
 fn stop_if_asked() -> Result<()> {
     if preempt::requested() {
         return Err(Preempted {
-            at: StopPoint::BeforeTraining,
+            at: StopPoint::Meeting,
             told: false,
         }
         .into());

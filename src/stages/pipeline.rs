@@ -603,6 +603,7 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
         // lacks for this pipeline's, not an earlier one's.
         summary.running = Some(step.name.to_string());
         summary.write(dir)?;
+        crate::dist::preempt::set_phase(crate::dist::preempt::Phase::Setup);
         let env = Env::prepare(cfg, &at, start)?;
         // A step started over replaces what was there at once: the pipeline's summary decides
         // what is stale, and a step trained from an earlier upstream model put back would be

@@ -724,15 +724,9 @@ impl<T: Task> Loop<'_, T> {
             };
             return Err(Preempted { at, told: false }.into());
         }
-        // Back to setup when the loop ends, for a pipeline's next stage.
-        struct Training;
-        impl Drop for Training {
-            fn drop(&mut self) {
-                preempt::set_phase(preempt::Phase::Setup);
-            }
-        }
+        // Until the process ends, or a pipeline's next stage begins its setup: a signal after
+        // the last step lets the run end as it would, with its final model.
         preempt::set_phase(preempt::Phase::Training);
-        let _training = Training;
         if self.opts.eval_at_start && start == 0 {
             self.first_eval = self.evaluate(0)?;
         }
