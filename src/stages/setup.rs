@@ -230,7 +230,7 @@ pub fn split_holdout<T>(
     what: &str,
 ) -> Result<(Vec<T>, Vec<T>)> {
     let data = &env.cfg.data;
-    let load_all = |files: &[PathBuf]| -> Result<Vec<T>> {
+    let load_all = |files: &[PathBuf], dir: &Path| -> Result<Vec<T>> {
         let (all, empty) = load_files(files, &load)?;
         if let (Some(first), true) = (empty.first(), env.comm.rank() == 0) {
             let (verbs, more) = match empty.len() {
@@ -241,20 +241,20 @@ pub fn split_holdout<T>(
                 "warning: {} of the {} files of {} {verbs} skipped: {}{more}",
                 empty.len(),
                 files.len(),
-                path.display(),
+                dir.display(),
                 first.display(),
             );
         }
         Ok(all)
     };
     let train_files = record_files(path, data.train_part())?;
-    let mut all = load_all(&train_files)?;
+    let mut all = load_all(&train_files, path)?;
     if let Some(e) = data.held_out_path() {
         let eval_files = record_files(e, data.held_out_part())?;
         if env.comm.rank() == 0 {
             warn_shared(&train_files, &eval_files, &data.held_out_by());
         }
-        let eval = load_all(&eval_files)?;
+        let eval = load_all(&eval_files, e)?;
         if env.comm.rank() == 0 {
             let from = match e == path {
                 true => data.held_out_by(),
