@@ -288,15 +288,20 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_failing_rank_brings_the_others_down() {
-        let l = Layout {
+    /// One node of two ranks, for scripts that never connect.
+    fn two_local_ranks() -> Layout {
+        Layout {
             nproc_per_node: 2,
             nnodes: 1,
             node_rank: 0,
             master_addr: "127.0.0.1".into(),
             master_port: 1,
-        };
+        }
+    }
+
+    #[test]
+    fn a_failing_rank_brings_the_others_down() {
+        let l = two_local_ranks();
         // Rank 0 sleeps "forever"; rank 1 fails at once.
         let script = "if [ \"$RANK\" = 1 ]; then exit 3; fi; sleep 60".to_string();
         let start = std::time::Instant::now();
@@ -312,13 +317,7 @@ mod tests {
     fn the_other_ranks_get_to_end_on_sigterm() {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().display();
-        let l = Layout {
-            nproc_per_node: 2,
-            nnodes: 1,
-            node_rank: 0,
-            master_addr: "127.0.0.1".into(),
-            master_port: 1,
-        };
+        let l = two_local_ranks();
         // Rank 1 fails once rank 0 is ready to clean up.
         let script = format!(
             "if [ \"$RANK\" = 1 ]; then while [ ! -e {dir}/ready ]; do sleep 0.05; done; exit 3; fi; \
