@@ -956,6 +956,14 @@ fn rl_over_two_ranks_checkpoints_inside_a_rollout_and_resumes_exactly() {
             err.contains("holds the rest of a rollout 2 rank(s) were training on, and this run has 1: the run samples a new rollout instead"),
             "{stage}: {err}"
         );
+        assert!(
+            err.contains(&format!(
+                "resumed on 1 rank(s), where its checkpoint was trained on 2: \
+                 [{stage}] minibatch_size and --grad-accum are per rank, so each step's global \
+                 batch is now 2 (2 per rank x 1 accumulated x 1) where it was 4"
+            )),
+            "{stage}: {err}"
+        );
         assert_eq!(losses(&one).len(), 6, "{stage}");
     }
 }

@@ -43,7 +43,7 @@ use super::setup::{self, Plan, PolicyPair};
 use super::Env;
 use crate::config::{
     AdvantageEstimator, GrpoConfig, ImportanceSamplingLevel, KlEstimator, KlPlace, LossType,
-    MultiObjective, ScaleRewards,
+    MultiObjective, ScaleRewards, TrainConfig,
 };
 use crate::data::records::PromptRecord;
 use crate::data::sampler::{state_u64, WindowSampler};
@@ -52,7 +52,7 @@ use crate::train::loss::{masked_mean, scalar};
 use crate::train::params::ParamStore;
 use crate::train::params::{ParamInfo, Role};
 use crate::train::rng::Rng;
-use crate::train::runner::{StepOut, Task};
+use crate::train::runner::{MicroBatch, StepOut, Task};
 
 struct GrpoTask<'a> {
     env: &'a Env,
@@ -248,6 +248,13 @@ impl GrpoTask<'_> {
 
 impl Task for GrpoTask<'_> {
     type Eval = PolicyEval;
+
+    fn micro_batch_size(&self, _: &TrainConfig) -> MicroBatch {
+        MicroBatch {
+            key: "[grpo] minibatch_size",
+            size: self.env.cfg.grpo.minibatch_size,
+        }
+    }
 
     fn micro_batch(&mut self, step: usize) -> Result<StepOut> {
         let mut metrics = vec![];

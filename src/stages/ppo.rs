@@ -35,14 +35,14 @@ use super::rollout::{
 use super::rollout::{minibatch_warning, read_unfinished, Extra, Tensors, Unfinished};
 use super::setup::{self, Plan, PolicyPair};
 use super::Env;
-use crate::config::{ImportanceSamplingLevel, PpoConfig, RewardSpec};
+use crate::config::{ImportanceSamplingLevel, PpoConfig, RewardSpec, TrainConfig};
 use crate::data::records::PromptRecord;
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::generate::{RowKeys, SampleCfg};
 use crate::train::loss::{masked_mean, scalar};
 use crate::train::params::{Net, ParamInfo, Role};
 use crate::train::rng::Rng;
-use crate::train::runner::{StepOut, Task};
+use crate::train::runner::{MicroBatch, StepOut, Task};
 
 /// What PPO keeps per rollout besides the advantages: the critic's values and the returns.
 struct Critic {
@@ -231,6 +231,13 @@ impl PpoTask<'_> {
 
 impl Task for PpoTask<'_> {
     type Eval = PolicyEval;
+
+    fn micro_batch_size(&self, _: &TrainConfig) -> MicroBatch {
+        MicroBatch {
+            key: "[ppo] minibatch_size",
+            size: self.env.cfg.ppo.minibatch_size,
+        }
+    }
 
     /// Step 4: one minibatch of the current rollout (sampling a new one when it is used up).
     fn micro_batch(&mut self, step: usize) -> Result<StepOut> {

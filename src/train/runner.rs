@@ -68,6 +68,14 @@ pub trait Task {
         None
     }
 
+    /// What one micro-batch draws on each rank, for the lines that give a data-parallel
+    /// run's global batch: `[train] batch_size` items unless the stage's own setting says.
+    fn micro_batch_size(&self, cfg: &TrainConfig) -> MicroBatch {
+        MicroBatch {
+            key: "--batch-size",
+            size: cfg.batch_size,
+        }
+    }
     /// Called once optimizer step `done` (1-based) has updated the weights on every rank,
     /// before that step's evaluation and checkpoint (TR-DPO moves DPO's and GRPO's reference
     /// here; GRPO's adaptive entropy control takes the step's entropy).
@@ -86,6 +94,13 @@ pub trait Task {
     fn read_files(&mut self, _dir: &Path) -> Result<()> {
         Ok(())
     }
+}
+
+/// A stage's per-rank micro-batch: the setting that sizes it, and its size.
+#[derive(Clone, Copy, Debug)]
+pub struct MicroBatch {
+    pub key: &'static str,
+    pub size: usize,
 }
 
 /// The model a checkpoint holds: which parameters, and what to call it.
@@ -198,6 +213,10 @@ struct LoopState {
     last_eval: Option<serde_json::Value>,
     #[serde(default)]
     last_train_loss: Option<f64>,
+    /// The ranks the run trained on (absent from checkpoints before it was kept): batch
+    /// settings are per rank, so a resume on another number changes each step's global batch.
+    #[serde(default)]
+    world: Option<usize>,
 }
 
 /// The train loss and extra metrics summed since the last log, each with its count: a log
@@ -346,6 +365,7 @@ pub fn train<T: Task>(
         opt.keep_compute_copies(crate::device::compute_dtype(cfg.dtype, &saved.store.device))?;
     }
     let main = opts.comm.rank() == 0;
+    let batch = task.micro_batch_size(cfg);
     if main && opts.resume && resumed.is_none() {
         // Nothing to resume: the run starts over, and its step-0 evaluation would be logged
         // a second time.
@@ -373,8 +393,8 @@ pub fn train<T: Task>(
                 1 => String::new(),
                 n => format!(
                     ", data parallel over {n} ranks (global batch {} = {} per rank x {} accumulated x {n}){}",
-                    cfg.batch_size * cfg.grad_accum * n,
-                    cfg.batch_size,
+                    batch.size * cfg.grad_accum * n,
+                    batch.size,
                     cfg.grad_accum,
                     match opt.sharded() {
                         true => format!(
@@ -558,7 +578,44 @@ fn resume<T: Task>(
         dir.display(),
         st.step
     );
+    let batch = task.micro_batch_size(opts.cfg);
+    let change = |was| world_change(batch, opts.cfg.grad_accum, was, opts.comm.world());
+    if let Some(note) = st.world.and_then(change) {
+        warnln!("note: [{}] {note}", opts.label);
+    }
     Ok(Some(st))
+}
+
+/// What a resume on `now` ranks of a run that trained on `was` changes: batch settings are
+/// per rank, so each optimizer step's global batch scales with the ranks while the schedule,
+/// counted in steps, does not. DeepSpeed keeps a configured global batch by recomputing the
+/// accumulation; temper's settings name the per-rank batch, so it says what to give instead.
+fn world_change(batch: MicroBatch, accum: usize, was: usize, now: usize) -> Option<String> {
+    if was == now || was == 0 {
+        return None;
+    }
+    let per_rank = batch.size * accum;
+    let keep = match (accum * was) % now {
+        0 => format!(
+            "--grad-accum {} keeps it at {}",
+            accum * was / now,
+            per_rank * was
+        ),
+        _ => format!(
+            "to keep it, choose {} and --grad-accum so that their product times {now} is {}",
+            batch.key,
+            per_rank * was
+        ),
+    };
+    Some(format!(
+        "resumed on {now} rank(s), where its checkpoint was trained on {was}: {} and \
+         --grad-accum are per rank, so each step's global batch is now {} ({} per rank x {accum} \
+         accumulated x {now}) where it was {}, on the same learning-rate schedule; {keep}",
+        batch.key,
+        per_rank * now,
+        batch.size,
+        per_rank * was,
+    ))
 }
 
 /// A step no checkpoint has, for a rank that loaded none.
@@ -985,6 +1042,7 @@ impl<T: Task> Loop<'_, T> {
         let (saved, opt, task) = (self.saved, &self.opt, &*self.task);
         let (window, first_eval) = (&self.window, self.first_eval.as_ref());
         let (last_eval, last_train_loss) = (self.last_eval.as_ref(), self.last_train_loss);
+        let world = self.opts.comm.world();
         self.ckpts.save(s, |dir| {
             saved.write_model(dir, s)?;
             AdamW::save(&state, &dir.join("optimizer.safetensors"))?;
@@ -997,6 +1055,7 @@ impl<T: Task> Loop<'_, T> {
                 first_eval: first_eval.map(serde_json::to_value).transpose()?,
                 last_eval: last_eval.map(serde_json::to_value).transpose()?,
                 last_train_loss,
+                world: Some(world),
             };
             write_atomic(
                 &dir.join("state.json"),
@@ -1024,6 +1083,32 @@ pub fn fmt_metrics(m: &[(&str, f64)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resume_on_other_ranks_says_how_the_global_batch_changes() {
+        let b = |size| MicroBatch {
+            key: "--batch-size",
+            size,
+        };
+        assert!(world_change(b(8), 1, 4, 4).is_none());
+        assert!(
+            world_change(b(8), 1, 0, 4).is_none(),
+            "a count never recorded"
+        );
+        let fewer = world_change(b(8), 2, 4, 2).unwrap();
+        assert!(fewer.contains("resumed on 2 rank(s), where its checkpoint was trained on 4"));
+        assert!(fewer
+            .contains("global batch is now 32 (8 per rank x 2 accumulated x 2) where it was 64"));
+        assert!(fewer.ends_with("--grad-accum 4 keeps it at 64"), "{fewer}");
+        let odd = world_change(b(8), 1, 2, 3).unwrap();
+        assert!(odd.contains("is now 24 (8 per rank x 1 accumulated x 3) where it was 16"));
+        assert!(
+            odd.ends_with(
+                "choose --batch-size and --grad-accum so that their product times 3 is 16"
+            ),
+            "{odd}"
+        );
+    }
 
     #[test]
     fn each_metric_is_averaged_over_the_reports_it_has() {
