@@ -642,12 +642,15 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
 /// same seed, scale, stages and config, and takes the device and kernels it is given (so they
 /// are given again: the later stages would otherwise take the defaults).
 fn resume_command(opts: &PipelineOptions) -> String {
-    let mut cmd = format!("temper pipeline --out {} --resume", opts.out.display());
+    let mut cmd = format!(
+        "temper pipeline --out {} --resume",
+        shell_word(&opts.out.display().to_string())
+    );
     if let Some(d) = opts.device {
         cmd += &format!(" --device {}", d.name());
     }
     if let Some(k) = &opts.kernels {
-        cmd += &format!(" --kernels {k}");
+        cmd += &format!(" --kernels {}", shell_word(k));
     }
     if !opts.with.is_empty() {
         let with: Vec<&str> = opts.with.iter().map(|e| Step::from(*e).name).collect();
@@ -660,9 +663,19 @@ fn resume_command(opts: &PipelineOptions) -> String {
         cmd += &format!(" --scale {}", opts.scale);
     }
     if let Some(c) = &opts.config {
-        cmd += &format!(" --config {}", c.display());
+        cmd += &format!(" --config {}", shell_word(&c.display().to_string()));
     }
     cmd
+}
+
+/// `word` as a POSIX shell reads it back whole: as it is where nothing in it is special, else
+/// single-quoted (a path with a space, say, which the printed command must not split).
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./:=,+@%".contains(c);
+    match !word.is_empty() && word.chars().all(plain) {
+        true => word.to_string(),
+        false => format!("'{}'", word.replace('\'', r"'\''")),
+    }
 }
 
 impl Summary {
@@ -767,6 +780,7 @@ mod tests {
         began.config = Some(PathBuf::from("pipe.toml"));
         let cmd = resume_command(&began);
         let args: Vec<&str> = cmd.split(' ').collect();
+        assert_eq!(args.len(), 17, "{cmd}: nothing here needs quoting");
         let crate::cli::Command::Pipeline(a) =
             crate::cli::Cli::try_parse_args(&args).unwrap().command
         else {
@@ -780,6 +794,39 @@ mod tests {
         assert_eq!(back.kernels, began.kernels, "{cmd}");
         assert_eq!((back.seed, back.scale), (began.seed, began.scale), "{cmd}");
         assert_eq!(back.config, began.config, "{cmd}");
+    }
+
+    /// A path with a space or a quote in it comes back whole from the shell.
+    #[test]
+    fn the_resume_command_quotes_what_the_shell_would_split() {
+        let mut began = options(0.05);
+        began.out = PathBuf::from("my runs/it's here");
+        began.config = Some(PathBuf::from("$HOME/pipe.toml"));
+        let cmd = resume_command(&began);
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf '%s\\n' {cmd}"))
+            .output()
+            .unwrap();
+        let words = String::from_utf8(out.stdout).unwrap();
+        let words: Vec<&str> = words.lines().collect();
+        assert_eq!(
+            words,
+            [
+                "temper",
+                "pipeline",
+                "--out",
+                "my runs/it's here",
+                "--resume",
+                "--scale",
+                "0.05",
+                "--config",
+                "$HOME/pipe.toml"
+            ],
+            "{cmd}"
+        );
+        assert_eq!(shell_word("runs/a-b_c.1"), "runs/a-b_c.1");
+        assert_eq!(shell_word(""), "''");
     }
 
     /// A final model summary.json lacks a result for is this pipeline's where summary.json
