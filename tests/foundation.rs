@@ -2237,3 +2237,44 @@ fn sft_trains_on_generates_empty_completions() {
     ]);
     assert!(out.join("final/model.safetensors").exists());
 }
+
+/// A prompts directory whose split has an empty shard among others (a split cut into more
+/// shards than it has rows) serves the other shards' prompts, to `generate` and to `eval`,
+/// and says which shard it skipped.
+#[test]
+fn an_empty_prompt_shard_among_others_is_skipped_with_a_warning() {
+    let d = tmp();
+    let dir = p(d.path(), "prompts");
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    let shard = |i: usize, body: &str| {
+        let f = dir.join(format!("data/test-0000{i}-of-00002.jsonl"));
+        std::fs::write(&f, body).unwrap();
+    };
+    shard(0, "");
+    shard(
+        1,
+        "{\"prompt\": \"1 plus 1 is\", \"answer\": \"2\"}\n\
+         {\"prompt\": \"2 plus 2 is\", \"answer\": \"4\"}\n",
+    );
+    let llama = fixture("llama");
+    let dir_s = dir.to_str().unwrap();
+    let warned = "warning: 1 of the 2 files of";
+    for (cmd, extra) in [
+        ("generate", ["--split", "test", "--max-new-tokens", "2"]),
+        ("eval", ["--split", "test", "--max-new-tokens", "2"]),
+    ] {
+        let mut args = vec![cmd, "--checkpoint", &llama, "--prompts", dir_s];
+        args.extend(extra);
+        args.extend(["--device", "cpu"]);
+        let out = run_ok(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(warned) && err.contains("test-00000-of-00002.jsonl"),
+            "{cmd}: {err}"
+        );
+        if cmd == "generate" {
+            let lines = String::from_utf8_lossy(&out.stdout).lines().count();
+            assert_eq!(lines, 2, "{cmd}: one completion a prompt");
+        }
+    }
+}

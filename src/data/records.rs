@@ -950,10 +950,12 @@ pub fn load_prompts_lazily(
     columns: &Columns,
     template: impl FnOnce() -> Result<Option<ChatTemplate>>,
 ) -> Result<Vec<PromptRecord>> {
-    let mut files = Vec::new();
-    for f in record_files(path, part)? {
-        let lines = read_records_with(&f, columns)?;
-        files.push((f, lines));
+    let names = record_files(path, part)?;
+    let (files, empty) = load_shards(&names, |f| {
+        Ok(vec![(f.to_path_buf(), read_records_with(f, columns)?)])
+    })?;
+    if let Some(w) = skipped_shards(&names, &empty, path) {
+        crate::errln!("warning: {w}");
     }
     let chat = files.iter().any(|(_, lines)| {
         lines
@@ -1147,7 +1149,7 @@ pub fn record_files(path: &Path, part: Part) -> Result<Vec<PathBuf>> {
 pub type Lines = Vec<(usize, Map<String, Value>)>;
 
 /// The error of a data file that holds no record: alone it is the whole dataset, and fatal;
-/// among a split's several shards it is skipped ([`crate::stages::setup::load_files`]).
+/// among a split's several shards it is skipped ([`load_shards`]).
 #[derive(Debug)]
 pub struct NoRecords(pub PathBuf);
 
@@ -1158,6 +1160,45 @@ impl std::fmt::Display for NoRecords {
 }
 
 impl std::error::Error for NoRecords {}
+
+/// A directory's files, of the split asked for, loaded one after another, and those that hold
+/// no record: a dataset's shard may be empty (a split cut into more shards than it has rows),
+/// and the others still hold the split. Where every file is empty, the first one's error.
+pub fn load_shards<T>(
+    files: &[PathBuf],
+    load: impl Fn(&Path) -> Result<Vec<T>>,
+) -> Result<(Vec<T>, Vec<&Path>)> {
+    let (mut all, mut empty) = (Vec::new(), Vec::new());
+    for f in files {
+        match load(f) {
+            Ok(records) => all.extend(records),
+            Err(e) if files.len() > 1 && e.downcast_ref::<NoRecords>().is_some() => {
+                empty.push(f.as_path())
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    match empty.first() {
+        Some(first) if all.is_empty() => Err(NoRecords(first.to_path_buf()).into()),
+        _ => Ok((all, empty)),
+    }
+}
+
+/// The warning for the `empty` shards [`load_shards`] skipped among `files`, from `dir`.
+pub fn skipped_shards(files: &[PathBuf], empty: &[&Path], dir: &Path) -> Option<String> {
+    let first = empty.first()?;
+    let (verbs, more) = match empty.len() {
+        1 => ("holds no records and is", String::new()),
+        n => ("hold no records and are", format!(" and {} more", n - 1)),
+    };
+    Some(format!(
+        "{} of the {} files of {} {verbs} skipped: {}{more}",
+        empty.len(),
+        files.len(),
+        dir.display(),
+        first.display(),
+    ))
+}
 
 /// The records of a stage dataset, JSONL or Parquet; a file with none is an error.
 pub(crate) fn read_records(path: &Path) -> Result<Lines> {
@@ -1182,6 +1223,42 @@ pub fn read_records_with(path: &Path, columns: &Columns) -> Result<Lines> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An empty shard among a split's files is skipped and named; alone, or with every other
+    /// file empty too, it is the error it always was; any other error stops the load.
+    #[test]
+    fn empty_shards_are_skipped_among_others() {
+        let d = tempfile::tempdir().unwrap();
+        let file = |name: &str, body: &str| {
+            let p = d.path().join(name);
+            std::fs::write(&p, body).unwrap();
+            p
+        };
+        let a = file("a.jsonl", "{\"x\": 1}\n{\"x\": 2}\n");
+        let e1 = file("e1.jsonl", "");
+        let e2 = file("e2.jsonl", "\n");
+        let bad = file("bad.jsonl", "{\"x\": \n");
+        let load = |f: &Path| -> Result<Vec<i64>> {
+            Ok(crate::data::records::read_records(f)?
+                .into_iter()
+                .map(|(_, r)| r["x"].as_i64().unwrap())
+                .collect())
+        };
+        let files = [e1.clone(), a.clone(), e2.clone()];
+        let (all, empty) = load_shards(&files, load).unwrap();
+        assert_eq!(all, [1, 2]);
+        assert_eq!(empty, [e1.as_path(), e2.as_path()]);
+        for files in [vec![e1.clone()], vec![e2.clone(), e1.clone()]] {
+            let e = load_shards(&files, load).unwrap_err().to_string();
+            assert!(
+                e.ends_with("e2.jsonl: empty file: no records") || files.len() == 1,
+                "{e}"
+            );
+            assert!(e.contains("empty file: no records"), "{e}");
+        }
+        let e = load_shards(&[a, e1, bad], load).unwrap_err().to_string();
+        assert!(e.contains("bad.jsonl"), "{e}");
+    }
 
     fn file(dir: &tempfile::TempDir, name: &str, body: &str) -> std::path::PathBuf {
         let p = dir.path().join(name);

@@ -12,7 +12,7 @@ use super::Env;
 use crate::config::{Holdout, LoraConfig, ModelConfig, RunConfig, Stage, Truncation};
 use crate::data::chat_template::ChatTemplate;
 use crate::data::records::{
-    place, prompts_from, read_records_with, record_files, NoRecords, PromptRecord,
+    load_shards, place, prompts_from, read_records_with, record_files, skipped_shards, PromptRecord,
 };
 use crate::data::splits::warn_shared;
 use crate::data::synthetic::{Split, Synthetic};
@@ -231,19 +231,9 @@ pub fn split_holdout<T>(
 ) -> Result<(Vec<T>, Vec<T>)> {
     let data = &env.cfg.data;
     let load_all = |files: &[PathBuf], dir: &Path| -> Result<Vec<T>> {
-        let (all, empty) = load_files(files, &load)?;
-        if let (Some(first), true) = (empty.first(), env.comm.rank() == 0) {
-            let (verbs, more) = match empty.len() {
-                1 => ("holds no records and is", String::new()),
-                n => ("hold no records and are", format!(" and {} more", n - 1)),
-            };
-            crate::errln!(
-                "warning: {} of the {} files of {} {verbs} skipped: {}{more}",
-                empty.len(),
-                files.len(),
-                dir.display(),
-                first.display(),
-            );
+        let (all, empty) = load_shards(files, &load)?;
+        if let (Some(w), true) = (skipped_shards(files, &empty, dir), env.comm.rank() == 0) {
+            crate::errln!("warning: {w}");
         }
         Ok(all)
     };
@@ -304,29 +294,6 @@ pub fn split_holdout<T>(
         );
     }
     Ok((train, eval))
-}
-
-/// A directory's files, of the split asked for, loaded one after another, and those that hold
-/// no record: a dataset's shard may be empty (a split cut into more shards than it has rows),
-/// and the others still hold the split. Where every file is empty, the first one's error.
-pub(crate) fn load_files<T>(
-    files: &[PathBuf],
-    load: impl Fn(&Path) -> Result<Vec<T>>,
-) -> Result<(Vec<T>, Vec<&Path>)> {
-    let (mut all, mut empty) = (Vec::new(), Vec::new());
-    for f in files {
-        match load(f) {
-            Ok(records) => all.extend(records),
-            Err(e) if files.len() > 1 && e.downcast_ref::<NoRecords>().is_some() => {
-                empty.push(f.as_path())
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    match empty.first() {
-        Some(first) if all.is_empty() => Err(NoRecords(first.to_path_buf()).into()),
-        _ => Ok((all, empty)),
-    }
 }
 
 /// `n` of the indices `0..len`: those whose hashes are smallest.
@@ -730,42 +697,6 @@ pub fn recorded_task_world(init: &Path) -> Result<(Option<u64>, Option<u32>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// An empty shard among a split's files is skipped and named; alone, or with every other
-    /// file empty too, it is the error it always was; any other error stops the load.
-    #[test]
-    fn empty_shards_are_skipped_among_others() {
-        let d = tempfile::tempdir().unwrap();
-        let file = |name: &str, body: &str| {
-            let p = d.path().join(name);
-            std::fs::write(&p, body).unwrap();
-            p
-        };
-        let a = file("a.jsonl", "{\"x\": 1}\n{\"x\": 2}\n");
-        let e1 = file("e1.jsonl", "");
-        let e2 = file("e2.jsonl", "\n");
-        let bad = file("bad.jsonl", "{\"x\": \n");
-        let load = |f: &Path| -> Result<Vec<i64>> {
-            Ok(crate::data::records::read_records(f)?
-                .into_iter()
-                .map(|(_, r)| r["x"].as_i64().unwrap())
-                .collect())
-        };
-        let files = [e1.clone(), a.clone(), e2.clone()];
-        let (all, empty) = load_files(&files, load).unwrap();
-        assert_eq!(all, [1, 2]);
-        assert_eq!(empty, [e1.as_path(), e2.as_path()]);
-        for files in [vec![e1.clone()], vec![e2.clone(), e1.clone()]] {
-            let e = load_files(&files, load).unwrap_err().to_string();
-            assert!(
-                e.ends_with("e2.jsonl: empty file: no records") || files.len() == 1,
-                "{e}"
-            );
-            assert!(e.contains("empty file: no records"), "{e}");
-        }
-        let e = load_files(&[a, e1, bad], load).unwrap_err().to_string();
-        assert!(e.contains("bad.jsonl"), "{e}");
-    }
 
     /// A run from a Hugging Face model, and a run from that run (by its directory or its
     /// final checkpoint, a relative init among them), descend from it; a run from scratch
