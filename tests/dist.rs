@@ -284,42 +284,57 @@ fn a_rank_that_cannot_reach_master_addr_fails_within_its_timeout() {
 
 /// A signal to a rank that waits for its peers (rank 0 listening, another rank retrying its
 /// connection) stops the wait and the run at once, as one during the rest of the setup does,
-/// rather than after the rendezvous's timeout.
+/// rather than after the rendezvous's timeout; a signal to rank 0 alone stops the ranks
+/// already waiting on it too, since none has gone on before every rank arrived.
 #[test]
 fn a_signal_stops_a_rank_waiting_for_its_peers() {
     let d = tmp();
     let port = free_port().to_string();
-    for rank in ["0", "1"] {
-        let child = temper()
+    let rank = |r: &str| {
+        temper()
             .args([
                 "pretrain",
                 "--out",
-                p(d.path(), rank).to_str().unwrap(),
+                p(d.path(), r).to_str().unwrap(),
                 "--device",
                 "cpu",
             ])
-            .env("RANK", rank)
+            .env("RANK", r)
             .env("WORLD_SIZE", "3")
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", &port)
             .env("TEMPER_DIST_TIMEOUT_S", "120")
             .stderr(std::process::Stdio::piped())
             .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(1500));
-        let t0 = Instant::now();
-        sigterm(&child);
+            .unwrap()
+    };
+    let stop_line = "stopped by a signal while its ranks waited for each other, its run \
+                     directory untouched; run the same command again";
+    let ended = |r: &str, child: std::process::Child, t0: Instant| {
         let out = child.wait_with_output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(75), "rank {rank}: {err}");
-        assert!(t0.elapsed() < Duration::from_secs(20), "rank {rank}: {err}");
-        // Rank 0 says where the run stopped; the others say nothing of it.
-        let said = err.contains(
-            "stopped by a signal while its ranks waited for each other, its run directory \
-             untouched; run the same command again",
-        );
-        assert_eq!(said, rank == "0", "rank {rank}: {err}");
-    }
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(75), "rank {r}: {err}");
+        assert!(t0.elapsed() < Duration::from_secs(20), "rank {r}: {err}");
+        err
+    };
+    // Rank 1 alone, retrying its connection: it stops, and says nothing of where the run
+    // stopped (rank 0 says that).
+    let alone = rank("1");
+    std::thread::sleep(Duration::from_millis(1500));
+    let t0 = Instant::now();
+    sigterm(&alone);
+    let err = ended("1", alone, t0);
+    assert!(!err.contains("stopped by a signal"), "{err}");
+    // Rank 0 listening with rank 1 connected and rank 2 missing: the signal to rank 0 alone
+    // stops both.
+    let (zero, one) = (rank("0"), rank("1"));
+    std::thread::sleep(Duration::from_millis(2500));
+    let t0 = Instant::now();
+    sigterm(&zero);
+    let err = ended("0", zero, t0);
+    assert!(err.contains(stop_line), "rank 0: {err}");
+    let err = ended("1", one, t0);
+    assert!(!err.contains("stopped by a signal"), "rank 1: {err}");
 }
 
 fn free_port() -> u16 {
