@@ -213,10 +213,34 @@ fn or_list(exts: &[&str]) -> String {
 /// be left out. A directory that names no split is read whole.
 fn split_files(root: &Path, files: Vec<PathBuf>, part: Part) -> Result<Vec<PathBuf>> {
     let asked = part.name.map(str::to_lowercase);
-    let placed: Vec<Option<Placed>> = files
+    let rel = |f: &PathBuf| f.strip_prefix(root).unwrap_or(f).to_path_buf();
+    let mut placed: Vec<Option<Placed>> = files
         .iter()
-        .map(|f| split_at(f.strip_prefix(root).unwrap_or(f), asked.as_deref()))
+        .map(|f| split_at(&rel(f), asked.as_deref()))
         .collect();
+    // `train_prefs.jsonl` beside `test_prefs.jsonl` names no split by the rule above, which
+    // keeps a corpus's `training_day.txt` read with the rest; but names that lead with words
+    // of different kinds are a dataset's splits (`datasets` reads a leading word too), and
+    // read whole they would train on the test split. They are splits of their own names, as
+    // their shards would be.
+    let leading: Vec<Option<Kind>> = files
+        .iter()
+        .zip(&placed)
+        .map(|(f, at)| at.is_none().then(|| leading_kind(&rel(f))).flatten())
+        .collect();
+    let kinds: BTreeSet<u8> = leading.iter().flatten().map(|k| *k as u8).collect();
+    if kinds.len() > 1 {
+        for ((f, at), lead) in files.iter().zip(&mut placed).zip(&leading) {
+            if lead.is_some() {
+                let r = rel(f);
+                *at = Some(Placed {
+                    name: stem_of(&r),
+                    home: r.parent().unwrap_or(Path::new("")).to_path_buf(),
+                    inner: None,
+                });
+            }
+        }
+    }
     let splits: BTreeSet<&str> = placed.iter().flatten().map(|p| p.name.as_str()).collect();
     let listed = || {
         let v: Vec<&str> = splits.iter().copied().collect();
@@ -388,6 +412,27 @@ fn split_at(rel: &Path, asked: Option<&str>) -> Option<Placed> {
         return Some(at(&dirs[i], rel.iter().take(i + 1).collect(), shard));
     }
     shard.map(|word| at(word, parent, None))
+}
+
+/// A file's name in lower case, without its extension.
+fn stem_of(rel: &Path) -> String {
+    let file = rel
+        .file_name()
+        .map(|f| f.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    match file.rsplit_once('.') {
+        Some((stem, _)) => stem.to_string(),
+        None => file,
+    }
+}
+
+/// The kind of split the first word of a file's name is (`train` of `train_prefs.jsonl`).
+fn leading_kind(rel: &Path) -> Option<Kind> {
+    let stem = stem_of(rel);
+    let first = stem
+        .split(|c: char| "-_. ".contains(c) || c.is_ascii_digit())
+        .find(|w| !w.is_empty())?;
+    keyword(first)
 }
 
 /// The split a shard's stem names: `train_prefs` of `train_prefs-00000-of-00002`, dots and
@@ -634,6 +679,47 @@ mod tests {
             e.contains("its train split is a directory whose files name splits of their own (test_prefs, train_prefs): name one of those with --train-split NAME"),
             "{e}"
         );
+    }
+
+    /// Files whose names lead with words of different kinds (`train_prefs.jsonl`,
+    /// `test_prefs.jsonl`) are splits of their own names, one of which must be chosen, where
+    /// read whole they trained on the test split; names leading with one kind alone (a
+    /// corpus's `training_day.txt`) name no split, and are read with the rest.
+    #[test]
+    fn names_leading_with_different_kinds_are_splits_of_their_own() {
+        let d = tree(&["train_prefs.jsonl", "test_prefs.jsonl", "train_gen.jsonl"]);
+        let e = err(read(&d, Part::train()));
+        assert!(
+            e.contains(
+                "its files name the splits test_prefs, train_gen, train_prefs and none is a \
+                 train split by name: name the one to read with --train-split NAME"
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            read(&d, Part::train().named(Some("train_prefs"))).unwrap(),
+            ["train_prefs.jsonl"]
+        );
+        assert_eq!(
+            read(&d, Part::held_out().named(Some("test_prefs"))).unwrap(),
+            ["test_prefs.jsonl"]
+        );
+        let corpus = tree(&["training_day.txt", "train-robbery.txt", "other.txt"]);
+        assert_eq!(
+            data_files(corpus.path(), Part::train(), &["txt"])
+                .unwrap()
+                .len(),
+            3
+        );
+        // Beside splits named by kind, they are left out as any file naming none.
+        let mixed = tree(&[
+            "sft_train.jsonl",
+            "sft_test.jsonl",
+            "train_notes.jsonl",
+            "test_notes.jsonl",
+        ]);
+        assert_eq!(read(&mixed, Part::train()).unwrap(), ["sft_train.jsonl"]);
+        assert_eq!(read(&mixed, Part::held_out()).unwrap(), ["sft_test.jsonl"]);
     }
 
     #[test]
