@@ -2278,3 +2278,52 @@ fn an_empty_prompt_shard_among_others_is_skipped_with_a_warning() {
         }
     }
 }
+
+/// A run directory without its final model (stopped, or still training) is read at its latest
+/// checkpoint, and a reader says so, naming it: a run begun from a run half trained is
+/// otherwise noticed only when a later resume finds its init changed.
+#[test]
+fn reading_an_unfinished_run_names_the_checkpoint_it_reads() {
+    let d = tmp();
+    let cfg = p(d.path(), "c.toml");
+    std::fs::write(&cfg, TINY_TOML).unwrap();
+    let run = p(d.path(), "run");
+    let (c, r) = (cfg.to_str().unwrap(), run.to_str().unwrap());
+    run_ok(&[
+        "pretrain",
+        "--config",
+        c,
+        "--out",
+        r,
+        "--steps",
+        "2",
+        "--checkpoint-every",
+        "1",
+        "--device",
+        "cpu",
+    ]);
+    let gen = |ckpt: &Path| {
+        let args = [
+            "generate",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--prompt",
+            "1",
+        ];
+        let o = run_ok(&[&args[..], &["--max-new-tokens", "2", "--device", "cpu"]].concat());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let warned = "the run has no final model (it is unfinished, or was stopped); reading its \
+                  latest checkpoint";
+    assert!(!gen(&run).contains(warned), "a finished run");
+    std::fs::remove_dir_all(run.join("final")).unwrap();
+    let err = gen(&run);
+    assert!(
+        err.contains(warned) && err.contains("step-0000002"),
+        "{err}"
+    );
+    assert!(
+        !gen(&run.join("checkpoints/step-0000001")).contains(warned),
+        "a checkpoint named"
+    );
+}

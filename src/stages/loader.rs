@@ -13,7 +13,9 @@ use crate::config::{LoraConfig, Stage};
 use crate::data::chat_template::ChatTemplate;
 use crate::data::tokenizer::Tokenizer;
 use crate::model::{hf, ScalarHead, Transformer};
-use crate::train::checkpoint::{resolve_checkpoint, CheckpointKind, CheckpointMeta};
+use crate::train::checkpoint::{
+    resolve_checkpoint, resolve_checkpoint_for_model, CheckpointKind, CheckpointMeta,
+};
 use crate::train::params::{set_checked, Net, ParamStore, Role};
 
 pub struct Loaded {
@@ -37,7 +39,7 @@ pub fn read_checkpoint(path: &Path, device: &Device) -> Result<Loaded> {
     if hf::is_peft_dir(path) {
         return import_peft(path, device);
     }
-    let dir = resolve_checkpoint(path)?;
+    let dir = resolve_checkpoint_for_model(path)?;
     let meta = CheckpointMeta::read(&dir)?;
     let file = dir.join("model.safetensors");
     let mut tensors = candle_core::safetensors::load(&file, device)

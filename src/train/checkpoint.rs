@@ -393,6 +393,28 @@ pub(crate) fn complete_steps(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Accepts a checkpoint directory, or a run directory (its `final/`, else its latest
 /// checkpoint).
+/// [`resolve_checkpoint`] for a reader of the model: where a run directory has no final model
+/// (a run unfinished, or stopped) and its latest checkpoint is read instead, it says so once,
+/// since a run begun from a run half trained is otherwise noticed only when the run's later
+/// resume finds its init changed.
+pub fn resolve_checkpoint_for_model(path: &Path) -> Result<PathBuf> {
+    static SAID: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let dir = resolve_checkpoint(path)?;
+    if step_of(&dir).is_some() && !path.join("meta.json").exists() {
+        let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+        if !said.contains(&dir) {
+            said.push(dir.clone());
+            crate::warnln!(
+                "warning: {}: the run has no final model (it is unfinished, or was stopped); \
+                 reading its latest checkpoint, {}",
+                path.display(),
+                dir.display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
 pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
     if path.is_file() {
         bail!(

@@ -185,7 +185,7 @@ pub(super) fn peft(checkpoint: &Path, out: &Path, dtype: Dtype) -> Result<()> {
             checkpoint.display()
         );
     }
-    let dir = resolve_checkpoint(checkpoint)?;
+    let dir = crate::train::checkpoint::resolve_checkpoint_for_model(checkpoint)?;
     let meta = crate::train::checkpoint::CheckpointMeta::read(&dir)?;
     let Some(lora) = &meta.lora else {
         bail!(
