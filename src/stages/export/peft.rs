@@ -19,7 +19,7 @@ use super::{check_range, family_of, layer_order, write_file, Dtype};
 use crate::config::{HfFamily, LoraConfig, LoraTarget, ModelConfig};
 use crate::model::hf;
 use crate::model::linear::DORA_MAGNITUDE;
-use crate::train::checkpoint::{resolve_checkpoint, CheckpointKind};
+use crate::train::checkpoint::{resolve_checkpoint_for_model, CheckpointKind};
 use crate::train::params::Net;
 
 /// PEFT's name of temper's LoRA factor `name` (`model.layers.0.attn.q.lora_a`) in a
@@ -185,7 +185,7 @@ pub(super) fn peft(checkpoint: &Path, out: &Path, dtype: Dtype) -> Result<()> {
             checkpoint.display()
         );
     }
-    let dir = crate::train::checkpoint::resolve_checkpoint_for_model(checkpoint)?;
+    let dir = resolve_checkpoint_for_model(checkpoint)?;
     let meta = crate::train::checkpoint::CheckpointMeta::read(&dir)?;
     let Some(lora) = &meta.lora else {
         bail!(
