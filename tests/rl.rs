@@ -238,6 +238,60 @@ fn a_reward_process_that_dies_hangs_or_answers_garbage_stops_clearly_and_keeps_t
     }
 }
 
+/// A reward program that hangs does not outlive a run ended at once: by a second signal (the
+/// run kills the program's process group as it goes) or by SIGKILL (the kernel kills a
+/// program that execs in its shell's place).
+#[test]
+fn a_hung_reward_program_ends_with_a_run_stopped_at_once() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bad_reward.py");
+    for hard in [false, true] {
+        let dir = tmp();
+        let (out, pidfile) = (p(dir.path(), "g"), p(dir.path(), "pid"));
+        let cfg = p(dir.path(), "c.toml");
+        let base = std::fs::read_to_string(&chain().config).unwrap();
+        std::fs::write(
+            &cfg,
+            format!("{base}\n[external_reward]\ntimeout_s = 600.0\n"),
+        )
+        .unwrap();
+        // Plain under the shell for the second signal; exec'd for SIGKILL.
+        let exec = if hard { "exec " } else { "" };
+        let cmd = format!(
+            "cmd:{exec}python3 {} hang 0 {}",
+            script.display(),
+            pidfile.display()
+        );
+        let mut a = grpo_args(&out, "3", &["--reward", &cmd]);
+        a[2] = s(&cfg).to_string();
+        let mut child = temper()
+            .args(args(&a))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_until(120, "the reward program's pid", || pidfile.exists());
+        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().parse().unwrap();
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+                !st.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+        };
+        assert!(alive());
+        if hard {
+            child.kill().unwrap();
+        } else {
+            sigterm(&child);
+            std::thread::sleep(std::time::Duration::from_millis(6500));
+            sigterm(&child);
+        }
+        child.wait().unwrap();
+        wait_until(10, "the hung reward program to end", || !alive());
+    }
+}
+
 #[test]
 fn a_reward_process_that_dies_is_restarted_within_its_limit() {
     let (out, _dir, res) = failing_run("die", 12, 2);

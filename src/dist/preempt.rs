@@ -93,11 +93,45 @@ extern "C" fn on_signal(sig: libc::c_int) {
         return;
     }
     if now - FIRST_AT.load(Ordering::SeqCst) > GRACE_S {
+        // The helpers' process groups first: a reward program of its own group (so that a
+        // Ctrl-C does not kill it mid-step) would otherwise outlive the run, hung or not.
+        for g in &GROUPS {
+            let pgid = g.load(Ordering::SeqCst);
+            if pgid > 0 {
+                // SAFETY: kill(2) is async-signal-safe.
+                unsafe {
+                    libc::kill(-pgid, libc::SIGKILL);
+                }
+            }
+        }
         // SAFETY: signal(2) and raise(3) are async-signal-safe.
         unsafe {
             libc::signal(sig, libc::SIG_DFL);
             libc::raise(sig);
         }
+    }
+}
+
+/// The process groups of helper processes (`--reward cmd:` programs) that a run stopped at
+/// once kills with it; a fixed table, since the handler may not allocate or lock.
+static GROUPS: [AtomicI32; 32] = [const { AtomicI32::new(0) }; 32];
+
+/// Has the process group `pgid` killed when a second signal ends the run at once. Beyond the
+/// table's size a group goes unrecorded; its program still ends with the run's normal exit.
+pub fn kill_group_on_stop(pgid: i32) {
+    for g in &GROUPS {
+        if g.compare_exchange(0, pgid, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            return;
+        }
+    }
+}
+
+/// Forgets a group [`kill_group_on_stop`] recorded, once its program is gone.
+pub fn forget_group(pgid: i32) {
+    for g in &GROUPS {
+        let _ = g.compare_exchange(pgid, 0, Ordering::SeqCst, Ordering::SeqCst);
     }
 }
 

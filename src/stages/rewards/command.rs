@@ -55,16 +55,22 @@ impl CommandReward {
     }
 
     fn spawn(&self) -> Result<Proc> {
-        // Its own process group, so that killing it reaches whatever `sh -c` started.
-        let mut child = Command::new("sh")
-            .arg("-c")
+        // Its own process group, so that killing it reaches whatever `sh -c` started, and a
+        // Ctrl-C to the terminal's group does not end it while the run finishes its step.
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
             .arg(&self.cmd)
             .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        end_with_run(&mut cmd);
+        let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start `{}`", self.cmd))?;
+        if let Ok(pgid) = i32::try_from(child.id()) {
+            crate::dist::preempt::kill_group_on_stop(pgid);
+        }
         let stdin = child.stdin.take().expect("piped");
         let stdout = child.stdout.take().expect("piped");
         let (tx, lines) = mpsc::channel();
@@ -152,6 +158,7 @@ impl CommandReward {
                 unsafe {
                     libc::kill(-pgid, libc::SIGKILL);
                 }
+                crate::dist::preempt::forget_group(pgid);
             }
             let _ = p.child.kill();
             let _ = p.child.wait();
@@ -204,6 +211,32 @@ impl External for CommandReward {
         }
     }
 }
+
+/// The program's shell gets SIGKILL from the kernel when the run dies outright (SIGKILL, the
+/// OOM killer), which no code of the run survives to send (Linux). A program the shell
+/// started in turn sees its input close, and a program that execs in the shell's place
+/// (`cmd:exec python3 verifier.py`) is killed with it.
+#[cfg(target_os = "linux")]
+fn end_with_run(cmd: &mut Command) {
+    // SAFETY: getpid(2) before the fork; between fork and exec the closure calls only
+    // async-signal-safe functions (prctl, getppid) and allocates nothing.
+    let run = unsafe { libc::getpid() };
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The run died before the prctl took hold: nobody will send it.
+            if libc::getppid() != run {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn end_with_run(_: &mut Command) {}
 
 impl Drop for CommandReward {
     fn drop(&mut self) {
