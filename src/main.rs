@@ -386,7 +386,7 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
                 &Default::default(),
                 &|_, _| Ok(()),
             )?;
-            check_prompts(&r, &requests)?;
+            check_prompts(&r, &[&requests])?;
             Some(r)
         }
     };

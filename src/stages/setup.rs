@@ -382,7 +382,7 @@ pub fn rollout_prompt_sets(
     counts: (usize, usize),
     new_tokens: usize,
     ctx: usize,
-    check: impl Fn(&[PromptRecord]) -> Result<()>,
+    check: impl Fn(&[&[PromptRecord]]) -> Result<()>,
 ) -> Result<(Vec<PromptRecord>, Vec<PromptRecord>)> {
     let (train, eval) = prompt_sets(env, counts.0, counts.1)?;
     let fit = |set, what| fit_prompts(env, tok, set, new_tokens, ctx, what);
@@ -393,8 +393,7 @@ pub fn rollout_prompt_sets(
             env.cfg.stage
         );
     }
-    check(&train)?;
-    check(&eval)?;
+    check(&[&train, &eval])?;
     Ok((train, eval))
 }
 

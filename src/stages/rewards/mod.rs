@@ -262,25 +262,115 @@ pub(crate) fn clip(s: &str) -> String {
     out
 }
 
-/// Checks before training that every prompt has what the sources need.
-pub fn check_prompts(rewards: &RewardFn, prompts: &[PromptRecord]) -> Result<()> {
-    if !rewards.uses_task() {
-        return Ok(());
-    }
-    for (i, p) in prompts.iter().enumerate() {
-        if p.answer.is_none() {
-            bail!(
-                "{}: the task reward needs an \"answer\" field in every prompt record",
-                place(&p.origin, "prompt", i)
-            );
+/// Checks before training that every prompt of `sets` has what the sources need, and says
+/// where a record's own field is one an external reward's request replaces.
+pub fn check_prompts(rewards: &RewardFn, sets: &[&[PromptRecord]]) -> Result<()> {
+    if rewards.uses_task() {
+        for prompts in sets {
+            for (i, p) in prompts.iter().enumerate() {
+                if p.answer.is_none() {
+                    bail!(
+                        "{}: the task reward needs an \"answer\" field in every prompt record",
+                        place(&p.origin, "prompt", i)
+                    );
+                }
+            }
         }
     }
+    if let Some(w) = replaced_fields(rewards, sets) {
+        crate::warnln!("warning: {w}");
+    }
     Ok(())
+}
+
+/// The fields of the prompt records that a request to an external reward ([`requests`])
+/// replaces: a dataset keeping its reference answer in `response` would otherwise have the
+/// verifier compare the model's response with itself.
+fn replaced_fields(rewards: &RewardFn, sets: &[&[PromptRecord]]) -> Option<String> {
+    let external: Vec<&str> = (rewards.sources.iter())
+        .filter(|s| matches!(s.kind, Kind::External(_)))
+        .map(|s| s.name.as_str())
+        .collect();
+    let first = external.first()?;
+    let said: Vec<String> = ["response", "completion", "prompt_text"]
+        .into_iter()
+        .filter_map(|field| {
+            let n: usize = sets
+                .iter()
+                .map(|set| set.iter().filter(|r| r.fields.contains_key(field)).count())
+                .sum();
+            (n > 0).then(|| format!("\"{field}\" ({n})"))
+        })
+        .collect();
+    if said.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "prompt records have their own {}, which a request to {first}{} replaces with the \
+         model's (rename the field in the file to pass it on)",
+        said.join(", "),
+        match external.len() {
+            1 => String::new(),
+            n => format!(" and {} other external reward(s)", n - 1),
+        }
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A record's own `response` or `completion`, which a request to an external reward
+    /// replaces, is said, counted over the sets; with only the task reward, nothing is.
+    #[test]
+    fn fields_a_request_replaces_are_said() {
+        struct Never;
+        impl External for Never {
+            fn score(&mut self, _: &[Value]) -> Result<Vec<f64>> {
+                unreachable!()
+            }
+        }
+        let record = |extra: &[&str]| {
+            let mut fields = Map::new();
+            for f in extra {
+                fields.insert(f.to_string(), "gold".into());
+            }
+            PromptRecord {
+                prompt: "1+1=".into(),
+                answer: Some("2".into()),
+                fields,
+                origin: None,
+                templated: false,
+            }
+        };
+        let train = [
+            record(&["response"]),
+            record(&[]),
+            record(&["response", "completion"]),
+        ];
+        let eval = [record(&["response"])];
+        let source = |name: &str, kind| Source {
+            name: name.into(),
+            weight: 1.0,
+            kind,
+        };
+        let mut rewards = RewardFn {
+            sources: vec![source("task", Kind::Task)],
+            names: vec!["task".into()],
+            pack_models: false,
+        };
+        assert_eq!(replaced_fields(&rewards, &[&train, &eval]), None);
+        rewards
+            .sources
+            .push(source("cmd:python3 v.py", Kind::External(Box::new(Never))));
+        assert_eq!(
+            replaced_fields(&rewards, &[&train, &eval]).unwrap(),
+            "prompt records have their own \"response\" (3), \"completion\" (1), which a \
+             request to cmd:python3 v.py replaces with the model's (rename the field in the \
+             file to pass it on)"
+        );
+        assert_eq!(replaced_fields(&rewards, &[&[record(&[])]]), None);
+    }
 
     /// A request carries the prompt as its record wrote it and the completion as TRL hands
     /// them to a reward function, with the text forms beside them.
