@@ -256,6 +256,7 @@ impl LossType {
 
 impl GrpoConfig {
     pub fn validate(&self) -> Result<()> {
+        super::rewards::check_weights("grpo", &self.rewards)?;
         check_sampling("grpo", self.temperature, self.cliprange, self.epsilon_high)?;
         if !(self.beta >= 0.0 && self.beta.is_finite()) {
             bail!("grpo.beta must be 0 or positive, got {}", self.beta);

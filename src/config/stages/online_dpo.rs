@@ -65,6 +65,7 @@ impl OnlineDpoConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        super::rewards::check_weights("online_dpo", &self.rewards)?;
         if self.loss_type == DpoLoss::Sft {
             bail!(
                 "online_dpo.loss_type = \"sft\" is not taken: the chosen samples' NLL is \

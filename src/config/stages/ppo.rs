@@ -77,6 +77,7 @@ pub struct PpoConfig {
 
 impl PpoConfig {
     pub fn validate(&self) -> Result<()> {
+        super::rewards::check_weights("ppo", &self.rewards)?;
         // Sampling and scoring must see one distribution: log-probabilities are computed from
         // the full softmax at the sampling temperature, which top-k / top-p would truncate.
         if self.top_k != 0 || self.top_p != 1.0 {

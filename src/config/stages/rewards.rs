@@ -38,6 +38,19 @@ impl Default for ExternalRewardConfig {
     }
 }
 
+/// Refuses rewards whose weights are all 0: every score would be 0, and nothing would train.
+pub fn check_weights(table: &str, rewards: &[RewardSpec]) -> Result<()> {
+    if !rewards.is_empty() && rewards.iter().all(|r| r.weight == 0.0) {
+        let named: Vec<String> = rewards.iter().map(ToString::to_string).collect();
+        bail!(
+            "{table}.rewards ({}): every weight is 0, so every score would be 0 and nothing \
+             would train: give one a weight other than 0",
+            named.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// One weighted term of the sequence score, written `task[:W]` or `PATH[:W]` on the command
 /// line and in config files.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

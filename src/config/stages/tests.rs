@@ -419,6 +419,45 @@ fn grpo_reads_dr_grpo_and_a_delta_above_the_clip() {
     }
 }
 
+/// Rewards whose weights are all 0 score every response 0: refused by every stage that takes
+/// them; one weight of 0 among others is a source switched off, and kept.
+#[test]
+fn rewards_weighted_all_zero_are_refused() {
+    let specs = |v: &[&str]| -> Vec<RewardSpec> { v.iter().map(|s| s.parse().unwrap()).collect() };
+    let grpo = GrpoConfig {
+        rewards: specs(&["task:0", "cmd:python3 v.py:0"]),
+        ..GrpoConfig::default()
+    };
+    let e = grpo.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("grpo.rewards (task:0, cmd:python3 v.py:0): every weight is 0"),
+        "{e}"
+    );
+    let ppo = PpoConfig {
+        rewards: specs(&["task:0"]),
+        ..PpoConfig::default()
+    };
+    assert!(ppo
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("ppo.rewards"));
+    let online = OnlineDpoConfig {
+        rewards: specs(&["task:0"]),
+        ..OnlineDpoConfig::default()
+    };
+    assert!(online
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("online_dpo.rewards"));
+    let grpo = GrpoConfig {
+        rewards: specs(&["task:0", "task:1"]),
+        ..GrpoConfig::default()
+    };
+    grpo.validate().unwrap();
+}
+
 #[test]
 fn reward_specs_parse_and_print() {
     let r: RewardSpec = "task".parse().unwrap();
