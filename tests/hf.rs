@@ -198,6 +198,20 @@ fn export_refuses_a_non_empty_out_unless_asked_and_never_its_own_checkpoint() {
     let model = std::fs::read(run.join("final/model.safetensors")).unwrap();
     let e = run_err(&strs(&args(&run, &run.join("final"), &["--overwrite"])));
     assert!(e.contains("holds the checkpoint being exported"), "{e}");
+    // Nor inside the checkpoint, nor among the run's checkpoints.
+    for out in [run.join("final/hf"), run.join("checkpoints")] {
+        for from in [run.clone(), run.join("final")] {
+            let e = run_err(&strs(&args(&from, &out, &["--overwrite"])));
+            assert!(
+                e.contains(
+                    "where the model being exported is kept; export into a directory of its own"
+                ),
+                "{e}"
+            );
+        }
+    }
+    assert!(!run.join("final/hf").exists());
+    assert!(!run.join("checkpoints/config.json").exists());
     assert_eq!(
         std::fs::read(run.join("final/model.safetensors")).unwrap(),
         model

@@ -9,7 +9,7 @@
 //! into `model-0000K-of-0000N.safetensors` with a `model.safetensors.index.json`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -193,25 +193,38 @@ fn write(checkpoint: &Path, out: &Path, opts: &Options) -> Result<String> {
 /// or holds the checkpoint being read always is: the export would replace the files it reads
 /// (or mix its own into a run directory) and a failure halfway would leave neither whole.
 fn check_out(checkpoint: &Path, out: &Path, overwrite: bool) -> Result<()> {
+    // The directory given and the one read (a run's final/ or latest checkpoint).
+    let read: Vec<PathBuf> = [
+        Some(checkpoint.to_path_buf()),
+        resolve_checkpoint(checkpoint).ok(),
+    ]
+    .into_iter()
+    .flatten()
+    .filter_map(|c| c.canonicalize().ok())
+    .collect();
+    if let Some(o) = resolved(out) {
+        if let Some(c) = read.iter().find(|c| c.starts_with(&o)) {
+            bail!(
+                "--out {}: holds the checkpoint being exported ({}); export into another directory",
+                out.display(),
+                c.display()
+            );
+        }
+        // Nor inside where a run keeps its models: the export's files would mix with a
+        // checkpoint's, or lie among the checkpoints.
+        let kept: Vec<PathBuf> = read.iter().flat_map(|c| models_of_run(c)).collect();
+        if let Some(home) = kept.iter().find(|k| o.starts_with(k)) {
+            bail!(
+                "--out {}: lies inside {}, where the model being exported is kept; export into \
+                 a directory of its own",
+                out.display(),
+                home.display()
+            );
+        }
+    }
     let Ok(mut entries) = std::fs::read_dir(out) else {
         return Ok(()); // absent (created next), or not a directory (which that says)
     };
-    // The directory given and the one read (a run's final/ or latest checkpoint).
-    let read = [
-        Some(checkpoint.to_path_buf()),
-        resolve_checkpoint(checkpoint).ok(),
-    ];
-    if let Ok(o) = out.canonicalize() {
-        for c in read.iter().flatten() {
-            if c.canonicalize().is_ok_and(|c| c.starts_with(&o)) {
-                bail!(
-                    "--out {}: holds the checkpoint being exported ({}); export into another directory",
-                    out.display(),
-                    c.display()
-                );
-            }
-        }
-    }
     if let (Some(first), false) = (entries.next(), overwrite) {
         let name = first.map_or_else(
             |_| "?".into(),
@@ -223,6 +236,38 @@ fn check_out(checkpoint: &Path, out: &Path, overwrite: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `path` made absolute with its symbolic links resolved, the part that does not exist yet
+/// appended as given.
+fn resolved(path: &Path) -> Option<PathBuf> {
+    let abs = std::path::absolute(path).ok()?;
+    let mut existing = abs.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(c) = existing.canonicalize() {
+            return Some(rest.iter().rev().fold(c, |p, r| p.join(r)));
+        }
+        rest.push(existing.file_name()?.to_os_string());
+        existing = existing.parent()?;
+    }
+}
+
+/// Where the run of checkpoint `dir` (canonical) keeps its models: the checkpoint itself, and
+/// the run's `final/` and `checkpoints/` where `dir` is one of them.
+fn models_of_run(dir: &Path) -> Vec<PathBuf> {
+    let mut kept = vec![dir.to_path_buf()];
+    let run = match dir.file_name().and_then(|n| n.to_str()) {
+        Some("final") => dir.parent(),
+        _ => dir
+            .parent()
+            .filter(|p| p.file_name().is_some_and(|n| n == "checkpoints"))
+            .and_then(Path::parent),
+    };
+    if let Some(run) = run {
+        kept.extend([run.join("final"), run.join("checkpoints")]);
+    }
+    kept
 }
 
 fn temper(checkpoint: &Path, out: &Path) -> Result<()> {
