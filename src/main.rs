@@ -392,7 +392,11 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     };
     let inputs: Vec<&std::path::Path> = a.prompts.iter().map(|p| p.as_path()).collect();
     let mut sink = stages::generate::Sink::open(a.out.as_deref(), a.resume, &inputs)?;
-    let settings = job.settings(&a.checkpoint);
+    let mut settings = job.settings(&a.checkpoint);
+    settings.insert(
+        stages::generate::WEIGHTS.into(),
+        stages::frozen_inputs::weights_stamp(&loaded)?.into(),
+    );
     let s = stages::generate::run(
         &net,
         ctx,

@@ -2327,3 +2327,54 @@ fn reading_an_unfinished_run_names_the_checkpoint_it_reads() {
         "a checkpoint named"
     );
 }
+
+/// `generate --resume` refuses a checkpoint whose weights changed since the file was begun (a
+/// run trained further, a model rewritten in place): the completions would come from two
+/// models.
+#[test]
+fn a_generation_resumed_on_changed_weights_is_refused() {
+    let d = tmp();
+    let prompts = numbered_prompts(d.path());
+    let model = p(d.path(), "model");
+    copy_files(Path::new(&fixture("gpt2")), &model);
+    let full = p(d.path(), "full.jsonl");
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--checkpoint",
+            model.to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--max-new-tokens",
+            "3",
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    run_ok(&strs(&run(&full, &[])));
+    let (cut, partial) = cut_short(&full, "cut.jsonl", 3);
+    let weights = model.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::remove_file(&weights).unwrap();
+    std::fs::write(&weights, &bytes).unwrap();
+    let e = run_err(&strs(&run(&cut, &["--resume"])));
+    assert!(
+        e.contains("cut.jsonl.settings.json: field weights") && e.contains("model.safetensors"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_to_string(&cut).unwrap(), partial);
+    // Begun on the weights as they are now, it resumes to the whole file.
+    let now = p(d.path(), "now.jsonl");
+    run_ok(&strs(&run(&now, &[])));
+    let (cut, _) = cut_short(&now, "cut-now.jsonl", 3);
+    run_ok(&strs(&run(&cut, &["--resume"])));
+    assert_eq!(
+        std::fs::read_to_string(&cut).unwrap(),
+        std::fs::read_to_string(&now).unwrap()
+    );
+}

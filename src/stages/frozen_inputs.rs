@@ -64,6 +64,17 @@ fn seen(loaded: &Loaded) -> Result<Seen> {
     })
 }
 
+/// What `loaded`'s weights are in one line (the directory, each weight file's bytes and
+/// modification time), for a later reader to tell whether they changed: `generate --resume`
+/// appends to completions that another model began otherwise.
+pub fn weights_stamp(loaded: &Loaded) -> Result<String> {
+    let s = seen(loaded)?;
+    let files: Vec<String> = (s.files.iter())
+        .map(|(name, bytes, modified)| format!("{name} {bytes} bytes modified {modified}"))
+        .collect();
+    Ok(format!("{}: {}", s.dir.display(), files.join(", ")))
+}
+
 /// How `now` differs from `before`, in a few words.
 fn difference(before: &Seen, now: &Seen) -> String {
     if before.dir != now.dir {

@@ -355,11 +355,16 @@ impl Sink {
 }
 
 /// Refuses to resume `out` under settings other than those it was begun with.
+/// The settings' field that records the checkpoint's weight files
+/// ([`crate::stages::frozen_inputs::weights_stamp`]).
+pub const WEIGHTS: &str = "weights";
+
 fn check_settings(meta: &Path, out: &Path, now: &Map<String, Value>) -> Result<()> {
     let text = std::fs::read_to_string(meta).map_err(|_| {
         anyhow::anyhow!(
-            "{}: missing, so the settings that wrote {} are unknown; remove it to start over",
+            "{}: missing, so the settings that wrote {} are unknown; remove {} to start over",
             meta.display(),
+            out.display(),
             out.display()
         )
     })?;
@@ -370,6 +375,10 @@ fn check_settings(meta: &Path, out: &Path, now: &Map<String, Value>) -> Result<(
         .chain(then.keys().filter(|k| !now.contains_key(*k)));
     for field in fields {
         let (was, is) = (then.get(field), now.get(field));
+        // A file begun before the weights were recorded resumes on the path alone.
+        if field == WEIGHTS && was.is_none() {
+            continue;
+        }
         if was != is {
             let say = |v: Option<&Value>| v.map_or("nothing".to_string(), Value::to_string);
             bail!(
