@@ -396,10 +396,20 @@ pub(crate) fn complete_steps(dir: &Path) -> Result<Vec<PathBuf>> {
 /// [`resolve_checkpoint`] for a reader of the model: where a run directory has no final model
 /// (a run unfinished, or stopped) and its latest checkpoint is read instead, it says so once,
 /// since a run begun from a run half trained is otherwise noticed only when the run's later
-/// resume finds its init changed.
+/// resume finds its init changed. A final model damaged on disk is refused naming the intact
+/// checkpoint the reader could take, as a damaged latest checkpoint is.
 pub fn resolve_checkpoint_for_model(path: &Path) -> Result<PathBuf> {
     static SAID: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
     let dir = resolve_checkpoint(path)?;
+    let fin = path.join("final");
+    if dir == fin {
+        if let Some(e) = damage(&fin, ReadFor::Model) {
+            match intact_besides(path, &fin)? {
+                Some(c) => bail!("{e}; the checkpoint {} is intact: name it", c.display()),
+                None => bail!("{e}"),
+            }
+        }
+    }
     if step_of(&dir).is_some() && !path.join("meta.json").exists() {
         let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
         if !said.contains(&dir) {
@@ -413,6 +423,14 @@ pub fn resolve_checkpoint_for_model(path: &Path) -> Result<PathBuf> {
         }
     }
     Ok(dir)
+}
+
+/// The newest checkpoint of run `run` other than `p` that a reader can take.
+fn intact_besides(run: &Path, p: &Path) -> Result<Option<PathBuf>> {
+    Ok(Checkpoints::newest_first(run)?
+        .into_iter()
+        .filter(|c| c != p)
+        .find(|c| damage(c, ReadFor::Model).is_none()))
 }
 
 pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
@@ -433,11 +451,7 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
         // Only a resume passes over a damaged checkpoint (and sets it aside); a reader names
         // the one it could take instead.
         if let Some(e) = damage(&p, ReadFor::Model) {
-            let intact = Checkpoints::newest_first(path)?
-                .into_iter()
-                .filter(|c| c != &p)
-                .find(|c| damage(c, ReadFor::Model).is_none());
-            match intact {
+            match intact_besides(path, &p)? {
                 Some(c) => bail!(
                     "{e}; {} is intact: name it, or --resume the run to set this one aside",
                     c.display()
@@ -608,6 +622,42 @@ mod tests {
         assert_eq!(
             Checkpoints::latest(run.path()).unwrap().unwrap(),
             ck.join("step-0000002")
+        );
+    }
+
+    /// A run's damaged final model names the intact checkpoint a reader could take instead,
+    /// as a damaged latest checkpoint does.
+    #[test]
+    fn a_damaged_final_model_names_an_intact_checkpoint() {
+        let run = tempfile::tempdir().unwrap();
+        let weights = |d: &Path| {
+            let t =
+                candle_core::Tensor::zeros(4, candle_core::DType::F32, &candle_core::Device::Cpu);
+            candle_core::safetensors::save(
+                &std::collections::HashMap::from([("w".to_string(), t.unwrap())]),
+                d.join("model.safetensors"),
+            )
+            .unwrap();
+        };
+        let step = complete(&run.path().join("checkpoints"), "step-0000003");
+        weights(&step);
+        let fin = run.path().join("final");
+        std::fs::create_dir_all(&fin).unwrap();
+        std::fs::write(fin.join("meta.json"), "{}").unwrap();
+        weights(&fin);
+        assert_eq!(resolve_checkpoint_for_model(run.path()).unwrap(), fin);
+        let bytes = std::fs::read(fin.join("model.safetensors")).unwrap();
+        std::fs::write(fin.join("model.safetensors"), &bytes[..bytes.len() - 3]).unwrap();
+        let e = resolve_checkpoint_for_model(run.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("final/model.safetensors: cannot read safetensors")
+                && e.ends_with(&format!(
+                    "; the checkpoint {} is intact: name it",
+                    step.display()
+                )),
+            "{e}"
         );
     }
 
