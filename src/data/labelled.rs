@@ -99,11 +99,16 @@ fn labelled_record(
     if !single {
         return Err(at.field("completion", &format!("missing ({SHAPES})")));
     }
+    // 1 and 0 as well: datasets converted from other formats store the label as an integer.
     let desirable = match obj.get("label") {
         Some(Value::Bool(b)) => *b,
+        Some(Value::Number(n)) if matches!(n.as_u64(), Some(0 | 1)) => n.as_u64() == Some(1),
         None => return Err(at.field("label", "missing (true: desirable, false: undesirable)")),
         Some(v) => {
-            return Err(at.field("label", &format!("expected true or false, got {}", kind(v))))
+            return Err(at.field(
+                "label",
+                &format!("expected true or false (or 1 or 0), got {}", kind(v)),
+            ))
         }
     };
     let (prompt, completion, append_eos) = match obj.get("prompt") {
@@ -190,6 +195,16 @@ mod tests {
         let ex = xs[0].example();
         assert_eq!(ex.segments.len(), 2);
         assert!(!ex.segments[0].train && ex.segments[1].train);
+        // Labels stored as integers 1 and 0 read as true and false.
+        let ints = load(concat!(
+            r#"{"prompt": "a", "completion": "b", "label": 1}"#,
+            "\n",
+            r#"{"prompt": "a", "completion": "c", "label": 0}"#,
+            "\n",
+        ))
+        .unwrap();
+        let labels: Vec<bool> = ints.iter().map(|x| x.desirable).collect();
+        assert_eq!(labels, [true, false]);
     }
 
     #[test]
@@ -200,8 +215,8 @@ mod tests {
                 "kto.jsonl:1: field \"label\": missing",
             ),
             (
-                r#"{"prompt": "p", "completion": "c", "label": 1}"#,
-                "kto.jsonl:1: field \"label\": expected true or false, got a number",
+                r#"{"prompt": "p", "completion": "c", "label": 2}"#,
+                "kto.jsonl:1: field \"label\": expected true or false (or 1 or 0), got a number",
             ),
             (
                 r#"{"prompt": "p", "label": true}"#,

@@ -442,6 +442,16 @@ fn balance(c: &KtoConfig, xs: &[(Encoded, bool)]) -> String {
             "; warning: their weighted ratio is {ratio:.3}, outside the KTO paper's 1 to 4/3 (set [kto] desirable_weight and undesirable_weight)"
         ));
     }
+    if !xs.is_empty() && (good == 0 || bad == 0) {
+        let (all, none) = match good {
+            0 => ("undesirable", "desirable"),
+            _ => ("desirable", "undesirable"),
+        };
+        line.push_str(&format!(
+            "; warning: every one is {all}, so the loss only moves them against the KL \
+             baseline, with no {none} example to set them apart from (is the label column right?)"
+        ));
+    }
     line
 }
 
@@ -659,7 +669,15 @@ mod tests {
         );
         assert!(!balance(&cfg(0.1, 1.0, 3.0), &xs).contains("warning"));
         assert!(!balance(&cfg(0.1, 1.0, 1.0), &xs[2..]).contains("warning"));
-        assert!(!balance(&cfg(0.1, 1.0, 1.0), &xs[..3]).contains("warning"));
+        let one_label = balance(&cfg(0.1, 1.0, 1.0), &xs[..3]);
+        assert!(
+            one_label.ends_with(
+                "3 desirable and 0 undesirable training examples; warning: every one is \
+                 desirable, so the loss only moves them against the KL baseline, with no \
+                 undesirable example to set them apart from (is the label column right?)"
+            ),
+            "{one_label}"
+        );
         assert!(!balance(&cfg(0.1, 1.0, 0.0), &xs).contains("warning"));
     }
 }
