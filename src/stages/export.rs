@@ -159,6 +159,12 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &Options) -> Result<String> {
     }
     check_out(checkpoint, out, opts.overwrite)?;
     let made = !out.exists();
+    if out.is_file() {
+        bail!(
+            "--out {}: a file, where the export's directory goes",
+            out.display()
+        );
+    }
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let written = write(checkpoint, out, opts);
     // A directory this export made and left empty (its checkpoint did not read) goes again.

@@ -76,6 +76,12 @@ pub fn set_final_aside_for_result(dir: &Path) -> Result<()> {
 /// metrics the first still appends to. The OS lets the lock go with the process, however it
 /// ends, so a killed run leaves nothing to clean up.
 pub fn lock(dir: &Path) -> Result<std::fs::File> {
+    if dir.is_file() {
+        bail!(
+            "{}: a file, where the run's directory goes (--out names a directory)",
+            dir.display()
+        );
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let path = dir.join(LOCK);
     let file = std::fs::OpenOptions::new()
@@ -327,6 +333,22 @@ pub fn begin(dir: &Path, start: Start) -> Result<Option<SetAside>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file where the run's directory goes is said to be one, not "File exists".
+    #[test]
+    fn a_file_as_the_run_directory_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("notes.txt");
+        std::fs::write(&f, "mine").unwrap();
+        let e = lock(&f).unwrap_err().to_string();
+        assert!(
+            e.ends_with(
+                "notes.txt: a file, where the run's directory goes (--out names a directory)"
+            ),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "mine");
+    }
 
     /// A second lock of a held directory is refused, naming it; the lock goes with its file.
     #[test]
