@@ -86,22 +86,23 @@ pub fn launched(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> bool {
     var(LAUNCHED).is_some()
 }
 
-/// Has the kernel send the child SIGTERM when the launcher dies, however it dies.
+/// Has the kernel send the child `signal` when this process dies, however it dies (Linux):
+/// a launch's ranks SIGTERM, so that they checkpoint; a reward program SIGKILL.
 #[cfg(target_os = "linux")]
-fn stop_with_launcher(cmd: &mut Command) {
+pub(crate) fn signal_when_parent_dies(cmd: &mut Command, signal: libc::c_int) {
     use std::os::unix::process::CommandExt;
-    let launcher = std::process::id() as libc::pid_t;
+    let parent = std::process::id() as libc::pid_t;
     // SAFETY: between fork and exec the closure calls only async-signal-safe functions
-    // (prctl, getppid, raise) and allocates nothing.
+    // (prctl, getppid) and allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // The launcher died before the prctl took hold, so nobody will send it: the rank
-            // ends here, before it execs. (raise would run the launcher's own handler, which
+            // The parent died before the prctl took hold, so nobody will send it: the child
+            // ends here, before it execs. (raise would run the parent's own handler, which
             // the child keeps until exec.)
-            if libc::getppid() != launcher {
+            if libc::getppid() != parent {
                 return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
@@ -110,7 +111,7 @@ fn stop_with_launcher(cmd: &mut Command) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn stop_with_launcher(_: &mut Command) {}
+pub(crate) fn signal_when_parent_dies(_: &mut Command, _: i32) {}
 
 /// How the ranks of a launch ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -147,7 +148,7 @@ pub fn run(layout: &Layout, program: &std::path::Path, args: &[String]) -> Resul
         for k in ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"] {
             cmd.env_remove(k);
         }
-        stop_with_launcher(&mut cmd);
+        signal_when_parent_dies(&mut cmd, libc::SIGTERM);
         match cmd.spawn() {
             Ok(c) => children.push((local, c)),
             Err(e) => {

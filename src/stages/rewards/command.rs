@@ -64,7 +64,11 @@ impl CommandReward {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        end_with_run(&mut cmd);
+        // SIGKILL from the kernel when the run dies outright (SIGKILL, the OOM killer), which
+        // no code of the run survives to send. A program the shell started in turn sees its
+        // input close, and one that execs in the shell's place (`cmd:exec python3 v.py`) is
+        // killed with it.
+        crate::dist::launch::signal_when_parent_dies(&mut cmd, libc::SIGKILL);
         let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start `{}`", self.cmd))?;
@@ -211,32 +215,6 @@ impl External for CommandReward {
         }
     }
 }
-
-/// The program's shell gets SIGKILL from the kernel when the run dies outright (SIGKILL, the
-/// OOM killer), which no code of the run survives to send (Linux). A program the shell
-/// started in turn sees its input close, and a program that execs in the shell's place
-/// (`cmd:exec python3 verifier.py`) is killed with it.
-#[cfg(target_os = "linux")]
-fn end_with_run(cmd: &mut Command) {
-    // SAFETY: getpid(2) before the fork; between fork and exec the closure calls only
-    // async-signal-safe functions (prctl, getppid) and allocates nothing.
-    let run = unsafe { libc::getpid() };
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The run died before the prctl took hold: nobody will send it.
-            if libc::getppid() != run {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn end_with_run(_: &mut Command) {}
 
 impl Drop for CommandReward {
     fn drop(&mut self) {
