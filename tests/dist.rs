@@ -328,13 +328,30 @@ fn a_signal_stops_a_rank_waiting_for_its_peers() {
     // Rank 0 listening with rank 1 connected and rank 2 missing: the signal to rank 0 alone
     // stops both.
     let (zero, one) = (rank("0"), rank("1"));
-    std::thread::sleep(Duration::from_millis(2500));
+    let port: u16 = port.parse().unwrap();
+    wait_until(60, "rank 1 connected to rank 0", || connected_at(port));
     let t0 = Instant::now();
     sigterm(&zero);
     let err = ended("0", zero, t0);
     assert!(err.contains(stop_line), "rank 0: {err}");
     let err = ended("1", one, t0);
     assert!(!err.contains("stopped by a signal"), "rank 1: {err}");
+}
+
+/// Whether a TCP connection to local port `port` is established (the kernel's table), so
+/// that a test waits for a rank to connect rather than for a guessed time.
+fn connected_at(port: u16) -> bool {
+    let local = format!(":{port:04X} ");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|t| {
+        std::fs::read_to_string(t).is_ok_and(|table| {
+            table.lines().skip(1).any(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.len() > 3
+                    && format!("{} ", &cols[1][cols[1].len() - 5..]) == local
+                    && cols[3] == "01"
+            })
+        })
+    })
 }
 
 fn free_port() -> u16 {

@@ -2364,7 +2364,8 @@ fn a_generation_resumed_on_changed_weights_is_refused() {
     std::fs::write(&weights, &bytes).unwrap();
     let e = run_err(&strs(&run(&cut, &["--resume"])));
     assert!(
-        e.contains("cut.jsonl.settings.json: field weights") && e.contains("model.safetensors"),
+        e.contains("cut.jsonl.settings.json: the checkpoint's weight files changed since")
+            && e.contains("model.safetensors"),
         "{e}"
     );
     assert_eq!(std::fs::read_to_string(&cut).unwrap(), partial);

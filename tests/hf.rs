@@ -212,6 +212,9 @@ fn export_refuses_a_non_empty_out_unless_asked_and_never_its_own_checkpoint() {
     }
     assert!(!run.join("final/hf").exists());
     assert!(!run.join("checkpoints/config.json").exists());
+    // Beside them, in the run's own directory, is the user's to choose.
+    run_ok(&strs(&args(&run, &run.join("hf"), &[])));
+    assert!(run.join("hf/model.safetensors").exists());
     assert_eq!(
         std::fs::read(run.join("final/model.safetensors")).unwrap(),
         model

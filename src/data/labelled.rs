@@ -107,7 +107,7 @@ fn labelled_record(
         Some(v) => {
             return Err(at.field(
                 "label",
-                &format!("expected true or false (or 1 or 0), got {}", kind(v)),
+                &format!("expected true or false (or 1 or 0), got {} {v}", kind(v)),
             ))
         }
     };
@@ -216,7 +216,7 @@ mod tests {
             ),
             (
                 r#"{"prompt": "p", "completion": "c", "label": 2}"#,
-                "kto.jsonl:1: field \"label\": expected true or false (or 1 or 0), got a number",
+                "kto.jsonl:1: field \"label\": expected true or false (or 1 or 0), got a number 2",
             ),
             (
                 r#"{"prompt": "p", "label": true}"#,

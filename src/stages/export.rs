@@ -218,7 +218,15 @@ fn check_out(checkpoint: &Path, out: &Path, overwrite: bool) -> Result<()> {
         }
         // Nor inside where a run keeps its models: the export's files would mix with a
         // checkpoint's, or lie among the checkpoints.
-        let kept: Vec<PathBuf> = read.iter().flat_map(|c| models_of_run(c)).collect();
+        // The checkpoint read, not a run directory given for it: an export into the run's own
+        // directory beside its models (runs/sft/hf) is the user's to choose.
+        let resolved_read = resolve_checkpoint(checkpoint)
+            .ok()
+            .and_then(|c| c.canonicalize().ok());
+        let kept: Vec<PathBuf> = resolved_read
+            .iter()
+            .flat_map(|c| models_of_run(c))
+            .collect();
         if let Some(home) = kept.iter().find(|k| o.starts_with(k)) {
             bail!(
                 "--out {}: lies inside {}, where the model being exported is kept; export into \

@@ -354,11 +354,11 @@ impl Sink {
     }
 }
 
-/// Refuses to resume `out` under settings other than those it was begun with.
 /// The settings' field that records the checkpoint's weight files
 /// ([`crate::stages::frozen_inputs::weights_stamp`]).
 pub const WEIGHTS: &str = "weights";
 
+/// Refuses to resume `out` under settings other than those it was begun with.
 fn check_settings(meta: &Path, out: &Path, now: &Map<String, Value>) -> Result<()> {
     let text = std::fs::read_to_string(meta).map_err(|_| {
         anyhow::anyhow!(
@@ -378,6 +378,16 @@ fn check_settings(meta: &Path, out: &Path, now: &Map<String, Value>) -> Result<(
         // A file begun before the weights were recorded resumes on the path alone.
         if field == WEIGHTS && was.is_none() {
             continue;
+        }
+        if was != is && field == WEIGHTS {
+            bail!(
+                "{}: the checkpoint's weight files changed since {} was begun (now {}): its \
+                 completions would come from two models; remove {} to start over",
+                meta.display(),
+                out.display(),
+                is.and_then(Value::as_str).unwrap_or("none"),
+                out.display()
+            );
         }
         if was != is {
             let say = |v: Option<&Value>| v.map_or("nothing".to_string(), Value::to_string);

@@ -391,8 +391,6 @@ pub(crate) fn complete_steps(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(done.into_iter().map(|(_, p)| p).collect())
 }
 
-/// Accepts a checkpoint directory, or a run directory (its `final/`, else its latest
-/// checkpoint).
 /// [`resolve_checkpoint`] for a reader of the model: where a run directory has no final model
 /// (a run unfinished, or stopped) and its latest checkpoint is read instead, it says so once,
 /// since a run begun from a run half trained is otherwise noticed only when the run's later
@@ -433,6 +431,8 @@ fn intact_besides(run: &Path, p: &Path) -> Result<Option<PathBuf>> {
         .find(|c| damage(c, ReadFor::Model).is_none()))
 }
 
+/// Accepts a checkpoint directory, or a run directory (its `final/`, else its latest
+/// checkpoint).
 pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
     if path.is_file() {
         bail!(
