@@ -868,7 +868,7 @@ mod stage_chain {
         assert!(
             last.starts_with("error: ")
                 && last.ends_with(
-                    "bad.jsonl:2: field \"label\": expected true or false, got a string"
+                    "bad.jsonl:2: field \"label\": expected true or false (or 1 or 0), got a string \"yes\""
                 ),
             "{e}"
         );
