@@ -70,7 +70,7 @@ impl<'a> Part<'a> {
 }
 
 /// The kinds of split `datasets` knows by name; any other name is a split of its own.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     Train,
     Validation,
@@ -228,7 +228,7 @@ fn split_files(root: &Path, files: Vec<PathBuf>, part: Part) -> Result<Vec<PathB
         .zip(&placed)
         .map(|(f, at)| at.is_none().then(|| leading_kind(&rel(f))).flatten())
         .collect();
-    let kinds: BTreeSet<u8> = leading.iter().flatten().map(|k| *k as u8).collect();
+    let kinds: BTreeSet<Kind> = leading.iter().flatten().copied().collect();
     if kinds.len() > 1 {
         for ((f, at), lead) in files.iter().zip(&mut placed).zip(&leading) {
             if lead.is_some() {
@@ -393,17 +393,17 @@ fn split_at(rel: &Path, asked: Option<&str>) -> Option<Placed> {
         .components()
         .map(|c| c.as_os_str().to_string_lossy().to_lowercase())
         .collect();
-    let (file, dirs) = parts.split_last()?;
+    let (_, dirs) = parts.split_last()?;
     let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
     let at = |name: &str, home: PathBuf, inner: Option<&str>| Placed {
         name: name.to_string(),
         home,
         inner: inner.map(str::to_string),
     };
-    let stem = file.rsplit_once('.').map_or(file.as_str(), |(s, _)| s);
-    let shard = shard_of(stem);
-    if named(stem) {
-        return Some(at(stem, parent, None));
+    let stem = stem_of(rel);
+    let shard = shard_of(&stem);
+    if named(&stem) {
+        return Some(at(&stem, parent, None));
     }
     if let Some(word) = shard.filter(|w| named(w)) {
         return Some(at(word, parent, None));

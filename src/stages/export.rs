@@ -199,15 +199,13 @@ fn write(checkpoint: &Path, out: &Path, opts: &Options) -> Result<String> {
 /// or holds the checkpoint being read always is: the export would replace the files it reads
 /// (or mix its own into a run directory) and a failure halfway would leave neither whole.
 fn check_out(checkpoint: &Path, out: &Path, overwrite: bool) -> Result<()> {
-    // The directory given and the one read (a run's final/ or latest checkpoint).
-    let read: Vec<PathBuf> = [
-        Some(checkpoint.to_path_buf()),
-        resolve_checkpoint(checkpoint).ok(),
-    ]
-    .into_iter()
-    .flatten()
-    .filter_map(|c| c.canonicalize().ok())
-    .collect();
+    // The checkpoint read (a run's final/ or latest checkpoint), and the directory given.
+    let resolved_read = resolve_checkpoint(checkpoint)
+        .ok()
+        .and_then(|c| c.canonicalize().ok());
+    let read: Vec<PathBuf> = (checkpoint.canonicalize().ok().into_iter())
+        .chain(resolved_read.clone())
+        .collect();
     if let Some(o) = resolved(out) {
         if let Some(c) = read.iter().find(|c| c.starts_with(&o)) {
             bail!(
@@ -220,9 +218,6 @@ fn check_out(checkpoint: &Path, out: &Path, overwrite: bool) -> Result<()> {
         // checkpoint's, or lie among the checkpoints.
         // The checkpoint read, not a run directory given for it: an export into the run's own
         // directory beside its models (runs/sft/hf) is the user's to choose.
-        let resolved_read = resolve_checkpoint(checkpoint)
-            .ok()
-            .and_then(|c| c.canonicalize().ok());
         let kept: Vec<PathBuf> = resolved_read
             .iter()
             .flat_map(|c| models_of_run(c))
