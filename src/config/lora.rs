@@ -22,6 +22,9 @@ pub struct LoraConfig {
     pub rank: usize,
     pub alpha: f64,
     pub dropout: f64,
+    /// In a config file, the names `--lora-targets` takes: a list, or one string of them
+    /// (PEFT's `target_modules = "all-linear"`).
+    #[serde(deserialize_with = "targets_from_names")]
     pub targets: Vec<LoraTarget>,
     /// rsLoRA (PEFT's `use_rslora`): scale by alpha / sqrt(rank) rather than alpha / rank, so
     /// that a higher rank does not shrink the adapter's updates.
@@ -67,34 +70,9 @@ impl LoraConfig {
     }
 
     /// Parses `q,k,v,o,gate,up,down`, also accepting GPT-2's names (`c_attn` = q,k,v;
-    /// `c_proj` = o and down; `c_fc` = up), and `all`.
+    /// `c_proj` = o and down; `c_fc` = up), and `all` (PEFT's `all-linear`).
     pub fn parse_targets(spec: &str) -> Result<Vec<LoraTarget>> {
-        use LoraTarget::*;
-        let mut out = Vec::new();
-        for t in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            match t {
-                "q" | "q_proj" => out.push(Q),
-                "k" | "k_proj" => out.push(K),
-                "v" | "v_proj" => out.push(V),
-                "o" | "o_proj" => out.push(O),
-                "gate" | "gate_proj" => out.push(Gate),
-                "up" | "up_proj" => out.push(Up),
-                "down" | "down_proj" => out.push(Down),
-                "c_attn" => out.extend([Q, K, V]),
-                "c_proj" => out.extend([O, Down]),
-                "c_fc" => out.push(Up),
-                "all" => out.extend([Q, K, V, O, Gate, Up, Down]),
-                other => bail!(
-                    "--lora-targets: unknown module `{other}` (use q,k,v,o,gate,up,down or c_attn,c_proj,c_fc)"
-                ),
-            }
-        }
-        out.sort();
-        out.dedup();
-        if out.is_empty() {
-            bail!("--lora-targets: no module named");
-        }
-        Ok(out)
+        targets_of(spec.split(',')).map_err(|e| anyhow::anyhow!("--lora-targets: {e}"))
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -112,4 +90,58 @@ impl LoraConfig {
         }
         Ok(())
     }
+}
+
+/// The projections `names` name (see [`LoraConfig::parse_targets`]), sorted, each once.
+fn targets_of<'a>(names: impl Iterator<Item = &'a str>) -> Result<Vec<LoraTarget>, String> {
+    use LoraTarget::*;
+    let mut out = Vec::new();
+    for t in names.map(str::trim).filter(|s| !s.is_empty()) {
+        match t {
+            "q" | "q_proj" => out.push(Q),
+            "k" | "k_proj" => out.push(K),
+            "v" | "v_proj" => out.push(V),
+            "o" | "o_proj" => out.push(O),
+            "gate" | "gate_proj" => out.push(Gate),
+            "up" | "up_proj" => out.push(Up),
+            "down" | "down_proj" => out.push(Down),
+            "c_attn" => out.extend([Q, K, V]),
+            "c_proj" => out.extend([O, Down]),
+            "c_fc" => out.push(Up),
+            "all" | "all-linear" => out.extend([Q, K, V, O, Gate, Up, Down]),
+            other => {
+                return Err(format!(
+                    "unknown module `{other}` (use q,k,v,o,gate,up,down, c_attn,c_proj,c_fc or all)"
+                ))
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    match out.is_empty() {
+        true => Err("no module named".into()),
+        false => Ok(out),
+    }
+}
+
+/// `[lora] targets` as a list of names or one string of them, read as `--lora-targets` reads
+/// its names: a config and the flag accept the same ones.
+fn targets_from_names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<LoraTarget>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Names {
+        One(String),
+        Many(Vec<String>),
+    }
+    let names = match Names::deserialize(d).map_err(|_| {
+        serde::de::Error::custom(
+            "invalid type: expected a list of module names, or one string of them",
+        )
+    })? {
+        Names::One(s) => vec![s],
+        Names::Many(v) => v,
+    };
+    // "invalid value": the config's reader then names the key.
+    targets_of(names.iter().flat_map(|n| n.split(',')))
+        .map_err(|e| serde::de::Error::custom(format!("invalid value: {e}")))
 }

@@ -352,6 +352,51 @@ mod tests {
         }
     }
 
+    /// `[lora] targets` takes the names `--lora-targets` takes (PEFT's and GPT-2's module
+    /// names, `all`, PEFT's `all-linear`), as a list or one string; others are refused by key.
+    #[test]
+    fn lora_targets_read_the_names_the_flag_reads() {
+        use crate::config::LoraTarget::*;
+        let path = Path::new("c.toml");
+        for (value, want) in [
+            ("[\"q_proj\", \"v_proj\"]", vec![Q, V]),
+            ("[\"c_attn\"]", vec![Q, K, V]),
+            ("\"all-linear\"", vec![Q, K, V, O, Gate, Up, Down]),
+            ("\"q,o\"", vec![Q, O]),
+            ("[\"down\", \"up\", \"up\"]", vec![Up, Down]),
+        ] {
+            let text = format!("[lora]\nrank = 4\ntargets = {value}\n");
+            let cfg = parse_toml::<RunConfig>(path, &text).unwrap();
+            assert_eq!(cfg.lora.targets, want, "{value}");
+            let flag = value.replace(['[', ']', '"', ' '], "");
+            assert_eq!(
+                LoraConfig::parse_targets(&flag).unwrap(),
+                want,
+                "--lora-targets {flag}"
+            );
+        }
+        for (value, want) in [
+            (
+                "[\"qq\"]",
+                "c.toml:3: lora.targets: invalid value: unknown module `qq`",
+            ),
+            (
+                "[]",
+                "c.toml:3: lora.targets: invalid value: no module named",
+            ),
+            (
+                "3",
+                "c.toml:3: lora.targets: invalid type: expected a list of module names",
+            ),
+        ] {
+            let text = format!("[lora]\nrank = 4\ntargets = {value}\n");
+            let e = parse_toml::<RunConfig>(path, &text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(want), "{value}: {e}");
+        }
+    }
+
     /// `report_to` takes TRL's list as well as a name: `[]` and `["none"]` are none, `all`
     /// is TensorBoard; a destination temper does not write is refused by its key.
     #[test]

@@ -14,12 +14,21 @@ use super::tokenizer::Tokenizer;
 
 /// File endings read from a corpus directory; anything else there (images, configs, ...) is
 /// skipped so that a dataset folder can be pointed at as it is.
-const CORPUS_EXTS: [&str; 5] = [".txt", ".md", ".text", ".jsonl", ".parquet"];
+const CORPUS_EXTS: [&str; 7] = [
+    ".txt",
+    ".md",
+    ".text",
+    ".jsonl",
+    ".parquet",
+    ".txt.gz",
+    ".jsonl.gz",
+];
 
 /// Reads a corpus: a text file (one document; a file whose name ends .jsonl or .json is JSONL
 /// with a string field "text", one document per line, blank lines skipped; one ending .parquet
 /// a Parquet file with a string column "text", one document per row), or a directory
-/// (recursively; files ending .txt, .md, .text, .jsonl, .parquet, in any case, in sorted path
+/// (recursively; files ending .txt, .md, .text, .jsonl, .parquet, or .txt.gz and .jsonl.gz
+/// (read through gzip, as any file starting with its magic bytes is), in any case, in sorted path
 /// order; others left out, and said to be; of one whose files name their splits, the train
 /// split's: [`Part`]). Empty documents are dropped; a corpus left with none is an error.
 pub fn load_documents(path: &Path) -> Result<Vec<String>> {
@@ -72,6 +81,7 @@ pub(crate) fn read_file_documents(path: &Path, column: &str, docs: &mut Vec<Stri
     // writes under that name); read as plain text, its records were one document of JSON.
     let is_jsonl = path.file_name().is_some_and(|n| {
         let n = n.to_string_lossy().to_lowercase();
+        let n = n.strip_suffix(".gz").unwrap_or(&n);
         n.ends_with(".jsonl") || n.ends_with(".json")
     });
     if !is_jsonl {

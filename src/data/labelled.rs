@@ -85,10 +85,21 @@ fn labelled_record(
     obj: &Map<String, Value>,
     template: Option<&ChatTemplate>,
 ) -> Result<Vec<LabelledCompletion>> {
-    let single = obj.contains_key("completion");
+    // "response" too, as SFT reads it: a prompt/response file labelled for KTO.
+    let reply = match (obj.contains_key("completion"), obj.contains_key("response")) {
+        (true, true) => {
+            return Err(at.field(
+                "completion",
+                "give either \"completion\" or \"response\", not both",
+            ))
+        }
+        (false, true) => "response",
+        _ => "completion",
+    };
+    let single = obj.contains_key(reply);
     let paired = obj.contains_key("chosen") || obj.contains_key("rejected");
     if single && paired {
-        return Err(at.field("completion", &format!("{SHAPES}, not both")));
+        return Err(at.field(reply, &format!("{SHAPES}, not both")));
     }
     if paired {
         if obj.contains_key("label") {
@@ -105,33 +116,29 @@ fn labelled_record(
         Some(Value::Number(n)) if matches!(n.as_u64(), Some(0 | 1)) => n.as_u64() == Some(1),
         None => return Err(at.field("label", "missing (true: desirable, false: undesirable)")),
         Some(v) => {
+            // A scalar is shown; null, a list or an object only named.
+            let got = match v {
+                Value::Bool(_) | Value::Number(_) | Value::String(_) => format!("{} {v}", kind(v)),
+                _ => kind(v).to_string(),
+            };
             return Err(at.field(
                 "label",
-                &format!("expected true or false (or 1 or 0), got {} {v}", kind(v)),
-            ))
+                &format!("expected true or false (or 1 or 0), got {got}"),
+            ));
         }
     };
     let (prompt, completion, append_eos) = match obj.get("prompt") {
         Some(msgs @ Value::Array(_)) => {
             let chat = bind(at, obj, template)?;
             let prompt = render_prompt(at, msgs, chat.as_ref())?;
-            let completion = render_reply(
-                at,
-                "completion",
-                obj.get("completion"),
-                (msgs, &prompt),
-                chat.as_ref(),
-            )?;
+            let completion =
+                render_reply(at, reply, obj.get(reply), (msgs, &prompt), chat.as_ref())?;
             (prompt, completion, chat.is_none())
         }
         _ => {
             let prompt = at.non_empty_str(obj, "prompt")?.to_string();
-            refuse_messages_after_text(at, obj, "completion")?;
-            (
-                prompt,
-                at.non_empty_str(obj, "completion")?.to_string(),
-                true,
-            )
+            refuse_messages_after_text(at, obj, reply)?;
+            (prompt, at.non_empty_str(obj, reply)?.to_string(), true)
         }
     };
     Ok(vec![LabelledCompletion {
@@ -205,6 +212,12 @@ mod tests {
         .unwrap();
         let labels: Vec<bool> = ints.iter().map(|x| x.desirable).collect();
         assert_eq!(labels, [true, false]);
+        // SFT's other name for the completion, "response", reads the same.
+        let resp = load(r#"{"prompt": "a", "response": "b", "label": true}"#).unwrap();
+        assert_eq!(
+            (resp[0].completion.as_str(), resp[0].desirable),
+            ("b", true)
+        );
     }
 
     #[test]
@@ -221,6 +234,14 @@ mod tests {
             (
                 r#"{"prompt": "p", "label": true}"#,
                 "kto.jsonl:1: field \"completion\": missing",
+            ),
+            (
+                r#"{"prompt": "p", "completion": "c", "label": null}"#,
+                "kto.jsonl:1: field \"label\": expected true or false (or 1 or 0), got null",
+            ),
+            (
+                r#"{"prompt": "p", "completion": "c", "response": "c", "label": true}"#,
+                "kto.jsonl:1: field \"completion\": give either \"completion\" or \"response\"",
             ),
             (
                 r#"{"prompt": "p", "completion": "c", "chosen": "c", "rejected": "d", "label": true}"#,
@@ -249,5 +270,7 @@ mod tests {
         }
         let e = err("{\"prompt\": \"p\", \"completion\": \"c\", \"label\": true}\n[1]\n");
         assert!(e.contains("kto.jsonl:2"), "{e}");
+        let e = err(r#"{"prompt": "p", "completion": "c", "label": null}"#);
+        assert!(e.ends_with("got null"), "null said once: {e}");
     }
 }

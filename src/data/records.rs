@@ -5,6 +5,7 @@
 //! record in a large dataset can be found and fixed without guessing.
 
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -709,14 +710,22 @@ fn margin_of(at: &Loc, obj: &Map<String, Value>) -> Result<Option<f64>> {
 /// as in trl-lib/ultrafeedback_binarized and Anthropic's HH), split as TRL's `extract_prompt`
 /// splits it: the prompt is their longest common opening, messages for conversations,
 /// characters for text, a space before the replies going with them. None where the record
-/// names its prompt.
+/// names its prompt, unless that prompt is text and both replies are conversations: then, as
+/// TRL's `maybe_extract_prompt` does for HuggingFaceH4/ultrafeedback_binarized, whose `prompt`
+/// is the user's text and whose replies hold the whole conversation, the prompt is taken from
+/// the conversations (None where they share no opening, and the record is refused as a reply
+/// of messages after a prompt of text).
 fn implicit_prompt(at: &Loc, obj: &Map<String, Value>) -> Result<Option<Map<String, Value>>> {
-    if obj.contains_key("prompt") {
-        return Ok(None);
-    }
     let (Some(chosen), Some(rejected)) = (obj.get("chosen"), obj.get("rejected")) else {
         return Ok(None);
     };
+    let whole_conversations = chosen.is_array() && rejected.is_array();
+    let shared = || shared_opening(list_of(chosen), list_of(rejected), |_| false).is_some();
+    match obj.get("prompt") {
+        None => {}
+        Some(Value::String(_)) if whole_conversations && shared() => {}
+        Some(_) => return Ok(None),
+    }
     let split = match (chosen, rejected) {
         (Value::String(c), Value::String(r)) => {
             let (c, r): (Vec<char>, Vec<char>) = (c.chars().collect(), r.chars().collect());
@@ -742,6 +751,11 @@ fn implicit_prompt(at: &Loc, obj: &Map<String, Value>) -> Result<Option<Map<Stri
     out.insert("chosen".into(), chosen);
     out.insert("rejected".into(), rejected);
     Ok(Some(out))
+}
+
+/// The items of a JSON array; nothing for any other value.
+fn list_of(v: &Value) -> &[Value] {
+    v.as_array().map_or(&[], Vec::as_slice)
 }
 
 /// Where TRL's `extract_prompt` ends the prompt `a` and `b` share: at their first difference,
@@ -1079,12 +1093,25 @@ pub(crate) fn kind(v: &Value) -> &'static str {
     }
 }
 
-/// Reads a whole UTF-8 text file; errors name the file, and for invalid UTF-8 the line too.
+/// Reads a whole UTF-8 text file, gzip-compressed or not; errors name the file, and for
+/// invalid UTF-8 the line too.
 pub(crate) fn read_text(path: &Path) -> Result<String> {
     if path.is_dir() {
         bail!("{}: a directory, where one file is read", path.display());
     }
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    // `datasets` reads `train.jsonl.gz` as it reads `train.jsonl`: gzip is known by its magic
+    // bytes, whatever the file's name.
+    let bytes = match bytes.starts_with(&[0x1f, 0x8b]) {
+        true => {
+            let mut text = Vec::new();
+            flate2::read::MultiGzDecoder::new(bytes.as_slice())
+                .read_to_end(&mut text)
+                .with_context(|| format!("{}: gzip-compressed, and damaged", path.display()))?;
+            text
+        }
+        false => bytes,
+    };
     match String::from_utf8(bytes) {
         Ok(mut s) => {
             // Editors on Windows like to start files with a byte-order mark; it is not text.
@@ -1136,11 +1163,15 @@ pub(crate) fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<(usize, Map<Str
 
 /// The record files of `path`: the file itself, or a directory's JSONL and Parquet files
 /// (recursively, in sorted path order; of its `part` where its files name their splits, as a
-/// Hugging Face dataset's `data/train-00000-of-00002.parquet` do).
+/// Hugging Face dataset's `data/train-00000-of-00002.parquet` do), or its `.json` files read
+/// as JSON Lines where it has neither.
 pub fn record_files(path: &Path, part: Part) -> Result<Vec<PathBuf>> {
-    let files = data_files(path, part, &[".jsonl", ".parquet"])?;
+    let files = data_files(path, part, &[".jsonl", ".jsonl.gz", ".parquet"])?;
     if files.is_empty() {
-        bail!("{}: no .jsonl or .parquet file under it", path.display());
+        bail!(
+            "{}: no .jsonl or .parquet file under it (nor, alone, a .json one)",
+            path.display()
+        );
     }
     Ok(files)
 }
@@ -1289,6 +1320,30 @@ mod tests {
         let e = format!("{:#}", r.unwrap_err());
         assert!(!e.contains('\n'), "multi-line error: {e}");
         e
+    }
+
+    /// A gzip-compressed JSONL file reads as the text it compresses, alone and among a
+    /// directory's files; a damaged one is said to be, by its name.
+    #[test]
+    fn gzip_compressed_records_read_as_their_text() {
+        use std::io::Write;
+        let d = tempfile::tempdir().unwrap();
+        let body = "{\"prompt\": \"Q\", \"chosen\": \"a\", \"rejected\": \"b\"}\n";
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(body.as_bytes()).unwrap();
+        let p = d.path().join("train.jsonl.gz");
+        std::fs::write(&p, gz.finish().unwrap()).unwrap();
+        assert_eq!(load_preferences(&p).unwrap()[0].chosen, "a");
+        assert_eq!(
+            record_files(d.path(), Part::train()).unwrap(),
+            [p.as_path()]
+        );
+        std::fs::write(&p, [0x1f, 0x8b, 8, 0, 1, 2, 3]).unwrap();
+        let e = err(load_preferences(&p));
+        assert!(
+            e.starts_with(&format!("{}: gzip-compressed, and damaged", p.display())),
+            "{e}"
+        );
     }
 
     /// A file that is one JSON array (as `json.dump` writes it, over several lines or one) is
@@ -1791,6 +1846,20 @@ mod tests {
             [x.prompt.as_str(), &x.chosen, &x.rejected],
             ["<|user|>\n2+2?\n<|assistant|>\n", "4", "5"]
         );
+        // HuggingFaceH4/ultrafeedback_binarized: the user's text as `prompt` beside replies
+        // that hold the whole conversation. The prompt comes from the conversations, as TRL's
+        // `maybe_extract_prompt` takes it, for DPO, the reward model and KTO alike.
+        let mut h4 = convo.clone();
+        h4["prompt"] = "2+2?".into();
+        h4["prompt_id"] = "abc1".into();
+        let p = file(&d, "h4.jsonl", &format!("{h4}\n"));
+        let x = &load_preferences(&p).unwrap()[0];
+        assert_eq!(
+            [x.prompt.as_str(), &x.chosen, &x.rejected],
+            ["<|user|>\n2+2?\n<|assistant|>\n", "4", "5"]
+        );
+        let kto = crate::data::labelled::load_labelled_records(&p, None).unwrap();
+        assert_eq!(kto[0].len(), 2, "one pair, two labelled completions");
     }
 
     #[test]

@@ -120,6 +120,14 @@ pub(crate) fn data_files(path: &Path, part: Part, exts: &[&str]) -> Result<Vec<P
     collect_files(path, exts, &mut files, &mut left_out, &mut HashSet::new())?;
     files.sort();
     left_out.sort();
+    // Many Hub datasets ship JSON Lines named `train.json`, which `datasets` reads as JSON.
+    // Taken only where nothing else is data, so that a dataset's own metadata beside its
+    // shards (`dataset_infos.json`, `save_to_disk`'s `state.json`) is never read as records.
+    if files.is_empty() && exts.contains(&".jsonl") {
+        let (json, rest): (Vec<PathBuf>, Vec<PathBuf>) =
+            left_out.into_iter().partition(|f| is_json_records(f));
+        (files, left_out) = (json, rest);
+    }
     // The card is said to be left out as what it is, whichever list it fell in.
     let cards: Vec<PathBuf> = (files.iter().chain(&left_out))
         .filter(|f| is_dataset_card(path, f))
@@ -190,6 +198,19 @@ pub fn warn_shared(train: &[PathBuf], held: &[PathBuf], by: &str) {
             first_names(Path::new(""), &shared)
         );
     }
+}
+
+/// A `.json` file that may hold JSON Lines: not one of the metadata files `datasets` writes.
+fn is_json_records(f: &Path) -> bool {
+    let name = f.file_name().map(|n| n.to_string_lossy().to_lowercase());
+    let name = name.unwrap_or_default();
+    let metadata = [
+        "dataset_info.json",
+        "dataset_infos.json",
+        "dataset_dict.json",
+        "state.json",
+    ];
+    name.ends_with(".json") && !metadata.contains(&name.as_str())
 }
 
 /// `1 file`, `2 files`.
@@ -515,6 +536,20 @@ mod tests {
             .iter()
             .map(|p| p.strip_prefix(d.path()).unwrap().display().to_string())
             .collect())
+    }
+
+    /// A directory of `.json` files with no JSONL or Parquet reads them (as JSON Lines), its
+    /// splits named as any; beside JSONL or Parquet shards, and `datasets`' metadata files
+    /// always, they are left out.
+    #[test]
+    fn json_files_are_read_where_nothing_else_is_data() {
+        let d = tree(&["train.json", "test.json", "dataset_infos.json"]);
+        assert_eq!(read(&d, Part::train()).unwrap(), ["train.json"]);
+        assert_eq!(read(&d, Part::held_out()).unwrap(), ["test.json"]);
+        let d = tree(&["data/a.parquet", "extra.json"]);
+        assert_eq!(read(&d, Part::train()).unwrap(), ["data/a.parquet"]);
+        let d = tree(&["state.json", "notes.txt"]);
+        assert!(read(&d, Part::train()).unwrap().is_empty());
     }
 
     #[test]

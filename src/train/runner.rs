@@ -217,6 +217,11 @@ struct LoopState {
     /// settings are per rank, so a resume on another number changes each step's global batch.
     #[serde(default)]
     world: Option<usize>,
+    /// Sequences each rank put into one optimizer step (micro-batch x accumulation), beside
+    /// `world`: a resume that also changes `--batch-size` or `--grad-accum` compares its global
+    /// batch with the one trained on, not with its own settings on the old ranks.
+    #[serde(default)]
+    rank_batch: Option<usize>,
 }
 
 /// The train loss and extra metrics summed since the last log, each with its count: a log
@@ -579,42 +584,49 @@ fn resume<T: Task>(
         st.step
     );
     let batch = task.micro_batch_size(opts.cfg);
-    let change = |was| world_change(batch, opts.cfg.grad_accum, was, opts.comm.world());
+    let accum = opts.cfg.grad_accum;
+    // A checkpoint that kept the ranks but not their batch is from before a resume could
+    // change both: its per-rank batch is taken as this run's.
+    let was = |world| (world, st.rank_batch.unwrap_or(batch.size * accum));
+    let change = |world| world_change(batch, accum, was(world), opts.comm.world());
     if let Some(note) = st.world.and_then(change) {
         warnln!("note: [{}] {note}", opts.label);
     }
     Ok(Some(st))
 }
 
-/// What a resume on `now` ranks of a run that trained on `was` changes: batch settings are
-/// per rank, so each optimizer step's global batch scales with the ranks while the schedule,
-/// counted in steps, does not. DeepSpeed keeps a configured global batch by recomputing the
-/// accumulation; temper's settings name the per-rank batch, so it says what to give instead.
-fn world_change(batch: MicroBatch, accum: usize, was: usize, now: usize) -> Option<String> {
-    if was == now || was == 0 {
+/// What a resume on `now` ranks of a run that trained on `was.0` ranks of `was.1` sequences
+/// each changes: batch settings are per rank, so each optimizer step's global batch scales with
+/// the ranks while the schedule, counted in steps, does not. DeepSpeed keeps a configured
+/// global batch by recomputing the accumulation; temper's settings name the per-rank batch,
+/// so it says what to give instead. Nothing where the settings given already keep it.
+fn world_change(
+    batch: MicroBatch,
+    accum: usize,
+    (was, was_per_rank): (usize, usize),
+    now: usize,
+) -> Option<String> {
+    let (before, after) = (was_per_rank * was, batch.size * accum * now);
+    if was == now || was == 0 || before == after {
         return None;
     }
-    let per_rank = batch.size * accum;
-    let keep = match (accum * was) % now {
+    let keep = match before % (batch.size * now) {
         0 => format!(
-            "--grad-accum {} keeps it at {}",
-            accum * was / now,
-            per_rank * was
+            "--grad-accum {} keeps it at {before}",
+            before / (batch.size * now)
         ),
         _ => format!(
-            "to keep it, choose {} and --grad-accum so that their product times {now} is {}",
-            batch.key,
-            per_rank * was
+            "to keep it, choose {} and --grad-accum so that their product times {now} is \
+             {before}",
+            batch.key
         ),
     };
     Some(format!(
         "resumed on {now} rank(s), where its checkpoint was trained on {was}: {} and \
-         --grad-accum are per rank, so each step's global batch is now {} ({} per rank x {accum} \
-         accumulated x {now}) where it was {}, on the same learning-rate schedule; {keep}",
-        batch.key,
-        per_rank * now,
-        batch.size,
-        per_rank * was,
+         --grad-accum are per rank, so each step's global batch is now {after} ({} per rank x \
+         {accum} accumulated x {now}) where it was {before} ({was_per_rank} per rank x {was}), \
+         on the same learning-rate schedule; {keep}",
+        batch.key, batch.size,
     ))
 }
 
@@ -1043,6 +1055,7 @@ impl<T: Task> Loop<'_, T> {
         let (window, first_eval) = (&self.window, self.first_eval.as_ref());
         let (last_eval, last_train_loss) = (self.last_eval.as_ref(), self.last_train_loss);
         let world = self.opts.comm.world();
+        let rank_batch = self.task.micro_batch_size(self.opts.cfg).size * self.opts.cfg.grad_accum;
         self.ckpts.save(s, |dir| {
             saved.write_model(dir, s)?;
             AdamW::save(&state, &dir.join("optimizer.safetensors"))?;
@@ -1056,6 +1069,7 @@ impl<T: Task> Loop<'_, T> {
                 last_eval: last_eval.map(serde_json::to_value).transpose()?,
                 last_train_loss,
                 world: Some(world),
+                rank_batch: Some(rank_batch),
             };
             write_atomic(
                 &dir.join("state.json"),
@@ -1090,23 +1104,35 @@ mod tests {
             key: "--batch-size",
             size,
         };
-        assert!(world_change(b(8), 1, 4, 4).is_none());
+        assert!(world_change(b(8), 1, (4, 8), 4).is_none());
         assert!(
-            world_change(b(8), 1, 0, 4).is_none(),
+            world_change(b(8), 1, (0, 8), 4).is_none(),
             "a count never recorded"
         );
-        let fewer = world_change(b(8), 2, 4, 2).unwrap();
+        let fewer = world_change(b(8), 2, (4, 16), 2).unwrap();
         assert!(fewer.contains("resumed on 2 rank(s), where its checkpoint was trained on 4"));
-        assert!(fewer
-            .contains("global batch is now 32 (8 per rank x 2 accumulated x 2) where it was 64"));
+        assert!(fewer.contains(
+            "global batch is now 32 (8 per rank x 2 accumulated x 2) where it was 64 (16 per \
+             rank x 4)"
+        ));
         assert!(fewer.ends_with("--grad-accum 4 keeps it at 64"), "{fewer}");
-        let odd = world_change(b(8), 1, 2, 3).unwrap();
+        let odd = world_change(b(8), 1, (2, 8), 3).unwrap();
         assert!(odd.contains("is now 24 (8 per rank x 1 accumulated x 3) where it was 16"));
         assert!(
             odd.ends_with(
                 "choose --batch-size and --grad-accum so that their product times 3 is 16"
             ),
             "{odd}"
+        );
+        // Two ranks of 8 resumed on one with --grad-accum 2 keep the global batch: nothing to
+        // say. With --grad-accum 4 the batch doubles, and the way back is --grad-accum 2, not
+        // a product of the new settings and the old ranks.
+        assert!(world_change(b(8), 2, (2, 8), 1).is_none());
+        let doubled = world_change(b(8), 4, (2, 8), 1).unwrap();
+        assert!(doubled.contains("is now 32 (8 per rank x 4 accumulated x 1) where it was 16"));
+        assert!(
+            doubled.ends_with("--grad-accum 2 keeps it at 16"),
+            "{doubled}"
         );
     }
 

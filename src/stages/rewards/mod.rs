@@ -7,6 +7,8 @@
 mod command;
 mod http;
 
+use std::path::Path;
+
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use serde_json::{Map, Value};
@@ -88,7 +90,7 @@ impl RewardFn {
                 RewardSource::Task => Kind::Task,
                 RewardSource::Model(path) => {
                     let loaded = read_checkpoint(path, device)?;
-                    read(&format!("the reward model {name}"), &loaded)?;
+                    read(&frozen_role(path, spec.weight), &loaded)?;
                     if loaded.tokenizer.vocab_size() != tok.vocab_size() {
                         bail!(
                             "{}: the reward model's tokenizer differs from the policy's",
@@ -178,6 +180,14 @@ impl RewardFn {
         }
         Ok(Scores { total, by_source })
     }
+}
+
+/// The name a run records a reward model's weights under (`frozen_inputs.json`): its path made
+/// absolute, since a run's start reads the path as given and its resume the config's absolute
+/// one, and a key that differed between them would compare nothing.
+fn frozen_role(path: &Path, weight: f64) -> String {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    format!("the reward model {}:{weight}", path.display())
 }
 
 /// The checker: 1 for a response whose first line is the answer, else 0.
@@ -319,6 +329,19 @@ fn replaced_fields(rewards: &RewardFn, sets: &[&[PromptRecord]]) -> Option<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A run started with a relative `--reward` and resumed from its config's absolute path
+    /// records and looks up its weights under one name.
+    #[test]
+    fn a_reward_model_is_recorded_under_its_absolute_path() {
+        let relative = Path::new("runs/rm");
+        let absolute = std::env::current_dir().unwrap().join("runs/rm");
+        assert_eq!(frozen_role(relative, 1.0), frozen_role(&absolute, 1.0));
+        assert_eq!(
+            frozen_role(&absolute, 0.5),
+            format!("the reward model {}:0.5", absolute.display())
+        );
+    }
 
     /// A record's own `response` or `completion`, which a request to an external reward
     /// replaces, is said, counted over the sets; with only the task reward, nothing is.

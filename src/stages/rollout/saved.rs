@@ -283,7 +283,21 @@ pub fn read_unfinished<X: Extra>(
         .map_err(anyhow::Error::from)
         .and_then(|b| Ok(serde_json::from_slice(&b)?))
         .with_context(|| format!("{}: cannot read", path.display()))?;
-    if m.world != comm.world() || m.files.len() != m.world {
+    // A manifest that parses but lists other files than its ranks' shares is damaged, not a
+    // rollout of other ranks: the checkpoint is set aside, as one with a truncated share is.
+    let named: Vec<String> = (0..m.world).map(share_file).collect();
+    if m.world == 0 || m.files != named {
+        let listed = match m.files.is_empty() {
+            true => "no share".to_string(),
+            false => m.files.join(", "),
+        };
+        bail!(
+            "{}: malformed: it lists {listed} for a rollout of {} rank(s)",
+            path.display(),
+            m.world
+        );
+    }
+    if m.world != comm.world() {
         let ranks = comm.world();
         return leave(format!(
             "{} rank(s) were training on, and this run has {ranks}",
@@ -434,7 +448,8 @@ mod tests {
     /// Through a checkpoint directory: one with no manifest holds no rollout; a spent buffer
     /// writes none; a buffer without a reference's log-probabilities reads back without them;
     /// a run that cuts rollouts otherwise, or a manifest of two ranks on one, leaves it; a
-    /// file that misses a tensor is refused, naming the file and the tensor.
+    /// file that misses a tensor, or a manifest that lists no share, is refused, naming the
+    /// file.
     #[test]
     fn a_checkpoint_keeps_a_rollout_only_while_it_has_minibatches_left() {
         use crate::dist::Solo;
@@ -482,6 +497,16 @@ mod tests {
         };
         std::fs::write(d.join(MANIFEST), serde_json::to_vec(&m).unwrap()).unwrap();
         assert!(read(d).is_none(), "written by two ranks, read by one");
+        // A manifest that parses but lists no share is damaged, not another world's rollout.
+        std::fs::write(d.join(MANIFEST), r#"{"world":1,"files":[]}"#).unwrap();
+        let e = read_unfinished::<()>(d, &dev, solo, ("grpo", &plan))
+            .err()
+            .expect("a manifest without its share")
+            .to_string();
+        assert!(
+            e.contains("rollout.json: malformed: it lists no share for a rollout of 1 rank(s)"),
+            "{e}"
+        );
 
         buf.next_batch().unwrap();
         let spent = tempfile::tempdir().unwrap();
