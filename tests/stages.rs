@@ -256,6 +256,39 @@ mod stage_chain {
             .collect()
     }
 
+    /// A byte-level model exported for transformers carries a `tokenizer.json` that encodes
+    /// as the byte tokenizer does, and reads back (as `--init` and `generate` read it) to the
+    /// same logits.
+    #[test]
+    fn a_byte_level_model_exports_for_transformers_with_its_tokenizer() {
+        let out = run_dir("pre-hf");
+        run_ok(&[
+            "export",
+            "--checkpoint",
+            arg(pre()),
+            "--out",
+            arg(&out),
+            "--format",
+            "hf",
+        ]);
+        let tc = std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap();
+        let tc: serde_json::Value = serde_json::from_str(&tc).unwrap();
+        assert_eq!(
+            (&tc["eos_token"], &tc["pad_token"]),
+            (&"<|endoftext|>".into(), &"<|pad|>".into())
+        );
+        let loaded = temper::stages::loader::read_checkpoint(&out, &Device::Cpu).unwrap();
+        let text = "2+3=5\n<|user|> héllo";
+        let ids: Vec<u32> = text.bytes().map(u32::from).collect();
+        assert_eq!(loaded.tokenizer.encode(text).unwrap(), ids);
+        assert_eq!(
+            (loaded.tokenizer.eos_id(), loaded.tokenizer.pad_id()),
+            (256, 257)
+        );
+        let (theirs, ours) = (super::logits_of(&out, &ids), super::logits_of(pre(), &ids));
+        assert!(max_abs_diff(&theirs, &ours) <= 1e-5);
+    }
+
     #[test]
     fn lora_sft_leaves_the_base_weights_bitwise_unchanged() {
         let base = weights(&pre().join("final/model.safetensors"));

@@ -783,6 +783,9 @@ impl Tokenizer {
     /// The vocabulary's spelling of token `id` (a Hugging Face tokenizer's; none for bytes).
     pub fn token_name(&self, id: u32) -> Option<String> {
         match self {
+            // The names its tokenizer.json gives them ([`byte_level_json`]).
+            Tokenizer::Bytes if id == BYTE_EOS => Some(EOS_NAMES[0].to_string()),
+            Tokenizer::Bytes if id == BYTE_PAD => Some(PAD_NAMES[0].to_string()),
             Tokenizer::Bytes | Tokenizer::BytesWithTemplate { .. } => None,
             Tokenizer::Hf { inner, .. } => inner.id_to_token(id),
         }
@@ -819,6 +822,55 @@ fn write_hf(tok: &tokenizers::Tokenizer, path: &Path) -> Result<()> {
         .to_string(true)
         .map_err(|e| anyhow!("{}: cannot serialise tokenizer: {e}", path.display()))?;
     crate::io::write_atomic(path, json.as_bytes())
+}
+
+/// The byte tokenizer as a Hugging Face `tokenizer.json`, for a model exported to
+/// transformers: a byte-level BPE without merges, so that each byte is its own token with its
+/// own id, then EOS (`<|endoftext|>`, 256) and PAD (`<|pad|>`, 257) as special tokens, which
+/// [`Tokenizer::from_file`] finds again by name. It encodes text as the byte tokenizer does,
+/// but for those two names in the text, which it reads as the special tokens (as GPT-2's does).
+pub fn byte_level_json() -> Result<String> {
+    // GPT-2's map of bytes to printable characters: the printable Latin-1 ones stand for
+    // themselves, the others for the characters from U+0100 up, in byte order.
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut next = 256u32;
+    let mut vocab = serde_json::Map::new();
+    for b in 0..=255u8 {
+        let c = match printable(b) {
+            true => char::from(b),
+            false => {
+                next += 1;
+                char::from_u32(next - 1).expect("a character below U+0200")
+            }
+        };
+        vocab.insert(c.to_string(), b.into());
+    }
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+        "trim_offsets": false, "use_regex": false});
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special(BYTE_EOS, EOS_NAMES[0]), special(BYTE_PAD, PAD_NAMES[0])],
+        "normalizer": null,
+        "pre_tokenizer": level,
+        "post_processor": null,
+        "decoder": level,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+            "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []},
+    });
+    // Parsed before it is written: what tokenizers cannot read is a bug here, not a file.
+    let tok: tokenizers::Tokenizer = json
+        .to_string()
+        .parse()
+        .map_err(|e| anyhow!("the byte tokenizer's tokenizer.json: {e}"))?;
+    tok.to_string(true)
+        .map_err(|e| anyhow!("the byte tokenizer's tokenizer.json: {e}"))
 }
 
 /// The largest vocabulary [`train_bpe`] trains.
@@ -976,6 +1028,36 @@ mod tests {
         assert_eq!(again.encode(text).unwrap(), ids);
         assert_eq!(again.eos_id(), t.eos_id());
         assert_eq!(again.pad_id(), t.pad_id());
+    }
+
+    /// The byte tokenizer's `tokenizer.json` encodes and decodes as the byte tokenizer does,
+    /// with its EOS and PAD found again by name.
+    #[test]
+    fn the_byte_tokenizer_as_a_tokenizer_json_encodes_as_it_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, byte_level_json().unwrap()).unwrap();
+        let hf = Tokenizer::from_file(&path).unwrap();
+        let bytes = Tokenizer::bytes();
+        assert_eq!((hf.eos_id(), hf.pad_id()), (BYTE_EOS, BYTE_PAD));
+        assert_eq!(hf.vocab_size(), BYTE_VOCAB);
+        let mut rng = crate::train::rng::Rng::new(11);
+        let alphabet: Vec<char> = " \n\t\r!~ÿ\u{7f}\u{0}aZ<|>é日本語🙂\u{ad}\u{a0}"
+            .chars()
+            .collect();
+        for len in [0, 1, 2, 7, 40] {
+            let text: String = (0..len)
+                .map(|_| alphabet[rng.below(alphabet.len())])
+                .collect();
+            let ids = bytes.encode(&text).unwrap();
+            assert_eq!(hf.encode(&text).unwrap(), ids, "{text:?}");
+            assert_eq!(hf.decode(&ids).unwrap(), text, "{text:?}");
+        }
+        let all: Vec<u32> = (0..256).collect();
+        assert_eq!(
+            hf.encode(&bytes.decode(&all[..128]).unwrap()).unwrap(),
+            all[..128]
+        );
     }
 
     #[test]

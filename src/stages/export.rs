@@ -17,7 +17,7 @@ use serde_json::json;
 
 use super::loader::{read_checkpoint, Loaded};
 use crate::config::HfFamily;
-use crate::data::tokenizer::{ids_field, GENERATION_CONFIG};
+use crate::data::tokenizer::{byte_level_json, ids_field, Tokenizer, GENERATION_CONFIG};
 use crate::model::hf;
 use crate::train::checkpoint::{resolve_checkpoint, CheckpointKind};
 use crate::train::params::Net;
@@ -316,10 +316,16 @@ fn hf_dir(checkpoint: &Path, out: &Path, dtype: Dtype, max_shard: u64) -> Result
     };
     let files = write_weights(out, &tensors, dtype, max_shard)?;
     let tok = &loaded.tokenizer;
-    if tok.is_bytes() {
+    let plain_bytes = matches!(tok, Tokenizer::Bytes);
+    if plain_bytes {
+        // transformers (and temper's --init of this directory) need a tokenizer.json.
+        crate::io::write_atomic(&out.join("tokenizer.json"), byte_level_json()?.as_bytes())?;
+    } else if tok.is_bytes() {
         errln!(
-            "warning: {}: the byte-level tokenizer has no tokenizer.json to write, and \
-             transformers (and temper's --init) need one beside the model",
+            "warning: {}: the byte-level tokenizer with a chat template has no tokenizer.json \
+             to write (its template renders its tokens as text, which no vocabulary of \
+             transformers' reads so), and transformers (and temper's --init) need one beside \
+             the model",
             out.display()
         );
     }
@@ -361,7 +367,7 @@ fn hf_dir(checkpoint: &Path, out: &Path, dtype: Dtype, max_shard: u64) -> Result
     // 5 keeps the name for its TokenizersBackend).
     // Decided by what the tokenizer carries, not by what --out holds: an --overwrite of
     // another model's export would otherwise keep its files.
-    let hf_tokenizer = !tok.is_bytes();
+    let hf_tokenizer = !tok.is_bytes() || plain_bytes;
     if hf_tokenizer && tok.carried("tokenizer_config.json").is_none() {
         let name = |id: Option<u32>| id.and_then(|i| tok.token_name(i));
         let tokenizer_config = json!({

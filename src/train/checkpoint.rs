@@ -447,10 +447,14 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
     if path.join("final").join("meta.json").exists() {
         return Ok(path.join("final"));
     }
-    if let Some(p) = Checkpoints::latest(path)? {
-        // Only a resume passes over a damaged checkpoint (and sets it aside); a reader names
-        // the one it could take instead.
-        if let Some(e) = damage(&p, ReadFor::Model) {
+    if let Some(p) = Checkpoints::newest_first(path)?.into_iter().next() {
+        // Only a resume passes over a damaged checkpoint (and sets it aside), or a pointer to
+        // one that is gone; a reader names the one it could take instead.
+        let damaged = match p.is_dir() {
+            true => damage(&p, ReadFor::Model),
+            false => Some(anyhow!("{}", missing_latest(path, &p))),
+        };
+        if let Some(e) = damaged {
             match intact_besides(path, &p)? {
                 Some(c) => bail!(
                     "{e}; {} is intact: name it, or --resume the run to set this one aside",
@@ -476,8 +480,17 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
             path.display()
         );
     }
+    // The run an interrupted --overwrite set aside is not read, but it is there.
+    let aside = path.join(crate::stages::run_dir::SET_ASIDE);
+    let aside = match aside.is_dir() {
+        true => format!(
+            "; the run an --overwrite set aside is in {} (move its files back to read it)",
+            aside.display()
+        ),
+        false => String::new(),
+    };
     bail!(
-        "{}: holds no checkpoint (no meta.json, final/ or checkpoints/latest)",
+        "{}: holds no checkpoint (no meta.json, final/ or checkpoints/latest){aside}",
         path.display()
     )
 }
@@ -622,6 +635,27 @@ mod tests {
         assert_eq!(
             Checkpoints::latest(run.path()).unwrap().unwrap(),
             ck.join("step-0000002")
+        );
+        // A pointer to a checkpoint that is gone: a reader is told which one it could take.
+        let t = candle_core::Tensor::zeros(3, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+        let weights = std::collections::HashMap::from([("w", t)]);
+        candle_core::safetensors::save(&weights, ck.join("step-0000004/model.safetensors"))
+            .unwrap();
+        std::fs::write(ck.join("latest"), "step-0000009\n").unwrap();
+        let e = resolve_checkpoint(run.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("points to a missing checkpoint")
+                && e.contains("step-0000004 is intact: name it"),
+            "{e}"
+        );
+        // A directory that holds only the run an --overwrite set aside says where it is.
+        let aside = tempfile::tempdir().unwrap();
+        std::fs::create_dir(aside.path().join(".overwritten")).unwrap();
+        let e = resolve_checkpoint(aside.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("holds no checkpoint") && e.contains(".overwritten (move its files back"),
+            "{e}"
         );
     }
 
