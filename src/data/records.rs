@@ -1150,6 +1150,13 @@ pub(crate) fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<(usize, Map<Str
             continue;
         }
         let value = super::strict_json::from_str(raw).map_err(|e| {
+            if let Some(escape) = lone_surrogate(raw) {
+                return anyhow!(
+                    "{at}: not valid JSON text: `{escape}` is half of a UTF-16 surrogate pair \
+                     without its other half, which is no character (Python's json reads it, \
+                     but no UTF-8 text holds it)"
+                );
+            }
             let msg = crate::json_error::without_position(&e);
             anyhow!("{at}: not valid JSON: {msg} at column {}", e.column())
         })?;
@@ -1159,6 +1166,32 @@ pub(crate) fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<(usize, Map<Str
         }
     }
     Ok(out)
+}
+
+/// The first `\uD800`-`\uDFFF` escape of `line` that is not one half of a pair (a high
+/// surrogate followed at once by a low one), as written.
+fn lone_surrogate(line: &str) -> Option<&str> {
+    let unit = |i: usize| {
+        let hex = line.get(i + 2..i + 6)?;
+        (line.get(i..i + 2)? == "\\u")
+            .then(|| u16::from_str_radix(hex, 16).ok())
+            .flatten()
+    };
+    let mut i = 0;
+    while let Some(off) = line.get(i..)?.find("\\u") {
+        let at = i + off;
+        // An escaped backslash before the `u` (`\\u`) starts no escape.
+        let slashes = line[..at].bytes().rev().take_while(|&b| b == b'\\').count();
+        match unit(at) {
+            Some(0xD800..=0xDBFF) if slashes % 2 == 0 => match unit(at + 6) {
+                Some(0xDC00..=0xDFFF) => i = at + 12,
+                _ => return Some(&line[at..at + 6]),
+            },
+            Some(0xDC00..=0xDFFF) if slashes % 2 == 0 => return Some(&line[at..at + 6]),
+            _ => i = at + 2,
+        }
+    }
+    None
 }
 
 /// The record files of `path`: the file itself, or a directory's JSONL and Parquet files
@@ -1320,6 +1353,26 @@ mod tests {
         let e = format!("{:#}", r.unwrap_err());
         assert!(!e.contains('\n'), "multi-line error: {e}");
         e
+    }
+
+    /// A lone surrogate escape, which Python's json reads and no UTF-8 text holds, is named as
+    /// such; a pair, or an escaped backslash before a `u`, is none.
+    #[test]
+    fn a_lone_surrogate_escape_is_named() {
+        assert_eq!(lone_surrogate(r#"{"a": "d\ud800"}"#), Some(r"\ud800"));
+        assert_eq!(lone_surrogate(r#"{"a": "\udc00x"}"#), Some(r"\udc00"));
+        assert_eq!(lone_surrogate(r#"{"a": "\ud83d\ude00 \\ud800"}"#), None);
+        let d = tempfile::tempdir().unwrap();
+        let p = file(
+            &d,
+            "s.jsonl",
+            "{\"prompt\": \"a\", \"response\": \"d\\ud800\"}\n",
+        );
+        let e = err(load_sft(&p));
+        assert!(
+            e.contains("s.jsonl:1: not valid JSON text: `\\ud800` is half of a UTF-16 surrogate"),
+            "{e}"
+        );
     }
 
     /// A gzip-compressed JSONL file reads as the text it compresses, alone and among a

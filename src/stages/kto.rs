@@ -477,7 +477,7 @@ pub fn run(env: &Env) -> Result<KtoResult> {
         encode(env, &tok, &eval, ctx, "held-out")?,
     );
     if train.is_empty() || eval.is_empty() {
-        bail!("kto: no training or no held-out example is left once fitted to the model's context (the lines above say which were left out, and why)");
+        bail!("kto: no training or no held-out example is left once fitted to the model's context and pairs of two equal sides are left out (the lines above say which were left out, and why)");
     }
     if env.comm.rank() == 0 {
         errln!("{}", balance(&cfg.kto, &train));

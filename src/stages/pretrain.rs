@@ -242,11 +242,15 @@ fn streams(
         Some(p) => load_documents_from(p, cfg.data.columns.column("text"), cfg.data.train_part())?,
         None => setup::synthetic(env).pretrain_documents(4000),
     };
-    let packed = pack_documents(&docs, tok, cfg.data.val_fraction, t + 1, cfg.train.seed)?;
+    let packed = pack_documents(&docs, tok, cfg.data.val_fraction, t + 1, cfg.train.seed);
+    let packed = match &cfg.data.path {
+        Some(p) => packed.with_context(|| p.display().to_string())?,
+        None => packed?,
+    };
     Ok((
         TokenStream::owned(packed.train),
         TokenStream::owned(packed.val),
-        format!("{} documents", docs.len()),
+        documents(docs.len()),
     ))
 }
 
@@ -324,7 +328,7 @@ fn text_stream(
     let ids = document_ids(&docs, tok)
         .with_context(|| path.display().to_string())?
         .concat();
-    let what = format!("{} documents of {}", docs.len(), path.display());
+    let what = format!("{} of {}", documents(docs.len()), path.display());
     Ok((TokenStream::owned(ids), what))
 }
 
@@ -479,6 +483,14 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
         val_loss: summary.last_eval.map(|e| e.loss),
         train_loss: summary.last_train_loss,
     })
+}
+
+/// `1 document`, `2 documents`.
+fn documents(n: usize) -> String {
+    match n {
+        1 => "1 document".into(),
+        n => format!("{n} documents"),
+    }
 }
 
 #[cfg(test)]

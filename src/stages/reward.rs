@@ -363,7 +363,7 @@ pub fn run(env: &Env) -> Result<RewardResult> {
         encode_pairs(env, &tok, &eval, ctx, "held-out")?,
     );
     if train.is_empty() || eval.is_empty() {
-        bail!("reward: no training or no held-out pair is left once fitted to the model's context (the lines above say which were left out, and why)");
+        bail!("reward: no training or no held-out pair is left once fitted to the model's context and pairs of two equal sides are left out (the lines above say which were left out, and why)");
     }
     let model_cfg = model.net.cfg.clone();
     let mut task = RewardTask {

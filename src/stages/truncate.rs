@@ -24,8 +24,10 @@ pub struct Fitter {
     seen: usize,
     cut: usize,
     dropped: usize,
-    /// Pairs whose two sequences are the same tokens, left out before any cut.
+    /// Pairs whose two sequences are the same tokens, left out before any cut, and where the
+    /// first of them is (its file and line).
     identical: usize,
+    first_identical: Option<String>,
 }
 
 impl Fitter {
@@ -38,6 +40,7 @@ impl Fitter {
             cut: 0,
             dropped: 0,
             identical: 0,
+            first_identical: None,
         }
     }
 
@@ -57,6 +60,7 @@ impl Fitter {
         // sit at log 2 with no gradient): left out and counted, not trained on in silence.
         if seqs.len() > 1 && seqs.iter().all(|s| s.0 == seqs[0].0) {
             self.identical += 1;
+            self.first_identical.get_or_insert_with(place);
             return Ok(None);
         }
         let longest = seqs.iter().map(|s| s.0.len()).max().unwrap_or(0);
@@ -173,9 +177,14 @@ impl Fitter {
     /// The line to print when any pair's two sides were the same tokens.
     pub fn identical_report(&self, stage: &str) -> Option<String> {
         (self.identical > 0).then(|| {
+            let first = match (&self.first_identical, self.identical) {
+                (Some(at), 1) => format!(" ({at})"),
+                (Some(at), _) => format!(" (the first: {at})"),
+                (None, _) => String::new(),
+            };
             format!(
                 "[{stage}] {} of {} {} were left out: their two sides are the same tokens, so \
-                 there is nothing to prefer",
+                 there is nothing to prefer{first}",
                 self.identical, self.seen, self.what
             )
         })
@@ -264,7 +273,7 @@ mod tests {
         assert_eq!(
             f.identical_report("dpo").unwrap(),
             "[dpo] 1 of 1 pairs were left out: their two sides are the same tokens, so there \
-             is nothing to prefer"
+             is nothing to prefer (data.jsonl:7)"
         );
         let (out, f) = fit(Truncation::Error, 8, vec![seq(3, 2)]);
         assert!(out.is_some() && f.identical_report("sft").is_none());
