@@ -8,7 +8,7 @@ it with `AutoModelForCausalLM.from_pretrained`, and compares its logits with the
 expected.json (recorded from the original model; the mistral and qwen2 fixtures slide a window
 of 4 positions, as do two of the gemma3 fixture's three layers; gemma3_mm, an image-and-text
 model, exports as its language model). Then it fine-tunes the llama, qwen2,
-qwen3, smollm3, gemma2, gemma3 and gpt2 fixtures with LoRA
+qwen3, smollm3, gemma2, gemma3, gemma3_mm and gpt2 fixtures with LoRA
 for a few steps, exports the merged model and the adapter (`--format peft`; GPT-2's as one
 adapter on c_attn),
 and checks that `PeftModel.from_pretrained(base, adapter)` gives the merged model's logits, and
@@ -122,7 +122,11 @@ def main(out):
     # GPT-2's q and v adapters leave as one block adapter on the c_attn they share (k's rows
     # zero), and its attn.c_proj and mlp.c_proj are told apart.
     # rsLoRA too, on llama and on GPT-2's joined c_attn (whose alpha_pattern keeps the scale).
-    runs = [(fam, []) for fam in ["llama", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3", "gpt2"]]
+    # gemma3_mm's adapter goes on the image-and-text model it was trained from (its merged
+    # export is the language model alone): under its language model's names, off the vision
+    # tower's projections.
+    fams = ["llama", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3", "gemma3_mm", "gpt2"]
+    runs = [(fam, []) for fam in fams]
     runs += [("llama", ["--use-rslora"]), ("gpt2", ["--use-rslora"])]
     for fam, extra in runs:
         name = fam + "".join(extra).replace("--", "-")
@@ -135,7 +139,8 @@ def main(out):
         temper("export", "--checkpoint", sft, "--out", merged, "--format", "hf")
         temper("export", "--checkpoint", sft, "--out", adapter, "--format", "peft")
         ids = torch.tensor([[17, 200, 3, 99, 45, 128, 255]])
-        base = AutoModelForCausalLM.from_pretrained(os.path.join(out, fam), dtype=torch.float32).eval()
+        base_dir = os.path.join(ROOT, "tests/fixtures/hf", fam) if fam == "gemma3_mm" else os.path.join(out, fam)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
         peft = PeftModel.from_pretrained(base, adapter).eval()
         with torch.no_grad():
             d = (peft(ids).logits[0] - logits(merged, ids[0].tolist())).abs().max().item()

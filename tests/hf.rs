@@ -817,6 +817,59 @@ fn dora_adapters_train_and_export_to_peft_and_back() {
     }
 }
 
+/// A LoRA run on one of Gemma 3's image-and-text models exports its adapters under the names
+/// transformers 5 gives that model's language model (`model.language_model.layers...`, where
+/// `PeftModel.from_pretrained` on the base looks), its `target_modules` a pattern that keeps
+/// off the vision tower's projections of the same names, and reads back to the run's merged
+/// export.
+#[test]
+fn gemma3_image_and_text_adapters_export_under_its_language_models_names() {
+    let d = tmp();
+    let data = counting_data(d.path());
+    let run = p(d.path(), "lora");
+    let flags = [
+        "--steps",
+        "4",
+        "--lora-rank",
+        "4",
+        "--lora-targets",
+        "q,v,down",
+    ];
+    sft_on_cpu(&fixture("gemma3_mm"), &data, &run, &flags);
+    let (peft, merged, back) = (
+        p(d.path(), "peft"),
+        p(d.path(), "merged"),
+        p(d.path(), "back"),
+    );
+    export(&run, &peft, "peft");
+    export(&run, &merged, "hf");
+    let adapter = safetensors_map(&peft.join("adapter_model.safetensors"));
+    let prefix = "base_model.model.model.language_model.layers.";
+    assert!(
+        !adapter.is_empty() && adapter.keys().all(|n| n.starts_with(prefix)),
+        "{:?}",
+        adapter.keys().collect::<Vec<_>>()
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let pattern = cfg["target_modules"].as_str().expect("one pattern");
+    let targets = regex::Regex::new(&format!("^(?:{pattern})$")).unwrap();
+    for (module, adapted) in [
+        ("model.language_model.layers.0.self_attn.q_proj", true),
+        ("language_model.model.layers.1.mlp.down_proj", true),
+        ("model.language_model.layers.0.self_attn.k_proj", false),
+        (
+            "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj",
+            false,
+        ),
+    ] {
+        assert_eq!(targets.is_match(module), adapted, "{module}: {pattern}");
+    }
+    export(&peft, &back, "hf");
+    assert_same_weights(&merged, &back, 1e-5);
+}
+
 /// What a run or an export would not use is refused, or said to be unused, in one line:
 /// LoRA settings without a rank, a projection the model has not, a file named where a model
 /// directory is read, `--format peft` of a model without temper's adapters, no new tokens,
@@ -928,7 +981,7 @@ fn settings_and_inputs_that_would_do_nothing_are_refused_or_named() {
     // One document: none held out, and said so.
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
-        said.contains("no document went to validation (1 documents"),
+        said.contains("no document went to validation (1 document;"),
         "{said}"
     );
 }

@@ -1329,6 +1329,20 @@ fn sft_learns_chat_data_rendered_by_a_tokenizer_config_template() {
     let written = std::fs::read_to_string(sft.join("config.toml")).unwrap();
     assert!(written.contains("chat_template"), "{written}");
     assert!(written.contains("enable_thinking = false"), "{written}");
+    // Without one the built-in template renders the conversations, and the run says so: its
+    // checkpoints carry no template for transformers to render them alike.
+    let builtin = p(dir, "sft-builtin");
+    let o = run_ok(&strs(&args(&[
+        "--out",
+        builtin.to_str().unwrap(),
+        "--steps",
+        "2",
+    ])));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("conversations render with temper's built-in chat template"),
+        "{err}"
+    );
 
     // Two turns whose template drops the first answer's working, as Qwen3's drops earlier
     // thoughts: refused without {% generation %} markers, trained with them.
@@ -2243,7 +2257,7 @@ fn a_dataset_directory_is_read_by_the_split_asked_for() {
     let log = String::from_utf8_lossy(&log.stderr);
     assert!(log.contains("481 train / 81 val tokens"), "{log}");
     assert!(
-        log.contains("held out (--eval-split heldout): 1 documents of"),
+        log.contains("held out (--eval-split heldout): 1 document of"),
         "{log}"
     );
     // A held-out split that is the training split is said to be.

@@ -154,8 +154,15 @@ pub fn place(origin: &Option<String>, fallback: &str, index: usize) -> String {
 
 const ROLES: [&str; 3] = ["system", "user", "assistant"];
 
+/// Set once a conversation renders with the built-in template (no chat template given, and
+/// none found beside the model): a training run says so ([`crate::stages::setup`]), since its
+/// checkpoints then carry no template that transformers or vLLM would render alike.
+pub static BUILTIN_TEMPLATE_RENDERED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Header that opens a message of `role` in the built-in chat template.
 fn role_header(role: &str) -> String {
+    BUILTIN_TEMPLATE_RENDERED.store(true, std::sync::atomic::Ordering::Relaxed);
     format!("<|{role}|>\n")
 }
 

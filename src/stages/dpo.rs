@@ -863,8 +863,17 @@ pub fn run(env: &Env) -> Result<DpoResult> {
         ),
         false => String::new(),
     };
+    // TRL's default adds no NLL term; one who comes from it should see that this one does.
+    let a = cfg.dpo.rpo_alpha;
+    let rpo = match a > 0.0 {
+        true => format!(
+            " + {a} x the chosen responses' NLL ([dpo] rpo_alpha, RPO; TRL's default is 0, plain \
+             DPO)"
+        ),
+        false => String::new(),
+    };
     warnln!(
-        "[dpo] loss {}, reference: {}{moving}",
+        "[dpo] loss {}{rpo}, reference: {}{moving}",
         cfg.dpo.loss_names(),
         reference
             .as_ref()

@@ -253,6 +253,18 @@ pub fn merge_adapters(
         let w = base
             .get(&wname)
             .with_context(|| format!("{wname} missing"))?;
+        // An adapter of another model (a base of another size or family) fits no weight: said
+        // by the weight and the shapes, not by the matmul that would fail on them.
+        let (out_dim, in_dim) = w.dims2()?;
+        let (b_rows, rank_b) = b.dims2()?;
+        let (rank_a, a_cols) = a.dims2()?;
+        if (b_rows, a_cols, rank_a) != (out_dim, in_dim, rank_b) {
+            bail!(
+                "{stem}: the adapter's B [{b_rows}, {rank_b}] and A [{rank_a}, {a_cols}] do not \
+                 fit the base's weight [{out_dim}, {in_dim}]: an adapter of another model \
+                 (check its base_model_name_or_path)"
+            );
+        }
         let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
         let mut merged = (w.to_dtype(DType::F32)? + delta)?;
         if let Some(m) = adapters.get(&format!("{stem}.{}", crate::model::linear::DORA_MAGNITUDE)) {
@@ -340,4 +352,41 @@ pub fn scored_from(
     let head = ScalarHead::load(scope.pp("score"), loaded.meta.model.hidden_size, zero_head)?;
     fill_store(store, net, &loaded.tensors, &loaded.dir, from_policy)?;
     Ok(Scorer { net: body, head })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An adapter whose factors fit no weight of the base (one of another model) is refused
+    /// naming the module and the shapes; one that fits adds `scale B A`.
+    #[test]
+    fn an_adapter_that_does_not_fit_its_base_says_so() {
+        let dev = Device::Cpu;
+        let t = |rows: usize, cols: usize, v: f32| Tensor::full(v, (rows, cols), &dev).unwrap();
+        let mut base = HashMap::from([("l.q.weight".to_string(), t(4, 3, 1.0))]);
+        let fits = HashMap::from([
+            ("l.q.lora_a".to_string(), t(2, 3, 0.5)),
+            ("l.q.lora_b".to_string(), t(4, 2, 1.0)),
+        ]);
+        merge_adapters(&mut base, &fits, 2.0).unwrap();
+        let w = base["l.q.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(w.iter().all(|&x| x == 3.0), "1 + 2 x (2 x 0.5): {w:?}");
+        let other = HashMap::from([
+            ("l.q.lora_a".to_string(), t(2, 5, 0.5)),
+            ("l.q.lora_b".to_string(), t(4, 2, 1.0)),
+        ]);
+        let e = merge_adapters(&mut base, &other, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "l.q: the adapter's B [4, 2] and A [2, 5] do not fit the base's weight [4, 3]: an \
+             adapter of another model (check its base_model_name_or_path)"
+        );
+    }
 }

@@ -235,6 +235,7 @@ pub fn split_holdout<T>(
         if let (Some(w), true) = (skipped_shards(files, &empty, dir), env.comm.rank() == 0) {
             crate::errln!("warning: {w}");
         }
+        say_builtin_template(env);
         Ok(all)
     };
     let train_files = record_files(path, data.train_part())?;
@@ -294,6 +295,24 @@ pub fn split_holdout<T>(
         );
     }
     Ok((train, eval))
+}
+
+/// Says, once, that the data's conversations rendered with the built-in template: TRL refuses
+/// conversations for a tokenizer without a chat template, and a model trained on temper's
+/// template leaves with none that transformers or vLLM would render its chats with.
+fn say_builtin_template(env: &Env) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static SAID: AtomicBool = AtomicBool::new(false);
+    let rendered = crate::data::records::BUILTIN_TEMPLATE_RENDERED.load(Ordering::Relaxed);
+    if rendered && env.comm.rank() == 0 && !SAID.swap(true, Ordering::Relaxed) {
+        crate::errln!(
+            "note: [{}] conversations render with temper's built-in chat template \
+             (\"<|user|>\\n...\\n<|assistant|>\\n\"): the model has none and no --chat-template \
+             is given, so its checkpoints and exports carry none, and transformers or vLLM would \
+             render its chats otherwise (--chat-template FILE trains with one they read)",
+            env.cfg.stage
+        );
+    }
 }
 
 /// `n` of the indices `0..len`: those whose hashes are smallest.

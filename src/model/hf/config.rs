@@ -108,6 +108,15 @@ where
 /// The `model_type` of Gemma 3's image-and-text models.
 const GEMMA3_MULTIMODAL: &str = "gemma3";
 
+/// Whether model directory `dir` holds one of Gemma 3's image-and-text models, whose language
+/// model transformers keeps under `model.language_model.` (false where its config.json does
+/// not read).
+pub fn is_gemma3_image_and_text(dir: &Path) -> bool {
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(&text)
+        .is_ok_and(|v| v["model_type"] == GEMMA3_MULTIMODAL)
+}
+
 /// `file: field ...` errors for one `config.json`.
 pub(super) struct At<'a>(pub(super) &'a Path);
 

@@ -28,7 +28,7 @@ mod windows;
 use std::path::Path;
 
 pub use crate::config::HfFamily as Family;
-pub use config::{Head, HfConfig};
+pub use config::{is_gemma3_image_and_text, Head, HfConfig};
 pub use config_json::config_json;
 pub use import::{import, model_config, Imported};
 pub use names::{export_tensors, gpt2_conv_of, hf_name};

@@ -131,6 +131,14 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             ))
         }
     };
+    // Layers copied into a deeper model than the base: no merge into the base holds them.
+    if v.get("layer_replication").is_some_and(|x| !x.is_null()) {
+        return Err(at.refuse(
+            "layer_replication",
+            "the adapter stacks copies of the base's layers, which temper does not build: merge \
+             it with PEFT (merge_and_unload) and read the merged model",
+        ));
+    }
     let r = at.need(v.get("r").and_then(|x| x.as_f64()), "r")?;
     let alpha = at.need(v.get("lora_alpha").and_then(|x| x.as_f64()), "lora_alpha")?;
     let ranks = ModulePattern::read(&v, "rank_pattern", &at)?;
@@ -167,6 +175,22 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             continue;
         }
         let module = module.and_then(|m| m.rsplit_once(".lora_").map(|(m, _)| m));
+        // PEFT builds each module's factors at the rank its config gives, and refuses a file
+        // whose factors are of another.
+        if let (Some(m), true) = (module, name.ends_with(".lora_A.weight")) {
+            let rank = ranks.of(m).unwrap_or(r);
+            if t.dim(0)? as f64 != rank {
+                return Err(at.refuse(
+                    "r",
+                    format!(
+                        "{rank} for {m} (rank_pattern, else r), where its lora_A in {} has {} \
+                         rows",
+                        file.display(),
+                        t.dim(0)?
+                    ),
+                ));
+            }
+        }
         let t = match (module, name.ends_with(".lora_B.weight")) {
             (Some(m), true) => {
                 let (a, r) = (alphas.of(m).unwrap_or(alpha), ranks.of(m).unwrap_or(r));

@@ -23,11 +23,17 @@ use crate::train::checkpoint::{resolve_checkpoint_for_model, CheckpointKind};
 use crate::train::params::Net;
 
 /// PEFT's name of temper's LoRA factor `name` (`model.layers.0.attn.q.lora_a`) in a
-/// llama-like family.
-fn peft_name(name: &str, family: HfFamily) -> Result<String> {
+/// llama-like family; on a base of Gemma 3's image-and-text models (`within_images`), as
+/// transformers 5 names its language model's modules (`model.language_model.layers.0...`),
+/// where `PeftModel.from_pretrained` looks for them.
+fn peft_name(name: &str, family: HfFamily, within_images: bool) -> Result<String> {
     let (module, factor) = split_factor(name)?;
     let hf_weight = hf::hf_name(family, &format!("{module}.weight"))?;
     let hf_module = hf_weight.trim_end_matches(".weight");
+    let hf_module = match hf_module.strip_prefix("model.") {
+        Some(rest) if within_images => format!("model.language_model.{rest}"),
+        _ => hf_module.to_string(),
+    };
     Ok(format!("base_model.model.{hf_module}.{factor}"))
 }
 
@@ -204,6 +210,10 @@ pub(super) fn peft(checkpoint: &Path, out: &Path, dtype: Dtype) -> Result<()> {
         );
     }
     let family = family_of(&meta.model)?;
+    let within_images = meta
+        .base
+        .as_deref()
+        .is_some_and(hf::is_gemma3_image_and_text);
     let policy: HashMap<String, Tensor> = adapters
         .into_iter()
         .filter(|(n, _)| !n.starts_with(Net::Value.prefix()))
@@ -223,7 +233,7 @@ pub(super) fn peft(checkpoint: &Path, out: &Path, dtype: Dtype) -> Result<()> {
         _ => {
             let named = policy
                 .iter()
-                .map(|(name, t)| Ok((peft_name(name, family)?, t.clone())));
+                .map(|(name, t)| Ok((peft_name(name, family, within_images)?, t.clone())));
             (named.collect::<Result<_>>()?, 0)
         }
     };
@@ -233,6 +243,15 @@ pub(super) fn peft(checkpoint: &Path, out: &Path, dtype: Dtype) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     modules.sort();
     modules.dedup();
+    // A list of projection names would put adapters on the vision tower's q_proj, k_proj and
+    // v_proj too: PEFT reads a string as one regular expression over the whole module name.
+    let targets = match within_images {
+        true => json!(format!(
+            r"(.*\.)?language_model\..*\.({})",
+            modules.join("|")
+        )),
+        false => json!(modules),
+    };
     check_range(&tensors, dtype)?;
     let mut names: Vec<&String> = tensors.keys().collect();
     layer_order(&mut names);
@@ -272,7 +291,7 @@ pub(super) fn peft(checkpoint: &Path, out: &Path, dtype: Dtype) -> Result<()> {
         "rank_pattern": ranks,
         "alpha_pattern": alphas,
         "lora_dropout": lora.dropout,
-        "target_modules": modules,
+        "target_modules": targets,
         "bias": "none",
         // PEFT sets it for GPT-2's Conv1D layers whatever the file says, with a warning.
         "fan_in_fan_out": family == HfFamily::Gpt2,
