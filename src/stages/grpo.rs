@@ -249,6 +249,10 @@ impl GrpoTask<'_> {
 impl Task for GrpoTask<'_> {
     type Eval = PolicyEval;
 
+    fn shown_metrics(&self) -> &'static [&'static str] {
+        &["score", "kl"]
+    }
+
     fn micro_batch_size(&self, _: &TrainConfig) -> MicroBatch {
         MicroBatch {
             key: "[grpo] minibatch_size",

@@ -246,6 +246,10 @@ impl OnlineDpoTask<'_> {
 }
 
 impl Task for OnlineDpoTask<'_> {
+    fn shown_metrics(&self) -> &'static [&'static str] {
+        &["score", "kl"]
+    }
+
     type Eval = PolicyEval;
 
     fn micro_batch(&mut self, step: usize) -> Result<StepOut> {

@@ -232,6 +232,10 @@ impl PpoTask<'_> {
 impl Task for PpoTask<'_> {
     type Eval = PolicyEval;
 
+    fn shown_metrics(&self) -> &'static [&'static str] {
+        &["score", "kl"]
+    }
+
     fn micro_batch_size(&self, _: &TrainConfig) -> MicroBatch {
         MicroBatch {
             key: "[ppo] minibatch_size",

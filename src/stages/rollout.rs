@@ -416,6 +416,17 @@ pub fn rollout_stats(
     // Left out where no response of any rank was scored (the same on every rank, as the
     // loop reduces the numbers by position): a NaN would turn the window's mean NaN too.
     let score = (total[1] > 0.0).then(|| ("score", f64::from(total[0]) / f64::from(total[1])));
+    // TRL warns when every reward function returned None: such a rollout trains nothing.
+    if score.is_none() && !ro.scores.is_empty() && comm.rank() == 0 {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static SAID: AtomicBool = AtomicBool::new(false);
+        if !SAID.swap(true, Ordering::Relaxed) {
+            crate::errln!(
+                "warning: no reward scored any response of a rollout (each answered null): it \
+                 trains nothing; metrics.jsonl's `unscored` counts each rollout's share"
+            );
+        }
+    }
     let mut stats: Vec<(&'static str, f64)> = score.into_iter().collect();
     stats.extend([
         (
@@ -430,6 +441,23 @@ pub fn rollout_stats(
         ("unscored", (ro.scores.len() - scored) as f64 / b),
     ]);
     stats.extend(kl_seq.map(|kl| ("kl", kl)));
+    // Each source's mean where there are several, as TRL logs `rewards/<name>/mean`: which
+    // one moved is otherwise seen only in the completion log's sampled rows.
+    if ro.scores_by_source.len() > 1 {
+        let mut parts: Vec<f32> = (ro.scores_by_source.iter())
+            .flat_map(|(_, s)| {
+                let (sum, n) = scored_sum(s);
+                [sum as f32, n as f32]
+            })
+            .collect();
+        comm.all_reduce_mean(&mut parts)?;
+        for ((name, _), p) in ro.scores_by_source.iter().zip(parts.chunks(2)) {
+            if p[1] > 0.0 {
+                let key = metric_name(&format!("rewards/{name}"));
+                stats.push((key, f64::from(p[0]) / f64::from(p[1])));
+            }
+        }
+    }
     // Under packing: the share of the padded layout's positions a forward over the whole
     // rollout computes (minibatches pack on their own, about as well).
     let all: Vec<usize> = (0..ro.lengths.len()).collect();
@@ -437,6 +465,21 @@ pub fn rollout_stats(
     let share = ro.packed.as_ref().map(|d| d.computed_share(&all, width));
     stats.extend(share.and_then(Result::ok).map(|s| ("packed_share", s)));
     Ok(stats)
+}
+
+/// `name` as a metric's name, which the loop keeps as `&'static str`: a run's reward sources
+/// are a few names fixed at its start, each kept once for the process.
+fn metric_name(name: &str) -> &'static str {
+    static NAMES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    match names.iter().find(|n| **n == name) {
+        Some(n) => n,
+        None => {
+            let n: &'static str = Box::leak(name.to_string().into_boxed_str());
+            names.push(n);
+            n
+        }
+    }
 }
 
 /// The factor each of several loss terms of a rank is multiplied by under data parallelism,

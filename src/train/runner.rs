@@ -76,6 +76,11 @@ pub trait Task {
             size: cfg.batch_size,
         }
     }
+    /// The metrics a train line on the terminal shows after its loss, where a step logs them
+    /// (all go to metrics.jsonl): an RL stage's reward and KL, which a TRL user watches.
+    fn shown_metrics(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Called once optimizer step `done` (1-based) has updated the weights on every rank,
     /// before that step's evaluation and checkpoint (TR-DPO moves DPO's and GRPO's reference
     /// here; GRPO's adaptive entropy control takes the step's entropy).
@@ -852,7 +857,14 @@ impl<T: Task> Loop<'_, T> {
                 fields.extend(means.iter().map(|(k, v)| (k.as_str(), *v)));
                 self.log(s, "train", &fields)?;
                 if let Some(p) = &progress {
-                    p.update(s, &format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
+                    let shown: String = (self.task.shown_metrics().iter())
+                        .filter_map(|k| means.iter().find(|(m, _)| m == k))
+                        .map(|(k, v)| format!(" {k} {v:.4}"))
+                        .collect();
+                    p.update(
+                        s,
+                        &format!("loss {loss:.4}{shown} lr {lr:.2e} {tps:.0} tok/s"),
+                    );
                 }
                 window_tokens = 0;
                 window_start = Instant::now();

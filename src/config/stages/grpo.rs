@@ -301,7 +301,33 @@ impl GrpoConfig {
         }
         self.validate_losses()?;
         self.validate_entropy()?;
-        self.validate_reference()
+        self.validate_reference()?;
+        self.validate_decoupled()
+    }
+
+    /// GDPO forms its advantages from each source's scores within their groups, so the
+    /// settings that act on the summed score or on another estimator's advantages would do
+    /// nothing under it: refused, as the README promises of settings that do nothing.
+    fn validate_decoupled(&self) -> Result<()> {
+        if self.multi_objective_aggregation != MultiObjective::NormalizeThenSum {
+            return Ok(());
+        }
+        let idle = [
+            (self.reward_clip_range.is_some(), "reward_clip_range"),
+            (self.normalize_advantages, "normalize_advantages"),
+            (
+                self.advantage_estimator != AdvantageEstimator::GroupNorm,
+                "advantage_estimator other than group_norm",
+            ),
+        ];
+        match idle.iter().find(|(set, _)| *set) {
+            Some((_, what)) => bail!(
+                "grpo.multi_objective_aggregation = \"normalize_then_sum\" (GDPO) normalises each \
+                 source's scores within their groups and sums them: {what} does not apply \
+                 under it (use sum_then_normalize, or leave it unset)"
+            ),
+            None => Ok(()),
+        }
     }
 
     fn validate_losses(&self) -> Result<()> {
@@ -421,6 +447,12 @@ impl GrpoConfig {
         }
         if self.ref_model_sync_steps == 0 {
             bail!("grpo.ref_model_sync_steps must be at least 1");
+        }
+        if self.use_bias_correction_kl && self.beta == 0.0 {
+            bail!(
+                "grpo.use_bias_correction_kl corrects the KL term, which beta = 0 leaves out \
+                 (set beta above 0, or use_bias_correction_kl = false)"
+            );
         }
         if self.sync_ref_model && self.beta == 0.0 {
             bail!(

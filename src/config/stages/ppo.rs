@@ -88,6 +88,13 @@ impl PpoConfig {
             );
         }
         check_sampling("ppo", self.temperature, self.cliprange, self.epsilon_high)?;
+        // The adaptive controller scales the coefficient it is given: from 0 it stays 0.
+        if self.adaptive_kl && self.kl_coef == 0.0 {
+            bail!(
+                "ppo.adaptive_kl scales ppo.kl_coef towards its KL target, and from 0 it stays 0 \
+                 (set kl_coef above 0, or adaptive_kl = false)"
+            );
+        }
         if self.loss_type.grpo_only() {
             bail!(
                 "ppo.loss_type = \"{}\" is one of GRPO's losses; PPO takes bnpo, grpo, dapo or dr_grpo",

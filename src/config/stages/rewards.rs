@@ -22,7 +22,8 @@ pub enum RewardSource {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ExternalRewardConfig {
-    /// Seconds a batch may take before the reward counts as hung.
+    /// Seconds a `cmd:` program may take over each reply (an HTTP endpoint over each
+    /// request) before the reward counts as hung.
     pub timeout_s: f64,
     /// How often a process that died or hung is restarted (the batch is retried) before the
     /// run stops.
@@ -112,8 +113,8 @@ impl std::str::FromStr for RewardSpec {
 }
 
 /// `NAME[:W]` -> (NAME, W), W = 1 when absent. In a URL, a number after the last colon is the
-/// port unless a path follows the host (`http://h:8000` is a port, `http://h:8000/r:2` a
-/// weight).
+/// port unless a path or a port follows the host (`http://h:8000` is a port, `http://h:8000/r:2`
+/// and `http://h:8000:2` a weight; an IPv6 host's colons are inside its brackets).
 fn split_weight(spec: &str) -> (&str, f64) {
     let Some((name, w)) = spec.rsplit_once(':') else {
         return (spec, 1.0);
@@ -121,9 +122,13 @@ fn split_weight(spec: &str) -> (&str, f64) {
     let Ok(weight) = w.parse::<f64>() else {
         return (spec, 1.0);
     };
-    let is_port = name
-        .strip_prefix("http://")
-        .is_some_and(|rest| !rest.contains('/'));
+    let is_port = name.strip_prefix("http://").is_some_and(|rest| {
+        let after_host = match rest.strip_prefix('[') {
+            Some(r) => r.split_once(']').map_or("", |(_, after)| after),
+            None => rest,
+        };
+        !rest.contains('/') && !after_host.contains(':')
+    });
     if is_port {
         (spec, 1.0)
     } else {

@@ -495,9 +495,74 @@ fn reward_specs_parse_and_print() {
             2.0
         )
     );
+    // A weight after the port, with no path; an IPv6 host's colons are its own.
+    for (spec, url, weight) in [
+        ("http://127.0.0.1:8000:0.5", "http://127.0.0.1:8000", 0.5),
+        ("http://[::1]:8000", "http://[::1]:8000", 1.0),
+        ("http://[::1]:8000:2", "http://[::1]:8000", 2.0),
+    ] {
+        let h: RewardSpec = spec.parse().unwrap();
+        assert_eq!(
+            (h.source, h.weight),
+            (RewardSource::Http(url.into()), weight)
+        );
+    }
     assert!("https://x/score".parse::<RewardSpec>().is_err());
     assert_eq!(
         RewardSpec::first_model(&[r, m.clone()]),
         Some(&PathBuf::from("runs/rm"))
+    );
+}
+
+/// Settings that would do nothing are refused by name: GDPO's decoupled advantages ignore the
+/// summed score's clip, the whole-rollout normalisation and other estimators (a KL in the
+/// reward is refused apart); the bias correction corrects no KL at beta 0; an adaptive KL from 0 stays 0.
+#[test]
+fn settings_that_would_do_nothing_under_others_are_refused() {
+    let gdpo = |c: &mut GrpoConfig| {
+        c.multi_objective_aggregation = MultiObjective::NormalizeThenSum;
+    };
+    let mut c = GrpoConfig::default();
+    gdpo(&mut c);
+    c.validate().unwrap();
+    type Change = (fn(&mut GrpoConfig), &'static str);
+    let changes: [Change; 3] = [
+        (
+            |c| c.reward_clip_range = Some([0.0, 1.0]),
+            "reward_clip_range",
+        ),
+        (|c| c.normalize_advantages = true, "normalize_advantages"),
+        (
+            |c| c.advantage_estimator = AdvantageEstimator::Rloo,
+            "advantage_estimator",
+        ),
+    ];
+    for (change, what) in changes {
+        let mut c = GrpoConfig::default();
+        gdpo(&mut c);
+        change(&mut c);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("grpo.multi_objective_aggregation") && e.contains(what),
+            "{what}: {e}"
+        );
+    }
+    assert_refuses(
+        GrpoConfig::validate,
+        "grpo",
+        |c| {
+            c.beta = 0.0;
+            c.use_bias_correction_kl = true;
+        },
+        "use_bias_correction_kl",
+    );
+    assert_refuses(
+        PpoConfig::validate,
+        "ppo",
+        |c| {
+            c.kl_coef = 0.0;
+            c.adaptive_kl = true;
+        },
+        "adaptive_kl",
     );
 }

@@ -94,6 +94,14 @@ impl CommandReward {
 
     fn try_batch(&mut self, requests: &[Value]) -> std::result::Result<Vec<f64>, Failure> {
         let proc = self.proc.as_mut().expect("started");
+        // A line already waiting answers no request of this batch: the last batch's replies
+        // came with one too many, which would shift every reward from here on by one.
+        if let Ok(Ok(extra)) = proc.lines.try_recv() {
+            return Err(Failure::Garbage(anyhow!(
+                "answered more lines than requests (one came after the last batch's replies): {}",
+                clip(&extra)
+            )));
+        }
         let mut text = String::new();
         for r in requests {
             text.push_str(&r.to_string());
@@ -108,7 +116,9 @@ impl CommandReward {
             let r = stdin.write_all(text.as_bytes()).and_then(|_| stdin.flush());
             (stdin, r)
         });
-        let deadline = Instant::now() + self.timeout;
+        // Each reply within the timeout of the one before: a program slow but steady over a
+        // large batch is not hung.
+        let mut deadline = Instant::now() + self.timeout;
         let mut out = Vec::with_capacity(requests.len());
         for i in 0..requests.len() {
             let wait = deadline.saturating_duration_since(Instant::now());
@@ -117,10 +127,15 @@ impl CommandReward {
                 Ok(Err(e)) => return Err(Failure::Lost(format!("reading its reply: {e}"))),
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(Failure::Lost(format!(
-                        "no reply to request {} of {} within {:.0} s",
+                        "no reply to request {} of {} within {} s of {} ([external_reward] \
+                         timeout_s)",
                         i + 1,
                         requests.len(),
-                        self.timeout.as_secs_f64()
+                        self.timeout.as_secs_f64(),
+                        match i {
+                            0 => "the batch",
+                            _ => "the reply before",
+                        }
                     )))
                 }
                 Err(RecvTimeoutError::Disconnected) => {
@@ -136,6 +151,7 @@ impl CommandReward {
                 Failure::Garbage(anyhow!("{what} is not JSON ({e}): {}", clip(&line)))
             })?;
             out.push(parse_reply(&v, &what).map_err(Failure::Garbage)?);
+            deadline = Instant::now() + self.timeout;
         }
         // Every reply came, so the process read the whole batch and the writer is done.
         match writer.join() {
@@ -219,5 +235,52 @@ impl External for CommandReward {
 impl Drop for CommandReward {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reward(program: &str, timeout_s: f64) -> CommandReward {
+        let cfg = ExternalRewardConfig {
+            timeout_s,
+            max_restarts: 0,
+        };
+        CommandReward::start(program, &cfg).unwrap()
+    }
+
+    /// A program that answers one request twice is stopped, by the batch that reads the
+    /// extra line at its end or else by the next one before it sends: every later reply would
+    /// otherwise score the request before its own.
+    #[test]
+    fn one_reply_too_many_stops_the_run() {
+        let program = r#"read l; echo '{"reward": 1}'; echo '{"reward": 2}'; while read l; do echo '{"reward": 3}'; done"#;
+        let mut r = reward(program, 10.0);
+        let request = [serde_json::json!({"prompt": "p"})];
+        let first = r.score(&request);
+        std::thread::sleep(Duration::from_millis(300));
+        let e = match first {
+            Err(e) => e,
+            Ok(v) => {
+                assert_eq!(v, [1.0]);
+                r.score(&request)
+                    .expect_err("the extra reply is no answer to this batch")
+            }
+        };
+        assert!(
+            format!("{e:#}").contains("answered more lines than requests"),
+            "{e:#}"
+        );
+    }
+
+    /// The timeout bounds the wait for each reply, not the batch: a program slower over the
+    /// whole batch than the timeout, but steady, is not hung.
+    #[test]
+    fn a_slow_but_steady_program_is_not_hung() {
+        let program = r#"while read l; do sleep 0.2; echo '{"reward": 1}'; done"#;
+        let mut r = reward(program, 1.0);
+        let requests = vec![serde_json::json!({"prompt": "p"}); 8];
+        assert_eq!(r.score(&requests).unwrap(), [1.0; 8]);
     }
 }

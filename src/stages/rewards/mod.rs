@@ -107,6 +107,13 @@ impl RewardFn {
                 }
                 RewardSource::Http(url) => Kind::External(Box::new(HttpReward::new(url, ext)?)),
             };
+            // Two sources of one name (`--reward task:0.5 --reward task:0.5`) would share one
+            // key in the completion log and the metrics: the later ones are numbered.
+            let taken = sources.iter().filter(|s: &&Source| s.name == name).count();
+            let name = match taken {
+                0 => name,
+                n => format!("{name} ({})", n + 1),
+            };
             sources.push(Source {
                 name,
                 weight: spec.weight,
