@@ -18,7 +18,8 @@ the llama_rm reward model, exported, scores as the original under
 model), merged and exported, against the PEFT model's scores. Adapters PEFT makes itself
 with DoRA (`use_dora`) and rsLoRA (`use_rslora`) on the llama and gpt2 fixtures, merged by
 temper and exported, give the PEFT model's logits, and an rsLoRA fine-tune's adapter
-(`--use-rslora`) gives its merged export's under PEFT. Needs the
+(`--use-rslora`) gives its merged export's under PEFT, and a byte-level run's export has a
+tokenizer.json that transformers encodes as temper does. Needs the
 venv of scripts/make_hf_fixtures.py and a built temper (`cargo build`); CI does not run it.
 """
 
@@ -151,6 +152,19 @@ def main(out):
                 print(f"{fam}: {d}: transformers does not read the chat template the run was given")
                 worst = float("inf")
     worst = max(worst, peft_made_adapters(out))
+    # A model on the built-in byte tokenizer exports with a tokenizer.json of it: transformers
+    # must encode a text to its UTF-8 bytes, and find EOS (256) and PAD (257) by name.
+    run, dst = os.path.join(out, "bytes-run"), os.path.join(out, "bytes-hf")
+    temper("pretrain", "--out", run, "--steps", "2", "--device", "cpu")
+    temper("export", "--checkpoint", run, "--out", dst, "--format", "hf")
+    tok = AutoTokenizer.from_pretrained(dst)
+    text = "2+3=5\n<|user|> héllo ~ \x7f"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    same = ids == list(text.encode("utf-8")) and tok.decode(ids) == text
+    same = same and (tok.eos_token_id, tok.pad_token_id) == (256, 257)
+    print(f"byte tokenizer: transformers encodes as temper: {same}")
+    if not same:
+        worst = float("inf")
     sys.exit(0 if worst <= 1e-4 else 1)
 
 

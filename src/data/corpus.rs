@@ -50,7 +50,8 @@ pub(crate) fn documents_of(path: &Path, files: &[PathBuf], column: &str) -> Resu
     docs.retain(|d| !d.is_empty());
     if docs.is_empty() {
         let what = if path.is_dir() {
-            " (no non-empty .txt, .md, .text, .jsonl or .parquet file under it)"
+            " (no non-empty .txt, .md, .text, .jsonl, .parquet, .txt.gz or .jsonl.gz file under \
+             it, nor, alone, a .json one)"
         } else {
             ""
         };

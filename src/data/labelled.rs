@@ -85,8 +85,11 @@ fn labelled_record(
     obj: &Map<String, Value>,
     template: Option<&ChatTemplate>,
 ) -> Result<Vec<LabelledCompletion>> {
-    // "response" too, as SFT reads it: a prompt/response file labelled for KTO.
-    let reply = match (obj.contains_key("completion"), obj.contains_key("response")) {
+    // "response" too, as SFT reads it: a prompt/response file labelled for KTO (a pair's
+    // record keeps any field of that name to itself).
+    let paired = obj.contains_key("chosen") || obj.contains_key("rejected");
+    let response = obj.contains_key("response") && !paired;
+    let reply = match (obj.contains_key("completion"), response) {
         (true, true) => {
             return Err(at.field(
                 "completion",
@@ -97,7 +100,6 @@ fn labelled_record(
         _ => "completion",
     };
     let single = obj.contains_key(reply);
-    let paired = obj.contains_key("chosen") || obj.contains_key("rejected");
     if single && paired {
         return Err(at.field(reply, &format!("{SHAPES}, not both")));
     }
@@ -212,6 +214,9 @@ mod tests {
         .unwrap();
         let labels: Vec<bool> = ints.iter().map(|x| x.desirable).collect();
         assert_eq!(labels, [true, false]);
+        // A pair's record may carry a field named "response" of its own.
+        let pair = load(r#"{"prompt": "a", "chosen": "b", "rejected": "c", "response": "x"}"#);
+        assert_eq!(pair.unwrap().len(), 2);
         // SFT's other name for the completion, "response", reads the same.
         let resp = load(r#"{"prompt": "a", "response": "b", "label": true}"#).unwrap();
         assert_eq!(

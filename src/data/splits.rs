@@ -120,14 +120,6 @@ pub(crate) fn data_files(path: &Path, part: Part, exts: &[&str]) -> Result<Vec<P
     collect_files(path, exts, &mut files, &mut left_out, &mut HashSet::new())?;
     files.sort();
     left_out.sort();
-    // Many Hub datasets ship JSON Lines named `train.json`, which `datasets` reads as JSON.
-    // Taken only where nothing else is data, so that a dataset's own metadata beside its
-    // shards (`dataset_infos.json`, `save_to_disk`'s `state.json`) is never read as records.
-    if files.is_empty() && exts.contains(&".jsonl") {
-        let (json, rest): (Vec<PathBuf>, Vec<PathBuf>) =
-            left_out.into_iter().partition(|f| is_json_records(f));
-        (files, left_out) = (json, rest);
-    }
     // The card is said to be left out as what it is, whichever list it fell in.
     let cards: Vec<PathBuf> = (files.iter().chain(&left_out))
         .filter(|f| is_dataset_card(path, f))
@@ -135,6 +127,19 @@ pub(crate) fn data_files(path: &Path, part: Part, exts: &[&str]) -> Result<Vec<P
         .collect();
     files.retain(|f| !cards.contains(f));
     left_out.retain(|f| !cards.contains(f));
+    // Many Hub datasets ship JSON Lines named `train.json`, which `datasets` reads as JSON.
+    // Taken only where nothing else is data, so that a dataset's own metadata beside its
+    // shards (`dataset_infos.json`, `save_to_disk`'s `state.json`) is never read as records,
+    // and not from a model or a checkpoint (weights beside their JSON files), whose
+    // `config.json` named as data would say less than that it is none.
+    let weights = left_out
+        .iter()
+        .any(|f| f.to_string_lossy().ends_with(".safetensors"));
+    if files.is_empty() && exts.contains(&".jsonl") && !weights {
+        let (json, rest): (Vec<PathBuf>, Vec<PathBuf>) =
+            left_out.into_iter().partition(|f| is_json_records(f));
+        (files, left_out) = (json, rest);
+    }
     if !cards.is_empty() {
         warn_once(format!(
             "warning: {}: {} left out: a dataset card, not data",
@@ -209,6 +214,13 @@ fn is_json_records(f: &Path) -> bool {
         "dataset_infos.json",
         "dataset_dict.json",
         "state.json",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+        "adapter_config.json",
+        "meta.json",
     ];
     name.ends_with(".json") && !metadata.contains(&name.as_str())
 }
@@ -441,6 +453,10 @@ fn stem_of(rel: &Path) -> String {
         .file_name()
         .map(|f| f.to_string_lossy().to_lowercase())
         .unwrap_or_default();
+    // `train.jsonl.gz` is named as `train.jsonl` is.
+    let file = file
+        .strip_suffix(".gz")
+        .map_or(file.clone(), str::to_string);
     match file.rsplit_once('.') {
         Some((stem, _)) => stem.to_string(),
         None => file,
@@ -550,6 +566,33 @@ mod tests {
         assert_eq!(read(&d, Part::train()).unwrap(), ["data/a.parquet"]);
         let d = tree(&["state.json", "notes.txt"]);
         assert!(read(&d, Part::train()).unwrap().is_empty());
+        // A card beside them is no data, also where Markdown is (a corpus's); a model's
+        // files are no records.
+        let d = tree(&["README.md", "train.json"]);
+        std::fs::write(d.path().join("README.md"), "---\nlicense: mit\n---\n").unwrap();
+        let corpus = data_files(d.path(), Part::train(), &[".txt", ".md", ".jsonl"]).unwrap();
+        assert_eq!(corpus, [d.path().join("train.json")]);
+        let d = tree(&["config.json", "model.safetensors", "extra.json"]);
+        assert!(read(&d, Part::train()).unwrap().is_empty());
+    }
+
+    /// A gzip-compressed file names its split as the file it compresses.
+    #[test]
+    fn compressed_files_name_their_splits() {
+        let names = |d: &tempfile::TempDir, part: Part| -> Vec<String> {
+            let exts = [".jsonl", ".jsonl.gz", ".parquet"];
+            (data_files(d.path(), part, &exts).unwrap().iter())
+                .map(|p| p.strip_prefix(d.path()).unwrap().display().to_string())
+                .collect()
+        };
+        let d = tree(&["sft_train.jsonl.gz", "sft_test.jsonl.gz"]);
+        assert_eq!(names(&d, Part::train()), ["sft_train.jsonl.gz"]);
+        assert_eq!(names(&d, Part::held_out()), ["sft_test.jsonl.gz"]);
+        let d = tree(&[
+            "train-00000-of-00001.jsonl.gz",
+            "test-00000-of-00001.jsonl.gz",
+        ]);
+        assert_eq!(names(&d, Part::train()), ["train-00000-of-00001.jsonl.gz"]);
     }
 
     #[test]

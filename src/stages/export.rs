@@ -381,6 +381,12 @@ fn hf_dir(checkpoint: &Path, out: &Path, dtype: Dtype, max_shard: u64) -> Result
             "bos_token": name(tok.bos_id()),
             "model_max_length": cfg.max_position_embeddings,
         });
+        let mut tokenizer_config = tokenizer_config;
+        if plain_bytes {
+            // transformers before 5 tidies spaces before punctuation on decode by default;
+            // the byte tokenizer gives back the text as it was.
+            tokenizer_config["clean_up_tokenization_spaces"] = json!(false);
+        }
         crate::io::write_atomic(
             &out.join("tokenizer_config.json"),
             serde_json::to_string_pretty(&tokenizer_config)?.as_bytes(),

@@ -306,8 +306,9 @@ impl GrpoConfig {
     }
 
     /// GDPO forms its advantages from each source's scores within their groups, so the
-    /// settings that act on the summed score or on another estimator's advantages would do
-    /// nothing under it: refused, as the README promises of settings that do nothing.
+    /// settings that act on the summed score or on the rollout's advantages would do nothing
+    /// under it: refused, as the README promises of settings that do nothing (another
+    /// estimator is refused with the losses).
     fn validate_decoupled(&self) -> Result<()> {
         if self.multi_objective_aggregation != MultiObjective::NormalizeThenSum {
             return Ok(());
@@ -315,10 +316,6 @@ impl GrpoConfig {
         let idle = [
             (self.reward_clip_range.is_some(), "reward_clip_range"),
             (self.normalize_advantages, "normalize_advantages"),
-            (
-                self.advantage_estimator != AdvantageEstimator::GroupNorm,
-                "advantage_estimator other than group_norm",
-            ),
         ];
         match idle.iter().find(|(set, _)| *set) {
             Some((_, what)) => bail!(

@@ -214,6 +214,20 @@ pub(super) fn peft(checkpoint: &Path, out: &Path, dtype: Dtype) -> Result<()> {
         .base
         .as_deref()
         .is_some_and(hf::is_gemma3_image_and_text);
+    // Which of Gemma 3's layouts the factors go by is read from the base: one gone from disk
+    // cannot say, and the text-only names are then a guess.
+    let base_unread = meta
+        .base
+        .as_deref()
+        .filter(|b| !b.join("config.json").is_file());
+    if let (Some(b), HfFamily::Gemma3) = (base_unread, family) {
+        crate::errln!(
+            "warning: {}: the run's base is gone, so whether it is Gemma 3's image-and-text \
+             model (whose language model PEFT names model.language_model.) cannot be read: the \
+             adapter is named for the text-only model",
+            b.display()
+        );
+    }
     let policy: HashMap<String, Tensor> = adapters
         .into_iter()
         .filter(|(n, _)| !n.starts_with(Net::Value.prefix()))

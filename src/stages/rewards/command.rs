@@ -259,7 +259,7 @@ mod tests {
         let mut r = reward(program, 10.0);
         let request = [serde_json::json!({"prompt": "p"})];
         let first = r.score(&request);
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_secs(1));
         let e = match first {
             Err(e) => e,
             Ok(v) => {
@@ -278,8 +278,8 @@ mod tests {
     /// whole batch than the timeout, but steady, is not hung.
     #[test]
     fn a_slow_but_steady_program_is_not_hung() {
-        let program = r#"while read l; do sleep 0.2; echo '{"reward": 1}'; done"#;
-        let mut r = reward(program, 1.0);
+        let program = r#"while read l; do sleep 0.5; echo '{"reward": 1}'; done"#;
+        let mut r = reward(program, 2.5);
         let requests = vec![serde_json::json!({"prompt": "p"}); 8];
         assert_eq!(r.score(&requests).unwrap(), [1.0; 8]);
     }

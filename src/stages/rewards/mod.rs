@@ -109,7 +109,9 @@ impl RewardFn {
             };
             // Two sources of one name (`--reward task:0.5 --reward task:0.5`) would share one
             // key in the completion log and the metrics: the later ones are numbered.
-            let taken = sources.iter().filter(|s: &&Source| s.name == name).count();
+            let taken = (specs.iter().take(sources.len()))
+                .filter(|s| s.to_string() == name)
+                .count();
             let name = match taken {
                 0 => name,
                 n => format!("{name} ({})", n + 1),
@@ -336,6 +338,24 @@ fn replaced_fields(rewards: &RewardFn, sets: &[&[PromptRecord]]) -> Option<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A source named as an earlier one is numbered: each keeps its own key in the completion
+    /// log and the metrics.
+    #[test]
+    fn sources_of_one_name_are_numbered() {
+        let specs: Vec<RewardSpec> = ["task:0.5", "task:0.5", "task:0.5", "task:1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let tok = Tokenizer::bytes();
+        let ext = ExternalRewardConfig::default();
+        let dev = (&Device::Cpu, DType::F32);
+        let r = RewardFn::load(&specs, dev, &tok, &ext, &|_, _| Ok(())).unwrap();
+        assert_eq!(
+            r.names,
+            ["task:0.5", "task:0.5 (2)", "task:0.5 (3)", "task:1"]
+        );
+    }
 
     /// A run started with a relative `--reward` and resumed from its config's absolute path
     /// records and looks up its weights under one name.
