@@ -153,7 +153,7 @@ pub enum FDivergence {
 }
 
 /// `loss_type` as one name or a list of names (TRL takes either).
-mod one_or_many {
+pub(super) mod one_or_many {
     use serde::de::{Error, IntoDeserializer};
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -185,6 +185,18 @@ mod one_or_many {
         match Given::deserialize(d)? {
             Given::One(one) => Ok(vec![parse(&one)?]),
             Given::Many(many) => many.iter().map(|n| parse(n)).collect(),
+        }
+    }
+
+    /// One loss, for a table that trains with one: a name, or a list of one name; a longer
+    /// list is refused as such rather than as a value of the wrong type.
+    pub fn one<'de, D: Deserializer<'de>>(d: D) -> Result<DpoLoss, D::Error> {
+        match Given::deserialize(d)? {
+            Given::One(one) => parse(&one),
+            Given::Many(many) if many.len() == 1 => parse(&many[0]),
+            Given::Many(_) => Err(D::Error::custom(
+                "invalid value: one loss name, not a list of them (only [dpo] sums several)",
+            )),
         }
     }
 }

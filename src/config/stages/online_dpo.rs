@@ -19,6 +19,7 @@ pub struct OnlineDpoConfig {
     /// The preference loss, as `[dpo] loss_type`, the same maths: TRL's online DPO has
     /// `sigmoid` and `ipo`, and its `ipo` sums log-probabilities where the dpo stage's (as
     /// TRL's offline one) averages them per token; `simpo` and `orpo` load no reference.
+    #[serde(deserialize_with = "super::dpo::one_or_many::one")]
     pub loss_type: DpoLoss,
     /// Weight of the chosen samples' per-token negative log-likelihood (RPO), as `[dpo]
     /// rpo_alpha`; 0, as TRL's online DPO has none (ORPO as published wants 1).

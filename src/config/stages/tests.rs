@@ -566,3 +566,24 @@ fn settings_that_would_do_nothing_under_others_are_refused() {
         "adaptive_kl",
     );
 }
+
+/// Online DPO trains with one loss: a name or a list of one, and a longer list is refused as
+/// such, by its key.
+#[test]
+fn online_dpo_takes_one_loss() {
+    let path = std::path::Path::new("c.toml");
+    let read = |v: &str| {
+        let text = format!("[online_dpo]\nloss_type = {v}\n");
+        crate::config::parse_toml::<crate::config::RunConfig>(path, &text)
+    };
+    assert_eq!(read("\"ipo\"").unwrap().online_dpo.loss_type, DpoLoss::Ipo);
+    assert_eq!(
+        read("[\"ipo\"]").unwrap().online_dpo.loss_type,
+        DpoLoss::Ipo
+    );
+    let e = read("[\"sigmoid\", \"sft\"]").unwrap_err().to_string();
+    assert!(
+        e.starts_with("c.toml:2: online_dpo.loss_type: invalid value: one loss name"),
+        "{e}"
+    );
+}
