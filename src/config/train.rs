@@ -53,7 +53,9 @@ pub enum ReportTo {
     #[default]
     None,
     /// TensorBoard event files in the run directory's `tensorboard/` (`tensorboard --logdir
-    /// runs/`; `wandb sync --sync-tensorboard` uploads them).
+    /// runs/`; `wandb sync --sync-tensorboard` uploads them). `all` on the command line, as
+    /// TRL's `--report_to all` (TensorBoard being the one destination temper writes).
+    #[value(alias = "all")]
     Tensorboard,
 }
 
