@@ -494,6 +494,9 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
         }
         None => {
             let world = stages::eval::TaskWorld::of_checkpoint(&a.checkpoint, task_seed)?;
+            if let Some(w) = world.other_world() {
+                errln!("{w}");
+            }
             let prompts = world.prompts();
             errln!(
                 "[eval] the built-in task's {} held-out pairs: {}",

@@ -2196,6 +2196,13 @@ fn eval_scores_the_held_out_pairs_of_the_checkpoints_world() {
             (Some(seed), Some(29))
         );
         assert!(err.contains(&format!("task_seed {seed} (given)")), "{err}");
+        // Another world than the run's 3: its held-out pairs are not all held out of the run.
+        assert!(
+            err.contains(&format!(
+                "warning: --task-seed {seed}: the checkpoint's run trained in task_seed 3's"
+            )),
+            "{err}"
+        );
     }
 }
 

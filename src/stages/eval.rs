@@ -75,6 +75,8 @@ pub struct TaskWorld {
     pub task: Synthetic,
     pub seed_from: Source,
     pub max_operand_from: Source,
+    /// The seed the checkpoint's run trained in, where its run records one.
+    pub trained_seed: Option<u64>,
 }
 
 impl TaskWorld {
@@ -99,6 +101,22 @@ impl TaskWorld {
             task,
             seed_from,
             max_operand_from: from(recorded_max.is_some()),
+            trained_seed: recorded_seed,
+        })
+    }
+
+    /// What to say of a `--task-seed` other than the one the checkpoint's run trained in: each
+    /// seed holds out other pairs, so some this world holds out are ones that run trained on,
+    /// and the accuracy is no held-out one.
+    pub fn other_world(&self) -> Option<String> {
+        let trained = self.trained_seed?;
+        (self.seed_from == Source::Given && trained != self.task.seed).then(|| {
+            format!(
+                "warning: --task-seed {}: the checkpoint's run trained in task_seed {trained}'s \
+                 world, whose training pairs include some that this one holds out, so the \
+                 accuracy is not a held-out one (without --task-seed, eval scores the run's own)",
+                self.task.seed
+            )
         })
     }
 
@@ -336,6 +354,12 @@ mod tests {
             w.describe(),
             "task_seed 0 (given), task_max_operand 29 (the checkpoint's run's)"
         );
+        // Another seed than the run's is said to be no held-out measure; its own is not.
+        let said = w.other_world().expect("seed 0 against the run's 3");
+        assert!(said
+            .starts_with("warning: --task-seed 0: the checkpoint's run trained in task_seed 3's"));
+        assert!(world(&run, Some(3)).other_world().is_none());
+        assert!(world(&run, None).other_world().is_none());
         // A run on the user's data trained in no world of the built-in task.
         std::fs::write(
             run.join("config.toml"),
