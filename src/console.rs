@@ -35,6 +35,22 @@ pub fn follower() -> bool {
     FOLLOWER.load(std::sync::atomic::Ordering::Relaxed) || FOLLOWER_THREAD.with(|f| f.get())
 }
 
+/// Prints a warning on rank 0 the first time this process meets it: a directory read for its
+/// train split and again for its held-out one says what it leaves out once, and a condition met
+/// at every rollout is said at the first.
+pub fn warn_once(line: String) {
+    // Before the line is kept: a rank thread that says nothing must not use up rank 0's.
+    if follower() {
+        return;
+    }
+    static SAID: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if said.insert(line.clone()) {
+        crate::errln!("{line}");
+    }
+}
+
 /// [`errln!`] on rank 0 (and in a single process) only: a line about the run as a whole (its
 /// data, its settings, where it resumed), which every rank would print alike.
 #[macro_export]

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use super::chat_template::ChatTemplate;
 use super::records::{
     bind, kind, preference_record, read_records, refuse_messages_after_text, render_prompt,
-    render_reply, Lines, Loc, PreferencePair, SftExample,
+    render_reply, reply_field, Lines, Loc, PreferencePair, SftExample,
 };
 
 #[derive(Clone, Debug, PartialEq)]
@@ -88,16 +88,9 @@ fn labelled_record(
     // "response" too, as SFT reads it: a prompt/response file labelled for KTO (a pair's
     // record keeps any field of that name to itself).
     let paired = obj.contains_key("chosen") || obj.contains_key("rejected");
-    let response = obj.contains_key("response") && !paired;
-    let reply = match (obj.contains_key("completion"), response) {
-        (true, true) => {
-            return Err(at.field(
-                "completion",
-                "give either \"completion\" or \"response\", not both",
-            ))
-        }
-        (false, true) => "response",
-        _ => "completion",
+    let reply = match paired {
+        true => "completion",
+        false => reply_field(at, obj)?.unwrap_or("completion"),
     };
     let single = obj.contains_key(reply);
     if single && paired {
@@ -246,7 +239,7 @@ mod tests {
             ),
             (
                 r#"{"prompt": "p", "completion": "c", "response": "c", "label": true}"#,
-                "kto.jsonl:1: field \"completion\": give either \"completion\" or \"response\"",
+                "kto.jsonl:1: field \"completion\": give either \"response\" or \"completion\"",
             ),
             (
                 r#"{"prompt": "p", "completion": "c", "chosen": "c", "rejected": "d", "label": true}"#,

@@ -229,26 +229,33 @@ pub fn sft_from(
         .collect()
 }
 
+/// The field a record's reply is in: TRL's `"completion"`, or `"response"`, its other name;
+/// none where the record has neither, and refused where it has both.
+pub(crate) fn reply_field(at: &Loc, obj: &Map<String, Value>) -> Result<Option<&'static str>> {
+    match (obj.contains_key("response"), obj.contains_key("completion")) {
+        (true, true) => Err(at.field(
+            "completion",
+            "give either \"response\" or \"completion\", not both",
+        )),
+        (false, true) => Ok(Some("completion")),
+        (true, false) => Ok(Some("response")),
+        (false, false) => Ok(None),
+    }
+}
+
 fn sft_example(
     at: &Loc,
     obj: &Map<String, Value>,
     template: Option<&ChatTemplate>,
     scope: LossScope,
 ) -> Result<SftExample> {
-    let reply = match (obj.contains_key("response"), obj.contains_key("completion")) {
-        (true, true) => {
-            return Err(at.field(
-                "completion",
-                "give either \"response\" or \"completion\", not both",
-            ))
-        }
-        (false, true) => "completion",
-        (true, false) => "response",
+    let reply = match reply_field(at, obj)? {
+        Some(field) => field,
         // Named by TRL's name: a record that gives neither is most likely TRL's.
-        (false, false) if obj.contains_key("prompt") && !obj.contains_key("messages") => {
+        None if obj.contains_key("prompt") && !obj.contains_key("messages") => {
             return Err(at.field("completion", "missing (or \"response\", its other name)"))
         }
-        (false, false) => "response",
+        None => "response",
     };
     let plain = obj.contains_key("prompt") || obj.contains_key(reply);
     // TRL's order: a prompt, else messages, else text (a rendered `text` column beside
@@ -726,12 +733,11 @@ fn implicit_prompt(at: &Loc, obj: &Map<String, Value>) -> Result<Option<Map<Stri
     let (Some(chosen), Some(rejected)) = (obj.get("chosen"), obj.get("rejected")) else {
         return Ok(None);
     };
-    let whole_conversations = chosen.is_array() && rejected.is_array();
-    let shared = || shared_opening(list_of(chosen), list_of(rejected), |_| false).is_some();
-    match obj.get("prompt") {
-        None => {}
-        Some(Value::String(_)) if whole_conversations && shared() => {}
-        Some(_) => return Ok(None),
+    let named = obj.get("prompt");
+    let text_beside_conversations =
+        matches!(named, Some(Value::String(_))) && chosen.is_array() && rejected.is_array();
+    if named.is_some() && !text_beside_conversations {
+        return Ok(None);
     }
     let split = match (chosen, rejected) {
         (Value::String(c), Value::String(r)) => {
@@ -748,6 +754,10 @@ fn implicit_prompt(at: &Loc, obj: &Map<String, Value>) -> Result<Option<Map<Stri
         _ => None,
     };
     let Some((prompt, chosen, rejected)) = split else {
+        // A text prompt beside replies that share no opening is refused as it stands.
+        if named.is_some() {
+            return Ok(None);
+        }
         return Err(at.field(
             "prompt",
             "missing, and \"chosen\" and \"rejected\" share no opening to take it from",
@@ -758,11 +768,6 @@ fn implicit_prompt(at: &Loc, obj: &Map<String, Value>) -> Result<Option<Map<Stri
     out.insert("chosen".into(), chosen);
     out.insert("rejected".into(), rejected);
     Ok(Some(out))
-}
-
-/// The items of a JSON array; nothing for any other value.
-fn list_of(v: &Value) -> &[Value] {
-    v.as_array().map_or(&[], Vec::as_slice)
 }
 
 /// Where TRL's `extract_prompt` ends the prompt `a` and `b` share: at their first difference,

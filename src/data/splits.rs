@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::console::warn_once;
+
 /// Which split of a directory that names its splits is read: the train split (`--data`), the
 /// held-out one (`--eval-data`: validation, else test), or the one a flag names (TRL's
 /// `dataset_train_split` and `dataset_test_split`), which a dataset whose splits have names of
@@ -157,20 +159,6 @@ pub(crate) fn data_files(path: &Path, part: Part, exts: &[&str]) -> Result<Vec<P
         ));
     }
     split_files(path, files, part)
-}
-
-/// Prints a warning the first time this process meets it: a directory read for its train
-/// split and again for its held-out one says what it leaves out once.
-fn warn_once(line: String) {
-    // Before the line is kept: a rank thread that says nothing must not use up rank 0's.
-    if crate::console::follower() {
-        return;
-    }
-    static SAID: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
-    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
-    if said.insert(line.clone()) {
-        crate::errln!("{line}");
-    }
 }
 
 /// A Hugging Face dataset card: the README.md at a dataset's top, which opens with its YAML
@@ -454,9 +442,10 @@ fn stem_of(rel: &Path) -> String {
         .map(|f| f.to_string_lossy().to_lowercase())
         .unwrap_or_default();
     // `train.jsonl.gz` is named as `train.jsonl` is.
-    let file = file
-        .strip_suffix(".gz")
-        .map_or(file.clone(), str::to_string);
+    let file = match file.strip_suffix(".gz") {
+        Some(inner) => inner.to_string(),
+        None => file,
+    };
     match file.rsplit_once('.') {
         Some((stem, _)) => stem.to_string(),
         None => file,

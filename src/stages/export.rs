@@ -370,7 +370,7 @@ fn hf_dir(checkpoint: &Path, out: &Path, dtype: Dtype, max_shard: u64) -> Result
     let hf_tokenizer = !tok.is_bytes() || plain_bytes;
     if hf_tokenizer && tok.carried("tokenizer_config.json").is_none() {
         let name = |id: Option<u32>| id.and_then(|i| tok.token_name(i));
-        let tokenizer_config = json!({
+        let mut tokenizer_config = json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "eos_token": name(Some(tok.eos_id())),
             // A classifier's config.json names no pad_token_id, on purpose (above).
@@ -381,7 +381,6 @@ fn hf_dir(checkpoint: &Path, out: &Path, dtype: Dtype, max_shard: u64) -> Result
             "bos_token": name(tok.bos_id()),
             "model_max_length": cfg.max_position_embeddings,
         });
-        let mut tokenizer_config = tokenizer_config;
         if plain_bytes {
             // transformers before 5 tidies spaces before punctuation on decode by default;
             // the byte tokenizer gives back the text as it was.

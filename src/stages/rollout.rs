@@ -417,15 +417,12 @@ pub fn rollout_stats(
     // loop reduces the numbers by position): a NaN would turn the window's mean NaN too.
     let score = (total[1] > 0.0).then(|| ("score", f64::from(total[0]) / f64::from(total[1])));
     // TRL warns when every reward function returned None: such a rollout trains nothing.
-    if score.is_none() && !ro.scores.is_empty() && comm.rank() == 0 {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        static SAID: AtomicBool = AtomicBool::new(false);
-        if !SAID.swap(true, Ordering::Relaxed) {
-            crate::errln!(
-                "warning: no reward scored any response of a rollout (each answered null): it \
-                 trains nothing; metrics.jsonl's `unscored` counts each rollout's share"
-            );
-        }
+    if score.is_none() && !ro.scores.is_empty() {
+        crate::console::warn_once(
+            "warning: no reward scored any response of a rollout (each answered null): it \
+             trains nothing; metrics.jsonl's `unscored` counts each rollout's share"
+                .into(),
+        );
     }
     let mut stats: Vec<(&'static str, f64)> = score.into_iter().collect();
     stats.extend([

@@ -96,12 +96,7 @@ impl CommandReward {
         let proc = self.proc.as_mut().expect("started");
         // A line already waiting answers no request of this batch: the last batch's replies
         // came with one too many, which would shift every reward from here on by one.
-        if let Ok(Ok(extra)) = proc.lines.try_recv() {
-            return Err(Failure::Garbage(anyhow!(
-                "answered more lines than requests (one came after the last batch's replies): {}",
-                clip(&extra)
-            )));
-        }
+        proc.refuse_extra_line(" (one came after the last batch's replies)")?;
         let mut text = String::new();
         for r in requests {
             text.push_str(&r.to_string());
@@ -160,12 +155,7 @@ impl CommandReward {
             Err(_) => return Err(Failure::Lost("its writer thread panicked".into())),
         }
         // A line more than was asked for would be taken as the next batch's first reply.
-        if let Ok(Ok(extra)) = proc.lines.try_recv() {
-            return Err(Failure::Garbage(anyhow!(
-                "answered more lines than requests: {}",
-                clip(&extra)
-            )));
-        }
+        proc.refuse_extra_line("")?;
         Ok(out)
     }
 
@@ -182,6 +172,19 @@ impl CommandReward {
             }
             let _ = p.child.kill();
             let _ = p.child.wait();
+        }
+    }
+}
+
+impl Proc {
+    /// A reply waiting beyond the ones asked for, refused (`when` says where it was met).
+    fn refuse_extra_line(&self, when: &str) -> std::result::Result<(), Failure> {
+        match self.lines.try_recv() {
+            Ok(Ok(extra)) => Err(Failure::Garbage(anyhow!(
+                "answered more lines than requests{when}: {}",
+                clip(&extra)
+            ))),
+            _ => Ok(()),
         }
     }
 }

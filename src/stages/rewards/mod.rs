@@ -109,9 +109,7 @@ impl RewardFn {
             };
             // Two sources of one name (`--reward task:0.5 --reward task:0.5`) would share one
             // key in the completion log and the metrics: the later ones are numbered.
-            let taken = (specs.iter().take(sources.len()))
-                .filter(|s| s.to_string() == name)
-                .count();
+            let taken = specs[..sources.len()].iter().filter(|s| *s == spec).count();
             let name = match taken {
                 0 => name,
                 n => format!("{name} ({})", n + 1),
