@@ -163,6 +163,42 @@ fn own_tables(stage: Stage) -> &'static [&'static str] {
     }
 }
 
+/// A path a config file sets that is not there, named by the last file that sets it: read
+/// later, it failed on the bare path, which a user whose flags name no such file cannot place.
+/// `given`: whether a flag set each of the settings below, in their order.
+fn missing_file_input(cfg: &RunConfig, files: &[PathBuf], given: [bool; 7]) -> Result<()> {
+    let settings: [(&[&str], &Option<PathBuf>); 7] = [
+        (&["init"], &cfg.init),
+        (&["data", "path"], &cfg.data.path),
+        (&["data", "eval_path"], &cfg.data.eval_path),
+        (&["data", "tokenizer"], &cfg.data.tokenizer),
+        (&["data", "chat_template"], &cfg.data.chat_template),
+        (&["ppo", "value_init"], &cfg.ppo.value_init),
+        (&["distill", "teacher"], &cfg.distill.teacher),
+    ];
+    for ((key, path), flag) in settings.into_iter().zip(given) {
+        let Some(path) = path.as_deref().filter(|p| !flag && !p.exists()) else {
+            continue;
+        };
+        let set_by = files.iter().rev().find_map(|f| {
+            let text = std::fs::read_to_string(f).ok()?;
+            let line = crate::config::key_line(&text, key, false)?;
+            Some(format!("{}:{line}", f.display()))
+        });
+        let Some(at) = set_by else { continue };
+        let relative = match path.is_relative() {
+            true => " (a relative path is read from the working directory)",
+            false => "",
+        };
+        bail!(
+            "{at}: {} = {}: no such file or directory{relative}",
+            key.join("."),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// The sampling stages' `max_new_tokens` (6) fits the built-in task's answers; on the user's
 /// own prompts it cut nearly every completion short, and said nothing.
 fn warn_task_new_tokens(cfg: &RunConfig, flag: bool, user: Option<&toml::Value>) {
@@ -453,6 +489,16 @@ impl StageArgs {
                 );
             }
         }
+        let given = [
+            self.init.is_some(),
+            self.data.is_some(),
+            self.eval_data.is_some(),
+            self.tokenizer.is_some(),
+            self.chat_template.is_some(),
+            false,
+            self.teacher.is_some(),
+        ];
+        missing_file_input(&cfg, &files, given)?;
         warn_unused_batch_size(&cfg, self.batch_size.is_some());
         warn_flat_schedule(&cfg);
         warn_unused_dropout(&cfg);

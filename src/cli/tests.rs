@@ -396,3 +396,35 @@ fn sft_flags_apply_to_sft_alone() {
     let e = cfg.sft.validate().unwrap_err().to_string();
     assert!(e.contains("sft.neftune_noise_alpha"), "{e}");
 }
+
+/// A data file a config file names that is not there is named by that file's line, and a
+/// flag that names one in its place is not blamed on the file.
+#[test]
+fn a_missing_input_a_config_names_is_named_by_its_line() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("c.toml");
+    let missing = d.path().join("gone.jsonl");
+    let text = format!(
+        "[train]\nsteps = 3\n[data]\npath = {:?}\n",
+        missing.display()
+    );
+    std::fs::write(&f, text).unwrap();
+    let args = |data: Option<&Path>| StageArgs {
+        config: Some(f.clone()),
+        data: data.map(Path::to_path_buf),
+        out: Some(d.path().join("run")),
+        ..Default::default()
+    };
+    let e = args(None).resolve(Stage::Pretrain).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "{}:4: data.path = {}: no such file or directory",
+            f.display(),
+            missing.display()
+        )
+    );
+    let corpus = d.path().join("corpus.txt");
+    std::fs::write(&corpus, "text ".repeat(200)).unwrap();
+    args(Some(&corpus)).resolve(Stage::Pretrain).unwrap();
+}

@@ -24,7 +24,8 @@ pub struct DistillConfig {
     /// Sequence-level distillation: the off-policy steps train on the teacher's
     /// samples instead of the data's completions (TRL's `seq_kd`).
     pub seq_kd: bool,
-    /// Divides both models' logits in the divergence, and samples the completions.
+    /// Samples the completions. The divergence compares the models' untempered
+    /// distributions, as TRL's `GKDTrainer` does.
     pub temperature: f64,
     pub top_k: usize,
     pub top_p: f64,

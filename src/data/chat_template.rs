@@ -60,6 +60,9 @@ pub struct ChatTemplate {
     tool_use_source: Option<String>,
     bos: String,
     eos: String,
+    /// Read from a bare Jinja file, which names no `bos_token` or `eos_token`: the model's
+    /// tokenizer supplies them ([`ChatTemplate::with_model_tokens`]).
+    bare: bool,
     origin: PathBuf,
     kwargs: Map<String, Value>,
 }
@@ -95,7 +98,9 @@ impl ChatTemplate {
         let text = read_text(path)?;
         let is_json = path.extension().is_some_and(|e| e == "json");
         if !is_json {
-            return Self::from_source(text, String::new(), String::new(), path);
+            let mut template = Self::from_source(text, String::new(), String::new(), path)?;
+            template.bare = true;
+            return Ok(template);
         }
         Self::from_config(path, &parse_config(path, &text)?)
     }
@@ -245,9 +250,21 @@ impl ChatTemplate {
             tool_use_source: None,
             bos,
             eos,
+            bare: false,
             origin: origin.to_path_buf(),
             kwargs: Map::new(),
         }
+    }
+
+    /// A template read from a bare Jinja file renders the `bos_token` and `eos_token` of the
+    /// model's tokenizer (`tokens`, see [`special_tokens_in`]), as transformers renders the
+    /// template it is handed with the tokenizer's own; where it came with a tokenizer config,
+    /// that config's stand.
+    pub fn with_model_tokens(mut self, tokens: (String, String)) -> Self {
+        if self.bare {
+            (self.bos, self.eos) = tokens;
+        }
+        self
     }
 
     /// This template with `source` as its `tool_use` template (from `origin`).
@@ -715,6 +732,17 @@ fn parse_config(path: &Path, text: &str) -> Result<Map<String, Value>> {
     })
 }
 
+/// The `bos_token` and `eos_token` of the tokenizer config in `dir` (empty where it names
+/// none, or `dir` holds none).
+pub fn special_tokens_in(dir: &Path) -> Result<(String, String)> {
+    let tc = dir.join("tokenizer_config.json");
+    match std::fs::read_to_string(&tc) {
+        Ok(text) => special_tokens(&tc, &parse_config(&tc, &text)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+        Err(e) => bail!("{}: cannot read: {e}", tc.display()),
+    }
+}
+
 /// The `bos_token` and `eos_token` a tokenizer config names (empty where it names none).
 fn special_tokens(path: &Path, cfg: &Map<String, Value>) -> Result<(String, String)> {
     let at = |field: &str, msg: &str| anyhow!("{}: field \"{field}\": {msg}", path.display());
@@ -1005,6 +1033,34 @@ mod tests {
         let empty = tempfile::tempdir().unwrap();
         let e = ChatTemplate::load(empty.path()).unwrap_err().to_string();
         assert!(e.contains("holds no chat template"), "{e}");
+    }
+
+    /// A bare Jinja file renders the model's `bos_token` and `eos_token` (a Mistral template's
+    /// `content + eos_token` lost the EOS its replies train on), a tokenizer config its own.
+    #[test]
+    fn a_bare_template_renders_the_models_special_tokens() {
+        let d = tempfile::tempdir().unwrap();
+        let model = d.path().join("model");
+        std::fs::create_dir(&model).unwrap();
+        let cfg = json!({"bos_token": {"content": "<s>"}, "eos_token": "</s>"});
+        std::fs::write(model.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        let tokens = special_tokens_in(&model).unwrap();
+        assert_eq!(tokens, ("<s>".to_string(), "</s>".to_string()));
+        assert_eq!(special_tokens_in(d.path()).unwrap(), Default::default());
+        let src =
+            "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}";
+        let bare = d.path().join("t.jinja");
+        std::fs::write(&bare, src).unwrap();
+        let m = msgs(json!([{"role": "user", "content": "hi"}]));
+        let t = ChatTemplate::load(&bare).unwrap();
+        assert_eq!(t.render(&m, false).unwrap(), "hi");
+        let t = t.with_model_tokens(tokens.clone());
+        assert_eq!(t.render(&m, false).unwrap(), "<s>hi</s>");
+        let own = d.path().join("tokenizer_config.json");
+        let cfg = json!({"bos_token": "[B]", "eos_token": "[E]", "chat_template": src});
+        std::fs::write(&own, cfg.to_string()).unwrap();
+        let t = ChatTemplate::load(&own).unwrap().with_model_tokens(tokens);
+        assert_eq!(t.render(&m, false).unwrap(), "[B]hi[E]");
     }
 
     #[test]

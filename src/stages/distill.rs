@@ -1,8 +1,9 @@
 //! Knowledge distillation from a frozen teacher (TRL's `GKDTrainer`, after Agarwal et al.'s
 //! generalised knowledge distillation; OpenRLHF's `train_kd` at `kd_coef = 1` is its
 //! `beta = 0`, `lmbda = 0`). The student learns the teacher's whole next-token distribution at every completion token,
-//! not the one token the data holds there: [`generalized_jsd`] between the two, at `[distill]
-//! temperature`, averaged over the completion tokens.
+//! not the one token the data holds there: [`generalized_jsd`] between the two, averaged over
+//! the completion tokens. `[distill] temperature` samples; the divergence compares the
+//! untempered distributions, as TRL's does.
 //!
 //! The completions are the SFT data's, or, in a share `lmbda` of the optimizer steps, the
 //! student's own samples of the same prompts (on-policy: the student is taught where it goes,
@@ -126,7 +127,7 @@ fn divergence(
         logits(teacher, t_ctx)?.detach()
     };
     let s = logits(student, s_ctx)?;
-    Ok(Some(generalized_jsd(&s, &t, c.beta, c.temperature)?))
+    Ok(Some(generalized_jsd(&s, &t, c.beta)?))
 }
 
 struct DistillTask<'a> {
@@ -437,7 +438,7 @@ pub fn run(env: &Env) -> Result<DistillResult> {
     }
     if env.comm.rank() == 0 {
         errln!(
-            "[distill] beta {} ({}), on-policy share {}, temperature {}",
+            "[distill] beta {} ({}), on-policy share {}, sampling temperature {}",
             c.beta,
             match c.beta {
                 0.0 => "forward KL",
@@ -527,6 +528,7 @@ mod tests {
         for beta in [0.0, 0.5, 1.0] {
             let c = DistillConfig {
                 beta,
+                // Sampling's alone: the divergence is the untempered one all the same.
                 temperature: 0.8,
                 ..Default::default()
             };
@@ -554,7 +556,7 @@ mod tests {
                             s.narrow(1, 0, vocab).unwrap(),
                             t.narrow(1, 0, vocab).unwrap(),
                         );
-                        let d = generalized_jsd(&s, &t, beta, 0.8).unwrap();
+                        let d = generalized_jsd(&s, &t, beta).unwrap();
                         want.push(d.to_vec1::<f32>().unwrap()[0]);
                     }
                 }

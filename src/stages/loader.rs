@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::reward::Scorer;
 use crate::config::{LoraConfig, Stage};
-use crate::data::chat_template::ChatTemplate;
+use crate::data::chat_template::{special_tokens_in, ChatTemplate};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::{hf, ScalarHead, Transformer};
 use crate::train::checkpoint::{
@@ -212,6 +212,29 @@ pub fn template_of(path: &Path) -> Result<Option<ChatTemplate>> {
         Ok(dir) => ChatTemplate::in_dir(&dir),
         Err(_) => Ok(None),
     }
+}
+
+/// The `bos_token` and `eos_token` of the tokenizer the model at `path` is read with (see
+/// [`template_of`] for where that is), which a template from a bare Jinja file renders;
+/// empty where none is found.
+pub fn model_tokens(path: &Path) -> Result<(String, String)> {
+    let dir = if hf::is_peft_dir(path) {
+        match path.join("tokenizer_config.json").is_file() {
+            true => path.to_path_buf(),
+            false => match hf::peft_base(path) {
+                Ok(base) => base,
+                Err(_) => return Ok(Default::default()),
+            },
+        }
+    } else if hf::is_model_dir(path) {
+        path.to_path_buf()
+    } else {
+        match resolve_checkpoint(path) {
+            Ok(dir) => dir,
+            Err(_) => return Ok(Default::default()),
+        }
+    };
+    special_tokens_in(&dir)
 }
 
 /// `loaded` (a causal LM or a classifier) as the one-label classifier a reward adapter makes

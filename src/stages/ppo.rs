@@ -93,6 +93,21 @@ struct Advantages {
     kl_rows: Vec<f64>,
     kl_seq: f64,
     explained: f64,
+    /// The mean score the returns start from, where the missing-EOS penalty or the clip make
+    /// it other than the logged `score` (TRL logs this one as `objective/scores`).
+    trained_score: Option<f64>,
+}
+
+/// The scores the returns start from (after the missing-EOS penalty, then the clip), and
+/// their mean where those make it other than the scorer's.
+fn trained_scores(c: &PpoConfig, scores: &[f64], finished: &[bool]) -> (Vec<f64>, Option<f64>) {
+    let scores: Vec<f64> = eos_penalised(scores, finished, c.missing_eos_penalty)
+        .into_iter()
+        .map(|s| c.score_clip.map_or(s, |clip| s.clamp(-clip, clip)))
+        .collect();
+    let mean = (c.missing_eos_penalty.is_some() || c.score_clip.is_some())
+        .then(|| scores.iter().sum::<f64>() / scores.len().max(1) as f64);
+    (scores, mean)
 }
 
 impl PpoTask<'_> {
@@ -168,10 +183,7 @@ impl PpoTask<'_> {
             "PPO's returns need a score for every response (GRPO and online DPO leave such \
              responses out)",
         )?;
-        let scores: Vec<f64> = eos_penalised(&ro.scores, &ro.finished, c.missing_eos_penalty)
-            .into_iter()
-            .map(|s| c.score_clip.map_or(s, |clip| s.clamp(-clip, clip)))
-            .collect();
+        let (scores, trained_score) = trained_scores(c, &ro.scores, &ro.finished);
         let rewards = token_rewards(&kl, &scores, &ro.lengths, self.beta)?;
         let g = gae_advantages(
             &rewards,
@@ -186,6 +198,7 @@ impl PpoTask<'_> {
             kl_rows: row_sums(&kl)?,
             kl_seq: scalar(&kl.sum_all()?)? / ro.lengths.len() as f64,
             explained: explained_variance(&g.returns, &values, &ro.mask, self.env.comm.as_ref())?,
+            trained_score,
             adv: g.advantages,
             critic: Critic {
                 values,
@@ -216,6 +229,9 @@ impl PpoTask<'_> {
             ("train_time_total_s", self.train_secs),
         ]);
         stats.extend(self.clock.metrics(&times));
+        if let Some(s) = a.trained_score {
+            stats.push(("score_trained", mean_over_ranks(comm, s)?));
+        }
         let c = self.cfg().clone();
         if c.adaptive_kl {
             // Ziegler et al.: move beta proportionally to how far the KL is from its target.
@@ -461,4 +477,26 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         &trainable,
     )?;
     Ok(PolicyResult::from_summary(cfg.stage, &summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `score_trained` is what the returns start from: the scorer's scores less the
+    /// missing-EOS penalty, then clipped; logged only where that differs from `score`.
+    #[test]
+    fn the_trained_score_is_penalised_then_clipped() {
+        let mut c = PpoConfig::default();
+        let (scores, finished) = ([2.0, 0.5, -3.0], [true, false, true]);
+        assert_eq!(
+            trained_scores(&c, &scores, &finished),
+            (scores.to_vec(), None)
+        );
+        c.missing_eos_penalty = Some(1.0);
+        c.score_clip = Some(1.5);
+        let (got, mean) = trained_scores(&c, &scores, &finished);
+        assert_eq!(got, vec![1.5, -0.5, -1.5]);
+        assert!((mean.unwrap() - (-0.5 / 3.0)).abs() < 1e-12);
+    }
 }

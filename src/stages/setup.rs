@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use super::loader::{policy_from, read_checkpoint, template_of, Loaded};
+use super::loader::{model_tokens, policy_from, read_checkpoint, template_of, Loaded};
 use super::rollout::FrozenReference;
 use super::Env;
 use crate::config::{Holdout, LoraConfig, ModelConfig, RunConfig, Stage, Truncation};
-use crate::data::chat_template::ChatTemplate;
+use crate::data::chat_template::{special_tokens_in, ChatTemplate};
 use crate::data::records::{
     load_shards, place, prompts_from, read_records_with, record_files, skipped_shards, PromptRecord,
 };
@@ -69,7 +69,9 @@ pub fn init_checkpoint(env: &Env, what: &str) -> Result<Loaded> {
     env.cfg
         .check_new_tokens(loaded.meta.model.max_position_embeddings)?;
     let used = match &env.cfg.data.chat_template {
-        Some(path) => Some(ChatTemplate::load(path)?),
+        Some(path) => Some(
+            ChatTemplate::load(path)?.with_model_tokens(special_tokens_in(&loaded.tokenizer_dir)?),
+        ),
         // A model whose template cannot be read still serves runs that render none.
         None => template_of(init).ok().flatten(),
     };
@@ -180,7 +182,10 @@ impl PolicyPair {
 pub fn chat_template(env: &Env) -> Result<Option<ChatTemplate>> {
     let data = &env.cfg.data;
     let found = match (&data.chat_template, &env.cfg.init) {
-        (Some(t), _) => Some(ChatTemplate::load(t)?),
+        (Some(t), None) => Some(ChatTemplate::load(t)?),
+        (Some(t), Some(model)) => {
+            Some(ChatTemplate::load(t)?.with_model_tokens(model_tokens(model)?))
+        }
         (None, None) => None,
         (None, Some(model)) => template_of(model)?,
     };
@@ -195,7 +200,9 @@ pub fn chat_template_of(
     loaded: &Loaded,
 ) -> Result<Option<ChatTemplate>> {
     let found = match explicit {
-        Some(t) => Some(ChatTemplate::load(t)?),
+        Some(t) => Some(
+            ChatTemplate::load(t)?.with_model_tokens(special_tokens_in(&loaded.tokenizer_dir)?),
+        ),
         None => template_of(&loaded.dir)?,
     };
     with_kwargs(found, kwargs)

@@ -47,19 +47,17 @@ pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
 }
 
 /// `[N]` TRL's generalised Jensen-Shannon divergence (GKD) between the student's and the
-/// teacher's next-token distributions at `temperature`, from `[N, V]` logits: `beta = 0` is
+/// teacher's next-token distributions, from `[N, V]` logits: `beta = 0` is
 /// the forward KL(teacher ‖ student), `beta = 1` the reverse KL(student ‖ teacher), and
 /// between them `beta · KL(teacher ‖ m) + (1 - beta) · KL(student ‖ m)` with the mixture
 /// `m = beta · teacher + (1 - beta) · student`, which near `beta = 0` is about `beta` times the
 /// forward KL (hence TRL's special case there). Gradients flow to the student's logits only.
-pub fn generalized_jsd(
-    student: &Tensor,
-    teacher: &Tensor,
-    beta: f64,
-    temperature: f64,
-) -> Result<Tensor> {
-    let s = log_softmax(&(student.to_dtype(DType::F32)? / temperature)?)?;
-    let t = log_softmax(&(teacher.to_dtype(DType::F32)?.detach() / temperature)?)?;
+/// The logits are compared as they are: TRL's `GKDTrainer` leaves its sampling temperature
+/// out of the divergence (as OpenRLHF's `KDLoss` has none), and a divergence between
+/// tempered softmaxes is another objective, with gradients scaled by `1 / T`.
+pub fn generalized_jsd(student: &Tensor, teacher: &Tensor, beta: f64) -> Result<Tensor> {
+    let s = log_softmax(&student.to_dtype(DType::F32)?)?;
+    let t = log_softmax(&teacher.to_dtype(DType::F32)?.detach())?;
     // KL(p ‖ q) of log-distributions.
     let kl =
         |p: &Tensor, q: &Tensor| -> Result<Tensor> { Ok((p.exp()? * (p - q)?)?.sum(D::Minus1)?) };
@@ -101,9 +99,9 @@ mod tests {
     }
 
     /// The divergence by its definition, in f64 on the host, for one row.
-    fn jsd_by_definition(s: &[f64], t: &[f64], beta: f64, temp: f64) -> f64 {
+    fn jsd_by_definition(s: &[f64], t: &[f64], beta: f64) -> f64 {
         let softmax = |x: &[f64]| {
-            let z: Vec<f64> = x.iter().map(|v| v / temp).collect();
+            let z: Vec<f64> = x.to_vec();
             let max = z.iter().cloned().fold(f64::MIN, f64::max);
             let e: Vec<f64> = z.iter().map(|v| (v - max).exp()).collect();
             let sum: f64 = e.iter().sum();
@@ -137,27 +135,25 @@ mod tests {
         let st = candle_core::Var::from_vec(s.clone(), (n, v), &Device::Cpu).unwrap();
         let tt = candle_core::Var::from_vec(t.clone(), (n, v), &Device::Cpu).unwrap();
         for beta in [0.0, 0.1, 0.5, 0.9, 1.0] {
-            for temp in [1.0, 0.7] {
-                let got = generalized_jsd(st.as_tensor(), tt.as_tensor(), beta, temp)
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap();
-                for (i, &g) in got.iter().enumerate() {
-                    let row = |x: &[f32]| -> Vec<f64> {
-                        x[i * v..(i + 1) * v].iter().map(|&a| a as f64).collect()
-                    };
-                    let want = jsd_by_definition(&row(&s), &row(&t), beta, temp);
-                    assert!(
-                        (g as f64 - want).abs() < 1e-5 * (1.0 + want),
-                        "beta {beta} T {temp} row {i}: {g} vs {want}"
-                    );
-                    assert!(want > 0.0);
-                }
+            let got = generalized_jsd(st.as_tensor(), tt.as_tensor(), beta)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (i, &g) in got.iter().enumerate() {
+                let row = |x: &[f32]| -> Vec<f64> {
+                    x[i * v..(i + 1) * v].iter().map(|&a| a as f64).collect()
+                };
+                let want = jsd_by_definition(&row(&s), &row(&t), beta);
+                assert!(
+                    (g as f64 - want).abs() < 1e-5 * (1.0 + want),
+                    "beta {beta} row {i}: {g} vs {want}"
+                );
+                assert!(want > 0.0);
             }
         }
-        // The gradient of the forward KL in the student's logits is softmax(s) - softmax(t)
-        // (at T = 1), and the teacher gets none.
-        let loss = generalized_jsd(st.as_tensor(), tt.as_tensor(), 0.0, 1.0)
+        // The gradient of the forward KL in the student's logits is softmax(s) - softmax(t),
+        // and the teacher gets none.
+        let loss = generalized_jsd(st.as_tensor(), tt.as_tensor(), 0.0)
             .unwrap()
             .sum_all()
             .unwrap();
@@ -176,7 +172,7 @@ mod tests {
         }
         // Equal distributions are no divergence at any beta.
         for beta in [0.0, 0.5, 1.0] {
-            let d = generalized_jsd(st.as_tensor(), st.as_tensor(), beta, 0.9).unwrap();
+            let d = generalized_jsd(st.as_tensor(), st.as_tensor(), beta).unwrap();
             let max = d.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
             assert!(max < 1e-6, "beta {beta}: {max}");
         }
