@@ -26,7 +26,7 @@ use temper::stages::sampling_defaults;
 use temper::stages::setup::chat_template_of;
 use temper::stages::{self, Env};
 use temper::train::params::ParamStore;
-use temper::{errln, outln};
+use temper::{errln, outln, warnln};
 
 #[global_allocator]
 static HOST: temper::out_of_memory::HostAlloc = temper::out_of_memory::HostAlloc;
@@ -209,6 +209,14 @@ fn run(cli: Cli) -> Result<()> {
             let part = Part::train().named(split.as_deref()).asked_by("--split");
             let t = train_bpe(&files, (columns.column("text"), part), vocab_size, &out)?;
             outln!("wrote {} ({})", out.display(), t.describe());
+            // BPE stops merging where the corpus has no pair left to merge.
+            if t.vocab_size() < vocab_size {
+                warnln!(
+                    "warning: tokenizer train: learnt {} tokens, fewer than --vocab-size \
+                     {vocab_size}: the corpus has no more pairs to merge",
+                    t.vocab_size()
+                );
+            }
         }
         Command::Tokenizer(TokenizerCmd::Encode {
             corpus,

@@ -36,8 +36,16 @@ fn two_ranks_follow_one_rank_with_the_doubled_batch() {
     let (x, y) = (losses(&one), losses(&two));
     assert_eq!(x.len(), 8, "{x:?}");
     assert_same_curve(&x, &y);
-    // The held-out loss differs (its set is eval_batches per-rank batches), but the weights
-    // after 8 steps agree to float reassociation.
+    // The held-out loss scores the same windows (eval_batches global batches), so it
+    // agrees as the weights do, to float reassociation.
+    let (vx, vy) = (
+        series(&metrics(&one), "val", "loss"),
+        series(&metrics(&two), "val", "loss"),
+    );
+    assert_eq!(vx.len(), vy.len(), "{vx:?} vs {vy:?}");
+    for ((s, a), (_, b)) in vx.iter().zip(&vy) {
+        assert!((a - b).abs() < 1e-3, "step {s}: held-out {a} vs {b}");
+    }
     let load = |r: &Path| {
         candle_core::safetensors::load(r.join("final/model.safetensors"), &candle_core::Device::Cpu)
             .unwrap()

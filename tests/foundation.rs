@@ -1207,6 +1207,20 @@ fn pretraining_learns_from_token_shards() {
     let e = run_err(&train);
     assert!(e.contains("bpe.json exists: give --overwrite"), "{e}");
     run_ok(&[&train[..], &["--overwrite"]].concat());
+    // A vocabulary the corpus cannot fill is said to fall short.
+    let big = p(d.path(), "big.json");
+    let big = big.to_str().unwrap();
+    let o = run_ok(&[
+        "tokenizer",
+        "train",
+        corpus,
+        "--vocab-size",
+        "100000",
+        "--out",
+        big,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("fewer than --vocab-size 100000"), "{err}");
     let bpe_shards = p(d.path(), "bpe-shards");
     let b = bpe_shards.to_str().unwrap();
     run_ok(&[
@@ -1292,7 +1306,7 @@ fn pretraining_learns_from_token_shards() {
         let o = run_ok(&strs(&args));
         (path, String::from_utf8_lossy(&o.stderr).to_string())
     };
-    let (_, err) = variant("added.json", &|json| {
+    let (added, err) = variant("added.json", &|json| {
         let tokens = json["added_tokens"].as_array_mut().unwrap();
         let mut chat = tokens[0].clone();
         chat["id"] = 1000.into();
@@ -1301,6 +1315,17 @@ fn pretraining_learns_from_token_shards() {
     });
     let tokenizer_warning = |l: &str| l.contains("warning") && l.contains("tokenizer");
     assert!(!err.lines().any(tokenizer_warning), "{err}");
+    // That file edited before a resume (its added token gone) is refused: the rest of the
+    // run would train on other ids than its checkpoint's.
+    std::fs::write(&added, shards_tok.to_string()).unwrap();
+    let added_run = p(d.path(), "added.json-run");
+    std::fs::remove_dir_all(added_run.join("final")).unwrap();
+    let r = added_run.to_str().unwrap();
+    let e = run_err(&["pretrain", "--resume", r, "--steps", "3"]);
+    assert!(
+        e.contains(&added.display().to_string()) && e.contains("maps tokens to other ids"),
+        "{e}"
+    );
     let (lower, err) = variant("lower.json", &|json| {
         json["normalizer"] = serde_json::json!({"type": "Lowercase"});
     });

@@ -169,8 +169,9 @@ pub struct TrainConfig {
     pub adam_eps: f64,
     pub grad_clip: f64,
     pub eval_every: usize,
-    /// Held-out batches each pretraining evaluation reads (the later stages evaluate their
-    /// whole held-out split).
+    /// Global batches of held-out windows each pretraining evaluation reads, the stream's
+    /// first (`batch_size * grad_accum` windows for each rank, read by rank 0); the later
+    /// stages evaluate their whole held-out split.
     pub eval_batches: usize,
     pub checkpoint_every: usize,
     pub keep_checkpoints: usize,

@@ -55,7 +55,21 @@ pub(crate) fn documents_of(path: &Path, files: &[PathBuf], column: &str) -> Resu
         } else {
             ""
         };
-        bail!("{}: corpus is empty{what}", path.display());
+        // A directory of damaged or foreign shards is no text corpus either: say why its
+        // .bin files were not read as shards.
+        let bin = (std::fs::read_dir(path).into_iter().flatten().flatten())
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "bin"))
+            .min();
+        let shards = match bin {
+            Some(b) => format!(
+                "; {} does not start with a token shard's magic number (20240520 or \
+                 20240801), so it was not read as a shard",
+                b.display()
+            ),
+            None => String::new(),
+        };
+        bail!("{}: corpus is empty{what}{shards}", path.display());
     }
     Ok(docs)
 }
@@ -450,6 +464,8 @@ mod tests {
         std::fs::create_dir(&dir).unwrap();
         std::fs::write(dir.join("notes.csv"), "a,b").unwrap();
         assert!(err(load_documents(&dir)).contains("dir: corpus is empty"));
+        std::fs::write(dir.join("train_000000.bin"), [0u8; 16]).unwrap();
+        assert!(err(load_documents(&dir)).contains("train_000000.bin does not start with"));
     }
 
     fn docs(n: usize, len: usize) -> Vec<String> {

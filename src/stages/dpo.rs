@@ -74,7 +74,16 @@ pub fn shifted_preference_loss(
     pair_weights: Option<&Tensor>,
 ) -> Result<(Tensor, f64)> {
     let mut total: Option<Tensor> = None;
-    let mut acc = None;
+    // Where a reference is read, a pair is ranked right when its summed log-ratios are, as
+    // TRL counts `rewards/accuracies` whatever the loss: the per-token or f-divergence
+    // margin some losses train on can rank a pair of unequal lengths the other way.
+    let mut acc = match reference {
+        Some(r) => {
+            let h = ((policy.chosen - r.chosen)? - (policy.rejected - r.rejected)?)?;
+            Some(chosen_first(&h)?)
+        }
+        None => None,
+    };
     for (kind, weight) in c.losses().filter(|(l, _)| *l != DpoLoss::Sft) {
         let (losses, h) = one_loss(kind, c, policy, reference, tokens, shift)?;
         acc = acc.or(Some(chosen_first(&h)?));
@@ -90,11 +99,16 @@ pub fn shifted_preference_loss(
     }
     match total {
         Some(t) => Ok((t, acc.unwrap_or(0.0))),
-        // `"sft"` alone: no preference term; the accuracy is the policy's own ranking.
+        // `"sft"` alone: no preference term; without a reference the accuracy is the
+        // policy's own ranking.
         None => {
             let h = (policy.chosen - policy.rejected)?;
             let zero = Tensor::zeros((), h.dtype(), h.device())?;
-            Ok((zero, chosen_first(&h)?))
+            let acc = match acc {
+                Some(a) => a,
+                None => chosen_first(&h)?,
+            };
+            Ok((zero, acc))
         }
     }
 }
@@ -599,10 +613,10 @@ fn wpo_pair_weights(b: &SeqBatch, net: &Transformer, ctx: Ctx) -> Result<Tensor>
 
 /// A batch's mean summed log-probabilities of its chosen and rejected responses (`ld_alpha`'s
 /// reweighted sums where it is set), and where a reference is read their implicit rewards
-/// `beta * (policy - reference)` over those sums. For the length-normalised losses (IPO,
-/// SimPO, `sigmoid_norm`) these are sums still, where TRL logs the per-token means:
-/// what TRL logs as `logps/chosen`, `logps/rejected`, `rewards/chosen`, `rewards/rejected`
-/// and `rewards/margins`, here in the names online DPO and KTO log theirs by.
+/// `beta * (policy - reference)` over those sums, for every loss (TRL's CPO trainer logs
+/// SimPO's per-token means): what TRL logs as `logps/chosen`, `logps/rejected`,
+/// `rewards/chosen`, `rewards/rejected` and `rewards/margins`, here in the names online DPO
+/// and KTO log theirs by.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Sides {
     pub logps_chosen: f64,
@@ -989,6 +1003,27 @@ mod tests {
         assert!((at_start(DpoLoss::Hinge, 0.0) - 1.0).abs() < 1e-6);
         // IPO's target margin is 1 / (2 beta) = 5.
         assert!((at_start(DpoLoss::Ipo, 0.0) - 25.0).abs() < 1e-4);
+    }
+
+    /// The accuracy is the summed log-ratios' ranking for every loss that reads a reference
+    /// (TRL's `rewards/accuracies`), though IPO and `sigmoid_norm` train on per-token margins:
+    /// a chosen response four times the rejected's length whose summed log-ratio leads by 1
+    /// trails per token.
+    #[test]
+    fn reward_accuracy_ranks_by_the_summed_log_ratios() {
+        let (pc, pr, rc, rr) = ([-10.0], [-4.0], [-12.0], [-7.0]);
+        let (nc, nr) = ([20.0], [5.0]);
+        // Summed: 2 against 3, the rejected ahead; per token 0.1 against 0.6, likewise.
+        for kind in [DpoLoss::Sigmoid, DpoLoss::Ipo, DpoLoss::SigmoidNorm] {
+            let acc = loss_of(&cfg(kind, 0.1, 0.0), [&pc, &pr], [&rc, &rr], [&nc, &nr]).1;
+            assert_eq!(acc, 0.0, "{kind:?}");
+        }
+        // Summed: 4 against 3, the chosen ahead; per token 0.2 against 0.6, behind.
+        let rc = [-14.0];
+        for kind in [DpoLoss::Sigmoid, DpoLoss::Ipo, DpoLoss::SigmoidNorm] {
+            let acc = loss_of(&cfg(kind, 0.1, 0.0), [&pc, &pr], [&rc, &rr], [&nc, &nr]).1;
+            assert_eq!(acc, 1.0, "{kind:?}");
+        }
     }
 
     /// LD-DPO marks, in each response, the loss-masked tokens past the count its pair shares:

@@ -124,21 +124,20 @@ impl Task for PretrainTask<'_> {
         })
     }
 
+    /// The mean loss of the first [`eval_windows`] held-out windows (rank 0 alone evaluates):
+    /// the same windows however a global batch is cut into ranks and micro-batches.
     fn evaluate(&mut self) -> Result<PretrainEval> {
         let cfg = &self.env.cfg.train;
         let t = cfg.seq_len;
-        let windows = (self.val.len() - 1) / t;
-        let n = windows.min(cfg.eval_batches * cfg.batch_size);
+        let n = eval_windows(cfg, self.env.comm.world(), self.val.len());
         let mut total = 0.0;
-        let mut batches = 0;
         for chunk in (0..n).collect::<Vec<_>>().chunks(cfg.batch_size) {
             let starts: Vec<usize> = chunk.iter().map(|w| w * t).collect();
             let w = self.batch(&self.val, &starts)?;
             total += scalar(&self.loss(&w, None)?)? * starts.len() as f64;
-            batches += starts.len();
         }
         Ok(PretrainEval {
-            loss: total / batches.max(1) as f64,
+            loss: total / n.max(1) as f64,
         })
     }
 
@@ -153,6 +152,14 @@ impl Task for PretrainTask<'_> {
         self.micro = state_u64(s, "micro");
         Ok(())
     }
+}
+
+/// The held-out windows each evaluation scores: `eval_batches` global batches (per-rank
+/// batch times accumulation times ranks, so that `--batch-size 8` and `--batch-size 4
+/// --grad-accum 2`, or two ranks of 4, score the same ones), or all of a shorter stream.
+fn eval_windows(cfg: &crate::config::TrainConfig, world: usize, val_tokens: usize) -> usize {
+    let global = cfg.batch_size * cfg.grad_accum * world;
+    ((val_tokens - 1) / cfg.seq_len).min(cfg.eval_batches * global)
 }
 
 pub struct PretrainResult {
@@ -346,6 +353,28 @@ pub fn tokenizer(env: &Env) -> Result<Tokenizer> {
     Ok(Tokenizer::bytes())
 }
 
+/// A resume reads its tokenizer file again: one edited since (ids swapped, tokens added) would
+/// train the rest of the run on other ids than its checkpoint's embedding rows learnt, and
+/// write the new file into its final model. Refused, naming both.
+fn same_tokenizer_as_checkpoint(env: &Env, tok: &Tokenizer) -> Result<()> {
+    let Some(ckpt) = crate::train::checkpoint::Checkpoints::latest(&env.run_dir)? else {
+        return Ok(());
+    };
+    let kept = Tokenizer::load_dir(&ckpt)?;
+    if kept.same_vocabulary(tok) {
+        return Ok(());
+    }
+    let now = match &env.cfg.data.tokenizer {
+        Some(p) => p.display().to_string(),
+        None => "the tokenizer read now".to_string(),
+    };
+    bail!(
+        "{now}: maps tokens to other ids than the tokenizer the run trained with, which its \
+         checkpoint {} keeps: put that one back (copy it from there), or start a new run",
+        ckpt.display()
+    );
+}
+
 /// Says how many documents the first few training windows hold: a corpus that separates
 /// documents by another token than the tokenizer's EOS would silently get no mask.
 fn document_mask_note(train: &TokenStream, t: usize, vocab: usize, eos: u32) -> Result<()> {
@@ -389,6 +418,9 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
         Some(l) => l.tokenizer.clone(),
         None => tokenizer(env)?,
     };
+    if env.continues() {
+        same_tokenizer_as_checkpoint(env, &tok)?;
+    }
     // Where the run's tokenizer came from, unless it is the one beside the shards.
     let tok_from = match &init {
         Some(l) => Some(l.tokenizer_dir.as_path()),
@@ -447,11 +479,15 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
             val.len()
         );
     }
+    let scored = eval_windows(&cfg.train, env.comm.world(), val.len()) * t;
     warnln!(
-        "[pretrain] tokenizer {}, {source}, {} train / {} val tokens",
+        "[pretrain] tokenizer {}, {source}, {} train / {} val tokens ({} scored by each \
+         evaluation: [train] eval_batches {} global batches)",
         tok.describe(),
         train.len(),
-        val.len()
+        val.len(),
+        scored,
+        cfg.train.eval_batches
     );
     if cfg.data.document_mask {
         document_mask_note(&train, t, tok.vocab_size(), tok.eos_id())?;

@@ -1,5 +1,6 @@
 //! Linear warmup, then a decay (`[train] lr_scheduler`: cosine, linear or none) to
-//! `min_lr_ratio * lr` at the last step.
+//! `min_lr_ratio * lr` at the run's end: step `steps`, one past the last trained, as
+//! transformers' schedulers reach theirs.
 
 use crate::config::{LrScheduler, TrainConfig};
 

@@ -367,6 +367,20 @@ impl DpoConfig {
                 self.loss_names()
             );
         }
+        // BCO's running shift is a mean of the plain rewards beta * (policy - reference), which
+        // scores f(u) would be classified against from another place.
+        if self.f_divergence_type != FDivergence::ReverseKl && self.has(DpoLoss::BcoPair) {
+            bail!(
+                "{table}.f_divergence_type: loss_type \"bco_pair\" shifts its scores by a running \
+                 mean of the plain log-ratio rewards, so it takes reverse_kl only"
+            );
+        }
+        if !(self.rpo_alpha >= 0.0 && self.rpo_alpha.is_finite()) {
+            bail!(
+                "{table}.rpo_alpha must be 0 or positive, got {}",
+                self.rpo_alpha
+            );
+        }
         if let Some(a) = self.ld_alpha.filter(|a| !(0.0..=1.0).contains(a)) {
             bail!("{table}.ld_alpha must be in [0, 1], got {a}");
         }

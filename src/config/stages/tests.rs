@@ -174,6 +174,12 @@ fn dpo_reads_a_list_of_losses_with_weights() {
         "loss_type = \"simpo\"\nf_divergence_type = \"forward_kl\"",
         "dpo.f_divergence_type",
     );
+    bad(
+        "loss_type = [\"sigmoid\", \"bco_pair\"]\nf_divergence_type = \"forward_kl\"",
+        "dpo.f_divergence_type: loss_type \"bco_pair\"",
+    );
+    bad("rpo_alpha = -1.0", "dpo.rpo_alpha must be 0 or positive");
+    bad("rpo_alpha = nan", "dpo.rpo_alpha must be 0 or positive");
     let aot: DpoConfig = toml::from_str("loss_type = \"aot\"\nlabel_smoothing = 0.1").unwrap();
     aot.validate().unwrap();
     let online: OnlineDpoConfig = toml::from_str("loss_type = \"sft\"").unwrap();
