@@ -345,16 +345,31 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     };
     let cfg = SampleCfg {
         max_new_tokens,
-        temperature: (a.temperature.or(own.temperature)).unwrap_or(sampling_defaults::TEMPERATURE),
+        temperature: a.temperature.unwrap_or(own.temperature_or_default()),
         top_k: (a.top_k.or(own.top_k)).unwrap_or(sampling_defaults::TOP_K),
         top_p: (a.top_p.or(own.top_p)).unwrap_or(sampling_defaults::TOP_P),
         min_p: (a.min_p.or(own.min_p)).unwrap_or(0.0),
         repetition_penalty: (a.repetition_penalty.or(own.repetition_penalty)).unwrap_or(1.0),
+        min_new_tokens: own.min_new_tokens.unwrap_or(0).min(max_new_tokens),
         stop: a.stop.clone(),
         ..Default::default()
     };
     if let Some(said) = own.describe() {
         errln!("[generate] the checkpoint's generation_config.json sets {said} (flags override)");
+    }
+    if own.carried && own.temperature.is_none() && a.temperature.is_none() {
+        errln!(
+            "[generate] temperature {} (the generation config names none; vLLM and \
+             transformers read it so)",
+            sampling_defaults::CONFIG_TEMPERATURE
+        );
+    }
+    if !own.unread.is_empty() {
+        errln!(
+            "warning: generate: the checkpoint's generation_config.json sets {}, which \
+             transformers' generate applies and temper does not",
+            own.unread.join(", ")
+        );
     }
     let ctx = Ctx {
         dtype: temper::device::compute_dtype(Default::default(), &device),

@@ -289,6 +289,61 @@ mod stage_chain {
         assert!(max_abs_diff(&theirs, &ours) <= 1e-5);
     }
 
+    /// An SFT step weighs every response token once however it is cut into micro-batches
+    /// (transformers' `num_items_in_batch`): `--batch-size 8` and `--batch-size 4 --grad-accum
+    /// 2` take the same loss and gradient over examples of unequal lengths, and the held-out
+    /// loss is a mean over its tokens whatever the batch size.
+    #[test]
+    fn sft_steps_weigh_tokens_alike_however_the_batch_is_cut() {
+        let run = |name: &str, split: &[&str]| {
+            let dir = run_dir(name);
+            let mut args = vec![
+                "sft",
+                "--config",
+                config(),
+                "--init",
+                arg(pre()),
+                "--out",
+                arg(&dir),
+                "--steps",
+                "2",
+                "--log-every",
+                "1",
+                "--eval-every",
+                "2",
+                "--lr",
+                "1e-4",
+                "--device",
+                "cpu",
+            ];
+            args.extend(split);
+            run_ok(&args);
+            let m = metrics(&dir);
+            (
+                series(&m, "train", "loss"),
+                series(&m, "train", "grad_norm"),
+                series(&m, "val", "loss"),
+            )
+        };
+        let whole = run("sft-b8", &["--batch-size", "8"]);
+        let cut = run("sft-b4x2", &["--batch-size", "4", "--grad-accum", "2"]);
+        for (what, a, b) in [("loss", &whole.0, &cut.0), ("grad_norm", &whole.1, &cut.1)] {
+            assert_eq!(a.len(), 2, "{what}: {a:?}");
+            for ((s, x), (_, y)) in a.iter().zip(b) {
+                assert!(
+                    (x - y).abs() <= 1e-4 * x.abs().max(1.0),
+                    "step {s} {what}: {x} vs {y}"
+                );
+            }
+        }
+        // Held out at step 0, in chunks of 8 and of 4.
+        let (x, y) = (whole.2[0].1, cut.2[0].1);
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+            "held-out {x} vs {y}"
+        );
+    }
+
     #[test]
     fn lora_sft_leaves_the_base_weights_bitwise_unchanged() {
         let base = weights(&pre().join("final/model.safetensors"));

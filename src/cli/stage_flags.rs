@@ -125,7 +125,7 @@ pub(super) fn per_stage_help(cmd: clap::Command) -> clap::Command {
 
 /// The defaults of `stage`'s run as TOML: `[train]`, pretraining's `[model]`, and the stage's
 /// own table.
-fn stage_defaults(name: &str, stage: Stage) -> String {
+pub(super) fn stage_defaults(name: &str, stage: Stage) -> String {
     let cfg = RunConfig::for_stage(stage);
     let Ok(all) = toml::Value::try_from(&cfg) else {
         return String::new();
@@ -145,8 +145,12 @@ fn stage_defaults(name: &str, stage: Stage) -> String {
     );
     for t in tables {
         let Some(table) = all.get(t) else { continue };
-        let body = toml::to_string(table).unwrap_or_default();
-        text.push_str(&format!("\n\n[{t}]\n{}", body.trim_end()));
+        // Written under its own name, so that a sub-table comes out as `[data.columns]`, the
+        // header a config file takes, not a bare `[columns]`.
+        let mut one = toml::map::Map::new();
+        one.insert(t.to_string(), table.clone());
+        let body = toml::to_string(&toml::Value::Table(one)).unwrap_or_default();
+        text.push_str(&format!("\n\n{}", body.trim_end()));
     }
     text
 }

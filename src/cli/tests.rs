@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::stage_flags::{flag_stages, STAGE_COMMANDS};
+use super::stage_flags::{flag_stages, stage_defaults, STAGE_COMMANDS};
 use super::*;
 use crate::config::{RunConfig, Stage};
 
@@ -427,4 +427,27 @@ fn a_missing_input_a_config_names_is_named_by_its_line() {
     let corpus = d.path().join("corpus.txt");
     std::fs::write(&corpus, "text ".repeat(200)).unwrap();
     args(Some(&corpus)).resolve(Stage::Pretrain).unwrap();
+}
+
+/// The defaults a stage's help ends with are a config file that stage reads as it is, its
+/// sub-tables under their dotted headers (`[data.columns]`, which a bare `[columns]` was).
+#[test]
+fn a_stages_help_defaults_read_back_as_its_config() {
+    let d = tempfile::tempdir().unwrap();
+    for stage in [Stage::Pretrain, Stage::Sft, Stage::Dpo, Stage::Grpo] {
+        let text = stage_defaults(stage.name(), stage);
+        let body = text.split_once("\n\n").unwrap().1;
+        assert!(body.contains("[data.columns]"), "{body}");
+        let f = d.path().join(format!("{}.toml", stage.name()));
+        std::fs::write(&f, body).unwrap();
+        let (cfg, _) = RunConfig::load_layers_over(RunConfig::for_stage(stage), &[f]).unwrap();
+        // Compared as written: the config also notes which file set what.
+        let written = |c: &RunConfig| toml::Value::try_from(c).unwrap();
+        assert_eq!(
+            written(&cfg),
+            written(&RunConfig::for_stage(stage)),
+            "{}",
+            stage.name()
+        );
+    }
 }

@@ -233,7 +233,9 @@ impl ChatTemplate {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", jinja_python::strftime_now);
+        env.set_formatter(jinja_python::format_value);
         env.add_filter("tojson", jinja_python::tojson);
+        env.add_filter("round", jinja_python::round);
         env.add_filter("truncate", jinja_text::truncate);
         env.add_filter("wordcount", jinja_text::wordcount);
         env.add_filter("center", jinja_text::center);

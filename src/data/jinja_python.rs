@@ -172,6 +172,169 @@ fn python_float(f: f64) -> String {
     format!("{mantissa}e{sign}{:02}", exp.abs())
 }
 
+/// Writes a value where a template prints it (`{{ x }}`): a dict or a list as Python's `str`
+/// writes it (`{'city': 'Paris', 'metric': True}`), as transformers' Jinja prints a tool
+/// call's arguments or a content list that a template does not pass through `tojson`; any
+/// other value as minijinja writes it (a string as itself).
+pub fn format_value(
+    out: &mut minijinja::Output,
+    state: &minijinja::State,
+    value: &V,
+) -> Result<(), Error> {
+    use minijinja::value::ValueKind;
+    if !matches!(value.kind(), ValueKind::Map | ValueKind::Seq) {
+        return minijinja::escape_formatter(out, state, value);
+    }
+    let json =
+        serde_json::to_value(value).map_err(|e| invalid(&format!("cannot print {value}: {e}")))?;
+    let mut text = String::new();
+    python_repr(&json, &mut text);
+    out.write_str(&text)
+        .map_err(|e| Error::new(ErrorKind::WriteFailure, e.to_string()))
+}
+
+/// `repr(v)` as Python writes the object JSON `v` reads as.
+fn python_repr(v: &Value, out: &mut String) {
+    match v {
+        Value::Null => out.push_str("None"),
+        Value::Bool(b) => out.push_str(if *b { "True" } else { "False" }),
+        Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) => write!(out, "{i}").unwrap(),
+            (_, Some(u), _) => write!(out, "{u}").unwrap(),
+            (_, _, Some(f)) if f.is_nan() => out.push_str("nan"),
+            (_, _, Some(f)) if f.is_infinite() => {
+                out.push_str(if f > 0.0 { "inf" } else { "-inf" })
+            }
+            (_, _, Some(f)) => out.push_str(&python_float(f)),
+            _ => out.push_str(&n.to_string()),
+        },
+        Value::String(s) => python_str_repr(s, out),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                python_repr(item, out);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            out.push('{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                python_str_repr(k, out);
+                out.push_str(": ");
+                python_repr(item, out);
+            }
+            out.push('}');
+        }
+    }
+}
+
+/// `repr(s)` of a Python string: single quotes unless it holds one and no double quote, and
+/// the characters Python does not print as themselves escaped.
+fn python_str_repr(s: &str, out: &mut String) {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if python_prints(c) => out.push(c),
+            c if (c as u32) < 0x100 => write!(out, "\\x{:02x}", c as u32).unwrap(),
+            c if (c as u32) < 0x10000 => write!(out, "\\u{:04x}", c as u32).unwrap(),
+            c => write!(out, "\\U{:08x}", c as u32).unwrap(),
+        }
+    }
+    out.push(quote);
+}
+
+/// Whether Python's `str.isprintable` holds for `c` (space is printable; other separators,
+/// control and format characters and private use are not). Unassigned code points, which
+/// Python escapes too, are not told apart here.
+fn python_prints(c: char) -> bool {
+    let u = c as u32;
+    !(c.is_control()
+        || matches!(
+            u,
+            0xa0 | 0xad
+                | 0x600..=0x605
+                | 0x61c
+                | 0x6dd
+                | 0x70f
+                | 0x1680
+                | 0x180e
+                | 0x2000..=0x200f
+                | 0x2028..=0x202f
+                | 0x205f..=0x2064
+                | 0x2066..=0x206f
+                | 0x3000
+                | 0xd800..=0xf8ff
+                | 0xfeff
+                | 0xfff9..=0xfffb
+                | 0xe0001
+                | 0xe0020..=0xe007f
+                | 0xf0000..
+        ))
+}
+
+/// Jinja's `round(value, precision=0, method='common')`: `common` is Python's `round`, half
+/// to even on the float's exact value (`2.5` to `2.0`, `2.675` to two places `2.67`), an
+/// integer staying an integer; `ceil` and `floor` give floats.
+pub fn round(
+    value: V,
+    precision: Option<i32>,
+    method: Option<String>,
+    kwargs: Kwargs,
+) -> Result<V, Error> {
+    let precision = match kwargs.get::<Option<i32>>("precision")? {
+        Some(p) => p,
+        None => precision.unwrap_or(0),
+    };
+    let method = match kwargs.get::<Option<String>>("method")? {
+        Some(m) => m,
+        None => method.unwrap_or_else(|| "common".into()),
+    };
+    kwargs.assert_all_used()?;
+    let is_int = value.as_i64().is_some() && !value.to_string().contains('.');
+    let x = f64::try_from(value)?;
+    let scale = 10f64.powi(precision);
+    match method.as_str() {
+        "common" if is_int && precision >= 0 => Ok(V::from(x as i64)),
+        // Python rounds the exact binary value; Rust's formatting to n places does the same.
+        "common" if precision >= 0 => {
+            let text = format!("{x:.*}", precision as usize);
+            Ok(V::from(text.parse::<f64>().unwrap_or(x)))
+        }
+        "common" => {
+            let r = (x / 10f64.powi(-precision)).round_ties_even() * 10f64.powi(-precision);
+            Ok(if is_int {
+                V::from(r as i64)
+            } else {
+                V::from(r)
+            })
+        }
+        "ceil" => Ok(V::from((x * scale).ceil() / scale)),
+        "floor" => Ok(V::from((x * scale).floor() / scale)),
+        other => Err(invalid(&format!(
+            "round: method must be 'common', 'ceil' or 'floor', got '{other}'"
+        ))),
+    }
+}
+
 /// transformers' `strftime_now(format)`: the local time now (Python's `datetime.now()`),
 /// formatted as Python's `strftime` does.
 pub fn strftime_now(format: String) -> Result<String, Error> {

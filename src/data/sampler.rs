@@ -5,6 +5,7 @@ use crate::train::rng::{splitmix64, Rng};
 
 /// Indices `0..n` (pretraining windows, examples, pairs, prompts) visited in a seeded random
 /// order, reshuffled each epoch; `(epoch, cursor)` is the data position a checkpoint records.
+#[derive(Clone)]
 pub struct WindowSampler {
     n: usize,
     seed: u64,

@@ -113,9 +113,11 @@ impl Transformer {
         let h = cfg.hidden_size;
         let std = 0.02;
         let mut body = scope.pp("model");
-        let embed = body.gain("embed.weight", &[cfg.vocab_size, h], Init::Normal(std))?;
+        // Decayed, as nanoGPT, llm.c and the Hugging Face Trainer decay embeddings (a tied
+        // LM head is the same matrix, and an untied one is decayed too).
+        let embed = body.weight("embed.weight", &[cfg.vocab_size, h], Init::Normal(std))?;
         let pos_embed = match cfg.position {
-            PositionKind::Learned => Some(body.gain(
+            PositionKind::Learned => Some(body.weight(
                 "pos_embed.weight",
                 &[cfg.max_position_embeddings, h],
                 Init::Normal(std / 2.0),

@@ -281,7 +281,8 @@ impl Task for DistillTask<'_> {
     fn evaluate(&mut self) -> Result<SftEval> {
         Ok(SftEval {
             loss: held_out_mean(&self.eval, self.env.cfg.train.batch_size, |c| {
-                Ok(self.loss(c, None)?.0)
+                let (loss, _, counted) = self.loss(c, None)?;
+                Ok((loss, counted))
             })?,
             accuracy: self.accuracy(&self.student, self.env.ctx(true, None))?,
         })

@@ -1,7 +1,9 @@
 //! `temper generate`'s sampling settings where no flag gives them: the checkpoint's
 //! `generation_config.json`, as vLLM (`--generation-config auto`) takes them (Qwen3 asks for
-//! temperature 0.6, top-k 20, top-p 0.95), else temper's own. Like vLLM, and unlike
-//! transformers' `generate`, it samples where the config does not set `do_sample`.
+//! temperature 0.6, top-k 20, top-p 0.95), a temperature it leaves out being 1 as in vLLM and
+//! transformers; else temper's own. Like vLLM, and unlike transformers' `generate`, it samples
+//! where the config does not set `do_sample`, and applies no top-k the config does not name
+//! (transformers' default is 50).
 
 use std::path::Path;
 
@@ -12,6 +14,8 @@ use crate::data::tokenizer::{Tokenizer, GENERATION_CONFIG};
 
 /// temper's own defaults, where neither a flag nor the generation config says.
 pub const TEMPERATURE: f64 = 0.8;
+/// The temperature of a model whose generation config names none (vLLM's and transformers').
+pub const CONFIG_TEMPERATURE: f64 = 1.0;
 pub const TOP_K: usize = 0;
 pub const TOP_P: f64 = 1.0;
 pub const MAX_NEW_TOKENS: usize = 64;
@@ -26,6 +30,12 @@ pub struct FromConfig {
     pub min_p: Option<f64>,
     pub repetition_penalty: Option<f64>,
     pub max_new_tokens: Option<usize>,
+    pub min_new_tokens: Option<usize>,
+    /// Whether the model carries a generation config at all.
+    pub carried: bool,
+    /// The fields it sets that would change what transformers generates and temper does not
+    /// apply, each with its value.
+    pub unread: Vec<String>,
 }
 
 impl FromConfig {
@@ -39,7 +49,20 @@ impl FromConfig {
         let file = dir.join(GENERATION_CONFIG);
         let v: Value = serde_json::from_str(text)
             .map_err(|e| crate::json_error::json_error(&file, text, &e))?;
-        Self::parse(&v, &file)
+        Ok(Self {
+            carried: true,
+            ..Self::parse(&v, &file)?
+        })
+    }
+
+    /// The temperature where no flag gives one: the config's, else 1 where there is a config
+    /// (as vLLM and transformers read a config without one), else temper's own.
+    pub fn temperature_or_default(&self) -> f64 {
+        match (self.temperature, self.carried) {
+            (Some(t), _) => t,
+            (None, true) => CONFIG_TEMPERATURE,
+            (None, false) => TEMPERATURE,
+        }
     }
 
     fn parse(v: &Value, file: &Path) -> Result<Self> {
@@ -92,6 +115,9 @@ impl FromConfig {
                 "a positive number",
             )?,
             max_new_tokens: count("max_new_tokens")?,
+            min_new_tokens: count("min_new_tokens")?,
+            carried: false,
+            unread: unread(v),
         })
     }
 
@@ -116,8 +142,49 @@ impl FromConfig {
         if let Some(n) = self.max_new_tokens {
             parts.push(format!("max_new_tokens {n}"));
         }
+        if let Some(n) = self.min_new_tokens {
+            parts.push(format!("min_new_tokens {n}"));
+        }
         (!parts.is_empty()).then(|| parts.join(", "))
     }
+}
+
+/// The fields of a generation config that change what transformers' `generate` draws and
+/// that temper does not apply, where they are set to something other than their no-op
+/// default: said, rather than passed over.
+fn unread(v: &Value) -> Vec<String> {
+    let set = |key: &str, no_op: &dyn Fn(&Value) -> bool| {
+        v.get(key)
+            .filter(|x| !x.is_null() && !no_op(x))
+            .map(|x| format!("{key} {x}"))
+    };
+    let equals = |n: f64| move |x: &Value| x.as_f64() == Some(n);
+    let empty = |x: &Value| x.as_array().is_some_and(|a| a.is_empty());
+    let mut fields: Vec<String> = [
+        set("num_beams", &equals(1.0)),
+        set("num_beam_groups", &equals(1.0)),
+        set("penalty_alpha", &equals(0.0)),
+        set("no_repeat_ngram_size", &equals(0.0)),
+        set("min_length", &equals(0.0)),
+        set("typical_p", &equals(1.0)),
+        set("epsilon_cutoff", &equals(0.0)),
+        set("eta_cutoff", &equals(0.0)),
+        set("bad_words_ids", &empty),
+        set("suppress_tokens", &empty),
+        set("begin_suppress_tokens", &empty),
+        set("sequence_bias", &|_| false),
+        set("stop_strings", &empty),
+        set("forced_bos_token_id", &|_| false),
+        set("forced_eos_token_id", &|_| false),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    // max_length bounds the prompt and the completion together; temper reads max_new_tokens.
+    if v.get("max_new_tokens").is_none_or(Value::is_null) {
+        fields.extend(set("max_length", &|_| false));
+    }
+    fields
 }
 
 #[cfg(test)]
@@ -165,6 +232,25 @@ mod tests {
             FromConfig::parse(&json!({"bos_token_id": 1, "top_k": null}), file()).unwrap(),
             FromConfig::default()
         );
+        // A config without a temperature samples at 1, as vLLM and transformers read it;
+        // without a config, temper's own.
+        let carried = FromConfig {
+            carried: true,
+            ..FromConfig::default()
+        };
+        assert_eq!(carried.temperature_or_default(), 1.0);
+        assert_eq!(FromConfig::default().temperature_or_default(), TEMPERATURE);
+        // Fields transformers would apply and temper does not are listed, no-op values not.
+        let odd = json!({"no_repeat_ngram_size": 3, "typical_p": 1.0, "max_length": 4096,
+                         "suppress_tokens": [], "min_new_tokens": 5, "num_beams": 1});
+        let o = FromConfig::parse(&odd, file()).unwrap();
+        assert_eq!(o.unread, ["no_repeat_ngram_size 3", "max_length 4096"]);
+        assert_eq!(o.min_new_tokens, Some(5));
+        let bounded = json!({"max_length": 4096, "max_new_tokens": 100});
+        assert!(FromConfig::parse(&bounded, file())
+            .unwrap()
+            .unread
+            .is_empty());
         assert_eq!(FromConfig::default().describe(), None);
         let e = FromConfig::parse(&json!({"top_k": "20"}), file()).unwrap_err();
         assert!(

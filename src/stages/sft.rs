@@ -78,6 +78,9 @@ struct SftTask<'a> {
     rows: Option<Vec<Vec<usize>>>,
     sampler: WindowSampler,
     micro: u64,
+    /// The step whose micro-batches are being drawn, and the response tokens of all of them
+    /// on every rank: each micro-batch's loss is weighed by its share of those.
+    step_tokens: Option<(usize, f64)>,
 }
 
 /// A forward in training, with the seed of its dropout masks and NEFTune's noise where it
@@ -89,6 +92,25 @@ enum Pass {
 }
 
 impl SftTask<'_> {
+    /// The response tokens the next optimizer step trains on, over every micro-batch and rank:
+    /// each rank draws every rank's items from the same order, so it can count them alone.
+    fn tokens_of_step(&self) -> f64 {
+        let train = &self.env.cfg.train;
+        let world = self.env.comm.world();
+        let mut ahead = self.sampler.clone();
+        let trained = |i: usize| self.train[i].1.iter().skip(1).filter(|&&t| t).count();
+        let mut total = 0;
+        for _ in 0..train.grad_accum {
+            for item in ahead.next_slice(train.batch_size * world, 0, 1) {
+                total += match &self.rows {
+                    Some(rows) => rows[item].iter().map(|&i| trained(i)).sum(),
+                    None => trained(item),
+                };
+            }
+        }
+        total as f64
+    }
+
     /// Examples one per right-padded row.
     fn loss(&self, seqs: &[Encoded], pass: Pass) -> Result<(Tensor, usize, f64)> {
         let b = lm_batch(
@@ -183,9 +205,12 @@ impl Task for SftTask<'_> {
         Some(self.sampler.len())
     }
 
-    fn micro_batch(&mut self, _step: usize) -> Result<StepOut> {
+    fn micro_batch(&mut self, step: usize) -> Result<StepOut> {
         let comm = self.env.comm.as_ref();
         let (rank, world) = (comm.rank(), comm.world());
+        if self.step_tokens.is_none_or(|(s, _)| s != step) {
+            self.step_tokens = Some((step, self.tokens_of_step()));
+        }
         let drawn = self
             .sampler
             .next_slice(self.env.cfg.train.batch_size, rank, world);
@@ -204,8 +229,18 @@ impl Task for SftTask<'_> {
                 self.loss(&seqs, Pass::Train { seed })?
             }
         };
+        // The loop averages the micro-batches' and the ranks' losses: weighed by its share of
+        // the step's response tokens, each token counts once, as in one batch of the whole
+        // step (transformers' `num_items_in_batch`), however it is cut into micro-batches.
+        let parts = (world * self.env.cfg.train.grad_accum) as f64;
+        let step_mean = self.step_tokens.map_or(counted, |(_, t)| t / parts);
+        let weight = if step_mean > 0.0 {
+            counted / step_mean
+        } else {
+            0.0
+        };
         Ok(StepOut {
-            loss: weigh_by_tokens(comm, loss, counted)?,
+            loss: (loss * weight)?,
             tokens,
             metrics: vec![],
         })
@@ -214,7 +249,8 @@ impl Task for SftTask<'_> {
     fn evaluate(&mut self) -> Result<SftEval> {
         Ok(SftEval {
             loss: held_out_mean(&self.eval, self.env.cfg.train.batch_size, |c| {
-                Ok(self.loss(c, Pass::Eval)?.0)
+                let (loss, _, counted) = self.loss(c, Pass::Eval)?;
+                Ok((loss, counted))
             })?,
             accuracy: self.accuracy()?,
         })
@@ -280,19 +316,22 @@ pub(super) fn weigh_by_tokens(
     Ok((loss * if mean > 0.0 { counted / mean } else { 0.0 })?)
 }
 
-/// The mean of `loss` over the held-out examples, `batch` at a time.
+/// The mean of `loss` over the held-out examples' response tokens, `batch` examples at a
+/// time (`loss` gives a chunk's mean and the tokens it is over): every token counts once,
+/// whatever the batch size, where a mean of the chunks' means let a short last chunk count as
+/// much as a full one.
 pub(super) fn held_out_mean(
     eval: &[Encoded],
     batch: usize,
-    loss: impl Fn(&[Encoded]) -> Result<Tensor>,
+    loss: impl Fn(&[Encoded]) -> Result<(Tensor, f64)>,
 ) -> Result<f64> {
-    let mut total = 0.0;
-    let chunks = eval.chunks(batch.max(1));
-    let n = chunks.len();
-    for c in chunks {
-        total += scalar(&loss(c)?)?;
+    let (mut total, mut tokens) = (0.0, 0.0);
+    for c in eval.chunks(batch.max(1)) {
+        let (mean, counted) = loss(c)?;
+        total += scalar(&mean)? * counted;
+        tokens += counted;
     }
-    Ok(total / n.max(1) as f64)
+    Ok(if tokens > 0.0 { total / tokens } else { 0.0 })
 }
 
 pub struct SftResult {
@@ -407,6 +446,7 @@ pub fn run(env: &Env) -> Result<SftResult> {
         eval,
         prompts,
         micro: 0,
+        step_tokens: None,
     };
     let trainable = |p: ParamInfo| lora.is_none() || p.role == Role::Adapter;
     let summary = setup::train(
