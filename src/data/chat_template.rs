@@ -1037,6 +1037,30 @@ mod tests {
         assert!(e.contains("holds no chat template"), "{e}");
     }
 
+    /// What Python's Jinja prints: a dict or list not passed through `tojson` as Python's
+    /// `str` writes it (a tool call's arguments, a content list), and `round` half to even.
+    #[test]
+    fn values_print_as_python_prints_them() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("t.jinja");
+        let src =
+            "{{ messages[0]['content'] }}|{{ messages[0]['args'] }}|{{ messages[0]['parts'] }}|\
+                   {{ 2.5 | round }} {{ 3.5 | round }} {{ 2.675 | round(2) }} {{ 7 | round }} \
+                   {{ 2.1 | round(0, 'ceil') }} {{ 2.9 | round(method='floor') }}";
+        std::fs::write(&f, src).unwrap();
+        let t = ChatTemplate::load(&f).unwrap();
+        let m = msgs(json!([{"role": "user", "content": "it's",
+            "args": {"city": "Paris", "n": 1.5e-5, "big": 1e16, "ok": true, "x": null,
+                     "q": "say \"hi\"\n", "both": "it's \"x\"", "nbsp": "a\u{a0}b"},
+            "parts": [{"type": "text", "text": "é"}, 3]}]));
+        assert_eq!(
+            t.render(&m, false).unwrap(),
+            "it's|{'city': 'Paris', 'n': 1.5e-05, 'big': 1e+16, 'ok': True, 'x': None, \
+             'q': 'say \"hi\"\\n', 'both': 'it\\'s \"x\"', 'nbsp': 'a\\xa0b'}|\
+             [{'type': 'text', 'text': 'é'}, 3]|2.0 4.0 2.67 7 3.0 2.0"
+        );
+    }
+
     /// A bare Jinja file renders the model's `bos_token` and `eos_token` (a Mistral template's
     /// `content + eos_token` lost the EOS its replies train on), a tokenizer config its own.
     #[test]
