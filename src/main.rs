@@ -350,17 +350,19 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         top_p: (a.top_p.or(own.top_p)).unwrap_or(sampling_defaults::TOP_P),
         min_p: (a.min_p.or(own.min_p)).unwrap_or(0.0),
         repetition_penalty: (a.repetition_penalty.or(own.repetition_penalty)).unwrap_or(1.0),
-        min_new_tokens: own.min_new_tokens.unwrap_or(0).min(max_new_tokens),
+        min_new_tokens: (a.min_new_tokens.or(own.min_new_tokens))
+            .unwrap_or(0)
+            .min(max_new_tokens),
         stop: a.stop.clone(),
         ..Default::default()
     };
     if let Some(said) = own.describe() {
         errln!("[generate] the checkpoint's generation_config.json sets {said} (flags override)");
     }
-    if own.carried && own.temperature.is_none() && a.temperature.is_none() {
+    if own.samples_untempered() && a.temperature.is_none() {
         errln!(
-            "[generate] temperature {} (the generation config names none; vLLM and \
-             transformers read it so)",
+            "[generate] temperature {} (the generation config asks to sample and names no \
+             temperature; vLLM and transformers read it so)",
             sampling_defaults::CONFIG_TEMPERATURE
         );
     }

@@ -425,8 +425,14 @@ pub struct GenerateArgs {
     /// `max_new_tokens`, else 64 or half the model's context, whichever is less.
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
+    /// New tokens at least per completion: no stop id ends one before (transformers'
+    /// `min_new_tokens`; stop strings still do). Default: the generation config's
+    /// `min_new_tokens`, else 0.
+    #[arg(long)]
+    pub min_new_tokens: Option<usize>,
     /// Sampling temperature; 0 is greedy. Default: the checkpoint's generation_config.json
-    /// (its `temperature`; greedy where `do_sample` is false), as vLLM takes it, else 0.8.
+    /// (its `temperature`; greedy where `do_sample` is false; 1 where `do_sample` is true and
+    /// it names none), as vLLM takes it, else 0.8.
     #[arg(long)]
     pub temperature: Option<f64>,
     /// Sample among the k most likely tokens only; 0 keeps them all. Default: the

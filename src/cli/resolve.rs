@@ -163,21 +163,15 @@ fn own_tables(stage: Stage) -> &'static [&'static str] {
     }
 }
 
+/// A path setting: its key in a config file, its value, and whether a flag gave it.
+type Input<'a> = (&'a [&'a str], Option<&'a Path>, bool);
+
 /// A path a config file sets that is not there, named by the last file that sets it: read
 /// later, it failed on the bare path, which a user whose flags name no such file cannot place.
-/// `given`: whether a flag set each of the settings below, in their order.
-fn missing_file_input(cfg: &RunConfig, files: &[PathBuf], given: [bool; 7]) -> Result<()> {
-    let settings: [(&[&str], &Option<PathBuf>); 7] = [
-        (&["init"], &cfg.init),
-        (&["data", "path"], &cfg.data.path),
-        (&["data", "eval_path"], &cfg.data.eval_path),
-        (&["data", "tokenizer"], &cfg.data.tokenizer),
-        (&["data", "chat_template"], &cfg.data.chat_template),
-        (&["ppo", "value_init"], &cfg.ppo.value_init),
-        (&["distill", "teacher"], &cfg.distill.teacher),
-    ];
-    for ((key, path), flag) in settings.into_iter().zip(given) {
-        let Some(path) = path.as_deref().filter(|p| !flag && !p.exists()) else {
+/// A path a flag gave is left to the reader, whose message names it.
+fn missing_file_input(files: &[PathBuf], inputs: &[Input]) -> Result<()> {
+    for &(key, path, flag) in inputs {
+        let Some(path) = path.filter(|p| !flag && !p.exists()) else {
             continue;
         };
         let set_by = files.iter().rev().find_map(|f| {
@@ -489,16 +483,33 @@ impl StageArgs {
                 );
             }
         }
-        let given = [
-            self.init.is_some(),
-            self.data.is_some(),
-            self.eval_data.is_some(),
-            self.tokenizer.is_some(),
-            self.chat_template.is_some(),
-            false,
-            self.teacher.is_some(),
+        let d = &cfg.data;
+        let inputs: [Input; 7] = [
+            (&["init"], cfg.init.as_deref(), self.init.is_some()),
+            (&["data", "path"], d.path.as_deref(), self.data.is_some()),
+            (
+                &["data", "eval_path"],
+                d.eval_path.as_deref(),
+                self.eval_data.is_some(),
+            ),
+            (
+                &["data", "tokenizer"],
+                d.tokenizer.as_deref(),
+                self.tokenizer.is_some(),
+            ),
+            (
+                &["data", "chat_template"],
+                d.chat_template.as_deref(),
+                self.chat_template.is_some(),
+            ),
+            (&["ppo", "value_init"], cfg.ppo.value_init.as_deref(), false),
+            (
+                &["distill", "teacher"],
+                cfg.distill.teacher.as_deref(),
+                self.teacher.is_some(),
+            ),
         ];
-        missing_file_input(&cfg, &files, given)?;
+        missing_file_input(&files, &inputs)?;
         warn_unused_batch_size(&cfg, self.batch_size.is_some());
         warn_flat_schedule(&cfg);
         warn_unused_dropout(&cfg);

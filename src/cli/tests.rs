@@ -427,6 +427,11 @@ fn a_missing_input_a_config_names_is_named_by_its_line() {
     let corpus = d.path().join("corpus.txt");
     std::fs::write(&corpus, "text ".repeat(200)).unwrap();
     args(Some(&corpus)).resolve(Stage::Pretrain).unwrap();
+    // A flag's missing path is its reader's to name, not blamed on the file's line.
+    let also_gone = d.path().join("also-gone.jsonl");
+    if let Err(e) = args(Some(&also_gone)).resolve(Stage::Pretrain) {
+        assert!(!e.to_string().contains("c.toml"), "{e}");
+    }
 }
 
 /// The defaults a stage's help ends with are a config file that stage reads as it is, its

@@ -310,10 +310,11 @@ pub fn round(
     };
     kwargs.assert_all_used()?;
     let is_int = value.as_i64().is_some() && !value.to_string().contains('.');
-    let x = f64::try_from(value)?;
+    let x = f64::try_from(value.clone())?;
     let scale = 10f64.powi(precision);
     match method.as_str() {
-        "common" if is_int && precision >= 0 => Ok(V::from(x as i64)),
+        // Exact, past 2^53 too.
+        "common" if is_int && precision >= 0 => Ok(value),
         // Python rounds the exact binary value; Rust's formatting to n places does the same.
         "common" if precision >= 0 => {
             let text = format!("{x:.*}", precision as usize);

@@ -184,6 +184,9 @@ impl Job<'_> {
         if c.repetition_penalty != 1.0 {
             m.insert("repetition_penalty".into(), c.repetition_penalty.into());
         }
+        if c.min_new_tokens > 0 {
+            m.insert("min_new_tokens".into(), c.min_new_tokens.into());
+        }
         if let Some(t) = self.template {
             m.insert(
                 "chat_template".into(),

@@ -218,8 +218,10 @@ pub fn template_of(path: &Path) -> Result<Option<ChatTemplate>> {
 /// [`template_of`] for where that is), which a template from a bare Jinja file renders;
 /// empty where none is found.
 pub fn model_tokens(path: &Path) -> Result<(String, String)> {
+    let own =
+        |d: &Path| d.join("tokenizer.json").is_file() || d.join("tokenizer_config.json").is_file();
     let dir = if hf::is_peft_dir(path) {
-        match path.join("tokenizer_config.json").is_file() {
+        match own(path) {
             true => path.to_path_buf(),
             false => match hf::peft_base(path) {
                 Ok(base) => base,
@@ -234,7 +236,21 @@ pub fn model_tokens(path: &Path) -> Result<(String, String)> {
             Err(_) => return Ok(Default::default()),
         }
     };
-    special_tokens_in(&dir)
+    match dir.join("tokenizer.json").is_file() {
+        true => template_tokens(&dir, &Tokenizer::load_dir(&dir)?),
+        false => special_tokens_in(&dir),
+    }
+}
+
+/// The `bos_token` and `eos_token` a bare template renders for tokenizer `tok` read from
+/// `dir`: its tokenizer config's, or where it has none (a `tokenizer train` tokenizer, a run
+/// begun from one), the tokenizer's own BOS and EOS, which the run's exports name there.
+pub fn template_tokens(dir: &Path, tok: &Tokenizer) -> Result<(String, String)> {
+    if dir.join("tokenizer_config.json").is_file() || tok.is_bytes() {
+        return special_tokens_in(dir);
+    }
+    let name = |id: Option<u32>| id.and_then(|i| tok.token_name(i)).unwrap_or_default();
+    Ok((name(tok.bos_id()), name(Some(tok.eos_id()))))
 }
 
 /// `loaded` (a causal LM or a classifier) as the one-label classifier a reward adapter makes
@@ -380,6 +396,29 @@ pub fn scored_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bare template renders the tokenizer config's special tokens, and where a tokenizer has
+    /// no config (one `tokenizer train` wrote), its own EOS.
+    #[test]
+    fn a_bare_template_takes_the_tokenizers_tokens_without_a_config() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/gpt2");
+        let d = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            fixture.join("tokenizer.json"),
+            d.path().join("tokenizer.json"),
+        )
+        .unwrap();
+        let bare = Tokenizer::load_dir(d.path()).unwrap();
+        let (_, eos) = template_tokens(d.path(), &bare).unwrap();
+        assert_eq!(eos, "<|endoftext|>");
+        let cfg = serde_json::json!({"bos_token": "<|endoftext|>", "eos_token": "[E]"});
+        std::fs::write(d.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        assert_eq!(
+            template_tokens(d.path(), &bare).unwrap(),
+            ("<|endoftext|>".to_string(), "[E]".to_string())
+        );
+        assert_eq!(model_tokens(&fixture).unwrap().1, "<|endoftext|>");
+    }
 
     /// An adapter whose factors fit no weight of the base (one of another model) is refused
     /// naming the module and the shapes; one that fits adds `scale B A`.

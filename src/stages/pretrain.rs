@@ -357,10 +357,17 @@ pub fn tokenizer(env: &Env) -> Result<Tokenizer> {
 /// train the rest of the run on other ids than its checkpoint's embedding rows learnt, and
 /// write the new file into its final model. Refused, naming both.
 fn same_tokenizer_as_checkpoint(env: &Env, tok: &Tokenizer) -> Result<()> {
-    let Some(ckpt) = crate::train::checkpoint::Checkpoints::latest(&env.run_dir)? else {
+    let Some(ckpt) = crate::train::checkpoint::Checkpoints::resumable(&env.run_dir) else {
         return Ok(());
     };
-    let kept = Tokenizer::load_dir(&ckpt)?;
+    // A byte-level run's checkpoints keep no tokenizer.json (and its resume names no file);
+    // one that does not read is the resume's to set aside, not this check's to refuse.
+    if !ckpt.join("tokenizer.json").is_file() {
+        return Ok(());
+    }
+    let Ok(kept) = Tokenizer::load_dir(&ckpt) else {
+        return Ok(());
+    };
     if kept.same_vocabulary(tok) {
         return Ok(());
     }

@@ -1,7 +1,7 @@
 //! `temper generate`'s sampling settings where no flag gives them: the checkpoint's
 //! `generation_config.json`, as vLLM (`--generation-config auto`) takes them (Qwen3 asks for
-//! temperature 0.6, top-k 20, top-p 0.95), a temperature it leaves out being 1 as in vLLM and
-//! transformers; else temper's own. Like vLLM, and unlike transformers' `generate`, it samples
+//! temperature 0.6, top-k 20, top-p 0.95), a temperature left out of a config that sets
+//! `do_sample` being 1 as in vLLM and transformers; else temper's own. Like vLLM, and unlike transformers' `generate`, it samples
 //! where the config does not set `do_sample`, and applies no top-k the config does not name
 //! (transformers' default is 50).
 
@@ -14,7 +14,8 @@ use crate::data::tokenizer::{Tokenizer, GENERATION_CONFIG};
 
 /// temper's own defaults, where neither a flag nor the generation config says.
 pub const TEMPERATURE: f64 = 0.8;
-/// The temperature of a model whose generation config names none (vLLM's and transformers').
+/// The temperature of a model whose generation config asks to sample and names none (vLLM's
+/// and transformers').
 pub const CONFIG_TEMPERATURE: f64 = 1.0;
 pub const TOP_K: usize = 0;
 pub const TOP_P: f64 = 1.0;
@@ -31,8 +32,9 @@ pub struct FromConfig {
     pub repetition_penalty: Option<f64>,
     pub max_new_tokens: Option<usize>,
     pub min_new_tokens: Option<usize>,
-    /// Whether the model carries a generation config at all.
-    pub carried: bool,
+    /// Whether the config sets `do_sample: true`: the model's authors ask for sampling (a
+    /// config temper or transformers writes with the ids alone says nothing of it).
+    pub do_sample: bool,
     /// The fields it sets that would change what transformers generates and temper does not
     /// apply, each with its value.
     pub unread: Vec<String>,
@@ -49,20 +51,22 @@ impl FromConfig {
         let file = dir.join(GENERATION_CONFIG);
         let v: Value = serde_json::from_str(text)
             .map_err(|e| crate::json_error::json_error(&file, text, &e))?;
-        Ok(Self {
-            carried: true,
-            ..Self::parse(&v, &file)?
-        })
+        Self::parse(&v, &file)
     }
 
-    /// The temperature where no flag gives one: the config's, else 1 where there is a config
-    /// (as vLLM and transformers read a config without one), else temper's own.
+    /// The temperature where no flag gives one: the config's, else 1 where the config asks to
+    /// sample (as vLLM and transformers read it), else temper's own.
     pub fn temperature_or_default(&self) -> f64 {
-        match (self.temperature, self.carried) {
-            (Some(t), _) => t,
-            (None, true) => CONFIG_TEMPERATURE,
-            (None, false) => TEMPERATURE,
+        match self.temperature {
+            Some(t) => t,
+            None if self.do_sample => CONFIG_TEMPERATURE,
+            None => TEMPERATURE,
         }
+    }
+
+    /// Whether the temperature comes from [`CONFIG_TEMPERATURE`].
+    pub fn samples_untempered(&self) -> bool {
+        self.do_sample && self.temperature.is_none()
     }
 
     fn parse(v: &Value, file: &Path) -> Result<Self> {
@@ -116,7 +120,7 @@ impl FromConfig {
             )?,
             max_new_tokens: count("max_new_tokens")?,
             min_new_tokens: count("min_new_tokens")?,
-            carried: false,
+            do_sample: do_sample == Some(true),
             unread: unread(v),
         })
     }
@@ -206,6 +210,7 @@ mod tests {
                 temperature: Some(0.6),
                 top_k: Some(20),
                 top_p: Some(0.95),
+                do_sample: true,
                 ..FromConfig::default()
             }
         );
@@ -232,14 +237,13 @@ mod tests {
             FromConfig::parse(&json!({"bos_token_id": 1, "top_k": null}), file()).unwrap(),
             FromConfig::default()
         );
-        // A config without a temperature samples at 1, as vLLM and transformers read it;
-        // without a config, temper's own.
-        let carried = FromConfig {
-            carried: true,
-            ..FromConfig::default()
-        };
-        assert_eq!(carried.temperature_or_default(), 1.0);
-        assert_eq!(FromConfig::default().temperature_or_default(), TEMPERATURE);
+        // A config that asks to sample and names no temperature samples at 1, as vLLM and
+        // transformers read it; one that says nothing of sampling (temper's exports), temper's
+        // own.
+        let asks = FromConfig::parse(&json!({"do_sample": true, "top_p": 0.9}), file()).unwrap();
+        assert_eq!(asks.temperature_or_default(), 1.0);
+        let ids = FromConfig::parse(&json!({"eos_token_id": 2}), file()).unwrap();
+        assert_eq!(ids.temperature_or_default(), TEMPERATURE);
         // Fields transformers would apply and temper does not are listed, no-op values not.
         let odd = json!({"no_repeat_ngram_size": 3, "typical_p": 1.0, "max_length": 4096,
                          "suppress_tokens": [], "min_new_tokens": 5, "num_beams": 1});

@@ -6,11 +6,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use super::loader::{model_tokens, policy_from, read_checkpoint, template_of, Loaded};
+use super::loader::{
+    model_tokens, policy_from, read_checkpoint, template_of, template_tokens, Loaded,
+};
 use super::rollout::FrozenReference;
 use super::Env;
 use crate::config::{Holdout, LoraConfig, ModelConfig, RunConfig, Stage, Truncation};
-use crate::data::chat_template::{special_tokens_in, ChatTemplate};
+use crate::data::chat_template::ChatTemplate;
 use crate::data::records::{
     load_shards, place, prompts_from, read_records_with, record_files, skipped_shards, PromptRecord,
 };
@@ -70,7 +72,8 @@ pub fn init_checkpoint(env: &Env, what: &str) -> Result<Loaded> {
         .check_new_tokens(loaded.meta.model.max_position_embeddings)?;
     let used = match &env.cfg.data.chat_template {
         Some(path) => Some(
-            ChatTemplate::load(path)?.with_model_tokens(special_tokens_in(&loaded.tokenizer_dir)?),
+            ChatTemplate::load(path)?
+                .with_model_tokens(template_tokens(&loaded.tokenizer_dir, &loaded.tokenizer)?),
         ),
         // A model whose template cannot be read still serves runs that render none.
         None => template_of(init).ok().flatten(),
@@ -201,7 +204,8 @@ pub fn chat_template_of(
 ) -> Result<Option<ChatTemplate>> {
     let found = match explicit {
         Some(t) => Some(
-            ChatTemplate::load(t)?.with_model_tokens(special_tokens_in(&loaded.tokenizer_dir)?),
+            ChatTemplate::load(t)?
+                .with_model_tokens(template_tokens(&loaded.tokenizer_dir, &loaded.tokenizer)?),
         ),
         None => template_of(&loaded.dir)?,
     };

@@ -138,6 +138,13 @@ impl Checkpoints {
         Self::candidates(run_dir, false).is_ok_and(|c| !c.is_empty())
     }
 
+    /// The checkpoint a resume would continue from, found without a word: the best candidate
+    /// that is there and whole (a resume sets the others aside and says so itself).
+    pub fn resumable(run_dir: &Path) -> Option<PathBuf> {
+        let candidates = Self::candidates(run_dir, false).ok()?;
+        (candidates.into_iter()).find(|c| c.is_dir() && damage(c, ReadFor::Resume).is_none())
+    }
+
     /// What a resume may continue from, best first: [`Checkpoints::latest`]'s choice (which
     /// may be missing, where the pointer names a directory that is gone), then the complete
     /// checkpoints of lower steps, newest first.

@@ -54,8 +54,8 @@ impl Net {
 pub struct ParamInfo {
     pub role: Role,
     pub net: Net,
-    /// Norm gains and biases get no weight decay; matrices, embeddings included, do (nanoGPT's,
-    /// llm.c's and the Hugging Face Trainer's convention).
+    /// Norm gains, biases and embeddings get no weight decay (minGPT's convention; nanoGPT,
+    /// llm.c and the Hugging Face Trainer decay the embeddings too).
     pub decay: bool,
     /// Never trained: stored in the compute dtype (bf16 on a GPU, so a frozen base costs half
     /// an f32 copy) and handed to the model detached, so autograd computes no gradient for it.
@@ -321,7 +321,7 @@ impl Scope<'_> {
         self.make(name, shape, init, Role::Base, true)
     }
 
-    /// A norm gain or bias: no weight decay.
+    /// A norm gain, bias or embedding: no weight decay.
     pub fn gain(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         self.make(name, shape, init, Role::Base, false)
     }
