@@ -261,11 +261,10 @@ fn run(cli: Cli) -> Result<()> {
             );
             if val_fraction > 0.0 && e.val_tokens == 0 {
                 errln!(
-                    "warning: --val-fraction {val_fraction}: no document went to validation ({} \
-                     document{}; the split is by whole document): pretraining on these shards \
-                     holds out the training stream's tail instead",
-                    e.documents,
-                    if e.documents == 1 { "" } else { "s" }
+                    "warning: --val-fraction {val_fraction}: no document went to validation ({}; \
+                     the split is by whole document): pretraining on these shards holds out the \
+                     training stream's tail instead",
+                    temper::data::corpus::documents(e.documents)
                 );
             }
         }

@@ -41,6 +41,14 @@ pub fn load_documents_from(path: &Path, column: &str, part: Part) -> Result<Vec<
     documents_of(path, &corpus_files(path, part)?, column)
 }
 
+/// `1 document`, `2 documents`: a count as the run's lines say it.
+pub fn documents(n: usize) -> String {
+    match n {
+        1 => "1 document".into(),
+        n => format!("{n} documents"),
+    }
+}
+
 /// The documents of the corpus `path`'s `files` ([`corpus_files`]).
 pub(crate) fn documents_of(path: &Path, files: &[PathBuf], column: &str) -> Result<Vec<String>> {
     let mut docs = Vec::new();

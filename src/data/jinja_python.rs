@@ -68,12 +68,7 @@ impl Style {
         match v {
             Value::Null => out.push_str("null"),
             Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-            Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
-                (Some(i), _, _) => write!(out, "{i}").unwrap(),
-                (_, Some(u), _) => write!(out, "{u}").unwrap(),
-                (_, _, Some(f)) => out.push_str(&python_float(f)),
-                _ => out.push_str(&n.to_string()),
-            },
+            Value::Number(n) => python_number(n, out),
             Value::String(s) => self.string(s, out),
             Value::Array(items) => {
                 self.container('[', ']', items.len(), depth, out, |i, out| {
@@ -152,6 +147,17 @@ impl Style {
     }
 }
 
+/// A JSON number as Python writes it, in `json.dumps` and `repr` alike (a JSON number is
+/// never NaN or infinite).
+fn python_number(n: &serde_json::Number, out: &mut String) {
+    match (n.as_i64(), n.as_u64(), n.as_f64()) {
+        (Some(i), _, _) => write!(out, "{i}").unwrap(),
+        (_, Some(u), _) => write!(out, "{u}").unwrap(),
+        (_, _, Some(f)) => out.push_str(&python_float(f)),
+        _ => out.push_str(&n.to_string()),
+    }
+}
+
 /// `repr(f)` as Python writes a float: the shortest digits that read back, positional from
 /// 1e-4 up to 1e16, else with an exponent of at least two digits.
 fn python_float(f: f64) -> String {
@@ -198,16 +204,7 @@ fn python_repr(v: &Value, out: &mut String) {
     match v {
         Value::Null => out.push_str("None"),
         Value::Bool(b) => out.push_str(if *b { "True" } else { "False" }),
-        Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
-            (Some(i), _, _) => write!(out, "{i}").unwrap(),
-            (_, Some(u), _) => write!(out, "{u}").unwrap(),
-            (_, _, Some(f)) if f.is_nan() => out.push_str("nan"),
-            (_, _, Some(f)) if f.is_infinite() => {
-                out.push_str(if f > 0.0 { "inf" } else { "-inf" })
-            }
-            (_, _, Some(f)) => out.push_str(&python_float(f)),
-            _ => out.push_str(&n.to_string()),
-        },
+        Value::Number(n) => python_number(n, out),
         Value::String(s) => python_str_repr(s, out),
         Value::Array(items) => {
             out.push('[');

@@ -791,6 +791,13 @@ impl Tokenizer {
         }
     }
 
+    /// The spellings of its BOS (where it has one) and EOS tokens, as an exported
+    /// tokenizer_config.json names them.
+    pub fn bos_eos_names(&self) -> (Option<String>, Option<String>) {
+        let bos = self.bos_id().and_then(|i| self.token_name(i));
+        (bos, self.token_name(self.eos_id()))
+    }
+
     pub fn pad_id(&self) -> u32 {
         match self {
             Tokenizer::Bytes | Tokenizer::BytesWithTemplate { .. } => BYTE_PAD,

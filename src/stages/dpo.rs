@@ -86,7 +86,10 @@ pub fn shifted_preference_loss(
     };
     for (kind, weight) in c.losses().filter(|(l, _)| *l != DpoLoss::Sft) {
         let (losses, h) = one_loss(kind, c, policy, reference, tokens, shift)?;
-        acc = acc.or(Some(chosen_first(&h)?));
+        // Read from the device once: each read waits for it.
+        if acc.is_none() {
+            acc = Some(chosen_first(&h)?);
+        }
         let losses = match pair_weights {
             Some(w) => (losses * w)?,
             None => losses,

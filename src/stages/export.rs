@@ -369,16 +369,16 @@ fn hf_dir(checkpoint: &Path, out: &Path, dtype: Dtype, max_shard: u64) -> Result
     // another model's export would otherwise keep its files.
     let hf_tokenizer = !tok.is_bytes() || plain_bytes;
     if hf_tokenizer && tok.carried("tokenizer_config.json").is_none() {
-        let name = |id: Option<u32>| id.and_then(|i| tok.token_name(i));
+        let (bos, eos) = tok.bos_eos_names();
         let mut tokenizer_config = json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "eos_token": name(Some(tok.eos_id())),
+            "eos_token": eos,
             // A classifier's config.json names no pad_token_id, on purpose (above).
             "pad_token": match head {
                 hf::Head::Score => None,
-                hf::Head::Lm => name(Some(tok.pad_id())),
+                hf::Head::Lm => tok.token_name(tok.pad_id()),
             },
-            "bos_token": name(tok.bos_id()),
+            "bos_token": bos,
             "model_max_length": cfg.max_position_embeddings,
         });
         if plain_bytes {

@@ -218,10 +218,9 @@ pub fn template_of(path: &Path) -> Result<Option<ChatTemplate>> {
 /// [`template_of`] for where that is), which a template from a bare Jinja file renders;
 /// empty where none is found.
 pub fn model_tokens(path: &Path) -> Result<(String, String)> {
-    let own =
-        |d: &Path| d.join("tokenizer.json").is_file() || d.join("tokenizer_config.json").is_file();
+    // A PEFT adapter's own tokenizer where it has one, as [`import_peft`] reads it.
     let dir = if hf::is_peft_dir(path) {
-        match own(path) {
+        match path.join(crate::data::tokenizer::FILE_NAME).is_file() {
             true => path.to_path_buf(),
             false => match hf::peft_base(path) {
                 Ok(base) => base,
@@ -236,7 +235,9 @@ pub fn model_tokens(path: &Path) -> Result<(String, String)> {
             Err(_) => return Ok(Default::default()),
         }
     };
-    match dir.join("tokenizer.json").is_file() {
+    // The tokenizer itself is read only where no config names the tokens.
+    let unnamed = !dir.join("tokenizer_config.json").is_file();
+    match unnamed && dir.join(crate::data::tokenizer::FILE_NAME).is_file() {
         true => template_tokens(&dir, &Tokenizer::load_dir(&dir)?),
         false => special_tokens_in(&dir),
     }
@@ -249,8 +250,8 @@ pub fn template_tokens(dir: &Path, tok: &Tokenizer) -> Result<(String, String)> 
     if dir.join("tokenizer_config.json").is_file() || tok.is_bytes() {
         return special_tokens_in(dir);
     }
-    let name = |id: Option<u32>| id.and_then(|i| tok.token_name(i)).unwrap_or_default();
-    Ok((name(tok.bos_id()), name(Some(tok.eos_id()))))
+    let (bos, eos) = tok.bos_eos_names();
+    Ok((bos.unwrap_or_default(), eos.unwrap_or_default()))
 }
 
 /// `loaded` (a causal LM or a classifier) as the one-label classifier a reward adapter makes

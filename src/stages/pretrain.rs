@@ -11,7 +11,7 @@ use super::loader::{policy_from, read_checkpoint};
 use super::setup::{self, Plan};
 use super::Env;
 use crate::data::corpus::{
-    corpus_files, document_ids, documents_of, load_documents_from, pack_documents, Part,
+    corpus_files, document_ids, documents, documents_of, load_documents_from, pack_documents, Part,
 };
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::data::shards::{
@@ -526,14 +526,6 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
         val_loss: summary.last_eval.map(|e| e.loss),
         train_loss: summary.last_train_loss,
     })
-}
-
-/// `1 document`, `2 documents`.
-fn documents(n: usize) -> String {
-    match n {
-        1 => "1 document".into(),
-        n => format!("{n} documents"),
-    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,9 @@
 //! `temper generate`'s sampling settings where no flag gives them: the checkpoint's
 //! `generation_config.json`, as vLLM (`--generation-config auto`) takes them (Qwen3 asks for
 //! temperature 0.6, top-k 20, top-p 0.95), a temperature left out of a config that sets
-//! `do_sample` being 1 as in vLLM and transformers; else temper's own. Like vLLM, and unlike transformers' `generate`, it samples
-//! where the config does not set `do_sample`, and applies no top-k the config does not name
-//! (transformers' default is 50).
+//! `do_sample` being 1 as in vLLM and transformers; else temper's own. Like vLLM, and unlike
+//! transformers' `generate`, it samples where the config does not set `do_sample`, and applies
+//! no top-k the config does not name (transformers' default is 50).
 
 use std::path::Path;
 
@@ -57,10 +57,9 @@ impl FromConfig {
     /// The temperature where no flag gives one: the config's, else 1 where the config asks to
     /// sample (as vLLM and transformers read it), else temper's own.
     pub fn temperature_or_default(&self) -> f64 {
-        match self.temperature {
-            Some(t) => t,
-            None if self.do_sample => CONFIG_TEMPERATURE,
-            None => TEMPERATURE,
+        match self.samples_untempered() {
+            true => CONFIG_TEMPERATURE,
+            false => self.temperature.unwrap_or(TEMPERATURE),
         }
     }
 

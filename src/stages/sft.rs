@@ -208,9 +208,14 @@ impl Task for SftTask<'_> {
     fn micro_batch(&mut self, step: usize) -> Result<StepOut> {
         let comm = self.env.comm.as_ref();
         let (rank, world) = (comm.rank(), comm.world());
-        if self.step_tokens.is_none_or(|(s, _)| s != step) {
-            self.step_tokens = Some((step, self.tokens_of_step()));
-        }
+        let step_tokens = match self.step_tokens {
+            Some((s, t)) if s == step => t,
+            _ => {
+                let t = self.tokens_of_step();
+                self.step_tokens = Some((step, t));
+                t
+            }
+        };
         let drawn = self
             .sampler
             .next_slice(self.env.cfg.train.batch_size, rank, world);
@@ -233,7 +238,7 @@ impl Task for SftTask<'_> {
         // the step's response tokens, each token counts once, as in one batch of the whole
         // step (transformers' `num_items_in_batch`), however it is cut into micro-batches.
         let parts = (world * self.env.cfg.train.grad_accum) as f64;
-        let step_mean = self.step_tokens.map_or(counted, |(_, t)| t / parts);
+        let step_mean = step_tokens / parts;
         let weight = if step_mean > 0.0 {
             counted / step_mean
         } else {

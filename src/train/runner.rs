@@ -812,8 +812,6 @@ impl<T: Task> Loop<'_, T> {
         let progress = self.main().then(|| Progress::new(label, start, cfg.steps));
         let mut window_tokens = 0usize;
         let mut window_start = Instant::now();
-        // Evaluations and checkpoints inside a window: not training, so not in its tokens/s.
-        let mut window_paused = std::time::Duration::ZERO;
         for step in start..cfg.steps {
             let lr = lr_at(cfg, step);
             let timed = step >= start + WARMUP_STEPS;
@@ -847,9 +845,7 @@ impl<T: Task> Loop<'_, T> {
             self.task.after_step(s)?;
             self.last_train_loss = Some(out.loss);
             if s % cfg.log_every == 0 || s == cfg.steps {
-                let secs = (window_start.elapsed().saturating_sub(window_paused))
-                    .as_secs_f64()
-                    .max(1e-9);
+                let secs = window_start.elapsed().as_secs_f64().max(1e-9);
                 let tps = window_tokens as f64 / secs;
                 let (loss, means) = self.window.drain();
                 let mut fields = vec![
@@ -872,7 +868,6 @@ impl<T: Task> Loop<'_, T> {
                 }
                 window_tokens = 0;
                 window_start = Instant::now();
-                window_paused = std::time::Duration::ZERO;
             }
             let paused = Instant::now();
             if s % cfg.eval_every == 0 || s == cfg.steps {
@@ -884,7 +879,8 @@ impl<T: Task> Loop<'_, T> {
             if checkpointed {
                 self.checkpoint(s)?;
             }
-            window_paused += paused.elapsed();
+            // Evaluations and checkpoints are not training: the window's tokens/s leaves them out.
+            window_start += paused.elapsed();
             if self.stop_requested()? {
                 if !checkpointed {
                     self.checkpoint(s)?;
