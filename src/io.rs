@@ -35,11 +35,23 @@ pub fn default_permissions(file: &Path) -> Result<()> {
         .with_context(|| format!("{}: cannot set permissions", file.display()))
 }
 
+/// Creates directory `dir` and those above it. Where a file stands in the way, it is named
+/// (the system says only "File exists", of the directory asked for).
+pub fn create_dirs(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| match dir.ancestors().find(|a| a.is_file()) {
+        Some(file) => anyhow!(
+            "{}: a file, where the directory {} goes",
+            file.display(),
+            dir.display()
+        ),
+        None => anyhow!("{}: cannot create directory: {e}", dir.display()),
+    })
+}
+
 /// Writes `bytes` to `path` atomically, creating its directory if needed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("{}: cannot create directory", dir.display()))?;
+        create_dirs(dir)?;
     }
     let tmp = tmp_path(path);
     if let Err(e) = std::fs::write(&tmp, bytes) {

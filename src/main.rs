@@ -206,6 +206,16 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|f| locate(f, Repo::Dataset, "tokenizer train"))
                 .collect::<Result<Vec<_>>>()?;
             let columns = text_columns(columns, "tokenizer train")?;
+            // Before the corpus is read and trained on, which can take long.
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                temper::io::create_dirs(dir)?;
+            }
+            if out.is_dir() {
+                bail!(
+                    "tokenizer train: {}: a directory, where the tokenizer's file goes",
+                    out.display()
+                );
+            }
             let part = Part::train().named(split.as_deref()).asked_by("--split");
             let t = train_bpe(&files, (columns.column("text"), part), vocab_size, &out)?;
             outln!("wrote {} ({})", out.display(), t.describe());
@@ -555,7 +565,14 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
     // Each prompt that does not fit is named by its record, before any is answered.
     stages::setup::encode_prompts(&loaded.tokenizer, &prompts, a.max_new_tokens, context)
         .map_err(|e| anyhow::anyhow!("eval: {e} (--max-new-tokens {})", a.max_new_tokens))?;
-    let r = stages::eval::accuracy(&net, ctx, &loaded.tokenizer, &prompts, a.max_new_tokens, 64)?;
+    let r = stages::eval::accuracy(
+        &net,
+        ctx,
+        &loaded.tokenizer,
+        &prompts,
+        a.max_new_tokens,
+        (64, true),
+    )?;
     // Prompt and answer as JSON strings: escaped as a Python or JSON reader reads them back.
     let json = |s: &str| serde_json::Value::from(s).to_string();
     for (p, t, ok) in &r.samples {

@@ -735,6 +735,35 @@ fn gpt2_adapters_export_to_peft(rslora: bool) {
     let back = p(d.path(), "back");
     export(&peft, &back, "hf");
     assert_same_weights(&merged, &back, 1e-6);
+    if !rslora {
+        // Over a model's directory the adapter would be read as that model by temper and as
+        // the adapter by transformers: both the export and a read say so.
+        let (sft, back) = (sft.to_str().unwrap(), back.to_str().unwrap());
+        let args = [
+            "export",
+            "--checkpoint",
+            sft,
+            "--out",
+            back,
+            "--format",
+            "peft",
+        ];
+        let out = run_ok(&[&args[..], &["--overwrite"]].concat());
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("an earlier model export's"), "{said}");
+        let gen = [
+            "generate",
+            "--checkpoint",
+            back,
+            "--prompt",
+            "1",
+            "--max-new-tokens",
+            "1",
+        ];
+        let out = run_ok(&gen);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("holds a model and a PEFT adapter"), "{said}");
+    }
 }
 
 /// DoRA (`--use-dora`) trains: a fresh DoRA model is its base (its first held-out loss is

@@ -256,11 +256,60 @@ mod stage_chain {
             .collect()
     }
 
+    /// `eval` checks every prompt's answer before it decodes any (a missing one is named by
+    /// file and line at once), and shows a line per batch of prompts.
+    #[test]
+    fn eval_checks_answers_first_and_shows_progress() {
+        let dir = run_dir("eval-progress");
+        std::fs::create_dir_all(&dir).unwrap();
+        let prompts = |n: usize, without: Option<usize>| -> PathBuf {
+            let lines: String = (1..=n)
+                .map(|i| match Some(i) == without {
+                    true => format!("{{\"prompt\": \"{i}+1=\"}}\n"),
+                    false => format!("{{\"prompt\": \"{i}+1=\", \"answer\": \"{}\"}}\n", i + 1),
+                })
+                .collect();
+            let f = dir.join(format!("p{n}-{without:?}.jsonl"));
+            std::fs::write(&f, lines).unwrap();
+            f
+        };
+        let eval =
+            |f: &Path| ["eval", "--checkpoint", arg(pre()), "--prompts", arg(f)].map(String::from);
+        let bad = prompts(70, Some(70));
+        let mut args = eval(&bad).to_vec();
+        args.extend(["--max-new-tokens".into(), "2".into()]);
+        let e = run_err(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(e.contains(":70: field \"answer\": missing"), "{e}");
+        assert!(!e.contains("[eval]"), "decoded before the check: {e}");
+        let good = prompts(70, None);
+        let mut args = eval(&good).to_vec();
+        args.extend(["--max-new-tokens".into(), "2".into()]);
+        let out = run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("[eval] prompts 64/70"), "{said}");
+    }
+
     /// A byte-level model exported for transformers carries a `tokenizer.json` that encodes
     /// as the byte tokenizer does, and reads back (as `--init` and `generate` read it) to the
-    /// same logits.
+    /// same logits; a reward model's tokenizer pads with the id its config.json names.
     #[test]
     fn a_byte_level_model_exports_for_transformers_with_its_tokenizer() {
+        let rm_out = run_dir("rm-hf");
+        run_ok(&[
+            "export",
+            "--checkpoint",
+            arg(rm()),
+            "--out",
+            arg(&rm_out),
+            "--format",
+            "hf",
+        ]);
+        let read = |f: &str| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(rm_out.join(f)).unwrap()).unwrap()
+        };
+        let (cfg, tc) = (read("config.json"), read("tokenizer_config.json"));
+        assert_eq!(cfg["pad_token_id"], 257);
+        assert_eq!(tc["pad_token"], "<|pad|>", "{tc}");
         let out = run_dir("pre-hf");
         run_ok(&[
             "export",

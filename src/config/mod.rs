@@ -32,9 +32,18 @@ pub use train::{DTypeChoice, LrScheduler, ReportTo, ShardOptimizer, TapeChoice, 
 
 /// Reads a TOML file into `T`, naming the file (and TOML's line/column and field) on error.
 pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read config", path.display()))?;
-    parse_toml(path, &text)
+    parse_toml(path, &read_config_text(path)?)
+}
+
+/// A config file's text; bytes that are no UTF-8 are named by their line.
+pub fn read_config_text(path: &Path) -> Result<String> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("{}: cannot read config", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
+        anyhow::anyhow!("{}:{line}: not valid UTF-8 text", path.display())
+    })
 }
 
 /// `text`, read from `path`, as a `T`; an error names the file and the line.

@@ -185,23 +185,11 @@ impl HfFamily {
                 HfFamily::Llama | HfFamily::Gpt2 => cfg.sliding_window.is_none(),
                 HfFamily::Gemma2 | HfFamily::Gemma3 => unreachable!("answered above"),
             };
-            return (keeps_nope && keeps_window).then_some(f);
+            return (keeps_nope && keeps_window && f.holds_layout_of(cfg)).then_some(f);
         }
         let windowed = cfg.sliding_window.is_some();
-        let llama_like = cfg.norm == NormKind::RmsNorm
-            && cfg.position == PositionKind::Rope
-            && cfg.mlp == MlpKind::SwiGlu
-            && !cfg.bias;
-        if cfg.norm == NormKind::LayerNorm
-            && cfg.position == PositionKind::Learned
-            && cfg.mlp == MlpKind::Gelu
-            && cfg.bias
-            && !cfg.qkv_bias
-            && !cfg.qk_norm
-            && cfg.nope_layers.is_empty()
-            && cfg.tie_word_embeddings
-            && !windowed
-        {
+        let llama_like = llama_like(cfg);
+        if gpt2_like(cfg) && cfg.nope_layers.is_empty() && !windowed {
             Some(HfFamily::Gpt2)
         } else if !cfg.nope_layers.is_empty()
             || (windowed && !cfg.full_attention_layers.is_empty() && !cfg.qk_norm && !cfg.qkv_bias)
@@ -221,6 +209,42 @@ impl HfFamily {
             None
         }
     }
+
+    /// Whether this (non-Gemma) family's modules hold every weight of `cfg`'s layers and
+    /// compute as they do: a `[model] hf_family` set by hand is checked, or an export would
+    /// drop q/k norms or biases without a word. Qwen2's q, k and v biases may be absent
+    /// (transformers starts them at zero).
+    pub fn holds_layout_of(self, cfg: &ModelConfig) -> bool {
+        match self {
+            HfFamily::Gpt2 => gpt2_like(cfg),
+            HfFamily::Llama | HfFamily::Mistral | HfFamily::SmolLm3 => {
+                llama_like(cfg) && !cfg.qk_norm && !cfg.qkv_bias
+            }
+            HfFamily::Qwen2 => llama_like(cfg) && !cfg.qk_norm,
+            HfFamily::Qwen3 => llama_like(cfg) && cfg.qk_norm && !cfg.qkv_bias,
+            HfFamily::Gemma2 | HfFamily::Gemma3 => unreachable!("checked by HfFamily::of"),
+        }
+    }
+}
+
+/// RMSNorm, rotary positions, SwiGLU and no biases but maybe q, k and v's: Llama's layout
+/// and its kin's.
+fn llama_like(cfg: &ModelConfig) -> bool {
+    cfg.norm == NormKind::RmsNorm
+        && cfg.position == PositionKind::Rope
+        && cfg.mlp == MlpKind::SwiGlu
+        && !cfg.bias
+}
+
+/// GPT-2's layout: LayerNorm, learned positions, GELU, biases everywhere, a tied head.
+fn gpt2_like(cfg: &ModelConfig) -> bool {
+    cfg.norm == NormKind::LayerNorm
+        && cfg.position == PositionKind::Learned
+        && cfg.mlp == MlpKind::Gelu
+        && cfg.bias
+        && !cfg.qkv_bias
+        && !cfg.qk_norm
+        && cfg.tie_word_embeddings
 }
 
 /// Rotary frequency scaling for contexts longer than the model was first trained on. Told
@@ -685,7 +709,9 @@ mod tests {
         for (f, keeps) in [
             (HfFamily::Mistral, false),
             (HfFamily::Llama, false),
-            (HfFamily::Qwen3, true),
+            // Qwen3's layers normalise q and k, which these do not.
+            (HfFamily::Qwen3, false),
+            (HfFamily::Qwen2, true),
         ] {
             let cfg = ModelConfig {
                 hf_family: Some(f),
@@ -726,6 +752,44 @@ mod tests {
         }
         assert_eq!(some.layer_window(0), None);
         assert_eq!(some.layer_window(1), Some(8));
+    }
+
+    /// A family named by hand exports only a model whose layers its modules hold whole: no
+    /// q/k norms or biases dropped, no q/k norms made up.
+    #[test]
+    fn a_named_family_must_hold_the_layout() {
+        let tiny = ModelConfig::preset("tiny").unwrap();
+        let with = |f: HfFamily, qk_norm: bool, qkv_bias: bool| ModelConfig {
+            hf_family: Some(f),
+            qk_norm,
+            qkv_bias,
+            ..tiny.clone()
+        };
+        for (f, qk_norm, qkv_bias, keeps) in [
+            (HfFamily::Llama, false, false, true),
+            (HfFamily::Llama, true, false, false),
+            (HfFamily::Llama, false, true, false),
+            (HfFamily::Mistral, false, true, false),
+            (HfFamily::Qwen2, false, true, true),
+            (HfFamily::Qwen2, false, false, true),
+            (HfFamily::Qwen2, true, true, false),
+            (HfFamily::Qwen3, true, false, true),
+            (HfFamily::Qwen3, false, false, false),
+            (HfFamily::Qwen3, true, true, false),
+            (HfFamily::Gpt2, false, false, false),
+        ] {
+            let cfg = with(f, qk_norm, qkv_bias);
+            assert_eq!(
+                HfFamily::of(&cfg),
+                keeps.then_some(f),
+                "{f:?} {qk_norm} {qkv_bias}"
+            );
+        }
+        let gpt2 = ModelConfig {
+            hf_family: Some(HfFamily::Gpt2),
+            ..ModelConfig::preset("gpt2").unwrap()
+        };
+        assert_eq!(HfFamily::of(&gpt2), Some(HfFamily::Gpt2));
     }
 
     /// A model with NoPE layers exports as SmolLM3, the one family that writes them, even

@@ -183,7 +183,8 @@ pub enum Truncation {
     Drop,
     /// Keep its first tokens: the prompt, and the start of the response.
     KeepStart,
-    /// Keep its last tokens: the response, and the end of the prompt (TRL's default for DPO).
+    /// Keep its last tokens: the response, and the end of the prompt (TRL deprecates it; its
+    /// default is `keep_start`).
     KeepEnd,
 }
 
@@ -869,8 +870,7 @@ impl RunConfig {
 /// One config layer's own table, read and parsed once. It must make a whole config by itself,
 /// so that an error names the file, line and field rather than the merged result.
 fn read_layer(file: &Path) -> Result<toml::Value> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("{}: cannot read config", file.display()))?;
+    let text = super::read_config_text(file)?;
     // Parsed as the config first, for the error's line (a table's conversion has none); read
     // once, so that a pipe's text is the one checked.
     super::parse_toml::<RunConfig>(file, &text)?;
@@ -943,6 +943,14 @@ mod tests {
         let e = RunConfig::load_layers(Stage::Sft, &[gone]).unwrap_err();
         assert!(
             e.to_string().contains("gone.toml: cannot read config"),
+            "{e}"
+        );
+        let latin1 = d.path().join("latin1.toml");
+        std::fs::write(&latin1, b"[train]\nlr = 0.1\n# caf\xe9\n").unwrap();
+        let e = RunConfig::load_layers(Stage::Sft, &[latin1]).unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("latin1.toml:3: not valid UTF-8 text"),
             "{e}"
         );
     }

@@ -114,8 +114,7 @@ pub fn encode_corpus(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
         );
     }
     let created = !opts.out.exists();
-    std::fs::create_dir_all(opts.out)
-        .with_context(|| format!("{}: cannot create", opts.out.display()))?;
+    crate::io::create_dirs(opts.out)?;
     if super::shards::is_shard_corpus(opts.out) {
         bail!(
             "{}: already holds token shards; encode into an empty directory",

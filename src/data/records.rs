@@ -1170,7 +1170,16 @@ pub(crate) fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<(usize, Map<Str
                 );
             }
             let msg = crate::json_error::without_position(&e);
-            anyhow!("{at}: not valid JSON: {msg} at column {}", e.column())
+            // A CSV or TSV file is read as JSONL by nothing but its name.
+            let tabular = path
+                .extension()
+                .and_then(|x| x.to_str())
+                .is_some_and(|x| ["csv", "tsv"].contains(&x.to_ascii_lowercase().as_str()));
+            let hint = match tabular {
+                true => " (CSV and TSV are not read: give JSONL or Parquet)",
+                false => "",
+            };
+            anyhow!("{at}: not valid JSON: {msg} at column {}{hint}", e.column())
         })?;
         match value {
             Value::Object(obj) => out.push((at.line, obj)),
@@ -1412,7 +1421,8 @@ mod tests {
     }
 
     /// A file that is one JSON array (as `json.dump` writes it, over several lines or one) is
-    /// named as such; a JSONL line that is an array is refused by its line.
+    /// named as such; a JSONL line that is an array is refused by its line; a CSV file is
+    /// told it is not read.
     #[test]
     fn a_json_array_file_is_named_as_one() {
         let d = tempfile::tempdir().unwrap();
@@ -1427,6 +1437,13 @@ mod tests {
         let p = file(&d, "mixed.jsonl", "{\"prompt\": \"a\"}\n[1, 2]\n");
         let e = err(read_records(&p));
         assert!(e.contains("mixed.jsonl:2: expected a JSON object"), "{e}");
+        let p = file(&d, "pairs.CSV", "prompt,chosen,rejected\na,b,c\n");
+        let e = err(read_records(&p));
+        assert!(e.contains("pairs.CSV:1: not valid JSON"), "{e}");
+        assert!(
+            e.ends_with("(CSV and TSV are not read: give JSONL or Parquet)"),
+            "{e}"
+        );
     }
 
     /// TRL's `completion_only_loss` and `assistant_only_loss`: off, a record's every token

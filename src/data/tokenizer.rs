@@ -205,6 +205,37 @@ fn replace_templates(
     if let Some(t) = tool_use {
         files.push((tool_use_file, t.to_string()));
     }
+    config_templates(files, source, tool_use);
+}
+
+/// A `tokenizer_config.json` among `files` that holds a `chat_template` (as transformers
+/// before 4.50 saved one) holds the given templates instead: transformers 5 reads the
+/// `.jinja` files over it, but what reads the config alone (an older transformers, a
+/// converter) would render with the old one. One without a template is left as it was.
+fn config_templates(files: &mut [(String, String)], source: Option<&str>, tool_use: Option<&str>) {
+    let Some((_, text)) = files.iter_mut().find(|(n, _)| n == "tokenizer_config.json") else {
+        return;
+    };
+    let Ok(serde_json::Value::Object(mut config)) = serde_json::from_str(text) else {
+        return;
+    };
+    if !config.contains_key("chat_template") {
+        return;
+    }
+    let named = |name: &str, t: &str| serde_json::json!({"name": name, "template": t});
+    match (source, tool_use) {
+        (Some(s), None) => config.insert("chat_template".into(), s.into()),
+        (None, None) => config.remove("chat_template"),
+        (s, Some(t)) => {
+            let list: Vec<_> = (s.map(|s| named(DEFAULT, s)).into_iter())
+                .chain([named("tool_use", t)])
+                .collect();
+            config.insert("chat_template".into(), list.into())
+        }
+    };
+    if let Ok(new) = serde_json::to_string_pretty(&config) {
+        *text = new;
+    }
 }
 
 /// The files a byte-level run directory `dir` keeps for its chat template: its templates
@@ -924,14 +955,26 @@ pub fn train_bpe(
     let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
         .min_frequency(0)
-        .show_progress(false)
+        // The trainer's own bars (counting words, then merges) where a terminal shows them.
+        .show_progress(crate::train::progress::bars_shown())
         .special_tokens(specials)
         // Every byte gets a token even if the corpus lacks it, so no input is ever unknown.
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build()
         .into();
+    let bytes: usize = docs.iter().map(String::len).sum();
+    crate::errln!(
+        "[tokenizer] learning {vocab_size} tokens from {} ({:.1} MB)",
+        crate::data::corpus::documents(docs.len()),
+        bytes as f64 / 1e6
+    );
+    let start = std::time::Instant::now();
     tok.train(&mut trainer, docs.iter())
         .map_err(|e| anyhow!("BPE training failed: {e}"))?;
+    crate::errln!(
+        "[tokenizer] learnt in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
 
     write_hf(&tok, out)?;
     Tokenizer::from_hf(tok, None)
@@ -1106,7 +1149,10 @@ mod tests {
         std::fs::create_dir_all(src.join(NAMED_TEMPLATES_DIR)).unwrap();
         std::fs::write(src.join(FILE_NAME), word_level_json(&["</s>"])).unwrap();
         let files = [
-            ("tokenizer_config.json", r#"{"eos_token": "</s>"}"#),
+            (
+                "tokenizer_config.json",
+                r#"{"eos_token": "</s>", "chat_template": "{{ old }}"}"#,
+            ),
             (TEMPLATE_FILE, "{{ messages }}"),
             ("special_tokens_map.json", r#"{"eos_token": "</s>"}"#),
             ("additional_chat_templates/tool_use.jinja", "{{ tools }}"),
@@ -1142,6 +1188,25 @@ mod tests {
             .save_dir(&plain)
             .unwrap();
         assert!(!plain.join("additional_chat_templates").exists());
+        // A template in the config is the one given too, where a reader of it alone finds it.
+        let config = |dir: &Path| -> serde_json::Value {
+            serde_json::from_str(&read(dir, "tokenizer_config.json").unwrap()).unwrap()
+        };
+        assert_eq!(config(&plain)["chat_template"], "mine");
+        assert_eq!(config(&plain)["eos_token"], "</s>");
+        assert_eq!(
+            config(&mine)["chat_template"],
+            serde_json::json!([
+                {"name": "default", "template": "mine"},
+                {"name": "tool_use", "template": "my tools"}
+            ])
+        );
+        let none = d.path().join("none");
+        t.clone()
+            .with_chat_template(None, None)
+            .save_dir(&none)
+            .unwrap();
+        assert!(config(&none).get("chat_template").is_none());
         let reread = Tokenizer::load_dir(&mine).unwrap();
         assert_eq!(reread.eos_id(), t.eos_id());
     }

@@ -1,5 +1,6 @@
 //! Bytes over the f32 collectives: each rank's buffer gathered on rank 0 (an unfinished
-//! rollout's share, for rank 0's checkpoint).
+//! rollout's share, for rank 0's checkpoint), and one rank's sent to all (rank 0's settings,
+//! which every rank checks its own against).
 //!
 //! Three bytes ride in each f32 as an integer below 2^24, which every f32 holds exactly, so
 //! the bytes come through whatever a backend does with the floats (no NaN bit patterns, no
@@ -22,30 +23,38 @@ pub fn gather_on_root(comm: &dyn Communicator, mine: Vec<u8>) -> Result<Option<V
     let root = comm.rank() == 0;
     let mut all = Vec::with_capacity(world);
     for from in 0..world {
-        let own = from == comm.rank();
-        let len = mine.len() as u64;
-        let mut l = match own {
-            true => [(len / HALF) as f32, (len % HALF) as f32],
-            false => [0.0; 2],
-        };
-        comm.broadcast(from, &mut l)?;
-        let n = l[0] as u64 * HALF + l[1] as u64;
-        if n == 0 {
-            all.push(vec![]);
-            continue;
-        }
-        let mut words = match own {
-            true => pack(&mine),
-            false => vec![0.0; (n as usize).div_ceil(3)],
-        };
-        comm.broadcast(from, &mut words)?;
+        let theirs = broadcast_from(comm, from, &mine)?;
         // Only rank 0 keeps them; the others take part in the broadcast and drop them.
         all.push(match root {
-            true => unpack(&words, n as usize),
+            true => theirs,
             false => vec![],
         });
     }
     Ok(root.then_some(all))
+}
+
+/// Rank `from`'s `mine` on every rank (the other ranks' `mine` is not read). Collective.
+pub fn broadcast_from(comm: &dyn Communicator, from: usize, mine: &[u8]) -> Result<Vec<u8>> {
+    let own = from == comm.rank();
+    let len = mine.len() as u64;
+    let mut l = match own {
+        true => [(len / HALF) as f32, (len % HALF) as f32],
+        false => [0.0; 2],
+    };
+    comm.broadcast(from, &mut l)?;
+    let n = l[0] as u64 * HALF + l[1] as u64;
+    if n == 0 {
+        return Ok(vec![]);
+    }
+    let mut words = match own {
+        true => pack(mine),
+        false => vec![0.0; (n as usize).div_ceil(3)],
+    };
+    comm.broadcast(from, &mut words)?;
+    Ok(match own {
+        true => mine.to_vec(),
+        false => unpack(&words, n as usize),
+    })
 }
 
 fn pack(b: &[u8]) -> Vec<f32> {
@@ -99,5 +108,13 @@ mod tests {
         });
         assert_eq!(got[0], Some((0..3).map(mine).collect::<Vec<_>>()));
         assert!(got[1].is_none() && got[2].is_none());
+        let sent: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = group
+                .iter()
+                .map(|c| s.spawn(move || broadcast_from(c, 2, &mine(c.rank())).unwrap()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(sent, vec![mine(2); 3]);
     }
 }

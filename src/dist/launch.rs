@@ -174,6 +174,7 @@ pub fn run(layout: &Layout, program: &std::path::Path, args: &[String]) -> Resul
                 }
             }
         }
+        let mut failed = Vec::new();
         for (i, (local, c)) in children.iter_mut().enumerate() {
             if statuses[i].is_some() {
                 continue;
@@ -187,16 +188,14 @@ pub fn run(layout: &Layout, program: &std::path::Path, args: &[String]) -> Resul
             };
             if let Some(st) = waited {
                 statuses[i] = Some(st);
-                let failed = !st.success() && st.code() != Some(i32::from(EXIT_PREEMPTED));
-                if failed {
-                    let who = rank_of(*local);
-                    kill_all(&mut children);
-                    bail!(
-                        "launch: rank {who} failed ({}); stopped the other ranks on this node",
-                        describe(st)
-                    );
+                if !st.success() && st.code() != Some(i32::from(EXIT_PREEMPTED)) {
+                    failed.push((rank_of(*local), st));
                 }
             }
+        }
+        if !failed.is_empty() {
+            kill_all(&mut children);
+            bail!("{}", failure_line(failed));
         }
         if statuses.iter().all(Option::is_some) {
             break;
@@ -244,6 +243,20 @@ fn kill_all(children: &mut [(usize, Child)]) {
     }
 }
 
+/// The launch's error for ranks found failed in one poll (in rank order). A rank killed by a
+/// signal is named first: one that lost its peer exits with an error in the same instant, and
+/// the first in rank order is as likely to be that one.
+fn failure_line(mut failed: Vec<(usize, ExitStatus)>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    failed.sort_by_key(|(rank, st)| (st.signal().is_none(), *rank));
+    let (who, st) = failed[0];
+    let mut line = format!("launch: rank {who} failed ({})", describe(st));
+    for (rank, st) in &failed[1..] {
+        line += &format!(", and rank {rank} ({})", describe(*st));
+    }
+    line + "; stopped the other ranks on this node"
+}
+
 fn describe(st: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (st.code(), st.signal()) {
@@ -256,6 +269,21 @@ fn describe(st: ExitStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rank_killed_by_a_signal_is_blamed_before_one_that_lost_its_peer() {
+        use std::os::unix::process::ExitStatusExt;
+        let (exited, killed) = (ExitStatus::from_raw(1 << 8), ExitStatus::from_raw(9));
+        assert_eq!(
+            failure_line(vec![(0, exited), (1, killed)]),
+            "launch: rank 1 failed (killed by signal 9), and rank 0 (exit status 1); \
+             stopped the other ranks on this node"
+        );
+        assert_eq!(
+            failure_line(vec![(2, exited)]),
+            "launch: rank 2 failed (exit status 1); stopped the other ranks on this node"
+        );
+    }
 
     #[test]
     fn ranks_are_numbered_node_by_node() {

@@ -230,7 +230,7 @@ impl DistillTask<'_> {
             &self.tok,
             &self.prompts,
             self.cfg().eval_max_new_tokens,
-            64,
+            (64, false),
         )?;
         Ok(Some(a.accuracy))
     }

@@ -42,7 +42,7 @@ pub fn task_accuracy(
         return Ok(None);
     }
     Ok(Some(
-        accuracy(net, ctx, tok, prompts, max_new_tokens, 64)?.accuracy,
+        accuracy(net, ctx, tok, prompts, max_new_tokens, (64, false))?.accuracy,
     ))
 }
 
@@ -138,18 +138,35 @@ impl TaskWorld {
     }
 }
 
-/// Greedy decoding of every prompt (in batches), scored by exact match.
+/// Greedy decoding of every prompt (in batches), scored by exact match; with a line (or bar)
+/// per batch where `shown` and there is more than one batch.
 pub fn accuracy(
     net: &Transformer,
     ctx: Ctx,
     tok: &Tokenizer,
     prompts: &[PromptRecord],
     max_new_tokens: usize,
-    batch: usize,
+    (batch, shown): (usize, bool),
 ) -> Result<Accuracy> {
     if prompts.is_empty() {
         bail!("no evaluation prompts");
     }
+    // Every answer is there before any prompt is decoded.
+    let answers: Vec<&str> = prompts
+        .iter()
+        .map(|p| match (&p.answer, &p.origin) {
+            (Some(a), _) => Ok(a.as_str()),
+            (None, Some(at)) => {
+                bail!(
+                    "{at}: field \"answer\": missing or null (accuracy is an exact match with it)"
+                )
+            }
+            (None, None) => bail!("prompt {:?} has no `answer` to check against", p.prompt),
+        })
+        .collect::<Result<_>>()?;
+    let batch = batch.max(1);
+    let progress = (shown && prompts.len() > batch)
+        .then(|| crate::train::progress::Progress::new("eval", 0, prompts.len()).unit("prompts"));
     let cfg = SampleCfg {
         max_new_tokens,
         temperature: 0.0,
@@ -158,25 +175,28 @@ pub fn accuracy(
     };
     let mut correct = 0;
     let mut samples = Vec::new();
-    for (c, chunk) in prompts.chunks(batch.max(1)).enumerate() {
+    for (c, chunk) in prompts.chunks(batch).enumerate() {
         let ids: Vec<Vec<u32>> = chunk.iter().map(|p| p.ids(tok)).collect::<Result<_>>()?;
-        let keys = RowKeys::range(0, (c * batch.max(1)) as u64, ids.len());
+        let keys = RowKeys::range(0, (c * batch) as u64, ids.len());
         let g = generate(net, ctx, tok, &ids, &cfg, &keys)?;
-        for (p, text) in chunk.iter().zip(g.texts) {
-            let Some(answer) = &p.answer else {
-                match &p.origin {
-                    Some(at) => bail!(
-                        "{at}: field \"answer\": missing (accuracy is an exact match with it)"
-                    ),
-                    None => bail!("prompt {:?} has no `answer` to check against", p.prompt),
-                }
-            };
+        let first = c * batch;
+        for ((p, text), answer) in chunk.iter().zip(g.texts).zip(&answers[first..]) {
             let ok = exact_match(&text, answer);
             correct += ok as usize;
             if samples.len() < 8 {
                 samples.push((p.prompt.clone(), text, ok));
             }
         }
+        if let Some(pr) = &progress {
+            let done = first + chunk.len();
+            pr.update(
+                done,
+                &format!("accuracy {:.4}", correct as f64 / done as f64),
+            );
+        }
+    }
+    if let Some(pr) = &progress {
+        pr.finish();
     }
     Ok(Accuracy {
         accuracy: correct as f64 / prompts.len() as f64,

@@ -190,7 +190,16 @@ fn write(checkpoint: &Path, out: &Path, opts: &Options) -> Result<String> {
             Ok(format!("Hugging Face model, {}, {files}", dtype.name()))
         }
         Format::Peft => {
-            peft::peft(checkpoint, out, dtype).map(|()| format!("PEFT adapter, {}", dtype.name()))
+            peft::peft(checkpoint, out, dtype)?;
+            if hf::is_model_dir(out) {
+                errln!(
+                    "warning: {}: config.json and its weights are an earlier model export's: \
+                     temper would read that model and ignore the adapter, transformers with \
+                     peft installed the adapter; remove them",
+                    out.display()
+                );
+            }
+            Ok(format!("PEFT adapter, {}", dtype.name()))
         }
     }
 }
@@ -373,9 +382,13 @@ fn hf_dir(checkpoint: &Path, out: &Path, dtype: Dtype, max_shard: u64) -> Result
         let mut tokenizer_config = json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "eos_token": eos,
-            // A classifier's config.json names no pad_token_id, on purpose (above).
+            // A classifier's is the padding id config.json names (none where the tokenizer pads
+            // with a stop token, above): a tokenizer padding with another would have
+            // transformers score padded rows at a padding token.
             "pad_token": match head {
-                hf::Head::Score => None,
+                hf::Head::Score => config["pad_token_id"]
+                    .as_u64()
+                    .and_then(|id| tok.token_name(u32::try_from(id).ok()?)),
                 hf::Head::Lm => tok.token_name(tok.pad_id()),
             },
             "bos_token": bos,
@@ -626,6 +639,17 @@ fn family_of(cfg: &crate::config::ModelConfig) -> Result<HfFamily> {
         );
     }
     if let (Some(f), None) = (cfg.hf_family, HfFamily::of(cfg)) {
+        if !f.holds_layout_of(cfg) {
+            bail!(
+                "model.hf_family = \"{}\" does not hold this model's layers (qk_norm = {}, \
+                 qkv_bias = {}): llama, mistral and smollm3 have neither q/k norms nor q, k and \
+                 v biases, qwen2 the biases, qwen3 the norms, gpt2 GPT-2's layout; name the \
+                 family the layout makes, or leave hf_family out",
+                f.name(),
+                cfg.qk_norm,
+                cfg.qkv_bias
+            );
+        }
         if !cfg.nope_layers.is_empty() && f != HfFamily::SmolLm3 {
             bail!(
                 "model.hf_family = \"{}\" has no place for model.nope_layers {:?}: only \
@@ -758,8 +782,8 @@ mod tests {
         check_range(&tensors, Dtype::Bf16).unwrap();
     }
 
-    /// A family named in the config that would drop NoPE layers or a sliding window is
-    /// refused naming what it would drop.
+    /// A family named in the config that would drop NoPE layers or a sliding window, or whose
+    /// layers lack the model's q/k norms, is refused naming what it would drop.
     #[test]
     fn a_family_that_would_drop_layers_or_windows_names_them() {
         let tiny = ModelConfig::preset("tiny").unwrap();
@@ -782,9 +806,19 @@ mod tests {
             "{e}"
         );
         let qwen = ModelConfig {
+            hf_family: Some(HfFamily::Qwen2),
+            ..window.clone()
+        };
+        assert_eq!(family_of(&qwen).unwrap(), HfFamily::Qwen2);
+        // Qwen3's layers normalise q and k, which these do not.
+        let qwen3 = ModelConfig {
             hf_family: Some(HfFamily::Qwen3),
             ..window
         };
-        assert_eq!(family_of(&qwen).unwrap(), HfFamily::Qwen3);
+        let e = family_of(&qwen3).unwrap_err().to_string();
+        assert!(
+            e.contains("\"qwen3\" does not hold") && e.contains("qk_norm = false"),
+            "{e}"
+        );
     }
 }

@@ -294,7 +294,22 @@ impl Task for GrpoTask<'_> {
             sur,
             entropy,
         )?;
-        metrics.extend(pol.metrics()?);
+        // The bonus reads the tokens the policy loss is kept on. Under data parallelism each
+        // term (and metric) weighs by its rank's share of what it averages over.
+        let bonus_mask = pol.kept.as_ref().unwrap_or(&pol.mask);
+        let bonus_agg = match sur.agg {
+            dapo @ Aggregation::Dapo { .. } => dapo,
+            _ => Aggregation::Token,
+        };
+        let w = token_shares(
+            comm,
+            &[
+                (sur.agg, &pol.mask),
+                (bonus_agg, bonus_mask),
+                (Aggregation::Token, &pol.mask),
+            ],
+        )?;
+        metrics.extend(pol.metrics(w[0], w[2])?);
         let mut loss = pol.loss.clone();
         // REINFORCE++ and RLOO have their KL in the reward; GRPO holds the policy near the
         // reference with a k3 term in the loss.
@@ -307,20 +322,12 @@ impl Task for GrpoTask<'_> {
             // Averaged as the policy loss is (TRL adds beta * KL to each token's loss).
             let kl = aggregate(&kl, &pol.mask, sur.agg)?;
             loss = (&loss + (&kl * c.beta)?)?;
-            metrics.push(("kl_token", scalar(&kl)?));
+            metrics.push(("kl_token", scalar(&kl)? * w[0]));
         }
-        // The bonus reads the tokens the policy loss is kept on. Under data parallelism each
-        // term weighs by its rank's share of what it averages over.
-        let bonus_mask = pol.kept.as_ref().unwrap_or(&pol.mask);
-        let bonus_agg = match sur.agg {
-            dapo @ Aggregation::Dapo { .. } => dapo,
-            _ => Aggregation::Token,
-        };
-        let w = token_shares(comm, &[(sur.agg, &pol.mask), (bonus_agg, bonus_mask)])?;
         let mut loss = (loss * w[0])?;
         if let Some(ent) = &pol.entropy {
             let mean = masked_mean(&ent.detach(), &pol.mask)?;
-            metrics.push(("entropy", scalar(&mean)?));
+            metrics.push(("entropy", scalar(&mean)? * w[2]));
             if c.entropy_bonus() {
                 let sum = scalar(&(ent.detach() * bonus_mask)?.sum_all()?)?;
                 self.entropy.observe(sum, scalar(&bonus_mask.sum_all()?)?);

@@ -89,8 +89,8 @@ fn mismatched(xs: &[&Encoded], mine: Range<usize>, max_tokens: usize) -> Vec<Enc
     .collect()
 }
 
-/// Held-out chunks of about `batch` examples, none of one example (whose mismatched
-/// sequence would be itself) unless there is only one.
+/// Held-out chunks of about `batch` examples, none of one example (whose baseline would rest
+/// on one sequence) unless there is only one.
 fn eval_chunks(n: usize, batch: usize) -> Vec<Range<usize>> {
     let k = n.div_ceil(batch.max(1)).min(n / 2).max(1);
     (0..k).map(|i| i * n / k..(i + 1) * n / k).collect()
@@ -292,9 +292,15 @@ impl Task for KtoTask<'_> {
         let beta = self.env.cfg.kto.beta;
         let (mut loss, mut kl, mut agrees) = (0.0, 0.0, Vec::new());
         let mut sums = [(0.0, 0usize); 2]; // beta h over [undesirable, desirable]
-        for r in eval_chunks(self.eval.len(), self.env.cfg.train.batch_size) {
-            let xs: Vec<_> = self.eval[r].iter().collect();
-            let out = self.loss(&xs, 0..xs.len(), None)?;
+                                           // Chunks of one global batch, as training estimates its baseline on, so the numbers
+                                           // are the same on any number of ranks. Each chunk's baseline borrows completions from
+                                           // the whole held-out set: a chunk of one pair would pair each prompt with its own
+                                           // other half.
+        let all: Vec<_> = self.eval.iter().collect();
+        let global = self.env.cfg.train.batch_size * self.env.comm.world();
+        for r in eval_chunks(all.len(), global) {
+            let xs = &all[r.clone()];
+            let out = self.loss(&all, r, None)?;
             let n = xs.len() as f64;
             loss += scalar(&out.loss)? * n;
             kl += out.kl.unwrap_or(0.0) * n;
@@ -627,6 +633,29 @@ mod tests {
             mismatched(&refs, 1..3, 100),
             mismatched(&refs, 0..3, 100)[1..]
         );
+    }
+
+    #[test]
+    fn a_held_out_chunk_of_one_pair_borrows_from_other_prompts() {
+        // Pairs encode side by side, so at batch 2 each chunk is one pair.
+        let xs = [
+            enc(&[1], &[10]),
+            enc(&[1], &[11]),
+            enc(&[2], &[20]),
+            enc(&[2], &[21]),
+            enc(&[3], &[30]),
+            enc(&[3], &[31]),
+        ];
+        let all: Vec<&Encoded> = xs.iter().collect();
+        for r in eval_chunks(all.len(), 2) {
+            for (i, m) in r.clone().zip(mismatched(&all, r, 100)) {
+                assert_ne!(
+                    m.0[1] / 10,
+                    m.0[0],
+                    "example {i} kept its own prompt's completion"
+                );
+            }
+        }
     }
 
     #[test]

@@ -33,6 +33,13 @@ pub struct Loaded {
 /// it is a one-label `*ForSequenceClassification`).
 pub fn read_checkpoint(path: &Path, device: &Device) -> Result<Loaded> {
     if hf::is_model_dir(path) {
+        if hf::is_peft_dir(path) {
+            crate::errln!(
+                "warning: {}: holds a model and a PEFT adapter: temper reads the model and \
+                 ignores the adapter, where transformers with peft installed loads the adapter",
+                path.display()
+            );
+        }
         require_tokenizer(path)?;
         return import_hf(path, device);
     }
@@ -191,12 +198,18 @@ fn import_peft(dir: &Path, device: &Device) -> Result<Loaded> {
     Ok(loaded)
 }
 
+/// Whether [`read_checkpoint`] reads `path` as a PEFT adapter: one beside a model's own
+/// weights is passed over for them.
+fn reads_as_adapter(path: &Path) -> bool {
+    hf::is_peft_dir(path) && !hf::is_model_dir(path)
+}
+
 /// The chat template of the model at `path` (a Hugging Face model directory, a PEFT adapter,
 /// a temper checkpoint or run directory), where transformers would find it (see
 /// [`ChatTemplate::in_dir`]); an adapter's own, else its base model's. None where it has
 /// none, or where `path` is no model (reading it says why).
 pub fn template_of(path: &Path) -> Result<Option<ChatTemplate>> {
-    if hf::is_peft_dir(path) {
+    if reads_as_adapter(path) {
         return match ChatTemplate::in_dir(path)? {
             Some(t) => Ok(Some(t)),
             None => match hf::peft_base(path) {
@@ -219,7 +232,7 @@ pub fn template_of(path: &Path) -> Result<Option<ChatTemplate>> {
 /// empty where none is found.
 pub fn model_tokens(path: &Path) -> Result<(String, String)> {
     // A PEFT adapter's own tokenizer where it has one, as [`import_peft`] reads it.
-    let dir = if hf::is_peft_dir(path) {
+    let dir = if reads_as_adapter(path) {
         match path.join(crate::data::tokenizer::FILE_NAME).is_file() {
             true => path.to_path_buf(),
             false => match hf::peft_base(path) {

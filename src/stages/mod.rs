@@ -21,6 +21,7 @@ pub mod online_dpo;
 pub mod pipeline;
 pub mod ppo;
 pub mod pretrain;
+pub mod rank_settings;
 pub mod ref_sync;
 pub mod reward;
 pub mod rewards;
@@ -107,6 +108,7 @@ impl Env {
         );
         let device = crate::device::select_ordinal(cfg.device, ordinal)?;
         let comm = crate::dist::connect(rank, &device)?;
+        rank_settings::check_same_settings(&cfg, &*comm)?;
         Self::assemble(cfg, run_dir, start, device, comm, held)
     }
 

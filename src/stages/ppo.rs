@@ -300,15 +300,25 @@ impl Task for PpoTask<'_> {
         let ent = masked_mean(pol.entropy.as_ref().expect("asked for entropy"), &mask)?;
         // Under data parallelism each token-mean term weighs by its rank's share of tokens.
         let comm = self.env.comm.as_ref();
-        let w = token_shares(comm, &[(sur.agg, &pol.mask), (Aggregation::Token, &mask)])?;
+        let w = token_shares(
+            comm,
+            &[
+                (sur.agg, &pol.mask),
+                (Aggregation::Token, &mask),
+                (Aggregation::Token, &pol.mask),
+            ],
+        )?;
         let (w_pol, w_tok) = (w[0], w[1]);
         let mut loss = ((&pol.loss * w_pol)? + (&vf * (c.vf_coef * w_tok))?)?;
         if c.entropy_coef != 0.0 {
             loss = (loss - (&ent * (c.entropy_coef * w_tok))?)?;
         }
         let tokens = buf.ro.tokens(&idx);
-        metrics.extend(pol.metrics()?);
-        metrics.extend([("value_loss", scalar(&vf)?), ("entropy", scalar(&ent)?)]);
+        metrics.extend(pol.metrics(w_pol, w[2])?);
+        metrics.extend([
+            ("value_loss", scalar(&vf)? * w_tok),
+            ("entropy", scalar(&ent)? * w_tok),
+        ]);
         self.train_secs += t0.elapsed().as_secs_f64();
         Ok(StepOut {
             loss,

@@ -882,13 +882,17 @@ impl PolicyStep {
         })
     }
 
-    /// What every policy-gradient stage logs per minibatch, and the objective's own.
-    pub fn metrics(&self) -> Result<Vec<(&'static str, f64)>> {
+    /// What every policy-gradient stage logs per minibatch, and the objective's own. Under
+    /// data parallelism the runner averages them over ranks, so each is weighed here as the
+    /// loss is: the policy loss by `w_loss`, the token means by `w_tokens`, this rank's share
+    /// of the minibatch's tokens ([`token_shares`]; 1 on one rank). The objective's own
+    /// (VESPO's mean weight, the share masked off-policy) are this rank's.
+    pub fn metrics(&self, w_loss: f64, w_tokens: f64) -> Result<Vec<(&'static str, f64)>> {
         let mut m = vec![
-            ("policy_loss", scalar(&self.loss)?),
-            ("clipfrac", self.clipfrac),
-            ("approx_kl", self.approx_kl),
-            ("ratio", self.ratio),
+            ("policy_loss", scalar(&self.loss)? * w_loss),
+            ("clipfrac", self.clipfrac * w_tokens),
+            ("approx_kl", self.approx_kl * w_tokens),
+            ("ratio", self.ratio * w_tokens),
         ];
         m.extend(self.extra.iter().copied());
         Ok(m)

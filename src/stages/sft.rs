@@ -176,7 +176,7 @@ impl SftTask<'_> {
             &self.tok,
             &self.prompts,
             self.env.cfg.sft.eval_max_new_tokens,
-            64,
+            (64, false),
         )?;
         Ok(Some(a.accuracy))
     }

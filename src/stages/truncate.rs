@@ -56,8 +56,9 @@ impl Fitter {
         context: usize,
     ) -> Result<Option<Vec<Encoded>>> {
         self.seen += 1;
-        // The same sequence on both sides prefers nothing (DPO's and the reward model's losses
-        // sit at log 2 with no gradient): left out and counted, not trained on in silence.
+        // The same sequence on both sides prefers nothing: left out and counted, not trained on
+        // in silence. Most pairwise losses give it no gradient; the chosen side's NLL, NCA's and
+        // SPPO's pulls and KTO's unequal label weights would train on it for no preference.
         if seqs.len() > 1 && seqs.iter().all(|s| s.0 == seqs[0].0) {
             self.identical += 1;
             self.first_identical.get_or_insert_with(place);

@@ -108,14 +108,30 @@ impl Checkpoints {
     /// `keep`. Those of higher steps, left by an earlier attempt that went further than the
     /// checkpoint this one resumed from, are not counted: they would otherwise outrank, and
     /// prune, the checkpoints this attempt wrote and the one it resumed from. Each is replaced
-    /// when the run reaches its step.
+    /// when the run reaches its step. Each is renamed `step-N.removing` before it is removed,
+    /// so that a run killed halfway leaves no `step-N` without its state; what such a kill
+    /// left (a `.removing`, or a `step-N` below `saved` without its state and meta from before
+    /// this rule) is removed too.
     fn prune(&self, saved: usize) -> Result<()> {
         let mut done = complete_steps(&self.dir)?;
         done.retain(|p| step_of(p).is_some_and(|s| s <= saved));
+        let mut gone = half_removed(&self.dir, saved)?;
         while done.len() > self.keep {
-            let old = done.remove(0);
-            std::fs::remove_dir_all(&old)
-                .with_context(|| format!("{}: cannot remove", old.display()))?;
+            gone.push(done.remove(0));
+        }
+        for old in gone {
+            let name = old.file_name().unwrap_or_default().to_string_lossy();
+            let doomed = match name.ends_with(REMOVING) {
+                true => old.clone(),
+                false => {
+                    let doomed = old.with_file_name(format!("{name}{REMOVING}"));
+                    std::fs::rename(&old, &doomed)
+                        .with_context(|| format!("{}: cannot remove", old.display()))?;
+                    doomed
+                }
+            };
+            std::fs::remove_dir_all(&doomed)
+                .with_context(|| format!("{}: cannot remove", doomed.display()))?;
         }
         Ok(())
     }
@@ -384,6 +400,27 @@ pub(crate) fn step_of(p: &Path) -> Option<usize> {
     }
 }
 
+/// The suffix of a checkpoint directory being pruned.
+const REMOVING: &str = ".removing";
+
+/// What a prune killed halfway left in checkpoint directory `dir`: `.removing` directories,
+/// and `step-N` ones of steps below `saved` without their state or meta (written last, a
+/// checkpoint is renamed into place whole, so only a removal leaves one so).
+fn half_removed(dir: &Path, saved: usize) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("{}", dir.display()))?;
+    Ok(entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .filter(|p| {
+            let removing = p
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().ends_with(REMOVING));
+            let incomplete = || !(p.join("state.json").is_file() && p.join("meta.json").is_file());
+            removing || (step_of(p).is_some_and(|s| s < saved) && incomplete())
+        })
+        .collect())
+}
+
 /// A checkpoint directory's `step-*` directories whose writing finished (a directory is
 /// renamed to its final name once complete, and holds its state and meta), oldest first: by
 /// step, which a name's zero padding orders only below ten million.
@@ -407,9 +444,20 @@ pub fn resolve_checkpoint_for_model(path: &Path) -> Result<PathBuf> {
     static SAID: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
     let dir = resolve_checkpoint(path)?;
     let fin = path.join("final");
-    if dir == fin {
-        if let Some(e) = damage(&fin, ReadFor::Model) {
-            match intact_besides(path, &fin)? {
+    // A run's final model, or a checkpoint named itself (whose run is two levels up).
+    let run = match dir == fin {
+        true => Some(path),
+        false => (dir == path && step_of(&dir).is_some())
+            .then(|| {
+                dir.parent()
+                    .filter(|c| c.ends_with("checkpoints"))?
+                    .parent()
+            })
+            .flatten(),
+    };
+    if dir == fin || (dir == path && dir.join("meta.json").exists()) {
+        if let Some(e) = damage(&dir, ReadFor::Model) {
+            match run.map(|r| intact_besides(r, &dir)).transpose()?.flatten() {
                 Some(c) => bail!("{e}; the checkpoint {} is intact: name it", c.display()),
                 None => bail!("{e}"),
             }
@@ -667,7 +715,7 @@ mod tests {
     }
 
     /// A run's damaged final model names the intact checkpoint a reader could take instead,
-    /// as a damaged latest checkpoint does.
+    /// as a damaged latest checkpoint does; so does a damaged checkpoint named itself.
     #[test]
     fn a_damaged_final_model_names_an_intact_checkpoint() {
         let run = tempfile::tempdir().unwrap();
@@ -700,6 +748,21 @@ mod tests {
                 )),
             "{e}"
         );
+        // A damaged checkpoint named itself says the same of another.
+        let later = complete(&run.path().join("checkpoints"), "step-0000006");
+        std::fs::write(later.join("model.safetensors"), &bytes[..bytes.len() - 3]).unwrap();
+        let e = resolve_checkpoint_for_model(&later)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("step-0000006/model.safetensors: cannot read safetensors")
+                && e.ends_with(&format!(
+                    "; the checkpoint {} is intact: name it",
+                    step.display()
+                )),
+            "{e}"
+        );
+        assert_eq!(resolve_checkpoint_for_model(&step).unwrap(), step);
     }
 
     /// A complete checkpoint directory `name` under `ck`.
@@ -741,7 +804,8 @@ mod tests {
 
     /// A save prunes the oldest of the checkpoints up to its own step: never the one it wrote,
     /// nor (for one of a higher step, left by an earlier attempt that went further) the one
-    /// before it that a resume continued from, and nothing set aside or unfinished.
+    /// before it that a resume continued from, and nothing set aside or unfinished; what an
+    /// earlier prune left half removed goes.
     #[test]
     fn pruning_keeps_the_checkpoint_just_written_and_the_one_resumed_from() {
         let run = tempfile::tempdir().unwrap();
@@ -752,6 +816,12 @@ mod tests {
             complete(ck, name);
         }
         std::fs::create_dir_all(ck.join("step-0000040.partial")).unwrap();
+        // What a run killed as it pruned left: one half removed under its own name (before
+        // prunes renamed first), one under its `.removing` name.
+        std::fs::create_dir_all(ck.join("step-0000003")).unwrap();
+        std::fs::write(ck.join("step-0000003/meta.json"), "{}").unwrap();
+        std::fs::create_dir_all(ck.join("step-0000004.removing")).unwrap();
+        std::fs::write(ck.join("step-0000004.removing/meta.json"), "{}").unwrap();
         let bad = complete(ck, "step-0000050");
         assert_eq!(set_aside(&bad).unwrap(), ck.join("step-0000050.corrupt"));
         let write = |dir: &Path| {

@@ -345,8 +345,12 @@ impl Scope<'_> {
 
 pub fn save_tensors(path: &Path, map: &HashMap<String, Tensor>) -> Result<()> {
     let tmp = crate::io::tmp_path(path);
-    candle_core::safetensors::save(map, &tmp)
-        .with_context(|| format!("{}: cannot write", tmp.display()))?;
+    // The file meant, not its temporary; candle's message holds its cause already, which a
+    // context would print twice.
+    candle_core::safetensors::save(map, &tmp).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::anyhow!("{}: cannot write: {e}", path.display())
+    })?;
     crate::io::default_permissions(&tmp)?;
     crate::io::rename_into_place(&tmp, path)
 }

@@ -16,10 +16,14 @@ pub struct Progress {
     start_step: usize,
 }
 
+/// Whether progress is drawn as bars: on a terminal, unless `TEMPER_NO_BAR` is set.
+pub fn bars_shown() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("TEMPER_NO_BAR").is_none()
+}
+
 impl Progress {
     pub fn new(label: &str, start_step: usize, total: usize) -> Self {
-        let bar = if std::io::stderr().is_terminal() && std::env::var_os("TEMPER_NO_BAR").is_none()
-        {
+        let bar = if bars_shown() {
             let b = ProgressBar::new(total as u64);
             b.set_style(
                 ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")

@@ -615,10 +615,24 @@ fn world_change(
     if was == now || was == 0 || before == after {
         return None;
     }
-    let keep = match before % (batch.size * now) {
-        0 => format!(
+    let keep = match (
+        before % (batch.size * now),
+        before % (accum * now),
+        before % now,
+    ) {
+        (0, ..) => format!(
             "--grad-accum {} keeps it at {before}",
             before / (batch.size * now)
+        ),
+        (_, 0, _) => format!(
+            "{} {} keeps it at {before}",
+            batch.key,
+            before / (accum * now)
+        ),
+        (.., 0) => format!(
+            "{} {} with --grad-accum 1 keeps it at {before}",
+            batch.key,
+            before / now
         ),
         _ => format!(
             "to keep it, choose {} and --grad-accum so that their product times {now} is \
@@ -1131,6 +1145,14 @@ mod tests {
              rank x 4)"
         ));
         assert!(fewer.ends_with("--grad-accum 4 keeps it at 64"), "{fewer}");
+        // One rank of 8 resumed on two: half the batch per rank, not a product to find.
+        let halved = world_change(b(8), 1, (1, 8), 2).unwrap();
+        assert!(halved.ends_with("--batch-size 4 keeps it at 8"), "{halved}");
+        let accumulated = world_change(b(8), 3, (1, 8), 2).unwrap();
+        assert!(
+            accumulated.ends_with("--batch-size 4 with --grad-accum 1 keeps it at 8"),
+            "{accumulated}"
+        );
         let odd = world_change(b(8), 1, (2, 8), 3).unwrap();
         assert!(odd.contains("is now 24 (8 per rank x 1 accumulated x 3) where it was 16"));
         assert!(

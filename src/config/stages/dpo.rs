@@ -21,7 +21,7 @@ pub struct DpoConfig {
     /// The weight of each of `loss_type`'s losses (TRL's `loss_weights`); all 1 when unset.
     pub loss_weights: Option<Vec<f64>>,
     /// The probability that a pair's label is flipped (cDPO's `label_smoothing`): `sigmoid`,
-    /// `robust` and `exo_pair` only, below 0.5.
+    /// `robust`, `exo_pair`, `aot` and `aot_unpaired` only, below 0.5.
     pub label_smoothing: f64,
     /// SimPO's target margin between the length-normalised rewards (TRL's `simpo_gamma`).
     pub simpo_gamma: f64,
