@@ -330,7 +330,11 @@ fn ranks_of_other_settings_stop_before_training() {
         "{}",
         errs[1]
     );
-    assert!(errs[0].contains("a rank's settings differ"), "{}", errs[0]);
+    assert!(
+        errs[0].contains("another rank's settings differ"),
+        "{}",
+        errs[0]
+    );
     assert!(losses_if_any(&out).is_empty(), "trained");
 }
 
@@ -609,25 +613,33 @@ fn preference_stage_over_one_rank_and_two(
 }
 
 /// KTO over two ranks follows one rank with the doubled batch: each prompt borrows the
-/// completion before it in the global batch, so the KL baseline is the one rank's.
+/// completion before it in the global batch, so the KL baseline is the one rank's; the
+/// held-out numbers, scored in global batches, are the one rank's too.
 #[test]
 fn kto_over_two_ranks_follows_one_rank() {
     let d = tmp();
     let (one, two) = preference_stage_over_one_rank_and_two(d.path(), "kto", &["--lr", "1e-3"]);
-    let kl = |dir: &Path| -> Vec<f64> {
+    let field = |dir: &Path, split: &str, key: &str| -> Vec<f64> {
         metrics(dir)
             .iter()
-            .filter(|m| m["split"] == "train")
-            .map(|m| m["kl"].as_f64().unwrap())
+            .filter(|m| m["split"] == split)
+            .map(|m| m[key].as_f64().unwrap())
             .collect()
     };
-    let (k1, k2) = (kl(&one), kl(&two));
-    assert_eq!(k1.len(), 4);
-    for (a, b) in k1.iter().zip(&k2) {
-        assert!(
-            (a - b).abs() <= 1e-5 + 1e-4 * a.abs(),
-            "KL {k1:?} vs {k2:?}"
-        );
+    for (split, key, n) in [
+        ("train", "kl", 4),
+        ("val", "kl", 2),
+        ("val", "label_accuracy", 2),
+    ] {
+        let (k1, k2) = (field(&one, split, key), field(&two, split, key));
+        assert_eq!(k1.len(), n, "{split} {key}");
+        assert_eq!(k2.len(), n, "{split} {key}");
+        for (a, b) in k1.iter().zip(&k2) {
+            assert!(
+                (a - b).abs() <= 1e-5 + 1e-4 * a.abs(),
+                "{split} {key} {k1:?} vs {k2:?}"
+            );
+        }
     }
 }
 

@@ -1392,8 +1392,9 @@ fn conversational_preferences_and_prompts_use_the_models_chat_template() {
 /// temper renders conversations with it too and keeps it in its checkpoints. A template given
 /// to a run (`--chat-template`, as TRL's `chat_template_path`) goes into the run's
 /// checkpoints in place of the model's (its `tool_use` template too), so the next stage
-/// renders with it unasked, and into its Hugging Face and PEFT exports, the tokenizer's own
-/// files otherwise as they came.
+/// renders with it unasked, and into its Hugging Face and PEFT exports (and into the
+/// `chat_template` of the `tokenizer_config.json` that held one), the tokenizer's own files
+/// otherwise as they came.
 #[test]
 fn chat_templates_are_read_and_kept_where_transformers_saves_them() {
     let d = tmp();
@@ -1487,11 +1488,14 @@ fn chat_templates_are_read_and_kept_where_transformers_saves_them() {
         let out = p(d.path(), format);
         export(&sft, &out, format);
         assert_eq!(read(out.join("chat_template.jinja")), template("mine"));
-        assert_eq!(
-            read(out.join("tokenizer_config.json")),
-            read(llama.join("tokenizer_config.json")),
-            "{format}"
-        );
+        // The config's own template is the one given too; the rest of it as it came.
+        let config = |dir: &Path| -> serde_json::Value {
+            serde_json::from_str(&read(dir.join("tokenizer_config.json"))).unwrap()
+        };
+        let mut want = config(&llama);
+        assert!(want["chat_template"].is_string(), "{want}");
+        want["chat_template"] = template("mine").into();
+        assert_eq!(config(&out), want, "{format}");
         assert!(out.join("tokenizer.json").is_file(), "{format}");
     }
 }

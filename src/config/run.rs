@@ -816,7 +816,7 @@ impl RunConfig {
     /// Every file or directory the run reads (data, eval data, tokenizer, chat template,
     /// init, value model, teacher, reward models), with what it is on the Hub and the setting
     /// that names it.
-    fn input_paths(&mut self) -> Vec<(&mut PathBuf, Repo, &'static str)> {
+    pub fn input_paths(&mut self) -> Vec<(&mut PathBuf, Repo, &'static str)> {
         let d = &mut self.data;
         let named = [
             (&mut self.init, Repo::Model, "--init"),

@@ -1142,6 +1142,15 @@ pub(crate) fn read_text(path: &Path) -> Result<String> {
 
 /// Parses JSONL text into `(line number, object)` pairs, skipping blank lines.
 pub(crate) fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<(usize, Map<String, Value>)>> {
+    // Named as what it is rather than by its first line's parse error (or, where that line
+    // happens to parse, its type).
+    let extension = path.extension().and_then(|x| x.to_str()).unwrap_or("");
+    if ["csv", "tsv"].contains(&extension.to_ascii_lowercase().as_str()) {
+        bail!(
+            "{}: CSV and TSV are not read: give JSONL (one JSON object per line) or Parquet",
+            path.display()
+        );
+    }
     // `json.dump(records, f)` writes one array, which `datasets` reads too: said as such
     // rather than as the first line's parse error.
     if text.trim_start().starts_with('[') {
@@ -1170,16 +1179,7 @@ pub(crate) fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<(usize, Map<Str
                 );
             }
             let msg = crate::json_error::without_position(&e);
-            // A CSV or TSV file is read as JSONL by nothing but its name.
-            let tabular = path
-                .extension()
-                .and_then(|x| x.to_str())
-                .is_some_and(|x| ["csv", "tsv"].contains(&x.to_ascii_lowercase().as_str()));
-            let hint = match tabular {
-                true => " (CSV and TSV are not read: give JSONL or Parquet)",
-                false => "",
-            };
-            anyhow!("{at}: not valid JSON: {msg} at column {}{hint}", e.column())
+            anyhow!("{at}: not valid JSON: {msg} at column {}", e.column())
         })?;
         match value {
             Value::Object(obj) => out.push((at.line, obj)),
@@ -1439,11 +1439,7 @@ mod tests {
         assert!(e.contains("mixed.jsonl:2: expected a JSON object"), "{e}");
         let p = file(&d, "pairs.CSV", "prompt,chosen,rejected\na,b,c\n");
         let e = err(read_records(&p));
-        assert!(e.contains("pairs.CSV:1: not valid JSON"), "{e}");
-        assert!(
-            e.ends_with("(CSV and TSV are not read: give JSONL or Parquet)"),
-            "{e}"
-        );
+        assert!(e.contains("pairs.CSV: CSV and TSV are not read"), "{e}");
     }
 
     /// TRL's `completion_only_loss` and `assistant_only_loss`: off, a record's every token

@@ -219,16 +219,26 @@ fn config_templates(files: &mut [(String, String)], source: Option<&str>, tool_u
     let Ok(serde_json::Value::Object(mut config)) = serde_json::from_str(text) else {
         return;
     };
-    if !config.contains_key("chat_template") {
+    let Some(old) = config.get("chat_template") else {
         return;
-    }
+    };
     let named = |name: &str, t: &str| serde_json::json!({"name": name, "template": t});
-    match (source, tool_use) {
-        (Some(s), None) => config.insert("chat_template".into(), s.into()),
-        (None, None) => config.remove("chat_template"),
-        (s, Some(t)) => {
+    // Named templates other than these two stay, as their `.jinja` files do.
+    let others: Vec<serde_json::Value> = match old {
+        serde_json::Value::Array(list) => list
+            .iter()
+            .filter(|t| !matches!(t["name"].as_str(), Some(DEFAULT | "tool_use")))
+            .cloned()
+            .collect(),
+        _ => vec![],
+    };
+    match (source, tool_use, others.is_empty()) {
+        (Some(s), None, true) => config.insert("chat_template".into(), s.into()),
+        (None, None, true) => config.remove("chat_template"),
+        (s, t, _) => {
             let list: Vec<_> = (s.map(|s| named(DEFAULT, s)).into_iter())
-                .chain([named("tool_use", t)])
+                .chain(t.map(|t| named("tool_use", t)))
+                .chain(others)
                 .collect();
             config.insert("chat_template".into(), list.into())
         }
@@ -1207,6 +1217,29 @@ mod tests {
             .save_dir(&none)
             .unwrap();
         assert!(config(&none).get("chat_template").is_none());
+        // A list of named templates keeps the ones of other names.
+        let listed = d.path().join("listed");
+        std::fs::create_dir_all(&listed).unwrap();
+        std::fs::write(listed.join(FILE_NAME), word_level_json(&["</s>"])).unwrap();
+        std::fs::write(
+            listed.join("tokenizer_config.json"),
+            r#"{"chat_template": [{"name": "default", "template": "old"},
+                {"name": "rag", "template": "{{ documents }}"}]}"#,
+        )
+        .unwrap();
+        let again = d.path().join("again");
+        Tokenizer::load_dir(&listed)
+            .unwrap()
+            .with_chat_template(Some("mine"), None)
+            .save_dir(&again)
+            .unwrap();
+        assert_eq!(
+            config(&again)["chat_template"],
+            serde_json::json!([
+                {"name": "default", "template": "mine"},
+                {"name": "rag", "template": "{{ documents }}"}
+            ])
+        );
         let reread = Tokenizer::load_dir(&mine).unwrap();
         assert_eq!(reread.eos_id(), t.eos_id());
     }

@@ -194,8 +194,8 @@ fn write(checkpoint: &Path, out: &Path, opts: &Options) -> Result<String> {
             if hf::is_model_dir(out) {
                 errln!(
                     "warning: {}: config.json and its weights are an earlier model export's: \
-                     temper would read that model and ignore the adapter, transformers with \
-                     peft installed the adapter; remove them",
+                     temper would read that model and ignore the adapter, where transformers \
+                     with peft installed loads the adapter; remove them",
                     out.display()
                 );
             }
@@ -641,13 +641,21 @@ fn family_of(cfg: &crate::config::ModelConfig) -> Result<HfFamily> {
     if let (Some(f), None) = (cfg.hf_family, HfFamily::of(cfg)) {
         if !f.holds_layout_of(cfg) {
             bail!(
-                "model.hf_family = \"{}\" does not hold this model's layers (qk_norm = {}, \
-                 qkv_bias = {}): llama, mistral and smollm3 have neither q/k norms nor q, k and \
-                 v biases, qwen2 the biases, qwen3 the norms, gpt2 GPT-2's layout; name the \
-                 family the layout makes, or leave hf_family out",
+                "model.hf_family = \"{}\" does not hold this model's layers (norm = {:?}, \
+                 position = {:?}, mlp = {:?}, bias = {}, qk_norm = {}, qkv_bias = {}, \
+                 tie_word_embeddings = {}): llama, mistral, smollm3, qwen2 and qwen3 are \
+                 RMSNorm, rope and SwiGLU without biases, where llama, mistral and smollm3 have \
+                 neither q/k norms nor q, k and v biases, qwen2 the biases, qwen3 the norms; \
+                 gpt2 is LayerNorm, learned positions, GELU and biases with a tied head; name \
+                 the family the layout makes, or leave hf_family out",
                 f.name(),
+                cfg.norm,
+                cfg.position,
+                cfg.mlp,
+                cfg.bias,
                 cfg.qk_norm,
-                cfg.qkv_bias
+                cfg.qkv_bias,
+                cfg.tie_word_embeddings
             );
         }
         if !cfg.nope_layers.is_empty() && f != HfFamily::SmolLm3 {

@@ -53,7 +53,7 @@ fn seen(loaded: &Loaded) -> Result<Seen> {
     let mut files = Vec::new();
     weight_files(&loaded.dir, "", &mut files)?;
     // A PEFT adapter's base model lives elsewhere.
-    if crate::model::hf::is_peft_dir(&loaded.dir) {
+    if super::loader::reads_as_adapter(&loaded.dir) {
         let base = crate::model::hf::peft_base(&loaded.dir)?;
         weight_files(&base, "the base model's ", &mut files)?;
     }

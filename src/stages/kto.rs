@@ -96,6 +96,25 @@ fn eval_chunks(n: usize, batch: usize) -> Vec<Range<usize>> {
     (0..k).map(|i| i * n / k..(i + 1) * n / k).collect()
 }
 
+/// How `n` held-out examples are scored: chunks of a global batch (`batch` per rank times
+/// `world`) whose baseline is estimated together, each forwarded in parts of at most `batch`.
+/// A part's baseline borrows its completions from the whole held-out set, not the part: a
+/// part of one pair would pair each prompt with its own other half.
+fn eval_plan(n: usize, batch: usize, world: usize) -> Vec<(Range<usize>, Vec<Range<usize>>)> {
+    let batch = batch.max(1);
+    eval_chunks(n, batch * world)
+        .into_iter()
+        .map(|c| {
+            let parts = c
+                .clone()
+                .step_by(batch)
+                .map(|s| s..(s + batch).min(c.end))
+                .collect();
+            (c, parts)
+        })
+        .collect()
+}
+
 /// What one batch of examples gives: the objective and, per example, the implicit reward and
 /// whether the loss ranks it on its label's side of the baseline.
 struct BatchOut {
@@ -179,24 +198,38 @@ impl KtoTask<'_> {
         mine: Range<usize>,
         comm: Option<&dyn Communicator>,
     ) -> Result<BatchOut> {
-        let c = &self.env.cfg.kto;
-        let xs = &all[mine.clone()];
-        let seqs: Vec<Encoded> = xs.iter().map(|x| x.0.clone()).collect();
-        let desirable: Vec<bool> = xs.iter().map(|x| x.1).collect();
         // The baseline first: its forwards' graphs are dropped before the policy's is built.
-        let kl = if c.loss_type.estimates_kl() {
-            let ids: Vec<&Encoded> = all.iter().map(|x| &x.0).collect();
-            let max_tokens = self.policy.cfg.max_position_embeddings + 1;
-            let other = self.batch(&mismatched(&ids, mine, max_tokens))?;
-            let raw = scalar(&self.implicit_rewards(&other, false)?.mean_all()?)?;
-            Some(kl_baseline(raw, comm)?)
-        } else {
-            None
+        let kl = match self.env.cfg.kto.loss_type.estimates_kl() {
+            true => Some(kl_baseline(self.raw_kl(all, mine.clone())?, comm)?),
+            false => None,
         };
-        let z = kl.unwrap_or(0.0);
         // Only training (where `comm` is given) differentiates the loss: held-out batches
         // build no graph.
-        let h = self.implicit_rewards(&self.batch(&seqs)?, comm.is_some())?;
+        self.loss_against(&all[mine], kl, comm.is_some())
+    }
+
+    /// KTO's raw KL estimate for the examples `mine` of `all`: the mean implicit reward of
+    /// their mismatched sequences.
+    fn raw_kl(&self, all: &[&(Encoded, bool)], mine: Range<usize>) -> Result<f64> {
+        let ids: Vec<&Encoded> = all.iter().map(|x| &x.0).collect();
+        let max_tokens = self.policy.cfg.max_position_embeddings + 1;
+        let other = self.batch(&mismatched(&ids, mine, max_tokens))?;
+        scalar(&self.implicit_rewards(&other, false)?.mean_all()?)
+    }
+
+    /// The loss of examples `xs` against the baseline `kl` (none: 0), differentiable where
+    /// `grad`.
+    fn loss_against(
+        &self,
+        xs: &[&(Encoded, bool)],
+        kl: Option<f64>,
+        grad: bool,
+    ) -> Result<BatchOut> {
+        let c = &self.env.cfg.kto;
+        let seqs: Vec<Encoded> = xs.iter().map(|x| x.0.clone()).collect();
+        let desirable: Vec<bool> = xs.iter().map(|x| x.1).collect();
+        let z = kl.unwrap_or(0.0);
+        let h = self.implicit_rewards(&self.batch(&seqs)?, grad)?;
         let loss = kto_loss(c, &h, &desirable, z)?;
         let rewards: Vec<f64> = h
             .detach()
@@ -290,25 +323,37 @@ impl Task for KtoTask<'_> {
 
     fn evaluate(&mut self) -> Result<KtoEval> {
         let beta = self.env.cfg.kto.beta;
-        let (mut loss, mut kl, mut agrees) = (0.0, 0.0, Vec::new());
-        let mut sums = [(0.0, 0usize); 2]; // beta h over [undesirable, desirable]
-                                           // Chunks of one global batch, as training estimates its baseline on, so the numbers
-                                           // are the same on any number of ranks. Each chunk's baseline borrows completions from
-                                           // the whole held-out set: a chunk of one pair would pair each prompt with its own
-                                           // other half.
+        let (mut loss, mut kl_sum, mut agrees) = (0.0, 0.0, Vec::new());
+        // Beta h over [undesirable, desirable].
+        let mut sums = [(0.0, 0usize); 2];
         let all: Vec<_> = self.eval.iter().collect();
-        let global = self.env.cfg.train.batch_size * self.env.comm.world();
-        for r in eval_chunks(all.len(), global) {
-            let xs = &all[r.clone()];
-            let out = self.loss(&all, r, None)?;
-            let n = xs.len() as f64;
-            loss += scalar(&out.loss)? * n;
-            kl += out.kl.unwrap_or(0.0) * n;
-            agrees.extend(out.agrees);
-            for (x, h) in xs.iter().zip(&out.rewards) {
-                let s = &mut sums[usize::from(x.1)];
-                s.0 += beta * h;
-                s.1 += 1;
+        let batch = self.env.cfg.train.batch_size;
+        let estimates = self.env.cfg.kto.loss_type.estimates_kl();
+        for (chunk, parts) in eval_plan(all.len(), batch, self.env.comm.world()) {
+            // A chunk's baseline as training's over one global batch: the mean of its
+            // rank-sized parts' estimates, at least 0, so that the numbers are the same on any
+            // number of ranks. Its forwards are rank-sized too.
+            let kl = match estimates {
+                true => {
+                    let mut sum = 0.0;
+                    for p in &parts {
+                        sum += self.raw_kl(&all, p.clone())? * p.len() as f64;
+                    }
+                    Some((sum / chunk.len() as f64).max(0.0))
+                }
+                false => None,
+            };
+            kl_sum += kl.unwrap_or(0.0) * chunk.len() as f64;
+            for p in parts {
+                let xs = &all[p];
+                let out = self.loss_against(xs, kl, false)?;
+                loss += scalar(&out.loss)? * xs.len() as f64;
+                agrees.extend(out.agrees);
+                for (x, h) in xs.iter().zip(&out.rewards) {
+                    let s = &mut sums[usize::from(x.1)];
+                    s.0 += beta * h;
+                    s.1 += 1;
+                }
             }
         }
         // Never 0: `run` refuses an empty held-out set.
@@ -316,7 +361,7 @@ impl Task for KtoTask<'_> {
         let average = |(sum, k): (f64, usize)| (k > 0).then(|| sum / k as f64);
         Ok(KtoEval {
             loss: loss / n,
-            kl: self.env.cfg.kto.loss_type.estimates_kl().then_some(kl / n),
+            kl: estimates.then_some(kl_sum / n),
             reward_desirable: average(sums[1]),
             reward_undesirable: average(sums[0]),
             label_accuracy: mean(&agrees),
@@ -647,7 +692,8 @@ mod tests {
             enc(&[3], &[31]),
         ];
         let all: Vec<&Encoded> = xs.iter().collect();
-        for r in eval_chunks(all.len(), 2) {
+        let parts = eval_plan(all.len(), 2, 1).into_iter().flat_map(|(_, p)| p);
+        for r in parts {
             for (i, m) in r.clone().zip(mismatched(&all, r, 100)) {
                 assert_ne!(
                     m.0[1] / 10,
@@ -656,6 +702,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Held-out parts are forwarded a rank's batch at a time, whatever the ranks, and cover
+    /// their chunk.
+    #[test]
+    fn held_out_parts_are_rank_sized() {
+        for (n, batch, world) in [(10, 2, 1), (10, 2, 4), (7, 3, 2), (1, 4, 8), (33, 4, 3)] {
+            let plan = eval_plan(n, batch, world);
+            let covered: Vec<usize> = plan.iter().flat_map(|(c, _)| c.clone()).collect();
+            assert_eq!(covered, (0..n).collect::<Vec<_>>());
+            for (chunk, parts) in &plan {
+                let inner: Vec<usize> = parts.iter().flat_map(|p| p.clone()).collect();
+                assert_eq!(inner, chunk.clone().collect::<Vec<_>>());
+                assert!(parts.iter().all(|p| p.len() <= batch && !p.is_empty()));
+            }
+        }
+        assert_eq!(eval_plan(8, 2, 2)[0], (0..4, vec![0..2, 2..4]));
     }
 
     #[test]

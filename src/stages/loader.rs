@@ -200,7 +200,7 @@ fn import_peft(dir: &Path, device: &Device) -> Result<Loaded> {
 
 /// Whether [`read_checkpoint`] reads `path` as a PEFT adapter: one beside a model's own
 /// weights is passed over for them.
-fn reads_as_adapter(path: &Path) -> bool {
+pub fn reads_as_adapter(path: &Path) -> bool {
     hf::is_peft_dir(path) && !hf::is_model_dir(path)
 }
 

@@ -3,38 +3,57 @@
 //! another seed, learning rate or batch would train together without a word (each from its
 //! own initial weights: nothing copies rank 0's).
 
+use std::path::PathBuf;
+
 use anyhow::{bail, Result};
 
 use crate::config::RunConfig;
 use crate::dist::{bytes::broadcast_from, Communicator};
 
 /// Checks `cfg` against rank 0's on every rank: a rank whose settings differ names the first
-/// key that does, and every rank stops. Collective.
+/// key that does, and every rank stops. Collective: every rank makes the same two calls
+/// whatever fails on it, so none is left waiting. Input paths are left out: a Hub name
+/// resolves to each node's own cache, and a node may mount the data elsewhere.
 pub fn check_same_settings(cfg: &RunConfig, comm: &dyn Communicator) -> Result<()> {
     if comm.world() == 1 {
         return Ok(());
     }
-    let mine = toml::to_string(cfg)?;
-    let theirs = broadcast_from(comm, 0, mine.as_bytes())?;
-    let difference = match theirs == mine.as_bytes() {
-        true => None,
-        false => {
-            let theirs: toml::Value = toml::from_str(&String::from_utf8_lossy(&theirs))?;
-            let mine = toml::Value::try_from(cfg)?;
-            Some(first_difference(&mine, &theirs, "").unwrap_or_default())
-        }
+    let mut compared = cfg.clone();
+    for (path, ..) in compared.input_paths() {
+        *path = PathBuf::new();
+    }
+    let mine = toml::Value::try_from(&compared).and_then(|v| Ok((toml::to_string(&v)?, v)));
+    let text = mine.as_ref().map_or("", |(t, _)| t.as_str());
+    let theirs = broadcast_from(comm, 0, text.as_bytes())?;
+    let difference = match &mine {
+        Err(e) => Some(format!("its settings do not serialise ({e})")),
+        Ok(_) if theirs == text.as_bytes() => None,
+        Ok((_, mine)) => Some(
+            match toml::from_str::<toml::Value>(&String::from_utf8_lossy(&theirs)) {
+                Ok(theirs) => match first_difference(mine, &theirs, "") {
+                    Some((key, here, there)) => {
+                        format!("{key} is {here} here and {there} on rank 0")
+                    }
+                    None => "they are written differently".into(),
+                },
+                Err(e) => format!("rank 0's do not read back ({e})"),
+            },
+        ),
     };
     let mut differ = [f32::from(u8::from(difference.is_some()))];
     comm.all_reduce_mean(&mut differ)?;
-    if let Some((key, here, there)) = difference {
+    if let Some(what) = difference {
         bail!(
-            "rank {}'s settings differ from rank 0's: {key} is {here} here and {there} on rank \
-             0; every rank must run the same command",
+            "rank {}'s settings differ from rank 0's: {what}; every rank must run the same \
+             command",
             comm.rank()
         );
     }
     if differ[0] > 0.0 {
-        bail!("a rank's settings differ from rank 0's (it says which); every rank must run the same command");
+        bail!(
+            "another rank's settings differ from this one's (that rank says how); every rank \
+             must run the same command"
+        );
     }
     Ok(())
 }
@@ -112,8 +131,13 @@ mod tests {
             e[1].starts_with("rank 1's settings differ from rank 0's: train.seed is"),
             "{e:?}"
         );
-        assert!(
-            e[0].contains("a rank's settings differ") && e[2].contains("a rank's settings differ")
-        );
+        assert!(e[0].contains("another rank's settings differ"), "{e:?}");
+        assert!(e[2].contains("another rank's settings differ"), "{e:?}");
+        // Input paths may differ (a Hub name resolves to each node's own cache).
+        let mut elsewhere = base.clone();
+        elsewhere.init = Some("/node1/hub/snapshots/abc".into());
+        let mut here = base.clone();
+        here.init = Some("/node0/hub/snapshots/abc".into());
+        assert!(run([&here, &elsewhere, &here]).iter().all(Result::is_ok));
     }
 }

@@ -109,29 +109,26 @@ impl Checkpoints {
     /// checkpoint this one resumed from, are not counted: they would otherwise outrank, and
     /// prune, the checkpoints this attempt wrote and the one it resumed from. Each is replaced
     /// when the run reaches its step. Each is renamed `step-N.removing` before it is removed,
-    /// so that a run killed halfway leaves no `step-N` without its state; what such a kill
-    /// left (a `.removing`, or a `step-N` below `saved` without its state and meta from before
-    /// this rule) is removed too.
+    /// so that a run killed halfway leaves no `step-N` without its state, and the next prune
+    /// finishes what it left. A removal that fails (an NFS file a reader holds open) is said
+    /// and the run goes on: the checkpoint just written is whole.
     fn prune(&self, saved: usize) -> Result<()> {
         let mut done = complete_steps(&self.dir)?;
         done.retain(|p| step_of(p).is_some_and(|s| s <= saved));
-        let mut gone = half_removed(&self.dir, saved)?;
+        let mut gone = half_removed(&self.dir)?;
         while done.len() > self.keep {
-            gone.push(done.remove(0));
-        }
-        for old in gone {
+            let old = done.remove(0);
             let name = old.file_name().unwrap_or_default().to_string_lossy();
-            let doomed = match name.ends_with(REMOVING) {
-                true => old.clone(),
-                false => {
-                    let doomed = old.with_file_name(format!("{name}{REMOVING}"));
-                    std::fs::rename(&old, &doomed)
-                        .with_context(|| format!("{}: cannot remove", old.display()))?;
-                    doomed
-                }
-            };
-            std::fs::remove_dir_all(&doomed)
-                .with_context(|| format!("{}: cannot remove", doomed.display()))?;
+            let doomed = old.with_file_name(format!("{name}{REMOVING}"));
+            match std::fs::rename(&old, &doomed) {
+                Ok(()) => gone.push(doomed),
+                Err(e) => warn_unremoved(&old, &e),
+            }
+        }
+        for doomed in gone {
+            if let Err(e) = std::fs::remove_dir_all(&doomed) {
+                warn_unremoved(&doomed, &e);
+            }
         }
         Ok(())
     }
@@ -403,22 +400,26 @@ pub(crate) fn step_of(p: &Path) -> Option<usize> {
 /// The suffix of a checkpoint directory being pruned.
 const REMOVING: &str = ".removing";
 
-/// What a prune killed halfway left in checkpoint directory `dir`: `.removing` directories,
-/// and `step-N` ones of steps below `saved` without their state or meta (written last, a
-/// checkpoint is renamed into place whole, so only a removal leaves one so).
-fn half_removed(dir: &Path, saved: usize) -> Result<Vec<PathBuf>> {
+/// What a prune killed halfway left in checkpoint directory `dir`: its `.removing`
+/// directories.
+fn half_removed(dir: &Path) -> Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir).with_context(|| format!("{}", dir.display()))?;
     Ok(entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
         .filter(|p| {
-            let removing = p
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().ends_with(REMOVING));
-            let incomplete = || !(p.join("state.json").is_file() && p.join("meta.json").is_file());
-            removing || (step_of(p).is_some_and(|s| s < saved) && incomplete())
+            p.is_dir()
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().ends_with(REMOVING))
         })
         .collect())
+}
+
+fn warn_unremoved(dir: &Path, e: &std::io::Error) {
+    crate::warnln!(
+        "warning: {}: cannot remove this old checkpoint ({e}); the run goes on, and the next \
+         checkpoint's save tries again",
+        dir.display()
+    );
 }
 
 /// A checkpoint directory's `step-*` directories whose writing finished (a directory is
@@ -816,10 +817,7 @@ mod tests {
             complete(ck, name);
         }
         std::fs::create_dir_all(ck.join("step-0000040.partial")).unwrap();
-        // What a run killed as it pruned left: one half removed under its own name (before
-        // prunes renamed first), one under its `.removing` name.
-        std::fs::create_dir_all(ck.join("step-0000003")).unwrap();
-        std::fs::write(ck.join("step-0000003/meta.json"), "{}").unwrap();
+        // What a run killed as it pruned left, under its `.removing` name.
         std::fs::create_dir_all(ck.join("step-0000004.removing")).unwrap();
         std::fs::write(ck.join("step-0000004.removing/meta.json"), "{}").unwrap();
         let bad = complete(ck, "step-0000050");

@@ -177,7 +177,7 @@ fn target_of(name: &str, family: HfFamily) -> Result<String> {
 }
 
 pub(super) fn peft(checkpoint: &Path, out: &Path, dtype: Dtype) -> Result<()> {
-    if hf::is_peft_dir(checkpoint) {
+    if crate::stages::loader::reads_as_adapter(checkpoint) {
         bail!(
             "{}: already a PEFT adapter, which temper reads merged into its base: use it as it \
              is, or --format hf for the merged model",
