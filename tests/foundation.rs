@@ -1221,6 +1221,14 @@ fn pretraining_learns_from_token_shards() {
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("fewer than --vocab-size 100000"), "{err}");
+    assert!(err.contains("[tokenizer] learnt in"), "{err}");
+    // An --out that cannot be written is refused before the corpus is read and trained on.
+    let file = p(d.path(), "a-file");
+    std::fs::write(&file, "").unwrap();
+    let under = file.join("tok.json");
+    let e = run_err(&[&train[..6], &[under.to_str().unwrap()]].concat());
+    assert!(e.contains("a-file: a file, where the directory"), "{e}");
+    assert!(!e.contains("[tokenizer] learning"), "trained first: {e}");
     let bpe_shards = p(d.path(), "bpe-shards");
     let b = bpe_shards.to_str().unwrap();
     run_ok(&[
