@@ -35,6 +35,15 @@ pub fn default_permissions(file: &Path) -> Result<()> {
         .with_context(|| format!("{}: cannot set permissions", file.display()))
 }
 
+/// `bytes` read from `path` as text; bytes that are no UTF-8 are named by their line.
+pub fn utf8_text(path: &Path, bytes: Vec<u8>) -> Result<String> {
+    String::from_utf8(bytes).map_err(|e| {
+        let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
+        anyhow!("{}:{line}: not valid UTF-8 text", path.display())
+    })
+}
+
 /// Creates directory `dir` and those above it. Where a file stands in the way, it is named
 /// (the system says only "File exists", of the directory asked for).
 pub fn create_dirs(dir: &Path) -> Result<()> {

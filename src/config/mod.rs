@@ -39,11 +39,7 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 pub fn read_config_text(path: &Path) -> Result<String> {
     let bytes =
         std::fs::read(path).with_context(|| format!("{}: cannot read config", path.display()))?;
-    String::from_utf8(bytes).map_err(|e| {
-        let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
-        let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
-        anyhow::anyhow!("{}:{line}: not valid UTF-8 text", path.display())
-    })
+    crate::io::utf8_text(path, bytes)
 }
 
 /// `text`, read from `path`, as a `T`; an error names the file and the line.

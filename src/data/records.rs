@@ -1124,20 +1124,12 @@ pub(crate) fn read_text(path: &Path) -> Result<String> {
         }
         false => bytes,
     };
-    match String::from_utf8(bytes) {
-        Ok(mut s) => {
-            // Editors on Windows like to start files with a byte-order mark; it is not text.
-            if s.starts_with('\u{feff}') {
-                s.drain(..'\u{feff}'.len_utf8());
-            }
-            Ok(s)
-        }
-        Err(e) => {
-            let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
-            let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
-            bail!("{}:{line}: not valid UTF-8 text", path.display())
-        }
+    let mut s = crate::io::utf8_text(path, bytes)?;
+    // Editors on Windows like to start files with a byte-order mark; it is not text.
+    if s.starts_with('\u{feff}') {
+        s.drain(..'\u{feff}'.len_utf8());
     }
+    Ok(s)
 }
 
 /// Parses JSONL text into `(line number, object)` pairs, skipping blank lines.

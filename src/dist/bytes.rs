@@ -23,10 +23,10 @@ pub fn gather_on_root(comm: &dyn Communicator, mine: Vec<u8>) -> Result<Option<V
     let root = comm.rank() == 0;
     let mut all = Vec::with_capacity(world);
     for from in 0..world {
-        let theirs = broadcast_from(comm, from, &mine)?;
-        // Only rank 0 keeps them; the others take part in the broadcast and drop them.
+        let (words, n) = broadcast_packed(comm, from, &mine)?;
+        // Only rank 0 unpacks them; the others take part in the broadcast and drop them.
         all.push(match root {
-            true => theirs,
+            true => unpack(&words, n),
             false => vec![],
         });
     }
@@ -35,6 +35,19 @@ pub fn gather_on_root(comm: &dyn Communicator, mine: Vec<u8>) -> Result<Option<V
 
 /// Rank `from`'s `mine` on every rank (the other ranks' `mine` is not read). Collective.
 pub fn broadcast_from(comm: &dyn Communicator, from: usize, mine: &[u8]) -> Result<Vec<u8>> {
+    let (words, n) = broadcast_packed(comm, from, mine)?;
+    Ok(match from == comm.rank() {
+        true => mine.to_vec(),
+        false => unpack(&words, n),
+    })
+}
+
+/// Rank `from`'s `mine`, packed, on every rank, with its length in bytes.
+fn broadcast_packed(
+    comm: &dyn Communicator,
+    from: usize,
+    mine: &[u8],
+) -> Result<(Vec<f32>, usize)> {
     let own = from == comm.rank();
     let len = mine.len() as u64;
     let mut l = match own {
@@ -42,19 +55,16 @@ pub fn broadcast_from(comm: &dyn Communicator, from: usize, mine: &[u8]) -> Resu
         false => [0.0; 2],
     };
     comm.broadcast(from, &mut l)?;
-    let n = l[0] as u64 * HALF + l[1] as u64;
+    let n = (l[0] as u64 * HALF + l[1] as u64) as usize;
     if n == 0 {
-        return Ok(vec![]);
+        return Ok((vec![], 0));
     }
     let mut words = match own {
         true => pack(mine),
-        false => vec![0.0; (n as usize).div_ceil(3)],
+        false => vec![0.0; n.div_ceil(3)],
     };
     comm.broadcast(from, &mut words)?;
-    Ok(match own {
-        true => mine.to_vec(),
-        false => unpack(&words, n as usize),
-    })
+    Ok((words, n))
 }
 
 fn pack(b: &[u8]) -> Vec<f32> {

@@ -176,10 +176,10 @@ pub fn accuracy(
     let mut correct = 0;
     let mut samples = Vec::new();
     for (c, chunk) in prompts.chunks(batch).enumerate() {
-        let ids: Vec<Vec<u32>> = chunk.iter().map(|p| p.ids(tok)).collect::<Result<_>>()?;
-        let keys = RowKeys::range(0, (c * batch) as u64, ids.len());
-        let g = generate(net, ctx, tok, &ids, &cfg, &keys)?;
         let first = c * batch;
+        let ids: Vec<Vec<u32>> = chunk.iter().map(|p| p.ids(tok)).collect::<Result<_>>()?;
+        let keys = RowKeys::range(0, first as u64, ids.len());
+        let g = generate(net, ctx, tok, &ids, &cfg, &keys)?;
         for ((p, text), answer) in chunk.iter().zip(g.texts).zip(&answers[first..]) {
             let ok = exact_match(&text, answer);
             correct += ok as usize;

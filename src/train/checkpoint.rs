@@ -738,31 +738,23 @@ mod tests {
         assert_eq!(resolve_checkpoint_for_model(run.path()).unwrap(), fin);
         let bytes = std::fs::read(fin.join("model.safetensors")).unwrap();
         std::fs::write(fin.join("model.safetensors"), &bytes[..bytes.len() - 3]).unwrap();
-        let e = resolve_checkpoint_for_model(run.path())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("final/model.safetensors: cannot read safetensors")
-                && e.ends_with(&format!(
-                    "; the checkpoint {} is intact: name it",
-                    step.display()
-                )),
-            "{e}"
-        );
+        // Reading `named` is refused naming its damaged `file` and `step`, which is intact.
+        let names_intact = |named: &Path, file: &str| {
+            let e = resolve_checkpoint_for_model(named).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{file}: cannot read safetensors"))
+                    && e.ends_with(&format!(
+                        "; the checkpoint {} is intact: name it",
+                        step.display()
+                    )),
+                "{e}"
+            );
+        };
+        names_intact(run.path(), "final/model.safetensors");
         // A damaged checkpoint named itself says the same of another.
         let later = complete(&run.path().join("checkpoints"), "step-0000006");
         std::fs::write(later.join("model.safetensors"), &bytes[..bytes.len() - 3]).unwrap();
-        let e = resolve_checkpoint_for_model(&later)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("step-0000006/model.safetensors: cannot read safetensors")
-                && e.ends_with(&format!(
-                    "; the checkpoint {} is intact: name it",
-                    step.display()
-                )),
-            "{e}"
-        );
+        names_intact(&later, "step-0000006/model.safetensors");
         assert_eq!(resolve_checkpoint_for_model(&step).unwrap(), step);
     }
 
