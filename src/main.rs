@@ -348,10 +348,22 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     // Unset, at most half the context: the built-in task's model holds 64 positions, and the
     // default 64 new tokens refused every prompt there.
     let context = loaded.meta.model.max_position_embeddings;
-    let max_new_tokens = match a.max_new_tokens.or(own.max_new_tokens) {
-        Some(n) => n,
-        None => sampling_defaults::MAX_NEW_TOKENS.min((context / 2).max(1)),
+    let (max_new_tokens, from) = match (a.max_new_tokens, own.max_new_tokens) {
+        (Some(n), _) => (n, "--max-new-tokens"),
+        (None, Some(n)) => (n, "the generation config's max_new_tokens"),
+        (None, None) => (
+            sampling_defaults::MAX_NEW_TOKENS.min((context / 2).max(1)),
+            "max_new_tokens",
+        ),
     };
+    if max_new_tokens >= context {
+        bail!(
+            "generate: {from} {max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens"
+        );
+    }
+    if let Some(n) = a.min_new_tokens.filter(|&n| n > max_new_tokens) {
+        bail!("generate: --min-new-tokens {n} is more than the {max_new_tokens} new tokens allowed ({from})");
+    }
     let cfg = SampleCfg {
         max_new_tokens,
         temperature: a.temperature.unwrap_or(own.temperature_or_default()),
@@ -367,6 +379,18 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     };
     if let Some(said) = own.describe() {
         errln!("[generate] the checkpoint's generation_config.json sets {said} (flags override)");
+    }
+    let filters = [
+        ("--top-k", a.top_k.is_some()),
+        ("--top-p", a.top_p.is_some()),
+        ("--min-p", a.min_p.is_some()),
+    ];
+    let unused: Vec<&str> = filters.iter().filter(|f| f.1).map(|f| f.0).collect();
+    if cfg.temperature == 0.0 && !unused.is_empty() {
+        errln!(
+            "warning: generate: {} filter what is sampled, and temperature 0 decodes greedily",
+            unused.join(", ")
+        );
     }
     if own.samples_untempered() && a.temperature.is_none() {
         errln!(
@@ -565,6 +589,10 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
     // Each prompt that does not fit is named by its record, before any is answered.
     stages::setup::encode_prompts(&loaded.tokenizer, &prompts, a.max_new_tokens, context)
         .map_err(|e| anyhow::anyhow!("eval: {e} (--max-new-tokens {})", a.max_new_tokens))?;
+    let reach = ("--max-new-tokens", a.max_new_tokens);
+    if let Some(w) = stages::eval::answers_out_of_reach(&loaded.tokenizer, &prompts, reach)? {
+        errln!("{w}");
+    }
     let r = stages::eval::accuracy(
         &net,
         ctx,

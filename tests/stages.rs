@@ -287,6 +287,84 @@ mod stage_chain {
         let out = run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let said = String::from_utf8_lossy(&out.stderr);
         assert!(said.contains("[eval] prompts 64/70"), "{said}");
+        assert!(!said.contains("take more tokens"), "{said}");
+
+        // An answer no response can match is refused; one longer than a response can be is
+        // said to count as wrong.
+        let file = |name: &str, answer: &str| -> PathBuf {
+            let f = dir.join(name);
+            let line = serde_json::json!({"prompt": "1+1=", "answer": answer});
+            std::fs::write(
+                &f,
+                format!("{{\"prompt\": \"2+2=\", \"answer\": \"4\"}}\n{line}\n"),
+            )
+            .unwrap();
+            f
+        };
+        for (name, answer, why) in [
+            ("blank.jsonl", "  ", "empty"),
+            ("lines.jsonl", "2\n3", "spans several lines"),
+        ] {
+            let e = run_err(&eval(&file(name, answer)).each_ref().map(String::as_str));
+            assert!(
+                e.contains(&format!("{name}:2: field \"answer\": {why}")),
+                "{e}"
+            );
+        }
+        let long = file("long.jsonl", "123456789");
+        let out = run_ok(&eval(&long).each_ref().map(String::as_str));
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("1 of 2 answers take more tokens than --max-new-tokens 8")
+                && said.contains("long.jsonl:2, takes 9"),
+            "{said}"
+        );
+    }
+
+    /// `generate` refuses settings that cannot do what they say: greedy samples of a prompt
+    /// (all one text), a `--max-new-tokens` that leaves no room for a prompt (named as the
+    /// flag, not as the prompt's fault), more `--min-new-tokens` than new tokens; and says
+    /// that sampling filters do nothing under greedy decoding.
+    #[test]
+    fn generate_refuses_settings_that_cannot_hold() {
+        let gen = |extra: &[&str]| -> Vec<String> {
+            let mut v = vec!["generate", "--checkpoint", arg(pre()), "--prompt", "1+1="];
+            v.extend_from_slice(extra);
+            v.into_iter().map(String::from).collect()
+        };
+        let err =
+            |extra: &[&str]| run_err(&gen(extra).iter().map(String::as_str).collect::<Vec<_>>());
+        let e = err(&["--temperature", "0", "--samples", "3"]);
+        assert!(e.contains("--samples 3 with greedy decoding"), "{e}");
+        let e = err(&["--max-new-tokens", "1000"]);
+        assert!(
+            e.contains("generate: --max-new-tokens 1000 leaves no room for a prompt"),
+            "{e}"
+        );
+        let e = err(&["--max-new-tokens", "4", "--min-new-tokens", "6"]);
+        assert!(
+            e.contains("--min-new-tokens 6 is more than the 4 new tokens"),
+            "{e}"
+        );
+        let e = err(&["--max-new-tokens", "63"]);
+        assert!(
+            e.contains("--prompt 1: field \"prompt\"") && e.contains("(--max-new-tokens 63)"),
+            "{e}"
+        );
+        let args = gen(&[
+            "--temperature",
+            "0",
+            "--top-k",
+            "3",
+            "--max-new-tokens",
+            "2",
+        ]);
+        let out = run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("warning: generate: --top-k filter what is sampled"),
+            "{said}"
+        );
     }
 
     /// A byte-level model exported for transformers carries a `tokenizer.json` that encodes

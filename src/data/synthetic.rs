@@ -60,6 +60,20 @@ pub fn exact_match(response: &str, answer: &str) -> bool {
     response.lines().next().unwrap_or("").trim() == answer.trim()
 }
 
+/// Why [`exact_match`] cannot check `answer`, if it cannot: an empty one is matched by a
+/// response that says nothing, and one of several lines by no response, since only a
+/// response's first line is compared.
+pub fn unmatchable(answer: &str) -> Option<&'static str> {
+    let answer = answer.trim();
+    if answer.is_empty() {
+        Some("empty, so a response that says nothing would match it")
+    } else if answer.contains('\n') {
+        Some("spans several lines, and only a response's first line is compared with it")
+    } else {
+        None
+    }
+}
+
 impl Synthetic {
     pub fn new(seed: u64) -> Self {
         Self {

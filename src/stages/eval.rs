@@ -6,8 +6,8 @@ use std::path::Path;
 use anyhow::{bail, Result};
 
 use crate::config::Stage;
-use crate::data::records::PromptRecord;
-use crate::data::synthetic::{exact_match, Split, Synthetic};
+use crate::data::records::{place, PromptRecord};
+use crate::data::synthetic::{exact_match, unmatchable, Split, Synthetic};
 use crate::data::tokenizer::Tokenizer;
 use crate::generate::{generate, RowKeys, SampleCfg};
 use crate::model::linear::Ctx;
@@ -138,6 +138,33 @@ impl TaskWorld {
     }
 }
 
+/// What to say of answers longer in tokens than `max_new_tokens` (named `setting` for the
+/// user): no response within it can match them, so they count as wrong whatever the model
+/// learnt. Said, not refused: a model may spell an answer in fewer tokens than its encoding
+/// alone takes.
+pub fn answers_out_of_reach(
+    tok: &Tokenizer,
+    prompts: &[PromptRecord],
+    (setting, max_new_tokens): (&str, usize),
+) -> Result<Option<String>> {
+    let (mut count, mut first) = (0, None);
+    for (i, p) in prompts.iter().enumerate() {
+        let Some(answer) = &p.answer else { continue };
+        let n = tok.encode(answer.trim())?.len();
+        if n > max_new_tokens {
+            count += 1;
+            first.get_or_insert_with(|| (place(&p.origin, "prompt", i), n));
+        }
+    }
+    Ok(first.map(|(at, n)| {
+        format!(
+            "warning: {count} of {} answers take more tokens than {setting} {max_new_tokens} \
+             lets a response have (the first, {at}, takes {n}), so they count as wrong",
+            prompts.len()
+        )
+    }))
+}
+
 /// Greedy decoding of every prompt (in batches), scored by exact match; with a line (or bar)
 /// per batch where `shown` and there is more than one batch.
 pub fn accuracy(
@@ -154,8 +181,15 @@ pub fn accuracy(
     // Every answer is there before any prompt is decoded.
     let answers: Vec<&str> = prompts
         .iter()
-        .map(|p| match (&p.answer, &p.origin) {
-            (Some(a), _) => Ok(a.as_str()),
+        .enumerate()
+        .map(|(i, p)| match (&p.answer, &p.origin) {
+            (Some(a), _) => match unmatchable(a) {
+                Some(why) => bail!(
+                    "{}: field \"answer\": {why} (accuracy is an exact match with it)",
+                    place(&p.origin, "prompt", i)
+                ),
+                None => Ok(a.as_str()),
+            },
             (None, Some(at)) => {
                 bail!(
                     "{at}: field \"answer\": missing or null (accuracy is an exact match with it)"

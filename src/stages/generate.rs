@@ -122,6 +122,15 @@ impl Job<'_> {
                 c.repetition_penalty
             );
         }
+        // transformers refuses it too: greedy decoding's samples of a prompt are one text.
+        if c.temperature == 0.0 && self.samples > 1 {
+            bail!(
+                "generate: --samples {} with greedy decoding (temperature 0) writes {} identical \
+                 completions of each prompt; sample with a --temperature above 0",
+                self.samples,
+                self.samples
+            );
+        }
         if self.best_of && (self.rewards.is_empty() || self.samples < 2) {
             bail!("generate: --best-of keeps each prompt's best-scored sample: it needs --reward and --samples 2 or more");
         }
@@ -446,14 +455,15 @@ fn best_of(scores: &[f64], samples: usize) -> Vec<usize> {
 pub fn inline_prompts(texts: &[String]) -> Vec<PromptRecord> {
     texts
         .iter()
-        .map(|t| {
+        .enumerate()
+        .map(|(i, t)| {
             let mut fields = Map::new();
             fields.insert("prompt".into(), Value::String(t.clone()));
             PromptRecord {
                 prompt: t.clone(),
                 answer: None,
                 fields,
-                origin: None,
+                origin: Some(format!("--prompt {}", i + 1)),
                 templated: false,
             }
         })
@@ -514,7 +524,9 @@ pub fn run(
     let requests = &requests[part];
     warn_replaced_fields(requests, job, rewards.is_some());
     let context = net.cfg.max_position_embeddings;
-    let encoded = encode_prompts(tok, requests, job.cfg.max_new_tokens, context)?;
+    let new_tokens = job.cfg.max_new_tokens;
+    let encoded = encode_prompts(tok, requests, new_tokens, context)
+        .map_err(|e| anyhow::anyhow!("{e} (--max-new-tokens {new_tokens})"))?;
     let total = requests.len() * job.samples;
     let resumed = sink.resume_point(requests, (job.samples, job.lines_per_prompt()), settings)?;
     let batch_rows = (job.batch_rows - job.batch_rows % job.samples).max(job.samples);

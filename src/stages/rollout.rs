@@ -198,6 +198,12 @@ impl Actors {
             policy.cfg.max_position_embeddings,
             |set| check_prompts(&rewards, set),
         )?;
+        let reach = ("max_new_tokens", k.max_new_tokens);
+        if rewards.uses_task() {
+            if let Some(w) = super::eval::answers_out_of_reach(tok, &prompts, reach)? {
+                crate::warnln!("{w}");
+            }
+        }
         let actors = Self {
             policy,
             reference,

@@ -17,7 +17,7 @@ use super::loader::{read_checkpoint, scored_from, Loaded};
 use super::reward::Scorer;
 use crate::config::{ExternalRewardConfig, RewardSource, RewardSpec};
 use crate::data::records::{place, PromptRecord};
-use crate::data::synthetic::exact_match;
+use crate::data::synthetic::{exact_match, unmatchable};
 use crate::data::tokenizer::Tokenizer;
 use crate::model::linear::Ctx;
 use crate::train::params::{Net, ParamStore, Role};
@@ -285,9 +285,15 @@ pub fn check_prompts(rewards: &RewardFn, sets: &[&[PromptRecord]]) -> Result<()>
     if rewards.uses_task() {
         for prompts in sets {
             for (i, p) in prompts.iter().enumerate() {
-                if p.answer.is_none() {
+                let Some(answer) = &p.answer else {
                     bail!(
                         "{}: the task reward needs an \"answer\" field in every prompt record",
+                        place(&p.origin, "prompt", i)
+                    );
+                };
+                if let Some(why) = unmatchable(answer) {
+                    bail!(
+                        "{}: field \"answer\": {why} (the task reward is an exact match with it)",
                         place(&p.origin, "prompt", i)
                     );
                 }
