@@ -348,22 +348,29 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     // Unset, at most half the context: the built-in task's model holds 64 positions, and the
     // default 64 new tokens refused every prompt there.
     let context = loaded.meta.model.max_position_embeddings;
-    let (max_new_tokens, from) = match (a.max_new_tokens, own.max_new_tokens) {
-        (Some(n), _) => (n, "--max-new-tokens"),
-        (None, Some(n)) => (n, "the generation config's max_new_tokens"),
-        (None, None) => (
-            sampling_defaults::MAX_NEW_TOKENS.min((context / 2).max(1)),
-            "max_new_tokens",
-        ),
+    // Where the number came from, as errors name it.
+    let (max_new_tokens, said) = match (a.max_new_tokens, own.max_new_tokens) {
+        (Some(n), _) => (n, format!("--max-new-tokens {n}")),
+        (None, Some(n)) => (n, format!("the generation config's max_new_tokens {n}")),
+        (None, None) => {
+            let n = sampling_defaults::MAX_NEW_TOKENS.min((context / 2).max(1));
+            (
+                n,
+                format!("the default max_new_tokens {n}, which --max-new-tokens sets"),
+            )
+        }
     };
     if max_new_tokens >= context {
         bail!(
-            "generate: {from} {max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens"
+            "generate: {said} leaves no room for a prompt in the model's context of {context} tokens"
         );
     }
     if let Some(n) = a.min_new_tokens.filter(|&n| n > max_new_tokens) {
-        bail!("generate: --min-new-tokens {n} is more than the {max_new_tokens} new tokens allowed ({from})");
+        bail!("generate: --min-new-tokens {n} is more than the {max_new_tokens} new tokens allowed ({said})");
     }
+    // Each prompt that does not fit is named by its record, before any is answered.
+    stages::setup::encode_prompts(&loaded.tokenizer, &requests, max_new_tokens, context)
+        .map_err(|e| anyhow::anyhow!("generate: {e} ({said})"))?;
     let cfg = SampleCfg {
         max_new_tokens,
         temperature: a.temperature.unwrap_or(own.temperature_or_default()),

@@ -583,6 +583,8 @@ fn rl_checkpoints_inside_a_rollout_resume_exactly() {
         }
         std::fs::remove_dir_all(cut.join("final")).unwrap();
         std::fs::write(ckpts.join("latest"), &steps[0]).unwrap();
+        let other_beta = p(&case, "other-beta");
+        copy_tree(&cut, &other_beta);
         run_ok(&[stage, "--resume", s(&cut)]);
         let (mw, mc) = (metrics(&whole), metrics(&cut));
         let (a, b) = (series(&mw, "train", "loss"), series(&mc, "train", "loss"));
@@ -602,6 +604,13 @@ fn rl_checkpoints_inside_a_rollout_resume_exactly() {
             let (a, b) = (series(&mw, "val", key), series(&mc, "val", key));
             assert_eq!(a.len(), 1 + 6 / eval, "case {i} val {key}: {a:?}");
             assert_eq!(a, b, "case {i}: val {key}");
+        }
+        // A fixed KL coefficient is the configuration's: a resume given another takes it.
+        if stage == "ppo" {
+            run_ok(&[stage, "--resume", s(&other_beta), "--beta", "0.3"]);
+            let beta = series(&metrics(&other_beta), "val", "beta");
+            assert_eq!(beta.first().map(|b| b.1), Some(0.05), "{beta:?}");
+            assert_eq!(beta.last().map(|b| b.1), Some(0.3), "{beta:?}");
         }
     }
 }

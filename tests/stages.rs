@@ -343,7 +343,9 @@ mod stage_chain {
         );
         let e = err(&["--max-new-tokens", "4", "--min-new-tokens", "6"]);
         assert!(
-            e.contains("--min-new-tokens 6 is more than the 4 new tokens"),
+            e.contains(
+                "--min-new-tokens 6 is more than the 4 new tokens allowed (--max-new-tokens 4)"
+            ),
             "{e}"
         );
         let e = err(&["--max-new-tokens", "63"]);

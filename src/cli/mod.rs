@@ -439,7 +439,9 @@ pub struct GenerateArgs {
     /// generation config's `top_k`, else 0.
     #[arg(long)]
     pub top_k: Option<usize>,
-    /// Sample from the smallest set of tokens whose probability reaches p; 1 keeps them all.
+    /// Sample from the smallest set of tokens whose probability reaches p, and every token
+    /// tied with the last one taken (transformers keeps as many of a tie as its sort
+    /// reaches); 1 keeps them all.
     /// Default: the generation config's `top_p`, else 1.
     #[arg(long)]
     pub top_p: Option<f64>,

@@ -5,7 +5,7 @@
 //! cache rows copied on the device (`prefill`); each step samples every active row on the
 //! device ([`crate::kernels::sample`]) and only the chosen ids come to the host; rows that have
 //! finished leave the batch once enough of them have (`engine`). Each row's uniforms are
-//! keyed by (seed, global row id, position), so the random stream a row sees does not depend
+//! keyed by (seed, global row id, index of the response token), so the random stream a row sees does not depend
 //! on the batch, the rank, or whether compaction and shared prefill are on. On the CPU its
 //! tokens are then bit-identical too (tested); on a GPU the logits themselves round
 //! differently with the batch's shape (cuBLAS algorithms, the decode kernel's split), so a

@@ -1,6 +1,6 @@
 //! Next-token sampling from a batch of logits `[B, V]`: repetition penalty, temperature,
 //! top-k, top-p and min-p, with each row's uniform draw taken from a counter-based hash of
-//! (seed, global row id, position).
+//! (seed, global row id, index of the draw in the row's response).
 //!
 //! Why counter-based: a row's tokens must not depend on which batch, rank or slot it was
 //! generated in (data-parallel rollouts split a batch across ranks; the engine compacts

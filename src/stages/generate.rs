@@ -524,9 +524,7 @@ pub fn run(
     let requests = &requests[part];
     warn_replaced_fields(requests, job, rewards.is_some());
     let context = net.cfg.max_position_embeddings;
-    let new_tokens = job.cfg.max_new_tokens;
-    let encoded = encode_prompts(tok, requests, new_tokens, context)
-        .map_err(|e| anyhow::anyhow!("{e} (--max-new-tokens {new_tokens})"))?;
+    let encoded = encode_prompts(tok, requests, job.cfg.max_new_tokens, context)?;
     let total = requests.len() * job.samples;
     let resumed = sink.resume_point(requests, (job.samples, job.lines_per_prompt()), settings)?;
     let batch_rows = (job.batch_rows - job.batch_rows % job.samples).max(job.samples);

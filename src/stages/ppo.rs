@@ -380,7 +380,11 @@ impl Task for PpoTask<'_> {
         // Older checkpoints lack the last three; they were taken between rollouts, where the
         // next step samples a rollout that sets the KL again.
         let f = |key: &str, or: f64| s.get(key).and_then(|v| v.as_f64()).unwrap_or(or);
-        self.beta = f("beta", self.beta);
+        // Under the adaptive controller beta is state, as TRL restores it; a fixed coefficient
+        // is the configuration's, and a run resumed with another one takes it.
+        if self.cfg().adaptive_kl {
+            self.beta = f("beta", self.beta);
+        }
         self.last_kl = f("last_kl", self.last_kl);
         self.gen_secs = f("gen_time_total_s", self.gen_secs);
         self.train_secs = f("train_time_total_s", self.train_secs);
