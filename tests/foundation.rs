@@ -2041,6 +2041,31 @@ fn a_corrupt_latest_checkpoint_resumes_from_the_one_before() {
         assert!(dir.join("final/model.safetensors").is_file());
     }
 
+    // A pointer behind a newer complete checkpoint (a kill between the checkpoint's rename and
+    // the pointer's switch, or a pointer set back by hand) is followed, the newer one named.
+    let behind = p(d.path(), "behind");
+    copy_tree(&full, &behind);
+    stop_after_step_4(&behind);
+    std::fs::write(behind.join("checkpoints/latest"), "step-0000002").unwrap();
+    let out = run_ok(&[
+        "pretrain",
+        "--resume",
+        behind.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let warned = lines_with(&err, "warning:");
+    assert_eq!(warned.len(), 1, "{err}");
+    assert!(
+        warned[0].contains("names step-0000002")
+            && warned[0].contains("step-0000004 is passed over"),
+        "{}",
+        warned[0]
+    );
+    assert!(err.contains("step-0000002 at step 2"), "{err}");
+    assert_eq!(curve(&behind), curve(&full));
+
     // Damage that reads as files: a state.json that parses but lacks what temper writes, and
     // weights that are not finite (no checkpoint is written so). Set aside as the others.
     let state4 = full.join("checkpoints/step-0000004/state.json");

@@ -447,14 +447,15 @@ pub fn run(env: &Env) -> Result<PolicyResult> {
         objective: Objective::PolicyGradient,
     };
     let (actors, prompts, eval_prompts) = Actors::load(env, policy, reference, &tok, knobs)?;
+    // A resume reads the critic back from its checkpoint, whatever the rewards are now.
+    let value_from = match (env.resume, &value_src) {
+        (true, _) => "the checkpoint".to_string(),
+        (false, None) => "the policy (fresh head)".to_string(),
+        (false, Some(p)) => p.display().to_string(),
+    };
     warnln!(
-        "[ppo] reward {}, value model from {}, reference: {}",
+        "[ppo] reward {}, value model from {value_from}, reference: {}",
         actors.rewards.names.join(" + "),
-        value_src
-            .as_ref()
-            .map_or("the policy (fresh head)".to_string(), |p| p
-                .display()
-                .to_string()),
         actors
             .reference
             .as_ref()

@@ -196,6 +196,18 @@ impl Checkpoints {
             },
         };
         let below = step_of(&newest);
+        // A kill between a checkpoint's rename and the pointer's switch leaves a newer
+        // complete one the pointer does not name; so does a pointer set back by hand. Which
+        // it is cannot be told, so the pointer is followed, and the newer one named.
+        let passed = (older.iter()).rfind(|p| below.is_some_and(|b| step_of(p) > Some(b)));
+        if let (true, Some(p)) = (say, passed) {
+            crate::warnln!(
+                "warning: {} names {name}; the newer complete checkpoint {} is passed over (point latest \
+                 at it to resume from there)",
+                pointer.display(),
+                p.display()
+            );
+        }
         older.retain(|p| p != &newest && below.is_none_or(|b| step_of(p) < Some(b)));
         Ok(std::iter::once(newest)
             .chain(older.into_iter().rev())

@@ -7,7 +7,7 @@
 mod command;
 mod http;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -84,8 +84,7 @@ impl RewardFn {
             bail!("no reward named: use --reward task, --reward PATH[:WEIGHT], --reward cmd:PROGRAM or --reward http://HOST:PORT/PATH");
         }
         let mut sources = Vec::new();
-        for spec in specs {
-            let name = spec.to_string();
+        for (spec, name) in specs.iter().zip(source_names(specs)) {
             let kind = match &spec.source {
                 RewardSource::Task => Kind::Task,
                 RewardSource::Model(path) => {
@@ -187,6 +186,43 @@ impl RewardFn {
         }
         Ok(Scores { total, by_source })
     }
+}
+
+/// How each source is named in the metrics and the completion log: as given, but a reward
+/// model by its Hub name, else by the last components of its absolute path that tell it from
+/// the other reward models. A resume reads the absolute paths its config.toml records, so a
+/// name from the path as typed changed there and split each source's series in two.
+fn source_names(specs: &[RewardSpec]) -> Vec<String> {
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let models: Vec<PathBuf> = (specs.iter())
+        .filter_map(|s| match &s.source {
+            RewardSource::Model(p) => Some(abs(p)),
+            _ => None,
+        })
+        .collect();
+    specs
+        .iter()
+        .map(|s| match &s.source {
+            RewardSource::Model(p) => {
+                let path = abs(p);
+                let name = match crate::hub_cache::repo_of_snapshot(&path) {
+                    Some((repo, _)) => repo,
+                    None => distinct_tail(&path, &models).display().to_string(),
+                };
+                format!("{name}:{}", s.weight)
+            }
+            _ => s.to_string(),
+        })
+        .collect()
+}
+
+/// The fewest last components of `path` that no other of `paths` ends with.
+fn distinct_tail(path: &Path, paths: &[PathBuf]) -> PathBuf {
+    let parts: Vec<_> = path.components().collect();
+    (1..parts.len())
+        .map(|n| parts[parts.len() - n..].iter().collect::<PathBuf>())
+        .find(|tail| paths.iter().all(|o| o == path || !o.ends_with(tail)))
+        .unwrap_or_else(|| path.to_path_buf())
 }
 
 /// The name a run records a reward model's weights under (`frozen_inputs.json`): its path made
@@ -342,6 +378,28 @@ fn replaced_fields(rewards: &RewardFn, sets: &[&[PromptRecord]]) -> Option<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reward model is named by as much of its path's end as tells it from the others, the
+    /// same from a relative path as from its absolute one (what a resume reads).
+    #[test]
+    fn reward_models_are_named_by_their_paths_distinct_ends() {
+        let specs =
+            |xs: &[&str]| -> Vec<RewardSpec> { xs.iter().map(|x| x.parse().unwrap()).collect() };
+        let here = std::env::current_dir().unwrap();
+        let absolute = here.join("runs/a/rm");
+        assert_eq!(
+            source_names(&specs(&["task", "runs/a/rm:0.5", "runs/b/rm", "runs/rm2"])),
+            ["task:1", "a/rm:0.5", "b/rm:1", "rm2:1"]
+        );
+        assert_eq!(
+            source_names(&specs(&[
+                &format!("{}:0.5", absolute.display()),
+                "./runs/b/rm"
+            ])),
+            ["a/rm:0.5", "b/rm:1"]
+        );
+        assert_eq!(source_names(&specs(&["rm", "rm:2"])), ["rm:1", "rm:2"]);
+    }
 
     /// A source named as an earlier one is numbered: each keeps its own key in the completion
     /// log and the metrics.
