@@ -148,6 +148,12 @@ fn a_stopped_pipeline_resumes_where_it_stopped() {
     assert!(said.contains(&resume), "{said}");
     assert!(out.join("pretrain/final/meta.json").exists());
     assert!(!out.join("sft/final").exists());
+    let summary = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
+    };
+    // The stopped stage's seconds are kept, for its resume to count on from.
+    let stopped_secs = summary()["seconds"]["sft"].as_f64().unwrap();
+    assert!(stopped_secs > 0.0, "{}", summary());
     let e = run_err(&args);
     assert!(e.contains("--resume"), "{e}");
     let mut again = args.to_vec();
@@ -165,6 +171,16 @@ fn a_stopped_pipeline_resumes_where_it_stopped() {
     }
     // The resumed SFT stage still compares with its base model.
     assert!(s["sft"]["base_accuracy"].is_f64(), "{text}");
+    let secs = &s["seconds"];
+    assert!(secs["sft"].as_f64().unwrap() > stopped_secs, "{text}");
+    let stages: f64 = ["pretrain", "sft", "reward", "ppo"]
+        .iter()
+        .map(|k| secs[*k].as_f64().unwrap())
+        .sum();
+    assert!(
+        (secs["total"].as_f64().unwrap() - stages).abs() < 1e-6,
+        "{text}"
+    );
     // Other options would keep stages trained under these beside new ones: refused.
     let mut other = again.clone();
     other[4] = "0.06";

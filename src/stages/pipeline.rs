@@ -290,7 +290,12 @@ fn stage_config(
         // do nothing, as the epochs would override it.
         Some(e) => cfg.train.epochs = Some(e * opts.scale),
         None => {
-            let scaled = ((cfg.train.steps as f64) * opts.scale).round().max(1.0);
+            // At least one step, but a table's `steps = 0` stays 0, for the stage's check to
+            // refuse by its line.
+            let scaled = match cfg.train.steps {
+                0 => 0.0,
+                n => ((n as f64) * opts.scale).round().max(1.0),
+            };
             // config.toml holds steps as an i64.
             if scaled >= i64::MAX as f64 {
                 bail!(
@@ -521,7 +526,6 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
     summary.report_to = opts.report_to;
     let running = summary.running.take();
     summary.seconds.remove("total");
-    let started = Instant::now();
     let start = match opts.overwrite {
         true => Start::Overwrite,
         false => Start::Fresh,
@@ -604,12 +608,23 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
         summary.running = Some(step.name.to_string());
         summary.write(dir)?;
         crate::dist::preempt::set_phase(crate::dist::preempt::Phase::Setup);
+        // A stage resumed goes on counting from the seconds its stopped part took.
+        let before = match start {
+            Start::Resume => (summary.seconds.get(step.name)).and_then(Value::as_f64),
+            _ => None,
+        };
         let env = Env::prepare(cfg, &at, start)?;
         // A step started over replaces what was there at once: the pipeline's summary decides
         // what is stale, and a step trained from an earlier upstream model put back would be
         // resumed as if it were this pipeline's.
         env.checkpointed()?;
-        let result = run_stage(step.stage, &env).map_err(|e| {
+        let result = run_stage(step.stage, &env);
+        let secs = before.unwrap_or(0.0) + t0.elapsed().as_secs_f64();
+        summary.seconds.insert(step.name.to_string(), json!(secs));
+        if result.is_err() {
+            summary.write(dir)?;
+        }
+        let result = result.map_err(|e| {
             // A signal's line says --resume of the stage's directory; the pipeline goes on from
             // the same place with its own --resume.
             let Some(at) = e.downcast_ref::<Preempted>().map(|p| p.at) else {
@@ -625,13 +640,14 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
             ))
         })?;
         summary.results.insert(step.name.to_string(), result);
-        let secs = json!(t0.elapsed().as_secs_f64());
-        summary.seconds.insert(step.name.to_string(), secs);
         summary.running = None;
         summary.write(dir)?;
     }
-    let total = json!(started.elapsed().as_secs_f64());
-    summary.seconds.insert("total".into(), total);
+    // The stages' own seconds, those of stages kept from an earlier call included.
+    let total: f64 = (steps.iter())
+        .filter_map(|s| summary.seconds.get(s.name).and_then(Value::as_f64))
+        .sum();
+    summary.seconds.insert("total".into(), json!(total));
     summary.write(dir)?;
     print_table(&steps, &summary.results);
     outln!("summary: {}", dir.join("summary.json").display());
@@ -735,7 +751,7 @@ fn print_table(steps: &[Step], summary: &Map<String, Value>) {
             Stage::Ppo | Stage::Grpo | Stage::OnlineDpo => (
                 format!("accuracy {}", f(v.get("accuracy"))),
                 format!(
-                    "sft {}, reward {} (sft {}), KL {}",
+                    "sft {}, reward {} (sft {}), rollout KL {}",
                     f(v.get("sft_accuracy")),
                     f(v.get("mean_reward")),
                     f(v.get("sft_mean_reward")),

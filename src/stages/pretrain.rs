@@ -166,7 +166,8 @@ pub struct PretrainResult {
     pub first_val_loss: Option<f64>,
     /// None where no held-out evaluation ran (a resumed run that had finished, say).
     pub val_loss: Option<f64>,
-    /// The last step's loss; None where no step ran (a resumed run that had finished).
+    /// The loss of the last train line logged; None where no step ran (a resumed run that
+    /// had finished).
     pub train_loss: Option<f64>,
 }
 

@@ -261,7 +261,8 @@ impl Window {
 #[derive(Clone, Debug)]
 pub struct TrainSummary<E> {
     pub steps: usize,
-    /// None where no step ran (a resumed run that had finished).
+    /// The loss of the last train line logged (its window's mean); None where no step ran (a
+    /// resumed run that had finished).
     pub last_train_loss: Option<f64>,
     /// The evaluation before the first step (with `eval_at_start`; a resumed run's from its
     /// checkpoint).
@@ -857,11 +858,12 @@ impl<T: Task> Loop<'_, T> {
             self.window.add(&out);
             let s = step + 1;
             self.task.after_step(s)?;
-            self.last_train_loss = Some(out.loss);
             if s % cfg.log_every == 0 || s == cfg.steps {
                 let secs = window_start.elapsed().as_secs_f64().max(1e-9);
                 let tps = window_tokens as f64 / secs;
                 let (loss, means) = self.window.drain();
+                // The summary's loss is the one metrics.jsonl holds, not the last step's alone.
+                self.last_train_loss = Some(loss);
                 let mut fields = vec![
                     ("loss", loss),
                     ("lr", lr),
