@@ -603,9 +603,11 @@ pub enum TokenizerCmd {
         /// Tokens per shard.
         #[arg(long, default_value_t = 100_000_000)]
         shard_tokens: usize,
-        /// Share of documents held out as validation shards (0: none; pretraining then holds
-        /// out the training stream's tail). With the seed, the defaults match pretraining's
-        /// own split of the same text.
+        /// Share of documents held out as validation shards (0, or a corpus of fewer than 20
+        /// documents: none, and pretraining holds out the training stream's tail). With the
+        /// seed, the defaults match pretraining's own split of the same text, except where
+        /// that split moves a document (none or every one drawn) or finds a side shorter than
+        /// a window, and takes the tail instead.
         #[arg(long, default_value_t = 0.1)]
         val_fraction: f64,
         /// Seed of the document split (pretraining's default seed).

@@ -136,8 +136,8 @@ pub struct PackedCorpus {
 }
 
 /// Below this many documents a whole-document split gives too coarse (or empty) a
-/// validation set, so blocks are split instead.
-const MIN_DOCS_FOR_DOC_SPLIT: usize = 20;
+/// validation set, so the stream's tail is held out instead.
+pub(crate) const MIN_DOCS_FOR_DOC_SPLIT: usize = 20;
 
 /// Each document's ids, followed by EOS: what pretraining packs.
 pub fn document_ids(docs: &[String], tok: &Tokenizer) -> Result<Vec<Vec<u32>>> {
@@ -158,9 +158,9 @@ pub fn document_ids(docs: &[String], tok: &Tokenizer) -> Result<Vec<Vec<u32>>> {
 ///
 /// With at least 20 documents whole documents go to validation with probability
 /// `val_fraction` (a seeded hash of the document index, so the split is stable). Otherwise,
-/// or when that leaves a split shorter than one block, the joined token stream is cut into
-/// blocks of `block` tokens and a seeded choice of `val_fraction` of them (at least one, and
-/// never all) goes to validation. Each split holds at least `block` tokens or it errors.
+/// or when that leaves a split shorter than one block, the joined token stream's last
+/// `val_fraction` is held out ([`split_tail`]). Each split holds at least `block` tokens or it
+/// errors.
 pub fn pack_documents(
     docs: &[String],
     tok: &Tokenizer,
@@ -180,7 +180,7 @@ pub fn pack_documents(
             return Ok(p);
         }
     }
-    split_blocks(&streams.concat(), val_fraction, block, seed)
+    split_tail(&streams.concat(), val_fraction, block)
 }
 
 /// Whole-document split, or None when a side would be shorter than one block.
@@ -219,42 +219,25 @@ fn split_documents(
     (p.train.len() >= block && p.val.len() >= block).then_some(p)
 }
 
-fn split_blocks(
-    stream: &[u32],
-    val_fraction: f64,
-    block: usize,
-    seed: u64,
-) -> Result<PackedCorpus> {
-    let n_blocks = stream.len() / block;
-    if n_blocks < 2 {
+/// The stream's last `val_fraction` held out (at least one block, and never all but less than
+/// one), the rest trained: nanoGPT's split of a single text, and the one a token-shard corpus
+/// without validation shards gets, so a text and its shards hold out the same tokens. It is
+/// one span, which neither the seed nor the context moves: held-out windows never straddle a
+/// trained stretch, and losses of runs with other seeds or contexts compare.
+fn split_tail(stream: &[u32], val_fraction: f64, block: usize) -> Result<PackedCorpus> {
+    if stream.len() < 2 * block {
         bail!(
             "the corpus is too small for a context of {block} tokens: it has {} tokens, and at least {} (one block for training and one for validation) are needed; use more text or a shorter context",
             stream.len(),
             2 * block
         );
     }
-    let n_val = ((val_fraction * n_blocks as f64).round() as usize).clamp(1, n_blocks - 1);
-    let mut order: Vec<(u64, usize)> = (0..n_blocks)
-        .map(|b| (mix(seed, BLOCK_STREAM, b as u64), b))
-        .collect();
-    order.sort_unstable();
-    let mut to_val = vec![false; n_blocks];
-    for &(_, b) in &order[..n_val] {
-        to_val[b] = true;
-    }
-    let mut p = PackedCorpus {
-        train: Vec::new(),
-        val: Vec::new(),
-    };
-    for (b, chunk) in stream.chunks(block).enumerate() {
-        // The partial block at the end (b == n_blocks) stays with training.
-        if to_val.get(b).copied().unwrap_or(false) {
-            p.val.extend_from_slice(chunk);
-        } else {
-            p.train.extend_from_slice(chunk);
-        }
-    }
-    Ok(p)
+    let held = ((stream.len() as f64 * val_fraction) as usize).clamp(block, stream.len() - block);
+    let (train, val) = stream.split_at(stream.len() - held);
+    Ok(PackedCorpus {
+        train: train.to_vec(),
+        val: val.to_vec(),
+    })
 }
 
 /// Whether document `index` (counting the corpus's non-empty documents from 0) goes to
@@ -263,9 +246,8 @@ pub(crate) fn held_out(seed: u64, index: usize, val_fraction: f64) -> bool {
     unit(seed, DOC_STREAM, index as u64) < val_fraction
 }
 
-/// Separate hash streams, so the document and block splits of one seed are unrelated.
+/// The document split's hash stream.
 const DOC_STREAM: u64 = 0x646f_6373;
-const BLOCK_STREAM: u64 = 0x626c_6f63;
 
 fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -485,17 +467,10 @@ mod tests {
         let tok = Tokenizer::bytes();
         let ds = vec!["ab".to_string(), "c".to_string()];
         let p = pack_documents(&ds, &tok, 0.5, 2, 0).unwrap();
-        // Stream "a b EOS c EOS" makes blocks [a b] [EOS c] + tail [EOS]: one block each way.
-        let mut all = [p.train.clone(), p.val.clone()].concat();
-        all.sort_unstable();
-        let mut want = vec![b'a' as u32, b'b' as u32, BYTE_EOS, b'c' as u32, BYTE_EOS];
-        want.sort_unstable();
-        assert_eq!(all, want);
-        assert_eq!(
-            *p.train.last().unwrap(),
-            BYTE_EOS,
-            "the tail stays with training"
-        );
+        // Stream "a b EOS c EOS": its last half (two tokens) held out.
+        let (a, b) = (b'a' as u32, b'b' as u32);
+        assert_eq!(p.train, [a, b, BYTE_EOS]);
+        assert_eq!(p.val, [b'c' as u32, BYTE_EOS]);
 
         // Whole-document split: every document ends with EOS in whichever split it went.
         let ds = docs(40, 5);
@@ -539,29 +514,20 @@ mod tests {
         }
     }
 
+    /// A few documents are split as one stream: its last `val_fraction`, the same whatever
+    /// the seed or the context (but at least one block each way).
     #[test]
-    fn block_split_for_few_documents() {
+    fn tail_split_for_few_documents() {
         let tok = Tokenizer::bytes();
-        let ds = vec!["x".repeat(999)]; // 1000 tokens with EOS
-        let a = pack_documents(&ds, &tok, 0.1, 10, 1).unwrap();
-        assert_eq!(a.val.len(), 100);
-        assert_eq!(a.train.len(), 900);
-        let b = pack_documents(&ds, &tok, 0.1, 10, 1).unwrap();
-        assert_eq!(a.val, b.val);
-
-        // Which blocks go is seeded: mark each block with its own index to see them.
-        let text: String = (0..100u8)
-            .map(|i| char::from(b'!' + (i % 90)))
-            .flat_map(|c| std::iter::repeat_n(c, 10))
+        let text: String = (0..1000)
+            .map(|i| char::from(b'!' + (i % 90) as u8))
             .collect();
+        let stream: Vec<u32> = (text.bytes().map(u32::from)).chain([BYTE_EOS]).collect();
         let ds = vec![text];
-        let pick = |seed| {
-            let p = pack_documents(&ds, &tok, 0.05, 10, seed).unwrap();
-            assert_eq!(p.val.len(), 50);
-            p.val
-        };
-        assert_eq!(pick(3), pick(3));
-        assert_ne!(pick(3), pick(4));
+        for (seed, block) in [(1, 10), (2, 10), (1, 33)] {
+            let p = pack_documents(&ds, &tok, 0.1, block, seed).unwrap();
+            assert_eq!((p.train.as_slice(), p.val.as_slice()), stream.split_at(901));
+        }
 
         // Two blocks: one each way, even with a fraction that rounds to zero or to all.
         let ds = vec!["y".repeat(19)];
@@ -572,13 +538,14 @@ mod tests {
     }
 
     #[test]
-    fn few_documents_with_tiny_val_fall_back_to_blocks() {
+    fn few_documents_with_tiny_val_fall_back_to_the_tail() {
         // 20 short documents, but a context longer than any validation pick.
         let tok = Tokenizer::bytes();
         let ds = docs(20, 9);
         let p = pack_documents(&ds, &tok, 0.1, 40, 0).unwrap();
-        assert!(p.val.len() >= 40 && p.train.len() >= 40);
-        assert_eq!(p.train.len() + p.val.len(), 200);
+        assert_eq!((p.train.len(), p.val.len()), (160, 40));
+        let stream = document_ids(&ds, &tok).unwrap().concat();
+        assert_eq!(p.val, stream[160..]);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use super::corpus::{corpus_files, held_out, read_file_documents, Part};
+use super::corpus::{corpus_files, held_out, read_file_documents, Part, MIN_DOCS_FOR_DOC_SPLIT};
 use super::shards::{write_shard, Width, BYTES_MARKER, BYTES_MARKER_TEXT};
 use super::tokenizer::{Tokenizer, FILE_NAME};
 
@@ -175,6 +175,7 @@ fn encode_into(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
     let start = Instant::now();
     let mut documents = 0;
     let mut encoded_tokens = 0usize;
+    let mut undecided: Vec<(bool, Vec<u32>)> = Vec::new();
     let files = corpus_files(corpus, opts.part)?;
     let mut next = 0;
     while next < files.len() {
@@ -191,12 +192,18 @@ fn encode_into(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
             let to_val =
                 opts.val_fraction > 0.0 && held_out(opts.seed, documents, opts.val_fraction);
             encoded_tokens += ids.len();
-            if to_val {
-                val.push(&ids)?;
-            } else {
-                train.push(&ids)?;
-            }
+            undecided.push((to_val, ids));
             documents += 1;
+            // Pretraining splits a text of fewer documents at its tail, not by document; the
+            // first ones wait until it is known that there are enough.
+            if documents >= MIN_DOCS_FOR_DOC_SPLIT {
+                for (to_val, ids) in undecided.drain(..) {
+                    match to_val {
+                        true => val.push(&ids)?,
+                        false => train.push(&ids)?,
+                    }
+                }
+            }
         }
         let secs = start.elapsed().as_secs_f64().max(1e-9);
         errln!(
@@ -208,6 +215,11 @@ fn encode_into(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
     }
     if documents == 0 {
         bail!("{}: corpus is empty", corpus.display());
+    }
+    // Too few documents for a document split: all of it trains, and pretraining holds out
+    // the stream's tail, as it does of the text.
+    for (_, ids) in undecided.drain(..) {
+        train.push(&ids)?;
     }
     train.flush()?;
     val.flush()?;

@@ -9,7 +9,8 @@
 //! which a run's tokenizer is checked against ([`check_corpus_tokenizer`]). A corpus is a shard
 //! file, or a directory holding shards (`.bin` files that start with a shard's magic number;
 //! other files there, a README or a stray `.bin`, are left alone): those whose name has a
-//! `_`-separated part `val` (`fineweb_val_000000.bin`, `val_000000.bin`) are the validation split, the others
+//! `_`-separated part `val`, `valid` or `validation` (`fineweb_val_000000.bin`,
+//! `val_000000.bin`, `x_validation_000000.bin`) are the validation split, the others
 //! the training split, each read in name order as one stream. Nothing is read ahead: a run starts at once whatever the corpus
 //! size, and a batch copies its windows out of the page cache.
 
@@ -126,6 +127,20 @@ impl Shard {
         })
     }
 
+    /// The first index in `from..to` whose id is `vocab` or more.
+    fn first_past(&self, from: usize, to: usize, vocab: usize) -> Option<usize> {
+        let w = self.width.bytes();
+        let bytes = &self.map[HEADER_BYTES + from * w..HEADER_BYTES + to * w];
+        let id = |b: &[u8]| match self.width {
+            Width::U16 => usize::from(u16::from_le_bytes([b[0], b[1]])),
+            Width::U32 => u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize,
+        };
+        bytes
+            .chunks_exact(w)
+            .position(|b| id(b) >= vocab)
+            .map(|j| from + j)
+    }
+
     /// Tokens `from..to` appended to `out`.
     fn copy(&self, from: usize, to: usize, out: &mut Vec<u32>) {
         debug_assert!(from <= to && to <= self.len);
@@ -201,6 +216,32 @@ impl Shards {
         }
     }
 
+    /// The first stream position in `from..to` whose id is `vocab` or more, scanned on every
+    /// core: a shard of another tokenizer is refused before training rather than at the
+    /// first window that reads the id, steps later.
+    fn first_past(&self, from: usize, to: usize, vocab: usize) -> Option<usize> {
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        for (i, shard) in self.shards.iter().enumerate() {
+            let (lo, hi) = (from.max(self.starts[i]), to.min(self.starts[i + 1]));
+            if lo >= hi || (shard.width == Width::U16 && vocab > usize::from(u16::MAX)) {
+                continue;
+            }
+            let (lo, hi) = (lo - self.starts[i], hi - self.starts[i]);
+            let per = (hi - lo).div_ceil(threads).max(1 << 20);
+            let found = std::thread::scope(|s| {
+                let parts: Vec<_> = (lo..hi)
+                    .step_by(per)
+                    .map(|a| s.spawn(move || shard.first_past(a, (a + per).min(hi), vocab)))
+                    .collect();
+                (parts.into_iter()).find_map(|p| p.join().expect("a scanning thread panicked"))
+            });
+            if let Some(j) = found {
+                return Some(self.starts[i] + j);
+            }
+        }
+        None
+    }
+
     /// The shard and the index within it of stream position `pos`, for errors.
     fn locate(&self, pos: usize) -> (&Path, usize) {
         let i = (self.starts.partition_point(|&s| s <= pos) - 1).min(self.shards.len() - 1);
@@ -261,6 +302,19 @@ impl TokenStream {
         }
     }
 
+    /// Fails as [`TokenStream::read`] of the first id that is `vocab` or more would, before
+    /// any is read: what a run checks of memory-mapped shards at its start (tokens tokenized
+    /// here are the tokenizer's own).
+    pub fn check_ids(&self, vocab: usize) -> Result<()> {
+        let TokenStream::Mapped { shards, from, to } = self else {
+            return Ok(());
+        };
+        match shards.first_past(*from, *to, vocab) {
+            Some(pos) => self.read(pos - from, 1, vocab, &mut Vec::new()),
+            None => Ok(()),
+        }
+    }
+
     /// Tokens `start..start + n` appended to `out`, each checked to be below `vocab`: a shard
     /// made with another tokenizer fails here, naming the shard and the token's index in it.
     pub fn read(&self, start: usize, n: usize, vocab: usize, out: &mut Vec<u32>) -> Result<()> {
@@ -306,10 +360,13 @@ fn is_shard_name(p: &Path) -> bool {
     p.extension().is_some_and(|e| e == "bin")
 }
 
+/// The name parts that mark a validation shard: llm.c's `val`, and the Hub's split names.
+const VAL_PARTS: [&str; 3] = ["val", "valid", "validation"];
+
 /// Whether a shard file belongs to the validation split.
 fn is_val_shard(p: &Path) -> bool {
     p.file_stem()
-        .is_some_and(|s| s.to_string_lossy().split('_').any(|part| part == "val"))
+        .is_some_and(|s| (s.to_string_lossy().split('_')).any(|part| VAL_PARTS.contains(&part)))
 }
 
 /// Whether `p` starts with a shard's magic number (u16 or u32 tokens).
@@ -350,7 +407,7 @@ pub fn open_corpus(path: &Path) -> Result<(Shards, Option<Shards>)> {
         files.into_iter().partition(|p| is_val_shard(p));
     if train.is_empty() {
         bail!(
-            "{}: no training shard (every .bin there is a validation shard: its name has a part `val`)",
+            "{}: no training shard (every .bin there is a validation shard: its name has a part `val`, `valid` or `validation`)",
             path.display()
         );
     }
@@ -693,6 +750,9 @@ mod tests {
         write_shard(&d.path().join("x_train_000001.bin"), &b, Width::U16).unwrap();
         write_shard(&d.path().join("x_train_000002.bin"), &c, Width::U32).unwrap();
         write_shard(&d.path().join("x_val_000000.bin"), &[7, 8, 9], Width::U16).unwrap();
+        write_shard(&d.path().join("x_validation_1.bin"), &[10], Width::U16).unwrap();
+        // A part that only begins as the split names do is no validation shard's mark.
+        assert!(!is_val_shard(Path::new("x_train_valley.bin")));
         // An empty shard in the middle, and files that are no shards, change nothing.
         write_shard(&d.path().join("x_train_000001a.bin"), &[], Width::U32).unwrap();
         std::fs::write(d.path().join("notes.txt"), "not a shard").unwrap();
@@ -703,8 +763,8 @@ mod tests {
         let all: Vec<u32> = [a.clone(), b.clone(), c.clone()].concat();
         assert_eq!(read_all(&train, 100_000), all);
         assert_eq!(
-            read_all(&TokenStream::mapped(val.unwrap()), 10),
-            vec![7, 8, 9]
+            read_all(&TokenStream::mapped(val.unwrap()), 11),
+            vec![7, 8, 9, 10]
         );
         // A window over both boundaries, and a split inside a shard.
         let mut out = vec![];
@@ -718,6 +778,15 @@ mod tests {
         // A token the model's vocabulary does not have names its shard and index.
         let e = err(train.read(0, all.len(), 65_536, &mut vec![]));
         assert!(e.contains("x_train_000002.bin: token 0 is 70000"), "{e}");
+        // The whole stream is checked before any read; a split past the id passes.
+        assert_eq!(err(train.check_ids(65_536)), e);
+        let e = err(train.check_ids(36_000));
+        assert!(e.contains("x_train_000000.bin: token 36 is 36000"), "{e}");
+        let e = err(train.check_ids(36_001));
+        assert!(e.contains("x_train_000001.bin: token 0 is 65535"), "{e}");
+        train.check_ids(70_001).unwrap();
+        let (head, _) = train.split_at(42);
+        head.check_ids(65_536).unwrap();
         // A u16 shard refuses an id it cannot hold.
         let e = err(write_shard(
             &d.path().join("big.bin"),

@@ -487,6 +487,15 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
             val.len()
         );
     }
+    // llm.c refuses a corpus smaller than a step; a step here wraps into the next epoch
+    // and holds the same windows twice.
+    let step_windows = cfg.train.batch_size * cfg.train.grad_accum * env.comm.world();
+    if windows < step_windows {
+        warnln!(
+            "warning: the corpus holds {windows} training windows of {t} tokens, fewer than a \
+             step's {step_windows}: each step trains on some windows more than once"
+        );
+    }
     let scored = eval_windows(&cfg.train, env.comm.world(), val.len()) * t;
     warnln!(
         "[pretrain] tokenizer {}, {source}, {} train / {} val tokens ({} scored by each \
@@ -497,6 +506,8 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
         scored,
         cfg.train.eval_batches
     );
+    train.check_ids(tok.vocab_size())?;
+    val.check_ids(tok.vocab_size())?;
     if cfg.data.document_mask {
         document_mask_note(&train, t, tok.vocab_size(), tok.eos_id())?;
     }
