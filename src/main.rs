@@ -394,8 +394,12 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     ];
     let unused: Vec<&str> = filters.iter().filter(|f| f.1).map(|f| f.0).collect();
     if cfg.temperature == 0.0 && !unused.is_empty() {
+        let verb = match unused.len() {
+            1 => "filters",
+            _ => "filter",
+        };
         errln!(
-            "warning: generate: {} filter what is sampled, and temperature 0 decodes greedily",
+            "warning: generate: {} {verb} what is sampled, and temperature 0 decodes greedily",
             unused.join(", ")
         );
     }

@@ -24,6 +24,24 @@ fn profile_times_the_step_by_region() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("profile: 3 steps after 2 warm-up"), "{err}");
+    // What a profiled run replaces is refused, not dropped.
+    let e = run_err(&[
+        "pretrain",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        p(d.path(), "other").to_str().unwrap(),
+        "--profile",
+        "3",
+        "--steps",
+        "100",
+        "--eval-every",
+        "7",
+    ]);
+    assert!(
+        e.contains("--steps, --eval-every would change nothing beside profile 3"),
+        "{e}"
+    );
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("profile.json")).unwrap()).unwrap();
     assert_eq!(v["steps"], 3);

@@ -364,7 +364,7 @@ mod stage_chain {
         let out = run_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let said = String::from_utf8_lossy(&out.stderr);
         assert!(
-            said.contains("warning: generate: --top-k filter what is sampled"),
+            said.contains("warning: generate: --top-k filters what is sampled"),
             "{said}"
         );
     }

@@ -313,6 +313,7 @@ pub struct StageArgs {
 
 #[derive(Args, Debug)]
 pub struct PipelineArgs {
+    /// The pipeline's directory: one run directory per stage, and summary.json.
     #[arg(long, default_value = "runs/pipeline")]
     pub out: PathBuf,
     /// Extra stages after PPO, each from the SFT model: dpo, kto, online_dpo, grpo, rloo,
@@ -320,10 +321,16 @@ pub struct PipelineArgs {
     /// to the SFT model).
     #[arg(long, value_delimiter = ',', value_enum)]
     pub with: Vec<Extra>,
+    /// auto (a CUDA device where there is one), cpu or cuda, for every stage (over a
+    /// --config table's).
     #[arg(long, value_enum)]
     pub device: Option<DeviceChoice>,
+    /// e.g. attention=flash,lora=fused or all=reference, for every stage (over a --config
+    /// table's).
     #[arg(long)]
     pub kernels: Option<String>,
+    /// The built-in task's world (its task_seed: which pairs are held out), and an offset of
+    /// every stage's training seed (seed x 1000 + the stage's own).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Scale every stage's step count (0.25 for a quick smoke run), or its epochs where the

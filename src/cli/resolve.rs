@@ -246,6 +246,20 @@ fn warn_flat_schedule(cfg: &RunConfig) {
     }
 }
 
+/// A constant schedule holds the peak to the last step: a `--min-lr-ratio` given beside it
+/// would change nothing.
+fn refuse_ratio_of_constant(cfg: &RunConfig, flag: bool) -> Result<()> {
+    let t = &cfg.train;
+    if flag && t.lr_scheduler == crate::config::LrScheduler::Constant && t.min_lr_ratio != 1.0 {
+        bail!(
+            "--min-lr-ratio {} changes nothing under train.lr_scheduler constant, which holds \
+             the peak to the last step: give --lr-scheduler linear or cosine to fall to it",
+            t.min_lr_ratio
+        );
+    }
+    Ok(())
+}
+
 /// PPO and GRPO size their batches by rollouts, not by `[train] batch_size`: a `--batch-size`
 /// given to them changed nothing, and said nothing.
 fn warn_unused_batch_size(cfg: &RunConfig, flag: bool) {
@@ -512,6 +526,7 @@ impl StageArgs {
         missing_file_input(&files, &inputs)?;
         warn_unused_batch_size(&cfg, self.batch_size.is_some());
         warn_flat_schedule(&cfg);
+        refuse_ratio_of_constant(&cfg, self.min_lr_ratio.is_some())?;
         warn_unused_dropout(&cfg);
         let pretrained =
             (cfg.init.as_deref()).is_some_and(crate::stages::setup::descends_from_pretrained);
@@ -863,6 +878,26 @@ impl StageArgs {
         set!(self.log_every, cfg.train.log_every);
         set!(self.profile, cfg.train.profile);
         set!(self.report_to, cfg.train.report_to);
+        if cfg.train.profile > 0 {
+            let replaced: Vec<&str> = [
+                ("--steps", self.steps.is_some()),
+                ("--epochs", self.epochs.is_some()),
+                ("--eval-every", self.eval_every.is_some()),
+                ("--checkpoint-every", self.checkpoint_every.is_some()),
+            ]
+            .into_iter()
+            .filter_map(|(flag, given)| given.then_some(flag))
+            .collect();
+            if !replaced.is_empty() {
+                bail!(
+                    "{} would change nothing beside profile {}: a profiled run takes its timed \
+                     steps and {} warm-up ones, with no evaluation or checkpoint between them",
+                    replaced.join(", "),
+                    cfg.train.profile,
+                    crate::train::profile::WARMUP_STEPS
+                );
+            }
+        }
         cfg.train.limit_to_profile();
         set!(self.lora_rank, cfg.lora.rank);
         set!(self.lora_alpha, cfg.lora.alpha);

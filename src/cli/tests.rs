@@ -231,6 +231,28 @@ fn a_profile_from_a_file_limits_the_run_as_the_flag_does() {
     }
 }
 
+/// A `--min-lr-ratio` beside a constant schedule, which never falls to it, is refused; a
+/// constant schedule with the default ratio runs.
+#[test]
+fn a_floor_for_a_schedule_that_does_not_fall_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let args = |ratio: Option<f64>| StageArgs {
+        lr_scheduler: Some(crate::config::LrScheduler::Constant),
+        min_lr_ratio: ratio,
+        out: Some(d.path().join("run")),
+        ..Default::default()
+    };
+    let e = args(Some(0.5))
+        .resolve(Stage::Pretrain)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("--min-lr-ratio 0.5 changes nothing under train.lr_scheduler constant"),
+        "{e}"
+    );
+    args(None).resolve(Stage::Pretrain).unwrap();
+}
+
 /// Every scoped flag is refused by exactly the stages whose `--help` leaves it out (one
 /// list, `flag_scope`, decides both), with the flag as typed and the stage's command.
 #[test]

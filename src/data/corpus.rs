@@ -49,8 +49,32 @@ pub fn documents(n: usize) -> String {
     }
 }
 
+/// Refuses a text column other than `text` named for a corpus of plain text files alone,
+/// each one document with no columns: the setting would change nothing.
+pub(crate) fn check_column_read(path: &Path, files: &[PathBuf], column: &str) -> Result<()> {
+    if column != "text" && !files.iter().any(|f| is_parquet(f) || is_jsonl(f)) {
+        bail!(
+            "{}: --columns (data.columns) names the text column `{column}`, but the corpus \
+             holds no JSONL or Parquet file: a plain text file is one document, with no columns",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// A file read as JSON lines: `.jsonl`, or `.json` (what `datasets` writes under that name),
+/// gzipped or not.
+fn is_jsonl(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| {
+        let n = n.to_string_lossy().to_lowercase();
+        let n = n.strip_suffix(".gz").unwrap_or(&n);
+        n.ends_with(".jsonl") || n.ends_with(".json")
+    })
+}
+
 /// The documents of the corpus `path`'s `files` ([`corpus_files`]).
 pub(crate) fn documents_of(path: &Path, files: &[PathBuf], column: &str) -> Result<Vec<String>> {
+    check_column_read(path, files, column)?;
     let mut docs = Vec::new();
     for f in files {
         read_file_documents(f, column, &mut docs)?;
@@ -100,14 +124,9 @@ pub(crate) fn read_file_documents(path: &Path, column: &str, docs: &mut Vec<Stri
         });
     }
     let text = read_text(path)?;
-    // `.json` too, as the other stages read their data files: JSON lines (what `datasets`
-    // writes under that name); read as plain text, its records were one document of JSON.
-    let is_jsonl = path.file_name().is_some_and(|n| {
-        let n = n.to_string_lossy().to_lowercase();
-        let n = n.strip_suffix(".gz").unwrap_or(&n);
-        n.ends_with(".jsonl") || n.ends_with(".json")
-    });
-    if !is_jsonl {
+    // `.json` too, as the other stages read their data files; read as plain text, its records
+    // were one document of JSON.
+    if !is_jsonl(path) {
         docs.push(text);
         return Ok(());
     }
@@ -546,6 +565,32 @@ mod tests {
         assert_eq!((p.train.len(), p.val.len()), (160, 40));
         let stream = document_ids(&ds, &tok).unwrap().concat();
         assert_eq!(p.val, stream[160..]);
+    }
+
+    /// A text column named for plain text files alone would change nothing: refused.
+    #[test]
+    fn a_column_for_plain_text_alone_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let txt = d.path().join("a.txt");
+        std::fs::write(&txt, "one document").unwrap();
+        let e = err(load_documents_from(&txt, "body", Part::train()));
+        assert!(
+            e.contains("a.txt: --columns") && e.contains("`body`"),
+            "{e}"
+        );
+        assert_eq!(
+            load_documents_from(&txt, "text", Part::train())
+                .unwrap()
+                .len(),
+            1
+        );
+        std::fs::write(d.path().join("b.jsonl"), "{\"body\": \"two\"}\n").unwrap();
+        assert_eq!(
+            load_documents_from(d.path(), "body", Part::train())
+                .unwrap()
+                .len(),
+            2
+        );
     }
 
     #[test]

@@ -20,7 +20,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use super::corpus::{corpus_files, held_out, read_file_documents, Part, MIN_DOCS_FOR_DOC_SPLIT};
+use super::corpus::{
+    check_column_read, corpus_files, held_out, read_file_documents, Part, MIN_DOCS_FOR_DOC_SPLIT,
+};
 use super::shards::{write_shard, Width, BYTES_MARKER, BYTES_MARKER_TEXT};
 use super::tokenizer::{Tokenizer, FILE_NAME};
 
@@ -177,6 +179,7 @@ fn encode_into(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
     let mut encoded_tokens = 0usize;
     let mut undecided: Vec<(bool, Vec<u32>)> = Vec::new();
     let files = corpus_files(corpus, opts.part)?;
+    check_column_read(corpus, &files, opts.column)?;
     let mut next = 0;
     while next < files.len() {
         let mut docs = Vec::new();

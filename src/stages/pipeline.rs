@@ -246,16 +246,6 @@ fn stage_config(
     if let Some(v) = step.grpo {
         v.apply(&mut cfg.grpo);
     }
-    if let Some(d) = opts.device {
-        cfg.device = d;
-    }
-    if let Some(k) = &opts.kernels {
-        cfg.kernels = k.clone();
-    }
-    if let Some(r) = opts.report_to {
-        cfg.train.report_to = r;
-    }
-    cfg.train.seed = opts.seed.wrapping_mul(1000).wrapping_add(cfg.train.seed);
     cfg.data.task_seed = opts.seed;
     match stage {
         Stage::Pretrain => {}
@@ -279,6 +269,18 @@ fn stage_config(
             .try_into()
             .with_context(|| format!("pipeline config: invalid [{}] table", step.name))?;
     }
+    // The command's flags over the file's tables, as a stage's flags override its config
+    // file; --seed moves each stage's seed, the table's where it sets one.
+    if let Some(d) = opts.device {
+        cfg.device = d;
+    }
+    if let Some(k) = &opts.kernels {
+        cfg.kernels = k.clone();
+    }
+    if let Some(r) = opts.report_to {
+        cfg.train.report_to = r;
+    }
+    cfg.train.seed = opts.seed.wrapping_mul(1000).wrapping_add(cfg.train.seed);
     let made: Vec<PathBuf> = ["pretrain", "sft", "reward", "ppo"]
         .iter()
         .map(|s| dir.join(s))
@@ -914,6 +916,28 @@ mod tests {
         let want = RunConfig::for_stage(Stage::Pretrain).train.steps as f64 * 0.25;
         assert_eq!(pretrain.train.epochs, None);
         assert_eq!(pretrain.train.steps, want.round() as usize);
+    }
+
+    /// The command's flags win over a table's keys, as a stage's flags win over its config
+    /// file; --seed offsets the table's seed as it offsets the stage's own.
+    #[test]
+    fn the_commands_flags_win_over_the_config_tables() {
+        let body = "[pretrain]\ndevice = \"cpu\"\nkernels = \"all=reference\"\n\
+                    [pretrain.train]\nreport_to = \"none\"\nseed = 77\n";
+        let user: toml::Value = toml::from_str(body).unwrap();
+        let step = Step::plain(Stage::Pretrain);
+        let table = stage_config(step, &options(1.0), Some(&user)).unwrap();
+        assert_eq!(table.train.seed, 77);
+        let mut opts = options(1.0);
+        opts.device = Some(DeviceChoice::Auto);
+        opts.kernels = Some("attention=flash".into());
+        opts.report_to = Some(ReportTo::Tensorboard);
+        opts.seed = 3;
+        let cfg = stage_config(step, &opts, Some(&user)).unwrap();
+        assert_eq!(cfg.device, DeviceChoice::Auto);
+        assert_eq!(cfg.kernels, "attention=flash");
+        assert_eq!(cfg.train.report_to, ReportTo::Tensorboard);
+        assert_eq!((cfg.train.seed, cfg.data.task_seed), (3077, 3));
     }
 
     /// `check_config` on `body` written to `pl.toml`, with `--with` `with`: its error.
