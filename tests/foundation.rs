@@ -2444,3 +2444,39 @@ fn a_generation_resumed_on_changed_weights_is_refused() {
         std::fs::read_to_string(&now).unwrap()
     );
 }
+
+/// A tokenizer_config.json that sets add_eos_token and leaves add_bos_token out is read as
+/// transformers 5 reads it (no BOS), and said to be, since transformers 4's Llama tokenizer
+/// read it otherwise; with both flags set nothing is said.
+#[test]
+fn one_add_token_flag_alone_is_said_to_drop_the_bos() {
+    let d = tmp();
+    let model = p(d.path(), "llama");
+    copy_tree(Path::new(&fixture("llama")), &model);
+    let config = model.join("tokenizer_config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let gen = |model: &Path| {
+        let m = model.to_str().unwrap();
+        let out = run_ok(&[
+            "generate",
+            "--checkpoint",
+            m,
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "1",
+        ]);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    c["add_eos_token"] = true.into();
+    std::fs::write(&config, c.to_string()).unwrap();
+    let said = gen(&model);
+    assert!(
+        said.contains("sets add_eos_token but not add_bos_token"),
+        "{said}"
+    );
+    c["add_bos_token"] = true.into();
+    std::fs::write(&config, c.to_string()).unwrap();
+    assert!(!gen(&model).contains("add_bos_token"));
+}

@@ -541,6 +541,18 @@ impl Tokenizer {
                 specials.bos = Some(id_of(&tc_path, "bos_token", &t)?);
             }
             if let Some(opening) = flagged_opening(&v, &tc_path, specials.bos)? {
+                // transformers 4's Llama and Gemma tokenizers read a missing add_bos_token
+                // as true, and 5 as false: one flag alone drops the BOS only under 5.
+                let bos_unsaid = v.get("add_bos_token").is_none_or(|b| b.is_null());
+                if bos_unsaid && opening.is_empty() && !bare.opening.is_empty() {
+                    crate::warnln!(
+                        "warning: {}: sets add_eos_token but not add_bos_token, which \
+                         transformers 5 reads as false (as temper does: no BOS opens a \
+                         text, though tokenizer.json adds one) and 4's Llama and Gemma \
+                         tokenizers as true; set add_bos_token to say which",
+                        tc_path.display()
+                    );
+                }
                 specials.opening = opening;
             }
         }

@@ -58,6 +58,8 @@ pub struct HfConfig {
     pub(super) hidden_act: Option<String>,
     // Gemma 3's.
     pub(super) hidden_activation: Option<String>,
+    /// A whole number, which transformers also takes written as a float (`256.0`).
+    #[serde(default, deserialize_with = "whole")]
     pub(super) query_pre_attn_scalar: Option<usize>,
     /// The sliding layers' rotary base in configs written before transformers 5.
     pub(super) rope_local_base_freq: Option<f64>,
@@ -103,6 +105,21 @@ where
     T: Deserialize<'de>,
 {
     Option::<T>::deserialize(d).map(Some)
+}
+
+/// A whole number written as an integer or as a float with no fraction (`256` or `256.0`).
+fn whole<'de, D>(d: D) -> std::result::Result<Option<usize>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::de::Error;
+    match Option::<f64>::deserialize(d)? {
+        None => Ok(None),
+        Some(x) if x >= 0.0 && x.fract() == 0.0 && x < 2f64.powi(53) => Ok(Some(x as usize)),
+        Some(x) => Err(D::Error::custom(format!(
+            "expected a whole number, got {x}"
+        ))),
+    }
 }
 
 /// The `model_type` of Gemma 3's image-and-text models.

@@ -443,7 +443,7 @@ fn gemma3_configs_of_either_age_read_alike_and_export_back() {
     let (s, f) = ("sliding_attention", "full_attention");
     let new = family_config(
         "gemma3_text",
-        serde_json::json!({"sliding_window": 4, "query_pre_attn_scalar": 12,
+        serde_json::json!({"sliding_window": 4, "query_pre_attn_scalar": 12.0,
             "layer_types": [s, s, f, s, s, f, s, s],
             "rope_parameters": {
                 "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
