@@ -321,6 +321,43 @@ mod stage_chain {
         );
     }
 
+    /// SFT refuses a loss scope set off its default where no record reads it: the built-in
+    /// task's and a prompt-completion file's examples have no assistant turns to mask, a file
+    /// of conversations no completion.
+    #[test]
+    fn sft_refuses_a_loss_scope_no_record_reads() {
+        let dir = run_dir("sft-scope");
+        std::fs::create_dir_all(&dir).unwrap();
+        let chats = dir.join("chats.jsonl");
+        let line = r#"{"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]}"#;
+        std::fs::write(&chats, format!("{line}\n").repeat(12)).unwrap();
+        let sft = |extra: &[&str]| {
+            let out = dir.join("out");
+            let mut a = vec![
+                "sft",
+                "--init",
+                arg(pre()),
+                "--out",
+                arg(&out),
+                "--steps",
+                "1",
+            ];
+            a.extend_from_slice(extra);
+            run_err(&a)
+        };
+        let e = sft(&["--assistant-only-loss", "false"]);
+        assert!(
+            e.contains("[sft] assistant_only_loss = false (--assistant-only-loss) changes nothing"),
+            "{e}"
+        );
+        let e = sft(&["--data", arg(&chats), "--completion-only-loss", "false"]);
+        assert!(
+            e.contains("completion_only_loss = false")
+                && e.contains("no training record is a prompt-completion record"),
+            "{e}"
+        );
+    }
+
     /// `generate` refuses settings that cannot do what they say: greedy samples of a prompt
     /// (all one text), a `--max-new-tokens` that leaves no room for a prompt (named as the
     /// flag, not as the prompt's fault), more `--min-new-tokens` than new tokens; and says

@@ -234,7 +234,8 @@ fn warn_task_new_tokens(cfg: &RunConfig, flag: bool, user: Option<&toml::Value>)
 /// would change nothing, and say nothing.
 fn warn_flat_schedule(cfg: &RunConfig) {
     let t = &cfg.train;
-    if t.lr_scheduler != crate::config::LrScheduler::Cosine && t.min_lr_ratio >= 1.0 {
+    // Cosine is the RL stages' own default and constant never falls: linear alone was asked.
+    if t.lr_scheduler == crate::config::LrScheduler::Linear && t.min_lr_ratio >= 1.0 {
         warnln!(
             "warning: train.lr_scheduler {} changes nothing with train.min_lr_ratio = {} ({}'s \
              default): the learning rate stays at its peak; give --min-lr-ratio (0 for \

@@ -199,7 +199,7 @@ fn encode_into(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
             documents += 1;
             // Pretraining splits a text of fewer documents at its tail, not by document; the
             // first ones wait until it is known that there are enough.
-            if documents >= MIN_DOCS_FOR_DOC_SPLIT {
+            if documents >= MIN_DOCS_FOR_DOC_SPLIT || opts.val_fraction == 0.0 {
                 for (to_val, ids) in undecided.drain(..) {
                     match to_val {
                         true => val.push(&ids)?,

@@ -54,6 +54,68 @@ pub struct LossScope {
     pub assistant_only: bool,
 }
 
+/// Which of [`LossScope`]'s two settings the records of a data set read: a prompt-completion
+/// record reads `completion_only`, a conversation `assistant_only`, a conversational
+/// prompt-completion record both, a `{"text"}` record neither.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ScopeRead {
+    pub completion_only: bool,
+    pub assistant_only: bool,
+}
+
+impl ScopeRead {
+    /// What `lines`, SFT records, read.
+    pub fn of(lines: &Lines) -> Self {
+        let mut read = Self::default();
+        for (_, obj) in lines {
+            match (obj.get("prompt"), obj.contains_key("messages")) {
+                (Some(Value::Array(_)), _) => {
+                    read.completion_only = true;
+                    read.assistant_only = true;
+                }
+                (Some(_), _) => read.completion_only = true,
+                (None, true) => read.assistant_only = true,
+                (None, false) => {}
+            }
+        }
+        read
+    }
+
+    pub fn merge(self, other: Self) -> Self {
+        Self {
+            completion_only: self.completion_only || other.completion_only,
+            assistant_only: self.assistant_only || other.assistant_only,
+        }
+    }
+
+    /// Refuses a setting of `scope` off its default that no record reads: it would change
+    /// nothing.
+    pub fn check(self, scope: LossScope) -> Result<()> {
+        for (off, read, key, shape) in [
+            (
+                !scope.completion_only,
+                self.completion_only,
+                "completion_only_loss",
+                "prompt-completion record",
+            ),
+            (
+                !scope.assistant_only,
+                self.assistant_only,
+                "assistant_only_loss",
+                "conversation (\"messages\")",
+            ),
+        ] {
+            if off && !read {
+                bail!(
+                    "[sft] {key} = false (--{}) changes nothing: no training record is a {shape}",
+                    key.replace('_', "-")
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for LossScope {
     fn default() -> Self {
         Self {

@@ -302,14 +302,16 @@ impl TokenStream {
         }
     }
 
-    /// Fails as [`TokenStream::read`] of the first id that is `vocab` or more would, before
-    /// any is read: what a run checks of memory-mapped shards at its start (tokens tokenized
-    /// here are the tokenizer's own).
-    pub fn check_ids(&self, vocab: usize) -> Result<()> {
+    /// Fails as [`TokenStream::read`] of the first id that is `vocab` or more among the first
+    /// `limit` would, before any is read: what a run checks of memory-mapped shards at its
+    /// start (tokens tokenized here are the tokenizer's own). A shard of another tokenizer
+    /// shows such ids at once; the rest of the corpus is checked as it is read, so that a run
+    /// still starts without reading its whole corpus.
+    pub fn check_ids(&self, vocab: usize, limit: usize) -> Result<()> {
         let TokenStream::Mapped { shards, from, to } = self else {
             return Ok(());
         };
-        match shards.first_past(*from, *to, vocab) {
+        match shards.first_past(*from, (*to).min(from.saturating_add(limit)), vocab) {
             Some(pos) => self.read(pos - from, 1, vocab, &mut Vec::new()),
             None => Ok(()),
         }
@@ -779,14 +781,18 @@ mod tests {
         let e = err(train.read(0, all.len(), 65_536, &mut vec![]));
         assert!(e.contains("x_train_000002.bin: token 0 is 70000"), "{e}");
         // The whole stream is checked before any read; a split past the id passes.
-        assert_eq!(err(train.check_ids(65_536)), e);
-        let e = err(train.check_ids(36_000));
+        let all_of = usize::MAX;
+        assert_eq!(err(train.check_ids(65_536, all_of)), e);
+        let e = err(train.check_ids(36_000, all_of));
         assert!(e.contains("x_train_000000.bin: token 36 is 36000"), "{e}");
-        let e = err(train.check_ids(36_001));
+        let e = err(train.check_ids(36_001, all_of));
         assert!(e.contains("x_train_000001.bin: token 0 is 65535"), "{e}");
-        train.check_ids(70_001).unwrap();
-        let (head, _) = train.split_at(42);
-        head.check_ids(65_536).unwrap();
+        train.check_ids(70_001, all_of).unwrap();
+        let (head, tail) = train.split_at(42);
+        head.check_ids(65_536, all_of).unwrap();
+        // Only the first `limit` tokens are scanned.
+        train.check_ids(65_536, 42).unwrap();
+        assert!(err(tail.check_ids(65_536, 1)).contains("x_train_000002.bin: token 0"));
         // A u16 shard refuses an id it cannot hold.
         let e = err(write_shard(
             &d.path().join("big.bin"),

@@ -544,7 +544,17 @@ impl Tokenizer {
                 // transformers 4's Llama and Gemma tokenizers read a missing add_bos_token
                 // as true, and 5 as false: one flag alone drops the BOS only under 5.
                 let bos_unsaid = v.get("add_bos_token").is_none_or(|b| b.is_null());
-                if bos_unsaid && opening.is_empty() && !bare.opening.is_empty() {
+                // Once a file: a run loads its policy's, reference's and reward model's.
+                static SAID: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+                let first = || {
+                    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+                    let new = !said.contains(&tc_path);
+                    if new {
+                        said.push(tc_path.clone());
+                    }
+                    new
+                };
+                if bos_unsaid && opening.is_empty() && !bare.opening.is_empty() && first() {
                     crate::warnln!(
                         "warning: {}: sets add_eos_token but not add_bos_token, which \
                          transformers 5 reads as false (as temper does: no BOS opens a \

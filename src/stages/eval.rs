@@ -147,9 +147,10 @@ pub fn answers_out_of_reach(
     prompts: &[PromptRecord],
     (setting, max_new_tokens): (&str, usize),
 ) -> Result<Option<String>> {
-    let (mut count, mut first) = (0, None);
+    let (mut count, mut first, mut answers) = (0, None, 0);
     for (i, p) in prompts.iter().enumerate() {
         let Some(answer) = &p.answer else { continue };
+        answers += 1;
         let n = tok.encode(answer.trim())?.len();
         if n > max_new_tokens {
             count += 1;
@@ -158,9 +159,8 @@ pub fn answers_out_of_reach(
     }
     Ok(first.map(|(at, n)| {
         format!(
-            "warning: {count} of {} answers take more tokens than {setting} {max_new_tokens} \
-             lets a response have (the first, {at}, takes {n}), so they count as wrong",
-            prompts.len()
+            "warning: {count} of {answers} answers take more tokens than {setting} {max_new_tokens} \
+             lets a response have (the first, {at}, takes {n}), so they count as wrong"
         )
     }))
 }

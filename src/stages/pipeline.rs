@@ -623,8 +623,10 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
         let result = run_stage(step.stage, &env);
         let secs = before.unwrap_or(0.0) + t0.elapsed().as_secs_f64();
         summary.seconds.insert(step.name.to_string(), json!(secs));
-        if result.is_err() {
-            summary.write(dir)?;
+        // A summary that cannot be written (the full disk that stopped the stage, say) is
+        // said, and the stage's own error, with its resume command, is the one returned.
+        if let (Err(_), Err(w)) = (&result, summary.write(dir)) {
+            crate::warnln!("warning: {}: {w:#}", dir.join("summary.json").display());
         }
         let result = result.map_err(|e| {
             // A signal's line says --resume of the stage's directory; the pipeline goes on from
@@ -938,6 +940,17 @@ mod tests {
         assert_eq!(cfg.kernels, "attention=flash");
         assert_eq!(cfg.train.report_to, ReportTo::Tensorboard);
         assert_eq!((cfg.train.seed, cfg.data.task_seed), (3077, 3));
+    }
+
+    /// A table's `steps = 0` is refused by its line, not raised to the one step --scale
+    /// leaves a scaled count.
+    #[test]
+    fn zero_steps_in_a_table_are_refused_by_line() {
+        let e = config_error("[pretrain.train]\nsteps = 0\n", &[]);
+        assert!(
+            e.contains("pl.toml:2: [pretrain] train.steps must be positive"),
+            "{e}"
+        );
     }
 
     /// `check_config` on `body` written to `pl.toml`, with `--with` `with`: its error.

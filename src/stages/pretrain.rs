@@ -40,6 +40,11 @@ struct PretrainTask<'a> {
     micro: u64,
 }
 
+/// Tokens of each memory-mapped split checked against the vocabulary before the first step
+/// (64 MB of u16 ids, a fraction of a second): a shard of another tokenizer fails there rather
+/// than at the first window that reads one of its ids, steps later.
+const CHECKED_AT_START: usize = 1 << 25;
+
 /// A batch of windows: inputs, targets and, under `[data] document_mask`, the documents'
 /// boundaries (with each token's position in its document).
 struct Windows {
@@ -506,8 +511,9 @@ pub fn run(env: &Env) -> Result<PretrainResult> {
         scored,
         cfg.train.eval_batches
     );
-    train.check_ids(tok.vocab_size())?;
-    val.check_ids(tok.vocab_size())?;
+    for stream in [&train, &val] {
+        stream.check_ids(tok.vocab_size(), CHECKED_AT_START)?;
+    }
     if cfg.data.document_mask {
         document_mask_note(&train, t, tok.vocab_size(), tok.eos_id())?;
     }

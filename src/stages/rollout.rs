@@ -198,7 +198,7 @@ impl Actors {
             policy.cfg.max_position_embeddings,
             |set| check_prompts(&rewards, set),
         )?;
-        let reach = ("max_new_tokens", k.max_new_tokens);
+        let reach = ("--max-new-tokens", k.max_new_tokens);
         if rewards.uses_task() {
             if let Some(w) = super::eval::answers_out_of_reach(tok, &prompts, reach)? {
                 crate::warnln!("{w}");

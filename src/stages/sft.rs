@@ -14,7 +14,7 @@ use super::truncate::Fitter;
 use super::Env;
 use crate::config::{SftLoss, Truncation};
 use crate::data::records::{
-    place, read_records_with, sft_from, LossScope, PromptRecord, SftExample,
+    place, read_records_with, sft_from, LossScope, PromptRecord, ScopeRead, SftExample,
 };
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::data::synthetic::Split;
@@ -40,6 +40,12 @@ pub(super) fn datasets(
     let cfg = &env.cfg;
     match &cfg.data.path {
         None => {
+            // The built-in task's examples are prompt-completion records.
+            let task = ScopeRead {
+                completion_only: true,
+                assistant_only: false,
+            };
+            task.check(scope)?;
             let s = setup::synthetic(env);
             let examples = |split, n| {
                 let mut xs = s.sft_examples(split, n);
@@ -57,8 +63,14 @@ pub(super) fn datasets(
         Some(p) => {
             let template = setup::chat_template(env)?;
             let read = |f: &Path| read_records_with(f, &env.cfg.data.columns);
-            let load = |f: &Path| sft_from(f, read(f)?, template.as_ref(), scope);
+            let scope_read = std::cell::Cell::new(ScopeRead::default());
+            let load = |f: &Path| {
+                let lines = read(f)?;
+                scope_read.set(scope_read.get().merge(ScopeRead::of(&lines)));
+                sft_from(f, lines, template.as_ref(), scope)
+            };
             let (train, eval) = split_holdout(env, p, load, "examples")?;
+            scope_read.get().check(scope)?;
             // Task accuracy needs answers, which SFT files do not carry: with user data the
             // held-out loss is the measure.
             Ok((train, eval, vec![]))
