@@ -368,9 +368,6 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     if let Some(n) = a.min_new_tokens.filter(|&n| n > max_new_tokens) {
         bail!("generate: --min-new-tokens {n} is more than the {max_new_tokens} new tokens allowed ({said})");
     }
-    // Each prompt that does not fit is named by its record, before any is answered.
-    stages::setup::encode_prompts(&loaded.tokenizer, &requests, max_new_tokens, context)
-        .map_err(|e| anyhow::anyhow!("generate: {e} ({said})"))?;
     let cfg = SampleCfg {
         max_new_tokens,
         temperature: a.temperature.unwrap_or(own.temperature_or_default()),
@@ -436,6 +433,7 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
         best_of: a.best_of,
         template: a.chat_template.as_deref(),
         template_kwargs: &kwargs,
+        new_tokens_said: &said,
     };
     job.check()?;
     temper::out_of_memory::set_hint(temper::out_of_memory::hint_of(

@@ -545,23 +545,14 @@ impl Tokenizer {
                 // as true, and 5 as false: one flag alone drops the BOS only under 5.
                 let bos_unsaid = v.get("add_bos_token").is_none_or(|b| b.is_null());
                 // Once a file: a run loads its policy's, reference's and reward model's.
-                static SAID: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-                let first = || {
-                    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
-                    let new = !said.contains(&tc_path);
-                    if new {
-                        said.push(tc_path.clone());
-                    }
-                    new
-                };
-                if bos_unsaid && opening.is_empty() && !bare.opening.is_empty() && first() {
-                    crate::warnln!(
+                if bos_unsaid && opening.is_empty() && !bare.opening.is_empty() {
+                    crate::console::warn_once(format!(
                         "warning: {}: sets add_eos_token but not add_bos_token, which \
                          transformers 5 reads as false (as temper does: no BOS opens a \
                          text, though tokenizer.json adds one) and 4's Llama and Gemma \
                          tokenizers as true; set add_bos_token to say which",
                         tc_path.display()
-                    );
+                    ));
                 }
                 specials.opening = opening;
             }

@@ -57,6 +57,9 @@ pub struct Job<'a> {
     /// `--chat-template` and `--chat-template-kwargs`, which render message-list prompts.
     pub template: Option<&'a Path>,
     pub template_kwargs: &'a Map<String, Value>,
+    /// `cfg.max_new_tokens` as a prompt that does not fit names it: the flag, the generation
+    /// config's, or the default.
+    pub new_tokens_said: &'a str,
 }
 
 /// Part `index` of `count` (`--shard K/N`): a contiguous share of the prompts, so that the
@@ -524,7 +527,9 @@ pub fn run(
     let requests = &requests[part];
     warn_replaced_fields(requests, job, rewards.is_some());
     let context = net.cfg.max_position_embeddings;
-    let encoded = encode_prompts(tok, requests, job.cfg.max_new_tokens, context)?;
+    // Each prompt that does not fit is named by its record, before any is answered.
+    let encoded = encode_prompts(tok, requests, job.cfg.max_new_tokens, context)
+        .map_err(|e| anyhow::anyhow!("generate: {e} ({})", job.new_tokens_said))?;
     let total = requests.len() * job.samples;
     let resumed = sink.resume_point(requests, (job.samples, job.lines_per_prompt()), settings)?;
     let batch_rows = (job.batch_rows - job.batch_rows % job.samples).max(job.samples);

@@ -193,27 +193,33 @@ impl RewardFn {
 /// the other reward models. A resume reads the absolute paths its config.toml records, so a
 /// name from the path as typed changed there and split each source's series in two.
 fn source_names(specs: &[RewardSpec]) -> Vec<String> {
-    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let models: Vec<PathBuf> = (specs.iter())
-        .filter_map(|s| match &s.source {
-            RewardSource::Model(p) => Some(abs(p)),
+    let paths: Vec<Option<PathBuf>> = (specs.iter())
+        .map(|s| match &s.source {
+            RewardSource::Model(p) => Some(absolute(p)),
             _ => None,
         })
         .collect();
+    let models: Vec<PathBuf> = paths.iter().flatten().cloned().collect();
     specs
         .iter()
-        .map(|s| match &s.source {
-            RewardSource::Model(p) => {
-                let path = abs(p);
-                let name = match crate::hub_cache::repo_of_snapshot(&path) {
+        .zip(&paths)
+        .map(|(s, path)| match path {
+            Some(path) => {
+                let name = match crate::hub_cache::repo_of_snapshot(path) {
                     Some((repo, _)) => repo,
-                    None => distinct_tail(&path, &models).display().to_string(),
+                    None => distinct_tail(path, &models).display().to_string(),
                 };
                 format!("{name}:{}", s.weight)
             }
-            _ => s.to_string(),
+            None => s.to_string(),
         })
         .collect()
+}
+
+/// A reward model's path as a resume reads it from config.toml: made absolute (not
+/// canonical: a symlink stays as named).
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// The fewest last components of `path` that no other of `paths` ends with.
@@ -229,8 +235,7 @@ fn distinct_tail(path: &Path, paths: &[PathBuf]) -> PathBuf {
 /// absolute, since a run's start reads the path as given and its resume the config's absolute
 /// one, and a key that differed between them would compare nothing.
 fn frozen_role(path: &Path, weight: f64) -> String {
-    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    format!("the reward model {}:{weight}", path.display())
+    format!("the reward model {}:{weight}", absolute(path).display())
 }
 
 /// The checker: 1 for a response whose first line is the answer, else 0.
