@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+pub use super::document_ids::document_ids;
 use super::parquet_rows::{is_parquet, read_rows};
 use super::records::{kind, parse_jsonl, read_text, Loc};
 use super::splits::data_files;
@@ -157,21 +158,6 @@ pub struct PackedCorpus {
 /// Below this many documents a whole-document split gives too coarse (or empty) a
 /// validation set, so the stream's tail is held out instead.
 pub(crate) const MIN_DOCS_FOR_DOC_SPLIT: usize = 20;
-
-/// Each document's ids, followed by EOS: what pretraining packs.
-pub fn document_ids(docs: &[String], tok: &Tokenizer) -> Result<Vec<Vec<u32>>> {
-    let eos = tok.eos_id();
-    docs.iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let mut ids = tok
-                .encode_start(d)
-                .with_context(|| format!("document {}", i + 1))?;
-            ids.push(eos);
-            Ok(ids)
-        })
-        .collect()
-}
 
 /// Tokenises each document, appends EOS after each, and splits deterministically by `seed`.
 ///

@@ -23,11 +23,12 @@ use anyhow::{bail, Context, Result};
 use super::corpus::{
     check_column_read, corpus_files, held_out, read_file_documents, Part, MIN_DOCS_FOR_DOC_SPLIT,
 };
+use super::document_ids::document_ids;
 use super::shards::{write_shard, Width, BYTES_MARKER, BYTES_MARKER_TEXT};
 use super::tokenizer::{Tokenizer, FILE_NAME};
 
-/// Text read before a group of files is encoded: bounds the memory, and gives every core
-/// documents even when each file is one document.
+/// Text read before a group of files is encoded: bounds the memory (a long document is
+/// encoded in pieces on every core: [`super::document_ids`]).
 pub const GROUP_BYTES: usize = 64 << 20;
 
 /// What to write.
@@ -191,7 +192,7 @@ fn encode_into(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
             next += 1;
         }
         docs.retain(|d| !d.is_empty());
-        for ids in encode_all(opts.tok, &docs)? {
+        for ids in document_ids(&docs, opts.tok)? {
             let to_val =
                 opts.val_fraction > 0.0 && held_out(opts.seed, documents, opts.val_fraction);
             encoded_tokens += ids.len();
@@ -245,35 +246,6 @@ fn encode_into(corpus: &Path, opts: &EncodeOpts) -> Result<Encoded> {
         train_tokens: train.written,
         val_tokens: val.written,
         shards: [train.shards, val.shards].concat(),
-    })
-}
-
-/// Every document's ids followed by EOS, in order, encoded on all cores.
-fn encode_all(tok: &Tokenizer, docs: &[String]) -> Result<Vec<Vec<u32>>> {
-    let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    let per = docs.len().div_ceil(threads).max(1);
-    let eos = tok.eos_id();
-    std::thread::scope(|s| {
-        let parts: Vec<_> = docs
-            .chunks(per)
-            .map(|chunk| {
-                s.spawn(move || {
-                    chunk
-                        .iter()
-                        .map(|d| {
-                            let mut ids = tok.encode_start(d)?;
-                            ids.push(eos);
-                            Ok(ids)
-                        })
-                        .collect::<Result<Vec<_>>>()
-                })
-            })
-            .collect();
-        let mut out = Vec::with_capacity(docs.len());
-        for p in parts {
-            out.extend(p.join().expect("an encoding thread panicked")?);
-        }
-        Ok(out)
     })
 }
 

@@ -4,6 +4,7 @@
 pub mod chat_template;
 pub mod columns;
 pub mod corpus;
+pub mod document_ids;
 pub mod encode;
 pub mod jinja_python;
 pub mod jinja_text;
