@@ -239,12 +239,12 @@ pub struct StageArgs {
     pub lora_alpha: Option<f64>,
     /// rsLoRA: scale the adapters by alpha / sqrt(rank) (`[lora] use_rslora`; TRL's and
     /// PEFT's use_rslora).
-    #[arg(long)]
-    pub use_rslora: bool,
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub use_rslora: Option<bool>,
     /// DoRA: adapters that also train each adapted weight's row lengths (`[lora] use_dora`;
     /// TRL's and PEFT's use_dora).
-    #[arg(long)]
-    pub use_dora: bool,
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub use_dora: Option<bool>,
     /// Dropout on the adapters' input.
     #[arg(long)]
     pub lora_dropout: Option<f64>,
@@ -282,13 +282,13 @@ pub struct StageArgs {
     /// itself (`[sft] packing`; TRL's --packing). PPO, GRPO, online DPO: pack each
     /// minibatch's prompts and responses for the training forward, and a reward model's sequences (`[ppo]` /
     /// `[grpo]` / `[online_dpo] packing`; OpenRLHF's --packing_samples).
-    #[arg(long)]
-    pub packing: bool,
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub packing: Option<bool>,
     /// DPO, KTO, reward: pack each batch's sequences (chosen and rejected, or labelled
     /// completions) into rows, each attending only to itself (`[dpo]` / `[kto]` / `[reward]
     /// padding_free`; TRL's --padding_free).
-    #[arg(long)]
-    pub padding_free: bool,
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub padding_free: Option<bool>,
     /// SFT: loss on a prompt-completion record's completion only (`[sft]
     /// completion_only_loss`; TRL's --completion_only_loss). false: the prompt's tokens too.
     #[arg(long, value_name = "BOOL")]
@@ -303,12 +303,12 @@ pub struct StageArgs {
     pub neftune_noise_alpha: Option<f64>,
     /// DPO: score every pair under the reference once before training, then drop it (`[dpo]
     /// precompute_ref_log_probs`; TRL's --precompute_ref_log_probs).
-    #[arg(long)]
-    pub precompute_ref_log_probs: bool,
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub precompute_ref_log_probs: Option<bool>,
     /// DPO: TR-DPO, the reference moved towards the policy every `[dpo]
     /// ref_model_sync_steps` steps (`[dpo] sync_ref_model`; TRL's --sync_ref_model).
-    #[arg(long)]
-    pub sync_ref_model: bool,
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub sync_ref_model: Option<bool>,
 }
 
 #[derive(Args, Debug)]

@@ -384,8 +384,8 @@ impl StageArgs {
             ("data.eval_split", "--eval-split", self.eval_split.is_some()),
             ("lora.rank", "--lora-rank", self.lora_rank.is_some()),
             ("lora.alpha", "--lora-alpha", self.lora_alpha.is_some()),
-            ("lora.use_rslora", "--use-rslora", self.use_rslora),
-            ("lora.use_dora", "--use-dora", self.use_dora),
+            ("lora.use_rslora", "--use-rslora", self.use_rslora.is_some()),
+            ("lora.use_dora", "--use-dora", self.use_dora.is_some()),
             (
                 "lora.dropout",
                 "--lora-dropout",
@@ -734,14 +734,14 @@ impl StageArgs {
             held_by_adapters(
                 "--use-rslora",
                 "lora.use_rslora",
-                self.use_rslora.then(|| true.to_string()),
+                self.use_rslora.map(|v| v.to_string()),
                 |l| l.use_rslora.to_string(),
             ),
             // DoRA's magnitudes are adapter tensors the checkpoint holds, or does not.
             held_by_adapters(
                 "--use-dora",
                 "lora.use_dora",
-                self.use_dora.then(|| true.to_string()),
+                self.use_dora.map(|v| v.to_string()),
                 |l| l.use_dora.to_string(),
             ),
         ];
@@ -785,8 +785,12 @@ impl StageArgs {
                     "--importance-sampling-level",
                     self.importance_sampling_level.is_some(),
                 ),
-                ("packing", "--packing", self.packing),
-                ("padding_free", "--padding-free", self.padding_free),
+                ("packing", "--packing", self.packing.is_some()),
+                (
+                    "padding_free",
+                    "--padding-free",
+                    self.padding_free.is_some(),
+                ),
                 (
                     "completion_only_loss",
                     "--completion-only-loss",
@@ -805,9 +809,13 @@ impl StageArgs {
                 (
                     "precompute_ref_log_probs",
                     "--precompute-ref-log-probs",
-                    self.precompute_ref_log_probs,
+                    self.precompute_ref_log_probs.is_some(),
                 ),
-                ("sync_ref_model", "--sync-ref-model", self.sync_ref_model),
+                (
+                    "sync_ref_model",
+                    "--sync-ref-model",
+                    self.sync_ref_model.is_some(),
+                ),
                 ("rewards", "--reward", !self.rewards.is_empty()),
                 ("beta", "--beta", self.beta.is_some()),
                 (
@@ -828,8 +836,8 @@ impl StageArgs {
                 ),
                 ("lora_rank", "--lora-rank", self.lora_rank.is_some()),
                 ("lora_alpha", "--lora-alpha", self.lora_alpha.is_some()),
-                ("use_rslora", "--use-rslora", self.use_rslora),
-                ("use_dora", "--use-dora", self.use_dora),
+                ("use_rslora", "--use-rslora", self.use_rslora.is_some()),
+                ("use_dora", "--use-dora", self.use_dora.is_some()),
                 (
                     "lora_dropout",
                     "--lora-dropout",
@@ -903,8 +911,8 @@ impl StageArgs {
         set!(self.lora_rank, cfg.lora.rank);
         set!(self.lora_alpha, cfg.lora.alpha);
         set!(self.lora_dropout, cfg.lora.dropout);
-        cfg.lora.use_rslora |= self.use_rslora;
-        cfg.lora.use_dora |= self.use_dora;
+        set!(self.use_rslora, cfg.lora.use_rslora);
+        set!(self.use_dora, cfg.lora.use_dora);
         if let Some(t) = &self.lora_targets {
             cfg.lora.targets = LoraConfig::parse_targets(t)?;
         }
@@ -962,8 +970,11 @@ impl StageArgs {
         if self.neftune_noise_alpha.is_some() {
             cfg.sft.neftune_noise_alpha = self.neftune_noise_alpha;
         }
-        cfg.dpo.precompute_ref_log_probs |= self.precompute_ref_log_probs;
-        cfg.dpo.sync_ref_model |= self.sync_ref_model;
+        set!(
+            self.precompute_ref_log_probs,
+            cfg.dpo.precompute_ref_log_probs
+        );
+        set!(self.sync_ref_model, cfg.dpo.sync_ref_model);
         let packing = match now {
             Stage::Sft => Some(&mut cfg.sft.packing),
             Stage::Ppo => Some(&mut cfg.ppo.packing),
@@ -978,15 +989,15 @@ impl StageArgs {
             _ => None,
         };
         for (set, on) in [(self.packing, packing), (self.padding_free, padding_free)] {
-            if let Some(on) = on {
-                *on |= set;
+            if let (Some(set), Some(on)) = (set, on) {
+                *on = set;
             }
         }
         let lora_flags = [
             ("--lora-rank", self.lora_rank.is_some()),
             ("--lora-alpha", self.lora_alpha.is_some()),
-            ("--use-rslora", self.use_rslora),
-            ("--use-dora", self.use_dora),
+            ("--use-rslora", self.use_rslora == Some(true)),
+            ("--use-dora", self.use_dora == Some(true)),
             ("--lora-dropout", self.lora_dropout.is_some()),
             ("--lora-targets", self.lora_targets.is_some()),
         ];

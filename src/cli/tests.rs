@@ -142,7 +142,7 @@ fn flags_a_stage_would_not_read_are_refused() {
     // --seq-len sizes the rows of pretraining and of packed SFT only.
     let seq = |packing: bool| StageArgs {
         seq_len: Some(32),
-        packing,
+        packing: packing.then_some(true),
         ..Default::default()
     };
     let e = refused(seq(false), Stage::Sft);
@@ -269,8 +269,10 @@ fn a_scoped_flag_is_refused_where_its_help_is_hidden() {
             "--importance-sampling-level",
             |a| a.importance_sampling_level = Some(ImportanceSamplingLevel::Sequence),
         ),
-        ("packing", "--packing", |a| a.packing = true),
-        ("padding_free", "--padding-free", |a| a.padding_free = true),
+        ("packing", "--packing", |a| a.packing = Some(true)),
+        ("padding_free", "--padding-free", |a| {
+            a.padding_free = Some(true)
+        }),
         ("completion_only_loss", "--completion-only-loss", |a| {
             a.completion_only_loss = Some(false)
         }),
@@ -283,10 +285,10 @@ fn a_scoped_flag_is_refused_where_its_help_is_hidden() {
         (
             "precompute_ref_log_probs",
             "--precompute-ref-log-probs",
-            |a| a.precompute_ref_log_probs = true,
+            |a| a.precompute_ref_log_probs = Some(true),
         ),
         ("sync_ref_model", "--sync-ref-model", |a| {
-            a.sync_ref_model = true
+            a.sync_ref_model = Some(true)
         }),
         ("rewards", "--reward", |a| {
             a.rewards = vec!["task".parse().unwrap()]
@@ -306,8 +308,8 @@ fn a_scoped_flag_is_refused_where_its_help_is_hidden() {
         }),
         ("lora_rank", "--lora-rank", |a| a.lora_rank = Some(4)),
         ("lora_alpha", "--lora-alpha", |a| a.lora_alpha = Some(8.0)),
-        ("use_rslora", "--use-rslora", |a| a.use_rslora = true),
-        ("use_dora", "--use-dora", |a| a.use_dora = true),
+        ("use_rslora", "--use-rslora", |a| a.use_rslora = Some(true)),
+        ("use_dora", "--use-dora", |a| a.use_dora = Some(true)),
         ("lora_dropout", "--lora-dropout", |a| {
             a.lora_dropout = Some(0.1)
         }),
@@ -339,7 +341,7 @@ fn a_scoped_flag_is_refused_where_its_help_is_hidden() {
         }
     }
     let e = StageArgs {
-        packing: true,
+        packing: Some(true),
         ..Default::default()
     }
     .apply(&mut RunConfig::for_stage(Stage::Kto))
@@ -477,4 +479,46 @@ fn a_stages_help_defaults_read_back_as_its_config() {
             stage.name()
         );
     }
+}
+
+/// An on/off flag given alone turns its setting on, and `=false` turns off what a config file
+/// turned on.
+#[test]
+fn an_on_off_flag_turns_a_config_files_true_off() {
+    let parse = |line: &str| {
+        let args: Vec<std::ffi::OsString> = line.split(' ').map(Into::into).collect();
+        Cli::try_parse_args(&args).map_err(|e| usage_error_line(&e, &args))
+    };
+    let sft = |line: &str| match parse(line) {
+        Ok(Cli {
+            command: Command::Sft(a),
+        }) => a,
+        other => panic!("{line}: {other:?}"),
+    };
+    assert_eq!(sft("temper sft --packing").packing, Some(true));
+    assert_eq!(sft("temper sft --packing=false").packing, Some(false));
+    assert_eq!(sft("temper sft --use-dora=true").use_dora, Some(true));
+    assert_eq!(sft("temper sft").packing, None);
+    assert_eq!(
+        parse("temper sft --packing false").unwrap_err(),
+        "--packing false: an on/off flag takes a value after '=' only; write it \
+         --packing=false (see `temper sft --help`)"
+    );
+    let e = parse("temper sft --packing=maybe").unwrap_err();
+    assert!(e.contains("--packing") && !e.contains('\n'), "{e}");
+    let mut cfg = RunConfig::for_stage(Stage::Sft);
+    (cfg.sft.packing, cfg.lora.use_dora) = (true, true);
+    sft("temper sft --packing=false --use-dora=false")
+        .apply(&mut cfg)
+        .unwrap();
+    assert!(!cfg.sft.packing && !cfg.lora.use_dora);
+    let mut cfg = RunConfig::for_stage(Stage::Dpo);
+    (cfg.dpo.precompute_ref_log_probs, cfg.dpo.padding_free) = (true, true);
+    let dpo = StageArgs {
+        precompute_ref_log_probs: Some(false),
+        padding_free: Some(false),
+        ..Default::default()
+    };
+    dpo.apply(&mut cfg).unwrap();
+    assert!(!cfg.dpo.precompute_ref_log_probs && !cfg.dpo.padding_free);
 }

@@ -10,6 +10,7 @@ use super::Cli;
 pub fn usage_error_line(e: &clap::Error, args: &[std::ffi::OsString]) -> String {
     let line = negative_count(e)
         .or_else(|| negative_value(e, args))
+        .or_else(|| detached_switch_value(e, args))
         .unwrap_or_else(|| {
             let text = e.render().to_string();
             let mut lines = text.lines();
@@ -57,6 +58,29 @@ fn negative_value(e: &clap::Error, args: &[std::ffi::OsString]) -> Option<String
                 "{flag} {quoted}: a value that starts with '-' and a digit or '.' is read as a \
                  flag here; write it {flag}={quoted}"
             )
+        })
+    })
+}
+
+/// An on/off flag takes its value after `=` only (`--packing=false`), so that `--packing`
+/// before a positional argument stays a switch: `--packing false` leaves `false` unplaced,
+/// and clap would say only that.
+fn detached_switch_value(e: &clap::Error, args: &[std::ffi::OsString]) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(unexpected)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    if !matches!(unexpected.as_str(), "true" | "false") {
+        return None;
+    }
+    let args: Vec<&str> = args.iter().filter_map(|a| a.to_str()).collect();
+    args.windows(2).find_map(|w| {
+        let (flag, value) = (w[0], w[1]);
+        (value == unexpected && flag.starts_with("--") && !flag.contains('=')).then(|| {
+            format!("{flag} {value}: an on/off flag takes a value after '=' only; write it {flag}={value}")
         })
     })
 }
