@@ -548,9 +548,6 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
     let columns = prompt_columns(a.columns.as_ref(), a.prompts.as_deref(), "eval")?;
     let prompts = match &a.prompts {
         Some(p) => {
-            if task_seed.is_some() {
-                errln!("warning: --task-seed is not used: --prompts gives the prompts");
-            }
             let kwargs = a.chat_template_kwargs.clone().unwrap_or_default();
             let part = Part::held_out()
                 .named(a.split.as_deref())
@@ -669,9 +666,7 @@ fn launch_cmd(a: &LaunchArgs) -> Result<()> {
     }
     preempt::install()?;
     if a.threads {
-        if a.nnodes != 1 {
-            bail!("launch: --threads runs ranks inside one process, on one node");
-        }
+        // clap refuses --threads beside --nnodes and the rendezvous flags.
         return launch_threads(a.nproc_per_node, stage, args);
     }
     let single = a.nnodes == 1;

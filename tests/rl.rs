@@ -1203,9 +1203,9 @@ fn distill_brings_the_student_to_its_teacher_and_resumes_exactly() {
     assert!(e.contains("--teacher applies to distill, not sft"), "{e}");
 }
 
-/// `--batch-size` sizes nothing in PPO or GRPO (their rollouts do): said, with what does.
+/// `--batch-size` sizes nothing in PPO or GRPO (their rollouts do): refused, with what does.
 #[test]
-fn batch_size_is_said_to_be_unused_by_the_rollout_stages() {
+fn batch_size_is_refused_by_the_rollout_stages() {
     let d = tmp();
     for (stage, table) in [
         ("ppo", Some("[ppo] rollout_batch")),
@@ -1225,11 +1225,11 @@ fn batch_size_is_said_to_be_unused_by_the_rollout_stages() {
         match table {
             Some(table) => assert!(
                 err.contains(&format!(
-                    "warning: --batch-size is not used by {stage}: a rollout is {table}"
+                    "error: --batch-size is not read by {stage}: a rollout is {table}"
                 )),
                 "{stage}: {err}"
             ),
-            None => assert!(!err.contains("--batch-size is not used"), "{stage}: {err}"),
+            None => assert!(!err.contains("--batch-size is not read"), "{stage}: {err}"),
         }
     }
 }

@@ -374,8 +374,9 @@ pub struct LaunchArgs {
     /// Rank 0's port; a free one on a single node, 29500 across nodes.
     #[arg(long)]
     pub master_port: Option<u16>,
-    /// Run the ranks as threads of this process (CPU only, one node): for debugging.
-    #[arg(long)]
+    /// Run the ranks as threads of this process (CPU only, one node, no network): for
+    /// debugging.
+    #[arg(long, conflicts_with_all = ["nnodes", "node_rank", "master_addr", "master_port"])]
     pub threads: bool,
     /// The stage and its arguments, after `--`.
     #[arg(last = true, required = true)]
@@ -525,8 +526,9 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value_t)]
     pub device: DeviceChoice,
     /// Seed of the built-in task's world (its held-out prompts). Default: the checkpoint's
-    /// run's (0 for a model not trained on the built-in task).
-    #[arg(long)]
+    /// run's (0 for a model not trained on the built-in task). Not with --prompts, which gives
+    /// the prompts.
+    #[arg(long, conflicts_with = "prompts")]
     pub task_seed: Option<u64>,
 }
 

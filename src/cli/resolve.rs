@@ -231,20 +231,28 @@ fn warn_task_new_tokens(cfg: &RunConfig, flag: bool, user: Option<&toml::Value>)
 
 /// A schedule that falls to its own peak does not fall: the RL stages' `min_lr_ratio` is 1 (a
 /// constant rate, as TRL's PPO trainer once kept), so a `linear` or `cosine` asked of them
-/// would change nothing, and say nothing.
-fn warn_flat_schedule(cfg: &RunConfig) {
+/// would change nothing. Refused where a flag asked for it; said where a config file did (its
+/// `[train]` table may serve a pipeline's other stages).
+fn check_flat_schedule(cfg: &RunConfig, flag: bool) -> Result<()> {
     let t = &cfg.train;
     // Cosine is the RL stages' own default and constant never falls: linear alone was asked.
     if t.lr_scheduler == crate::config::LrScheduler::Linear && t.min_lr_ratio >= 1.0 {
-        warnln!(
-            "warning: train.lr_scheduler {} changes nothing with train.min_lr_ratio = {} ({}'s \
-             default): the learning rate stays at its peak; give --min-lr-ratio (0 for \
-             transformers' schedules)",
-            format!("{:?}", t.lr_scheduler).to_lowercase(),
+        let line = format!(
+            "train.lr_scheduler linear changes nothing with train.min_lr_ratio = {}{}: the \
+             learning rate stays at its peak; give --min-lr-ratio (0 for transformers' \
+             schedules)",
             t.min_lr_ratio,
-            cfg.stage
+            match t.min_lr_ratio == RunConfig::for_stage(cfg.stage).train.min_lr_ratio {
+                true => format!(" ({}'s default)", cfg.stage),
+                false => String::new(),
+            }
         );
+        match flag {
+            true => bail!("{line}"),
+            false => warnln!("warning: {line}"),
+        }
     }
+    Ok(())
 }
 
 /// A constant schedule holds the peak to the last step: a `--min-lr-ratio` given beside it
@@ -262,10 +270,11 @@ fn refuse_ratio_of_constant(cfg: &RunConfig, flag: bool) -> Result<()> {
 }
 
 /// PPO and GRPO size their batches by rollouts, not by `[train] batch_size`: a `--batch-size`
-/// given to them changed nothing, and said nothing.
-fn warn_unused_batch_size(cfg: &RunConfig, flag: bool) {
+/// given to them would change nothing. (A config file's `[train] batch_size` may serve a
+/// pipeline's other stages, and stands.)
+fn refuse_unused_batch_size(cfg: &RunConfig, flag: bool) -> Result<()> {
     if !flag {
-        return;
+        return Ok(());
     }
     let how = match cfg.stage {
         Stage::Ppo => format!(
@@ -278,9 +287,12 @@ fn warn_unused_batch_size(cfg: &RunConfig, flag: bool) {
              each, trained in minibatches of [grpo] minibatch_size = {}",
             cfg.grpo.prompts_per_rollout, cfg.grpo.group_size, cfg.grpo.minibatch_size
         ),
-        _ => return,
+        _ => return Ok(()),
     };
-    warnln!("warning: --batch-size is not used by {}: {how}", cfg.stage);
+    bail!(
+        "--batch-size is not read by {}: {how} (set those in a --config file)",
+        cfg.stage
+    );
 }
 
 /// `[lora]` settings in a config file that gives no rank shape adapters nobody makes: the flags
@@ -316,21 +328,26 @@ fn warn_lora_without_rank(cfg: &RunConfig, file: &Path, user: &toml::Value) {
 
 /// The preference, reward and RL stages train with dropout off: their losses compare the
 /// policy's log-probabilities or scores with a reference's, a rollout's or another
-/// response's, which dropout's noise would perturb. A LoRA dropout the run asks for is said to
+/// response's, which dropout's noise would perturb. A `--lora-dropout` given to them is
+/// refused; one a config file sets (whose `[lora]` may serve a pipeline's SFT too) is said to
 /// be unused rather than left in config.toml as if applied.
-fn warn_unused_dropout(cfg: &RunConfig) {
+fn check_unused_dropout(cfg: &RunConfig, flag: bool) -> Result<()> {
     let off = matches!(
         cfg.stage,
         Stage::Reward | Stage::Ppo | Stage::Dpo | Stage::Kto | Stage::OnlineDpo | Stage::Grpo
     );
     if off && cfg.lora.enabled() && cfg.lora.dropout > 0.0 {
-        warnln!(
-            "warning: [lora] dropout {} is not applied: {} trains with dropout off (sft and \
-             distill apply it)",
-            cfg.lora.dropout,
-            cfg.stage
+        let line = format!(
+            "[lora] dropout {} is not applied: {} trains with dropout off (sft and distill \
+             apply it)",
+            cfg.lora.dropout, cfg.stage
         );
+        match flag {
+            true => bail!("--lora-dropout {line}"),
+            false => warnln!("warning: {line}"),
+        }
     }
+    Ok(())
 }
 
 impl StageArgs {
@@ -525,10 +542,13 @@ impl StageArgs {
             ),
         ];
         missing_file_input(&files, &inputs)?;
-        warn_unused_batch_size(&cfg, self.batch_size.is_some());
-        warn_flat_schedule(&cfg);
+        refuse_unused_batch_size(&cfg, self.batch_size.is_some())?;
+        check_flat_schedule(
+            &cfg,
+            self.lr_scheduler.is_some() || self.min_lr_ratio.is_some(),
+        )?;
         refuse_ratio_of_constant(&cfg, self.min_lr_ratio.is_some())?;
-        warn_unused_dropout(&cfg);
+        check_unused_dropout(&cfg, self.lora_dropout.is_some())?;
         let pretrained =
             (cfg.init.as_deref()).is_some_and(crate::stages::setup::descends_from_pretrained);
         if !resume && pretrained {

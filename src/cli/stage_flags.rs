@@ -34,9 +34,10 @@ struct Scope {
 
 /// The stage flags (by field) that only some stages read, and those stages: each stage's `--help`
 /// leaves out the others' flags, and [`StageArgs::apply`](super::StageArgs::apply) refuses them
-/// where given; but `seq_len` (which packed SFT reads too), `batch_size` (said to be unused by the
-/// rollout stages, whose config may set it for a pipeline's other stages) and `model` (refused
-/// beside --init), which `apply` and `resolve` check with more than the stage to go by.
+/// where given; but `seq_len` (which packed SFT reads too), `batch_size` (refused by the
+/// rollout stages with what sizes their batches; their config may set it for a pipeline's
+/// other stages) and `model` (refused beside --init), which `apply` and `resolve` check with
+/// more than the stage to go by.
 fn flag_scope(flag: &str) -> Option<Scope> {
     use Stage::*;
     const FROM_INIT: &[Stage] = &[Sft, Reward, Ppo, Dpo, Kto, OnlineDpo, Grpo, Distill];

@@ -251,6 +251,41 @@ fn a_floor_for_a_schedule_that_does_not_fall_is_refused() {
         "{e}"
     );
     args(None).resolve(Stage::Pretrain).unwrap();
+    // The RL stages hold the rate (min_lr_ratio 1): a linear schedule asked alone is refused.
+    let linear = |ratio: Option<f64>| StageArgs {
+        lr_scheduler: Some(crate::config::LrScheduler::Linear),
+        min_lr_ratio: ratio,
+        out: Some(d.path().join("ppo")),
+        ..Default::default()
+    };
+    let e = linear(None).resolve(Stage::Ppo).unwrap_err().to_string();
+    assert!(
+        e.starts_with(
+            "train.lr_scheduler linear changes nothing with train.min_lr_ratio = 1 (ppo's default)"
+        ),
+        "{e}"
+    );
+    linear(Some(0.0)).resolve(Stage::Ppo).unwrap();
+}
+
+/// A LoRA dropout flag given to a stage that trains with dropout off is refused.
+#[test]
+fn a_dropout_the_stage_does_not_apply_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let args = StageArgs {
+        lora_rank: Some(4),
+        lora_dropout: Some(0.1),
+        out: Some(d.path().join("run")),
+        ..Default::default()
+    };
+    let e = args.resolve(Stage::Dpo).unwrap_err().to_string();
+    assert!(
+        e.starts_with(
+            "--lora-dropout [lora] dropout 0.1 is not applied: dpo trains with dropout off"
+        ),
+        "{e}"
+    );
+    args.resolve(Stage::Sft).unwrap();
 }
 
 /// Every scoped flag is refused by exactly the stages whose `--help` leaves it out (one
@@ -504,6 +539,10 @@ fn an_on_off_flag_turns_a_config_files_true_off() {
         "--packing false: an on/off flag takes a value after '=' only; write it \
          --packing=false (see `temper sft --help`)"
     );
+    let e = parse("temper eval --checkpoint c --prompts p.jsonl --task-seed 3").unwrap_err();
+    assert!(e.contains("--task-seed") && e.contains("--prompts"), "{e}");
+    let e = parse("temper launch --threads --master-port 4000 -- sft").unwrap_err();
+    assert!(e.contains("--threads") && e.contains("--master-port"), "{e}");
     let e = parse("temper sft --packing=maybe").unwrap_err();
     assert!(e.contains("--packing") && !e.contains('\n'), "{e}");
     let mut cfg = RunConfig::for_stage(Stage::Sft);
