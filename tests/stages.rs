@@ -1529,7 +1529,7 @@ fn sft_learns_chat_data_rendered_by_a_tokenizer_config_template() {
     let args = |extra: &[&str]| -> Vec<String> {
         base.iter().chain(extra).map(|s| s.to_string()).collect()
     };
-    run_ok(&strs(&args(&[
+    let o = run_ok(&strs(&args(&[
         "--chat-template",
         tpl.to_str().unwrap(),
         "--chat-template-kwargs",
@@ -1541,6 +1541,8 @@ fn sft_learns_chat_data_rendered_by_a_tokenizer_config_template() {
         "--eval-every",
         "20",
     ])));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("not used"), "{err}");
     let val = series(&metrics(&sft), "val", "loss");
     let (first, last) = (val[0].1, val[val.len() - 1].1);
     assert!(
@@ -1638,6 +1640,44 @@ fn sft_learns_chat_data_rendered_by_a_tokenizer_config_template() {
     assert!(
         last < 0.6 * first,
         "held-out assistant loss with generation blocks {first} -> {last}"
+    );
+
+    // A template and keywords asked of data with no conversation are said to go unused.
+    let plain = p(dir, "plain.jsonl");
+    let lines: Vec<String> = (0..40u32)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("{i}+1="), "completion": format!("{}", i + 1)})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&plain, lines.join("\n")).unwrap();
+    let o = run_ok(
+        &[
+            &base[..6],
+            &[
+                plain.to_str().unwrap(),
+                "--device",
+                "cpu",
+                "--chat-template",
+                tpl.to_str().unwrap(),
+                "--chat-template-kwargs",
+                r#"{"enable_thinking": false}"#,
+                "--out",
+                p(dir, "plain").to_str().unwrap(),
+                "--steps",
+                "1",
+            ],
+        ]
+        .concat(),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!(
+            "warning: --chat-template ([data] chat_template) and --chat-template-kwargs ([data] \
+             chat_template_kwargs) are not used: no record of {} is a conversation",
+            plain.display()
+        )),
+        "{err}"
     );
 
     // Template variables with no Jinja template to read them are refused.

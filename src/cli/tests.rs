@@ -542,7 +542,10 @@ fn an_on_off_flag_turns_a_config_files_true_off() {
     let e = parse("temper eval --checkpoint c --prompts p.jsonl --task-seed 3").unwrap_err();
     assert!(e.contains("--task-seed") && e.contains("--prompts"), "{e}");
     let e = parse("temper launch --threads --master-port 4000 -- sft").unwrap_err();
-    assert!(e.contains("--threads") && e.contains("--master-port"), "{e}");
+    assert!(
+        e.contains("--threads") && e.contains("--master-port"),
+        "{e}"
+    );
     let e = parse("temper sft --packing=maybe").unwrap_err();
     assert!(e.contains("--packing") && !e.contains('\n'), "{e}");
     let mut cfg = RunConfig::for_stage(Stage::Sft);

@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{anyhow, bail, Context, Result};
 use minijinja::{Environment, ErrorKind};
@@ -65,6 +66,9 @@ pub struct ChatTemplate {
     bare: bool,
     origin: PathBuf,
     kwargs: Map<String, Value>,
+    /// Whether it has rendered anything: a template (or keywords) a run asked for that no
+    /// record reads is said to be unused.
+    used: AtomicBool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -255,6 +259,7 @@ impl ChatTemplate {
             bare: false,
             origin: origin.to_path_buf(),
             kwargs: Map::new(),
+            used: AtomicBool::new(false),
         }
     }
 
@@ -300,6 +305,11 @@ impl ChatTemplate {
         Ok(self)
     }
 
+    /// Whether it has rendered a conversation.
+    pub fn used(&self) -> bool {
+        self.used.load(Ordering::Relaxed)
+    }
+
     /// Renders `messages` (the JSON objects as given, so a template may read any field).
     pub fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String> {
         self.render_with(messages, &Map::new(), add_generation_prompt)
@@ -329,6 +339,7 @@ impl ChatTemplate {
         record: &Map<String, Value>,
         add_generation_prompt: bool,
     ) -> Result<String> {
+        self.used.store(true, Ordering::Relaxed);
         let name = self.chosen(record).0;
         if let (NAME, Some(why)) = (name, &self.no_default) {
             bail!("{why}");

@@ -863,6 +863,7 @@ fn datasets(env: &Env) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>, Vec<
             let read = |f: &Path| read_records_with(f, &env.cfg.data.columns);
             let load = |f: &Path| preferences_from(f, read(f)?, template.as_ref());
             let (train, eval) = split_holdout(env, p, load, "preference pairs")?;
+            setup::warn_template_unread(env, template.as_ref(), Some(p));
             (train, eval, vec![])
         }
     })

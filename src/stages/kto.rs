@@ -451,6 +451,7 @@ fn datasets(env: &Env) -> Result<Datasets> {
             let read = |f: &Path| read_records_with(f, &env.cfg.data.columns);
             let load = |f: &Path| labelled_from(f, read(f)?, template.as_ref());
             let (train, eval) = split_holdout(env, p, load, "records")?;
+            setup::warn_template_unread(env, template.as_ref(), Some(p));
             (train, eval, vec![])
         }
     })

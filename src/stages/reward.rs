@@ -338,7 +338,9 @@ fn datasets(env: &Env) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>)> {
             let template = setup::chat_template(env)?;
             let read = |f: &Path| read_records_with(f, &env.cfg.data.columns);
             let load = |f: &Path| preferences_from(f, read(f)?, template.as_ref());
-            split_holdout(env, p, load, "pairs")
+            let sets = split_holdout(env, p, load, "pairs")?;
+            setup::warn_template_unread(env, template.as_ref(), Some(p));
+            Ok(sets)
         }
     }
 }

@@ -27,6 +27,9 @@ use serde_json::{Map, Value};
 
 /// The built-in task's world, as this run's config describes it.
 pub fn synthetic(env: &Env) -> Synthetic {
+    if env.cfg.stage != Stage::Pretrain {
+        warn_template_unread(env, None, None);
+    }
     let mut s = Synthetic::new(env.cfg.data.task_seed);
     s.max_operand = env.cfg.data.task_max_operand;
     s.carry_slip = env.cfg.data.task_carry_slip;
@@ -212,6 +215,49 @@ pub fn chat_template_of(
     with_kwargs(found, kwargs)
 }
 
+/// Says that the chat template or keywords the run asked for (`--chat-template`,
+/// `--chat-template-kwargs`, or `[data]`'s) went unused where `template` rendered no record of
+/// `data` (the built-in task's, where `data` is none): plain text is tokenized as it is.
+pub fn warn_template_unread(env: &Env, template: Option<&ChatTemplate>, data: Option<&Path>) {
+    let d = &env.cfg.data;
+    if template.is_some_and(ChatTemplate::used) {
+        return;
+    }
+    let asked: Vec<&str> = [
+        (
+            d.chat_template.is_some(),
+            "--chat-template ([data] chat_template)",
+        ),
+        (
+            !d.chat_template_kwargs.is_empty(),
+            "--chat-template-kwargs ([data] chat_template_kwargs)",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(given, flag)| given.then_some(flag))
+    .collect();
+    if asked.is_empty() {
+        return;
+    }
+    let whose = match (data, &d.eval_path) {
+        (Some(p), Some(e)) => format!(
+            "no record of {} or {} is a conversation",
+            p.display(),
+            e.display()
+        ),
+        (Some(p), None) => format!("no record of {} is a conversation", p.display()),
+        (None, _) => "the built-in task has no conversations".to_string(),
+    };
+    crate::console::warn_once(format!(
+        "warning: {} {} not used: {whose}; plain text is tokenized as it is",
+        asked.join(" and "),
+        match asked.len() {
+            1 => "is",
+            _ => "are",
+        }
+    ));
+}
+
 /// `template` with `kwargs`; kwargs without a Jinja template to read them are refused, as
 /// the built-in template takes none.
 fn with_kwargs(
@@ -371,7 +417,9 @@ fn prompt_sets_unchecked(
             let template = chat_template(env)?;
             let read = |f: &Path| read_records_with(f, &env.cfg.data.columns);
             let load = |f: &Path| prompts_from(f, read(f)?, template.as_ref());
-            split_holdout(env, p, load, "prompts")
+            let sets = split_holdout(env, p, load, "prompts")?;
+            warn_template_unread(env, template.as_ref(), Some(p));
+            Ok(sets)
         }
     }
 }

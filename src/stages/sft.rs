@@ -71,6 +71,7 @@ pub(super) fn datasets(
             };
             let (train, eval) = split_holdout(env, p, load, "examples")?;
             scope_read.get().check(scope)?;
+            setup::warn_template_unread(env, template.as_ref(), Some(p));
             // Task accuracy needs answers, which SFT files do not carry: with user data the
             // held-out loss is the measure.
             Ok((train, eval, vec![]))
