@@ -182,6 +182,24 @@ fn candidates(text: &str, from: usize, n: usize) -> Vec<usize> {
     found
 }
 
+/// `text` in pieces of about `piece` bytes, each cut where GPT-2's pre-tokenizer splits the
+/// text alike whole and cut (before the last character of a run of whitespace that breaks a
+/// line: [`candidates`]), so that a byte-level BPE trained on the pieces counts the words a
+/// whole text gives, without holding the whole text's pre-tokenization.
+pub(crate) fn gpt2_pieces(text: &str, piece: usize) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut start = 0usize;
+    while let Some(&at) = candidates(text, start.saturating_add(piece), 1).first() {
+        if text.len() - at < piece / 2 {
+            break;
+        }
+        pieces.push(&text[start..at]);
+        start = at;
+    }
+    pieces.push(&text[start..]);
+    pieces
+}
+
 /// Whether the ids of the `check` bytes each side of `at` are those of the two sides
 /// encoded apart.
 fn agrees_at(tok: &Tokenizer, text: &str, at: usize, check: usize) -> Result<bool> {

@@ -13,6 +13,7 @@ use tokenizers::AddedToken;
 
 use super::chat_template::{named_templates, DEFAULT, NAMED_TEMPLATES_DIR, TEMPLATE_FILE};
 use super::corpus::{load_documents_from, Part};
+use super::document_ids::{gpt2_pieces, PIECE_BYTES};
 
 /// End-of-sequence id of the byte tokenizer: the first id after the 256 byte values.
 pub const BYTE_EOS: u32 = 256;
@@ -966,7 +967,16 @@ pub fn train_bpe(
     for f in files {
         docs.extend(load_documents_from(f, column, part)?);
     }
+    let tok = learn_bpe(&docs, vocab_size, PIECE_BYTES)?;
+    write_hf(&tok, out)?;
+    Tokenizer::from_hf(tok, None)
+}
 
+/// A byte-level BPE of `vocab_size` tokens learnt from `docs`, each fed to the trainer in
+/// pieces of about `piece` bytes cut where GPT-2's pre-tokenizer splits alike
+/// ([`gpt2_pieces`]): the words counted are a whole document's, and a long one does not hold
+/// some 200 bytes of memory per byte while it is counted.
+fn learn_bpe(docs: &[String], vocab_size: usize, piece: usize) -> Result<tokenizers::Tokenizer> {
     let mut tok = tokenizers::Tokenizer::new(BPE::default());
     // No prefix space: encode then decode must give back exactly the input text.
     tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
@@ -992,15 +1002,14 @@ pub fn train_bpe(
         bytes as f64 / 1e6
     );
     let start = std::time::Instant::now();
-    tok.train(&mut trainer, docs.iter())
+    let pieces = docs.iter().flat_map(|d| gpt2_pieces(d, piece));
+    tok.train(&mut trainer, pieces)
         .map_err(|e| anyhow!("BPE training failed: {e}"))?;
     crate::errln!(
         "[tokenizer] learnt in {:.1} s",
         start.elapsed().as_secs_f64()
     );
-
-    write_hf(&tok, out)?;
-    Tokenizer::from_hf(tok, None)
+    Ok(tok)
 }
 
 #[cfg(test)]
@@ -1101,6 +1110,27 @@ mod tests {
         assert_eq!(again.encode(text).unwrap(), ids);
         assert_eq!(again.eos_id(), t.eos_id());
         assert_eq!(again.pad_id(), t.pad_id());
+    }
+
+    /// A BPE learnt from documents fed in pieces is the one learnt from them whole.
+    #[test]
+    fn a_bpe_learnt_in_pieces_is_the_one_learnt_whole() {
+        let mut rng = crate::train::rng::Rng::new(5);
+        let words = [
+            "the", " king", "'s", "42", "\n", "\n\n", " ", "  ", "\t", ".", "é", "日本",
+        ];
+        let doc = |n: usize, rng: &mut crate::train::rng::Rng| -> String {
+            (0..n).map(|_| words[rng.below(words.len())]).collect()
+        };
+        let docs: Vec<String> = (0..3).map(|i| doc(3000 + i * 500, &mut rng)).collect();
+        assert!(gpt2_pieces(&docs[0], 64).len() > 50);
+        let whole = learn_bpe(&docs, 500, usize::MAX).unwrap();
+        let cut = learn_bpe(&docs, 500, 64).unwrap();
+        assert!(whole.get_vocab_size(true) > 400);
+        assert_eq!(
+            cut.to_string(false).unwrap(),
+            whole.to_string(false).unwrap()
+        );
     }
 
     /// The byte tokenizer's `tokenizer.json` encodes and decodes as the byte tokenizer does,
