@@ -872,7 +872,16 @@ impl Tokenizer {
     pub fn describe(&self) -> String {
         match self {
             Tokenizer::Bytes | Tokenizer::BytesWithTemplate { .. } => "bytes".to_string(),
-            Tokenizer::Hf { .. } => format!("bpe(vocab={})", self.vocab_size()),
+            Tokenizer::Hf { inner, .. } => {
+                use tokenizers::models::ModelWrapper as M;
+                let kind = match inner.get_model() {
+                    M::BPE(_) => "bpe",
+                    M::WordPiece(_) => "wordpiece",
+                    M::WordLevel(_) => "wordlevel",
+                    M::Unigram(_) => "unigram",
+                };
+                format!("{kind}(vocab={})", self.vocab_size())
+            }
         }
     }
 }
@@ -1492,6 +1501,7 @@ mod tests {
         assert_eq!(t.eos_id(), 3);
         assert_eq!(t.pad_id(), 2);
         assert_eq!(t.vocab_size(), 5);
+        assert_eq!(t.describe(), "wordlevel(vocab=5)");
 
         std::fs::write(&p, word_level_json(&["<|end_of_text|>"])).unwrap();
         let t = Tokenizer::from_file(&p).unwrap();

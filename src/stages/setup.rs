@@ -570,8 +570,9 @@ fn epochs_to_steps<T: Task>(env: &Env, task: &T) -> Result<RunConfig> {
     t.steps = (steps as usize).max(1);
     if env.comm.rank() == 0 {
         errln!(
-            "[{}] {epochs} epochs of {items} items at {per_step} a step: {} steps",
+            "[{}] {epochs} epoch{} of {items} items at {per_step} a step: {} steps",
             cfg.stage,
+            if epochs == 1.0 { "" } else { "s" },
             t.steps
         );
     }
