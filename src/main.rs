@@ -666,7 +666,10 @@ fn launch_cmd(a: &LaunchArgs) -> Result<()> {
     }
     preempt::install()?;
     if a.threads {
-        // clap refuses --threads beside --nnodes and the rendezvous flags.
+        // clap refuses --threads beside the rendezvous flags.
+        if a.nnodes != 1 {
+            bail!("launch: --threads runs ranks inside one process, on one node");
+        }
         return launch_threads(a.nproc_per_node, stage, args);
     }
     let single = a.nnodes == 1;

@@ -1642,7 +1642,8 @@ fn sft_learns_chat_data_rendered_by_a_tokenizer_config_template() {
         "held-out assistant loss with generation blocks {first} -> {last}"
     );
 
-    // A template and keywords asked of data with no conversation are said to go unused.
+    // Keywords asked of data with no conversation are said to go unused (the template is
+    // saved with the model all the same).
     let plain = p(dir, "plain.jsonl");
     let lines: Vec<String> = (0..40u32)
         .map(|i| {
@@ -1673,8 +1674,8 @@ fn sft_learns_chat_data_rendered_by_a_tokenizer_config_template() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains(&format!(
-            "warning: --chat-template ([data] chat_template) and --chat-template-kwargs ([data] \
-             chat_template_kwargs) are not used: no record of {} is a conversation",
+            "warning: --chat-template-kwargs ([data] chat_template_kwargs) is not used: no \
+             record of {} is a conversation",
             plain.display()
         )),
         "{err}"

@@ -109,6 +109,17 @@ pub enum Command {
     Tokenizer(TokenizerCmd),
 }
 
+/// The stage flags that are on alone and take `=false` (`--packing=false`) to turn off what
+/// a config file turned on.
+pub(crate) const ON_OFF_FLAGS: [&str; 6] = [
+    "use-rslora",
+    "use-dora",
+    "packing",
+    "padding-free",
+    "precompute-ref-log-probs",
+    "sync-ref-model",
+];
+
 // clap prints these doc comments as --help, where `[model]` is a TOML table, not a link.
 #[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Args, Debug, Clone, Default)]
@@ -376,7 +387,7 @@ pub struct LaunchArgs {
     pub master_port: Option<u16>,
     /// Run the ranks as threads of this process (CPU only, one node, no network): for
     /// debugging.
-    #[arg(long, conflicts_with_all = ["nnodes", "node_rank", "master_addr", "master_port"])]
+    #[arg(long, conflicts_with_all = ["node_rank", "master_addr", "master_port"])]
     pub threads: bool,
     /// The stage and its arguments, after `--`.
     #[arg(last = true, required = true)]

@@ -239,8 +239,8 @@ fn check_flat_schedule(cfg: &RunConfig, flag: bool) -> Result<()> {
     if t.lr_scheduler == crate::config::LrScheduler::Linear && t.min_lr_ratio >= 1.0 {
         let line = format!(
             "train.lr_scheduler linear changes nothing with train.min_lr_ratio = {}{}: the \
-             learning rate stays at its peak; give --min-lr-ratio (0 for transformers' \
-             schedules)",
+             learning rate stays at its peak; give a --min-lr-ratio below 1 (0 for \
+             transformers' schedules)",
             t.min_lr_ratio,
             match t.min_lr_ratio == RunConfig::for_stage(cfg.stage).train.min_lr_ratio {
                 true => format!(" ({}'s default)", cfg.stage),
@@ -779,7 +779,12 @@ impl StageArgs {
             let held_to =
                 format!("the run trains with {held}, which its checkpoint holds a resume to");
             if let Some(g) = given.filter(|g| *g != held) {
-                bail!("{flag} {g}: {held_to}; resume without it");
+                // An on/off flag's value goes after '=' (`--use-dora=false`).
+                let sep = match g.as_str() {
+                    "true" | "false" => "=",
+                    _ => " ",
+                };
+                bail!("{flag}{sep}{g}: {held_to}; resume without it");
             }
             if laid != held {
                 bail!("{}: {key} = {laid}: {held_to}", config.display());

@@ -534,6 +534,20 @@ fn an_on_off_flag_turns_a_config_files_true_off() {
     assert_eq!(sft("temper sft --packing=false").packing, Some(false));
     assert_eq!(sft("temper sft --use-dora=true").use_dora, Some(true));
     assert_eq!(sft("temper sft").packing, None);
+    // The list the usage error reads is the stage's flags that take an optional value.
+    let sft_cmd = Cli::command_line();
+    let sft_cmd = sft_cmd.find_subcommand("sft").unwrap();
+    let mut optional: Vec<&str> = (sft_cmd.get_arguments())
+        .filter(|a| {
+            a.get_num_args()
+                .is_some_and(|n| n.min_values() == 0 && n.max_values() == 1)
+        })
+        .filter_map(|a| a.get_long())
+        .collect();
+    optional.sort_unstable();
+    let mut listed = ON_OFF_FLAGS.to_vec();
+    listed.sort_unstable();
+    assert_eq!(optional, listed);
     assert_eq!(
         parse("temper sft --packing false").unwrap_err(),
         "--packing false: an on/off flag takes a value after '=' only; write it \
@@ -541,11 +555,15 @@ fn an_on_off_flag_turns_a_config_files_true_off() {
     );
     let e = parse("temper eval --checkpoint c --prompts p.jsonl --task-seed 3").unwrap_err();
     assert!(e.contains("--task-seed") && e.contains("--prompts"), "{e}");
+    assert!(parse("temper launch --threads --nnodes 1 -- sft").is_ok());
     let e = parse("temper launch --threads --master-port 4000 -- sft").unwrap_err();
     assert!(
         e.contains("--threads") && e.contains("--master-port"),
         "{e}"
     );
+    // A plain switch takes no value at all: clap's own words stand.
+    let e = parse("temper sft --overwrite false").unwrap_err();
+    assert!(!e.contains("write it"), "{e}");
     let e = parse("temper sft --packing=maybe").unwrap_err();
     assert!(e.contains("--packing") && !e.contains('\n'), "{e}");
     let mut cfg = RunConfig::for_stage(Stage::Sft);

@@ -79,7 +79,10 @@ fn detached_switch_value(e: &clap::Error, args: &[std::ffi::OsString]) -> Option
     let args: Vec<&str> = args.iter().filter_map(|a| a.to_str()).collect();
     args.windows(2).find_map(|w| {
         let (flag, value) = (w[0], w[1]);
-        (value == unexpected && flag.starts_with("--") && !flag.contains('=')).then(|| {
+        let on_off = flag
+            .strip_prefix("--")
+            .is_some_and(|f| super::ON_OFF_FLAGS.contains(&f));
+        (value == unexpected && on_off).then(|| {
             format!("{flag} {value}: an on/off flag takes a value after '=' only; write it {flag}={value}")
         })
     })

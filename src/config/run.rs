@@ -64,9 +64,9 @@ impl Stage {
                 CHAT[0],
                 CHAT[1],
             ],
-            Stage::Reward | Stage::Dpo => {
-                &["prompt", "chosen", "rejected", "margin", CHAT[0], CHAT[1]]
-            }
+            // A pair's margin is the reward model's (TRL's RewardTrainer); DPO has none.
+            Stage::Reward => &["prompt", "chosen", "rejected", "margin", CHAT[0], CHAT[1]],
+            Stage::Dpo => &["prompt", "chosen", "rejected", CHAT[0], CHAT[1]],
             Stage::Kto => &[
                 "prompt",
                 "completion",

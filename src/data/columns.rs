@@ -3,6 +3,7 @@
 //! and TRL's `dataset_text_field` name them (GSM8K's `question`, the Stack's `content`).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -118,6 +119,35 @@ impl Columns {
         }
         Ok(())
     }
+
+    /// Refuses a column named for a field a record may leave out ([`OPTIONAL`]) that no record
+    /// of `path` has (`records`, renamed by [`Columns::apply`]): a misspelt name would
+    /// otherwise drop the field from every record, silently.
+    pub(crate) fn check_found(
+        &self,
+        path: &Path,
+        records: &[(usize, Map<String, Value>)],
+    ) -> Result<()> {
+        let named = self
+            .0
+            .iter()
+            .filter(|(f, c)| f != c && OPTIONAL.contains(&f.as_str()));
+        for (field, column) in named {
+            if !records.iter().any(|(_, r)| r.contains_key(field)) {
+                let mut has: Vec<&str> = (records.first().into_iter())
+                    .flat_map(|(_, r)| r.keys().map(String::as_str))
+                    .collect();
+                has.sort_unstable();
+                bail!(
+                    "{}: data.columns reads \"{field}\" from column \"{column}\", which no \
+                     record has (the first record's columns: {})",
+                    path.display(),
+                    has.join(", ")
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -171,6 +201,28 @@ mod tests {
         tools.apply(&at, &mut r).unwrap();
         assert_eq!(Value::Object(r), json!({"answer": "4"}));
         assert_eq!(c.column("text"), "text");
+    }
+
+    /// An optional field's column that no record of a file has is refused, naming the file's
+    /// columns; one that some record has passes.
+    #[test]
+    fn an_optional_column_no_record_has_is_refused() {
+        let c = Columns::parse("prompt=question,answer=soluton").unwrap();
+        let path = Path::new("gsm8k.jsonl");
+        let mut records: Vec<(usize, Map<String, Value>)> = (1..=3)
+            .map(|line| (line, obj(json!({"question": "2+2?", "solution": "4"}))))
+            .collect();
+        for (line, r) in &mut records {
+            c.apply(&Loc { path, line: *line }, r).unwrap();
+        }
+        let e = c.check_found(path, &records).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "gsm8k.jsonl: data.columns reads \"answer\" from column \"soluton\", which no record \
+             has (the first record's columns: prompt, solution)"
+        );
+        records[2].1.insert("answer".into(), json!("4"));
+        c.check_found(path, &records).unwrap();
     }
 
     #[test]

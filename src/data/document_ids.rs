@@ -200,11 +200,27 @@ pub(crate) fn gpt2_pieces(text: &str, piece: usize) -> Vec<&str> {
     pieces
 }
 
-/// Whether the ids of the `check` bytes each side of `at` are those of the two sides
-/// encoded apart.
+/// Whether `text` may be cut at `at`: the tokenizer's pre-tokens of the `check` bytes each
+/// side meet there, with a whole one before and after the two that meet (so that where the
+/// stretch starts and ends moves no pre-token at the cut: a run of 2,000 newlines is one
+/// pre-token to Llama 3, whose ids a cut inside it would change), and the ids of the stretch
+/// are those of its two sides encoded apart (which added tokens and the model decide). A
+/// tokenizer without a pre-tokenizer reads the whole text as one pre-token: never cut.
 fn agrees_at(tok: &Tokenizer, text: &str, at: usize, check: usize) -> Result<bool> {
     let start = floor_boundary(text, at.saturating_sub(check));
     let end = floor_boundary(text, (at + check).min(text.len()));
+    let Some(spans) = tok.pre_token_spans(&text[start..end])? else {
+        return Ok(false);
+    };
+    let cut = at - start;
+    if spans.iter().any(|s| s.start < cut && cut < s.end) {
+        return Ok(false);
+    }
+    let before = spans.iter().filter(|s| s.end <= cut).count();
+    let after = spans.iter().filter(|s| s.start >= cut).count();
+    if before < 2 || after < 2 {
+        return Ok(false);
+    }
     let whole = tok.encode(&text[start..end])?;
     let left = tok.encode(&text[start..at])?;
     let right = tok.encode(&text[at..end])?;
@@ -316,6 +332,16 @@ mod tests {
         ids
     }
 
+    /// Llama 3's pre-tokenizer: a Split on its regex, then byte level.
+    fn llama3_pre_tokenizer() -> serde_json::Value {
+        serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex":
+                "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+             "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+             "use_regex": false}]})
+    }
+
     /// A byte-level BPE trained on [`text`], and the same with Llama 3's pre-tokenizer (a
     /// Split on its regex, then byte level) in place of GPT-2's.
     fn trained_bpe() -> (Tokenizer, Tokenizer) {
@@ -326,12 +352,7 @@ mod tests {
         let gpt2 = train_bpe(&[corpus], ("text", Part::train()), 400, &path).unwrap();
         let mut json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        json["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex":
-                "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
-             "behavior": "Isolated", "invert": false},
-            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
-             "use_regex": false}]});
+        json["pre_tokenizer"] = llama3_pre_tokenizer();
         std::fs::write(&path, json.to_string()).unwrap();
         (gpt2, Tokenizer::from_file(&path).unwrap())
     }
@@ -371,6 +392,51 @@ mod tests {
             let ids = ids_in_pieces(std::slice::from_ref(&doc), &tok, (50, 20)).unwrap();
             assert_eq!(ids[0], whole(&tok, &doc), "{dir}");
         }
+    }
+
+    /// A pre-token longer than the stretch checked around a cut (a run of newlines, one
+    /// pre-token to Llama 3, whose pairs a merge joins) is never cut: a stretch that starts
+    /// inside it agrees with the cut's two sides where the whole document does not.
+    #[test]
+    fn a_pre_token_longer_than_the_check_is_not_cut() {
+        let mut json: serde_json::Value =
+            serde_json::from_str(&crate::data::tokenizer::byte_level_json().unwrap()).unwrap();
+        json["pre_tokenizer"] = llama3_pre_tokenizer();
+        json["model"]["vocab"]["ĊĊ"] = 258.into();
+        json["model"]["merges"] = serde_json::json!(["Ċ Ċ"]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, json.to_string()).unwrap();
+        let tok = Tokenizer::from_file(&path).unwrap();
+        // The search reaches the run from the words before it, and first tries the place
+        // before its last newline: 64 newlines and one each side agree (32 pairs and one
+        // left over either way), where the whole run's 300 are 150 pairs.
+        let doc = format!(
+            "{}{}a{}X {}",
+            "some words\n".repeat(10),
+            "word ".repeat(20),
+            "\n".repeat(300),
+            "some words\n".repeat(30)
+        );
+        let ids = ids_in_pieces(std::slice::from_ref(&doc), &tok, (200, 64)).unwrap();
+        assert_eq!(ids[0], whole(&tok, &doc));
+        assert_eq!(ids[0].iter().filter(|&&i| i == 258).count(), 150);
+        // Cuts are still made away from the run.
+        assert!(cuts(&tok, &doc, (200, 64)).unwrap().len() > 2);
+    }
+
+    /// A tokenizer without a pre-tokenizer reads a text as one pre-token: never cut.
+    #[test]
+    fn a_tokenizer_without_a_pre_tokenizer_is_not_cut() {
+        let mut json: serde_json::Value =
+            serde_json::from_str(&crate::data::tokenizer::byte_level_json().unwrap()).unwrap();
+        json["pre_tokenizer"] = serde_json::Value::Null;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, json.to_string()).unwrap();
+        let tok = Tokenizer::from_file(&path).unwrap();
+        let doc = text(100);
+        assert_eq!(cuts(&tok, &doc, (50, 20)).unwrap(), vec![0, doc.len()]);
     }
 
     #[test]

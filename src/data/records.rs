@@ -1232,6 +1232,25 @@ pub(crate) fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<(usize, Map<Str
                      but no UTF-8 text holds it)"
                 );
             }
+            // Python's json.dumps writes a float NaN or infinity so, which no JSON parser takes.
+            // (The parser may stop on the word's first character or its second.)
+            let col = e.column();
+            let word = [col.saturating_sub(2), col.saturating_sub(1)]
+                .into_iter()
+                .find_map(|start| {
+                    let rest = raw.get(start..)?;
+                    ["NaN", "-Infinity", "Infinity"]
+                        .into_iter()
+                        .find(|w| rest.starts_with(w))
+                        .map(|w| (w, start + 1))
+                });
+            if let Some((word, col)) = word {
+                return anyhow!(
+                    "{at}: not valid JSON: {word} at column {col} is no JSON value (Python's \
+                     json writes a float so; write null, or json.dumps(..., allow_nan=False) \
+                     finds them)"
+                );
+            }
             let msg = crate::json_error::without_position(&e);
             anyhow!("{at}: not valid JSON: {msg} at column {}", e.column())
         })?;
@@ -1356,6 +1375,7 @@ pub fn read_records_with(path: &Path, columns: &Columns) -> Result<Lines> {
     if records.is_empty() {
         return Err(NoRecords(path.to_path_buf()).into());
     }
+    columns.check_found(path, &records)?;
     Ok(records)
 }
 
@@ -1448,6 +1468,23 @@ mod tests {
             e.contains("s.jsonl:1: not valid JSON text: `\\ud800` is half of a UTF-16 surrogate"),
             "{e}"
         );
+    }
+
+    /// Python's `NaN` and `Infinity`, which json.dumps writes for floats, are named.
+    #[test]
+    fn pythons_nan_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        for (word, col) in [("NaN", 39), ("-Infinity", 39), ("Infinity", 39)] {
+            let line = format!("{{\"prompt\": \"a\", \"response\": \"b\", \"x\": {word}}}\n");
+            let p = file(&d, "n.jsonl", &line);
+            let e = err(load_sft(&p));
+            assert!(
+                e.contains(&format!(
+                    "n.jsonl:1: not valid JSON: {word} at column {col} is no JSON value"
+                )),
+                "{e}"
+            );
+        }
     }
 
     /// A gzip-compressed JSONL file reads as the text it compresses, alone and among a

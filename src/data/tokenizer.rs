@@ -450,12 +450,18 @@ impl Tokenizer {
     fn from_file_in(path: &Path, dir: Option<&Path>) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read tokenizer", path.display()))?;
-        let inner: tokenizers::Tokenizer = text.parse().map_err(|e| {
+        let mut inner: tokenizers::Tokenizer = text.parse().map_err(|e| {
             anyhow!(
                 "{}: not a valid Hugging Face tokenizer.json: {e}",
                 path.display()
             )
         })?;
+        // A tokenizer.json may carry the truncation and padding its last user set; transformers
+        // encodes without them unless a call asks, and so does temper: each document whole.
+        inner
+            .with_truncation(None)
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        inner.with_padding(None);
         let named = match dir {
             Some(dir) => named_eos(dir, &inner)?,
             None => None,
@@ -721,6 +727,32 @@ impl Tokenizer {
                 Ok(enc.get_ids().to_vec())
             }
         }
+    }
+
+    /// The byte ranges in `text` of its pre-tokens (after the tokenizer's normalizer), whose
+    /// ids the model finds apart: for a Hugging Face tokenizer with a pre-tokenizer; none for
+    /// one without (the whole text is then one pre-token) or for the byte tokenizer.
+    pub(crate) fn pre_token_spans(&self, text: &str) -> Result<Option<Vec<Range<usize>>>> {
+        use tokenizers::{Normalizer, OffsetReferential, OffsetType, PreTokenizer};
+        let Tokenizer::Hf { inner, .. } = self else {
+            return Ok(None);
+        };
+        let Some(pre) = inner.get_pre_tokenizer() else {
+            return Ok(None);
+        };
+        let failed = |e| anyhow!("tokenizer failed to pre-tokenize text: {e}");
+        let mut split = tokenizers::PreTokenizedString::from(text);
+        if let Some(n) = inner.get_normalizer() {
+            split.normalize(|s| n.normalize(s)).map_err(failed)?;
+        }
+        pre.pre_tokenize(&mut split).map_err(failed)?;
+        Ok(Some(
+            split
+                .get_splits(OffsetReferential::Original, OffsetType::Byte)
+                .into_iter()
+                .map(|(_, (a, b), _)| a..b)
+                .collect(),
+        ))
     }
 
     /// [`Tokenizer::encode`] with each token's byte range in `text`: where the tokenizer
@@ -1119,6 +1151,28 @@ mod tests {
         assert_eq!(again.encode(text).unwrap(), ids);
         assert_eq!(again.eos_id(), t.eos_id());
         assert_eq!(again.pad_id(), t.pad_id());
+    }
+
+    /// The truncation and padding a tokenizer.json carries are not applied: a document is
+    /// encoded whole, as transformers encodes a text unless a call asks otherwise.
+    #[test]
+    fn a_tokenizer_jsons_truncation_and_padding_are_not_applied() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/gpt2");
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture.join(FILE_NAME)).unwrap())
+                .unwrap();
+        let plain = Tokenizer::from_file(&fixture.join(FILE_NAME)).unwrap();
+        json["truncation"] = serde_json::json!({"direction": "Right", "max_length": 4,
+            "strategy": "LongestFirst", "stride": 0});
+        json["padding"] = serde_json::json!({"strategy": {"Fixed": 64}, "direction": "Right",
+            "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "!"});
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        std::fs::write(&path, json.to_string()).unwrap();
+        let t = Tokenizer::from_file(&path).unwrap();
+        let text = "hello world, hello again";
+        assert!(plain.encode(text).unwrap().len() > 4);
+        assert_eq!(t.encode(text).unwrap(), plain.encode(text).unwrap());
     }
 
     /// A BPE learnt from documents fed in pieces is the one learnt from them whole.

@@ -215,28 +215,13 @@ pub fn chat_template_of(
     with_kwargs(found, kwargs)
 }
 
-/// Says that the chat template or keywords the run asked for (`--chat-template`,
-/// `--chat-template-kwargs`, or `[data]`'s) went unused where `template` rendered no record of
-/// `data` (the built-in task's, where `data` is none): plain text is tokenized as it is.
+/// Says that the chat template keywords the run asked for (`--chat-template-kwargs`, `[data]
+/// chat_template_kwargs`) went unused where `template` rendered no record of `data` (the
+/// built-in task's, where `data` is none). (A template given renders nothing then either, but
+/// is saved with the model, as TRL's `chat_template_path` is: that is not said.)
 pub fn warn_template_unread(env: &Env, template: Option<&ChatTemplate>, data: Option<&Path>) {
     let d = &env.cfg.data;
-    if template.is_some_and(ChatTemplate::used) {
-        return;
-    }
-    let asked: Vec<&str> = [
-        (
-            d.chat_template.is_some(),
-            "--chat-template ([data] chat_template)",
-        ),
-        (
-            !d.chat_template_kwargs.is_empty(),
-            "--chat-template-kwargs ([data] chat_template_kwargs)",
-        ),
-    ]
-    .into_iter()
-    .filter_map(|(given, flag)| given.then_some(flag))
-    .collect();
-    if asked.is_empty() {
+    if d.chat_template_kwargs.is_empty() || template.is_some_and(ChatTemplate::used) {
         return;
     }
     let whose = match (data, &d.eval_path) {
@@ -249,12 +234,8 @@ pub fn warn_template_unread(env: &Env, template: Option<&ChatTemplate>, data: Op
         (None, _) => "the built-in task has no conversations".to_string(),
     };
     crate::console::warn_once(format!(
-        "warning: {} {} not used: {whose}; plain text is tokenized as it is",
-        asked.join(" and "),
-        match asked.len() {
-            1 => "is",
-            _ => "are",
-        }
+        "warning: --chat-template-kwargs ([data] chat_template_kwargs) is not used: {whose}; \
+         plain text is tokenized as it is"
     ));
 }
 
@@ -271,6 +252,14 @@ fn with_kwargs(
             "chat_template_kwargs: no Jinja chat template reads them (the model has none and \
              no --chat-template is given; the built-in template takes no variables)"
         ),
+    }
+}
+
+/// `1 example`, `2 examples`: a count of `what` (a plural).
+fn counted(n: usize, what: &str) -> String {
+    match n {
+        1 => format!("1 {}", what.strip_suffix('s').unwrap_or(what)),
+        n => format!("{n} {what}"),
     }
 }
 
@@ -309,10 +298,14 @@ pub fn split_holdout<T>(
                 false => e.display().to_string(),
             };
             crate::errln!(
-                "[{}] {}: {} {what} train; {} held out ({from})",
+                "[{}] {}: {} {}; {} held out ({from})",
                 env.cfg.stage,
                 path.display(),
-                all.len(),
+                counted(all.len(), what),
+                match all.len() {
+                    1 => "trains",
+                    _ => "train",
+                },
                 eval.len()
             );
         }
@@ -338,11 +331,15 @@ pub fn split_holdout<T>(
     }
     if env.comm.rank() == 0 {
         crate::errln!(
-            "[{}] {}: {} {what} train, {} held out ([data] val_fraction {}, holdout {}; \
+            "[{}] {}: {} {}, {} held out ([data] val_fraction {}, holdout {}; \
              --eval-data names others)",
             env.cfg.stage,
             path.display(),
-            train.len(),
+            counted(train.len(), what),
+            match train.len() {
+                1 => "trains",
+                _ => "train",
+            },
             eval.len(),
             env.cfg.data.val_fraction,
             match env.cfg.data.holdout {

@@ -139,6 +139,7 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
              it with PEFT (merge_and_unload) and read the merged model",
         ));
     }
+    refuse_other_forwards(&v, &at)?;
     let r = at.need(v.get("r").and_then(|x| x.as_f64()), "r")?;
     let alpha = at.need(v.get("lora_alpha").and_then(|x| x.as_f64()), "lora_alpha")?;
     let ranks = ModulePattern::read(&v, "rank_pattern", &at)?;
@@ -149,6 +150,18 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         .with_context(|| format!("{}: cannot read", file.display()))?;
     let mut names: Vec<&String> = raw.keys().collect();
     names.sort();
+    check_pairs(&names).with_context(|| file.display().to_string())?;
+    if let Some(bias) = names.iter().find(|n| n.ends_with(".bias")) {
+        return Err(at.refuse(
+            "bias",
+            format!(
+                "{:?}: the adapter trains biases ({bias} in {}), which temper does not read: \
+                 merge it with PEFT (merge_and_unload) and read the merged model",
+                v.get("bias").unwrap_or(&serde_json::Value::Null),
+                file.display()
+            ),
+        ));
+    }
     match dora {
         true => check_magnitudes(&raw, &names).with_context(|| {
             format!(
@@ -222,6 +235,97 @@ pub fn read_peft(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     })
 }
 
+/// Refuses the settings under which PEFT computes something other than `W x + s B A x` (and
+/// DoRA's rescaling of it) from the saved factors, or rewrites the base model's weights as it
+/// loads the adapter: merged as a plain LoRA they would give other logits, silently.
+fn refuse_other_forwards(v: &serde_json::Value, at: &At) -> Result<()> {
+    let set = |name: &str| v.get(name).filter(|x| !x.is_null() && **x != false);
+    let merge = "merge it with PEFT (merge_and_unload) and read the merged model";
+    // A LoRA variant's own forward (VeLoRA changes only the backward, and reads as LoRA).
+    for (field, what) in [
+        (
+            "alora_invocation_tokens",
+            "an aLoRA adapter acts only from its invocation tokens on",
+        ),
+        ("use_qalora", "QA-LoRA pools each factor's inputs by group"),
+        ("use_bdlora", "BD-LoRA's factors are block-diagonal"),
+        (
+            "arrow_config",
+            "Arrow routes each token among several adapters",
+        ),
+        ("kasa_config", "KaSA rescales the base's singular values"),
+        ("monteclora_config", "MonteCLoRA samples its factors"),
+        ("lora_bias", "the adapter's B has a bias"),
+        (
+            "trainable_token_indices",
+            "the adapter trains rows of the embedding",
+        ),
+    ] {
+        if let Some(x) = set(field) {
+            return Err(at.refuse(
+                field,
+                format!("{x}: {what}, which temper does not read: {merge}"),
+            ));
+        }
+    }
+    if let Some(x) = v
+        .get("target_parameters")
+        .filter(|x| x.as_array().is_some_and(|a| !a.is_empty()))
+    {
+        return Err(at.refuse(
+            "target_parameters",
+            format!("{x}: the adapter targets parameters (an MoE's experts), not modules: {merge}"),
+        ));
+    }
+    // A SEQ_CLS adapter saves its head (`score`; PEFT lists `classifier` beside it).
+    if let Some(other) = (v.get("modules_to_save").and_then(|m| m.as_array()))
+        .into_iter()
+        .flatten()
+        .find(|m| !matches!(m.as_str(), Some("score" | "classifier")))
+    {
+        return Err(at.refuse(
+            "modules_to_save",
+            format!("{other}: the adapter saves a whole module beside its factors, which temper reads only for a reward model's score head: {merge}"),
+        ));
+    }
+    // These initialisations subtract the adapter's start from the base's weights as PEFT
+    // loads it: the saved factors mean nothing on the untouched base.
+    let init = v.get("init_lora_weights").and_then(|x| x.as_str());
+    if let Some(init) = init.filter(|i| {
+        ["pissa", "olora", "corda", "loftq", "lora_ga"]
+            .iter()
+            .any(|p| i.starts_with(p))
+    }) {
+        return Err(at.refuse(
+            "init_lora_weights",
+            format!(
+                "`{init}` changes the base model's weights where PEFT loads the adapter: save it \
+                 converted (PEFT's path_initial_model_for_weight_conversion), or {merge}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Every LoRA factor has its partner: a `lora_B` without its `lora_A` (or the reverse) would
+/// leave its module unadapted, silently.
+fn check_pairs(names: &[&String]) -> Result<()> {
+    for name in names {
+        for (this, other) in [
+            (".lora_A.weight", ".lora_B.weight"),
+            (".lora_B.weight", ".lora_A.weight"),
+        ] {
+            if let Some(module) = name.strip_suffix(this) {
+                let partner = format!("{module}{other}");
+                if !names.iter().any(|n| **n == partner) {
+                    bail!("{name} has no {partner} beside it: a LoRA factor needs its partner");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// PEFT's `rank_pattern` or `alpha_pattern`: values for the modules whose names end in a key
 /// (a regular expression), the first such key deciding, as PEFT reads them.
 struct ModulePattern(Vec<(regex::Regex, f64)>);
@@ -232,8 +336,18 @@ impl ModulePattern {
             return Ok(Self(Vec::new()));
         };
         let entries = map.iter().map(|(key, value)| {
-            let re = regex::Regex::new(&format!("^(.*\\.)?(?:{key})$"))
-                .map_err(|e| at.refuse(field, format!("key `{key}`: {e}")))?;
+            // The regex crate's errors draw the pattern over several lines.
+            let re = regex::Regex::new(&format!("^(.*\\.)?(?:{key})$")).map_err(|e| {
+                let why = e
+                    .to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                at.refuse(
+                    field,
+                    format!("key `{key}` is not a pattern temper reads ({why})"),
+                )
+            })?;
             let value = value
                 .as_f64()
                 .ok_or_else(|| at.refuse(field, format!("key `{key}`: not a number")))?;

@@ -670,12 +670,13 @@ fn per_module_ranks_and_alphas_scale_their_modules() {
         std::fs::write(dir.path().join("adapter_config.json"), v.to_string()).unwrap();
     };
     config(serde_json::json!({"q_proj": 2, "proj": 100}));
-    let ones = Tensor::ones((6, 2), DType::F32, &Device::Cpu).unwrap();
+    let ones = |shape: (usize, usize)| Tensor::ones(shape, DType::F32, &Device::Cpu).unwrap();
     let mut tensors = HashMap::new();
     for layer in 0..2 {
-        for m in ["q_proj", "v_proj"] {
-            let name = format!("base_model.model.model.layers.{layer}.self_attn.{m}.lora_B.weight");
-            tensors.insert(name, ones.clone());
+        for (m, rank) in [("q_proj", 2), ("v_proj", 4)] {
+            let name = format!("base_model.model.model.layers.{layer}.self_attn.{m}");
+            tensors.insert(format!("{name}.lora_A.weight"), ones((rank, 8)));
+            tensors.insert(format!("{name}.lora_B.weight"), ones((6, rank)));
         }
     }
     candle_core::safetensors::save(&tensors, dir.path().join("adapter_model.safetensors")).unwrap();
@@ -697,6 +698,78 @@ fn per_module_ranks_and_alphas_scale_their_modules() {
         .to_string();
     assert!(
         e.contains("adapter_config.json: field \"rank_pattern\": key `q_proj(`"),
+        "{e}"
+    );
+}
+
+/// Adapters PEFT would apply otherwise than as `W x + s B A x` (a LoRA variant's forward, an
+/// initialisation that rewrites the base as PEFT loads it, trained biases or whole modules),
+/// or whose factors lack their partner, are refused by the field (or tensor) that says so.
+#[test]
+fn adapters_peft_applies_otherwise_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize("tests/fixtures/hf/llama").unwrap();
+    let ones = |shape: (usize, usize)| Tensor::ones(shape, DType::F32, &Device::Cpu).unwrap();
+    let q = "base_model.model.model.layers.0.self_attn.q_proj";
+    let write = |extra: serde_json::Value, tensors: &[(&str, (usize, usize))]| {
+        let mut v = serde_json::json!({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4,
+            "base_model_name_or_path": base,
+        });
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        std::fs::write(dir.path().join("adapter_config.json"), v.to_string()).unwrap();
+        let t: HashMap<String, Tensor> = (tensors.iter())
+            .map(|(n, s)| (format!("{q}.{n}"), ones(*s)))
+            .collect();
+        candle_core::safetensors::save(&t, dir.path().join("adapter_model.safetensors")).unwrap();
+        read_peft(dir.path(), &Device::Cpu)
+            .err()
+            .map(|e| format!("{e:#}"))
+    };
+    let pair = [("lora_A.weight", (2, 32)), ("lora_B.weight", (32, 2))];
+    assert_eq!(write(serde_json::json!({}), &pair), None);
+    // Settings at their defaults read as plain LoRA.
+    let defaults = serde_json::json!({"use_qalora": false, "lora_bias": false,
+        "alora_invocation_tokens": null, "target_parameters": [], "init_lora_weights": true,
+        "modules_to_save": null, "velora_config": {"rank": 4}});
+    assert_eq!(write(defaults, &pair), None);
+    for (field, value) in [
+        ("alora_invocation_tokens", serde_json::json!([1, 2])),
+        ("use_qalora", true.into()),
+        ("use_bdlora", serde_json::json!({"nblocks": 2})),
+        ("lora_bias", true.into()),
+        ("trainable_token_indices", serde_json::json!([5])),
+        (
+            "target_parameters",
+            serde_json::json!(["experts.gate_up_proj"]),
+        ),
+        ("modules_to_save", serde_json::json!(["lm_head"])),
+        ("init_lora_weights", "pissa_niter_4".into()),
+        ("init_lora_weights", "olora".into()),
+    ] {
+        let e = write(serde_json::json!({ field: value }), &pair).expect(field);
+        assert!(
+            e.contains(&format!("adapter_config.json: field \"{field}\"")) && !e.contains('\n'),
+            "{e}"
+        );
+    }
+    // A SEQ_CLS adapter's saved head is read.
+    let head = serde_json::json!({"modules_to_save": ["classifier", "score"]});
+    assert_eq!(write(head, &pair), None);
+    let e = write(
+        serde_json::json!({"bias": "lora_only"}),
+        &[pair[0], pair[1], ("bias", (32, 1))],
+    )
+    .unwrap();
+    assert!(
+        e.contains("field \"bias\"") && e.contains("trains biases"),
+        "{e}"
+    );
+    let e = write(serde_json::json!({}), &pair[1..]).unwrap();
+    assert!(
+        e.contains("lora_B.weight has no") && e.contains("lora_A.weight beside it"),
         "{e}"
     );
 }
