@@ -1917,7 +1917,7 @@ fn a_run_stopped_at_its_last_checkpoint_ends_with_its_evaluation() {
     // rsLoRA's scale too.
     let e = run_err(&["sft", "--resume", s, "--use-rslora", "--steps", "3"]);
     assert!(
-        e.contains("--use-rslora true") && e.contains("trains with false"),
+        e.contains("--use-rslora=true") && e.contains("trains with false"),
         "{e}"
     );
     // And the run's config.toml edited since: the checkpoint's adapters decide.

@@ -6,10 +6,11 @@
 //! cut into pieces of about [`PIECE_BYTES`], encoded apart on every core and joined. A cut
 //! goes into a run of whitespace that breaks a line, at its end or before its last character,
 //! where the pre-tokenizers of Llama 3 and GPT-2 (and their kin) end a pre-token; and it is
-//! kept only where the tokenizer agrees, checked on the text around it: the two sides' ids
-//! joined must be the ids of the whole stretch. A tokenizer that reads the start of a text apart
-//! (SentencePiece's prepended `▁`) disagrees at every cut and encodes a document in one call,
-//! as before.
+//! kept only where the tokenizer agrees, checked on the text around it ([`agrees_at`]): its
+//! own pre-tokens of the stretch meet at the cut, whole ones each side, and the two sides' ids
+//! joined are the ids of the whole stretch. A tokenizer that reads the start of a text apart
+//! (SentencePiece's prepended `▁`), or has no pre-tokenizer, is never cut and encodes a
+//! document in one call, as before.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;

@@ -1509,6 +1509,10 @@ mod tests {
             e.starts_with(&format!("{}: gzip-compressed, and damaged", p.display())),
             "{e}"
         );
+        // The file beside its own gzip (gzip -k) would be read twice.
+        std::fs::write(d.path().join("train.jsonl"), body).unwrap();
+        let e = format!("{:#}", record_files(d.path(), Part::train()).unwrap_err());
+        assert!(e.contains("train.jsonl.gz are both read"), "{e}");
     }
 
     /// A file that is one JSON array (as `json.dump` writes it, over several lines or one) is

@@ -158,7 +158,33 @@ pub(crate) fn data_files(path: &Path, part: Part, exts: &[&str]) -> Result<Vec<P
             first_names(path, &left_out)
         ));
     }
+    refuse_compressed_twins(&files)?;
     split_files(path, files, part)
+}
+
+/// Refuses a file beside its own gzip (`train.jsonl` and `train.jsonl.gz`, as `gzip -k` leaves
+/// them): both would be read, and every record trained twice.
+fn refuse_compressed_twins(files: &[PathBuf]) -> Result<()> {
+    let names: HashSet<&PathBuf> = files.iter().collect();
+    for f in files {
+        let plain = f.to_string_lossy();
+        let Some(plain) = plain
+            .strip_suffix(".gz")
+            .or_else(|| plain.strip_suffix(".GZ"))
+        else {
+            continue;
+        };
+        let plain = PathBuf::from(plain);
+        if names.contains(&plain) {
+            bail!(
+                "{} and {} are both read: the one is likely the other compressed (gzip -k \
+                 leaves both), and every record would be read twice; remove one",
+                plain.display(),
+                f.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A Hugging Face dataset card: the README.md at a dataset's top, which opens with its YAML
