@@ -120,33 +120,42 @@ impl Columns {
         Ok(())
     }
 
+    /// The optional fields ([`OPTIONAL`]) this names a column for that some record of
+    /// `records` (renamed by [`Columns::apply`]) has.
+    pub(crate) fn found_in(&self, records: &[(usize, Map<String, Value>)]) -> Vec<String> {
+        self.named_optional()
+            .filter(|(field, _)| records.iter().any(|(_, r)| r.contains_key(*field)))
+            .map(|(field, _)| field.clone())
+            .collect()
+    }
+
     /// Refuses a column named for a field a record may leave out ([`OPTIONAL`]) that no record
-    /// of `path` has (`records`, renamed by [`Columns::apply`]): a misspelt name would
-    /// otherwise drop the field from every record, silently.
+    /// of the dataset `path` has (`found`: the fields [`Columns::found_in`] found in any of its
+    /// files, its held-out ones too; `first`: its first record's columns): a misspelt name
+    /// would otherwise drop the field from every record, silently.
     pub(crate) fn check_found(
         &self,
         path: &Path,
-        records: &[(usize, Map<String, Value>)],
+        found: &[String],
+        first: &[String],
     ) -> Result<()> {
-        let named = self
-            .0
-            .iter()
-            .filter(|(f, c)| f != c && OPTIONAL.contains(&f.as_str()));
-        for (field, column) in named {
-            if !records.iter().any(|(_, r)| r.contains_key(field)) {
-                let mut has: Vec<&str> = (records.first().into_iter())
-                    .flat_map(|(_, r)| r.keys().map(String::as_str))
-                    .collect();
-                has.sort_unstable();
+        let mut first = first.to_vec();
+        first.sort_unstable();
+        for (field, column) in self.named_optional() {
+            if !found.contains(field) {
                 bail!(
                     "{}: data.columns reads \"{field}\" from column \"{column}\", which no \
                      record has (the first record's columns: {})",
                     path.display(),
-                    has.join(", ")
+                    first.join(", ")
                 );
             }
         }
         Ok(())
+    }
+
+    fn named_optional(&self) -> impl Iterator<Item = (&String, &String)> {
+        (self.0.iter()).filter(|(f, c)| f != c && OPTIONAL.contains(&f.as_str()))
     }
 }
 
@@ -203,8 +212,8 @@ mod tests {
         assert_eq!(c.column("text"), "text");
     }
 
-    /// An optional field's column that no record of a file has is refused, naming the file's
-    /// columns; one that some record has passes.
+    /// An optional field's column that no record of a dataset has is refused, naming the
+    /// columns of its first record; one that some record has passes.
     #[test]
     fn an_optional_column_no_record_has_is_refused() {
         let c = Columns::parse("prompt=question,answer=soluton").unwrap();
@@ -215,14 +224,18 @@ mod tests {
         for (line, r) in &mut records {
             c.apply(&Loc { path, line: *line }, r).unwrap();
         }
-        let e = c.check_found(path, &records).unwrap_err().to_string();
+        let first: Vec<String> = records[0].1.keys().cloned().collect();
+        let e = c
+            .check_found(path, &c.found_in(&records), &first)
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "gsm8k.jsonl: data.columns reads \"answer\" from column \"soluton\", which no record \
              has (the first record's columns: prompt, solution)"
         );
         records[2].1.insert("answer".into(), json!("4"));
-        c.check_found(path, &records).unwrap();
+        c.check_found(path, &c.found_in(&records), &first).unwrap();
     }
 
     #[test]

@@ -213,6 +213,11 @@ fn agrees_at(tok: &Tokenizer, text: &str, at: usize, check: usize) -> Result<boo
     let Some(spans) = tok.pre_token_spans(&text[start..end])? else {
         return Ok(false);
     };
+    // The tokenizer finds its added tokens before it pre-tokenizes, scanning from the text's
+    // start: one whose text straddles the cut would be split by it.
+    if tok.added_texts().iter().any(|t| straddles(text, at, t)) {
+        return Ok(false);
+    }
     let cut = at - start;
     if spans.iter().any(|s| s.start < cut && cut < s.end) {
         return Ok(false);
@@ -228,6 +233,18 @@ fn agrees_at(tok: &Tokenizer, text: &str, at: usize, check: usize) -> Result<boo
     Ok(whole.len() == left.len() + right.len()
         && whole[..left.len()] == left[..]
         && whole[left.len()..] == right[..])
+}
+
+/// Whether an occurrence of `token` in `text` holds the offset `at` inside it.
+fn straddles(text: &str, at: usize, token: &str) -> bool {
+    if token.len() < 2 {
+        return false;
+    }
+    let from = floor_boundary(text, at.saturating_sub(token.len() - 1));
+    let to = floor_boundary(text, (at + token.len() - 1).min(text.len()));
+    text[from..to]
+        .match_indices(token)
+        .any(|(i, _)| from + i < at && at < from + i + token.len())
 }
 
 fn floor_boundary(text: &str, mut i: usize) -> usize {
@@ -424,6 +441,27 @@ mod tests {
         assert_eq!(ids[0].iter().filter(|&&i| i == 258).count(), 150);
         // Cuts are still made away from the run.
         assert!(cuts(&tok, &doc, (200, 64)).unwrap().len() > 2);
+    }
+
+    /// An added token whose text straddles a cut would be split by it: no cut there.
+    #[test]
+    fn an_added_token_across_a_cut_keeps_it_whole() {
+        let mut json: serde_json::Value =
+            serde_json::from_str(&crate::data::tokenizer::byte_level_json().unwrap()).unwrap();
+        json["pre_tokenizer"] = llama3_pre_tokenizer();
+        let added = serde_json::json!({"id": 258, "content": ".\n.", "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": false});
+        json["added_tokens"].as_array_mut().unwrap().push(added);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, json.to_string()).unwrap();
+        let tok = Tokenizer::from_file(&path).unwrap();
+        let doc = format!(".{}", "\n.".repeat(400));
+        let ids = ids_in_pieces(std::slice::from_ref(&doc), &tok, (100, 32)).unwrap();
+        assert_eq!(ids[0], whole(&tok, &doc));
+        assert!(straddles("a.\n.b", 2, ".\n."));
+        assert!(!straddles("a.\n.b", 1, ".\n."));
+        assert!(!straddles("a.\n.b", 4, ".\n."));
     }
 
     /// A tokenizer without a pre-tokenizer reads a text as one pre-token: never cut.

@@ -1039,12 +1039,12 @@ pub fn load_prompts_lazily(
     template: impl FnOnce() -> Result<Option<ChatTemplate>>,
 ) -> Result<Vec<PromptRecord>> {
     let names = record_files(path, part)?;
-    let (files, empty) = load_shards(&names, |f| {
-        Ok(vec![(f.to_path_buf(), read_records_with(f, columns)?)])
-    })?;
+    let reader = ColumnReader::new(columns);
+    let (files, empty) = load_shards(&names, |f| Ok(vec![(f.to_path_buf(), reader.read(f)?)]))?;
     if let Some(w) = skipped_shards(&names, &empty, path) {
         crate::errln!("warning: {w}");
     }
+    reader.check(path)?;
     let chat = files.iter().any(|(_, lines)| {
         lines
             .iter()
@@ -1363,6 +1363,45 @@ pub(crate) fn read_records(path: &Path) -> Result<Lines> {
     read_records_with(path, &Columns::default())
 }
 
+/// Reads a dataset's files ([`read_records_with`]), noting which optional columns `columns`
+/// names any of them has, for [`ColumnReader::check`] once all are read: a dataset whose
+/// shards (or whose held-out file) lack a column some other file has is fine.
+pub struct ColumnReader<'a> {
+    columns: &'a Columns,
+    found: std::cell::RefCell<(Vec<String>, Option<Vec<String>>)>,
+}
+
+impl<'a> ColumnReader<'a> {
+    pub fn new(columns: &'a Columns) -> Self {
+        Self {
+            columns,
+            found: Default::default(),
+        }
+    }
+
+    pub fn read(&self, path: &Path) -> Result<Lines> {
+        let lines = read_records_with(path, self.columns)?;
+        let mut found = self.found.borrow_mut();
+        for field in self.columns.found_in(&lines) {
+            if !found.0.contains(&field) {
+                found.0.push(field);
+            }
+        }
+        if found.1.is_none() {
+            found.1 = lines.first().map(|(_, r)| r.keys().cloned().collect());
+        }
+        Ok(lines)
+    }
+
+    /// Refuses a column named for an optional field that no file read had
+    /// ([`Columns::check_found`]), naming the dataset `path`.
+    pub fn check(&self, path: &Path) -> Result<()> {
+        let found = self.found.borrow();
+        let first = found.1.clone().unwrap_or_default();
+        self.columns.check_found(path, &found.0, &first)
+    }
+}
+
 /// [`read_records`], each record's fields read from the columns `columns` names.
 pub fn read_records_with(path: &Path, columns: &Columns) -> Result<Lines> {
     let mut records: Lines = match is_parquet(path) {
@@ -1375,7 +1414,6 @@ pub fn read_records_with(path: &Path, columns: &Columns) -> Result<Lines> {
     if records.is_empty() {
         return Err(NoRecords(path.to_path_buf()).into());
     }
-    columns.check_found(path, &records)?;
     Ok(records)
 }
 

@@ -167,14 +167,14 @@ pub(crate) fn data_files(path: &Path, part: Part, exts: &[&str]) -> Result<Vec<P
 fn refuse_compressed_twins(files: &[PathBuf]) -> Result<()> {
     let names: HashSet<&PathBuf> = files.iter().collect();
     for f in files {
-        let plain = f.to_string_lossy();
-        let Some(plain) = plain
-            .strip_suffix(".gz")
-            .or_else(|| plain.strip_suffix(".GZ"))
-        else {
+        let name = f.to_string_lossy();
+        let Some(cut) = name.len().checked_sub(3) else {
             continue;
         };
-        let plain = PathBuf::from(plain);
+        if !name.is_char_boundary(cut) || !name[cut..].eq_ignore_ascii_case(".gz") {
+            continue;
+        }
+        let plain = PathBuf::from(&name[..cut]);
         if names.contains(&plain) {
             bail!(
                 "{} and {} are both read: the one is likely the other compressed (gzip -k \

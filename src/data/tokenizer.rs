@@ -89,6 +89,11 @@ pub struct Specials {
     /// BOS or nothing as `add_bos_token` says where `tokenizer_config.json` sets it or
     /// `add_eos_token` (see `flagged_opening`).
     pub opening: Vec<u32>,
+    /// The `truncation` and `padding` its tokenizer.json set, which temper does not apply
+    /// (it encodes text whole, as transformers does unless a call asks) but writes back, for
+    /// transformers to take its defaults from.
+    pub saved_truncation: Option<tokenizers::TruncationParams>,
+    pub saved_padding: Option<tokenizers::PaddingParams>,
 }
 
 /// The ids `inner`'s post-processor puts before any text: those of a probe encoded with
@@ -458,6 +463,11 @@ impl Tokenizer {
         })?;
         // A tokenizer.json may carry the truncation and padding its last user set; transformers
         // encodes without them unless a call asks, and so does temper: each document whole.
+        // They are kept to write back.
+        let saved = (
+            inner.get_truncation().cloned(),
+            inner.get_padding().cloned(),
+        );
         inner
             .with_truncation(None)
             .map_err(|e| anyhow!("{}: {e}", path.display()))?;
@@ -466,7 +476,25 @@ impl Tokenizer {
             Some(dir) => named_eos(dir, &inner)?,
             None => None,
         };
-        Self::from_hf(inner, named).with_context(|| path.display().to_string())
+        let tok = Self::from_hf(inner, named).with_context(|| path.display().to_string())?;
+        Ok(match tok {
+            Tokenizer::Hf {
+                inner,
+                eos,
+                pad,
+                specials,
+            } => {
+                let mut specials = (*specials).clone();
+                (specials.saved_truncation, specials.saved_padding) = saved;
+                Tokenizer::Hf {
+                    inner,
+                    eos,
+                    pad,
+                    specials: Arc::new(specials),
+                }
+            }
+            bytes => bytes,
+        })
     }
 
     /// A tokenizer of `inner` whose EOS is `eos` where given, else the first of [`EOS_NAMES`]
@@ -705,8 +733,22 @@ impl Tokenizer {
     /// Writes `tokenizer.json` and the files carried beside it into `dir`; the byte tokenizer
     /// writes only the chat template files it keeps (none for plain [`Tokenizer::Bytes`]).
     pub fn save_dir(&self, dir: &Path) -> Result<()> {
-        if let Tokenizer::Hf { inner, .. } = self {
-            write_hf(inner, &dir.join(FILE_NAME))?;
+        if let Tokenizer::Hf {
+            inner, specials, ..
+        } = self
+        {
+            let (t, p) = (&specials.saved_truncation, &specials.saved_padding);
+            match t.is_some() || p.is_some() {
+                true => {
+                    let mut saved = (**inner).clone();
+                    saved
+                        .with_truncation(t.clone())
+                        .map_err(|e| anyhow!("{}: {e}", dir.display()))?;
+                    saved.with_padding(p.clone());
+                    write_hf(&saved, &dir.join(FILE_NAME))?;
+                }
+                false => write_hf(inner, &dir.join(FILE_NAME))?,
+            }
         }
         for (name, text) in self.files() {
             crate::io::write_atomic(&dir.join(name), text.as_bytes())?;
@@ -726,6 +768,17 @@ impl Tokenizer {
                     .map_err(|e| anyhow!("tokenizer failed to encode text: {e}"))?;
                 Ok(enc.get_ids().to_vec())
             }
+        }
+    }
+
+    /// The text of each token added to the vocabulary (special or not), which the tokenizer
+    /// finds in a text before anything else.
+    pub(crate) fn added_texts(&self) -> Vec<String> {
+        match self {
+            Tokenizer::Hf { inner, .. } => (inner.get_added_tokens_decoder().into_values())
+                .map(|t| t.content)
+                .collect(),
+            _ => Vec::new(),
         }
     }
 
@@ -1173,6 +1226,13 @@ mod tests {
         let text = "hello world, hello again";
         assert!(plain.encode(text).unwrap().len() > 4);
         assert_eq!(t.encode(text).unwrap(), plain.encode(text).unwrap());
+        // Written back as they were, for transformers' defaults.
+        let out = dir.path().join("out");
+        t.save_dir(&out).unwrap();
+        let back: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join(FILE_NAME)).unwrap()).unwrap();
+        assert_eq!(back["truncation"]["max_length"], 4);
+        assert_eq!(back["padding"]["pad_token"], "!");
     }
 
     /// A BPE learnt from documents fed in pieces is the one learnt from them whole.

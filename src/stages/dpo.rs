@@ -22,9 +22,7 @@ use super::setup::{self, prompt_sets, split_holdout, Plan, PolicyPair};
 use super::truncate::Fitter;
 use super::Env;
 use crate::config::{DpoConfig, DpoLoss, FDivergence};
-use crate::data::records::{
-    place, preferences_from, read_records_with, PreferencePair, PromptRecord,
-};
+use crate::data::records::{place, preferences_from, ColumnReader, PreferencePair, PromptRecord};
 use crate::data::sampler::WindowSampler;
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
@@ -860,9 +858,11 @@ fn datasets(env: &Env) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>, Vec<
         }
         Some(p) => {
             let template = setup::chat_template(env)?;
-            let read = |f: &Path| read_records_with(f, &env.cfg.data.columns);
+            let reader = ColumnReader::new(&env.cfg.data.columns);
+            let read = |f: &Path| reader.read(f);
             let load = |f: &Path| preferences_from(f, read(f)?, template.as_ref());
             let (train, eval) = split_holdout(env, p, load, "preference pairs")?;
+            reader.check(p)?;
             setup::warn_template_unread(env, template.as_ref(), Some(p));
             (train, eval, vec![])
         }

@@ -25,7 +25,7 @@ use super::truncate::Fitter;
 use super::Env;
 use crate::config::KtoConfig;
 use crate::data::labelled::{labelled_from, LabelledCompletion};
-use crate::data::records::{place, read_records_with, PromptRecord};
+use crate::data::records::{place, ColumnReader, PromptRecord};
 use crate::data::sampler::WindowSampler;
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
@@ -448,9 +448,11 @@ fn datasets(env: &Env) -> Result<Datasets> {
         }
         Some(p) => {
             let template = setup::chat_template(env)?;
-            let read = |f: &Path| read_records_with(f, &env.cfg.data.columns);
+            let reader = ColumnReader::new(&env.cfg.data.columns);
+            let read = |f: &Path| reader.read(f);
             let load = |f: &Path| labelled_from(f, read(f)?, template.as_ref());
             let (train, eval) = split_holdout(env, p, load, "records")?;
+            reader.check(p)?;
             setup::warn_template_unread(env, template.as_ref(), Some(p));
             (train, eval, vec![])
         }

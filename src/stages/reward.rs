@@ -13,7 +13,7 @@ use super::loader::scored_from;
 use super::setup::{self, init_checkpoint, split_holdout, Plan};
 use super::truncate::Fitter;
 use super::Env;
-use crate::data::records::{place, preferences_from, read_records_with, PreferencePair};
+use crate::data::records::{place, preferences_from, ColumnReader, PreferencePair};
 use crate::data::sampler::WindowSampler;
 use crate::data::synthetic::Split;
 use crate::data::tokenizer::Tokenizer;
@@ -336,9 +336,11 @@ fn datasets(env: &Env) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>)> {
         }
         Some(p) => {
             let template = setup::chat_template(env)?;
-            let read = |f: &Path| read_records_with(f, &env.cfg.data.columns);
+            let reader = ColumnReader::new(&env.cfg.data.columns);
+            let read = |f: &Path| reader.read(f);
             let load = |f: &Path| preferences_from(f, read(f)?, template.as_ref());
             let sets = split_holdout(env, p, load, "pairs")?;
+            reader.check(p)?;
             setup::warn_template_unread(env, template.as_ref(), Some(p));
             Ok(sets)
         }

@@ -14,7 +14,7 @@ use super::Env;
 use crate::config::{Holdout, LoraConfig, ModelConfig, RunConfig, Stage, Truncation};
 use crate::data::chat_template::ChatTemplate;
 use crate::data::records::{
-    load_shards, place, prompts_from, read_records_with, record_files, skipped_shards, PromptRecord,
+    load_shards, place, prompts_from, record_files, skipped_shards, ColumnReader, PromptRecord,
 };
 use crate::data::splits::warn_shared;
 use crate::data::synthetic::{Split, Synthetic};
@@ -412,9 +412,11 @@ fn prompt_sets_unchecked(
         }
         Some(p) => {
             let template = chat_template(env)?;
-            let read = |f: &Path| read_records_with(f, &env.cfg.data.columns);
+            let reader = ColumnReader::new(&env.cfg.data.columns);
+            let read = |f: &Path| reader.read(f);
             let load = |f: &Path| prompts_from(f, read(f)?, template.as_ref());
             let sets = split_holdout(env, p, load, "prompts")?;
+            reader.check(p)?;
             warn_template_unread(env, template.as_ref(), Some(p));
             Ok(sets)
         }

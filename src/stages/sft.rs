@@ -14,7 +14,7 @@ use super::truncate::Fitter;
 use super::Env;
 use crate::config::{SftLoss, Truncation};
 use crate::data::records::{
-    place, read_records_with, sft_from, LossScope, PromptRecord, ScopeRead, SftExample,
+    place, sft_from, ColumnReader, LossScope, PromptRecord, ScopeRead, SftExample,
 };
 use crate::data::sampler::{state_u64, WindowSampler};
 use crate::data::synthetic::Split;
@@ -62,7 +62,8 @@ pub(super) fn datasets(
         }
         Some(p) => {
             let template = setup::chat_template(env)?;
-            let read = |f: &Path| read_records_with(f, &env.cfg.data.columns);
+            let reader = ColumnReader::new(&env.cfg.data.columns);
+            let read = |f: &Path| reader.read(f);
             let scope_read = std::cell::Cell::new(ScopeRead::default());
             let load = |f: &Path| {
                 let lines = read(f)?;
@@ -70,6 +71,7 @@ pub(super) fn datasets(
                 sft_from(f, lines, template.as_ref(), scope)
             };
             let (train, eval) = split_holdout(env, p, load, "examples")?;
+            reader.check(p)?;
             scope_read.get().check(scope)?;
             setup::warn_template_unread(env, template.as_ref(), Some(p));
             // Task accuracy needs answers, which SFT files do not carry: with user data the

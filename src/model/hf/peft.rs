@@ -292,6 +292,7 @@ fn refuse_other_forwards(v: &serde_json::Value, at: &At) -> Result<()> {
     // loads it: the saved factors mean nothing on the untouched base.
     let init = v.get("init_lora_weights").and_then(|x| x.as_str());
     if let Some(init) = init.filter(|i| {
+        let i = i.to_lowercase();
         ["pissa", "olora", "corda", "loftq", "lora_ga"]
             .iter()
             .any(|p| i.starts_with(p))
@@ -299,7 +300,8 @@ fn refuse_other_forwards(v: &serde_json::Value, at: &At) -> Result<()> {
         return Err(at.refuse(
             "init_lora_weights",
             format!(
-                "`{init}` changes the base model's weights where PEFT loads the adapter: save it \
+                "`{init}` trains the factors against a base its start was taken out of (PEFT \
+                 takes it out again as it loads PiSSA, OLoRA, CorDA and LoftQ adapters): save it \
                  converted (PEFT's path_initial_model_for_weight_conversion), or {merge}"
             ),
         ));

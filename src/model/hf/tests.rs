@@ -747,7 +747,8 @@ fn adapters_peft_applies_otherwise_are_refused() {
         ),
         ("modules_to_save", serde_json::json!(["lm_head"])),
         ("init_lora_weights", "pissa_niter_4".into()),
-        ("init_lora_weights", "olora".into()),
+        ("init_lora_weights", "OLoRA".into()),
+        ("init_lora_weights", "lora_ga".into()),
     ] {
         let e = write(serde_json::json!({ field: value }), &pair).expect(field);
         assert!(
