@@ -455,51 +455,31 @@ impl Tokenizer {
     fn from_file_in(path: &Path, dir: Option<&Path>) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read tokenizer", path.display()))?;
-        let mut inner: tokenizers::Tokenizer = text.parse().map_err(|e| {
+        let inner: tokenizers::Tokenizer = text.parse().map_err(|e| {
             anyhow!(
                 "{}: not a valid Hugging Face tokenizer.json: {e}",
                 path.display()
             )
         })?;
-        // A tokenizer.json may carry the truncation and padding its last user set; transformers
-        // encodes without them unless a call asks, and so does temper: each document whole.
-        // They are kept to write back.
-        let saved = (
-            inner.get_truncation().cloned(),
-            inner.get_padding().cloned(),
-        );
-        inner
-            .with_truncation(None)
-            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        inner.with_padding(None);
         let named = match dir {
             Some(dir) => named_eos(dir, &inner)?,
             None => None,
         };
-        let tok = Self::from_hf(inner, named).with_context(|| path.display().to_string())?;
-        Ok(match tok {
-            Tokenizer::Hf {
-                inner,
-                eos,
-                pad,
-                specials,
-            } => {
-                let mut specials = (*specials).clone();
-                (specials.saved_truncation, specials.saved_padding) = saved;
-                Tokenizer::Hf {
-                    inner,
-                    eos,
-                    pad,
-                    specials: Arc::new(specials),
-                }
-            }
-            bytes => bytes,
-        })
+        Self::from_hf(inner, named).with_context(|| path.display().to_string())
     }
 
     /// A tokenizer of `inner` whose EOS is `eos` where given, else the first of [`EOS_NAMES`]
     /// it has.
-    fn from_hf(inner: tokenizers::Tokenizer, eos: Option<u32>) -> Result<Self> {
+    fn from_hf(mut inner: tokenizers::Tokenizer, eos: Option<u32>) -> Result<Self> {
+        // A tokenizer.json may carry the truncation and padding its last user set; transformers
+        // encodes without them unless a call asks, and so does temper: each document whole.
+        // They are kept to write back.
+        let saved_truncation = inner.get_truncation().cloned();
+        let saved_padding = inner.get_padding().cloned();
+        inner
+            .with_truncation(None)
+            .map_err(|e| anyhow!("cannot turn off its truncation: {e}"))?;
+        inner.with_padding(None);
         let found = || EOS_NAMES.iter().find_map(|t| inner.token_to_id(t));
         let Some(eos) = eos.or_else(found) else {
             bail!(
@@ -526,6 +506,8 @@ impl Tokenizer {
             specials: Arc::new(Specials {
                 stops: vec![eos],
                 opening,
+                saved_truncation,
+                saved_padding,
                 ..Specials::default()
             }),
         })
@@ -550,6 +532,8 @@ impl Tokenizer {
         }
         let mut specials = Specials {
             opening: bare.opening.clone(),
+            saved_truncation: bare.saved_truncation.clone(),
+            saved_padding: bare.saved_padding.clone(),
             ..Specials::default()
         };
         let id_of = |path: &Path, key: &str, name: &str| -> Result<u32> {
@@ -1231,6 +1215,20 @@ mod tests {
         t.save_dir(&out).unwrap();
         let back: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join(FILE_NAME)).unwrap()).unwrap();
+        assert_eq!(back["truncation"]["max_length"], 4);
+        assert_eq!(back["padding"]["pad_token"], "!");
+        // And through a model directory, whose tokenizer_config.json is read too.
+        std::fs::copy(
+            fixture.join("tokenizer_config.json"),
+            dir.path().join("tokenizer_config.json"),
+        )
+        .unwrap();
+        let from_dir = Tokenizer::load_dir(dir.path()).unwrap();
+        assert_eq!(from_dir.encode(text).unwrap(), plain.encode(text).unwrap());
+        let again = dir.path().join("again");
+        from_dir.save_dir(&again).unwrap();
+        let back: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(again.join(FILE_NAME)).unwrap()).unwrap();
         assert_eq!(back["truncation"]["max_length"], 4);
         assert_eq!(back["padding"]["pad_token"], "!");
     }
