@@ -34,21 +34,12 @@ pub fn usage_error_line(e: &clap::Error, args: &[std::ffi::OsString]) -> String 
 /// flag of its own, and says only that `-1` is unexpected: the flag and the `=` spelling that
 /// passes the value are named instead.
 fn negative_value(e: &clap::Error, args: &[std::ffi::OsString]) -> Option<String> {
-    use clap::error::{ContextKind, ContextValue, ErrorKind};
-    if e.kind() != ErrorKind::UnknownArgument {
-        return None;
-    }
     // What clap could not place ("-1" of "-1e-3"): the value after a flag that starts so.
-    let Some(ContextValue::String(unexpected)) = e.get(ContextKind::InvalidArg) else {
-        return None;
-    };
-    let args: Vec<&str> = args.iter().filter_map(|a| a.to_str()).collect();
-    args.windows(2).find_map(|w| {
-        let (flag, value) = (w[0], w[1]);
+    unplaced_after_flag(e, args, |unexpected, flag, value| {
         let numeric = value
             .strip_prefix('-')
             .is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit() || c == '.'));
-        let placed = value.starts_with(unexpected.as_str());
+        let placed = value.starts_with(unexpected);
         (numeric && placed && flag.starts_with("--") && !flag.contains('=')).then(|| {
             let quoted = match value.contains(' ') {
                 true => format!("'{value}'"),
@@ -66,6 +57,24 @@ fn negative_value(e: &clap::Error, args: &[std::ffi::OsString]) -> Option<String
 /// before a positional argument stays a switch: `--packing false` leaves `false` unplaced,
 /// and clap would say only that.
 fn detached_switch_value(e: &clap::Error, args: &[std::ffi::OsString]) -> Option<String> {
+    unplaced_after_flag(e, args, |unexpected, flag, value| {
+        let on_off = flag
+            .strip_prefix("--")
+            .is_some_and(|f| super::ON_OFF_FLAGS.contains(&f));
+        let word = matches!(unexpected, "true" | "false");
+        (word && value == unexpected && on_off).then(|| {
+            format!("{flag} {value}: an on/off flag takes a value after '=' only; write it {flag}={value}")
+        })
+    })
+}
+
+/// For an argument clap could not place (`unexpected`), the first line `says` gives of an
+/// argument `flag` followed by `value` on the command line.
+fn unplaced_after_flag(
+    e: &clap::Error,
+    args: &[std::ffi::OsString],
+    says: impl Fn(&str, &str, &str) -> Option<String>,
+) -> Option<String> {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
     if e.kind() != ErrorKind::UnknownArgument {
         return None;
@@ -73,19 +82,8 @@ fn detached_switch_value(e: &clap::Error, args: &[std::ffi::OsString]) -> Option
     let Some(ContextValue::String(unexpected)) = e.get(ContextKind::InvalidArg) else {
         return None;
     };
-    if !matches!(unexpected.as_str(), "true" | "false") {
-        return None;
-    }
     let args: Vec<&str> = args.iter().filter_map(|a| a.to_str()).collect();
-    args.windows(2).find_map(|w| {
-        let (flag, value) = (w[0], w[1]);
-        let on_off = flag
-            .strip_prefix("--")
-            .is_some_and(|f| super::ON_OFF_FLAGS.contains(&f));
-        (value == unexpected && on_off).then(|| {
-            format!("{flag} {value}: an on/off flag takes a value after '=' only; write it {flag}={value}")
-        })
-    })
+    args.windows(2).find_map(|w| says(unexpected, w[0], w[1]))
 }
 
 fn negative_count(e: &clap::Error) -> Option<String> {

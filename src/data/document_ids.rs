@@ -119,6 +119,8 @@ fn cuts(tok: &Tokenizer, text: &str, (piece, check): (usize, usize)) -> Result<V
     let mut cuts = vec![0];
     // The byte tokenizer's ids are the bytes: nothing to bound.
     if !tok.is_bytes() {
+        // The added tokens' texts, read once a document, when a first cut is tried.
+        let added = std::cell::OnceCell::new();
         let mut from = piece;
         'pieces: while from < text.len() {
             let tries = candidates(text, from, TRIES);
@@ -126,7 +128,8 @@ fn cuts(tok: &Tokenizer, text: &str, (piece, check): (usize, usize)) -> Result<V
                 if text.len() - at < piece / 2 {
                     break 'pieces;
                 }
-                if agrees_at(tok, text, at, check)? {
+                let added = added.get_or_init(|| tok.added_texts());
+                if agrees_at(tok, added, text, at, check)? {
                     cuts.push(at);
                     from = at + piece;
                     continue 'pieces;
@@ -205,9 +208,16 @@ pub(crate) fn gpt2_pieces(text: &str, piece: usize) -> Vec<&str> {
 /// side meet there, with a whole one before and after the two that meet (so that where the
 /// stretch starts and ends moves no pre-token at the cut: a run of 2,000 newlines is one
 /// pre-token to Llama 3, whose ids a cut inside it would change), and the ids of the stretch
-/// are those of its two sides encoded apart (which added tokens and the model decide). A
-/// tokenizer without a pre-tokenizer reads the whole text as one pre-token: never cut.
-fn agrees_at(tok: &Tokenizer, text: &str, at: usize, check: usize) -> Result<bool> {
+/// are those of its two sides encoded apart (which added tokens and the model decide), and no
+/// text of an added token (`added`) holds the cut. A tokenizer without a pre-tokenizer reads
+/// the whole text as one pre-token: never cut.
+fn agrees_at(
+    tok: &Tokenizer,
+    added: &[String],
+    text: &str,
+    at: usize,
+    check: usize,
+) -> Result<bool> {
     let start = floor_boundary(text, at.saturating_sub(check));
     let end = floor_boundary(text, (at + check).min(text.len()));
     let Some(spans) = tok.pre_token_spans(&text[start..end])? else {
@@ -215,7 +225,7 @@ fn agrees_at(tok: &Tokenizer, text: &str, at: usize, check: usize) -> Result<boo
     };
     // The tokenizer finds its added tokens before it pre-tokenizes, scanning from the text's
     // start: one whose text straddles the cut would be split by it.
-    if tok.added_texts().iter().any(|t| straddles(text, at, t)) {
+    if added.iter().any(|t| straddles(text, at, t)) {
         return Ok(false);
     }
     let cut = at - start;
@@ -350,6 +360,19 @@ mod tests {
         ids
     }
 
+    /// The byte tokenizer's tokenizer.json, to vary.
+    fn byte_level() -> serde_json::Value {
+        serde_json::from_str(&crate::data::tokenizer::byte_level_json().unwrap()).unwrap()
+    }
+
+    /// The tokenizer `json` describes.
+    fn tokenizer_of(json: &serde_json::Value) -> Tokenizer {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, json.to_string()).unwrap();
+        Tokenizer::from_file(&path).unwrap()
+    }
+
     /// Llama 3's pre-tokenizer: a Split on its regex, then byte level.
     fn llama3_pre_tokenizer() -> serde_json::Value {
         serde_json::json!({"type": "Sequence", "pretokenizers": [
@@ -417,15 +440,11 @@ mod tests {
     /// inside it agrees with the cut's two sides where the whole document does not.
     #[test]
     fn a_pre_token_longer_than_the_check_is_not_cut() {
-        let mut json: serde_json::Value =
-            serde_json::from_str(&crate::data::tokenizer::byte_level_json().unwrap()).unwrap();
+        let mut json = byte_level();
         json["pre_tokenizer"] = llama3_pre_tokenizer();
         json["model"]["vocab"]["ĊĊ"] = 258.into();
         json["model"]["merges"] = serde_json::json!(["Ċ Ċ"]);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokenizer.json");
-        std::fs::write(&path, json.to_string()).unwrap();
-        let tok = Tokenizer::from_file(&path).unwrap();
+        let tok = tokenizer_of(&json);
         // The search reaches the run from the words before it, and first tries the place
         // before its last newline: 64 newlines and one each side agree (32 pairs and one
         // left over either way), where the whole run's 300 are 150 pairs.
@@ -446,16 +465,12 @@ mod tests {
     /// An added token whose text straddles a cut would be split by it: no cut there.
     #[test]
     fn an_added_token_across_a_cut_keeps_it_whole() {
-        let mut json: serde_json::Value =
-            serde_json::from_str(&crate::data::tokenizer::byte_level_json().unwrap()).unwrap();
+        let mut json = byte_level();
         json["pre_tokenizer"] = llama3_pre_tokenizer();
         let added = serde_json::json!({"id": 258, "content": ".\n.", "single_word": false,
             "lstrip": false, "rstrip": false, "normalized": false, "special": false});
         json["added_tokens"].as_array_mut().unwrap().push(added);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokenizer.json");
-        std::fs::write(&path, json.to_string()).unwrap();
-        let tok = Tokenizer::from_file(&path).unwrap();
+        let tok = tokenizer_of(&json);
         let doc = format!(".{}", "\n.".repeat(400));
         let ids = ids_in_pieces(std::slice::from_ref(&doc), &tok, (100, 32)).unwrap();
         assert_eq!(ids[0], whole(&tok, &doc));
@@ -467,13 +482,9 @@ mod tests {
     /// A tokenizer without a pre-tokenizer reads a text as one pre-token: never cut.
     #[test]
     fn a_tokenizer_without_a_pre_tokenizer_is_not_cut() {
-        let mut json: serde_json::Value =
-            serde_json::from_str(&crate::data::tokenizer::byte_level_json().unwrap()).unwrap();
+        let mut json = byte_level();
         json["pre_tokenizer"] = serde_json::Value::Null;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokenizer.json");
-        std::fs::write(&path, json.to_string()).unwrap();
-        let tok = Tokenizer::from_file(&path).unwrap();
+        let tok = tokenizer_of(&json);
         let doc = text(100);
         assert_eq!(cuts(&tok, &doc, (50, 20)).unwrap(), vec![0, doc.len()]);
     }
