@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::records::Loc;
+use super::records::{Loc, Place};
 
 /// The record fields a column can be read as.
 pub const FIELDS: [&str; 12] = [
@@ -122,7 +122,7 @@ impl Columns {
 
     /// The optional fields ([`OPTIONAL`]) this names a column for that some record of
     /// `records` (renamed by [`Columns::apply`]) has.
-    pub(crate) fn found_in(&self, records: &[(usize, Map<String, Value>)]) -> Vec<String> {
+    pub(crate) fn found_in(&self, records: &[(Place, Map<String, Value>)]) -> Vec<String> {
         self.named_optional()
             .filter(|(field, _)| records.iter().any(|(_, r)| r.contains_key(*field)))
             .map(|(field, _)| field.clone())
@@ -180,7 +180,7 @@ mod tests {
     fn columns_are_read_as_the_fields_they_are_named_for() {
         let at = Loc {
             path: Path::new("gsm8k.jsonl"),
-            line: 3,
+            at: Place::Line(3),
         };
         let c = Columns::parse("prompt=question, answer=solution").unwrap();
         let mut r = obj(json!({"question": "2+2?", "solution": "4", "prompt": "old", "id": 7}));
@@ -218,11 +218,16 @@ mod tests {
     fn an_optional_column_no_record_has_is_refused() {
         let c = Columns::parse("prompt=question,answer=soluton").unwrap();
         let path = Path::new("gsm8k.jsonl");
-        let mut records: Vec<(usize, Map<String, Value>)> = (1..=3)
-            .map(|line| (line, obj(json!({"question": "2+2?", "solution": "4"}))))
+        let mut records: Vec<(Place, Map<String, Value>)> = (1..=3)
+            .map(|line| {
+                (
+                    Place::Line(line),
+                    obj(json!({"question": "2+2?", "solution": "4"})),
+                )
+            })
             .collect();
-        for (line, r) in &mut records {
-            c.apply(&Loc { path, line: *line }, r).unwrap();
+        for (at, r) in &mut records {
+            c.apply(&Loc { path, at: *at }, r).unwrap();
         }
         let first: Vec<String> = records[0].1.keys().cloned().collect();
         let e = c

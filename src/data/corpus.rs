@@ -8,7 +8,7 @@ use serde_json::Value;
 
 pub use super::document_ids::document_ids;
 use super::parquet_rows::{is_parquet, read_rows};
-use super::records::{kind, parse_jsonl, read_text, Loc};
+use super::records::{kind, parse_jsonl, read_text, Loc, Place};
 use super::splits::data_files;
 pub use super::splits::Part;
 use super::tokenizer::Tokenizer;
@@ -120,8 +120,12 @@ pub(crate) fn corpus_files(path: &Path, part: Part) -> Result<Vec<PathBuf>> {
 pub(crate) fn read_file_documents(path: &Path, column: &str, docs: &mut Vec<String>) -> Result<()> {
     if is_parquet(path) {
         let rows = read_rows(path, Some(&[column]))?;
-        return (1..).zip(rows).try_for_each(|(line, row)| {
-            document(&Loc { path, line }, &row, column).map(|d| docs.push(d.to_string()))
+        return (0..).zip(rows).try_for_each(|(row_index, row)| {
+            let at = Loc {
+                path,
+                at: Place::Row(row_index),
+            };
+            document(&at, &row, column).map(|d| docs.push(d.to_string()))
         });
     }
     let text = read_text(path)?;
@@ -131,8 +135,8 @@ pub(crate) fn read_file_documents(path: &Path, column: &str, docs: &mut Vec<Stri
         docs.push(text);
         return Ok(());
     }
-    for (line, obj) in parse_jsonl(path, &text)? {
-        docs.push(document(&Loc { path, line }, &obj, column)?.to_string());
+    for (at, obj) in parse_jsonl(path, &text)? {
+        docs.push(document(&Loc { path, at }, &obj, column)?.to_string());
     }
     Ok(())
 }

@@ -73,7 +73,7 @@ pub fn labelled_from(
 ) -> Result<Vec<Vec<LabelledCompletion>>> {
     lines
         .into_iter()
-        .map(|(line, obj)| labelled_record(&Loc { path, line }, &obj, template))
+        .map(|(at, obj)| labelled_record(&Loc { path, at }, &obj, template))
         .collect()
 }
 

@@ -284,8 +284,8 @@ pub fn sft_from(
     }
     lines
         .iter()
-        .map(|(line, obj)| {
-            let at = Loc { path, line: *line };
+        .map(|(at, obj)| {
+            let at = Loc { path, at: *at };
             sft_example(&at, obj, template, scope)
         })
         .collect()
@@ -718,7 +718,7 @@ pub fn preferences_from(
 ) -> Result<Vec<PreferencePair>> {
     lines
         .iter()
-        .map(|(line, obj)| preference_record(&Loc { path, line: *line }, obj, template))
+        .map(|(at, obj)| preference_record(&Loc { path, at: *at }, obj, template))
         .collect()
 }
 
@@ -1066,8 +1066,8 @@ pub fn prompts_from(
 ) -> Result<Vec<PromptRecord>> {
     lines
         .into_iter()
-        .map(|(line, obj)| {
-            let at = Loc { path, line };
+        .map(|(at, obj)| {
+            let at = Loc { path, at };
             let (prompt, templated) = match obj.get("prompt") {
                 Some(msgs @ Value::Array(_)) => {
                     let chat = bind(&at, &obj, template)?;
@@ -1107,18 +1107,36 @@ pub fn prompts_from(
         .collect()
 }
 
-/// A place in a JSONL file, printed as `path:line`; in a Parquet file, whose `line` is its
-/// row's 1-based number, as `path[row]`, the row's 0-based index, as `datasets` indexes it.
+/// Where a record sits in its file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// A JSONL line, 1-based.
+    Line(usize),
+    /// A Parquet row, 0-based, as `datasets` indexes it.
+    Row(usize),
+    /// An element of a file that is one JSON array, 0-based, and the line it starts on where
+    /// the array spans lines (`json.dump(..., indent=2)`; a plain `json.dump` writes one).
+    Element { index: usize, line: Option<usize> },
+}
+
+/// A record's place in its file, printed as `path:line`, `path[row]` or `path[index]`
+/// (with its line where that says more).
 pub(crate) struct Loc<'a> {
     pub path: &'a Path,
-    pub line: usize,
+    pub at: Place,
 }
 
 impl fmt::Display for Loc<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match is_parquet(self.path) {
-            true => write!(f, "{}[{}]", self.path.display(), self.line - 1),
-            false => write!(f, "{}:{}", self.path.display(), self.line),
+        let path = self.path.display();
+        match self.at {
+            Place::Line(line) => write!(f, "{path}:{line}"),
+            Place::Row(row) => write!(f, "{path}[{row}]"),
+            Place::Element { index, line: None } => write!(f, "{path}[{index}]"),
+            Place::Element {
+                index,
+                line: Some(line),
+            } => write!(f, "{path}[{index}] (line {line})"),
         }
     }
 }
@@ -1194,8 +1212,10 @@ pub(crate) fn read_text(path: &Path) -> Result<String> {
     Ok(s)
 }
 
-/// Parses JSONL text into `(line number, object)` pairs, skipping blank lines.
-pub(crate) fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<(usize, Map<String, Value>)>> {
+/// Parses JSONL text into `(line, object)` pairs, skipping blank lines; or text that is one
+/// JSON array of objects (as `json.dump(records, f)` writes it, which `datasets` reads too)
+/// into its elements.
+pub(crate) fn parse_jsonl(path: &Path, text: &str) -> Result<Lines> {
     // Named as what it is rather than by its first line's parse error (or, where that line
     // happens to parse, its type).
     let extension = path.extension().and_then(|x| x.to_str()).unwrap_or("");
@@ -1205,61 +1225,138 @@ pub(crate) fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<(usize, Map<Str
             path.display()
         );
     }
-    // `json.dump(records, f)` writes one array, which `datasets` reads too: said as such
-    // rather than as the first line's parse error.
-    if text.trim_start().starts_with('[') {
-        if let Ok(Value::Array(all)) = serde_json::from_str::<Value>(text) {
-            bail!(
-                "{}: one JSON array of {} records; temper reads JSONL, one JSON object per line \
-                 (`jq -c '.[]' {} > records.jsonl` writes it so)",
-                path.display(),
-                all.len(),
-                path.display()
-            );
-        }
+    if is_json_array(text) {
+        return parse_json_array(path, text);
     }
     let mut out = Vec::new();
     for (i, raw) in text.lines().enumerate() {
-        let at = Loc { path, line: i + 1 };
+        let at = Loc {
+            path,
+            at: Place::Line(i + 1),
+        };
         if raw.trim().is_empty() {
             continue;
         }
-        let value = super::strict_json::from_str(raw).map_err(|e| {
-            if let Some(escape) = lone_surrogate(raw) {
-                return anyhow!(
-                    "{at}: not valid JSON text: `{escape}` is half of a UTF-16 surrogate pair \
-                     without its other half, which is no character (Python's json reads it, \
-                     but no UTF-8 text holds it)"
-                );
-            }
-            // Python's json.dumps writes a float NaN or infinity so, which no JSON parser takes.
-            // (The parser may stop on the word's first character or its second.)
-            let col = e.column();
-            let word = [col.saturating_sub(2), col.saturating_sub(1)]
-                .into_iter()
-                .find_map(|start| {
-                    let rest = raw.get(start..)?;
-                    ["NaN", "-Infinity", "Infinity"]
-                        .into_iter()
-                        .find(|w| rest.starts_with(w))
-                        .map(|w| (w, start + 1))
-                });
-            if let Some((word, col)) = word {
-                return anyhow!(
-                    "{at}: not valid JSON: {word} at column {col} is no JSON value (Python's \
-                     json writes a float so; write null, or json.dumps(..., allow_nan=False) \
-                     finds them)"
-                );
-            }
-            let msg = crate::json_error::without_position(&e);
-            anyhow!("{at}: not valid JSON: {msg} at column {}", e.column())
-        })?;
+        let value = super::strict_json::from_str(raw).map_err(|e| json_error(&at, raw, &e))?;
         match value {
-            Value::Object(obj) => out.push((at.line, obj)),
+            Value::Object(obj) => out.push((at.at, obj)),
             other => bail!("{at}: expected a JSON object, got {}", kind(&other)),
         }
     }
     Ok(out)
+}
+
+/// Whether `text` is one JSON array rather than JSON Lines: it opens with `[`, and its first
+/// line is not a whole JSON value by itself (a JSONL file whose first record is an array
+/// is refused by that line), or is the whole text.
+fn is_json_array(text: &str) -> bool {
+    let text = text.trim();
+    let first = text.lines().next().unwrap_or("");
+    text.starts_with('[')
+        && (first.len() == text.len() || serde_json::from_str::<Value>(first).is_err())
+}
+
+/// The objects of `text`, one JSON array, each at its [`Place::Element`].
+fn parse_json_array(path: &Path, text: &str) -> Result<Lines> {
+    let value = super::strict_json::from_str(text).map_err(|e| {
+        let line = e.line().max(1);
+        let at = Loc {
+            path,
+            at: Place::Line(line),
+        };
+        json_error(&at, text.lines().nth(line - 1).unwrap_or(""), &e)
+    })?;
+    let Value::Array(all) = value else {
+        bail!("{}: expected a JSON array", path.display());
+    };
+    let lines = element_lines(text);
+    let spans_lines = text.trim().contains('\n');
+    all.into_iter()
+        .enumerate()
+        .map(|(index, value)| {
+            let at = Loc {
+                path,
+                at: Place::Element {
+                    index,
+                    line: lines.get(index).copied().filter(|_| spans_lines),
+                },
+            };
+            match value {
+                Value::Object(obj) => Ok((at.at, obj)),
+                other => bail!("{at}: expected a JSON object, got {}", kind(&other)),
+            }
+        })
+        .collect()
+}
+
+/// The 1-based line each element of the top-level array `text` (valid JSON) starts on.
+fn element_lines(text: &str) -> Vec<usize> {
+    let (mut lines, mut line) = (Vec::new(), 1);
+    let (mut depth, mut in_string, mut escaped, mut expecting) = (0usize, false, false, false);
+    for b in text.bytes() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        if b == b'\n' {
+            line += 1;
+        }
+        if b.is_ascii_whitespace() {
+            continue;
+        }
+        if expecting && b != b']' {
+            lines.push(line);
+            expecting = false;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                expecting = depth == 1;
+            }
+            b']' | b'}' => depth -= 1,
+            b',' => expecting = depth == 1,
+            _ => {}
+        }
+    }
+    lines
+}
+
+/// The error of a JSON text that does not parse, `raw` the line `e` is on.
+fn json_error(at: &Loc, raw: &str, e: &serde_json::Error) -> anyhow::Error {
+    if let Some(escape) = lone_surrogate(raw) {
+        return anyhow!(
+            "{at}: not valid JSON text: `{escape}` is half of a UTF-16 surrogate pair \
+             without its other half, which is no character (Python's json reads it, \
+             but no UTF-8 text holds it)"
+        );
+    }
+    // Python's json.dumps writes a float NaN or infinity so, which no JSON parser takes.
+    // (The parser may stop on the word's first character or its second.)
+    let col = e.column();
+    let word = [col.saturating_sub(2), col.saturating_sub(1)]
+        .into_iter()
+        .find_map(|start| {
+            let rest = raw.get(start..)?;
+            ["NaN", "-Infinity", "Infinity"]
+                .into_iter()
+                .find(|w| rest.starts_with(w))
+                .map(|w| (w, start + 1))
+        });
+    if let Some((word, col)) = word {
+        return anyhow!(
+            "{at}: not valid JSON: {word} at column {col} is no JSON value (Python's \
+             json writes a float so; write null, or json.dumps(..., allow_nan=False) \
+             finds them)"
+        );
+    }
+    let msg = crate::json_error::without_position(e);
+    anyhow!("{at}: not valid JSON: {msg} at column {}", e.column())
 }
 
 /// The first `\uD800`-`\uDFFF` escape of `line` that is not one half of a pair (a high
@@ -1303,8 +1400,8 @@ pub fn record_files(path: &Path, part: Part) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// A data file's records, each with its line (a Parquet row its 1-based number).
-pub type Lines = Vec<(usize, Map<String, Value>)>;
+/// A data file's records, each with its place in the file.
+pub type Lines = Vec<(Place, Map<String, Value>)>;
 
 /// The error of a data file that holds no record: alone it is the whole dataset, and fatal;
 /// among a split's several shards it is skipped ([`load_shards`]).
@@ -1405,11 +1502,11 @@ impl<'a> ColumnReader<'a> {
 /// [`read_records`], each record's fields read from the columns `columns` names.
 pub fn read_records_with(path: &Path, columns: &Columns) -> Result<Lines> {
     let mut records: Lines = match is_parquet(path) {
-        true => (1..).zip(read_rows(path, None)?).collect(),
+        true => (0..).map(Place::Row).zip(read_rows(path, None)?).collect(),
         false => parse_jsonl(path, &read_text(path)?)?,
     };
-    for (line, obj) in &mut records {
-        columns.apply(&Loc { path, line: *line }, obj)?;
+    for (at, obj) in &mut records {
+        columns.apply(&Loc { path, at: *at }, obj)?;
     }
     if records.is_empty() {
         return Err(NoRecords(path.to_path_buf()).into());
@@ -1554,22 +1651,57 @@ mod tests {
     }
 
     /// A file that is one JSON array (as `json.dump` writes it, over several lines or one) is
-    /// named as such; a JSONL line that is an array is refused by its line; a CSV file is
-    /// told it is not read.
+    /// read as its elements, each named by its index (and its line where the array spans
+    /// lines) and a parse error by its line; a JSONL line that is an array is refused by its
+    /// line; a CSV file is told it is not read.
     #[test]
-    fn a_json_array_file_is_named_as_one() {
+    fn a_json_array_file_is_read_as_its_elements() {
         let d = tempfile::tempdir().unwrap();
-        for body in [
-            "[\n  {\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"},\n  {\"prompt\": \"d\"}\n]\n",
-            "[{\"prompt\": \"a\"}, {\"prompt\": \"d\"}]",
+        let indented = "[\n  {\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"},\n  {\n    \"prompt\": \"d [,\\\" {\"\n  },\n  {\"prompt\": \"e\"}\n]\n";
+        let compact = "[{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}, {\"prompt\": \"d [,\\\" {\"}, {\"prompt\": \"e\"}]";
+        for (body, places) in [
+            (indented, ["[0] (line 2)", "[1] (line 3)", "[2] (line 6)"]),
+            (compact, ["[0]", "[1]", "[2]"]),
         ] {
             let p = file(&d, "pairs.json", body);
-            let e = err(read_records(&p));
-            assert!(e.contains("one JSON array of 2 records") && e.contains("JSONL"), "{e}");
+            let records = read_records(&p).unwrap();
+            let prompts: Vec<&str> = records
+                .iter()
+                .map(|(_, r)| r["prompt"].as_str().unwrap())
+                .collect();
+            assert_eq!(prompts, ["a", "d [,\" {", "e"]);
+            for ((at, _), want) in records.iter().zip(places) {
+                let at = Loc { path: &p, at: *at }.to_string();
+                assert_eq!(at, format!("{}{want}", p.display()));
+            }
+            let e = err(load_preferences(&p));
+            assert!(
+                e.contains("pairs.json[1]") && e.contains("\"chosen\": missing"),
+                "{e}"
+            );
         }
+        let p = file(
+            &d,
+            "bad.json",
+            "[\n  {\"prompt\": \"a\"},\n  {\"prompt\": NaN}\n]\n",
+        );
+        let e = err(read_records(&p));
+        assert!(
+            e.contains("bad.json:3: not valid JSON: NaN at column 14"),
+            "{e}"
+        );
+        let p = file(&d, "nums.json", "[{\"prompt\": \"a\"}, 7]");
+        let e = err(read_records(&p));
+        assert!(
+            e.contains("nums.json[1]: expected a JSON object, got a number"),
+            "{e}"
+        );
         let p = file(&d, "mixed.jsonl", "{\"prompt\": \"a\"}\n[1, 2]\n");
         let e = err(read_records(&p));
         assert!(e.contains("mixed.jsonl:2: expected a JSON object"), "{e}");
+        let p = file(&d, "arrays.jsonl", "[1, 2]\n{\"prompt\": \"a\"}\n");
+        let e = err(read_records(&p));
+        assert!(e.contains("arrays.jsonl:1: expected a JSON object"), "{e}");
         let p = file(&d, "pairs.CSV", "prompt,chosen,rejected\na,b,c\n");
         let e = err(read_records(&p));
         assert!(e.contains("pairs.CSV: CSV and TSV are not read"), "{e}");
