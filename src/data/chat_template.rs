@@ -237,6 +237,8 @@ impl ChatTemplate {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", jinja_python::strftime_now);
+        env.add_test("iterable", jinja_python::is_iterable);
+        env.add_test("sequence", jinja_python::is_sequence);
         env.set_formatter(jinja_python::format_value);
         env.add_filter("tojson", jinja_python::tojson);
         env.add_filter("round", jinja_python::round);

@@ -2,12 +2,13 @@
 //! minijinja: a `tojson` filter that writes what Python's `json.dumps` writes (templates render
 //! tool schemas and tool calls with it, and the model learnt that spacing), and the
 //! `strftime_now` function the Llama 3 and SmolLM3 templates date their system prompt with
-//! (in local time, as Python's `datetime.now()`).
+//! (in local time, as Python's `datetime.now()`); and Jinja2's `iterable` and `sequence`
+//! tests, which answer otherwise than minijinja's for Python's values.
 
 use std::fmt::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use minijinja::value::{Kwargs, Value as V};
+use minijinja::value::{Kwargs, Value as V, ValueKind};
 use minijinja::{Error, ErrorKind};
 use serde_json::Value;
 
@@ -465,9 +466,63 @@ fn civil(days: i64) -> (i64, i64, i64) {
     (year, month, day)
 }
 
+/// Jinja2's `iterable` test: whether Python's `iter()` takes the value. None is not, where
+/// minijinja's test says it is: a template's `tools is iterable and tools | length > 0` (the
+/// Nemotron 3 templates') failed on `length` of none, where transformers passes `tools=None`.
+/// An undefined value is, as Jinja2's `Undefined` iterates as empty.
+pub fn is_iterable(v: V) -> bool {
+    !v.is_none() && v.try_iter().is_ok()
+}
+
+/// Jinja2's `sequence` test: whether the value has a length and an index, as Python's strings
+/// and dicts have as its lists do (minijinja's says lists alone).
+pub fn is_sequence(v: V) -> bool {
+    matches!(
+        v.kind(),
+        ValueKind::Seq | ValueKind::Map | ValueKind::String | ValueKind::Bytes
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `iterable` and `sequence` answer as Jinja2's do for Python's values.
+    #[test]
+    fn iterable_and_sequence_answer_as_jinja2_does() {
+        let mut env = minijinja::Environment::new();
+        env.add_test("iterable", is_iterable);
+        env.add_test("sequence", is_sequence);
+        let ask = |test: &str, value: &str| {
+            let template = format!("{{% if {value} is {test} %}}yes{{% endif %}}");
+            env.render_str(&template, minijinja::context! { none_value => V::from(()) })
+                .unwrap()
+        };
+        for (value, iterable, sequence) in [
+            ("none_value", false, false),
+            ("none", false, false),
+            ("missing", true, false),
+            ("[1]", true, true),
+            ("'ab'", true, true),
+            ("{'a': 1}", true, true),
+            ("3", false, false),
+            ("true", false, false),
+        ] {
+            assert_eq!(
+                ask("iterable", value) == "yes",
+                iterable,
+                "{value} is iterable"
+            );
+            assert_eq!(
+                ask("sequence", value) == "yes",
+                sequence,
+                "{value} is sequence"
+            );
+        }
+        let guard = "{% if tools is iterable and tools | length > 0 %}T{% endif %}x";
+        let out = env.render_str(guard, minijinja::context! { tools => V::from(()) });
+        assert_eq!(out.unwrap(), "x");
+    }
 
     fn render(template: &str, x: &Value) -> String {
         let mut env = minijinja::Environment::new();
