@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 
 use super::stage_flags::{command_name, refuse_out_of_scope};
 use super::StageArgs;
-use crate::config::{read_toml, LoraConfig, ModelConfig, RunConfig, Stage};
+use crate::config::{read_toml, LoraConfig, ModelConfig, RunConfig, Stage, STAGE_TABLES};
 use crate::stages::Start;
 
 /// TRL's default learning rate of a stage's trainer, where it has one of its own.
@@ -74,7 +74,7 @@ fn note_resume_changes(run: &RunConfig, now: &RunConfig, dir: &Path) -> Result<(
     // Another stage's table changes nothing this run reads.
     let read = |k: &str| {
         let table = k.split('.').next().unwrap_or_default();
-        !STAGE_TABLES.contains(&table) || own_tables(now.stage).contains(&table)
+        !STAGE_TABLES.contains(&table) || now.stage.own_tables().contains(&table)
     };
     let changes: Vec<String> = after
         .iter()
@@ -104,7 +104,7 @@ fn note_resume_changes(run: &RunConfig, now: &RunConfig, dir: &Path) -> Result<(
 /// other stages' tables (`[dpo] beta` given to online-dpo, whose table is `[online_dpo]`)
 /// changed nothing, and said nothing.
 fn warn_other_stages_tables(stage: Stage, file: &Path, user: &toml::Value) {
-    let own = own_tables(stage);
+    let own = stage.own_tables();
     let set: Vec<&str> = STAGE_TABLES
         .into_iter()
         .filter(|t| user.get(*t).is_some())
@@ -133,34 +133,6 @@ fn warn_other_stages_tables(stage: Stage, file: &Path, user: &toml::Value) {
             _ => format!("{} are", named.join(", ")),
         }
     );
-}
-
-/// The stages' own tables of a config file.
-const STAGE_TABLES: [&str; 9] = [
-    "sft",
-    "reward",
-    "ppo",
-    "dpo",
-    "kto",
-    "online_dpo",
-    "grpo",
-    "distill",
-    "external_reward",
-];
-
-/// Those of [`STAGE_TABLES`] that `stage` reads.
-fn own_tables(stage: Stage) -> &'static [&'static str] {
-    match stage {
-        Stage::Pretrain => &[],
-        Stage::Sft => &["sft"],
-        Stage::Reward => &["reward"],
-        Stage::Ppo => &["ppo", "external_reward"],
-        Stage::Dpo => &["dpo"],
-        Stage::Kto => &["kto"],
-        Stage::OnlineDpo => &["online_dpo", "external_reward"],
-        Stage::Grpo => &["grpo", "external_reward"],
-        Stage::Distill => &["distill"],
-    }
 }
 
 /// A path setting: its key in a config file, its value, and whether a flag gave it.

@@ -21,7 +21,9 @@ pub use model::{
     HfFamily, LinearScaling, Llama3Scaling, LocalRope, MlpKind, ModelConfig, NormKind,
     PositionKind, RopeScaling,
 };
-pub use run::{overlay, DataConfig, DeviceChoice, Holdout, RunConfig, Stage, Truncation};
+pub use run::{
+    overlay, DataConfig, DeviceChoice, Holdout, RunConfig, Stage, Truncation, STAGE_TABLES,
+};
 pub use stages::{
     greedy_or_sampling, greedy_or_sampling_words, AdvantageEstimator, DpoConfig, DpoLoss,
     ExternalRewardConfig, FDivergence, GrpoConfig, ImportanceSamplingLevel, KlEstimator, KlPlace,

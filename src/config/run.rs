@@ -34,7 +34,35 @@ pub enum Stage {
     Distill,
 }
 
+/// The stages' own tables of a config file.
+pub const STAGE_TABLES: [&str; 9] = [
+    "sft",
+    "reward",
+    "ppo",
+    "dpo",
+    "kto",
+    "online_dpo",
+    "grpo",
+    "distill",
+    "external_reward",
+];
+
 impl Stage {
+    /// Those of [`STAGE_TABLES`] the stage reads.
+    pub fn own_tables(self) -> &'static [&'static str] {
+        match self {
+            Stage::Pretrain => &[],
+            Stage::Sft => &["sft"],
+            Stage::Reward => &["reward"],
+            Stage::Ppo => &["ppo", "external_reward"],
+            Stage::Dpo => &["dpo"],
+            Stage::Kto => &["kto"],
+            Stage::OnlineDpo => &["online_dpo", "external_reward"],
+            Stage::Grpo => &["grpo", "external_reward"],
+            Stage::Distill => &["distill"],
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Stage::Pretrain => "pretrain",

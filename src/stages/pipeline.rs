@@ -23,7 +23,7 @@ use super::run_dir::earlier_run;
 use super::{Env, Start};
 use crate::config::{
     key_line, overlay, parse_toml, AdvantageEstimator, DeviceChoice, GrpoConfig,
-    ImportanceSamplingLevel, LossType, ReportTo, RunConfig, Stage,
+    ImportanceSamplingLevel, LossType, ReportTo, RunConfig, Stage, STAGE_TABLES,
 };
 use crate::dist::preempt::Preempted;
 
@@ -165,13 +165,39 @@ fn resume_step(
 }
 
 /// A stage resumed as `temper <stage> --resume` resumes it: with its own config.toml, and the
-/// pipeline's `--report-to` where it has one.
+/// pipeline's `--device`, `--kernels` and `--report-to` where it has them (a resume may change
+/// those, as the printed resume command says: a kernel set aside for a fault is set aside for
+/// the stage that met it).
 fn resumed_config(step: Step, at: &Path, opts: &PipelineOptions) -> Result<RunConfig> {
     let mut cfg = RunConfig::load_layers(step.stage, &[at.join("config.toml")])?.0;
+    let before = (cfg.device, cfg.kernels.clone());
+    command_flags(&mut cfg, opts);
+    if before != (cfg.device, cfg.kernels.clone()) {
+        crate::warnln!(
+            "note: resuming {} with --device {} --kernels {:?} (it ran with {} {:?}), which its \
+             config.toml will record",
+            step.name,
+            cfg.device.name(),
+            cfg.kernels,
+            before.0.name(),
+            before.1
+        );
+    }
+    Ok(cfg)
+}
+
+/// The pipeline command's own flags over a step's configuration, as a stage's flags override
+/// its config file.
+fn command_flags(cfg: &mut RunConfig, opts: &PipelineOptions) {
+    if let Some(d) = opts.device {
+        cfg.device = d;
+    }
+    if let Some(k) = &opts.kernels {
+        cfg.kernels = k.clone();
+    }
     if let Some(r) = opts.report_to {
         cfg.train.report_to = r;
     }
-    Ok(cfg)
 }
 
 /// Whether the run in `at` has a complete checkpoint to resume from.
@@ -189,6 +215,9 @@ struct Summary {
     running: Option<String>,
     /// `--report-to` as the pipeline began with it, which a resume keeps where it gives none.
     report_to: Option<ReportTo>,
+    /// Each step's table of `--config` as the pipeline last read it (absent where the
+    /// pipeline began before these were kept).
+    tables: Option<Map<String, Value>>,
 }
 
 /// summary.json's stage results, seconds and options, as an earlier run of the pipeline left
@@ -213,12 +242,17 @@ fn read_summary(dir: &Path) -> Result<Summary> {
     let report_to = all
         .remove("report_to")
         .and_then(|v| serde_json::from_value(v).ok());
+    let tables = match all.remove("tables") {
+        Some(Value::Object(m)) => Some(m),
+        _ => None,
+    };
     Ok(Summary {
         results: all,
         seconds,
         options,
         running,
         report_to,
+        tables,
     })
 }
 
@@ -243,6 +277,10 @@ fn stage_config(
     let dir = &opts.out;
     let stage = step.stage;
     let mut cfg = RunConfig::for_stage(stage);
+    let table = user.and_then(|u| u.get(step.name));
+    let chosen_warmup = table
+        .and_then(|t| t.get("train")?.get("warmup_steps"))
+        .is_some();
     if let Some(v) = step.grpo {
         v.apply(&mut cfg.grpo);
     }
@@ -262,24 +300,15 @@ fn stage_config(
             cfg.distill.teacher = Some(dir.join("ppo"));
         }
     }
-    if let Some(table) = user.and_then(|u| u.get(step.name)) {
+    if let Some(table) = table {
         let mut base = toml::Value::try_from(&cfg)?;
         overlay(&mut base, table.clone());
         cfg = base
             .try_into()
             .with_context(|| format!("pipeline config: invalid [{}] table", step.name))?;
     }
-    // The command's flags over the file's tables, as a stage's flags override its config
-    // file; --seed moves each stage's seed, the table's where it sets one.
-    if let Some(d) = opts.device {
-        cfg.device = d;
-    }
-    if let Some(k) = &opts.kernels {
-        cfg.kernels = k.clone();
-    }
-    if let Some(r) = opts.report_to {
-        cfg.train.report_to = r;
-    }
+    // --seed moves each stage's seed, the table's where it sets one.
+    command_flags(&mut cfg, opts);
     cfg.train.seed = opts.seed.wrapping_mul(1000).wrapping_add(cfg.train.seed);
     let made: Vec<PathBuf> = ["pretrain", "sft", "reward", "ppo"]
         .iter()
@@ -311,7 +340,16 @@ fn stage_config(
             cfg.train.steps = scaled;
             cfg.train.eval_every = cfg.train.eval_every.min(scaled);
             cfg.train.checkpoint_every = cfg.train.checkpoint_every.min(scaled);
-            cfg.train.warmup_steps = cfg.train.warmup_steps.min(scaled / 2);
+            cfg.train.warmup_steps = match chosen_warmup {
+                // A table's own warmup is scaled as its steps are, and kept: one longer than the
+                // run is said by the stage (`warmup_cut`), where the default's is cut silently.
+                true => ((cfg.train.warmup_steps as f64) * opts.scale).round() as usize,
+                false => cfg.train.warmup_steps.min(scaled / 2),
+            };
+            if chosen_warmup {
+                cfg.train.warmup_steps_from =
+                    (opts.config.clone()).map(|f| (f, cfg.train.warmup_steps));
+            }
         }
     }
     Ok(cfg)
@@ -404,6 +442,23 @@ fn check_config(opts: &PipelineOptions, steps: &[Step]) -> Result<Option<toml::V
         }
         let cfg = stage_config(step, opts, Some(&user))
             .with_context(|| format!("{}: [{}]", at(table_line), step.name))?;
+        missing_path(&cfg, own, &opts.out).map_err(|(key, e)| {
+            let mut full = vec![step.name];
+            full.extend(key);
+            anyhow::anyhow!("{}: {}.{e}", at(key_line(&text, &full, false)), step.name)
+        })?;
+        for other in (own.as_table().into_iter().flat_map(|t| t.keys()))
+            .filter(|k| STAGE_TABLES.contains(&k.as_str()))
+            .filter(|k| !step.stage.own_tables().contains(&k.as_str()))
+        {
+            crate::warnln!(
+                "warning: {}: [{}.{other}] is not read by the {} step (stage {}): ignored",
+                at(key_line(&text, &[step.name, other], true)),
+                step.name,
+                step.name,
+                step.stage.name()
+            );
+        }
         if let Err(e) = cfg.validate() {
             let e = format!("{e:#}");
             // `ppo.rollout_batch must ...`: the line of [ppo.ppo]'s rollout_batch; else of the
@@ -429,7 +484,94 @@ fn check_config(opts: &PipelineOptions, steps: &[Step]) -> Result<Option<toml::V
             );
         }
     }
+    one_task_world(opts, steps, &user).map_err(|(step, key, e)| {
+        anyhow::anyhow!(
+            "{}: [{step}.data] {key}: {e}",
+            at(key_line(&text, &[step, "data", key], false))
+        )
+    })?;
     Ok(Some(user))
+}
+
+/// The paths a step's table sets that are not there, as `(key, message)`: read only once the
+/// steps before it had trained, they failed late and named no file. One inside the pipeline's
+/// own directory (a later step's `init` of an earlier step's model) is made by the pipeline.
+fn missing_path(
+    cfg: &RunConfig,
+    table: &toml::Value,
+    out: &Path,
+) -> std::result::Result<(), (Vec<&'static str>, String)> {
+    let d = &cfg.data;
+    let inputs: [(&[&'static str], Option<&Path>); 7] = [
+        (&["init"], cfg.init.as_deref()),
+        (&["data", "path"], d.path.as_deref()),
+        (&["data", "eval_path"], d.eval_path.as_deref()),
+        (&["data", "tokenizer"], d.tokenizer.as_deref()),
+        (&["data", "chat_template"], d.chat_template.as_deref()),
+        (&["ppo", "value_init"], cfg.ppo.value_init.as_deref()),
+        (&["distill", "teacher"], cfg.distill.teacher.as_deref()),
+    ];
+    for (key, path) in inputs {
+        let set = key.iter().try_fold(table, |t, k| t.get(k)).is_some();
+        let Some(path) = path.filter(|p| set && !p.exists() && !p.starts_with(out)) else {
+            continue;
+        };
+        let relative = match path.is_relative() {
+            true => " (a relative path is read from the working directory)",
+            false => "",
+        };
+        return Err((
+            key.to_vec(),
+            format!(
+                "{} = {}: no such file or directory{relative}",
+                key.join("."),
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The steps on the built-in task share its world (`task_seed`, `task_max_operand`): a step of
+/// another world would hold out prompts its init trained on, and compare itself with a start
+/// measured on other prompts. A table that sets a world of its own is refused, as
+/// `(step, key, message)`, unless every such step sets the same.
+fn one_task_world(
+    opts: &PipelineOptions,
+    steps: &[Step],
+    user: &toml::Value,
+) -> std::result::Result<(), (&'static str, &'static str, String)> {
+    let mut first: Option<(&str, u64, u32)> = None;
+    for &step in steps {
+        let Ok(cfg) = stage_config(step, opts, Some(user)) else {
+            continue;
+        };
+        if cfg.data.path.is_some() {
+            continue;
+        }
+        let world = (cfg.data.task_seed, cfg.data.task_max_operand);
+        let Some((name, seed, max)) = first else {
+            first = Some((step.name, world.0, world.1));
+            continue;
+        };
+        if world == (seed, max) {
+            continue;
+        }
+        let (key, value) = match world.0 != seed {
+            true => ("task_seed", world.0.to_string()),
+            false => ("task_max_operand", world.1.to_string()),
+        };
+        return Err((
+            step.name,
+            key,
+            format!(
+                "{key} = {value}, where the {name} step's task has task_seed {seed} and \
+                 task_max_operand {max}: a pipeline's steps on the built-in task share one \
+                 (--seed sets its task_seed; set the same in every step's table)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A measured number, or null where there was nothing to measure (JSON holds no NaN): a check
@@ -526,6 +668,11 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
         ..opts.clone()
     };
     summary.report_to = opts.report_to;
+    let tables = step_tables(&steps, user.as_ref())?;
+    if opts.resume {
+        check_kept_tables(opts, &steps, &summary, &tables)?;
+    }
+    summary.tables = Some(tables);
     let running = summary.running.take();
     summary.seconds.remove("total");
     let start = match opts.overwrite {
@@ -658,6 +805,95 @@ pub fn run(opts: &PipelineOptions) -> Result<()> {
     Ok(())
 }
 
+/// Each step's table of the `--config` file `user`, as JSON, for summary.json.
+fn step_tables(steps: &[Step], user: Option<&toml::Value>) -> Result<Map<String, Value>> {
+    let mut out = Map::new();
+    for step in steps {
+        if let Some(t) = user.and_then(|u| u.get(step.name)) {
+            out.insert(step.name.to_string(), serde_json::to_value(t)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Refuses a resume whose `--config` changed the table of a step it keeps (finished, or
+/// stopped and continued with its own config.toml): the pipeline would end as two
+/// configurations' and say it was one. A step that starts now takes the file as it is, said
+/// where its table changed.
+fn check_kept_tables(
+    opts: &PipelineOptions,
+    steps: &[Step],
+    summary: &Summary,
+    tables: &Map<String, Value>,
+) -> Result<()> {
+    let Some(saved) = &summary.tables else {
+        return Ok(());
+    };
+    let file = opts.config.as_deref().unwrap_or(Path::new("--config"));
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let mut kept = true;
+    for step in steps {
+        let at = opts.out.join(step.name);
+        let status = resume_step(&at, step.name, &summary.results, summary.running.as_deref());
+        let keeps = kept && !matches!(status, Resumed::NotStarted | Resumed::Stale);
+        kept &= matches!(status, Resumed::Done(_));
+        let (old, new) = (saved.get(step.name), tables.get(step.name));
+        if old == new {
+            continue;
+        }
+        let changed = changed_keys(old, new).join(", ");
+        let line = key_line(&text, &[step.name], true).map_or(String::new(), |l| format!(":{l}"));
+        match keeps {
+            true => bail!(
+                "--resume: {}{line}: [{}] is not the table the pipeline ran its {} step with \
+                 (changed: {changed}): put it back, or start the pipeline over with --overwrite",
+                file.display(),
+                step.name,
+                step.name
+            ),
+            false => crate::warnln!(
+                "note: {}{line}: [{}] changed since the pipeline began ({changed}): the {} step, \
+                 not yet trained, takes it as it is now",
+                file.display(),
+                step.name,
+                step.name
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// The dotted keys whose values differ between two tables (either may be absent).
+fn changed_keys(old: Option<&Value>, new: Option<&Value>) -> Vec<String> {
+    fn leaves(prefix: &str, v: Option<&Value>, out: &mut Map<String, Value>) {
+        match v {
+            Some(Value::Object(m)) => {
+                for (k, x) in m {
+                    let key = match prefix {
+                        "" => k.clone(),
+                        p => format!("{p}.{k}"),
+                    };
+                    leaves(&key, Some(x), out);
+                }
+            }
+            Some(other) => {
+                out.insert(prefix.to_string(), other.clone());
+            }
+            None => {}
+        }
+    }
+    let (mut a, mut b) = (Map::new(), Map::new());
+    leaves("", old, &mut a);
+    leaves("", new, &mut b);
+    let mut keys: Vec<String> = (a.keys().chain(b.keys()))
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
 /// The command that continues the pipeline `opts` began: a resume checks that it asks for the
 /// same seed, scale, stages and config, and takes the device and kernels it is given (so they
 /// are given again: the later stages would otherwise take the defaults).
@@ -711,6 +947,9 @@ impl Summary {
         }
         if let Some(name) = &self.running {
             all.insert("running".into(), json!(name));
+        }
+        if let Some(t) = &self.tables {
+            all.insert("tables".into(), Value::Object(t.clone()));
         }
         crate::io::write_atomic(
             &dir.join("summary.json"),
@@ -1037,6 +1276,143 @@ mod tests {
                 assert!(e.contains(w), "{body:?}: {e}");
             }
         }
+    }
+
+    /// A path a later step's table sets that is not there is refused by its line before any
+    /// step runs; one inside the pipeline's own directory is made by an earlier step.
+    #[test]
+    fn a_later_steps_missing_path_is_refused_before_any_step_runs() {
+        let e = config_error(
+            "[sft.train]\nsteps = 3\n[ppo.data]\npath = \"missing.jsonl\"\n",
+            &[],
+        );
+        assert!(
+            e.contains("pl.toml:4: ppo.data.path = missing.jsonl: no such file or directory"),
+            "{e}"
+        );
+        let e = config_error(
+            "[distill.distill]\nteacher = \"gone_run\"\n",
+            &[Extra::Distill],
+        );
+        assert!(
+            e.contains("pl.toml:2: distill.distill.teacher = gone_run"),
+            "{e}"
+        );
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("pl.toml");
+        let made = d.path().join("pipe/ppo");
+        std::fs::write(
+            &path,
+            format!("[dpo]\ninit = {:?}\n", made.display().to_string()),
+        )
+        .unwrap();
+        let mut opts = options(1.0);
+        (opts.out, opts.config) = (d.path().join("pipe"), Some(path));
+        check_config(&opts, &pipeline_steps(&[Extra::Dpo]).unwrap()).unwrap();
+    }
+
+    /// The steps on the built-in task share one task world: a table that sets its own is
+    /// refused by its line, and one set alike in every step's table passes.
+    #[test]
+    fn a_steps_own_task_world_is_refused() {
+        let e = config_error("[sft.data]\ntask_seed = 5\n", &[]);
+        assert!(
+            e.contains("pl.toml:2: [sft.data] task_seed: task_seed = 5, where the pretrain step's task has task_seed 0"),
+            "{e}"
+        );
+        let e = config_error("[pretrain.data]\ntask_max_operand = 9\n", &[]);
+        assert!(
+            e.contains("[sft.data] task_max_operand: task_max_operand = 19"),
+            "{e}"
+        );
+        let all: String = ["pretrain", "sft", "reward", "ppo"]
+            .iter()
+            .map(|s| format!("[{s}.data]\ntask_seed = 5\n"))
+            .collect();
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("pl.toml");
+        std::fs::write(&path, all).unwrap();
+        let mut opts = options(1.0);
+        opts.config = Some(path);
+        check_config(&opts, &pipeline_steps(&[]).unwrap()).unwrap();
+    }
+
+    /// A warmup a table chooses is kept (scaled as its steps are), not cut to half the steps
+    /// as the default's is.
+    #[test]
+    fn a_tables_warmup_is_kept() {
+        let user: toml::Value =
+            toml::from_str("[pretrain.train]\nsteps = 20\nwarmup_steps = 15\n").unwrap();
+        let step = Step::plain(Stage::Pretrain);
+        let warmup = |scale| {
+            let cfg = stage_config(step, &options(scale), Some(&user)).unwrap();
+            (cfg.train.steps, cfg.train.warmup_steps)
+        };
+        assert_eq!(warmup(1.0), (20, 15));
+        assert_eq!(warmup(0.5), (10, 8));
+        let plain: toml::Value = toml::from_str("[pretrain.train]\nsteps = 20\n").unwrap();
+        let cfg = stage_config(step, &options(1.0), Some(&plain)).unwrap();
+        assert!(cfg.train.warmup_steps <= 10);
+    }
+
+    /// A stopped step resumes with its own config.toml, and the resume's --device and
+    /// --kernels.
+    #[test]
+    fn a_resumed_step_takes_the_resumes_device_and_kernels() {
+        let d = tempfile::tempdir().unwrap();
+        RunConfig::for_stage(Stage::Sft).save(d.path()).unwrap();
+        let step = Step::plain(Stage::Sft);
+        let kept = resumed_config(step, d.path(), &options(1.0)).unwrap();
+        assert_eq!(kept.kernels, RunConfig::for_stage(Stage::Sft).kernels);
+        let mut opts = options(1.0);
+        opts.device = Some(DeviceChoice::Cpu);
+        opts.kernels = Some("attention=reference".into());
+        let cfg = resumed_config(step, d.path(), &opts).unwrap();
+        assert_eq!(
+            (cfg.device, cfg.kernels.as_str()),
+            (DeviceChoice::Cpu, "attention=reference")
+        );
+    }
+
+    /// A resume refuses a config whose table changed for a step it keeps (finished, or stopped
+    /// and continued), and takes it for a step not yet trained.
+    #[test]
+    fn a_changed_table_of_a_kept_step_refuses_the_resume() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("pipe");
+        std::fs::create_dir_all(out.join("pretrain/final")).unwrap();
+        std::fs::write(out.join("pretrain/final/meta.json"), "{}").unwrap();
+        let path = d.path().join("pl.toml");
+        std::fs::write(
+            &path,
+            "[pretrain.train]\nlr = 0.01\n[ppo.train]\nlr = 0.5\n",
+        )
+        .unwrap();
+        let mut opts = options(1.0);
+        (opts.out, opts.config, opts.resume) = (out, Some(path), true);
+        let steps = pipeline_steps(&[]).unwrap();
+        let table = |body: &str| step_tables(&steps, Some(&toml::from_str(body).unwrap())).unwrap();
+        let mut summary = Summary::default();
+        summary
+            .results
+            .insert("pretrain".into(), json!({"val_loss": 1.0}));
+        summary.tables = Some(table(
+            "[pretrain.train]\nlr = 0.02\n[ppo.train]\nlr = 0.5\n",
+        ));
+        let now = table("[pretrain.train]\nlr = 0.01\n[ppo.train]\nlr = 0.5\n");
+        let e = format!(
+            "{:#}",
+            check_kept_tables(&opts, &steps, &summary, &now).unwrap_err()
+        );
+        assert!(
+            e.contains("pl.toml:1: [pretrain] is not the table the pipeline ran its pretrain step with (changed: train.lr)"),
+            "{e}"
+        );
+        summary.tables = Some(table("[pretrain.train]\nlr = 0.01\n"));
+        check_kept_tables(&opts, &steps, &summary, &now).unwrap();
+        // A pipeline begun before the tables were kept is not checked.
+        summary.tables = None;
+        check_kept_tables(&opts, &steps, &summary, &now).unwrap();
     }
 
     /// A good file is returned whole; a step's `stage` may be said where it is the step's.
