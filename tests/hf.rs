@@ -221,6 +221,56 @@ fn export_refuses_a_non_empty_out_unless_asked_and_never_its_own_checkpoint() {
     );
 }
 
+/// An `--overwrite` replaces an earlier export of any format whole: its files this export does
+/// not write again (an hf export's config.json, shards and another model's tokenizer under a
+/// temper checkpoint; a temper checkpoint's meta.json, read as temper's own, under an hf
+/// export) are removed and said, and what is left reads as the new export. A failed export
+/// leaves none of the directories it made.
+#[test]
+fn an_overwrite_replaces_an_earlier_export_of_any_format() {
+    let d = tmp();
+    let out = p(d.path(), "out");
+    let toml = p(d.path(), "c.toml");
+    std::fs::write(&toml, TINY_TOML).unwrap();
+    let run = p(d.path(), "run");
+    pretrain_on_cpu(toml.to_str().unwrap(), &run, 1);
+    let export_over = |from: &Path, format: &str, extra: &[&str]| {
+        let mut a = vec!["export", "--checkpoint", from.to_str().unwrap()];
+        a.extend(["--out", out.to_str().unwrap(), "--format", format]);
+        a.extend(extra);
+        String::from_utf8_lossy(&run_ok(&a).stderr).to_string()
+    };
+    export_over(&fixture("qwen2"), "hf", &["--max-shard-size", "100KB"]);
+    assert!(out.join("model.safetensors.index.json").is_file());
+    let said = export_over(&run, "temper", &["--overwrite"]);
+    assert!(said.contains("removed an earlier export's files"), "{said}");
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["meta.json", "model.safetensors"], "{said}");
+    let (net, tok) = load(&out);
+    assert_eq!(tok.vocab_size(), net.cfg.vocab_size);
+
+    let said = export_over(&run, "hf", &["--overwrite"]);
+    assert!(said.contains("meta.json"), "{said}");
+    assert!(!out.join("meta.json").exists() && out.join("config.json").is_file());
+    let (net, tok) = load(&out);
+    assert_eq!(tok.vocab_size(), net.cfg.vocab_size);
+
+    let deep = p(d.path(), "new/deep/dir");
+    let e = run_err(&[
+        "export",
+        "--checkpoint",
+        p(d.path(), "no_such_run").to_str().unwrap(),
+        "--out",
+        deep.to_str().unwrap(),
+    ]);
+    assert!(e.contains("no_such_run"), "{e}");
+    assert!(!p(d.path(), "new").exists());
+}
+
 /// Gemma 3's image-and-text model (4B and up) is read as its language model: the vision tower
 /// is left out, the full layers' linear rotary scaling kept, and the export is that language
 /// model (`Gemma3ForCausalLM`), its tensors the originals' bit for bit.
@@ -737,7 +787,10 @@ fn gpt2_adapters_export_to_peft(rslora: bool) {
     assert_same_weights(&merged, &back, 1e-6);
     if !rslora {
         // Over a model's directory the adapter would be read as that model by temper and as
-        // the adapter by transformers: both the export and a read say so.
+        // the adapter by transformers: an --overwrite removes the model's files, and a
+        // directory that holds both (put there by hand) is said to when read.
+        let both = p(d.path(), "both");
+        export(&sft, &both, "hf");
         let (sft, back) = (sft.to_str().unwrap(), back.to_str().unwrap());
         let args = [
             "export",
@@ -750,11 +803,22 @@ fn gpt2_adapters_export_to_peft(rslora: bool) {
         ];
         let out = run_ok(&[&args[..], &["--overwrite"]].concat());
         let said = String::from_utf8_lossy(&out.stderr);
-        assert!(said.contains("an earlier model export's"), "{said}");
+        assert!(
+            said.contains("removed an earlier export's files this one does not write: ")
+                && said.contains("config.json")
+                && said.contains("model.safetensors"),
+            "{said}"
+        );
+        let back = Path::new(back);
+        assert!(!back.join("config.json").exists() && !back.join("model.safetensors").exists());
+        assert!(back.join("adapter_config.json").is_file());
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(back.join(f), both.join(f)).unwrap();
+        }
         let gen = [
             "generate",
             "--checkpoint",
-            back,
+            both.to_str().unwrap(),
             "--prompt",
             "1",
             "--max-new-tokens",

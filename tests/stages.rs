@@ -539,13 +539,16 @@ mod stage_chain {
     }
 
     /// `export --format peft --dtype bf16` writes the adapters in bf16 (PEFT reads any type),
-    /// the same factors as the run's to bf16's rounding.
+    /// the same factors as the run's to bf16's rounding, beside the byte tokenizer's
+    /// tokenizer.json, as an hf export of the base carries it.
     #[test]
     fn peft_export_writes_its_adapters_in_the_dtype_asked_for() {
         let out = run_dir("peft-bf16");
         #[rustfmt::skip]
         run_ok(&["export", "--checkpoint", arg(sft()), "--out", arg(&out), "--format", "peft",
                  "--dtype", "bf16"]);
+        let tokenizer = std::fs::read_to_string(out.join("tokenizer.json")).unwrap();
+        assert!(tokenizer.contains("ByteLevel"), "{tokenizer}");
         let file = out.join("adapter_model.safetensors");
         let written = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
         assert!(written

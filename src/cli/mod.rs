@@ -556,11 +556,11 @@ pub struct ExportArgs {
     /// merged) or peft (the adapters alone, for PeftModel on the exported base).
     #[arg(long, value_enum, default_value = "temper")]
     pub format: Format,
-    /// Write into an --out that already holds files: those export writes are replaced (and
-    /// an earlier export's weight files these do not replace, model.safetensors or shards,
-    /// removed), the rest left as they are. Without it such an --out is refused (a Hugging
-    /// Face model's directory, say, would have its weights and config replaced by another
-    /// model's).
+    /// Write into an --out that already holds files: an earlier export there, of any format,
+    /// is replaced whole (its weights, configs and tokenizer files that this export does not
+    /// write again are removed, and named), other files left as they are. Without it such an
+    /// --out is refused (a Hugging Face model's directory, say, would have its weights and
+    /// config replaced by another model's).
     #[arg(long)]
     pub overwrite: bool,
     /// The weights' type for hf and peft, named in config.json as transformers' `dtype`:

@@ -874,11 +874,19 @@ impl Tokenizer {
     }
 
     /// Whether `other` maps every token to the same id (special tokens included): two models
-    /// whose distributions are compared token by token need that.
+    /// whose distributions are compared token by token need that. The byte tokenizer's is
+    /// that of the tokenizer.json an hf export of its model carries ([`byte_level_json`]).
     pub fn same_vocabulary(&self, other: &Tokenizer) -> bool {
         match (self, other) {
             (Tokenizer::Hf { inner: a, .. }, Tokenizer::Hf { inner: b, .. }) => {
                 a.get_vocab(true) == b.get_vocab(true)
+            }
+            (Tokenizer::Hf { inner, .. }, bytes) | (bytes, Tokenizer::Hf { inner, .. }) => {
+                let exported = byte_level_json()
+                    .ok()
+                    .and_then(|json| json.parse::<tokenizers::Tokenizer>().ok());
+                bytes.is_bytes()
+                    && exported.is_some_and(|e| e.get_vocab(true) == inner.get_vocab(true))
             }
             _ => self.is_bytes() && other.is_bytes(),
         }
@@ -1413,6 +1421,22 @@ mod tests {
     /// saved again by the next stage, so that a run from that checkpoint renders conversations
     /// as this one trained on them. The ids are the byte tokenizer's all along; without a
     /// template it is the plain byte tokenizer again, and writes nothing.
+    #[test]
+    fn the_byte_tokenizers_vocabulary_is_its_exported_tokenizer_jsons() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join(FILE_NAME);
+        std::fs::write(&path, byte_level_json().unwrap()).unwrap();
+        let exported = Tokenizer::from_file(&path).unwrap();
+        assert!(!exported.is_bytes());
+        assert!(exported.same_vocabulary(&Tokenizer::bytes()));
+        assert!(Tokenizer::bytes().same_vocabulary(&exported));
+        let gpt2 =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/gpt2/tokenizer.json");
+        let gpt2 = Tokenizer::from_file(&gpt2).unwrap();
+        assert!(!gpt2.same_vocabulary(&Tokenizer::bytes()));
+        assert!(!Tokenizer::bytes().same_vocabulary(&gpt2));
+    }
+
     #[test]
     fn the_byte_tokenizer_keeps_a_chosen_chat_template() {
         use crate::data::chat_template::ChatTemplate;

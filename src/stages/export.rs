@@ -158,21 +158,108 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &Options) -> Result<String> {
         bail!("--max-shard-size applies to --format hf (a temper checkpoint and a PEFT adapter are one file each)");
     }
     check_out(checkpoint, out, opts.overwrite)?;
-    let made = !out.exists();
     if out.is_file() {
         bail!(
             "--out {}: a file, where the export's directory goes",
             out.display()
         );
     }
+    // The directories this export makes, `out` first: those it leaves empty (its checkpoint
+    // did not read) go again.
+    let made: Vec<&Path> = out.ancestors().take_while(|d| !d.exists()).collect();
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let earlier = earlier_export_files(out);
     let written = write(checkpoint, out, opts);
-    // A directory this export made and left empty (its checkpoint did not read) goes again.
-    let empty = || std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_none());
-    if written.is_err() && made && empty() {
-        let _ = std::fs::remove_dir(out);
+    if written.is_err() {
+        for dir in made {
+            if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none()) {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+        return written;
     }
+    remove_earlier_export(out, &earlier)?;
     written
+}
+
+/// Whether `name` (relative to an export's directory) is a file some export of temper's
+/// writes: the weights of any format, their configs, and the tokenizer's files.
+fn is_export_file(name: &str) -> bool {
+    const NAMES: [&str; 11] = [
+        "meta.json",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        crate::data::chat_template::TEMPLATE_FILE,
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        hf::WEIGHTS,
+        hf::WEIGHTS_INDEX,
+    ];
+    let template_dir = format!("{}/", crate::data::chat_template::NAMED_TEMPLATES_DIR);
+    NAMES.contains(&name)
+        || is_shard_name(name)
+        || name
+            .strip_prefix(&template_dir)
+            .is_some_and(|n| n.ends_with(".jinja"))
+}
+
+/// A file's identity and contents' stamp: one written again (replaced, or rewritten in place)
+/// differs.
+type Stamp = (u64, u64, Option<std::time::SystemTime>, u64);
+
+/// The export files `out` holds before an export writes there, each with its [`Stamp`].
+fn earlier_export_files(out: &Path) -> Vec<(String, Stamp)> {
+    use std::os::unix::fs::MetadataExt;
+    let template_dir = out.join(crate::data::chat_template::NAMED_TEMPLATES_DIR);
+    let listed = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect::<Vec<_>>()
+    };
+    let mut files = listed(out);
+    files.extend(listed(&template_dir));
+    files
+        .into_iter()
+        .filter_map(|p| {
+            let name = p.strip_prefix(out).ok()?.to_str()?.to_string();
+            let m = std::fs::symlink_metadata(&p).ok()?;
+            (m.is_file() && is_export_file(&name))
+                .then(|| (name, (m.dev(), m.ino(), m.modified().ok(), m.len())))
+        })
+        .collect()
+}
+
+/// Removes the files of an earlier export (`earlier`, as [`earlier_export_files`] found them)
+/// that this one did not write again: left, they described another model beside this one's
+/// weights (an earlier hf export's config.json and shards beside a temper checkpoint, read as
+/// a model with none of its weights; a `meta.json` that has temper read the directory as its
+/// own checkpoint; another model's tokenizer). Each is said.
+fn remove_earlier_export(out: &Path, earlier: &[(String, Stamp)]) -> Result<()> {
+    let now: std::collections::HashMap<String, Stamp> =
+        earlier_export_files(out).into_iter().collect();
+    let mut removed = Vec::new();
+    for (name, stamp) in earlier {
+        if now.get(name) == Some(stamp) {
+            let path = out.join(name);
+            std::fs::remove_file(&path)
+                .with_context(|| format!("{}: cannot remove", path.display()))?;
+            removed.push(name.as_str());
+        }
+    }
+    if !removed.is_empty() {
+        errln!(
+            "note: {}: removed an earlier export's files this one does not write: {}",
+            out.display(),
+            removed.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// [`export`]'s writing into `out`, which is there.
@@ -191,14 +278,6 @@ fn write(checkpoint: &Path, out: &Path, opts: &Options) -> Result<String> {
         }
         Format::Peft => {
             peft::peft(checkpoint, out, dtype)?;
-            if hf::is_model_dir(out) {
-                errln!(
-                    "warning: {}: config.json and its weights are an earlier model export's: \
-                     temper would read that model and ignore the adapter, where transformers \
-                     with peft installed loads the adapter; remove them",
-                    out.display()
-                );
-            }
             Ok(format!("PEFT adapter, {}", dtype.name()))
         }
     }
@@ -409,13 +488,6 @@ fn hf_dir(checkpoint: &Path, out: &Path, dtype: Dtype, max_shard: u64) -> Result
         &out.join(GENERATION_CONFIG),
         serde_json::to_string_pretty(&gen)?.as_bytes(),
     )?;
-    if out.join("adapter_config.json").is_file() {
-        errln!(
-            "warning: {}: adapter_config.json is an earlier PEFT export's: transformers with \
-             peft installed would load it over these merged weights; remove it",
-            out.display()
-        );
-    }
     Ok(files)
 }
 

@@ -17,6 +17,7 @@ use serde_json::json;
 
 use super::{check_range, family_of, layer_order, write_file, Dtype};
 use crate::config::{HfFamily, LoraConfig, LoraTarget, ModelConfig};
+use crate::data::tokenizer::Tokenizer;
 use crate::model::hf;
 use crate::model::linear::DORA_MAGNITUDE;
 use crate::train::checkpoint::{resolve_checkpoint_for_model, CheckpointKind};
@@ -325,6 +326,12 @@ pub(super) fn peft(checkpoint: &Path, out: &Path, dtype: Dtype) -> Result<()> {
         &out.join("adapter_config.json"),
         serde_json::to_string_pretty(&config)?.as_bytes(),
     )?;
-    // As TRL saves an adapter: with the tokenizer (and chat template) it trained with.
-    crate::data::tokenizer::Tokenizer::load_dir(&dir)?.save_dir(out)
+    // As TRL saves an adapter: with the tokenizer (and chat template) it trained with; the
+    // byte tokenizer as the tokenizer.json an hf export of its base carries.
+    let tokenizer = Tokenizer::load_dir(&dir)?;
+    if matches!(tokenizer, Tokenizer::Bytes) {
+        let json = crate::data::tokenizer::byte_level_json()?;
+        crate::io::write_atomic(&out.join("tokenizer.json"), json.as_bytes())?;
+    }
+    tokenizer.save_dir(out)
 }
