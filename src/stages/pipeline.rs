@@ -420,6 +420,9 @@ fn check_config(opts: &PipelineOptions, steps: &[Step]) -> Result<Option<toml::V
     // Each step's table as its stage's config, for the line of an unknown key or a wrong type.
     parse_toml::<std::collections::BTreeMap<String, RunConfig>>(path, &text)?;
     let user = toml::Value::Table(table);
+    // The model every later step trains, where the pretrain step builds it (not loads it).
+    let pretrain = stage_config(Step::plain(Stage::Pretrain), opts, Some(&user)).ok();
+    let built = pretrain.filter(|c| c.init.is_none()).map(|c| c.model);
     for &step in &known {
         let Some(own) = user.get(step.name) else {
             if steps.contains(&step) {
@@ -473,6 +476,31 @@ fn check_config(opts: &PipelineOptions, steps: &[Step]) -> Result<Option<toml::V
                     key_line(&text, &key, false)
                 });
             bail!("{}: [{}] {e}", at(named.or(table_line)), step.name);
+        }
+        // Checked by the stage once it loads its init's model; here, before any step trains.
+        let from_pipeline = cfg
+            .init
+            .as_deref()
+            .is_some_and(|i| i.starts_with(&opts.out));
+        if let (Stage::Sft, true, true, Some(m)) =
+            (step.stage, cfg.sft.packing, from_pipeline, &built)
+        {
+            if cfg.train.seq_len > m.max_position_embeddings {
+                let line = key_line(&text, &[step.name, "train", "seq_len"], false).or(key_line(
+                    &text,
+                    &[step.name, "sft", "packing"],
+                    false,
+                ));
+                bail!(
+                    "{}: [{}] packing: train.seq_len ({}) exceeds the context of the model the \
+                     pretrain step builds (max_position_embeddings = {}); lower seq_len or turn \
+                     packing off",
+                    at(line.or(table_line)),
+                    step.name,
+                    cfg.train.seq_len,
+                    m.max_position_embeddings
+                );
+            }
         }
         if !steps.contains(&step) {
             crate::errln!(
@@ -1413,6 +1441,20 @@ mod tests {
         // A pipeline begun before the tables were kept is not checked.
         summary.tables = None;
         check_kept_tables(&opts, &steps, &summary, &now).unwrap();
+    }
+
+    /// A packed SFT step whose rows are longer than the context of the model the pretrain
+    /// step builds is refused by its line before any step trains.
+    #[test]
+    fn packed_sft_rows_longer_than_the_pretrained_context_are_refused() {
+        let body =
+            "[pretrain.model]\nmax_position_embeddings = 32\n[pretrain.train]\nseq_len = 32\n\
+                    [sft.sft]\npacking = true\n[sft.train]\nseq_len = 64\n";
+        let e = config_error(body, &[]);
+        assert!(
+            e.contains("pl.toml:8: [sft] packing: train.seq_len (64) exceeds the context of the model the pretrain step builds (max_position_embeddings = 32)"),
+            "{e}"
+        );
     }
 
     /// A good file is returned whole; a step's `stage` may be said where it is the step's.
