@@ -96,7 +96,8 @@ impl CommandReward {
         let proc = self.proc.as_mut().expect("started");
         // A line already waiting answers no request of this batch: the last batch's replies
         // came with one too many, which would shift every reward from here on by one.
-        proc.refuse_extra_line(" (one came after the last batch's replies)")?;
+        proc.refuse_extra_line(" (one came after the last batch's replies)", Duration::ZERO)?;
+        let started = Instant::now();
         let mut text = String::new();
         for r in requests {
             text.push_str(&r.to_string());
@@ -154,8 +155,14 @@ impl CommandReward {
             Ok((_, Err(e))) => return Err(Failure::Lost(format!("cannot write to it ({e})"))),
             Err(_) => return Err(Failure::Lost("its writer thread panicked".into())),
         }
-        // A line more than was asked for would be taken as the next batch's first reply.
-        proc.refuse_extra_line("")?;
+        // A line more than was asked for would be taken as the next batch's first reply, and
+        // says this batch's replies may not be in step with its requests. A program that
+        // answers twice writes its lines together, so a short wait finds the extra one still
+        // on its way (without it, a job's only or last batch was taken as it came): a tenth of
+        // the batch's time, from 2 to 50 ms.
+        let grace =
+            (started.elapsed() / 10).clamp(Duration::from_millis(2), Duration::from_millis(50));
+        proc.refuse_extra_line("", grace)?;
         Ok(out)
     }
 
@@ -177,9 +184,10 @@ impl CommandReward {
 }
 
 impl Proc {
-    /// A reply waiting beyond the ones asked for, refused (`when` says where it was met).
-    fn refuse_extra_line(&self, when: &str) -> std::result::Result<(), Failure> {
-        match self.lines.try_recv() {
+    /// A reply waiting beyond the ones asked for, or arriving within `wait`, refused (`when`
+    /// says where it was met).
+    fn refuse_extra_line(&self, when: &str, wait: Duration) -> std::result::Result<(), Failure> {
+        match self.lines.recv_timeout(wait) {
             Ok(Ok(extra)) => Err(Failure::Garbage(anyhow!(
                 "answered more lines than requests{when}: {}",
                 clip(&extra)
@@ -253,12 +261,20 @@ mod tests {
         CommandReward::start(program, &cfg).unwrap()
     }
 
-    /// A program that answers one request twice is stopped, by the batch that reads the
-    /// extra line at its end or else by the next one before it sends: every later reply would
-    /// otherwise score the request before its own.
+    /// A program that answers one request twice is stopped by the batch whose replies it
+    /// wrote (a job's only batch too), or else by the next one before it sends: every later
+    /// reply would otherwise score the request before its own.
     #[test]
     fn one_reply_too_many_stops_the_run() {
-        let program = r#"read l; echo '{"reward": 1}'; echo '{"reward": 2}'; while read l; do echo '{"reward": 3}'; done"#;
+        // A batch of 0.3 s waits 30 ms for a line more.
+        let program = r#"read l; sleep 0.3; printf '{"reward": 1}\n{"reward": 2}\n'; read l"#;
+        let mut r = reward(program, 10.0);
+        let e = r.score(&[serde_json::json!({"prompt": "p"})]).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("answered more lines than requests"),
+            "{e:#}"
+        );
+        let program = r#"read l; echo '{"reward": 1}'; sleep 0.2; echo '{"reward": 2}'; while read l; do echo '{"reward": 3}'; done"#;
         let mut r = reward(program, 10.0);
         let request = [serde_json::json!({"prompt": "p"})];
         let first = r.score(&request);

@@ -18,7 +18,9 @@ pub struct HttpReward {
     url: String,
     host: String,
     path: String,
-    addr: SocketAddr,
+    /// Every address the host resolves to, tried in turn as curl tries them: `localhost` may
+    /// give `::1` first, where a server listens on 127.0.0.1 alone.
+    addrs: Vec<SocketAddr>,
     timeout: Duration,
     max_restarts: usize,
     retries: usize,
@@ -46,16 +48,18 @@ impl HttpReward {
         } else {
             format!("{host}:80")
         };
-        let addr = with_port
+        let addrs: Vec<SocketAddr> = with_port
             .to_socket_addrs()
             .with_context(|| format!("{url}: cannot resolve {host}"))?
-            .next()
-            .with_context(|| format!("{url}: {host} has no address"))?;
+            .collect();
+        if addrs.is_empty() {
+            bail!("{url}: {host} has no address");
+        }
         Ok(Self {
             url: url.to_string(),
             host: host.to_string(),
             path: path.to_string(),
-            addr,
+            addrs,
             timeout: Duration::from_secs_f64(cfg.timeout_s),
             max_restarts: cfg.max_restarts,
             retries: 0,
@@ -99,10 +103,27 @@ impl HttpReward {
             .map_err(Failure::Garbage)
     }
 
+    /// A connection to the first of the host's addresses that takes one; else the last one's
+    /// error, naming every address tried.
+    fn connect(&self) -> Result<TcpStream> {
+        let mut last = None;
+        for addr in &self.addrs {
+            match TcpStream::connect_timeout(addr, self.timeout) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        let tried: Vec<String> = self.addrs.iter().map(|a| a.to_string()).collect();
+        Err(anyhow!(
+            "cannot connect to {}: {}",
+            tried.join(" or "),
+            last.map_or_else(String::new, |e| e.to_string())
+        ))
+    }
+
     /// POSTs `body` and returns the status code and the response body.
     fn post(&self, body: &str) -> Result<(u16, Vec<u8>)> {
-        let mut s = TcpStream::connect_timeout(&self.addr, self.timeout)
-            .with_context(|| format!("cannot connect to {}", self.addr))?;
+        let mut s = self.connect()?;
         s.set_write_timeout(Some(self.timeout))?;
         let head = format!(
             "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

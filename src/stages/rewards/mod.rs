@@ -84,7 +84,7 @@ impl RewardFn {
             bail!("no reward named: use --reward task, --reward PATH[:WEIGHT], --reward cmd:PROGRAM or --reward http://HOST:PORT/PATH");
         }
         let mut sources = Vec::new();
-        for (spec, name) in specs.iter().zip(source_names(specs)) {
+        for (spec, name) in specs.iter().zip(numbered(source_names(specs))) {
             let kind = match &spec.source {
                 RewardSource::Task => Kind::Task,
                 RewardSource::Model(path) => {
@@ -105,13 +105,6 @@ impl RewardFn {
                     Kind::External(Box::new(CommandReward::start(cmd, ext)?))
                 }
                 RewardSource::Http(url) => Kind::External(Box::new(HttpReward::new(url, ext)?)),
-            };
-            // Two sources of one name (`--reward task:0.5 --reward task:0.5`) would share one
-            // key in the completion log and the metrics: the later ones are numbered.
-            let taken = specs[..sources.len()].iter().filter(|s| *s == spec).count();
-            let name = match taken {
-                0 => name,
-                n => format!("{name} ({})", n + 1),
             };
             sources.push(Source {
                 name,
@@ -214,6 +207,20 @@ fn source_names(specs: &[RewardSpec]) -> Vec<String> {
             None => s.to_string(),
         })
         .collect()
+}
+
+/// `names` with each one given before numbered from its second: two sources of one name
+/// (`--reward task:0.5 --reward task:0.5`, or one reward model by two spellings of its path)
+/// would share one key in the completion log and the metrics.
+fn numbered(names: Vec<String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        out.push(match names[..i].iter().filter(|n| *n == name).count() {
+            0 => name.clone(),
+            n => format!("{name} ({})", n + 1),
+        });
+    }
+    out
 }
 
 /// A reward model's path as a resume reads it from config.toml: made absolute (not
@@ -404,6 +411,11 @@ mod tests {
             ["a/rm:0.5", "b/rm:1"]
         );
         assert_eq!(source_names(&specs(&["rm", "rm:2"])), ["rm:1", "rm:2"]);
+        // One model by two spellings of its path: one name, numbered the second time.
+        assert_eq!(
+            numbered(source_names(&specs(&["../runs/rm", "./../runs/rm"]))),
+            ["rm:1", "rm:1 (2)"]
+        );
     }
 
     /// A source named as an earlier one is numbered: each keeps its own key in the completion
