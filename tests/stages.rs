@@ -1820,6 +1820,27 @@ fn packed_sft_learns_the_task() {
         e.contains("long.jsonl:2") && e.contains("seq_len") && e.contains("packing"),
         "{e}"
     );
+    // Where records are cut, the training examples are cut to the rows, and the held-out ones,
+    // evaluated unpacked, only to the model's context.
+    let cut = p(dir, "cut.toml");
+    std::fs::write(
+        &cut,
+        format!(
+            "{TINY_TOML}\n[data]\ntask_max_operand = 9\ntruncation = \"keep_start\"\n\
+             [sft]\npacking = true\n"
+        ),
+    )
+    .unwrap();
+    #[rustfmt::skip]
+    let out = run_ok(&["sft", "--config", cut.to_str().unwrap(), "--init", pre.to_str().unwrap(),
+                       "--data", data.to_str().unwrap(), "--eval-data", data.to_str().unwrap(),
+                       "--seq-len", "12", "--steps", "1", "--out", p(dir, "cut").to_str().unwrap(),
+                       "--device", "cpu"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("training examples") && !err.contains("held-out examples"),
+        "{err}"
+    );
 }
 
 /// Pretraining under `[data] document_mask` (the built-in corpus's documents are 8 to 24

@@ -413,7 +413,12 @@ fn conversational_example(
             return Err(at.field(field, &got));
         }
     };
-    if let Some(several) = reply.filter(|r| r.as_array().is_some_and(|l| l.len() > 1)) {
+    // A reply of one message goes by its template's generation marks too, where they decide
+    // what trains: text the template writes after the block (Qwen's `\n` after `<|im_end|>`)
+    // is not the assistant's, as TRL's assistant mask says and as `messages` trains it.
+    let marked = assistant_only && chat.is_some_and(|c| c.template.marks_generation(&c.vars));
+    let least = if marked { 1 } else { 2 };
+    if let Some(several) = reply.filter(|r| r.as_array().is_some_and(|l| l.len() >= least)) {
         let (list, fields) = message_fields(at, field, several, chat.is_some())?;
         replies::check(at, field, list, &fields, chat.is_some())?;
         let (prompt, reply) = ((msgs, prompt.as_str()), (list, fields.as_slice()));
@@ -1558,6 +1563,42 @@ mod tests {
         let p = dir.path().join(name);
         std::fs::write(&p, body).unwrap();
         p
+    }
+
+    /// A conversational prompt-completion record under a template with generation marks trains
+    /// what they mark of its one reply, not the text the template writes after the block, as
+    /// the same conversation in `messages` does (and TRL's assistant mask).
+    #[test]
+    fn a_single_reply_trains_what_the_generation_marks_say() {
+        let d = tempfile::tempdir().unwrap();
+        let marked = ChatTemplate::from_source(
+            "{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' %}{% generation %}{{ m.content }}<end>{% endgeneration %}{% else %}{{ m.content }}<end>{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}".into(),
+            String::new(),
+            String::new(),
+            Path::new("g.jinja"),
+        )
+        .unwrap();
+        let body = concat!(
+            "{\"prompt\": [{\"role\": \"user\", \"content\": \"hi\"}], \"completion\": [{\"role\": \"assistant\", \"content\": \"yo\"}]}\n",
+            "{\"prompt\": [{\"role\": \"user\", \"content\": \"hi\"}], \"completion\": \"yo\"}\n",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"yo\"}]}\n",
+        );
+        let p = file(&d, "c.jsonl", body);
+        let xs = load_sft_templated(&p, Some(&marked), LossScope::default()).unwrap();
+        let trained = |x: &SftExample| -> Vec<(String, bool)> {
+            x.segments
+                .iter()
+                .map(|s| (s.text.clone(), s.train))
+                .collect()
+        };
+        let want = vec![
+            ("<user>hi<end>\n<assistant>".to_string(), false),
+            ("yo<end>".to_string(), true),
+            ("\n".to_string(), false),
+        ];
+        for x in &xs {
+            assert_eq!(trained(x), want, "{:?}", x.origin);
+        }
     }
 
     /// A template that writes each message as `[role]content<end>`.

@@ -431,21 +431,22 @@ pub fn run(env: &Env) -> Result<SftResult> {
     let (examples, eval, prompts) =
         datasets(env, cfg.sft.task_examples, cfg.sft.eval_prompts, scope)?;
     let ctx_len = net.cfg.max_position_embeddings;
-    // Packed rows hold seq_len positions: where records are cut or left out, that is the
-    // limit (under `error`, packing names the row in its own message).
+    // Packed rows hold seq_len positions: where training records are cut or left out, that is
+    // the limit (under `error`, packing names the row in its own message). Held-out examples
+    // are evaluated unpacked, so the model's context is theirs.
     let cutting = cfg.data.truncation != Truncation::Error;
-    let limit = match cfg.sft.packing && cutting {
+    let packed_limit = match cfg.sft.packing && cutting {
         true => cfg.train.seq_len.min(ctx_len),
         false => ctx_len,
     };
-    let fitted = |xs, what: &str| -> Result<_> {
+    let fitted = |xs, what: &str, limit: usize| -> Result<_> {
         let mut fit = Fitter::new(cfg.data.truncation, limit + 1, &format!("{what} examples"));
         let kept = encode_fitted(&tok, xs, ctx_len, what, &mut fit)?;
         fit.say(env);
         Ok(kept)
     };
-    let (examples, train) = fitted(examples, "training")?;
-    let (_, eval) = fitted(eval, "held-out")?;
+    let (examples, train) = fitted(examples, "training", packed_limit)?;
+    let (_, eval) = fitted(eval, "held-out", ctx_len)?;
     if train.is_empty() || eval.is_empty() {
         bail!("sft needs non-empty training and held-out sets (after [data] truncation)");
     }
