@@ -271,6 +271,37 @@ fn an_overwrite_replaces_an_earlier_export_of_any_format() {
     assert!(!p(d.path(), "new").exists());
 }
 
+/// A LoRA run's base, which its adapters need, is refused as an export's --out, with
+/// --overwrite too, and left as it was.
+#[test]
+fn an_export_into_the_runs_base_is_refused() {
+    let d = tmp();
+    let base = p(d.path(), "base");
+    copy_tree(&fixture("llama"), &base);
+    let data = counting_data(d.path());
+    let sft = p(d.path(), "sft");
+    sft_on_cpu(&base, &data, &sft, &["--steps", "1", "--lora-rank", "2"]);
+    let before = std::fs::read(base.join("model.safetensors")).unwrap();
+    for format in ["peft", "hf", "temper"] {
+        let e = run_err(&[
+            "export",
+            "--checkpoint",
+            sft.to_str().unwrap(),
+            "--out",
+            base.to_str().unwrap(),
+            "--format",
+            format,
+            "--overwrite",
+        ]);
+        assert!(e.contains("holds the base model"), "{format}: {e}");
+    }
+    assert_eq!(
+        std::fs::read(base.join("model.safetensors")).unwrap(),
+        before
+    );
+    assert!(!base.join("adapter_config.json").exists());
+}
+
 /// Gemma 3's image-and-text model (4B and up) is read as its language model: the vision tower
 /// is left out, the full layers' linear rotary scaling kept, and the export is that language
 /// model (`Gemma3ForCausalLM`), its tensors the originals' bit for bit.
@@ -787,10 +818,8 @@ fn gpt2_adapters_export_to_peft(rslora: bool) {
     assert_same_weights(&merged, &back, 1e-6);
     if !rslora {
         // Over a model's directory the adapter would be read as that model by temper and as
-        // the adapter by transformers: an --overwrite removes the model's files, and a
-        // directory that holds both (put there by hand) is said to when read.
-        let both = p(d.path(), "both");
-        export(&sft, &both, "hf");
+        // the adapter by transformers: the export leaves the model there and says so, as a
+        // read does.
         let (sft, back) = (sft.to_str().unwrap(), back.to_str().unwrap());
         let args = [
             "export",
@@ -804,21 +833,13 @@ fn gpt2_adapters_export_to_peft(rslora: bool) {
         let out = run_ok(&[&args[..], &["--overwrite"]].concat());
         let said = String::from_utf8_lossy(&out.stderr);
         assert!(
-            said.contains("removed an earlier export's files this one does not write: ")
-                && said.contains("config.json")
-                && said.contains("model.safetensors"),
+            said.contains("holds a model's weights beside the adapter (left there)"),
             "{said}"
         );
-        let back = Path::new(back);
-        assert!(!back.join("config.json").exists() && !back.join("model.safetensors").exists());
-        assert!(back.join("adapter_config.json").is_file());
-        for f in ["adapter_config.json", "adapter_model.safetensors"] {
-            std::fs::copy(back.join(f), both.join(f)).unwrap();
-        }
         let gen = [
             "generate",
             "--checkpoint",
-            both.to_str().unwrap(),
+            back,
             "--prompt",
             "1",
             "--max-new-tokens",

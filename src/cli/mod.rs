@@ -556,11 +556,12 @@ pub struct ExportArgs {
     /// merged) or peft (the adapters alone, for PeftModel on the exported base).
     #[arg(long, value_enum, default_value = "temper")]
     pub format: Format,
-    /// Write into an --out that already holds files: an earlier export there, of any format,
-    /// is replaced whole (its weights, configs and tokenizer files that this export does not
-    /// write again are removed, and named), other files left as they are. Without it such an
-    /// --out is refused (a Hugging Face model's directory, say, would have its weights and
-    /// config replaced by another model's).
+    /// Write into an --out that already holds files: hf and temper replace an earlier export
+    /// there whole (its weights, configs and tokenizer files that this export does not write
+    /// again are removed, and named), peft writes the adapter beside what is there; other
+    /// files are left as they are. Without it such an --out is refused (a Hugging Face
+    /// model's directory, say, would have its weights and config replaced by another
+    /// model's).
     #[arg(long)]
     pub overwrite: bool,
     /// The weights' type for hf and peft, named in config.json as transformers' `dtype`:

@@ -288,15 +288,15 @@ impl ChatTemplate {
         Ok(self)
     }
 
-    /// The template a conversation renders with, and whether it is marked: the `tool_use` one
-    /// where tools are given and the model has one (as transformers picks it), else the
-    /// default.
     /// Whether the template a conversation with `vars` renders with marks the assistant's
     /// text with `{% generation %}` blocks.
     pub fn marks_generation(&self, vars: &Map<String, Value>) -> bool {
         self.chosen(vars).1
     }
 
+    /// The template a conversation renders with, and whether it is marked: the `tool_use` one
+    /// where tools are given and the model has one (as transformers picks it), else the
+    /// default.
     fn chosen(&self, vars: &Map<String, Value>) -> (&'static str, bool) {
         let tools = |m: &Map<String, Value>| m.get("tools").is_some_and(|t| !t.is_null());
         match self.tool_use {

@@ -474,12 +474,18 @@ pub fn is_iterable(v: V) -> bool {
     !v.is_none() && v.try_iter().is_ok()
 }
 
-/// Jinja2's `sequence` test: whether the value has a length and an index, as Python's strings
-/// and dicts have as its lists do (minijinja's says lists alone).
+/// Jinja2's `sequence` test: whether the value has a length and an index, as Python's strings,
+/// dicts and ranges have as its lists do, and Jinja2's `Undefined` (minijinja's says lists
+/// alone).
 pub fn is_sequence(v: V) -> bool {
     matches!(
         v.kind(),
-        ValueKind::Seq | ValueKind::Map | ValueKind::String | ValueKind::Bytes
+        ValueKind::Seq
+            | ValueKind::Map
+            | ValueKind::String
+            | ValueKind::Bytes
+            | ValueKind::Iterable
+            | ValueKind::Undefined
     )
 }
 
@@ -501,7 +507,8 @@ mod tests {
         for (value, iterable, sequence) in [
             ("none_value", false, false),
             ("none", false, false),
-            ("missing", true, false),
+            ("missing", true, true),
+            ("range(3)", true, true),
             ("[1]", true, true),
             ("'ab'", true, true),
             ("{'a': 1}", true, true),

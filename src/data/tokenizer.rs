@@ -1416,11 +1416,8 @@ mod tests {
         assert_eq!(reread.eos_id(), t.eos_id());
     }
 
-    /// A chat template given to a byte-level run stays with its tokenizer: saved beside its
-    /// checkpoint (with the `bos_token` and `eos_token` it rendered), loaded back with it, and
-    /// saved again by the next stage, so that a run from that checkpoint renders conversations
-    /// as this one trained on them. The ids are the byte tokenizer's all along; without a
-    /// template it is the plain byte tokenizer again, and writes nothing.
+    /// The byte tokenizer maps tokens to ids as the tokenizer.json an hf export of its model
+    /// carries, and not as GPT-2's.
     #[test]
     fn the_byte_tokenizers_vocabulary_is_its_exported_tokenizer_jsons() {
         let d = tempfile::tempdir().unwrap();
@@ -1437,6 +1434,11 @@ mod tests {
         assert!(!Tokenizer::bytes().same_vocabulary(&gpt2));
     }
 
+    /// A chat template given to a byte-level run stays with its tokenizer: saved beside its
+    /// checkpoint (with the `bos_token` and `eos_token` it rendered), loaded back with it, and
+    /// saved again by the next stage, so that a run from that checkpoint renders conversations
+    /// as this one trained on them. The ids are the byte tokenizer's all along; without a
+    /// template it is the plain byte tokenizer again, and writes nothing.
     #[test]
     fn the_byte_tokenizer_keeps_a_chosen_chat_template() {
         use crate::data::chat_template::ChatTemplate;

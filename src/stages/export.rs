@@ -178,7 +178,11 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &Options) -> Result<String> {
         }
         return written;
     }
-    remove_earlier_export(out, &earlier)?;
+    // An adapter goes beside what is there: a PEFT export over a model's directory removes
+    // none of the model (said below), as an earlier adapter export's files are all rewritten.
+    if format != Format::Peft {
+        remove_earlier_export(out, &earlier)?;
+    }
     written
 }
 
@@ -278,6 +282,15 @@ fn write(checkpoint: &Path, out: &Path, opts: &Options) -> Result<String> {
         }
         Format::Peft => {
             peft::peft(checkpoint, out, dtype)?;
+            if hf::is_model_dir(out) || out.join("meta.json").is_file() {
+                errln!(
+                    "warning: {}: holds a model's weights beside the adapter (left there): \
+                     temper would read that model and ignore the adapter, where transformers \
+                     with peft installed loads the adapter; export the adapter into a \
+                     directory of its own",
+                    out.display()
+                );
+            }
             Ok(format!("PEFT adapter, {}", dtype.name()))
         }
     }
@@ -319,6 +332,23 @@ fn check_out(checkpoint: &Path, out: &Path, overwrite: bool) -> Result<()> {
             );
         }
     }
+    // A LoRA run's frozen base is read as well: an export there would replace (or, under
+    // --overwrite, remove) the files of the model the run's adapters need.
+    let base = resolved_read
+        .as_deref()
+        .and_then(|c| crate::train::checkpoint::CheckpointMeta::read(c).ok())
+        .and_then(|m| m.base)
+        .and_then(|b| b.canonicalize().ok());
+    if let (Some(base), Some(o)) = (base, resolved(out)) {
+        if o == base {
+            bail!(
+                "--out {}: holds the base model ({}) the run's adapters were trained on, which \
+                 an export there would replace; export into another directory",
+                out.display(),
+                base.display()
+            );
+        }
+    }
     let Ok(mut entries) = std::fs::read_dir(out) else {
         return Ok(()); // absent (created next), or not a directory (which that says)
     };
@@ -328,7 +358,7 @@ fn check_out(checkpoint: &Path, out: &Path, overwrite: bool) -> Result<()> {
             |e| e.file_name().to_string_lossy().into_owned(),
         );
         bail!(
-            "--out {}: not empty (it holds {name}, among others maybe); pass --overwrite to write into it anyway (files of the same names are replaced), or choose a new directory",
+            "--out {}: not empty (it holds {name}, among others maybe); pass --overwrite to write into it anyway (an earlier export there is replaced: its weights, configs and tokenizer files), or choose a new directory",
             out.display()
         );
     }

@@ -342,14 +342,10 @@ fn stage_config(
             cfg.train.checkpoint_every = cfg.train.checkpoint_every.min(scaled);
             cfg.train.warmup_steps = match chosen_warmup {
                 // A table's own warmup is scaled as its steps are, and kept: one longer than the
-                // run is said by the stage (`warmup_cut`), where the default's is cut silently.
+                // run is said by `check_config`, where the default's is cut silently.
                 true => ((cfg.train.warmup_steps as f64) * opts.scale).round() as usize,
                 false => cfg.train.warmup_steps.min(scaled / 2),
             };
-            if chosen_warmup {
-                cfg.train.warmup_steps_from =
-                    (opts.config.clone()).map(|f| (f, cfg.train.warmup_steps));
-            }
         }
     }
     Ok(cfg)
@@ -477,6 +473,20 @@ fn check_config(opts: &PipelineOptions, steps: &[Step]) -> Result<Option<toml::V
                 });
             bail!("{}: [{}] {e}", at(named.or(table_line)), step.name);
         }
+        let warmup_set = key_line(&text, &[step.name, "train", "warmup_steps"], false);
+        let t = &cfg.train;
+        if let (Some(line), None, true) = (warmup_set, t.warmup_ratio, t.warmup_steps > t.steps) {
+            crate::warnln!(
+                "warning: {}: [{}] train.warmup_steps is {} (at --scale {}), more than the \
+                 step's {} steps: the learning rate warms up over all but its last and does not \
+                 decay",
+                at(Some(line)),
+                step.name,
+                t.warmup_steps,
+                crate::config::shown_f64(opts.scale),
+                t.steps
+            );
+        }
         // Checked by the stage once it loads its init's model; here, before any step trains.
         let from_pipeline = cfg
             .init
@@ -539,9 +549,16 @@ fn missing_path(
         (&["ppo", "value_init"], cfg.ppo.value_init.as_deref()),
         (&["distill", "teacher"], cfg.distill.teacher.as_deref()),
     ];
+    let made = |p: &Path| {
+        let inside = lexical(p).strip_prefix(lexical(out)).map(Path::to_path_buf);
+        let step = inside
+            .ok()
+            .and_then(|i| i.components().next().map(|c| c.as_os_str().to_owned()));
+        step.is_some_and(|s| known_steps().iter().any(|k| s == k.name))
+    };
     for (key, path) in inputs {
         let set = key.iter().try_fold(table, |t, k| t.get(k)).is_some();
-        let Some(path) = path.filter(|p| set && !p.exists() && !p.starts_with(out)) else {
+        let Some(path) = path.filter(|p| set && !p.exists() && !made(p)) else {
             continue;
         };
         let relative = match path.is_relative() {
@@ -560,6 +577,23 @@ fn missing_path(
     Ok(())
 }
 
+/// `path` absolute, its `.` and `..` components resolved by name (a path that is not there
+/// yet has no other form to compare).
+fn lexical(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// The steps on the built-in task share its world (`task_seed`, `task_max_operand`): a step of
 /// another world would hold out prompts its init trained on, and compare itself with a start
 /// measured on other prompts. A table that sets a world of its own is refused, as
@@ -569,7 +603,7 @@ fn one_task_world(
     steps: &[Step],
     user: &toml::Value,
 ) -> std::result::Result<(), (&'static str, &'static str, String)> {
-    let mut first: Option<(&str, u64, u32)> = None;
+    let mut first: Option<(&'static str, u64, u32)> = None;
     for &step in steps {
         let Ok(cfg) = stage_config(step, opts, Some(user)) else {
             continue;
@@ -585,17 +619,31 @@ fn one_task_world(
         if world == (seed, max) {
             continue;
         }
-        let (key, value) = match world.0 != seed {
-            true => ("task_seed", world.0.to_string()),
-            false => ("task_max_operand", world.1.to_string()),
+        let key = match world.0 != seed {
+            true => "task_seed",
+            false => "task_max_operand",
+        };
+        // The step whose table sets the key is the odd one (the first, where it alone does).
+        let sets = |name: &str| {
+            let at = user.get(name).and_then(|t| t.get("data")?.get(key));
+            at.is_some()
+        };
+        let (odd, odd_world, other, other_world) = match sets(step.name) || !sets(name) {
+            true => (step.name, world, name, (seed, max)),
+            false => (name, (seed, max), step.name, world),
+        };
+        let value = match key {
+            "task_seed" => odd_world.0.to_string(),
+            _ => odd_world.1.to_string(),
         };
         return Err((
-            step.name,
+            odd,
             key,
             format!(
-                "{key} = {value}, where the {name} step's task has task_seed {seed} and \
-                 task_max_operand {max}: a pipeline's steps on the built-in task share one \
-                 (--seed sets its task_seed; set the same in every step's table)"
+                "{key} = {value}, where the {other} step's task has task_seed {} and \
+                 task_max_operand {}: a pipeline's steps on the built-in task share one \
+                 (--seed sets its task_seed; set the same in every step's table)",
+                other_world.0, other_world.1
             ),
         ));
     }
@@ -864,7 +912,8 @@ fn check_kept_tables(
         let at = opts.out.join(step.name);
         let status = resume_step(&at, step.name, &summary.results, summary.running.as_deref());
         let keeps = kept && !matches!(status, Resumed::NotStarted | Resumed::Stale);
-        kept &= matches!(status, Resumed::Done(_));
+        // As `run` goes on resuming after a step it ends again from its checkpoint.
+        kept &= matches!(status, Resumed::Done(_) | Resumed::Unrecorded);
         let (old, new) = (saved.get(step.name), tables.get(step.name));
         if old == new {
             continue;
@@ -903,6 +952,10 @@ fn changed_keys(old: Option<&Value>, new: Option<&Value>) -> Vec<String> {
                     };
                     leaves(&key, Some(x), out);
                 }
+            }
+            // `lr = 1` and `lr = 1.0` say one thing.
+            Some(Value::Number(n)) => {
+                out.insert(prefix.to_string(), json!(n.as_f64()));
             }
             Some(other) => {
                 out.insert(prefix.to_string(), other.clone());
@@ -1310,6 +1363,12 @@ mod tests {
     /// step runs; one inside the pipeline's own directory is made by an earlier step.
     #[test]
     fn a_later_steps_missing_path_is_refused_before_any_step_runs() {
+        // Under --out, only a step's own directory is made by the pipeline.
+        let e = config_error("[ppo.data]\npath = \"unused/pretrian/x.jsonl\"\n", &[]);
+        assert!(
+            e.contains("pl.toml:2: ppo.data.path = unused/pretrian/x.jsonl"),
+            "{e}"
+        );
         let e = config_error(
             "[sft.train]\nsteps = 3\n[ppo.data]\npath = \"missing.jsonl\"\n",
             &[],
@@ -1328,10 +1387,11 @@ mod tests {
         );
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("pl.toml");
-        let made = d.path().join("pipe/ppo");
+        let made = d.path().join("pipe/ppo").display().to_string();
+        let spelt = format!("{}/./pipe/../pipe/sft", d.path().display());
         std::fs::write(
             &path,
-            format!("[dpo]\ninit = {:?}\n", made.display().to_string()),
+            format!("[dpo]\ninit = {made:?}\n[reward]\ninit = {spelt:?}\n"),
         )
         .unwrap();
         let mut opts = options(1.0);
@@ -1350,7 +1410,7 @@ mod tests {
         );
         let e = config_error("[pretrain.data]\ntask_max_operand = 9\n", &[]);
         assert!(
-            e.contains("[sft.data] task_max_operand: task_max_operand = 19"),
+            e.contains("pl.toml:2: [pretrain.data] task_max_operand: task_max_operand = 9, where the sft step's task has task_seed 0 and task_max_operand 19"),
             "{e}"
         );
         let all: String = ["pretrain", "sft", "reward", "ppo"]
