@@ -487,32 +487,19 @@ impl StageArgs {
                 );
             }
         }
-        let d = &cfg.data;
-        let inputs: [Input; 7] = [
-            (&["init"], cfg.init.as_deref(), self.init.is_some()),
-            (&["data", "path"], d.path.as_deref(), self.data.is_some()),
-            (
-                &["data", "eval_path"],
-                d.eval_path.as_deref(),
-                self.eval_data.is_some(),
-            ),
-            (
-                &["data", "tokenizer"],
-                d.tokenizer.as_deref(),
-                self.tokenizer.is_some(),
-            ),
-            (
-                &["data", "chat_template"],
-                d.chat_template.as_deref(),
-                self.chat_template.is_some(),
-            ),
-            (&["ppo", "value_init"], cfg.ppo.value_init.as_deref(), false),
-            (
-                &["distill", "teacher"],
-                cfg.distill.teacher.as_deref(),
-                self.teacher.is_some(),
-            ),
-        ];
+        // Whether a flag gave the setting (`[ppo] value_init` has none).
+        let flag = |key: &[&str]| match key {
+            ["init"] => self.init.is_some(),
+            ["data", "path"] => self.data.is_some(),
+            ["data", "eval_path"] => self.eval_data.is_some(),
+            ["data", "tokenizer"] => self.tokenizer.is_some(),
+            ["data", "chat_template"] => self.chat_template.is_some(),
+            ["distill", "teacher"] => self.teacher.is_some(),
+            _ => false,
+        };
+        let inputs: Vec<Input> = (cfg.path_settings().into_iter())
+            .map(|(key, path)| (key, path, flag(key)))
+            .collect();
         missing_file_input(&files, &inputs)?;
         refuse_unused_batch_size(&cfg, self.batch_size.is_some())?;
         check_flat_schedule(

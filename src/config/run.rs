@@ -320,6 +320,21 @@ const SHARED_BASE: &str =
     "under LoRA the reference is the base with the adapters off, which the policy shares";
 
 impl RunConfig {
+    /// The settings that name a file or directory the run reads, each with its key in a
+    /// config file.
+    pub fn path_settings(&self) -> [(&'static [&'static str], Option<&Path>); 7] {
+        let d = &self.data;
+        [
+            (&["init"], self.init.as_deref()),
+            (&["data", "path"], d.path.as_deref()),
+            (&["data", "eval_path"], d.eval_path.as_deref()),
+            (&["data", "tokenizer"], d.tokenizer.as_deref()),
+            (&["data", "chat_template"], d.chat_template.as_deref()),
+            (&["ppo", "value_init"], self.ppo.value_init.as_deref()),
+            (&["distill", "teacher"], self.distill.teacher.as_deref()),
+        ]
+    }
+
     /// The stage's settings of how many tokens it samples after a prompt (for its rollouts or
     /// its held-out accuracy on the built-in task), each of which must leave room for a prompt
     /// in the context. Those the run does not use are left out.

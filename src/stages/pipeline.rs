@@ -539,16 +539,6 @@ fn missing_path(
     table: &toml::Value,
     out: &Path,
 ) -> std::result::Result<(), (Vec<&'static str>, String)> {
-    let d = &cfg.data;
-    let inputs: [(&[&'static str], Option<&Path>); 7] = [
-        (&["init"], cfg.init.as_deref()),
-        (&["data", "path"], d.path.as_deref()),
-        (&["data", "eval_path"], d.eval_path.as_deref()),
-        (&["data", "tokenizer"], d.tokenizer.as_deref()),
-        (&["data", "chat_template"], d.chat_template.as_deref()),
-        (&["ppo", "value_init"], cfg.ppo.value_init.as_deref()),
-        (&["distill", "teacher"], cfg.distill.teacher.as_deref()),
-    ];
     let made = |p: &Path| {
         let inside = lexical(p).strip_prefix(lexical(out)).map(Path::to_path_buf);
         let step = inside
@@ -556,7 +546,7 @@ fn missing_path(
             .and_then(|i| i.components().next().map(|c| c.as_os_str().to_owned()));
         step.is_some_and(|s| known_steps().iter().any(|k| s == k.name))
     };
-    for (key, path) in inputs {
+    for (key, path) in cfg.path_settings() {
         let set = key.iter().try_fold(table, |t, k| t.get(k)).is_some();
         let Some(path) = path.filter(|p| set && !p.exists() && !made(p)) else {
             continue;
